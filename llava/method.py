@@ -1,0 +1,204 @@
+"""The contract between a pruning method and the engine.
+
+A method is a small object that declares *where* it acts and, at each place, maps the signals the
+engine hands it (plain tensors, one sample at a time) to a :class:`Selection`: which visual tokens
+to keep, in which order, and how the others are merged. It never touches the model, positions,
+masks or the KV cache; :mod:`llava.engine` does all of that.
+
+Stages
+------
+* ``vision`` stage: after the vision tower and projector, before decoder layer 0.
+  Implement :meth:`Method.select_vision` (receives :class:`llava.signals.VisionSignals`).
+* ``llm`` stages: before decoder layer ``K`` (that is, after ``K`` decoder layers have run on the
+  longer sequence), for each ``K`` in :attr:`Method.llm_layers`. Implement
+  :meth:`Method.select_llm` (receives :class:`llava.signals.LLMSignals`).
+
+A method with no stage at all is the unpruned model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+
+MergeRule = Literal["target_plus_mean", "mean"]
+
+
+@dataclass
+class Selection:
+    """What survives one stage, for one sample, as indices into that stage's visual tokens.
+
+    keep:    (k,) indices of tokens carried over unchanged, in output order.
+    targets: (c,) indices of tokens that become *merged* (contextual) tokens, placed after ``keep``.
+    assign:  (n,) for every visual token of the stage, the slot in ``targets`` it is merged into,
+             or -1. Only tokens that are neither kept nor targets are read.
+    rule:    ``target_plus_mean``: merged = x[target] + mean(x[assigned]) (VisionZip / VisionDrop);
+             ``mean``: merged = mean(x[target] and x[assigned]).
+    space:   vision stage only: merge ``vision`` features (before the projector, then project) or
+             ``projected`` features (LLM input space).
+    """
+
+    keep: torch.Tensor
+    targets: torch.Tensor | None = None
+    assign: torch.Tensor | None = None
+    rule: MergeRule = "target_plus_mean"
+    space: Literal["vision", "projected"] = "vision"
+
+    def __post_init__(self) -> None:
+        self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
+        if (self.targets is None) != (self.assign is None):
+            raise ValueError("Selection: give both `targets` and `assign`, or neither")
+        if self.targets is not None:
+            self.targets = torch.as_tensor(self.targets, dtype=torch.long).reshape(-1)
+            self.assign = torch.as_tensor(self.assign, dtype=torch.long).reshape(-1)
+
+    @property
+    def num_out(self) -> int:
+        return int(self.keep.numel()) + (0 if self.targets is None else int(self.targets.numel()))
+
+    def validate(self, n: int) -> None:
+        """Raise if the selection is not well-formed for ``n`` candidate tokens."""
+        idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets])
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"Selection indexes outside 0..{n - 1}")
+        if idx.unique().numel() != idx.numel() and self.targets is not None:
+            raise ValueError("Selection: a merge target is also kept, or kept twice")
+        if self.assign is not None:
+            if self.assign.numel() != n:
+                raise ValueError(f"Selection.assign has {self.assign.numel()} entries for {n} tokens")
+            c = self.targets.numel()
+            if n and (int(self.assign.max()) >= c or int(self.assign.min()) < -1):
+                raise ValueError("Selection.assign points outside the merge targets")
+
+    def is_identity(self, n: int) -> bool:
+        """True when the selection keeps all ``n`` tokens, in order, with no merging."""
+        return (
+            self.targets is None or self.targets.numel() == 0
+        ) and self.keep.numel() == n and bool(torch.equal(self.keep.cpu(), torch.arange(n)))
+
+
+def keep_all(n: int) -> Selection:
+    return Selection(keep=torch.arange(n))
+
+
+class Method:
+    """Base class. Subclasses set ``name``, the stages they act at, and their options.
+
+    Options are dataclass-like keyword arguments validated in ``__init__``; ``config()`` returns
+    them for results files. ``budget`` is the method's nominal token budget (its paper's meaning);
+    ``None`` means the method needs none (e.g. the unpruned model).
+    """
+
+    name: ClassVar[str] = "none"
+    #: True if :meth:`select_vision` is implemented.
+    vision_stage: ClassVar[bool] = False
+    #: Signals the vision stage needs from the vision tower beyond the features.
+    needs_vision_attention: ClassVar[bool] = False
+    #: Position convention for llm stages: ``keep`` original RoPE positions or ``reindex``.
+    position_mode: str = "keep"
+
+    def __init__(self, budget: int | None = None, **options: Any) -> None:
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != int(budget):
+                raise ValueError(f"{self.name}: budget must be a whole number of tokens, got {budget!r}")
+            budget = int(budget)
+            if budget <= 0:
+                raise ValueError(
+                    f"{self.name}: budget must be > 0 visual tokens, got {budget}. "
+                    "(Use method 'novisual' for the no-visual-tokens control.)"
+                )
+        self.budget = budget
+        unknown = set(options) - set(self.option_defaults())
+        if unknown:
+            raise TypeError(
+                f"{self.name}: unknown option(s) {sorted(unknown)}; known: {sorted(self.option_defaults())}"
+            )
+        for k, v in {**self.option_defaults(), **options}.items():
+            setattr(self, k, v)
+        if self.position_mode not in ("keep", "reindex"):
+            raise ValueError(f"{self.name}: position_mode must be 'keep' or 'reindex'")
+
+    # -- declaration --------------------------------------------------------------------------
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Named options with their defaults. Subclasses extend this."""
+        return {"position_mode": cls.position_mode}
+
+    @property
+    def llm_layers(self) -> tuple[int, ...]:
+        """Decoder layers before which an llm stage acts (ascending, each >= 1)."""
+        return ()
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "budget": self.budget, **{k: getattr(self, k) for k in self.option_defaults()}}
+
+    # -- stages -------------------------------------------------------------------------------
+    def select_vision(self, signals: "Any") -> Selection:  # pragma: no cover - interface
+        raise TypeError(f"{self.name} declares no vision stage")
+
+    def select_llm(self, stage: int, signals: "Any") -> Selection:  # pragma: no cover - interface
+        raise TypeError(f"{self.name} declares no llm stage")
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
+        return f"{type(self).__name__}({opts})"
+
+
+class NoPruning(Method):
+    """The unpruned model (still routed through the engine, e.g. for the NeXT 'spatial' layout)."""
+
+    name = "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Method]] = {"none": NoPruning}
+#: Modules whose import registers more methods; imported lazily on first lookup.
+_PLUGIN_MODULES: list[str] = ["consensusdrop", "visiondrop", "attnmix", "baselines"]
+_plugins_loaded = False
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    name = cls.name.lower()
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in _PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a package not present in this checkout
+            if e.name != mod:
+                raise
+
+
+def available_methods() -> list[str]:
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str | Method, budget: int | None = None, **options: Any) -> Method:
+    """Build a method by registry name (case-insensitive) or pass an instance through."""
+    if isinstance(name, Method):
+        if budget is not None or options:
+            raise TypeError("pass budget/options to the method's constructor, not with an instance")
+        return name
+    _load_plugins()
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown pruning method {name!r}; known methods: {', '.join(available_methods())}")
+    return _REGISTRY[key](budget=budget, **options)

@@ -1,0 +1,220 @@
+"""LLaVA's own prompt building, tokenisation and image preprocessing, producing inputs that the
+model's normal ``forward`` / ``generate`` accept (``input_ids``, ``attention_mask``,
+``pixel_values``, ``image_sizes``, ``pixel_values_videos``).
+
+* Prompts: LLaVA conversation templates (:mod:`llava.conversation`), tokenised the way LLaVA's
+  ``tokenizer_image_token`` does: the prompt is split at each ``<image>``, every chunk is tokenised
+  on its own (BOS kept only on the first), and each placeholder becomes the model's image token,
+  repeated as many times as the model has visual tokens for that image.
+* LLaVA-1.5: ``image_aspect_ratio = pad``: pad to a square with the CLIP mean colour, centred,
+  then the CLIP processor (shortest edge resize, centre crop, normalise).
+* LLaVA-NeXT: transformers' anyres processor (pinpoint choice, pad, 336 crops, base crop first);
+  the token count per image follows the layout: ``spatial_unpad`` (HF / stock LLaVA-NeXT) or
+  ``spatial`` (576 per crop, the papers' "2880 tokens").
+* Video-LLaVA: ``num_frames`` frames sampled uniformly, each through the image processor; one
+  ``<video>`` placeholder expanded to frames x (patches + [CLS]).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+MAX_IMAGE_PIXELS = 300_000_000  # larger images are refused with a clear error, not a PIL bomb warning
+
+
+def load_image(image: "str | os.PathLike | Image.Image") -> Image.Image:
+    """Open an image file (or pass a PIL image through) as RGB, with clear errors for bad files.
+
+    RGBA / LA / P / greyscale / CMYK are converted with PIL's ``convert('RGB')`` as LLaVA does
+    (alpha is dropped, not composited)."""
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        path = os.fspath(image)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as probe:
+                w, h = probe.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image {path} is {w}x{h} pixels, above the {MAX_IMAGE_PIXELS:,} pixel limit")
+                probe.verify()
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {path}: not a valid or complete image file ({e})") from e
+    if img.width < 1 or img.height < 1:
+        raise ValueError("empty image (0 pixels)")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's pad-to-square: centre the image on a square canvas of the background colour."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def llava_tokenize(tokenizer, prompt: str, placeholder: str, token_id: int, repeats: Sequence[int]) -> list[int]:
+    """LLaVA's ``tokenizer_image_token`` rule with each placeholder expanded to ``repeats[i]`` tokens."""
+    chunks = prompt.split(placeholder)
+    if len(chunks) - 1 != len(repeats):
+        raise ValueError(f"prompt has {len(chunks) - 1} {placeholder} placeholder(s) but {len(repeats)} input(s) were given")
+    ids: list[int] = []
+    bos = tokenizer.bos_token_id
+    for i, chunk in enumerate(chunks):
+        part = tokenizer(chunk).input_ids
+        if i > 0 and part and part[0] == bos:
+            part = part[1:]
+        elif i == 0 and (not part or part[0] != bos) and bos is not None:
+            part = [bos] + part
+        ids.extend(part)
+        if i < len(repeats):
+            ids.extend([token_id] * repeats[i])
+    return ids
+
+
+@dataclass
+class PromptProcessor:
+    """Turns (question, image | video) pairs into a left-padded batch for a LLaVA-family model."""
+
+    tokenizer: object
+    image_processor: object
+    family: str
+    template: object
+    model_config: object
+    next_layout: str = "spatial_unpad"
+    num_frames: int = 8
+    pad_to_square: bool = True  # LLaVA-1.5 'pad'; False = HF's resize + centre crop
+    extra: dict = field(default_factory=dict)
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def tokens_per_crop(self) -> int:
+        vc = self.model_config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n if self.model_config.vision_feature_select_strategy == "default" else n + 1
+
+    def image_tokens(self, size_hw: tuple[int, int]) -> int:
+        """Visual tokens one image becomes in the LLM input (before pruning)."""
+        if self.family != "llava_next":
+            return self.tokens_per_crop
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        from .engine import next_token_layout
+
+        c = image_size_to_num_patches(size_hw, self.model_config.image_grid_pinpoints, self.model_config.vision_config.image_size)
+        return int(next_token_layout(size_hw, self.model_config, c, self.tokens_per_crop, self.next_layout).numel())
+
+    def video_tokens(self, frames: int) -> int:
+        vc = self.model_config.vision_config
+        return frames * ((vc.image_size // vc.patch_size) ** 2 + 1)  # [CLS] kept per frame
+
+    # -- pixels ---------------------------------------------------------------------------
+    def process_images(self, images: list[Image.Image]) -> dict:
+        if self.family == "llava_next":
+            out = self.image_processor(images=images, return_tensors="pt")
+            return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+        if self.pad_to_square:
+            bg = tuple(int(x * 255) for x in getattr(self.image_processor, "image_mean", CLIP_MEAN))
+            images = [expand2square(im, bg) for im in images]
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"]}
+
+    def process_video(self, frames: list[Image.Image]) -> torch.Tensor:
+        if not frames:
+            raise ValueError("a video needs at least one frame")
+        return self.image_processor(images=frames, return_tensors="pt")["pixel_values"]  # (T, 3, H, W)
+
+    # -- batch ----------------------------------------------------------------------------
+    def prompt_text(self, question: str, n_images: int = 1, video: bool = False) -> str:
+        ph = "<video>" if video else "<image>" * n_images
+        return self.template.prompt(question, ph if (video or n_images) else "")
+
+    def __call__(self, questions: Sequence[str], images: Sequence | None = None, videos: Sequence | None = None,
+                 prompts: Sequence[str] | None = None, device: str | torch.device | None = None) -> dict:
+        """Build a batch. ``images[i]``: an image / path, a list of them, or None (text-only);
+        ``videos[i]``: a list of frames (Video-LLaVA). ``prompts`` overrides the templated
+        prompt strings (they must contain the placeholders)."""
+        n = len(questions)
+        images = list(images) if images is not None else [None] * n
+        videos = list(videos) if videos is not None else [None] * n
+        if len(images) != n or len(videos) != n:
+            raise ValueError(f"{n} questions but {len(images)} image entries and {len(videos)} video entries")
+        cfg = self.model_config
+        rows, all_images, all_videos = [], [], []
+        for i, q in enumerate(questions):
+            imgs = images[i]
+            imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
+            imgs = [load_image(x) for x in imgs]
+            vid = videos[i]
+            if vid is not None and self.family != "video_llava":
+                raise ValueError(f"{self.family} does not take videos")
+            prompt = prompts[i] if prompts is not None else self.prompt_text(q, len(imgs), vid is not None)
+            if imgs:
+                reps = [self.image_tokens((im.height, im.width)) for im in imgs]
+                ids = llava_tokenize(self.tokenizer, prompt, "<image>", cfg.image_token_id, reps)
+            elif "<image>" in prompt:
+                raise ValueError(f"prompt {i} has an <image> placeholder but no image was given")
+            else:
+                ids = None
+            if vid is not None:
+                frames = sample_frames(vid, self.num_frames)
+                frames = [load_image(f) for f in frames]
+                text = prompt if ids is None else None
+                if text is None:
+                    raise ValueError("mixing images and a video in one prompt is not supported by the processor")
+                ids = llava_tokenize(self.tokenizer, prompt, "<video>", cfg.video_token_id, [self.video_tokens(len(frames))])
+                all_videos.append(self.process_video(frames))
+            elif "<video>" in prompt:
+                raise ValueError(f"prompt {i} has a <video> placeholder but no video was given")
+            if ids is None:
+                ids = llava_tokenize(self.tokenizer, prompt, "<image>", cfg.image_token_id, [])
+            rows.append(ids)
+            all_images.extend(imgs)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if all_images:
+            batch.update(self.process_images(all_images))
+        if all_videos:
+            if len({v.shape for v in all_videos}) != 1:
+                raise ValueError("all videos of a batch need the same number of frames")
+            batch["pixel_values_videos"] = torch.stack(all_videos)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        return batch
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def sample_frames(video, num_frames: int) -> list:
+    """``num_frames`` frames uniformly over a list of frames (Video-LLaVA's rule: linspace over the
+    clip, rounded down); a path to a directory of frame images is read in sorted order."""
+    if isinstance(video, (str, os.PathLike)):
+        path = os.fspath(video)
+        if not os.path.isdir(path):
+            raise ValueError(f"video {path}: give a directory of frame images or a list of frames (decoding video files needs decord)")
+        video = [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    frames = list(video)
+    if len(frames) == 0:
+        raise ValueError("empty video")
+    idx = np.linspace(0, len(frames) - 1, num_frames).astype(int)
+    return [frames[i] for i in idx]

@@ -1,0 +1,179 @@
+"""Signals handed to methods: plain tensors for one sample, computed by the engine.
+
+Vision-stage signals describe every visual token of a sample as it would enter the LLM (the
+"flat" visual block: all images / crops / frames of the sample in prompt order, including
+LLaVA-NeXT newline tokens when that layout is used). Per-token provenance (`unit`, `patch`) lets
+a method work per image, per crop or per frame without knowing the layout.
+
+LLM-stage signals give the hidden states entering decoder layer K and, on request, attention
+rows recomputed from a layer's own norm + q/k projections + RoPE (the LLM itself keeps running on
+SDPA / FlashAttention). Nothing is computed unless a method asks for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+
+@dataclass
+class VisionSignals:
+    """One sample's visual tokens before the LLM. ``T`` = visual tokens of the sample.
+
+    features:        (T, D)  projected tokens exactly as the unpruned model feeds them to the LLM.
+    vision_features: (T, Dv) vision-tower features of the select layer (before the projector);
+                     zero rows for LLaVA-NeXT newline tokens.
+    unit:            (T,) index of the image / crop / frame each token comes from (0..U-1), -1 for
+                     newline tokens. Units are numbered in prompt order (NeXT: base crop first).
+    patch:           (T,) patch index within its unit's grid (row-major), -1 for [CLS] / newline.
+    unit_kind:       "image" (LLaVA-1.5), "crop" (LLaVA-NeXT), or "frame" (Video-LLaVA).
+    grid:            (rows, cols) of patches per unit.
+    cls_attn:        (H, T) [CLS]->token attention probabilities of the chosen vision layer, per head,
+                     computed within each unit's own vision-tower pass (fp32); 0 for newline
+                     tokens. None unless the method sets ``needs_vision_attention``.
+    keys:            (T, d) head-mean keys (after k_proj) of that layer (fp32), VisionZip's merge
+                     metric. None unless requested.
+    text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
+    question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
+                     separator newline after the image and the trailing role tag).
+    """
+
+    features: torch.Tensor
+    vision_features: torch.Tensor
+    unit: torch.Tensor
+    patch: torch.Tensor
+    unit_kind: str
+    grid: tuple[int, int]
+    text_embeds: torch.Tensor
+    question_mask: torch.Tensor
+    cls_attn: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.unit.numel())
+
+    @property
+    def num_units(self) -> int:
+        return int(self.unit.max().item()) + 1 if self.unit.numel() and int(self.unit.max()) >= 0 else 0
+
+    @property
+    def is_cls(self) -> torch.Tensor:
+        return (self.patch < 0) & (self.unit >= 0)
+
+    @property
+    def is_newline(self) -> torch.Tensor:
+        return self.unit < 0
+
+    def unit_indices(self, u: int) -> torch.Tensor:
+        """Indices (into the flat visual block) of unit ``u``'s tokens, in block order."""
+        return torch.nonzero(self.unit == u).flatten()
+
+
+@dataclass
+class LLMSignals:
+    """One sample's state entering decoder layer ``layer`` (after ``layer`` layers ran).
+
+    hidden:       (S, D) hidden states of the sample's S real (non-padding) tokens.
+    position_ids: (S,) their RoPE positions.
+    visual:       (Nv,) indices into those S tokens of the current visual tokens, ascending.
+    origin:       (Nv,) each current visual token's index in the sample's original flat visual
+                  block (merged tokens carry their target's origin).
+    text_after:   indices of the tokens after the last visual token.
+    question:     indices of the question / instruction tokens (a subset of text_after).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    visual: torch.Tensor
+    origin: torch.Tensor
+    text_after: torch.Tensor
+    question: torch.Tensor
+    _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    _cache: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual.numel())
+
+    def attention(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next") -> torch.Tensor:
+        """Causal attention probabilities (H, Q, S) of the given query rows, in fp32.
+
+        ``queries``: indices into the S tokens, or "last" (last prompt token), "question",
+        "text_after", "visual". ``layer``: "next" uses decoder layer ``layer``'s norm + q/k on the
+        current hidden states (PyramidDrop / VisionDrop); "prev" recomputes layer ``layer``-1's own
+        attention from its input (FastV). Cached per (queries, layer).
+        """
+        q = self._resolve(queries)
+        key = (queries if isinstance(queries, str) else tuple(q.tolist()), layer)
+        if key not in self._cache:
+            self._cache[key] = self._attn_fn(q, layer)
+        return self._cache[key]
+
+    def keys(self, layer: Literal["next", "prev"] = "next", rope: bool = True) -> torch.Tensor:
+        """Keys (S, H_kv, d) of the given layer for all tokens (RoPE-rotated unless rope=False)."""
+        key = ("keys", layer, rope)
+        if key not in self._cache:
+            self._cache[key] = self._keys_fn(layer, rope)
+        return self._cache[key]
+
+    def _resolve(self, queries: torch.Tensor | str) -> torch.Tensor:
+        if isinstance(queries, str):
+            if queries == "last":
+                return torch.tensor([self.hidden.shape[0] - 1], device=self.hidden.device)
+            if queries in ("question", "text_after", "visual"):
+                return getattr(self, queries)
+            raise ValueError(f"unknown query set {queries!r}")
+        return torch.as_tensor(queries, dtype=torch.long, device=self.hidden.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Explicit attention rows (used for both the vision tower and the LLM)
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_fn_for(attn_module: torch.nn.Module) -> Callable:
+    """The model family's own ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2 ... define one)."""
+    mod = sys.modules[type(attn_module).__module__]
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TypeError(f"{type(attn_module).__name__}: no apply_rotary_pos_emb in {mod.__name__}")
+    return fn
+
+
+def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor,
+           rows: torch.Tensor | None, rope: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Queries for ``rows`` and keys for all tokens of one sequence, as decoder ``layer`` computes
+    them (input_layernorm, q/k projection, RoPE at ``pos``). x: (S, D). Returns q (H, Q, d) or
+    None, k (H_kv, S, d)."""
+    attn = layer.self_attn
+    d = attn.head_dim
+    xn = layer.input_layernorm(x)[None]  # (1, S, D)
+    k = attn.k_proj(xn).view(1, x.shape[0], -1, d).transpose(1, 2)  # (1, Hkv, S, d)
+    q = None
+    if rows is not None:
+        q = attn.q_proj(xn[:, rows]).view(1, rows.numel(), -1, d).transpose(1, 2)  # (1, H, Q, d)
+    if rope:
+        cos, sin = rotary(x[None], pos[None])
+        apply = rope_fn_for(attn)
+        _, k = apply(k, k, cos, sin)
+        if q is not None:
+            _, q = apply(q, q, cos[:, rows], sin[:, rows])
+    return (None if q is None else q[0]), k[0]
+
+
+def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) over keys 0..row (causal), fp32. q (H, Q, d), k (H_kv, S, d) -> (H, Q, S)."""
+    h, hkv = q.shape[0], k.shape[0]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=0)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = k.shape[1]
+    future = torch.arange(s, device=q.device)[None, :] > rows.to(q.device)[:, None]  # (Q, S)
+    scores = scores.masked_fill(future[None], float("-inf"))
+    return torch.softmax(scores, dim=-1)

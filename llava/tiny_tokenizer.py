@@ -1,0 +1,46 @@
+"""A word-level tokenizer for the tiny test models (no download needed).
+
+Splits on whitespace, keeps newlines and punctuation as tokens, and prepends BOS like Llama's.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+
+BASE_WORDS = """
+a chat between curious user human and an artificial intelligence assistant the gives helpful detailed
+polite answers to user's human's questions USER ASSISTANT what is this of in on at left right top
+bottom color colour shape how many are there any yes no red green blue yellow white black orange purple
+circle square triangle star small large big object objects image picture video describe answer question
+using single word or phrase with option's letter from given choices directly one two three four five
+six seven eight nine zero 0 1 2 3 4 5 6 7 8 9 which side does it have do you see can be near far above
+below next for that these those
+""".split()
+
+PUNCT = list(".,:;?!'\"()-/")
+
+
+def build_tiny_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab: dict[str, int] = {}
+    for w in SPECIALS + ["\n"] + PUNCT + [w.lower() for w in BASE_WORDS + list(extra_words or [])]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # tokens: special tags, newline, words (incl. apostrophes), single punctuation
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(r"<image>|<video>|</s>|<s>|\n|[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]"),
+                             behavior="isolated"),
+    ])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return fast

@@ -1,0 +1,57 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+import example_methods  # noqa: E402,F401  (registers the test methods)
+from llava.models import load  # noqa: E402
+
+FAMILIES = ["llava", "llava-next", "video-llava"]
+
+
+def rand_image(seed: int, h: int = 40, w: int = 70) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def runtimes():
+    return {f: load(f"tiny:{f}", seed=1) for f in FAMILIES}
+
+
+@pytest.fixture
+def rt(request, runtimes):
+    r = runtimes[request.param]
+    yield r
+    r.unprune()
+
+
+QUESTIONS = ["what is this?", "what color is the circle on the left?", "how many objects are there in the picture?"]
+
+
+def make_batch(rt, n=3, sizes=((40, 70), (56, 56), (90, 30))):
+    """n samples with different prompts and images (or videos); left-padded."""
+    qs = QUESTIONS[:n]
+    if rt.family == "video_llava":
+        vids = [[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(n)]
+        return rt.processor(qs, videos=vids)
+    imgs = [rand_image(i, *sizes[i % len(sizes)]) for i in range(n)]
+    return rt.processor(qs, imgs)
+
+
+def slice_batch(inputs, i, rt):
+    """Sample i of a batch built by make_batch, without its padding."""
+    m = inputs["attention_mask"][i].bool()
+    out = {"input_ids": inputs["input_ids"][i][m][None], "attention_mask": inputs["attention_mask"][i][m][None]}
+    if "pixel_values_videos" in inputs:
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][i:i + 1]
+    if "pixel_values" in inputs:
+        out["pixel_values"] = inputs["pixel_values"][i:i + 1]
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][i:i + 1]
+    return out

@@ -1,0 +1,195 @@
+"""Engine properties on the tiny random-weight models of all three families (CPU)."""
+
+import pytest
+import torch
+from conftest import FAMILIES, make_batch, slice_batch
+
+from llava.engine import attach
+
+GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
+
+
+def stock(rt, inputs, **gen):
+    rt.unprune()
+    with torch.no_grad():
+        return rt.model(**inputs).logits, rt.model.generate(**inputs, **(gen or GEN))
+
+
+def pruned(rt, method, budget=None, inputs=None, **opts):
+    eng = rt.prune(method, budget, **opts)
+    with torch.no_grad():
+        out = rt.model(**inputs)
+        toks = rt.model.generate(**inputs, **GEN)
+    return out.logits, toks, eng
+
+
+@ALL
+@pytest.mark.parametrize("method,budget,opts", [
+    ("none", None, {}),
+    ("test_keep_first_k", 100000, {}),          # budget above the token count: a reported no-op
+    ("test_every_other_after2", None, {"stride": 1}),  # llm stage keeping all: our staged decoder loop
+])
+def test_keep_all_is_bit_identical(rt, method, budget, opts):
+    inputs = make_batch(rt)
+    ref_logits, ref_toks = stock(rt, inputs)
+    logits, toks, eng = pruned(rt, method, budget, inputs, **opts)
+    assert eng.prefills == 2  # forward and generate both went through the engine
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(toks, ref_toks)
+    if method == "test_keep_first_k":
+        assert all(s.vision_noop for s in eng.stats.samples)
+
+
+def greedy_no_cache(model, inputs, steps):
+    """Full recompute every step (use_cache=False), positions as generate builds them."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for _ in range(steps):
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@ALL
+@pytest.mark.parametrize("method,budget,opts", [
+    ("test_keep_first_k", 5, {}),
+    ("test_keep_first_merge_rest", 6, {}),
+    ("test_keep_first_merge_rest", 6, {"space": "projected"}),
+    ("test_every_other_after2", None, {}),
+    ("test_every_other_after2", None, {"position_mode": "reindex"}),
+    ("test_every_other_after2", None, {"layer": 1, "stride": 3}),
+    ("test_last_row_topk", 4, {}),
+])
+def test_cached_generation_equals_no_cache_recompute(rt, method, budget, opts):
+    inputs = make_batch(rt)
+    eng = rt.prune(method, budget, **opts)
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, **GEN)
+    eng.replay = True  # the recompute sees generated tokens: query-aware methods must keep the same set
+    recomputed = greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"])
+    assert torch.equal(cached, recomputed)
+
+
+@ALL
+@pytest.mark.parametrize("method,budget,opts", [
+    ("none", None, {}),
+    ("test_keep_first_k", 5, {}),
+    ("test_every_other_after2", None, {"position_mode": "reindex"}),
+    ("test_last_row_topk", 4, {}),
+])
+def test_batch_equals_each_sample_alone(rt, method, budget, opts):
+    inputs = make_batch(rt)
+    assert (inputs["attention_mask"] == 0).any(), "the batch must be padded for this test to mean anything"
+    rt.prune(method, budget, **opts)
+    with torch.no_grad():
+        batch_toks = rt.model.generate(**inputs, **GEN)
+        batch_logits = rt.model(**inputs).logits[:, -1]
+    new = batch_toks[:, inputs["input_ids"].shape[1]:]
+    for i in range(3):
+        one = slice_batch(inputs, i, rt)
+        with torch.no_grad():
+            toks = rt.model.generate(**one, **GEN)
+            logits = rt.model(**one).logits[:, -1]
+        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+        torch.testing.assert_close(logits[0], batch_logits[i], atol=1e-5, rtol=1e-4)
+
+
+@ALL
+def test_text_only_prompt_passes_through(rt):
+    inputs = rt.processor(["what is the color of a red circle?", "how many"], [None, None])
+    ref_logits, ref_toks = stock(rt, inputs)
+    eng = rt.prune("test_every_other_after2")
+    with torch.no_grad():
+        toks = rt.model.generate(**inputs, **GEN)
+        logits = rt.model(**inputs).logits
+    assert torch.equal(toks, ref_toks) and torch.equal(logits, ref_logits)
+    assert eng.stats is None  # the engine never ran
+
+
+@ALL
+@pytest.mark.parametrize("method,budget,opts", [
+    ("none", None, {}),
+    ("test_keep_first_k", 5, {}),
+    ("test_keep_first_merge_rest", 6, {}),
+    ("test_every_other_after2", None, {}),
+    ("test_every_other_after2", None, {"layer": 3, "stride": 3, "position_mode": "reindex"}),
+])
+def test_reported_token_counts_match_cache_lengths(rt, method, budget, opts):
+    inputs = make_batch(rt)
+    eng = rt.prune(method, budget, **opts)
+    with torch.no_grad():
+        out = rt.model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    assert eng.stats.seq_len_per_layer == lengths
+    # per sample: a single unpadded sample's cache holds exactly its text + visual tokens per layer
+    for i in range(3):
+        one = slice_batch(inputs, i, rt)
+        with torch.no_grad():
+            c = rt.model(**one, use_cache=True).past_key_values
+        n_text = int((~torch.isin(one["input_ids"][0], torch.tensor([rt.model.config.image_token_id,
+                                                                     getattr(rt.model.config, "video_token_id", -1)]))).sum())
+        s = eng.stats.samples[0]
+        assert [layer.keys.shape[-2] for layer in c.layers] == [n_text + v for v in s.visual_per_layer]
+
+
+def expected_counts(rt, method, n_visual, opts):
+    L = len(rt.model.model.language_model.layers)
+    if method == "test_keep_first_k":
+        return [min(5, n_visual)] * L
+    if method == "test_every_other_after2":
+        k, stride = opts.get("layer", 2), opts.get("stride", 2)
+        kept = len(range(0, n_visual, stride))
+        return [n_visual] * k + [kept] * (L - k)
+    return [n_visual] * L
+
+
+@ALL
+@pytest.mark.parametrize("method,budget,opts", [
+    ("test_keep_first_k", 5, {}),
+    ("test_every_other_after2", None, {}),
+    ("test_every_other_after2", None, {"layer": 3, "stride": 3}),
+])
+def test_per_layer_schedule_and_layer_average(rt, method, budget, opts):
+    inputs = make_batch(rt)
+    eng = rt.prune(method, budget, **opts)
+    with torch.no_grad():
+        rt.model(**inputs)
+    for s in eng.stats.samples:
+        exp = expected_counts(rt, method, s.visual_candidates, opts)
+        assert s.visual_per_layer == exp
+        assert s.visual_entering_llm == exp[0]
+        assert s.visual_layer_avg == pytest.approx(sum(exp) / len(exp))
+
+
+def test_question_tokens_exclude_separator_and_role_tag(runtimes):
+    rt = runtimes["llava"]
+    seen = {}
+
+    from llava.method import Method, Selection
+
+    class Spy(Method):
+        name = "spy"
+        vision_stage = True
+
+        def select_vision(self, sig):
+            seen["q"] = sig.question_mask.clone()
+            seen["n"] = sig.text_embeds.shape[0]
+            return Selection(keep=torch.arange(sig.num_tokens))
+
+    inputs = rt.processor(["what is this?"], [None])  # text-only has no visual block; use an image
+    from conftest import rand_image
+
+    inputs = rt.processor(["what is this?"], [rand_image(0)])
+    attach(rt.model, Spy(), prompt_spec=rt.prompt_spec())
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.model._pruning_engine.remove()
+    # text after the image: "\n what is this ? assistant :" -> question = "what is this ?"
+    assert seen["n"] == 7
+    assert seen["q"].tolist() == [False, True, True, True, True, False, False]
