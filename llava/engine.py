@@ -161,6 +161,8 @@ class PruningEngine:
         #: when True, later prefills reuse ``selections`` instead of asking the method (e.g. to check
         #: cached decoding against a full recompute with the same kept set)
         self.replay = False
+        #: optional per-row keys (e.g. question ids) for the next prefill; consumed by it
+        self.sample_keys: list | None = None
         self._state: _State | None = None
         self._orig_forward = None
 
@@ -440,6 +442,7 @@ class PruningEngine:
                 text_embeds=embeds[b, text_after], question_mask=torch.isin(text_after, question),
                 cls_attn=table["cls_attn"][src].T.contiguous() if "cls_attn" in table else None,
                 keys=table["keys"][src] if "keys" in table else None,
+                key=self._sample_key(b, input_ids[b][valid[b]]),
             )
             candidates.append(int(vis_pos.numel()))
             per_sample.append((vis_pos, sig))
@@ -455,6 +458,7 @@ class PruningEngine:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
         sel_t1 = timer.now()
+        self.sample_keys = None
         info = {"candidates": candidates, "noop": noop, "t_vision": t1 - t0, "t_select": sel_t1 - sel_t0}
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
             info["visual"] = [vp for vp, _ in per_sample]
@@ -525,6 +529,11 @@ class PruningEngine:
         info.update(visual=visual, origin=origin, input_ids=new_ids, valid=new_mask.bool())
         self._state = _State(orig_len=L, llm_mask=new_mask, pos_shift=shift, segments=None)
         return new_embeds, new_mask, new_pos, info
+
+    def _sample_key(self, b: int, ids: torch.Tensor) -> int:
+        if self.sample_keys is not None:
+            return stable_hash(str(self.sample_keys[b]).encode())
+        return stable_hash(ids.cpu().numpy().astype("int64").tobytes())
 
     def _select(self, key, ask):
         if self.replay:
@@ -735,6 +744,12 @@ class PruningEngine:
                 h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe, position_ids=pos,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
         return lm.norm(h)
+
+
+def stable_hash(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
 
 
 def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:

@@ -51,6 +51,9 @@ class VisionSignals:
     question_mask: torch.Tensor
     cls_attn: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
+    #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding
+    key: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,60 @@
+"""Controls: random selection at the same budget, and no visual tokens at all.
+
+Spec: shared/reference methods.md section 11 (our design; UniPruneBench, arXiv 2511.02650, reports
+random pruning as a strong baseline). Pre-LLM; per unit (image / LLaVA-NeXT crop / video frame)
+keep a uniformly random subset of ``budget`` tokens, original order, contiguous positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+
+
+def random_per_unit(unit: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``budget`` uniformly drawn tokens of every unit (fewer if a unit is smaller),
+    ascending. Tokens with unit -1 (LLaVA-NeXT newlines) are never kept."""
+    picks = []
+    for u in range(int(unit.max()) + 1 if unit.numel() else 0):
+        idx = torch.nonzero(unit == u).flatten()
+        order = torch.randperm(idx.numel(), generator=generator)[: min(budget, idx.numel())]
+        picks.append(idx[order.to(idx.device)])
+    return torch.cat(picks).sort().values if picks else unit.new_zeros(0)
+
+
+@register
+class RandomSelection(Method):
+    """Keep ``budget`` random visual tokens per image / crop / frame (seeded per sample)."""
+
+    name = "random"
+    vision_stage = True
+
+    @classmethod
+    def option_defaults(cls):
+        # keep_newlines: LLaVA-NeXT 'spatial_unpad' newline tokens are layout, not content; keep them
+        # (not counted in the budget). False drops them.
+        return {**super().option_defaults(), "seed": 0, "keep_newlines": True}
+
+    def __init__(self, budget=None, **options):
+        if budget is None:
+            raise ValueError("random: a budget (tokens per image / crop / frame) is required")
+        super().__init__(budget, **options)
+
+    def select_vision(self, sig):
+        g = torch.Generator().manual_seed(hash((int(self.seed), int(sig.key))) & 0x7FFFFFFFFFFFFFFF)
+        keep = random_per_unit(sig.unit, self.budget, g)
+        if self.keep_newlines and bool(sig.is_newline.any()):
+            keep = torch.cat([keep, torch.nonzero(sig.is_newline).flatten().to(keep.device)]).sort().values
+        return Selection(keep=keep)
+
+
+@register
+class NoVisual(Method):
+    """The 'no visual tokens' control: every visual token is removed before the LLM."""
+
+    name = "novisual"
+    vision_stage = True
+
+    def select_vision(self, sig):
+        return Selection(keep=torch.zeros(0, dtype=torch.long))
