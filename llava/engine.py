@@ -600,6 +600,12 @@ class PruningEngine:
         if pos is None:  # what the stock model does without position ids
             pos = torch.arange(L, device=embeds.device)[None].expand(B, L)
         origin = info["origin"]
+        entry = [torch.arange(v.numel(), device=embeds.device) for v in visual]  # index at layer-0 entry
+        self._entry = []  # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
+        for b in range(B):
+            real = torch.nonzero(mask[b]).flatten() if mask is not None else torch.arange(L, device=embeds.device)
+            last = int(visual[b].max()) if visual[b].numel() else -1
+            self._entry.append((embeds[b, visual[b]], embeds[b, real[real > last]]))
         ids = info["input_ids"]
         bounds = [0, *self.llm_layers, n_layers]
         h = embeds
@@ -614,7 +620,8 @@ class PruningEngine:
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
                 t0 = timer.now()
-                h, mask, pos, ids, visual, origin, dropped = self._llm_stage(s - 1, a, h, prev_in, mask, pos, ids, visual, origin)
+                h, mask, pos, ids, visual, origin, entry, dropped = self._llm_stage(
+                    s - 1, a, h, prev_in, mask, pos, ids, visual, origin, entry)
                 if self.method.position_mode == "reindex":
                     shift = shift + dropped
                 sel_time += timer.now() - t0
@@ -632,12 +639,12 @@ class PruningEngine:
         self._state.segments = segments
         return lm.norm(h), seq_lens, per_layer, sel_time
 
-    def _llm_stage(self, stage, layer_idx, h, prev_in, mask, pos, ids, visual, origin):
+    def _llm_stage(self, stage, layer_idx, h, prev_in, mask, pos, ids, visual, origin, entry):
         lm = self.lm
         B, L, D = h.shape
         dev = h.device
         valid = mask.bool() if mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
-        new_rows, new_pos, new_ids, new_vis, new_org, dropped = [], [], [], [], [], []
+        new_rows, new_pos, new_ids, new_vis, new_org, new_ent, dropped = [], [], [], [], [], [], []
         for b in range(B):
             real = torch.nonzero(valid[b]).flatten()
             vis = torch.searchsorted(real, visual[b])  # row positions -> index among real tokens
@@ -645,7 +652,7 @@ class PruningEngine:
             after = torch.arange(int(vis.max()) + 1 if vis.numel() else 0, real.numel(), device=dev)
             question = self._text_spans(tok, torch.ones_like(tok, dtype=torch.bool), vis)[1]
             sig = self._llm_signals(layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
-                                    vis, origin[b], after, question)
+                                    vis, origin[b], entry[b], after, question)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if vis.numel() else None
             if sel is None or sel.is_identity(vis.numel()):
                 sel = Selection(keep=torch.arange(vis.numel(), device=dev))
@@ -654,11 +661,13 @@ class PruningEngine:
             out_x = [x[vis[keep]]]
             out_p = [p[vis[keep]]]
             out_o = [origin[b][keep]]
+            out_e = [entry[b][keep]]
             if sel.targets is not None and sel.targets.numel():
                 tg = sel.targets.to(dev)
                 out_x.append(merge_tokens(x[vis], sel).to(x.dtype))
                 out_p.append(p[vis[tg]])
                 out_o.append(origin[b][tg])
+                out_e.append(entry[b][tg])
             vx, vp = torch.cat(out_x), torch.cat(out_p)
             first = int(vis.min()) if vis.numel() else 0
             last = int(vis.max()) + 1 if vis.numel() else 0
@@ -670,6 +679,7 @@ class PruningEngine:
             new_ids.append(irow)
             new_vis.append(torch.arange(first, first + vx.shape[0], device=dev))
             new_org.append(torch.cat(out_o))
+            new_ent.append(torch.cat(out_e))
             dropped.append(real.numel() - row.shape[0])
         new_L = max(r.shape[0] for r in new_rows)
         h2 = h.new_zeros(B, new_L, D)
@@ -686,9 +696,9 @@ class PruningEngine:
             new_vis[b] = new_vis[b] + padn
         if mask is None and bool(m2.all()):
             m2 = None  # no padding needed: keep the stock no-mask path (SDPA is_causal)
-        return h2, m2, p2, i2, new_vis, new_org, torch.tensor(dropped, device=dev)
+        return h2, m2, p2, i2, new_vis, new_org, new_ent, torch.tensor(dropped, device=dev)
 
-    def _llm_signals(self, layer_idx, b, x, p, x_prev, vis, origin, after, question) -> LLMSignals:
+    def _llm_signals(self, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm
 
         def pick(which):
@@ -707,8 +717,10 @@ class PruningEngine:
             layer, inp = pick(which)
             return llm_qk(layer, inp, lm.rotary_emb, p, None, rope=rope)[1].transpose(0, 1)
 
+        vis_in, text_in = self._entry[b]
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
-                          text_after=after, question=question, _attn_fn=attn_fn, _keys_fn=keys_fn)
+                          text_after=after, question=question, visual_embeds=vis_in[entry],
+                          text_embeds=text_in, _attn_fn=attn_fn, _keys_fn=keys_fn, _norm=lm.norm)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache."""

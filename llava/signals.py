@@ -87,6 +87,9 @@ class LLMSignals:
                   block (merged tokens carry their target's origin).
     text_after:   indices of the tokens after the last visual token.
     question:     indices of the question / instruction tokens (a subset of text_after).
+    visual_embeds: (Nv, D) each current visual token's input to decoder layer 0 (merged tokens:
+                  their target's), e.g. SparseVLM's rater selection.
+    text_embeds:  (len(text_after), D) the text-after tokens' inputs to decoder layer 0.
     """
 
     layer: int
@@ -96,8 +99,11 @@ class LLMSignals:
     origin: torch.Tensor
     text_after: torch.Tensor
     question: torch.Tensor
+    visual_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    _norm: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _cache: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -124,6 +130,12 @@ class LLMSignals:
         if key not in self._cache:
             self._cache[key] = self._keys_fn(layer, rope)
         return self._cache[key]
+
+    def final_norm(self) -> torch.Tensor:
+        """``hidden`` passed through the LLM's final norm (S, D) (DART's similarity space)."""
+        if "final_norm" not in self._cache:
+            self._cache["final_norm"] = self._norm(self.hidden)
+        return self._cache["final_norm"]
 
     def _resolve(self, queries: torch.Tensor | str) -> torch.Tensor:
         if isinstance(queries, str):

@@ -193,3 +193,36 @@ def test_question_tokens_exclude_separator_and_role_tag(runtimes):
     # text after the image: "\n what is this ? assistant :" -> question = "what is this ?"
     assert seen["n"] == 7
     assert seen["q"].tolist() == [False, True, True, True, True, False, False]
+
+
+def test_llm_signals_entry_embeddings_follow_the_tokens(runtimes):
+    """visual_embeds / text_embeds at a later stage are the layer-0 inputs of the surviving tokens."""
+    rt = runtimes["llava"]
+    from llava.method import Method, Selection
+
+    seen = []
+
+    class TwoStage(Method):
+        name = "two_stage_probe"
+
+        @property
+        def llm_layers(self):
+            return (1, 3)
+
+        def select_llm(self, stage, sig):
+            seen.append(sig)
+            return Selection(keep=torch.arange(1, sig.num_visual, 2))  # odd positions
+
+    inputs = make_batch(rt, n=2)
+    rt.model.model.language_model  # noqa: B018
+    attach(rt.model, TwoStage(), prompt_spec=rt.prompt_spec())
+    with torch.no_grad():
+        out = rt.model(**inputs)
+    rt.model._pruning_engine.remove()
+    first, second = seen[0], seen[2]  # sample 0 at stages 0 and 1
+    assert first.num_visual == 16 and second.num_visual == 8
+    assert torch.equal(second.visual_embeds, first.visual_embeds[1::2])
+    assert torch.equal(second.origin, torch.arange(1, 16, 2))
+    assert torch.equal(second.text_embeds, first.text_embeds)
+    assert torch.allclose(second.final_norm(), rt.model.model.language_model.norm(second.hidden))
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 16 + 4

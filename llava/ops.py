@@ -1,0 +1,73 @@
+"""Small token-selection primitives shared by several methods (one implementation each).
+
+All are pure functions over tensors; scores are compared in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .method import Selection
+
+
+def topk_desc(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, best first; ties broken by the lower index
+    (methods.md 0.6). ``k`` is clipped to the number of scores."""
+    k = max(0, min(int(k), scores.numel()))
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k]
+
+
+def rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """1-based rank of every entry by descending score (ties: lower index ranks first)."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, scores.numel() + 1, device=scores.device)
+    return ranks
+
+
+def uniform_targets(num_remaining: int, contextual: int) -> torch.Tensor:
+    """VisionZip's merge targets: positions 0, s, 2s, ... (s = max(1, R // C)) of the remaining
+    list, the first C of them."""
+    if contextual <= 0 or num_remaining <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    step = max(1, num_remaining // contextual)
+    return torch.arange(0, num_remaining, step)[:contextual]
+
+
+def contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip-style contextual tokens over the ``remaining`` token indices (in their order).
+
+    metric: (n, d) per-token merge metric (e.g. the vision layer's head-mean keys); cosine
+    similarity is used. Returns ``(targets, assign)``: target token indices (C,) and, for all ``n``
+    tokens, the target slot each remaining non-target token joins (argmax cosine, ties to the lowest
+    slot) or -1. Pair with ``Selection(..., rule="target_plus_mean")`` for VisionZip's
+    ``target + mean(assigned)``.
+    """
+    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
+    pos = uniform_targets(remaining.numel(), contextual).to(remaining.device)
+    targets = remaining[pos]
+    if targets.numel() == 0:
+        return targets, assign
+    others = remaining[~torch.isin(torch.arange(remaining.numel(), device=remaining.device), pos)]
+    if others.numel():
+        m = metric.float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        sim = m[others] @ m[targets].T  # (R - C, C)
+        assign[others] = sim.argmax(dim=1)  # first maximum = lowest target slot
+    return targets, assign
+
+
+def dominant_contextual(scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int,
+                        candidates: torch.Tensor | None = None, rule: str = "target_plus_mean",
+                        space: str = "vision") -> Selection:
+    """The VisionZip recipe on one unit: top-``dominant`` tokens by ``scores`` (kept in ascending
+    index order), the rest merged into ``contextual`` tokens. ``candidates`` restricts both to a
+    subset of token indices (e.g. one crop); default all tokens."""
+    n = scores.numel()
+    cand = torch.arange(n, device=scores.device) if candidates is None else candidates.to(scores.device)
+    top = cand[topk_desc(scores[cand], dominant)]
+    keep = top.sort().values
+    remaining = cand[~torch.isin(cand, keep)]
+    targets, assign = contextual_merge(metric, remaining, contextual, n)
+    return Selection(keep=keep, targets=targets, assign=assign, rule=rule, space=space)

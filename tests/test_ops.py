@@ -1,0 +1,44 @@
+"""Shared primitives, with hand-worked answers."""
+
+import torch
+
+from llava.engine import merge_tokens
+from llava.ops import contextual_merge, dominant_contextual, rank_desc, topk_desc, uniform_targets
+
+
+def test_topk_and_rank_break_ties_by_lower_index():
+    s = torch.tensor([0.1, 0.5, 0.5, 0.9, 0.1])
+    assert topk_desc(s, 3).tolist() == [3, 1, 2]
+    assert topk_desc(s, 10).tolist() == [3, 1, 2, 0, 4]
+    assert rank_desc(s).tolist() == [4, 2, 3, 1, 5]
+
+
+def test_uniform_targets():
+    assert uniform_targets(10, 3).tolist() == [0, 3, 6]
+    assert uniform_targets(5, 10).tolist() == [0, 1, 2, 3, 4]
+    assert uniform_targets(7, 0).tolist() == []
+
+
+def test_visionzip_merge_worked_example():
+    # 6 tokens; dominant = top-2 by score = tokens 4 and 1; remaining [0, 2, 3, 5], C = 2 -> step 2,
+    # targets = remaining positions 0, 2 = tokens 0 and 3. Token 2's key is closest to token 3's,
+    # token 5's to token 0's.
+    scores = torch.tensor([0.1, 0.8, 0.2, 0.3, 0.9, 0.0])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.0, 2.0], [1.0, 1.0], [3.0, 0.2]])
+    sel = dominant_contextual(scores, keys, dominant=2, contextual=2)
+    assert sel.keep.tolist() == [1, 4]
+    assert sel.targets.tolist() == [0, 3]
+    assert sel.assign.tolist() == [-1, -1, 1, -1, -1, 0]
+    x = torch.arange(12.0).view(6, 2)  # token i = [2i, 2i+1]
+    merged = merge_tokens(x, sel)
+    # target_plus_mean: token0 + token5 = [0,1]+[10,11]; token3 + token2 = [6,7]+[4,5]
+    assert merged.tolist() == [[10.0, 12.0], [10.0, 12.0]]
+    sel.rule = "mean"
+    assert merge_tokens(x, sel).tolist() == [[5.0, 6.0], [5.0, 6.0]]
+
+
+def test_contextual_merge_ties_go_to_lowest_target():
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    targets, assign = contextual_merge(keys, torch.tensor([0, 1, 2, 3]), 2, 4)
+    assert targets.tolist() == [0, 2]
+    assert assign.tolist() == [-1, 0, -1, 0]  # token 3 is orthogonal to both targets: tie -> slot 0
