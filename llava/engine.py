@@ -150,6 +150,8 @@ class PruningEngine:
         self.core = model.model
         self.lm = self.core.language_model
         n_layers = len(self.lm.layers)
+        tower = self.core.video_tower if self.family == "video_llava" else self.core.vision_tower
+        method.setup(num_layers=n_layers, num_vision_layers=len(tower.encoder.layers), family=self.family)
         ks = tuple(method.llm_layers)
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")

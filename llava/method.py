@@ -122,6 +122,15 @@ class Method:
         if self.position_mode not in ("keep", "reindex"):
             raise ValueError(f"{self.name}: position_mode must be 'keep' or 'reindex'")
 
+    # -- binding to a model --------------------------------------------------------------------
+    def setup(self, *, num_layers: int, num_vision_layers: int, family: str) -> None:
+        """Called by the engine when attached, before :attr:`llm_layers` is read: the LLM's decoder
+        layer count, the vision tower's layer count and the model family ('llava', 'llava_next',
+        'video_llava'). Methods whose schedules are stated for 32-layer LLMs scale them here."""
+        self.num_layers = num_layers
+        self.num_vision_layers = num_vision_layers
+        self.family = family
+
     # -- declaration --------------------------------------------------------------------------
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

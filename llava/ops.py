@@ -71,3 +71,18 @@ def dominant_contextual(scores: torch.Tensor, metric: torch.Tensor, dominant: in
     remaining = cand[~torch.isin(cand, keep)]
     targets, assign = contextual_merge(metric, remaining, contextual, n)
     return Selection(keep=keep, targets=targets, assign=assign, rule=rule, space=space)
+
+
+def scale_layers(layers: "list[int] | tuple[int, ...]", num_layers: int, reference: int = 32) -> tuple[int, ...]:
+    """Map decoder-layer indices stated for a ``reference``-layer LLM (32 for 7B) onto a model with
+    ``num_layers`` layers: round(k * num_layers / reference), clipped to 1..num_layers-1 and made
+    strictly increasing. Identity when num_layers == reference (e.g. 13B's 40 layers scale 8 -> 10)."""
+    out: list[int] = []
+    for k in layers:
+        v = min(max(1, round(k * num_layers / reference)), num_layers - 1)
+        if out and v <= out[-1]:
+            v = out[-1] + 1
+        if v > num_layers - 1:
+            raise ValueError(f"cannot place {len(layers)} stages in a {num_layers}-layer LLM")
+        out.append(v)
+    return tuple(out)

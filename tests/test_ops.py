@@ -42,3 +42,12 @@ def test_contextual_merge_ties_go_to_lowest_target():
     targets, assign = contextual_merge(keys, torch.tensor([0, 1, 2, 3]), 2, 4)
     assert targets.tolist() == [0, 2]
     assert assign.tolist() == [-1, 0, -1, 0]  # token 3 is orthogonal to both targets: tie -> slot 0
+
+
+def test_scale_layers():
+    from llava.ops import scale_layers
+
+    assert scale_layers([8, 16, 24], 32) == (8, 16, 24)
+    assert scale_layers([8, 16, 24], 40) == (10, 20, 30)
+    assert scale_layers([8, 16, 24], 4) == (1, 2, 3)
+    assert scale_layers([2, 6, 15], 4) == (1, 2, 3)  # 0.25 -> 1, 0.75 -> 1 -> bumped to 2, 1.875 -> 2 -> 3
