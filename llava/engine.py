@@ -339,6 +339,13 @@ class PruningEngine:
         if ca is not None:
             flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
             flat["keys"] = ks[:, off:].reshape(n * m, -1)
+        if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
+            cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
+            if ca is not None:
+                cls["cls_attn"] = ca[:, :, 0]
+                cls["keys"] = ks[:, 0]
+            flat["cls"] = cls
+        flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
         return flat, [m] * n
 
     def _encode_next(self, tower, pixel_values, image_sizes, want_attn):
@@ -356,8 +363,14 @@ class PruningEngine:
         flat, per_crop = self._flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop")
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
-        idx_all, sizes, start = [], [], 0
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        idx_all, sizes, start, unit_pos = [], [], 0, []
         for sz, c in zip(image_sizes, crops):
+            unit_pos.append([-1, -1])
+            if c > 1:
+                gh, gw = get_anyres_image_grid_shape(sz, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                unit_pos.extend([i // gw, i % gw] for i in range(c - 1))
             idx = next_token_layout(sz, cfg, c, m, self.next_layout)
             idx_all.append(torch.where(idx >= 0, idx + start, idx))
             sizes.append(int(idx.numel()))
@@ -365,7 +378,10 @@ class PruningEngine:
         idx = torch.cat(idx_all).to(hs.device)
         newline = idx < 0
         safe = idx.clamp(min=0)
+        per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos") if k in flat}
         out = {k: (v[safe] if torch.is_tensor(v) else v) for k, v in flat.items()}
+        out.update(per_unit)
+        out["unit_pos"] = torch.tensor(unit_pos, dtype=torch.long, device=hs.device)
         out["features"] = out["features"].clone()
         out["features"][newline] = self.core.image_newline.to(out["features"].dtype)
         out["vision_features"] = out["vision_features"].masked_fill(newline[:, None], 0)
@@ -381,7 +397,7 @@ class PruningEngine:
                         position_ids, timer):
         t0 = timer.now()
         method = self.method
-        want_attn = method.vision_stage and method.needs_vision_attention
+        want_attn = method.needs_vision_attention
         blocks = self._encode(pixel_values, pixel_values_videos, image_sizes, want_attn)
         embeds = self.lm.embed_tokens(input_ids)
         B, L = input_ids.shape
@@ -389,6 +405,7 @@ class PruningEngine:
         # per position: which block-token feeds it (global id over all blocks of all modalities)
         token_src = torch.full_like(input_ids, -1)
         tables: dict[str, list] = {}
+        unit_tables: dict[str, list] = {}
         offset = 0
         unit_offset = 0
         for token_id, flat, sizes in blocks:
@@ -414,6 +431,13 @@ class PruningEngine:
             for k, v in flat.items():
                 if k == "kind":
                     continue
+                if k == "cls":
+                    for ck, cv in v.items():
+                        unit_tables.setdefault(ck, []).append(cv)
+                    continue
+                if k == "unit_pos":
+                    unit_tables.setdefault("unit_pos", []).append(v)
+                    continue
                 if k == "unit":
                     v = torch.where(v >= 0, v + unit_offset, v)
                 tables.setdefault(k, []).append(v)
@@ -422,7 +446,11 @@ class PruningEngine:
         t1 = timer.now()
         if not blocks:
             raise ValueError("no visual input")
+        self._probe_inputs = (embeds, attention_mask, position_ids)
+        self._probe_cache = {}
         table = {k: torch.cat(v) for k, v in tables.items()}
+        utable = {k: torch.cat(v) for k, v in unit_tables.items()}
+        extras = getattr(method, "include_cls_candidates", False) and "vision_features" in utable
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_visual)
         candidates, noop, per_sample = [], [], []
         grid = self._grid()
@@ -438,23 +466,40 @@ class PruningEngine:
             remap = {u: i for i, u in enumerate(uniq)}
             unit = torch.tensor([remap.get(u, -1) for u in unit.tolist()], device=unit.device, dtype=torch.long)
             text_after, question = self._text_spans(input_ids[b], valid[b], vis_pos)
+            gu = torch.tensor(uniq, dtype=torch.long, device=unit.device)
+            fields = {
+                "features": embeds[b, vis_pos], "vision_features": table["vision_features"][src],
+                "unit": unit, "patch": table["patch"][src],
+                "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
+                "keys": table["keys"][src] if "keys" in table else None,
+            }
+            if extras:  # append each unit's [CLS] as candidate T + u
+                fields["features"] = torch.cat([fields["features"], utable["features"][gu].to(embeds.dtype)])
+                fields["vision_features"] = torch.cat([fields["vision_features"], utable["vision_features"][gu]])
+                fields["unit"] = torch.cat([unit, torch.arange(len(uniq), device=unit.device)])
+                fields["patch"] = torch.cat([fields["patch"], torch.full((len(uniq),), -1, device=unit.device)])
+                if fields["cls_attn"] is not None:
+                    fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][gu]])
+                    fields["keys"] = torch.cat([fields["keys"], utable["keys"][gu]])
             sig = VisionSignals(
-                features=embeds[b, vis_pos], vision_features=table["vision_features"][src], unit=unit,
-                patch=table["patch"][src], unit_kind=kind, grid=grid,
+                features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
+                patch=fields["patch"], unit_kind=kind, grid=grid,
                 text_embeds=embeds[b, text_after], question_mask=torch.isin(text_after, question),
-                cls_attn=table["cls_attn"][src].T.contiguous() if "cls_attn" in table else None,
-                keys=table["keys"][src] if "keys" in table else None,
-                key=self._sample_key(b, input_ids[b][valid[b]]),
+                cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
+                keys=fields["keys"], key=self._sample_key(b, input_ids[b][valid[b]]),
+                num_stock=int(vis_pos.numel()), unit_pos=utable["unit_pos"][gu],
+                _probe_fn=self._make_probe(b, vis_pos, text_after, question),
             )
             candidates.append(int(vis_pos.numel()))
             per_sample.append((vis_pos, sig))
+        self._vision_sigs = [sig for _, sig in per_sample]
         sel_t0 = timer.now()
         selections = []
         for b, (vis_pos, sig) in enumerate(per_sample):
             sel = self._select(("vision", b), lambda: method.select_vision(sig)) if method.vision_stage else None
             if sel is not None:
                 sel.validate(sig.num_tokens)
-            noop.append(sel is None or sel.is_identity(sig.num_tokens))
+            noop.append(sel is None or sel.is_identity(sig.num_stock))
             selections.append(sel)
         if method.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
@@ -477,8 +522,8 @@ class PruningEngine:
         dev = embeds.device
         rows, idrows, visual, origin = [], [], [], []
         for b, ((vis_pos, sig), sel) in enumerate(zip(per_sample, selections)):
-            if sel is None or sel.is_identity(sig.num_tokens):
-                sel = Selection(keep=torch.arange(sig.num_tokens))
+            if sel is None or sel.is_identity(sig.num_stock):
+                sel = Selection(keep=torch.arange(sig.num_stock))
             out_feats, out_src = self._materialize_vision(sig, sel)
             valid_pos = torch.nonzero(valid[b]).flatten()
             # place outputs in the placeholder run their source token belongs to
@@ -488,6 +533,9 @@ class PruningEngine:
             starts = is_vis & ~torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), is_vis[:-1]])
             run_id = starts.long().cumsum(0)  # run number at each visual position (1-based)
             tok_run = run_id[vis_pos]  # (T,)
+            if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's run
+                first_of_unit = torch.stack([tok_run[sig.unit_indices(u)[0]] for u in range(sig.num_units)])
+                tok_run = torch.cat([tok_run, first_of_unit[sig.unit[sig.num_stock:]]])
             out_run = tok_run[out_src.to(dev)]
             pieces, ids, vis_new, org = [], [], [], []
             cursor = 0
@@ -531,6 +579,47 @@ class PruningEngine:
         info.update(visual=visual, origin=origin, input_ids=new_ids, valid=new_mask.bool())
         self._state = _State(orig_len=L, llm_mask=new_mask, pos_shift=shift, segments=None)
         return new_embeds, new_mask, new_pos, info
+
+    def _make_probe(self, b, vis_pos, text_after, question):
+        def probe(layer: int, queries: str = "question") -> torch.Tensor:
+            return self._probe_rows(b, vis_pos, text_after, question, layer, queries)
+        return probe
+
+    def _probe_hidden(self, k: int) -> torch.Tensor:
+        """Hidden states entering decoder layer k for the full (unpruned) spliced batch; no cache."""
+        if k not in self._probe_cache:
+            embeds, mask, pos = self._probe_inputs
+            lm = self.lm
+            h = embeds
+            if k > 0:
+                if pos is None:
+                    pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+                causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
+                                            past_key_values=None, position_ids=pos)
+                pe = lm.rotary_emb(h, position_ids=pos)
+                for i in range(k):
+                    h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe, position_ids=pos)
+            self._probe_cache[k] = h
+        return self._probe_cache[k]
+
+    def _probe_rows(self, b, vis_pos, text_after, question, k, queries):
+        """Layer k's causal attention (H, Q, T) from the chosen text queries to the sample's visual tokens."""
+        lm = self.lm
+        if not (0 <= k < len(lm.layers)):
+            raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
+        h = self._probe_hidden(k)
+        embeds, mask, pos = self._probe_inputs
+        L = h.shape[1]
+        real = torch.nonzero(mask[b]).flatten() if mask is not None else torch.arange(L, device=h.device)
+        p = pos[b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above
+        rows = {"question": question, "all_post_image": text_after, "text_after": text_after,
+                "last": real[-1:]}.get(queries)
+        if rows is None:
+            raise ValueError(f"probe queries must be question / all_post_image / last, got {queries!r}")
+        rows = torch.searchsorted(real, rows)
+        q, kk = llm_qk(lm.layers[k], h[b, real], lm.rotary_emb, p, rows)
+        attn = causal_attention_rows(q, kk, rows, lm.layers[k].self_attn.scaling)
+        return attn[:, :, torch.searchsorted(real, vis_pos)]
 
     def _sample_key(self, b: int, ids: torch.Tensor) -> int:
         if self.sample_keys is not None:
@@ -722,7 +811,8 @@ class PruningEngine:
         vis_in, text_in = self._entry[b]
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
-                          text_embeds=text_in, _attn_fn=attn_fn, _keys_fn=keys_fn, _norm=lm.norm)
+                          text_embeds=text_in, vision=self._vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
+                          _norm=lm.norm)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache."""

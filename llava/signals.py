@@ -54,7 +54,30 @@ class VisionSignals:
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding
     key: int = 0
+    #: tokens the unpruned model feeds (T). When the method sets ``include_cls_candidates`` and the
+    #: model drops [CLS] from the LLM input (LLaVA-1.5 / NeXT), candidates T..T+U-1 are each unit's
+    #: [CLS] token (projected like a patch; ``patch`` -1), so a method may feed it to the LLM.
+    num_stock: int = -1
+    #: (U, 2) grid position (row, col) of each unit in its image's crop grid (LLaVA-NeXT grid crops);
+    #: (-1, -1) for a NeXT base crop, a LLaVA-1.5 image or a video frame.
+    unit_pos: torch.Tensor | None = None
+    _probe_fn: Callable = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.num_stock < 0:
+            self.num_stock = self.num_tokens
+
+    def probe_attention(self, layer: int, queries: str = "question") -> torch.Tensor:
+        """Query-aware cross-modal attention before pruning (ConsensusDrop's probe): run decoder
+        layers 0..layer-1 on the full, unpruned prompt (no KV cache kept), then recompute layer
+        ``layer``'s causal softmax rows (fp32) for the chosen text queries ("question",
+        "all_post_image" or "last") from its norm + q/k + RoPE at the original positions.
+        Returns (H, Q, T_stock): the probabilities on the visual tokens (columns of the full rows,
+        so they sum to < 1; renormalise for a visual-only softmax). Cached per layer across
+        samples (one batched pass)."""
+        if self._probe_fn is None:
+            raise RuntimeError("probe_attention is only available inside the engine")
+        return self._probe_fn(layer, queries)
     @property
     def num_tokens(self) -> int:
         return int(self.unit.numel())
@@ -101,6 +124,9 @@ class LLMSignals:
     question: torch.Tensor
     visual_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    #: the sample's vision-stage signals (with cls_attn / keys when the method sets
+    #: ``needs_vision_attention``); ``origin`` indexes into them
+    vision: "VisionSignals | None" = None
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _norm: Callable[..., torch.Tensor] = field(repr=False, default=None)

@@ -1,0 +1,92 @@
+"""Engine signals against independent computations with transformers' own modules."""
+
+import pytest
+import torch
+from conftest import make_batch, rand_image
+
+from llava.engine import attach
+from llava.method import Method, Selection
+
+
+class Spy(Method):
+    name = "spy"
+    vision_stage = True
+    needs_vision_attention = True
+
+    def __init__(self, keep_fn=None, probe=None, cls=False):
+        super().__init__()
+        self.seen, self.keep_fn, self.probe, self.include_cls_candidates = [], keep_fn, probe, cls
+
+    def select_vision(self, sig):
+        rec = {"sig": sig}
+        if self.probe is not None:
+            rec["probe"] = sig.probe_attention(*self.probe)
+        self.seen.append(rec)
+        return Selection(keep=self.keep_fn(sig) if self.keep_fn else torch.arange(sig.num_stock))
+
+
+@pytest.mark.parametrize("k,queries", [(0, "question"), (2, "question"), (3, "all_post_image"), (1, "last")])
+def test_probe_equals_eager_attention_of_layer_k(runtimes, k, queries):
+    rt = runtimes["llava"]
+    inputs = make_batch(rt, n=2)
+    spy = Spy(probe=(k, queries))
+    attach(rt.model, spy, prompt_spec=rt.prompt_spec())
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.model._pruning_engine.remove()
+    # reference: the stock model in eager mode returns every layer's attention probabilities
+    rt.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = rt.model(**inputs, output_attentions=True).attentions[k]  # (B, H, L, L)
+    finally:
+        rt.model.set_attn_implementation("sdpa")
+    img = rt.model.config.image_token_id
+    for b in range(2):
+        ids, m = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
+        vis = torch.nonzero(ids == img).flatten()
+        real = torch.nonzero(m).flatten()
+        after = real[real > vis.max()]
+        rows = {"question": after[1:-2], "all_post_image": after, "last": real[-1:]}[queries]  # "\n" ... "assistant :"
+        expect = ref[b][:, rows][:, :, vis]
+        got = spy.seen[b]["probe"]
+        assert got.shape == expect.shape
+        torch.testing.assert_close(got, expect.float(), atol=2e-6, rtol=1e-4)
+
+
+def test_cls_extra_candidate_is_the_projected_cls(runtimes):
+    rt = runtimes["llava"]
+    inputs = make_batch(rt, n=2)
+    spy = Spy(keep_fn=lambda sig: torch.tensor([sig.num_stock, 0]), cls=True)  # the [CLS], then patch 0
+    eng = attach(rt.model, spy, prompt_spec=rt.prompt_spec())
+    with torch.no_grad():
+        out = rt.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        hs = rt.model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        cls_proj = rt.model.model.multi_modal_projector(hs[:, :1])[:, 0]
+    rt.model._pruning_engine.remove()
+    for b in range(2):
+        sig = spy.seen[b]["sig"]
+        assert sig.num_stock == 16 and sig.num_tokens == 17 and int(sig.patch[16]) == -1 and int(sig.unit[16]) == 0
+        torch.testing.assert_close(sig.features[16], cls_proj[b])
+        torch.testing.assert_close(sig.vision_features[16], hs[b, 0])
+        # cls_attn of the extra = the [CLS]'s attention to itself; the patches' entries sum with it to 1
+        assert float(sig.cls_attn.sum(1).mean()) == pytest.approx(1.0, abs=1e-5)
+    assert all(s.visual_entering_llm == 2 for s in eng.stats.samples)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_next_unit_positions_and_per_crop_attention(runtimes):
+    rt = runtimes["llava-next"]
+    inputs = rt.processor(["what is this?"], [rand_image(0, 100, 100)])  # square: 2x2 grid + base
+    spy = Spy()
+    attach(rt.model, spy, prompt_spec=rt.prompt_spec())
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.model._pruning_engine.remove()
+    sig = spy.seen[0]["sig"]
+    assert sig.unit_pos.tolist() == [[-1, -1], [0, 0], [0, 1], [1, 0], [1, 1]]
+    assert sig.num_units == 5 and int(sig.is_newline.sum()) == 8  # 8 rows of the 2x2 grid
+    # per crop, the [CLS] row over its 16 patches plus its self-attention sums to 1: patches sum < 1
+    for u in range(5):
+        s = sig.cls_attn[:, sig.unit_indices(u)].sum(1)
+        assert bool((s < 1).all()) and bool((s > 0).all())
