@@ -86,3 +86,20 @@ def scale_layers(layers: "list[int] | tuple[int, ...]", num_layers: int, referen
             raise ValueError(f"cannot place {len(layers)} stages in a {num_layers}-layer LLM")
         out.append(v)
     return tuple(out)
+
+
+def best_product_split(u: torch.Tensor, w: torch.Tensor, total: int) -> tuple[int, int]:
+    """AdaV's adaptive split: k1 + k2 = ``total`` maximising (sum of the k1 largest u) x (sum of the
+    k2 largest w); ``u``, ``w`` sorted descending. Infeasible splits (k1 > len(u) or k2 > len(w)) are
+    skipped; the first maximiser (smallest k1) wins. If no split is feasible, takes all of both."""
+    cu = torch.cat([u.new_zeros(1), u.float().cumsum(0)])
+    cw = torch.cat([w.new_zeros(1), w.float().cumsum(0)])
+    k1 = torch.arange(0, total + 1)
+    k2 = total - k1
+    ok = (k1 <= u.numel()) & (k2 <= w.numel())
+    if not bool(ok.any()):
+        return int(u.numel()), int(w.numel())
+    val = torch.full((total + 1,), -float("inf"))
+    val[ok] = cu[k1[ok]].cpu() * cw[k2[ok]].cpu()
+    best = int(torch.argmax(val))  # first maximum
+    return best, total - best

@@ -51,3 +51,18 @@ def test_scale_layers():
     assert scale_layers([8, 16, 24], 40) == (10, 20, 30)
     assert scale_layers([8, 16, 24], 4) == (1, 2, 3)
     assert scale_layers([2, 6, 15], 4) == (1, 2, 3)  # 0.25 -> 1, 0.75 -> 1 -> bumped to 2, 1.875 -> 2 -> 3
+
+
+def test_best_product_split_worked_examples():
+    from llava.ops import best_product_split
+
+    u = torch.tensor([5.0, 1.0, 1.0])
+    w = torch.tensor([3.0, 2.0, 2.0])
+    # total 3: k1=0 -> 0; k1=1 -> 5*(3+2)=25; k1=2 -> 6*3=18; k1=3 -> 7*0=0  => (1, 2)
+    assert best_product_split(u, w, 3) == (1, 2)
+    # total 4: k1=1 -> 5*7=35 ; k1=2 -> 6*5=30 ; k1=3 -> 7*3=21 ; k1=0/4 infeasible or 0 => (1, 3)
+    assert best_product_split(u, w, 4) == (1, 3)
+    # ties: u = w = [1, 1]; total 2: k1=1 -> 1*1 = 1 is the only non-zero => (1, 1)
+    assert best_product_split(torch.ones(2), torch.ones(2), 2) == (1, 1)
+    # too few candidates: take everything
+    assert best_product_split(torch.ones(1), torch.ones(1), 5) == (1, 1)

@@ -1,0 +1,144 @@
+"""AttnMix = AdaFV / AdaV (arXiv 2501.09532; ACL 2025 Findings "AdaV"): a self-adaptive mix of
+visual saliency ([CLS] attention) and text-to-image embedding similarity, before the LLM.
+
+Follows the official code (JiayiV/AdaV, an overlay on FasterVLM; methods.md section 3.3). Algorithm:
+
+    s_j  = max_t softmax_j(100 * cos(E_t, V_j))        E: raw text embeddings after the image,
+                                                        V: projected visual tokens
+    a_j  = head-mean [CLS]->patch attention of the select layer, within its crop / frame
+    k = floor(floor(B/2) / N_img);  V_b = 2 k N_img;  n0 = floor(0.25 V_b);  K = V_b - 2 n0
+    L_t = global top-(2k N_img) by s;   L_c = per unit top-2k by a, units concatenated
+    keep L_t[:n0] and L_c[:n0]; split K into k1 + k2 maximising (sum top-k1 u) * (sum top-k2 w)
+    over the rest (u = s of L_t[n0:], w = a of L_c[n0:] re-sorted); keep their top picks; sort.
+
+Corrected by default (each quirk of the released code is one option away, see docs/methods/attnmix.md):
+``crop_offset_bug`` (crop i's [CLS] picks offset by i instead of 576 i) and ``allow_duplicates``
+(the same token picked by both lists enters the LLM twice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import best_product_split, topk_desc
+
+
+def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+    """AdaV's s_j: for each text token a softmax over visual tokens of ``temperature`` x cosine
+    similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32."""
+    t = text.float()
+    v = visual.float()
+    cos = (t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
+    return torch.softmax(temperature * cos, dim=1).max(dim=0).values
+
+
+def adav_budget(budget: int, n_units: int, min_frac: float = 0.25) -> dict[str, int]:
+    """AdaV's budget arithmetic (official code): k per unit per list, the actual kept count V_b,
+    the guaranteed picks n0 per list and the adaptive remainder K."""
+    k = (budget // 2) // n_units
+    vb = 2 * k * n_units
+    n0 = int(min_frac * vb)
+    return {"k": k, "kept": vb, "n0": n0, "adaptive": vb - 2 * n0}
+
+
+def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], budget: int, min_frac: float = 0.25,
+                crop_offset_bug: bool = False, allow_duplicates: bool = False, variant: str = "adav") -> torch.Tensor:
+    """Indices (ascending; duplicates only if ``allow_duplicates``) of the visual tokens AdaV keeps.
+
+    s, a: (N,) text-to-image and [CLS] scores of all N candidate tokens; ``units``: per image / crop /
+    frame, the indices of its candidates in that unit's patch order (needed for the crop-offset quirk).
+    """
+    n_units = len(units)
+    b = adav_budget(budget, n_units, min_frac)
+    k, n0, K = b["k"], b["n0"], b["adaptive"]
+    cand = torch.cat(units)
+    # L_t: global text list (indices into s), best first
+    l_t = cand[topk_desc(s[cand], 2 * k * n_units)]
+    # L_c: per unit top-2k by a, concatenated; with the quirk, unit i's picks land at (patch position + i)
+    l_c, l_c_val = [], []
+    for i, idx in enumerate(units):
+        top = topk_desc(a[idx], 2 * k)
+        l_c_val.append(a[idx][top])
+        l_c.append(top + i if crop_offset_bug else idx[top])
+    l_c = torch.cat(l_c) if l_c else cand.new_zeros(0)
+    l_c_val = torch.cat(l_c_val) if l_c_val else a.new_zeros(0)
+    if variant == "t2i":
+        return l_t.sort().values
+    if variant == "cls":
+        return l_c.sort().values
+    if variant != "adav":
+        raise ValueError(f"variant must be adav / t2i / cls, got {variant!r}")
+    rest_t = l_t[n0:]
+    order = torch.sort(l_c_val[n0:].float(), descending=True, stable=True).indices
+    rest_c = l_c[n0:][order]
+    k1, k2 = best_product_split(s[rest_t], l_c_val[n0:][order], K)
+    text_picks = torch.cat([l_t[:n0], rest_t[:k1]])
+    if allow_duplicates:
+        cls_picks = torch.cat([l_c[:n0], rest_c[:k2]])
+        return torch.cat([text_picks, cls_picks]).sort().values
+    # corrected: the [CLS] list skips tokens already picked and back-fills with its next best
+    # (its own list first, then every other candidate by a)
+    want = n0 + k2
+    backfill = cand[torch.sort(a[cand].float(), descending=True, stable=True).indices]
+    taken = set(text_picks.tolist())
+    cls_picks = []
+    for t in torch.cat([l_c[:n0], rest_c, backfill]).tolist():
+        if len(cls_picks) == want:
+            break
+        if t not in taken:
+            taken.add(t)
+            cls_picks.append(t)
+    return torch.cat([text_picks, torch.tensor(cls_picks, dtype=torch.long, device=text_picks.device)]).sort().values
+
+
+@register
+class AttnMix(Method):
+    """AdaV (AdaFV) pre-LLM selection. ``budget`` = B, AdaV's ``overall_tokens``: the total visual
+    tokens of the sample entering the LLM (64/128/192 for LLaVA-1.5; 720/288/144 for 5-crop
+    LLaVA-NeXT; e.g. 136/256 over 8 Video-LLaVA frames). Actually kept: V_b = 2 k N_img <= B."""
+
+    name = "attnmix"
+    vision_stage = True
+    needs_vision_attention = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            "variant": "adav",  # adav | t2i (text-image similarity only) | cls ([CLS] only, the released 'mix')
+            "temperature": 100.0,  # softmax temperature on cosine similarity (1 / 0.01)
+            "min_frac": 0.25,  # budget_thres: guaranteed share of each list
+            "text_queries": "all",  # all post-image tokens (official) | question (our option)
+            "crop_offset_bug": False,  # reproduce the released [CLS]-branch offset (i instead of 576 i)
+            "allow_duplicates": False,  # reproduce the released duplicate picks
+            "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is None:
+            raise ValueError("attnmix: a budget (AdaV overall_tokens) is required")
+        super().__init__(budget, **options)
+        if self.text_queries not in ("all", "question"):
+            raise ValueError("attnmix: text_queries must be 'all' or 'question'")
+
+    def select_vision(self, sig):
+        units = [sig.unit_indices(u) for u in range(sig.num_units)]
+        n_cand = sum(int(u.numel()) for u in units)
+        if self.budget >= n_cand:
+            keep = torch.arange(sig.num_tokens)
+            return Selection(keep=keep)
+        if self.crop_offset_bug and bool(sig.is_newline.any()):
+            raise ValueError("attnmix: crop_offset_bug reproduces the released code, which runs the 'spatial' "
+                             "LLaVA-NeXT layout only (load with next_layout='spatial')")
+        if adav_budget(self.budget, len(units), self.min_frac)["k"] == 0:
+            raise ValueError(f"attnmix: budget {self.budget} over {len(units)} {sig.unit_kind}s keeps nothing "
+                             f"(AdaV keeps 2*floor(floor(B/2)/N) per unit); use a budget >= {2 * len(units)}")
+        text = sig.text_embeds if self.text_queries == "all" else sig.text_embeds[sig.question_mask]
+        s = text_to_image_score(text, sig.features, self.temperature)
+        a = sig.cls_attn.float().mean(0)
+        keep = adav_select(s, a, units, self.budget, self.min_frac, self.crop_offset_bug,
+                           self.allow_duplicates, self.variant)
+        if self.keep_newlines and bool(sig.is_newline.any()):
+            keep = torch.cat([keep, torch.nonzero(sig.is_newline).flatten()]).sort().values
+        return Selection(keep=keep)
