@@ -650,7 +650,11 @@ class PruningEngine:
                 merged = self.core.multi_modal_projector(merged[None].to(x.dtype))[0]
             feats.append(merged.to(sig.features.dtype))
             src.append(sel.targets.to(keep.device))
-        return torch.cat(feats), torch.cat(src)
+        feats, src = torch.cat(feats), torch.cat(src)
+        if sel.order is not None:
+            o = sel.order.to(feats.device)
+            feats, src = feats[o], src[o]
+        return feats, src
 
     def _grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config
@@ -760,6 +764,10 @@ class PruningEngine:
                 out_o.append(origin[b][tg])
                 out_e.append(entry[b][tg])
             vx, vp = torch.cat(out_x), torch.cat(out_p)
+            if sel.order is not None:
+                o = sel.order.to(dev)
+                vx, vp = vx[o], vp[o]
+                out_o, out_e = [torch.cat(out_o)[o]], [torch.cat(out_e)[o]]
             first = int(vis.min()) if vis.numel() else 0
             last = int(vis.max()) + 1 if vis.numel() else 0
             row = torch.cat([x[:first], vx, x[last:]])

@@ -40,6 +40,8 @@ class Selection:
              ``mean``: merged = mean(x[target] and x[assigned]).
     space:   vision stage only: merge ``vision`` features (before the projector, then project) or
              ``projected`` features (LLM input space).
+    order:   optional permutation of the outputs [keep..., merged...] (e.g. [D, C] per unit, or
+             each merged token at its target's place); default: keep, then merged.
     """
 
     keep: torch.Tensor
@@ -47,6 +49,7 @@ class Selection:
     assign: torch.Tensor | None = None
     rule: MergeRule = "target_plus_mean"
     space: Literal["vision", "projected"] = "vision"
+    order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
@@ -55,6 +58,8 @@ class Selection:
         if self.targets is not None:
             self.targets = torch.as_tensor(self.targets, dtype=torch.long).reshape(-1)
             self.assign = torch.as_tensor(self.assign, dtype=torch.long).reshape(-1)
+        if self.order is not None:
+            self.order = torch.as_tensor(self.order, dtype=torch.long).reshape(-1)
 
     @property
     def num_out(self) -> int:
@@ -67,6 +72,8 @@ class Selection:
             raise ValueError(f"Selection indexes outside 0..{n - 1}")
         if idx.unique().numel() != idx.numel() and self.targets is not None:
             raise ValueError("Selection: a merge target is also kept, or kept twice")
+        if self.order is not None and not torch.equal(self.order.sort().values.cpu(), torch.arange(self.num_out)):
+            raise ValueError("Selection.order must be a permutation of the outputs")
         if self.assign is not None:
             if self.assign.numel() != n:
                 raise ValueError(f"Selection.assign has {self.assign.numel()} entries for {n} tokens")
@@ -76,9 +83,10 @@ class Selection:
 
     def is_identity(self, n: int) -> bool:
         """True when the selection keeps all ``n`` tokens, in order, with no merging."""
+        in_order = self.order is None or bool(torch.equal(self.order.cpu(), torch.arange(self.num_out)))
         return (
             self.targets is None or self.targets.numel() == 0
-        ) and self.keep.numel() == n and bool(torch.equal(self.keep.cpu(), torch.arange(n)))
+        ) and in_order and self.keep.numel() == n and bool(torch.equal(self.keep.cpu(), torch.arange(n)))
 
 
 def keep_all(n: int) -> Selection:

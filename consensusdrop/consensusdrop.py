@@ -1,0 +1,323 @@
+"""ConsensusDrop (arXiv 2602.00946) - OUR RECONSTRUCTION.
+
+The paper's text beyond its abstract is not available; every rule below is our design, consistent
+with the abstract (methods.md section 1; docs/methods/consensusdrop.md). Label results
+"ConsensusDrop (our reconstruction)". Per image / crop / frame:
+
+    s_v = [CLS]->patch attention of the CLIP select layer (query-agnostic encoder saliency)
+    s_x = text->image attention of LLM layer K from a shallow probe of the unpruned prompt (query-aware)
+    c   = consensus of the two rankings (rrf: w_v/(k + r_v) + w_x/(k + r_x); or borda / adaptive)
+    keep the D best by c (ascending index); merge the other tokens into C contextual tokens with
+    VisionZip's encoder-guided rule (uniform targets, nearest CLIP key, target + mean);
+    then prefill the LLM from layer 0 on the shortened prompt (the probe is discarded).
+
+``fusion = encoder_only`` and ``cross_only`` are the single-signal ablations the paper's central
+claim is measured against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import best_product_split, contextual_merge
+
+FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
+
+
+def order_desc(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """Indices sorted by ``primary`` descending, ties by ``secondary`` descending, then lower index."""
+    o = torch.sort(secondary.float(), descending=True, stable=True).indices
+    return o[torch.sort(primary.float()[o], descending=True, stable=True).indices]
+
+
+def ranks_from_order(order: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(order)
+    r[order] = torch.arange(1, order.numel() + 1, device=order.device)
+    return r
+
+
+def consensus_scores(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "rrf", rrf_k: float = 60.0,
+                     w_v: float = 1.0, w_x: float = 1.0) -> torch.Tensor:
+    """Consensus score c(j) of each token from its two ranks (1-based, within the unit).
+
+    r_v: by s_v descending (ties: lower index); r_x: by s_x descending (ties: higher s_v, then lower
+    index). rrf: w_v/(k + r_v) + w_x/(k + r_x); borda: w_v (N - r_v) + w_x (N - r_x);
+    encoder_only / cross_only: the negated single rank."""
+    n = s_v.numel()
+    r_v = ranks_from_order(order_desc(s_v, torch.zeros_like(s_v))).double()
+    r_x = ranks_from_order(order_desc(s_x, s_v)).double()
+    if fusion == "rrf":
+        return w_v / (rrf_k + r_v) + w_x / (rrf_k + r_x)
+    if fusion == "borda":
+        return w_v * (n - r_v) + w_x * (n - r_x)
+    if fusion == "encoder_only":
+        return -r_v
+    if fusion == "cross_only":
+        return -r_x
+    raise ValueError(f"fusion must be one of {FUSIONS}")
+
+
+def adaptive_dominant(s_v: torch.Tensor, s_x: torch.Tensor, d: int, min_frac: float = 0.25) -> torch.Tensor:
+    """AdaV's adaptive split applied to the two saliency lists, de-duplicated: n0 = floor(a D) top
+    picks from each list, the other D - 2 n0 split by maximising the product of captured masses;
+    a pick already taken is replaced by the next best of the list that produced it."""
+    n = s_v.numel()
+    d = min(d, n)
+    l_v = order_desc(s_v, torch.zeros_like(s_v))
+    l_x = order_desc(s_x, s_v)
+    n0 = min(int(min_frac * d), d // 2)
+    k_x, k_v = best_product_split(s_x[l_x[n0:]].float(), s_v[l_v[n0:]].float(), d - 2 * n0)
+    picked: list[int] = []
+    seen: set[int] = set()
+
+    def take(lst: torch.Tensor, count: int) -> None:
+        got = 0
+        for t in lst.tolist():
+            if got == count:
+                return
+            if t not in seen:
+                seen.add(t)
+                picked.append(t)
+                got += 1
+
+    take(l_x, n0 + k_x)
+    take(l_v, n0 + k_v)
+    take(order_desc(consensus_scores(s_v, s_x, "rrf"), s_v), d - len(picked))  # if lists ran short
+    return torch.tensor(sorted(picked), dtype=torch.long)
+
+
+def select_dominant(s_v: torch.Tensor, s_x: torch.Tensor, d: int, fusion: str = "rrf", rrf_k: float = 60.0,
+                    w_v: float = 1.0, w_x: float = 1.0, min_frac: float = 0.25) -> torch.Tensor:
+    """The ``d`` dominant tokens of one unit (local indices, ascending). Ties in c: higher s_v, then
+    lower index."""
+    if fusion == "adaptive":
+        return adaptive_dominant(s_v, s_x, d, min_frac)
+    c = consensus_scores(s_v, s_x, fusion, rrf_k, w_v, w_x)
+    return order_desc(c, s_v)[:d].sort().values
+
+
+def split_budget(budget: int, contextual_ratio: float, merge: bool, dominant: int | None = None,
+                 contextual: int | None = None) -> tuple[int, int]:
+    """(D, C) for one unit: C = round(ratio x budget) (10/64 gives 54+10, 108+20, 162+30, 27+5, 14+3)."""
+    if dominant is not None or contextual is not None:
+        d = dominant if dominant is not None else budget - contextual
+        c = contextual if contextual is not None else budget - dominant
+        if d < 0 or c < 0 or (merge and d + c != budget) or (not merge and c):
+            raise ValueError(f"consensusdrop: dominant {d} + contextual {c} must equal the budget {budget}"
+                             + ("" if merge else " with merge='none' (contextual 0)"))
+        return d, c
+    if not merge:
+        return budget, 0
+    c = int(round(contextual_ratio * budget))
+    return budget - c, c
+
+
+def unit_budgets(budget: int, n_units: int, mode: str) -> list[int]:
+    """Per-unit budgets: ``per_unit`` (budget each) or ``total`` (split evenly, remainder first)."""
+    if mode in ("per_crop", "per_frame", "per_unit"):
+        return [budget] * n_units
+    if mode == "total":
+        return [budget // n_units + (1 if u < budget % n_units else 0) for u in range(n_units)]
+    raise ValueError(f"budget mode must be per_crop / per_frame / total, got {mode!r}")
+
+
+@register
+class ConsensusDrop(Method):
+    """ConsensusDrop (our reconstruction). ``budget`` = visual tokens entering the LLM per image
+    (LLaVA-1.5: 64/128/192), per crop (LLaVA-NeXT: 128/64/32 -> 640/320/160 at 5 crops) or per
+    frame (Video-LLaVA: 17/32/64, the frame [CLS] taking one dominant slot)."""
+
+    name = "consensusdrop"
+    needs_vision_attention = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            "contextual_ratio": 0.15625,
+            "dominant": None,
+            "contextual": None,
+            "vision_layer": None,  # hidden-states index of the CLIP layer for s_v and keys (None: the model's, -2)
+            "encoder_head_agg": "mean",  # mean | sum (same ranking)
+            "probe_layer": 2,  # 0: layer-0 q/k proxy (no decoder layer runs); K: run layers 0..K-1
+            "probe_queries": "question",  # question | all_post_image | last
+            "probe_head_agg": "mean",  # mean | max
+            "probe_query_agg": "mean",  # mean | max
+            "probe_softmax_keys": "all",  # all | visual_only (renormalised over visual columns)
+            "probe_mode": "attn",  # attn | embed_cos (AdaV's embedding-cosine proxy, no LLM layer)
+            "fusion": "rrf",  # rrf | borda | adaptive | encoder_only | cross_only
+            "rrf_k": 60.0,
+            "w_v": 1.0,
+            "w_x": 1.0,
+            "adaptive_min_frac": 0.25,
+            "merge": "visionzip",  # visionzip | none
+            "merge_metric": "clip_keys",  # clip_keys | clip_features
+            "merge_rule": "target_plus_mean",  # target_plus_mean | mean
+            "merge_space": "clip",  # clip (before the projector) | projected
+            "include_cls": None,  # None: auto (video frames: True; images: False)
+            "order": "dominant_then_contextual",  # ... per unit | spatial (merged token at its target's place)
+            "next_order": "crop_major",  # crop_major | grid_raster (LLaVA-NeXT grid crops re-assembled)
+            "prune_point": "pre_llm",  # pre_llm | after_probe (ablation: continue from layer K, FastV-like)
+            "next_budget_mode": "per_crop",  # per_crop | total
+            "video_budget_mode": "per_frame",  # per_frame | total
+            "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newline tokens: kept, outside the budget
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is None:
+            raise ValueError("consensusdrop: a budget is required")
+        super().__init__(budget, **options)
+        checks = {"fusion": FUSIONS, "merge": ("visionzip", "none"), "merge_metric": ("clip_keys", "clip_features"),
+                  "merge_rule": ("target_plus_mean", "mean"), "merge_space": ("clip", "projected"),
+                  "probe_queries": ("question", "all_post_image", "last"), "probe_head_agg": ("mean", "max"),
+                  "probe_query_agg": ("mean", "max"), "probe_softmax_keys": ("all", "visual_only"),
+                  "probe_mode": ("attn", "embed_cos"), "encoder_head_agg": ("mean", "sum"),
+                  "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
+                  "prune_point": ("pre_llm", "after_probe")}
+        for k, allowed in checks.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
+        if self.prune_point == "after_probe" and (self.probe_layer < 1 or self.probe_mode != "attn"):
+            raise ValueError("consensusdrop: prune_point='after_probe' needs probe_layer >= 1 and probe_mode='attn'")
+        self.vision_stage = self.prune_point == "pre_llm"
+        if "position_mode" not in options:
+            self.position_mode = "keep"  # after_probe only: FastV-like
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        if self.probe_layer >= num_layers:
+            raise ValueError(f"consensusdrop: probe_layer {self.probe_layer} >= the LLM's {num_layers} layers")
+        self.cls_slot = self.include_cls if self.include_cls is not None else family == "video_llava"
+        # on images the [CLS] is not an LLM token: offer it as an extra candidate when it takes a slot
+        self.include_cls_candidates = bool(self.cls_slot) and family != "video_llava"
+
+    @property
+    def llm_layers(self):
+        return (self.probe_layer,) if self.prune_point == "after_probe" else ()
+
+    # -- signals -> the two saliencies ------------------------------------------------------------
+    def _encoder_saliency(self, cls_attn: torch.Tensor) -> torch.Tensor:
+        return cls_attn.float().sum(0) if self.encoder_head_agg == "sum" else cls_attn.float().mean(0)
+
+    def _cross_saliency(self, p: torch.Tensor) -> torch.Tensor:
+        """p: (H, Q, T) probabilities on the visual columns -> (T,)."""
+        p = p.float()
+        if self.probe_softmax_keys == "visual_only":
+            p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+        p = p.amax(0) if self.probe_head_agg == "max" else p.mean(0)
+        return p.amax(0) if self.probe_query_agg == "max" else p.mean(0)
+
+    def _needs_probe(self) -> bool:
+        return self.fusion != "encoder_only"
+
+    # -- the per-sample algorithm ---------------------------------------------------------------
+    def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space):
+        """Shared by both prune points. All tensors over the sample's candidates (n,)."""
+        n = s_v.numel()
+        n_units = int(unit.max()) + 1 if bool((unit >= 0).any()) else 0
+        budgets = unit_budgets(self.budget, n_units, budget_mode)
+        if all(b >= int(((unit == u) & (torch.arange(n) < n_stock)).sum()) for u, b in enumerate(budgets)):
+            return Selection(keep=torch.arange(n_stock))  # every unit fits: the unpruned layout
+        dom, tgt, assign = [], [], torch.full((n,), -1, dtype=torch.long)
+        per_unit = []  # (dominant, targets) per unit, for ordering
+        for u in range(n_units):
+            idx = torch.nonzero(unit == u).flatten()
+            cls_idx = idx[patch[idx] < 0] if self.cls_slot else idx[:0]
+            cand = idx[~torch.isin(idx, cls_idx)]
+            b = budgets[u]
+            if b >= int((idx < n_stock).sum()):
+                d_u, t_u = idx[idx < n_stock], idx[:0]  # the unit fits: keep its tokens as they are
+            else:
+                d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual)
+                d_free = max(0, d - cls_idx.numel())
+                local = select_dominant(s_v[cand], s_x[cand], d_free, self.fusion, self.rrf_k, self.w_v, self.w_x,
+                                        self.adaptive_min_frac)
+                d_u = torch.cat([cls_idx, cand[local]])  # [CLS] first, then ascending
+                rest = cand[~torch.isin(cand, d_u)]
+                rest = rest[rest < n_stock]
+                t_u, a_u = contextual_merge(metric, rest, c, n)
+                assign[a_u >= 0] = a_u[a_u >= 0] + sum(int(t.numel()) for t in tgt)
+            dom.append(d_u)
+            tgt.append(t_u)
+            per_unit.append((u, d_u, t_u))
+        keep = torch.cat(dom) if dom else torch.zeros(0, dtype=torch.long)
+        targets = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.long)
+        newlines = torch.nonzero(is_newline).flatten() if self.keep_newlines else torch.zeros(0, dtype=torch.long)
+        keep = torch.cat([keep, newlines])
+        order = self._output_order(per_unit, newlines, unit_pos, patch, keep.numel(), targets.numel())
+        if targets.numel() == 0:
+            return Selection(keep=keep, order=order)
+        return Selection(keep=keep, targets=targets, assign=assign, rule=self.merge_rule, space=space, order=order)
+
+    def _output_order(self, per_unit, newlines, unit_pos, patch, n_keep, n_tgt):
+        """Output permutation: per unit [dominant, contextual] in unit order ('spatial': each unit's
+        tokens by source index, merged tokens at their target's place); newline tokens at their
+        original place among the base/grid tokens is not representable, so they follow their row's
+        tokens only in 'spatial' order - in the default order they close the block."""
+        keep_pos, tgt_pos, k_off, t_off = [], [], 0, 0
+        seq = []  # (sort key, output slot)
+        grid = int(round((patch.max().item() + 1) ** 0.5)) if patch.numel() and patch.max() >= 0 else 1
+        for u, d_u, t_u in per_unit:
+            d_slots = list(range(k_off, k_off + d_u.numel()))
+            t_slots = list(range(n_keep + t_off, n_keep + t_off + t_u.numel()))
+            k_off += d_u.numel()
+            t_off += t_u.numel()
+            if self.order == "spatial":
+                src = torch.cat([d_u, t_u])
+                slots = d_slots + t_slots
+                for j in torch.argsort(src, stable=True).tolist():
+                    seq.append(((u, 0, 0, int(src[j])), slots[j]))
+            elif self.next_order == "grid_raster" and unit_pos is not None and int(unit_pos[u, 0]) >= 0:
+                r, c = int(unit_pos[u, 0]), int(unit_pos[u, 1])
+                for t, slot in zip(d_u.tolist(), d_slots):
+                    p = int(patch[t])
+                    key = (10**9, 0, 0, 0) if p < 0 else (10**6, r * grid + p // grid, c * grid + p % grid, 0)
+                    seq.append((key, slot))
+                for slot in t_slots:
+                    seq.append(((2 * 10**9, u, slot, 0), slot))
+            else:
+                for slot in d_slots:
+                    seq.append(((u, 0, slot, 0), slot))
+                for slot in t_slots:
+                    seq.append(((u, 1, slot, 0), slot))
+        for i, slot in enumerate(range(k_off, k_off + newlines.numel())):
+            seq.append(((3 * 10**9, i, 0, 0), slot))
+        seq.sort(key=lambda x: x[0])
+        order = torch.tensor([slot for _, slot in seq], dtype=torch.long)
+        return None if torch.equal(order, torch.arange(order.numel())) else order
+
+    def _budget_mode(self):
+        return self.video_budget_mode if self.family == "video_llava" else (
+            self.next_budget_mode if self.family == "llava_next" else "per_unit")
+
+    def select_vision(self, sig):
+        n = sig.num_tokens
+        s_v = self._encoder_saliency(sig.cls_attn)
+        s_x = torch.zeros(n)
+        if self._needs_probe():
+            if self.probe_mode == "attn":
+                s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries))
+            else:
+                from attnmix import text_to_image_score
+
+                q = {"question": sig.question_mask, "all_post_image": torch.ones_like(sig.question_mask),
+                     "last": torch.arange(sig.question_mask.numel()) == sig.question_mask.numel() - 1}[self.probe_queries]
+                s_x[: sig.num_stock] = text_to_image_score(sig.text_embeds[q], sig.features[: sig.num_stock])
+        metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
+        space = "vision" if self.merge_space == "clip" else "projected"
+        return self._select(s_v, s_x, metric, sig.unit, sig.patch, sig.unit_pos, sig.is_newline, sig.num_stock,
+                            self._budget_mode(), space)
+
+    def select_llm(self, stage, sig):
+        """prune_point='after_probe' (ablation): the same selection at layer K from the LLM's own
+        hidden states; merged in the LLM's hidden space."""
+        v = sig.vision
+        o = sig.origin
+        s_v = self._encoder_saliency(v.cls_attn[:, o])
+        rows = {"question": "question", "all_post_image": "text_after", "last": "last"}[self.probe_queries]
+        p = sig.attention(rows, layer="next")[:, :, sig.visual]
+        s_x = self._cross_saliency(p)
+        metric = (v.keys if self.merge_metric == "clip_keys" else v.vision_features)[o]
+        return self._select(s_v, s_x, metric, v.unit[o], v.patch[o], v.unit_pos, v.is_newline[o], o.numel(),
+                            self._budget_mode(), "projected")

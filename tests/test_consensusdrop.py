@@ -1,0 +1,163 @@
+"""ConsensusDrop (our reconstruction): worked examples of the fusion rules, and integration."""
+
+import pytest
+import torch
+from conftest import FAMILIES, make_batch
+
+from consensusdrop import adaptive_dominant, consensus_scores, order_desc, select_dominant, split_budget, unit_budgets
+
+# 6 tokens. r_v (by s_v): 0, 4, 2, {3, 5 tie -> 3 first}, 1  => r_v = [1, 6, 3, 4, 2, 5]
+#           r_x (by s_x): 1, 2, 5, 3, 4, 0                  => r_x = [6, 1, 2, 4, 5, 3]
+S_V = torch.tensor([0.30, 0.05, 0.20, 0.10, 0.25, 0.10])
+S_X = torch.tensor([0.01, 0.40, 0.30, 0.05, 0.02, 0.22])
+
+
+def test_rrf_by_hand():
+    c = consensus_scores(S_V, S_X, "rrf", rrf_k=60)
+    expect = [1 / 61 + 1 / 66, 1 / 66 + 1 / 61, 1 / 63 + 1 / 62, 1 / 64 + 1 / 64, 1 / 62 + 1 / 65, 1 / 65 + 1 / 63]
+    assert c.tolist() == pytest.approx(expect)
+    # order: 2 (.032002), then 0 and 1 tie (.031545) -> higher s_v first: 0, 1; then 4, 5, 3
+    assert order_desc(c, S_V).tolist() == [2, 0, 1, 4, 5, 3]
+    assert select_dominant(S_V, S_X, 3, "rrf").tolist() == [0, 1, 2]
+
+
+def test_fusion_differs_from_either_single_signal():
+    assert select_dominant(S_V, S_X, 3, "encoder_only").tolist() == [0, 2, 4]
+    assert select_dominant(S_V, S_X, 3, "cross_only").tolist() == [1, 2, 5]
+    # borda: (6 - r_v) + (6 - r_x) = [5, 5, 7, 4, 5, 4]; ties at 5 by s_v: 0 (.30), 4 (.25), 1 (.05)
+    assert consensus_scores(S_V, S_X, "borda").tolist() == [5, 5, 7, 4, 5, 4]
+    assert select_dominant(S_V, S_X, 3, "borda").tolist() == [0, 2, 4]
+
+
+def test_weights_and_k_shift_the_consensus():
+    # all weight on the encoder list reproduces encoder_only
+    assert select_dominant(S_V, S_X, 3, "rrf", w_v=1.0, w_x=0.0).tolist() == [0, 2, 4]
+    assert select_dominant(S_V, S_X, 3, "rrf", w_v=0.0, w_x=1.0).tolist() == [1, 2, 5]
+
+
+def test_adaptive_by_hand():
+    # D=4, n0 = floor(.25 * 4) = 1: guaranteed 1 (cross list head) and 0 (encoder list head).
+    # remaining u = s_x of [2,5,3,4,0] = [.30,.22,.05,.02,.01], w = s_v of [4,2,3,5,1] = [.25,.20,.10,.10,.05]
+    # split 2: k_x=1 -> .30*.25 = .075 (k_x=0 or 2 -> 0) => one more each: 2 and 4
+    assert adaptive_dominant(S_V, S_X, 4).tolist() == [0, 1, 2, 4]
+    # overlap: make token 0 also the cross list's second -> encoder list replaces it by its next best
+    s_x = torch.tensor([0.35, 0.40, 0.30, 0.05, 0.02, 0.22])
+    # l_x = [1, 0, 2, 5, 3, 4], l_v = [0, 4, 2, 3, 5, 1]; u = [.35,.30,...], w = [.25,.20,...]
+    # split 2: k_x=1 -> .35*.25 => cross picks [1, 0]; encoder wants 2: 0 taken -> 4, 2 => [0, 1, 2, 4]
+    assert adaptive_dominant(S_V, s_x, 4).tolist() == [0, 1, 2, 4]
+
+
+def test_budget_splits():
+    assert [split_budget(b, 0.15625, True) for b in (64, 128, 192, 32, 17)] == \
+        [(54, 10), (108, 20), (162, 30), (27, 5), (14, 3)]
+    assert split_budget(64, 0.15625, False) == (64, 0)
+    assert split_budget(64, 0.15625, True, dominant=60) == (60, 4)
+    with pytest.raises(ValueError, match="must equal the budget"):
+        split_budget(64, 0.15625, True, dominant=60, contextual=10)
+    assert unit_budgets(10, 3, "total") == [4, 3, 3]
+    assert unit_budgets(10, 3, "per_crop") == [10, 10, 10]
+
+
+ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
+PER_UNIT = {"llava": 8, "llava_next": 8, "video_llava": 6}
+
+
+@ALL
+@pytest.mark.parametrize("opts", [{}, {"fusion": "adaptive"}, {"fusion": "borda", "order": "spatial"},
+                                  {"probe_layer": 0}, {"merge": "none"}, {"merge_space": "projected", "merge_rule": "mean"},
+                                  {"next_order": "grid_raster"}, {"probe_mode": "embed_cos", "fusion": "cross_only"}])
+def test_tokens_entering_the_llm_follow_the_budget(rt, opts):
+    inputs = make_batch(rt)
+    b = PER_UNIT[rt.family]
+    eng = rt.prune("consensusdrop", b, **opts)
+    with torch.no_grad():
+        out = rt.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 3
+    newlines = [4, 4, 8]  # tiny NeXT batch: see test_attnmix.test_next_counts_per_crop_layout
+    for i, s in enumerate(eng.stats.samples):
+        expect = {"llava": b, "video_llava": 8 * b, "llava_next": 3 * b + newlines[i]}[rt.family]
+        assert s.visual_entering_llm == expect
+        assert s.visual_per_layer == [expect] * 4  # pre-LLM: every layer's cache holds the kept tokens only
+
+
+@ALL
+def test_keep_all_is_bit_identical(rt):
+    inputs = make_batch(rt)
+    rt.unprune()
+    with torch.no_grad():
+        ref = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    eng = rt.prune("consensusdrop", 17)
+    with torch.no_grad():
+        out = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref) and all(s.vision_noop for s in eng.stats.samples)
+
+
+@ALL
+def test_cached_decode_equals_recompute(rt):
+    from test_engine import GEN, greedy_no_cache
+
+    inputs = make_batch(rt)
+    eng = rt.prune("consensusdrop", PER_UNIT[rt.family])
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, **GEN)
+    eng.replay = True
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+
+
+def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
+    """Independent check of the signal wiring: transformers' eager CLIP attention, [CLS] row, top-8."""
+    rt = runtimes["llava"]
+    inputs = make_batch(rt)
+    eng = rt.prune("consensusdrop", 8, fusion="encoder_only", merge="none")
+    with torch.no_grad():
+        rt.model(**inputs)
+    tower = rt.model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = tower(inputs["pixel_values"], output_attentions=True).attentions[1]  # select layer -2 of 3
+    finally:
+        tower.set_attn_implementation("sdpa")
+    cls_row = att[:, :, 0, 1:].mean(1)  # (B, 16) head-mean [CLS] -> patch
+    for b in range(3):
+        expect = torch.topk(cls_row[b], 8).indices.sort().values
+        assert eng.selections[("vision", b)].keep.tolist() == expect.tolist()
+
+
+def test_video_frame_cls_takes_a_dominant_slot(runtimes):
+    rt = runtimes["video-llava"]
+    eng = rt.prune("consensusdrop", 4)  # per frame: 3 dominant incl. the [CLS] + 1 contextual
+    with torch.no_grad():
+        rt.model(**make_batch(rt, n=1))
+    sel = eng.selections[("vision", 0)]
+    frame_cls = [17 * f for f in range(8)]  # each frame's [CLS] leads its 17 tokens
+    assert set(frame_cls) <= set(sel.keep.tolist())
+    assert sel.keep.numel() == 8 * 3 and sel.targets.numel() == 8
+
+
+def test_image_cls_slot_feeds_the_cls(runtimes):
+    rt = runtimes["llava"]
+    eng = rt.prune("consensusdrop", 8, include_cls=True)
+    with torch.no_grad():
+        rt.model(**make_batch(rt, n=1))
+    sel = eng.selections[("vision", 0)]
+    assert int(sel.keep[0]) == 16  # the extra candidate T + 0 = the image's [CLS], first among dominant
+    assert sel.keep.numel() == 7 and sel.targets.numel() == 1  # 8 = (6 patches + [CLS]) + 1 contextual
+
+
+def test_after_probe_ablation_prunes_at_layer_k(runtimes):
+    rt = runtimes["llava"]
+    eng = rt.prune("consensusdrop", 8, prune_point="after_probe", probe_layer=2)
+    with torch.no_grad():
+        rt.model.generate(**make_batch(rt), max_new_tokens=3, do_sample=False)
+    for s in eng.stats.samples:
+        assert s.visual_per_layer == [16, 16, 8, 8] and s.visual_layer_avg == 12
+
+
+def test_bad_options_are_refused():
+    from llava.method import get_method
+
+    with pytest.raises(ValueError, match="fusion"):
+        get_method("consensusdrop", 64, fusion="mean")
+    with pytest.raises(ValueError, match="after_probe"):
+        get_method("consensusdrop", 64, prune_point="after_probe", probe_layer=0)
