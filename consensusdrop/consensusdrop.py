@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, contextual_merge
+from llava.ops import best_product_split, block_order, contextual_merge
 
 FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
 
@@ -245,47 +245,11 @@ class ConsensusDrop(Method):
         targets = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.long)
         newlines = torch.nonzero(is_newline).flatten() if self.keep_newlines else torch.zeros(0, dtype=torch.long)
         keep = torch.cat([keep, newlines])
-        order = self._output_order(per_unit, newlines, unit_pos, patch, keep.numel(), targets.numel())
+        mode = "spatial" if self.order == "spatial" else ("grid_raster" if self.next_order == "grid_raster" else "unit")
+        order = block_order(per_unit, int(newlines.numel()), unit_pos, patch, mode)
         if targets.numel() == 0:
             return Selection(keep=keep, order=order)
         return Selection(keep=keep, targets=targets, assign=assign, rule=self.merge_rule, space=space, order=order)
-
-    def _output_order(self, per_unit, newlines, unit_pos, patch, n_keep, n_tgt):
-        """Output permutation: per unit [dominant, contextual] in unit order ('spatial': each unit's
-        tokens by source index, merged tokens at their target's place); newline tokens at their
-        original place among the base/grid tokens is not representable, so they follow their row's
-        tokens only in 'spatial' order - in the default order they close the block."""
-        keep_pos, tgt_pos, k_off, t_off = [], [], 0, 0
-        seq = []  # (sort key, output slot)
-        grid = int(round((patch.max().item() + 1) ** 0.5)) if patch.numel() and patch.max() >= 0 else 1
-        for u, d_u, t_u in per_unit:
-            d_slots = list(range(k_off, k_off + d_u.numel()))
-            t_slots = list(range(n_keep + t_off, n_keep + t_off + t_u.numel()))
-            k_off += d_u.numel()
-            t_off += t_u.numel()
-            if self.order == "spatial":
-                src = torch.cat([d_u, t_u])
-                slots = d_slots + t_slots
-                for j in torch.argsort(src, stable=True).tolist():
-                    seq.append(((u, 0, 0, int(src[j])), slots[j]))
-            elif self.next_order == "grid_raster" and unit_pos is not None and int(unit_pos[u, 0]) >= 0:
-                r, c = int(unit_pos[u, 0]), int(unit_pos[u, 1])
-                for t, slot in zip(d_u.tolist(), d_slots):
-                    p = int(patch[t])
-                    key = (10**9, 0, 0, 0) if p < 0 else (10**6, r * grid + p // grid, c * grid + p % grid, 0)
-                    seq.append((key, slot))
-                for slot in t_slots:
-                    seq.append(((2 * 10**9, u, slot, 0), slot))
-            else:
-                for slot in d_slots:
-                    seq.append(((u, 0, slot, 0), slot))
-                for slot in t_slots:
-                    seq.append(((u, 1, slot, 0), slot))
-        for i, slot in enumerate(range(k_off, k_off + newlines.numel())):
-            seq.append(((3 * 10**9, i, 0, 0), slot))
-        seq.sort(key=lambda x: x[0])
-        order = torch.tensor([slot for _, slot in seq], dtype=torch.long)
-        return None if torch.equal(order, torch.arange(order.numel())) else order
 
     def _budget_mode(self):
         return self.video_budget_mode if self.family == "video_llava" else (

@@ -103,3 +103,47 @@ def best_product_split(u: torch.Tensor, w: torch.Tensor, total: int) -> tuple[in
     val[ok] = cu[k1[ok]].cpu() * cw[k2[ok]].cpu()
     best = int(torch.argmax(val))  # first maximum
     return best, total - best
+
+
+def block_order(per_unit: list, n_newlines: int, unit_pos: torch.Tensor | None, patch: torch.Tensor,
+                mode: str = "unit") -> torch.Tensor | None:
+    """Output permutation for a multi-unit selection whose outputs are laid out as
+    [dominant of unit 0, dominant of unit 1, ..., newlines][contextual of unit 0, unit 1, ...].
+
+    per_unit: [(unit, dominant token indices, contextual target indices)] in unit order.
+    mode ``unit``: per unit [dominant, contextual], units in order, newlines last.
+    ``spatial``: per unit, dominant and contextual tokens by source index (each merged token at its
+    target's place). ``grid_raster`` (VisionZip / VisionDrop LLaVA-NeXT re-assembly): units without a
+    grid position (the base crop) as in ``unit``; then the grid crops' dominant patches by their
+    row-major position on the full (rows x grid) x (cols x grid) patch grid; then those crops'
+    [CLS] tokens; then their contextual tokens. Returns None for the identity order.
+    """
+    n_keep = sum(int(d.numel()) for _, d, _ in per_unit) + n_newlines
+    seq = []  # (sort key, output slot)
+    grid = int(round((int(patch.max()) + 1) ** 0.5)) if patch.numel() and int(patch.max()) >= 0 else 1
+    k_off = t_off = 0
+    for u, d_u, t_u in per_unit:
+        d_slots = list(range(k_off, k_off + d_u.numel()))
+        t_slots = list(range(n_keep + t_off, n_keep + t_off + t_u.numel()))
+        k_off += d_u.numel()
+        t_off += t_u.numel()
+        if mode == "spatial":
+            src = torch.cat([d_u, t_u])
+            slots = d_slots + t_slots
+            for j in torch.argsort(src, stable=True).tolist():
+                seq.append(((0, u, int(src[j]), 0), slots[j]))
+        elif mode == "grid_raster" and unit_pos is not None and int(unit_pos[u, 0]) >= 0:
+            r, c = int(unit_pos[u, 0]), int(unit_pos[u, 1])
+            for t, slot in zip(d_u.tolist(), d_slots):
+                p = int(patch[t])
+                seq.append(((3, 0, 0, slot) if p < 0 else (2, r * grid + p // grid, c * grid + p % grid, 0), slot))
+            seq.extend(((4, u, slot, 0), slot) for slot in t_slots)
+        elif mode in ("unit", "grid_raster"):
+            seq.extend(((0, u, 0, slot), slot) for slot in d_slots)
+            seq.extend(((0, u, 1, slot), slot) for slot in t_slots)
+        else:
+            raise ValueError(f"order mode must be unit / spatial / grid_raster, got {mode!r}")
+    seq.extend(((5, i, 0, 0), slot) for i, slot in enumerate(range(k_off, k_off + n_newlines)))
+    seq.sort(key=lambda x: x[0])
+    order = torch.tensor([slot for _, slot in seq], dtype=torch.long)
+    return None if torch.equal(order, torch.arange(order.numel())) else order

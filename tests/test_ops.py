@@ -66,3 +66,21 @@ def test_best_product_split_worked_examples():
     assert best_product_split(torch.ones(2), torch.ones(2), 2) == (1, 1)
     # too few candidates: take everything
     assert best_product_split(torch.ones(1), torch.ones(1), 5) == (1, 1)
+
+
+def test_block_order_modes_by_hand():
+    from llava.ops import block_order
+
+    patch = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, -1])  # two 2x2 units (tokens 0-3, 4-7), a [CLS] extra 8
+    # unit 0: dominant [1, 3], contextual [0]; unit 1: dominant [8 (cls), 5], contextual [6]
+    per_unit = [(0, torch.tensor([1, 3]), torch.tensor([0])), (1, torch.tensor([8, 5]), torch.tensor([6]))]
+    # outputs: slots 0..3 = dominant [1, 3, 8, 5]; slots 4, 5 = contextual [0, 6]
+    assert block_order(per_unit, 0, None, patch, "unit").tolist() == [0, 1, 4, 2, 3, 5]
+    # spatial: unit 0 by source 0(c),1,3; unit 1 by source 5, 6(c), 8
+    assert block_order(per_unit, 0, None, patch, "spatial").tolist() == [4, 0, 1, 3, 5, 2]
+    # grid_raster: unit 0 is the base (pos -1); unit 1 sits at grid (0, 1) of a 1x2 crop grid:
+    # base [1, 3, ctx 0], then unit 1's patch 5 (global row 0, col 2 + 1 = 3), its [CLS], its contextual
+    pos = torch.tensor([[-1, -1], [0, 1]])
+    assert block_order(per_unit, 0, pos, patch, "grid_raster").tolist() == [0, 1, 4, 3, 2, 5]
+    # two newline tokens after the dominant ones (slots 4, 5; contextual now 6, 7) close the block
+    assert block_order(per_unit, 2, None, patch, "unit").tolist() == [0, 1, 6, 2, 3, 7, 4, 5]
