@@ -90,3 +90,39 @@ def test_next_unit_positions_and_per_crop_attention(runtimes):
     for u in range(5):
         s = sig.cls_attn[:, sig.unit_indices(u)].sum(1)
         assert bool((s < 1).all()) and bool((s > 0).all())
+
+
+def test_llm_stage_attention_rows_equal_eager_attention(runtimes):
+    """LLMSignals.attention(..., 'next') = layer K's attention, ('prev') = layer K-1's, of the stock model."""
+    rt = runtimes["llava"]
+    inputs = make_batch(rt, n=2)
+    seen = []
+
+    class Probe(Method):
+        name = "llm_probe"
+
+        @property
+        def llm_layers(self):
+            return (2,)
+
+        def select_llm(self, stage, sig):
+            seen.append((sig.attention("visual", "next"), sig.attention("last", "prev"), sig.visual))
+            return Selection(keep=torch.arange(sig.num_visual))
+
+    attach(rt.model, Probe(), prompt_spec=rt.prompt_spec())
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.model._pruning_engine.remove()
+    rt.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = rt.model(**inputs, output_attentions=True).attentions
+    finally:
+        rt.model.set_attn_implementation("sdpa")
+    for b in range(2):
+        real = torch.nonzero(inputs["attention_mask"][b]).flatten()
+        nxt, prev, vis = seen[b]
+        ref2 = att[2][b][:, real][:, :, real]
+        ref1 = att[1][b][:, real][:, :, real]
+        torch.testing.assert_close(nxt, ref2[:, vis].float(), atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(prev, ref1[:, -1:].float(), atol=2e-6, rtol=1e-4)

@@ -1,0 +1,169 @@
+"""VisionDrop (arXiv 2506.22283, AAAI 2026): visual-only, progressive dominant-token selection with
+contextual merging, in the vision encoder and inside the LLM.
+
+Follows the official code (Ruixxxx/VisionDrop: the encoder stage is VisionZip's code, the LLM stage
+a modified PyramidDrop LlamaModel; methods.md section 2.3):
+
+stage 0 (CLIP select layer, per image / crop / frame):
+    a_j = sum_h A_h[CLS, j];  dominant = [CLS] + top-(D0 - 1) patches by a (index order, [CLS] first)
+    the rest -> C0 contextual tokens: uniform targets over the remaining list, each other token to
+    its most cosine-similar target by head-mean CLIP keys, contextual = x_target + mean(x_assigned)
+stage s = 1..3 (before decoder layers 8 / 16 / 24, prefill only):
+    S(j) = mean_h mean_{i in visual} softmax(q_i k^T)_j  with the next layer's norm + q/k + RoPE
+    dominant = top-D_s visual tokens by S (current order); the rest merged into C_s tokens with the
+    same rule, metric = RoPE-rotated head-mean keys of that layer, merged vectors = hidden states;
+    positions re-indexed contiguously.
+
+``budget`` = the average visual tokens over the LLM's layers (the paper's "average token retention")
+per image (LLaVA-1.5), per crop (LLaVA-NeXT) or per frame (Video-LLaVA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import block_order, contextual_merge, scale_layers, topk_desc
+
+#: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
+#: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
+OFFICIAL_32 = ((42, 6), (30, 5), (22, 4), (16, 3))
+LAYERS_32 = (8, 16, 24)
+
+
+def _round(x: float) -> int:
+    return int(x + 0.5)
+
+
+def image_schedule(budget: int) -> tuple[tuple[int, int], ...]:
+    """Per image / crop: the official 32-token schedule scaled linearly by budget / 32 (exact for
+    64 / 128 / 192: 84+12, 60+10, 44+8, 32+6 ...; our design beyond 32, methods.md 2.5)."""
+    f = budget / 32
+    return tuple((_round(d * f), _round(c * f)) for d, c in OFFICIAL_32)
+
+
+def video_schedule(per_frame: int, frames: int = 8) -> tuple[tuple[int, int], ...]:
+    """Video-LLaVA (our design, methods.md 2.5): stage 0 keeps 3a per frame; the LLM stages act on
+    all frames together with totals ~ frames x (a/2, 0.3 a, 0.2 a) rounded to multiples of
+    ``frames`` so that the four stage groups average exactly a per frame; contextual share 1/8.
+    Returns stage 0 per frame, then the totals after each LLM stage."""
+    a = per_frame
+    s0 = 3 * a
+    t1 = frames * _round(a / 2)
+    t2 = frames * _round(0.3 * a)
+    t3 = 4 * frames * a - frames * s0 - t1 - t2
+    if t3 <= 0:
+        raise ValueError(f"visiondrop: per-frame budget {a} too small for the video schedule")
+    split = lambda t: (t - max(1, _round(t / 8)), max(1, _round(t / 8)))  # noqa: E731
+    return (split(s0),) + tuple(split(t) for t in (t1, t2, t3))
+
+
+def stage0_unit(a: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, cls_idx: torch.Tensor, dominant: int,
+                contextual: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One unit of the encoder stage. a: (n,) [CLS] attention; cand: the unit's patch indices;
+    cls_idx: its [CLS] index ((1,) or empty). Returns (dominant [CLS first, then ascending], targets,
+    assign over n)."""
+    top = cand[topk_desc(a[cand], max(0, dominant - cls_idx.numel()))].sort().values
+    dom = torch.cat([cls_idx, top])
+    rest = cand[~torch.isin(cand, dom)]
+    targets, assign = contextual_merge(keys, rest, contextual, n)
+    return dom, targets, assign
+
+
+def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int) -> Selection:
+    """One LLM stage over the Nv current visual tokens: top-``dominant`` by score kept in current
+    order, the rest merged into ``contextual`` tokens by key similarity (target + mean)."""
+    n = score.numel()
+    keep = topk_desc(score, dominant).sort().values
+    rest = torch.arange(n)[~torch.isin(torch.arange(n), keep)]
+    targets, assign = contextual_merge(keys, rest, contextual, n)
+    if targets.numel() == 0:
+        return Selection(keep=keep)
+    return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean")
+
+
+@register
+class VisionDrop(Method):
+    """VisionDrop. ``budget``: average visual tokens over the LLM layers per image / crop / frame."""
+
+    name = "visiondrop"
+    vision_stage = True
+    needs_vision_attention = True
+    position_mode = "reindex"
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            "position_mode": "reindex",
+            "layer_list": LAYERS_32,  # stated for 32-layer LLMs; scaled to other depths
+            "schedule": None,  # explicit ((D0, C0), (D1, C1), (D2, C2), (D3, C3)) per image / crop
+            "cls_token": True,  # official: the [CLS] is one of the stage-0 dominant tokens and enters the LLM
+            "encoder_head_agg": "sum",  # official: heads summed (same ranking as mean)
+            "merge": True,  # False: pure selection at every stage (ablation; contextual slots go to dominant)
+            "next_order": "grid_raster",  # official NeXT re-assembly; "unit" = per crop [dominant, contextual]
+            "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newlines at stage 0 (official runs 'spatial')
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is None:
+            raise ValueError("visiondrop: a budget (average tokens per image / crop / frame) is required")
+        super().__init__(budget, **options)
+        if self.schedule is not None and len(self.schedule) != len(self.layer_list) + 1:
+            raise ValueError("visiondrop: schedule needs one (D, C) pair per stage (encoder + each LLM layer)")
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        self._layers = scale_layers(self.layer_list, num_layers)
+        self.include_cls_candidates = bool(self.cls_token) and family != "video_llava"
+        if family == "video_llava" and self.schedule is None:
+            self._sched, self._video = video_schedule(self.budget), True
+        else:
+            self._sched, self._video = (tuple(self.schedule) if self.schedule else image_schedule(self.budget)), False
+        if not self.merge:
+            self._sched = tuple((d + c, 0) for d, c in self._sched)
+
+    @property
+    def llm_layers(self):
+        return self._layers
+
+    def stage_counts(self, n_units: int) -> list[tuple[int, int]]:
+        """(D, C) for the whole sample at each LLM stage (stage 0 is per unit)."""
+        return [s if self._video else (s[0] * n_units, s[1] * n_units) for s in self._sched[1:]]
+
+    def select_vision(self, sig):
+        n = sig.num_tokens
+        d0, c0 = self._sched[0]
+        if all(d0 + c0 >= int((sig.unit_indices(u) < sig.num_stock).sum()) for u in range(sig.num_units)):
+            return Selection(keep=torch.arange(sig.num_stock))  # every unit fits: unpruned entry
+        ca = sig.cls_attn.float()
+        a = ca.sum(0) if self.encoder_head_agg == "sum" else ca.mean(0)
+        per_unit, assign, n_tgt = [], torch.full((n,), -1, dtype=torch.long), 0
+        for u in range(sig.num_units):
+            idx = sig.unit_indices(u)
+            cls_idx = idx[sig.patch[idx] < 0] if self.cls_token else idx[:0]
+            cand = idx[(sig.patch[idx] >= 0) & (idx < sig.num_stock)]
+            dom, tg, asg = stage0_unit(a, sig.keys, cand, cls_idx, d0, c0, n)
+            assign[asg >= 0] = asg[asg >= 0] + n_tgt
+            n_tgt += tg.numel()
+            per_unit.append((u, dom, tg))
+        keep = torch.cat([d for _, d, _ in per_unit])
+        targets = torch.cat([t for _, _, t in per_unit])
+        newlines = torch.nonzero(sig.is_newline).flatten() if self.keep_newlines else keep[:0]
+        keep = torch.cat([keep, newlines])
+        mode = "grid_raster" if self.next_order == "grid_raster" else "unit"
+        order = block_order(per_unit, int(newlines.numel()), sig.unit_pos, sig.patch, mode)
+        if targets.numel() == 0:
+            return Selection(keep=keep, order=order)
+        return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean", space="vision",
+                         order=order)
+
+    def select_llm(self, stage, sig):
+        n_units = sig.vision.num_units if sig.vision is not None else 1
+        d, c = self.stage_counts(n_units)[stage]
+        if sig.num_visual <= d + c:
+            return Selection(keep=torch.arange(sig.num_visual))
+        p = sig.attention("visual", layer="next")[:, :, sig.visual]  # (H, Nv, Nv): visual queries -> visual keys
+        score = p.mean(0).mean(0)
+        keys = sig.keys("next", rope=True)[sig.visual].float().mean(1)  # (Nv, d) head-mean, rotated
+        return llm_stage_select(score, keys, d, c)
