@@ -1,0 +1,518 @@
+"""Efficiency benchmark: TTFT (with its vision / selection / LLM breakdown), decode time per token,
+KV-cache bytes, peak memory and analytic prefill FLOPs, for the unpruned model and methods x budgets
+in one run (protocol: shared/reference/efficiency.md).
+
+    python -m eval.efficiency --model shape:llava-1.5-7b --dtype float16 --device cuda \
+        --methods none consensusdrop visiondrop attnmix fastv --budgets 192 128 64 --n 200 --batch 1 8
+
+Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the environment, the cost model
+and the bar checks), ``efficiency.md`` (the efficiency.md section 7 table) and ``efficiency.png``
+(TTFT and KV vs visual tokens per method).
+
+Cost model for the speed-up bar (stated in every output): the LLM prefill time of the *unpruned* model
+is measured on text-only inputs over a sweep of sequence lengths n and fitted with a roofline
+``T(n) = max(T_floor, a + k F(n))`` (F = convention-B MACs; the floor is the weight-read-bound regime,
+the linear part the FLOPs-bound one). A method's predicted TTFT = its measured vision + selection time
++ sum over layers of T(n_l) / L at its actual per-layer lengths n_l.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# ------------------------------------------------------------------------------------------------
+# analytic formulas (efficiency.md sections 4-5)
+# ------------------------------------------------------------------------------------------------
+
+
+def layer_macs(n: int, d: int, m: int, convention: str) -> float:
+    """Multiply-accumulates of one decoder layer at sequence length n. A (FastV / DivPrune):
+    4nd^2 + 2n^2d + 2ndm; B (SparseVLM, exact for LLaMA's 3-matrix SwiGLU): 4nd^2 + 2n^2d + 3ndm."""
+    ffn = {"A": 2, "B": 3}[convention]
+    return 4 * n * d * d + 2 * n * n * d + ffn * n * d * m
+
+
+def prefill_macs(lengths: list[int], d: int, m: int, convention: str) -> float:
+    """LLM prefill MACs for the per-layer sequence lengths (vision tower, projector, LM head excluded)."""
+    return float(sum(layer_macs(n, d, m, convention) for n in lengths))
+
+
+def kv_bytes_per_token(cfg) -> int:
+    tc = cfg.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim
+
+
+def cache_bytes(cache) -> tuple[int, list[int]]:
+    """Bytes of all key and value tensors of a transformers cache, and each layer's length."""
+    total, lengths = 0, []
+    for layer in cache.layers:
+        total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        lengths.append(int(layer.keys.shape[-2]))
+    return total, lengths
+
+
+# ------------------------------------------------------------------------------------------------
+# roofline cost model
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Roofline:
+    """T(n) = max(floor, a + k F(n)) for one full-LLM prefill of length n (seconds)."""
+
+    floor: float
+    a: float
+    k: float
+    d: int
+    m: int
+    layers: int
+    points: list = field(default_factory=list)  # measured (n, seconds)
+
+    def full(self, n: int) -> float:
+        return max(self.floor, self.a + self.k * prefill_macs([n] * self.layers, self.d, self.m, "B"))
+
+    def per_layer(self, lengths: list[int]) -> float:
+        """Predicted prefill time for per-layer lengths: each layer costs T(n_l) / L."""
+        return sum(self.full(n) for n in lengths) / self.layers
+
+    def ridge(self) -> float | None:
+        """Sequence length where the FLOPs-bound line crosses the weight-read floor (None if no floor)."""
+        if self.floor <= self.a or self.k <= 0:
+            return None
+        lo, hi = 1, 1 << 20
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.a + self.k * prefill_macs([mid] * self.layers, self.d, self.m, "B") >= self.floor:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def describe(self) -> str:
+        r = self.ridge()
+        regime = (f"weight-read-bound below n = {r} tokens, FLOPs-bound above" if r
+                  else "FLOPs-bound over the whole measured range")
+        return (f"T(n) = max({self.floor * 1e3:.3f} ms, {self.a * 1e3:.3f} ms + {self.k * 1e15:.4f} ms/TMAC x F_B(n)); "
+                f"{regime}")
+
+
+def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int) -> Roofline:
+    """Least-squares fit of T(n) = max(floor, a + k F(n)) over every split of the sorted sweep."""
+    pts = sorted(points)
+    f = [prefill_macs([n] * layers, d, m, "B") for n, _ in pts]
+    t = [s for _, s in pts]
+    best = None
+    for split in range(0, len(pts) - 1):  # points[:split] on the floor, the rest on the line (>= 2 points)
+        xs, ys = f[split:], t[split:]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+        k = max(k, 0.0)
+        a = my - k * mx
+        floor = sum(t[:split]) / split if split else 0.0
+        model = Roofline(floor, a, k, d, m, layers)
+        sse = sum((model.full(n) - s) ** 2 for n, s in pts)
+        if best is None or sse < best[0]:
+            best = (sse, model)
+    model = best[1]
+    model.points = [list(p) for p in pts]
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    i = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
+    return xs[i]
+
+
+def summary(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {}
+    return {"median": statistics.median(xs), "p90": _pct(xs, 0.9), "mean": statistics.fmean(xs),
+            "std": statistics.pstdev(xs), "n": len(xs)}
+
+
+def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int]):
+    """A fixed list of (question, image or video frames): seeded random pictures and questions of
+    ``text_words`` words (the same list for every method and budget)."""
+    import numpy as np
+    from PIL import Image
+
+    from llava.tiny_tokenizer import BASE_WORDS
+
+    rng = np.random.RandomState(seed)
+    words = [w for w in BASE_WORDS if w.isalpha()]
+    items = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, size=text_words)) + "?"
+        h, w = image_hw
+        img = Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
+        if rt.family == "video_llava":
+            items.append((q, [img] * rt.processor.num_frames))
+        else:
+            items.append((q, img))
+    return items
+
+
+def build_batch(rt, items, device):
+    qs = [q for q, _ in items]
+    if rt.family == "video_llava":
+        return rt.processor(qs, videos=[v for _, v in items], device=device)
+    return rt.processor(qs, [im for _, im in items], device=device)
+
+
+def prefill_once(rt, batch, device):
+    """One TTFT measurement: prefill keeping the last-position logits, greedy pick on the host."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = rt.model(**batch, use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].argmax(-1).cpu()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def generate_time(rt, batch, device, new_tokens: int) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        rt.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def llm_sweep(rt, lengths: list[int], device, repeats: int = 3) -> list[tuple[int, float]]:
+    """Unpruned LLM prefill time (decoder + norm + last-position head) on text-only inputs of length n."""
+    lm, head = rt.model.model.language_model, rt.model.lm_head
+    emb = lm.embed_tokens.weight
+    pts = []
+    for n in lengths:
+        x = emb[torch.randint(0, emb.shape[0], (1, n), generator=torch.Generator().manual_seed(n)).to(emb.device)]
+        times = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                h = lm(inputs_embeds=x, use_cache=False).last_hidden_state
+                head(h[:, -1:]).argmax(-1).cpu()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        pts.append((n, statistics.median(times[1:])))  # first run = warm-up for the shape
+    return pts
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'name' or 'name:key=value,key=value' (values parsed as JSON when possible)."""
+    if ":" not in spec:
+        return spec, {}
+    name, rest = spec.split(":", 1)
+    opts = {}
+    for kv in rest.split(","):
+        k, v = kv.split("=", 1)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return name, opts
+
+
+def environment(rt, device, dtype) -> dict:
+    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "dtype": str(dtype), "device": str(device),
+           "llm_attention": rt.model.config.text_config._attn_implementation,
+           "vision_attention": rt.model.config.vision_config._attn_implementation, "model": rt.name}
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
+    """All measurements for one method x budget."""
+    eng = rt.prune(method, budget, **opts)
+    tc = rt.model.config.text_config
+    d, m, L = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+    per_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8
+    batch1 = [build_batch(rt, [it], device) for it in items]
+    for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
+        prefill_once(rt, b, device)
+    rec = []
+    for b in batch1:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ttft, out = prefill_once(rt, b, device)
+        st = eng.stats
+        kv, lens = cache_bytes(out.past_key_values)
+        s = st.samples[0]
+        text_tokens = int(b["attention_mask"].sum()) - s.visual_candidates
+        analytic_lens = [text_tokens + v for v in s.visual_per_layer]
+        rec.append({
+            "ttft": ttft, **{f"t_{k}": v for k, v in st.timings.items()},
+            "visual_candidates": s.visual_candidates, "visual_entering_llm": s.visual_entering_llm,
+            "visual_layer_avg": s.visual_layer_avg, "layer_lengths": lens,
+            "kv_bytes": kv, "kv_bytes_analytic": per_tok * sum(analytic_lens) // L,
+            "macs_A": prefill_macs(lens, d, m, "A"), "macs_B": prefill_macs(lens, d, m, "B"),
+            "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        })
+        del out
+    res = {"method": method, "budget": budget, "options": opts, "config": eng.method.config(), "records": rec}
+    for key in ("ttft", "t_vision", "t_selection", "t_llm"):
+        res[key] = summary([r[key] for r in rec])
+    for key in ("visual_entering_llm", "visual_layer_avg", "kv_bytes", "kv_bytes_analytic", "macs_A", "macs_B"):
+        res[key] = statistics.fmean(r[key] for r in rec)
+    res["kv_match"] = all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rec)
+    res["peak_bytes"] = max((r["peak_bytes"] or 0) for r in rec) or None
+    # decode time per output token, forced length
+    dec = []
+    for b in batch1[: cfg.decode_samples]:
+        if cfg.decode_tokens > 1:
+            t1 = generate_time(rt, b, device, 1)
+            tn = generate_time(rt, b, device, cfg.decode_tokens)
+            dec.append((tn - t1) / (cfg.decode_tokens - 1))
+    res["tpot"] = summary(dec)
+    # batch B
+    res["batched"] = {}
+    for bs in cfg.batch_sizes:
+        if bs == 1:
+            continue
+        groups = [items[i:i + bs] for i in range(0, len(items) - bs + 1, bs)] or [items[:bs]]
+        bb = [build_batch(rt, g, device) for g in groups]
+        prefill_once(rt, bb[0], device)
+        times = [prefill_once(rt, b, device)[0] for b in bb]
+        med = statistics.median(times)
+        res["batched"][str(bs)] = {"ttft": summary(times), "samples_per_s": bs / med, "n_batches": len(bb)}
+    rt.unprune()
+    return res
+
+
+def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedup_tol=0.10, speedup_budget=64) -> list[dict]:
+    """The issue's performance bars: selection overhead <= 3% of the unpruned TTFT; TTFT speed-up at
+    the 64-token budget within 10% of the cost model's prediction; measured KV bytes == analytic."""
+    base = next(r for r in results if r["method"] == "none")
+    t_base = base["ttft"]["median"]
+    bars = []
+    for r in results:
+        if r["method"] == "none":
+            continue
+        tag = {"method": r["method"], "budget": r["budget"]}
+        sel = r["t_selection"]["median"]
+        bars.append({**tag, "bar": "selection overhead <= 3% of unpruned TTFT", "value": sel / t_base,
+                     "limit": overhead_limit, "pass": sel / t_base <= overhead_limit})
+        bars.append({**tag, "bar": "measured KV bytes == analytic", "value": r["kv_bytes"],
+                     "limit": r["kv_bytes_analytic"], "pass": r["kv_match"]})
+        if r["budget"] == speedup_budget:
+            pred = statistics.fmean(
+                rec["t_vision"] + rec["t_selection"] + model.per_layer(rec["layer_lengths"]) for rec in r["records"])
+            measured = t_base / r["ttft"]["median"]
+            predicted = t_base / pred
+            bars.append({**tag, "bar": "TTFT speed-up within 10% of the cost model", "value": measured,
+                         "limit": predicted, "pass": abs(measured / predicted - 1) <= speedup_tol,
+                         "note": f"measured {measured:.2f}x vs predicted {predicted:.2f}x"})
+    return bars
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    env, rows, model = report["environment"], report["results"], report["cost_model"]
+    base = next(r for r in rows if r["method"] == "none")
+    t_base = base["ttft"]["median"]
+    bs = [k for k in base["batched"]]
+    out = [f"# Efficiency: {env['model']}", "",
+           f"Device: {env.get('gpu') or env.get('cpu')} ({env['device']}); dtype {env['dtype']}; LLM attention "
+           f"{env['llm_attention']}, vision tower {env['vision_attention']}; torch {env['torch']}, transformers "
+           f"{env['transformers']}; {env['date']}. N = {report['config']['n']} inputs (seeded random images, "
+           f"{report['config']['text_words']}-word questions), warm-up {report['config']['warmup']}, "
+           f"TPOT over {report['config']['decode_tokens']} forced tokens. FLOPs in T MAC (x2 for FLOPs), LLM "
+           "prefill only, at the measured per-layer lengths; A = 4nd^2+2n^2d+2ndm, B = 4nd^2+2n^2d+3ndm.", "",
+           f"Cost model: {model['description']}", "",
+           "| Method | Budget | tok-in / tok-eq | TTFT b1 median / p90 (ms) | vision / select / LLM (ms) | "
+           + " | ".join(f"TTFT b{b} (ms), samples/s" for b in bs)
+           + " | TPOT (ms) | KV (MiB) | Peak (GiB) | FLOPs A / B (T MAC) | Speed-up b1 |",
+           "|---|---|---|---|---|" + "---|" * len(bs) + "---|---|---|---|---|"]
+    for r in rows:
+        ms = lambda s: f"{s['median'] * 1e3:.1f}" if s else "-"  # noqa: E731
+        bcols = [f"{r['batched'][b]['ttft']['median'] * 1e3:.1f}, {r['batched'][b]['samples_per_s']:.1f}"
+                 if b in r["batched"] else "-" for b in bs]
+        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
+        out.append(
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | "
+            f"{r['visual_entering_llm']:.0f} / {r['visual_layer_avg']:.1f} | {ms(r['ttft'])} / "
+            f"{r['ttft']['p90'] * 1e3:.1f} | {ms(r['t_vision'])} / {ms(r['t_selection'])} / {ms(r['t_llm'])} | "
+            + " | ".join(bcols)
+            + f" | {ms(r['tpot'])} | {r['kv_bytes'] / 2**20:.2f} | {peak} | {r['macs_A'] / 1e12:.3g} / "
+            f"{r['macs_B'] / 1e12:.3g} | {t_base / r['ttft']['median']:.2f}x |")
+    out += ["", "## Bars", "", "| Method | Budget | Bar | Value | Limit | Pass |", "|---|---|---|---|---|---|"]
+    for b in report["bars"]:
+        v = b["value"]
+        fmt = (lambda x: f"{x:.3f}") if isinstance(v, float) else str
+        out.append(f"| {b['method']} | {b['budget']} | {b['bar']} | {fmt(v)} | {fmt(b['limit'])} | "
+                   f"{'yes' if b['pass'] else '**no**'} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    by = {}
+    for r in report["results"]:
+        by.setdefault(r["method"], []).append(r)
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["visual_layer_avg"])
+        x = [r["visual_layer_avg"] for r in rs]
+        ax[0].plot(x, [r["ttft"]["median"] * 1e3 for r in rs], "o-", label=name)
+        ax[1].plot(x, [r["kv_bytes"] / 2**20 for r in rs], "o-", label=name)
+    ax[0].set(xlabel="visual tokens (layer average)", ylabel="TTFT median, batch 1 (ms)")
+    ax[1].set(xlabel="visual tokens (layer average)", ylabel="KV cache (MiB)")
+    ax[0].legend(fontsize=7)
+    fig.suptitle(f"{report['environment']['model']} on {report['environment'].get('gpu') or 'CPU'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_wandb(report: dict, enabled: bool) -> None:
+    """Best effort: never fails the run."""
+    if not enabled or os.environ.get("WANDB_MODE") == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vtprune-efficiency"), config=report["config"],
+                         job_type="efficiency", settings=wandb.Settings(init_timeout=30))
+        table = wandb.Table(columns=["method", "budget", "tok_in", "tok_eq", "ttft_ms", "kv_mib", "macs_B"])
+        for r in report["results"]:
+            table.add_data(r["method"], r["budget"], r["visual_entering_llm"], r["visual_layer_avg"],
+                           r["ttft"]["median"] * 1e3, r["kv_bytes"] / 2**20, r["macs_B"])
+        run.log({"efficiency": table})
+        run.finish()
+    except Exception as e:  # noqa: BLE001 - logging must never fail the benchmark
+        print(f"[wandb] skipped: {e}", file=sys.stderr)
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny:llava"
+    dtype: str | None = None
+    device: str | None = None
+    methods: list = field(default_factory=lambda: ["none"])
+    budgets: list = field(default_factory=lambda: [192, 128, 64])
+    n: int = 20
+    warmup: int = 3
+    batch_sizes: list = field(default_factory=lambda: [1])
+    decode_tokens: int = 16
+    decode_samples: int = 3
+    text_words: int = 12
+    image_hw: tuple = (336, 336)
+    next_layout: str = "spatial"
+    sweep: list = field(default_factory=list)  # sequence lengths for the cost model; default from inputs
+    seed: int = 0
+    out: str = "docs/results/efficiency"
+    wandb: bool = False
+    threads: int | None = None
+
+
+def run(cfg: BenchConfig) -> dict:
+    from llava.models import load
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout)
+    device = next(rt.model.parameters()).device
+    items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, tuple(cfg.image_hw))
+    results = [measure(rt, "none", None, {}, items, cfg, device)]
+    for spec in cfg.methods:
+        name, opts = parse_method(spec)
+        if name == "none":
+            continue
+        for b in cfg.budgets:
+            results.append(measure(rt, name, b, opts, items, cfg, device))
+    full = int(results[0]["records"][0]["layer_lengths"][0])
+    tc = rt.model.config.text_config
+    lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})
+    model = fit_roofline(llm_sweep(rt, lengths, device), tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
+    report = {"config": {**asdict(cfg), "image_hw": list(cfg.image_hw)}, "environment": environment(rt, device, rt.model.dtype),
+              "cost_model": {"description": model.describe(), "floor_s": model.floor, "a_s": model.a,
+                             "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
+                             "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
+              "results": results}
+    report["bars"] = check_bars(results, model)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "efficiency.md").write_text(markdown(report))
+    try:
+        plot(report, out / "efficiency.png")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    log_wandb(report, cfg.wandb)
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.efficiency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = BenchConfig()
+    ap.add_argument("--model", default=d.model)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--methods", nargs="+", default=d.methods, help="names, or name:key=value,... for options")
+    ap.add_argument("--budgets", nargs="+", type=int, default=d.budgets)
+    ap.add_argument("--n", type=int, default=d.n)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--batch", nargs="+", type=int, default=d.batch_sizes, dest="batch_sizes")
+    ap.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    ap.add_argument("--decode-samples", type=int, default=d.decode_samples)
+    ap.add_argument("--text-words", type=int, default=d.text_words)
+    ap.add_argument("--image-hw", nargs=2, type=int, default=list(d.image_hw))
+    ap.add_argument("--next-layout", default=d.next_layout, choices=["spatial", "spatial_unpad"])
+    ap.add_argument("--sweep", nargs="*", type=int, default=[])
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--wandb", action="store_true", help="log to W&B (honours WANDB_MODE)")
+    a = ap.parse_args(argv)
+    cfg = BenchConfig(**{k: v for k, v in vars(a).items()})
+    report = run(cfg)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

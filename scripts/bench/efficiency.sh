@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Efficiency table (TTFT + breakdown, TPOT, KV bytes, peak memory, FLOPs) for the unpruned model and
+# methods x budgets, in one run. Usage: bash scripts/bench/efficiency.sh [model] [out_dir]
+#   model: shape:llava-1.5-7b (real architecture, random weights; default), shape:llava-next-7b,
+#          a hub id / local checkpoint, or tiny:llava for a quick CPU smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MODEL=${1:-shape:llava-1.5-7b}
+OUT=${2:-docs/results/efficiency/$(echo "$MODEL" | tr ':/' '__')}
+DTYPE=${DTYPE:-float16}
+DEVICE=${DEVICE:-cuda}
+METHODS=${METHODS:-"none consensusdrop visiondrop attnmix fastv pdrop sparsevlm visionzip fastervlm divprune dart random"}
+BUDGETS=${BUDGETS:-"192 128 64"}
+N=${N:-200}
+WARMUP=${WARMUP:-10}
+BATCH=${BATCH:-"1 8"}
+DECODE_TOKENS=${DECODE_TOKENS:-128}
+NEXT_LAYOUT=${NEXT_LAYOUT:-spatial}
+python -m eval.efficiency --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" --methods $METHODS \
+  --budgets $BUDGETS --n "$N" --warmup "$WARMUP" --batch $BATCH --decode-tokens "$DECODE_TOKENS" \
+  --next-layout "$NEXT_LAYOUT" --out "$OUT" ${WANDB:+--wandb}
