@@ -238,10 +238,12 @@ class PruningEngine:
                                                                        use_cache, info, **kwargs)
             t2 = timer.now()
             self.prefills += 1
+            # vision = tower + projector + splice; selection = signals, the method, re-splicing / re-padding
+            # and the in-LLM stages' scoring; llm = the decoder layers (+ norm). They sum to prefill_total.
             self.stats = PrefillStats(
                 samples=[SampleStats(info["candidates"][b], per_layer[b], info["noop"][b]) for b in range(len(per_layer))],
                 seq_len_per_layer=seq_lens,
-                timings={"vision": info["t_vision"], "selection": info["t_select"] + sel_time,
+                timings={"vision": info["t_vision"], "selection": (t1 - t0 - info["t_vision"]) + sel_time,
                          "llm": (t2 - t1) - sel_time, "prefill_total": t2 - t0},
             )
         else:
@@ -454,8 +456,13 @@ class PruningEngine:
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_visual)
         candidates, noop, per_sample = [], [], []
         grid = self._grid()
+        need_signals = method.vision_stage or method.needs_vision_attention
         for b in range(B):
             vis_pos = torch.nonzero(is_visual[b] & valid[b]).flatten()
+            if not need_signals:  # e.g. the unpruned model or an llm-stage-only method: counts suffice
+                candidates.append(int(vis_pos.numel()))
+                per_sample.append((vis_pos, None))
+                continue
             src = token_src[b, vis_pos]
             unit = table["unit"][src]
             # renumber units 0..U-1 per sample in prompt order (newline stays -1)
@@ -493,7 +500,6 @@ class PruningEngine:
             candidates.append(int(vis_pos.numel()))
             per_sample.append((vis_pos, sig))
         self._vision_sigs = [sig for _, sig in per_sample]
-        sel_t0 = timer.now()
         selections = []
         for b, (vis_pos, sig) in enumerate(per_sample):
             sel = self._select(("vision", b), lambda: method.select_vision(sig)) if method.vision_stage else None
@@ -504,9 +510,8 @@ class PruningEngine:
         if method.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
-        sel_t1 = timer.now()
         self.sample_keys = None
-        info = {"candidates": candidates, "noop": noop, "t_vision": t1 - t0, "t_select": sel_t1 - sel_t0}
+        info = {"candidates": candidates, "noop": noop, "t_vision": t1 - t0}
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
             info["visual"] = [vp for vp, _ in per_sample]
             info["origin"] = [torch.arange(vp.numel(), device=vp.device) for vp, _ in per_sample]
