@@ -60,7 +60,13 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
     for i, idx in enumerate(units):
         top = topk_desc(a[idx], 2 * k)
         l_c_val.append(a[idx][top])
-        l_c.append(top + i if crop_offset_bug else idx[top])
+        if crop_offset_bug:  # crop-major index (local + i) instead of (local + i * unit size)
+            g = top + i
+            size = units[0].numel()
+            top = torch.stack([units[int(x) // size][int(x) % size] for x in g]) if g.numel() else g
+            l_c.append(top)
+        else:
+            l_c.append(idx[top])
     l_c = torch.cat(l_c) if l_c else cand.new_zeros(0)
     l_c_val = torch.cat(l_c_val) if l_c_val else a.new_zeros(0)
     if variant == "t2i":
@@ -123,7 +129,9 @@ class AttnMix(Method):
             raise ValueError("attnmix: text_queries must be 'all' or 'question'")
 
     def select_vision(self, sig):
-        units = [sig.unit_indices(u) for u in range(sig.num_units)]
+        # each unit's tokens in its own patch order (the NeXT 'spatial' layout interleaves grid crops)
+        units = [idx[torch.argsort(sig.patch[idx], stable=True)]
+                 for idx in (sig.unit_indices(u) for u in range(sig.num_units))]
         n_cand = sum(int(u.numel()) for u in units)
         if self.budget >= n_cand:
             keep = torch.arange(sig.num_tokens)

@@ -895,21 +895,24 @@ def next_token_layout(image_size, config, num_crops: int, tokens_per_crop: int, 
     """For one LLaVA-NeXT image: the source of each LLM-input token as an index into the image's
     crop-major token list (crop * tokens_per_crop + patch), or -1 for an ``image_newline`` token.
 
-    ``spatial``: base crop then each grid crop, all tokens (exactly crops * tokens_per_crop).
+    ``spatial`` (LLaVA's ``mm_patch_merge_type = spatial``): the base crop, then the grid crops'
+    tokens in row-major order over the full (rows x side) x (cols x side) patch grid; exactly
+    crops * tokens_per_crop tokens, no newlines.
     ``spatial_unpad``: transformers' packing (base crop, then the grid re-assembled, unpadded,
     with one newline per row) - computed with transformers' own unpad function on index maps.
     """
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-    if layout == "spatial":
-        return torch.arange(num_crops * tokens_per_crop)
     side = int(round(tokens_per_crop ** 0.5))
     if side * side != tokens_per_crop:
-        raise ValueError("spatial_unpad needs a square patch grid per crop")
+        raise ValueError("LLaVA-NeXT layouts need a square patch grid per crop")
     base = torch.arange(tokens_per_crop)
     if num_crops == 1:
-        return torch.cat([base, torch.tensor([-1])])
+        return base if layout == "spatial" else torch.cat([base, torch.tensor([-1])])
     gh, gw = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+    if layout == "spatial":  # (gh, gw, side, side) -> (gh, side, gw, side): full-grid raster
+        grid = torch.arange(tokens_per_crop, num_crops * tokens_per_crop).view(gh, gw, side, side)
+        return torch.cat([base, grid.permute(0, 2, 1, 3).flatten()])
     grid = torch.arange(tokens_per_crop, num_crops * tokens_per_crop, dtype=torch.float64)
     grid = grid.view(gh, gw, side, side, 1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (1, gh*side, gw*side)
     grid = unpad_image(grid, image_size)

@@ -226,3 +226,18 @@ def test_llm_signals_entry_embeddings_follow_the_tokens(runtimes):
     assert torch.equal(second.text_embeds, first.text_embeds)
     assert torch.allclose(second.final_norm(), rt.model.model.language_model.norm(second.hidden))
     assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 16 + 4
+
+
+def test_next_spatial_layout_is_llava_full_grid_raster():
+    """LLaVA's 'spatial' merge: base crop, then (rows, cols, h, w) permuted to (rows, h, cols, w)."""
+    from types import SimpleNamespace
+
+    from llava.engine import next_token_layout
+
+    cfg = SimpleNamespace(image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                          vision_config=SimpleNamespace(image_size=56))
+    # a 40x70 image -> 56x112 pinpoint: 1 row x 2 crops of 2x2 patches (4 tokens each), base first
+    idx = next_token_layout((40, 70), cfg, 3, 4, "spatial")
+    # base 0-3; crop 1 = tokens 4..7 (patches (0,0),(0,1),(1,0),(1,1)), crop 2 = 8..11.
+    # full grid row 0: crop1 p0, p1, crop2 p0, p1; row 1: crop1 p2, p3, crop2 p2, p3
+    assert idx.tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 6, 7, 10, 11]
