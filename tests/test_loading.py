@@ -31,7 +31,10 @@ def test_local_directory_roundtrip_is_bit_identical(rt, tmp_path):
 
 
 # public parameter counts of the HF checkpoints (model cards / safetensors index), +-0.5%
-EXPECTED_PARAMS = {"llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9, "llava-next-7b": 7.06e9, "video-llava-7b": 7.37e9}
+EXPECTED_PARAMS = {"llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9, "llava-next-7b": 7.06e9, "video-llava-7b": 7.37e9,
+                   # by hand: Llama 2*32064*1024 + 8*(4*1024^2 + 3*1024*2816 + 2*1024) + 1024 = 168,444,928;
+                   # CLIP 9,776,384 (patch/pos/class embeddings, 12 layers of 789,760, 2 LNs); projector 1,312,768
+                   "llava-1.5-cpu-small": 179_534_080 + 256}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
