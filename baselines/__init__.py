@@ -1,3 +1,5 @@
 """Baselines the seed papers compare against, each one module registered by name."""
 
 from . import random  # noqa: F401
+from . import visionzip, fastervlm, divprune  # noqa: F401,E401
+from . import fastv, pdrop, sparsevlm, dart  # noqa: F401,E401

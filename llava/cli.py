@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     sub.add_parser("demo", help="tiny-model demo over the three families")
     args = ap.parse_args(argv)
     if args.cmd == "methods":
-        from .method import available_methods, get_method
+        from .method import available_methods
 
         for name in available_methods():
             print(name)

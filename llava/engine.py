@@ -532,7 +532,6 @@ class PruningEngine:
             out_feats, out_src = self._materialize_vision(sig, sel)
             valid_pos = torch.nonzero(valid[b]).flatten()
             # place outputs in the placeholder run their source token belongs to
-            run_id = torch.zeros(L, dtype=torch.long, device=dev)
             is_vis = torch.zeros(L, dtype=torch.bool, device=dev)
             is_vis[vis_pos] = True
             starts = is_vis & ~torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), is_vis[:-1]])
@@ -543,8 +542,6 @@ class PruningEngine:
                 tok_run = torch.cat([tok_run, first_of_unit[sig.unit[sig.num_stock:]]])
             out_run = tok_run[out_src.to(dev)]
             pieces, ids, vis_new, org = [], [], [], []
-            cursor = 0
-            seq: list[torch.Tensor] = []
             new_len = 0
             for p in valid_pos.tolist():
                 if is_vis[p]:
@@ -702,6 +699,7 @@ class PruningEngine:
         origin = info["origin"]
         entry = [torch.arange(v.numel(), device=embeds.device) for v in visual]  # index at layer-0 entry
         self._entry = []  # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
+        self._llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
         for b in range(B):
             real = torch.nonzero(mask[b]).flatten() if mask is not None else torch.arange(L, device=embeds.device)
             last = int(visual[b].max()) if visual[b].numel() else -1
@@ -740,7 +738,6 @@ class PruningEngine:
         return lm.norm(h), seq_lens, per_layer, sel_time
 
     def _llm_stage(self, stage, layer_idx, h, prev_in, mask, pos, ids, visual, origin, entry):
-        lm = self.lm
         B, L, D = h.shape
         dev = h.device
         valid = mask.bool() if mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
@@ -824,7 +821,8 @@ class PruningEngine:
         vis_in, text_in = self._entry[b]
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
-                          text_embeds=text_in, vision=self._vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
+                          text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
+                          state=self._llm_state[b], vision=self._vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
                           _norm=lm.norm)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):

@@ -18,10 +18,9 @@ A method with no stage at all is the unpruned model.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .conversation import Template, get_template
-from .engine import PromptSpec, PruningEngine, attach, model_family
+from .engine import PromptSpec, PruningEngine, attach
 from .preprocess import PromptProcessor, llava_tokenize
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -113,6 +113,10 @@ class LLMSignals:
     visual_embeds: (Nv, D) each current visual token's input to decoder layer 0 (merged tokens:
                   their target's), e.g. SparseVLM's rater selection.
     text_embeds:  (len(text_after), D) the text-after tokens' inputs to decoder layer 0.
+    num_visual_entry: visual tokens of the sample entering decoder layer 0 (before any llm stage).
+    entry_visual_embeds: (num_visual_entry, D) all of them, as they entered layer 0.
+    state:        a per-sample dict that lives for one prefill, shared by the method's stages
+                  (e.g. SparseVLM's raters fixed at the first stage).
     """
 
     layer: int
@@ -124,6 +128,9 @@ class LLMSignals:
     question: torch.Tensor
     visual_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    num_visual_entry: int = 0
+    entry_visual_embeds: torch.Tensor | None = None
+    state: dict = field(default_factory=dict)
     #: the sample's vision-stage signals (with cls_attn / keys when the method sets
     #: ``needs_vision_attention``); ``origin`` indexes into them
     vision: "VisionSignals | None" = None

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import FAMILIES, rand_image
 
 from llava.cli import ask, main

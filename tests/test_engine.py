@@ -210,6 +210,7 @@ def test_llm_signals_entry_embeddings_follow_the_tokens(runtimes):
             return (1, 3)
 
         def select_llm(self, stage, sig):
+            sig.state.setdefault("stages", []).append(stage)  # per-sample scratch across stages
             seen.append(sig)
             return Selection(keep=torch.arange(1, sig.num_visual, 2))  # odd positions
 
@@ -224,6 +225,10 @@ def test_llm_signals_entry_embeddings_follow_the_tokens(runtimes):
     assert torch.equal(second.visual_embeds, first.visual_embeds[1::2])
     assert torch.equal(second.origin, torch.arange(1, 16, 2))
     assert torch.equal(second.text_embeds, first.text_embeds)
+    assert second.num_visual_entry == first.num_visual_entry == 16
+    assert torch.equal(second.entry_visual_embeds, first.visual_embeds)
+    assert second.state is first.state and first.state["stages"] == [0, 1]
+    assert seen[1].state is not first.state  # sample 1 has its own
     assert torch.allclose(second.final_norm(), rt.model.model.language_model.norm(second.hidden))
     assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 16 + 4
 

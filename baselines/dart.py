@@ -1,0 +1,157 @@
+"""DART: duplication-aware reduction of tokens (arXiv 2502.11494), methods.md section 10.
+
+Official code: ZichenWen1/DART, read from its public fork xqy1111111/DART -
+``llava/model/language_model/modeling_llama_self.py`` (``get_retained_image_token`` and the
+``DART_K_norm`` model's forward); the same function is in llmc's ``token_reduction/dart.py``, whose
+``get_any_states_hook`` takes the keys from layer K-1's KV cache (post-RoPE).
+
+Algorithm (before decoder layer K = 2, prefill only):
+
+1. pivots: the top-4 visual tokens and the top-4 text tokens after the image by the L1 norm of their
+   layer K-1 keys (heads concatenated, RoPE applied as in the KV cache);
+2. per-pivot budget t = floor(B / 8) (B = ``max_num_trunction``; the sample's budget);
+3. candidates = visual tokens that are not pivots; for each pivot in turn add the t candidates
+   **least** cosine-similar to it (hidden states output by layer K-1 passed through the LLM's final
+   RMSNorm) and remove them from the candidates;
+4. retained = visual pivots + all picks (text pivots are text: they stay anyway), sorted; the
+   sequence keeps its original position ids (``keep``).
+
+Actual count = 4 + 8 * floor(B / 8) (132 for B = 128), slightly above the nominal budget, as in the
+official code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import scale_layers, topk_desc
+
+from .fastv import equivalent_kept_count
+
+
+def dart_pivots(key_l1_visual: torch.Tensor, key_l1_text: torch.Tensor, num_image: int = 4,
+                num_text: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pivot indices (into the visual / text tokens), best first: the ``num_image`` visual and
+    ``num_text`` text tokens with the largest key L1 norms (ties: lower index; clipped to what exists)."""
+    return topk_desc(key_l1_visual, num_image), topk_desc(key_l1_text, num_text)
+
+
+def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, key_l1: torch.Tensor,
+                per_pivot: int, num_image: int = 4, num_text: int = 4, pivot_order: str = "index") -> torch.Tensor:
+    """DART's retained visual tokens, as ascending indices into ``visual``.
+
+    feats (S, D): final-normed hidden states after layer K-1; visual (N,) / text (T,): token indices
+    among the S tokens (text = the tokens after the image); key_l1 (S,): L1 norm of each token's
+    layer K-1 keys; per_pivot: t, candidates each pivot adds.
+
+    ``pivot_order`` - the order in which pivots pick (the official code iterates a Python ``set``,
+    an order that follows no score): "index" = ascending token position (visual pivots first,
+    as the image precedes the text), "score" = visual pivots by key norm, then text pivots."""
+    img_p, txt_p = dart_pivots(key_l1[visual], key_l1[text], num_image, num_text)
+    pivots = [(int(visual[i]), int(i)) for i in img_p] + [(int(text[j]), -1) for j in txt_p]
+    if pivot_order == "index":
+        pivots.sort(key=lambda p: p[0])
+    elif pivot_order != "score":
+        raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {pivot_order!r}")
+    f = feats.float()
+    f = f / f.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # cosine similarity (torch's eps: 1e-8)
+    n = visual.numel()
+    cand = torch.ones(n, dtype=torch.bool, device=visual.device)
+    cand[img_p] = False
+    picked = [img_p]
+    for row, _ in pivots:
+        idx = torch.nonzero(cand).flatten()
+        if idx.numel() == 0 or per_pivot <= 0:
+            break
+        sim = f[visual[idx]] @ f[row]  # (|cand|,)
+        take = idx[topk_desc(-sim, per_pivot)]  # least similar first, ties: lower index
+        cand[take] = False
+        picked.append(take)
+    return torch.cat(picked).sort().values
+
+
+@register
+class DART(Method):
+    """DART: keep 4 visual pivots plus, for each of 8 pivots (4 visual, 4 text), the floor(B/8)
+    visual tokens least similar to it.
+
+    ``budget`` = B, DART's ``max_num_trunction``: visual tokens retained after layer K per sample
+    (the paper's "retain 192/128/64 tokens"; LLaVA-NeXT: the sample's ``retain_token_num_for_llava_next``;
+    Video-LLaVA: all frames together). Without a budget, B = N * (1 - reduction_ratio).
+    ``budget_mode="equivalent"`` (our design) reads B as a layer-average budget and keeps FastV's
+    n_K = (L*B - K*N) / (L - K) instead, so DART can be compared at equal E."""
+
+    name = "dart"
+    position_mode = "keep"
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # K: prune before decoder layer K with layer K-1's keys / outputs (32-layer statement)
+            "layer": 2,
+            "pivot_image": 4,
+            "pivot_text": 4,
+            # used when no budget is given: B = N * (1 - reduction_ratio) (README example 0.778)
+            "reduction_ratio": 0.778,
+            # "kept": budget = max_num_trunction (paper); "equivalent": budget = layer average
+            "budget_mode": "kept",
+            # "index" (ascending position) or "score"; the official order is a Python set's
+            "pivot_order": "index",
+            "scale_layers": True,
+        }
+
+    def __init__(self, budget=None, **options):
+        super().__init__(budget, **options)
+        if self.budget_mode not in ("kept", "equivalent"):
+            raise ValueError(f"dart: budget_mode must be 'kept' or 'equivalent', got {self.budget_mode!r}")
+        if self.pivot_order not in ("index", "score"):
+            raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {self.pivot_order!r}")
+        if int(self.pivot_image) < 0 or int(self.pivot_text) < 0 or int(self.pivot_image) + int(self.pivot_text) == 0:
+            raise ValueError("dart: need at least one pivot")
+        if not 0.0 <= float(self.reduction_ratio) <= 1.0:
+            raise ValueError("dart: reduction_ratio must be in [0, 1]")
+
+    @property
+    def k_layer(self) -> int:
+        n = getattr(self, "num_layers", 32)
+        return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
+
+    @property
+    def llm_layers(self):
+        return (self.k_layer,)
+
+    def max_num_trunction(self, n_visual: int) -> float:
+        """B for a sample with ``n_visual`` visual tokens."""
+        if self.budget is None:
+            return n_visual * (1.0 - float(self.reduction_ratio))
+        if self.budget_mode == "equivalent":
+            return equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        return self.budget
+
+    def per_pivot(self, n_visual: int) -> int:
+        """t = floor(B / (pivot_image + pivot_text))."""
+        return int(self.max_num_trunction(n_visual) // (int(self.pivot_image) + int(self.pivot_text)))
+
+    def kept_count(self, n_visual: int, n_text: int) -> int:
+        """Retained visual tokens: image pivots + every pivot's picks, capped by N."""
+        n_img = min(int(self.pivot_image), n_visual)
+        n_piv = n_img + min(int(self.pivot_text), n_text)
+        return min(n_visual, n_img + n_piv * self.per_pivot(n_visual))
+
+    def layer_counts(self, n_visual: int, n_text: int) -> list[int]:
+        """Predicted visual tokens per decoder layer (n_text = tokens after the image)."""
+        L, K = getattr(self, "num_layers", 32), self.k_layer
+        return [n_visual] * K + [self.kept_count(n_visual, n_text)] * (L - K)
+
+    def select_llm(self, stage, sig):
+        n = sig.num_visual
+        t = self.per_pivot(n)
+        if self.kept_count(n, sig.text_after.numel()) >= n:
+            return Selection(keep=torch.arange(n))
+        keys = sig.keys("prev", rope=True)  # (S, Hkv, d): layer K-1's cached keys
+        key_l1 = keys.float().flatten(1).abs().sum(-1)
+        keep = dart_select(sig.final_norm(), sig.visual, sig.text_after, key_l1, t,
+                           int(self.pivot_image), int(self.pivot_text), self.pivot_order)
+        return Selection(keep=keep)

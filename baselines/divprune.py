@@ -1,0 +1,151 @@
+"""DivPrune (CVPR 2025, arXiv 2503.02175): diversity-based visual token pruning, pre-LLM ("layer 0").
+
+Spec: shared/reference methods.md section 9. Official code: vbdi/divprune,
+``LLaVA/llava/model/llava_arch.py``: ``pairwise_cosine_similarity``, ``DivPrune`` (the greedy
+max-min selection) and the ``#divprune`` block at the end of ``prepare_inputs_labels_for_multimodal``
+(``LAYER_INDEX=0``, ``SUBSET_RATIO``, default 0.098 per the README), applied to the projected visual
+tokens inside ``inputs_embeds``.
+
+Algorithm (the paper's max-min diversity problem, greedy): on the N candidate tokens' LLM-input
+embeddings x, d(i, j) = 1 - cos(x_i, x_j);
+1. first pick = the token whose nearest-neighbour distance min_{i != j} d(i, j) is largest;
+2. next pick = argmax_j min_{s in S} d(j, s) over the tokens not yet picked;
+3. stop after k = round(ratio * N) picks (Python ``round``, as ``int(round(...))`` in the official
+   code); keep the picks in ascending index order. Positions contiguous (pre-LLM).
+Ties (equal scores) go to the lower index (``torch.argmax``, as the official code).
+
+Budget: ``budget`` = tokens entering the LLM **per image (LLaVA-1.5), per crop (LLaVA-NeXT), per frame
+(Video-LLaVA)**: k = budget x (units in the selection scope). Alternatively ``ratio`` (official
+``SUBSET_RATIO``; 64/128/192 of 576 <-> 0.111/0.222/0.333); with neither, ratio = 0.098 (56 of 576).
+A scope with at most k candidates is kept whole (budget >= tokens: no-op).
+
+Scope (option ``scope``): ``"sample"`` = one selection over all visual tokens of the sample (official
+for images: LLaVA-NeXT candidates are all image features as laid out by the stock merge, newline tokens
+included); ``"unit"`` = one selection per image / crop / frame; ``"auto"`` (default) = per frame for
+Video-LLaVA (our design, spec section 9), per sample otherwise.
+
+Newline tokens (option ``newlines``, LLaVA-NeXT 'spatial_unpad'): ``"candidate"`` (official: they
+compete like any token, sample scope only), ``"keep"`` (layout, not counted), ``"drop"``; ``"auto"``
+(default) = candidate in sample scope, keep in unit scope.
+
+Deviation (guard): picked tokens are excluded from later rounds; the official loop could pick a token
+twice when every remaining token duplicates a picked one (all scores 0). Distances are in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+
+DEFAULT_RATIO = 0.098  # official SUBSET_RATIO default (README)
+SCOPES = ("auto", "sample", "unit")
+NEWLINE_MODES = ("auto", "candidate", "keep", "drop")
+
+
+def cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    """(N, N) 1 - cosine similarity of the rows of ``x`` (fp32)."""
+    x = x.float()
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return 1.0 - x @ x.T
+
+
+def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max-min selection of ``k`` rows of ``x`` (N, D); returns the picks (k,)
+    in pick order."""
+    n = x.shape[0]
+    k = max(0, min(int(k), n))
+    picks = torch.empty(k, dtype=torch.long, device=x.device)
+    if k == 0:
+        return picks
+    d = cosine_distance(x)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    nearest = d.masked_fill(eye, float("inf")).min(dim=0).values  # nearest-neighbour distance
+    picks[0] = torch.argmax(nearest)
+    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
+    taken[picks[0]] = True
+    min_dist = d[picks[0]].clone()  # min over picked s of d(s, j)
+    for i in range(1, k):
+        j = torch.argmax(min_dist.masked_fill(taken, float("-inf")))
+        picks[i] = j
+        taken[j] = True
+        min_dist = torch.minimum(min_dist, d[j])
+    return picks
+
+
+def num_picks(n: int, budget: int | None, units: int, ratio: float | None) -> int:
+    """Picks for a scope of ``n`` candidates spanning ``units`` units."""
+    if budget is not None:
+        return min(n, budget * units)
+    return min(n, int(round((DEFAULT_RATIO if ratio is None else ratio) * n)))
+
+
+def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None = None,
+             ratio: float | None = None, per_unit: bool = False, newlines: str = "auto") -> torch.Tensor:
+    """Indices (ascending) of the tokens DivPrune keeps for one sample.
+
+    features: (T, D) the tokens as the LLM would receive them; unit: (T,) unit id (-1 = NeXT newline).
+    ``budget`` tokens per unit (k = budget x units of the scope) or ``ratio`` of the scope's
+    candidates; ``per_unit`` selects within each unit instead of over the whole sample.
+    """
+    if newlines not in NEWLINE_MODES:
+        raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {newlines!r}")
+    if newlines == "auto":
+        newlines = "keep" if per_unit else "candidate"
+    if per_unit and newlines == "candidate":
+        raise ValueError("divprune: newline tokens can be candidates only in sample scope")
+    is_nl = unit < 0
+    fixed = torch.nonzero(is_nl).flatten() if newlines == "keep" else unit.new_zeros(0)
+    num_units = int(unit.max()) + 1 if unit.numel() and int(unit.max()) >= 0 else 0
+    if per_unit:
+        scopes = [(torch.nonzero(unit == u).flatten(), 1) for u in range(num_units)]
+    else:
+        cand = torch.nonzero(~is_nl | (newlines == "candidate")).flatten()
+        scopes = [(cand, num_units)]
+    kept = [fixed]
+    for idx, units in scopes:
+        k = num_picks(idx.numel(), budget, units, ratio)
+        if k >= idx.numel():
+            kept.append(idx)
+        else:
+            kept.append(idx[max_min_diversity(features[idx], k)])
+    return torch.cat(kept).sort().values
+
+
+@register
+class DivPrune(Method):
+    """DivPrune: keep the most diverse visual tokens (greedy max-min cosine distance of the
+    LLM-input embeddings); ``budget`` per image / crop / frame, or ``ratio``."""
+
+    name = "divprune"
+    vision_stage = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # fraction of the candidates kept (official SUBSET_RATIO); None = budget, or 0.098
+            "ratio": None,
+            # "auto" (per frame for video, per sample otherwise), "sample", "unit"
+            "scope": "auto",
+            # LLaVA-NeXT newline tokens: "auto", "candidate", "keep", "drop"
+            "newlines": "auto",
+        }
+
+    def __init__(self, budget=None, **options):
+        super().__init__(budget, **options)
+        if self.budget is not None and self.ratio is not None:
+            raise ValueError("divprune: give a budget or a ratio, not both")
+        if self.ratio is not None and not (0 < float(self.ratio) <= 1):
+            raise ValueError(f"divprune: ratio must be in (0, 1], got {self.ratio!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"divprune: scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.newlines not in NEWLINE_MODES:
+            raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
+        if self.scope == "unit" and self.newlines == "candidate":
+            raise ValueError("divprune: newline tokens can be candidates only in sample scope")
+
+    def select_vision(self, sig):
+        scope = self.scope if self.scope != "auto" else ("unit" if sig.unit_kind == "frame" else "sample")
+        return Selection(keep=divprune(sig.features, sig.unit, budget=self.budget, ratio=self.ratio,
+                                       per_unit=scope == "unit", newlines=self.newlines))

@@ -1,0 +1,136 @@
+"""FastV: "An Image is Worth 1/2 Tokens After Layer 2" (ECCV 2024), methods.md section 4.
+
+Official code: pkunlp-icler/FastV - the in-place version ``LlamaModel.forward`` ("FastV Token Rerank")
+in ``src/transformers/src/transformers/models/llama/modeling_llama.py`` and the KV-cache version
+``FastVLlamaModel.forward`` in ``src/FastV/lmms-eval-with-kvcache/fastv_kvcache.py``.
+
+Algorithm (at the entry of decoder layer K, prefill only):
+
+1. take layer K-1's attention probabilities (the last layer that ran on the full sequence), the row
+   of the **last prompt token**, averaged over heads, restricted to the visual columns;
+2. keep the top-k visual tokens (k = int(N * (1 - R)), or from an equivalent-token budget, below),
+   all text tokens, sorted in their original order;
+3. layers >= K run on the shortened sequence; kept tokens **keep their original RoPE positions**.
+
+Equivalent-token budget (methods.md 0.4 / section 4): for a layer average of B visual tokens on an
+L-layer LLM whose first K layers see all N visual tokens, the count kept after layer K is
+
+    n_K = (L * B - K * N) / (L - K)        (192/128/64 -> 166/98/30 at K=2, N=576, L=32)
+
+rounded half up and clipped to 0..N.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from fractions import Fraction
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import scale_layers, topk_desc
+
+log = logging.getLogger(__name__)
+
+
+def round_half_up(x: Fraction | float) -> int:
+    """Nearest integer, halves rounded up (Python's round() rounds halves to even)."""
+    return math.floor(Fraction(x) + Fraction(1, 2))
+
+
+def equivalent_kept_count(budget: int, n_visual: int, layer: int, num_layers: int) -> int:
+    """FastV's kept count after layer K for an equivalent (layer-average) budget B:
+    n_K = (L*B - K*N) / (L - K), rounded half up, clipped to 0..N. Exact rational arithmetic."""
+    L, K, N = int(num_layers), int(layer), int(n_visual)
+    if not 1 <= K < L:
+        raise ValueError(f"FastV layer K={K} must be in 1..{L - 1}")
+    n = round_half_up(Fraction(L * int(budget) - K * N, L - K))
+    return max(0, min(N, n))
+
+
+def ratio_kept_count(n_visual: int, ratio: float) -> int:
+    """Visual tokens kept for a drop ratio R: int(N * (1 - R)) as the official ``topk(int(576 * ratio))``
+    (a tiny epsilon absorbs binary-fraction error, e.g. 576 * (1 - 0.9) = 57.6 -> 57)."""
+    return max(0, min(int(n_visual), math.floor(n_visual * (1.0 - float(ratio)) + 1e-9)))
+
+
+def fastv_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int) -> torch.Tensor:
+    """FastV's choice: ``last_row_attn`` (H, S) = attention probabilities of the last prompt token in
+    layer K-1 per head; ``visual`` (N,) = the visual tokens' indices among the S tokens. Returns the
+    indices (into ``visual``) of the ``k`` visual tokens with the highest head-mean attention, in
+    ascending (original) order; ties go to the lower index."""
+    scores = last_row_attn.float().mean(0)[visual]
+    return topk_desc(scores, k).sort().values
+
+
+def layer_schedule(n_visual: int, layer: int, kept: int, num_layers: int) -> list[int]:
+    """Visual tokens in the input of every decoder layer: N for layers < K, n_K from K on."""
+    return [int(n_visual)] * layer + [min(int(kept), int(n_visual))] * (num_layers - layer)
+
+
+@register
+class FastV(Method):
+    """FastV: after decoder layer K-1, keep the visual tokens the last prompt token attends to most.
+
+    ``budget`` (optional): equivalent visual tokens per sample (the layer average, methods.md 0.4),
+    turned into n_K with the formula above using the sample's own visual count N (LLaVA-NeXT: all
+    crops and newline tokens of the sample; Video-LLaVA: all frames). Without a budget, ``ratio`` R
+    is the fraction of visual tokens dropped (official default 0.5)."""
+
+    name = "fastv"
+    position_mode = "keep"
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # K: prune before decoder layer K using layer K-1's attention (paper: K=2; the README's
+            # lmms-eval recipe uses K=3). Stated for a 32-layer LLM, see scale_layers.
+            "layer": 2,
+            # R: fraction of visual tokens dropped when no budget is given (paper title setting 50%).
+            "ratio": 0.5,
+            # map `layer` from a 32-layer LLM onto the model's depth with llava.ops.scale_layers
+            # (identity on 32 layers, 2 -> 1 on the 4-layer tiny LLM); False = use it verbatim.
+            "scale_layers": True,
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is not None and "ratio" in options:
+            raise ValueError("fastv: give either a budget (equivalent tokens) or a drop ratio, not both")
+        super().__init__(budget, **options)
+        if not 0.0 <= float(self.ratio) <= 1.0:
+            raise ValueError(f"fastv: ratio must be in [0, 1], got {self.ratio}")
+        if int(self.layer) < 1:
+            raise ValueError(f"fastv: layer must be >= 1, got {self.layer}")
+
+    @property
+    def k_layer(self) -> int:
+        """K on the attached model (after scaling)."""
+        n = getattr(self, "num_layers", 32)
+        return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
+
+    @property
+    def llm_layers(self):
+        return (self.k_layer,)
+
+    def kept_count(self, n_visual: int) -> int:
+        if self.budget is None:
+            return ratio_kept_count(n_visual, self.ratio)
+        n = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        if n == 0 and n_visual and not getattr(self, "_warned", False):
+            self._warned = True
+            log.warning("fastv: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
+                        self.budget, n_visual, self.k_layer)
+        return n
+
+    def layer_counts(self, n_visual: int) -> list[int]:
+        """Predicted visual tokens per decoder layer for a sample with ``n_visual`` visual tokens."""
+        return layer_schedule(n_visual, self.k_layer, self.kept_count(n_visual), getattr(self, "num_layers", 32))
+
+    def select_llm(self, stage, sig):
+        k = self.kept_count(sig.num_visual)
+        if k >= sig.num_visual:
+            return Selection(keep=torch.arange(sig.num_visual))
+        row = sig.attention("last", layer="prev")[:, 0]  # (H, S): layer K-1, last prompt token
+        return Selection(keep=fastv_select(row, sig.visual, k))

@@ -1,0 +1,234 @@
+"""PyramidDrop (CVPR 2025, arXiv 2410.17247), methods.md section 5.
+
+Official code: Cooperx521/PyramidDrop - ``llava/model/modeling_llama_pdrop.py``
+(``LlamaModel.pdrop_forward`` / ``LlamaModel.pdrop_rank_drop``): at each stage boundary a detached
+copy of the hidden states goes through the boundary layer's ``input_layernorm``, ``q_proj`` /
+``k_proj`` and RoPE; the last instruction token's row (causal softmax in fp32, mean over heads)
+ranks the visual tokens and ``int(N * ratio)`` of them are kept.
+
+Algorithm (prefill only), for each stage s = 1..S before decoder layer ``layer_list[s-1]``:
+
+1. query = the last prompt token, keys = all tokens, with **that layer's own** norm + q/k + RoPE
+   on the current hidden states (``LLMSignals.attention("last", layer="next")``);
+2. keep the top k_s = floor(N_orig * ratio_s) visual tokens by head-mean attention (N_orig = the
+   sample's visual count entering the LLM), in ascending order; text untouched;
+3. re-index positions 0..len-1 (``reindex``); decode positions shift down by what each passed stage
+   dropped (the engine does this).
+
+Schedules (every count floor(N * c / 576) for a sample with N visual tokens, "ratios apply to the
+sample's full visual count", methods.md section 5):
+
+* no budget: ``layer_list`` [8, 16, 24] and ratios [lam, lam^2, lam^3] with the official lam = 0.5
+  (0.5 / 0.25 / 0.125; E = (576 + 288 + 144 + 72) / 4 = 270);
+* budget 192 / 128 / 64: the spec's table (our design): stages before layers 2 / 6 / 16 keeping
+  300/200/110, 303/110/36, 66/30/17 of 576 (SparseVLM v1's counts), E = 191 / 126.25 / 62.125;
+* any other budget B: ``layer_list`` (default [8, 16, 24]) with the geometric ratios lam^s and lam
+  solved so that the layer average is B/576 of the visual tokens (our design; needs
+  B >= 576 * layer_list[0] / 32, i.e. 144 with the default layers).
+
+Other depths (13B's 40 layers, the 4-layer tiny LLM): stage layers are stated for 32 layers and
+mapped with ``llava.ops.scale_layers``; the budget-table counts are then rescaled by one common
+factor so that the layer average on the model's depth equals the table's 32-layer average
+(:func:`fit_stage_counts`). The geometric schedules keep their ratios (solved on the model's depth).
+
+This module also holds the schedule helpers shared with SparseVLM (:func:`stage_layer_counts`,
+:func:`fit_stage_counts`).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import scale_layers, topk_desc
+
+from .fastv import round_half_up
+
+#: Budgets of the spec's table (methods.md section 5): stage layers and kept counts of 576.
+PDROP_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    192: ((2, 6, 16), (300, 200, 110)),
+    128: ((2, 6, 16), (303, 110, 36)),
+    64: ((2, 6, 16), (66, 30, 17)),
+}
+DEFAULT_LAYERS = (8, 16, 24)
+REFERENCE_DEPTH = 32  # schedules are stated for 7B's 32 decoder layers
+REFERENCE_TOKENS = 576  # ... and for LLaVA-1.5's 576 visual tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm
+# ----------------------------------------------------------------------------------------------
+
+
+def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int) -> torch.Tensor:
+    """One PyramidDrop stage: ``last_row_attn`` (H, S) = the last instruction token's attention
+    probabilities under the boundary layer's q/k, per head. Returns the indices (into ``visual``)
+    of the top-``k`` visual tokens by head-mean attention, ascending (ties: lower index)."""
+    scores = last_row_attn.float().mean(0)[visual]
+    return topk_desc(scores, k).sort().values
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and equivalent tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def scaled_count(n_visual: int, count_of_576: int) -> int:
+    """A count stated for 576 candidates, for a sample with N visual tokens: floor(N * c / 576)."""
+    return (int(n_visual) * int(count_of_576)) // REFERENCE_TOKENS
+
+
+def stage_layer_counts(n_visual: int, layers: Sequence[int], counts: Sequence[int], num_layers: int) -> list[int]:
+    """Visual tokens in the input of every decoder layer for a pure drop schedule: N before
+    ``layers[0]``, ``counts[s]`` from ``layers[s]`` on (a count never exceeds the previous one)."""
+    out, cur, bounds = [], int(n_visual), [*layers, num_layers]
+    out += [cur] * bounds[0]
+    for s, c in enumerate(counts):
+        cur = min(cur, int(c))
+        out += [cur] * (bounds[s + 1] - bounds[s])
+    return out
+
+
+def equivalent_tokens(per_layer: Sequence[int]) -> float:
+    """E = mean over decoder layers of the visual tokens each layer processes (methods.md 0.4)."""
+    return sum(per_layer) / len(per_layer)
+
+
+def fit_stage_counts(n_visual: int, counts: Sequence[int], layers_ref: Sequence[int], layers: Sequence[int],
+                     num_layers: int, reference_depth: int = REFERENCE_DEPTH) -> tuple[int, ...]:
+    """Stage counts for ``layers`` on a ``num_layers``-deep LLM with the same layer average as
+    ``counts`` after ``layers_ref`` on the ``reference_depth``-layer LLM they were stated for (our
+    design). Unchanged on the reference depth; otherwise every count is scaled by one factor
+    alpha = (L * E_ref - K_1 * N) / sum_s len_s * c_s (len_s = layers stage s spans on the new
+    depth), rounded half up and clipped to 0..N, so the schedule keeps its shape. When even
+    alpha = 0 overshoots (K_1 * N / L > E_ref) all counts are 0: the closest reachable average."""
+    n = int(n_visual)
+    if int(num_layers) == int(reference_depth) and tuple(layers) == tuple(layers_ref):
+        return tuple(min(n, int(c)) for c in counts)
+    ref_total = sum(stage_layer_counts(n, layers_ref, counts, reference_depth))
+    target = Fraction(ref_total * int(num_layers), int(reference_depth))
+    bounds = [*layers, num_layers]
+    spans = [bounds[s + 1] - bounds[s] for s in range(len(counts))]
+    denom = sum(sp * min(n, int(c)) for sp, c in zip(spans, counts))
+    if denom == 0:
+        return tuple(0 for _ in counts)
+    alpha = max(Fraction(0), (target - layers[0] * n) / denom)
+    return tuple(max(0, min(n, round_half_up(alpha * min(n, int(c))))) for c in counts)
+
+
+def solve_lambda(layers: Sequence[int], num_layers: int, retention: float) -> float:
+    """PyramidDrop's lam for a target layer-average retention (E / N): the root of
+    (len_0 + sum_s len_s * lam^s) / L = retention on [0, 1] (bisection; continuous, before the floors).
+    Raises if the target is below len_0 / L (the first stage comes too late)."""
+    bounds = [0, *layers, num_layers]
+    spans = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    lo_ret = spans[0] / num_layers
+    if retention >= 1.0:
+        return 1.0
+    if retention < lo_ret:
+        raise ValueError(f"pdrop: a layer average of {retention:.4f} of the visual tokens is unreachable with "
+                         f"the first stage before layer {layers[0]} of {num_layers} (minimum {lo_ret:.4f})")
+
+    def avg(lam: float) -> float:
+        return sum(sp * lam ** s for s, sp in enumerate(spans)) / num_layers
+
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if avg(mid) < retention else (lo, mid)
+    return (lo + hi) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class PyramidDrop(Method):
+    """PyramidDrop: at each stage boundary keep the visual tokens the last instruction token attends
+    to most under the boundary layer's q/k; positions re-indexed.
+
+    ``budget``: equivalent visual tokens for 576 candidates (the layer average; a sample with N
+    visual tokens averages B * N / 576). 192 / 128 / 64 use the spec's table; other budgets the
+    geometric schedule with a solved lam; no budget: the official lam = 0.5 schedule (E = 270)."""
+
+    name = "pdrop"
+    position_mode = "reindex"
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # stage layers (prune before these decoder layers), stated for a 32-layer LLM; None =
+            # [8, 16, 24] (official) or the table's [2, 6, 16] for budgets 192/128/64
+            "layer_list": None,
+            # kept fraction of the sample's original visual tokens after each stage; None = derived
+            # (lam^s, or the budget table). Explicit ratios exclude a budget.
+            "ratios": None,
+            # PyramidDrop's geometric ratio lambda (official 0.5); solved when a budget needs it
+            "lam": 0.5,
+            # map stage layers from 32 layers onto the model's depth (llava.ops.scale_layers)
+            "scale_layers": True,
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is not None and options.get("ratios") is not None:
+            raise ValueError("pdrop: give either a budget or explicit ratios, not both")
+        super().__init__(budget, **options)
+        if self.ratios is not None:
+            if self.layer_list is None:
+                self.layer_list = list(DEFAULT_LAYERS)
+            if len(self.ratios) != len(self.layer_list):
+                raise ValueError("pdrop: ratios and layer_list must have the same length")
+            if any(not 0.0 <= float(r) <= 1.0 for r in self.ratios):
+                raise ValueError("pdrop: ratios must be in [0, 1]")
+        if not 0.0 <= float(self.lam) <= 1.0:
+            raise ValueError("pdrop: lam must be in [0, 1]")
+        self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        table = self.budget in PDROP_TABLE and self.layer_list is None and self.ratios is None
+        if table:
+            self._layers_ref, self._table_counts = PDROP_TABLE[self.budget]
+            self._ratios = None
+        else:
+            self._layers_ref = tuple(int(k) for k in (self.layer_list or DEFAULT_LAYERS))
+            self._table_counts = None
+        self._layers = (scale_layers(self._layers_ref, num_layers) if self.scale_layers
+                        else tuple(self._layers_ref))
+        if not table:
+            if self.ratios is not None:
+                self._ratios = tuple(float(r) for r in self.ratios)
+            else:
+                lam = float(self.lam)
+                if self.budget is not None:
+                    lam = solve_lambda(self._layers, num_layers, self.budget / REFERENCE_TOKENS)
+                self._ratios = tuple(lam ** (s + 1) for s in range(len(self._layers)))
+
+    @property
+    def llm_layers(self):
+        return self._layers
+
+    def stage_counts(self, n_visual: int) -> tuple[int, ...]:
+        """Visual tokens kept after each stage for a sample with ``n_visual`` visual tokens."""
+        if self._table_counts is not None:
+            counts = [scaled_count(n_visual, c) for c in self._table_counts]
+            return fit_stage_counts(n_visual, counts, self._layers_ref, self._layers, self.num_layers)
+        return tuple(min(int(n_visual), math.floor(n_visual * r + 1e-9)) for r in self._ratios)
+
+    def layer_counts(self, n_visual: int) -> list[int]:
+        """Predicted visual tokens per decoder layer."""
+        return stage_layer_counts(n_visual, self._layers, self.stage_counts(n_visual), self.num_layers)
+
+    def select_llm(self, stage, sig):
+        k = self.stage_counts(sig.num_visual_entry)[stage]  # N_orig * ratio of this stage
+        if k >= sig.num_visual:
+            return Selection(keep=torch.arange(sig.num_visual))
+        row = sig.attention("last", layer="next")[:, 0]  # (H, S): this layer's q/k, last prompt token
+        return Selection(keep=pdrop_select(row, sig.visual, k))

@@ -1,0 +1,282 @@
+"""SparseVLM (ICML 2025) and SparseVLM+ ("v2.0"), methods.md section 6.
+
+Official code: Gumpest/SparseVLMs - ``llava/model/language_model/modelling_sparse_llama.py``
+(``LlamaModel.forward``: "Select Text Raters", the sparse layers, "Text-Visual Attention Gravity
+Correction" and "Text-Visual Priority Heads Selection" under ``USE_VERSION=2_0``),
+``llava/model/language_model/score.py`` (``sparse_token_dict`` = the retained-count schedules,
+``attn_postprocess_topk``, ``select_attn_head_by_sum``) and ``llava/model/language_model/utils.py``
+(``cluster_and_merge``: density-peak kNN clustering, as in TCFormer's ``cluster_dpc_knn``).
+
+Algorithm (prefill only):
+
+1. **Text raters** (once, from the layer-0 inputs): m = softmax_text(V T^T) (visual x text-after,
+   raw dot products), averaged over the visual tokens; raters = text tokens whose relevance is
+   above the mean relevance (:func:`select_raters`).
+2. At each sparse layer l in {2, 6, 15} the layer runs on the current sequence; its attention
+   probabilities (mean over heads; v2: after the gravity correction and over the 14 heads with the
+   largest text->visual mass), rows = raters, columns = visual tokens, averaged over raters, score
+   the visual tokens (:func:`rater_scores`). The layer's **output** keeps the top-n_s visual tokens
+   (ascending order). In this engine that is the llm stage before layer l+1 reading
+   ``attention(raters, layer="prev")`` = layer l's own attention.
+3. **Recycling** (v1): of the pruned tokens take the top int(0.3 * P) + 1 by score, cluster their
+   hidden states into int(m / 10) + 1 clusters with density-peak kNN clustering, and append each
+   cluster's mean right after the kept visual tokens (:func:`recycle_pruned`,
+   :func:`density_peak_clusters`; ``Selection`` targets = cluster centres, rule "mean").
+4. Positions: v1 re-indexes (contiguous; decode positions = cache length), v2 keeps the original ids.
+
+Counts: ``sparse_token_dict`` per budget (192 / 128 / 96 / 64), stated for 576 candidates; a sample
+with N visual tokens (LLaVA-NeXT: all crops + newline tokens; Video-LLaVA: all frames) gets
+floor(N * c / 576) (our design, methods.md section 6). On a depth other than 32 the stage layers
+are mapped with ``llava.ops.scale_layers`` (on the stage indices 3 / 7 / 16 of the engine) and the
+retained counts rescaled so that the retained-only layer average matches the 32-layer schedule's
+(``baselines.pdrop.fit_stage_counts``); recycled tokens come on top, as in the official code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import scale_layers, topk_desc
+
+from .pdrop import REFERENCE_DEPTH, fit_stage_counts, scaled_count
+
+#: ``sparse_token_dict`` of score.py: retained visual tokens (of 576) after layers 2 / 6 / 15.
+SCHEDULES = {
+    "v1": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
+    "v2": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
+}
+DEFAULT_BUDGET = 192  # RETAIN_TOKN's default
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm
+# ----------------------------------------------------------------------------------------------
+
+
+def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """SparseVLM 3.2: indices (into the text-after tokens, ascending) of the text raters.
+    m = softmax over text of V T^T (N x T), mean over the N visual tokens -> relevance (T,);
+    raters = relevance > mean(relevance) (fp32)."""
+    m = (visual_embeds.float() @ text_embeds.float().T).softmax(dim=1).mean(0)
+    return torch.nonzero(m > m.mean()).flatten()
+
+
+def rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """SparseVLM+ 4.2's RoPE "gravity": the attention logit a constant all-ones query at ``pos_q``
+    would give an all-ones key at ``pos_k`` under RoPE, divided by sqrt(d) (official: rotated
+    ``new_ones`` q/k, ``matmul / sqrt(head_dim)``). With rotate-half RoPE and frequencies
+    w_m = theta^(-2m/d) this is 2 * sum_m cos((i - j) * w_m) / sqrt(d). Returns (Q, K) in fp64."""
+    d = int(head_dim)
+    w = float(theta) ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    rel = pos_q.double()[:, None] - pos_k.double()[None, :]  # (Q, K)
+    return 2.0 * torch.cos(rel[..., None] * w).sum(-1) / math.sqrt(d)
+
+
+def select_heads(attn_rv: torch.Tensor, num: int) -> torch.Tensor:
+    """SparseVLM+ 4.3 (``select_attn_head_by_sum``): the ``num`` heads with the largest total
+    rater->visual attention. attn_rv (H, R, N). Returns head indices, best first (ties: lower)."""
+    return topk_desc(attn_rv.float().sum((1, 2)), num)
+
+
+def rater_scores(attn_rv: torch.Tensor) -> torch.Tensor:
+    """``attn_postprocess_topk``'s relation: attn_rv (H, R, N) rater-row attention restricted to
+    the visual columns -> mean over heads, then over raters -> (N,)."""
+    return attn_rv.float().mean(0).mean(0)
+
+
+def density_peak_clusters(x: torch.Tensor, num_clusters: int,
+                          knn: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak kNN clustering (``cluster_and_merge`` / TCFormer's DPC-kNN) of m points x (m, C).
+
+    dist = ||x_i - x_j|| / sqrt(C); density_i = exp(-mean of the squared distances to its ``knn``
+    nearest points, itself included; official knn = num_clusters); delta_i = distance to the nearest
+    denser point (the densest point: the largest distance overall); centres = the ``num_clusters``
+    points with the largest delta * density; every point joins its nearest centre, centres join
+    themselves. Ties (our design, the official code adds 1e-6 uniform noise to the density): equal
+    densities rank the lower index as denser; equal scores and equal distances go to the lower
+    index / the earlier centre. Returns (centres (c,) best score first, assign (m,) centre slot)."""
+    m, C = x.shape
+    c = max(1, min(int(num_clusters), m))
+    k = max(1, min(int(knn if knn is not None else c), m))
+    xf = x.double()
+    dist = torch.cdist(xf, xf) / math.sqrt(C)
+    near = torch.topk(dist, k, dim=-1, largest=False).values  # self (0) included
+    density = torch.exp(-(near ** 2).mean(-1))
+    idx = torch.arange(m)
+    # denser[i, j]: j is denser than i (equal densities: the lower index counts as denser)
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
+    delta = torch.where(denser, dist, torch.full_like(dist, float(dist.max()))).min(dim=-1).values
+    centres = topk_desc(delta * density, c)
+    assign = dist[:, centres].argmin(dim=1)  # first minimum = earlier centre
+    assign[centres] = torch.arange(c)
+    return centres, assign
+
+
+def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Tensor, ratio: float = 0.3,
+                   divisor: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM v1 token recycling. ``scores`` (N,) of all visual tokens, ``pruned`` (P,) indices of
+    the pruned ones (ascending), ``hidden`` (N, D) the visual tokens' states (the sparse layer's
+    output). Keeps the top int(P * ratio) + 1 pruned tokens by score, clusters them into
+    int(m / divisor) + 1 groups (:func:`density_peak_clusters`). Returns merge ``targets`` (cluster
+    centres, as indices into the N visual tokens) and ``assign`` (N,): each recycled token's cluster
+    slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means."""
+    n = scores.numel()
+    assign = torch.full((n,), -1, dtype=torch.long)
+    if pruned.numel() == 0:
+        return torch.zeros(0, dtype=torch.long), assign
+    m = min(int(pruned.numel() * ratio) + 1, pruned.numel())
+    recycled = pruned[topk_desc(scores[pruned], m)]
+    num = int(m / divisor) + 1
+    centres, slots = density_peak_clusters(hidden[recycled], num)
+    assign[recycled] = slots
+    return recycled[centres], assign
+
+
+def recycled_count(n_pruned: int, ratio: float = 0.3, divisor: int = 10) -> int:
+    """Clusters appended for ``n_pruned`` pruned tokens: int(m / divisor) + 1, m = int(P * ratio) + 1."""
+    if n_pruned <= 0:
+        return 0
+    m = min(int(n_pruned * ratio) + 1, n_pruned)
+    return min(int(m / divisor) + 1, m)
+
+
+def sparsevlm_layer_counts(n_visual: int, layers: tuple[int, ...], retained: tuple[int, ...], num_layers: int,
+                           recycle: bool, ratio: float = 0.3, divisor: int = 10) -> list[int]:
+    """Visual tokens in the input of every decoder layer (stages before ``layers``), recycled
+    clusters included. A stage whose count is >= the current tokens keeps them all."""
+    out, v, bounds = [], int(n_visual), [*layers, num_layers]
+    out += [v] * bounds[0]
+    for s, n_s in enumerate(retained):
+        if n_s < v:
+            v = n_s + (recycled_count(v - n_s, ratio, divisor) if recycle else 0)
+        out += [v] * (bounds[s + 1] - bounds[s])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class SparseVLM(Method):
+    """SparseVLM: text raters score the visual tokens with the attention of layers 2 / 6 / 15; the
+    rest is pruned (v1: partly recycled into cluster means).
+
+    ``budget`` selects the official schedule (192 / 128 / 96 / 64; default 192 = ``RETAIN_TOKN``):
+    these are the paper's nominal equivalent tokens; the engine reports the real layer average
+    (about 206 for 192 with recycling, methods.md section 6)."""
+
+    name = "sparsevlm"
+    position_mode = "reindex"
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # "v1" (SparseVLM, ICML 2025) or "v2" (SparseVLM+: v2 schedule, kept position ids,
+            # gravity correction, head selection, no recycling). position_mode None = per version.
+            "version": "v1",
+            # sparse layers (0-based) whose output is pruned, stated for a 32-layer LLM; the engine
+            # stages are these + 1, mapped with llava.ops.scale_layers
+            "layers": (2, 6, 15),
+            # explicit retained counts (of 576) per sparse layer; None = the official schedule of
+            # the budget. Excludes a budget.
+            "schedule": None,
+            # v1 recycling: None = on for v1, off for v2; fraction of the pruned tokens recycled
+            # (int(P * ratio) + 1) and tokens per cluster (int(m / divisor) + 1)
+            "recycle": None,
+            "recycle_ratio": 0.3,
+            "cluster_divisor": 10,
+            # SparseVLM+ gravity correction (None = on for v2 only) and RoPE base it assumes
+            # (LLaVA-1.5 / NeXT / Video-LLaVA Vicuna: 10000)
+            "gravity": None,
+            "rope_theta": 10000.0,
+            # SparseVLM+ head selection: heads kept (official 14; None = 14 for v2, all heads for
+            # v1); clipped to the model's head count
+            "heads": None,
+            "scale_layers": True,
+        }
+
+    def __init__(self, budget=None, **options):
+        version = options.get("version", "v1")
+        if version not in SCHEDULES:
+            raise ValueError(f"sparsevlm: version must be 'v1' or 'v2', got {version!r}")
+        if options.get("position_mode") is None:
+            options["position_mode"] = "keep" if version == "v2" else "reindex"
+        if budget is not None and options.get("schedule") is not None:
+            raise ValueError("sparsevlm: give either a budget or an explicit schedule, not both")
+        if budget is None and options.get("schedule") is None:
+            budget = DEFAULT_BUDGET
+        if budget is not None and budget not in SCHEDULES[version]:
+            raise ValueError(f"sparsevlm: no official {version} schedule for budget {budget}; "
+                             f"use one of {sorted(SCHEDULES[version])} or an explicit `schedule`")
+        super().__init__(budget, **options)
+        v2 = self.version == "v2"
+        self.recycle = (not v2) if self.recycle is None else bool(self.recycle)
+        self.gravity = v2 if self.gravity is None else bool(self.gravity)
+        self.heads = (14 if v2 else 0) if self.heads is None else int(self.heads)
+        if self.schedule is not None and len(self.schedule) != len(self.layers):
+            raise ValueError("sparsevlm: schedule and layers must have the same length")
+        self._retained_ref = tuple(int(c) for c in (self.schedule or SCHEDULES[self.version][self.budget]))
+        self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        self._stages_ref = tuple(int(l) + 1 for l in self.layers)  # prune the output of layer l
+        self._stages = scale_layers(self._stages_ref, num_layers) if self.scale_layers else self._stages_ref
+
+    @property
+    def llm_layers(self):
+        return self._stages
+
+    def stage_counts(self, n_visual: int) -> tuple[int, ...]:
+        """Retained (not recycled) visual tokens after each sparse layer for N visual tokens."""
+        counts = [scaled_count(n_visual, c) for c in self._retained_ref]
+        return fit_stage_counts(n_visual, counts, self._stages_ref, self._stages, self.num_layers)
+
+    def layer_counts(self, n_visual: int) -> list[int]:
+        """Predicted visual tokens per decoder layer (recycled clusters included)."""
+        return sparsevlm_layer_counts(n_visual, self._stages, self.stage_counts(n_visual), self.num_layers,
+                                      self.recycle, self.recycle_ratio, self.cluster_divisor)
+
+    def _scores(self, sig, raters: torch.Tensor) -> torch.Tensor:
+        rows = sig.text_after[raters]
+        attn = sig.attention(rows, layer="prev")[:, :, sig.visual]  # (H, R, N): the sparse layer's own
+        if self.gravity:
+            d = sig.keys("prev", rope=False).shape[-1]
+            g = rope_gravity(sig.position_ids[rows].cpu(), sig.position_ids[sig.visual].cpu(), d, self.rope_theta)
+            attn = (attn.double() / g.to(attn.device)[None]).float()
+        if self.heads and self.heads < attn.shape[0]:
+            attn = attn[select_heads(attn, self.heads)]
+        return rater_scores(attn)
+
+    def select_llm(self, stage, sig):
+        if "raters" not in sig.state:  # fixed once per prefill from all visual tokens' layer-0 inputs
+            sig.state["raters"] = select_raters(sig.entry_visual_embeds, sig.text_embeds)
+        raters, n_orig = sig.state["raters"], sig.num_visual_entry
+        v = sig.num_visual
+        k = self.stage_counts(n_orig)[stage]
+        if k >= v:
+            # the official topk(min(n_s, v - 1)) would still move the lowest-scored token behind
+            # the others (pruned, then recycled as a cluster of one); we keep the stage a no-op
+            return Selection(keep=torch.arange(v))
+        if raters.numel() == 0:  # a single (or uniform) text token: every text-after token rates (our design)
+            raters = torch.arange(sig.text_after.numel())
+        if raters.numel() == 0:  # no text after the image: nothing rates; keep the first k (our design)
+            scores = torch.zeros(v)
+        else:
+            scores = self._scores(sig, raters).cpu()
+        keep = topk_desc(scores, k).sort().values
+        if not self.recycle:
+            return Selection(keep=keep)
+        mask = torch.ones(v, dtype=torch.bool)
+        mask[keep] = False
+        pruned = torch.nonzero(mask).flatten()
+        targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
+                                         self.cluster_divisor)
+        return Selection(keep=keep, targets=targets, assign=assign, rule="mean")

@@ -1,0 +1,213 @@
+"""FasterVLM: hand-worked per-unit top-k, the official code transcribed as a reference, token
+accounting on the three tiny families."""
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, make_batch, slice_batch
+
+from baselines.fastervlm import FasterVLM, fastervlm
+from llava.method import Method, Selection
+
+GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
+
+
+# ------------------------------------------------------------------ pure function, worked by hand
+
+
+def test_top_t_per_crop_with_index_offsets_and_head_mean():
+    # 3 crops of 4 tokens (0-3, 4-7, 8-11), 2 heads, values in 1/16 (exact in fp32), T = 2 per crop.
+    h0 = torch.tensor([1, 6, 5, 3, 8, 1, 1, 5, 3, 3, 0, 10]) / 16
+    h1 = torch.tensor([7, 0, 5, 3, 2, 1, 9, 3, 3, 3, 6, 0]) / 16
+    # head mean (x16):   4  3  5  3 | 5  1  5  4 | 3  3  3  5
+    # crop 0: 2 (5), 0 (4)            (head 0 alone would take 1, 2)
+    # crop 1: 4 and 6 (5 each)        (head 0 alone: 4, 7)
+    # crop 2: 11 (5), then 8, 9, 10 tie at 3 -> lower index 8
+    unit = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    keep = fastervlm(torch.stack([h0, h1]), unit, torch.arange(12) % 4, 2)
+    assert keep.tolist() == [0, 2, 4, 6, 8, 11]
+    # T >= tokens of a unit: the unit is kept whole
+    assert fastervlm(torch.stack([h0, h1]), unit, torch.arange(12) % 4, 4).tolist() == list(range(12))
+
+
+def test_newline_tokens_are_layout():
+    # NeXT 'spatial_unpad'-like: crop 0 = 0, 1; newline 2; crop 1 = 3, 4; newline 5. T = 1.
+    attn = torch.tensor([[0.2, 0.6, 0.0, 0.7, 0.1, 0.0]])
+    unit = torch.tensor([0, 0, -1, 1, 1, -1])
+    patch = torch.tensor([0, 1, -1, 0, 1, -1])
+    assert fastervlm(attn, unit, patch, 1).tolist() == [1, 2, 3, 5]
+    assert fastervlm(attn, unit, patch, 1, keep_newlines=False).tolist() == [1, 3]
+
+
+def test_video_cls_token_modes():
+    # 2 frames of [CLS] + 2 patches; head-mean scores [.5, .1, .3 | .05, .2, .1]
+    attn = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.2, 0.1]])
+    unit = torch.tensor([0, 0, 0, 1, 1, 1])
+    patch = torch.tensor([-1, 0, 1, -1, 0, 1])
+    assert fastervlm(attn, unit, patch, 1).tolist() == [2, 4]  # drop (official video branch): patches only
+    assert fastervlm(attn, unit, patch, 1, cls_token="rank").tolist() == [0, 4]  # [CLS] 0 wins frame 0
+    assert fastervlm(attn, unit, patch, 1, cls_token="keep").tolist() == [0, 3]  # [CLS] + top-0 patches
+    assert fastervlm(attn, unit, patch, 2, cls_token="keep").tolist() == [0, 2, 3, 4]
+    assert fastervlm(attn, unit, patch, 3).tolist() == [0, 1, 2, 3, 4, 5]  # T >= 3 tokens: all, [CLS] too
+
+
+def test_options():
+    m = FasterVLM(64)
+    assert m.config() == {"method": "fastervlm", "budget": 64, "position_mode": "keep", "cls_token": "drop",
+                          "keep_newlines": True}
+    assert m.needs_vision_attention and m.vision_stage
+    with pytest.raises(ValueError):
+        FasterVLM()
+    with pytest.raises(ValueError):
+        FasterVLM(64, cls_token="first")
+
+
+# ------------------------------------------------------------------ the official code as reference
+
+
+def official_fastervlm(tower, pixels, projector, T):
+    """Theia-4869/FasterVLM ``feature_select`` ('patch': drop [CLS], attention row 0 over patches) +
+    ``encode_images`` (mean over heads, top-T, index mask, project, keep masked in order); the
+    video branch's ``encode_videos`` is the same per frame. Returns (n, T, D)."""
+    tower = copy.deepcopy(tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = tower(pixels, output_hidden_states=True, output_attentions=True)
+        image_features = out.hidden_states[-2][:, 1:]
+        image_attentions = out.attentions[-2][:, :, 0, 1:].mean(dim=1)
+        token_indices = torch.topk(image_attentions, k=T, dim=1)[1]
+        index_masks = torch.zeros(image_features.shape[:2], dtype=torch.bool).scatter_(1, token_indices, True)
+        feats = projector(image_features)
+    return torch.stack([f[m] for f, m in zip(feats, index_masks)])
+
+
+def llm_visual_rows(rt, inputs):
+    """Per sample, the visual rows of the sequence entering decoder layer 0 (captured there)."""
+    cap = {}
+    hook = rt.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: cap.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            rt.model(**inputs)
+    finally:
+        hook.remove()
+    vis_ids = torch.tensor([rt.model.config.image_token_id, getattr(rt.model.config, "video_token_id", -1)])
+    rows = []
+    for b in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        pos = torch.nonzero(torch.isin(ids, vis_ids)).flatten()
+        before, after = int(pos[0]), ids.numel() - int(pos[-1]) - 1
+        new = cap["inputs_embeds"][b][cap["attention_mask"][b].bool()]
+        rows.append(new[before:new.shape[0] - after])
+    return rows
+
+
+@pytest.mark.parametrize("rt", ["llava", "video-llava"], indirect=True)
+def test_llm_input_equals_official_fastervlm(rt):
+    """T = 3 per image (LLaVA-1.5) / per frame (Video-LLaVA, [CLS] dropped as the video branch)."""
+    inputs = make_batch(rt)
+    rt.prune("fastervlm", 3)
+    rows = llm_visual_rows(rt, inputs)
+    core = rt.model.model
+    if rt.family == "video_llava":
+        tower, pixels = core.video_tower, inputs["pixel_values_videos"].flatten(0, 1)
+    else:
+        tower, pixels = core.vision_tower, inputs["pixel_values"]
+    ref = official_fastervlm(tower, pixels, core.multi_modal_projector, 3)
+    per_sample = ref.shape[0] // 3
+    for b in range(3):
+        expected = ref[b * per_sample:(b + 1) * per_sample].flatten(0, 1)
+        assert rows[b].shape == (3 * per_sample, expected.shape[-1])
+        torch.testing.assert_close(rows[b], expected, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ tiny models: accounting, generate
+
+
+class _Layout(Method):
+    """Records each sample's tokens per unit and its newline count; keeps everything."""
+
+    name = "layout_spy"
+    vision_stage = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def select_vision(self, sig):
+        self.seen.append(([int((sig.unit == u).sum()) for u in range(sig.num_units)], int(sig.is_newline.sum())))
+        return Selection(keep=torch.arange(sig.num_tokens))
+
+
+def layout(rt, inputs):
+    spy = _Layout()
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.unprune()
+    return spy.seen
+
+
+@ALL
+@pytest.mark.parametrize("budget", [2, 4, 6])  # 64 / 128 / 192 of 576 scaled to 16 patches per unit
+def test_tokens_entering_llm(rt, budget):
+    inputs = make_batch(rt)
+    lay = layout(rt, inputs)
+    if rt.family == "llava":
+        assert lay == [([16], 0)] * 3
+    if rt.family == "video_llava":
+        assert lay == [([17] * 8, 0)] * 3
+    eng = rt.prune("fastervlm", budget)
+    with torch.no_grad():
+        rt.model(**inputs)
+    L = len(rt.model.model.language_model.layers)
+    # T per image (LLaVA-1.5: T), per frame (video: 8T, [CLS] dropped), per crop + newlines (NeXT)
+    for s, (sizes, newlines) in zip(eng.stats.samples, lay):
+        exp = sum(min(budget, n) for n in sizes) + newlines
+        assert s.visual_candidates == sum(sizes) + newlines
+        assert s.visual_per_layer == [exp] * L and s.visual_entering_llm == exp and not s.vision_noop
+
+
+def test_next_spatial_layout_is_exactly_t_per_crop(runtimes):
+    rt = runtimes["llava-next"]
+    rt.processor.next_layout = "spatial"
+    try:
+        inputs = make_batch(rt)
+        assert layout(rt, inputs) == [([16, 16, 16], 0)] * 3
+        eng = rt.prune("fastervlm", 5)
+        with torch.no_grad():
+            rt.model(**inputs)
+        assert [s.visual_entering_llm for s in eng.stats.samples] == [15, 15, 15]
+    finally:
+        rt.unprune()
+        rt.processor.next_layout = "spatial_unpad"
+
+
+@ALL
+def test_generate_batch_of_three_equals_each_sample_alone(rt):
+    inputs = make_batch(rt)
+    rt.prune("fastervlm", 4)
+    with torch.no_grad():
+        batch = rt.model.generate(**inputs, **GEN)
+    new = batch[:, inputs["input_ids"].shape[1]:]
+    assert new.shape == (3, GEN["max_new_tokens"])
+    for i in range(3):
+        one = slice_batch(inputs, i, rt)
+        with torch.no_grad():
+            toks = rt.model.generate(**one, **GEN)
+        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+
+
+@ALL
+def test_keep_all_is_bit_identical_to_unpruned(rt):
+    inputs = make_batch(rt)
+    rt.prune("none")
+    with torch.no_grad():
+        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+    eng = rt.prune("fastervlm", 576)  # more than any tiny unit holds (video: 17 with [CLS])
+    with torch.no_grad():
+        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+    assert all(s.vision_noop for s in eng.stats.samples)
+    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
