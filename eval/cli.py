@@ -1,0 +1,255 @@
+"""Command line of the evaluation harness: ``python -m eval <command>``.
+
+    python -m eval list
+    python -m eval check-data [BENCH ...] --data-root playground/data/eval
+    python -m eval run gqa --model llava-hf/llava-1.5-7b-hf --method consensusdrop --budget 64 \\
+        --data-root playground/data/eval --out runs              # under torchrun / deepspeed for data parallel
+    python -m eval merge RUN_DIR            # exactly-once check + merge.jsonl
+    python -m eval score RUN_DIR            # merge + official conversion + score + results.json
+    python -m eval judge RUN_DIR --base-url URL --model NAME    # MM-Vet / video QA with an LLM judge
+    python -m eval record RUN_DIR VQAv2-testdev=78.5 --source "EvalAI test-dev"
+    python -m eval table runs/ --format md|latex|both [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _kv(pairs, what="--opt") -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"{what} expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _budget(s: str):
+    if s is None or str(s).lower() in ("none", "-", "", "null", "full"):
+        return None
+    return int(s)
+
+
+def _add_run(sub):
+    a = sub.add_parser("run", help="sharded inference + merge + score (one process per GPU under torchrun / deepspeed)")
+    a.add_argument("benchmark")
+    a.add_argument("--model", default="tiny:llava", help="hub id, local directory, shape:<name> or tiny:<family>")
+    a.add_argument("--method", default="none")
+    a.add_argument("--budget", type=_budget, default=None, help="visual-token budget (method convention); 'none' for none")
+    a.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
+    a.add_argument("--bench-opt", action="append", default=[], help="benchmark option key=value (e.g. split=..., all_rounds=true)")
+    a.add_argument("--data-root", default="playground/data/eval", help="LLaVA's playground/data/eval folder")
+    a.add_argument("--out", default="runs", help="runs are written to OUT/<benchmark>/<run-name>/")
+    a.add_argument("--run-name", default=None, help="default: <model>_<method>_b<budget>[_<options>]")
+    a.add_argument("--batch-size", type=int, default=1, help="paper runs use 1 (evaluation.md section 3)")
+    a.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's protocol value (128 / 1024)")
+    a.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
+    a.add_argument("--device", default=None)
+    a.add_argument("--attn-implementation", default="sdpa")
+    a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"])
+    a.add_argument("--num-frames", type=int, default=8)
+    a.add_argument("--no-pad", dest="pad_to_square", action="store_false", help="HF resize+crop instead of pad-to-square")
+    a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")
+    a.add_argument("--stop-after", type=int, default=None, help="debug: exit abruptly after N batches (resume test)")
+    a.add_argument("--overlay-samples", type=int, default=4, help="kept-token overlay images per rank")
+    a.add_argument("--table-samples", type=int, default=32, help="rows of the W&B sample table")
+    a.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not use Weights & Biases at all")
+    a.add_argument("--wandb-project", default=None)
+    a.add_argument("--wandb-entity", default=None)
+    a.add_argument("--wandb-group", default=None)
+    a.add_argument("--wandb-tag", dest="wandb_tags", action="append", default=[])
+    a.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for MM-Vet / video QA")
+    a.add_argument("--judge-model", default=None)
+    a.add_argument("--judge-api-key-env", default=None, help="name of the env variable holding the key (default OPENAI_API_KEY)")
+    a.add_argument("--dist-backend", default=None, choices=[None, "gloo", "nccl"])
+    a.add_argument("--dist-timeout-min", type=float, default=720.0)
+    a.add_argument("--launcher", default=None, help="recorded in the results (torchrun / deepspeed / python)")
+    a.add_argument("--overwrite", action="store_true", help="discard the answers already in the run directory")
+
+
+def _pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
+    """The deepspeed launcher inserts ``--local_rank=N`` right after ``-m eval`` (before the
+    subcommand); take it out wherever it is."""
+    out, local_rank, skip = [], None, False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            local_rank = int(a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            local_rank, skip = int(argv[i + 1]), True
+        else:
+            out.append(a)
+    return out, local_rank
+
+
+def main(argv=None) -> int:
+    argv, local_rank = _pop_local_rank(list(sys.argv[1:] if argv is None else argv))
+    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the benchmarks and their metrics")
+    c = sub.add_parser("check-data", help="check a data folder; says what is missing and where to get it")
+    c.add_argument("benchmarks", nargs="*")
+    c.add_argument("--data-root", default="playground/data/eval")
+    c.add_argument("--shallow", action="store_true", help="only the files, not every image the questions name")
+    _add_run(sub)
+    m = sub.add_parser("merge", help="merge the shard files of a run (exactly-once check)")
+    m.add_argument("run_dir")
+    m.add_argument("--data-root", default=None)
+    s = sub.add_parser("score", help="merge + official conversion + scoring -> results.json")
+    s.add_argument("run_dir")
+    s.add_argument("--data-root", default=None)
+    s.add_argument("--judge-base-url", default=None)
+    s.add_argument("--judge-model", default=None)
+    s.add_argument("--judge-api-key-env", default=None)
+    s.add_argument("--wandb", action="store_true", help="also log the results to a new W&B run")
+    j = sub.add_parser("judge", help="grade MM-Vet / video QA answers with an OpenAI-compatible judge")
+    j.add_argument("run_dir")
+    j.add_argument("--base-url", default=None, help="default: EVAL_JUDGE_BASE_URL or OPENAI_BASE_URL")
+    j.add_argument("--model", default=None, help="default: EVAL_JUDGE_MODEL")
+    j.add_argument("--api-key-env", default=None, help="env variable holding the key (default OPENAI_API_KEY)")
+    j.add_argument("--workers", type=int, default=4)
+    j.add_argument("--data-root", default=None)
+    r = sub.add_parser("record", help="add a server-side score to a results file")
+    r.add_argument("results")
+    r.add_argument("metrics", nargs="+", help="NAME=VALUE")
+    r.add_argument("--source", default=None)
+    fx = sub.add_parser("fixtures", help="write tiny datasets in every benchmark's real layout (smoke runs)")
+    fx.add_argument("dir")
+    fx.add_argument("benchmarks", nargs="*")
+    t = sub.add_parser("table", help="results JSONs -> paper-layout table (markdown / LaTeX)")
+    t.add_argument("paths", nargs="+", help="results.json files or directories searched recursively")
+    t.add_argument("--format", default="md", choices=["md", "latex", "both"])
+    t.add_argument("--out", default=None, help="write here (both: .md and .tex next to this stem)")
+    t.add_argument("--metric", action="append", default=[], help="BENCH=METRIC column override, e.g. mme=MME-P+C")
+    t.add_argument("--paper-vanilla", action="append", default=[], help="METRIC=VALUE: relative to the paper's vanilla")
+    t.add_argument("--no-relative", dest="relative", action="store_false")
+    t.add_argument("--decimals", type=int, default=1)
+    t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        from .benchmarks import BENCHMARKS
+
+        for name, b in BENCHMARKS.items():
+            mets = ", ".join(m.name + ("*" if m.primary else "") for m in b.metrics)
+            print(f"{name:14} {b.title:44} max_new_tokens={b.max_new_tokens:<5} metrics: {mets}")
+        return 0
+    if args.cmd == "check-data":
+        from .datacheck import check_all
+
+        reports = check_all(args.data_root, args.benchmarks or None, deep=not args.shallow)
+        for rep in reports:
+            print(rep.text())
+        return 0 if all(r.ok_inference for r in reports) else 1
+    if args.cmd == "run":
+        from .runner import RunConfig, run
+
+        d = vars(args).copy()
+        d.pop("cmd")
+        d["options"] = _kv(d.pop("opt"))
+        d["bench_options"] = _kv(d.pop("bench_opt"), "--bench-opt")
+        d["local_rank"] = local_rank  # --local_rank=N from the deepspeed launcher (anywhere on the line)
+        return run(RunConfig(**d))
+    if args.cmd in ("merge", "score", "judge"):
+        from .io import read_json
+
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "run_config.json").exists():
+            print(f"error: {run_dir} is not a run directory (no run_config.json)", file=sys.stderr)
+            return 2
+        cfg = read_json(run_dir / "run_config.json")["config"]
+        data_root = args.data_root or cfg["data_root"]
+        if args.cmd == "merge":
+            from .benchmarks import get_benchmark
+            from .results import MergeError, merge
+
+            bench = get_benchmark(cfg["benchmark"], data_root, **cfg.get("bench_options", {}))
+            qs = bench.load()
+            if cfg.get("limit") is not None:
+                qs = qs[: cfg["limit"]]
+            try:
+                official, _ = merge(run_dir, qs)
+            except MergeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(f"merged {len(official)} answers -> {run_dir / 'merge.jsonl'}")
+            return 0
+        from .judge import JudgeConfig
+        from .results import MergeError, score_run
+
+        if args.cmd == "judge":
+            jc = JudgeConfig.from_env(args.base_url, args.model, args.api_key_env, workers=args.workers)
+            if jc is None:
+                print("error: give --base-url and --model (or EVAL_JUDGE_BASE_URL / EVAL_JUDGE_MODEL)", file=sys.stderr)
+                return 2
+        else:
+            jc = JudgeConfig.from_env(args.judge_base_url, args.judge_model, args.judge_api_key_env) \
+                if (args.judge_base_url or args.judge_model) else None
+        wb = None
+        if args.cmd == "score" and args.wandb:
+            from .wandb_log import WandbLogger
+
+            wb = WandbLogger(name=f"{cfg['benchmark']}/{run_dir.name}", group=run_dir.name, job_type="score",
+                             config={"run": cfg}, dir=str(run_dir))
+        try:
+            res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
+        except MergeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            if wb is not None:
+                wb.finish()
+        from .runner import _print_summary
+
+        _print_summary(res)
+        return 0
+    if args.cmd == "record":
+        from .results import record_metric
+
+        for kv in args.metrics:
+            name, _, val = kv.partition("=")
+            res = record_metric(args.results, name, float(val), args.source)
+        print(json.dumps(res["metrics"], indent=1))
+        return 0
+    if args.cmd == "fixtures":
+        from .fixtures import write_fixtures
+
+        print(f"wrote fixtures to {write_fixtures(args.dir, args.benchmarks or None)}")
+        return 0
+    if args.cmd == "table":
+        from .table import make_table
+
+        override = {k.lower(): v for k, v in _kv(args.metric, "--metric").items()}
+        paper = {k: float(v) for k, v in _kv(args.paper_vanilla, "--paper-vanilla").items()}
+        fmts = ["md", "latex"] if args.format == "both" else [args.format]
+        for f in fmts:
+            text = make_table(args.paths, fmt=f, metric_override=override, paper_vanilla=paper or None,
+                              relative=args.relative, decimals=args.decimals, include_partial=args.include_partial)
+            if args.out:
+                out = Path(args.out)
+                if args.format == "both":
+                    out = out.with_suffix(".md" if f == "md" else ".tex")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(text + "\n", encoding="utf-8")
+                print(f"wrote {out}")
+            else:
+                print(text)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

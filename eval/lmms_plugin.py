@@ -1,0 +1,187 @@
+"""lmms-eval model plugin: every pruning method of this repository under lmms-eval's tasks.
+
+Optional extra (it pins older packages and installs torchvision; see reference/pitfalls.md 10):
+
+    pip install -e ".[lmms]"        # then, on CPU-only machines: pip uninstall -y torchvision
+    accelerate launch --num_processes 8 -m lmms_eval --model vtprune \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=consensusdrop,budget=64,opts=key1:val1;key2:val2 \\
+        --tasks gqa,pope --batch_size 1 --log_samples --output_path logs/
+
+Registered through the entry point group ``lmms_eval.models`` (``vtprune = eval.lmms_plugin:manifest``,
+a ModelManifest for lmms-eval >= 0.7 with the manifest registry) and, for older lmms-eval, with
+``register_model`` when this module is imported. This module imports lmms_eval at import time, so
+nothing in this repository imports it; only lmms-eval loads it.
+
+Notes: lmms-eval task prompts differ from LLaVA's scripts (evaluation.md section 7: pooled POPE,
+TextVQA without OCR tokens, ...); the numbers of our own harness (``python -m eval``) are the
+paper-protocol ones. The visual-token accounting of every request is accumulated and written to
+``$VTPRUNE_TOKEN_LOG`` (JSON) at exit when that variable is set.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from typing import List, Tuple
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+try:
+    from lmms_eval.api.registry import register_model
+except ImportError:  # pragma: no cover - very old / very new layouts
+    def register_model(*names):
+        return lambda cls: cls
+
+
+def _parse_opts(s: str) -> dict:
+    out = {}
+    for part in filter(None, (s or "").split(";")):
+        k, _, v = part.partition(":")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@register_model("vtprune")
+class VTPrune(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", method: str = "none", budget=None, opts: str = "",
+                 dtype: str = "float16", device: str | None = None, next_layout: str = "spatial_unpad",
+                 num_frames: int = 8, batch_size: int = 1, max_new_tokens: int = 128, **kwargs):
+        super().__init__()
+        from llava.models import load
+
+        if int(batch_size) != 1:
+            raise ValueError("vtprune: batch_size must be 1 under lmms-eval (LLaVA's protocol; see evaluation.md 3)")
+        self._rank = int(os.environ.get("RANK", 0))
+        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(device)
+        if self._device.type == "cpu" and dtype == "float16":
+            dtype = "float32"
+        self.rt = load(pretrained, dtype=dtype, device=self._device, next_layout=next_layout, num_frames=int(num_frames))
+        budget = None if budget in (None, "", "none", "None") else int(budget)
+        self.engine = self.rt.prune(method, budget, **_parse_opts(opts))
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size_per_gpu = 1
+        self.tokens = {"samples": 0, "tok_in": 0.0, "tok_eq": 0.0, "method": self.engine.method.config(), "model": pretrained}
+        path = os.environ.get("VTPRUNE_TOKEN_LOG")
+        if path:
+            atexit.register(self._write_tokens, f"{path}.rank{self._rank}" if self._world_size > 1 else path)
+
+    # lmms-eval reads these
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+    @property
+    def batch_size(self):
+        return 1
+
+    def _write_tokens(self, path):
+        n = max(self.tokens["samples"], 1)
+        out = {**self.tokens, "tok_in": self.tokens["tok_in"] / n, "tok_eq": self.tokens["tok_eq"] / n}
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+    def _inputs(self, context: str, visuals):
+        from llava.preprocess import load_image
+
+        from .benchmarks.videoqa import load_video
+
+        question = context.replace("<image>", "").replace("<video>", "").strip()
+        images, video = [], None
+        for v in visuals or []:
+            if isinstance(v, str) and not os.path.isdir(v) and v.lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")):
+                video = load_video(v, self.rt.processor.num_frames)
+            elif isinstance(v, str) and os.path.isdir(v):
+                video = load_video(v, self.rt.processor.num_frames)
+            else:
+                images.append(load_image(v))
+        if video is not None:
+            return self.rt.processor([question], videos=[video], device=self._device)
+        return self.rt.processor([question], images=[images or None], device=self._device)
+
+    def _account(self):
+        st = self.engine.stats
+        if st is not None and st.samples:
+            s = st.samples[0]
+            self.tokens["samples"] += 1
+            self.tokens["tok_in"] += s.visual_entering_llm
+            self.tokens["tok_eq"] += s.visual_layer_avg
+
+    def generate_until(self, requests: List[Instance]) -> List[str]:
+        out = []
+        for req in tqdm(requests, disable=self._rank != 0, desc="vtprune"):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            batch = self._inputs(context, visuals)
+            kw = dict(gen_kwargs or {})
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.pop("max_new_tokens", self.max_new_tokens))
+            temperature = float(kw.pop("temperature", 0) or 0)
+            self.engine.sample_keys = [f"{task}/{split}/{doc_id}"]
+            prefills = self.engine.prefills
+            with torch.inference_mode():
+                gen = self.rt.model.generate(**batch, max_new_tokens=max_new, do_sample=temperature > 0,
+                                             temperature=temperature if temperature > 0 else None, num_beams=1,
+                                             use_cache=True)
+            if self.engine.prefills > prefills:
+                self._account()
+            text = self.rt.processor.decode(gen[:, batch["input_ids"].shape[1]:])[0]
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            out.append(text.strip())
+        return out
+
+    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+        res = []
+        tok = self.rt.tokenizer
+        for req in tqdm(requests, disable=self._rank != 0, desc="vtprune loglik"):
+            context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            batch = self._inputs(context, doc_to_visual(doc))
+            cont = tok(continuation, add_special_tokens=False, return_tensors="pt").input_ids.to(self._device)
+            ids = torch.cat([batch["input_ids"], cont], 1)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(cont)], 1)
+            extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+            self.engine.sample_keys = [f"{task}/{split}/{doc_id}"]
+            with torch.inference_mode():
+                logits = self.rt.model(input_ids=ids, attention_mask=mask, **extra).logits
+            self._account()
+            n = cont.shape[1]
+            # pruning shortens the sequence before the text: index the continuation from the end
+            lp = torch.log_softmax(logits[0, -n - 1:-1].float(), -1)
+            tgt = cont[0]
+            res.append((float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
+        return res
+
+    def generate_until_multi_round(self, requests) -> List[str]:
+        raise NotImplementedError("vtprune: multi-round generation is not supported")
+
+
+def manifest():
+    """Entry-point payload for lmms-eval's manifest registry (``lmms_eval.models`` group)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="vtprune", simple_class_path="eval.lmms_plugin.VTPrune")

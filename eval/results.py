@@ -1,0 +1,239 @@
+"""Merge the shard files, run the official conversion + scoring, and write ``results.json``.
+
+Everything here depends only on the run directory (``run_config.json`` + ``answers/``) and the
+data folder, so ``python -m eval score RUN_DIR`` reproduces what the run itself wrote."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+from .benchmarks import get_benchmark
+from .io import complete_jsonl_records, read_json, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "vtprune.eval.results/1"
+EVAL_KEY = "_eval"
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def merge(run_dir: Path, questions) -> tuple[list[dict], list[dict]]:
+    """Collect the answer records of every shard file, check that every question is answered
+    exactly once, write ``merge.jsonl`` (LLaVA's records, question-file order) and return
+    (official records, per-record bookkeeping) in that order."""
+    from .runner import shard_files
+
+    run_dir = Path(run_dir)
+    by_uid: dict[str, list[tuple[str, dict]]] = {}
+    for p in shard_files(run_dir):
+        for r in complete_jsonl_records(p):
+            by_uid.setdefault(r[EVAL_KEY]["uid"], []).append((p.name, r))
+    expected = {q.uid: q for q in questions}
+    dup = {u: [f for f, _ in v] for u, v in by_uid.items() if len(v) > 1}
+    unknown = sorted(set(by_uid) - set(expected))
+    missing = [q.uid for q in questions if q.uid not in by_uid]
+    problems = []
+    if dup:
+        problems.append(f"{len(dup)} question(s) answered more than once, e.g. {dict(list(dup.items())[:3])}")
+    if unknown:
+        problems.append(f"{len(unknown)} answer(s) for questions not in the question list, e.g. {unknown[:3]}")
+    if missing:
+        problems.append(f"{len(missing)} of {len(questions)} question(s) have no answer, e.g. {missing[:3]} "
+                        "(resume the run with the same command to answer them)")
+    if problems:
+        raise MergeError(f"merge of {run_dir}: " + "; ".join(problems))
+    ordered = [by_uid[q.uid][0][1] for q in questions]
+    official = [{k: v for k, v in r.items() if k != EVAL_KEY} for r in ordered]
+    metas = [r[EVAL_KEY] for r in ordered]
+    write_jsonl(run_dir / "merge.jsonl", official)
+    return official, metas
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def token_summary(metas: list[dict], llm_layers: list[int]) -> dict:
+    vis = [m for m in metas if "visual_entering_llm" in m]
+    out: dict[str, Any] = {"samples": len(vis), "samples_total": len(metas)}
+    if not vis:
+        return out
+    out["visual_candidates_mean"] = _mean([m["visual_candidates"] for m in vis])
+    out["tok_in"] = _mean([m["visual_entering_llm"] for m in vis])  # tokens entering the LLM
+    out["tok_eq"] = _mean([m["visual_layer_avg"] for m in vis])  # layer-averaged ("equivalent") tokens
+    per_layer = [m["visual_per_layer"] for m in vis]
+    if len({len(p) for p in per_layer}) == 1:
+        out["per_layer_mean"] = [sum(col) / len(col) for col in zip(*per_layer)]
+        if llm_layers:
+            k = llm_layers[0]
+            out["tok_after_k"] = {"layer": k, "mean": out["per_layer_mean"][k]}
+    out["labels"] = {"tok_in": "visual tokens entering the LLM (mean per sample)",
+                     "tok_eq": "visual tokens averaged over decoder layers (mean per sample)",
+                     "tok_after_k": "visual tokens in the input of the first pruning layer K"}
+    return out
+
+
+def timing_summary(metas: list[dict], wall_s: float | None) -> dict:
+    keys = sorted({k for m in metas for k in m.get("time", {})})
+    out: dict[str, Any] = {f"{k}_s_mean": _mean([m["time"].get(k) for m in metas]) for k in keys}
+    total = sum(m["time"].get("generate", 0.0) for m in metas)
+    out["generate_s_total"] = total
+    out["samples_per_s"] = len(metas) / total if total > 0 else None
+    out["new_tokens_mean"] = _mean([m.get("new_tokens") for m in metas])
+    out["batch_sizes"] = sorted({m.get("batch") for m in metas})
+    out["ranks"] = sorted({m.get("rank") for m in metas})
+    if wall_s is not None:
+        out["wall_s_last_session"] = wall_s
+    out["note"] = "per-sample times are each batch's time divided by its size; prefill parts from engine.stats.timings"
+    return out
+
+
+def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None, wandb=None, judge_cfg=None,
+              strict: bool | None = None) -> dict:
+    run_dir = Path(run_dir)
+    meta = read_json(run_dir / "run_config.json")
+    cfg = meta["config"]
+    resolved = meta.get("resolved", {})
+    data_root = data_root or cfg["data_root"]
+    bench = get_benchmark(cfg["benchmark"], data_root, **cfg.get("bench_options", {}))
+    questions = bench.load()
+    if cfg.get("limit") is not None:
+        questions = questions[: cfg["limit"]]
+    official, metas = merge(run_dir, questions)
+    partial = cfg.get("limit") is not None
+    if strict is None:
+        strict = not partial
+    fin = bench.finalize(official, run_dir, ckpt=run_dir.name, strict=strict)
+    metrics = dict(fin.get("metrics", {}))
+    details = {"finalize": fin.get("details", {})}
+    pending = list(fin.get("pending", []))
+    labels = bench.metric_labels()
+    prev_path = run_dir / "results.json"
+    prev = read_json(prev_path) if prev_path.exists() else {}
+    judge_info = None
+    if bench.needs_judge:
+        if judge_cfg is not None:
+            from .judge import run_judge
+
+            jr = run_judge(bench, official, run_dir, judge_cfg, strict=strict)
+            judge_info = jr["judge"]
+            metrics.update(jr["metrics"])
+            details["judge"] = jr.get("details", {})
+        elif prev.get("judge"):
+            judge_info = prev["judge"]
+            metrics.update({k: v for k, v in prev.get("metrics", {}).items() if k in labels})
+            details["judge"] = prev.get("details", {}).get("judge", {})
+        if judge_info is not None:
+            pending = [p for p in pending if "judge" not in p]
+            tag = f"judge={judge_info['model']}, {judge_info['date']}"
+            labels = {k: f"{v} [{tag}]" for k, v in labels.items()}
+            if judge_info.get("failures"):
+                pending.append(f"judge: {judge_info['failures']} item(s) failed; rerun `python -m eval judge {run_dir}`")
+    # server scores recorded earlier with `eval record` survive a re-score
+    for k in prev.get("metric_sources", {}):
+        if k in prev.get("metrics", {}):
+            metrics[k] = prev["metrics"][k]
+            pending = [p for p in pending if not p.startswith(f"{k}:")]
+    deviations = []
+    gen = resolved.get("generation") or {}
+    if gen.get("max_new_tokens") not in (None, bench.max_new_tokens):
+        deviations.append(f"max_new_tokens={gen.get('max_new_tokens')} (protocol: {bench.max_new_tokens})")
+    if (gen.get("batch_size") or 1) != 1:
+        deviations.append(f"batch_size={gen.get('batch_size')} (protocol: 1)")
+    if not cfg.get("pad_to_square", True):
+        deviations.append("image preprocessing: centre crop (protocol: pad to square)")
+    if cfg.get("template"):
+        deviations.append(f"template override {cfg['template']}")
+    if partial:
+        deviations.append(f"limit={cfg.get('limit')} (partial run)")
+    res = {
+        "schema": SCHEMA,
+        "benchmark": bench.name,
+        "title": bench.title,
+        "metrics": metrics,
+        "metric_labels": {k: labels.get(k, k) for k in metrics} | {k: v for k, v in labels.items() if k not in metrics},
+        "primary_metric": bench.primary_metric(),
+        "partial": partial,
+        "protocol": {"evaluator": bench.protocol, "follows_protocol": not deviations, "deviations": deviations},
+        "pending": pending,
+        "counts": {"questions": len(questions), "answered": len(official)},
+        "model": resolved.get("model", {"id": cfg["model"]}),
+        "method": resolved.get("method_config", {"method": cfg["method"], "budget": cfg.get("budget"), **cfg.get("options", {})}),
+        "method_llm_layers": resolved.get("llm_layers"),
+        "config": cfg,
+        "generation": resolved.get("generation"),
+        "benchmark_config": resolved.get("benchmark", bench.config()),
+        "tokens": token_summary(metas, resolved.get("llm_layers") or []),
+        "timing": timing_summary(metas, wall_s),
+        "world_size": resolved.get("world_size"),
+        "launcher": resolved.get("launcher"),
+        "git": resolved.get("git"),
+        "env": resolved.get("env"),
+        "judge": judge_info,
+        "metric_sources": prev.get("metric_sources", {}),
+        "details": details,
+        "files": {"merge": str(run_dir / "merge.jsonl"), **fin.get("files", {}), "results": str(run_dir / "results.json")},
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if wandb is not None:
+        res["wandb"] = wandb.info()
+        log_to_wandb(wandb, res, run_dir, metas, official)
+        res["wandb"] = wandb.info()
+    elif prev.get("wandb"):
+        res["wandb"] = prev["wandb"]
+    write_json(run_dir / "results.json", res)
+    return res
+
+
+def log_to_wandb(wb, res: dict, run_dir: Path, metas: list[dict], official: list[dict], n_rows: int | None = None) -> None:
+    if wb is None or not wb.active:
+        return
+    cfg = res["config"]
+    n_rows = n_rows if n_rows is not None else int(cfg.get("table_samples", 32))
+    wb.config_update({"results": {k: res[k] for k in ("benchmark", "model", "method", "generation", "git") if k in res}})
+    summary = {f"metrics/{k}": v for k, v in res["metrics"].items()}
+    t = res["tokens"]
+    for k in ("tok_in", "tok_eq", "visual_candidates_mean"):
+        if t.get(k) is not None:
+            summary[f"tokens/{k}"] = t[k]
+    for k in ("generate_s_mean", "prefill_total_s_mean", "vision_s_mean", "selection_s_mean", "llm_s_mean", "samples_per_s"):
+        if res["timing"].get(k) is not None:
+            summary[f"time/{k}"] = res["timing"][k]
+    summary["counts/answered"] = res["counts"]["answered"]
+    wb.log(summary)
+    wb.summary(summary)
+    # sample table: overlays first, then the first answers in question order
+    idx = [i for i, m in enumerate(metas) if m.get("overlay")]
+    idx += [i for i in range(len(metas)) if i not in idx]
+    rows = []
+    for i in idx[:n_rows]:
+        m, r = metas[i], official[i]
+        pred = r.get("text", r.get("pred"))
+        prompt = r.get("prompt", r.get("question"))
+        ov = str(run_dir / m["overlay"]) if m.get("overlay") else None
+        rows.append([m["uid"], prompt, pred, r.get("answer"), m.get("visual_entering_llm"), m.get("visual_layer_avg"), ov])
+    if rows:
+        wb.table("samples", ["uid", "prompt", "prediction", "reference", "tok_in", "tok_eq", "kept_tokens"], rows,
+                 image_columns=("kept_tokens",))
+
+
+def record_metric(results_path, name: str, value: float, source: str | None = None) -> dict:
+    """Add a number obtained elsewhere (an evaluation server) to a results file."""
+    path = Path(results_path)
+    if path.is_dir():
+        path = path / "results.json"
+    res = read_json(path)
+    res["metrics"][name] = float(value)
+    res.setdefault("metric_sources", {})[name] = {"source": source or "recorded by hand",
+                                                   "date": datetime.date.today().isoformat()}
+    res["pending"] = [p for p in res.get("pending", []) if not p.startswith(f"{name}:")]
+    res.setdefault("metric_labels", {}).setdefault(name, name)
+    write_json(path, res)
+    return res

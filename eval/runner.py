@@ -1,0 +1,494 @@
+"""Sharded, resumable inference for one benchmark, then merge -> official conversion -> score ->
+results JSON (rank 0).
+
+Sharding follows LLaVA's scripts: the question list is cut into ``world`` contiguous chunks of
+ceil(N / world); rank r answers chunk r and appends its answer records to
+``<run>/answers/{world}_{rank}.jsonl``, flushed (and fsynced) after every batch. A restarted run
+skips every question already answered in *any* shard file of the run (so it may even restart
+with a different number of processes) and cuts a torn last line before appending. After a
+barrier, rank 0 merges: every question answered exactly once, records in question-file order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import dist as distmod
+from .benchmarks import Benchmark, Question, get_benchmark
+from .io import JsonlAppender, complete_jsonl_records, read_json, write_json
+
+log = logging.getLogger("eval")
+
+EVAL_KEY = "_eval"  # per-record bookkeeping in shard files (stripped from merge.jsonl)
+SHARD_RE = re.compile(r"^(\d+)_(\d+)\.jsonl$")
+#: config fields that must match to resume into an existing run directory
+RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
+               "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation")
+
+
+@dataclass
+class RunConfig:
+    benchmark: str
+    model: str = "tiny:llava"
+    method: str = "none"
+    budget: int | None = None
+    options: dict = field(default_factory=dict)
+    bench_options: dict = field(default_factory=dict)
+    data_root: str = "playground/data/eval"
+    out: str = "runs"
+    run_name: str | None = None
+    batch_size: int = 1
+    max_new_tokens: int | None = None  # None: the benchmark's protocol value
+    dtype: str | None = None  # None: float16 on GPU, float32 on CPU
+    device: str | None = None  # None: cuda:<local_rank> if available, else cpu
+    attn_implementation: str = "sdpa"
+    next_layout: str = "spatial_unpad"
+    num_frames: int = 8
+    pad_to_square: bool = True
+    template: str | None = None
+    seed: int = 0
+    limit: int | None = None  # first N questions only (smoke runs; results marked partial)
+    stop_after: int | None = None  # debug: exit abruptly (os._exit) after N batches of this process
+    overlay_samples: int = 4
+    table_samples: int = 32
+    wandb: bool = True
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    wandb_tags: list = field(default_factory=list)
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str | None = None
+    dist_backend: str | None = None
+    dist_timeout_min: float = 720.0
+    local_rank: int | None = None
+    launcher: str | None = None
+    overwrite: bool = False
+
+    def resume_view(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in RESUME_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    model = cfg.model.rstrip("/").split("/")[-1].replace(":", "-")
+    parts = [model, cfg.method]
+    if cfg.budget is not None:
+        parts.append(f"b{cfg.budget}")
+    if cfg.options:
+        parts.append("-".join(f"{k}={v}" for k, v in sorted(cfg.options.items())))
+    if cfg.next_layout != "spatial_unpad":
+        parts.append(cfg.next_layout)
+    if not cfg.pad_to_square:
+        parts.append("crop")
+    if cfg.limit is not None:
+        parts.append(f"limit{cfg.limit}")
+    name = "_".join(str(p) for p in parts)
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", name)[:150]
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.out) / cfg.benchmark / (cfg.run_name or default_run_name(cfg))
+
+
+def chunk(items: list, world: int, rank: int) -> list:
+    """LLaVA's split_list / get_chunk: contiguous chunks of ceil(N / world)."""
+    if not items:
+        return []
+    size = math.ceil(len(items) / world)
+    return items[rank * size:(rank + 1) * size]
+
+
+def shard_files(run_dir: Path) -> list[Path]:
+    d = run_dir / "answers"
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if SHARD_RE.match(p.name)),
+                  key=lambda p: tuple(int(x) for x in SHARD_RE.match(p.name).groups()))
+
+
+def answered_uids(run_dir: Path) -> set[str]:
+    out = set()
+    for p in shard_files(run_dir):
+        for r in complete_jsonl_records(p):
+            out.add(r[EVAL_KEY]["uid"])
+    return out
+
+
+def git_info() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+
+
+def env_info(device) -> dict:
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "host": platform.node(), "device": str(device)}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpus_visible"] = torch.cuda.device_count()
+    return out
+
+
+def check_inputs(bench: Benchmark, questions: list[Question]) -> list[str]:
+    """Missing input files of the questions (images / videos)."""
+    missing = []
+    if hasattr(bench, "missing_inputs"):
+        return [f"video {v}" for v in bench.missing_inputs(questions)]
+    for q in questions:
+        if isinstance(q.image, str) and not os.path.exists(q.image):
+            missing.append(q.image)
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------
+
+
+class _Batches:
+    """Consecutive questions grouped into batches of one modality (text-only ScienceQA problems
+    never share a batch with image ones)."""
+
+    def __init__(self, questions: list[Question], size: int):
+        self.batches: list[list[Question]] = []
+        cur: list[Question] = []
+        for q in questions:
+            if cur and (len(cur) >= size or cur[0].modality != q.modality):
+                self.batches.append(cur)
+                cur = []
+            cur.append(q)
+        if cur:
+            self.batches.append(cur)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _sync(device):
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def run(cfg: RunConfig) -> int:
+    """Entry point of ``python -m eval run`` on every rank. Returns the exit code."""
+    import numpy as np
+    import torch
+
+    t_start = time.time()
+    info = distmod.detect(cfg.local_rank)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
+    bench = get_benchmark(cfg.benchmark, cfg.data_root, **cfg.bench_options)
+    cfg.benchmark = bench.name
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = bench.max_new_tokens
+    if cfg.batch_size < 1:
+        raise SystemExit("--batch-size must be >= 1")
+
+    # data check before anything heavy
+    from .datacheck import check_benchmark
+
+    report = check_benchmark(bench, deep=False)
+    if not report.ok_inference:
+        if info.is_main:
+            print(report.text(), file=sys.stderr)
+        return 2
+    questions = bench.load()
+    if cfg.limit is not None:
+        questions = questions[: cfg.limit]
+    missing = check_inputs(bench, questions)
+    if missing:
+        if info.is_main:
+            print(f"error: {len(missing)} input file(s) referenced by the {bench.name} questions are missing under "
+                  f"{cfg.data_root}, e.g.:\n  " + "\n  ".join(missing[:10]) +
+                  f"\nRun `python -m eval check-data {bench.name} --data-root {cfg.data_root}` for where to get them.",
+                  file=sys.stderr)
+        return 2
+
+    run_dir = run_dir_of(cfg)
+    cfg_path = run_dir / "run_config.json"
+    distmod.init(info, cfg.dist_backend, cfg.dist_timeout_min)
+    try:
+        if info.is_main:
+            if cfg.overwrite and run_dir.exists():
+                for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", cfg_path]:
+                    if p.exists():
+                        p.unlink()
+            if cfg_path.exists():
+                prev = read_json(cfg_path).get("config", {})
+                mismatch = {k: (prev.get(k), v) for k, v in cfg.resume_view().items() if prev.get(k) != v}
+                if mismatch:
+                    msg = (f"error: {run_dir} holds answers of a different configuration {mismatch} (existing, new); "
+                           "use another --run-name / --out, or --overwrite")
+                    print(msg, file=sys.stderr)
+                    cfg_ok = False
+                else:
+                    cfg_ok = True
+            else:
+                cfg_ok = True
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_json(cfg_path, {"config": dataclasses.asdict(cfg), "created": _now()})
+        else:
+            cfg_ok = None
+        cfg_ok = distmod.broadcast_object(info, cfg_ok)
+        if not cfg_ok:
+            return 2
+
+        mine = chunk(questions, info.world, info.rank)
+        done = answered_uids(run_dir)
+        todo = [q for q in mine if q.uid not in done]
+        log.info("%s: %d questions, this rank %d (%d already answered, %d to go), world %d",
+                 bench.name, len(questions), len(mine), len(mine) - len(todo), len(todo), info.world)
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.device:
+            device = torch.device(cfg.device)
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
+        else:
+            device = torch.device("cpu")
+        dtype = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
+
+        from llava.models import load
+
+        rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
+                  template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
+                  pad_to_square=cfg.pad_to_square, seed=cfg.seed)
+        engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
+        resolved = {
+            "method_config": engine.method.config(),
+            "llm_layers": list(engine.llm_layers),
+            "vision_stage": bool(engine.method.vision_stage),
+            "model": {"id": cfg.model, "name": rt.name, "family": rt.family, "dtype": dtype,
+                      "template": rt.template.name, "next_layout": rt.processor.next_layout,
+                      "preprocess": "pad" if rt.processor.pad_to_square else "crop",
+                      "num_frames": rt.processor.num_frames,
+                      "image_size": rt.model.config.vision_config.image_size,
+                      "patch_size": rt.model.config.vision_config.patch_size,
+                      "decoder_layers": len(engine.lm.layers), **rt.info},
+            "generation": {"do_sample": False, "num_beams": 1, "use_cache": True, "max_new_tokens": cfg.max_new_tokens,
+                           "batch_size": cfg.batch_size},
+            "benchmark": bench.config(),
+            "world_size": info.world,
+            "launcher": cfg.launcher or _guess_launcher(),
+            "git": git_info(),
+            "env": env_info(device),
+        }
+        if info.is_main:
+            meta = read_json(cfg_path)
+            meta["resolved"] = resolved
+            write_json(cfg_path, meta)
+
+        wb = None
+        if info.is_main:
+            from .wandb_log import WandbLogger
+
+            wb = WandbLogger(enabled=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity,
+                             name=f"{bench.name}/{run_dir.name}", group=cfg.wandb_group or run_dir.name,
+                             tags=list(cfg.wandb_tags) + [bench.name, cfg.method],
+                             config={"run": dataclasses.asdict(cfg), **{k: v for k, v in resolved.items() if k != "env"}},
+                             dir=str(run_dir))
+
+        _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done))
+        distmod.barrier(info)
+        code = 0
+        if info.is_main:
+            from .results import score_run
+
+            try:
+                results = score_run(run_dir, data_root=cfg.data_root, wall_s=time.time() - t_start, wandb=wb,
+                                    judge_cfg=_judge_cfg(cfg))
+                _print_summary(results)
+            except Exception as e:  # noqa: BLE001 - answers are safe on disk; report and fail
+                log.exception("merge / scoring failed: %s", e)
+                print(f"error: merge / scoring failed: {e}\nAnswers are kept in {run_dir}/answers; fix the cause and run "
+                      f"`python -m eval score {run_dir}`.", file=sys.stderr)
+                code = 1
+            if wb is not None:
+                wb.finish()
+                if wb.hung:  # a stuck W&B upload must not hold the run
+                    distmod.close(info)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+        return code
+    finally:
+        distmod.close(info)
+
+
+def _judge_cfg(cfg: RunConfig):
+    from .judge import JudgeConfig
+
+    return JudgeConfig.from_env(cfg.judge_base_url, cfg.judge_model, cfg.judge_api_key_env)
+
+
+def _guess_launcher() -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if any(a.startswith("--local_rank") for a in sys.argv):
+        return "deepspeed"
+    return "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "unknown"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_done):
+    import torch
+    from tqdm import tqdm
+
+    from llava.preprocess import load_image
+
+    from .overlay import kept_overlay, view_mode
+
+    shard = run_dir / "answers" / f"{info.world}_{info.rank}.jsonl"
+    overlay_dir = run_dir / "overlays"
+    vc = rt.model.config.vision_config
+    grid = vc.image_size // vc.patch_size
+    overlays_left = cfg.overlay_samples
+    batches = _Batches(todo, cfg.batch_size)
+    model_id = cfg.model.rstrip("/").split("/")[-1]
+    answered = 0
+    sums = {"in": 0.0, "avg": 0.0, "n": 0}
+    with JsonlAppender(shard) as out:
+        tty = sys.stderr.isatty()
+        bar = tqdm(batches, total=len(batches), desc=f"{bench.name} rank {info.rank}/{info.world}",
+                   mininterval=5 if tty else 60, dynamic_ncols=tty)
+        for nb, batch in enumerate(bar):
+            texts = [q.text for q in batch]
+            if batch[0].modality == "video":
+                from .benchmarks.videoqa import load_video
+
+                inputs = rt.processor(texts, videos=[load_video(q.video, rt.processor.num_frames) for q in batch],
+                                      device=device)
+                pil = None
+            elif batch[0].modality == "image":
+                pil = [load_image(q.load_image()) for q in batch]
+                inputs = rt.processor(texts, images=pil, device=device)
+            else:
+                pil = None
+                inputs = rt.processor(texts, images=[None] * len(batch), device=device)
+            has_visual = "pixel_values" in inputs or "pixel_values_videos" in inputs
+            engine.sample_keys = [q.uid for q in batch]
+            prefills = engine.prefills
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                gen = rt.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
+                                        use_cache=True)
+            _sync(device)
+            t_gen = time.perf_counter() - t0
+            engine.sample_keys = None
+            new = gen[:, inputs["input_ids"].shape[1]:]
+            outs = rt.processor.decode(new)
+            if has_visual and engine.prefills != prefills + 1:
+                raise RuntimeError("the pruning engine did not handle this batch's prefill (token accounting would be stale)")
+            stats = engine.stats if has_visual else None
+            eos = rt.tokenizer.eos_token_id
+            pad = rt.tokenizer.pad_token_id
+            recs = []
+            for b, (q, text) in enumerate(zip(batch, outs)):
+                rec = bench.record(q, bench.postprocess(text), model_id)
+                row = new[b].tolist()
+                n_new = next((i + 1 for i, t in enumerate(row) if t == eos), len(row) - sum(1 for t in row if t == pad))
+                meta = {"uid": q.uid, "idx": q.idx, "rank": info.rank, "batch": len(batch), "new_tokens": n_new,
+                        "time": {"generate": t_gen / len(batch)}}
+                if stats is not None:
+                    s = stats.samples[b].as_dict()
+                    meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],
+                                visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"])
+                    meta["time"].update({k: v / len(batch) for k, v in stats.timings.items()})
+                    sums["in"] += s["visual_entering_llm"]
+                    sums["avg"] += s["visual_layer_avg"]
+                    sums["n"] += 1
+                if overlays_left > 0 and stats is not None and ("vision", b) in engine.selections:
+                    try:
+                        sel = engine.selections[("vision", b)]
+                        keep = sel.keep.tolist() + ([] if sel.targets is None else sel.targets.tolist())
+                        img = pil[b] if pil is not None else _first_frame(q, rt)
+                        video = batch[0].modality == "video"
+                        mode = view_mode(rt.family, video, rt.processor.pad_to_square)
+                        ov = kept_overlay(img, mode, grid, vc.image_size, keep, cls_first=video)
+                        overlay_dir.mkdir(parents=True, exist_ok=True)
+                        path = overlay_dir / f"{_safe(q.uid)}.png"
+                        ov.save(path)
+                        meta["overlay"] = str(path.relative_to(run_dir))
+                        overlays_left -= 1
+                    except Exception as e:  # noqa: BLE001 - a picture must never stop the run
+                        log.warning("overlay for %s failed: %s", q.uid, e)
+                rec[EVAL_KEY] = meta
+                recs.append(rec)
+            out.write(recs)
+            out.flush()
+            answered += len(batch)
+            if wb is not None and wb.active:
+                logd = {"progress/answered_rank0": answered, "progress/fraction_rank0": answered / max(len(todo), 1),
+                        "time/generate_s_per_sample": t_gen / len(batch)}
+                if sums["n"]:
+                    logd.update({"tokens/entering_llm_mean": sums["in"] / sums["n"],
+                                 "tokens/layer_avg_mean": sums["avg"] / sums["n"]})
+                wb.log(logd)
+            if cfg.stop_after is not None and nb + 1 >= cfg.stop_after:
+                log.warning("--stop-after %d: exiting abruptly (simulated crash)", cfg.stop_after)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(3)
+        bar.close()
+
+
+def _first_frame(q, rt):
+    from .benchmarks.videoqa import load_video
+
+    return load_video(q.video, rt.processor.num_frames)[0]
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:100]
+
+
+def _print_summary(results: dict) -> None:
+    print(f"\n== {results['benchmark']} | {results['model']['id']} | {results['method'].get('method')} "
+          f"budget={results['method'].get('budget')} ==")
+    for k, v in results["metrics"].items():
+        print(f"  {k:<24} {v:10.2f}   {results['metric_labels'].get(k, '')}")
+    t = results.get("tokens", {})
+    if t.get("samples"):
+        print(f"  visual tokens: {t['visual_candidates_mean']:.1f} candidates -> {t['tok_in']:.1f} entering the LLM "
+              f"(tok-in), {t['tok_eq']:.1f} layer-averaged (tok-eq)")
+    for p in results.get("pending", []):
+        print(f"  pending: {p}")
+    print(f"  results: {results['files']['results']}")

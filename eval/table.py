@@ -1,0 +1,211 @@
+"""``python -m eval table``: results JSONs -> the papers' table layout (markdown and LaTeX).
+
+Rows: the unpruned model (method ``none``) first, then one group per token budget (largest
+first), one row per method; columns: one per benchmark showing its metric *variant* in the
+header (e.g. ``MME-P``, ``POPE-F1avg3``), then the visual tokens actually measured (``tok-in``
+entering the LLM, ``tok-eq`` layer-averaged) and ``Avg``. Each cell can show the value relative
+to the unpruned row; ``Avg`` is the mean over the row's benchmarks of method / vanilla (x 100 %),
+as the papers compute it, labelled ``Avg(rel, vanilla=ours|paper)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import read_json
+
+ORDER = ["gqa", "mmbench", "mmbench_cn", "mme", "pope", "sqa", "vqav2", "vqav2_val", "textvqa", "textvqa_noocr",
+         "vizwiz", "seed", "mmvet", "msvd", "msrvtt", "tgif", "activitynet"]
+VANILLA = "none"
+
+
+@dataclass
+class Row:
+    method: str
+    budget: Any
+    options: dict
+    cells: dict[str, dict] = field(default_factory=dict)  # benchmark -> results
+    label: str = ""
+
+
+def find_results(paths) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(p.rglob("results.json")))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such results file or directory: {p}")
+    return out
+
+
+def load_results(paths, include_partial: bool = False) -> list[dict]:
+    res = []
+    for p in find_results(paths):
+        r = read_json(p)
+        if r.get("schema", "").startswith("vtprune.eval.results") and (include_partial or not r.get("partial")):
+            r["_path"] = str(p)
+            res.append(r)
+    return res
+
+
+def _opts(method_cfg: dict) -> dict:
+    return {k: v for k, v in method_cfg.items() if k not in ("method", "budget")}
+
+
+def build(results: list[dict], metric_override: dict[str, str] | None = None,
+          paper_vanilla: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per model: columns, rows and the metric used for each benchmark column."""
+    metric_override = metric_override or {}
+    models: dict[str, dict] = {}
+    for r in results:
+        mid = r["model"].get("id") or r["model"].get("name")
+        layout = r["model"].get("next_layout") if r["model"].get("family") == "llava_next" else None
+        key = mid + (f" [{layout}]" if layout else "") + (f" [{r['model'].get('preprocess')}]" if r["model"].get("preprocess") == "crop" else "")
+        m = models.setdefault(key, {"rows": {}, "benches": {}, "labels": {}})
+        bench = r["benchmark"]
+        metric = metric_override.get(bench) or r.get("primary_metric")
+        m["benches"][bench] = metric
+        m["labels"][metric] = r.get("metric_labels", {}).get(metric, metric)
+        meth = r["method"]
+        rk = (meth.get("method"), meth.get("budget"), json.dumps(_opts(meth), sort_keys=True, default=str))
+        row = m["rows"].setdefault(rk, Row(meth.get("method"), meth.get("budget"), _opts(meth)))
+        prev = row.cells.get(bench)
+        if prev is None or r.get("created", "") >= prev.get("created", ""):
+            row.cells[bench] = r
+    for m in models.values():
+        # labels: method name, plus the options that differ between rows of the same method and budget
+        by_mb: dict[tuple, list[Row]] = {}
+        for row in m["rows"].values():
+            by_mb.setdefault((row.method, row.budget), []).append(row)
+        for rows in by_mb.values():
+            for row in rows:
+                row.label = row.method if row.method != VANILLA else "Vanilla (unpruned)"
+                if len(rows) > 1:
+                    keys = sorted({k for o in rows for k in o.options if len({json.dumps(x.options.get(k), default=str) for x in rows}) > 1})
+                    row.label += " (" + ", ".join(f"{k}={row.options.get(k)}" for k in keys) + ")"
+        m["columns"] = [b for b in ORDER if b in m["benches"]] + sorted(b for b in m["benches"] if b not in ORDER)
+        m["paper_vanilla"] = paper_vanilla or {}
+    return models
+
+
+def _value(row: Row, bench: str, metric: str):
+    r = row.cells.get(bench)
+    if r is None:
+        return None
+    v = r.get("metrics", {}).get(metric)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _tokens(row: Row, key: str):
+    vals = [r["tokens"].get(key) for r in row.cells.values() if r.get("tokens", {}).get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(v, d):
+    return "–" if v is None else f"{v:.{d}f}"
+
+
+def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, decimals: int = 1) -> str:
+    out = []
+    for model, m in models.items():
+        cols = m["columns"]
+        metrics = [m["benches"][b] for b in cols]
+        rows = list(m["rows"].values())
+        vanilla_rows = [r for r in rows if r.method == VANILLA]
+        vanilla = vanilla_rows[0] if vanilla_rows else None
+        paper = m["paper_vanilla"]
+        source = "paper" if paper else "ours"
+
+        def base(bench, metric):
+            if paper:
+                return paper.get(metric, paper.get(bench))
+            return _value(vanilla, bench, metric) if vanilla else None
+
+        def avg(row):
+            ratios = []
+            for b, met in zip(cols, metrics):
+                v, bv = _value(row, b, met), base(b, met)
+                if v is not None and bv:
+                    ratios.append(v / bv)
+            if not ratios:
+                return None, 0
+            return 100.0 * sum(ratios) / len(ratios), len(ratios)
+
+        others = sorted((r for r in rows if r.method != VANILLA),
+                        key=lambda r: (-(r.budget if isinstance(r.budget, (int, float)) else -1), r.label))
+        groups: list[tuple[str | None, list[Row]]] = []
+        if vanilla_rows:
+            groups.append((None, vanilla_rows))
+        for r in others:
+            title = f"{r.budget} tokens" if r.budget is not None else "no budget"
+            if not groups or groups[-1][0] != title:
+                groups.append((title, []))
+            groups[-1][1].append(r)
+        avg_head = f"Avg(rel, vanilla={source})"
+        header = ["Method", "Budget"] + metrics + ["tok-in", "tok-eq", avg_head]
+        body: list[tuple[str | None, list[list[str]]]] = []
+        for title, grp in groups:
+            lines = []
+            for r in grp:
+                cells = [r.label, "–" if r.budget is None else str(r.budget)]
+                for b, met in zip(cols, metrics):
+                    v, bv = _value(r, b, met), base(b, met)
+                    c = _fmt(v, decimals)
+                    if relative and v is not None and bv and (r.method != VANILLA or paper):
+                        c += f" ({100.0 * v / bv:.1f}%)" if fmt == "md" else f" {{\\scriptsize({100.0 * v / bv:.1f}\\%)}}"
+                    cells.append(c)
+                cells += [_fmt(_tokens(r, "tok_in"), 1), _fmt(_tokens(r, "tok_eq"), 1)]
+                a, n = avg(r)
+                pct = "\\%" if fmt == "latex" else "%"
+                a_txt = "–" if a is None else f"{a:.1f}{pct}" + ("*" if n < len(cols) else "")
+                cells.append(a_txt)
+                lines.append(cells)
+            body.append((title, lines))
+        notes = [f"Model: {model}. All rows are our re-runs (`rerun`); metric variants per column:"]
+        notes += [f"  {met}: {m['labels'].get(met, met)}" for met in metrics]
+        notes.append("tok-in = visual tokens entering the LLM, tok-eq = layer-averaged visual tokens (means over the row's runs).")
+        notes.append(f"{avg_head}: mean over the row's benchmarks of method / vanilla x 100%; * = some benchmark missing in the row.")
+        if fmt == "md":
+            out.append(f"### {model}\n")
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "---|" * len(header))
+            for title, lines in body:
+                if title:
+                    out.append("| **" + title + "** |" + " |" * (len(header) - 1))
+                for ln in lines:
+                    out.append("| " + " | ".join(ln) + " |")
+            out.append("")
+            out.extend(notes)
+            out.append("")
+        else:
+            esc = lambda s: s.replace("%", "\\%").replace("_", "\\_").replace("&", "\\&").replace("#", "\\#")  # noqa: E731
+            out.append(f"% {model}")
+            out.append("\\begin{tabular}{l" + "c" * (len(header) - 1) + "}")
+            out.append("\\toprule")
+            out.append(" & ".join(esc(h) for h in header) + " \\\\")
+            out.append("\\midrule")
+            for title, lines in body:
+                if title:
+                    out.append(f"\\multicolumn{{{len(header)}}}{{l}}{{\\textit{{{esc(title)}}}}} \\\\")
+                for ln in lines:
+                    out.append(" & ".join([esc(ln[0]), esc(ln[1])] + ln[2:]).replace("–", "--") + " \\\\")
+                out.append("\\midrule")
+            out[-1] = "\\bottomrule"
+            out.append("\\end{tabular}")
+            out.extend("% " + n for n in notes)
+            out.append("")
+    return "\n".join(out)
+
+
+def make_table(paths, fmt: str = "md", metric_override=None, paper_vanilla=None, relative: bool = True,
+               decimals: int = 1, include_partial: bool = False) -> str:
+    results = load_results(paths, include_partial=include_partial)
+    if not results:
+        raise ValueError("no results.json found" + ("" if include_partial else " (partial runs are skipped; --include-partial)"))
+    return render(build(results, metric_override, paper_vanilla), fmt=fmt, relative=relative, decimals=decimals)

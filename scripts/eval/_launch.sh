@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Shared launcher of scripts/eval/<bench>.sh (sourced; BENCH and the variables are set by the caller).
+#   bash scripts/eval/<bench>.sh <method> <budget|none> [model] [extra args for `python -m eval run` ...]
+# Variables (environment overrides the defaults at the top of each script):
+#   MODEL      hub id / local dir / tiny:<family>        DATA_ROOT  LLaVA's playground/data/eval
+#   OUT        runs directory (OUT/<bench>/<run-name>/)   NPROC      processes per node (default: visible GPUs, else 1)
+#   LAUNCHER   torchrun (default) | deepspeed | python    NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT for multi-node
+#   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+    echo "usage: bash scripts/eval/${BENCH}.sh <method> <budget|none> [model] [extra run args...]" >&2
+    exit 2
+fi
+METHOD="$1"; BUDGET="$2"; shift 2
+if [[ $# -ge 1 && "${1:0:2}" != "--" ]]; then MODEL="$1"; shift; fi
+
+if [[ -z "${NPROC:-}" ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then NPROC=$(nvidia-smi -L 2>/dev/null | wc -l); fi
+    if [[ -z "${NPROC:-}" || "${NPROC}" -lt 1 ]]; then NPROC=1; fi
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then IFS=',' read -ra _GPUS <<< "$CUDA_VISIBLE_DEVICES"; NPROC=${#_GPUS[@]}; fi
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+LAUNCHER="${LAUNCHER:-torchrun}"
+PYTHON="${PYTHON:-python}"
+
+# absolute paths, then run from the repository root (so `-m eval` resolves even without an install)
+_abs() { if [[ -e "$1" ]]; then (cd "$(dirname "$1")" && echo "$(pwd)/$(basename "$1")"); else echo "$1"; fi; }
+mkdir -p "$OUT"
+DATA_ROOT="$(_abs "$DATA_ROOT")"; OUT="$(_abs "$OUT")"
+[[ -e "$MODEL" ]] && MODEL="$(_abs "$MODEL")"
+ARGS=(run "$BENCH" --model "$MODEL" --method "$METHOD" --budget "$BUDGET" --data-root "$DATA_ROOT" --out "$OUT")
+# shellcheck disable=SC2206
+[[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=(${EXTRA_ARGS})
+ARGS+=("$@")
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+if [[ "$LAUNCHER" == "python" || ( "$LAUNCHER" == "torchrun" && "$NPROC" -eq 1 && "$NNODES" -eq 1 ) ]]; then
+    exec "$PYTHON" -m eval "${ARGS[@]}" --launcher python
+elif [[ "$LAUNCHER" == "torchrun" ]]; then
+    if [[ "$NNODES" -eq 1 ]]; then
+        exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m eval "${ARGS[@]}" --launcher torchrun
+    fi
+    exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
+        --master_addr="${MASTER_ADDR:?set MASTER_ADDR for multi-node}" --master_port="${MASTER_PORT:-29500}" \
+        -m eval "${ARGS[@]}" --launcher torchrun
+elif [[ "$LAUNCHER" == "deepspeed" ]]; then
+    # the deepspeed launcher passes --local_rank=N to every process (accepted by `eval run`);
+    # --module runs `python -m eval` in every process
+    DS=(deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}")
+    if [[ "$NNODES" -gt 1 ]]; then DS+=(--num_nodes "$NNODES" --hostfile "${HOSTFILE:?set HOSTFILE for multi-node deepspeed}"); fi
+    exec "${DS[@]}" --module eval "${ARGS[@]}" --launcher deepspeed
+else
+    echo "unknown LAUNCHER=$LAUNCHER (torchrun | deepspeed | python)" >&2
+    exit 2
+fi

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# MSRVTT-QA (Video-LLaVA): answers; judged as MSVD.
+# usage: bash scripts/eval/msrvtt.sh <method> <budget|none> [model] [extra `python -m eval run` args]
+#   e.g. bash scripts/eval/msrvtt.sh consensusdrop 64
+# Every variable below can be overridden from the environment.
+MODEL="${MODEL:-LanguageBind/Video-LLaVA-7B-hf}"
+DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"   # LLaVA's playground/data/eval (check: python -m eval check-data)
+OUT="${OUT:-./runs}"                               # results: $OUT/msrvtt/<run-name>/results.json
+NPROC="${NPROC:-}"                                 # processes (GPUs) per node; empty = all visible GPUs
+LAUNCHER="${LAUNCHER:-torchrun}"                   # torchrun | deepspeed | python
+EXTRA_ARGS="${EXTRA_ARGS:-}"                       # e.g. "--opt key=value --batch-size 1 --no-wandb"
+JUDGE_BASE_URL="${JUDGE_BASE_URL:-}"               # OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
+JUDGE_MODEL="${JUDGE_MODEL:-}"                     # e.g. gpt-3.5-turbo-0125 (record the snapshot)
+if [[ -n "$JUDGE_BASE_URL" && -n "$JUDGE_MODEL" ]]; then EXTRA_ARGS="$EXTRA_ARGS --judge-base-url $JUDGE_BASE_URL --judge-model $JUDGE_MODEL"; fi
+BENCH=msrvtt
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh" "$@"

@@ -1,0 +1,109 @@
+"""The whole pipeline as users run it: ``bash scripts/eval/<bench>.sh <method> <budget> <model>`` ->
+torchrun with 2 CPU processes (gloo) -> each rank its contiguous shard -> merge (exactly once,
+question order) -> official conversion + score -> results.json -> table. Tiny random models answer
+noise, so the checks are on structure and counts, and on the metrics being what the official
+scorer computes from the answers actually written."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from eval.benchmarks import get_benchmark
+from eval.fixtures import write_fixtures
+from eval.io import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_fixtures(tmp_path_factory.mktemp("eval_e2e_data"), ["gqa", "pope", "msvd"])
+
+
+def script(name, args, out, data, nproc=2, check=True):
+    env = {**os.environ, "NPROC": str(nproc), "DATA_ROOT": str(data), "OUT": str(out), "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run(["bash", str(REPO / "scripts" / "eval" / f"{name}.sh"), *args], env=env, capture_output=True,
+                       text=True, timeout=900)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return p
+
+
+def run_dir(out, bench):
+    (d,) = [p for p in (Path(out) / bench).iterdir() if p.is_dir()]
+    return d
+
+
+def check_run(bench, data, rd, world=2):
+    qs = get_benchmark(bench, data).load()
+    shards = sorted((rd / "answers").glob("*_*.jsonl"))
+    assert [s.name for s in shards] == [f"{world}_{r}.jsonl" for r in range(world)]
+    size = -(-len(qs) // world)  # LLaVA's contiguous chunks of ceil(N / world)
+    for r, s in enumerate(shards):
+        assert [x["_eval"]["idx"] for x in read_jsonl(s)] == list(range(r * size, min((r + 1) * size, len(qs))))
+    merged = read_jsonl(rd / "merge.jsonl")
+    key = "id" if bench == "msvd" else "question_id"
+    assert [m[key] for m in merged] == [q.qid for q in qs]  # every question once, in question-file order
+    res = json.loads((rd / "results.json").read_text())
+    assert res["counts"] == {"questions": len(qs), "answered": len(qs)}
+    assert res["world_size"] == world and res["launcher"] == "torchrun"
+    assert res["metrics"] == get_benchmark(bench, data).finalize(merged, rd / "rescore", "x")["metrics"]
+    return res, merged
+
+
+def test_gqa_script_two_processes_then_table(data, tmp_path):
+    out = tmp_path / "runs"
+    script("gqa", ["random", "4", "tiny:llava", "--max-new-tokens", "3"], out, data)
+    res, _ = check_run("gqa", data, run_dir(out, "gqa"))
+    assert set(res["metrics"]) == {"GQA", "GQA-binary", "GQA-open"} and res["tokens"]["tok_in"] == 4.0
+    assert res["method"] == {"method": "random", "budget": 4, "position_mode": "keep", "seed": 0, "keep_newlines": True}
+    # the unpruned row of the table (one process, in this test process)
+    from eval.cli import main
+
+    os.environ.pop("WORLD_SIZE", None)
+    assert main(["run", "gqa", "--model", "tiny:llava", "--method", "none", "--budget", "none", "--max-new-tokens", "3",
+                 "--data-root", str(data), "--out", str(out), "--no-wandb"]) == 0
+
+    assert main(["table", str(out), "--format", "both", "--out", str(tmp_path / "table")]) == 0
+    md = (tmp_path / "table.md").read_text()
+    tex = (tmp_path / "table.tex").read_text()
+    assert "| Method | Budget | GQA | tok-in | tok-eq | Avg(rel, vanilla=ours) |" in md
+    lines = md.splitlines()
+    assert lines.index(next(ln for ln in lines if ln.startswith("| Vanilla (unpruned) | – |"))) < \
+        lines.index("| **4 tokens** | | | | | |") < lines.index(next(ln for ln in lines if ln.startswith("| random | 4 |")))
+    assert "| Vanilla (unpruned) | – | " in md and "| 16.0 | 16.0 |" in md  # unpruned: all 16 tiny visual tokens
+    assert "\\begin{tabular}" in tex and "\\multicolumn" in tex and "Avg(rel, vanilla=ours)" in tex
+
+
+def test_pope_script_killed_then_resumed(data, tmp_path):
+    out = tmp_path / "runs"
+    # a rank exits abruptly after its first batch (os._exit, like a crash); torchrun tears the job down
+    p = script("pope", ["random", "4", "tiny:llava", "--max-new-tokens", "3", "--stop-after", "1"], out, data, check=False)
+    assert p.returncode != 0
+    rd = run_dir(out, "pope")
+    first = {}
+    for s in (rd / "answers").glob("*.jsonl"):
+        first.update({r["_eval"]["uid"]: r["answer_id"] for r in read_jsonl(s, strict=False)})
+    assert 1 <= len(first) < 6 and not (rd / "results.json").exists()
+    script("pope", ["random", "4", "tiny:llava", "--max-new-tokens", "3"], out, data)  # the same command resumes
+    res, merged = check_run("pope", data, rd)
+    recs = [r for s in sorted((rd / "answers").glob("*.jsonl")) for r in read_jsonl(s)]
+    assert len(recs) == 6 and all(r["answer_id"] == first[r["_eval"]["uid"]] for r in recs if r["_eval"]["uid"] in first)
+    assert {"POPE-F1avg3", "POPE-F1pooled", "POPE-acc"} <= set(res["metrics"])
+
+
+def test_video_qa_script_two_processes(data, tmp_path):
+    out = tmp_path / "runs"
+    script("msvd", ["random", "4", "tiny:video-llava", "--max-new-tokens", "3"], out, data)
+    res, merged = check_run("msvd", data, run_dir(out, "msvd"))
+    # Video-LLaVA: 8 frames x (16 patches + [CLS]) candidates, 4 kept per frame
+    assert res["tokens"]["visual_candidates_mean"] == 136.0 and res["tokens"]["tok_in"] == 32.0
+    assert res["model"]["family"] == "video_llava" and res["model"]["template"] == "llava_v1"
+    assert [m["answer"] for m in merged] == [f"answer {i}" for i in range(5)]  # paired by id across both shards
+    assert res["metrics"] == {} and res["pending"][0].startswith("MSVD-QA: judge with")
