@@ -19,17 +19,7 @@ import sys
 from pathlib import Path
 
 
-def _kv(pairs, what="--opt") -> dict:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"{what} expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from llava.cli import parse_options as _kv  # noqa: E402  (one key=value parser for both CLIs)
 
 
 def _budget(s: str):

@@ -16,11 +16,12 @@ import time
 import torch
 
 
-def _parse_options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str], what: str = "--opt") -> dict:
+    """``key=value`` strings to a dict; values parsed as JSON where they are JSON (3, true, [1,2])."""
     out = {}
     for p in pairs or []:
         if "=" not in p:
-            raise SystemExit(f"--opt expects key=value, got {p!r}")
+            raise SystemExit(f"{what} expects key=value, got {p!r}")
         k, v = p.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
         return 0
     try:
         res = ask(args.model, args.question, image=args.image, video=args.video, method=args.method,
-                  budget=args.budget, options=_parse_options(args.opt), dtype=args.dtype, device=args.device,
+                  budget=args.budget, options=parse_options(args.opt), dtype=args.dtype, device=args.device,
                   max_new_tokens=args.max_new_tokens, next_layout=args.next_layout)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

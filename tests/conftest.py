@@ -55,3 +55,19 @@ def slice_batch(inputs, i, rt):
     if "image_sizes" in inputs:
         out["image_sizes"] = inputs["image_sizes"][i:i + 1]
     return out
+
+
+def greedy_no_cache(model, inputs, steps):
+    """Greedy decoding by full recompute every step (use_cache=False), positions as generate builds
+    them: the reference that cached generation must equal (with ``engine.replay`` for query-aware
+    methods)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for _ in range(steps):
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids

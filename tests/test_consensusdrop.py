@@ -94,7 +94,8 @@ def test_keep_all_is_bit_identical(rt):
 
 @ALL
 def test_cached_decode_equals_recompute(rt):
-    from test_engine import GEN, greedy_no_cache
+    from conftest import greedy_no_cache
+    from test_engine import GEN
 
     inputs = make_batch(rt)
     eng = rt.prune("consensusdrop", PER_UNIT[rt.family])

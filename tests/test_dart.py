@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch
+from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from baselines.dart import DART, dart_pivots, dart_select
 from llava.method import get_method
@@ -125,17 +125,6 @@ def test_selection_against_the_stock_model_cache_and_hidden_states(rt):
     assert set(dart_pivots(key_l1[vis], key_l1[text])[0].tolist()) <= set(keep.tolist())
 
 
-def greedy_no_cache(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
 
 
 @ALL

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch
+from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from llava.engine import attach
 
@@ -41,18 +41,6 @@ def test_keep_all_is_bit_identical(rt, method, budget, opts):
         assert all(s.vision_noop for s in eng.stats.samples)
 
 
-def greedy_no_cache(model, inputs, steps):
-    """Full recompute every step (use_cache=False), positions as generate builds them."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
 
 
 @ALL

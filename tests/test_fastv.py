@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch
+from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from baselines.fastv import (FastV, equivalent_kept_count, fastv_select, layer_schedule, ratio_kept_count,
                              round_half_up)
@@ -144,17 +144,6 @@ def test_selection_is_the_top_k_of_layer_k_minus_1_last_row(rt, eager):
     assert torch.equal(eng.selections[(0, 0)].keep, expected)
 
 
-def greedy_no_cache(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
 
 
 @ALL

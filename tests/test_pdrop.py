@@ -4,7 +4,7 @@ hand-built values, then the method on the tiny models (stages 8/16/24 or 2/6/16 
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch
+from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from baselines.pdrop import (PyramidDrop, equivalent_tokens, fit_stage_counts, pdrop_select, scaled_count,
                              solve_lambda, stage_layer_counts)
@@ -155,17 +155,6 @@ def test_first_stage_uses_the_next_layer_attention_of_the_last_token(rt, eager):
     assert eng.selections[(2, 0)].keep.numel() == 17
 
 
-def greedy_no_cache(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
 
 
 @ALL

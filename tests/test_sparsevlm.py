@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch
+from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from baselines.pdrop import equivalent_tokens
 from baselines.sparsevlm import (SparseVLM, density_peak_clusters, rater_scores, recycle_pruned, recycled_count,
@@ -231,17 +231,6 @@ def test_v2_first_stage_gravity_and_heads_against_the_eager_model(rt, eager, gra
     assert torch.equal(sel.keep, expected) and sel.targets is None
 
 
-def greedy_no_cache(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
 
 
 @pytest.mark.parametrize("rt,version", [(f, "v1") for f in FAMILIES] + [("llava", "v2")], indirect=["rt"])
