@@ -1,0 +1,280 @@
+"""Train the testbed model on the synthetic shapes QA (CPU, about 20 minutes on 2 cores).
+
+    python -m testbed.train --seed 0 --out testbed/weights
+
+The whole model (CLIP tower, projector, Llama LM) is trained from scratch, fp32, AdamW, with
+
+(a) the LM loss on the answer word and ``</s>`` of every turn of LLaVA-1.5-style multi-turn VQA
+    conversations about one image (``vicuna_v1`` template, ``<image>`` expanded to 64 image tokens,
+    the benchmark answer-format suffix on every question; turn 1 is exactly the evaluation prompt),
+    through the model's normal ``forward(..., labels=...)`` (no pruning engine attached);
+(b) a [CLS] objective read from the vision tower's [CLS] hidden state at the select layer (-2, the
+    layer whose [CLS] attention pruning methods read) and at the last layer: a "caption" of the
+    image's salient content, i.e. multi-label (shape, colour) of the *large* objects and their
+    number. Like an image-level caption, it does not mention the small objects, so [CLS] attention
+    learns to concentrate on the salient objects (the behaviour text-agnostic pruning relies on);
+(c) a dense per-patch objective on the select layer's patch features (colour / shape / size of the
+    object covering each patch, and object-centre patches), and (d) an alignment of the projected patch
+    tokens with the LM's input embeddings of the colour / shape / size words (cosine classification,
+    LLaVA's feature-alignment idea); (c) and (d) speed up learning on a CPU budget.
+
+The heads of (b) and (c) are training-only and are not saved: the checkpoint is a plain
+``LlavaForConditionalGeneration`` + tokenizer + CLIP image processor written with
+``save_pretrained`` and read back with ``llava.models.load(dir)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .model import build, save
+
+
+class AuxHeads(torch.nn.Module):
+    def __init__(self, dv: int):
+        super().__init__()
+        n_pairs = len(D.PAIR_IDS)
+        self.cls_sel = torch.nn.Linear(dv, n_pairs + 3)
+        self.cls_last = torch.nn.Linear(dv, n_pairs + 3)
+        self.patch = torch.nn.Linear(dv, len(D.COLORS) + 1 + len(D.SHAPES) + 1 + 3 + 1)
+
+    def cls_loss(self, head, h, t):
+        n_pairs = len(D.PAIR_IDS)
+        out = head(h)
+        return (F.binary_cross_entropy_with_logits(out[:, :n_pairs], t["caption"])
+                + F.cross_entropy(out[:, n_pairs:], t["n_large"].clamp(max=2)))
+
+    def patch_loss(self, h, t):
+        out = self.patch(h)  # (B, P, 18)
+        nc, ns = len(D.COLORS) + 1, len(D.SHAPES) + 1
+        c, s, z, ctr = out.split([nc, ns, 3, 1], dim=-1)
+        return (F.cross_entropy(c.flatten(0, 1), t["color"].flatten()) + F.cross_entropy(s.flatten(0, 1), t["shape"].flatten())
+                + F.cross_entropy(z.flatten(0, 1), t["size"].flatten())
+                + F.binary_cross_entropy_with_logits(ctr.squeeze(-1), t["center"], pos_weight=torch.tensor(4.0)))
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Sample ``i`` of the train split: a ``turns``-turn conversation about one scene (turn 1 is
+    question ``i`` of the split), rendered, with the aux targets."""
+
+    def __init__(self, seed: int, n: int, turns: int = 6):
+        self.seed, self.n, self.turns = seed, n, turns
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        conv = D.make_conversation(self.seed, "train", i, self.turns)
+        return conv, conv[0].image(), D.patch_targets(conv[0].scene)
+
+
+def conversation_prompt(template, conv) -> str:
+    """LLaVA's multi-turn ``vicuna_v1`` text with the answers: "{system} USER: <image>\n{q1} ASSISTANT:
+    {a1}</s>USER: {q2} ASSISTANT: {a2}</s>..." (sep " ", sep2 "</s>"); every question carries the
+    answer-format suffix, as in LLaVA-1.5's VQA training data."""
+    text = template.prompt(conv[0].prompt) + f" {conv[0].answer}</s>"
+    for q in conv[1:]:
+        text += f"{template.user}: {q.prompt} {template.assistant}: {q.answer}</s>"
+    return text
+
+
+class Collate:
+    """Tokenise conversations with the runtime's processor (LLaVA's image-token rule), left-pad, and
+    label the answer word + ``</s>`` of every turn."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        tok = processor.tokenizer
+        self.tag = tok(f" {processor.template.assistant}:", add_special_tokens=False).input_ids
+
+    def __call__(self, items):
+        convs, images, targets = zip(*items)
+        tmpl = self.processor.template
+        b = self.processor([c[0].prompt for c in convs], list(images),
+                           prompts=[conversation_prompt(tmpl, c) for c in convs])
+        ids, mask = b["input_ids"], b["attention_mask"]
+        labels = torch.full_like(ids, -100)
+        k = len(self.tag)
+        tag = torch.tensor(self.tag)
+        for r in range(ids.shape[0]):
+            row = ids[r]
+            hits = (row.unfold(0, k, 1) == tag).all(-1).nonzero().flatten() + k  # first answer token
+            n_turns = 0
+            for p in hits.tolist():
+                if p + 1 < row.numel() and mask[r, p]:
+                    labels[r, p:p + 2] = row[p:p + 2]  # the answer word and </s>
+                    n_turns += 1
+            assert n_turns == len(convs[r]), (n_turns, len(convs[r]))
+        t = {key: torch.as_tensor(np.stack([x[key] for x in targets])) for key in targets[0]}
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": b["pixel_values"], "labels": labels}, t
+
+
+def quick_eval(rt, questions, batch_size: int = 64) -> dict:
+    """First-token greedy accuracy (the answers are one token) of the unpruned model."""
+    model = rt.model
+    was = model.training
+    model.eval()
+    tok = rt.tokenizer
+    hits: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for s in range(0, len(questions), batch_size):
+            qs = questions[s:s + batch_size]
+            b = rt.processor([q.prompt for q in qs], [q.image() for q in qs])
+            logits = model(**b, logits_to_keep=1).logits[:, -1]
+            pred = logits.argmax(-1).tolist()
+            for q, p in zip(qs, pred):
+                ok = int(tok.convert_ids_to_tokens(p) == q.answer)
+                hits.setdefault(q.qtype, []).append(ok)
+                hits.setdefault("overall", []).append(ok)
+    model.train(was)
+    return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="testbed/weights")
+    ap.add_argument("--steps", type=int, default=3000, help="steps of the whole model (LM + aux losses)")
+    ap.add_argument("--vision-steps", type=int, default=300,
+                    help="first, steps of the vision tower alone on the aux losses (about 4x cheaper per step)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--aux-cls", type=float, default=0.5, help="weight of the [CLS] caption loss (each layer)")
+    ap.add_argument("--aux-patch", type=float, default=0.5, help="weight of the dense per-patch loss")
+    ap.add_argument("--turns", type=int, default=6, help="questions per training conversation (one image)")
+    ap.add_argument("--text-layers", type=int, default=None, help="Llama decoder layers (default: testbed.model.TEXT)")
+    ap.add_argument("--aux-align", type=float, default=0.5,
+                    help="weight of the alignment loss: projected patch tokens vs the LM's word embeddings")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=50)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rt = build(seed=args.seed, text={"num_hidden_layers": args.text_layers} if args.text_layers else None)
+    model = rt.model
+    model.train()
+    vt = model.model.vision_tower
+    vt = getattr(vt, "vision_model", vt)
+    heads = AuxHeads(vt.config.hidden_size)
+    captured: dict[str, torch.Tensor] = {}
+    layers = vt.encoder.layers
+    hooks = [layers[len(layers) + model.config.vision_feature_layer].register_forward_hook(
+                 lambda m, i, o: captured.__setitem__("sel", o[0] if isinstance(o, tuple) else o)),
+             layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("last", o[0] if isinstance(o, tuple) else o))]
+    params = list(model.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+
+    def lr_at(step, total):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = (step - args.warmup) / max(1, total - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    # word ids of the colour / shape / size words, in the order of testbed.data's label ids (1..)
+    tok = rt.tokenizer
+    word_ids = {"color": tok.convert_tokens_to_ids(list(D.COLORS)), "shape": tok.convert_tokens_to_ids(list(D.SHAPES)),
+                "size": tok.convert_tokens_to_ids(list(D.SIZES))}
+    emb = model.get_input_embeddings()
+    projector = model.model.multi_modal_projector
+
+    def align_loss(h_patches, t):
+        """Projected patch tokens (the LLM's visual inputs) are classified by cosine similarity to the
+        LM's own input embeddings of the colour, shape and size words (object patches only): LLaVA's
+        feature-alignment idea, which makes visual tokens word-like and grounding fast to learn."""
+        v = F.normalize(projector(h_patches), dim=-1)  # (B, P, D)
+        obj = t["color"] > 0
+        if not obj.any():
+            return v.sum() * 0
+        v = v[obj]
+        loss = 0.0
+        for key in ("color", "shape", "size"):
+            e = F.normalize(emb.weight[word_ids[key]], dim=-1)
+            loss = loss + F.cross_entropy(10.0 * v @ e.T, t[key][obj] - 1)
+        return loss
+
+    total = args.vision_steps + args.steps
+    loader = torch.utils.data.DataLoader(TrainSet(args.seed, total * args.batch, args.turns), batch_size=args.batch,
+                                         shuffle=False, num_workers=args.workers, collate_fn=Collate(rt.processor),
+                                         prefetch_factor=4 if args.workers else None, persistent_workers=False)
+    val = D.make_split("test", args.eval_n, seed=args.seed + 1000)  # a held-out stream, not the benchmark's test set
+    log = {"args": vars(args), "curve": [], "evals": []}
+    t0 = time.time()
+    zero = {"lm": 0.0, "lm_turn1": 0.0, "cls": 0.0, "patch": 0.0, "align": 0.0, "n": 0}
+    run = dict(zero)
+    for step, (batch, t) in enumerate(loader):
+        vision_only = step < args.vision_steps
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, args.vision_steps) if vision_only else lr_at(step - args.vision_steps, args.steps)
+        if vision_only:  # phase 1: the tower alone on the aux losses
+            vt(batch["pixel_values"])
+            lm = torch.zeros(())
+        else:  # the model's normal forward with labels (every turn's answer word and </s>)
+            out = model(**batch)
+            lm = out.loss
+            with torch.no_grad():  # turn 1's answer word alone (the evaluation format), for the log
+                tgt = batch["labels"][:, 1:]
+                first = (tgt != -100).float().argmax(1)
+                rows = torch.arange(tgt.shape[0])
+                run["lm_turn1"] += float(F.cross_entropy(out.logits[rows, first], tgt[rows, first]))
+        h_sel, h_last = captured["sel"], captured["last"]
+        l_cls = heads.cls_loss(heads.cls_sel, h_sel[:, 0], t) + heads.cls_loss(heads.cls_last, h_last[:, 0], t)
+        l_patch = heads.patch_loss(h_sel[:, 1:], t)
+        l_align = align_loss(h_sel[:, 1:], t) if args.aux_align else torch.zeros(())
+        loss = lm + args.aux_cls * l_cls + args.aux_patch * l_patch + args.aux_align * l_align
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run["lm"] += lm.item()
+        run["cls"] += l_cls.item()
+        run["patch"] += l_patch.item()
+        run["align"] += float(l_align.detach())
+        run["n"] += 1
+        if (step + 1) % args.log_every == 0:
+            row = {"step": step + 1, "phase": "vision" if vision_only else "full", "time_s": round(time.time() - t0, 1),
+                   "lr": round(opt.param_groups[0]["lr"], 6),
+                   **{k: round(run[k] / run["n"], 4) for k in ("lm", "lm_turn1", "cls", "patch", "align")}}
+            log["curve"].append(row)
+            print(json.dumps(row), flush=True)
+            run = dict(zero)
+        if not vision_only and ((step + 1 - args.vision_steps) % args.eval_every == 0 or step + 1 == total):
+            ev = {"step": step + 1, "time_s": round(time.time() - t0, 1), **quick_eval(rt, val)}
+            log["evals"].append(ev)
+            print("eval", json.dumps(ev), flush=True)
+            save(rt, args.out)  # the latest checkpoint (also lets a long run be inspected midway)
+    for h in hooks:
+        h.remove()
+    wall = time.time() - t0
+    model.eval()
+    save(rt, args.out)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
+    log.update({"wall_time_s": round(wall, 1), "params": sum(p.numel() for p in model.parameters()),
+                "weights_bytes": size, "machine": f"{platform.machine()} {platform.processor()} cpus={os.cpu_count()}",
+                "torch": torch.__version__, "command": f"python -m testbed.train --seed {args.seed} --out {args.out}"})
+    (Path(args.out) / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"saved {args.out} ({size / 1e6:.2f} MB) after {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
