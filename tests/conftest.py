@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 import example_methods  # noqa: E402,F401  (registers the test methods)
+from llava.method import Method, Selection  # noqa: E402
 from llava.models import load  # noqa: E402
 
 FAMILIES = ["llava", "llava-next", "video-llava"]
@@ -71,3 +72,48 @@ def greedy_no_cache(model, inputs, steps):
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return ids
+
+
+def llm_visual_rows(rt, inputs):
+    """Per sample, the visual rows of the sequence entering decoder layer 0 (captured there)."""
+    cap = {}
+    hook = rt.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: cap.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            rt.model(**inputs)
+    finally:
+        hook.remove()
+    vis_ids = torch.tensor([rt.model.config.image_token_id, getattr(rt.model.config, "video_token_id", -1)])
+    rows = []
+    for b in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        pos = torch.nonzero(torch.isin(ids, vis_ids)).flatten()
+        before, after = int(pos[0]), ids.numel() - int(pos[-1]) - 1
+        new = cap["inputs_embeds"][b][cap["attention_mask"][b].bool()]
+        rows.append(new[before:new.shape[0] - after])
+    return rows
+
+
+class _Layout(Method):
+    """Records each sample's stock tokens per unit and its newline count; keeps everything."""
+
+    name = "layout_spy"
+    vision_stage = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def select_vision(self, sig):
+        self.seen.append(([int((sig.unit == u).sum()) for u in range(sig.num_units)], int(sig.is_newline.sum())))
+        return Selection(keep=torch.arange(sig.num_tokens))
+
+
+def layout(rt, inputs):
+    spy = _Layout()
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.unprune()
+    return spy.seen

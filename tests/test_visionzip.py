@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch
+from conftest import FAMILIES, make_batch, slice_batch, layout, llm_visual_rows
 
 from baselines.visionzip import VisionZip, default_split, visionzip
 from llava.engine import merge_tokens
-from llava.method import Method, Selection
 
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
@@ -179,25 +178,6 @@ def official_visionzip(tower, pixels, dominant, contextual):
     return torch.cat([dominant_tokens, contextual_tokens], dim=1)
 
 
-def llm_visual_rows(rt, inputs):
-    """Per sample, the visual rows of the sequence entering decoder layer 0 (captured there)."""
-    cap = {}
-    hook = rt.model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: cap.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            rt.model(**inputs)
-    finally:
-        hook.remove()
-    vis_ids = torch.tensor([rt.model.config.image_token_id, getattr(rt.model.config, "video_token_id", -1)])
-    rows = []
-    for b in range(inputs["input_ids"].shape[0]):
-        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
-        pos = torch.nonzero(torch.isin(ids, vis_ids)).flatten()
-        before, after = int(pos[0]), ids.numel() - int(pos[-1]) - 1
-        new = cap["inputs_embeds"][b][cap["attention_mask"][b].bool()]
-        rows.append(new[before:new.shape[0] - after])
-    return rows
 
 
 @pytest.mark.parametrize("rt", ["llava", "video-llava"], indirect=True)
@@ -224,28 +204,6 @@ def test_llm_input_equals_official_visionzip(rt):
 # ------------------------------------------------------------------ tiny models: accounting, generate
 
 
-class _Layout(Method):
-    """Records each sample's stock tokens per unit and its newline count; keeps everything."""
-
-    name = "layout_spy"
-    vision_stage = True
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def select_vision(self, sig):
-        self.seen.append(([int((sig.unit == u).sum()) for u in range(sig.num_units)], int(sig.is_newline.sum())))
-        return Selection(keep=torch.arange(sig.num_tokens))
-
-
-def layout(rt, inputs):
-    spy = _Layout()
-    rt.prune(spy)
-    with torch.no_grad():
-        rt.model(**inputs)
-    rt.unprune()
-    return spy.seen
 
 
 @ALL
