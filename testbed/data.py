@@ -100,6 +100,9 @@ class Question:
     subtype: str = ""
     scene: Scene | None = field(default=None, repr=False)
     index: int = -1
+    #: the objects the question names, in the order it names them (training-only: the referring
+    #: auxiliary objective of testbed.train); empty when it names none that exists
+    refs: tuple = field(default=(), repr=False)
 
     @property
     def prompt(self) -> str:
@@ -179,11 +182,16 @@ def render(scene: Scene, size: int = IMAGE_SIZE, ss: int = 4) -> Image.Image:
     return big.resize((size, size), Image.BOX)
 
 
-def sample_scene(rng: np.random.Generator, key: str = "", n_large: int | None = None,
-                 n_small: int | None = None) -> Scene:
-    """1-2 large and 2-3 small objects, unique (colour, shape), non-overlapping (3 px gap)."""
-    n_large = int(rng.integers(1, 3)) if n_large is None else n_large
-    n_small = int(rng.integers(2, 4)) if n_small is None else n_small
+def sample_scene(rng: np.random.Generator, key: str = "", n_objects: tuple[int, int] | None = None) -> Scene:
+    """1-2 large and 2-3 small objects, unique (colour, shape), non-overlapping (3 px gap).
+    ``n_objects = (lo, hi)``: instead lo..hi objects in all, each large or small at random (the
+    training curriculum's simpler scenes)."""
+    if n_objects is None:
+        n_large, n_small = int(rng.integers(1, 3)), int(rng.integers(2, 4))
+    else:
+        n = int(rng.integers(n_objects[0], n_objects[1] + 1))
+        n_large = int((rng.random(n) < 0.4).sum())
+        n_small = n - n_large
     sizes = ["large"] * n_large + ["small"] * n_small
     pairs = [(s, c) for s in SHAPES for c in COLORS]
     chosen = rng.choice(len(pairs), size=len(sizes), replace=False)
@@ -218,9 +226,9 @@ def q_attribute(rng, scene, want) -> Question | None:
         return None
     o = cands[int(rng.integers(len(cands)))]
     if want["sub"] == "color" and _unique(objs, o, ("size", "shape")):
-        return Question(f"what color is the {o.size} {o.shape}?", o.color, "attribute", o.size, "color")
+        return Question(f"what color is the {o.size} {o.shape}?", o.color, "attribute", o.size, "color", refs=(o,))
     if want["sub"] == "shape" and _unique(objs, o, ("size", "color")):
-        return Question(f"what shape is the {o.size} {o.color} object?", o.shape, "attribute", o.size, "shape")
+        return Question(f"what shape is the {o.size} {o.color} object?", o.shape, "attribute", o.size, "shape", refs=(o,))
     return None
 
 
@@ -232,7 +240,8 @@ def q_existence(rng, scene, want) -> Question | None:
         if not cands:
             return None
         o = cands[int(rng.integers(len(cands)))]
-        return Question(f"is there a {o.size} {o.color} {o.shape} in the image?", "yes", "existence", o.size, "positive")
+        return Question(f"is there a {o.size} {o.color} {o.shape} in the image?", "yes", "existence", o.size, "positive",
+                        refs=(o,))
     if want["kind"] == "adversarial":  # one attribute of a present object changed
         o = objs[int(rng.integers(len(objs)))]
         for _ in range(20):
@@ -286,7 +295,7 @@ def q_spatial(rng, scene, want) -> Question | None:
         return None
     a, b = pairs[int(rng.integers(len(pairs)))]
     return Question(f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", want["rel"], "spatial",
-                    want["size"], want["rel"])
+                    want["size"], want["rel"], refs=(a, b))
 
 
 def _want(rng, qtype: str) -> dict:
@@ -307,15 +316,18 @@ def _want(rng, qtype: str) -> dict:
 MAKERS = {"attribute": q_attribute, "existence": q_existence, "counting": q_counting, "spatial": q_spatial}
 
 
-def make_question(seed: int, split: str, index: int, qtype: str | None = None) -> Question:
+def make_question(seed: int, split: str, index: int, qtype: str | None = None,
+                  n_objects: tuple[int, int] | None = None) -> Question:
     """Question ``index`` of ``split``: its own scene (and, if ``qtype`` is None, a type cycling
     attribute / existence / counting / spatial with the index). Scenes are redrawn (same stream)
     until the type's constraints hold."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     qtype = qtype or QTYPES[index % len(QTYPES)]
     want = _want(rng, qtype)
-    for attempt in range(200):
-        scene = sample_scene(rng, key=f"{split}/{seed}/{index}" + (f".{attempt}" if attempt else ""))
+    if qtype == "counting" and n_objects is not None:
+        want["count"] = min(want["count"], n_objects[1])
+    for attempt in range(1000):
+        scene = sample_scene(rng, key=f"{split}/{seed}/{index}" + (f".{attempt}" if attempt else ""), n_objects=n_objects)
         q = MAKERS[qtype](rng, scene, want)
         if q is not None:
             q.scene, q.index = scene, index
@@ -344,6 +356,13 @@ GRID = IMAGE_SIZE // PATCH
 PAIR_IDS = {(s, c): i for i, (s, c) in enumerate((s, c) for s in SHAPES for c in COLORS)}
 
 
+def coverage(o: Obj) -> np.ndarray:
+    """The share of each patch (row-major, GRID x GRID) that object ``o`` covers."""
+    m = Image.new("L", (IMAGE_SIZE * 2, IMAGE_SIZE * 2), 0)
+    _draw_shape(ImageDraw.Draw(m), o, 2, 255)
+    return np.asarray(m, dtype=np.float32).reshape(GRID, PATCH * 2, GRID, PATCH * 2).mean(axis=(1, 3)).reshape(-1) / 255
+
+
 def patch_targets(scene: Scene, min_cover: float = 0.08) -> dict[str, np.ndarray]:
     """Per-patch labels (row-major over the GRID x GRID patches) and the [CLS] "caption" target.
 
@@ -358,9 +377,7 @@ def patch_targets(scene: Scene, min_cover: float = 0.08) -> dict[str, np.ndarray
     best = np.zeros(GRID * GRID, np.float32)
     caption = np.zeros(len(PAIR_IDS), np.float32)
     for o in scene.objects:
-        m = Image.new("L", (IMAGE_SIZE * 2, IMAGE_SIZE * 2), 0)
-        _draw_shape(ImageDraw.Draw(m), o, 2, 255)
-        a = np.asarray(m, dtype=np.float32).reshape(GRID, PATCH * 2, GRID, PATCH * 2).mean(axis=(1, 3)).reshape(-1) / 255
+        a = coverage(o)
         upd = (a >= min_cover) & (a > best)
         best[upd] = a[upd]
         color[upd], shape[upd], size[upd] = COLOR_IDS[o.color], SHAPE_IDS[o.shape], SIZE_IDS[o.size]
@@ -380,11 +397,12 @@ def caption(scene: Scene) -> str:
     return " , ".join(f"a {o.size} {o.color} {o.shape}" for o in objs)
 
 
-def make_conversation(seed: int, split: str, index: int, turns: int = 8) -> list[Question]:
+def make_conversation(seed: int, split: str, index: int, turns: int = 8,
+                      n_objects: tuple[int, int] | None = None) -> list[Question]:
     """A multi-turn conversation about one scene, as LLaVA-1.5's VQA training data packs several
     questions about one image: turn 1 is :func:`make_question` (so it follows the test distribution
     exactly), the others are further questions of all types about the same scene (no repeats)."""
-    first = make_question(seed, split, index)
+    first = make_question(seed, split, index, n_objects=n_objects)
     rng = np.random.default_rng([seed, SPLITS[split], index, 1])
     out, seen = [first], {first.question}
     for t in range(1, turns * 4):

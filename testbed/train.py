@@ -1,13 +1,14 @@
-"""Train the testbed model on the synthetic shapes QA (CPU, about 20 minutes on 2 cores).
+"""Train the testbed model on the synthetic shapes QA (CPU, fp32).
 
-    python -m testbed.train --seed 0 --out testbed/weights
+    python -m testbed.train --seed 0 --out testbed/weights [stage options]
+    bash scripts/train_testbed.sh              # the three-stage recipe of the shipped weights
 
-The whole model (CLIP tower, projector, Llama LM) is trained from scratch, fp32, AdamW, with
+The whole model (CLIP tower, projector, Llama LM) is trained from scratch with AdamW and
 
-(a) the LM loss on the answer word and ``</s>`` of every turn of LLaVA-1.5-style multi-turn VQA
-    conversations about one image (``vicuna_v1`` template, ``<image>`` expanded to 64 image tokens,
-    the benchmark answer-format suffix on every question; turn 1 is exactly the evaluation prompt),
-    through the model's normal ``forward(..., labels=...)`` (no pruning engine attached);
+(a) the LM loss on the answer word and ``</s>`` of LLaVA-1.5-style VQA conversations about one image
+    (``vicuna_v1`` template, ``<image>`` expanded to 64 image tokens, the benchmark answer-format
+    suffix on every question; turn 1 is exactly the evaluation prompt), through the model's normal
+    ``forward(..., labels=...)`` (no pruning engine attached);
 (b) a [CLS] objective read from the vision tower's [CLS] hidden state at the select layer (-2, the
     layer whose [CLS] attention pruning methods read) and at the last layer: a "caption" of the
     image's salient content, i.e. multi-label (shape, colour) of the *large* objects and their
@@ -16,9 +17,16 @@ The whole model (CLIP tower, projector, Llama LM) is trained from scratch, fp32,
 (c) a dense per-patch objective on the select layer's patch features (colour / shape / size of the
     object covering each patch, and object-centre patches), and (d) an alignment of the projected patch
     tokens with the LM's input embeddings of the colour / shape / size words (cosine classification,
-    LLaVA's feature-alignment idea); (c) and (d) speed up learning on a CPU budget.
+    LLaVA's feature-alignment idea);
+(e) ``--aux-ref``: the LM hidden state after layer ``--ref-layer`` at each object mention's head word
+    predicts that object's colour, shape, size and patch row / column (referring);
+(f) ``--aux-attn``: head 0 of LM layer ``--attn-layer`` attends from each object mention to the
+    patches of that object (grounding; -log attention mass);
+(g) ``--token-drop``: on that share of the samples a random fraction of the visual tokens is masked
+    out and positions renumbered, so the model tolerates shorter visual sequences.
 
-The heads of (b) and (c) are training-only and are not saved: the checkpoint is a plain
+(e)-(g) are our design choices for a CPU budget (docs/testbed.md says why and what they bias).
+The heads of (b), (c) and (e) are training-only and are not saved: the checkpoint is a plain
 ``LlavaForConditionalGeneration`` + tokenizer + CLIP image processor written with
 ``save_pretrained`` and read back with ``llava.models.load(dir)``.
 """
@@ -48,6 +56,16 @@ class AuxHeads(torch.nn.Module):
         self.cls_sel = torch.nn.Linear(dv, n_pairs + 3)
         self.cls_last = torch.nn.Linear(dv, n_pairs + 3)
         self.patch = torch.nn.Linear(dv, len(D.COLORS) + 1 + len(D.SHAPES) + 1 + 3 + 1)
+        self.ref = None  # set by main: Linear(LM width, 8 + 4 + 2 + GRID + GRID)
+        self.ref_split = [len(D.COLORS), len(D.SHAPES), 2, D.GRID, D.GRID]
+
+    def ref_loss(self, h, t):
+        """Referring objective: the LM hidden state at each object mention's head word predicts the
+        object's colour, shape, size and patch row / column."""
+        if not len(t["ref_rows"]):
+            return h.sum() * 0
+        out = self.ref(h[t["ref_rows"], t["ref_pos"]]).split(self.ref_split, dim=-1)
+        return sum(F.cross_entropy(o, t["ref_y"][:, i]) for i, o in enumerate(out))
 
     def cls_loss(self, head, h, t):
         n_pairs = len(D.PAIR_IDS)
@@ -68,14 +86,21 @@ class TrainSet(torch.utils.data.Dataset):
     """Sample ``i`` of the train split: a ``turns``-turn conversation about one scene (turn 1 is
     question ``i`` of the split), rendered, with the aux targets."""
 
-    def __init__(self, seed: int, n: int, turns: int = 6):
+    def __init__(self, seed: int, n: int, turns: int = 6, curriculum=()):
         self.seed, self.n, self.turns = seed, n, turns
+        self.curriculum = list(curriculum)  # [(first sample index past the stage, (lo, hi) objects)]
 
     def __len__(self):
         return self.n
 
+    def n_objects(self, i):
+        for end, rng_ in self.curriculum:
+            if i < end:
+                return rng_
+        return None
+
     def __getitem__(self, i):
-        conv = D.make_conversation(self.seed, "train", i, self.turns)
+        conv = D.make_conversation(self.seed, "train", i, self.turns, self.n_objects(i))
         return conv, conv[0].image(), D.patch_targets(conv[0].scene)
 
 
@@ -89,14 +114,38 @@ def conversation_prompt(template, conv) -> str:
     return text
 
 
+def ref_targets(obj) -> list[int]:
+    """Referring targets of one object: colour, shape, size, patch row, patch column (class ids)."""
+    return [D.COLOR_IDS[obj.color] - 1, D.SHAPE_IDS[obj.shape] - 1, D.SIZE_IDS[obj.size] - 1,
+            min(int(obj.cy // D.PATCH), D.GRID - 1), min(int(obj.cx // D.PATCH), D.GRID - 1)]
+
+
 class Collate:
     """Tokenise conversations with the runtime's processor (LLaVA's image-token rule), left-pad, and
-    label the answer word + ``</s>`` of every turn."""
+    label the answer word + ``</s>`` of every turn; for turn 1, also the token position of each
+    object mention's head word (the shape word, or "object") and that object's referring targets."""
 
     def __init__(self, processor):
         self.processor = processor
         tok = processor.tokenizer
         self.tag = tok(f" {processor.template.assistant}:", add_special_tokens=False).input_ids
+        self.image_id = tok.convert_tokens_to_ids("<image>")
+        self.head_ids = {w: tok.convert_tokens_to_ids(w) for w in (*D.SHAPES, "object")}
+
+    def mentions(self, row, q):
+        """(position, object) of each object mention of question ``q`` in token row ``row`` (turn 1:
+        the first occurrences after the image)."""
+        heads = ["object" if q.subtype == "shape" and q.qtype == "attribute" else o.shape for o in q.refs]
+        pos = int((row == self.image_id).nonzero().max()) + 1
+        out = []
+        for w, o in zip(heads, q.refs):
+            hit = (row[pos:] == self.head_ids[w]).nonzero()
+            if not len(hit):
+                break
+            pos = pos + int(hit[0])
+            out.append((pos, o))
+            pos += 1
+        return out
 
     def __call__(self, items):
         convs, images, targets = zip(*items)
@@ -117,6 +166,15 @@ class Collate:
                     n_turns += 1
             assert n_turns == len(convs[r]), (n_turns, len(convs[r]))
         t = {key: torch.as_tensor(np.stack([x[key] for x in targets])) for key in targets[0]}
+        refs = [(r, p, ref_targets(o)) for r in range(ids.shape[0]) for p, o in self.mentions(ids[r], convs[r][0])]
+        t["ref_rows"] = torch.tensor([r for r, _, _ in refs], dtype=torch.long)
+        t["ref_pos"] = torch.tensor([p for _, p, _ in refs], dtype=torch.long)
+        t["ref_y"] = torch.tensor([y for _, _, y in refs], dtype=torch.long).reshape(-1, 5)
+        t["ref_patches"] = torch.as_tensor(np.stack([D.coverage(o) >= 0.08 for r in range(ids.shape[0])
+                                                     for _, o in self.mentions(ids[r], convs[r][0])]
+                                                    or [np.zeros(D.GRID * D.GRID, bool)]))[:len(refs)]
+        t["image_pos"] = (ids == self.image_id).nonzero()[:, 1].view(ids.shape[0], -1)
+        t["n_pad"] = (mask == 0).sum(1)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": b["pixel_values"], "labels": labels}, t
 
 
@@ -156,8 +214,25 @@ def main(argv=None) -> int:
     ap.add_argument("--aux-patch", type=float, default=0.5, help="weight of the dense per-patch loss")
     ap.add_argument("--turns", type=int, default=6, help="questions per training conversation (one image)")
     ap.add_argument("--text-layers", type=int, default=None, help="Llama decoder layers (default: testbed.model.TEXT)")
+    ap.add_argument("--token-drop", type=float, default=0.5,
+                    help="share of training samples whose visual tokens are thinned at random (each keeps a uniform "
+                         "random fraction, possibly none): the tiny model otherwise breaks on any shorter visual sequence")
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint's weights (a second stage: continue a run with a new schedule)")
+    ap.add_argument("--tie", action="store_true", help="tie the LM head to the input embeddings")
+    ap.add_argument("--aux-ref", type=float, default=1.0,
+                    help="weight of the referring loss (LM hidden state at object mentions -> the object's attributes)")
+    ap.add_argument("--aux-attn", type=float, default=1.0,
+                    help="weight of the grounding loss: one head of layer --attn-layer attends from each object "
+                         "mention to that object's patches")
+    ap.add_argument("--attn-layer", type=int, default=1, help="1-based LM layer of the grounding loss (its head 0)")
+    ap.add_argument("--ref-layer", type=int, default=2, help="the referring loss reads the output of this LM layer (1-based)")
     ap.add_argument("--aux-align", type=float, default=0.5,
                     help="weight of the alignment loss: projected patch tokens vs the LM's word embeddings")
+    ap.add_argument("--curriculum", default="",
+                    help="simpler scenes first: 'STEP:LO-HI,...' = until full-phase step STEP, scenes of LO..HI objects")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop (and save) after this many steps of the schedule, which still spans --steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
     ap.add_argument("--eval-every", type=int, default=500)
@@ -167,7 +242,17 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    rt = build(seed=args.seed, text={"num_hidden_layers": args.text_layers} if args.text_layers else None)
+    text = {"num_hidden_layers": args.text_layers} if args.text_layers else {}
+    if args.tie:
+        text["tie_word_embeddings"] = True
+    rt = build(seed=args.seed, text=text or None)
+    if args.init:
+        from .model import load
+
+        state = load(args.init).model.state_dict()
+        missing, unexpected = rt.model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise ValueError(f"--init {args.init}: checkpoint does not match (missing {missing}, unexpected {unexpected})")
     model = rt.model
     model.train()
     vt = model.model.vision_tower
@@ -178,6 +263,49 @@ def main(argv=None) -> int:
     hooks = [layers[len(layers) + model.config.vision_feature_layer].register_forward_hook(
                  lambda m, i, o: captured.__setitem__("sel", o[0] if isinstance(o, tuple) else o)),
              layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("last", o[0] if isinstance(o, tuple) else o))]
+    lm_layers = model.model.language_model.layers
+    heads.ref = torch.nn.Linear(model.config.text_config.hidden_size, sum(heads.ref_split))
+    hooks.append(lm_layers[args.ref_layer - 1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("ref", o[0] if isinstance(o, tuple) else o)))
+    hooks.append(lm_layers[args.attn_layer - 1].register_forward_pre_hook(
+        lambda m, a, kw: captured.__setitem__("attn_in", a[0] if a else kw["hidden_states"]), with_kwargs=True))
+    rotary = model.model.language_model.rotary_emb
+
+    image_id = model.config.image_token_id
+    drop_gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def thin_visual_tokens(batch, t):
+        """Random visual-token dropout on a share of the rows: the dropped tokens are masked out of
+        attention and the positions are renumbered over the kept ones (what a pre-LLM pruning method
+        does). Rows that were thinned carry no referring / grounding targets."""
+        ids, mask = batch["input_ids"], batch["attention_mask"].clone()
+        rows = torch.rand(ids.shape[0], generator=drop_gen) < args.token_drop
+        for r in rows.nonzero().flatten().tolist():
+            frac = float(torch.rand((), generator=drop_gen))
+            drop = (ids[r] == image_id) & (torch.rand(ids.shape[1], generator=drop_gen) >= frac)
+            mask[r, drop] = 0
+        batch = {**batch, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+        keep = ~rows[t["ref_rows"]] if len(t["ref_rows"]) else torch.zeros(0, dtype=torch.bool)
+        t = {**t, **{k: t[k][keep] for k in ("ref_rows", "ref_pos", "ref_y", "ref_patches")}}
+        return batch, t
+
+    def grounding_loss(t):
+        """-log of head 0's attention mass (layer --attn-layer) from each object mention onto the
+        patches that object covers."""
+        from llava.signals import causal_attention_rows, llm_qk
+
+        x, layer = captured["attn_in"], lm_layers[args.attn_layer - 1]
+        losses = []
+        for i, (r, p) in enumerate(zip(t["ref_rows"].tolist(), t["ref_pos"].tolist())):
+            n_pad = int(t["n_pad"][r])
+            xr = x[r, n_pad:]
+            rows = torch.tensor([p - n_pad])
+            q, k = llm_qk(layer, xr, rotary, torch.arange(xr.shape[0]), rows)
+            att = causal_attention_rows(q[:1], k[:1], rows, layer.self_attn.scaling)[0, 0]  # head 0
+            mass = att[t["image_pos"][r] - n_pad][t["ref_patches"][i]].sum()
+            losses.append(-torch.log(mass + 1e-6))
+        return torch.stack(losses).mean() if losses else x.sum() * 0
+
     params = list(model.parameters()) + list(heads.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -213,24 +341,36 @@ def main(argv=None) -> int:
         return loss
 
     total = args.vision_steps + args.steps
-    loader = torch.utils.data.DataLoader(TrainSet(args.seed, total * args.batch, args.turns), batch_size=args.batch,
+    curriculum = []
+    for part in filter(None, args.curriculum.split(",")):
+        end, span = part.split(":")
+        lo, hi = span.split("-")
+        curriculum.append(((args.vision_steps + int(end)) * args.batch, (int(lo), int(hi))))
+    loader = torch.utils.data.DataLoader(TrainSet(args.seed, total * args.batch, args.turns, curriculum), batch_size=args.batch,
                                          shuffle=False, num_workers=args.workers, collate_fn=Collate(rt.processor),
                                          prefetch_factor=4 if args.workers else None, persistent_workers=False)
     val = D.make_split("test", args.eval_n, seed=args.seed + 1000)  # a held-out stream, not the benchmark's test set
     log = {"args": vars(args), "curve": [], "evals": []}
     t0 = time.time()
-    zero = {"lm": 0.0, "lm_turn1": 0.0, "cls": 0.0, "patch": 0.0, "align": 0.0, "n": 0}
+    zero = {"lm": 0.0, "lm_turn1": 0.0, "cls": 0.0, "patch": 0.0, "align": 0.0, "ref": 0.0, "attn": 0.0, "n": 0}
     run = dict(zero)
     for step, (batch, t) in enumerate(loader):
+        if args.stop_after is not None and step >= args.vision_steps + args.stop_after:
+            break
         vision_only = step < args.vision_steps
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.vision_steps) if vision_only else lr_at(step - args.vision_steps, args.steps)
         if vision_only:  # phase 1: the tower alone on the aux losses
             vt(batch["pixel_values"])
             lm = torch.zeros(())
+            l_ref = l_attn = torch.zeros(())
         else:  # the model's normal forward with labels (every turn's answer word and </s>)
+            if args.token_drop:
+                batch, t = thin_visual_tokens(batch, t)
             out = model(**batch)
             lm = out.loss
+            l_ref = heads.ref_loss(captured["ref"], t) if args.aux_ref else torch.zeros(())
+            l_attn = grounding_loss(t) if args.aux_attn else torch.zeros(())
             with torch.no_grad():  # turn 1's answer word alone (the evaluation format), for the log
                 tgt = batch["labels"][:, 1:]
                 first = (tgt != -100).float().argmax(1)
@@ -240,7 +380,7 @@ def main(argv=None) -> int:
         l_cls = heads.cls_loss(heads.cls_sel, h_sel[:, 0], t) + heads.cls_loss(heads.cls_last, h_last[:, 0], t)
         l_patch = heads.patch_loss(h_sel[:, 1:], t)
         l_align = align_loss(h_sel[:, 1:], t) if args.aux_align else torch.zeros(())
-        loss = lm + args.aux_cls * l_cls + args.aux_patch * l_patch + args.aux_align * l_align
+        loss = lm + args.aux_cls * l_cls + args.aux_patch * l_patch + args.aux_align * l_align + args.aux_ref * l_ref + args.aux_attn * l_attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -249,11 +389,13 @@ def main(argv=None) -> int:
         run["cls"] += l_cls.item()
         run["patch"] += l_patch.item()
         run["align"] += float(l_align.detach())
+        run["ref"] += float(l_ref.detach())
+        run["attn"] += float(l_attn.detach())
         run["n"] += 1
         if (step + 1) % args.log_every == 0:
             row = {"step": step + 1, "phase": "vision" if vision_only else "full", "time_s": round(time.time() - t0, 1),
                    "lr": round(opt.param_groups[0]["lr"], 6),
-                   **{k: round(run[k] / run["n"], 4) for k in ("lm", "lm_turn1", "cls", "patch", "align")}}
+                   **{k: round(run[k] / run["n"], 4) for k in ("lm", "lm_turn1", "cls", "patch", "align", "ref", "attn")}}
             log["curve"].append(row)
             print(json.dumps(row), flush=True)
             run = dict(zero)
