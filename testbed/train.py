@@ -86,8 +86,8 @@ class TrainSet(torch.utils.data.Dataset):
     """Sample ``i`` of the train split: a ``turns``-turn conversation about one scene (turn 1 is
     question ``i`` of the split), rendered, with the aux targets."""
 
-    def __init__(self, seed: int, n: int, turns: int = 6, curriculum=()):
-        self.seed, self.n, self.turns = seed, n, turns
+    def __init__(self, seed: int, n: int, turns: int = 6, curriculum=(), offset: int = 0):
+        self.seed, self.n, self.turns, self.offset = seed, n, turns, offset
         self.curriculum = list(curriculum)  # [(first sample index past the stage, (lo, hi) objects)]
 
     def __len__(self):
@@ -100,7 +100,7 @@ class TrainSet(torch.utils.data.Dataset):
         return None
 
     def __getitem__(self, i):
-        conv = D.make_conversation(self.seed, "train", i, self.turns, self.n_objects(i))
+        conv = D.make_conversation(self.seed, "train", self.offset + i, self.turns, self.n_objects(i))
         return conv, conv[0].image(), D.patch_targets(conv[0].scene)
 
 
@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-drop", type=float, default=0.5,
                     help="share of training samples whose visual tokens are thinned at random (each keeps a uniform "
                          "random fraction, possibly none): the tiny model otherwise breaks on any shorter visual sequence")
+    ap.add_argument("--data-offset", type=int, default=0,
+                    help="start at this index of the train stream (a later stage sees fresh scenes)")
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint's weights (a second stage: continue a run with a new schedule)")
     ap.add_argument("--tie", action="store_true", help="tie the LM head to the input embeddings")
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
         end, span = part.split(":")
         lo, hi = span.split("-")
         curriculum.append(((args.vision_steps + int(end)) * args.batch, (int(lo), int(hi))))
-    loader = torch.utils.data.DataLoader(TrainSet(args.seed, total * args.batch, args.turns, curriculum), batch_size=args.batch,
+    loader = torch.utils.data.DataLoader(TrainSet(args.seed, total * args.batch, args.turns, curriculum, args.data_offset), batch_size=args.batch,
                                          shuffle=False, num_workers=args.workers, collate_fn=Collate(rt.processor),
                                          prefetch_factor=4 if args.workers else None, persistent_workers=False)
     val = D.make_split("test", args.eval_n, seed=args.seed + 1000)  # a held-out stream, not the benchmark's test set
