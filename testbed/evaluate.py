@@ -116,7 +116,10 @@ def predict(rt, qs: Sequence[D.Question] | _Batches, method: str = "none", budge
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for _, batch in batches.batches:
+            for qs_, batch in batches.batches:
+                # per-sample keys = the harness's question uids, so seeded methods (random) draw the same
+                # tokens here as through `scripts/eval/shapes.sh`
+                eng.sample_keys = [str(q.index) for q in qs_]
                 n_in = batch["input_ids"].shape[1]
                 out = rt.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
                 answers.extend(rt.processor.decode(out[:, n_in:]))
