@@ -363,7 +363,11 @@ def coverage(o: Obj) -> np.ndarray:
     return np.asarray(m, dtype=np.float32).reshape(GRID, PATCH * 2, GRID, PATCH * 2).mean(axis=(1, 3)).reshape(-1) / 255
 
 
-def patch_targets(scene: Scene, min_cover: float = 0.08) -> dict[str, np.ndarray]:
+#: an object "covers" a patch from this share of its area on (patch labels, grounding targets)
+MIN_COVER = 0.08
+
+
+def patch_targets(scene: Scene, min_cover: float = MIN_COVER) -> dict[str, np.ndarray]:
     """Per-patch labels (row-major over the GRID x GRID patches) and the [CLS] "caption" target.
 
     color / shape / size: of the object covering the largest share of the patch (if at least

@@ -341,17 +341,6 @@ def plot(res: dict, path: str | os.PathLike) -> None:
 
 # -- command line -----------------------------------------------------------------------------------
 
-def _options(pairs):
-    out = {}
-    for p in pairs or []:
-        k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,10 +359,12 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    from llava.cli import parse_options
+
     rt = load_runtime(args.weights, args.threads)
     if args.cmd == "run":
         budget = None if args.budget in (None, "none") else int(args.budget)
-        res = evaluate(rt, args.method, budget, _options(args.opt), n=args.n, seed=args.seed,
+        res = evaluate(rt, args.method, budget, parse_options(args.opt), n=args.n, seed=args.seed,
                        keep_predictions=bool(args.json))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

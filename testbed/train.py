@@ -1,7 +1,7 @@
 """Train the testbed model on the synthetic shapes QA (CPU, fp32).
 
     python -m testbed.train --seed 0 --out testbed/weights [stage options]
-    bash scripts/train_testbed.sh              # the three-stage recipe of the shipped weights
+    bash scripts/train_testbed.sh              # the four-stage recipe of the shipped weights
 
 The whole model (CLIP tower, projector, Llama LM) is trained from scratch with AdamW and
 
@@ -50,14 +50,14 @@ from .model import build, save
 
 
 class AuxHeads(torch.nn.Module):
-    def __init__(self, dv: int):
+    def __init__(self, dv: int, d_lm: int):
         super().__init__()
         n_pairs = len(D.PAIR_IDS)
         self.cls_sel = torch.nn.Linear(dv, n_pairs + 3)
         self.cls_last = torch.nn.Linear(dv, n_pairs + 3)
         self.patch = torch.nn.Linear(dv, len(D.COLORS) + 1 + len(D.SHAPES) + 1 + 3 + 1)
-        self.ref = None  # set by main: Linear(LM width, 8 + 4 + 2 + GRID + GRID)
         self.ref_split = [len(D.COLORS), len(D.SHAPES), 2, D.GRID, D.GRID]
+        self.ref = torch.nn.Linear(d_lm, sum(self.ref_split))
 
     def ref_loss(self, h, t):
         """Referring objective: the LM hidden state at each object mention's head word predicts the
@@ -166,13 +166,12 @@ class Collate:
                     n_turns += 1
             assert n_turns == len(convs[r]), (n_turns, len(convs[r]))
         t = {key: torch.as_tensor(np.stack([x[key] for x in targets])) for key in targets[0]}
-        refs = [(r, p, ref_targets(o)) for r in range(ids.shape[0]) for p, o in self.mentions(ids[r], convs[r][0])]
+        refs = [(r, p, o) for r in range(ids.shape[0]) for p, o in self.mentions(ids[r], convs[r][0])]
         t["ref_rows"] = torch.tensor([r for r, _, _ in refs], dtype=torch.long)
         t["ref_pos"] = torch.tensor([p for _, p, _ in refs], dtype=torch.long)
-        t["ref_y"] = torch.tensor([y for _, _, y in refs], dtype=torch.long).reshape(-1, 5)
-        t["ref_patches"] = torch.as_tensor(np.stack([D.coverage(o) >= 0.08 for r in range(ids.shape[0])
-                                                     for _, o in self.mentions(ids[r], convs[r][0])]
-                                                    or [np.zeros(D.GRID * D.GRID, bool)]))[:len(refs)]
+        t["ref_y"] = torch.tensor([ref_targets(o) for _, _, o in refs], dtype=torch.long).reshape(-1, 5)
+        t["ref_patches"] = torch.as_tensor(np.array([D.coverage(o) >= D.MIN_COVER for _, _, o in refs],
+                                                    dtype=bool).reshape(-1, D.GRID * D.GRID))
         t["image_pos"] = (ids == self.image_id).nonzero()[:, 1].view(ids.shape[0], -1)
         t["n_pad"] = (mask == 0).sum(1)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": b["pixel_values"], "labels": labels}, t
@@ -259,16 +258,17 @@ def main(argv=None) -> int:
     model.train()
     vt = model.model.vision_tower
     vt = getattr(vt, "vision_model", vt)
-    heads = AuxHeads(vt.config.hidden_size)
+    heads = AuxHeads(vt.config.hidden_size, model.config.text_config.hidden_size)
     captured: dict[str, torch.Tensor] = {}
+
+    def store_output(name):
+        return lambda m, i, o: captured.__setitem__(name, o[0] if isinstance(o, tuple) else o)
+
     layers = vt.encoder.layers
-    hooks = [layers[len(layers) + model.config.vision_feature_layer].register_forward_hook(
-                 lambda m, i, o: captured.__setitem__("sel", o[0] if isinstance(o, tuple) else o)),
-             layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("last", o[0] if isinstance(o, tuple) else o))]
     lm_layers = model.model.language_model.layers
-    heads.ref = torch.nn.Linear(model.config.text_config.hidden_size, sum(heads.ref_split))
-    hooks.append(lm_layers[args.ref_layer - 1].register_forward_hook(
-        lambda m, i, o: captured.__setitem__("ref", o[0] if isinstance(o, tuple) else o)))
+    hooks = [layers[len(layers) + model.config.vision_feature_layer].register_forward_hook(store_output("sel")),
+             layers[-1].register_forward_hook(store_output("last")),
+             lm_layers[args.ref_layer - 1].register_forward_hook(store_output("ref"))]
     hooks.append(lm_layers[args.attn_layer - 1].register_forward_pre_hook(
         lambda m, a, kw: captured.__setitem__("attn_in", a[0] if a else kw["hidden_states"]), with_kwargs=True))
     rotary = model.model.language_model.rotary_emb
