@@ -150,49 +150,6 @@ def evaluate(rt, method: str = "none", budget: int | None = None, options: dict 
     return res
 
 
-def cls_attention_stats(rt, qs: Sequence[D.Question]) -> dict:
-    """Where the select layer's [CLS] attention goes (head mean, over the 64 patches, renormalised):
-    its share on patches covered by large objects / small objects / background, next to those
-    patches' share of the image (computed as the engine computes ``cls_attn``: the layer's own
-    ``layer_norm1`` + q/k on its input). A diagnostic of the trained tower."""
-    tower = rt.model.model.vision_tower
-    tower = getattr(tower, "vision_model", tower)
-    layer = tower.encoder.layers[len(tower.encoder.layers) + rt.model.config.vision_feature_layer]
-    captured = {}
-    h = layer.register_forward_pre_hook(lambda m, a, kw: captured.__setitem__("h", a[0] if a else kw["hidden_states"]),
-                                        with_kwargs=True)
-    mass = {"large": 0.0, "small": 0.0, "background": 0.0}
-    area = {"large": 0.0, "small": 0.0, "background": 0.0}
-    top = {"large": 0, "small": 0, "background": 0}
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(qs), BATCH_SIZE):
-                chunk = qs[s:s + BATCH_SIZE]
-                px = rt.processor.process_images([q.image() for q in chunk])["pixel_values"]
-                tower(px)
-                a = layer.self_attn
-                xn = layer.layer_norm1(captured["h"])
-                n, S, _ = xn.shape
-                k = a.k_proj(xn).view(n, S, a.num_heads, a.head_dim)
-                qv = a.q_proj(xn[:, :1]).view(n, 1, a.num_heads, a.head_dim)
-                att = (torch.einsum("nqhd,nshd->nhqs", qv, k) * a.scale).softmax(-1)[:, :, 0, 1:].mean(1)  # (n, 64)
-                att = att / att.sum(-1, keepdim=True)
-                for q, row in zip(chunk, att):
-                    size = D.patch_targets(q.scene)["size"]
-                    names = ["background", "small", "large"]
-                    for code, name in enumerate(names):
-                        m = torch.as_tensor(size == code)
-                        mass[name] += float(row[m].sum())
-                        area[name] += float(m.float().mean())
-                    top[names[int(size[int(row.argmax())])]] += 1
-    finally:
-        h.remove()
-    n = len(qs)
-    return {"attention_share": {k: round(v / n, 3) for k, v in mass.items()},
-            "area_share": {k: round(v / n, 3) for k, v in area.items()},
-            "argmax_on": {k: round(v / n, 3) for k, v in top.items()}}
-
-
 # -- the sweep --------------------------------------------------------------------------------------
 
 SEED_METHODS = ("consensusdrop", "visiondrop", "attnmix")
