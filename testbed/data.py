@@ -100,8 +100,9 @@ class Question:
     subtype: str = ""
     scene: Scene | None = field(default=None, repr=False)
     index: int = -1
-    #: the objects the question names, in the order it names them (training-only: the referring
-    #: auxiliary objective of testbed.train); empty when it names none that exists
+    #: the objects the question names, in the order it names them, or for counting all the objects
+    #: counted (training-only: the referring and grounding objectives of testbed.train); empty when
+    #: it names none that exists
     refs: tuple = field(default=(), repr=False)
 
     @property
@@ -275,7 +276,8 @@ def q_counting(rng, scene, want) -> Question | None:
     sh = shapes[int(rng.integers(len(shapes)))]
     lst = counts[sh]
     sal = "absent" if not lst else ("small" if any(o.size == "small" for o in lst) else "large")
-    return Question(f"how many {PLURAL[sh]} are there?", str(len(lst)), "counting", sal, f"count_{len(lst)}")
+    return Question(f"how many {PLURAL[sh]} are there?", str(len(lst)), "counting", sal, f"count_{len(lst)}",
+                    refs=tuple(lst))
 
 
 def _relation(a: Obj, b: Obj) -> str | None:

@@ -56,16 +56,18 @@ class AuxHeads(torch.nn.Module):
         self.cls_sel = torch.nn.Linear(dv, n_pairs + 3)
         self.cls_last = torch.nn.Linear(dv, n_pairs + 3)
         self.patch = torch.nn.Linear(dv, len(D.COLORS) + 1 + len(D.SHAPES) + 1 + 3 + 1)
-        self.ref_split = [len(D.COLORS), len(D.SHAPES), 2, D.GRID, D.GRID]
+        # colour, shape, size, patch row, patch column of a named object; the count of a counted shape
+        self.ref_split = [len(D.COLORS), len(D.SHAPES), 2, D.GRID, D.GRID, D.MAX_COUNT + 1]
         self.ref = torch.nn.Linear(d_lm, sum(self.ref_split))
 
     def ref_loss(self, h, t):
         """Referring objective: the LM hidden state at each object mention's head word predicts the
-        object's colour, shape, size and patch row / column."""
-        if not len(t["ref_rows"]):
-            return h.sum() * 0
+        object's colour, shape, size and patch row / column; at a counting question's plural shape
+        word, the count (targets of -100 do not apply to that mention)."""
         out = self.ref(h[t["ref_rows"], t["ref_pos"]]).split(self.ref_split, dim=-1)
-        return sum(F.cross_entropy(o, t["ref_y"][:, i]) for i, o in enumerate(out))
+        y = t["ref_y"]
+        losses = [F.cross_entropy(o, y[:, i], ignore_index=-100) for i, o in enumerate(out) if (y[:, i] >= 0).any()]
+        return sum(losses) if losses else h.sum() * 0
 
     def cls_loss(self, head, h, t):
         n_pairs = len(D.PAIR_IDS)
@@ -115,35 +117,53 @@ def conversation_prompt(template, conv) -> str:
 
 
 def ref_targets(obj) -> list[int]:
-    """Referring targets of one object: colour, shape, size, patch row, patch column (class ids)."""
+    """Referring targets of one named object: colour, shape, size, patch row, patch column (class
+    ids); the count column does not apply (-100)."""
     return [D.COLOR_IDS[obj.color] - 1, D.SHAPE_IDS[obj.shape] - 1, D.SIZE_IDS[obj.size] - 1,
-            min(int(obj.cy // D.PATCH), D.GRID - 1), min(int(obj.cx // D.PATCH), D.GRID - 1)]
+            min(int(obj.cy // D.PATCH), D.GRID - 1), min(int(obj.cx // D.PATCH), D.GRID - 1), -100]
+
+
+def count_targets(q) -> list[int]:
+    """Referring targets of a counting question's plural shape word: only the count."""
+    return [-100] * 5 + [len(q.refs)]
 
 
 class Collate:
     """Tokenise conversations with the runtime's processor (LLaVA's image-token rule), left-pad, and
-    label the answer word + ``</s>`` of every turn; for turn 1, also the token position of each
-    object mention's head word (the shape word, or "object") and that object's referring targets."""
+    label the answer word + ``</s>`` of every turn; for every turn, also the token position of each
+    object mention's head word (the shape word, or "object") with that object's referring targets
+    and patches, and with ``count=True`` the plural shape word of a counting question with the count
+    and the patches of all the counted objects."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, count: bool = False):
         self.processor = processor
+        self.count = count
         tok = processor.tokenizer
         self.tag = tok(f" {processor.template.assistant}:", add_special_tokens=False).input_ids
         self.image_id = tok.convert_tokens_to_ids("<image>")
-        self.head_ids = {w: tok.convert_tokens_to_ids(w) for w in (*D.SHAPES, "object")}
+        self.head_ids = {w: tok.convert_tokens_to_ids(w) for w in (*D.SHAPES, *D.PLURAL.values(), "object")}
 
-    def mentions(self, row, q):
-        """(position, object) of each object mention of question ``q`` in token row ``row`` (turn 1:
-        the first occurrences after the image)."""
-        heads = ["object" if q.subtype == "shape" and q.qtype == "attribute" else o.shape for o in q.refs]
-        pos = int((row == self.image_id).nonzero().max()) + 1
-        out = []
-        for w, o in zip(heads, q.refs):
-            hit = (row[pos:] == self.head_ids[w]).nonzero()
+    def mentions(self, row, q, start: int, end: int):
+        """(position, referring targets, patch mask) of each mention of question ``q``, whose text
+        lies in ``row[start:end]`` (the first occurrences of the head words, in order)."""
+        if q.qtype == "counting":
+            if not self.count:
+                return []
+            shape = q.question.split()[2]  # "how many {plural} are there?"
+            patches = np.zeros(D.GRID * D.GRID, dtype=bool)
+            for o in q.refs:
+                patches |= D.coverage(o) >= D.MIN_COVER
+            heads = [(shape, count_targets(q), patches)]
+        else:
+            heads = [("object" if q.subtype == "shape" and q.qtype == "attribute" else o.shape, ref_targets(o),
+                      D.coverage(o) >= D.MIN_COVER) for o in q.refs]
+        pos, out = start, []
+        for w, y, patches in heads:
+            hit = (row[pos:end] == self.head_ids[w]).nonzero()
             if not len(hit):
                 break
             pos = pos + int(hit[0])
-            out.append((pos, o))
+            out.append((pos, y, patches))
             pos += 1
         return out
 
@@ -156,22 +176,22 @@ class Collate:
         labels = torch.full_like(ids, -100)
         k = len(self.tag)
         tag = torch.tensor(self.tag)
+        refs = []
         for r in range(ids.shape[0]):
             row = ids[r]
             hits = (row.unfold(0, k, 1) == tag).all(-1).nonzero().flatten() + k  # first answer token
-            n_turns = 0
-            for p in hits.tolist():
-                if p + 1 < row.numel() and mask[r, p]:
-                    labels[r, p:p + 2] = row[p:p + 2]  # the answer word and </s>
-                    n_turns += 1
-            assert n_turns == len(convs[r]), (n_turns, len(convs[r]))
+            answers = [p for p in hits.tolist() if p + 1 < row.numel() and mask[r, p]]
+            assert len(answers) == len(convs[r]), (len(answers), len(convs[r]))
+            start = int((row == self.image_id).nonzero().max()) + 1
+            for p, q in zip(answers, convs[r]):
+                labels[r, p:p + 2] = row[p:p + 2]  # the answer word and </s>
+                refs += [(r, *m) for m in self.mentions(row, q, start, p - k)]
+                start = p + 2
         t = {key: torch.as_tensor(np.stack([x[key] for x in targets])) for key in targets[0]}
-        refs = [(r, p, o) for r in range(ids.shape[0]) for p, o in self.mentions(ids[r], convs[r][0])]
-        t["ref_rows"] = torch.tensor([r for r, _, _ in refs], dtype=torch.long)
-        t["ref_pos"] = torch.tensor([p for _, p, _ in refs], dtype=torch.long)
-        t["ref_y"] = torch.tensor([ref_targets(o) for _, _, o in refs], dtype=torch.long).reshape(-1, 5)
-        t["ref_patches"] = torch.as_tensor(np.array([D.coverage(o) >= D.MIN_COVER for _, _, o in refs],
-                                                    dtype=bool).reshape(-1, D.GRID * D.GRID))
+        t["ref_rows"] = torch.tensor([r for r, _, _, _ in refs], dtype=torch.long)
+        t["ref_pos"] = torch.tensor([p for _, p, _, _ in refs], dtype=torch.long)
+        t["ref_y"] = torch.tensor([y for _, _, y, _ in refs], dtype=torch.long).reshape(-1, 6)
+        t["ref_patches"] = torch.as_tensor(np.array([m for _, _, _, m in refs], dtype=bool).reshape(-1, D.GRID * D.GRID))
         t["image_pos"] = (ids == self.image_id).nonzero()[:, 1].view(ids.shape[0], -1)
         t["n_pad"] = (mask == 0).sum(1)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": b["pixel_values"], "labels": labels}, t
@@ -228,6 +248,9 @@ def main(argv=None) -> int:
                          "mention to that object's patches")
     ap.add_argument("--attn-layer", type=int, default=1, help="1-based LM layer of the grounding loss (its head 0)")
     ap.add_argument("--ref-layer", type=int, default=2, help="the referring loss reads the output of this LM layer (1-based)")
+    ap.add_argument("--count-ref", action="store_true",
+                    help="counting questions join the referring and grounding objectives: the plural shape word's "
+                         "state predicts the count, and the grounding head attends from it to all the counted objects")
     ap.add_argument("--aux-align", type=float, default=0.5,
                     help="weight of the alignment loss: projected patch tokens vs the LM's word embeddings")
     ap.add_argument("--curriculum", default="",
@@ -299,6 +322,8 @@ def main(argv=None) -> int:
         x, layer = captured["attn_in"], lm_layers[args.attn_layer - 1]
         losses = []
         for i, (r, p) in enumerate(zip(t["ref_rows"].tolist(), t["ref_pos"].tolist())):
+            if not t["ref_patches"][i].any():  # a count of 0: nothing to attend to
+                continue
             n_pad = int(t["n_pad"][r])
             xr = x[r, n_pad:]
             rows = torch.tensor([p - n_pad])
@@ -349,7 +374,7 @@ def main(argv=None) -> int:
         lo, hi = span.split("-")
         curriculum.append(((args.vision_steps + int(end)) * args.batch, (int(lo), int(hi))))
     loader = torch.utils.data.DataLoader(TrainSet(args.seed, total * args.batch, args.turns, curriculum, args.data_offset), batch_size=args.batch,
-                                         shuffle=False, num_workers=args.workers, collate_fn=Collate(rt.processor),
+                                         shuffle=False, num_workers=args.workers, collate_fn=Collate(rt.processor, args.count_ref),
                                          prefetch_factor=4 if args.workers else None, persistent_workers=False)
     val = D.make_split("test", args.eval_n, seed=args.seed + 1000)  # a held-out stream, not the benchmark's test set
     log = {"args": vars(args), "curve": [], "evals": []}

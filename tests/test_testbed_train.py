@@ -1,0 +1,113 @@
+"""The testbed's training inputs and objectives (testbed.train): which tokens carry the LM loss, where
+the referring / grounding objectives read, what they predict, and a short run's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from testbed import data as D
+from testbed import train as T
+from testbed.model import build
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build(seed=0).processor
+
+
+def _scene():
+    objs = [D.Obj("triangle", "red", "large", 28.0, 28.0, 16.0),
+            D.Obj("triangle", "blue", "small", 84.0, 84.0, 6.0),
+            D.Obj("circle", "green", "small", 84.0, 28.0, 6.0)]
+    return D.Scene(objs, {"kind": "solid", "c0": (128, 128, 128), "c1": (128, 128, 128), "seed": 0}, "hand/0/0")
+
+
+def _conversation():
+    """Turn 1's answer is the word "triangle", which turn 2's mention must not be confused with."""
+    s = _scene()
+    red, blue, _ = s.objects
+    conv = [D.Question("what shape is the large red object?", "triangle", "attribute", "large", "shape", refs=(red,)),
+            D.Question("what color is the small triangle?", "blue", "attribute", "small", "color", refs=(blue,)),
+            D.Question("how many triangles are there?", "2", "counting", "small", "count_2", refs=(red, blue))]
+    for q in conv:
+        q.scene = s
+    return conv
+
+
+def _items():
+    conv = _conversation()
+    return [(conv, conv[0].image(), D.patch_targets(conv[0].scene))]
+
+
+def test_lm_labels_are_every_turns_answer_word_and_eos(processor):
+    batch, _ = T.Collate(processor)(_items())
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    on = labels != -100
+    assert torch.equal(labels[on], ids[on])
+    assert processor.tokenizer.convert_ids_to_tokens(ids[on].tolist()) == ["triangle", "</s>", "blue", "</s>", "2", "</s>"]
+
+
+def test_mentions_of_every_turn_with_their_targets(processor):
+    tok = processor.tokenizer
+    batch, t = T.Collate(processor, count=True)(_items())
+    ids = batch["input_ids"][0]
+    words = tok.convert_ids_to_tokens(ids[t["ref_pos"]].tolist())
+    assert words == ["object", "triangle", "triangles"]
+    answer_1 = int((batch["labels"][0] != -100).nonzero()[0])
+    assert tok.convert_ids_to_tokens(int(ids[answer_1])) == "triangle"
+    assert t["ref_pos"][1] > answer_1  # turn 2's own "triangle", not turn 1's answer
+    # colour, shape, size, patch row, patch column (class ids from 0), count
+    red = [0, 2, 1, 2, 2, -100]    # red = colour 0, triangle = shape 2, large = 1, centre (28, 28) -> patch (2, 2)
+    blue = [2, 2, 0, 6, 6, -100]   # blue = colour 2, small = 0, centre (84, 84) -> patch (6, 6)
+    count = [-100] * 5 + [2]
+    assert t["ref_y"].tolist() == [red, blue, count]
+    s = _scene()
+    cover = [D.coverage(o) >= D.MIN_COVER for o in s.objects]
+    assert torch.equal(t["ref_patches"][0], torch.as_tensor(cover[0]))
+    assert torch.equal(t["ref_patches"][1], torch.as_tensor(cover[1]))
+    assert torch.equal(t["ref_patches"][2], torch.as_tensor(cover[0] | cover[1]))  # all the counted objects
+    assert t["ref_patches"][2].sum() > t["ref_patches"][0].sum()
+
+    _, t_off = T.Collate(processor, count=False)(_items())  # counting mentions are opt-in (--count-ref)
+    assert t_off["ref_y"].tolist() == [red, blue]
+
+
+@torch.no_grad()
+def test_referring_loss_skips_targets_that_do_not_apply():
+    heads = T.AuxHeads(8, 16)
+    torch.nn.init.zeros_(heads.ref.weight)
+    torch.nn.init.zeros_(heads.ref.bias)  # uniform logits: each applicable column costs log(#classes)
+    h = torch.randn(1, 5, 16)
+    obj = [0, 2, 1, 2, 2, -100]
+    t = {"ref_rows": torch.tensor([0, 0]), "ref_pos": torch.tensor([1, 3]), "ref_y": torch.tensor([obj, [-100] * 5 + [2]])}
+    expected = math.log(8) + math.log(4) + math.log(2) + math.log(8) + math.log(8) + math.log(4)
+    assert float(heads.ref_loss(h, t)) == pytest.approx(expected, rel=1e-6)
+    only_count = {k: v[1:] for k, v in t.items()}
+    assert float(heads.ref_loss(h, only_count)) == pytest.approx(math.log(4), rel=1e-6)
+    none = {k: v[:0] for k, v in t.items()}
+    assert float(heads.ref_loss(h, none)) == 0.0
+
+
+def test_short_run_writes_a_checkpoint_the_loader_reads(tmp_path):
+    from llava.models import load
+
+    out = tmp_path / "ckpt"
+    rc = T.main(["--out", str(out), "--steps", "2", "--vision-steps", "1", "--batch", "4", "--turns", "2",
+                 "--count-ref", "--tie", "--workers", "0", "--threads", "1", "--eval-n", "8", "--log-every", "1",
+                 "--token-drop", "0.5", "--warmup", "1"])
+    assert rc == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["phase"] for r in log["curve"]] == ["vision", "full", "full"]
+    full = log["curve"][-1]
+    assert all(np.isfinite(full[k]) and full[k] > 0 for k in ("lm", "cls", "patch", "align"))
+    assert log["evals"] and 0 <= log["evals"][-1]["overall"] <= 100
+    rt = load(str(out))
+    shipped = build(seed=0, text={"tie_word_embeddings": True}).model.state_dict()
+    assert set(rt.model.state_dict()) == set(shipped)
+    with pytest.raises(ValueError, match="does not match"):
+        T.main(["--init", str(out), "--out", str(tmp_path / "x"), "--text-layers", "2", "--steps", "1", "--vision-steps", "0"])
