@@ -1,7 +1,7 @@
 """Train the testbed model on the synthetic shapes QA (CPU, fp32).
 
     python -m testbed.train --seed 0 --out testbed/weights [stage options]
-    bash scripts/train_testbed.sh              # the four-stage recipe of the shipped weights
+    bash scripts/train_testbed.sh              # the five-stage recipe of the shipped weights
 
 The whole model (CLIP tower, projector, Llama LM) is trained from scratch with AdamW and
 
@@ -19,9 +19,11 @@ The whole model (CLIP tower, projector, Llama LM) is trained from scratch with A
     tokens with the LM's input embeddings of the colour / shape / size words (cosine classification,
     LLaVA's feature-alignment idea);
 (e) ``--aux-ref``: the LM hidden state after layer ``--ref-layer`` at each object mention's head word
-    predicts that object's colour, shape, size and patch row / column (referring);
+    (in every turn) predicts that object's colour, shape, size and patch row / column (referring); with
+    ``--count-ref``, the state at a counting question's plural shape word predicts the count;
 (f) ``--aux-attn``: head 0 of LM layer ``--attn-layer`` attends from each object mention to the
-    patches of that object (grounding; -log attention mass);
+    patches of that object, and with ``--count-ref`` from a plural shape word to all the counted
+    objects (grounding; -log attention mass);
 (g) ``--token-drop``: on that share of the samples a random fraction of the visual tokens is masked
     out and positions renumbered, so the model tolerates shorter visual sequences.
 

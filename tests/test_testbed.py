@@ -64,12 +64,13 @@ def test_committed_table_has_every_method_at_four_budgets():
     assert sum(1 for name in budgets if name.startswith("consensusdrop ")) >= 3  # its variants
     none, novis = committed("none", None), committed("novisual", None)
     # the no-visual-token control is near chance (answer priors: about 30% over the four types), and the
-    # unpruned model is far above it overall and on the three types it learned; counting is at chance
-    # for the shipped model (docs/testbed.md), so nothing is claimed for it
+    # unpruned model is good (>= 75%) and far above it on the three types it learned; counting is near
+    # chance for the shipped model (docs/testbed.md), so nothing is claimed for it
     assert novis["accuracy"]["overall"] <= 35.0, novis["accuracy"]
-    assert none["accuracy"]["overall"] >= novis["accuracy"]["overall"] + 20, (none["accuracy"], novis["accuracy"])
+    assert none["accuracy"]["overall"] >= novis["accuracy"]["overall"] + 40, (none["accuracy"], novis["accuracy"])
     for qtype in LEARNED:
-        assert none["accuracy"][qtype] >= novis["accuracy"][qtype] + 15, (qtype, none["accuracy"], novis["accuracy"])
+        assert none["accuracy"][qtype] >= 75.0, (qtype, none["accuracy"])
+        assert none["accuracy"][qtype] >= novis["accuracy"][qtype] + 30, (qtype, none["accuracy"], novis["accuracy"])
 
 
 @pytest.mark.parametrize("method,budget", CHECKED, ids=lambda v: str(v))
