@@ -161,7 +161,7 @@ SEED_METHODS = ("consensusdrop", "visiondrop", "attnmix")
 BUDGETS_576 = {"pdrop": (64, 128, 192, 288), "sparsevlm": (64, 96, 128, 192)}
 CONSENSUS_VARIANTS = (("consensusdrop", {}), ("consensusdrop", {"fusion": "encoder_only"}),
                       ("consensusdrop", {"fusion": "cross_only"}), ("consensusdrop", {"fusion": "adaptive"}),
-                      ("consensusdrop", {"probe_layer": 0}))
+                      ("consensusdrop", {"probe_layer": 0}), ("consensusdrop", {"probe_layer": 1}))
 
 
 def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS) -> list[tuple[str, int | None, dict]]:
