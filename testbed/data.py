@@ -52,6 +52,7 @@ SALIENCE = ("small", "large", "absent")
 SPLITS = {"train": 0, "test": 1}
 SUFFIX = "Answer the question using a single word or phrase."
 MAX_COUNT = 3
+MAX_OBJECTS = 5  # per scene: 1-2 large + 2-3 small
 
 #: Words the questions and answers use (beyond llava.tiny_tokenizer.BASE_WORDS, which has most).
 EXTRA_WORDS = sorted(set(list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(SIZES) + list(RELATIONS) + [
@@ -375,7 +376,8 @@ def patch_targets(scene: Scene, min_cover: float = MIN_COVER) -> dict[str, np.nd
     color / shape / size: of the object covering the largest share of the patch (if at least
     ``min_cover`` of it), else 0 (background); center: 1 on the patch holding an object's centre;
     caption: multi-hot over the 32 (shape, colour) pairs of the scene's *large* (salient) objects;
-    n_large: their number."""
+    n_large: their number; count: on the patches labelled with a shape, how many objects of that shape
+    the scene has (0 elsewhere)."""
     color = np.zeros(GRID * GRID, np.int64)
     shape = np.zeros(GRID * GRID, np.int64)
     size = np.zeros(GRID * GRID, np.int64)
@@ -390,7 +392,8 @@ def patch_targets(scene: Scene, min_cover: float = MIN_COVER) -> dict[str, np.nd
         center[min(int(o.cy // PATCH), GRID - 1) * GRID + min(int(o.cx // PATCH), GRID - 1)] = 1
         if o.size == "large":
             caption[PAIR_IDS[(o.shape, o.color)]] = 1
-    return {"color": color, "shape": shape, "size": size, "center": center, "caption": caption,
+    per_shape = np.array([0] + [sum(o.shape == sh for o in scene.objects) for sh in SHAPES], np.int64)
+    return {"color": color, "shape": shape, "size": size, "center": center, "caption": caption, "count": per_shape[shape],
             "n_large": np.int64(sum(o.size == "large" for o in scene.objects))}
 
 

@@ -1,7 +1,7 @@
 """Train the testbed model on the synthetic shapes QA (CPU, fp32).
 
     python -m testbed.train --seed 0 --out testbed/weights [stage options]
-    bash scripts/train_testbed.sh              # the five-stage recipe of the shipped weights
+    bash scripts/train_testbed.sh              # the six-stage recipe of the shipped weights
 
 The whole model (CLIP tower, projector, Llama LM) is trained from scratch with AdamW and
 
@@ -15,9 +15,10 @@ The whole model (CLIP tower, projector, Llama LM) is trained from scratch with A
     number. Like an image-level caption, it does not mention the small objects, so [CLS] attention
     learns to concentrate on the salient objects (the behaviour text-agnostic pruning relies on);
 (c) a dense per-patch objective on the select layer's patch features (colour / shape / size of the
-    object covering each patch, and object-centre patches), and (d) an alignment of the projected patch
-    tokens with the LM's input embeddings of the colour / shape / size words (cosine classification,
-    LLaVA's feature-alignment idea);
+    object covering each patch, object-centre patches, and with ``--count-patch`` how many objects of
+    that shape the scene holds), and (d) an alignment of the projected patch tokens with the LM's input
+    embeddings of the colour / shape / size (and count) words (cosine classification, LLaVA's
+    feature-alignment idea);
 (e) ``--aux-ref``: the LM hidden state after layer ``--ref-layer`` at each object mention's head word
     (in every turn) predicts that object's colour, shape, size and patch row / column (referring); with
     ``--count-ref``, the state at a counting question's plural shape word predicts the count;
@@ -52,12 +53,14 @@ from .model import build, save
 
 
 class AuxHeads(torch.nn.Module):
-    def __init__(self, dv: int, d_lm: int):
+    def __init__(self, dv: int, d_lm: int, count_patch: bool = False):
         super().__init__()
         n_pairs = len(D.PAIR_IDS)
         self.cls_sel = torch.nn.Linear(dv, n_pairs + 3)
         self.cls_last = torch.nn.Linear(dv, n_pairs + 3)
-        self.patch = torch.nn.Linear(dv, len(D.COLORS) + 1 + len(D.SHAPES) + 1 + 3 + 1)
+        self.count_patch = count_patch
+        self.patch_split = [len(D.COLORS) + 1, len(D.SHAPES) + 1, 3, 1] + ([D.MAX_OBJECTS] if count_patch else [])
+        self.patch = torch.nn.Linear(dv, sum(self.patch_split))
         # colour, shape, size, patch row, patch column of a named object; the count of a counted shape
         self.ref_split = [len(D.COLORS), len(D.SHAPES), 2, D.GRID, D.GRID, D.MAX_COUNT + 1]
         self.ref = torch.nn.Linear(d_lm, sum(self.ref_split))
@@ -78,12 +81,13 @@ class AuxHeads(torch.nn.Module):
                 + F.cross_entropy(out[:, n_pairs:], t["n_large"].clamp(max=2)))
 
     def patch_loss(self, h, t):
-        out = self.patch(h)  # (B, P, 18)
-        nc, ns = len(D.COLORS) + 1, len(D.SHAPES) + 1
-        c, s, z, ctr = out.split([nc, ns, 3, 1], dim=-1)
-        return (F.cross_entropy(c.flatten(0, 1), t["color"].flatten()) + F.cross_entropy(s.flatten(0, 1), t["shape"].flatten())
+        c, s, z, ctr, *cnt = self.patch(h).split(self.patch_split, dim=-1)
+        loss = (F.cross_entropy(c.flatten(0, 1), t["color"].flatten()) + F.cross_entropy(s.flatten(0, 1), t["shape"].flatten())
                 + F.cross_entropy(z.flatten(0, 1), t["size"].flatten())
                 + F.binary_cross_entropy_with_logits(ctr.squeeze(-1), t["center"], pos_weight=torch.tensor(4.0)))
+        if cnt and (t["count"] > 0).any():  # object patches: how many objects of their shape the scene has
+            loss = loss + F.cross_entropy(cnt[0].flatten(0, 1), t["count"].flatten() - 1, ignore_index=-1)
+        return loss
 
 
 class TrainSet(torch.utils.data.Dataset):
@@ -253,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--count-ref", action="store_true",
                     help="counting questions join the referring and grounding objectives: the plural shape word's "
                          "state predicts the count, and the grounding head attends from it to all the counted objects")
+    ap.add_argument("--count-patch", action="store_true",
+                    help="each object patch also predicts how many objects of its shape the scene has (dense patch "
+                         "label), and the alignment loss matches it to the LM's embeddings of the number words")
     ap.add_argument("--aux-align", type=float, default=0.5,
                     help="weight of the alignment loss: projected patch tokens vs the LM's word embeddings")
     ap.add_argument("--curriculum", default="",
@@ -283,7 +290,7 @@ def main(argv=None) -> int:
     model.train()
     vt = model.model.vision_tower
     vt = getattr(vt, "vision_model", vt)
-    heads = AuxHeads(vt.config.hidden_size, model.config.text_config.hidden_size)
+    heads = AuxHeads(vt.config.hidden_size, model.config.text_config.hidden_size, args.count_patch)
     captured: dict[str, torch.Tensor] = {}
 
     def store_output(name):
@@ -351,6 +358,8 @@ def main(argv=None) -> int:
     tok = rt.tokenizer
     word_ids = {"color": tok.convert_tokens_to_ids(list(D.COLORS)), "shape": tok.convert_tokens_to_ids(list(D.SHAPES)),
                 "size": tok.convert_tokens_to_ids(list(D.SIZES))}
+    if args.count_patch:  # the number words 1..MAX_OBJECTS, for the per-patch count
+        word_ids["count"] = tok.convert_tokens_to_ids([str(i) for i in range(1, D.MAX_OBJECTS + 1)])
     emb = model.get_input_embeddings()
     projector = model.model.multi_modal_projector
 
@@ -364,7 +373,7 @@ def main(argv=None) -> int:
             return v.sum() * 0
         v = v[obj]
         loss = 0.0
-        for key in ("color", "shape", "size"):
+        for key in word_ids:
             e = F.normalize(emb.weight[word_ids[key]], dim=-1)
             loss = loss + F.cross_entropy(10.0 * v @ e.T, t[key][obj] - 1)
         return loss

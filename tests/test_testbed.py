@@ -64,13 +64,14 @@ def test_committed_table_has_every_method_at_four_budgets():
     assert sum(1 for name in budgets if name.startswith("consensusdrop ")) >= 3  # its variants
     none, novis = committed("none", None), committed("novisual", None)
     # the no-visual-token control is near chance (answer priors: about 30% over the four types), and the
-    # unpruned model is good (>= 75%) and far above it on the three types it learned; counting is near
-    # chance for the shipped model (docs/testbed.md), so nothing is claimed for it
+    # unpruned model is good (>= 75%) and far above it on three types; on counting it is weaker (right
+    # mostly on counts of 0, docs/testbed.md) but still clearly above the control
     assert novis["accuracy"]["overall"] <= 35.0, novis["accuracy"]
     assert none["accuracy"]["overall"] >= novis["accuracy"]["overall"] + 40, (none["accuracy"], novis["accuracy"])
     for qtype in LEARNED:
         assert none["accuracy"][qtype] >= 75.0, (qtype, none["accuracy"])
         assert none["accuracy"][qtype] >= novis["accuracy"][qtype] + 30, (qtype, none["accuracy"], novis["accuracy"])
+    assert none["accuracy"]["counting"] >= novis["accuracy"]["counting"] + 20, (none["accuracy"], novis["accuracy"])
 
 
 @pytest.mark.parametrize("method,budget", CHECKED, ids=lambda v: str(v))

@@ -111,3 +111,22 @@ def test_short_run_writes_a_checkpoint_the_loader_reads(tmp_path):
     assert set(rt.model.state_dict()) == set(shipped)
     with pytest.raises(ValueError, match="does not match"):
         T.main(["--init", str(out), "--out", str(tmp_path / "x"), "--text-layers", "2", "--steps", "1", "--vision-steps", "0"])
+
+
+def test_patch_count_labels_and_loss():
+    t = D.patch_targets(_scene())  # two triangles and a circle
+    shape, count = t["shape"], t["count"]
+    assert set(count[shape == D.SHAPE_IDS["triangle"]]) == {2}
+    assert set(count[shape == D.SHAPE_IDS["circle"]]) == {1}
+    assert set(count[shape == 0]) == {0} and (shape > 0).sum() > 0
+    # counts are classes 1..MAX_OBJECTS of the patch head (a scene can hold more than MAX_COUNT of a shape)
+    assert max(int(D.patch_targets(D.make_question(0, "train", i).scene)["count"].max()) for i in range(100)) <= D.MAX_OBJECTS
+    batch = {k: torch.as_tensor(v)[None] for k, v in t.items()}
+    h = torch.randn(1, D.GRID * D.GRID, 8)
+    with torch.no_grad():
+        plain, counting = T.AuxHeads(8, 16), T.AuxHeads(8, 16, count_patch=True)
+        for heads in (plain, counting):
+            torch.nn.init.zeros_(heads.patch.weight)
+            torch.nn.init.zeros_(heads.patch.bias)
+        # uniform logits: the count term adds log(MAX_OBJECTS) (counts 1..5, object patches only)
+        assert float(counting.patch_loss(h, batch) - plain.patch_loss(h, batch)) == pytest.approx(math.log(D.MAX_OBJECTS), rel=1e-5)
