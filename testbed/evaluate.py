@@ -265,7 +265,7 @@ def plot(res: dict, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5.4), sharey=True)
     series: dict[str, list[tuple[int, dict]]] = {}
     refs = {}
     for r in res["results"]:
@@ -289,9 +289,10 @@ def plot(res: dict, path: str | os.PathLike) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower right", ncol=2)
+    handles, labels = axes[1].get_legend_handles_labels()  # beside the plots, so it hides no curve
+    fig.legend(handles, labels, fontsize=8, loc="center right")
     fig.suptitle("Testbed (synthetic shapes QA, trained tiny LLaVA): accuracy vs budget")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
