@@ -52,7 +52,8 @@ SALIENCE = ("small", "large", "absent")
 SPLITS = {"train": 0, "test": 1}
 SUFFIX = "Answer the question using a single word or phrase."
 MAX_COUNT = 3
-MAX_OBJECTS = 5  # per scene: 1-2 large + 2-3 small
+N_LARGE, N_SMALL = (1, 2), (2, 3)  # objects per scene of each size (inclusive ranges)
+MAX_OBJECTS = N_LARGE[1] + N_SMALL[1]
 
 #: Words the questions and answers use (beyond llava.tiny_tokenizer.BASE_WORDS, which has most).
 EXTRA_WORDS = sorted(set(list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(SIZES) + list(RELATIONS) + [
@@ -189,7 +190,7 @@ def sample_scene(rng: np.random.Generator, key: str = "", n_objects: tuple[int, 
     ``n_objects = (lo, hi)``: instead lo..hi objects in all, each large or small at random (the
     training curriculum's simpler scenes)."""
     if n_objects is None:
-        n_large, n_small = int(rng.integers(1, 3)), int(rng.integers(2, 4))
+        n_large, n_small = int(rng.integers(N_LARGE[0], N_LARGE[1] + 1)), int(rng.integers(N_SMALL[0], N_SMALL[1] + 1))
     else:
         n = int(rng.integers(n_objects[0], n_objects[1] + 1))
         n_large = int((rng.random(n) < 0.4).sum())

@@ -58,7 +58,6 @@ class AuxHeads(torch.nn.Module):
         n_pairs = len(D.PAIR_IDS)
         self.cls_sel = torch.nn.Linear(dv, n_pairs + 3)
         self.cls_last = torch.nn.Linear(dv, n_pairs + 3)
-        self.count_patch = count_patch
         self.patch_split = [len(D.COLORS) + 1, len(D.SHAPES) + 1, 3, 1] + ([D.MAX_OBJECTS] if count_patch else [])
         self.patch = torch.nn.Linear(dv, sum(self.patch_split))
         # colour, shape, size, patch row, patch column of a named object; the count of a counted shape
@@ -324,23 +323,25 @@ def main(argv=None) -> int:
         return batch, t
 
     def grounding_loss(t):
-        """-log of head 0's attention mass (layer --attn-layer) from each object mention onto the
-        patches that object covers."""
+        """-log of head 0's attention mass (layer --attn-layer) from each mention onto the patches of
+        the object it names (of all the counted objects, for a counting question's plural word); the
+        mean over mentions. Queries and keys are computed once per row for all its mentions."""
         from llava.signals import causal_attention_rows, llm_qk
 
         x, layer = captured["attn_in"], lm_layers[args.attn_layer - 1]
         losses = []
-        for i, (r, p) in enumerate(zip(t["ref_rows"].tolist(), t["ref_pos"].tolist())):
-            if not t["ref_patches"][i].any():  # a count of 0: nothing to attend to
+        for r in t["ref_rows"].unique().tolist():
+            sel = (t["ref_rows"] == r) & t["ref_patches"].any(1)  # a count of 0: nothing to attend to
+            if not sel.any():
                 continue
             n_pad = int(t["n_pad"][r])
             xr = x[r, n_pad:]
-            rows = torch.tensor([p - n_pad])
+            rows = t["ref_pos"][sel] - n_pad
             q, k = llm_qk(layer, xr, rotary, torch.arange(xr.shape[0]), rows)
-            att = causal_attention_rows(q[:1], k[:1], rows, layer.self_attn.scaling)[0, 0]  # head 0
-            mass = att[t["image_pos"][r] - n_pad][t["ref_patches"][i]].sum()
+            att = causal_attention_rows(q[:1], k[:1], rows, layer.self_attn.scaling)[0]  # head 0: (mentions, S)
+            mass = (att[:, t["image_pos"][r] - n_pad] * t["ref_patches"][sel]).sum(-1)
             losses.append(-torch.log(mass + 1e-6))
-        return torch.stack(losses).mean() if losses else x.sum() * 0
+        return torch.cat(losses).mean() if losses else x.sum() * 0
 
     params = list(model.parameters()) + list(heads.parameters())
     decay = [p for p in params if p.ndim >= 2]
