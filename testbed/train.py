@@ -41,6 +41,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -241,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-drop", type=float, default=0.5,
                     help="share of training samples whose visual tokens are thinned at random (each keeps a uniform "
                          "random fraction, possibly none): the tiny model otherwise breaks on any shorter visual sequence")
+    ap.add_argument("--token-drop-from", type=int, default=0,
+                    help="full-phase step from which the token dropout applies (the routing is learnt on whole images first)")
     ap.add_argument("--data-offset", type=int, default=0,
                     help="start at this index of the train stream (a later stage sees fresh scenes)")
     ap.add_argument("--init", default=None,
@@ -270,7 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=50)
-    args = ap.parse_args(argv)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv_used)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -404,7 +409,7 @@ def main(argv=None) -> int:
             lm = torch.zeros(())
             l_ref = l_attn = torch.zeros(())
         else:  # the model's normal forward with labels (every turn's answer word and </s>)
-            if args.token_drop:
+            if args.token_drop and step - args.vision_steps >= args.token_drop_from:
                 batch, t = thin_visual_tokens(batch, t)
             out = model(**batch)
             lm = out.loss
@@ -451,7 +456,7 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     log.update({"wall_time_s": round(wall, 1), "params": sum(p.numel() for p in model.parameters()),
                 "weights_bytes": size, "machine": f"{platform.machine()} {platform.processor()} cpus={os.cpu_count()}",
-                "torch": torch.__version__, "command": f"python -m testbed.train --seed {args.seed} --out {args.out}"})
+                "torch": torch.__version__, "command": "python -m testbed.train " + " ".join(shlex.quote(a) for a in argv_used)})
     (Path(args.out) / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(f"saved {args.out} ({size / 1e6:.2f} MB) after {wall / 60:.1f} min")
     return 0

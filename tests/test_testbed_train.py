@@ -103,6 +103,8 @@ def test_short_run_writes_a_checkpoint_the_loader_reads(tmp_path):
     assert rc == 0
     log = json.loads((out / "train_log.json").read_text())
     assert [r["phase"] for r in log["curve"]] == ["vision", "full", "full"]
+    assert log["command"].startswith(f"python -m testbed.train --out {out} --steps 2 ")  # the whole command line
+    assert "--count-ref --tie" in log["command"] and log["args"]["turns"] == 2
     full = log["curve"][-1]
     assert all(np.isfinite(full[k]) and full[k] > 0 for k in ("lm", "cls", "patch", "align"))
     assert log["evals"] and 0 <= log["evals"][-1]["overall"] <= 100
@@ -130,3 +132,15 @@ def test_patch_count_labels_and_loss():
             torch.nn.init.zeros_(heads.patch.bias)
         # uniform logits: the count term adds log(MAX_OBJECTS) (counts 1..5, object patches only)
         assert float(counting.patch_loss(h, batch) - plain.patch_loss(h, batch)) == pytest.approx(math.log(D.MAX_OBJECTS), rel=1e-5)
+
+
+def test_token_drop_from_starts_the_dropout_at_that_step(tmp_path):
+    """With --token-drop 1 every row is thinned, and thinned rows carry no referring / grounding
+    targets, so those losses are exactly 0 from --token-drop-from on and positive before it."""
+    rc = T.main(["--out", str(tmp_path / "c"), "--steps", "3", "--vision-steps", "0", "--batch", "4", "--turns", "2",
+                 "--tie", "--workers", "0", "--threads", "1", "--eval-n", "4", "--log-every", "1", "--warmup", "1",
+                 "--token-drop", "1", "--token-drop-from", "2"])
+    assert rc == 0
+    curve = json.loads((tmp_path / "c" / "train_log.json").read_text())["curve"]
+    assert [r["ref"] > 0 for r in curve] == [True, True, False]
+    assert [r["attn"] > 0 for r in curve] == [True, True, False]
