@@ -11,8 +11,8 @@ LAUNCHER="${LAUNCHER:-torchrun}"                   # torchrun | deepspeed | pyth
 EXTRA_ARGS="${EXTRA_ARGS:---no-wandb --batch-size 50}"
 BENCH=shapes
 if [[ "$MODEL" == "testbed/weights" && ! -f "$(dirname "${BASH_SOURCE[0]}")/../../testbed/weights/config.json" ]]; then
-    echo "testbed/weights is missing: train it with 'python -m testbed.train --seed 0 --out testbed/weights'" \
-         "(about 20 minutes on 2 CPU cores), or pass a model as the third argument" >&2
+    echo "testbed/weights is missing: restore it with 'git checkout -- testbed/weights', retrain it with" \
+         "'bash scripts/train_testbed.sh' (about 3 hours on 2 CPU cores, docs/testbed.md), or pass a model as the third argument" >&2
     exit 2
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh" "$@"
