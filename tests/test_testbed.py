@@ -102,3 +102,16 @@ def test_shapes_script_through_the_harness_matches_the_evaluator(testbed, tmp_pa
     assert res["metrics"]["Shapes"] == direct["accuracy"]["overall"]
     assert res["metrics"]["Shapes-small"] == direct["accuracy"]["salience:small"]
     assert res["tokens"]["tok_in"] == 16.0
+
+
+def test_docs_quote_the_committed_accuracy_of_the_shipped_model():
+    """docs/testbed.md's table of the shipped model (unpruned and no-visual rows) states the values of
+    the committed sweep JSON, so a retrained model cannot leave the documentation behind."""
+    text = (ROOT / "docs" / "testbed.md").read_text()
+    section = text[text.index("## Accuracy of the shipped model"):]
+    cols = ("overall", "attribute", "existence", "counting", "spatial", "salience:small", "salience:large")
+    for label, method in (("unpruned (64 tokens)", "none"), ("no visual tokens", "novisual")):
+        line = next(s for s in section.splitlines() if s.startswith(f"| {label} |"))
+        quoted = [float(c) for c in line.strip("|").split("|")[1:]]
+        acc = committed(method, None)["accuracy"]
+        assert quoted == [round(acc[c] + 1e-9, 1) for c in cols], (label, quoted)
