@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                     help="share of training samples whose visual tokens are thinned at random (each keeps a uniform "
                          "random fraction, possibly none): the tiny model otherwise breaks on any shorter visual sequence")
     ap.add_argument("--token-drop-from", type=int, default=0,
-                    help="full-phase step from which the token dropout applies (the routing is learnt on whole images first)")
+                    help="full-phase step from which the token dropout applies (earlier steps see whole images)")
     ap.add_argument("--data-offset", type=int, default=0,
                     help="start at this index of the train stream (a later stage sees fresh scenes)")
     ap.add_argument("--init", default=None,
