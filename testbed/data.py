@@ -30,6 +30,7 @@ reproducible on any machine (images are rendered with PIL at 4x and box-filtered
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -360,11 +361,16 @@ GRID = IMAGE_SIZE // PATCH
 PAIR_IDS = {(s, c): i for i, (s, c) in enumerate((s, c) for s in SHAPES for c in COLORS)}
 
 
+@functools.lru_cache(maxsize=4096)
 def coverage(o: Obj) -> np.ndarray:
-    """The share of each patch (row-major, GRID x GRID) that object ``o`` covers."""
+    """The share of each patch (row-major, GRID x GRID) that object ``o`` covers (read-only array).
+    Memoised per object: a training sample asks for it once for its patch labels and again for the
+    grounding targets of each turn that names the object."""
     m = Image.new("L", (IMAGE_SIZE * 2, IMAGE_SIZE * 2), 0)
     _draw_shape(ImageDraw.Draw(m), o, 2, 255)
-    return np.asarray(m, dtype=np.float32).reshape(GRID, PATCH * 2, GRID, PATCH * 2).mean(axis=(1, 3)).reshape(-1) / 255
+    a = np.asarray(m, dtype=np.float32).reshape(GRID, PATCH * 2, GRID, PATCH * 2).mean(axis=(1, 3)).reshape(-1) / 255
+    a.setflags(write=False)
+    return a
 
 
 #: an object "covers" a patch from this share of its area on (patch labels, grounding targets)
