@@ -107,6 +107,8 @@ class Question:
     #: counted (training-only: the referring and grounding objectives of testbed.train); empty when
     #: it names none that exists
     refs: tuple = field(default=(), repr=False)
+    #: for a counting question, the shape it counts (its plural names it in the text; training-only)
+    shape: str = ""
 
     @property
     def prompt(self) -> str:
@@ -280,7 +282,7 @@ def q_counting(rng, scene, want) -> Question | None:
     lst = counts[sh]
     sal = "absent" if not lst else ("small" if any(o.size == "small" for o in lst) else "large")
     return Question(f"how many {PLURAL[sh]} are there?", str(len(lst)), "counting", sal, f"count_{len(lst)}",
-                    refs=tuple(lst))
+                    refs=tuple(lst), shape=sh)
 
 
 def _relation(a: Obj, b: Obj) -> str | None:

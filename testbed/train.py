@@ -156,7 +156,9 @@ class Collate:
         if q.qtype == "counting":
             if not self.count:
                 return []
-            shape = q.question.split()[2]  # "how many {plural} are there?"
+            if q.shape not in D.PLURAL:
+                raise ValueError(f"counting question {q.question!r} does not name the shape it counts (Question.shape)")
+            shape = D.PLURAL[q.shape]
             patches = np.zeros(D.GRID * D.GRID, dtype=bool)
             for o in q.refs:
                 patches |= D.coverage(o) >= D.MIN_COVER

@@ -4,6 +4,7 @@ the referring / grounding objectives read, what they predict, and a short run's 
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 
 import numpy as np
@@ -33,7 +34,8 @@ def _conversation():
     red, blue, _ = s.objects
     conv = [D.Question("what shape is the large red object?", "triangle", "attribute", "large", "shape", refs=(red,)),
             D.Question("what color is the small triangle?", "blue", "attribute", "small", "color", refs=(blue,)),
-            D.Question("how many triangles are there?", "2", "counting", "small", "count_2", refs=(red, blue))]
+            D.Question("how many triangles are there?", "2", "counting", "small", "count_2", refs=(red, blue),
+                       shape="triangle")]
     for q in conv:
         q.scene = s
     return conv
@@ -75,6 +77,26 @@ def test_mentions_of_every_turn_with_their_targets(processor):
 
     _, t_off = T.Collate(processor, count=False)(_items())  # counting mentions are opt-in (--count-ref)
     assert t_off["ref_y"].tolist() == [red, blue]
+
+
+def test_counting_mention_is_the_counted_shapes_plural(processor):
+    """The mention of a counting question is the plural of Question.shape (set by the generator), also
+    for a count of 0 (no patches to ground); a counting question without it is refused."""
+    s = _scene()
+    tok = processor.tokenizer
+    zero = D.Question("how many squares are there?", "0", "counting", "absent", "count_0", scene=s, shape="square")
+    gen = next(q for i in range(200) if (q := D.make_question(0, "train", i)).qtype == "counting" and q.refs)
+    assert gen.shape in D.SHAPES and {o.shape for o in gen.refs} == {gen.shape}
+    batch, t = T.Collate(processor, count=True)([([zero], zero.image(), D.patch_targets(s)),
+                                                 ([gen], gen.image(), D.patch_targets(gen.scene))])
+    words = tok.convert_ids_to_tokens(batch["input_ids"][t["ref_rows"], t["ref_pos"]].tolist())
+    assert words == ["squares", D.PLURAL[gen.shape]]
+    assert t["ref_y"][:, 5].tolist() == [0, int(gen.answer)] and int(gen.answer) == len(gen.refs)
+    union = np.any([D.coverage(o) >= D.MIN_COVER for o in gen.refs], axis=0)
+    assert t["ref_patches"][0].sum() == 0 and torch.equal(t["ref_patches"][1], torch.as_tensor(union))
+    bare = dataclasses.replace(zero, shape="")
+    with pytest.raises(ValueError, match="does not name the shape"):
+        T.Collate(processor, count=True)([([bare], bare.image(), D.patch_targets(s))])
 
 
 @torch.no_grad()
