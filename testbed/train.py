@@ -26,9 +26,11 @@ The whole model (CLIP tower, projector, Llama LM) is trained from scratch with A
     patches of that object, and with ``--count-ref`` from a plural shape word to all the counted
     objects (grounding; -log attention mass);
 (g) ``--token-drop``: on that share of the samples a random fraction of the visual tokens is masked
-    out and positions renumbered, so the model tolerates shorter visual sequences.
+    out and positions renumbered, so the model tolerates shorter visual sequences;
+(h) ``--lm-text`` (off by default, not in the shipped recipe): an LM loss on the question text after the
+    image, whose words name objects of the image.
 
-(e)-(g) are our design choices for a CPU budget (docs/testbed.md says why and what they bias).
+(e)-(h) are our design choices for a CPU budget (docs/testbed.md says why and what they bias).
 The heads of (b), (c) and (e) are training-only and are not saved: the checkpoint is a plain
 ``LlavaForConditionalGeneration`` + tokenizer + CLIP image processor written with
 ``save_pretrained`` and read back with ``llava.models.load(dir)``.
@@ -203,6 +205,10 @@ class Collate:
         t["ref_patches"] = torch.as_tensor(np.array([m for _, _, _, m in refs], dtype=bool).reshape(-1, D.GRID * D.GRID))
         t["image_pos"] = (ids == self.image_id).nonzero()[:, 1].view(ids.shape[0], -1)
         t["n_pad"] = (mask == 0).sum(1)
+        # every text token after the image that is not an answer target: the questions (with their
+        # suffix and role tags), for the optional question-text loss (--lm-text)
+        after_image = torch.arange(ids.shape[1]) > t["image_pos"].max(1, keepdim=True).values
+        t["text_labels"] = torch.where(after_image & (mask == 1) & (labels == -100), ids, -100)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": b["pixel_values"], "labels": labels}, t
 
 
@@ -265,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--count-patch", action="store_true",
                     help="each object patch also predicts how many objects of its shape the scene has (dense patch "
                          "label), and the alignment loss matches it to the LM's embeddings of the number words")
+    ap.add_argument("--lm-text", type=float, default=0.0,
+                    help="weight of an LM loss on the question text after the image (every turn's question, suffix "
+                         "and role tags; next-token prediction, like a caption's LM loss): a question names objects "
+                         "that are in the image, so predicting its words needs the image")
     ap.add_argument("--aux-align", type=float, default=0.5,
                     help="weight of the alignment loss: projected patch tokens vs the LM's word embeddings")
     ap.add_argument("--curriculum", default="",
@@ -398,7 +408,7 @@ def main(argv=None) -> int:
     val = D.make_split("test", args.eval_n, seed=args.seed + 1000)  # a held-out stream, not the benchmark's test set
     log = {"args": vars(args), "curve": [], "evals": []}
     t0 = time.time()
-    zero = {"lm": 0.0, "lm_turn1": 0.0, "cls": 0.0, "patch": 0.0, "align": 0.0, "ref": 0.0, "attn": 0.0, "n": 0}
+    zero = {"lm": 0.0, "lm_text": 0.0, "lm_turn1": 0.0, "cls": 0.0, "patch": 0.0, "align": 0.0, "ref": 0.0, "attn": 0.0, "n": 0}
     run = dict(zero)
     for step, (batch, t) in enumerate(loader):
         if args.stop_after is not None and step >= args.vision_steps + args.stop_after:
@@ -409,7 +419,7 @@ def main(argv=None) -> int:
         if vision_only:  # phase 1: the tower alone on the aux losses
             vt(batch["pixel_values"])
             lm = torch.zeros(())
-            l_ref = l_attn = torch.zeros(())
+            l_ref = l_attn = l_text = torch.zeros(())
         else:  # the model's normal forward with labels (every turn's answer word and </s>)
             if args.token_drop and step - args.vision_steps >= args.token_drop_from:
                 batch, t = thin_visual_tokens(batch, t)
@@ -417,6 +427,8 @@ def main(argv=None) -> int:
             lm = out.loss
             l_ref = heads.ref_loss(captured["ref"], t) if args.aux_ref else torch.zeros(())
             l_attn = grounding_loss(t) if args.aux_attn else torch.zeros(())
+            l_text = (F.cross_entropy(out.logits[:, :-1].flatten(0, 1), t["text_labels"][:, 1:].flatten(), ignore_index=-100)
+                      if args.lm_text else torch.zeros(()))
             with torch.no_grad():  # turn 1's answer word alone (the evaluation format), for the log
                 tgt = batch["labels"][:, 1:]
                 first = (tgt != -100).float().argmax(1)
@@ -427,6 +439,8 @@ def main(argv=None) -> int:
         l_patch = heads.patch_loss(h_sel[:, 1:], t)
         l_align = align_loss(h_sel[:, 1:], t) if args.aux_align else torch.zeros(())
         loss = lm + args.aux_cls * l_cls + args.aux_patch * l_patch + args.aux_align * l_align + args.aux_ref * l_ref + args.aux_attn * l_attn
+        if args.lm_text:
+            loss = loss + args.lm_text * l_text
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -437,11 +451,12 @@ def main(argv=None) -> int:
         run["align"] += float(l_align.detach())
         run["ref"] += float(l_ref.detach())
         run["attn"] += float(l_attn.detach())
+        run["lm_text"] += float(l_text.detach())
         run["n"] += 1
         if (step + 1) % args.log_every == 0:
             row = {"step": step + 1, "phase": "vision" if vision_only else "full", "time_s": round(time.time() - t0, 1),
                    "lr": round(opt.param_groups[0]["lr"], 6),
-                   **{k: round(run[k] / run["n"], 4) for k in ("lm", "lm_turn1", "cls", "patch", "align", "ref", "attn")}}
+                   **{k: round(run[k] / run["n"], 4) for k in ("lm", "lm_text", "lm_turn1", "cls", "patch", "align", "ref", "attn")}}
             log["curve"].append(row)
             print(json.dumps(row), flush=True)
             run = dict(zero)

@@ -79,6 +79,24 @@ def test_mentions_of_every_turn_with_their_targets(processor):
     assert t_off["ref_y"].tolist() == [red, blue]
 
 
+def test_question_text_labels(processor):
+    """--lm-text targets: every text token after the image that is not an answer target (the questions,
+    their suffix and role tags); never the system prompt, an image token, an answer or padding."""
+    tok = processor.tokenizer
+    short = [D.Question("is there a green circle in the image?", "yes", "existence", "small", "positive")]
+    short[0].scene = _scene()
+    batch, t = T.Collate(processor)(_items() + [(short, short[0].image(), D.patch_targets(short[0].scene))])
+    ids, labels, text = batch["input_ids"], batch["labels"], t["text_labels"]
+    assert tok.convert_ids_to_tokens(ids[1][text[1] != -100].tolist()) == \
+        ["\n", *tok.tokenize("is there a green circle in the image?"), "\n", *tok.tokenize(D.SUFFIX), "assistant", ":"]
+    words = tok.convert_ids_to_tokens(ids[0][text[0] != -100].tolist())
+    assert words[:9] == ["\n", *tok.tokenize("what shape is the large red object?")]
+    assert words.count("user") == 2 and words.count("assistant") == 3 and "triangle" in words[9:]  # turns 2-3
+    on = text != -100
+    assert not (on & (labels != -100)).any() and not (on & (ids == processor.tokenizer.convert_tokens_to_ids("<image>"))).any()
+    assert not (on & (batch["attention_mask"] == 0)).any() and on[1].sum() < on[0].sum()
+
+
 def test_counting_mention_is_the_counted_shapes_plural(processor):
     """The mention of a counting question is the plural of Question.shape (set by the generator), also
     for a count of 0 (no patches to ground); a counting question without it is refused."""
@@ -121,7 +139,7 @@ def test_short_run_writes_a_checkpoint_the_loader_reads(tmp_path):
     out = tmp_path / "ckpt"
     rc = T.main(["--out", str(out), "--steps", "2", "--vision-steps", "1", "--batch", "4", "--turns", "2",
                  "--count-ref", "--tie", "--workers", "0", "--threads", "1", "--eval-n", "8", "--log-every", "1",
-                 "--token-drop", "0.5", "--warmup", "1"])
+                 "--token-drop", "0.5", "--warmup", "1", "--lm-text", "0.5"])
     assert rc == 0
     log = json.loads((out / "train_log.json").read_text())
     assert [r["phase"] for r in log["curve"]] == ["vision", "full", "full"]
@@ -131,6 +149,9 @@ def test_short_run_writes_a_checkpoint_the_loader_reads(tmp_path):
     assert all(np.isfinite(full[k]) and full[k] > 0 for k in ("lm", "cls", "patch", "align"))
     assert log["evals"] and 0 <= log["evals"][-1]["overall"] <= 100
     rt = load(str(out))
+    # the question-text loss (--lm-text) of a near-untrained LM is about a uniform guess over the vocabulary
+    vocab = rt.model.config.text_config.vocab_size
+    assert log["curve"][0]["lm_text"] == 0 and abs(full["lm_text"] - math.log(vocab)) < 0.3, (full, vocab)
     shipped = build(seed=0, text={"tie_word_embeddings": True}).model.state_dict()
     assert set(rt.model.state_dict()) == set(shipped)
     with pytest.raises(ValueError, match="does not match"):
