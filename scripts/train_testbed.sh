@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-testbed/weights}"
 WORK="${WORK:-runs/testbed-train}"
-# one question per image in stages 1-4; stages 5-6 pass --turns 3, which overrides it (the last value counts)
+# one question per image in stages 1-4; stages 5-7 pass --turns 3, which overrides it (the last value counts)
 COMMON=(--seed 0 --batch 32 --turns 1 --tie --workers 0 --threads "${THREADS:-2}" --eval-n 200)
 # 1. vision tower alone on its auxiliary losses (200 steps), then the whole model on simpler scenes
 #    first (2-3 objects for 400 steps), referring objective on; stopped at 1800 of a 2500-step schedule

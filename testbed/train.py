@@ -1,7 +1,7 @@
 """Train the testbed model on the synthetic shapes QA (CPU, fp32).
 
     python -m testbed.train --seed 0 --out testbed/weights [stage options]
-    bash scripts/train_testbed.sh              # the six-stage recipe of the shipped weights
+    bash scripts/train_testbed.sh              # the seven-stage recipe of the shipped weights
 
 The whole model (CLIP tower, projector, Llama LM) is trained from scratch with AdamW and
 
@@ -160,11 +160,11 @@ class Collate:
                 return []
             if q.shape not in D.PLURAL:
                 raise ValueError(f"counting question {q.question!r} does not name the shape it counts (Question.shape)")
-            shape = D.PLURAL[q.shape]
+            plural = D.PLURAL[q.shape]
             patches = np.zeros(D.GRID * D.GRID, dtype=bool)
             for o in q.refs:
                 patches |= D.coverage(o) >= D.MIN_COVER
-            heads = [(shape, count_targets(q), patches)]
+            heads = [(plural, count_targets(q), patches)]
         else:
             heads = [("object" if q.subtype == "shape" and q.qtype == "attribute" else o.shape, ref_targets(o),
                       D.coverage(o) >= D.MIN_COVER) for o in q.refs]
@@ -439,8 +439,7 @@ def main(argv=None) -> int:
         l_patch = heads.patch_loss(h_sel[:, 1:], t)
         l_align = align_loss(h_sel[:, 1:], t) if args.aux_align else torch.zeros(())
         loss = lm + args.aux_cls * l_cls + args.aux_patch * l_patch + args.aux_align * l_align + args.aux_ref * l_ref + args.aux_attn * l_attn
-        if args.lm_text:
-            loss = loss + args.lm_text * l_text
+        loss = loss + args.lm_text * l_text
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -3,8 +3,8 @@ the referring / grounding objectives read, what they predict, and a short run's 
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -93,7 +93,7 @@ def test_question_text_labels(processor):
     assert words[:9] == ["\n", *tok.tokenize("what shape is the large red object?")]
     assert words.count("user") == 2 and words.count("assistant") == 3 and "triangle" in words[9:]  # turns 2-3
     on = text != -100
-    assert not (on & (labels != -100)).any() and not (on & (ids == processor.tokenizer.convert_tokens_to_ids("<image>"))).any()
+    assert not (on & (labels != -100)).any() and not (on & (ids == tok.convert_tokens_to_ids("<image>"))).any()
     assert not (on & (batch["attention_mask"] == 0)).any() and on[1].sum() < on[0].sum()
 
 
