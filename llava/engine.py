@@ -29,6 +29,7 @@ import inspect
 import logging
 import time
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,57 @@ class _State:
     llm_mask: torch.Tensor | None  # (B, L') prompt mask in LLM space
     pos_shift: torch.Tensor  # (B,) original position - LLM-space position, for decode
     segments: list[_Segment] | None  # None when the stock language model runs
+    gen_len: int = 0  # tokens decoded so far (after the prompt)
+
+
+@dataclass
+class _Layout:
+    """Host-side layout of one sample's row (decided on the host, so the device never waits)."""
+
+    real: torch.Tensor  # (n,) row positions of the sample's real (non-padding) tokens
+    visual: torch.Tensor  # (nv,) indices among them of the visual tokens, ascending
+    ids: torch.Tensor  # (n,) their token ids (-1 for a visual token after re-splicing)
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Move host index tensors to ``device`` in one copy (no host synchronisation)."""
+    device = torch.device(device)
+    if device.type == "cpu" or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).to(device, non_blocking=True)
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return out
+
+
+def _runs(visual: torch.Tensor) -> torch.Tensor:
+    """Run index (0-based) of each visual token: consecutive indices form one run (host)."""
+    if not visual.numel():
+        return visual.clone()
+    new = torch.ones_like(visual, dtype=torch.long)
+    new[1:] = (visual[1:] != visual[:-1] + 1).long()
+    new[0] = 0
+    return new.cumsum(0)
+
+
+def _renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global unit ids (host, -1 = newline) -> per-sample ids 0..U-1 in order of first appearance, and
+    the global id of each local unit."""
+    ok = gunit >= 0
+    present = gunit[ok]
+    if not present.numel():
+        return torch.full_like(gunit, -1), present
+    uniq, inv = torch.unique(present, return_inverse=True)
+    first = torch.full((uniq.numel(),), present.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inv, torch.arange(present.numel()), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    local = torch.full_like(gunit, -1)
+    local[ok] = rank[inv]
+    return local, uniq[order]
 
 
 class _Timer:
@@ -167,6 +219,8 @@ class PruningEngine:
         self.sample_keys: list | None = None
         self._state: _State | None = None
         self._orig_forward = None
+        self._pruned_caches = weakref.WeakSet()  # caches a pruned prefill wrote (a 2nd turn on them is refused)
+        self._release_scratch()
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "PruningEngine":
@@ -193,6 +247,12 @@ class PruningEngine:
             finally:
                 engine._state = None
 
+        # With a compilable (static) cache, generate() would turn the 2-D mask into a 4-D one for the
+        # stock prompt length; the engine builds its own masks from the 2-D mask, so hand that over.
+        def create_masks_for_generate(model_self, *args, attention_mask=None, **kwargs):
+            return attention_mask
+
+        self.model.create_masks_for_generate = types.MethodType(create_masks_for_generate, self.model)
         generate.__signature__ = inspect.signature(orig_generate)
         generate.__doc__ = orig_generate.__doc__
         self.model.generate = types.MethodType(generate, self.model)
@@ -200,7 +260,7 @@ class PruningEngine:
         return self
 
     def remove(self) -> None:
-        for attr in ("forward", "generate", "_pruning_engine"):
+        for attr in ("forward", "generate", "create_masks_for_generate", "_pruning_engine"):
             self.model.__dict__.pop(attr, None)
 
     # ------------------------------------------------------------------ forward
@@ -211,7 +271,18 @@ class PruningEngine:
             raise ValueError("pre-encoded mm_encoder_outputs cannot be pruned: pass pixel_values / pixel_values_videos")
         kwargs.pop("mm_encoder_outputs", None)
         has_visual = pixel_values is not None or pixel_values_videos is not None
-        cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if not has_visual and self._state is not None and self._state.gen_len:
+            cache_len = 1  # a later decode step of our own generate: no need to ask the cache
+        else:
+            cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if torch.is_tensor(cache_len):  # static caches keep their length on the device
+                cache_len = int(cache_len)
+        if not has_visual and cache_len and self._state is None:  # e.g. generate() called again on a cache
+            if past_key_values in self._pruned_caches:
+                raise ValueError(
+                    "continuing a pruned KV cache with new text (a second turn) is not supported: the cache "
+                    "holds fewer prompt tokens than the conversation's ids, so transformers would misalign "
+                    "them. Re-run the whole conversation (image + all turns) as one new prompt.")
         if not has_visual and (self._state is None or cache_len == 0):
             self._state = None  # a text-only prompt: the stock forward, untouched
             return self._orig_forward(
@@ -234,10 +305,13 @@ class PruningEngine:
             t1 = timer.now()
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=self.lm.config)
+            if past_key_values is not None:
+                self._pruned_caches.add(past_key_values)
             hidden, seq_lens, per_layer, sel_time = self._prefill_llm(embeds, mask, pos, past_key_values,
                                                                        use_cache, info, **kwargs)
             t2 = timer.now()
             self.prefills += 1
+            self._release_scratch()
             # vision = tower + projector + splice; selection = signals, the method, re-splicing / re-padding
             # and the in-LLM stages' scoring; llm = the decoder layers (+ norm). They sum to prefill_total.
             self.stats = PrefillStats(
@@ -256,6 +330,10 @@ class PruningEngine:
             hidden = hidden[:, logits_to_keep]
         logits = self.model.lm_head(hidden)
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def _release_scratch(self) -> None:
+        """Drop the per-prefill tensors (probe inputs, signals, entry embeddings, stage scratch)."""
+        self._probe_inputs = self._probe_cache = self._vision_sigs = self._entry = self._llm_state = None
 
     # ------------------------------------------------------------------ vision side
     def _vision_attention_layer(self, tower) -> int:
@@ -334,7 +412,7 @@ class PruningEngine:
         flat = {
             "features": feats.reshape(n * m, -1),
             "vision_features": sel.reshape(n * m, dv),
-            "unit": torch.arange(n, device=hs.device).repeat_interleave(m),
+            "unit_h": torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
             "patch": patch.repeat(n),
             "kind": kind,
         }
@@ -377,21 +455,23 @@ class PruningEngine:
             idx_all.append(torch.where(idx >= 0, idx + start, idx))
             sizes.append(int(idx.numel()))
             start += c * m
-        idx = torch.cat(idx_all).to(hs.device)
+        idx_h = torch.cat(idx_all)
+        idx = _to_device([idx_h], hs.device)[0]
         newline = idx < 0
         safe = idx.clamp(min=0)
         per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos") if k in flat}
+        unit_h = flat.pop("unit_h")
         out = {k: (v[safe] if torch.is_tensor(v) else v) for k, v in flat.items()}
         out.update(per_unit)
+        out["unit_h"] = torch.where(idx_h >= 0, unit_h[idx_h.clamp(min=0)], -1)
         out["unit_pos"] = torch.tensor(unit_pos, dtype=torch.long, device=hs.device)
-        out["features"] = out["features"].clone()
-        out["features"][newline] = self.core.image_newline.to(out["features"].dtype)
-        out["vision_features"] = out["vision_features"].masked_fill(newline[:, None], 0)
-        out["unit"] = out["unit"].masked_fill(newline, -1)
+        nl = newline[:, None]
+        out["features"] = torch.where(nl, self.core.image_newline.to(out["features"].dtype), out["features"])
+        out["vision_features"] = out["vision_features"].masked_fill(nl, 0)
         out["patch"] = out["patch"].masked_fill(newline, -1)
         if "cls_attn" in out:
-            out["cls_attn"] = out["cls_attn"].masked_fill(newline[:, None], 0)
-            out["keys"] = out["keys"].masked_fill(newline[:, None], 0)
+            out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
+            out["keys"] = out["keys"].masked_fill(nl, 0)
         return out, sizes
 
     # ------------------------------------------------------------------ prefill inputs (vision stage)
@@ -399,178 +479,186 @@ class PruningEngine:
                         position_ids, timer):
         t0 = timer.now()
         method = self.method
-        want_attn = method.needs_vision_attention
-        blocks = self._encode(pixel_values, pixel_values_videos, image_sizes, want_attn)
+        blocks = self._encode(pixel_values, pixel_values_videos, image_sizes, method.needs_vision_attention)
+        if not blocks:
+            raise ValueError("no visual input")
         embeds = self.lm.embed_tokens(input_ids)
         B, L = input_ids.shape
-        is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
-        # per position: which block-token feeds it (global id over all blocks of all modalities)
-        token_src = torch.full_like(input_ids, -1)
+        dev = input_ids.device
+        # The prompt's layout (placeholders, question, padding) is worked out on the host from ONE copy
+        # of the ids and the mask; the device only sees gathers / scatters with ready-made indices.
+        ids_h = input_ids.cpu()
+        valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        src_h = torch.full((B, L), -1, dtype=torch.long)  # per position: global id of the visual token feeding it
         tables: dict[str, list] = {}
         unit_tables: dict[str, list] = {}
-        offset = 0
-        unit_offset = 0
+        units_h, cls_rows = [], []  # per block: global unit of each token; row of each unit in the [CLS] table
+        offset = unit_offset = n_cls_rows = 0
+        kind = None
         for token_id, flat, sizes in blocks:
-            where = input_ids == token_id
-            n_slots, n_feat = int(where.sum()), int(flat["unit"].numel())
+            where_h = ids_h == token_id
+            n_slots, n_feat = int(where_h.sum()), int(flat["unit_h"].numel())
             if n_slots != n_feat:
-                kind = "video" if token_id == getattr(self.model.config, "video_token_id", None) else "image"
+                kname = "video" if token_id == getattr(self.model.config, "video_token_id", None) else "image"
                 raise ValueError(
-                    f"the prompt has {n_slots} {kind} placeholder tokens but the {len(sizes)} {kind}(s) give "
-                    f"{n_feat} visual tokens: each {kind} needs exactly one <{kind}> in the prompt, expanded "
+                    f"the prompt has {n_slots} {kname} placeholder tokens but the {len(sizes)} {kname}(s) give "
+                    f"{n_feat} visual tokens: each {kname} needs exactly one <{kname}> in the prompt, expanded "
                     f"by the processor for this model (use llava.preprocess / the model's processor)")
-            # every block must land inside one sample
-            rows = torch.nonzero(where)[:, 0]
-            bounds = torch.tensor([0] + sizes).cumsum(0)
-            for i in range(len(sizes)):
-                r = rows[bounds[i]:bounds[i + 1]]
+            rows = where_h.nonzero()[:, 0]
+            start = 0
+            for i, size in enumerate(sizes):  # every block must land inside one sample
+                r = rows[start:start + size]
+                start += size
                 if r.numel() and r.min() != r.max():
                     raise ValueError(f"{flat['kind']} {i} is split across batch rows: placeholder counts per prompt do not match the images")
-            embeds = embeds.masked_scatter(where[..., None], flat["features"].to(embeds.dtype))
-            is_visual |= where
-            token_src[where] = torch.arange(n_feat, device=input_ids.device) + offset
+            embeds = embeds.masked_scatter((input_ids == token_id)[..., None], flat["features"].to(embeds.dtype))
+            src_h[where_h] = torch.arange(n_feat) + offset
             offset += n_feat
+            u = flat["unit_h"]
+            units_h.append(torch.where(u >= 0, u + unit_offset, u))
+            n_u = int(flat["unit_pos"].shape[0])
+            cls_rows.append(torch.arange(n_u) + n_cls_rows if "cls" in flat else torch.full((n_u,), -1))
+            n_cls_rows += n_u if "cls" in flat else 0
+            unit_offset += n_u
             for k, v in flat.items():
-                if k == "kind":
+                if k in ("kind", "unit", "unit_h"):
                     continue
                 if k == "cls":
                     for ck, cv in v.items():
                         unit_tables.setdefault(ck, []).append(cv)
-                    continue
-                if k == "unit_pos":
+                elif k == "unit_pos":
                     unit_tables.setdefault("unit_pos", []).append(v)
-                    continue
-                if k == "unit":
-                    v = torch.where(v >= 0, v + unit_offset, v)
-                tables.setdefault(k, []).append(v)
-            unit_offset += int(flat["unit"].max()) + 1 if flat["unit"].numel() else 0
+                else:
+                    tables.setdefault(k, []).append(v)
             kind = flat["kind"]
         t1 = timer.now()
-        if not blocks:
-            raise ValueError("no visual input")
         self._probe_inputs = (embeds, attention_mask, position_ids)
         self._probe_cache = {}
         table = {k: torch.cat(v) for k, v in tables.items()}
         utable = {k: torch.cat(v) for k, v in unit_tables.items()}
-        extras = getattr(method, "include_cls_candidates", False) and "vision_features" in utable
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_visual)
-        candidates, noop, per_sample = [], [], []
-        grid = self._grid()
+        unit_all_h = torch.cat(units_h)
+        cls_row_h = torch.cat(cls_rows)
+        extras = bool(method.include_cls_candidates) and "vision_features" in utable
         need_signals = method.vision_stage or method.needs_vision_attention
+        layouts = []
         for b in range(B):
-            vis_pos = torch.nonzero(is_visual[b] & valid[b]).flatten()
-            if not need_signals:  # e.g. the unpruned model or an llm-stage-only method: counts suffice
-                candidates.append(int(vis_pos.numel()))
-                per_sample.append((vis_pos, None))
-                continue
-            src = token_src[b, vis_pos]
-            unit = table["unit"][src]
-            # renumber units 0..U-1 per sample in prompt order (newline stays -1)
-            uniq = []
-            for u in unit.tolist():
-                if u >= 0 and (not uniq or uniq[-1] != u) and u not in uniq:
-                    uniq.append(u)
-            remap = {u: i for i, u in enumerate(uniq)}
-            unit = torch.tensor([remap.get(u, -1) for u in unit.tolist()], device=unit.device, dtype=torch.long)
-            text_after, question = self._text_spans(input_ids[b], valid[b], vis_pos)
-            gu = torch.tensor(uniq, dtype=torch.long, device=unit.device)
-            fields = {
-                "features": embeds[b, vis_pos], "vision_features": table["vision_features"][src],
-                "unit": unit, "patch": table["patch"][src],
-                "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
-                "keys": table["keys"][src] if "keys" in table else None,
-            }
-            if extras:  # append each unit's [CLS] as candidate T + u
-                fields["features"] = torch.cat([fields["features"], utable["features"][gu].to(embeds.dtype)])
-                fields["vision_features"] = torch.cat([fields["vision_features"], utable["vision_features"][gu]])
-                fields["unit"] = torch.cat([unit, torch.arange(len(uniq), device=unit.device)])
-                fields["patch"] = torch.cat([fields["patch"], torch.full((len(uniq),), -1, device=unit.device)])
-                if fields["cls_attn"] is not None:
-                    fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][gu]])
-                    fields["keys"] = torch.cat([fields["keys"], utable["keys"][gu]])
-            sig = VisionSignals(
-                features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
-                patch=fields["patch"], unit_kind=kind, grid=grid,
-                text_embeds=embeds[b, text_after], question_mask=torch.isin(text_after, question),
-                cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
-                keys=fields["keys"], key=self._sample_key(b, input_ids[b][valid[b]]),
-                num_stock=int(vis_pos.numel()), unit_pos=utable["unit_pos"][gu],
-                _probe_fn=self._make_probe(b, vis_pos, text_after, question),
-            )
-            candidates.append(int(vis_pos.numel()))
-            per_sample.append((vis_pos, sig))
-        self._vision_sigs = [sig for _, sig in per_sample]
-        selections = []
-        for b, (vis_pos, sig) in enumerate(per_sample):
+            real = valid_h[b].nonzero().flatten()
+            lay = _Layout(real=real, visual=(src_h[b, real] >= 0).nonzero().flatten(), ids=ids_h[b, real])
+            layouts.append(lay)
+        per_sample: list[VisionSignals | None] = []
+        if need_signals:
+            host = []
+            for b, lay in enumerate(layouts):
+                src = src_h[b, lay.real[lay.visual]]
+                unit, gu = _renumber_units(unit_all_h[src])
+                after, question = self._text_spans(lay.ids, lay.visual)
+                row = [lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long()]
+                if extras:  # the units of this sample that have a [CLS] row (not video frames)
+                    has = cls_row_h[gu] >= 0
+                    row += [cls_row_h[gu][has], torch.arange(gu.numel())[has]]
+                host.append(row)
+            width = len(host[0]) if host else 0
+            moved = _to_device([t for h in host for t in h], dev)
+            for b, lay in enumerate(layouts):
+                real, vis, src, unit, gu, after, question, qmask = moved[width * b:width * b + 8]
+                n_units = int(host[b][4].numel())
+                fields = {
+                    "features": embeds[b, real[vis]], "vision_features": table["vision_features"][src],
+                    "unit": unit, "patch": table["patch"][src],
+                    "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
+                    "keys": table["keys"][src] if "keys" in table else None,
+                }
+                n_cls = 0
+                if extras:  # append each unit's [CLS] as candidate T + i
+                    crow, cunit = moved[width * b + 8:width * b + 10]
+                    n_cls = int(host[b][8].numel())
+                    fields["features"] = torch.cat([fields["features"], utable["features"][crow].to(embeds.dtype)])
+                    fields["vision_features"] = torch.cat([fields["vision_features"], utable["vision_features"][crow]])
+                    fields["unit"] = torch.cat([unit, cunit])
+                    fields["patch"] = torch.cat([fields["patch"], torch.full((n_cls,), -1, device=dev, dtype=torch.long)])
+                    if fields["cls_attn"] is not None:
+                        fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][crow]])
+                        fields["keys"] = torch.cat([fields["keys"], utable["keys"][crow]])
+                sig = VisionSignals(
+                    features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
+                    patch=fields["patch"], unit_kind=kind, grid=self._grid(),
+                    text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
+                    cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
+                    keys=fields["keys"], key=self._sample_key(b, lay.ids),
+                    num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
+                    _probe_fn=self._make_probe(b, real, vis, after, question),
+                    _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
+                )
+                per_sample.append(sig)
+        else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
+            per_sample = [None] * B
+        self._vision_sigs = per_sample
+        selections, noop = [], []
+        for b, sig in enumerate(per_sample):
             sel = self._select(("vision", b), lambda: method.select_vision(sig)) if method.vision_stage else None
-            if sel is not None:
-                sel.validate(sig.num_tokens)
-            noop.append(sel is None or sel.is_identity(sig.num_stock))
+            noop.append(sel is None or sel.check(sig.num_tokens, sig.num_stock))
             selections.append(sel)
         if method.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
         self.sample_keys = None
-        info = {"candidates": candidates, "noop": noop, "t_vision": t1 - t0}
+        info = {"candidates": [int(lay.visual.numel()) for lay in layouts], "noop": noop, "t_vision": t1 - t0}
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
-            info["visual"] = [vp for vp, _ in per_sample]
-            info["origin"] = [torch.arange(vp.numel(), device=vp.device) for vp, _ in per_sample]
+            info["layouts"] = layouts
             info["input_ids"] = input_ids
-            info["valid"] = valid
-            self._state = _State(orig_len=L, llm_mask=attention_mask, pos_shift=torch.zeros(B, dtype=torch.long, device=input_ids.device), segments=None)
+            self._state = _State(orig_len=L, llm_mask=attention_mask,
+                                 pos_shift=torch.zeros(B, dtype=torch.long, device=dev), segments=None)
             return embeds, attention_mask, position_ids, info
-        return self._respliced(embeds, input_ids, valid, attention_mask, position_ids, per_sample, selections, info)
+        return self._respliced(embeds, input_ids, attention_mask, position_ids, layouts, per_sample, selections, info)
 
-    def _respliced(self, embeds, input_ids, valid, attention_mask, position_ids, per_sample, selections, info):
-        """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left."""
+    def _respliced(self, embeds, input_ids, attention_mask, position_ids, layouts, sigs, selections, info):
+        """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left.
+
+        The new layout of every row is computed on the host (text tokens keep their order; each
+        placeholder run is replaced by the outputs whose source token lies in it, in output order);
+        the device only gathers and scatters. One host read per sample at most: the number of outputs
+        per run, when a sample has several runs (images)."""
         B, L, D = embeds.shape
         dev = embeds.device
-        rows, idrows, visual, origin = [], [], [], []
-        for b, ((vis_pos, sig), sel) in enumerate(zip(per_sample, selections)):
-            if sel is None or sel.is_identity(sig.num_stock):
-                sel = Selection(keep=torch.arange(sig.num_stock))
+        rows = []
+        for b, (lay, sig, sel) in enumerate(zip(layouts, sigs, selections)):
+            if sel is None or info["noop"][b]:
+                sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
             out_feats, out_src = self._materialize_vision(sig, sel)
-            valid_pos = torch.nonzero(valid[b]).flatten()
-            # place outputs in the placeholder run their source token belongs to
-            is_vis = torch.zeros(L, dtype=torch.bool, device=dev)
-            is_vis[vis_pos] = True
-            starts = is_vis & ~torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), is_vis[:-1]])
-            run_id = starts.long().cumsum(0)  # run number at each visual position (1-based)
-            tok_run = run_id[vis_pos]  # (T,)
-            if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's run
-                first_of_unit = torch.stack([tok_run[sig.unit_indices(u)[0]] for u in range(sig.num_units)])
-                tok_run = torch.cat([tok_run, first_of_unit[sig.unit[sig.num_stock:]]])
-            out_run = tok_run[out_src.to(dev)]
-            pieces, ids, vis_new, org = [], [], [], []
-            new_len = 0
-            for p in valid_pos.tolist():
-                if is_vis[p]:
-                    if starts[p]:
-                        r = int(run_id[p])
-                        sel_r = torch.nonzero(out_run == r).flatten()
-                        pieces.append(out_feats[sel_r])
-                        ids.append(torch.full((sel_r.numel(),), -1, dtype=torch.long, device=dev))
-                        vis_new.append(torch.arange(new_len, new_len + sel_r.numel(), device=dev))
-                        org.append(out_src.to(dev)[sel_r])
-                        new_len += sel_r.numel()
-                    continue
-                pieces.append(embeds[b, p:p + 1])
-                ids.append(input_ids[b, p:p + 1])
-                new_len += 1
-            rows.append(torch.cat(pieces))
-            idrows.append(torch.cat(ids))
-            visual.append(torch.cat(vis_new) if vis_new else torch.zeros(0, dtype=torch.long, device=dev))
-            origin.append(torch.cat(org) if org else torch.zeros(0, dtype=torch.long, device=dev))
-        new_L = max(r.shape[0] for r in rows)
+            run_h = _runs(lay.visual)  # run index of each visual token (host)
+            n_runs = int(run_h[-1]) + 1 if run_h.numel() else 0
+            if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
+                u = sig._unit_host[:sig.num_stock]
+                big = sig.num_stock
+                first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
+                first.scatter_reduce_(0, u.clamp(min=0), torch.where(u >= 0, torch.arange(big), big), "amin")
+                run_h = torch.cat([run_h, run_h[first[sig._unit_host[sig.num_stock:]]]])
+            rows.append(self._place_outputs(lay, run_h, n_runs, out_src, dev))
+            rows[-1]["x"] = out_feats
+        new_L = max(r["n"] for r in rows)
         new_embeds = embeds.new_zeros(B, new_L, D)
-        new_mask = torch.zeros(B, new_L, dtype=torch.long, device=dev)
-        new_ids = torch.full((B, new_L), -1, dtype=torch.long, device=dev)
+        new_ids_h = torch.full((B, new_L), -1, dtype=torch.long)
+        new_mask_h = torch.zeros(B, new_L, dtype=torch.long)
+        new_layouts = []
+        for b, (lay, r) in enumerate(zip(layouts, rows)):
+            pad = new_L - r["n"]
+            new_mask_h[b, pad:] = 1
+            new_ids_h[b, pad + r["text_dst"]] = lay.ids[r["text_src"]]
+            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=new_ids_h[b, pad:]))
+        moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r["text_src"]], r["text_dst"])]
+                           + [new_ids_h, new_mask_h], dev)
+        new_ids, new_mask = moved[-2:]
+        visual, origin = [], []
         for b, r in enumerate(rows):
-            pad = new_L - r.shape[0]
-            new_embeds[b, pad:] = r
-            new_mask[b, pad:] = 1
-            new_ids[b, pad:] = idrows[b]
-            visual[b] = visual[b] + pad
+            pad = new_L - r["n"]
+            text_src, text_dst = moved[2 * b], moved[2 * b + 1]
+            new_embeds[b, pad + text_dst] = embeds[b, text_src]
+            x, src = r["x"], r["src"]
+            vd = r["vis_dst_d"]
+            new_embeds[b, pad + vd] = x[r["perm"]] if r["perm"] is not None else x
+            visual.append(pad + vd)
+            origin.append(src[r["perm"]] if r["perm"] is not None else src)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         orig_valid = valid.long().sum(1)
         shift = orig_valid - new_mask.sum(1)
         if position_ids is not None:
@@ -578,13 +666,50 @@ class PruningEngine:
             new_pos = (new_mask.cumsum(1) - 1).clamp(min=0) + base[:, None] * new_mask
         else:
             new_pos = None
-        info.update(visual=visual, origin=origin, input_ids=new_ids, valid=new_mask.bool())
+        info.update(layouts=new_layouts, visual=visual, origin=origin, input_ids=new_ids)
         self._state = _State(orig_len=L, llm_mask=new_mask, pos_shift=shift, segments=None)
         return new_embeds, new_mask, new_pos, info
 
-    def _make_probe(self, b, vis_pos, text_after, question):
+    @staticmethod
+    def _place_outputs(lay: "_Layout", run_h: torch.Tensor, n_runs: int, out_src: torch.Tensor, dev) -> dict:
+        """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
+
+        run_h: run index (host) of every candidate token; out_src: (m,) each output's source candidate
+        (device). Returns the new row length, the text tokens' old / new indices (among the row's real
+        tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
+        the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
+        m = int(out_src.numel())
+        if n_runs <= 1:
+            counts = [m] if n_runs else []
+            perm = None
+        else:  # one host read: how many outputs land in each run
+            out_run = run_h.to(dev, non_blocking=True)[out_src]
+            counts = torch.bincount(out_run, minlength=n_runs).tolist()
+            perm = torch.sort(out_run, stable=True).indices
+        n_real = int(lay.ids.numel())
+        is_vis = torch.zeros(n_real, dtype=torch.bool)
+        is_vis[lay.visual] = True
+        text_src = (~is_vis).nonzero().flatten()
+        vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
+        old_run = _runs(lay.visual)
+        run_start = torch.zeros(n_runs, dtype=torch.long)
+        run_len = torch.zeros(n_runs, dtype=torch.long)
+        if n_runs:
+            run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
+            run_len = torch.bincount(old_run, minlength=n_runs)
+        cnt = torch.tensor(counts, dtype=torch.long)
+        old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
+        new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
+        runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
+        text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
+        new_start = run_start - old_cum[:-1] + new_cum[:-1]
+        vis_dst = torch.repeat_interleave(new_start, cnt) + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt))
+        return {"n": n_real - int(lay.visual.numel()) + m, "text_src": text_src, "text_dst": text_dst,
+                "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
+
+    def _make_probe(self, b, real, vis, after, question):
         def probe(layer: int, queries: str = "question") -> torch.Tensor:
-            return self._probe_rows(b, vis_pos, text_after, question, layer, queries)
+            return self._probe_rows(b, real, vis, after, question, layer, queries)
         return probe
 
     def _probe_hidden(self, k: int) -> torch.Tensor:
@@ -594,34 +719,36 @@ class PruningEngine:
             lm = self.lm
             h = embeds
             if k > 0:
+                B, L = h.shape[:2]
                 if pos is None:
-                    pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+                    pos = torch.arange(L, device=h.device)[None].expand(B, -1)
+                if mask is None:  # an explicit mask: never let transformers read position gaps as packing
+                    mask = torch.ones(B, L, dtype=torch.long, device=h.device)
                 causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
                                             past_key_values=None, position_ids=pos)
                 pe = lm.rotary_emb(h, position_ids=pos)
                 for i in range(k):
-                    h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe, position_ids=pos)
+                    h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe)
             self._probe_cache[k] = h
         return self._probe_cache[k]
 
-    def _probe_rows(self, b, vis_pos, text_after, question, k, queries):
-        """Layer k's causal attention (H, Q, T) from the chosen text queries to the sample's visual tokens."""
+    def _probe_rows(self, b, real, vis, after, question, k, queries):
+        """Layer k's causal attention (H, Q, T) from the chosen text queries to the sample's visual tokens.
+
+        real: row positions of the sample's real tokens; vis / after / question: indices among them."""
         lm = self.lm
         if not (0 <= k < len(lm.layers)):
             raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
         h = self._probe_hidden(k)
         embeds, mask, pos = self._probe_inputs
-        L = h.shape[1]
-        real = torch.nonzero(mask[b]).flatten() if mask is not None else torch.arange(L, device=h.device)
         p = pos[b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above
-        rows = {"question": question, "all_post_image": text_after, "text_after": text_after,
-                "last": real[-1:]}.get(queries)
+        rows = {"question": question, "all_post_image": after, "text_after": after,
+                "last": after[-1:]}.get(queries)
         if rows is None:
             raise ValueError(f"probe queries must be question / all_post_image / last, got {queries!r}")
-        rows = torch.searchsorted(real, rows)
         q, kk = llm_qk(lm.layers[k], h[b, real], lm.rotary_emb, p, rows)
         attn = causal_attention_rows(q, kk, rows, lm.layers[k].self_attn.scaling)
-        return attn[:, :, torch.searchsorted(real, vis_pos)]
+        return attn[:, :, vis]
 
     def _sample_key(self, b: int, ids: torch.Tensor) -> int:
         if self.sample_keys is not None:
@@ -644,8 +771,10 @@ class PruningEngine:
         src = [keep]
         if sel.targets is not None and sel.targets.numel():
             space = sel.space
-            if space == "vision" and bool(sig.is_newline[sel.targets].any() | sig.is_newline[sel.assign >= 0].any()):
-                raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
+            if space == "vision" and sig.num_stock and bool(sig._unit_host.lt(0).any()):  # NeXT newline tokens
+                tg, asg = sel.targets.to(keep.device), sel.assign.to(keep.device)
+                if bool(sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()):
+                    raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
             x = sig.vision_features if space == "vision" else sig.features
             merged = merge_tokens(x, sel)
             if space == "vision":
@@ -663,14 +792,14 @@ class PruningEngine:
         g = vc.image_size // vc.patch_size
         return (g, g)
 
-    def _text_spans(self, ids: torch.Tensor, valid: torch.Tensor, vis_pos: torch.Tensor):
-        """Indices (into the row) of the text after the last visual token, and of the question part."""
-        real = torch.nonzero(valid).flatten()
-        last_vis = int(vis_pos.max()) if vis_pos.numel() else -1
-        after = real[real > last_vis]
-        q = after
+    def _text_spans(self, ids: torch.Tensor, vis: torch.Tensor):
+        """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
+        the last visual token (``vis``: indices of the visual tokens, ascending), and of the question."""
+        n = int(ids.numel())
+        last_vis = int(vis[-1]) if vis.numel() else -1
+        after = torch.arange(last_vis + 1, n)
         spec = self.prompt_spec
-        toks = ids[q].tolist()
+        toks = ids[last_vis + 1:].tolist()
         i = 0
         while i < len(toks) and toks[i] in spec.sep_ids:
             i += 1
@@ -678,48 +807,47 @@ class PruningEngine:
         tail = list(spec.tail_ids)
         if tail and toks[-len(tail):] == tail:
             j = len(toks) - len(tail)
-        if j > i:
-            q = q[i:j]
-        return after, q
+        return after, (after[i:j] if j > i else after)
 
     # ------------------------------------------------------------------ decoder
     def _prefill_llm(self, embeds, mask, pos, cache, use_cache, info, **kwargs):
         """Run the decoder on the prompt. Returns hidden, per-layer padded lengths, per-sample per-layer visual counts, selection time."""
         n_layers = len(self.lm.layers)
         B, L = embeds.shape[:2]
-        visual = info["visual"]
+        layouts = info["layouts"]
         if not self.llm_layers:
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                           use_cache=use_cache, **kwargs)
-            per_layer = [[int(v.numel())] * n_layers for v in visual]
+            per_layer = [[int(lay.visual.numel())] * n_layers for lay in layouts]
             return out.last_hidden_state, [L] * n_layers, per_layer, 0.0
         lm = self.lm
+        dev = embeds.device
         if pos is None:  # what the stock model does without position ids
-            pos = torch.arange(L, device=embeds.device)[None].expand(B, L)
-        origin = info["origin"]
-        entry = [torch.arange(v.numel(), device=embeds.device) for v in visual]  # index at layer-0 entry
-        self._entry = []  # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
+            pos = torch.arange(L, device=dev)[None].expand(B, L)
+        if mask is None:  # always an explicit mask: transformers must never read position gaps as packing
+            mask = torch.ones(B, L, dtype=torch.long, device=dev)
+        origin = info.get("origin") or [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]
+        entry = [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]  # index at layer-0 entry
+        moved = _to_device([t for lay in layouts for t in
+                            (lay.real[lay.visual], lay.real[self._text_spans(lay.ids, lay.visual)[0]])], dev)
+        # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
+        self._entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
         self._llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
-        for b in range(B):
-            real = torch.nonzero(mask[b]).flatten() if mask is not None else torch.arange(L, device=embeds.device)
-            last = int(visual[b].max()) if visual[b].numel() else -1
-            self._entry.append((embeds[b, visual[b]], embeds[b, real[real > last]]))
-        ids = info["input_ids"]
         bounds = [0, *self.llm_layers, n_layers]
         h = embeds
         prev_in = None
         segments: list[_Segment] = []
         seq_lens: list[int] = []
         per_layer = [[] for _ in range(B)]
-        shift = torch.zeros(B, dtype=torch.long, device=embeds.device)
+        shift = torch.zeros(B, dtype=torch.long, device=dev)
         sel_time = 0.0
-        timer = _Timer(embeds.device)
+        timer = _Timer(dev)
         for s in range(len(bounds) - 1):
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
                 t0 = timer.now()
-                h, mask, pos, ids, visual, origin, entry, dropped = self._llm_stage(
-                    s - 1, a, h, prev_in, mask, pos, ids, visual, origin, entry)
+                h, mask, pos, layouts, origin, entry, dropped = self._llm_stage(
+                    s - 1, a, h, prev_in, mask, pos, layouts, origin, entry)
                 if self.method.position_mode == "reindex":
                     shift = shift + dropped
                 sel_time += timer.now() - t0
@@ -727,77 +855,79 @@ class PruningEngine:
             causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
                                         past_key_values=cache, position_ids=pos, layer_idx=a)
             pe = lm.rotary_emb(h, position_ids=pos)
+            counts = [int(lay.visual.numel()) for lay in layouts]
             for i in range(a, z):
                 prev_in = h
-                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe, position_ids=pos,
+                # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
+                # (FastV keeps original positions) as packed sequences
+                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
                 seq_lens.append(h.shape[1])
                 for b in range(B):
-                    per_layer[b].append(int(visual[b].numel()))
+                    per_layer[b].append(counts[b])
         self._state.segments = segments
         return lm.norm(h), seq_lens, per_layer, sel_time
 
-    def _llm_stage(self, stage, layer_idx, h, prev_in, mask, pos, ids, visual, origin, entry):
+    def _llm_stage(self, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry):
         B, L, D = h.shape
         dev = h.device
-        valid = mask.bool() if mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
-        new_rows, new_pos, new_ids, new_vis, new_org, new_ent, dropped = [], [], [], [], [], [], []
-        for b in range(B):
-            real = torch.nonzero(valid[b]).flatten()
-            vis = torch.searchsorted(real, visual[b])  # row positions -> index among real tokens
-            x, p, tok = h[b, real], pos[b, real], ids[b, real]
-            after = torch.arange(int(vis.max()) + 1 if vis.numel() else 0, real.numel(), device=dev)
-            question = self._text_spans(tok, torch.ones_like(tok, dtype=torch.bool), vis)[1]
+        spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
+        moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
+        outs = []
+        for b, lay in enumerate(layouts):
+            real, vis, after, question = moved[4 * b:4 * b + 4]
+            nv = int(lay.visual.numel())
+            x, p = h[b, real], pos[b, real]
             sig = self._llm_signals(layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
                                     vis, origin[b], entry[b], after, question)
-            sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if vis.numel() else None
-            if sel is None or sel.is_identity(vis.numel()):
-                sel = Selection(keep=torch.arange(vis.numel(), device=dev))
-            sel.validate(vis.numel())
+            sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
+            if sel is None or sel.check(nv):
+                sel = Selection(keep=torch.arange(nv, device=dev))
             keep = sel.keep.to(dev)
-            out_x = [x[vis[keep]]]
-            out_p = [p[vis[keep]]]
-            out_o = [origin[b][keep]]
-            out_e = [entry[b][keep]]
+            src, out_x, out_p = [keep], [x[vis[keep]]], [p[vis[keep]]]
             if sel.targets is not None and sel.targets.numel():
                 tg = sel.targets.to(dev)
+                src.append(tg)
                 out_x.append(merge_tokens(x[vis], sel).to(x.dtype))
                 out_p.append(p[vis[tg]])
-                out_o.append(origin[b][tg])
-                out_e.append(entry[b][tg])
-            vx, vp = torch.cat(out_x), torch.cat(out_p)
+            src, vx, vp = torch.cat(src), torch.cat(out_x), torch.cat(out_p)
             if sel.order is not None:
                 o = sel.order.to(dev)
-                vx, vp = vx[o], vp[o]
-                out_o, out_e = [torch.cat(out_o)[o]], [torch.cat(out_e)[o]]
-            first = int(vis.min()) if vis.numel() else 0
-            last = int(vis.max()) + 1 if vis.numel() else 0
-            row = torch.cat([x[:first], vx, x[last:]])
-            prow = torch.cat([p[:first], vp, p[last:]])
-            irow = torch.cat([tok[:first], torch.full((vx.shape[0],), -1, device=dev, dtype=tok.dtype), tok[last:]])
-            new_rows.append(row)
-            new_pos.append(prow)
-            new_ids.append(irow)
-            new_vis.append(torch.arange(first, first + vx.shape[0], device=dev))
-            new_org.append(torch.cat(out_o))
-            new_ent.append(torch.cat(out_e))
-            dropped.append(real.numel() - row.shape[0])
-        new_L = max(r.shape[0] for r in new_rows)
+                src, vx, vp = src[o], vx[o], vp[o]
+            run_h = _runs(lay.visual)
+            r = self._place_outputs(lay, run_h, int(run_h[-1]) + 1 if nv else 0, src, dev)
+            perm = r["perm"]
+            if perm is not None:
+                vx, vp, src = vx[perm], vp[perm], src[perm]
+            outs.append((r, x, p, vx, vp, src))
+        new_L = max(r["n"] for r, *_ in outs)
         h2 = h.new_zeros(B, new_L, D)
-        m2 = torch.zeros(B, new_L, dtype=torch.long if mask is None else mask.dtype, device=dev)
         p2 = torch.zeros(B, new_L, dtype=pos.dtype, device=dev)
-        i2 = torch.full((B, new_L), -1, dtype=ids.dtype, device=dev)
-        for b in range(B):
-            n = new_rows[b].shape[0]
-            padn = new_L - n
-            h2[b, padn:] = new_rows[b]
-            m2[b, padn:] = 1
-            i2[b, padn:] = new_ids[b]
-            p2[b, padn:] = new_pos[b] if self.method.position_mode == "keep" else torch.arange(n, device=dev) + new_pos[b][0]
-            new_vis[b] = new_vis[b] + padn
-        if mask is None and bool(m2.all()):
-            m2 = None  # no padding needed: keep the stock no-mask path (SDPA is_causal)
-        return h2, m2, p2, i2, new_vis, new_org, new_ent, torch.tensor(dropped, device=dev)
+        m2_h = torch.zeros(B, new_L, dtype=torch.long)
+        new_layouts, dropped = [], []
+        for b, (lay, (r, *_)) in enumerate(zip(layouts, outs)):
+            pad = new_L - r["n"]
+            m2_h[b, pad:] = 1
+            ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
+            ids[r["text_dst"]] = lay.ids[r["text_src"]]
+            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
+            dropped.append(int(lay.real.numel()) - r["n"])
+        moved = _to_device([t for r, *_ in outs for t in (r["text_src"], r["text_dst"])]
+                           + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
+        new_org, new_ent = [], []
+        for b, (r, x, p, vx, vp, src) in enumerate(outs):
+            pad = new_L - r["n"]
+            ts, td = moved[2 * b], moved[2 * b + 1]
+            vd = r["vis_dst_d"]
+            h2[b, pad + td] = x[ts]
+            h2[b, pad + vd] = vx
+            p2[b, pad + td] = p[ts]
+            p2[b, pad + vd] = vp
+            if self.method.position_mode == "reindex":
+                p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
+            new_org.append(origin[b][src])
+            new_ent.append(entry[b][src])
+        return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1]
 
     def _llm_signals(self, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm
@@ -832,10 +962,13 @@ class PruningEngine:
         gen_mask = attention_mask[:, st.orig_len:] if attention_mask is not None else None
         if position_ids is not None:
             position_ids = position_ids - st.pos_shift[:, None]  # original -> LLM space
+        if gen_mask is None:  # generate() drops an all-ones mask; the pruned prompt may still have padding
+            gen_mask = torch.ones(B, st.gen_len + q, dtype=torch.long, device=embeds.device)
+        st.gen_len += q
         if st.segments is None:  # no llm stage: the stock decoder on the (possibly shortened) cache
             mask = attention_mask
-            if attention_mask is not None and st.llm_mask is not None:
-                mask = torch.cat([st.llm_mask, gen_mask], 1)
+            if st.llm_mask is not None:
+                mask = torch.cat([st.llm_mask, gen_mask.to(st.llm_mask.dtype)], 1)
             return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=use_cache, **kwargs).last_hidden_state
         lm = self.lm
@@ -844,19 +977,13 @@ class PruningEngine:
         h = embeds
         bounds = [s.start for s in st.segments] + [len(lm.layers)]
         for s, seg in enumerate(st.segments):
-            mask = None
-            if seg.mask is not None or gen_mask is not None:
-                prompt = seg.mask if seg.mask is not None else torch.ones(
-                    B, cache.get_seq_length(seg.start), dtype=torch.long, device=embeds.device)
-                gen = gen_mask if gen_mask is not None else torch.ones(
-                    B, cache.get_seq_length(seg.start) + q - prompt.shape[1], dtype=prompt.dtype, device=embeds.device)
-                mask = torch.cat([prompt, gen.to(prompt.dtype)], 1)
+            mask = torch.cat([seg.mask, gen_mask.to(seg.mask.dtype)], 1)  # always explicit (see _prefill_llm)
             pos = position_ids - seg.shift[:, None]
             causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
                                         past_key_values=cache, position_ids=pos, layer_idx=seg.start)
             pe = lm.rotary_emb(h, position_ids=pos)
             for i in range(seg.start, bounds[s + 1]):
-                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe, position_ids=pos,
+                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
         return lm.norm(h)
 
@@ -877,11 +1004,13 @@ def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
     assign[taken] = -1
     c = tg.numel()
     xf = x.float()
+    m = assign >= 0  # tokens merged somewhere; the others add zero (no data-dependent shapes)
+    slot = assign.clamp(min=0)
     sums = torch.zeros(c, x.shape[1], device=x.device, dtype=torch.float32)
     counts = torch.zeros(c, device=x.device, dtype=torch.float32)
-    m = assign >= 0
-    sums.index_add_(0, assign[m], xf[m])
-    counts.index_add_(0, assign[m], torch.ones(int(m.sum()), device=x.device))
+    if c:
+        sums.index_add_(0, slot, xf * m[:, None])
+        counts.index_add_(0, slot, m.float())
     if sel.rule == "target_plus_mean":
         return xf[tg] + sums / counts.clamp(min=1)[:, None]
     if sel.rule == "mean":

@@ -41,6 +41,7 @@ class Selection:
              ``projected`` features (LLM input space).
     order:   optional permutation of the outputs [keep..., merged...] (e.g. [D, C] per unit, or
              each merged token at its target's place); default: keep, then merged.
+    allow_duplicates: see the field.
     """
 
     keep: torch.Tensor
@@ -49,6 +50,9 @@ class Selection:
     rule: MergeRule = "target_plus_mean"
     space: Literal["vision", "projected"] = "vision"
     order: torch.Tensor | None = None
+    #: let a token be kept more than once (it then enters the LLM twice); only to reproduce released
+    #: code that does so (AttnMix ``allow_duplicates``); otherwise a duplicate is an error
+    allow_duplicates: bool = False
 
     def __post_init__(self) -> None:
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
@@ -64,28 +68,63 @@ class Selection:
     def num_out(self) -> int:
         return int(self.keep.numel()) + (0 if self.targets is None else int(self.targets.numel()))
 
-    def validate(self, n: int) -> None:
-        """Raise if the selection is not well-formed for ``n`` candidate tokens."""
-        idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets])
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"Selection indexes outside 0..{n - 1}")
-        if idx.unique().numel() != idx.numel() and self.targets is not None:
-            raise ValueError("Selection: a merge target is also kept, or kept twice")
-        if self.order is not None and not torch.equal(self.order.sort().values.cpu(), torch.arange(self.num_out)):
-            raise ValueError("Selection.order must be a permutation of the outputs")
+    def check(self, n: int, stock: int | None = None) -> bool:
+        """Validate the selection for ``n`` candidate tokens (raise if malformed) and return whether it is
+        the identity on the first ``stock`` (default ``n``) of them: keeps exactly those, in order, with
+        no merging. All tests run on the selection's own device and are read back together: one host
+        synchronisation per selection."""
+        stock = n if stock is None else stock
+        dev = self.keep.device
+        idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets.to(dev)])
+        no = torch.zeros((), dtype=torch.bool, device=dev)
+        flags = {}
+        if idx.numel():
+            s = idx.sort().values
+            flags["range"] = (s[0] < 0) | (s[-1] >= n)
+            if not (self.allow_duplicates and self.targets is None):
+                flags["dup"] = (s[1:] == s[:-1]).any() if s.numel() > 1 else no
+        if self.order is not None:
+            if self.order.numel() != self.num_out:
+                raise ValueError("Selection.order must be a permutation of the outputs")
+            ar = torch.arange(self.num_out, device=self.order.device)
+            flags["order"] = (self.order.sort().values != ar).any().to(dev)
+            flags["order_moves"] = (self.order != ar).any().to(dev)
         if self.assign is not None:
             if self.assign.numel() != n:
                 raise ValueError(f"Selection.assign has {self.assign.numel()} entries for {n} tokens")
-            c = self.targets.numel()
-            if n and (int(self.assign.max()) >= c or int(self.assign.min()) < -1):
-                raise ValueError("Selection.assign points outside the merge targets")
+            if n:
+                a = self.assign
+                flags["assign"] = ((a.max() >= self.targets.numel()) | (a.min() < -1)).to(dev)
+        merges = self.targets is not None and self.targets.numel() > 0
+        if not merges and self.keep.numel() == stock:
+            flags["not_identity"] = (self.keep != torch.arange(stock, device=dev)).any() if stock else no
+        names = list(flags)
+        vals = torch.stack([flags[k] for k in names]).tolist() if names else []
+        got = dict(zip(names, vals))
+        if got.get("range"):
+            raise ValueError(f"Selection indexes outside 0..{n - 1}")
+        if got.get("dup"):
+            raise ValueError("Selection: a token is kept twice, or a merge target is also kept")
+        if got.get("order"):
+            raise ValueError("Selection.order must be a permutation of the outputs")
+        if got.get("assign"):
+            raise ValueError("Selection.assign points outside the merge targets")
+        return (not merges and self.keep.numel() == stock and not got.get("not_identity", True)
+                and not got.get("order_moves", False))
+
+    def validate(self, n: int) -> None:
+        """Raise if the selection is not well-formed for ``n`` candidate tokens."""
+        self.check(n)
 
     def is_identity(self, n: int) -> bool:
-        """True when the selection keeps all ``n`` tokens, in order, with no merging."""
-        in_order = self.order is None or bool(torch.equal(self.order.cpu(), torch.arange(self.num_out)))
-        return (
-            self.targets is None or self.targets.numel() == 0
-        ) and in_order and self.keep.numel() == n and bool(torch.equal(self.keep.cpu(), torch.arange(n)))
+        """True when the selection keeps all ``n`` tokens, in order, with no merging (validates it too)."""
+        if (self.targets is not None and self.targets.numel()) or self.keep.numel() != n:
+            return False
+        ar = torch.arange(n, device=self.keep.device)
+        same = (self.keep == ar).all()
+        if self.order is not None:
+            same = same & (self.order.to(ar.device) == ar).all()
+        return bool(same)
 
 
 def keep_all(n: int) -> Selection:
@@ -107,6 +146,11 @@ class Method:
     needs_vision_attention: ClassVar[bool] = False
     #: Position convention for llm stages: ``keep`` original RoPE positions or ``reindex``.
     position_mode: str = "keep"
+    #: Vision stage: also offer each image's / crop's [CLS] token as a candidate (VisionZip, VisionDrop).
+    include_cls_candidates: bool = False
+    #: Vision-tower layer (hidden_states index) whose [CLS] attention / keys the signals carry;
+    #: None = the model's ``vision_feature_layer``.
+    vision_layer: int | None = None
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:

@@ -62,6 +62,8 @@ class VisionSignals:
     #: (-1, -1) for a NeXT base crop, a LLaVA-1.5 image or a video frame.
     unit_pos: torch.Tensor | None = None
     _probe_fn: Callable = field(default=None, repr=False)
+    #: host copy of ``unit`` (set by the engine) so that unit counts / indices need no device read
+    _unit_host: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_stock < 0:
@@ -84,7 +86,8 @@ class VisionSignals:
 
     @property
     def num_units(self) -> int:
-        return int(self.unit.max().item()) + 1 if self.unit.numel() and int(self.unit.max()) >= 0 else 0
+        u = self._unit_host if self._unit_host is not None else self.unit
+        return int(u.max()) + 1 if u.numel() and int(u.max()) >= 0 else 0
 
     @property
     def is_cls(self) -> torch.Tensor:
@@ -96,6 +99,9 @@ class VisionSignals:
 
     def unit_indices(self, u: int) -> torch.Tensor:
         """Indices (into the flat visual block) of unit ``u``'s tokens, in block order."""
+        if self._unit_host is not None:
+            idx = torch.nonzero(self._unit_host == u).flatten()
+            return idx if self.unit.device.type == "cpu" else idx.to(self.unit.device, non_blocking=True)
         return torch.nonzero(self.unit == u).flatten()
 
 
