@@ -434,6 +434,9 @@ class PruningEngine:
         cfg = self.model.config
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes")
+        if torch.is_tensor(image_sizes):
+            image_sizes = image_sizes.tolist()  # one host read; the crop arithmetic is host work
+        image_sizes = [tuple(int(v) for v in sz) for sz in image_sizes]
         crops = [image_size_to_num_patches(image_size=sz, grid_pinpoints=cfg.image_grid_pinpoints,
                                            patch_size=cfg.vision_config.image_size) for sz in image_sizes]
         if pixel_values.dim() == 5:

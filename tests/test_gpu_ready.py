@@ -1,0 +1,210 @@
+"""What the CUDA path needs, proven on a CPU: batch == alone for every registered method in every
+padding case, decode masks, a bounded number of host synchronisations per sample, explicit masks
+for no-cache forwards, refused second turns on a pruned cache, released per-prefill scratch."""
+
+import pytest
+import torch
+from conftest import FAMILIES, QUESTIONS, rand_image, slice_batch
+
+from llava.method import Selection, available_methods
+from llava.syncs import SyncCounter
+
+GEN = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4, output_scores=True, return_dict_in_generate=True)
+ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
+
+#: budgets that really prune on the tiny models (16 tokens per image / crop, 17 per frame), each in
+#: its method's own convention (README's Methods table)
+_PER_UNIT = {"llava": 4, "llava_next": 4, "video_llava": 4}
+_TOTAL = {"llava": 4, "llava_next": 12, "video_llava": 32}
+_IN_LLM = {"llava": 8, "llava_next": 16, "video_llava": 64}
+BUDGETS = {
+    "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
+    "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
+    "divprune": _PER_UNIT, "random": _PER_UNIT, "attnmix": _TOTAL, "fastv": _IN_LLM, "dart": _IN_LLM,
+}
+#: every registered method (test doubles aside); a new method without a budget here fails loudly
+METHODS = [m for m in available_methods() if not m.startswith("test_") and m != "layout_spy"]
+
+
+def budget(method, family):
+    b = BUDGETS[method]
+    return b[family] if isinstance(b, dict) else b
+
+
+def test_every_registered_method_has_a_budget_here():
+    assert sorted(BUDGETS) == sorted(METHODS)
+
+
+def equal_length_batch(rt):
+    """Three samples whose prompts have the same length (one question, same image sizes): generate()
+    then drops the all-ones mask, and any padding must come from the pruning itself."""
+    qs = [QUESTIONS[1]] * 3
+    if rt.family == "video_llava":
+        return rt.processor(qs, videos=[[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(3)])
+    return rt.processor(qs, [rand_image(i, 40, 70) for i in range(3)])
+
+
+def unequal_batch(rt):
+    """Different questions and images (NeXT: different crop counts); Video-LLaVA: video + 2 images."""
+    if rt.family == "video_llava":
+        vid = [rand_image(j, 50, 50) for j in range(8)]
+        return rt.processor(QUESTIONS, images=[None, rand_image(1, 40, 70), rand_image(2, 90, 30)],
+                            videos=[vid, None, None])
+    return rt.processor(QUESTIONS, [rand_image(i, *s) for i, s in enumerate([(40, 70), (56, 56), (90, 30)])])
+
+
+def one_sample(inputs, i, rt):
+    out = slice_batch(inputs, i, rt)
+    if "pixel_values" in inputs and "pixel_values_videos" in inputs:  # mixed batch: pick this sample's
+        ids = out["input_ids"][0]
+        has_img = bool((ids == rt.model.config.image_token_id).any())
+        has_vid = bool((ids == rt.model.config.video_token_id).any())
+        img_before = sum(bool((r == rt.model.config.image_token_id).any()) for r in inputs["input_ids"][:i])
+        vid_before = sum(bool((r == rt.model.config.video_token_id).any()) for r in inputs["input_ids"][:i])
+        out.pop("pixel_values", None)
+        out.pop("pixel_values_videos", None)
+        if has_img:
+            out["pixel_values"] = inputs["pixel_values"][img_before:img_before + 1]
+        if has_vid:
+            out["pixel_values_videos"] = inputs["pixel_values_videos"][vid_before:vid_before + 1]
+    return out
+
+
+def run(rt, inputs):
+    with torch.no_grad():
+        out = rt.model.generate(**inputs, **GEN)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], out.scores[0]
+
+
+@ALL
+@pytest.mark.parametrize("batch", ["equal_length", "unequal"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_each_sample_alone(rt, method, batch):
+    inputs = (equal_length_batch if batch == "equal_length" else unequal_batch)(rt)
+    if batch == "equal_length":
+        assert inputs["attention_mask"].all(), "the prompts must have equal lengths here"
+    opts = {"seed": 3} if method == "random" else {}
+    rt.prune(method, budget(method, rt.family), **opts)
+    toks, scores = run(rt, inputs)
+    for i in range(3):
+        one = one_sample(inputs, i, rt)
+        t1, s1 = run(rt, one)
+        assert torch.equal(t1[0], toks[i]), f"sample {i}: {t1[0].tolist()} alone vs {toks[i].tolist()} in the batch"
+        torch.testing.assert_close(s1[0], scores[i], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- syncs
+#: host reads allowed per sample in one pruned prefill (the layout copy, one check per selection, a
+#: run count per multi-image sample, the method's own constant few); must not grow with the tokens
+SYNC_BOUND = {m: 20 for m in METHODS}
+SYNC_BOUND.update({"fastv": 24, "dart": 24, "pdrop": 40, "sparsevlm": 60, "visiondrop": 50})
+
+
+def count_syncs(rt, inputs):
+    with torch.no_grad(), SyncCounter() as c:
+        rt.model(**inputs)
+    return c
+
+
+def next_batch(rt, size):
+    return rt.processor(QUESTIONS, [rand_image(i, *size) for i in range(3)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_host_syncs_per_sample_are_bounded_and_flat_in_visual_tokens(runtimes, method):
+    """LLaVA-NeXT with 1-crop-equivalent small images vs 5-crop large ones: 2-3x the visual tokens,
+    the same number of host reads per sample (within the stated bound)."""
+    rt = runtimes["llava-next"]
+    try:
+        rt.prune(method, budget(method, rt.family), **({"seed": 3} if method == "random" else {}))
+        small = count_syncs(rt, next_batch(rt, (30, 30)))
+        cand_small = sum(s.visual_candidates for s in rt.engine.stats.samples)
+        large = count_syncs(rt, next_batch(rt, (90, 120)))
+        cand_large = sum(s.visual_candidates for s in rt.engine.stats.samples)
+    finally:
+        rt.unprune()
+    assert cand_large > 1.5 * cand_small
+    per_sample = large.total / 3
+    assert per_sample <= SYNC_BOUND[method], (method, dict(large.counts))
+    assert large.total <= small.total + 3, (method, dict(small.counts), dict(large.counts))
+
+
+def test_sync_counter_sees_the_ops_that_stall_a_gpu():
+    x = torch.randn(8)
+    with SyncCounter() as c:
+        x[x > 0]
+        x.sum().item()
+        torch.nonzero(x > 0)
+        x.tolist()
+        h = x.cpu()  # one copy to the host; what is then done with it on the host is free
+        h.tolist()
+        int(h.max())
+        torch.arange(4).tolist()  # created on the host
+        torch.zeros(2, device=x.device).tolist()  # created on the device
+    assert dict(c.counts) == {"bool_index": 1, "item": 1, "nonzero": 1, "tolist": 2, "to_host": 1}
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+@ALL
+@pytest.mark.parametrize("method", ["fastv", "dart", "pdrop", "visiondrop", "sparsevlm"])
+def test_no_cache_no_mask_forward_equals_generate(rt, method):
+    """log-likelihood style calls (no cache, no mask) get the same last-token logits as generate()."""
+    inputs = equal_length_batch(rt)
+    one = {k: v[:1] for k, v in inputs.items() if k != "attention_mask"}
+    rt.prune(method, budget(method, rt.family))
+    with torch.no_grad():
+        ref = rt.model.generate(**one, max_new_tokens=1, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True).scores[0]
+        bare = rt.model(**one, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(bare, ref, atol=1e-5, rtol=1e-4)
+
+
+@ALL
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_second_turn_on_a_pruned_cache_is_refused(rt, method):
+    inputs = unequal_batch(rt) if rt.family != "video_llava" else equal_length_batch(rt)
+    rt.prune(method, budget(method, rt.family), **({"seed": 1} if method == "random" else {}))
+    with torch.no_grad():
+        out = rt.model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        follow = rt.processor.tokenizer([" and then?"] * 3, return_tensors="pt", add_special_tokens=False)
+        ids = torch.cat([out.sequences, follow["input_ids"]], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(3, ids.shape[1] - inputs["attention_mask"].shape[1],
+                                                               dtype=torch.long)], 1)
+        with pytest.raises(ValueError, match="second turn"):
+            rt.model.generate(input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values,
+                              max_new_tokens=2, do_sample=False)
+
+
+def test_duplicate_kept_token_is_an_error_unless_asked_for():
+    with pytest.raises(ValueError, match="kept twice"):
+        Selection(keep=torch.tensor([0, 2, 2])).validate(4)
+    Selection(keep=torch.tensor([0, 2, 2]), allow_duplicates=True).validate(4)
+    with pytest.raises(ValueError, match="kept twice"):
+        Selection(keep=torch.tensor([0, 1]), targets=torch.tensor([1]), assign=torch.tensor([-1, -1, 0])).validate(3)
+    assert Selection(keep=torch.arange(3)).check(3) and not Selection(keep=torch.tensor([0, 2, 1])).check(3)
+
+
+@ALL
+def test_per_prefill_scratch_is_released(rt):
+    inputs = unequal_batch(rt)
+    eng = rt.prune("consensusdrop", budget("consensusdrop", rt.family))
+    with torch.no_grad():
+        rt.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    for name in ("_probe_inputs", "_probe_cache", "_vision_sigs", "_entry", "_llm_state"):
+        assert getattr(eng, name) is None, name
+    eng = rt.prune("sparsevlm", 64)
+    with torch.no_grad():
+        rt.model(**inputs)
+    assert eng._entry is None and eng._llm_state is None
+
+
+@ALL
+@pytest.mark.parametrize("method", METHODS)
+def test_static_cache_equals_dynamic_cache(rt, method):
+    """generate(cache_implementation="static") (compiled decoding, CUDA graphs) with a method attached."""
+    inputs = unequal_batch(rt)
+    rt.prune(method, budget(method, rt.family), **({"seed": 3} if method == "random" else {}))
+    with torch.no_grad():
+        dyn = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        static = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(dyn, static)
