@@ -271,8 +271,8 @@ class PruningEngine:
             raise ValueError("pre-encoded mm_encoder_outputs cannot be pruned: pass pixel_values / pixel_values_videos")
         kwargs.pop("mm_encoder_outputs", None)
         has_visual = pixel_values is not None or pixel_values_videos is not None
-        if not has_visual and self._state is not None and self._state.gen_len:
-            cache_len = 1  # a later decode step of our own generate: no need to ask the cache
+        if not has_visual and self._state is not None and past_key_values is not None:
+            cache_len = 1  # a decode step after our prefill: no need to ask the cache (a device read when static)
         else:
             cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
             if torch.is_tensor(cache_len):  # static caches keep their length on the device
