@@ -1,0 +1,1037 @@
+"""GPU check (issue 19): prove on a real CUDA device that the pruning engine gives correct answers.
+
+    bash scripts/bench/gpu_check.sh                      # = python -m eval.gpu_check (CUDA, all checks)
+    python -m eval.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check
+    python -m eval.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
+
+Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the three tiny
+random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``), in fp16 and bf16 on
+the device plus an fp32 reference row, at a small budget that really prunes (each method's own budget
+convention, see ``TINY_BUDGETS``). Checks, per method x family x dtype:
+
+* **batch == alone**: batches of 3 (``mixed``: unequal prompts and unequal images / crops / videos;
+  ``same-question``: one question, unequal images, so the prompts are equally long when the images are;
+  Video-LLaVA also ``video+images``: a video sample next to two image samples) generate greedy tokens
+  (forced length) that must equal each sample run alone; the max |delta logit| of the first generated
+  token is reported. fp32: the tokens must be equal and the logits of every generated step within
+  ``FP32_LOGIT_TOL`` (a decode step that attends to padding shows here even when greedy agrees).
+  fp16 / bf16: the unpruned model itself may differ between batch and alone (other kernels for other
+  shapes), so a method fails only on a sample where it differs and the unpruned model does not, unless
+  its logits up to the first differing token stayed within the noise band (4x the unpruned model's own
+  largest logit delta there, at least 2 ulp(1) of the dtype): then a near tie flipped. Each verdict
+  says which rule passed it.
+* **cached == no-cache**: the batch's cached generation equals a greedy no-cache full recompute of the
+  same tokens with ``engine.replay = True`` (the recorded selections reused); half precision judged
+  against the unpruned model in the same way.
+* **host syncs**: ``llava.syncs.SyncCounter`` around one pruned prefill (``model(**batch)``) of the
+  ``mixed`` batch, total and per sample; informational unless ``--max-syncs-per-sample`` is given.
+* **TTFT** (skip with ``--no-ttft``): ``shape:llava-1.5-7b`` (real shapes, random weights) in fp16,
+  unpruned and every method at budget 64, batch 1, median TTFT with the engine's vision / selection /
+  LLM breakdown (timed with eval.efficiency's helpers).
+
+Writes ``gpu-check-<device>-<date>.json`` and ``.md`` under ``--out`` (default docs/results), with a
+PASS / FAIL summary per check and per method; the exit status is 1 when any check fails (a crash is
+recorded with the last lines of its traceback and the run goes on). Without a CUDA device and without
+``--device`` it says so and exits 0 without running.
+
+On CUDA the checks run in a worker process (``--isolate``, the default there): a device-side assert
+leaves a CUDA context unusable, so the worker stops after the task that caused it (every task ends
+with a synchronize, so an asynchronous error is charged to its own task) and a fresh worker takes the
+remaining tasks; a worker that dies outright charges the task it was on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llava", "llava-next", "video-llava")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+#: methods that take no budget
+NO_BUDGET = {"none", "novisual"}
+#: a budget that really prunes on the tiny models (16 patches per image / crop, 17 per video frame,
+#: 4 LLM layers), in each method's own convention (README, Methods): about the 64-of-576 equivalent
+#: where the method allows it; the values the method tests use
+TINY_BUDGETS = {
+    "consensusdrop": {"llava": 2, "llava_next": 2, "video_llava": 2},  # per image / crop / frame
+    "visiondrop": {"llava": 2, "llava_next": 2, "video_llava": 4},  # layer average per unit
+    "attnmix": {"llava": 2, "llava_next": 10, "video_llava": 16},  # total per sample
+    "fastv": {"llava": 8, "llava_next": 20, "video_llava": 64},  # layer average
+    "pdrop": {"llava": 192, "llava_next": 192, "video_llava": 192},  # 32-layer schedule scaled: 16 -> 16/2/1/1
+    "sparsevlm": {"llava": 192, "llava_next": 192, "video_llava": 192},  # 16 -> 16/4/3/2
+    "dart": {"llava": 8, "llava_next": 16, "video_llava": 64},  # kept after layer K: 16 -> 16/12/12/12
+    "visionzip": 2, "fastervlm": 2, "divprune": 2, "random": 2,  # per image / crop / frame
+}
+#: a method registered later and not listed above
+FALLBACK_BUDGET = 4
+FP32_LOGIT_TOL = 1e-3
+QUESTIONS = ["what is this?", "what color is the circle on the left?", "how many objects are there in the picture?"]
+IMAGE_SIZES = ((40, 70), (56, 56), (90, 30))  # unequal sizes: unequal NeXT crops (52 / 36 / 40 tokens)
+#: tiny NeXT images with equally many tokens (52) but 3 / 5 / 3 crops: equally long prompts whose
+#: pruned rows differ in length under a per-crop budget (generate then passes no attention mask)
+SAME_LENGTH_NEXT = ((20, 38), (62, 104), (30, 58))
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckConfig:
+    device: str | None = None
+    dtypes: list = field(default_factory=list)  # default: float16 bfloat16 float32 on cuda, float32 on cpu
+    methods: list = field(default_factory=list)  # default: every registered method
+    families: list = field(default_factory=lambda: list(FAMILIES))
+    new_tokens: int = 8
+    seed: int = 1
+    max_syncs_per_sample: float | None = None
+    ttft: bool = True
+    ttft_model: str = "shape:llava-1.5-7b"
+    ttft_dtype: str = "float16"
+    ttft_budget: int = 64
+    ttft_methods: list = field(default_factory=list)  # default: the methods above
+    ttft_warmup: int = 3
+    ttft_runs: int = 10
+    ttft_text_words: int = 12
+    out: str = "docs/results"
+    threads: int | None = None
+
+
+def registered_methods() -> list[str]:
+    """Every registered method except test doubles (``test_*``, or defined under tests/)."""
+    from llava import method as M
+
+    names = []
+    registry = getattr(M, "_REGISTRY", {})
+    for name in M.available_methods():
+        mod = getattr(registry.get(name), "__module__", "") or ""
+        if name.startswith("test_") or mod.split(".")[0] in ("example_methods", "tests", "conftest"):
+            continue
+        names.append(name)
+    return names
+
+
+def tiny_budget(method: str, family: str):
+    if method in NO_BUDGET:
+        return None
+    b = TINY_BUDGETS.get(method, FALLBACK_BUDGET)
+    return b[family] if isinstance(b, dict) else b
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def rand_image(seed: int, h: int, w: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def scenarios(family: str) -> dict[str, list[tuple]]:
+    """Named batches of 3 samples, each a (question, image or None, video frames or None)."""
+    imgs = [rand_image(i, *IMAGE_SIZES[i]) for i in range(3)]
+    same = imgs
+    if family == "llava_next":
+        same = [rand_image(3 + i, *SAME_LENGTH_NEXT[i]) for i in range(3)]
+    if family == "video_llava":
+        vids = [[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(3)]
+        return {"mixed": [(QUESTIONS[i], None, vids[i]) for i in range(3)],
+                "same-question": [(QUESTIONS[1], None, vids[i]) for i in range(3)],
+                "video+images": [(QUESTIONS[0], None, vids[0]), (QUESTIONS[1], imgs[1], None),
+                                 (QUESTIONS[2], imgs[2], None)]}
+    return {"mixed": [(QUESTIONS[i], imgs[i], None) for i in range(3)],
+            "same-question": [(QUESTIONS[1], same[i], None) for i in range(3)]}
+
+
+def build(rt, samples, device) -> dict:
+    qs = [q for q, _, _ in samples]
+    imgs = [im for _, im, _ in samples]
+    vids = [v for _, _, v in samples]
+    if all(v is None for v in vids):
+        vids = None
+    return rt.processor(qs, imgs, videos=vids, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# generation and comparison
+# ------------------------------------------------------------------------------------------------
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _placeholder_ids(model) -> list[int]:
+    """The image / video placeholder ids: a random-weight model may generate them, and a generated
+    placeholder would make the no-cache recompute read it as an image, so generation suppresses them."""
+    cfg = model.config
+    return [int(i) for i in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)) if i is not None]
+
+
+def generate(rt, batch, steps: int):
+    """Greedy generation of exactly ``steps`` tokens, the placeholders suppressed: (new tokens (B, T),
+    raw logits (B, T, V) in fp32)."""
+    with torch.no_grad():
+        out = rt.model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                suppress_tokens=_placeholder_ids(rt.model), output_logits=True,
+                                return_dict_in_generate=True)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    return new, torch.stack([x.float() for x in out.logits], 1)
+
+
+def greedy_no_cache(model, inputs, steps: int, suppress=()):
+    """Greedy decoding by full recompute every step (use_cache=False), positions as generate builds
+    them, the end-of-sequence and placeholder ids suppressed as :func:`generate` does: the reference that
+    cached generation must equal (with ``engine.replay`` for query-aware methods)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    all_logits = []
+    for _ in range(steps):
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                           **extra).logits[:, -1].float()
+        all_logits.append(logits)
+        pick = logits.clone()
+        if suppress:
+            pick[:, list(suppress)] = -math.inf
+        nxt = pick.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, inputs["input_ids"].shape[1]:], torch.stack(all_logits, 1)
+
+
+def compare(toks, logits, ref_toks, ref_logits) -> dict:
+    """One sample's tokens / logits (T,), (T, V) against its reference: equal tokens, the first token's
+    max |delta logit|, and where they part, the step, the delta there and the reference's margin
+    between its token and the other run's (a small margin = a near tie)."""
+    toks, ref_toks = toks.cpu(), ref_toks.cpu()
+    logits, ref_logits = logits.cpu(), ref_logits.cpu()
+    equal = bool(torch.equal(toks, ref_toks))
+    delta = (logits - ref_logits).abs().amax(-1)  # per step
+    rec = {"equal": equal, "first_logit_delta": float(delta[0]), "tokens": toks.tolist(),
+           "ref_tokens": ref_toks.tolist()}
+    if equal:
+        rec["max_logit_delta"] = float(delta.max())
+    else:
+        s = int(torch.nonzero(toks != ref_toks)[0])
+        rec.update(diverge_step=s, max_logit_delta=float(delta[: s + 1].max()),
+                   margin=float(ref_logits[s, ref_toks[s]] - ref_logits[s, toks[s]]))
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny-model checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _tail(exc: BaseException, n: int = 8) -> list[str]:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip().splitlines()[-n:]
+
+
+def run_scenario(rt, eng, samples, device, steps: int, suppress) -> dict:
+    batch = build(rt, samples, device)
+    res = {"padded": bool((batch["attention_mask"] == 0).any()),
+           "prompt_lengths": batch["attention_mask"].sum(1).tolist()}
+    eng.replay = False
+    toks, logits = generate(rt, batch, steps)
+    st = eng.stats
+    res["tokens"] = [s.as_dict() for s in st.samples] if st is not None else None
+    # cached == no-cache recompute with the selections of this batch's prefill (before any other prefill)
+    try:
+        eng.replay = True
+        ref_toks, ref_logits = greedy_no_cache(rt.model, batch, steps, suppress)
+        res["cache"] = {"samples": [compare(toks[i], logits[i], ref_toks[i], ref_logits[i]) for i in range(len(samples))]}
+    except Exception as e:  # noqa: BLE001 - recorded, the other checks go on
+        res["cache"] = {"error": _tail(e)}
+    finally:
+        eng.replay = False
+    # batch == each sample alone
+    alone = []
+    try:
+        for i, smp in enumerate(samples):
+            one = build(rt, [smp], device)
+            t1, l1 = generate(rt, one, steps)
+            alone.append(compare(toks[i], logits[i], t1[0], l1[0]))
+        res["batch_alone"] = {"samples": alone}
+    except Exception as e:  # noqa: BLE001
+        res["batch_alone"] = {"samples": alone, "error": _tail(e)}
+    return res
+
+
+def count_syncs(rt, samples, device) -> dict:
+    from llava.syncs import SyncCounter
+
+    batch = build(rt, samples, device)
+    with torch.no_grad():
+        rt.model(**batch)  # a first call outside the counter (lazy initialisations are not the hot path)
+        with SyncCounter() as c:
+            rt.model(**batch)
+    n = batch["input_ids"].shape[0]
+    return {"total": int(c.total), "per_sample": c.total / n, "batch": n, "counts": dict(sorted(c.counts.items()))}
+
+
+class DeviceLost(RuntimeError):
+    """The CUDA context is unusable (a device-side assert): this process cannot run anything more."""
+
+
+def device_alive(device) -> bool:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return torch.ones(2, device=device).sum().item() == 2.0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _finish(device) -> None:
+    """Make asynchronous CUDA errors surface in the task that caused them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _guard(device, rec_or_dict, exc) -> None:
+    """Record ``exc``; re-raise as DeviceLost when it took the device down with it."""
+    rec_or_dict["error"] = _tail(exc)
+    if not device_alive(device):
+        raise DeviceLost("; ".join(_tail(exc, 2))) from exc
+
+
+def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig) -> dict:
+    """One method on one loaded tiny family in one dtype: every scenario and the sync count."""
+    rt, scen, suppress, device = ctx["rt"], ctx["scenarios"], ctx["suppress"], cfg.device
+    fam = family.replace("-", "_")
+    budget = tiny_budget(method, fam)
+    rec = {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": budget,
+           "scenarios": {}, "error": None}
+    try:
+        try:
+            eng = rt.prune(method, budget)
+        except (ValueError, TypeError) as e:
+            if budget is None or method in TINY_BUDGETS:
+                raise
+            rec["budget_note"] = f"budget {budget} refused ({e}); ran without a budget"
+            rec["budget"] = budget = None
+            eng = rt.prune(method, None)
+        rec["config"] = _jsonable(eng.method.config())
+        for name, samples in scen.items():
+            try:
+                rec["scenarios"][name] = run_scenario(rt, eng, samples, device, cfg.new_tokens, suppress)
+                _finish(device)
+            except DeviceLost:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded, the other scenarios go on
+                rec["scenarios"][name] = {}
+                _guard(device, rec["scenarios"][name], e)
+        try:
+            rec["syncs"] = count_syncs(rt, scen["mixed"], device)
+            _finish(device)
+        except DeviceLost:
+            raise
+        except Exception as e:  # noqa: BLE001
+            rec["syncs"] = {}
+            _guard(device, rec["syncs"], e)
+    except DeviceLost:
+        raise
+    except Exception as e:  # noqa: BLE001
+        _guard(device, rec, e)
+    finally:
+        try:
+            rt.unprune()
+        except Exception:  # noqa: BLE001
+            pass
+    return rec
+
+
+def ttft_task(ctx: dict, method: str, cfg: CheckConfig) -> dict:
+    """Batch-1 TTFT of one method on the loaded ``--ttft-model``: warm-ups, then timed prefills."""
+    from eval.efficiency import prefill_once, summary
+
+    rt, batches, device = ctx["rt"], ctx["batches"], ctx["device"]
+    budget = None if method in NO_BUDGET else cfg.ttft_budget
+    rec = {"kind": "ttft", "method": method, "budget": budget, "error": None, "build_seconds": ctx["build_seconds"],
+           "image_px": ctx["image_px"]}
+    try:
+        eng = rt.prune(method, budget)
+        for i in range(cfg.ttft_warmup):
+            prefill_once(rt, batches[i % len(batches)], device)
+        ttft, parts, toks = [], {}, []
+        for b in batches[: cfg.ttft_runs]:
+            t, o = prefill_once(rt, b, device)
+            ttft.append(t)
+            for k, v in eng.stats.timings.items():
+                parts.setdefault(k, []).append(v)
+            toks.append((eng.stats.samples[0].visual_entering_llm, eng.stats.samples[0].visual_layer_avg))
+            del o
+        rec.update(ttft=summary(ttft), **{f"t_{k}": summary(v) for k, v in parts.items()},
+                   visual_entering_llm=statistics.fmean(a for a, _ in toks),
+                   visual_layer_avg=statistics.fmean(b for _, b in toks))
+        if device.type == "cuda":
+            rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        _finish(device)
+    except Exception as e:  # noqa: BLE001
+        _guard(device, rec, e)
+    finally:
+        try:
+            rt.unprune()
+        except Exception:  # noqa: BLE001
+            pass
+    return rec
+
+
+def _load_tiny(family: str, dtype: str, cfg: CheckConfig) -> dict:
+    from llava.models import load
+
+    rt = load(f"tiny:{family}", seed=cfg.seed, dtype=dtype, device=cfg.device)
+    return {"rt": rt, "scenarios": scenarios(family.replace("-", "_")),
+            "suppress": _eos_ids(rt.model) + _placeholder_ids(rt.model)}
+
+
+def _load_ttft(cfg: CheckConfig) -> dict:
+    from eval.efficiency import build_batch, make_inputs
+    from llava.models import load
+
+    t0 = time.perf_counter()
+    rt = load(cfg.ttft_model, dtype=cfg.ttft_dtype, device=cfg.device)
+    device = next(rt.model.parameters()).device
+    _finish(device)
+    size = rt.model.config.vision_config.image_size
+    items = make_inputs(rt, max(cfg.ttft_runs, 1), cfg.ttft_text_words, 0, (size, size))
+    return {"rt": rt, "device": device, "batches": [build_batch(rt, [it], device) for it in items],
+            "build_seconds": round(time.perf_counter() - t0, 1), "image_px": size}
+
+
+def task_key(t: dict) -> tuple:
+    return (t["kind"], t.get("family"), t.get("dtype"), t["method"])
+
+
+def make_tasks(cfg: CheckConfig, methods: list[str]) -> list[dict]:
+    tasks = [{"kind": "tiny", "family": f, "dtype": d, "method": m}
+             for f in cfg.families for d in cfg.dtypes for m in methods]
+    if cfg.ttft:
+        tm = cfg.ttft_methods or methods
+        tasks += [{"kind": "ttft", "method": m} for m in ["none"] + [x for x in tm if x != "none"]]
+    return tasks
+
+
+def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log) -> None:
+    """Run ``tasks`` in order in this process (one model load per family x dtype, one for TTFT),
+    handing each record to ``emit``. Raises DeviceLost when the device is gone (the record of the
+    task that took it down has been emitted)."""
+    ctx, ctx_key, load_error = None, None, None
+    for t in tasks:
+        key = ("ttft",) if t["kind"] == "ttft" else ("tiny", t["family"], t["dtype"])
+        if key != ctx_key:
+            ctx, ctx_key, load_error = None, key, None
+            if torch.device(cfg.device).type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                ctx = _load_ttft(cfg) if t["kind"] == "ttft" else _load_tiny(t["family"], t["dtype"], cfg)
+            except Exception as e:  # noqa: BLE001 - every task of this model fails with the load error
+                load_error = ["cannot build the model:"] + _tail(e)
+                log(f"  {' '.join(map(str, key))}: cannot build the model: {load_error[-1]}")
+        t0 = time.perf_counter()
+        lost = None
+        if load_error is not None:
+            rec = {**t, "error": load_error, "scenarios": {}} if t["kind"] == "tiny" else {**t, "error": load_error}
+        else:
+            try:
+                rec = ttft_task(ctx, t["method"], cfg) if t["kind"] == "ttft" else \
+                    tiny_task(ctx, t["family"], t["dtype"], t["method"], cfg)
+            except DeviceLost as e:
+                lost = e
+                rec = {**t, "scenarios": {}, "error": ["the device was lost (CUDA context unusable):"] + _tail(e.__cause__ or e)}
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        emit(rec)
+        where = f"{t['family']:12s} {t['dtype']:9s}" if t["kind"] == "tiny" else "TTFT" + " " * 18
+        extra = ""
+        if t["kind"] == "ttft" and rec.get("ttft"):
+            extra = f"  median {rec['ttft']['median'] * 1e3:.2f} ms"
+        log(f"  {where} {t['method']:14s} {rec['seconds']:6.2f} s" + ("  CRASH" if _has_error(rec) else extra))
+        if lost is not None or (load_error is None and not device_alive(cfg.device)):
+            raise DeviceLost(str(lost or "device lost"))
+
+
+def _has_error(rec: dict) -> bool:
+    return bool(rec.get("error")) or any(_scenario_errors(sc) for sc in rec.get("scenarios", {}).values()) \
+        or bool((rec.get("syncs") or {}).get("error"))
+
+
+def _scenario_errors(sc: dict) -> bool:
+    return bool(sc.get("error") or (sc.get("cache") or {}).get("error") or (sc.get("batch_alone") or {}).get("error"))
+
+
+# ------------------------------------------------------------------------------------------------
+# isolation: a worker process per CUDA context
+# ------------------------------------------------------------------------------------------------
+
+
+def worker_command(task_file: Path, result_file: Path) -> list[str]:
+    return [sys.executable, "-m", "eval.gpu_check", "--worker", str(task_file), str(result_file)]
+
+
+def run_isolated(tasks: list[dict], cfg: CheckConfig, log) -> list[dict]:
+    """Run the tasks in worker processes. A device-side assert leaves a CUDA context unusable for
+    every later task of its process: the worker then stops, and a fresh one takes the remaining tasks
+    (a worker that dies without a record charges the task it was on, so every restart makes progress)."""
+    import tempfile
+
+    done: dict[tuple, dict] = {}
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        for attempt in range(len(tasks) + 1):
+            todo = [t for t in tasks if task_key(t) not in done]
+            if not todo:
+                break
+            tf, rf = Path(tmp) / f"tasks{attempt}.json", Path(tmp) / f"results{attempt}.jsonl"
+            tf.write_text(json.dumps({"config": asdict(cfg), "tasks": todo}))
+            rf.write_text("")
+            ef = Path(tmp) / f"stderr{attempt}.txt"
+            with open(ef, "w") as err:
+                proc = subprocess.run(worker_command(tf, rf), cwd=root, stderr=err)
+            got = 0
+            for line in rf.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    done[task_key(rec)] = rec
+                    got += 1
+            left = [t for t in todo if task_key(t) not in done]
+            if not left:
+                continue
+            if got == 0 or proc.returncode not in (0, 3):
+                t = left[0]  # the task it was on when it died
+                tail = ef.read_text(errors="replace").strip().splitlines()[-8:]
+                log(f"  the worker exited with status {proc.returncode} during "
+                    f"{' '.join(str(x) for x in task_key(t) if x)}")
+                done[task_key(t)] = {**t, "scenarios": {}, "seconds": None,
+                                     "error": [f"the worker process died (exit status {proc.returncode}):"] + tail}
+            else:
+                log(f"  device lost: a fresh worker takes the {len(left)} remaining task(s)")
+    return [done[task_key(t)] for t in tasks if task_key(t) in done]
+
+
+def worker_main(task_file: str, result_file: str) -> int:
+    spec = json.loads(Path(task_file).read_text())
+    cfg = CheckConfig(**spec["config"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _precision(cfg.device)
+    with open(result_file, "a") as out:
+        def emit(rec):
+            out.write(json.dumps(_sanitize(_jsonable_loose(rec)), allow_nan=False) + "\n")
+            out.flush()
+
+        try:
+            run_tasks(spec["tasks"], cfg, emit, lambda s: print(s, flush=True))
+        except DeviceLost:
+            return 3
+    return 0
+
+
+def _precision(device) -> None:
+    if torch.device(device).type == "cuda":  # fp32 is the exact reference: no TF32 (half runs unaffected)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+# ------------------------------------------------------------------------------------------------
+# verdicts
+# ------------------------------------------------------------------------------------------------
+
+
+def noise_tolerance(dtype: str, ref_delta: float | None) -> float:
+    """The half-precision noise band: 4x the unpruned model's own largest batch-vs-alone (or
+    cached-vs-recompute) logit delta in the same family and dtype, at least 2 ulp(1) of the dtype."""
+    eps = torch.finfo(DTYPES[dtype]).eps
+    return max(4 * (ref_delta or 0.0), 2 * eps)
+
+
+def judge(records: list[dict]) -> None:
+    """Add a verdict to every check of every record (in place). Half precision is judged against the
+    unpruned model's own agreement in the same family, dtype, scenario and sample."""
+    ref = {(r["family"], r["dtype"]): r for r in records if r["method"] == "none"}
+    for r in records:
+        r["verdicts"] = {}
+        base = ref.get((r["family"], r["dtype"]))
+        exact = r["dtype"] == "float32"
+        for check in ("batch_alone", "cache"):
+            if r["error"]:
+                r["verdicts"][check] = {"pass": False, "why": "crash"}
+                continue
+            ref_delta = None
+            if base is not None and not exact:
+                ds = [s["max_logit_delta"] for sc in base["scenarios"].values() for s in sc.get(check, {}).get("samples", [])]
+                ref_delta = max(ds) if ds else None
+            tol = None if exact else noise_tolerance(r["dtype"], ref_delta)
+            fails, notes = [], []
+            for name, sc in r["scenarios"].items():
+                if "error" in sc and check not in sc:
+                    fails.append(f"{name}: crash")
+                    continue
+                c = sc.get(check, {})
+                if c.get("error"):
+                    fails.append(f"{name}: crash")
+                for i, s in enumerate(c.get("samples", [])):
+                    s["verdict"] = _sample_verdict(s, exact, tol, base, name, check, i, r is base)
+                    if s["verdict"] == "FAIL":
+                        fails.append(f"{name}[{i}]")
+                    elif s["verdict"] != "PASS":
+                        notes.append(f"{name}[{i}]: {s['verdict']}")
+            r["verdicts"][check] = {"pass": not fails, "failed": fails, "notes": notes, "noise_tolerance": tol}
+
+
+def _sample_verdict(s, exact, tol, base, scen, check, i, is_base) -> str:
+    if exact:
+        return "PASS" if s["equal"] and s["max_logit_delta"] <= FP32_LOGIT_TOL else "FAIL"
+    if s["equal"]:
+        return "PASS"
+    if is_base:
+        return "PASS (unpruned model: half-precision reference)"
+    try:
+        b = base["scenarios"][scen][check]["samples"][i]
+    except (KeyError, IndexError, TypeError):
+        b = None
+    if b is not None and not b["equal"]:
+        return "PASS (unpruned model also differs)"
+    if tol is not None and s["max_logit_delta"] <= tol:  # the logits stayed in the noise band: a near tie flipped
+        return (f"PASS (near tie at step {s['diverge_step']}: margin {s['margin']:.3g}, logits within "
+                f"{s['max_logit_delta']:.3g} <= {tol:.3g})")
+    return "FAIL"
+
+
+def sync_verdict(r: dict, limit: float | None) -> dict:
+    s = r.get("syncs") or {}
+    if r["error"] or "error" in s:
+        return {"pass": limit is None, "why": "not measured (crash)"}
+    if limit is None:
+        return {"pass": True, "why": "informational"}
+    return {"pass": s["per_sample"] <= limit, "why": f"{s['per_sample']:.1f} per sample, limit {limit}"}
+
+
+def summarize(report: dict, cfg: CheckConfig) -> dict:
+    recs = report["tiny"]
+    checks = {"batch==alone": True, "cached==no-cache": True, "no crash": True, "host syncs": True}
+    methods: dict[str, dict] = {}
+    for r in recs:
+        r["verdicts"]["syncs"] = sync_verdict(r, cfg.max_syncs_per_sample)
+        crash = bool(r["error"]) or any("error" in sc or sc.get("cache", {}).get("error")
+                                        or sc.get("batch_alone", {}).get("error") for sc in r["scenarios"].values()) \
+            or "error" in (r.get("syncs") or {})
+        ok = {"batch==alone": r["verdicts"]["batch_alone"]["pass"], "cached==no-cache": r["verdicts"]["cache"]["pass"],
+              "no crash": not crash, "host syncs": r["verdicts"]["syncs"]["pass"]}
+        m = methods.setdefault(r["method"], {"pass": True, "failed": []})
+        for k, v in ok.items():
+            checks[k] &= v
+            if not v:
+                m["pass"] = False
+                m["failed"].append(f"{k} ({r['family']}, {r['dtype']})")
+    if report.get("ttft") is not None:
+        t = report["ttft"]
+        checks["TTFT runs"] = t.get("error") is None and all(x.get("error") is None for x in t["results"])
+        for x in t["results"]:
+            if x.get("error"):
+                m = methods.setdefault(x["method"], {"pass": True, "failed": []})
+                m["pass"] = False
+                m["failed"].append("TTFT (crash)")
+    labels = {k: "PASS" if v else "FAIL" for k, v in checks.items()}
+    if cfg.max_syncs_per_sample is None:
+        labels["host syncs"] = "reported (no limit set)"
+    return {"pass": all(checks.values()), "checks": labels,
+            "methods": {k: {"verdict": "PASS" if v["pass"] else "FAIL", "failed": v["failed"]}
+                        for k, v in methods.items()}}
+
+
+# ------------------------------------------------------------------------------------------------
+# TTFT on the real 7B shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def ttft_table(recs: list[dict], cfg: CheckConfig) -> dict:
+    """The TTFT records as one table, with speed-up and selection overhead against the unpruned row."""
+    out = {"model": cfg.ttft_model, "dtype": cfg.ttft_dtype, "budget": cfg.ttft_budget, "batch": 1,
+           "warmup": cfg.ttft_warmup, "runs": cfg.ttft_runs, "results": recs,
+           "build_seconds": next((r.get("build_seconds") for r in recs if r.get("build_seconds")), None),
+           "peak_gib": max((r.get("peak_gib") or 0 for r in recs), default=0) or None,
+           "image_px": next((r.get("image_px") for r in recs if r.get("image_px")), None)}
+    base = next((r.get("ttft") for r in recs if r["method"] == "none"), None)
+    for r in recs:
+        if base and r.get("ttft"):
+            r["speedup"] = base["median"] / r["ttft"]["median"]
+            if r.get("t_selection"):
+                r["selection_overhead"] = r["t_selection"]["median"] / base["median"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# environment and report
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {"date": time.strftime("%Y-%m-%d"), "time": time.strftime("%H:%M:%S %Z"), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
+           "device": str(device)}
+    root = Path(__file__).resolve().parent.parent
+    commit = _run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    if commit:
+        dirty = _run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
+        env["git_commit"] = commit + ("+dirty" if dirty else "")
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   driver=(_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "").split("\n")[0] or None,
+                   tf32_in_fp32_runs=False)
+        env["device_name"] = env["gpu"]
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        env["device_name"] = "cpu"
+    return env
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def _fmt(x, spec=".2g"):
+    return "-" if x is None else format(x, spec)
+
+
+def _cell(r: dict) -> str:
+    if r["error"]:
+        return "**crash**"
+    v = r["verdicts"]
+    bad = [k for k, name in (("batch_alone", "batch"), ("cache", "cache")) if not v[k]["pass"]]
+    crash = any("error" in sc or sc.get("cache", {}).get("error") or sc.get("batch_alone", {}).get("error")
+                for sc in r["scenarios"].values()) or "error" in (r.get("syncs") or {})
+    parts = [{"batch_alone": "batch!=alone", "cache": "cache!=recompute"}[k] for k in bad]
+    if crash:
+        parts.append("crash")
+    if not v["syncs"]["pass"]:
+        parts.append("syncs")
+    if parts:
+        return "**FAIL**: " + ", ".join(parts)
+    note = any(v[k]["notes"] for k in ("batch_alone", "cache"))
+    return "ok*" if note else "ok"
+
+
+def _agree(sc: dict, check: str) -> str:
+    c = sc.get(check) if isinstance(sc, dict) else None
+    if c is None or c.get("error") or ("error" in sc and check not in sc):
+        return "crash"
+    ss = c["samples"]
+    n = sum(s["equal"] for s in ss)
+    d1 = max((s["first_logit_delta"] for s in ss), default=None)
+    d = max((s["max_logit_delta"] for s in ss), default=None)
+    flag = "" if all(s.get("verdict", "PASS").startswith("PASS") for s in ss) else " **x**"
+    return f"{n}/{len(ss)}, {_fmt(d1)}, {_fmt(d)}{flag}"
+
+
+def markdown(report: dict) -> str:
+    env, cfg, summ = report["environment"], report["config"], report["summary"]
+    recs = report["tiny"]
+    dev = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('threads')} threads)"
+    out = [f"# GPU check: {dev}, {env['date']}", "",
+           f"**Overall: {'PASS' if summ['pass'] else 'FAIL'}**", "",
+           f"Device {env['device']}" + (f", driver {env['driver']}, CUDA {env['cuda']}" if env.get("gpu") else "")
+           + f"; torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}"
+           + (f"; commit {env['git_commit']}" if env.get("git_commit") else "") + ".",
+           f"Command: `{report['command']}`; {report['seconds']:.0f} s.", "",
+           "Tiny random-weight models (`tiny:<family>`, seed "
+           f"{cfg['seed']}), every method at a budget that prunes (its own convention; table below), batches of 3: "
+           "`mixed` (unequal prompts and images / crops / videos), `same-question` (equal questions, unequal images), "
+           "Video-LLaVA also `video+images` (one video sample, two image samples). Greedy, "
+           f"{cfg['new_tokens']} forced new tokens. batch==alone: each row of the batch against the sample run "
+           "alone; cached==no-cache: cached generate against a no-cache greedy recompute with the recorded "
+           f"selections (`engine.replay`). fp32 must agree exactly (tokens, and the logits of every step within {FP32_LOGIT_TOL:g}); "
+           "fp16 / bf16 fail only where the unpruned model agrees and the logits up to the first differing token left "
+           "the noise band (4x the unpruned model's own largest delta in that family and dtype, at least 2 ulp(1)); "
+           "a flip inside it is a near tie. TF32 is off in the fp32 runs.", "",
+           "## Summary", "", "| Check | Result |", "|---|---|"]
+    for k, v in summ["checks"].items():
+        out.append(f"| {k} | {'**FAIL**' if v == 'FAIL' else v} |")
+    cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]]
+    by = {(r["method"], r["family"], r["dtype"]): r for r in recs}
+    out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON).", "",
+            "| Method | Verdict | " + " | ".join(f"{f} {d}" for f, d in cols) + " |",
+            "|---|---|" + "---|" * len(cols)]
+    for m in report["methods"]:
+        v = summ["methods"].get(m, {}).get("verdict", "-")
+        cells = [_cell(by[(m, f, d)]) if (m, f, d) in by else "-" for f, d in cols]
+        out.append(f"| {m} | {'PASS' if v == 'PASS' else '**FAIL**'} | " + " | ".join(cells) + " |")
+    # host syncs: one pruned prefill of the `mixed` batch (3 samples), per sample
+    sd = "float32" if "float32" in cfg["dtypes"] else cfg["dtypes"][0]
+    limit = cfg.get("max_syncs_per_sample")
+    syncs = ["", f"## Host syncs per sample ({sd})", "",
+             "`llava.syncs.SyncCounter` around one pruned prefill (`model(**batch)`) of the `mixed` batch of 3, divided "
+             "by 3 (total in brackets)" + (f"; limit {limit:g} per sample." if limit is not None else "; reported, no limit set."),
+             "", "| Method | " + " | ".join(cfg["families"]) + " |", "|---|" + "---|" * len(cfg["families"])]
+    for m in report["methods"]:
+        cells = []
+        for f in cfg["families"]:
+            sy = (by.get((m, f, sd)) or {}).get("syncs") or {}
+            cells.append("crash" if "error" in sy else (f"{sy['per_sample']:.1f} ({sy['total']})" if sy else "-"))
+        syncs.append(f"| {m} | " + " | ".join(cells) + " |")
+    out += syncs
+    # details
+    for f in cfg["families"]:
+        for d in cfg["dtypes"]:
+            rows = [by[(m, f, d)] for m in report["methods"] if (m, f, d) in by]
+            if not rows:
+                continue
+            names = list(next((r["scenarios"] for r in rows if r["scenarios"]), {}).keys())
+            out += ["", f"### {f}, {d}", "",
+                    "Cells: samples agreeing / 3, max |delta logit| of the first generated token, max |delta logit| "
+                    "over the generated steps (up to the first differing token); **x** = failed. Tokens: visual tokens "
+                    "entering the LLM / layer average / candidates per sample (`mixed`).", "",
+                    "| Method | Budget | Tokens | " + " | ".join(f"batch==alone {n}" for n in names) + " | "
+                    + " | ".join(f"cached==no-cache {n}" for n in names) + " | Syncs/sample (batch 3) |",
+                    "|---|---|---|" + "---|" * (2 * len(names) + 1)]
+            for r in rows:
+                if r["error"]:
+                    out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` |"
+                               + " |" * (2 * len(names) + 1))
+                    continue
+                toks = (r["scenarios"].get("mixed") or {}).get("tokens") or []
+                tk = "; ".join(f"{s['visual_entering_llm']}/{s['visual_layer_avg']:.3g}/{s['visual_candidates']}" for s in toks)
+                if r["method"] not in ("none",) and toks and not any(s["visual_layer_avg"] < s["visual_candidates"] for s in toks):
+                    tk += " (did not prune)"
+                ba = [_agree(r["scenarios"].get(n, {}), "batch_alone") for n in names]
+                ca = [_agree(r["scenarios"].get(n, {}), "cache") for n in names]
+                sy = r.get("syncs") or {}
+                syc = "crash" if "error" in sy else (f"{sy['per_sample']:.1f} ({sy['total']})" if sy else "-")
+                out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | {tk} | " + " | ".join(ba + ca) + f" | {syc} |")
+    crashes = [(r, where, e) for r in recs for where, e in _errors(r)]
+    if crashes:
+        out += ["", "## Crashes (last lines of the traceback)", ""]
+        for r, where, e in crashes:
+            out += [f"**{r['method']}**, {r['family']}, {r['dtype']}, {where}:", "", "```", *e, "```", ""]
+    t = report.get("ttft")
+    if t is not None:
+        out += ["", f"## TTFT: {t.get('model')}, {t.get('dtype')}, batch 1", ""]
+        if t.get("error"):
+            out += ["```", *t["error"], "```"]
+        else:
+            out += [f"Random weights; budget {t['budget']} (each method's own convention), "
+                    f"{t['warmup']} warm-up and {t['runs']} timed prefills (seeded random {t.get('image_px')} px images, "
+                    f"{report['config']['ttft_text_words']}-word questions); model built in {t['build_seconds']} s"
+                    + (f"; peak {t['peak_gib']} GiB" if t.get("peak_gib") else "") + ".", "",
+                    "| Method | Budget | Tokens in / layer avg | TTFT median (ms) | p90 | vision / selection / LLM (ms) "
+                    "| Selection / unpruned TTFT | Speed-up |", "|---|---|---|---|---|---|---|---|"]
+            for r in t["results"]:
+                if r.get("error"):
+                    out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` | | | | | |")
+                    continue
+                ms = lambda s: _fmt(s["median"] * 1e3 if s else None, ".2f")  # noqa: E731
+                out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | {r['visual_entering_llm']:.0f} / "
+                           f"{r['visual_layer_avg']:.1f} | {ms(r['ttft'])} | {_fmt(r['ttft']['p90'] * 1e3, '.2f')} | "
+                           f"{ms(r.get('t_vision'))} / {ms(r.get('t_selection'))} / {ms(r.get('t_llm'))} | "
+                           f"{_fmt(r.get('selection_overhead'), '.1%')} | {_fmt(r.get('speedup'), '.2f')}x |")
+    return "\n".join(out) + "\n"
+
+
+def _short(lines: list[str]) -> str:
+    return (lines[-1] if lines else "?").replace("|", "\\|")[:160]
+
+
+def _errors(r: dict):
+    if r["error"]:
+        yield "setup", r["error"]
+        return
+    for name, sc in r["scenarios"].items():
+        if "error" in sc:
+            yield name, sc["error"]
+        for check in ("cache", "batch_alone"):
+            if (sc.get(check) or {}).get("error"):
+                yield f"{name} {check}", sc[check]["error"]
+    if "error" in (r.get("syncs") or {}):
+        yield "sync count", r["syncs"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = None) -> dict:
+    """All checks; writes the report files and returns the report. ``isolate`` (default: on CUDA) runs
+    them in worker processes, so that a device-side assert cannot take the later methods down."""
+    t_start = time.perf_counter()
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _precision(device)
+    methods = ["none"] + [m for m in cfg.methods if m != "none"]
+    env = environment(device)
+    isolate = device.type == "cuda" if isolate is None else isolate
+    log(f"gpu_check on {env['device_name']} ({device}); dtypes {' '.join(cfg.dtypes)}; families "
+        f"{' '.join(cfg.families)}; {len(methods)} methods" + ("; TTFT on " + cfg.ttft_model if cfg.ttft else ""))
+    tasks = make_tasks(cfg, methods)
+    if isolate:
+        recs = run_isolated(tasks, cfg, log)
+    else:
+        recs = []
+        try:
+            run_tasks(tasks, cfg, recs.append, log)
+        except DeviceLost as e:  # in-process there is no way back: the rest is reported as not run
+            log(f"  device lost ({e}); the remaining tasks did not run (run with isolation)")
+    got = {task_key(r) for r in recs}
+    for t in tasks:
+        if task_key(t) not in got:
+            recs.append({**t, "scenarios": {}, "seconds": None, "error": ["not run: an earlier task took the device down"]})
+    tiny = [r for r in recs if r["kind"] == "tiny"]
+    for r in tiny:
+        r.setdefault("budget", tiny_budget(r["method"], r["family"].replace("-", "_")))
+    judge(tiny)
+    report = {"tool": "eval.gpu_check", "command": command, "environment": env,
+              "config": {**asdict(cfg), "device": str(device)}, "isolated": isolate, "methods": methods,
+              "budgets": {m: {f: tiny_budget(m, f.replace("-", "_")) for f in cfg.families} for m in methods},
+              "tiny": tiny, "ttft": ttft_table([r for r in recs if r["kind"] == "ttft"], cfg) if cfg.ttft else None}
+    report["summary"] = summarize(report, cfg)
+    report["seconds"] = time.perf_counter() - t_start
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu-check-{slug(env['device_name'])}-{env['date']}"
+    report["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
+    (out / f"{stem}.json").write_text(json.dumps(_sanitize(_jsonable_loose(report)), indent=1, allow_nan=False))
+    (out / f"{stem}.md").write_text(markdown(report))
+    return report
+
+
+def _jsonable_loose(x):
+    """Tuples as lists, anything else unknown as its string (NaN / inf kept for _sanitize)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable_loose(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable_loose(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def _sanitize(x):
+    """NaN / inf (a diverged half-precision logit) as strings, so the JSON stays valid."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _sanitize(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_sanitize(v) for v in x]
+    return x
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.gpu_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = CheckConfig()
+    ap.add_argument("--device", default=None, help="default: cuda when available, else say so and exit 0; "
+                    "'cpu' forces a CPU run")
+    ap.add_argument("--dtypes", nargs="+", default=None, help="default: float16 bfloat16 float32 on cuda, float32 on cpu")
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method ('none' always runs)")
+    ap.add_argument("--families", nargs="+", default=d.families, choices=FAMILIES)
+    ap.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--max-syncs-per-sample", type=float, default=None,
+                    help="fail a method whose pruned prefill syncs more often per sample (default: report only)")
+    ap.add_argument("--no-ttft", dest="ttft", action="store_false", help="skip the TTFT table")
+    ap.add_argument("--ttft-model", default=d.ttft_model)
+    ap.add_argument("--ttft-dtype", default=d.ttft_dtype)
+    ap.add_argument("--ttft-budget", type=int, default=d.ttft_budget)
+    ap.add_argument("--ttft-methods", nargs="+", default=None, help="default: the methods checked above")
+    ap.add_argument("--ttft-warmup", type=int, default=d.ttft_warmup)
+    ap.add_argument("--ttft-runs", type=int, default=d.ttft_runs)
+    ap.add_argument("--ttft-text-words", type=int, default=d.ttft_text_words)
+    ap.add_argument("--out", default=d.out, help="folder of the report (default docs/results)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the checks in worker processes, so that a device-side assert cannot take the "
+                    "later methods down (default: on CUDA)")
+    ap.add_argument("--worker", nargs=2, metavar=("TASKS", "RESULTS"), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        return worker_main(*a.worker)
+    device = a.device
+    if device is None or device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device is available; nothing was run "
+                  "(use --device cpu for a CPU run of the same checks).")
+            return 0
+        device = device or "cuda"
+    is_cpu = torch.device(device).type == "cpu"
+    dtypes = a.dtypes or (["float32"] if is_cpu else ["float16", "bfloat16", "float32"])
+    try:
+        dtypes = [ALIASES.get(x, x) for x in dtypes]
+        bad = [x for x in dtypes if x not in DTYPES]
+        if bad:
+            raise ValueError(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)} or {sorted(ALIASES)}")
+        known = registered_methods()
+        methods = a.methods or known
+        unknown = [m for m in methods if m not in known and m != "none"]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(known)}")
+    except ValueError as e:
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
+    cfg = CheckConfig(device=device, dtypes=dtypes, methods=list(methods), families=list(dict.fromkeys(a.families)),
+                      new_tokens=a.new_tokens, seed=a.seed, max_syncs_per_sample=a.max_syncs_per_sample, ttft=a.ttft,
+                      ttft_model=a.ttft_model, ttft_dtype=ALIASES.get(a.ttft_dtype, a.ttft_dtype),
+                      ttft_budget=a.ttft_budget, ttft_methods=a.ttft_methods or [], ttft_warmup=a.ttft_warmup,
+                      ttft_runs=a.ttft_runs, ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads)
+    command = "python -m eval.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = run(cfg, command.strip(), isolate=a.isolate)
+    summ = report["summary"]
+    print()
+    print(f"gpu_check: {'PASS' if summ['pass'] else 'FAIL'}")
+    for k, v in summ["checks"].items():
+        print(f"  {k:18s} {v}")
+    for m, v in summ["methods"].items():
+        print(f"  {m:18s} {v['verdict']}" + (f"  ({'; '.join(v['failed'])})" if v["failed"] else ""))
+    print("report: " + ", ".join(report["files"]))
+    return 0 if summ["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The GPU check (eval.gpu_check, scripts/bench/gpu_check.sh) through its real code path on a CPU:
+fp32, a few methods, two families. Asserts on the unpruned model and on the report's structure, never
+on a method's verdict (the engine's batch / decode fixes are not assumed)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from eval import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _report(out: Path) -> tuple[dict, str]:
+    js = sorted(out.glob("gpu-check-cpu-*.json"))
+    md = sorted(out.glob("gpu-check-cpu-*.md"))
+    assert len(js) == 1 and len(md) == 1 and js[0].stem == md[0].stem
+    return json.loads(js[0].read_text()), md[0].read_text()
+
+
+def test_cpu_smoke_run_records_every_check(tmp_path, capsys):
+    rc = gpu_check.main(["--device", "cpu", "--no-ttft", "--families", "llava", "llava-next", "--methods", "none",
+                         "fastv", "random", "--new-tokens", "4", "--out", str(tmp_path)])
+    rep, md = _report(tmp_path)
+    assert rc == (0 if rep["summary"]["pass"] else 1)
+    assert rep["environment"]["device"] == "cpu" and rep["environment"]["torch"] == torch.__version__
+    assert rep["config"]["dtypes"] == ["float32"] and rep["ttft"] is None
+    assert rep["methods"] == ["none", "fastv", "random"]
+    recs = {(r["family"], r["method"]): r for r in rep["tiny"]}
+    assert set(recs) == {(f, m) for f in ("llava", "llava-next") for m in rep["methods"]}
+    for fam in ("llava", "llava-next"):
+        none = recs[fam, "none"]
+        assert none["error"] is None and none["budget"] is None
+        assert set(none["scenarios"]) == {"mixed", "same-question"}
+        assert none["scenarios"]["mixed"]["padded"]  # unequal prompts: a left-padded batch
+        for sc in none["scenarios"].values():
+            for check in ("batch_alone", "cache"):
+                samples = sc[check]["samples"]
+                assert len(samples) == 3
+                for s in samples:  # fp32: batch == alone and cached == recompute, exactly
+                    assert s["equal"] and s["verdict"] == "PASS" and len(s["tokens"]) == 4
+                    assert s["max_logit_delta"] <= gpu_check.FP32_LOGIT_TOL
+            assert [t["visual_entering_llm"] for t in sc["tokens"]] == [t["visual_candidates"] for t in sc["tokens"]]
+        assert none["verdicts"]["batch_alone"]["pass"] and none["verdicts"]["cache"]["pass"]
+        sy = none["syncs"]
+        assert isinstance(sy["total"], int) and sy["batch"] == 3 and sy["per_sample"] == sy["total"] / 3
+        assert all(isinstance(v, int) for v in sy["counts"].values())
+        assert rep["summary"]["methods"]["none"]["verdict"] == "PASS"
+        # every method has a verdict per check, and its record either ran or says why not
+        for m in ("fastv", "random"):
+            r = recs[fam, m]
+            assert set(r["verdicts"]) == {"batch_alone", "cache", "syncs"}
+            assert r["error"] is not None or set(r["scenarios"]) == {"mixed", "same-question"}
+            assert rep["summary"]["methods"][m]["verdict"] in ("PASS", "FAIL")
+    assert recs["llava", "random"]["budget"] == 2 and recs["llava-next", "fastv"]["budget"] == 20
+    # the NeXT same-question batch: equally long prompts (equal image token counts, unequal crops)
+    lens = recs["llava-next", "none"]["scenarios"]["same-question"]["prompt_lengths"]
+    assert len(set(lens)) == 1
+    assert set(rep["summary"]["checks"]) == {"batch==alone", "cached==no-cache", "no crash", "host syncs"}
+    assert md.startswith("# GPU check: CPU") and f"**Overall: {'PASS' if rep['summary']['pass'] else 'FAIL'}**" in md
+    assert "| none | PASS |" in md and "### llava-next, float32" in md
+    assert f"gpu_check: {'PASS' if rep['summary']['pass'] else 'FAIL'}" in capsys.readouterr().out
+
+
+def test_without_cuda_the_default_run_says_so_and_exits_0(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "r")]) == 0
+    assert "no CUDA device is available" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+    # the shell wrapper, as a person runs it (CUDA hidden)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run(["bash", str(ROOT / "scripts/bench/gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "no CUDA device is available" in p.stdout
+
+
+def test_isolated_workers_and_ttft_table(tmp_path):
+    """The worker-process path (the default on CUDA) and the TTFT table, on the tiny model."""
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "random"], families=["llava"],
+                                new_tokens=2, ttft=True, ttft_model="tiny:llava", ttft_dtype="float32", ttft_budget=4,
+                                ttft_warmup=1, ttft_runs=2, out=str(tmp_path))
+    rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=True)
+    assert rep["isolated"]
+    none = next(r for r in rep["tiny"] if r["method"] == "none")
+    assert none["error"] is None and none["verdicts"]["batch_alone"]["pass"]
+    t = rep["ttft"]
+    assert [r["method"] for r in t["results"]] == ["none", "random"]
+    base = t["results"][0]
+    assert base["error"] is None and base["ttft"]["n"] == 2 and base["speedup"] == 1.0
+    assert {"t_vision", "t_selection", "t_llm"} <= set(base)
+    assert t["results"][1]["budget"] == 4
+    _, md = _report(tmp_path)
+    assert "## TTFT: tiny:llava, float32, batch 1" in md
+
+
+def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_path, monkeypatch):
+    """Fake workers: the first loses the device after one task (exit 3), the second dies without a
+    record (charged to the task it was on), the third finishes."""
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(textwrap.dedent("""
+        import json, sys
+        tasks, results, attempt = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        todo = json.load(open(tasks))["tasks"]
+        with open(results, "a") as out:
+            for i, t in enumerate(todo):
+                if attempt == 1 and i == 0:
+                    sys.exit(1)  # died on its first task, without a record
+                out.write(json.dumps({**t, "scenarios": {}, "error": None}) + "\\n")
+                if attempt == 0:
+                    sys.exit(3)  # the device is lost after the first task
+    """))
+    calls = []
+
+    def command(task_file, result_file):
+        calls.append(task_file)
+        return [sys.executable, str(fake), str(task_file), str(result_file), str(len(calls) - 1)]
+
+    monkeypatch.setattr(gpu_check, "worker_command", command)
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "a", "b", "c"],
+                                families=["llava"], ttft=False, out=str(tmp_path))
+    recs = gpu_check.run_isolated(gpu_check.make_tasks(cfg, cfg.methods), cfg, log=lambda s: None)
+    assert len(calls) == 3
+    assert [r["method"] for r in recs] == ["none", "a", "b", "c"]
+    assert recs[0]["error"] is None and recs[2]["error"] is None and recs[3]["error"] is None
+    assert "the worker process died (exit status 1)" in recs[1]["error"][0]
