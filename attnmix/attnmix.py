@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, topk_desc
+from llava.ops import best_product_split, masked_take, topk_desc, unit_layout
 
 
 def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
@@ -63,7 +63,12 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
         if crop_offset_bug:  # crop-major index (local + i) instead of (local + i * unit size)
             g = top + i
             size = units[0].numel()
-            top = torch.stack([units[int(x) // size][int(x) % size] for x in g]) if g.numel() else g
+            if not g.numel():
+                top = g
+            elif all(x.numel() == size for x in units):  # the 'spatial' layout: on the device
+                top = torch.stack(units)[torch.div(g, size, rounding_mode="floor"), g % size]
+            else:
+                top = torch.stack([units[int(x) // size][int(x) % size] for x in g])
             l_c.append(top)
         else:
             l_c.append(idx[top])
@@ -84,18 +89,19 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
         cls_picks = torch.cat([l_c[:n0], rest_c[:k2]])
         return torch.cat([text_picks, cls_picks]).sort().values
     # corrected: the [CLS] list skips tokens already picked and back-fills with its next best
-    # (its own list first, then every other candidate by a)
+    # (its own list first, then every other candidate by a): the first ``want`` entries of that list
+    # that are neither text picks nor repeats, found with masks on the device
     want = n0 + k2
     backfill = cand[torch.sort(a[cand].float(), descending=True, stable=True).indices]
-    taken = set(text_picks.tolist())
-    cls_picks = []
-    for t in torch.cat([l_c[:n0], rest_c, backfill]).tolist():
-        if len(cls_picks) == want:
-            break
-        if t not in taken:
-            taken.add(t)
-            cls_picks.append(t)
-    return torch.cat([text_picks, torch.tensor(cls_picks, dtype=torch.long, device=text_picks.device)]).sort().values
+    seq = torch.cat([l_c[:n0], rest_c, backfill])
+    at = torch.arange(seq.numel(), device=seq.device)
+    first = torch.full((a.numel(),), seq.numel(), dtype=torch.long, device=seq.device).scatter_reduce(
+        0, seq, at, reduce="amin")[seq] == at  # the first occurrence of each token in the list
+    ok = first & ~torch.isin(seq, text_picks)
+    take = ok & (ok.cumsum(0) <= want)
+    # every candidate is in the list once at least (back-fill); the text picks are distinct candidates
+    cls_picks = masked_take(seq, take, min(want, cand.numel() - text_picks.numel()))
+    return torch.cat([text_picks, cls_picks]).sort().values
 
 
 @register
@@ -107,6 +113,7 @@ class AttnMix(Method):
     name = "attnmix"
     vision_stage = True
     needs_vision_attention = True
+    query_aware = True  # text-to-image similarity of the prompt text after the image
 
     @classmethod
     def option_defaults(cls):
@@ -130,13 +137,13 @@ class AttnMix(Method):
 
     def select_vision(self, sig):
         # each unit's tokens in its own patch order (the NeXT 'spatial' layout interleaves grid crops)
-        units = [idx[torch.argsort(sig.patch[idx], stable=True)]
-                 for idx in (sig.unit_indices(u) for u in range(sig.num_units))]
+        lay = unit_layout(sig.unit, sig.patch)  # the one host sync for the layout
+        units = [idx[torch.argsort(sig.patch[idx], stable=True)] for idx in lay.tokens]
         n_cand = sum(int(u.numel()) for u in units)
         if self.budget >= n_cand:
-            keep = torch.arange(sig.num_tokens)
+            keep = torch.arange(sig.num_tokens, device=sig.unit.device)
             return Selection(keep=keep)
-        if self.crop_offset_bug and bool(sig.is_newline.any()):
+        if self.crop_offset_bug and lay.newlines.numel():
             raise ValueError("attnmix: crop_offset_bug reproduces the released code, which runs the 'spatial' "
                              "LLaVA-NeXT layout only (load with next_layout='spatial')")
         if adav_budget(self.budget, len(units), self.min_frac)["k"] == 0:
@@ -147,6 +154,6 @@ class AttnMix(Method):
         a = sig.cls_attn.float().mean(0)
         keep = adav_select(s, a, units, self.budget, self.min_frac, self.crop_offset_bug,
                            self.allow_duplicates, self.variant)
-        if self.keep_newlines and bool(sig.is_newline.any()):
-            keep = torch.cat([keep, torch.nonzero(sig.is_newline).flatten()]).sort().values
-        return Selection(keep=keep)
+        if self.keep_newlines and lay.newlines.numel():
+            keep = torch.cat([keep, lay.newlines]).sort().values
+        return Selection(keep=keep, allow_duplicates=bool(self.allow_duplicates))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import scale_layers, topk_desc
+from llava.ops import masked_take, scale_layers, topk_desc
 
 from .fastv import equivalent_kept_count
 
@@ -49,7 +49,9 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     an order that follows no score): "index" = ascending token position (visual pivots first,
     as the image precedes the text), "score" = visual pivots by key norm, then text pivots."""
     img_p, txt_p = dart_pivots(key_l1[visual], key_l1[text], num_image, num_text)
-    pivots = [(int(visual[i]), int(i)) for i in img_p] + [(int(text[j]), -1) for j in txt_p]
+    ni, nt = img_p.numel(), txt_p.numel()
+    host = torch.cat([visual[img_p], img_p, text[txt_p]]).tolist()  # the one host sync: 8 pivot rows
+    pivots = [(host[i], host[ni + i]) for i in range(ni)] + [(host[2 * ni + j], -1) for j in range(nt)]
     if pivot_order == "index":
         pivots.sort(key=lambda p: p[0])
     elif pivot_order != "score":
@@ -57,16 +59,19 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     f = feats.float()
     f = f / f.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # cosine similarity (torch's eps: 1e-8)
     n = visual.numel()
+    every = torch.arange(n, device=visual.device)
     cand = torch.ones(n, dtype=torch.bool, device=visual.device)
     cand[img_p] = False
+    n_cand = n - ni
     picked = [img_p]
     for row, _ in pivots:
-        idx = torch.nonzero(cand).flatten()
-        if idx.numel() == 0 or per_pivot <= 0:
+        if n_cand == 0 or per_pivot <= 0:
             break
+        idx = masked_take(every, cand, n_cand)
         sim = f[visual[idx]] @ f[row]  # (|cand|,)
         take = idx[topk_desc(-sim, per_pivot)]  # least similar first, ties: lower index
         cand[take] = False
+        n_cand -= take.numel()
         picked.append(take)
     return torch.cat(picked).sort().values
 
@@ -149,7 +154,7 @@ class DART(Method):
         n = sig.num_visual
         t = self.per_pivot(n)
         if self.kept_count(n, sig.text_after.numel()) >= n:
-            return Selection(keep=torch.arange(n))
+            return Selection(keep=torch.arange(n, device=sig.visual.device))
         keys = sig.keys("prev", rope=True)  # (S, Hkv, d): layer K-1's cached keys
         key_l1 = keys.float().flatten(1).abs().sum(-1)
         keep = dart_select(sig.final_norm(), sig.visual, sig.text_after, key_l1, t,

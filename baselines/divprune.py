@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import masked_take, unit_layout
 
 DEFAULT_RATIO = 0.098  # official SUBSET_RATIO default (README)
 SCOPES = ("auto", "sample", "unit")
@@ -61,15 +62,17 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     d = cosine_distance(x)
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     nearest = d.masked_fill(eye, float("inf")).min(dim=0).values  # nearest-neighbour distance
-    picks[0] = torch.argmax(nearest)
+    # picks stay on the device: index with 1-element tensors (a 0-d index would read it on the host)
+    j = torch.argmax(nearest).reshape(1)
+    picks[0] = j[0]
     taken = torch.zeros(n, dtype=torch.bool, device=x.device)
-    taken[picks[0]] = True
-    min_dist = d[picks[0]].clone()  # min over picked s of d(s, j)
+    taken[j] = True
+    min_dist = d[j][0]  # min over picked s of d(s, j) (a copy)
     for i in range(1, k):
-        j = torch.argmax(min_dist.masked_fill(taken, float("-inf")))
-        picks[i] = j
+        j = torch.argmax(min_dist.masked_fill(taken, float("-inf"))).reshape(1)
+        picks[i] = j[0]
         taken[j] = True
-        min_dist = torch.minimum(min_dist, d[j])
+        min_dist = torch.minimum(min_dist, d[j][0])
     return picks
 
 
@@ -95,12 +98,14 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
     if per_unit and newlines == "candidate":
         raise ValueError("divprune: newline tokens can be candidates only in sample scope")
     is_nl = unit < 0
-    fixed = torch.nonzero(is_nl).flatten() if newlines == "keep" else unit.new_zeros(0)
-    num_units = int(unit.max()) + 1 if unit.numel() and int(unit.max()) >= 0 else 0
+    lay = unit_layout(unit)  # the one host sync
+    fixed = lay.newlines if newlines == "keep" else unit.new_zeros(0)
+    num_units = lay.num_units
     if per_unit:
-        scopes = [(torch.nonzero(unit == u).flatten(), 1) for u in range(num_units)]
+        scopes = [(lay.tokens[u], 1) for u in range(num_units)]
     else:
-        cand = torch.nonzero(~is_nl | (newlines == "candidate")).flatten()
+        every = torch.arange(unit.numel(), device=unit.device)
+        cand = every if newlines == "candidate" else masked_take(every, ~is_nl, unit.numel() - lay.newlines.numel())
         scopes = [(cand, num_units)]
     kept = [fixed]
     for idx, units in scopes:

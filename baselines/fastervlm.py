@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import topk_desc
+from llava.ops import topk_desc, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
 
@@ -52,24 +52,23 @@ def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, b
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
     scores = cls_attn.float().mean(0)  # (T,) mean over heads (official)
+    lay = unit_layout(unit, patch)  # the one host sync
     kept = []
-    num_units = int(unit.max()) + 1 if unit.numel() and int(unit.max()) >= 0 else 0
-    for u in range(num_units):
-        idx = torch.nonzero(unit == u).flatten()
+    for u in range(lay.num_units):
+        idx = lay.tokens[u]
         if budget >= idx.numel():
             kept.append(idx)
             continue
-        is_cls = patch[idx] < 0
         if cls_token == "rank":
             forced, cand, k = idx[:0], idx, budget
         elif cls_token == "keep":
-            forced, cand = idx[is_cls], idx[~is_cls]
+            forced, cand = lay.cls[u], lay.patches[u]
             k = budget - forced.numel()
         else:  # drop
-            forced, cand, k = idx[:0], idx[~is_cls], budget
+            forced, cand, k = idx[:0], lay.patches[u], budget
         kept += [forced, cand[topk_desc(scores[cand], k)]]
     if keep_newlines:
-        kept.append(torch.nonzero(unit < 0).flatten())
+        kept.append(lay.newlines)
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
 
 

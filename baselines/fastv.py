@@ -131,6 +131,6 @@ class FastV(Method):
     def select_llm(self, stage, sig):
         k = self.kept_count(sig.num_visual)
         if k >= sig.num_visual:
-            return Selection(keep=torch.arange(sig.num_visual))
+            return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         row = sig.attention("last", layer="prev")[:, 0]  # (H, S): layer K-1, last prompt token
         return Selection(keep=fastv_select(row, sig.visual, k))

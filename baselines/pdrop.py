@@ -229,6 +229,6 @@ class PyramidDrop(Method):
     def select_llm(self, stage, sig):
         k = self.stage_counts(sig.num_visual_entry)[stage]  # N_orig * ratio of this stage
         if k >= sig.num_visual:
-            return Selection(keep=torch.arange(sig.num_visual))
+            return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         row = sig.attention("last", layer="next")[:, 0]  # (H, S): this layer's q/k, last prompt token
         return Selection(keep=pdrop_select(row, sig.visual, k))

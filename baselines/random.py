@@ -10,17 +10,23 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import UnitLayout, unit_layout
 
 
-def random_per_unit(unit: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
+def random_per_unit(unit: torch.Tensor, budget: int, generator: torch.Generator,
+                    layout: UnitLayout | None = None) -> torch.Tensor:
     """Indices of ``budget`` uniformly drawn tokens of every unit (fewer if a unit is smaller),
-    ascending. Tokens with unit -1 (LLaVA-NeXT newlines) are never kept."""
-    picks = []
-    for u in range(int(unit.max()) + 1 if unit.numel() else 0):
-        idx = torch.nonzero(unit == u).flatten()
-        order = torch.randperm(idx.numel(), generator=generator)[: min(budget, idx.numel())]
-        picks.append(idx[order.to(idx.device)])
-    return torch.cat(picks).sort().values if picks else unit.new_zeros(0)
+    ascending. Tokens with unit -1 (LLaVA-NeXT newlines) are never kept. The draws come from the
+    (host) ``generator``, unit by unit; they reach the device in one copy."""
+    lay = layout if layout is not None else unit_layout(unit)
+    if not lay.num_units:
+        return unit.new_zeros(0)
+    picks, offset = [], 0
+    for idx in lay.tokens:
+        picks.append(torch.randperm(idx.numel(), generator=generator)[: min(budget, idx.numel())] + offset)
+        offset += idx.numel()
+    flat = torch.cat(lay.tokens)
+    return flat[torch.cat(picks).to(flat.device, non_blocking=True)].sort().values
 
 
 @register
@@ -43,9 +49,10 @@ class RandomSelection(Method):
 
     def select_vision(self, sig):
         g = torch.Generator().manual_seed(hash((int(self.seed), int(sig.key))) & 0x7FFFFFFFFFFFFFFF)
-        keep = random_per_unit(sig.unit, self.budget, g)
-        if self.keep_newlines and bool(sig.is_newline.any()):
-            keep = torch.cat([keep, torch.nonzero(sig.is_newline).flatten().to(keep.device)]).sort().values
+        lay = unit_layout(sig.unit)  # the one host sync
+        keep = random_per_unit(sig.unit, self.budget, g, layout=lay)
+        if self.keep_newlines and lay.newlines.numel():
+            keep = torch.cat([keep, lay.newlines]).sort().values
         return Selection(keep=keep)
 
 
@@ -57,4 +64,4 @@ class NoVisual(Method):
     vision_stage = True
 
     def select_vision(self, sig):
-        return Selection(keep=torch.zeros(0, dtype=torch.long))
+        return Selection(keep=torch.zeros(0, dtype=torch.long, device=sig.unit.device))

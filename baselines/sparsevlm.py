@@ -39,7 +39,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import scale_layers, topk_desc
+from llava.ops import masked_take, scale_layers, topk_desc
 
 from .pdrop import REFERENCE_DEPTH, fit_stage_counts, scaled_count
 
@@ -70,7 +70,7 @@ def rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int, theta:
     ``new_ones`` q/k, ``matmul / sqrt(head_dim)``). With rotate-half RoPE and frequencies
     w_m = theta^(-2m/d) this is 2 * sum_m cos((i - j) * w_m) / sqrt(d). Returns (Q, K) in fp64."""
     d = int(head_dim)
-    w = float(theta) ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    w = float(theta) ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos_q.device) / d)  # (d/2,)
     rel = pos_q.double()[:, None] - pos_k.double()[None, :]  # (Q, K)
     return 2.0 * torch.cos(rel[..., None] * w).sum(-1) / math.sqrt(d)
 
@@ -105,14 +105,14 @@ def density_peak_clusters(x: torch.Tensor, num_clusters: int,
     dist = torch.cdist(xf, xf) / math.sqrt(C)
     near = torch.topk(dist, k, dim=-1, largest=False).values  # self (0) included
     density = torch.exp(-(near ** 2).mean(-1))
-    idx = torch.arange(m)
+    idx = torch.arange(m, device=x.device)
     # denser[i, j]: j is denser than i (equal densities: the lower index counts as denser)
     denser = (density[None, :] > density[:, None]) | (
         (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
-    delta = torch.where(denser, dist, torch.full_like(dist, float(dist.max()))).min(dim=-1).values
+    delta = torch.where(denser, dist, dist.max()).min(dim=-1).values
     centres = topk_desc(delta * density, c)
     assign = dist[:, centres].argmin(dim=1)  # first minimum = earlier centre
-    assign[centres] = torch.arange(c)
+    assign[centres] = torch.arange(c, device=x.device)
     return centres, assign
 
 
@@ -125,9 +125,9 @@ def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Ten
     centres, as indices into the N visual tokens) and ``assign`` (N,): each recycled token's cluster
     slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means."""
     n = scores.numel()
-    assign = torch.full((n,), -1, dtype=torch.long)
+    assign = torch.full((n,), -1, dtype=torch.long, device=scores.device)
     if pruned.numel() == 0:
-        return torch.zeros(0, dtype=torch.long), assign
+        return torch.zeros(0, dtype=torch.long, device=scores.device), assign
     m = min(int(pruned.numel() * ratio) + 1, pruned.numel())
     recycled = pruned[topk_desc(scores[pruned], m)]
     num = int(m / divisor) + 1
@@ -173,6 +173,7 @@ class SparseVLM(Method):
 
     name = "sparsevlm"
     position_mode = "reindex"
+    query_aware = True  # text raters from the prompt text after the image
 
     @classmethod
     def option_defaults(cls):
@@ -264,19 +265,19 @@ class SparseVLM(Method):
         if k >= v:
             # the official topk(min(n_s, v - 1)) would still move the lowest-scored token behind
             # the others (pruned, then recycled as a cluster of one); we keep the stage a no-op
-            return Selection(keep=torch.arange(v))
+            return Selection(keep=torch.arange(v, device=sig.visual.device))
         if raters.numel() == 0:  # a single (or uniform) text token: every text-after token rates (our design)
-            raters = torch.arange(sig.text_after.numel())
+            raters = torch.arange(sig.text_after.numel(), device=sig.text_after.device)
         if raters.numel() == 0:  # no text after the image: nothing rates; keep the first k (our design)
-            scores = torch.zeros(v)
+            scores = torch.zeros(v, device="cpu")  # selected on the host, as the scores below
         else:
             scores = self._scores(sig, raters).cpu()
         keep = topk_desc(scores, k).sort().values
         if not self.recycle:
             return Selection(keep=keep)
-        mask = torch.ones(v, dtype=torch.bool)
+        mask = torch.ones(v, dtype=torch.bool, device=scores.device)
         mask[keep] = False
-        pruned = torch.nonzero(mask).flatten()
+        pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
         targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
                                          self.cluster_divisor)
         return Selection(keep=keep, targets=targets, assign=assign, rule="mean")

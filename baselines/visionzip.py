@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, contextual_merge, topk_desc
+from llava.ops import block_order, contextual_merge, masked_take, topk_desc, unit_layout
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)
 OFFICIAL_SPLITS = {
@@ -100,20 +100,19 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
     n = unit.numel()
     num_stock = n if num_stock is None else int(num_stock)
     dev = unit.device
-    stock = torch.arange(n, device=dev) < num_stock
-    num_units = int(unit.max()) + 1 if n and int(unit.max()) >= 0 else 0
-    units = [(u, torch.nonzero(unit == u).flatten()) for u in range(num_units)]
-    if all(dominant + contextual >= int(stock[idx].sum()) for _, idx in units):
+    lay = unit_layout(unit, patch, num_stock, unit_pos)  # the one host sync
+    if all(dominant + contextual >= lay.num_stock[u] for u in range(lay.num_units)):
         return Selection(keep=torch.arange(num_stock, device=dev))  # every unit fits: nothing pruned
     scores = cls_attn.float().sum(0)  # summed over heads (official)
     per_unit, assign, num_targets = [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
-    for u, idx in units:
-        own = idx[stock[idx]]  # the unit's tokens in the stock LLM input (ascending)
+    for u in range(lay.num_units):
+        own = lay.tokens[u][: lay.num_stock[u]]  # the unit's tokens in the stock LLM input (ascending)
         if dominant + contextual >= own.numel():  # this unit fits: kept whole
             per_unit.append((u, own, own[:0]))
             continue
-        cls = idx[patch[idx] < 0][:1]  # the unit's [CLS]: a stock token (video) or an extra candidate
-        patches = own[patch[own] >= 0]
+        cls = lay.cls[u][:1]  # the unit's [CLS]: a stock token (video) or an extra candidate
+        cls_stock = lay.num_cls_stock[u] > 0
+        patches = lay.patches[u][: lay.num_patch_stock[u]]
         if cls_slot == "cls" and cls.numel():
             forced, n_top = cls, dominant - 1
         elif cls_slot == "empty":
@@ -122,14 +121,16 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
             forced, n_top = cls[:0], dominant
         top = patches[topk_desc(scores[patches], n_top)].sort().values
         dom = torch.cat([forced, top])  # [CLS] first, then original index order (official)
-        remaining = own[~torch.isin(own, dom)]  # original order; a stock [CLS] not forced stays here
+        # original order; a stock [CLS] not forced stays here
+        remaining = masked_take(own, ~torch.isin(own, dom),
+                                own.numel() - top.numel() - (forced.numel() if cls_stock else 0))
         tg, a = contextual_merge(keys, remaining, contextual, n)
         assign = torch.where(a >= 0, a + num_targets, assign)
         num_targets += tg.numel()
         per_unit.append((u, dom, tg))
-    newlines = torch.nonzero((unit < 0) & stock).flatten() if keep_newlines else unit.new_zeros(0)
+    newlines = lay.newlines[: lay.num_newline_stock] if keep_newlines else unit.new_zeros(0)
     keep = torch.cat([d for _, d, _ in per_unit] + [newlines])
-    perm = block_order(per_unit, int(newlines.numel()), unit_pos, patch, order)
+    perm = block_order(per_unit, int(newlines.numel()), lay.unit_pos, patch, order, grid=lay.grid)
     if not num_targets:
         return Selection(keep=keep, order=perm)
     targets = torch.cat([t for _, _, t in per_unit])

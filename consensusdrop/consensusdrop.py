@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, block_order, contextual_merge
+from llava.ops import best_product_split, best_product_split_k1, block_order, contextual_merge, masked_take, unit_layout
 
 FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
 
@@ -61,13 +61,30 @@ def consensus_scores(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "rrf", 
 def adaptive_dominant(s_v: torch.Tensor, s_x: torch.Tensor, d: int, min_frac: float = 0.25) -> torch.Tensor:
     """AdaV's adaptive split applied to the two saliency lists, de-duplicated: n0 = floor(a D) top
     picks from each list, the other D - 2 n0 split by maximising the product of captured masses;
-    a pick already taken is replaced by the next best of the list that produced it."""
+    a pick already taken is replaced by the next best of the list that produced it. Computed on the
+    device as masks over the tokens (no host sync)."""
     n = s_v.numel()
     d = min(d, n)
     l_v = order_desc(s_v, torch.zeros_like(s_v))
     l_x = order_desc(s_x, s_v)
     n0 = min(int(min_frac * d), d // 2)
-    k_x, k_v = best_product_split(s_x[l_x[n0:]].float(), s_v[l_v[n0:]].float(), d - 2 * n0)
+    k_x = best_product_split_k1(s_x[l_x[n0:]].float(), s_v[l_v[n0:]].float(), d - 2 * n0)
+    if k_x is None:  # no feasible split (cannot happen for d <= n): take everything, as the list rule
+        k_x, k_v = best_product_split(s_x[l_x[n0:]].float(), s_v[l_v[n0:]].float(), d - 2 * n0)
+        return _adaptive_lists(s_v, s_x, l_x, l_v, d, n0 + k_x, n0 + k_v)
+    # the cross list's first n0 + k_x, then the encoder list's first n0 + k_v not yet taken: d in all
+    # (both lists order all n tokens and d <= n, so the rrf back-fill is never needed)
+    rank = torch.arange(n, device=s_v.device)
+    picked = torch.zeros(n, dtype=torch.bool, device=s_v.device).scatter(0, l_x, rank < n0 + k_x)
+    free = ~picked[l_v]
+    take_v = free & (free.cumsum(0) <= n0 + (d - 2 * n0 - k_x))
+    picked = picked.scatter(0, l_v, picked[l_v] | take_v)
+    return masked_take(rank, picked, d)
+
+
+def _adaptive_lists(s_v, s_x, l_x, l_v, d, want_x, want_v) -> torch.Tensor:
+    """The list-walking form of :func:`adaptive_dominant` (host loop; used only when no split is
+    feasible)."""
     picked: list[int] = []
     seen: set[int] = set()
 
@@ -81,10 +98,10 @@ def adaptive_dominant(s_v: torch.Tensor, s_x: torch.Tensor, d: int, min_frac: fl
                 picked.append(t)
                 got += 1
 
-    take(l_x, n0 + k_x)
-    take(l_v, n0 + k_v)
+    take(l_x, want_x)
+    take(l_v, want_v)
     take(order_desc(consensus_scores(s_v, s_x, "rrf"), s_v), d - len(picked))  # if lists ran short
-    return torch.tensor(sorted(picked), dtype=torch.long)
+    return torch.tensor(sorted(picked), dtype=torch.long, device=s_v.device)
 
 
 def select_dominant(s_v: torch.Tensor, s_x: torch.Tensor, d: int, fusion: str = "rrf", rrf_k: float = 60.0,
@@ -130,6 +147,7 @@ class ConsensusDrop(Method):
 
     name = "consensusdrop"
     needs_vision_attention = True
+    query_aware = True  # the probe reads the question rows
 
     @classmethod
     def option_defaults(cls):
@@ -213,40 +231,48 @@ class ConsensusDrop(Method):
 
     # -- the per-sample algorithm ---------------------------------------------------------------
     def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space):
-        """Shared by both prune points. All tensors over the sample's candidates (n,)."""
+        """Shared by both prune points. All tensors over the sample's candidates (n,). One host sync
+        (the unit layout); ``is_newline`` is ``unit < 0``."""
         n = s_v.numel()
-        n_units = int(unit.max()) + 1 if bool((unit >= 0).any()) else 0
-        budgets = unit_budgets(self.budget, n_units, budget_mode)
-        if all(b >= int(((unit == u) & (torch.arange(n) < n_stock)).sum()) for u, b in enumerate(budgets)):
-            return Selection(keep=torch.arange(n_stock))  # every unit fits: the unpruned layout
-        dom, tgt, assign = [], [], torch.full((n,), -1, dtype=torch.long)
+        dev = s_v.device
+        lay = unit_layout(unit, patch, n_stock, unit_pos)
+        budgets = unit_budgets(self.budget, lay.num_units, budget_mode)
+        if all(b >= lay.num_stock[u] for u, b in enumerate(budgets)):
+            return Selection(keep=torch.arange(n_stock, device=dev))  # every unit fits: the unpruned layout
+        dom, tgt, assign, n_tgt = [], [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
         per_unit = []  # (dominant, targets) per unit, for ordering
-        for u in range(n_units):
-            idx = torch.nonzero(unit == u).flatten()
-            cls_idx = idx[patch[idx] < 0] if self.cls_slot else idx[:0]
-            cand = idx[~torch.isin(idx, cls_idx)]
+        for u in range(lay.num_units):
+            idx = lay.tokens[u]
+            cls_idx = lay.cls[u] if self.cls_slot else idx[:0]
+            cand = lay.patches[u] if self.cls_slot else idx  # the unit's tokens other than cls_idx
             b = budgets[u]
-            if b >= int((idx < n_stock).sum()):
-                d_u, t_u = idx[idx < n_stock], idx[:0]  # the unit fits: keep its tokens as they are
+            if b >= lay.num_stock[u]:
+                d_u, t_u = idx[: lay.num_stock[u]], idx[:0]  # the unit fits: keep its tokens as they are
             else:
                 d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual)
                 d_free = max(0, d - cls_idx.numel())
                 local = select_dominant(s_v[cand], s_x[cand], d_free, self.fusion, self.rrf_k, self.w_v, self.w_x,
                                         self.adaptive_min_frac)
                 d_u = torch.cat([cls_idx, cand[local]])  # [CLS] first, then ascending
-                rest = cand[~torch.isin(cand, d_u)]
-                rest = rest[rest < n_stock]
+                left = torch.ones(cand.numel(), dtype=torch.bool, device=dev)
+                left[local] = False  # cand minus d_u (cls_idx is never among cand)
+                cand_stock = lay.num_patch_stock[u] if self.cls_slot else lay.num_stock[u]
+                if cand_stock == cand.numel():  # all stock (the engine offers only [CLS] extras)
+                    rest = masked_take(cand, left, cand.numel() - local.numel())
+                else:
+                    rest = cand[left & (cand < n_stock)]
                 t_u, a_u = contextual_merge(metric, rest, c, n)
-                assign[a_u >= 0] = a_u[a_u >= 0] + sum(int(t.numel()) for t in tgt)
+                assign = torch.where(a_u >= 0, a_u + n_tgt, assign)
+            n_tgt += t_u.numel()
             dom.append(d_u)
             tgt.append(t_u)
             per_unit.append((u, d_u, t_u))
-        keep = torch.cat(dom) if dom else torch.zeros(0, dtype=torch.long)
-        targets = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.long)
-        newlines = torch.nonzero(is_newline).flatten() if self.keep_newlines else torch.zeros(0, dtype=torch.long)
+        keep = torch.cat(dom) if dom else torch.zeros(0, dtype=torch.long, device=dev)
+        targets = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.long, device=dev)
+        newlines = lay.newlines if self.keep_newlines else torch.zeros(0, dtype=torch.long, device=dev)
         keep = torch.cat([keep, newlines])
         mode = "spatial" if self.order == "spatial" else ("grid_raster" if self.next_order == "grid_raster" else "unit")
-        order = block_order(per_unit, int(newlines.numel()), unit_pos, patch, mode)
+        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, patch, mode, grid=lay.grid)
         if targets.numel() == 0:
             return Selection(keep=keep, order=order)
         return Selection(keep=keep, targets=targets, assign=assign, rule=self.merge_rule, space=space, order=order)
@@ -258,7 +284,7 @@ class ConsensusDrop(Method):
     def select_vision(self, sig):
         n = sig.num_tokens
         s_v = self._encoder_saliency(sig.cls_attn)
-        s_x = torch.zeros(n)
+        s_x = torch.zeros(n, device=s_v.device)
         if self._needs_probe():
             if self.probe_mode == "attn":
                 s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries))
@@ -266,7 +292,8 @@ class ConsensusDrop(Method):
                 from attnmix import text_to_image_score
 
                 q = {"question": sig.question_mask, "all_post_image": torch.ones_like(sig.question_mask),
-                     "last": torch.arange(sig.question_mask.numel()) == sig.question_mask.numel() - 1}[self.probe_queries]
+                     "last": torch.arange(sig.question_mask.numel(), device=sig.question_mask.device)
+                     == sig.question_mask.numel() - 1}[self.probe_queries]
                 s_x[: sig.num_stock] = text_to_image_score(sig.text_embeds[q], sig.features[: sig.num_stock])
         metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
         space = "vision" if self.merge_space == "clip" else "projected"

@@ -1,9 +1,14 @@
 """Small token-selection primitives shared by several methods (one implementation each).
 
-All are pure functions over tensors; scores are compared in fp32.
+All are pure functions over tensors; scores are compared in fp32. Every tensor they create takes
+its device from their inputs, and none of them synchronises with the device per token: data-dependent
+sizes come from :func:`unit_layout` (one host read per call) or from counts the caller knows
+(:func:`masked_take`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -26,13 +31,97 @@ def rank_desc(scores: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def uniform_targets(num_remaining: int, contextual: int) -> torch.Tensor:
+def masked_take(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``x[mask]`` (in order) for a 1-D ``mask`` the caller knows to hold exactly ``count`` True
+    entries: a stable sort instead of boolean indexing, so the size needs no host sync."""
+    if count >= mask.numel():
+        return x
+    idx = torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+    return x[idx]
+
+
+@dataclass
+class UnitLayout:
+    """A sample's visual tokens grouped per unit (image / crop / frame), read with one host sync.
+
+    Index tensors are on the signals' device and ascending; candidates at or after ``num_stock``
+    (the [CLS] tokens the engine offers beyond the stock ones) come last in every group.
+    ``num_stock[u]`` / ``num_cls_stock[u]`` / ``num_patch_stock[u]``: unit u's tokens / [CLS]
+    tokens / patch tokens below ``num_stock``. ``unit_pos``: the per-unit grid position as Python
+    pairs (None when not given); ``grid``: patches per grid side, round(sqrt(max patch + 1)) (1 if
+    none), as :func:`block_order` uses them."""
+
+    tokens: list[torch.Tensor]
+    cls: list[torch.Tensor]
+    patches: list[torch.Tensor]
+    newlines: torch.Tensor
+    num_stock: list[int]
+    num_cls_stock: list[int]
+    num_patch_stock: list[int]
+    num_newline_stock: int
+    unit_pos: list[tuple[int, int]] | None
+    grid: int
+
+    @property
+    def num_units(self) -> int:
+        return len(self.tokens)
+
+
+def unit_layout(unit: torch.Tensor, patch: torch.Tensor | None = None, num_stock: int | None = None,
+                unit_pos: torch.Tensor | None = None) -> UnitLayout:
+    """Group the tokens of one sample by unit (``unit`` -1: LLaVA-NeXT newline tokens) and, within a
+    unit, into [CLS] (``patch`` < 0) and patch tokens, on the device, with a single host read (the
+    group sizes, the largest patch index and ``unit_pos``). Replaces per-unit
+    ``torch.nonzero(unit == u)`` / boolean masks, which cost one sync each."""
+    n = unit.numel()
+    dev = unit.device
+    num_stock = n if num_stock is None else int(num_stock)
+    idx = torch.arange(n, device=dev)
+    extra = (idx >= num_stock).long()
+    is_patch = (patch >= 0).long() if patch is not None else torch.ones_like(extra)
+    # key 0/1: newline (stock / extra); 2 + 4u + {0: [CLS] stock, 1: [CLS] extra, 2: patch stock, 3: patch extra}
+    key = torch.where(unit >= 0, 2 + 4 * unit + 2 * is_patch + extra, extra)
+    nbins = 4 * n + 2
+    hist = torch.zeros(nbins, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    parts = [hist]
+    if n:
+        parts.append(unit.max().reshape(1).to(torch.long))
+        parts.append((patch if patch is not None else unit.new_full((1,), -1)).max().reshape(1).to(torch.long))
+    if unit_pos is not None:
+        parts.append(unit_pos.reshape(-1).to(device=dev, dtype=torch.long))
+    host = torch.cat(parts).tolist()  # the one host sync
+    counts = host[:nbins]
+    umax, pmax = (host[nbins], host[nbins + 1]) if n else (-1, -1)
+    pos = host[nbins + (2 if n else 0):] if unit_pos is not None else None
+    num_units = max(umax + 1, 0)
+    counts = counts[: 2 + 4 * num_units]
+    by_key = torch.split(torch.sort(key, stable=True).indices, counts)
+    unit_key = torch.where(unit >= 0, unit + 1, 0)
+    per_unit = [counts[0] + counts[1]] + [sum(counts[2 + 4 * u: 6 + 4 * u]) for u in range(num_units)]
+    by_unit = torch.split(torch.sort(unit_key, stable=True).indices, per_unit)
+    cls, patches = [], []
+    for u in range(num_units):
+        g = by_key[2 + 4 * u: 6 + 4 * u]
+        cls.append(torch.cat([g[0], g[1]]) if counts[3 + 4 * u] else g[0])
+        patches.append(torch.cat([g[2], g[3]]) if counts[5 + 4 * u] else g[2])
+    return UnitLayout(
+        tokens=list(by_unit[1:]), cls=cls, patches=patches, newlines=by_unit[0],
+        num_stock=[counts[2 + 4 * u] + counts[4 + 4 * u] for u in range(num_units)],
+        num_cls_stock=[counts[2 + 4 * u] for u in range(num_units)],
+        num_patch_stock=[counts[4 + 4 * u] for u in range(num_units)],
+        num_newline_stock=counts[0],
+        unit_pos=[(pos[2 * i], pos[2 * i + 1]) for i in range(len(pos) // 2)] if pos is not None else None,
+        grid=int(round((pmax + 1) ** 0.5)) if pmax >= 0 else 1,
+    )
+
+
+def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
     """VisionZip's merge targets: positions 0, s, 2s, ... (s = max(1, R // C)) of the remaining
     list, the first C of them."""
     if contextual <= 0 or num_remaining <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=device)
     step = max(1, num_remaining // contextual)
-    return torch.arange(0, num_remaining, step)[:contextual]
+    return torch.arange(0, num_remaining, step, device=device)[:contextual]
 
 
 def contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +134,15 @@ def contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: 
     ``target + mean(assigned)``.
     """
     assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
-    pos = uniform_targets(remaining.numel(), contextual).to(remaining.device)
+    r = remaining.numel()
+    pos = uniform_targets(r, contextual, device=remaining.device)
     targets = remaining[pos]
     if targets.numel() == 0:
         return targets, assign
-    others = remaining[~torch.isin(torch.arange(remaining.numel(), device=remaining.device), pos)]
-    if others.numel():
+    if r > pos.numel():
+        rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
+        rest[pos] = False
+        others = masked_take(remaining, rest, r - pos.numel())
         m = metric.float()
         m = m / m.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         sim = m[others] @ m[targets].T  # (R - C, C)
@@ -68,7 +160,7 @@ def dominant_contextual(scores: torch.Tensor, metric: torch.Tensor, dominant: in
     cand = torch.arange(n, device=scores.device) if candidates is None else candidates.to(scores.device)
     top = cand[topk_desc(scores[cand], dominant)]
     keep = top.sort().values
-    remaining = cand[~torch.isin(cand, keep)]
+    remaining = masked_take(cand, ~torch.isin(cand, keep), cand.numel() - keep.numel())
     targets, assign = contextual_merge(metric, remaining, contextual, n)
     return Selection(keep=keep, targets=targets, assign=assign, rule=rule, space=space)
 
@@ -88,25 +180,51 @@ def scale_layers(layers: "list[int] | tuple[int, ...]", num_layers: int, referen
     return tuple(out)
 
 
+def best_product_split_k1(u: torch.Tensor, w: torch.Tensor, total: int) -> torch.Tensor | None:
+    """:func:`best_product_split`'s k1 as a 0-d tensor on ``u``'s device (no host sync), or None
+    when no split is feasible."""
+    nu, nw = u.numel(), w.numel()
+    if total > nu + nw:  # every k1 would leave k2 > len(w) or take k1 > len(u)
+        return None
+    cu = torch.cat([u.new_zeros(1), u.float().cumsum(0)])
+    cw = torch.cat([w.new_zeros(1), w.float().cumsum(0)])
+    k1 = torch.arange(0, total + 1, device=u.device)
+    k2 = total - k1
+    ok = (k1 <= nu) & (k2 <= nw)
+    val = cu[k1.clamp(max=nu)] * cw.to(u.device)[k2.clamp(max=nw)]
+    val = torch.where(ok, val, torch.full_like(val, -float("inf")))
+    return torch.argmax(val)  # first maximum
+
+
 def best_product_split(u: torch.Tensor, w: torch.Tensor, total: int) -> tuple[int, int]:
     """AdaV's adaptive split: k1 + k2 = ``total`` maximising (sum of the k1 largest u) x (sum of the
     k2 largest w); ``u``, ``w`` sorted descending. Infeasible splits (k1 > len(u) or k2 > len(w)) are
-    skipped; the first maximiser (smallest k1) wins. If no split is feasible, takes all of both."""
-    cu = torch.cat([u.new_zeros(1), u.float().cumsum(0)])
-    cw = torch.cat([w.new_zeros(1), w.float().cumsum(0)])
-    k1 = torch.arange(0, total + 1)
-    k2 = total - k1
-    ok = (k1 <= u.numel()) & (k2 <= w.numel())
-    if not bool(ok.any()):
+    skipped; the first maximiser (smallest k1) wins. If no split is feasible, takes all of both.
+    One host sync (the answer)."""
+    k1 = best_product_split_k1(u, w, total)
+    if k1 is None:
         return int(u.numel()), int(w.numel())
-    val = torch.full((total + 1,), -float("inf"))
-    val[ok] = cu[k1[ok]].cpu() * cw[k2[ok]].cpu()
-    best = int(torch.argmax(val))  # first maximum
+    best = int(k1)
     return best, total - best
 
 
-def block_order(per_unit: list, n_newlines: int, unit_pos: torch.Tensor | None, patch: torch.Tensor,
-                mode: str = "unit") -> torch.Tensor | None:
+def _arange_runs(runs: list[tuple[int, int]], device) -> torch.Tensor:
+    """The concatenation of ``arange(start, start + length)`` over ``runs``, built on ``device``."""
+    merged: list[list[int]] = []
+    for start, length in runs:
+        if length <= 0:
+            continue
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1][1] += length
+        else:
+            merged.append([start, length])
+    if not merged:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(a, a + n, device=device) for a, n in merged])
+
+
+def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list | None", patch: torch.Tensor,
+                mode: str = "unit", grid: int | None = None) -> torch.Tensor | None:
     """Output permutation for a multi-unit selection whose outputs are laid out as
     [dominant of unit 0, dominant of unit 1, ..., newlines][contextual of unit 0, unit 1, ...].
 
@@ -117,33 +235,93 @@ def block_order(per_unit: list, n_newlines: int, unit_pos: torch.Tensor | None, 
     grid position (the base crop) as in ``unit``; then the grid crops' dominant patches by their
     row-major position on the full (rows x grid) x (cols x grid) patch grid; then those crops'
     [CLS] tokens; then their contextual tokens. Returns None for the identity order.
+
+    ``unit_pos`` (U, 2) may be a tensor or, with ``grid`` (patches per grid side), the host values
+    :class:`UnitLayout` read already. Built on the device: no host sync per token (one read of
+    ``unit_pos`` and the largest patch index when they are given as tensors in ``grid_raster`` mode).
     """
+    dev = patch.device
     n_keep = sum(int(d.numel()) for _, d, _ in per_unit) + n_newlines
-    seq = []  # (sort key, output slot)
-    grid = int(round((int(patch.max()) + 1) ** 0.5)) if patch.numel() and int(patch.max()) >= 0 else 1
+    if per_unit and mode not in ("unit", "spatial", "grid_raster"):
+        raise ValueError(f"order mode must be unit / spatial / grid_raster, got {mode!r}")
+    pos = None
+    if mode == "grid_raster" and unit_pos is not None and per_unit:
+        if isinstance(unit_pos, torch.Tensor):
+            if grid is None:
+                parts = [unit_pos.reshape(-1).to(device=dev, dtype=torch.long)]
+                if patch.numel():
+                    parts.append(patch.max().reshape(1).to(torch.long))
+                host = torch.cat(parts).tolist()  # one host read
+                pmax = host[unit_pos.numel()] if patch.numel() else -1
+                grid = int(round((pmax + 1) ** 0.5)) if pmax >= 0 else 1
+                host = host[: unit_pos.numel()]
+            else:
+                host = unit_pos.reshape(-1).tolist()
+            pos = [(host[2 * i], host[2 * i + 1]) for i in range(len(host) // 2)]
+        else:
+            pos = [tuple(int(v) for v in p) for p in unit_pos]
+            if grid is None:
+                pmax = int(patch.max()) if patch.numel() else -1
+                grid = int(round((pmax + 1) ** 0.5)) if pmax >= 0 else 1
+    # the output as ordered pieces: (sort key, slots) with slots a host run (start, length) or a tensor
+    pieces: list[tuple[tuple, object]] = []
+    raster: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []  # grid crops' dominant (tokens, slots, r, c)
     k_off = t_off = 0
     for u, d_u, t_u in per_unit:
-        d_slots = list(range(k_off, k_off + d_u.numel()))
-        t_slots = list(range(n_keep + t_off, n_keep + t_off + t_u.numel()))
-        k_off += d_u.numel()
-        t_off += t_u.numel()
+        nd, nt = int(d_u.numel()), int(t_u.numel())
+        d_run, t_run = (k_off, nd), (n_keep + t_off, nt)
+        k_off += nd
+        t_off += nt
         if mode == "spatial":
-            src = torch.cat([d_u, t_u])
-            slots = d_slots + t_slots
-            for j in torch.argsort(src, stable=True).tolist():
-                seq.append(((0, u, int(src[j]), 0), slots[j]))
-        elif mode == "grid_raster" and unit_pos is not None and int(unit_pos[u, 0]) >= 0:
-            r, c = int(unit_pos[u, 0]), int(unit_pos[u, 1])
-            for t, slot in zip(d_u.tolist(), d_slots):
-                p = int(patch[t])
-                seq.append(((3, 0, 0, slot) if p < 0 else (2, r * grid + p // grid, c * grid + p % grid, 0), slot))
-            seq.extend(((4, u, slot, 0), slot) for slot in t_slots)
-        elif mode in ("unit", "grid_raster"):
-            seq.extend(((0, u, 0, slot), slot) for slot in d_slots)
-            seq.extend(((0, u, 1, slot), slot) for slot in t_slots)
+            src = torch.cat([d_u, t_u]).to(dev)
+            slots = torch.cat([torch.arange(d_run[0], d_run[0] + nd, device=dev),
+                               torch.arange(t_run[0], t_run[0] + nt, device=dev)])
+            pieces.append(((0, u, 0), slots[torch.argsort(src, stable=True)]))
+        elif mode == "grid_raster" and pos is not None and pos[u][0] >= 0:
+            raster.append((d_u.to(dev), torch.arange(d_run[0], d_run[0] + nd, device=dev), pos[u][0], pos[u][1]))
+            pieces.append(((4, u, 0), t_run))
         else:
-            raise ValueError(f"order mode must be unit / spatial / grid_raster, got {mode!r}")
-    seq.extend(((5, i, 0, 0), slot) for i, slot in enumerate(range(k_off, k_off + n_newlines)))
-    seq.sort(key=lambda x: x[0])
-    order = torch.tensor([slot for _, slot in seq], dtype=torch.long)
-    return None if torch.equal(order, torch.arange(order.numel())) else order
+            pieces.append(((0, u, 0), d_run))
+            pieces.append(((0, u, 1), t_run))
+    if raster:
+        # grid crops' dominant outputs: patches by global raster position, then [CLS] tokens by slot
+        width = (max(c for *_, c in raster) + 1) * grid
+        rows_span = (max(r for *_, r, _ in raster) + 1) * grid
+        after = rows_span * width  # every [CLS] sorts after every patch
+        keys, slots = [], []
+        for tok, sl, r, c in raster:
+            p = patch.to(dev)[tok]
+            key = (r * grid + torch.div(p, grid, rounding_mode="floor")) * width + (c * grid + p % grid)
+            keys.append(torch.where(p < 0, after + sl, key))
+            slots.append(sl)
+        keys, slots = torch.cat(keys), torch.cat(slots)
+        pieces.append(((2, 0, 0), slots[torch.argsort(keys)]))
+    pieces.append(((5, 0, 0), (k_off, n_newlines)))
+    pieces.sort(key=lambda x: x[0])
+    # identity without looking at the device: every host run in place, and any device piece covering
+    # exactly its own output range (then compare it)
+    at, maybe_identity, device_pieces = 0, True, []
+    for _, sl in pieces:
+        length = sl[1] if isinstance(sl, tuple) else int(sl.numel())
+        if isinstance(sl, tuple):
+            maybe_identity &= length == 0 or sl[0] == at
+        else:
+            device_pieces.append((at, sl))
+        at += length
+    if maybe_identity and not device_pieces:
+        return None
+    parts, run = [], []
+    for _, sl in pieces:
+        if isinstance(sl, tuple):
+            run.append(sl)
+        else:
+            if run:
+                parts.append(_arange_runs(run, dev))
+                run = []
+            parts.append(sl)
+    if run:
+        parts.append(_arange_runs(run, dev))
+    order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
+    if maybe_identity and torch.equal(order, torch.arange(order.numel(), device=dev)):
+        return None
+    return order

@@ -84,3 +84,160 @@ def test_block_order_modes_by_hand():
     assert block_order(per_unit, 0, pos, patch, "grid_raster").tolist() == [0, 1, 4, 3, 2, 5]
     # two newline tokens after the dominant ones (slots 4, 5; contextual now 6, 7) close the block
     assert block_order(per_unit, 2, None, patch, "unit").tolist() == [0, 1, 6, 2, 3, 7, 4, 5]
+
+
+def _block_order_reference(per_unit, n_newlines, unit_pos, patch, mode="unit"):
+    """llava.ops.block_order as it was before it was vectorised (one host sync per kept token)."""
+    n_keep = sum(int(d.numel()) for _, d, _ in per_unit) + n_newlines
+    seq = []
+    grid = int(round((int(patch.max()) + 1) ** 0.5)) if patch.numel() and int(patch.max()) >= 0 else 1
+    k_off = t_off = 0
+    for u, d_u, t_u in per_unit:
+        d_slots = list(range(k_off, k_off + d_u.numel()))
+        t_slots = list(range(n_keep + t_off, n_keep + t_off + t_u.numel()))
+        k_off += d_u.numel()
+        t_off += t_u.numel()
+        if mode == "spatial":
+            src = torch.cat([d_u, t_u])
+            slots = d_slots + t_slots
+            for j in torch.argsort(src, stable=True).tolist():
+                seq.append(((0, u, int(src[j]), 0), slots[j]))
+        elif mode == "grid_raster" and unit_pos is not None and int(unit_pos[u, 0]) >= 0:
+            r, c = int(unit_pos[u, 0]), int(unit_pos[u, 1])
+            for t, slot in zip(d_u.tolist(), d_slots):
+                p = int(patch[t])
+                seq.append(((3, 0, 0, slot) if p < 0 else (2, r * grid + p // grid, c * grid + p % grid, 0), slot))
+            seq.extend(((4, u, slot, 0), slot) for slot in t_slots)
+        else:
+            seq.extend(((0, u, 0, slot), slot) for slot in d_slots)
+            seq.extend(((0, u, 1, slot), slot) for slot in t_slots)
+    seq.extend(((5, i, 0, 0), slot) for i, slot in enumerate(range(k_off, k_off + n_newlines)))
+    seq.sort(key=lambda x: x[0])
+    order = torch.tensor([slot for _, slot in seq], dtype=torch.long)
+    return None if torch.equal(order, torch.arange(order.numel())) else order
+
+
+def _random_next_sample(g, side=4, crops=((0, 0), (0, 1), (1, 0), (1, 1)), cls_extra=True):
+    """A LLaVA-NeXT-like flat block: a base crop and grid crops of side x side patches (grid crops
+    partly unpadded), newline tokens, and (optionally) one extra [CLS] candidate per unit at the end;
+    a random VisionZip-like selection per unit: dominant [CLS + top patches] and contextual targets."""
+    unit, patch = [], []
+    pos = [(-1, -1)] + list(crops)
+    for u in range(len(pos)):
+        keep_rows = side if u == 0 else int(torch.randint(1, side + 1, (1,), generator=g))
+        for p in range(keep_rows * side):
+            unit.append(u)
+            patch.append(p)
+        unit.append(-1)  # a newline after each unit (the layout does not matter to the order)
+        patch.append(-1)
+    n_stock = len(unit)
+    if cls_extra:
+        unit += list(range(len(pos)))
+        patch += [-1] * len(pos)
+    unit, patch = torch.tensor(unit), torch.tensor(patch)
+    per_unit = []
+    for u in range(len(pos)):
+        idx = torch.nonzero(unit == u).flatten()
+        pats = idx[patch[idx] >= 0]
+        cls = idx[patch[idx] < 0]
+        perm = pats[torch.randperm(pats.numel(), generator=g)]
+        nd = int(torch.randint(0, pats.numel() + 1, (1,), generator=g))
+        nt = int(torch.randint(0, pats.numel() - nd + 1, (1,), generator=g))
+        dom = perm[:nd].sort().values
+        if cls.numel() and bool(torch.rand(1, generator=g) < 0.7):
+            dom = torch.cat([cls[:1], dom])
+        per_unit.append((u, dom, perm[nd:nd + nt]))
+    n_newlines = int((unit < 0).sum())
+    return per_unit, n_newlines, torch.tensor(pos), patch, unit, n_stock
+
+
+def test_block_order_equals_the_per_token_reference():
+    from llava.ops import block_order, unit_layout
+
+    g = torch.Generator().manual_seed(0)
+    seen_identity = 0
+    for trial in range(60):
+        crops = [((0, 0), (0, 1)), ((0, 0), (0, 1), (1, 0), (1, 1)), ((0, 0), (1, 0), (2, 0))][trial % 3]
+        per_unit, nl, pos, patch, unit, n_stock = _random_next_sample(g, crops=crops, cls_extra=trial % 2 == 0)
+        if trial % 5 == 0:  # contextual-free selections can give the identity
+            per_unit = [(u, d, t[:0]) for u, d, t in per_unit]
+        lay = unit_layout(unit, patch, n_stock, pos)
+        for mode in ("unit", "spatial", "grid_raster"):
+            for n_nl in (0, nl):
+                ref = _block_order_reference(per_unit, n_nl, pos, patch, mode)
+                for got in (block_order(per_unit, n_nl, pos, patch, mode),
+                            block_order(per_unit, n_nl, lay.unit_pos, patch, mode, grid=lay.grid)):
+                    assert (got is None) == (ref is None), (trial, mode)
+                    if ref is not None:
+                        assert torch.equal(got, ref), (trial, mode)
+                seen_identity += ref is None
+        ref = _block_order_reference(per_unit, nl, None, patch, "grid_raster")  # no grid positions: as "unit"
+        got = block_order(per_unit, nl, None, patch, "grid_raster")
+        assert (got is None and ref is None) or torch.equal(got, ref)
+    assert seen_identity  # both outcomes were exercised
+
+
+def test_block_order_grid_raster_reads_the_host_once():
+    from llava.ops import block_order
+    from llava.syncs import SyncCounter
+
+    g = torch.Generator().manual_seed(1)
+    per_unit, nl, pos, patch, _, _ = _random_next_sample(g, side=8)
+    with SyncCounter() as c:
+        block_order(per_unit, nl, pos, patch, "grid_raster")
+    assert c.total == 1, c.counts  # unit_pos and the grid size together; nothing per token
+    host_pos = [tuple(p) for p in pos.tolist()]
+    with SyncCounter() as c:
+        block_order(per_unit, nl, host_pos, patch, "grid_raster", grid=8)
+        block_order(per_unit, nl, None, patch, "unit")
+        block_order(per_unit, nl, None, patch, "spatial")
+    assert c.total == 0, c.counts
+
+
+def test_unit_layout_groups_as_boolean_masks_do():
+    from llava.ops import unit_layout
+    from llava.syncs import SyncCounter
+
+    g = torch.Generator().manual_seed(2)
+    for trial in range(10):
+        _, _, pos, patch, unit, n_stock = _random_next_sample(g, cls_extra=trial % 2 == 0)
+        if trial % 3 == 0:  # video-like: a stock [CLS] opening each unit
+            patch = torch.where((unit >= 0) & (torch.arange(unit.numel()) < n_stock) & (patch == 0), -1, patch)
+        with SyncCounter() as c:
+            lay = unit_layout(unit, patch, n_stock, pos)
+        assert c.total == 1
+        idx = torch.arange(unit.numel())
+        assert lay.num_units == int(unit.max()) + 1 and lay.unit_pos == [tuple(p) for p in pos.tolist()]
+        assert lay.grid == 4 and torch.equal(lay.newlines, idx[unit < 0])
+        assert lay.num_newline_stock == int(((unit < 0) & (idx < n_stock)).sum())
+        for u in range(lay.num_units):
+            mine = idx[unit == u]
+            assert torch.equal(lay.tokens[u], mine)
+            assert torch.equal(lay.cls[u], mine[patch[mine] < 0])
+            assert torch.equal(lay.patches[u], mine[patch[mine] >= 0])
+            assert lay.num_stock[u] == int((mine < n_stock).sum())
+            assert lay.num_cls_stock[u] == int(((patch[mine] < 0) & (mine < n_stock)).sum())
+            assert lay.num_patch_stock[u] == int(((patch[mine] >= 0) & (mine < n_stock)).sum())
+    empty = unit_layout(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert empty.num_units == 0 and empty.newlines.numel() == 0 and empty.grid == 1
+    only_newlines = unit_layout(torch.full((3,), -1))
+    assert only_newlines.num_units == 0 and only_newlines.newlines.tolist() == [0, 1, 2]
+
+
+def test_masked_take_and_the_device_split():
+    from llava.ops import best_product_split, best_product_split_k1, masked_take
+
+    x = torch.tensor([5, 6, 7, 8, 9])
+    m = torch.tensor([False, True, False, True, True])
+    assert masked_take(x, m, 3).tolist() == [6, 8, 9]
+    assert masked_take(x, torch.ones(5, dtype=torch.bool), 5).tolist() == x.tolist()
+    assert masked_take(x, torch.zeros(5, dtype=torch.bool), 0).tolist() == []
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        u = torch.rand(int(torch.randint(0, 6, (1,), generator=g)), generator=g).sort(descending=True).values
+        w = torch.rand(int(torch.randint(0, 6, (1,), generator=g)), generator=g).sort(descending=True).values
+        total = int(torch.randint(0, 12, (1,), generator=g))
+        k1 = best_product_split_k1(u, w, total)
+        split = best_product_split(u, w, total)
+        assert (k1 is None) == (total > u.numel() + w.numel())
+        assert split == ((u.numel(), w.numel()) if k1 is None else (int(k1), total - int(k1)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, contextual_merge, scale_layers, topk_desc
+from llava.ops import block_order, contextual_merge, masked_take, scale_layers, topk_desc, unit_layout
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
@@ -65,7 +65,7 @@ def stage0_unit(a: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, cls_idx
     assign over n)."""
     top = cand[topk_desc(a[cand], max(0, dominant - cls_idx.numel()))].sort().values
     dom = torch.cat([cls_idx, top])
-    rest = cand[~torch.isin(cand, dom)]
+    rest = masked_take(cand, ~torch.isin(cand, dom), cand.numel() - top.numel())  # [CLS] is never a candidate
     targets, assign = contextual_merge(keys, rest, contextual, n)
     return dom, targets, assign
 
@@ -75,7 +75,9 @@ def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, con
     order, the rest merged into ``contextual`` tokens by key similarity (target + mean)."""
     n = score.numel()
     keep = topk_desc(score, dominant).sort().values
-    rest = torch.arange(n)[~torch.isin(torch.arange(n), keep)]
+    left = torch.ones(n, dtype=torch.bool, device=score.device)
+    left[keep] = False
+    rest = masked_take(torch.arange(n, device=score.device), left, n - keep.numel())
     targets, assign = contextual_merge(keys, rest, contextual, n)
     if targets.numel() == 0:
         return Selection(keep=keep)
@@ -133,36 +135,43 @@ class VisionDrop(Method):
 
     def select_vision(self, sig):
         n = sig.num_tokens
+        dev = sig.unit.device
         d0, c0 = self._sched[0]
-        if all(d0 + c0 >= int((sig.unit_indices(u) < sig.num_stock).sum()) for u in range(sig.num_units)):
-            return Selection(keep=torch.arange(sig.num_stock))  # every unit fits: unpruned entry
+        lay = unit_layout(sig.unit, sig.patch, sig.num_stock, sig.unit_pos)  # the one host sync
+        if all(d0 + c0 >= lay.num_stock[u] for u in range(lay.num_units)):
+            return Selection(keep=torch.arange(sig.num_stock, device=dev))  # every unit fits: unpruned entry
         ca = sig.cls_attn.float()
         a = ca.sum(0) if self.encoder_head_agg == "sum" else ca.mean(0)
-        per_unit, assign, n_tgt = [], torch.full((n,), -1, dtype=torch.long), 0
-        for u in range(sig.num_units):
-            idx = sig.unit_indices(u)
-            cls_idx = idx[sig.patch[idx] < 0] if self.cls_token else idx[:0]
-            cand = idx[(sig.patch[idx] >= 0) & (idx < sig.num_stock)]
+        per_unit, assign, n_tgt = [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
+        for u in range(lay.num_units):
+            cls_idx = lay.cls[u] if self.cls_token else lay.cls[u][:0]
+            cand = lay.patches[u][: lay.num_patch_stock[u]]  # the unit's stock patches
             dom, tg, asg = stage0_unit(a, sig.keys, cand, cls_idx, d0, c0, n)
-            assign[asg >= 0] = asg[asg >= 0] + n_tgt
+            assign = torch.where(asg >= 0, asg + n_tgt, assign)
             n_tgt += tg.numel()
             per_unit.append((u, dom, tg))
         keep = torch.cat([d for _, d, _ in per_unit])
         targets = torch.cat([t for _, _, t in per_unit])
-        newlines = torch.nonzero(sig.is_newline).flatten() if self.keep_newlines else keep[:0]
+        newlines = lay.newlines if self.keep_newlines else keep[:0]
         keep = torch.cat([keep, newlines])
         mode = "grid_raster" if self.next_order == "grid_raster" else "unit"
-        order = block_order(per_unit, int(newlines.numel()), sig.unit_pos, sig.patch, mode)
+        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, sig.patch, mode, grid=lay.grid)
         if targets.numel() == 0:
             return Selection(keep=keep, order=order)
         return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean", space="vision",
                          order=order)
 
+    def _num_units(self, sig) -> int:
+        """The sample's units, read once per prefill and kept in ``sig.state`` for the later stages."""
+        if "visiondrop_units" not in sig.state:
+            sig.state["visiondrop_units"] = sig.vision.num_units if sig.vision is not None else 1
+        return sig.state["visiondrop_units"]
+
     def select_llm(self, stage, sig):
-        n_units = sig.vision.num_units if sig.vision is not None else 1
+        n_units = self._num_units(sig)
         d, c = self.stage_counts(n_units)[stage]
         if sig.num_visual <= d + c:
-            return Selection(keep=torch.arange(sig.num_visual))
+            return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         p = sig.attention("visual", layer="next")[:, :, sig.visual]  # (H, Nv, Nv): visual queries -> visual keys
         score = p.mean(0).mean(0)
         keys = sig.keys("next", rope=True)[sig.visual].float().mean(1)  # (Nv, d) head-mean, rotated
