@@ -18,9 +18,15 @@ __all__ = ["load", "prune", "attach", "Runtime", "PruningEngine", "PromptSpec", 
            "register", "get_method", "available_methods"]
 
 
-def prune(target, method: str | Method = "none", budget: int | None = None, **options) -> PruningEngine:
+def prune(target, method: str | Method = "none", budget: int | None = None, *, tokenizer=None, template=None,
+          **options) -> PruningEngine:
     """Apply ``method`` at ``budget`` to a :class:`Runtime` (preferred: knows the prompt template and
-    LLaVA-NeXT layout) or a bare transformers model; ``generate()`` then prunes."""
+    LLaVA-NeXT layout) or a bare transformers model; ``generate()`` then prunes. For a bare model,
+    query-aware methods need ``tokenizer`` and ``template`` (e.g. 'vicuna_v1') to find the question."""
     if isinstance(target, Runtime):
         return target.prune(method, budget, **options)
+    if tokenizer is not None and template is not None and "prompt_spec" not in options:
+        from .models import prompt_spec_for
+
+        options["prompt_spec"] = prompt_spec_for(tokenizer, template)
     return attach(target, method, budget, **options)

@@ -198,6 +198,12 @@ class PruningEngine:
         if next_layout not in NEXT_LAYOUTS:
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
+        if prompt_spec is None and method.query_aware:
+            raise ValueError(
+                f"{method.name} reads the question, and without a prompt spec the engine would count the "
+                "separator and the role tag (e.g. ' ASSISTANT:') as question tokens. Attach through "
+                "Runtime.prune / llava.prune(runtime, ...), or pass prompt_spec=llava.models.prompt_spec_for("
+                "tokenizer, template) (or llava.prune(model, ..., tokenizer=tok, template='vicuna_v1')).")
         self.prompt_spec = prompt_spec or PromptSpec()
         self.core = model.model
         self.lm = self.core.language_model

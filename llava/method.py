@@ -146,6 +146,9 @@ class Method:
     needs_vision_attention: ClassVar[bool] = False
     #: Position convention for llm stages: ``keep`` original RoPE positions or ``reindex``.
     position_mode: str = "keep"
+    #: Reads the question (``question_mask`` / ``text_embeds`` / question rows): the engine then needs
+    #: the prompt's separator and role-tag ids (a ``PromptSpec``) to find it.
+    query_aware: ClassVar[bool] = False
     #: Vision stage: also offer each image's / crop's [CLS] token as a candidate (VisionZip, VisionDrop).
     include_cls_candidates: bool = False
     #: Vision-tower layer (hidden_states index) whose [CLS] attention / keys the signals carry;

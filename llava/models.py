@@ -6,7 +6,7 @@ random-weight models of each family for tests.
     rt = load("shape:llava-1.5-7b", dtype="bfloat16", device="cuda")   # real size, random weights
     rt = load("tiny:llava-next")                                       # seconds, on CPU
     inputs = rt.processor(["What is this?"], [image])
-    rt.engine = attach(rt.model, "consensusdrop", 64)   # or rt.prune("consensusdrop", 64)
+    rt.prune("consensusdrop", 64)   # = attach(rt.model, "consensusdrop", 64, prompt_spec=rt.prompt_spec(), ...)
 """
 
 from __future__ import annotations
@@ -55,15 +55,7 @@ class Runtime:
 
     def prompt_spec(self) -> PromptSpec:
         """Separator and role-tag token ids, so the engine can find the question tokens."""
-        tok = self.tokenizer
-        sep = llava_tokenize(tok, "<image>\n", "<image>", -1, [1])[2:] if tok.bos_token_id is not None else []
-        probe = "<image>\nwhat"
-        a = llava_tokenize(tok, probe + self.template.role_tag, "<image>", -1, [1])
-        b = llava_tokenize(tok, probe, "<image>", -1, [1])
-        k = 0
-        while k < min(len(a), len(b)) and a[k] == b[k]:
-            k += 1
-        return PromptSpec(sep_ids=tuple(t for t in sep if t != -1), tail_ids=tuple(a[k:]))
+        return prompt_spec_for(self.tokenizer, self.template)
 
     def prune(self, method="none", budget: int | None = None, **options) -> PruningEngine:
         """Attach a method (replacing any previous one); ``model.generate`` then prunes."""
@@ -75,6 +67,20 @@ class Runtime:
         if self.engine is not None:
             self.engine.remove()
             self.engine = None
+
+
+def prompt_spec_for(tokenizer, template: Template | str) -> PromptSpec:
+    """The separator and role-tag token ids of ``template`` (a name such as 'vicuna_v1' or a
+    Template) under ``tokenizer``: what the engine strips to find the question tokens."""
+    tmpl = get_template(template) if isinstance(template, str) else template
+    sep = llava_tokenize(tokenizer, "<image>\n", "<image>", -1, [1])[2:] if tokenizer.bos_token_id is not None else []
+    probe = "<image>\nwhat"
+    a = llava_tokenize(tokenizer, probe + tmpl.role_tag, "<image>", -1, [1])
+    b = llava_tokenize(tokenizer, probe, "<image>", -1, [1])
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return PromptSpec(sep_ids=tuple(t for t in sep if t != -1), tail_ids=tuple(a[k:]))
 
 
 def _dtype(dtype) -> torch.dtype | None:

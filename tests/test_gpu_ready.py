@@ -208,3 +208,36 @@ def test_static_cache_equals_dynamic_cache(rt, method):
         dyn = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
         static = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(dyn, static)
+
+
+@pytest.mark.parametrize("method", ["consensusdrop", "attnmix", "sparsevlm"])
+def test_attach_refuses_query_aware_methods_without_a_prompt_spec(runtimes, method):
+    import llava
+    from llava.engine import attach
+
+    rt = runtimes["llava"]
+    try:
+        with pytest.raises(ValueError, match="reads the question"):
+            attach(rt.model, method, budget("consensusdrop", "llava") if method != "sparsevlm" else 64)
+        # a bare model with its tokenizer and template selects exactly as through the Runtime
+        inputs = equal_length_batch(rt)
+        b = budget(method, rt.family)
+        rt.prune(method, b)
+        with torch.no_grad():
+            rt.model(**inputs)
+        ref = {k: v.keep.clone() for k, v in rt.engine.selections.items()}
+        rt.unprune()
+        eng = llava.prune(rt.model, method, b, tokenizer=rt.tokenizer, template=rt.template)
+        with torch.no_grad():
+            rt.model(**inputs)
+        assert {k: v.keep for k, v in eng.selections.items()}.keys() == ref.keys()
+        assert all(torch.equal(eng.selections[k].keep, ref[k]) for k in ref)
+    finally:
+        rt.model._pruning_engine.remove() if getattr(rt.model, "_pruning_engine", None) else None
+
+
+def test_visual_only_methods_attach_without_a_prompt_spec(runtimes):
+    from llava.engine import attach
+
+    eng = attach(runtimes["llava"].model, "visionzip", 4)
+    eng.remove()
