@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -712,7 +713,9 @@ def environment(device: torch.device) -> dict:
            "device": str(device)}
     root = Path(__file__).resolve().parent.parent
     commit = _run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
-    if commit:
+    if os.environ.get("VTPRUNE_GIT_COMMIT"):  # a copied tree (e.g. a remote GPU box) may carry a stale .git
+        env["git_commit"] = os.environ["VTPRUNE_GIT_COMMIT"]
+    elif commit:
         dirty = _run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
         env["git_commit"] = commit + ("+dirty" if dirty else "")
     if device.type == "cuda":
