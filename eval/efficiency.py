@@ -393,11 +393,13 @@ def plot(report: dict, path: Path) -> None:
     by = {}
     for r in report["results"]:
         by.setdefault(r["method"], []).append(r)
-    for name, rs in by.items():
+    colors, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*"  # 13+ methods: no colour repeats
+    for i, (name, rs) in enumerate(by.items()):
         rs = sorted(rs, key=lambda r: r["visual_layer_avg"])
         x = [r["visual_layer_avg"] for r in rs]
-        ax[0].plot(x, [r["ttft"]["median"] * 1e3 for r in rs], "o-", label=name)
-        ax[1].plot(x, [r["kv_bytes"] / 2**20 for r in rs], "o-", label=name)
+        style = dict(color=colors[(2 * i) % 20 + (2 * i) // 20], marker=markers[i % len(markers)], label=name)
+        ax[0].plot(x, [r["ttft"]["median"] * 1e3 for r in rs], "-", **style)
+        ax[1].plot(x, [r["kv_bytes"] / 2**20 for r in rs], "-", **style)
     ax[0].set(xlabel="visual tokens (layer average)", ylabel="TTFT median, batch 1 (ms)")
     ax[1].set(xlabel="visual tokens (layer average)", ylabel="KV cache (MiB)")
     ax[0].legend(fontsize=7)

@@ -205,6 +205,14 @@ class PruningEngine:
                 "Runtime.prune / llava.prune(runtime, ...), or pass prompt_spec=llava.models.prompt_spec_for("
                 "tokenizer, template) (or llava.prune(model, ..., tokenizer=tok, template='vicuna_v1')).")
         self.prompt_spec = prompt_spec or PromptSpec()
+        other = method.__dict__.get("_bound_model")
+        other = other() if other is not None else None
+        if other is not None and other is not model and getattr(
+                getattr(other, "_pruning_engine", None), "method", None) is method:
+            raise ValueError(f"this {method.name} instance is attached to another model, and setup() has bound it "
+                             "to that model's layers: create one method instance per model (or remove the other "
+                             "engine first)")
+        method._bound_model = weakref.ref(model)
         self.core = model.model
         self.lm = self.core.language_model
         n_layers = len(self.lm.layers)

@@ -241,3 +241,20 @@ def test_visual_only_methods_attach_without_a_prompt_spec(runtimes):
 
     eng = attach(runtimes["llava"].model, "visionzip", 4)
     eng.remove()
+
+
+def test_one_method_instance_is_not_shared_by_two_models(runtimes):
+    from llava.engine import attach
+    from llava.method import get_method
+
+    m = get_method("fastv", 8)
+    a, b = runtimes["llava"].model, runtimes["llava-next"].model
+    eng = attach(a, m)
+    try:
+        with pytest.raises(ValueError, match="another model"):
+            attach(b, m)
+        attach(a, m)  # re-attaching to the same model replaces the engine: fine
+    finally:
+        a._pruning_engine.remove()
+    attach(b, m).remove()  # free again once the first engine is gone
+    del eng
