@@ -16,6 +16,8 @@ WARMUP=${WARMUP:-10}
 BATCH=${BATCH:-"1 8"}
 DECODE_TOKENS=${DECODE_TOKENS:-128}
 NEXT_LAYOUT=${NEXT_LAYOUT:-spatial}
+# LLaVA-NeXT: a 672x672 image is the 2x2 grid + base crop, i.e. the papers' 2880 tokens in the spatial layout
+case "$MODEL" in *next*) IMAGE_HW=${IMAGE_HW:-"672 672"} ;; esac
 python -m eval.efficiency --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" --methods $METHODS \
   --budgets $BUDGETS --n "$N" --warmup "$WARMUP" --batch $BATCH --decode-tokens "$DECODE_TOKENS" \
-  --next-layout "$NEXT_LAYOUT" --out "$OUT" ${WANDB:+--wandb}
+  --next-layout "$NEXT_LAYOUT" ${IMAGE_HW:+--image-hw $IMAGE_HW} --out "$OUT" ${WANDB:+--wandb}
