@@ -41,6 +41,8 @@ def equal_length_batch(rt):
     qs = [QUESTIONS[1]] * 3
     if rt.family == "video_llava":
         return rt.processor(qs, videos=[[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(3)])
+    if rt.family == "llava_next":  # 52 tokens each, but 3 / 5 / 3 crops: per-crop budgets keep unequal counts
+        return rt.processor(qs, [rand_image(3 + i, *hw) for i, hw in enumerate([(20, 38), (62, 104), (30, 58)])])
     return rt.processor(qs, [rand_image(i, 40, 70) for i in range(3)])
 
 
