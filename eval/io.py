@@ -9,8 +9,13 @@ from typing import Any, Iterable, Iterator
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file; a garbled / truncated one raises ValueError naming ``path:line``."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
@@ -37,7 +42,7 @@ def read_jsonl(path: str | os.PathLike, strict: bool = True) -> list[dict]:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 if strict:
-                    raise ValueError(f"{path}:{n}: not a JSON line: {line[:120]!r}") from None
+                    raise ValueError(f"{path}:{n}: not a JSON line (garbled or truncated): {line[:120]!r}") from None
     return out
 
 

@@ -209,12 +209,28 @@ def run(cfg: RunConfig) -> int:
     t_start = time.time()
     info = distmod.detect(cfg.local_rank)
     logging.basicConfig(level=logging.INFO, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
-    bench = get_benchmark(cfg.benchmark, cfg.data_root, **cfg.bench_options)
+
+    def user_error(msg) -> int:  # a bad input: one line, exit 2 (tracebacks are for bugs)
+        if info.is_main:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    # everything is validated before anything is written (issue 16, item 4)
+    try:
+        bench = get_benchmark(cfg.benchmark, cfg.data_root, **cfg.bench_options)
+    except (KeyError, TypeError) as e:
+        return user_error(e.args[0] if e.args else e)
     cfg.benchmark = bench.name
     if cfg.max_new_tokens is None:
         cfg.max_new_tokens = bench.max_new_tokens
     if cfg.batch_size < 1:
-        raise SystemExit("--batch-size must be >= 1")
+        return user_error(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    from llava.method import get_method
+
+    try:  # unknown method, budget <= 0, unknown option key: the method's own checks, before any model is loaded
+        get_method(cfg.method, cfg.budget, **cfg.options)
+    except (KeyError, ValueError, TypeError) as e:
+        return user_error(e.args[0] if e.args else e)
 
     # data check before anything heavy
     from .datacheck import check_benchmark
@@ -224,13 +240,16 @@ def run(cfg: RunConfig) -> int:
         if info.is_main:
             print(report.text(), file=sys.stderr)
         return 2
-    questions = bench.load()
+    try:
+        questions = bench.load()
+    except (ValueError, FileNotFoundError) as e:  # garbled / truncated question file: names path:line
+        return user_error(f"cannot read the {bench.name} questions: {e}")
     if cfg.limit is not None:
         questions = questions[: cfg.limit]
     missing = check_inputs(bench, questions)
     if missing:
         if info.is_main:
-            print(f"error: {len(missing)} input file(s) referenced by the {bench.name} questions are missing under "
+            print(f"error: {len(missing)} input file(s) referenced by the {bench.name} questions are missing or empty under "
                   f"{cfg.data_root}, e.g.:\n  " + "\n  ".join(missing[:10]) +
                   f"\nRun `python -m eval check-data {bench.name} --data-root {cfg.data_root}` for where to get them.",
                   file=sys.stderr)
@@ -240,36 +259,26 @@ def run(cfg: RunConfig) -> int:
     cfg_path = run_dir / "run_config.json"
     distmod.init(info, cfg.dist_backend, cfg.dist_timeout_min)
     try:
+        prev_meta = None
         if info.is_main:
-            if cfg.overwrite and run_dir.exists():
-                for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", cfg_path]:
-                    if p.exists():
-                        p.unlink()
-            if cfg_path.exists():
-                prev = read_json(cfg_path).get("config", {})
+            cfg_ok = True
+            if cfg_path.exists() and not cfg.overwrite:
+                prev_meta = read_json(cfg_path)
+                prev = prev_meta.get("config", {})
                 mismatch = {k: (prev.get(k), v) for k, v in cfg.resume_view().items() if prev.get(k) != v}
-                if mismatch:
+                if mismatch and answered_uids(run_dir):
                     msg = (f"error: {run_dir} holds answers of a different configuration {mismatch} (existing, new); "
                            "use another --run-name / --out, or --overwrite")
                     print(msg, file=sys.stderr)
                     cfg_ok = False
-                else:
-                    cfg_ok = True
-            else:
-                cfg_ok = True
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_json(cfg_path, {"config": dataclasses.asdict(cfg), "created": _now()})
+                elif mismatch:  # a folder with no answers never blocks a new configuration
+                    log.info("%s holds no answers: its run_config.json is replaced by the new configuration", run_dir)
+                    prev_meta = None
         else:
             cfg_ok = None
         cfg_ok = distmod.broadcast_object(info, cfg_ok)
         if not cfg_ok:
             return 2
-
-        mine = chunk(questions, info.world, info.rank)
-        done = answered_uids(run_dir)
-        todo = [q for q in mine if q.uid not in done]
-        log.info("%s: %d questions, this rank %d (%d already answered, %d to go), world %d",
-                 bench.name, len(questions), len(mine), len(mine) - len(todo), len(todo), info.world)
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -287,7 +296,10 @@ def run(cfg: RunConfig) -> int:
         rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                   template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
                   pad_to_square=cfg.pad_to_square, seed=cfg.seed)
-        engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
+        try:  # checks that need the model (e.g. an LLM layer out of range)
+            engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
+        except (KeyError, ValueError, TypeError) as e:
+            return user_error(e.args[0] if e.args else e)
         resolved = {
             "method_config": engine.method.config(),
             "llm_layers": list(engine.llm_layers),
@@ -307,10 +319,21 @@ def run(cfg: RunConfig) -> int:
             "git": git_info(),
             "env": env_info(device),
         }
-        if info.is_main:
-            meta = read_json(cfg_path)
+        if info.is_main:  # method, options, budget, data and model are good: now the run folder is written
+            if cfg.overwrite and run_dir.exists():
+                for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", cfg_path]:
+                    if p.exists():
+                        p.unlink()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            meta = {"config": dataclasses.asdict(cfg), "created": (prev_meta or {}).get("created") or _now()}
             meta["resolved"] = resolved
             write_json(cfg_path, meta)
+        distmod.barrier(info)  # --overwrite: the old answers are gone before any rank looks for them
+        mine = chunk(questions, info.world, info.rank)
+        done = answered_uids(run_dir)
+        todo = [q for q in mine if q.uid not in done]
+        log.info("%s: %d questions, this rank %d (%d already answered, %d to go), world %d",
+                 bench.name, len(questions), len(mine), len(mine) - len(todo), len(todo), info.world)
 
         wb = None
         if info.is_main:

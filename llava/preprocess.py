@@ -208,6 +208,7 @@ class PromptProcessor:
 def sample_frames(video, num_frames: int) -> list:
     """``num_frames`` frames uniformly over a list of frames (Video-LLaVA's rule: linspace over the
     clip, rounded down); a path to a directory of frame images is read in sorted order."""
+    path = None
     if isinstance(video, (str, os.PathLike)):
         path = os.fspath(video)
         if not os.path.isdir(path):
@@ -215,6 +216,6 @@ def sample_frames(video, num_frames: int) -> list:
         video = [os.path.join(path, f) for f in sorted(os.listdir(path))]
     frames = list(video)
     if len(frames) == 0:
-        raise ValueError("empty video")
+        raise ValueError(f"empty video: the folder {path} holds no frame images" if path else "empty video (no frames)")
     idx = np.linspace(0, len(frames) - 1, num_frames).astype(int)
     return [frames[i] for i in idx]

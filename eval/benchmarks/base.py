@@ -140,8 +140,9 @@ def short_uuid() -> str:
 def read_jsonl_questions(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"question file not found: {path} (run `python -m eval check-data` for where to get it)")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from ..io import read_jsonl
+
+    return read_jsonl(path)  # a garbled / truncated line: ValueError naming path:line
 
 
 def unique_uids(qids: list[Any]) -> list[str]:

@@ -39,6 +39,9 @@ def load_video(path: str | os.PathLike, num_frames: int) -> list:
     path = Path(path)
     if path.is_dir():
         frames = [path / f for f in sorted(os.listdir(path))]
+        if not frames:
+            raise ValueError(f"video folder {path} is empty: put the video's frame images in it, or the video file "
+                             f"next to it ({'/'.join(VIDEO_FORMATS + EXTRA_FORMATS)})")
         idx = np.linspace(0, len(frames) - 1, num_frames, dtype=int)
         return [Image.open(frames[i]).convert("RGB") for i in idx]
     if path.suffix.lower() == ".gif":
@@ -105,11 +108,14 @@ class VideoQA(Benchmark):
             out.append(Question(idx=i, uid=uid, qid=q["question_id"], text=q["question"], prompt=q["question"],
                                 video=str(video) if video else str(vdir / name),
                                 extra={"answer": by_id.get(q["question_id"]), "video_name": q["video_name"],
-                                       "video_found": video is not None}))
+                                       "video_found": video is not None,
+                                       "video_empty": video is not None and video.is_dir() and not any(video.iterdir())}))
         return out
 
     def missing_inputs(self, questions) -> list[str]:
-        return [q.extra["video_name"] for q in questions if not q.extra["video_found"]]
+        """Videos not found, and frame folders with no frames (named by their path)."""
+        return [q.extra["video_name"] if not q.extra["video_found"] else f"{q.extra['video_name']}: empty folder {q.video}"
+                for q in questions if not q.extra["video_found"] or q.extra.get("video_empty")]
 
     def record(self, q, text, model_id):
         return {"id": q.qid, "question": q.text, "answer": q.extra["answer"], "pred": text}

@@ -1,0 +1,152 @@
+"""Issue 16, items 2-4: every bad input to `python -m eval run` / `python -m llava.cli ask` ends
+as one `error: ...` line with exit code 2 that names the file (and line, for a JSONL), and a run
+that fails its checks writes nothing, so the corrected command is never refused."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.cli import main as eval_main
+from eval.fixtures import write_fixtures
+from eval.runner import RunConfig, run, run_dir_of
+from llava.cli import main as llava_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory):
+    return write_fixtures(tmp_path_factory.mktemp("harness_errors_data"), ["pope", "msvd"])
+
+
+@pytest.fixture
+def data(fixture_data, tmp_path):
+    """A private copy (the tests below damage it)."""
+    return Path(shutil.copytree(fixture_data, tmp_path / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def eval_run(data, out, *extra, bench="pope", model="tiny:llava"):
+    return eval_main(["run", bench, "--model", model, "--max-new-tokens", "2", "--data-root", str(data),
+                      "--out", str(out), "--no-wandb", *extra])
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- item 2: unreadable data
+
+
+def test_truncated_question_file_names_path_and_line(data, tmp_path, capsys):
+    qfile = data / "pope" / "llava_pope_test.jsonl"
+    lines = qfile.read_text().splitlines(keepends=True)
+    qfile.write_text("".join(lines[:2]) + lines[2][:25] + "\n" + "".join(lines[3:]))  # line 3 cut short
+    assert eval_run(data, tmp_path / "runs", "--method", "random", "--budget", "4") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{qfile}:3:" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_garbled_json_question_file_names_path_and_line(data, tmp_path, capsys):
+    qfile = data / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA" / "test_q.json"
+    qfile.write_text('[\n{"video_name": "a",\n "question": "x", oops}\n]\n')
+    assert eval_run(data, tmp_path / "runs", bench="msvd", model="tiny:video-llava") == 2
+    assert f"{qfile}:3:" in one_error_line(capsys.readouterr().err)
+
+
+def test_empty_video_folder_fails_the_pre_run_check(data, tmp_path, capsys):
+    folder = data / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA" / "videos" / "msvdvid1"  # the frame-folder video
+    assert folder.is_dir()
+    for f in folder.iterdir():
+        f.unlink()
+    assert eval_run(data, tmp_path / "runs", "--method", "random", "--budget", "4", bench="msvd",
+                    model="tiny:video-llava") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"empty folder {folder}" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    from eval.benchmarks.videoqa import load_video
+
+    with pytest.raises(ValueError, match=f"video folder {folder} is empty"):
+        load_video(folder, 8)
+
+
+def test_ask_on_an_empty_video_folder_names_it(tmp_path, capsys):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    assert llava_main(["ask", "--model", "tiny:video-llava", "--question", "what?", "--video", str(folder)]) == 2
+    assert str(folder) in one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- item 3: one error line, exit 2
+
+
+BAD_METHOD_ARGS = [
+    (["--method", "fastvv", "--budget", "4"], "unknown pruning method 'fastvv'"),
+    (["--method", "random", "--budget", "0"], "budget must be > 0"),
+    (["--method", "random", "--budget", "-5"], "budget must be > 0"),
+    (["--method", "random", "--budget", "4", "--opt", "nonsense=1"], "unknown option(s) ['nonsense']"),
+]
+
+
+@pytest.mark.parametrize("args, msg", BAD_METHOD_ARGS)
+def test_eval_run_bad_method_input_is_one_line_exit_2_and_writes_nothing(fixture_data, tmp_path, capsys, args, msg):
+    assert eval_run(fixture_data, tmp_path / "runs", *args, "--run-name", "r") == 2
+    assert msg in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()  # item 4: nothing written before the checks
+
+
+@pytest.mark.parametrize("args, msg", BAD_METHOD_ARGS)
+def test_llava_ask_bad_method_input_is_one_line_exit_2(args, msg, capsys):
+    assert llava_main(["ask", "--question", "what?", *args]) == 2
+    assert msg in one_error_line(capsys.readouterr().err)
+
+
+def test_eval_run_subprocess_has_no_traceback(fixture_data, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "eval", "run", "pope", "--method", "random", "--budget", "-5",
+                        "--data-root", str(fixture_data), "--out", str(tmp_path), "--no-wandb"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert p.returncode == 2
+    assert "budget must be > 0" in one_error_line(p.stderr)
+
+
+# ---------------------------------------------------------------- item 4: a failed start leaves no trap
+
+
+def test_failed_model_load_writes_no_run_config(fixture_data, tmp_path):
+    with pytest.raises(ValueError, match="unknown tiny family"):  # a bug-shaped failure keeps its traceback
+        eval_run(fixture_data, tmp_path / "runs", "--method", "random", "--budget", "4", "--run-name", "r",
+                 model="tiny:nope")
+    assert not (tmp_path / "runs" / "pope" / "r" / "run_config.json").exists()
+
+
+def test_folder_without_answers_never_blocks_a_new_config(fixture_data, tmp_path, capsys):
+    # a run_config.json of another configuration, but no answers (what a failed start used to leave)
+    old = RunConfig(benchmark="pope", data_root=str(fixture_data), out=str(tmp_path), run_name="same", method="random",
+                    budget=8, max_new_tokens=2)
+    rd = run_dir_of(old)
+    rd.mkdir(parents=True)
+    (rd / "run_config.json").write_text(json.dumps({"config": {**old.__dict__, "max_new_tokens": 2}}))
+    new = RunConfig(benchmark="pope", data_root=str(fixture_data), out=str(tmp_path), run_name="same", method="random",
+                    budget=4, max_new_tokens=2, wandb=False)
+    assert run(new) == 0
+    saved = json.loads((rd / "run_config.json").read_text())
+    assert saved["config"]["budget"] == 4 and "resolved" in saved
+    # with answers in it, a different configuration is still refused
+    assert run(RunConfig(**{**new.__dict__, "budget": 8})) == 2
+    assert "different configuration" in capsys.readouterr().err
