@@ -80,6 +80,24 @@ def token_summary(metas: list[dict], llm_layers: list[int]) -> dict:
     return out
 
 
+def budget_summary(metas: list[dict], method: str, budget) -> dict | None:
+    """The budget actually applied: a budget at or above a sample's visual tokens prunes nothing
+    there (the engine's ``vision_noop``; for LLM-stage methods every layer kept every token).
+    ``effective``: the requested budget, or None (= unpruned, as ``--budget none``) when no sample
+    was pruned."""
+    vis = [m for m in metas if "visual_entering_llm" in m]
+    if budget is None or str(method).lower() == "none" or not vis:
+        return None
+    unpruned = sum(1 for m in vis if m.get("vision_noop") or (
+        m["visual_entering_llm"] >= m["visual_candidates"] and m["visual_layer_avg"] >= m["visual_candidates"]))
+    out = {"requested": budget, "effective": None if unpruned == len(vis) else budget,
+           "unpruned_samples": unpruned, "samples": len(vis)}
+    if unpruned:
+        out["note"] = (f"budget {budget} >= the visual tokens of {unpruned} of {len(vis)} samples "
+                       f"(mean {_mean([m['visual_candidates'] for m in vis]):.1f}): nothing pruned there")
+    return out
+
+
 def timing_summary(metas: list[dict], wall_s: float | None) -> dict:
     keys = sorted({k for m in metas for k in m.get("time", {})})
     out: dict[str, Any] = {f"{k}_s_mean": _mean([m["time"].get(k) for m in metas]) for k in keys}
@@ -171,6 +189,7 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         "generation": resolved.get("generation"),
         "benchmark_config": resolved.get("benchmark", bench.config()),
         "tokens": token_summary(metas, resolved.get("llm_layers") or []),
+        "budget": budget_summary(metas, cfg.get("method"), cfg.get("budget")),
         "timing": timing_summary(metas, wall_s),
         "world_size": resolved.get("world_size"),
         "launcher": resolved.get("launcher"),

@@ -406,6 +406,7 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
     batches = _Batches(todo, cfg.batch_size)
     model_id = cfg.model.rstrip("/").split("/")[-1]
     answered = 0
+    warned_noop = False
     sums = {"in": 0.0, "avg": 0.0, "n": 0}
     with JsonlAppender(shard) as out:
         tty = sys.stderr.isatty()
@@ -453,7 +454,12 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
                 if stats is not None:
                     s = stats.samples[b].as_dict()
                     meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],
-                                visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"])
+                                visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"],
+                                vision_noop=s.get("vision_noop", False))
+                    if s.get("vision_noop") and not warned_noop and cfg.budget is not None:
+                        warned_noop = True  # said once, at the first sample it happens to
+                        log.warning("budget %s >= the %d visual tokens of %s: nothing is pruned there (results.json "
+                                    "records the effective budget under 'budget')", cfg.budget, s["visual_candidates"], q.uid)
                     meta["time"].update({k: v / len(batch) for k, v in stats.timings.items()})
                     sums["in"] += s["visual_entering_llm"]
                     sums["avg"] += s["visual_layer_avg"]
@@ -512,6 +518,9 @@ def _print_summary(results: dict) -> None:
     if t.get("samples"):
         print(f"  visual tokens: {t['visual_candidates_mean']:.1f} candidates -> {t['tok_in']:.1f} entering the LLM "
               f"(tok-in), {t['tok_eq']:.1f} layer-averaged (tok-eq)")
+    b = results.get("budget") or {}
+    if b.get("unpruned_samples"):
+        print(f"  budget: {b['note']}; effective budget {b['effective'] if b['effective'] is not None else 'none (unpruned)'}")
     for p in results.get("pending", []):
         print(f"  pending: {p}")
     print(f"  results: {results['files']['results']}")

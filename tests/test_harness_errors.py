@@ -150,3 +150,23 @@ def test_folder_without_answers_never_blocks_a_new_config(fixture_data, tmp_path
     # with answers in it, a different configuration is still refused
     assert run(RunConfig(**{**new.__dict__, "budget": 8})) == 2
     assert "different configuration" in capsys.readouterr().err
+
+
+def test_budget_above_the_visual_tokens_is_said_and_recorded(fixture_data, tmp_path, caplog, capsys):
+    import logging
+
+    c = RunConfig(benchmark="pope", data_root=str(fixture_data), out=str(tmp_path), method="random", budget=1000,
+                  max_new_tokens=2, wandb=False)
+    with caplog.at_level(logging.WARNING, logger="eval"):
+        assert run(c) == 0
+    said = [r for r in caplog.records if "nothing is pruned" in r.getMessage()]
+    assert len(said) == 1 and "budget 1000 >= the 16 visual tokens" in said[0].getMessage()
+    res = json.loads((run_dir_of(c) / "results.json").read_text())
+    assert res["budget"]["requested"] == 1000 and res["budget"]["effective"] is None
+    assert res["budget"]["unpruned_samples"] == res["budget"]["samples"] == 6
+    assert "effective budget none (unpruned)" in capsys.readouterr().out
+    c4 = RunConfig(benchmark="pope", data_root=str(fixture_data), out=str(tmp_path), method="random", budget=4,
+                   max_new_tokens=2, wandb=False)
+    assert run(c4) == 0
+    res = json.loads((run_dir_of(c4) / "results.json").read_text())
+    assert res["budget"] == {"requested": 4, "effective": 4, "unpruned_samples": 0, "samples": 6}
