@@ -30,22 +30,41 @@ def parse_options(pairs: list[str], what: str = "--opt") -> dict:
     return out
 
 
+class InputError(ValueError):
+    """A bad input to :func:`ask` (model, method, budget, option, image or video); the command line
+    prints it as one ``error:`` line with exit code 2. Anything else is a bug and keeps its traceback."""
+
+
+def _msg(e: BaseException) -> str:
+    return str(e.args[0]) if e.args else str(e)
+
+
 def ask(model, question, image=None, video=None, method="none", budget=None, options=None, dtype=None, device=None,
         max_new_tokens=32, next_layout="spatial_unpad", rt=None):
     """Answer one question; returns a dict with the answer, token accounting and timings."""
     from .demo_image import demo_image
     from .models import load
 
-    rt = rt or load(model, dtype=dtype, device=device, next_layout=next_layout)
-    eng = rt.prune(method, budget, **(options or {}))
+    if rt is None:
+        try:
+            rt = load(model, dtype=dtype, device=device, next_layout=next_layout)
+        except (ValueError, OSError) as e:  # unknown tiny family, no such hub id / directory
+            raise InputError(f"cannot load model {model!r}: {_msg(e)}") from e
+    try:
+        eng = rt.prune(method, budget, **(options or {}))  # unknown method / option, budget <= 0
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(_msg(e)) from e
     dev = next(rt.model.parameters()).device
-    if video is not None:
-        batch = rt.processor([question], videos=[video], device=dev)
-    else:
-        if rt.family == "video_llava" and image is None:
-            batch = rt.processor([question], videos=[[demo_image()] * rt.processor.num_frames], device=dev)
+    try:  # missing / unreadable image, empty video folder
+        if video is not None:
+            batch = rt.processor([question], videos=[video], device=dev)
         else:
-            batch = rt.processor([question], [image if image is not None else demo_image()], device=dev)
+            if rt.family == "video_llava" and image is None:
+                batch = rt.processor([question], videos=[[demo_image()] * rt.processor.num_frames], device=dev)
+            else:
+                batch = rt.processor([question], [image if image is not None else demo_image()], device=dev)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(_msg(e)) from e
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -128,8 +147,8 @@ def main(argv=None) -> int:
         res = ask(args.model, args.question, image=args.image, video=args.video, method=args.method,
                   budget=args.budget, options=parse_options(args.opt), dtype=args.dtype, device=args.device,
                   max_new_tokens=args.max_new_tokens, next_layout=args.next_layout)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+    except InputError as e:  # bad input: one line; a bug elsewhere keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res) if args.json else "", end="\n" if args.json else "")
     if not args.json:

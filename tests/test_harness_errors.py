@@ -170,3 +170,19 @@ def test_budget_above_the_visual_tokens_is_said_and_recorded(fixture_data, tmp_p
     assert run(c4) == 0
     res = json.loads((run_dir_of(c4) / "results.json").read_text())
     assert res["budget"] == {"requested": 4, "effective": 4, "unpruned_samples": 0, "samples": 6}
+
+
+def test_ask_keeps_the_traceback_of_a_bug(monkeypatch, capsys):
+    def broken_generate(*a, **k):
+        raise ValueError("a bug inside generate")
+
+    from llava.models import load
+
+    rt = load("tiny:llava")
+    monkeypatch.setattr(rt.model, "generate", broken_generate)
+    monkeypatch.setattr("llava.models.load", lambda *a, **k: rt)
+    with pytest.raises(ValueError, match="a bug inside generate"):  # not turned into an `error:` line
+        llava_main(["ask", "--question", "what?", "--method", "random", "--budget", "4"])
+    monkeypatch.undo()
+    assert llava_main(["ask", "--question", "what?", "--model", "tiny:nope"]) == 2  # a bad model id is bad input
+    assert "cannot load model 'tiny:nope'" in one_error_line(capsys.readouterr().err)
