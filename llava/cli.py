@@ -21,7 +21,8 @@ def parse_options(pairs: list[str], what: str = "--opt") -> dict:
     out = {}
     for p in pairs or []:
         if "=" not in p:
-            raise SystemExit(f"{what} expects key=value, got {p!r}")
+            print(f"error: {what} expects key=value, got {p!r}", file=sys.stderr)
+            raise SystemExit(2)  # exit code 2, as every other bad input
         k, v = p.split("=", 1)
         try:
             out[k] = json.loads(v)

@@ -186,3 +186,12 @@ def test_ask_keeps_the_traceback_of_a_bug(monkeypatch, capsys):
     monkeypatch.undo()
     assert llava_main(["ask", "--question", "what?", "--model", "tiny:nope"]) == 2  # a bad model id is bad input
     assert "cannot load model 'tiny:nope'" in one_error_line(capsys.readouterr().err)
+
+
+def test_option_without_a_value_is_exit_2(fixture_data, tmp_path, capsys):
+    for call in (lambda: eval_run(fixture_data, tmp_path, "--method", "random", "--budget", "4", "--opt", "nonsense"),
+                 lambda: llava_main(["ask", "--question", "q", "--opt", "nonsense"])):
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert e.value.code == 2
+        assert "--opt expects key=value, got 'nonsense'" in one_error_line(capsys.readouterr().err)
