@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             if cfg.get("limit") is not None:
                 qs = qs[: cfg["limit"]]
             try:
-                official, _ = merge(run_dir, qs)
+                official, _ = merge(run_dir, qs, root=bench.root)
             except MergeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

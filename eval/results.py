@@ -23,10 +23,13 @@ class MergeError(RuntimeError):
     pass
 
 
-def merge(run_dir: Path, questions) -> tuple[list[dict], list[dict]]:
+def merge(run_dir: Path, questions, root=None) -> tuple[list[dict], list[dict]]:
     """Collect the answer records of every shard file, check that every question is answered
-    exactly once, write ``merge.jsonl`` (LLaVA's records, question-file order) and return
-    (official records, per-record bookkeeping) in that order."""
+    exactly once and that every answer belongs to its question (``_eval.qhash`` against the
+    question's hash; ``root``: the data root the image paths are relative to), write
+    ``merge.jsonl`` (LLaVA's records, question-file order) and return (official records,
+    per-record bookkeeping) in that order."""
+    from .fingerprint import question_hash
     from .runner import shard_files
 
     run_dir = Path(run_dir)
@@ -48,6 +51,13 @@ def merge(run_dir: Path, questions) -> tuple[list[dict], list[dict]]:
                         "(resume the run with the same command to answer them)")
     if problems:
         raise MergeError(f"merge of {run_dir}: " + "; ".join(problems))
+    for q in questions:  # each answer belongs to its question (answers before question hashes carry none)
+        name, r = by_uid[q.uid][0]
+        h = r[EVAL_KEY].get("qhash")
+        if h is not None and h != question_hash(q, root):
+            raise MergeError(f"{run_dir / 'answers' / name}: the answer to question {q.uid} was made for another "
+                             f"question (question hash {h}, the question file now gives {question_hash(q, root)}); "
+                             "the data changed since it was answered: rerun with --overwrite or another --run-name")
     ordered = [by_uid[q.uid][0][1] for q in questions]
     official = [{k: v for k, v in r.items() if k != EVAL_KEY} for r in ordered]
     metas = [r[EVAL_KEY] for r in ordered]
@@ -124,7 +134,7 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
     questions = bench.load()
     if cfg.get("limit") is not None:
         questions = questions[: cfg["limit"]]
-    official, metas = merge(run_dir, questions)
+    official, metas = merge(run_dir, questions, root=bench.root)
     partial = cfg.get("limit") is not None
     if strict is None:
         strict = not partial

@@ -12,6 +12,7 @@ barrier, rank 0 merges: every question answered exactly once, records in questio
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from . import dist as distmod
 from .benchmarks import Benchmark, Question, get_benchmark
+from .fingerprint import (compare as fp_compare, data_fingerprint, model_fingerprint, question_hash,
+                          record_matches_question, template_fingerprint)
 from .io import JsonlAppender, complete_jsonl_records, read_json, write_json
 
 log = logging.getLogger("eval")
@@ -129,6 +132,43 @@ def answered_uids(run_dir: Path) -> set[str]:
         for r in complete_jsonl_records(p):
             out.add(r[EVAL_KEY]["uid"])
     return out
+
+
+def _short(v, n: int = 80) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _refuse(run_dir: Path, changes: list[str]) -> None:
+    print(f"error: {run_dir} holds answers of a different configuration, changed since they were written: "
+          f"{'; '.join(changes)}; use another --run-name / --out, or --overwrite to start over", file=sys.stderr)
+
+
+def _data_changes(prev_meta: dict, data_fp: dict, run_dir: Path, questions: list[Question], root) -> list[str]:
+    """What changed in the data since the answers of ``run_dir`` were written: the recorded data
+    fingerprint, then every answer against its question (``qhash``; answers written before question
+    hashes: the question text they carry). A folder without a fingerprint (written before them)
+    resumes only when every answer still matches its question."""
+    changes = []
+    prev_fp = prev_meta.get("fingerprint")
+    if prev_fp is not None:
+        changes, _ = fp_compare({"data": prev_fp.get("data", {})}, {"data": data_fp})
+    by_uid = {q.uid: q for q in questions}
+    bad = []
+    for p in shard_files(run_dir):
+        for r in complete_jsonl_records(p):
+            q = by_uid.get(r[EVAL_KEY]["uid"])
+            if q is None:
+                continue
+            h = r[EVAL_KEY].get("qhash")
+            if (h is not None and h != question_hash(q, root)) or (h is None and not record_matches_question(r, q)):
+                bad.append(f"{p.name}: {q.uid}")
+    if bad and not changes:
+        changes.append(f"questions: {len(bad)} answer(s) were made for another question of the same id, e.g. {bad[:3]}")
+    if prev_fp is None and not changes:
+        log.warning("%s has no fingerprint (written before they were recorded): resuming since the configuration and "
+                    "every answer's question text match; the fingerprint is recorded from now on", run_dir)
+    return changes
 
 
 def git_info() -> dict:
@@ -257,6 +297,8 @@ def run(cfg: RunConfig) -> int:
 
     run_dir = run_dir_of(cfg)
     cfg_path = run_dir / "run_config.json"
+    qhashes = {q.uid: question_hash(q, bench.root) for q in questions}
+    data_fp = data_fingerprint(bench, questions) if info.is_main else None
     distmod.init(info, cfg.dist_backend, cfg.dist_timeout_min)
     try:
         prev_meta = None
@@ -266,12 +308,14 @@ def run(cfg: RunConfig) -> int:
                 prev_meta = read_json(cfg_path)
                 prev = prev_meta.get("config", {})
                 mismatch = {k: (prev.get(k), v) for k, v in cfg.resume_view().items() if prev.get(k) != v}
-                if mismatch and answered_uids(run_dir):
-                    msg = (f"error: {run_dir} holds answers of a different configuration {mismatch} (existing, new); "
-                           "use another --run-name / --out, or --overwrite")
-                    print(msg, file=sys.stderr)
+                has_answers = bool(answered_uids(run_dir))
+                changes = [f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in mismatch.items()]
+                if has_answers:  # what the answers were made under, checkable before the model loads
+                    changes += _data_changes(prev_meta, data_fp, run_dir, questions, bench.root)
+                if changes and has_answers:
+                    _refuse(run_dir, changes)
                     cfg_ok = False
-                elif mismatch:  # a folder with no answers never blocks a new configuration
+                elif changes:  # a folder with no answers never blocks a new configuration
                     log.info("%s holds no answers: its run_config.json is replaced by the new configuration", run_dir)
                     prev_meta = None
         else:
@@ -319,6 +363,26 @@ def run(cfg: RunConfig) -> int:
             "git": git_info(),
             "env": env_info(device),
         }
+        fingerprint = {"data": data_fp, "template": template_fingerprint(rt.template),
+                       "model": model_fingerprint(cfg.model, cfg.seed, rt.model.config),
+                       "method": {"method": cfg.method, "budget": cfg.budget, "options": cfg.options,
+                                  "config": resolved["method_config"]},
+                       "dtype": dtype, "code": resolved["git"]}
+        if info.is_main:  # the parts that need the model: template, weights, resolved method, dtype
+            cfg_ok = True
+            if prev_meta is not None and "fingerprint" in prev_meta and answered_uids(run_dir):
+                changes, warnings = fp_compare(prev_meta["fingerprint"], fingerprint)
+                changes = [c for c in changes if not c.startswith(("question", "image"))]  # checked above
+                for w in warnings:
+                    log.warning("%s: resuming answers written under another %s (kept: only the code changed; "
+                                "run_config.json lists every code version under 'code_versions')", run_dir, w)
+                if changes:
+                    _refuse(run_dir, changes)
+                    cfg_ok = False
+        else:
+            cfg_ok = None
+        if not distmod.broadcast_object(info, cfg_ok):
+            return 2
         if info.is_main:  # method, options, budget, data and model are good: now the run folder is written
             if cfg.overwrite and run_dir.exists():
                 for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", cfg_path]:
@@ -327,6 +391,13 @@ def run(cfg: RunConfig) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             meta = {"config": dataclasses.asdict(cfg), "created": (prev_meta or {}).get("created") or _now()}
             meta["resolved"] = resolved
+            meta["fingerprint"] = fingerprint
+            versions = []  # every code version that wrote answers into this folder
+            for v in (list((prev_meta or {}).get("code_versions") or []) +
+                      [((prev_meta or {}).get("fingerprint") or {}).get("code"), fingerprint["code"]]):
+                if v and v not in versions:
+                    versions.append(v)
+            meta["code_versions"] = versions
             write_json(cfg_path, meta)
         distmod.barrier(info)  # --overwrite: the old answers are gone before any rank looks for them
         mine = chunk(questions, info.world, info.rank)
@@ -345,7 +416,8 @@ def run(cfg: RunConfig) -> int:
                              config={"run": dataclasses.asdict(cfg), **{k: v for k, v in resolved.items() if k != "env"}},
                              dir=str(run_dir))
 
-        _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done))
+        _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done),
+               qhashes=qhashes)
         distmod.barrier(info)
         code = 0
         if info.is_main:
@@ -390,7 +462,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_done):
+def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_done, qhashes=None):
     import torch
     from tqdm import tqdm
 
@@ -449,7 +521,7 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
                 rec = bench.record(q, bench.postprocess(text), model_id)
                 row = new[b].tolist()
                 n_new = next((i + 1 for i, t in enumerate(row) if t == eos), len(row) - sum(1 for t in row if t == pad))
-                meta = {"uid": q.uid, "idx": q.idx, "rank": info.rank, "batch": len(batch), "new_tokens": n_new,
+                meta = {"uid": q.uid, "idx": q.idx, "qhash": (qhashes or {}).get(q.uid), "rank": info.rank, "batch": len(batch), "new_tokens": n_new,
                         "time": {"generate": t_gen / len(batch)}}
                 if stats is not None:
                     s = stats.samples[b].as_dict()
