@@ -8,8 +8,8 @@ data, another prompt, another model or another method (issue 16, item 1).
   paths + sizes of the files the questions reference; cheap, no image bytes are read);
 - ``template``: the conversation template (name + its text);
 - ``model``: the id, plus the hub revision (commit) where there is one, a listing of a local
-  folder (config.json hash + weight file names and sizes), or the seed of a ``tiny:`` /
-  ``shape:`` model (random weights);
+  folder (config.json hash; each weight file's name, size and a hash of its size + first and last
+  MiB; the index file's hash), or the seed of a ``tiny:`` / ``shape:`` model (random weights);
 - ``method``: method, budget, options as given and the method's resolved config;
 - ``dtype``;
 - ``code``: the git commit (a change only warns: answers of the same configuration under a
@@ -49,6 +49,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sample_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """sha256 of a file's size, first and last ``block`` bytes: a cheap weights fingerprint (another
+    checkpoint of the same architecture has the same sizes but other values right after the header)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(block))
+        if size > block:
+            f.seek(max(block, size - block))
+            h.update(f.read(block))
+    return h.hexdigest()[:16]
 
 
 def _rel(p: Any, root: str | os.PathLike | None) -> Any:
@@ -119,7 +132,7 @@ def model_fingerprint(model_id: str, seed: int, config=None) -> dict:
         for p in sorted(root.iterdir()):
             if p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json"):
                 index = p.name.endswith(".index.json")  # the index names which file holds which tensor
-                weights.append([p.name, p.stat().st_size] + ([sha256_file(p)] if index else []))
+                weights.append([p.name, p.stat().st_size, sha256_file(p) if index else sample_sha256(p)])
         out["weights"] = weights
         return out
     rev = getattr(config, "_commit_hash", None) if config is not None else None

@@ -154,6 +154,28 @@ def test_changed_model_refuses(data, tmp_path, capsys):
     assert "changed since they were written" in line and "seed (0 -> 1)" in line
 
 
+def save_tiny(path, seed):
+    from llava.models import load
+
+    rt = load("tiny:llava", seed=seed)
+    rt.model.save_pretrained(path)
+    rt.tokenizer.save_pretrained(path)
+    rt.processor.image_processor.save_pretrained(path)
+
+
+def test_other_weights_in_a_local_model_folder_refuse(data, tmp_path, capsys):
+    model = tmp_path / "model"
+    save_tiny(model, 0)
+    crashed_run(data, tmp_path / "runs", model=str(model))
+    save_tiny(model, 1)  # another checkpoint, same architecture: same file names and sizes
+    capsys.readouterr()
+    assert eval_run(data, tmp_path / "runs", model=str(model)) == 2
+    err = capsys.readouterr().err  # transformers' "Loading weights" progress bar is on stderr too
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert "changed since they were written: model (" in line and "model.safetensors" in line
+
+
 def test_changed_method_option_refuses(data, tmp_path, capsys):
     crashed_run(data, tmp_path / "runs", "--opt", "seed=1")
     capsys.readouterr()
