@@ -107,3 +107,58 @@ def test_video_qa_script_two_processes(data, tmp_path):
     assert res["model"]["family"] == "video_llava" and res["model"]["template"] == "llava_v1"
     assert [m["answer"] for m in merged] == [f"answer {i}" for i in range(5)]  # paired by id across both shards
     assert res["metrics"] == {} and res["pending"][0].startswith("MSVD-QA: judge with")
+
+
+def _worker_pid(marker: str, local_rank: int):
+    """PID of the torchrun worker whose environment holds OUT=marker and LOCAL_RANK=local_rank."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"OUT={marker}".encode() in env and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_pope_script_one_rank_sigkilled_then_resumed_equals_uninterrupted(data, tmp_path):
+    """kill -9 of one torchrun rank at a random point (after 1-2 of its answers), the same command again:
+    nothing lost, nothing twice, and the answers and scores of an uninterrupted run."""
+    import random
+    import signal
+    import time
+
+    args = ["random", "4", "tiny:llava", "--max-new-tokens", "24"]
+    ref_out = tmp_path / "ref"
+    script("pope", args, ref_out, data)
+    ref, ref_merged = check_run("pope", data, run_dir(ref_out, "pope"))
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "NPROC": "2", "DATA_ROOT": str(data), "OUT": str(out), "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "eval" / "pope.sh"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    want = random.Random(7).randint(1, 2)
+    deadline, killed = time.time() + 300, False
+    while time.time() < deadline and proc.poll() is None and not killed:
+        shards = list(out.glob("pope/*/answers/2_1.jsonl"))
+        if shards and shards[0].read_bytes().count(b"\n") >= want:
+            pid = _worker_pid(str(out), 1)
+            if pid:
+                os.kill(pid, signal.SIGKILL)  # a real kill -9 of rank 1, wherever it is
+                killed = True
+        time.sleep(0.005)
+    assert killed, "rank 1 finished before it could be killed"
+    assert proc.wait(timeout=300) != 0  # torchrun tears the job down
+    rd = run_dir(out, "pope")
+    assert not (rd / "results.json").exists()
+    script("pope", args, out, data)  # the same command resumes
+    res, merged = check_run("pope", data, rd)
+    key = lambda r: (r["question_id"], r["text"])  # noqa: E731
+    assert [key(r) for r in merged] == [key(r) for r in ref_merged]
+    assert res["metrics"] == ref["metrics"]

@@ -136,6 +136,14 @@ def test_sigkill_then_resume(data, tmp_path):
     assert all(r["answer_id"] == before[r["_eval"]["uid"]] for r in recs if r["_eval"]["uid"] in before)
     res = json.loads((run_dir_of(c) / "results.json").read_text())
     assert res["counts"]["answered"] == 6 and "POPE-F1avg3" in res["metrics"]
+    # the same answers and scores as an uninterrupted run of the same command
+    ref = cfg(data, tmp_path, "pope", max_new_tokens=12, wandb=False, run_name="uninterrupted")
+    assert run(ref) == 0
+    ref_res = json.loads((run_dir_of(ref) / "results.json").read_text())
+    assert ref_res["metrics"] == res["metrics"]
+    key = lambda r: (r["question_id"], r["text"])  # noqa: E731
+    assert [key(r) for r in read_jsonl(run_dir_of(ref) / "merge.jsonl")] == \
+        [key(r) for r in read_jsonl(run_dir_of(c) / "merge.jsonl")]
 
 
 def test_resume_refuses_a_different_config(data, tmp_path, capsys):
