@@ -337,9 +337,12 @@ def run(cfg: RunConfig) -> int:
 
         from llava.models import load
 
-        rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
-                  template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
-                  pad_to_square=cfg.pad_to_square, seed=cfg.seed)
+        try:  # unknown tiny / shape name, no such hub id or directory, not a LLaVA-family checkpoint
+            rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
+                      template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
+                      pad_to_square=cfg.pad_to_square, seed=cfg.seed)
+        except (ValueError, OSError) as e:
+            return user_error(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}")
         try:  # checks that need the model (e.g. an LLM layer out of range)
             engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
         except (KeyError, ValueError, TypeError) as e:

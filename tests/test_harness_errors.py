@@ -128,10 +128,11 @@ def test_eval_run_subprocess_has_no_traceback(fixture_data, tmp_path):
 # ---------------------------------------------------------------- item 4: a failed start leaves no trap
 
 
-def test_failed_model_load_writes_no_run_config(fixture_data, tmp_path):
-    with pytest.raises(ValueError, match="unknown tiny family"):  # a bug-shaped failure keeps its traceback
-        eval_run(fixture_data, tmp_path / "runs", "--method", "random", "--budget", "4", "--run-name", "r",
-                 model="tiny:nope")
+def test_failed_model_load_writes_no_run_config(fixture_data, tmp_path, capsys):
+    rc = eval_run(fixture_data, tmp_path / "runs", "--method", "random", "--budget", "4", "--run-name", "r",
+                  model="tiny:nope")
+    assert rc == 2  # a bad model id is bad input: one line, exit 2
+    assert "cannot load model 'tiny:nope'" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "runs" / "pope" / "r" / "run_config.json").exists()
 
 
