@@ -622,13 +622,12 @@ class PruningEngine:
         info = {"candidates": [int(lay.visual.numel()) for lay in layouts], "noop": noop, "t_vision": t1 - t0}
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
             info["layouts"] = layouts
-            info["input_ids"] = input_ids
             self._state = _State(orig_len=L, llm_mask=attention_mask,
                                  pos_shift=torch.zeros(B, dtype=torch.long, device=dev), segments=None)
             return embeds, attention_mask, position_ids, info
-        return self._respliced(embeds, input_ids, attention_mask, position_ids, layouts, per_sample, selections, info)
+        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, info)
 
-    def _respliced(self, embeds, input_ids, attention_mask, position_ids, layouts, sigs, selections, info):
+    def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, info):
         """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left.
 
         The new layout of every row is computed on the host (text tokens keep their order; each
@@ -643,29 +642,28 @@ class PruningEngine:
                 sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
             out_feats, out_src = self._materialize_vision(sig, sel)
             run_h = _runs(lay.visual)  # run index of each visual token (host)
-            n_runs = int(run_h[-1]) + 1 if run_h.numel() else 0
             if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
                 u = sig._unit_host[:sig.num_stock]
                 big = sig.num_stock
                 first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
                 first.scatter_reduce_(0, u.clamp(min=0), torch.where(u >= 0, torch.arange(big), big), "amin")
                 run_h = torch.cat([run_h, run_h[first[sig._unit_host[sig.num_stock:]]]])
-            rows.append(self._place_outputs(lay, run_h, n_runs, out_src, dev))
+            rows.append(self._place_outputs(lay, run_h, out_src, dev))
             rows[-1]["x"] = out_feats
         new_L = max(r["n"] for r in rows)
         new_embeds = embeds.new_zeros(B, new_L, D)
-        new_ids_h = torch.full((B, new_L), -1, dtype=torch.long)
         new_mask_h = torch.zeros(B, new_L, dtype=torch.long)
         new_layouts = []
         for b, (lay, r) in enumerate(zip(layouts, rows)):
             pad = new_L - r["n"]
             new_mask_h[b, pad:] = 1
-            new_ids_h[b, pad + r["text_dst"]] = lay.ids[r["text_src"]]
-            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=new_ids_h[b, pad:]))
+            ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
+            ids[r["text_dst"]] = lay.ids[r["text_src"]]
+            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
         moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r["text_src"]], r["text_dst"])]
-                           + [new_ids_h, new_mask_h], dev)
-        new_ids, new_mask = moved[-2:]
-        visual, origin = [], []
+                           + [new_mask_h], dev)
+        new_mask = moved[-1]
+        origin = []
         for b, r in enumerate(rows):
             pad = new_L - r["n"]
             text_src, text_dst = moved[2 * b], moved[2 * b + 1]
@@ -673,7 +671,6 @@ class PruningEngine:
             x, src = r["x"], r["src"]
             vd = r["vis_dst_d"]
             new_embeds[b, pad + vd] = x[r["perm"]] if r["perm"] is not None else x
-            visual.append(pad + vd)
             origin.append(src[r["perm"]] if r["perm"] is not None else src)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         orig_valid = valid.long().sum(1)
@@ -683,19 +680,23 @@ class PruningEngine:
             new_pos = (new_mask.cumsum(1) - 1).clamp(min=0) + base[:, None] * new_mask
         else:
             new_pos = None
-        info.update(layouts=new_layouts, visual=visual, origin=origin, input_ids=new_ids)
+        info.update(layouts=new_layouts, origin=origin)
         self._state = _State(orig_len=L, llm_mask=new_mask, pos_shift=shift, segments=None)
         return new_embeds, new_mask, new_pos, info
 
     @staticmethod
-    def _place_outputs(lay: "_Layout", run_h: torch.Tensor, n_runs: int, out_src: torch.Tensor, dev) -> dict:
+    def _place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
         """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
 
-        run_h: run index (host) of every candidate token; out_src: (m,) each output's source candidate
+        run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
+        candidates'); out_src: (m,) each output's source candidate
         (device). Returns the new row length, the text tokens' old / new indices (among the row's real
         tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
         the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
         m = int(out_src.numel())
+        nv = int(lay.visual.numel())
+        old_run = run_h[:nv]
+        n_runs = int(old_run[-1]) + 1 if nv else 0
         if n_runs <= 1:
             counts = [m] if n_runs else []
             perm = None
@@ -708,7 +709,6 @@ class PruningEngine:
         is_vis[lay.visual] = True
         text_src = (~is_vis).nonzero().flatten()
         vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
-        old_run = _runs(lay.visual)
         run_start = torch.zeros(n_runs, dtype=torch.long)
         run_len = torch.zeros(n_runs, dtype=torch.long)
         if n_runs:
@@ -721,7 +721,7 @@ class PruningEngine:
         text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
         new_start = run_start - old_cum[:-1] + new_cum[:-1]
         vis_dst = torch.repeat_interleave(new_start, cnt) + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt))
-        return {"n": n_real - int(lay.visual.numel()) + m, "text_src": text_src, "text_dst": text_dst,
+        return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
                 "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
 
     def _make_probe(self, b, real, vis, after, question):
@@ -911,8 +911,7 @@ class PruningEngine:
             if sel.order is not None:
                 o = sel.order.to(dev)
                 src, vx, vp = src[o], vx[o], vp[o]
-            run_h = _runs(lay.visual)
-            r = self._place_outputs(lay, run_h, int(run_h[-1]) + 1 if nv else 0, src, dev)
+            r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if perm is not None:
                 vx, vp, src = vx[perm], vp[perm], src[perm]
