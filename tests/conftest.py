@@ -117,3 +117,29 @@ def layout(rt, inputs):
         rt.model(**inputs)
     rt.unprune()
     return spy.seen
+
+
+# ------------------------------------------------------------------ evaluation-harness runs in this process
+@pytest.fixture
+def run_env(monkeypatch):
+    """An `eval run` inside the test process: W&B off, no torchrun variables inherited from outside."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory):
+    """POPE and MSVD fixture datasets in their real layouts (eval.fixtures), shared by a test module."""
+    from eval.fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("pope_msvd_data"), ["pope", "msvd"])
+
+
+@pytest.fixture
+def data(fixture_data, tmp_path):
+    """A private copy of ``fixture_data`` that a test may damage (modules with their own ``data`` override it)."""
+    import shutil
+    from pathlib import Path
+
+    return Path(shutil.copytree(fixture_data, tmp_path / "data"))

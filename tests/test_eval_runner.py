@@ -32,11 +32,7 @@ def data(tmp_path_factory):
     return write_fixtures(tmp_path_factory.mktemp("eval_runner_data"))
 
 
-@pytest.fixture(autouse=True)
-def _no_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+pytestmark = pytest.mark.usefixtures("run_env")
 
 
 def cfg(data, out, bench, **kw):

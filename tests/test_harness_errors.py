@@ -4,7 +4,6 @@ that fails its checks writes nothing, so the corrected command is never refused.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,29 +11,13 @@ from pathlib import Path
 import pytest
 
 from eval.cli import main as eval_main
-from eval.fixtures import write_fixtures
 from eval.runner import RunConfig, run, run_dir_of
 from llava.cli import main as llava_main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def fixture_data(tmp_path_factory):
-    return write_fixtures(tmp_path_factory.mktemp("harness_errors_data"), ["pope", "msvd"])
-
-
-@pytest.fixture
-def data(fixture_data, tmp_path):
-    """A private copy (the tests below damage it)."""
-    return Path(shutil.copytree(fixture_data, tmp_path / "data"))
-
-
-@pytest.fixture(autouse=True)
-def _no_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+pytestmark = pytest.mark.usefixtures("run_env")  # fixture_data / data: conftest
 
 
 def eval_run(data, out, *extra, bench="pope", model="tiny:llava"):

@@ -11,26 +11,11 @@ from pathlib import Path
 import pytest
 
 from eval.cli import main as eval_main
-from eval.fixtures import write_fixtures
 from eval.results import MergeError, merge
 from eval.runner import EVAL_KEY, shard_files
 
 
-@pytest.fixture(scope="module")
-def fixture_data(tmp_path_factory):
-    return write_fixtures(tmp_path_factory.mktemp("resume_fp_data"), ["pope", "msvd"])
-
-
-@pytest.fixture
-def data(fixture_data, tmp_path):
-    return Path(shutil.copytree(fixture_data, tmp_path / "data"))
-
-
-@pytest.fixture(autouse=True)
-def _no_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+pytestmark = pytest.mark.usefixtures("run_env")  # fixture_data / data: conftest
 
 
 def eval_run(data, out, *extra, model="tiny:llava", bench="pope"):
