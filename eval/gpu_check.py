@@ -43,6 +43,7 @@ remaining tasks; a worker that dies outright charges the task it was on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -321,6 +322,26 @@ def _guard(device, rec_or_dict, exc) -> None:
         raise DeviceLost("; ".join(_tail(exc, 2))) from exc
 
 
+@contextlib.contextmanager
+def _recorded(device, rec: dict):
+    """One step of a task: asynchronous CUDA errors surface at its end; an exception is recorded in
+    ``rec["error"]`` and the run goes on, unless it took the device down (then DeviceLost)."""
+    try:
+        yield
+        _finish(device)
+    except DeviceLost:
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded, the other steps go on
+        _guard(device, rec, e)
+
+
+def _unprune(rt) -> None:
+    try:
+        rt.unprune()
+    except Exception:  # noqa: BLE001 - best effort after a failed task
+        pass
+
+
 def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig) -> dict:
     """One method on one loaded tiny family in one dtype: every scenario and the sync count."""
     rt, scen, suppress, device = ctx["rt"], ctx["scenarios"], ctx["suppress"], cfg.device
@@ -329,41 +350,25 @@ def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig)
     rec = {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": budget,
            "scenarios": {}, "error": None}
     try:
-        try:
-            eng = rt.prune(method, budget)
-        except (ValueError, TypeError) as e:
-            if budget is None or method in TINY_BUDGETS:
-                raise
-            rec["budget_note"] = f"budget {budget} refused ({e}); ran without a budget"
-            rec["budget"] = budget = None
-            eng = rt.prune(method, None)
-        rec["config"] = _jsonable(eng.method.config())
-        for name, samples in scen.items():
+        with _recorded(device, rec):
             try:
-                rec["scenarios"][name] = run_scenario(rt, eng, samples, device, cfg.new_tokens, suppress)
-                _finish(device)
-            except DeviceLost:
-                raise
-            except Exception as e:  # noqa: BLE001 - recorded, the other scenarios go on
+                eng = rt.prune(method, budget)
+            except (ValueError, TypeError) as e:
+                if budget is None or method in TINY_BUDGETS:
+                    raise
+                rec["budget_note"] = f"budget {budget} refused ({e}); ran without a budget"
+                rec["budget"] = budget = None
+                eng = rt.prune(method, None)
+            rec["config"] = _jsonable(eng.method.config())
+            for name, samples in scen.items():
                 rec["scenarios"][name] = {}
-                _guard(device, rec["scenarios"][name], e)
-        try:
-            rec["syncs"] = count_syncs(rt, scen["mixed"], device)
-            _finish(device)
-        except DeviceLost:
-            raise
-        except Exception as e:  # noqa: BLE001
+                with _recorded(device, rec["scenarios"][name]):
+                    rec["scenarios"][name] = run_scenario(rt, eng, samples, device, cfg.new_tokens, suppress)
             rec["syncs"] = {}
-            _guard(device, rec["syncs"], e)
-    except DeviceLost:
-        raise
-    except Exception as e:  # noqa: BLE001
-        _guard(device, rec, e)
+            with _recorded(device, rec["syncs"]):
+                rec["syncs"] = count_syncs(rt, scen["mixed"], device)
     finally:
-        try:
-            rt.unprune()
-        except Exception:  # noqa: BLE001
-            pass
+        _unprune(rt)
     return rec
 
 
@@ -376,30 +381,25 @@ def ttft_task(ctx: dict, method: str, cfg: CheckConfig) -> dict:
     rec = {"kind": "ttft", "method": method, "budget": budget, "error": None, "build_seconds": ctx["build_seconds"],
            "image_px": ctx["image_px"]}
     try:
-        eng = rt.prune(method, budget)
-        for i in range(cfg.ttft_warmup):
-            prefill_once(rt, batches[i % len(batches)], device)
-        ttft, parts, toks = [], {}, []
-        for b in batches[: cfg.ttft_runs]:
-            t, o = prefill_once(rt, b, device)
-            ttft.append(t)
-            for k, v in eng.stats.timings.items():
-                parts.setdefault(k, []).append(v)
-            toks.append((eng.stats.samples[0].visual_entering_llm, eng.stats.samples[0].visual_layer_avg))
-            del o
-        rec.update(ttft=summary(ttft), **{f"t_{k}": summary(v) for k, v in parts.items()},
-                   visual_entering_llm=statistics.fmean(a for a, _ in toks),
-                   visual_layer_avg=statistics.fmean(b for _, b in toks))
-        if device.type == "cuda":
-            rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        _finish(device)
-    except Exception as e:  # noqa: BLE001
-        _guard(device, rec, e)
+        with _recorded(device, rec):
+            eng = rt.prune(method, budget)
+            for i in range(cfg.ttft_warmup):
+                prefill_once(rt, batches[i % len(batches)], device)
+            ttft, parts, toks = [], {}, []
+            for b in batches[: cfg.ttft_runs]:
+                t, o = prefill_once(rt, b, device)
+                ttft.append(t)
+                for k, v in eng.stats.timings.items():
+                    parts.setdefault(k, []).append(v)
+                toks.append((eng.stats.samples[0].visual_entering_llm, eng.stats.samples[0].visual_layer_avg))
+                del o
+            rec.update(ttft=summary(ttft), **{f"t_{k}": summary(v) for k, v in parts.items()},
+                       visual_entering_llm=statistics.fmean(a for a, _ in toks),
+                       visual_layer_avg=statistics.fmean(b for _, b in toks))
+            if device.type == "cuda":
+                rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     finally:
-        try:
-            rt.unprune()
-        except Exception:  # noqa: BLE001
-            pass
+        _unprune(rt)
     return rec
 
 
