@@ -15,7 +15,8 @@ class Template:
     system: str
     user: str
     assistant: str
-    style: str  # "two" (vicuna / llava_v1: "{system} USER: ... ASSISTANT:") or "chatml"
+    style: str  # "two" (vicuna / llava_v1: "{system} USER: ... ASSISTANT:"), "chatml" (LLaVA's chatml_direct),
+    # "qwen_vl" (Qwen2.5-VL's HF chat template) or "onevision_hf" (llava-hf OneVision's chat template)
 
     def prompt(self, question: str, placeholders: str = "<image>") -> str:
         """The prompt string up to where generation starts. ``placeholders`` is put before the
@@ -27,12 +28,30 @@ class Template:
         if self.style == "chatml":
             return (f"<|im_start|>system\n{self.system}<|im_end|><|im_start|>{self.user}\n{user_msg}<|im_end|>"
                     f"<|im_start|>{self.assistant}\n")
+        if self.style == "qwen_vl":
+            # placeholders: "<|vision_start|><|image_pad|><|vision_end|>" per image, no newline before the text
+            return (f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>{self.user}\n{placeholders}{question}"
+                    f"<|im_end|>\n<|im_start|>{self.assistant}\n")
+        if self.style == "onevision_hf":
+            # every <image> / <video> is followed by its own newline; no system turn
+            ph = placeholders.replace("<image>", "<image>\n").replace("<video>", "<video>\n")
+            return f"<|im_start|>{self.user}\n{ph}{question}<|im_end|>\n<|im_start|>{self.assistant}\n"
         raise ValueError(self.style)
 
     @property
     def role_tag(self) -> str:
         """The text that ends every prompt (stripped from 'question' tokens for query signals)."""
-        return f" {self.assistant}:" if self.style == "two" else f"<|im_end|><|im_start|>{self.assistant}\n"
+        if self.style == "two":
+            return f" {self.assistant}:"
+        if self.style in ("qwen_vl", "onevision_hf"):
+            return f"<|im_end|>\n<|im_start|>{self.assistant}\n"
+        return f"<|im_end|><|im_start|>{self.assistant}\n"
+
+    @property
+    def sep_text(self) -> str:
+        """The text between the last visual placeholder and the question (stripped from the 'question'
+        tokens): the newline of LLaVA's templates and OneVision's, ``<|vision_end|>`` for Qwen."""
+        return "<|vision_end|>" if self.style == "qwen_vl" else "\n"
 
 
 TEMPLATES = {
@@ -47,6 +66,15 @@ TEMPLATES = {
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "USER", "ASSISTANT", "two"),
     "chatml_direct": Template("chatml_direct", "Answer the questions.", "user", "assistant", "chatml"),
+    # Qwen2.5-VL-Instruct's chat template (chat_template.json of the Qwen2-VL / Qwen2.5-VL checkpoints, verified
+    # against a public copy of that file): a default system turn, then per image
+    # "<|vision_start|><|image_pad|><|vision_end|>" directly followed by the question, "<|im_end|>\n" after each turn
+    "qwen2_vl": Template("qwen2_vl", "You are a helpful assistant.", "user", "assistant", "qwen_vl"),
+    # llava-hf OneVision's chat_template.json (verified on the hub copies of llava-onevision-qwen2-7b-si-hf and
+    # -72b-si-hf, updated Aug 2024; the 7b-ov-hf file is assumed identical): "<|im_start|>user\n" + "<image>\n" per
+    # image + question + "<|im_end|>\n<|im_start|>assistant\n", no system turn. (The original LLaVA-OV
+    # `qwen_1_5` conversation adds a system turn; transformers' unit tests use an older "user <image>" variant.)
+    "llava_onevision_hf": Template("llava_onevision_hf", "", "user", "assistant", "onevision_hf"),
 }
 
 

@@ -5,6 +5,7 @@ random-weight models of each family for tests.
     rt = load("llava-hf/llava-1.5-7b-hf", dtype="float16", device="cuda")
     rt = load("shape:llava-1.5-7b", dtype="bfloat16", device="cuda")   # real size, random weights
     rt = load("tiny:llava-next")                                       # seconds, on CPU
+    rt = load("Qwen/Qwen2.5-VL-7B-Instruct", max_pixels=1280 * 28 * 28)   # Qwen2.5-VL, LLaVA-OneVision too
     inputs = rt.processor(["What is this?"], [image])
     rt.prune("consensusdrop", 64)   # = attach(rt.model, "consensusdrop", 64, prompt_spec=rt.prompt_spec(), ...)
 """
@@ -21,17 +22,25 @@ import torch
 
 from .conversation import Template, get_template
 from .engine import PromptSpec, PruningEngine, attach
-from .preprocess import PromptProcessor, llava_tokenize
+from .preprocess import OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
-TINY = ("llava", "llava-next", "video-llava")
-DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1"}
+TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision")
+DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
+                    "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf"}
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "video_llava": "VideoLlavaForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision")
+PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor}
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 56*56, max_pixels 14*14*4*16384
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
+SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @dataclass
@@ -73,6 +82,13 @@ def prompt_spec_for(tokenizer, template: Template | str) -> PromptSpec:
     """The separator and role-tag token ids of ``template`` (a name such as 'vicuna_v1' or a
     Template) under ``tokenizer``: what the engine strips to find the question tokens."""
     tmpl = get_template(template) if isinstance(template, str) else template
+    if tmpl.style in ("qwen_vl", "onevision_hf"):
+        # ChatML: Qwen puts <|vision_end|> between the last <|image_pad|> and the question, OneVision a newline;
+        # the prompt ends with "<|im_end|>\n<|im_start|>assistant\n" (special tokens split the text, so these
+        # pieces tokenise the same alone as inside the prompt)
+        def enc(text):
+            return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+        return PromptSpec(sep_ids=enc(tmpl.sep_text), tail_ids=enc(tmpl.role_tag))
     sep = llava_tokenize(tokenizer, "<image>\n", "<image>", -1, [1])[2:] if tokenizer.bos_token_id is not None else []
     probe = "<image>\nwhat"
     a = llava_tokenize(tokenizer, probe + tmpl.role_tag, "<image>", -1, [1])
@@ -111,6 +127,52 @@ def tiny_config(family: str, vocab_size: int, image_token_id: int, video_token_i
     raise ValueError(family)
 
 
+def tiny_chatml_config(family: str, tok):
+    """Tiny random-weight Qwen2.5-VL / LLaVA-OneVision configs (families.md section 7) with the token ids
+    of the ChatML tiny tokenizer; 4 LLM layers (pruning methods need stage layers)."""
+    import transformers as tf
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                       "<|vision_end|>", "<image>", "<video>")}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=None,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "qwen2_5_vl":
+        vc = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], out_hidden_size=64,
+                  tokens_per_second=2)
+        tc = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+        return tf.Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
+                                   video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                   vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if family == "llava_onevision":
+        vc = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
+        tc = dict(text, model_type="qwen2", rope_theta=1e4)
+        pinpoints = [[56 * a, 56 * b] for a in range(1, 5) for b in range(1, 5)]
+        return tf.LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=ids["<image>"],
+                                       video_token_id=ids["<video>"], vision_feature_select_strategy="full",
+                                       vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+                                       image_grid_pinpoints=pinpoints, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+def _chatml_image_processor(family: str, config, min_pixels=None, max_pixels=None):
+    """The PIL image processor of a Qwen2.5-VL / OneVision model built from ``config`` (checkpoint defaults)."""
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        vc = config.vision_config
+        return Qwen2VLImageProcessorPil(min_pixels=min_pixels or QWEN_MIN_PIXELS, max_pixels=max_pixels or QWEN_MAX_PIXELS,
+                                        patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                                        merge_size=vc.spatial_merge_size)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    side = config.vision_config.image_size
+    return LlavaOnevisionImageProcessorPil(size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints,
+                                           image_mean=SIGLIP_MEAN_STD[0], image_std=SIGLIP_MEAN_STD[1])
+
+
 def _image_processor(family: str, size: int, mean=None, std=None, pinpoints=None):
     kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     if mean is not None:
@@ -125,16 +187,28 @@ def _image_processor(family: str, size: int, mean=None, std=None, pinpoints=None
     return CLIPImageProcessorPil(**kw)
 
 
-def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str = "sdpa") -> Runtime:
-    """A tiny random-weight model of ``family`` ('llava', 'llava-next', 'video-llava') with a
-    word-level tokenizer, built locally in well under a second."""
+def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str = "sdpa", min_pixels=None,
+               max_pixels=None) -> Runtime:
+    """A tiny random-weight model of ``family`` ('llava', 'llava-next', 'video-llava', 'qwen2.5-vl',
+    'llava-onevision') with a word-level tokenizer, built locally in well under a second."""
     import transformers as tf
 
     from .tiny_tokenizer import build_tiny_tokenizer
 
-    fam = family.replace("-", "_")
+    fam = family.replace("-", "_").replace(".", "_")
     if fam not in MODEL_CLASSES:
         raise ValueError(f"unknown tiny family {family!r}; choose from {TINY}")
+    if fam in CHATML_FAMILIES:
+        tok = build_tiny_tokenizer(chatml=True)
+        cfg = tiny_chatml_config(fam, tok)
+        torch.manual_seed(seed)
+        model = getattr(tf, MODEL_CLASSES[fam])(cfg)
+        model.set_attn_implementation(attn_implementation)
+        model.generation_config.bos_token_id = None
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model = model.to(_dtype(dtype) or torch.float32).eval()
+        return _runtime(model, tok, _chatml_image_processor(fam, cfg, min_pixels, max_pixels), fam, f"tiny:{family}")
     tok = build_tiny_tokenizer()
     cfg = tiny_config(fam, len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"))
     cfg.text_config.pad_token_id = tok.pad_token_id
@@ -149,7 +223,7 @@ def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str 
 def _runtime(model, tokenizer, image_processor, family, name, template=None, next_layout="spatial_unpad",
              num_frames=8, pad_to_square=True) -> Runtime:
     tmpl = get_template(template or DEFAULT_TEMPLATE[family])
-    proc = PromptProcessor(tokenizer=tokenizer, image_processor=image_processor, family=family, template=tmpl,
+    proc = PROCESSORS.get(family, PromptProcessor)(tokenizer=tokenizer, image_processor=image_processor, family=family, template=tmpl,
                            model_config=model.config, next_layout=next_layout, num_frames=num_frames,
                            pad_to_square=pad_to_square)
     return Runtime(model=model, processor=proc, family=family, name=name)
@@ -157,15 +231,20 @@ def _runtime(model, tokenizer, image_processor, family, name, template=None, nex
 
 def load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
-         pad_to_square: bool = True, seed: int = 0) -> Runtime:
+         pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
+         max_pixels: int | None = None) -> Runtime:
     """Load a model by hub id, local directory, ``shape:<name>`` (real architecture, random
     weights; names: the JSON files in llava/configs) or ``tiny:<family>``.
 
     ``attn_implementation`` applies to the LLM and the vision tower alike (sdpa by default,
     flash_attention_2 where installed); pruning never switches it.
+
+    ``min_pixels`` / ``max_pixels`` (Qwen2.5-VL only) bound the resized image area and so the number of
+    visual tokens (area / 28^2); by default the checkpoint's values (3136 .. 12845056).
     """
     if name.startswith("tiny:"):
-        rt = build_tiny(name.split(":", 1)[1], seed=seed, dtype=dtype, attn_implementation=attn_implementation)
+        rt = build_tiny(name.split(":", 1)[1], seed=seed, dtype=dtype, attn_implementation=attn_implementation,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
         rt.processor.next_layout = next_layout
         rt.processor.num_frames = num_frames
         if template:
@@ -190,6 +269,20 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
         # a Llama-like tokenizer is not shipped: a word-level one stands in (ids only matter for shapes)
         from .tiny_tokenizer import build_tiny_tokenizer
 
+        if fam in CHATML_FAMILIES:  # the tiny tokenizer's ids stand in for the checkpoint's special tokens
+            tok = build_tiny_tokenizer(chatml=True)
+            mc = model.config
+            if fam == "qwen2_5_vl":
+                for attr, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                                ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+                    setattr(mc, attr, tok.convert_tokens_to_ids(t))
+            else:
+                mc.image_token_id = tok.convert_tokens_to_ids("<image>")
+                mc.video_token_id = tok.convert_tokens_to_ids("<video>")
+            ip = _chatml_image_processor(fam, mc, min_pixels, max_pixels)
+            rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
+            rt.info["random_weights"] = True
+            return rt
         tok = build_tiny_tokenizer()
         cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
         if fam == "video_llava":
@@ -212,11 +305,20 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     model.eval()
     tok = tf.AutoTokenizer.from_pretrained(name)
     tok.padding_side = "left"
-    if fam == "llava_next":
+    ip_kw = {}
+    if fam == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
+
+        ip_kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    elif fam == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil as IP,
+        )
+    elif fam == "llava_next":
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as IP
     else:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as IP
-    ip = IP.from_pretrained(name)
+    ip = IP.from_pretrained(name, **ip_kw)
     rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
     rt.info["local"] = local
     return rt

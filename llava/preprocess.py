@@ -219,3 +219,162 @@ def sample_frames(video, num_frames: int) -> list:
         raise ValueError(f"empty video: the folder {path} holds no frame images" if path else "empty video (no frames)")
     idx = np.linspace(0, len(frames) - 1, num_frames).astype(int)
     return [frames[i] for i in idx]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL and LLaVA-OneVision: the checkpoints' ChatML chat templates and transformers' PIL image processors
+# (no torchvision needed). The prompt is tokenised with one placeholder token per image, then each placeholder
+# is expanded to the image's visual-token count, as transformers' processors do.
+
+
+class ChatMLProcessor(PromptProcessor):
+    """Shared batch building for the ChatML families; subclasses give placeholders, counts and pixels."""
+
+    placeholder = "<image>"  # the text of one image placeholder token
+
+    def image_placeholder(self) -> str:
+        return self.placeholder
+
+    def prompt_text(self, question: str, n_images: int = 1, video: bool = False) -> str:
+        if video:
+            raise ValueError(f"{self.family}: videos are not supported by this processor yet")
+        return self.template.prompt(question, self.image_placeholder() * n_images)
+
+    def _placeholder_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.placeholder)
+
+    def _pixels(self, per_sample: list[list[Image.Image]]) -> tuple[dict, list[list[int]]]:
+        raise NotImplementedError
+
+    def __call__(self, questions: Sequence[str], images: Sequence | None = None, videos: Sequence | None = None,
+                 prompts: Sequence[str] | None = None, device: str | torch.device | None = None) -> dict:
+        n = len(questions)
+        images = list(images) if images is not None else [None] * n
+        if len(images) != n:
+            raise ValueError(f"{n} questions but {len(images)} image entries")
+        if videos is not None and any(v is not None for v in videos):
+            raise ValueError(f"{self.family}: videos are not supported by this processor yet")
+        per_sample = []
+        for x in images:
+            x = [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+            per_sample.append([load_image(im) for im in x])
+        pixels, counts = self._pixels(per_sample)
+        ph_id, img_id = self._placeholder_id(), self.model_config.image_token_id
+        rows = []
+        for i, q in enumerate(questions):
+            prompt = prompts[i] if prompts is not None else self.prompt_text(q, len(per_sample[i]))
+            ids = self.tokenizer(prompt).input_ids
+            n_ph = sum(t == ph_id for t in ids)
+            if n_ph != len(per_sample[i]):
+                raise ValueError(f"prompt {i} has {n_ph} {self.placeholder} placeholder(s) but {len(per_sample[i])} image(s) were given")
+            out, k = [], 0
+            for t in ids:
+                if t == ph_id:
+                    out.extend([img_id] * counts[i][k])
+                    k += 1
+                else:
+                    out.append(t)
+            rows.append(out)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, **self._extra_ids(input_ids, mask), **pixels}
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        return batch
+
+    def _extra_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        return {}
+
+
+class QwenVLProcessor(ChatMLProcessor):
+    """Qwen2.5-VL: ``Qwen2VLImageProcessorPil`` (smart resize to multiples of patch x merge within
+    [min_pixels, max_pixels], patchified pixels (sum t*h*w, 3*2*14*14) and ``image_grid_thw``); each image
+    becomes ``<|vision_start|>`` + grid.prod() / merge^2 ``<|image_pad|>`` + ``<|vision_end|>``; adds
+    ``mm_token_type_ids`` (1 at image tokens, 2 at video tokens, 0 elsewhere and at padding) without which the
+    model silently falls back to 1-D positions."""
+
+    placeholder = "<|image_pad|>"
+
+    def image_placeholder(self) -> str:
+        return "<|vision_start|><|image_pad|><|vision_end|>"
+
+    @property
+    def merge(self) -> int:
+        return self.model_config.vision_config.spatial_merge_size
+
+    def image_tokens(self, size_hw: tuple[int, int]) -> int:
+        return self.image_processor.get_number_of_image_patches(int(size_hw[0]), int(size_hw[1]), {}) // self.merge ** 2
+
+    def process_images(self, images: list[Image.Image]) -> dict:
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def _pixels(self, per_sample):
+        flat = [im for s in per_sample for im in s]
+        if not flat:
+            return {}, [[] for _ in per_sample]
+        px = self.process_images(flat)
+        per_image = (px["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+        counts, k = [], 0
+        for s in per_sample:
+            counts.append(per_image[k:k + len(s)])
+            k += len(s)
+        return px, counts
+
+    def _extra_ids(self, input_ids, mask):
+        cfg = self.model_config
+        types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+        return {"mm_token_type_ids": types * mask}
+
+
+class OnevisionProcessor(ChatMLProcessor):
+    """LLaVA-OneVision (llava-hf): ``LlavaOnevisionImageProcessorPil`` (anyres: base crop + best-pinpoint
+    crops, padded to the batch's largest crop count: ``pixel_values`` (n_images, max_crops, 3, H, W),
+    ``image_sizes`` (n, 2) as (H, W), ``batch_num_images`` per sample holding images); ``<image>`` expands to
+    the packed count (base + unpadded grid, anyres_max_9 interpolated, + one newline per row); several images
+    in one sample get only the base crop: tokens per crop + 1 each."""
+
+    placeholder = "<image>"
+
+    @property
+    def tokens_per_crop(self) -> int:
+        vc = self.model_config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n if self.model_config.vision_feature_select_strategy == "full" else n - 1
+
+    def image_tokens(self, size_hw: tuple[int, int], multi_image: bool = False) -> int:
+        """Tokens of one image (LlavaOnevisionProcessor's own count, used without constructing that
+        processor, which needs torchvision for its video processor)."""
+        cfg = self.model_config
+        n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        if multi_image:
+            count = n + 1
+        else:
+            from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+            counter = object.__new__(LlavaOnevisionProcessor)
+            counter.__dict__.update(image_processor=self.image_processor, num_image_tokens=n,
+                                    vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
+            side = cfg.vision_config.image_size
+            count = counter._get_number_of_features(int(size_hw[0]), int(size_hw[1]), side, side)
+        return count - 1 if cfg.vision_feature_select_strategy == "default" else count
+
+    def process_images(self, images) -> dict:
+        """``images``: a list of images (one per sample) or a list of per-sample lists."""
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_sizes", "batch_num_images") if k in out}
+
+    def _pixels(self, per_sample):
+        groups = [s for s in per_sample if s]
+        if not groups:
+            return {}, [[] for _ in per_sample]
+        px = self.process_images(groups)
+        if not torch.is_tensor(px.get("batch_num_images")):
+            px["batch_num_images"] = torch.tensor([len(s) for s in groups], dtype=torch.long)
+        counts = [[self.image_tokens((im.height, im.width), multi_image=len(s) > 1) for im in s] for s in per_sample]
+        return px, counts
