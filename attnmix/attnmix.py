@@ -21,16 +21,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, masked_take, topk_desc, unit_layout
-
-
-def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
-    """AdaV's s_j: for each text token a softmax over visual tokens of ``temperature`` x cosine
-    similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32."""
-    t = text.float()
-    v = visual.float()
-    cos = (t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
-    return torch.softmax(temperature * cos, dim=1).max(dim=0).values
+from llava.ops import best_product_split, masked_take, text_to_image_score, topk_desc, unit_layout
 
 
 def adav_budget(budget: int, n_units: int, min_frac: float = 0.25) -> dict[str, int]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, best_product_split_k1, block_order, contextual_merge, masked_take, unit_layout
+from llava.ops import (best_product_split, best_product_split_k1, block_order, contextual_merge, masked_take,
+                       text_to_image_score, unit_layout)
 
 FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
 
@@ -289,8 +290,6 @@ class ConsensusDrop(Method):
             if self.probe_mode == "attn":
                 s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries))
             else:
-                from attnmix import text_to_image_score
-
                 q = {"question": sig.question_mask, "all_post_image": torch.ones_like(sig.question_mask),
                      "last": torch.arange(sig.question_mask.numel(), device=sig.question_mask.device)
                      == sig.question_mask.numel() - 1}[self.probe_queries]

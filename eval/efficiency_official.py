@@ -340,16 +340,6 @@ def run_fastv(parts: Parts, batch: int, cfg, device, dtype) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _engine_stub(config):
-    """A minimal stand-in for PruningEngine so that its own ``_run_tower`` runs standalone."""
-    from llava.engine import PruningEngine
-
-    stub = types.SimpleNamespace(model=types.SimpleNamespace(config=config),
-                                 method=types.SimpleNamespace(vision_layer=None))
-    stub._vision_attention_layer = types.MethodType(PruningEngine._vision_attention_layer, stub)
-    return stub, PruningEngine._run_tower
-
-
 def units_per_image(parts: Parts) -> int:
     return 5 if parts.family == "llava_next" else 1
 
@@ -360,9 +350,10 @@ def run_tower(parts: Parts, batch: int, cfg, device, dtype) -> dict:
     units = batch * units_per_image(parts)
     g = torch.Generator().manual_seed(cfg.seed)
     px = torch.randn(units, 3, vc.image_size, vc.image_size, generator=g).to(device=device, dtype=dtype)
-    stub, run_tower_fn = _engine_stub(parts.config)
-    idx = stub._vision_attention_layer(tower)
+    from llava.families.clip import attention_layer, run_tower as engine_run_tower
+
     v = parts.config.vision_feature_layer
+    idx = attention_layer(tower, v, None)
     s = (vc.image_size // vc.patch_size) ** 2 + 1
     heads = vc.num_attention_heads
 
@@ -370,7 +361,7 @@ def run_tower(parts: Parts, batch: int, cfg, device, dtype) -> dict:
         return tower(px, output_hidden_states=True, return_dict=True).hidden_states[v]
 
     def ours():
-        return run_tower_fn(stub, tower, px, True)  # (hidden states, cls_attn (n, H, S), keys (n, S, d))
+        return engine_run_tower(tower, px, v, True, None)  # (hidden states, cls_attn (n, H, S), keys (n, S, d))
 
     def official():
         out = tower(px, output_hidden_states=True, output_attentions=True, return_dict=True)

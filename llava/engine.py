@@ -38,25 +38,13 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, model_family  # noqa: F401
+from .families.base import to_device as _to_device
 from .method import Method, Selection, get_method
+from .ops import merge_tokens
 from .signals import LLMSignals, VisionSignals, causal_attention_rows, llm_qk
 
 log = logging.getLogger(__name__)
-
-FAMILIES = {
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextForConditionalGeneration": "llava_next",
-    "VideoLlavaForConditionalGeneration": "video_llava",
-}
-NEXT_LAYOUTS = ("spatial_unpad", "spatial")
-
-
-def model_family(model: torch.nn.Module) -> str:
-    name = type(model).__name__
-    if name not in FAMILIES:
-        raise TypeError(f"unsupported model class {name}; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
-
 
 @dataclass
 class PromptSpec:
@@ -125,6 +113,19 @@ class _State:
     pos_shift: torch.Tensor  # (B,) original position - LLM-space position, for decode
     segments: list[_Segment] | None  # None when the stock language model runs
     gen_len: int = 0  # tokens decoded so far (after the prompt)
+    next_pos: torch.Tensor | None = None  # (rows..., B) first decode position when generate passes none (M-RoPE)
+
+
+@dataclass
+class _Prefill:
+    """Per-prefill scratch, passed through the stages and dropped with the prefill (the engine keeps
+    no tensor of a finished prefill)."""
+
+    probe_inputs: tuple | None = None  # (embeds, mask, positions) of the unpruned spliced batch
+    probe_cache: dict = field(default_factory=dict)  # decoder layer k -> hidden states entering it (probe)
+    vision_sigs: list = field(default_factory=list)  # per sample: VisionSignals (or None)
+    entry: list | None = None  # per sample: (visual tokens', text-after tokens') inputs to layer 0
+    llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
 
 
 @dataclass
@@ -134,19 +135,6 @@ class _Layout:
     real: torch.Tensor  # (n,) row positions of the sample's real (non-padding) tokens
     visual: torch.Tensor  # (nv,) indices among them of the visual tokens, ascending
     ids: torch.Tensor  # (n,) their token ids (-1 for a visual token after re-splicing)
-
-
-def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Move host index tensors to ``device`` in one copy (no host synchronisation)."""
-    device = torch.device(device)
-    if device.type == "cpu" or not tensors:
-        return list(tensors)
-    flat = torch.cat([t.reshape(-1).long() for t in tensors]).to(device, non_blocking=True)
-    out, i = [], 0
-    for t in tensors:
-        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
-        i += t.numel()
-    return out
 
 
 def _runs(visual: torch.Tensor) -> torch.Tensor:
@@ -191,13 +179,15 @@ class PruningEngine:
     """Applies one :class:`Method` to one loaded LLaVA-family model. Use :func:`attach`."""
 
     def __init__(self, model: torch.nn.Module, method: Method, next_layout: str = "spatial_unpad",
-                 prompt_spec: PromptSpec | None = None):
+                 prompt_spec: PromptSpec | None = None, family_options: dict | None = None):
         self.model = model
-        self.family = model_family(model)
-        self.method = method
         if next_layout not in NEXT_LAYOUTS:
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
+        #: what the core asks the model family (tower, packing, projector, positions)
+        self.adapter: FamilyAdapter = adapter_for(model, next_layout=next_layout, **(family_options or {}))
+        self.family = self.adapter.family
+        self.method = method
         if prompt_spec is None and method.query_aware:
             raise ValueError(
                 f"{method.name} reads the question, and without a prompt spec the engine would count the "
@@ -213,15 +203,16 @@ class PruningEngine:
                              "to that model's layers: create one method instance per model (or remove the other "
                              "engine first)")
         method._bound_model = weakref.ref(model)
-        self.core = model.model
-        self.lm = self.core.language_model
+        self.lm = self.adapter.lm
         n_layers = len(self.lm.layers)
-        tower = self.core.video_tower if self.family == "video_llava" else self.core.vision_tower
-        method.setup(num_layers=n_layers, num_vision_layers=len(tower.encoder.layers), family=self.family)
+        method.setup(num_layers=n_layers, num_vision_layers=self.adapter.num_vision_layers, family=self.family)
         ks = tuple(method.llm_layers)
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")
         self.llm_layers = ks
+        # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to
+        # renumber (an image spans max(h, w) / 2 positions), so those families keep them (documented)
+        self._reindex = method.position_mode == "reindex" and not self.adapter.keeps_positions
         self.stats: PrefillStats | None = None
         self.prefills = 0  # number of visual prefills handled (a check that the engine really ran)
         #: selections of the last prefill, keyed (stage, sample); stage "vision" or the llm stage index
@@ -234,7 +225,6 @@ class PruningEngine:
         self._state: _State | None = None
         self._orig_forward = None
         self._pruned_caches = weakref.WeakSet()  # caches a pruned prefill wrote (a 2nd turn on them is refused)
-        self._release_scratch()
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "PruningEngine":
@@ -278,13 +268,14 @@ class PruningEngine:
             self.model.__dict__.pop(attr, None)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, logits_to_keep=0,
-                labels=None, image_sizes=None, pixel_values_videos=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, logits_to_keep=0, labels=None, **kwargs):
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pre-encoded mm_encoder_outputs cannot be pruned: pass pixel_values / pixel_values_videos")
         kwargs.pop("mm_encoder_outputs", None)
-        has_visual = pixel_values is not None or pixel_values_videos is not None
+        # the family's visual inputs (pixels, sizes, grids, token types): never handed to the language model
+        visual = {k: kwargs.pop(k) for k in self.adapter.visual_keys if k in kwargs}
+        has_visual = any(visual.get(k) is not None for k in self.adapter.pixel_keys)
         if not has_visual and self._state is not None and past_key_values is not None:
             cache_len = 1  # a decode step after our prefill: no need to ask the cache (a device read when static)
         else:
@@ -302,7 +293,7 @@ class PruningEngine:
             return self._orig_forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                logits_to_keep=logits_to_keep, labels=labels, **kwargs)
+                logits_to_keep=logits_to_keep, labels=labels, **visual, **kwargs)
         if labels is not None:
             raise ValueError("labels are not supported while a pruning method is attached (logits cover kept tokens only)")
         if use_cache is None:
@@ -314,18 +305,20 @@ class PruningEngine:
                 raise ValueError("the pruning engine needs input_ids to locate the image placeholders")
             timer = _Timer(input_ids.device)
             t0 = timer.now()
-            embeds, mask, pos, info = self._prefill_inputs(input_ids, pixel_values, pixel_values_videos,
-                                                           image_sizes, attention_mask, position_ids, timer)
+            ctx = _Prefill()
+            embeds, mask, pos, info = self._prefill_inputs(ctx, input_ids, visual, attention_mask, position_ids, timer)
             t1 = timer.now()
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=self.lm.config)
             if past_key_values is not None:
                 self._pruned_caches.add(past_key_values)
-            hidden, seq_lens, per_layer, sel_time = self._prefill_llm(embeds, mask, pos, past_key_values,
+            hidden, seq_lens, per_layer, sel_time = self._prefill_llm(ctx, embeds, mask, pos, past_key_values,
                                                                        use_cache, info, **kwargs)
             t2 = timer.now()
             self.prefills += 1
-            self._release_scratch()
+            ctx.probe_inputs = ctx.entry = ctx.llm_state = None  # nothing of this prefill outlives it
+            ctx.probe_cache.clear()
+            ctx.vision_sigs = []
             # vision = tower + projector + splice; selection = signals, the method, re-splicing / re-padding
             # and the in-LLM stages' scoring; llm = the decoder layers (+ norm). They sum to prefill_total.
             self.stats = PrefillStats(
@@ -337,6 +330,7 @@ class PruningEngine:
         else:
             if input_ids is not None and inputs_embeds is None:
                 inputs_embeds = self.lm.embed_tokens(input_ids)
+            position_ids = self.adapter.decode_positions(position_ids)
             hidden = self._decode_llm(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs)
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -345,158 +339,12 @@ class PruningEngine:
         logits = self.model.lm_head(hidden)
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values if use_cache else None)
 
-    def _release_scratch(self) -> None:
-        """Drop the per-prefill tensors (probe inputs, signals, entry embeddings, stage scratch)."""
-        self._probe_inputs = self._probe_cache = self._vision_sigs = self._entry = self._llm_state = None
-
-    # ------------------------------------------------------------------ vision side
-    def _vision_attention_layer(self, tower) -> int:
-        v = getattr(self.method, "vision_layer", None)
-        if v is None:
-            v = self.model.config.vision_feature_layer
-        if not isinstance(v, int):
-            raise ValueError("vision signals need a single vision_feature_layer")
-        n = len(tower.encoder.layers)
-        idx = (v % (n + 1)) - 1  # hidden_states[v] is the output of encoder layer idx
-        if idx < 0:
-            raise ValueError(f"vision layer {v} is the embedding output: it has no attention")
-        return idx
-
-    def _run_tower(self, tower, pixels: torch.Tensor, want_attn: bool):
-        """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S), keys (n, S, d))."""
-        captured = {}
-        handle = None
-        if want_attn:
-            layer = tower.encoder.layers[self._vision_attention_layer(tower)]
-
-            def pre_hook(module, args, kwargs):
-                captured["h"] = args[0] if args else kwargs["hidden_states"]
-
-            handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            out = tower(pixels, output_hidden_states=True, return_dict=True)
-        finally:
-            if handle is not None:
-                handle.remove()
-        hs = out.hidden_states[self.model.config.vision_feature_layer]
-        cls_attn = keys = None
-        if want_attn:
-            attn = layer.self_attn
-            xn = layer.layer_norm1(captured["h"])
-            n, s, _ = xn.shape
-            heads, d = attn.num_heads, attn.head_dim
-            k = attn.k_proj(xn).view(n, s, heads, d).float()
-            q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
-            scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
-            cls_attn = scores.softmax(-1)[:, :, 0]  # (n, H, S)
-            keys = k.mean(2)  # (n, S, d)
-        return hs, cls_attn, keys
-
-    def _encode(self, pixel_values, pixel_values_videos, image_sizes, want_attn):
-        """Visual blocks of the batch: per modality (token id), flat per-token tensors in masked-scatter order."""
-        cfg = self.model.config
-        strategy = cfg.vision_feature_select_strategy
-        proj = self.core.multi_modal_projector
-        blocks = []  # (token_id, dict of per-token tensors, [tokens per block])
-        if pixel_values is not None:
-            tower = self.core.image_tower if self.family == "video_llava" else self.core.vision_tower
-            if self.family == "llava_next":
-                blocks.append((cfg.image_token_id,) + self._encode_next(tower, pixel_values, image_sizes, want_attn))
-            else:
-                hs, ca, ks = self._run_tower(tower, pixel_values, want_attn)
-                blocks.append((cfg.image_token_id,) + self._flatten_units(hs, ca, ks, proj, drop_cls=strategy == "default", kind="image"))
-        if pixel_values_videos is not None:
-            if self.family != "video_llava":
-                raise ValueError(f"{self.family} does not take pixel_values_videos")
-            b, t = pixel_values_videos.shape[:2]
-            hs, ca, ks = self._run_tower(self.core.video_tower, pixel_values_videos.flatten(0, 1), want_attn)
-            flat, sizes = self._flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame")
-            sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video
-            blocks.append((cfg.video_token_id, flat, sizes))
-        return blocks
-
-    @staticmethod
-    def _flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str):
-        n, s, dv = hs.shape
-        sel = hs[:, 1:] if drop_cls else hs
-        feats = proj(sel)  # one projector call over all units, as the stock model does
-        m = sel.shape[1]
-        off = 1 if drop_cls else 0
-        patch = torch.arange(off, off + m, device=hs.device) - 1  # [CLS] -> -1
-        flat = {
-            "features": feats.reshape(n * m, -1),
-            "vision_features": sel.reshape(n * m, dv),
-            "unit_h": torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
-            "patch": patch.repeat(n),
-            "kind": kind,
-        }
-        if ca is not None:
-            flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
-            flat["keys"] = ks[:, off:].reshape(n * m, -1)
-        if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
-            cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
-            if ca is not None:
-                cls["cls_attn"] = ca[:, :, 0]
-                cls["keys"] = ks[:, 0]
-            flat["cls"] = cls
-        flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
-        return flat, [m] * n
-
-    def _encode_next(self, tower, pixel_values, image_sizes, want_attn):
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        cfg = self.model.config
-        if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes")
-        if torch.is_tensor(image_sizes):
-            image_sizes = image_sizes.tolist()  # one host read; the crop arithmetic is host work
-        image_sizes = [tuple(int(v) for v in sz) for sz in image_sizes]
-        crops = [image_size_to_num_patches(image_size=sz, grid_pinpoints=cfg.image_grid_pinpoints,
-                                           patch_size=cfg.vision_config.image_size) for sz in image_sizes]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
-        hs, ca, ks = self._run_tower(tower, pixel_values, want_attn)
-        drop = cfg.vision_feature_select_strategy == "default"
-        flat, per_crop = self._flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop")
-        m = per_crop[0]
-        # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-        idx_all, sizes, start, unit_pos = [], [], 0, []
-        for sz, c in zip(image_sizes, crops):
-            unit_pos.append([-1, -1])
-            if c > 1:
-                gh, gw = get_anyres_image_grid_shape(sz, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                unit_pos.extend([i // gw, i % gw] for i in range(c - 1))
-            idx = next_token_layout(sz, cfg, c, m, self.next_layout)
-            idx_all.append(torch.where(idx >= 0, idx + start, idx))
-            sizes.append(int(idx.numel()))
-            start += c * m
-        idx_h = torch.cat(idx_all)
-        idx = _to_device([idx_h], hs.device)[0]
-        newline = idx < 0
-        safe = idx.clamp(min=0)
-        per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos") if k in flat}
-        unit_h = flat.pop("unit_h")
-        out = {k: (v[safe] if torch.is_tensor(v) else v) for k, v in flat.items()}
-        out.update(per_unit)
-        out["unit_h"] = torch.where(idx_h >= 0, unit_h[idx_h.clamp(min=0)], -1)
-        out["unit_pos"] = torch.tensor(unit_pos, dtype=torch.long, device=hs.device)
-        nl = newline[:, None]
-        out["features"] = torch.where(nl, self.core.image_newline.to(out["features"].dtype), out["features"])
-        out["vision_features"] = out["vision_features"].masked_fill(nl, 0)
-        out["patch"] = out["patch"].masked_fill(newline, -1)
-        if "cls_attn" in out:
-            out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
-            out["keys"] = out["keys"].masked_fill(nl, 0)
-        return out, sizes
-
     # ------------------------------------------------------------------ prefill inputs (vision stage)
-    def _prefill_inputs(self, input_ids, pixel_values, pixel_values_videos, image_sizes, attention_mask,
-                        position_ids, timer):
+    def _prefill_inputs(self, ctx: _Prefill, input_ids, visual: dict, attention_mask, position_ids, timer):
         t0 = timer.now()
         method = self.method
-        blocks = self._encode(pixel_values, pixel_values_videos, image_sizes, method.needs_vision_attention)
+        position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
+        blocks = self.adapter.encode(visual, method.needs_vision_attention, getattr(method, "vision_layer", None))
         if not blocks:
             raise ValueError("no visual input")
         embeds = self.lm.embed_tokens(input_ids)
@@ -516,7 +364,7 @@ class PruningEngine:
             where_h = ids_h == token_id
             n_slots, n_feat = int(where_h.sum()), int(flat["unit_h"].numel())
             if n_slots != n_feat:
-                kname = "video" if token_id == getattr(self.model.config, "video_token_id", None) else "image"
+                kname = self.adapter.placeholder_name(token_id)
                 raise ValueError(
                     f"the prompt has {n_slots} {kname} placeholder tokens but the {len(sizes)} {kname}(s) give "
                     f"{n_feat} visual tokens: each {kname} needs exactly one <{kname}> in the prompt, expanded "
@@ -549,8 +397,7 @@ class PruningEngine:
                     tables.setdefault(k, []).append(v)
             kind = flat["kind"]
         t1 = timer.now()
-        self._probe_inputs = (embeds, attention_mask, position_ids)
-        self._probe_cache = {}
+        ctx.probe_inputs = (embeds, attention_mask, position_ids)
         table = {k: torch.cat(v) for k, v in tables.items()}
         utable = {k: torch.cat(v) for k, v in unit_tables.items()}
         unit_all_h = torch.cat(units_h)
@@ -598,18 +445,18 @@ class PruningEngine:
                         fields["keys"] = torch.cat([fields["keys"], utable["keys"][crow]])
                 sig = VisionSignals(
                     features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
-                    patch=fields["patch"], unit_kind=kind, grid=self._grid(),
+                    patch=fields["patch"], unit_kind=kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
                     cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
                     keys=fields["keys"], key=self._sample_key(b, lay.ids),
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
-                    _probe_fn=self._make_probe(b, real, vis, after, question),
+                    _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
                 )
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B
-        self._vision_sigs = per_sample
+        ctx.vision_sigs = per_sample
         selections, noop = [], []
         for b, sig in enumerate(per_sample):
             sel = self._select(("vision", b), lambda: method.select_vision(sig)) if method.vision_stage else None
@@ -623,7 +470,8 @@ class PruningEngine:
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
             info["layouts"] = layouts
             self._state = _State(orig_len=L, llm_mask=attention_mask,
-                                 pos_shift=torch.zeros(B, dtype=torch.long, device=dev), segments=None)
+                                 pos_shift=torch.zeros(B, dtype=torch.long, device=dev), segments=None,
+                                 next_pos=self._next_positions(position_ids))
             return embeds, attention_mask, position_ids, info
         return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, info)
 
@@ -663,6 +511,10 @@ class PruningEngine:
         moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r["text_src"]], r["text_dst"])]
                            + [new_mask_h], dev)
         new_mask = moved[-1]
+        keep_pos = self.adapter.keeps_positions and position_ids is not None
+        if keep_pos:  # kept tokens keep their positions (M-RoPE): gather them, padding gets 0
+            new_pos = position_ids.new_zeros(*position_ids.shape[:-2], B, new_L)
+            vis_rows = _to_device([lay.real[lay.visual] for lay in layouts], dev)
         origin = []
         for b, r in enumerate(rows):
             pad = new_L - r["n"]
@@ -670,19 +522,34 @@ class PruningEngine:
             new_embeds[b, pad + text_dst] = embeds[b, text_src]
             x, src = r["x"], r["src"]
             vd = r["vis_dst_d"]
+            src = src[r["perm"]] if r["perm"] is not None else src
             new_embeds[b, pad + vd] = x[r["perm"]] if r["perm"] is not None else x
-            origin.append(src[r["perm"]] if r["perm"] is not None else src)
+            origin.append(src)
+            if keep_pos:
+                new_pos[..., b, pad + text_dst] = position_ids[..., b, text_src]
+                new_pos[..., b, pad + vd] = position_ids[..., b, vis_rows[b][src]]
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         orig_valid = valid.long().sum(1)
         shift = orig_valid - new_mask.sum(1)
-        if position_ids is not None:
+        if keep_pos:
+            shift = torch.zeros_like(shift)  # decode positions need no mapping
+        elif position_ids is not None:
             base = (position_ids * valid).amax(1) - (orig_valid - 1)  # first real position per row
             new_pos = (new_mask.cumsum(1) - 1).clamp(min=0) + base[:, None] * new_mask
         else:
             new_pos = None
         info.update(layouts=new_layouts, origin=origin)
-        self._state = _State(orig_len=L, llm_mask=new_mask, pos_shift=shift, segments=None)
+        self._state = _State(orig_len=L, llm_mask=new_mask, pos_shift=shift, segments=None,
+                             next_pos=self._next_positions(new_pos))
         return new_embeds, new_mask, new_pos, info
+
+    def _next_positions(self, pos):
+        """(rows..., B) the position of the first generated token when generate() passes none: the last
+        prompt token's + 1 (rows are left-padded, so the last column is real). Families whose
+        positions are not a contiguous count (M-RoPE) need it; 1-D families continue after the cache."""
+        if pos is None or not self.adapter.keeps_positions:
+            return None
+        return pos[..., -1] + 1
 
     @staticmethod
     def _place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
@@ -720,19 +587,22 @@ class PruningEngine:
         runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
         text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
         new_start = run_start - old_cum[:-1] + new_cum[:-1]
-        vis_dst = torch.repeat_interleave(new_start, cnt) + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt))
+        vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
+                   + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
         return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
                 "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
 
-    def _make_probe(self, b, real, vis, after, question):
+    def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
         def probe(layer: int, queries: str = "question") -> torch.Tensor:
-            return self._probe_rows(b, real, vis, after, question, layer, queries)
+            if ctx.probe_inputs is None:
+                raise RuntimeError("probe_attention is only available while the engine selects (during the prefill)")
+            return self._probe_rows(ctx, b, real, vis, after, question, layer, queries)
         return probe
 
-    def _probe_hidden(self, k: int) -> torch.Tensor:
+    def _probe_hidden(self, ctx: _Prefill, k: int) -> torch.Tensor:
         """Hidden states entering decoder layer k for the full (unpruned) spliced batch; no cache."""
-        if k not in self._probe_cache:
-            embeds, mask, pos = self._probe_inputs
+        if k not in ctx.probe_cache:
+            embeds, mask, pos = ctx.probe_inputs
             lm = self.lm
             h = embeds
             if k > 0:
@@ -742,23 +612,23 @@ class PruningEngine:
                 if mask is None:  # an explicit mask: never let transformers read position gaps as packing
                     mask = torch.ones(B, L, dtype=torch.long, device=h.device)
                 causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
-                                            past_key_values=None, position_ids=pos)
+                                            past_key_values=None, position_ids=self.adapter.mask_positions(pos))
                 pe = lm.rotary_emb(h, position_ids=pos)
                 for i in range(k):
                     h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe)
-            self._probe_cache[k] = h
-        return self._probe_cache[k]
+            ctx.probe_cache[k] = h
+        return ctx.probe_cache[k]
 
-    def _probe_rows(self, b, real, vis, after, question, k, queries):
+    def _probe_rows(self, ctx: _Prefill, b, real, vis, after, question, k, queries):
         """Layer k's causal attention (H, Q, T) from the chosen text queries to the sample's visual tokens.
 
         real: row positions of the sample's real tokens; vis / after / question: indices among them."""
         lm = self.lm
         if not (0 <= k < len(lm.layers)):
             raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
-        h = self._probe_hidden(k)
-        embeds, mask, pos = self._probe_inputs
-        p = pos[b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above
+        h = self._probe_hidden(ctx, k)
+        embeds, mask, pos = ctx.probe_inputs
+        p = pos[..., b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above
         rows = {"question": question, "all_post_image": after, "text_after": after,
                 "last": after[-1:]}.get(queries)
         if rows is None:
@@ -795,7 +665,7 @@ class PruningEngine:
             x = sig.vision_features if space == "vision" else sig.features
             merged = merge_tokens(x, sel)
             if space == "vision":
-                merged = self.core.multi_modal_projector(merged[None].to(x.dtype))[0]
+                merged = self.adapter.project(merged.to(x.dtype))
             feats.append(merged.to(sig.features.dtype))
             src.append(sel.targets.to(keep.device))
         feats, src = torch.cat(feats), torch.cat(src)
@@ -803,11 +673,6 @@ class PruningEngine:
             o = sel.order.to(feats.device)
             feats, src = feats[o], src[o]
         return feats, src
-
-    def _grid(self) -> tuple[int, int]:
-        vc = self.model.config.vision_config
-        g = vc.image_size // vc.patch_size
-        return (g, g)
 
     def _text_spans(self, ids: torch.Tensor, vis: torch.Tensor):
         """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
@@ -827,7 +692,7 @@ class PruningEngine:
         return after, (after[i:j] if j > i else after)
 
     # ------------------------------------------------------------------ decoder
-    def _prefill_llm(self, embeds, mask, pos, cache, use_cache, info, **kwargs):
+    def _prefill_llm(self, ctx: _Prefill, embeds, mask, pos, cache, use_cache, info, **kwargs):
         """Run the decoder on the prompt. Returns hidden, per-layer padded lengths, per-sample per-layer visual counts, selection time."""
         n_layers = len(self.lm.layers)
         B, L = embeds.shape[:2]
@@ -848,8 +713,8 @@ class PruningEngine:
         moved = _to_device([t for lay in layouts for t in
                             (lay.real[lay.visual], lay.real[self._text_spans(lay.ids, lay.visual)[0]])], dev)
         # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
-        self._entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
-        self._llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
+        ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
+        ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
         bounds = [0, *self.llm_layers, n_layers]
         h = embeds
         prev_in = None
@@ -864,13 +729,13 @@ class PruningEngine:
             if s > 0:
                 t0 = timer.now()
                 h, mask, pos, layouts, origin, entry, dropped = self._llm_stage(
-                    s - 1, a, h, prev_in, mask, pos, layouts, origin, entry)
-                if self.method.position_mode == "reindex":
+                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry)
+                if self._reindex:
                     shift = shift + dropped
                 sel_time += timer.now() - t0
             segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
-            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
-                                        past_key_values=cache, position_ids=pos, layer_idx=a)
+            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
+                                        position_ids=self.adapter.mask_positions(pos), layer_idx=a)
             pe = lm.rotary_emb(h, position_ids=pos)
             counts = [int(lay.visual.numel()) for lay in layouts]
             for i in range(a, z):
@@ -885,7 +750,7 @@ class PruningEngine:
         self._state.segments = segments
         return lm.norm(h), seq_lens, per_layer, sel_time
 
-    def _llm_stage(self, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry):
+    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry):
         B, L, D = h.shape
         dev = h.device
         spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
@@ -894,31 +759,31 @@ class PruningEngine:
         for b, lay in enumerate(layouts):
             real, vis, after, question = moved[4 * b:4 * b + 4]
             nv = int(lay.visual.numel())
-            x, p = h[b, real], pos[b, real]
-            sig = self._llm_signals(layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
+            x, p = h[b, real], pos[..., b, real]
+            sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
                                     vis, origin[b], entry[b], after, question)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             keep = sel.keep.to(dev)
-            src, out_x, out_p = [keep], [x[vis[keep]]], [p[vis[keep]]]
+            src, out_x = [keep], [x[vis[keep]]]
             if sel.targets is not None and sel.targets.numel():
                 tg = sel.targets.to(dev)
                 src.append(tg)
                 out_x.append(merge_tokens(x[vis], sel).to(x.dtype))
-                out_p.append(p[vis[tg]])
-            src, vx, vp = torch.cat(src), torch.cat(out_x), torch.cat(out_p)
+            src, vx = torch.cat(src), torch.cat(out_x)
             if sel.order is not None:
                 o = sel.order.to(dev)
-                src, vx, vp = src[o], vx[o], vp[o]
+                src, vx = src[o], vx[o]
             r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if perm is not None:
-                vx, vp, src = vx[perm], vp[perm], src[perm]
+                vx, src = vx[perm], src[perm]
+            vp = p[..., vis[src]]  # a merged token takes its target's position
             outs.append((r, x, p, vx, vp, src))
         new_L = max(r["n"] for r, *_ in outs)
         h2 = h.new_zeros(B, new_L, D)
-        p2 = torch.zeros(B, new_L, dtype=pos.dtype, device=dev)
+        p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
         m2_h = torch.zeros(B, new_L, dtype=torch.long)
         new_layouts, dropped = [], []
         for b, (lay, (r, *_)) in enumerate(zip(layouts, outs)):
@@ -937,15 +802,15 @@ class PruningEngine:
             vd = r["vis_dst_d"]
             h2[b, pad + td] = x[ts]
             h2[b, pad + vd] = vx
-            p2[b, pad + td] = p[ts]
-            p2[b, pad + vd] = vp
-            if self.method.position_mode == "reindex":
+            p2[..., b, pad + td] = p[..., ts]
+            p2[..., b, pad + vd] = vp
+            if self._reindex:
                 p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
             new_org.append(origin[b][src])
             new_ent.append(entry[b][src])
         return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1]
 
-    def _llm_signals(self, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
+    def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm
 
         def pick(which):
@@ -964,11 +829,11 @@ class PruningEngine:
             layer, inp = pick(which)
             return llm_qk(layer, inp, lm.rotary_emb, p, None, rope=rope)[1].transpose(0, 1)
 
-        vis_in, text_in = self._entry[b]
+        vis_in, text_in = ctx.entry[b]
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
                           text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
-                          state=self._llm_state[b], vision=self._vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
+                          state=ctx.llm_state[b], vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
                           _norm=lm.norm)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
@@ -980,6 +845,8 @@ class PruningEngine:
             position_ids = position_ids - st.pos_shift[:, None]  # original -> LLM space
         if gen_mask is None:  # generate() drops an all-ones mask; the pruned prompt may still have padding
             gen_mask = torch.ones(B, st.gen_len + q, dtype=torch.long, device=embeds.device)
+        if position_ids is None and st.next_pos is not None:  # M-RoPE: continue after the last prompt position
+            position_ids = st.next_pos[..., None] + st.gen_len + torch.arange(q, device=embeds.device)
         st.gen_len += q
         if st.segments is None:  # no llm stage: the stock decoder on the (possibly shortened) cache
             mask = attention_mask
@@ -995,8 +862,8 @@ class PruningEngine:
         for s, seg in enumerate(st.segments):
             mask = torch.cat([seg.mask, gen_mask.to(seg.mask.dtype)], 1)  # always explicit (see _prefill_llm)
             pos = position_ids - seg.shift[:, None]
-            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
-                                        past_key_values=cache, position_ids=pos, layer_idx=seg.start)
+            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
+                                        position_ids=self.adapter.mask_positions(pos), layer_idx=seg.start)
             pe = lm.rotary_emb(h, position_ids=pos)
             for i in range(seg.start, bounds[s + 1]):
                 h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
@@ -1010,65 +877,16 @@ def stable_hash(data: bytes) -> int:
     return zlib.crc32(data)
 
 
-def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
-    """Merged (contextual) tokens of ``sel`` from rows of ``x`` (n, D), computed in fp32."""
-    tg = sel.targets.to(x.device)
-    assign = sel.assign.to(x.device).clone()
-    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    taken[sel.keep.to(x.device)] = True
-    taken[tg] = True
-    assign[taken] = -1
-    c = tg.numel()
-    xf = x.float()
-    m = assign >= 0  # tokens merged somewhere; the others add zero (no data-dependent shapes)
-    slot = assign.clamp(min=0)
-    sums = torch.zeros(c, x.shape[1], device=x.device, dtype=torch.float32)
-    counts = torch.zeros(c, device=x.device, dtype=torch.float32)
-    if c:
-        sums.index_add_(0, slot, xf * m[:, None])
-        counts.index_add_(0, slot, m.float())
-    if sel.rule == "target_plus_mean":
-        return xf[tg] + sums / counts.clamp(min=1)[:, None]
-    if sel.rule == "mean":
-        return (xf[tg] + sums) / (counts + 1)[:, None]
-    raise ValueError(f"unknown merge rule {sel.rule!r}")
-
-
-def next_token_layout(image_size, config, num_crops: int, tokens_per_crop: int, layout: str) -> torch.Tensor:
-    """For one LLaVA-NeXT image: the source of each LLM-input token as an index into the image's
-    crop-major token list (crop * tokens_per_crop + patch), or -1 for an ``image_newline`` token.
-
-    ``spatial`` (LLaVA's ``mm_patch_merge_type = spatial``): the base crop, then the grid crops'
-    tokens in row-major order over the full (rows x side) x (cols x side) patch grid; exactly
-    crops * tokens_per_crop tokens, no newlines.
-    ``spatial_unpad``: transformers' packing (base crop, then the grid re-assembled, unpadded,
-    with one newline per row) - computed with transformers' own unpad function on index maps.
-    """
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    side = int(round(tokens_per_crop ** 0.5))
-    if side * side != tokens_per_crop:
-        raise ValueError("LLaVA-NeXT layouts need a square patch grid per crop")
-    base = torch.arange(tokens_per_crop)
-    if num_crops == 1:
-        return base if layout == "spatial" else torch.cat([base, torch.tensor([-1])])
-    gh, gw = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
-    if layout == "spatial":  # (gh, gw, side, side) -> (gh, side, gw, side): full-grid raster
-        grid = torch.arange(tokens_per_crop, num_crops * tokens_per_crop).view(gh, gw, side, side)
-        return torch.cat([base, grid.permute(0, 2, 1, 3).flatten()])
-    grid = torch.arange(tokens_per_crop, num_crops * tokens_per_crop, dtype=torch.float64)
-    grid = grid.view(gh, gw, side, side, 1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (1, gh*side, gw*side)
-    grid = unpad_image(grid, image_size)
-    grid = torch.cat([grid, torch.full((1, grid.shape[1], 1), -1.0, dtype=grid.dtype)], dim=-1)
-    return torch.cat([base, grid.flatten(1, 2).transpose(0, 1).flatten().long()])
-
-
 def attach(model: torch.nn.Module, method: str | Method = "none", budget: int | None = None, *,
-           next_layout: str = "spatial_unpad", prompt_spec: PromptSpec | None = None, **options) -> PruningEngine:
+           next_layout: str = "spatial_unpad", prompt_spec: PromptSpec | None = None,
+           family_options: dict | None = None, **options) -> PruningEngine:
     """Apply ``method`` with ``budget`` to ``model``; afterwards ``model.generate()`` / ``model()`` prune.
 
-    Returns the engine (``engine.stats`` holds the last prefill's token accounting and timings;
-    ``engine.remove()`` restores the model). Attaching again replaces the previous method.
+    ``family_options`` go to the model family's adapter (e.g. ``{"qwen_saliency": "pooled_query"}``);
+    ``options`` to the method. Returns the engine (``engine.stats`` holds the last prefill's token
+    accounting and timings; ``engine.remove()`` restores the model). Attaching again replaces the
+    previous method.
     """
     m = get_method(method, budget, **options)
-    return PruningEngine(model, m, next_layout=next_layout, prompt_spec=prompt_spec).install()
+    return PruningEngine(model, m, next_layout=next_layout, prompt_spec=prompt_spec,
+                         family_options=family_options).install()

@@ -325,3 +325,36 @@ def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list 
     if maybe_identity and torch.equal(order, torch.arange(order.numel(), device=dev)):
         return None
     return order
+
+
+def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+    """AdaV's s_j: for each text token a softmax over visual tokens of ``temperature`` x cosine
+    similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32."""
+    t = text.float()
+    v = visual.float()
+    cos = (t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
+    return torch.softmax(temperature * cos, dim=1).max(dim=0).values
+
+
+def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """Merged (contextual) tokens of ``sel`` from rows of ``x`` (n, D), computed in fp32."""
+    tg = sel.targets.to(x.device)
+    assign = sel.assign.to(x.device).clone()
+    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    taken[sel.keep.to(x.device)] = True
+    taken[tg] = True
+    assign[taken] = -1
+    c = tg.numel()
+    xf = x.float()
+    m = assign >= 0  # tokens merged somewhere; the others add zero (no data-dependent shapes)
+    slot = assign.clamp(min=0)
+    sums = torch.zeros(c, x.shape[1], device=x.device, dtype=torch.float32)
+    counts = torch.zeros(c, device=x.device, dtype=torch.float32)
+    if c:
+        sums.index_add_(0, slot, xf * m[:, None])
+        counts.index_add_(0, slot, m.float())
+    if sel.rule == "target_plus_mean":
+        return xf[tg] + sums / counts.clamp(min=1)[:, None]
+    if sel.rule == "mean":
+        return (xf[tg] + sums) / (counts + 1)[:, None]
+    raise ValueError(f"unknown merge rule {sel.rule!r}")

@@ -112,7 +112,7 @@ class PromptProcessor:
             return self.tokens_per_crop
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        from .engine import next_token_layout
+        from .families.llava_next import next_token_layout
 
         c = image_size_to_num_patches(size_hw, self.model_config.image_grid_pinpoints, self.model_config.vision_config.image_size)
         return int(next_token_layout(size_hw, self.model_config, c, self.tokens_per_crop, self.next_layout).numel())

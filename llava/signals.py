@@ -213,7 +213,7 @@ def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos
     if rows is not None:
         q = attn.q_proj(xn[:, rows]).view(1, rows.numel(), -1, d).transpose(1, 2)  # (1, H, Q, d)
     if rope:
-        cos, sin = rotary(x[None], pos[None])
+        cos, sin = rotary(x[None], pos.unsqueeze(-2))  # (S,) -> (1, S); M-RoPE (3, S) -> (3, 1, S)
         apply = rope_fn_for(attn)
         _, k = apply(k, k, cos, sin)
         if q is not None:

@@ -14,6 +14,9 @@ from llava.method import Method, Selection  # noqa: E402
 from llava.models import load  # noqa: E402
 
 FAMILIES = ["llava", "llava-next", "video-llava"]
+#: the families of the adapter split (Qwen2.5-VL: M-RoPE, dynamic grids; OneVision: SigLIP, anyres_max_9)
+NEW_FAMILIES = ["qwen2.5-vl", "llava-onevision"]
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 
 def rand_image(seed: int, h: int = 40, w: int = 70) -> Image.Image:
@@ -22,7 +25,7 @@ def rand_image(seed: int, h: int = 40, w: int = 70) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def runtimes():
-    return {f: load(f"tiny:{f}", seed=1) for f in FAMILIES}
+    return {f: load(f"tiny:{f}", seed=1) for f in ALL_FAMILIES}
 
 
 @pytest.fixture
@@ -49,6 +52,16 @@ def slice_batch(inputs, i, rt):
     """Sample i of a batch built by make_batch, without its padding."""
     m = inputs["attention_mask"][i].bool()
     out = {"input_ids": inputs["input_ids"][i][m][None], "attention_mask": inputs["attention_mask"][i][m][None]}
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i][m][None]
+    if "image_grid_thw" in inputs:  # Qwen: pixel rows are patches of all images, grid by grid (one image per sample)
+        rows = inputs["image_grid_thw"].prod(-1)
+        a = int(rows[:i].sum())
+        out["pixel_values"] = inputs["pixel_values"][a:a + int(rows[i])]
+        out["image_grid_thw"] = inputs["image_grid_thw"][i:i + 1]
+        return out
+    if "batch_num_images" in inputs:
+        out["batch_num_images"] = inputs["batch_num_images"][i:i + 1]
     if "pixel_values_videos" in inputs:
         out["pixel_values_videos"] = inputs["pixel_values_videos"][i:i + 1]
     if "pixel_values" in inputs:
@@ -64,13 +77,16 @@ def greedy_no_cache(model, inputs, steps):
     methods)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    mrope = "mm_token_type_ids" in extra  # Qwen: 3-D positions from the model's get_rope_index (pass none)
     for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        pos = None if mrope else (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        if mrope:  # generated tokens are text (type 0)
+            extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
     return ids
 
 

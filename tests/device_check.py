@@ -124,6 +124,25 @@ def _site() -> str:
     return first or "<unknown>"
 
 
+import transformers as _tf  # noqa: E402
+
+_STOCK_DIR = os.path.dirname(os.path.abspath(_tf.__file__))
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _born_in_stock_code() -> bool:
+    """True when the innermost frame outside torch and this checker is transformers' own code (e.g.
+    Qwen2.5-VL's vision tower builds its window index on the host and indexes device tensors with it,
+    which CUDA allows): the unpruned model does the same, so it is not ours to flag."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if fn != _THIS and not fn.startswith(_TORCH_DIR) and not fn.endswith("contextlib.py"):
+            return fn.startswith(_STOCK_DIR)
+        f = f.f_back
+    return False
+
+
 def _name(func) -> str:
     q = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
     if getattr(func, "__name__", "") == "__get__":
@@ -216,7 +235,7 @@ class DevicePlacementCheck(TorchFunctionMode):
             target = False if on_dev else ("host", f"{_name(func)}(device='cpu') at {_site()}")
         elif func in _FACTORIES or (func in _DATA_FACTORIES
                                     and not isinstance(args[0] if args else kwargs.get("data"), torch.Tensor)):
-            target = ("born", f"{_name(func)} without device= at {_site()}")
+            target = ("stock" if _born_in_stock_code() else "born", f"{_name(func)} without device= at {_site()}")
         elif func in _MOVES:
             if func is torch.Tensor.cpu:
                 target = ("host", f".cpu() at {_site()}")
@@ -236,7 +255,7 @@ class DevicePlacementCheck(TorchFunctionMode):
             dev = [t for t in tensors if host_tag(t) is None]
             if func not in _MOVES:
                 if host and dev:
-                    big = [t for t in host if t.dim() > 0]
+                    big = [t for t in host if t.dim() > 0 and host_tag(t)[0] != "stock"]
                     if big and func not in _NO_MIX_CHECK:
                         mixed = True
                         t = big[0]

@@ -225,7 +225,7 @@ def test_next_spatial_layout_is_llava_full_grid_raster():
     """LLaVA's 'spatial' merge: base crop, then (rows, cols, h, w) permuted to (rows, h, cols, w)."""
     from types import SimpleNamespace
 
-    from llava.engine import next_token_layout
+    from llava.families.llava_next import next_token_layout
 
     cfg = SimpleNamespace(image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
                           vision_config=SimpleNamespace(image_size=56))

@@ -2,7 +2,7 @@
 
 import torch
 
-from llava.engine import merge_tokens
+from llava.ops import merge_tokens
 from llava.ops import contextual_merge, dominant_contextual, rank_desc, topk_desc, uniform_targets
 
 

@@ -11,7 +11,7 @@ from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
 from baselines.pdrop import equivalent_tokens
 from baselines.sparsevlm import (SparseVLM, density_peak_clusters, rater_scores, recycle_pruned, recycled_count,
                                  rope_gravity, select_heads, select_raters, sparsevlm_layer_counts)
-from llava.engine import merge_tokens
+from llava.ops import merge_tokens
 from llava.method import Selection
 from llava.models import load
 

@@ -8,7 +8,7 @@ import torch
 from conftest import FAMILIES, make_batch, slice_batch, layout, llm_visual_rows
 
 from baselines.visionzip import VisionZip, default_split, visionzip
-from llava.engine import merge_tokens
+from llava.ops import merge_tokens
 
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)

@@ -1,0 +1,36 @@
+"""Per-family model adapters: each file answers, for one model family, what the family-agnostic
+engine core (``llava/engine.py``) needs to know (see :mod:`llava.families.base`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FamilyAdapter, VisualBlock, to_device  # noqa: F401
+from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .llava_next import NEXT_LAYOUTS, LlavaNextAdapter, next_token_layout  # noqa: F401
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .video_llava import VideoLlavaAdapter
+
+ADAPTERS: dict[str, type[FamilyAdapter]] = {
+    cls.model_class: cls for cls in (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter,
+                                         LlavaOnevisionAdapter)
+}
+#: model class name -> family key
+FAMILIES = {name: cls.family for name, cls in ADAPTERS.items()}
+
+
+def model_family(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    if name not in ADAPTERS:
+        raise TypeError(f"unsupported model class {name}; supported: {', '.join(ADAPTERS)}")
+    return ADAPTERS[name].family
+
+
+def adapter_for(model: torch.nn.Module, **options) -> FamilyAdapter:
+    """The adapter of ``model``'s family; ``options`` are family options (``next_layout``: LLaVA-NeXT's
+    packing, ignored by families with a single packing)."""
+    cls = ADAPTERS.get(type(model).__name__)
+    if cls is None:
+        model_family(model)  # raises with the supported list
+    return cls(model, **options)

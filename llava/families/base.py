@@ -1,0 +1,116 @@
+"""What the engine asks a model family. One subclass per family, one file each.
+
+The engine core (``llava/engine.py``) knows no family: it asks the adapter to
+
+* **encode** the visual inputs of a prefill: run the vision tower once and return, per placeholder
+  token id, the visual tokens exactly as the stock model splices them plus the per-token signals
+  methods read (see :class:`VisualBlock`);
+* **project** vision-space merges (the same projector the stock model uses);
+* give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say
+  whether kept tokens keep them (``keeps_positions``) or are renumbered contiguously (LLaVA's
+  pre-LLM convention), and map ``generate``'s decode positions into the LLM's space;
+* name the keyword arguments that carry visual inputs (``visual_keys``), which never reach the
+  language model.
+
+Splicing, selection, merging, re-padding, the staged decoder, decode masks, stats and timing stay
+in the core.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Move host index tensors to ``device`` in one copy (no host synchronisation)."""
+    device = torch.device(device)
+    if device.type == "cpu" or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).to(device, non_blocking=True)
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return out
+
+
+class VisualBlock(NamedTuple):
+    """The visual tokens of one placeholder kind (image or video token id) for the whole batch.
+
+    flat: per-token tensors in masked-scatter order (all images / videos of the batch, prompt order):
+      ``features`` (T, D) exactly what the stock model splices; ``vision_features`` (T, Dv), the
+      space ``project`` maps to ``features`` (vision-space merges); ``patch`` (T,) index in its unit's
+      grid (-1 = [CLS] / newline); ``unit_h`` (T,) host unit index (-1 = newline); ``kind``
+      ("image" / "crop" / "frame"); optionally ``cls_attn`` (T, H) saliency per head and ``keys``
+      (T, d); per unit: ``unit_pos`` (U, 2) and ``cls`` (a dict of per-unit [CLS] rows offered as
+      extra candidates).
+    sizes: tokens per image / video (one placeholder run each).
+    """
+
+    token_id: int
+    flat: dict
+    sizes: list[int]
+
+
+class FamilyAdapter:
+    #: the family key methods see in ``Method.setup(family=...)``
+    family: str = ""
+    #: the transformers class this adapter serves
+    model_class: str = ""
+    #: keyword arguments of the model's forward that carry visual inputs (popped before the LLM)
+    visual_keys: tuple[str, ...] = ("pixel_values", "pixel_values_videos", "image_sizes")
+    #: the keys among them whose presence makes a call a visual prefill
+    pixel_keys: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
+    #: True: kept tokens keep their original positions at the vision stage (M-RoPE); False: the
+    #: rebuilt rows are renumbered contiguously (LLaVA's pre-LLM convention)
+    keeps_positions: bool = False
+
+    def __init__(self, model: torch.nn.Module, next_layout: str | None = None, **options):
+        # next_layout is LLaVA-NeXT's packing option; other families have one packing and ignore it
+        if options:
+            raise TypeError(f"{type(self).__name__}: unknown options {sorted(options)}")
+        self.model = model
+        self.config = model.config
+        self.core = model.model
+        self.lm = self.core.language_model
+
+    # ---------------------------------------------------------------- vision side
+    @property
+    def tower(self) -> torch.nn.Module:
+        return self.core.vision_tower
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.tower.encoder.layers)
+
+    def encode(self, visual: dict, want_attn: bool, vision_layer: int | None) -> list[VisualBlock]:
+        raise NotImplementedError
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """(n, Dv) vision-space rows -> (n, D) LLM inputs, with the stock projector."""
+        return self.core.multi_modal_projector(vision_features[None])[0]
+
+    def grid(self) -> tuple[int, int]:
+        vc = self.config.vision_config
+        g = vc.image_size // vc.patch_size
+        return (g, g)
+
+    def placeholder_name(self, token_id: int) -> str:
+        return "video" if token_id == getattr(self.config, "video_token_id", None) else "image"
+
+    # ---------------------------------------------------------------- positions
+    def prefill_positions(self, input_ids, attention_mask, position_ids, visual: dict):
+        """Position ids of the unpruned prompt as the stock language model would use them (None:
+        the stock default, arange over the row)."""
+        return position_ids
+
+    def decode_positions(self, position_ids):
+        """generate()'s position ids of a decode step, in the language model's format."""
+        return position_ids
+
+    @staticmethod
+    def mask_positions(pos):
+        """The 1-D ids ``create_causal_mask`` sees (the text row of M-RoPE ids)."""
+        return pos

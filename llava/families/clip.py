@@ -1,0 +1,87 @@
+"""CLIP-style vision towers with a [CLS] token (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA): run the tower
+once, and hand out the select layer's states with the [CLS] row and keys recomputed from that
+layer's own ``layer_norm1`` + q/k projections (captured by a forward pre-hook, so the tower stays on
+SDPA / FlashAttention)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_layer(tower, feature_layer: int, vision_layer: int | None) -> int:
+    """Index of the encoder layer whose attention defines the vision signals: the layer that
+    produces ``hidden_states[v]`` (v = the method's ``vision_layer`` or the model's select layer)."""
+    v = feature_layer if vision_layer is None else vision_layer
+    if not isinstance(v, int):
+        raise ValueError("vision signals need a single vision_feature_layer")
+    n = len(tower.encoder.layers)
+    idx = (v % (n + 1)) - 1  # hidden_states[v] is the output of encoder layer idx
+    if idx < 0:
+        raise ValueError(f"vision layer {v} is the embedding output: it has no attention")
+    return idx
+
+
+def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None):
+    """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
+    keys (n, S, d) or None). cls_attn / keys are fp32."""
+    captured = {}
+    handle = None
+    if want_attn:
+        layer = tower.encoder.layers[attention_layer(tower, feature_layer, vision_layer)]
+
+        def pre_hook(module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        out = tower(pixels, output_hidden_states=True, return_dict=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    hs = out.hidden_states[feature_layer]
+    cls_attn = keys = None
+    if want_attn:
+        attn = layer.self_attn
+        xn = layer.layer_norm1(captured["h"])
+        n, s, _ = xn.shape
+        heads, d = attn.num_heads, attn.head_dim
+        k = attn.k_proj(xn).view(n, s, heads, d).float()
+        q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
+        scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
+        cls_attn = scores.softmax(-1)[:, :, 0]  # (n, H, S)
+        keys = k.mean(2)  # (n, S, d)
+    return hs, cls_attn, keys
+
+
+def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str) -> tuple[dict, list[int]]:
+    """Per-token tensors of n units (images / crops / frames) of S tower tokens each, in unit order.
+
+    Returns the engine's flat block dict and the token count per unit:
+    ``features`` (n*m, D) projected as the stock model does (one projector call), ``vision_features``,
+    ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
+    ``keys``; ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
+    ``unit_pos`` (n, 2) = -1."""
+    n, s, dv = hs.shape
+    sel = hs[:, 1:] if drop_cls else hs
+    feats = proj(sel)  # one projector call over all units, as the stock model does
+    m = sel.shape[1]
+    off = 1 if drop_cls else 0
+    patch = torch.arange(off, off + m, device=hs.device) - 1  # [CLS] -> -1
+    flat = {
+        "features": feats.reshape(n * m, -1),
+        "vision_features": sel.reshape(n * m, dv),
+        "unit_h": torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
+        "patch": patch.repeat(n),
+        "kind": kind,
+    }
+    if ca is not None:
+        flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
+        flat["keys"] = ks[:, off:].reshape(n * m, -1)
+    if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
+        cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
+        if ca is not None:
+            cls["cls_attn"] = ca[:, :, 0]
+            cls["keys"] = ks[:, 0]
+        flat["cls"] = cls
+    flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
+    return flat, [m] * n

@@ -1,0 +1,104 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops (base crop first) through the
+CLIP tower, packed either as transformers does (``spatial_unpad``: the crop grid re-assembled,
+unpadded, one ``image_newline`` per row) or as LLaVA's ``spatial`` (576 per crop, no newlines: the
+papers' "2880 tokens"). Units are crops; newline tokens have unit -1. 1-D RoPE."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FamilyAdapter, VisualBlock, to_device
+from .clip import flatten_units, run_tower
+
+NEXT_LAYOUTS = ("spatial_unpad", "spatial")
+
+
+def next_token_layout(image_size, config, num_crops: int, tokens_per_crop: int, layout: str) -> torch.Tensor:
+    """For one LLaVA-NeXT image: the source of each LLM-input token as an index into the image's
+    crop-major token list (crop * tokens_per_crop + patch), or -1 for an ``image_newline`` token.
+
+    ``spatial`` (LLaVA's ``mm_patch_merge_type = spatial``): the base crop, then the grid crops'
+    tokens in row-major order over the full (rows x side) x (cols x side) patch grid; exactly
+    crops * tokens_per_crop tokens, no newlines.
+    ``spatial_unpad``: transformers' packing (base crop, then the grid re-assembled, unpadded,
+    with one newline per row) - computed with transformers' own unpad function on index maps.
+    """
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    side = int(round(tokens_per_crop ** 0.5))
+    if side * side != tokens_per_crop:
+        raise ValueError("LLaVA-NeXT layouts need a square patch grid per crop")
+    base = torch.arange(tokens_per_crop)
+    if num_crops == 1:
+        return base if layout == "spatial" else torch.cat([base, torch.tensor([-1])])
+    gh, gw = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+    if layout == "spatial":  # (gh, gw, side, side) -> (gh, side, gw, side): full-grid raster
+        grid = torch.arange(tokens_per_crop, num_crops * tokens_per_crop).view(gh, gw, side, side)
+        return torch.cat([base, grid.permute(0, 2, 1, 3).flatten()])
+    grid = torch.arange(tokens_per_crop, num_crops * tokens_per_crop, dtype=torch.float64)
+    grid = grid.view(gh, gw, side, side, 1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (1, gh*side, gw*side)
+    grid = unpad_image(grid, image_size)
+    grid = torch.cat([grid, torch.full((1, grid.shape[1], 1), -1.0, dtype=grid.dtype)], dim=-1)
+    return torch.cat([base, grid.flatten(1, 2).transpose(0, 1).flatten().long()])
+
+
+class LlavaNextAdapter(FamilyAdapter):
+    family = "llava_next"
+    model_class = "LlavaNextForConditionalGeneration"
+
+    def __init__(self, model, next_layout: str = "spatial_unpad", **options):
+        super().__init__(model, **options)
+        if next_layout not in NEXT_LAYOUTS:
+            raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
+        self.next_layout = next_layout
+
+    def encode(self, visual, want_attn, vision_layer):
+        from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                         image_size_to_num_patches)
+
+        if visual.get("pixel_values_videos") is not None:
+            raise ValueError(f"{self.family} does not take pixel_values_videos")
+        pixel_values, image_sizes = visual.get("pixel_values"), visual.get("image_sizes")
+        cfg = self.config
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes")
+        if torch.is_tensor(image_sizes):
+            image_sizes = image_sizes.tolist()  # one host read; the crop arithmetic is host work
+        image_sizes = [tuple(int(v) for v in sz) for sz in image_sizes]
+        crops = [image_size_to_num_patches(image_size=sz, grid_pinpoints=cfg.image_grid_pinpoints,
+                                           patch_size=cfg.vision_config.image_size) for sz in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
+        hs, ca, ks = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer)
+        drop = cfg.vision_feature_select_strategy == "default"
+        flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop")
+        m = per_crop[0]
+        # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
+        idx_all, sizes, start, unit_pos = [], [], 0, []
+        for sz, c in zip(image_sizes, crops):
+            unit_pos.append([-1, -1])
+            if c > 1:
+                gh, gw = get_anyres_image_grid_shape(sz, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                unit_pos.extend([i // gw, i % gw] for i in range(c - 1))
+            idx = next_token_layout(sz, cfg, c, m, self.next_layout)
+            idx_all.append(torch.where(idx >= 0, idx + start, idx))
+            sizes.append(int(idx.numel()))
+            start += c * m
+        idx_h = torch.cat(idx_all)
+        idx = to_device([idx_h], hs.device)[0]
+        newline = idx < 0
+        safe = idx.clamp(min=0)
+        per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos") if k in flat}
+        unit_h = flat.pop("unit_h")
+        out = {k: (v[safe] if torch.is_tensor(v) else v) for k, v in flat.items()}
+        out.update(per_unit)
+        out["unit_h"] = torch.where(idx_h >= 0, unit_h[idx_h.clamp(min=0)], -1)
+        out["unit_pos"] = torch.tensor(unit_pos, dtype=torch.long, device=hs.device)
+        nl = newline[:, None]
+        out["features"] = torch.where(nl, self.core.image_newline.to(out["features"].dtype), out["features"])
+        out["vision_features"] = out["vision_features"].masked_fill(nl, 0)
+        out["patch"] = out["patch"].masked_fill(newline, -1)
+        if "cls_attn" in out:
+            out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
+            out["keys"] = out["keys"].masked_fill(nl, 0)
+        return [VisualBlock(cfg.image_token_id, out, sizes)]

@@ -1,0 +1,54 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): SigLIP tower (no [CLS]), 729 tokens per
+384-px crop, anyres_max_9 (base crop, then the crop grid re-assembled, unpadded, bilinearly shrunk
+when it exceeds 9 crops' worth, one ``image_newline`` per row), several images in a sample get their
+base crop only; videos: frames pooled 2x bilinearly (196 each) and one newline at the end. Qwen2
+language model with 1-D RoPE: positions, padding and decode work as for LLaVA.
+
+The stock ``get_image_features`` / ``get_video_features`` give the features (bit-identical splice);
+the per-token signals are pushed through the same packing (:mod:`llava.families.onevision_vision`):
+``cls_attn`` is the attention each patch **receives** in the select layer within its crop (mean
+over the crop's queries, per head; there is no [CLS]), interpolated / pooled like the features;
+tokens made by interpolation get the unit / patch of their nearest source patch. Newline tokens have
+unit -1 (as in LLaVA-NeXT). A unit is a crop (images) or a frame (videos).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import onevision_vision as ov
+from .base import FamilyAdapter, VisualBlock
+
+
+class LlavaOnevisionAdapter(FamilyAdapter):
+    family = "llava_onevision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    visual_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
+
+    def encode(self, visual, want_attn, vision_layer):
+        # the saliency layer is the model's select layer (``vision_layer`` is a CLIP option)
+        cfg = self.config
+        blocks = []
+        if visual.get("pixel_values") is not None:
+            if visual.get("image_sizes") is None:
+                raise ValueError("LLaVA-OneVision needs image_sizes with pixel_values")
+            v = ov.encode_images(self.model, visual["pixel_values"], visual["image_sizes"],
+                                 batch_num_images=visual.get("batch_num_images"), want_attn=want_attn)
+            blocks.append(VisualBlock(cfg.image_token_id, self._flat(v, "crop"), v.sizes))
+        if visual.get("pixel_values_videos") is not None:
+            v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=want_attn)
+            blocks.append(VisualBlock(cfg.video_token_id, self._flat(v, "frame"), v.sizes))
+        return blocks
+
+    @staticmethod
+    def _flat(v: "ov.OneVisionVisual", kind: str) -> dict:
+        dev = v.features.device
+        flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(dev),
+                "unit_h": v.unit, "kind": kind, "unit_pos": v.unit_pos.to(dev)}
+        if v.saliency is not None:
+            flat["cls_attn"] = v.saliency.T
+            flat["keys"] = v.keys
+        return flat
+
+    def project(self, vision_features):
+        return ov.project(self.model, vision_features)

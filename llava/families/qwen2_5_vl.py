@@ -1,0 +1,114 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``), and Qwen2-VL's layout through the same code.
+
+* Vision: a windowed ViT with a few full-attention blocks, a 2x2 ``PatchMerger``, dynamic resolution
+  (every image its own grid), no [CLS]. A visual token is one merged 2x2 patch block; a unit is an
+  image (a temporal slice for videos). The tower runs once through the stock ``get_image_features``
+  (bit-identical features); signals come from :mod:`llava.families.qwen_vision`.
+* Saliency where [CLS]-based methods read ``cls_attn`` (VisionZip, FasterVLM, AttnMix, ConsensusDrop's
+  encoder signal, VisionDrop's encoder stage): the attention each merged token **receives** in the
+  last full-attention block (mean over the image's queries, summed over its 4 patches, per head),
+  as the published Qwen ports of these methods do; option ``qwen_saliency="pooled_query"`` uses a
+  pooled query row instead (cheaper, O(S d)); ``qwen_saliency_layer`` picks another full-attention
+  block. ``keys``: that block's head-mean keys before RoPE, averaged over the 4 patches;
+  ``vision_features``: the merger's MLP input (4 x C), so vision-space merges are projected by the
+  merger's MLP.
+* Positions: 3-D M-RoPE (t, h, w) from the model's own ``get_rope_index``, computed on the full
+  prompt before pruning; kept tokens **keep** their original 3-D positions and text keeps its own,
+  so generate()'s decode positions need no mapping. A method's ``reindex`` position mode is mapped
+  to ``keep`` (there is no contiguous count to renumber: an image spans max(h, w)/2 positions).
+* Prompt: ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>``; ``mm_token_type_ids``
+  (1 = image, 2 = video) is rebuilt from the ids when missing, because without it transformers
+  silently falls back to 1-D positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import qwen_vision
+from .base import FamilyAdapter, VisualBlock
+
+SALIENCY = qwen_vision.SALIENCY_KINDS
+
+
+class Qwen2_5_VLAdapter(FamilyAdapter):
+    family = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
+                   "second_per_grid_ts")
+    keeps_positions = True
+
+    def __init__(self, model, qwen_saliency: str = "received", qwen_saliency_layer: int | None = None, **options):
+        super().__init__(model, **options)
+        if qwen_saliency not in SALIENCY:
+            raise ValueError(f"qwen_saliency must be one of {SALIENCY}, got {qwen_saliency!r}")
+        self.saliency = qwen_saliency
+        self.saliency_layer = qwen_saliency_layer
+
+    @property
+    def tower(self):
+        return self.core.visual
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.core.visual.blocks)
+
+    def encode(self, visual, want_attn, vision_layer):
+        # ``vision_layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
+        # ``qwen_saliency_layer`` (default: the last full-attention block)
+        cfg = self.config
+        blocks = []
+        for pix, grid, token_id, video in ((visual.get("pixel_values"), visual.get("image_grid_thw"),
+                                            cfg.image_token_id, False),
+                                           (visual.get("pixel_values_videos"), visual.get("video_grid_thw"),
+                                            cfg.video_token_id, True)):
+            if pix is None:
+                continue
+            if grid is None:
+                raise ValueError(f"Qwen2.5-VL needs {'video' if video else 'image'}_grid_thw with its pixels")
+            v = qwen_vision.encode(self.model, pix, grid, want_attn=want_attn, layer=self.saliency_layer,
+                                   saliency=self.saliency, video=video)
+            flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
+                    "unit_h": v.unit, "kind": "frame" if video else "image",
+                    "unit_pos": torch.full((len(v.grids), 2), -1, dtype=torch.long, device=v.features.device)}
+            if v.saliency is not None:
+                flat["cls_attn"] = v.saliency.T
+                flat["keys"] = v.keys
+            blocks.append(VisualBlock(token_id, flat, v.sizes))
+        return blocks
+
+    def project(self, vision_features):
+        return qwen_vision.project(self.model, vision_features)
+
+    def grid(self) -> tuple[int, int]:
+        return (0, 0)  # dynamic resolution: every image has its own grid (``patch`` is its merged raster index)
+
+    # ---------------------------------------------------------------- positions
+    def prefill_positions(self, input_ids, attention_mask, position_ids, visual):
+        if position_ids is not None:
+            if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # generate(): text row + 3 M-RoPE rows
+                return position_ids[1:]
+            if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+                return position_ids
+            raise ValueError("Qwen2.5-VL takes 3-D position ids (3 or 4, batch, length); leave position_ids "
+                             "unset to have them computed from the prompt")
+        types = visual.get("mm_token_type_ids")
+        if types is None:  # transformers would silently fall back to 1-D positions without it
+            cfg = self.config
+            types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+        pos, deltas = self.core.get_rope_index(
+            input_ids, types, image_grid_thw=visual.get("image_grid_thw"), video_grid_thw=visual.get("video_grid_thw"),
+            second_per_grid_ts=visual.get("second_per_grid_ts"), attention_mask=attention_mask)
+        self.core.rope_deltas = deltas
+        return pos
+
+    def decode_positions(self, position_ids):
+        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            return position_ids[1:]
+        if position_ids is not None and position_ids.dim() == 2:
+            raise ValueError("Qwen2.5-VL decode steps take 3-D position ids (as generate() passes them) or none")
+        return position_ids
+
+    @staticmethod
+    def mask_positions(pos):
+        return None  # as the stock text model with 3 rows: the explicit 2-D mask decides (no packing guess)

@@ -1,0 +1,38 @@
+"""Video-LLaVA (``VideoLlavaForConditionalGeneration``): LanguageBind image and video towers (CLIP
+layout with [CLS]), 1-D RoPE. Images: one unit each, [CLS] dropped as in LLaVA-1.5. Videos: 8
+frames, each a unit of 257 tokens ([CLS] kept: the stock model feeds it), one placeholder run per
+video."""
+
+from __future__ import annotations
+
+from .base import FamilyAdapter, VisualBlock
+from .clip import flatten_units, run_tower
+
+
+class VideoLlavaAdapter(FamilyAdapter):
+    family = "video_llava"
+    model_class = "VideoLlavaForConditionalGeneration"
+
+    @property
+    def tower(self):
+        return self.core.video_tower
+
+    def encode(self, visual, want_attn, vision_layer):
+        cfg = self.config
+        proj = self.core.multi_modal_projector
+        blocks = []
+        pixel_values, videos = visual.get("pixel_values"), visual.get("pixel_values_videos")
+        if pixel_values is not None:
+            hs, ca, ks = run_tower(self.core.image_tower, pixel_values, cfg.vision_feature_layer, want_attn,
+                                   vision_layer)
+            flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=cfg.vision_feature_select_strategy == "default",
+                                        kind="image")
+            blocks.append(VisualBlock(cfg.image_token_id, flat, sizes))
+        if videos is not None:
+            b, t = videos.shape[:2]
+            hs, ca, ks = run_tower(self.core.video_tower, videos.flatten(0, 1), cfg.vision_feature_layer, want_attn,
+                                   vision_layer)
+            flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame")
+            sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video
+            blocks.append(VisualBlock(cfg.video_token_id, flat, sizes))
+        return blocks
