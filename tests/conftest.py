@@ -73,8 +73,8 @@ def slice_batch(inputs, i, rt):
 
 def greedy_no_cache(model, inputs, steps):
     """Greedy decoding by full recompute every step (use_cache=False), positions as generate builds
-    them: the reference that cached generation must equal (with ``engine.replay`` for query-aware
-    methods)."""
+    them, end-of-sequence suppressed as ``min_new_tokens=steps`` does: the reference that cached
+    generation must equal (with ``engine.replay`` for query-aware methods)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     mrope = "mm_token_type_ids" in extra  # Qwen: 3-D positions from the model's get_rope_index (pass none)
@@ -82,7 +82,12 @@ def greedy_no_cache(model, inputs, steps):
         pos = None if mrope else (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        last = logits[:, -1]
+        eos = model.generation_config.eos_token_id
+        if eos is not None:  # as generate(min_new_tokens=steps) does: no end of sequence before the last step
+            last = last.clone()
+            last[:, torch.as_tensor(eos).reshape(-1)] = float("-inf")
+        nxt = last.argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         if mrope:  # generated tokens are text (type 0)

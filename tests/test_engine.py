@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
+from conftest import ALL_FAMILIES, FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from llava.engine import attach
 
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
-ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
+ALL = pytest.mark.parametrize("rt", ALL_FAMILIES, indirect=True)
 
 
 def stock(rt, inputs, **gen):

@@ -20,8 +20,19 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
 FAMILIES = {name: cls.family for name, cls in ADAPTERS.items()}
 
 
+#: families transformers ships that the engine refuses, and why
+REFUSED = {
+    "Qwen3VLForConditionalGeneration": (
+        "Qwen3-VL is not supported yet: its DeepStack merger injects intermediate vision features into the "
+        "first decoder layers at the visual positions, so pruning must gather (and merge) every DeepStack "
+        "level with the kept tokens; the Qwen3-VL adapter does not exist. Use Qwen2.5-VL."),
+}
+
+
 def model_family(model: torch.nn.Module) -> str:
     name = type(model).__name__
+    if name in REFUSED:
+        raise TypeError(REFUSED[name])
     if name not in ADAPTERS:
         raise TypeError(f"unsupported model class {name}; supported: {', '.join(ADAPTERS)}")
     return ADAPTERS[name].family
@@ -32,5 +43,5 @@ def adapter_for(model: torch.nn.Module, **options) -> FamilyAdapter:
     packing, ignored by families with a single packing)."""
     cls = ADAPTERS.get(type(model).__name__)
     if cls is None:
-        model_family(model)  # raises with the supported list
+        model_family(model)  # raises: refused (with the reason) or not supported (with the list)
     return cls(model, **options)
