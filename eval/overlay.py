@@ -44,6 +44,21 @@ def base_view(image: Image.Image, mode: str, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC)
 
 
+def grid_overlay(view: Image.Image, rows: int, cols: int, kept: list[int], display: int = 336,
+                 dim: float = 0.25) -> Image.Image:
+    """``view`` (the unit as the tower saw it) on a ``rows`` x ``cols`` token grid, the longer side ``display``
+    px, with the cells not in ``kept`` (row-major cell indices) darkened to ``dim`` (Qwen2.5-VL's
+    dynamic grids, OneVision's base crop)."""
+    cell = max(display // max(rows, cols), 1)
+    view = view.convert("RGB").resize((cols * cell, rows * cell), Image.BICUBIC)
+    mask = np.full((rows, cols), dim, dtype=np.float32)
+    for p in kept:
+        mask[p // cols, p % cols] = 1.0
+    mask = np.kron(mask, np.ones((cell, cell), dtype=np.float32))
+    out = (np.asarray(view).astype(np.float32) * mask[..., None]).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(out)
+
+
 def kept_overlay(image: Image.Image, mode: str, grid: int, image_size: int, keep: list[int], cls_first: bool = False,
                  display: int = 336, dim: float = 0.25) -> Image.Image:
     """The base view (resized to ``display`` px) with dropped patches darkened to ``dim``."""

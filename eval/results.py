@@ -98,8 +98,10 @@ def budget_summary(metas: list[dict], method: str, budget) -> dict | None:
     vis = [m for m in metas if "visual_entering_llm" in m]
     if budget is None or str(method).lower() == "none" or not vis:
         return None
-    unpruned = sum(1 for m in vis if m.get("vision_noop") or (
-        m["visual_entering_llm"] >= m["visual_candidates"] and m["visual_layer_avg"] >= m["visual_candidates"]))
+    # an LLM-stage method (FastV, PDrop, ...) has no vision stage, so vision_noop is always set there:
+    # a sample is unpruned only when every decoder layer also kept every visual token
+    unpruned = sum(1 for m in vis if (m.get("vision_noop") or m["visual_entering_llm"] >= m["visual_candidates"])
+                   and m["visual_layer_avg"] >= m["visual_candidates"])
     out = {"requested": budget, "effective": None if unpruned == len(vis) else budget,
            "unpruned_samples": unpruned, "samples": len(vis)}
     if unpruned:
@@ -177,6 +179,9 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         deviations.append(f"batch_size={gen.get('batch_size')} (protocol: 1)")
     if not cfg.get("pad_to_square", True):
         deviations.append("image preprocessing: centre crop (protocol: pad to square)")
+    px = {k: cfg[k] for k in ("min_pixels", "max_pixels") if cfg.get(k) is not None}
+    if px:  # Qwen2.5-VL: another image-area range changes every image's token count
+        deviations.append("image resolution " + ", ".join(f"{k}={v}" for k, v in px.items()) + " (protocol: the checkpoint's)")
     if cfg.get("template"):
         deviations.append(f"template override {cfg['template']}")
     if partial:

@@ -37,7 +37,21 @@ EVAL_KEY = "_eval"  # per-record bookkeeping in shard files (stripped from merge
 SHARD_RE = re.compile(r"^(\d+)_(\d+)\.jsonl$")
 #: config fields that must match to resume into an existing run directory
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
-               "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation")
+               "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
+               "min_pixels", "max_pixels")
+#: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
+VIDEO_FAMILIES = ("video_llava",)
+#: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision")
+#: what a visual-token budget counts, per family (per-unit methods; README's Methods table for each method's convention)
+BUDGET_UNITS = {
+    "llava": "visual tokens per image (576 for LLaVA-1.5 at 336 px)",
+    "llava_next": "visual tokens per crop (anyres: base crop + grid crops, per-unit methods)",
+    "video_llava": "visual tokens per image / video frame",
+    "qwen2_5_vl": "merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
+                  "smart resize within [min_pixels, max_pixels])",
+    "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods)",
+}
 
 
 @dataclass
@@ -60,6 +74,8 @@ class RunConfig:
     num_frames: int = 8
     pad_to_square: bool = True
     template: str | None = None
+    min_pixels: int | None = None  # Qwen2.5-VL only: image area bounds (None: the checkpoint's values)
+    max_pixels: int | None = None
     seed: int = 0
     limit: int | None = None  # first N questions only (smoke runs; results marked partial)
     stop_after: int | None = None  # debug: exit abruptly (os._exit) after N batches of this process
@@ -100,6 +116,10 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append(cfg.next_layout)
     if not cfg.pad_to_square:
         parts.append("crop")
+    if cfg.min_pixels is not None:
+        parts.append(f"minpx{cfg.min_pixels}")
+    if cfg.max_pixels is not None:
+        parts.append(f"maxpx{cfg.max_pixels}")
     if cfg.limit is not None:
         parts.append(f"limit{cfg.limit}")
     name = "_".join(str(p) for p in parts)
@@ -340,9 +360,13 @@ def run(cfg: RunConfig) -> int:
         try:  # unknown tiny / shape name, no such hub id or directory, not a LLaVA-family checkpoint
             rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                       template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
-                      pad_to_square=cfg.pad_to_square, seed=cfg.seed)
+                      pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
+                      max_pixels=cfg.max_pixels)
         except (ValueError, OSError) as e:
             return user_error(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}")
+        bad = _family_check(cfg, rt, questions)
+        if bad:
+            return user_error(bad)
         try:  # checks that need the model (e.g. an LLM layer out of range)
             engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
         except (KeyError, ValueError, TypeError) as e:
@@ -351,13 +375,7 @@ def run(cfg: RunConfig) -> int:
             "method_config": engine.method.config(),
             "llm_layers": list(engine.llm_layers),
             "vision_stage": bool(engine.method.vision_stage),
-            "model": {"id": cfg.model, "name": rt.name, "family": rt.family, "dtype": dtype,
-                      "template": rt.template.name, "next_layout": rt.processor.next_layout,
-                      "preprocess": "pad" if rt.processor.pad_to_square else "crop",
-                      "num_frames": rt.processor.num_frames,
-                      "image_size": rt.model.config.vision_config.image_size,
-                      "patch_size": rt.model.config.vision_config.patch_size,
-                      "decoder_layers": len(engine.lm.layers), **rt.info},
+            "model": {**model_info(cfg, rt, dtype), "decoder_layers": len(engine.lm.layers), **rt.info},
             "generation": {"do_sample": False, "num_beams": 1, "use_cache": True, "max_new_tokens": cfg.max_new_tokens,
                            "batch_size": cfg.batch_size},
             "benchmark": bench.config(),
@@ -415,7 +433,7 @@ def run(cfg: RunConfig) -> int:
 
             wb = WandbLogger(enabled=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity,
                              name=f"{bench.name}/{run_dir.name}", group=cfg.wandb_group or run_dir.name,
-                             tags=list(cfg.wandb_tags) + [bench.name, cfg.method],
+                             tags=list(cfg.wandb_tags) + [bench.name, cfg.method, rt.family],
                              config={"run": dataclasses.asdict(cfg), **{k: v for k, v in resolved.items() if k != "env"}},
                              dir=str(run_dir))
 
@@ -447,6 +465,77 @@ def run(cfg: RunConfig) -> int:
         distmod.close(info)
 
 
+def _family_check(cfg: RunConfig, rt, questions: list[Question]) -> str | None:
+    """Options and benchmarks the loaded model's family cannot take (known only once it is loaded: a hub
+    id or a local folder names no family), as one error line; None when the run can go."""
+    fam = rt.family
+    if any(q.modality == "video" for q in questions) and fam not in VIDEO_FAMILIES:
+        return (f"{cfg.benchmark} asks about videos, which the {fam} processor does not take "
+                f"(video QA runs with Video-LLaVA: {', '.join(VIDEO_FAMILIES)})")
+    if (cfg.min_pixels is not None or cfg.max_pixels is not None) and fam != "qwen2_5_vl":
+        return f"--min-pixels / --max-pixels apply to Qwen2.5-VL only, not to {cfg.model} ({fam})"
+    if fam in CHATML_FAMILIES:
+        if not cfg.pad_to_square:
+            return f"--no-pad does not apply to {cfg.model} ({fam}: the checkpoint's own image processor, no pad-to-square)"
+        if cfg.next_layout != "spatial_unpad":
+            return f"--next-layout applies to LLaVA-NeXT only, not to {cfg.model} ({fam})"
+    return None
+
+
+def model_info(cfg: RunConfig, rt, dtype: str) -> dict:
+    """What results.json records about the model: id, family (``llava`` / ``llava_next`` / ``video_llava`` /
+    ``qwen2_5_vl`` / ``llava_onevision``), template, the preprocessing actually applied and what a budget counts."""
+    vc = rt.model.config.vision_config
+    info = {"id": cfg.model, "name": rt.name, "family": rt.family, "dtype": dtype, "template": rt.template.name,
+            "budget_unit": BUDGET_UNITS.get(rt.family, "visual tokens (method convention)")}
+    if rt.family == "qwen2_5_vl":
+        ip = rt.processor.image_processor
+        size = getattr(ip, "size", None)
+        lo = getattr(size, "shortest_edge", None) or getattr(ip, "min_pixels", None)  # transformers 5 keeps them in size
+        hi = getattr(size, "longest_edge", None) or getattr(ip, "max_pixels", None)
+        f = vc.patch_size * vc.spatial_merge_size
+        info.update(preprocess="qwen smart_resize", min_pixels=None if lo is None else int(lo),
+                    max_pixels=None if hi is None else int(hi), patch_size=vc.patch_size,
+                    spatial_merge_size=vc.spatial_merge_size,
+                    tokens_per_image=f"dynamic: (H/{f})*(W/{f}) after smart resize within [min_pixels, max_pixels]")
+        return info
+    info.update(next_layout=rt.processor.next_layout, num_frames=rt.processor.num_frames,
+                image_size=vc.image_size, patch_size=vc.patch_size)
+    if rt.family == "llava_onevision":
+        info.update(preprocess=f"anyres ({getattr(rt.model.config, 'vision_aspect_ratio', 'anyres_max_9')})",
+                    tokens_per_crop=rt.processor.tokens_per_crop)
+        info.pop("next_layout")
+        info.pop("num_frames")
+        return info
+    info["preprocess"] = "pad" if rt.processor.pad_to_square else "crop"
+    return info
+
+
+def _overlay(rt, inputs, b: int, img, keep: list[int], video: bool, pad_to_square: bool):
+    """The kept-token picture of sample ``b``'s unit 0 (the image; NeXT's / OneVision's base crop; a video's
+    first frame) in its family's geometry."""
+    from .overlay import grid_overlay, kept_overlay, view_mode
+
+    vc = rt.model.config.vision_config
+    if rt.family == "qwen2_5_vl":  # merged tokens of the first image in raster order over its own grid
+        thw = inputs["image_grid_thw"]
+        first = int((inputs["mm_token_type_ids"][:b] == 1).any(-1).sum()) if b else 0  # images of earlier samples
+        _, gh, gw = (int(x) for x in thw[first])
+        m = vc.spatial_merge_size
+        view = img.convert("RGB").resize((gw * vc.patch_size, gh * vc.patch_size), resample=3)
+        rows, cols = gh // m, gw // m
+        return grid_overlay(view, rows, cols, sorted({i for i in keep if 0 <= i < rows * cols}))
+    if rt.family == "llava_onevision":  # base crop: the whole image resized to the tower's square
+        grid = vc.image_size // vc.patch_size
+        n = rt.processor.tokens_per_crop
+        shift = grid * grid - n  # 'default' drops the first token
+        view = img.convert("RGB").resize((vc.image_size, vc.image_size), resample=3)
+        return grid_overlay(view, grid, grid, sorted({i + shift for i in keep if 0 <= i < n}))
+    grid = vc.image_size // vc.patch_size
+    mode = view_mode(rt.family, video, pad_to_square)
+    return kept_overlay(img, mode, grid, vc.image_size, keep, cls_first=video)
+
+
 def _judge_cfg(cfg: RunConfig):
     from .judge import JudgeConfig
 
@@ -471,12 +560,8 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
 
     from llava.preprocess import load_image
 
-    from .overlay import kept_overlay, view_mode
-
     shard = run_dir / "answers" / f"{info.world}_{info.rank}.jsonl"
     overlay_dir = run_dir / "overlays"
-    vc = rt.model.config.vision_config
-    grid = vc.image_size // vc.patch_size
     overlays_left = cfg.overlay_samples
     batches = _Batches(todo, cfg.batch_size)
     model_id = cfg.model.rstrip("/").split("/")[-1]
@@ -531,7 +616,8 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
                     meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],
                                 visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"],
                                 vision_noop=s.get("vision_noop", False))
-                    if s.get("vision_noop") and not warned_noop and cfg.budget is not None:
+                    if (s.get("vision_noop") and s["visual_layer_avg"] >= s["visual_candidates"] and not warned_noop
+                            and cfg.budget is not None):  # nothing pruned anywhere (LLM-stage methods: vision_noop always)
                         warned_noop = True  # said once, at the first sample it happens to
                         log.warning("budget %s >= the %d visual tokens of %s: nothing is pruned there (results.json "
                                     "records the effective budget under 'budget')", cfg.budget, s["visual_candidates"], q.uid)
@@ -544,9 +630,7 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
                         sel = engine.selections[("vision", b)]
                         keep = sel.keep.tolist() + ([] if sel.targets is None else sel.targets.tolist())
                         img = pil[b] if pil is not None else _first_frame(q, rt)
-                        video = batch[0].modality == "video"
-                        mode = view_mode(rt.family, video, rt.processor.pad_to_square)
-                        ov = kept_overlay(img, mode, grid, vc.image_size, keep, cls_first=video)
+                        ov = _overlay(rt, inputs, b, img, keep, batch[0].modality == "video", rt.processor.pad_to_square)
                         overlay_dir.mkdir(parents=True, exist_ok=True)
                         path = overlay_dir / f"{_safe(q.uid)}.png"
                         ov.save(path)
@@ -585,7 +669,8 @@ def _safe(s: str) -> str:
 
 
 def _print_summary(results: dict) -> None:
-    print(f"\n== {results['benchmark']} | {results['model']['id']} | {results['method'].get('method')} "
+    fam = results["model"].get("family")
+    print(f"\n== {results['benchmark']} | {results['model']['id']}{f' ({fam})' if fam else ''} | {results['method'].get('method')} "
           f"budget={results['method'].get('budget')} ==")
     for k, v in results["metrics"].items():
         print(f"  {k:<24} {v:10.2f}   {results['metric_labels'].get(k, '')}")
