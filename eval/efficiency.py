@@ -35,16 +35,31 @@ import torch
 # ------------------------------------------------------------------------------------------------
 
 
-def layer_macs(n: int, d: int, m: int, convention: str) -> float:
+def layer_macs(n: int, d: int, m: int, convention: str, d_kv: int | None = None) -> float:
     """Multiply-accumulates of one decoder layer at sequence length n. A (FastV / DivPrune):
-    4nd^2 + 2n^2d + 2ndm; B (SparseVLM, exact for LLaMA's 3-matrix SwiGLU): 4nd^2 + 2n^2d + 3ndm."""
+    4nd^2 + 2n^2d + 2ndm; B (SparseVLM, exact for LLaMA's 3-matrix SwiGLU): 4nd^2 + 2n^2d + 3ndm.
+
+    ``d_kv`` (= num_key_value_heads x head_dim) < d for grouped-query attention (Qwen2: 4 KV heads of
+    28): the k and v projections cost n d d_kv each, so 4nd^2 becomes 2nd^2 + 2nd d_kv; the attention
+    products stay 2n^2d (every query head attends; d = num_heads x head_dim). None = d (LLaMA MHA).
+    Bias additions (Qwen2's q/k/v biases) are not MACs and are not counted."""
     ffn = {"A": 2, "B": 3}[convention]
-    return 4 * n * d * d + 2 * n * n * d + ffn * n * d * m
+    dkv = d if d_kv is None else d_kv
+    return 2 * n * d * d + 2 * n * d * dkv + 2 * n * n * d + ffn * n * d * m
 
 
-def prefill_macs(lengths: list[int], d: int, m: int, convention: str) -> float:
+def prefill_macs(lengths: list[int], d: int, m: int, convention: str, d_kv: int | None = None) -> float:
     """LLM prefill MACs for the per-layer sequence lengths (vision tower, projector, LM head excluded)."""
-    return float(sum(layer_macs(n, d, m, convention) for n in lengths))
+    return float(sum(layer_macs(n, d, m, convention, d_kv) for n in lengths))
+
+
+def llm_dims(cfg) -> tuple[int, int, int, int]:
+    """(d, m, L, d_kv) of the LLM of a model config (any family: text_config holds the decoder)."""
+    tc = cfg.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    d = tc.num_attention_heads * head_dim
+    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    return d, tc.intermediate_size, tc.num_hidden_layers, kv * head_dim
 
 
 def kv_bytes_per_token(cfg) -> int:
@@ -78,9 +93,10 @@ class Roofline:
     m: int
     layers: int
     points: list = field(default_factory=list)  # measured (n, seconds)
+    d_kv: int | None = None  # grouped-query attention: k/v width (None = d)
 
     def full(self, n: int) -> float:
-        return max(self.floor, self.a + self.k * prefill_macs([n] * self.layers, self.d, self.m, "B"))
+        return max(self.floor, self.a + self.k * prefill_macs([n] * self.layers, self.d, self.m, "B", self.d_kv))
 
     def per_layer(self, lengths: list[int]) -> float:
         """Predicted prefill time for per-layer lengths: each layer costs T(n_l) / L."""
@@ -93,7 +109,7 @@ class Roofline:
         lo, hi = 1, 1 << 20
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.a + self.k * prefill_macs([mid] * self.layers, self.d, self.m, "B") >= self.floor:
+            if self.a + self.k * prefill_macs([mid] * self.layers, self.d, self.m, "B", self.d_kv) >= self.floor:
                 hi = mid
             else:
                 lo = mid + 1
@@ -107,10 +123,10 @@ class Roofline:
                 f"{regime}")
 
 
-def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int) -> Roofline:
+def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int, d_kv: int | None = None) -> Roofline:
     """Least-squares fit of T(n) = max(floor, a + k F(n)) over every split of the sorted sweep."""
     pts = sorted(points)
-    f = [prefill_macs([n] * layers, d, m, "B") for n, _ in pts]
+    f = [prefill_macs([n] * layers, d, m, "B", d_kv) for n, _ in pts]
     t = [s for _, s in pts]
     best = None
     for split in range(0, len(pts) - 1):  # points[:split] on the floor, the rest on the line (>= 2 points)
@@ -121,7 +137,7 @@ def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int) -
         k = max(k, 0.0)
         a = my - k * mx
         floor = sum(t[:split]) / split if split else 0.0
-        model = Roofline(floor, a, k, d, m, layers)
+        model = Roofline(floor, a, k, d, m, layers, d_kv=d_kv)
         sse = sum((model.full(n) - s) ** 2 for n, s in pts)
         if best is None or sse < best[0]:
             best = (sse, model)
@@ -156,9 +172,44 @@ def summary(xs: list[float]) -> dict:
             "std": statistics.pstdev(xs), "n": len(xs)}
 
 
+# Synthetic image size per family when --image-hw is not given, and what it gives on the real geometry:
+#   llava / video_llava: 336x336 -> CLIP-L/336: 24x24 = 576 tokens (Video-LLaVA: 8 frames x 256)
+#   llava_next: 672x672 -> 2x2 grid + base crop, 2880 tokens in the spatial layout (the papers' setting)
+#   qwen2_5_vl: 672x672 -> smart_resize keeps 672 (a multiple of 28, within min/max_pixels) -> 48x48
+#       patches of 14 px -> 2x2 merge -> 24x24 = 576 merged tokens: LLaVA-1.5's count, so budgets
+#       192/128/64 keep the same fractions (PyramidDrop's table is stated for 576)
+#   llava_onevision: 384x384 -> anyres: best pinpoint 384x384 (1x1 grid): base crop 27x27 = 729 +
+#       grid 27x27 = 729 (no unpadding, no anyres_max_9 interpolation: 729 <= 9 x 729) + 27 row newlines
+#       = 1485 tokens, OneVision's count for a single 384 px image
+FAMILY_IMAGE_HW = {"llava": (336, 336), "video_llava": (336, 336), "llava_next": (672, 672),
+                   "qwen2_5_vl": (672, 672), "llava_onevision": (384, 384)}
+
+
+def default_image_hw(rt) -> tuple[int, int]:
+    return FAMILY_IMAGE_HW.get(rt.family, (336, 336))
+
+
+def describe_inputs(rt, image_hw: tuple[int, int]) -> dict:
+    """What one synthetic input is, from the runtime's own processor (the tokens users would feed)."""
+    from PIL import Image
+
+    h, w = image_hw
+    item = ("what is this?", [Image.new("RGB", (w, h))] * rt.processor.num_frames
+            if rt.family == "video_llava" else Image.new("RGB", (w, h)))
+    b = build_batch(rt, [item], torch.device("cpu"))
+    tok_id = getattr(rt.model.config, "video_token_id" if rt.family == "video_llava" else "image_token_id")
+    info = {"family": rt.family, "image_hw": [h, w], "visual_tokens": int((b["input_ids"] == tok_id).sum()),
+            "batch_keys": {k: list(v.shape) for k, v in b.items() if isinstance(v, torch.Tensor)}}
+    if "image_grid_thw" in b:
+        info["image_grid_thw"] = b["image_grid_thw"].tolist()
+    return info
+
+
 def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int]):
     """A fixed list of (question, image or video frames): seeded random pictures and questions of
-    ``text_words`` words (the same list for every method and budget)."""
+    ``text_words`` words (the same list for every method and budget). The pictures are PIL images fed
+    through ``rt.processor`` as users do (Qwen2.5-VL: patch rows (t*h*w, 3*2*14*14) + image_grid_thw +
+    mm_token_type_ids; OneVision: anyres crops + image_sizes + batch_num_images)."""
     import numpy as np
     from PIL import Image
 
@@ -240,8 +291,19 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's 'Model name', from /proc/cpuinfo), or the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(rt, device, dtype) -> dict:
-    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+    env = {"date": time.strftime("%Y-%m-%d"), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform(), "dtype": str(dtype), "device": str(device),
            "llm_attention": rt.model.config.text_config._attn_implementation,
            "vision_attention": rt.model.config.vision_config._attn_implementation, "model": rt.name}
@@ -252,15 +314,16 @@ def environment(rt, device, dtype) -> dict:
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
-        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        env.update(cpu=f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()})", threads=torch.get_num_threads())
+        if hasattr(os, "getloadavg"):  # other processes on a shared CPU inflate and scatter the timings
+            env["loadavg_1_5_15min_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return env
 
 
 def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
     """All measurements for one method x budget."""
     eng = rt.prune(method, budget, **opts)
-    tc = rt.model.config.text_config
-    d, m, L = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+    d, m, L, d_kv = llm_dims(rt.model.config)
     per_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8
     batch1 = [build_batch(rt, [it], device) for it in items]
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
@@ -280,7 +343,7 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
             "visual_candidates": s.visual_candidates, "visual_entering_llm": s.visual_entering_llm,
             "visual_layer_avg": s.visual_layer_avg, "layer_lengths": lens,
             "kv_bytes": kv, "kv_bytes_analytic": per_tok * sum(analytic_lens) // L,
-            "macs_A": prefill_macs(lens, d, m, "A"), "macs_B": prefill_macs(lens, d, m, "B"),
+            "macs_A": prefill_macs(lens, d, m, "A", d_kv), "macs_B": prefill_macs(lens, d, m, "B", d_kv),
             "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         })
         del out
@@ -345,6 +408,25 @@ def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedu
 # ------------------------------------------------------------------------------------------------
 
 
+def _flops_line(report: dict) -> str:
+    fm = report.get("flops_model") or {}
+    if fm and fm["d_kv"] != fm["d"]:
+        return (f"grouped-query attention (d = {fm['d']}, d_kv = {fm['d_kv']}, m = {fm['m']}, L = {fm['layers']}): "
+                "A = 2nd^2+2nd*d_kv+2n^2d+2ndm, B = 2nd^2+2nd*d_kv+2n^2d+3ndm.")
+    return "A = 4nd^2+2n^2d+2ndm, B = 4nd^2+2n^2d+3ndm."
+
+
+def _inputs_lines(report: dict) -> list[str]:
+    inp = report.get("inputs")
+    if not inp:
+        return []
+    h, w = inp["image_hw"]
+    grid = f", image_grid_thw {inp['image_grid_thw']}" if "image_grid_thw" in inp else ""
+    shapes = ", ".join(f"{k} {tuple(v)}" for k, v in inp["batch_keys"].items())
+    return [f"Input: one {h}x{w} synthetic image per prompt through the runtime's processor ({inp['family']}): "
+            f"{inp['visual_tokens']} visual tokens{grid}; batch tensors {shapes}.", ""]
+
+
 def markdown(report: dict) -> str:
     env, rows, model = report["environment"], report["results"], report["cost_model"]
     base = next(r for r in rows if r["method"] == "none")
@@ -356,7 +438,9 @@ def markdown(report: dict) -> str:
            f"{env['transformers']}; {env['date']}. N = {report['config']['n']} inputs (seeded random images, "
            f"{report['config']['text_words']}-word questions), warm-up {report['config']['warmup']}, "
            f"TPOT over {report['config']['decode_tokens']} forced tokens. FLOPs in T MAC (x2 for FLOPs), LLM "
-           "prefill only, at the measured per-layer lengths; A = 4nd^2+2n^2d+2ndm, B = 4nd^2+2n^2d+3ndm.", "",
+           "prefill only (vision tower, projector and LM head not counted), at the measured per-layer lengths; "
+           + _flops_line(report), "",
+           *_inputs_lines(report),
            f"Cost model: {model['description']}", "",
            "| Method | Budget | tok-in / tok-eq | TTFT b1 median / p90 (ms) | vision / select / LLM (ms) | "
            + " | ".join(f"TTFT b{b} (ms), samples/s" for b in bs)
@@ -441,7 +525,7 @@ class BenchConfig:
     decode_tokens: int = 16
     decode_samples: int = 3
     text_words: int = 12
-    image_hw: tuple = (336, 336)
+    image_hw: tuple | None = None  # None: the family's default (FAMILY_IMAGE_HW)
     next_layout: str = "spatial"
     sweep: list = field(default_factory=list)  # sequence lengths for the cost model; default from inputs
     seed: int = 0
@@ -457,7 +541,9 @@ def run(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout)
     device = next(rt.model.parameters()).device
-    items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, tuple(cfg.image_hw))
+    image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
+    inputs = describe_inputs(rt, image_hw)
+    items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw)
     results = [measure(rt, "none", None, {}, items, cfg, device)]
     for spec in cfg.methods:
         name, opts = parse_method(spec)
@@ -466,10 +552,16 @@ def run(cfg: BenchConfig) -> dict:
         for b in cfg.budgets:
             results.append(measure(rt, name, b, opts, items, cfg, device))
     full = int(results[0]["records"][0]["layer_lengths"][0])
-    tc = rt.model.config.text_config
+    d, m, L, d_kv = llm_dims(rt.model.config)
     lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})
-    model = fit_roofline(llm_sweep(rt, lengths, device), tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
-    report = {"config": {**asdict(cfg), "image_hw": list(cfg.image_hw)}, "environment": environment(rt, device, rt.model.dtype),
+    model = fit_roofline(llm_sweep(rt, lengths, device), d, m, L, d_kv)
+    report = {"config": {**asdict(cfg), "image_hw": list(image_hw)}, "environment": environment(rt, device, rt.model.dtype),
+              "inputs": inputs,
+              "flops_model": {"scope": "LLM decoder prefill only, at the measured per-layer lengths; the vision tower "
+                                       "(CLIP / SigLIP / Qwen2.5-VL's windowed ViT), projector / merger and LM head are "
+                                       "not counted", "d": d, "m": m, "layers": L, "d_kv": d_kv,
+                              "A": "2nd^2 + 2nd*d_kv + 2n^2d + 2ndm per layer",
+                              "B": "2nd^2 + 2nd*d_kv + 2n^2d + 3ndm per layer"},
               "cost_model": {"description": model.describe(), "floor_s": model.floor, "a_s": model.a,
                              "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
                              "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
@@ -502,7 +594,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
     ap.add_argument("--decode-samples", type=int, default=d.decode_samples)
     ap.add_argument("--text-words", type=int, default=d.text_words)
-    ap.add_argument("--image-hw", nargs=2, type=int, default=list(d.image_hw))
+    ap.add_argument("--image-hw", nargs=2, type=int, default=None,
+                    help="synthetic image height width (default per family: " + ", ".join(
+                        f"{k} {h}x{w}" for k, (h, w) in FAMILY_IMAGE_HW.items()) + ")")
     ap.add_argument("--next-layout", default=d.next_layout, choices=["spatial", "spatial_unpad"])
     ap.add_argument("--sweep", nargs="*", type=int, default=[])
     ap.add_argument("--seed", type=int, default=d.seed)

@@ -2,7 +2,10 @@
 # Efficiency table (TTFT + breakdown, TPOT, KV bytes, peak memory, FLOPs) for the unpruned model and
 # methods x budgets, in one run. Usage: bash scripts/bench/efficiency.sh [model] [out_dir]
 #   model: shape:llava-1.5-7b (real architecture, random weights; default), shape:llava-next-7b,
-#          a hub id / local checkpoint, or tiny:llava for a quick CPU smoke run.
+#          shape:qwen2.5-vl-7b, shape:llava-onevision-7b, a hub id / local checkpoint, tiny:<family> for a
+#          quick CPU smoke run, or a scaled-down *-cpu-small shape for CPU tables (docs/results/efficiency-cpu-*.md).
+#   Synthetic image per family (eval/efficiency.py FAMILY_IMAGE_HW): LLaVA-1.5 336 px (576 tokens), NeXT 672 px
+#   (2880), Qwen2.5-VL 672 px (48x48 patches -> 576 merged tokens), OneVision 384 px (anyres 729 + 729 + 27 = 1485).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${1:-shape:llava-1.5-7b}

@@ -1,0 +1,112 @@
+"""Efficiency benchmark on the new families (Qwen2.5-VL, LLaVA-OneVision): the synthetic inputs are what
+the runtime's processor makes of a PIL image (worked-out token counts), the visual tokens / KV entries the
+benchmark reports equal the engine's own stats on a re-run, and the FLOPs model uses the LLM's GQA shape."""
+
+import pytest
+import torch
+
+from eval.efficiency import (BenchConfig, build_batch, cache_bytes, default_image_hw, describe_inputs, layer_macs,
+                             llm_dims, make_inputs, prefill_macs, run)
+from llava.models import load
+
+
+def _check_against_engine(report, model, image_hw, expected_visual):
+    """Re-run every method x budget of ``report`` on the same inputs and compare with the engine's stats."""
+    rt = load(model)
+    cfg = report["config"]
+    items = make_inputs(rt, cfg["n"], cfg["text_words"], cfg["seed"], tuple(image_hw))
+    d, m, L, d_kv = llm_dims(rt.model.config)
+    tc = rt.model.config.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    for res in report["results"]:
+        eng = rt.prune(res["method"], res["budget"], **res["options"])
+        for it, rec in zip(items, res["records"]):
+            batch = build_batch(rt, [it], torch.device("cpu"))
+            n_img = int((batch["input_ids"] == rt.model.config.image_token_id).sum())
+            assert n_img == expected_visual
+            with torch.inference_mode():
+                out = rt.model(**batch, use_cache=True, logits_to_keep=1)
+            s = eng.stats.samples[0]
+            kv, lens = cache_bytes(out.past_key_values)
+            text = int(batch["attention_mask"].sum()) - expected_visual
+            assert s.visual_candidates == rec["visual_candidates"] == expected_visual, res["method"]
+            assert s.visual_entering_llm == rec["visual_entering_llm"], res["method"]
+            assert s.visual_layer_avg == pytest.approx(rec["visual_layer_avg"])
+            # KV entries per layer = text tokens + the visual tokens the engine says that layer holds
+            assert lens == rec["layer_lengths"] == [text + v for v in s.visual_per_layer], res["method"]
+            # bytes: 2 (k, v) x KV heads x head_dim x 4 (fp32) per entry, every layer
+            assert kv == rec["kv_bytes"] == sum(lens) * 2 * tc.num_key_value_heads * head_dim * 4
+            assert rec["macs_B"] == pytest.approx(prefill_macs(lens, d, m, "B", d_kv))
+        rt.unprune()
+    return rt
+
+
+def test_qwen25vl_default_input_is_576_merged_tokens():
+    # 672x672: a multiple of 28 inside [min_pixels, max_pixels], so smart_resize keeps it; 672 / 14 = 48
+    # patches a side -> pixel rows t*h*w = 1*48*48 = 2304 of 3*2*14*14 = 1176; the 2x2 merge -> 24*24 = 576
+    for name in ("tiny:qwen2.5-vl", "shape:qwen2.5-vl-cpu-small", "shape:qwen2.5-vl-7b"):
+        rt = load(name, device="meta" if name.startswith("shape:") else None)
+        assert default_image_hw(rt) == (672, 672)
+        info = describe_inputs(rt, (672, 672))
+        assert info["visual_tokens"] == 576 and info["image_grid_thw"] == [[1, 48, 48]], name
+        assert info["batch_keys"]["pixel_values"] == [2304, 1176]
+        assert {"mm_token_type_ids", "image_grid_thw"} <= set(info["batch_keys"])
+
+
+def test_onevision_default_input_counts():
+    # real geometry (7B and cpu-small): SigLIP 384 / 14 = 27 -> 729 per crop; a 384x384 image picks the 384x384
+    # pinpoint (1x1 grid): base 729 + grid 27x27 = 729 (no unpadding; 729 <= 9 x 729: no anyres_max_9
+    # interpolation) + 27 row newlines = 1485; pixel_values: base + 1 grid crop
+    for name in ("shape:llava-onevision-cpu-small", "shape:llava-onevision-7b"):
+        rt = load(name, device="meta")
+        assert default_image_hw(rt) == (384, 384)
+        info = describe_inputs(rt, (384, 384))
+        assert info["visual_tokens"] == 1485, name
+        assert info["batch_keys"]["pixel_values"] == [1, 2, 3, 384, 384]
+    # tiny (SigLIP 56 / 14 = 4 -> 16 per crop, pinpoints 56a x 56b, a, b <= 4): 384x384 -> 224x224 (4x4 crops)
+    # -> a 16x16 grid, no unpadding; sqrt(16*16 / (16*9)) = 4/3 > 1.1 -> interpolated to int(16 / (4/3)) = 12:
+    # 12*12 + 12 newlines = 156, + base 16 = 172; pixel_values: base + 16 crops
+    info = describe_inputs(load("tiny:llava-onevision"), (384, 384))
+    assert info["visual_tokens"] == 172 and info["batch_keys"]["pixel_values"] == [1, 17, 3, 56, 56]
+
+
+def test_flops_model_uses_gqa_shape():
+    rt = load("shape:qwen2.5-vl-7b", device="meta")
+    d, m, L, d_kv = llm_dims(rt.model.config)
+    assert (d, m, L, d_kv) == (3584, 18944, 28, 512)  # 28 heads of 128, 4 KV heads
+    n = 600
+    by_hand = 2 * n * d * d + 2 * n * d * 512 + 2 * n * n * d + 3 * n * d * m  # q, o + k, v + QK^T, AV + SwiGLU
+    assert layer_macs(n, d, m, "B", d_kv) == by_hand
+    assert layer_macs(n, d, m, "B", d_kv) < layer_macs(n, d, m, "B")  # MHA formula over-counts k/v
+    assert llm_dims(load("shape:llava-onevision-7b", device="meta").model.config) == (3584, 18944, 28, 512)
+    assert llm_dims(load("shape:llava-1.5-7b", device="meta").model.config) == (4096, 11008, 32, 4096)
+
+
+def test_benchmark_on_tiny_qwen25vl_matches_engine_stats(tmp_path):
+    # 168x112 (h x w): multiples of 28 -> 12x8 patches -> 6x4 = 24 merged tokens (fast)
+    hw = (168, 112)
+    cfg = BenchConfig(model="tiny:qwen2.5-vl", methods=["none", "fastv", "visionzip", "divprune"], budgets=[8], n=2,
+                      warmup=0, decode_tokens=1, image_hw=hw, out=str(tmp_path), sweep=[8, 16, 32, 48])
+    report = run(cfg)
+    assert report["inputs"]["visual_tokens"] == 24 and report["inputs"]["image_grid_thw"] == [[1, 12, 8]]
+    assert report["flops_model"]["d_kv"] == 32 and report["flops_model"]["d"] == 64
+    md = (tmp_path / "efficiency.md").read_text()
+    assert "24 visual tokens" in md and "d_kv = 32" in md
+    assert "| visionzip | 8 | 8 / 8.0 |" in md and "| none | - | 24 / 24.0 |" in md
+    for r in report["results"]:
+        assert r["kv_match"], r["method"]
+    _check_against_engine(report, "tiny:qwen2.5-vl", hw, 24)
+
+
+def test_benchmark_on_tiny_onevision_matches_engine_stats(tmp_path):
+    cfg = BenchConfig(model="tiny:llava-onevision", methods=["none", "fastv", "visionzip", "pdrop"], budgets=[192],
+                      n=2, warmup=0, decode_tokens=1, out=str(tmp_path), sweep=[8, 16, 32, 48])
+    report = run(cfg)
+    assert report["config"]["image_hw"] == [384, 384] and report["inputs"]["visual_tokens"] == 172
+    md = (tmp_path / "efficiency.md").read_text()
+    assert "| none | - | 172 / 172.0 |" in md
+    for r in report["results"]:
+        assert r["kv_match"], r["method"]
+    pd = next(r for r in report["results"] if r["method"] == "pdrop")
+    assert pd["visual_layer_avg"] < 172  # something is pruned (budget relative to 576: ~192/576 of 172)
+    _check_against_engine(report, "tiny:llava-onevision", (384, 384), 172)
