@@ -17,7 +17,7 @@ item 2), on the same device and the same shapes.
     visual columns, top-k, sorted). Also layer K-1 alone on SDPA, so the row recompute is visible.
 (b) Pre-LLM methods' signals (VisionZip, FasterVLM). Ours runs the vision tower once on SDPA and
     recomputes the select layer's [CLS] row and keys in a forward pre-hook (the engine's own
-    ``PruningEngine._run_tower``, called on a minimal stand-in for the engine); the official code runs
+    ``llava.families.clip.run_tower``); the official code runs
     the tower on eager attention with ``output_attentions=True`` (every layer's map returned) and
     reads ``attentions[select layer][:, :, 0]``. Timed: stock tower (SDPA,
     ``output_hidden_states=True``), ours, official style.
@@ -361,7 +361,7 @@ def run_tower(parts: Parts, batch: int, cfg, device, dtype) -> dict:
         return tower(px, output_hidden_states=True, return_dict=True).hidden_states[v]
 
     def ours():
-        return engine_run_tower(tower, px, v, True, None)  # (hidden states, cls_attn (n, H, S), keys (n, S, d))
+        return engine_run_tower(tower, px, v, True, None)[:3]  # (hidden states, cls_attn (n, H, S), keys (n, S, d))
 
     def official():
         out = tower(px, output_hidden_states=True, output_attentions=True, return_dict=True)
@@ -444,7 +444,7 @@ MEASUREMENTS = {
                       "mean of the whole map, last row, visual columns, top-k, sorted (pkunlp-icler/FastV in-place)",
     "fastv.diff_s": "official median - ours median, per prefill of the batch (> 0: ours is faster)",
     "tower.stock_sdpa": "vision tower on SDPA, output_hidden_states=True (the unmodified model)",
-    "tower.ours": "PruningEngine._run_tower: the same call + a pre-hook on the select layer and its [CLS] query "
+    "tower.ours": "llava.families.clip.run_tower: the same call + a pre-hook on the select layer and its [CLS] query "
                   "row / keys recomputed from layer_norm1 + q/k projections",
     "tower.official": "vision tower on eager attention, output_attentions=True and output_hidden_states=True, "
                       "[CLS] row of the select layer's map read (VisionZip / FasterVLM official)",
@@ -581,7 +581,7 @@ def markdown(report: dict) -> str:
         t0 = m["tower"][0]
         out += ["", f"**Vision tower with the select layer's [CLS] attention** (layer {t0['select_layer_index']}): "
                 "time of one tower call over all crops of the batch, stock (SDPA, hidden states only) vs ours (SDPA "
-                "+ the [CLS] row and keys recomputed in a pre-hook, the engine's `_run_tower`) vs the official way "
+                "+ the [CLS] row and keys recomputed in a pre-hook, the engine's `clip.run_tower`) vs the official way "
                 "(eager, every layer's attention map returned).", "",
                 "| Batch | Passes | Maps (MiB) | Stock SDPA ms | Ours ms | Official ms | Official - ours ms | "
                 "Peak stock / ours / official (MiB) | [CLS] top-k agree | max abs diff |",

@@ -344,7 +344,9 @@ class PruningEngine:
         t0 = timer.now()
         method = self.method
         position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
-        blocks = self.adapter.encode(visual, method.needs_vision_attention, getattr(method, "vision_layer", None))
+        extra_layers = tuple(getattr(method, "vision_attention_layers", ()) or ())
+        blocks = self.adapter.encode(visual, method.needs_vision_attention, getattr(method, "vision_layer", None),
+                                     extra_layers)
         if not blocks:
             raise ValueError("no visual input")
         embeds = self.lm.embed_tokens(input_ids)
@@ -431,6 +433,7 @@ class PruningEngine:
                     "unit": unit, "patch": table["patch"][src],
                     "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
                     "keys": table["keys"][src] if "keys" in table else None,
+                    "received": {v: table[f"recv:{v}"][src] for v in extra_layers},
                 }
                 n_cls = 0
                 if extras:  # append each unit's [CLS] as candidate T + i
@@ -443,12 +446,15 @@ class PruningEngine:
                     if fields["cls_attn"] is not None:
                         fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][crow]])
                         fields["keys"] = torch.cat([fields["keys"], utable["keys"][crow]])
+                    for v in extra_layers:
+                        fields["received"][v] = torch.cat([fields["received"][v], utable[f"recv:{v}"][crow]])
                 sig = VisionSignals(
                     features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
                     patch=fields["patch"], unit_kind=kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
                     cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
                     keys=fields["keys"], key=self._sample_key(b, lay.ids),
+                    received_attn={v: r.T.contiguous() for v, r in fields["received"].items()},
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],

@@ -154,6 +154,10 @@ class Method:
     #: Vision-tower layer (hidden_states index) whose [CLS] attention / keys the signals carry;
     #: None = the model's ``vision_feature_layer``.
     vision_layer: int | None = None
+    #: Vision-tower layers (hidden_states indices) whose *received* attention per token (column mean of
+    #: the full softmax over all queries, per head) the vision stage reads as ``sig.received_attn[v]``
+    #: (HiPrune's "global attention"); CLIP towers only. Computed from pre-hooks (the tower stays on SDPA).
+    vision_attention_layers: tuple[int, ...] = ()
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:

@@ -36,6 +36,10 @@ class VisionSignals:
                      tokens. None unless the method sets ``needs_vision_attention``.
     keys:            (T, d) head-mean keys (after k_proj) of that layer (fp32), VisionZip's merge
                      metric. None unless requested.
+    received_attn:   {v: (H, T)} for each hidden-state index v in the method's
+                     ``vision_attention_layers``: per head, the attention each token receives in the
+                     layer producing hidden state v (mean over all query rows of that unit, [CLS]
+                     included; fp32); 0 for newline tokens. Empty unless requested.
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
@@ -51,6 +55,7 @@ class VisionSignals:
     question_mask: torch.Tensor
     cls_attn: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    received_attn: dict = field(default_factory=dict)
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding
     key: int = 0

@@ -126,3 +126,79 @@ def test_llm_stage_attention_rows_equal_eager_attention(runtimes):
         ref1 = att[1][b][:, real][:, :, real]
         torch.testing.assert_close(nxt, ref2[:, vis].float(), atol=2e-6, rtol=1e-4)
         torch.testing.assert_close(prev, ref1[:, -1:].float(), atol=2e-6, rtol=1e-4)
+
+
+class _ReceivedSpy(Method):
+    """Asks for the received attention of two tower layers; keeps everything."""
+
+    name = "received_spy"
+    vision_stage = True
+    vision_attention_layers = (1, -2)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def select_vision(self, sig):
+        self.seen.append(sig)
+        return Selection(keep=torch.arange(sig.num_stock, device=sig.unit.device))
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava-next", "video-llava"])
+def test_received_attention_of_extra_layers_equals_the_eager_column_mean(runtimes, fam):
+    """sig.received_attn[v]: per head, the mean over all query rows (incl. [CLS]) of layer v-1's softmax
+    (HiPrune's global attention), from pre-hooks; the eager tower's attention maps are the reference."""
+    rt = runtimes[fam]
+    inputs = make_batch(rt, n=2)
+    spy = _ReceivedSpy()
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.unprune()
+    core = rt.model.model
+    tower = core.video_tower if fam == "video-llava" else core.vision_tower
+    if fam == "video-llava":
+        px = inputs["pixel_values_videos"].flatten(0, 1)
+    elif fam == "llava-next":
+        sizes = [tuple(s) for s in inputs["image_sizes"].tolist()]
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        crops = [image_size_to_num_patches(s, rt.model.config.image_grid_pinpoints, rt.model.config.vision_config.image_size)
+                 for s in sizes]
+        px = torch.cat([p[:c] for p, c in zip(inputs["pixel_values"], crops)])
+    else:
+        px = inputs["pixel_values"]
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = tower(px, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation("sdpa")
+    n_layers = len(att)
+    for v in (1, -2):
+        ref = att[(v % (n_layers + 1)) - 1].float().mean(2)  # (units, H, S): column mean over all queries
+        torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)))
+        start = 0
+        for sig in spy.seen:
+            r = sig.received_attn[v]  # (H, T)
+            assert r.shape == (ref.shape[1], sig.num_tokens)
+            for u in range(sig.num_units):
+                idx = sig.unit_indices(u)
+                patch = sig.patch[idx]
+                got = r[:, idx[patch >= 0]]
+                off = 1 if fam != "video-llava" else 0  # LLaVA-1.5 / NeXT drop [CLS]; Video-LLaVA frames keep it
+                torch.testing.assert_close(got, ref[start + u][:, patch[patch >= 0] + off] if off else
+                                           ref[start + u][:, 1:], atol=1e-5, rtol=1e-4)
+            if sig.is_newline.any():
+                assert (r[:, sig.is_newline] == 0).all()
+            start += sig.num_units
+
+
+@pytest.mark.parametrize("fam", ["qwen2.5-vl", "llava-onevision"])
+def test_received_attention_of_extra_layers_is_refused_without_a_clip_tower(runtimes, fam):
+    rt = runtimes[fam]
+    rt.prune(_ReceivedSpy())
+    try:
+        with pytest.raises(ValueError, match="CLIP towers"), torch.no_grad():
+            rt.model(**make_batch(rt, n=1))
+    finally:
+        rt.unprune()

@@ -85,7 +85,10 @@ class FamilyAdapter:
     def num_vision_layers(self) -> int:
         return len(self.tower.encoder.layers)
 
-    def encode(self, visual: dict, want_attn: bool, vision_layer: int | None) -> list[VisualBlock]:
+    def encode(self, visual: dict, want_attn: bool, vision_layer: int | None,
+               extra_layers: tuple[int, ...] = ()) -> list[VisualBlock]:
+        """``extra_layers``: hidden-state indices whose received attention the method asks for
+        (``Method.vision_attention_layers``), as ``recv:<v>`` per-token entries."""
         raise NotImplementedError
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:

@@ -21,23 +21,48 @@ def attention_layer(tower, feature_layer: int, vision_layer: int | None) -> int:
     return idx
 
 
-def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None):
+def received_attention(layer, h: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """(n, H, S) fp32: per head, the attention each token *receives* in ``layer`` (the mean over all S
+    query rows, [CLS] included, of softmax(q k^T * scale)), recomputed from the layer's input ``h``
+    (n, S, D) with its own ``layer_norm1`` + q/k projections; ``chunk`` units at a time."""
+    attn = layer.self_attn
+    out = []
+    for a in range(0, h.shape[0], chunk):
+        xn = layer.layer_norm1(h[a:a + chunk])
+        n, s, _ = xn.shape
+        q = attn.q_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
+        k = attn.k_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
+        p = (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)
+        out.append(p.mean(2))
+    return torch.cat(out)
+
+
+def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
+              extra_layers: tuple[int, ...] = ()):
     """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
-    keys (n, S, d) or None). cls_attn / keys are fp32."""
+    keys (n, S, d) or None, received {v: (n, H, S)} for each hidden-state index v in ``extra_layers``).
+    cls_attn / keys / received are fp32 and come from pre-hooks (the tower stays on SDPA)."""
     captured = {}
-    handle = None
-    if want_attn:
-        layer = tower.encoder.layers[attention_layer(tower, feature_layer, vision_layer)]
+    handles = []
+    layer = None
 
+    def grab(key):
         def pre_hook(module, args, kwargs):
-            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            captured[key] = args[0] if args else kwargs["hidden_states"]
+        return pre_hook
 
-        handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    extra = {v: attention_layer(tower, feature_layer, v) for v in extra_layers}
     try:
+        if want_attn:
+            layer = tower.encoder.layers[attention_layer(tower, feature_layer, vision_layer)]
+            handles.append(layer.register_forward_pre_hook(grab("h"), with_kwargs=True))
+        for v, idx in extra.items():
+            handles.append(tower.encoder.layers[idx].register_forward_pre_hook(grab(("x", v)), with_kwargs=True))
         out = tower(pixels, output_hidden_states=True, return_dict=True)
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
+    received = {v: received_attention(tower.encoder.layers[idx], captured[("x", v)]) for v, idx in extra.items()}
     hs = out.hidden_states[feature_layer]
     cls_attn = keys = None
     if want_attn:
@@ -50,16 +75,17 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
         scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
         cls_attn = scores.softmax(-1)[:, :, 0]  # (n, H, S)
         keys = k.mean(2)  # (n, S, d)
-    return hs, cls_attn, keys
+    return hs, cls_attn, keys, received
 
 
-def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str) -> tuple[dict, list[int]]:
+def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | None = None) -> tuple[dict, list[int]]:
     """Per-token tensors of n units (images / crops / frames) of S tower tokens each, in unit order.
 
     Returns the engine's flat block dict and the token count per unit:
     ``features`` (n*m, D) projected as the stock model does (one projector call), ``vision_features``,
     ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
-    ``keys``; ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
+    ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v;
+    ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
     ``unit_pos`` (n, 2) = -1."""
     n, s, dv = hs.shape
     sel = hs[:, 1:] if drop_cls else hs
@@ -77,11 +103,15 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str) -> tuple[dict, li
     if ca is not None:
         flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
         flat["keys"] = ks[:, off:].reshape(n * m, -1)
+    for v, r in (received or {}).items():
+        flat[f"recv:{v}"] = r[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
         cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
         if ca is not None:
             cls["cls_attn"] = ca[:, :, 0]
             cls["keys"] = ks[:, 0]
+        for v, r in (received or {}).items():
+            cls[f"recv:{v}"] = r[:, :, 0]
         flat["cls"] = cls
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
     return flat, [m] * n

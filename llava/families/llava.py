@@ -12,12 +12,12 @@ class LlavaAdapter(FamilyAdapter):
     family = "llava"
     model_class = "LlavaForConditionalGeneration"
 
-    def encode(self, visual, want_attn, vision_layer):
+    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
         pixel_values = visual.get("pixel_values")
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
         cfg = self.config
-        hs, ca, ks = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer)
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers)
         flat, sizes = flatten_units(hs, ca, ks, self.core.multi_modal_projector,
-                                    drop_cls=cfg.vision_feature_select_strategy == "default", kind="image")
+                                    drop_cls=cfg.vision_feature_select_strategy == "default", kind="image", received=rc)
         return [VisualBlock(cfg.image_token_id, flat, sizes)]

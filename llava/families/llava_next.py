@@ -52,7 +52,7 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
 
-    def encode(self, visual, want_attn, vision_layer):
+    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 
@@ -69,9 +69,9 @@ class LlavaNextAdapter(FamilyAdapter):
                                            patch_size=cfg.vision_config.image_size) for sz in image_sizes]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
-        hs, ca, ks = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer)
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers)
         drop = cfg.vision_feature_select_strategy == "default"
-        flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop")
+        flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop", received=rc)
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
         idx_all, sizes, start, unit_pos = [], [], 0, []
@@ -101,4 +101,6 @@ class LlavaNextAdapter(FamilyAdapter):
         if "cls_attn" in out:
             out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
             out["keys"] = out["keys"].masked_fill(nl, 0)
+        for k in [k for k in out if k.startswith("recv:")]:
+            out[k] = out[k].masked_fill(nl, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]

@@ -53,7 +53,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def num_vision_layers(self) -> int:
         return len(self.core.visual.blocks)
 
-    def encode(self, visual, want_attn, vision_layer):
+    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
+        if extra_layers:
+            raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
+                             "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         # ``vision_layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
         # ``qwen_saliency_layer`` (default: the last full-attention block)
         cfg = self.config
