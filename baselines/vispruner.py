@@ -1,0 +1,188 @@
+"""VisPruner (ICCV 2025, arXiv 2412.01818 v2, "Beyond Text-Visual Attention: Exploiting Visual Cues
+for Effective Token Pruning in VLMs"): per image / crop / frame, keep a few *important* tokens by
+[CLS] attention, then *diverse* tokens from the rest by repeatedly removing near-duplicates; pre-LLM.
+
+Spec: shared/reference methods-2026.md section 2. Official code: Theia-4869/VisPruner at aefa01a,
+``llava/model/llava_arch.py`` ``encode_images`` (every change marked ``[VisPruner]``) and
+``llava/model/multimodal_encoder/clip_encoder.py`` ``feature_select`` / ``forward`` (select layer -2,
+``attentions[-2][:, :, 0, 1:]``; features cast to the model dtype, fp16).
+
+Algorithm, per unit with N candidates, budget T, important ratio rho (official ``encode_images``):
+
+1. T_imp = int(T * rho), T_div = T - T_imp;
+2. a = head-mean [CLS] row; order = argsort(a, descending) (ties: lower index);
+3. important = order[:T_imp]; residual R = order[T_imp:] (in attention order);
+4. F = V / |V| (select-layer features before the projector);
+5. while |R| > T_div: r = min(8, |R| - T_div); A = R[0::2], B = R[1::2];
+   s_i = max_j <F[A_i], F[B_j]>; drop the r elements of A with the largest s;
+   R = [surviving A in descending-s order] ++ B;
+6. keep = important + R, ascending (the official boolean index mask).
+
+The sizes of every round depend only on (N, T_imp, T_div) (:func:`removal_schedule`), so the loop
+runs a fixed number of rounds with no host read; units with equal sizes are processed as one batch.
+
+Budget: ``budget`` = T = tokens entering the LLM **per image (LLaVA-1.5 / Qwen2.5-VL), per crop
+(LLaVA-NeXT / OneVision), per frame (Video-LLaVA)**. A unit with at most T candidates is kept whole
+(budget >= tokens: the identity, bit-identical to the stock model).
+
+Options (docs/methods/vispruner.md):
+
+* ``important_ratio`` rho: None (default) = 0.75 if T <= 64 else 0.5 (the README examples: 64 = 48 +
+  16, 128 = 64 + 64; the CLI default is 0.5).
+* ``reference``: False (default, ours) = features normalised and compared in fp32; an odd |R| (A one
+  longer than B) or a round that would drop more than |A| is handled by our rule (all of A's
+  survivors are kept; r is capped at |A|). True = the official numerics: features cast to float16,
+  normalised and multiplied in float16, and an error where the official gather would fail (odd |R|,
+  r > |R| // 2).
+* ``cls_token`` (Video-LLaVA frames, whose [CLS] is a visual token; video is not in the official
+  repository): ``drop`` (default, as FasterVLM's video branch: T patches per frame) or ``keep`` ([CLS]
+  + T - 1 patches).
+* ``keep_newlines``: LLaVA-NeXT / OneVision newline tokens kept as layout, not counted (default True);
+  False drops them. (The official code forces NeXT's plain 'spatial' merge: no newline tokens.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import unit_layout
+
+CLS_TOKEN_MODES = ("drop", "keep")
+MAX_STEP = 8  # official: at most 8 tokens removed per round
+
+
+def default_ratio(budget: int) -> float:
+    """The README examples: rho = 0.75 for T <= 64 (48 + 16), 0.5 above (64 + 64, 96 + 96)."""
+    return 0.75 if budget <= 64 else 0.5
+
+
+def split_budget(budget: int, ratio: float) -> tuple[int, int]:
+    """(T_imp, T_div) = (int(T * rho), T - int(T * rho)), as the official code."""
+    t_imp = int(budget * ratio)
+    return t_imp, budget - t_imp
+
+
+def removal_schedule(num_residual: int, t_div: int, reference: bool = False) -> list[int]:
+    """Tokens removed per round of the duplicate-removal loop for |R| = ``num_residual`` (host ints).
+
+    Official: r = min(8, |R| - T_div) while positive. Ours: also r <= |A| = ceil(|R| / 2). With
+    ``reference`` an odd |R| or r > |R| // 2 raises, as the official gather would."""
+    out, n = [], num_residual
+    while t_div > 0:
+        r = min(MAX_STEP, n - t_div)
+        if r <= 0:
+            break
+        if reference and (n % 2 or r > n // 2):
+            raise ValueError(
+                f"vispruner(reference=True): |R| = {n} with r = {r} to remove; the official gather needs |R| "
+                f"even and r <= |R| // 2 (it would fail here). Use reference=False for our rule.")
+        r = min(r, (n + 1) // 2)
+        out.append(r)
+        n -= r
+    return out
+
+
+def remove_duplicates(residual: torch.Tensor, normed: torch.Tensor, t_div: int, reference: bool = False) -> torch.Tensor:
+    """The official duplicate-removal loop on a batch of units.
+
+    residual: (B, R) token indices into ``normed`` rows, in attention order; normed: (B, N, C)
+    L2-normalised features. Returns (B, t_div) surviving indices (or all R if R <= t_div)."""
+    for r in removal_schedule(residual.shape[1], t_div, reference):
+        tok = torch.gather(normed, 1, residual[..., None].expand(-1, -1, normed.shape[-1]))  # (B, R, C)
+        a, b = tok[:, 0::2], tok[:, 1::2]
+        s = (a @ b.transpose(-1, -2)).max(dim=-1).values  # (B, |A|) most similar partner in B
+        distinct = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, r:]
+        residual = torch.cat([torch.gather(residual[:, 0::2], 1, distinct), residual[:, 1::2]], dim=1)
+    return residual
+
+
+def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div: int,
+                    reference: bool = False) -> torch.Tensor:
+    """VisPruner on a batch of units: scores (B, N) head-mean [CLS] attention, feats (B, N, C)
+    pre-projector features. Returns (B, min(N, T)) local indices, ascending."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    important, residual = order[:, :t_imp], order[:, t_imp:]
+    if t_div > 0:
+        f = feats.half() if reference else feats.float()
+        normed = f / f.norm(dim=-1, keepdim=True) if reference else f / f.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        residual = remove_duplicates(residual, normed, t_div, reference)
+        selected = torch.cat([important, residual], dim=1)
+    else:
+        selected = important
+    return selected.sort(dim=-1).values
+
+
+def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
+              budget: int, *, important_ratio: float | None = None, reference: bool = False,
+              cls_token: str = "drop", keep_newlines: bool = True) -> torch.Tensor:
+    """Indices (ascending) of the tokens VisPruner keeps for one sample: per unit T = ``budget``.
+
+    cls_attn: (H, T) [CLS]->token attention per head; vision_features: (T, Dv); unit: (T,) unit id
+    (-1 = newline); patch: (T,) patch index (-1 = [CLS] visual token, Video-LLaVA)."""
+    if cls_token not in CLS_TOKEN_MODES:
+        raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
+    ratio = default_ratio(budget) if important_ratio is None else float(important_ratio)
+    scores = cls_attn.float().mean(0)  # (T,) head mean (official)
+    lay = unit_layout(unit, patch)  # the one host sync
+    kept = [lay.newlines] if keep_newlines else []
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}  # (candidates, k) -> candidate index rows
+    for u in range(lay.num_units):
+        idx = lay.tokens[u]
+        if budget >= idx.numel():
+            kept.append(idx)
+            continue
+        if cls_token == "keep" and lay.cls[u].numel():
+            kept.append(lay.cls[u])
+            k = budget - lay.cls[u].numel()
+        else:
+            k = budget
+        cand = lay.patches[u]
+        if k >= cand.numel():
+            kept.append(cand)
+        elif k > 0:
+            groups.setdefault((cand.numel(), k), []).append(cand)
+    for (n, k), rows in groups.items():
+        cand = torch.stack(rows)  # (B, n) units of equal size, one batch
+        t_imp, t_div = split_budget(k, ratio)
+        local = vispruner_units(scores[cand], vision_features[cand], t_imp, t_div, reference)
+        kept.append(torch.gather(cand, 1, local).reshape(-1))
+    return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
+
+
+@register
+class VisPruner(Method):
+    """VisPruner: per image / crop / frame, T_imp tokens by head-mean [CLS] attention plus T_div
+    diverse tokens left by the official duplicate-removal loop; ascending order."""
+
+    name = "vispruner"
+    vision_stage = True
+    needs_vision_attention = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # rho; None = 0.75 if budget <= 64 else 0.5 (README examples)
+            "important_ratio": None,
+            # True: official numerics (fp16 similarity) and errors where the official code fails
+            "reference": False,
+            # Video-LLaVA frame [CLS]: "drop" (T patches) or "keep" ([CLS] + T-1 patches)
+            "cls_token": "drop",
+            # LLaVA-NeXT / OneVision newline tokens: kept as layout (True) or dropped
+            "keep_newlines": True,
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is None:
+            raise ValueError("vispruner: a budget T (tokens per image / crop / frame) is required")
+        super().__init__(budget, **options)
+        if self.important_ratio is not None and not (0.0 <= float(self.important_ratio) <= 1.0):
+            raise ValueError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio!r}")
+        if self.cls_token not in CLS_TOKEN_MODES:
+            raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
+
+    def select_vision(self, sig):
+        return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,
+                                        important_ratio=self.important_ratio, reference=self.reference,
+                                        cls_token=self.cls_token, keep_newlines=self.keep_newlines))
