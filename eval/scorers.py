@@ -581,34 +581,126 @@ def mmb_can_infer(answer, choices: dict) -> str | bool:
     return copt if copt else mmb_can_infer_text(answer, choices)
 
 
-def score_mmbench_local(records: Sequence[dict], answers: dict) -> dict:
-    """Dev-split local letter match (label ``MMB-dev-local``; not the server number).
+# pandas' default NA strings (read_table / read_excel): a cell holding one of these reads back as NaN
+PANDAS_NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                               "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+MMB_L2_ABBRS = {  # multiple_choice.py lines 11-18 (c6bdffd3)
+    "coarse_perception": "CP",
+    "finegrained_perception (instance-level)": "FP-S",
+    "finegrained_perception (cross-instance)": "FP-C",
+    "logic_reasoning": "LR",
+    "relation_reasoning": "RR",
+    "attribute_reasoning": "AR",
+}
+MMB_CIRCULAR = 1000000  # int(1e6): a circular copy of question i has index i + k * 1e6
 
-    Each record carries ``options`` (option texts in prompt order), ``option_char`` (the original
-    letters in prompt order, rotated with the options) and ``round_id``. The prediction is mapped
-    to an option with ``can_infer`` (letter, then unique option text), then to the original
-    letter of that option. ``answers``: question index -> correct original letter.
 
-    Single round (LLaVA's default): accuracy over questions. With all rounds (option rotation,
-    CircularEval style), a question counts only if every round is right."""
-    per_q: dict = defaultdict(list)
+def mmb_prediction_cell(text) -> str:
+    """The prediction as the official evaluator sees it: LLaVA writes it into the submission xlsx,
+    VLMEvalKit reads it back with pandas and applies ``str`` (multiple_choice.py line 276), so an
+    empty answer or one of pandas' NA strings becomes ``'nan'``."""
+    text = "" if text is None else str(text)
+    return "nan" if text in PANDAS_NA_STRINGS else text
+
+
+def _mean(xs: Sequence) -> float:
+    """``np.mean`` of a 0/1 column: the float sum over the count (exact for these sizes)."""
+    return sum(xs) / len(xs)
+
+
+def _report_acc(units: list[dict]) -> dict:
+    """multiple_choice.report_acc (lines 37-60): per split, the mean hit overall, then per
+    l2-category (abbreviated) and per category, names sorted; fractions, as the script prints."""
+    splits = list(dict.fromkeys(u["split"] for u in units))  # upstream: list(set(...)) (order unspecified)
+    res: dict = {"split": splits,
+                 "Overall": [_mean([u["hit"] for u in units if u["split"] == sp]) for sp in splits]}
+    for group in ("l2-category", "category"):
+        if all(u.get(group) is None for u in units):
+            continue
+        for ab in sorted({u.get(group) for u in units}, key=str):
+            name = MMB_L2_ABBRS.get(ab, ab)
+            sub = [u for u in units if u.get(group) == ab]
+            res[name] = [(_mean([u["hit"] for u in sub if u["split"] == sp]) if any(u["split"] == sp for u in sub)
+                          else float("nan")) for sp in splits]
+    return res
+
+
+def score_mmbench_local(records: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """MMBench dev scored locally as VLMEvalKit's ``multiple_choice_eval`` does with
+    ``--model exact_matching`` (vlmeval/evaluate/multiple_choice.py, c6bdffd3), i.e. the official
+    local evaluation without the GPT answer extractor.
+
+    ``rows``: the TSV rows in file order, each ``{"index": int, "answer": letter, "choices":
+    {letter: text} (the non-NaN A-Z columns, build_choices lines 99-104), "category",
+    "l2-category", "split"}``. ``records``: LLaVA's answer records (``question_id`` = the row's
+    index, ``round_id``, ``text``; ``options`` / ``option_char`` for rounds > 0).
+
+    CircularEval (lines 302-333, 145-165): the questions are the rows with index < 1e6; a question
+    counts right only if *every* row with the same ``index % 1e6`` (its circular copies, which the
+    dev TSV holds as separate rows with rotated options and answers) is matched by ``can_infer``
+    against that row's own choices to that row's own answer. Overall / per-category / per
+    l2-category accuracy = mean hit over the questions (report_acc), reported here x 100.
+
+    The round-0 answer of a row (the prompt with the TSV's own letters) is the one scored; with
+    LLaVA's ``--all-rounds`` the other rounds (options rotated in the prompt, matched through the
+    record's ``option_char``) give ``rounds_accuracy``: a question counts only if every round of
+    every copy is right (ours, not an official number). ``single_row_accuracy``: every answered row
+    scored alone (the rate a per-row evaluator reports; not the MMBench score)."""
+    by_index = {}
+    for row in rows:
+        by_index[int(row["index"])] = row
+    answered: dict[int, dict[int, bool]] = defaultdict(dict)  # row index -> round -> hit
+    letters_of: dict[int, str | bool] = {}
     unmatched = 0
     for r in records:
-        letters = [chr(ord("A") + i) for i in range(len(r["options"]))]
-        choices = dict(zip(letters, r["options"]))
-        hit = mmb_can_infer(r["text"], choices)
-        if hit in letters:
-            original = r["option_char"][letters.index(hit)]
+        idx = int(r["question_id"])
+        if idx not in by_index:
+            raise ValueError(f"MMBench: answer for question_id {idx}, which is not an index of the TSV")
+        row = by_index[idx]
+        rnd = int(r.get("round_id", 0) or 0)
+        text = mmb_prediction_cell(r.get("text"))
+        if rnd == 0:
+            hit = mmb_can_infer(text, row["choices"])  # prefetch_answer, lines 107-109
+            original = hit
         else:
-            original = None
+            for field in ("options", "option_char"):
+                if field not in r:
+                    raise ValueError(f"MMBench: the answer record of question {idx}, round {rnd} has no {field!r} "
+                                     "(needed to map a rotated round's letter back to the TSV's letters)")
+            letters = [chr(ord("A") + i) for i in range(len(r["options"]))]
+            hit = mmb_can_infer(text, dict(zip(letters, r["options"])))
+            original = r["option_char"][letters.index(hit)] if hit in letters else False
+        if not hit or hit == "Z":
             unmatched += 1
-        per_q[r["question_id"]].append(original == answers[r["question_id"]])
-    single = [v[0] for v in per_q.values()]
-    circular = [all(v) for v in per_q.values()]
-    return {"accuracy": 100.0 * sum(single) / len(single) if single else 0.0,
-            "circular_accuracy": 100.0 * sum(circular) / len(circular) if circular else 0.0,
-            "rounds": max((len(v) for v in per_q.values()), default=0),
-            "questions": len(per_q), "unmatched": unmatched}
+        if rnd == 0:
+            letters_of[idx] = original
+        answered[idx][rnd] = original == row["answer"]
+    if not answered:
+        raise ValueError("MMBench: no answers to score")
+    # the question rows: index < 1e6, answered (data_main, lines 302-305); the copies of each one:
+    # every answered row with the same index % 1e6 (line 323), sorted by index (line 275)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for idx in sorted(answered):
+        groups[idx % MMB_CIRCULAR].append(idx)
+    units, units_rounds = [], []
+    for idx in sorted(answered):
+        if idx >= MMB_CIRCULAR or 0 not in answered[idx]:
+            continue
+        members = [m for m in groups[idx] if 0 in answered[m]]
+        row = by_index[idx]
+        hit = int(all(answered[m][0] for m in members))
+        units.append({"index": idx, "hit": hit, "copies": len(members), "category": row.get("category"),
+                      "l2-category": row.get("l2-category"), "split": row.get("split") or "none"})
+        units_rounds.append(int(all(all(answered[m].values()) for m in groups[idx])))
+    single = [int(answered[i][0]) for i in sorted(answered) if 0 in answered[i]]
+    report = _report_acc(units) if units else {"split": [], "Overall": []}
+    return {"accuracy": _mean([u["hit"] for u in units]) * 100 if units else 0.0,
+            "single_row_accuracy": _mean(single) * 100 if single else 0.0,
+            "rounds_accuracy": _mean(units_rounds) * 100 if units_rounds else 0.0,
+            "report": report,
+            "categories": {k: v[0] * 100 for k, v in report.items() if k not in ("split", "Overall") and len(v) == 1},
+            "questions": len(units), "rows": len(single), "copies_max": max((u["copies"] for u in units), default=0),
+            "rounds": max((len(v) for v in answered.values()), default=0), "unmatched": unmatched}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,9 +209,12 @@ def test_mmbench_local_single_and_circular():
         # question 1 (answer B), single round, answered by text
         {"question_id": 1, "round_id": 0, "options": opts, "option_char": ["A", "B", "C"], "text": "a rabbit"},
     ]
-    r = S.score_mmbench_local(recs, {0: "A", 1: "B"})
-    assert r["accuracy"] == 100.0          # round 0 of both questions right
-    assert r["circular_accuracy"] == 50.0  # question 0 fails round 2
+    rows = [{"index": i, "answer": a, "choices": dict(zip("ABC", opts)), "category": "c", "l2-category": "l2",
+             "split": "dev"} for i, a in ((0, "A"), (1, "B"))]
+    r = S.score_mmbench_local(recs, rows)
+    assert r["single_row_accuracy"] == 100.0  # round 0 of both questions right
+    assert r["accuracy"] == 100.0             # no circular copies (index >= 1e6) in these rows
+    assert r["rounds_accuracy"] == 50.0       # question 0 fails LLaVA's round 2 (--all-rounds)
 
 
 # ---------------------------------------------------------------- LLM-judged aggregation

@@ -1,11 +1,14 @@
 """MMBench EN / CN (evaluation.md 5.7): the TSV (images inline as base64), prompt built as LLaVA's
-model_vqa_mmbench does with --single-pred-prompt; local letter match on dev (MMB-dev-local, not
-the server number) and the server's xlsx submission file for any split."""
+model_vqa_mmbench does with --single-pred-prompt; on dev the official local evaluation
+(VLMEvalKit multiple_choice_eval, CircularEval over the TSV's circular copies, exact matching:
+MMB-dev) plus the single-row rate (MMB-dev-local, labelled as such), and the server's xlsx
+submission file for any split."""
 
 from __future__ import annotations
 
 import csv
 import math
+import string
 import sys
 from pathlib import Path
 
@@ -14,8 +17,7 @@ from .base import LETTER_ANSWER, LETTER_ANSWER_CN, Benchmark, DataFile, Metric, 
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
 # pandas.read_table's default NA strings (LLaVA reads the TSV with pandas; these cells become NaN)
-PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
-             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+PANDAS_NA = scorers.PANDAS_NA_STRINGS
 DROP_COLUMNS = ["hint", "category", "source", "image", "comment", "l2-category"]
 
 
@@ -63,8 +65,13 @@ class MMBench(Benchmark):
     title = "MMBench (EN)"
     protocol = "llava.eval.model_vqa_mmbench --single-pred-prompt"
     max_new_tokens = 1024
-    metrics = [Metric("MMB-dev-local", "MMBench EN dev, local letter match (VLMEvalKit can_infer, single round); not the server number", primary=True),
-               Metric("MMB-dev-local-circular", "MMBench EN dev, local letter match, all option rotations right (--all-rounds)"),
+    metrics = [Metric("MMB-dev", "MMBench EN dev, CircularEval: a question is right only if every circular copy "
+                      "(same index % 1e6) is right; VLMEvalKit multiple_choice_eval, exact_matching (can_infer, no GPT "
+                      "extractor)", primary=True),
+               Metric("MMB-dev-local", "MMBench EN dev, single-row rate: every TSV row (circular copies included) scored "
+                      "alone; NOT the MMBench score"),
+               Metric("MMB-dev-local-circular", "MMBench EN dev, --all-rounds: a question is right only if every LLaVA "
+                      "option rotation of every circular copy is right (ours, not an official number)"),
                Metric("MMB-server", "MMBench EN from the official server (CircularEval); record it with `eval record`")]
     DIR = "mmbench"
     SPLIT = "mmbench_dev_20230712"
@@ -133,13 +140,58 @@ class MMBench(Benchmark):
         has_answers = "answer" in header and all(not is_none(r.get("answer")) for r in rows)
         if not has_answers:
             return {"metrics": {}, "files": files, "pending": pending}
-        answers = {int(r["index"]): r["answer"] for r in rows}
-        res = scorers.score_mmbench_local(records, answers)
-        metrics = {f"{prefix}-dev-local": res["accuracy"]}
+        records = self.complete_records(records, rows)
+        res = scorers.score_mmbench_local(records, [self.score_row(r) for r in rows])
+        metrics = {f"{prefix}-dev": res["accuracy"], f"{prefix}-dev-local": res["single_row_accuracy"]}
         if res["rounds"] > 1:
-            metrics[f"{prefix}-dev-local-circular"] = res["circular_accuracy"]
-        return {"metrics": metrics, "details": {k: res[k] for k in ("questions", "unmatched", "rounds")},
-                "files": files, "pending": pending}
+            metrics[f"{prefix}-dev-local-circular"] = res["rounds_accuracy"]
+        details = {k: res[k] for k in ("questions", "rows", "copies_max", "unmatched", "rounds", "categories")}
+        details["report"] = res["report"]  # multiple_choice.report_acc: fractions per split, l2-category, category
+        if res["copies_max"] <= 1:
+            details["warning"] = ("the TSV holds no circular copies (index >= 1e6) of the answered questions: "
+                                  "CircularEval reduces to the single-row rate")
+        return {"metrics": metrics, "details": details, "files": files, "pending": pending}
+
+    @staticmethod
+    def score_row(row: dict) -> dict:
+        """A TSV row as the official evaluator reads it: its non-NaN A-Z option columns
+        (multiple_choice.build_choices), answer, category, l2-category, split."""
+        choices = {ch: row[ch] for ch in string.ascii_uppercase if ch in row and not is_none(row[ch])}
+        get = lambda k: None if is_none(row.get(k)) else row.get(k)  # noqa: E731
+        return {"index": int(row["index"]), "answer": row["answer"], "choices": choices,
+                "category": get("category"), "l2-category": get("l2-category"), "split": get("split")}
+
+    def complete_records(self, records, rows) -> list[dict]:
+        """Fields the scorer needs that LLaVA's answer files may lack: ``round_id`` (0) and, for a
+        rotated round, ``options`` / ``option_char``, recovered from the TSV exactly as
+        model_vqa_mmbench builds them (options up to the first NaN, rotated ``round_id`` times).
+        A record without ``question_id`` / ``text`` is an error naming the field and the file."""
+        by_index = {int(r["index"]): r for r in rows}
+        out = []
+        for k, rec in enumerate(records):
+            for field in ("question_id", "text"):
+                if field not in rec:
+                    raise ValueError(f"MMBench: answer record {k} has no {field!r} field; cannot be recovered from "
+                                     f"{self.path(self.tsv)}")
+            rec = dict(rec)
+            rnd = int(rec.get("round_id") or 0)
+            rec["round_id"] = rnd
+            if rnd and ("options" not in rec or "option_char" not in rec):
+                row = by_index.get(int(rec["question_id"]))
+                if row is None:
+                    raise ValueError(f"MMBench: answer record {k} (question_id {rec['question_id']}) has no 'options' / "
+                                     f"'option_char' and its index is not in {self.path(self.tsv)}")
+                options = []
+                for o in ALL_OPTIONS:
+                    if o not in row or is_none(row[o]):
+                        break
+                    options.append(row[o])
+                chars = ALL_OPTIONS[: len(options)]
+                r = rnd % max(len(options), 1)
+                rec.setdefault("options", options[r:] + options[:r])
+                rec.setdefault("option_char", chars[r:] + chars[:r])
+            out.append(rec)
+        return out
 
     @staticmethod
     def write_submission(header, rows, records, dst: Path) -> Path:
@@ -177,8 +229,11 @@ class MMBench(Benchmark):
 class MMBenchCN(MMBench):
     name = "mmbench_cn"
     title = "MMBench-CN"
-    metrics = [Metric("MMB-CN-dev-local", "MMBench-CN dev, local letter match (VLMEvalKit can_infer, single round); not the server number", primary=True),
-               Metric("MMB-CN-dev-local-circular", "MMBench-CN dev, local letter match, all option rotations right"),
+    metrics = [Metric("MMB-CN-dev", "MMBench-CN dev, CircularEval: a question is right only if every circular copy "
+                      "(same index % 1e6) is right; VLMEvalKit multiple_choice_eval, exact_matching", primary=True),
+               Metric("MMB-CN-dev-local", "MMBench-CN dev, single-row rate: every TSV row scored alone; NOT the MMBench score"),
+               Metric("MMB-CN-dev-local-circular", "MMBench-CN dev, --all-rounds: every LLaVA option rotation of every "
+                      "circular copy right (ours, not an official number)"),
                Metric("MMB-CN-server", "MMBench-CN from the official server; record it with `eval record`")]
     DIR = "mmbench_cn"
     SPLIT = "mmbench_dev_cn_20231003"
