@@ -162,7 +162,8 @@ def score_textvqa(records: Iterable[dict], annotations: list[dict]) -> dict:
         scores.append(textvqa_answer_scores(ann["answers"]).get(_EVALAI(r["text"]), 0.0))
     if not scores:
         raise ValueError("TextVQA: no answers to score")
-    return {"accuracy": 100.0 * sum(scores) / len(scores), "samples": len(scores), "per_sample": scores}
+    # eval_textvqa.py line 61: 100. * eval_pred_list(...); m4c_evaluator.py line 256: sum(pred_scores) / len(pred_scores)
+    return {"accuracy": 100.0 * (sum(scores) / len(scores)), "samples": len(scores), "per_sample": scores}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +208,9 @@ def score_vqav2_val(records: Iterable[dict], annotations: dict) -> dict:
     accs = [vqa_accuracy(r["text"], annotations[r["question_id"]]) for r in records]
     if not accs:
         raise ValueError("VQAv2 val: no answers to score")
-    return {"accuracy": 100.0 * sum(accs) / len(accs), "samples": len(accs)}
+    # vqaEval.py setAccuracy: round(100*float(sum(accQA))/len(accQA), n); unrounded here (``accuracy_rounded``: n = 2)
+    acc = 100 * float(sum(accs)) / len(accs)
+    return {"accuracy": acc, "accuracy_rounded": round(acc, 2), "samples": len(accs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,27 +238,39 @@ def convert_gqa_predictions(records: Iterable[dict]) -> list[dict]:
     return [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in records]
 
 
-def score_gqa(predictions: list[dict], questions: dict, strict: bool = True) -> dict:
-    """GQA eval.py: exact string match over the balanced questions of the tier file; reports
-    accuracy, binary (non-'query' structural type) and open ('query') accuracy x 100.
+def score_gqa(predictions: list[dict], questions: dict, strict: bool = True, asked=None) -> dict:
+    """GQA eval.py (as LLaVA runs it: ``eval.py --tier testdev_balanced`` with the v1.2 edits of
+    LLaVA's Evaluation.md): exact string match, scores over the balanced questions; accuracy,
+    binary (structural type not 'query') and open ('query'), each ``avg(list) * 100`` with
+    ``avg(l) = float(sum(l)) / len(l)`` (0 for an empty list).
 
-    ``strict``: like eval.py, every balanced question needs a prediction (else an error);
-    ``strict=False`` scores only the predicted ones (a partial run; not the official number)."""
+    ``asked``: the question ids LLaVA's question file asks (llava_gqa_testdev_balanced.jsonl).
+    The official ``testdev_balanced_questions.json`` may hold more questions than that; only the
+    asked ones are scored (``not_asked`` counts the others). A balanced asked question without a
+    prediction is an error (eval.py: "missing predictions") unless ``strict=False`` (a partial
+    run, scored over the predicted ones only: not the official number)."""
     preds = {str(p["questionId"]): p["prediction"] for p in predictions}
-    missing = [qid for qid, q in questions.items() if q.get("isBalanced", True) and qid not in preds]
+    asked_set = None if asked is None else {str(q) for q in asked}
+    scored_q = {qid: q for qid, q in questions.items() if asked_set is None or qid in asked_set}
+    not_asked = len(questions) - len(scored_q)
+    missing = [qid for qid, q in scored_q.items() if q.get("isBalanced", True) and qid not in preds]
     if missing and strict:
         raise ValueError(f"GQA: no prediction for {len(missing)} balanced question(s), e.g. {missing[:3]} "
                          "(the official evaluator requires all)")
     acc, binary, open_ = [], [], []
-    for qid, q in questions.items():
+    for qid, q in scored_q.items():
         if not q.get("isBalanced", True) or qid not in preds:
             continue
-        score = float(1 if preds[qid] == q["answer"] else 0)
+        score = float(1 if preds[qid] == q["answer"] else 0)  # toScore(predicted == gold)
         acc.append(score)
         (open_ if q.get("types", {}).get("structural") == "query" else binary).append(score)
-    avg = lambda xs: 100.0 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731 (eval.py: avg of [] = 0)
-    return {"accuracy": avg(acc), "binary": avg(binary), "open": avg(open_), "samples": len(acc),
-            "missing": len(missing)}
+
+    def avg(xs):  # eval.py avg(): 0 for an empty list, then * 100 at the report
+        return float(sum(xs)) / len(xs) if xs else 0
+
+    return {"accuracy": avg(acc) * 100, "binary": avg(binary) * 100, "open": avg(open_) * 100, "samples": len(acc),
+            "missing": len(missing), "not_asked": not_asked,
+            "unknown_predictions": sum(1 for qid in preds if qid not in questions)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +313,8 @@ def pope_metrics(c: dict) -> dict:
     or there are no positive labels; here such a ratio is 0.0 and ``degenerate`` is set."""
     tp, fp, tn, fn = c["TP"], c["FP"], c["TN"], c["FN"]
     degenerate = (tp + fp) == 0 or (tp + fn) == 0
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    precision = float(tp) / float(tp + fp) if tp + fp else 0.0  # eval_pope.py lines 53-56
+    recall = float(tp) / float(tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     total = tp + tn + fp + fn
     return {"accuracy": (tp + tn) / total if total else 0.0, "precision": precision, "recall": recall, "f1": f1,
@@ -328,11 +343,13 @@ def score_pope(records: Sequence[dict], question_category: dict, labels: dict[st
         raise ValueError("POPE: no answers in any category")
     pm = pope_metrics(pooled)
     n = len(per_cat)
+    # eval_pope.py prints each split's F1 / accuracy as fractions (lines 53-62); the paper value is
+    # their mean, taken here as mean(list) * 100 like the other scorers (no official script averages)
     return {
-        "f1_avg3": 100.0 * sum(m["f1"] for m in per_cat.values()) / n,
-        "acc_avg3": 100.0 * sum(m["accuracy"] for m in per_cat.values()) / n,
-        "f1_pooled": 100.0 * pm["f1"],
-        "acc_pooled": 100.0 * pm["accuracy"],
+        "f1_avg3": sum(m["f1"] for m in per_cat.values()) / n * 100,
+        "acc_avg3": sum(m["accuracy"] for m in per_cat.values()) / n * 100,
+        "f1_pooled": pm["f1"] * 100,
+        "acc_pooled": pm["accuracy"] * 100,
         "categories": per_cat,
         "pooled": pm,
     }
@@ -409,9 +426,12 @@ def mme_task_score(rows: Sequence[tuple]) -> dict:
             preds.append(p)
             correct += int(gt_ans == p)
         plus += int(correct == 2)
-    acc = sum(g == p for g, p in zip(gts, preds)) / len(gts)
-    acc_plus = plus / (len(rows) // 2)
-    return {"acc": 100 * acc, "acc_plus": 100 * acc_plus, "score": 100 * acc + 100 * acc_plus,
+    acc = sum(g == p for g, p in zip(gts, preds)) / len(gts)  # sklearn accuracy_score: mean of the 0/1 hits
+    acc_plus = plus / (len(rows) // 2)  # acc_plus_correct_num / img_num
+    task_score = 0  # calculation.py: task_score += v * 100 for k in ("acc", "acc_plus"), in that order
+    task_score += acc * 100
+    task_score += acc_plus * 100
+    return {"acc": acc * 100, "acc_plus": acc_plus * 100, "score": task_score,
             "other": preds.count("other"), "questions": len(rows)}
 
 
@@ -420,6 +440,7 @@ def score_mme(per_category: dict[str, list[tuple]]) -> dict:
     tasks = {c: mme_task_score(rows) for c, rows in per_category.items()}
     missing_p = [c for c in MME_PERCEPTION if c not in tasks]
     missing_c = [c for c in MME_COGNITION if c not in tasks]
+    # calculation.py: scores = 0; scores += task_score, over eval_type_dict's order (Python's sum does the same)
     perception = sum(tasks[c]["score"] for c in MME_PERCEPTION if c in tasks)
     cognition = sum(tasks[c]["score"] for c in MME_COGNITION if c in tasks)
     return {"perception": perception, "cognition": cognition, "total": perception + cognition, "tasks": tasks,
@@ -466,8 +487,10 @@ def score_sqa(records: Iterable[dict], problems: dict, split_ids: Sequence[str],
         outputs[pid] = {"parsed_ans": answer, "ground_truth": options[prob["answer"]], "correct": ok, "is_multimodal": mm}
     total = correct + incorrect
     mm_total = mm_correct + mm_incorrect
-    return {"accuracy": 100.0 * correct / total if total else 0.0,
-            "img_accuracy": 100.0 * mm_correct / mm_total if mm_total else 0.0,
+    # eval_science_qa.py lines 105-107: correct / total * 100, multimodal_correct / multimodal_total * 100
+    # (deviation: 0.0 instead of ZeroDivisionError for an empty set)
+    return {"accuracy": correct / total * 100 if total else 0.0,
+            "img_accuracy": mm_correct / mm_total * 100 if mm_total else 0.0,
             "correct": correct, "total": total, "img_total": mm_total,
             "missing": sum(1 for pid in split_ids if pid not in predictions), "outputs": outputs}
 
@@ -501,8 +524,9 @@ def score_seed(records: Iterable[dict], annotation: dict) -> dict:
                 continue
             correct[t] = correct.get(t, 0) + int(row["text"] == q["answer"])
         tc, tt = sum(correct.values()), sum(counts.values())
-        per_type = {names.get(t, str(t)): 100.0 * correct[t] / counts[t] for t in sorted(counts)}
-        return (100.0 * tc / tt if tt else 0.0), per_type, tt
+        # convert_seed_for_submission.py: correct_counts[t] / type_counts[t] * 100; total_correct / total_count * 100
+        per_type = {names.get(t, str(t)): correct[t] / counts[t] * 100 for t in sorted(counts)}
+        return (tc / tt * 100 if tt else 0.0), per_type, tt
 
     total, per_type, n = one(None)
     img, _, n_img = one("image")

@@ -194,3 +194,208 @@ def test_mmbench_cli_all_rounds_records_without_options_recovered_from_tsv(data,
     shard.write_text("".join(json.dumps(r) + "\n" for r in recs))
     res = score_cli(rd)
     assert res["metrics"]["MMB-dev"] == 100.0 and res["metrics"]["MMB-dev-local-circular"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ GQA
+def test_gqa_order_of_operations_and_binary_open():
+    qs = {"1": {"answer": "yes", "isBalanced": True, "types": {"structural": "verify"}},
+          "2": {"answer": "left", "isBalanced": True, "types": {"structural": "choose"}},
+          "3": {"answer": "2", "isBalanced": True, "types": {"structural": "compare"}},
+          "4": {"answer": "red", "isBalanced": True, "types": {"structural": "query"}},
+          "5": {"answer": "cup", "isBalanced": True, "types": {"structural": "query"}}}
+    recs = [{"question_id": "1", "text": "Yes."},      # rstrip('.').lower() -> 'yes': right
+            {"question_id": "2", "text": "Left side"},  # 'left side' != 'left': wrong
+            {"question_id": "3", "text": "Two"},        # no number normalisation: 'two' != '2': wrong
+            {"question_id": "4", "text": "RED..."},     # -> 'red': right
+            {"question_id": "5", "text": "cup"}]        # right
+    r = S.score_gqa(S.convert_gqa_predictions(recs), qs)
+    # accuracy [1,0,0,1,1]: avg = 3.0/5 -> 60.0; binary [1,0,0]: float(1)/3 * 100; open [1,1] -> 100.0
+    assert r["accuracy"] == float(3) / 5 * 100 == 60.0
+    assert r["binary"] == float(1) / 3 * 100 == 33.33333333333333  # (100 * 1 / 3 = 33.333333333333336)
+    assert r["open"] == 100.0
+
+
+def test_gqa_official_question_file_larger_than_the_asked_set():
+    tier = {"1": {"answer": "yes", "isBalanced": True, "types": {"structural": "verify"}},
+            "2": {"answer": "no", "isBalanced": True, "types": {"structural": "verify"}},
+            "9": {"answer": "dog", "isBalanced": True, "types": {"structural": "query"}}}  # not asked by LLaVA's file
+    preds = S.convert_gqa_predictions([{"question_id": "1", "text": "yes"}, {"question_id": "2", "text": "yes"}])
+    r = S.score_gqa(preds, tier, asked=["1", "2"])
+    assert (r["accuracy"], r["samples"], r["not_asked"], r["open"]) == (50.0, 2, 1, 0)  # avg([]) = 0
+    with pytest.raises(ValueError, match="no prediction for 1 balanced"):  # an asked question without an answer
+        S.score_gqa(preds[:1], tier, asked=["1", "2"])
+
+
+def test_gqa_cli_score_with_official_tier_file(data, tmp_path):
+    # testdev_balanced_questions.json (official layout gqa/data/) holds a question LLaVA's file does not ask
+    tier_path = data / "gqa/data/testdev_balanced_questions.json"
+    tier = json.loads(tier_path.read_text())
+    tier["299"] = {"question": "Extra?", "answer": "yes", "isBalanced": True, "imageId": "n1", "types": {"structural": "verify"}}
+    tier_path.write_text(json.dumps(tier))
+    # answers yes, red, left, cup, no: 'yes' right, 'red car' wrong, 'left' right, 'cup' right, 'no' right
+    rd = make_run(tmp_path, "gqa", data, ["Yes", "Red car", "left.", "Cup", "No."])
+    res = score_cli(rd)
+    # [1, 0, 1, 1, 1]: 4/5; binary 201 verify, 203 choose, 205 verify -> 3/3; open 202, 204 -> 1/2
+    assert res["metrics"] == {"GQA": float(4) / 5 * 100, "GQA-binary": 100.0, "GQA-open": float(1) / 2 * 100}
+    assert res["details"]["finalize"]["not_asked"] == 1
+    # an asked question left unanswered is still refused (by the merge: exactly-once check)
+    rd2 = make_run(tmp_path / "b", "gqa", data, ["Yes", "Red car", "left.", "Cup", "No."], drop=(4,))
+    assert cli_main(["score", str(rd2)]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ ScienceQA
+def test_sqa_order_of_operations_and_parsing():
+    # 17 problems; the official script's order: correct / total * 100
+    problems, recs, split = {}, [], []
+    spec = [  # (choices, answer index, prediction or None, multimodal)
+        (2, 0, "A", True),                              # right
+        (3, 1, "B. rabbit", True),                      # 'X. ' prefix -> B, right
+        (3, 2, "The answer is C.", True),               # regex -> C, right
+        (2, 1, "The answer is B! The answer is A.", False),  # two matches -> FAILED
+        (4, 3, "The answer is D!", False),              # upstream regex: final '.' is any character -> D, right
+        (2, 0, "C", True),                              # valid letter but only 2 choices -> -1, wrong
+        (2, 1, "(B)", False),                           # FAILED
+        (2, 1, "b", False),                             # FAILED (lower case)
+        (2, 0, None, True),                             # no prediction: FAILED, prompt 'Unknown' -> not IMG
+        (3, 0, "A", False),                             # right
+        (3, 0, "A", False),                             # right
+        (2, 1, "A", True),                              # wrong
+        (2, 1, "A", True),                              # wrong
+        (2, 1, "A", False),                             # wrong
+        (5, 4, "E", True),                              # right
+        (2, 1, "A", False),                             # wrong
+        (2, 1, "", False),                              # FAILED
+    ]
+    for k, (n, ans, pred, mm) in enumerate(spec):
+        pid = str(100 + k)
+        problems[pid] = {"choices": [f"c{j}" for j in range(n)], "answer": ans}
+        split.append(pid)
+        if pred is not None:
+            recs.append({"question_id": pid, "prompt": ("<image>\n" if mm else "") + "q", "text": pred})
+    r = S.score_sqa(recs, problems, split)
+    # right: 100, 101, 102, 104, 109, 110, 114 -> 7 of 17
+    assert (r["correct"], r["total"]) == (7, 17)
+    assert r["accuracy"] == 7 / 17 * 100 == 41.17647058823529  # (100.0 * 7 / 17 = 41.1764705882353)
+    # IMG: 100, 101, 102, 105, 111, 112, 114 (108 has no prediction -> prompt 'Unknown') -> 4 right of 7
+    assert r["img_total"] == 7 and r["img_accuracy"] == 4 / 7 * 100
+
+
+# ------------------------------------------------------------------------------------------------ POPE
+def test_pope_official_f1_per_split_and_mean():
+    cats = {i: c for i, c in enumerate(["adversarial"] * 3 + ["popular"] * 3 + ["random"] * 3)}
+    labels = {"adversarial": ["yes", "no", "yes"], "popular": ["no", "no", "yes"], "random": ["yes", "yes", "no"]}
+    texts = ["Yes, there is a dog. No",  # first sentence only -> yes (TP)
+             "No, there is not.",        # no (TN)
+             "There is no dog",          # 'no' -> no (FN)
+             "Not sure",                 # 'Not' is not in the list -> yes (FP)
+             "yes, no",                  # comma dropped -> words yes / no -> no (TN)
+             "Yes",                      # TP
+             "yes",                      # TP
+             "not at all",               # no (FN)
+             "Nope"]                     # -> yes (FP)
+    r = S.score_pope([{"question_id": i, "text": t} for i, t in enumerate(texts)], cats, labels)
+
+    def f1(tp, fp, fn):  # eval_pope.py lines 53-55
+        p = float(tp) / float(tp + fp)
+        rec = float(tp) / float(tp + fn)
+        return 2 * p * rec / (p + rec)
+
+    fa, fp_, fr = f1(1, 0, 1), f1(1, 1, 0), f1(1, 1, 1)
+    assert (r["categories"]["adversarial"]["f1"], r["categories"]["popular"]["f1"], r["categories"]["random"]["f1"]) == (fa, fp_, fr)
+    assert r["categories"]["random"]["accuracy"] == (1 + 0) / (1 + 0 + 1 + 1)  # (TP + TN) / (TP + TN + FP + FN)
+    assert r["categories"]["random"]["yes_ratio"] == 2 / 3
+    assert r["f1_avg3"] == (fa + fp_ + fr) / 3 * 100
+
+
+# ------------------------------------------------------------------------------------------------ MME
+def test_mme_official_task_score_order():
+    rows = [("0.txt", "q", g, p) for g, p in [
+        ("Yes", "Yes."),            # 'yes.' -> prefix has 'yes' -> yes: right
+        ("No", "Not sure"),         # prefix 'not ' contains 'no' -> no: right  -> image 1 both right
+        ("Yes", "I think yes"),     # prefix 'i th' -> other: wrong
+        ("No", "NO"),               # lower-cased -> no: right
+        ("Yes", "unknown"),         # prefix 'unkn' -> other: wrong
+        ("No", "yes"),              # wrong
+    ]]
+    t = S.mme_task_score(rows)
+    acc, acc_plus = 3 / 6, 1 / 3
+    task_score = 0
+    task_score += acc * 100
+    task_score += acc_plus * 100
+    assert t["score"] == task_score and t["other"] == 2
+
+
+def test_mme_cli_score_official_release_layout(data, tmp_path):
+    # MME/MME_Benchmark_release_version as Evaluation.md documents it (the fixture); ground truth per
+    # image (Yes, No). Answer 'Yes' to the first and 'No.' to the second question of every image except
+    # 'count' and 'code_reasoning', answered 'yes' twice: 200 per subtask, 50 for those two
+    b = get_benchmark("mme", data)
+
+    def answer(q):
+        cat = q.extra["category"]
+        first = "blue" not in q.text
+        if cat in ("count", "code_reasoning"):
+            return "yes"
+        return "Yes" if first else "No."
+
+    res = score_cli(make_run(tmp_path, "mme", data, answer))
+    half = 0
+    half += 1 / 2 * 100
+    half += 0 / 1 * 100
+    assert res["metrics"]["MME-P"] == sum([200.0] * 1 + [half] + [200.0] * 8)
+    assert res["metrics"]["MME-C"] == sum([200.0] * 3 + [half])
+    assert len(b.load()) == 28
+
+
+# ------------------------------------------------------------------------------------------------ SEED
+def test_seed_official_order():
+    ann = {"question_type": {"Scene": 1, "Action": 10},
+           "questions": [{"question_id": "1", "data_type": "image", "question_type_id": 1, "answer": "A"},
+                         {"question_id": "2", "data_type": "image", "question_type_id": 1, "answer": "B"},
+                         {"question_id": "3", "data_type": "image", "question_type_id": 1, "answer": "C"},
+                         {"question_id": "4", "data_type": "video", "question_type_id": 10, "answer": "D"},
+                         {"question_id": "5", "data_type": "video", "question_type_id": 10, "answer": "A"},
+                         {"question_id": "6", "data_type": "video", "question_type_id": 10, "answer": "B"}]}
+    recs = [{"question_id": 1, "text": "A"},    # right (question_id as int, matched via int('1'))
+            {"question_id": 2, "text": "B."},   # exact equality only: wrong
+            {"question_id": 3, "text": "c"},    # wrong
+            {"question_id": 4, "text": "D"},    # right
+            {"question_id": 5, "text": " A"}]   # wrong; question 6 unanswered: counts, wrong
+    r = S.score_seed(recs, ann)
+    assert r["per_type"] == {"Scene": 1 / 3 * 100, "Action": 1 / 3 * 100}
+    assert r["all"] == 2 / 6 * 100 and r["image"] == 1 / 3 * 100 == 33.33333333333333
+    assert r["video"] == 1 / 3 * 100
+
+
+# ------------------------------------------------------------------------------------------------ TextVQA / VQAv2
+def test_textvqa_official_order():
+    anns = [{"image_id": "a", "question": "What brand?", "answers": ["dakota"] * 8 + ["kodak"] * 2},
+            {"image_id": "b", "question": "How many?", "answers": ["2"] * 3 + ["3"] * 7},
+            {"image_id": "c", "question": "What time?", "answers": ["10:10"] * 10}]
+    S_ = "\nAnswer the question using a single word or phrase."
+    recs = [{"question_id": "a", "prompt": "What brand?\nReference OCR token: DAKOTA" + S_, "text": "The Kodak."},
+            {"question_id": "b", "prompt": "How many?" + S_, "text": "two"},   # number word -> '2'
+            {"question_id": "c", "prompt": "What time?" + S_, "text": "11:00"}]
+    r = S.score_textvqa(recs, anns)
+    # leave-one-out subsets in answer order (m4c_evaluator.py lines 235-244): kodak: leaving out one of the
+    # 8 'dakota' keeps 2 'kodak' -> 2/3, leaving out a 'kodak' -> 1/3; '2': leaving out one of the three '2'
+    # keeps 2 -> 2/3, leaving out a '3' keeps 3 -> 1
+    kodak = sum([min(1, 2.0 / 3)] * 8 + [min(1, 1.0 / 3)] * 2) / 10
+    two = sum([min(1, 2.0 / 3)] * 3 + [1] * 7) / 10
+    assert r["per_sample"] == [kodak, two, 0.0]
+    assert r["accuracy"] == 100. * (sum([kodak, two, 0.0]) / 3)
+
+
+def test_vqav2_val_official_order():
+    ann = {1: ["2", "2", "two", "2", "3", "2", "2", "2", "2", "2"], 2: ["red"] * 10, 3: ["yes"] * 10}
+    recs = [{"question_id": 1, "text": "3"}, {"question_id": 2, "text": "Red."}, {"question_id": 3, "text": "no"}]
+    r = S.score_vqav2_val(recs, ann)
+    # humans disagree -> both sides processed ('two' -> '2'); '3' is the 5th answer: leaving it out -> 0 matches
+    three = sum([min(1, 1.0 / 3)] * 4 + [0.0] + [min(1, 1.0 / 3)] * 5) / 10
+    assert r["accuracy"] == 100 * float(sum([three, 1.0, 0.0])) / 3 and r["accuracy_rounded"] == round(r["accuracy"], 2)
+
+
+def test_vizwiz_unanswerable_upload_normalised():
+    up = S.convert_vizwiz_submission([{"question_id": 0, "text": "Unanswerable."}, {"question_id": 1, "text": "Two dogs"}],
+                                     [{"question_id": 0, "image": "a.jpg"}, {"question_id": 1, "image": "b.jpg"}])
+    assert up == [{"image": "a.jpg", "answer": "unanswerable"}, {"image": "b.jpg", "answer": "2 dogs"}]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import scorers
 from ..io import read_json, write_json
-from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions
+from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions, read_jsonl_questions
 
 
 class GQA(Benchmark):
@@ -37,6 +37,10 @@ class GQA(Benchmark):
         if not tier.exists():
             return {"metrics": {}, "files": files,
                     "pending": [f"score: {self.TIER} is missing under DATA_ROOT; add it, then `python -m eval score`"]}
-        res = scorers.score_gqa(preds, read_json(tier), strict=strict)
+        # score the questions LLaVA's question file asks: the official testdev_balanced_questions.json
+        # may hold more (counted in details.not_asked); an asked question without an answer stays an error
+        asked = [q["question_id"] for q in read_jsonl_questions(self.path(self.QUESTIONS))]
+        res = scorers.score_gqa(preds, read_json(tier), strict=strict, asked=asked)
         return {"metrics": {"GQA": res["accuracy"], "GQA-binary": res["binary"], "GQA-open": res["open"]},
-                "details": {k: res[k] for k in ("samples", "missing")}, "files": files}
+                "details": {k: res[k] for k in ("samples", "missing", "not_asked", "unknown_predictions")},
+                "files": files}

@@ -45,7 +45,7 @@ class POPE(Benchmark):
         metrics = {"POPE-F1avg3": res["f1_avg3"], "POPE-F1pooled": res["f1_pooled"], "POPE-acc": res["acc_avg3"],
                    "POPE-acc-pooled": res["acc_pooled"]}
         for c, m in res["categories"].items():
-            metrics[f"POPE-F1-{c}"] = 100.0 * m["f1"]
+            metrics[f"POPE-F1-{c}"] = m["f1"] * 100
         details = {"categories": res["categories"], "pooled": res["pooled"]}
         if any(m["samples"] != m["labels"] for m in res["categories"].values()):
             details["warning"] = "answer and label counts differ in some split: the official pairing by order truncates"
