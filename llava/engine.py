@@ -344,7 +344,8 @@ class PruningEngine:
         t0 = timer.now()
         method = self.method
         position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
-        extra_layers = tuple(getattr(method, "vision_attention_layers", ()) or ())
+        extra_layers = tuple(getattr(method, "vision_attention_layers", ()) or ()) + tuple(
+            ("fw", v) for v in (getattr(method, "vision_fullwidth_layers", ()) or ()))
         blocks = self.adapter.encode(visual, method.needs_vision_attention, getattr(method, "vision_layer", None),
                                      extra_layers)
         if not blocks:
@@ -433,7 +434,7 @@ class PruningEngine:
                     "unit": unit, "patch": table["patch"][src],
                     "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
                     "keys": table["keys"][src] if "keys" in table else None,
-                    "received": {v: table[f"recv:{v}"][src] for v in extra_layers},
+                    "extra": {k: table[k][src] for k in table if k.startswith(("recv:", "fwa:", "fwk:"))},
                 }
                 n_cls = 0
                 if extras:  # append each unit's [CLS] as candidate T + i
@@ -446,15 +447,17 @@ class PruningEngine:
                     if fields["cls_attn"] is not None:
                         fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][crow]])
                         fields["keys"] = torch.cat([fields["keys"], utable["keys"][crow]])
-                    for v in extra_layers:
-                        fields["received"][v] = torch.cat([fields["received"][v], utable[f"recv:{v}"][crow]])
+                    for k in fields["extra"]:
+                        fields["extra"][k] = torch.cat([fields["extra"][k], utable[k][crow]])
                 sig = VisionSignals(
                     features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
                     patch=fields["patch"], unit_kind=kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
                     cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
                     keys=fields["keys"], key=self._sample_key(b, lay.ids),
-                    received_attn={v: r.T.contiguous() for v, r in fields["received"].items()},
+                    received_attn={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "recv:"},
+                    fullwidth_cls_attn={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwa:"},
+                    fullwidth_keys={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwk:"},
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
@@ -662,7 +665,14 @@ class PruningEngine:
         keep = sel.keep.to(sig.features.device)
         feats = [sig.features[keep]]
         src = [keep]
-        if sel.targets is not None and sel.targets.numel():
+        if sel.values is not None:  # the method computed every output itself (e.g. PruMerge's k-NN sums)
+            if sel.targets is not None:
+                src.append(sel.targets.to(keep.device))
+            v = sel.values.to(sig.features.device)
+            if sel.space == "vision":
+                v = self.adapter.project(v.to(sig.vision_features.dtype))
+            feats = [v.to(sig.features.dtype)]
+        elif sel.targets is not None and sel.targets.numel():
             space = sel.space
             if space == "vision" and sig.num_stock and bool(sig._unit_host.lt(0).any()):  # NeXT newline tokens
                 tg, asg = sel.targets.to(keep.device), sel.assign.to(keep.device)
@@ -769,6 +779,8 @@ class PruningEngine:
             sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
                                     vis, origin[b], entry[b], after, question)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
+            if sel is not None and sel.values is not None:
+                raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             keep = sel.keep.to(dev)

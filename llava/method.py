@@ -41,6 +41,10 @@ class Selection:
              ``projected`` features (LLM input space).
     order:   optional permutation of the outputs [keep..., merged...] (e.g. [D, C] per unit, or
              each merged token at its target's place); default: keep, then merged.
+    values:  vision stage only: (keep + targets, D_space) the outputs' features computed by the method
+             itself, in ``space`` (projected by the engine when ``vision``), for merges a single-target
+             ``assign`` cannot express (PruMerge's overlapping k-NN sums and its extra global token).
+             ``keep`` / ``targets`` then only give each output's provenance (its unit, run and position).
     allow_duplicates: see the field.
     """
 
@@ -50,6 +54,7 @@ class Selection:
     rule: MergeRule = "target_plus_mean"
     space: Literal["vision", "projected"] = "vision"
     order: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     #: let a token be kept more than once (it then enters the LLM twice); only to reproduce released
     #: code that does so (AttnMix ``allow_duplicates``); otherwise a duplicate is an error
     allow_duplicates: bool = False
@@ -95,7 +100,9 @@ class Selection:
             if n:
                 a = self.assign
                 flags["assign"] = ((a.max() >= self.targets.numel()) | (a.min() < -1)).to(dev)
-        merges = self.targets is not None and self.targets.numel() > 0
+        if self.values is not None and self.values.shape[0] != self.num_out:
+            raise ValueError(f"Selection.values has {self.values.shape[0]} rows for {self.num_out} outputs")
+        merges = (self.targets is not None and self.targets.numel() > 0) or self.values is not None
         if not merges and self.keep.numel() == stock:
             flags["not_identity"] = (self.keep != torch.arange(stock, device=dev)).any() if stock else no
         names = list(flags)
@@ -158,6 +165,10 @@ class Method:
     #: the full softmax over all queries, per head) the vision stage reads as ``sig.received_attn[v]``
     #: (HiPrune's "global attention"); CLIP towers only. Computed from pre-hooks (the tower stays on SDPA).
     vision_attention_layers: tuple[int, ...] = ()
+    #: Vision-tower layers (hidden_states indices) whose full-width (all heads concatenated, one "head")
+    #: q / k the vision stage reads: ``sig.fullwidth_cls_attn[v]`` (T,) = softmax over the unit's tokens of
+    #: q_[CLS] . k_j / sqrt(D), and ``sig.fullwidth_keys[v]`` (T, D) (PruMerge's signals); CLIP towers only.
+    vision_fullwidth_layers: tuple[int, ...] = ()
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:

@@ -40,6 +40,10 @@ class VisionSignals:
                      ``vision_attention_layers``: per head, the attention each token receives in the
                      layer producing hidden state v (mean over all query rows of that unit, [CLS]
                      included; fp32); 0 for newline tokens. Empty unless requested.
+    fullwidth_cls_attn / fullwidth_keys: {v: (T,)} / {v: (T, D)} for each hidden-state index v in
+                     ``vision_fullwidth_layers``: that layer's q / k projections taken full width (no
+                     head split); the [CLS] query's softmax over the unit's tokens (scale 1/sqrt(D)),
+                     and the keys (fp32); 0 for newline tokens. Empty unless requested.
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
@@ -56,6 +60,8 @@ class VisionSignals:
     cls_attn: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     received_attn: dict = field(default_factory=dict)
+    fullwidth_cls_attn: dict = field(default_factory=dict)
+    fullwidth_keys: dict = field(default_factory=dict)
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding
     key: int = 0

@@ -202,3 +202,70 @@ def test_received_attention_of_extra_layers_is_refused_without_a_clip_tower(runt
             rt.model(**make_batch(rt, n=1))
     finally:
         rt.unprune()
+
+
+class _FullwidthSpy(Method):
+    """Reads PruMerge's signals and replaces the kept tokens' features by its own values."""
+
+    name = "fullwidth_spy"
+    vision_stage = True
+    vision_fullwidth_layers = (-1,)
+
+    def __init__(self, space="vision", bad=False):
+        super().__init__()
+        self.seen, self.space, self.bad = [], space, bad
+
+    def select_vision(self, sig):
+        self.seen.append(sig)
+        keep = torch.tensor([0, 2], device=sig.unit.device)
+        x = sig.vision_features if self.space == "vision" else sig.features
+        vals = 2 * x[keep].float() + 1
+        if self.bad:
+            vals = vals[:1]
+        return Selection(keep=keep, values=vals, space=self.space)
+
+
+def test_fullwidth_signals_equal_the_layer_recomputed_from_hidden_states(runtimes):
+    rt = runtimes["llava"]
+    inputs = make_batch(rt, n=2)
+    spy = _FullwidthSpy()
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+        hs = rt.model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    rt.unprune()
+    layer = rt.model.model.vision_tower.encoder.layers[-1]  # produces hidden_states[-1]
+    x = layer.layer_norm1(hs[-2])  # its input
+    q, k = layer.self_attn.q_proj(x).double(), layer.self_attn.k_proj(x).double()
+    p = torch.softmax(q[:, :1] @ k.transpose(1, 2) / k.shape[-1] ** 0.5, -1)[:, 0]  # (n, 17)
+    for b, sig in enumerate(spy.seen):
+        torch.testing.assert_close(sig.fullwidth_cls_attn[-1].double(), p[b, 1:], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sig.fullwidth_keys[-1].double(), k[b, 1:], atol=1e-5, rtol=1e-5)
+        assert abs(float(p[b].sum()) - 1) < 1e-9
+
+
+@pytest.mark.parametrize("space", ["vision", "projected"])
+def test_selection_values_replace_the_outputs_features(runtimes, space):
+    from conftest import llm_visual_rows
+
+    rt = runtimes["llava"]
+    inputs = make_batch(rt, n=2)
+    spy = _FullwidthSpy(space=space)
+    rt.prune(spy)
+    try:
+        rows = llm_visual_rows(rt, inputs)
+    finally:
+        rt.unprune()
+    for sig, got in zip(spy.seen[-2:], rows):
+        x = sig.vision_features if space == "vision" else sig.features
+        want = 2 * x[[0, 2]].float() + 1
+        if space == "vision":
+            want = rt.model.model.multi_modal_projector(want.to(x.dtype)[None])[0]
+        torch.testing.assert_close(got, want.to(got.dtype))
+    spy = _FullwidthSpy(bad=True)
+    rt.prune(spy)
+    try:
+        with pytest.raises(ValueError, match="rows for 2 outputs"), torch.no_grad():
+            rt.model(**inputs)
+    finally:
+        rt.unprune()

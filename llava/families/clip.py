@@ -37,11 +37,23 @@ def received_attention(layer, h: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+def fullwidth_signals(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's q / k projections of its input ``h`` (n, S, D) taken full width (one D-wide head):
+    the [CLS] query's softmax over all S keys with scale 1/sqrt(D) (n, S), and the keys (n, S, D); fp32."""
+    attn = layer.self_attn
+    xn = layer.layer_norm1(h)
+    k = attn.k_proj(xn).float()
+    q = attn.q_proj(xn[:, :1]).float()
+    p = (torch.einsum("nqd,nsd->nqs", q, k) / k.shape[-1] ** 0.5).softmax(-1)[:, 0]
+    return p, k
+
+
 def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
-              extra_layers: tuple[int, ...] = ()):
+              extra_layers=()):
     """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
-    keys (n, S, d) or None, received {v: (n, H, S)} for each hidden-state index v in ``extra_layers``).
-    cls_attn / keys / received are fp32 and come from pre-hooks (the tower stays on SDPA)."""
+    keys (n, S, d) or None, extra signals). ``extra_layers``: hidden-state indices v whose received
+    attention is wanted (``recv:v`` (n, H, S)), or ``("fw", v)`` for the full-width [CLS] attention and
+    keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)). All fp32, from pre-hooks (the tower stays on SDPA)."""
     captured = {}
     handles = []
     layer = None
@@ -51,7 +63,7 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
             captured[key] = args[0] if args else kwargs["hidden_states"]
         return pre_hook
 
-    extra = {v: attention_layer(tower, feature_layer, v) for v in extra_layers}
+    extra = {v: attention_layer(tower, feature_layer, v[1] if isinstance(v, tuple) else v) for v in extra_layers}
     try:
         if want_attn:
             layer = tower.encoder.layers[attention_layer(tower, feature_layer, vision_layer)]
@@ -62,7 +74,13 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
     finally:
         for handle in handles:
             handle.remove()
-    received = {v: received_attention(tower.encoder.layers[idx], captured[("x", v)]) for v, idx in extra.items()}
+    received = {}
+    for v, idx in extra.items():
+        layer_v, h = tower.encoder.layers[idx], captured[("x", v)]
+        if isinstance(v, tuple):
+            received[f"fwa:{v[1]}"], received[f"fwk:{v[1]}"] = fullwidth_signals(layer_v, h)
+        else:
+            received[f"recv:{v}"] = received_attention(layer_v, h)
     hs = out.hidden_states[feature_layer]
     cls_attn = keys = None
     if want_attn:
@@ -84,7 +102,8 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     Returns the engine's flat block dict and the token count per unit:
     ``features`` (n*m, D) projected as the stock model does (one projector call), ``vision_features``,
     ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
-    ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v;
+    ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v,
+    ``fwa:<v>`` (n*m,) / ``fwk:<v>`` (n*m, D) its full-width [CLS] attention and keys;
     ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
     ``unit_pos`` (n, 2) = -1."""
     n, s, dv = hs.shape
@@ -103,15 +122,16 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     if ca is not None:
         flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
         flat["keys"] = ks[:, off:].reshape(n * m, -1)
-    for v, r in (received or {}).items():
-        flat[f"recv:{v}"] = r[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
+    for name, r in (received or {}).items():  # recv (n, H, S) / fwa (n, S) / fwk (n, S, D) -> per token
+        r = r.permute(0, 2, 1) if name.startswith("recv:") else r
+        flat[name] = r[:, off:].reshape(n * m, *r.shape[2:])
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
         cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
         if ca is not None:
             cls["cls_attn"] = ca[:, :, 0]
             cls["keys"] = ks[:, 0]
-        for v, r in (received or {}).items():
-            cls[f"recv:{v}"] = r[:, :, 0]
+        for name, r in (received or {}).items():
+            cls[name] = r[:, :, 0] if name.startswith("recv:") else r[:, 0]
         flat["cls"] = cls
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
     return flat, [m] * n

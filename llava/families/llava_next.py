@@ -101,6 +101,6 @@ class LlavaNextAdapter(FamilyAdapter):
         if "cls_attn" in out:
             out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
             out["keys"] = out["keys"].masked_fill(nl, 0)
-        for k in [k for k in out if k.startswith("recv:")]:
-            out[k] = out[k].masked_fill(nl, 0)
+        for k in [k for k in out if k.startswith(("recv:", "fwa:", "fwk:"))]:
+            out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]
