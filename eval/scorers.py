@@ -246,7 +246,10 @@ def score_gqa(predictions: list[dict], questions: dict, strict: bool = True, ask
 
     ``asked``: the question ids LLaVA's question file asks (llava_gqa_testdev_balanced.jsonl).
     The official ``testdev_balanced_questions.json`` may hold more questions than that; only the
-    asked ones are scored (``not_asked`` counts the others). A balanced asked question without a
+    asked ones are scored (``not_asked`` counts the others; deviation: eval.py itself raises
+    "missing predictions" for any balanced question of the tier file without a prediction, so on
+    such a file it gives no number at all; with LLaVA's file, which asks the whole testdev-balanced
+    set, both score the same questions). A balanced asked question without a
     prediction is an error (eval.py: "missing predictions") unless ``strict=False`` (a partial
     run, scored over the predicted ones only: not the official number)."""
     preds = {str(p["questionId"]): p["prediction"] for p in predictions}

@@ -237,7 +237,7 @@ def test_gqa_cli_score_with_official_tier_file(data, tmp_path):
     res = score_cli(rd)
     # [1, 0, 1, 1, 1]: 4/5; binary 201 verify, 203 choose, 205 verify -> 3/3; open 202, 204 -> 1/2
     assert res["metrics"] == {"GQA": float(4) / 5 * 100, "GQA-binary": 100.0, "GQA-open": float(1) / 2 * 100}
-    assert res["details"]["finalize"]["not_asked"] == 1
+    assert res["details"]["finalize"]["not_asked"] == 1 and "missing predictions" in res["details"]["finalize"]["warning"]
     # an asked question left unanswered is still refused (by the merge: exactly-once check)
     rd2 = make_run(tmp_path / "b", "gqa", data, ["Yes", "Red car", "left.", "Cup", "No."], drop=(4,))
     assert cli_main(["score", str(rd2)]) == 1

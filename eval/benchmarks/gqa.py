@@ -41,6 +41,11 @@ class GQA(Benchmark):
         # may hold more (counted in details.not_asked); an asked question without an answer stays an error
         asked = [q["question_id"] for q in read_jsonl_questions(self.path(self.QUESTIONS))]
         res = scorers.score_gqa(preds, read_json(tier), strict=strict, asked=asked)
+        details = {k: res[k] for k in ("samples", "missing", "not_asked", "unknown_predictions")}
+        if res["not_asked"]:
+            details["warning"] = (f"{res['not_asked']} balanced question(s) of {self.TIER} are not in {self.QUESTIONS}: "
+                                  "scored over the asked ones only; GQA's eval.py itself stops with 'missing "
+                                  "predictions' on such a tier file (LLaVA's file asks all 12,578 testdev-balanced "
+                                  "questions, where both agree)")
         return {"metrics": {"GQA": res["accuracy"], "GQA-binary": res["binary"], "GQA-open": res["open"]},
-                "details": {k: res[k] for k in ("samples", "missing", "not_asked", "unknown_predictions")},
-                "files": files}
+                "details": details, "files": files}
