@@ -164,6 +164,10 @@ class HiPrune(Method):
     #: (object layer, deep layer) as hidden-state indices; set from the options (and the tower's depth
     #: at ``setup``)
     vision_attention_layers: tuple[int, ...] = (9, -2)
+    families = SUPPORTED_FAMILIES
+    unsupported_reason = ("HiPrune reads the global (received) attention of two CLIP tower layers, which the "
+                          "engine computes for CLIP towers only (Qwen2.5-VL's windowed ViT and OneVision's SigLIP "
+                          "tower do not provide it)")
 
     @classmethod
     def option_defaults(cls):

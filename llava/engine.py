@@ -203,6 +203,9 @@ class PruningEngine:
                              "to that model's layers: create one method instance per model (or remove the other "
                              "engine first)")
         method._bound_model = weakref.ref(model)
+        if not method.supports(self.family):
+            raise ValueError(f"{method.name} does not support {self.family} models (it runs on "
+                             f"{', '.join(method.families)}): {method.unsupported_reason}")
         self.lm = self.adapter.lm
         n_layers = len(self.lm.layers)
         method.setup(num_layers=n_layers, num_vision_layers=self.adapter.num_vision_layers, family=self.family)

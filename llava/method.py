@@ -169,6 +169,10 @@ class Method:
     #: q / k the vision stage reads: ``sig.fullwidth_cls_attn[v]`` (T,) = softmax over the unit's tokens of
     #: q_[CLS] . k_j / sqrt(D), and ``sig.fullwidth_keys[v]`` (T, D) (PruMerge's signals); CLIP towers only.
     vision_fullwidth_layers: tuple[int, ...] = ()
+    #: Model families the method supports (None: all); the engine refuses the others at attach with
+    #: ``unsupported_reason``.
+    families: ClassVar[tuple[str, ...] | None] = None
+    unsupported_reason: ClassVar[str] = ""
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:
@@ -192,6 +196,10 @@ class Method:
             raise ValueError(f"{self.name}: position_mode must be 'keep' or 'reindex'")
 
     # -- binding to a model --------------------------------------------------------------------
+    @classmethod
+    def supports(cls, family: str) -> bool:
+        return cls.families is None or family in cls.families
+
     def setup(self, *, num_layers: int, num_vision_layers: int, family: str) -> None:
         """Called by the engine when attached, before :attr:`llm_layers` is read: the LLM's decoder
         layer count, the vision tower's layer count and the model family ('llava', 'llava_next',
@@ -267,6 +275,12 @@ def _load_plugins() -> None:
 def available_methods() -> list[str]:
     _load_plugins()
     return sorted(_REGISTRY)
+
+
+def method_supports(name: str, family: str) -> bool:
+    """Whether the registered method ``name`` runs on models of ``family`` (its ``families``)."""
+    _load_plugins()
+    return _REGISTRY[name.lower()].supports(family)
 
 
 def get_method(name: str | Method, budget: int | None = None, **options: Any) -> Method:

@@ -11,7 +11,7 @@ import torch
 from conftest import ALL_FAMILIES, make_batch
 from device_check import DeviceMixError, DevicePlacementCheck, check_method, host_tag
 
-from llava.method import Method, Selection, available_methods, get_method
+from llava.method import Method, Selection, available_methods, get_method, method_supports
 
 #: budget per family (tiny models: 16 tokens per image / crop, 17 per frame) that prunes
 BUDGETS = {
@@ -55,6 +55,8 @@ def method_cases():
 
 
 def budget_for(name, family):
+    if not method_supports(name, family):  # the refusal is tested in the method's own test file
+        pytest.skip(f"{name} does not support {family}")
     b = BUDGETS.get(name, DEFAULT_BUDGET)
     return b[family] if isinstance(b, dict) else b
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ALL_FAMILIES, QUESTIONS, rand_image, slice_batch
 
-from llava.method import Selection, available_methods
+from llava.method import Selection, available_methods, method_supports
 from llava.syncs import SyncCounter
 
 GEN = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4, output_scores=True, return_dict_in_generate=True)
@@ -22,12 +22,17 @@ BUDGETS = {
     "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
     "divprune": _PER_UNIT, "random": _PER_UNIT, "attnmix": _TOTAL, "fastv": _IN_LLM, "dart": _IN_LLM,
+    "hiprune": _PER_UNIT,
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly
 METHODS = [m for m in available_methods() if not m.startswith("test_") and m != "layout_spy"]
 
 
 def budget(method, family):
+    """The method's budget on ``family``'s tiny model; skips the test where the method refuses the family
+    (``Method.families``; the refusal itself is tested in the method's own test file)."""
+    if not method_supports(method, family):
+        pytest.skip(f"{method} does not support {family}")
     b = BUDGETS[method]
     return b[family] if isinstance(b, dict) else b
 
