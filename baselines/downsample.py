@@ -27,9 +27,9 @@ count ceil(rows / s) x ceil(cols / s) equals it (24 x 24: 144 -> 2, 64 -> 3, 36 
 (sh, sw), e.g. (1, 3) -> 192 on 24 x 24) replaces the budget. Stride 1 is the identity.
 
 Not implemented (documented): the spec's optional ``interpolate`` mode (non-integer grids) and ``pixel``
-mode (low-resolution CLIP); a pooled-resolution newline rule for NeXT ``spatial_unpad``; Qwen2.5-VL,
-whose per-image grid width the vision signals do not carry (refused with an error, unless the signals
-gain a per-unit ``unit_grid``).
+mode (low-resolution CLIP); a pooled-resolution newline rule for NeXT ``spatial_unpad``. Qwen2.5-VL is
+refused at attach (``families``): the vision signals do not carry its per-image grid width; the pure
+function already reads a per-unit ``unit_grid`` when signals carry one.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from llava.method import Method, Selection, register
 from llava.ops import masked_take, unit_layout
 
+SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava", "llava_onevision")
 SPACES = ("vision", "projected")
 NEWLINE_MODES = ("keep", "drop")
 
@@ -148,6 +149,12 @@ class Downsample(Method):
 
     name = "downsample"
     vision_stage = True
+    #: Qwen2.5-VL refused at attach: its per-image grid width is not in the signals (add "qwen2_5_vl"
+    #: here once VisionSignals carries ``unit_grid``; :func:`unit_grids` reads it)
+    families = SUPPORTED_FAMILIES
+    unsupported_reason = ("Qwen2.5-VL images have dynamic patch grids and the vision signals carry no per-image "
+                          "grid width (VisionSignals.grid = (0, 0), no unit_grid), so the s x s windows cannot be "
+                          "formed")
 
     @classmethod
     def option_defaults(cls):
