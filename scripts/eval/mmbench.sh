@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MMBench EN: local letter match on dev (MMB-dev-local) + xlsx for the server; BENCH_OPTS=split=... for test.
+# MMBench EN: local CircularEval on dev (MMB-dev; MMB-dev-local = single-row rate) + xlsx for the server; BENCH_OPTS=split=... for test.
 # usage: bash scripts/eval/mmbench.sh <method> <budget|none> [model] [extra `python -m eval run` args]
 #   e.g. bash scripts/eval/mmbench.sh consensusdrop 64
 # Every variable below can be overridden from the environment.
