@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MMBench-CN: local letter match on dev (MMB-CN-dev-local) + xlsx for the server.
+# MMBench-CN: local CircularEval on dev (MMB-CN-dev; MMB-CN-dev-local = single-row rate) + xlsx for the server.
 # usage: bash scripts/eval/mmbench_cn.sh <method> <budget|none> [model] [extra `python -m eval run` args]
 #   e.g. bash scripts/eval/mmbench_cn.sh consensusdrop 64
 # Every variable below can be overridden from the environment.
