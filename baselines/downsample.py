@@ -27,9 +27,9 @@ count ceil(rows / s) x ceil(cols / s) equals it (24 x 24: 144 -> 2, 64 -> 3, 36 
 (sh, sw), e.g. (1, 3) -> 192 on 24 x 24) replaces the budget. Stride 1 is the identity.
 
 Not implemented (documented): the spec's optional ``interpolate`` mode (non-integer grids) and ``pixel``
-mode (low-resolution CLIP); a pooled-resolution newline rule for NeXT ``spatial_unpad``. Qwen2.5-VL is
-refused at attach (``families``): the vision signals do not carry its per-image grid width; the pure
-function already reads a per-unit ``unit_grid`` when signals carry one.
+mode (low-resolution CLIP); a pooled-resolution newline rule for NeXT ``spatial_unpad``. Qwen2.5-VL:
+every image has its own merged grid (``sig.unit_grid``), so an exact per-image count is generally
+unreachable: there the budget picks the smallest square window whose count is <= ``budget`` (our rule).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 from llava.method import Method, Selection, register
 from llava.ops import masked_take, unit_layout
 
-SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava", "llava_onevision")
+SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl")
 SPACES = ("vision", "projected")
 NEWLINE_MODES = ("keep", "drop")
 
@@ -54,9 +54,14 @@ def window_counts(rows: int, cols: int) -> dict[int, int]:
     return out
 
 
-def stride_for_budget(budget: int, rows: int, cols: int) -> tuple[int, int]:
-    """The smallest square stride whose window count on a rows x cols grid is exactly ``budget``."""
+def stride_for_budget(budget: int, rows: int, cols: int, at_most: bool = False) -> tuple[int, int]:
+    """The smallest square stride whose window count on a rows x cols grid is exactly ``budget`` (with
+    ``at_most``: the smallest whose count is <= ``budget``, for dynamic grids where an exact count per
+    image is generally unreachable)."""
     counts = window_counts(rows, cols)
+    if at_most:
+        s = min(s for n, s in counts.items() if n <= budget)
+        return s, s
     if budget not in counts:
         reach = ", ".join(f"{n} (s={s})" for n, s in sorted(counts.items(), reverse=True))
         raise ValueError(f"downsample: budget {budget} is not reachable with non-overlapping s x s windows on a "
@@ -149,12 +154,7 @@ class Downsample(Method):
 
     name = "downsample"
     vision_stage = True
-    #: Qwen2.5-VL refused at attach: its per-image grid width is not in the signals (add "qwen2_5_vl"
-    #: here once VisionSignals carries ``unit_grid``; :func:`unit_grids` reads it)
     families = SUPPORTED_FAMILIES
-    unsupported_reason = ("Qwen2.5-VL images have dynamic patch grids and the vision signals carry no per-image "
-                          "grid width (VisionSignals.grid = (0, 0), no unit_grid), so the s x s windows cannot be "
-                          "formed")
 
     @classmethod
     def option_defaults(cls):
@@ -179,12 +179,15 @@ class Downsample(Method):
         if self.newlines not in NEWLINE_MODES:
             raise ValueError(f"downsample: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
 
-    def strides(self, sizes: list[int], grids: list[tuple[int, int]]) -> list[tuple[int, int] | None]:
-        """Per unit: its window, or None to keep it whole (at most ``budget`` patches)."""
+    def strides(self, sizes: list[int], grids: list[tuple[int, int]],
+                dynamic: bool = False) -> list[tuple[int, int] | None]:
+        """Per unit: its window, or None to keep it whole (at most ``budget`` patches). ``dynamic``
+        (Qwen2.5-VL's per-image grids): the smallest window whose count is <= ``budget``."""
         fixed = _as_stride(self.stride)
         if fixed is not None:
             return [fixed] * len(sizes)
-        return [None if n <= self.budget else stride_for_budget(self.budget, *g) for n, g in zip(sizes, grids)]
+        return [None if n <= self.budget else stride_for_budget(self.budget, *g, at_most=dynamic)
+                for n, g in zip(sizes, grids)]
 
     def select_vision(self, sig):
         lay = unit_layout(sig.unit, sig.patch, sig.num_stock)
@@ -192,5 +195,6 @@ class Downsample(Method):
         if self.stride is None and all(n <= self.budget for n in sizes):  # every unit fits: the identity
             return Selection(keep=torch.arange(sig.num_tokens, device=sig.unit.device))
         grids = unit_grids(sig, lay)
-        return downsample(sig.unit, sig.patch, grids, self.strides(sizes, grids),
+        dynamic = tuple(sig.grid) == (0, 0)  # Qwen2.5-VL: every image its own grid
+        return downsample(sig.unit, sig.patch, grids, self.strides(sizes, grids, dynamic),
                           keep_newlines=self.newlines == "keep", space=self.space, layout=lay)

@@ -397,8 +397,8 @@ class PruningEngine:
                 if k == "cls":
                     for ck, cv in v.items():
                         unit_tables.setdefault(ck, []).append(cv)
-                elif k == "unit_pos":
-                    unit_tables.setdefault("unit_pos", []).append(v)
+                elif k in ("unit_pos", "unit_grid"):
+                    unit_tables.setdefault(k, []).append(v)
                 else:
                     tables.setdefault(k, []).append(v)
             kind = flat["kind"]
@@ -462,6 +462,7 @@ class PruningEngine:
                     fullwidth_cls_attn={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwa:"},
                     fullwidth_keys={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwk:"},
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
+                    unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
                 )

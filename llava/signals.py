@@ -72,6 +72,9 @@ class VisionSignals:
     #: (U, 2) grid position (row, col) of each unit in its image's crop grid (LLaVA-NeXT grid crops);
     #: (-1, -1) for a NeXT base crop, a LLaVA-1.5 image or a video frame.
     unit_pos: torch.Tensor | None = None
+    #: per unit (U entries, host ints): (rows, cols) of its patch grid (Qwen2.5-VL: each image's merged
+    #: grid; OneVision's pooled frames: their pooled grid; CLIP: the tower's square grid)
+    unit_grid: list | None = None
     _probe_fn: Callable = field(default=None, repr=False)
     #: host copy of ``unit`` (set by the engine) so that unit counts / indices need no device read
     _unit_host: torch.Tensor | None = field(default=None, repr=False)

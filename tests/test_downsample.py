@@ -12,7 +12,7 @@ from llava.method import Method, Selection
 from llava.ops import merge_tokens
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-POOLED = [f for f in ALL_FAMILIES if f != "qwen2.5-vl"]
+POOLED = [f for f in ALL_FAMILIES if f != "qwen2.5-vl"]  # Qwen: its own test below (dynamic grids)
 
 
 def outputs(x, sel):
@@ -200,10 +200,6 @@ def test_keep_all_and_stride_one_are_bit_identical_to_unpruned(rt, how):
     rt.prune("none")
     with torch.no_grad():
         ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    if rt.family == "qwen2_5_vl":
-        with pytest.raises(ValueError, match="downsample does not support qwen2_5_vl models .* dynamic patch grids"):
-            rt.prune("downsample", **how)
-        return
     eng = rt.prune("downsample", **how)
     with torch.no_grad():
         logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
@@ -237,12 +233,25 @@ def test_generate_batch_of_three_equals_each_sample_alone(rt, space):
 
 
 @pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
-def test_qwen_dynamic_grids_are_refused_at_attach(rt):
-    from llava.method import method_supports
+def test_qwen_pools_each_image_on_its_own_grid(rt):
+    """Qwen2.5-VL: each image's merged grid from image_grid_thw; the budget picks the smallest square
+    window whose count is <= budget (an exact count per image is generally unreachable)."""
+    import math
 
-    assert not method_supports("downsample", "qwen2_5_vl") and method_supports("downsample", "llava_onevision")
-    with pytest.raises(ValueError, match="downsample does not support qwen2_5_vl"):
-        rt.prune("downsample", 2)
+    inputs = make_batch(rt)
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
+    eng = rt.prune("downsample", 2)
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, **GEN)
+    want = []
+    for r, c in grids:
+        if r * c <= 2:
+            want.append(r * c)
+            continue
+        s = min(s for s in range(1, max(r, c) + 1) if math.ceil(r / s) * math.ceil(c / s) <= 2)
+        want.append(math.ceil(r / s) * math.ceil(c / s))
+    assert [s.visual_entering_llm for s in eng.stats.samples] == want
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
 
 
 

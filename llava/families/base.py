@@ -44,8 +44,8 @@ class VisualBlock(NamedTuple):
       space ``project`` maps to ``features`` (vision-space merges); ``patch`` (T,) index in its unit's
       grid (-1 = [CLS] / newline); ``unit_h`` (T,) host unit index (-1 = newline); ``kind``
       ("image" / "crop" / "frame"); optionally ``cls_attn`` (T, H) saliency per head and ``keys``
-      (T, d); per unit: ``unit_pos`` (U, 2) and ``cls`` (a dict of per-unit [CLS] rows offered as
-      extra candidates).
+      (T, d); per unit: ``unit_pos`` (U, 2), ``unit_grid`` (U, 2) host (rows, cols) of the unit's patch
+      grid, and ``cls`` (a dict of per-unit [CLS] rows offered as extra candidates).
     sizes: tokens per image / video (one placeholder run each).
     """
 

@@ -134,4 +134,6 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
             cls[name] = r[:, :, 0] if name.startswith("recv:") else r[:, 0]
         flat["cls"] = cls
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
+    side = int(round((m - (0 if drop_cls else 1)) ** 0.5))  # patches per grid side ([CLS] not counted)
+    flat["unit_grid"] = torch.tensor([[side, side]] * n, dtype=torch.long)  # host
     return flat, [m] * n

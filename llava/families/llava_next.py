@@ -88,7 +88,7 @@ class LlavaNextAdapter(FamilyAdapter):
         idx = to_device([idx_h], hs.device)[0]
         newline = idx < 0
         safe = idx.clamp(min=0)
-        per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos") if k in flat}
+        per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos", "unit_grid") if k in flat}
         unit_h = flat.pop("unit_h")
         out = {k: (v[safe] if torch.is_tensor(v) else v) for k, v in flat.items()}
         out.update(per_unit)

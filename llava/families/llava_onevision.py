@@ -47,7 +47,8 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def _flat(v: "ov.OneVisionVisual", kind: str) -> dict:
         dev = v.features.device
         flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(dev),
-                "unit_h": v.unit, "kind": kind, "unit_pos": v.unit_pos.to(dev)}
+                "unit_h": v.unit, "kind": kind, "unit_pos": v.unit_pos.to(dev),
+                "unit_grid": torch.tensor(v.unit_grid, dtype=torch.long).reshape(-1, 2)}
         if v.saliency is not None:
             flat["cls_attn"] = v.saliency.T
             flat["keys"] = v.keys

@@ -73,7 +73,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                                    saliency=self.saliency, video=video)
             flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
                     "unit_h": v.unit, "kind": "frame" if video else "image",
-                    "unit_pos": torch.full((len(v.grids), 2), -1, dtype=torch.long, device=v.features.device)}
+                    "unit_pos": torch.full((len(v.grids), 2), -1, dtype=torch.long, device=v.features.device),
+                    "unit_grid": torch.tensor(v.grids, dtype=torch.long).reshape(-1, 2)}
             if v.saliency is not None:
                 flat["cls_attn"] = v.saliency.T
                 flat["keys"] = v.keys
