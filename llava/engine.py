@@ -456,6 +456,7 @@ class PruningEngine:
                     features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
                     patch=fields["patch"], unit_kind=kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
+                    question_ids=lay.ids[host[b][6]],
                     cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
                     keys=fields["keys"], key=self._sample_key(b, lay.ids),
                     received_attn={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "recv:"},

@@ -47,6 +47,9 @@ class VisionSignals:
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
+    question_ids:    (Q,) host LongTensor: the LLM token ids of those question tokens (decode them with
+                     the model's tokenizer for a method that needs the question as text, e.g. CDPruner's
+                     CLIP text tower).
     """
 
     features: torch.Tensor
@@ -75,6 +78,7 @@ class VisionSignals:
     #: per unit (U entries, host ints): (rows, cols) of its patch grid (Qwen2.5-VL: each image's merged
     #: grid; OneVision's pooled frames: their pooled grid; CLIP: the tower's square grid)
     unit_grid: list | None = None
+    question_ids: torch.Tensor | None = None
     _probe_fn: Callable = field(default=None, repr=False)
     #: host copy of ``unit`` (set by the engine) so that unit counts / indices need no device read
     _unit_host: torch.Tensor | None = field(default=None, repr=False)

@@ -269,3 +269,33 @@ def test_selection_values_replace_the_outputs_features(runtimes, space):
             rt.model(**inputs)
     finally:
         rt.unprune()
+
+
+class _QuestionSpy(Method):
+    name = "question_spy"
+    vision_stage = True
+    query_aware = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def select_vision(self, sig):
+        self.seen.append(sig.question_ids)
+        return Selection(keep=torch.arange(sig.num_tokens, device=sig.unit.device))
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava-next", "qwen2.5-vl", "llava-onevision"])
+def test_question_ids_decode_to_the_question(runtimes, fam):
+    """sig.question_ids: the question's own token ids (no separator, no role tag), on the host."""
+    rt = runtimes[fam]
+    qs = ["what color is the circle?", "how many objects are there in the picture?"]
+    spy = _QuestionSpy()
+    rt.prune(spy)
+    try:
+        with torch.no_grad():
+            rt.model(**rt.processor(qs, [rand_image(0), rand_image(1, 56, 56)]))
+    finally:
+        rt.unprune()
+    assert [rt.tokenizer.decode(q).strip() for q in spy.seen] == qs
+    assert all(q.device.type == "cpu" and q.dtype == torch.long for q in spy.seen)
