@@ -1,0 +1,291 @@
+"""PruMerge / PruMerge+ (arXiv 2403.15388, "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large
+Multimodal Models"): keep the IQR outliers of the [CLS] attention (adaptive count), PruMerge+ adds spatially
+uniform samples, then every kept token absorbs its k nearest neighbours (cosine of the keys) weighted by
+their attention, and one extra global token sums the pruned tokens; pre-LLM.
+
+Spec: shared/reference methods-2026.md section 3. Official code: 42Shawn/LLaVA-PruMerge,
+``llava/model/multimodal_encoder/clip_encoder.py``: ``token_prune_merge_advanced`` (PruMerge) and
+``token_prune_merge_advanced_plus`` (PruMerge+, the one ``forward`` calls).
+
+Algorithm, per unit u (image / crop / frame) with n patch candidates on a rows x cols grid (P patches;
+official n = P = 576), official code:
+
+1. a = the **last** tower layer's (hidden state -1, encoder layer 23) [CLS] query row of softmax(Q K^T /
+   sqrt(D)) with Q, K its q_proj / k_proj outputs taken **full width** (one D-wide head; D = 1024, scale
+   1/32), patch columns (the engine's ``sig.fullwidth_cls_attn[-1]``, fp32);
+2. adaptive ratio: Q1, Q3 = 25th / 75th percentiles of a (linear interpolation, ``numpy.percentile``'s
+   default = ``torch.quantile``'s), outliers = a > Q3 + 1.5 (Q3 - Q1), rho = #outliers / n;
+3. top = the int(n * rho) patches with the largest a, in descending order (Python float arithmetic);
+4. PruMerge+ only: step = int(1 / rho), sigma = int(step / 3), grid = {0, sigma, 2 sigma, ... < P - 1}
+   (flat raster patch indices; official ``arange(0, 575, sigma)``), appended ascending, skipping those in
+   top;
+5. for every kept token i: x'_i = x_i + sum_{j in NN_k(i)} a_j x_j, NN_k(i) = the k (32) other patches of
+   the unit (kept ones included) with the largest cosine of the full-width keys; original features x (the
+   select layer -2's, ``sig.vision_features``), the sum is **not** normalised;
+6. g = sum_{j pruned} a_j x_j;
+7. output [x'_top..., x'_grid..., g] (attention order, then the grid) -> projector -> LLM.
+
+Our design / deviations: see ``docs/methods/prumerge.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llava.method import Method, Selection, register
+from llava.ops import masked_take, unit_layout
+
+VARIANTS = ("plus", "base")
+BUDGET_MODES = ("adaptive", "fixed")
+CLS_TOKEN_MODES = ("drop", "keep")
+SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
+REFUSAL = ("PruMerge reads the [CLS] query's full-width attention and the full-width keys of the last CLIP "
+           "layer (Method.vision_fullwidth_layers), which the engine computes for the CLIP towers of "
+           f"{', '.join(SUPPORTED_FAMILIES)} only (Qwen2.5-VL's windowed ViT and OneVision's SigLIP tower "
+           "have no [CLS] token and no such signal)")
+
+
+# ------------------------------------------------------------------------------------------- counts
+
+
+def iqr_outliers(a: torch.Tensor) -> torch.Tensor:
+    """0-d count of the values of ``a`` above Q3 + 1.5 (Q3 - Q1) (upper side only, official
+    ``outlier_dectection``), quartiles by linear interpolation (= ``numpy.percentile``'s default), fp32,
+    on ``a``'s device (no host read)."""
+    a = a.float().reshape(-1)
+    q = torch.quantile(a, torch.tensor([0.25, 0.75], dtype=a.dtype, device=a.device))
+    upper = q[1] + 1.5 * (q[1] - q[0])
+    return (a > upper).sum()
+
+
+def adaptive_plan(outliers: int, n: int, variant: str = "plus") -> tuple[int, int]:
+    """Host arithmetic of the official adaptive branch for a unit of ``n`` candidates with ``outliers``
+    IQR outliers: (top count, grid stride sigma; 0 for ``base``), Python floats as in the official code.
+
+    Guards (ours; the official code fails): no outlier (rho = 0: division by zero in PruMerge+, an empty
+    top in PruMerge) is treated as one outlier, rho = 1/n; sigma = 0 (rho > 1/3: ``arange`` step 0) becomes 1;
+    the top count is at least 1 (int(n * rho) can round 1 - eps down)."""
+    ratio = outliers / n if outliers > 0 else 1 / n
+    top = max(1, int(n * ratio))
+    sigma = max(1, int(int(1 / ratio) / 3)) if variant == "plus" else 0
+    return top, sigma
+
+
+def fixed_plan(budget: int, n: int, variant: str = "plus") -> tuple[int, int]:
+    """Fixed budget (our design, methods-2026 section 3.5): ``budget`` outputs per unit including g. Returns
+    (top count, supplement count): kept = min(budget - 1, n); PruMerge+ top = min(ceil(budget / 4), kept),
+    the rest of the kept are the evenly spaced supplement; PruMerge: all kept by attention."""
+    kept = min(max(budget - 1, 0), n)
+    if variant == "base":
+        return kept, 0
+    top = min(math.ceil(budget / 4), kept)
+    return top, kept - top
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: torch.Tensor,
+             patch: torch.Tensor, grid: tuple[int, int], *, variant: str = "plus",
+             budget_mode: str = "adaptive", budget: int | None = None, k: int = 32,
+             cls_token: str = "drop") -> Selection:
+    """PruMerge(+) for one sample; returns a vision-space :class:`Selection` with ``values``.
+
+    attn: (T,) full-width [CLS] attention per token (only patch tokens are read); keys: (T, D) full-width
+    keys; feats: (T, Dv) select-layer features; unit: (T,) unit id (-1 = NeXT newline); patch: (T,) patch
+    index in the unit's ``grid`` = (rows, cols), -1 for [CLS] / newline.
+
+    Outputs per unit, units in order: ([CLS] when ``cls_token="keep"``), the kept patches (top by
+    attention descending, ties to the lower patch index, then the supplement ascending), then g (when
+    something was pruned). ``keep`` holds the [CLS] and kept tokens in output order, ``targets`` one token
+    per unit for g (the pruned token with the largest attention, ties to the lower patch index), ``assign``
+    all -1, ``order`` interleaves each g after its unit. NeXT newline tokens are dropped (every output is
+    projected from vision features; a newline has none). Host reads: one in ``unit_layout``, one for the
+    adaptive outlier counts, one for the PruMerge+ supplement counts (all units at once)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"prumerge: variant must be one of {VARIANTS}, got {variant!r}")
+    if budget_mode not in BUDGET_MODES:
+        raise ValueError(f"prumerge: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}")
+    if cls_token not in CLS_TOKEN_MODES:
+        raise ValueError(f"prumerge: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
+    if budget_mode == "fixed" and (budget is None or budget < 1):
+        raise ValueError("prumerge: budget_mode='fixed' needs a budget >= 1 (tokens per unit, g included)")
+    dev = unit.device
+    n_tok = unit.numel()
+    P = int(grid[0]) * int(grid[1])
+    lay = unit_layout(unit, patch)  # host read
+    nu = lay.num_units
+    a_all = attn.float()
+    x_all = feats.float()
+    kn_all = F.normalize(keys.float(), p=2, dim=-1)  # official F.normalize of the keys, then dot products
+
+    # each unit's patch candidates in raster (patch-index) order
+    toks = []
+    for u in range(nu):
+        t = lay.patches[u]
+        toks.append(t[torch.sort(patch[t], stable=True).indices])
+    ns = [int(t.numel()) for t in toks]
+
+    # stage 1: how many by attention (and the grid stride)
+    plans = [(0, 0)] * nu
+    live = [u for u in range(nu) if ns[u] > 0]
+    if budget_mode == "adaptive":
+        if live:
+            cnt = torch.stack([iqr_outliers(a_all[toks[u]]) for u in live]).tolist()  # host read
+            for u, c in zip(live, cnt):
+                plans[u] = adaptive_plan(int(c), ns[u], variant)
+    else:
+        bu = budget - (1 if cls_token == "keep" else 0)  # a kept [CLS] takes one of the unit's slots
+        for u in live:
+            has_cls = len(lay.cls[u]) > 0
+            plans[u] = fixed_plan(bu if has_cls else budget, ns[u], variant)
+
+    # stage 2: top (descending attention, ties to the lower patch index) and the supplement mask
+    tops, sups = {}, {}
+    for u in live:
+        t_u, p_u = plans[u]
+        a = a_all[toks[u]]
+        top = torch.sort(a, descending=True, stable=True).indices[:t_u]
+        is_top = torch.zeros(ns[u], dtype=torch.bool, device=dev).scatter_(0, top, True)
+        if variant == "base":
+            sup = torch.zeros_like(is_top)
+        elif budget_mode == "adaptive":  # official grid {0, s, 2s, ... < P - 1} on the flat patch index
+            pp = patch[toks[u]]
+            sup = (pp % p_u == 0) & (pp < P - 1) & ~is_top
+        else:  # s evenly spaced among the R remaining patches (raster order): positions floor(i R / s)
+            rem = ~is_top
+            r = ns[u] - t_u
+            mark = torch.zeros(max(r, 1), dtype=torch.bool, device=dev)
+            if p_u > 0:
+                mark[(torch.arange(p_u, device=dev) * r) // p_u] = True
+            sup = rem & mark[(rem.long().cumsum(0) - 1).clamp(min=0)]
+        tops[u], sups[u] = top, sup
+    if budget_mode == "adaptive" and variant == "plus" and live:
+        s_cnt = torch.stack([sups[u].sum() for u in live]).tolist()  # host read
+        n_sup = dict(zip(live, (int(c) for c in s_cnt)))
+    else:
+        n_sup = {u: (plans[u][1] if variant == "plus" else 0) for u in live}
+
+    # stage 3: merge (vectorised over the unit's tokens)
+    keep_parts, keep_vals, g_targets, g_vals = [], [], [], []
+    order_plan = []  # per unit: (outputs in keep, has g)
+    for u in range(nu):
+        n_keep_u = 0
+        if cls_token == "keep" and len(lay.cls[u]):
+            c = lay.cls[u][:1]
+            keep_parts.append(c)
+            keep_vals.append(x_all[c])
+            n_keep_u += 1
+        has_g = False
+        if ns[u] > 0:
+            n = ns[u]
+            t = toks[u]
+            ar = torch.arange(n, device=dev)
+            sup_idx = masked_take(ar, sups[u], n_sup[u])
+            kept = torch.cat([tops[u], sup_idx])
+            m = int(tops[u].numel()) + n_sup[u]
+            a, x, kn = a_all[t], x_all[t], kn_all[t]
+            xk = x[kept]
+            kk = min(int(k), n - 1)
+            if m and kk > 0:
+                sim = kn[kept] @ kn.T  # (m, n) cosine
+                sim = sim.scatter(1, kept[:, None], float("-inf"))  # not itself
+                nb = sim.topk(kk, dim=1).indices  # (m, kk)
+                w = torch.zeros(m, n, dtype=a.dtype, device=dev).scatter_(1, nb, a[nb])
+                xk = xk + w @ x  # unnormalised attention-weighted sum of the neighbours' original features
+            keep_parts.append(t[kept])
+            keep_vals.append(xk)
+            n_keep_u += m
+            if m < n:  # the extra global token
+                is_kept = torch.zeros(n, dtype=torch.bool, device=dev).scatter_(0, kept, True)
+                g_vals.append((a.masked_fill(is_kept, 0.0) @ x)[None])
+                g_targets.append(t[a.masked_fill(is_kept, float("-inf")).argmax().reshape(1)])
+                has_g = True
+        order_plan.append((n_keep_u, has_g))
+
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    keep = torch.cat(keep_parts) if keep_parts else empty
+    dv = feats.shape[-1]
+    vals = keep_vals + g_vals
+    values = torch.cat(vals) if vals else torch.zeros(0, dv, dtype=torch.float32, device=dev)
+    n_keep = int(sum(n for n, _ in order_plan))
+    order, ko, go = [], 0, n_keep
+    for n_u, has_g in order_plan:
+        order.extend(range(ko, ko + n_u))
+        ko += n_u
+        if has_g:
+            order.append(go)
+            go += 1
+    targets = assign = None
+    if g_targets:
+        targets = torch.cat(g_targets)
+        assign = torch.full((n_tok,), -1, dtype=torch.long, device=dev)
+    order_t = None
+    if order != list(range(len(order))):
+        order_t = torch.tensor(order, dtype=torch.long, device=dev)
+    return Selection(keep=keep, targets=targets, assign=assign, values=values, space="vision", order=order_t)
+
+
+@register
+class PruMerge(Method):
+    """PruMerge / PruMerge+: IQR outliers of the last CLIP layer's full-width [CLS] attention (+ a uniform
+    grid), k-NN merged by key cosine with attention weights, plus one global token, per image / crop / frame."""
+
+    name = "prumerge"
+    vision_stage = True
+    #: the last tower layer (official encoder layer 23 of 24 = hidden state -1)
+    vision_fullwidth_layers: tuple[int, ...] = (-1,)
+    families = SUPPORTED_FAMILIES
+    unsupported_reason = REFUSAL
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # "plus" = PruMerge+ (token_prune_merge_advanced_plus, what the official forward calls);
+            # "base" = PruMerge (token_prune_merge_advanced)
+            "variant": "plus",
+            # "adaptive" (official: the count depends on the image, no budget) or "fixed" (our design: budget =
+            # outputs per unit, g included)
+            "budget_mode": "adaptive",
+            # merge neighbours per kept token (official 32); min(k, n - 1) on small grids
+            "k": 32,
+            # Video-LLaVA frame [CLS] (a stock LLM token there): "drop" or "keep" (unchanged, first in its frame)
+            "cls_token": "drop",
+            # hidden-state index of the layer whose full-width q / k are read (official: the last, -1)
+            "qk_layer": -1,
+        }
+
+    def __init__(self, budget=None, **options):
+        super().__init__(budget, **options)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"prumerge: variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"prumerge: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        if self.cls_token not in CLS_TOKEN_MODES:
+            raise ValueError(f"prumerge: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
+        if self.budget_mode == "adaptive" and self.budget is not None:
+            raise ValueError("prumerge: the adaptive mode (official) chooses the count per image and takes no "
+                             "budget; pass budget_mode='fixed' for a fixed budget per unit")
+        if self.budget_mode == "fixed" and self.budget is None:
+            raise ValueError("prumerge: budget_mode='fixed' needs a budget (tokens per image / crop / frame, "
+                             "the global token included)")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"prumerge: k must be an int >= 1, got {self.k!r}")
+        if isinstance(self.qk_layer, bool) or not isinstance(self.qk_layer, int):
+            raise ValueError(f"prumerge: qk_layer must be an int (hidden-state index), got {self.qk_layer!r}")
+        self.vision_fullwidth_layers = (self.qk_layer,)
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"prumerge: family {family!r} is not supported: {REFUSAL}")
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+
+    def select_vision(self, sig):
+        v = self.qk_layer
+        return prumerge(sig.fullwidth_cls_attn[v], sig.fullwidth_keys[v], sig.vision_features, sig.unit,
+                        sig.patch, sig.grid, variant=self.variant, budget_mode=self.budget_mode,
+                        budget=self.budget, k=self.k, cls_token=self.cls_token)
