@@ -24,6 +24,7 @@ BUDGETS = {
     "random": 3,
     "pdrop": None,  # the official geometric schedule
     "sparsevlm": 192,
+    "prumerge": None,  # adaptive: the count depends on the image
     "none": None,
     "novisual": None,
 }
@@ -41,6 +42,7 @@ VARIANTS = {
     "attnmix": [{"allow_duplicates": True, "text_queries": "question"}],
     "divprune": [{"scope": "unit"}],
     "fastervlm": [{"cls_token": "keep"}],
+    "prumerge": [{"variant": "base"}],
 }
 
 
