@@ -18,16 +18,43 @@ Algorithm (before decoder layer K = 2, prefill only):
 
 Actual count = 4 + 8 * floor(B / 8) (132 for B = 128), slightly above the nominal budget, as in the
 official code.
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics and order -
+keys and final-normed hidden states cast to float16 (the official LLM runs in fp16), key L1 norms by
+``torch.norm(p=1)`` in fp16, pivots and picks by ``torch.topk`` (tie order unspecified, as official),
+cosine similarity by ``F.cosine_similarity`` in fp16, and the pivots processed in the iteration order
+of a Python ``set`` of their sequence positions (image pivots then text pivots inserted in ``topk``
+order), exactly as the official loop ``for item in list(indices_set)``. ``pivot_order`` is ignored
+there. Default: fp32, ties to the lower index, pivots by position.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
 from llava.ops import masked_take, scale_layers, topk_desc
 
 from .fastv import equivalent_kept_count
+
+NUMERICS = ("ours", "official")
+#: the dtype of the official runs' LLM (keys, hidden states): LLaVA loads the LLM in float16
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"dart: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def dart_key_l1(keys: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+    """(S,) L1 norm of each token's keys ``keys`` (S, H, d), heads concatenated: fp32 ("ours") or, as
+    the official ``torch.norm(k, p=1, dim=-1)``, in the official dtype (``"official"``)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return torch.norm(keys.to(OFFICIAL_DTYPE).flatten(1).contiguous(), p=1, dim=-1)
+    return keys.float().flatten(1).abs().sum(-1)
 
 
 def dart_pivots(key_l1_visual: torch.Tensor, key_l1_text: torch.Tensor, num_image: int = 4,
@@ -38,7 +65,8 @@ def dart_pivots(key_l1_visual: torch.Tensor, key_l1_text: torch.Tensor, num_imag
 
 
 def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, key_l1: torch.Tensor,
-                per_pivot: int, num_image: int = 4, num_text: int = 4, pivot_order: str = "index") -> torch.Tensor:
+                per_pivot: int, num_image: int = 4, num_text: int = 4, pivot_order: str = "index",
+                numerics: str = "ours") -> torch.Tensor:
     """DART's retained visual tokens, as ascending indices into ``visual``.
 
     feats (S, D): final-normed hidden states after layer K-1; visual (N,) / text (T,): token indices
@@ -47,7 +75,12 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
 
     ``pivot_order`` - the order in which pivots pick (the official code iterates a Python ``set``,
     an order that follows no score): "index" = ascending token position (visual pivots first,
-    as the image precedes the text), "score" = visual pivots by key norm, then text pivots."""
+    as the image precedes the text), "score" = visual pivots by key norm, then text pivots.
+
+    ``numerics="official"``: :func:`dart_select_official` (``pivot_order`` is then not used)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return dart_select_official(feats, visual, text, key_l1, per_pivot, num_image, num_text)
     img_p, txt_p = dart_pivots(key_l1[visual], key_l1[text], num_image, num_text)
     ni, nt = img_p.numel(), txt_p.numel()
     host = torch.cat([visual[img_p], img_p, text[txt_p]]).tolist()  # the one host sync: 8 pivot rows
@@ -70,6 +103,41 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
         idx = masked_take(every, cand, n_cand)
         sim = f[visual[idx]] @ f[row]  # (|cand|,)
         take = idx[topk_desc(-sim, per_pivot)]  # least similar first, ties: lower index
+        cand[take] = False
+        n_cand -= take.numel()
+        picked.append(take)
+    return torch.cat(picked).sort().values
+
+
+def dart_select_official(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, key_l1: torch.Tensor,
+                         per_pivot: int, num_image: int = 4, num_text: int = 4) -> torch.Tensor:
+    """DART's retained visual tokens with the official numerics and order (reference mode); same
+    arguments and result as :func:`dart_select`.
+
+    As the official ``get_retained_image_token``: pivots = ``topk`` of the key norms (as given, e.g.
+    fp16 from :func:`dart_key_l1`); the pivots' sequence positions (image pivots, then text pivots, in
+    ``topk`` order) go into a Python ``set`` whose iteration order (CPython: by the ints' hash slots,
+    deterministic) is the order in which they pick; each pick is ``topk`` of the negative
+    ``F.cosine_similarity`` of the features cast to float16 over the candidates in ascending position
+    order (the official ``list(valid_indices)``: a set of ints smaller than its table iterates in
+    ascending order). Counts are clipped to what exists (official ``topk`` would raise)."""
+    ni, nt = min(int(num_image), visual.numel()), min(int(num_text), text.numel())
+    img_p = key_l1[visual].topk(ni).indices
+    txt_p = key_l1[text].topk(nt).indices
+    order = list(set(torch.cat([visual[img_p], text[txt_p]]).tolist()))  # the one host sync: 8 ints
+    f = feats.to(OFFICIAL_DTYPE)
+    n = visual.numel()
+    every = torch.arange(n, device=visual.device)
+    cand = torch.ones(n, dtype=torch.bool, device=visual.device)
+    cand[img_p] = False
+    n_cand = n - ni
+    picked = [img_p]
+    for row in order:
+        if n_cand == 0 or per_pivot <= 0:
+            break
+        idx = masked_take(every, cand, n_cand)
+        neg = -F.cosine_similarity(f[row], f[visual[idx]], dim=-1)
+        take = idx[neg.topk(min(int(per_pivot), n_cand)).indices]
         cand[take] = False
         n_cand -= take.numel()
         picked.append(take)
@@ -105,6 +173,9 @@ class DART(Method):
             # "index" (ascending position) or "score"; the official order is a Python set's
             "pivot_order": "index",
             "scale_layers": True,
+            # "ours" (fp32, ties to the lower index, pivot_order) or "official" (reference mode:
+            # fp16 signals, torch.topk, the official set-iteration pivot order)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -113,6 +184,7 @@ class DART(Method):
             raise ValueError(f"dart: budget_mode must be 'kept' or 'equivalent', got {self.budget_mode!r}")
         if self.pivot_order not in ("index", "score"):
             raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {self.pivot_order!r}")
+        check_numerics(self.numerics)
         if int(self.pivot_image) < 0 or int(self.pivot_text) < 0 or int(self.pivot_image) + int(self.pivot_text) == 0:
             raise ValueError("dart: need at least one pivot")
         if not 0.0 <= float(self.reduction_ratio) <= 1.0:
@@ -156,7 +228,7 @@ class DART(Method):
         if self.kept_count(n, sig.text_after.numel()) >= n:
             return Selection(keep=torch.arange(n, device=sig.visual.device))
         keys = sig.keys("prev", rope=True)  # (S, Hkv, d): layer K-1's cached keys
-        key_l1 = keys.float().flatten(1).abs().sum(-1)
+        key_l1 = dart_key_l1(keys, self.numerics)
         keep = dart_select(sig.final_norm(), sig.visual, sig.text_after, key_l1, t,
-                           int(self.pivot_image), int(self.pivot_text), self.pivot_order)
+                           int(self.pivot_image), int(self.pivot_text), self.pivot_order, self.numerics)
         return Selection(keep=keep)
