@@ -30,6 +30,12 @@ compete like any token, sample scope only), ``"keep"`` (layout, not counted), ``
 
 Deviation (guard): picked tokens are excluded from later rounds; the official loop could pick a token
 twice when every remaining token duplicates a picked one (all scores 0). Distances are in fp32.
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - features cast
+to float16 (the official LLM input embeddings are fp16), ``1 - mm(x/|x|, (x/|x|)^T)`` in fp16 without the
+norm clamp, first pick from the second-smallest entry of each distance column (``topk(2, largest=False)``,
+diagonal included), every later pick by ``argmax`` over all tokens (no distinct-pick guard; a token picked
+twice is kept once: the official code would feed it twice).
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ from llava.ops import masked_take, unit_layout
 DEFAULT_RATIO = 0.098  # official SUBSET_RATIO default (README)
 SCOPES = ("auto", "sample", "unit")
 NEWLINE_MODES = ("auto", "candidate", "keep", "drop")
+NUMERICS = ("ours", "official")
+#: the dtype of the official runs' LLM input embeddings (LLaVA loads the model in float16)
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"divprune: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +65,41 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x @ x.T
 
 
-def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
+def official_cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    """(N, N) 1 - cosine similarity as the official ``pairwise_cosine_similarity``: rows of ``x`` cast
+    to the official dtype (fp16), divided by their norms (no clamp), ``torch.mm``, all in that dtype."""
+    x = x.to(OFFICIAL_DTYPE)
+    xn = x / x.norm(dim=1, keepdim=True)
+    return 1.0 - torch.mm(xn, xn.t())
+
+
+def max_min_diversity_official(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference mode of :func:`max_min_diversity`: the official numerics (fp16 distances, first pick
+    from the second-smallest entry of each column with the diagonal included, ``argmax`` over all
+    tokens without excluding the picked ones). Returns the picks (k,) in pick order (may repeat)."""
+    n = x.shape[0]
+    k = max(0, min(int(k), n))
+    picks = torch.empty(k, dtype=torch.long, device=x.device)
+    if k == 0:
+        return picks
+    d = official_cosine_distance(x)
+    first = torch.topk(d, 2, dim=0, largest=False).values[1, :] if n > 1 else d[0]
+    j = torch.argmax(first).reshape(1)
+    picks[0] = j[0]
+    min_dist = d[j][0]  # running min over the picked rows = the official min over index_select rows
+    for i in range(1, k):
+        j = torch.argmax(min_dist).reshape(1)
+        picks[i] = j[0]
+        min_dist = torch.minimum(min_dist, d[j][0])
+    return picks
+
+
+def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
     """DivPrune's greedy max-min selection of ``k`` rows of ``x`` (N, D); returns the picks (k,)
-    in pick order."""
+    in pick order. ``numerics="official"``: :func:`max_min_diversity_official`."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return max_min_diversity_official(x, k)
     n = x.shape[0]
     k = max(0, min(int(k), n))
     picks = torch.empty(k, dtype=torch.long, device=x.device)
@@ -84,13 +130,17 @@ def num_picks(n: int, budget: int | None, units: int, ratio: float | None) -> in
 
 
 def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None = None,
-             ratio: float | None = None, per_unit: bool = False, newlines: str = "auto") -> torch.Tensor:
+             ratio: float | None = None, per_unit: bool = False, newlines: str = "auto",
+             numerics: str = "ours") -> torch.Tensor:
     """Indices (ascending) of the tokens DivPrune keeps for one sample.
 
     features: (T, D) the tokens as the LLM would receive them; unit: (T,) unit id (-1 = NeXT newline).
     ``budget`` tokens per unit (k = budget x units of the scope) or ``ratio`` of the scope's
     candidates; ``per_unit`` selects within each unit instead of over the whole sample.
+    ``numerics``: "ours" (fp32, distinct picks) or "official" (reference mode; repeated picks are
+    kept once, so a scope may keep fewer than k tokens).
     """
+    check_numerics(numerics)
     if newlines not in NEWLINE_MODES:
         raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {newlines!r}")
     if newlines == "auto":
@@ -113,7 +163,9 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
         if k >= idx.numel():
             kept.append(idx)
         else:
-            kept.append(idx[max_min_diversity(features[idx], k)])
+            kept.append(idx[max_min_diversity(features[idx], k, numerics)])
+    if numerics == "official":  # a re-picked token (the official code feeds it twice) is kept once
+        return torch.unique(torch.cat(kept))  # sorted; one size read for the sample
     return torch.cat(kept).sort().values
 
 
@@ -135,6 +187,9 @@ class DivPrune(Method):
             "scope": "auto",
             # LLaVA-NeXT newline tokens: "auto", "candidate", "keep", "drop"
             "newlines": "auto",
+            # "ours" (fp32 distances, distinct picks) or "official" (reference mode: fp16 distances,
+            # the official first pick, no distinct-pick guard)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -147,10 +202,12 @@ class DivPrune(Method):
             raise ValueError(f"divprune: scope must be one of {SCOPES}, got {self.scope!r}")
         if self.newlines not in NEWLINE_MODES:
             raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
+        check_numerics(self.numerics)
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("divprune: newline tokens can be candidates only in sample scope")
 
     def select_vision(self, sig):
         scope = self.scope if self.scope != "auto" else ("unit" if sig.unit_kind == "frame" else "sample")
         return Selection(keep=divprune(sig.features, sig.unit, budget=self.budget, ratio=self.ratio,
-                                       per_unit=scope == "unit", newlines=self.newlines))
+                                       per_unit=scope == "unit", newlines=self.newlines,
+                                       numerics=self.numerics))
