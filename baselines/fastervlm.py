@@ -29,6 +29,9 @@ Our design / options:
   With our 'spatial_unpad' layout each crop's candidates are the patches the unpadding keeps (the
   official unpad branch would select among all 576 before unpadding) and the newline tokens are kept as
   layout, not counted (default True, as the official unpad branch and ``random``); False drops them.
+* ``numerics``: ``"ours"`` (default: fp32 head mean, ties to the lower index) or ``"official"`` (reference
+  mode: the per-head [CLS] attention cast to float16 before the head mean - the official tower returns
+  its attentions ``.to(images.dtype)``, fp16 - the mean over heads in fp16, and ``torch.topk``).
 """
 
 from __future__ import annotations
@@ -39,19 +42,33 @@ from llava.method import Method, Selection, register
 from llava.ops import topk_desc, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
+NUMERICS = ("ours", "official")
+#: dtype of the official [CLS] attentions after the tower (cast to the fp16 image dtype)
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"fastervlm: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, budget: int, *,
-              cls_token: str = "drop", keep_newlines: bool = True) -> torch.Tensor:
+              cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours") -> torch.Tensor:
     """Indices (ascending) of the tokens FasterVLM keeps: per unit the top-``budget`` tokens by the
     head-mean [CLS] attention, or the whole unit if it has at most ``budget`` tokens.
 
     cls_attn: (H, T) [CLS]->token attention per head; unit: (T,) unit id (-1 = NeXT newline);
     patch: (T,) patch index (-1 = [CLS] visual token, Video-LLaVA).
+    ``numerics="official"`` (reference mode): scores = fp16 mean of the fp16-cast per-head rows, picks
+    by ``torch.topk`` (official tie order); default: fp32 mean, ties to the lower index.
     """
+    check_numerics(numerics)
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
-    scores = cls_attn.float().mean(0)  # (T,) mean over heads (official)
+    if numerics == "official":
+        scores = cls_attn.to(OFFICIAL_DTYPE).mean(0)  # as the official fp16 attentions' head mean
+    else:
+        scores = cls_attn.float().mean(0)  # (T,) mean over heads (official)
     lay = unit_layout(unit, patch)  # the one host sync
     kept = []
     for u in range(lay.num_units):
@@ -66,7 +83,11 @@ def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, b
             k = budget - forced.numel()
         else:  # drop
             forced, cand, k = idx[:0], lay.patches[u], budget
-        kept += [forced, cand[topk_desc(scores[cand], k)]]
+        if numerics == "official":
+            top = scores[cand].topk(max(0, min(k, cand.numel()))).indices
+        else:
+            top = topk_desc(scores[cand], k)
+        kept += [forced, cand[top]]
     if keep_newlines:
         kept.append(lay.newlines)
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
@@ -89,6 +110,9 @@ class FasterVLM(Method):
             "cls_token": "drop",
             # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
+            # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
+            # head mean of the fp16-cast attentions, torch.topk)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -97,7 +121,9 @@ class FasterVLM(Method):
         super().__init__(budget, **options)
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
+        check_numerics(self.numerics)
 
     def select_vision(self, sig):
         return Selection(keep=fastervlm(sig.cls_attn, sig.unit, sig.patch, self.budget,
-                                        cls_token=self.cls_token, keep_newlines=self.keep_newlines))
+                                        cls_token=self.cls_token, keep_newlines=self.keep_newlines,
+                                        numerics=self.numerics))

@@ -55,7 +55,7 @@ def test_video_cls_token_modes():
 def test_options():
     m = FasterVLM(64)
     assert m.config() == {"method": "fastervlm", "budget": 64, "position_mode": "keep", "cls_token": "drop",
-                          "keep_newlines": True}
+                          "keep_newlines": True, "numerics": "ours"}
     assert m.needs_vision_attention and m.vision_stage
     with pytest.raises(ValueError):
         FasterVLM()
