@@ -1,0 +1,361 @@
+"""CDPruner (NeurIPS 2025, arXiv 2506.10967, "Beyond Attention or Similarity: Maximizing Conditional
+Diversity for Token Pruning in MLLMs"): keep the visual tokens that maximise *conditional* diversity,
+the MAP of a determinantal point process whose kernel is the token similarity weighted by relevance
+to the instruction. Pre-LLM, per image (LLaVA-1.5) / crop (LLaVA-NeXT, OneVision) / frame (video).
+
+Spec: shared/reference methods-2026.md section 1. Official code: Theia-4869/CDPruner (commit 9541616),
+``llava/model/llava_arch.py`` ``encode_images`` (similarity, relevance, kernel, greedy MAP) and
+``llava/model/multimodal_encoder/clip_encoder.py`` (``load_text_tower``, ``forward``: CLIP text tower on
+the question in 77-token segments, ``post_layernorm`` + ``visual_projection`` on the select-layer patch
+features). Our own implementation from the spec and the official code's algorithm.
+
+Algorithm, per unit of N candidate tokens, budget T (``budget``):
+
+1. S = Xn Xn^T, Xn = the projected tokens (LLM input) L2-normalised, fp32.
+2. Relevance c_j (option ``relevance``):
+   ``"clip"`` (official): c_j = mean_m <E_j, T_m> with E = visual_projection(post_layernorm(V)) of the
+   select-layer features V and T_m the CLIP text embeddings of the question's 77-token segments (both
+   L2-normalised); needs a CLIP checkpoint with the text tower (``clip_model``) and the LLM tokenizer
+   (``llm_tokenizer``) to turn ``sig.question_ids`` into the question string.
+   ``"llm"`` (default; OUR DEVIATION, LLaVA checkpoints ship no CLIP text tower / visual projection):
+   c_j = mean over the question tokens q of cos(X_j, e_q), e_q the question's LLM input embeddings.
+3. r = -c (official sign, ``relevance_sign="neg"``; ``"pos"`` uses +c); r <- (r - min r + 1e-6) /
+   (max r - min r), min / max over all candidates of the image (NeXT / OneVision: all crops of the image;
+   ``minmax_scope``). Optional ``theta``: r <- exp(theta / (2 (1 - theta)) r) (only a comment in the
+   official code; not in the released path).
+4. L_ij = r_i S_ij r_j.
+5. Greedy DPP MAP by incremental Cholesky (Chen et al. 2018): T steps of j = argmax d2 (first index on
+   ties), e = (L_j - C_j^T C) / sqrt(d2_j), d2 -= e^2, d2_j = -inf. Keep the picks in ascending order.
+
+Our design: newline tokens (NeXT / OneVision) are kept as layout, outside the budget (as FasterVLM /
+Random); Video-LLaVA's per-frame [CLS] token is an ordinary candidate (``cls_token``); a unit with at most
+T candidates is kept whole. No host synchronisation per greedy step (picks stay on the device).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import unit_layout
+
+RELEVANCE_MODES = ("llm", "clip")
+SIGNS = ("neg", "pos")
+MINMAX_SCOPES = ("image", "unit", "sample")
+CLS_TOKEN_MODES = ("candidate", "keep", "drop")
+#: families whose vision tower is a CLIP ViT (the ``clip`` relevance applies post_layernorm +
+#: visual_projection of a CLIP checkpoint to the tower's select-layer features)
+CLIP_FAMILIES = ("llava", "llava_next", "video_llava")
+CLIP_TEXT_LEN = 77  # fallback when the CLIP config has no max_position_embeddings
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def relevance_llm(features: torch.Tensor, text_embeds: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+    """Our ``llm`` relevance: c_j = mean over question tokens q of cos(features_j, text_embeds_q) (fp32).
+    features (T, D), text_embeds (Tt, D), question_mask (Tt,) bool. No host sync (masked mean)."""
+    cos = _normalize(features.float()) @ _normalize(text_embeds.float()).T  # (T, Tt)
+    w = question_mask.to(device=cos.device, dtype=cos.dtype)
+    return (cos * w).sum(-1) / w.sum().clamp(min=1)
+
+
+def relevance_clip(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Official relevance before the sign: mean over text segments of cos(E_j, T_m).
+    image_embeds (T, C), text_embeds (M, C) -> (T,) fp32."""
+    return (_normalize(image_embeds.float()) @ _normalize(text_embeds.float()).T).mean(-1)
+
+
+def normalize_relevance(c: torch.Tensor, sign: str = "neg", theta: float | None = None) -> torch.Tensor:
+    """r = sign * c, then global min-max with +1e-6 in the numerator only (official), then the optional
+    theta weighting exp(theta / (2 (1 - theta)) r). Guard (ours): constant r (max = min, where the official
+    code divides by zero) gives r = 1 everywhere (pure diversity)."""
+    if sign not in SIGNS:
+        raise ValueError(f"cdpruner: relevance_sign must be one of {SIGNS}, got {sign!r}")
+    r = (-c if sign == "neg" else c).float()
+    if r.numel() == 0:
+        return r
+    lo, hi = r.min(), r.max()
+    rng = hi - lo
+    out = (r - lo + 1e-6) / rng
+    out = torch.where(rng > 0, out, torch.ones_like(out))
+    if theta is not None:
+        out = torch.exp(float(theta) / (2 * (1 - float(theta))) * out)
+    return out
+
+
+def cdpruner_kernel(features: torch.Tensor, relevance: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """L = r_i S_ij r_j with S the cosine similarity of ``features`` (..., N, D); relevance (..., N).
+    fp32; ``reference``: normalise in the features' own dtype before the fp32 cast (the official fp16
+    order of operations)."""
+    if reference:
+        xn = (features / features.norm(dim=-1, keepdim=True)).float()
+    else:
+        xn = _normalize(features.float())
+    s = xn @ xn.transpose(-1, -2)
+    r = relevance.float()
+    return r.unsqueeze(-1) * s * r.unsqueeze(-2)
+
+
+def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy DPP MAP (Chen et al. 2018, incremental Cholesky) of ``k`` items; kernel (N, N) or a batch
+    (B, N, N) of equal-size kernels. Returns the picks in pick order, (k,) or (B, k), on the kernel's
+    device; no host sync per step. Ties: first index (``argmax``).
+
+    Guards (ours; identical to the official loop whenever its values stay finite): picked items are
+    excluded by a mask (not only by d2 = -inf), NaN / -inf gains rank below every finite one, and a
+    non-positive pivot d2_j is clamped to the smallest normal number (the official loop takes sqrt of it
+    and propagates NaN once T approaches the kernel's rank)."""
+    squeeze = kernel.dim() == 2
+    L = kernel[None] if squeeze else kernel
+    B, N, _ = L.shape
+    k = max(0, min(int(k), N))
+    dev = L.device
+    picks = torch.empty(B, k, dtype=torch.long, device=dev)
+    if k:
+        fi = torch.finfo(L.dtype)
+        C = torch.zeros(B, k, N, dtype=L.dtype, device=dev)
+        d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
+        taken = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        ar = torch.arange(B, device=dev)
+        for t in range(k):
+            score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
+            j = score.argmax(-1)  # (B,), first maximum
+            picks[:, t] = j
+            row = L[ar, j]  # (B, N)
+            if t:
+                row = row - torch.einsum("bt,btn->bn", C[ar, :t, j], C[:, :t])
+            e = row / torch.sqrt(d2[ar, j].clamp(min=fi.tiny)).unsqueeze(-1)
+            C[:, t] = e
+            d2 = d2 - e * e
+            taken[ar, j] = True
+            d2[ar, j] = float("-inf")
+    return picks[0] if squeeze else picks
+
+
+def _groups(num_units: int, unit_pos: list | None, scope: str) -> list[list[int]]:
+    """Units sharing one relevance min-max: ``image`` = a new image starts at every unit without a grid
+    position (LLaVA-1.5 image, NeXT / OneVision base crop, frame, Qwen image); ``unit``; ``sample``."""
+    if scope == "sample":
+        return [list(range(num_units))] if num_units else []
+    if scope == "unit" or unit_pos is None:
+        return [[u] for u in range(num_units)]
+    groups: list[list[int]] = []
+    for u in range(num_units):
+        if not groups or unit_pos[u][0] < 0:
+            groups.append([])
+        groups[-1].append(u)
+    return groups
+
+
+def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torch.Tensor], unit: torch.Tensor,
+             budget: int, *, patch: torch.Tensor | None = None, unit_pos: torch.Tensor | None = None,
+             relevance_sign: str = "neg", theta: float | None = None, minmax_scope: str = "image",
+             cls_token: str = "candidate", keep_newlines: bool = True, reference: bool = False) -> torch.Tensor:
+    """Indices (ascending) of the tokens CDPruner keeps for one sample: per unit the greedy DPP MAP of
+    ``budget`` candidates (the whole unit if it has at most ``budget``).
+
+    features: (T, D) projected tokens; relevance: (T,) raw relevance c (before sign / min-max), or a
+    callable computing it (only called when some unit is pruned); unit (T,) (-1 = newline); patch (T,)
+    (-1 = [CLS] token); unit_pos (U, 2) grid position per unit ((-1, -1) = a new image starts).
+    """
+    if minmax_scope not in MINMAX_SCOPES:
+        raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {minmax_scope!r}")
+    if cls_token not in CLS_TOKEN_MODES:
+        raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
+    lay = unit_layout(unit, patch, unit_pos=unit_pos)  # the one host sync
+    dev = unit.device
+    kept: list[torch.Tensor] = [lay.newlines] if keep_newlines else []
+    # per unit: (forced tokens, candidates, picks)
+    plan = []
+    for u in range(lay.num_units):
+        if cls_token == "candidate" or patch is None:
+            forced, cand = lay.tokens[u][:0], lay.tokens[u]
+        elif cls_token == "keep":
+            forced, cand = lay.cls[u], lay.patches[u]
+        else:
+            forced, cand = lay.cls[u][:0], lay.patches[u]
+        k = max(0, budget - int(forced.numel()))
+        plan.append((forced, cand, k))
+    if all(k >= cand.numel() for _, cand, k in plan):
+        # nothing to prune (e.g. budget >= tokens): no scores needed
+        for forced, cand, _ in plan:
+            kept += [forced, cand]
+        return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
+    c = relevance() if callable(relevance) else relevance
+    c = c.to(dev).float().reshape(-1)
+    r = torch.zeros(unit.numel(), dtype=torch.float32, device=dev)
+    for g in _groups(lay.num_units, lay.unit_pos, minmax_scope):
+        idx = torch.cat([plan[u][1] for u in g])
+        if idx.numel():
+            r[idx] = normalize_relevance(c[idx], relevance_sign, theta)
+    # units to prune, batched by candidate count (one kernel batch per size)
+    by_size: dict[int, list[int]] = {}
+    for u, (forced, cand, k) in enumerate(plan):
+        kept.append(forced)
+        if k >= cand.numel():
+            kept.append(cand)
+        else:
+            by_size.setdefault((int(cand.numel()), k), []).append(u)
+    for (n, k), units in by_size.items():
+        cand = torch.stack([plan[u][1] for u in units])  # (B, N)
+        L = cdpruner_kernel(features[cand], r[cand], reference=reference)
+        picks = dpp_greedy(L, k)  # (B, k)
+        kept.append(cand.gather(1, picks).reshape(-1))
+    return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
+
+
+def clip_text_embeds(clip: Any, tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
+    """The official text side: tokenise ``text`` with the CLIP tokenizer (BOS / EOS, no truncation),
+    zero-pad input ids and attention mask to a multiple of 77, cut into M segments of 77, run the text
+    tower on each, project: (M, C) fp32 ``text_embeds`` (pooled as the installed transformers' CLIP does)."""
+    seg = int(getattr(clip.config.text_config, "max_position_embeddings", CLIP_TEXT_LEN) or CLIP_TEXT_LEN)
+    enc = tokenizer(text=[text], return_tensors="pt")
+    ids, mask = enc["input_ids"], enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+    m = (ids.shape[1] - 1) // seg + 1
+    pad = m * seg - ids.shape[1]
+    ids = torch.cat([ids, ids.new_zeros((1, pad))], 1).reshape(-1, seg).to(device)
+    mask = torch.cat([mask, mask.new_zeros((1, pad))], 1).reshape(-1, seg).to(device)
+    out = clip.text_model(input_ids=ids, attention_mask=mask)
+    return clip.text_projection(out.pooler_output).float()
+
+
+def clip_image_embeds(clip: Any, vision_features: torch.Tensor) -> torch.Tensor:
+    """The official image side: visual_projection(post_layernorm(V)) of the select-layer features, fp32
+    (post_layernorm in the CLIP model's dtype, the projection on fp32 inputs, as the official code)."""
+    vm = clip.vision_model
+    dt = vm.post_layernorm.weight.dtype
+    h = vm.post_layernorm(vision_features.to(dt))
+    proj = clip.visual_projection
+    return proj(h.to(proj.weight.dtype) if proj.weight.dtype != torch.float32 else h.float()).float()
+
+
+# ------------------------------------------------------------------------------------ the method
+
+
+@register
+class CDPruner(Method):
+    """CDPruner: per image / crop / frame, the ``budget`` tokens maximising conditional diversity (greedy
+    DPP MAP on L = r S r, S the cosine similarity of the projected tokens, r the min-max relevance to the
+    question); ``relevance="llm"`` (default, our deviation) or ``"clip"`` (official, needs ``clip_model``
+    and ``llm_tokenizer``)."""
+
+    name = "cdpruner"
+    vision_stage = True
+    query_aware = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # "llm" (ours: question LLM embeddings) or "clip" (official: CLIP text tower + visual_projection)
+            "relevance": "llm",
+            # "neg" (official: r = -cosine) or "pos"
+            "relevance_sign": "neg",
+            # None (official released path) or the commented exp(theta / (2 (1 - theta)) r) weighting
+            "theta": None,
+            # relevance min-max over the "image" (official: all crops of a NeXT image), "unit" or "sample"
+            "minmax_scope": "image",
+            # clip route: CLIP checkpoint (hub id / local path, or a loaded CLIPModel) with the text tower
+            "clip_model": None,
+            # clip route: the CLIP tokenizer (path / object); None = from clip_model
+            "clip_tokenizer": None,
+            # clip route: the LLM tokenizer (hub id / path / object with .decode / callable ids -> str)
+            "llm_tokenizer": None,
+            # Video-LLaVA frame [CLS]: "candidate" (ours, default), "keep" ([CLS] + T-1), "drop" (T patches)
+            "cls_token": "candidate",
+            # NeXT / OneVision newline tokens: keep as layout (not counted) or drop
+            "keep_newlines": True,
+            # normalise the projected tokens in their own dtype before the fp32 cast (official order)
+            "reference": False,
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is None:
+            raise ValueError("cdpruner: a budget T (tokens per image / crop / frame) is required")
+        super().__init__(budget, **options)
+        if self.relevance not in RELEVANCE_MODES:
+            raise ValueError(f"cdpruner: relevance must be one of {RELEVANCE_MODES}, got {self.relevance!r}")
+        if self.relevance_sign not in SIGNS:
+            raise ValueError(f"cdpruner: relevance_sign must be one of {SIGNS}, got {self.relevance_sign!r}")
+        if self.theta is not None and not (0 <= float(self.theta) < 1):
+            raise ValueError(f"cdpruner: theta must be in [0, 1), got {self.theta!r}")
+        if self.minmax_scope not in MINMAX_SCOPES:
+            raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {self.minmax_scope!r}")
+        if self.cls_token not in CLS_TOKEN_MODES:
+            raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
+        if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
+            raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
+                             "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")
+        self._clip = self._clip_tok = self._llm_tok = None
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        if self.relevance == "clip" and family not in CLIP_FAMILIES:
+            raise ValueError(f"cdpruner: relevance='clip' needs a CLIP vision tower ({', '.join(CLIP_FAMILIES)}); "
+                             f"{family} has none: use relevance='llm'")
+
+    # -- clip route ---------------------------------------------------------------------------
+    def _load_clip(self, device):
+        if self._clip is None:
+            from transformers import AutoTokenizer, CLIPModel
+
+            clip = self.clip_model
+            if isinstance(clip, str) or hasattr(clip, "__fspath__"):
+                clip = CLIPModel.from_pretrained(str(clip))
+            clip.eval().requires_grad_(False)
+            tok = self.clip_tokenizer
+            if tok is None:
+                if not (isinstance(self.clip_model, str) or hasattr(self.clip_model, "__fspath__")):
+                    raise ValueError("cdpruner: give clip_tokenizer with a loaded clip_model")
+                tok = str(self.clip_model)
+            if isinstance(tok, str) or hasattr(tok, "__fspath__"):
+                tok = AutoTokenizer.from_pretrained(str(tok))
+            llm = self.llm_tokenizer
+            if isinstance(llm, str) or hasattr(llm, "__fspath__"):
+                llm = AutoTokenizer.from_pretrained(str(llm))
+            self._clip, self._clip_tok, self._llm_tok = clip, tok, llm
+        if next(self._clip.parameters()).device != torch.device(device):
+            self._clip.to(device)
+        return self._clip
+
+    def question_text(self, ids: torch.Tensor) -> str:
+        ids = [int(i) for i in ids.reshape(-1).tolist()]
+        tok = self._llm_tok
+        if hasattr(tok, "decode"):
+            return tok.decode(ids, skip_special_tokens=True).strip()
+        return str(tok(ids)).strip()
+
+    def _clip_relevance(self, sig) -> torch.Tensor:
+        dev = sig.features.device
+        clip = self._load_clip(dev)
+        dv = sig.vision_features.shape[-1]
+        if clip.vision_model.post_layernorm.weight.shape[0] != dv:
+            raise ValueError(f"cdpruner: the CLIP model's vision width {clip.vision_model.post_layernorm.weight.shape[0]} "
+                             f"!= the tower's select-layer width {dv}")
+        if sig.question_ids is None:
+            raise ValueError("cdpruner: relevance='clip' needs sig.question_ids")
+        with torch.no_grad():
+            text = clip_text_embeds(clip, self._clip_tok, self.question_text(sig.question_ids), dev)
+            image = clip_image_embeds(clip, sig.vision_features)
+        return relevance_clip(image, text)
+
+    # -- stage --------------------------------------------------------------------------------
+    def relevance_of(self, sig) -> torch.Tensor:
+        """The raw relevance c (T,) of every visual token of the sample (before sign and min-max)."""
+        if self.relevance == "clip":
+            return self._clip_relevance(sig)
+        return relevance_llm(sig.features, sig.text_embeds, sig.question_mask)
+
+    def select_vision(self, sig):
+        keep = cdpruner(sig.features, lambda: self.relevance_of(sig), sig.unit, self.budget, patch=sig.patch,
+                        unit_pos=sig.unit_pos, relevance_sign=self.relevance_sign, theta=self.theta,
+                        minmax_scope=self.minmax_scope, cls_token=self.cls_token,
+                        keep_newlines=self.keep_newlines, reference=self.reference)
+        return Selection(keep=keep)

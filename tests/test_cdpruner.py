@@ -1,0 +1,423 @@
+"""CDPruner: relevance and kernel against a direct transcription, the greedy DPP MAP against an exact
+log-det greedy, the official ``encode_images`` selection transcribed (LLaVA-1.5 and NeXT shapes),
+token accounting / generation on the five tiny families, and the CLIP route on a tiny random CLIP."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import QUESTIONS, greedy_no_cache, layout, make_batch, slice_batch
+
+import baselines.cdpruner  # noqa: F401  (registers "cdpruner")
+from baselines.cdpruner import (CDPruner, _groups, cdpruner, cdpruner_kernel, clip_image_embeds, clip_text_embeds,
+                                dpp_greedy, normalize_relevance, relevance_clip, relevance_llm)
+
+GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+FIVE = ["llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision"]
+ALL = pytest.mark.parametrize("rt", FIVE, indirect=True)
+#: budgets that prune every unit of the tiny models (LLaVA 16 patches, NeXT / OneVision 16 or 8 per crop,
+#: Video-LLaVA 16 + [CLS] per frame, Qwen2.5-VL 4-8 per image of make_batch)
+BUDGET = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 3, "llava_onevision": 4}
+
+
+# ------------------------------------------------------------------ (a) relevance and kernel
+
+
+def test_relevance_and_kernel_match_a_direct_transcription():
+    g = torch.Generator().manual_seed(0)
+    n, d = 7, 5
+    c = torch.randn(n, generator=g)
+    x = torch.randn(n, d, generator=g)
+    r = normalize_relevance(c)  # official: r = -c, (r - min + 1e-6) / (max - min)
+    neg = [-v for v in c.tolist()]
+    lo, hi = min(neg), max(neg)
+    exp = [(v - lo + 1e-6) / (hi - lo) for v in neg]
+    assert torch.allclose(r, torch.tensor(exp), atol=1e-6, rtol=1e-6)
+    assert int(r.argmin()) == int(c.argmax()) and float(r.min()) == pytest.approx(1e-6 / (hi - lo), rel=1e-3)
+    pos = normalize_relevance(c, "pos")
+    assert int(pos.argmax()) == int(c.argmax())
+    th = normalize_relevance(c, theta=0.5)  # alpha = 0.5 / (2 * 0.5) = 0.5
+    assert torch.allclose(th, torch.exp(0.5 * r))
+    assert torch.equal(normalize_relevance(torch.ones(4)), torch.ones(4))  # guard: constant relevance
+    L = cdpruner_kernel(x, r)
+    for i, j in itertools.product(range(n), range(n)):
+        xi, xj = x[i], x[j]
+        s = float(xi @ xj) / (float(xi.norm()) * float(xj.norm()))
+        assert float(L[i, j]) == pytest.approx(float(r[i]) * s * float(r[j]), rel=1e-5, abs=1e-7)
+    assert torch.allclose(torch.diagonal(L), r * r, rtol=1e-5)
+    # batched kernels = per-unit kernels
+    xb, rb = torch.randn(3, n, d, generator=g), torch.rand(3, n, generator=g)
+    assert torch.allclose(cdpruner_kernel(xb, rb), torch.stack([cdpruner_kernel(xb[b], rb[b]) for b in range(3)]))
+
+
+def test_relevance_llm_and_clip():
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(6, 8, generator=g), torch.randn(5, 8, generator=g)
+    mask = torch.tensor([False, True, True, False, True])
+    cos = torch.nn.functional.cosine_similarity(x[:, None], t[None], dim=-1)
+    assert torch.allclose(relevance_llm(x, t, mask), cos[:, mask].mean(1), atol=1e-6)
+    assert torch.equal(relevance_llm(x, t, torch.zeros(5, dtype=torch.bool)), torch.zeros(6))
+    assert torch.allclose(relevance_clip(x, t[:2]), cos[:, :2].mean(1), atol=1e-6)
+
+
+# ------------------------------------------------------------------ (b) greedy DPP MAP
+
+
+def slow_greedy(L, k):
+    """Exact greedy MAP: S <- S + argmax_j det(L[S + j]) (first index on ties), float64."""
+    L = L.double()
+    picked = []
+    for _ in range(k):
+        best, best_j = None, None
+        for j in range(L.shape[0]):
+            if j in picked:
+                continue
+            s = picked + [j]
+            sign, logdet = torch.linalg.slogdet(L[s][:, s])
+            val = float(logdet) if sign > 0 else float("-inf")
+            if best is None or val > best:
+                best, best_j = val, j
+        picked.append(best_j)
+    return picked
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_equals_exact_logdet_greedy(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, d = 12, 9  # rank 9: k <= 9 stays non-degenerate
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    r = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    L = r[:, None] * (x @ x.T) * r[None]
+    for k in (1, 4, 9):
+        assert dpp_greedy(L, k).tolist() == slow_greedy(L, k)
+    # batched = one by one
+    Lb = torch.stack([L, L.flip(0).flip(1), L * 2])
+    got = dpp_greedy(Lb, 5)
+    assert got.shape == (3, 5)
+    for b in range(3):
+        assert got[b].tolist() == slow_greedy(Lb[b], 5)
+
+
+def test_greedy_ties_go_to_the_first_index():
+    assert dpp_greedy(torch.eye(5), 5).tolist() == [0, 1, 2, 3, 4]
+    # items 1 and 3 are duplicates of 0 and 2; equal quality: 0 first, then 2 (1 now has zero gain), ...
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    L = x @ x.T
+    assert slow_greedy(L, 2) == [0, 2]
+    assert dpp_greedy(L, 2).tolist() == [0, 2]
+    # past the rank: picks stay distinct (guard; the official loop would produce NaN gains)
+    p = dpp_greedy(L, 4).tolist()
+    assert p[:2] == [0, 2] and sorted(p) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------ (c) count and order
+
+
+def test_count_per_unit_ascending_and_small_units_whole():
+    g = torch.Generator().manual_seed(3)
+    unit = torch.tensor([0] * 10 + [-1] + [1] * 3 + [2] * 10 + [-1])
+    x = torch.randn(unit.numel(), 6, generator=g)
+    c = torch.randn(unit.numel(), generator=g)
+    keep = cdpruner(x, c, unit, 4)
+    assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == keep.numel()
+    ku = unit[keep]
+    assert [(ku == u).sum().item() for u in (-1, 0, 1, 2)] == [2, 4, 3, 4]
+    assert cdpruner(x, c, unit, 4, keep_newlines=False).numel() == 11
+    assert torch.equal(cdpruner(x, c, unit, 10), torch.arange(unit.numel()))  # budget >= every unit: all
+    # the relevance callable is not called when nothing is pruned
+    assert torch.equal(cdpruner(x, lambda: 1 / 0, unit, 10), torch.arange(unit.numel()))
+    # [CLS] handling (Video-LLaVA frames: patch -1 = [CLS])
+    u2 = torch.tensor([0] * 5)
+    patch = torch.tensor([-1, 0, 1, 2, 3])
+    assert 0 in cdpruner(x[:5], c[:5], u2, 2, patch=patch, cls_token="keep").tolist()
+    assert 0 not in cdpruner(x[:5], c[:5], u2, 2, patch=patch, cls_token="drop").tolist()
+    assert cdpruner(x[:5], c[:5], u2, 2, patch=patch).numel() == 2
+
+
+# ------------------------------------------------------------------ (d, e) the official code transcribed
+
+
+def official_encode_images(image_features, image_embeds, text_embeds, visual_token_num):
+    """Theia-4869/CDPruner ``encode_images`` after the projector, transcribed (B crops at once)."""
+    B, N, _ = image_features.shape
+    image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
+    image_normalized = image_normalized.float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum('tb,tbn->bn', cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float('inf')
+    select_idx = torch.sort(select_idx.t()).values
+    index_masks = torch.zeros(B, N, dtype=torch.bool)
+    index_masks.scatter_(1, select_idx, True)
+    return index_masks
+
+
+def official_inputs(seed, crops, segments):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(crops, 576, 4096, generator=g)
+    # low-rank structure + noise, as real tokens: a few shared directions
+    feats = feats * 0.5 + torch.randn(crops, 576, 16, generator=g) @ torch.randn(16, 4096, generator=g)
+    emb = torch.randn(crops, 576, 768, generator=g)
+    text = torch.randn(segments, 768, generator=g)
+    return feats, emb, text
+
+
+@pytest.mark.parametrize("segments,budget", [(1, 64), (2, 128)])
+def test_llava15_selection_equals_official_encode_images(segments, budget):
+    feats, emb, text = official_inputs(segments, 1, segments)
+    mask = official_encode_images(feats, emb, text, budget)[0]
+    c = relevance_clip(emb[0], text)
+    keep = cdpruner(feats[0], c, torch.zeros(576, dtype=torch.long), budget)
+    assert keep.numel() == budget and torch.equal(keep, torch.nonzero(mask).flatten())
+
+
+def next_signals(crops=5):
+    unit = torch.arange(crops).repeat_interleave(576)
+    pos = torch.tensor([[-1, -1]] + [[i // 2, i % 2] for i in range(crops - 1)])
+    return unit, pos
+
+
+def test_next_global_minmax_over_the_image_crops():
+    """NeXT: 5 crops batched in one encode_images call, min-max over all of them (official), T per crop."""
+    feats, emb, text = official_inputs(7, 5, 1)
+    budget = 32
+    mask = official_encode_images(feats, emb, text, budget)
+    c = relevance_clip(emb.reshape(-1, 768), text)
+    unit, pos = next_signals()
+    keep = cdpruner(feats.reshape(-1, 4096), c, unit, budget, unit_pos=pos)
+    assert keep.numel() == 5 * budget
+    assert torch.equal(keep, torch.nonzero(mask.reshape(-1)).flatten())
+    # scope "unit" = the official code run on each crop alone (its own min-max); differs from "image"
+    per = torch.cat([torch.nonzero(official_encode_images(feats[i:i + 1], emb[i:i + 1], text, budget)[0]).flatten()
+                     + 576 * i for i in range(5)])
+    unit_keep = cdpruner(feats.reshape(-1, 4096), c, unit, budget, unit_pos=pos, minmax_scope="unit")
+    assert torch.equal(unit_keep, per) and not torch.equal(unit_keep, keep)
+
+
+def test_minmax_groups():
+    pos = [(-1, -1), (0, 0), (0, 1), (-1, -1), (0, 0)]  # two NeXT / OneVision images in one sample
+    assert _groups(5, pos, "image") == [[0, 1, 2], [3, 4]]
+    assert _groups(5, pos, "unit") == [[0], [1], [2], [3], [4]]
+    assert _groups(5, pos, "sample") == [[0, 1, 2, 3, 4]]
+    assert _groups(3, [(-1, -1)] * 3, "image") == [[0], [1], [2]]  # images / frames: one each
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError):
+        CDPruner()
+    for bad in ({"relevance": "x"}, {"relevance_sign": "x"}, {"theta": 1.0}, {"minmax_scope": "x"},
+                {"cls_token": "x"}, {"relevance": "clip"}):
+        with pytest.raises(ValueError):
+            CDPruner(4, **bad)
+    m = CDPruner(64)
+    assert m.query_aware and m.relevance == "llm" and m.relevance_sign == "neg" and m.theta is None
+
+
+# ------------------------------------------------------------------ (f) tiny models
+
+
+@ALL
+def test_tokens_entering_llm(rt):
+    inputs = make_batch(rt)
+    lay = layout(rt, inputs)
+    budget = BUDGET[rt.family]
+    eng = rt.prune("cdpruner", budget)
+    with torch.no_grad():
+        rt.model(**inputs)
+    L = len(rt.model.model.language_model.layers)
+    for s, (sizes, newlines) in zip(eng.stats.samples, lay):
+        assert all(n > budget for n in sizes)  # every unit really prunes
+        exp = budget * len(sizes) + newlines  # newline tokens kept as layout
+        assert s.visual_candidates == sum(sizes) + newlines
+        assert s.visual_per_layer == [exp] * L and s.visual_entering_llm == exp and not s.vision_noop
+
+
+@ALL
+def test_keep_all_is_bit_identical_to_unpruned(rt):
+    inputs = make_batch(rt)
+    rt.prune("none")
+    with torch.no_grad():
+        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+    eng = rt.prune("cdpruner", 4096)
+    with torch.no_grad():
+        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+    assert all(s.vision_noop for s in eng.stats.samples)
+    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
+
+
+@ALL
+def test_cached_decode_equals_recompute(rt):
+    inputs = make_batch(rt)
+    eng = rt.prune("cdpruner", BUDGET[rt.family])
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, **GEN)
+    eng.replay = True
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+
+
+@ALL
+def test_generate_batch_of_three_equals_each_sample_alone(rt):
+    inputs = make_batch(rt)
+    rt.prune("cdpruner", BUDGET[rt.family])
+    with torch.no_grad():
+        batch = rt.model.generate(**inputs, **GEN)
+    new = batch[:, inputs["input_ids"].shape[1]:]
+    for i in range(3):
+        one = slice_batch(inputs, i, rt)
+        with torch.no_grad():
+            toks = rt.model.generate(**one, **GEN)
+        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+
+
+class _Spy(CDPruner):
+    """CDPruner that records its signals and selections."""
+
+    name = "cdpruner_spy_test"
+
+    def select_vision(self, sig):
+        sel = super().select_vision(sig)
+        self.seen.append((sig, sel.keep))
+        return sel
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next"], indirect=True)
+def test_llm_relevance_is_question_aware_and_matches_the_signals(rt):
+    inputs = make_batch(rt)
+    spy = _Spy(4)
+    spy.seen = []
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+    for sig, keep in spy.seen:
+        c = relevance_llm(sig.features, sig.text_embeds, sig.question_mask)
+        assert torch.equal(keep, cdpruner(sig.features, c, sig.unit, 4, patch=sig.patch, unit_pos=sig.unit_pos))
+    # the same image with another question can change the selection; the relevance itself must change
+    sig = spy.seen[0][0]
+    flipped = relevance_llm(sig.features, sig.text_embeds, ~sig.question_mask)
+    assert not torch.allclose(flipped, relevance_llm(sig.features, sig.text_embeds, sig.question_mask))
+
+
+# ------------------------------------------------------------------ (g) the CLIP route
+
+
+def _byte_chars():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIPModel (vision width 32 = the tiny LLaVA tower's) + a byte-level CLIP tokenizer
+    without merges, saved to a local folder."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("tiny_clip")
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
+    tok = tf.CLIPTokenizer(vocab=vocab, merges=[])
+    tok.save_pretrained(path)
+    torch.manual_seed(5)
+    cfg = tf.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513, projection_dim=24),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=14, projection_dim=24),
+        projection_dim=24)
+    tf.CLIPModel(cfg).save_pretrained(path)
+    return path
+
+
+def official_text_embeds(path, text):
+    """clip_encoder.forward's text side transcribed, with the official classes."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    tower = tf.CLIPTextModelWithProjection.from_pretrained(path)
+    mpe = tower.config.max_position_embeddings
+    text_inputs = tok(text=[text], return_tensors="pt")
+    text_segment = (text_inputs.input_ids.shape[1] - 1) // mpe + 1
+    text_padding = mpe * text_segment - text_inputs.input_ids.shape[1]
+    text_inputs = {k: torch.cat([v, v.new_zeros((v.shape[0], text_padding))], dim=1).reshape(-1, mpe)
+                   for k, v in text_inputs.items()}
+    with torch.no_grad():
+        return tower(**text_inputs).text_embeds
+
+
+def test_clip_text_segments_equal_the_official_text_side(tiny_clip):
+    import transformers as tf
+
+    clip = tf.CLIPModel.from_pretrained(tiny_clip)
+    tok = tf.AutoTokenizer.from_pretrained(tiny_clip)
+    for text, m in (("what color is the circle?", 1), ("a long question " * 8, 2)):  # > 77 byte tokens: 2
+        with torch.no_grad():
+            ours = clip_text_embeds(clip, tok, text, torch.device("cpu"))
+        ref = official_text_embeds(tiny_clip, text)
+        assert ours.shape == (m, 24) and torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_clip_route_on_tiny_llava_equals_the_official_pipeline(runtimes, tiny_clip):
+    import transformers as tf
+
+    rt = runtimes["llava"]
+    inputs = make_batch(rt)
+    spy = _Spy(4, relevance="clip", clip_model=str(tiny_clip), llm_tokenizer=rt.tokenizer)
+    spy.seen = []
+    rt.prune(spy)
+    try:
+        with torch.no_grad():
+            out = rt.model(**inputs)
+    finally:
+        rt.unprune()
+    assert torch.isfinite(out.logits).all()
+    vis = tf.CLIPVisionModelWithProjection.from_pretrained(tiny_clip)
+    for (sig, keep), q in zip(spy.seen, QUESTIONS):
+        assert spy.question_text(sig.question_ids) == q
+        with torch.no_grad():
+            emb = vis.visual_projection(vis.vision_model.post_layernorm(sig.vision_features).float())
+        mask = official_encode_images(sig.features[None], emb[None], official_text_embeds(tiny_clip, q), 4)[0]
+        assert torch.equal(keep, torch.nonzero(mask).flatten())
+        assert torch.allclose(clip_image_embeds(spy._clip, sig.vision_features), emb, atol=1e-6)
+
+
+def test_clip_route_with_a_decode_callable_on_next(runtimes, tiny_clip):
+    rt = runtimes["llava-next"]
+    inputs = make_batch(rt)
+    m = CDPruner(4, relevance="clip", clip_model=str(tiny_clip), llm_tokenizer=lambda ids: rt.tokenizer.decode(ids))
+    eng = rt.prune(m)
+    try:
+        with torch.no_grad():
+            rt.model(**inputs)
+    finally:
+        rt.unprune()
+    assert all(not s.vision_noop for s in eng.stats.samples)
+
+
+@pytest.mark.parametrize("fam", ["qwen2.5-vl", "llava-onevision"])
+def test_clip_route_is_refused_without_a_clip_tower(runtimes, tiny_clip, fam):
+    rt = runtimes[fam]
+    with pytest.raises(ValueError, match="clip"):
+        rt.prune("cdpruner", 3, relevance="clip", clip_model=str(tiny_clip), llm_tokenizer=rt.tokenizer)
+    rt.unprune()
