@@ -421,3 +421,23 @@ def test_clip_route_is_refused_without_a_clip_tower(runtimes, tiny_clip, fam):
     with pytest.raises(ValueError, match="clip"):
         rt.prune("cdpruner", 3, relevance="clip", clip_model=str(tiny_clip), llm_tokenizer=rt.tokenizer)
     rt.unprune()
+
+
+def test_one_host_sync_per_sample_none_per_greedy_step():
+    from llava.syncs import SyncCounter
+
+    dev = torch.device("cpu")  # explicit device: counted as device tensors
+    g = torch.Generator().manual_seed(4)
+    unit = torch.tensor([0] * 20 + [1] * 12 + [-1] * 2 + [2] * 12, device=dev)
+    pos = torch.tensor([[-1, -1], [0, 0], [0, 1]], device=dev)
+    x = torch.randn(unit.numel(), 8, generator=g).to(dev)
+    t = torch.randn(5, 8, generator=g).to(dev)
+    qm = torch.tensor([True, True, False, True, False], device=dev)
+    with SyncCounter() as c:
+        L = cdpruner_kernel(x[:20], normalize_relevance(relevance_llm(x[:20], t, qm)))
+        dpp_greedy(L, 10)
+    assert c.total == 0, c.counts
+    for budget in (3, 8):
+        with SyncCounter() as c:
+            cdpruner(x, lambda: relevance_llm(x, t, qm), unit, budget, unit_pos=pos)
+        assert c.total == 1, c.counts  # unit_layout's read (with unit_pos); nothing per step or per unit
