@@ -49,6 +49,15 @@ contextual token at its target's place; our variant). LLaVA-1.5 and Video-LLaVA 
 ``grid_raster`` = ``unit`` there. LLaVA-NeXT 'spatial_unpad' newline tokens are never scored or
 merged; ``keep_newlines`` keeps them as layout after the unit blocks (not counted in the budget;
 the official NeXT path feeds none - see docs/methods/visionzip.md).
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. The official
+tower runs in fp32 (LLaVA's loader leaves it fp32 with ``device_map='auto'``, as VisionZip's README loads
+it), so scores, key metric and merge stay fp32 (our signals' dtype; fp16 signals are cast up); the
+dominant patches are chosen by ``torch.topk`` of the head-summed [CLS] row (official tie order instead of
+the lower index), and the assignment similarity is the official unclamped ``m / m.norm()`` followed by
+``torch.bmm`` and ``argmax``. The merge itself (target + mean) is the engine's fp32 merge; it equals the
+official fp32 ``bmm(one_hot^T, hidden) / counts`` up to fp32 summation order (the official tower output
+is then cast to fp16: ``.to(images.dtype)``).
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, contextual_merge, masked_take, topk_desc, unit_layout
+from llava.ops import block_order, contextual_merge, masked_take, topk_desc, uniform_targets, unit_layout
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)
 OFFICIAL_SPLITS = {
@@ -67,6 +76,9 @@ OFFICIAL_SPLITS = {
     17: (14, 3),     # Video-LLaVA per frame (our default; 136 per 8-frame video)
 }
 
+NUMERICS = ("ours", "official")
+#: dtype of the official VisionZip tower's scores, key metric and merge (fp32 tower, see module doc)
+OFFICIAL_DTYPE = torch.float32
 CLS_SLOTS = ("cls", "patch", "empty")
 ORDERS = ("grid_raster", "unit", "spatial")
 
@@ -80,10 +92,36 @@ def default_split(budget: int) -> tuple[int, int]:
     return budget - c, c
 
 
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"visionzip: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def official_contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int,
+                              n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`llava.ops.contextual_merge` with the official numerics (reference mode): the metric in the
+    official dtype, normalised without clamp (``m / m.norm()``), similarity by ``torch.bmm``, ``argmax``
+    (first maximum = lowest target slot). Same targets / assign convention."""
+    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
+    r = remaining.numel()
+    pos = uniform_targets(r, contextual, device=remaining.device)
+    targets = remaining[pos]
+    if targets.numel() == 0 or r <= pos.numel():
+        return targets, assign
+    m = metric[remaining].to(OFFICIAL_DTYPE)
+    m = m / m.norm(dim=-1, keepdim=True)
+    rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
+    rest[pos] = False
+    other_pos = masked_take(torch.arange(r, device=remaining.device), rest, r - pos.numel())
+    sim = torch.bmm(m[other_pos][None], m[pos][None].transpose(1, 2))[0]  # (R - C, C)
+    assign[remaining[other_pos]] = sim.argmax(dim=1)
+    return targets, assign
+
+
 def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               dominant: int, contextual: int, *, cls_slot: str = "cls", keep_newlines: bool = True,
               num_stock: int | None = None, unit_pos: torch.Tensor | None = None,
-              order: str = "grid_raster") -> Selection:
+              order: str = "grid_raster", numerics: str = "ours") -> Selection:
     """VisionZip's selection for one sample (all its units).
 
     cls_attn: (H, T) [CLS]->token attention of the select layer, per head; keys: (T, d) head-mean
@@ -103,7 +141,10 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
     lay = unit_layout(unit, patch, num_stock, unit_pos)  # the one host sync
     if all(dominant + contextual >= lay.num_stock[u] for u in range(lay.num_units)):
         return Selection(keep=torch.arange(num_stock, device=dev))  # every unit fits: nothing pruned
-    scores = cls_attn.float().sum(0)  # summed over heads (official)
+    if numerics == "official":  # as the official (B, H, N) [CLS] slice's .sum(dim=1), fp32 tower
+        scores = cls_attn.to(OFFICIAL_DTYPE)[None].sum(dim=1)[0]
+    else:
+        scores = cls_attn.float().sum(0)  # summed over heads (official)
     per_unit, assign, num_targets = [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
     for u in range(lay.num_units):
         own = lay.tokens[u][: lay.num_stock[u]]  # the unit's tokens in the stock LLM input (ascending)
@@ -119,12 +160,17 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
             forced, n_top = cls[:0], dominant - 1
         else:
             forced, n_top = cls[:0], dominant
-        top = patches[topk_desc(scores[patches], n_top)].sort().values
+        if numerics == "official":
+            top = patches[scores[patches][None].topk(max(0, min(n_top, patches.numel())), dim=1).indices[0]]
+            top = top.sort().values
+        else:
+            top = patches[topk_desc(scores[patches], n_top)].sort().values
         dom = torch.cat([forced, top])  # [CLS] first, then original index order (official)
         # original order; a stock [CLS] not forced stays here
         remaining = masked_take(own, ~torch.isin(own, dom),
                                 own.numel() - top.numel() - (forced.numel() if cls_stock else 0))
-        tg, a = contextual_merge(keys, remaining, contextual, n)
+        merge = official_contextual_merge if numerics == "official" else contextual_merge
+        tg, a = merge(keys, remaining, contextual, n)
         assign = torch.where(a >= 0, a + num_targets, assign)
         num_targets += tg.numel()
         per_unit.append((u, dom, tg))
@@ -162,6 +208,9 @@ class VisionZip(Method):
             "next_order": "grid_raster",
             # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
+            # "ours" (ties to the lower index) or "official" (reference mode: torch.topk, the official
+            # unclamped bmm similarity; scores / metric / merge fp32 as the official fp32 tower)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -184,6 +233,7 @@ class VisionZip(Method):
             raise ValueError(f"visionzip: need dominant >= 1 and contextual >= 0 (whole numbers), got {d}, {c}")
         if self.cls_slot not in CLS_SLOTS:
             raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
+        check_numerics(self.numerics)
         if self.next_order not in ORDERS:
             raise ValueError(f"visionzip: next_order must be one of {ORDERS}, got {self.next_order!r}")
         self.dominant, self.contextual = int(d), int(c)
@@ -197,4 +247,4 @@ class VisionZip(Method):
     def select_vision(self, sig):
         return visionzip(sig.cls_attn, sig.keys, sig.unit, sig.patch, self.dominant, self.contextual,
                          cls_slot=self.cls_slot, keep_newlines=self.keep_newlines, num_stock=sig.num_stock,
-                         unit_pos=sig.unit_pos, order=self.next_order)
+                         unit_pos=sig.unit_pos, order=self.next_order, numerics=self.numerics)
