@@ -188,6 +188,7 @@ class PruningEngine:
         self.adapter: FamilyAdapter = adapter_for(model, next_layout=next_layout, **(family_options or {}))
         self.family = self.adapter.family
         self.method = method
+        self.adapter.tower_method = method if getattr(method, "tower_stage", False) else None  # in-tower stage (CLIP)
         if prompt_spec is None and method.query_aware:
             raise ValueError(
                 f"{method.name} reads the question, and without a prompt spec the engine would count the "
@@ -467,6 +468,8 @@ class PruningEngine:
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
                 )
+                if "in_tower_kept" in table:  # in-tower stage: the stock tokens that survived the tower
+                    sig.in_tower_kept = torch.cat([table["in_tower_kept"][src], torch.ones(n_cls, dtype=torch.bool, device=dev)])
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B

@@ -173,6 +173,11 @@ class Method:
     #: ``unsupported_reason``.
     families: ClassVar[tuple[str, ...] | None] = None
     unsupported_reason: ClassVar[str] = ""
+    #: True if :meth:`select_tower` is implemented: an in-tower stage that drops tokens *between* the
+    #: vision encoder's layers (later layers run on fewer tokens; CLIP towers only, see
+    #: ``docs/architecture.md`` "In-tower stage"). The vision stage then sees every stock token, the
+    #: dropped ones with zero features, and ``sig.in_tower_kept`` (T,) bool flags the survivors.
+    tower_stage: ClassVar[bool] = False
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:
@@ -228,6 +233,15 @@ class Method:
 
     def select_llm(self, stage: int, signals: "Any") -> Selection:  # pragma: no cover - interface
         raise TypeError(f"{self.name} declares no llm stage")
+
+    def select_tower(self, layer_idx: int, sig: "Any") -> torch.Tensor | None:  # pragma: no cover - interface
+        """In-tower stage, called after vision encoder layer ``layer_idx`` (0-based) for one batched call
+        of units (images / crops / frames) with :class:`llava.signals.TowerSignals`. Return an
+        (n_units, k) LongTensor of the positions among the current tokens to keep (ascending keeps the
+        original order; [CLS] at position 0 must be kept), a list of n_units 1-D LongTensors when the
+        units keep different counts (the engine then runs them on in groups of equal length), or None
+        to keep all."""
+        raise TypeError(f"{self.name} declares no tower stage")
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")

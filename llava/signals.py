@@ -204,6 +204,78 @@ class LLMSignals:
         return torch.as_tensor(queries, dtype=torch.long, device=self.hidden.device)
 
 
+@dataclass
+class TowerSignals:
+    """One batched call of an in-tower stage (:meth:`llava.method.Method.select_tower`): ``n`` units
+    (images / crops / frames) right after vision encoder layer ``layer`` ran on their ``S`` current
+    tokens ([CLS] first, then the surviving patches in original order).
+
+    layer:        0-based index of the encoder layer that just ran.
+    module:       that layer (a ``CLIPEncoderLayer``: ``layer_norm1``, ``self_attn.{q,k,v}_proj``, ...).
+    hidden_in:    (n, S, D) its input hidden states.
+    hidden_out:   (n, S, D) its output.
+    patch:        (n, S) the original patch index of every current token (row-major in the unit's
+                  grid), -1 for [CLS].
+    select_layer: 0-based index of the encoder layer whose output the model feeds to the projector
+                  (``hidden_states[vision_feature_layer]``; 22 on CLIP-L/14 with -2, 1 on a 3-layer tower).
+    num_layers:   the tower's encoder layers.
+    kind:         "image" / "crop" / "frame".
+    cls_in_llm:   True when the unit's [CLS] enters the LLM (Video-LLaVA frames), False when the model
+                  drops it (LLaVA-1.5 images, NeXT crops).
+    Helpers (fp32, computed on first use from the layer's own ``layer_norm1`` + q/k/v projections of
+    ``hidden_in``, so the tower itself keeps its attention backend): :meth:`cls_attention`,
+    :meth:`values`.
+    """
+
+    layer: int
+    module: torch.nn.Module
+    hidden_in: torch.Tensor
+    hidden_out: torch.Tensor
+    patch: torch.Tensor
+    select_layer: int
+    num_layers: int
+    kind: str = "image"
+    cls_in_llm: bool = False
+    #: per-token tensors (n, S, ...) the method keeps for its next call on these units (e.g. FlowCut's
+    #: cumulative scores); the engine gathers them with the survivors and splits them with the units
+    state: dict = field(default_factory=dict)
+    _cache: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.hidden_in.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden_in.shape[1])
+
+    def _normed(self) -> torch.Tensor:
+        if "xn" not in self._cache:
+            self._cache["xn"] = self.module.layer_norm1(self.hidden_in)
+        return self._cache["xn"]
+
+    def _heads(self, proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        attn = self.module.self_attn
+        return proj(x).view(*x.shape[:2], attn.num_heads, attn.head_dim).float()
+
+    def cls_attention(self) -> torch.Tensor:
+        """(n, H, S): per head, the [CLS] query's softmax(q k^T * scale) over all S current tokens
+        ([CLS] included), as the layer computed it."""
+        if "cls_attn" not in self._cache:
+            attn = self.module.self_attn
+            xn = self._normed()
+            q = self._heads(attn.q_proj, xn[:, :1])
+            k = self._heads(attn.k_proj, xn)
+            self._cache["cls_attn"] = (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)[:, :, 0]
+        return self._cache["cls_attn"]
+
+    def values(self) -> torch.Tensor:
+        """(n, S, H, d): the layer's value vectors per head (``v_proj`` output, bias included)."""
+        if "values" not in self._cache:
+            self._cache["values"] = self._heads(self.module.self_attn.v_proj, self._normed())
+        return self._cache["values"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Explicit attention rows (used for both the vision tower and the LLM)
 # ------------------------------------------------------------------------------------------------

@@ -48,12 +48,96 @@ def fullwidth_signals(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return p, k
 
 
+def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (g, S, ...) -> (g, k, ...) at the token positions idx (g, k)."""
+    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+
+
+def _apply_keep(units: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, state: dict, keep) -> list:
+    """The groups (host unit indices, states, stock positions, the method's per-token state) left after
+    an in-tower selection."""
+    if keep is None:
+        return [(units, y, pos, state)]
+    g = y.shape[0]
+    if torch.is_tensor(keep):
+        if keep.dim() != 2 or keep.shape[0] != g:
+            raise ValueError(f"select_tower must return ({g}, k) positions, got shape {tuple(keep.shape)}")
+        idx = keep.to(y.device, torch.long)
+        return [(units, _gather_tokens(y, idx), pos.gather(1, idx),
+                 {k: _gather_tokens(t, idx.to(t.device)) for k, t in state.items()})]
+    keep = list(keep)
+    if len(keep) != g:
+        raise ValueError(f"select_tower returned {len(keep)} keep lists for {g} units")
+    by_len: dict[int, list[int]] = {}
+    for j, kj in enumerate(keep):  # units keeping different counts run on in groups of equal length
+        by_len.setdefault(int(kj.numel()), []).append(j)
+    out = []
+    for members in by_len.values():
+        m = torch.tensor(members)
+        md = m.to(y.device)
+        sub = torch.stack([keep[j].reshape(-1) for j in members])
+        out.extend(_apply_keep(units[m], y[md], pos[md], {k: t[m.to(t.device)] for k, t in state.items()}, sub))
+    return out
+
+
+def run_tower_staged(tower, pixels: torch.Tensor, feature_layer: int, method, kind: str = "image",
+                     cls_in_llm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-tower stage: run the CLIP vision model layer by layer as the stock ``CLIPVisionModel`` /
+    ``CLIPEncoder`` do (embeddings, ``pre_layrnorm``, ``encoder.layers[i](h, None)``), up to the layer
+    producing ``hidden_states[feature_layer]``, asking ``method.select_tower(i, TowerSignals)`` after
+    each layer and gathering the survivors (later layers run on fewer tokens). Units whose counts part
+    run on as separate groups. Returns the select-layer states scattered back to the stock token
+    positions (n, S, Dv), zero rows for dropped tokens, and the survivors (n, S) bool ([CLS] = column 0).
+    Layers after the select layer are not run (their output is unused)."""
+    from llava.signals import TowerSignals
+
+    if not isinstance(feature_layer, int):
+        raise ValueError("an in-tower stage needs a single vision_feature_layer")
+    layers = tower.encoder.layers
+    n_layers = len(layers)
+    v = feature_layer % (n_layers + 1)  # hidden_states[v] = output of encoder layer v - 1
+    h = tower.pre_layrnorm(tower.embeddings(pixels))
+    n, s, d = h.shape
+    pos = torch.arange(s, device=h.device).expand(n, s)
+    groups = [(torch.arange(n), h, pos, {})]
+    for i in range(v):
+        layer = layers[i]
+        nxt = []
+        for units, x, p, state in groups:
+            y = layer(x, None)
+            sig = TowerSignals(layer=i, module=layer, hidden_in=x, hidden_out=y, patch=p - 1, select_layer=v - 1,
+                               num_layers=n_layers, kind=kind, cls_in_llm=cls_in_llm, state=state)
+            nxt.extend(_apply_keep(units, y, p, sig.state, method.select_tower(i, sig)))
+        groups = nxt
+    if len(groups) == 1 and groups[0][1].shape[1] == s:  # nothing dropped (one group = all units, in order)
+        return groups[0][1], torch.ones(n, s, dtype=torch.bool, device=h.device)
+    out = h.new_zeros(n, s, d)
+    kept = torch.zeros(n, s, dtype=torch.bool, device=h.device)
+    for units, x, p, _ in groups:
+        u = units.to(h.device)[:, None]
+        out[u, p] = x
+        kept[u, p] = True
+    return out, kept
+
+
 def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
-              extra_layers=()):
+              extra_layers=(), stage=None, kind: str = "image", cls_in_llm: bool = False):
     """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
     keys (n, S, d) or None, extra signals). ``extra_layers``: hidden-state indices v whose received
     attention is wanted (``recv:v`` (n, H, S)), or ``("fw", v)`` for the full-width [CLS] attention and
-    keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)). All fp32, from pre-hooks (the tower stays on SDPA)."""
+    keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)). All fp32, from pre-hooks (the tower stays on SDPA).
+
+    ``stage``: a method with ``tower_stage`` (the engine sets ``adapter.tower_method``): the tower then
+    runs layer by layer (:func:`run_tower_staged`) and the extra signals carry ``in_tower_kept`` (n, S)."""
+    if stage is not None and getattr(stage, "tower_stage", False):
+        if not getattr(stage, "vision_stage", False):
+            raise TypeError(f"{stage.name}: a tower-stage method needs a vision stage (select_vision keeps the "
+                            "survivors, sig.in_tower_kept; the dropped tokens carry zero features)")
+        if want_attn or extra_layers:
+            raise NotImplementedError(f"{stage.name}: an in-tower stage cannot be combined with vision "
+                                      "attention signals (needs_vision_attention / vision_*_layers)")
+        hs, kept = run_tower_staged(tower, pixels, feature_layer, stage, kind, cls_in_llm)
+        return hs, None, None, {"in_tower_kept": kept}
     captured = {}
     handles = []
     layer = None
@@ -104,6 +188,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
     ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v,
     ``fwa:<v>`` (n*m,) / ``fwk:<v>`` (n*m, D) its full-width [CLS] attention and keys;
+    ``in_tower_kept`` (n*m,) bool the in-tower stage's survivors (``received["in_tower_kept"]`` (n, S));
     ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
     ``unit_pos`` (n, 2) = -1."""
     n, s, dv = hs.shape
@@ -111,6 +196,9 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     feats = proj(sel)  # one projector call over all units, as the stock model does
     m = sel.shape[1]
     off = 1 if drop_cls else 0
+    kept = (received or {}).get("in_tower_kept")
+    if kept is not None:  # in-tower stage: tokens dropped inside the tower get zero features
+        feats = feats.masked_fill(~kept[:, off:, None], 0)
     patch = torch.arange(off, off + m, device=hs.device) - 1  # [CLS] -> -1
     flat = {
         "features": feats.reshape(n * m, -1),

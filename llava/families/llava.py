@@ -17,7 +17,9 @@ class LlavaAdapter(FamilyAdapter):
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
         cfg = self.config
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers)
+        drop = cfg.vision_feature_select_strategy == "default"
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers,
+                                   stage=getattr(self, "tower_method", None), kind="image", cls_in_llm=not drop)
         flat, sizes = flatten_units(hs, ca, ks, self.core.multi_modal_projector,
-                                    drop_cls=cfg.vision_feature_select_strategy == "default", kind="image", received=rc)
+                                    drop_cls=drop, kind="image", received=rc)
         return [VisualBlock(cfg.image_token_id, flat, sizes)]

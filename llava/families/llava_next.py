@@ -69,8 +69,9 @@ class LlavaNextAdapter(FamilyAdapter):
                                            patch_size=cfg.vision_config.image_size) for sz in image_sizes]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers)
         drop = cfg.vision_feature_select_strategy == "default"
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers,
+                                   stage=getattr(self, "tower_method", None), kind="crop", cls_in_llm=not drop)
         flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop", received=rc)
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
@@ -101,6 +102,8 @@ class LlavaNextAdapter(FamilyAdapter):
         if "cls_attn" in out:
             out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
             out["keys"] = out["keys"].masked_fill(nl, 0)
+        if "in_tower_kept" in out:  # in-tower stage: newline tokens are no tower tokens
+            out["in_tower_kept"] = out["in_tower_kept"] & ~newline
         for k in [k for k in out if k.startswith(("recv:", "fwa:", "fwk:"))]:
             out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]

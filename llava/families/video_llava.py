@@ -21,17 +21,18 @@ class VideoLlavaAdapter(FamilyAdapter):
         cfg = self.config
         proj = self.core.multi_modal_projector
         blocks = []
+        stage = getattr(self, "tower_method", None)  # a method with an in-tower stage (set by the engine)
         pixel_values, videos = visual.get("pixel_values"), visual.get("pixel_values_videos")
         if pixel_values is not None:
+            drop = cfg.vision_feature_select_strategy == "default"
             hs, ca, ks, rc = run_tower(self.core.image_tower, pixel_values, cfg.vision_feature_layer, want_attn,
-                                   vision_layer, extra_layers)
-            flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=cfg.vision_feature_select_strategy == "default",
-                                        kind="image", received=rc)
+                                       vision_layer, extra_layers, stage=stage, kind="image", cls_in_llm=not drop)
+            flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=drop, kind="image", received=rc)
             blocks.append(VisualBlock(cfg.image_token_id, flat, sizes))
         if videos is not None:
             b, t = videos.shape[:2]
             hs, ca, ks, rc = run_tower(self.core.video_tower, videos.flatten(0, 1), cfg.vision_feature_layer,
-                                       want_attn, vision_layer, extra_layers)
+                                       want_attn, vision_layer, extra_layers, stage=stage, kind="frame", cls_in_llm=True)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame", received=rc)
             sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video
             blocks.append(VisualBlock(cfg.video_token_id, flat, sizes))

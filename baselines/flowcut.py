@@ -1,0 +1,125 @@
+"""FlowCut (arXiv 2505.19536, NeurIPS 2025; official code TungChintao/FlowCut, ``flowcut/modeling_clip_flowcut.py``
+and ``utils_flowcut.py``): visual tokens are dropped *between* the CLIP encoder's layers, progressively,
+with a multi-criteria score accumulated across layers and an entropy-based amount per pruning layer.
+
+Runs as an in-tower stage (``Method.tower_stage`` / ``select_tower``, ``llava.families.clip.run_tower_staged``);
+its vision stage then keeps exactly the tokens that survived the tower (``sig.in_tower_kept``).
+
+Per unit (image / crop / frame), after encoder layer i, while the unit has more than tau = T + 1 tokens
+([CLS] included; T = the patch target):
+
+    c_j   = head-mean softmax(q_CLS k^T * scale)[j]           (softmax over all current tokens; patch columns)
+    s_j   = head-mean softmax(v_CLS . v^T)[j]                 (values of the layer, no scale)
+    m_j   = || mean_h v_{h,j} ||_1
+    score = (c / sum c + s / sum s) * m
+    cum   = score at the first scored layer, else ema * cum + (1 - ema) * score
+    rpl   = (select_layer - 1) - i                           (official: 21 - i on CLIP-L, select_layer 22)
+    rpl > 0 even: prune round((n - T) / sqrt(rpl) * (1 - (H(c / sum c) / ln n)^2)) patches (n = current
+                  patches), keeping at least tau tokens
+    rpl <= 0:     prune to tau (the final cut; official at rpl = 0)
+    keep = [CLS] + the top patches by cum, in original order; cum is gathered with them.
+
+Deviations / options (``docs/methods/flowcut.md``): the official code takes the prune amount's max over the
+batch (``batch_max=True`` reproduces it over the units of one tower call; default per unit, so that a
+batch equals each sample alone); the LLaVA-NeXT LLM stage (after decoder layer 1) is not implemented,
+each crop keeps T (``next_half=True``: the official int(T/2) per crop, still no LLM stage); Video-LLaVA
+frames (no video path in the official code) keep T tokens with their [CLS] counted (``frame_cls="count"``)
+or T patches plus the [CLS] (``"extra"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llava.method import Method, Selection, register
+
+
+def flowcut_score(cls_attn: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cls_attn (n, H, S) per-head [CLS]-row probabilities, values (n, S, H, d) per-head values (token 0 =
+    [CLS]). Returns (c, score), both (n, S - 1) over the patch tokens: c the head-mean [CLS] attention,
+    score = (c / sum c + s / sum s) * ||mean_h v||_1 with s the head-mean softmax(v_CLS . v)."""
+    c = cls_attn.mean(1)[:, 1:]
+    sem = torch.einsum("nhd,nshd->nhs", values[:, 0], values).softmax(-1).mean(1)[:, 1:]
+    mag = values.mean(2)[:, 1:].abs().sum(-1)
+    return c, (c / c.sum(-1, keepdim=True) + sem / sem.sum(-1, keepdim=True)) * mag
+
+
+def adaptive_prune_count(c: torch.Tensor, rpl: int, target: int) -> torch.Tensor:
+    """(n,) long: round((n_p - target) / sqrt(rpl) * (1 - (H / ln n_p)^2)) per unit, H the entropy of c / sum c
+    over its n_p patches (official ``adaptive_prune_ratio`` without the batch max; half-to-even rounding)."""
+    n_p = c.shape[-1]
+    prob = c / c.sum(-1, keepdim=True)
+    entropy = -(prob * prob.log()).sum(-1)
+    ratio = entropy / math.log(n_p)
+    return ((n_p - target) / rpl ** 0.5 * (1 - ratio ** 2)).round().long()
+
+
+@register
+class FlowCut(Method):
+    name = "flowcut"
+    vision_stage = True
+    tower_stage = True
+    families = ("llava", "llava_next", "video_llava")
+    unsupported_reason = ("FlowCut drops tokens between the layers of a CLIP tower with a [CLS] token; the "
+                          "in-tower stage exists for the CLIP families only")
+
+    @classmethod
+    def option_defaults(cls):
+        return {**super().option_defaults(), "ema": 0.5, "batch_max": False, "next_half": False,
+                "frame_cls": "count"}
+
+    def __init__(self, budget: int | None = None, **options):
+        super().__init__(128 if budget is None else budget, **options)  # official API default: 128
+        if self.frame_cls not in ("count", "extra"):
+            raise ValueError(f"flowcut: frame_cls must be 'count' or 'extra', got {self.frame_cls!r}")
+        if not 0.0 <= float(self.ema) <= 1.0:
+            raise ValueError(f"flowcut: ema must be in [0, 1], got {self.ema!r}")
+
+    def patch_target(self, sig) -> int:
+        """T: the patches a unit keeps ([CLS] not counted)."""
+        t = self.budget
+        if self.next_half and getattr(self, "family", None) == "llava_next":
+            t = max(1, int(t / 2))
+        if sig.cls_in_llm and self.frame_cls == "count":
+            t -= 1  # the unit's [CLS] enters the LLM too: T tokens in all
+        return max(t, 0)
+
+    def select_tower(self, layer_idx, sig):
+        target = self.patch_target(sig)
+        tau = target + 1
+        s = sig.num_tokens
+        if s <= tau:  # official: `if hidden_states.shape[1] > target`
+            return None
+        c, score = flowcut_score(sig.cls_attention(), sig.values())
+        cum = sig.state.get("flowcut_cum")
+        cum = score if cum is None else self.ema * cum[:, 1:] + (1 - self.ema) * score
+        sig.state["flowcut_cum"] = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)  # [CLS] column: unused
+        rpl = sig.select_layer - 1 - layer_idx
+        if rpl > 0 and rpl % 2:
+            return None
+        n = sig.num_units
+        if rpl > 0:
+            prune = adaptive_prune_count(c, rpl, target)
+            if self.batch_max:
+                prune = prune.max().expand(n)
+            counts = (s - prune).clamp(min=tau).tolist()  # one host read per pruning layer
+        else:
+            counts = [tau] * n
+        if all(k == s for k in counts):
+            return None
+        keeps = []
+        for u, k in enumerate(counts):
+            top = torch.topk(cum[u], k - 1).indices.sort().values + 1
+            keeps.append(torch.cat([top.new_zeros(1), top]))
+        if len(set(counts)) == 1:
+            return torch.stack(keeps)
+        return keeps
+
+    def select_vision(self, sig):
+        kept = getattr(sig, "in_tower_kept", None)
+        if kept is None:
+            raise RuntimeError("flowcut: no in-tower survivors in the vision signals (is the engine's in-tower "
+                               "stage available for this family?)")
+        return Selection(keep=torch.nonzero(kept).flatten())
