@@ -18,6 +18,11 @@ L-layer LLM whose first K layers see all N visual tokens, the count kept after l
     n_K = (L * B - K * N) / (L - K)        (192/128/64 -> 166/98/30 at K=2, N=576, L=32)
 
 rounded half up and clipped to 0..N.
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - the per-head
+attention probabilities cast to float16 (the official eager attention computes the softmax in fp32 and
+casts it ``.to(query_states.dtype)``, fp16), the mean over heads in fp16, and ``torch.topk`` (official tie
+order) instead of the fp32 mean with ties to the lower index.
 """
 
 from __future__ import annotations
@@ -32,6 +37,15 @@ from llava.method import Method, Selection, register
 from llava.ops import scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
+
+NUMERICS = ("ours", "official")
+#: dtype of the official attention probabilities (softmax in fp32, cast to the fp16 query dtype)
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"fastv: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def round_half_up(x: Fraction | float) -> int:
@@ -55,11 +69,16 @@ def ratio_kept_count(n_visual: int, ratio: float) -> int:
     return max(0, min(int(n_visual), math.floor(n_visual * (1.0 - float(ratio)) + 1e-9)))
 
 
-def fastv_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int) -> torch.Tensor:
+def fastv_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
     """FastV's choice: ``last_row_attn`` (H, S) = attention probabilities of the last prompt token in
     layer K-1 per head; ``visual`` (N,) = the visual tokens' indices among the S tokens. Returns the
     indices (into ``visual``) of the ``k`` visual tokens with the highest head-mean attention, in
-    ascending (original) order; ties go to the lower index."""
+    ascending (original) order; ties go to the lower index. ``numerics="official"``: the rows cast to
+    float16, head mean in fp16 (as the official ``torch.mean(attn, dim=1)``), ``torch.topk``."""
+    check_numerics(numerics)
+    if numerics == "official":
+        scores = last_row_attn.to(OFFICIAL_DTYPE)[None].mean(dim=1)[0][visual]
+        return scores.topk(max(0, min(int(k), scores.numel()))).indices.sort().values
     scores = last_row_attn.float().mean(0)[visual]
     return topk_desc(scores, k).sort().values
 
@@ -93,6 +112,9 @@ class FastV(Method):
             # map `layer` from a 32-layer LLM onto the model's depth with llava.ops.scale_layers
             # (identity on 32 layers, 2 -> 1 on the 4-layer tiny LLM); False = use it verbatim.
             "scale_layers": True,
+            # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
+            # probabilities and head mean, torch.topk)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -101,6 +123,7 @@ class FastV(Method):
         super().__init__(budget, **options)
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise ValueError(f"fastv: ratio must be in [0, 1], got {self.ratio}")
+        check_numerics(self.numerics)
         if int(self.layer) < 1:
             raise ValueError(f"fastv: layer must be >= 1, got {self.layer}")
 
@@ -133,4 +156,4 @@ class FastV(Method):
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         row = sig.attention("last", layer="prev")[:, 0]  # (H, S): layer K-1, last prompt token
-        return Selection(keep=fastv_select(row, sig.visual, k))
+        return Selection(keep=fastv_select(row, sig.visual, k, self.numerics))
