@@ -24,7 +24,7 @@ BUDGETS = {
     "divprune": _PER_UNIT, "random": _PER_UNIT, "attnmix": _TOTAL, "fastv": _IN_LLM, "dart": _IN_LLM,
     "hiprune": _PER_UNIT, "vispruner": _PER_UNIT, "downsample": _PER_UNIT,
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
-    "cdpruner": _PER_UNIT,
+    "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly
 METHODS = [m for m in available_methods() if not m.startswith("test_") and m != "layout_spy"]
