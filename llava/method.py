@@ -169,6 +169,9 @@ class Method:
     #: q / k the vision stage reads: ``sig.fullwidth_cls_attn[v]`` (T,) = softmax over the unit's tokens of
     #: q_[CLS] . k_j / sqrt(D), and ``sig.fullwidth_keys[v]`` (T, D) (PruMerge's signals); CLIP towers only.
     vision_fullwidth_layers: tuple[int, ...] = ()
+    #: Vision-tower layers (hidden_states indices) whose [CLS] query row per head the vision stage reads as
+    #: ``sig.cls_attn_layers[v]`` (H, T) (VScan's local / global scans); CLIP towers only.
+    vision_cls_layers: tuple[int, ...] = ()
     #: Model families the method supports (None: all); the engine refuses the others at attach with
     #: ``unsupported_reason``.
     families: ClassVar[tuple[str, ...] | None] = None

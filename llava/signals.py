@@ -44,6 +44,8 @@ class VisionSignals:
                      ``vision_fullwidth_layers``: that layer's q / k projections taken full width (no
                      head split); the [CLS] query's softmax over the unit's tokens (scale 1/sqrt(D)),
                      and the keys (fp32); 0 for newline tokens. Empty unless requested.
+    cls_attn_layers: {v: (H, T)} for each hidden-state index v in ``vision_cls_layers``: the [CLS]
+                     query row per head of the layer producing hidden state v (like ``cls_attn``).
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
@@ -64,6 +66,7 @@ class VisionSignals:
     keys: torch.Tensor | None = None
     received_attn: dict = field(default_factory=dict)
     fullwidth_cls_attn: dict = field(default_factory=dict)
+    cls_attn_layers: dict = field(default_factory=dict)
     fullwidth_keys: dict = field(default_factory=dict)
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding

@@ -299,3 +299,46 @@ def test_question_ids_decode_to_the_question(runtimes, fam):
         rt.unprune()
     assert [rt.tokenizer.decode(q).strip() for q in spy.seen] == qs
     assert all(q.device.type == "cpu" and q.dtype == torch.long for q in spy.seen)
+
+
+class _ClsLayersSpy(_ReceivedSpy):
+    name = "cls_layers_spy"
+    vision_attention_layers = ()
+    vision_cls_layers = (1, -2)
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava-next"])
+def test_cls_rows_of_extra_layers_equal_the_eager_maps(runtimes, fam):
+    """sig.cls_attn_layers[v]: per head, the [CLS] query row of the layer producing hidden state v
+    (VScan's local / global scans); the eager tower's attention maps are the reference."""
+    rt = runtimes[fam]
+    inputs = make_batch(rt, n=2)
+    spy = _ClsLayersSpy()
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.unprune()
+    tower = rt.model.model.vision_tower
+    if fam == "llava-next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        crops = [image_size_to_num_patches(tuple(s), rt.model.config.image_grid_pinpoints,
+                                           rt.model.config.vision_config.image_size) for s in inputs["image_sizes"].tolist()]
+        px = torch.cat([p[:c] for p, c in zip(inputs["pixel_values"], crops)])
+    else:
+        px = inputs["pixel_values"]
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = tower(px, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation("sdpa")
+    for v in (1, -2):
+        ref = att[(v % (len(att) + 1)) - 1].float()[:, :, 0]  # (units, H, S): [CLS] query row
+        start = 0
+        for sig in spy.seen:
+            r = sig.cls_attn_layers[v]
+            for u in range(sig.num_units):
+                idx = sig.unit_indices(u)
+                p = sig.patch[idx]
+                torch.testing.assert_close(r[:, idx[p >= 0]], ref[start + u][:, p[p >= 0] + 1], atol=1e-5, rtol=1e-4)
+            start += sig.num_units

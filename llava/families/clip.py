@@ -120,12 +120,24 @@ def run_tower_staged(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     return out, kept
 
 
+def cls_row(layer, h: torch.Tensor) -> torch.Tensor:
+    """(n, H, S) fp32: per head, the [CLS] query's softmax over the unit's tokens in ``layer``, recomputed
+    from its input ``h`` with its own ``layer_norm1`` + q/k projections (as the select layer's cls_attn)."""
+    attn = layer.self_attn
+    xn = layer.layer_norm1(h)
+    n, s, _ = xn.shape
+    k = attn.k_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
+    q = attn.q_proj(xn[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).float()
+    return (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)[:, :, 0]
+
+
 def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
               extra_layers=(), stage=None, kind: str = "image", cls_in_llm: bool = False):
     """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
     keys (n, S, d) or None, extra signals). ``extra_layers``: hidden-state indices v whose received
     attention is wanted (``recv:v`` (n, H, S)), or ``("fw", v)`` for the full-width [CLS] attention and
-    keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)). All fp32, from pre-hooks (the tower stays on SDPA).
+    keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), or ``("cls", v)`` for that layer's [CLS] row per head
+    (``clsl:v`` (n, H, S)). All fp32, from pre-hooks (the tower stays on SDPA).
 
     ``stage``: a method with ``tower_stage`` (the engine sets ``adapter.tower_method``): the tower then
     runs layer by layer (:func:`run_tower_staged`) and the extra signals carry ``in_tower_kept`` (n, S)."""
@@ -161,8 +173,10 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
     received = {}
     for v, idx in extra.items():
         layer_v, h = tower.encoder.layers[idx], captured[("x", v)]
-        if isinstance(v, tuple):
+        if isinstance(v, tuple) and v[0] == "fw":
             received[f"fwa:{v[1]}"], received[f"fwk:{v[1]}"] = fullwidth_signals(layer_v, h)
+        elif isinstance(v, tuple):  # ("cls", v): that layer's [CLS] query row per head
+            received[f"clsl:{v[1]}"] = cls_row(layer_v, h)
         else:
             received[f"recv:{v}"] = received_attention(layer_v, h)
     hs = out.hidden_states[feature_layer]
@@ -211,7 +225,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
         flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
         flat["keys"] = ks[:, off:].reshape(n * m, -1)
     for name, r in (received or {}).items():  # recv (n, H, S) / fwa (n, S) / fwk (n, S, D) -> per token
-        r = r.permute(0, 2, 1) if name.startswith("recv:") else r
+        r = r.permute(0, 2, 1) if name.startswith(("recv:", "clsl:")) else r
         flat[name] = r[:, off:].reshape(n * m, *r.shape[2:])
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
         cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
@@ -219,7 +233,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
             cls["cls_attn"] = ca[:, :, 0]
             cls["keys"] = ks[:, 0]
         for name, r in (received or {}).items():
-            cls[name] = r[:, :, 0] if name.startswith("recv:") else r[:, 0]
+            cls[name] = r[:, :, 0] if name.startswith(("recv:", "clsl:")) else r[:, 0]
         flat["cls"] = cls
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
     side = int(round((m - (0 if drop_cls else 1)) ** 0.5))  # patches per grid side ([CLS] not counted)

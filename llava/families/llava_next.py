@@ -104,6 +104,6 @@ class LlavaNextAdapter(FamilyAdapter):
             out["keys"] = out["keys"].masked_fill(nl, 0)
         if "in_tower_kept" in out:  # in-tower stage: newline tokens are no tower tokens
             out["in_tower_kept"] = out["in_tower_kept"] & ~newline
-        for k in [k for k in out if k.startswith(("recv:", "fwa:", "fwk:"))]:
+        for k in [k for k in out if k.startswith(("recv:", "fwa:", "fwk:", "clsl:"))]:
             out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]
