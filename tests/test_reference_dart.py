@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from conftest import FAMILIES
 
 from baselines.dart import DART, dart_key_l1, dart_select
 
@@ -159,3 +160,28 @@ def test_method_option():
     assert DART(128).numerics == "ours" and DART(128, numerics="official").numerics == "official"
     with pytest.raises(ValueError):
         DART(128, numerics="fp16")
+
+
+# ------------------------------------------------------------------------------ tiny models, engine
+
+ENGINE_ARGS = {"llava": (8,), "llava_next": (16,), "video_llava": (64,)}
+
+
+@pytest.mark.parametrize("rt", FAMILIES, indirect=True)
+def test_reference_mode_runs_in_the_engine(rt):
+    """Reference mode on the tiny models: batch 3 selections equal each sample alone, and cached
+    generation equals recompute."""
+    from conftest import greedy_no_cache, make_batch, slice_batch
+
+    inputs = make_batch(rt)
+    eng = rt.prune("dart", *ENGINE_ARGS[rt.family], numerics="official")
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    batch_sel = {k: v.keep.clone() for k, v in eng.selections.items()}
+    eng.replay = True
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, 3))
+    for i in range(3):
+        eng = rt.prune("dart", *ENGINE_ARGS[rt.family], numerics="official")
+        with torch.no_grad():
+            rt.model(**slice_batch(inputs, i, rt))
+        assert torch.equal(eng.selections[(0, 0)].keep, batch_sel[(0, i)])
