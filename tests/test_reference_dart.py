@@ -98,7 +98,7 @@ def unit(*degrees):
 
 def test_worked_example_set_order_decides_a_shared_candidate():
     # positions 0..6: image tokens 0..4 (start 0, length 5), text tokens 5, 6.
-    # one image pivot and one text pivot (B = 2 -> t = 1 with 1 + 1 pivots via budget // 8 scaled below).
+    # one image pivot and one text pivot, B = 2 -> t = B // 2 = 1 pick per pivot.
     # image pivot = 3 (largest key norm), text pivot = 6; candidates 0, 1, 2, 4 at 225, 120, 330, 30 deg.
     # Python's set {3, 6} iterates 3 first (slot 3 < slot 6): pivot 3 (90 deg) takes its least similar
     # candidate 0 (225 deg: cos -.707); then text pivot 6 (0 deg) takes 1 (120 deg: -.5).
