@@ -1,0 +1,290 @@
+"""VScan (TMLR 2026, arXiv 2505.22654), methods-2026.md section 6.
+
+Official code: Tencent/SelfEvolvingAgent, folder ``VScan/`` (commit a82450e):
+``llava/model/llava_arch.py`` (``encode_images``, ``window_cls_selection``, ``token_merging``) for stage 1
+and ``llava/model/modeling_llama_x.py`` (``layer_prune``, PyramidDrop's, called after layer 15) for stage 2.
+
+Stage 1, pre-LLM, per unit (LLaVA-1.5 image / LLaVA-NeXT crop / Video-LLaVA frame) with budget T:
+
+1. A_loc, A_glob = head-mean [CLS] query rows (fp32) of a shallow and a deep CLIP layer (official
+   ``attentions[5]`` and ``attentions[-2]`` = layer 22 of 24, the layer producing the select features);
+2. local scan: the unit's patch grid is cut into non-overlapping s x s windows (official 6 x 6 on 24 x 24
+   = 16 windows); the top-k patches of each window by A_loc, k = int(T * 0.5) // (number of windows);
+3. global scan: the top-(T - int(T * 0.5)) tokens by A_glob among those not picked locally (official:
+   local picks zeroed in A_glob);
+4. the picked tokens are the merge targets: every other token of the unit joins its most similar picked
+   token (cosine on the **projected** features, ties to the lowest), merged = (x_keep + sum x_assigned) /
+   (1 + count) (rule ``mean``); the outputs keep ascending spatial order (LLaVA-NeXT: the stock packing
+   order, newlines kept as layout).
+
+Stage 2, before decoder layer K (official 16 of 32): layer K's ``input_layernorm`` + q/k + RoPE on the
+hidden states after layer K-1, query = the last prompt token, causal softmax (fp32), head mean, visual
+columns; keep the top-K1 visual tokens, ascending; positions re-indexed (decode positions shifted).
+Same as PyramidDrop's stage (:func:`baselines.pdrop.pdrop_select`).
+
+Everything is vectorised on the device (the official local scan is a Python loop with ``.item()`` per
+token); ties go to the lower index; the only host read the method adds is one per sample for LLaVA-NeXT
+'spatial_unpad' crops whose windows are partly cut away (their local count depends on the layout).
+See docs/methods/vscan.md for budgets, layer mappings and deviations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import masked_take, scale_layers
+
+from .pdrop import pdrop_select
+
+OFFICIAL_STAGE1 = 96  # visual_token_num (README, all scripts)
+OFFICIAL_STAGE2 = 32  # image_token_list [32]
+OFFICIAL_LAYER = 16  # layer_list [16] of 32
+REFERENCE_DEPTH = 32
+OFFICIAL_LOCAL_LAYER = 5  # attentions[5] of CLIP-L/14's 24 layers
+REFERENCE_TOWER = 24
+OFFICIAL_WINDOWS_PER_SIDE = 4  # 24 // 6
+REMAINDERS = ("drop", "global")
+
+
+def split_budget(budget: int) -> tuple[int, int]:
+    """(stage 1 per unit, stage 2 per unit) for ``budget`` equivalent tokens per unit (the layer average
+    with the stage at half depth): stage 2 = B // 2, stage 1 = 2B - stage 2 (64 -> 96 / 32, official;
+    128 -> 192 / 64, 192 -> 288 / 96, the spec's design)."""
+    s2 = int(budget) // 2
+    return 2 * int(budget) - s2, s2
+
+
+def local_layer_for(num_vision_layers: int) -> int:
+    """The local scan's encoder layer (0-based, as ``attentions[i]``): official 5 of 24, scaled as
+    floor(5 * n / 24) (0 on the tiny 3-layer towers, strictly below their select layer 1)."""
+    return (OFFICIAL_LOCAL_LAYER * int(num_vision_layers)) // REFERENCE_TOWER
+
+
+def window_side(grid: int, windows_per_side: int = OFFICIAL_WINDOWS_PER_SIDE) -> int:
+    """Window side s in patches: ``windows_per_side`` windows per side (official 4: 6 x 6 on 24 x 24)
+    where every window still holds at least 2 x 2 patches, else fewer (the tiny 4 x 4 grid: 2 x 2 windows
+    of 2 x 2); s = ceil(grid / windows per side)."""
+    wps = max(1, min(int(windows_per_side), int(grid) // 2))
+    return max(1, math.ceil(int(grid) / wps))
+
+
+def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: torch.Tensor,
+                 unit: torch.Tensor, patch: torch.Tensor, grid: tuple[int, int], budget: int, *,
+                 window: int | None = None, local_ratio: float = 0.5, remainder: str = "drop",
+                 unit_host: torch.Tensor | None = None, return_scans: bool = False):
+    """VScan's stage 1 for one sample (all its units).
+
+    local_attn / global_attn: (H, T) or (T,) [CLS] query rows of the local / global layer (head mean
+    taken here, fp32); features: (T, D) projected tokens (merge space); unit: (T,) unit id (-1 = NeXT
+    newline, kept as layout); patch: (T,) row-major patch index in the unit's ``grid`` (-1 = [CLS], e.g. a
+    Video-LLaVA frame's, which is a global-scan candidate only); budget: T per unit (a unit with at most T
+    tokens is kept whole); window: window side (None = :func:`window_side`); remainder: ``drop`` (official:
+    a local quota not divisible by the window count is lost) or ``global`` (given to the global scan);
+    unit_host: host copy of ``unit`` (avoids a device read).
+
+    Returns a :class:`Selection`: ``keep`` = newlines and whole units, ``targets`` = the scanned tokens,
+    ``assign`` = nearest target of the same unit (cosine), rule ``mean`` in projected space, ``order`` =
+    ascending token index. With ``return_scans`` also the (T,) bool masks of the local and global picks.
+    """
+    if remainder not in REMAINDERS:
+        raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {remainder!r}")
+    dev = features.device
+    n = int(unit.numel())
+    uh = (unit_host if unit_host is not None else unit.cpu()).to(torch.long)
+    num_units = int(uh.max()) + 1 if n and int(uh.max()) >= 0 else 0
+    sizes = torch.bincount(uh[uh >= 0], minlength=num_units).tolist() if num_units else []
+    T = int(budget)
+    pruned = [s > T for s in sizes]
+    no_scan = torch.zeros(n, dtype=torch.bool, device=dev)
+    if not any(pruned):
+        sel = Selection(keep=torch.arange(n, device=dev))
+        return (sel, no_scan, no_scan) if return_scans else sel
+    a_loc = local_attn.float().reshape(-1, n).mean(0)
+    a_glob = global_attn.float().reshape(-1, n).mean(0)
+    rows, cols = int(grid[0]), int(grid[1])
+    s = window_side(max(rows, cols)) if window is None else int(window)
+    nwr, nwc = math.ceil(rows / s), math.ceil(cols / s)
+    nw = nwr * nwc
+    k_win = int(T * local_ratio) // nw
+    n_local_quota = int(T * local_ratio)
+    g_official = T - n_local_quota
+
+    # ---- local scan: rank within (unit, window) by A_loc, descending, ties to the lower index
+    pruned_h = torch.tensor(pruned + [False], dtype=torch.bool)  # index -1 (newline) -> False
+    pruned_tok_h = pruned_h[uh]  # host: token belongs to a unit being pruned
+    pruned_tok = pruned_tok_h.to(dev)
+    unit_d = unit.to(dev).long()
+    p = patch.to(dev).long()
+    in_window = pruned_tok & (p >= 0)
+    r, c = torch.div(p.clamp(min=0), cols, rounding_mode="floor"), p.clamp(min=0) % cols
+    win = unit_d.clamp(min=0) * nw + torch.div(r, s, rounding_mode="floor") * nwc + torch.div(c, s, rounding_mode="floor")
+    sentinel = num_units * nw
+    win = torch.where(in_window, win, torch.full_like(win, sentinel))
+    o1 = torch.sort(a_loc, descending=True, stable=True).indices
+    o2 = o1[torch.sort(win[o1], stable=True).indices]  # by window, then score desc, then index
+    counts = torch.zeros(sentinel + 1, dtype=torch.long, device=dev).scatter_add_(0, win, torch.ones_like(win))
+    starts = counts.cumsum(0) - counts
+    w_sorted = win[o2]
+    rank = torch.arange(n, device=dev) - starts[w_sorted]
+    local = torch.zeros(n, dtype=torch.bool, device=dev)
+    local[o2] = (rank < k_win) & (w_sorted < sentinel)
+
+    # ---- global scan: per unit, the top-g of the rest by A_glob (padded unit x token matrix)
+    order_h = torch.sort(uh, stable=True).indices
+    starts_h = [0]
+    for sz in [int((uh < 0).sum())] + sizes:
+        starts_h.append(starts_h[-1] + sz)
+    maxn = max(sizes)
+    mat_h = torch.full((num_units, maxn), n, dtype=torch.long)  # n = padding column
+    for u, sz in enumerate(sizes):
+        a = starts_h[u + 1]
+        mat_h[u, :sz] = order_h[a:a + sz]
+    mat = mat_h.to(dev)
+    neg = torch.tensor(float("-inf"), device=dev)
+    g_scores = torch.where(pruned_tok & ~local, a_glob, neg)
+    g_scores = torch.cat([g_scores, neg.reshape(1)])[mat]  # (U, maxn); padding -inf
+    g_order = torch.sort(g_scores, dim=1, descending=True, stable=True).indices
+    n_local = torch.zeros(num_units + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, torch.where(local, unit_d, torch.full_like(unit_d, num_units)), torch.ones_like(unit_d))[:num_units]
+    if remainder == "global":
+        g_unit = T - n_local  # (U,) on the device: each pruned unit ends with exactly T tokens
+    else:
+        g_unit = torch.full((num_units,), g_official, dtype=torch.long, device=dev)
+    take = torch.arange(maxn, device=dev)[None] < g_unit[:, None]
+    glob = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+    glob[torch.gather(mat, 1, g_order)] = take & torch.isfinite(torch.gather(g_scores, 1, g_order))
+    glob = glob[:n] & pruned_tok
+
+    # ---- how many targets: host-known unless a pruned unit's windows are cut (NeXT spatial_unpad)
+    if remainder == "global":
+        total = T * sum(pruned)
+    else:
+        full_local = sum(min(k_win, min(s, rows - i * s) * min(s, cols - j * s))
+                         for i in range(nwr) for j in range(nwc))
+        partial = [u for u, sz in enumerate(sizes) if pruned[u] and sz < rows * cols]
+        n_loc = [full_local if pruned[u] else 0 for u in range(num_units)]
+        if partial:
+            got = n_local.tolist()  # the one host read (cut windows)
+            for u in partial:
+                n_loc[u] = got[u]
+        total = sum(n_loc[u] + g_official for u in range(num_units) if pruned[u])
+    picked = local | glob
+    targets = masked_take(torch.arange(n, device=dev), picked, total)
+
+    # ---- merge: each other token of a pruned unit -> most similar target of the same unit (cosine)
+    x = features.float()
+    xn = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    sim = xn @ xn[targets].T  # (T, m)
+    same = unit_d[:, None] == unit_d[targets][None]
+    sim = torch.where(same, sim, neg)
+    nearest = sim.argmax(dim=1) if targets.numel() else torch.zeros(n, dtype=torch.long, device=dev)
+    assign = torch.where(pruned_tok & ~picked, nearest, torch.full_like(nearest, -1))
+
+    keep_h = (~pruned_tok_h).nonzero().flatten()  # newlines and whole units (host layout)
+    keep = keep_h.to(dev)
+    order = None
+    if keep_h.numel():
+        order = torch.argsort(torch.cat([keep, targets]))
+    sel = Selection(keep=keep, targets=targets, assign=assign, rule="mean", space="projected", order=order)
+    return (sel, local, glob) if return_scans else sel
+
+
+@register
+class VScan(Method):
+    """VScan: per image / crop / frame, complementary local (windowed, shallow layer) and global (deep
+    layer) [CLS]-attention scans pick T tokens and every other token is merged into its most similar pick;
+    before the middle LLM layer the last prompt token's attention keeps K1 of them per unit.
+
+    ``budget``: equivalent visual tokens per unit (layer average, stage at half depth): stage 1 =
+    2B - B//2, stage 2 = B//2 per unit (64 -> 96 / 32, official). Or ``stage1`` / ``stage2`` explicitly
+    (per unit); neither: the official 96 / 32."""
+
+    name = "vscan"
+    vision_stage = True
+    position_mode = "reindex"
+    families = ("llava", "llava_next", "video_llava")
+    unsupported_reason = ("vscan reads the [CLS] query rows of two CLIP layers (local / global scans): "
+                          "CLIP towers with a [CLS] token only (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)")
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # tokens per unit after the vision stage / after the LLM stage; None = from the budget, or
+            # the official 96 / 32
+            "stage1": None,
+            "stage2": None,
+            # LLM stage: before this decoder layer, stated for 32 layers (official 16)
+            "layer": OFFICIAL_LAYER,
+            "scale_layers": True,
+            # encoder layers (0-based, as attentions[i]) of the scans; None = floor(5 * n / 24) (official
+            # 5 of 24) and n - 2 (official attentions[-2], the layer producing the select features)
+            "local_layer": None,
+            "global_layer": None,
+            # local window side in patches; None = 4 windows per side where windows keep >= 2 x 2 patches
+            # (official 6 x 6 on 24 x 24; 2 x 2 on the tiny 4 x 4 grid)
+            "window": None,
+            # share of stage 1 from the local scan (official hard-coded 0.5)
+            "local_ratio": 0.5,
+            # local quota not divisible by the window count: "drop" (official) or "global"
+            "remainder": "drop",
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is not None and (options.get("stage1") is not None or options.get("stage2") is not None):
+            raise ValueError("vscan: give either a budget or stage1= / stage2=, not both")
+        super().__init__(budget, **options)
+        if self.budget is not None:
+            if self.budget < 2:
+                raise ValueError("vscan: budget must be >= 2 (stage 2 keeps budget // 2 per unit)")
+            self.stage1, self.stage2 = split_budget(self.budget)
+        else:
+            self.stage1 = OFFICIAL_STAGE1 if self.stage1 is None else self.stage1
+            self.stage2 = OFFICIAL_STAGE2 if self.stage2 is None else self.stage2
+        for k in ("stage1", "stage2"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"vscan: {k} must be a whole number >= 1, got {v!r}")
+            setattr(self, k, int(v))
+        if not 0.0 <= float(self.local_ratio) <= 1.0:
+            raise ValueError("vscan: local_ratio must be in [0, 1]")
+        if self.remainder not in REMAINDERS:
+            raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {self.remainder!r}")
+        if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
+            raise ValueError("vscan: window must be >= 1 patch")
+        self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=REFERENCE_TOWER, family="llava")
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        n = int(num_vision_layers)
+        self._local = local_layer_for(n) if self.local_layer is None else int(self.local_layer) % n
+        self._global = n - 2 if self.global_layer is None else int(self.global_layer) % n
+        # hidden_states[v] is produced by encoder layer v - 1
+        self.vision_cls_layers = tuple(sorted({self._local + 1, self._global + 1}))
+        self._layers = (scale_layers((int(self.layer),), num_layers) if self.scale_layers
+                        else (int(self.layer),))
+
+    @property
+    def llm_layers(self):
+        return self._layers
+
+    def stage2_count(self, num_units: int) -> int:
+        """Visual tokens kept at the LLM stage for a sample of ``num_units`` units (K1 per unit, over the
+        whole visual block)."""
+        return self.stage2 * int(num_units)
+
+    def select_vision(self, sig):
+        return vscan_stage1(sig.cls_attn_layers[self._local + 1], sig.cls_attn_layers[self._global + 1],
+                            sig.features, sig.unit, sig.patch, sig.grid, self.stage1, window=self.window,
+                            local_ratio=float(self.local_ratio), remainder=self.remainder,
+                            unit_host=sig._unit_host)
+
+    def select_llm(self, stage, sig):
+        k = self.stage2_count(sig.vision.num_units)
+        if k >= sig.num_visual:
+            return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
+        row = sig.attention("last", layer="next")[:, 0]  # (H, S): layer K's q/k, last prompt token
+        return Selection(keep=pdrop_select(row, sig.visual, k))
