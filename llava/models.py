@@ -232,7 +232,33 @@ def _runtime(model, tokenizer, image_processor, family, name, template=None, nex
 def load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
-         max_pixels: int | None = None) -> Runtime:
+         max_pixels: int | None = None, vision_dtype=None) -> Runtime:
+    """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
+    a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
+    [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
+    dtype before it. The tower keeps the checkpoint's weights (llava-hf stores them in fp16; the official
+    code loads CLIP from its own fp32 checkpoint), computed in ``vision_dtype``. LLaVA-1.5 / NeXT / Video-LLaVA; the pruning engine must be attached (any method,
+    even "none"): the stock transformers forward cannot mix the two dtypes."""
+    rt = _load(name, dtype=dtype, device=device, attn_implementation=attn_implementation, template=template,
+               next_layout=next_layout, num_frames=num_frames, pad_to_square=pad_to_square, seed=seed,
+               min_pixels=min_pixels, max_pixels=max_pixels)
+    if vision_dtype is not None:
+        vd = _dtype(vision_dtype)
+        if rt.family not in ("llava", "llava_next", "video_llava"):
+            raise ValueError(f"vision_dtype is supported for the CLIP-tower families (LLaVA-1.5, NeXT, Video-LLaVA), "
+                             f"not {rt.family}")
+        core = rt.model.model
+        for attr in ("vision_tower", "image_tower", "video_tower"):
+            if getattr(core, attr, None) is not None:
+                getattr(core, attr).to(vd)
+        rt.info["vision_dtype"] = str(vd).replace("torch.", "")
+    return rt
+
+
+def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
+          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
+          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
+          max_pixels: int | None = None) -> Runtime:
     """Load a model by hub id, local directory, ``shape:<name>`` (real architecture, random
     weights; names: the JSON files in llava/configs) or ``tiny:<family>``.
 

@@ -49,3 +49,49 @@ def test_shape_configs_build_the_real_architectures(name):
         assert rt.processor.image_tokens((672, 672)) == 576 + 48 * 48 + 48
         rt.processor.next_layout = "spatial"
         assert rt.processor.image_tokens((672, 672)) == 5 * 576 == 2880
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava-next", "video-llava"])
+def test_vision_dtype_keeps_the_tower_in_fp32_under_a_half_precision_llm(fam):
+    """load(vision_dtype="float32"): LLaVA's own loader keeps CLIP in fp32 (device_map='auto'); the [CLS]
+    scores then equal those of an all-fp32 model exactly, and generation runs through the engine."""
+    from conftest import rand_image
+
+    from llava.method import Method, Selection
+
+    class Spy(Method):
+        name = "dtype_spy"
+        vision_stage = True
+        needs_vision_attention = True
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def select_vision(self, sig):
+            self.seen.append(sig.cls_attn)
+            return Selection(keep=torch.arange(min(4, sig.num_tokens), device=sig.unit.device))
+
+    half = load(f"tiny:{fam}", seed=1, dtype="bfloat16", vision_dtype="float32")
+    full = load(f"tiny:{fam}", seed=1)
+    full.model.load_state_dict(half.model.state_dict())  # the same (checkpoint-precision) weights, all fp32
+    tower = half.model.model.video_tower if fam == "video-llava" else half.model.model.vision_tower
+    assert tower.dtype == torch.float32 and half.model.model.language_model.dtype == torch.bfloat16
+    assert half.info["vision_dtype"] == "float32"
+    qs = ["what is this?"]
+    if fam == "video-llava":
+        inputs = half.processor(qs, videos=[[rand_image(j, 50, 50) for j in range(8)]])
+    else:
+        inputs = half.processor(qs, [rand_image(0)])
+    got = {}
+    for name, rt in (("half", half), ("full", full)):
+        spy = Spy()
+        rt.prune(spy)
+        with torch.no_grad():
+            out = rt.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+        got[name] = spy.seen[0]
+        rt.unprune()
+    assert torch.equal(got["half"], got["full"])  # the same fp32 tower, the same scores
+    with pytest.raises(ValueError, match="CLIP-tower families"):
+        load("tiny:qwen2.5-vl", dtype="bfloat16", vision_dtype="float32")

@@ -93,7 +93,8 @@ class FamilyAdapter:
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """(n, Dv) vision-space rows -> (n, D) LLM inputs, with the stock projector."""
-        return self.core.multi_modal_projector(vision_features[None])[0]
+        proj = self.core.multi_modal_projector
+        return proj(vision_features.to(next(proj.parameters()).dtype)[None])[0]
 
     def grid(self) -> tuple[int, int]:
         vc = self.config.vision_config

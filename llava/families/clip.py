@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 
 
+def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 def attention_layer(tower, feature_layer: int, vision_layer: int | None) -> int:
     """Index of the encoder layer whose attention defines the vision signals: the layer that
     produces ``hidden_states[v]`` (v = the method's ``vision_layer`` or the model's select layer)."""
@@ -96,7 +100,7 @@ def run_tower_staged(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     layers = tower.encoder.layers
     n_layers = len(layers)
     v = feature_layer % (n_layers + 1)  # hidden_states[v] = output of encoder layer v - 1
-    h = tower.pre_layrnorm(tower.embeddings(pixels))
+    h = tower.pre_layrnorm(tower.embeddings(pixels.to(tower.dtype)))
     n, s, d = h.shape
     pos = torch.arange(s, device=h.device).expand(n, s)
     groups = [(torch.arange(n), h, pos, {})]
@@ -166,7 +170,7 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
             handles.append(layer.register_forward_pre_hook(grab("h"), with_kwargs=True))
         for v, idx in extra.items():
             handles.append(tower.encoder.layers[idx].register_forward_pre_hook(grab(("x", v)), with_kwargs=True))
-        out = tower(pixels, output_hidden_states=True, return_dict=True)
+        out = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -207,7 +211,8 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     ``unit_pos`` (n, 2) = -1."""
     n, s, dv = hs.shape
     sel = hs[:, 1:] if drop_cls else hs
-    feats = proj(sel)  # one projector call over all units, as the stock model does
+    pdt = _param_dtype(proj)  # a tower kept in fp32 under a half-precision LLM (load(vision_dtype=)):
+    feats = proj(sel.to(pdt))  # features cast to the projector's dtype, as LLaVA's tower does; one call
     m = sel.shape[1]
     off = 1 if drop_cls else 0
     kept = (received or {}).get("in_tower_kept")
@@ -228,7 +233,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
         r = r.permute(0, 2, 1) if name.startswith(("recv:", "clsl:")) else r
         flat[name] = r[:, off:].reshape(n * m, *r.shape[2:])
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
-        cls = {"features": proj(hs[:, :1])[:, 0], "vision_features": hs[:, 0]}
+        cls = {"features": proj(hs[:, :1].to(pdt))[:, 0], "vision_features": hs[:, 0]}
         if ca is not None:
             cls["cls_attn"] = ca[:, :, 0]
             cls["keys"] = ks[:, 0]
