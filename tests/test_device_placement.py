@@ -25,6 +25,7 @@ BUDGETS = {
     "pdrop": None,  # the official geometric schedule
     "sparsevlm": 192,
     "prumerge": None,  # adaptive: the count depends on the image
+    "vscan": 6,  # 4 would leave its local scan empty on the tiny 2x2 windows
     "none": None,
     "novisual": None,
 }
@@ -43,6 +44,7 @@ VARIANTS = {
     "divprune": [{"scope": "unit"}],
     "fastervlm": [{"cls_token": "keep"}],
     "prumerge": [{"variant": "base"}],
+    "vscan": [{"remainder": "global"}],
 }
 
 

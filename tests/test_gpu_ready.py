@@ -25,6 +25,7 @@ BUDGETS = {
     "hiprune": _PER_UNIT, "vispruner": _PER_UNIT, "downsample": _PER_UNIT,
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
+    "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly
 METHODS = [m for m in available_methods() if not m.startswith("test_") and m != "layout_spy"]
