@@ -159,6 +159,11 @@ SEED_METHODS = ("consensusdrop", "visiondrop", "attnmix")
 #: layer averages cannot go below ~11 (PDrop geometric: ~21) of 64 tokens; the results record the
 #: measured averages and the plot uses them as x.
 BUDGETS_576 = {"pdrop": (64, 128, 192, 288), "sparsevlm": (64, 96, 128, 192)}
+#: methods that cannot reach the default budgets: downsample's equal windows on the 8x8 grid reach 64 / 16 / 9 / 4 / 1
+BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16)}
+#: methods whose official mode chooses its own count (PruMerge's IQR outliers): run once without a budget,
+#: and at the budgets with these options
+ADAPTIVE = {"prumerge": {"budget_mode": "fixed"}}
 CONSENSUS_VARIANTS = (("consensusdrop", {}), ("consensusdrop", {"fusion": "encoder_only"}),
                       ("consensusdrop", {"fusion": "cross_only"}), ("consensusdrop", {"fusion": "adaptive"}),
                       ("consensusdrop", {"probe_layer": 0}), ("consensusdrop", {"probe_layer": 1}))
@@ -177,7 +182,10 @@ def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS) -> list[tuple[str, i
             methods.extend(CONSENSUS_VARIANTS if m == "consensusdrop" else [(m, {})])
     methods.extend((m, {}) for m in names if m not in SEED_METHODS)
     for m, opt in methods:
-        for b in BUDGETS_576.get(m, budgets):
+        if m in ADAPTIVE:
+            cfgs.append((m, None, dict(opt)))
+            opt = {**opt, **ADAPTIVE[m]}
+        for b in BUDGETS_576.get(m, BUDGETS_OVERRIDE.get(m, budgets)):
             cfgs.append((m, b, dict(opt)))
     return cfgs
 
@@ -236,7 +244,9 @@ def markdown(res: dict) -> str:
         "",
         "Budget: the method's own convention - tokens per image entering the LLM (pre-LLM methods), total "
         "(AttnMix), the average over LLM layers (FastV, VisionDrop), tokens kept after the pruning layer (DART), "
-        "or stated for LLaVA-1.5's 576 tokens (`b/576`: PyramidDrop, SparseVLM; counts scale to 64). On one "
+        "or stated for LLaVA-1.5's 576 tokens (`b/576`: PyramidDrop, SparseVLM; counts scale to 64); PruMerge "
+        "`-` = its own adaptive count (official), its fixed mode at the budgets; downsample at the counts its "
+        "equal windows reach on the 8x8 grid (1 / 4 / 9 / 16). On one "
         "64-token image the first two are the same number of tokens. `in LLM` / `avg` = measured visual "
         "tokens entering the LLM / averaged over its 6 layers (multi-stage methods keep all 64 in their first "
         "layer(s), so their average cannot reach the smallest budgets); the plot's x is `avg`. Salience: `small obj` = the question is about a small "
@@ -269,7 +279,7 @@ def plot(res: dict, path: str | os.PathLike) -> None:
     series: dict[str, list[tuple[int, dict]]] = {}
     refs = {}
     for r in res["results"]:
-        if r["budget"] is None:
+        if r["budget"] is None and r["method"] in ("none", "novisual"):
             refs[r["method"]] = r["accuracy"]
         else:
             series.setdefault(label(r["method"], r["options"]), []).append((r["tokens"]["visual_layer_avg"], r["accuracy"]))
