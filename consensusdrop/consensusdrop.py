@@ -24,6 +24,8 @@ from llava.ops import (best_product_split, best_product_split_k1, block_order, c
                        text_to_image_score, unit_layout)
 
 FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
+SELECTS = ("rank", "maxmin", "dpp")
+RELEVANCES = ("rank_mean", "score_mean")
 
 
 def order_desc(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -115,6 +117,79 @@ def select_dominant(s_v: torch.Tensor, s_x: torch.Tensor, d: int, fusion: str = 
     return order_desc(c, s_v)[:d].sort().values
 
 
+def unit_relevance(s: torch.Tensor, ties: torch.Tensor | None = None, how: str = "rank_mean") -> torch.Tensor:
+    """One signal as a relevance in [0, 1]: ``rank_mean`` (1 - (r - 1) / (n - 1), r the 1-based rank;
+    scale-free, so a peaky signal and a flat one weigh alike) or ``score_mean`` (s / max s)."""
+    n = s.numel()
+    if how == "score_mean":
+        s = s.float()
+        return s / s.max().clamp(min=1e-30)
+    r = ranks_from_order(order_desc(s, torch.zeros_like(s) if ties is None else ties)).float()
+    return 1.0 - (r - 1.0) / max(n - 1, 1)
+
+
+def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "rrf", w_v: float = 1.0, w_x: float = 1.0,
+                    how: str = "rank_mean") -> torch.Tensor:
+    """rel(j) in [0, 1]: (w_v u_v + w_x u_x) / (w_v + w_x), u the per-signal relevance of
+    :func:`unit_relevance`; ``encoder_only`` / ``cross_only``: that signal's u alone."""
+    u_v = unit_relevance(s_v, None, how)
+    if fusion == "encoder_only":
+        return u_v
+    u_x = unit_relevance(s_x, s_v, how)
+    if fusion == "cross_only":
+        return u_x
+    return (w_v * u_v + w_x * u_x) / (w_v + w_x)
+
+
+def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None, how: str = "maxmin",
+                 alpha: float = 1.0, theta: float = 0.5) -> torch.Tensor:
+    """``d`` tokens (local indices, ascending) covering the features ``x`` (n, D) weighted by the
+    relevance ``rel`` (n,), after the forced picks ``seed`` (local indices; counted in ``d``).
+
+    maxmin: greedy argmax_j rel_j^alpha * min_{s picked} (1 - cos(x_j, x_s)) (DivPrune's max-min
+            rule, relevance-weighted; before any pick the distance term is 1, so the first pick is
+            the most relevant token).
+    dpp:    greedy MAP of the conditional DPP L = diag(q) S diag(q), S = cos(x, x), q = exp(theta rel)
+            (CDPruner's kernel with our fused relevance), the seeds forced first.
+    fp32 on the device; one argmax per pick, no host sync."""
+    n = x.shape[0]
+    d = min(d, n)
+    dev = x.device
+    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    sim = xn @ xn.T
+    picked = torch.zeros(n, dtype=torch.bool, device=dev)
+    n_seed = 0 if seed is None else min(int(seed.numel()), d)
+    if how == "maxmin":
+        w = rel.float().clamp(min=0) ** alpha
+        mind = torch.ones(n, device=dev)
+        if n_seed:
+            picked[seed[:n_seed]] = True
+            mind = (1.0 - sim[:, seed[:n_seed]]).amin(1).clamp(min=0)
+        for _ in range(d - n_seed):
+            j = (w * mind).masked_fill(picked, -1.0).argmax()
+            picked[j] = True
+            mind = torch.minimum(mind, (1.0 - sim[j]).clamp(min=0))
+        return torch.nonzero(picked).flatten()
+    if how != "dpp":
+        raise ValueError(f"select must be one of {SELECTS}")
+    q = torch.exp(theta * rel.float())
+    L = q[:, None] * sim * q[None, :]
+    fi = torch.finfo(torch.float32)
+    C = torch.zeros(max(d, 1), n, device=dev)
+    d2 = torch.diagonal(L).clone()
+    for t in range(d):
+        if t < n_seed:
+            j = seed[t]
+        else:
+            j = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(picked, float("-inf")).argmax()
+        row = L[j] - (C[:t, j] @ C[:t] if t else 0.0)
+        e = row / torch.sqrt(d2[j].clamp(min=fi.tiny))
+        C[t] = e
+        d2 = d2 - e * e
+        picked[j] = True
+    return torch.nonzero(picked).flatten()
+
+
 def split_budget(budget: int, contextual_ratio: float, merge: bool, dominant: int | None = None,
                  contextual: int | None = None) -> tuple[int, int]:
     """(D, C) for one unit: C = round(ratio x budget) (10/64 gives 54+10, 108+20, 162+30, 27+5, 14+3)."""
@@ -170,6 +245,12 @@ class ConsensusDrop(Method):
             "w_v": 1.0,
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
+            "select": "rank",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
+            "relevance": "rank_mean",  # rank_mean | score_mean: the fused relevance maxmin / dpp weigh by
+            "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
+            "alpha": 1.0,  # maxmin: relevance exponent
+            "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
+            "div_space": "features",  # maxmin / dpp distances: features (projected) | vision_features | keys
             "merge": "visionzip",  # visionzip | none
             "merge_metric": "clip_keys",  # clip_keys | clip_features
             "merge_rule": "target_plus_mean",  # target_plus_mean | mean
@@ -193,7 +274,8 @@ class ConsensusDrop(Method):
                   "probe_query_agg": ("mean", "max"), "probe_softmax_keys": ("all", "visual_only"),
                   "probe_mode": ("attn", "embed_cos"), "encoder_head_agg": ("mean", "sum"),
                   "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
-                  "prune_point": ("pre_llm", "after_probe")}
+                  "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
+                  "div_space": ("features", "vision_features", "keys")}
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
@@ -231,7 +313,18 @@ class ConsensusDrop(Method):
         return self.fusion != "encoder_only"
 
     # -- the per-sample algorithm ---------------------------------------------------------------
-    def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space):
+    def _dominant(self, s_v, s_x, x, d):
+        """The ``d`` dominant tokens of one unit (local indices, ascending)."""
+        if self.select == "rank":
+            return select_dominant(s_v, s_x, d, self.fusion, self.rrf_k, self.w_v, self.w_x, self.adaptive_min_frac)
+        fusion = self.fusion if self.fusion in ("encoder_only", "cross_only") else "mean"
+        rel = fused_relevance(s_v, s_x, fusion, self.w_v, self.w_x, self.relevance)
+        g = min(d, int(self.peaks * d)) if fusion == "mean" else 0
+        seed = order_desc(s_x, s_v)[:g] if g else None
+        return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
+
+    def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space,
+                div_x=None):
         """Shared by both prune points. All tensors over the sample's candidates (n,). One host sync
         (the unit layout); ``is_newline`` is ``unit < 0``."""
         n = s_v.numel()
@@ -252,8 +345,7 @@ class ConsensusDrop(Method):
             else:
                 d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual)
                 d_free = max(0, d - cls_idx.numel())
-                local = select_dominant(s_v[cand], s_x[cand], d_free, self.fusion, self.rrf_k, self.w_v, self.w_x,
-                                        self.adaptive_min_frac)
+                local = self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free)
                 d_u = torch.cat([cls_idx, cand[local]])  # [CLS] first, then ascending
                 left = torch.ones(cand.numel(), dtype=torch.bool, device=dev)
                 left[local] = False  # cand minus d_u (cls_idx is never among cand)
@@ -296,8 +388,9 @@ class ConsensusDrop(Method):
                 s_x[: sig.num_stock] = text_to_image_score(sig.text_embeds[q], sig.features[: sig.num_stock])
         metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
         space = "vision" if self.merge_space == "clip" else "projected"
+        div_x = {"features": sig.features, "vision_features": sig.vision_features, "keys": sig.keys}[self.div_space]
         return self._select(s_v, s_x, metric, sig.unit, sig.patch, sig.unit_pos, sig.is_newline, sig.num_stock,
-                            self._budget_mode(), space)
+                            self._budget_mode(), space, div_x)
 
     def select_llm(self, stage, sig):
         """prune_point='after_probe' (ablation): the same selection at layer K from the LLM's own
@@ -309,5 +402,6 @@ class ConsensusDrop(Method):
         p = sig.attention(rows, layer="next")[:, :, sig.visual]
         s_x = self._cross_saliency(p)
         metric = (v.keys if self.merge_metric == "clip_keys" else v.vision_features)[o]
+        div_x = {"features": v.features, "vision_features": v.vision_features, "keys": v.keys}[self.div_space][o]
         return self._select(s_v, s_x, metric, v.unit[o], v.patch[o], v.unit_pos, v.is_newline[o], o.numel(),
-                            self._budget_mode(), "projected")
+                            self._budget_mode(), "projected", div_x)
