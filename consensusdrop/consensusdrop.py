@@ -24,7 +24,7 @@ from llava.ops import (best_product_split, best_product_split_k1, block_order, c
                        text_to_image_score, unit_layout)
 
 FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
-SELECTS = ("rank", "maxmin", "dpp")
+SELECTS = ("rank", "maxmin", "dpp", "nms")
 RELEVANCES = ("rank_mean", "score_mean")
 
 
@@ -128,16 +128,23 @@ def unit_relevance(s: torch.Tensor, ties: torch.Tensor | None = None, how: str =
     return 1.0 - (r - 1.0) / max(n - 1, 1)
 
 
-def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "rrf", w_v: float = 1.0, w_x: float = 1.0,
-                    how: str = "rank_mean") -> torch.Tensor:
-    """rel(j) in [0, 1]: (w_v u_v + w_x u_x) / (w_v + w_x), u the per-signal relevance of
-    :func:`unit_relevance`; ``encoder_only`` / ``cross_only``: that signal's u alone."""
+def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda", w_v: float = 1.0, w_x: float = 1.0,
+                    how: str = "rank_mean", rrf_k: float = 60.0) -> torch.Tensor:
+    """rel(j) in [0, 1], the consensus relevance the diverse selections weigh by. ``borda``:
+    (w_v u_v + w_x u_x) / (w_v + w_x), u the per-signal relevance of :func:`unit_relevance` (with
+    ``rank_mean`` the normalised Borda count); ``rrf``: the RRF score of :func:`consensus_scores`
+    min-max normalised; ``encoder_only`` / ``cross_only``: that signal's u alone."""
+    if fusion == "rrf":
+        c = consensus_scores(s_v, s_x, "rrf", rrf_k, w_v, w_x).float()
+        return (c - c.min()) / (c.max() - c.min()).clamp(min=1e-30)
     u_v = unit_relevance(s_v, None, how)
     if fusion == "encoder_only":
         return u_v
     u_x = unit_relevance(s_x, s_v, how)
     if fusion == "cross_only":
         return u_x
+    if fusion != "borda":
+        raise ValueError(f"fused_relevance: fusion must be borda / rrf / encoder_only / cross_only, got {fusion!r}")
     return (w_v * u_v + w_x * u_x) / (w_v + w_x)
 
 
@@ -170,6 +177,15 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
             picked[j] = True
             mind = torch.minimum(mind, (1.0 - sim[j]).clamp(min=0))
         return torch.nonzero(picked).flatten()
+    if how == "nms":  # one pass, no loop: penalise each token by its nearest more-relevant token
+        o = order_desc(rel, torch.zeros_like(rel))
+        so = sim[o][:, o].masked_fill(~torch.ones(n, n, dtype=torch.bool, device=dev).triu(1), -1.0)
+        pen = torch.empty(n, device=dev)
+        pen[o] = so.amax(0).clamp(min=0)
+        adj = rel.float().clamp(min=0) ** alpha * (1.0 - pen)
+        if n_seed:
+            adj[seed[:n_seed]] = float("inf")
+        return order_desc(adj, rel)[:d].sort().values
     if how != "dpp":
         raise ValueError(f"select must be one of {SELECTS}")
     q = torch.exp(theta * rel.float())
@@ -191,7 +207,7 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
 
 
 def split_budget(budget: int, contextual_ratio: float, merge: bool, dominant: int | None = None,
-                 contextual: int | None = None) -> tuple[int, int]:
+                 contextual: int | None = None, rounding: str = "round") -> tuple[int, int]:
     """(D, C) for one unit: C = round(ratio x budget) (10/64 gives 54+10, 108+20, 162+30, 27+5, 14+3)."""
     if dominant is not None or contextual is not None:
         d = dominant if dominant is not None else budget - contextual
@@ -202,7 +218,7 @@ def split_budget(budget: int, contextual_ratio: float, merge: bool, dominant: in
         return d, c
     if not merge:
         return budget, 0
-    c = int(round(contextual_ratio * budget))
+    c = int(round(contextual_ratio * budget)) if rounding == "round" else int(contextual_ratio * budget + 1e-9)
     return budget - c, c
 
 
@@ -247,6 +263,8 @@ class ConsensusDrop(Method):
             "adaptive_min_frac": 0.25,
             "select": "rank",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
             "relevance": "rank_mean",  # rank_mean | score_mean: the fused relevance maxmin / dpp weigh by
+            "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only: asymmetric)
+            "contextual_rounding": "round",  # C = round | floor (ratio x budget); floor: no merged token below 7
             "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
             "alpha": 1.0,  # maxmin: relevance exponent
             "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
@@ -275,7 +293,8 @@ class ConsensusDrop(Method):
                   "probe_mode": ("attn", "embed_cos"), "encoder_head_agg": ("mean", "sum"),
                   "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
                   "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
-                  "div_space": ("features", "vision_features", "keys")}
+                  "div_space": ("features", "vision_features", "keys"),
+                  "fill": ("fused", "encoder"), "contextual_rounding": ("round", "floor")}
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
@@ -315,11 +334,13 @@ class ConsensusDrop(Method):
     # -- the per-sample algorithm ---------------------------------------------------------------
     def _dominant(self, s_v, s_x, x, d):
         """The ``d`` dominant tokens of one unit (local indices, ascending)."""
-        if self.select == "rank":
+        if self.select == "rank" or self.fusion == "adaptive":  # adaptive: AdaV's list split is its own rule
             return select_dominant(s_v, s_x, d, self.fusion, self.rrf_k, self.w_v, self.w_x, self.adaptive_min_frac)
-        fusion = self.fusion if self.fusion in ("encoder_only", "cross_only") else "mean"
-        rel = fused_relevance(s_v, s_x, fusion, self.w_v, self.w_x, self.relevance)
-        g = min(d, int(self.peaks * d)) if fusion == "mean" else 0
+        fusion = self.fusion
+        g = min(d, int(self.peaks * d)) if fusion in ("borda", "rrf") else 0
+        if g and self.fill == "encoder":
+            fusion = "encoder_only"
+        rel = fused_relevance(s_v, s_x, fusion, self.w_v, self.w_x, self.relevance, self.rrf_k)
         seed = order_desc(s_x, s_v)[:g] if g else None
         return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
 
@@ -343,7 +364,8 @@ class ConsensusDrop(Method):
             if b >= lay.num_stock[u]:
                 d_u, t_u = idx[: lay.num_stock[u]], idx[:0]  # the unit fits: keep its tokens as they are
             else:
-                d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual)
+                d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual,
+                                    self.contextual_rounding)
                 d_free = max(0, d - cls_idx.numel())
                 local = self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free)
                 d_u = torch.cat([cls_idx, cand[local]])  # [CLS] first, then ascending

@@ -162,3 +162,47 @@ def test_bad_options_are_refused():
         get_method("consensusdrop", 64, fusion="mean")
     with pytest.raises(ValueError, match="after_probe"):
         get_method("consensusdrop", 64, prune_point="after_probe", probe_layer=0)
+
+
+# -- the diverse selection (select = maxmin / nms / dpp) ------------------------------------------
+# 4 tokens: x1 duplicates x0, x2 is orthogonal to both, x3 sits between (cos .707 with x0, x1, x2)
+X4 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7071068, 0.7071068]])
+REL4 = torch.tensor([1.0, 0.9, 0.5, 0.6])
+
+
+def test_maxmin_by_hand():
+    from consensusdrop import diverse_pick
+
+    # first pick = most relevant (0); then rel * min distance = [-, .9 * 0, .5 * 1, .6 * .293] -> 2
+    assert diverse_pick(X4, REL4, 2, how="maxmin").tolist() == [0, 2]
+    # the rank rule would keep the duplicate: top-2 by relevance = [0, 1]
+    assert torch.topk(REL4, 2).indices.sort().values.tolist() == [0, 1]
+    # a forced seed (a cross-modal peak) counts in d: seed 3, then rel * (1 - cos(., x3)) = [.293, .264, .146] -> 0
+    assert diverse_pick(X4, REL4, 2, seed=torch.tensor([3]), how="maxmin").tolist() == [0, 3]
+    # alpha = 0: pure max-min (DivPrune's rule after the first pick); the first pick is still the most relevant
+    assert diverse_pick(X4, REL4, 3, how="maxmin", alpha=0.0).tolist() == [0, 2, 3]
+
+
+def test_nms_and_dpp_avoid_the_duplicate():
+    from consensusdrop import diverse_pick
+
+    # nms: penalty = max cos to a more relevant token: [0, 1, .707, .707] -> adj [1, 0, .146, .176] -> 0, 3
+    assert diverse_pick(X4, REL4, 2, how="nms").tolist() == [0, 3]
+    picks = diverse_pick(X4, REL4, 2, how="dpp")
+    assert 0 in picks.tolist() and 1 not in picks.tolist()
+
+
+def test_fused_relevance_is_the_mean_of_rank_relevances():
+    from consensusdrop import fused_relevance
+
+    # r_v = [1, 6, 3, 4, 2, 5], r_x = [6, 1, 2, 4, 5, 3] (see the top of this file); u = 1 - (r - 1) / 5
+    u_v = [1.0, 0.0, 0.6, 0.4, 0.8, 0.2]
+    u_x = [0.0, 1.0, 0.8, 0.4, 0.2, 0.6]
+    assert fused_relevance(S_V, S_X, "encoder_only").tolist() == pytest.approx(u_v)
+    assert fused_relevance(S_V, S_X, "cross_only").tolist() == pytest.approx(u_x)
+    assert fused_relevance(S_V, S_X, "borda").tolist() == pytest.approx([(a + b) / 2 for a, b in zip(u_v, u_x)])
+
+
+def test_floor_rounding_gives_no_merged_token_at_tiny_budgets():
+    assert [split_budget(b, 0.15625, True, rounding="floor") for b in (4, 8, 16, 32, 64, 128, 192)] == \
+        [(4, 0), (7, 1), (14, 2), (27, 5), (54, 10), (108, 20), (162, 30)]
