@@ -34,7 +34,7 @@ def load_video(path: str | os.PathLike, num_frames: int) -> list:
     Directories of frame images and GIFs are read with PIL; other files need ``decord`` (what
     Video-LLaVA uses) or PyAV (``pip install av``)."""
     import numpy as np
-    from PIL import Image, ImageSequence
+    from PIL import Image
 
     path = Path(path)
     if path.is_dir():
@@ -44,30 +44,9 @@ def load_video(path: str | os.PathLike, num_frames: int) -> list:
                              f"next to it ({'/'.join(VIDEO_FORMATS + EXTRA_FORMATS)})")
         idx = np.linspace(0, len(frames) - 1, num_frames, dtype=int)
         return [Image.open(frames[i]).convert("RGB") for i in idx]
-    if path.suffix.lower() == ".gif":
-        with Image.open(path) as im:
-            frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-        idx = np.linspace(0, len(frames) - 1, num_frames, dtype=int)
-        return [frames[i] for i in idx]
-    try:
-        from decord import VideoReader, cpu
+    from llava.preprocess import decode_video
 
-        vr = VideoReader(str(path), ctx=cpu(0))
-        idx = np.linspace(0, len(vr) - 1, num_frames, dtype=int)
-        return [Image.fromarray(f) for f in vr.get_batch(list(idx)).asnumpy()]
-    except ImportError:
-        pass
-    try:
-        import av
-    except ImportError:
-        raise RuntimeError(f"cannot decode {path}: install decord (as Video-LLaVA) or PyAV (`pip install av`), "
-                           "or give a directory of frame images with the video's name") from None
-    with av.open(str(path)) as container:
-        frames = [f.to_image().convert("RGB") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"no frames decoded from {path}")
-    idx = np.linspace(0, len(frames) - 1, num_frames, dtype=int)
-    return [frames[i] for i in idx]
+    return decode_video(path, num_frames)  # GIF with PIL; else decord, or PyAV (only the sampled frames)
 
 
 class VideoQA(Benchmark):
