@@ -250,21 +250,21 @@ class ConsensusDrop(Method):
             "contextual": None,
             "vision_layer": None,  # hidden-states index of the CLIP layer for s_v and keys (None: the model's, -2)
             "encoder_head_agg": "mean",  # mean | sum (same ranking)
-            "probe_layer": 2,  # 0: layer-0 q/k proxy (no decoder layer runs); K: run layers 0..K-1
+            "probe_layer": None,  # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
             "probe_queries": "question",  # question | all_post_image | last
             "probe_head_agg": "mean",  # mean | max
             "probe_query_agg": "mean",  # mean | max
             "probe_softmax_keys": "all",  # all | visual_only (renormalised over visual columns)
-            "probe_mode": "attn",  # attn | embed_cos (AdaV's embedding-cosine proxy, no LLM layer)
-            "fusion": "rrf",  # rrf | borda | adaptive | encoder_only | cross_only
+            "probe_mode": "auto",  # auto (embed_cos without a probe_layer, else attn) | attn | embed_cos (AdaV's s_j)
+            "fusion": "borda",  # borda | rrf | adaptive | encoder_only | cross_only
             "rrf_k": 60.0,
             "w_v": 1.0,
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
-            "select": "rank",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
+            "select": "maxmin",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
             "relevance": "rank_mean",  # rank_mean | score_mean: the fused relevance maxmin / dpp weigh by
             "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only: asymmetric)
-            "contextual_rounding": "round",  # C = round | floor (ratio x budget); floor: no merged token below 7
+            "contextual_rounding": "floor",  # C = round | floor (ratio x budget); floor: no merged token below 7
             "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
             "alpha": 1.0,  # maxmin: relevance exponent
             "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
@@ -290,7 +290,7 @@ class ConsensusDrop(Method):
                   "merge_rule": ("target_plus_mean", "mean"), "merge_space": ("clip", "projected"),
                   "probe_queries": ("question", "all_post_image", "last"), "probe_head_agg": ("mean", "max"),
                   "probe_query_agg": ("mean", "max"), "probe_softmax_keys": ("all", "visual_only"),
-                  "probe_mode": ("attn", "embed_cos"), "encoder_head_agg": ("mean", "sum"),
+                  "probe_mode": ("auto", "attn", "embed_cos"), "encoder_head_agg": ("mean", "sum"),
                   "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
                   "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
                   "div_space": ("features", "vision_features", "keys"),
@@ -298,7 +298,11 @@ class ConsensusDrop(Method):
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
-        if self.prune_point == "after_probe" and (self.probe_layer < 1 or self.probe_mode != "attn"):
+        if self.probe_mode == "auto":
+            self.probe_mode = "embed_cos" if self.probe_layer is None else "attn"
+        if self.probe_mode == "attn" and self.probe_layer is None:
+            raise ValueError("consensusdrop: probe_mode='attn' needs a probe_layer (e.g. 2)")
+        if self.prune_point == "after_probe" and (self.probe_mode != "attn" or self.probe_layer < 1):
             raise ValueError("consensusdrop: prune_point='after_probe' needs probe_layer >= 1 and probe_mode='attn'")
         self.vision_stage = self.prune_point == "pre_llm"
         if "position_mode" not in options:
@@ -306,7 +310,7 @@ class ConsensusDrop(Method):
 
     def setup(self, *, num_layers, num_vision_layers, family):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
-        if self.probe_layer >= num_layers:
+        if self.probe_layer is not None and self.probe_layer >= num_layers:
             raise ValueError(f"consensusdrop: probe_layer {self.probe_layer} >= the LLM's {num_layers} layers")
         self.cls_slot = self.include_cls if self.include_cls is not None else family == "video_llava"
         # on images the [CLS] is not an LLM token: offer it as an extra candidate when it takes a slot
