@@ -367,6 +367,17 @@ def run(cfg: RunConfig) -> int:
         bad = _family_check(cfg, rt, questions)
         if bad:
             return user_error(bad)
+        if (cfg.launcher or _guess_launcher()) == "deepspeed":  # each rank's model through deepspeed.init_inference
+            from llava.models import deepspeed_inference
+
+            tp = int(os.environ.get("TP", "1"))
+            if tp != 1:
+                return user_error("TP > 1 (DeepSpeed AutoTP groups) is not supported by the harness yet: run TP=1 "
+                                  "(one model replica per rank, questions sharded across ranks)")
+            try:
+                rt = deepspeed_inference(rt, tp_size=tp, dtype=dtype)
+            except RuntimeError as e:
+                return user_error(str(e))
         try:  # checks that need the model (e.g. an LLM layer out of range)
             engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
         except (KeyError, ValueError, TypeError) as e:

@@ -1,0 +1,69 @@
+"""DeepSpeed inference for real (the `deepspeed` extra): deepspeed.init_inference with tensor-parallel
+size 1 and kernel injection off, on CPU (DeepSpeed's CPU accelerator), with every registered method
+attached after it: the same tokens as the plain model; and `eval run --launcher deepspeed` (what
+LAUNCHER=deepspeed does on every rank) through it, with the same answers as the python launcher."""
+
+import pytest
+import torch
+
+deepspeed = pytest.importorskip("deepspeed")
+
+from conftest import load, make_batch  # noqa: E402
+from test_gpu_ready import METHODS, budget  # noqa: E402
+
+from llava.models import deepspeed_inference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ds_pair():
+    plain = load("tiny:llava", seed=1)
+    wrapped = deepspeed_inference(load("tiny:llava", seed=1), tp_size=1)
+    return plain, wrapped
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_inference_gives_the_plain_models_tokens_for_every_method(ds_pair, method):
+    plain, wrapped = ds_pair
+    assert wrapped.info["deepspeed"]["tp_size"] == 1 and not wrapped.info["deepspeed"]["kernel_inject"]
+    inputs = make_batch(plain)
+    outs = []
+    for rt in (plain, wrapped):
+        eng = rt.prune(method, budget(method, rt.family), **({"seed": 3} if method == "random" else {}))
+        try:
+            with torch.no_grad():
+                outs.append(rt.model.generate(**inputs, max_new_tokens=4, do_sample=False))
+            assert eng.prefills == 1
+        finally:
+            rt.unprune()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_methods_attached_before_init_inference_are_refused():
+    rt = load("tiny:llava", seed=1)
+    rt.prune("fastv", 8)
+    with pytest.raises(ValueError, match="before attaching"):
+        deepspeed_inference(rt)
+
+
+def test_eval_run_with_the_deepspeed_launcher_equals_python(fixture_data, tmp_path, run_env):
+    from eval.io import read_jsonl
+    from eval.runner import RunConfig, run, run_dir_of
+
+    answers = {}
+    for launcher in ("python", "deepspeed"):
+        cfg = RunConfig(benchmark="pope", model="tiny:llava", method="fastv", budget=8, data_root=str(fixture_data),
+                        out=str(tmp_path / launcher), wandb=False, max_new_tokens=4, launcher=launcher)
+        assert run(cfg) == 0
+        rd = run_dir_of(cfg)
+        answers[launcher] = {str(r["question_id"]): r["text"] for r in read_jsonl(rd / "merge.jsonl")}
+    assert answers["python"] == answers["deepspeed"] and len(answers["python"]) > 0
+
+
+def test_tensor_parallel_groups_are_refused_with_a_clear_error(fixture_data, tmp_path, run_env, monkeypatch, capsys):
+    from eval.runner import RunConfig, run
+
+    monkeypatch.setenv("TP", "2")
+    cfg = RunConfig(benchmark="pope", model="tiny:llava", method="fastv", budget=8, data_root=str(fixture_data),
+                    out=str(tmp_path / "tp2"), wandb=False, max_new_tokens=4, launcher="deepspeed")
+    assert run(cfg) == 2
+    assert "TP > 1" in capsys.readouterr().err
