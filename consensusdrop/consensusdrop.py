@@ -173,10 +173,10 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
             picked[seed[:n_seed]] = True
             mind = (1.0 - sim[:, seed[:n_seed]]).amin(1).clamp(min=0)
         for _ in range(d - n_seed):
-            j = (w * mind).masked_fill(picked, -1.0).argmax()
-            picked[j] = True
-            mind = torch.minimum(mind, (1.0 - sim[j]).clamp(min=0))
-        return torch.nonzero(picked).flatten()
+            j = (w * mind).masked_fill(picked, -1.0).argmax().view(1)  # stays on the device
+            picked = picked.index_fill(0, j, True)
+            mind = torch.minimum(mind, (1.0 - sim.index_select(0, j)[0]).clamp(min=0))
+        return masked_take(torch.arange(n, device=dev), picked, d)
     if how == "nms":  # one pass, no loop: penalise each token by its nearest more-relevant token
         o = order_desc(rel, torch.zeros_like(rel))
         so = sim[o][:, o].masked_fill(~torch.ones(n, n, dtype=torch.bool, device=dev).triu(1), -1.0)
@@ -195,15 +195,17 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
     d2 = torch.diagonal(L).clone()
     for t in range(d):
         if t < n_seed:
-            j = seed[t]
+            j = seed[t:t + 1]
         else:
-            j = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(picked, float("-inf")).argmax()
-        row = L[j] - (C[:t, j] @ C[:t] if t else 0.0)
-        e = row / torch.sqrt(d2[j].clamp(min=fi.tiny))
+            j = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(picked, float("-inf")).argmax().view(1)
+        row = L.index_select(0, j)[0]
+        if t:
+            row = row - C[:t].index_select(1, j)[:, 0] @ C[:t]
+        e = row / torch.sqrt(d2.index_select(0, j).clamp(min=fi.tiny))
         C[t] = e
         d2 = d2 - e * e
-        picked[j] = True
-    return torch.nonzero(picked).flatten()
+        picked = picked.index_fill(0, j, True)
+    return masked_take(torch.arange(n, device=dev), picked, d)
 
 
 def split_budget(budget: int, contextual_ratio: float, merge: bool, dominant: int | None = None,
@@ -298,6 +300,8 @@ class ConsensusDrop(Method):
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
+        if self.prune_point == "after_probe" and self.probe_layer is None:
+            self.probe_layer = 2  # the LLM-stage ablation needs a layer: the previous default's
         if self.probe_mode == "auto":
             self.probe_mode = "embed_cos" if self.probe_layer is None else "attn"
         if self.probe_mode == "attn" and self.probe_layer is None:

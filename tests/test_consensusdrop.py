@@ -109,7 +109,9 @@ def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
     """Independent check of the signal wiring: transformers' eager CLIP attention, [CLS] row, top-8."""
     rt = runtimes["llava"]
     inputs = make_batch(rt)
-    eng = rt.prune("consensusdrop", 8, fusion="encoder_only", merge="none")
+    # select="rank": the default (maxmin) spreads the picks over the features, so the top-k by s_v alone is
+    # the rank rule's (the previous default's) selection; this test checks the s_v wiring
+    eng = rt.prune("consensusdrop", 8, fusion="encoder_only", merge="none", select="rank")
     with torch.no_grad():
         rt.model(**inputs)
     tower = rt.model.model.vision_tower
@@ -127,13 +129,21 @@ def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
 
 def test_video_frame_cls_takes_a_dominant_slot(runtimes):
     rt = runtimes["video-llava"]
-    eng = rt.prune("consensusdrop", 4)  # per frame: 3 dominant incl. the [CLS] + 1 contextual
+    # per frame: 3 dominant incl. the [CLS] + 1 contextual (C = round(0.15625 x 4) = 1; the default's floor
+    # rule gives C = 0 at budgets below 7: checked after)
+    eng = rt.prune("consensusdrop", 4, contextual_rounding="round")
     with torch.no_grad():
         rt.model(**make_batch(rt, n=1))
     sel = eng.selections[("vision", 0)]
     frame_cls = [17 * f for f in range(8)]  # each frame's [CLS] leads its 17 tokens
     assert set(frame_cls) <= set(sel.keep.tolist())
     assert sel.keep.numel() == 8 * 3 and sel.targets.numel() == 8
+    eng = rt.prune("consensusdrop", 4)  # default: 4 dominant incl. the [CLS], no contextual token
+    with torch.no_grad():
+        rt.model(**make_batch(rt, n=1))
+    sel = eng.selections[("vision", 0)]
+    assert set(frame_cls) <= set(sel.keep.tolist()) and sel.keep.numel() == 8 * 4
+    assert sel.targets is None or sel.targets.numel() == 0
 
 
 def test_image_cls_slot_feeds_the_cls(runtimes):
