@@ -25,6 +25,11 @@ from llava.ops import (best_product_split, best_product_split_k1, block_order, c
 
 FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
 SELECTS = ("rank", "maxmin", "dpp", "nms")
+#: named option sets. "cover" (issue 15's redesign, measured in docs/methods/consensusdrop.md): s_x = AdaV's
+#: text-image similarity of the question's input embeddings (no decoder layer), Borda consensus relevance,
+#: relevance-weighted max-min selection, C = floor(ratio x budget)
+PRESETS = {"cover": {"probe_layer": None, "probe_mode": "auto", "fusion": "borda", "select": "maxmin",
+                     "contextual_rounding": "floor"}}
 RELEVANCES = ("rank_mean", "score_mean")
 
 
@@ -247,26 +252,27 @@ class ConsensusDrop(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
+            "preset": None,  # None | "cover": the redesign (PRESETS["cover"]; explicit options override it)
             "contextual_ratio": 0.15625,
             "dominant": None,
             "contextual": None,
             "vision_layer": None,  # hidden-states index of the CLIP layer for s_v and keys (None: the model's, -2)
             "encoder_head_agg": "mean",  # mean | sum (same ranking)
-            "probe_layer": None,  # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
+            "probe_layer": 2,  # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
             "probe_queries": "question",  # question | all_post_image | last
             "probe_head_agg": "mean",  # mean | max
             "probe_query_agg": "mean",  # mean | max
             "probe_softmax_keys": "all",  # all | visual_only (renormalised over visual columns)
             "probe_mode": "auto",  # auto (embed_cos without a probe_layer, else attn) | attn | embed_cos (AdaV's s_j)
-            "fusion": "borda",  # borda | rrf | adaptive | encoder_only | cross_only
+            "fusion": "rrf",  # rrf | borda | adaptive | encoder_only | cross_only
             "rrf_k": 60.0,
             "w_v": 1.0,
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
-            "select": "maxmin",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
+            "select": "rank",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
             "relevance": "rank_mean",  # rank_mean | score_mean: the fused relevance maxmin / dpp weigh by
             "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only: asymmetric)
-            "contextual_rounding": "floor",  # C = round | floor (ratio x budget); floor: no merged token below 7
+            "contextual_rounding": "round",  # C = round | floor (ratio x budget); floor: no merged token below 7
             "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
             "alpha": 1.0,  # maxmin: relevance exponent
             "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
@@ -287,6 +293,10 @@ class ConsensusDrop(Method):
     def __init__(self, budget=None, **options):
         if budget is None:
             raise ValueError("consensusdrop: a budget is required")
+        if options.get("preset") is not None:
+            if options["preset"] not in PRESETS:
+                raise ValueError(f"consensusdrop: preset must be None or one of {tuple(PRESETS)}, got {options['preset']!r}")
+            options = {**PRESETS[options["preset"]], **options}
         super().__init__(budget, **options)
         checks = {"fusion": FUSIONS, "merge": ("visionzip", "none"), "merge_metric": ("clip_keys", "clip_features"),
                   "merge_rule": ("target_plus_mean", "mean"), "merge_space": ("clip", "projected"),

@@ -109,8 +109,8 @@ def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
     """Independent check of the signal wiring: transformers' eager CLIP attention, [CLS] row, top-8."""
     rt = runtimes["llava"]
     inputs = make_batch(rt)
-    # select="rank": the default (maxmin) spreads the picks over the features, so the top-k by s_v alone is
-    # the rank rule's (the previous default's) selection; this test checks the s_v wiring
+    # select="rank" (the default; pinned because preset "cover"'s maxmin spreads the picks over the
+    # features): the top-k by s_v alone; this test checks the s_v wiring
     eng = rt.prune("consensusdrop", 8, fusion="encoder_only", merge="none", select="rank")
     with torch.no_grad():
         rt.model(**inputs)
@@ -129,7 +129,7 @@ def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
 
 def test_video_frame_cls_takes_a_dominant_slot(runtimes):
     rt = runtimes["video-llava"]
-    # per frame: 3 dominant incl. the [CLS] + 1 contextual (C = round(0.15625 x 4) = 1; the default's floor
+    # per frame: 3 dominant incl. the [CLS] + 1 contextual (C = round(0.15625 x 4) = 1; preset "cover"'s floor
     # rule gives C = 0 at budgets below 7: checked after)
     eng = rt.prune("consensusdrop", 4, contextual_rounding="round")
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_video_frame_cls_takes_a_dominant_slot(runtimes):
     frame_cls = [17 * f for f in range(8)]  # each frame's [CLS] leads its 17 tokens
     assert set(frame_cls) <= set(sel.keep.tolist())
     assert sel.keep.numel() == 8 * 3 and sel.targets.numel() == 8
-    eng = rt.prune("consensusdrop", 4)  # default: 4 dominant incl. the [CLS], no contextual token
+    eng = rt.prune("consensusdrop", 4, preset="cover")  # floor rule: 4 dominant incl. the [CLS], no contextual
     with torch.no_grad():
         rt.model(**make_batch(rt, n=1))
     sel = eng.selections[("vision", 0)]
@@ -216,3 +216,29 @@ def test_fused_relevance_is_the_mean_of_rank_relevances():
 def test_floor_rounding_gives_no_merged_token_at_tiny_budgets():
     assert [split_budget(b, 0.15625, True, rounding="floor") for b in (4, 8, 16, 32, 64, 128, 192)] == \
         [(4, 0), (7, 1), (14, 2), (27, 5), (54, 10), (108, 20), (162, 30)]
+
+
+def test_preset_cover_sets_the_redesign_and_explicit_options_win():
+    from llava.method import get_method
+
+    m = get_method("consensusdrop", 16, preset="cover")
+    assert (m.select, m.fusion, m.probe_layer, m.probe_mode, m.contextual_rounding) == \
+        ("maxmin", "borda", None, "embed_cos", "floor")
+    m = get_method("consensusdrop", 16, preset="cover", fusion="cross_only", probe_layer=1)
+    assert (m.fusion, m.probe_layer, m.probe_mode) == ("cross_only", 1, "attn")
+    d = get_method("consensusdrop", 16)
+    assert (d.select, d.fusion, d.probe_layer, d.probe_mode) == ("rank", "rrf", 2, "attn")
+    with pytest.raises(ValueError, match="preset"):
+        get_method("consensusdrop", 16, preset="nope")
+
+
+@ALL
+def test_preset_cover_follows_the_budget(rt):
+    inputs = make_batch(rt)
+    b = PER_UNIT[rt.family]
+    eng = rt.prune("consensusdrop", b, preset="cover")
+    with torch.no_grad():
+        rt.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    newlines = [4, 4, 8]
+    for i, s in enumerate(eng.stats.samples):
+        assert s.visual_entering_llm == {"llava": b, "video_llava": 8 * b, "llava_next": 3 * b + newlines[i]}[rt.family]
