@@ -395,3 +395,5 @@ def test_real_deepspeed_launcher_two_processes(data, tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(next(tmp_path.rglob("results.json")).read_text())
     assert res["world_size"] == 2 and res["launcher"] == "deepspeed" and res["counts"]["answered"] == 3
+    # each rank's model went through deepspeed.init_inference (recorded with the model)
+    assert res["model"]["deepspeed"]["tp_size"] == 1 and res["model"]["deepspeed"]["kernel_inject"] is False
