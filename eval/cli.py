@@ -49,6 +49,8 @@ def _add_run(sub):
     a.add_argument("--no-pad", dest="pad_to_square", action="store_false", help="HF resize+crop instead of pad-to-square")
     a.add_argument("--min-pixels", type=int, default=None, help="Qwen2.5-VL: smallest image area (default: the checkpoint's)")
     a.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL: largest image area (bounds the visual tokens)")
+    a.add_argument("--vision-dtype", default=None, help="keep the CLIP tower in this dtype (e.g. float32) under a half-precision "
+                   "LLM, as LLaVA's own loader runs it (the official [CLS]-attention numerics)")
     a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct, qwen2_vl, llava_onevision_hf)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")

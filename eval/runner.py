@@ -38,7 +38,7 @@ SHARD_RE = re.compile(r"^(\d+)_(\d+)\.jsonl$")
 #: config fields that must match to resume into an existing run directory
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
-               "min_pixels", "max_pixels")
+               "min_pixels", "max_pixels", "vision_dtype")
 #: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
 VIDEO_FAMILIES = ("video_llava",)
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
@@ -75,6 +75,7 @@ class RunConfig:
     pad_to_square: bool = True
     template: str | None = None
     min_pixels: int | None = None  # Qwen2.5-VL only: image area bounds (None: the checkpoint's values)
+    vision_dtype: str | None = None  # CLIP families: the tower's dtype under a half-precision LLM (LLaVA's loader: fp32)
     max_pixels: int | None = None
     seed: int = 0
     limit: int | None = None  # first N questions only (smoke runs; results marked partial)
@@ -120,6 +121,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append(f"minpx{cfg.min_pixels}")
     if cfg.max_pixels is not None:
         parts.append(f"maxpx{cfg.max_pixels}")
+    if cfg.vision_dtype is not None:
+        parts.append(f"vis{cfg.vision_dtype}")
     if cfg.limit is not None:
         parts.append(f"limit{cfg.limit}")
     name = "_".join(str(p) for p in parts)
@@ -361,7 +364,7 @@ def run(cfg: RunConfig) -> int:
             rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                       template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
                       pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
-                      max_pixels=cfg.max_pixels)
+                      max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype)
         except (ValueError, OSError) as e:
             return user_error(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}")
         bad = _family_check(cfg, rt, questions)

@@ -397,3 +397,18 @@ def test_real_deepspeed_launcher_two_processes(data, tmp_path):
     assert res["world_size"] == 2 and res["launcher"] == "deepspeed" and res["counts"]["answered"] == 3
     # each rank's model went through deepspeed.init_inference (recorded with the model)
     assert res["model"]["deepspeed"]["tp_size"] == 1 and res["model"]["deepspeed"]["kernel_inject"] is False
+
+
+def test_vision_dtype_run_keeps_the_tower_in_fp32_and_labels_the_run(data, tmp_path, run_env):
+    """--vision-dtype float32 under a bf16 LLM (LLaVA's own loader): the run answers, is labelled, and
+    records the tower dtype with the model; a family without a CLIP tower is one clear error."""
+    cfg = RunConfig(benchmark="pope", model="tiny:llava", method="fastv", budget=8, data_root=str(data),
+                    out=str(tmp_path), wandb=False, max_new_tokens=2, dtype="bfloat16", vision_dtype="float32")
+    assert run(cfg) == 0
+    rd = run_dir_of(cfg)
+    assert rd.name.endswith("visfloat32")
+    res = json.loads((rd / "results.json").read_text())
+    assert res["model"]["vision_dtype"] == "float32" and res["counts"]["answered"] > 0
+    bad = RunConfig(benchmark="pope", model="tiny:qwen2.5-vl", method="fastv", budget=8, data_root=str(data),
+                    out=str(tmp_path / "q"), wandb=False, max_new_tokens=2, dtype="bfloat16", vision_dtype="float32")
+    assert run(bad) == 2
