@@ -95,6 +95,24 @@ def greedy_no_cache(model, inputs, steps):
     return ids
 
 
+def check_reference_mode_in_engine(rt, method, budget, stage):
+    """A method's ``numerics="official"`` mode on a tiny model: cached generation of a batch of 3 equals
+    the no-cache recompute, and each sample's selection at ``stage`` ("vision" or an llm stage index)
+    alone equals its selection in the batch."""
+    inputs = make_batch(rt)
+    eng = rt.prune(method, budget, numerics="official")
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    batch_sel = {k: v.keep.clone() for k, v in eng.selections.items()}
+    eng.replay = True
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, 3))
+    for i in range(3):
+        eng = rt.prune(method, budget, numerics="official")
+        with torch.no_grad():
+            rt.model(**slice_batch(inputs, i, rt))
+        assert torch.equal(eng.selections[(stage, 0)].keep, batch_sel[(stage, i)])
+
+
 def llm_visual_rows(rt, inputs):
     """Per sample, the visual rows of the sequence entering decoder layer 0 (captured there)."""
     cap = {}

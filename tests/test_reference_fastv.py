@@ -94,17 +94,6 @@ ENGINE_ARGS = {"llava": (8,), "llava_next": (16,), "video_llava": (64,)}
 def test_reference_mode_runs_in_the_engine(rt):
     """Reference mode on the tiny models: batch 3 selections equal each sample alone, and cached
     generation equals recompute."""
-    from conftest import greedy_no_cache, make_batch, slice_batch
+    from conftest import check_reference_mode_in_engine
 
-    inputs = make_batch(rt)
-    eng = rt.prune("fastv", *ENGINE_ARGS[rt.family], numerics="official")
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    batch_sel = {k: v.keep.clone() for k, v in eng.selections.items()}
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, 3))
-    for i in range(3):
-        eng = rt.prune("fastv", *ENGINE_ARGS[rt.family], numerics="official")
-        with torch.no_grad():
-            rt.model(**slice_batch(inputs, i, rt))
-        assert torch.equal(eng.selections[(0, 0)].keep, batch_sel[(0, i)])
+    check_reference_mode_in_engine(rt, "fastv", *ENGINE_ARGS[rt.family], stage=0)
