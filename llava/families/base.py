@@ -36,6 +36,12 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     return out
 
 
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s weights (a tower kept in fp32 under a half-precision LLM casts its
+    features to the projector's dtype)."""
+    return next(module.parameters()).dtype
+
+
 class VisualBlock(NamedTuple):
     """The visual tokens of one placeholder kind (image or video token id) for the whole batch.
 
@@ -94,7 +100,7 @@ class FamilyAdapter:
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """(n, Dv) vision-space rows -> (n, D) LLM inputs, with the stock projector."""
         proj = self.core.multi_modal_projector
-        return proj(vision_features.to(next(proj.parameters()).dtype)[None])[0]
+        return proj(vision_features.to(param_dtype(proj))[None])[0]
 
     def grid(self) -> tuple[int, int]:
         vc = self.config.vision_config

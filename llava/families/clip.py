@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _param_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+from .base import param_dtype
 
 
 def attention_layer(tower, feature_layer: int, vision_layer: int | None) -> int:
@@ -211,7 +209,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     ``unit_pos`` (n, 2) = -1."""
     n, s, dv = hs.shape
     sel = hs[:, 1:] if drop_cls else hs
-    pdt = _param_dtype(proj)  # a tower kept in fp32 under a half-precision LLM (load(vision_dtype=)):
+    pdt = param_dtype(proj)  # a tower kept in fp32 under a half-precision LLM (load(vision_dtype=)):
     feats = proj(sel.to(pdt))  # features cast to the projector's dtype, as LLaVA's tower does; one call
     m = sel.shape[1]
     off = 1 if drop_cls else 0
