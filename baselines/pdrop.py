@@ -33,6 +33,12 @@ factor so that the layer average on the model's depth equals the table's 32-laye
 
 This module also holds the schedule helpers shared with SparseVLM (:func:`stage_layer_counts`,
 :func:`fit_stage_counts`).
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of
+``pdrop_rank_drop`` - the per-head probabilities of the last instruction token cast to float16 (the
+official softmax runs in fp32 and is cast ``.to(query_states.dtype)``, fp16: the LLM is loaded in fp16),
+the mean over heads and then over the (single) query row in fp16 (``torch.mean(attn, dim=0)`` twice), and
+``torch.topk`` (official tie order) instead of the fp32 head mean with ties to the lower index.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ from llava.method import Method, Selection, register
 from llava.ops import scale_layers, topk_desc
 
 from .fastv import round_half_up
+
+NUMERICS = ("ours", "official")
+#: dtype of the official attention probabilities in ``pdrop_rank_drop`` (fp32 softmax cast to the fp16
+#: query dtype; the head and query means run in it)
+OFFICIAL_DTYPE = torch.float16
 
 #: Budgets of the spec's table (methods.md section 5): stage layers and kept counts of 576.
 PDROP_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -64,10 +75,22 @@ REFERENCE_TOKENS = 576  # ... and for LLaVA-1.5's 576 visual tokens
 # ----------------------------------------------------------------------------------------------
 
 
-def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int) -> torch.Tensor:
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"pdrop: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
     """One PyramidDrop stage: ``last_row_attn`` (H, S) = the last instruction token's attention
     probabilities under the boundary layer's q/k, per head. Returns the indices (into ``visual``)
-    of the top-``k`` visual tokens by head-mean attention, ascending (ties: lower index)."""
+    of the top-``k`` visual tokens by head-mean attention, ascending (ties: lower index).
+    ``numerics="official"``: the rows cast to float16, the official (H, 1, S) mean over heads, the
+    visual columns, the mean over the one query row, all in fp16, then ``torch.topk``."""
+    check_numerics(numerics)
+    if numerics == "official":
+        per_head = last_row_attn.to(OFFICIAL_DTYPE)[:, None]  # (H, 1, S) as the official attn_weights
+        scores = per_head.mean(dim=0)[:, visual].mean(dim=0)  # heads, then the query row(s)
+        return scores.topk(max(0, min(int(k), scores.numel()))).indices.sort().values
     scores = last_row_attn.float().mean(0)[visual]
     return topk_desc(scores, k).sort().values
 
@@ -174,6 +197,9 @@ class PyramidDrop(Method):
             "lam": 0.5,
             # map stage layers from 32 layers onto the model's depth (llava.ops.scale_layers)
             "scale_layers": True,
+            # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
+            # probabilities and means, torch.topk)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -189,6 +215,7 @@ class PyramidDrop(Method):
                 raise ValueError("pdrop: ratios must be in [0, 1]")
         if not 0.0 <= float(self.lam) <= 1.0:
             raise ValueError("pdrop: lam must be in [0, 1]")
+        check_numerics(self.numerics)
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):
@@ -231,4 +258,4 @@ class PyramidDrop(Method):
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         row = sig.attention("last", layer="next")[:, 0]  # (H, S): this layer's q/k, last prompt token
-        return Selection(keep=pdrop_select(row, sig.visual, k))
+        return Selection(keep=pdrop_select(row, sig.visual, k, self.numerics))
