@@ -14,6 +14,17 @@ Follows the official code (JiayiV/AdaV, an overlay on FasterVLM; methods.md sect
 Corrected by default (each quirk of the released code is one option away, see docs/methods/attnmix.md):
 ``crop_offset_bug`` (crop i's [CLS] picks offset by i instead of 576 i) and ``allow_duplicates``
 (the same token picked by both lists enters the LLM twice).
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. The released
+code computes s from the fp16 LLM inputs (projected tokens and text embeddings of the fp16 LLaVA model):
+``F.normalize`` of both, their product, x100, softmax and max all in fp16; a is the fp16 head mean of the
+[CLS] attentions the FasterVLM tower returns ``.to(images.dtype)`` (fp16); both lists come from
+``torch.topk`` (the global text list over the candidates in the official LLM-input order, which for the
+LLaVA-NeXT 'spatial' layout runs over the grid crops row-major on the full grid), and the adaptive split
+re-sorts the fp32 copies of the two lists' fp16 values with ``torch.sort`` (official tie order) before
+the fp32 prefix-sum product. The default keeps fp32 scores and ties to the lower index. Reference mode
+changes numerics only: combine it with ``crop_offset_bug`` / ``allow_duplicates`` for the released
+behaviour.
 """
 
 from __future__ import annotations
@@ -22,6 +33,66 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.ops import best_product_split, masked_take, text_to_image_score, topk_desc, unit_layout
+
+NUMERICS = ("ours", "official")
+#: dtype of the official signals: the fp16 LLM inputs and the [CLS] attentions cast to the fp16 image dtype
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"attnmix: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def official_text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+    """:func:`llava.ops.text_to_image_score` with the official numerics (AdaV ``llava_llama.py``
+    ``LlavaLlamaForCausalLM.generate``, method "adav"): text (Tt, D) and visual (N, D) cast to float16,
+    ``F.normalize`` along D, the batch-1 product, x ``temperature``, softmax over the visual tokens and max
+    over the text tokens, all in fp16. Returns (N,) float16."""
+    t = torch.nn.functional.normalize(text.to(OFFICIAL_DTYPE)[None], p=2, dim=-1)
+    v = torch.nn.functional.normalize(visual.to(OFFICIAL_DTYPE)[None], p=2, dim=-1)
+    simi = torch.matmul(t, v.permute(0, 2, 1))
+    return (simi * temperature).softmax(-1).max(1)[0][0]
+
+
+def official_cls_score(cls_attn: torch.Tensor) -> torch.Tensor:
+    """a with the official numerics: the per-head [CLS] rows cast to float16, their mean over heads in
+    fp16 (FasterVLM's ``image_attentions.to(images.dtype)`` then ``mean(dim=1)``). (H, T) -> (T,) fp16."""
+    return cls_attn.to(OFFICIAL_DTYPE).mean(0)
+
+
+def official_text_order(units: list[torch.Tensor], unit_pos: torch.Tensor | None, patch: torch.Tensor,
+                        grid: tuple[int, int]) -> torch.Tensor | None:
+    """The candidates in the official LLM-input order, over which the released code runs its global
+    text top-k: units in prompt order, except that the grid crops following a LLaVA-NeXT base crop are
+    laid out row-major on the full grid (the official 'spatial' merge). None when that is simply the
+    units one after the other (LLaVA-1.5, Video-LLaVA, no grid crop)."""
+    if unit_pos is None or not bool((unit_pos[:, 0] >= 0).any()):
+        return None
+    gh, gw = int(grid[0]), int(grid[1])
+    posl = unit_pos.tolist()
+    out, i, n = [], 0, len(units)
+    while i < n:
+        if posl[i][0] >= 0:  # grid crops without a base crop before them (not produced by the engine)
+            j = i
+        else:
+            out.append(units[i])
+            j = i + 1
+        k = j
+        while k < n and posl[k][0] >= 0:
+            k += 1
+        if k > j:
+            ncols = max(posl[u][1] for u in range(j, k)) + 1
+            keys, toks = [], []
+            for u in range(j, k):
+                r, c = posl[u]
+                p = patch[units[u]]
+                keys.append((r * gh + torch.div(p, gw, rounding_mode="floor")) * (ncols * gw) + c * gw + p % gw)
+                toks.append(units[u])
+            keys, toks = torch.cat(keys), torch.cat(toks)
+            out.append(toks[torch.argsort(keys, stable=True)])
+        i = max(k, i + 1)
+    return torch.cat(out)
 
 
 def adav_budget(budget: int, n_units: int, min_frac: float = 0.25) -> dict[str, int]:
@@ -34,22 +105,35 @@ def adav_budget(budget: int, n_units: int, min_frac: float = 0.25) -> dict[str, 
 
 
 def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], budget: int, min_frac: float = 0.25,
-                crop_offset_bug: bool = False, allow_duplicates: bool = False, variant: str = "adav") -> torch.Tensor:
+                crop_offset_bug: bool = False, allow_duplicates: bool = False, variant: str = "adav",
+                numerics: str = "ours", text_order: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (ascending; duplicates only if ``allow_duplicates``) of the visual tokens AdaV keeps.
 
     s, a: (N,) text-to-image and [CLS] scores of all N candidate tokens; ``units``: per image / crop /
     frame, the indices of its candidates in that unit's patch order (needed for the crop-offset quirk).
+    ``numerics="official"`` (reference mode): s and a are used as given (the official fp16 scores come from
+    :func:`official_text_to_image_score` / :func:`official_cls_score`), both lists by ``torch.topk`` (the
+    text list over ``text_order``, default the units one after the other), and the adaptive split re-sorts
+    fp32 copies of the two lists' remaining values with ``torch.sort`` as the official
+    ``max_sqrt_sum_with_indices``. Default: ties to the lower index everywhere.
     """
+    check_numerics(numerics)
+    official = numerics == "official"
     n_units = len(units)
     b = adav_budget(budget, n_units, min_frac)
     k, n0, K = b["k"], b["n0"], b["adaptive"]
     cand = torch.cat(units)
+
+    def top_fn(x, kk):
+        return x.topk(max(0, min(int(kk), x.numel()))).indices if official else topk_desc(x, kk)
+
     # L_t: global text list (indices into s), best first
-    l_t = cand[topk_desc(s[cand], 2 * k * n_units)]
+    order_t = cand if text_order is None or not official else text_order
+    l_t = order_t[top_fn(s[order_t], 2 * k * n_units)]
     # L_c: per unit top-2k by a, concatenated; with the quirk, unit i's picks land at (patch position + i)
     l_c, l_c_val = [], []
     for i, idx in enumerate(units):
-        top = topk_desc(a[idx], 2 * k)
+        top = top_fn(a[idx], 2 * k)
         l_c_val.append(a[idx][top])
         if crop_offset_bug:  # crop-major index (local + i) instead of (local + i * unit size)
             g = top + i
@@ -71,8 +155,12 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
         return l_c.sort().values
     if variant != "adav":
         raise ValueError(f"variant must be adav / t2i / cls, got {variant!r}")
-    rest_t = l_t[n0:]
-    order = torch.sort(l_c_val[n0:].float(), descending=True, stable=True).indices
+    if official:  # max_sqrt_sum_with_indices: fp32 copies of both remainders, torch.sort (its tie order)
+        rest_t = l_t[n0:][torch.sort(s[l_t[n0:]].float(), descending=True).indices]
+        order = torch.sort(l_c_val[n0:].float(), descending=True).indices
+    else:
+        rest_t = l_t[n0:]
+        order = torch.sort(l_c_val[n0:].float(), descending=True, stable=True).indices
     rest_c = l_c[n0:][order]
     k1, k2 = best_product_split(s[rest_t], l_c_val[n0:][order], K)
     text_picks = torch.cat([l_t[:n0], rest_t[:k1]])
@@ -117,6 +205,9 @@ class AttnMix(Method):
             "crop_offset_bug": False,  # reproduce the released [CLS]-branch offset (i instead of 576 i)
             "allow_duplicates": False,  # reproduce the released duplicate picks
             "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout
+            # "ours" (fp32 scores, ties to the lower index) or "official" (reference mode: fp16 scores as
+            # the released code, torch.topk / torch.sort)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -125,6 +216,7 @@ class AttnMix(Method):
         super().__init__(budget, **options)
         if self.text_queries not in ("all", "question"):
             raise ValueError("attnmix: text_queries must be 'all' or 'question'")
+        check_numerics(self.numerics)
 
     def select_vision(self, sig):
         # each unit's tokens in its own patch order (the NeXT 'spatial' layout interleaves grid crops)
@@ -141,10 +233,16 @@ class AttnMix(Method):
             raise ValueError(f"attnmix: budget {self.budget} over {len(units)} {sig.unit_kind}s keeps nothing "
                              f"(AdaV keeps 2*floor(floor(B/2)/N) per unit); use a budget >= {2 * len(units)}")
         text = sig.text_embeds if self.text_queries == "all" else sig.text_embeds[sig.question_mask]
-        s = text_to_image_score(text, sig.features, self.temperature)
-        a = sig.cls_attn.float().mean(0)
+        if self.numerics == "official":
+            s = official_text_to_image_score(text, sig.features, self.temperature)
+            a = official_cls_score(sig.cls_attn)
+            order = official_text_order(units, sig.unit_pos, sig.patch, sig.grid)
+        else:
+            s = text_to_image_score(text, sig.features, self.temperature)
+            a = sig.cls_attn.float().mean(0)
+            order = None
         keep = adav_select(s, a, units, self.budget, self.min_frac, self.crop_offset_bug,
-                           self.allow_duplicates, self.variant)
+                           self.allow_duplicates, self.variant, self.numerics, order)
         if self.keep_newlines and lay.newlines.numel():
             keep = torch.cat([keep, lay.newlines]).sort().values
         return Selection(keep=keep, allow_duplicates=bool(self.allow_duplicates))

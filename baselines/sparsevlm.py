@@ -30,6 +30,17 @@ floor(N * c / 576) (our design, methods.md section 6). On a depth other than 32 
 are mapped with ``llava.ops.scale_layers`` (on the stage indices 3 / 7 / 16 of the engine) and the
 retained counts rescaled so that the retained-only layer average matches the 32-layer schedule's
 (``baselines.pdrop.fit_stage_counts``); recycled tokens come on top, as in the official code.
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - the official
+runs keep the LLM, its input embeddings and its attention in fp16 (``load_pretrained_model``:
+``torch_dtype=torch.float16``), so the raters come from the fp16 product / softmax / mean of the fp16
+layer-0 inputs; the per-head probabilities are cast to float16 (the official Python "sdpa",
+``utils.scaled_dot_product_attention``, takes the softmax of fp16 logits, output fp16), v2 divides them by
+the fp16 gravity of rotated all-ones q/k (transformers 4.37.2 RoPE: cos / sin of fp32 angles cast to fp16),
+sums each head's mass in fp16 and takes ``torch.topk(14)``, the head and rater means are fp16 reductions,
+the kept tokens, the recycled ones and the cluster centres come from ``torch.topk``, and the density-peak
+clustering of the recycled tokens runs in fp16 on the fp16 layer output (strict ``>`` density order, no
+tie-break). The default keeps fp32 scores / raters, fp64 clustering and ties to the lower index.
 """
 
 from __future__ import annotations
@@ -49,6 +60,14 @@ SCHEDULES = {
     "v2": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
 }
 DEFAULT_BUDGET = 192  # RETAIN_TOKN's default
+NUMERICS = ("ours", "official")
+#: dtype of the official LLM signals (embeddings, attention probabilities, hidden states)
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"sparsevlm: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,10 +75,16 @@ DEFAULT_BUDGET = 192  # RETAIN_TOKN's default
 # ----------------------------------------------------------------------------------------------
 
 
-def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
     """SparseVLM 3.2: indices (into the text-after tokens, ascending) of the text raters.
     m = softmax over text of V T^T (N x T), mean over the N visual tokens -> relevance (T,);
-    raters = relevance > mean(relevance) (fp32)."""
+    raters = relevance > mean(relevance) (fp32). ``numerics="official"``: the embeddings cast to float16
+    and every step in fp16 with the official (batch-1) shapes."""
+    check_numerics(numerics)
+    if numerics == "official":
+        v, t = visual_embeds.to(OFFICIAL_DTYPE)[None], text_embeds.to(OFFICIAL_DTYPE)[None]
+        m = (v @ t.transpose(1, 2)).softmax(2).mean(1)[0]
+        return torch.nonzero(m > m.mean()).flatten()
     m = (visual_embeds.float() @ text_embeds.float().T).softmax(dim=1).mean(0)
     return torch.nonzero(m > m.mean()).flatten()
 
@@ -75,15 +100,46 @@ def rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int, theta:
     return 2.0 * torch.cos(rel[..., None] * w).sum(-1) / math.sqrt(d)
 
 
-def select_heads(attn_rv: torch.Tensor, num: int) -> torch.Tensor:
+def official_rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int,
+                          theta: float = 10000.0) -> torch.Tensor:
+    """:func:`rope_gravity` with the official fp16 numerics (transformers 4.37.2, pinned by the official
+    repository): inv_freq = 1 / theta^(arange(0, d, 2) / d) and the angles t * inv_freq in fp32, their
+    cos / sin cast to float16; all-ones q / k rotated in fp16 (``q * cos + rotate_half(q) * sin``); the
+    fp16 product of the rotated rows divided by sqrt(d) in fp16. The official code multiplies the full
+    (S, S) matrices; every entry depends on its two positions only, so the rows are built for the union of
+    the positions and the product taken on those. Returns (Q, K) float16."""
+    d = int(head_dim)
+    pos = torch.cat([pos_q.reshape(-1), pos_k.reshape(-1)]).cpu()
+    uniq, inv = torch.unique(pos, return_inverse=True)
+    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.outer(uniq.float(), inv_freq)
+    emb = torch.cat((ang, ang), dim=-1)
+    cos, sin = emb.cos().to(OFFICIAL_DTYPE), emb.sin().to(OFFICIAL_DTYPE)
+    ones = torch.ones(uniq.numel(), d, dtype=OFFICIAL_DTYPE)
+    rot = torch.cat((-ones[:, d // 2:], ones[:, :d // 2]), dim=-1)  # rotate_half
+    r = (ones * cos + rot * sin)[None, None]  # (1, 1, U, d): identical for every head
+    g = (torch.matmul(r, r.transpose(2, 3)) / math.sqrt(d))[0, 0]
+    iq, ik = inv[:pos_q.numel()], inv[pos_q.numel():]
+    return g[iq][:, ik].to(pos_q.device)
+
+
+def select_heads(attn_rv: torch.Tensor, num: int, numerics: str = "ours") -> torch.Tensor:
     """SparseVLM+ 4.3 (``select_attn_head_by_sum``): the ``num`` heads with the largest total
-    rater->visual attention. attn_rv (H, R, N). Returns head indices, best first (ties: lower)."""
+    rater->visual attention. attn_rv (H, R, N). Returns head indices, best first (ties: lower).
+    ``numerics="official"``: fp16 sums, ``torch.topk``."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return attn_rv.to(OFFICIAL_DTYPE).sum((1, 2)).topk(max(0, min(int(num), attn_rv.shape[0]))).indices
     return topk_desc(attn_rv.float().sum((1, 2)), num)
 
 
-def rater_scores(attn_rv: torch.Tensor) -> torch.Tensor:
+def rater_scores(attn_rv: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
     """``attn_postprocess_topk``'s relation: attn_rv (H, R, N) rater-row attention restricted to
-    the visual columns -> mean over heads, then over raters -> (N,)."""
+    the visual columns -> mean over heads, then over raters -> (N,). ``numerics="official"``: both means
+    in fp16 (with the official batch-1 shapes)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return attn_rv.to(OFFICIAL_DTYPE)[None].mean(1).mean(1)[0]
     return attn_rv.float().mean(0).mean(0)
 
 
@@ -116,22 +172,55 @@ def density_peak_clusters(x: torch.Tensor, num_clusters: int,
     return centres, assign
 
 
+def official_density_peak_clusters(x: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`density_peak_clusters` with the official numerics (``utils.cluster_and_merge``): x cast to
+    float16 and every step in fp16 - distances ``(x_i - x_j).norm()`` / sqrt(C), density = exp(-mean of the
+    ``num_clusters`` smallest squared distances), a point is denser than another only if its density is
+    strictly larger (equal densities: neither; the densest points get the largest distance), centres by
+    ``torch.topk`` of delta * density (in its order), every point to the first nearest centre, centres to
+    themselves. The official code adds ``rand * 1e-6`` to the fp16 densities, which is below half an fp16
+    ulp for every density >= 2^-8 (then a no-op); it is not reproduced (random). The distance matrix is
+    built in row blocks (same values as the official (m, m, C) difference tensor, less memory).
+    Returns (centres (c,) in topk order, assign (m,) centre slot)."""
+    xh = x.to(OFFICIAL_DTYPE)
+    m, C = xh.shape
+    c = max(1, min(int(num_clusters), m))
+    step = max(1, (1 << 24) // max(1, m * C))
+    dist = torch.cat([(xh[i:i + step, None, :] - xh[None, :, :]).norm(dim=-1, p=2) for i in range(0, m, step)])
+    dist = dist / (C ** 0.5)
+    near = torch.topk(dist, k=c, dim=-1, largest=False).values
+    density = (-(near ** 2).mean(dim=-1)).exp()
+    mask = (density[None, :] > density[:, None]).to(xh.dtype)  # [i, j]: j strictly denser than i
+    delta = (dist * mask + dist.max() * (1 - mask)).min(dim=-1).values
+    centres = torch.topk(delta * density, k=c, dim=-1).indices
+    assign = dist[centres].argmin(dim=0)  # (c, m) rows of the centres; first minimum
+    assign[centres] = torch.arange(c, device=x.device)
+    return centres, assign
+
+
 def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Tensor, ratio: float = 0.3,
-                   divisor: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+                   divisor: int = 10, numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor]:
     """SparseVLM v1 token recycling. ``scores`` (N,) of all visual tokens, ``pruned`` (P,) indices of
     the pruned ones (ascending), ``hidden`` (N, D) the visual tokens' states (the sparse layer's
     output). Keeps the top int(P * ratio) + 1 pruned tokens by score, clusters them into
     int(m / divisor) + 1 groups (:func:`density_peak_clusters`). Returns merge ``targets`` (cluster
     centres, as indices into the N visual tokens) and ``assign`` (N,): each recycled token's cluster
-    slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means."""
+    slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means.
+    ``numerics="official"``: the recycled tokens by ``torch.topk`` of the (fp16) scores, in topk order,
+    clustered by :func:`official_density_peak_clusters`."""
+    check_numerics(numerics)
     n = scores.numel()
     assign = torch.full((n,), -1, dtype=torch.long, device=scores.device)
     if pruned.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device), assign
     m = min(int(pruned.numel() * ratio) + 1, pruned.numel())
-    recycled = pruned[topk_desc(scores[pruned], m)]
     num = int(m / divisor) + 1
-    centres, slots = density_peak_clusters(hidden[recycled], num)
+    if numerics == "official":
+        recycled = pruned[scores[pruned].topk(m).indices]
+        centres, slots = official_density_peak_clusters(hidden[recycled], num)
+    else:
+        recycled = pruned[topk_desc(scores[pruned], m)]
+        centres, slots = density_peak_clusters(hidden[recycled], num)
     assign[recycled] = slots
     return recycled[centres], assign
 
@@ -201,6 +290,9 @@ class SparseVLM(Method):
             # v1); clipped to the model's head count
             "heads": None,
             "scale_layers": True,
+            # "ours" (fp32 raters / scores, fp64 clustering, ties to the lower index) or "official"
+            # (reference mode: fp16 raters, scores, gravity, head sums and clustering, torch.topk)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -217,6 +309,7 @@ class SparseVLM(Method):
             raise ValueError(f"sparsevlm: no official {version} schedule for budget {budget}; "
                              f"use one of {sorted(SCHEDULES[version])} or an explicit `schedule`")
         super().__init__(budget, **options)
+        check_numerics(self.numerics)
         v2 = self.version == "v2"
         self.recycle = (not v2) if self.recycle is None else bool(self.recycle)
         self.gravity = v2 if self.gravity is None else bool(self.gravity)
@@ -248,6 +341,8 @@ class SparseVLM(Method):
     def _scores(self, sig, raters: torch.Tensor) -> torch.Tensor:
         rows = sig.text_after[raters]
         attn = sig.attention(rows, layer="prev")[:, :, sig.visual]  # (H, R, N): the sparse layer's own
+        if self.numerics == "official":
+            return self._official_scores(sig, rows, attn)
         if self.gravity:
             if sig.position_ids.dim() != 1:
                 raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
@@ -259,9 +354,23 @@ class SparseVLM(Method):
             attn = attn[select_heads(attn, self.heads)]
         return rater_scores(attn)
 
+    def _official_scores(self, sig, rows: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Reference mode: fp16 probabilities; v2: fp16 gravity division and fp16 head sums; fp16 means."""
+        attn = attn.to(OFFICIAL_DTYPE)
+        if self.gravity:
+            if sig.position_ids.dim() != 1:
+                raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
+                                 "model uses 3-D M-RoPE (Qwen2.5-VL): use version='v1' (or gravity=False)")
+            d = sig.keys("prev", rope=False).shape[-1]
+            g = official_rope_gravity(sig.position_ids[rows], sig.position_ids[sig.visual], d, self.rope_theta)
+            attn = attn / g.to(attn.device)[None]
+        if self.heads and self.heads < attn.shape[0]:
+            attn = attn[select_heads(attn, self.heads, "official")]
+        return rater_scores(attn, "official")
+
     def select_llm(self, stage, sig):
         if "raters" not in sig.state:  # fixed once per prefill from all visual tokens' layer-0 inputs
-            sig.state["raters"] = select_raters(sig.entry_visual_embeds, sig.text_embeds)
+            sig.state["raters"] = select_raters(sig.entry_visual_embeds, sig.text_embeds, self.numerics)
         raters, n_orig = sig.state["raters"], sig.num_visual_entry
         v = sig.num_visual
         k = self.stage_counts(n_orig)[stage]
@@ -275,12 +384,15 @@ class SparseVLM(Method):
             scores = torch.zeros(v, device="cpu")  # selected on the host, as the scores below
         else:
             scores = self._scores(sig, raters).cpu()
-        keep = topk_desc(scores, k).sort().values
+        if self.numerics == "official":
+            keep = scores.topk(k).indices.sort().values
+        else:
+            keep = topk_desc(scores, k).sort().values
         if not self.recycle:
             return Selection(keep=keep)
         mask = torch.ones(v, dtype=torch.bool, device=scores.device)
         mask[keep] = False
         pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
         targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
-                                         self.cluster_divisor)
+                                         self.cluster_divisor, self.numerics)
         return Selection(keep=keep, targets=targets, assign=assign, rule="mean")
