@@ -16,6 +16,17 @@ stage s = 1..3 (before decoder layers 8 / 16 / 24, prefill only):
 
 ``budget`` = the average visual tokens over the LLM's layers (the paper's "average token retention")
 per image (LLaVA-1.5), per crop (LLaVA-NeXT) or per frame (Video-LLaVA).
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of each signal.
+Stage 0 runs on the fp32 CLIP tower (the official loader leaves it fp32 with ``device_map='auto'``): the
+head-summed [CLS] row, the key metric and the merge stay fp32, the dominant patches are chosen by
+``torch.topk`` and the assignment uses the unclamped ``m / m.norm()`` with ``torch.bmm`` (VisionZip's
+``CLIPVisionTower_VisionZip.forward``). The LLM stages run in the fp16 LLM (``visiondrop_rank_drop``): the
+probabilities are cast to float16 and averaged over heads, then over the visual queries, in fp16;
+``torch.topk`` picks the dominant tokens; the key metric is the head mean of the fp16 keys in fp16,
+normalised without clamp, ``torch.matmul`` similarity in fp16, ``argmax``. The merges themselves are the
+engine's fp32 merges (the official stage-0 merge is fp32 up to summation order; the official LLM-stage
+merge is fp16, which ours matches within that fp16 formula's own rounding).
 """
 
 from __future__ import annotations
@@ -23,12 +34,87 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, contextual_merge, masked_take, scale_layers, topk_desc, unit_layout
+from llava.ops import (block_order, contextual_merge, masked_take, scale_layers, topk_desc, uniform_targets,
+                       unit_layout)
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
 OFFICIAL_32 = ((42, 6), (30, 5), (22, 4), (16, 3))
 LAYERS_32 = (8, 16, 24)
+
+NUMERICS = ("ours", "official")
+#: official dtype of the stage-0 scores, key metric and merge (the fp32 CLIP tower)
+OFFICIAL_TOWER_DTYPE = torch.float32
+#: official dtype of the LLM stages' probabilities, means, key metric and similarity (the fp16 LLM)
+OFFICIAL_LLM_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"visiondrop: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def _official_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int, n: int,
+                    dtype: torch.dtype, batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`llava.ops.contextual_merge` with the official numerics: ``metric`` (n, d) rows of the
+    ``remaining`` tokens cast to ``dtype``, normalised without clamp (``m / m.norm()``), similarity by
+    ``torch.bmm`` (``batched``, the encoder stage) or ``torch.matmul`` (the LLM stages) in that dtype,
+    ``argmax`` (first maximum = lowest target slot). Same targets / assign convention."""
+    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
+    r = remaining.numel()
+    pos = uniform_targets(r, contextual, device=remaining.device)
+    targets = remaining[pos]
+    if targets.numel() == 0 or r <= pos.numel():
+        return targets, assign
+    m = metric[remaining].to(dtype)
+    m = m / m.norm(dim=-1, keepdim=True)
+    rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
+    rest[pos] = False
+    other_pos = masked_take(torch.arange(r, device=remaining.device), rest, r - pos.numel())
+    if batched:
+        sim = torch.bmm(m[other_pos][None], m[pos][None].transpose(1, 2))[0]
+        assign[remaining[other_pos]] = sim.argmax(dim=1)
+    else:
+        sim = torch.matmul(m[other_pos], m[pos].T)
+        assign[remaining[other_pos]] = sim.argmax(dim=1, keepdim=True)[:, 0]
+    return targets, assign
+
+
+def _official_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.topk`` indices (official tie order), ``k`` clipped to the number of scores."""
+    return scores.topk(max(0, min(int(k), scores.numel()))).indices
+
+
+def stage0_scores(cls_attn: torch.Tensor, agg: str = "sum", numerics: str = "ours") -> torch.Tensor:
+    """Stage-0 score per token: the [CLS] row (H, T) summed (official) or averaged over heads; fp32.
+    ``numerics="official"``: as the official (B, H, N) slice's ``.sum(dim=1)`` in the tower dtype."""
+    check_numerics(numerics)
+    if numerics == "official":
+        ca = cls_attn.to(OFFICIAL_TOWER_DTYPE)[None]
+        return (ca.sum(dim=1) if agg == "sum" else ca.mean(dim=1))[0]
+    ca = cls_attn.float()
+    return ca.sum(0) if agg == "sum" else ca.mean(0)
+
+
+def llm_stage_score(probs: torch.Tensor, visual: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+    """LLM-stage score S(j) (Nv,) from ``probs`` (H, Nv, S): the visual queries' causal attention
+    probabilities over all S tokens; ``visual`` (Nv,) the visual columns. Mean over heads, then over the
+    queries, of the visual columns (fp32). ``numerics="official"``: the probabilities cast to float16, the
+    head mean of the full rows, the visual columns, the query mean, in fp16 (``visiondrop_rank_drop``'s
+    order and layout)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return probs.to(OFFICIAL_LLM_DTYPE).mean(dim=0)[:, visual].mean(dim=0)
+    return probs[:, :, visual].mean(0).mean(0)
+
+
+def llm_stage_metric(keys: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+    """LLM-stage merge metric (Nv, d) from the RoPE-rotated keys (Nv, H_kv, d): head mean in fp32, or
+    (``numerics="official"``) the keys in float16 and the head mean in fp16 (``cur_key_states.mean(0)``)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return keys.to(OFFICIAL_LLM_DTYPE).transpose(0, 1).mean(dim=0)
+    return keys.float().mean(1)
 
 
 def _round(x: float) -> int:
@@ -59,26 +145,44 @@ def video_schedule(per_frame: int, frames: int = 8) -> tuple[tuple[int, int], ..
 
 
 def stage0_unit(a: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, cls_idx: torch.Tensor, dominant: int,
-                contextual: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                contextual: int, n: int, numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One unit of the encoder stage. a: (n,) [CLS] attention; cand: the unit's patch indices;
     cls_idx: its [CLS] index ((1,) or empty). Returns (dominant [CLS first, then ascending], targets,
-    assign over n)."""
-    top = cand[topk_desc(a[cand], max(0, dominant - cls_idx.numel()))].sort().values
+    assign over n). ``numerics="official"``: ``torch.topk`` and the official fp32 bmm assignment."""
+    check_numerics(numerics)
+    k = max(0, dominant - cls_idx.numel())
+    if numerics == "official":
+        top = cand[_official_topk(a[cand].to(OFFICIAL_TOWER_DTYPE)[None], k)[0]].sort().values
+    else:
+        top = cand[topk_desc(a[cand], k)].sort().values
     dom = torch.cat([cls_idx, top])
     rest = masked_take(cand, ~torch.isin(cand, dom), cand.numel() - top.numel())  # [CLS] is never a candidate
-    targets, assign = contextual_merge(keys, rest, contextual, n)
+    if numerics == "official":
+        targets, assign = _official_merge(keys, rest, contextual, n, OFFICIAL_TOWER_DTYPE, batched=True)
+    else:
+        targets, assign = contextual_merge(keys, rest, contextual, n)
     return dom, targets, assign
 
 
-def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int) -> Selection:
+def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int,
+                     numerics: str = "ours") -> Selection:
     """One LLM stage over the Nv current visual tokens: top-``dominant`` by score kept in current
-    order, the rest merged into ``contextual`` tokens by key similarity (target + mean)."""
+    order, the rest merged into ``contextual`` tokens by key similarity (target + mean); ``keys`` is
+    the (Nv, d) merge metric. ``numerics="official"``: ``torch.topk`` and the official fp16 matmul
+    assignment (metric in float16, unclamped normalisation)."""
+    check_numerics(numerics)
     n = score.numel()
-    keep = topk_desc(score, dominant).sort().values
+    if numerics == "official":
+        keep = _official_topk(score, dominant).sort().values
+    else:
+        keep = topk_desc(score, dominant).sort().values
     left = torch.ones(n, dtype=torch.bool, device=score.device)
     left[keep] = False
     rest = masked_take(torch.arange(n, device=score.device), left, n - keep.numel())
-    targets, assign = contextual_merge(keys, rest, contextual, n)
+    if numerics == "official":
+        targets, assign = _official_merge(keys, rest, contextual, n, OFFICIAL_LLM_DTYPE, batched=False)
+    else:
+        targets, assign = contextual_merge(keys, rest, contextual, n)
     if targets.numel() == 0:
         return Selection(keep=keep)
     return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean")
@@ -105,6 +209,9 @@ class VisionDrop(Method):
             "merge": True,  # False: pure selection at every stage (ablation; contextual slots go to dominant)
             "next_order": "grid_raster",  # official NeXT re-assembly; "unit" = per crop [dominant, contextual]
             "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newlines at stage 0 (official runs 'spatial')
+            # "ours" (fp32 scores / metrics, ties to the lower index) or "official" (reference mode: fp32
+            # tower stage, fp16 LLM stages, torch.topk, unclamped bmm / matmul similarity; see module doc)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -113,6 +220,7 @@ class VisionDrop(Method):
         super().__init__(budget, **options)
         if self.schedule is not None and len(self.schedule) != len(self.layer_list) + 1:
             raise ValueError("visiondrop: schedule needs one (D, C) pair per stage (encoder + each LLM layer)")
+        check_numerics(self.numerics)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
@@ -140,13 +248,12 @@ class VisionDrop(Method):
         lay = unit_layout(sig.unit, sig.patch, sig.num_stock, sig.unit_pos)  # the one host sync
         if all(d0 + c0 >= lay.num_stock[u] for u in range(lay.num_units)):
             return Selection(keep=torch.arange(sig.num_stock, device=dev))  # every unit fits: unpruned entry
-        ca = sig.cls_attn.float()
-        a = ca.sum(0) if self.encoder_head_agg == "sum" else ca.mean(0)
+        a = stage0_scores(sig.cls_attn, self.encoder_head_agg, self.numerics)
         per_unit, assign, n_tgt = [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
         for u in range(lay.num_units):
             cls_idx = lay.cls[u] if self.cls_token else lay.cls[u][:0]
             cand = lay.patches[u][: lay.num_patch_stock[u]]  # the unit's stock patches
-            dom, tg, asg = stage0_unit(a, sig.keys, cand, cls_idx, d0, c0, n)
+            dom, tg, asg = stage0_unit(a, sig.keys, cand, cls_idx, d0, c0, n, self.numerics)
             assign = torch.where(asg >= 0, asg + n_tgt, assign)
             n_tgt += tg.numel()
             per_unit.append((u, dom, tg))
@@ -172,7 +279,7 @@ class VisionDrop(Method):
         d, c = self.stage_counts(n_units)[stage]
         if sig.num_visual <= d + c:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
-        p = sig.attention("visual", layer="next")[:, :, sig.visual]  # (H, Nv, Nv): visual queries -> visual keys
-        score = p.mean(0).mean(0)
-        keys = sig.keys("next", rope=True)[sig.visual].float().mean(1)  # (Nv, d) head-mean, rotated
-        return llm_stage_select(score, keys, d, c)
+        p = sig.attention("visual", layer="next")  # (H, Nv, S): visual queries -> all keys
+        score = llm_stage_score(p, sig.visual, self.numerics)
+        keys = llm_stage_metric(sig.keys("next", rope=True)[sig.visual], self.numerics)  # (Nv, d) head mean, rotated
+        return llm_stage_select(score, keys, d, c, self.numerics)
