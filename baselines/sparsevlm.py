@@ -109,12 +109,12 @@ def official_rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: in
     (S, S) matrices; every entry depends on its two positions only, so the rows are built for the union of
     the positions and the product taken on those. Returns (Q, K) float16."""
     d = int(head_dim)
-    pos = torch.cat([pos_q.reshape(-1), pos_k.reshape(-1)]).cpu()
+    pos = torch.cat([pos_q.reshape(-1), pos_k.reshape(-1)]).cpu().long()
     uniq, inv = torch.unique(pos, return_inverse=True)
     inv_freq = 1.0 / (float(theta) ** (torch.arange(0, d, 2).float() / d))
-    ang = torch.outer(uniq.float(), inv_freq)
+    ang = torch.outer(torch.arange(int(uniq.max()) + 1, dtype=inv_freq.dtype), inv_freq)  # the official cache
     emb = torch.cat((ang, ang), dim=-1)
-    cos, sin = emb.cos().to(OFFICIAL_DTYPE), emb.sin().to(OFFICIAL_DTYPE)
+    cos, sin = emb.cos().to(OFFICIAL_DTYPE)[uniq], emb.sin().to(OFFICIAL_DTYPE)[uniq]
     ones = torch.ones(uniq.numel(), d, dtype=OFFICIAL_DTYPE)
     rot = torch.cat((-ones[:, d // 2:], ones[:, :d // 2]), dim=-1)  # rotate_half
     r = (ones * cos + rot * sin)[None, None]  # (1, 1, U, d): identical for every head
