@@ -48,6 +48,20 @@ except ImportError:  # pragma: no cover - very old / very new layouts
 VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 
 
+def _qid(doc):
+    """The question id of an lmms-eval doc (most tasks have ``question_id``), or None."""
+    qid = doc.get("question_id") if hasattr(doc, "get") else None
+    return None if qid is None else str(qid)
+
+
+def _engine_key(key) -> str:
+    """The pruning engine's per-sample key (it seeds per-sample randomness, e.g. the ``random`` baseline):
+    the question id where the doc has one, as ``python -m eval run`` keys a question, else
+    task/split/doc_id. The same question then gets the same draws under both harnesses."""
+    path, qid = key
+    return qid if qid is not None else path
+
+
 def _parse_opts(s: str) -> dict:
     out = {}
     for part in filter(None, (s or "").split(";")):
@@ -143,11 +157,11 @@ class VTPrune(lmms):
         st = self.engine.stats
         if not has_visual or st is None:
             return
-        for key, s in zip(keys, st.samples):
+        for (key, qid), s in zip(keys, st.samples):
             self.tokens["samples"] += 1
             self.tokens["tok_in"] += s.visual_entering_llm
             self.tokens["tok_eq"] += s.visual_layer_avg
-            self.tokens["per_sample"].append({"key": key, "visual_candidates": s.visual_candidates,
+            self.tokens["per_sample"].append({"key": key, "question_id": qid, "visual_candidates": s.visual_candidates,
                                               "visual_entering_llm": s.visual_entering_llm,
                                               "visual_layer_avg": s.visual_layer_avg})
 
@@ -164,8 +178,8 @@ class VTPrune(lmms):
         items = []
         for req in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-            items.append((context, dict(gen_kwargs or {}), visuals, f"{task}/{split}/{doc_id}"))
+            doc = self.task_dict[task][split][doc_id]
+            items.append((context, dict(gen_kwargs or {}), doc_to_visual(doc), (f"{task}/{split}/{doc_id}", _qid(doc))))
         groups, cur = [], []
         for it in items:
             if cur and (len(cur) >= self.batch_size_per_gpu or json.dumps(cur[0][1], sort_keys=True, default=str)
@@ -187,7 +201,7 @@ class VTPrune(lmms):
             batch = self._batch([g[0] for g in group], [g[2] for g in group])
             has_visual = "pixel_values" in batch or "pixel_values_videos" in batch
             keys = [g[3] for g in group]
-            self.engine.sample_keys = keys
+            self.engine.sample_keys = [_engine_key(k) for k in keys]
             prefills = self.engine.prefills
             with torch.inference_mode():
                 gen = self.rt.model.generate(**batch, max_new_tokens=max_new, do_sample=temperature > 0,
@@ -218,8 +232,8 @@ class VTPrune(lmms):
             ids = torch.cat([batch["input_ids"], cont], 1)
             mask = torch.cat([batch["attention_mask"], torch.ones_like(cont)], 1)
             extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-            key = f"{task}/{split}/{doc_id}"
-            self.engine.sample_keys = [key]
+            key = (f"{task}/{split}/{doc_id}", _qid(doc))
+            self.engine.sample_keys = [_engine_key(key)]
             with torch.inference_mode():
                 logits = self.rt.model(input_ids=ids, attention_mask=mask, **extra).logits
             self.engine.sample_keys = None
