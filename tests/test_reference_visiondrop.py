@@ -92,7 +92,8 @@ def random_tower(seed, d0, dups=80, cut=False):
     logits = torch.randn(1, H, 1, N, generator=g)
     logits[..., 1 + torch.randperm(N - 1, generator=g)[:30]] += 5
     hidden = torch.randn(1, N, W, generator=g) * 2
-    metric = torch.randn(1, N, HD, generator=g) + torch.randn(6, HD, generator=g)[torch.randint(0, 6, (N,), generator=g)]
+    metric = torch.randn(1, N, HD, generator=g)
+    metric = metric + torch.randn(6, HD, generator=g)[torch.randint(0, 6, (N,), generator=g)]
     src = 1 + torch.randint(0, N - 1, (dups,), generator=g)
     dst = 1 + torch.randperm(N - 1, generator=g)[:dups]
     logits[..., dst] = logits[..., src]
@@ -202,7 +203,8 @@ def random_llm(seed, nv, dominant, dups=None, cut=False):
     logits[..., SYS + torch.randperm(nv, generator=g)[:max(2, nv // 20)]] += 5
     future = torch.arange(s)[None, :] > (SYS + torch.arange(nv))[:, None]
     probs = logits.masked_fill(future, float("-inf")).softmax(-1)
-    keys = (torch.randn(LH, s, LHD, generator=g) + 2 * torch.randn(5, LHD, generator=g)[torch.randint(0, 5, (s,), generator=g)])
+    keys = torch.randn(LH, s, LHD, generator=g)
+    keys = keys + 2 * torch.randn(5, LHD, generator=g)[torch.randint(0, 5, (s,), generator=g)]
     keys = keys.half().float()
     hidden = (torch.randn(nv, LW, generator=g) * 3).half().float()
     src = torch.randint(0, nv, (dups,), generator=g)
@@ -315,8 +317,8 @@ def test_method_option():
     assert VisionDrop(32).numerics == "ours" and VisionDrop(32, numerics="official").numerics == "official"
     with pytest.raises(ValueError, match="numerics"):
         VisionDrop(32, numerics="fp16")
-    for fn, args in ((llm_stage_score, (torch.ones(2, 3, 3), torch.arange(3))), (llm_stage_metric, (torch.ones(3, 2, 4),)),
-                     (stage0_scores, (torch.ones(2, 3), "sum"))):
+    for fn, args in ((llm_stage_score, (torch.ones(2, 3, 3), torch.arange(3))),
+                     (llm_stage_metric, (torch.ones(3, 2, 4),)), (stage0_scores, (torch.ones(2, 3), "sum"))):
         with pytest.raises(ValueError, match="numerics"):
             fn(*args, numerics="half")
 
