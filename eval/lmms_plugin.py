@@ -22,8 +22,9 @@ nothing in this repository imports it; only lmms-eval loads it.
 Notes: lmms-eval task prompts differ from LLaVA's scripts (evaluation.md section 7: pooled POPE,
 TextVQA without OCR tokens, ...); the numbers of our own harness (``python -m eval``) are the
 paper-protocol ones. The visual-token accounting of every request (the engine's, as our harness records
-it) is written to ``$VTPRUNE_TOKEN_LOG`` (JSON; ``.rank<N>`` appended under several processes) at exit
-when that variable is set: means ``tok_in`` / ``tok_eq`` and one row per request.
+it) is written at exit to ``$VTPRUNE_TOKEN_LOG`` or to the model argument ``token_log=PATH`` (JSON;
+``.rank<N>`` appended under several processes) when one is set: means ``tok_in`` / ``tok_eq`` and one row
+per request.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class VTPrune(lmms):
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", method: str = "none", budget=None, opts: str = "",
                  dtype: str = "float16", device: str | None = None, next_layout: str = "spatial_unpad",
                  num_frames: int = 8, batch_size=1, max_new_tokens: int = 128, vision_dtype: str | None = None,
-                 **kwargs):
+                 token_log: str | None = None, **kwargs):
         super().__init__()
         from llava.models import load
 
@@ -106,7 +107,7 @@ class VTPrune(lmms):
         self.batch_size_per_gpu = bs
         self.tokens = {"samples": 0, "tok_in": 0.0, "tok_eq": 0.0, "method": self.engine.method.config(),
                        "model": str(pretrained), "batch_size": bs, "per_sample": []}
-        path = os.environ.get("VTPRUNE_TOKEN_LOG")
+        path = token_log or os.environ.get("VTPRUNE_TOKEN_LOG")  # token_log=: one file per run of a --config list
         if path:
             atexit.register(self._write_tokens, f"{path}.rank{self._rank}" if self._world_size > 1 else path)
 
