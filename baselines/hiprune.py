@@ -29,6 +29,15 @@ l - 1 produces ``hidden_states[l]``, so v = l. The deep layer is ``attentions[mm
 tower's depth n as round(l * n / 24) clipped to 1..n (identity at n = 24; the 3-layer tiny towers use
 layer 1); ``object_layer_reference=None`` takes it as is.
 
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. The official tower
+runs in fp32 (HiPrune's ``load_pretrained_model`` keeps LLaVA's default ``device_map='auto'``, under which the
+CLIP tower is not cast to fp16, and its ``CLIPVisionTower.forward`` returns the attentions uncast), so the
+global attention stays fp32 (our signals' dtype). Per unit, the anchors are ``torch.topk`` of the object
+layer's row (``k`` = a), the buffers ``torch.unique`` of anchors +-1 / +-cols clamped to the grid, and the
+registers ``torch.topk`` of the deep row minus the int mask of U (fp32 - int32, as the official in-place
+``deep_attention[i] -= mask.int()``) with k = T - |U|: the official tie order of both top-k calls instead
+of the lower index. |U| > T (the official code would fail) keeps our fallback.
+
 Our design / options: see ``docs/methods/hiprune.md``.
 """
 
@@ -42,6 +51,37 @@ from llava.ops import masked_take, unit_layout
 CLS_TOKEN_MODES = ("drop", "keep")
 BUDGET_MODES = ("per_unit", "per_image_total")
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
+NUMERICS = ("ours", "official")
+#: dtype of the official global attention (fp32 tower under device_map='auto', attentions returned uncast)
+OFFICIAL_DTYPE = torch.float32
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"hiprune: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def official_unit_keep(obj: torch.Tensor, deep: torch.Tensor, present: torch.Tensor, a: int, t: int,
+                       cols: int) -> torch.Tensor | None:
+    """One unit's kept patches (P,) bool with the official calls (reference mode): ``obj`` / ``deep`` (P,)
+    global attention in the official dtype (-inf = absent patch), ``a`` anchors, ``t`` patches to keep.
+    Anchors = ``torch.topk`` of the (1, P) object row; U = ``torch.unique`` of anchors and their +-1 /
+    +-cols neighbours clamped to [0, P-1] (absent patches dropped); registers = ``torch.topk`` of the
+    (1, P) deep row minus the int mask of U, k = t - |U|. None when |U| > t (the official topk would get a
+    negative k; the caller keeps our fallback)."""
+    P = obj.numel()
+    anchors = torch.topk(obj[None], k=a, dim=1)[1]
+    nb = torch.cat([anchors, anchors - 1, anchors + 1, anchors - cols, anchors + cols], dim=1).clamp(0, P - 1)
+    u_idx = torch.unique(nb, sorted=False)
+    u_idx = u_idx[present[u_idx]]
+    n_reg = t - u_idx.numel()
+    if n_reg < 0:
+        return None
+    mask = torch.zeros(P, dtype=torch.bool, device=obj.device).scatter_(0, u_idx, True)
+    regs = torch.topk((deep - mask.int())[None], k=n_reg, dim=1)[1][0]
+    keep = mask.clone()
+    keep[regs] = True
+    return keep & present
 
 
 def anchor_count(budget: int, alpha: float) -> int:
@@ -67,14 +107,17 @@ def unit_budgets(num_units: int, budget: int, mode: str, unit_pos: list | None) 
 def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
             budget: int, grid: tuple[int, int], *, alpha: float = 0.1, cls_token: str = "drop",
             keep_newlines: bool = True, budget_mode: str = "per_unit",
-            unit_pos: torch.Tensor | None = None) -> torch.Tensor:
+            unit_pos: torch.Tensor | None = None, numerics: str = "ours") -> torch.Tensor:
     """Indices (ascending) of the tokens HiPrune keeps.
 
     g_obj, g_deep: (T,) global attention of the object / deep layer per token (head mean of the column
     mean; only patch tokens are read); unit: (T,) unit id (-1 = NeXT newline); patch: (T,) patch index in
     the unit's ``grid`` = (rows, cols) (-1 = [CLS] / newline). A unit with at most T_u tokens is kept
     whole. Vectorised over units: one host read (``unit_layout``), no per-token synchronisation.
+    ``numerics="official"``: per pruned unit the official ``torch.topk`` / ``torch.unique`` calls
+    (:func:`official_unit_keep`, one host read per unit for |U|), scores in fp32.
     """
+    check_numerics(numerics)
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"hiprune: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
     if budget_mode not in BUDGET_MODES:
@@ -141,6 +184,13 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
     order = order.gather(1, torch.sort(lev, dim=1, descending=True, stable=True).indices)
     rank = torch.empty_like(order).scatter_(1, order, ar.expand_as(order))
     kept_tab = (rank < k_t) & present
+    if numerics == "official":  # the official top-k calls per pruned unit (|U| > T: our fallback row)
+        obj_o, deep_o = obj.to(OFFICIAL_DTYPE), deep.to(OFFICIAL_DTYPE)
+        for u in range(nu):
+            if k[u] < len(lay.patches[u]):
+                row = official_unit_keep(obj_o[u], deep_o[u], present[u], a[u], k[u], cols)
+                if row is not None:
+                    kept_tab[u] = row
 
     # back to the flat tokens
     kept_flat = torch.cat([kept_tab.reshape(-1), kept_tab.new_zeros(1)])
@@ -187,6 +237,9 @@ class HiPrune(Method):
             "cls_token": "drop",
             # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
+            # "ours" (fp32, ties to the lower index) or "official" (reference mode: the official torch.topk /
+            # torch.unique calls per unit, fp32 as the official fp32 tower)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -208,7 +261,16 @@ class HiPrune(Method):
         ref = self.object_layer_reference
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"hiprune: object_layer_reference must be a positive int or None, got {ref!r}")
+        check_numerics(self.numerics)
         self.vision_attention_layers = (self.object_layer, self.deep_layer)
+
+    def config(self) -> dict:
+        """The run configuration; ``numerics`` appears only in reference mode, so a default-mode run's
+        configuration (and fingerprint) is the one it had before the option existed."""
+        cfg = super().config()
+        if cfg.get("numerics") == "ours":
+            del cfg["numerics"]
+        return cfg
 
     def object_layer_for(self, depth: int) -> int:
         """The object layer (hidden-state index) on a tower of ``depth`` layers."""
@@ -236,4 +298,4 @@ class HiPrune(Method):
         return Selection(keep=hiprune(g_obj, g_deep, sig.unit, sig.patch, self.budget, sig.grid,
                                       alpha=self.alpha, cls_token=self.cls_token,
                                       keep_newlines=self.keep_newlines, budget_mode=self.budget_mode,
-                                      unit_pos=sig.unit_pos))
+                                      unit_pos=sig.unit_pos, numerics=self.numerics))
