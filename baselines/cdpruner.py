@@ -30,6 +30,15 @@ Algorithm, per unit of N candidate tokens, budget T (``budget``):
 Our design: newline tokens (NeXT / OneVision) are kept as layout, outside the budget (as FasterVLM /
 Random); Video-LLaVA's per-frame [CLS] token is an ordinary candidate (``cls_token``); a unit with at most
 T candidates is kept whole. No host synchronisation per greedy step (picks stay on the device).
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of
+``encode_images`` - the projected tokens cast to float16 (the official projector output: the model is
+loaded in fp16), normalised in fp16 without a norm floor, then the fp32 similarity; the CLIP relevance in
+fp32 (the official tower, its ``visual_projection`` and the text tower are fp32 under ``device_map='auto'``)
+without a norm floor; the min-max without the constant-relevance guard; the greedy MAP as the official fp32
+loop (cis laid out (T, B, N), ``argmax`` over every item, ``sqrt`` of the pivot unclamped, no picked-item
+mask: once the values stop being finite it may re-pick, and a re-picked token is kept once, as the
+official index mask). ``relevance="llm"`` (ours) reads the fp16-cast features and question embeddings.
 """
 
 from __future__ import annotations
@@ -49,6 +58,14 @@ CLS_TOKEN_MODES = ("candidate", "keep", "drop")
 #: visual_projection of a CLIP checkpoint to the tower's select-layer features)
 CLIP_FAMILIES = ("llava", "llava_next", "video_llava")
 CLIP_TEXT_LEN = 77  # fallback when the CLIP config has no max_position_embeddings
+NUMERICS = ("ours", "official")
+#: dtype of the official projected tokens (and LLM text embeddings): LLaVA loads the model in float16
+OFFICIAL_DTYPE = torch.float16
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"cdpruner: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -66,16 +83,22 @@ def relevance_llm(features: torch.Tensor, text_embeds: torch.Tensor, question_ma
     return (cos * w).sum(-1) / w.sum().clamp(min=1)
 
 
-def relevance_clip(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+def relevance_clip(image_embeds: torch.Tensor, text_embeds: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
     """Official relevance before the sign: mean over text segments of cos(E_j, T_m).
-    image_embeds (T, C), text_embeds (M, C) -> (T,) fp32."""
+    image_embeds (T, C), text_embeds (M, C) -> (T,) fp32. ``numerics="official"``: rows divided by their
+    norms without the 1e-12 floor (the official division)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        e, t = image_embeds.float(), text_embeds.float()
+        return ((e / e.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).T).mean(-1)
     return (_normalize(image_embeds.float()) @ _normalize(text_embeds.float()).T).mean(-1)
 
 
-def normalize_relevance(c: torch.Tensor, sign: str = "neg", theta: float | None = None) -> torch.Tensor:
+def normalize_relevance(c: torch.Tensor, sign: str = "neg", theta: float | None = None,
+                        guard: bool = True) -> torch.Tensor:
     """r = sign * c, then global min-max with +1e-6 in the numerator only (official), then the optional
-    theta weighting exp(theta / (2 (1 - theta)) r). Guard (ours): constant r (max = min, where the official
-    code divides by zero) gives r = 1 everywhere (pure diversity)."""
+    theta weighting exp(theta / (2 (1 - theta)) r). Guard (ours; ``guard=False``: the official division):
+    constant r (max = min, where the official code divides by zero) gives r = 1 everywhere (pure diversity)."""
     if sign not in SIGNS:
         raise ValueError(f"cdpruner: relevance_sign must be one of {SIGNS}, got {sign!r}")
     r = (-c if sign == "neg" else c).float()
@@ -84,7 +107,8 @@ def normalize_relevance(c: torch.Tensor, sign: str = "neg", theta: float | None 
     lo, hi = r.min(), r.max()
     rng = hi - lo
     out = (r - lo + 1e-6) / rng
-    out = torch.where(rng > 0, out, torch.ones_like(out))
+    if guard:
+        out = torch.where(rng > 0, out, torch.ones_like(out))
     if theta is not None:
         out = torch.exp(float(theta) / (2 * (1 - float(theta))) * out)
     return out
@@ -139,6 +163,34 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     return picks[0] if squeeze else picks
 
 
+def dpp_greedy_official(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference mode of :func:`dpp_greedy`: the official loop's numerics, without our guards. kernel
+    (B, N, N) (or (N, N)); the Cholesky rows are held as (k, B, N) and contracted with
+    ``einsum('tb,tbn->bn')`` (the official layout, also at step 0 where it contracts nothing), the pivot
+    gain is ``sqrt``-ed unclamped, every item competes in ``argmax`` (a picked one only through its -inf
+    gain; NaN wins ``argmax``). Returns the picks (B, k) / (k,) in pick order; they may repeat once the
+    gains stop being finite (the official loop does the same)."""
+    squeeze = kernel.dim() == 2
+    L = kernel[None] if squeeze else kernel
+    B, N, _ = L.shape
+    k = max(0, min(int(k), N))
+    dev = L.device
+    picks = torch.empty(k, B, dtype=torch.long, device=dev)
+    rows = torch.zeros(k, B, N, dtype=L.dtype, device=dev)
+    gain = torch.diagonal(L, dim1=1, dim2=2).clone()
+    ar = torch.arange(B, device=dev)
+    for t in range(k):
+        j = torch.argmax(gain, dim=-1)
+        picks[t] = j
+        proj = torch.einsum("tb,tbn->bn", rows[:t, ar, j], rows[:t])
+        e = (L[ar, j] - proj) / torch.sqrt(gain[ar, j]).unsqueeze(-1)
+        rows[t] = e
+        gain = gain - torch.square(e)
+        gain[ar, j] = float("-inf")
+    picks = picks.t()
+    return picks[0] if squeeze else picks
+
+
 def _groups(num_units: int, unit_pos: list | None, scope: str) -> list[list[int]]:
     """Units sharing one relevance min-max: ``image`` = a new image starts at every unit without a grid
     position (LLaVA-1.5 image, NeXT / OneVision base crop, frame, Qwen image); ``unit``; ``sample``."""
@@ -157,14 +209,19 @@ def _groups(num_units: int, unit_pos: list | None, scope: str) -> list[list[int]
 def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torch.Tensor], unit: torch.Tensor,
              budget: int, *, patch: torch.Tensor | None = None, unit_pos: torch.Tensor | None = None,
              relevance_sign: str = "neg", theta: float | None = None, minmax_scope: str = "image",
-             cls_token: str = "candidate", keep_newlines: bool = True, reference: bool = False) -> torch.Tensor:
+             cls_token: str = "candidate", keep_newlines: bool = True, reference: bool = False,
+             numerics: str = "ours") -> torch.Tensor:
     """Indices (ascending) of the tokens CDPruner keeps for one sample: per unit the greedy DPP MAP of
     ``budget`` candidates (the whole unit if it has at most ``budget``).
+    ``numerics="official"`` (reference mode): features cast to float16 and normalised there, min-max
+    without the guard, :func:`dpp_greedy_official` (a re-picked token is kept once: a unit may keep fewer).
 
     features: (T, D) projected tokens; relevance: (T,) raw relevance c (before sign / min-max), or a
     callable computing it (only called when some unit is pruned); unit (T,) (-1 = newline); patch (T,)
     (-1 = [CLS] token); unit_pos (U, 2) grid position per unit ((-1, -1) = a new image starts).
     """
+    check_numerics(numerics)
+    official = numerics == "official"
     if minmax_scope not in MINMAX_SCOPES:
         raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {minmax_scope!r}")
     if cls_token not in CLS_TOKEN_MODES:
@@ -194,7 +251,7 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
     for g in _groups(lay.num_units, lay.unit_pos, minmax_scope):
         idx = torch.cat([plan[u][1] for u in g])
         if idx.numel():
-            r[idx] = normalize_relevance(c[idx], relevance_sign, theta)
+            r[idx] = normalize_relevance(c[idx], relevance_sign, theta, guard=not official)
     # units to prune, batched by candidate count (one kernel batch per size)
     by_size: dict[int, list[int]] = {}
     for u, (forced, cand, k) in enumerate(plan):
@@ -205,9 +262,15 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
             by_size.setdefault((int(cand.numel()), k), []).append(u)
     for (n, k), units in by_size.items():
         cand = torch.stack([plan[u][1] for u in units])  # (B, N)
-        L = cdpruner_kernel(features[cand], r[cand], reference=reference)
-        picks = dpp_greedy(L, k)  # (B, k)
+        if official:  # the official fp16 projector output, normalised in fp16
+            L = cdpruner_kernel(features[cand].to(OFFICIAL_DTYPE), r[cand], reference=True)
+            picks = dpp_greedy_official(L, k)
+        else:
+            L = cdpruner_kernel(features[cand], r[cand], reference=reference)
+            picks = dpp_greedy(L, k)  # (B, k)
         kept.append(cand.gather(1, picks).reshape(-1))
+    if official:  # a re-picked token (official index mask) is kept once; sorted
+        return torch.unique(torch.cat(kept))
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
 
 
@@ -274,6 +337,9 @@ class CDPruner(Method):
             "keep_newlines": True,
             # normalise the projected tokens in their own dtype before the fp32 cast (official order)
             "reference": False,
+            # "ours" (fp32, guards) or "official" (reference mode: fp16 projected tokens, the official
+            # greedy loop without guards; docs/methods/cdpruner.md)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -290,6 +356,7 @@ class CDPruner(Method):
             raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {self.minmax_scope!r}")
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
+        check_numerics(self.numerics)
         if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
                              "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")
@@ -344,18 +411,21 @@ class CDPruner(Method):
         with torch.no_grad():
             text = clip_text_embeds(clip, self._clip_tok, self.question_text(sig.question_ids), dev)
             image = clip_image_embeds(clip, sig.vision_features)
-        return relevance_clip(image, text)
+        return relevance_clip(image, text, self.numerics)
 
     # -- stage --------------------------------------------------------------------------------
     def relevance_of(self, sig) -> torch.Tensor:
         """The raw relevance c (T,) of every visual token of the sample (before sign and min-max)."""
         if self.relevance == "clip":
             return self._clip_relevance(sig)
+        if self.numerics == "official":  # the fp16 signals of the official model (our relevance route)
+            return relevance_llm(sig.features.to(OFFICIAL_DTYPE), sig.text_embeds.to(OFFICIAL_DTYPE),
+                                 sig.question_mask)
         return relevance_llm(sig.features, sig.text_embeds, sig.question_mask)
 
     def select_vision(self, sig):
         keep = cdpruner(sig.features, lambda: self.relevance_of(sig), sig.unit, self.budget, patch=sig.patch,
                         unit_pos=sig.unit_pos, relevance_sign=self.relevance_sign, theta=self.theta,
                         minmax_scope=self.minmax_scope, cls_token=self.cls_token,
-                        keep_newlines=self.keep_newlines, reference=self.reference)
+                        keep_newlines=self.keep_newlines, reference=self.reference, numerics=self.numerics)
         return Selection(keep=keep)
