@@ -32,7 +32,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-from typing import List, Tuple
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -91,9 +90,9 @@ class VTPrune(lmms):
             raise ValueError(f"vtprune: --batch_size must be a positive integer, got {batch_size!r}") from None
         if bs < 1:
             raise ValueError(f"vtprune: --batch_size must be >= 1, got {bs}")
-        self._rank = int(os.environ.get("RANK", 0))
-        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        self._rank = int(os.environ.get("RANK", "0"))
+        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
@@ -173,7 +172,7 @@ class VTPrune(lmms):
             return "video"
         return "image" if vs else "text"
 
-    def generate_until(self, requests: List[Instance]) -> List[str]:
+    def generate_until(self, requests: list[Instance]) -> list[str]:
         # consecutive requests with the same generation arguments and modality share a batch (in order:
         # the batches of `python -m eval run --batch-size N` on the same questions)
         items = []
@@ -221,7 +220,7 @@ class VTPrune(lmms):
         bar.close()
         return out
 
-    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         res = []
         tok = self.rt.tokenizer
         for req in tqdm(requests, disable=self._rank != 0, desc="vtprune loglik"):
@@ -246,7 +245,7 @@ class VTPrune(lmms):
             res.append((float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
         return res
 
-    def generate_until_multi_round(self, requests) -> List[str]:
+    def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("vtprune: multi-round generation is not supported")
 
 

@@ -75,7 +75,7 @@ def run_lmms(tmp: Path, pretrained, method, budget, task, limit=LIMIT) -> dict:
     out = tmp / "lmms" / method
     tok = tmp / "lmms" / f"{method}.tokens.json"
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(lmms_eval_cmd(pretrained, method, budget, tmp / "tasks", task, out, limit), cwd=REPO,
+    proc = subprocess.run(lmms_eval_cmd(pretrained, method, budget, tmp / "tasks", task, out, limit), cwd=REPO, check=False,
                           env=_env(tmp, tok), capture_output=True, text=True, timeout=TIMEOUT)
     res = {"proc": proc, "results": None, "samples": None, "tokens": None}
     if proc.returncode == 0:
@@ -102,7 +102,7 @@ def run_harness(tmp: Path, runs: list[tuple[str, list[str]]], limit=LIMIT) -> di
     environment; {name: {"answers": merge.jsonl rows, "records": shard rows, "results": results.json}}."""
     argvs = [["run", *argv, "--out", str(tmp / "harness"), "--run-name", name, "--batch-size", str(BATCH),
               "--limit", str(limit), "--no-wandb", "--overlay-samples", "0", "--overwrite"] for name, argv in runs]
-    proc = subprocess.run([str(LMMS_PY), "-c", HARNESS, json.dumps(argvs)], cwd=REPO, env=_env(tmp),
+    proc = subprocess.run([str(LMMS_PY), "-c", HARNESS, json.dumps(argvs)], cwd=REPO, check=False, env=_env(tmp),
                           capture_output=True, text=True, timeout=TIMEOUT)
     _check(proc, "python -m eval run")
     out = {}
