@@ -34,6 +34,12 @@ Options (docs/methods/vispruner.md):
   survivors are kept; r is capped at |A|). True = the official numerics: features cast to float16,
   normalised and multiplied in float16, and an error where the official gather would fail (odd |R|,
   r > |R| // 2).
+* ``numerics``: ``"ours"`` (default) or ``"official"`` (reference mode: the official numerics - [CLS]
+  attention head mean in fp32 (the official tower stays fp32 under ``device_map='auto'`` and its attentions
+  are not cast), both orderings by the unstable ``argsort(descending=True)`` as the official code, features
+  cast to float16 and normalised / multiplied there, and the official round sizes, including the one case
+  where the official gather keeps fewer than ours (odd |R| with r = |R| // 2: no A token survives); where
+  the official indexing would fail, our rule applies instead of an error).
 * ``cls_token`` (Video-LLaVA frames, whose [CLS] is a visual token; video is not in the official
   repository): ``drop`` (default, as FasterVLM's video branch: T patches per frame) or ``keep`` ([CLS]
   + T - 1 patches).
@@ -50,6 +56,16 @@ from llava.ops import unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
 MAX_STEP = 8  # official: at most 8 tokens removed per round
+NUMERICS = ("ours", "official")
+#: dtype of the official select-layer features (``.to(images.dtype)``: fp16) and of its [CLS] attentions (the
+#: tower's own dtype: fp32, the tower is not cast under ``device_map='auto'``)
+OFFICIAL_FEATURE_DTYPE = torch.float16
+OFFICIAL_ATTENTION_DTYPE = torch.float32
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"vispruner: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def default_ratio(budget: int) -> float:
@@ -83,11 +99,44 @@ def removal_schedule(num_residual: int, t_div: int, reference: bool = False) -> 
     return out
 
 
-def remove_duplicates(residual: torch.Tensor, normed: torch.Tensor, t_div: int, reference: bool = False) -> torch.Tensor:
+def official_schedule(num_residual: int, t_div: int) -> list[tuple[int, int]]:
+    """Rounds of the official loop for |R| = ``num_residual``: (r, survivors of A) per round (host ints).
+
+    The official round gathers A's survivors with ``argsort(s)[:, r:]`` (|A| - r of them, at least 0)
+    indexed against ``arange(B)[:, None].expand(-1, |R| // 2 - r)``; the two broadcast. That equals our
+    rule (|A| - r, r capped at |A|) except for odd |R| with r = |R| // 2, where the expand is empty and no A
+    token survives. Where the official indexing fails (an expand size below -1, or odd |R| with
+    |R| // 2 - r >= 2) our rule applies."""
+    out, n = [], num_residual
+    while t_div > 0:
+        r = min(MAX_STEP, n - t_div)
+        if r <= 0:
+            break
+        size_a = (n + 1) // 2
+        m = n // 2 - r
+        if n % 2 and m == 0:
+            keep_a = 0  # the official (B, 0) index broadcast against (B, 1)
+        else:
+            keep_a = size_a - min(r, size_a)
+        out.append((r, keep_a))
+        n = keep_a + n // 2
+    return out
+
+
+def remove_duplicates(residual: torch.Tensor, normed: torch.Tensor, t_div: int, reference: bool = False,
+                      numerics: str = "ours") -> torch.Tensor:
     """The official duplicate-removal loop on a batch of units.
 
     residual: (B, R) token indices into ``normed`` rows, in attention order; normed: (B, N, C)
-    L2-normalised features. Returns (B, t_div) surviving indices (or all R if R <= t_div)."""
+    L2-normalised features. Returns (B, t_div) surviving indices (or all R if R <= t_div).
+    ``numerics="official"``: :func:`official_schedule` and the unstable ``argsort`` (official)."""
+    if numerics == "official":
+        for r, keep_a in official_schedule(residual.shape[1], t_div):
+            tok = torch.gather(normed, 1, residual[..., None].expand(-1, -1, normed.shape[-1]))
+            s = (tok[:, 0::2] @ tok[:, 1::2].transpose(-1, -2)).max(dim=-1).values
+            distinct = s.argsort(dim=-1, descending=True)[:, r:r + keep_a]
+            residual = torch.cat([torch.gather(residual[:, 0::2], 1, distinct), residual[:, 1::2]], dim=1)
+        return residual
     for r in removal_schedule(residual.shape[1], t_div, reference):
         tok = torch.gather(normed, 1, residual[..., None].expand(-1, -1, normed.shape[-1]))  # (B, R, C)
         a, b = tok[:, 0::2], tok[:, 1::2]
@@ -98,9 +147,19 @@ def remove_duplicates(residual: torch.Tensor, normed: torch.Tensor, t_div: int, 
 
 
 def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div: int,
-                    reference: bool = False) -> torch.Tensor:
+                    reference: bool = False, numerics: str = "ours") -> torch.Tensor:
     """VisPruner on a batch of units: scores (B, N) head-mean [CLS] attention, feats (B, N, C)
-    pre-projector features. Returns (B, min(N, T)) local indices, ascending."""
+    pre-projector features. Returns (B, min(N, T)) local indices, ascending.
+    ``numerics="official"``: scores as given (the official dtype), unstable ``argsort``, fp16 features."""
+    check_numerics(numerics)
+    if numerics == "official":
+        order = scores.argsort(dim=-1, descending=True)
+        important, residual = order[:, :t_imp], order[:, t_imp:]
+        if t_div > 0:
+            f = feats.to(OFFICIAL_FEATURE_DTYPE)
+            residual = remove_duplicates(residual, f / f.norm(dim=-1, keepdim=True), t_div, numerics=numerics)
+            important = torch.cat([important, residual], dim=1)
+        return important.sort(dim=-1).values
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
     important, residual = order[:, :t_imp], order[:, t_imp:]
     if t_div > 0:
@@ -115,15 +174,20 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
 
 def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               budget: int, *, important_ratio: float | None = None, reference: bool = False,
-              cls_token: str = "drop", keep_newlines: bool = True) -> torch.Tensor:
+              cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours") -> torch.Tensor:
     """Indices (ascending) of the tokens VisPruner keeps for one sample: per unit T = ``budget``.
+    ``numerics="official"``: the official numerics (module docstring); ``reference`` is then ignored.
 
     cls_attn: (H, T) [CLS]->token attention per head; vision_features: (T, Dv); unit: (T,) unit id
     (-1 = newline); patch: (T,) patch index (-1 = [CLS] visual token, Video-LLaVA)."""
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
+    check_numerics(numerics)
     ratio = default_ratio(budget) if important_ratio is None else float(important_ratio)
-    scores = cls_attn.float().mean(0)  # (T,) head mean (official)
+    if numerics == "official":  # the official fp32 tower attentions, head mean in that dtype
+        scores = cls_attn.to(OFFICIAL_ATTENTION_DTYPE).mean(0)
+    else:
+        scores = cls_attn.float().mean(0)  # (T,) head mean (official)
     lay = unit_layout(unit, patch)  # the one host sync
     kept = [lay.newlines] if keep_newlines else []
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}  # (candidates, k) -> candidate index rows
@@ -145,7 +209,7 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
     for (n, k), rows in groups.items():
         cand = torch.stack(rows)  # (B, n) units of equal size, one batch
         t_imp, t_div = split_budget(k, ratio)
-        local = vispruner_units(scores[cand], vision_features[cand], t_imp, t_div, reference)
+        local = vispruner_units(scores[cand], vision_features[cand], t_imp, t_div, reference, numerics)
         kept.append(torch.gather(cand, 1, local).reshape(-1))
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
 
@@ -167,6 +231,8 @@ class VisPruner(Method):
             "important_ratio": None,
             # True: official numerics (fp16 similarity) and errors where the official code fails
             "reference": False,
+            # "ours" or "official" (reference mode: the official dtypes, unstable argsort, official round sizes)
+            "numerics": "ours",
             # Video-LLaVA frame [CLS]: "drop" (T patches) or "keep" ([CLS] + T-1 patches)
             "cls_token": "drop",
             # LLaVA-NeXT / OneVision newline tokens: kept as layout (True) or dropped
@@ -181,8 +247,18 @@ class VisPruner(Method):
             raise ValueError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio!r}")
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
+        check_numerics(self.numerics)
+
+    def config(self):
+        """Options as recorded with results; ``numerics`` only when not the default (configs and run
+        fingerprints of default runs stay as before the option existed)."""
+        cfg = super().config()
+        if cfg.get("numerics") == "ours":
+            del cfg["numerics"]
+        return cfg
 
     def select_vision(self, sig):
         return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,
                                         important_ratio=self.important_ratio, reference=self.reference,
-                                        cls_token=self.cls_token, keep_newlines=self.keep_newlines))
+                                        cls_token=self.cls_token, keep_newlines=self.keep_newlines,
+                                        numerics=self.numerics))
