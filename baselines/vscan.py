@@ -26,6 +26,18 @@ Everything is vectorised on the device (the official local scan is a Python loop
 token); ties go to the lower index; the only host read the method adds is one per sample for LLaVA-NeXT
 'spatial_unpad' crops whose windows are partly cut away (their local count depends on the layout).
 See docs/methods/vscan.md for budgets, layer mappings and deviations.
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of both stages.
+The official tower runs in fp32 (``load_pretrained_model``'s default ``device_map='auto'`` leaves it uncast),
+but ``CLIPVisionTower.forward`` casts its features *and* attentions ``.to(images.dtype)`` (fp16), the
+projector and the LLM run in fp16. Stage 1: the [CLS] rows cast to fp16, head mean in fp16, the local scan
+``torch.topk`` per window (row-major window vector), the global scan ``torch.topk`` of the unit's patch row
+with the local picks set to **0** (not excluded: a local pick can be picked again where fewer non-local
+patches are positive in fp16, and the unit then keeps fewer targets; one host read per sample for the
+count), the assignment ``F.cosine_similarity`` of the fp16 projected features, ``argmax``. The merge
+itself (rule ``mean``) is the engine's fp32 merge (the official one sums in fp16). Stage 2: PyramidDrop's
+official numerics (``pdrop_select(..., numerics="official")``: fp16 probabilities and means,
+``torch.topk``), which VScan's ``layer_prune`` shares.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
 from llava.ops import masked_take, scale_layers
@@ -47,6 +60,92 @@ OFFICIAL_LOCAL_LAYER = 5  # attentions[5] of CLIP-L/14's 24 layers
 REFERENCE_TOWER = 24
 OFFICIAL_WINDOWS_PER_SIDE = 4  # 24 // 6
 REMAINDERS = ("drop", "global")
+NUMERICS = ("ours", "official")
+#: official dtype of the scans' [CLS] rows and of the merge features (``.to(images.dtype)``, fp16 projector)
+OFFICIAL_DTYPE = torch.float16
+#: rows of the official cosine evaluated at a time (same values, bounded memory)
+COSINE_CHUNK = 128
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"vscan: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def _official_scans(a_loc, a_glob, unit, patch, pruned_tok, num_units, rows, cols, s, k_win, g_unit):
+    """Reference-mode scans (official calls): a_loc / a_glob (T,) fp16 head means. Local: ``torch.topk``
+    (k_win) of each window's row-major score vector (windows cut by the grid edge padded with -inf, a
+    pad never kept). Global: per unit the row of its patch scores (Video-LLaVA: the frame's [CLS] as one
+    more column) with the local picks set to 0, ``torch.topk`` (k = g_unit[u]); -inf = absent. Returns
+    the (T,) bool masks of the local and global picks (they may overlap, as the official indices)."""
+    dev = a_loc.device
+    n = a_loc.numel()
+    P = rows * cols
+    is_patch = pruned_tok & (patch >= 0)
+    ninf = torch.tensor(float("-inf"), dtype=a_loc.dtype, device=dev)
+    # (U, P + 1) token index of each unit's patch (n = absent); column P = the unit's [CLS] (video)
+    slot = torch.where(is_patch, unit.clamp(min=0) * (P + 1) + patch.clamp(min=0), num_units * (P + 1))
+    is_cls = pruned_tok & (patch < 0) & (unit >= 0)
+    slot = torch.where(is_cls, unit.clamp(min=0) * (P + 1) + P, slot)
+    tok = torch.full((num_units * (P + 1) + 1,), n, dtype=torch.long, device=dev)
+    tok = tok.scatter_(0, slot, torch.arange(n, device=dev))[:-1].view(num_units, P + 1)
+    loc_ext = torch.cat([a_loc, ninf.reshape(1)])
+    # local: (U * nw, s * s) window vectors, row-major inside each window
+    nwr, nwc = math.ceil(rows / s), math.ceil(cols / s)
+    cell, w_id = torch.arange(s * s, device=dev), torch.arange(nwr * nwc, device=dev)
+    dy, dx = torch.div(cell, s, rounding_mode="floor"), cell % s
+    wi, wj = torch.div(w_id, nwc, rounding_mode="floor"), w_id % nwc
+    r, c = wi[:, None] * s + dy[None], wj[:, None] * s + dx[None]  # (nw, s*s)
+    pidx = torch.where((r < rows) & (c < cols), r * cols + c, torch.full_like(r, P))  # P -> pad (no [CLS] here)
+    wtok = tok[:, :P].gather(1, pidx.clamp(max=P - 1).reshape(1, -1).expand(num_units, -1)).view(num_units, -1, s * s)
+    wtok = torch.where((pidx < P)[None], wtok, torch.full_like(wtok, n)).reshape(-1, s * s)
+    local = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+    k = min(int(k_win), s * s)
+    if k > 0:
+        picked = torch.topk(loc_ext[wtok], k, dim=1)[1]
+        ptok = wtok.gather(1, picked)
+        local[ptok] = loc_ext[ptok] > float("-inf")
+    local = local[:n] & is_patch
+    # global: the local picks zeroed (official), absent -inf
+    g = torch.where(local, torch.zeros((), dtype=a_glob.dtype, device=dev), a_glob)
+    glob_ext = torch.cat([g, ninf.reshape(1)])
+    width = P + 1 if bool(is_cls.any()) else P  # the [CLS] column only where a unit has one (video)
+    gtok = tok[:, :width]
+    grow = glob_ext[gtok]
+    glob = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+    ks = [min(int(x), width) for x in g_unit]
+    if len(set(ks)) == 1:  # one batched call, as the official (B, 576) topk
+        if ks[0] > 0:
+            ti = gtok.gather(1, torch.topk(grow, ks[0], dim=1)[1])
+            glob[ti] = glob_ext[ti] > float("-inf")
+    else:
+        for u, ku in enumerate(ks):
+            if ku > 0:
+                ti = gtok[u].gather(0, torch.topk(grow[u][None], ku, dim=1)[1][0])
+                glob[ti] = glob_ext[ti] > float("-inf")
+    glob = glob[:n] & pruned_tok
+    return local, glob
+
+
+def _official_assign(features, unit, targets, others_mask):
+    """Reference-mode assignment: per unit ``F.cosine_similarity`` of the fp16 features of its other tokens
+    against its targets (official (1, R, 1, D) x (1, 1, m, D), dim 3), ``argmax`` = first maximum.
+    Returns (T,) long: the index into ``targets`` of each other token, -1 elsewhere."""
+    dev = features.device
+    n = unit.numel()
+    x = features.to(OFFICIAL_DTYPE)
+    assign = torch.full((n,), -1, dtype=torch.long, device=dev)
+    t_unit = unit[targets]
+    for u in torch.unique(t_unit).tolist():
+        slots = torch.nonzero(t_unit == u).flatten()
+        others = torch.nonzero(others_mask & (unit == u)).flatten()
+        if others.numel() == 0:
+            continue
+        ret = x[targets[slots]][None, None]  # (1, 1, m, D)
+        best = [F.cosine_similarity(x[others[a:a + COSINE_CHUNK]][None, :, None], ret, dim=3).argmax(dim=2)[0]
+                for a in range(0, others.numel(), COSINE_CHUNK)]
+        assign[others] = slots[torch.cat(best)]
+    return assign
 
 
 def split_budget(budget: int) -> tuple[int, int]:
@@ -74,7 +173,7 @@ def window_side(grid: int, windows_per_side: int = OFFICIAL_WINDOWS_PER_SIDE) ->
 def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: torch.Tensor,
                  unit: torch.Tensor, patch: torch.Tensor, grid: tuple[int, int], budget: int, *,
                  window: int | None = None, local_ratio: float = 0.5, remainder: str = "drop",
-                 unit_host: torch.Tensor | None = None, return_scans: bool = False):
+                 unit_host: torch.Tensor | None = None, return_scans: bool = False, numerics: str = "ours"):
     """VScan's stage 1 for one sample (all its units).
 
     local_attn / global_attn: (H, T) or (T,) [CLS] query rows of the local / global layer (head mean
@@ -88,7 +187,10 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     Returns a :class:`Selection`: ``keep`` = newlines and whole units, ``targets`` = the scanned tokens,
     ``assign`` = nearest target of the same unit (cosine), rule ``mean`` in projected space, ``order`` =
     ascending token index. With ``return_scans`` also the (T,) bool masks of the local and global picks.
+    ``numerics="official"``: reference mode (module doc): fp16 scores, the official ``torch.topk`` calls
+    (local picks zeroed in the global row), fp16 ``F.cosine_similarity`` for the assignment.
     """
+    check_numerics(numerics)
     if remainder not in REMAINDERS:
         raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {remainder!r}")
     dev = features.device
@@ -102,8 +204,10 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     if not any(pruned):
         sel = Selection(keep=torch.arange(n, device=dev))
         return (sel, no_scan, no_scan) if return_scans else sel
-    a_loc = local_attn.float().reshape(-1, n).mean(0)
-    a_glob = global_attn.float().reshape(-1, n).mean(0)
+    official = numerics == "official"
+    sdt = OFFICIAL_DTYPE if official else torch.float32  # official: rows cast to fp16, head mean in fp16
+    a_loc = local_attn.to(sdt).reshape(-1, n).mean(0)
+    a_glob = global_attn.to(sdt).reshape(-1, n).mean(0)
     rows, cols = int(grid[0]), int(grid[1])
     s = window_side(max(rows, cols)) if window is None else int(window)
     nwr, nwc = math.ceil(rows / s), math.ceil(cols / s)
@@ -111,6 +215,29 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     k_win = int(T * local_ratio) // nw
     n_local_quota = int(T * local_ratio)
     g_official = T - n_local_quota
+
+    if official:
+        pruned_h = torch.tensor(pruned + [False], dtype=torch.bool)
+        pruned_tok_h = pruned_h[uh]
+        pruned_tok = pruned_tok_h.to(dev)
+        unit_d = unit.to(dev).long()
+        if remainder == "global":  # per unit: T minus its local picks (one host read)
+            local, _ = _official_scans(a_loc, a_glob, unit_d, patch.to(dev).long(), pruned_tok, num_units, rows,
+                                       cols, s, k_win, [0] * num_units)
+            n_loc = torch.bincount(unit_d[local], minlength=num_units).tolist()
+            g_list = [T - x for x in n_loc]
+        else:
+            g_list = [g_official] * num_units
+        local, glob = _official_scans(a_loc, a_glob, unit_d, patch.to(dev).long(), pruned_tok, num_units, rows,
+                                      cols, s, k_win, g_list)
+        picked = local | glob
+        targets = torch.nonzero(picked).flatten()  # the one host read (picks may overlap, official)
+        assign = _official_assign(features, unit_d, targets, pruned_tok & ~picked)
+        keep_h = (~pruned_tok_h).nonzero().flatten()
+        keep = keep_h.to(dev)
+        order = torch.argsort(torch.cat([keep, targets])) if keep_h.numel() else None
+        sel = Selection(keep=keep, targets=targets, assign=assign, rule="mean", space="projected", order=order)
+        return (sel, local, glob) if return_scans else sel
 
     # ---- local scan: rank within (unit, window) by A_loc, descending, ties to the lower index
     pruned_h = torch.tensor(pruned + [False], dtype=torch.bool)  # index -1 (newline) -> False
@@ -231,6 +358,9 @@ class VScan(Method):
             "local_ratio": 0.5,
             # local quota not divisible by the window count: "drop" (official) or "global"
             "remainder": "drop",
+            # "ours" (fp32, ties to the lower index) or "official" (reference mode: fp16 scans and cosine,
+            # the official torch.topk calls; stage 2 as PyramidDrop's reference mode)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -255,6 +385,7 @@ class VScan(Method):
             raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {self.remainder!r}")
         if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
             raise ValueError("vscan: window must be >= 1 patch")
+        check_numerics(self.numerics)
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=REFERENCE_TOWER, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):
@@ -280,11 +411,11 @@ class VScan(Method):
         return vscan_stage1(sig.cls_attn_layers[self._local + 1], sig.cls_attn_layers[self._global + 1],
                             sig.features, sig.unit, sig.patch, sig.grid, self.stage1, window=self.window,
                             local_ratio=float(self.local_ratio), remainder=self.remainder,
-                            unit_host=sig._unit_host)
+                            unit_host=sig._unit_host, numerics=self.numerics)
 
     def select_llm(self, stage, sig):
         k = self.stage2_count(sig.vision.num_units)
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         row = sig.attention("last", layer="next")[:, 0]  # (H, S): layer K's q/k, last prompt token
-        return Selection(keep=pdrop_select(row, sig.visual, k))
+        return Selection(keep=pdrop_select(row, sig.visual, k, self.numerics))
