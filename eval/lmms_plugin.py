@@ -62,6 +62,10 @@ def _engine_key(key) -> str:
     return qid if qid is not None else path
 
 
+def _kw_key(gen_kwargs: dict) -> str:
+    return json.dumps(gen_kwargs, sort_keys=True, default=str)
+
+
 def _parse_opts(s: str) -> dict:
     out = {}
     for part in filter(None, (s or "").split(";")):
@@ -173,51 +177,54 @@ class VTPrune(lmms):
         return "image" if vs else "text"
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        # consecutive requests with the same generation arguments and modality share a batch (in order:
-        # the batches of `python -m eval run --batch-size N` on the same questions)
-        items = []
+        # consecutive requests with the same generation arguments and modality share a batch, in order:
+        # the batches of `python -m eval run --batch-size N` on the same questions. Visuals are loaded
+        # one batch at a time.
+        out, cur = [], []
+        bar = tqdm(total=len(requests), disable=self._rank != 0, desc="vtprune")
         for req in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
-            items.append((context, dict(gen_kwargs or {}), doc_to_visual(doc), (f"{task}/{split}/{doc_id}", _qid(doc))))
-        groups, cur = [], []
-        for it in items:
-            if cur and (len(cur) >= self.batch_size_per_gpu or json.dumps(cur[0][1], sort_keys=True, default=str)
-                        != json.dumps(it[1], sort_keys=True, default=str)
-                        or self._modality(cur[0][2]) != self._modality(it[2])):
-                groups.append(cur)
+            visuals = doc_to_visual(doc)
+            it = (context, dict(gen_kwargs or {}), visuals, (f"{task}/{split}/{doc_id}", _qid(doc)))
+            if cur and (len(cur) >= self.batch_size_per_gpu or _kw_key(cur[0][1]) != _kw_key(it[1])
+                        or self._modality(cur[0][2]) != self._modality(visuals)):
+                out.extend(self._generate(cur))
+                bar.update(len(cur))
                 cur = []
             cur.append(it)
         if cur:
-            groups.append(cur)
-        out = []
-        bar = tqdm(total=len(items), disable=self._rank != 0, desc="vtprune")
-        for group in groups:
-            kw = dict(group[0][1])
-            until = kw.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kw.pop("max_new_tokens", self.max_new_tokens))
-            temperature = float(kw.pop("temperature", 0) or 0)
-            batch = self._batch([g[0] for g in group], [g[2] for g in group])
-            has_visual = "pixel_values" in batch or "pixel_values_videos" in batch
-            keys = [g[3] for g in group]
-            self.engine.sample_keys = [_engine_key(k) for k in keys]
-            prefills = self.engine.prefills
-            with torch.inference_mode():
-                gen = self.rt.model.generate(**batch, max_new_tokens=max_new, do_sample=temperature > 0,
-                                             temperature=temperature if temperature > 0 else None, num_beams=1,
-                                             use_cache=True)
-            self.engine.sample_keys = None
-            if has_visual and self.engine.prefills != prefills + 1:
-                raise RuntimeError("vtprune: the pruning engine did not handle this batch's prefill")
-            self._account(keys, has_visual)
-            for text in self.rt.processor.decode(gen[:, batch["input_ids"].shape[1]:]):
-                for stop in until:
-                    if stop and stop in text:
-                        text = text.split(stop)[0]
-                out.append(text.strip())
-            bar.update(len(group))
+            out.extend(self._generate(cur))
+            bar.update(len(cur))
         bar.close()
+        return out
+
+    def _generate(self, group) -> list[str]:
+        """One batch: [(context, gen_kwargs, visuals, (key, question_id))] -> answers."""
+        kw = dict(group[0][1])
+        until = kw.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kw.pop("max_new_tokens", self.max_new_tokens))
+        temperature = float(kw.pop("temperature", 0) or 0)
+        batch = self._batch([g[0] for g in group], [g[2] for g in group])
+        has_visual = "pixel_values" in batch or "pixel_values_videos" in batch
+        keys = [g[3] for g in group]
+        self.engine.sample_keys = [_engine_key(k) for k in keys]
+        prefills = self.engine.prefills
+        with torch.inference_mode():
+            gen = self.rt.model.generate(**batch, max_new_tokens=max_new, do_sample=temperature > 0,
+                                         temperature=temperature if temperature > 0 else None, num_beams=1,
+                                         use_cache=True)
+        self.engine.sample_keys = None
+        if has_visual and self.engine.prefills != prefills + 1:
+            raise RuntimeError("vtprune: the pruning engine did not handle this batch's prefill")
+        self._account(keys, has_visual)
+        out = []
+        for text in self.rt.processor.decode(gen[:, batch["input_ids"].shape[1]:]):
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            out.append(text.strip())
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
