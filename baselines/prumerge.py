@@ -26,12 +26,22 @@ official n = P = 576), official code:
 7. output [x'_top..., x'_grid..., g] (attention order, then the grid) -> projector -> LLM.
 
 Our design / deviations: see ``docs/methods/prumerge.md``.
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. The official
+builder casts the vision tower to float16 unconditionally (``vision_tower.to(device, dtype=torch.float16)``),
+so every signal is fp16: the [CLS] attention row is cast to float16; the IQR count by ``numpy.percentile``
+of its fp32 copy on the host (as ``outlier_dectection``); the top tokens by ``torch.topk`` of the fp16 row
+(official tie order); the keys ``F.normalize``-d in fp16; per kept token the neighbours by ``torch.topk`` of
+the fp16 ``bmm`` cosines over the official candidate order (the other kept tokens in kept order, then the
+pruned ones ascending); the merge ``x_i + sum(x_nb * a_nb)`` and the global token ``sum(x_pruned *
+a_pruned)`` in fp16 on the fp16 select-layer features (the values are returned as fp32, exactly).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +52,9 @@ VARIANTS = ("plus", "base")
 BUDGET_MODES = ("adaptive", "fixed")
 CLS_TOKEN_MODES = ("drop", "keep")
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
+NUMERICS = ("ours", "official")
+#: dtype of every official signal (the PruMerge builder casts the tower to fp16 unconditionally)
+OFFICIAL_DTYPE = torch.float16
 REFUSAL = ("PruMerge reads the [CLS] query's full-width attention and the full-width keys of the last CLIP "
            "layer (Method.vision_fullwidth_layers), which the engine computes for the CLIP towers of "
            f"{', '.join(SUPPORTED_FAMILIES)} only (Qwen2.5-VL's windowed ViT and OneVision's SigLIP tower "
@@ -49,6 +62,42 @@ REFUSAL = ("PruMerge reads the [CLS] query's full-width attention and the full-w
 
 
 # ------------------------------------------------------------------------------------------- counts
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"prumerge: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def iqr_outliers_official(a: torch.Tensor) -> int:
+    """Host count as the official ``outlier_dectection``: the values cast to fp32, copied to numpy,
+    ``numpy.percentile`` 25 / 75, count of values > Q3 + 1.5 (Q3 - Q1) (one host read)."""
+    v = a.to(dtype=torch.float32).cpu().numpy().flatten()
+    q1, q3 = np.percentile(v, 25), np.percentile(v, 75)
+    return int(np.count_nonzero(v > q3 + 1.5 * (q3 - q1)))
+
+
+def merge_official(kept: torch.Tensor, a: torch.Tensor, x: torch.Tensor, kn: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference-mode merge of one unit, the official loop's numerics (fp16 inputs): ``kept`` (m,) local
+    indices in output order, a (n,) attention, x (n, C) features, kn (n, D) normalised keys. Per kept token
+    the candidates are the other kept tokens (kept order) then the pruned ones (ascending); neighbours by
+    ``topk`` of the ``bmm`` cosine; x_i + sum(x_nb * a_nb). Returns (merged (m, C), g (1, C) or empty)."""
+    n = a.shape[0]
+    is_kept = torch.zeros(n, dtype=torch.bool, device=a.device).scatter_(0, kept, True)
+    pruned = torch.arange(n, device=a.device)[~is_kept]  # ascending (official complement_idx)
+    m = kept.numel()
+    kk = min(int(k), n - 1)
+    out = x[kept].clone()
+    if kk > 0:
+        for i in range(m):
+            rest = torch.cat([kept[:i], kept[i + 1:], pruned])
+            cos = torch.bmm(kn[kept[i]][None, None], kn[rest].T[None])  # (1, 1, n - 1)
+            nb = rest[torch.topk(cos, k=kk, dim=2).indices[0, 0]]
+            weighted = torch.sum(x[nb][None] * a[nb][None, :, None], dim=1)  # (1, C)
+            out[i] = x[kept[i]] + weighted[0]
+    g = torch.sum(x[pruned][None] * a[pruned][None, :, None], dim=1) if pruned.numel() else x[:0]
+    return out, g
 
 
 def iqr_outliers(a: torch.Tensor) -> torch.Tensor:
@@ -91,7 +140,7 @@ def fixed_plan(budget: int, n: int, variant: str = "plus") -> tuple[int, int]:
 def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: torch.Tensor,
              patch: torch.Tensor, grid: tuple[int, int], *, variant: str = "plus",
              budget_mode: str = "adaptive", budget: int | None = None, k: int = 32,
-             cls_token: str = "drop") -> Selection:
+             cls_token: str = "drop", numerics: str = "ours") -> Selection:
     """PruMerge(+) for one sample; returns a vision-space :class:`Selection` with ``values``.
 
     attn: (T,) full-width [CLS] attention per token (only patch tokens are read); keys: (T, D) full-width
@@ -104,7 +153,11 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     per unit for g (the pruned token with the largest attention, ties to the lower patch index), ``assign``
     all -1, ``order`` interleaves each g after its unit. NeXT newline tokens are dropped (every output is
     projected from vision features; a newline has none). Host reads: one in ``unit_layout``, one for the
-    adaptive outlier counts, one for the PruMerge+ supplement counts (all units at once)."""
+    adaptive outlier counts, one for the PruMerge+ supplement counts (all units at once).
+    ``numerics="official"``: the official fp16 numerics (module docstring); the adaptive counts are then
+    read per unit (numpy, as the official code)."""
+    check_numerics(numerics)
+    official = numerics == "official"
     if variant not in VARIANTS:
         raise ValueError(f"prumerge: variant must be one of {VARIANTS}, got {variant!r}")
     if budget_mode not in BUDGET_MODES:
@@ -121,6 +174,9 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     a_all = attn.float()
     x_all = feats.float()
     kn_all = F.normalize(keys.float(), p=2, dim=-1)  # official F.normalize of the keys, then dot products
+    if official:  # the official fp16 tower's signals
+        a16, x16 = attn.to(OFFICIAL_DTYPE), feats.to(OFFICIAL_DTYPE)
+        kn16 = F.normalize(keys.to(OFFICIAL_DTYPE), p=2, dim=-1)
 
     # each unit's patch candidates in raster (patch-index) order
     toks = []
@@ -133,10 +189,12 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     plans = [(0, 0)] * nu
     live = [u for u in range(nu) if ns[u] > 0]
     if budget_mode == "adaptive":
-        if live:
+        if official:
+            cnt = [iqr_outliers_official(a16[toks[u]]) for u in live]  # host reads (official numpy)
+        elif live:
             cnt = torch.stack([iqr_outliers(a_all[toks[u]]) for u in live]).tolist()  # host read
-            for u, c in zip(live, cnt):
-                plans[u] = adaptive_plan(int(c), ns[u], variant)
+        for u, c in zip(live, cnt if live else []):
+            plans[u] = adaptive_plan(int(c), ns[u], variant)
     else:
         bu = budget - (1 if cls_token == "keep" else 0)  # a kept [CLS] takes one of the unit's slots
         for u in live:
@@ -148,7 +206,10 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     for u in live:
         t_u, p_u = plans[u]
         a = a_all[toks[u]]
-        top = torch.sort(a, descending=True, stable=True).indices[:t_u]
+        if official:  # torch.topk of the fp16 row (official tie order), shape (1, n) as the official call
+            top = torch.topk(a16[toks[u]][None], t_u, dim=1).indices[0]
+        else:
+            top = torch.sort(a, descending=True, stable=True).indices[:t_u]
         is_top = torch.zeros(ns[u], dtype=torch.bool, device=dev).scatter_(0, top, True)
         if variant == "base":
             sup = torch.zeros_like(is_top)
@@ -177,7 +238,7 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
         if cls_token == "keep" and len(lay.cls[u]):
             c = lay.cls[u][:1]
             keep_parts.append(c)
-            keep_vals.append(x_all[c])
+            keep_vals.append(x16[c].float() if official else x_all[c])
             n_keep_u += 1
         has_g = False
         if ns[u] > 0:
@@ -190,7 +251,10 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
             a, x, kn = a_all[t], x_all[t], kn_all[t]
             xk = x[kept]
             kk = min(int(k), n - 1)
-            if m and kk > 0:
+            if official:
+                merged, g16 = merge_official(kept, a16[t], x16[t], kn16[t], k)
+                xk = merged.float()
+            elif m and kk > 0:
                 sim = kn[kept] @ kn.T  # (m, n) cosine
                 sim = sim.scatter(1, kept[:, None], float("-inf"))  # not itself
                 nb = sim.topk(kk, dim=1).indices  # (m, kk)
@@ -201,7 +265,7 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
             n_keep_u += m
             if m < n:  # the extra global token
                 is_kept = torch.zeros(n, dtype=torch.bool, device=dev).scatter_(0, kept, True)
-                g_vals.append((a.masked_fill(is_kept, 0.0) @ x)[None])
+                g_vals.append(g16.float() if official else (a.masked_fill(is_kept, 0.0) @ x)[None])
                 g_targets.append(t[a.masked_fill(is_kept, float("-inf")).argmax().reshape(1)])
                 has_g = True
         order_plan.append((n_keep_u, has_g))
@@ -257,6 +321,8 @@ class PruMerge(Method):
             "cls_token": "drop",
             # hidden-state index of the layer whose full-width q / k are read (official: the last, -1)
             "qk_layer": -1,
+            # "ours" (fp32, stable ties) or "official" (reference mode: the official fp16 numerics, topk)
+            "numerics": "ours",
         }
 
     def __init__(self, budget=None, **options):
@@ -278,6 +344,15 @@ class PruMerge(Method):
         if isinstance(self.qk_layer, bool) or not isinstance(self.qk_layer, int):
             raise ValueError(f"prumerge: qk_layer must be an int (hidden-state index), got {self.qk_layer!r}")
         self.vision_fullwidth_layers = (self.qk_layer,)
+        check_numerics(self.numerics)
+
+    def config(self):
+        """Options as recorded with results; ``numerics`` only when not the default (configs and run
+        fingerprints of default runs stay as before the option existed)."""
+        cfg = super().config()
+        if cfg.get("numerics") == "ours":
+            del cfg["numerics"]
+        return cfg
 
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:
@@ -288,4 +363,4 @@ class PruMerge(Method):
         v = self.qk_layer
         return prumerge(sig.fullwidth_cls_attn[v], sig.fullwidth_keys[v], sig.vision_features, sig.unit,
                         sig.patch, sig.grid, variant=self.variant, budget_mode=self.budget_mode,
-                        budget=self.budget, k=self.k, cls_token=self.cls_token)
+                        budget=self.budget, k=self.k, cls_token=self.cls_token, numerics=self.numerics)
