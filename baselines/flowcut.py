@@ -25,6 +25,16 @@ batch equals each sample alone); the LLaVA-NeXT LLM stage (after decoder layer 1
 each crop keeps T (``next_half=True``: the official int(T/2) per crop, still no LLM stage); Video-LLaVA
 frames (no video path in the official code) keep T tokens with their [CLS] counted (``frame_cls="count"``)
 or T patches plus the [CLS] (``"extra"``).
+
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. FlowCut's README
+loads the model with LLaVA's ``load_pretrained_model`` (default ``device_map='auto'``: the CLIP tower is not
+cast and runs in fp32), and every FlowCut quantity is computed inside the tower, so all of it stays fp32
+(our signals' dtype; fp16 signals are cast up). Reference mode evaluates the official expressions on the
+same signals: the [CLS] row sliced to the patches before the head mean, the values in the official
+contiguous (n, H, S, d) layout, the semantic row by ``torch.bmm`` of the [CLS] value with all values, the
+magnitude by ``torch.norm(p=1)``, ``entropy / torch.log(torch.tensor(N))`` (an fp32 logarithm) instead of a
+double ``math.log``; the top-k is ``torch.topk`` in both modes. The batch max of the prune amount stays the
+``batch_max`` option (official: the max over the crops of one tower call).
 """
 
 from __future__ import annotations
@@ -34,6 +44,15 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
+
+NUMERICS = ("ours", "official")
+#: dtype of the official FlowCut quantities (computed inside the fp32 tower, device_map='auto')
+OFFICIAL_DTYPE = torch.float32
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"flowcut: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def flowcut_score(cls_attn: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +65,32 @@ def flowcut_score(cls_attn: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     return c, (c / c.sum(-1, keepdim=True) + sem / sem.sum(-1, keepdim=True)) * mag
 
 
-def adaptive_prune_count(c: torch.Tensor, rpl: int, target: int) -> torch.Tensor:
+def flowcut_score_official(cls_attn: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`flowcut_score` with the official expressions (reference mode), in the official dtype: the
+    [CLS] row's patch columns averaged over heads (``attn[:, :, 0, 1:].mean(dim=1)``), the values as the
+    official contiguous (n, H, S, d) ``value_states``, the semantic row ``softmax(bmm(v_cls, v^T))``
+    averaged over heads, the magnitude ``torch.norm(mean_h v, p=1)``, and ``compute_score``."""
+    n, s, h, d = values.shape
+    c = cls_attn.to(OFFICIAL_DTYPE)[:, :, 1:].mean(dim=1)
+    v = values.to(OFFICIAL_DTYPE).transpose(1, 2).contiguous()  # (n, H, S, d)
+    flat = v.view(n * h, s, d)
+    sem = torch.bmm(flat[:, :1], flat.transpose(1, 2)).softmax(dim=-1).view(n, h, s).mean(1)[:, 1:]
+    mag = torch.norm(v.mean(1)[:, 1:], p=1, dim=-1)
+    relation = c / c.sum(dim=-1, keepdim=True)
+    semantic = sem / sem.sum(dim=-1, keepdim=True)
+    return c, (relation + semantic) * mag
+
+
+def adaptive_prune_count(c: torch.Tensor, rpl: int, target: int, numerics: str = "ours") -> torch.Tensor:
     """(n,) long: round((n_p - target) / sqrt(rpl) * (1 - (H / ln n_p)^2)) per unit, H the entropy of c / sum c
-    over its n_p patches (official ``adaptive_prune_ratio`` without the batch max; half-to-even rounding)."""
+    over its n_p patches (official ``adaptive_prune_ratio`` without the batch max; half-to-even rounding).
+    ``numerics="official"``: ln n_p as the official ``torch.log(torch.tensor(n_p))`` (fp32)."""
     n_p = c.shape[-1]
     prob = c / c.sum(-1, keepdim=True)
+    if numerics == "official":
+        entropy = -torch.sum(prob * torch.log(prob), dim=-1)
+        ratio = entropy / torch.log(torch.tensor(n_p)).to(c.device)
+        return ((n_p - target) / rpl ** 0.5 * (1 - ratio ** 2)).round().long()
     entropy = -(prob * prob.log()).sum(-1)
     ratio = entropy / math.log(n_p)
     return ((n_p - target) / rpl ** 0.5 * (1 - ratio ** 2)).round().long()
@@ -67,8 +107,10 @@ class FlowCut(Method):
 
     @classmethod
     def option_defaults(cls):
+        # numerics: "ours" or "official" (reference mode: the official expressions, fp32 as the official
+        # fp32 tower; see the module doc)
         return {**super().option_defaults(), "ema": 0.5, "batch_max": False, "next_half": False,
-                "frame_cls": "count"}
+                "frame_cls": "count", "numerics": "ours"}
 
     def __init__(self, budget: int | None = None, **options):
         super().__init__(128 if budget is None else budget, **options)  # official API default: 128
@@ -76,6 +118,7 @@ class FlowCut(Method):
             raise ValueError(f"flowcut: frame_cls must be 'count' or 'extra', got {self.frame_cls!r}")
         if not 0.0 <= float(self.ema) <= 1.0:
             raise ValueError(f"flowcut: ema must be in [0, 1], got {self.ema!r}")
+        check_numerics(self.numerics)
 
     def patch_target(self, sig) -> int:
         """T: the patches a unit keeps ([CLS] not counted)."""
@@ -92,7 +135,8 @@ class FlowCut(Method):
         s = sig.num_tokens
         if s <= tau:  # official: `if hidden_states.shape[1] > target`
             return None
-        c, score = flowcut_score(sig.cls_attention(), sig.values())
+        official = self.numerics == "official"
+        c, score = (flowcut_score_official if official else flowcut_score)(sig.cls_attention(), sig.values())
         cum = sig.state.get("flowcut_cum")
         cum = score if cum is None else self.ema * cum[:, 1:] + (1 - self.ema) * score
         sig.state["flowcut_cum"] = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)  # [CLS] column: unused
@@ -101,7 +145,7 @@ class FlowCut(Method):
             return None
         n = sig.num_units
         if rpl > 0:
-            prune = adaptive_prune_count(c, rpl, target)
+            prune = adaptive_prune_count(c, rpl, target, self.numerics)
             if self.batch_max:
                 prune = prune.max().expand(n)
             counts = (s - prune).clamp(min=tau).tolist()  # one host read per pruning layer
@@ -109,6 +153,9 @@ class FlowCut(Method):
             counts = [tau] * n
         if all(k == s for k in counts):
             return None
+        if official and len(set(counts)) == 1:  # one batched call, as the official (B, N) topk
+            top = torch.topk(cum, counts[0] - 1, dim=1).indices.sort(dim=1).values + 1
+            return torch.cat([top.new_zeros(n, 1), top], 1)
         keeps = []
         for u, k in enumerate(counts):
             top = torch.topk(cum[u], k - 1).indices.sort().values + 1
