@@ -201,6 +201,8 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
         keep_tok = keep_tok | (cls_tok & keep_cls_t[unit.clamp(min=0)])
     if keep_newlines:
         keep_tok = keep_tok | (unit < 0)
+    if numerics == "official":  # a register that is a U patch (official g_deep = 1 vs 0) keeps fewer
+        count = int(keep_tok.sum())
     return masked_take(torch.arange(n, device=dev), keep_tok, count)
 
 

@@ -87,7 +87,7 @@ def official_flowcut(layer_signals, target):
 # ------------------------------------------------------------------ random per-layer signals
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layer_tensors(seed, B, dups=48, flat=False):
     """Per layer: [CLS] logits (B, H, N) and values (B, N, H, d) of all original tokens; ``dups`` planted
     duplicate patches per unit (same logits and values in every layer); ``flat``: near-uniform rows."""
@@ -148,7 +148,7 @@ CASES = [(seed, dtype, t, flat) for seed in range(2) for dtype in (torch.float32
          for t in BUDGETS for flat in (False, True)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def official_case(seed, dtype, t, flat, B=1):
     return official_flowcut(signals_fn(seed, B, dtype, flat), t + 1)
 
@@ -192,7 +192,7 @@ def test_score_and_prune_amount_match_the_official_expressions(dtype):
     assert torch.equal(c, attn[:, :, 1:].mean(dim=1)) and torch.equal(score, ref)
     # the default formulas (einsum, mean then slice, abs().sum()) give the same values up to fp32 rounding,
     # not bit for bit
-    c0, score0 = flowcut_score(attn, v.transpose(1, 2))
+    _, score0 = flowcut_score(attn, v.transpose(1, 2))
     torch.testing.assert_close(score0, score, rtol=1e-5, atol=0)
     assert not torch.equal(score0, score)
     for rpl in (20, 10, 4, 2):

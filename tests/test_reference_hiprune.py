@@ -89,7 +89,7 @@ def random_maps(seed, B=1):
     return maps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def random_scores(seed, B=1, dups=64):
     """Official global attentions (B, 576) of the object and deep layers, with ``dups`` planted duplicate
     patches per layer (exact ties)."""

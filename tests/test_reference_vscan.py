@@ -90,7 +90,7 @@ def official_merge_fp32(projected, mask, nearest):
 # ------------------------------------------------------------------ random cases
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_case(seed, B, D, dups=48, underflow=False):
     """[CLS] rows (24, B, 16, 576) fp32 softmax over 577 tokens, projected (B, 576, D); ``dups`` planted
     duplicate patches per unit (same row value in every layer / head, same features)."""
@@ -187,7 +187,7 @@ CASES = [(seed, dtype, t, cut) for seed in range(2) for dtype in (torch.float32,
          for t in BUDGETS for cut in (False, True)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def official_case(seed, dtype, t, cut):
     rows, feats = make_case(seed, dtype, t, cut)
     return rows, feats, official_stage1(rows, feats.half(), t)
