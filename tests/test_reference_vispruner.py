@@ -132,7 +132,7 @@ def random_inputs(seed, dtype, n=576, heads=16, dv=1024, dups=64):
 
 
 CASES = [(seed, dtype, T, ratio) for seed in range(2) for dtype in (torch.float16, torch.float32)
-         for T, ratio in ((64, .75), (128, .5), (192, .5))]
+         for T, ratio in ((64, .75), (128, .5), (192, .5)) if seed == 0 or T < 192]
 
 
 @pytest.mark.parametrize("seed,dtype,T,ratio", CASES)
