@@ -443,12 +443,14 @@ def run(cfg: RunConfig) -> int:
 
         wb = None
         if info.is_main:
-            from .wandb_log import WandbLogger
+            from .wandb_log import WandbLogger, run_config, run_identity
 
-            wb = WandbLogger(enabled=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity,
-                             name=f"{bench.name}/{run_dir.name}", group=cfg.wandb_group or run_dir.name,
-                             tags=list(cfg.wandb_tags) + [bench.name, cfg.method, rt.family],
-                             config={"run": dataclasses.asdict(cfg), **{k: v for k, v in resolved.items() if k != "env"}},
+            # name <bench>/<run-name>; group <bench>/<model> (every method and budget); job_type = the budget
+            ident = run_identity(bench.name, cfg.model, cfg.method, cfg.budget, run_dir.name, family=rt.family,
+                                 options=cfg.options, group=cfg.wandb_group, extra_tags=cfg.wandb_tags)
+            wb = WandbLogger(enabled=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, **ident,
+                             config=run_config(dataclasses.asdict(cfg), resolved, bench.name, len(questions),
+                                               run_dir.name, str(run_dir)),
                              dir=str(run_dir))
 
         _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done),
@@ -461,6 +463,10 @@ def run(cfg: RunConfig) -> int:
             try:
                 results = score_run(run_dir, data_root=cfg.data_root, wall_s=time.time() - t_start, wandb=wb,
                                     judge_cfg=_judge_cfg(cfg))
+                if wb is not None:  # scores by variant, tokens, TTFT, the answers table (never raises)
+                    from .wandb_log import log_results
+
+                    log_results(wb, results, run_dir, cfg.data_root)
                 _print_summary(results)
             except Exception as e:  # noqa: BLE001 - answers are safe on disk; report and fail
                 log.exception("merge / scoring failed: %s", e)

@@ -6,14 +6,23 @@
   offline otherwise (``wandb sync`` uploads it later).
 * Every call is wrapped: an exception is logged once as a warning and the logger turns itself
   off; ``init`` and ``finish`` run in a daemon thread with a hard timeout.
+
+What a harness run holds (``eval run``; see docs/evaluation.md, "W&B"): :func:`run_identity` (name =
+``<benchmark>/<run-name>``, group = ``<benchmark>/<model>``, job_type = the budget, tags), :func:`run_config`
+(model, method + budget + every option, benchmark, n, commit, run name), :func:`log_results` (every score
+under ``metrics/<variant>``, tokens, TTFT, the per-sample ``answers`` table). :func:`log_sweep_to_wandb` logs a
+testbed sweep (table + accuracy-vs-tokens plot); :func:`read_offline_run` reads an offline run back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
+import struct
 import threading
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -166,3 +175,362 @@ class WandbLogger:
             log.warning("W&B finish failed: %s", err)
             return False
         return True
+
+
+# ---------------------------------------------------------------------------------------------
+# what an `eval run` holds: identity (name / group / job_type / tags), config, summary, answers table
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_short(model: str) -> str:
+    return str(model).rstrip("/").split("/")[-1].replace(":", "-")
+
+
+def budget_label(budget) -> str:
+    """``b64``; ``unpruned`` for no budget (the unpruned baseline / a method's own adaptive count)."""
+    return "unpruned" if budget is None else f"b{budget}"
+
+
+def variant_label(method: str, options: dict | None) -> str:
+    """The method with the options that make it a variant: ``consensusdrop[fusion=encoder_only]``."""
+    options = options or {}
+    if not options:
+        return str(method)
+    return f"{method}[" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + "]"
+
+
+def run_identity(benchmark: str, model: str, method: str, budget, run_name: str, family: str | None = None,
+                 options: dict | None = None, group: str | None = None, extra_tags=()) -> dict:
+    """W&B name / group / job_type / tags of a harness run. ``group`` = ``<benchmark>/<model>``: one
+    project-page group holds every method and budget of one benchmark on one model; ``job_type`` =
+    the budget (``b64`` / ``unpruned``), so grouping by group + job type puts the methods of one budget
+    side by side; tags: benchmark, method, variant, budget, family (and ``--wandb-tag``)."""
+    tags = [benchmark, method, budget_label(budget)]
+    if options:
+        tags.append(variant_label(method, options))
+    if family:
+        tags.append(family)
+    tags += [t for t in extra_tags if t]
+    out_tags = []
+    for t in tags:  # W&B tags: unique, at most 64 characters
+        t = str(t)[:64]
+        if t not in out_tags:
+            out_tags.append(t)
+    return {"name": f"{benchmark}/{run_name}", "group": group or f"{benchmark}/{_model_short(model)}",
+            "job_type": budget_label(budget), "tags": out_tags}
+
+
+def run_config(cfg: dict, resolved: dict, benchmark: str, n: int, run_name: str, run_dir: str | None = None) -> dict:
+    """The W&B config of a harness run (nested keys show as ``model.family``, ``method.budget``, ...):
+    model (id, name, family, dtype, vision_dtype, layout, template, preprocessing), method (name, budget,
+    options as given, the variant label, every resolved option), benchmark (+ options), n, commit, run name;
+    ``args`` holds the harness's whole RunConfig."""
+    model = dict(resolved.get("model") or {"id": cfg.get("model")})
+    model.setdefault("id", cfg.get("model"))
+    model["vision_dtype"] = cfg.get("vision_dtype") or model.get("dtype")
+    # LLaVA-NeXT's feature layout (spatial_unpad / spatial); None where the family has no such choice
+    model["layout"] = model.get("next_layout", cfg.get("next_layout")) if model.get("family") == "llava_next" else None
+    model["pad_to_square"] = cfg.get("pad_to_square", True)
+    opts = dict(cfg.get("options") or {})
+    method = {"name": cfg.get("method"), "budget": cfg.get("budget"), "budget_label": budget_label(cfg.get("budget")),
+              "options": opts, "variant": variant_label(cfg.get("method"), opts),
+              "resolved": resolved.get("method_config"), "llm_layers": resolved.get("llm_layers"),
+              "vision_stage": resolved.get("vision_stage")}
+    git = resolved.get("git") or {}
+    return {"benchmark": benchmark, "benchmark_options": dict(cfg.get("bench_options") or {}),
+            "benchmark_config": resolved.get("benchmark"), "model": model, "method": method, "n": n,
+            "limit": cfg.get("limit"), "partial": cfg.get("limit") is not None, "commit": git.get("commit"),
+            "git_dirty": git.get("dirty"), "run_name": run_name, "run_dir": run_dir,
+            "generation": resolved.get("generation"), "seed": cfg.get("seed"), "world_size": resolved.get("world_size"),
+            "launcher": resolved.get("launcher"), "args": cfg}
+
+
+def results_summary(res: dict) -> dict:
+    """The run's summary: every score as ``metrics/<variant>`` (POPE-F1avg3, POPE-F1pooled, ...), the
+    primary one also as ``score`` (its name in ``score_name``); tokens (entering the LLM, layer-averaged, candidates); TTFT and
+    times; counts."""
+    out: dict[str, Any] = {}
+    for k, v in (res.get("metrics") or {}).items():  # the names eval.results logs too (no second copy)
+        out[f"metrics/{k}"] = v
+    prim = res.get("primary_metric")
+    if prim and prim in (res.get("metrics") or {}):
+        out["score"] = res["metrics"][prim]
+        out["score_name"] = prim
+    t = res.get("tokens") or {}
+    for src, dst in (("tok_in", "tokens/entering_llm"), ("tok_eq", "tokens/layer_avg"),
+                     ("visual_candidates_mean", "tokens/candidates")):
+        if t.get(src) is not None:
+            out[dst] = t[src]
+    if isinstance(t.get("tok_after_k"), dict):
+        out["tokens/after_layer_k"] = t["tok_after_k"].get("mean")
+    b = res.get("budget") or {}
+    if b:
+        out["budget/effective"] = b.get("effective")
+        out["budget/unpruned_samples"] = b.get("unpruned_samples")
+    tm = res.get("timing") or {}
+    if tm.get("prefill_total_s_mean") is not None:  # vision tower + selection + LLM prefill: the first token
+        out["time/ttft_ms"] = tm["prefill_total_s_mean"] * 1000.0
+    for k in ("generate_s_mean", "vision_s_mean", "selection_s_mean", "llm_s_mean", "samples_per_s",
+              "new_tokens_mean", "wall_s_last_session"):
+        if tm.get(k) is not None:
+            out[f"time/{k}"] = tm[k]
+    c = res.get("counts") or {}
+    out["counts/questions"] = c.get("questions")
+    out["counts/answered"] = c.get("answered")
+    out["partial"] = bool(res.get("partial"))
+    out["follows_protocol"] = bool((res.get("protocol") or {}).get("follows_protocol"))
+    return out
+
+
+ANSWER_COLUMNS = ["question_id", "uid", "question", "answer", "prediction", "correct", "tokens_candidates",
+                  "tokens_entering_llm", "tokens_layer_avg", "new_tokens", "generate_s"]
+
+
+def _pope_reference(data_root, records: list[dict]) -> list[Any]:
+    """POPE's label for each answer record, paired as eval_pope.py pairs them: within each split, the
+    k-th answer with the k-th label of coco_pope_<split>.json (None where a split has fewer labels)."""
+    root = Path(data_root)
+    cat = {}
+    for ln in open(root / "pope/llava_pope_test.jsonl", encoding="utf-8"):
+        if ln.strip():
+            q = json.loads(ln)
+            cat[q["question_id"]] = q["category"]
+    labels: dict[str, list[str]] = {}
+    for c in set(cat.values()):
+        p = root / f"pope/coco/coco_pope_{c}.json"
+        labels[c] = [json.loads(ln)["label"] for ln in open(p, encoding="utf-8") if ln.strip()] if p.exists() else []
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        c = cat.get(r.get("question_id"))
+        k = seen.get(c, 0)
+        seen[c] = k + 1
+        out.append(labels.get(c, [])[k] if c is not None and k < len(labels.get(c, [])) else None)
+    return out
+
+
+def answer_rows(run_dir, benchmark: str | None = None, data_root=None) -> list[list]:
+    """One row per answered question (question-file order) from the run's shard files: question id,
+    uid, question, answer (the reference where the question file or the benchmark's labels give it),
+    prediction, correct (where a per-sample rule is known: POPE's yes/no parse against its label; None
+    elsewhere), visual tokens (candidates, entering the LLM, layer-averaged), new tokens, generate time."""
+    from .io import complete_jsonl_records
+    from .runner import EVAL_KEY, shard_files
+
+    recs = [r for p in shard_files(Path(run_dir)) for r in complete_jsonl_records(p)]
+    recs.sort(key=lambda r: r[EVAL_KEY].get("idx", 0))
+    official = [{k: v for k, v in r.items() if k != EVAL_KEY} for r in recs]
+    refs: list[Any] = [r.get("answer") for r in official]
+    correct: list[Any] = [None] * len(official)
+    if benchmark == "pope" and data_root is not None:
+        try:
+            from .scorers import pope_parse
+
+            refs = _pope_reference(data_root, official)
+            correct = [None if lab is None else pope_parse(r.get("text", "")) == lab for r, lab in zip(official, refs)]
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("W&B answers table: POPE labels not read (%s); 'correct' left empty", e)
+    rows = []
+    for r, o, ref, ok in zip(recs, official, refs, correct):
+        m = r[EVAL_KEY]
+        qid = o.get("question_id", o.get("id"))
+        rows.append([None if qid is None else str(qid), m.get("uid"), o.get("prompt", o.get("question")),
+                     None if ref is None else str(ref), o.get("text", o.get("pred")), ok,
+                     m.get("visual_candidates"), m.get("visual_entering_llm"), m.get("visual_layer_avg"),
+                     m.get("new_tokens"), (m.get("time") or {}).get("generate")])
+    return rows
+
+
+def log_results(wb: "WandbLogger | None", res: dict, run_dir, data_root=None) -> None:
+    """Summary (:func:`results_summary`), the metric descriptions and results into the config, and the
+    ``answers`` table (every answered question). Never raises."""
+    if wb is None or not wb.active:
+        return
+    try:
+        summary = results_summary(res)
+        rows = answer_rows(run_dir, res.get("benchmark"), data_root)
+    except Exception as e:  # noqa: BLE001 - W&B must never fail a run
+        wb._fail("results", e)
+        return
+    wb.config_update({"metric_labels": res.get("metric_labels") or {}, "primary_metric": res.get("primary_metric"),
+                      "budget_unit": (res.get("model") or {}).get("budget_unit")})
+    wb.summary(summary)
+    if rows:
+        table_cls = getattr(wb.wandb, "Table", None)
+        if table_cls is not None and len(rows) > getattr(table_cls, "MAX_ROWS", len(rows)):
+            # run.log truncates a table to Table.MAX_ROWS (10,000); keep every answer (the artifact limit)
+            table_cls.MAX_ROWS = min(len(rows), getattr(table_cls, "MAX_ARTIFACT_ROWS", len(rows)))
+        wb.table("answers", ANSWER_COLUMNS, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# testbed sweep: one run with the table of every method x budget and an accuracy-vs-tokens plot
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_COLUMNS = ["method", "options", "label", "budget", "tokens_entering_llm", "tokens_layer_avg", "accuracy",
+                 "time_s"]
+
+
+def sweep_rows(res: dict) -> tuple[list[str], list[list]]:
+    rows = res.get("results") or []
+    acc_keys = sorted({k for r in rows for k in (r.get("accuracy") or {}) if k != "overall"})
+    cols = SWEEP_COLUMNS + [f"accuracy/{k}" for k in acc_keys]
+    out = []
+    for r in rows:
+        opts = r.get("options") or {}
+        tok = r.get("tokens") or {}
+        acc = r.get("accuracy") or {}
+        out.append([r.get("method"), json.dumps(opts, sort_keys=True), variant_label(r.get("method"), opts),
+                    r.get("budget"), tok.get("visual_entering_llm"), tok.get("visual_layer_avg"), acc.get("overall"),
+                    tok.get("time_s")] + [acc.get(k) for k in acc_keys])
+    return cols, out
+
+
+def log_sweep_to_wandb(res: dict, enabled: bool = True, project: str | None = None, entity: str | None = None,
+                       name: str | None = None, group: str | None = None, png=None, dir: str | None = None,
+                       tags=()) -> dict:
+    """Log a testbed sweep (``testbed.evaluate.run_sweep``'s result) as one W&B run (job_type ``sweep``):
+    config = the sweep's meta; table ``sweep`` (method, options, label, budget, tokens entering the LLM,
+    layer average, accuracy overall and per question type, time); ``accuracy_vs_tokens`` and
+    ``accuracy_vs_tokens_entering``: line plots (one line per method variant) over that table; the sweep's
+    matplotlib figure (``png``) as the image ``plot``. Returns the logger's info; never raises."""
+    try:
+        meta = dict(res.get("meta") or {})
+        model = meta.get("model") or "testbed"
+        wb = WandbLogger(enabled=enabled, project=project, entity=entity, job_type="sweep",
+                         name=name or f"testbed-sweep/{_model_short(model)}/{meta.get('date', '')}".rstrip("/"),
+                         group=group or f"testbed/{_model_short(model)}",
+                         tags=["testbed", "sweep"] + [t for t in tags if t], config={"sweep": meta}, dir=dir)
+    except Exception as e:  # noqa: BLE001
+        log.warning("W&B sweep logging failed (the sweep is kept): %s", e)
+        return {"mode": "disabled", "error": str(e)}
+    if not wb.active:
+        return wb.info()
+
+    def _log():
+        wandb = wb.wandb
+        cols, rows = sweep_rows(res)
+        table = wandb.Table(columns=cols, data=rows)
+        data = {"sweep": table,
+                "accuracy_vs_tokens": wandb.plot.line(table, "tokens_layer_avg", "accuracy", stroke="label",
+                                                      title="accuracy vs visual tokens (layer average)"),
+                "accuracy_vs_tokens_entering": wandb.plot.line(table, "tokens_entering_llm", "accuracy", stroke="label",
+                                                               title="accuracy vs visual tokens entering the LLM")}
+        if png is not None and Path(png).exists():
+            data["plot"] = wandb.Image(str(png))
+        wb.run.log(data)
+        wb.run.summary["n_configs"] = len(rows)
+        wb.run.summary["n_errors"] = len(res.get("errors") or [])
+
+    wb._call("sweep", _log)
+    info = wb.info()
+    wb.finish()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# reading an offline run back (tests; a look at a run without syncing it)
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = 32768
+_HEADER = 7  # the .wandb file: ":W&B" + magic 0xBEE1 + version, then LevelDB-log blocks of 32 KiB
+
+
+def _records(path) -> list[bytes]:
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path}: not a .wandb transaction log")
+    out, buf, pos = [], b"", _HEADER
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # block trailer: zero padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == 1:  # full
+            out.append(chunk)
+        elif kind == 2:  # first
+            buf = chunk
+        elif kind == 3:  # middle
+            buf += chunk
+        elif kind == 4:  # last
+            out.append(buf + chunk)
+            buf = b""
+    return out
+
+
+def _set_nested(d: dict, keys: list[str], value) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _item_key(item) -> list[str]:
+    return list(item.nested_key) if len(item.nested_key) else [item.key]
+
+
+def find_offline_run(path) -> Path:
+    """The newest ``offline-run-*`` directory under ``path`` (a harness run folder, its ``wandb/``, or
+    the offline run directory itself)."""
+    p = Path(path)
+    if p.name.startswith(("offline-run-", "run-")) and p.is_dir():
+        return p
+    cands = sorted(p.glob("offline-run-*")) or sorted(p.glob("wandb/offline-run-*"))
+    if not cands:
+        raise FileNotFoundError(f"no offline W&B run under {p}")
+    return cands[-1]
+
+
+def read_offline_run(path) -> dict:
+    """An offline run read back from its ``run-<id>.wandb`` file (and the table files next to it):
+    ``{"run": {id, name, group, job_type, tags, project}, "config": {...}, "summary": {...},
+    "history": [{...} per step], "tables": {key: {"columns": [...], "data": [[...]]}}, "charts": {key:
+    custom-chart spec}, "files": [...]}``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    d = find_offline_run(path)
+    (wfile,) = list(d.glob("run-*.wandb"))[:1] or [None]
+    if wfile is None:
+        raise FileNotFoundError(f"no run-*.wandb in {d}")
+    out: dict[str, Any] = {"dir": str(d), "run": {}, "config": {}, "summary": {}, "history": [], "tables": {},
+                           "charts": {}, "files": []}
+
+    def _config(cfg_record):
+        for it in cfg_record.update:
+            _set_nested(out["config"], _item_key(it), json.loads(it.value_json))
+
+    for raw in _records(wfile):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out["run"] = {"id": r.run_id, "name": r.display_name, "group": r.run_group, "job_type": r.job_type,
+                          "tags": list(r.tags), "project": r.project}
+            _config(r.config)
+        elif kind == "config":
+            _config(rec.config)
+        elif kind == "summary":
+            for it in rec.summary.update:
+                _set_nested(out["summary"], _item_key(it), json.loads(it.value_json))
+        elif kind == "history":
+            row: dict = {}
+            for it in rec.history.item:
+                _set_nested(row, _item_key(it), json.loads(it.value_json))
+            out["history"].append(row)
+        elif kind == "files":
+            out["files"] += [f.path for f in rec.files.files]
+    wb_cfg = out["config"].pop("_wandb", None)
+    out["charts"] = dict((wb_cfg or {}).get("visualize") or {}) if isinstance(wb_cfg, dict) else {}
+    files_dir = d / "files"
+    for k, v in list(out["summary"].items()):
+        if isinstance(v, dict) and v.get("_type") in ("table-file", "table") and v.get("path"):
+            t = json.loads((files_dir / v["path"]).read_text())
+            out["tables"][k] = {"columns": t["columns"], "data": t["data"]}
+    return out
