@@ -266,14 +266,6 @@ class HiPrune(Method):
         check_numerics(self.numerics)
         self.vision_attention_layers = (self.object_layer, self.deep_layer)
 
-    def config(self) -> dict:
-        """The run configuration; ``numerics`` appears only in reference mode, so a default-mode run's
-        configuration (and fingerprint) is the one it had before the option existed."""
-        cfg = super().config()
-        if cfg.get("numerics") == "ours":
-            del cfg["numerics"]
-        return cfg
-
     def object_layer_for(self, depth: int) -> int:
         """The object layer (hidden-state index) on a tower of ``depth`` layers."""
         ref = self.object_layer_reference

@@ -346,14 +346,6 @@ class PruMerge(Method):
         self.vision_fullwidth_layers = (self.qk_layer,)
         check_numerics(self.numerics)
 
-    def config(self):
-        """Options as recorded with results; ``numerics`` only when not the default (configs and run
-        fingerprints of default runs stay as before the option existed)."""
-        cfg = super().config()
-        if cfg.get("numerics") == "ours":
-            del cfg["numerics"]
-        return cfg
-
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:
             raise ValueError(f"prumerge: family {family!r} is not supported: {REFUSAL}")

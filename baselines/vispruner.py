@@ -249,14 +249,6 @@ class VisPruner(Method):
             raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         check_numerics(self.numerics)
 
-    def config(self):
-        """Options as recorded with results; ``numerics`` only when not the default (configs and run
-        fingerprints of default runs stay as before the option existed)."""
-        cfg = super().config()
-        if cfg.get("numerics") == "ours":
-            del cfg["numerics"]
-        return cfg
-
     def select_vision(self, sig):
         return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,
                                         important_ratio=self.important_ratio, reference=self.reference,

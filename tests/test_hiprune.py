@@ -96,7 +96,8 @@ def test_options_and_layers():
     m = HiPrune(64)
     assert m.config() == {"method": "hiprune", "budget": 64, "position_mode": "keep", "alpha": 0.1,
                           "object_layer": 9, "object_layer_reference": 24, "deep_layer": -2,
-                          "budget_mode": "per_unit", "cls_token": "drop", "keep_newlines": True}
+                          "budget_mode": "per_unit", "cls_token": "drop", "keep_newlines": True,
+                          "numerics": "ours"}
     assert m.vision_stage and not m.needs_vision_attention
     assert m.vision_attention_layers == (9, -2)
     m.setup(num_layers=32, num_vision_layers=24, family="llava")  # CLIP-L: official layers 9 and -2

@@ -208,7 +208,7 @@ def test_video_cls_and_newlines():
 def test_options():
     m = VisPruner(64)
     assert m.config() == {"method": "vispruner", "budget": 64, "position_mode": "keep", "important_ratio": None,
-                          "reference": False, "cls_token": "drop", "keep_newlines": True}
+                          "reference": False, "cls_token": "drop", "keep_newlines": True, "numerics": "ours"}
     assert m.needs_vision_attention and m.vision_stage
     with pytest.raises(ValueError):
         VisPruner()
