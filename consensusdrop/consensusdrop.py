@@ -1,18 +1,21 @@
 """ConsensusDrop (arXiv 2602.00946) - OUR RECONSTRUCTION.
 
 The paper's text beyond its abstract is not available; every rule below is our design, consistent
-with the abstract (methods.md section 1; docs/methods/consensusdrop.md). Label results
-"ConsensusDrop (our reconstruction)". Per image / crop / frame:
+with the abstract (methods.md section 1; docs/methods/consensusdrop.md, with the measurements behind
+each choice). Label results "ConsensusDrop (our reconstruction)". Per image / crop / frame, budget B:
 
-    s_v = [CLS]->patch attention of the CLIP select layer (query-agnostic encoder saliency)
-    s_x = text->image attention of LLM layer K from a shallow probe of the unpruned prompt (query-aware)
-    c   = consensus of the two rankings (rrf: w_v/(k + r_v) + w_x/(k + r_x); or borda / adaptive)
-    keep the D best by c (ascending index); merge the other tokens into C contextual tokens with
-    VisionZip's encoder-guided rule (uniform targets, nearest CLIP key, target + mean);
-    then prefill the LLM from layer 0 on the shortened prompt (the probe is discarded).
+    s_v = [CLS]->patch attention of the CLIP select layer          (query-agnostic encoder saliency)
+    s_x = max over the question's tokens of softmax_j(100 cos(e_q, f_j))    (query-aware, before the LLM:
+          the question's input embeddings e_q against the projected visual tokens f_j; no decoder layer)
+    rel = (u_v + u_x) / 2, u = 1 - (rank - 1)/(N - 1) within the unit       (Borda consensus of the ranks)
+    keep D = B - floor(0.15625 B) tokens by relevance-weighted max-min:
+          first argmax rel, then argmax_j rel_j * min_{s kept} (1 - cos(f_j, f_s))
+    merge the others into the C = B - D contextual tokens with VisionZip's encoder-guided rule
+    (uniform targets, nearest CLIP key, target + mean); prefill the LLM from layer 0 on them.
 
-``fusion = encoder_only`` and ``cross_only`` are the single-signal ablations the paper's central
-claim is measured against.
+``fusion = encoder_only`` / ``cross_only`` are the single-signal ablations (same selection and merge).
+``preset = "probe"`` is the previous default (a 2-layer LLM probe of the unpruned prompt for s_x,
+reciprocal-rank fusion, top-D by rank, C = round(0.15625 B)); ``preset = "cover"`` names the current one.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from llava.method import Method, Selection, register
 from llava.ops import (best_product_split, best_product_split_k1, block_order, contextual_merge, masked_take,
                        text_to_image_score, unit_layout)
 
-FUSIONS = ("rrf", "borda", "adaptive", "encoder_only", "cross_only")
+FUSIONS = ("rrf", "borda", "product", "max", "adaptive", "encoder_only", "cross_only")
 SELECTS = ("rank", "maxmin", "dpp", "nms")
-#: named option sets. "cover" (issue 15's redesign, measured in docs/methods/consensusdrop.md): s_x = AdaV's
-#: text-image similarity of the question's input embeddings (no decoder layer), Borda consensus relevance,
-#: relevance-weighted max-min selection, C = floor(ratio x budget)
+#: named option sets (explicit options override them). "cover": the default since issue 15 (s_x = AdaV's
+#: text-image similarity of the question's input embeddings, no decoder layer; Borda consensus relevance;
+#: relevance-weighted max-min selection; C = floor(ratio x budget)). "probe": the default before issue 15
+#: (s_x from a 2-layer LLM probe of the unpruned prompt, reciprocal-rank fusion, top-D, C = round(ratio x budget)).
 PRESETS = {"cover": {"probe_layer": None, "probe_mode": "auto", "fusion": "borda", "select": "maxmin",
-                     "contextual_rounding": "floor"}}
-RELEVANCES = ("rank_mean", "score_mean")
+                     "contextual_rounding": "floor"},
+           "probe": {"probe_layer": 2, "probe_mode": "auto", "fusion": "rrf", "select": "rank",
+                     "contextual_rounding": "round"}}
+RELEVANCES = ("rank_mean", "score_mean", "calibrated")
 
 
 def order_desc(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -142,14 +148,29 @@ def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda",
     if fusion == "rrf":
         c = consensus_scores(s_v, s_x, "rrf", rrf_k, w_v, w_x).float()
         return (c - c.min()) / (c.max() - c.min()).clamp(min=1e-30)
-    u_v = unit_relevance(s_v, None, how)
-    if fusion == "encoder_only":
-        return u_v
-    u_x = unit_relevance(s_x, s_v, how)
-    if fusion == "cross_only":
-        return u_x
+    if how == "calibrated":  # the broad signal by rank, the sparse one by its height above its own median
+        u_v = unit_relevance(s_v, None, "rank_mean")
+        if fusion == "encoder_only":
+            return u_v
+        if fusion == "cross_only":
+            return unit_relevance(s_x, s_v, "rank_mean")
+        x = s_x.float()
+        med = x.median()
+        u_x = ((x - med) / (x.max() - med).clamp(min=1e-30)).clamp(min=0)
+    else:
+        u_v = unit_relevance(s_v, None, how)
+        if fusion == "encoder_only":
+            return u_v
+        u_x = unit_relevance(s_x, s_v, how)
+        if fusion == "cross_only":
+            return u_x
+    if fusion == "product":  # both must agree: a geometric mean of the two relevances
+        return (u_v.clamp(min=0) ** w_v * u_x.clamp(min=0) ** w_x) ** (1.0 / (w_v + w_x))
+    if fusion == "max":  # either signal's peak suffices
+        return torch.maximum(w_v * u_v, w_x * u_x) / max(w_v, w_x)
     if fusion != "borda":
-        raise ValueError(f"fused_relevance: fusion must be borda / rrf / encoder_only / cross_only, got {fusion!r}")
+        raise ValueError(f"fused_relevance: fusion must be borda / product / max / rrf / encoder_only / cross_only, "
+                         f"got {fusion!r}")
     return (w_v * u_v + w_x * u_x) / (w_v + w_x)
 
 
@@ -252,27 +273,28 @@ class ConsensusDrop(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            "preset": None,  # None | "cover": the redesign (PRESETS["cover"]; explicit options override it)
+            "preset": None,  # None (the defaults below = "cover") | "cover" | "probe" (the pre-issue-15 default)
             "contextual_ratio": 0.15625,
             "dominant": None,
             "contextual": None,
             "vision_layer": None,  # hidden-states index of the CLIP layer for s_v and keys (None: the model's, -2)
             "encoder_head_agg": "mean",  # mean | sum (same ranking)
-            "probe_layer": 2,  # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
+            "probe_layer": None,  # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
             "probe_queries": "question",  # question | all_post_image | last
             "probe_head_agg": "mean",  # mean | max
             "probe_query_agg": "mean",  # mean | max
             "probe_softmax_keys": "all",  # all | visual_only (renormalised over visual columns)
             "probe_mode": "auto",  # auto (embed_cos without a probe_layer, else attn) | attn | embed_cos (AdaV's s_j)
-            "fusion": "rrf",  # rrf | borda | adaptive | encoder_only | cross_only
+            "fusion": "borda",  # borda | rrf | product | max | adaptive | encoder_only | cross_only
             "rrf_k": 60.0,
             "w_v": 1.0,
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
-            "select": "rank",  # rank (top-D by consensus) | maxmin (relevance-weighted max-min fill) | dpp
-            "relevance": "rank_mean",  # rank_mean | score_mean: the fused relevance maxmin / dpp weigh by
-            "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only: asymmetric)
-            "contextual_rounding": "round",  # C = round | floor (ratio x budget); floor: no merged token below 7
+            "select": "maxmin",  # maxmin (relevance-weighted max-min) | rank (top-D by consensus) | dpp | nms
+            "relevance": "rank_mean",  # rank_mean | score_mean | calibrated (s_x above its median): what maxmin / dpp weigh by
+            "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only) | coverage (none)
+            "peaks_source": "cross",  # the forced peaks: cross (top of s_x) | fused (top of the consensus)
+            "contextual_rounding": "floor",  # C = floor | round (ratio x budget); floor: no merged token below 7
             "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
             "alpha": 1.0,  # maxmin: relevance exponent
             "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
@@ -306,7 +328,7 @@ class ConsensusDrop(Method):
                   "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
                   "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
                   "div_space": ("features", "vision_features", "keys"),
-                  "fill": ("fused", "encoder"), "contextual_rounding": ("round", "floor")}
+                  "fill": ("fused", "encoder", "coverage"), "peaks_source": ("cross", "fused"), "contextual_rounding": ("round", "floor")}
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
@@ -355,11 +377,15 @@ class ConsensusDrop(Method):
         if self.select == "rank" or self.fusion == "adaptive":  # adaptive: AdaV's list split is its own rule
             return select_dominant(s_v, s_x, d, self.fusion, self.rrf_k, self.w_v, self.w_x, self.adaptive_min_frac)
         fusion = self.fusion
-        g = min(d, int(self.peaks * d)) if fusion in ("borda", "rrf") else 0
-        if g and self.fill == "encoder":
-            fusion = "encoder_only"
+        g = min(d, int(self.peaks * d)) if fusion in ("borda", "rrf", "product", "max") else 0
         rel = fused_relevance(s_v, s_x, fusion, self.w_v, self.w_x, self.relevance, self.rrf_k)
-        seed = order_desc(s_x, s_v)[:g] if g else None
+        seed = None
+        if g:
+            seed = order_desc(s_x, s_v)[:g] if self.peaks_source == "cross" else order_desc(rel, s_v)[:g]
+            if self.fill == "encoder":
+                rel = fused_relevance(s_v, s_x, "encoder_only", self.w_v, self.w_x, self.relevance, self.rrf_k)
+            elif self.fill == "coverage":
+                rel = torch.ones_like(rel)
         return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
 
     def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space,

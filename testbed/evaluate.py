@@ -164,8 +164,10 @@ BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16)}
 #: methods whose official mode chooses its own count (PruMerge's IQR outliers): run once without a budget,
 #: and at the budgets with these options
 ADAPTIVE = {"prumerge": {"budget_mode": "fixed"}}
+#: the default, its single-signal ablations, the pre-issue-15 default (preset=probe: a 2-layer LLM probe) and
+#: s_x from the LLM's own attention at layer 0 / 1 instead of the embedding similarity
 CONSENSUS_VARIANTS = (("consensusdrop", {}), ("consensusdrop", {"fusion": "encoder_only"}),
-                      ("consensusdrop", {"fusion": "cross_only"}), ("consensusdrop", {"fusion": "adaptive"}),
+                      ("consensusdrop", {"fusion": "cross_only"}), ("consensusdrop", {"preset": "probe"}),
                       ("consensusdrop", {"probe_layer": 0}), ("consensusdrop", {"probe_layer": 1}))
 
 
@@ -195,11 +197,32 @@ def label(method: str, options: dict) -> str:
 
 
 def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, out_dir: str | os.PathLike = RESULTS_DIR,
-              verbose: bool = True) -> dict:
+              verbose: bool = True, only: Sequence[str] | None = None, wandb: bool = False) -> dict:
+    """Every config of :func:`sweep_configs`; with ``only`` (method names), re-measure just those methods'
+    configs and keep every other row of the ``testbed.json`` already in ``out_dir`` (which must have been
+    measured with the same n, seed and budgets: refused otherwise)."""
+    kept_rows, kept_errors, prev_meta = [], [], None
+    if only:
+        prev_path = Path(out_dir) / "testbed.json"
+        if not prev_path.exists():
+            raise FileNotFoundError(f"--only needs the previous sweep's {prev_path}")
+        prev = json.loads(prev_path.read_text())
+        prev_meta = prev["meta"]
+        if (prev_meta["n_questions"], prev_meta["seed"], list(prev_meta["budgets"])) != (n, seed, list(budgets)):
+            raise ValueError(f"--only: {prev_path} was measured with n={prev_meta['n_questions']}, "
+                             f"seed={prev_meta['seed']}, budgets={prev_meta['budgets']}; this run has n={n}, "
+                             f"seed={seed}, budgets={list(budgets)}")
+        unknown = set(only) - {m for m, _, _ in sweep_configs(budgets)}
+        if unknown:
+            raise ValueError(f"--only: not in the sweep: {sorted(unknown)}")
+        kept_rows = [r for r in prev["results"] if r["method"] not in only]
+        kept_errors = [e for e in prev["errors"] if e["method"] not in only]
     qs = _Batches(rt, questions(n, seed))
     rows, errors = [], []
     t0 = time.perf_counter()
     for method, budget, opt in sweep_configs(budgets):
+        if only and method not in only:
+            continue
         try:
             r = evaluate(rt, method, budget, opt, qs=qs)
         except Exception as e:  # a method that cannot run at this budget is reported, not fatal
@@ -218,12 +241,23 @@ def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, ou
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "model": rt.name,
             "n_questions": n, "seed": seed, "budgets": list(budgets), "wall_s": round(time.perf_counter() - t0, 1),
             "command": "python -m testbed.evaluate sweep"}
+    if only:  # the rows kept from the previous sweep: its date and wall time, this run's for the re-measured ones
+        meta["partial"] = {"methods": sorted(only), "date": meta["date"], "wall_s": meta["wall_s"]}
+        meta.update(date=prev_meta["date"], wall_s=prev_meta["wall_s"])
+        order = {(m, b, json.dumps(o, sort_keys=True)): i for i, (m, b, o) in enumerate(sweep_configs(budgets))}
+        key = lambda r: order.get((r["method"], r["budget"], json.dumps(r["options"], sort_keys=True)), len(order))
+        rows = sorted(kept_rows + rows, key=key)
+        errors = kept_errors + errors
     res = {"meta": meta, "results": rows, "errors": errors}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "testbed.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "testbed.md").write_text(markdown(res))
     plot(res, out / "testbed.png")
+    if wandb:  # one W&B run (job_type sweep): the table, accuracy-vs-tokens plots, the figure; never fails the sweep
+        from eval.wandb_log import log_sweep_to_wandb
+
+        log_sweep_to_wandb(res, png=out / "testbed.png")
     return res
 
 
@@ -321,6 +355,9 @@ def main(argv=None) -> int:
     s = sub.add_parser("sweep", help="every method x budget -> docs/results/testbed.{md,json,png}")
     s.add_argument("--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS))
     s.add_argument("--out", default=str(RESULTS_DIR))
+    s.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                   help="re-measure only these methods' configs; keep the other rows of OUT/testbed.json")
+    s.add_argument("--wandb", action="store_true", help="also log the sweep to one W&B run (honours WANDB_MODE)")
     for p in (r, s):
         p.add_argument("--weights", default=None, help="checkpoint directory (default: testbed/weights)")
         p.add_argument("--n", type=int, default=DEFAULT_N, help="test questions")
@@ -339,7 +376,7 @@ def main(argv=None) -> int:
             res = {k: v for k, v in res.items() if k != "predictions"}
         print(json.dumps(res, indent=1))
         return 0
-    res = run_sweep(rt, args.budgets, args.n, args.seed, args.out)
+    res = run_sweep(rt, args.budgets, args.n, args.seed, args.out, only=args.only, wandb=args.wandb)
     print(f"wrote {args.out}/testbed.md, testbed.json, testbed.png ({res['meta']['wall_s']:.0f} s, "
           f"{len(res['results'])} runs, {len(res['errors'])} refused)")
     return 0

@@ -65,7 +65,8 @@ PER_UNIT = {"llava": 8, "llava_next": 8, "video_llava": 6}
 @ALL
 @pytest.mark.parametrize("opts", [{}, {"fusion": "adaptive"}, {"fusion": "borda", "order": "spatial"},
                                   {"probe_layer": 0}, {"merge": "none"}, {"merge_space": "projected", "merge_rule": "mean"},
-                                  {"next_order": "grid_raster"}, {"probe_mode": "embed_cos", "fusion": "cross_only"}])
+                                  {"next_order": "grid_raster"}, {"probe_mode": "embed_cos", "fusion": "cross_only"},
+                                  {"preset": "probe"}, {"select": "rank", "fusion": "rrf"}])
 def test_tokens_entering_the_llm_follow_the_budget(rt, opts):
     inputs = make_batch(rt)
     b = PER_UNIT[rt.family]
@@ -109,8 +110,8 @@ def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
     """Independent check of the signal wiring: transformers' eager CLIP attention, [CLS] row, top-8."""
     rt = runtimes["llava"]
     inputs = make_batch(rt)
-    # select="rank" (the default; pinned because preset "cover"'s maxmin spreads the picks over the
-    # features): the top-k by s_v alone; this test checks the s_v wiring
+    # select="rank" (pinned because the default maxmin spreads the picks over the features): the top-k by
+    # s_v alone; this test checks the s_v wiring
     eng = rt.prune("consensusdrop", 8, fusion="encoder_only", merge="none", select="rank")
     with torch.no_grad():
         rt.model(**inputs)
@@ -218,16 +219,18 @@ def test_floor_rounding_gives_no_merged_token_at_tiny_budgets():
         [(4, 0), (7, 1), (14, 2), (27, 5), (54, 10), (108, 20), (162, 30)]
 
 
-def test_preset_cover_sets_the_redesign_and_explicit_options_win():
+def test_default_is_preset_cover_and_preset_probe_is_the_previous_default():
     from llava.method import get_method
 
-    m = get_method("consensusdrop", 16, preset="cover")
-    assert (m.select, m.fusion, m.probe_layer, m.probe_mode, m.contextual_rounding) == \
-        ("maxmin", "borda", None, "embed_cos", "floor")
+    keys = ("select", "fusion", "probe_layer", "probe_mode", "contextual_rounding")
+    cover = ("maxmin", "borda", None, "embed_cos", "floor")
+    assert tuple(getattr(get_method("consensusdrop", 16), k) for k in keys) == cover
+    assert tuple(getattr(get_method("consensusdrop", 16, preset="cover"), k) for k in keys) == cover
     m = get_method("consensusdrop", 16, preset="cover", fusion="cross_only", probe_layer=1)
     assert (m.fusion, m.probe_layer, m.probe_mode) == ("cross_only", 1, "attn")
-    d = get_method("consensusdrop", 16)
-    assert (d.select, d.fusion, d.probe_layer, d.probe_mode) == ("rank", "rrf", 2, "attn")
+    p = get_method("consensusdrop", 16, preset="probe")  # the default before issue 15
+    assert tuple(getattr(p, k) for k in keys) == ("rank", "rrf", 2, "attn", "round")
+    assert get_method("consensusdrop", 16, preset="probe", probe_layer=1).probe_layer == 1
     with pytest.raises(ValueError, match="preset"):
         get_method("consensusdrop", 16, preset="nope")
 
@@ -242,3 +245,40 @@ def test_preset_cover_follows_the_budget(rt):
     newlines = [4, 4, 8]
     for i, s in enumerate(eng.stats.samples):
         assert s.visual_entering_llm == {"llava": b, "video_llava": 8 * b, "llava_next": 3 * b + newlines[i]}[rt.family]
+
+
+def test_product_max_and_calibrated_relevances_by_hand():
+    from consensusdrop import fused_relevance
+
+    # u_v = [1, 0, .6, .4, .8, .2], u_x = [0, 1, .8, .4, .2, .6] (above)
+    assert fused_relevance(S_V, S_X, "product").tolist() == pytest.approx(
+        [0.0, 0.0, 0.48 ** 0.5, 0.4, 0.16 ** 0.5, 0.12 ** 0.5])
+    assert fused_relevance(S_V, S_X, "max").tolist() == pytest.approx([1.0, 1.0, 0.8, 0.4, 0.8, 0.6])
+    # calibrated: u_x = (s_x - median) / (max - median), clipped at 0; torch's median of an even count is the
+    # lower middle value: sorted s_x = [.01, .02, .05, .22, .30, .40] -> .05
+    u_x = [0.0, 1.0, 0.25 / 0.35, 0.0, 0.0, 0.17 / 0.35]
+    u_v = [1.0, 0.0, 0.6, 0.4, 0.8, 0.2]
+    assert fused_relevance(S_V, S_X, "borda", how="calibrated").tolist() == pytest.approx(
+        [(a + b) / 2 for a, b in zip(u_v, u_x)])
+    # the single-signal ablations keep their rank relevances (the best standalone form of each signal)
+    assert fused_relevance(S_V, S_X, "cross_only", how="calibrated").tolist() == pytest.approx(
+        [0.0, 1.0, 0.8, 0.4, 0.2, 0.6])
+
+
+def test_peaks_source_and_coverage_fill_by_hand():
+    from llava.method import get_method
+
+    # X4 geometry; s_v -> r_v = [1, 3, 4, 2] (tie .1: lower index), u_v = [1, 1/3, 0, 2/3];
+    # s_x -> r_x = [2, 1, 4, 3], u_x = [2/3, 1, 0, 1/3]; borda rel = [5/6, 2/3, 0, 1/2]
+    s_v = torch.tensor([0.5, 0.1, 0.1, 0.3])
+    s_x = torch.tensor([0.3, 0.4, 0.1, 0.2])
+
+    def pick(**opts):
+        return get_method("consensusdrop", 16, peaks=0.5, **opts)._dominant(s_v, s_x, X4, 2).tolist()
+
+    # one forced peak (0.5 x 2): the top of the consensus (0) or of s_x (1); coverage fill: the farthest
+    # token from it, x2 (distance 1; x1 / x0 duplicate the seed, x3 at 1 - .707)
+    assert pick(peaks_source="fused", fill="coverage") == [0, 2]
+    assert pick(peaks_source="cross", fill="coverage") == [1, 2]
+    # fused fill after the cross peak: rel x distance = [5/6 x 0, -, 0 x 1, 1/2 x .293] -> 3
+    assert pick(peaks_source="cross", fill="fused") == [1, 3]

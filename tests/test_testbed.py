@@ -118,3 +118,26 @@ def test_docs_quote_the_committed_accuracy_of_the_shipped_model():
         quoted = [float(c) for c in line.strip("|").split("|")[1:]]
         acc = committed(method, None)["accuracy"]
         assert quoted == [round(acc[c] + 1e-9, 1) for c in cols], (label, quoted)
+
+
+def test_sweep_only_remeasures_the_named_methods_and_keeps_the_other_rows(testbed, tmp_path):
+    """`python -m testbed.evaluate sweep --only M`: M's configs re-measured, every other row of the previous
+    sweep kept as it was; a previous sweep of another test set is refused."""
+    rt, _ = testbed
+    none = {**E.evaluate(rt, "none", None, n=20), "marker": 1}
+    stale = E.evaluate(rt, "random", 4, n=20)
+    stale["accuracy"] = {k: -1.0 for k in stale["accuracy"]}
+    prev = {"meta": {"date": "2000-01-01", "n_questions": 20, "seed": 0, "budgets": [4], "wall_s": 1.0},
+            "results": [none, stale], "errors": [{"method": "random", "budget": 8, "options": {}, "error": "old"}]}
+    (tmp_path / "testbed.json").write_text(json.dumps(prev))
+    res = E.run_sweep(rt, budgets=(4,), n=20, seed=0, out_dir=tmp_path, verbose=False, only=["random"])
+    assert res["results"][0] == prev["results"][0]  # kept verbatim, in the sweep's order
+    (row,) = [r for r in res["results"] if r["method"] == "random"]
+    assert row["accuracy"] == E.evaluate(rt, "random", 4, n=20)["accuracy"] and row["accuracy"]["overall"] >= 0
+    assert res["errors"] == [] and res["meta"]["date"] == "2000-01-01"
+    assert res["meta"]["partial"]["methods"] == ["random"]
+    assert json.loads((tmp_path / "testbed.json").read_text())["results"] == res["results"]
+    with pytest.raises(ValueError, match="n=20"):
+        E.run_sweep(rt, budgets=(4,), n=40, seed=0, out_dir=tmp_path, verbose=False, only=["random"])
+    with pytest.raises(ValueError, match="not in the sweep"):
+        E.run_sweep(rt, budgets=(4,), n=20, seed=0, out_dir=tmp_path, verbose=False, only=["nope"])
