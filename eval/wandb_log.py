@@ -90,7 +90,8 @@ class WandbLogger:
         def _init():
             settings = wandb.Settings(init_timeout=init_timeout, silent=True)
             return wandb.init(project=project or os.environ.get("WANDB_PROJECT", "vtprune-eval"), entity=entity,
-                              name=name, group=group, tags=tags, config=config or {}, dir=dir, mode=self.mode,
+                              name=name, group=group, tags=tags, config=config or {},
+                              dir=dir or os.environ.get("WANDB_DIR") or None, mode=self.mode,
                               job_type=job_type, reinit="finish_previous", settings=settings)
 
         limit = hard_timeout if hard_timeout is not None else init_timeout + 30
@@ -247,8 +248,9 @@ def run_config(cfg: dict, resolved: dict, benchmark: str, n: int, run_name: str,
 
 def results_summary(res: dict) -> dict:
     """The run's summary: every score as ``metrics/<variant>`` (POPE-F1avg3, POPE-F1pooled, ...), the
-    primary one also as ``score`` (its name in ``score_name``); tokens (entering the LLM, layer-averaged, candidates); TTFT and
-    times; counts."""
+    primary one also as ``score`` (its name in ``score_name``); tokens (entering the LLM, layer-averaged,
+    candidates); TTFT (``time/ttft_ms``: vision tower + selection + LLM prefill, mean per sample) and times;
+    counts."""
     out: dict[str, Any] = {}
     for k, v in (res.get("metrics") or {}).items():  # the names eval.results logs too (no second copy)
         out[f"metrics/{k}"] = v
@@ -487,27 +489,39 @@ def find_offline_run(path) -> Path:
     return cands[-1]
 
 
-def read_offline_run(path) -> dict:
+def read_offline_run(path, wait: float = 15.0) -> dict:
     """An offline run read back from its ``run-<id>.wandb`` file (and the table files next to it):
     ``{"run": {id, name, group, job_type, tags, project}, "config": {...}, "summary": {...},
     "history": [{...} per step], "tables": {key: {"columns": [...], "data": [[...]]}}, "charts": {key:
-    custom-chart spec}, "files": [...]}``."""
+    custom-chart spec}, "files": [...], "finished": bool}``. W&B's service may still be writing the file
+    when ``finish`` has returned: it is read again until it holds the run's exit record (up to ``wait`` s)."""
+    import time
+
     from wandb.proto import wandb_internal_pb2 as pb
 
     d = find_offline_run(path)
     (wfile,) = list(d.glob("run-*.wandb"))[:1] or [None]
     if wfile is None:
         raise FileNotFoundError(f"no run-*.wandb in {d}")
+    deadline = time.monotonic() + wait
+    while True:
+        records = []
+        for raw in _records(wfile):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            records.append(rec)
+        finished = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     out: dict[str, Any] = {"dir": str(d), "run": {}, "config": {}, "summary": {}, "history": [], "tables": {},
-                           "charts": {}, "files": []}
+                           "charts": {}, "files": [], "finished": finished}
 
     def _config(cfg_record):
         for it in cfg_record.update:
             _set_nested(out["config"], _item_key(it), json.loads(it.value_json))
 
-    for raw in _records(wfile):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
