@@ -398,11 +398,12 @@ def log_sweep_to_wandb(res: dict, enabled: bool = True, project: str | None = No
     matplotlib figure (``png``) as the image ``plot``. Returns the logger's info; never raises."""
     try:
         meta = dict(res.get("meta") or {})
-        model = meta.get("model") or "testbed"
+        only = (meta.get("partial") or {}).get("methods") or []  # `sweep --only`: these re-measured
+        default_name = f"testbed-sweep/{meta.get('date', '')}".rstrip("/") + (f"/only-{'+'.join(only)}" if only else "")
         wb = WandbLogger(enabled=enabled, project=project, entity=entity, job_type="sweep",
-                         name=name or f"testbed-sweep/{_model_short(model)}/{meta.get('date', '')}".rstrip("/"),
-                         group=group or f"testbed/{_model_short(model)}",
-                         tags=["testbed", "sweep"] + [t for t in tags if t], config={"sweep": meta}, dir=dir)
+                         name=name or default_name, group=group or "testbed",
+                         tags=["testbed", "sweep"] + (["partial"] if only else []) + [t for t in tags if t],
+                         config={"sweep": meta}, dir=dir)
     except Exception as e:  # noqa: BLE001
         log.warning("W&B sweep logging failed (the sweep is kept): %s", e)
         return {"mode": "disabled", "error": str(e)}

@@ -164,8 +164,8 @@ def test_sweep_run_holds_table_and_accuracy_vs_tokens_plot(offline):
     info = log_sweep_to_wandb(SWEEP, png=png)
     assert info["mode"] == "offline" and "error" not in info, info
     wb = read_offline_run(offline / "wandb")
-    assert wb["finished"] and wb["run"]["job_type"] == "sweep" and wb["run"]["group"] == "testbed/testbed"
-    assert wb["run"]["name"] == "testbed-sweep/testbed/2026-11-23" and {"testbed", "sweep"} <= set(wb["run"]["tags"])
+    assert wb["finished"] and wb["run"]["job_type"] == "sweep" and wb["run"]["group"] == "testbed"
+    assert wb["run"]["name"] == "testbed-sweep/2026-11-23" and {"testbed", "sweep"} <= set(wb["run"]["tags"])
     assert wb["config"]["sweep"] == SWEEP["meta"]
     t = wb["tables"]["sweep"]
     assert t["columns"][:8] == ["method", "options", "label", "budget", "tokens_entering_llm", "tokens_layer_avg",
@@ -204,6 +204,14 @@ class _BrokenWandb(types.ModuleType):
     def init(self, **kw):
         return types.SimpleNamespace(id="x", name="n", project="p", url=None, dir=".", summary={},
                                      finish=lambda: None)
+
+
+def test_partial_sweep_is_named_by_its_methods(offline):
+    res = {**SWEEP, "meta": {**SWEEP["meta"], "partial": {"methods": ["consensusdrop"], "date": "2026-11-23"}}}
+    assert "error" not in log_sweep_to_wandb(res)
+    wb = read_offline_run(offline / "wandb")
+    assert wb["run"]["name"] == "testbed-sweep/2026-11-23/only-consensusdrop" and "partial" in wb["run"]["tags"]
+    assert len(wb["tables"]["sweep"]["data"]) == 5  # every row (kept + re-measured) is in the table
 
 
 def test_sweep_logging_never_fails_the_sweep(monkeypatch, tmp_path):
