@@ -348,12 +348,17 @@ def log_results(wb: "WandbLogger | None", res: dict, run_dir, data_root=None) ->
     ``answers`` table (every answered question). Never raises."""
     if wb is None or not wb.active:
         return
+    res = res if isinstance(res, dict) else {}
     try:
         summary = results_summary(res)
-        rows = answer_rows(run_dir, res.get("benchmark"), data_root)
     except Exception as e:  # noqa: BLE001 - W&B must never fail a run
-        wb._fail("results", e)
-        return
+        log.warning("W&B summary not built (logged without it): %s", e)
+        summary = {}
+    try:
+        rows = answer_rows(run_dir, res.get("benchmark"), data_root)
+    except Exception as e:  # noqa: BLE001
+        log.warning("W&B answers table not built (logged without it): %s", e)
+        rows = []
     wb.config_update({"metric_labels": res.get("metric_labels") or {}, "primary_metric": res.get("primary_metric"),
                       "budget_unit": (res.get("model") or {}).get("budget_unit")})
     wb.summary(summary)

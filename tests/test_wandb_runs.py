@@ -16,7 +16,7 @@ from eval.fixtures import write_fixtures
 from eval.io import read_jsonl
 from eval.runner import RunConfig, run, run_dir_of
 from eval.scorers import pope_parse
-from eval.wandb_log import ANSWER_COLUMNS, log_sweep_to_wandb, read_offline_run
+from eval.wandb_log import ANSWER_COLUMNS, WandbLogger, log_results, log_sweep_to_wandb, read_offline_run
 
 pytestmark = pytest.mark.usefixtures("run_env")
 
@@ -225,3 +225,16 @@ def test_sweep_logging_never_fails_the_sweep(monkeypatch, tmp_path):
 
     p = inspect.signature(te.run_sweep).parameters
     assert "wandb" in p and p["wandb"].default is False  # off unless `sweep --wandb`
+
+
+def test_results_that_cannot_be_summarised_do_not_stop_the_wandb_run(offline):
+    wb = WandbLogger(project="p", dir=str(offline))
+    assert wb.active
+    log_results(wb, {"metrics": {"X": 1.0}, "tokens": ["not", "a", "dict"]}, offline / "no-such-run", data_root=offline)
+    assert wb.active and wb.error is None  # the summary is skipped with a warning; the run goes on
+    log_results(wb, {"metrics": {"X": 2.0}, "primary_metric": "X", "benchmark": "pope"}, offline / "no-such-run",
+                data_root=offline)
+    assert wb.active and wb.finish()
+    r = read_offline_run(offline / "wandb")
+    assert r["finished"] and r["summary"]["metrics/X"] == 2.0 and r["summary"]["score"] == 2.0
+    assert "answers" not in r["tables"]  # no answers on disk: no table
