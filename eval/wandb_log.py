@@ -292,15 +292,13 @@ def _pope_reference(data_root, records: list[dict]) -> list[Any]:
     """POPE's label for each answer record, paired as eval_pope.py pairs them: within each split, the
     k-th answer with the k-th label of coco_pope_<split>.json (None where a split has fewer labels)."""
     root = Path(data_root)
-    cat = {}
-    for ln in open(root / "pope/llava_pope_test.jsonl", encoding="utf-8"):
-        if ln.strip():
-            q = json.loads(ln)
-            cat[q["question_id"]] = q["category"]
+    lines = (root / "pope/llava_pope_test.jsonl").read_text(encoding="utf-8").splitlines()
+    cat = {q["question_id"]: q["category"] for q in (json.loads(ln) for ln in lines if ln.strip())}
     labels: dict[str, list[str]] = {}
     for c in set(cat.values()):
         p = root / f"pope/coco/coco_pope_{c}.json"
-        labels[c] = [json.loads(ln)["label"] for ln in open(p, encoding="utf-8") if ln.strip()] if p.exists() else []
+        rows = p.read_text(encoding="utf-8").splitlines() if p.exists() else []
+        labels[c] = [json.loads(ln)["label"] for ln in rows if ln.strip()]
     seen: dict[str, int] = {}
     out = []
     for r in records:
@@ -343,7 +341,7 @@ def answer_rows(run_dir, benchmark: str | None = None, data_root=None) -> list[l
     return rows
 
 
-def log_results(wb: "WandbLogger | None", res: dict, run_dir, data_root=None) -> None:
+def log_results(wb: WandbLogger | None, res: dict, run_dir, data_root=None) -> None:
     """Summary (:func:`results_summary`), the metric descriptions and results into the config, and the
     ``answers`` table (every answered question). Never raises."""
     if wb is None or not wb.active:
@@ -446,7 +444,7 @@ _HEADER = 7  # the .wandb file: ":W&B" + magic 0xBEE1 + version, then LevelDB-lo
 
 def _records(path) -> list[bytes]:
     data = Path(path).read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
+    ident, magic, _version = struct.unpack("<4sHB", data[:_HEADER])
     if ident != b":W&B" or magic != 0xBEE1:
         raise ValueError(f"{path}: not a .wandb transaction log")
     out, buf, pos = [], b"", _HEADER

@@ -16,7 +16,13 @@ from eval.fixtures import write_fixtures
 from eval.io import read_jsonl
 from eval.runner import RunConfig, run, run_dir_of
 from eval.scorers import pope_parse
-from eval.wandb_log import ANSWER_COLUMNS, WandbLogger, log_results, log_sweep_to_wandb, read_offline_run
+from eval.wandb_log import (
+    ANSWER_COLUMNS,
+    WandbLogger,
+    log_results,
+    log_sweep_to_wandb,
+    read_offline_run,
+)
 
 pytestmark = pytest.mark.usefixtures("run_env")
 
