@@ -377,6 +377,12 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
     return res
 
 
+def label(r: dict) -> str:
+    """A result row's name: the method and its options (``consensusdrop preset=probe``), so that two
+    variants of one method stay apart in the tables, the bar checks and the plot."""
+    return r["method"] + "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items())
+
+
 def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedup_tol=0.10, speedup_budget=64) -> list[dict]:
     """The issue's performance bars: selection overhead <= 3% of the unpruned TTFT; TTFT speed-up at
     the 64-token budget within 10% of the cost model's prediction; measured KV bytes == analytic."""
@@ -386,7 +392,7 @@ def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedu
     for r in results:
         if r["method"] == "none":
             continue
-        tag = {"method": r["method"], "budget": r["budget"]}
+        tag = {"method": r["method"], "label": label(r), "budget": r["budget"]}
         sel = r["t_selection"]["median"]
         bars.append({**tag, "bar": "selection overhead <= 3% of unpruned TTFT", "value": sel / t_base,
                      "limit": overhead_limit, "pass": sel / t_base <= overhead_limit})
@@ -452,7 +458,7 @@ def markdown(report: dict) -> str:
                  if b in r["batched"] else "-" for b in bs]
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
         out.append(
-            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | "
+            f"| {label(r)} | {r['budget'] if r['budget'] is not None else '-'} | "
             f"{r['visual_entering_llm']:.0f} / {r['visual_layer_avg']:.1f} | {ms(r['ttft'])} / "
             f"{r['ttft']['p90'] * 1e3:.1f} | {ms(r['t_vision'])} / {ms(r['t_selection'])} / {ms(r['t_llm'])} | "
             + " | ".join(bcols)
@@ -462,7 +468,7 @@ def markdown(report: dict) -> str:
     for b in report["bars"]:
         v = b["value"]
         fmt = (lambda x: f"{x:.3f}") if isinstance(v, float) else str
-        out.append(f"| {b['method']} | {b['budget']} | {b['bar']} | {fmt(v)} | {fmt(b['limit'])} | "
+        out.append(f"| {b.get('label', b['method'])} | {b['budget']} | {b['bar']} | {fmt(v)} | {fmt(b['limit'])} | "
                    f"{'yes' if b['pass'] else '**no**'} |")
     return "\n".join(out) + "\n"
 
@@ -476,7 +482,7 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     by = {}
     for r in report["results"]:
-        by.setdefault(r["method"], []).append(r)
+        by.setdefault(label(r), []).append(r)
     colors, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*"  # 13+ methods: no colour repeats
     for i, (name, rs) in enumerate(by.items()):
         rs = sorted(rs, key=lambda r: r["visual_layer_avg"])
@@ -504,7 +510,7 @@ def log_wandb(report: dict, enabled: bool) -> None:
                          job_type="efficiency", settings=wandb.Settings(init_timeout=30))
         table = wandb.Table(columns=["method", "budget", "tok_in", "tok_eq", "ttft_ms", "kv_mib", "macs_B"])
         for r in report["results"]:
-            table.add_data(r["method"], r["budget"], r["visual_entering_llm"], r["visual_layer_avg"],
+            table.add_data(label(r), r["budget"], r["visual_entering_llm"], r["visual_layer_avg"],
                            r["ttft"]["median"] * 1e3, r["kv_bytes"] / 2**20, r["macs_B"])
         run.log({"efficiency": table})
         run.finish()

@@ -50,6 +50,8 @@ def test_smoke_run_writes_table_json_plot_and_checks_bars(tmp_path):
     assert (tmp_path / "efficiency.png").stat().st_size > 1000
     md = (tmp_path / "efficiency.md").read_text()
     assert "| consensusdrop | 4 | 4 / 4.0 |" in md and "Cost model:" in md
+    # a method's options name its rows (two variants of one method stay apart in the table and the bars)
+    assert "| visiondrop merge=False | 4 |" in md and "| visiondrop merge=False | 4 | selection overhead" in md
     assert [(r["method"], r["budget"]) for r in data["results"]] == [
         ("none", None), ("consensusdrop", 64), ("consensusdrop", 4), ("visiondrop", 64), ("visiondrop", 4)]
     for r in report["results"]:
