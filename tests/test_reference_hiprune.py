@@ -212,7 +212,7 @@ def test_worked_example_register_tie_and_overflow():
 
 def test_method_option():
     assert HiPrune(64).numerics == "ours" and HiPrune(64, numerics="official").numerics == "official"
-    assert "numerics" not in HiPrune(64).config()  # default-mode configuration unchanged
+    assert HiPrune(64).config()["numerics"] == "ours"  # recorded like every method's options
     assert HiPrune(64, numerics="official").config()["numerics"] == "official"
     with pytest.raises(ValueError):
         HiPrune(64, numerics="fp16")

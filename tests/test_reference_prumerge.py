@@ -163,7 +163,7 @@ def test_reference_mode_equals_the_official_code(seed, dtype, plus):
 
 def test_method_option():
     assert PruMerge().numerics == "ours" and PruMerge(numerics="official").numerics == "official"
-    assert "numerics" not in PruMerge().config()  # default configs as before the option
+    assert PruMerge().config()["numerics"] == "ours"  # recorded like every method's options
     assert PruMerge(numerics="official").config()["numerics"] == "official"
     with pytest.raises(ValueError):
         PruMerge(numerics="fp16")

@@ -156,7 +156,7 @@ def test_reference_mode_equals_the_official_selection_next(dtype):
 
 def test_method_option():
     assert VisPruner(64).numerics == "ours" and VisPruner(64, numerics="official").numerics == "official"
-    assert "numerics" not in VisPruner(64).config()  # default configs as before the option
+    assert VisPruner(64).config()["numerics"] == "ours"  # recorded like every method's options
     assert VisPruner(64, numerics="official").config()["numerics"] == "official"
     with pytest.raises(ValueError):
         VisPruner(64, numerics="fp16")
