@@ -194,12 +194,34 @@ def main(argv=None) -> int:
                 if (args.judge_base_url or args.judge_model) else None
         wb = None
         if args.cmd == "score" and args.wandb:
-            from .wandb_log import WandbLogger
+            from .wandb_log import WandbLogger, run_config, run_identity
 
-            wb = WandbLogger(name=f"{cfg['benchmark']}/{run_dir.name}", group=run_dir.name, job_type="score",
-                             config={"run": cfg}, dir=str(run_dir))
+            # the same name / group / job type / config as `eval run` gives this run (the model and method as
+            # resolved by the run, from its results.json when it wrote one), tagged "rescored"
+            prev = {}
+            if (run_dir / "results.json").exists():
+                try:
+                    prev = json.loads((run_dir / "results.json").read_text())
+                except (OSError, ValueError):
+                    prev = {}
+            resolved = {"model": prev.get("model"), "method_config": prev.get("method"),
+                        "llm_layers": prev.get("method_llm_layers"), "git": prev.get("git"),
+                        "benchmark": prev.get("benchmark_config"), "generation": prev.get("generation"),
+                        "world_size": prev.get("world_size"), "launcher": prev.get("launcher")}
+            ident = run_identity(cfg["benchmark"], cfg.get("model", ""), cfg.get("method", ""), cfg.get("budget"),
+                                 run_dir.name, family=(prev.get("model") or {}).get("family"),
+                                 options=cfg.get("options"), group=cfg.get("wandb_group"),
+                                 extra_tags=[*(cfg.get("wandb_tags") or []), "rescored"])
+            wb = WandbLogger(project=cfg.get("wandb_project"), entity=cfg.get("wandb_entity"), **ident,
+                             config=run_config(cfg, resolved, cfg["benchmark"], (prev.get("counts") or {}).get("questions"),
+                                               run_dir.name, str(run_dir)),
+                             dir=str(run_dir))
         try:
             res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
+            if wb is not None:  # scores by variant, tokens, TTFT, the answers table (never raises)
+                from .wandb_log import log_results
+
+                log_results(wb, res, run_dir, data_root)
         except MergeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

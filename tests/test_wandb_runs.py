@@ -244,3 +244,28 @@ def test_results_that_cannot_be_summarised_do_not_stop_the_wandb_run(offline):
     r = read_offline_run(offline / "wandb")
     assert r["finished"] and r["summary"]["metrics/X"] == 2.0 and r["summary"]["score"] == 2.0
     assert "answers" not in r["tables"]  # no answers on disk: no table
+
+
+def test_eval_score_wandb_logs_the_run_like_eval_run(pope_data, offline):
+    """`python -m eval score RUN --wandb` (re-scoring a finished run): the same name / group / job type /
+    config as `eval run` gives it, tagged `rescored`, with the scores, tokens and answers table."""
+    from eval.cli import main
+
+    c = RunConfig(benchmark="pope", model="tiny:llava", data_root=str(pope_data), out=str(offline / "runs"),
+                  max_new_tokens=3, method="random", budget=4, wandb=False)
+    assert run(c) == 0
+    rd = run_dir_of(c)
+    assert not (rd / "wandb").exists()
+    res = json.loads((rd / "results.json").read_text())
+    assert main(["score", str(rd), "--data-root", str(pope_data), "--wandb"]) == 0
+    wb = read_offline_run(rd)
+    assert wb["finished"]
+    assert (wb["run"]["name"], wb["run"]["group"], wb["run"]["job_type"]) == (f"pope/{rd.name}", "pope/tiny-llava", "b4")
+    assert set(wb["run"]["tags"]) >= {"pope", "random", "b4", "llava", "rescored"}
+    cfg = wb["config"]
+    assert (cfg["model"]["family"], cfg["method"]["name"], cfg["method"]["budget"], cfg["n"]) == ("llava", "random", 4, 6)
+    assert cfg["method"]["resolved"] == res["method"] and cfg["commit"] == res["git"]["commit"]
+    for k, v in res["metrics"].items():
+        assert wb["summary"][f"metrics/{k}"] == pytest.approx(v), k
+    assert wb["summary"]["tokens/entering_llm"] == 4
+    assert len(wb["tables"]["answers"]["data"]) == 6
