@@ -36,7 +36,7 @@ PRESETS = {"cover": {"probe_layer": None, "probe_mode": "auto", "fusion": "borda
                      "contextual_rounding": "floor"},
            "probe": {"probe_layer": 2, "probe_mode": "auto", "fusion": "rrf", "select": "rank",
                      "contextual_rounding": "round"}}
-RELEVANCES = ("rank_mean", "score_mean", "calibrated")
+RELEVANCES = ("rank_mean", "score_mean", "calibrated", "calibrated_encoder", "calibrated_both")
 
 
 def order_desc(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -139,6 +139,13 @@ def unit_relevance(s: torch.Tensor, ties: torch.Tensor | None = None, how: str =
     return 1.0 - (r - 1.0) / max(n - 1, 1)
 
 
+def _above_median(s: torch.Tensor) -> torch.Tensor:
+    """(s - median) / (max - median), clipped at 0: a peaky signal's peaks, its noise floor at 0."""
+    x = s.float()
+    med = x.median()
+    return ((x - med) / (x.max() - med).clamp(min=1e-30)).clamp(min=0)
+
+
 def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda", w_v: float = 1.0, w_x: float = 1.0,
                     how: str = "rank_mean", rrf_k: float = 60.0) -> torch.Tensor:
     """rel(j) in [0, 1], the consensus relevance the diverse selections weigh by. ``borda``:
@@ -148,15 +155,13 @@ def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda",
     if fusion == "rrf":
         c = consensus_scores(s_v, s_x, "rrf", rrf_k, w_v, w_x).float()
         return (c - c.min()) / (c.max() - c.min()).clamp(min=1e-30)
-    if how == "calibrated":  # the broad signal by rank, the sparse one by its height above its own median
-        u_v = unit_relevance(s_v, None, "rank_mean")
+    if how.startswith("calibrated"):  # a sparse signal counts by its height above its own median, the other by rank
         if fusion == "encoder_only":
-            return u_v
+            return unit_relevance(s_v, None, "rank_mean")
         if fusion == "cross_only":
             return unit_relevance(s_x, s_v, "rank_mean")
-        x = s_x.float()
-        med = x.median()
-        u_x = ((x - med) / (x.max() - med).clamp(min=1e-30)).clamp(min=0)
+        u_v = _above_median(s_v) if how in ("calibrated_encoder", "calibrated_both") else unit_relevance(s_v, None, "rank_mean")
+        u_x = unit_relevance(s_x, s_v, "rank_mean") if how == "calibrated_encoder" else _above_median(s_x)
     else:
         u_v = unit_relevance(s_v, None, how)
         if fusion == "encoder_only":
@@ -291,7 +296,7 @@ class ConsensusDrop(Method):
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
             "select": "maxmin",  # maxmin (relevance-weighted max-min) | rank (top-D by consensus) | dpp | nms
-            "relevance": "rank_mean",  # rank_mean | score_mean | calibrated (s_x above its median): what maxmin / dpp weigh by
+            "relevance": "rank_mean",  # rank_mean | score_mean | calibrated[_encoder|_both] (peaks above the median): what maxmin weighs by
             "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only) | coverage (none)
             "peaks_source": "cross",  # the forced peaks: cross (top of s_x) | fused (top of the consensus)
             "contextual_rounding": "floor",  # C = floor | round (ratio x budget); floor: no merged token below 7

@@ -282,3 +282,16 @@ def test_peaks_source_and_coverage_fill_by_hand():
     assert pick(peaks_source="cross", fill="coverage") == [1, 2]
     # fused fill after the cross peak: rel x distance = [5/6 x 0, -, 0 x 1, 1/2 x .293] -> 3
     assert pick(peaks_source="cross", fill="fused") == [1, 3]
+
+
+def test_calibrated_encoder_and_both_by_hand():
+    from consensusdrop import fused_relevance
+
+    # s_v above its median: sorted s_v = [.05, .10, .10, .20, .25, .30], lower middle .10, max .30
+    v_cal = [1.0, 0.0, 0.5, 0.0, 0.75, 0.0]
+    x_rank = [0.0, 1.0, 0.8, 0.4, 0.2, 0.6]
+    x_cal = [0.0, 1.0, 0.25 / 0.35, 0.0, 0.0, 0.17 / 0.35]
+    assert fused_relevance(S_V, S_X, "borda", how="calibrated_encoder").tolist() == pytest.approx(
+        [(a + b) / 2 for a, b in zip(v_cal, x_rank)])
+    assert fused_relevance(S_V, S_X, "borda", how="calibrated_both").tolist() == pytest.approx(
+        [(a + b) / 2 for a, b in zip(v_cal, x_cal)])
