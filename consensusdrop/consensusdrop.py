@@ -160,7 +160,8 @@ def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda",
             return unit_relevance(s_v, None, "rank_mean")
         if fusion == "cross_only":
             return unit_relevance(s_x, s_v, "rank_mean")
-        u_v = _above_median(s_v) if how in ("calibrated_encoder", "calibrated_both") else unit_relevance(s_v, None, "rank_mean")
+        calibrate_v = how in ("calibrated_encoder", "calibrated_both")
+        u_v = _above_median(s_v) if calibrate_v else unit_relevance(s_v, None, "rank_mean")
         u_x = unit_relevance(s_x, s_v, "rank_mean") if how == "calibrated_encoder" else _above_median(s_x)
     else:
         u_v = unit_relevance(s_v, None, how)
@@ -284,7 +285,8 @@ class ConsensusDrop(Method):
             "contextual": None,
             "vision_layer": None,  # hidden-states index of the CLIP layer for s_v and keys (None: the model's, -2)
             "encoder_head_agg": "mean",  # mean | sum (same ranking)
-            "probe_layer": None,  # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
+            # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
+            "probe_layer": None,
             "probe_queries": "question",  # question | all_post_image | last
             "probe_head_agg": "mean",  # mean | max
             "probe_query_agg": "mean",  # mean | max
@@ -296,7 +298,8 @@ class ConsensusDrop(Method):
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
             "select": "maxmin",  # maxmin (relevance-weighted max-min) | rank (top-D by consensus) | dpp | nms
-            "relevance": "rank_mean",  # rank_mean | score_mean | calibrated[_encoder|_both] (peaks above the median): what maxmin weighs by
+            # what maxmin weighs by: rank_mean | score_mean | calibrated[_encoder|_both] (peaks above the median)
+            "relevance": "rank_mean",
             "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only) | coverage (none)
             "peaks_source": "cross",  # the forced peaks: cross (top of s_x) | fused (top of the consensus)
             "contextual_rounding": "floor",  # C = floor | round (ratio x budget); floor: no merged token below 7
@@ -333,7 +336,8 @@ class ConsensusDrop(Method):
                   "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
                   "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
                   "div_space": ("features", "vision_features", "keys"),
-                  "fill": ("fused", "encoder", "coverage"), "peaks_source": ("cross", "fused"), "contextual_rounding": ("round", "floor")}
+                  "fill": ("fused", "encoder", "coverage"), "peaks_source": ("cross", "fused"),
+                  "contextual_rounding": ("round", "floor")}
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
