@@ -95,6 +95,24 @@ def greedy_no_cache(model, inputs, steps):
     return ids
 
 
+def check_generate_batch_equals_alone(rt, method, budget=None, **options):
+    """``generate()`` on :func:`make_batch` (3 samples, left-padded) with ``method`` attached: each sample's
+    new tokens equal those of the sample generated alone (greedy, the engine tests' GEN settings)."""
+    from test_engine import GEN
+
+    inputs = make_batch(rt)
+    rt.prune(method, budget, **options)
+    with torch.no_grad():
+        batch = rt.model.generate(**inputs, **GEN)
+    new = batch[:, inputs["input_ids"].shape[1]:]
+    assert new.shape == (3, GEN["max_new_tokens"])
+    for i in range(3):
+        one = slice_batch(inputs, i, rt)
+        with torch.no_grad():
+            toks = rt.model.generate(**one, **GEN)
+        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+
+
 def check_reference_mode_in_engine(rt, method, budget, stage):
     """A method's ``numerics="official"`` mode on a tiny model: cached generation of a batch of 3 equals
     the no-cache recompute, and each sample's selection at ``stage`` ("vision" or an llm stage index)

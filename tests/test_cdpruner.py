@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import QUESTIONS, greedy_no_cache, layout, make_batch, slice_batch
+from conftest import QUESTIONS, check_generate_batch_equals_alone, greedy_no_cache, layout, make_batch
 
 import baselines.cdpruner  # noqa: F401  (registers "cdpruner")
 from baselines.cdpruner import (CDPruner, _groups, cdpruner, cdpruner_kernel, clip_image_embeds, clip_text_embeds,
@@ -271,16 +271,7 @@ def test_cached_decode_equals_recompute(rt):
 
 @ALL
 def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    inputs = make_batch(rt)
-    rt.prune("cdpruner", BUDGET[rt.family])
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "cdpruner", BUDGET[rt.family])
 
 
 class _Spy(CDPruner):

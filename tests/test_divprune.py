@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch, layout, llm_visual_rows
+from conftest import FAMILIES, check_generate_batch_equals_alone, layout, llm_visual_rows, make_batch
 
 from baselines.divprune import DivPrune, divprune, max_min_diversity, num_picks
 
@@ -154,17 +154,7 @@ def test_tokens_entering_llm(rt, budget):
 
 @ALL
 def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    inputs = make_batch(rt)
-    rt.prune("divprune", 4)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    assert new.shape == (3, GEN["max_new_tokens"])
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "divprune", 4)
 
 
 @ALL

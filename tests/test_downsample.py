@@ -4,7 +4,14 @@ strides, [CLS] / newline tokens, and the engine guarantees on the tiny families 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_FAMILIES, greedy_no_cache, layout, llm_visual_rows, make_batch, slice_batch
+from conftest import (
+    ALL_FAMILIES,
+    check_generate_batch_equals_alone,
+    greedy_no_cache,
+    layout,
+    llm_visual_rows,
+    make_batch,
+)
 
 import baselines.downsample  # noqa: F401  (registers "downsample")
 from baselines.downsample import Downsample, downsample, stride_for_budget, window_counts
@@ -220,16 +227,7 @@ def test_cached_generation_equals_no_cache_recompute(rt):
 @pytest.mark.parametrize("rt", POOLED, indirect=True)
 @pytest.mark.parametrize("space", ["vision", "projected"])
 def test_generate_batch_of_three_equals_each_sample_alone(rt, space):
-    inputs = make_batch(rt)
-    rt.prune("downsample", 4, space=space)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "downsample", 4, space=space)
 
 
 @pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)

@@ -8,7 +8,7 @@ refusal on the other families."""
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FAMILIES, greedy_no_cache, llm_visual_rows, make_batch, slice_batch
+from conftest import FAMILIES, check_generate_batch_equals_alone, greedy_no_cache, llm_visual_rows, make_batch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
@@ -414,16 +414,7 @@ def test_cached_generation_equals_recompute(rt):
 @pytest.mark.parametrize("opts", [dict(), dict(batch_max=True), dict(next_half=True, frame_cls="extra")],
                          ids=["default", "batch_max", "half_extra"])
 def test_generate_batch_of_three_equals_each_sample_alone(rt, opts):
-    inputs = make_batch(rt)
-    rt.prune("flowcut", 4, **opts)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "flowcut", 4, **opts)
 
 
 def test_options(runtimes):

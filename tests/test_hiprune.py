@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, greedy_no_cache, layout, llm_visual_rows, make_batch, slice_batch
+from conftest import FAMILIES, check_generate_batch_equals_alone, greedy_no_cache, layout, llm_visual_rows, make_batch
 
 import baselines.hiprune  # noqa: F401  (registers "hiprune")
 from baselines.hiprune import HiPrune, anchor_count, hiprune, unit_budgets
@@ -281,17 +281,7 @@ def test_next_spatial_layout_per_image_total(runtimes):
 
 @ALL
 def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    inputs = make_batch(rt)
-    rt.prune("hiprune", 6, alpha=1.0)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    assert new.shape == (3, GEN["max_new_tokens"])
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "hiprune", 6, alpha=1.0)
 
 
 @ALL

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, greedy_no_cache, llm_visual_rows, make_batch, slice_batch
+from conftest import FAMILIES, check_generate_batch_equals_alone, greedy_no_cache, llm_visual_rows, make_batch
 
 import baselines.prumerge  # noqa: F401  (registers "prumerge")
 from baselines.prumerge import PruMerge, adaptive_plan, fixed_plan, iqr_outliers, prumerge
@@ -479,17 +479,8 @@ def test_next_spatial_layout(runtimes):
 @ALL
 @MODES
 def test_generate_batch_of_three_equals_each_sample_alone(rt, opts):
-    inputs = make_batch(rt)
     opts = dict(opts)
-    rt.prune("prumerge", opts.pop("budget", None), **opts)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "prumerge", opts.pop("budget", None), **opts)
 
 
 @ALL

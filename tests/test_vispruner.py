@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, greedy_no_cache, layout, make_batch, slice_batch
+from conftest import ALL_FAMILIES, check_generate_batch_equals_alone, greedy_no_cache, layout, make_batch
 
 import baselines.vispruner  # noqa: F401  (registers "vispruner")
 from baselines.vispruner import VisPruner, removal_schedule, remove_duplicates, vispruner, vispruner_units
@@ -263,13 +263,4 @@ def test_cached_generation_equals_no_cache_recompute(rt):
 
 @ALL
 def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    inputs = make_batch(rt)
-    rt.prune("vispruner", 3)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
+    check_generate_batch_equals_alone(rt, "vispruner", 3)
