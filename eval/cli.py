@@ -164,7 +164,8 @@ def main(argv=None) -> int:
         if not (run_dir / "run_config.json").exists():
             print(f"error: {run_dir} is not a run directory (no run_config.json)", file=sys.stderr)
             return 2
-        cfg = read_json(run_dir / "run_config.json")["config"]
+        run_cfg = read_json(run_dir / "run_config.json")
+        cfg = run_cfg["config"]
         data_root = args.data_root or cfg["data_root"]
         if args.cmd == "merge":
             from .benchmarks import get_benchmark
@@ -197,24 +198,20 @@ def main(argv=None) -> int:
             from .wandb_log import WandbLogger, run_config, run_identity
 
             # the same name / group / job type / config as `eval run` gives this run (the model and method as
-            # resolved by the run, from its results.json when it wrote one), tagged "rescored"
-            prev = {}
+            # the run resolved them: run_config.json), tagged "rescored"; n from the run's results.json
+            resolved = run_cfg.get("resolved") or {}
+            n = None
             if (run_dir / "results.json").exists():
                 try:
-                    prev = json.loads((run_dir / "results.json").read_text())
+                    n = (read_json(run_dir / "results.json").get("counts") or {}).get("questions")
                 except (OSError, ValueError):
-                    prev = {}
-            resolved = {"model": prev.get("model"), "method_config": prev.get("method"),
-                        "llm_layers": prev.get("method_llm_layers"), "git": prev.get("git"),
-                        "benchmark": prev.get("benchmark_config"), "generation": prev.get("generation"),
-                        "world_size": prev.get("world_size"), "launcher": prev.get("launcher")}
+                    n = None
             ident = run_identity(cfg["benchmark"], cfg.get("model", ""), cfg.get("method", ""), cfg.get("budget"),
-                                 run_dir.name, family=(prev.get("model") or {}).get("family"),
+                                 run_dir.name, family=(resolved.get("model") or {}).get("family"),
                                  options=cfg.get("options"), group=cfg.get("wandb_group"),
                                  extra_tags=[*(cfg.get("wandb_tags") or []), "rescored"])
             wb = WandbLogger(project=cfg.get("wandb_project"), entity=cfg.get("wandb_entity"), **ident,
-                             config=run_config(cfg, resolved, cfg["benchmark"], (prev.get("counts") or {}).get("questions"),
-                                               run_dir.name, str(run_dir)),
+                             config=run_config(cfg, resolved, cfg["benchmark"], n, run_dir.name, str(run_dir)),
                              dir=str(run_dir))
         try:
             res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
