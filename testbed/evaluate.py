@@ -201,6 +201,7 @@ def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, ou
     """Every config of :func:`sweep_configs`; with ``only`` (method names), re-measure just those methods'
     configs and keep every other row of the ``testbed.json`` already in ``out_dir`` (which must have been
     measured with the same n, seed and budgets: refused otherwise)."""
+    cfgs = sweep_configs(budgets)
     kept_rows, kept_errors, prev_meta = [], [], None
     if only:
         prev_path = Path(out_dir) / "testbed.json"
@@ -212,7 +213,7 @@ def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, ou
             raise ValueError(f"--only: {prev_path} was measured with n={prev_meta['n_questions']}, "
                              f"seed={prev_meta['seed']}, budgets={prev_meta['budgets']}; this run has n={n}, "
                              f"seed={seed}, budgets={list(budgets)}")
-        unknown = set(only) - {m for m, _, _ in sweep_configs(budgets)}
+        unknown = set(only) - {m for m, _, _ in cfgs}
         if unknown:
             raise ValueError(f"--only: not in the sweep: {sorted(unknown)}")
         kept_rows = [r for r in prev["results"] if r["method"] not in only]
@@ -220,7 +221,7 @@ def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, ou
     qs = _Batches(rt, questions(n, seed))
     rows, errors = [], []
     t0 = time.perf_counter()
-    for method, budget, opt in sweep_configs(budgets):
+    for method, budget, opt in cfgs:
         if only and method not in only:
             continue
         try:
@@ -244,7 +245,7 @@ def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, ou
     if only:  # the rows kept from the previous sweep: its date and wall time, this run's for the re-measured ones
         meta["partial"] = {"methods": sorted(only), "date": meta["date"], "wall_s": meta["wall_s"]}
         meta.update(date=prev_meta["date"], wall_s=prev_meta["wall_s"])
-        order = {(m, b, json.dumps(o, sort_keys=True)): i for i, (m, b, o) in enumerate(sweep_configs(budgets))}
+        order = {(m, b, json.dumps(o, sort_keys=True)): i for i, (m, b, o) in enumerate(cfgs)}
         key = lambda r: order.get((r["method"], r["budget"], json.dumps(r["options"], sort_keys=True)), len(order))
         rows = sorted(kept_rows + rows, key=key)
         errors = kept_errors + errors
