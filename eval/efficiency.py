@@ -380,7 +380,9 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
 def label(r: dict) -> str:
     """A result row's name: the method and its options (``consensusdrop preset=probe``), so that two
     variants of one method stay apart in the tables, the bar checks and the plot."""
-    return r["method"] + "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items())
+    from llava.method import method_label
+
+    return method_label(r["method"], r.get("options"))
 
 
 def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedup_tol=0.10, speedup_budget=64) -> list[dict]:

@@ -300,6 +300,12 @@ def method_supports(name: str, family: str) -> bool:
     return _REGISTRY[name.lower()].supports(family)
 
 
+def method_label(name: str, options: dict | None = None) -> str:
+    """A method variant's display name in result tables and plots: the name and its options in the
+    order given (``consensusdrop preset=probe``)."""
+    return name + "".join(f" {k}={v}" for k, v in (options or {}).items())
+
+
 def get_method(name: str | Method, budget: int | None = None, **options: Any) -> Method:
     """Build a method by registry name (case-insensitive) or pass an instance through."""
     if isinstance(name, Method):

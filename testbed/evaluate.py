@@ -193,7 +193,9 @@ def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS) -> list[tuple[str, i
 
 
 def label(method: str, options: dict) -> str:
-    return method + "".join(f" {k}={v}" for k, v in options.items())
+    from llava.method import method_label
+
+    return method_label(method, options)
 
 
 def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, out_dir: str | os.PathLike = RESULTS_DIR,
