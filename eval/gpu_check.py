@@ -689,7 +689,11 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
             or "error" in (r.get("syncs") or {})
         ok = {"batch==alone": r["verdicts"]["batch_alone"]["pass"], "cached==no-cache": r["verdicts"]["cache"]["pass"],
               "no crash": not crash, "host syncs": r["verdicts"]["syncs"]["pass"]}
-        m = methods.setdefault(r["method"], {"pass": True, "failed": []})
+        m = methods.setdefault(r["method"], {"pass": True, "failed": [], "n/a": []})
+        if r.get("skipped"):  # the method does not support this family: not run, not a failure
+            m["n/a"].append(f"{r['family']}, {r['dtype']}")
+            continue
+        m["ran"] = True
         for k, v in ok.items():
             checks[k] &= v
             if not v:
@@ -700,15 +704,15 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
         checks["TTFT runs"] = t.get("error") is None and all(x.get("error") is None for x in t["results"])
         for x in t["results"]:
             if x.get("error"):
-                m = methods.setdefault(x["method"], {"pass": True, "failed": []})
+                m = methods.setdefault(x["method"], {"pass": True, "failed": [], "n/a": [], "ran": True})
                 m["pass"] = False
                 m["failed"].append("TTFT (crash)")
     labels = {k: "PASS" if v else "FAIL" for k, v in checks.items()}
     if cfg.max_syncs_per_sample is None:
         labels["host syncs"] = "reported (no limit set)"
     return {"pass": all(checks.values()), "checks": labels,
-            "methods": {k: {"verdict": "PASS" if v["pass"] else "FAIL", "failed": v["failed"]}
-                        for k, v in methods.items()}}
+            "methods": {k: {"verdict": ("PASS" if v.get("ran") else "n/a") if v["pass"] else "FAIL",
+                            "failed": v["failed"], "n/a": v["n/a"]} for k, v in methods.items()}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -844,7 +848,7 @@ def markdown(report: dict) -> str:
     for m in report["methods"]:
         v = summ["methods"].get(m, {}).get("verdict", "-")
         cells = [_cell(by[(m, f, d)]) if (m, f, d) in by else "-" for f, d in cols]
-        out.append(f"| {m} | {'PASS' if v == 'PASS' else '**FAIL**'} | " + " | ".join(cells) + " |")
+        out.append(f"| {m} | {'**FAIL**' if v == 'FAIL' else v} | " + " | ".join(cells) + " |")
     # host syncs: one pruned prefill of the `mixed` batch (3 samples), per sample
     sd = "float32" if "float32" in cfg["dtypes"] else cfg["dtypes"][0]
     limit = cfg.get("max_syncs_per_sample")
@@ -1082,7 +1086,8 @@ def main(argv=None) -> int:
     for k, v in summ["checks"].items():
         print(f"  {k:18s} {v}")
     for m, v in summ["methods"].items():
-        print(f"  {m:18s} {v['verdict']}" + (f"  ({'; '.join(v['failed'])})" if v["failed"] else ""))
+        print(f"  {m:18s} {v['verdict']}" + (f"  ({'; '.join(v['failed'])})" if v["failed"] else "")
+              + (f"  (n/a: {'; '.join(v['n/a'])})" if v.get("n/a") else ""))
     print("report: " + ", ".join(report["files"]))
     return 0 if summ["pass"] else 1
 
