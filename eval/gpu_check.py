@@ -4,15 +4,18 @@
     python -m eval.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check
     python -m eval.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
 
-Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the three tiny
-random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``), in fp16 and bf16 on
-the device plus an fp32 reference row, at a small budget that really prunes (each method's own budget
-convention, see ``TINY_BUDGETS``). Checks, per method x family x dtype:
+Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the five tiny
+random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
+``tiny:llava-onevision``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
+that really prunes (each method's own budget convention, see ``TINY_BUDGETS``); a method whose
+``families`` exclude a family (``llava.method.method_supports``) is not run there and reported ``n/a``.
+Checks, per method x family x dtype:
 
 * **batch == alone**: batches of 3 (``mixed``: unequal prompts and unequal images / crops / videos;
   ``same-question``: one question, unequal images, so the prompts are equally long when the images are;
-  Video-LLaVA also ``video+images``: a video sample next to two image samples) generate greedy tokens
-  (forced length) that must equal each sample run alone; the max |delta logit| of the first generated
+  Qwen2.5-VL and OneVision are image families like LLaVA, their unequal images giving unequal dynamic
+  grids / anyres crops; Video-LLaVA also ``video+images``: a video sample next to two image samples)
+  generate greedy tokens (forced length) that must equal each sample run alone; the max |delta logit| of the first generated
   token is reported. fp32: the tokens must be equal and the logits of every generated step within
   ``FP32_LOGIT_TOL`` (a decode step that attends to padding shows here even when greedy agrees).
   fp16 / bf16: the unpruned model itself may differ between batch and alone (other kernels for other
@@ -21,8 +24,9 @@ convention, see ``TINY_BUDGETS``). Checks, per method x family x dtype:
   largest logit delta there, at least 2 ulp(1) of the dtype): then a near tie flipped. Each verdict
   says which rule passed it.
 * **cached == no-cache**: the batch's cached generation equals a greedy no-cache full recompute of the
-  same tokens with ``engine.replay = True`` (the recorded selections reused); half precision judged
-  against the unpruned model in the same way.
+  same tokens with ``engine.replay = True`` (the recorded selections reused; Qwen2.5-VL's M-RoPE
+  positions computed by the model from the grown prompt); half precision judged against the unpruned
+  model in the same way.
 * **host syncs**: ``llava.syncs.SyncCounter`` around one pruned prefill (``model(**batch)``) of the
   ``mixed`` batch, total and per sample; informational unless ``--max-syncs-per-sample`` is given.
 * **TTFT** (skip with ``--no-ttft``): ``shape:llava-1.5-7b`` (real shapes, random weights) in fp16,
@@ -842,7 +846,8 @@ def markdown(report: dict) -> str:
         out.append(f"| {k} | {'**FAIL**' if v == 'FAIL' else v} |")
     cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]]
     by = {(r["method"], r["family"], r["dtype"]): r for r in recs}
-    out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON).", "",
+    out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON); `n/a`: the method does not support the "
+            "family (its `families`), not run.", "",
             "| Method | Verdict | " + " | ".join(f"{f} {d}" for f, d in cols) + " |",
             "|---|---|" + "---|" * len(cols)]
     for m in report["methods"]:
