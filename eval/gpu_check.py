@@ -4,15 +4,18 @@
     python -m eval.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check
     python -m eval.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
 
-Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the three tiny
-random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``), in fp16 and bf16 on
-the device plus an fp32 reference row, at a small budget that really prunes (each method's own budget
-convention, see ``TINY_BUDGETS``). Checks, per method x family x dtype:
+Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the five tiny
+random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
+``tiny:llava-onevision``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
+that really prunes (each method's own budget convention, see ``TINY_BUDGETS``); a method whose
+``families`` exclude a family (``llava.method.method_supports``) is not run there and reported ``n/a``.
+Checks, per method x family x dtype:
 
 * **batch == alone**: batches of 3 (``mixed``: unequal prompts and unequal images / crops / videos;
   ``same-question``: one question, unequal images, so the prompts are equally long when the images are;
-  Video-LLaVA also ``video+images``: a video sample next to two image samples) generate greedy tokens
-  (forced length) that must equal each sample run alone; the max |delta logit| of the first generated
+  Qwen2.5-VL and OneVision are image families like LLaVA, their unequal images giving unequal dynamic
+  grids / anyres crops; Video-LLaVA also ``video+images``: a video sample next to two image samples)
+  generate greedy tokens (forced length) that must equal each sample run alone; the max |delta logit| of the first generated
   token is reported. fp32: the tokens must be equal and the logits of every generated step within
   ``FP32_LOGIT_TOL`` (a decode step that attends to padding shows here even when greedy agrees).
   fp16 / bf16: the unpruned model itself may differ between batch and alone (other kernels for other
@@ -21,8 +24,9 @@ convention, see ``TINY_BUDGETS``). Checks, per method x family x dtype:
   largest logit delta there, at least 2 ulp(1) of the dtype): then a near tie flipped. Each verdict
   says which rule passed it.
 * **cached == no-cache**: the batch's cached generation equals a greedy no-cache full recompute of the
-  same tokens with ``engine.replay = True`` (the recorded selections reused); half precision judged
-  against the unpruned model in the same way.
+  same tokens with ``engine.replay = True`` (the recorded selections reused; Qwen2.5-VL's M-RoPE
+  positions computed by the model from the grown prompt); half precision judged against the unpruned
+  model in the same way.
 * **host syncs**: ``llava.syncs.SyncCounter`` around one pruned prefill (``model(**batch)``) of the
   ``mixed`` batch, total and per sample; informational unless ``--max-syncs-per-sample`` is given.
 * **TTFT** (skip with ``--no-ttft``): ``shape:llava-1.5-7b`` (real shapes, random weights) in fp16,
@@ -60,25 +64,40 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llava", "llava-next", "video-llava")
+FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: methods that take no budget
 NO_BUDGET = {"none", "novisual"}
-#: a budget that really prunes on the tiny models (16 patches per image / crop, 17 per video frame,
-#: 4 LLM layers), in each method's own convention (README, Methods): about the 64-of-576 equivalent
-#: where the method allows it; the values the method tests use
+#: a budget that really prunes on the tiny models, in each method's own convention (README, Methods):
+#: about the 64-of-576 equivalent where the method allows it; the values the method tests use
+#: (tests/test_gpu_ready.py's BUDGETS for the two newer families and the methods registered later).
+#: Tiny LLaVA / NeXT / Video-LLaVA: 16 patches per image / crop, 17 per video frame, 4 LLM layers;
+#: tiny Qwen2.5-VL: 4-12 merged tokens per image (dynamic grid); tiny OneVision: 16 per crop + newlines.
+#: Keys: the runtime's family (``rt.family``, see :func:`family_key`).
+_PER_UNIT = {"llava": 2, "llava_next": 2, "video_llava": 2, "qwen2_5_vl": 2, "llava_onevision": 4}
+#: test_gpu_ready.py's per-unit budgets (the methods registered after the first tiny budgets were set)
+_PER_UNIT_NEW = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 2, "llava_onevision": 4}
 TINY_BUDGETS = {
-    "consensusdrop": {"llava": 2, "llava_next": 2, "video_llava": 2},  # per image / crop / frame
-    "visiondrop": {"llava": 2, "llava_next": 2, "video_llava": 4},  # layer average per unit
-    "attnmix": {"llava": 2, "llava_next": 10, "video_llava": 16},  # total per sample
-    "fastv": {"llava": 8, "llava_next": 20, "video_llava": 64},  # layer average
-    "pdrop": {"llava": 192, "llava_next": 192, "video_llava": 192},  # 32-layer schedule scaled: 16 -> 16/2/1/1
-    "sparsevlm": {"llava": 192, "llava_next": 192, "video_llava": 192},  # 16 -> 16/4/3/2
-    "dart": {"llava": 8, "llava_next": 16, "video_llava": 64},  # kept after layer K: 16 -> 16/12/12/12
-    "visionzip": 2, "fastervlm": 2, "divprune": 2, "random": 2,  # per image / crop / frame
+    "consensusdrop": _PER_UNIT,  # per image / crop / frame
+    "visiondrop": {"llava": 2, "llava_next": 2, "video_llava": 4, "qwen2_5_vl": 2,
+                   "llava_onevision": 4},  # layer average per unit
+    "attnmix": {"llava": 2, "llava_next": 10, "video_llava": 16, "qwen2_5_vl": 2,
+                "llava_onevision": 16},  # total per sample
+    "fastv": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
+              "llava_onevision": 16},  # layer average
+    "pdrop": 192,  # 32-layer schedule scaled: 16 -> 16/2/1/1
+    "sparsevlm": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 64,
+                  "llava_onevision": 64},  # 16 -> 16/4/3/2
+    "dart": {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4,
+             "llava_onevision": 16},  # kept after layer K: 16 -> 16/12/12/12
+    "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
+    "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW,  # per unit
+    "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
+    "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
+    "vscan": 6,  # layer average per unit: 9 per unit after the tower, 3 from layer 2
 }
-#: a method registered later and not listed above
+#: a method registered later and not listed above (tests/test_gpu_check.py asserts there is none)
 FALLBACK_BUDGET = 4
 FP32_LOGIT_TOL = 1e-3
 QUESTIONS = ["what is this?", "what color is the circle on the left?", "how many objects are there in the picture?"]
@@ -128,11 +147,25 @@ def registered_methods() -> list[str]:
     return names
 
 
+def family_key(family: str) -> str:
+    """The runtime's family name (``rt.family``) of a ``--families`` / ``tiny:`` name:
+    'llava-next' -> 'llava_next', 'qwen2.5-vl' -> 'qwen2_5_vl' (as llava.models.build_tiny spells it)."""
+    return family.replace("-", "_").replace(".", "_")
+
+
 def tiny_budget(method: str, family: str):
+    """``method``'s budget on the tiny model of ``family`` (the runtime's form, ``family_key``)."""
     if method in NO_BUDGET:
         return None
     b = TINY_BUDGETS.get(method, FALLBACK_BUDGET)
     return b[family] if isinstance(b, dict) else b
+
+
+def supported(method: str, family: str) -> bool:
+    """Whether ``method`` runs on ``family`` (the runtime's form); 'none' runs everywhere."""
+    from llava.method import method_supports
+
+    return method == "none" or method_supports(method, family)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,12 +238,15 @@ def generate(rt, batch, steps: int):
 def greedy_no_cache(model, inputs, steps: int, suppress=()):
     """Greedy decoding by full recompute every step (use_cache=False), positions as generate builds
     them, the end-of-sequence and placeholder ids suppressed as :func:`generate` does: the reference that
-    cached generation must equal (with ``engine.replay`` for query-aware methods)."""
+    cached generation must equal (with ``engine.replay`` for query-aware methods). Qwen2.5-VL (its batch
+    has ``mm_token_type_ids``) takes 3-D M-RoPE positions: none are passed, the model computes them from
+    the prompt (``get_rope_index``, left padding included), the generated tokens typed as text."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    mrope = "mm_token_type_ids" in extra
     all_logits = []
     for _ in range(steps):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        pos = None if mrope else (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                            **extra).logits[:, -1].float()
@@ -221,6 +257,8 @@ def greedy_no_cache(model, inputs, steps: int, suppress=()):
         nxt = pick.argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        if mrope:  # generated tokens are text (type 0)
+            extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
     return ids[:, inputs["input_ids"].shape[1]:], torch.stack(all_logits, 1)
 
 
@@ -345,7 +383,10 @@ def _unprune(rt) -> None:
 def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig) -> dict:
     """One method on one loaded tiny family in one dtype: every scenario and the sync count."""
     rt, scen, suppress, device = ctx["rt"], ctx["scenarios"], ctx["suppress"], cfg.device
-    fam = family.replace("-", "_")
+    fam = family_key(family)
+    if not supported(method, fam):  # the method refuses this family (its ``families``): n/a, not a failure
+        return {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": None,
+                "scenarios": {}, "error": None, "skipped": f"n/a: {method} does not support {fam}"}
     budget = tiny_budget(method, fam)
     rec = {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": budget,
            "scenarios": {}, "error": None}
@@ -407,7 +448,7 @@ def _load_tiny(family: str, dtype: str, cfg: CheckConfig) -> dict:
     from llava.models import load
 
     rt = load(f"tiny:{family}", seed=cfg.seed, dtype=dtype, device=cfg.device)
-    return {"rt": rt, "scenarios": scenarios(family.replace("-", "_")),
+    return {"rt": rt, "scenarios": scenarios(family_key(family)),
             "suppress": _eos_ids(rt.model) + _placeholder_ids(rt.model)}
 
 
@@ -583,6 +624,9 @@ def judge(records: list[dict]) -> None:
         base = ref.get((r["family"], r["dtype"]))
         exact = r["dtype"] == "float32"
         for check in ("batch_alone", "cache"):
+            if r.get("skipped"):
+                r["verdicts"][check] = {"pass": True, "why": "n/a", "failed": [], "notes": []}
+                continue
             if r["error"]:
                 r["verdicts"][check] = {"pass": False, "why": "crash"}
                 continue
@@ -629,6 +673,8 @@ def _sample_verdict(s, exact, tol, base, scen, check, i, is_base) -> str:
 
 def sync_verdict(r: dict, limit: float | None) -> dict:
     s = r.get("syncs") or {}
+    if r.get("skipped"):
+        return {"pass": True, "why": "n/a"}
     if r["error"] or "error" in s:
         return {"pass": limit is None, "why": "not measured (crash)"}
     if limit is None:
@@ -647,7 +693,11 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
             or "error" in (r.get("syncs") or {})
         ok = {"batch==alone": r["verdicts"]["batch_alone"]["pass"], "cached==no-cache": r["verdicts"]["cache"]["pass"],
               "no crash": not crash, "host syncs": r["verdicts"]["syncs"]["pass"]}
-        m = methods.setdefault(r["method"], {"pass": True, "failed": []})
+        m = methods.setdefault(r["method"], {"pass": True, "failed": [], "n/a": []})
+        if r.get("skipped"):  # the method does not support this family: not run, not a failure
+            m["n/a"].append(f"{r['family']}, {r['dtype']}")
+            continue
+        m["ran"] = True
         for k, v in ok.items():
             checks[k] &= v
             if not v:
@@ -658,15 +708,15 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
         checks["TTFT runs"] = t.get("error") is None and all(x.get("error") is None for x in t["results"])
         for x in t["results"]:
             if x.get("error"):
-                m = methods.setdefault(x["method"], {"pass": True, "failed": []})
+                m = methods.setdefault(x["method"], {"pass": True, "failed": [], "n/a": [], "ran": True})
                 m["pass"] = False
                 m["failed"].append("TTFT (crash)")
     labels = {k: "PASS" if v else "FAIL" for k, v in checks.items()}
     if cfg.max_syncs_per_sample is None:
         labels["host syncs"] = "reported (no limit set)"
     return {"pass": all(checks.values()), "checks": labels,
-            "methods": {k: {"verdict": "PASS" if v["pass"] else "FAIL", "failed": v["failed"]}
-                        for k, v in methods.items()}}
+            "methods": {k: {"verdict": ("PASS" if v.get("ran") else "n/a") if v["pass"] else "FAIL",
+                            "failed": v["failed"], "n/a": v["n/a"]} for k, v in methods.items()}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,6 +790,8 @@ def _fmt(x, spec=".2g"):
 
 
 def _cell(r: dict) -> str:
+    if r.get("skipped"):
+        return "n/a"
     if r["error"]:
         return "**crash**"
     v = r["verdicts"]
@@ -794,13 +846,14 @@ def markdown(report: dict) -> str:
         out.append(f"| {k} | {'**FAIL**' if v == 'FAIL' else v} |")
     cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]]
     by = {(r["method"], r["family"], r["dtype"]): r for r in recs}
-    out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON).", "",
+    out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON); `n/a`: the method does not support the "
+            "family (its `families`), not run.", "",
             "| Method | Verdict | " + " | ".join(f"{f} {d}" for f, d in cols) + " |",
             "|---|---|" + "---|" * len(cols)]
     for m in report["methods"]:
         v = summ["methods"].get(m, {}).get("verdict", "-")
         cells = [_cell(by[(m, f, d)]) if (m, f, d) in by else "-" for f, d in cols]
-        out.append(f"| {m} | {'PASS' if v == 'PASS' else '**FAIL**'} | " + " | ".join(cells) + " |")
+        out.append(f"| {m} | {'**FAIL**' if v == 'FAIL' else v} | " + " | ".join(cells) + " |")
     # host syncs: one pruned prefill of the `mixed` batch (3 samples), per sample
     sd = "float32" if "float32" in cfg["dtypes"] else cfg["dtypes"][0]
     limit = cfg.get("max_syncs_per_sample")
@@ -812,6 +865,9 @@ def markdown(report: dict) -> str:
         cells = []
         for f in cfg["families"]:
             sy = (by.get((m, f, sd)) or {}).get("syncs") or {}
+            if (by.get((m, f, sd)) or {}).get("skipped"):
+                cells.append("n/a")
+                continue
             cells.append("crash" if "error" in sy else (f"{sy['per_sample']:.1f} ({sy['total']})" if sy else "-"))
         syncs.append(f"| {m} | " + " | ".join(cells) + " |")
     out += syncs
@@ -830,6 +886,9 @@ def markdown(report: dict) -> str:
                     + " | ".join(f"cached==no-cache {n}" for n in names) + " | Syncs/sample (batch 3) |",
                     "|---|---|---|" + "---|" * (2 * len(names) + 1)]
             for r in rows:
+                if r.get("skipped"):
+                    out.append(f"| {r['method']} | n/a | {r['skipped']} |" + " |" * (2 * len(names) + 1))
+                    continue
                 if r["error"]:
                     out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` |"
                                + " |" * (2 * len(names) + 1))
@@ -923,11 +982,12 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
             recs.append({**t, "scenarios": {}, "seconds": None, "error": ["not run: an earlier task took the device down"]})
     tiny = [r for r in recs if r["kind"] == "tiny"]
     for r in tiny:
-        r.setdefault("budget", tiny_budget(r["method"], r["family"].replace("-", "_")))
+        r.setdefault("budget", tiny_budget(r["method"], family_key(r["family"])))
     judge(tiny)
     report = {"tool": "eval.gpu_check", "command": command, "environment": env,
               "config": {**asdict(cfg), "device": str(device)}, "isolated": isolate, "methods": methods,
-              "budgets": {m: {f: tiny_budget(m, f.replace("-", "_")) for f in cfg.families} for m in methods},
+              "budgets": {m: {f: tiny_budget(m, family_key(f)) if supported(m, family_key(f)) else "n/a"
+                              for f in cfg.families} for m in methods},
               "tiny": tiny, "ttft": ttft_table([r for r in recs if r["kind"] == "ttft"], cfg) if cfg.ttft else None}
     report["summary"] = summarize(report, cfg)
     report["seconds"] = time.perf_counter() - t_start
@@ -1031,7 +1091,8 @@ def main(argv=None) -> int:
     for k, v in summ["checks"].items():
         print(f"  {k:18s} {v}")
     for m, v in summ["methods"].items():
-        print(f"  {m:18s} {v['verdict']}" + (f"  ({'; '.join(v['failed'])})" if v["failed"] else ""))
+        print(f"  {m:18s} {v['verdict']}" + (f"  ({'; '.join(v['failed'])})" if v["failed"] else "")
+              + (f"  (n/a: {'; '.join(v['n/a'])})" if v.get("n/a") else ""))
     print("report: " + ", ".join(report["files"]))
     return 0 if summ["pass"] else 1
 

@@ -128,3 +128,48 @@ def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_p
     assert [r["method"] for r in recs] == ["none", "a", "b", "c"]
     assert recs[0]["error"] is None and recs[2]["error"] is None and recs[3]["error"] is None
     assert "the worker process died (exit status 1)" in recs[1]["error"][0]
+
+
+def test_default_families_are_the_five_tiny_families_and_every_method_has_a_tiny_budget():
+    """The default run covers every tiny family the runtime has, and every registered method has a
+    budget that prunes on each (or takes none), in the runtime's family spelling."""
+    from llava.method import method_supports
+    from llava.models import TINY
+
+    assert gpu_check.FAMILIES == ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision")
+    assert set(gpu_check.FAMILIES) == set(TINY)
+    assert gpu_check.CheckConfig().families == list(gpu_check.FAMILIES)
+    assert gpu_check.parse_args([]).families == list(gpu_check.FAMILIES)
+    keys = [gpu_check.family_key(f) for f in gpu_check.FAMILIES]
+    assert keys == ["llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision"]
+    budgetless = gpu_check.NO_BUDGET | {"prumerge"}  # prumerge: adaptive (IQR outliers)
+    for m in gpu_check.registered_methods():
+        if m in gpu_check.NO_BUDGET:
+            continue
+        assert m in gpu_check.TINY_BUDGETS, f"{m}: no tiny budget (it would run at the silent fallback)"
+        b = gpu_check.TINY_BUDGETS[m]
+        assert b is None or isinstance(b, int) or set(b) == set(keys), m
+        for f in keys:
+            v = gpu_check.tiny_budget(m, f)
+            assert (v is None) == (m in budgetless) and (v is None or v > 0), (m, f)
+        assert gpu_check.supported(m, "llava") == method_supports(m, "llava")
+    new = {m: [gpu_check.tiny_budget(m, f) for f in ("qwen2_5_vl", "llava_onevision")]
+           for m in ("consensusdrop", "attnmix", "fastv", "dart", "hiprune", "cdpruner", "sparsevlm", "vscan")}
+    assert new == {"consensusdrop": [2, 4], "attnmix": [2, 16], "fastv": [4, 16], "dart": [4, 16],
+                   "hiprune": [2, 4], "cdpruner": [2, 4], "sparsevlm": [64, 64], "vscan": [6, 6]}
+    assert gpu_check.tiny_budget("prumerge", "qwen2_5_vl") is None and gpu_check.tiny_budget("none", "llava") is None
+
+
+def test_a_method_that_does_not_support_a_family_is_n_a(tmp_path, monkeypatch):
+    """A method whose ``families`` exclude a family is not run there and reported 'n/a' (a pass)."""
+    monkeypatch.setattr(gpu_check, "supported", lambda m, f: m == "none" or f != "llava")
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "random"], families=["llava"],
+                                new_tokens=2, ttft=False, out=str(tmp_path))
+    rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
+    r = next(r for r in rep["tiny"] if r["method"] == "random")
+    assert r["skipped"].startswith("n/a") and r["scenarios"] == {} and r["error"] is None
+    assert rep["budgets"]["random"] == {"llava": "n/a"}
+    assert rep["summary"]["pass"] and rep["summary"]["methods"]["random"] == {"verdict": "n/a", "failed": [],
+                                                                              "n/a": ["llava, float32"]}
+    _, md = _report(tmp_path)
+    assert "| random | n/a | n/a |" in md and "| random | n/a | n/a: random does not support llava |" in md

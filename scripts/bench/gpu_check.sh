@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 19's GPU check: every method on the three tiny families in fp16 / bf16 (+ fp32 reference) on
+# Issue 19's GPU check: every method on the five tiny families (llava, llava-next, video-llava,
+# qwen2.5-vl, llava-onevision; n/a where a method does not support one) in fp16 / bf16 (+ fp32 reference) on
 # CUDA (batch == alone, cached == no-cache recompute, host-sync counts) and a TTFT table on
 # shape:llava-1.5-7b; writes docs/results/gpu-check-<device>-<date>.{json,md}; exit status 1 on a
 # failed check. Without a CUDA device it says so and exits 0. Options: python -m eval.gpu_check --help
