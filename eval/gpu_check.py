@@ -418,7 +418,9 @@ def ttft_task(ctx: dict, method: str, cfg: CheckConfig) -> dict:
     from eval.efficiency import prefill_once, summary
 
     rt, batches, device = ctx["rt"], ctx["batches"], ctx["device"]
-    budget = None if method in NO_BUDGET else cfg.ttft_budget
+    # an adaptive method (budget None in TINY_BUDGETS, e.g. PruMerge) chooses its own count here too
+    budget = None if method in NO_BUDGET or (method in TINY_BUDGETS and TINY_BUDGETS[method] is None) \
+        else cfg.ttft_budget
     rec = {"kind": "ttft", "method": method, "budget": budget, "error": None, "build_seconds": ctx["build_seconds"],
            "image_px": ctx["image_px"]}
     try:
