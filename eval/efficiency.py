@@ -9,6 +9,14 @@ Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the envir
 and the bar checks), ``efficiency.md`` (the efficiency.md section 7 table) and ``efficiency.png``
 (TTFT and KV vs visual tokens per method).
 
+Launch count (``ops`` / ``extra_ops`` in the JSON, the last two table columns): the aten ops that would
+launch a GPU kernel or memcpy (``llava.syncs.OpCounter``: views, allocations and host-side work not
+counted) of one batch-1 prefill on the first input, counted once per method x budget outside the timed
+runs and split as the engine splits the time (vision / selection / llm, plus ``other`` = LM head and the
+greedy pick). ``extra_ops`` = total minus the unpruned model's total on the same input. At batch 1 an
+eager 7B prefill on an H100 is launch-bound (docs/results/efficiency-h100.md), so ``extra_ops`` x ~10-15 us
+estimates a method's selection overhead there from a CPU run.
+
 Cost model for the speed-up bar (stated in every output): the LLM prefill time of the *unpruned* model
 is measured on text-only inputs over a sweep of sequence lengths n and fitted with a roofline
 ``T(n) = max(T_floor, a + k F(n))`` (F = convention-B MACs; the floor is the weight-read-bound regime,
@@ -247,6 +255,48 @@ def prefill_once(rt, batch, device):
     return time.perf_counter() - t0, out
 
 
+def prefill_ops(rt, batch) -> dict:
+    """Launching aten ops (``llava.syncs.OpCounter``) of one :func:`prefill_once`, split as the engine
+    splits its time: while counting, the engine's phase clock (``llava.engine._Timer``) reads the op count
+    instead of the time, so ``PrefillStats.timings`` holds op counts per phase. ``total`` also covers what
+    runs after the engine (LM head, greedy pick: ``other``); ``syncs`` = host syncs in the same pass. The
+    split is left out (total only) when no engine is attached or its clock is not where it used to be."""
+    import llava.engine as engine
+    from llava.syncs import OpCounter
+
+    counter = OpCounter(syncs=True)
+
+    class _OpClock:  # the engine's _Timer interface, reading the op count
+        def __init__(self, device):
+            pass
+
+        def now(self) -> float:
+            return float(counter.op_total)
+
+    eng = getattr(rt, "engine", None)
+    timer = getattr(engine, "_Timer", None)
+    if eng is not None:
+        eng.stats = None
+    if timer is not None:
+        engine._Timer = _OpClock
+    try:
+        with torch.inference_mode(), counter:
+            out = rt.model(**batch, use_cache=True, logits_to_keep=1)
+            out.logits[:, -1].argmax(-1).cpu()
+    finally:
+        if timer is not None:
+            engine._Timer = timer
+    del out
+    res = {"total": counter.op_total}
+    timings = getattr(getattr(eng, "stats", None), "timings", None) or {}
+    if timer is not None and {"vision", "selection", "llm", "prefill_total"} <= set(timings):
+        res.update({k: int(round(timings[k])) for k in ("vision", "selection", "llm", "prefill_total")})
+        res["other"] = res["total"] - res["prefill_total"]
+    res["syncs"] = counter.sync_total
+    res["by_op"] = dict(sorted(counter.ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    return res
+
+
 def generate_time(rt, batch, device, new_tokens: int) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -328,6 +378,7 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
     batch1 = [build_batch(rt, [it], device) for it in items]
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
         prefill_once(rt, b, device)
+    ops = prefill_ops(rt, batch1[0])  # launch count, once, outside the timed runs
     rec = []
     for b in batch1:
         if device.type == "cuda":
@@ -347,7 +398,8 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
             "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         })
         del out
-    res = {"method": method, "budget": budget, "options": opts, "config": eng.method.config(), "records": rec}
+    res = {"method": method, "budget": budget, "options": opts, "config": eng.method.config(), "records": rec,
+           "ops": ops}
     for key in ("ttft", "t_vision", "t_selection", "t_llm"):
         res[key] = summary([r[key] for r in rec])
     for key in ("visual_entering_llm", "visual_layer_avg", "kv_bytes", "kv_bytes_analytic", "macs_A", "macs_B"):
@@ -435,6 +487,17 @@ def _inputs_lines(report: dict) -> list[str]:
             f"{inp['visual_tokens']} visual tokens{grid}; batch tensors {shapes}.", ""]
 
 
+def _ops_split(r: dict) -> str:
+    ops = r.get("ops") or {}
+    if "selection" not in ops:
+        return f"{ops['total']} (total)" if "total" in ops else "-"
+    return f"{ops['vision']} / {ops['selection']} / {ops['llm']}"
+
+
+def _ops_over(r: dict) -> str:
+    return f"{r['extra_ops']:+d}" if r.get("extra_ops") is not None else "-"
+
+
 def markdown(report: dict) -> str:
     env, rows, model = report["environment"], report["results"], report["cost_model"]
     base = next(r for r in rows if r["method"] == "none")
@@ -450,10 +513,15 @@ def markdown(report: dict) -> str:
            + _flops_line(report), "",
            *_inputs_lines(report),
            f"Cost model: {model['description']}", "",
-           "| Method | Budget | tok-in / tok-eq | TTFT b1 median / p90 (ms) | vision / select / LLM (ms) | "
-           + " | ".join(f"TTFT b{b} (ms), samples/s" for b in bs)
-           + " | TPOT (ms) | KV (MiB) | Peak (GiB) | FLOPs A / B (T MAC) | Speed-up b1 |",
-           "|---|---|---|---|---|" + "---|" * len(bs) + "---|---|---|---|---|"]
+           "Ops: aten ops of one batch-1 prefill of the first input that would launch a GPU kernel or memcpy "
+           "(llava.syncs.OpCounter; views, allocations and host-side work not counted), split vision / selection / "
+           "LLM as the time; over unpruned = total (incl. LM head) minus the unpruned row's total. At batch 1 a "
+           "GPU prefill is launch-bound: each op costs about 10-15 us on an H100.", "",
+           "| Method | Budget | tok-in / tok-eq | TTFT b1 median / p90 (ms) | vision / select / LLM (ms) |"
+           + "".join(f" TTFT b{b} (ms), samples/s |" for b in bs)  # one cell per batch size (none: no cell)
+           + " TPOT (ms) | KV (MiB) | Peak (GiB) | FLOPs A / B (T MAC) | Speed-up b1 | ops vision / select / LLM "
+           "| ops over unpruned |",
+           "|---|---|---|---|---|" + "---|" * len(bs) + "---|---|---|---|---|---|---|"]
     for r in rows:
         ms = lambda s: f"{s['median'] * 1e3:.1f}" if s else "-"  # noqa: E731
         bcols = [f"{r['batched'][b]['ttft']['median'] * 1e3:.1f}, {r['batched'][b]['samples_per_s']:.1f}"
@@ -462,10 +530,11 @@ def markdown(report: dict) -> str:
         out.append(
             f"| {label(r)} | {r['budget'] if r['budget'] is not None else '-'} | "
             f"{r['visual_entering_llm']:.0f} / {r['visual_layer_avg']:.1f} | {ms(r['ttft'])} / "
-            f"{r['ttft']['p90'] * 1e3:.1f} | {ms(r['t_vision'])} / {ms(r['t_selection'])} / {ms(r['t_llm'])} | "
-            + " | ".join(bcols)
-            + f" | {ms(r['tpot'])} | {r['kv_bytes'] / 2**20:.2f} | {peak} | {r['macs_A'] / 1e12:.3g} / "
-            f"{r['macs_B'] / 1e12:.3g} | {t_base / r['ttft']['median']:.2f}x |")
+            f"{r['ttft']['p90'] * 1e3:.1f} | {ms(r['t_vision'])} / {ms(r['t_selection'])} / {ms(r['t_llm'])} |"
+            + "".join(f" {c} |" for c in bcols)
+            + f" {ms(r['tpot'])} | {r['kv_bytes'] / 2**20:.2f} | {peak} | {r['macs_A'] / 1e12:.3g} / "
+            f"{r['macs_B'] / 1e12:.3g} | {t_base / r['ttft']['median']:.2f}x | {_ops_split(r)} | "
+            f"{_ops_over(r)} |")
     out += ["", "## Bars", "", "| Method | Budget | Bar | Value | Limit | Pass |", "|---|---|---|---|---|---|"]
     for b in report["bars"]:
         v = b["value"]
@@ -559,6 +628,8 @@ def run(cfg: BenchConfig) -> dict:
             continue
         for b in cfg.budgets:
             results.append(measure(rt, name, b, opts, items, cfg, device))
+    for r in results:  # launches a method adds over the unpruned model on the same input
+        r["extra_ops"] = r["ops"]["total"] - results[0]["ops"]["total"]
     full = int(results[0]["records"][0]["layer_lengths"][0])
     d, m, L, d_kv = llm_dims(rt.model.config)
     lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})

@@ -21,6 +21,36 @@ Usage::
     with SyncCounter() as c:
         model.generate(...)
     c.total, c.counts   # Counter({'item': 3, 'nonzero': 1, ...})
+
+**Kernel launches.** ``OpCounter`` counts, with the same device / host tracking, the aten ops dispatched
+on device tensors that would launch work on a GPU: a kernel, or a memcpy. At batch 1 an eager model
+on an H100 is bound by launches + Python, not FLOPs, so a method's selection overhead there is roughly
+proportional to this count (about 10-15 us per op). The rule:
+
+* counted: every dispatched aten op (after autograd and composite decomposition, so ``reshape`` is
+  seen as ``view`` or ``clone``) with a device tensor among its inputs, or with
+  no tensor input at all outside a host call (``arange(n, device=d)``); also in-place ops
+  (``add_``, ``index_put_``, ``copy_``), the copy to the host of ``.cpu()`` / ``.tolist()`` / ``.numpy()``
+  (key ``_to_copy``), and ``.item()`` (``_local_scalar_dense``: a device-to-host memcpy, also a sync);
+* not counted: views and metadata (every op whose schema returns an alias of an input: ``view``,
+  ``expand``, ``t``, ``transpose``, ``permute``, ``slice``, ``select``, ``unsqueeze``, ``squeeze``,
+  ``alias``, ``as_strided``, ``detach``, ``unbind``, ``split``, ``lift_fresh``, ``_reshape_alias``, ...;
+  their in-place forms ``unsqueeze_``, ``transpose_``, ...; ``_unsafe_view``), allocations (``empty``,
+  ``empty_like``, ``empty_strided``, ``new_empty``, ``resize_``, ``set_``), and everything inside a host
+  call (a torch function whose tensor inputs are all host tensors, or a factory without ``device=``):
+  a loop on the host copy of the scores costs no launch.
+
+It is a proxy: a few ops launch more than one kernel on CUDA (``sort``, ``cumsum``, ``nonzero``), and
+a CPU decomposition can differ from the CUDA one by an op; the difference between two methods on the
+same input is what it is for. ``torch.from_numpy`` is not seen by torch-function modes: its tensors
+count as device tensors (make host tensors with ``torch.as_tensor`` / ``torch.tensor``).
+
+    with OpCounter() as c:
+        model(**batch)
+    c.total, c.counts   # Counter({'mm': 120, 'add': 64, 'mul': 60, ...}), keyed by aten op name
+
+Both in one pass: ``SyncCounter(ops=True)`` (or ``OpCounter(syncs=True)``) fills ``.syncs`` and ``.ops``
+(Counters; ``.counts`` is the class's own one) and ``.sync_total`` / ``.op_total``.
 """
 
 from __future__ import annotations
@@ -42,8 +72,15 @@ _UNIQUE = {aten._unique2.default, aten.unique_dim.default, aten.unique_consecuti
 _REPEAT = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 _INDEX = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "randperm", "linspace", "eye",
-              "rand", "randn", "randint", "logspace", "empty_strided", "scalar_tensor"}
+              "rand", "randn", "randint", "logspace", "empty_strided", "scalar_tensor", "asarray"}
 _TO_HOST = {"tolist": "tolist", "numpy": "numpy", "__array__": "numpy", "cpu": "to_host"}
+# ops that launch nothing beyond the views (``OpOverload.is_view``): in-place views, views without alias
+# annotation, allocations and metadata queries (op packet names)
+_NO_LAUNCH = {"_unsafe_view", "unsqueeze_", "squeeze_", "transpose_", "t_", "as_strided_", "detach_", "swapdims_",
+              "swapaxes_", "resize_", "resize_as_", "set_", "empty", "empty_like", "empty_strided", "new_empty",
+              "new_empty_strided", "empty_permuted", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+              "is_same_size", "_has_compatible_shallow_copy_type", "is_nonzero", "_nested_tensor_size",
+              "lift_fresh", "_reshape_alias", "alias"}
 
 
 def _tensors(args, kwargs):
@@ -54,74 +91,104 @@ def _bool_index(indices) -> bool:
     return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
+def launches(func) -> bool:
+    """Whether an aten op overload would launch work on a GPU (not a view, metadata or allocation)."""
+    return not func.is_view and func._overloadpacket.__name__ not in _NO_LAUNCH
+
+
+def _sync_key(func, args, kwargs) -> str | None:
+    if func in _SCALAR:
+        return "item"
+    if func in _NONZERO:
+        return "nonzero"
+    if func in _MASKED:
+        return "masked_select"
+    if func in _UNIQUE:
+        return "unique"
+    if func in _REPEAT and kwargs.get("output_size") is None and not (len(args) > 3 and args[3] is not None):
+        return "repeat_interleave"
+    if func in _INDEX and _bool_index(args[1]):
+        return "bool_index"
+    if func is aten._to_copy.default and kwargs.get("device") is not None \
+            and torch.device(kwargs["device"]).type == "cpu" and args[0].device.type != "cpu":
+        return "to_host"
+    return None
+
+
 class _Dispatch(TorchDispatchMode):
-    def __init__(self, counter: "SyncCounter"):
+    def __init__(self, counter: "_Counting"):
         super().__init__()
         self.c = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        key = None
-        if func in _SCALAR:
-            key = "item"
-        elif func in _NONZERO:
-            key = "nonzero"
-        elif func in _MASKED:
-            key = "masked_select"
-        elif func in _UNIQUE:
-            key = "unique"
-        elif func in _REPEAT and kwargs.get("output_size") is None and not (len(args) > 3 and args[3] is not None):
-            key = "repeat_interleave"
-        elif func in _INDEX and _bool_index(args[1]):
-            key = "bool_index"
-        elif func is aten._to_copy.default and kwargs.get("device") is not None \
-                and torch.device(kwargs["device"]).type == "cpu" and args[0].device.type != "cpu":
-            key = "to_host"
-        if key is not None and not all(self.c.is_host(t) for t in _tensors(args, kwargs)):
-            self.c.counts[key] += 1
+        c = self.c
+        if not c.host_depth:
+            ins = _tensors(args, kwargs)
+            device = not ins or not all(c.is_host(t) for t in ins)
+            if c.count_syncs and ins and device:
+                key = _sync_key(func, args, kwargs)
+                if key is not None:
+                    c.syncs[key] += 1
+            if c.count_ops and device and launches(func):
+                c.ops[func._overloadpacket.__name__] += 1
         return func(*args, **kwargs)
 
 
 class _Function(TorchFunctionMode):
-    def __init__(self, counter: "SyncCounter"):
+    def __init__(self, counter: "_Counting"):
         super().__init__()
         self.c = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        c = self.c
         name = getattr(func, "__name__", "")
         ins = _tensors(args, kwargs)
         if name in _TO_HOST and ins:
-            if not self.c.is_host(ins[0]) and ins[0].device.type == "cpu":
-                self.c.counts[_TO_HOST[name]] += 1  # a device tensor's real copy is seen by _Dispatch
+            if not c.is_host(ins[0]) and ins[0].device.type == "cpu":
+                # a real device tensor's copy is seen by _Dispatch; a CPU one's .cpu() dispatches nothing
+                if c.count_syncs:
+                    c.syncs[_TO_HOST[name]] += 1
+                if c.count_ops:
+                    c.ops["_to_copy"] += 1
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):
                 out = out.view_as(out) if out is ins[0] else out
-                self.c.mark(out)
+                c.mark(out)
             return out
-        out = func(*args, **kwargs)
+        to_device = False
         if name in ("to", "cuda") and ins:
             dev = kwargs.get("device", args[1] if len(args) > 1 else None)
-            if name == "cuda" or isinstance(dev, torch.device) or (isinstance(dev, str) and dev != "cpu"):
-                if out is ins[0]:
-                    out = out.view_as(out)  # a distinct (device) alias of the host tensor
-                return out
+            to_device = name == "cuda" or isinstance(dev, torch.device) or (isinstance(dev, str) and dev != "cpu")
         if ins:
-            host = all(self.c.is_host(t) for t in ins)
+            host = not to_device and all(c.is_host(t) for t in ins)
         else:  # a factory: host unless a device is named
             host = name in _FACTORIES and kwargs.get("device") is None
+        c.host_depth += host  # everything dispatched inside a host call is host work (intermediates too)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            c.host_depth -= host
+        if to_device:
+            if out is ins[0]:
+                out = out.view_as(out)  # a distinct (device) alias of the host tensor
+            return out
         if host:
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
-                    self.c.mark(t)
+                    c.mark(t)
         return out
 
 
-class SyncCounter:
-    """Context manager counting host-synchronising ops on device tensors (see the module docstring)."""
+class _Counting:
+    """The shared machinery: host tracking and the two counters (``syncs``, ``ops``)."""
 
-    def __init__(self):
-        self.counts: Counter = Counter()
+    def __init__(self, syncs: bool, ops: bool):
+        self.count_syncs, self.count_ops = syncs, ops
+        self.syncs: Counter = Counter()
+        self.ops: Counter = Counter()
+        self.host_depth = 0
         self._host = WeakIdKeyDictionary()
         self._modes = [_Function(self), _Dispatch(self)]
 
@@ -131,7 +198,7 @@ class SyncCounter:
     def mark(self, t: torch.Tensor) -> None:
         self._host[t] = True
 
-    def __enter__(self) -> "SyncCounter":
+    def __enter__(self):
         for m in self._modes:
             m.__enter__()
         return self
@@ -141,5 +208,41 @@ class SyncCounter:
             m.__exit__(*exc)
 
     @property
+    def sync_total(self) -> int:
+        return sum(self.syncs.values())
+
+    @property
+    def op_total(self) -> int:
+        return sum(self.ops.values())
+
+
+class SyncCounter(_Counting):
+    """Context manager counting host-synchronising ops on device tensors (see the module docstring).
+    ``ops=True`` also counts the launching ops (``.ops``, ``.op_total``) in the same pass."""
+
+    def __init__(self, ops: bool = False):
+        super().__init__(syncs=True, ops=ops)
+
+    @property
+    def counts(self) -> Counter:
+        return self.syncs
+
+    @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return self.sync_total
+
+
+class OpCounter(_Counting):
+    """Context manager counting the aten ops on device tensors that would launch a GPU kernel or memcpy
+    (see the module docstring), keyed by op name. ``syncs=True`` also counts host syncs (``.syncs``)."""
+
+    def __init__(self, syncs: bool = False):
+        super().__init__(syncs=syncs, ops=True)
+
+    @property
+    def counts(self) -> Counter:
+        return self.ops
+
+    @property
+    def total(self) -> int:
+        return self.op_total

@@ -64,3 +64,15 @@ def test_smoke_run_writes_table_json_plot_and_checks_bars(tmp_path):
     # budget 64 >= the tiny model's 16 tokens: nothing pruned, the layer lengths equal the unpruned ones
     none, cd64 = data["results"][0], data["results"][1]
     assert cd64["records"][0]["layer_lengths"] == none["records"][0]["layer_lengths"]
+    # launch count (llava.syncs.OpCounter) of one prefill, split as the time; extra = over the unpruned one
+    assert none["extra_ops"] == 0 and "| ops vision / select / LLM | ops over unpruned |" in md
+    table = md[md.index("| Method | Budget | tok-in"):].split("\n\n")[0].splitlines()
+    assert len({line.count("|") for line in table}) == 1, table  # header, separator and rows: one cell count
+    for r in data["results"]:
+        ops = r["ops"]
+        assert ops["vision"] + ops["selection"] + ops["llm"] == ops["prefill_total"] <= ops["total"]
+        assert r["extra_ops"] == ops["total"] - none["ops"]["total"]
+        if r["method"] != "none":
+            assert r["extra_ops"] > 0 and ops["selection"] > none["ops"]["selection"], (r["method"], r["budget"])
+    cd4 = data["results"][2]
+    assert f"| {cd4['ops']['vision']} / {cd4['ops']['selection']} / {cd4['ops']['llm']} | {cd4['extra_ops']:+d} |" in md
