@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import masked_take, unit_layout
+from llava.ops import MaxMinProblem, greedy_max_min, masked_take, unit_layout
 
 DEFAULT_RATIO = 0.098  # official SUBSET_RATIO default (README)
 SCOPES = ("auto", "sample", "unit")
@@ -94,32 +94,35 @@ def max_min_diversity_official(x: torch.Tensor, k: int) -> torch.Tensor:
     return picks
 
 
-def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
-    """DivPrune's greedy max-min selection of ``k`` rows of ``x`` (N, D); returns the picks (k,)
-    in pick order. ``numerics="official"``: :func:`max_min_diversity_official`."""
-    check_numerics(numerics)
-    if numerics == "official":
-        return max_min_diversity_official(x, k)
+def max_min_problem(x: torch.Tensor, k: int) -> tuple[torch.Tensor, MaxMinProblem | None]:
+    """DivPrune's greedy max-min selection of ``k`` rows of ``x`` (N, D), set up for
+    :func:`llava.ops.greedy_max_min`: the first pick (the token farthest from its nearest neighbour,
+    on the device) and the problem for the other ``k - 1`` picks (None when none are left)."""
     n = x.shape[0]
     k = max(0, min(int(k), n))
-    picks = torch.empty(k, dtype=torch.long, device=x.device)
     if k == 0:
-        return picks
+        return torch.empty(0, dtype=torch.long, device=x.device), None
     d = cosine_distance(x)
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     nearest = d.masked_fill(eye, float("inf")).min(dim=0).values  # nearest-neighbour distance
-    # picks stay on the device: index with 1-element tensors (a 0-d index would read it on the host)
+    # the first pick stays on the device: index with a 1-element tensor (a 0-d index reads the host)
     j = torch.argmax(nearest).reshape(1)
-    picks[0] = j[0]
-    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
-    taken[j] = True
-    min_dist = d[j][0]  # min over picked s of d(s, j) (a copy)
-    for i in range(1, k):
-        j = torch.argmax(min_dist.masked_fill(taken, float("-inf"))).reshape(1)
-        picks[i] = j[0]
-        taken[j] = True
-        min_dist = torch.minimum(min_dist, d[j][0])
-    return picks
+    if k == 1:
+        return j, None
+    taken = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill(0, j, True)
+    return j, MaxMinProblem(dist=d, k=k - 1, min_dist=d.index_select(0, j)[0], taken=taken)
+
+
+def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+    """DivPrune's greedy max-min selection of ``k`` rows of ``x`` (N, D); returns the picks (k,)
+    in pick order. The loop runs on the host (:func:`llava.ops.greedy_max_min`: one copy each way,
+    the picks bit-identical to the device loop). ``numerics="official"``:
+    :func:`max_min_diversity_official` (the official loop, on the device)."""
+    check_numerics(numerics)
+    if numerics == "official":
+        return max_min_diversity_official(x, k)
+    first, prob = max_min_problem(x, k)
+    return first if prob is None else torch.cat([first, greedy_max_min([prob])[0]])
 
 
 def num_picks(n: int, budget: int | None, units: int, ratio: float | None) -> int:
@@ -158,12 +161,21 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
         cand = every if newlines == "candidate" else masked_take(every, ~is_nl, unit.numel() - lay.newlines.numel())
         scopes = [(cand, num_units)]
     kept = [fixed]
+    pending = []  # (scope indices, first pick, problem): every scope's greedy loop in one host round trip
     for idx, units in scopes:
         k = num_picks(idx.numel(), budget, units, ratio)
         if k >= idx.numel():
             kept.append(idx)
+        elif numerics == "official":
+            kept.append(idx[max_min_diversity_official(features[idx], k)])
         else:
-            kept.append(idx[max_min_diversity(features[idx], k, numerics)])
+            first, prob = max_min_problem(features[idx], k)
+            if prob is None:
+                kept.append(idx[first])
+            else:
+                pending.append((idx, first, prob))
+    solved = greedy_max_min([p for _, _, p in pending])
+    kept += [idx[torch.cat([first, picks])] for (idx, first, _), picks in zip(pending, solved)]
     if numerics == "official":  # a re-picked token (the official code feeds it twice) is kept once
         return torch.unique(torch.cat(kept))  # sorted; one size read for the sample
     return torch.cat(kept).sort().values

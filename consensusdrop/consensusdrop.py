@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (best_product_split, best_product_split_k1, block_order, contextual_merge, masked_take,
-                       text_to_image_score, unit_layout)
+from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, block_order, contextual_merge,
+                       greedy_max_min, masked_take, text_to_image_score, unit_layout)
 
 FUSIONS = ("rrf", "borda", "product", "max", "adaptive", "encoder_only", "cross_only")
 SELECTS = ("rank", "maxmin", "dpp", "nms")
@@ -180,6 +180,40 @@ def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda",
     return (w_v * u_v + w_x * u_x) / (w_v + w_x)
 
 
+def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None,
+                   alpha: float = 1.0) -> tuple[MaxMinProblem | None, torch.Tensor, int]:
+    """The relevance-weighted max-min pick of :func:`diverse_pick` set up for
+    :func:`llava.ops.greedy_max_min` (which runs the sequential loop on the host, one copy each way for
+    all the problems of a sample): (the problem or None, the picked mask so far, d)."""
+    n = x.shape[0]
+    d = min(d, n)
+    dev = x.device
+    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    sim = xn @ xn.T
+    picked = torch.zeros(n, dtype=torch.bool, device=dev)
+    n_seed = 0 if seed is None else min(int(seed.numel()), d)
+    w = rel.float().clamp(min=0) ** alpha
+    mind = torch.ones(n, device=dev)
+    if n_seed:
+        picked[seed[:n_seed]] = True
+        mind = (1.0 - sim[:, seed[:n_seed]]).amin(1).clamp(min=0)
+    if d - n_seed <= 0:
+        return None, picked, d
+    dist = (1.0 - sim).clamp(min=0)
+    return MaxMinProblem(dist=dist, k=d - n_seed, min_dist=mind, taken=picked, weight=w, fill=-1.0), picked, d
+
+
+def finish_maxmin(prob: MaxMinProblem | None, picked: torch.Tensor, d: int,
+                  picks: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``d`` picked local indices, ascending, from :func:`maxmin_problem`'s mask and the solved picks
+    (solved here when not given)."""
+    if prob is not None:
+        if picks is None:
+            picks = greedy_max_min([prob])[0]
+        picked = picked.index_fill(0, picks, True)
+    return masked_take(torch.arange(picked.numel(), device=picked.device), picked, d)
+
+
 def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None, how: str = "maxmin",
                  alpha: float = 1.0, theta: float = 0.5) -> torch.Tensor:
     """``d`` tokens (local indices, ascending) covering the features ``x`` (n, D) weighted by the
@@ -190,25 +224,19 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
             the most relevant token).
     dpp:    greedy MAP of the conditional DPP L = diag(q) S diag(q), S = cos(x, x), q = exp(theta rel)
             (CDPruner's kernel with our fused relevance), the seeds forced first.
-    fp32 on the device; one argmax per pick, no host sync."""
+    nms:    one pass, no loop (each token penalised by its nearest more relevant token).
+    fp32. maxmin's sequential loop runs on the host (:func:`llava.ops.greedy_max_min`, picks
+    bit-identical to the device loop; the engine's path batches every unit of a sample into one
+    round trip); dpp's loop runs on the device, one argmax per pick, no host sync."""
     n = x.shape[0]
     d = min(d, n)
     dev = x.device
+    if how == "maxmin":
+        return finish_maxmin(*maxmin_problem(x, rel, d, seed, alpha))
     xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
     sim = xn @ xn.T
     picked = torch.zeros(n, dtype=torch.bool, device=dev)
     n_seed = 0 if seed is None else min(int(seed.numel()), d)
-    if how == "maxmin":
-        w = rel.float().clamp(min=0) ** alpha
-        mind = torch.ones(n, device=dev)
-        if n_seed:
-            picked[seed[:n_seed]] = True
-            mind = (1.0 - sim[:, seed[:n_seed]]).amin(1).clamp(min=0)
-        for _ in range(d - n_seed):
-            j = (w * mind).masked_fill(picked, -1.0).argmax().view(1)  # stays on the device
-            picked = picked.index_fill(0, j, True)
-            mind = torch.minimum(mind, (1.0 - sim.index_select(0, j)[0]).clamp(min=0))
-        return masked_take(torch.arange(n, device=dev), picked, d)
     if how == "nms":  # one pass, no loop: penalise each token by its nearest more-relevant token
         o = order_desc(rel, torch.zeros_like(rel))
         so = sim[o][:, o].masked_fill(~torch.ones(n, n, dtype=torch.bool, device=dev).triu(1), -1.0)
@@ -381,8 +409,9 @@ class ConsensusDrop(Method):
         return self.fusion != "encoder_only"
 
     # -- the per-sample algorithm ---------------------------------------------------------------
-    def _dominant(self, s_v, s_x, x, d):
-        """The ``d`` dominant tokens of one unit (local indices, ascending)."""
+    def _dominant(self, s_v, s_x, x, d, defer: bool = False):
+        """The ``d`` dominant tokens of one unit (local indices, ascending); with ``defer``, a max-min
+        pick comes back unsolved (:func:`maxmin_problem`'s tuple) for :func:`greedy_max_min`."""
         if self.select == "rank" or self.fusion == "adaptive":  # adaptive: AdaV's list split is its own rule
             return select_dominant(s_v, s_x, d, self.fusion, self.rrf_k, self.w_v, self.w_x, self.adaptive_min_frac)
         fusion = self.fusion
@@ -395,6 +424,8 @@ class ConsensusDrop(Method):
                 rel = fused_relevance(s_v, s_x, "encoder_only", self.w_v, self.w_x, self.relevance, self.rrf_k)
             elif self.fill == "coverage":
                 rel = torch.ones_like(rel)
+        if self.select == "maxmin" and defer:  # solved with the sample's other units (one host round trip)
+            return maxmin_problem(x, rel, d, seed, self.alpha)
         return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
 
     def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space,
@@ -409,18 +440,31 @@ class ConsensusDrop(Method):
             return Selection(keep=torch.arange(n_stock, device=dev))  # every unit fits: the unpruned layout
         dom, tgt, assign, n_tgt = [], [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
         per_unit = []  # (dominant, targets) per unit, for ordering
+        plans = []  # per unit: (idx, cls_idx, cand, c, dominant picks or a deferred max-min problem) or None
         for u in range(lay.num_units):
             idx = lay.tokens[u]
             cls_idx = lay.cls[u] if self.cls_slot else idx[:0]
             cand = lay.patches[u] if self.cls_slot else idx  # the unit's tokens other than cls_idx
             b = budgets[u]
             if b >= lay.num_stock[u]:
-                d_u, t_u = idx[: lay.num_stock[u]], idx[:0]  # the unit fits: keep its tokens as they are
+                plans.append(None)  # the unit fits: keep its tokens as they are
+                continue
+            d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual,
+                                self.contextual_rounding)
+            d_free = max(0, d - cls_idx.numel())
+            plans.append((idx, cls_idx, cand, c, self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free, defer=True)))
+        # every unit's greedy max-min loop in one host round trip (not one per unit, nor a kernel per pick)
+        deferred = [p[4] for p in plans if p is not None and isinstance(p[4], tuple)]
+        solved = iter(greedy_max_min([q[0] for q in deferred if q[0] is not None]))
+        for u, plan in enumerate(plans):
+            if plan is None:
+                idx = lay.tokens[u]
+                d_u, t_u = idx[: lay.num_stock[u]], idx[:0]
             else:
-                d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual,
-                                    self.contextual_rounding)
-                d_free = max(0, d - cls_idx.numel())
-                local = self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free)
+                idx, cls_idx, cand, c, local = plan
+                if isinstance(local, tuple):
+                    prob, picked, d_free = local
+                    local = finish_maxmin(prob, picked, d_free, next(solved) if prob is not None else None)
                 d_u = torch.cat([cls_idx, cand[local]])  # [CLS] first, then ascending
                 left = torch.ones(cand.numel(), dtype=torch.bool, device=dev)
                 left[local] = False  # cand minus d_u (cls_idx is never among cand)

@@ -1,5 +1,6 @@
 """Shared primitives, with hand-worked answers."""
 
+import pytest
 import torch
 
 from llava.ops import merge_tokens
@@ -241,3 +242,80 @@ def test_masked_take_and_the_device_split():
         split = best_product_split(u, w, total)
         assert (k1 is None) == (total > u.numel() + w.numel())
         assert split == ((u.numel(), w.numel()) if k1 is None else (int(k1), total - int(k1)))
+
+
+# ---------------------------------------------------------------------------------------------- greedy max-min
+def _torch_max_min(dist, k, min_dist, taken=None, weight=None, fill=float("-inf")):
+    """The device loop greedy_max_min replaces (DivPrune's / ConsensusDrop's former code): one argmax per pick."""
+    n = dist.shape[0]
+    taken = torch.zeros(n, dtype=torch.bool) if taken is None else taken.clone()
+    mind, picks = min_dist.clone(), []
+    for _ in range(min(k, n - int(taken.sum()))):
+        s = mind if weight is None else weight * mind
+        j = s.masked_fill(taken, fill).argmax().view(1)
+        picks.append(int(j))
+        taken = taken.index_fill(0, j, True)
+        mind = torch.minimum(mind, dist.index_select(0, j)[0])
+    return picks
+
+
+def test_greedy_max_min_worked_examples():
+    from llava.ops import MaxMinProblem, greedy_max_min
+
+    D = torch.tensor([[0., 1, 4, 2], [1, 0, 3, 5], [4, 3, 0, 6], [2, 5, 6, 0]])
+    # token 0 taken: scores D[0] = 1 4 2 -> pick 2; min(D[0], D[2]) = 0 1 0 2 -> pick 3
+    taken = torch.tensor([True, False, False, False])
+    assert greedy_max_min([MaxMinProblem(D, 2, D[0].clone(), taken)])[0].tolist() == [2, 3]
+    # weighted, nothing taken, distance term 1: w = 1 3 .5 1 -> pick 1; min(1, D[1]) = 1 0 1 1,
+    # scores 1 -1 .5 1 -> the first maximum, 0
+    w = torch.tensor([1., 3, .5, 1])
+    prob = MaxMinProblem(D, 2, torch.ones(4), weight=w, fill=-1.0)
+    assert greedy_max_min([prob])[0].tolist() == [1, 0]
+    # k is clipped to the tokens not taken; k = 0 and no problems give nothing
+    assert greedy_max_min([MaxMinProblem(D, 9, D[0].clone(), taken)])[0].tolist() == [2, 3, 1]
+    assert greedy_max_min([MaxMinProblem(D, 0, D[0].clone())])[0].tolist() == []
+    assert greedy_max_min([]) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_max_min_equals_the_device_loop(seed):
+    """Bit-identical picks to the torch loop, with duplicated rows (tied distances), zero weights (tied
+    scores), forced picks and several problems solved in one call."""
+    from llava.ops import MaxMinProblem, greedy_max_min
+
+    g = torch.Generator().manual_seed(seed)
+    probs, refs = [], []
+    for n, k in ((40, 12), (23, 23), (64, 5)):
+        x = torch.randn(n, 8, generator=g)
+        x[n // 2:n // 2 + 4] = x[:4]  # duplicates: distance ties
+        xn = x / x.norm(dim=1, keepdim=True)
+        dist = (1.0 - xn @ xn.T).clamp(min=0)
+        w = torch.rand(n, generator=g).masked_fill(torch.rand(n, generator=g) < 0.3, 0.0)
+        taken = torch.zeros(n, dtype=torch.bool)
+        taken[torch.randperm(n, generator=g)[:3]] = True
+        mind = dist[:, taken].amin(1)
+        for weight, fill in ((None, float("-inf")), (w, -1.0)):
+            probs.append(MaxMinProblem(dist, k, mind, taken, weight, fill))
+            refs.append(_torch_max_min(dist, k, mind, taken, weight, fill))
+    got = greedy_max_min(probs)
+    assert [p.tolist() for p in got] == refs
+    assert all(p.dtype == torch.long for p in got)
+
+
+def test_greedy_max_min_reads_the_host_once_and_launches_no_kernel_per_pick():
+    from llava.ops import MaxMinProblem, greedy_max_min
+    from llava.syncs import OpCounter, SyncCounter
+
+    x = torch.randn(60, 8)
+    xn = x / x.norm(dim=1, keepdim=True)
+    dist = 1.0 - xn @ xn.T
+    ops = {}
+    for k in (2, 40):
+        probs = [MaxMinProblem(dist, k, dist[0].clone()) for _ in range(3)]
+        with SyncCounter() as s:
+            greedy_max_min(probs)
+        assert s.total == 1, dict(s.counts)  # one copy to the host for all three problems
+        with OpCounter() as c:
+            greedy_max_min(probs)
+        ops[k] = c.total
+    assert ops[2] == ops[40]  # no op per pick
