@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a borrowed GPU session should measure, in parts that each fit one device command (10 min):
+#   bash scripts/bench/gpu_session.sh checks     OUT   # gpu_check: every method x 5 tiny families x fp16/bf16/fp32,
+#                                                       # TTFT on shape:llava-1.5-7b (stops in time, partial report)
+#   bash scripts/bench/gpu_session.sh deepspeed  OUT   # deepspeed_check (needs the deepspeed wheel carried)
+#   bash scripts/bench/gpu_session.sh eff-7b     OUT   # efficiency table, shape:llava-1.5-7b, batch 1 and 8
+#   bash scripts/bench/gpu_session.sh eff-next   OUT   # efficiency table, shape:llava-next-7b (2880 tokens)
+#   bash scripts/bench/gpu_session.sh selection  OUT   # the costly selections only (greedy / multi-stage methods), both shapes
+# OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
+# LIMIT seconds (default 540) and writes what it has. A copied tree may carry a stale .git: pass the commit
+# as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PART=${1:?usage: gpu_session.sh checks|deepspeed|eff-7b|eff-next|selection [OUT]}
+DEST=${2:-${OUT:-docs/results/gpu-session}}
+LIMIT=${LIMIT:-540}
+mkdir -p "$DEST"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit]
+  timeout --signal=TERM "${8:-$LIMIT}" python -m eval.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
+    --budgets $3 --n "$4" --warmup 3 --batch $5 --decode-tokens "$6" --next-layout spatial \
+    $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$DEST/$7" 2>&1 | tee "$DEST/$7.log" | tail -60
+}
+case "$PART" in
+  checks) python -m eval.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
+  deepspeed) timeout --signal=TERM "$LIMIT" python -m eval.deepspeed_check --ttft-runs 10 --out "$DEST" 2>&1 \
+               | tee "$DEST/deepspeed_check.log" | tail -40 ;;
+  eff-7b) eff shape:llava-1.5-7b "none consensusdrop visiondrop attnmix fastv pdrop sparsevlm visionzip fastervlm divprune dart random" \
+            "192 128 64" 32 "1 8" 32 eff-7b ;;
+  eff-next) eff shape:llava-next-7b "none consensusdrop visiondrop attnmix fastv visionzip fastervlm divprune random" \
+              "128 64 32" 16 "1 8" 16 eff-next ;;
+  selection) eff shape:llava-1.5-7b "none consensusdrop consensusdrop:select=nms divprune visiondrop sparsevlm cdpruner fastervlm" \
+               "192 64" 24 "1 8" 2 sel-7b $((LIMIT / 2))
+             eff shape:llava-next-7b "none consensusdrop divprune visiondrop fastervlm" "128 32" 12 "1 8" 2 sel-next \
+               $((LIMIT / 2)) ;;
+  *) echo "unknown part: $PART" >&2; exit 2 ;;
+esac
