@@ -26,6 +26,15 @@ Three parts, each optional (``--no-equivalence``, ``--no-ttft``, ``--no-launcher
 Writes ``deepspeed-check-<device>-<date>.{json,md}`` under ``--out`` (default docs/results); exit
 status 1 when a check fails (a crash is recorded with its traceback tail and the run goes on). Without
 a CUDA device and without ``--device cpu`` it says so and exits 0.
+
+Results are never lost (a borrowed machine's wall-clock limit, e.g. ``timeout 170``): with
+``--time-limit SECONDS`` (or env ``DEEPSPEED_CHECK_TIME_LIMIT``) no step (a model build / method pair of
+A, a method of B, part C) is started once the elapsed time plus the longest step so far would pass the
+limit less ``--time-reserve`` (default 5 s), and a step still running there is stopped (SIGALRM); on
+SIGTERM / SIGINT the run stops at once. Either way the report is written from what finished, the rest
+listed as ``not run (time limit)`` / ``not run (interrupted by SIGTERM)``, the overall verdict PARTIAL.
+Exit status (as eval.gpu_check): 0 PASS, 1 FAIL (a failed check among what ran), 3 PARTIAL (steps not
+run, no failure), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -78,6 +87,24 @@ class DSCheckConfig:
     launcher_new_tokens: int = 8
     launcher_timeout: int = 600
     out: str = "docs/results"
+    time_limit: float | None = None  # seconds for the whole run (None: no limit)
+    time_reserve: float = 5.0  # seconds kept back from the limit for writing the report
+
+
+class Budget:
+    """The time limit of a run: ``check()`` before a step raises Stopped when the step, as long as the
+    longest one so far, would end past the deadline (time.time()); ``took()`` records a step's wall time."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline, self.longest = deadline, 0.0
+
+    def check(self) -> float:
+        if not G.may_start(time.time(), self.deadline, self.longest):
+            raise G.Stopped(G.TIME_LIMIT)
+        return time.perf_counter()
+
+    def took(self, t0: float) -> None:
+        self.longest = max(self.longest, time.perf_counter() - t0)
 
 
 def _fam(family: str) -> str:
@@ -150,14 +177,19 @@ def equivalence_pair(rt_plain, rt_ds, method: str, family: str, cfg: DSCheckConf
     return rec
 
 
-def part_equivalence(cfg: DSCheckConfig, methods: list[str], log=print) -> dict:
+def part_equivalence(cfg: DSCheckConfig, methods: list[str], log=print, res: dict | None = None,
+                     budget: Budget | None = None) -> dict:
+    """Part A, filling ``res`` (given: what finished survives a Stopped raised by ``budget`` or a signal)."""
     from llava.models import deepspeed_inference, load
 
     device = torch.device(cfg.device)
-    res = {"results": [], "models": []}
+    budget = budget or Budget()
+    res = {"results": [], "models": []} if res is None else res
+    res.setdefault("results", [])
+    res.setdefault("models", [])
     for family in cfg.families:
         for dtype in cfg.dtypes:
-            t0 = time.perf_counter()
+            t0 = budget.check()
             mrec = {"family": family, "dtype": dtype}
             try:
                 plain = load(f"tiny:{family}", seed=cfg.seed, dtype=dtype, device=device)
@@ -173,18 +205,24 @@ def part_equivalence(cfg: DSCheckConfig, methods: list[str], log=print) -> dict:
                                            "error": mrec["error"]})
                 log(f"  A {family:15s} {dtype:9s} cannot build the model: {mrec['error'][-1]}")
                 if not G.device_alive(device):
-                    return {**res, "device_lost": True}
+                    res["device_lost"] = True
+                    return res
                 continue
             res["models"].append(mrec)
+            budget.took(t0)
             for m in methods:
-                t1 = time.perf_counter()
-                r = {**equivalence_pair(plain, wrapped, m, family, cfg, device), "dtype": dtype,
-                     "seconds": round(time.perf_counter() - t1, 3)}
+                t1 = budget.check()
+                r = equivalence_pair(plain, wrapped, m, family, cfg, device)
+                if os.environ.get(G.TEST_SLEEP_ENV):  # test hook (tests/test_deepspeed_check.py): a slow step
+                    time.sleep(float(os.environ[G.TEST_SLEEP_ENV]))
+                r = {**r, "dtype": dtype, "seconds": round(time.perf_counter() - t1, 3)}
+                budget.took(t1)
                 res["results"].append(r)
                 extra = f"  first |dlogit| {r['first_logit_delta']:.3g}" if "first_logit_delta" in r else ""
                 log(f"  A {family:15s} {dtype:9s} {m:14s} {r['verdict']}{extra}" + ("  CRASH" if r.get("error") else ""))
                 if r.get("error") and not G.device_alive(device):
-                    return {**res, "device_lost": True}
+                    res["device_lost"] = True
+                    return res
             mrec["seconds"] = round(time.perf_counter() - t0, 2)
             del plain, wrapped
             if device.type == "cuda":
@@ -201,22 +239,32 @@ def small_model(name: str) -> bool:
     return name.startswith("tiny:") or (name.startswith("shape:") and "cpu-small" in name)
 
 
-def part_ttft(cfg: DSCheckConfig, log=print) -> dict:
-    """gpu_check's batch-1 TTFT task on the plain runtime, then on the same runtime wrapped."""
+def ttft_base(cfg: DSCheckConfig) -> dict:
+    return {"model": cfg.ttft_model, "dtype": cfg.ttft_dtype, "budget": cfg.ttft_budget, "runs": cfg.ttft_runs,
+            "warmup": cfg.ttft_warmup, "methods": list(cfg.ttft_methods), "plain": [], "deepspeed": []}
+
+
+def part_ttft(cfg: DSCheckConfig, log=print, res: dict | None = None, budget: Budget | None = None) -> dict:
+    """gpu_check's batch-1 TTFT task on the plain runtime, then on the same runtime wrapped (filling
+    ``res`` when given, so that what finished survives a Stopped)."""
     from llava.models import deepspeed_inference
 
     device = torch.device(cfg.device)
-    res = {"model": cfg.ttft_model, "dtype": cfg.ttft_dtype, "budget": cfg.ttft_budget, "runs": cfg.ttft_runs,
-           "warmup": cfg.ttft_warmup, "methods": list(cfg.ttft_methods), "plain": [], "deepspeed": []}
+    budget = budget or Budget()
+    res = ttft_base(cfg) if res is None else res
     if device.type != "cuda" and not small_model(cfg.ttft_model):
-        return {**res, "skipped": f"{cfg.ttft_model} is too large for a CPU run (use --ttft-model tiny:llava)"}
+        res["skipped"] = f"{cfg.ttft_model} is too large for a CPU run (use --ttft-model tiny:llava)"
+        return res
+    t0 = budget.check()
     gcfg = G.CheckConfig(device=str(device), ttft_model=cfg.ttft_model, ttft_dtype=cfg.ttft_dtype,
                          ttft_budget=cfg.ttft_budget, ttft_warmup=cfg.ttft_warmup, ttft_runs=cfg.ttft_runs,
                          ttft_text_words=cfg.ttft_text_words)
     try:
         ctx = G._load_ttft(gcfg)
     except Exception as e:  # noqa: BLE001
-        return {**res, "error": ["cannot build the model:"] + G._tail(e)}
+        res["error"] = ["cannot build the model:"] + G._tail(e)
+        return res
+    budget.took(t0)
     res.update(build_seconds=ctx["build_seconds"], image_px=ctx["image_px"])
     for phase in ("plain", "deepspeed"):
         if phase == "deepspeed":
@@ -227,7 +275,9 @@ def part_ttft(cfg: DSCheckConfig, log=print) -> dict:
                 res["error"] = ["deepspeed_inference failed:"] + G._tail(e)
                 break
         for m in cfg.ttft_methods:
+            t1 = budget.check()
             rec = G.ttft_task(ctx, m, gcfg)
+            budget.took(t1)
             res[phase].append(rec)
             med = (rec.get("ttft") or {}).get("median")
             log(f"  B {phase:9s} {m:14s} " + (f"median {med * 1e3:.2f} ms" if med is not None else "CRASH"))
@@ -238,6 +288,11 @@ def part_ttft(cfg: DSCheckConfig, log=print) -> dict:
             break
     if device.type == "cuda":
         res["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    res["table"] = ttft_rows(res, cfg)
+    return res
+
+
+def ttft_rows(res: dict, cfg: DSCheckConfig) -> list[dict]:
     rows = []
     for m in cfg.ttft_methods:
         p = next((r for r in res["plain"] if r["method"] == m), {})
@@ -247,9 +302,9 @@ def part_ttft(cfg: DSCheckConfig, log=print) -> dict:
                      "deepspeed_ms": dm and dm * 1e3, "ratio": (dm / pm) if pm and dm else None,
                      "plain_p90_ms": (p.get("ttft") or {}).get("p90", 0) * 1e3 or None,
                      "deepspeed_p90_ms": (d.get("ttft") or {}).get("p90", 0) * 1e3 or None,
-                     "error": p.get("error") or d.get("error")})
-    res["table"] = rows
-    return res
+                     "error": p.get("error") or d.get("error"),
+                     **({"not_run": res["not_run"]} if res.get("not_run") and not (p and d) else {})})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,20 +451,34 @@ def summarize(report: dict) -> dict:
     if eq is not None:
         rs = eq["results"]
         fails = [r for r in rs if r["verdict"] == "FAIL"]
-        checks["A equivalence"] = "FAIL" if fails or eq.get("device_lost") else "PASS"
+        nr = sum(r["verdict"] == "not run" for r in rs)
+        checks["A equivalence"] = "FAIL" if fails or eq.get("device_lost") else \
+            f"not run ({report.get('stopped')})" if nr == len(rs) else "PASS (partial)" if nr else "PASS"
         checks["A counts"] = (f"{sum(r['verdict'] == 'PASS' for r in rs)} PASS, {len(fails)} FAIL, "
                               f"{sum(r['verdict'] == 'n/a' for r in rs)} n/a")
+        if nr:
+            checks["A counts"] += f", {nr} not run"
     t = report.get("ttft")
     if t is not None:
         if t.get("skipped"):
             checks["B TTFT"] = "skipped"
         else:
-            bad = t.get("error") or t.get("device_lost") or any(r.get("error") or r.get("ratio") is None for r in t.get("table", []))
-            checks["B TTFT"] = "FAIL" if bad else "PASS"
+            ran = [r for r in t.get("table", []) if not r.get("not_run")]
+            bad = t.get("error") or t.get("device_lost") or any(r.get("error") or r.get("ratio") is None for r in ran)
+            checks["B TTFT"] = "FAIL" if bad else f"not run ({t['not_run']})" if t.get("not_run") and not ran \
+                else f"PASS ({len(t['table']) - len(ran)} not run: {t['not_run']})" if t.get("not_run") else "PASS"
     la = report.get("launcher")
     if la is not None:
         checks["C launcher"] = la["verdict"]
-    return {"checks": checks, "pass": not any(v == "FAIL" for v in checks.values())}
+    ok = not any(v == "FAIL" for v in checks.values())
+    stopped = report.get("stopped")
+    return {"checks": checks, "pass": ok and not stopped, "partial": bool(stopped),
+            "verdict": "FAIL" if not ok else "PARTIAL" if stopped else "PASS"}
+
+
+def _overall(summ: dict) -> str:
+    v = summ.get("verdict") or ("PASS" if summ["pass"] else "FAIL")
+    return v + (" (PARTIAL)" if summ.get("partial") and v != "PARTIAL" else "")
 
 
 def _f(x, spec=".2f"):
@@ -419,7 +488,8 @@ def _f(x, spec=".2f"):
 def markdown(report: dict) -> str:
     env, cfg, summ = report["environment"], report["config"], report["summary"]
     out = [f"# DeepSpeed check: {env['device_name']}, {env['date']}", "",
-           f"`{report['command']}` — {'**PASS**' if summ['pass'] else '**FAIL**'} in {report['seconds']:.0f} s", "",
+           f"`{report['command']}` — **{_overall(summ)}** in {report['seconds']:.0f} s"
+           + (f" (stopped: {report['stopped']}; what did not run is listed as `not run`)" if report.get("stopped") else ""), "",
            f"torch {env['torch']}, transformers {env['transformers']}, deepspeed {report.get('deepspeed_version')}, "
            f"python {env['python']}" + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "")
            + (f", commit {env.get('git_commit')}" if env.get("git_commit") else "") + ".", "",
@@ -444,6 +514,8 @@ def markdown(report: dict) -> str:
                     cells.append("-")
                 elif r["verdict"] == "n/a":
                     cells.append("n/a")
+                elif r["verdict"] == "not run":
+                    cells.append(f"not run ({r['not_run']})")
                 elif r.get("error"):
                     cells.append("**crash**")
                 else:
@@ -473,6 +545,9 @@ def markdown(report: dict) -> str:
                     "| Method | Budget | Plain median (ms) | p90 | DeepSpeed median (ms) | p90 | DeepSpeed / plain |",
                     "|---|---|---|---|---|---|---|"]
             for r in t.get("table", []):
+                if r.get("not_run"):
+                    out.append(f"| {r['method']} | {_f(r['budget'], 'd')} | not run ({r['not_run']}) | | | | |")
+                    continue
                 if r.get("error"):
                     out.append(f"| {r['method']} | {_f(r['budget'], 'd')} | crash: `{G._short(r['error'])}` | | | | |")
                     continue
@@ -501,7 +576,10 @@ def markdown(report: dict) -> str:
 
 
 def run(cfg: DSCheckConfig, command: str = "", log=print) -> dict:
+    """Parts A, B, C; writes the report files and returns the report. ``cfg.time_limit``, SIGTERM /
+    SIGINT: the report of what finished, the rest listed as not run (``report["stopped"]``)."""
     t_start = time.perf_counter()
+    t_wall0 = time.time()
     device = torch.device(cfg.device)
     G._precision(device)
     env = G.environment(device)
@@ -518,26 +596,66 @@ def run(cfg: DSCheckConfig, command: str = "", log=print) -> dict:
                                      ("C launcher", cfg.launcher_check)) if on))
     report = {"tool": "eval.deepspeed_check", "command": command, "environment": env, "deepspeed_version": ds_version,
               "config": {**asdict(cfg), "device": str(device)}, "methods": methods,
-              "equivalence": None, "ttft": None, "launcher": None}
+              "equivalence": None, "ttft": None, "launcher": None, "stopped": None}
     if ds_version is None:
         report["error"] = "the deepspeed package is not installed: pip install -e '.[deepspeed]'"
         report["summary"] = {"checks": {"deepspeed installed": "FAIL"}, "pass": False}
     else:
-        if cfg.equivalence:
-            report["equivalence"] = part_equivalence(cfg, methods, log)
-        if cfg.ttft:
+        deadline = None if not cfg.time_limit else t_wall0 + cfg.time_limit - cfg.time_reserve
+        budget = Budget(deadline)
+        sig = G._Signals(deadline)
+        with sig:
             try:
-                report["ttft"] = part_ttft(cfg, log)
-            except Exception as e:  # noqa: BLE001
-                report["ttft"] = {"model": cfg.ttft_model, "dtype": cfg.ttft_dtype, "error": G._tail(e), "table": []}
-        if cfg.launcher_check:
-            try:
-                report["launcher"] = part_launcher(cfg, log)
-            except Exception as e:  # noqa: BLE001
-                report["launcher"] = {"verdict": "FAIL", "reasons": ["crash: " + G._short(G._tail(e))],
-                                      "error": G._tail(e), "runs": {}, "n_answers": 0, "model": cfg.launcher_model,
-                                      "max_new_tokens": cfg.launcher_new_tokens}
-        report["summary"] = summarize(report)
+                if cfg.equivalence:
+                    report["equivalence"] = {"results": [], "models": []}
+                    part_equivalence(cfg, methods, log, res=report["equivalence"], budget=budget)
+                if cfg.ttft:
+                    report["ttft"] = ttft_base(cfg)
+                    try:
+                        part_ttft(cfg, log, res=report["ttft"], budget=budget)
+                    except Exception as e:  # noqa: BLE001
+                        report["ttft"].update(error=G._tail(e), table=[])
+                if cfg.launcher_check:
+                    t0 = budget.check()
+                    try:
+                        report["launcher"] = part_launcher(cfg, log)
+                    except Exception as e:  # noqa: BLE001
+                        report["launcher"] = {"verdict": "FAIL", "reasons": ["crash: " + G._short(G._tail(e))],
+                                              "error": G._tail(e), "runs": {}, "n_answers": 0, "model": cfg.launcher_model,
+                                              "max_new_tokens": cfg.launcher_new_tokens}
+                    budget.took(t0)
+            except G.Stopped as e:
+                report["stopped"] = e.reason
+                log(f"  stopped: {e.reason}; writing the report of what finished")
+            finally:
+                sig.disarm()
+            if report.get("stopped"):
+                mark_not_run(report, cfg, methods, report["stopped"])
+            report["summary"] = summarize(report)
+            _write(report, cfg, env, ds_version, t_start)
+        return report
+    _write(report, cfg, env, ds_version, t_start)
+    return report
+
+
+def mark_not_run(report: dict, cfg: DSCheckConfig, methods: list[str], reason: str) -> None:
+    """After a stop: every part / case that did not finish is listed as not run (``reason``)."""
+    if cfg.equivalence:
+        eq = report["equivalence"] = report["equivalence"] or {"results": [], "models": []}
+        got = {(r["method"], r["family"], r["dtype"]) for r in eq["results"]}
+        eq["results"] += [{"method": m, "family": f, "dtype": d, "verdict": "not run", "not_run": reason}
+                          for f in cfg.families for d in cfg.dtypes for m in methods if (m, f, d) not in got]
+    if cfg.ttft:
+        t = report["ttft"] = report["ttft"] or ttft_base(cfg)
+        if not t.get("skipped") and not t.get("error") and not t.get("table"):
+            t["not_run"] = reason
+            t["table"] = ttft_rows(t, cfg)
+    if cfg.launcher_check and report.get("launcher") is None:
+        report["launcher"] = {"verdict": f"not run ({reason})", "not_run": reason, "reasons": [], "runs": {},
+                              "n_answers": 0, "model": cfg.launcher_model, "max_new_tokens": cfg.launcher_new_tokens}
+
+
+def _write(report: dict, cfg: DSCheckConfig, env: dict, ds_version, t_start: float) -> None:
     report["seconds"] = time.perf_counter() - t_start
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,7 +663,6 @@ def run(cfg: DSCheckConfig, command: str = "", log=print) -> dict:
     report["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
     (out / f"{stem}.json").write_text(json.dumps(G._sanitize(G._jsonable_loose(report)), indent=1, allow_nan=False))
     (out / f"{stem}.md").write_text(markdown(report) if ds_version else f"# DeepSpeed check\n\n{report['error']}\n")
-    return report
 
 
 def parse_args(argv=None):
@@ -572,6 +689,12 @@ def parse_args(argv=None):
     ap.add_argument("--launcher-new-tokens", type=int, default=d.launcher_new_tokens)
     ap.add_argument("--launcher-timeout", type=int, default=d.launcher_timeout)
     ap.add_argument("--out", default=d.out, help="folder of the report (default docs/results)")
+    ap.add_argument("--time-limit", type=float, default=G._env_float("DEEPSPEED_CHECK_TIME_LIMIT"), metavar="SECONDS",
+                    help="start no step that would end past this many seconds (less --time-reserve), stop one "
+                    "still running there; the report lists the rest as 'not run (time limit)', verdict PARTIAL, "
+                    "exit 3 (default: env DEEPSPEED_CHECK_TIME_LIMIT, else none)")
+    ap.add_argument("--time-reserve", type=float, default=d.time_reserve, metavar="SECONDS",
+                    help=f"seconds kept back from --time-limit for writing the report (default {d.time_reserve:g})")
     return ap.parse_args(argv)
 
 
@@ -595,7 +718,8 @@ def config_from_args(a) -> DSCheckConfig | None:
                          ttft=a.ttft, ttft_model=a.ttft_model, ttft_dtype=G.ALIASES.get(a.ttft_dtype, a.ttft_dtype),
                          ttft_methods=list(a.ttft_methods), ttft_budget=a.ttft_budget, ttft_runs=a.ttft_runs,
                          ttft_warmup=a.ttft_warmup, launcher_check=a.launcher_check,
-                         launcher_new_tokens=a.launcher_new_tokens, launcher_timeout=a.launcher_timeout, out=a.out)
+                         launcher_new_tokens=a.launcher_new_tokens, launcher_timeout=a.launcher_timeout, out=a.out,
+                         time_limit=a.time_limit or None, time_reserve=a.time_reserve)
 
 
 def main(argv=None) -> int:
@@ -613,7 +737,7 @@ def main(argv=None) -> int:
     report = run(cfg, command.strip())
     summ = report["summary"]
     print()
-    print(f"deepspeed_check: {'PASS' if summ['pass'] else 'FAIL'}")
+    print(f"deepspeed_check: {_overall(summ)}" + (f" (stopped: {report['stopped']})" if report.get("stopped") else ""))
     for k, v in summ["checks"].items():
         print(f"  {k:16s} {v}")
     t = report.get("ttft") or {}
@@ -621,7 +745,7 @@ def main(argv=None) -> int:
         print(f"  TTFT {r['method']:14s} plain {_f(r['plain_ms'])} ms  deepspeed {_f(r['deepspeed_ms'])} ms  "
               f"ratio {_f(r['ratio'], '.3f')}")
     print("report: " + ", ".join(report["files"]))
-    return 0 if summ["pass"] else 1
+    return G.exit_status(summ)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,34 @@ Checks, per method x family x dtype:
 
 Writes ``gpu-check-<device>-<date>.json`` and ``.md`` under ``--out`` (default docs/results), with a
 PASS / FAIL summary per check and per method; the exit status is 1 when any check fails (a crash is
-recorded with the last lines of its traceback and the run goes on). Without a CUDA device and without
+recorded with the last lines of its traceback and the run goes on; see below for PARTIAL, exit 3). Without a CUDA device and without
 ``--device`` it says so and exits 0 without running.
 
 On CUDA the checks run in a worker process (``--isolate``, the default there): a device-side assert
 leaves a CUDA context unusable, so the worker stops after the task that caused it (every task ends
 with a synchronize, so an asynchronous error is charged to its own task) and a fresh worker takes the
 remaining tasks; a worker that dies outright charges the task it was on.
+
+Results are never lost (the per-command wall-clock limit of a borrowed GPU machine):
+
+* ``--time-limit SECONDS`` (or env ``GPU_CHECK_TIME_LIMIT``): no task is started once the elapsed time
+  plus the longest task so far (its model load included) would pass the limit less ``--time-reserve``
+  (default 5 s, for judging and writing the report); at the limit less the reserve a task still running
+  is stopped (the worker is killed; in-process a SIGALRM stops it). The report is then written with the
+  tasks not run listed as ``not run (time limit)``. Give it a little less than the outer limit, e.g.
+  ``timeout 170 python -m eval.gpu_check --time-limit 160``.
+* SIGTERM / SIGINT (what ``timeout`` and Ctrl-C send): the parent stops its worker, judges the tasks
+  finished so far and writes the report, the rest listed as ``not run (interrupted by SIGTERM)``.
+* Every finished task's record is appended (flushed) to ``<report>.partial.jsonl`` (first line a header
+  with the config and the task list) as it completes, so even a SIGKILL leaves the finished records. It
+  is deleted when a complete report is written and kept beside a partial one; ``--resume`` (that file,
+  or ``--resume FILE``) reuses its finished records (same config) and runs only the rest.
+
+A report with tasks not run has ``summary.partial`` true and the overall verdict ``PARTIAL`` (or
+``FAIL`` when a task that ran failed). Exit status: 0 PASS (every task ran and passed), 1 FAIL (a
+check failed among the tasks that ran, complete or partial), 3 PARTIAL (tasks not run for the time
+limit or a signal, no failure among those that ran), 2 bad arguments / a ``--resume`` file that does
+not match.
 """
 
 from __future__ import annotations
@@ -54,9 +75,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -131,6 +154,8 @@ class CheckConfig:
     ttft_text_words: int = 12
     out: str = "docs/results"
     threads: int | None = None
+    time_limit: float | None = None  # seconds for the whole run (None: no limit)
+    time_reserve: float = 5.0  # seconds kept back from the limit for judging and writing the report
 
 
 def registered_methods() -> list[str]:
@@ -481,12 +506,41 @@ def make_tasks(cfg: CheckConfig, methods: list[str]) -> list[dict]:
     return tasks
 
 
-def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log) -> None:
+#: test hook: seconds to sleep at the end of every task (tests/test_gpu_check.py's signal / time-limit tests)
+TEST_SLEEP_ENV = "GPU_CHECK_TEST_TASK_SLEEP"
+#: the exit status of a worker that stopped before its tasks were done because of the time limit
+WORKER_TIME_LIMIT = 4
+TIME_LIMIT = "time limit"
+
+
+class Stopped(BaseException):
+    """The run was stopped (the time limit, SIGTERM / SIGINT): the finished tasks are reported, the rest
+    listed as not run. A BaseException, so that no ``except Exception`` of a task records it as a crash."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def may_start(now: float, deadline: float | None, margin: float) -> bool:
+    """Whether a task may start at ``now`` (time.time()) when the last one must end by ``deadline``:
+    ``margin`` is the longest task (wall time with its model load) so far."""
+    return deadline is None or now + margin <= deadline
+
+
+def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log, deadline: float | None = None,
+              margin: float = 0.0) -> bool:
     """Run ``tasks`` in order in this process (one model load per family x dtype, one for TTFT),
     handing each record to ``emit``. Raises DeviceLost when the device is gone (the record of the
-    task that took it down has been emitted)."""
+    task that took it down has been emitted). Returns False when it stopped early because the next
+    task would not end by ``deadline`` (time.time(); ``margin``: the longest task seen before), else True."""
     ctx, ctx_key, load_error = None, None, None
+    sleep = float(os.environ.get(TEST_SLEEP_ENV) or 0)
     for t in tasks:
+        if not may_start(time.time(), deadline, margin):
+            log(f"  time limit: {len(tasks) - tasks.index(t)} task(s) not started")
+            return False
+        t_wall = time.perf_counter()
         key = ("ttft",) if t["kind"] == "ttft" else ("tiny", t["family"], t["dtype"])
         if key != ctx_key:
             ctx, ctx_key, load_error = None, key, None
@@ -508,7 +562,11 @@ def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log) -> None:
             except DeviceLost as e:
                 lost = e
                 rec = {**t, "scenarios": {}, "error": ["the device was lost (CUDA context unusable):"] + _tail(e.__cause__ or e)}
+        if sleep:
+            time.sleep(sleep)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
+        rec["wall_seconds"] = round(time.perf_counter() - t_wall, 3)  # with the model load, if this task did it
+        margin = max(margin, rec["wall_seconds"])
         emit(rec)
         where = f"{t['family']:12s} {t['dtype']:9s}" if t["kind"] == "tiny" else "TTFT" + " " * 18
         extra = ""
@@ -517,6 +575,7 @@ def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log) -> None:
         log(f"  {where} {t['method']:14s} {rec['seconds']:6.2f} s" + ("  CRASH" if _has_error(rec) else extra))
         if lost is not None or (load_error is None and not device_alive(cfg.device)):
             raise DeviceLost(str(lost or "device lost"))
+    return True
 
 
 def _has_error(rec: dict) -> bool:
@@ -537,10 +596,15 @@ def worker_command(task_file: Path, result_file: Path) -> list[str]:
     return [sys.executable, "-m", "eval.gpu_check", "--worker", str(task_file), str(result_file)]
 
 
-def run_isolated(tasks: list[dict], cfg: CheckConfig, log) -> list[dict]:
+def run_isolated(tasks: list[dict], cfg: CheckConfig, log, emit=None, deadline: float | None = None,
+                 margin: float = 0.0) -> list[dict]:
     """Run the tasks in worker processes. A device-side assert leaves a CUDA context unusable for
     every later task of its process: the worker then stops, and a fresh one takes the remaining tasks
-    (a worker that dies without a record charges the task it was on, so every restart makes progress)."""
+    (a worker that dies without a record charges the task it was on, so every restart makes progress).
+    Each record is handed to ``emit`` as soon as the worker has written it. Raises Stopped (after
+    killing the worker) on the time limit (``deadline``, time.time(); the worker stops starting tasks
+    there) or when the worker was killed by SIGTERM / SIGINT; a Stopped raised by a signal handler
+    while a worker runs kills the worker too."""
     import tempfile
 
     done: dict[tuple, dict] = {}
@@ -551,27 +615,59 @@ def run_isolated(tasks: list[dict], cfg: CheckConfig, log) -> list[dict]:
             if not todo:
                 break
             tf, rf = Path(tmp) / f"tasks{attempt}.json", Path(tmp) / f"results{attempt}.jsonl"
-            tf.write_text(json.dumps({"config": asdict(cfg), "tasks": todo}))
+            tf.write_text(json.dumps({"config": asdict(cfg), "tasks": todo, "deadline": deadline, "margin": margin}))
             rf.write_text("")
             ef = Path(tmp) / f"stderr{attempt}.txt"
+            got, pos = 0, 0
+
+            def drain():
+                nonlocal got, pos, margin
+                with open(rf, "rb") as f:
+                    f.seek(pos)
+                    data = f.read()
+                end = data.rfind(b"\n") + 1  # complete lines only: the worker may be writing one
+                pos += end
+                for line in data[:end].decode().splitlines():
+                    if line.strip():
+                        rec = json.loads(line)
+                        done[task_key(rec)] = rec
+                        margin = max(margin, rec.get("wall_seconds") or 0.0)
+                        got += 1
+                        if emit is not None:
+                            emit(rec)
+
             with open(ef, "w") as err:
-                proc = subprocess.run(worker_command(tf, rf), cwd=root, stderr=err)
-            got = 0
-            for line in rf.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    done[task_key(rec)] = rec
-                    got += 1
+                proc = subprocess.Popen(worker_command(tf, rf), cwd=root, stderr=err)
+                try:
+                    while proc.poll() is None:
+                        drain()
+                        time.sleep(0.1)
+                finally:
+                    if proc.poll() is None:  # stopped (signal / time limit) while the worker runs
+                        proc.terminate()
+                        try:
+                            proc.wait(5)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait()
+                    drain()
             left = [t for t in todo if task_key(t) not in done]
             if not left:
                 continue
+            if proc.returncode in (-signal.SIGTERM, -signal.SIGINT):  # e.g. `timeout` signalled the process group
+                raise Stopped(f"interrupted by {signal.Signals(-proc.returncode).name}")
+            if proc.returncode == WORKER_TIME_LIMIT:
+                raise Stopped(TIME_LIMIT)
             if got == 0 or proc.returncode not in (0, 3):
                 t = left[0]  # the task it was on when it died
                 tail = ef.read_text(errors="replace").strip().splitlines()[-8:]
                 log(f"  the worker exited with status {proc.returncode} during "
                     f"{' '.join(str(x) for x in task_key(t) if x)}")
-                done[task_key(t)] = {**t, "scenarios": {}, "seconds": None,
-                                     "error": [f"the worker process died (exit status {proc.returncode}):"] + tail}
+                rec = {**t, "scenarios": {}, "seconds": None,
+                       "error": [f"the worker process died (exit status {proc.returncode}):"] + tail}
+                done[task_key(t)] = rec
+                if emit is not None:
+                    emit(rec)
             else:
                 log(f"  device lost: a fresh worker takes the {len(left)} remaining task(s)")
     return [done[task_key(t)] for t in tasks if task_key(t) in done]
@@ -580,6 +676,8 @@ def run_isolated(tasks: list[dict], cfg: CheckConfig, log) -> list[dict]:
 def worker_main(task_file: str, result_file: str) -> int:
     spec = json.loads(Path(task_file).read_text())
     cfg = CheckConfig(**spec["config"])
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops this worker and writes the report
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _precision(cfg.device)
@@ -589,7 +687,9 @@ def worker_main(task_file: str, result_file: str) -> int:
             out.flush()
 
         try:
-            run_tasks(spec["tasks"], cfg, emit, lambda s: print(s, flush=True))
+            if not run_tasks(spec["tasks"], cfg, emit, lambda s: print(s, flush=True),
+                             deadline=spec.get("deadline"), margin=spec.get("margin") or 0.0):
+                return WORKER_TIME_LIMIT
         except DeviceLost:
             return 3
     return 0
@@ -626,8 +726,9 @@ def judge(records: list[dict]) -> None:
         base = ref.get((r["family"], r["dtype"]))
         exact = r["dtype"] == "float32"
         for check in ("batch_alone", "cache"):
-            if r.get("skipped"):
-                r["verdicts"][check] = {"pass": True, "why": "n/a", "failed": [], "notes": []}
+            if r.get("skipped") or r.get("not_run"):
+                r["verdicts"][check] = {"pass": True, "why": "n/a" if r.get("skipped") else f"not run ({r['not_run']})",
+                                        "failed": [], "notes": []}
                 continue
             if r["error"]:
                 r["verdicts"][check] = {"pass": False, "why": "crash"}
@@ -677,6 +778,8 @@ def sync_verdict(r: dict, limit: float | None) -> dict:
     s = r.get("syncs") or {}
     if r.get("skipped"):
         return {"pass": True, "why": "n/a"}
+    if r.get("not_run"):
+        return {"pass": True, "why": f"not run ({r['not_run']})"}
     if r["error"] or "error" in s:
         return {"pass": limit is None, "why": "not measured (crash)"}
     if limit is None:
@@ -695,7 +798,10 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
             or "error" in (r.get("syncs") or {})
         ok = {"batch==alone": r["verdicts"]["batch_alone"]["pass"], "cached==no-cache": r["verdicts"]["cache"]["pass"],
               "no crash": not crash, "host syncs": r["verdicts"]["syncs"]["pass"]}
-        m = methods.setdefault(r["method"], {"pass": True, "failed": [], "n/a": []})
+        m = methods.setdefault(r["method"], {"pass": True, "failed": [], "n/a": [], "not run": []})
+        if r.get("not_run"):  # the time limit or a signal stopped the run first: neither a pass nor a failure
+            m["not run"].append(f"{r['family']}, {r['dtype']}")
+            continue
         if r.get("skipped"):  # the method does not support this family: not run, not a failure
             m["n/a"].append(f"{r['family']}, {r['dtype']}")
             continue
@@ -709,16 +815,32 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
         t = report["ttft"]
         checks["TTFT runs"] = t.get("error") is None and all(x.get("error") is None for x in t["results"])
         for x in t["results"]:
-            if x.get("error"):
-                m = methods.setdefault(x["method"], {"pass": True, "failed": [], "n/a": [], "ran": True})
+            m = methods.setdefault(x["method"], {"pass": True, "failed": [], "n/a": [], "not run": []})
+            if x.get("not_run"):
+                m["not run"].append("TTFT")
+            elif x.get("error"):
+                m["ran"] = True
                 m["pass"] = False
                 m["failed"].append("TTFT (crash)")
     labels = {k: "PASS" if v else "FAIL" for k, v in checks.items()}
     if cfg.max_syncs_per_sample is None:
         labels["host syncs"] = "reported (no limit set)"
-    return {"pass": all(checks.values()), "checks": labels,
-            "methods": {k: {"verdict": ("PASS" if v.get("ran") else "n/a") if v["pass"] else "FAIL",
-                            "failed": v["failed"], "n/a": v["n/a"]} for k, v in methods.items()}}
+    every = report["tiny"] + ((report.get("ttft") or {}).get("results") or [])
+    not_run = [r for r in every if r.get("not_run")]
+    ok = all(checks.values())
+    summ = {"pass": ok and not not_run, "partial": bool(not_run),
+            "verdict": "FAIL" if not ok else "PARTIAL" if not_run else "PASS",
+            "tasks": {"total": len(every), "run": len(every) - len(not_run), "not run": len(not_run),
+                      "not run reason": sorted({r["not_run"] for r in not_run})},
+            "checks": labels,
+            "methods": {k: {"verdict": "FAIL" if not v["pass"] else "PARTIAL" if v["not run"] and v.get("ran")
+                            else "not run" if v["not run"] else "PASS" if v.get("ran") else "n/a",
+                            "failed": v["failed"], "n/a": v["n/a"], **({"not run": v["not run"]} if v["not run"] else {})}
+                        for k, v in methods.items()}}
+    if not_run:
+        labels["all tasks run"] = (f"PARTIAL: {len(not_run)} of {len(every)} not run "
+                                   f"({', '.join(summ['tasks']['not run reason'])})")
+    return summ
 
 
 # ------------------------------------------------------------------------------------------------
@@ -794,6 +916,8 @@ def _fmt(x, spec=".2g"):
 def _cell(r: dict) -> str:
     if r.get("skipped"):
         return "n/a"
+    if r.get("not_run"):
+        return f"not run ({r['not_run']})"
     if r["error"]:
         return "**crash**"
     v = r["verdicts"]
@@ -828,7 +952,7 @@ def markdown(report: dict) -> str:
     recs = report["tiny"]
     dev = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('threads')} threads)"
     out = [f"# GPU check: {dev}, {env['date']}", "",
-           f"**Overall: {'PASS' if summ['pass'] else 'FAIL'}**", "",
+           f"**Overall: {_overall(summ)}**", "",
            f"Device {env['device']}" + (f", driver {env['driver']}, CUDA {env['cuda']}" if env.get("gpu") else "")
            + f"; torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}"
            + (f"; commit {env['git_commit']}" if env.get("git_commit") else "") + ".",
@@ -846,10 +970,14 @@ def markdown(report: dict) -> str:
            "## Summary", "", "| Check | Result |", "|---|---|"]
     for k, v in summ["checks"].items():
         out.append(f"| {k} | {'**FAIL**' if v == 'FAIL' else v} |")
+    if summ.get("partial"):
+        out += ["", f"**Partial report**: {summ['tasks']['not run']} of {summ['tasks']['total']} tasks were not run "
+                f"({', '.join(summ['tasks']['not run reason'])}); they are listed as `not run` below. The verdicts "
+                "cover the tasks that ran."]
     cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]]
     by = {(r["method"], r["family"], r["dtype"]): r for r in recs}
     out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON); `n/a`: the method does not support the "
-            "family (its `families`), not run.", "",
+            "family (its `families`), not run; `not run (...)`: stopped before it by the time limit or a signal.", "",
             "| Method | Verdict | " + " | ".join(f"{f} {d}" for f, d in cols) + " |",
             "|---|---|" + "---|" * len(cols)]
     for m in report["methods"]:
@@ -869,6 +997,9 @@ def markdown(report: dict) -> str:
             sy = (by.get((m, f, sd)) or {}).get("syncs") or {}
             if (by.get((m, f, sd)) or {}).get("skipped"):
                 cells.append("n/a")
+                continue
+            if (by.get((m, f, sd)) or {}).get("not_run"):
+                cells.append("not run")
                 continue
             cells.append("crash" if "error" in sy else (f"{sy['per_sample']:.1f} ({sy['total']})" if sy else "-"))
         syncs.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -890,6 +1021,10 @@ def markdown(report: dict) -> str:
             for r in rows:
                 if r.get("skipped"):
                     out.append(f"| {r['method']} | n/a | {r['skipped']} |" + " |" * (2 * len(names) + 1))
+                    continue
+                if r.get("not_run"):
+                    out.append(f"| {r['method']} | {_fmt(r.get('budget'), '')} | not run ({r['not_run']}) |"
+                               + " |" * (2 * len(names) + 1))
                     continue
                 if r["error"]:
                     out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` |"
@@ -922,6 +1057,9 @@ def markdown(report: dict) -> str:
                     "| Method | Budget | Tokens in / layer avg | TTFT median (ms) | p90 | vision / selection / LLM (ms) "
                     "| Selection / unpruned TTFT | Speed-up |", "|---|---|---|---|---|---|---|---|"]
             for r in t["results"]:
+                if r.get("not_run"):
+                    out.append(f"| {r['method']} | - | not run ({r['not_run']}) | | | | | |")
+                    continue
                 if r.get("error"):
                     out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` | | | | | |")
                     continue
@@ -931,6 +1069,15 @@ def markdown(report: dict) -> str:
                            f"{ms(r.get('t_vision'))} / {ms(r.get('t_selection'))} / {ms(r.get('t_llm'))} | "
                            f"{_fmt(r.get('selection_overhead'), '.1%')} | {_fmt(r.get('speedup'), '.2f')}x |")
     return "\n".join(out) + "\n"
+
+
+def _overall(summ: dict) -> str:
+    v = summ.get("verdict") or ("PASS" if summ["pass"] else "FAIL")
+    if summ.get("partial"):
+        t = summ["tasks"]
+        return (f"{v}" + (" (PARTIAL)" if v != "PARTIAL" else "")
+                + f": {t['run']} of {t['total']} tasks run, {t['not run']} not run ({', '.join(t['not run reason'])})")
+    return v
 
 
 def _short(lines: list[str]) -> str:
@@ -956,10 +1103,84 @@ def _errors(r: dict):
 # ------------------------------------------------------------------------------------------------
 
 
-def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = None) -> dict:
+#: config fields that may differ between a run and the run it resumes
+RESUME_FREE = ("out", "threads", "time_limit", "time_reserve")
+
+
+class ResumeError(ValueError):
+    """The --resume file is missing or was written for another configuration."""
+
+
+def _resume_config(cfg: CheckConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+
+
+def load_partial(path: Path, cfg: CheckConfig, tasks: list[dict]) -> dict[tuple, dict]:
+    """The finished records of a ``.partial.jsonl`` (last one per task wins), checked against ``cfg``."""
+    if not path.exists():
+        raise ResumeError(f"--resume: {path} does not exist")
+    header, recs = None, {}
+    keys = {task_key(t) for t in tasks}
+    for line in path.read_text().splitlines():
+        try:
+            x = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if "header" in x:
+            header = x["header"]
+        elif "kind" in x and not x.get("not_run") and task_key(x) in keys:
+            recs[task_key(x)] = x
+    want = _jsonable_loose(_resume_config(cfg))
+    if header is None or header.get("config") != want:
+        diff = sorted(k for k in want if (header or {}).get("config", {}).get(k) != want[k])
+        raise ResumeError(f"--resume: {path} was written for another configuration (differs in: {', '.join(diff)})")
+    return recs
+
+
+class _Signals:
+    """While armed: SIGTERM / SIGINT, and SIGALRM at the hard time limit, raise Stopped in the main
+    thread (once; later signals are only remembered, so that the report gets written)."""
+
+    def __init__(self, hard_deadline: float | None):
+        self.armed, self.reason, self.old = False, None, {}
+        self.main = threading.current_thread() is threading.main_thread()
+        self.hard_deadline = hard_deadline
+
+    def _handler(self, signum, frame):
+        reason = TIME_LIMIT if signum == signal.SIGALRM else f"interrupted by {signal.Signals(signum).name}"
+        self.reason = self.reason or reason
+        if self.armed:
+            self.armed = False
+            raise Stopped(reason)
+
+    def __enter__(self):
+        if self.main:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+                self.old[sig] = signal.signal(sig, self._handler)
+            if self.hard_deadline is not None:
+                signal.setitimer(signal.ITIMER_REAL, max(self.hard_deadline - time.time(), 1e-3))
+        self.armed = True
+        return self
+
+    def disarm(self):
+        self.armed = False
+        if self.main and self.hard_deadline is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def __exit__(self, *exc):
+        self.disarm()
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = None, resume=None) -> dict:
     """All checks; writes the report files and returns the report. ``isolate`` (default: on CUDA) runs
-    them in worker processes, so that a device-side assert cannot take the later methods down."""
+    them in worker processes, so that a device-side assert cannot take the later methods down.
+    ``cfg.time_limit``, SIGTERM / SIGINT: the report of the tasks finished so far, the rest not run.
+    ``resume``: True (this report's ``.partial.jsonl``) or a path: reuse its finished records."""
     t_start = time.perf_counter()
+    t_wall0 = time.time()
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -968,20 +1189,70 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
     env = environment(device)
     isolate = device.type == "cuda" if isolate is None else isolate
     log(f"gpu_check on {env['device_name']} ({device}); dtypes {' '.join(cfg.dtypes)}; families "
-        f"{' '.join(cfg.families)}; {len(methods)} methods" + ("; TTFT on " + cfg.ttft_model if cfg.ttft else ""))
+        f"{' '.join(cfg.families)}; {len(methods)} methods" + ("; TTFT on " + cfg.ttft_model if cfg.ttft else "")
+        + (f"; time limit {cfg.time_limit:g} s" if cfg.time_limit else ""))
     tasks = make_tasks(cfg, methods)
-    if isolate:
-        recs = run_isolated(tasks, cfg, log)
-    else:
-        recs = []
-        try:
-            run_tasks(tasks, cfg, recs.append, log)
-        except DeviceLost as e:  # in-process there is no way back: the rest is reported as not run
-            log(f"  device lost ({e}); the remaining tasks did not run (run with isolation)")
-    got = {task_key(r) for r in recs}
-    for t in tasks:
-        if task_key(t) not in got:
-            recs.append({**t, "scenarios": {}, "seconds": None, "error": ["not run: an earlier task took the device down"]})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu-check-{slug(env['device_name'])}-{env['date']}"
+    partial = out / f"{stem}.partial.jsonl"
+    done: dict[tuple, dict] = {}
+    if resume:
+        done = load_partial(partial if resume is True else Path(resume), cfg, tasks)
+        for r in done.values():
+            r["resumed"] = True
+        log(f"  resumed {len(done)} finished task(s) from {partial if resume is True else resume}")
+    deadline = None if not cfg.time_limit else t_wall0 + cfg.time_limit - cfg.time_reserve
+    stop_reason = None
+    with open(partial, "w") as pf:
+        def emit(rec):
+            done[task_key(rec)] = rec
+            pf.write(json.dumps(_sanitize(_jsonable_loose(rec)), allow_nan=False) + "\n")
+            pf.flush()
+
+        pf.write(json.dumps({"header": {"tool": "eval.gpu_check", "command": command,
+                                        "config": _jsonable_loose(_resume_config(cfg)), "tasks": tasks}}) + "\n")
+        for r in list(done.values()):
+            emit(r)
+        todo = [t for t in tasks if task_key(t) not in done]
+        sig = _Signals(deadline)
+        with sig:
+            try:
+                if todo and isolate:
+                    run_isolated(todo, cfg, log, emit=emit, deadline=deadline)
+                elif todo:
+                    try:
+                        if not run_tasks(todo, cfg, emit, log, deadline=deadline):
+                            stop_reason = TIME_LIMIT
+                    except DeviceLost as e:  # in-process there is no way back: the rest is reported as not run
+                        log(f"  device lost ({e}); the remaining tasks did not run (run with isolation)")
+            except Stopped as e:
+                stop_reason = e.reason
+            finally:
+                sig.disarm()
+            if stop_reason:
+                log(f"  stopped: {stop_reason}; writing the report of the {len(done)} finished task(s)")
+            recs = []
+            for t in tasks:
+                if task_key(t) in done:
+                    recs.append(done[task_key(t)])
+                elif stop_reason:
+                    recs.append({**t, "scenarios": {}, "seconds": None, "error": None, "not_run": stop_reason})
+                else:
+                    recs.append({**t, "scenarios": {}, "seconds": None,
+                                 "error": ["not run: an earlier task took the device down"]})
+            report = _report(cfg, command, env, device, isolate, methods, recs, t_start, out, stem)
+            report["stopped"] = stop_reason
+            if report["summary"].get("partial"):
+                report["partial_file"] = str(partial)  # kept: --resume runs only the tasks not run
+            (out / f"{stem}.json").write_text(json.dumps(_sanitize(_jsonable_loose(report)), indent=1, allow_nan=False))
+            (out / f"{stem}.md").write_text(markdown(report))
+    if not report["summary"].get("partial"):
+        partial.unlink(missing_ok=True)  # the complete report holds every record
+    return report
+
+
+def _report(cfg, command, env, device, isolate, methods, recs, t_start, out, stem) -> dict:
     tiny = [r for r in recs if r["kind"] == "tiny"]
     for r in tiny:
         r.setdefault("budget", tiny_budget(r["method"], family_key(r["family"])))
@@ -993,12 +1264,7 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
               "tiny": tiny, "ttft": ttft_table([r for r in recs if r["kind"] == "ttft"], cfg) if cfg.ttft else None}
     report["summary"] = summarize(report, cfg)
     report["seconds"] = time.perf_counter() - t_start
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-check-{slug(env['device_name'])}-{env['date']}"
     report["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
-    (out / f"{stem}.json").write_text(json.dumps(_sanitize(_jsonable_loose(report)), indent=1, allow_nan=False))
-    (out / f"{stem}.md").write_text(markdown(report))
     return report
 
 
@@ -1022,6 +1288,11 @@ def _sanitize(x):
     if isinstance(x, list):
         return [_sanitize(v) for v in x]
     return x
+
+
+def _env_float(name: str) -> float | None:
+    v = os.environ.get(name, "").strip()
+    return float(v) if v else None
 
 
 def parse_args(argv=None):
@@ -1050,6 +1321,15 @@ def parse_args(argv=None):
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="run the checks in worker processes, so that a device-side assert cannot take the "
                     "later methods down (default: on CUDA)")
+    ap.add_argument("--time-limit", type=float, default=_env_float("GPU_CHECK_TIME_LIMIT"), metavar="SECONDS",
+                    help="stop starting tasks when the next one would end past this many seconds (less "
+                    "--time-reserve) and stop a task still running there; the report lists the rest as "
+                    "'not run (time limit)', verdict PARTIAL, exit 3 (default: env GPU_CHECK_TIME_LIMIT, else none)")
+    ap.add_argument("--time-reserve", type=float, default=d.time_reserve, metavar="SECONDS",
+                    help=f"seconds kept back from --time-limit for writing the report (default {d.time_reserve:g})")
+    ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="FILE",
+                    help="reuse the finished tasks of a partial run (its <report>.partial.jsonl, default this "
+                    "report's) and run only the rest; the configuration must match")
     ap.add_argument("--worker", nargs=2, metavar=("TASKS", "RESULTS"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1084,19 +1364,33 @@ def main(argv=None) -> int:
                       new_tokens=a.new_tokens, seed=a.seed, max_syncs_per_sample=a.max_syncs_per_sample, ttft=a.ttft,
                       ttft_model=a.ttft_model, ttft_dtype=ALIASES.get(a.ttft_dtype, a.ttft_dtype),
                       ttft_budget=a.ttft_budget, ttft_methods=a.ttft_methods or [], ttft_warmup=a.ttft_warmup,
-                      ttft_runs=a.ttft_runs, ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads)
+                      ttft_runs=a.ttft_runs, ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads,
+                      time_limit=a.time_limit or None, time_reserve=a.time_reserve)
     command = "python -m eval.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = run(cfg, command.strip(), isolate=a.isolate)
+    try:
+        report = run(cfg, command.strip(), isolate=a.isolate, resume=a.resume)
+    except ResumeError as e:
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
     summ = report["summary"]
     print()
-    print(f"gpu_check: {'PASS' if summ['pass'] else 'FAIL'}")
+    print(f"gpu_check: {_overall(summ)}")
     for k, v in summ["checks"].items():
         print(f"  {k:18s} {v}")
     for m, v in summ["methods"].items():
         print(f"  {m:18s} {v['verdict']}" + (f"  ({'; '.join(v['failed'])})" if v["failed"] else "")
-              + (f"  (n/a: {'; '.join(v['n/a'])})" if v.get("n/a") else ""))
-    print("report: " + ", ".join(report["files"]))
-    return 0 if summ["pass"] else 1
+              + (f"  (n/a: {'; '.join(v['n/a'])})" if v.get("n/a") else "")
+              + (f"  (not run: {'; '.join(v['not run'])})" if v.get("not run") else ""))
+    print("report: " + ", ".join(report["files"]) + (f" (finished records: {report['partial_file']})"
+                                                      if report.get("partial_file") else ""))
+    return exit_status(summ)
+
+
+def exit_status(summ: dict) -> int:
+    """0 PASS (complete), 1 a failed check (complete or partial), 3 PARTIAL with no failure."""
+    if summ.get("verdict") == "FAIL" or (not summ["pass"] and not summ.get("partial")):
+        return 1
+    return 3 if summ.get("partial") else 0
 
 
 if __name__ == "__main__":

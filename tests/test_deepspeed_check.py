@@ -76,3 +76,54 @@ def test_without_cuda_it_says_so_and_exits_0(monkeypatch, capsys, tmp_path):
     assert D.main(["--out", str(tmp_path)]) == 0
     assert "no CUDA device" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_time_limit_reports_every_part_as_not_run(tmp_path, capsys):
+    """A limit already spent: nothing starts, the report lists A and B as not run, PARTIAL, exit 3."""
+    rc = D.main(["--device", "cpu", "--families", "llava", "--methods", "fastv", "--ttft-model", "tiny:llava",
+                 "--ttft-methods", "none", "fastv", "--time-limit", "0.01", "--time-reserve", "0", "--out", str(tmp_path)])
+    assert rc == 3 and "deepspeed_check: PARTIAL (stopped: time limit)" in capsys.readouterr().out
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["stopped"] == "time limit" and data["summary"]["verdict"] == "PARTIAL" and not data["summary"]["pass"]
+    assert [(r["method"], r["verdict"], r["not_run"]) for r in data["equivalence"]["results"]] == \
+        [("none", "not run", "time limit"), ("fastv", "not run", "time limit")]
+    assert [r["not_run"] for r in data["ttft"]["table"]] == ["time limit"] * 2
+    assert data["launcher"]["verdict"] == "not run (time limit)"
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "**PARTIAL**" in md and "| fastv | not run (time limit) |" in md
+
+
+def test_sigterm_writes_the_partial_report(tmp_path):
+    """SIGTERM (what `timeout` sends) after two part-A cases: the report holds them, the rest not run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from eval import gpu_check as G
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, G.TEST_SLEEP_ENV: "0.5", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.Popen([sys.executable, "-m", "eval.deepspeed_check", "--device", "cpu", "--families", "llava",
+                          "--methods", "fastv", "visionzip", "random", "--ttft-model", "tiny:llava",
+                          "--out", str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    lines, t0 = [], time.time()
+    while sum(line.startswith("  A llava") for line in lines) < 2:
+        line = p.stdout.readline()
+        assert line and time.time() - t0 < 120, "".join(lines)
+        lines.append(line)
+    p.send_signal(signal.SIGTERM)
+    out = "".join(lines) + p.communicate(timeout=60)[0]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["stopped"] == "interrupted by SIGTERM", out
+    assert p.returncode == (3 if data["summary"]["verdict"] == "PARTIAL" else 1)
+    res = data["equivalence"]["results"]
+    assert [r["method"] for r in res] == ["none", "fastv", "visionzip", "random"]
+    done = [r for r in res if r["verdict"] != "not run"]
+    assert len(done) >= 2 and all(r["verdict"] == "PASS" and r["tokens_equal"] for r in done)
+    assert all(r["not_run"] == "interrupted by SIGTERM" for r in res[len(done):]) and len(done) < 4
+    assert data["ttft"]["not_run"] == "interrupted by SIGTERM" and data["launcher"]["verdict"].startswith("not run")
+    assert "not run (interrupted by SIGTERM)" in next(tmp_path.glob("*.md")).read_text()

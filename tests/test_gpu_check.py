@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from eval import gpu_check
@@ -173,3 +174,141 @@ def test_a_method_that_does_not_support_a_family_is_n_a(tmp_path, monkeypatch):
                                                                               "n/a": ["llava, float32"]}
     _, md = _report(tmp_path)
     assert "| random | n/a | n/a |" in md and "| random | n/a | n/a: random does not support llava |" in md
+
+
+# ------------------------------------------------------------------------------------------------
+# results are never lost: SIGTERM / SIGINT, --time-limit, <report>.partial.jsonl, --resume
+# ------------------------------------------------------------------------------------------------
+
+SMALL = ["--device", "cpu", "--no-ttft", "--families", "llava", "--new-tokens", "2"]
+
+
+def _records(partial: Path) -> list[dict]:
+    if not partial.exists():
+        return []
+    out = []
+    for line in partial.read_text().splitlines():
+        try:
+            x = json.loads(line)
+        except ValueError:
+            continue
+        if "kind" in x:
+            out.append(x)
+    return out
+
+
+def _terminate_after(tmp_path, extra, n_done=2, group=False, sleep="0.5"):
+    """Run gpu_check in a subprocess (each task slowed by ``sleep`` s), send SIGTERM once ``n_done``
+    tasks are in the .partial.jsonl (to the process group, as `timeout` does, when ``group``)."""
+    import signal
+    import time
+
+    env = {**os.environ, gpu_check.TEST_SLEEP_ENV: sleep, "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.Popen([sys.executable, "-m", "eval.gpu_check", *SMALL, "--out", str(tmp_path), *extra], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=group)
+    t0 = time.time()
+    while len(_records(next(iter(tmp_path.glob("*.partial.jsonl")), tmp_path / "none"))) < n_done:
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()[0]
+        time.sleep(0.05)
+    if group:
+        os.killpg(p.pid, signal.SIGTERM)
+    else:
+        p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    return p.returncode, out
+
+
+@pytest.mark.parametrize("isolate", ["--no-isolate", "--isolate"])
+def test_sigterm_writes_the_partial_report(tmp_path, isolate):
+    methods = ["none", "fastv", "visionzip", "random"]
+    rc, out = _terminate_after(tmp_path, [isolate, "--methods", *methods], group=isolate == "--isolate")
+    rep, md = _report(tmp_path)
+    s = rep["summary"]
+    assert s["partial"] and s["verdict"] in ("PARTIAL", "FAIL") and not s["pass"], out
+    assert rc == (3 if s["verdict"] == "PARTIAL" else 1), out
+    assert rep["stopped"] == "interrupted by SIGTERM" and rep["isolated"] == (isolate == "--isolate")
+    recs = rep["tiny"]
+    assert [r["method"] for r in recs] == methods
+    ran = [r for r in recs if not r.get("not_run")]
+    assert len(ran) >= 2 and [r["method"] for r in ran] == methods[:len(ran)] and len(ran) < len(methods)
+    for r in ran:  # the finished tasks are judged
+        assert r["error"] is None and set(r["scenarios"]) == {"mixed", "same-question"}
+        assert set(r["verdicts"]) == {"batch_alone", "cache", "syncs"}
+        assert "why" not in r["verdicts"]["batch_alone"]
+    assert s["methods"]["none"]["verdict"] == "PASS"
+    for r in recs[len(ran):]:
+        assert r["not_run"] == "interrupted by SIGTERM" and r["scenarios"] == {}
+        assert s["methods"][r["method"]]["verdict"] == "not run"
+    assert s["tasks"] == {"total": 4, "run": len(ran), "not run": 4 - len(ran), "not run reason": ["interrupted by SIGTERM"]}
+    assert "PARTIAL" in md.split("\n")[2] and "**Partial report**" in md
+    assert "not run (interrupted by SIGTERM)" in md and f"| {methods[-1]} | not run |" in md
+    # the finished records stay in <report>.partial.jsonl (header first)
+    partial = Path(rep["partial_file"])
+    assert partial.name == Path(rep["files"][0]).stem + ".partial.jsonl"
+    assert json.loads(partial.read_text().splitlines()[0])["header"]["tool"] == "eval.gpu_check"
+    assert [r["method"] for r in _records(partial)] == [r["method"] for r in ran]
+    if isolate == "--no-isolate":
+        # --resume: the finished tasks are reused, the rest run; the complete report drops the .partial.jsonl
+        rc2 = gpu_check.main([*SMALL, "--no-isolate", "--methods", *methods, "--out", str(tmp_path), "--resume"])
+        rep2, md2 = _report(tmp_path)
+        assert not rep2["summary"]["partial"] and rep2["stopped"] is None and "not run (interrupted" not in md2
+        assert rc2 == (0 if rep2["summary"]["pass"] else 1)
+        assert [bool(r.get("resumed")) for r in rep2["tiny"]] == [True] * len(ran) + [False] * (4 - len(ran))
+        assert rep2["tiny"][0]["verdicts"]["batch_alone"]["pass"] and not partial.exists()
+        # a resume file of another configuration is refused (exit 2)
+        partial.write_text(json.dumps({"header": {"config": {"new_tokens": 99}}}) + "\n")
+        assert gpu_check.main([*SMALL, "--no-isolate", "--methods", "none", "--out", str(tmp_path), "--resume"]) == 2
+
+
+def _slow_tasks(monkeypatch, seconds: float):
+    """Tasks that only sleep (no model), so that the time-limit tests do not depend on the load time."""
+    import time
+
+    def task(ctx, family, dtype, method, cfg):
+        time.sleep(seconds)
+        return {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": None,
+                "scenarios": {}, "error": None}
+
+    monkeypatch.setattr(gpu_check, "_load_tiny", lambda family, dtype, cfg: {})
+    monkeypatch.setattr(gpu_check, "tiny_task", task)
+
+
+def test_time_limit_stops_starting_tasks_and_reports_partial(tmp_path, monkeypatch, capsys):
+    """Tasks of 2 s, a 3.5 s limit: the first ends at about 2 s, a second would end past the limit
+    (elapsed + the longest task so far), so it is not started; the report says PARTIAL, exit 3."""
+    _slow_tasks(monkeypatch, 2.0)
+    monkeypatch.setenv("GPU_CHECK_TIME_LIMIT", "3.5")
+    rc = gpu_check.main([*SMALL, "--no-isolate", "--methods", "none", "fastv", "visionzip", "--time-reserve", "0",
+                         "--out", str(tmp_path)])
+    rep, md = _report(tmp_path)
+    assert rep["config"]["time_limit"] == 3.5 and rep["stopped"] == "time limit"
+    assert [r.get("not_run") for r in rep["tiny"]] == [None, "time limit", "time limit"]
+    assert rep["tiny"][0]["verdicts"]["batch_alone"]["pass"] and rep["tiny"][0]["wall_seconds"] >= 2
+    assert rep["summary"]["verdict"] == "PARTIAL" and rc == 3
+    assert rep["summary"]["methods"]["fastv"] == {"verdict": "not run", "failed": [], "n/a": [],
+                                                  "not run": ["llava, float32"]}
+    assert "**Overall: PARTIAL: 1 of 3 tasks run, 2 not run (time limit)**" in md and "not run (time limit)" in md
+    assert "gpu_check: PARTIAL" in capsys.readouterr().out
+    assert len(_records(Path(rep["partial_file"]))) == 1
+
+
+def test_time_limit_stops_a_task_still_running_at_the_limit(tmp_path, monkeypatch):
+    """In-process a SIGALRM at the limit (less the reserve) stops the task running then: not run."""
+    _slow_tasks(monkeypatch, 30.0)
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "fastv"], families=["llava"],
+                                ttft=False, out=str(tmp_path), time_limit=2.0, time_reserve=0.5)
+    rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
+    assert rep["seconds"] < 10 and rep["stopped"] == "time limit"
+    assert [r.get("not_run") for r in rep["tiny"]] == ["time limit", "time limit"]
+    assert rep["summary"]["verdict"] == "PARTIAL" and gpu_check.exit_status(rep["summary"]) == 3
+
+
+def test_time_limit_exit_status_and_helpers():
+    assert gpu_check.may_start(10.0, None, 99.0) and gpu_check.may_start(10.0, 15.0, 5.0)
+    assert not gpu_check.may_start(10.0, 15.0, 5.1)
+    assert gpu_check.exit_status({"pass": True, "partial": False, "verdict": "PASS"}) == 0
+    assert gpu_check.exit_status({"pass": False, "partial": False, "verdict": "FAIL"}) == 1
+    assert gpu_check.exit_status({"pass": False, "partial": True, "verdict": "FAIL"}) == 1
+    assert gpu_check.exit_status({"pass": False, "partial": True, "verdict": "PARTIAL"}) == 3
+    assert gpu_check.parse_args(["--time-limit", "160"]).time_limit == 160.0
