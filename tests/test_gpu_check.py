@@ -312,3 +312,14 @@ def test_time_limit_exit_status_and_helpers():
     assert gpu_check.exit_status({"pass": False, "partial": True, "verdict": "FAIL"}) == 1
     assert gpu_check.exit_status({"pass": False, "partial": True, "verdict": "PARTIAL"}) == 3
     assert gpu_check.parse_args(["--time-limit", "160"]).time_limit == 160.0
+
+
+def test_ttft_times_an_adaptive_method_without_a_budget(tmp_path):
+    """PruMerge chooses its count per image (TINY_BUDGETS None): the TTFT row asks it for no budget
+    (asking for --ttft-budget made it refuse, a FAIL on the first H100 run of the five-family check)."""
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "prumerge"], families=["llava"],
+                                new_tokens=2, ttft=True, ttft_model="tiny:llava", ttft_dtype="float32", ttft_budget=4,
+                                ttft_warmup=1, ttft_runs=1, ttft_methods=["none", "prumerge"], out=str(tmp_path))
+    rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
+    row = next(r for r in rep["ttft"]["results"] if r["method"] == "prumerge")
+    assert row["error"] is None and row["budget"] is None and row["ttft"]["n"] == 1
