@@ -360,6 +360,9 @@ def environment(rt, device, dtype) -> dict:
     import transformers
 
     env["transformers"] = transformers.__version__
+    from eval.runner import git_info
+
+    env["git"] = git_info()  # the code that was timed (VTPRUNE_GIT_COMMIT on a copied tree)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)

@@ -885,13 +885,11 @@ def environment(device: torch.device) -> dict:
     env = {"date": time.strftime("%Y-%m-%d"), "time": time.strftime("%H:%M:%S %Z"), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
            "device": str(device)}
-    root = Path(__file__).resolve().parent.parent
-    commit = _run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
-    if os.environ.get("VTPRUNE_GIT_COMMIT"):  # a copied tree (e.g. a remote GPU box) may carry a stale .git
-        env["git_commit"] = os.environ["VTPRUNE_GIT_COMMIT"]
-    elif commit:
-        dirty = _run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
-        env["git_commit"] = commit + ("+dirty" if dirty else "")
+    from eval.runner import git_info
+
+    git = git_info()  # VTPRUNE_GIT_COMMIT overrides a copied tree's stale .git
+    if git.get("commit"):
+        env["git_commit"] = git["commit"][:12] + ("+dirty" if git.get("dirty") else "")
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(p.total_memory / 2**30, 1),

@@ -195,6 +195,10 @@ def _data_changes(prev_meta: dict, data_fp: dict, run_dir: Path, questions: list
 
 
 def git_info() -> dict:
+    """The code version: ``{"commit", "dirty"}`` of this checkout. A copied tree (a remote GPU box, a
+    container) may carry a stale ``.git``: ``VTPRUNE_GIT_COMMIT`` then names the commit that runs."""
+    if os.environ.get("VTPRUNE_GIT_COMMIT"):
+        return {"commit": os.environ["VTPRUNE_GIT_COMMIT"], "dirty": None, "source": "VTPRUNE_GIT_COMMIT"}
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)

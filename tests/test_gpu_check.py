@@ -323,3 +323,14 @@ def test_ttft_times_an_adaptive_method_without_a_budget(tmp_path):
     rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
     row = next(r for r in rep["ttft"]["results"] if r["method"] == "prumerge")
     assert row["error"] is None and row["budget"] is None and row["ttft"]["n"] == 1
+
+
+def test_reports_name_the_commit_given_for_a_copied_tree(monkeypatch):
+    """A GPU box gets a copy of the tree whose .git may be stale: VTPRUNE_GIT_COMMIT names the code."""
+    from eval.runner import git_info
+
+    monkeypatch.setenv("VTPRUNE_GIT_COMMIT", "0123abcd")
+    assert git_info() == {"commit": "0123abcd", "dirty": None, "source": "VTPRUNE_GIT_COMMIT"}
+    assert gpu_check.environment(torch.device("cpu"))["git_commit"] == "0123abcd"
+    monkeypatch.delenv("VTPRUNE_GIT_COMMIT")
+    assert gpu_check.environment(torch.device("cpu"))["git_commit"].split("+")[0] == git_info()["commit"][:12]
