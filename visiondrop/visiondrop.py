@@ -34,8 +34,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (block_order, contextual_merge, masked_take, scale_layers, topk_desc, uniform_targets,
-                       unit_layout)
+from llava.ops import block_order, scale_layers, unit_layout
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
@@ -54,35 +53,88 @@ def check_numerics(numerics: str) -> None:
         raise ValueError(f"visiondrop: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
-def _official_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int, n: int,
-                    dtype: torch.dtype, batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`llava.ops.contextual_merge` with the official numerics: ``metric`` (n, d) rows of the
-    ``remaining`` tokens cast to ``dtype``, normalised without clamp (``m / m.norm()``), similarity by
-    ``torch.bmm`` (``batched``, the encoder stage) or ``torch.matmul`` (the LLM stages) in that dtype,
-    ``argmax`` (first maximum = lowest target slot). Same targets / assign convention."""
-    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
-    r = remaining.numel()
-    pos = uniform_targets(r, contextual, device=remaining.device)
-    targets = remaining[pos]
-    if targets.numel() == 0 or r <= pos.numel():
-        return targets, assign
+def _split_targets(x: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the rows of ``x`` (the R remaining tokens, in order) into VisionZip's uniform targets
+    (positions 0, s, 2s, ... of the remaining list, the first C; s = max(1, R // C), as
+    :func:`llava.ops.uniform_targets`) and the other rows, in order. Views where possible: strided
+    slices, no index tensor (at most a copy and a concatenation for the others)."""
+    r = x.shape[0]
+    if contextual <= 0 or r <= 0:
+        return x[:0], x
+    step = max(1, r // contextual)
+    if step == 1:  # the first min(C, R) rows are the targets
+        return x[:contextual], x[contextual:]
+    # R >= 2C: exactly C targets, one at the head of each block of ``step`` rows
+    blocks = x[: contextual * step].unflatten(0, (contextual, step))
+    others = blocks[:, 1:].flatten(0, 1)
+    if r > contextual * step:
+        others = torch.cat([others, x[contextual * step:]])
+    return blocks[:, 0], others
+
+
+def _merge(unit_metric: torch.Tensor, rest: torch.Tensor, contextual: int, assign: torch.Tensor,
+           offset: int = 0) -> torch.Tensor:
+    """VisionZip's contextual tokens over the ``rest`` token indices (ascending): the uniform targets,
+    every other token joined to its most cosine-similar target (argmax, ties to the lowest slot), as
+    :func:`llava.ops.contextual_merge` with ``metric`` already normalised (``unit_metric``, rows =
+    all tokens). Writes the slots (+ ``offset``) into ``assign`` in place; returns the targets."""
+    targets, others = _split_targets(rest, contextual)
+    if others.numel() and targets.numel():
+        sim = unit_metric[others] @ unit_metric[targets].T  # (R - C, C)
+        slot = sim.argmax(dim=1)
+        assign[others] = slot + offset if offset else slot
+    return targets
+
+
+def _normalised(metric: torch.Tensor) -> torch.Tensor:
+    """Cosine-similarity metric rows: ``m / max(||m||, 1e-12)`` in fp32 (:func:`llava.ops.contextual_merge`)."""
+    m = metric.float()
+    return m / m.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _official_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int, assign: torch.Tensor,
+                    dtype: torch.dtype, batched: bool, offset: int = 0) -> torch.Tensor:
+    """:func:`_merge` with the official numerics: ``metric`` (n, d) rows of the ``remaining`` tokens
+    cast to ``dtype``, normalised without clamp (``m / m.norm()``), similarity by ``torch.bmm``
+    (``batched``, the encoder stage) or ``torch.matmul`` (the LLM stages) in that dtype, ``argmax``
+    (first maximum = lowest target slot). Same targets / assign convention."""
+    targets, others = _split_targets(remaining, contextual)
+    if targets.numel() == 0 or others.numel() == 0:
+        return targets
     m = metric[remaining].to(dtype)
     m = m / m.norm(dim=-1, keepdim=True)
-    rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
-    rest[pos] = False
-    other_pos = masked_take(torch.arange(r, device=remaining.device), rest, r - pos.numel())
+    m_tg, m_ot = _split_targets(m, contextual)
+    m_tg = m_tg.contiguous()  # the gathered rows, as the official code multiplies them
     if batched:
-        sim = torch.bmm(m[other_pos][None], m[pos][None].transpose(1, 2))[0]
-        assign[remaining[other_pos]] = sim.argmax(dim=1)
+        slot = torch.bmm(m_ot[None], m_tg[None].transpose(1, 2))[0].argmax(dim=1)
     else:
-        sim = torch.matmul(m[other_pos], m[pos].T)
-        assign[remaining[other_pos]] = sim.argmax(dim=1, keepdim=True)[:, 0]
-    return targets, assign
+        slot = torch.matmul(m_ot, m_tg.T).argmax(dim=1, keepdim=True)[:, 0]
+    assign[others] = slot + offset if offset else slot
+    return targets
 
 
-def _official_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``torch.topk`` indices (official tie order), ``k`` clipped to the number of scores."""
-    return scores.topk(max(0, min(int(k), scores.numel()))).indices
+def _top_rest(scores: torch.Tensor, k: int, numerics: str, batched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the top-``k`` scores and of the rest, each ascending. ``ours``: one stable
+    descending sort (ties to the lower index, :func:`llava.ops.topk_desc`); ``official``:
+    ``torch.topk`` (its tie order; ``batched``: on the (1, n) row, as the encoder stage calls it). ``k``
+    clipped to the number of scores."""
+    n = scores.numel()
+    k = max(0, min(int(k), n))
+    if numerics == "official":
+        flag = torch.zeros(n, dtype=torch.uint8, device=scores.device)
+        flag[scores[None].topk(k).indices[0] if batched else scores.topk(k).indices] = 1
+        order = torch.sort(flag, stable=True).indices  # [rest ascending, top ascending]
+        return order[n - k:], order[: n - k]
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k].sort().values, order[k:].sort().values
+
+
+def _cat(parts: list) -> torch.Tensor:
+    """``torch.cat`` of the non-empty parts (a lone part as is: no copy)."""
+    full = [p for p in parts if p.numel()]
+    if len(full) == 1:
+        return full[0]
+    return torch.cat(full) if full else parts[0][:0]
 
 
 def stage0_scores(cls_attn: torch.Tensor, agg: str = "sum", numerics: str = "ours") -> torch.Tensor:
@@ -145,22 +197,27 @@ def video_schedule(per_frame: int, frames: int = 8) -> tuple[tuple[int, int], ..
 
 
 def stage0_unit(a: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, cls_idx: torch.Tensor, dominant: int,
-                contextual: int, n: int, numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One unit of the encoder stage. a: (n,) [CLS] attention; cand: the unit's patch indices;
-    cls_idx: its [CLS] index ((1,) or empty). Returns (dominant [CLS first, then ascending], targets,
-    assign over n). ``numerics="official"``: ``torch.topk`` and the official fp32 bmm assignment."""
+                contextual: int, n: int, numerics: str = "ours", assign: torch.Tensor | None = None,
+                offset: int = 0, metric: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One unit of the encoder stage. a: (n,) [CLS] attention; cand: the unit's patch indices
+    (ascending); cls_idx: its [CLS] index ((1,) or empty). Returns (dominant [CLS first, then
+    ascending], targets, assign over n). ``numerics="official"``: ``torch.topk`` and the official
+    fp32 bmm assignment. For the per-sample loop: ``assign`` (n,) is written in place with the slots
+    + ``offset`` (the targets of the units before), ``metric`` = the sample's keys already normalised."""
     check_numerics(numerics)
-    k = max(0, dominant - cls_idx.numel())
+    if assign is None:
+        assign = torch.full((n,), -1, dtype=torch.long, device=keys.device)
+    scores = a[cand]
     if numerics == "official":
-        top = cand[_official_topk(a[cand].to(OFFICIAL_TOWER_DTYPE)[None], k)[0]].sort().values
-    else:
-        top = cand[topk_desc(a[cand], k)].sort().values
-    dom = torch.cat([cls_idx, top])
-    rest = masked_take(cand, ~torch.isin(cand, dom), cand.numel() - top.numel())  # [CLS] is never a candidate
+        scores = scores.to(OFFICIAL_TOWER_DTYPE)
+    top, rest = _top_rest(scores, dominant - cls_idx.numel(), numerics, batched=True)  # [CLS] is never a candidate
+    top, rest = cand[top], cand[rest]
+    dom = torch.cat([cls_idx, top]) if cls_idx.numel() else top
     if numerics == "official":
-        targets, assign = _official_merge(keys, rest, contextual, n, OFFICIAL_TOWER_DTYPE, batched=True)
+        targets = _official_merge(keys, rest, contextual, assign, OFFICIAL_TOWER_DTYPE, batched=True, offset=offset)
     else:
-        targets, assign = contextual_merge(keys, rest, contextual, n)
+        targets = _merge(_normalised(keys) if metric is None else metric, rest, contextual, assign, offset)
     return dom, targets, assign
 
 
@@ -172,17 +229,12 @@ def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, con
     assignment (metric in float16, unclamped normalisation)."""
     check_numerics(numerics)
     n = score.numel()
+    keep, rest = _top_rest(score, dominant, numerics)
+    assign = torch.full((n,), -1, dtype=torch.long, device=score.device)
     if numerics == "official":
-        keep = _official_topk(score, dominant).sort().values
+        targets = _official_merge(keys, rest, contextual, assign, OFFICIAL_LLM_DTYPE, batched=False)
     else:
-        keep = topk_desc(score, dominant).sort().values
-    left = torch.ones(n, dtype=torch.bool, device=score.device)
-    left[keep] = False
-    rest = masked_take(torch.arange(n, device=score.device), left, n - keep.numel())
-    if numerics == "official":
-        targets, assign = _official_merge(keys, rest, contextual, n, OFFICIAL_LLM_DTYPE, batched=False)
-    else:
-        targets, assign = contextual_merge(keys, rest, contextual, n)
+        targets = _merge(_normalised(keys), rest, contextual, assign)
     if targets.numel() == 0:
         return Selection(keep=keep)
     return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean")
@@ -249,18 +301,18 @@ class VisionDrop(Method):
         if all(d0 + c0 >= lay.num_stock[u] for u in range(lay.num_units)):
             return Selection(keep=torch.arange(sig.num_stock, device=dev))  # every unit fits: unpruned entry
         a = stage0_scores(sig.cls_attn, self.encoder_head_agg, self.numerics)
+        metric = _normalised(sig.keys) if self.numerics == "ours" else None  # once per sample, not per unit
         per_unit, assign, n_tgt = [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
         for u in range(lay.num_units):
             cls_idx = lay.cls[u] if self.cls_token else lay.cls[u][:0]
             cand = lay.patches[u][: lay.num_patch_stock[u]]  # the unit's stock patches
-            dom, tg, asg = stage0_unit(a, sig.keys, cand, cls_idx, d0, c0, n, self.numerics)
-            assign = torch.where(asg >= 0, asg + n_tgt, assign)
+            dom, tg, _ = stage0_unit(a, sig.keys, cand, cls_idx, d0, c0, n, self.numerics, assign=assign,
+                                     offset=n_tgt, metric=metric)
             n_tgt += tg.numel()
             per_unit.append((u, dom, tg))
-        keep = torch.cat([d for _, d, _ in per_unit])
-        targets = torch.cat([t for _, _, t in per_unit])
-        newlines = lay.newlines if self.keep_newlines else keep[:0]
-        keep = torch.cat([keep, newlines])
+        newlines = lay.newlines if self.keep_newlines else lay.newlines[:0]
+        keep = _cat([d for _, d, _ in per_unit] + [newlines])
+        targets = _cat([t for _, _, t in per_unit])
         mode = "grid_raster" if self.next_order == "grid_raster" else "unit"
         order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, sig.patch, mode, grid=lay.grid)
         if targets.numel() == 0:
