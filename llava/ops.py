@@ -405,11 +405,10 @@ def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: f
 def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
     """Merged (contextual) tokens of ``sel`` from rows of ``x`` (n, D), computed in fp32."""
     tg = sel.targets.to(x.device)
-    assign = sel.assign.to(x.device).clone()
     taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     taken[sel.keep.to(x.device)] = True
     taken[tg] = True
-    assign[taken] = -1
+    assign = sel.assign.to(x.device).masked_fill(taken, -1)  # not assign[taken] = -1: a boolean index syncs
     c = tg.numel()
     xf = x.float()
     m = assign >= 0  # tokens merged somewhere; the others add zero (no data-dependent shapes)

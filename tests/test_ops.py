@@ -319,3 +319,18 @@ def test_greedy_max_min_reads_the_host_once_and_launches_no_kernel_per_pick():
             greedy_max_min(probs)
         ops[k] = c.total
     assert ops[2] == ops[40]  # no op per pick
+
+
+def test_merge_tokens_reads_nothing_from_the_device():
+    """A boolean-mask assignment (assign[taken] = -1) would read the mask's count on a GPU."""
+    from llava.method import Selection
+    from llava.syncs import SyncCounter
+
+    x = torch.arange(20.0).reshape(10, 2)
+    sel = Selection(keep=torch.tensor([0, 3]), targets=torch.tensor([5, 7]),
+                    assign=torch.tensor([-1, 0, 1, 0, 0, 1, 1, -1, 0, 1]), rule="mean")
+    with SyncCounter() as c:
+        out = merge_tokens(x, sel)
+    assert c.total == 0, dict(c.counts)
+    # slot 0 (target 5): rows 1, 4, 8 (row 3 is kept: ignored); slot 1 (target 7): rows 2, 6, 9 (5 is a target)
+    assert torch.equal(out, torch.stack([(x[5] + x[1] + x[4] + x[8]) / 4, (x[7] + x[2] + x[6] + x[9]) / 4]))
