@@ -42,7 +42,7 @@ from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, model_family  # 
 from .families.base import to_device as _to_device
 from .method import Method, Selection, get_method
 from .ops import merge_tokens
-from .signals import LLMSignals, VisionSignals, causal_attention_rows, llm_qk
+from .signals import LayerQK, LLMSignals, VisionSignals, causal_attention_rows, llm_qk
 
 log = logging.getLogger(__name__)
 
@@ -841,21 +841,22 @@ class PruningEngine:
     def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm
 
-        def pick(which):
-            if which == "next":
-                return lm.layers[layer_idx], x
-            if which == "prev":
-                return lm.layers[layer_idx - 1], x_prev
-            raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+        qks: dict[str, LayerQK] = {}  # per layer asked for: its q / k pieces, computed once this stage
+
+        def pick(which) -> LayerQK:
+            if which not in ("next", "prev"):
+                raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+            if which not in qks:
+                qks[which] = LayerQK(lm.layers[layer_idx] if which == "next" else lm.layers[layer_idx - 1],
+                                     x if which == "next" else x_prev, lm.rotary_emb, p)
+            return qks[which]
 
         def attn_fn(rows, which):
-            layer, inp = pick(which)
-            q, k = llm_qk(layer, inp, lm.rotary_emb, p, rows)
-            return causal_attention_rows(q, k, rows, layer.self_attn.scaling)
+            qk = pick(which)
+            return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling)
 
         def keys_fn(which, rope):
-            layer, inp = pick(which)
-            return llm_qk(layer, inp, lm.rotary_emb, p, None, rope=rope)[1].transpose(0, 1)
+            return pick(which).keys(rope).transpose(0, 1)
 
         vis_in, text_in = ctx.entry[b]
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,

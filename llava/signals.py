@@ -293,25 +293,56 @@ def rope_fn_for(attn_module: torch.nn.Module) -> Callable:
     return fn
 
 
+class LayerQK:
+    """Queries and keys of one decoder ``layer`` over one sequence x (S, D), computed as the layer does
+    (input_layernorm, q / k projection, RoPE at ``pos``), each piece once: the normed input, the keys
+    (with and without RoPE) and the rotary tables are kept, so the several signals of one llm stage
+    (attention rows for two row sets, the keys a merge compares) share one k projection."""
+
+    def __init__(self, layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor):
+        self.layer, self.x, self.rotary, self.pos = layer, x, rotary, pos
+        self.attn = layer.self_attn
+        self._xn = self._k = self._k_rope = self._cs = None
+
+    def _normed(self) -> torch.Tensor:
+        if self._xn is None:
+            self._xn = self.layer.input_layernorm(self.x)[None]  # (1, S, D)
+        return self._xn
+
+    def _cos_sin(self):
+        if self._cs is None:  # (S,) -> (1, S); M-RoPE (3, S) -> (3, 1, S)
+            self._cs = self.rotary(self.x[None], self.pos.unsqueeze(-2))
+        return self._cs
+
+    def keys(self, rope: bool = True) -> torch.Tensor:
+        """(H_kv, S, d)."""
+        if self._k is None:
+            self._k = self.attn.k_proj(self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim).transpose(1, 2)
+        if not rope:
+            return self._k[0]
+        if self._k_rope is None:
+            cos, sin = self._cos_sin()
+            _, self._k_rope = rope_fn_for(self.attn)(self._k, self._k, cos, sin)
+        return self._k_rope[0]
+
+    def queries(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
+        """(H, Q, d) for the sequence positions ``rows``."""
+        d = self.attn.head_dim
+        q = self.attn.q_proj(self._normed()[:, rows]).view(1, rows.numel(), -1, d).transpose(1, 2)  # (1, H, Q, d)
+        if rope:
+            cos, sin = self._cos_sin()
+            _, q = rope_fn_for(self.attn)(q, q, cos[:, rows], sin[:, rows])
+        return q[0]
+
+
 def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor,
            rows: torch.Tensor | None, rope: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Queries for ``rows`` and keys for all tokens of one sequence, as decoder ``layer`` computes
     them (input_layernorm, q/k projection, RoPE at ``pos``). x: (S, D). Returns q (H, Q, d) or
-    None, k (H_kv, S, d)."""
-    attn = layer.self_attn
-    d = attn.head_dim
-    xn = layer.input_layernorm(x)[None]  # (1, S, D)
-    k = attn.k_proj(xn).view(1, x.shape[0], -1, d).transpose(1, 2)  # (1, Hkv, S, d)
-    q = None
-    if rows is not None:
-        q = attn.q_proj(xn[:, rows]).view(1, rows.numel(), -1, d).transpose(1, 2)  # (1, H, Q, d)
-    if rope:
-        cos, sin = rotary(x[None], pos.unsqueeze(-2))  # (S,) -> (1, S); M-RoPE (3, S) -> (3, 1, S)
-        apply = rope_fn_for(attn)
-        _, k = apply(k, k, cos, sin)
-        if q is not None:
-            _, q = apply(q, q, cos[:, rows], sin[:, rows])
-    return (None if q is None else q[0]), k[0]
+    None, k (H_kv, S, d). (:class:`LayerQK` keeps the pieces for several calls.)"""
+    qk = LayerQK(layer, x, rotary, pos)
+    k = qk.keys(rope)
+    return (None if rows is None else qk.queries(rows, rope)), k
 
 
 def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
