@@ -140,14 +140,14 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     L = kernel[None] if squeeze else kernel
     B, N, _ = L.shape
     k = max(0, min(int(k), N))
-    dev = L.device
-    picks = torch.empty(B, k, dtype=torch.long, device=dev)
+    # tensors made from L (new_*): on L's device, and host tensors when L is a host copy
+    picks = L.new_empty((B, k), dtype=torch.long)
     if k:
         fi = torch.finfo(L.dtype)
-        C = torch.zeros(B, k, N, dtype=L.dtype, device=dev)
+        C = L.new_zeros((B, k, N))
         d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
-        taken = torch.zeros(B, N, dtype=torch.bool, device=dev)
-        ar = torch.arange(B, device=dev)
+        taken = L.new_zeros((B, N), dtype=torch.bool)
+        ar = L.new_tensor(range(B), dtype=torch.long)
         for t in range(k):
             score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
             j = score.argmax(-1)  # (B,), first maximum
@@ -260,15 +260,26 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
             kept.append(cand)
         else:
             by_size.setdefault((int(cand.numel()), k), []).append(u)
+    groups = []  # (candidates (B, N), kernels (B, N, N), k): one batch of kernels per candidate count
     for (n, k), units in by_size.items():
         cand = torch.stack([plan[u][1] for u in units])  # (B, N)
         if official:  # the official fp16 projector output, normalised in fp16
             L = cdpruner_kernel(features[cand].to(OFFICIAL_DTYPE), r[cand], reference=True)
-            picks = dpp_greedy_official(L, k)
         else:
             L = cdpruner_kernel(features[cand], r[cand], reference=reference)
-            picks = dpp_greedy(L, k)  # (B, k)
-        kept.append(cand.gather(1, picks).reshape(-1))
+        groups.append((cand, L, k))
+    if official:  # the official loop, on the device
+        kept += [cand.gather(1, dpp_greedy_official(L, k)).reshape(-1) for cand, L, k in groups]
+    elif groups:
+        # the k sequential steps run on the host: on a GPU each step is ~15 tiny kernels, launch-bound
+        # (~19 ms per 7B prefill at 64 tokens on an H100). One copy of every kernel of the sample to the
+        # host, the loop there (same code, same fp32 ops), the picks back.
+        host = torch.cat([L.reshape(-1) for _, L, _ in groups]).cpu()
+        at = 0
+        for cand, L, k in groups:
+            hl = host[at:at + L.numel()].view(L.shape)
+            at += L.numel()
+            kept.append(cand.gather(1, dpp_greedy(hl, k).to(dev)).reshape(-1))
     if official:  # a re-picked token (official index mask) is kept once; sorted
         return torch.unique(torch.cat(kept))
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
