@@ -51,7 +51,10 @@ def methods():
 
 
 def _env(tmp: Path, token_log: Path | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VTPRUNE_TOKEN_LOG", "PYTHONPATH")}
+    # no rendezvous variables: an in-process deepspeed_inference of an earlier test (test_deepspeed_*) sets
+    # MASTER_PORT and keeps that port bound, and lmms-eval's accelerator would try to listen on it
+    drop = ("VTPRUNE_TOKEN_LOG", "PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp / "hf_datasets"), WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
