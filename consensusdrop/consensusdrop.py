@@ -180,20 +180,24 @@ def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda",
     return (w_v * u_v + w_x * u_x) / (w_v + w_x)
 
 
+def _cover_setup(x: torch.Tensor, seed: torch.Tensor | None, d: int):
+    """What every diverse pick starts from: the fp32 cosine similarities of the rows of ``x`` (n, D), an
+    empty picked mask, the number of forced picks and ``d`` clipped to n."""
+    n = x.shape[0]
+    d = min(d, n)
+    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    return xn @ xn.T, picked, 0 if seed is None else min(int(seed.numel()), d), d
+
+
 def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None,
                    alpha: float = 1.0) -> tuple[MaxMinProblem | None, torch.Tensor, int]:
     """The relevance-weighted max-min pick of :func:`diverse_pick` set up for
     :func:`llava.ops.greedy_max_min` (which runs the sequential loop on the host, one copy each way for
     all the problems of a sample): (the problem or None, the picked mask so far, d)."""
-    n = x.shape[0]
-    d = min(d, n)
-    dev = x.device
-    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    sim = xn @ xn.T
-    picked = torch.zeros(n, dtype=torch.bool, device=dev)
-    n_seed = 0 if seed is None else min(int(seed.numel()), d)
+    sim, picked, n_seed, d = _cover_setup(x, seed, d)
     w = rel.float().clamp(min=0) ** alpha
-    mind = torch.ones(n, device=dev)
+    mind = torch.ones(x.shape[0], device=x.device)
     if n_seed:
         picked[seed[:n_seed]] = True
         mind = (1.0 - sim[:, seed[:n_seed]]).amin(1).clamp(min=0)
@@ -228,15 +232,10 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
     fp32. maxmin's sequential loop runs on the host (:func:`llava.ops.greedy_max_min`, picks
     bit-identical to the device loop; the engine's path batches every unit of a sample into one
     round trip); dpp's loop runs on the device, one argmax per pick, no host sync."""
-    n = x.shape[0]
-    d = min(d, n)
-    dev = x.device
     if how == "maxmin":
         return finish_maxmin(*maxmin_problem(x, rel, d, seed, alpha))
-    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    sim = xn @ xn.T
-    picked = torch.zeros(n, dtype=torch.bool, device=dev)
-    n_seed = 0 if seed is None else min(int(seed.numel()), d)
+    n, dev = x.shape[0], x.device
+    sim, picked, n_seed, d = _cover_setup(x, seed, d)
     if how == "nms":  # one pass, no loop: penalise each token by its nearest more-relevant token
         o = order_desc(rel, torch.zeros_like(rel))
         so = sim[o][:, o].masked_fill(~torch.ones(n, n, dtype=torch.bool, device=dev).triu(1), -1.0)
