@@ -481,10 +481,6 @@ def _overall(summ: dict) -> str:
     return v + (" (PARTIAL)" if summ.get("partial") and v != "PARTIAL" else "")
 
 
-def _f(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
-
-
 def markdown(report: dict) -> str:
     env, cfg, summ = report["environment"], report["config"], report["summary"]
     out = [f"# DeepSpeed check: {env['device_name']}, {env['date']}", "",
@@ -546,13 +542,14 @@ def markdown(report: dict) -> str:
                     "|---|---|---|---|---|---|---|"]
             for r in t.get("table", []):
                 if r.get("not_run"):
-                    out.append(f"| {r['method']} | {_f(r['budget'], 'd')} | not run ({r['not_run']}) | | | | |")
+                    out.append(f"| {r['method']} | {G._fmt(r['budget'], 'd')} | not run ({r['not_run']}) | | | | |")
                     continue
                 if r.get("error"):
-                    out.append(f"| {r['method']} | {_f(r['budget'], 'd')} | crash: `{G._short(r['error'])}` | | | | |")
+                    out.append(f"| {r['method']} | {G._fmt(r['budget'], 'd')} | crash: `{G._short(r['error'])}` | | | | |")
                     continue
-                out.append(f"| {r['method']} | {_f(r['budget'], 'd')} | {_f(r['plain_ms'])} | {_f(r['plain_p90_ms'])} | "
-                           f"{_f(r['deepspeed_ms'])} | {_f(r['deepspeed_p90_ms'])} | {_f(r['ratio'], '.3f')} |")
+                ms = [G._fmt(r[k], ".2f") for k in ("plain_ms", "plain_p90_ms", "deepspeed_ms", "deepspeed_p90_ms")]
+                out.append(f"| {r['method']} | {G._fmt(r['budget'], 'd')} | " + " | ".join(ms)
+                           + f" | {G._fmt(r['ratio'], '.3f')} |")
     la = report.get("launcher")
     if la is not None:
         out += ["", "## C. The real launcher: scripts/eval/pope.sh, LAUNCHER=python vs deepspeed", "",
@@ -742,8 +739,8 @@ def main(argv=None) -> int:
         print(f"  {k:16s} {v}")
     t = report.get("ttft") or {}
     for r in t.get("table", []):
-        print(f"  TTFT {r['method']:14s} plain {_f(r['plain_ms'])} ms  deepspeed {_f(r['deepspeed_ms'])} ms  "
-              f"ratio {_f(r['ratio'], '.3f')}")
+        print(f"  TTFT {r['method']:14s} plain {G._fmt(r['plain_ms'], '.2f')} ms  "
+              f"deepspeed {G._fmt(r['deepspeed_ms'], '.2f')} ms  ratio {G._fmt(r['ratio'], '.3f')}")
     print("report: " + ", ".join(report["files"]))
     return G.exit_status(summ)
 
