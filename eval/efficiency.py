@@ -257,39 +257,28 @@ def prefill_once(rt, batch, device):
 
 def prefill_ops(rt, batch) -> dict:
     """Launching aten ops (``llava.syncs.OpCounter``) of one :func:`prefill_once`, split as the engine
-    splits its time: while counting, the engine's phase clock (``llava.engine._Timer``) reads the op count
+    splits its time: while counting, the engine's phase clock (``PruningEngine.clock``) reads the op count
     instead of the time, so ``PrefillStats.timings`` holds op counts per phase. ``total`` also covers what
     runs after the engine (LM head, greedy pick: ``other``); ``syncs`` = host syncs in the same pass. The
-    split is left out (total only) when no engine is attached or its clock is not where it used to be."""
-    import llava.engine as engine
+    split is left out (total only) when no engine is attached."""
     from llava.syncs import OpCounter
 
     counter = OpCounter(syncs=True)
-
-    class _OpClock:  # the engine's _Timer interface, reading the op count
-        def __init__(self, device):
-            pass
-
-        def now(self) -> float:
-            return float(counter.op_total)
-
     eng = getattr(rt, "engine", None)
-    timer = getattr(engine, "_Timer", None)
     if eng is not None:
         eng.stats = None
-    if timer is not None:
-        engine._Timer = _OpClock
+        eng.clock = lambda: float(counter.op_total)  # the engine's phase clock reads the op count
     try:
         with torch.inference_mode(), counter:
             out = rt.model(**batch, use_cache=True, logits_to_keep=1)
             out.logits[:, -1].argmax(-1).cpu()
     finally:
-        if timer is not None:
-            engine._Timer = timer
+        if eng is not None:
+            eng.clock = None
     del out
     res = {"total": counter.op_total}
     timings = getattr(getattr(eng, "stats", None), "timings", None) or {}
-    if timer is not None and {"vision", "selection", "llm", "prefill_total"} <= set(timings):
+    if {"vision", "selection", "llm", "prefill_total"} <= set(timings):
         res.update({k: int(round(timings[k])) for k in ("vision", "selection", "llm", "prefill_total")})
         res["other"] = res["total"] - res["prefill_total"]
     res["syncs"] = counter.sync_total

@@ -166,10 +166,16 @@ def _renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Timer:
-    def __init__(self, device: torch.device):
+    """The phase clock of ``PrefillStats.timings``: seconds (synchronised on CUDA), or ``clock()`` when
+    the engine has one (e.g. eval.efficiency counts ops per phase with it)."""
+
+    def __init__(self, device: torch.device, clock=None):
         self.cuda = device.type == "cuda"
+        self.clock = clock
 
     def now(self) -> float:
+        if self.clock is not None:
+            return self.clock()
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -224,6 +230,8 @@ class PruningEngine:
         #: when True, later prefills reuse ``selections`` instead of asking the method (e.g. to check
         #: cached decoding against a full recompute with the same kept set)
         self.replay = False
+        #: what ``stats.timings`` is measured with: None = seconds; a callable = its readings (one per phase edge)
+        self.clock = None
         #: optional per-row keys (e.g. question ids) for the next prefill; consumed by it
         self.sample_keys: list | None = None
         self._state: _State | None = None
@@ -307,7 +315,7 @@ class PruningEngine:
                 raise ValueError("a visual prompt on top of a non-empty KV cache (multi-turn cache reuse) is not supported")
             if input_ids is None:
                 raise ValueError("the pruning engine needs input_ids to locate the image placeholders")
-            timer = _Timer(input_ids.device)
+            timer = _Timer(input_ids.device, self.clock)
             t0 = timer.now()
             ctx = _Prefill()
             embeds, mask, pos, info = self._prefill_inputs(ctx, input_ids, visual, attention_mask, position_ids, timer)
@@ -749,7 +757,7 @@ class PruningEngine:
         per_layer = [[] for _ in range(B)]
         shift = torch.zeros(B, dtype=torch.long, device=dev)
         sel_time = 0.0
-        timer = _Timer(dev)
+        timer = _Timer(dev, self.clock)
         for s in range(len(bounds) - 1):
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
