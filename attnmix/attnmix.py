@@ -32,16 +32,10 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, masked_take, text_to_image_score, topk_desc, unit_layout
+from llava.ops import best_product_split, check_numerics, masked_take, text_to_image_score, topk_desc, unit_layout
 
-NUMERICS = ("ours", "official")
 #: dtype of the official signals: the fp16 LLM inputs and the [CLS] attentions cast to the fp16 image dtype
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"attnmix: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def official_text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
@@ -117,7 +111,7 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
     fp32 copies of the two lists' remaining values with ``torch.sort`` as the official
     ``max_sqrt_sum_with_indices``. Default: ties to the lower index everywhere.
     """
-    check_numerics(numerics)
+    check_numerics("attnmix", numerics)
     official = numerics == "official"
     n_units = len(units)
     b = adav_budget(budget, n_units, min_frac)
@@ -216,7 +210,7 @@ class AttnMix(Method):
         super().__init__(budget, **options)
         if self.text_queries not in ("all", "question"):
             raise ValueError("attnmix: text_queries must be 'all' or 'question'")
-        check_numerics(self.numerics)
+        check_numerics("attnmix", self.numerics)
 
     def select_vision(self, sig):
         # each unit's tokens in its own patch order (the NeXT 'spatial' layout interleaves grid crops)

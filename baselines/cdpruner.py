@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import unit_layout
+from llava.ops import check_numerics, unit_layout
 
 RELEVANCE_MODES = ("llm", "clip")
 SIGNS = ("neg", "pos")
@@ -58,14 +58,8 @@ CLS_TOKEN_MODES = ("candidate", "keep", "drop")
 #: visual_projection of a CLIP checkpoint to the tower's select-layer features)
 CLIP_FAMILIES = ("llava", "llava_next", "video_llava")
 CLIP_TEXT_LEN = 77  # fallback when the CLIP config has no max_position_embeddings
-NUMERICS = ("ours", "official")
 #: dtype of the official projected tokens (and LLM text embeddings): LLaVA loads the model in float16
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"cdpruner: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -87,7 +81,7 @@ def relevance_clip(image_embeds: torch.Tensor, text_embeds: torch.Tensor, numeri
     """Official relevance before the sign: mean over text segments of cos(E_j, T_m).
     image_embeds (T, C), text_embeds (M, C) -> (T,) fp32. ``numerics="official"``: rows divided by their
     norms without the 1e-12 floor (the official division)."""
-    check_numerics(numerics)
+    check_numerics("cdpruner", numerics)
     if numerics == "official":
         e, t = image_embeds.float(), text_embeds.float()
         return ((e / e.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).T).mean(-1)
@@ -220,7 +214,7 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
     callable computing it (only called when some unit is pruned); unit (T,) (-1 = newline); patch (T,)
     (-1 = [CLS] token); unit_pos (U, 2) grid position per unit ((-1, -1) = a new image starts).
     """
-    check_numerics(numerics)
+    check_numerics("cdpruner", numerics)
     official = numerics == "official"
     if minmax_scope not in MINMAX_SCOPES:
         raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {minmax_scope!r}")
@@ -367,7 +361,7 @@ class CDPruner(Method):
             raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {self.minmax_scope!r}")
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
-        check_numerics(self.numerics)
+        check_numerics("cdpruner", self.numerics)
         if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
                              "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")

@@ -34,24 +34,18 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import masked_take, scale_layers, topk_desc
+from llava.ops import check_numerics, masked_take, scale_layers, topk_desc
 
 from .fastv import equivalent_kept_count
 
-NUMERICS = ("ours", "official")
 #: the dtype of the official runs' LLM (keys, hidden states): LLaVA loads the LLM in float16
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"dart: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def dart_key_l1(keys: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
     """(S,) L1 norm of each token's keys ``keys`` (S, H, d), heads concatenated: fp32 ("ours") or, as
     the official ``torch.norm(k, p=1, dim=-1)``, in the official dtype (``"official"``)."""
-    check_numerics(numerics)
+    check_numerics("dart", numerics)
     if numerics == "official":
         return torch.norm(keys.to(OFFICIAL_DTYPE).flatten(1).contiguous(), p=1, dim=-1)
     return keys.float().flatten(1).abs().sum(-1)
@@ -78,7 +72,7 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     as the image precedes the text), "score" = visual pivots by key norm, then text pivots.
 
     ``numerics="official"``: :func:`dart_select_official` (``pivot_order`` is then not used)."""
-    check_numerics(numerics)
+    check_numerics("dart", numerics)
     if numerics == "official":
         return dart_select_official(feats, visual, text, key_l1, per_pivot, num_image, num_text)
     img_p, txt_p = dart_pivots(key_l1[visual], key_l1[text], num_image, num_text)
@@ -184,7 +178,7 @@ class DART(Method):
             raise ValueError(f"dart: budget_mode must be 'kept' or 'equivalent', got {self.budget_mode!r}")
         if self.pivot_order not in ("index", "score"):
             raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {self.pivot_order!r}")
-        check_numerics(self.numerics)
+        check_numerics("dart", self.numerics)
         if int(self.pivot_image) < 0 or int(self.pivot_text) < 0 or int(self.pivot_image) + int(self.pivot_text) == 0:
             raise ValueError("dart: need at least one pivot")
         if not 0.0 <= float(self.reduction_ratio) <= 1.0:

@@ -43,19 +43,13 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import MaxMinProblem, greedy_max_min, masked_take, unit_layout
+from llava.ops import MaxMinProblem, check_numerics, greedy_max_min, masked_take, unit_layout
 
 DEFAULT_RATIO = 0.098  # official SUBSET_RATIO default (README)
 SCOPES = ("auto", "sample", "unit")
 NEWLINE_MODES = ("auto", "candidate", "keep", "drop")
-NUMERICS = ("ours", "official")
 #: the dtype of the official runs' LLM input embeddings (LLaVA loads the model in float16)
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"divprune: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +112,7 @@ def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.
     in pick order. The loop runs on the host (:func:`llava.ops.greedy_max_min`: one copy each way,
     the picks bit-identical to the device loop). ``numerics="official"``:
     :func:`max_min_diversity_official` (the official loop, on the device)."""
-    check_numerics(numerics)
+    check_numerics("divprune", numerics)
     if numerics == "official":
         return max_min_diversity_official(x, k)
     first, prob = max_min_problem(x, k)
@@ -143,7 +137,7 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
     ``numerics``: "ours" (fp32, distinct picks) or "official" (reference mode; repeated picks are
     kept once, so a scope may keep fewer than k tokens).
     """
-    check_numerics(numerics)
+    check_numerics("divprune", numerics)
     if newlines not in NEWLINE_MODES:
         raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {newlines!r}")
     if newlines == "auto":
@@ -214,7 +208,7 @@ class DivPrune(Method):
             raise ValueError(f"divprune: scope must be one of {SCOPES}, got {self.scope!r}")
         if self.newlines not in NEWLINE_MODES:
             raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
-        check_numerics(self.numerics)
+        check_numerics("divprune", self.numerics)
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("divprune: newline tokens can be candidates only in sample scope")
 

@@ -39,17 +39,11 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import topk_desc, unit_layout
+from llava.ops import check_numerics, topk_desc, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
-NUMERICS = ("ours", "official")
 #: dtype of the official [CLS] attentions after the tower (cast to the fp16 image dtype)
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"fastervlm: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, budget: int, *,
@@ -62,7 +56,7 @@ def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, b
     ``numerics="official"`` (reference mode): scores = fp16 mean of the fp16-cast per-head rows, picks
     by ``torch.topk`` (official tie order); default: fp32 mean, ties to the lower index.
     """
-    check_numerics(numerics)
+    check_numerics("fastervlm", numerics)
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
     if numerics == "official":
@@ -121,7 +115,7 @@ class FasterVLM(Method):
         super().__init__(budget, **options)
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
-        check_numerics(self.numerics)
+        check_numerics("fastervlm", self.numerics)
 
     def select_vision(self, sig):
         return Selection(keep=fastervlm(sig.cls_attn, sig.unit, sig.patch, self.budget,

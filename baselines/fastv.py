@@ -34,18 +34,12 @@ from fractions import Fraction
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import scale_layers, topk_desc
+from llava.ops import check_numerics, scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
 
-NUMERICS = ("ours", "official")
 #: dtype of the official attention probabilities (softmax in fp32, cast to the fp16 query dtype)
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"fastv: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def round_half_up(x: Fraction | float) -> int:
@@ -75,7 +69,7 @@ def fastv_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, nume
     indices (into ``visual``) of the ``k`` visual tokens with the highest head-mean attention, in
     ascending (original) order; ties go to the lower index. ``numerics="official"``: the rows cast to
     float16, head mean in fp16 (as the official ``torch.mean(attn, dim=1)``), ``torch.topk``."""
-    check_numerics(numerics)
+    check_numerics("fastv", numerics)
     if numerics == "official":
         scores = last_row_attn.to(OFFICIAL_DTYPE)[None].mean(dim=1)[0][visual]
         return scores.topk(max(0, min(int(k), scores.numel()))).indices.sort().values
@@ -123,7 +117,7 @@ class FastV(Method):
         super().__init__(budget, **options)
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise ValueError(f"fastv: ratio must be in [0, 1], got {self.ratio}")
-        check_numerics(self.numerics)
+        check_numerics("fastv", self.numerics)
         if int(self.layer) < 1:
             raise ValueError(f"fastv: layer must be >= 1, got {self.layer}")
 

@@ -44,15 +44,10 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import check_numerics
 
-NUMERICS = ("ours", "official")
 #: dtype of the official FlowCut quantities (computed inside the fp32 tower, device_map='auto')
 OFFICIAL_DTYPE = torch.float32
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"flowcut: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def flowcut_score(cls_attn: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +113,7 @@ class FlowCut(Method):
             raise ValueError(f"flowcut: frame_cls must be 'count' or 'extra', got {self.frame_cls!r}")
         if not 0.0 <= float(self.ema) <= 1.0:
             raise ValueError(f"flowcut: ema must be in [0, 1], got {self.ema!r}")
-        check_numerics(self.numerics)
+        check_numerics("flowcut", self.numerics)
 
     def patch_target(self, sig) -> int:
         """T: the patches a unit keeps ([CLS] not counted)."""

@@ -46,19 +46,13 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import masked_take, unit_layout
+from llava.ops import check_numerics, masked_take, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
 BUDGET_MODES = ("per_unit", "per_image_total")
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
-NUMERICS = ("ours", "official")
 #: dtype of the official global attention (fp32 tower under device_map='auto', attentions returned uncast)
 OFFICIAL_DTYPE = torch.float32
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"hiprune: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def official_unit_keep(obj: torch.Tensor, deep: torch.Tensor, present: torch.Tensor, a: int, t: int,
@@ -117,7 +111,7 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
     ``numerics="official"``: per pruned unit the official ``torch.topk`` / ``torch.unique`` calls
     (:func:`official_unit_keep`, one host read per unit for |U|), scores in fp32.
     """
-    check_numerics(numerics)
+    check_numerics("hiprune", numerics)
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"hiprune: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
     if budget_mode not in BUDGET_MODES:
@@ -263,7 +257,7 @@ class HiPrune(Method):
         ref = self.object_layer_reference
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"hiprune: object_layer_reference must be a positive int or None, got {ref!r}")
-        check_numerics(self.numerics)
+        check_numerics("hiprune", self.numerics)
         self.vision_attention_layers = (self.object_layer, self.deep_layer)
 
     def object_layer_for(self, depth: int) -> int:

@@ -50,11 +50,10 @@ from typing import Sequence
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import scale_layers, topk_desc
+from llava.ops import check_numerics, scale_layers, topk_desc
 
 from .fastv import round_half_up
 
-NUMERICS = ("ours", "official")
 #: dtype of the official attention probabilities in ``pdrop_rank_drop`` (fp32 softmax cast to the fp16
 #: query dtype; the head and query means run in it)
 OFFICIAL_DTYPE = torch.float16
@@ -75,18 +74,13 @@ REFERENCE_TOKENS = 576  # ... and for LLaVA-1.5's 576 visual tokens
 # ----------------------------------------------------------------------------------------------
 
 
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"pdrop: numerics must be one of {NUMERICS}, got {numerics!r}")
-
-
 def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
     """One PyramidDrop stage: ``last_row_attn`` (H, S) = the last instruction token's attention
     probabilities under the boundary layer's q/k, per head. Returns the indices (into ``visual``)
     of the top-``k`` visual tokens by head-mean attention, ascending (ties: lower index).
     ``numerics="official"``: the rows cast to float16, the official (H, 1, S) mean over heads, the
     visual columns, the mean over the one query row, all in fp16, then ``torch.topk``."""
-    check_numerics(numerics)
+    check_numerics("pdrop", numerics)
     if numerics == "official":
         per_head = last_row_attn.to(OFFICIAL_DTYPE)[:, None]  # (H, 1, S) as the official attn_weights
         scores = per_head.mean(dim=0)[:, visual].mean(dim=0)  # heads, then the query row(s)
@@ -215,7 +209,7 @@ class PyramidDrop(Method):
                 raise ValueError("pdrop: ratios must be in [0, 1]")
         if not 0.0 <= float(self.lam) <= 1.0:
             raise ValueError("pdrop: lam must be in [0, 1]")
-        check_numerics(self.numerics)
+        check_numerics("pdrop", self.numerics)
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):

@@ -46,13 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import masked_take, unit_layout
+from llava.ops import check_numerics, masked_take, unit_layout
 
 VARIANTS = ("plus", "base")
 BUDGET_MODES = ("adaptive", "fixed")
 CLS_TOKEN_MODES = ("drop", "keep")
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
-NUMERICS = ("ours", "official")
 #: dtype of every official signal (the PruMerge builder casts the tower to fp16 unconditionally)
 OFFICIAL_DTYPE = torch.float16
 REFUSAL = ("PruMerge reads the [CLS] query's full-width attention and the full-width keys of the last CLIP "
@@ -62,11 +61,6 @@ REFUSAL = ("PruMerge reads the [CLS] query's full-width attention and the full-w
 
 
 # ------------------------------------------------------------------------------------------- counts
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"prumerge: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def iqr_outliers_official(a: torch.Tensor) -> int:
@@ -156,7 +150,7 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     adaptive outlier counts, one for the PruMerge+ supplement counts (all units at once).
     ``numerics="official"``: the official fp16 numerics (module docstring); the adaptive counts are then
     read per unit (numpy, as the official code)."""
-    check_numerics(numerics)
+    check_numerics("prumerge", numerics)
     official = numerics == "official"
     if variant not in VARIANTS:
         raise ValueError(f"prumerge: variant must be one of {VARIANTS}, got {variant!r}")
@@ -344,7 +338,7 @@ class PruMerge(Method):
         if isinstance(self.qk_layer, bool) or not isinstance(self.qk_layer, int):
             raise ValueError(f"prumerge: qk_layer must be an int (hidden-state index), got {self.qk_layer!r}")
         self.vision_fullwidth_layers = (self.qk_layer,)
-        check_numerics(self.numerics)
+        check_numerics("prumerge", self.numerics)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:

@@ -50,7 +50,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import masked_take, scale_layers, topk_desc
+from llava.ops import check_numerics, masked_take, scale_layers, topk_desc
 
 from .pdrop import REFERENCE_DEPTH, fit_stage_counts, scaled_count
 
@@ -60,14 +60,8 @@ SCHEDULES = {
     "v2": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
 }
 DEFAULT_BUDGET = 192  # RETAIN_TOKN's default
-NUMERICS = ("ours", "official")
 #: dtype of the official LLM signals (embeddings, attention probabilities, hidden states)
 OFFICIAL_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"sparsevlm: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +74,7 @@ def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor, numeri
     m = softmax over text of V T^T (N x T), mean over the N visual tokens -> relevance (T,);
     raters = relevance > mean(relevance) (fp32). ``numerics="official"``: the embeddings cast to float16
     and every step in fp16 with the official (batch-1) shapes."""
-    check_numerics(numerics)
+    check_numerics("sparsevlm", numerics)
     if numerics == "official":
         v, t = visual_embeds.to(OFFICIAL_DTYPE)[None], text_embeds.to(OFFICIAL_DTYPE)[None]
         m = (v @ t.transpose(1, 2)).softmax(2).mean(1)[0]
@@ -127,7 +121,7 @@ def select_heads(attn_rv: torch.Tensor, num: int, numerics: str = "ours") -> tor
     """SparseVLM+ 4.3 (``select_attn_head_by_sum``): the ``num`` heads with the largest total
     rater->visual attention. attn_rv (H, R, N). Returns head indices, best first (ties: lower).
     ``numerics="official"``: fp16 sums, ``torch.topk``."""
-    check_numerics(numerics)
+    check_numerics("sparsevlm", numerics)
     if numerics == "official":
         return attn_rv.to(OFFICIAL_DTYPE).sum((1, 2)).topk(max(0, min(int(num), attn_rv.shape[0]))).indices
     return topk_desc(attn_rv.float().sum((1, 2)), num)
@@ -137,7 +131,7 @@ def rater_scores(attn_rv: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
     """``attn_postprocess_topk``'s relation: attn_rv (H, R, N) rater-row attention restricted to
     the visual columns -> mean over heads, then over raters -> (N,). ``numerics="official"``: both means
     in fp16 (with the official batch-1 shapes)."""
-    check_numerics(numerics)
+    check_numerics("sparsevlm", numerics)
     if numerics == "official":
         return attn_rv.to(OFFICIAL_DTYPE)[None].mean(1).mean(1)[0]
     return attn_rv.float().mean(0).mean(0)
@@ -208,7 +202,7 @@ def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Ten
     slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means.
     ``numerics="official"``: the recycled tokens by ``torch.topk`` of the (fp16) scores, in topk order,
     clustered by :func:`official_density_peak_clusters`."""
-    check_numerics(numerics)
+    check_numerics("sparsevlm", numerics)
     n = scores.numel()
     assign = torch.full((n,), -1, dtype=torch.long, device=scores.device)
     if pruned.numel() == 0:
@@ -309,7 +303,7 @@ class SparseVLM(Method):
             raise ValueError(f"sparsevlm: no official {version} schedule for budget {budget}; "
                              f"use one of {sorted(SCHEDULES[version])} or an explicit `schedule`")
         super().__init__(budget, **options)
-        check_numerics(self.numerics)
+        check_numerics("sparsevlm", self.numerics)
         v2 = self.version == "v2"
         self.recycle = (not v2) if self.recycle is None else bool(self.recycle)
         self.gravity = v2 if self.gravity is None else bool(self.gravity)

@@ -65,7 +65,8 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, contextual_merge, masked_take, topk_desc, uniform_targets, unit_layout
+from llava.ops import (block_order, check_numerics, contextual_merge, masked_take, topk_desc, uniform_targets,
+                       unit_layout)
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)
 OFFICIAL_SPLITS = {
@@ -76,7 +77,6 @@ OFFICIAL_SPLITS = {
     17: (14, 3),     # Video-LLaVA per frame (our default; 136 per 8-frame video)
 }
 
-NUMERICS = ("ours", "official")
 #: dtype of the official VisionZip tower's scores, key metric and merge (fp32 tower, see module doc)
 OFFICIAL_DTYPE = torch.float32
 CLS_SLOTS = ("cls", "patch", "empty")
@@ -90,11 +90,6 @@ def default_split(budget: int) -> tuple[int, int]:
         return OFFICIAL_SPLITS[budget]
     c = int(budget * 10 / 64 + 0.5)
     return budget - c, c
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"visionzip: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def official_contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int,
@@ -233,7 +228,7 @@ class VisionZip(Method):
             raise ValueError(f"visionzip: need dominant >= 1 and contextual >= 0 (whole numbers), got {d}, {c}")
         if self.cls_slot not in CLS_SLOTS:
             raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
-        check_numerics(self.numerics)
+        check_numerics("visionzip", self.numerics)
         if self.next_order not in ORDERS:
             raise ValueError(f"visionzip: next_order must be one of {ORDERS}, got {self.next_order!r}")
         self.dominant, self.contextual = int(d), int(c)

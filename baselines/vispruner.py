@@ -52,20 +52,14 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import unit_layout
+from llava.ops import check_numerics, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
 MAX_STEP = 8  # official: at most 8 tokens removed per round
-NUMERICS = ("ours", "official")
 #: dtype of the official select-layer features (``.to(images.dtype)``: fp16) and of its [CLS] attentions (the
 #: tower's own dtype: fp32, the tower is not cast under ``device_map='auto'``)
 OFFICIAL_FEATURE_DTYPE = torch.float16
 OFFICIAL_ATTENTION_DTYPE = torch.float32
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"vispruner: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def default_ratio(budget: int) -> float:
@@ -151,7 +145,7 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
     """VisPruner on a batch of units: scores (B, N) head-mean [CLS] attention, feats (B, N, C)
     pre-projector features. Returns (B, min(N, T)) local indices, ascending.
     ``numerics="official"``: scores as given (the official dtype), unstable ``argsort``, fp16 features."""
-    check_numerics(numerics)
+    check_numerics("vispruner", numerics)
     if numerics == "official":
         order = scores.argsort(dim=-1, descending=True)
         important, residual = order[:, :t_imp], order[:, t_imp:]
@@ -182,7 +176,7 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
     (-1 = newline); patch: (T,) patch index (-1 = [CLS] visual token, Video-LLaVA)."""
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
-    check_numerics(numerics)
+    check_numerics("vispruner", numerics)
     ratio = default_ratio(budget) if important_ratio is None else float(important_ratio)
     if numerics == "official":  # the official fp32 tower attentions, head mean in that dtype
         scores = cls_attn.to(OFFICIAL_ATTENTION_DTYPE).mean(0)
@@ -247,7 +241,7 @@ class VisPruner(Method):
             raise ValueError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio!r}")
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
-        check_numerics(self.numerics)
+        check_numerics("vispruner", self.numerics)
 
     def select_vision(self, sig):
         return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,

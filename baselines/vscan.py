@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import masked_take, scale_layers
+from llava.ops import check_numerics, masked_take, scale_layers
 
 from .pdrop import pdrop_select
 
@@ -60,16 +60,10 @@ OFFICIAL_LOCAL_LAYER = 5  # attentions[5] of CLIP-L/14's 24 layers
 REFERENCE_TOWER = 24
 OFFICIAL_WINDOWS_PER_SIDE = 4  # 24 // 6
 REMAINDERS = ("drop", "global")
-NUMERICS = ("ours", "official")
 #: official dtype of the scans' [CLS] rows and of the merge features (``.to(images.dtype)``, fp16 projector)
 OFFICIAL_DTYPE = torch.float16
 #: rows of the official cosine evaluated at a time (same values, bounded memory)
 COSINE_CHUNK = 128
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"vscan: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def _official_scans(a_loc, a_glob, unit, patch, pruned_tok, num_units, rows, cols, s, k_win, g_unit):
@@ -190,7 +184,7 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     ``numerics="official"``: reference mode (module doc): fp16 scores, the official ``torch.topk`` calls
     (local picks zeroed in the global row), fp16 ``F.cosine_similarity`` for the assignment.
     """
-    check_numerics(numerics)
+    check_numerics("vscan", numerics)
     if remainder not in REMAINDERS:
         raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {remainder!r}")
     dev = features.device
@@ -385,7 +379,7 @@ class VScan(Method):
             raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {self.remainder!r}")
         if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
             raise ValueError("vscan: window must be >= 1 patch")
-        check_numerics(self.numerics)
+        check_numerics("vscan", self.numerics)
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=REFERENCE_TOWER, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):

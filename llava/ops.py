@@ -15,6 +15,17 @@ import torch
 from .method import Selection
 
 
+#: the ``numerics`` option of every method with official code: our documented numerics, or the reference
+#: mode that reproduces the official implementation's dtypes and orderings (docs/evaluation.md)
+NUMERICS = ("ours", "official")
+
+
+def check_numerics(method: str, numerics: str) -> None:
+    """Refuse a ``numerics`` value other than :data:`NUMERICS`, naming the method."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"{method}: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
 def topk_desc(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, best first; ties broken by the lower index
     (methods.md 0.6). ``k`` is clipped to the number of scores."""

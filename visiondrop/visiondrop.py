@@ -34,23 +34,17 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, scale_layers, unit_layout
+from llava.ops import block_order, check_numerics, scale_layers, unit_layout
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
 OFFICIAL_32 = ((42, 6), (30, 5), (22, 4), (16, 3))
 LAYERS_32 = (8, 16, 24)
 
-NUMERICS = ("ours", "official")
 #: official dtype of the stage-0 scores, key metric and merge (the fp32 CLIP tower)
 OFFICIAL_TOWER_DTYPE = torch.float32
 #: official dtype of the LLM stages' probabilities, means, key metric and similarity (the fp16 LLM)
 OFFICIAL_LLM_DTYPE = torch.float16
-
-
-def check_numerics(numerics: str) -> None:
-    if numerics not in NUMERICS:
-        raise ValueError(f"visiondrop: numerics must be one of {NUMERICS}, got {numerics!r}")
 
 
 def _split_targets(x: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +134,7 @@ def _cat(parts: list) -> torch.Tensor:
 def stage0_scores(cls_attn: torch.Tensor, agg: str = "sum", numerics: str = "ours") -> torch.Tensor:
     """Stage-0 score per token: the [CLS] row (H, T) summed (official) or averaged over heads; fp32.
     ``numerics="official"``: as the official (B, H, N) slice's ``.sum(dim=1)`` in the tower dtype."""
-    check_numerics(numerics)
+    check_numerics("visiondrop", numerics)
     if numerics == "official":
         ca = cls_attn.to(OFFICIAL_TOWER_DTYPE)[None]
         return (ca.sum(dim=1) if agg == "sum" else ca.mean(dim=1))[0]
@@ -154,7 +148,7 @@ def llm_stage_score(probs: torch.Tensor, visual: torch.Tensor, numerics: str = "
     queries, of the visual columns (fp32). ``numerics="official"``: the probabilities cast to float16, the
     head mean of the full rows, the visual columns, the query mean, in fp16 (``visiondrop_rank_drop``'s
     order and layout)."""
-    check_numerics(numerics)
+    check_numerics("visiondrop", numerics)
     if numerics == "official":
         return probs.to(OFFICIAL_LLM_DTYPE).mean(dim=0)[:, visual].mean(dim=0)
     return probs[:, :, visual].mean(0).mean(0)
@@ -163,7 +157,7 @@ def llm_stage_score(probs: torch.Tensor, visual: torch.Tensor, numerics: str = "
 def llm_stage_metric(keys: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
     """LLM-stage merge metric (Nv, d) from the RoPE-rotated keys (Nv, H_kv, d): head mean in fp32, or
     (``numerics="official"``) the keys in float16 and the head mean in fp16 (``cur_key_states.mean(0)``)."""
-    check_numerics(numerics)
+    check_numerics("visiondrop", numerics)
     if numerics == "official":
         return keys.to(OFFICIAL_LLM_DTYPE).transpose(0, 1).mean(dim=0)
     return keys.float().mean(1)
@@ -205,7 +199,7 @@ def stage0_unit(a: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, cls_idx
     ascending], targets, assign over n). ``numerics="official"``: ``torch.topk`` and the official
     fp32 bmm assignment. For the per-sample loop: ``assign`` (n,) is written in place with the slots
     + ``offset`` (the targets of the units before), ``metric`` = the sample's keys already normalised."""
-    check_numerics(numerics)
+    check_numerics("visiondrop", numerics)
     if assign is None:
         assign = torch.full((n,), -1, dtype=torch.long, device=keys.device)
     scores = a[cand]
@@ -227,7 +221,7 @@ def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, con
     order, the rest merged into ``contextual`` tokens by key similarity (target + mean); ``keys`` is
     the (Nv, d) merge metric. ``numerics="official"``: ``torch.topk`` and the official fp16 matmul
     assignment (metric in float16, unclamped normalisation)."""
-    check_numerics(numerics)
+    check_numerics("visiondrop", numerics)
     n = score.numel()
     keep, rest = _top_rest(score, dominant, numerics)
     assign = torch.full((n,), -1, dtype=torch.long, device=score.device)
@@ -272,7 +266,7 @@ class VisionDrop(Method):
         super().__init__(budget, **options)
         if self.schedule is not None and len(self.schedule) != len(self.layer_list) + 1:
             raise ValueError("visiondrop: schedule needs one (D, C) pair per stage (encoder + each LLM layer)")
-        check_numerics(self.numerics)
+        check_numerics("visiondrop", self.numerics)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
