@@ -677,7 +677,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--ttft", action=B, default=True, help="part B (default on)")
     ap.add_argument("--ttft-model", default=d.ttft_model)
-    ap.add_argument("--ttft-dtype", default=d.ttft_dtype)
+    ap.add_argument("--ttft-dtype", default=None,
+                    help=f"dtype of the TTFT model (default {d.ttft_dtype} on a GPU, float32 on the CPU: DeepSpeed's "
+                         "CPU accelerator refuses float16)")
     ap.add_argument("--ttft-methods", nargs="+", default=d.ttft_methods)
     ap.add_argument("--ttft-budget", type=int, default=d.ttft_budget)
     ap.add_argument("--ttft-runs", type=int, default=d.ttft_runs)
@@ -706,13 +708,14 @@ def config_from_args(a) -> DSCheckConfig | None:
     bad = [x for x in dtypes if x not in G.DTYPES]
     if bad:
         raise ValueError(f"unknown dtype(s) {bad}; choose from {sorted(G.DTYPES)} or {sorted(G.ALIASES)}")
+    ttft_dtype = a.ttft_dtype or ("float32" if is_cpu else DSCheckConfig.ttft_dtype)
     known = G.registered_methods()
     unknown = [m for m in (a.methods or []) + list(a.ttft_methods) if m not in known and m != "none"]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(known)}")
     return DSCheckConfig(device=device, equivalence=a.equivalence, families=list(dict.fromkeys(a.families)),
                          dtypes=dtypes, methods=list(a.methods or []), new_tokens=a.new_tokens, seed=a.seed,
-                         ttft=a.ttft, ttft_model=a.ttft_model, ttft_dtype=G.ALIASES.get(a.ttft_dtype, a.ttft_dtype),
+                         ttft=a.ttft, ttft_model=a.ttft_model, ttft_dtype=G.ALIASES.get(ttft_dtype, ttft_dtype),
                          ttft_methods=list(a.ttft_methods), ttft_budget=a.ttft_budget, ttft_runs=a.ttft_runs,
                          ttft_warmup=a.ttft_warmup, launcher_check=a.launcher_check,
                          launcher_new_tokens=a.launcher_new_tokens, launcher_timeout=a.launcher_timeout, out=a.out,
