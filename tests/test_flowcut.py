@@ -287,7 +287,9 @@ def test_unequal_counts_run_in_groups():
             h = tower.encoder.layers[1](h, None)[:, :3]
             h = tower.encoder.layers[2](h, None)[:, :3]
             assert kept[u].nonzero().flatten().tolist() == [0, 1, 2]
-            torch.testing.assert_close(hs[u, :3], h[0], rtol=1e-5, atol=1e-6)
+            # a group of 2 units against 1 unit alone: different GEMM shapes, so the CPU's BLAS may pick
+            # another kernel (seen: 2.6e-6 absolute on a 2-core machine); the grouping itself is exact
+            torch.testing.assert_close(hs[u, :3], h[0], rtol=1e-5, atol=1e-5)
             assert bool((hs[u, 3:] == 0).all())
 
 
