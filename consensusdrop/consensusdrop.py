@@ -37,6 +37,31 @@ PRESETS = {"cover": {"probe_layer": None, "probe_mode": "auto", "fusion": "borda
            "probe": {"probe_layer": 2, "probe_mode": "auto", "fusion": "rrf", "select": "rank",
                      "contextual_rounding": "round"}}
 RELEVANCES = ("rank_mean", "score_mean", "calibrated", "calibrated_encoder", "calibrated_both")
+CROSS_SCORES = ("softmax", "prominence", "weighted")
+
+
+def cross_modal_score(text: torch.Tensor, visual: torch.Tensor, how: str = "softmax",
+                      temperature: float = 100.0) -> torch.Tensor:
+    """s_x before the LLM: the question's input embeddings ``text`` (Q, D) against the projected visual
+    tokens ``visual`` (N, D) -> (N,), fp32. With c = cos(e_q, f_j):
+
+    softmax:    max_q softmax_j(temperature c)  (AdaV's s_j; every question token, function words and the
+                answer-format instruction included, gets a peak of its own)
+    prominence: max_q (c_qj - mean_j' c_qj')  (each token's similarity above its own image average: a
+                token counts by how far it stands out, so the words aligned with visual content decide)
+    weighted:   max_q w_q softmax_j(temperature c), w_q = max_j c_qj - mean_j c_qj (AdaV's peaks,
+                each token's scaled by its prominence)"""
+    if how == "softmax":
+        return text_to_image_score(text, visual, temperature)
+    t = text.float()
+    v = visual.float()
+    cos = (t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
+    above = cos - cos.mean(dim=1, keepdim=True)
+    if how == "prominence":
+        return above.amax(dim=0)
+    if how == "weighted":
+        return (above.amax(dim=1, keepdim=True) * torch.softmax(temperature * cos, dim=1)).amax(dim=0)
+    raise ValueError(f"cross_score must be one of {CROSS_SCORES}, got {how!r}")
 
 
 def order_desc(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -191,10 +216,12 @@ def _cover_setup(x: torch.Tensor, seed: torch.Tensor | None, d: int):
 
 
 def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None,
-                   alpha: float = 1.0) -> tuple[MaxMinProblem | None, torch.Tensor, int]:
+                   alpha: float = 1.0, radius: float = 0.0) -> tuple[MaxMinProblem | None, torch.Tensor, int]:
     """The relevance-weighted max-min pick of :func:`diverse_pick` set up for
     :func:`llava.ops.greedy_max_min` (which runs the sequential loop on the host, one copy each way for
-    all the problems of a sample): (the problem or None, the picked mask so far, d)."""
+    all the problems of a sample): (the problem or None, the picked mask so far, d). ``radius`` > 0
+    (option ``cover_radius``) clips the distances at it, ``min(1, dist / radius)``: a token farther than
+    the radius from every pick counts as uncovered, and among those only the relevance decides."""
     sim, picked, n_seed, d = _cover_setup(x, seed, d)
     w = rel.float().clamp(min=0) ** alpha
     mind = torch.ones(x.shape[0], device=x.device)
@@ -204,6 +231,9 @@ def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tenso
     if d - n_seed <= 0:
         return None, picked, d
     dist = (1.0 - sim).clamp(min=0)
+    if radius:  # a token farther than the radius from every pick is "new": only its relevance counts
+        dist = (dist / radius).clamp(max=1.0)
+        mind = (mind / radius).clamp(max=1.0)
     return MaxMinProblem(dist=dist, k=d - n_seed, min_dist=mind, taken=picked, weight=w, fill=-1.0), picked, d
 
 
@@ -319,6 +349,7 @@ class ConsensusDrop(Method):
             "probe_query_agg": "mean",  # mean | max
             "probe_softmax_keys": "all",  # all | visual_only (renormalised over visual columns)
             "probe_mode": "auto",  # auto (embed_cos without a probe_layer, else attn) | attn | embed_cos (AdaV's s_j)
+            "cross_score": "softmax",  # embed_cos: softmax (AdaV's s_j) | prominence | weighted (cross_modal_score)
             "fusion": "borda",  # borda | rrf | product | max | adaptive | encoder_only | cross_only
             "rrf_k": 60.0,
             "w_v": 1.0,
@@ -332,6 +363,7 @@ class ConsensusDrop(Method):
             "contextual_rounding": "floor",  # C = floor | round (ratio x budget); floor: no merged token below 7
             "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
             "alpha": 1.0,  # maxmin: relevance exponent
+            "cover_radius": 0.0,  # maxmin: cosine distance beyond which a token counts as uncovered (0: plain max-min)
             "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
             "div_space": "features",  # maxmin / dpp distances: features (projected) | vision_features | keys
             "merge": "visionzip",  # visionzip | none
@@ -364,7 +396,7 @@ class ConsensusDrop(Method):
                   "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
                   "div_space": ("features", "vision_features", "keys"),
                   "fill": ("fused", "encoder", "coverage"), "peaks_source": ("cross", "fused"),
-                  "contextual_rounding": ("round", "floor")}
+                  "contextual_rounding": ("round", "floor"), "cross_score": CROSS_SCORES}
         for k, allowed in checks.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
@@ -424,7 +456,7 @@ class ConsensusDrop(Method):
             elif self.fill == "coverage":
                 rel = torch.ones_like(rel)
         if self.select == "maxmin" and defer:  # solved with the sample's other units (one host round trip)
-            return maxmin_problem(x, rel, d, seed, self.alpha)
+            return maxmin_problem(x, rel, d, seed, self.alpha, self.cover_radius)
         return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
 
     def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space,
@@ -503,7 +535,7 @@ class ConsensusDrop(Method):
                 q = {"question": sig.question_mask, "all_post_image": torch.ones_like(sig.question_mask),
                      "last": torch.arange(sig.question_mask.numel(), device=sig.question_mask.device)
                      == sig.question_mask.numel() - 1}[self.probe_queries]
-                s_x[: sig.num_stock] = text_to_image_score(sig.text_embeds[q], sig.features[: sig.num_stock])
+                s_x[: sig.num_stock] = cross_modal_score(sig.text_embeds[q], sig.features[: sig.num_stock], self.cross_score)
         metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
         space = "vision" if self.merge_space == "clip" else "projected"
         div_x = {"features": sig.features, "vision_features": sig.vision_features, "keys": sig.keys}[self.div_space]

@@ -295,3 +295,35 @@ def test_calibrated_encoder_and_both_by_hand():
         [(a + b) / 2 for a, b in zip(v_cal, x_rank)])
     assert fused_relevance(S_V, S_X, "borda", how="calibrated_both").tolist() == pytest.approx(
         [(a + b) / 2 for a, b in zip(v_cal, x_cal)])
+
+
+def test_cross_modal_scores_by_hand():
+    from consensusdrop.consensusdrop import cross_modal_score
+
+    # two question tokens, three visual tokens; cos = [[1, .6, 0], [0, .8, 1]]
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    vis = torch.tensor([[3.0, 0.0], [0.6, 0.8], [0.0, 0.5]])
+    # prominence: each row minus its mean (.5333, .6): [[.4667, .0667, -.5333], [-.6, .2, .4]] -> column max
+    assert cross_modal_score(text, vis, "prominence").tolist() == pytest.approx([0.46667, 0.2, 0.4], abs=1e-5)
+    # weighted: softmax(100 cos) rows ~ [[1, e^-40, e^-100], [e^-100, e^-20, 1]] scaled by the rows' prominence
+    # (max - mean: .4667, .4) -> column max [.4667, .4 e^-20, .4]
+    w = cross_modal_score(text, vis, "weighted")
+    assert w.tolist() == pytest.approx([0.46667, 0.4 * 2.0612e-9, 0.4], rel=1e-4)
+    # softmax: AdaV's s_j (llava.ops.text_to_image_score): column max of the softmax rows [1, e^-20, 1]
+    assert cross_modal_score(text, vis, "softmax").tolist() == pytest.approx([1.0, 2.0612e-9, 1.0], rel=1e-4)
+    with pytest.raises(ValueError, match="cross_score"):
+        cross_modal_score(text, vis, "mean")
+
+
+def test_cover_radius_by_hand():
+    from consensusdrop.consensusdrop import finish_maxmin, maxmin_problem
+
+    # a, b (a near-duplicate of a: distance .005), c (orthogonal: distance 1), d (cos .8 with a: distance .2)
+    x = torch.tensor([[1.0, 0.0], [0.995, 0.0998], [0.0, 1.0], [0.8, 0.6]])
+    rel = torch.tensor([1.0, 0.9, 0.3, 0.8])
+    # plain max-min: a first, then rel * distance = [-, .0045, .3, .16] -> c
+    assert finish_maxmin(*maxmin_problem(x, rel, 2)).tolist() == [0, 2]
+    # radius .2: distances / .2 clipped at 1 -> rel * [-, .025, 1, 1] = [-, .0225, .3, .8] -> d: beyond the
+    # radius only the relevance counts, the near-duplicate b is still held back
+    assert finish_maxmin(*maxmin_problem(x, rel, 2, radius=0.2)).tolist() == [0, 3]
+    assert finish_maxmin(*maxmin_problem(x, rel, 3, radius=0.2)).tolist() == [0, 2, 3]
