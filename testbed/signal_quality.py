@@ -1,0 +1,242 @@
+"""How well ConsensusDrop's two signals, and their consensus, rank the tokens a question needs (testbed).
+
+    python -m testbed.signal_quality --seeds 21 22 23 --n 800 --out docs/results/consensusdrop-signals.json
+
+Accuracy at a budget mixes the ranking with the selection rule and the LLM; this measures the ranking
+alone, against the testbed's ground truth (:func:`testbed.data.coverage`): a patch belongs to an object
+when the object covers at least ``COVER`` of it; the *referenced* patches are those of the objects the
+question names (all counted objects for a counting question; questions naming none are skipped there).
+Per question, over the image's 64 patches, for each ranking:
+
+    objects vs background   ROC AUC of object patches against background patches
+    referenced vs rest      ROC AUC of referenced patches against all others
+    referenced vs objects   ROC AUC of referenced patches against the other objects' patches
+    all refs in top k       every referenced object has a patch among the top k (k = 2, 4, 8)
+
+The rankings: ``encoder`` (s_v, [CLS] attention), ``cross`` (s_x, for each ``cross_score`` option),
+``borda`` (the default's consensus: the mean of the two rank relevances) and ``rrf5`` (reciprocal-rank
+fusion 1/(5 + r_v) + 1/(5 + r_x)). Also: for AdaV's s_x (``cross_score=softmax``), the share of questions
+whose top token is the peak of a question token that is not a colour, shape or size word (a function word
+or the answer-format instruction). Signals are read from the engine while ConsensusDrop runs (budget 4,
+the default options otherwise); means over questions, then the mean and sample sd over seeds.
+
+``--oracle`` bounds what any ranking can gain: the accuracy of ConsensusDrop when the best-covered patch of
+every referenced object is forced into the kept set first (an oracle no method has), the other picks by
+the default's rule (``refs + default``) or by plain max-min coverage (``refs + coverage``), next to the
+default on the same questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from consensusdrop.consensusdrop import ConsensusDrop, order_desc, ranks_from_order
+
+from . import data as D
+from . import evaluate as E
+
+COVER = 0.25
+CROSS_SCORES = ("softmax", "prominence")
+METRICS = ("objects vs background", "referenced vs rest", "referenced vs objects", "all refs in top 2",
+           "all refs in top 4", "all refs in top 8")
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC AUC of scores ``pos`` against ``neg``: P(pos > neg) + P(pos == neg) / 2."""
+    p = np.asarray(pos, dtype=np.float64)[:, None]
+    n = np.asarray(neg, dtype=np.float64)[None, :]
+    return float(((p > n) + 0.5 * (p == n)).mean())
+
+
+def rankings(s_v: torch.Tensor, s_x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Scores (higher = kept first) of each ranking, with ConsensusDrop's tie rules."""
+    r_v = ranks_from_order(order_desc(s_v, torch.zeros_like(s_v))).double()
+    r_x = ranks_from_order(order_desc(s_x, s_v)).double()
+    n = s_v.numel()
+    return {"encoder": (-r_v).numpy(), "cross": (-r_x).numpy(), "borda": ((2 * n - r_v - r_x) / 2).numpy(),
+            "rrf5": (1 / (5 + r_v) + 1 / (5 + r_x)).numpy()}
+
+
+def question_metrics(score: np.ndarray, objects: list[np.ndarray], refs: list[np.ndarray]) -> dict[str, float]:
+    """The metrics of one ranking on one question (coverage arrays over the patches); NaN where undefined."""
+    obj = np.max(objects, 0) >= COVER
+    out = {m: float("nan") for m in METRICS}
+    if obj.any() and (~obj).any():
+        out["objects vs background"] = auc(score[obj], score[~obj])
+    if refs:
+        ref = np.max(refs, 0) >= COVER
+        if ref.any() and (~ref).any():
+            out["referenced vs rest"] = auc(score[ref], score[~ref])
+        if ref.any() and (obj & ~ref).any():
+            out["referenced vs objects"] = auc(score[ref], score[obj & ~ref])
+        top = np.argsort(-score, kind="stable")
+        for k in (2, 4, 8):
+            out[f"all refs in top {k}"] = float(all(r[top[:k]].max() >= COVER for r in refs))
+    return out
+
+
+class _Recorder(ConsensusDrop):
+    """ConsensusDrop that keeps each sample's s_v, s_x and, for AdaV's s_x, the question token behind
+    the top token (the signals of the stock tokens, in batch order)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.records: list[dict] = []
+
+    def select_vision(self, sig):
+        q = sig.question_mask
+        rec = {"ids": sig.question_ids.tolist()}
+        if self.cross_score == "softmax":
+            t = torch.nn.functional.normalize(sig.text_embeds[q].float(), dim=-1)
+            v = torch.nn.functional.normalize(sig.features[: sig.num_stock].float(), dim=-1)
+            p = torch.softmax(100.0 * t @ v.T, dim=1)
+            rec["top_word"] = int(p[:, int(p.amax(0).argmax())].argmax())
+        self.records.append(rec)
+        return super().select_vision(sig)
+
+    def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, *a, **k):
+        self.records[-1].update(s_v=s_v[:n_stock].detach().float().cpu(), s_x=s_x[:n_stock].detach().float().cpu())
+        return super()._select(s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, *a, **k)
+
+
+class _Oracle(ConsensusDrop):
+    """ConsensusDrop with the referenced objects' best patches forced first (testbed ground truth, one list
+    of patch indices per sample in batch order); ``fill='coverage'``: the rest by plain max-min."""
+
+    def __init__(self, forced: list[list[int]], *a, **k):
+        super().__init__(*a, **k)
+        self.forced, self.i, self.cur = forced, 0, []
+
+    def select_vision(self, sig):
+        if sig.num_stock != D.GRID * D.GRID:
+            raise ValueError("the oracle indexes the testbed's single 8 x 8 grid")
+        self.cur, self.i = self.forced[self.i], self.i + 1
+        return super().select_vision(sig)
+
+    def _dominant(self, s_v, s_x, x, d, defer=False):
+        from consensusdrop.consensusdrop import diverse_pick, fused_relevance, maxmin_problem
+
+        seed = torch.tensor(self.cur[:d], dtype=torch.long, device=x.device) if self.cur else None
+        rel = fused_relevance(s_v, s_x, self.fusion, self.w_v, self.w_x, self.relevance, self.rrf_k)
+        if self.fill == "coverage":
+            rel = torch.ones_like(rel)
+        if defer:
+            return maxmin_problem(x, rel, d, seed, self.alpha)
+        return diverse_pick(x, rel, d, seed, "maxmin", self.alpha)
+
+
+def oracle_accuracy(rt, n: int, seed: int, budgets=(4, 8, 16, 32)) -> dict:
+    """{budget: {"default" | "refs + default" | "refs + coverage": accuracy %}} on the same questions."""
+    qs = E.questions(n, seed)
+    batches = E._Batches(rt, qs)
+    forced = [[int(np.argmax(D.coverage(o))) for o in q.refs] for q in qs]
+    out: dict = {}
+    for b in budgets:
+        row = {}
+        for name, m in (("default", "consensusdrop"), ("refs + default", _Oracle(forced, budget=b)),
+                        ("refs + coverage", _Oracle(forced, budget=b, fill="coverage"))):
+            ans, _ = E.predict(rt, batches, m, b if isinstance(m, str) else None)
+            row[name] = 100.0 * float(np.mean([E.is_correct(a, q.answer) for a, q in zip(ans, qs)]))
+        out[b] = row
+    return out
+
+
+def oracle_table(per_seed: dict[int, dict]) -> str:
+    seeds = sorted(per_seed)
+    budgets = list(per_seed[seeds[0]])
+    names = list(per_seed[seeds[0]][budgets[0]])
+    lines = [f"Accuracy (%), mean ± sd over seeds {', '.join(map(str, seeds))}: the default against the same "
+             "selection with every referenced object's best patch forced first (an oracle).", "",
+             "| kept set | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for name in names:
+        cells = []
+        for b in budgets:
+            v = np.array([per_seed[s][b][name] for s in seeds])
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def content_words() -> set[str]:
+    return set(D.COLORS) | set(D.SHAPES) | set(D.PLURAL.values()) | set(D.SIZES)
+
+
+def measure(rt, n: int, seed: int) -> dict:
+    """{cross_score: {ranking: {metric: mean over questions}}}, plus ``function_word_top`` (softmax)."""
+    qs = E.questions(n, seed)
+    batches = E._Batches(rt, qs)
+    tok = rt.processor.tokenizer
+    words = content_words()
+    out: dict = {}
+    for how in CROSS_SCORES:
+        m = _Recorder(budget=4, cross_score=how)
+        E.predict(rt, batches, m)
+        if len(m.records) != len(qs):
+            raise RuntimeError(f"recorded {len(m.records)} samples for {len(qs)} questions")
+        acc: dict[str, dict[str, list[float]]] = {}
+        for q, rec in zip(qs, m.records):
+            objects = [D.coverage(o) for o in q.scene.objects]
+            refs = [D.coverage(o) for o in q.refs]
+            for name, score in rankings(rec["s_v"], rec["s_x"]).items():
+                for k, v in question_metrics(score, objects, refs).items():
+                    acc.setdefault(name, {}).setdefault(k, []).append(v)
+        out[how] = {name: {k: float(np.nanmean(v)) for k, v in d.items()} for name, d in acc.items()}
+        if how == "softmax":
+            tops = [tok.decode([rec["ids"][rec["top_word"]]]).strip() for rec in m.records]
+            out["function_word_top"] = float(np.mean([w not in words for w in tops]))
+    return out
+
+
+def table(per_seed: dict[int, dict]) -> str:
+    """Markdown: mean ± sd over seeds of every ranking x metric."""
+    seeds = sorted(per_seed)
+    lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds of the per-question means.", "",
+             "| s_x | ranking | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    for how in CROSS_SCORES:
+        for name in ("encoder", "cross", "borda", "rrf5"):
+            if how != CROSS_SCORES[0] and name == "encoder":
+                continue  # the same s_v whatever the cross score
+            cells = []
+            for k in METRICS:
+                v = np.array([per_seed[s][how][name][k] for s in seeds])
+                cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}")
+            lines.append(f"| {how} | {name} | " + " | ".join(cells) + " |")
+    fw = np.array([per_seed[s]["function_word_top"] for s in seeds])
+    lines += ["", f"AdaV's s_x (softmax): top token set by a non-content question token on {100 * fw.mean():.1f}% "
+                  f"of the questions (sd {100 * (fw.std(ddof=1) if len(fw) > 1 else 0.0):.1f})."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[21, 22, 23])
+    ap.add_argument("--n", type=int, default=800)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--oracle", action="store_true", help="also the oracle's accuracy bound (4 x 3 runs per seed)")
+    ap.add_argument("--out", help="write the per-seed numbers and the table here (.json; .md beside it)")
+    args = ap.parse_args(argv)
+    rt = E.load_runtime(threads=args.threads)
+    per_seed = {s: measure(rt, args.n, s) for s in args.seeds}
+    md = table(per_seed)
+    if args.oracle:
+        for s in args.seeds:
+            per_seed[s]["oracle"] = oracle_accuracy(rt, args.n, s)
+        md += "\n\n" + oracle_table({s: per_seed[s]["oracle"] for s in args.seeds})
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": {"n_questions": args.n, "seeds": args.seeds, "cover": COVER,
+                                            "command": "python -m testbed.signal_quality " + " ".join(argv or [])},
+                                   "per_seed": per_seed}, indent=1) + "\n")
+        out.with_suffix(".md").write_text("# ConsensusDrop's signals as rankings (testbed)\n\n" + md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
