@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": {"n_questions": args.n, "seeds": args.seeds, "cover": COVER,
-                                            "command": "python -m testbed.signal_quality " + " ".join(argv or [])},
+                                            "command": "python -m testbed.signal_quality "
+                                            + " ".join(sys.argv[1:] if argv is None else argv)},
                                    "per_seed": per_seed}, indent=1) + "\n")
         out.with_suffix(".md").write_text("# ConsensusDrop's signals as rankings (testbed)\n\n" + md + "\n")
     return 0
