@@ -24,7 +24,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, block_order, contextual_merge,
-                       greedy_max_min, masked_take, text_to_image_score, unit_layout)
+                       cosine_matrix, greedy_max_min, masked_take, text_to_image_score, unit_layout)
 
 FUSIONS = ("rrf", "borda", "product", "max", "adaptive", "encoder_only", "cross_only")
 SELECTS = ("rank", "maxmin", "dpp", "nms")
@@ -53,9 +53,7 @@ def cross_modal_score(text: torch.Tensor, visual: torch.Tensor, how: str = "soft
                 each token's scaled by its prominence)"""
     if how == "softmax":
         return text_to_image_score(text, visual, temperature)
-    t = text.float()
-    v = visual.float()
-    cos = (t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
+    cos = cosine_matrix(text, visual)
     above = cos - cos.mean(dim=1, keepdim=True)
     if how == "prominence":
         return above.amax(dim=0)
@@ -210,9 +208,8 @@ def _cover_setup(x: torch.Tensor, seed: torch.Tensor | None, d: int):
     empty picked mask, the number of forced picks and ``d`` clipped to n."""
     n = x.shape[0]
     d = min(d, n)
-    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
     picked = torch.zeros(n, dtype=torch.bool, device=x.device)
-    return xn @ xn.T, picked, 0 if seed is None else min(int(seed.numel()), d), d
+    return cosine_matrix(x), picked, 0 if seed is None else min(int(seed.numel()), d), d
 
 
 def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None,

@@ -404,13 +404,19 @@ def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list 
     return order
 
 
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 cosine similarities of the rows of ``a`` (M, D) and ``b`` (N, D; default ``a``) -> (M, N); rows
+    normalised by their norm clamped at 1e-12 (a zero row gives zeros)."""
+    an = a.float() / a.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if b is None:
+        return an @ an.T
+    return an @ (b.float() / b.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
+
+
 def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
     """AdaV's s_j: for each text token a softmax over visual tokens of ``temperature`` x cosine
     similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32."""
-    t = text.float()
-    v = visual.float()
-    cos = (t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
-    return torch.softmax(temperature * cos, dim=1).max(dim=0).values
+    return torch.softmax(temperature * cosine_matrix(text, visual), dim=1).max(dim=0).values
 
 
 def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:

@@ -334,3 +334,14 @@ def test_merge_tokens_reads_nothing_from_the_device():
     assert c.total == 0, dict(c.counts)
     # slot 0 (target 5): rows 1, 4, 8 (row 3 is kept: ignored); slot 1 (target 7): rows 2, 6, 9 (5 is a target)
     assert torch.equal(out, torch.stack([(x[5] + x[1] + x[4] + x[8]) / 4, (x[7] + x[2] + x[6] + x[9]) / 4]))
+
+
+def test_cosine_matrix_by_hand():
+    from llava.ops import cosine_matrix
+
+    a = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float16)  # a zero row gives zeros, not NaN
+    b = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    c = cosine_matrix(a, b)
+    assert c.dtype == torch.float32
+    assert c.tolist() == [[pytest.approx(0.6), pytest.approx(0.8)], [0.0, 0.0]]
+    assert cosine_matrix(b).tolist() == [[1.0, 0.0], [0.0, 1.0]]
