@@ -532,7 +532,8 @@ class ConsensusDrop(Method):
                 q = {"question": sig.question_mask, "all_post_image": torch.ones_like(sig.question_mask),
                      "last": torch.arange(sig.question_mask.numel(), device=sig.question_mask.device)
                      == sig.question_mask.numel() - 1}[self.probe_queries]
-                s_x[: sig.num_stock] = cross_modal_score(sig.text_embeds[q], sig.features[: sig.num_stock], self.cross_score)
+                s_x[: sig.num_stock] = cross_modal_score(sig.text_embeds[q], sig.features[: sig.num_stock],
+                                                         self.cross_score)
         metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
         space = "vision" if self.merge_space == "clip" else "projected"
         div_x = {"features": sig.features, "vision_features": sig.vision_features, "keys": sig.keys}[self.div_space]

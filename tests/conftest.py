@@ -176,6 +176,28 @@ def layout(rt, inputs):
     return spy.seen
 
 
+def check_per_unit_tokens(rt, method, budget, **options):
+    """A pre-LLM method with ``budget`` tokens per image / crop / frame on :func:`make_batch`: every sample
+    has min(budget, n) tokens of each unit of n candidates plus its newline tokens (kept as layout) in every
+    LLM layer, and all its candidates counted. Returns [(stats, unit sizes, newlines)] per sample, for the
+    caller's own checks (e.g. ``vision_noop``)."""
+    inputs = make_batch(rt)
+    lay = layout(rt, inputs)
+    if rt.family == "llava":  # the tiny families' layouts (unit sizes, newlines) per sample
+        assert lay == [([16], 0)] * 3
+    if rt.family == "video_llava":
+        assert lay == [([17] * 8, 0)] * 3
+    eng = rt.prune(method, budget, **options)
+    with torch.no_grad():
+        rt.model(**inputs)
+    L = len(rt.model.model.language_model.layers)
+    for s, (sizes, newlines) in zip(eng.stats.samples, lay, strict=True):
+        exp = sum(min(budget, n) for n in sizes) + newlines
+        assert s.visual_candidates == sum(sizes) + newlines
+        assert s.visual_per_layer == [exp] * L and s.visual_entering_llm == exp
+    return [(s, sizes, newlines) for s, (sizes, newlines) in zip(eng.stats.samples, lay)]
+
+
 # ------------------------------------------------------------------ evaluation-harness runs in this process
 @pytest.fixture
 def run_env(monkeypatch):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, check_generate_batch_equals_alone, greedy_no_cache, layout, make_batch
+from conftest import ALL_FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens, greedy_no_cache, make_batch
 
 import baselines.vispruner  # noqa: F401  (registers "vispruner")
 from baselines.vispruner import VisPruner, removal_schedule, remove_duplicates, vispruner, vispruner_units
@@ -225,16 +225,7 @@ def test_options():
 @pytest.mark.parametrize("budget", [2, 4])
 def test_tokens_entering_llm_per_unit(rt, budget):
     """T per image / crop / frame (Video-LLaVA: the frame's [CLS] dropped), newline tokens kept."""
-    inputs = make_batch(rt)
-    lay = layout(rt, inputs)
-    eng = rt.prune("vispruner", budget)
-    with torch.no_grad():
-        rt.model(**inputs)
-    L = len(rt.model.model.language_model.layers)
-    for s, (sizes, newlines) in zip(eng.stats.samples, lay):
-        exp = sum(min(budget, n) for n in sizes) + newlines
-        assert s.visual_candidates == sum(sizes) + newlines
-        assert s.visual_per_layer == [exp] * L and s.visual_entering_llm == exp
+    for s, sizes, _ in check_per_unit_tokens(rt, "vispruner", budget):
         assert s.vision_noop == all(n <= budget for n in sizes)  # tiny Qwen: a 4-token image at T = 4
 
 
