@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from consensusdrop.consensusdrop import ConsensusDrop, order_desc, ranks_from_order
+from consensusdrop.consensusdrop import (ConsensusDrop, diverse_pick, fused_relevance, maxmin_problem, order_desc,
+                                         ranks_from_order)
+from llava.ops import cosine_matrix
 
 from . import data as D
 from . import evaluate as E
@@ -93,9 +95,7 @@ class _Recorder(ConsensusDrop):
         q = sig.question_mask
         rec = {"ids": sig.question_ids.tolist()}
         if self.cross_score == "softmax":
-            t = torch.nn.functional.normalize(sig.text_embeds[q].float(), dim=-1)
-            v = torch.nn.functional.normalize(sig.features[: sig.num_stock].float(), dim=-1)
-            p = torch.softmax(100.0 * t @ v.T, dim=1)
+            p = torch.softmax(100.0 * cosine_matrix(sig.text_embeds[q], sig.features[: sig.num_stock]), dim=1)
             rec["top_word"] = int(p[:, int(p.amax(0).argmax())].argmax())
         self.records.append(rec)
         return super().select_vision(sig)
@@ -120,8 +120,6 @@ class _Oracle(ConsensusDrop):
         return super().select_vision(sig)
 
     def _dominant(self, s_v, s_x, x, d, defer=False):
-        from consensusdrop.consensusdrop import diverse_pick, fused_relevance, maxmin_problem
-
         seed = torch.tensor(self.cur[:d], dtype=torch.long, device=x.device) if self.cur else None
         rel = fused_relevance(s_v, s_x, self.fusion, self.w_v, self.w_x, self.relevance, self.rrf_k)
         if self.fill == "coverage":
