@@ -3,7 +3,9 @@
 All are pure functions over tensors; scores are compared in fp32. Every tensor they create takes
 its device from their inputs, and none of them synchronises with the device per token: data-dependent
 sizes come from :func:`unit_layout` (one host read per call) or from counts the caller knows
-(:func:`masked_take`).
+(:func:`masked_take`). :func:`greedy_max_min` runs its sequential loop on the host (one copy each way
+per call) for the eager engine, or on the device with no host read at all (``device_loop=True``) for a
+prefill captured in a CUDA graph / ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def topk_desc(scores: torch.Tensor, k: int) -> torch.Tensor:
 class MaxMinProblem:
     """One greedy max-min selection for :func:`greedy_max_min`: ``k`` times, pick the token ``j`` not
     yet taken that maximises ``weight_j * min_dist_j`` (``min_dist_j`` alone without a weight), then
-    ``min_dist = minimum(min_dist, dist[j])``. Tensors on the device, distances in fp32."""
+    ``min_dist = minimum(min_dist, dist[j])``. Tensors on the device, distances in fp32.
+
+    ``num_taken`` is the number of tokens in ``taken``, counted on the host by the caller (who set
+    them): the device loop needs the number of picks as a Python int without reading the device, so
+    it refuses a ``taken`` without ``num_taken``. The host loop counts ``taken`` itself and, when
+    ``num_taken`` is given too, checks that they agree."""
 
     dist: torch.Tensor  # (n, n); row j = the distances from token j
     k: int  # picks to make (clipped to the tokens not taken)
@@ -46,18 +53,70 @@ class MaxMinProblem:
     taken: torch.Tensor | None = None  # (n,) bool: taken before (seeds); never picked
     weight: torch.Tensor | None = None  # (n,) relevance multiplying min_dist
     fill: float = float("-inf")  # the score a taken token gets (below every candidate's)
+    num_taken: int | None = None  # the host count of ``taken`` (required by the device loop)
 
 
-def greedy_max_min(problems: "list[MaxMinProblem]") -> list[torch.Tensor]:
-    """Solve greedy max-min selections (DivPrune's rule, and its relevance-weighted form) on the host.
+def _num_picks(p: MaxMinProblem) -> int:
+    """The device loop's number of picks, from host ints only: ``min(k, n - num_taken)``, at least 0."""
+    n = p.dist.shape[0]
+    if p.taken is not None and p.num_taken is None:
+        raise ValueError("greedy_max_min(device_loop=True): a problem with `taken` needs `num_taken` (its "
+                         "host count): the number of picks cannot be read from the device")
+    if p.taken is None and p.num_taken:
+        raise ValueError(f"greedy_max_min: num_taken={p.num_taken} but no `taken` mask")
+    return max(0, min(int(p.k), n - (p.num_taken or 0)))
 
-    On a GPU the greedy loop is sequential and launch-bound: about seven small kernels per pick, one
-    pick per kept token (measured on an H100: ~100 us per pick, 20-110 ms per prefill at 64-192 tokens
-    per crop). Here every problem's tensors go to the host in **one** copy (one sync for all of them),
-    the loop runs in numpy (a few microseconds per pick, no kernel), and the picks come back in one
-    copy to the device. The result is bit-identical to the same loop in torch fp32 on any device:
-    the loop does only exact elementwise IEEE ops (multiply, minimum) and argmax (first maximum on
-    both). Returns each problem's picks in pick order (long, on its ``dist``'s device)."""
+
+def _greedy_max_min_device(p: MaxMinProblem) -> torch.Tensor:
+    """One problem's greedy loop in torch on its device, unrolled ``k`` times with static shapes: no
+    host read, no host <-> device copy (capturable in a CUDA graph / ``torch.compile(fullgraph=True)``).
+    The same fp32 ops as the host loop of :func:`greedy_max_min`, so the same picks, bit for bit."""
+    dev = p.dist.device
+    k = _num_picks(p)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    n = p.dist.shape[0]
+    dist = p.dist.float()
+    mind = p.min_dist.float().reshape(-1)
+    w = None if p.weight is None else p.weight.float().reshape(-1)
+    if p.taken is None:
+        taken = torch.zeros(n, dtype=torch.bool, device=dev)
+    else:  # as the host loop reads it: a bool mask, or a number > 0.5
+        taken = p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
+    fill = torch.full((), p.fill, dtype=torch.float32, device=dev)  # rounded to fp32, as np.float32(fill)
+    picks = []
+    for _ in range(k):
+        s = mind if w is None else w * mind
+        s = torch.where(taken, fill, s)  # the taken tokens' score: below every candidate's
+        j = s.argmax(0, keepdim=True)  # (1,): the first maximum, as numpy's argmax
+        picks.append(j)
+        taken = taken.index_fill(0, j, True)
+        mind = torch.minimum(mind, dist.index_select(0, j)[0])
+    return torch.cat(picks)
+
+
+def greedy_max_min(problems: "list[MaxMinProblem]", device_loop: bool = False) -> list[torch.Tensor]:
+    """Solve greedy max-min selections (DivPrune's rule, and its relevance-weighted form), on the host
+    (default) or on the device (``device_loop=True``).
+
+    **Host loop** (default; the eager engine). On a GPU the greedy loop is sequential and launch-bound:
+    about seven small kernels per pick, one pick per kept token (measured on an H100: ~100 us per pick,
+    20-110 ms per prefill at 64-192 tokens per crop). Here every problem's tensors go to the host in
+    **one** copy (one sync for all of them), the loop runs in numpy (a few microseconds per pick, no
+    kernel), and the picks come back in one copy to the device.
+
+    **Device loop** (``device_loop=True``; a prefill captured in a CUDA graph or compiled with
+    ``torch.compile(fullgraph=True)``, where no host read or copy may happen): each problem's loop runs
+    in torch on its ``dist``'s device, unrolled ``k`` times with static shapes, without any host
+    synchronisation. The number of picks must then be known on the host: a problem with ``taken``
+    must give ``num_taken`` (ValueError otherwise).
+
+    Both give the same picks, bit for bit, and the same as the loop in torch fp32 on any device: the
+    inputs are cast to fp32, and the loop does only exact elementwise IEEE ops (multiply, minimum)
+    and argmax (first maximum on both). Returns each problem's picks in pick order (long; on the
+    first problem's ``dist`` device for the host loop, on each problem's own for the device loop)."""
+    if device_loop:
+        return [_greedy_max_min_device(p) for p in problems]
     if not problems:
         return []
     import numpy as np
@@ -81,7 +140,10 @@ def greedy_max_min(problems: "list[MaxMinProblem]") -> list[torch.Tensor]:
         w = None
         if p.weight is not None:
             w, at = host[at:at + n], at + n
-        k = max(0, min(int(p.k), n - int(taken.sum())))
+        num_taken = int(taken.sum())  # on the host copy: no read of the device
+        if p.num_taken is not None and p.num_taken != num_taken:
+            raise ValueError(f"greedy_max_min: num_taken={p.num_taken} but `taken` holds {num_taken} tokens")
+        k = max(0, min(int(p.k), n - num_taken))
         out = np.empty(k, dtype=np.int64)
         s = np.empty(n, dtype=np.float32)
         fill = np.float32(p.fill)
