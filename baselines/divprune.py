@@ -104,7 +104,7 @@ def max_min_problem(x: torch.Tensor, k: int) -> tuple[torch.Tensor, MaxMinProble
     if k == 1:
         return j, None
     taken = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill(0, j, True)
-    return j, MaxMinProblem(dist=d, k=k - 1, min_dist=d.index_select(0, j)[0], taken=taken)
+    return j, MaxMinProblem(dist=d, k=k - 1, min_dist=d.index_select(0, j)[0], taken=taken, num_taken=1)
 
 
 def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
@@ -128,7 +128,7 @@ def num_picks(n: int, budget: int | None, units: int, ratio: float | None) -> in
 
 def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None = None,
              ratio: float | None = None, per_unit: bool = False, newlines: str = "auto",
-             numerics: str = "ours") -> torch.Tensor:
+             numerics: str = "ours", layout=None, device_loop: bool = False) -> torch.Tensor:
     """Indices (ascending) of the tokens DivPrune keeps for one sample.
 
     features: (T, D) the tokens as the LLM would receive them; unit: (T,) unit id (-1 = NeXT newline).
@@ -145,7 +145,7 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
     if per_unit and newlines == "candidate":
         raise ValueError("divprune: newline tokens can be candidates only in sample scope")
     is_nl = unit < 0
-    lay = unit_layout(unit)  # the one host sync
+    lay = layout if layout is not None else unit_layout(unit)  # the one host sync (none when planned)
     fixed = lay.newlines if newlines == "keep" else unit.new_zeros(0)
     num_units = lay.num_units
     if per_unit:
@@ -168,7 +168,8 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
                 kept.append(idx[first])
             else:
                 pending.append((idx, first, prob))
-    solved = greedy_max_min([p for _, _, p in pending])
+    # host loop (eager), or on the device inside a captured prefill (``device_loop``): same picks
+    solved = greedy_max_min([p for _, _, p in pending], device_loop=device_loop)
     kept += [idx[torch.cat([first, picks])] for (idx, first, _), picks in zip(pending, solved)]
     if numerics == "official":  # a re-picked token (the official code feeds it twice) is kept once
         return torch.unique(torch.cat(kept))  # sorted; one size read for the sample
@@ -181,6 +182,7 @@ class DivPrune(Method):
     LLM-input embeddings); ``budget`` per image / crop / frame, or ``ratio``."""
 
     name = "divprune"
+    capturable = "full"
     vision_stage = True
 
     @classmethod
@@ -216,4 +218,5 @@ class DivPrune(Method):
         scope = self.scope if self.scope != "auto" else ("unit" if sig.unit_kind == "frame" else "sample")
         return Selection(keep=divprune(sig.features, sig.unit, budget=self.budget, ratio=self.ratio,
                                        per_unit=scope == "unit", newlines=self.newlines,
-                                       numerics=self.numerics))
+                                       numerics=self.numerics, layout=sig.unit_layout(),
+                                       device_loop=sig.captured))

@@ -47,7 +47,8 @@ OFFICIAL_DTYPE = torch.float16
 
 
 def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, budget: int, *,
-              cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours") -> torch.Tensor:
+              cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours",
+              layout=None) -> torch.Tensor:
     """Indices (ascending) of the tokens FasterVLM keeps: per unit the top-``budget`` tokens by the
     head-mean [CLS] attention, or the whole unit if it has at most ``budget`` tokens.
 
@@ -63,7 +64,7 @@ def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, b
         scores = cls_attn.to(OFFICIAL_DTYPE).mean(0)  # as the official fp16 attentions' head mean
     else:
         scores = cls_attn.float().mean(0)  # (T,) mean over heads (official)
-    lay = unit_layout(unit, patch)  # the one host sync
+    lay = layout if layout is not None else unit_layout(unit, patch)  # the one host sync (none when planned)
     kept = []
     for u in range(lay.num_units):
         idx = lay.tokens[u]
@@ -93,6 +94,7 @@ class FasterVLM(Method):
     attention of the vision tower's select layer, in original order."""
 
     name = "fastervlm"
+    capturable = "full"
     vision_stage = True
     needs_vision_attention = True
 
@@ -120,4 +122,4 @@ class FasterVLM(Method):
     def select_vision(self, sig):
         return Selection(keep=fastervlm(sig.cls_attn, sig.unit, sig.patch, self.budget,
                                         cls_token=self.cls_token, keep_newlines=self.keep_newlines,
-                                        numerics=self.numerics))
+                                        numerics=self.numerics, layout=sig.unit_layout(patch=True)))

@@ -34,6 +34,7 @@ class RandomSelection(Method):
     """Keep ``budget`` random visual tokens per image / crop / frame (seeded per sample)."""
 
     name = "random"
+    capturable = "full"
     vision_stage = True
 
     @classmethod
@@ -47,10 +48,18 @@ class RandomSelection(Method):
             raise ValueError("random: a budget (tokens per image / crop / frame) is required")
         super().__init__(budget, **options)
 
-    def select_vision(self, sig):
+    def plan_vision(self, sig) -> dict:
+        """The draws, on the host (they depend on the seed, the sample key and the layout only):
+        what a captured prefill reads as ``sig.plan["keep"]``. ``sig`` here holds host tensors."""
+        return {"keep": self._draw(sig, sig.unit_layout())}
+
+    def _draw(self, sig, lay):
         g = torch.Generator().manual_seed(hash((int(self.seed), int(sig.key))) & 0x7FFFFFFFFFFFFFFF)
-        lay = unit_layout(sig.unit)  # the one host sync
-        keep = random_per_unit(sig.unit, self.budget, g, layout=lay)
+        return random_per_unit(sig.unit, self.budget, g, layout=lay)
+
+    def select_vision(self, sig):
+        lay = sig.unit_layout()  # the one host sync (none when planned)
+        keep = sig.plan["keep"] if "keep" in sig.plan else self._draw(sig, lay)
         if self.keep_newlines and lay.newlines.numel():
             keep = torch.cat([keep, lay.newlines]).sort().values
         return Selection(keep=keep)
@@ -61,6 +70,7 @@ class NoVisual(Method):
     """The 'no visual tokens' control: every visual token is removed before the LLM."""
 
     name = "novisual"
+    capturable = "full"
     vision_stage = True
 
     def select_vision(self, sig):

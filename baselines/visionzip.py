@@ -116,7 +116,7 @@ def official_contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, con
 def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               dominant: int, contextual: int, *, cls_slot: str = "cls", keep_newlines: bool = True,
               num_stock: int | None = None, unit_pos: torch.Tensor | None = None,
-              order: str = "grid_raster", numerics: str = "ours") -> Selection:
+              order: str = "grid_raster", numerics: str = "ours", layout=None) -> Selection:
     """VisionZip's selection for one sample (all its units).
 
     cls_attn: (H, T) [CLS]->token attention of the select layer, per head; keys: (T, d) head-mean
@@ -133,7 +133,8 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
     n = unit.numel()
     num_stock = n if num_stock is None else int(num_stock)
     dev = unit.device
-    lay = unit_layout(unit, patch, num_stock, unit_pos)  # the one host sync
+    # the one host sync (none when the engine planned the layout: ``layout``)
+    lay = layout if layout is not None else unit_layout(unit, patch, num_stock, unit_pos)
     if all(dominant + contextual >= lay.num_stock[u] for u in range(lay.num_units)):
         return Selection(keep=torch.arange(num_stock, device=dev))  # every unit fits: nothing pruned
     if numerics == "official":  # as the official (B, H, N) [CLS] slice's .sum(dim=1), fp32 tower
@@ -185,6 +186,7 @@ class VisionZip(Method):
     [CLS] attention) and C contextual tokens (key-similarity merge of the rest); budget = D + C."""
 
     name = "visionzip"
+    capturable = "full"
     vision_stage = True
     needs_vision_attention = True
 
@@ -242,4 +244,5 @@ class VisionZip(Method):
     def select_vision(self, sig):
         return visionzip(sig.cls_attn, sig.keys, sig.unit, sig.patch, self.dominant, self.contextual,
                          cls_slot=self.cls_slot, keep_newlines=self.keep_newlines, num_stock=sig.num_stock,
-                         unit_pos=sig.unit_pos, order=self.next_order, numerics=self.numerics)
+                         unit_pos=sig.unit_pos, order=self.next_order, numerics=self.numerics,
+                         layout=sig.unit_layout(patch=True, stock=True, pos=True))

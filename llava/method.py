@@ -73,11 +73,11 @@ class Selection:
     def num_out(self) -> int:
         return int(self.keep.numel()) + (0 if self.targets is None else int(self.targets.numel()))
 
-    def check(self, n: int, stock: int | None = None) -> bool:
-        """Validate the selection for ``n`` candidate tokens (raise if malformed) and return whether it is
-        the identity on the first ``stock`` (default ``n``) of them: keeps exactly those, in order, with
-        no merging. All tests run on the selection's own device and are read back together: one host
-        synchronisation per selection."""
+    def flags(self, n: int, stock: int | None = None) -> dict[str, torch.Tensor]:
+        """The validity tests of :meth:`check` as 0-d bool tensors on the selection's device, unread:
+        ``range`` / ``dup`` / ``order`` / ``assign`` (malformed) and ``not_identity`` / ``order_moves``.
+        Shape errors (which need no device value) raise here. A captured prefill ORs the malformed
+        flags into one device flag and reads it once, after the prefill."""
         stock = n if stock is None else stock
         dev = self.keep.device
         idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets.to(dev)])
@@ -102,9 +102,24 @@ class Selection:
                 flags["assign"] = ((a.max() >= self.targets.numel()) | (a.min() < -1)).to(dev)
         if self.values is not None and self.values.shape[0] != self.num_out:
             raise ValueError(f"Selection.values has {self.values.shape[0]} rows for {self.num_out} outputs")
-        merges = (self.targets is not None and self.targets.numel() > 0) or self.values is not None
-        if not merges and self.keep.numel() == stock:
+        if not self._merges() and self.keep.numel() == stock:
             flags["not_identity"] = (self.keep != torch.arange(stock, device=dev)).any() if stock else no
+        return flags
+
+    #: the flags of :meth:`flags` that make a selection malformed
+    MALFORMED = ("range", "dup", "order", "assign")
+
+    def _merges(self) -> bool:
+        return (self.targets is not None and self.targets.numel() > 0) or self.values is not None
+
+    def check(self, n: int, stock: int | None = None) -> bool:
+        """Validate the selection for ``n`` candidate tokens (raise if malformed) and return whether it is
+        the identity on the first ``stock`` (default ``n``) of them: keeps exactly those, in order, with
+        no merging. All tests run on the selection's own device and are read back together: one host
+        synchronisation per selection."""
+        stock = n if stock is None else stock
+        flags = self.flags(n, stock)
+        merges = self._merges()
         names = list(flags)
         vals = torch.stack([flags[k] for k in names]).tolist() if names else []
         got = dict(zip(names, vals))
@@ -181,6 +196,12 @@ class Method:
     #: ``docs/architecture.md`` "In-tower stage"). The vision stage then sees every stock token, the
     #: dropped ones with zero features, and ``sig.in_tower_kept`` (T,) bool flags the survivors.
     tower_stage: ClassVar[bool] = False
+    #: Whether the fast path (``llava.load(..., fast=True)``, :mod:`llava.fastpath`) captures this
+    #: method's prefill whole: ``"full"`` (fixed output counts, no device read: one graph per length
+    #: bucket), or None with ``capture_reason`` (such a prefill runs on the eager engine, and
+    #: ``engine.stats.path`` says so). Options can refuse too: :meth:`capture_refusal`.
+    capturable: ClassVar[str | None] = None
+    capture_reason: ClassVar[str] = ""
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:
@@ -231,6 +252,21 @@ class Method:
         return {"method": self.name, "budget": self.budget, **{k: getattr(self, k) for k in self.option_defaults()}}
 
     # -- stages -------------------------------------------------------------------------------
+    def capture_refusal(self) -> str | None:
+        """Why the fast path cannot capture this method with its current options (None: it can)."""
+        if self.capturable != "full":
+            return self.capture_reason or f"{self.name} is not capturable"
+        if getattr(self, "numerics", "ours") == "official":
+            return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
+        return None
+
+    def plan_vision(self, signals: "Any") -> dict:
+        """Host-side draws of the vision stage for one sample (e.g. random's picks), computed by the fast
+        path before the device runs, from signals whose ``unit`` / ``patch`` / layouts are host
+        tensors (no features). Returns host tensors the captured prefill hands back as ``signals.plan``
+        on the device. Default: nothing."""
+        return {}
+
     def select_vision(self, signals: "Any") -> Selection:  # pragma: no cover - interface
         raise TypeError(f"{self.name} declares no vision stage")
 
@@ -255,6 +291,7 @@ class NoPruning(Method):
     """The unpruned model (still routed through the engine, e.g. for the NeXT 'spatial' layout)."""
 
     name = "none"
+    capturable = "full"
 
 
 # ---------------------------------------------------------------------------------------------

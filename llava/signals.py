@@ -85,6 +85,15 @@ class VisionSignals:
     _probe_fn: Callable = field(default=None, repr=False)
     #: host copy of ``unit`` (set by the engine) so that unit counts / indices need no device read
     _unit_host: torch.Tensor | None = field(default=None, repr=False)
+    #: True inside a captured (CUDA-graph / ``torch.compile(fullgraph=True)``) prefill (``llava.fastpath``):
+    #: a method must then read no device value (e.g. run its greedy loop on the device, not the host)
+    captured: bool = False
+    #: unit layouts planned on the host before the prefill ran, keyed ``(patch, stock, pos)`` as
+    #: :meth:`unit_layout` asks for them (the fast path plans them; None: computed on request)
+    layouts: dict | None = field(default=None, repr=False)
+    #: what the method's :meth:`~llava.method.Method.plan_vision` drew on the host for this sample
+    #: (e.g. random's picks), on the signals' device; empty unless the fast path planned it
+    plan: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_stock < 0:
@@ -101,6 +110,19 @@ class VisionSignals:
         if self._probe_fn is None:
             raise RuntimeError("probe_attention is only available inside the engine")
         return self._probe_fn(layer, queries)
+
+    def unit_layout(self, patch: bool = False, stock: bool = False, pos: bool = False):
+        """:func:`llava.ops.unit_layout` of this sample's tokens: with ``patch`` the [CLS] / patch split,
+        with ``stock`` the extra [CLS] candidates after ``num_stock``, with ``pos`` the units' grid
+        positions. The planned layout when the engine planned one on the host (no device read), else
+        computed (one host read)."""
+        if self.layouts is not None and (patch, stock, pos) in self.layouts:
+            return self.layouts[(patch, stock, pos)]
+        from .ops import unit_layout
+
+        return unit_layout(self.unit, self.patch if patch else None, self.num_stock if stock else None,
+                           self.unit_pos if pos else None)
+
     @property
     def num_tokens(self) -> int:
         return int(self.unit.numel())

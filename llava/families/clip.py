@@ -184,16 +184,22 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
     hs = out.hidden_states[feature_layer]
     cls_attn = keys = None
     if want_attn:
-        attn = layer.self_attn
-        xn = layer.layer_norm1(captured["h"])
-        n, s, _ = xn.shape
-        heads, d = attn.num_heads, attn.head_dim
-        k = attn.k_proj(xn).view(n, s, heads, d).float()
-        q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
-        scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
-        cls_attn = scores.softmax(-1)[:, :, 0]  # (n, H, S)
-        keys = k.mean(2)  # (n, S, d)
+        cls_attn, keys = cls_signals(layer, captured["h"])
     return hs, cls_attn, keys, received
+
+
+def cls_signals(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [CLS] query row per head (n, H, S) and the head-mean keys (n, S, d) of ``layer``, fp32,
+    recomputed from its input ``h`` (n, S, D) = ``hidden_states[i]`` for encoder layer i (what the
+    pre-hook sees) with its own ``layer_norm1`` + q/k projections."""
+    attn = layer.self_attn
+    xn = layer.layer_norm1(h)
+    n, s, _ = xn.shape
+    heads, d = attn.num_heads, attn.head_dim
+    k = attn.k_proj(xn).view(n, s, heads, d).float()
+    q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
+    scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
+    return scores.softmax(-1)[:, :, 0], k.mean(2)
 
 
 def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | None = None) -> tuple[dict, list[int]]:
