@@ -184,6 +184,7 @@ class AttnMix(Method):
     LLaVA-NeXT; e.g. 136/256 over 8 Video-LLaVA frames). Actually kept: V_b = 2 k N_img <= B."""
 
     name = "attnmix"
+    capture_reason = ("reads the question (variable-length text signals): the padded question block of the fast path is not built yet")
     vision_stage = True
     needs_vision_attention = True
     query_aware = True  # text-to-image similarity of the prompt text after the image

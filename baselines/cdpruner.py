@@ -315,6 +315,7 @@ class CDPruner(Method):
     and ``llm_tokenizer``)."""
 
     name = "cdpruner"
+    capture_reason = ("reads the question, and its DPP loop runs on the host: a device DPP is not built yet")
     vision_stage = True
     query_aware = True
 

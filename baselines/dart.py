@@ -150,6 +150,7 @@ class DART(Method):
     n_K = (L*B - K*N) / (L - K) instead, so DART can be compared at equal E."""
 
     name = "dart"
+    capture_reason = ("an in-LLM stage whose pivots are chosen on the host: needs the piecewise path, not built yet")
     position_mode = "keep"
 
     @classmethod

@@ -153,6 +153,7 @@ class Downsample(Method):
     (s from the per-unit ``budget`` or the ``stride`` option), in vision-feature space by default."""
 
     name = "downsample"
+    capture_reason = ("not yet made capturable (its layout reads the device)")
     vision_stage = True
     families = SUPPORTED_FAMILIES
 

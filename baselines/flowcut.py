@@ -94,6 +94,7 @@ def adaptive_prune_count(c: torch.Tensor, rpl: int, target: int, numerics: str =
 @register
 class FlowCut(Method):
     name = "flowcut"
+    capture_reason = ("adaptive per-layer counts inside the vision tower: needs the piecewise path, not built yet")
     vision_stage = True
     tower_stage = True
     families = ("llava", "llava_next", "video_llava")

@@ -206,6 +206,7 @@ class HiPrune(Method):
     registers (deep layer) by the vision tower's global (received) attention, in original order."""
 
     name = "hiprune"
+    capture_reason = ("reads the received attention of extra tower layers: not captured yet")
     vision_stage = True
     #: (object layer, deep layer) as hidden-state indices; set from the options (and the tower's depth
     #: at ``setup``)

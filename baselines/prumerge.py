@@ -293,6 +293,7 @@ class PruMerge(Method):
     grid), k-NN merged by key cosine with attention weights, plus one global token, per image / crop / frame."""
 
     name = "prumerge"
+    capture_reason = ("an adaptive count (IQR outliers) and method-computed outputs (Selection.values): needs the piecewise path, not built yet")
     vision_stage = True
     #: the last tower layer (official encoder layer 23 of 24 = hidden state -1)
     vision_fullwidth_layers: tuple[int, ...] = (-1,)

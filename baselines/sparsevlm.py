@@ -255,6 +255,7 @@ class SparseVLM(Method):
     (about 206 for 192 with recycling, methods.md section 6)."""
 
     name = "sparsevlm"
+    capture_reason = ("data-dependent counts (adaptive raters, host selection by design): needs the piecewise path (graph, one host decision, graph), not built yet")
     position_mode = "reindex"
     query_aware = True  # text raters from the prompt text after the image
 

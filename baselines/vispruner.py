@@ -214,6 +214,7 @@ class VisPruner(Method):
     diverse tokens left by the official duplicate-removal loop; ascending order."""
 
     name = "vispruner"
+    capture_reason = ("not yet made capturable (its layout and loops read the device)")
     vision_stage = True
     needs_vision_attention = True
 

@@ -324,6 +324,7 @@ class VScan(Method):
     (per unit); neither: the official 96 / 32."""
 
     name = "vscan"
+    capture_reason = ("overlapping global-scan picks (nonzero) and an in-LLM stage: needs the piecewise path, not built yet")
     vision_stage = True
     position_mode = "reindex"
     families = ("llava", "llava_next", "video_llava")

@@ -326,6 +326,7 @@ class ConsensusDrop(Method):
     frame (Video-LLaVA: 17/32/64, the frame [CLS] taking one dominant slot)."""
 
     name = "consensusdrop"
+    capture_reason = ("reads the question (variable-length text signals): the padded question block of the fast path is not built yet")
     needs_vision_attention = True
     query_aware = True  # the probe reads the question rows
 

@@ -53,6 +53,8 @@ class Runtime:
     name: str
     engine: PruningEngine | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: the fast path's options for every ``prune`` (``load(..., fast=True)``): None = eager engine
+    fast: dict | None = None
 
     @property
     def tokenizer(self):
@@ -69,7 +71,7 @@ class Runtime:
     def prune(self, method="none", budget: int | None = None, **options) -> PruningEngine:
         """Attach a method (replacing any previous one); ``model.generate`` then prunes."""
         self.engine = attach(self.model, method, budget, next_layout=self.processor.next_layout,
-                             prompt_spec=self.prompt_spec(), **options)
+                             prompt_spec=self.prompt_spec(), fast=self.fast, **options)
         return self.engine
 
     def unprune(self) -> None:
@@ -232,13 +234,21 @@ def _runtime(model, tokenizer, image_processor, family, name, template=None, nex
 def load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
-         max_pixels: int | None = None, vision_dtype=None) -> Runtime:
+         max_pixels: int | None = None, vision_dtype=None, fast: bool = False, fast_backend: str = "auto",
+         fast_max_new_tokens: int = 256) -> Runtime:
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
     dtype before it. The tower keeps the checkpoint's weights (llava-hf stores them in fp16; the official
     code loads CLIP from its own fp32 checkpoint), computed in ``vision_dtype``. LLaVA-1.5 / NeXT / Video-LLaVA; the pruning engine must be attached (any method,
-    even "none"): the stock transformers forward cannot mix the two dtypes."""
+    even "none"): the stock transformers forward cannot mix the two dtypes.
+
+    ``fast=True``: every ``rt.prune`` attaches the engine with its fast path (:mod:`llava.fastpath`): the
+    same calls and greedy tokens, the prefill planned on the host and captured per length bucket
+    (``fast_backend`` "auto": CUDA graphs through Inductor on a GPU, dynamo without code generation on a
+    CPU; "inductor", "eager", "aot_eager", or "none" = the static-shape functions run uncompiled), decode
+    with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. Prefills the fast path
+    does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran."""
     rt = _load(name, dtype=dtype, device=device, attn_implementation=attn_implementation, template=template,
                next_layout=next_layout, num_frames=num_frames, pad_to_square=pad_to_square, seed=seed,
                min_pixels=min_pixels, max_pixels=max_pixels)
@@ -252,6 +262,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
             if getattr(core, attr, None) is not None:
                 getattr(core, attr).to(vd)
         rt.info["vision_dtype"] = str(vd).replace("torch.", "")
+    if fast:
+        rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens)}
+        rt.info["fast"] = dict(rt.fast)
     return rt
 
 

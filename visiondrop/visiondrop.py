@@ -239,6 +239,7 @@ class VisionDrop(Method):
     """VisionDrop. ``budget``: average visual tokens over the LLM layers per image / crop / frame."""
 
     name = "visiondrop"
+    capture_reason = ("in-LLM stages: per-segment capture is not built yet")
     vision_stage = True
     needs_vision_attention = True
     position_mode = "reindex"

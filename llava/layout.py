@@ -1,0 +1,421 @@
+"""The vision stage, planned on the host: from the spliced prompt to each sample's ``VisionSignals``, and
+from the method's selections back to re-spliced, re-padded rows.
+
+A mixin of :class:`llava.engine.PruningEngine` (its methods read the engine's ``adapter``, ``lm``,
+``method``, ``prompt_spec`` and call its ``_select`` / ``_sample_key``). The layout of every row is
+worked out on the host from ONE copy of ``input_ids`` and the mask per prefill (:class:`_Layout`: real
+positions, visual indices, ids); the device only gathers and scatters with those indices. The staged
+decoder (:mod:`llava.staged`) re-uses ``_runs``, ``_place_outputs`` and ``_text_spans`` at its llm stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from .families.base import to_device as _to_device
+from .method import Selection
+from .ops import merge_tokens
+from .signals import VisionSignals, causal_attention_rows, llm_qk
+
+if TYPE_CHECKING:  # llava.engine imports this module
+    from .engine import _Prefill
+
+#: the engine's one logger: users (and tests) configure "llava.engine"
+log = logging.getLogger("llava.engine")
+
+
+@dataclass
+class _Layout:
+    """Host-side layout of one sample's row (decided on the host, so the device never waits)."""
+
+    real: torch.Tensor  # (n,) row positions of the sample's real (non-padding) tokens
+    visual: torch.Tensor  # (nv,) indices among them of the visual tokens, ascending
+    ids: torch.Tensor  # (n,) their token ids (-1 for a visual token after re-splicing)
+
+
+def _runs(visual: torch.Tensor) -> torch.Tensor:
+    """Run index (0-based) of each visual token: consecutive indices form one run (host)."""
+    if not visual.numel():
+        return visual.clone()
+    new = torch.ones_like(visual, dtype=torch.long)
+    new[1:] = (visual[1:] != visual[:-1] + 1).long()
+    new[0] = 0
+    return new.cumsum(0)
+
+
+def _renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global unit ids (host, -1 = newline) -> per-sample ids 0..U-1 in order of first appearance, and
+    the global id of each local unit."""
+    ok = gunit >= 0
+    present = gunit[ok]
+    if not present.numel():
+        return torch.full_like(gunit, -1), present
+    uniq, inv = torch.unique(present, return_inverse=True)
+    first = torch.full((uniq.numel(),), present.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inv, torch.arange(present.numel()), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    local = torch.full_like(gunit, -1)
+    local[ok] = rank[inv]
+    return local, uniq[order]
+
+
+class VisionStageMixin:
+    """The vision stage of :class:`llava.engine.PruningEngine`: signals per sample, the method's
+    selection, re-splicing / re-padding; the probe that lets a vision stage look into the LLM."""
+
+    # ------------------------------------------------------------------ prefill inputs (vision stage)
+    def _prefill_inputs(self, ctx: _Prefill, input_ids, visual: dict, attention_mask, position_ids):
+        """The LLM's prefill inputs (embeds, mask, positions) after the vision stage, and ``info``: per sample
+        the candidates, whether the stage was a no-op, the rows' host layouts (+ ``origin`` of each visual
+        token when re-spliced) and ``pos_shift`` (original - LLM-space position, for decode)."""
+        ctx.clock.mark("vision_start")
+        method = self.method
+        position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
+        extra_layers = tuple(getattr(method, "vision_attention_layers", ()) or ()) + tuple(
+            ("fw", v) for v in (getattr(method, "vision_fullwidth_layers", ()) or ())) + tuple(
+            ("cls", v) for v in (getattr(method, "vision_cls_layers", ()) or ()))
+        blocks = self.adapter.encode(visual, method.needs_vision_attention, getattr(method, "vision_layer", None),
+                                     extra_layers)
+        if not blocks:
+            raise ValueError("no visual input")
+        embeds = self.lm.embed_tokens(input_ids)
+        B, L = input_ids.shape
+        dev = input_ids.device
+        # The prompt's layout (placeholders, question, padding) is worked out on the host from ONE copy
+        # of the ids and the mask; the device only sees gathers / scatters with ready-made indices.
+        ids_h = input_ids.cpu()
+        valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        src_h = torch.full((B, L), -1, dtype=torch.long)  # per position: global id of the visual token feeding it
+        tables: dict[str, list] = {}
+        unit_tables: dict[str, list] = {}
+        units_h, cls_rows = [], []  # per block: global unit of each token; row of each unit in the [CLS] table
+        offset = unit_offset = n_cls_rows = 0
+        kind = None
+        for token_id, flat, sizes in blocks:
+            where_h = ids_h == token_id
+            n_slots, n_feat = int(where_h.sum()), int(flat["unit_h"].numel())
+            if n_slots != n_feat:
+                kname = self.adapter.placeholder_name(token_id)
+                raise ValueError(
+                    f"the prompt has {n_slots} {kname} placeholder tokens but the {len(sizes)} {kname}(s) give "
+                    f"{n_feat} visual tokens: each {kname} needs exactly one <{kname}> in the prompt, expanded "
+                    f"by the processor for this model (use llava.preprocess / the model's processor)")
+            rows = where_h.nonzero()[:, 0]
+            start = 0
+            for i, size in enumerate(sizes):  # every block must land inside one sample
+                r = rows[start:start + size]
+                start += size
+                if r.numel() and r.min() != r.max():
+                    raise ValueError(f"{flat['kind']} {i} is split across batch rows: placeholder counts per prompt do not match the images")
+            embeds = embeds.masked_scatter((input_ids == token_id)[..., None], flat["features"].to(embeds.dtype))
+            src_h[where_h] = torch.arange(n_feat) + offset
+            offset += n_feat
+            u = flat["unit_h"]
+            units_h.append(torch.where(u >= 0, u + unit_offset, u))
+            n_u = int(flat["unit_pos"].shape[0])
+            cls_rows.append(torch.arange(n_u) + n_cls_rows if "cls" in flat else torch.full((n_u,), -1))
+            n_cls_rows += n_u if "cls" in flat else 0
+            unit_offset += n_u
+            for k, v in flat.items():
+                if k in ("kind", "unit", "unit_h"):
+                    continue
+                if k == "cls":
+                    for ck, cv in v.items():
+                        unit_tables.setdefault(ck, []).append(cv)
+                elif k in ("unit_pos", "unit_grid"):
+                    unit_tables.setdefault(k, []).append(v)
+                else:
+                    tables.setdefault(k, []).append(v)
+            kind = flat["kind"]
+        ctx.clock.mark("vision_end")
+        ctx.probe_inputs = (embeds, attention_mask, position_ids)
+        table = {k: torch.cat(v) for k, v in tables.items()}
+        utable = {k: torch.cat(v) for k, v in unit_tables.items()}
+        unit_all_h = torch.cat(units_h)
+        cls_row_h = torch.cat(cls_rows)
+        extras = bool(method.include_cls_candidates) and "vision_features" in utable
+        need_signals = method.vision_stage or method.needs_vision_attention
+        layouts = []
+        for b in range(B):
+            real = valid_h[b].nonzero().flatten()
+            lay = _Layout(real=real, visual=(src_h[b, real] >= 0).nonzero().flatten(), ids=ids_h[b, real])
+            layouts.append(lay)
+        per_sample: list[VisionSignals | None] = []
+        if need_signals:
+            host = []
+            for b, lay in enumerate(layouts):
+                src = src_h[b, lay.real[lay.visual]]
+                unit, gu = _renumber_units(unit_all_h[src])
+                after, question = self._text_spans(lay.ids, lay.visual)
+                row = [lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long()]
+                if extras:  # the units of this sample that have a [CLS] row (not video frames)
+                    has = cls_row_h[gu] >= 0
+                    row += [cls_row_h[gu][has], torch.arange(gu.numel())[has]]
+                host.append(row)
+            width = len(host[0]) if host else 0
+            moved = _to_device([t for h in host for t in h], dev)
+            for b, lay in enumerate(layouts):
+                real, vis, src, unit, gu, after, question, qmask = moved[width * b:width * b + 8]
+                n_units = int(host[b][4].numel())
+                fields = {
+                    "features": embeds[b, real[vis]], "vision_features": table["vision_features"][src],
+                    "unit": unit, "patch": table["patch"][src],
+                    "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
+                    "keys": table["keys"][src] if "keys" in table else None,
+                    "extra": {k: table[k][src] for k in table if k.startswith(("recv:", "fwa:", "fwk:", "clsl:"))},
+                }
+                n_cls = 0
+                if extras:  # append each unit's [CLS] as candidate T + i
+                    crow, cunit = moved[width * b + 8:width * b + 10]
+                    n_cls = int(host[b][8].numel())
+                    fields["features"] = torch.cat([fields["features"], utable["features"][crow].to(embeds.dtype)])
+                    fields["vision_features"] = torch.cat([fields["vision_features"], utable["vision_features"][crow]])
+                    fields["unit"] = torch.cat([unit, cunit])
+                    fields["patch"] = torch.cat([fields["patch"], torch.full((n_cls,), -1, device=dev, dtype=torch.long)])
+                    if fields["cls_attn"] is not None:
+                        fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][crow]])
+                        fields["keys"] = torch.cat([fields["keys"], utable["keys"][crow]])
+                    for k in fields["extra"]:
+                        fields["extra"][k] = torch.cat([fields["extra"][k], utable[k][crow]])
+                sig = VisionSignals(
+                    features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
+                    patch=fields["patch"], unit_kind=kind, grid=self.adapter.grid(),
+                    text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
+                    question_ids=lay.ids[host[b][6]],
+                    cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
+                    keys=fields["keys"], key=self._sample_key(b, lay.ids),
+                    received_attn={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "recv:"},
+                    fullwidth_cls_attn={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwa:"},
+                    fullwidth_keys={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwk:"},
+                    cls_attn_layers={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "clsl:"},
+                    num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
+                    unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
+                    _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
+                    _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
+                )
+                if "in_tower_kept" in table:  # in-tower stage: the stock tokens that survived the tower
+                    sig.in_tower_kept = torch.cat([table["in_tower_kept"][src], torch.ones(n_cls, dtype=torch.bool, device=dev)])
+                per_sample.append(sig)
+        else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
+            per_sample = [None] * B
+        ctx.vision_sigs = per_sample
+        selections, noop = [], []
+        for b, sig in enumerate(per_sample):
+            sel = self._select(("vision", b), lambda: method.select_vision(sig)) if method.vision_stage else None
+            noop.append(sel is None or sel.check(sig.num_tokens, sig.num_stock))
+            selections.append(sel)
+        if method.vision_stage and any(noop) and method.budget is not None:
+            log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
+                     method.name, method.budget, sum(noop), B)
+        self.sample_keys = None
+        info = {"candidates": [int(lay.visual.numel()) for lay in layouts], "noop": noop}
+        if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
+            info.update(layouts=layouts, pos_shift=torch.zeros(B, dtype=torch.long, device=dev))
+            return embeds, attention_mask, position_ids, info
+        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, info)
+
+    def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, info):
+        """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left.
+
+        The new layout of every row is computed on the host (text tokens keep their order; each
+        placeholder run is replaced by the outputs whose source token lies in it, in output order);
+        the device only gathers and scatters. One host read per sample at most: the number of outputs
+        per run, when a sample has several runs (images)."""
+        B, L, D = embeds.shape
+        dev = embeds.device
+        rows = []
+        for b, (lay, sig, sel) in enumerate(zip(layouts, sigs, selections)):
+            if sel is None or info["noop"][b]:
+                sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
+            out_feats, out_src = self._materialize_vision(sig, sel)
+            run_h = _runs(lay.visual)  # run index of each visual token (host)
+            if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
+                u = sig._unit_host[:sig.num_stock]
+                big = sig.num_stock
+                first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
+                first.scatter_reduce_(0, u.clamp(min=0), torch.where(u >= 0, torch.arange(big), big), "amin")
+                run_h = torch.cat([run_h, run_h[first[sig._unit_host[sig.num_stock:]]]])
+            rows.append(self._place_outputs(lay, run_h, out_src, dev))
+            rows[-1]["x"] = out_feats
+        new_L = max(r["n"] for r in rows)
+        new_embeds = embeds.new_zeros(B, new_L, D)
+        new_mask_h = torch.zeros(B, new_L, dtype=torch.long)
+        new_layouts = []
+        for b, (lay, r) in enumerate(zip(layouts, rows)):
+            pad = new_L - r["n"]
+            new_mask_h[b, pad:] = 1
+            ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
+            ids[r["text_dst"]] = lay.ids[r["text_src"]]
+            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
+        moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r["text_src"]], r["text_dst"])]
+                           + [new_mask_h], dev)
+        new_mask = moved[-1]
+        keep_pos = self.adapter.keeps_positions and position_ids is not None
+        if keep_pos:  # kept tokens keep their positions (M-RoPE): gather them, padding gets 0
+            new_pos = position_ids.new_zeros(*position_ids.shape[:-2], B, new_L)
+            vis_rows = _to_device([lay.real[lay.visual] for lay in layouts], dev)
+        origin = []
+        for b, r in enumerate(rows):
+            pad = new_L - r["n"]
+            text_src, text_dst = moved[2 * b], moved[2 * b + 1]
+            new_embeds[b, pad + text_dst] = embeds[b, text_src]
+            x, src = r["x"], r["src"]
+            vd = r["vis_dst_d"]
+            src = src[r["perm"]] if r["perm"] is not None else src
+            new_embeds[b, pad + vd] = x[r["perm"]] if r["perm"] is not None else x
+            origin.append(src)
+            if keep_pos:
+                new_pos[..., b, pad + text_dst] = position_ids[..., b, text_src]
+                new_pos[..., b, pad + vd] = position_ids[..., b, vis_rows[b][src]]
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
+        orig_valid = valid.long().sum(1)
+        shift = orig_valid - new_mask.sum(1)
+        if keep_pos:
+            shift = torch.zeros_like(shift)  # decode positions need no mapping
+        elif position_ids is not None:
+            base = (position_ids * valid).amax(1) - (orig_valid - 1)  # first real position per row
+            new_pos = (new_mask.cumsum(1) - 1).clamp(min=0) + base[:, None] * new_mask
+        else:
+            new_pos = None
+        info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
+        return new_embeds, new_mask, new_pos, info
+
+    @staticmethod
+    def _place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
+        """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
+
+        run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
+        candidates'); out_src: (m,) each output's source candidate
+        (device). Returns the new row length, the text tokens' old / new indices (among the row's real
+        tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
+        the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
+        m = int(out_src.numel())
+        nv = int(lay.visual.numel())
+        old_run = run_h[:nv]
+        n_runs = int(old_run[-1]) + 1 if nv else 0
+        if n_runs <= 1:
+            counts = [m] if n_runs else []
+            perm = None
+        else:  # one host read: how many outputs land in each run
+            out_run = run_h.to(dev, non_blocking=True)[out_src]
+            counts = torch.bincount(out_run, minlength=n_runs).tolist()
+            perm = torch.sort(out_run, stable=True).indices
+        n_real = int(lay.ids.numel())
+        is_vis = torch.zeros(n_real, dtype=torch.bool)
+        is_vis[lay.visual] = True
+        text_src = (~is_vis).nonzero().flatten()
+        vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
+        run_start = torch.zeros(n_runs, dtype=torch.long)
+        run_len = torch.zeros(n_runs, dtype=torch.long)
+        if n_runs:
+            run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
+            run_len = torch.bincount(old_run, minlength=n_runs)
+        cnt = torch.tensor(counts, dtype=torch.long)
+        old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
+        new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
+        runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
+        text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
+        new_start = run_start - old_cum[:-1] + new_cum[:-1]
+        vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
+                   + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
+        return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
+                "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
+
+    def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
+        def probe(layer: int, queries: str = "question") -> torch.Tensor:
+            if ctx.probe_inputs is None:
+                raise RuntimeError("probe_attention is only available while the engine selects (during the prefill)")
+            return self._probe_rows(ctx, b, real, vis, after, question, layer, queries)
+        return probe
+
+    def _probe_hidden(self, ctx: _Prefill, k: int) -> torch.Tensor:
+        """Hidden states entering decoder layer k for the full (unpruned) spliced batch; no cache."""
+        if k not in ctx.probe_cache:
+            embeds, mask, pos = ctx.probe_inputs
+            lm = self.lm
+            h = embeds
+            if k > 0:
+                B, L = h.shape[:2]
+                if pos is None:
+                    pos = torch.arange(L, device=h.device)[None].expand(B, -1)
+                if mask is None:  # an explicit mask: never let transformers read position gaps as packing
+                    mask = torch.ones(B, L, dtype=torch.long, device=h.device)
+                causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
+                                            past_key_values=None, position_ids=self.adapter.mask_positions(pos))
+                pe = lm.rotary_emb(h, position_ids=pos)
+                for i in range(k):
+                    h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe)
+            ctx.probe_cache[k] = h
+        return ctx.probe_cache[k]
+
+    def _probe_rows(self, ctx: _Prefill, b, real, vis, after, question, k, queries):
+        """Layer k's causal attention (H, Q, T) from the chosen text queries to the sample's visual tokens.
+
+        real: row positions of the sample's real tokens; vis / after / question: indices among them."""
+        lm = self.lm
+        if not (0 <= k < len(lm.layers)):
+            raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
+        h = self._probe_hidden(ctx, k)
+        embeds, mask, pos = ctx.probe_inputs
+        p = pos[..., b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above
+        rows = {"question": question, "all_post_image": after, "text_after": after,
+                "last": after[-1:]}.get(queries)
+        if rows is None:
+            raise ValueError(f"probe queries must be question / all_post_image / last, got {queries!r}")
+        q, kk = llm_qk(lm.layers[k], h[b, real], lm.rotary_emb, p, rows)
+        attn = causal_attention_rows(q, kk, rows, lm.layers[k].self_attn.scaling)
+        return attn[:, :, vis]
+
+    def _materialize_vision(self, sig: VisionSignals, sel: Selection):
+        """Output features (m, D) and each output's source token index (m,)."""
+        keep = sel.keep.to(sig.features.device)
+        feats = [sig.features[keep]]
+        src = [keep]
+        if sel.values is not None:  # the method computed every output itself (e.g. PruMerge's k-NN sums)
+            if sel.targets is not None:
+                src.append(sel.targets.to(keep.device))
+            v = sel.values.to(sig.features.device)
+            if sel.space == "vision":
+                v = self.adapter.project(v.to(sig.vision_features.dtype))
+            feats = [v.to(sig.features.dtype)]
+        elif sel.targets is not None and sel.targets.numel():
+            space = sel.space
+            if space == "vision" and sig.num_stock and bool(sig._unit_host.lt(0).any()):  # NeXT newline tokens
+                tg, asg = sel.targets.to(keep.device), sel.assign.to(keep.device)
+                if bool(sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()):
+                    raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
+            x = sig.vision_features if space == "vision" else sig.features
+            merged = merge_tokens(x, sel)
+            if space == "vision":
+                merged = self.adapter.project(merged.to(x.dtype))
+            feats.append(merged.to(sig.features.dtype))
+            src.append(sel.targets.to(keep.device))
+        feats, src = torch.cat(feats), torch.cat(src)
+        if sel.order is not None:
+            o = sel.order.to(feats.device)
+            feats, src = feats[o], src[o]
+        return feats, src
+
+    def _text_spans(self, ids: torch.Tensor, vis: torch.Tensor):
+        """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
+        the last visual token (``vis``: indices of the visual tokens, ascending), and of the question."""
+        n = int(ids.numel())
+        last_vis = int(vis[-1]) if vis.numel() else -1
+        after = torch.arange(last_vis + 1, n)
+        spec = self.prompt_spec
+        toks = ids[last_vis + 1:].tolist()
+        i = 0
+        while i < len(toks) and toks[i] in spec.sep_ids:
+            i += 1
+        j = len(toks)
+        tail = list(spec.tail_ids)
+        if tail and toks[-len(tail):] == tail:
+            j = len(toks) - len(tail)
+        return after, (after[i:j] if j > i else after)

@@ -1,0 +1,218 @@
+"""The staged decoder: the prefill through the decoder layers with the method's ``llm`` stages between
+them, the ``LLMSignals`` of a stage, and the decode-time mapping of generate's mask / positions onto
+each segment of layers.
+
+A mixin of :class:`llava.engine.PruningEngine` (its methods read the engine's ``adapter``, ``lm``,
+``method``, ``llm_layers``, ``_reindex`` and ``_state``, and call its ``_select``; the rows of an llm
+stage are re-laid out on the host with :mod:`llava.layout`'s ``_runs`` / ``_place_outputs`` /
+``_text_spans``). Without llm stages the stock language model runs, at prefill and at decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from .families.base import to_device as _to_device
+from .layout import _Layout, _runs
+from .method import Selection
+from .ops import merge_tokens
+from .signals import LayerQK, LLMSignals, causal_attention_rows
+
+if TYPE_CHECKING:  # llava.engine imports this module
+    from .engine import _Prefill
+
+
+@dataclass
+class _Segment:
+    start: int  # first decoder layer of the segment
+    mask: torch.Tensor  # (B, L_s) 2-D mask of the prompt part of this segment's cache
+    shift: torch.Tensor  # (B,) subtract from LLM-space decode positions (reindex mode)
+
+
+class StagedDecoderMixin:
+    """The decoder part of :class:`llava.engine.PruningEngine`: prefill (stock or staged) and decode."""
+
+    # ------------------------------------------------------------------ decoder
+    def _prefill_llm(self, ctx: _Prefill, embeds, mask, pos, cache, use_cache, info, **kwargs):
+        """Run the decoder on the prompt. Returns hidden, per-layer padded lengths, per-sample per-layer visual
+        counts. Each llm stage is marked on ``ctx.clock`` (its time counts as selection)."""
+        n_layers = len(self.lm.layers)
+        B, L = embeds.shape[:2]
+        layouts = info["layouts"]
+        if not self.llm_layers:
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=use_cache, **kwargs)
+            per_layer = [[int(lay.visual.numel())] * n_layers for lay in layouts]
+            return out.last_hidden_state, [L] * n_layers, per_layer
+        lm = self.lm
+        dev = embeds.device
+        if pos is None:  # what the stock model does without position ids
+            pos = torch.arange(L, device=dev)[None].expand(B, L)
+        if mask is None:  # always an explicit mask: transformers must never read position gaps as packing
+            mask = torch.ones(B, L, dtype=torch.long, device=dev)
+        origin = info.get("origin") or [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]
+        entry = [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]  # index at layer-0 entry
+        moved = _to_device([t for lay in layouts for t in
+                            (lay.real[lay.visual], lay.real[self._text_spans(lay.ids, lay.visual)[0]])], dev)
+        # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
+        ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
+        ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
+        bounds = [0, *self.llm_layers, n_layers]
+        h = embeds
+        prev_in = None
+        segments: list[_Segment] = []
+        seq_lens: list[int] = []
+        per_layer = [[] for _ in range(B)]
+        shift = torch.zeros(B, dtype=torch.long, device=dev)
+        for s in range(len(bounds) - 1):
+            a, z = bounds[s], bounds[s + 1]
+            if s > 0:
+                ctx.clock.mark("stage_start")
+                h, mask, pos, layouts, origin, entry, dropped = self._llm_stage(
+                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry)
+                if self._reindex:
+                    shift = shift + dropped
+                ctx.clock.mark("stage_end")
+            segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
+            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
+                                        position_ids=self.adapter.mask_positions(pos), layer_idx=a)
+            pe = lm.rotary_emb(h, position_ids=pos)
+            counts = [int(lay.visual.numel()) for lay in layouts]
+            for i in range(a, z):
+                prev_in = h
+                # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
+                # (FastV keeps original positions) as packed sequences
+                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
+                                 past_key_values=cache, use_cache=use_cache, **kwargs)
+                seq_lens.append(h.shape[1])
+                for b in range(B):
+                    per_layer[b].append(counts[b])
+        self._state.segments = segments
+        return lm.norm(h), seq_lens, per_layer
+
+    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry):
+        B, L, D = h.shape
+        dev = h.device
+        spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
+        moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
+        outs = []
+        for b, lay in enumerate(layouts):
+            real, vis, after, question = moved[4 * b:4 * b + 4]
+            nv = int(lay.visual.numel())
+            x, p = h[b, real], pos[..., b, real]
+            sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
+                                    vis, origin[b], entry[b], after, question)
+            sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
+            if sel is not None and sel.values is not None:
+                raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
+            if sel is None or sel.check(nv):
+                sel = Selection(keep=torch.arange(nv, device=dev))
+            keep = sel.keep.to(dev)
+            src, out_x = [keep], [x[vis[keep]]]
+            if sel.targets is not None and sel.targets.numel():
+                tg = sel.targets.to(dev)
+                src.append(tg)
+                out_x.append(merge_tokens(x[vis], sel).to(x.dtype))
+            src, vx = torch.cat(src), torch.cat(out_x)
+            if sel.order is not None:
+                o = sel.order.to(dev)
+                src, vx = src[o], vx[o]
+            r = self._place_outputs(lay, _runs(lay.visual), src, dev)
+            perm = r["perm"]
+            if perm is not None:
+                vx, src = vx[perm], src[perm]
+            vp = p[..., vis[src]]  # a merged token takes its target's position
+            outs.append((r, x, p, vx, vp, src))
+        new_L = max(r["n"] for r, *_ in outs)
+        h2 = h.new_zeros(B, new_L, D)
+        p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
+        m2_h = torch.zeros(B, new_L, dtype=torch.long)
+        new_layouts, dropped = [], []
+        for b, (lay, (r, *_)) in enumerate(zip(layouts, outs)):
+            pad = new_L - r["n"]
+            m2_h[b, pad:] = 1
+            ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
+            ids[r["text_dst"]] = lay.ids[r["text_src"]]
+            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
+            dropped.append(int(lay.real.numel()) - r["n"])
+        moved = _to_device([t for r, *_ in outs for t in (r["text_src"], r["text_dst"])]
+                           + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
+        new_org, new_ent = [], []
+        for b, (r, x, p, vx, vp, src) in enumerate(outs):
+            pad = new_L - r["n"]
+            ts, td = moved[2 * b], moved[2 * b + 1]
+            vd = r["vis_dst_d"]
+            h2[b, pad + td] = x[ts]
+            h2[b, pad + vd] = vx
+            p2[..., b, pad + td] = p[..., ts]
+            p2[..., b, pad + vd] = vp
+            if self._reindex:
+                p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
+            new_org.append(origin[b][src])
+            new_ent.append(entry[b][src])
+        return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1]
+
+    def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
+        lm = self.lm
+
+        qks: dict[str, LayerQK] = {}  # per layer asked for: its q / k pieces, computed once this stage
+
+        def pick(which) -> LayerQK:
+            if which not in ("next", "prev"):
+                raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+            if which not in qks:
+                qks[which] = LayerQK(lm.layers[layer_idx] if which == "next" else lm.layers[layer_idx - 1],
+                                     x if which == "next" else x_prev, lm.rotary_emb, p)
+            return qks[which]
+
+        def attn_fn(rows, which):
+            qk = pick(which)
+            return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling)
+
+        def keys_fn(which, rope):
+            return pick(which).keys(rope).transpose(0, 1)
+
+        vis_in, text_in = ctx.entry[b]
+        return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
+                          text_after=after, question=question, visual_embeds=vis_in[entry],
+                          text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
+                          state=ctx.llm_state[b], vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
+                          _norm=lm.norm)
+
+    def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
+        """One decode call: map generate's original-space mask / positions onto each segment's cache."""
+        st = self._state
+        B, q = embeds.shape[:2]
+        gen_mask = attention_mask[:, st.orig_len:] if attention_mask is not None else None
+        if position_ids is not None:
+            position_ids = position_ids - st.pos_shift[:, None]  # original -> LLM space
+        if gen_mask is None:  # generate() drops an all-ones mask; the pruned prompt may still have padding
+            gen_mask = torch.ones(B, st.gen_len + q, dtype=torch.long, device=embeds.device)
+        if position_ids is None and st.next_pos is not None:  # M-RoPE: continue after the last prompt position
+            position_ids = st.next_pos[..., None] + st.gen_len + torch.arange(q, device=embeds.device)
+        st.gen_len += q
+        if st.segments is None:  # no llm stage: the stock decoder on the (possibly shortened) cache
+            mask = attention_mask
+            if st.llm_mask is not None:
+                mask = torch.cat([st.llm_mask, gen_mask.to(st.llm_mask.dtype)], 1)
+            return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                           past_key_values=cache, use_cache=use_cache, **kwargs).last_hidden_state
+        lm = self.lm
+        if position_ids is None:  # the stock rule: continue after layer 0's cache
+            position_ids = (cache.get_seq_length(0) + torch.arange(q, device=embeds.device))[None].expand(B, q)
+        h = embeds
+        bounds = [s.start for s in st.segments] + [len(lm.layers)]
+        for s, seg in enumerate(st.segments):
+            mask = torch.cat([seg.mask, gen_mask.to(seg.mask.dtype)], 1)  # always explicit (see _prefill_llm)
+            pos = position_ids - seg.shift[:, None]
+            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
+                                        position_ids=self.adapter.mask_positions(pos), layer_idx=seg.start)
+            pe = lm.rotary_emb(h, position_ids=pos)
+            for i in range(seg.start, bounds[s + 1]):
+                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
+                                 past_key_values=cache, use_cache=use_cache, **kwargs)
+        return lm.norm(h)

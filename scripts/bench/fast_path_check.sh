@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The fast path's CPU checks (issue 34): for every method declared capturable="full", on tiny LLaVA-1.5,
+# the prefill compiles with torch.compile(fullgraph=True) (dynamo; FAST_BACKEND=inductor for code
+# generation, much slower), reads nothing from the device inside the captured function, gives the eager
+# engine's greedy tokens (3 prompts + a batch of 3), and runs prompts of other lengths in one bucket and
+# 16 decode steps with recompilation set to raise. Prints one summary line.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+log=$(mktemp)
+python -m pytest -q -p no:cacheprovider tests/test_fastpath.py "$@" >"$log" 2>&1
+rc=$?
+summary=$(tail -n 1 "$log")
+if [ $rc -eq 0 ]; then
+    echo "fast path check PASS: $summary"
+else
+    cat "$log"
+    echo "fast path check FAIL: $summary"
+fi
+rm -f "$log"
+exit $rc

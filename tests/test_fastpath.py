@@ -1,0 +1,168 @@
+"""The fast path (llava.fastpath): a host plan, then one static-shape prefill per length bucket compiled
+with ``torch.compile(fullgraph=True)`` (dynamo only here: the compiler without code generation proves
+the function is capturable), and a one-graph decode. Checked against the eager engine's ``generate()``."""
+
+import os
+
+import pytest
+import torch
+from conftest import QUESTIONS, rand_image
+
+from llava.fastpath import BUCKETS, FastPath, bucket_for
+from llava.method import available_methods, get_method
+from llava.models import load
+from llava.syncs import SyncCounter
+
+#: every method declared capturable="full", with a budget that prunes the tiny 16-token images
+CAPTURED = [("none", None), ("novisual", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("visionzip", 6)]
+PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
+
+
+@pytest.fixture(scope="module")
+def rt_fast():
+    # FAST_BACKEND=inductor (scripts/bench/fast_path_check.sh) compiles with code generation: much slower
+    return load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=16,
+                fast_backend=os.environ.get("FAST_BACKEND", "auto"))
+
+
+@pytest.fixture(scope="module")
+def rt_eager():
+    return load("tiny:llava", seed=1)
+
+
+def _inputs(rt, i, n=1):
+    return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],
+                        [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
+
+
+def _generate(rt, batch, tokens=8):
+    with torch.no_grad():
+        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
+
+
+def test_every_method_declares_capturability():
+    from llava.method import _REGISTRY
+
+    for name in available_methods():
+        cls = _REGISTRY[name]
+        if cls.__module__.split(".")[0] not in ("llava", "baselines", "consensusdrop", "visiondrop", "attnmix"):
+            continue  # the tests' own example methods
+        assert cls.capturable in ("full", None), name
+        if cls.capturable != "full":
+            assert cls.capture_reason, name
+    assert get_method("fastv", 8).capture_refusal() == get_method("fastv", 8).capture_reason
+    assert get_method("fastervlm", 4).capture_refusal() is None
+    assert get_method("divprune", 4, numerics="official").capture_refusal()  # the reference mode runs eagerly
+
+
+def test_buckets():
+    assert bucket_for(1) == BUCKETS[0] and bucket_for(64) == 64 and bucket_for(65) == 96
+    assert bucket_for(BUCKETS[-1] + 1) == -(-(BUCKETS[-1] + 1) // 256) * 256
+
+
+@pytest.mark.parametrize("method,budget", CAPTURED)
+def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
+    """Greedy tokens and first-step scores of the fast path == the eager engine's, on 3 prompts of
+    different lengths (one bucket: one prefill graph) and a batch of 3 (left-padded rows)."""
+    torch._dynamo.reset()
+    eng = rt_fast.prune(method, budget)
+    rt_eager.prune(method, budget)
+    assert eng.fast is not None and eng.fast.refusal is None
+    for i in range(3):
+        batch = _inputs(rt_fast, i)
+        toks, scores = _generate(rt_fast, batch)
+        assert eng.stats.path == "fast", eng.stats.path_reason
+        ref_toks, ref_scores = _generate(rt_eager, batch)
+        assert torch.equal(toks, ref_toks)
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+        assert eng.stats.samples[0].visual_entering_llm == rt_eager.engine.stats.samples[0].visual_entering_llm
+    batch = _inputs(rt_fast, 0, n=3)
+    toks, scores = _generate(rt_fast, batch)
+    ref_toks, ref_scores = _generate(rt_eager, batch)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,budget", [("fastervlm", 4), ("divprune", 4), ("visionzip", 6)])
+def test_one_prefill_graph_per_bucket_and_one_decode_graph(rt_fast, method, budget):
+    """After the first prompt, prompts of other lengths in the same bucket and 16 decode steps
+    compile nothing (recompilation raises)."""
+    torch._dynamo.reset()
+    eng = rt_fast.prune(method, budget)
+    first = _inputs(rt_fast, 0)
+    _generate(rt_fast, first, tokens=16)
+    bucket = eng.stats.bucket
+    assert eng.stats.new_graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in (1, 2, 3):
+            batch = _inputs(rt_fast, i)
+            assert batch["input_ids"].shape[1] != first["input_ids"].shape[1] or i == 3
+            _generate(rt_fast, batch, tokens=16)
+            assert eng.stats.path == "fast" and eng.stats.bucket == bucket and not eng.stats.new_graph
+
+
+@pytest.mark.parametrize("method,budget", CAPTURED)
+def test_no_host_sync_inside_the_captured_prefill(rt_fast, method, budget):
+    """The captured function (run uncompiled) reads nothing from the device: the plan did it all."""
+    eng = rt_fast.prune(method, budget)
+    fp = FastPath(eng, backend="none", max_new_tokens=16)
+    calls = []
+    inner = fp._prefill
+
+    def counted(*a, **k):
+        with SyncCounter() as c:
+            out = inner(*a, **k)
+        calls.append(c.total)
+        return out
+
+    fp._prefill = counted
+    batch = _inputs(rt_fast, 1, n=2)
+    with torch.no_grad():
+        fp.prefill(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})
+    assert calls == [0]
+
+
+def test_refused_prefills_run_eagerly_and_say_why(rt_fast, rt_eager):
+    eng = rt_fast.prune("fastv", 8)
+    assert "in-LLM" in eng.fast.refusal
+    batch = _inputs(rt_fast, 0)
+    toks, _ = _generate(rt_fast, batch)
+    assert eng.stats.path == "eager" and "in-LLM" in eng.stats.path_reason
+    rt_eager.prune("fastv", 8)
+    assert torch.equal(toks, _generate(rt_eager, batch)[0])
+    eng = rt_fast.prune("fastervlm", 4, numerics="official")
+    _generate(rt_fast, batch)
+    assert eng.stats.path == "eager" and "official" in eng.stats.path_reason
+
+
+def test_two_images_in_one_prompt_run_eagerly(rt_fast):
+    eng = rt_fast.prune("fastervlm", 4)
+    batch = rt_fast.processor(["what differs?"], [[rand_image(0), rand_image(1)]])
+    _generate(rt_fast, batch, tokens=2)
+    assert eng.stats.path == "eager" and "one image" in eng.stats.path_reason
+
+
+def test_decode_beyond_the_static_cache_is_refused(rt_fast):
+    rt_fast.prune("fastervlm", 4)
+    with pytest.raises(ValueError, match="static cache"):
+        _generate(rt_fast, _inputs(rt_fast, 0), tokens=200)
+
+
+def test_malformed_selection_is_an_error_not_a_wrong_answer(rt_fast):
+    """A method declared capturable whose selection is malformed: the one flag read after the
+    prefill raises (the eager engine's Selection.check would have)."""
+    from llava.method import Method, Selection
+
+    class Dup(Method):
+        name = "dup-test"
+        vision_stage = True
+        capturable = "full"
+
+        def select_vision(self, sig):
+            return Selection(keep=sig.unit_layout().tokens[0][:2] * 0)  # token 0 twice
+
+    rt_fast.prune(Dup())
+    with pytest.raises(ValueError, match="malformed"):
+        _generate(rt_fast, _inputs(rt_fast, 0), tokens=2)
