@@ -396,8 +396,8 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             return None, str(e)
         n_layers = len(self.lm.layers)
         B, L = input_ids.shape
-        self._state = _State(orig_len=L, llm_mask=None, pos_shift=torch.zeros(B, dtype=torch.long), segments=None,
-                             fast=fstate)
+        self._state = _State(orig_len=L, llm_mask=None, pos_shift=torch.zeros(B, dtype=torch.long, device=input_ids.device),
+                             segments=None, fast=fstate)
         self.prefills += 1
         self.stats = PrefillStats(
             samples=[SampleStats(self.fast.tokens, [m] * n_layers) for m in outputs],

@@ -165,7 +165,7 @@ class FastPath:
         return None
 
     # ------------------------------------------------------------------ host plan
-    def _layout_sig(self, T: int, extra: int, dev) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _layout_sig(self, T: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Host unit / patch ids of one image's candidates and its planned layouts (host tensors)."""
         unit = torch.zeros(T + extra, dtype=torch.long)
         patch = torch.cat([torch.arange(T), torch.full((extra,), -1, dtype=torch.long)])
@@ -252,7 +252,8 @@ class FastPath:
             if vis.numel() != T or (vis.numel() and int(vis[-1] - vis[0]) != T - 1):
                 raise NotPlanned(f"row {b} does not hold exactly one image of {T} contiguous placeholder tokens")
             rows.append((ids, int(vis[0])))
-        unit, patch, host_lays = self._layout_sig(T, extra, None)
+        unit, patch, host_lays = self._layout_sig(T, extra)
+        self._host_lays = host_lays  # the captured function rebuilds its device layouts from these
         plans = []
         for b, (ids, p0) in enumerate(rows):
             host = self._signals_host(unit, patch, host_lays, e._sample_key(b, ids))
@@ -428,7 +429,6 @@ class FastPath:
         dev = input_ids.device
         px = visual["pixel_values"]
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        self._host_lays = self._layout_sig(spec.tokens, spec.extra, None)[2]
         names = ["tok", "src", "pos", "unit", "patch"] + (["index"] if host["index"] is not None else [])
         moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
         mask_d = mask.to(dev, non_blocking=True)
