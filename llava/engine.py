@@ -400,7 +400,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                              segments=None, fast=fstate)
         self.prefills += 1
         self.stats = PrefillStats(
-            samples=[SampleStats(self.fast.tokens, [m] * n_layers) for m in outputs],
+            samples=[SampleStats(t, [m] * n_layers) for t, m in zip(info.candidates, outputs)],
             seq_len_per_layer=[info.bucket] * n_layers,
             timings={**info.timings, "prefill_total": time.perf_counter() - t0},  # to the validity read
             path="fast", bucket=info.bucket, new_graph=info.new_graph)

@@ -22,9 +22,14 @@ and handed to the captured function as index tensors:
     after each row's last prompt position.
 
 Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.path_reason`` say
-why): LLaVA-1.5 (family ``llava``), one image per prompt, methods that declare ``capturable =
-"full"`` (:attr:`llava.method.Method.capturable`), no replay. Greedy tokens equal the eager engine's;
-logits may differ in the last bits (the bucket's padding changes GEMM shapes).
+why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
+tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - with exactly one image or
+one video per prompt, laid out by the family adapter's :meth:`~llava.families.base.FamilyAdapter.fast_visual`;
+methods that declare ``capturable = "full"`` (:attr:`llava.method.Method.capturable`); no replay.
+Greedy tokens equal the eager engine's; logits may differ in the last bits (the bucket's padding
+changes GEMM shapes). A graph is keyed by the bucket, the batch and every sample's visual structure:
+LLaVA-1.5 and Video-LLaVA have one structure, LLaVA-NeXT one per crop grid and unpadded layout (image
+aspect ratio; the ``spatial`` layout: one per grid).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 
 import torch
 
@@ -47,7 +53,7 @@ BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072
 #: decode slots of the static cache are allocated in steps of this many tokens
 DECODE_STEP = 64
 #: model families the fast path plans for
-FAST_FAMILIES = ("llava",)
+FAST_FAMILIES = ("llava", "llava_next", "video_llava")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 
@@ -64,18 +70,32 @@ def bucket_for(n: int, buckets=BUCKETS) -> int:
 
 
 @dataclass(frozen=True)
+class _Sample:
+    """Everything static about one sample of a captured prefill."""
+
+    tokens: int  # stock visual tokens (T)
+    units: int  # units (U)
+    extra: int  # extra [CLS] candidates (0 or U)
+    outputs: int  # selection outputs (m)
+    grid: tuple  # per unit (rows, cols)
+    layouts: tuple  # per layout key: (key, ((name, offset, length) ...), static fields of the UnitLayout)
+    parts: tuple  # ((name, offset, length) ...) of the sample's other tensors in the index buffer
+
+
+@dataclass(frozen=True)
 class _Spec:
-    """Everything static about one captured prefill (Python values: part of its graph key)."""
+    """Everything static about one captured prefill (Python values: its graph key)."""
 
     batch: int
-    tokens: int  # stock visual tokens per sample (one unit)
-    extra: int  # extra [CLS] candidates per sample (0 / 1)
-    outputs: tuple  # selection outputs per sample
+    key: str  # the visual input the tower reads
+    kind: str  # unit kind
+    drop_cls: bool
+    newlines: bool  # some token is a newline (LLaVA-NeXT spatial_unpad)
+    crops: bool  # the tower runs a host-chosen subset of the flattened input
+    samples: tuple  # _Sample per prompt
     bucket: int
     cache_len: int
-    layouts: tuple  # per layout key: ((name, length) ...) of its tensors in the index buffer
-    plan: tuple  # per sample: ((name, offset, length) ...) of the method's planned tensors
-    index_len: int  # length of the per-sample slice of the index buffer
+    index_len: int
 
 
 @dataclass
@@ -99,6 +119,14 @@ class FastInfo:
     cache_len: int | None = None
     new_graph: bool = False  # this prefill's bucket / signature had not run before (compile / capture)
     timings: dict = field(default_factory=dict)
+    candidates: list = field(default_factory=list)  # stock visual tokens per sample
+
+
+def _shift(s: _Sample, delta: int) -> _Sample:
+    """``s`` with its index-buffer offsets moved by ``delta`` (a sample's slice on its own)."""
+    return _replace(s, parts=tuple((n, o + delta, k) for n, o, k in s.parts),
+                    layouts=tuple((key, tuple((n, o + delta, k) for n, o, k in names), st)
+                                  for key, names, st in s.layouts))
 
 
 class FastPath:
@@ -124,7 +152,8 @@ class FastPath:
         if not self.refusal:  # transformers installs its output-capturing hooks under a lock on first use:
             from transformers.utils.output_capturing import maybe_install_capturing_hooks  # not traceable
 
-            for mod in (engine.adapter.tower, engine.lm):
+            towers = {id(t): t for t in (engine.adapter.fast_tower(k) for k in engine.adapter.pixel_keys)}
+            for mod in (*towers.values(), engine.lm):
                 maybe_install_capturing_hooks(mod)
 
     def _compile(self, fn):
@@ -152,31 +181,15 @@ class FastPath:
         return m.capture_refusal()
 
     def refusal_for(self, input_ids, visual: dict) -> str | None:
-        """Why this prefill must run eagerly (None: it takes the fast path)."""
+        """Why this prefill must run eagerly (None: it may take the fast path; the plan may still find
+        that the prompt does not fit, :class:`NotPlanned`)."""
         if self.refusal:
             return self.refusal
         if self.engine.replay:
             return "replay of recorded selections runs on the eager engine"
-        if visual.get("pixel_values_videos") is not None:
-            return "video input"
-        px = visual.get("pixel_values")
-        if px is None or px.dim() != 4 or px.shape[0] != input_ids.shape[0]:
-            return "the fast path takes exactly one image per prompt"
         return None
 
     # ------------------------------------------------------------------ host plan
-    def _layout_sig(self, T: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Host unit / patch ids of one image's candidates and its planned layouts (host tensors)."""
-        unit = torch.zeros(T + extra, dtype=torch.long)
-        patch = torch.cat([torch.arange(T), torch.full((extra,), -1, dtype=torch.long)])
-        pos = torch.full((1, 2), -1, dtype=torch.long)
-        lays = {}
-        for p in (False, True):
-            for s in (False, True):
-                for q in (False, True):
-                    lays[(p, s, q)] = unit_layout(unit, patch if p else None, T if s else None, pos if q else None)
-        return unit, patch, lays
-
     @staticmethod
     def _layout_tensors(lay: UnitLayout) -> list[tuple[str, torch.Tensor]]:
         out = [("newlines", lay.newlines)]
@@ -185,90 +198,150 @@ class FastPath:
         return out
 
     @staticmethod
-    def _layout_from(lay: UnitLayout, get) -> UnitLayout:
-        """``lay`` (host) with its index tensors replaced by ``get(name)`` (device views)."""
-        n = lay.num_units
+    def _layout_static(lay: UnitLayout) -> tuple:
+        return (tuple(lay.num_stock), tuple(lay.num_cls_stock), tuple(lay.num_patch_stock), lay.num_newline_stock,
+                tuple(map(tuple, lay.unit_pos)) if lay.unit_pos is not None else None, lay.grid)
+
+    @staticmethod
+    def _layout_from(static: tuple, n: int, get) -> UnitLayout:
+        """A UnitLayout of ``n`` units from its static fields and ``get(name)`` for its index tensors."""
+        num_stock, num_cls, num_patch, num_nl, unit_pos, grid = static
         return UnitLayout(tokens=[get(f"tokens{u}") for u in range(n)], cls=[get(f"cls{u}") for u in range(n)],
                           patches=[get(f"patches{u}") for u in range(n)], newlines=get("newlines"),
-                          num_stock=lay.num_stock, num_cls_stock=lay.num_cls_stock,
-                          num_patch_stock=lay.num_patch_stock, num_newline_stock=lay.num_newline_stock,
-                          unit_pos=lay.unit_pos, grid=lay.grid)
+                          num_stock=list(num_stock), num_cls_stock=list(num_cls), num_patch_stock=list(num_patch),
+                          num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
+                          grid=grid)
 
-    def _signals(self, feats, vfeats, unit, patch, layouts, plan, ca=None, ks=None, captured=True):
+    def _signals(self, s: _Sample, feats, vfeats, unit, patch, unit_pos, layouts, plan, ca=None, ks=None,
+                 kind="image", unit_host=None):
         from .signals import VisionSignals
 
-        T = self._T
-        dev = feats.device
         return VisionSignals(
-            features=feats, vision_features=vfeats, unit=unit, patch=patch, unit_kind="image",
+            features=feats, vision_features=vfeats, unit=unit, patch=patch, unit_kind=kind,
             grid=self.engine.adapter.grid(), text_embeds=feats[:0], question_mask=unit[:0].bool(),
-            cls_attn=ca, keys=ks, key=0, num_stock=T, unit_pos=torch.full((1, 2), -1, dtype=torch.long, device=dev),
-            unit_grid=[self.engine.adapter.grid()], captured=captured, layouts=layouts, plan=plan)
+            cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=unit_pos, unit_grid=list(s.grid),
+            captured=True, layouts=layouts, plan=plan, _unit_host=unit_host)
 
-    def _dry_run(self, T: int, extra: int, host_unit, host_patch, host_lays, host_plan) -> int:
-        """Outputs of the method's selection for one image, from a run on ``meta`` tensors (no data:
-        shapes only; a method that reads a device value fails here, and the prefill runs eagerly)."""
+    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", unit_host=None):
+        """A sample's VisionSignals over its candidates, its planned tensors read from ``index``."""
+        parts = {name: index[o:o + n] for name, o, n in s.parts}
+        layouts = {}
+        for key, names, static in s.layouts:
+            got = {name: index[o:o + n] for name, o, n in names}
+            layouts[key] = self._layout_from(static, s.units, got.__getitem__)
+        plan = {name[5:]: t for name, t in parts.items() if name.startswith("plan:")}
+        return self._signals(s, feats, vfeats, parts["unit"], parts["patch"], parts["unit_pos"].view(s.units, 2),
+                             layouts, plan, ca, ks, kind, unit_host)
+
+    def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str) -> int:
+        """Outputs of the method's selection for one sample, from a run on ``meta`` tensors (shapes only:
+        a method that reads a device value fails here, and the prefill runs eagerly)."""
         m = self.engine.method
         if not m.vision_stage:
-            return T
+            return s.tokens
         cfg = self.engine.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
         meta = torch.device("meta")
-        n = T + extra
-        to_meta = (lambda t: t.to(meta))
-        lays = {k: self._layout_from(v, lambda name, v=v: to_meta(dict(self._layout_tensors(v))[name]))
-                for k, v in host_lays.items()}
-        ca = torch.empty(vc.num_attention_heads, n, device=meta) if m.needs_vision_attention else None
-        ks = torch.empty(n, vc.hidden_size // vc.num_attention_heads, device=meta) if m.needs_vision_attention else None
-        sig = self._signals(torch.empty(n, D, device=meta), torch.empty(n, vc.hidden_size, device=meta),
-                            to_meta(host_unit), to_meta(host_patch), lays,
-                            {k: to_meta(v) for k, v in host_plan.items()}, ca, ks)
+        n = s.tokens + s.extra
+        needs = m.needs_vision_attention
+        ca = torch.empty(vc.num_attention_heads, n, device=meta) if needs else None
+        ks = torch.empty(n, vc.hidden_size // vc.num_attention_heads, device=meta) if needs else None
+        sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
+                                   torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind)
         sel = m.select_vision(sig)
         if sel.values is not None:
             raise ValueError("Selection.values (method-computed outputs) are not captured yet")
         return sel.num_out
 
+    def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
+        from .signals import VisionSignals
+
+        return VisionSignals(features=torch.zeros(0), vision_features=torch.zeros(0), unit=unit, patch=patch,
+                             unit_kind=kind, grid=self.engine.adapter.grid(), text_embeds=torch.zeros(0),
+                             question_mask=torch.zeros(0, dtype=torch.bool), key=key, num_stock=T,
+                             unit_pos=unit_pos, unit_grid=list(grid), layouts=layouts, _unit_host=unit)
+
+    def _plan_sample(self, vp: dict, key: int, extras: bool, kind: str, offset: int):
+        """One sample's static structure (without outputs) and its index-buffer tensors (host)."""
+        T, U = int(vp["src"].numel()), int(vp["units"].numel())
+        unit, patch = vp["unit"], vp["patch"]
+        if extras:  # each unit's [CLS] as candidate T + u (the eager engine's order)
+            unit = torch.cat([unit, torch.arange(U)])
+            patch = torch.cat([patch, torch.full((U,), -1, dtype=torch.long)])
+        pos = vp["unit_pos"]
+        lays = {}
+        for p in (False, True):
+            for st in (False, True):
+                for q in (False, True):
+                    lays[(p, st, q)] = unit_layout(unit, patch if p else None, T if st else None, pos if q else None)
+        host = self._host_signals(unit, patch, pos, vp["grid"], lays, key, T, kind)
+        plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
+        tensors = [("src", vp["src"]), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
+                   ("units", vp["units"])] + list(plan.items())
+        parts, lay_desc, chunks, at = [], [], [], offset
+        for name, t in tensors:
+            parts.append((name, at, int(t.numel())))
+            chunks.append(t.long())
+            at += t.numel()
+        for k, lay in lays.items():
+            names = []
+            for name, t in self._layout_tensors(lay):
+                names.append((name, at, int(t.numel())))
+                chunks.append(t)
+                at += t.numel()
+            lay_desc.append((k, tuple(names), self._layout_static(lay)))
+        s = _Sample(tokens=T, units=U, extra=U if extras else 0, outputs=-1, grid=tuple(vp["grid"]),
+                    layouts=tuple(lay_desc), parts=tuple(parts))
+        return s, chunks
+
     def plan(self, input_ids, attention_mask, visual: dict):
-        """The host plan of one prefill: (spec, per-request host tensors). Raises ValueError with the
-        reason when the prompt does not fit the fast path."""
+        """The host plan of one prefill: (spec, host tensors, 4-D mask, row lengths, candidates per sample).
+        Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
         e = self.engine
-        cfg = e.model.config
         B, L = input_ids.shape
+        try:
+            fv = e.adapter.fast_visual(visual, B)
+        except ValueError as exc:
+            raise NotPlanned(str(exc)) from None
         ids_h = input_ids.cpu()  # the one device read: before any device work of this prefill
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
-        vc = cfg.vision_config
-        S = (vc.image_size // vc.patch_size) ** 2 + 1
-        drop = cfg.vision_feature_select_strategy == "default"
-        T = S - 1 if drop else S
-        extra = 1 if (drop and e.method.include_cls_candidates) else 0
-        self._T = T
-        self.tokens = T
-        rows = []
+        extras = bool(fv.drop_cls and e.method.include_cls_candidates)
+        others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
+                  if t is not None and t != fv.token_id]
+        rows, samples, chunks, at = [], [], [], 0
         for b in range(B):
-            real = valid_h[b].nonzero().flatten()
-            ids = ids_h[b, real]
-            vis = (ids == cfg.image_token_id).nonzero().flatten()
-            if vis.numel() != T or (vis.numel() and int(vis[-1] - vis[0]) != T - 1):
-                raise NotPlanned(f"row {b} does not hold exactly one image of {T} contiguous placeholder tokens")
-            rows.append((ids, int(vis[0])))
-        unit, patch, host_lays = self._layout_sig(T, extra)
-        self._host_lays = host_lays  # the captured function rebuilds its device layouts from these
-        plans = []
-        for b, (ids, p0) in enumerate(rows):
-            host = self._signals_host(unit, patch, host_lays, e._sample_key(b, ids))
-            plans.append({k: v.long().reshape(-1) for k, v in e.method.plan_vision(host).items()})
-        sig_key = (T, extra, tuple(tuple((k, v.numel()) for k, v in p.items()) for p in plans[:1]))
-        if sig_key not in self._counts:
-            try:
-                self._counts[sig_key] = self._dry_run(T, extra, unit, patch, host_lays, plans[0])
-            except Exception as exc:  # a method that reads a device value, or an op meta tensors lack
-                self._counts[sig_key] = NotPlanned(f"{e.method.name}: its selection could not be planned on the "
-                                                   f"host ({type(exc).__name__}: {exc})")
-        if isinstance(self._counts[sig_key], NotPlanned):
-            raise self._counts[sig_key]
-        m = self._counts[sig_key]
-        lens = [int(ids.numel()) - T + m for ids, _ in rows]
+            ids = ids_h[b, valid_h[b]]
+            T = int(fv.samples[b]["src"].numel())
+            vis = (ids == fv.token_id).nonzero().flatten()
+            if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
+                raise NotPlanned(f"row {b} does not hold exactly one {fv.kind} run of {T} contiguous placeholder "
+                                 "tokens (several images / videos per prompt run on the eager engine)")
+            rows.append((ids, int(vis[0]) if T else 0, T))
+            smp, ch = self._plan_sample(fv.samples[b], e._sample_key(b, ids), extras, fv.kind, at)
+            at += sum(int(c.numel()) for c in ch)
+            samples.append(smp)
+            chunks += ch
+        index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+        done = []
+        for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
+            sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, fv.kind,
+                       tuple((k, static) for k, _, static in smp.layouts),
+                       tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
+            if sig_key not in self._counts:
+                base = smp.parts[0][1]
+                end = max(o + n for _, names, _ in smp.layouts for _, o, n in names)
+                local = _shift(smp, -base)
+                try:
+                    self._counts[sig_key] = self._dry_run(local, index[base:end], fv.kind)
+                except Exception as exc:  # a method that reads a device value, or an op meta tensors lack
+                    self._counts[sig_key] = NotPlanned(f"{e.method.name}: its selection could not be planned on "
+                                                       f"the host ({type(exc).__name__}: {exc})")
+            if isinstance(self._counts[sig_key], NotPlanned):
+                raise self._counts[sig_key]
+            done.append(_replace(smp, outputs=self._counts[sig_key]))
+        samples = done
+        lens = [int(ids.numel()) - T + s.outputs for (ids, _, T), s in zip(rows, samples)]
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
@@ -278,112 +351,99 @@ class FastPath:
         mask = torch.zeros(B, 1, Lb, C, dtype=torch.bool)
         ar = torch.arange(Lb)
         causal = ar[None, :] <= ar[:, None]  # (Lb, Lb)
-        for b, ((ids, p0), n) in enumerate(zip(rows, lens)):
-            pad = Lb - n
+        out_at = B * Lb
+        for b, ((ids, p0, T), n, smp) in enumerate(zip(rows, lens, samples)):
+            pad, m = Lb - n, smp.outputs
             text = torch.cat([ids[:p0], ids[p0 + T:]])
             slots = torch.cat([torch.arange(pad, pad + p0), torch.arange(pad + p0 + m, Lb)])
             tok[b, slots] = text
-            src[b, pad + p0:pad + p0 + m] = B * Lb + b * m + torch.arange(m)
+            src[b, pad + p0:pad + p0 + m] = out_at + torch.arange(m)
+            out_at += m
             pos[b, pad:] = torch.arange(n)
             mask[b, 0, :, pad:Lb] = causal[:, pad:]
             mask[b, 0, :pad, :] = False
             mask[b, 0, torch.arange(pad), torch.arange(pad)] = True  # padding rows see themselves (no NaN)
             mask[b, 0, pad:, :pad] = False
-        # the index buffer: per sample [layouts..., planned...] (fixed length per graph key)
-        lay_names = tuple((k, tuple((name, int(t.numel())) for name, t in self._layout_tensors(v)))
-                          for k, v in host_lays.items())
-        per = []
-        plan_desc = []
-        for b in range(B):
-            parts, desc, off = [], [], 0
-            for k, v in host_lays.items():
-                for _, t in self._layout_tensors(v):
-                    parts.append(t)
-                    off += t.numel()
-            for name, t in plans[b].items():
-                desc.append((name, off, int(t.numel())))
-                parts.append(t)
-                off += t.numel()
-            per.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
-            plan_desc.append(tuple(desc))
-        if len(set(plan_desc)) > 1:
-            raise NotPlanned("the samples' host draws differ in shape")
-        spec = _Spec(batch=B, tokens=T, extra=extra, outputs=(m,) * B, bucket=Lb, cache_len=C,
-                     layouts=lay_names, plan=plan_desc[0], index_len=int(per[0].numel()))
-        host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": torch.stack(per) if B else None,
-                "unit": unit, "patch": patch}
-        return spec, host, mask, lens
-
-    def _signals_host(self, unit, patch, host_lays, key):
-        from .signals import VisionSignals
-
-        return VisionSignals(features=torch.zeros(0), vision_features=torch.zeros(0), unit=unit, patch=patch,
-                             unit_kind="image", grid=self.engine.adapter.grid(), text_embeds=torch.zeros(0),
-                             question_mask=torch.zeros(0, dtype=torch.bool), key=key, num_stock=self._T,
-                             layouts=host_lays, _unit_host=unit)
+        newlines = any(bool((vp["src"] < 0).any()) for vp in fv.samples)
+        spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
+                     crops=fv.crops is not None, samples=tuple(samples), bucket=Lb, cache_len=C,
+                     index_len=int(index.numel()))
+        host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
+        if fv.crops is not None:
+            host["crops"] = fv.crops
+        return spec, host, mask, lens, [T for _, _, T in rows]
 
     # ------------------------------------------------------------------ the captured functions
-    def _prefill_fn(self, px, tok, src, pos, mask, index, unit, patch, cache, spec: _Spec):
+    def _prefill_fn(self, px, crops, tok, src, pos, mask, index, cache, spec: _Spec):
         e = self.engine
         adapter, method, lm = e.adapter, e.method, e.lm
         cfg = e.model.config
-        tower = adapter.tower
+        tower = adapter.fast_tower(spec.key)
         fl = cfg.vision_feature_layer
-        out = tower(px.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
+        if spec.crops:
+            x = x[crops]
+        out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
         hs = out.hidden_states[fl]
         ca = ks = None
         if method.needs_vision_attention:
             li = attention_layer(tower, fl, method.vision_layer)
             ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
-        proj = e.model.model.multi_modal_projector
-        off = 1 if cfg.vision_feature_select_strategy == "default" else 0
-        feats = proj(hs[:, off:].to(param_dtype(proj)))  # (B, T, D), one projector call as the stock model
+        proj = adapter.core.multi_modal_projector
+        off = 1 if spec.drop_cls else 0
+        vis = hs[:, off:]
+        N, per = vis.shape[:2]
+        pdt = param_dtype(proj)
+        flat = proj(vis.to(pdt)).reshape(N * per, -1)  # one projector call, as the stock model
+        vflat = vis.reshape(N * per, -1)
+        caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
+        ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
         emb = lm.embed_tokens(tok)
+        newline = adapter.fast_newline() if spec.newlines else None
         bad = torch.zeros((), dtype=torch.bool, device=emb.device)
         outs = []
-        for b in range(spec.batch):
-            f, v = feats[b], hs[b, off:]
-            a = ca[b, :, off:] if ca is not None else None
-            k = ks[b, off:] if ks is not None else None
-            if spec.extra:  # the image's [CLS] as an extra candidate (projected like a patch)
-                f = torch.cat([f, proj(hs[b, :1].to(param_dtype(proj)))])
-                v = torch.cat([v, hs[b, :1]])
+        for s in spec.samples:
+            at = {name: (o, n) for name, o, n in s.parts}
+            o, n = at["src"]
+            sidx = index[o:o + n]
+            safe = sidx.clamp(min=0)
+            f, v = flat[safe], vflat[safe]
+            a = caf[safe] if caf is not None else None
+            k = ksf[safe] if ksf is not None else None
+            if newline is not None:  # LLaVA-NeXT's image_newline rows, as the adapter builds them
+                nl = (sidx < 0)[:, None]
+                f = torch.where(nl, newline.to(f.dtype), f)
+                v = v.masked_fill(nl, 0)
                 if a is not None:
-                    a = torch.cat([a, ca[b, :, :1]], 1)
-                    k = torch.cat([k, ks[b, :1]])
+                    a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
+            f = f.to(emb.dtype)
             if not method.vision_stage:
-                outs.append(f[:spec.tokens].to(emb.dtype))
+                outs.append(f)
                 continue
-            row = index[b]
-            at = [0]
-
-            def take(n, row=row, at=at):
-                t = row[at[0]:at[0] + n]
-                at[0] += n
-                return t
-
-            layouts = {}
-            for key, names in spec.layouts:
-                got = {name: take(n) for name, n in names}
-                layouts[key] = self._lay_static(key, got, spec)
-            plan = {name: row[o:o + n] for name, o, n in spec.plan}
-            sig = self._signals(f, v, unit, patch, layouts, plan, a.contiguous() if a is not None else None, k)
+            if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
+                o, n = at["units"]
+                units = index[o:o + n]
+                f = torch.cat([f, proj(hs[units, :1].to(pdt))[:, 0].to(emb.dtype)])
+                v = torch.cat([v, hs[units, 0]])
+                if a is not None:
+                    a = torch.cat([a, ca[units, :, 0]])
+                    k = torch.cat([k, ks[units, 0]])
+            sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind)
             sel = method.select_vision(sig)
-            if sel.num_out != spec.outputs[b]:
-                raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {spec.outputs[b]}")
-            flags = sel.flags(sig.num_tokens, spec.tokens)
+            if sel.num_out != s.outputs:
+                raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
+            flags = sel.flags(sig.num_tokens, s.tokens)
             for name in Selection.MALFORMED:
                 if name in flags:
                     bad = bad | flags[name]
+            if spec.newlines and sel.space == "vision" and sel.targets is not None and sel.targets.numel():
+                tg, asg = sel.targets, sel.assign  # the eager engine refuses merging newlines in vision space
+                bad = bad | sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()
             outs.append(self._materialize(sig, sel).to(emb.dtype))
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         h = lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
                use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:]), bad
-
-    def _lay_static(self, key, got, spec):
-        lay = self._host_lays[key]
-        return self._layout_from(lay, lambda name: got[name])
 
     def _materialize(self, sig, sel: Selection) -> torch.Tensor:
         """The outputs' features (m, D) of a selection, as the eager engine builds them."""
@@ -425,11 +485,11 @@ class FastPath:
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo, outputs per
         sample). Raises :class:`NotPlanned` (nothing ran yet) when the prompt does not fit."""
         t0 = time.perf_counter()
-        spec, host, mask, lens = self.plan(input_ids, attention_mask, visual)
+        spec, host, mask, lens, candidates = self.plan(input_ids, attention_mask, visual)
         dev = input_ids.device
-        px = visual["pixel_values"]
+        px = visual[spec.key]
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        names = ["tok", "src", "pos", "unit", "patch"] + (["index"] if host["index"] is not None else [])
+        names = [k for k in ("tok", "src", "pos", "index", "crops") if k in host]
         moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
         mask_d = mask.to(dev, non_blocking=True)
         cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
@@ -437,19 +497,19 @@ class FastPath:
         new = key not in self._seen
         self._seen.add(key)
         t1 = time.perf_counter()
-        logits, bad = self._prefill(px, moved["tok"], moved["src"], moved["pos"], mask_d, moved.get("index"),
-                                    moved["unit"], moved["patch"], cache, spec)
+        logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
+                                    moved["index"], cache, spec)
         if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
             raise ValueError(f"{self.engine.method.name} returned a malformed selection (indices out of range, "
-                             "a token kept twice, or a bad order / assign)")
+                             "a token kept twice, a bad order / assign, or a newline merged in vision space)")
         dec_mask = torch.zeros(spec.batch, 1, 1, spec.cache_len, dtype=torch.bool)
         for b, n in enumerate(lens):
             dec_mask[b, 0, 0, spec.bucket - n:spec.bucket] = True
         state = FastState(cache=cache, mask=dec_mask.to(dev), bucket=spec.bucket,
                           next_pos=torch.tensor(lens, dtype=torch.long)[:, None].to(dev))
         info = FastInfo(path="fast", bucket=spec.bucket, cache_len=spec.cache_len, new_graph=new,
-                        timings={"plan": t1 - t0})
-        return logits, cache, state, info, [spec.outputs[b] for b in range(spec.batch)]
+                        timings={"plan": t1 - t0}, candidates=candidates)
+        return logits, cache, state, info, [s.outputs for s in spec.samples]
 
     @torch.no_grad()
     def decode(self, st: FastState, input_ids):

@@ -85,6 +85,47 @@ def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def family_rts():
+    backend = os.environ.get("FAST_BACKEND", "auto")
+    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=backend),
+                  load(f"tiny:{fam}", seed=1)) for fam in ("llava_next", "video_llava")}
+
+
+def _family_batch(rt, family, video):
+    """Three prompts of different lengths in one batch: LLaVA-NeXT with images of three sizes (three
+    crop grids / unpadded layouts), Video-LLaVA with three images or three 8-frame videos."""
+    qs = PROMPTS[1:4]
+    if video:
+        return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
+    return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
+
+
+FAMILY_CASES = ([("llava_next", False, m, b) for m, b in CAPTURED] + [("video_llava", True, m, b) for m, b in CAPTURED]
+                # Video-LLaVA's images differ from LLaVA-1.5's only in the tower the adapter picks
+                + [("video_llava", False, "none", None), ("video_llava", False, "visionzip", 6)])
+
+
+@pytest.mark.parametrize("family,video,method,budget", FAMILY_CASES)
+def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(family_rts, family, video, method, budget):
+    """The other two LLaVA families: LLaVA-NeXT (anyres crops, unpadded grid with newline tokens, one unit
+    per crop) and Video-LLaVA (images through the image tower; videos: 8 frames, each a unit with its
+    [CLS] kept). Greedy tokens and first-step scores == the eager engine, three prompts in one batch."""
+    rt_fast, rt_eager = family_rts[family]
+    eng = rt_fast.prune(method, budget)
+    rt_eager.prune(method, budget)
+    batch = _family_batch(rt_fast, family, video)
+    toks, scores = _generate(rt_fast, batch)
+    assert eng.stats.path == "fast", eng.stats.path_reason
+    ref_toks, ref_scores = _generate(rt_eager, batch)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    assert ([s.visual_entering_llm for s in eng.stats.samples]
+            == [s.visual_entering_llm for s in rt_eager.engine.stats.samples])
+    assert ([s.visual_candidates for s in eng.stats.samples]
+            == [s.visual_candidates for s in rt_eager.engine.stats.samples])
+
+
 @pytest.mark.parametrize("method,budget", [("fastervlm", 4), ("divprune", 4), ("visionzip", 6)])
 def test_one_prefill_graph_per_bucket_and_one_decode_graph(rt_fast, method, budget):
     """After the first prompt, prompts of other lengths in the same bucket and 16 decode steps

@@ -60,6 +60,39 @@ class VisualBlock(NamedTuple):
     sizes: list[int]
 
 
+class FastVisual(NamedTuple):
+    """The host plan of a prefill's visual input for the fast path (:mod:`llava.fastpath`): exactly one
+    image or one video per prompt, laid out as the stock model splices it.
+
+    key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
+    placeholder id; kind: the unit kind ("image" / "crop" / "frame"); drop_cls: the tower's [CLS] row is
+    not fed to the LLM (offered as an extra candidate); crops: host (N,) rows of the input flattened to
+    (N', 3, H, W) that the tower runs, in order (None: all of them); samples: per prompt, host tensors
+    ``src`` (T,) each visual token's row in the tower's flat (N * tokens-per-unit) output, -1 for a
+    newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its patch (-1 [CLS] / newline);
+    ``units`` (U,) the units' rows among the N tower inputs; ``unit_pos`` (U, 2); and ``grid`` the units'
+    (rows, cols) patch grids (Python pairs)."""
+
+    key: str
+    token_id: int
+    kind: str
+    drop_cls: bool
+    crops: torch.Tensor | None
+    samples: list
+
+
+def clip_units(n_units: int, tokens: int, drop_cls: bool, first: int = 0) -> dict:
+    """Host layout of ``n_units`` CLIP units in a row, ``tokens`` LLM tokens each (the [CLS] kept or
+    not), starting at tower input ``first``: one visual input of :class:`FastVisual`."""
+    off = 1 if drop_cls else 0
+    side = int(round((tokens - (0 if drop_cls else 1)) ** 0.5))
+    return {"src": torch.arange(first * tokens, (first + n_units) * tokens),
+            "unit": torch.arange(n_units).repeat_interleave(tokens),
+            "patch": (torch.arange(off, off + tokens) - 1).repeat(n_units),
+            "units": torch.arange(first, first + n_units),
+            "unit_pos": torch.full((n_units, 2), -1, dtype=torch.long), "grid": ((side, side),) * n_units}
+
+
 class FamilyAdapter:
     #: the family key methods see in ``Method.setup(family=...)``
     family: str = ""
@@ -109,6 +142,20 @@ class FamilyAdapter:
 
     def placeholder_name(self, token_id: int) -> str:
         return "video" if token_id == getattr(self.config, "video_token_id", None) else "image"
+
+    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    def fast_visual(self, visual: dict, batch: int) -> FastVisual:
+        """The host plan of this prefill's visual inputs (no device work; reads only host metadata
+        such as image sizes). Raises ValueError with the reason when the fast path cannot take them."""
+        raise ValueError(f"the fast path plans no {self.family} inputs")
+
+    def fast_tower(self, key: str) -> torch.nn.Module:
+        """The tower that encodes ``key``'s inputs."""
+        return self.tower
+
+    def fast_newline(self) -> torch.Tensor | None:
+        """The embedding fed for a newline token (``src`` -1), if the family has them."""
+        return None
 
     # ---------------------------------------------------------------- positions
     def prefill_positions(self, input_ids, attention_mask, position_ids, visual: dict):

@@ -4,7 +4,7 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock
+from .base import FamilyAdapter, FastVisual, VisualBlock, clip_units
 from .clip import flatten_units, run_tower
 
 
@@ -23,3 +23,15 @@ class LlavaAdapter(FamilyAdapter):
         flat, sizes = flatten_units(hs, ca, ks, self.core.multi_modal_projector,
                                     drop_cls=drop, kind="image", received=rc)
         return [VisualBlock(cfg.image_token_id, flat, sizes)]
+
+    def fast_visual(self, visual, batch):
+        px = visual.get("pixel_values")
+        if visual.get("pixel_values_videos") is not None:
+            raise ValueError(f"{self.family} does not take pixel_values_videos")
+        if px is None or px.dim() != 4 or px.shape[0] != batch:
+            raise ValueError("the fast path takes exactly one image per prompt")
+        vc = self.config.vision_config
+        drop = self.config.vision_feature_select_strategy == "default"
+        m = (vc.image_size // vc.patch_size) ** 2 + (0 if drop else 1)
+        return FastVisual("pixel_values", self.config.image_token_id, "image", drop, None,
+                          [clip_units(1, m, drop, first=b) for b in range(batch)])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock, to_device
+from .base import FamilyAdapter, FastVisual, VisualBlock, to_device
 from .clip import flatten_units, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
@@ -107,3 +107,43 @@ class LlavaNextAdapter(FamilyAdapter):
         for k in [k for k in out if k.startswith(("recv:", "fwa:", "fwk:", "clsl:"))]:
             out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]
+
+    def fast_visual(self, visual, batch):
+        from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                         image_size_to_num_patches)
+
+        cfg = self.config
+        px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
+        if visual.get("pixel_values_videos") is not None:
+            raise ValueError(f"{self.family} does not take pixel_values_videos")
+        if px is None or sizes is None or len(sizes) != batch or px.dim() != 5 or px.shape[0] != batch:
+            raise ValueError("the fast path takes exactly one image per prompt (pixel_values (B, crops, 3, H, W) "
+                             "and image_sizes)")
+        sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # host metadata (the processor's)
+        vc = cfg.vision_config
+        drop = cfg.vision_feature_select_strategy == "default"
+        m = (vc.image_size // vc.patch_size) ** 2 + (0 if drop else 1)
+        off = 1 if drop else 0
+        rows, samples, start = [], [], 0
+        for b, sz in enumerate(sizes):
+            sz = tuple(int(v) for v in sz)
+            c = image_size_to_num_patches(image_size=sz, grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=vc.image_size)
+            rows.append(b * px.shape[1] + torch.arange(c))
+            idx = next_token_layout(sz, cfg, c, m, self.next_layout)  # into the image's crop-major tokens
+            ok = idx >= 0
+            pos = [[-1, -1]]
+            if c > 1:
+                gh, gw = get_anyres_image_grid_shape(sz, cfg.image_grid_pinpoints, vc.image_size)
+                pos += [[i // gw, i % gw] for i in range(c - 1)]
+            side = int(round((m - (0 if drop else 1)) ** 0.5))
+            samples.append({"src": torch.where(ok, idx + start * m, -1),
+                            "unit": torch.where(ok, idx // m, -1),
+                            "patch": torch.where(ok, idx % m + off - 1, -1),
+                            "units": torch.arange(start, start + c),
+                            "unit_pos": torch.tensor(pos, dtype=torch.long), "grid": ((side, side),) * c})
+            start += c
+        return FastVisual("pixel_values", cfg.image_token_id, "crop", drop, torch.cat(rows), samples)
+
+    def fast_newline(self):
+        return self.core.image_newline if self.next_layout == "spatial_unpad" else None
