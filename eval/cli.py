@@ -4,6 +4,8 @@
     python -m eval check-data [BENCH ...] --data-root playground/data/eval
     python -m eval run gqa --model llava-hf/llava-1.5-7b-hf --method consensusdrop --budget 64 \\
         --data-root playground/data/eval --out runs              # under torchrun / deepspeed for data parallel
+    python -m eval run gqa ... --fast [--fast-backend auto|inductor|eager|aot_eager|none] [--fast-max-new-tokens N]
+                                            # the fast path (llava/fastpath.py); results.json "paths" says which ran
     python -m eval merge RUN_DIR            # exactly-once check + merge.jsonl
     python -m eval score RUN_DIR            # merge + official conversion + score + results.json
     python -m eval judge RUN_DIR --base-url URL --model NAME    # MM-Vet / video QA with an LLM judge
@@ -51,6 +53,14 @@ def _add_run(sub):
     a.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL: largest image area (bounds the visual tokens)")
     a.add_argument("--vision-dtype", default=None, help="keep the CLIP tower in this dtype (e.g. float32) under a half-precision "
                    "LLM, as LLaVA's own loader runs it (the official [CLS]-attention numerics)")
+    a.add_argument("--fast", action="store_true", help="the fast path (llava.load(fast=True)): prefills planned on the host "
+                   "and run as one compiled static-shape function per length bucket (CUDA graphs on a GPU) where the "
+                   "method is capturable, else eagerly; results.json 'paths' counts which path each prefill took and why")
+    a.add_argument("--fast-backend", default="auto", choices=["auto", "inductor", "eager", "aot_eager", "none"],
+                   help="with --fast: torch.compile backend (auto: inductor + CUDA graphs on a GPU, dynamo without code "
+                   "generation on a CPU; none: the static-shape functions uncompiled)")
+    a.add_argument("--fast-max-new-tokens", type=int, default=None, help="with --fast: decode slots of the static cache "
+                   "(default: --max-new-tokens, i.e. the benchmark's protocol value)")
     a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct, qwen2_vl, llava_onevision_hf)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")
@@ -215,6 +225,9 @@ def main(argv=None) -> int:
                              dir=str(run_dir))
         try:
             res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
+            from .runner import add_path_summary
+
+            res = add_path_summary(run_dir, res)  # which path (fast / eager) the prefills took, from the answers
             if wb is not None:  # scores by variant, tokens, TTFT, the answers table (never raises)
                 from .wandb_log import log_results
 

@@ -17,6 +17,14 @@ greedy pick). ``extra_ops`` = total minus the unpruned model's total on the same
 eager 7B prefill on an H100 is launch-bound (docs/results/efficiency-h100.md), so ``extra_ops`` x ~10-15 us
 estimates a method's selection overhead there from a CPU run.
 
+``--fast``: every (method, budget, batch) cell also runs with ``load(..., fast=True)`` (llava/fastpath.py),
+right after its eager run, and ``efficiency.md`` gets a "Fast path vs eager engine" section with the two
+rows side by side and the fast / eager TTFT (and TPOT) ratio (``efficiency.json``: ``fast.results`` and
+``fast.comparison``). The fast rows exclude compile / capture: warm-up prefills first, and a timed prefill
+that still compiled a graph (``engine.stats.new_graph``) is run again and counted. Each fast row states the
+path its prefills actually took (``engine.stats.path``): a method the fast path does not capture runs
+eagerly there, and the row says so with the reason. The main table, the bars and the plot are the eager rows.
+
 Cost model for the speed-up bar (stated in every output): the LLM prefill time of the *unpruned* model
 is measured on text-only inputs over a sweep of sequence lengths n and fitted with a roofline
 ``T(n) = max(T_floor, a + k F(n))`` (F = convention-B MACs; the floor is the weight-read-bound regime,
@@ -362,27 +370,75 @@ def environment(rt, device, dtype) -> dict:
     return env
 
 
-def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
-    """All measurements for one method x budget."""
-    eng = rt.prune(method, budget, **opts)
+def attach(rt, method: str, budget, opts: dict, path: str = "eager"):
+    """``rt.prune`` on the requested path: "eager" = the eager engine (also on a runtime loaded with
+    ``fast=True``), "fast" = with the runtime's fast path (``load(..., fast=True)``)."""
+    if path == "fast":
+        if rt.fast is None:
+            raise ValueError("the fast path needs a runtime loaded with fast=True")
+        return rt.prune(method, budget, **opts)
+    saved, rt.fast = rt.fast, None
+    try:
+        return rt.prune(method, budget, **opts)
+    finally:
+        rt.fast = saved
+
+
+def timed_prefill(rt, batch, device, eng) -> tuple[float, object, int]:
+    """:func:`prefill_once` with compile / capture warm-up excluded: a prefill that compiled or captured a
+    new fast-path graph (``engine.stats.new_graph``) is run again and the second (warm) run is timed.
+    Returns (seconds, output, prefills that compiled here)."""
+    ttft, out = prefill_once(rt, batch, device)
+    compiled = 0
+    while eng.stats is not None and eng.stats.new_graph and compiled < 2:
+        compiled += 1
+        del out
+        ttft, out = prefill_once(rt, batch, device)
+    if eng.stats is not None and eng.stats.new_graph:
+        raise RuntimeError("a fast-path prefill compiled a new graph on every run of the same input")
+    return ttft, out, compiled
+
+
+def _path_of(recs: list[dict]) -> tuple[str, dict]:
+    """("fast" | "eager" | "mixed", {eager reason: count}) of timed prefills."""
+    paths = {r["path"] for r in recs}
+    reasons: dict = {}
+    for r in recs:
+        if r["path"] == "eager" and r.get("path_reason"):
+            reasons[r["path_reason"]] = reasons.get(r["path_reason"], 0) + 1
+    return (paths.pop() if len(paths) == 1 else "mixed"), reasons
+
+
+def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str = "eager") -> dict:
+    """All measurements for one method x budget, on the eager engine (``path="eager"``) or with the
+    runtime's fast path (``"fast"``: ``engine.stats.path`` of every timed prefill is recorded; a method the
+    fast path does not capture runs eagerly there, and the row says so)."""
+    eng = attach(rt, method, budget, opts, path)
+    fast = path == "fast"
     d, m, L, d_kv = llm_dims(rt.model.config)
     per_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8
     batch1 = [build_batch(rt, [it], device) for it in items]
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
         prefill_once(rt, b, device)
-    ops = prefill_ops(rt, batch1[0])  # launch count, once, outside the timed runs
+    # launch count, once, outside the timed runs (eager engine only: a captured prefill is one graph)
+    ops = None if fast else prefill_ops(rt, batch1[0])
     rec = []
     for b in batch1:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        ttft, out = prefill_once(rt, b, device)
+        ttft, out, compiled = timed_prefill(rt, b, device, eng)
         st = eng.stats
-        kv, lens = cache_bytes(out.past_key_values)
         s = st.samples[0]
+        if st.path == "fast":  # a static cache of bucket + decode slots, allocated whole; the LLM ran on the bucket
+            kv, _ = cache_bytes(out.past_key_values)
+            lens = list(st.seq_len_per_layer)
+        else:
+            kv, lens = cache_bytes(out.past_key_values)
         text_tokens = int(b["attention_mask"].sum()) - s.visual_candidates
         analytic_lens = [text_tokens + v for v in s.visual_per_layer]
         rec.append({
             "ttft": ttft, **{f"t_{k}": v for k, v in st.timings.items()},
+            "path": st.path, "path_reason": st.path_reason, "bucket": st.bucket, "compiled_before_timing": compiled,
             "visual_candidates": s.visual_candidates, "visual_entering_llm": s.visual_entering_llm,
             "visual_layer_avg": s.visual_layer_avg, "layer_lengths": lens,
             "kv_bytes": kv, "kv_bytes_analytic": per_tok * sum(analytic_lens) // L,
@@ -391,15 +447,25 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
         })
         del out
     res = {"method": method, "budget": budget, "options": opts, "config": eng.method.config(), "records": rec,
-           "ops": ops}
-    for key in ("ttft", "t_vision", "t_selection", "t_llm"):
-        res[key] = summary([r[key] for r in rec])
+           "ops": ops, "path": path}
+    res["path_taken"], res["path_reasons"] = _path_of(rec)
+    res["compiled_in_timed"] = sum(r["compiled_before_timing"] for r in rec)
+    if fast and eng.fast is not None:
+        res["fast"] = {"backend": eng.fast.backend, "cuda_graphs": bool(eng.fast.cuda_graphs),
+                       "max_new_tokens": eng.fast.max_new_tokens, "refusal": eng.fast.refusal or None,
+                       "buckets": sorted({r["bucket"] for r in rec if r["bucket"] is not None})}
+    for key in ("ttft", "t_vision", "t_selection", "t_llm", "t_plan", "t_prefill_total"):
+        res[key] = summary([r.get(key) for r in rec])
     for key in ("visual_entering_llm", "visual_layer_avg", "kv_bytes", "kv_bytes_analytic", "macs_A", "macs_B"):
         res[key] = statistics.fmean(r[key] for r in rec)
-    res["kv_match"] = all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rec)
+    # a fast prefill's static cache holds bucket + decode slots: no per-token KV accounting to compare
+    res["kv_match"] = (all(r["kv_bytes"] == r["kv_bytes_analytic"] for r in rec)
+                       if res["path_taken"] == "eager" else None)
     res["peak_bytes"] = max((r["peak_bytes"] or 0) for r in rec) or None
     # decode time per output token, forced length
     dec = []
+    if fast and cfg.decode_samples and cfg.decode_tokens > 1 and batch1:  # compile the decode graph first
+        generate_time(rt, batch1[0], device, cfg.decode_tokens)
     for b in batch1[: cfg.decode_samples]:
         if cfg.decode_tokens > 1:
             t1 = generate_time(rt, b, device, 1)
@@ -414,11 +480,46 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device) -> dict:
         groups = [items[i:i + bs] for i in range(0, len(items) - bs + 1, bs)] or [items[:bs]]
         bb = [build_batch(rt, g, device) for g in groups]
         prefill_once(rt, bb[0], device)
-        times = [prefill_once(rt, b, device)[0] for b in bb]
+        times, brec = [], []
+        for b in bb:
+            t, out, compiled = timed_prefill(rt, b, device, eng)
+            del out
+            times.append(t)
+            brec.append({"path": eng.stats.path, "path_reason": eng.stats.path_reason, "compiled": compiled})
         med = statistics.median(times)
-        res["batched"][str(bs)] = {"ttft": summary(times), "samples_per_s": bs / med, "n_batches": len(bb)}
+        taken, reasons = _path_of(brec)
+        res["batched"][str(bs)] = {"ttft": summary(times), "samples_per_s": bs / med, "n_batches": len(bb),
+                                   "path_taken": taken, "path_reasons": reasons,
+                                   "compiled_in_timed": sum(r["compiled"] for r in brec)}
     rt.unprune()
+    if fast and hasattr(torch, "_dynamo"):  # this engine's graphs (and CUDA-graph pools) are not reused
+        torch._dynamo.reset()
     return res
+
+
+def fast_comparison(eager: list[dict], fast: list[dict]) -> list[dict]:
+    """One row per (method, budget, batch) cell: the eager and the fast row's TTFT medians, their ratio
+    (fast / eager, < 1 = the fast path is faster), the TPOT ratio at batch 1, and the path the fast row's
+    timed prefills actually took (with the reasons when eager)."""
+    rows = []
+    for e, f in zip(eager, fast):
+        assert (e["method"], e["budget"], e["options"]) == (f["method"], f["budget"], f["options"])
+        cells = [("1", e["ttft"], f["ttft"], f["path_taken"], f["path_reasons"], f["compiled_in_timed"])]
+        cells += [(bs, e["batched"][bs]["ttft"], fb["ttft"], fb["path_taken"], fb["path_reasons"], fb["compiled_in_timed"])
+                  for bs, fb in f["batched"].items() if bs in e["batched"]]
+        for bs, te, tf, taken, reasons, compiled in cells:
+            row = {"method": e["method"], "options": e["options"], "label": label(e), "budget": e["budget"],
+                   "batch": int(bs), "eager_ttft_median": te["median"], "fast_ttft_median": tf["median"],
+                   "eager_ttft_p90": te["p90"], "fast_ttft_p90": tf["p90"],
+                   "ttft_ratio": tf["median"] / te["median"], "fast_path_taken": taken, "fast_path_reasons": reasons,
+                   "fast_compiled_in_timed": compiled}
+            if bs == "1":
+                row["eager_tpot_median"] = (e["tpot"] or {}).get("median")
+                row["fast_tpot_median"] = (f["tpot"] or {}).get("median")
+                if row["eager_tpot_median"] and row["fast_tpot_median"]:
+                    row["tpot_ratio"] = row["fast_tpot_median"] / row["eager_tpot_median"]
+            rows.append(row)
+    return rows
 
 
 def label(r: dict) -> str:
@@ -533,7 +634,47 @@ def markdown(report: dict) -> str:
         fmt = (lambda x: f"{x:.3f}") if isinstance(v, float) else str
         out.append(f"| {b.get('label', b['method'])} | {b['budget']} | {b['bar']} | {fmt(v)} | {fmt(b['limit'])} | "
                    f"{'yes' if b['pass'] else '**no**'} |")
+    if report.get("fast"):
+        out += ["", *fast_markdown(report["fast"])]
     return "\n".join(out) + "\n"
+
+
+def _taken(path: str, reasons: dict, requested: str) -> str:
+    """The path a row's timed prefills took, in words (a fast row that ran eagerly says so, with why)."""
+    if path == "eager" and requested == "fast":
+        return "**eager**: " + "; ".join(reasons) if reasons else "**eager**"
+    if path == "mixed":
+        return "**mixed** (eager: " + "; ".join(f"{r} x{c}" for r, c in reasons.items()) + ")"
+    return path
+
+
+def fast_markdown(fast: dict) -> list[str]:
+    """The fast-vs-eager section: per (method, budget, batch) an eager row and a fast row side by side, the
+    fast row with the path its timed prefills actually took and the fast / eager TTFT (and TPOT) ratio."""
+    out = ["## Fast path vs eager engine (`--fast`)", "",
+           f"Every cell ran twice in this run, back to back: on the eager engine and with `load(fast=True)` (backend "
+           f"{fast.get('backend')}{', CUDA graphs' if fast.get('cuda_graphs') else ''}; static cache of "
+           f"{fast.get('max_new_tokens')} decode slots). Fast rows: warm-up prefills compile / capture first; a timed "
+           "prefill that still compiled a graph (`engine.stats.new_graph`) is timed again and counted under 'graphs "
+           "compiled in timed runs'. 'Path taken' is `engine.stats.path` of the timed prefills: a method the fast path "
+           "does not capture runs eagerly on the fast row, which then says so (its ratio compares eager with eager). "
+           "Ratio = fast / eager median (< 1: the fast path is faster). The table, bars and plot above are the eager "
+           "rows.", "",
+           "| Method | Budget | Batch | Path | Path taken | TTFT median / p90 (ms) | fast / eager TTFT | TPOT (ms) "
+           "| fast / eager TPOT | graphs compiled in timed runs |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"  # noqa: E731
+    for c in fast["comparison"]:
+        head = f"| {c['label']} | {c['budget'] if c['budget'] is not None else '-'} | {c['batch']} |"
+        b1 = c["batch"] == 1
+        out.append(f"{head} eager | eager | {ms(c['eager_ttft_median'])} / {ms(c['eager_ttft_p90'])} | - | "
+                   f"{ms(c.get('eager_tpot_median')) if b1 else '-'} | - | - |")
+        taken = _taken(c["fast_path_taken"], c["fast_path_reasons"], "fast")
+        tpot_ratio = f"{c['tpot_ratio']:.2f}x" if c.get("tpot_ratio") else "-"
+        out.append(f"{head} fast | {taken} | {ms(c['fast_ttft_median'])} / {ms(c['fast_ttft_p90'])} | "
+                   f"{c['ttft_ratio']:.2f}x | {ms(c.get('fast_tpot_median')) if b1 else '-'} | "
+                   f"{tpot_ratio if b1 else '-'} | {c['fast_compiled_in_timed']} |")
+    return out
 
 
 def plot(report: dict, path: Path) -> None:
@@ -576,6 +717,13 @@ def log_wandb(report: dict, enabled: bool) -> None:
             table.add_data(label(r), r["budget"], r["visual_entering_llm"], r["visual_layer_avg"],
                            r["ttft"]["median"] * 1e3, r["kv_bytes"] / 2**20, r["macs_B"])
         run.log({"efficiency": table})
+        if report.get("fast"):
+            ft = wandb.Table(columns=["method", "budget", "batch", "fast_path_taken", "eager_ttft_ms", "fast_ttft_ms",
+                                      "ttft_ratio"])
+            for c in report["fast"]["comparison"]:
+                ft.add_data(c["label"], c["budget"], c["batch"], c["fast_path_taken"], c["eager_ttft_median"] * 1e3,
+                            c["fast_ttft_median"] * 1e3, c["ttft_ratio"])
+            run.log({"fast_vs_eager": ft})
         run.finish()
     except Exception as e:  # noqa: BLE001 - logging must never fail the benchmark
         print(f"[wandb] skipped: {e}", file=sys.stderr)
@@ -601,6 +749,9 @@ class BenchConfig:
     out: str = "docs/results/efficiency"
     wandb: bool = False
     threads: int | None = None
+    fast: bool = False  # also run every cell with load(fast=True): fast and eager rows side by side
+    fast_backend: str = "auto"
+    fast_max_new_tokens: int | None = None  # static-cache decode slots; None: decode_tokens
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -608,18 +759,29 @@ def run(cfg: BenchConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout)
+    fast_slots = None
+    if cfg.fast:
+        fast_slots = cfg.fast_max_new_tokens or max(cfg.decode_tokens, 1)
+        if fast_slots < cfg.decode_tokens:
+            raise ValueError(f"--fast-max-new-tokens {fast_slots} < --decode-tokens {cfg.decode_tokens}: the fast "
+                             "path's static cache would run out")
+    rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout, fast=cfg.fast,
+              fast_backend=cfg.fast_backend, fast_max_new_tokens=fast_slots or 256)
     device = next(rt.model.parameters()).device
     image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
     inputs = describe_inputs(rt, image_hw)
     items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw)
-    results = [measure(rt, "none", None, {}, items, cfg, device)]
+    cells = [("none", None, {})]
     for spec in cfg.methods:
         name, opts = parse_method(spec)
         if name == "none":
             continue
-        for b in cfg.budgets:
-            results.append(measure(rt, name, b, opts, items, cfg, device))
+        cells += [(name, b, opts) for b in cfg.budgets]
+    results, fast_results = [], []
+    for name, b, opts in cells:  # with --fast: each cell on both paths, back to back
+        results.append(measure(rt, name, b, opts, items, cfg, device))
+        if cfg.fast:
+            fast_results.append(measure(rt, name, b, opts, items, cfg, device, path="fast"))
     for r in results:  # launches a method adds over the unpruned model on the same input
         r["extra_ops"] = r["ops"]["total"] - results[0]["ops"]["total"]
     full = int(results[0]["records"][0]["layer_lengths"][0])
@@ -637,6 +799,14 @@ def run(cfg: BenchConfig) -> dict:
                              "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
                              "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
               "results": results}
+    if cfg.fast:
+        f0 = next((r["fast"] for r in fast_results if r.get("fast")), {})
+        report["fast"] = {"backend": f0.get("backend"), "requested_backend": cfg.fast_backend,
+                          "cuda_graphs": f0.get("cuda_graphs"), "max_new_tokens": fast_slots,
+                          "note": "each cell ran on the eager engine and with load(fast=True) in this run; fast rows: "
+                                  "warm-up prefills first, a timed prefill that still compiled a graph is timed again "
+                                  "(compiled_in_timed); path_taken = engine.stats.path of the timed prefills",
+                          "results": fast_results, "comparison": fast_comparison(results, fast_results)}
     report["bars"] = check_bars(results, model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -674,6 +844,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--wandb", action="store_true", help="log to W&B (honours WANDB_MODE)")
+    ap.add_argument("--fast", action="store_true", help="also run every (method, budget, batch) cell with "
+                    "load(fast=True) and put fast and eager rows side by side with their TTFT ratio")
+    ap.add_argument("--fast-backend", default=d.fast_backend, choices=["auto", "inductor", "eager", "aot_eager", "none"],
+                    help="with --fast: torch.compile backend (auto: inductor + CUDA graphs on a GPU)")
+    ap.add_argument("--fast-max-new-tokens", type=int, default=None,
+                    help="with --fast: decode slots of the static cache (default: --decode-tokens)")
     a = ap.parse_args(argv)
     cfg = BenchConfig(**{k: v for k, v in vars(a).items()})
     report = run(cfg)

@@ -12,6 +12,8 @@ data, another prompt, another model or another method (issue 16, item 1).
   MiB; the index file's hash), or the seed of a ``tiny:`` / ``shape:`` model (random weights);
 - ``method``: method, budget, options as given and the method's resolved config;
 - ``dtype``;
+- ``fast`` (runs with ``--fast`` only): the fast path's backend as resolved on the device, CUDA graphs or
+  not, and the static cache's decode slots (the fast path changes the logits in the last bits, like a dtype);
 - ``code``: the git commit (a change only warns: answers of the same configuration under a
   newer commit are kept, and ``code_versions`` in run_config.json lists every commit that wrote
   answers).
@@ -173,6 +175,9 @@ def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
         changes.append(f"method {_json(diff)} (existing, new)")
     if old.get("dtype") != new.get("dtype"):
         changes.append(f"dtype ({old.get('dtype')} -> {new.get('dtype')})")
+    if old.get("fast") != new.get("fast"):  # absent = the eager engine only
+        changes.append(f"fast path ({_json(old.get('fast')) if old.get('fast') else 'off'} -> "
+                       f"{_json(new.get('fast')) if new.get('fast') else 'off'})")
     oc, nc = (old.get("code") or {}).get("commit"), (new.get("code") or {}).get("commit")
     if oc != nc:
         warnings.append(f"code version {oc} -> {nc}")

@@ -38,7 +38,11 @@ SHARD_RE = re.compile(r"^(\d+)_(\d+)\.jsonl$")
 #: config fields that must match to resume into an existing run directory
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
-               "min_pixels", "max_pixels", "vision_dtype")
+               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens")
+#: what a resumed run's config.json lacks (written before the key existed) counts as this value
+RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto"}
+#: the eager reason recorded for a prompt without an image / video (the stock forward: nothing to prune)
+TEXT_ONLY_REASON = "text-only prompt (the stock model's forward: nothing to prune)"
 #: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
 VIDEO_FAMILIES = ("video_llava",)
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
@@ -77,6 +81,9 @@ class RunConfig:
     min_pixels: int | None = None  # Qwen2.5-VL only: image area bounds (None: the checkpoint's values)
     vision_dtype: str | None = None  # CLIP families: the tower's dtype under a half-precision LLM (LLaVA's loader: fp32)
     max_pixels: int | None = None
+    fast: bool = False  # llava.load(fast=True): planned + captured prefills where the method allows (llava/fastpath.py)
+    fast_backend: str = "auto"  # torch.compile backend of the fast path (auto: inductor + CUDA graphs on a GPU)
+    fast_max_new_tokens: int | None = None  # static-cache decode slots; None: the run's max_new_tokens
     seed: int = 0
     limit: int | None = None  # first N questions only (smoke runs; results marked partial)
     stop_after: int | None = None  # debug: exit abruptly (os._exit) after N batches of this process
@@ -101,6 +108,13 @@ class RunConfig:
         return {k: d[k] for k in RESUME_KEYS}
 
 
+def _resume_mismatch(prev: dict, cfg: RunConfig) -> dict:
+    """{key: (recorded, now)} of the resume keys that differ (a key the recorded config lacks counts as
+    its default: run folders written before the key existed resume)."""
+    return {k: (prev.get(k, RESUME_DEFAULTS.get(k)), v) for k, v in cfg.resume_view().items()
+            if prev.get(k, RESUME_DEFAULTS.get(k)) != v}
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +137,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append(f"maxpx{cfg.max_pixels}")
     if cfg.vision_dtype is not None:
         parts.append(f"vis{cfg.vision_dtype}")
+    if cfg.fast:  # another numerics (last bits of the logits): never the eager run's folder
+        parts.append("fast" if cfg.fast_backend == "auto" else f"fast-{cfg.fast_backend}")
     if cfg.limit is not None:
         parts.append(f"limit{cfg.limit}")
     name = "_".join(str(p) for p in parts)
@@ -292,6 +308,9 @@ def run(cfg: RunConfig) -> int:
         cfg.max_new_tokens = bench.max_new_tokens
     if cfg.batch_size < 1:
         return user_error(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    bad = _fast_check(cfg)
+    if bad:
+        return user_error(bad)
     from llava.method import get_method
 
     try:  # unknown method, budget <= 0, unknown option key: the method's own checks, before any model is loaded
@@ -334,7 +353,7 @@ def run(cfg: RunConfig) -> int:
             if cfg_path.exists() and not cfg.overwrite:
                 prev_meta = read_json(cfg_path)
                 prev = prev_meta.get("config", {})
-                mismatch = {k: (prev.get(k), v) for k, v in cfg.resume_view().items() if prev.get(k) != v}
+                mismatch = _resume_mismatch(prev, cfg)
                 has_answers = bool(answered_uids(run_dir))
                 changes = [f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in mismatch.items()]
                 if has_answers:  # what the answers were made under, checkable before the model loads
@@ -368,7 +387,8 @@ def run(cfg: RunConfig) -> int:
             rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                       template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
                       pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
-                      max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype)
+                      max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype, fast=cfg.fast,
+                      fast_backend=cfg.fast_backend, fast_max_new_tokens=cfg.fast_max_new_tokens or 256)
         except (ValueError, OSError) as e:
             return user_error(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}")
         bad = _family_check(cfg, rt, questions)
@@ -389,6 +409,9 @@ def run(cfg: RunConfig) -> int:
             engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
         except (KeyError, ValueError, TypeError) as e:
             return user_error(e.args[0] if e.args else e)
+        fast_info = _fast_info(cfg, engine)
+        if fast_info and fast_info.get("refusal") and info.is_main:  # said, never silent: every prefill runs eagerly
+            log.warning("--fast: %s runs every prefill on the eager engine: %s", cfg.method, fast_info["refusal"])
         resolved = {
             "method_config": engine.method.config(),
             "llm_layers": list(engine.llm_layers),
@@ -396,6 +419,7 @@ def run(cfg: RunConfig) -> int:
             "model": {**model_info(cfg, rt, dtype), "decoder_layers": len(engine.lm.layers), **rt.info},
             "generation": {"do_sample": False, "num_beams": 1, "use_cache": True, "max_new_tokens": cfg.max_new_tokens,
                            "batch_size": cfg.batch_size},
+            "fast": fast_info,
             "benchmark": bench.config(),
             "world_size": info.world,
             "launcher": cfg.launcher or _guess_launcher(),
@@ -407,6 +431,8 @@ def run(cfg: RunConfig) -> int:
                        "method": {"method": cfg.method, "budget": cfg.budget, "options": cfg.options,
                                   "config": resolved["method_config"]},
                        "dtype": dtype, "code": resolved["git"]}
+        if fast_info:  # the fast path changes the logits in the last bits (padded GEMM shapes, the compiler)
+            fingerprint["fast"] = {k: fast_info[k] for k in ("backend", "cuda_graphs", "max_new_tokens")}
         if info.is_main:  # the parts that need the model: template, weights, resolved method, dtype
             cfg_ok = True
             if prev_meta is not None and "fingerprint" in prev_meta and answered_uids(run_dir):
@@ -471,6 +497,7 @@ def run(cfg: RunConfig) -> int:
                     from .wandb_log import log_results
 
                     log_results(wb, results, run_dir, cfg.data_root)
+                results = add_path_summary(run_dir, results)
                 _print_summary(results)
             except Exception as e:  # noqa: BLE001 - answers are safe on disk; report and fail
                 log.exception("merge / scoring failed: %s", e)
@@ -487,6 +514,72 @@ def run(cfg: RunConfig) -> int:
         return code
     finally:
         distmod.close(info)
+
+
+def _fast_info(cfg: RunConfig, engine) -> dict | None:
+    """What run_config.json / results.json record of the fast path (None without --fast): the backend as
+    resolved on this device, CUDA graphs or not, the static cache's decode slots, and the method's refusal
+    (every prefill then runs eagerly)."""
+    fp = getattr(engine, "fast", None)
+    if not cfg.fast or fp is None:
+        return None
+    return {"requested_backend": cfg.fast_backend, "backend": fp.backend, "cuda_graphs": bool(fp.cuda_graphs),
+            "max_new_tokens": fp.max_new_tokens, "refusal": fp.refusal or None}
+
+
+def _fast_check(cfg: RunConfig) -> str | None:
+    """The fast-path options (after ``max_new_tokens`` is resolved): one error line, or None. Resolves
+    ``fast_max_new_tokens`` to the run's ``max_new_tokens`` when not given."""
+    from llava.fastpath import BACKENDS
+
+    if not cfg.fast:
+        if cfg.fast_backend != "auto" or cfg.fast_max_new_tokens is not None:
+            return "--fast-backend / --fast-max-new-tokens apply with --fast only"
+        return None
+    if cfg.fast_backend not in BACKENDS:
+        return f"--fast-backend must be one of {', '.join(BACKENDS)}, got {cfg.fast_backend!r}"
+    if cfg.fast_max_new_tokens is None:
+        cfg.fast_max_new_tokens = cfg.max_new_tokens
+    if cfg.fast_max_new_tokens < cfg.max_new_tokens:
+        return (f"--fast-max-new-tokens {cfg.fast_max_new_tokens} < --max-new-tokens {cfg.max_new_tokens}: the fast "
+                "path's static cache would run out mid-answer (leave it out: it follows --max-new-tokens)")
+    return None
+
+
+def path_summary(metas: list[dict], fast: bool) -> dict:
+    """Which path the prefills of a run's answers took, per sample (a batch's prefill counts for each of its
+    samples): ``{"requested": "fast" | "eager", "fast": n, "eager": n, "eager_reasons": {reason: n},
+    "new_graphs": n}`` (``new_graphs``: fast prefills that compiled / captured a graph, their time included;
+    ``unrecorded``: answers written before paths were recorded)."""
+    out: dict = {"requested": "fast" if fast else "eager", "unit": "samples"}
+    reasons: dict = {}
+    for m in metas:
+        p = m.get("path", "unrecorded")
+        out[p] = out.get(p, 0) + 1
+        if p == "eager" and fast:
+            r = m.get("path_reason") or "not recorded"
+            reasons[r] = reasons.get(r, 0) + 1
+        if m.get("new_graph"):
+            out["new_graphs"] = out.get("new_graphs", 0) + 1
+    if reasons:
+        out["eager_reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return out
+
+
+def add_path_summary(run_dir: Path, results: dict) -> dict:
+    """Add ``paths`` (:func:`path_summary` of every answer of the run) to ``results`` and its results.json."""
+    cfg = results.get("config") or {}
+    uids, metas = set(), []
+    for p in shard_files(Path(run_dir)):
+        for r in complete_jsonl_records(p):
+            m = r[EVAL_KEY]
+            if m["uid"] not in uids:  # the merge checked that every question is answered exactly once
+                uids.add(m["uid"])
+                metas.append(m)
+    results["paths"] = path_summary(metas, bool(cfg.get("fast")))
+    files = results.get("files") or {}
+    write_json(Path(files.get("results") or Path(run_dir) / "results.json"), results)
+    return results
 
 
 def _family_check(cfg: RunConfig, rt, questions: list[Question]) -> str | None:
@@ -649,7 +742,20 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
                     sums["in"] += s["visual_entering_llm"]
                     sums["avg"] += s["visual_layer_avg"]
                     sums["n"] += 1
-                if overlays_left > 0 and stats is not None and ("vision", b) in engine.selections:
+                    meta["path"] = stats.path  # which path ran this batch's prefill (and why eager, under --fast)
+                    if stats.path == "fast":
+                        meta["bucket"] = stats.bucket
+                        if stats.new_graph:  # compiled / captured here: its time includes the compilation
+                            meta["new_graph"] = True
+                    elif cfg.fast:
+                        meta["path_reason"] = stats.path_reason or "not given by the engine"
+                else:
+                    meta["path"] = "eager"
+                    if cfg.fast:
+                        meta["path_reason"] = TEXT_ONLY_REASON
+                # the fast path records no selections (its kept indices stay on the device): overlays of eager prefills only
+                if (overlays_left > 0 and stats is not None and stats.path == "eager"
+                        and ("vision", b) in engine.selections):
                     try:
                         sel = engine.selections[("vision", b)]
                         keep = sel.keep.tolist() + ([] if sel.targets is None else sel.targets.tolist())
@@ -705,6 +811,15 @@ def _print_summary(results: dict) -> None:
     b = results.get("budget") or {}
     if b.get("unpruned_samples"):
         print(f"  budget: {b['note']}; effective budget {b['effective'] if b['effective'] is not None else 'none (unpruned)'}")
+    paths = results.get("paths")
+    if paths and (paths.get("requested") == "fast" or paths.get("fast")):
+        n = {k: paths[k] for k in ("fast", "eager", "unrecorded") if paths.get(k)}
+        line = ", ".join(f"{k} {v}" for k, v in n.items())
+        if paths.get("new_graphs"):
+            line += f" ({paths['new_graphs']} compiled a new graph)"
+        print(f"  prefill paths (samples): {line}")
+        for r, c in (paths.get("eager_reasons") or {}).items():
+            print(f"    eager x{c}: {r}")
     for p in results.get("pending", []):
         print(f"  pending: {p}")
     print(f"  results: {results['files']['results']}")

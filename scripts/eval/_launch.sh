@@ -6,6 +6,8 @@
 #   OUT        runs directory (OUT/<bench>/<run-name>/)   NPROC      processes per node (default: visible GPUs, else 1)
 #   LAUNCHER   torchrun (default) | deepspeed | python    NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT for multi-node
 #   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
+#   FAST=1     the fast path (--fast: captured prefills for capturable methods, else eager; results.json "paths")
+#   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | eager | aot_eager | none
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -31,6 +33,11 @@ mkdir -p "$OUT"
 DATA_ROOT="$(_abs "$DATA_ROOT")"; OUT="$(_abs "$OUT")"
 [[ -e "$MODEL" ]] && MODEL="$(_abs "$MODEL")"
 ARGS=(run "$BENCH" --model "$MODEL" --method "$METHOD" --budget "$BUDGET" --data-root "$DATA_ROOT" --out "$OUT")
+case "${FAST:-0}" in
+    1) ARGS+=(--fast); if [[ -n "${FAST_BACKEND:-}" ]]; then ARGS+=(--fast-backend "$FAST_BACKEND"); fi ;;
+    0|"") if [[ -n "${FAST_BACKEND:-}" ]]; then echo "FAST_BACKEND=$FAST_BACKEND applies with FAST=1 only" >&2; exit 2; fi ;;
+    *) echo "FAST=$FAST: use FAST=1 (the fast path) or FAST=0" >&2; exit 2 ;;
+esac
 # shellcheck disable=SC2206
 [[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=(${EXTRA_ARGS})
 ARGS+=("$@")
