@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
+#: lengths the text after the image is padded to for query-aware methods (``VisionSignals.text_mask``)
+TEXT_BUCKETS = (16, 32, 64, 128, 256, 512)
 #: decode slots of the static cache are allocated in steps of this many tokens
 DECODE_STEP = 64
 #: model families the fast path plans for
@@ -78,6 +80,7 @@ class _Sample:
     extra: int  # extra [CLS] candidates (0 or U)
     outputs: int  # selection outputs (m)
     grid: tuple  # per unit (rows, cols)
+    text: int  # rows of the padded text block (query-aware methods; 0: none)
     layouts: tuple  # per layout key: (key, ((name, offset, length) ...), static fields of the UnitLayout)
     parts: tuple  # ((name, offset, length) ...) of the sample's other tensors in the index buffer
 
@@ -176,8 +179,6 @@ class FastPath:
             return f"{m.name}: in-LLM / in-tower stages are not captured yet"
         if m.vision_attention_layers or m.vision_fullwidth_layers or m.vision_cls_layers:
             return f"{m.name}: extra vision-layer signals are not captured yet"
-        if m.query_aware:
-            return f"{m.name} reads the question (variable-length text signals): not captured yet"
         return m.capture_refusal()
 
     def refusal_for(self, input_ids, visual: dict) -> str | None:
@@ -212,26 +213,27 @@ class FastPath:
                           num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
                           grid=grid)
 
-    def _signals(self, s: _Sample, feats, vfeats, unit, patch, unit_pos, layouts, plan, ca=None, ks=None,
-                 kind="image", unit_host=None):
+    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None):
+        """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
+        ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``."""
         from .signals import VisionSignals
 
-        return VisionSignals(
-            features=feats, vision_features=vfeats, unit=unit, patch=patch, unit_kind=kind,
-            grid=self.engine.adapter.grid(), text_embeds=feats[:0], question_mask=unit[:0].bool(),
-            cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=unit_pos, unit_grid=list(s.grid),
-            captured=True, layouts=layouts, plan=plan, _unit_host=unit_host)
-
-    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", unit_host=None):
-        """A sample's VisionSignals over its candidates, its planned tensors read from ``index``."""
         parts = {name: index[o:o + n] for name, o, n in s.parts}
         layouts = {}
         for key, names, static in s.layouts:
             got = {name: index[o:o + n] for name, o, n in names}
             layouts[key] = self._layout_from(static, s.units, got.__getitem__)
         plan = {name[5:]: t for name, t in parts.items() if name.startswith("plan:")}
-        return self._signals(s, feats, vfeats, parts["unit"], parts["patch"], parts["unit_pos"].view(s.units, 2),
-                             layouts, plan, ca, ks, kind, unit_host)
+        unit = parts["unit"]
+        if s.text:
+            text_mask, question_mask = parts["text_mask"].bool(), parts["question_mask"].bool()
+        else:
+            text, text_mask, question_mask = feats[:0], None, unit[:0].bool()
+        return VisionSignals(
+            features=feats, vision_features=vfeats, unit=unit, patch=parts["patch"], unit_kind=kind,
+            grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
+            cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
+            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan)
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str) -> int:
         """Outputs of the method's selection for one sample, from a run on ``meta`` tensors (shapes only:
@@ -248,7 +250,8 @@ class FastPath:
         ca = torch.empty(vc.num_attention_heads, n, device=meta) if needs else None
         ks = torch.empty(n, vc.hidden_size // vc.num_attention_heads, device=meta) if needs else None
         sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
-                                   torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind)
+                                   torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
+                                   torch.empty(s.text, D, device=meta))
         sel = m.select_vision(sig)
         if sel.values is not None:
             raise ValueError("Selection.values (method-computed outputs) are not captured yet")
@@ -262,8 +265,9 @@ class FastPath:
                              question_mask=torch.zeros(0, dtype=torch.bool), key=key, num_stock=T,
                              unit_pos=unit_pos, unit_grid=list(grid), layouts=layouts, _unit_host=unit)
 
-    def _plan_sample(self, vp: dict, key: int, extras: bool, kind: str, offset: int):
-        """One sample's static structure (without outputs) and its index-buffer tensors (host)."""
+    def _plan_sample(self, vp: dict, key: int, extras: bool, kind: str, offset: int, text=None):
+        """One sample's static structure (without outputs) and its index-buffer tensors (host).
+        ``text``: (text mask, question mask) of the padded text block, or None."""
         T, U = int(vp["src"].numel()), int(vp["units"].numel())
         unit, patch = vp["unit"], vp["patch"]
         if extras:  # each unit's [CLS] as candidate T + u (the eager engine's order)
@@ -279,6 +283,9 @@ class FastPath:
         plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
         tensors = [("src", vp["src"]), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
                    ("units", vp["units"])] + list(plan.items())
+        if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
+            tensors += [("text_rows", torch.zeros(text[0].numel(), dtype=torch.long)), ("text_mask", text[0]),
+                        ("question_mask", text[1])]
         parts, lay_desc, chunks, at = [], [], [], offset
         for name, t in tensors:
             parts.append((name, at, int(t.numel())))
@@ -292,7 +299,7 @@ class FastPath:
                 at += t.numel()
             lay_desc.append((k, tuple(names), self._layout_static(lay)))
         s = _Sample(tokens=T, units=U, extra=U if extras else 0, outputs=-1, grid=tuple(vp["grid"]),
-                    layouts=tuple(lay_desc), parts=tuple(parts))
+                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=tuple(parts))
         return s, chunks
 
     def plan(self, input_ids, attention_mask, visual: dict):
@@ -317,15 +324,21 @@ class FastPath:
             if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
                 raise NotPlanned(f"row {b} does not hold exactly one {fv.kind} run of {T} contiguous placeholder "
                                  "tokens (several images / videos per prompt run on the eager engine)")
-            rows.append((ids, int(vis[0]) if T else 0, T))
-            smp, ch = self._plan_sample(fv.samples[b], e._sample_key(b, ids), extras, fv.kind, at)
+            p0 = int(vis[0]) if T else 0
+            rows.append((ids, p0, T))
+            text = None
+            if e.method.query_aware:  # the text after the visual run, padded: (real rows, question rows)
+                after, question = e._text_spans(ids, vis)
+                Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
+                text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
+            smp, ch = self._plan_sample(fv.samples[b], e._sample_key(b, ids), extras, fv.kind, at, text)
             at += sum(int(c.numel()) for c in ch)
             samples.append(smp)
             chunks += ch
         index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
         done = []
         for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
-            sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, fv.kind,
+            sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind,
                        tuple((k, static) for k, _, static in smp.layouts),
                        tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
             if sig_key not in self._counts:
@@ -360,6 +373,10 @@ class FastPath:
             src[b, pad + p0:pad + p0 + m] = out_at + torch.arange(m)
             out_at += m
             pos[b, pad:] = torch.arange(n)
+            if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
+                o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
+                real_text = int(ids.numel()) - p0 - T
+                index[o:o + real_text] = b * Lb + pad + p0 + m + torch.arange(real_text)
             mask[b, 0, :, pad:Lb] = causal[:, pad:]
             mask[b, 0, :pad, :] = False
             mask[b, 0, torch.arange(pad), torch.arange(pad)] = True  # padding rows see themselves (no NaN)
@@ -428,7 +445,12 @@ class FastPath:
                 if a is not None:
                     a = torch.cat([a, ca[units, :, 0]])
                     k = torch.cat([k, ks[units, 0]])
-            sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind)
+            text = None
+            if s.text:
+                o, n = at["text_rows"]
+                text = emb.reshape(-1, emb.shape[-1])[index[o:o + n]]
+            sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
+                                       text)
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")

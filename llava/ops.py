@@ -475,10 +475,17 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tenso
     return an @ (b.float() / b.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)).T
 
 
-def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """AdaV's s_j: for each text token a softmax over visual tokens of ``temperature`` x cosine
-    similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32."""
-    return torch.softmax(temperature * cosine_matrix(text, visual), dim=1).max(dim=0).values
+    similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32.
+    ``mask`` (Tt,) bool: only these text rows count (a padded text block, or the question among the
+    text; no boolean indexing, so no host sync). Same values as ``text[mask]`` without a mask; a mask
+    with no row gives zeros."""
+    p = torch.softmax(temperature * cosine_matrix(text, visual), dim=1)
+    if mask is not None:
+        p = p.masked_fill(~mask.to(p.device)[:, None], 0.0)  # probabilities are > 0: a masked row never wins
+    return p.max(dim=0).values if p.shape[0] else p.new_zeros(p.shape[1])
 
 
 def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:

@@ -49,6 +49,10 @@ class VisionSignals:
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
+    text_mask:       (Tt,) bool, the real rows of ``text_embeds`` (None: all). The fast path pads the text
+                     block to a fixed length so that one captured graph serves prompts of many lengths;
+                     read the text through :meth:`text_rows` (masked ops, no boolean indexing) and it
+                     works on both paths.
     question_ids:    (Q,) host LongTensor: the LLM token ids of those question tokens (decode them with
                      the model's tokenizer for a method that needs the question as text, e.g. CDPruner's
                      CLIP text tower).
@@ -82,6 +86,7 @@ class VisionSignals:
     #: grid; OneVision's pooled frames: their pooled grid; CLIP: the tower's square grid)
     unit_grid: list | None = None
     question_ids: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
     _probe_fn: Callable = field(default=None, repr=False)
     #: host copy of ``unit`` (set by the engine) so that unit counts / indices need no device read
     _unit_host: torch.Tensor | None = field(default=None, repr=False)
@@ -122,6 +127,19 @@ class VisionSignals:
 
         return unit_layout(self.unit, self.patch if patch else None, self.num_stock if stock else None,
                            self.unit_pos if pos else None)
+
+    def text_rows(self, which: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text after the visual block as (embeds (Tt, D), mask (Tt,) bool or None = every row):
+        ``which`` "all" (every real row) or "question" (the question / instruction tokens). Use masked
+        ops on the rows (e.g. :func:`llava.ops.text_to_image_score` ``mask=``), never ``embeds[mask]``:
+        the fast path pads the block (``text_mask``), and a boolean index would sync."""
+        if which not in ("all", "question"):
+            raise ValueError(f"text rows must be 'all' or 'question', got {which!r}")
+        mask = self.text_mask
+        if which == "question":
+            q = self.question_mask.to(self.text_embeds.device)
+            mask = q if mask is None else (mask.to(q.device) & q)
+        return self.text_embeds, mask
 
     @property
     def num_tokens(self) -> int:

@@ -207,3 +207,74 @@ def test_malformed_selection_is_an_error_not_a_wrong_answer(rt_fast):
     rt_fast.prune(Dup())
     with pytest.raises(ValueError, match="malformed"):
         _generate(rt_fast, _inputs(rt_fast, 0), tokens=2)
+
+
+def _text_topk_method():
+    """A query-aware test method: the tokens most similar to the question (AdaV's s_j over the masked
+    text rows), top-k; capturable."""
+    from llava.method import Method, Selection
+    from llava.ops import text_to_image_score, topk_desc
+
+    class TextTopK(Method):
+        name = "text-topk-test"
+        vision_stage = True
+        query_aware = True
+        capturable = "full"
+
+        def select_vision(self, sig):
+            text, mask = sig.text_rows("question")
+            s = text_to_image_score(text, sig.features, 100.0, mask)
+            return Selection(keep=topk_desc(s, self.budget).sort().values)
+
+    return TextTopK
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_query_aware_methods_read_a_padded_text_block(rt_fast, rt_eager, family_rts, family):
+    """The text after the image reaches a captured method padded to a text bucket (``text_mask``,
+    ``question_mask``): selections and tokens == the eager engine's (unpadded text), for prompts whose
+    questions differ in length, in one batch and alone; one graph serves the bucket."""
+    torch._dynamo.reset()
+    fast, eager = (rt_fast, rt_eager) if family == "llava" else family_rts[family]
+    cls = _text_topk_method()
+    eng = fast.prune(cls(5))
+    eager.prune(cls(5))
+    for n in (1, 3):
+        batch = (_inputs(fast, 1, n=n) if family == "llava" else fast.processor(
+            PROMPTS[:n], [rand_image(j, 40 + 10 * j, 56) for j in range(n)]))
+        toks, scores = _generate(fast, batch)
+        assert eng.stats.path == "fast", eng.stats.path_reason
+        ref_toks, ref_scores = _generate(eager, batch)
+        assert torch.equal(toks, ref_toks)
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_the_padded_text_block_holds_the_eager_question_rows(rt_fast, rt_eager):
+    """Row for row: the fast path's masked text block == the eager engine's text after the image, and its
+    question mask marks the same rows (the uncompiled function records what the method saw)."""
+    cls = _text_topk_method()
+    seen = {}
+
+    class Recording(cls):
+        def select_vision(self, sig):
+            text, mask = sig.text_rows("all")
+            if text.is_meta:  # the plan's dry run (shapes only)
+                return super().select_vision(sig)
+            seen.setdefault(sig.captured, []).append(
+                (text, mask if mask is not None else torch.ones(text.shape[0], dtype=torch.bool), sig.question_mask))
+            return super().select_vision(sig)
+
+    eng = rt_fast.prune(Recording(5))
+    rt_eager.prune(Recording(5))
+    batch = _inputs(rt_fast, 0, n=3)
+    _generate(rt_eager, batch, tokens=1)
+    fp = FastPath(eng, backend="none", max_new_tokens=16)
+    with torch.no_grad():
+        fp.prefill(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})
+    assert len(seen[True]) == len(seen[False]) == 3
+    for (ft, fm, fq), (et, em, eq) in zip(seen[True], seen[False]):
+        n = int(em.sum())
+        assert ft.shape[0] in (16, 32, 64) and ft.shape[0] >= n and bool(em.all())
+        assert torch.equal(fm, torch.arange(ft.shape[0]) < n)  # the real rows first, then padding
+        torch.testing.assert_close(ft[:n], et)
+        assert torch.equal(fq[:n], eq) and not bool(fq[n:].any())
