@@ -43,8 +43,9 @@ import torch
 
 from .families.base import param_dtype, to_device
 from .families.clip import attention_layer, cls_signals
+from .layout import materialize
 from .method import Selection
-from .ops import UnitLayout, merge_tokens, unit_layout
+from .ops import UnitLayout, unit_layout
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +253,7 @@ class FastPath:
         sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
                                    torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
                                    torch.empty(s.text, D, device=meta))
-        sel = m.select_vision(sig)
-        if sel.values is not None:
-            raise ValueError("Selection.values (method-computed outputs) are not captured yet")
-        return sel.num_out
+        return m.select_vision(sig).num_out
 
     def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
         from .signals import VisionSignals
@@ -461,23 +459,11 @@ class FastPath:
             if spec.newlines and sel.space == "vision" and sel.targets is not None and sel.targets.numel():
                 tg, asg = sel.targets, sel.assign  # the eager engine refuses merging newlines in vision space
                 bad = bad | sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()
-            outs.append(self._materialize(sig, sel).to(emb.dtype))
+            outs.append(materialize(sig, sel, adapter.project)[0].to(emb.dtype))
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         h = lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
                use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:]), bad
-
-    def _materialize(self, sig, sel: Selection) -> torch.Tensor:
-        """The outputs' features (m, D) of a selection, as the eager engine builds them."""
-        feats = [sig.features[sel.keep]]
-        if sel.targets is not None and sel.targets.numel():
-            x = sig.vision_features if sel.space == "vision" else sig.features
-            merged = merge_tokens(x, sel)
-            if sel.space == "vision":
-                merged = self.engine.adapter.project(merged.to(x.dtype))
-            feats.append(merged.to(sig.features.dtype))
-        out = torch.cat(feats)
-        return out[sel.order] if sel.order is not None else out
 
     def _decode_fn(self, tok, pos, mask, cache):
         e = self.engine

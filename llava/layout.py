@@ -66,6 +66,35 @@ def _renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return local, uniq[order]
 
 
+def materialize(sig: VisionSignals, sel: Selection, project) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a selection: features (m, D) in the signals' feature dtype and each output's source
+    candidate (m,), in output order: kept rows, then merged targets (``merge_tokens``; in vision space
+    projected with ``project``) or the method's own ``values``. No host read: the eager engine and the
+    fast path's captured prefill share it (the eager engine checks newline merges first)."""
+    keep = sel.keep.to(sig.features.device)
+    feats = [sig.features[keep]]
+    src = [keep]
+    if sel.values is not None:  # the method computed every output itself (e.g. PruMerge's k-NN sums)
+        if sel.targets is not None:
+            src.append(sel.targets.to(keep.device))
+        v = sel.values.to(sig.features.device)
+        if sel.space == "vision":
+            v = project(v.to(sig.vision_features.dtype))
+        feats = [v.to(sig.features.dtype)]
+    elif sel.targets is not None and sel.targets.numel():
+        x = sig.vision_features if sel.space == "vision" else sig.features
+        merged = merge_tokens(x, sel)
+        if sel.space == "vision":
+            merged = project(merged.to(x.dtype))
+        feats.append(merged.to(sig.features.dtype))
+        src.append(sel.targets.to(keep.device))
+    feats, src = torch.cat(feats), torch.cat(src)
+    if sel.order is not None:
+        o = sel.order.to(feats.device)
+        feats, src = feats[o], src[o]
+    return feats, src
+
+
 class VisionStageMixin:
     """The vision stage of :class:`llava.engine.PruningEngine`: signals per sample, the method's
     selection, re-splicing / re-padding; the probe that lets a vision stage look into the LLM."""
@@ -375,33 +404,12 @@ class VisionStageMixin:
 
     def _materialize_vision(self, sig: VisionSignals, sel: Selection):
         """Output features (m, D) and each output's source token index (m,)."""
-        keep = sel.keep.to(sig.features.device)
-        feats = [sig.features[keep]]
-        src = [keep]
-        if sel.values is not None:  # the method computed every output itself (e.g. PruMerge's k-NN sums)
-            if sel.targets is not None:
-                src.append(sel.targets.to(keep.device))
-            v = sel.values.to(sig.features.device)
-            if sel.space == "vision":
-                v = self.adapter.project(v.to(sig.vision_features.dtype))
-            feats = [v.to(sig.features.dtype)]
-        elif sel.targets is not None and sel.targets.numel():
-            space = sel.space
-            if space == "vision" and sig.num_stock and bool(sig._unit_host.lt(0).any()):  # NeXT newline tokens
-                tg, asg = sel.targets.to(keep.device), sel.assign.to(keep.device)
-                if bool(sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()):
-                    raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
-            x = sig.vision_features if space == "vision" else sig.features
-            merged = merge_tokens(x, sel)
-            if space == "vision":
-                merged = self.adapter.project(merged.to(x.dtype))
-            feats.append(merged.to(sig.features.dtype))
-            src.append(sel.targets.to(keep.device))
-        feats, src = torch.cat(feats), torch.cat(src)
-        if sel.order is not None:
-            o = sel.order.to(feats.device)
-            feats, src = feats[o], src[o]
-        return feats, src
+        if (sel.values is None and sel.targets is not None and sel.targets.numel() and sel.space == "vision"
+                and sig.num_stock and bool(sig._unit_host.lt(0).any())):  # NeXT newline tokens (host check)
+            tg, asg = sel.targets.to(sig.unit.device), sel.assign.to(sig.unit.device)
+            if bool(sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()):
+                raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
+        return materialize(sig, sel, self.adapter.project)
 
     def _text_spans(self, ids: torch.Tensor, vis: torch.Tensor):
         """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
