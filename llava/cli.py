@@ -136,10 +136,12 @@ def main(argv=None) -> int:
     sub.add_parser("demo", help="tiny-model demo over the three families")
     args = ap.parse_args(argv)
     if args.cmd == "methods":
-        from .method import available_methods
+        from .method import _REGISTRY, available_methods
 
-        for name in available_methods():
-            print(name)
+        for name in available_methods():  # with the fast path's verdict (llava.load(..., fast=True))
+            cls = _REGISTRY[name]
+            print(f"{name:<16} " + ("fast path: captured" if cls.capturable == "full"
+                                      else f"fast path: eager ({cls.capture_reason or 'not capturable'})"))
         return 0
     if args.cmd == "demo":
         demo()

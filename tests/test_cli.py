@@ -59,3 +59,14 @@ def test_cli_json_output():
         assert main(["ask", "--question", "what?", "--method", "random", "--budget", "5", "--json"]) == 0
     res = json.loads(buf.getvalue())
     assert res["visual_entering_llm"] == 5 and res["method"]["method"] == "random"
+
+
+def test_methods_lists_the_fast_path_verdict(capsys):
+    """`python -m llava.cli methods`: one line per method, captured or eager with the method's reason."""
+    from llava.method import _REGISTRY, available_methods
+
+    assert main(["methods"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(available_methods())
+    assert lines["fastervlm"].endswith("fast path: captured")
+    assert lines["fastv"].endswith(f"fast path: eager ({_REGISTRY['fastv'].capture_reason})")
