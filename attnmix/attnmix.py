@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import best_product_split, check_numerics, masked_take, text_to_image_score, topk_desc, unit_layout
+from llava.ops import best_product_split_k1, check_numerics, masked_take, text_to_image_score, topk_desc
 
 #: dtype of the official signals: the fp16 LLM inputs and the [CLS] attentions cast to the fp16 image dtype
 OFFICIAL_DTYPE = torch.float16
@@ -156,25 +156,41 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
         rest_t = l_t[n0:]
         order = torch.sort(l_c_val[n0:].float(), descending=True, stable=True).indices
     rest_c = l_c[n0:][order]
-    k1, k2 = best_product_split(s[rest_t], l_c_val[n0:][order], K)
-    text_picks = torch.cat([l_t[:n0], rest_t[:k1]])
+    # the text picks are the first n0 + k1 of list_t, the [CLS] picks the first n0 + k2 of list_c: the
+    # split k1 stays on the device (no host read, a fixed output count V_b), the picks found with masks
+    list_t = torch.cat([l_t[:n0], rest_t])
+    list_c = torch.cat([l_c[:n0], rest_c])
+    k1 = best_product_split_k1(s[rest_t], l_c_val[n0:][order], K)
+    if k1 is None:  # no feasible split: take all of both (shapes only, a host decision)
+        k1 = torch.tensor(rest_t.numel(), device=cand.device)
+        K = int(rest_t.numel()) + int(rest_c.numel())
+    want_t, want_c = n0 + k1, n0 + (K - k1)  # 0-d device tensors
+    pos_t = torch.arange(list_t.numel(), device=cand.device)
     if allow_duplicates:
-        cls_picks = torch.cat([l_c[:n0], rest_c[:k2]])
-        return torch.cat([text_picks, cls_picks]).sort().values
+        # the sorted multiset of both pick lists: the dropped entries become a sentinel past every index
+        pos_c = torch.arange(list_c.numel(), device=cand.device)
+        both = torch.cat([torch.where(pos_t < want_t, list_t, a.numel()),
+                          torch.where(pos_c < want_c, list_c, a.numel())])
+        total = min(2 * n0 + K, int(both.numel()))
+        return both.sort().values[:total]
     # corrected: the [CLS] list skips tokens already picked and back-fills with its next best
-    # (its own list first, then every other candidate by a): the first ``want`` entries of that list
+    # (its own list first, then every other candidate by a): the first ``want_c`` entries of that list
     # that are neither text picks nor repeats, found with masks on the device
-    want = n0 + k2
+    text_mask = torch.zeros(a.numel(), dtype=torch.bool, device=cand.device).scatter(0, list_t, pos_t < want_t)
     backfill = cand[torch.sort(a[cand].float(), descending=True, stable=True).indices]
-    seq = torch.cat([l_c[:n0], rest_c, backfill])
+    seq = torch.cat([list_c, backfill])
     at = torch.arange(seq.numel(), device=seq.device)
     first = torch.full((a.numel(),), seq.numel(), dtype=torch.long, device=seq.device).scatter_reduce(
         0, seq, at, reduce="amin")[seq] == at  # the first occurrence of each token in the list
-    ok = first & ~torch.isin(seq, text_picks)
-    take = ok & (ok.cumsum(0) <= want)
-    # every candidate is in the list once at least (back-fill); the text picks are distinct candidates
-    cls_picks = masked_take(seq, take, min(want, cand.numel() - text_picks.numel()))
-    return torch.cat([text_picks, cls_picks]).sort().values
+    ok = first & ~text_mask[seq]
+    take = ok & (ok.cumsum(0) <= want_c)
+    # every candidate is in the list once at least (back-fill) and the text picks are distinct candidates,
+    # so text and [CLS] picks together are min(n0 + k1 + n0 + k2, candidates) distinct tokens: a count
+    # known on the host; ascending as a sort of their indices would give them
+    took = torch.zeros(a.numel(), dtype=torch.long, device=seq.device).scatter_add(0, seq, take.long())
+    picked = text_mask | (took > 0)  # (scatter_add: a token listed twice is taken at most once, by ``first``)
+    total = min(2 * n0 + K, int(cand.numel()))
+    return masked_take(torch.arange(a.numel(), device=cand.device), picked, total)
 
 
 @register
@@ -184,7 +200,9 @@ class AttnMix(Method):
     LLaVA-NeXT; e.g. 136/256 over 8 Video-LLaVA frames). Actually kept: V_b = 2 k N_img <= B."""
 
     name = "attnmix"
-    capture_reason = ("reads the question (variable-length text signals): the padded question block of the fast path is not built yet")
+    #: the fast path captures the default numerics on every option (the text block padded, masked rows;
+    #: the adaptive split on the device); the reference mode runs eagerly (Method.capture_refusal)
+    capturable = "full"
     vision_stage = True
     needs_vision_attention = True
     query_aware = True  # text-to-image similarity of the prompt text after the image
@@ -215,7 +233,7 @@ class AttnMix(Method):
 
     def select_vision(self, sig):
         # each unit's tokens in its own patch order (the NeXT 'spatial' layout interleaves grid crops)
-        lay = unit_layout(sig.unit, sig.patch)  # the one host sync for the layout
+        lay = sig.unit_layout(patch=True)  # the one host sync for the layout (none when the engine planned it)
         units = [idx[torch.argsort(sig.patch[idx], stable=True)] for idx in lay.tokens]
         n_cand = sum(int(u.numel()) for u in units)
         if self.budget >= n_cand:
@@ -227,13 +245,15 @@ class AttnMix(Method):
         if adav_budget(self.budget, len(units), self.min_frac)["k"] == 0:
             raise ValueError(f"attnmix: budget {self.budget} over {len(units)} {sig.unit_kind}s keeps nothing "
                              f"(AdaV keeps 2*floor(floor(B/2)/N) per unit); use a budget >= {2 * len(units)}")
-        text = sig.text_embeds if self.text_queries == "all" else sig.text_embeds[sig.question_mask]
-        if self.numerics == "official":
+        text, mask = sig.text_rows(self.text_queries)
+        if mask is not None and not sig.captured:  # eager: the rows themselves (the same GEMM shapes as ever)
+            text, mask = text[mask.to(text.device)], None
+        if self.numerics == "official":  # eager only (capture_refusal)
             s = official_text_to_image_score(text, sig.features, self.temperature)
             a = official_cls_score(sig.cls_attn)
             order = official_text_order(units, sig.unit_pos, sig.patch, sig.grid)
-        else:
-            s = text_to_image_score(text, sig.features, self.temperature)
+        else:  # captured: the padded text block, its pad (and non-question) rows masked out
+            s = text_to_image_score(text, sig.features, self.temperature, mask=mask)
             a = sig.cls_attn.float().mean(0)
             order = None
         keep = adav_select(s, a, units, self.budget, self.min_frac, self.crop_offset_bug,

@@ -20,6 +20,8 @@ reciprocal-rank fusion, top-D by rank, C = round(0.15625 B)); ``preset = "cover"
 
 from __future__ import annotations
 
+from dataclasses import replace as _replace
+
 import torch
 
 from llava.method import Method, Selection, register
@@ -41,7 +43,7 @@ CROSS_SCORES = ("softmax", "prominence", "weighted")
 
 
 def cross_modal_score(text: torch.Tensor, visual: torch.Tensor, how: str = "softmax",
-                      temperature: float = 100.0) -> torch.Tensor:
+                      temperature: float = 100.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """s_x before the LLM: the question's input embeddings ``text`` (Q, D) against the projected visual
     tokens ``visual`` (N, D) -> (N,), fp32. With c = cos(e_q, f_j):
 
@@ -50,16 +52,29 @@ def cross_modal_score(text: torch.Tensor, visual: torch.Tensor, how: str = "soft
     prominence: max_q (c_qj - mean_j' c_qj')  (each token's similarity above its own image average: a
                 token counts by how far it stands out, so the words aligned with visual content decide)
     weighted:   max_q w_q softmax_j(temperature c), w_q = max_j c_qj - mean_j c_qj (AdaV's peaks,
-                each token's scaled by its prominence)"""
+                each token's scaled by its prominence)
+
+    ``mask`` (Q,) bool: only these rows of ``text`` count (the fast path's padded text block, or the question
+    among the text), with no boolean indexing (no host sync). Every quantity above is per text row until
+    the max over rows, so a masked row is dropped right before it: probabilities (softmax) set to 0, which
+    never win (every real row's are >= 0); prominence / weighted set to -inf. The masked rows change nothing,
+    and the values are those of ``text[mask]`` without a mask (up to the last bits of the cosine product,
+    whose rounding may depend on its row count); a mask with no row gives zeros (as
+    :func:`llava.ops.text_to_image_score`)."""
     if how == "softmax":
-        return text_to_image_score(text, visual, temperature)
+        return text_to_image_score(text, visual, temperature, mask=mask)
+    if how not in ("prominence", "weighted"):
+        raise ValueError(f"cross_score must be one of {CROSS_SCORES}, got {how!r}")
     cos = cosine_matrix(text, visual)
     above = cos - cos.mean(dim=1, keepdim=True)
-    if how == "prominence":
-        return above.amax(dim=0)
-    if how == "weighted":
-        return (above.amax(dim=1, keepdim=True) * torch.softmax(temperature * cos, dim=1)).amax(dim=0)
-    raise ValueError(f"cross_score must be one of {CROSS_SCORES}, got {how!r}")
+    per_row = above if how == "prominence" else above.amax(dim=1, keepdim=True) * torch.softmax(temperature * cos, dim=1)
+    if mask is None:
+        return per_row.amax(dim=0)
+    m = mask.to(per_row.device)
+    if not per_row.shape[0]:
+        return per_row.new_zeros(per_row.shape[1])
+    best = per_row.masked_fill(~m[:, None], float("-inf")).amax(dim=0)
+    return torch.where(m.any(), best, torch.zeros_like(best))
 
 
 def order_desc(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -326,7 +341,9 @@ class ConsensusDrop(Method):
     frame (Video-LLaVA: 17/32/64, the frame [CLS] taking one dominant slot)."""
 
     name = "consensusdrop"
-    capture_reason = ("reads the question (variable-length text signals): the padded question block of the fast path is not built yet")
+    #: the fast path captures the pre-LLM selection (the default / "cover" preset; the greedy max-min loops on
+    #: the device); the LLM probe and the in-LLM ablation are refused by :meth:`capture_refusal`
+    capturable = "full"
     needs_vision_attention = True
     query_aware = True  # the probe reads the question rows
 
@@ -458,12 +475,14 @@ class ConsensusDrop(Method):
         return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
 
     def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space,
-                div_x=None):
+                div_x=None, layout=None, device_loop: bool = False):
         """Shared by both prune points. All tensors over the sample's candidates (n,). One host sync
-        (the unit layout); ``is_newline`` is ``unit < 0``."""
+        (the unit layout; none when ``layout``, ``unit_layout(unit, patch, n_stock, unit_pos)`` planned on
+        the host, is given); ``is_newline`` is ``unit < 0``. ``device_loop``: the greedy max-min loops run
+        on the device (a captured prefill: no host read at all; the same picks, bit for bit)."""
         n = s_v.numel()
         dev = s_v.device
-        lay = unit_layout(unit, patch, n_stock, unit_pos)
+        lay = layout if layout is not None else unit_layout(unit, patch, n_stock, unit_pos)
         budgets = unit_budgets(self.budget, lay.num_units, budget_mode)
         if all(b >= lay.num_stock[u] for u, b in enumerate(budgets)):
             return Selection(keep=torch.arange(n_stock, device=dev))  # every unit fits: the unpruned layout
@@ -482,9 +501,12 @@ class ConsensusDrop(Method):
                                 self.contextual_rounding)
             d_free = max(0, d - cls_idx.numel())
             plans.append((idx, cls_idx, cand, c, self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free, defer=True)))
-        # every unit's greedy max-min loop in one host round trip (not one per unit, nor a kernel per pick)
+        # every unit's greedy max-min loop in one host round trip (not one per unit, nor a kernel per pick);
+        # captured: on the device, each problem's seed count (d - k, a host int) given as num_taken
         deferred = [p[4] for p in plans if p is not None and isinstance(p[4], tuple)]
-        solved = iter(greedy_max_min([q[0] for q in deferred if q[0] is not None]))
+        problems = [_replace(q[0], num_taken=q[2] - q[0].k) if device_loop else q[0]
+                    for q in deferred if q[0] is not None]
+        solved = iter(greedy_max_min(problems, device_loop=device_loop))
         for u, plan in enumerate(plans):
             if plan is None:
                 idx = lay.tokens[u]
@@ -530,16 +552,56 @@ class ConsensusDrop(Method):
             if self.probe_mode == "attn":
                 s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries))
             else:
-                q = {"question": sig.question_mask, "all_post_image": torch.ones_like(sig.question_mask),
-                     "last": torch.arange(sig.question_mask.numel(), device=sig.question_mask.device)
-                     == sig.question_mask.numel() - 1}[self.probe_queries]
-                s_x[: sig.num_stock] = cross_modal_score(sig.text_embeds[q], sig.features[: sig.num_stock],
-                                                         self.cross_score)
+                text, mask = self._query_rows(sig)
+                s_x[: sig.num_stock] = cross_modal_score(text, sig.features[: sig.num_stock], self.cross_score,
+                                                         mask=mask)
         metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
         space = "vision" if self.merge_space == "clip" else "projected"
         div_x = {"features": sig.features, "vision_features": sig.vision_features, "keys": sig.keys}[self.div_space]
         return self._select(s_v, s_x, metric, sig.unit, sig.patch, sig.unit_pos, sig.is_newline, sig.num_stock,
-                            self._budget_mode(), space, div_x)
+                            self._budget_mode(), space, div_x,
+                            layout=sig.unit_layout(patch=True, stock=True, pos=True), device_loop=sig.captured)
+
+    def _query_rows(self, sig):
+        """The text rows s_x reads (``probe_queries``) as (embeds, mask or None). Eager: the rows themselves
+        (a boolean index, the same matrices as ever); captured: the fast path's padded text block with a
+        mask (its real rows, the question among them, or the last real row), read by masked ops only."""
+        which = "question" if self.probe_queries == "question" else "all"
+        text, mask = sig.text_rows(which)
+        if self.probe_queries == "last":  # the last real row of the text after the image
+            if mask is None:
+                mask = torch.arange(text.shape[0], device=text.device) == text.shape[0] - 1
+            else:
+                m = mask.to(text.device).long()
+                mask = mask.to(text.device) & (m.cumsum(0) == m.sum())
+        if mask is not None and not sig.captured:
+            text, mask = text[mask.to(text.device)], None
+        return text, mask
+
+    def capture_refusal(self):
+        """The fast path captures the pre-LLM selection with s_x from the input embeddings (``probe_mode``
+        embed_cos, the default / "cover" preset) or without s_x (``fusion="encoder_only"``). Refused:
+        the LLM probe (``probe_mode="attn"``: LLM layers run on the unpruned prompt before the selection),
+        ``prune_point="after_probe"`` (an in-LLM stage), ``order="spatial"`` and, on LLaVA-NeXT,
+        ``next_order="grid_raster"`` (:func:`llava.ops.block_order` then compares the order with the
+        identity on the device)."""
+        why = super().capture_refusal()
+        if why:
+            return why
+        if self.prune_point == "after_probe":
+            return ("consensusdrop: prune_point='after_probe' prunes inside the LLM, after its probe layers "
+                    "(an in-LLM stage): runs on the eager engine")
+        if self._needs_probe() and self.probe_mode == "attn":
+            return (f"consensusdrop: probe_mode='attn' (probe_layer={self.probe_layer}) runs LLM layers on the "
+                    "unpruned prompt before the selection (a second LLM pass): runs on the eager engine; the "
+                    "default probe_mode (embed_cos, no probe_layer) is captured")
+        if self.order == "spatial":
+            return ("consensusdrop: order='spatial' checks its output order against the identity on the device "
+                    "(a host read): runs on the eager engine")
+        if self.next_order == "grid_raster" and getattr(self, "family", None) == "llava_next":
+            return ("consensusdrop: next_order='grid_raster' on LLaVA-NeXT checks its output order against the "
+                    "identity on the device (a host read): runs on the eager engine")
+        return None
 
     def select_llm(self, stage, sig):
         """prune_point='after_probe' (ablation): the same selection at layer K from the LLM's own

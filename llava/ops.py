@@ -480,8 +480,8 @@ def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: f
     """AdaV's s_j: for each text token a softmax over visual tokens of ``temperature`` x cosine
     similarity, then the max over text tokens. text (Tt, D), visual (N, D) -> (N,), fp32.
     ``mask`` (Tt,) bool: only these text rows count (a padded text block, or the question among the
-    text; no boolean indexing, so no host sync). Same values as ``text[mask]`` without a mask; a mask
-    with no row gives zeros."""
+    text; no boolean indexing, so no host sync). The values of ``text[mask]`` up to the matmul's rounding (a
+    different row count may round the last bit differently on a CPU); a mask with no row gives zeros."""
     p = torch.softmax(temperature * cosine_matrix(text, visual), dim=1)
     if mask is not None:
         p = p.masked_fill(~mask.to(p.device)[:, None], 0.0)  # probabilities are > 0: a masked row never wins

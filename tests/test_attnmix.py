@@ -133,3 +133,19 @@ def test_released_quirks_run_end_to_end(runtimes):
         rt.model.generate(**inputs, max_new_tokens=2, do_sample=False)
     # 'spatial': no newlines; every sample has 3 crops: k = 6 // 3 = 2 -> V_b = 12 (duplicates count twice)
     assert [s.visual_entering_llm for s in eng.stats.samples] == [12, 12, 12]
+
+
+def test_masked_text_rows_give_the_eager_selection():
+    """The fast path's padded text block (pad rows masked out) selects what the eager rows select: s from
+    ``text_to_image_score(mask=)`` equals s of the rows themselves, and AdaV's split runs on the device."""
+    g = torch.Generator().manual_seed(0)
+    text, vis = torch.randn(9, 16, generator=g), torch.randn(24, 16, generator=g)
+    mask = torch.arange(16) < 9
+    padded = torch.cat([text, torch.randn(7, 16, generator=g)])
+    s = text_to_image_score(text, vis)
+    torch.testing.assert_close(text_to_image_score(padded, vis, mask=mask), s, rtol=1e-5, atol=1e-7)
+    a = torch.rand(24, generator=g)
+    units = [torch.arange(12), torch.arange(12, 24)]
+    for budget in (4, 8, 12, 20):
+        keep = adav_select(s, a, units, budget)
+        assert keep.numel() == adav_budget(budget, 2)["kept"] and torch.equal(keep, keep.unique())

@@ -327,3 +327,51 @@ def test_cover_radius_by_hand():
     # radius only the relevance counts, the near-duplicate b is still held back
     assert finish_maxmin(*maxmin_problem(x, rel, 2, radius=0.2)).tolist() == [0, 3]
     assert finish_maxmin(*maxmin_problem(x, rel, 3, radius=0.2)).tolist() == [0, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["softmax", "prominence", "weighted"])
+def test_masked_cross_modal_score_equals_the_rows_subset(how):
+    """``mask=`` (the fast path's padded text block / the question among it): the masked rows change nothing,
+    bit for bit, and the values are those of ``text[mask]`` (up to the last bits of a product with another
+    row count); no row at all gives zeros; every row is no mask."""
+    from consensusdrop.consensusdrop import cross_modal_score
+
+    g = torch.Generator().manual_seed(0)
+    text, vis = torch.randn(12, 32, generator=g), torch.randn(20, 32, generator=g)
+    assert torch.equal(cross_modal_score(text, vis, how, mask=torch.ones(12, dtype=torch.bool)),
+                       cross_modal_score(text, vis, how))
+    for mask in (torch.rand(12, generator=g) < 0.5, torch.arange(12) < 7, torch.arange(12) == 11):
+        got = cross_modal_score(text, vis, how, mask=mask)
+        other = torch.where(mask[:, None], text, 1e3 * torch.randn(12, 32, generator=g))  # other masked rows
+        assert torch.equal(cross_modal_score(other, vis, how, mask=mask), got)
+        torch.testing.assert_close(got, cross_modal_score(text[mask], vis, how), rtol=1e-5, atol=1e-7)
+    assert torch.equal(cross_modal_score(text, vis, how, mask=torch.zeros(12, dtype=torch.bool)), torch.zeros(20))
+
+
+@pytest.mark.parametrize("options", [{}, {"peaks": 0.5}, {"include_cls": True}, {"cover_radius": 0.3}])
+def test_device_loop_selection_is_bit_identical(options):
+    """``_select(device_loop=True)`` (a captured prefill: the greedy max-min loops on the device, the planned
+    layout) == the eager path's host loop, selection for selection."""
+    from consensusdrop.consensusdrop import ConsensusDrop
+
+    g = torch.Generator().manual_seed(1)
+    m = ConsensusDrop(6, **options)
+    m.setup(num_layers=4, num_vision_layers=4, family="llava")
+    U, T = 3, 16  # three units of a 4 x 4 grid, each with an extra [CLS] candidate when include_cls
+    unit = torch.arange(U).repeat_interleave(T)
+    patch = torch.arange(T).repeat(U)
+    if m.include_cls_candidates:
+        unit, patch = torch.cat([unit, torch.arange(U)]), torch.cat([patch, torch.full((U,), -1)])
+    n = unit.numel()
+    pos = torch.full((U, 2), -1)
+    from llava.ops import unit_layout
+
+    for _ in range(5):
+        s_v, s_x = (torch.rand(n, generator=g) * 4).round(), torch.rand(n, generator=g)
+        feats, keys = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+        args = (s_v, s_x, keys, unit, patch, pos, unit < 0, U * T, "per_unit", "vision", feats)
+        ref = m._select(*args)
+        got = m._select(*args, layout=unit_layout(unit, patch, U * T, pos), device_loop=True)
+        for f in ("keep", "targets", "assign", "order"):
+            a, b = getattr(ref, f), getattr(got, f)
+            assert (a is None and b is None) or torch.equal(a, b), f

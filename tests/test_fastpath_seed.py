@@ -1,0 +1,146 @@
+"""The fast path (llava.fastpath) on the seed methods AttnMix and ConsensusDrop (issue 34, item 3): their
+pre-LLM selections captured whole (the padded text block read through masked ops, AttnMix's adaptive split
+and ConsensusDrop's greedy max-min loops on the device), checked against the eager engine's ``generate()``
+as tests/test_fastpath.py checks the baselines (dynamo without code generation on a CPU)."""
+
+import os
+
+import pytest
+import torch
+from conftest import QUESTIONS, rand_image
+
+from llava.fastpath import FastPath
+from llava.method import get_method
+from llava.models import load
+from llava.syncs import SyncCounter
+
+PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
+#: budgets that prune: AdaV's budget is the sample's total (k = floor(floor(B/2)/N) per unit must be >= 1:
+#: up to 5 NeXT crops, 8 Video-LLaVA frames); ConsensusDrop's is per image / crop / frame (16 tokens each)
+BUDGETS = {"attnmix": {"llava": 6, "llava_next": 20, "video_llava": 32},
+           "consensusdrop": {"llava": 6, "llava_next": 6, "video_llava": 6}}
+METHODS = sorted(BUDGETS)
+
+
+def _backend():
+    return os.environ.get("FAST_BACKEND", "auto")
+
+
+@pytest.fixture(scope="module")
+def rts():
+    """(fast, eager) runtimes per family; the fast ones compile with dynamo (``FAST_BACKEND`` may ask for
+    inductor)."""
+    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=_backend()),
+                  load(f"tiny:{fam}", seed=1)) for fam in ("llava", "llava_next", "video_llava")}
+
+
+def _inputs(rt, i, n=1):
+    return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],
+                        [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
+
+
+def _family_batch(rt, family):
+    """Three prompts of different lengths in one batch: LLaVA-1.5 / LLaVA-NeXT with images of three sizes
+    (NeXT: three crop grids / unpadded layouts), Video-LLaVA with three 8-frame videos."""
+    qs = PROMPTS[1:4]
+    if family == "video_llava":
+        return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
+    return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
+
+
+def _generate(rt, batch, tokens=8):
+    with torch.no_grad():
+        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
+
+
+def _same_as_eager(fast, eager, eng, batch):
+    toks, scores = _generate(fast, batch)
+    assert eng.stats.path == "fast", eng.stats.path_reason
+    ref_toks, ref_scores = _generate(eager, batch)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    assert ([s.visual_entering_llm for s in eng.stats.samples]
+            == [s.visual_entering_llm for s in eager.engine.stats.samples])
+
+
+def test_what_the_seed_methods_capture():
+    """Defaults (and ConsensusDrop's "cover" preset) are captured; the reference mode, the LLM probe, the
+    in-LLM ablation and the orders that compare with the identity on the device are refused, with why."""
+    assert get_method("attnmix", 64).capture_refusal() is None
+    assert get_method("attnmix", 64, text_queries="question").capture_refusal() is None
+    assert "official" in get_method("attnmix", 64, numerics="official").capture_refusal()
+    assert get_method("consensusdrop", 64).capture_refusal() is None
+    assert get_method("consensusdrop", 64, preset="cover").capture_refusal() is None
+    assert "probe_mode='attn'" in get_method("consensusdrop", 64, preset="probe").capture_refusal()
+    assert "probe_mode='attn'" in get_method("consensusdrop", 64, probe_layer=2).capture_refusal()
+    assert get_method("consensusdrop", 64, probe_layer=2, fusion="encoder_only").capture_refusal() is None
+    assert "after_probe" in get_method("consensusdrop", 64, prune_point="after_probe").capture_refusal()
+    assert "spatial" in get_method("consensusdrop", 64, order="spatial").capture_refusal()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_tokens_equal_the_eager_engine(rts, method):
+    """LLaVA-1.5: greedy tokens and first-step scores of the fast path == the eager engine's, on 3 prompts
+    of different lengths and a left-padded batch of 3."""
+    fast, eager = rts["llava"]
+    budget = BUDGETS[method]["llava"]
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    assert eng.fast is not None and eng.fast.refusal is None
+    for i in range(3):
+        _same_as_eager(fast, eager, eng, _inputs(fast, i))
+    _same_as_eager(fast, eager, eng, _inputs(fast, 0, n=3))
+
+
+@pytest.mark.parametrize("family", ["llava_next", "video_llava"])
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(rts, family, method):
+    """LLaVA-NeXT (images of three sizes: crops, unpadded layouts with newline tokens) and Video-LLaVA
+    (three 8-frame videos, a unit per frame with its [CLS]): one batch of three == the eager engine."""
+    fast, eager = rts[family]
+    budget = BUDGETS[method][family]
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    _same_as_eager(fast, eager, eng, _family_batch(fast, family))
+    assert ([s.visual_candidates for s in eng.stats.samples]
+            == [s.visual_candidates for s in eager.engine.stats.samples])
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])
+@pytest.mark.parametrize("method,options", [("attnmix", {}), ("attnmix", {"text_queries": "question"}),
+                                            ("consensusdrop", {}), ("consensusdrop", {"probe_queries": "last"})])
+def test_no_host_sync_inside_the_captured_prefill(rts, family, method, options):
+    """The captured function (run uncompiled) reads nothing from the device, on every family."""
+    fast, _ = rts[family]
+    eng = fast.prune(method, BUDGETS[method][family], **options)
+    fp = FastPath(eng, backend="none", max_new_tokens=16)
+    calls = []
+    inner = fp._prefill
+
+    def counted(*a, **k):
+        with SyncCounter() as c:
+            out = inner(*a, **k)
+        calls.append(c.total)
+        return out
+
+    fp._prefill = counted
+    batch = _inputs(fast, 1, n=2) if family == "llava" else _family_batch(fast, family)
+    visual = {k: batch[k] for k in ("pixel_values", "pixel_values_videos", "image_sizes") if k in batch}
+    with torch.no_grad():
+        fp.prefill(batch["input_ids"], batch["attention_mask"], visual)
+    assert calls == [0]
+
+
+def test_refused_options_run_eagerly_and_say_why(rts):
+    fast, eager = rts["llava"]
+    batch = _inputs(fast, 0)
+    eng = fast.prune("consensusdrop", 6, preset="probe")
+    toks, _ = _generate(fast, batch, tokens=2)
+    assert eng.stats.path == "eager" and "probe_mode='attn'" in eng.stats.path_reason
+    eager.prune("consensusdrop", 6, preset="probe")
+    assert torch.equal(toks, _generate(eager, batch, tokens=2)[0])
+    eng = fast.prune("attnmix", 6, numerics="official")
+    _generate(fast, batch, tokens=2)
+    assert eng.stats.path == "eager" and "official" in eng.stats.path_reason
