@@ -114,8 +114,17 @@ class _State:
     llm_mask: torch.Tensor | None  # (B, L') prompt mask in LLM space
     pos_shift: torch.Tensor  # (B,) original position - LLM-space position, for decode
     segments: list[_Segment] | None  # None when the stock language model runs
-    gen_len: int = 0  # tokens decoded so far (after the prompt)
-    next_pos: torch.Tensor | None = None  # (rows..., B) first decode position when generate passes none (M-RoPE)
+    llm_len: int = 0  # padded prompt length in LLM space entering layer 0 (= layer 0's prompt part of the cache)
+    #: (rows..., B) when generate passes no decode positions (M-RoPE): the first generated token's position
+    #: minus ``llm_len``, so that a step's position is this + layer 0's cache length (no Python int involved)
+    pos_base: torch.Tensor | None = None
+    #: (segments, B, max_cache_len) the decode masks handed over by generate with a static cache when it
+    #: passes no 2-D mask: the same every step, built once (see PruningEngine._generate_mask)
+    dec_masks: torch.Tensor | None = None
+    # No per-step counter lives here: a decode step may run inside transformers' compiled decode
+    # (generate(cache_implementation="static")), where every Python int the traced code reads becomes a guard,
+    # so a counter that changes per step would recompile the step every time (issue 34). The tokens decoded so
+    # far are read from the cache (a tensor in a static cache) and the masks have the cache's fixed width.
     fast: Any = None  # the fast path's decode state (llava.fastpath.FastState) after a fast prefill
 
 
@@ -282,9 +291,11 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                 engine._state = None
 
         # With a compilable (static) cache, generate() would turn the 2-D mask into a 4-D one for the
-        # stock prompt length; the engine builds its own masks from the 2-D mask, so hand that over.
-        def create_masks_for_generate(model_self, *args, attention_mask=None, **kwargs):
-            return attention_mask
+        # stock prompt length; the engine builds its own masks: at a decode step after a pruned prefill one
+        # (B, max_cache_len) mask per segment of layers, outside the compiled step (see _generate_mask).
+        def create_masks_for_generate(model_self, *args, attention_mask=None, past_key_values=None,
+                                      inputs_embeds=None, **kwargs):
+            return engine._generate_mask(attention_mask, past_key_values, inputs_embeds)
 
         self.model.create_masks_for_generate = types.MethodType(create_masks_for_generate, self.model)
         generate.__signature__ = inspect.signature(orig_generate)
@@ -346,7 +357,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             embeds, mask, pos, info = self._prefill_inputs(ctx, input_ids, visual, attention_mask, position_ids)
             # the decode state: generate's original-space mask / positions are mapped onto these rows
             self._state = _State(orig_len=input_ids.shape[1], llm_mask=mask, pos_shift=info.pop("pos_shift"),
-                                 segments=None, next_pos=self._next_positions(pos))
+                                 segments=None, llm_len=embeds.shape[1], pos_base=self._decode_pos_base(pos))
             ctx.clock.mark("inputs_end")
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=self.lm.config)
@@ -407,13 +418,51 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache), ""
 
     # ------------------------------------------------------------------ decode state, sample keys, replay
-    def _next_positions(self, pos):
-        """(rows..., B) the position of the first generated token when generate() passes none: the last
-        prompt token's + 1 (rows are left-padded, so the last column is real). Families whose
-        positions are not a contiguous count (M-RoPE) need it; 1-D families continue after the cache."""
+    def _generate_mask(self, attention_mask, cache, inputs_embeds):
+        """The mask generate() hands to a step when its cache is compilable (static); called outside the
+        compiled step, from ``prepare_inputs_for_generation``. At a decode step after an eager pruned
+        prefill: a (segments, B, max_cache_len) tensor, per segment of layers (one without llm stages) the
+        LLM-space prompt mask of that segment's cache, generate's generated columns, zeros up to the cache's
+        width; all ones after the prompt when generate passed no mask (then the same every step: built once).
+        One shape for the whole decode and no prompt length on the traced path, so a compiled decode step
+        compiles once (issue 34: generate's 2-D mask grows one column per step). Slots after the query's are
+        hidden by the causal mask. Any other call (prefill, dynamic cache, fast path, a cache too short):
+        the mask unchanged."""
+        st = self._state
+        if (st is None or st.fast is not None or cache is None or not getattr(cache, "is_compileable", False)
+                or not getattr(cache, "layers", None) or (attention_mask is not None and attention_mask.ndim != 2)):
+            return attention_mask
+        width = max(layer.get_max_length() for layer in cache.layers)
+        if attention_mask is None and st.dec_masks is not None and st.dec_masks.shape[-1] == width:
+            return st.dec_masks
+        prompts = [seg.mask for seg in st.segments] if st.segments else [st.llm_mask]
+        gen = attention_mask[:, st.orig_len:] if attention_mask is not None else None
+        rows = []
+        for p in prompts:
+            if p is None:  # the stock prompt without a mask (nothing pruned): all real
+                p = torch.ones(inputs_embeds.shape[0], st.llm_len, dtype=torch.long, device=inputs_embeds.device)
+            free = width - p.shape[1]  # slots of this segment's cache after its prompt
+            if gen is None:
+                g = torch.ones(p.shape[0], free, dtype=torch.long, device=p.device)
+            elif gen.shape[1] <= free:
+                g = torch.nn.functional.pad(gen.to(device=p.device, dtype=torch.long), (0, free - gen.shape[1]))
+            else:  # more tokens than the cache holds: let the cache say so
+                return attention_mask
+            rows.append(torch.cat([p.to(torch.long), g], 1))
+        masks = torch.stack(rows)
+        if attention_mask is None:
+            st.dec_masks = masks
+        return masks
+
+    def _decode_pos_base(self, pos):
+        """(rows..., B) for families whose positions are not a contiguous count (M-RoPE), whose decode steps
+        may come without positions: the first generated token's position (the last prompt token's + 1;
+        rows are left-padded, so the last column is real) minus the LLM-space prompt length, so that a
+        step's position is this + layer 0's cache length. None for 1-D families (they continue after the
+        cache)."""
         if pos is None or not self.adapter.keeps_positions:
             return None
-        return pos[..., -1] + 1
+        return pos[..., -1] + 1 - pos.shape[-1]
 
     def _sample_key(self, b: int, ids: torch.Tensor) -> int:
         if self.sample_keys is not None:

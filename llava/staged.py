@@ -184,21 +184,31 @@ class StagedDecoderMixin:
                           _norm=lm.norm)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
-        """One decode call: map generate's original-space mask / positions onto each segment's cache."""
+        """One decode call: map generate's original-space mask / positions onto each segment's cache.
+
+        ``attention_mask`` is generate's 2-D mask in the original space (the prompt as generate sees it,
+        then the generated part), or, with a static cache, the engine's own (segments, B, max_cache_len)
+        masks in LLM space (``PruningEngine._generate_mask``, built outside the step). With those the call
+        is traceable as ONE graph by transformers' compiled decode step: no Python integer that changes per
+        step (or per prompt) is read or written here; the tokens decoded so far come from the cache (a
+        tensor in a static cache)."""
         st = self._state
         B, q = embeds.shape[:2]
-        gen_mask = attention_mask[:, st.orig_len:] if attention_mask is not None else None
+        own = attention_mask is not None and attention_mask.ndim == 3  # the engine's per-segment masks
+        gen_mask = attention_mask[:, st.orig_len:] if attention_mask is not None and not own else None
         if position_ids is not None:
             position_ids = position_ids - st.pos_shift[:, None]  # original -> LLM space
-        if gen_mask is None:  # generate() drops an all-ones mask; the pruned prompt may still have padding
-            gen_mask = torch.ones(B, st.gen_len + q, dtype=torch.long, device=embeds.device)
-        if position_ids is None and st.next_pos is not None:  # M-RoPE: continue after the last prompt position
-            position_ids = st.next_pos[..., None] + st.gen_len + torch.arange(q, device=embeds.device)
-        st.gen_len += q
+        if position_ids is None and st.pos_base is not None:  # M-RoPE: continue after the last prompt position
+            position_ids = st.pos_base[..., None] + cache.get_seq_length(0) + torch.arange(q, device=embeds.device)
         if st.segments is None:  # no llm stage: the stock decoder on the (possibly shortened) cache
-            mask = attention_mask
-            if st.llm_mask is not None:
-                mask = torch.cat([st.llm_mask, gen_mask.to(st.llm_mask.dtype)], 1)
+            if own:
+                mask = attention_mask[0]
+            else:
+                mask = attention_mask
+                if st.llm_mask is not None:
+                    if gen_mask is None:  # generate() drops an all-ones mask; the pruned prompt may still have padding
+                        gen_mask = self._gen_ones(cache, 0, B, q, st.llm_len, embeds.device)
+                    mask = torch.cat([st.llm_mask, gen_mask.to(st.llm_mask.dtype)], 1)
             return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=use_cache, **kwargs).last_hidden_state
         lm = self.lm
@@ -207,7 +217,13 @@ class StagedDecoderMixin:
         h = embeds
         bounds = [s.start for s in st.segments] + [len(lm.layers)]
         for s, seg in enumerate(st.segments):
-            mask = torch.cat([seg.mask, gen_mask.to(seg.mask.dtype)], 1)  # always explicit (see _prefill_llm)
+            if own:
+                mask = attention_mask[s]
+            else:  # always explicit (see _prefill_llm)
+                gm = gen_mask
+                if gm is None:
+                    gm = self._gen_ones(cache, seg.start, B, q, seg.mask.shape[1], embeds.device)
+                mask = torch.cat([seg.mask, gm.to(seg.mask.dtype)], 1)
             pos = position_ids - seg.shift[:, None]
             causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
                                         position_ids=self.adapter.mask_positions(pos), layer_idx=seg.start)
@@ -216,3 +232,10 @@ class StagedDecoderMixin:
                 h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
         return lm.norm(h)
+
+    @staticmethod
+    def _gen_ones(cache, layer, B, q, prompt_len, device):
+        """The generated part of a 2-D decode mask when generate() passed none (all ones): as wide as layer
+        ``layer``'s cache will be after this step (its length + q) minus its prompt part."""
+        kv_len, _ = cache.get_mask_sizes(q, layer)
+        return torch.ones(B, kv_len - prompt_len, dtype=torch.long, device=device)
