@@ -141,7 +141,7 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
         C = L.new_zeros((B, k, N))
         d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
         taken = L.new_zeros((B, N), dtype=torch.bool)
-        ar = L.new_tensor(range(B), dtype=torch.long)
+        ar = torch.arange(B, device=L.device)
         for t in range(k):
             score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
             j = score.argmax(-1)  # (B,), first maximum
@@ -155,6 +155,49 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
             taken[ar, j] = True
             d2[ar, j] = float("-inf")
     return picks[0] if squeeze else picks
+
+
+def dpp_greedy_device(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`dpp_greedy` for a prefill captured whole (CUDA graph / ``torch.compile(fullgraph=True)``): the
+    same loop on the kernel's device, unrolled ``k`` times with static shapes, with no host read and no
+    host <-> device copy. kernel (N, N) or (B, N, N); returns the picks in pick order, (k,) or (B, k).
+
+    The same fp32 ops in the same order as :func:`dpp_greedy` (the guards included: picked items masked,
+    NaN / -inf gains below every finite one, the pivot clamped at the smallest normal number), with the
+    Cholesky rows in the same (B, k, N) buffer contracted by the same ``einsum``, so the same picks bit for
+    bit, ties to the first index (``argmax``); only the bookkeeping differs (one-hot masks and gathers
+    instead of indexed writes). On another device than the host loop's, the ``einsum`` is that device's
+    matrix product: its last bits (and so a pick at a near tie) may differ there, as any fp32 GEMM does."""
+    squeeze = kernel.dim() == 2
+    L = kernel[None] if squeeze else kernel
+    B, N, _ = L.shape
+    k = max(0, min(int(k), N))
+    dev = L.device
+    if k == 0:
+        picks = torch.zeros((B, 0), dtype=torch.long, device=dev)
+        return picks[0] if squeeze else picks
+    fi = torch.finfo(L.dtype)
+    items = torch.arange(N, device=dev)
+    C = L.new_zeros((B, k, N))
+    d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
+    taken = torch.zeros((B, N), dtype=torch.bool, device=dev)
+    picks = []
+    for t in range(k):
+        score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
+        j = score.argmax(-1)  # (B,), first maximum
+        picks.append(j)
+        row = L.gather(1, j[:, None, None].expand(B, 1, N))[:, 0]  # (B, N) = L[ar, j]
+        if t:  # C[ar, :t, j], (B, t)
+            cj = C[:, :t].gather(2, j[:, None, None].expand(B, t, 1))[..., 0]
+            row = row - torch.einsum("bt,btn->bn", cj, C[:, :t])
+        e = row / torch.sqrt(d2.gather(1, j[:, None]).clamp(min=fi.tiny))
+        C[:, t] = e
+        d2 = d2 - e * e
+        hit = items[None] == j[:, None]  # (B, N) one-hot of the pick
+        taken = taken | hit
+        d2 = d2.masked_fill(hit, float("-inf"))
+    out = torch.stack(picks, 1)
+    return out[0] if squeeze else out
 
 
 def dpp_greedy_official(kernel: torch.Tensor, k: int) -> torch.Tensor:
@@ -204,7 +247,7 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
              budget: int, *, patch: torch.Tensor | None = None, unit_pos: torch.Tensor | None = None,
              relevance_sign: str = "neg", theta: float | None = None, minmax_scope: str = "image",
              cls_token: str = "candidate", keep_newlines: bool = True, reference: bool = False,
-             numerics: str = "ours") -> torch.Tensor:
+             numerics: str = "ours", layout=None, device_loop: bool = False) -> torch.Tensor:
     """Indices (ascending) of the tokens CDPruner keeps for one sample: per unit the greedy DPP MAP of
     ``budget`` candidates (the whole unit if it has at most ``budget``).
     ``numerics="official"`` (reference mode): features cast to float16 and normalised there, min-max
@@ -213,6 +256,9 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
     features: (T, D) projected tokens; relevance: (T,) raw relevance c (before sign / min-max), or a
     callable computing it (only called when some unit is pruned); unit (T,) (-1 = newline); patch (T,)
     (-1 = [CLS] token); unit_pos (U, 2) grid position per unit ((-1, -1) = a new image starts).
+    ``layout``: the :func:`unit_layout` of (unit, patch, unit_pos) when the caller has it (a planned one:
+    no host read). ``device_loop``: the greedy steps run on the device (:func:`dpp_greedy_device`, a prefill
+    captured whole: no host read at all) instead of on one host copy of the kernels; the same picks.
     """
     check_numerics("cdpruner", numerics)
     official = numerics == "official"
@@ -220,7 +266,8 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
         raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {minmax_scope!r}")
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
-    lay = unit_layout(unit, patch, unit_pos=unit_pos)  # the one host sync
+    # the one host sync (none when planned)
+    lay = layout if layout is not None else unit_layout(unit, patch, unit_pos=unit_pos)
     dev = unit.device
     kept: list[torch.Tensor] = [lay.newlines] if keep_newlines else []
     # per unit: (forced tokens, candidates, picks)
@@ -264,6 +311,8 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
         groups.append((cand, L, k))
     if official:  # the official loop, on the device
         kept += [cand.gather(1, dpp_greedy_official(L, k)).reshape(-1) for cand, L, k in groups]
+    elif device_loop:  # inside a captured prefill: the loop on the device, unrolled (no host read)
+        kept += [cand.gather(1, dpp_greedy_device(L, k)).reshape(-1) for cand, L, k in groups]
     elif groups:
         # the k sequential steps run on the host: on a GPU each step is ~15 tiny kernels, launch-bound
         # (~19 ms per 7B prefill at 64 tokens on an H100). One copy of every kernel of the sample to the
@@ -315,7 +364,9 @@ class CDPruner(Method):
     and ``llm_tokenizer``)."""
 
     name = "cdpruner"
-    capture_reason = ("reads the question, and its DPP loop runs on the host: a device DPP is not built yet")
+    #: relevance "llm" (default): the question rows of the padded text block (masked mean) and the greedy DPP
+    #: on the device (:func:`dpp_greedy_device`); relevance "clip" is refused (:meth:`capture_refusal`)
+    capturable = "full"
     vision_stage = True
     query_aware = True
 
@@ -424,14 +475,23 @@ class CDPruner(Method):
         """The raw relevance c (T,) of every visual token of the sample (before sign and min-max)."""
         if self.relevance == "clip":
             return self._clip_relevance(sig)
+        # the question rows (masked: the fast path pads the text block, and a boolean index would sync)
+        text, question = sig.text_rows("question")
         if self.numerics == "official":  # the fp16 signals of the official model (our relevance route)
-            return relevance_llm(sig.features.to(OFFICIAL_DTYPE), sig.text_embeds.to(OFFICIAL_DTYPE),
-                                 sig.question_mask)
-        return relevance_llm(sig.features, sig.text_embeds, sig.question_mask)
+            return relevance_llm(sig.features.to(OFFICIAL_DTYPE), text.to(OFFICIAL_DTYPE), question)
+        return relevance_llm(sig.features, text, question)
+
+    def capture_refusal(self):
+        if self.relevance == "clip":
+            return ("cdpruner: relevance='clip' runs on the eager engine: it decodes the question's token ids to a "
+                    "string and tokenises it for a CLIP text tower (host text work between the tower and the "
+                    "selection); relevance='llm' (default) is captured")
+        return super().capture_refusal()
 
     def select_vision(self, sig):
         keep = cdpruner(sig.features, lambda: self.relevance_of(sig), sig.unit, self.budget, patch=sig.patch,
                         unit_pos=sig.unit_pos, relevance_sign=self.relevance_sign, theta=self.theta,
                         minmax_scope=self.minmax_scope, cls_token=self.cls_token,
-                        keep_newlines=self.keep_newlines, reference=self.reference, numerics=self.numerics)
+                        keep_newlines=self.keep_newlines, reference=self.reference, numerics=self.numerics,
+                        layout=sig.unit_layout(patch=True, pos=True), device_loop=sig.captured)
         return Selection(keep=keep)

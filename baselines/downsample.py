@@ -153,7 +153,9 @@ class Downsample(Method):
     (s from the per-unit ``budget`` or the ``stride`` option), in vision-feature space by default."""
 
     name = "downsample"
-    capture_reason = ("not yet made capturable (its layout reads the device)")
+    #: the whole selection depends on the layout only (unit / patch / grids, no feature value): the fast path
+    #: plans it on the host (:meth:`plan_vision`) and the captured prefill only merges (every option)
+    capturable = "full"
     vision_stage = True
     families = SUPPORTED_FAMILIES
 
@@ -190,8 +192,27 @@ class Downsample(Method):
         return [None if n <= self.budget else stride_for_budget(self.budget, *g, at_most=dynamic)
                 for n, g in zip(sizes, grids)]
 
+    #: the Selection fields a captured prefill reads back from :meth:`plan_vision` (``sig.plan``)
+    PLANNED = ("keep", "targets", "assign", "order")
+
+    def plan_vision(self, sig) -> dict:
+        """The whole selection, on the host (the fast path's plan; ``sig`` holds host tensors): windows depend
+        only on the layout, never on a feature value, so the captured prefill reads it back as ``sig.plan``
+        (its sizes, e.g. the windows left non-empty by NeXT's unpadding, are the plan's static shapes)."""
+        sel = self._select(sig)
+        return {name: getattr(sel, name) for name in self.PLANNED if getattr(sel, name) is not None}
+
     def select_vision(self, sig):
-        lay = unit_layout(sig.unit, sig.patch, sig.num_stock)
+        if sig.captured:  # the fast path planned it (plan_vision): no device read, no data-dependent size
+            p = sig.plan
+            if "targets" not in p:  # nothing pooled (the identity, or stride 1)
+                return Selection(keep=p["keep"])
+            return Selection(keep=p["keep"], targets=p["targets"], assign=p["assign"], rule="mean",
+                             space=self.space, order=p.get("order"))
+        return self._select(sig)
+
+    def _select(self, sig) -> Selection:
+        lay = sig.unit_layout(patch=True, stock=True)  # the one host sync (none when planned)
         sizes = lay.num_patch_stock
         if self.stride is None and all(n <= self.budget for n in sizes):  # every unit fits: the identity
             return Selection(keep=torch.arange(sig.num_tokens, device=sig.unit.device))

@@ -168,9 +168,12 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
 
 def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               budget: int, *, important_ratio: float | None = None, reference: bool = False,
-              cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours") -> torch.Tensor:
+              cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours",
+              layout=None) -> torch.Tensor:
     """Indices (ascending) of the tokens VisPruner keeps for one sample: per unit T = ``budget``.
     ``numerics="official"``: the official numerics (module docstring); ``reference`` is then ignored.
+    ``layout``: the :func:`unit_layout` of (unit, patch) when the caller has it (a planned one: no host
+    read at all; every size below is then a host int, so the whole selection is capturable).
 
     cls_attn: (H, T) [CLS]->token attention per head; vision_features: (T, Dv); unit: (T,) unit id
     (-1 = newline); patch: (T,) patch index (-1 = [CLS] visual token, Video-LLaVA)."""
@@ -182,7 +185,7 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
         scores = cls_attn.to(OFFICIAL_ATTENTION_DTYPE).mean(0)
     else:
         scores = cls_attn.float().mean(0)  # (T,) head mean (official)
-    lay = unit_layout(unit, patch)  # the one host sync
+    lay = layout if layout is not None else unit_layout(unit, patch)  # the one host sync (none when planned)
     kept = [lay.newlines] if keep_newlines else []
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}  # (candidates, k) -> candidate index rows
     for u in range(lay.num_units):
@@ -214,7 +217,9 @@ class VisPruner(Method):
     diverse tokens left by the official duplicate-removal loop; ascending order."""
 
     name = "vispruner"
-    capture_reason = ("not yet made capturable (its layout and loops read the device)")
+    #: the layout is planned on the host and every round's size is a host int (removal_schedule): no device
+    #: read; numerics="official" is refused by Method.capture_refusal (reference mode runs eagerly)
+    capturable = "full"
     vision_stage = True
     needs_vision_attention = True
 
@@ -248,4 +253,4 @@ class VisPruner(Method):
         return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,
                                         important_ratio=self.important_ratio, reference=self.reference,
                                         cls_token=self.cls_token, keep_newlines=self.keep_newlines,
-                                        numerics=self.numerics))
+                                        numerics=self.numerics, layout=sig.unit_layout(patch=True)))

@@ -110,6 +110,98 @@ def test_greedy_ties_go_to_the_first_index():
     assert p[:2] == [0, 2] and sorted(p) == [0, 1, 2, 3]
 
 
+def _dpp_cases(n, seed):
+    """Kernels L = r S r of every kind the loop meets, as one batch (36, n, n) fp32: full rank (d >= n) and
+    rank-deficient (d = 3: the pivot clamp and the NaN / -inf guards engage once k passes the rank),
+    duplicated tokens and features rounded to halves (exact ties in the gains), relevance random / with
+    zeros (zero rows: gains 0) / constant (the min-max guard's r = 1); 3 kernels of each kind."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for d in (3, max(4, n + 2)):
+        for ties in (False, True):
+            x = torch.randn(3, n, d, generator=g)
+            m = n // 4
+            if m:
+                x[:, n - m:] = x[:, :m]  # duplicates
+            if ties:
+                x = (x * 2).round() / 2
+            rel = {
+                "rand": normalize_relevance(torch.randn(3, n, generator=g).reshape(-1)).view(3, n),
+                "zeros": torch.rand(3, n, generator=g).masked_fill(torch.rand(3, n, generator=g) < 0.3, 0.0),
+                "const": torch.ones(3, n),
+            }
+            for r in rel.values():
+                out.append(cdpruner_kernel(x, r))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 64, 200])
+def test_device_dpp_picks_equal_the_host_loop(n):
+    """dpp_greedy_device (the captured prefill's loop: unrolled, one-hot bookkeeping, no host read) picks
+    exactly what the host loop (dpp_greedy on the host copy) picks, in order, ties to the first index:
+    k in {0, 1, n/2, n + 3 (clipped to n)}, full-rank and rank-deficient kernels (past the rank the
+    guards decide), duplicated / rounded tokens (exact ties), zero / constant relevance; one batch of 36
+    kernels, and (small n) each kernel alone."""
+    from baselines.cdpruner import dpp_greedy_device
+
+    L = _dpp_cases(n, seed=n)
+    B = L.shape[0]
+    for k in sorted({0, 1, n // 2, n + 3}):
+        host = dpp_greedy(L.clone(), k)
+        dev = dpp_greedy_device(L, k)
+        assert dev.dtype == torch.long and dev.shape == host.shape == (B, min(k, n))
+        assert dev.tolist() == host.tolist(), (n, k)
+        assert all(len(set(p)) == len(p) for p in dev.tolist())  # distinct picks (the guard)
+        if n <= 16:  # a single kernel (N, N): the same loop on it alone
+            for b in range(B):
+                assert dpp_greedy_device(L[b], k).tolist() == dpp_greedy(L[b].clone(), k).tolist()
+
+
+def test_device_dpp_reads_nothing_from_the_host_and_compiles_in_one_graph():
+    """No host synchronisation (SyncCounter, inputs counted as device tensors), and the whole cdpruner()
+    selection with a planned layout compiles in one graph (torch.compile(fullgraph=True)) with the host
+    loop's picks."""
+    from torch._dynamo.utils import counters
+
+    from baselines.cdpruner import dpp_greedy_device
+    from llava.ops import unit_layout
+    from llava.syncs import SyncCounter
+
+    g = torch.Generator().manual_seed(5)
+    unit = torch.tensor([0] * 20 + [1] * 12 + [-1] * 2 + [2] * 12 + [-1])
+    pos = torch.tensor([[-1, -1], [0, 0], [0, 1]])
+    x = torch.randn(unit.numel(), 8, generator=g)
+    t = torch.randn(6, 8, generator=g)
+    qm = torch.tensor([True, True, False, True, False, False])
+    lay = unit_layout(unit, None, unit_pos=pos)  # planned before: host ints + index tensors
+    L = cdpruner_kernel(x[:20], normalize_relevance(relevance_llm(x[:20], t, qm)))
+    with SyncCounter() as c:
+        dpp_greedy_device(L, 12)
+    assert c.total == 0, c.counts
+
+    def select(x, t, qm, unit, pos):
+        return cdpruner(x, lambda: relevance_llm(x, t, qm), unit, 5, unit_pos=pos, layout=lay, device_loop=True)
+
+    want = cdpruner(x, lambda: relevance_llm(x, t, qm), unit, 5, unit_pos=pos)  # the host loop
+    with SyncCounter() as c:
+        got = select(x, t, qm, unit, pos)
+    assert c.total == 0, c.counts
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(select, fullgraph=True, dynamic=False, backend="eager")
+    assert torch.equal(compiled(x, t, qm, unit, pos), want)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_capture_refusal_by_option():
+    """relevance='llm' (default) is captured; the CLIP route (host text work) and the reference mode are not."""
+    assert CDPruner(4).capturable == "full" and CDPruner(4).capture_refusal() is None
+    assert "clip" in CDPruner(4, relevance="clip", clip_model="x", llm_tokenizer="y").capture_refusal()
+    assert "official" in CDPruner(4, numerics="official").capture_refusal()
+
+
 # ------------------------------------------------------------------ (c) count and order
 
 

@@ -82,6 +82,35 @@ def test_missing_patches_leave_smaller_windows():
     assert sel.targets.tolist() == [0, 2, 8, 10] and torch.equal(outputs(x, sel), ref)
 
 
+@pytest.mark.parametrize("budget,options", [(4, {}), (1, {"space": "projected", "newlines": "drop"}),
+                                            (None, {"stride": (1, 2)}), (16, {})])
+def test_captured_selection_is_the_host_plan(budget, options):
+    """The fast path's route: plan_vision computes the selection on host signals and the captured
+    select_vision reads it back (sig.plan) with no host read; it equals the eager selection field for field,
+    on a sample with a [CLS] frame, a crop cut by unpadding (empty windows: a planned count) and newlines."""
+    from llava.signals import VisionSignals
+    from llava.syncs import SyncCounter
+
+    unit = torch.tensor([0] * 17 + [1] * 12 + [-1] * 2)
+    patch = torch.tensor([-1] + list(range(16)) + list(range(12)) + [-1, -1])
+    m = Downsample(budget, **options)
+
+    def sig(**kw):
+        return VisionSignals(features=torch.zeros(31, 4), vision_features=torch.zeros(31, 4), unit=unit,
+                             patch=patch, unit_kind="crop", grid=(4, 4), text_embeds=torch.zeros(0, 4),
+                             question_mask=torch.zeros(0, dtype=torch.bool), unit_grid=[(4, 4)] * 2, **kw)
+
+    eager = m.select_vision(sig())
+    plan = m.plan_vision(sig())
+    with SyncCounter() as c:
+        got = m.select_vision(sig(captured=True, plan={k: v.clone() for k, v in plan.items()}))
+    assert c.total == 0, c.counts
+    for name in ("keep", "targets", "assign", "order"):
+        a, b = getattr(got, name), getattr(eager, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert (got.rule, got.space, got.num_out) == (eager.rule, eager.space, eager.num_out)
+
+
 def test_stride_one_is_the_identity():
     unit, patch = torch.zeros(16, dtype=torch.long), torch.arange(16)
     sel = downsample(unit, patch, [(4, 4)], [(1, 1)])
