@@ -2,44 +2,28 @@
 with ``torch.compile(fullgraph=True)`` (dynamo only here: the compiler without code generation proves
 the function is capturable), and a one-graph decode. Checked against the eager engine's ``generate()``."""
 
-import os
-
 import pytest
 import torch
-from conftest import QUESTIONS, rand_image
+from conftest import rand_image
+from fastpath_util import (BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, family_batch, generate,
+                           inputs)
 
 from llava.fastpath import BUCKETS, FastPath, bucket_for
 from llava.method import available_methods, get_method
 from llava.models import load
-from llava.syncs import SyncCounter
 
 #: every method declared capturable="full", with a budget that prunes the tiny 16-token images
 CAPTURED = [("none", None), ("novisual", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("visionzip", 6)]
-PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
 
 
 @pytest.fixture(scope="module")
 def rt_fast():
-    # FAST_BACKEND=inductor (scripts/bench/fast_path_check.sh) compiles with code generation: much slower
-    return load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=16,
-                fast_backend=os.environ.get("FAST_BACKEND", "auto"))
+    return load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND)
 
 
 @pytest.fixture(scope="module")
 def rt_eager():
     return load("tiny:llava", seed=1)
-
-
-def _inputs(rt, i, n=1):
-    return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],
-                        [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
-
-
-def _generate(rt, batch, tokens=8):
-    with torch.no_grad():
-        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
-    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
 
 
 def test_every_method_declares_capturability():
@@ -71,34 +55,14 @@ def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
     rt_eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None
     for i in range(3):
-        batch = _inputs(rt_fast, i)
-        toks, scores = _generate(rt_fast, batch)
-        assert eng.stats.path == "fast", eng.stats.path_reason
-        ref_toks, ref_scores = _generate(rt_eager, batch)
-        assert torch.equal(toks, ref_toks)
-        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-        assert eng.stats.samples[0].visual_entering_llm == rt_eager.engine.stats.samples[0].visual_entering_llm
-    batch = _inputs(rt_fast, 0, n=3)
-    toks, scores = _generate(rt_fast, batch)
-    ref_toks, ref_scores = _generate(rt_eager, batch)
-    assert torch.equal(toks, ref_toks)
-    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+        assert_same_as_eager(rt_fast, rt_eager, eng, inputs(rt_fast, i))
+    assert_same_as_eager(rt_fast, rt_eager, eng, inputs(rt_fast, 0, n=3))
 
 
 @pytest.fixture(scope="module")
 def family_rts():
-    backend = os.environ.get("FAST_BACKEND", "auto")
-    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=backend),
+    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
                   load(f"tiny:{fam}", seed=1)) for fam in ("llava_next", "video_llava")}
-
-
-def _family_batch(rt, family, video):
-    """Three prompts of different lengths in one batch: LLaVA-NeXT with images of three sizes (three
-    crop grids / unpadded layouts), Video-LLaVA with three images or three 8-frame videos."""
-    qs = PROMPTS[1:4]
-    if video:
-        return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
-    return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
 
 
 FAMILY_CASES = ([("llava_next", False, m, b) for m, b in CAPTURED] + [("video_llava", True, m, b) for m, b in CAPTURED]
@@ -114,16 +78,7 @@ def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(family_rts, 
     rt_fast, rt_eager = family_rts[family]
     eng = rt_fast.prune(method, budget)
     rt_eager.prune(method, budget)
-    batch = _family_batch(rt_fast, family, video)
-    toks, scores = _generate(rt_fast, batch)
-    assert eng.stats.path == "fast", eng.stats.path_reason
-    ref_toks, ref_scores = _generate(rt_eager, batch)
-    assert torch.equal(toks, ref_toks)
-    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-    assert ([s.visual_entering_llm for s in eng.stats.samples]
-            == [s.visual_entering_llm for s in rt_eager.engine.stats.samples])
-    assert ([s.visual_candidates for s in eng.stats.samples]
-            == [s.visual_candidates for s in rt_eager.engine.stats.samples])
+    assert_same_as_eager(rt_fast, rt_eager, eng, family_batch(rt_fast, family, video))
 
 
 @pytest.mark.parametrize("method,budget", [("fastervlm", 4), ("divprune", 4), ("visionzip", 6)])
@@ -132,15 +87,15 @@ def test_one_prefill_graph_per_bucket_and_one_decode_graph(rt_fast, method, budg
     compile nothing (recompilation raises)."""
     torch._dynamo.reset()
     eng = rt_fast.prune(method, budget)
-    first = _inputs(rt_fast, 0)
-    _generate(rt_fast, first, tokens=16)
+    first = inputs(rt_fast, 0)
+    generate(rt_fast, first, tokens=16)
     bucket = eng.stats.bucket
     assert eng.stats.new_graph
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i in (1, 2, 3):
-            batch = _inputs(rt_fast, i)
+            batch = inputs(rt_fast, i)
             assert batch["input_ids"].shape[1] != first["input_ids"].shape[1] or i == 3
-            _generate(rt_fast, batch, tokens=16)
+            generate(rt_fast, batch, tokens=16)
             assert eng.stats.path == "fast" and eng.stats.bucket == bucket and not eng.stats.new_graph
 
 
@@ -148,18 +103,8 @@ def test_one_prefill_graph_per_bucket_and_one_decode_graph(rt_fast, method, budg
 def test_no_host_sync_inside_the_captured_prefill(rt_fast, method, budget):
     """The captured function (run uncompiled) reads nothing from the device: the plan did it all."""
     eng = rt_fast.prune(method, budget)
-    fp = FastPath(eng, backend="none", max_new_tokens=16)
-    calls = []
-    inner = fp._prefill
-
-    def counted(*a, **k):
-        with SyncCounter() as c:
-            out = inner(*a, **k)
-        calls.append(c.total)
-        return out
-
-    fp._prefill = counted
-    batch = _inputs(rt_fast, 1, n=2)
+    fp, calls = counting_fast_path(eng)
+    batch = inputs(rt_fast, 1, n=2)
     with torch.no_grad():
         fp.prefill(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})
     assert calls == [0]
@@ -168,27 +113,27 @@ def test_no_host_sync_inside_the_captured_prefill(rt_fast, method, budget):
 def test_refused_prefills_run_eagerly_and_say_why(rt_fast, rt_eager):
     eng = rt_fast.prune("fastv", 8)
     assert "in-LLM" in eng.fast.refusal
-    batch = _inputs(rt_fast, 0)
-    toks, _ = _generate(rt_fast, batch)
+    batch = inputs(rt_fast, 0)
+    toks, _ = generate(rt_fast, batch)
     assert eng.stats.path == "eager" and "in-LLM" in eng.stats.path_reason
     rt_eager.prune("fastv", 8)
-    assert torch.equal(toks, _generate(rt_eager, batch)[0])
+    assert torch.equal(toks, generate(rt_eager, batch)[0])
     eng = rt_fast.prune("fastervlm", 4, numerics="official")
-    _generate(rt_fast, batch)
+    generate(rt_fast, batch)
     assert eng.stats.path == "eager" and "official" in eng.stats.path_reason
 
 
 def test_two_images_in_one_prompt_run_eagerly(rt_fast):
     eng = rt_fast.prune("fastervlm", 4)
     batch = rt_fast.processor(["what differs?"], [[rand_image(0), rand_image(1)]])
-    _generate(rt_fast, batch, tokens=2)
+    generate(rt_fast, batch, tokens=2)
     assert eng.stats.path == "eager" and "one image" in eng.stats.path_reason
 
 
 def test_decode_beyond_the_static_cache_is_refused(rt_fast):
     rt_fast.prune("fastervlm", 4)
     with pytest.raises(ValueError, match="static cache"):
-        _generate(rt_fast, _inputs(rt_fast, 0), tokens=200)
+        generate(rt_fast, inputs(rt_fast, 0), tokens=200)
 
 
 def test_malformed_selection_is_an_error_not_a_wrong_answer(rt_fast):
@@ -206,7 +151,7 @@ def test_malformed_selection_is_an_error_not_a_wrong_answer(rt_fast):
 
     rt_fast.prune(Dup())
     with pytest.raises(ValueError, match="malformed"):
-        _generate(rt_fast, _inputs(rt_fast, 0), tokens=2)
+        generate(rt_fast, inputs(rt_fast, 0), tokens=2)
 
 
 def _text_topk_method():
@@ -240,13 +185,9 @@ def test_query_aware_methods_read_a_padded_text_block(rt_fast, rt_eager, family_
     eng = fast.prune(cls(5))
     eager.prune(cls(5))
     for n in (1, 3):
-        batch = (_inputs(fast, 1, n=n) if family == "llava" else fast.processor(
+        batch = (inputs(fast, 1, n=n) if family == "llava" else fast.processor(
             PROMPTS[:n], [rand_image(j, 40 + 10 * j, 56) for j in range(n)]))
-        toks, scores = _generate(fast, batch)
-        assert eng.stats.path == "fast", eng.stats.path_reason
-        ref_toks, ref_scores = _generate(eager, batch)
-        assert torch.equal(toks, ref_toks)
-        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+        assert_same_as_eager(fast, eager, eng, batch)
 
 
 def test_the_padded_text_block_holds_the_eager_question_rows(rt_fast, rt_eager):
@@ -266,8 +207,8 @@ def test_the_padded_text_block_holds_the_eager_question_rows(rt_fast, rt_eager):
 
     eng = rt_fast.prune(Recording(5))
     rt_eager.prune(Recording(5))
-    batch = _inputs(rt_fast, 0, n=3)
-    _generate(rt_eager, batch, tokens=1)
+    batch = inputs(rt_fast, 0, n=3)
+    generate(rt_eager, batch, tokens=1)
     fp = FastPath(eng, backend="none", max_new_tokens=16)
     with torch.no_grad():
         fp.prefill(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})

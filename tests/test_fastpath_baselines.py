@@ -5,24 +5,18 @@ sizes are host ints) and CDPruner (the question rows of the padded text block, t
 and Video-LLaVA videos, 0 host syncs inside the captured function, refused options run eagerly.
 (The host-vs-device DPP equivalence is in tests/test_cdpruner.py.)"""
 
-import os
-
 import pytest
 import torch
-from conftest import QUESTIONS, rand_image
+from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
 import baselines.cdpruner  # noqa: F401  (registers the three methods)
 import baselines.downsample  # noqa: F401
 import baselines.vispruner  # noqa: F401
-from llava.fastpath import FastPath
 from llava.method import get_method
 from llava.models import load
-from llava.syncs import SyncCounter
 
 #: budgets that prune the tiny 16-patch units (downsample: a square, 4 = 2 x 2 windows of stride 2)
 CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5)]
-PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
-BACKEND = os.environ.get("FAST_BACKEND", "auto")
 
 
 @pytest.fixture(scope="module")
@@ -41,37 +35,9 @@ def family_rts():
                   load(f"tiny:{fam}", seed=1)) for fam in ("llava_next", "video_llava")}
 
 
-def _inputs(rt, i, n=1):
-    return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],
-                        [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
-
-
-def _family_batch(rt, family):
-    """Three prompts of different lengths in one batch: LLaVA-NeXT with images of three sizes (three crop
-    grids / unpadded layouts: windows emptied by the unpadding), Video-LLaVA with three 8-frame videos."""
-    qs = PROMPTS[1:4]
-    if family == "video_llava":
-        return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
-    return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
-
-
-def _generate(rt, batch, tokens=8):
-    with torch.no_grad():
-        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
-    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
-
-
 def _check_equal(fast, eager, batch, eng, tokens=8):
-    toks, scores = _generate(fast, batch, tokens)
-    assert eng.stats.path == "fast", eng.stats.path_reason
-    ref_toks, ref_scores = _generate(eager, batch, tokens)
-    assert torch.equal(toks, ref_toks)
-    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-    ref = eager.engine.stats.samples
-    assert [s.visual_entering_llm for s in eng.stats.samples] == [s.visual_entering_llm for s in ref]
-    assert [s.visual_candidates for s in eng.stats.samples] == [s.visual_candidates for s in ref]
-    assert not all(s.vision_noop for s in ref)  # the budget prunes
+    assert_same_as_eager(fast, eager, eng, batch, tokens)
+    assert not all(s.vision_noop for s in eager.engine.stats.samples)  # the budget prunes
 
 
 def test_declared_capturable_and_refusals_by_option():
@@ -90,17 +56,7 @@ def test_declared_capturable_and_refusals_by_option():
 def _uncompiled(eng):
     """The engine's fast path replaced by one running the captured function uncompiled (``backend="none"``:
     the same code with ``sig.captured``, no compile time), its prefill calls' host syncs counted."""
-    fp = FastPath(eng, backend="none", max_new_tokens=16)
-    syncs = []
-    inner = fp._prefill
-
-    def counted(*a, **k):
-        with SyncCounter() as c:
-            out = inner(*a, **k)
-        syncs.append(c.total)
-        return out
-
-    fp._prefill = counted
+    fp, syncs = counting_fast_path(eng)
     eng.fast = fp
     return syncs
 
@@ -112,8 +68,8 @@ def test_no_host_sync_inside_the_captured_prefill(rt_fast, family_rts, family, m
     fast = rt_fast if family == "llava" else family_rts[family][0]
     eng = fast.prune(method, budget)
     syncs = _uncompiled(eng)
-    batch = _inputs(fast, 1, n=2) if family == "llava" else _family_batch(fast, family)
-    _generate(fast, batch, tokens=1)
+    batch = inputs(fast, 1, n=2) if family == "llava" else family_batch(fast, family)
+    generate(fast, batch, tokens=1)
     assert eng.stats.path == "fast", eng.stats.path_reason
     assert syncs == [0]
 
@@ -135,7 +91,7 @@ def test_captured_options_equal_the_eager_engine(family_rts, family, method, bud
     eng = fast.prune(method, budget, **options)
     eager.prune(method, budget, **options)
     syncs = _uncompiled(eng)
-    _check_equal(fast, eager, _family_batch(fast, family), eng, tokens=4)
+    _check_equal(fast, eager, family_batch(fast, family), eng, tokens=4)
     assert syncs == [0]
 
 
@@ -143,11 +99,11 @@ def test_refused_options_run_eagerly_and_say_why(rt_fast, rt_eager):
     eng = rt_fast.prune("cdpruner", 5, relevance="clip", clip_model="unused", llm_tokenizer="unused")
     assert "clip" in eng.fast.refusal
     eng = rt_fast.prune("vispruner", 6, numerics="official")
-    batch = _inputs(rt_fast, 0)
-    toks, _ = _generate(rt_fast, batch, tokens=4)
+    batch = inputs(rt_fast, 0)
+    toks, _ = generate(rt_fast, batch, tokens=4)
     assert eng.stats.path == "eager" and "official" in eng.stats.path_reason
     rt_eager.prune("vispruner", 6, numerics="official")
-    assert torch.equal(toks, _generate(rt_eager, batch, tokens=4)[0])
+    assert torch.equal(toks, generate(rt_eager, batch, tokens=4)[0])
 
 
 # ------------------------------------------------------------------ compiled (torch.compile(fullgraph=True))
@@ -162,8 +118,8 @@ def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
     rt_eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None
     for i in range(3):
-        _check_equal(rt_fast, rt_eager, _inputs(rt_fast, i), eng)
-    _check_equal(rt_fast, rt_eager, _inputs(rt_fast, 0, n=3), eng)
+        _check_equal(rt_fast, rt_eager, inputs(rt_fast, i), eng)
+    _check_equal(rt_fast, rt_eager, inputs(rt_fast, 0, n=3), eng)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "video_llava"])
@@ -174,4 +130,4 @@ def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(family_rts, 
     fast, eager = family_rts[family]
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
-    _check_equal(fast, eager, _family_batch(fast, family), eng)
+    _check_equal(fast, eager, family_batch(fast, family), eng)

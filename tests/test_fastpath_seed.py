@@ -3,18 +3,12 @@ pre-LLM selections captured whole (the padded text block read through masked ops
 and ConsensusDrop's greedy max-min loops on the device), checked against the eager engine's ``generate()``
 as tests/test_fastpath.py checks the baselines (dynamo without code generation on a CPU)."""
 
-import os
-
 import pytest
 import torch
-from conftest import QUESTIONS, rand_image
+from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
-from llava.fastpath import FastPath
 from llava.method import get_method
 from llava.models import load
-from llava.syncs import SyncCounter
-
-PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
 #: budgets that prune: AdaV's budget is the sample's total (k = floor(floor(B/2)/N) per unit must be >= 1:
 #: up to 5 NeXT crops, 8 Video-LLaVA frames); ConsensusDrop's is per image / crop / frame (16 tokens each)
 BUDGETS = {"attnmix": {"llava": 6, "llava_next": 20, "video_llava": 32},
@@ -22,47 +16,12 @@ BUDGETS = {"attnmix": {"llava": 6, "llava_next": 20, "video_llava": 32},
 METHODS = sorted(BUDGETS)
 
 
-def _backend():
-    return os.environ.get("FAST_BACKEND", "auto")
-
-
 @pytest.fixture(scope="module")
 def rts():
     """(fast, eager) runtimes per family; the fast ones compile with dynamo (``FAST_BACKEND`` may ask for
     inductor)."""
-    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=_backend()),
+    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
                   load(f"tiny:{fam}", seed=1)) for fam in ("llava", "llava_next", "video_llava")}
-
-
-def _inputs(rt, i, n=1):
-    return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],
-                        [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
-
-
-def _family_batch(rt, family):
-    """Three prompts of different lengths in one batch: LLaVA-1.5 / LLaVA-NeXT with images of three sizes
-    (NeXT: three crop grids / unpadded layouts), Video-LLaVA with three 8-frame videos."""
-    qs = PROMPTS[1:4]
-    if family == "video_llava":
-        return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
-    return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
-
-
-def _generate(rt, batch, tokens=8):
-    with torch.no_grad():
-        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
-    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
-
-
-def _same_as_eager(fast, eager, eng, batch):
-    toks, scores = _generate(fast, batch)
-    assert eng.stats.path == "fast", eng.stats.path_reason
-    ref_toks, ref_scores = _generate(eager, batch)
-    assert torch.equal(toks, ref_toks)
-    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-    assert ([s.visual_entering_llm for s in eng.stats.samples]
-            == [s.visual_entering_llm for s in eager.engine.stats.samples])
 
 
 def test_what_the_seed_methods_capture():
@@ -90,8 +49,8 @@ def test_fast_tokens_equal_the_eager_engine(rts, method):
     eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None
     for i in range(3):
-        _same_as_eager(fast, eager, eng, _inputs(fast, i))
-    _same_as_eager(fast, eager, eng, _inputs(fast, 0, n=3))
+        assert_same_as_eager(fast, eager, eng, inputs(fast, i))
+    assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3))
 
 
 @pytest.mark.parametrize("family", ["llava_next", "video_llava"])
@@ -103,9 +62,7 @@ def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(rts, family,
     budget = BUDGETS[method][family]
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
-    _same_as_eager(fast, eager, eng, _family_batch(fast, family))
-    assert ([s.visual_candidates for s in eng.stats.samples]
-            == [s.visual_candidates for s in eager.engine.stats.samples])
+    assert_same_as_eager(fast, eager, eng, family_batch(fast, family))
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])
@@ -115,18 +72,8 @@ def test_no_host_sync_inside_the_captured_prefill(rts, family, method, options):
     """The captured function (run uncompiled) reads nothing from the device, on every family."""
     fast, _ = rts[family]
     eng = fast.prune(method, BUDGETS[method][family], **options)
-    fp = FastPath(eng, backend="none", max_new_tokens=16)
-    calls = []
-    inner = fp._prefill
-
-    def counted(*a, **k):
-        with SyncCounter() as c:
-            out = inner(*a, **k)
-        calls.append(c.total)
-        return out
-
-    fp._prefill = counted
-    batch = _inputs(fast, 1, n=2) if family == "llava" else _family_batch(fast, family)
+    fp, calls = counting_fast_path(eng)
+    batch = inputs(fast, 1, n=2) if family == "llava" else family_batch(fast, family)
     visual = {k: batch[k] for k in ("pixel_values", "pixel_values_videos", "image_sizes") if k in batch}
     with torch.no_grad():
         fp.prefill(batch["input_ids"], batch["attention_mask"], visual)
@@ -135,12 +82,12 @@ def test_no_host_sync_inside_the_captured_prefill(rts, family, method, options):
 
 def test_refused_options_run_eagerly_and_say_why(rts):
     fast, eager = rts["llava"]
-    batch = _inputs(fast, 0)
+    batch = inputs(fast, 0)
     eng = fast.prune("consensusdrop", 6, preset="probe")
-    toks, _ = _generate(fast, batch, tokens=2)
+    toks, _ = generate(fast, batch, tokens=2)
     assert eng.stats.path == "eager" and "probe_mode='attn'" in eng.stats.path_reason
     eager.prune("consensusdrop", 6, preset="probe")
-    assert torch.equal(toks, _generate(eager, batch, tokens=2)[0])
+    assert torch.equal(toks, generate(eager, batch, tokens=2)[0])
     eng = fast.prune("attnmix", 6, numerics="official")
-    _generate(fast, batch, tokens=2)
+    generate(fast, batch, tokens=2)
     assert eng.stats.path == "eager" and "official" in eng.stats.path_reason

@@ -1,0 +1,68 @@
+"""Shared pieces of the fast-path tests (tests/test_fastpath*.py): prompts, inputs per family, greedy
+generation with the first step's scores, the fast == eager check and a fast path whose captured function
+runs uncompiled with its host syncs counted."""
+
+import os
+
+import torch
+from conftest import QUESTIONS, rand_image
+
+from llava.fastpath import FastPath
+from llava.syncs import SyncCounter
+
+PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
+#: FAST_BACKEND=inductor (scripts/bench/fast_path_check.sh) compiles with code generation: much slower
+BACKEND = os.environ.get("FAST_BACKEND", "auto")
+
+
+def inputs(rt, i, n=1):
+    """n prompts from PROMPTS[i] on, each with its own image size."""
+    return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],
+                        [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
+
+
+def family_batch(rt, family, video=None):
+    """Three prompts of different lengths in one batch: images of three sizes (LLaVA-NeXT: three crop
+    grids / unpadded layouts), or three 8-frame videos (``video``, default for Video-LLaVA)."""
+    qs = PROMPTS[1:4]
+    if video if video is not None else family == "video_llava":
+        return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
+    return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
+
+
+def generate(rt, batch, tokens=8):
+    """Greedy tokens (B, tokens) and the first step's scores."""
+    with torch.no_grad():
+        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
+
+
+def assert_same_as_eager(fast, eager, eng, batch, tokens=8):
+    """The fast runtime's prefill took the fast path and gave the eager runtime's greedy tokens, first-step
+    scores and visual token counts."""
+    toks, scores = generate(fast, batch, tokens)
+    assert eng.stats.path == "fast", eng.stats.path_reason
+    ref_toks, ref_scores = generate(eager, batch, tokens)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    ref = eager.engine.stats.samples
+    assert [s.visual_entering_llm for s in eng.stats.samples] == [s.visual_entering_llm for s in ref]
+    assert [s.visual_candidates for s in eng.stats.samples] == [s.visual_candidates for s in ref]
+
+
+def counting_fast_path(eng):
+    """A fast path of ``eng`` whose captured function runs uncompiled (``backend="none"``: the same code with
+    ``sig.captured``, no compile time), and the list its prefill calls append their host syncs to."""
+    fp = FastPath(eng, backend="none", max_new_tokens=16)
+    syncs = []
+    inner = fp._prefill
+
+    def counted(*a, **k):
+        with SyncCounter() as c:
+            out = inner(*a, **k)
+        syncs.append(c.total)
+        return out
+
+    fp._prefill = counted
+    return fp, syncs
