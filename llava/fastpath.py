@@ -150,6 +150,7 @@ class FastPath:
         self._prefill = self._compile(self._prefill_fn)
         self._decode = self._compile(self._decode_fn)
         self._counts: dict = {}  # unit signature -> outputs per sample (meta dry run)
+        self._layouts: dict = {}  # sample structure -> its host unit layouts
         self._caches: dict = {}  # (B, C, dtype) -> StaticCache
         self._seen: set = set()  # graph keys run so far
         self.refusal = self._static_refusal()
@@ -272,11 +273,14 @@ class FastPath:
             unit = torch.cat([unit, torch.arange(U)])
             patch = torch.cat([patch, torch.full((U,), -1, dtype=torch.long)])
         pos = vp["unit_pos"]
-        lays = {}
-        for p in (False, True):
-            for st in (False, True):
-                for q in (False, True):
-                    lays[(p, st, q)] = unit_layout(unit, patch if p else None, T if st else None, pos if q else None)
+        structure = (T, extras, unit.numpy().tobytes(), patch.numpy().tobytes(), pos.numpy().tobytes())
+        lays = self._layouts.get(structure)
+        if lays is None:  # the 8 (patch, stock, pos) layouts of a structure, built once (host work per prefill)
+            lays = {(p, st, q): unit_layout(unit, patch if p else None, T if st else None, pos if q else None)
+                    for p in (False, True) for st in (False, True) for q in (False, True)}
+            if len(self._layouts) >= 256:
+                self._layouts.clear()
+            self._layouts[structure] = lays
         host = self._host_signals(unit, patch, pos, vp["grid"], lays, key, T, kind)
         plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
         tensors = [("src", vp["src"]), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
