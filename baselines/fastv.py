@@ -92,7 +92,7 @@ class FastV(Method):
     is the fraction of visual tokens dropped (official default 0.5)."""
 
     name = "fastv"
-    capture_reason = ("an in-LLM stage (layer K): per-segment capture is not built yet")
+    capturable = "full"  # its stage is captured per segment (llava.fast_llm)
     position_mode = "keep"
 
     @classmethod

@@ -175,7 +175,7 @@ class PyramidDrop(Method):
     geometric schedule with a solved lam; no budget: the official lam = 0.5 schedule (E = 270)."""
 
     name = "pdrop"
-    capture_reason = ("in-LLM stages (layers 8/16/24): per-segment capture is not built yet")
+    capturable = "full"  # its stages are captured per segment (llava.fast_llm)
     position_mode = "reindex"
 
     @classmethod

@@ -402,7 +402,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             return None, reason
         t0 = time.perf_counter()
         try:
-            logits, cache, fstate, info, outputs = self.fast.prefill(input_ids, attention_mask, visual)
+            logits, cache, fstate, info, _ = self.fast.prefill(input_ids, attention_mask, visual)
         except NotPlanned as e:
             return None, str(e)
         n_layers = len(self.lm.layers)
@@ -410,9 +410,12 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         self._state = _State(orig_len=L, llm_mask=None, pos_shift=torch.zeros(B, dtype=torch.long, device=input_ids.device),
                              segments=None, fast=fstate)
         self.prefills += 1
+        bounds = [0, *info.layers, n_layers]  # visual tokens / rows per decoder layer, segment by segment
+        spans = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
         self.stats = PrefillStats(
-            samples=[SampleStats(t, [m] * n_layers) for t, m in zip(info.candidates, outputs)],
-            seq_len_per_layer=[info.bucket] * n_layers,
+            samples=[SampleStats(t, [c for c, k in zip(per, spans) for _ in range(k)])
+                     for t, per in zip(info.candidates, info.outputs)],
+            seq_len_per_layer=[L for L, k in zip(info.seg_lens, spans) for _ in range(k)],
             timings={**info.timings, "prefill_total": time.perf_counter() - t0},  # to the validity read
             path="fast", bucket=info.bucket, new_graph=info.new_graph)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache), ""

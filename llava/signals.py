@@ -147,6 +147,8 @@ class VisionSignals:
 
     @property
     def num_units(self) -> int:
+        if self.layouts:  # planned on the host (fast path): no device read
+            return next(iter(self.layouts.values())).num_units
         u = self._unit_host if self._unit_host is not None else self.unit
         return int(u.max()) + 1 if u.numel() and int(u.max()) >= 0 else 0
 
@@ -184,6 +186,12 @@ class LLMSignals:
     entry_visual_embeds: (num_visual_entry, D) all of them, as they entered layer 0.
     state:        a per-sample dict that lives for one prefill, shared by the method's stages
                   (e.g. SparseVLM's raters fixed at the first stage).
+
+    In a captured prefill (``captured``, :mod:`llava.fast_llm`) the S rows are the sample's whole padded
+    row of its length bucket (left padding first, the last prompt token last) and ``key_mask`` (S,) says
+    which are real: ``attention`` never lets a row attend to a pad, so its probabilities are those of the
+    real rows; ``visual`` indexes that row. The text rows (``text_after`` / ``question``) are not planned
+    there: asking for them raises, and such a method's prefill runs on the eager engine.
     """
 
     layer: int
@@ -201,6 +209,10 @@ class LLMSignals:
     #: the sample's vision-stage signals (with cls_attn / keys when the method sets
     #: ``needs_vision_attention``); ``origin`` indexes into them
     vision: "VisionSignals | None" = None
+    #: True inside a captured prefill (:mod:`llava.fast_llm`): padded rows, ``key_mask``, no host read
+    captured: bool = False
+    #: (S,) bool, the real rows among the S (captured prefill); None: all S rows are real
+    key_mask: torch.Tensor | None = None
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _norm: Callable[..., torch.Tensor] = field(repr=False, default=None)
@@ -219,6 +231,8 @@ class LLMSignals:
         attention from its input (FastV). Cached per (queries, layer).
         """
         q = self._resolve(queries)
+        if self.captured and not isinstance(queries, str):  # keyed by value would read the device
+            return self._attn_fn(q, layer)
         key = (queries if isinstance(queries, str) else tuple(q.tolist()), layer)
         if key not in self._cache:
             self._cache[key] = self._attn_fn(q, layer)
@@ -241,6 +255,9 @@ class LLMSignals:
         if isinstance(queries, str):
             if queries == "last":
                 return torch.tensor([self.hidden.shape[0] - 1], device=self.hidden.device)
+            if queries in ("question", "text_after") and self.captured:
+                raise NotImplementedError(f"LLMSignals: the {queries!r} rows of an in-LLM stage are not planned on "
+                                          "the fast path (the prefill runs on the eager engine)")
             if queries in ("question", "text_after", "visual"):
                 return getattr(self, queries)
             raise ValueError(f"unknown query set {queries!r}")
@@ -385,13 +402,17 @@ def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos
     return (None if rows is None else qk.queries(rows, rope)), k
 
 
-def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) over keys 0..row (causal), fp32. q (H, Q, d), k (H_kv, S, d) -> (H, Q, S)."""
+def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float,
+                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) over keys 0..row (causal), fp32. q (H, Q, d), k (H_kv, S, d) -> (H, Q, S).
+    ``key_mask`` (S,) bool: only those keys are attended to (a padded row's real tokens)."""
     h, hkv = q.shape[0], k.shape[0]
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=0)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     s = k.shape[1]
     future = torch.arange(s, device=q.device)[None, :] > rows.to(q.device)[:, None]  # (Q, S)
+    if key_mask is not None:
+        future = future | ~key_mask.to(q.device)[None, :]
     scores = scores.masked_fill(future[None], float("-inf"))
     return torch.softmax(scores, dim=-1)

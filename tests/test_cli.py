@@ -69,4 +69,5 @@ def test_methods_lists_the_fast_path_verdict(capsys):
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
     assert set(lines) == set(available_methods())
     assert lines["fastervlm"].endswith("fast path: captured")
-    assert lines["fastv"].endswith(f"fast path: eager ({_REGISTRY['fastv'].capture_reason})")
+    assert lines["fastv"].endswith("fast path: captured")
+    assert lines["dart"].endswith(f"fast path: eager ({_REGISTRY['dart'].capture_reason})")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, check_numerics, scale_layers, unit_layout
+from llava.ops import block_order, check_numerics, scale_layers
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
@@ -239,7 +239,7 @@ class VisionDrop(Method):
     """VisionDrop. ``budget``: average visual tokens over the LLM layers per image / crop / frame."""
 
     name = "visiondrop"
-    capture_reason = ("in-LLM stages: per-segment capture is not built yet")
+    capturable = "full"  # its llm stages are captured per segment (llava.fast_llm)
     vision_stage = True
     needs_vision_attention = True
     position_mode = "reindex"
@@ -292,7 +292,7 @@ class VisionDrop(Method):
         n = sig.num_tokens
         dev = sig.unit.device
         d0, c0 = self._sched[0]
-        lay = unit_layout(sig.unit, sig.patch, sig.num_stock, sig.unit_pos)  # the one host sync
+        lay = sig.unit_layout(patch=True, stock=True, pos=True)  # planned on the fast path, else one host read
         if all(d0 + c0 >= lay.num_stock[u] for u in range(lay.num_units)):
             return Selection(keep=torch.arange(sig.num_stock, device=dev))  # every unit fits: unpruned entry
         a = stage0_scores(sig.cls_attn, self.encoder_head_agg, self.numerics)

@@ -1,0 +1,244 @@
+"""The fast path's in-LLM stages (FastV, PyramidDrop, VisionDrop): the decoder run segment by segment
+inside the one captured prefill, each stage's re-laid-out rows planned on the host.
+
+An llm stage before decoder layer K keeps a number of visual tokens that depends on the sample's
+structure only (its visual count, units, the stage), never on the image or the text. So the host plan
+finds every stage's output count the way it finds the vision stage's (a dry run of ``select_llm`` on
+``meta`` tensors), and with it each segment's row lengths, its length bucket, the gather that lays out
+its rows ([pad, text before, the stage's outputs, text after], left-padded), its positions and its 4-D
+mask. On the device the stage is: the sample's padded row -> :class:`~llava.signals.LLMSignals`
+(``captured``: the pads masked out of every attention row) -> the selection -> the outputs (kept rows,
+``merge_tokens``, ``order``) -> one gather into the next segment's rows. No host read.
+
+The static cache holds each layer's own length: the layers of segment s write their bucket's rows at
+slots 0..L_s-1 and their generated tokens from slot L_s on; each segment has its decode mask and its
+positions (``keep``: the original positions continue; ``reindex``: after the segment's own length, as
+the eager engine's per-segment shift does).
+
+What is static about a stage (its layer, bucket, per-sample counts) is part of the graph key
+(:class:`StageSpec`); what depends on the prompt's length (pads, the gather, positions, masks) travels
+as tensors (:class:`StageTensors`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import output_capturing
+from .method import Selection
+from .ops import merge_tokens
+from .signals import LayerQK, LLMSignals, causal_attention_rows
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What is static about one llm stage of a captured prefill."""
+
+    layer: int  # the stage acts before this decoder layer
+    bucket: int  # rows of the next segment
+    visual_in: tuple  # per sample: visual tokens entering the stage
+    outputs: tuple  # per sample: the stage's outputs
+
+
+def count_stages(engine, vision_sig, nv0: int, S: int) -> tuple:
+    """Each llm stage's output count for a sample whose ``nv0`` visual tokens enter decoder layer 0, from
+    dry runs of ``select_llm`` on ``meta`` tensors (``vision_sig``: the sample's meta vision signals, or
+    None), padded rows of ``S``. Raises what the method raises when it reads a device value."""
+    m, lm = engine.method, engine.lm
+    cfg = lm.config
+    D = cfg.hidden_size
+    H = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or H
+    hd = getattr(cfg, "head_dim", None) or D // H
+    meta = torch.device("meta")
+    state: dict = {}
+    out, nv = [], nv0
+    for stage in range(len(m.llm_layers)):
+        if not nv:
+            out.append(0)
+            continue
+        vis = torch.empty(nv, dtype=torch.long, device=meta)
+        sig = LLMSignals(layer=m.llm_layers[stage], hidden=torch.empty(S, D, device=meta),
+                         position_ids=torch.empty(S, dtype=torch.long, device=meta), visual=vis, origin=vis,
+                         text_after=None, question=None, visual_embeds=torch.empty(nv, D, device=meta),
+                         text_embeds=None, num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
+                         state=state, vision=vision_sig, captured=True,
+                         key_mask=torch.empty(S, dtype=torch.bool, device=meta),
+                         _attn_fn=lambda rows, which: torch.empty(H, rows.numel(), S, device=meta),
+                         _keys_fn=lambda which, rope: torch.empty(S, hkv, hd, device=meta),
+                         _norm=lambda x: torch.empty_like(x))
+        sel = m.select_llm(stage, sig)
+        if sel.values is not None:
+            raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
+        nv = sel.num_out
+        out.append(nv)
+    return tuple(out)
+
+
+def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int):
+    """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``lens``: the
+    rows' lengths entering layer 0 and ``counts``: per sample, its visual tokens entering layer 0 then
+    after each stage. Returns the :class:`StageSpec` per stage, their host tensors (per stage: the visual
+    rows entering it, the next rows' gather, positions, first-position gather, 4-D mask), each segment's
+    row lengths per sample and buckets."""
+    B = len(rows)
+    specs, tensors = [], []
+    seg_lens = [list(lens)]
+    seg_buckets = [bucket_for(max(lens), buckets)]
+    for stage, layer in enumerate(method.llm_layers):
+        Lp = seg_buckets[-1]
+        nv_in = [c[stage] for c in counts]
+        m_out = [c[stage + 1] for c in counts]
+        n_new = [n - a + b for n, a, b in zip(seg_lens[-1], nv_in, m_out)]
+        Lb = bucket_for(max(n_new), buckets)
+        vis = []
+        src = torch.zeros(B, Lb, dtype=torch.long)
+        ar = torch.zeros(B, Lb, dtype=torch.long)
+        first = torch.zeros(B, dtype=torch.long)
+        mask = prompt_mask(n_new, Lb, cache_len)
+        out_at = B * Lp
+        for b, ((_, p0, _), n_old, nv, m, n) in enumerate(zip(rows, seg_lens[-1], nv_in, m_out, n_new)):
+            pad_old, pad = Lp - n_old, Lb - n
+            old = b * Lp + pad_old  # the sample's first real row, flattened
+            vis.append(pad_old + p0 + torch.arange(nv))
+            j = torch.arange(n)
+            src[b, pad:] = torch.where(j < p0, old + j, torch.where(j < p0 + m, out_at + j - p0, old + j - m + nv))
+            out_at += m
+            ar[b, pad:] = j
+            first[b] = b * Lb + pad
+        specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out)))
+        tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first, "mask": mask})
+        seg_lens.append(n_new)
+        seg_buckets.append(Lb)
+    return tuple(specs), tensors, seg_lens, seg_buckets
+
+
+def prompt_mask(lens, Lb: int, C: int) -> torch.Tensor:
+    """(B, 1, Lb, C) bool: rows left-padded to ``Lb``, causal over the real rows, a pad row sees itself."""
+    B = len(lens)
+    mask = torch.zeros(B, 1, Lb, C, dtype=torch.bool)
+    ar = torch.arange(Lb)
+    causal = ar[None, :] <= ar[:, None]
+    for b, n in enumerate(lens):
+        pad = Lb - n
+        mask[b, 0, pad:, pad:Lb] = causal[pad:, pad:]
+        mask[b, 0, torch.arange(pad), torch.arange(pad)] = True  # no all-masked row (no NaN)
+    return mask
+
+
+@contextmanager
+def _no_output_capture():
+    """Decoder layers called one by one, outside the language model's ``forward``: no output collector is
+    active, as none is when that ``forward`` is asked for no hidden states / attentions. Set explicitly,
+    because transformers' capturing hooks read a ``ContextVar`` that dynamo cannot trace unless the
+    collector was set inside the traced region (what the model's own ``forward`` does)."""
+    token = output_capturing._active_collector.set(None)
+    try:
+        yield
+    finally:
+        output_capturing._active_collector.reset(token)
+
+
+def _layers(lm, h, mask, pos, cache, a: int, z: int):
+    """Decoder layers a..z-1 on rows ``h`` with the 4-D ``mask`` at ``pos`` (a 4-D mask is what
+    ``create_causal_mask`` hands the layers unchanged); returns (h, the last layer's input)."""
+    pe = lm.rotary_emb(h, position_ids=pos)
+    prev = h
+    with _no_output_capture():
+        for i in range(a, z):
+            prev = h
+            h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+    return h, prev
+
+
+def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple, visual0, vision_sigs, origins,
+                 bad):
+    """The decoder over a captured prefill's rows with its llm stages (device, static shapes). ``visual0``
+    (per sample) the visual rows entering layer 0, ``vision_sigs`` / ``origins`` per sample the vision
+    stage's signals (or None) and each visual token's source candidate. Returns the last rows' hidden
+    states (B, 1, D) after the final norm, and ``bad`` ORed with every stage's malformed flags."""
+    lm, method = engine.lm, engine.method
+    B = rows.shape[0]
+    bounds = [0] + [st.layer for st in stages] + [len(lm.layers)]
+    entry_in = [rows[b][v] for b, v in enumerate(visual0)]  # each visual token's input to layer 0
+    entry = [torch.arange(v.numel(), device=rows.device) for v in visual0]
+    origin = list(origins)
+    state = [{} for _ in range(B)]
+    h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1])
+    for s, (st, t) in enumerate(zip(stages, stage_in)):
+        outs, vps = [], []
+        at = 0
+        for b in range(B):
+            nv, m = st.visual_in[b], st.outputs[b]
+            vis = t["vis"][at:at + nv]
+            at += nv
+            if not nv:
+                continue
+            x, p, x_prev = h[b], pos[b], prev[b]
+            sig = _signals(lm, st.layer, x, p, x_prev, mask[b, 0, -1, :x.shape[0]], vis, origin[b], entry[b],
+                           entry_in[b], state[b], vision_sigs[b])
+            sel = method.select_llm(s, sig)
+            if sel.values is not None:
+                raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
+            if sel.num_out != m:
+                raise RuntimeError(f"{method.name} stage {s} gave {sel.num_out} outputs where the plan has {m}")
+            flags = sel.flags(nv, nv)
+            for name in Selection.MALFORMED:
+                if name in flags:
+                    bad = bad | flags[name]
+            keep = sel.keep
+            src, vx = [keep], [x[vis[keep]]]
+            if sel.targets is not None and sel.targets.numel():
+                src.append(sel.targets)
+                vx.append(merge_tokens(x[vis], sel).to(x.dtype))
+            src, vx = torch.cat(src), torch.cat(vx)
+            if sel.order is not None:
+                src, vx = src[sel.order], vx[sel.order]
+            outs.append(vx)
+            vps.append(p[vis[src]])  # a merged token takes its target's position
+            origin[b], entry[b] = origin[b][src], entry[b][src]
+        Lb = st.bucket
+        h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
+        p2 = torch.cat([pos.reshape(-1)] + vps)[t["src"]].view(B, Lb)
+        if engine._reindex:  # renumbered from the row's first position, as the eager engine
+            p2 = t["ar"] + p2.reshape(-1)[t["first"]][:, None]
+        pos, mask = p2, t["mask"]
+        h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2])
+    return lm.norm(h[:, -1:]), bad
+
+
+def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision) -> LLMSignals:
+    """One sample's captured :class:`LLMSignals` over its padded row."""
+    qks: dict = {}
+
+    def pick(which) -> LayerQK:
+        if which not in ("next", "prev"):
+            raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+        if which not in qks:
+            qks[which] = LayerQK(lm.layers[layer] if which == "next" else lm.layers[layer - 1],
+                                 x if which == "next" else x_prev, lm.rotary_emb, p)
+        return qks[which]
+
+    def attn_fn(rows, which):
+        qk = pick(which)
+        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask)
+
+    def keys_fn(which, rope):
+        return pick(which).keys(rope).transpose(0, 1)
+
+    return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=None,
+                      question=None, visual_embeds=entry_in[entry], text_embeds=None,
+                      num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in, state=state,
+                      vision=vision, captured=True, key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn,
+                      _norm=lm.norm)
+
+
+def decode_segments(lm, h, pos, masks, cache, layers: tuple):
+    """One decode step through the segments: ``pos`` (S, B, 1) and ``masks`` (S, B, 1, 1, C) per segment
+    of layers, ``layers`` the stages' layers. Returns the final-norm hidden states."""
+    bounds = [0, *layers, len(lm.layers)]
+    for s in range(len(bounds) - 1):
+        h, _ = _layers(lm, h, masks[s], pos[s], cache, bounds[s], bounds[s + 1])
+    return lm.norm(h)

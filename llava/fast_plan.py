@@ -1,0 +1,287 @@
+"""The fast path's host plan (a mixin of :class:`llava.fastpath.FastPath`): everything about one prefill
+that depends on the prompt, decided on the host from the host copy of the ids before any device work -
+each row's placeholder run, the unit layouts, the method's host draws, the selection's output counts (dry
+runs on ``meta`` tensors), the length bucket, the new rows' gather, positions and 4-D mask - handed to the
+captured function as one index buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static:
+they are the graph key. See :mod:`llava.fastpath` for the whole path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+
+import torch
+
+from .fast_llm import count_stages, plan_stages, prompt_mask
+from .ops import UnitLayout, unit_layout
+
+#: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
+BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
+#: lengths the text after the image is padded to for query-aware methods (``VisionSignals.text_mask``)
+TEXT_BUCKETS = (16, 32, 64, 128, 256, 512)
+#: decode slots of the static cache are allocated in steps of this many tokens
+DECODE_STEP = 64
+
+
+class NotPlanned(Exception):
+    """The prompt does not fit the fast path (the message says why): it runs on the eager engine."""
+
+
+def bucket_for(n: int, buckets=BUCKETS) -> int:
+    """The smallest bucket >= n (beyond the largest, n rounded up to a multiple of 256)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return -(-n // 256) * 256
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """Everything static about one sample of a captured prefill."""
+
+    tokens: int  # stock visual tokens (T)
+    units: int  # units (U)
+    extra: int  # extra [CLS] candidates (0 or U)
+    outputs: int  # selection outputs (m)
+    grid: tuple  # per unit (rows, cols)
+    text: int  # rows of the padded text block (query-aware methods; 0: none)
+    layouts: tuple  # per layout key: (key, ((name, offset, length) ...), static fields of the UnitLayout)
+    parts: tuple  # ((name, offset, length) ...) of the sample's other tensors in the index buffer
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything static about one captured prefill (Python values: its graph key)."""
+
+    batch: int
+    key: str  # the visual input the tower reads
+    kind: str  # unit kind
+    drop_cls: bool
+    newlines: bool  # some token is a newline (LLaVA-NeXT spatial_unpad)
+    crops: bool  # the tower runs a host-chosen subset of the flattened input
+    samples: tuple  # _Sample per prompt
+    bucket: int
+    cache_len: int
+    index_len: int
+    stages: tuple = ()  # llava.fast_llm.StageSpec per llm stage
+
+
+
+def _shift(s: _Sample, delta: int) -> _Sample:
+    """``s`` with its index-buffer offsets moved by ``delta`` (a sample's slice on its own)."""
+    return _replace(s, parts=tuple((n, o + delta, k) for n, o, k in s.parts),
+                    layouts=tuple((key, tuple((n, o + delta, k) for n, o, k in names), st)
+                                  for key, names, st in s.layouts))
+
+
+class FastPlanMixin:
+    """The host plan of :class:`llava.fastpath.FastPath` (reads its ``engine``, ``buckets``,
+    ``max_new_tokens`` and the caches ``_counts`` / ``_layouts``)."""
+
+    @staticmethod
+    def _layout_tensors(lay: UnitLayout) -> list[tuple[str, torch.Tensor]]:
+        out = [("newlines", lay.newlines)]
+        for u in range(lay.num_units):
+            out += [(f"tokens{u}", lay.tokens[u]), (f"cls{u}", lay.cls[u]), (f"patches{u}", lay.patches[u])]
+        return out
+
+    @staticmethod
+    def _layout_static(lay: UnitLayout) -> tuple:
+        return (tuple(lay.num_stock), tuple(lay.num_cls_stock), tuple(lay.num_patch_stock), lay.num_newline_stock,
+                tuple(map(tuple, lay.unit_pos)) if lay.unit_pos is not None else None, lay.grid)
+
+    @staticmethod
+    def _layout_from(static: tuple, n: int, get) -> UnitLayout:
+        """A UnitLayout of ``n`` units from its static fields and ``get(name)`` for its index tensors."""
+        num_stock, num_cls, num_patch, num_nl, unit_pos, grid = static
+        return UnitLayout(tokens=[get(f"tokens{u}") for u in range(n)], cls=[get(f"cls{u}") for u in range(n)],
+                          patches=[get(f"patches{u}") for u in range(n)], newlines=get("newlines"),
+                          num_stock=list(num_stock), num_cls_stock=list(num_cls), num_patch_stock=list(num_patch),
+                          num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
+                          grid=grid)
+
+    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None):
+        """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
+        ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``."""
+        from .signals import VisionSignals
+
+        parts = {name: index[o:o + n] for name, o, n in s.parts}
+        layouts = {}
+        for key, names, static in s.layouts:
+            got = {name: index[o:o + n] for name, o, n in names}
+            layouts[key] = self._layout_from(static, s.units, got.__getitem__)
+        plan = {name[5:]: t for name, t in parts.items() if name.startswith("plan:")}
+        unit = parts["unit"]
+        if s.text:
+            text_mask, question_mask = parts["text_mask"].bool(), parts["question_mask"].bool()
+        else:
+            text, text_mask, question_mask = feats[:0], None, unit[:0].bool()
+        return VisionSignals(
+            features=feats, vision_features=vfeats, unit=unit, patch=parts["patch"], unit_kind=kind,
+            grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
+            cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
+            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan)
+
+    def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str) -> tuple:
+        """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
+        ``meta`` tensors (shapes only: a method that reads a device value fails here, and the prefill runs
+        eagerly)."""
+        m = self.engine.method
+        if not m.vision_stage:
+            return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64))
+        cfg = self.engine.model.config
+        D = cfg.text_config.hidden_size
+        vc = cfg.vision_config
+        meta = torch.device("meta")
+        n = s.tokens + s.extra
+        needs = m.needs_vision_attention
+        ca = torch.empty(vc.num_attention_heads, n, device=meta) if needs else None
+        ks = torch.empty(n, vc.hidden_size // vc.num_attention_heads, device=meta) if needs else None
+        sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
+                                   torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
+                                   torch.empty(s.text, D, device=meta))
+        m0 = m.select_vision(sig).num_out
+        return (m0, *count_stages(self.engine, sig, m0, m0 + 64))
+
+    def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
+        from .signals import VisionSignals
+
+        return VisionSignals(features=torch.zeros(0), vision_features=torch.zeros(0), unit=unit, patch=patch,
+                             unit_kind=kind, grid=self.engine.adapter.grid(), text_embeds=torch.zeros(0),
+                             question_mask=torch.zeros(0, dtype=torch.bool), key=key, num_stock=T,
+                             unit_pos=unit_pos, unit_grid=list(grid), layouts=layouts, _unit_host=unit)
+
+    def _plan_sample(self, vp: dict, key: int, extras: bool, kind: str, offset: int, text=None):
+        """One sample's static structure (without outputs) and its index-buffer tensors (host).
+        ``text``: (text mask, question mask) of the padded text block, or None."""
+        T, U = int(vp["src"].numel()), int(vp["units"].numel())
+        unit, patch = vp["unit"], vp["patch"]
+        if extras:  # each unit's [CLS] as candidate T + u (the eager engine's order)
+            unit = torch.cat([unit, torch.arange(U)])
+            patch = torch.cat([patch, torch.full((U,), -1, dtype=torch.long)])
+        pos = vp["unit_pos"]
+        structure = (T, extras, unit.numpy().tobytes(), patch.numpy().tobytes(), pos.numpy().tobytes())
+        lays = self._layouts.get(structure)
+        if lays is None:  # the 8 (patch, stock, pos) layouts of a structure, built once (host work per prefill)
+            lays = {(p, st, q): unit_layout(unit, patch if p else None, T if st else None, pos if q else None)
+                    for p in (False, True) for st in (False, True) for q in (False, True)}
+            if len(self._layouts) >= 256:
+                self._layouts.clear()
+            self._layouts[structure] = lays
+        host = self._host_signals(unit, patch, pos, vp["grid"], lays, key, T, kind)
+        plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
+        tensors = [("src", vp["src"]), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
+                   ("units", vp["units"])] + list(plan.items())
+        if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
+            tensors += [("text_rows", torch.zeros(text[0].numel(), dtype=torch.long)), ("text_mask", text[0]),
+                        ("question_mask", text[1])]
+        parts, lay_desc, chunks, at = [], [], [], offset
+        for name, t in tensors:
+            parts.append((name, at, int(t.numel())))
+            chunks.append(t.long())
+            at += t.numel()
+        for k, lay in lays.items():
+            names = []
+            for name, t in self._layout_tensors(lay):
+                names.append((name, at, int(t.numel())))
+                chunks.append(t)
+                at += t.numel()
+            lay_desc.append((k, tuple(names), self._layout_static(lay)))
+        s = _Sample(tokens=T, units=U, extra=U if extras else 0, outputs=-1, grid=tuple(vp["grid"]),
+                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=tuple(parts))
+        return s, chunks
+
+    def plan(self, input_ids, attention_mask, visual: dict):
+        """The host plan of one prefill: (spec, host tensors, 4-D mask, row lengths, candidates per sample).
+        Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
+        e = self.engine
+        B, L = input_ids.shape
+        try:
+            fv = e.adapter.fast_visual(visual, B)
+        except ValueError as exc:
+            raise NotPlanned(str(exc)) from None
+        ids_h = input_ids.cpu()  # the one device read: before any device work of this prefill
+        valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        extras = bool(fv.drop_cls and e.method.include_cls_candidates)
+        others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
+                  if t is not None and t != fv.token_id]
+        rows, samples, chunks, at = [], [], [], 0
+        for b in range(B):
+            ids = ids_h[b, valid_h[b]]
+            T = int(fv.samples[b]["src"].numel())
+            vis = (ids == fv.token_id).nonzero().flatten()
+            if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
+                raise NotPlanned(f"row {b} does not hold exactly one {fv.kind} run of {T} contiguous placeholder "
+                                 "tokens (several images / videos per prompt run on the eager engine)")
+            p0 = int(vis[0]) if T else 0
+            rows.append((ids, p0, T))
+            text = None
+            if e.method.query_aware:  # the text after the visual run, padded: (real rows, question rows)
+                after, question = e._text_spans(ids, vis)
+                Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
+                text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
+            smp, ch = self._plan_sample(fv.samples[b], e._sample_key(b, ids), extras, fv.kind, at, text)
+            at += sum(int(c.numel()) for c in ch)
+            samples.append(smp)
+            chunks += ch
+        index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+        done, keys = [], []
+        for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
+            sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind,
+                       tuple((k, static) for k, _, static in smp.layouts),
+                       tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
+            keys.append(sig_key)
+            if sig_key not in self._counts:
+                base = smp.parts[0][1]
+                end = max(o + n for _, names, _ in smp.layouts for _, o, n in names)
+                local = _shift(smp, -base)
+                try:
+                    self._counts[sig_key] = self._dry_run(local, index[base:end], fv.kind)
+                except Exception as exc:  # a method that reads a device value, or an op meta tensors lack
+                    self._counts[sig_key] = NotPlanned(f"{e.method.name}: its selection could not be planned on "
+                                                       f"the host ({type(exc).__name__}: {exc})")
+            if isinstance(self._counts[sig_key], NotPlanned):
+                raise self._counts[sig_key]
+            done.append(_replace(smp, outputs=self._counts[sig_key][0]))
+        samples = done
+        lens = [int(ids.numel()) - T + s.outputs for (ids, _, T), s in zip(rows, samples)]
+        Lb = bucket_for(max(lens), self.buckets)
+        C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
+        stages, stage_host, seg_lens, seg_buckets = (), [], [lens], [Lb]
+        if e.method.llm_layers:  # the llm segments (llava.fast_llm): later buckets are never longer
+            counts = [self._counts[k] for k in keys]
+            stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, counts, self.buckets,
+                                                                    bucket_for, C)
+        # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
+        tok = torch.zeros(B, Lb, dtype=torch.long)
+        src = torch.arange(B * Lb).view(B, Lb).clone()
+        pos = torch.zeros(B, Lb, dtype=torch.long)
+        mask = prompt_mask(lens, Lb, C)
+        vis0 = []  # the visual rows entering layer 0 (llm stages)
+        out_at = B * Lb
+        for b, ((ids, p0, T), n, smp) in enumerate(zip(rows, lens, samples)):
+            pad, m = Lb - n, smp.outputs
+            text = torch.cat([ids[:p0], ids[p0 + T:]])
+            slots = torch.cat([torch.arange(pad, pad + p0), torch.arange(pad + p0 + m, Lb)])
+            tok[b, slots] = text
+            src[b, pad + p0:pad + p0 + m] = out_at + torch.arange(m)
+            out_at += m
+            pos[b, pad:] = torch.arange(n)
+            if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
+                o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
+                real_text = int(ids.numel()) - p0 - T
+                index[o:o + real_text] = b * Lb + pad + p0 + m + torch.arange(real_text)
+            vis0.append(pad + p0 + torch.arange(m))
+        newlines = any(bool((vp["src"] < 0).any()) for vp in fv.samples)
+        spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
+                     crops=fv.crops is not None, samples=tuple(samples), bucket=Lb, cache_len=C,
+                     index_len=int(index.numel()), stages=stages)
+        host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
+        if fv.crops is not None:
+            host["crops"] = fv.crops
+        if stages:
+            host["vis0"] = torch.cat(vis0)
+            for s, t in enumerate(stage_host):
+                host.update({f"s{s}:{k}": v for k, v in t.items()})
+        return spec, host, mask, (seg_lens, seg_buckets), [T for _, _, T in rows]
+

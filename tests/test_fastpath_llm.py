@@ -1,0 +1,157 @@
+"""The fast path's in-LLM stages (llava.fast_llm, issue 34 item 3): FastV, PyramidDrop and VisionDrop
+captured whole, the decoder run segment by segment inside the one prefill function with each stage's rows
+re-laid out by a host-planned gather, and a decode step per segment of layers. Checked against the eager
+engine's ``generate()`` (dynamo without code generation on a CPU, as tests/test_fastpath.py)."""
+
+import pytest
+import torch
+from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+
+from llava.fast_llm import plan_stages, prompt_mask
+from llava.fastpath import FastPath, bucket_for
+from llava.models import load
+
+#: budgets / options that prune at every stage of the tiny 4-layer LLM (16 tokens per image): FastV keeps
+#: half after layer 1 (K=2 scaled to 4 layers); PyramidDrop halves at layers 1 / 2 / 3; VisionDrop
+#: 8 per image on average (stage 0 in the tower's output, then 3 llm stages with merging)
+CASES = [("fastv", None), ("pdrop", None), ("visiondrop", 8)]
+
+
+@pytest.fixture(scope="module")
+def rts():
+    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
+                  load(f"tiny:{fam}", seed=1)) for fam in ("llava", "llava_next", "video_llava")}
+
+
+def test_plan_stages_lays_out_each_segment():
+    """Worked example: two samples of 10 and 7 rows with their image (4 / 4 tokens) at 2 / 1, one stage
+    keeping 2 / 1 of them. Segment 1 has rows of 8 and 4 (bucket 8 from buckets (4, 8, 16)); its gather
+    takes text from the old flattened rows and outputs from after them (B * 16 = 32 on)."""
+    rows = [(None, 2, 4), (None, 1, 4)]
+
+    class M:
+        llm_layers = (1,)
+
+    specs, tensors, seg_lens, seg_buckets = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16),
+                                                        bucket_for, 24)
+    assert seg_lens == [[10, 7], [8, 4]] and seg_buckets == [16, 8]
+    (st,) = specs
+    assert (st.layer, st.bucket, st.visual_in, st.outputs) == (1, 8, (4, 4), (2, 1))
+    t = tensors[0]
+    # sample 0: pad 6 in segment 0, image at 6 + 2; sample 1: pad 9, image at 9 + 1
+    assert t["vis"].tolist() == [8, 9, 10, 11, 10, 11, 12, 13]
+    src = t["src"].view(2, 8)
+    # sample 0 (no pad): text 6, 7 | outputs 32, 33 | text 12..15 (its old rows 6 + 6..9)
+    assert src[0].tolist() == [6, 7, 32, 33, 12, 13, 14, 15]
+    # sample 1 (4 pads): text 16 + 9 | output 34 | text 16 + 14, 16 + 15
+    assert src[1, 4:].tolist() == [25, 34, 30, 31]
+    assert t["ar"][1].tolist() == [0, 0, 0, 0, 0, 1, 2, 3] and t["first"].tolist() == [0, 12]
+    assert torch.equal(t["mask"], prompt_mask([8, 4], 8, 24))
+    m = t["mask"][1, 0]
+    assert m[7, 4:8].all() and not m[7, :4].any() and not m[5, 6:].any() and m[2, 2] and not m[2, :2].any()
+
+
+@pytest.mark.parametrize("method,budget", CASES)
+def test_fast_tokens_equal_the_eager_engine(rts, method, budget):
+    """LLaVA-1.5: greedy tokens, first-step scores and visual tokens per layer == the eager engine, on 3
+    prompts of different lengths and a left-padded batch of 3."""
+    fast, eager = rts["llava"]
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    assert eng.fast.refusal is None
+    for i in range(3):
+        assert_same_as_eager(fast, eager, eng, inputs(fast, i))
+        assert eng.stats.samples[0].visual_per_layer == eager.engine.stats.samples[0].visual_per_layer
+    assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3))
+    per_layer = [s.visual_per_layer for s in eng.stats.samples]
+    assert per_layer == [s.visual_per_layer for s in eager.engine.stats.samples]
+    assert per_layer[0][-1] < per_layer[0][0]  # the stages pruned
+
+
+@pytest.mark.parametrize("family", ["llava_next", "video_llava"])
+@pytest.mark.parametrize("method,budget", CASES)
+def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(rts, family, method, budget):
+    """LLaVA-NeXT (three crop grids, newline tokens) and Video-LLaVA (three 8-frame videos): one batch of
+    three == the eager engine, visual tokens per layer included."""
+    fast, eager = rts[family]
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    assert_same_as_eager(fast, eager, eng, family_batch(fast, family))
+    assert [s.visual_per_layer for s in eng.stats.samples] == [
+        s.visual_per_layer for s in eager.engine.stats.samples]
+
+
+@pytest.mark.parametrize("method,budget", CASES)
+def test_segments_in_shorter_buckets(rts, method, budget):
+    """With fine buckets every stage moves the rows into a shorter bucket: each segment's layers write
+    their own length into the static cache and decode against their own mask and positions; tokens still
+    equal the eager engine's over 12 generated tokens, one prompt and a padded batch."""
+    fast, eager = rts["llava"]
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    eng.fast = FastPath(eng, backend=BACKEND, max_new_tokens=16, buckets=tuple(range(4, 129, 4)))
+    for batch in (inputs(fast, 1), inputs(fast, 0, n=3)):
+        assert_same_as_eager(fast, eager, eng, batch, tokens=12)
+        lens = eng.stats.seq_len_per_layer
+        assert lens == sorted(lens, reverse=True) and lens[-1] < lens[0]  # one bucket per segment, shrinking
+
+
+@pytest.mark.parametrize("method,budget", CASES)
+def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, method, budget):
+    """Prompts of other lengths in the same buckets and 16 decode steps compile nothing after the first
+    prompt (recompilation raises)."""
+    fast, _ = rts["llava"]
+    torch._dynamo.reset()
+    eng = fast.prune(method, budget)
+    first = inputs(fast, 0)
+    generate(fast, first, tokens=16)
+    assert eng.stats.new_graph
+    lens = eng.stats.seq_len_per_layer
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in (1, 2):
+            batch = inputs(fast, i)
+            assert batch["input_ids"].shape[1] != first["input_ids"].shape[1]
+            generate(fast, batch, tokens=16)
+            assert eng.stats.path == "fast" and eng.stats.seq_len_per_layer == lens and not eng.stats.new_graph
+
+
+@pytest.mark.parametrize("method,budget", CASES)
+def test_no_host_sync_inside_the_captured_prefill(rts, method, budget):
+    """The captured function with its llm stages (run uncompiled) reads nothing from the device."""
+    fast, _ = rts["llava"]
+    eng = fast.prune(method, budget)
+    fp, calls = counting_fast_path(eng)
+    batch = inputs(fast, 1, n=2)
+    with torch.no_grad():
+        fp.prefill(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})
+    assert calls == [0]
+
+
+def test_the_reference_mode_and_question_rows_run_eagerly(rts):
+    """FastV's reference numerics run on the eager engine; an llm stage that asks for the question rows
+    (not planned on the fast path) is refused at the plan, with the reason, and still answers eagerly."""
+    from llava.method import Method, Selection, register
+
+    fast, eager = rts["llava"]
+    eng = fast.prune("fastv", None, numerics="official")
+    generate(fast, inputs(fast, 0), tokens=2)
+    assert eng.stats.path == "eager" and "official" in eng.stats.path_reason
+
+    @register
+    class _QuestionStage(Method):
+        name = "_test_question_stage"
+        capturable = "full"
+
+        @property
+        def llm_layers(self):
+            return (2,)
+
+        def select_llm(self, stage, sig):
+            row = sig.attention("question", layer="next").mean((0, 1))[sig.visual]
+            return Selection(keep=row.topk(4).indices.sort().values)
+
+    eng = fast.prune("_test_question_stage", None)
+    toks, _ = generate(fast, inputs(fast, 0), tokens=4)
+    assert eng.stats.path == "eager" and "question" in eng.stats.path_reason
+    eager.prune("_test_question_stage", None)
+    assert torch.equal(toks, generate(eager, inputs(fast, 0), tokens=4)[0])
