@@ -101,7 +101,7 @@ def unit_budgets(num_units: int, budget: int, mode: str, unit_pos: list | None) 
 def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
             budget: int, grid: tuple[int, int], *, alpha: float = 0.1, cls_token: str = "drop",
             keep_newlines: bool = True, budget_mode: str = "per_unit",
-            unit_pos: torch.Tensor | None = None, numerics: str = "ours") -> torch.Tensor:
+            unit_pos: torch.Tensor | None = None, numerics: str = "ours", layout=None) -> torch.Tensor:
     """Indices (ascending) of the tokens HiPrune keeps.
 
     g_obj, g_deep: (T,) global attention of the object / deep layer per token (head mean of the column
@@ -109,7 +109,9 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
     the unit's ``grid`` = (rows, cols) (-1 = [CLS] / newline). A unit with at most T_u tokens is kept
     whole. Vectorised over units: one host read (``unit_layout``), no per-token synchronisation.
     ``numerics="official"``: per pruned unit the official ``torch.topk`` / ``torch.unique`` calls
-    (:func:`official_unit_keep`, one host read per unit for |U|), scores in fp32.
+    (:func:`official_unit_keep`, one host read per unit for |U|), scores in fp32. ``layout``: the
+    :func:`llava.ops.unit_layout` of (unit, patch, unit_pos) when the caller has it (planned on the host
+    by the fast path: then no host read at all).
     """
     check_numerics("hiprune", numerics)
     if cls_token not in CLS_TOKEN_MODES:
@@ -118,7 +120,7 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
         raise ValueError(f"hiprune: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}")
     dev = unit.device
     n = unit.numel()
-    lay = unit_layout(unit, patch, unit_pos=unit_pos)  # the one host sync
+    lay = layout if layout is not None else unit_layout(unit, patch, unit_pos=unit_pos)  # the one host sync
     nu = lay.num_units
     rows, cols = int(grid[0]), int(grid[1])
     P = rows * cols
@@ -206,7 +208,7 @@ class HiPrune(Method):
     registers (deep layer) by the vision tower's global (received) attention, in original order."""
 
     name = "hiprune"
-    capture_reason = ("reads the received attention of extra tower layers: not captured yet")
+    capturable = "full"  # its two received-attention layers come from the tower's hidden states (fastpath)
     vision_stage = True
     #: (object layer, deep layer) as hidden-state indices; set from the options (and the tower's depth
     #: at ``setup``)
@@ -287,4 +289,5 @@ class HiPrune(Method):
         return Selection(keep=hiprune(g_obj, g_deep, sig.unit, sig.patch, self.budget, sig.grid,
                                       alpha=self.alpha, cls_token=self.cls_token,
                                       keep_newlines=self.keep_newlines, budget_mode=self.budget_mode,
-                                      unit_pos=sig.unit_pos, numerics=self.numerics))
+                                      unit_pos=sig.unit_pos, numerics=self.numerics,
+                                      layout=sig.unit_layout(patch=True, pos=True)))

@@ -100,9 +100,28 @@ class FastPlanMixin:
                           num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
                           grid=grid)
 
-    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None):
+    def _extra_names(self) -> list[tuple[str, int | tuple]]:
+        """The method's extra tower-layer signals as (flat name, layer spec): ``recv:v`` (received
+        attention), ``fwa:v`` / ``fwk:v`` (full-width [CLS] attention / keys), ``clsl:v`` ([CLS] row)."""
+        m = self.engine.method
+        out = [(f"recv:{v}", v) for v in getattr(m, "vision_attention_layers", ()) or ()]
+        for v in getattr(m, "vision_fullwidth_layers", ()) or ():
+            out += [(f"fwa:{v}", ("fw", v)), (f"fwk:{v}", ("fw", v))]
+        return out + [(f"clsl:{v}", ("cls", v)) for v in getattr(m, "vision_cls_layers", ()) or ()]
+
+    @staticmethod
+    def _extra_fields(extras: dict) -> dict:
+        """VisionSignals fields from per-token extra signals (name -> (T, ...)), as the eager engine's."""
+        return {"received_attn": {int(k[5:]): r.T.contiguous() for k, r in extras.items() if k[:5] == "recv:"},
+                "fullwidth_cls_attn": {int(k[4:]): r for k, r in extras.items() if k[:4] == "fwa:"},
+                "fullwidth_keys": {int(k[4:]): r for k, r in extras.items() if k[:4] == "fwk:"},
+                "cls_attn_layers": {int(k[5:]): r.T.contiguous() for k, r in extras.items() if k[:5] == "clsl:"}}
+
+    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
+                        extras=None):
         """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
-        ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``."""
+        ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``; ``extras``
+        the per-token extra tower-layer signals (:meth:`_extra_names`)."""
         from .signals import VisionSignals
 
         parts = {name: index[o:o + n] for name, o, n in s.parts}
@@ -120,7 +139,7 @@ class FastPlanMixin:
             features=feats, vision_features=vfeats, unit=unit, patch=parts["patch"], unit_kind=kind,
             grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
             cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
-            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan)
+            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, **self._extra_fields(extras or {}))
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str) -> tuple:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
@@ -137,9 +156,12 @@ class FastPlanMixin:
         needs = m.needs_vision_attention
         ca = torch.empty(vc.num_attention_heads, n, device=meta) if needs else None
         ks = torch.empty(n, vc.hidden_size // vc.num_attention_heads, device=meta) if needs else None
+        shape = {"recv": (n, vc.num_attention_heads), "clsl": (n, vc.num_attention_heads), "fwa": (n,),
+                 "fwk": (n, vc.hidden_size)}
+        extras = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
         sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
                                    torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
-                                   torch.empty(s.text, D, device=meta))
+                                   torch.empty(s.text, D, device=meta), extras)
         m0 = m.select_vision(sig).num_out
         return (m0, *count_stages(self.engine, sig, m0, m0 + 64))
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .families.base import param_dtype, to_device
-from .families.clip import attention_layer, cls_signals
+from .families.clip import attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention
 from .fast_llm import decode_segments, run_segments
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .layout import materialize
@@ -133,8 +133,6 @@ class FastPath(FastPlanMixin):
         m = e.method
         if getattr(m, "tower_stage", False):
             return f"{m.name}: in-tower stages are not captured yet"
-        if m.vision_attention_layers or m.vision_fullwidth_layers or m.vision_cls_layers:
-            return f"{m.name}: extra vision-layer signals are not captured yet"
         return m.capture_refusal()
 
     def refusal_for(self, input_ids, visual: dict) -> str | None:
@@ -162,6 +160,7 @@ class FastPath(FastPlanMixin):
         if method.needs_vision_attention:
             li = attention_layer(tower, fl, method.vision_layer)
             ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
+        extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
         proj = adapter.core.multi_modal_projector
         off = 1 if spec.drop_cls else 0
         vis = hs[:, off:]
@@ -171,6 +170,7 @@ class FastPath(FastPlanMixin):
         vflat = vis.reshape(N * per, -1)
         caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
         ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
+        exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
         emb = lm.embed_tokens(tok)
         newline = adapter.fast_newline() if spec.newlines else None
         bad = torch.zeros((), dtype=torch.bool, device=emb.device)
@@ -183,12 +183,14 @@ class FastPath(FastPlanMixin):
             f, v = flat[safe], vflat[safe]
             a = caf[safe] if caf is not None else None
             k = ksf[safe] if ksf is not None else None
+            ex = {name: r[safe] for name, r in exf.items()}
             if newline is not None:  # LLaVA-NeXT's image_newline rows, as the adapter builds them
                 nl = (sidx < 0)[:, None]
                 f = torch.where(nl, newline.to(f.dtype), f)
                 v = v.masked_fill(nl, 0)
                 if a is not None:
                     a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
+                ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
             f = f.to(emb.dtype)
             if not method.vision_stage:
                 outs.append(f)
@@ -203,12 +205,13 @@ class FastPath(FastPlanMixin):
                 if a is not None:
                     a = torch.cat([a, ca[units, :, 0]])
                     k = torch.cat([k, ks[units, 0]])
+                ex = {name: torch.cat([r, extra[name][units, 0]]) for name, r in ex.items()}
             text = None
             if s.text:
                 o, n = at["text_rows"]
                 text = emb.reshape(-1, emb.shape[-1])[index[o:o + n]]
             sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
-                                       text)
+                                       text, ex)
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
@@ -236,6 +239,24 @@ class FastPath(FastPlanMixin):
         h = lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
                use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:]), bad
+
+    def _tower_extras(self, tower, hidden_states, fl) -> dict:
+        """The method's extra tower-layer signals (:meth:`_extra_names`) from the tower's hidden states
+        (a layer's input is ``hidden_states[i]``, what the eager engine's pre-hook sees), per unit and
+        tower token: ``recv`` / ``clsl`` (N, S, H), ``fwa`` (N, S), ``fwk`` (N, S, Dv); fp32."""
+        out, fw = {}, {}
+        for name, v in self._extra_names():
+            li = attention_layer(tower, fl, v[1] if isinstance(v, tuple) else v)
+            layer, h = tower.encoder.layers[li], hidden_states[li]
+            if isinstance(v, tuple) and v[0] == "fw":
+                if v not in fw:
+                    fw[v] = fullwidth_signals(layer, h)
+                out[name] = fw[v][0] if name.startswith("fwa:") else fw[v][1]
+            elif isinstance(v, tuple):
+                out[name] = cls_row(layer, h).permute(0, 2, 1)
+            else:
+                out[name] = received_attention(layer, h).permute(0, 2, 1)
+        return out
 
     def _decode_fn(self, tok, pos, mask, cache, layers: tuple):
         e = self.engine

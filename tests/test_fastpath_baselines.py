@@ -1,7 +1,8 @@
 """The fast path (llava.fastpath) for the fixed-count pre-LLM baselines made capturable in issue 34:
 downsample (the selection planned on the host: windows depend on the layout only), VisPruner (its rounds'
 sizes are host ints) and CDPruner (the question rows of the padded text block, the greedy DPP on the device,
-``dpp_greedy_device``). Greedy tokens and first-step scores == the eager engine's on LLaVA-1.5, LLaVA-NeXT
+``dpp_greedy_device``) and HiPrune (the received attention of two extra tower layers, recomputed from the
+tower's hidden states inside the captured function). Greedy tokens and first-step scores == the eager engine's on LLaVA-1.5, LLaVA-NeXT
 and Video-LLaVA videos, 0 host syncs inside the captured function, refused options run eagerly.
 (The host-vs-device DPP equivalence is in tests/test_cdpruner.py.)"""
 
@@ -11,12 +12,13 @@ from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, fam
 
 import baselines.cdpruner  # noqa: F401  (registers the three methods)
 import baselines.downsample  # noqa: F401
+import baselines.hiprune  # noqa: F401
 import baselines.vispruner  # noqa: F401
 from llava.method import get_method
 from llava.models import load
 
 #: budgets that prune the tiny 16-patch units (downsample: a square, 4 = 2 x 2 windows of stride 2)
-CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5)]
+CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5), ("hiprune", 6)]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def test_declared_capturable_and_refusals_by_option():
     assert get_method("vispruner", 6, cls_token="keep", reference=True).capture_refusal() is None
     assert "official" in get_method("vispruner", 6, numerics="official").capture_refusal()
     assert "official" in get_method("cdpruner", 5, numerics="official").capture_refusal()
+    assert "official" in get_method("hiprune", 6, numerics="official").capture_refusal()
     assert get_method("cdpruner", 5, theta=0.5, minmax_scope="unit", cls_token="drop").capture_refusal() is None
     why = get_method("cdpruner", 5, relevance="clip", clip_model="x", llm_tokenizer="y").capture_refusal()
     assert "clip" in why and "host" in why
@@ -82,6 +85,9 @@ OPTION_CASES = [
     ("video_llava", "cdpruner", 5, {"cls_token": "keep", "theta": 0.5}),
     ("llava_next", "cdpruner", 4, {"minmax_scope": "unit", "relevance_sign": "pos", "keep_newlines": False,
                                    "reference": True}),
+    ("llava_next", "hiprune", 5, {"cls_token": "keep", "keep_newlines": False, "object_layer": 2,
+                                  "object_layer_reference": None}),
+    ("video_llava", "hiprune", 4, {"cls_token": "keep", "alpha": 0.3}),
 ]
 
 
