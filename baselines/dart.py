@@ -60,7 +60,7 @@ def dart_pivots(key_l1_visual: torch.Tensor, key_l1_text: torch.Tensor, num_imag
 
 def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, key_l1: torch.Tensor,
                 per_pivot: int, num_image: int = 4, num_text: int = 4, pivot_order: str = "index",
-                numerics: str = "ours") -> torch.Tensor:
+                numerics: str = "ours", text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """DART's retained visual tokens, as ascending indices into ``visual``.
 
     feats (S, D): final-normed hidden states after layer K-1; visual (N,) / text (T,): token indices
@@ -71,18 +71,24 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     an order that follows no score): "index" = ascending token position (visual pivots first,
     as the image precedes the text), "score" = visual pivots by key norm, then text pivots.
 
+    ``text_mask``: the real rows of a padded ``text`` (the fast path's captured prefill); ``num_text`` must
+    then not exceed their count. No host read: the pivots' rows stay on the device (sorted there for
+    "index"), and every pivot's candidate count is a host int.
+
     ``numerics="official"``: :func:`dart_select_official` (``pivot_order`` is then not used)."""
     check_numerics("dart", numerics)
     if numerics == "official":
         return dart_select_official(feats, visual, text, key_l1, per_pivot, num_image, num_text)
-    img_p, txt_p = dart_pivots(key_l1[visual], key_l1[text], num_image, num_text)
-    ni, nt = img_p.numel(), txt_p.numel()
-    host = torch.cat([visual[img_p], img_p, text[txt_p]]).tolist()  # the one host sync: 8 pivot rows
-    pivots = [(host[i], host[ni + i]) for i in range(ni)] + [(host[2 * ni + j], -1) for j in range(nt)]
-    if pivot_order == "index":
-        pivots.sort(key=lambda p: p[0])
-    elif pivot_order != "score":
+    if pivot_order not in ("index", "score"):
         raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {pivot_order!r}")
+    text_l1 = key_l1[text]
+    if text_mask is not None:  # padded text rows never become pivots
+        text_l1 = text_l1.float().masked_fill(~text_mask, float("-inf"))
+    img_p, txt_p = dart_pivots(key_l1[visual], text_l1, num_image, num_text)
+    ni = img_p.numel()
+    rows = torch.cat([visual[img_p], text[txt_p]])  # pivot rows: visual (by key norm), then text
+    if pivot_order == "index":  # ascending token position (rows are distinct)
+        rows = rows.sort().values
     f = feats.float()
     f = f / f.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # cosine similarity (torch's eps: 1e-8)
     n = visual.numel()
@@ -91,11 +97,11 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     cand[img_p] = False
     n_cand = n - ni
     picked = [img_p]
-    for row, _ in pivots:
+    for j in range(rows.numel()):
         if n_cand == 0 or per_pivot <= 0:
             break
         idx = masked_take(every, cand, n_cand)
-        sim = f[visual[idx]] @ f[row]  # (|cand|,)
+        sim = f[visual[idx]] @ f[rows[j:j + 1]][0]  # (|cand|,); a 0-d tensor index would read the device
         take = idx[topk_desc(-sim, per_pivot)]  # least similar first, ties: lower index
         cand[take] = False
         n_cand -= take.numel()
@@ -150,7 +156,13 @@ class DART(Method):
     n_K = (L*B - K*N) / (L - K) instead, so DART can be compared at equal E."""
 
     name = "dart"
-    capture_reason = ("an in-LLM stage whose pivots are chosen on the host: needs the piecewise path, not built yet")
+    capturable = "full"  # its stage is captured per segment; the text pivots from planned text rows
+    llm_text_rows = True
+
+    @property
+    def llm_text_cap(self) -> int:
+        """DART tells text lengths apart only up to its text pivots (min(pivot_text, n_text))."""
+        return int(self.pivot_text)
     position_mode = "keep"
 
     @classmethod
@@ -220,10 +232,12 @@ class DART(Method):
     def select_llm(self, stage, sig):
         n = sig.num_visual
         t = self.per_pivot(n)
-        if self.kept_count(n, sig.text_after.numel()) >= n:
+        n_text = sig.num_text_after
+        if self.kept_count(n, n_text) >= n:
             return Selection(keep=torch.arange(n, device=sig.visual.device))
         keys = sig.keys("prev", rope=True)  # (S, Hkv, d): layer K-1's cached keys
         key_l1 = dart_key_l1(keys, self.numerics)
         keep = dart_select(sig.final_norm(), sig.visual, sig.text_after, key_l1, t,
-                           int(self.pivot_image), int(self.pivot_text), self.pivot_order, self.numerics)
+                           int(self.pivot_image), min(int(self.pivot_text), n_text), self.pivot_order, self.numerics,
+                           text_mask=sig.text_mask)
         return Selection(keep=keep)

@@ -53,7 +53,8 @@ def equivalent_kept_count(budget: int, n_visual: int, layer: int, num_layers: in
     L, K, N = int(num_layers), int(layer), int(n_visual)
     if not 1 <= K < L:
         raise ValueError(f"FastV layer K={K} must be in 1..{L - 1}")
-    n = round_half_up(Fraction(L * int(budget) - K * N, L - K))
+    num, den = L * int(budget) - K * N, L - K
+    n = (2 * num + den) // (2 * den)  # round_half_up(num / den) in integers (traceable: no Fraction)
     return max(0, min(N, n))
 
 

@@ -40,12 +40,15 @@ class StageSpec:
     bucket: int  # rows of the next segment
     visual_in: tuple  # per sample: visual tokens entering the stage
     outputs: tuple  # per sample: the stage's outputs
+    text: tuple = ()  # per sample: rows of the padded text-after block (methods with llm_text_rows)
+    num_text: tuple = ()  # per sample: its real rows
 
 
-def count_stages(engine, vision_sig, nv0: int, S: int) -> tuple:
-    """Each llm stage's output count for a sample whose ``nv0`` visual tokens enter decoder layer 0, from
-    dry runs of ``select_llm`` on ``meta`` tensors (``vision_sig``: the sample's meta vision signals, or
-    None), padded rows of ``S``. Raises what the method raises when it reads a device value."""
+def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, text_buckets) -> tuple:
+    """Each llm stage's output count for a sample whose ``nv0`` visual tokens enter decoder layer 0 and
+    ``n_text`` tokens follow the image, from dry runs of ``select_llm`` on ``meta`` tensors
+    (``vision_sig``: the sample's meta vision signals, or None), padded rows of ``S``. Raises what the
+    method raises when it reads a device value."""
     m, lm = engine.method, engine.lm
     cfg = lm.config
     D = cfg.hidden_size
@@ -60,9 +63,14 @@ def count_stages(engine, vision_sig, nv0: int, S: int) -> tuple:
             out.append(0)
             continue
         vis = torch.empty(nv, dtype=torch.long, device=meta)
+        text = text_mask = None
+        if m.llm_text_rows:
+            Q = _text_bucket(n_text, text_buckets)
+            text = torch.empty(Q, dtype=torch.long, device=meta)
+            text_mask = torch.empty(Q, dtype=torch.bool, device=meta)
         sig = LLMSignals(layer=m.llm_layers[stage], hidden=torch.empty(S, D, device=meta),
                          position_ids=torch.empty(S, dtype=torch.long, device=meta), visual=vis, origin=vis,
-                         text_after=None, question=None, visual_embeds=torch.empty(nv, D, device=meta),
+                         text_after=text, question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=torch.empty(nv, D, device=meta),
                          text_embeds=None, num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
                          state=state, vision=vision_sig, captured=True,
                          key_mask=torch.empty(S, dtype=torch.bool, device=meta),
@@ -77,12 +85,20 @@ def count_stages(engine, vision_sig, nv0: int, S: int) -> tuple:
     return tuple(out)
 
 
-def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int):
+def _text_bucket(n: int, text_buckets) -> int:
+    for b in text_buckets:
+        if b >= n:
+            return b
+    return -(-n // 256) * 256
+
+
+def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int, text_buckets=()):
     """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``lens``: the
     rows' lengths entering layer 0 and ``counts``: per sample, its visual tokens entering layer 0 then
     after each stage. Returns the :class:`StageSpec` per stage, their host tensors (per stage: the visual
     rows entering it, the next rows' gather, positions, first-position gather, 4-D mask), each segment's
-    row lengths per sample and buckets."""
+    row lengths per sample and buckets. With ``method.llm_text_rows`` also each stage's text-after rows,
+    padded to ``text_buckets`` ("text", "text_mask")."""
     B = len(rows)
     specs, tensors = [], []
     seg_lens = [list(lens)]
@@ -93,7 +109,7 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int)
         m_out = [c[stage + 1] for c in counts]
         n_new = [n - a + b for n, a, b in zip(seg_lens[-1], nv_in, m_out)]
         Lb = bucket_for(max(n_new), buckets)
-        vis = []
+        vis, text, text_mask, text_q, n_text = [], [], [], [], []
         src = torch.zeros(B, Lb, dtype=torch.long)
         ar = torch.zeros(B, Lb, dtype=torch.long)
         first = torch.zeros(B, dtype=torch.long)
@@ -103,13 +119,25 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int)
             pad_old, pad = Lp - n_old, Lb - n
             old = b * Lp + pad_old  # the sample's first real row, flattened
             vis.append(pad_old + p0 + torch.arange(nv))
+            if method.llm_text_rows:  # the rows after the image in the row entering the stage, padded
+                n_after = n_old - p0 - nv
+                Q = _text_bucket(n_after, text_buckets)
+                real = torch.arange(Q) < n_after
+                text.append(torch.where(real, pad_old + p0 + nv + torch.arange(Q), 0))
+                text_mask.append(real)
+                text_q.append(Q)
+                cap = method.llm_text_cap  # a count the method does not tell apart stays out of the graph key
+                n_text.append(n_after if cap is None else min(n_after, int(cap)))
             j = torch.arange(n)
             src[b, pad:] = torch.where(j < p0, old + j, torch.where(j < p0 + m, out_at + j - p0, old + j - m + nv))
             out_at += m
             ar[b, pad:] = j
             first[b] = b * Lb + pad
-        specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out)))
+        specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out),
+                               text=tuple(text_q), num_text=tuple(n_text)))
         tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first, "mask": mask})
+        if text:
+            tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
         seg_lens.append(n_new)
         seg_buckets.append(Lb)
     return tuple(specs), tensors, seg_lens, seg_buckets
@@ -169,16 +197,21 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
     h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1])
     for s, (st, t) in enumerate(zip(stages, stage_in)):
         outs, vps = [], []
-        at = 0
+        at = at_t = 0
         for b in range(B):
             nv, m = st.visual_in[b], st.outputs[b]
             vis = t["vis"][at:at + nv]
             at += nv
+            text = None
+            if st.text:
+                q = st.text[b]
+                text = (t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q], st.num_text[b])
+                at_t += q
             if not nv:
                 continue
             x, p, x_prev = h[b], pos[b], prev[b]
             sig = _signals(lm, st.layer, x, p, x_prev, mask[b, 0, -1, :x.shape[0]], vis, origin[b], entry[b],
-                           entry_in[b], state[b], vision_sigs[b])
+                           entry_in[b], state[b], vision_sigs[b], text)
             sel = method.select_llm(s, sig)
             if sel.values is not None:
                 raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
@@ -209,8 +242,10 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
     return lm.norm(h[:, -1:]), bad
 
 
-def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision) -> LLMSignals:
-    """One sample's captured :class:`LLMSignals` over its padded row."""
+def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision, text=None) -> LLMSignals:
+    """One sample's captured :class:`LLMSignals` over its padded row; ``text``: (padded text-after rows,
+    their mask, the real count) or None."""
+    text_rows, text_mask, n_text = text if text is not None else (None, None, None)
     qks: dict = {}
 
     def pick(which) -> LayerQK:
@@ -228,8 +263,8 @@ def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, st
     def keys_fn(which, rope):
         return pick(which).keys(rope).transpose(0, 1)
 
-    return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=None,
-                      question=None, visual_embeds=entry_in[entry], text_embeds=None,
+    return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
+                      question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry], text_embeds=None,
                       num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in, state=state,
                       vision=vision, captured=True, key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn,
                       _norm=lm.norm)

@@ -141,13 +141,13 @@ class FastPlanMixin:
             cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
             unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, **self._extra_fields(extras or {}))
 
-    def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str) -> tuple:
+    def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
         ``meta`` tensors (shapes only: a method that reads a device value fails here, and the prefill runs
         eagerly)."""
         m = self.engine.method
         if not m.vision_stage:
-            return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64))
+            return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64, n_text, TEXT_BUCKETS))
         cfg = self.engine.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
@@ -163,7 +163,7 @@ class FastPlanMixin:
                                    torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
                                    torch.empty(s.text, D, device=meta), extras)
         m0 = m.select_vision(sig).num_out
-        return (m0, *count_stages(self.engine, sig, m0, m0 + 64))
+        return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, TEXT_BUCKETS))
 
     def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
         from .signals import VisionSignals
@@ -252,13 +252,19 @@ class FastPlanMixin:
             sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind,
                        tuple((k, static) for k, _, static in smp.layouts),
                        tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
+            ids, p0, T = rows[b]
+            n_text = int(ids.numel()) - p0 - T  # the text after the image (an llm stage's text rows)
+            if e.method.llm_text_rows:  # its counts may depend on it, up to the method's cap
+                cap = e.method.llm_text_cap
+                n_text = n_text if cap is None else min(n_text, int(cap))
+                sig_key += (n_text,)
             keys.append(sig_key)
             if sig_key not in self._counts:
                 base = smp.parts[0][1]
                 end = max(o + n for _, names, _ in smp.layouts for _, o, n in names)
                 local = _shift(smp, -base)
                 try:
-                    self._counts[sig_key] = self._dry_run(local, index[base:end], fv.kind)
+                    self._counts[sig_key] = self._dry_run(local, index[base:end], fv.kind, n_text)
                 except Exception as exc:  # a method that reads a device value, or an op meta tensors lack
                     self._counts[sig_key] = NotPlanned(f"{e.method.name}: its selection could not be planned on "
                                                        f"the host ({type(exc).__name__}: {exc})")
@@ -273,7 +279,7 @@ class FastPlanMixin:
         if e.method.llm_layers:  # the llm segments (llava.fast_llm): later buckets are never longer
             counts = [self._counts[k] for k in keys]
             stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, counts, self.buckets,
-                                                                    bucket_for, C)
+                                                                    bucket_for, C, TEXT_BUCKETS)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
         tok = torch.zeros(B, Lb, dtype=torch.long)
         src = torch.arange(B * Lb).view(B, Lb).clone()

@@ -133,7 +133,8 @@ class FastPath(FastPlanMixin):
         m = e.method
         if getattr(m, "tower_stage", False):
             return f"{m.name}: in-tower stages are not captured yet"
-        return m.capture_refusal()
+        why = m.capture_refusal()  # every reason names its method (the eval's per-reason counts read it)
+        return why if not why or why.startswith(f"{m.name}:") else f"{m.name}: {why}"
 
     def refusal_for(self, input_ids, visual: dict) -> str | None:
         """Why this prefill must run eagerly (None: it may take the fast path; the plan may still find
@@ -232,7 +233,7 @@ class FastPath(FastPlanMixin):
             for s in spec.samples:
                 vis0.append(stage_in["vis0"][at:at + s.outputs])
                 at += s.outputs
-            stages = [{k: stage_in[f"s{i}:{k}"] for k in ("vis", "src", "ar", "first", "mask")}
+            stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
                       for i in range(len(spec.stages))]
             h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad)
             return e.model.lm_head(h), bad

@@ -171,6 +171,13 @@ class Method:
     #: Reads the question (``question_mask`` / ``text_embeds`` / question rows): the engine then needs
     #: the prompt's separator and role-tag ids (a ``PromptSpec``) to find it.
     query_aware: ClassVar[bool] = False
+    #: An llm stage reads the text after the image (``LLMSignals.text_after``): on the fast path those rows
+    #: are then planned, padded to a text bucket with ``LLMSignals.text_mask`` (DART's text pivots).
+    llm_text_rows: ClassVar[bool] = False
+    #: With ``llm_text_rows``: the largest count of text rows the stage tells apart (DART: its text pivots).
+    #: On the fast path ``LLMSignals.num_text_after`` is clipped to it, so that prompts whose texts differ
+    #: in length share one graph per bucket (None: not clipped, a graph per text length).
+    llm_text_cap: int | None = None
     #: Vision stage: also offer each image's / crop's [CLS] token as a candidate (VisionZip, VisionDrop).
     include_cls_candidates: bool = False
     #: Vision-tower layer (hidden_states index) whose [CLS] attention / keys the signals carry;

@@ -190,8 +190,10 @@ class LLMSignals:
     In a captured prefill (``captured``, :mod:`llava.fast_llm`) the S rows are the sample's whole padded
     row of its length bucket (left padding first, the last prompt token last) and ``key_mask`` (S,) says
     which are real: ``attention`` never lets a row attend to a pad, so its probabilities are those of the
-    real rows; ``visual`` indexes that row. The text rows (``text_after`` / ``question``) are not planned
-    there: asking for them raises, and such a method's prefill runs on the eager engine.
+    real rows; ``visual`` indexes that row. For a method with ``llm_text_rows`` the text after the image
+    is planned too: ``text_after`` padded to a text bucket, ``text_mask`` its real rows (the pads index
+    row 0), ``num_text_after`` their count; otherwise it is None. The question rows and the text rows as
+    attention queries are not planned: asking for them raises, and the prefill runs on the eager engine.
     """
 
     layer: int
@@ -213,6 +215,9 @@ class LLMSignals:
     captured: bool = False
     #: (S,) bool, the real rows among the S (captured prefill); None: all S rows are real
     key_mask: torch.Tensor | None = None
+    #: (len(text_after),) bool, the real rows of a padded ``text_after`` (captured prefill); None: all real
+    text_mask: torch.Tensor | None = None
+    _num_text: int | None = field(repr=False, default=None)
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _norm: Callable[..., torch.Tensor] = field(repr=False, default=None)
@@ -221,6 +226,11 @@ class LLMSignals:
     @property
     def num_visual(self) -> int:
         return int(self.visual.numel())
+
+    @property
+    def num_text_after(self) -> int:
+        """Tokens after the image (a host int on both paths; ``text_after`` may be padded)."""
+        return self._num_text if self._num_text is not None else int(self.text_after.numel())
 
     def attention(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next") -> torch.Tensor:
         """Causal attention probabilities (H, Q, S) of the given query rows, in fp32.

@@ -11,10 +11,12 @@ from llava.fast_llm import plan_stages, prompt_mask
 from llava.fastpath import FastPath, bucket_for
 from llava.models import load
 
-#: budgets / options that prune at every stage of the tiny 4-layer LLM (16 tokens per image): FastV keeps
-#: half after layer 1 (K=2 scaled to 4 layers); PyramidDrop halves at layers 1 / 2 / 3; VisionDrop
-#: 8 per image on average (stage 0 in the tower's output, then 3 llm stages with merging)
-CASES = [("fastv", None), ("pdrop", None), ("visiondrop", 8)]
+#: budgets / options that prune at every stage of the tiny 4-layer LLM (16 tokens per image): FastV keeps 5
+#: after layer 1 for an equivalent budget of 8 (K=2 scaled to 4 layers: (4 * 8 - 16) / 3 rounded half up);
+#: PyramidDrop halves at layers 1 / 2 / 3; VisionDrop 8 per image on average (stage 0 in the tower's output,
+#: then 3 llm stages with merging); DART 12 of 16 after layer 1 (4 image pivots + 1 per pivot of the 8, the
+#: text pivots from the planned text rows)
+CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12)]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,7 @@ def test_plan_stages_lays_out_each_segment():
 
     class M:
         llm_layers = (1,)
+        llm_text_rows = False
 
     specs, tensors, seg_lens, seg_buckets = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16),
                                                         bucket_for, 24)
@@ -49,6 +52,35 @@ def test_plan_stages_lays_out_each_segment():
     assert torch.equal(t["mask"], prompt_mask([8, 4], 8, 24))
     m = t["mask"][1, 0]
     assert m[7, 4:8].all() and not m[7, :4].any() and not m[5, 6:].any() and m[2, 2] and not m[2, :2].any()
+
+
+def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
+    """``llm_text_rows`` (DART): per stage the rows after the image in the row entering it, padded to a text
+    bucket (pads index row 0, masked). Sample 0 above: 10 rows, image 4 at 2 -> 4 text rows at 6 + 6..9;
+    sample 1: 7 rows, image at 1 -> 2 text rows at 9 + 5..6; text buckets (4, 8)."""
+    rows = [(None, 2, 4), (None, 1, 4)]
+
+    class M:
+        llm_layers = (1,)
+        llm_text_rows = True
+        llm_text_cap = None
+
+    (st,), (t,), _, _ = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, 24, (4, 8))
+    assert st.text == (4, 4) and st.num_text == (4, 2)
+    assert t["text"].tolist() == [12, 13, 14, 15, 14, 15, 0, 0]
+    assert t["text_mask"].tolist() == [True] * 4 + [True, True, False, False]
+
+    class Capped(M):  # a method that tells text lengths apart up to 3 (DART: its text pivots)
+        llm_text_cap = 3
+
+    (st,), (t2,), _, _ = plan_stages(Capped, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, 24, (4, 8))
+    assert st.num_text == (3, 2) and torch.equal(t2["text"], t["text"])
+
+    class N(M):
+        llm_text_rows = False
+
+    (st,), (t,), _, _ = plan_stages(N, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, 24, (4, 8))
+    assert st.text == () and "text" not in t
 
 
 @pytest.mark.parametrize("method,budget", CASES)
