@@ -3,6 +3,7 @@
     bash scripts/bench/gpu_check.sh                      # = python -m eval.gpu_check (CUDA, all checks)
     python -m eval.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check
     python -m eval.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
+    python -m eval.gpu_check --fast-only --fast-dtypes float16       # the fast-path section only
 
 Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the five tiny
 random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
@@ -32,6 +33,13 @@ Checks, per method x family x dtype:
 * **TTFT** (skip with ``--no-ttft``): ``shape:llava-1.5-7b`` (real shapes, random weights) in fp16,
   unpruned and every method at budget 64, batch 1, median TTFT with the engine's vision / selection /
   LLM breakdown (timed with eval.efficiency's helpers).
+* **Fast path** (``load(..., fast=True)``; eval/gpu_check_fast.py; skip with ``--no-fast``, only it with
+  ``--fast-only``): on tiny LLaVA / NeXT / Video-LLaVA in the dtypes above, every method's batch-1 greedy
+  tokens (``--fast-prompts`` prompts x ``--fast-tokens`` tokens) on the fast path with the device's backend
+  (CUDA graphs through Inductor on CUDA) == the same path uncompiled == the eager engine, every prefill of
+  a captured method on the fast path (an uncaptured one is listed as eager with its reason); and its
+  batch-1 TTFT / TPOT on ``shape:llava-1.5-7b`` and ``shape:llava-next-7b`` with the issue's targets
+  reported as met / missed (``--no-fast-ttft``; ``--no-ttft`` skips every timing table).
 
 Writes ``gpu-check-<device>-<date>.json`` and ``.md`` under ``--out`` (default docs/results), with a
 PASS / FAIL summary per check and per method; the exit status is 1 when any check fails (a crash is
@@ -152,6 +160,18 @@ class CheckConfig:
     ttft_warmup: int = 3
     ttft_runs: int = 10
     ttft_text_words: int = 12
+    tiny: bool = True  # the tiny-model checks above (--fast-only: off)
+    fast: bool = True  # the fast-path section (eval/gpu_check_fast.py)
+    fast_backend: str = "auto"  # the fast path's compile backend (auto: Inductor + CUDA graphs on CUDA)
+    fast_dtypes: list = field(default_factory=list)  # default: the dtypes above
+    fast_prompts: int = 5  # per family x dtype x method: 14 captured methods x 3 families x 5 >= 200 per dtype
+    fast_tokens: int = 32
+    fast_ttft: bool = True  # the fast path's timing rows (also off with --no-ttft)
+    fast_ttft_model: str = "shape:llava-1.5-7b"
+    fast_ttft_methods: list = field(default_factory=list)  # default: gpu_check_fast.FAST_TTFT_METHODS
+    fast_next_model: str = "shape:llava-next-7b"
+    fast_next_tokens: list = field(default_factory=lambda: [320, 160])  # total visual tokens of 2880
+    fast_next_methods: list = field(default_factory=list)  # default: the fast_ttft_methods
     out: str = "docs/results"
     threads: int | None = None
     time_limit: float | None = None  # seconds for the whole run (None: no limit)
@@ -494,16 +514,20 @@ def _load_ttft(cfg: CheckConfig) -> dict:
 
 
 def task_key(t: dict) -> tuple:
+    if t["kind"] == "fast_ttft":  # a fast-path timing row: model, dtype, method, total visual tokens
+        return (t["kind"], t["model"], t["dtype"], t["method"], t.get("tokens"))
     return (t["kind"], t.get("family"), t.get("dtype"), t["method"])
 
 
 def make_tasks(cfg: CheckConfig, methods: list[str]) -> list[dict]:
+    from eval import gpu_check_fast
+
     tasks = [{"kind": "tiny", "family": f, "dtype": d, "method": m}
-             for f in cfg.families for d in cfg.dtypes for m in methods]
+             for f in cfg.families for d in cfg.dtypes for m in methods] if cfg.tiny else []
     if cfg.ttft:
         tm = cfg.ttft_methods or methods
         tasks += [{"kind": "ttft", "method": m} for m in ["none"] + [x for x in tm if x != "none"]]
-    return tasks
+    return tasks + gpu_check_fast.tasks(cfg, methods)
 
 
 #: test hook: seconds to sleep at the end of every task (tests/test_gpu_check.py's signal / time-limit tests)
@@ -541,13 +565,13 @@ def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log, deadline: float | 
             log(f"  time limit: {len(tasks) - tasks.index(t)} task(s) not started")
             return False
         t_wall = time.perf_counter()
-        key = ("ttft",) if t["kind"] == "ttft" else ("tiny", t["family"], t["dtype"])
+        key = _context_key(t)
         if key != ctx_key:
             ctx, ctx_key, load_error = None, key, None
             if torch.device(cfg.device).type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                ctx = _load_ttft(cfg) if t["kind"] == "ttft" else _load_tiny(t["family"], t["dtype"], cfg)
+                ctx = _load_context(t, cfg)
             except Exception as e:  # noqa: BLE001 - every task of this model fails with the load error
                 load_error = ["cannot build the model:"] + _tail(e)
                 log(f"  {' '.join(map(str, key))}: cannot build the model: {load_error[-1]}")
@@ -557,8 +581,7 @@ def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log, deadline: float | 
             rec = {**t, "error": load_error, "scenarios": {}} if t["kind"] == "tiny" else {**t, "error": load_error}
         else:
             try:
-                rec = ttft_task(ctx, t["method"], cfg) if t["kind"] == "ttft" else \
-                    tiny_task(ctx, t["family"], t["dtype"], t["method"], cfg)
+                rec = _run_task(ctx, t, cfg)
             except DeviceLost as e:
                 lost = e
                 rec = {**t, "scenarios": {}, "error": ["the device was lost (CUDA context unusable):"] + _tail(e.__cause__ or e)}
@@ -568,14 +591,58 @@ def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log, deadline: float | 
         rec["wall_seconds"] = round(time.perf_counter() - t_wall, 3)  # with the model load, if this task did it
         margin = max(margin, rec["wall_seconds"])
         emit(rec)
-        where = f"{t['family']:12s} {t['dtype']:9s}" if t["kind"] == "tiny" else "TTFT" + " " * 18
+        where = _where(t)
         extra = ""
-        if t["kind"] == "ttft" and rec.get("ttft"):
+        if t["kind"] in ("ttft", "fast_ttft") and rec.get("ttft"):
             extra = f"  median {rec['ttft']['median'] * 1e3:.2f} ms"
+        elif t["kind"] == "fast" and rec.get("refusal"):
+            extra = "  eager (not captured)"
         log(f"  {where} {t['method']:14s} {rec['seconds']:6.2f} s" + ("  CRASH" if _has_error(rec) else extra))
         if lost is not None or (load_error is None and not device_alive(cfg.device)):
             raise DeviceLost(str(lost or "device lost"))
     return True
+
+
+def _context_key(t: dict) -> tuple:
+    """The loaded model a task runs on: consecutive tasks with the same key share one load."""
+    from eval import gpu_check_fast
+
+    if t["kind"] == "tiny":
+        return ("tiny", t["family"], t["dtype"])
+    return ("ttft",) if t["kind"] == "ttft" else gpu_check_fast.context_key(t)
+
+
+def _load_context(t: dict, cfg: CheckConfig) -> dict:
+    from eval import gpu_check_fast
+
+    if t["kind"] == "tiny":
+        return _load_tiny(t["family"], t["dtype"], cfg)
+    if t["kind"] == "ttft":
+        return _load_ttft(cfg)
+    if t["kind"] == "fast":
+        return gpu_check_fast.load_equality(t["family"], t["dtype"], cfg)
+    return gpu_check_fast.load_timing(t["model"], cfg)
+
+
+def _run_task(ctx: dict, t: dict, cfg: CheckConfig) -> dict:
+    from eval import gpu_check_fast
+
+    if t["kind"] == "tiny":
+        return tiny_task(ctx, t["family"], t["dtype"], t["method"], cfg)
+    if t["kind"] == "ttft":
+        return ttft_task(ctx, t["method"], cfg)
+    if t["kind"] == "fast":
+        return gpu_check_fast.equality_task(ctx, t, cfg)
+    return gpu_check_fast.timing_task(ctx, t, cfg)
+
+
+def _where(t: dict) -> str:
+    """A task's column in the progress log."""
+    from eval import gpu_check_fast
+
+    if t["kind"] == "tiny":
+        return f"{t['family']:12s} {t['dtype']:9s}"
+    return "TTFT" + " " * 18 if t["kind"] == "ttft" else gpu_check_fast.where(t)
 
 
 def _has_error(rec: dict) -> bool:
@@ -788,8 +855,10 @@ def sync_verdict(r: dict, limit: float | None) -> dict:
 
 
 def summarize(report: dict, cfg: CheckConfig) -> dict:
+    from eval import gpu_check_fast
+
     recs = report["tiny"]
-    checks = {"batch==alone": True, "cached==no-cache": True, "no crash": True, "host syncs": True}
+    checks = {"batch==alone": True, "cached==no-cache": True, "no crash": True, "host syncs": True} if cfg.tiny else {}
     methods: dict[str, dict] = {}
     for r in recs:
         r["verdicts"]["syncs"] = sync_verdict(r, cfg.max_syncs_per_sample)
@@ -807,7 +876,7 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
             continue
         m["ran"] = True
         for k, v in ok.items():
-            checks[k] &= v
+            checks[k] = checks.get(k, True) and v
             if not v:
                 m["pass"] = False
                 m["failed"].append(f"{k} ({r['family']}, {r['dtype']})")
@@ -822,10 +891,12 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
                 m["ran"] = True
                 m["pass"] = False
                 m["failed"].append("TTFT (crash)")
+    gpu_check_fast.summarize(report.get("fast"), checks, methods)
     labels = {k: "PASS" if v else "FAIL" for k, v in checks.items()}
-    if cfg.max_syncs_per_sample is None:
+    if cfg.max_syncs_per_sample is None and "host syncs" in labels:
         labels["host syncs"] = "reported (no limit set)"
-    every = report["tiny"] + ((report.get("ttft") or {}).get("results") or [])
+    labels.update(gpu_check_fast.labels(report.get("fast")))
+    every = report["tiny"] + ((report.get("ttft") or {}).get("results") or []) + gpu_check_fast.records(report.get("fast"))
     not_run = [r for r in every if r.get("not_run")]
     ok = all(checks.values())
     summ = {"pass": ok and not not_run, "partial": bool(not_run),
@@ -966,22 +1037,26 @@ def markdown(report: dict) -> str:
            "the noise band (4x the unpruned model's own largest delta in that family and dtype, at least 2 ulp(1)); "
            "a flip inside it is a near tie. TF32 is off in the fp32 runs.", "",
            "## Summary", "", "| Check | Result |", "|---|---|"]
+    if not cfg.get("tiny", True):  # --fast-only: the paragraph above describes checks that did not run
+        out[7] = "Fast-path section only (`--fast-only`): no tiny-model batch / cache checks, no eager TTFT table."
     for k, v in summ["checks"].items():
         out.append(f"| {k} | {'**FAIL**' if v == 'FAIL' else v} |")
     if summ.get("partial"):
         out += ["", f"**Partial report**: {summ['tasks']['not run']} of {summ['tasks']['total']} tasks were not run "
                 f"({', '.join(summ['tasks']['not run reason'])}); they are listed as `not run` below. The verdicts "
                 "cover the tasks that ran."]
-    cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]]
+    cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]] if cfg.get("tiny", True) else []
     by = {(r["method"], r["family"], r["dtype"]): r for r in recs}
     out += ["", "## Per method", "", "`ok*`: passed with a half-precision note (see the JSON); `n/a`: the method does not support the "
             "family (its `families`), not run; `not run (...)`: stopped before it by the time limit or a signal.", "",
-            "| Method | Verdict | " + " | ".join(f"{f} {d}" for f, d in cols) + " |",
+            "| " + " | ".join(["Method", "Verdict", *(f"{f} {d}" for f, d in cols)]) + " |",
             "|---|---|" + "---|" * len(cols)]
     for m in report["methods"]:
         v = summ["methods"].get(m, {}).get("verdict", "-")
         cells = [_cell(by[(m, f, d)]) if (m, f, d) in by else "-" for f, d in cols]
-        out.append(f"| {m} | {'**FAIL**' if v == 'FAIL' else v} | " + " | ".join(cells) + " |")
+        out.append("| " + " | ".join([m, "**FAIL**" if v == "FAIL" else v, *cells]) + " |")
+    if not cfg.get("tiny", True):  # --fast-only: no tiny-model checks
+        return _tail_sections(report, out)
     # host syncs: one pruned prefill of the `mixed` batch (3 samples), per sample
     sd = "float32" if "float32" in cfg["dtypes"] else cfg["dtypes"][0]
     limit = cfg.get("max_syncs_per_sample")
@@ -1037,7 +1112,14 @@ def markdown(report: dict) -> str:
                 sy = r.get("syncs") or {}
                 syc = "crash" if "error" in sy else (f"{sy['per_sample']:.1f} ({sy['total']})" if sy else "-")
                 out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | {tk} | " + " | ".join(ba + ca) + f" | {syc} |")
-    crashes = [(r, where, e) for r in recs for where, e in _errors(r)]
+    return _tail_sections(report, out)
+
+
+def _tail_sections(report: dict, out: list[str]) -> str:
+    """The crash list, the TTFT table and the fast-path section after the tiny-model tables."""
+    from eval import gpu_check_fast
+
+    crashes = [(r, where, e) for r in report["tiny"] for where, e in _errors(r)]
     if crashes:
         out += ["", "## Crashes (last lines of the traceback)", ""]
         for r, where, e in crashes:
@@ -1066,6 +1148,7 @@ def markdown(report: dict) -> str:
                            f"{r['visual_layer_avg']:.1f} | {ms(r['ttft'])} | {_fmt(r['ttft']['p90'] * 1e3, '.2f')} | "
                            f"{ms(r.get('t_vision'))} / {ms(r.get('t_selection'))} / {ms(r.get('t_llm'))} | "
                            f"{_fmt(r.get('selection_overhead'), '.1%')} | {_fmt(r.get('speedup'), '.2f')}x |")
+    out += gpu_check_fast.markdown(report)
     return "\n".join(out) + "\n"
 
 
@@ -1187,7 +1270,10 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
     env = environment(device)
     isolate = device.type == "cuda" if isolate is None else isolate
     log(f"gpu_check on {env['device_name']} ({device}); dtypes {' '.join(cfg.dtypes)}; families "
-        f"{' '.join(cfg.families)}; {len(methods)} methods" + ("; TTFT on " + cfg.ttft_model if cfg.ttft else "")
+        f"{' '.join(cfg.families)}; {len(methods)} methods" + ("" if cfg.tiny else " (fast-path section only)")
+        + ("; TTFT on " + cfg.ttft_model if cfg.ttft else "")
+        + (f"; fast path ({cfg.fast_prompts} prompts x {cfg.fast_tokens} tokens"
+           + (f", timing on {cfg.fast_ttft_model}" if cfg.fast_ttft else "") + ")" if cfg.fast else "")
         + (f"; time limit {cfg.time_limit:g} s" if cfg.time_limit else ""))
     tasks = make_tasks(cfg, methods)
     out = Path(cfg.out)
@@ -1251,6 +1337,8 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
 
 
 def _report(cfg, command, env, device, isolate, methods, recs, t_start, out, stem) -> dict:
+    from eval import gpu_check_fast
+
     tiny = [r for r in recs if r["kind"] == "tiny"]
     for r in tiny:
         r.setdefault("budget", tiny_budget(r["method"], family_key(r["family"])))
@@ -1259,7 +1347,8 @@ def _report(cfg, command, env, device, isolate, methods, recs, t_start, out, ste
               "config": {**asdict(cfg), "device": str(device)}, "isolated": isolate, "methods": methods,
               "budgets": {m: {f: tiny_budget(m, family_key(f)) if supported(m, family_key(f)) else "n/a"
                               for f in cfg.families} for m in methods},
-              "tiny": tiny, "ttft": ttft_table([r for r in recs if r["kind"] == "ttft"], cfg) if cfg.ttft else None}
+              "tiny": tiny, "ttft": ttft_table([r for r in recs if r["kind"] == "ttft"], cfg) if cfg.ttft else None,
+              "fast": gpu_check_fast.section(cfg, [r for r in recs if r["kind"] in ("fast", "fast_ttft")], tiny)}
     report["summary"] = summarize(report, cfg)
     report["seconds"] = time.perf_counter() - t_start
     report["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
@@ -1306,7 +1395,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--max-syncs-per-sample", type=float, default=None,
                     help="fail a method whose pruned prefill syncs more often per sample (default: report only)")
-    ap.add_argument("--no-ttft", dest="ttft", action="store_false", help="skip the TTFT table")
+    ap.add_argument("--no-ttft", dest="ttft", action="store_false",
+                    help="skip the TTFT tables (the eager engine's and the fast path's timing)")
     ap.add_argument("--ttft-model", default=d.ttft_model)
     ap.add_argument("--ttft-dtype", default=d.ttft_dtype)
     ap.add_argument("--ttft-budget", type=int, default=d.ttft_budget)
@@ -1314,6 +1404,29 @@ def parse_args(argv=None):
     ap.add_argument("--ttft-warmup", type=int, default=d.ttft_warmup)
     ap.add_argument("--ttft-runs", type=int, default=d.ttft_runs)
     ap.add_argument("--ttft-text-words", type=int, default=d.ttft_text_words)
+    f = ap.add_argument_group("fast path (eval/gpu_check_fast.py)")
+    f.add_argument("--fast", action=argparse.BooleanOptionalAction, default=d.fast,
+                   help="the fast-path section: equality on the tiny LLaVA families and timing (default: on)")
+    f.add_argument("--fast-only", action="store_true",
+                   help="only the fast-path section (no tiny-model checks, no eager TTFT table)")
+    f.add_argument("--fast-backend", default=d.fast_backend, choices=["auto", "inductor", "eager", "aot_eager"],
+                   help="the fast path's compile backend, compared with the same path uncompiled (default auto: "
+                   "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU)")
+    f.add_argument("--fast-dtypes", nargs="+", default=None, help="default: the --dtypes")
+    f.add_argument("--fast-prompts", type=int, default=d.fast_prompts,
+                   help=f"batch-1 prompts per family x dtype x method (default {d.fast_prompts})")
+    f.add_argument("--fast-tokens", type=int, default=d.fast_tokens,
+                   help=f"greedy tokens per prompt, and the TPOT's generated tokens (default {d.fast_tokens})")
+    f.add_argument("--fast-ttft", action=argparse.BooleanOptionalAction, default=d.fast_ttft,
+                   help="the fast path's timing rows and targets (default: on; --no-ttft also skips them)")
+    f.add_argument("--fast-ttft-model", default=d.fast_ttft_model)
+    f.add_argument("--fast-ttft-methods", nargs="+", default=None,
+                   help="timing rows at --ttft-budget (default: none fastervlm random visionzip divprune "
+                   "consensusdrop fastv pdrop)")
+    f.add_argument("--fast-next-model", default=d.fast_next_model)
+    f.add_argument("--fast-next-tokens", nargs="*", type=int, default=d.fast_next_tokens,
+                   help="NeXT timing rows at these total visual tokens (default 320 160; none given: no NeXT rows)")
+    f.add_argument("--fast-next-methods", nargs="+", default=None, help="default: as --fast-ttft-methods")
     ap.add_argument("--out", default=d.out, help="folder of the report (default docs/results)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -1347,12 +1460,14 @@ def main(argv=None) -> int:
     dtypes = a.dtypes or (["float32"] if is_cpu else ["float16", "bfloat16", "float32"])
     try:
         dtypes = [ALIASES.get(x, x) for x in dtypes]
-        bad = [x for x in dtypes if x not in DTYPES]
+        fast_dtypes = [ALIASES.get(x, x) for x in a.fast_dtypes or []]
+        bad = [x for x in dtypes + fast_dtypes if x not in DTYPES]
         if bad:
             raise ValueError(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)} or {sorted(ALIASES)}")
         known = registered_methods()
         methods = a.methods or known
-        unknown = [m for m in methods if m not in known and m != "none"]
+        unknown = [m for m in methods + (a.fast_ttft_methods or []) + (a.fast_next_methods or [])
+                   if m not in known and m != "none"]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(known)}")
     except ValueError as e:
@@ -1363,7 +1478,14 @@ def main(argv=None) -> int:
                       ttft_model=a.ttft_model, ttft_dtype=ALIASES.get(a.ttft_dtype, a.ttft_dtype),
                       ttft_budget=a.ttft_budget, ttft_methods=a.ttft_methods or [], ttft_warmup=a.ttft_warmup,
                       ttft_runs=a.ttft_runs, ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads,
-                      time_limit=a.time_limit or None, time_reserve=a.time_reserve)
+                      time_limit=a.time_limit or None, time_reserve=a.time_reserve, tiny=not a.fast_only,
+                      fast=a.fast or a.fast_only, fast_backend=a.fast_backend, fast_dtypes=fast_dtypes,
+                      fast_prompts=a.fast_prompts, fast_tokens=a.fast_tokens, fast_ttft=a.fast_ttft and a.ttft,
+                      fast_ttft_model=a.fast_ttft_model, fast_ttft_methods=a.fast_ttft_methods or [],
+                      fast_next_model=a.fast_next_model, fast_next_tokens=list(a.fast_next_tokens),
+                      fast_next_methods=a.fast_next_methods or [])
+    if a.fast_only:
+        cfg.ttft = False
     command = "python -m eval.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         report = run(cfg, command.strip(), isolate=a.isolate, resume=a.resume)

@@ -25,8 +25,8 @@ def _report(out: Path) -> tuple[dict, str]:
 
 
 def test_cpu_smoke_run_records_every_check(tmp_path, capsys):
-    rc = gpu_check.main(["--device", "cpu", "--no-ttft", "--families", "llava", "llava-next", "--methods", "none",
-                         "fastv", "random", "--new-tokens", "4", "--out", str(tmp_path)])
+    rc = gpu_check.main(["--device", "cpu", "--no-ttft", "--no-fast", "--families", "llava", "llava-next", "--methods",
+                         "none", "fastv", "random", "--new-tokens", "4", "--out", str(tmp_path)])
     rep, md = _report(tmp_path)
     assert rc == (0 if rep["summary"]["pass"] else 1)
     assert rep["environment"]["device"] == "cpu" and rep["environment"]["torch"] == torch.__version__
@@ -84,7 +84,7 @@ def test_isolated_workers_and_ttft_table(tmp_path):
     """The worker-process path (the default on CUDA) and the TTFT table, on the tiny model."""
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "random"], families=["llava"],
                                 new_tokens=2, ttft=True, ttft_model="tiny:llava", ttft_dtype="float32", ttft_budget=4,
-                                ttft_warmup=1, ttft_runs=2, out=str(tmp_path))
+                                ttft_warmup=1, ttft_runs=2, fast=False, out=str(tmp_path))
     rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=True)
     assert rep["isolated"]
     none = next(r for r in rep["tiny"] if r["method"] == "none")
@@ -123,7 +123,7 @@ def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_p
 
     monkeypatch.setattr(gpu_check, "worker_command", command)
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "a", "b", "c"],
-                                families=["llava"], ttft=False, out=str(tmp_path))
+                                families=["llava"], ttft=False, fast=False, out=str(tmp_path))
     recs = gpu_check.run_isolated(gpu_check.make_tasks(cfg, cfg.methods), cfg, log=lambda s: None)
     assert len(calls) == 3
     assert [r["method"] for r in recs] == ["none", "a", "b", "c"]
@@ -165,7 +165,7 @@ def test_a_method_that_does_not_support_a_family_is_n_a(tmp_path, monkeypatch):
     """A method whose ``families`` exclude a family is not run there and reported 'n/a' (a pass)."""
     monkeypatch.setattr(gpu_check, "supported", lambda m, f: m == "none" or f != "llava")
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "random"], families=["llava"],
-                                new_tokens=2, ttft=False, out=str(tmp_path))
+                                new_tokens=2, ttft=False, fast=False, out=str(tmp_path))
     rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
     r = next(r for r in rep["tiny"] if r["method"] == "random")
     assert r["skipped"].startswith("n/a") and r["scenarios"] == {} and r["error"] is None
@@ -180,7 +180,7 @@ def test_a_method_that_does_not_support_a_family_is_n_a(tmp_path, monkeypatch):
 # results are never lost: SIGTERM / SIGINT, --time-limit, <report>.partial.jsonl, --resume
 # ------------------------------------------------------------------------------------------------
 
-SMALL = ["--device", "cpu", "--no-ttft", "--families", "llava", "--new-tokens", "2"]
+SMALL = ["--device", "cpu", "--no-ttft", "--no-fast", "--families", "llava", "--new-tokens", "2"]
 
 
 def _records(partial: Path) -> list[dict]:
@@ -297,7 +297,7 @@ def test_time_limit_stops_a_task_still_running_at_the_limit(tmp_path, monkeypatc
     """In-process a SIGALRM at the limit (less the reserve) stops the task running then: not run."""
     _slow_tasks(monkeypatch, 30.0)
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "fastv"], families=["llava"],
-                                ttft=False, out=str(tmp_path), time_limit=2.0, time_reserve=0.5)
+                                ttft=False, fast=False, out=str(tmp_path), time_limit=2.0, time_reserve=0.5)
     rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
     assert rep["seconds"] < 10 and rep["stopped"] == "time limit"
     assert [r.get("not_run") for r in rep["tiny"]] == ["time limit", "time limit"]
@@ -319,7 +319,8 @@ def test_ttft_times_an_adaptive_method_without_a_budget(tmp_path):
     (asking for --ttft-budget made it refuse, a FAIL on the first H100 run of the five-family check)."""
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "prumerge"], families=["llava"],
                                 new_tokens=2, ttft=True, ttft_model="tiny:llava", ttft_dtype="float32", ttft_budget=4,
-                                ttft_warmup=1, ttft_runs=1, ttft_methods=["none", "prumerge"], out=str(tmp_path))
+                                ttft_warmup=1, ttft_runs=1, ttft_methods=["none", "prumerge"], fast=False,
+                                out=str(tmp_path))
     rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
     row = next(r for r in rep["ttft"]["results"] if r["method"] == "prumerge")
     assert row["error"] is None and row["budget"] is None and row["ttft"]["n"] == 1
@@ -334,3 +335,239 @@ def test_reports_name_the_commit_given_for_a_copied_tree(monkeypatch):
     assert gpu_check.environment(torch.device("cpu"))["git_commit"] == "0123abcd"
     monkeypatch.delenv("VTPRUNE_GIT_COMMIT")
     assert gpu_check.environment(torch.device("cpu"))["git_commit"].split("+")[0] == git_info()["commit"][:12]
+
+
+# ------------------------------------------------------------------------------------------------
+# the fast-path section (eval/gpu_check_fast.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fast_section_on_cpu_equality_an_eager_method_and_timing(tmp_path, monkeypatch):
+    """The fast-path section through its real code path on a CPU (fp32, the device backend = dynamo
+    'eager'): none and FasterVLM captured, every prompt on the fast path with the tokens of the same path
+    uncompiled and of the eager engine; a method the fast path refuses (DART, refused here whatever its
+    capture status is today) listed as eager with its reason, not a failure; Qwen2.5-VL (not planned by
+    the fast path) gets no fast task; the timing rows on tiny:llava (targets stated for the 7B shapes only)."""
+    from eval import gpu_check_fast
+    from llava.method import _REGISTRY, available_methods
+
+    available_methods()  # registers the methods
+    monkeypatch.setattr(_REGISTRY["dart"], "capture_refusal", lambda self: "dart: not captured in this test")
+
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "fastervlm", "dart"],
+                                families=["llava", "qwen2.5-vl"], tiny=False, ttft=False, fast_prompts=2,
+                                fast_tokens=4, fast_ttft_model="tiny:llava", ttft_dtype="float32", ttft_budget=4,
+                                ttft_warmup=1, ttft_runs=1, fast_ttft_methods=["fastervlm"], fast_next_tokens=[],
+                                out=str(tmp_path))
+    rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
+    f = rep["fast"]
+    eq = {r["method"]: r for r in f["equality"]}
+    assert [(r["family"], r["dtype"]) for r in f["equality"]] == [("llava", "float32")] * 3 and rep["tiny"] == []
+    for m, kept in (("none", 16), ("fastervlm", 2)):
+        r = eq[m]
+        assert r["error"] is None and r["captured"] and r["refusal"] is None and r["backend"] == "eager"
+        assert len(r["prompts"]) == 2 and len({p["prompt_length"] for p in r["prompts"]}) == 2  # unequal prompts
+        for p in r["prompts"]:
+            assert (p["path"], p["uncompiled_path"], p["eager_path"]) == ("fast", "fast", "eager")
+            assert p["visual"][:2] == p["eager_visual"][:2] == [16, kept]
+            for check in ("uncompiled", "eager"):
+                s = p[check]
+                assert s["equal"] and s["verdict"] == "PASS" and len(s["tokens"]) == 4
+                assert s["tokens"] == s["ref_tokens"] and s["max_logit_delta"] <= gpu_check.FP32_LOGIT_TOL
+        for check in ("uncompiled", "eager"):
+            a = gpu_check_fast.agreement(r, check)
+            assert (a["prompts"], a["prompts_equal"], a["tokens"], a["tokens_equal"]) == (2, 2, 8, 8)
+        assert all(v["pass"] for v in r["verdicts"].values())
+    dart = eq["dart"]
+    assert not dart["captured"] and dart["error"] is None and dart["refusal"] == "dart: not captured in this test"
+    assert dart["eager_check"] == {"path": "eager", "path_reason": dart["refusal"]}
+    assert dart["verdicts"]["path"] == {"pass": True, "why": f"eager: {dart['refusal']}", "failed": [], "notes": []}
+    s = rep["summary"]
+    assert s["pass"] and s["verdict"] == "PASS" and s["methods"]["dart"]["verdict"] == "PASS"
+    assert {k: s["checks"][k] for k in ("fast path taken", "fast == uncompiled", "fast == eager engine",
+                                         "fast TTFT runs")} == dict.fromkeys(("fast path taken", "fast == uncompiled",
+                                                                            "fast == eager engine", "fast TTFT runs"),
+                                                                           "PASS")
+    assert f["coverage"]["by_dtype"] == {"float32": {"prompts": 4, "prompts_equal": 4, "tokens": 16, "tokens_equal": 16}}
+    assert f["coverage"]["prompts_at_32_tokens"] == 0 and f["coverage"]["verdict"] == "missed"  # 4 tokens, not 32
+    t = f["timing"]
+    assert [(r["model"], r["method"], r["tokens"], r["budget"]) for r in t["results"]] == [
+        ("tiny:llava", "none", None, None), ("tiny:llava", "fastervlm", 4, 4)]
+    for r in t["results"]:
+        assert r["error"] is None and r["path_taken"] == "fast" and r["ttft"]["n"] == 1 and r["tpot"]["n"] == 1
+        assert r["compiled_in_timed"] == 0 and r["backend"] == "eager"
+    assert t["results"][0]["speedup"] == 1.0 and t["targets"] is None and "shape:llava-1.5-7b" in t["targets_note"]
+    _, md = _report(tmp_path)
+    assert "## Fast path (`load(..., fast=True)`)" in md and "Fast-path section only" in md
+    assert "| llava | float32 | fastervlm | 2 | fast (" in md and "| 2/2 (8/8 tok), " in md
+    assert f"| llava | float32 | dart | 8 | eager: {dart['refusal']} | - | - | eager (not captured) |" in md
+    assert "### Fast-path timing: batch 1, float32" in md and "| tiny:llava | fastervlm | 4 (4) | fast |" in md
+    assert "qwen" not in md.split("## Fast path")[1]
+
+
+def _synthetic(method, dtype, diffs, T=32):
+    """A judged-to-be fast-path record whose prompts differ from the eager engine where ``diffs`` says:
+    per prompt None (equal) or (step, max |delta logit|)."""
+    prompts = []
+    for d in diffs:
+        ref = torch.zeros(T, dtype=torch.long)
+        ref_logits = torch.zeros(T, 8)
+        ref_logits[:, 0] = 1.0
+        toks, logits = ref.clone(), ref_logits.clone()
+        if d is not None:
+            step, delta = d
+            toks[step:] = 1
+            logits[step, 1] += delta
+        same = gpu_check.compare(ref, ref_logits, ref, ref_logits)
+        prompts.append({"path": "fast", "uncompiled_path": "fast", "visual": [16, 2, 2.0], "eager_visual": [16, 2, 2.0],
+                        "new_graph": False, "uncompiled": same,
+                        "eager": gpu_check.compare(toks, logits, ref, ref_logits)})
+    return {"kind": "fast", "family": "llava", "dtype": dtype, "method": method, "captured": True, "error": None,
+            "tokens": T, "prompts": prompts}
+
+
+def test_fast_half_precision_mismatches_are_judged_against_the_unpruned_model_and_counted():
+    """fp16: a method fails only where it differs from the eager engine and the unpruned model does not,
+    beyond 4x the larger of the unpruned model's own delta and its batch noise (tiny check); every mismatch
+    is counted. fp32: any difference fails."""
+    from eval import gpu_check_fast
+
+    none = _synthetic("none", "float16", [(2, 0.01), None])  # the reference: its own flip at step 2
+    fastervlm = _synthetic("fastervlm", "float16", [(5, 0.3), (7, 0.02)])  # unpruned differs too; a near tie
+    fastv = _synthetic("fastv", "float16", [None, (3, 0.5)])  # far beyond the band: a real difference
+    exact = _synthetic("none", "float32", [None, (1, 1e-4)])
+    tiny = [{"kind": "tiny", "family": "llava", "dtype": "float16", "method": "none", "error": None,
+             "scenarios": {"mixed": {"batch_alone": {"samples": [{"max_logit_delta": 0.004}]}}}}]
+    eq = [none, fastervlm, fastv, exact]
+    gpu_check_fast.judge(eq, tiny)
+    v = none["verdicts"]["eager"]
+    assert v["pass"] and v["batch_noise"] == 0.004 and v["noise_tolerance"] == pytest.approx(0.016)
+    assert none["prompts"][0]["eager"]["verdict"].startswith("PASS (unpruned model: half-precision reference")
+    assert "within 0.01 <= 0.016" in none["prompts"][0]["eager"]["verdict"]
+    v = fastervlm["verdicts"]["eager"]
+    assert v["pass"] and v["noise_tolerance"] == pytest.approx(0.04)  # 4 x max(0.01, 0.004)
+    assert fastervlm["prompts"][0]["eager"]["verdict"] == "PASS (unpruned model also differs)"
+    assert fastervlm["prompts"][1]["eager"]["verdict"].startswith("PASS (near tie at step 7")
+    assert not fastv["verdicts"]["eager"]["pass"] and fastv["verdicts"]["eager"]["failed"] == ["prompt 1"]
+    assert not exact["verdicts"]["eager"]["pass"] and exact["verdicts"]["uncompiled"]["pass"]
+    # exact counts: prompts with every token equal, tokens equal up to the first difference
+    assert gpu_check_fast.agreement(fastv, "eager") == {"prompts": 2, "prompts_equal": 1, "tokens": 64,
+                                                        "tokens_equal": 35, "first_logit_delta": 0.0,
+                                                        "max_logit_delta": 0.5}
+    assert gpu_check_fast.agreement(fastervlm, "eager")["tokens_equal"] == 12
+    cov = gpu_check_fast.coverage(eq)
+    assert cov["prompts_at_32_tokens"] == 8 and cov["prompts_equal_at_32_tokens"] == 3 and cov["failed_cases"] == 2
+    assert cov["by_dtype"]["float16"] == {"prompts": 6, "prompts_equal": 2, "tokens": 192, "tokens_equal": 81}
+    checks, methods = {}, {}
+    gpu_check_fast.summarize({"equality": eq, "timing": None}, checks, methods)
+    assert checks == {"fast path taken": True, "fast == uncompiled": True, "fast == eager engine": False}
+    assert methods["fastv"]["failed"] == ["fast == eager engine (llava, float16)"] and methods["fastervlm"]["pass"]
+
+
+def test_fast_target_verdicts_worked_values():
+    from eval.gpu_check_fast import target_verdicts
+
+    out = target_verdicts({"none": 17.0, "fastervlm": 7.5, "random": 9.0, "divprune": 9.4, "consensusdrop": 8.2},
+                          tpot_ms=6.5, next_ms={"none": 110.0, ("fastervlm", 320): 30.0, ("fastervlm", 160): 25.0,
+                                                ("fastv", 640): 20.0})
+    v = {x["target"]: (x["verdict"], x["value"]) for x in out}
+    assert v["unpruned TTFT <= 18 ms"] == ("met", 17.0)
+    assert v["fastervlm at 64 TTFT <= 8 ms"] == ("met", 7.5)
+    assert v["fastervlm at 64 >= 2x faster than the unpruned fast path"][0] == "met"
+    assert v["fastervlm at 64 >= 2x faster than the unpruned fast path"][1] == pytest.approx(2.2667, abs=1e-4)
+    assert v["random at 64 TTFT <= 8 ms"][0] == "missed"
+    assert v["random at 64 >= 2x faster than the unpruned fast path"][0] == "missed"  # 1.89x
+    assert v["divprune at 64 TTFT <= 9 ms"] == ("missed", 9.4)
+    assert v["consensusdrop at 64 TTFT <= 9 ms"] == ("met", 8.2)
+    assert v["visionzip at 64 TTFT <= 8 ms"] == ("not measured", None)
+    assert v["TPOT <= 7 ms (unpruned)"] == ("met", 6.5)
+    assert v["NeXT-7B fastervlm at 320 tokens >= 4x faster than unpruned"][0] == "missed"  # 3.67x
+    assert v["NeXT-7B fastervlm at 160 tokens >= 4x faster than unpruned"][0] == "met"  # 4.4x
+    assert not any("fastv at 640" in k for k in v)  # outside 160-320
+    assert target_verdicts({})[0] == {"target": "unpruned TTFT <= 18 ms", "value": None, "shown": "- ms",
+                                      "verdict": "not measured"}
+    # the timing table of a default run: speed-ups over each model's unpruned fast path; a row whose prefills
+    # ran eagerly counts for no target
+    from eval.gpu_check_fast import timing_table
+
+    def row(model, method, ms, tokens=64, path="fast"):
+        return {"kind": "fast_ttft", "model": model, "method": method, "tokens": None if method == "none" else tokens,
+                "ttft": {"median": ms / 1e3, "p90": ms / 1e3}, "tpot": {"median": 0.0065} if method == "none" else None,
+                "path_taken": path, "path_reasons": {}}
+
+    seven, nxt = "shape:llava-1.5-7b", "shape:llava-next-7b"
+    recs = [row(seven, "none", 17.0), row(seven, "fastervlm", 7.5), row(seven, "divprune", 9.4),
+            row(seven, "random", 5.0, path="eager"), row(nxt, "none", 110.0), row(nxt, "visionzip", 25.0, 160)]
+    t = timing_table(recs, gpu_check.CheckConfig())
+    assert recs[1]["speedup"] == pytest.approx(17 / 7.5) and recs[5]["speedup"] == pytest.approx(4.4)
+    v = {x["target"]: x["verdict"] for x in t["targets"]}
+    assert (v["unpruned TTFT <= 18 ms"], v["fastervlm at 64 TTFT <= 8 ms"], v["divprune at 64 TTFT <= 9 ms"]) == (
+        "met", "met", "missed")
+    assert v["random at 64 TTFT <= 8 ms"] == "not measured" and v["TPOT <= 7 ms (unpruned)"] == "met"
+    assert v["NeXT-7B visionzip at 160 tokens >= 4x faster than unpruned"] == "met"
+
+
+def test_fast_flags_and_tasks(monkeypatch, tmp_path):
+    """The CLI's fast-path flags and the tasks they make: on by default (equality in the check's dtypes on
+    the fast families), --no-ttft skips the timing, --fast-only skips the tiny checks and the eager TTFT,
+    --no-fast skips the section; NeXT rows at total visual tokens in each method's budget convention."""
+    seen = []
+
+    def fake_run(cfg, command, isolate=None, resume=None):
+        seen.append(cfg)
+        return {"summary": {"pass": True, "partial": False, "verdict": "PASS", "checks": {}, "methods": {}}, "files": []}
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    base = ["--device", "cpu", "--methods", "none", "fastervlm", "fastv", "--out", str(tmp_path)]
+    assert gpu_check.main([*base, "--no-ttft", "--families", "llava", "qwen2.5-vl"]) == 0
+    cfg = seen[-1]
+    assert cfg.fast and cfg.tiny and not cfg.fast_ttft and cfg.fast_backend == "auto"
+    tasks = gpu_check.make_tasks(cfg, cfg.methods)
+    fast = [t for t in tasks if t["kind"] != "tiny"]
+    assert fast == [{"kind": "fast", "family": "llava", "dtype": "float32", "method": m}
+                    for m in ("none", "fastervlm", "fastv")]
+    assert gpu_check.main([*base, "--fast-only", "--fast-dtypes", "fp16", "--fast-prompts", "3", "--fast-tokens", "8",
+                           "--fast-ttft-methods", "fastervlm", "fastv", "pdrop"]) == 0
+    cfg = seen[-1]
+    assert (cfg.tiny, cfg.ttft, cfg.fast, cfg.fast_ttft) == (False, False, True, True)
+    assert (cfg.fast_dtypes, cfg.fast_prompts, cfg.fast_tokens) == (["float16"], 3, 8)
+    tasks = gpu_check.make_tasks(cfg, cfg.methods)
+    assert {t["kind"] for t in tasks} == {"fast", "fast_ttft"}
+    assert len({gpu_check.task_key(t) for t in tasks}) == len(tasks)
+    assert {(t["family"], t["dtype"]) for t in tasks if t["kind"] == "fast"} == {
+        (f, "float16") for f in ("llava", "llava-next", "video-llava")}
+    timing = [(t["model"], t["method"], t["tokens"]) for t in tasks if t["kind"] == "fast_ttft"]
+    assert timing[:4] == [("shape:llava-1.5-7b", m, n) for m, n in (("none", None), ("fastervlm", 64), ("fastv", 64),
+                                                                   ("pdrop", 64))]
+    assert timing[4] == ("shape:llava-next-7b", "none", None) and len(timing) == 4 + 1 + 2 * 3
+    from eval.gpu_check_fast import next_budget
+
+    assert [next_budget(m, 320) for m in ("fastervlm", "fastv", "pdrop", "none")] == [64, 320, 64, None]
+    assert gpu_check.main([*base, "--no-fast"]) == 0 and not seen[-1].fast
+    assert not [t for t in gpu_check.make_tasks(seen[-1], seen[-1].methods) if t["kind"].startswith("fast")]
+    assert gpu_check.main([*base, "--fast-dtypes", "fp8"]) == 2
+
+
+def test_fast_tasks_stopped_by_the_time_limit_are_listed_not_run(tmp_path, monkeypatch):
+    """The fast tasks go through the same time limit as the others: tasks of 2 s under a 3.5 s limit, the
+    first runs, the rest are `not run (time limit)` in the fast table and the summary (PARTIAL)."""
+    import time
+
+    from eval import gpu_check_fast
+
+    def task(ctx, t, cfg):
+        time.sleep(2.0)
+        return {**t, "budget": None, "tokens": cfg.fast_tokens, "prompts": [], "error": None, "captured": True}
+
+    monkeypatch.setattr(gpu_check_fast, "load_equality", lambda family, dtype, cfg: {})
+    monkeypatch.setattr(gpu_check_fast, "equality_task", task)
+    cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "fastv", "visionzip"],
+                                families=["llava"], tiny=False, ttft=False, fast_ttft=False, out=str(tmp_path),
+                                time_limit=3.5, time_reserve=0.0)
+    rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=False)
+    eq = rep["fast"]["equality"]
+    assert [r.get("not_run") for r in eq] == [None, "time limit", "time limit"]
+    assert rep["summary"]["verdict"] == "PARTIAL" and rep["summary"]["tasks"]["not run"] == 2
+    assert rep["summary"]["methods"]["fastv"]["not run"] == ["fast llava, float32"]
+    _, md = _report(tmp_path)
+    assert "| llava | float32 | fastv | - | not run (time limit) | | | not run |" in md

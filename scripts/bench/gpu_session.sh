@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # Everything a borrowed GPU session should measure, in parts that each fit one device command (10 min):
 #   bash scripts/bench/gpu_session.sh checks     OUT   # gpu_check: every method x 5 tiny families x fp16/bf16/fp32,
-#                                                       # TTFT on shape:llava-1.5-7b (stops in time, partial report)
+#                                                       # TTFT on shape:llava-1.5-7b, the fast-path section (stops in
+#                                                       # time: partial report, continued by gpu_check --resume)
 #   bash scripts/bench/gpu_session.sh deepspeed  OUT   # deepspeed_check (needs the deepspeed wheel carried)
 #   bash scripts/bench/gpu_session.sh eff-7b     OUT   # efficiency table, shape:llava-1.5-7b, batch 1 and 8
 #   bash scripts/bench/gpu_session.sh eff-next   OUT   # efficiency table, shape:llava-next-7b (2880 tokens)
 #   bash scripts/bench/gpu_session.sh selection  OUT   # the costly selections only (greedy / multi-stage methods), both shapes
+#   bash scripts/bench/gpu_session.sh fast       OUT   # the fast path (load(fast=True)) next to the eager engine, batch 1,
+#                                                       # fp16 (eval.efficiency --fast): fast-7b, then fast-next (LIMIT/2 each)
+#   bash scripts/bench/gpu_session.sh fast-7b    OUT   #   shape:llava-1.5-7b, none + 8 methods at 64 tokens, 32 decode tokens
+#   bash scripts/bench/gpu_session.sh fast-next  OUT   #   shape:llava-next-7b (2880 tokens) at 320 / 160 visual tokens in all:
+#                                                       #   64 / 32 per crop (per-crop methods, PyramidDrop's 576 scale), FastV 320 / 160
+#   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
-# LIMIT seconds (default 540) and writes what it has. A copied tree may carry a stale .git: pass the commit
+# LIMIT seconds (default 540) and writes what it has. eval.efficiency writes its files at the end: the fast
+# parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT
+# loses only its own rows (its .log keeps the progress). A copied tree may carry a stale .git: pass the commit
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|deepspeed|eff-7b|eff-next|selection [OUT]}
+PART=${1:?usage: gpu_session.sh checks|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 mkdir -p "$DEST"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
-eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit]
+eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit[, more flags]]
   timeout --signal=TERM "${8:-$LIMIT}" python -m eval.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
     --budgets $3 --n "$4" --warmup 3 --batch $5 --decode-tokens "$6" --next-layout spatial \
-    $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$DEST/$7" 2>&1 | tee "$DEST/$7.log" | tail -60
+    $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$DEST/$7" "${@:9}" 2>&1 | tee "$DEST/$7.log" | tail -60
+}
+fast_7b() {  # seconds for the part: two runs of half each
+  eff shape:llava-1.5-7b "none fastervlm random visionzip divprune" 64 16 1 32 fast-7b-a $(($1 / 2)) --fast
+  eff shape:llava-1.5-7b "none consensusdrop fastv pdrop visiondrop" 64 16 1 32 fast-7b-b $(($1 / 2)) --fast
+}
+fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each method's budget convention
+  eff shape:llava-next-7b "none fastervlm random visionzip divprune consensusdrop visiondrop pdrop" "64 32" 12 1 16 \
+    fast-next-crop $(($1 * 2 / 3)) --fast
+  eff shape:llava-next-7b "none fastv" "320 160" 12 1 16 fast-next-sample $(($1 / 3)) --fast
 }
 case "$PART" in
   checks) python -m eval.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
@@ -34,5 +52,10 @@ case "$PART" in
                "192 64" 24 "1 8" 2 sel-7b $((LIMIT / 2))
              eff shape:llava-next-7b "none consensusdrop divprune visiondrop fastervlm" "128 32" 12 "1 8" 2 sel-next \
                $((LIMIT / 2)) ;;
+  fast) fast_7b $((LIMIT / 2)); fast_next $((LIMIT / 2)) ;;
+  fast-7b) fast_7b "$LIMIT" ;;
+  fast-next) fast_next "$LIMIT" ;;
+  fast-check) python -m eval.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
+                | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
 esac
