@@ -535,7 +535,8 @@ class ConsensusDrop(Method):
         newlines = lay.newlines if self.keep_newlines else torch.zeros(0, dtype=torch.long, device=dev)
         keep = torch.cat([keep, newlines])
         mode = "spatial" if self.order == "spatial" else ("grid_raster" if self.next_order == "grid_raster" else "unit")
-        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, patch, mode, grid=lay.grid)
+        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, patch, mode, grid=lay.grid,
+                            captured=device_loop)
         if targets.numel() == 0:
             return Selection(keep=keep, order=order)
         return Selection(keep=keep, targets=targets, assign=assign, rule=self.merge_rule, space=space, order=order)
@@ -582,9 +583,8 @@ class ConsensusDrop(Method):
         """The fast path captures the pre-LLM selection with s_x from the input embeddings (``probe_mode``
         embed_cos, the default / "cover" preset) or without s_x (``fusion="encoder_only"``). Refused:
         the LLM probe (``probe_mode="attn"``: LLM layers run on the unpruned prompt before the selection),
-        ``prune_point="after_probe"`` (an in-LLM stage), ``order="spatial"`` and, on LLaVA-NeXT,
-        ``next_order="grid_raster"`` (:func:`llava.ops.block_order` then compares the order with the
-        identity on the device)."""
+        ``prune_point="after_probe"`` (an in-LLM stage). ``order="spatial"`` and NeXT's
+        ``next_order="grid_raster"`` are captured (:func:`llava.ops.block_order` skips its identity read)."""
         why = super().capture_refusal()
         if why:
             return why
@@ -595,12 +595,6 @@ class ConsensusDrop(Method):
             return (f"consensusdrop: probe_mode='attn' (probe_layer={self.probe_layer}) runs LLM layers on the "
                     "unpruned prompt before the selection (a second LLM pass): runs on the eager engine; the "
                     "default probe_mode (embed_cos, no probe_layer) is captured")
-        if self.order == "spatial":
-            return ("consensusdrop: order='spatial' checks its output order against the identity on the device "
-                    "(a host read): runs on the eager engine")
-        if self.next_order == "grid_raster" and getattr(self, "family", None) == "llava_next":
-            return ("consensusdrop: next_order='grid_raster' on LLaVA-NeXT checks its output order against the "
-                    "identity on the device (a host read): runs on the eager engine")
         return None
 
     def select_llm(self, stage, sig):

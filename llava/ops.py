@@ -363,7 +363,7 @@ def _arange_runs(runs: list[tuple[int, int]], device) -> torch.Tensor:
 
 
 def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list | None", patch: torch.Tensor,
-                mode: str = "unit", grid: int | None = None) -> torch.Tensor | None:
+                mode: str = "unit", grid: int | None = None, captured: bool = False) -> torch.Tensor | None:
     """Output permutation for a multi-unit selection whose outputs are laid out as
     [dominant of unit 0, dominant of unit 1, ..., newlines][contextual of unit 0, unit 1, ...].
 
@@ -378,6 +378,9 @@ def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list 
     ``unit_pos`` (U, 2) may be a tensor or, with ``grid`` (patches per grid side), the host values
     :class:`UnitLayout` read already. Built on the device: no host sync per token (one read of
     ``unit_pos`` and the largest patch index when they are given as tensors in ``grid_raster`` mode).
+    When every host-known piece sits in place, the order built on the device is compared with the
+    identity (one host read) to return None; ``captured`` (a captured prefill) skips that read and returns
+    the order even when it is the identity (applying it changes nothing).
     """
     dev = patch.device
     n_keep = sum(int(d.numel()) for _, d, _ in per_unit) + n_newlines
@@ -461,7 +464,7 @@ def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list 
     if run:
         parts.append(_arange_runs(run, dev))
     order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
-    if maybe_identity and torch.equal(order, torch.arange(order.numel(), device=dev)):
+    if maybe_identity and not captured and torch.equal(order, torch.arange(order.numel(), device=dev)):
         return None
     return order
 

@@ -36,7 +36,7 @@ def test_what_the_seed_methods_capture():
     assert "probe_mode='attn'" in get_method("consensusdrop", 64, probe_layer=2).capture_refusal()
     assert get_method("consensusdrop", 64, probe_layer=2, fusion="encoder_only").capture_refusal() is None
     assert "after_probe" in get_method("consensusdrop", 64, prune_point="after_probe").capture_refusal()
-    assert "spatial" in get_method("consensusdrop", 64, order="spatial").capture_refusal()
+    assert get_method("consensusdrop", 64, order="spatial").capture_refusal() is None
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -77,6 +77,23 @@ def test_no_host_sync_inside_the_captured_prefill(rts, family, method, options):
     visual = {k: batch[k] for k in ("pixel_values", "pixel_values_videos", "image_sizes") if k in batch}
     with torch.no_grad():
         fp.prefill(batch["input_ids"], batch["attention_mask"], visual)
+    assert calls == [0]
+
+
+@pytest.mark.parametrize("family,options", [("llava", {"order": "spatial"}), ("llava_next", {"order": "spatial"}),
+                                            ("llava_next", {"next_order": "grid_raster"})])
+def test_output_orders_compared_with_the_identity_eagerly_are_captured(rts, family, options):
+    """ConsensusDrop's ``order="spatial"`` and NeXT's ``next_order="grid_raster"``: the eager engine reads
+    whether the order is the identity (``ops.block_order``); the captured prefill applies it without that
+    read. Uncompiled: 0 host syncs and the eager engine's tokens / scores."""
+    fast, eager = rts[family]
+    budget = BUDGETS["consensusdrop"][family]
+    eng = fast.prune("consensusdrop", budget, **options)
+    eager.prune("consensusdrop", budget, **options)
+    fp, calls = counting_fast_path(eng)
+    eng.fast = fp
+    assert_same_as_eager(fast, eager, eng, inputs(fast, 1, n=2) if family == "llava" else family_batch(fast, family),
+                         tokens=4)
     assert calls == [0]
 
 

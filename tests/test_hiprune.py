@@ -176,8 +176,10 @@ def test_method_reads_received_attention_of_its_layers():
     m = HiPrune(13, alpha=0.8, object_layer_reference=None, object_layer=1)
     m.setup(num_layers=2, num_vision_layers=3, family="llava")
 
-    class Sig:
-        pass
+    class Sig:  # the fields HiPrune reads (VisionSignals' names)
+        def unit_layout(self, patch=False, stock=False, pos=False):
+            from llava.ops import unit_layout
+            return unit_layout(self.unit, self.patch if patch else None, None, self.unit_pos if pos else None)
 
     sig = Sig()
     obj = torch.zeros(36)

@@ -309,7 +309,8 @@ class VisionDrop(Method):
         keep = _cat([d for _, d, _ in per_unit] + [newlines])
         targets = _cat([t for _, _, t in per_unit])
         mode = "grid_raster" if self.next_order == "grid_raster" else "unit"
-        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, sig.patch, mode, grid=lay.grid)
+        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, sig.patch, mode, grid=lay.grid,
+                            captured=sig.captured)
         if targets.numel() == 0:
             return Selection(keep=keep, order=order)
         return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean", space="vision",
