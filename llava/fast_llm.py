@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers.utils import output_capturing
+
+from .layout import llm_outputs
 from .method import Selection
-from .ops import merge_tokens
-from .signals import LayerQK, LLMSignals, causal_attention_rows
+from .signals import LLMSignals, llm_attention_fns
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,18 @@ class StageSpec:
     num_text: tuple = ()  # per sample: its real rows
 
 
-def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, text_buckets) -> tuple:
+def text_count(method, n_text: int) -> int:
+    """The text-after count an llm stage is shown on the fast path: clipped to ``method.llm_text_cap``, so
+    that a count the method does not tell apart stays out of the graph key."""
+    cap = method.llm_text_cap
+    return n_text if cap is None else min(n_text, int(cap))
+
+
+def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> tuple:
     """Each llm stage's output count for a sample whose ``nv0`` visual tokens enter decoder layer 0 and
-    ``n_text`` tokens follow the image, from dry runs of ``select_llm`` on ``meta`` tensors
-    (``vision_sig``: the sample's meta vision signals, or None), padded rows of ``S``. Raises what the
-    method raises when it reads a device value."""
+    ``n_text`` tokens follow the image (padded to ``Q`` text rows), from dry runs of ``select_llm`` on
+    ``meta`` tensors (``vision_sig``: the sample's meta vision signals, or None), padded rows of ``S``.
+    Raises what the method raises when it reads a device value."""
     m, lm = engine.method, engine.lm
     cfg = lm.config
     D = cfg.hidden_size
@@ -65,7 +73,6 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, text_buckets
         vis = torch.empty(nv, dtype=torch.long, device=meta)
         text = text_mask = None
         if m.llm_text_rows:
-            Q = _text_bucket(n_text, text_buckets)
             text = torch.empty(Q, dtype=torch.long, device=meta)
             text_mask = torch.empty(Q, dtype=torch.bool, device=meta)
         sig = LLMSignals(layer=m.llm_layers[stage], hidden=torch.empty(S, D, device=meta),
@@ -83,13 +90,6 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, text_buckets
         nv = sel.num_out
         out.append(nv)
     return tuple(out)
-
-
-def _text_bucket(n: int, text_buckets) -> int:
-    for b in text_buckets:
-        if b >= n:
-            return b
-    return -(-n // 256) * 256
 
 
 def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int, text_buckets=()):
@@ -121,13 +121,12 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int,
             vis.append(pad_old + p0 + torch.arange(nv))
             if method.llm_text_rows:  # the rows after the image in the row entering the stage, padded
                 n_after = n_old - p0 - nv
-                Q = _text_bucket(n_after, text_buckets)
+                Q = bucket_for(n_after, text_buckets)
                 real = torch.arange(Q) < n_after
                 text.append(torch.where(real, pad_old + p0 + nv + torch.arange(Q), 0))
                 text_mask.append(real)
                 text_q.append(Q)
-                cap = method.llm_text_cap  # a count the method does not tell apart stays out of the graph key
-                n_text.append(n_after if cap is None else min(n_after, int(cap)))
+                n_text.append(text_count(method, n_after))
             j = torch.arange(n)
             src[b, pad:] = torch.where(j < p0, old + j, torch.where(j < p0 + m, out_at + j - p0, old + j - m + nv))
             out_at += m
@@ -221,14 +220,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
             for name in Selection.MALFORMED:
                 if name in flags:
                     bad = bad | flags[name]
-            keep = sel.keep
-            src, vx = [keep], [x[vis[keep]]]
-            if sel.targets is not None and sel.targets.numel():
-                src.append(sel.targets)
-                vx.append(merge_tokens(x[vis], sel).to(x.dtype))
-            src, vx = torch.cat(src), torch.cat(vx)
-            if sel.order is not None:
-                src, vx = src[sel.order], vx[sel.order]
+            vx, src = llm_outputs(x[vis], sel)
             outs.append(vx)
             vps.append(p[vis[src]])  # a merged token takes its target's position
             origin[b], entry[b] = origin[b][src], entry[b][src]
@@ -246,23 +238,7 @@ def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, st
     """One sample's captured :class:`LLMSignals` over its padded row; ``text``: (padded text-after rows,
     their mask, the real count) or None."""
     text_rows, text_mask, n_text = text if text is not None else (None, None, None)
-    qks: dict = {}
-
-    def pick(which) -> LayerQK:
-        if which not in ("next", "prev"):
-            raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
-        if which not in qks:
-            qks[which] = LayerQK(lm.layers[layer] if which == "next" else lm.layers[layer - 1],
-                                 x if which == "next" else x_prev, lm.rotary_emb, p)
-        return qks[which]
-
-    def attn_fn(rows, which):
-        qk = pick(which)
-        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask)
-
-    def keys_fn(which, rope):
-        return pick(which).keys(rope).transpose(0, 1)
-
+    attn_fn, keys_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask)
     return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
                       question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry], text_embeds=None,
                       num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in, state=state,

@@ -12,7 +12,7 @@ from dataclasses import replace as _replace
 
 import torch
 
-from .fast_llm import count_stages, plan_stages, prompt_mask
+from .fast_llm import count_stages, plan_stages, prompt_mask, text_count
 from .ops import UnitLayout, unit_layout
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
@@ -64,7 +64,6 @@ class _Spec:
     cache_len: int
     index_len: int
     stages: tuple = ()  # llava.fast_llm.StageSpec per llm stage
-
 
 
 def _shift(s: _Sample, delta: int) -> _Sample:
@@ -147,7 +146,8 @@ class FastPlanMixin:
         eagerly)."""
         m = self.engine.method
         if not m.vision_stage:
-            return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64, n_text, TEXT_BUCKETS))
+            return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64, n_text,
+                                            bucket_for(n_text, TEXT_BUCKETS)))
         cfg = self.engine.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
@@ -163,7 +163,7 @@ class FastPlanMixin:
                                    torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
                                    torch.empty(s.text, D, device=meta), extras)
         m0 = m.select_vision(sig).num_out
-        return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, TEXT_BUCKETS))
+        return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
 
     def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
         from .signals import VisionSignals
@@ -255,8 +255,7 @@ class FastPlanMixin:
             ids, p0, T = rows[b]
             n_text = int(ids.numel()) - p0 - T  # the text after the image (an llm stage's text rows)
             if e.method.llm_text_rows:  # its counts may depend on it, up to the method's cap
-                cap = e.method.llm_text_cap
-                n_text = n_text if cap is None else min(n_text, int(cap))
+                n_text = text_count(e.method, n_text)
                 sig_key += (n_text,)
             keys.append(sig_key)
             if sig_key not in self._counts:

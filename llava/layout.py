@@ -95,6 +95,23 @@ def materialize(sig: VisionSignals, sel: Selection, project) -> tuple[torch.Tens
     return feats, src
 
 
+def llm_outputs(xv: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of an llm stage's selection over the current visual tokens' hidden states ``xv`` (n, D):
+    their rows (m, D) and each output's source token (m,), in output order: kept rows, then merged targets
+    (``merge_tokens``), permuted by ``order``. No host read: the eager engine's staged decoder and the fast
+    path's captured segments share it."""
+    keep = sel.keep.to(xv.device)
+    src, out = [keep], [xv[keep]]
+    if sel.targets is not None and sel.targets.numel():
+        src.append(sel.targets.to(xv.device))
+        out.append(merge_tokens(xv, sel).to(xv.dtype))
+    src, out = torch.cat(src), torch.cat(out)
+    if sel.order is not None:
+        o = sel.order.to(xv.device)
+        src, out = src[o], out[o]
+    return out, src
+
+
 class VisionStageMixin:
     """The vision stage of :class:`llava.engine.PruningEngine`: signals per sample, the method's
     selection, re-splicing / re-padding; the probe that lets a vision stage look into the LLM."""

@@ -402,6 +402,32 @@ class LayerQK:
         return q[0]
 
 
+def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: torch.Tensor | None,
+                      pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[Callable, Callable]:
+    """The ``_attn_fn`` / ``_keys_fn`` of :class:`LLMSignals` for one sample entering decoder ``layer`` of
+    the language model ``lm``: x (S, D) its hidden states ("next": this layer's q / k), ``x_prev`` its input
+    to layer - 1 ("prev"), ``pos`` their positions; each layer's q / k pieces computed once
+    (:class:`LayerQK`). ``key_mask`` (S,): the real rows of a padded row (the fast path), never attended."""
+    qks: dict[str, LayerQK] = {}
+
+    def pick(which) -> LayerQK:
+        if which not in ("next", "prev"):
+            raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+        if which not in qks:
+            qks[which] = LayerQK(lm.layers[layer] if which == "next" else lm.layers[layer - 1],
+                                 x if which == "next" else x_prev, lm.rotary_emb, pos)
+        return qks[which]
+
+    def attn_fn(rows, which):
+        qk = pick(which)
+        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask)
+
+    def keys_fn(which, rope):
+        return pick(which).keys(rope).transpose(0, 1)
+
+    return attn_fn, keys_fn
+
+
 def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor,
            rows: torch.Tensor | None, rope: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Queries for ``rows`` and keys for all tokens of one sequence, as decoder ``layer`` computes

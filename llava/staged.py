@@ -17,10 +17,9 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .families.base import to_device as _to_device
-from .layout import _Layout, _runs
+from .layout import _Layout, _runs, llm_outputs
 from .method import Selection
-from .ops import merge_tokens
-from .signals import LayerQK, LLMSignals, causal_attention_rows
+from .signals import LLMSignals, llm_attention_fns
 
 if TYPE_CHECKING:  # llava.engine imports this module
     from .engine import _Prefill
@@ -111,16 +110,7 @@ class StagedDecoderMixin:
                 raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
-            keep = sel.keep.to(dev)
-            src, out_x = [keep], [x[vis[keep]]]
-            if sel.targets is not None and sel.targets.numel():
-                tg = sel.targets.to(dev)
-                src.append(tg)
-                out_x.append(merge_tokens(x[vis], sel).to(x.dtype))
-            src, vx = torch.cat(src), torch.cat(out_x)
-            if sel.order is not None:
-                o = sel.order.to(dev)
-                src, vx = src[o], vx[o]
+            vx, src = llm_outputs(x[vis], sel)
             r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if perm is not None:
@@ -158,24 +148,7 @@ class StagedDecoderMixin:
 
     def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm
-
-        qks: dict[str, LayerQK] = {}  # per layer asked for: its q / k pieces, computed once this stage
-
-        def pick(which) -> LayerQK:
-            if which not in ("next", "prev"):
-                raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
-            if which not in qks:
-                qks[which] = LayerQK(lm.layers[layer_idx] if which == "next" else lm.layers[layer_idx - 1],
-                                     x if which == "next" else x_prev, lm.rotary_emb, p)
-            return qks[which]
-
-        def attn_fn(rows, which):
-            qk = pick(which)
-            return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling)
-
-        def keys_fn(which, rope):
-            return pick(which).keys(rope).transpose(0, 1)
-
+        attn_fn, keys_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p)
         vis_in, text_in = ctx.entry[b]
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
