@@ -134,7 +134,7 @@ def fixed_plan(budget: int, n: int, variant: str = "plus") -> tuple[int, int]:
 def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: torch.Tensor,
              patch: torch.Tensor, grid: tuple[int, int], *, variant: str = "plus",
              budget_mode: str = "adaptive", budget: int | None = None, k: int = 32,
-             cls_token: str = "drop", numerics: str = "ours") -> Selection:
+             cls_token: str = "drop", numerics: str = "ours", layout=None) -> Selection:
     """PruMerge(+) for one sample; returns a vision-space :class:`Selection` with ``values``.
 
     attn: (T,) full-width [CLS] attention per token (only patch tokens are read); keys: (T, D) full-width
@@ -149,7 +149,8 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     projected from vision features; a newline has none). Host reads: one in ``unit_layout``, one for the
     adaptive outlier counts, one for the PruMerge+ supplement counts (all units at once).
     ``numerics="official"``: the official fp16 numerics (module docstring); the adaptive counts are then
-    read per unit (numpy, as the official code)."""
+    read per unit (numpy, as the official code). ``layout``: :func:`llava.ops.unit_layout` of (unit, patch)
+    when the caller planned it on the host (then no host read in the fixed mode)."""
     check_numerics("prumerge", numerics)
     official = numerics == "official"
     if variant not in VARIANTS:
@@ -163,7 +164,7 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     dev = unit.device
     n_tok = unit.numel()
     P = int(grid[0]) * int(grid[1])
-    lay = unit_layout(unit, patch)  # host read
+    lay = layout if layout is not None else unit_layout(unit, patch)  # host read (none when planned)
     nu = lay.num_units
     a_all = attn.float()
     x_all = feats.float()
@@ -287,13 +288,101 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     return Selection(keep=keep, targets=targets, assign=assign, values=values, space="vision", order=order_t)
 
 
+def prumerge_padded(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, patch: torch.Tensor,
+                    grid: tuple[int, int], layout, *, variant: str = "plus", k: int = 32,
+                    cls_token: str = "drop") -> Selection:
+    """The adaptive PruMerge(+) of :func:`prumerge` with static shapes and no host read, for the fast
+    path's piecewise prefill (:mod:`llava.fastpath`): the same outputs in the same order, padded to every
+    candidate of every unit, with the real count as ``Selection.count`` (read once by the engine, after
+    the graph). ``layout``: the planned :func:`llava.ops.unit_layout` of (unit, patch).
+
+    Per unit, on the device: the IQR outlier count, the official float arithmetic of
+    :func:`adaptive_plan` in float64 (IEEE, as Python's floats), every patch ranked (top by attention
+    descending, ties to the lower patch index; then the grid supplement ascending; then the rest), every
+    patch's k-NN merge (neighbours do not depend on what is kept), the global token over the pruned ones.
+    Slots per unit: [[CLS]?, n ranked patches, g]; the real ones (the [CLS], the first top + supplement,
+    g when something was pruned) are moved first by one stable sort, in :func:`prumerge`'s output order."""
+    dev = patch.device
+    P = int(grid[0]) * int(grid[1])
+    lay = layout
+    a_all = attn.float()
+    x_all = feats.float()
+    kn_all = F.normalize(keys.float(), p=2, dim=-1)
+    keep_parts, keep_vals, g_targets, g_vals = [], [], [], []
+    real_keep, real_g, slot_src = [], [], []  # per slot: is it real; the slot order (index into the outputs)
+    n_keep = sum((1 if cls_token == "keep" and len(lay.cls[u]) else 0) + int(lay.patches[u].numel())
+                 for u in range(lay.num_units))
+    ko, go = 0, n_keep
+    yes = torch.ones(1, dtype=torch.bool, device=dev)
+    for u in range(lay.num_units):
+        if cls_token == "keep" and len(lay.cls[u]):
+            c = lay.cls[u][:1]
+            keep_parts.append(c)
+            keep_vals.append(x_all[c])
+            real_keep.append(yes)
+            slot_src.append(ko)
+            ko += 1
+        t = lay.patches[u]
+        n = int(t.numel())
+        if n == 0:
+            continue
+        t = t[torch.sort(patch[t], stable=True).indices]  # raster order
+        a, x, kn = a_all[t], x_all[t], kn_all[t]
+        ar = torch.arange(n, device=dev)
+        o = iqr_outliers(a).double()
+        ratio = torch.where(o > 0, o / n, torch.full_like(o, 1.0) / n)
+        top_c = torch.floor(n * ratio).clamp(min=1).long()
+        rank = torch.empty(n, dtype=torch.long, device=dev).scatter_(
+            0, torch.sort(a, descending=True, stable=True).indices, ar)
+        is_top = rank < top_c
+        if variant == "plus":
+            sigma = torch.floor(torch.floor(1.0 / ratio) / 3).clamp(min=1).long()
+            pp = patch[t]
+            sup = (pp % sigma == 0) & (pp < P - 1) & ~is_top
+        else:
+            sup = torch.zeros_like(is_top)
+        kept = is_top | sup
+        perm = torch.sort(torch.where(is_top, rank, torch.where(sup, n + ar, 2 * n + ar))).indices
+        m = kept.sum()
+        xk = x
+        kk = min(int(k), n - 1)
+        if kk > 0:
+            sim = (kn @ kn.T).diagonal_scatter(torch.full((n,), float("-inf"), device=dev))  # not itself
+            nb = sim.topk(kk, dim=1).indices
+            w = torch.zeros(n, n, dtype=a.dtype, device=dev).scatter_(1, nb, a[nb])
+            xk = x + w @ x
+        keep_parts.append(t[perm])
+        keep_vals.append(xk[perm])
+        real_keep.append(ar < m)
+        slot_src.extend(range(ko, ko + n))
+        ko += n
+        g_vals.append((a.masked_fill(kept, 0.0) @ x)[None])
+        g_targets.append(t[a.masked_fill(kept, float("-inf")).argmax().reshape(1)])
+        real_g.append((m < n).reshape(1))
+        slot_src.append(go)
+        go += 1
+    keep = torch.cat(keep_parts)
+    values = torch.cat(keep_vals + g_vals)
+    targets = assign = None
+    real = torch.cat(real_keep + real_g)  # per output, outputs [keep..., g...]
+    if g_targets:
+        targets = torch.cat(g_targets)
+        assign = torch.full((patch.numel(),), -1, dtype=torch.long, device=dev)
+    slots = torch.tensor(slot_src, dtype=torch.long, device=dev)
+    order = slots[torch.sort((~real[slots]).to(torch.uint8), stable=True).indices]
+    return Selection(keep=keep, targets=targets, assign=assign, values=values, space="vision", order=order,
+                     count=real.sum())
+
+
 @register
 class PruMerge(Method):
     """PruMerge / PruMerge+: IQR outliers of the last CLIP layer's full-width [CLS] attention (+ a uniform
     grid), k-NN merged by key cosine with attention weights, plus one global token, per image / crop / frame."""
 
     name = "prumerge"
-    capture_reason = ("an adaptive count (IQR outliers) and method-computed outputs (Selection.values): needs the piecewise path, not built yet")
+    #: the fixed budget is captured whole; the adaptive count (IQR outliers, official) piecewise: the outputs
+    #: padded to every candidate with the count on the device (:func:`prumerge_padded`), read once
+    capturable = "piecewise"
     vision_stage = True
     #: the last tower layer (official encoder layer 23 of 24 = hidden state -1)
     vision_fullwidth_layers: tuple[int, ...] = (-1,)
@@ -346,8 +435,16 @@ class PruMerge(Method):
             raise ValueError(f"prumerge: family {family!r} is not supported: {REFUSAL}")
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
 
+    def capture_kind(self):
+        return "full" if self.budget_mode == "fixed" else "piecewise"
+
     def select_vision(self, sig):
         v = self.qk_layer
+        if sig.captured and self.budget_mode == "adaptive":
+            return prumerge_padded(sig.fullwidth_cls_attn[v], sig.fullwidth_keys[v], sig.vision_features, sig.patch,
+                                   sig.grid, sig.unit_layout(patch=True), variant=self.variant, k=self.k,
+                                   cls_token=self.cls_token)
         return prumerge(sig.fullwidth_cls_attn[v], sig.fullwidth_keys[v], sig.vision_features, sig.unit,
                         sig.patch, sig.grid, variant=self.variant, budget_mode=self.budget_mode,
-                        budget=self.budget, k=self.k, cls_token=self.cls_token, numerics=self.numerics)
+                        budget=self.budget, k=self.k, cls_token=self.cls_token, numerics=self.numerics,
+                        layout=sig.unit_layout(patch=True) if sig.captured else None)

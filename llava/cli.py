@@ -140,8 +140,9 @@ def main(argv=None) -> int:
 
         for name in available_methods():  # with the fast path's verdict (llava.load(..., fast=True))
             cls = _REGISTRY[name]
-            print(f"{name:<16} " + ("fast path: captured" if cls.capturable == "full"
-                                      else f"fast path: eager ({cls.capture_reason or 'not capturable'})"))
+            print(f"{name:<16} " + ({"full": "fast path: captured", "piecewise": "fast path: captured piecewise"}
+                                     .get(cls.capturable)
+                                     or f"fast path: eager ({cls.capture_reason or 'not capturable'})"))
         return 0
     if args.cmd == "demo":
         demo()

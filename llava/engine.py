@@ -96,6 +96,7 @@ class PrefillStats:
     path_reason: str = ""  # why eager when the engine has a fast path
     bucket: int | None = None  # fast path: the length bucket the rows were padded to
     new_graph: bool = False  # fast path: the first prefill of its bucket / signature (compiled or captured)
+    graphs: int = 0  # fast path: captured functions run (2: piecewise, graph -> one read of the counts -> graph)
 
     @property
     def visual_entering_llm(self) -> float:
@@ -417,7 +418,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                      for t, per in zip(info.candidates, info.outputs)],
             seq_len_per_layer=[L for L, k in zip(info.seg_lens, spans) for _ in range(k)],
             timings={**info.timings, "prefill_total": time.perf_counter() - t0},  # to the validity read
-            path="fast", bucket=info.bucket, new_graph=info.new_graph)
+            path="fast", bucket=info.bucket, new_graph=info.new_graph, graphs=info.graphs)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache), ""
 
     # ------------------------------------------------------------------ decode state, sample keys, replay

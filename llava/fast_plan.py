@@ -73,6 +73,17 @@ def _shift(s: _Sample, delta: int) -> _Sample:
                                   for key, names, st in s.layouts))
 
 
+@dataclass
+class _VisualPlan:
+    """The first half of a host plan (:meth:`FastPlanMixin.plan_visual`)."""
+
+    spec: _Spec  # bucket 0: the vision graph's key
+    rows: list  # per sample (valid ids, first visual position, visual tokens)
+    index: torch.Tensor  # the index buffer (text rows filled in by plan_rows)
+    dry: list  # per sample: the dry run's outputs of the vision stage, then of each llm stage
+    crops: torch.Tensor | None
+
+
 class FastPlanMixin:
     """The host plan of :class:`llava.fastpath.FastPath` (reads its ``engine``, ``buckets``,
     ``max_new_tokens`` and the caches ``_counts`` / ``_layouts``)."""
@@ -216,6 +227,12 @@ class FastPlanMixin:
     def plan(self, input_ids, attention_mask, visual: dict):
         """The host plan of one prefill: (spec, host tensors, 4-D mask, row lengths, candidates per sample).
         Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
+        return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual))
+
+    def plan_visual(self, input_ids, attention_mask, visual: dict) -> "_VisualPlan":
+        """The first half of :meth:`plan`: every row's visual run, the samples' structure and index
+        buffer, their outputs from the dry run (a piecewise method's: the padded size) and the spec of the
+        vision graph (``bucket`` 0: a piecewise prefill's first graph does not depend on the counts)."""
         e = self.engine
         B, L = input_ids.shape
         try:
@@ -270,14 +287,28 @@ class FastPlanMixin:
             if isinstance(self._counts[sig_key], NotPlanned):
                 raise self._counts[sig_key]
             done.append(_replace(smp, outputs=self._counts[sig_key][0]))
-        samples = done
-        lens = [int(ids.numel()) - T + s.outputs for (ids, _, T), s in zip(rows, samples)]
+        newlines = any(bool((vp["src"] < 0).any()) for vp in fv.samples)
+        spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
+                     crops=fv.crops is not None, samples=tuple(done), bucket=0, cache_len=0,
+                     index_len=int(index.numel()))
+        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], fv.crops)
+
+    def plan_rows(self, vp: "_VisualPlan", counts: list[int] | None = None):
+        """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and mask (and
+        the llm segments). ``counts``: a piecewise prefill's real outputs per sample (read after its first
+        graph); each sample's outputs then sit at the start of its padded slice of the buffer."""
+        e = self.engine
+        rows, index, samples = vp.rows, vp.index, vp.spec.samples
+        B = len(rows)
+        real = counts if counts is not None else [s.outputs for s in samples]
+        lens = [int(ids.numel()) - T + m for (ids, _, T), m in zip(rows, real)]
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
         stages, stage_host, seg_lens, seg_buckets = (), [], [lens], [Lb]
         if e.method.llm_layers:  # the llm segments (llava.fast_llm): later buckets are never longer
-            counts = [self._counts[k] for k in keys]
-            stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, counts, self.buckets,
+            if counts is not None:
+                raise NotPlanned(f"{e.method.name}: llm stages after a piecewise vision stage are not planned")
+            stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, vp.dry, self.buckets,
                                                                     bucket_for, C, TEXT_BUCKETS)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
         tok = torch.zeros(B, Lb, dtype=torch.long)
@@ -286,26 +317,23 @@ class FastPlanMixin:
         mask = prompt_mask(lens, Lb, C)
         vis0 = []  # the visual rows entering layer 0 (llm stages)
         out_at = B * Lb
-        for b, ((ids, p0, T), n, smp) in enumerate(zip(rows, lens, samples)):
-            pad, m = Lb - n, smp.outputs
+        for b, ((ids, p0, T), n, smp, m) in enumerate(zip(rows, lens, samples, real)):
+            pad = Lb - n
             text = torch.cat([ids[:p0], ids[p0 + T:]])
             slots = torch.cat([torch.arange(pad, pad + p0), torch.arange(pad + p0 + m, Lb)])
             tok[b, slots] = text
             src[b, pad + p0:pad + p0 + m] = out_at + torch.arange(m)
-            out_at += m
+            out_at += smp.outputs  # a padded sample's slice of the buffer is longer
             pos[b, pad:] = torch.arange(n)
             if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
                 o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
                 real_text = int(ids.numel()) - p0 - T
                 index[o:o + real_text] = b * Lb + pad + p0 + m + torch.arange(real_text)
             vis0.append(pad + p0 + torch.arange(m))
-        newlines = any(bool((vp["src"] < 0).any()) for vp in fv.samples)
-        spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
-                     crops=fv.crops is not None, samples=tuple(samples), bucket=Lb, cache_len=C,
-                     index_len=int(index.numel()), stages=stages)
+        spec = _replace(vp.spec, bucket=Lb, cache_len=C, stages=stages)
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
-        if fv.crops is not None:
-            host["crops"] = fv.crops
+        if vp.crops is not None:
+            host["crops"] = vp.crops
         if stages:
             host["vis0"] = torch.cat(vis0)
             for s, t in enumerate(stage_host):

@@ -18,6 +18,11 @@ and handed to the captured function as index tensors:
     merges -> one gather into the bucket -> the language model into the static cache (with llm stages:
     segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast_llm`) -> the
     last row's logits, and one validity flag of every selection (read once, after the prefill);
+``piecewise`` (a vision stage whose output count depends on the image: ``capture_kind() == "piecewise"``)
+    graph 1 = the tower, signals and the selection padded to a static size, its real count on the device
+    (``Selection.count``) -> one host read of the counts -> the host plans the rows from them (the same
+    :meth:`plan_rows`) -> graph 2 = the gather and the language model in the bucket the counts pick. Graph 1
+    is keyed by the sample structure, graph 2 by the bucket: a new count compiles nothing;
 ``decode`` (device, one graph for every step)
     one token against a mask of fixed width ``max_cache_len`` per segment of layers, updated in place,
     positions continuing after each row's last prompt position (per segment).
@@ -26,7 +31,8 @@ Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.
 why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
 tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - with exactly one image or
 one video per prompt, laid out by the family adapter's :meth:`~llava.families.base.FamilyAdapter.fast_visual`;
-methods that declare ``capturable = "full"`` (:attr:`llava.method.Method.capturable`); no replay.
+methods that declare ``capturable = "full"`` or ``"piecewise"`` (:attr:`llava.method.Method.capturable`;
+piecewise: a vision stage only, not query-aware); no replay.
 Greedy tokens equal the eager engine's; logits may differ in the last bits (the bucket's padding
 changes GEMM shapes). A graph is keyed by the bucket, the batch and every sample's visual structure:
 LLaVA-1.5 and Video-LLaVA have one structure, LLaVA-NeXT one per crop grid and unpadded layout (image
@@ -85,6 +91,7 @@ class FastInfo:
     seg_lens: list = field(default_factory=list)  # per segment of decoder layers: its bucket
     outputs: list = field(default_factory=list)  # per sample: visual tokens entering each segment
     layers: tuple = ()  # the llm stages' layers
+    graphs: int = 1  # captured functions the prefill ran (2: piecewise, one host read of the counts between)
 
 
 class FastPath(FastPlanMixin):
@@ -102,11 +109,14 @@ class FastPath(FastPlanMixin):
         self.backend = backend
         self.cuda_graphs = dev.type == "cuda" and backend == "inductor"
         self._prefill = self._compile(self._prefill_fn)
+        self._vision = self._compile(self._vision_fn)  # a piecewise prefill: graph 1
+        self._llm = self._compile(self._llm_fn)  # and graph 2
         self._decode = self._compile(self._decode_fn)
         self._counts: dict = {}  # unit signature -> outputs per sample (meta dry run)
         self._layouts: dict = {}  # sample structure -> its host unit layouts
         self._caches: dict = {}  # (B, C, dtype) -> StaticCache
         self._seen: set = set()  # graph keys run so far
+        self.piecewise = engine.method.capture_kind() == "piecewise"
         self.refusal = self._static_refusal()
         if not self.refusal:  # transformers installs its output-capturing hooks under a lock on first use:
             from transformers.utils.output_capturing import maybe_install_capturing_hooks  # not traceable
@@ -134,6 +144,11 @@ class FastPath(FastPlanMixin):
         if getattr(m, "tower_stage", False):
             return f"{m.name}: in-tower stages are not captured yet"
         why = m.capture_refusal()  # every reason names its method (the eval's per-reason counts read it)
+        if not why and self.piecewise:
+            if m.llm_layers:
+                why = f"{m.name}: llm stages after a piecewise (data-dependent) vision stage are not captured yet"
+            elif m.query_aware:
+                why = f"{m.name}: a query-aware piecewise vision stage is not captured yet"
         return why if not why or why.startswith(f"{m.name}:") else f"{m.name}: {why}"
 
     def refusal_for(self, input_ids, visual: dict) -> str | None:
@@ -148,7 +163,47 @@ class FastPath(FastPlanMixin):
     # ------------------------------------------------------------------ the captured functions
     def _prefill_fn(self, px, crops, tok, src, pos, mask, index, cache, spec: _Spec, stage_in=None):
         e = self.engine
-        adapter, method, lm = e.adapter, e.method, e.lm
+        emb = e.lm.embed_tokens(tok)
+        outs, sigs, origins, _, bad = self._visual_outputs(px, crops, index, spec, emb.dtype,
+                                                           emb.reshape(-1, emb.shape[-1]))
+        rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
+        if spec.stages:  # the decoder segment by segment, the llm stages between (llava.fast_llm)
+            vis0, at = [], 0
+            for s in spec.samples:
+                vis0.append(stage_in["vis0"][at:at + s.outputs])
+                at += s.outputs
+            stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
+                      for i in range(len(spec.stages))]
+            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad)
+            return e.model.lm_head(h), bad
+        h = e.lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                 use_cache=True).last_hidden_state
+        return e.model.lm_head(h[:, -1:]), bad
+
+    def _vision_fn(self, px, crops, index, spec: _Spec):
+        """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
+        their real counts (B,) and the validity flag, on the device."""
+        dtype = self.engine.lm.embed_tokens.weight.dtype
+        outs, _, _, counts, bad = self._visual_outputs(px, crops, index, spec, dtype, None)
+        return torch.cat(outs), torch.stack(counts), bad
+
+    def _llm_fn(self, tok, buf, src, pos, mask, cache):
+        """Graph 2 of a piecewise prefill: the new rows gathered from the text and the padded outputs
+        (``src`` planned on the host from the counts), the language model into the static cache."""
+        e = self.engine
+        emb = e.lm.embed_tokens(tok)
+        rows = torch.cat([emb.reshape(-1, emb.shape[-1]), buf])[src].view(emb.shape)
+        h = e.lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                 use_cache=True).last_hidden_state
+        return e.model.lm_head(h[:, -1:])
+
+    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat):
+        """The vision stage of a captured prefill, per sample: the outputs (m, D) in ``dtype``, the
+        signals, each output's source candidate, the real count (0-d; ``Selection.count`` of a padded
+        selection) and the OR of every malformed flag. ``text_flat``: the new rows' embeddings, flattened
+        (query-aware methods read their text block from them)."""
+        e = self.engine
+        adapter, method = e.adapter, e.method
         cfg = e.model.config
         tower = adapter.fast_tower(spec.key)
         fl = cfg.vision_feature_layer
@@ -172,10 +227,9 @@ class FastPath(FastPlanMixin):
         caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
         ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
         exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
-        emb = lm.embed_tokens(tok)
         newline = adapter.fast_newline() if spec.newlines else None
-        bad = torch.zeros((), dtype=torch.bool, device=emb.device)
-        outs, sigs, origins = [], [], []
+        bad = torch.zeros((), dtype=torch.bool, device=flat.device)
+        outs, sigs, origins, counts = [], [], [], []
         for s in spec.samples:
             at = {name: (o, n) for name, o, n in s.parts}
             o, n = at["src"]
@@ -192,16 +246,17 @@ class FastPath(FastPlanMixin):
                 if a is not None:
                     a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
                 ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
-            f = f.to(emb.dtype)
+            f = f.to(dtype)
             if not method.vision_stage:
                 outs.append(f)
                 sigs.append(None)
                 origins.append(torch.arange(f.shape[0], device=f.device))
+                counts.append(torch.full((), f.shape[0], dtype=torch.long, device=f.device))
                 continue
             if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
                 o, n = at["units"]
                 units = index[o:o + n]
-                f = torch.cat([f, proj(hs[units, :1].to(pdt))[:, 0].to(emb.dtype)])
+                f = torch.cat([f, proj(hs[units, :1].to(pdt))[:, 0].to(dtype)])
                 v = torch.cat([v, hs[units, 0]])
                 if a is not None:
                     a = torch.cat([a, ca[units, :, 0]])
@@ -210,7 +265,7 @@ class FastPath(FastPlanMixin):
             text = None
             if s.text:
                 o, n = at["text_rows"]
-                text = emb.reshape(-1, emb.shape[-1])[index[o:o + n]]
+                text = text_flat[index[o:o + n]]
             sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
                                        text, ex)
             sel = method.select_vision(sig)
@@ -224,22 +279,12 @@ class FastPath(FastPlanMixin):
                 tg, asg = sel.targets, sel.assign  # the eager engine refuses merging newlines in vision space
                 bad = bad | sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()
             feats, origin = materialize(sig, sel, adapter.project)
-            outs.append(feats.to(emb.dtype))
+            outs.append(feats.to(dtype))
             sigs.append(sig)
             origins.append(origin)
-        rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
-        if spec.stages:  # the decoder segment by segment, the llm stages between (llava.fast_llm)
-            vis0, at = [], 0
-            for s in spec.samples:
-                vis0.append(stage_in["vis0"][at:at + s.outputs])
-                at += s.outputs
-            stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
-                      for i in range(len(spec.stages))]
-            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad)
-            return e.model.lm_head(h), bad
-        h = lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
-               use_cache=True).last_hidden_state
-        return e.model.lm_head(h[:, -1:]), bad
+            counts.append(sel.count if sel.count is not None
+                          else torch.full((), sel.num_out, dtype=torch.long, device=feats.device))
+        return outs, sigs, origins, counts, bad
 
     def _tower_extras(self, tower, hidden_states, fl) -> dict:
         """The method's extra tower-layer signals (:meth:`_extra_names`) from the tower's hidden states
@@ -289,25 +334,50 @@ class FastPath(FastPlanMixin):
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo, outputs per
         sample). Raises :class:`NotPlanned` (nothing ran yet) when the prompt does not fit."""
         t0 = time.perf_counter()
-        spec, host, mask, (seg_lens, seg_buckets), candidates = self.plan(input_ids, attention_mask, visual)
         dev = input_ids.device
-        px = visual[spec.key]
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        names = [k for k in host if host[k].dtype != torch.bool]
-        moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
-        moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype == torch.bool})
-        mask_d = mask.to(dev, non_blocking=True)
-        cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
-        key = (spec, px.shape, px.dtype)
-        new = key not in self._seen
-        self._seen.add(key)
-        t1 = time.perf_counter()
-        stage_in = {k: v for k, v in moved.items() if k == "vis0" or ":" in k} if spec.stages else None
-        logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
-                                    moved["index"], cache, spec, stage_in)
-        if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
-            raise ValueError(f"{self.engine.method.name} returned a malformed selection (indices out of range, "
-                             "a token kept twice, a bad order / assign, or a newline merged in vision space)")
+        vp = self.plan_visual(input_ids, attention_mask, visual)
+        px = visual[vp.spec.key]
+        timings = {}
+        if self.piecewise:  # graph 1 -> one read of the counts -> the host plans the rows -> graph 2
+            idx_d, crops_d = to_device([vp.index, vp.crops if vp.crops is not None else vp.index[:0]], dev)
+            vkey = ("vision", vp.spec, px.shape, px.dtype)
+            new = vkey not in self._seen
+            self._seen.add(vkey)
+            timings["plan"] = time.perf_counter() - t0
+            buf, counts_d, bad = self._vision(px, crops_d if vp.crops is not None else None, idx_d, vp.spec)
+            got = torch.cat([counts_d, bad.long()[None]]).tolist()  # the one host decision
+            counts, bad = got[:-1], bool(got[-1])
+            t1 = time.perf_counter()
+            timings["decide"] = t1 - t0 - timings["plan"]
+            if bad:
+                self._malformed()
+            spec, host, mask, (seg_lens, seg_buckets), candidates = self.plan_rows(vp, counts)
+            moved = dict(zip(("tok", "src", "pos"), to_device([host["tok"], host["src"], host["pos"]], dev)))
+            cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
+            lkey = ("llm", spec.batch, spec.bucket, spec.cache_len, tuple(buf.shape))
+            new = new or lkey not in self._seen
+            self._seen.add(lkey)
+            timings["plan"] += time.perf_counter() - t1
+            logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], mask.to(dev, non_blocking=True), cache)
+            outputs = counts
+        else:
+            spec, host, mask, (seg_lens, seg_buckets), candidates = self.plan_rows(vp)
+            names = [k for k in host if host[k].dtype != torch.bool]
+            moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
+            moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype == torch.bool})
+            mask_d = mask.to(dev, non_blocking=True)
+            cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
+            key = (spec, px.shape, px.dtype)
+            new = key not in self._seen
+            self._seen.add(key)
+            timings["plan"] = time.perf_counter() - t0
+            stage_in = {k: v for k, v in moved.items() if k == "vis0" or ":" in k} if spec.stages else None
+            logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
+                                        moved["index"], cache, spec, stage_in)
+            if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
+                self._malformed()
+            outputs = [s.outputs for s in spec.samples]
         S = len(seg_buckets)
         dec_mask = torch.zeros(S, spec.batch, 1, 1, spec.cache_len, dtype=torch.bool)
         for s, (lens, Lb) in enumerate(zip(seg_lens, seg_buckets)):
@@ -320,11 +390,15 @@ class FastPath(FastPlanMixin):
         state = FastState(cache=cache, mask=d_mask, next_pos=d_pos, buckets=d_buckets,
                           layers=tuple(st.layer for st in spec.stages), room=spec.cache_len - spec.bucket)
         info = FastInfo(path="fast", bucket=spec.bucket, cache_len=spec.cache_len, new_graph=new,
-                        timings={"plan": t1 - t0}, candidates=candidates, seg_lens=seg_buckets,
-                        outputs=[[c[b] for c in [[s.outputs for s in spec.samples]]
-                                  + [list(st.outputs) for st in spec.stages]] for b in range(spec.batch)],
-                        layers=state.layers)
-        return logits, cache, state, info, [s.outputs for s in spec.samples]
+                        timings=timings, candidates=candidates, seg_lens=seg_buckets,
+                        outputs=[[c[b] for c in [outputs] + [list(st.outputs) for st in spec.stages]]
+                                 for b in range(spec.batch)],
+                        layers=state.layers, graphs=2 if self.piecewise else 1)
+        return logits, cache, state, info, outputs
+
+    def _malformed(self):
+        raise ValueError(f"{self.engine.method.name} returned a malformed selection (indices out of range, a token "
+                         "kept twice, a bad order / assign / count, or a newline merged in vision space)")
 
     @torch.no_grad()
     def decode(self, st: FastState, input_ids):

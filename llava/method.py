@@ -46,6 +46,9 @@ class Selection:
              ``assign`` cannot express (PruMerge's overlapping k-NN sums and its extra global token).
              ``keep`` / ``targets`` then only give each output's provenance (its unit, run and position).
     allow_duplicates: see the field.
+    count:   captured (piecewise) selections only: a 0-d device count; only the first ``count`` outputs
+             (in output order) are the selection, the rest are padding that fixes the shape (never read).
+             The fast path reads every count once, after its first graph (:mod:`llava.fastpath`).
     """
 
     keep: torch.Tensor
@@ -58,6 +61,7 @@ class Selection:
     #: let a token be kept more than once (it then enters the LLM twice); only to reproduce released
     #: code that does so (AttnMix ``allow_duplicates``); otherwise a duplicate is an error
     allow_duplicates: bool = False
+    count: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
@@ -83,7 +87,18 @@ class Selection:
         idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets.to(dev)])
         no = torch.zeros((), dtype=torch.bool, device=dev)
         flags = {}
-        if idx.numel():
+        if self.count is not None and idx.numel():  # padded: only the first `count` outputs are checked
+            if self.order is not None:
+                if self.order.numel() != self.num_out:
+                    raise ValueError("Selection.order must be a permutation of the outputs")
+                idx = idx[self.order.to(dev).clamp(0, self.num_out - 1)]
+            ar = torch.arange(idx.numel(), device=dev)
+            real = ar < self.count.to(dev)
+            flags["count"] = (self.count < 0) | (self.count > self.num_out)
+            flags["range"] = (real & ((idx < 0) | (idx >= n))).any()
+            s = torch.where(real, idx, n + ar).sort().values  # padding: distinct values past the range
+            flags["dup"] = (s[1:] == s[:-1]).any() if s.numel() > 1 else no
+        elif idx.numel():
             s = idx.sort().values
             flags["range"] = (s[0] < 0) | (s[-1] >= n)
             if not (self.allow_duplicates and self.targets is None):
@@ -102,12 +117,12 @@ class Selection:
                 flags["assign"] = ((a.max() >= self.targets.numel()) | (a.min() < -1)).to(dev)
         if self.values is not None and self.values.shape[0] != self.num_out:
             raise ValueError(f"Selection.values has {self.values.shape[0]} rows for {self.num_out} outputs")
-        if not self._merges() and self.keep.numel() == stock:
+        if not self._merges() and self.keep.numel() == stock and self.count is None:
             flags["not_identity"] = (self.keep != torch.arange(stock, device=dev)).any() if stock else no
         return flags
 
     #: the flags of :meth:`flags` that make a selection malformed
-    MALFORMED = ("range", "dup", "order", "assign")
+    MALFORMED = ("range", "dup", "order", "assign", "count")
 
     def _merges(self) -> bool:
         return (self.targets is not None and self.targets.numel() > 0) or self.values is not None
@@ -131,6 +146,8 @@ class Selection:
             raise ValueError("Selection.order must be a permutation of the outputs")
         if got.get("assign"):
             raise ValueError("Selection.assign points outside the merge targets")
+        if got.get("count"):
+            raise ValueError("Selection.count is outside 0..num_out")
         return (not merges and self.keep.numel() == stock and not got.get("not_identity", True)
                 and not got.get("order_moves", False))
 
@@ -261,11 +278,16 @@ class Method:
     # -- stages -------------------------------------------------------------------------------
     def capture_refusal(self) -> str | None:
         """Why the fast path cannot capture this method with its current options (None: it can)."""
-        if self.capturable != "full":
+        if self.capturable not in ("full", "piecewise"):
             return self.capture_reason or f"{self.name} is not capturable"
         if getattr(self, "numerics", "ours") == "official":
             return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
         return None
+
+    def capture_kind(self) -> str | None:
+        """How the fast path captures this method with its current options: ``"full"``, ``"piecewise"``
+        (:attr:`capturable`), or None."""
+        return self.capturable
 
     def plan_vision(self, signals: "Any") -> dict:
         """Host-side draws of the vision stage for one sample (e.g. random's picks), computed by the fast
