@@ -167,7 +167,8 @@ def window_side(grid: int, windows_per_side: int = OFFICIAL_WINDOWS_PER_SIDE) ->
 def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: torch.Tensor,
                  unit: torch.Tensor, patch: torch.Tensor, grid: tuple[int, int], budget: int, *,
                  window: int | None = None, local_ratio: float = 0.5, remainder: str = "drop",
-                 unit_host: torch.Tensor | None = None, return_scans: bool = False, numerics: str = "ours"):
+                 unit_host: torch.Tensor | None = None, return_scans: bool = False, numerics: str = "ours",
+                 layout=None, local_host: tuple | None = None):
     """VScan's stage 1 for one sample (all its units).
 
     local_attn / global_attn: (H, T) or (T,) [CLS] query rows of the local / global layer (head mean
@@ -176,7 +177,9 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     Video-LLaVA frame's, which is a global-scan candidate only); budget: T per unit (a unit with at most T
     tokens is kept whole); window: window side (None = :func:`window_side`); remainder: ``drop`` (official:
     a local quota not divisible by the window count is lost) or ``global`` (given to the global scan);
-    unit_host: host copy of ``unit`` (avoids a device read).
+    unit_host: host copy of ``unit`` (avoids a device read). ``layout`` (the planned
+    :func:`llava.ops.unit_layout` of ``unit``) and ``local_host`` (per unit its local picks,
+    :func:`local_counts`, from the host structure): no host read at all (the fast path's captured prefill).
 
     Returns a :class:`Selection`: ``keep`` = newlines and whole units, ``targets`` = the scanned tokens,
     ``assign`` = nearest target of the same unit (cosine), rule ``mean`` in projected space, ``order`` =
@@ -189,9 +192,15 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
         raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {remainder!r}")
     dev = features.device
     n = int(unit.numel())
-    uh = (unit_host if unit_host is not None else unit.cpu()).to(torch.long)
-    num_units = int(uh.max()) + 1 if n and int(uh.max()) >= 0 else 0
-    sizes = torch.bincount(uh[uh >= 0], minlength=num_units).tolist() if num_units else []
+    if layout is not None:  # planned on the host: the sizes are Python ints, nothing read here
+        if numerics == "official" or local_host is None:
+            raise ValueError("vscan: a planned layout needs numerics='ours' and the planned local counts")
+        uh = None
+        num_units, sizes = layout.num_units, list(layout.num_stock)
+    else:
+        uh = (unit_host if unit_host is not None else unit.cpu()).to(torch.long)
+        num_units = int(uh.max()) + 1 if n and int(uh.max()) >= 0 else 0
+        sizes = torch.bincount(uh[uh >= 0], minlength=num_units).tolist() if num_units else []
     T = int(budget)
     pruned = [s > T for s in sizes]
     no_scan = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -234,9 +243,13 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
         return (sel, local, glob) if return_scans else sel
 
     # ---- local scan: rank within (unit, window) by A_loc, descending, ties to the lower index
-    pruned_h = torch.tensor(pruned + [False], dtype=torch.bool)  # index -1 (newline) -> False
-    pruned_tok_h = pruned_h[uh]  # host: token belongs to a unit being pruned
-    pruned_tok = pruned_tok_h.to(dev)
+    if layout is not None:
+        pruned_idx = [layout.tokens[u] for u in range(num_units) if pruned[u]]
+        pruned_tok = torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, torch.cat(pruned_idx), True)
+    else:
+        pruned_h = torch.tensor(pruned + [False], dtype=torch.bool)  # index -1 (newline) -> False
+        pruned_tok_h = pruned_h[uh]  # host: token belongs to a unit being pruned
+        pruned_tok = pruned_tok_h.to(dev)
     unit_d = unit.to(dev).long()
     p = patch.to(dev).long()
     in_window = pruned_tok & (p >= 0)
@@ -254,16 +267,19 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     local[o2] = (rank < k_win) & (w_sorted < sentinel)
 
     # ---- global scan: per unit, the top-g of the rest by A_glob (padded unit x token matrix)
-    order_h = torch.sort(uh, stable=True).indices
-    starts_h = [0]
-    for sz in [int((uh < 0).sum())] + sizes:
-        starts_h.append(starts_h[-1] + sz)
     maxn = max(sizes)
-    mat_h = torch.full((num_units, maxn), n, dtype=torch.long)  # n = padding column
-    for u, sz in enumerate(sizes):
-        a = starts_h[u + 1]
-        mat_h[u, :sz] = order_h[a:a + sz]
-    mat = mat_h.to(dev)
+    if layout is not None:  # each unit's tokens ascending (= the stable sort by unit), n = padding column
+        mat = torch.stack([F.pad(layout.tokens[u], (0, maxn - sizes[u]), value=n) for u in range(num_units)])
+    else:
+        order_h = torch.sort(uh, stable=True).indices
+        starts_h = [0]
+        for sz in [int((uh < 0).sum())] + sizes:
+            starts_h.append(starts_h[-1] + sz)
+        mat_h = torch.full((num_units, maxn), n, dtype=torch.long)  # n = padding column
+        for u, sz in enumerate(sizes):
+            a = starts_h[u + 1]
+            mat_h[u, :sz] = order_h[a:a + sz]
+        mat = mat_h.to(dev)
     neg = torch.tensor(float("-inf"), device=dev)
     g_scores = torch.where(pruned_tok & ~local, a_glob, neg)
     g_scores = torch.cat([g_scores, neg.reshape(1)])[mat]  # (U, maxn); padding -inf
@@ -287,7 +303,10 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
                          for i in range(nwr) for j in range(nwc))
         partial = [u for u, sz in enumerate(sizes) if pruned[u] and sz < rows * cols]
         n_loc = [full_local if pruned[u] else 0 for u in range(num_units)]
-        if partial:
+        if partial and local_host is not None:  # planned on the host from the structure (local_counts)
+            for u in partial:
+                n_loc[u] = int(local_host[u])
+        elif partial:
             got = n_local.tolist()  # the one host read (cut windows)
             for u in partial:
                 n_loc[u] = got[u]
@@ -304,13 +323,43 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     nearest = sim.argmax(dim=1) if targets.numel() else torch.zeros(n, dtype=torch.long, device=dev)
     assign = torch.where(pruned_tok & ~picked, nearest, torch.full_like(nearest, -1))
 
-    keep_h = (~pruned_tok_h).nonzero().flatten()  # newlines and whole units (host layout)
-    keep = keep_h.to(dev)
+    if layout is not None:  # newlines and whole units, ascending (a static count)
+        kept_parts = [layout.newlines] + [layout.tokens[u] for u in range(num_units) if not pruned[u]]
+        keep = torch.sort(torch.cat(kept_parts)).values
+    else:
+        keep_h = (~pruned_tok_h).nonzero().flatten()  # newlines and whole units (host layout)
+        keep = keep_h.to(dev)
     order = None
-    if keep_h.numel():
+    if keep.numel():
         order = torch.argsort(torch.cat([keep, targets]))
     sel = Selection(keep=keep, targets=targets, assign=assign, rule="mean", space="projected", order=order)
     return (sel, local, glob) if return_scans else sel
+
+
+def local_counts(unit: torch.Tensor, patch: torch.Tensor, grid: tuple[int, int], budget: int, *,
+                 window: int | None = None, local_ratio: float = 0.5) -> tuple[int, ...]:
+    """Per unit, how many tokens the local scan of :func:`vscan_stage1` picks (0 for a unit kept whole),
+    from the host structure only: the sum over its windows of min(k, patches present in the window) (a
+    LLaVA-NeXT 'spatial_unpad' crop's windows may be cut). ``unit`` / ``patch``: host tensors. The fast
+    path plans it (:meth:`VScan.plan_static`) so that the captured stage reads no count back."""
+    u_h, p_h = unit.long(), patch.long()
+    num_units = int(u_h.max()) + 1 if u_h.numel() and int(u_h.max()) >= 0 else 0
+    T = int(budget)
+    rows, cols = int(grid[0]), int(grid[1])
+    s = window_side(max(rows, cols)) if window is None else int(window)
+    nwr, nwc = math.ceil(rows / s), math.ceil(cols / s)
+    k_win = int(T * local_ratio) // (nwr * nwc)
+    out = []
+    for u in range(num_units):
+        mine = u_h == u
+        if int(mine.sum()) <= T:
+            out.append(0)
+            continue
+        p = p_h[mine & (p_h >= 0)]
+        win = torch.div(torch.div(p, cols, rounding_mode="floor"), s, rounding_mode="floor") * nwc \
+            + torch.div(p % cols, s, rounding_mode="floor")
+        out.append(int(torch.bincount(win, minlength=nwr * nwc).clamp(max=k_win).sum()))
+    return tuple(out)
 
 
 @register
@@ -324,7 +373,9 @@ class VScan(Method):
     (per unit); neither: the official 96 / 32."""
 
     name = "vscan"
-    capture_reason = ("overlapping global-scan picks (nonzero) and an in-LLM stage: needs the piecewise path, not built yet")
+    #: stage 1 with the planned layout and local counts (no host read), stage 2 per segment (llava.fast_llm);
+    #: the reference mode (its overlapping official picks need a nonzero) runs eagerly
+    capturable = "full"
     vision_stage = True
     position_mode = "reindex"
     families = ("llava", "llava_next", "video_llava")
@@ -402,11 +453,18 @@ class VScan(Method):
         whole visual block)."""
         return self.stage2 * int(num_units)
 
+    def plan_static(self, sig):
+        return local_counts(sig.unit, sig.patch, sig.grid, self.stage1, window=self.window,
+                            local_ratio=float(self.local_ratio))
+
     def select_vision(self, sig):
+        planned = sig.captured and sig.static is not None
         return vscan_stage1(sig.cls_attn_layers[self._local + 1], sig.cls_attn_layers[self._global + 1],
                             sig.features, sig.unit, sig.patch, sig.grid, self.stage1, window=self.window,
                             local_ratio=float(self.local_ratio), remainder=self.remainder,
-                            unit_host=sig._unit_host, numerics=self.numerics)
+                            unit_host=sig._unit_host, numerics=self.numerics,
+                            layout=sig.unit_layout() if planned else None,
+                            local_host=sig.static if planned else None)
 
     def select_llm(self, stage, sig):
         k = self.stage2_count(sig.vision.num_units)

@@ -47,6 +47,7 @@ class _Sample:
     text: int  # rows of the padded text block (query-aware methods; 0: none)
     layouts: tuple  # per layout key: (key, ((name, offset, length) ...), static fields of the UnitLayout)
     parts: tuple  # ((name, offset, length) ...) of the sample's other tensors in the index buffer
+    static: tuple = ()  # the method's plan_static values (Python, hashable)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ class FastPlanMixin:
             features=feats, vision_features=vfeats, unit=unit, patch=parts["patch"], unit_kind=kind,
             grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
             cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
-            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, **self._extra_fields(extras or {}))
+            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, static=s.static,
+            **self._extra_fields(extras or {}))
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
@@ -203,6 +205,7 @@ class FastPlanMixin:
             self._layouts[structure] = lays
         host = self._host_signals(unit, patch, pos, vp["grid"], lays, key, T, kind)
         plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
+        static = tuple(self.engine.method.plan_static(host))
         tensors = [("src", vp["src"]), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
                    ("units", vp["units"])] + list(plan.items())
         if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
@@ -221,7 +224,8 @@ class FastPlanMixin:
                 at += t.numel()
             lay_desc.append((k, tuple(names), self._layout_static(lay)))
         s = _Sample(tokens=T, units=U, extra=U if extras else 0, outputs=-1, grid=tuple(vp["grid"]),
-                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=tuple(parts))
+                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=tuple(parts),
+                    static=static)
         return s, chunks
 
     def plan(self, input_ids, attention_mask, visual: dict):
@@ -266,7 +270,7 @@ class FastPlanMixin:
         index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
         done, keys = [], []
         for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
-            sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind,
+            sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind, smp.static,
                        tuple((k, static) for k, _, static in smp.layouts),
                        tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
             ids, p0, T = rows[b]

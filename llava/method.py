@@ -296,6 +296,13 @@ class Method:
         on the device. Default: nothing."""
         return {}
 
+    def plan_static(self, signals: "Any") -> tuple:
+        """Python values of the vision stage for one sample that depend only on its structure (host
+        ``unit`` / ``patch`` / layouts, as :meth:`plan_vision` gets them), e.g. counts a method would
+        otherwise read from the device. The fast path computes them on the host, keys the captured graph by
+        them and hands them back as ``signals.static``. Default: nothing."""
+        return ()
+
     def select_vision(self, signals: "Any") -> Selection:  # pragma: no cover - interface
         raise TypeError(f"{self.name} declares no vision stage")
 

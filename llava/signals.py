@@ -99,6 +99,9 @@ class VisionSignals:
     #: what the method's :meth:`~llava.method.Method.plan_vision` drew on the host for this sample
     #: (e.g. random's picks), on the signals' device; empty unless the fast path planned it
     plan: dict = field(default_factory=dict, repr=False)
+    #: Python values the method's :meth:`~llava.method.Method.plan_static` computed on the host from this
+    #: sample's structure (part of the captured graph's key); None unless the fast path planned them
+    static: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_stock < 0:

@@ -5,7 +5,7 @@ the function is capturable), and a one-graph decode. Checked against the eager e
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import (BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, family_batch, generate,
+from fastpath_util import (BACKEND, PROMPTS, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate,
                            inputs)
 
 from llava.fastpath import BUCKETS, FastPath, bucket_for
@@ -48,13 +48,13 @@ def test_buckets():
 
 @pytest.mark.parametrize("method,budget", CAPTURED)
 def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
-    """Greedy tokens and first-step scores of the fast path == the eager engine's, on 3 prompts of
-    different lengths (one bucket: one prefill graph) and a batch of 3 (left-padded rows)."""
+    """Greedy tokens and first-step scores of the fast path == the eager engine's, on a prompt alone
+    (FAST_FULL=1: three of different lengths, one bucket) and a batch of 3 (left-padded rows)."""
     torch._dynamo.reset()
     eng = rt_fast.prune(method, budget)
     rt_eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None
-    for i in range(3):
+    for i in SINGLES:
         assert_same_as_eager(rt_fast, rt_eager, eng, inputs(rt_fast, i))
     assert_same_as_eager(rt_fast, rt_eager, eng, inputs(rt_fast, 0, n=3))
 

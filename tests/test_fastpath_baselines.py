@@ -2,23 +2,26 @@
 downsample (the selection planned on the host: windows depend on the layout only), VisPruner (its rounds'
 sizes are host ints) and CDPruner (the question rows of the padded text block, the greedy DPP on the device,
 ``dpp_greedy_device``) and HiPrune (the received attention of two extra tower layers, recomputed from the
-tower's hidden states inside the captured function). Greedy tokens and first-step scores == the eager engine's on LLaVA-1.5, LLaVA-NeXT
-and Video-LLaVA videos, 0 host syncs inside the captured function, refused options run eagerly.
+tower's hidden states inside the captured function) and VScan (its two scans' counts planned from the
+structure: the unit layout and, for LLaVA-NeXT's cut windows, ``local_counts``; its LLM stage per segment).
+Greedy tokens and first-step scores == the eager engine's on LLaVA-1.5, LLaVA-NeXT and Video-LLaVA
+videos, 0 host syncs inside the captured function, refused options run eagerly.
 (The host-vs-device DPP equivalence is in tests/test_cdpruner.py.)"""
 
 import pytest
 import torch
-from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
 import baselines.cdpruner  # noqa: F401  (registers the three methods)
 import baselines.downsample  # noqa: F401
 import baselines.hiprune  # noqa: F401
 import baselines.vispruner  # noqa: F401
+import baselines.vscan  # noqa: F401
 from llava.method import get_method
 from llava.models import load
 
 #: budgets that prune the tiny 16-patch units (downsample: a square, 4 = 2 x 2 windows of stride 2)
-CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5), ("hiprune", 6)]
+CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5), ("hiprune", 6), ("vscan", 6)]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,7 @@ def test_declared_capturable_and_refusals_by_option():
     assert "official" in get_method("vispruner", 6, numerics="official").capture_refusal()
     assert "official" in get_method("cdpruner", 5, numerics="official").capture_refusal()
     assert "official" in get_method("hiprune", 6, numerics="official").capture_refusal()
+    assert "official" in get_method("vscan", 6, numerics="official").capture_refusal()
     assert get_method("cdpruner", 5, theta=0.5, minmax_scope="unit", cls_token="drop").capture_refusal() is None
     why = get_method("cdpruner", 5, relevance="clip", clip_model="x", llm_tokenizer="y").capture_refusal()
     assert "clip" in why and "host" in why
@@ -88,6 +92,7 @@ OPTION_CASES = [
     ("llava_next", "hiprune", 5, {"cls_token": "keep", "keep_newlines": False, "object_layer": 2,
                                   "object_layer_reference": None}),
     ("video_llava", "hiprune", 4, {"cls_token": "keep", "alpha": 0.3}),
+    ("llava_next", "vscan", 6, {"remainder": "global", "local_ratio": 0.75}),
 ]
 
 
@@ -118,12 +123,12 @@ def test_refused_options_run_eagerly_and_say_why(rt_fast, rt_eager):
 
 @pytest.mark.parametrize("method,budget", CASES)
 def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
-    """LLaVA-1.5: greedy tokens and first-step scores == the eager engine, on 3 prompts of different lengths
-    (one bucket: one prefill graph) and a left-padded batch of 3."""
+    """LLaVA-1.5: greedy tokens and first-step scores == the eager engine, on a prompt alone (FAST_FULL=1:
+    three of different lengths, one bucket) and a left-padded batch of 3."""
     eng = rt_fast.prune(method, budget)
     rt_eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None
-    for i in range(3):
+    for i in SINGLES:
         _check_equal(rt_fast, rt_eager, inputs(rt_fast, i), eng)
     _check_equal(rt_fast, rt_eager, inputs(rt_fast, 0, n=3), eng)
 

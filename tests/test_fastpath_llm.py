@@ -5,7 +5,7 @@ engine's ``generate()`` (dynamo without code generation on a CPU, as tests/test_
 
 import pytest
 import torch
-from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
 from llava.fast_llm import plan_stages, prompt_mask
 from llava.fastpath import FastPath, bucket_for
@@ -85,13 +85,13 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
 
 @pytest.mark.parametrize("method,budget", CASES)
 def test_fast_tokens_equal_the_eager_engine(rts, method, budget):
-    """LLaVA-1.5: greedy tokens, first-step scores and visual tokens per layer == the eager engine, on 3
-    prompts of different lengths and a left-padded batch of 3."""
+    """LLaVA-1.5: greedy tokens, first-step scores and visual tokens per layer == the eager engine, on a prompt alone
+    (FAST_FULL=1: three of different lengths) and a left-padded batch of 3."""
     fast, eager = rts["llava"]
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
     assert eng.fast.refusal is None
-    for i in range(3):
+    for i in SINGLES:
         assert_same_as_eager(fast, eager, eng, inputs(fast, i))
         assert eng.stats.samples[0].visual_per_layer == eager.engine.stats.samples[0].visual_per_layer
     assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3))

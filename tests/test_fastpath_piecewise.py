@@ -7,7 +7,7 @@ the bucket; neither reads the device; Selection.count's validity flags."""
 
 import pytest
 import torch
-from fastpath_util import BACKEND, assert_same_as_eager, family_batch, generate, inputs
+from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, family_batch, generate, inputs
 
 from baselines.prumerge import prumerge, prumerge_padded
 from llava import get_method, load
@@ -131,7 +131,7 @@ def test_piecewise_tokens_equal_the_eager_engine_on_llava(rts, opts):
     eng = fast.prune("prumerge", None, **opts)
     eager.prune("prumerge", None, **opts)
     assert eng.fast.piecewise and eng.fast.refusal is None
-    for i in range(3):
+    for i in SINGLES:
         assert_same_as_eager(fast, eager, eng, inputs(fast, i))
         assert eng.stats.graphs == 2
     assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3))

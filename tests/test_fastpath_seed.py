@@ -5,7 +5,7 @@ as tests/test_fastpath.py checks the baselines (dynamo without code generation o
 
 import pytest
 import torch
-from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
 from llava.method import get_method
 from llava.models import load
@@ -41,14 +41,14 @@ def test_what_the_seed_methods_capture():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fast_tokens_equal_the_eager_engine(rts, method):
-    """LLaVA-1.5: greedy tokens and first-step scores of the fast path == the eager engine's, on 3 prompts
-    of different lengths and a left-padded batch of 3."""
+    """LLaVA-1.5: greedy tokens and first-step scores of the fast path == the eager engine's, on a prompt
+    alone (FAST_FULL=1: three of different lengths) and a left-padded batch of 3."""
     fast, eager = rts["llava"]
     budget = BUDGETS[method]["llava"]
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None
-    for i in range(3):
+    for i in SINGLES:
         assert_same_as_eager(fast, eager, eng, inputs(fast, i))
     assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3))
 

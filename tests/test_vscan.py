@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import FAMILIES, greedy_no_cache, layout, make_batch, slice_batch
 
 import baselines.vscan  # noqa: F401  (registers "vscan")
-from baselines.vscan import VScan, local_layer_for, split_budget, vscan_stage1, window_side
+from baselines.vscan import VScan, local_counts, local_layer_for, split_budget, vscan_stage1, window_side
+from llava.ops import unit_layout
 from llava.method import method_supports
 from llava.ops import merge_tokens
 from llava.signals import rope_fn_for
@@ -160,6 +161,33 @@ def test_newlines_and_small_units_are_kept_in_place():
 
 
 # ------------------------------------------------------------------ options, budgets, layer mappings
+
+
+def test_planned_local_counts_and_layout_give_the_same_selection():
+    """The fast path's planned stage 1 (local_counts from the host structure + the planned unit layout: no
+    host read) == the eager one, on a unit whose windows are cut (LLaVA-NeXT spatial_unpad-like)."""
+    # 6 x 6 grid, window 3 (2 x 2 windows), T = 16: k = int(16 * 0.5) // 4 = 2 per window. Unit 0 has rows
+    # 0-2 (windows 0, 1: 9 patches each) and patch 18 (row 3, col 0: window 2): 19 > 16 tokens, local picks
+    # 2 + 2 + min(2, 1) + min(2, 0) = 5. Unit 1: all 36 patches -> 4 x 2 = 8. Unit 2: 10 patches <= 16 -> 0.
+    patch = torch.cat([torch.arange(18), torch.tensor([18, -1]), torch.arange(36), torch.tensor([-1]),
+                       torch.arange(10)])
+    unit = torch.cat([torch.zeros(18), torch.tensor([0, -1]), torch.ones(36), torch.tensor([-1]),
+                      torch.full((10,), 2)]).long()
+    assert local_counts(unit, patch, (6, 6), 16, window=3) == (5, 8, 0)
+    g = torch.Generator().manual_seed(0)
+    n = unit.numel()
+    loc, glob, feats = torch.rand(2, n, generator=g), torch.rand(2, n, generator=g), torch.randn(n, 8, generator=g)
+    for remainder in ("drop", "global"):
+        kw = dict(window=3, remainder=remainder)
+        ref, local, _ = vscan_stage1(loc, glob, feats, unit, patch, (6, 6), 16, return_scans=True, **kw)
+        assert int(local[unit == 0].sum()) == 5 and int(local[unit == 1].sum()) == 8
+        got = vscan_stage1(loc, glob, feats, unit, patch, (6, 6), 16, layout=unit_layout(unit),
+                           local_host=local_counts(unit, patch, (6, 6), 16, window=3), **kw)
+        for a, b in ((ref.keep, got.keep), (ref.targets, got.targets), (ref.assign, got.assign),
+                     (ref.order, got.order)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="planned"):
+        vscan_stage1(loc, glob, feats, unit, patch, (6, 6), 16, layout=unit_layout(unit))
 
 
 def test_budgets_options_and_layer_mappings():
