@@ -216,7 +216,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                 raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
             if sel.num_out != m:
                 raise RuntimeError(f"{method.name} stage {s} gave {sel.num_out} outputs where the plan has {m}")
-            flags = sel.flags(nv, nv)
+            flags = sel.flags(nv, nv, malformed_only=True)
             for name in Selection.MALFORMED:
                 if name in flags:
                     bad = bad | flags[name]

@@ -271,7 +271,7 @@ class FastPath(FastPlanMixin):
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
-            flags = sel.flags(sig.num_tokens, s.tokens)
+            flags = sel.flags(sig.num_tokens, s.tokens, malformed_only=True)
             for name in Selection.MALFORMED:
                 if name in flags:
                     bad = bad | flags[name]

@@ -77,11 +77,13 @@ class Selection:
     def num_out(self) -> int:
         return int(self.keep.numel()) + (0 if self.targets is None else int(self.targets.numel()))
 
-    def flags(self, n: int, stock: int | None = None) -> dict[str, torch.Tensor]:
+    def flags(self, n: int, stock: int | None = None, malformed_only: bool = False) -> dict[str, torch.Tensor]:
         """The validity tests of :meth:`check` as 0-d bool tensors on the selection's device, unread:
         ``range`` / ``dup`` / ``order`` / ``assign`` (malformed) and ``not_identity`` / ``order_moves``.
         Shape errors (which need no device value) raise here. A captured prefill ORs the malformed
-        flags into one device flag and reads it once, after the prefill."""
+        flags into one device flag and reads it once, after the prefill; it asks ``malformed_only`` (the
+        identity tests are then not computed: fewer kernels inside the graph). ``count`` (a padded selection)
+        is malformed too."""
         stock = n if stock is None else stock
         dev = self.keep.device
         idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets.to(dev)])
@@ -108,7 +110,8 @@ class Selection:
                 raise ValueError("Selection.order must be a permutation of the outputs")
             ar = torch.arange(self.num_out, device=self.order.device)
             flags["order"] = (self.order.sort().values != ar).any().to(dev)
-            flags["order_moves"] = (self.order != ar).any().to(dev)
+            if not malformed_only:
+                flags["order_moves"] = (self.order != ar).any().to(dev)
         if self.assign is not None:
             if self.assign.numel() != n:
                 raise ValueError(f"Selection.assign has {self.assign.numel()} entries for {n} tokens")
@@ -117,7 +120,7 @@ class Selection:
                 flags["assign"] = ((a.max() >= self.targets.numel()) | (a.min() < -1)).to(dev)
         if self.values is not None and self.values.shape[0] != self.num_out:
             raise ValueError(f"Selection.values has {self.values.shape[0]} rows for {self.num_out} outputs")
-        if not self._merges() and self.keep.numel() == stock and self.count is None:
+        if not malformed_only and not self._merges() and self.keep.numel() == stock and self.count is None:
             flags["not_identity"] = (self.keep != torch.arange(stock, device=dev)).any() if stock else no
         return flags
 

@@ -48,6 +48,10 @@ def test_count_flags_check_only_the_real_outputs():
     assert _flags(sel, 5)["range"]
     with pytest.raises(ValueError, match="count"):
         Selection(keep=torch.tensor([0, 1]), count=torch.tensor(3)).check(4)
+    # the captured prefill asks only for the malformed flags (no identity tests inside the graph)
+    ident = Selection(keep=torch.arange(4), order=torch.tensor([1, 0, 2, 3]))
+    assert {"not_identity", "order_moves"} <= set(ident.flags(4))
+    assert set(ident.flags(4, malformed_only=True)) == {"range", "dup", "order"}
 
 
 # ------------------------------------------------------------------ prumerge_padded == prumerge
