@@ -123,8 +123,8 @@ def test_refused_options_run_eagerly_and_say_why(rt_fast, rt_eager):
 
 @pytest.mark.parametrize("method,budget", CASES)
 def test_fast_tokens_equal_the_eager_engine(rt_fast, rt_eager, method, budget):
-    """LLaVA-1.5: greedy tokens and first-step scores == the eager engine, on a prompt alone (FAST_FULL=1:
-    three of different lengths, one bucket) and a left-padded batch of 3."""
+    """LLaVA-1.5: greedy tokens and first-step scores == the eager engine,
+    on a left-padded batch of 3 prompts of different lengths (FAST_FULL=1: also each alone)."""
     eng = rt_fast.prune(method, budget)
     rt_eager.prune(method, budget)
     assert eng.fast is not None and eng.fast.refusal is None

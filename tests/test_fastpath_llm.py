@@ -85,8 +85,8 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
 
 @pytest.mark.parametrize("method,budget", CASES)
 def test_fast_tokens_equal_the_eager_engine(rts, method, budget):
-    """LLaVA-1.5: greedy tokens, first-step scores and visual tokens per layer == the eager engine, on a prompt alone
-    (FAST_FULL=1: three of different lengths) and a left-padded batch of 3."""
+    """LLaVA-1.5: greedy tokens, first-step scores and visual tokens per layer == the eager engine,
+    on a left-padded batch of 3 prompts of different lengths (FAST_FULL=1: also each alone)."""
     fast, eager = rts["llava"]
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
@@ -133,20 +133,22 @@ def test_segments_in_shorter_buckets(rts, method, budget):
 def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, method, budget):
     """Prompts of other lengths in the same buckets and 16 decode steps compile nothing after the first
     prompt (recompilation raises). FastV (one stage) and DART (its text rows padded: texts of other lengths
-    share the graph); the other stages change nothing the graph key holds."""
-    fast, _ = rts["llava"]
+    share the graph); the other stages change nothing the graph key holds. Batch 1: tokens == eager."""
+    fast, eager = rts["llava"]
     torch._dynamo.reset()
     eng = fast.prune(method, budget)
+    eager.prune(method, budget)
     first = inputs(fast, 0)
-    generate(fast, first, tokens=16)
+    assert torch.equal(generate(fast, first, tokens=16)[0], generate(eager, first, tokens=16)[0])
     assert eng.stats.new_graph
     lens = eng.stats.seq_len_per_layer
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i in (1, 2):
             batch = inputs(fast, i)
             assert batch["input_ids"].shape[1] != first["input_ids"].shape[1]
-            generate(fast, batch, tokens=16)
+            toks = generate(fast, batch, tokens=16)[0]
             assert eng.stats.path == "fast" and eng.stats.seq_len_per_layer == lens and not eng.stats.new_graph
+            assert torch.equal(toks, generate(eager, batch, tokens=16)[0])
 
 
 @pytest.mark.parametrize("method,budget", CASES)

@@ -41,8 +41,8 @@ def test_what_the_seed_methods_capture():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fast_tokens_equal_the_eager_engine(rts, method):
-    """LLaVA-1.5: greedy tokens and first-step scores of the fast path == the eager engine's, on a prompt
-    alone (FAST_FULL=1: three of different lengths) and a left-padded batch of 3."""
+    """LLaVA-1.5: greedy tokens and first-step scores of the fast path == the eager engine's,
+    on a left-padded batch of 3 prompts of different lengths (FAST_FULL=1: also each alone)."""
     fast, eager = rts["llava"]
     budget = BUDGETS[method]["llava"]
     eng = fast.prune(method, budget)

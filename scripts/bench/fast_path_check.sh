@@ -6,7 +6,7 @@
 # engine's greedy tokens (3 prompts alone + a batch of 3), and runs prompts of other lengths in one bucket and
 # 16 decode steps with recompilation set to raise. Prints one summary line.
 set -uo pipefail
-export FAST_FULL=1  # LLaVA-1.5: three prompts one at a time per method (the suite: one, and the batch of 3)
+export FAST_FULL=1  # LLaVA-1.5: also three prompts one at a time per method (the suite: the batch of 3)
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 log=$(mktemp)
