@@ -46,7 +46,9 @@ TEXT_ONLY_REASON = "text-only prompt (the stock model's forward: nothing to prun
 #: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
 VIDEO_FAMILIES = ("video_llava",)
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
+#: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 #: what a visual-token budget counts, per family (per-unit methods; README's Methods table for each method's convention)
 BUDGET_UNITS = {
     "llava": "visual tokens per image (576 for LLaVA-1.5 at 336 px)",
@@ -55,6 +57,8 @@ BUDGET_UNITS = {
     "qwen2_5_vl": "merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
                   "smart resize within [min_pixels, max_pixels])",
     "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods)",
+    "qwen3_vl": "merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
+                "resize, p the patch size; each token's DeepStack rows follow it)",
 }
 
 
@@ -589,8 +593,8 @@ def _family_check(cfg: RunConfig, rt, questions: list[Question]) -> str | None:
     if any(q.modality == "video" for q in questions) and fam not in VIDEO_FAMILIES:
         return (f"{cfg.benchmark} asks about videos, which the {fam} processor does not take "
                 f"(video QA runs with Video-LLaVA: {', '.join(VIDEO_FAMILIES)})")
-    if (cfg.min_pixels is not None or cfg.max_pixels is not None) and fam != "qwen2_5_vl":
-        return f"--min-pixels / --max-pixels apply to Qwen2.5-VL only, not to {cfg.model} ({fam})"
+    if (cfg.min_pixels is not None or cfg.max_pixels is not None) and fam not in QWEN_FAMILIES:
+        return f"--min-pixels / --max-pixels apply to Qwen2.5-VL / Qwen3-VL only, not to {cfg.model} ({fam})"
     if fam in CHATML_FAMILIES:
         if not cfg.pad_to_square:
             return f"--no-pad does not apply to {cfg.model} ({fam}: the checkpoint's own image processor, no pad-to-square)"
@@ -605,7 +609,7 @@ def model_info(cfg: RunConfig, rt, dtype: str) -> dict:
     vc = rt.model.config.vision_config
     info = {"id": cfg.model, "name": rt.name, "family": rt.family, "dtype": dtype, "template": rt.template.name,
             "budget_unit": BUDGET_UNITS.get(rt.family, "visual tokens (method convention)")}
-    if rt.family == "qwen2_5_vl":
+    if rt.family in QWEN_FAMILIES:
         ip = rt.processor.image_processor
         size = getattr(ip, "size", None)
         lo = getattr(size, "shortest_edge", None) or getattr(ip, "min_pixels", None)  # transformers 5 keeps them in size
@@ -634,7 +638,7 @@ def _overlay(rt, inputs, b: int, img, keep: list[int], video: bool, pad_to_squar
     from .overlay import grid_overlay, kept_overlay, view_mode
 
     vc = rt.model.config.vision_config
-    if rt.family == "qwen2_5_vl":  # merged tokens of the first image in raster order over its own grid
+    if rt.family in QWEN_FAMILIES:  # merged tokens of the first image in raster order over its own grid
         thw = inputs["image_grid_thw"]
         first = int((inputs["mm_token_type_ids"][:b] == 1).any(-1).sum()) if b else 0  # images of earlier samples
         _, gh, gw = (int(x) for x in thw[first])

@@ -135,6 +135,7 @@ class _Prefill:
     no tensor of a finished prefill)."""
 
     probe_inputs: tuple | None = None  # (embeds, mask, positions) of the unpruned spliced batch
+    probe_deepstack: dict | None = None  # Qwen3-VL: the unpruned batch's DeepStack state (the probe adds it)
     probe_cache: dict = field(default_factory=dict)  # decoder layer k -> hidden states entering it (probe)
     vision_sigs: list = field(default_factory=list)  # per sample: VisionSignals (or None)
     entry: list | None = None  # per sample: (visual tokens', text-after tokens') inputs to layer 0
@@ -368,7 +369,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                                                             info, **kwargs)
             ctx.clock.mark("end")
             self.prefills += 1
-            ctx.probe_inputs = ctx.entry = ctx.llm_state = None  # nothing of this prefill outlives it
+            ctx.probe_inputs = ctx.entry = ctx.llm_state = ctx.probe_deepstack = None  # nothing outlives it
             ctx.probe_cache.clear()
             ctx.vision_sigs = []
             self.stats = PrefillStats(

@@ -112,6 +112,40 @@ def llm_outputs(xv: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.T
     return out, src
 
 
+def carry_rows(rows: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """Per-token rows that travel with the tokens (Qwen3-VL's DeepStack rows, (n, L, D)) through a selection:
+    (m, L, D) in output order; a kept token keeps its rows, a merged token gets its rows merged by the
+    selection's rule (:func:`llava.ops.merge_tokens`, fp32, in the rows' own space). No host read."""
+    if sel.values is not None:
+        raise ValueError("a method that computes its outputs itself (Selection.values) cannot carry DeepStack rows")
+    flat = rows.flatten(1)
+    out = [flat[sel.keep.to(flat.device)]]
+    if sel.targets is not None and sel.targets.numel():
+        out.append(merge_tokens(flat, sel).to(flat.dtype))
+    out = torch.cat(out)
+    if sel.order is not None:
+        out = out[sel.order.to(out.device)]
+    return out.view(-1, *rows.shape[1:])
+
+
+def _deepstack(rows: torch.Tensor, at: torch.Tensor, B: int, L: int) -> dict:
+    """The DeepStack state of a prefill: ``rows`` (n, levels, D) of the visual positions ``at`` (flat
+    b * L + position, ascending: the stock model's row-major order) and the (B, L) mask it is handed as
+    ``visual_pos_masks``."""
+    mask = torch.zeros(B * L, dtype=torch.bool, device=rows.device).index_fill_(0, at, True).view(B, L)
+    return {"rows": rows, "at": at, "mask": mask}
+
+
+def _add_deepstack(h: torch.Tensor, ds: dict, level: int) -> torch.Tensor:
+    """Qwen3-VL's DeepStack after decoder layer ``level``: the level's rows added at the visual positions,
+    the same arithmetic as the stock text model's ``_deepstack_process`` (rows cast to the hidden dtype)."""
+    B, L, D = h.shape
+    flat = h.reshape(B * L, D).clone()
+    at = ds["at"]
+    flat[at] = flat[at] + ds["rows"][:, level].to(h.dtype)
+    return flat.view(B, L, D)
+
+
 class VisionStageMixin:
     """The vision stage of :class:`llava.engine.PruningEngine`: signals per sample, the method's
     selection, re-splicing / re-padding; the probe that lets a vision stage look into the LLM."""
@@ -184,6 +218,11 @@ class VisionStageMixin:
         ctx.probe_inputs = (embeds, attention_mask, position_ids)
         table = {k: torch.cat(v) for k, v in tables.items()}
         utable = {k: torch.cat(v) for k, v in unit_tables.items()}
+        stock_ds = None
+        if "deepstack" in table:  # each visual position's rows, row-major (the stock model's order)
+            at = (src_h.reshape(-1) >= 0).nonzero().flatten()  # host
+            idx, gid = _to_device([at, src_h.reshape(-1)[at]], dev)
+            stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
         unit_all_h = torch.cat(units_h)
         cls_row_h = torch.cat(cls_rows)
         extras = bool(method.include_cls_candidates) and "vision_features" in utable
@@ -246,6 +285,8 @@ class VisionStageMixin:
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
                 )
+                if "deepstack" in table:  # Qwen3-VL: carried with the selection (not a signal)
+                    sig.deepstack = table["deepstack"][src]
                 if "in_tower_kept" in table:  # in-tower stage: the stock tokens that survived the tower
                     sig.in_tower_kept = torch.cat([table["in_tower_kept"][src], torch.ones(n_cls, dtype=torch.bool, device=dev)])
                 per_sample.append(sig)
@@ -264,6 +305,8 @@ class VisionStageMixin:
         info = {"candidates": [int(lay.visual.numel()) for lay in layouts], "noop": noop}
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
             info.update(layouts=layouts, pos_shift=torch.zeros(B, dtype=torch.long, device=dev))
+            if stock_ds is not None:
+                info["deepstack"] = stock_ds
             return embeds, attention_mask, position_ids, info
         return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, info)
 
@@ -281,6 +324,7 @@ class VisionStageMixin:
             if sel is None or info["noop"][b]:
                 sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
             out_feats, out_src = self._materialize_vision(sig, sel)
+            out_deep = carry_rows(sig.deepstack, sel) if sig.deepstack is not None else None
             run_h = _runs(lay.visual)  # run index of each visual token (host)
             if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
                 u = sig._unit_host[:sig.num_stock]
@@ -290,6 +334,7 @@ class VisionStageMixin:
                 run_h = torch.cat([run_h, run_h[first[sig._unit_host[sig.num_stock:]]]])
             rows.append(self._place_outputs(lay, run_h, out_src, dev))
             rows[-1]["x"] = out_feats
+            rows[-1]["deep"] = out_deep
         new_L = max(r["n"] for r in rows)
         new_embeds = embeds.new_zeros(B, new_L, D)
         new_mask_h = torch.zeros(B, new_L, dtype=torch.long)
@@ -331,6 +376,10 @@ class VisionStageMixin:
         else:
             new_pos = None
         info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
+        if rows and rows[0]["deep"] is not None:  # the kept / merged tokens' rows at their new places
+            at = torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, r in enumerate(rows)])  # ascending
+            deep = torch.cat([r["deep"][r["perm"]] if r["perm"] is not None else r["deep"] for r in rows])
+            info["deepstack"] = _deepstack(deep, _to_device([at], dev)[0], B, new_L)
         return new_embeds, new_mask, new_pos, info
 
     @staticmethod
@@ -396,8 +445,11 @@ class VisionStageMixin:
                 causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
                                             past_key_values=None, position_ids=self.adapter.mask_positions(pos))
                 pe = lm.rotary_emb(h, position_ids=pos)
+                ds = ctx.probe_deepstack
                 for i in range(k):
                     h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe)
+                    if ds is not None and i < ds["rows"].shape[1]:  # Qwen3-VL, as the stock text model
+                        h = _add_deepstack(h, ds, i)
             ctx.probe_cache[k] = h
         return ctx.probe_cache[k]
 

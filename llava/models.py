@@ -26,18 +26,21 @@ from .preprocess import OnevisionProcessor, PromptProcessor, QwenVLProcessor, ll
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
-TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision")
+TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl")
 DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
-                    "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf"}
+                    "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl"}
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "video_llava": "VideoLlavaForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision")
-PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor}
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
+#: families whose prompts and pixels are Qwen-VL's (smart resize, patchified pixels, grid_thw, vision_start/end)
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor, "qwen3_vl": QwenVLProcessor}
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 56*56, max_pixels 14*14*4*16384
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -147,6 +150,15 @@ def tiny_chatml_config(family: str, tok):
         return tf.Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
                                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if family == "qwen3_vl":  # DeepStack after the tower's blocks 0, 1, 2 -> added after LLM layers 0, 1, 2
+        vc = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1, 2])
+        tc = dict(text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                      "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        return tf.Qwen3VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
+                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     if family == "llava_onevision":
         vc = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
@@ -160,8 +172,9 @@ def tiny_chatml_config(family: str, tok):
 
 
 def _chatml_image_processor(family: str, config, min_pixels=None, max_pixels=None):
-    """The PIL image processor of a Qwen2.5-VL / OneVision model built from ``config`` (checkpoint defaults)."""
-    if family == "qwen2_5_vl":
+    """The PIL image processor of a Qwen2.5-VL / Qwen3-VL / OneVision model built from ``config`` (checkpoint
+    defaults)."""
+    if family in QWEN_FAMILIES:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         vc = config.vision_config
@@ -311,7 +324,7 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         if fam in CHATML_FAMILIES:  # the tiny tokenizer's ids stand in for the checkpoint's special tokens
             tok = build_tiny_tokenizer(chatml=True)
             mc = model.config
-            if fam == "qwen2_5_vl":
+            if fam in QWEN_FAMILIES:
                 for attr, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                                 ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
                     setattr(mc, attr, tok.convert_tokens_to_ids(t))
@@ -345,7 +358,7 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     tok = tf.AutoTokenizer.from_pretrained(name)
     tok.padding_side = "left"
     ip_kw = {}
-    if fam == "qwen2_5_vl":
+    if fam in QWEN_FAMILIES:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
 
         ip_kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}

@@ -102,6 +102,9 @@ class VisionSignals:
     #: Python values the method's :meth:`~llava.method.Method.plan_static` computed on the host from this
     #: sample's structure (part of the captured graph's key); None unless the fast path planned them
     static: tuple | None = field(default=None, repr=False)
+    #: (T, L, D) Qwen3-VL's DeepStack rows of every candidate (carried with the selection by the engine;
+    #: not a signal: methods do not read it); None for the other families
+    deepstack: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_stock < 0:

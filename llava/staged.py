@@ -17,7 +17,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .families.base import to_device as _to_device
-from .layout import _Layout, _runs, llm_outputs
+from .layout import _add_deepstack, _deepstack, _Layout, _runs, llm_outputs
 from .method import Selection
 from .signals import LLMSignals, llm_attention_fns
 
@@ -42,7 +42,11 @@ class StagedDecoderMixin:
         n_layers = len(self.lm.layers)
         B, L = embeds.shape[:2]
         layouts = info["layouts"]
+        ds = info.get("deepstack")  # Qwen3-VL: rows added at the visual positions after the first layers
         if not self.llm_layers:
+            if ds is not None:  # the stock text model adds them (row-major order of the mask)
+                kwargs = dict(kwargs, visual_pos_masks=ds["mask"],
+                              deepstack_visual_embeds=list(ds["rows"].unbind(1)))
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                           use_cache=use_cache, **kwargs)
             per_layer = [[int(lay.visual.numel())] * n_layers for lay in layouts]
@@ -71,8 +75,10 @@ class StagedDecoderMixin:
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
                 ctx.clock.mark("stage_start")
-                h, mask, pos, layouts, origin, entry, dropped = self._llm_stage(
-                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry)
+                if ds is not None and a >= ds["rows"].shape[1]:
+                    ds = None  # every DeepStack level was added before this stage
+                h, mask, pos, layouts, origin, entry, dropped, ds = self._llm_stage(
+                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry, ds)
                 if self._reindex:
                     shift = shift + dropped
                 ctx.clock.mark("stage_end")
@@ -87,18 +93,22 @@ class StagedDecoderMixin:
                 # (FastV keeps original positions) as packed sequences
                 h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
+                if ds is not None and i < ds["rows"].shape[1]:
+                    h = _add_deepstack(h, ds, i)
                 seq_lens.append(h.shape[1])
                 for b in range(B):
                     per_layer[b].append(counts[b])
         self._state.segments = segments
         return lm.norm(h), seq_lens, per_layer
 
-    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry):
+    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry, ds=None):
         B, L, D = h.shape
         dev = h.device
         spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
         moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
         outs = []
+        deep_in = ds["rows"].split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
+        deep_out = []
         for b, lay in enumerate(layouts):
             real, vis, after, question = moved[4 * b:4 * b + 4]
             nv = int(lay.visual.numel())
@@ -113,6 +123,10 @@ class StagedDecoderMixin:
             vx, src = llm_outputs(x[vis], sel)
             r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
+            if deep_in is not None:  # DeepStack rows still to add: they follow the selection
+                rows = deep_in[b]
+                dx = llm_outputs(rows.flatten(1), sel)[0].view(-1, *rows.shape[1:])
+                deep_out.append(dx[perm] if perm is not None else dx)
             if perm is not None:
                 vx, src = vx[perm], src[perm]
             vp = p[..., vis[src]]  # a merged token takes its target's position
@@ -144,7 +158,10 @@ class StagedDecoderMixin:
                 p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
             new_org.append(origin[b][src])
             new_ent.append(entry[b][src])
-        return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1]
+        if deep_in is not None:
+            at = torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, (r, *_) in enumerate(outs)])
+            ds = _deepstack(torch.cat(deep_out), _to_device([at], dev)[0], B, new_L)
+        return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1], ds
 
     def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm

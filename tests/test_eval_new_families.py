@@ -1,4 +1,4 @@
-"""`eval run` end to end on the two adapter families, Qwen2.5-VL and LLaVA-OneVision (tiny random models,
+"""`eval run` end to end on the adapter families, Qwen2.5-VL, LLaVA-OneVision and Qwen3-VL (tiny random models,
 GQA fixture data, fp32 CPU), the equivalent of ``MODEL=Qwen/Qwen2.5-VL-7B-Instruct bash scripts/eval/gqa.sh
 consensusdrop 64``: a pruning method at a budget that prunes; batch 3 (left padding, images of two sizes
 in one batch: Qwen's concatenated patch rows with ``image_grid_thw``, OneVision's crops padded to the batch's
@@ -32,17 +32,21 @@ from eval.runner import RunConfig, run, run_dir_of
 
 pytestmark = pytest.mark.usefixtures("run_env")
 
-QWEN, OV = "tiny:qwen2.5-vl", "tiny:llava-onevision"
+QWEN, OV, QWEN3 = "tiny:qwen2.5-vl", "tiny:llava-onevision", "tiny:qwen3-vl"
 #: model -> family key, candidates per question id (201..205), per method: (budget, visual tokens after pruning)
 CASES = {
     QWEN: ("qwen2_5_vl", {"201": 6, "202": 6, "203": 8, "204": 6, "205": 6},
            {"consensusdrop": (2, {"201": 2, "202": 2, "203": 2, "204": 2, "205": 2}),
             "fastv": (4, {q: 3 for q in ("201", "202", "203", "204", "205")})}),
+    # Qwen3-VL: the tiny tower has Qwen2.5-VL's patch / merge sizes, so the same counts (DeepStack rows follow)
+    QWEN3: ("qwen3_vl", {"201": 6, "202": 6, "203": 8, "204": 6, "205": 6},
+            {"consensusdrop": (2, {"201": 2, "202": 2, "203": 2, "204": 2, "205": 2}),
+             "fastv": (4, {q: 3 for q in ("201", "202", "203", "204", "205")})}),
     OV: ("llava_onevision", {"201": 26, "202": 26, "203": 52, "204": 26, "205": 26},
          {"consensusdrop": (4, {"201": 10, "202": 10, "203": 24, "204": 10, "205": 10}),
           "fastv": (16, {"201": 13, "202": 13, "203": 4, "204": 13, "205": 13})}),
 }
-PARAMS = [(m, meth) for m in (QWEN, OV) for meth in ("consensusdrop", "fastv")]
+PARAMS = [(m, meth) for m in (QWEN, OV, QWEN3) for meth in ("consensusdrop", "fastv")]
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +98,11 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, tmp_path,
     for rd, bs in ((r1, 1), (r3, 3)):
         res = json.loads((rd / "results.json").read_text())
         mod = res["model"]
+        qwen = family in ("qwen2_5_vl", "qwen3_vl")
         assert (mod["id"], mod["family"]) == (model, family) and mod["template"] == {
-            "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf"}[family]
-        assert mod["budget_unit"].startswith("merged visual tokens per image" if family == "qwen2_5_vl"
-                                             else "visual tokens per crop")
-        if family == "qwen2_5_vl":
+            "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf"}[family]
+        assert mod["budget_unit"].startswith("merged visual tokens per image" if qwen else "visual tokens per crop")
+        if qwen:
             assert (mod["preprocess"], mod["min_pixels"], mod["max_pixels"]) == ("qwen smart_resize", 3136, 12845056)
         else:
             assert mod["preprocess"] == "anyres (anyres_max_9)" and mod["tokens_per_crop"] == 16
@@ -114,14 +118,14 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, tmp_path,
     if method == "consensusdrop":  # vision-stage selections drawn on the image, in the family's own grid
         assert sorted(p.name for p in (r3 / "overlays").iterdir()) == ["201.png", "202.png", "203.png", "204.png"]
         ov = Image.open(r3 / "overlays" / "203.png")
-        if family == "qwen2_5_vl":  # 100x60 -> patch grid 4 x 8 -> 2 x 4 merged tokens: a 2:1 picture, 336 px wide
+        if family != "llava_onevision":  # 100x60 -> patch grid 4 x 8 -> 2 x 4 merged tokens: a 2:1 picture, 336 px wide
             assert ov.size == (336, 168)
             cells = np.asarray(ov.convert("L"), dtype=float).reshape(2, 84, 4, 84).mean(axis=(1, 3))
         else:  # OneVision's base crop: 4 x 4 tokens
             assert ov.size == (336, 336)
             cells = np.asarray(ov.convert("L"), dtype=float).reshape(4, 84, 4, 84).mean(axis=(1, 3))
         # the kept cells are bright, the dropped ones dimmed to a quarter: 2 of 8 (Qwen), 4 of the base crop's 16
-        assert int((cells > cells.max() * 0.5).sum()) == {"qwen2_5_vl": 2, "llava_onevision": 4}[family]
+        assert int((cells > cells.max() * 0.5).sum()) == {"qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 4}[family]
     # resume: the same command again recomputes nothing (the shard file is untouched, answer ids included)
     shard = next((r3 / "answers").glob("*_*.jsonl"))
     before = shard.read_bytes()

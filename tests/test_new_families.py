@@ -183,8 +183,3 @@ def test_sparsevlm_v2_rope_gravity_is_refused_on_mrope(rt):
     with pytest.raises(ValueError, match="M-RoPE"), torch.no_grad():
         rt.model(**batch(rt))
 
-
-def test_qwen3_vl_is_refused_with_the_reason():
-    fake = type("Qwen3VLForConditionalGeneration", (torch.nn.Module,), {})()
-    with pytest.raises(TypeError, match="DeepStack"):
-        attach(fake, "fastv", 8)

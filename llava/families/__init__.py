@@ -10,23 +10,19 @@ from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .llava_next import NEXT_LAYOUTS, LlavaNextAdapter, next_token_layout  # noqa: F401
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
     cls.model_class: cls for cls in (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter,
-                                         LlavaOnevisionAdapter)
+                                         LlavaOnevisionAdapter, Qwen3VLAdapter)
 }
 #: model class name -> family key
 FAMILIES = {name: cls.family for name, cls in ADAPTERS.items()}
 
 
 #: families transformers ships that the engine refuses, and why
-REFUSED = {
-    "Qwen3VLForConditionalGeneration": (
-        "Qwen3-VL is not supported yet: its DeepStack merger injects intermediate vision features into the "
-        "first decoder layers at the visual positions, so pruning must gather (and merge) every DeepStack "
-        "level with the kept tokens; the Qwen3-VL adapter does not exist. Use Qwen2.5-VL."),
-}
+REFUSED: dict[str, str] = {}
 
 
 def model_family(model: torch.nn.Module) -> str:

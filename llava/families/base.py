@@ -51,7 +51,8 @@ class VisualBlock(NamedTuple):
       grid (-1 = [CLS] / newline); ``unit_h`` (T,) host unit index (-1 = newline); ``kind``
       ("image" / "crop" / "frame"); optionally ``cls_attn`` (T, H) saliency per head and ``keys``
       (T, d); per unit: ``unit_pos`` (U, 2), ``unit_grid`` (U, 2) host (rows, cols) of the unit's patch
-      grid, and ``cls`` (a dict of per-unit [CLS] rows offered as extra candidates).
+      grid, and ``cls`` (a dict of per-unit [CLS] rows offered as extra candidates); ``deepstack``
+      (T, L, D) rows the text model adds at the token's position after decoder layers 0..L-1 (Qwen3-VL).
     sizes: tokens per image / video (one placeholder run each).
     """
 
@@ -105,6 +106,8 @@ class FamilyAdapter:
     #: True: kept tokens keep their original positions at the vision stage (M-RoPE); False: the
     #: rebuilt rows are renumbered contiguously (LLaVA's pre-LLM convention)
     keeps_positions: bool = False
+    #: DeepStack levels (Qwen3-VL): per visual token, rows added after decoder layers 0..levels-1; 0: none
+    deepstack_levels: int = 0
 
     def __init__(self, model: torch.nn.Module, next_layout: str | None = None, **options):
         # next_layout is LLaVA-NeXT's packing option; other families have one packing and ignore it

@@ -78,6 +78,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             if v.saliency is not None:
                 flat["cls_attn"] = v.saliency.T
                 flat["keys"] = v.keys
+            if v.deepstack is not None:  # Qwen3-VL
+                flat["deepstack"] = v.deepstack
             blocks.append(VisualBlock(token_id, flat, v.sizes))
         return blocks
 

@@ -1,4 +1,4 @@
-"""Per-token vision signals for Qwen2.5-VL (transformers 5.23), computed from one stock tower run.
+"""Per-token vision signals for Qwen2.5-VL and Qwen3-VL (transformers 5.23), computed from one stock tower run.
 
 The tower (``model.model.visual``) is run once through the stock ``get_image_features`` /
 ``get_video_features``, so ``features`` is exactly what the unpruned model splices into the LLM.
@@ -14,7 +14,14 @@ The attention implementation of the tower is never switched (SDPA / FlashAttenti
 and no attention weights are requested: q / k are recomputed from the captured attention input with
 the block's own fused ``qkv`` projection and transformers' ``apply_rotary_pos_emb_vision``.
 
-Order. Inside the tower every per-patch quantity is in *window order*
+Qwen3-VL's tower (``Qwen3VLVisionModel``) has the same blocks (fused ``qkv``, the same vision RoPE), every
+block full attention and no window permutation (the order is the merged raster order throughout); its
+merger normalises before the 4-patch concat (``merger.norm``, hooked instead of ``ln_q``), and it returns
+DeepStack features: one merged row per token from each of ``deepstack_visual_indexes`` blocks through its
+own merger, which the text model adds to the hidden states at the visual positions after its first decoder
+layers (``QwenVisual.deepstack``).
+
+Order (Qwen2.5-VL). Inside the tower every per-patch quantity is in *window order*
 (``get_vision_window_index``): merged token ``window_index[i]`` (merged raster index over all
 images) occupies rows ``4i .. 4i+3``. The tower un-permutes only ``pooler_output`` with
 ``argsort(window_index)``; ``last_hidden_state`` stays in window order. Every signal here is pooled
@@ -53,6 +60,8 @@ class QwenVisual:
     keys:            (T, d) fp32 or None: keys of that block after the ``qkv`` projection and
                      *before* RoPE (a content-only similarity, like CLIP keys for VisionZip), mean
                      over heads, then mean over the 4 patches. None unless ``want_attn``.
+    deepstack:       (T, L, D) or None: Qwen3-VL's DeepStack rows of every token, one per level (the
+                     ``deepstack_features`` of the stock tower, same dtype); None for Qwen2.5-VL.
     unit:            (T,) CPU long: attention segment of each token = image index for images
                      (t = 1), temporal-slice index numbered over all videos in order for videos.
     patch:           (T,) CPU long: merged-raster index within its unit, ``r * (w/2) + c``.
@@ -68,16 +77,25 @@ class QwenVisual:
     patch: torch.Tensor
     grids: list[tuple[int, int]]
     sizes: list[int]
+    deepstack: torch.Tensor | None = None
+
+
+def is_qwen3(visual) -> bool:
+    """True for Qwen3-VL's tower (DeepStack mergers, no window attention)."""
+    return hasattr(visual, "deepstack_merger_list")
 
 
 def project(model, vision_features: torch.Tensor) -> torch.Tensor:
     """The PatchMerger's MLP (4C -> 4C -> D) applied to rows of ``vision_features`` -> (n, D)."""
-    return model.model.visual.merger.mlp(vision_features)
+    merger = model.model.visual.merger
+    if hasattr(merger, "mlp"):
+        return merger.mlp(vision_features)
+    return merger.linear_fc2(merger.act_fn(merger.linear_fc1(vision_features)))  # Qwen3-VL
 
 
 def _resolve_layer(visual, layer: int | None) -> int:
-    full = [int(i) for i in visual.fullatt_block_indexes]
     depth = len(visual.blocks)
+    full = [int(i) for i in getattr(visual, "fullatt_block_indexes", range(depth))]  # Qwen3-VL: every block
     if layer is None:
         if not full:
             raise ValueError("the vision tower has no full-attention block (fullatt_block_indexes is empty)")
@@ -137,9 +155,9 @@ def _pooled_query(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: fl
 def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_attn: bool,
            layer: int | None = None, saliency: str = "received", video: bool = False,
            chunk: int = 1024) -> QwenVisual:
-    """Run the Qwen2.5-VL vision tower once and return its merged tokens with per-token signals.
+    """Run the Qwen2.5-VL / Qwen3-VL vision tower once and return its merged tokens with per-token signals.
 
-    model:        a ``Qwen2_5_VLForConditionalGeneration``.
+    model:        a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``.
     pixel_values: patchified pixels (sum t*h*w, 3*temporal_patch*patch^2) as the processor emits them
                   (``pixel_values_videos`` when ``video``).
     grid_thw:     (n, 3) image_grid_thw (or video_grid_thw when ``video``); read once on the host.
@@ -164,8 +182,12 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
         if h % merge or w % merge:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
     unit, patch, grids, sizes, bounds = _layout(grid, merge)
-    window_index, _ = get_vision_window_index(torch.tensor(grid, dtype=torch.long), spatial_merge_size=merge,
-                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    qwen3 = is_qwen3(visual)
+    if qwen3:  # no window attention: merged raster order throughout
+        window_index = torch.arange(int(unit.numel()))
+    else:
+        window_index, _ = get_vision_window_index(torch.tensor(grid, dtype=torch.long), spatial_merge_size=merge,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
 
     captured: dict = {}
 
@@ -177,7 +199,7 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     def grab_ln_q(module, args, output):
         captured["ln_q"] = output
 
-    handles = [visual.merger.ln_q.register_forward_hook(grab_ln_q)]
+    handles = [(visual.merger.norm if qwen3 else visual.merger.ln_q).register_forward_hook(grab_ln_q)]
     if want_attn:
         handles.append(visual.blocks[layer].attn.register_forward_pre_hook(grab_attn, with_kwargs=True))
     try:
@@ -213,5 +235,8 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
             per_patch = _pooled_query(q, k, bounds, attn.scaling)
         sal = per_patch.reshape(per_patch.shape[0], -1, unit_sq).sum(-1)[:, reverse]
 
+    deepstack = None
+    if qwen3:  # (T, L, D): every level's rows, images concatenated as the features are
+        deepstack = torch.stack([torch.cat(level) for level in out.deepstack_features], dim=1)
     return QwenVisual(features=features, vision_features=vision_features, saliency=sal, keys=keys,
-                      unit=unit, patch=patch, grids=grids, sizes=sizes)
+                      unit=unit, patch=patch, grids=grids, sizes=sizes, deepstack=deepstack)
