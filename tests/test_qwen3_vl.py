@@ -2,7 +2,7 @@
 2 of 4): the unpruned engine is the stock model; a pruned prefill equals the stock text model run by hand on
 the kept tokens with their DeepStack rows (an independent reference built from the stock modules); the rows
 follow merges by the selection's rule and llm stages before the last DeepStack layer; every method runs
-(cached == no-cache recompute); the probe adds DeepStack; videos are refused with the reason."""
+(cached == no-cache recompute); the probe adds DeepStack; videos (a timestamp before each temporal slice)."""
 
 import pytest
 import torch
@@ -157,8 +157,38 @@ def test_the_probe_adds_deepstack(rt, monkeypatch):
     assert [lv for lv, _, _ in seen][:2] == [0, 1]  # the probe's layers 0 and 1
 
 
-def test_videos_are_refused_with_the_reason(rt):
-    rt.prune("random", 4)
-    with pytest.raises(ValueError, match="timestamp"):
-        rt.engine.adapter.encode({"pixel_values_videos": torch.zeros(8, 1176),
-                                  "video_grid_thw": torch.tensor([[2, 2, 2]])}, False, None)
+def _video(rt, t=2, h=8, w=8, seed=0):
+    """One video as Qwen3-VL prompts it: per temporal slice a timestamp, then its own vision_start ... end run."""
+    cfg, tok = rt.model.config, rt.tokenizer
+    ids = []
+    for f in range(t):
+        ids += tok(f"<{0.5 + f:.1f} seconds>", add_special_tokens=False)["input_ids"]
+        ids += [cfg.vision_start_token_id] + [cfg.video_token_id] * (h * w // 4) + [cfg.vision_end_token_id]
+    ids = torch.tensor([ids + tok("what happens in the video?", add_special_tokens=False)["input_ids"]])
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == cfg.video_token_id).int() * 2,
+            "pixel_values_videos": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g),
+            "video_grid_thw": torch.tensor([[t, h, w]])}
+
+
+@pytest.mark.parametrize("method", ["none", "visionzip", "fastv", "divprune"])
+def test_video_keep_all_is_stock_and_pruned_video_decodes_consistently(rt, method):
+    """A video of 2 temporal slices (16 merged tokens each, a timestamp before each): the unpruned engine is
+    the stock model; pruned per slice (vision stage) or inside the LLM, cached == no-cache recompute."""
+    inputs = _video(rt)
+    rt.unprune()
+    ref = run(rt, inputs)
+    eng = rt.prune(method, {"none": None, "visionzip": 4, "fastv": 8, "divprune": 4}[method])
+    got = run(rt, inputs)
+    s = eng.stats.samples[0]
+    assert s.visual_candidates == 32
+    if method == "none":
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+        return
+    assert min(s.visual_per_layer) < 32
+    if method != "fastv":
+        assert s.visual_entering_llm == 8  # 4 per slice: each slice's run keeps its own outputs
+    eng.replay = True
+    L = inputs["input_ids"].shape[1]
+    assert torch.equal(got[0], greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"])[:, L:])

@@ -15,8 +15,11 @@
   (``visual_pos_masks``). An llm stage before the last DeepStack layer carries them through its selection
   (:mod:`llava.staged`).
 * Positions: 3-D M-RoPE from the model's own ``get_rope_index`` on the full prompt (interleaved sections
-  in the text model), kept tokens keep theirs, as Qwen2.5-VL. Videos: Qwen3-VL's prompts put a timestamp
-  before every temporal slice (not built by this repository's processor yet: videos are refused).
+  in the text model), kept tokens keep theirs, as Qwen2.5-VL.
+* Videos: a prompt puts a timestamp (text) and its own ``<|vision_start|>`` ... ``<|vision_end|>`` run before
+  every temporal slice; a unit is a temporal slice, so each run keeps its own outputs. This repository's
+  processor does not build video prompts (transformers' video processor needs torchvision): the engine
+  prunes video inputs built by any processor.
 """
 
 from __future__ import annotations
@@ -34,8 +37,3 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         """DeepStack levels: the text model adds level i after decoder layer i."""
         return len(self.core.visual.deepstack_visual_indexes)
 
-    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
-        if visual.get("pixel_values_videos") is not None:
-            raise ValueError("Qwen3-VL videos are not supported yet: their prompts put a timestamp before every "
-                             "temporal slice, which this repository's processor does not build; use images")
-        return super().encode(visual, want_attn, vision_layer, extra_layers)
