@@ -197,11 +197,17 @@ def summary(xs: list[float]) -> dict:
 #   llava_onevision: 384x384 -> anyres: best pinpoint 384x384 (1x1 grid): base crop 27x27 = 729 +
 #       grid 27x27 = 729 (no unpadding, no anyres_max_9 interpolation: 729 <= 9 x 729) + 27 row newlines
 #       = 1485 tokens, OneVision's count for a single 384 px image
+#   qwen3_vl: 24 merged tokens a side, whatever the patch size: 768x768 on the real patch 16 (48x48 patches
+#       -> 576 merged tokens, each with its DeepStack rows), 672x672 on the tiny model's patch 14
 FAMILY_IMAGE_HW = {"llava": (336, 336), "video_llava": (336, 336), "llava_next": (672, 672),
                    "qwen2_5_vl": (672, 672), "llava_onevision": (384, 384)}
 
 
 def default_image_hw(rt) -> tuple[int, int]:
+    if rt.family == "qwen3_vl":
+        vc = rt.model.config.vision_config
+        side = 24 * vc.spatial_merge_size * vc.patch_size
+        return (side, side)
     return FAMILY_IMAGE_HW.get(rt.family, (336, 336))
 
 

@@ -53,6 +53,18 @@ def test_qwen25vl_default_input_is_576_merged_tokens():
         assert {"mm_token_type_ids", "image_grid_thw"} <= set(info["batch_keys"])
 
 
+def test_qwen3vl_default_input_is_576_merged_tokens():
+    # 24 merged tokens a side: 768x768 on patch 16 (real: 48x48 patches of 3*2*16*16 = 1536), 672x672 on the
+    # tiny model's patch 14 (48x48 patches of 1176); the 2x2 merge -> 576
+    for name, side, row in (("tiny:qwen3-vl", 672, 1176), ("shape:qwen3-vl-cpu-small", 768, 1536),
+                            ("shape:qwen3-vl-8b", 768, 1536)):
+        rt = load(name, device="meta" if name.startswith("shape:") else None)
+        assert default_image_hw(rt) == (side, side)
+        info = describe_inputs(rt, (side, side))
+        assert info["visual_tokens"] == 576 and info["image_grid_thw"] == [[1, 48, 48]], name
+        assert info["batch_keys"]["pixel_values"] == [2304, row]
+
+
 def test_onevision_default_input_counts():
     # real geometry (7B and cpu-small): SigLIP 384 / 14 = 27 -> 729 per crop; a 384x384 image picks the 384x384
     # pinpoint (1x1 grid): base 729 + grid 27x27 = 729 (no unpadding; 729 <= 9 x 729: no anyres_max_9
@@ -80,6 +92,7 @@ def test_flops_model_uses_gqa_shape():
     assert layer_macs(n, d, m, "B", d_kv) < layer_macs(n, d, m, "B")  # MHA formula over-counts k/v
     assert llm_dims(load("shape:llava-onevision-7b", device="meta").model.config) == (3584, 18944, 28, 512)
     assert llm_dims(load("shape:llava-1.5-7b", device="meta").model.config) == (4096, 11008, 32, 4096)
+    assert llm_dims(load("shape:qwen3-vl-8b", device="meta").model.config) == (4096, 12288, 36, 1024)  # 8 KV heads
 
 
 def test_benchmark_on_tiny_qwen25vl_matches_engine_stats(tmp_path):
@@ -96,6 +109,21 @@ def test_benchmark_on_tiny_qwen25vl_matches_engine_stats(tmp_path):
     for r in report["results"]:
         assert r["kv_match"], r["method"]
     _check_against_engine(report, "tiny:qwen2.5-vl", hw, 24)
+
+
+def test_benchmark_on_tiny_qwen3vl_matches_engine_stats(tmp_path):
+    # the tiny tower's patch 14 as Qwen2.5-VL's: 168x112 -> 12x8 patches -> 24 merged tokens (with DeepStack rows)
+    hw = (168, 112)
+    cfg = BenchConfig(model="tiny:qwen3-vl", methods=["none", "fastv", "visionzip"], budgets=[8], n=2,
+                      warmup=0, decode_tokens=1, image_hw=hw, out=str(tmp_path), sweep=[8, 16])
+    report = run(cfg)
+    assert report["inputs"]["visual_tokens"] == 24 and report["inputs"]["image_grid_thw"] == [[1, 12, 8]]
+    assert report["flops_model"]["d_kv"] == 32 and report["flops_model"]["d"] == 64
+    md = (tmp_path / "efficiency.md").read_text()
+    assert "| visionzip | 8 | 8 / 8.0 |" in md and "| none | - | 24 / 24.0 |" in md
+    for r in report["results"]:
+        assert r["kv_match"], r["method"]
+    _check_against_engine(report, "tiny:qwen3-vl", hw, 24)
 
 
 def test_benchmark_on_tiny_onevision_matches_engine_stats(tmp_path):

@@ -198,6 +198,25 @@ def test_shape_configs_build_the_real_architectures(name, params, family):
     assert rt.model.config.image_token_id == rt.tokenizer.convert_tokens_to_ids(rt.processor.placeholder)
 
 
+def test_qwen3_vl_shape_configs():
+    """shape:qwen3-vl-8b: the LLM counted by hand (Qwen3: q/k RMS norms per head, untied embeddings), the total
+    within 0.5% of the Hub's 8.77B; shape:qwen3-vl-cpu-small keeps the real token geometry (768 px -> 576)."""
+    rt = load("shape:qwen3-vl-8b", device="meta")
+    assert rt.family == "qwen3_vl" and rt.info["random_weights"]
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 2 * 128 + 3 * 4096 * 12288 + 2 * 4096  # attn, q/k norms, MLP, 2 norms
+    llm = 2 * 151936 * 4096 + 36 * layer + 4096
+    lm = rt.model.model.language_model
+    assert sum(p.numel() for p in lm.parameters()) + rt.model.lm_head.weight.numel() == llm == 8_190_735_360
+    n = sum(p.numel() for p in rt.model.parameters())
+    assert n == pytest.approx(8.77e9, rel=5e-3), n
+    vc = rt.model.config.vision_config
+    assert (vc.depth, vc.hidden_size, list(vc.deepstack_visual_indexes), vc.patch_size) == (27, 1152, [8, 16, 24], 16)
+    assert rt.processor.image_tokens((768, 768)) == 576
+    small = load("shape:qwen3-vl-cpu-small", device="meta")
+    assert small.processor.image_tokens((768, 768)) == 576 and len(small.model.model.language_model.layers) == 8
+    assert rt.model.config.image_token_id == rt.tokenizer.convert_tokens_to_ids(rt.processor.placeholder)
+
+
 @pytest.mark.parametrize("family", ["qwen", "ov"])
 def test_local_directory_roundtrip(family, qwen, ov, tmp_path):
     rt = qwen if family == "qwen" else ov
