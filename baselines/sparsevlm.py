@@ -341,7 +341,7 @@ class SparseVLM(Method):
         if self.gravity:
             if sig.position_ids.dim() != 1:
                 raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL): use version='v1' (or gravity=False)")
+                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL): use version='v1' (or gravity=False)")
             d = sig.keys("prev", rope=False).shape[-1]
             g = rope_gravity(sig.position_ids[rows].cpu(), sig.position_ids[sig.visual].cpu(), d, self.rope_theta)
             attn = (attn.double() / g.to(attn.device)[None]).float()
@@ -355,7 +355,7 @@ class SparseVLM(Method):
         if self.gravity:
             if sig.position_ids.dim() != 1:
                 raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL): use version='v1' (or gravity=False)")
+                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL): use version='v1' (or gravity=False)")
             d = sig.keys("prev", rope=False).shape[-1]
             g = official_rope_gravity(sig.position_ids[rows], sig.position_ids[sig.visual], d, self.rope_theta)
             attn = attn / g.to(attn.device)[None]

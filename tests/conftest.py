@@ -14,8 +14,9 @@ from llava.method import Method, Selection  # noqa: E402
 from llava.models import load  # noqa: E402
 
 FAMILIES = ["llava", "llava-next", "video-llava"]
-#: the families of the adapter split (Qwen2.5-VL: M-RoPE, dynamic grids; OneVision: SigLIP, anyres_max_9)
-NEW_FAMILIES = ["qwen2.5-vl", "llava-onevision"]
+#: the families of the adapter split (Qwen2.5-VL: M-RoPE, dynamic grids; OneVision: SigLIP, anyres_max_9;
+#: Qwen3-VL: Qwen2.5-VL's geometry plus DeepStack)
+NEW_FAMILIES = ["qwen2.5-vl", "llava-onevision", "qwen3-vl"]
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 

@@ -29,6 +29,9 @@ BUDGETS = {
     "none": None,
     "novisual": None,
 }
+for _b in BUDGETS.values():  # tiny Qwen3-VL: Qwen2.5-VL's token geometry
+    if isinstance(_b, dict):
+        _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])
 DEFAULT_BUDGET = 4  # per image / crop / frame: prunes the tiny models
 #: option sets beyond the defaults, to reach each method's other code paths
 VARIANTS = {
@@ -75,7 +78,7 @@ def build(name, family, opts):
 @pytest.mark.parametrize("name,opts", method_cases())
 def test_method_keeps_every_tensor_on_the_signals_device(runtimes, fam, name, opts):
     rt = runtimes[fam]
-    if name == "sparsevlm" and opts.get("version") == "v2" and rt.family == "qwen2_5_vl":
+    if name == "sparsevlm" and opts.get("version") == "v2" and rt.family in ("qwen2_5_vl", "qwen3_vl"):
         pytest.skip("sparsevlm v2's RoPE gravity is 1-D only: refused on M-RoPE (tests/test_new_families.py)")
     method = build(name, rt.family, opts)
     chk = check_method(method)

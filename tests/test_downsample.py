@@ -19,7 +19,7 @@ from llava.method import Method, Selection
 from llava.ops import merge_tokens
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-POOLED = [f for f in ALL_FAMILIES if f != "qwen2.5-vl"]  # Qwen: its own test below (dynamic grids)
+POOLED = [f for f in ALL_FAMILIES if f not in ("qwen2.5-vl", "qwen3-vl")]  # Qwen: own test below (dynamic grids)
 
 
 def outputs(x, sel):
@@ -259,7 +259,7 @@ def test_generate_batch_of_three_equals_each_sample_alone(rt, space):
     check_generate_batch_equals_alone(rt, "downsample", 4, space=space)
 
 
-@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+@pytest.mark.parametrize("rt", ["qwen2.5-vl", "qwen3-vl"], indirect=True)
 def test_qwen_pools_each_image_on_its_own_grid(rt):
     """Qwen2.5-VL: each image's merged grid from image_grid_thw; the budget picks the smallest square
     window whose count is <= budget (an exact count per image is generally unreachable)."""

@@ -41,7 +41,7 @@ def test_fastv_schedule_per_layer(rt):
         rt.model(**batch(rt))
     got = [s.visual_per_layer for s in eng.stats.samples]
     assert got == [[s.visual_candidates] + [s.visual_candidates // 2] * 3 for s in eng.stats.samples]
-    if rt.family == "qwen2_5_vl":  # one merged token per 2x2 patches of each image's own grid
+    if rt.family in ("qwen2_5_vl", "qwen3_vl"):  # one merged token per 2x2 patches of each image's own grid
         grids = batch(rt)["image_grid_thw"]
         assert [s.visual_candidates for s in eng.stats.samples] == (grids.prod(-1) // 4).tolist()
 
@@ -58,7 +58,7 @@ def _lm_inputs(rt, inputs):
     return cap
 
 
-@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+@pytest.mark.parametrize("rt", ["qwen2.5-vl", "qwen3-vl"], indirect=True)
 def test_qwen_kept_tokens_keep_their_3d_positions_and_text_keeps_its_own(rt):
     inputs = batch(rt)
     model = rt.model
@@ -85,7 +85,7 @@ def test_qwen_kept_tokens_keep_their_3d_positions_and_text_keeps_its_own(rt):
     assert eng.stats.samples[0].visual_per_layer == [2] * 4
 
 
-@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+@pytest.mark.parametrize("rt", ["qwen2.5-vl", "qwen3-vl"], indirect=True)
 def test_qwen_token_types_are_rebuilt_when_missing(rt):
     """Without mm_token_type_ids transformers silently falls back to 1-D positions; the engine rebuilds them."""
     inputs = batch(rt)
@@ -121,7 +121,7 @@ def _ov_video(rt, frames=2, seed=0):
             "pixel_values_videos": torch.randn(1, frames, 3, size, size, generator=g)}
 
 
-@NEW
+@pytest.mark.parametrize("rt", ["qwen2.5-vl", "llava-onevision"], indirect=True)  # Qwen3-VL: tests/test_qwen3_vl.py
 @pytest.mark.parametrize("method", ["none", "visionzip", "fastv", "divprune"])
 def test_video_keep_all_is_stock_and_pruned_video_decodes_consistently(rt, method):
     inputs = _qwen_video(rt) if rt.family == "qwen2_5_vl" else _ov_video(rt)
