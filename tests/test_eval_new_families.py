@@ -225,18 +225,20 @@ def test_qwen_max_pixels_is_recorded_and_names_the_run(data, tmp_path):
                          out=str(tmp_path), wandb=False, max_new_tokens=2, limit=3, run_name=rd.name)) == 2
 
 
-def test_gqa_script_with_model_from_the_environment(data, tmp_path):
+@pytest.mark.parametrize("model", [QWEN, QWEN3])
+def test_gqa_script_with_model_from_the_environment(data, tmp_path, model):
     """``MODEL=<qwen> bash scripts/eval/gqa.sh consensusdrop <budget>`` as a user runs it (one process)."""
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "MODEL": QWEN, "NPROC": "1", "DATA_ROOT": str(data), "OUT": str(tmp_path), "WANDB_MODE": "disabled",
+    family, short = CASES[model][0], model.split(":")[1]
+    env = {**os.environ, "MODEL": model, "NPROC": "1", "DATA_ROOT": str(data), "OUT": str(tmp_path), "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1", "EXTRA_ARGS": "--max-new-tokens 3 --no-wandb"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     p = subprocess.run(["bash", str(repo / "scripts/eval/gqa.sh"), "consensusdrop", "2"], env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rd = tmp_path / "gqa" / "tiny-qwen2.5-vl_consensusdrop_b2"
+    rd = tmp_path / "gqa" / f"tiny-{short}_consensusdrop_b2"
     res = json.loads((rd / "results.json").read_text())
-    assert (res["model"]["family"], res["method"]["method"], res["method"]["budget"]) == ("qwen2_5_vl", "consensusdrop", 2)
+    assert (res["model"]["family"], res["method"]["method"], res["method"]["budget"]) == (family, "consensusdrop", 2)
     assert res["counts"]["answered"] == 5 and res["tokens"]["tok_in"] == 2.0 and res["launcher"] == "python"
-    assert "== gqa | tiny:qwen2.5-vl (qwen2_5_vl) | consensusdrop budget=2 ==" in p.stdout
+    assert f"== gqa | {model} ({family}) | consensusdrop budget=2 ==" in p.stdout

@@ -65,9 +65,11 @@ def family_rts():
                   load(f"tiny:{fam}", seed=1)) for fam in ("llava_next", "video_llava")}
 
 
-FAMILY_CASES = ([("llava_next", False, m, b) for m, b in CAPTURED] + [("video_llava", True, m, b) for m, b in CAPTURED]
+#: novisual (no visual token at all) is the same plan on every family: checked on LLaVA-1.5 only (CI time)
+FAMILY_CASES = ([("llava_next", False, m, b) for m, b in CAPTURED if m != "novisual"]
+                + [("video_llava", True, m, b) for m, b in CAPTURED if m != "novisual"]
                 # Video-LLaVA's images differ from LLaVA-1.5's only in the tower the adapter picks
-                + [("video_llava", False, "none", None), ("video_llava", False, "visionzip", 6)])
+                + [("video_llava", False, "visionzip", 6)])
 
 
 @pytest.mark.parametrize("family,video,method,budget", FAMILY_CASES)
@@ -81,7 +83,7 @@ def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(family_rts, 
     assert_same_as_eager(rt_fast, rt_eager, eng, family_batch(rt_fast, family, video))
 
 
-@pytest.mark.parametrize("method,budget", [("fastervlm", 4), ("divprune", 4), ("visionzip", 6)])
+@pytest.mark.parametrize("method,budget", [("divprune", 4), ("visionzip", 6)])
 def test_one_prefill_graph_per_bucket_and_one_decode_graph(rt_fast, rt_eager, method, budget):
     """After the first prompt, prompts of other lengths in the same bucket and 16 decode steps
     compile nothing (recompilation raises); batch 1: tokens == eager."""
@@ -176,7 +178,7 @@ def _text_topk_method():
     return TextTopK
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava"])  # NeXT / Video-LLaVA: AttnMix, ConsensusDrop, CDPruner's own tests
 def test_query_aware_methods_read_a_padded_text_block(rt_fast, rt_eager, family_rts, family):
     """The text after the image reaches a captured method padded to a text bucket (``text_mask``,
     ``question_mask``): selections and tokens == the eager engine's (unpadded text), for prompts whose
