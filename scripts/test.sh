@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU, no downloads, a few minutes on 2 cores).
+# Set up and run the test suite (CPU, no downloads; about 20 minutes on 2 cores, most of it the fast path's
+# compiles: tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
