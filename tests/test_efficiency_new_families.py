@@ -138,3 +138,38 @@ def test_benchmark_on_tiny_onevision_matches_engine_stats(tmp_path):
     pd = next(r for r in report["results"] if r["method"] == "pdrop")
     assert pd["visual_layer_avg"] < 172  # something is pruned (budget relative to 576: ~192/576 of 172)
     _check_against_engine(report, "tiny:llava-onevision", (384, 384), 172)
+
+
+def test_decode_step_time_excludes_the_prefill():
+    """TPOT is timed inside one generate call, from the first token's logits to the last one's: a prefill made
+    0.3 s slower leaves it unchanged (the old difference of two generate timings carried the prefill's noise)."""
+    import functools
+    import time as _time
+
+    from eval.efficiency import decode_step_time
+
+    rt = load("tiny:qwen3-vl", seed=1)
+    from conftest import rand_image
+
+    batch = rt.processor(["what is this?"], [rand_image(0, 60, 90)])
+    rt.prune("none")
+    slow = {"on": False}
+    inner = rt.model.forward
+
+    @functools.wraps(inner)  # generate checks its kwargs against forward's signature
+    def forward(*a, **k):  # the visual prefill (pixel_values present) sleeps 0.3 s when asked
+        if slow["on"] and k.get("pixel_values") is not None:
+            _time.sleep(0.3)
+        return inner(*a, **k)
+
+    rt.model.forward = forward
+    try:
+        base = decode_step_time(rt, batch, torch.device("cpu"), 4)
+        slow["on"] = True
+        slowed = decode_step_time(rt, batch, torch.device("cpu"), 4)
+    finally:
+        del rt.model.forward
+    # the 0.3 s prefill delay is not in it (spread over 4 tokens it would add 75 ms, over 3 steps 100 ms)
+    assert 0 < base < 0.05 and 0 < slowed < 0.05 and abs(slowed - base) < 0.03
+    with pytest.raises(ValueError, match="2 new tokens"):
+        decode_step_time(rt, batch, torch.device("cpu"), 1)
