@@ -118,13 +118,7 @@ def carry_rows(rows: torch.Tensor, sel: Selection) -> torch.Tensor:
     selection's rule (:func:`llava.ops.merge_tokens`, fp32, in the rows' own space). No host read."""
     if sel.values is not None:
         raise ValueError("a method that computes its outputs itself (Selection.values) cannot carry DeepStack rows")
-    flat = rows.flatten(1)
-    out = [flat[sel.keep.to(flat.device)]]
-    if sel.targets is not None and sel.targets.numel():
-        out.append(merge_tokens(flat, sel).to(flat.dtype))
-    out = torch.cat(out)
-    if sel.order is not None:
-        out = out[sel.order.to(out.device)]
+    out, _ = llm_outputs(rows.flatten(1), sel)  # the same keep / merge / order as an llm stage's hidden states
     return out.view(-1, *rows.shape[1:])
 
 

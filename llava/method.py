@@ -89,10 +89,10 @@ class Selection:
         idx = self.keep if self.targets is None else torch.cat([self.keep, self.targets.to(dev)])
         no = torch.zeros((), dtype=torch.bool, device=dev)
         flags = {}
+        if self.order is not None and self.order.numel() != self.num_out:
+            raise ValueError("Selection.order must be a permutation of the outputs")
         if self.count is not None and idx.numel():  # padded: only the first `count` outputs are checked
             if self.order is not None:
-                if self.order.numel() != self.num_out:
-                    raise ValueError("Selection.order must be a permutation of the outputs")
                 idx = idx[self.order.to(dev).clamp(0, self.num_out - 1)]
             ar = torch.arange(idx.numel(), device=dev)
             real = ar < self.count.to(dev)
@@ -106,8 +106,6 @@ class Selection:
             if not (self.allow_duplicates and self.targets is None):
                 flags["dup"] = (s[1:] == s[:-1]).any() if s.numel() > 1 else no
         if self.order is not None:
-            if self.order.numel() != self.num_out:
-                raise ValueError("Selection.order must be a permutation of the outputs")
             ar = torch.arange(self.num_out, device=self.order.device)
             flags["order"] = (self.order.sort().values != ar).any().to(dev)
             if not malformed_only:

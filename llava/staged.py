@@ -17,7 +17,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .families.base import to_device as _to_device
-from .layout import _add_deepstack, _deepstack, _Layout, _runs, llm_outputs
+from .layout import _add_deepstack, _deepstack, _Layout, _runs, carry_rows, llm_outputs
 from .method import Selection
 from .signals import LLMSignals, llm_attention_fns
 
@@ -124,8 +124,7 @@ class StagedDecoderMixin:
             r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
-                rows = deep_in[b]
-                dx = llm_outputs(rows.flatten(1), sel)[0].view(-1, *rows.shape[1:])
+                dx = carry_rows(deep_in[b], sel)
                 deep_out.append(dx[perm] if perm is not None else dx)
             if perm is not None:
                 vx, src = vx[perm], src[perm]

@@ -55,18 +55,20 @@ def assert_same_as_eager(fast, eager, eng, batch, tokens=8):
     assert [s.visual_candidates for s in eng.stats.samples] == [s.visual_candidates for s in ref]
 
 
-def counting_fast_path(eng):
-    """A fast path of ``eng`` whose captured function runs uncompiled (``backend="none"``: the same code with
-    ``sig.captured``, no compile time), and the list its prefill calls append their host syncs to."""
+def counting_fast_path(eng, names=("_prefill",)):
+    """A fast path of ``eng`` whose captured functions (``names``; a piecewise prefill: ``_vision`` and ``_llm``)
+    run uncompiled (``backend="none"``: the same code with ``sig.captured``, no compile time), and the list their
+    calls append their host syncs to."""
     fp = FastPath(eng, backend="none", max_new_tokens=16)
     syncs = []
-    inner = fp._prefill
+    for name in names:
+        inner = getattr(fp, name)
 
-    def counted(*a, **k):
-        with SyncCounter() as c:
-            out = inner(*a, **k)
-        syncs.append(c.total)
-        return out
+        def counted(*a, _inner=inner, **k):
+            with SyncCounter() as c:
+                out = _inner(*a, **k)
+            syncs.append(c.total)
+            return out
 
-    fp._prefill = counted
+        setattr(fp, name, counted)
     return fp, syncs

@@ -7,14 +7,12 @@ the bucket; neither reads the device; Selection.count's validity flags."""
 
 import pytest
 import torch
-from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, family_batch, generate, inputs
+from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
 from baselines.prumerge import prumerge, prumerge_padded
 from llava import get_method, load
-from llava.fastpath import FastPath
 from llava.method import Selection
 from llava.ops import unit_layout
-from llava.syncs import SyncCounter
 
 
 @pytest.fixture(scope="module")
@@ -183,18 +181,7 @@ def test_other_counts_in_the_same_bucket_compile_nothing(rts):
 def test_no_host_sync_inside_either_graph(rts):
     fast, _ = rts["llava_next"]
     eng = fast.prune("prumerge", None)
-    fp = FastPath(eng, backend="none", max_new_tokens=16)
-    syncs = []
-    for name in ("_vision", "_llm"):
-        inner = getattr(fp, name)
-
-        def counted(*a, _inner=inner, **k):
-            with SyncCounter() as c:
-                out = _inner(*a, **k)
-            syncs.append(c.total)
-            return out
-
-        setattr(fp, name, counted)
+    fp, syncs = counting_fast_path(eng, ("_vision", "_llm"))
     batch = family_batch(fast, "llava_next")
     with torch.no_grad():
         _, _, _, info, outputs = fp.prefill(batch["input_ids"], batch["attention_mask"],
