@@ -366,9 +366,18 @@ def rope_fn_for(attn_module: torch.nn.Module) -> Callable:
     return fn
 
 
+def _head_norm(attn: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own per-head norm of its queries / keys (``q_norm`` / ``k_norm``: Qwen3 and Qwen3-VL text
+    models, InternVL3.5's Qwen3, RMSNorm over head_dim after the projection, before RoPE); x (1, S, H, d).
+    Identity where the layer has none (Llama, Qwen2)."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 class LayerQK:
     """Queries and keys of one decoder ``layer`` over one sequence x (S, D), computed as the layer does
-    (input_layernorm, q / k projection, RoPE at ``pos``), each piece once: the normed input, the keys
+    (input_layernorm, q / k projection, the per-head q / k norm where the layer has one, RoPE at ``pos``),
+    each piece once: the normed input, the keys
     (with and without RoPE) and the rotary tables are kept, so the several signals of one llm stage
     (attention rows for two row sets, the keys a merge compares) share one k projection."""
 
@@ -390,7 +399,8 @@ class LayerQK:
     def keys(self, rope: bool = True) -> torch.Tensor:
         """(H_kv, S, d)."""
         if self._k is None:
-            self._k = self.attn.k_proj(self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim).transpose(1, 2)
+            k = self.attn.k_proj(self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim)
+            self._k = _head_norm(self.attn, "k_norm", k).transpose(1, 2)
         if not rope:
             return self._k[0]
         if self._k_rope is None:
@@ -401,7 +411,8 @@ class LayerQK:
     def queries(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
         """(H, Q, d) for the sequence positions ``rows``."""
         d = self.attn.head_dim
-        q = self.attn.q_proj(self._normed()[:, rows]).view(1, rows.numel(), -1, d).transpose(1, 2)  # (1, H, Q, d)
+        q = self.attn.q_proj(self._normed()[:, rows]).view(1, rows.numel(), -1, d)
+        q = _head_norm(self.attn, "q_norm", q).transpose(1, 2)  # (1, H, Q, d)
         if rope:
             cos, sin = self._cos_sin()
             _, q = rope_fn_for(self.attn)(q, q, cos[:, rows], sin[:, rows])

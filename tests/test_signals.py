@@ -92,9 +92,12 @@ def test_next_unit_positions_and_per_crop_attention(runtimes):
         assert bool((s < 1).all()) and bool((s > 0).all())
 
 
-def test_llm_stage_attention_rows_equal_eager_attention(runtimes):
-    """LLMSignals.attention(..., 'next') = layer K's attention, ('prev') = layer K-1's, of the stock model."""
-    rt = runtimes["llava"]
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl", "qwen3-vl"])
+def test_llm_stage_attention_rows_equal_eager_attention(runtimes, family):
+    """LLMSignals.attention(..., 'next') = layer K's attention, ('prev') = layer K-1's, of the stock model.
+    Qwen3-VL's text layers norm q and k per head (``q_norm`` / ``k_norm``): without them the rows differ by
+    up to 0.45 on this model (the regression this guards)."""
+    rt = runtimes[family]
     inputs = make_batch(rt, n=2)
     seen = []
 
