@@ -5,9 +5,9 @@
     python -m eval.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
     python -m eval.gpu_check --fast-only --fast-dtypes float16       # the fast-path section only
 
-Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the six tiny
+Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the seven tiny
 random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
-``tiny:llava-onevision``, ``tiny:qwen3-vl``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
+``tiny:llava-onevision``, ``tiny:qwen3-vl``, ``tiny:internvl``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
 that really prunes (each method's own budget convention, see ``TINY_BUDGETS``); a method whose
 ``families`` exclude a family (``llava.method.method_supports``) is not run there and reported ``n/a``.
 Checks, per method x family x dtype:
@@ -95,7 +95,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl")
+FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: methods that take no budget
@@ -130,6 +130,7 @@ TINY_BUDGETS = {
 }
 for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:
     _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])  # the tiny Qwen3-VL tower has Qwen2.5-VL's token geometry
+    _b.setdefault("internvl", _b["llava_next"])  # tiny InternVL: 16 tokens per tile, 1-5 tiles per image (NeXT-like)
 #: a method registered later and not listed above (tests/test_gpu_check.py asserts there is none)
 FALLBACK_BUDGET = 4
 FP32_LOGIT_TOL = 1e-3

@@ -46,7 +46,7 @@ TEXT_ONLY_REASON = "text-only prompt (the stock model's forward: nothing to prun
 #: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
 VIDEO_FAMILIES = ("video_llava",)
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl")
 #: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 #: what a visual-token budget counts, per family (per-unit methods; README's Methods table for each method's convention)
@@ -59,6 +59,8 @@ BUDGET_UNITS = {
     "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods)",
     "qwen3_vl": "merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
                 "resize, p the patch size; each token's DeepStack rows follow it)",
+    "internvl": "visual tokens per tile (dynamic tiling: up to 12 tiles of 448 px + a thumbnail, 256 tokens each "
+                "after the 2x2 pixel shuffle; per-unit methods)",
 }
 
 
@@ -622,6 +624,13 @@ def model_info(cfg: RunConfig, rt, dtype: str) -> dict:
         return info
     info.update(next_layout=rt.processor.next_layout, num_frames=rt.processor.num_frames,
                 image_size=vc.image_size, patch_size=vc.patch_size)
+    if rt.family == "internvl":
+        ip = rt.processor.image_processor
+        info.update(preprocess="dynamic tiling (crop_to_patches, thumbnail)", min_tiles=int(ip.min_patches),
+                    max_tiles=int(ip.max_patches), tokens_per_tile=rt.processor.tokens_per_crop)
+        for k in ("next_layout", "num_frames"):
+            info.pop(k)
+        return info
     if rt.family == "llava_onevision":
         info.update(preprocess=f"anyres ({getattr(rt.model.config, 'vision_aspect_ratio', 'anyres_max_9')})",
                     tokens_per_crop=rt.processor.tokens_per_crop)
@@ -646,6 +655,13 @@ def _overlay(rt, inputs, b: int, img, keep: list[int], video: bool, pad_to_squar
         view = img.convert("RGB").resize((gw * vc.patch_size, gh * vc.patch_size), resample=3)
         rows, cols = gh // m, gw // m
         return grid_overlay(view, rows, cols, sorted({i for i in keep if 0 <= i < rows * cols}))
+    if rt.family == "internvl":  # the image's last tile is the whole image (the thumbnail, or the only tile)
+        n = rt.processor.tokens_per_crop
+        total = int((inputs["input_ids"][b] == rt.model.config.image_token_id).sum())
+        side = vc.image_size[0]
+        grid = int(round(n ** 0.5))
+        view = img.convert("RGB").resize((side, side), resample=3)
+        return grid_overlay(view, grid, grid, sorted({i - (total - n) for i in keep if total - n <= i < total}))
     if rt.family == "llava_onevision":  # base crop: the whole image resized to the tower's square
         grid = vc.image_size // vc.patch_size
         n = rt.processor.tokens_per_crop

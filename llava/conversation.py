@@ -16,7 +16,8 @@ class Template:
     user: str
     assistant: str
     style: str  # "two" (vicuna / llava_v1: "{system} USER: ... ASSISTANT:"), "chatml" (LLaVA's chatml_direct),
-    # "qwen_vl" (Qwen2.5-VL's HF chat template) or "onevision_hf" (llava-hf OneVision's chat template)
+    # "qwen_vl" (Qwen2.5-VL's HF chat template), "onevision_hf" (llava-hf OneVision's chat template) or
+    # "internvl_hf" (the InternVL -hf checkpoints' chat template)
 
     def prompt(self, question: str, placeholders: str = "<image>") -> str:
         """The prompt string up to where generation starts. ``placeholders`` is put before the
@@ -36,6 +37,10 @@ class Template:
             # every <image> / <video> is followed by its own newline; no system turn
             ph = placeholders.replace("<image>", "<image>\n").replace("<video>", "<video>\n")
             return f"<|im_start|>{self.user}\n{ph}{question}<|im_end|>\n<|im_start|>{self.assistant}\n"
+        if self.style == "internvl_hf":
+            # every <IMG_CONTEXT> (expanded by the processor to <img> + its tokens + </img>) gets a newline; no system
+            ph = placeholders.replace("<IMG_CONTEXT>", "<IMG_CONTEXT>\n")
+            return f"<|im_start|>{self.user}\n{ph}{question}<|im_end|>\n<|im_start|>{self.assistant}\n"
         raise ValueError(self.style)
 
     @property
@@ -43,15 +48,16 @@ class Template:
         """The text that ends every prompt (stripped from 'question' tokens for query signals)."""
         if self.style == "two":
             return f" {self.assistant}:"
-        if self.style in ("qwen_vl", "onevision_hf"):
+        if self.style in ("qwen_vl", "onevision_hf", "internvl_hf"):
             return f"<|im_end|>\n<|im_start|>{self.assistant}\n"
         return f"<|im_end|><|im_start|>{self.assistant}\n"
 
     @property
     def sep_text(self) -> str:
         """The text between the last visual placeholder and the question (stripped from the 'question'
-        tokens): the newline of LLaVA's templates and OneVision's, ``<|vision_end|>`` for Qwen."""
-        return "<|vision_end|>" if self.style == "qwen_vl" else "\n"
+        tokens): the newline of LLaVA's templates and OneVision's, ``<|vision_end|>`` for Qwen, ``</img>`` and the
+        newline for InternVL."""
+        return {"qwen_vl": "<|vision_end|>", "internvl_hf": "</img>\n"}.get(self.style, "\n")
 
 
 TEMPLATES = {
@@ -75,6 +81,12 @@ TEMPLATES = {
     # image + question + "<|im_end|>\n<|im_start|>assistant\n", no system turn. (The original LLaVA-OV
     # `qwen_1_5` conversation adds a system turn; transformers' unit tests use an older "user <image>" variant.)
     "llava_onevision_hf": Template("llava_onevision_hf", "", "user", "assistant", "onevision_hf"),
+    # InternVL -hf checkpoints (InternVL3-*-hf, InternVL3_5-*-HF): the chat template transformers' conversion script
+    # writes (convert_internvl_weights_to_hf.py): "<|im_start|>user\n" + "<IMG_CONTEXT>\n" per image + question +
+    # "<|im_end|>\n<|im_start|>assistant\n", no system turn; InternVLProcessor expands each <IMG_CONTEXT> to
+    # "<img>" + 256 x tiles "<IMG_CONTEXT>" + "</img>". (The original InternVL `chat()` adds a Chinese system
+    # prompt; VLMEvalKit and lmms-eval differ on it: pass --template to choose.)
+    "internvl_hf": Template("internvl_hf", "", "user", "assistant", "internvl_hf"),
 }
 
 

@@ -22,13 +22,14 @@ import torch
 
 from .conversation import Template, get_template
 from .engine import PromptSpec, PruningEngine, attach
-from .preprocess import OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
+from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
-TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl")
+TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl")
 DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
-                    "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl"}
+                    "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl",
+                    "internvl": "internvl_hf"}
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -36,14 +37,18 @@ MODEL_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
 }
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl")
 #: families whose prompts and pixels are Qwen-VL's (smart resize, patchified pixels, grid_thw, vision_start/end)
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor, "qwen3_vl": QwenVLProcessor}
+PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor, "qwen3_vl": QwenVLProcessor,
+              "internvl": InternVLProcessor}
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 56*56, max_pixels 14*14*4*16384
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # InternVL's preprocessor_config.json
+INTERNVL_MAX_TILES = 12  # InternVL3 / 3.5: max_dynamic_patch 12 (+ the thumbnail)
 
 
 @dataclass
@@ -87,7 +92,7 @@ def prompt_spec_for(tokenizer, template: Template | str) -> PromptSpec:
     """The separator and role-tag token ids of ``template`` (a name such as 'vicuna_v1' or a
     Template) under ``tokenizer``: what the engine strips to find the question tokens."""
     tmpl = get_template(template) if isinstance(template, str) else template
-    if tmpl.style in ("qwen_vl", "onevision_hf"):
+    if tmpl.style in ("qwen_vl", "onevision_hf", "internvl_hf"):
         # ChatML: Qwen puts <|vision_end|> between the last <|image_pad|> and the question, OneVision a newline;
         # the prompt ends with "<|im_end|>\n<|im_start|>assistant\n" (special tokens split the text, so these
         # pieces tokenise the same alone as inside the prompt)
@@ -138,7 +143,7 @@ def tiny_chatml_config(family: str, tok):
     import transformers as tf
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                       "<|vision_end|>", "<image>", "<video>")}
+                                                       "<|vision_end|>", "<image>", "<video>", "<IMG_CONTEXT>")}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=None,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -159,6 +164,15 @@ def tiny_chatml_config(family: str, tok):
         return tf.Qwen3VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
                                 video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                 vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if family == "internvl":  # InternVL3.5's layout: InternViT ([CLS], pixel shuffle 0.5) + a Qwen3 LLM (q / k norm)
+        # 112-px tiles of 8 x 8 patches -> 4 x 4 = 16 tokens each; the vision tower with qk-norm and RMSNorm
+        # (InternViT-6B's variant, so those code paths are exercised; the 300M tower of the 8B model has neither)
+        vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=112,
+                  patch_size=14, use_qk_norm=True, norm_type="rms_norm", attention_bias=True)
+        tc = dict(text, model_type="qwen3", head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        return tf.InternVLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<IMG_CONTEXT>"],
+                                 image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1,
+                                 vision_feature_select_strategy="default", tie_word_embeddings=False)
     if family == "llava_onevision":
         vc = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
@@ -171,9 +185,16 @@ def tiny_chatml_config(family: str, tok):
     raise ValueError(family)
 
 
-def _chatml_image_processor(family: str, config, min_pixels=None, max_pixels=None):
-    """The PIL image processor of a Qwen2.5-VL / Qwen3-VL / OneVision model built from ``config`` (checkpoint
-    defaults)."""
+def _chatml_image_processor(family: str, config, min_pixels=None, max_pixels=None, max_tiles=None):
+    """The PIL image processor of a Qwen2.5-VL / Qwen3-VL / OneVision / InternVL model built from ``config``
+    (checkpoint defaults; ``max_tiles``: InternVL's tile limit)."""
+    if family == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        side = config.vision_config.image_size[0]
+        return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, min_patches=1,
+                                        max_patches=max_tiles or INTERNVL_MAX_TILES, image_mean=IMAGENET_MEAN_STD[0],
+                                        image_std=IMAGENET_MEAN_STD[1])
     if family in QWEN_FAMILIES:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -214,7 +235,7 @@ def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str 
     if fam not in MODEL_CLASSES:
         raise ValueError(f"unknown tiny family {family!r}; choose from {TINY}")
     if fam in CHATML_FAMILIES:
-        tok = build_tiny_tokenizer(chatml=True)
+        tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl")
         cfg = tiny_chatml_config(fam, tok)
         torch.manual_seed(seed)
         model = getattr(tf, MODEL_CLASSES[fam])(cfg)
@@ -223,7 +244,8 @@ def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str 
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         model = model.to(_dtype(dtype) or torch.float32).eval()
-        return _runtime(model, tok, _chatml_image_processor(fam, cfg, min_pixels, max_pixels), fam, f"tiny:{family}")
+        ip = _chatml_image_processor(fam, cfg, min_pixels, max_pixels, max_tiles=4 if fam == "internvl" else None)
+        return _runtime(model, tok, ip, fam, f"tiny:{family}")
     tok = build_tiny_tokenizer()
     cfg = tiny_config(fam, len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"))
     cfg.text_config.pad_token_id = tok.pad_token_id
@@ -322,9 +344,11 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         from .tiny_tokenizer import build_tiny_tokenizer
 
         if fam in CHATML_FAMILIES:  # the tiny tokenizer's ids stand in for the checkpoint's special tokens
-            tok = build_tiny_tokenizer(chatml=True)
+            tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl")
             mc = model.config
-            if fam in QWEN_FAMILIES:
+            if fam == "internvl":
+                mc.image_token_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+            elif fam in QWEN_FAMILIES:
                 for attr, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                                 ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
                     setattr(mc, attr, tok.convert_tokens_to_ids(t))
@@ -362,6 +386,8 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
 
         ip_kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    elif fam == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil as IP
     elif fam == "llava_onevision":
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil as IP,

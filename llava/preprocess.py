@@ -339,7 +339,7 @@ class ChatMLProcessor(PromptProcessor):
             out, k = [], 0
             for t in ids:
                 if t == ph_id:
-                    out.extend([img_id] * counts[i][k])
+                    out.extend(self._expand(img_id, counts[i][k]))
                     k += 1
                 else:
                     out.append(t)
@@ -358,6 +358,10 @@ class ChatMLProcessor(PromptProcessor):
 
     def _extra_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict:
         return {}
+
+    def _expand(self, img_id: int, count: int) -> list[int]:
+        """The ids one image placeholder becomes: ``count`` image tokens."""
+        return [img_id] * count
 
 
 class QwenVLProcessor(ChatMLProcessor):
@@ -447,3 +451,47 @@ class OnevisionProcessor(ChatMLProcessor):
             px["batch_num_images"] = torch.tensor([len(s) for s in groups], dtype=torch.long)
         counts = [[self.image_tokens((im.height, im.width), multi_image=len(s) > 1) for im in s] for s in per_sample]
         return px, counts
+
+
+class InternVLProcessor(ChatMLProcessor):
+    """InternVL3 / 3.5 (-hf checkpoints): ``GotOcr2ImageProcessorPil`` with ``crop_to_patches`` (dynamic tiling:
+    the aspect ratio among 1..``max_patches`` tiles closest to the image's, tiles row-major, then a thumbnail when
+    there is more than one tile; ``pixel_values`` (tiles, 3, S, S) of all images in prompt order), as
+    ``InternVLProcessor`` calls it; each ``<IMG_CONTEXT>`` becomes ``<img>`` + tiles x (S / patch * ratio)^2
+    ``<IMG_CONTEXT>`` + ``</img>``. Videos: not built here (the stock processor writes one ``Frame{i}: <img>...
+    </img>`` run per frame; the engine prunes such prompts built by any processor)."""
+
+    placeholder = "<IMG_CONTEXT>"
+
+    @property
+    def tokens_per_crop(self) -> int:
+        cfg = self.model_config
+        vc = cfg.vision_config
+        side = vc.image_size[0] // vc.patch_size[0]
+        return int(round(side * cfg.downsample_ratio)) ** 2
+
+    def image_tokens(self, size_hw: tuple[int, int]) -> int:
+        tiles = self.image_processor.get_number_of_image_patches(int(size_hw[0]), int(size_hw[1]),
+                                                                 {"crop_to_patches": True})
+        return self.tokens_per_crop * tiles
+
+    def process_images(self, images: list[Image.Image]) -> dict:
+        out = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "num_patches": out["num_patches"]}
+
+    def _pixels(self, per_sample):
+        flat = [im for s in per_sample for im in s]
+        if not flat:
+            return {}, [[] for _ in per_sample]
+        px = self.process_images(flat)
+        tiles = px.pop("num_patches")
+        tiles = tiles.tolist() if torch.is_tensor(tiles) else list(tiles)
+        counts, k = [], 0
+        for s in per_sample:
+            counts.append([self.tokens_per_crop * int(t) for t in tiles[k:k + len(s)]])
+            k += len(s)
+        return px, counts
+
+    def _expand(self, img_id: int, count: int) -> list[int]:
+        start, end = (self.tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>"))
+        return [start] + [img_id] * count + [end]

@@ -28,16 +28,19 @@ PUNCT = list(".,:;?!'\"()-/")
 CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                    "<|video_pad|>", "<|endoftext|>"]
 CHATML_WORDS = ["system"]  # "<|im_start|>system\n..." (the other words of Qwen's system prompt are in BASE_WORDS)
+# InternVL's image tokens, appended after the ChatML ones only with ``internvl=True``
+INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 
 
-def build_tiny_tokenizer(extra_words: list[str] | None = None, chatml: bool = False) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(extra_words: list[str] | None = None, chatml: bool = False,
+                         internvl: bool = False) -> PreTrainedTokenizerFast:
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
     vocab: dict[str, int] = {}
     for w in SPECIALS + ["\n"] + PUNCT + [w.lower() for w in BASE_WORDS + list(extra_words or [])]:
         vocab.setdefault(w, len(vocab))
     if chatml:
-        for w in CHATML_WORDS + CHATML_SPECIALS:
+        for w in CHATML_WORDS + CHATML_SPECIALS + (INTERNVL_SPECIALS if internvl else []):
             vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # tokens: special tags, newline, words (incl. apostrophes), single punctuation
@@ -55,7 +58,8 @@ def build_tiny_tokenizer(extra_words: list[str] | None = None, chatml: bool = Fa
     if chatml:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", unk_token="<unk>",
                                        pad_token="<pad>", padding_side="left")
-        fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"] + CHATML_SPECIALS})
+        fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"] + CHATML_SPECIALS
+                                 + (INTERNVL_SPECIALS if internvl else [])})
         return fast
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", padding_side="left")

@@ -15,8 +15,8 @@ from llava.models import load  # noqa: E402
 
 FAMILIES = ["llava", "llava-next", "video-llava"]
 #: the families of the adapter split (Qwen2.5-VL: M-RoPE, dynamic grids; OneVision: SigLIP, anyres_max_9;
-#: Qwen3-VL: Qwen2.5-VL's geometry plus DeepStack)
-NEW_FAMILIES = ["qwen2.5-vl", "llava-onevision", "qwen3-vl"]
+#: Qwen3-VL: Qwen2.5-VL's geometry plus DeepStack; InternVL: [CLS] tower, pixel shuffle, dynamic tiles, Qwen3 LLM)
+NEW_FAMILIES = ["qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl"]
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 
@@ -60,6 +60,13 @@ def slice_batch(inputs, i, rt):
         a = int(rows[:i].sum())
         out["pixel_values"] = inputs["pixel_values"][a:a + int(rows[i])]
         out["image_grid_thw"] = inputs["image_grid_thw"][i:i + 1]
+        return out
+    if rt.family == "internvl":  # pixel rows are the tiles of all images in prompt order
+        per_tile = rt.model.config.image_seq_length
+        tiles = [int((inputs["input_ids"][j] == rt.model.config.image_token_id).sum()) // per_tile
+                 for j in range(inputs["input_ids"].shape[0])]
+        a = sum(tiles[:i])
+        out["pixel_values"] = inputs["pixel_values"][a:a + tiles[i]]
         return out
     if "batch_num_images" in inputs:
         out["batch_num_images"] = inputs["batch_num_images"][i:i + 1]

@@ -29,9 +29,10 @@ BUDGETS = {
     "none": None,
     "novisual": None,
 }
-for _b in BUDGETS.values():  # tiny Qwen3-VL: Qwen2.5-VL's token geometry
+for _b in BUDGETS.values():  # tiny Qwen3-VL: Qwen2.5-VL's token geometry; tiny InternVL: NeXT's (16 per tile, tiles)
     if isinstance(_b, dict):
         _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])
+        _b.setdefault("internvl", _b["llava_next"])
 DEFAULT_BUDGET = 4  # per image / crop / frame: prunes the tiny models
 #: option sets beyond the defaults, to reach each method's other code paths
 VARIANTS = {

@@ -15,6 +15,10 @@ Worked-out token counts (fixture images 50x30 for n1 / n3; n2 replaced by a 100x
   16 + 2 rows x (4 + newline) = 26; 100x60 -> base + 4 crops, 16 + 4 rows x (8 + newline) = 52.
   ConsensusDrop budget 4 per crop, newlines kept: 4 + 4 + 2 = 10 and 4 + 4*4 + 4 = 24; FastV B = 16:
   (64 - 26) / 3 = 12.67 -> 13 and (64 - 52) / 3 = 4.
+* tiny InternVL (112-px tiles, 16 tokens each, at most 4 tiles + a thumbnail; its own data, n2 = 200x60 so
+  that a batch mixes tile counts): 50x30 (aspect 1.67) -> the closest tile grid 2 x 1 -> 2 tiles + thumbnail =
+  48 tokens; 200x60 (aspect 3.33) -> 3 x 1 -> 4 tiles = 64. ConsensusDrop budget 4 per tile: 12 and 16;
+  FastV B = 20: (80 - 48) / 3 = 10.67 -> 11 and (80 - 64) / 3 = 5.33 -> 5.
 """
 
 import json
@@ -32,7 +36,7 @@ from eval.runner import RunConfig, run, run_dir_of
 
 pytestmark = pytest.mark.usefixtures("run_env")
 
-QWEN, OV, QWEN3 = "tiny:qwen2.5-vl", "tiny:llava-onevision", "tiny:qwen3-vl"
+QWEN, OV, QWEN3, INTERNVL = "tiny:qwen2.5-vl", "tiny:llava-onevision", "tiny:qwen3-vl", "tiny:internvl"
 #: model -> family key, candidates per question id (201..205), per method: (budget, visual tokens after pruning)
 CASES = {
     QWEN: ("qwen2_5_vl", {"201": 6, "202": 6, "203": 8, "204": 6, "205": 6},
@@ -45,8 +49,11 @@ CASES = {
     OV: ("llava_onevision", {"201": 26, "202": 26, "203": 52, "204": 26, "205": 26},
          {"consensusdrop": (4, {"201": 10, "202": 10, "203": 24, "204": 10, "205": 10}),
           "fastv": (16, {"201": 13, "202": 13, "203": 4, "204": 13, "205": 13})}),
+    INTERNVL: ("internvl", {"201": 48, "202": 48, "203": 64, "204": 48, "205": 48},
+               {"consensusdrop": (4, {"201": 12, "202": 12, "203": 16, "204": 12, "205": 12}),
+                "fastv": (20, {"201": 11, "202": 11, "203": 5, "204": 11, "205": 11})}),
 }
-PARAMS = [(m, meth) for m in (QWEN, OV, QWEN3) for meth in ("consensusdrop", "fastv")]
+PARAMS = [(m, meth) for m in (QWEN, OV, QWEN3, INTERNVL) for meth in ("consensusdrop", "fastv")]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +61,15 @@ def data(tmp_path_factory):
     root = write_fixtures(tmp_path_factory.mktemp("new_families_data"), ["gqa"])
     img = Image.fromarray((np.random.RandomState(7).rand(60, 100, 3) * 255).astype("uint8"))
     img.save(root / "gqa/data/images/n2.jpg")  # another size: batches mix grids / crop counts
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_tiles(tmp_path_factory):
+    """InternVL's data: n2 of aspect 3.33 (4 tiles, the others 3), so that a batch mixes tile counts."""
+    root = write_fixtures(tmp_path_factory.mktemp("tiles_data"), ["gqa"])
+    img = Image.fromarray((np.random.RandomState(7).rand(60, 200, 3) * 255).astype("uint8"))
+    img.save(root / "gqa/data/images/n2.jpg")
     return root
 
 
@@ -73,7 +89,8 @@ def metas(rd):
 
 
 @pytest.mark.parametrize("model, method", PARAMS)
-def test_run_batched_equals_batch_one_records_family_and_resumes(data, tmp_path, model, method):
+def test_run_batched_equals_batch_one_records_family_and_resumes(data, data_tiles, tmp_path, model, method):
+    data = data_tiles if model == INTERNVL else data
     family, candidates, methods = CASES[model]
     budget, kept = methods[method]
     one, three = cfg(data, tmp_path / "b1", model, method), cfg(data, tmp_path / "b3", model, method, batch_size=3)
@@ -100,10 +117,15 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, tmp_path,
         mod = res["model"]
         qwen = family in ("qwen2_5_vl", "qwen3_vl")
         assert (mod["id"], mod["family"]) == (model, family) and mod["template"] == {
-            "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf"}[family]
-        assert mod["budget_unit"].startswith("merged visual tokens per image" if qwen else "visual tokens per crop")
+            "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf",
+            "internvl": "internvl_hf"}[family]
+        assert mod["budget_unit"].startswith("merged visual tokens per image" if qwen else
+                                             "visual tokens per tile" if family == "internvl" else "visual tokens per crop")
         if qwen:
             assert (mod["preprocess"], mod["min_pixels"], mod["max_pixels"]) == ("qwen smart_resize", 3136, 12845056)
+        elif family == "internvl":
+            assert (mod["preprocess"], mod["max_tiles"], mod["tokens_per_tile"]) == (
+                "dynamic tiling (crop_to_patches, thumbnail)", 4, 16)
         else:
             assert mod["preprocess"] == "anyres (anyres_max_9)" and mod["tokens_per_crop"] == 16
         assert "pad" not in json.dumps(mod.get("preprocess"))
@@ -118,14 +140,18 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, tmp_path,
     if method == "consensusdrop":  # vision-stage selections drawn on the image, in the family's own grid
         assert sorted(p.name for p in (r3 / "overlays").iterdir()) == ["201.png", "202.png", "203.png", "204.png"]
         ov = Image.open(r3 / "overlays" / "203.png")
-        if family != "llava_onevision":  # 100x60 -> patch grid 4 x 8 -> 2 x 4 merged tokens: a 2:1 picture, 336 px wide
+        if family == "internvl":  # the thumbnail (the whole image, 112 px square): 4 x 4 tokens, 4 kept
+            assert ov.size == (336, 336)
+            cells = np.asarray(ov.convert("L"), dtype=float).reshape(4, 84, 4, 84).mean(axis=(1, 3))
+        elif family != "llava_onevision":  # 100x60 -> patch grid 4 x 8 -> 2 x 4 merged tokens: a 2:1 picture, 336 px wide
             assert ov.size == (336, 168)
             cells = np.asarray(ov.convert("L"), dtype=float).reshape(2, 84, 4, 84).mean(axis=(1, 3))
         else:  # OneVision's base crop: 4 x 4 tokens
             assert ov.size == (336, 336)
             cells = np.asarray(ov.convert("L"), dtype=float).reshape(4, 84, 4, 84).mean(axis=(1, 3))
         # the kept cells are bright, the dropped ones dimmed to a quarter: 2 of 8 (Qwen), 4 of the base crop's 16
-        assert int((cells > cells.max() * 0.5).sum()) == {"qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 4}[family]
+        assert int((cells > cells.max() * 0.5).sum()) == {"qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 4,
+                                                          "internvl": 4}[family]
     # resume: the same command again recomputes nothing (the shard file is untouched, answer ids included)
     shard = next((r3 / "answers").glob("*_*.jsonl"))
     before = shard.read_bytes()
@@ -225,20 +251,24 @@ def test_qwen_max_pixels_is_recorded_and_names_the_run(data, tmp_path):
                          out=str(tmp_path), wandb=False, max_new_tokens=2, limit=3, run_name=rd.name)) == 2
 
 
-@pytest.mark.parametrize("model", [QWEN, QWEN3])
-def test_gqa_script_with_model_from_the_environment(data, tmp_path, model):
+@pytest.mark.parametrize("model", [QWEN, QWEN3, INTERNVL])
+def test_gqa_script_with_model_from_the_environment(data, data_tiles, tmp_path, model):
     """``MODEL=<qwen> bash scripts/eval/gqa.sh consensusdrop <budget>`` as a user runs it (one process)."""
     repo = Path(__file__).resolve().parents[1]
     family, short = CASES[model][0], model.split(":")[1]
+    data = data_tiles if model == INTERNVL else data
     env = {**os.environ, "MODEL": model, "NPROC": "1", "DATA_ROOT": str(data), "OUT": str(tmp_path), "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1", "EXTRA_ARGS": "--max-new-tokens 3 --no-wandb"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    p = subprocess.run(["bash", str(repo / "scripts/eval/gqa.sh"), "consensusdrop", "2"], env=env, capture_output=True,
-                       text=True, timeout=600)
+    budget = CASES[model][2]["consensusdrop"][0]
+    p = subprocess.run(["bash", str(repo / "scripts/eval/gqa.sh"), "consensusdrop", str(budget)], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rd = tmp_path / "gqa" / f"tiny-{short}_consensusdrop_b2"
+    rd = tmp_path / "gqa" / f"tiny-{short}_consensusdrop_b{budget}"
     res = json.loads((rd / "results.json").read_text())
-    assert (res["model"]["family"], res["method"]["method"], res["method"]["budget"]) == (family, "consensusdrop", 2)
-    assert res["counts"]["answered"] == 5 and res["tokens"]["tok_in"] == 2.0 and res["launcher"] == "python"
-    assert f"== gqa | {model} ({family}) | consensusdrop budget=2 ==" in p.stdout
+    assert (res["model"]["family"], res["method"]["method"], res["method"]["budget"]) == (family, "consensusdrop", budget)
+    kept = CASES[model][2]["consensusdrop"][1]
+    assert res["counts"]["answered"] == 5 and res["launcher"] == "python"
+    assert res["tokens"]["tok_in"] == pytest.approx(sum(kept.values()) / 5)
+    assert f"== gqa | {model} ({family}) | consensusdrop budget={budget} ==" in p.stdout

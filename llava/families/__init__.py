@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .base import FamilyAdapter, VisualBlock, to_device  # noqa: F401
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .llava_next import NEXT_LAYOUTS, LlavaNextAdapter, next_token_layout  # noqa: F401
@@ -15,7 +16,7 @@ from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
     cls.model_class: cls for cls in (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter,
-                                         LlavaOnevisionAdapter, Qwen3VLAdapter)
+                                         LlavaOnevisionAdapter, Qwen3VLAdapter, InternVLAdapter)
 }
 #: model class name -> family key
 FAMILIES = {name: cls.family for name, cls in ADAPTERS.items()}

@@ -1,0 +1,147 @@
+"""InternVL3 / InternVL3.5 (``InternVLForConditionalGeneration``, the ``-hf`` checkpoints): InternViT with a
+[CLS] token, the model's ``pixel_shuffle`` (each 2x2 block of patches -> one token of 4 x C channels, so a
+448-px tile of 32 x 32 patches gives 16 x 16 = 256 tokens), an MLP projector (LayerNorm, Linear, GELU,
+Linear) on the 4 x C rows, a Qwen2 (InternVL3) or Qwen3 (InternVL3.5) language model with 1-D RoPE.
+
+* Units: an image is tiled by the processor (dynamic tiling: up to ``max_patches`` 448-px tiles of the aspect
+  ratio closest to the image, plus a thumbnail when there is more than one tile), and the model encodes every
+  tile on its own: a unit is a **tile** (kind "crop"), 256 tokens in a 16 x 16 grid, patch = row-major index
+  in that grid. The model has one placeholder id for everything (``<IMG_CONTEXT>``): video frames arrive as
+  more tiles of ``pixel_values`` (the stock processor writes ``Frame{i}: <img>...</img>`` per frame), so a
+  frame is a unit like a tile. The tiling is not an input of the model: ``unit_pos`` is -1 for every unit.
+* Signals: ``cls_attn`` is the [CLS] query row of the select layer (the layer that produces
+  ``hidden_states[vision_feature_layer]``, -1 = the last), recomputed from that layer's input with its own
+  ``layernorm_before`` + q / k projections (and q / k norms where the checkpoint has them, InternViT-6B), fp32,
+  **pooled through the model's own ``pixel_shuffle``** exactly as the features are: a token's saliency is the
+  sum of the [CLS] attention of the 4 patches whose channels it concatenates; ``keys`` the head-mean keys,
+  averaged over the same 4 patches. ``vision_features`` is the projector's input (the pixel-shuffled 4 x C
+  row), so vision-space merges average those rows and project them with the stock projector. The [CLS] is not
+  an LLM token here (strategy "default") and has no 4 x C form: it is not offered as an extra candidate.
+* Positions: 1-D, kept tokens renumbered contiguously (LLaVA's convention), decode as LLaVA.
+
+Known from the field (FasterVLM issue #4 on InternVL2): [CLS]-attention rankings can fall below random after
+the pixel shuffle. We compute the pooled signal exactly and report what it measures; we do not tune it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FamilyAdapter, VisualBlock
+
+
+def cls_signals(layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [CLS] query row per head (n, H, S) and the head-mean keys (n, S, d) of an InternViT ``layer``,
+    fp32, from its input ``h`` (n, S, C) with its own ``layernorm_before``, q / k projections and q / k norms
+    (``Identity`` unless the checkpoint uses qk-norm), as the layer computes its attention."""
+    attn = layer.attention
+    xn = layer.layernorm_before(h)
+    n, s, _ = xn.shape
+    heads, d = attn.num_heads, attn.head_dim
+    k = attn.k_norm(attn.k_proj(xn)).view(n, s, heads, d).float()
+    q = attn.q_norm(attn.q_proj(xn[:, :1])).view(n, 1, heads, d).float()
+    scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
+    return scores.softmax(-1)[:, :, 0], k.mean(2)
+
+
+class InternVLAdapter(FamilyAdapter):
+    family = "internvl"
+    model_class = "InternVLForConditionalGeneration"
+    visual_keys = ("pixel_values", "pixel_values_videos", "image_sizes")
+    pixel_keys = ("pixel_values",)
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.tower.encoder.layer)
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches per side of one tile (32 at 448 px / patch 14)."""
+        vc = self.config.vision_config
+        return vc.image_size[0] // vc.patch_size[0]
+
+    @property
+    def shuffle(self) -> int:
+        """Patches per side of one LLM token (2 for ``downsample_ratio`` 0.5)."""
+        return int(round(1 / self.config.downsample_ratio))
+
+    def grid(self) -> tuple[int, int]:
+        g = self.patch_grid // self.shuffle
+        return (g, g)
+
+    def attention_layer(self, vision_layer: int | None) -> int:
+        """The encoder layer whose attention defines the signals: the one producing ``hidden_states[v]``
+        (hidden_states[0] is the embedding output; v = the method's ``vision_layer`` or the select layer)."""
+        v = self.config.vision_feature_layer if vision_layer is None else vision_layer
+        if not isinstance(v, int):
+            raise ValueError("InternVL vision signals need a single vision_feature_layer")
+        n = self.num_vision_layers
+        idx = (v % (n + 1)) - 1
+        if idx < 0:
+            raise ValueError(f"vision layer {v} is the embedding output: it has no attention")
+        return idx
+
+    def pool(self, per_patch: torch.Tensor, how: str) -> torch.Tensor:
+        """(n, P, c) per-patch rows of n tiles (P = patch_grid^2, [CLS] removed) -> (n * m, c) per LLM token,
+        pushed through the model's own ``pixel_shuffle`` (the features' path) and then summed (``how="sum"``)
+        or averaged over the shuffle^2 patches each token concatenates."""
+        n, p, c = per_patch.shape
+        g = self.patch_grid
+        if p != g * g:
+            raise ValueError(f"InternVL: {p} patches per tile, expected {g}x{g}")
+        x = per_patch.reshape(n, g, g, c).contiguous()
+        x = self.core.pixel_shuffle(x, scale_factor=self.config.downsample_ratio)  # (n, g/s, g/s, s*s*c)
+        x = x.reshape(-1, self.shuffle ** 2, c)
+        return x.sum(1) if how == "sum" else x.mean(1)
+
+    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
+        if extra_layers:
+            raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
+                             "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
+        if visual.get("pixel_values_videos") is not None:
+            raise ValueError("InternVL takes video frames as pixel_values (its processor merges them with the "
+                             "images), not pixel_values_videos")
+        cfg = self.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(f"InternVL: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} "
+                             "is not supported (the pixel shuffle needs the [CLS] removed: 'default')")
+        px = visual.get("pixel_values")
+        if px is None:
+            return []
+        captured, handles = {}, []
+
+        def grab(key):
+            def pre_hook(module, args, kwargs):
+                captured[key] = args[0] if args else next(iter(kwargs.values()))
+            return pre_hook
+
+        layer = None
+        try:
+            if want_attn:
+                layer = self.tower.encoder.layer[self.attention_layer(vision_layer)]
+                handles.append(layer.register_forward_pre_hook(grab("h"), with_kwargs=True))
+            handles.append(self.core.multi_modal_projector.register_forward_pre_hook(grab("proj"), with_kwargs=True))
+            # the stock feature path, so the features are bit-identical to what the stock forward splices
+            feats = self.core.get_image_features(pixel_values=px, vision_feature_layer=cfg.vision_feature_layer,
+                                                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                                 return_dict=True).pooler_output
+        finally:
+            for handle in handles:
+                handle.remove()
+        n, m, _ = feats.shape
+        dev = feats.device
+        g = self.grid()
+        flat = {
+            "features": feats.reshape(n * m, -1),
+            "vision_features": captured["proj"].reshape(n * m, -1),
+            "unit_h": torch.arange(n).repeat_interleave(m),  # host
+            "patch": torch.arange(m, device=dev).repeat(n),
+            "kind": "crop",
+            "unit_pos": torch.full((n, 2), -1, dtype=torch.long, device=dev),
+            "unit_grid": torch.tensor([list(g)] * n, dtype=torch.long),  # host
+        }
+        if want_attn:
+            ca, ks = cls_signals(layer, captured["h"])  # (n, H, 1 + P), (n, 1 + P, d)
+            flat["cls_attn"] = self.pool(ca[:, :, 1:].transpose(1, 2), "sum")  # (n * m, H)
+            flat["keys"] = self.pool(ks[:, 1:], "mean")
+        return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
