@@ -65,6 +65,18 @@ def test_qwen3vl_default_input_is_576_merged_tokens():
         assert info["batch_keys"]["pixel_values"] == [2304, row]
 
 
+def test_internvl_default_input_is_five_tiles():
+    # two tiles a side: the 2x2 tile grid + the thumbnail = 5 tiles (896 px real: 5 x 256 = 1280; tiny 224 px on
+    # 112-px tiles: 5 x 16 = 80); pixel_values: one row per tile
+    for name, side, per_tile in (("tiny:internvl", 224, 16), ("shape:internvl-cpu-small", 896, 256),
+                                 ("shape:internvl3.5-8b", 896, 256)):
+        rt = load(name, device="meta" if name.startswith("shape:") else None)
+        assert default_image_hw(rt) == (side, side)
+        info = describe_inputs(rt, (side, side))
+        tile = side // 2
+        assert info["visual_tokens"] == 5 * per_tile and info["batch_keys"]["pixel_values"] == [5, 3, tile, tile], name
+
+
 def test_onevision_default_input_counts():
     # real geometry (7B and cpu-small): SigLIP 384 / 14 = 27 -> 729 per crop; a 384x384 image picks the 384x384
     # pinpoint (1x1 grid): base 729 + grid 27x27 = 729 (no unpadding; 729 <= 9 x 729: no anyres_max_9
@@ -93,6 +105,7 @@ def test_flops_model_uses_gqa_shape():
     assert llm_dims(load("shape:llava-onevision-7b", device="meta").model.config) == (3584, 18944, 28, 512)
     assert llm_dims(load("shape:llava-1.5-7b", device="meta").model.config) == (4096, 11008, 32, 4096)
     assert llm_dims(load("shape:qwen3-vl-8b", device="meta").model.config) == (4096, 12288, 36, 1024)  # 8 KV heads
+    assert llm_dims(load("shape:internvl3.5-8b", device="meta").model.config) == (4096, 12288, 36, 1024)  # Qwen3-8B
 
 
 def test_benchmark_on_tiny_qwen25vl_matches_engine_stats(tmp_path):
@@ -124,6 +137,20 @@ def test_benchmark_on_tiny_qwen3vl_matches_engine_stats(tmp_path):
     for r in report["results"]:
         assert r["kv_match"], r["method"]
     _check_against_engine(report, "tiny:qwen3-vl", hw, 24)
+
+
+def test_benchmark_on_tiny_internvl_matches_engine_stats(tmp_path):
+    # the default 224x224 on 112-px tiles: 2x2 tiles + thumbnail = 80 tokens; visionzip 8 per tile -> 40
+    cfg = BenchConfig(model="tiny:internvl", methods=["none", "fastv", "visionzip"], budgets=[8], n=2,
+                      warmup=0, decode_tokens=1, out=str(tmp_path), sweep=[8, 16])
+    report = run(cfg)
+    assert report["config"]["image_hw"] == [224, 224] and report["inputs"]["visual_tokens"] == 80
+    assert report["flops_model"]["d_kv"] == 32 and report["flops_model"]["d"] == 64
+    md = (tmp_path / "efficiency.md").read_text()
+    assert "| visionzip | 8 | 40 / 40.0 |" in md and "| none | - | 80 / 80.0 |" in md
+    for r in report["results"]:
+        assert r["kv_match"], r["method"]
+    _check_against_engine(report, "tiny:internvl", (224, 224), 80)
 
 
 def test_benchmark_on_tiny_onevision_matches_engine_stats(tmp_path):

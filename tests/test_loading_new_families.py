@@ -217,9 +217,28 @@ def test_qwen3_vl_shape_configs():
     assert rt.model.config.image_token_id == rt.tokenizer.convert_tokens_to_ids(rt.processor.placeholder)
 
 
-@pytest.mark.parametrize("family", ["qwen", "ov"])
+def test_internvl_shape_configs():
+    """shape:internvl3.5-8b: InternViT-300M (304.0M), the projector on 4 x 1024 channels counted by hand, Qwen3-8B as
+    Qwen3-VL-8B's LLM; 8.53B in all (the model card: 8.5B); 448-px tiles of 256 tokens, a 640x480 image (GQA's
+    typical size, aspect 4:3) tiled 4 x 3 + thumbnail = 13 tiles = 3328 tokens. cpu-small: the same geometry."""
+    rt = load("shape:internvl3.5-8b", device="meta")
+    assert rt.family == "internvl" and rt.info["random_weights"]
+    m = rt.model
+    proj = 2 * 4096 + (4096 * 4096 + 4096) + (4096 * 4096 + 4096)  # LayerNorm(4C), linear_1, linear_2
+    assert sum(p.numel() for p in m.model.multi_modal_projector.parameters()) == proj
+    llm = sum(p.numel() for p in m.model.language_model.parameters()) + m.lm_head.weight.numel()
+    assert llm == 8_190_735_360  # Qwen3-8B (tests/test_loading_new_families.py: counted by hand for Qwen3-VL-8B)
+    assert sum(p.numel() for p in m.model.vision_tower.parameters()) == pytest.approx(304e6, rel=1e-3)
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(8.5e9, rel=5e-3)
+    assert rt.processor.image_tokens((448, 448)) == 256 and rt.processor.image_tokens((480, 640)) == 13 * 256
+    small = load("shape:internvl-cpu-small", device="meta")
+    assert small.processor.image_tokens((480, 640)) == 13 * 256 and len(small.model.model.language_model.layers) == 8
+    assert rt.model.config.image_token_id == rt.tokenizer.convert_tokens_to_ids(rt.processor.placeholder)
+
+
+@pytest.mark.parametrize("family", ["qwen", "ov", "internvl"])
 def test_local_directory_roundtrip(family, qwen, ov, tmp_path):
-    rt = qwen if family == "qwen" else ov
+    rt = {"qwen": qwen, "ov": ov}.get(family) or load("tiny:internvl", seed=2)  # InternVL: tiles, <img> runs
     rt.model.save_pretrained(tmp_path)
     rt.tokenizer.save_pretrained(tmp_path)
     rt.processor.image_processor.save_pretrained(tmp_path)
