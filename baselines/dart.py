@@ -156,6 +156,7 @@ class DART(Method):
     n_K = (L*B - K*N) / (L - K) instead, so DART can be compared at equal E."""
 
     name = "dart"
+    llm_reads = ("prev",)  # layer K-1's keys
     capturable = "full"  # its stage is captured per segment; the text pivots from planned text rows
     llm_text_rows = True
 

@@ -93,6 +93,7 @@ class FastV(Method):
     is the fraction of visual tokens dropped (official default 0.5)."""
 
     name = "fastv"
+    llm_reads = ("prev",)  # layer K-1's attention row of the last prompt token
     capturable = "full"  # its stage is captured per segment (llava.fast_llm)
     position_mode = "keep"
 

@@ -175,6 +175,7 @@ class PyramidDrop(Method):
     geometric schedule with a solved lam; no budget: the official lam = 0.5 schedule (E = 270)."""
 
     name = "pdrop"
+    llm_reads = ("next",)  # each stage layer's own q / k
     capturable = "full"  # its stages are captured per segment (llava.fast_llm)
     position_mode = "reindex"
 

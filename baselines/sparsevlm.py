@@ -255,6 +255,7 @@ class SparseVLM(Method):
     (about 206 for 192 with recycling, methods.md section 6)."""
 
     name = "sparsevlm"
+    llm_reads = ("prev",)  # the sparse layer's own attention (and keys)
     capture_reason = ("data-dependent counts (adaptive raters, host selection by design): needs the piecewise path (graph, one host decision, graph), not built yet")
     position_mode = "reindex"
     query_aware = True  # text raters from the prompt text after the image
@@ -341,7 +342,7 @@ class SparseVLM(Method):
         if self.gravity:
             if sig.position_ids.dim() != 1:
                 raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL): use version='v1' (or gravity=False)")
+                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
             d = sig.keys("prev", rope=False).shape[-1]
             g = rope_gravity(sig.position_ids[rows].cpu(), sig.position_ids[sig.visual].cpu(), d, self.rope_theta)
             attn = (attn.double() / g.to(attn.device)[None]).float()
@@ -355,7 +356,7 @@ class SparseVLM(Method):
         if self.gravity:
             if sig.position_ids.dim() != 1:
                 raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL): use version='v1' (or gravity=False)")
+                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
             d = sig.keys("prev", rope=False).shape[-1]
             g = official_rope_gravity(sig.position_ids[rows], sig.position_ids[sig.visual], d, self.rope_theta)
             attn = attn / g.to(attn.device)[None]

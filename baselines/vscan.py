@@ -373,6 +373,7 @@ class VScan(Method):
     (per unit); neither: the official 96 / 32."""
 
     name = "vscan"
+    llm_reads = ("next",)  # layer K's attention row of the last prompt token
     #: stage 1 with the planned layout and local counts (no host read), stage 2 per segment (llava.fast_llm);
     #: the reference mode (its overlapping official picks need a nonzero) runs eagerly
     capturable = "full"

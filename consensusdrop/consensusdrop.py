@@ -341,6 +341,7 @@ class ConsensusDrop(Method):
     frame (Video-LLaVA: 17/32/64, the frame [CLS] taking one dominant slot)."""
 
     name = "consensusdrop"
+    llm_reads = ("next",)  # prune_point="after_probe": the probe layer's attention
     #: the fast path captures the pre-LLM selection (the default / "cover" preset; the greedy max-min loops on
     #: the device); the LLM probe and the in-LLM ablation are refused by :meth:`capture_refusal`
     capturable = "full"
@@ -438,6 +439,10 @@ class ConsensusDrop(Method):
     @property
     def llm_layers(self):
         return (self.probe_layer,) if self.prune_point == "after_probe" else ()
+
+    @property
+    def probe_layers(self):
+        return (self.probe_layer,) if self.probe_mode == "attn" else ()
 
     # -- signals -> the two saliencies ------------------------------------------------------------
     def _encoder_saliency(self, cls_attn: torch.Tensor) -> torch.Tensor:

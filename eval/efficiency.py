@@ -199,6 +199,7 @@ def summary(xs: list[float]) -> dict:
 #       = 1485 tokens, OneVision's count for a single 384 px image
 #   qwen3_vl: 24 merged tokens a side, whatever the patch size: 768x768 on the real patch 16 (48x48 patches
 #       -> 576 merged tokens, each with its DeepStack rows), 672x672 on the tiny model's patch 14
+#   qwen3_5: as qwen3_vl (the same tower geometry, no DeepStack): 768x768 -> 576 merged tokens
 #   internvl: two tiles a side: 896x896 on the real 448-px tiles -> aspect 1: the 2x2 tile grid (its area
 #       802,816 > half of 4 tiles' 401,408; 3x3 would need 903,168) + the thumbnail = 5 tiles x 256 = 1280 tokens
 #       (NeXT's base + 4 crops, at InternVL's 256 per tile); 224x224 on the tiny model's 112-px tiles (5 x 16 = 80)
@@ -207,7 +208,7 @@ FAMILY_IMAGE_HW = {"llava": (336, 336), "video_llava": (336, 336), "llava_next":
 
 
 def default_image_hw(rt) -> tuple[int, int]:
-    if rt.family == "qwen3_vl":
+    if rt.family in ("qwen3_vl", "qwen3_5"):
         vc = rt.model.config.vision_config
         side = 24 * vc.spatial_merge_size * vc.patch_size
         return (side, side)

@@ -46,9 +46,9 @@ TEXT_ONLY_REASON = "text-only prompt (the stock model's forward: nothing to prun
 #: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
 VIDEO_FAMILIES = ("video_llava",)
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
 #: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 #: what a visual-token budget counts, per family (per-unit methods; README's Methods table for each method's convention)
 BUDGET_UNITS = {
     "llava": "visual tokens per image (576 for LLaVA-1.5 at 336 px)",
@@ -59,6 +59,8 @@ BUDGET_UNITS = {
     "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods)",
     "qwen3_vl": "merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
                 "resize, p the patch size; each token's DeepStack rows follow it)",
+    "qwen3_5": "merged visual tokens per image after the merger (dynamic grid as Qwen3-VL; hybrid LLM: in-LLM "
+               "stages only where they read a full-attention layer)",
     "internvl": "visual tokens per tile (dynamic tiling: up to 12 tiles of 448 px + a thumbnail, 256 tokens each "
                 "after the 2x2 pixel shuffle; per-unit methods)",
 }

@@ -243,6 +243,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")
         self.llm_layers = ks
+        self._check_hybrid(method)
         # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to
         # renumber (an image spans max(h, w) / 2 positions), so those families keep them (documented)
         self._reindex = method.position_mode == "reindex" and not self.adapter.keeps_positions
@@ -266,6 +267,29 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             from .fastpath import FastPath
 
             self.fast = FastPath(self, **fast)
+
+    def _check_hybrid(self, method) -> None:
+        """Refuse, with the reason, a method whose llm stage reads the attention of a decoder layer that has none
+        (a linear-attention layer of a hybrid model such as Qwen3.5)."""
+        linear = self.adapter.linear_layers
+        if not linear:
+            return
+        full = [i for i in range(len(self.lm.layers)) if i not in linear]
+        for layer in method.probe_layers:
+            if layer in linear:
+                raise ValueError(
+                    f"{method.name}: its vision stage reads the attention of decoder layer {layer} (probe), a "
+                    f"linear-attention (Gated DeltaNet) layer of this hybrid {self.family} model, which has no attention "
+                    f"map; its full-attention layers are {full}")
+        for k in self.llm_layers:
+            for which in method.llm_reads:
+                layer = k - 1 if which == "prev" else k
+                if layer in linear:
+                    raise ValueError(
+                        f"{method.name}: its llm stage before decoder layer {k} reads the attention of layer {layer}, "
+                        f"a linear-attention (Gated DeltaNet) layer of this hybrid {self.family} model, which has no "
+                        f"attention map; its full-attention layers are {full}. Choose the stage layer so that the layer "
+                        f"it reads is one of them (see the method's options), or use a pre-LLM method")
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "PruningEngine":

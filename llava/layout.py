@@ -112,6 +112,28 @@ def llm_outputs(xv: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.T
     return out, src
 
 
+def first_full_layer(adapter, start: int, stop: int) -> int | None:
+    """The first decoder layer in ``start..stop-1`` with attention (and a KV cache), None if all are linear."""
+    return next((i for i in range(start, stop) if i not in adapter.linear_layers), None)
+
+
+def decoder_masks(adapter, lm, h, mask, cache, pos, start: int, stop: int) -> list:
+    """The attention mask of each decoder layer ``start..stop-1`` of one segment, by the layer's type: the causal
+    mask built against the segment's first full-attention layer's cache for attention layers; for a hybrid
+    model's linear-attention (Gated DeltaNet) layers the 2-D padding mask of this call's tokens, which the
+    stock layer multiplies into its input (None for a one-token decode step, as transformers gives them)."""
+    full = first_full_layer(adapter, start, stop)
+    causal = None
+    if full is not None:
+        causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
+                                    position_ids=adapter.mask_positions(pos), layer_idx=full)
+    linear = adapter.linear_layers
+    if not linear:
+        return [causal] * (stop - start)
+    rec = mask[:, -h.shape[1]:] if mask is not None and mask.dim() == 2 and h.shape[1] > 1 else None
+    return [rec if i in linear else causal for i in range(start, stop)]
+
+
 def carry_rows(rows: torch.Tensor, sel: Selection) -> torch.Tensor:
     """Per-token rows that travel with the tokens (Qwen3-VL's DeepStack rows, (n, L, D)) through a selection:
     (m, L, D) in output order; a kept token keeps its rows, a merged token gets its rows merged by the
@@ -436,12 +458,11 @@ class VisionStageMixin:
                     pos = torch.arange(L, device=h.device)[None].expand(B, -1)
                 if mask is None:  # an explicit mask: never let transformers read position gaps as packing
                     mask = torch.ones(B, L, dtype=torch.long, device=h.device)
-                causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
-                                            past_key_values=None, position_ids=self.adapter.mask_positions(pos))
+                masks = decoder_masks(self.adapter, lm, h, mask, None, pos, 0, k)
                 pe = lm.rotary_emb(h, position_ids=pos)
                 ds = ctx.probe_deepstack
                 for i in range(k):
-                    h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe)
+                    h = lm.layers[i](h, attention_mask=masks[i], position_embeddings=pe)
                     if ds is not None and i < ds["rows"].shape[1]:  # Qwen3-VL, as the stock text model
                         h = _add_deepstack(h, ds, i)
             ctx.probe_cache[k] = h
@@ -454,6 +475,11 @@ class VisionStageMixin:
         lm = self.lm
         if not (0 <= k < len(lm.layers)):
             raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
+        if k in self.adapter.linear_layers:
+            full = [i for i in range(len(lm.layers)) if i not in self.adapter.linear_layers]
+            raise ValueError(f"probe layer {k} is a linear-attention (Gated DeltaNet) layer of this hybrid "
+                             f"{self.adapter.family} model: it has no attention to read; its full-attention layers "
+                             f"are {full}")
         h = self._probe_hidden(ctx, k)
         embeds, mask, pos = ctx.probe_inputs
         p = pos[..., b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above

@@ -227,6 +227,16 @@ class Method:
     #: ``engine.stats.path`` says so). Options can refuse too: :meth:`capture_refusal`.
     capturable: ClassVar[str | None] = None
     capture_reason: ClassVar[str] = ""
+    #: Which decoder layers' attention (or keys) an llm stage before layer K reads: "prev" (layer K-1),
+    #: "next" (layer K). On a hybrid model (Qwen3.5) a read of a linear-attention layer, which has no attention,
+    #: is refused at attach with the reason (``PruningEngine._check_hybrid``).
+    llm_reads: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def probe_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose attention the vision stage reads through ``sig.probe_attention`` (checked at attach
+        like :attr:`llm_reads`: on a hybrid model each must be a full-attention layer)."""
+        return ()
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         if budget is not None:

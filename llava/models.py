@@ -26,10 +26,10 @@ from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
-TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl")
+TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
 DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
                     "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl",
-                    "internvl": "internvl_hf"}
+                    "internvl": "internvl_hf", "qwen3_5": "qwen2_vl"}
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -38,12 +38,13 @@ MODEL_CLASSES = {
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
 }
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
 #: families whose prompts and pixels are Qwen-VL's (smart resize, patchified pixels, grid_thw, vision_start/end)
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor, "qwen3_vl": QwenVLProcessor,
-              "internvl": InternVLProcessor}
+              "internvl": InternVLProcessor, "qwen3_5": QwenVLProcessor}
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 56*56, max_pixels 14*14*4*16384
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -162,6 +163,16 @@ def tiny_chatml_config(family: str, tok):
         tc = dict(text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                       "mrope_section": [2, 3, 3], "mrope_interleaved": True})
         return tf.Qwen3VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
+                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if family == "qwen3_5":  # Qwen3-VL's tower without DeepStack; hybrid LLM: layers 0, 2 Gated DeltaNet, 1, 3 full
+        vc = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+        tc = dict(text, head_dim=16, layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+                  linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1],
+                                   "mrope_interleaved": True, "partial_rotary_factor": 0.5})
+        return tf.Qwen3_5Config(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
                                 video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                 vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     if family == "internvl":  # InternVL3.5's layout: InternViT ([CLS], pixel shuffle 0.5) + a Qwen3 LLM (q / k norm)

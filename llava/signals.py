@@ -383,6 +383,10 @@ class LayerQK:
 
     def __init__(self, layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor):
         self.layer, self.x, self.rotary, self.pos = layer, x, rotary, pos
+        if not hasattr(layer, "self_attn"):
+            raise ValueError(f"decoder layer {getattr(layer, 'layer_idx', '?')} ({type(layer).__name__}, "
+                             f"{getattr(layer, 'block_type', 'no attention')}) has no attention to read: a hybrid "
+                             "model's linear-attention layer; read a full-attention layer")
         self.attn = layer.self_attn
         self._xn = self._k = self._k_rope = self._cs = None
 
@@ -411,7 +415,12 @@ class LayerQK:
     def queries(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
         """(H, Q, d) for the sequence positions ``rows``."""
         d = self.attn.head_dim
-        q = self.attn.q_proj(self._normed()[:, rows]).view(1, rows.numel(), -1, d)
+        q = self.attn.q_proj(self._normed()[:, rows])
+        heads = getattr(getattr(self.attn, "config", None), "num_attention_heads", None)
+        if heads is not None and q.shape[-1] == 2 * heads * d:  # Qwen3.5: per head, the query then its output gate
+            q = q.view(1, rows.numel(), heads, 2 * d)[..., :d]
+        else:
+            q = q.view(1, rows.numel(), -1, d)
         q = _head_norm(self.attn, "q_norm", q).transpose(1, 2)  # (1, H, Q, d)
         if rope:
             cos, sin = self._cos_sin()

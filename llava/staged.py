@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 from .families.base import to_device as _to_device
-from .layout import _add_deepstack, _deepstack, _Layout, _runs, carry_rows, llm_outputs
+from .layout import (_add_deepstack, _deepstack, _Layout, _runs, carry_rows, decoder_masks, first_full_layer,
+                     llm_outputs)
 from .method import Selection
 from .signals import LLMSignals, llm_attention_fns
 
@@ -83,15 +83,14 @@ class StagedDecoderMixin:
                     shift = shift + dropped
                 ctx.clock.mark("stage_end")
             segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
-            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
-                                        position_ids=self.adapter.mask_positions(pos), layer_idx=a)
+            masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
             pe = lm.rotary_emb(h, position_ids=pos)
             counts = [int(lay.visual.numel()) for lay in layouts]
             for i in range(a, z):
                 prev_in = h
                 # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
                 # (FastV keeps original positions) as packed sequences
-                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
+                h = lm.layers[i](h, attention_mask=masks[i - a], position_embeddings=pe,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
                 if ds is not None and i < ds["rows"].shape[1]:
                     h = _add_deepstack(h, ds, i)
@@ -188,7 +187,7 @@ class StagedDecoderMixin:
         if position_ids is not None:
             position_ids = position_ids - st.pos_shift[:, None]  # original -> LLM space
         if position_ids is None and st.pos_base is not None:  # M-RoPE: continue after the last prompt position
-            position_ids = st.pos_base[..., None] + cache.get_seq_length(0) + torch.arange(q, device=embeds.device)
+            position_ids = st.pos_base[..., None] + self._first_len(cache) + torch.arange(q, device=embeds.device)
         if st.segments is None:  # no llm stage: the stock decoder on the (possibly shortened) cache
             if own:
                 mask = attention_mask[0]
@@ -202,7 +201,7 @@ class StagedDecoderMixin:
                            past_key_values=cache, use_cache=use_cache, **kwargs).last_hidden_state
         lm = self.lm
         if position_ids is None:  # the stock rule: continue after layer 0's cache
-            position_ids = (cache.get_seq_length(0) + torch.arange(q, device=embeds.device))[None].expand(B, q)
+            position_ids = (self._first_len(cache) + torch.arange(q, device=embeds.device))[None].expand(B, q)
         h = embeds
         bounds = [s.start for s in st.segments] + [len(lm.layers)]
         for s, seg in enumerate(st.segments):
@@ -210,17 +209,29 @@ class StagedDecoderMixin:
                 mask = attention_mask[s]
             else:  # always explicit (see _prefill_llm)
                 gm = gen_mask
-                if gm is None:
-                    gm = self._gen_ones(cache, seg.start, B, q, seg.mask.shape[1], embeds.device)
+                if gm is None:  # as wide as the segment's first attention layer's cache (hybrid: not a linear one)
+                    full = first_full_layer(self.adapter, seg.start, bounds[s + 1])
+                    gm = (torch.ones(B, q, dtype=torch.long, device=embeds.device) if full is None  # linear layers
+                          else self._gen_ones(cache, full, B, q, seg.mask.shape[1], embeds.device))  # read q columns
                 mask = torch.cat([seg.mask, gm.to(seg.mask.dtype)], 1)
             pos = position_ids - seg.shift[:, None]
-            causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
-                                        position_ids=self.adapter.mask_positions(pos), layer_idx=seg.start)
+            masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, seg.start, bounds[s + 1])
             pe = lm.rotary_emb(h, position_ids=pos)
             for i in range(seg.start, bounds[s + 1]):
-                h = lm.layers[i](h, attention_mask=causal, position_embeddings=pe,
+                h = lm.layers[i](h, attention_mask=masks[i - seg.start], position_embeddings=pe,
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
         return lm.norm(h)
+
+    def _first_len(self, cache) -> int:
+        """Tokens in the cache of the first segment (layer 0's, or on a hybrid model its first attention layer's:
+        linear-attention layers keep a state, not a length)."""
+        segs = self._state.segments
+        stop = segs[1].start if segs is not None and len(segs) > 1 else len(self.lm.layers)
+        full = first_full_layer(self.adapter, 0, stop)
+        if full is None:
+            raise ValueError("a decode step without position ids on a hybrid model whose first llm stage comes before "
+                             "any attention layer: pass position_ids (generate() does)")
+        return cache.get_seq_length(full)
 
     @staticmethod
     def _gen_ones(cache, layer, B, q, prompt_len, device):

@@ -65,6 +65,27 @@ def test_qwen3vl_default_input_is_576_merged_tokens():
         assert info["batch_keys"]["pixel_values"] == [2304, row]
 
 
+def test_qwen3_5_default_input_is_576_merged_tokens():
+    for name, side in (("tiny:qwen3.5", 672), ("shape:qwen3.5-cpu-small", 768), ("shape:qwen3.5-9b", 768)):
+        rt = load(name, device="meta" if name.startswith("shape:") else None)
+        assert default_image_hw(rt) == (side, side)
+        info = describe_inputs(rt, (side, side))
+        assert info["visual_tokens"] == 576 and info["image_grid_thw"] == [[1, 48, 48]], name
+
+
+def test_benchmark_on_tiny_qwen3_5_matches_engine_stats(tmp_path):
+    # hybrid LLM: the KV bytes count only its full-attention layers (1 and 3); 168x112 -> 24 merged tokens
+    hw = (168, 112)
+    cfg = BenchConfig(model="tiny:qwen3.5", methods=["none", "visionzip"], budgets=[8], n=2,
+                      warmup=0, decode_tokens=1, image_hw=hw, out=str(tmp_path), sweep=[8, 16])
+    report = run(cfg)
+    assert report["inputs"]["visual_tokens"] == 24
+    md = (tmp_path / "efficiency.md").read_text()
+    assert "| visionzip | 8 | 8 / 8.0 |" in md and "| none | - | 24 / 24.0 |" in md
+    for r in report["results"]:
+        assert r["kv_match"], r["method"]
+
+
 def test_internvl_default_input_is_five_tiles():
     # two tiles a side: the 2x2 tile grid + the thumbnail = 5 tiles (896 px real: 5 x 256 = 1280; tiny 224 px on
     # 112-px tiles: 5 x 16 = 80); pixel_values: one row per tile

@@ -131,19 +131,20 @@ def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_p
     assert "the worker process died (exit status 1)" in recs[1]["error"][0]
 
 
-def test_default_families_are_the_seven_tiny_families_and_every_method_has_a_tiny_budget():
+def test_default_families_are_the_eight_tiny_families_and_every_method_has_a_tiny_budget():
     """The default run covers every tiny family the runtime has, and every registered method has a
     budget that prunes on each (or takes none), in the runtime's family spelling."""
     from llava.method import method_supports
     from llava.models import TINY
 
     assert gpu_check.FAMILIES == ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl",
-                                  "internvl")
+                                  "internvl", "qwen3.5")
     assert set(gpu_check.FAMILIES) == set(TINY)
     assert gpu_check.CheckConfig().families == list(gpu_check.FAMILIES)
     assert gpu_check.parse_args([]).families == list(gpu_check.FAMILIES)
     keys = [gpu_check.family_key(f) for f in gpu_check.FAMILIES]
-    assert keys == ["llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl"]
+    assert keys == ["llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl",
+                    "qwen3_5"]
     budgetless = gpu_check.NO_BUDGET | {"prumerge"}  # prumerge: adaptive (IQR outliers)
     for m in gpu_check.registered_methods():
         if m in gpu_check.NO_BUDGET:

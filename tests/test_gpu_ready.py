@@ -21,6 +21,7 @@ _IN_LLM = {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4, "ll
 for _b in (_PER_UNIT, _TOTAL, _IN_LLM):  # tiny Qwen3-VL: Qwen2.5-VL's token geometry (patch 14, merge 2)
     _b["qwen3_vl"] = _b["qwen2_5_vl"]
     _b["internvl"] = _b["llava_next"]  # tiny InternVL: 16 tokens per 112-px tile, 1-5 tiles per image
+    _b["qwen3_5"] = _b["qwen2_5_vl"]  # tiny Qwen3.5: Qwen2.5-VL's token geometry
 BUDGETS = {
     "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,

@@ -217,6 +217,28 @@ def test_qwen3_vl_shape_configs():
     assert rt.model.config.image_token_id == rt.tokenizer.convert_tokens_to_ids(rt.processor.placeholder)
 
 
+def test_qwen3_5_shape_configs():
+    """shape:qwen3.5-9b: the hybrid LLM counted by hand (8 gated full-attention layers, 24 Gated DeltaNet layers),
+    8.95B = the model card's 9B language model; 9.41B with the tower. cpu-small: the real token geometry and pattern."""
+    rt = load("shape:qwen3.5-9b", device="meta")
+    assert rt.family == "qwen3_5" and rt.info["random_weights"]
+    d, m = 4096, 12288
+    attn = d * (16 * 256 * 2) + 2 * d * (4 * 256) + 16 * 256 * d + 2 * 256  # q + gate, k, v, o, q/k norms
+    key, val = 16 * 128, 32 * 128
+    delta = d * (2 * key + val) + d * val + 2 * d * 32 + (2 * key + val) * 4 + 2 * 32 + 128 + val * d  # qkv, z, b, a,
+    mlp_norms = 3 * d * m + 2 * d  # conv1d, dt_bias + A_log, gated norm, out_proj; SwiGLU and the two norms
+    llm = 2 * 248320 * d + 8 * (attn + mlp_norms) + 24 * (delta + mlp_norms) + d
+    lm = rt.model.model.language_model
+    assert sum(p.numel() for p in lm.parameters()) + rt.model.lm_head.weight.numel() == llm == 8_953_803_264
+    assert lm.config.layer_types.count("full_attention") == 8 and lm.config.layer_types[3::4] == ["full_attention"] * 8
+    assert sum(p.numel() for p in rt.model.parameters()) == pytest.approx(9.41e9, rel=1e-3)
+    assert rt.processor.image_tokens((768, 768)) == 576
+    small = load("shape:qwen3.5-cpu-small", device="meta")
+    assert small.processor.image_tokens((768, 768)) == 576
+    assert small.model.model.language_model.config.layer_types[3::4] == ["full_attention"] * 2
+    assert rt.model.config.image_token_id == rt.tokenizer.convert_tokens_to_ids(rt.processor.placeholder)
+
+
 def test_internvl_shape_configs():
     """shape:internvl3.5-8b: InternViT-300M (304.0M), the projector on 4 x 1024 channels counted by hand, Qwen3-8B as
     Qwen3-VL-8B's LLM; 8.53B in all (the model card: 8.5B); 448-px tiles of 256 tokens, a 640x480 image (GQA's

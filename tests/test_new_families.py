@@ -41,7 +41,7 @@ def test_fastv_schedule_per_layer(rt):
         rt.model(**batch(rt))
     got = [s.visual_per_layer for s in eng.stats.samples]
     assert got == [[s.visual_candidates] + [s.visual_candidates // 2] * 3 for s in eng.stats.samples]
-    if rt.family in ("qwen2_5_vl", "qwen3_vl"):  # one merged token per 2x2 patches of each image's own grid
+    if rt.family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5"):  # one merged token per 2x2 patches of each image's own grid
         grids = batch(rt)["image_grid_thw"]
         assert [s.visual_candidates for s in eng.stats.samples] == (grids.prod(-1) // 4).tolist()
 

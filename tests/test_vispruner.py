@@ -245,7 +245,7 @@ def test_keep_all_is_bit_identical_to_unpruned(rt):
 @ALL
 def test_cached_generation_equals_no_cache_recompute(rt):
     inputs = make_batch(rt)
-    eng = rt.prune("vispruner", 2 if rt.family in ("qwen2_5_vl", "qwen3_vl") else 4)  # tiny Qwen: 4-12 per image
+    eng = rt.prune("vispruner", 2 if rt.family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5") else 4)  # tiny Qwen: 4-12 per image
     with torch.no_grad():
         cached = rt.model.generate(**inputs, **GEN)
     assert all(min(s.visual_per_layer) < s.visual_candidates for s in eng.stats.samples)

@@ -239,6 +239,7 @@ class VisionDrop(Method):
     """VisionDrop. ``budget``: average visual tokens over the LLM layers per image / crop / frame."""
 
     name = "visiondrop"
+    llm_reads = ("next",)  # the stage layer's attention and keys
     capturable = "full"  # its llm stages are captured per segment (llava.fast_llm)
     vision_stage = True
     needs_vision_attention = True

@@ -108,6 +108,8 @@ class FamilyAdapter:
     keeps_positions: bool = False
     #: DeepStack levels (Qwen3-VL): per visual token, rows added after decoder layers 0..levels-1; 0: none
     deepstack_levels: int = 0
+    #: decoder layers with no attention to read (hybrid models: Qwen3.5's Gated DeltaNet layers); empty: none
+    linear_layers: frozenset = frozenset()
 
     def __init__(self, model: torch.nn.Module, next_layout: str | None = None, **options):
         # next_layout is LLaVA-NeXT's packing option; other families have one packing and ignore it

@@ -85,6 +85,12 @@ def is_qwen3(visual) -> bool:
     return hasattr(visual, "deepstack_merger_list")
 
 
+def is_windowed(visual) -> bool:
+    """True for Qwen2.5-VL's tower (window attention, tokens permuted by window); Qwen3-VL's and Qwen3.5's
+    towers attend fully in every block, in merged raster order."""
+    return hasattr(visual, "window_size")
+
+
 def project(model, vision_features: torch.Tensor) -> torch.Tensor:
     """The PatchMerger's MLP (4C -> 4C -> D) applied to rows of ``vision_features`` -> (n, D)."""
     merger = model.model.visual.merger
@@ -183,7 +189,7 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
     unit, patch, grids, sizes, bounds = _layout(grid, merge)
     qwen3 = is_qwen3(visual)
-    if qwen3:  # no window attention: merged raster order throughout
+    if not is_windowed(visual):  # Qwen3-VL / Qwen3.5: merged raster order throughout
         window_index = torch.arange(int(unit.numel()))
     else:
         window_index, _ = get_vision_window_index(torch.tensor(grid, dtype=torch.long), spatial_merge_size=merge,
@@ -199,7 +205,8 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     def grab_ln_q(module, args, output):
         captured["ln_q"] = output
 
-    handles = [(visual.merger.norm if qwen3 else visual.merger.ln_q).register_forward_hook(grab_ln_q)]
+    merger_norm = visual.merger.ln_q if hasattr(visual.merger, "ln_q") else visual.merger.norm  # Qwen3-VL / 3.5: norm
+    handles = [merger_norm.register_forward_hook(grab_ln_q)]
     if want_attn:
         handles.append(visual.blocks[layer].attn.register_forward_pre_hook(grab_attn, with_kwargs=True))
     try:
