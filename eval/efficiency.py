@@ -64,9 +64,59 @@ def layer_macs(n: int, d: int, m: int, convention: str, d_kv: int | None = None)
     return 2 * n * d * d + 2 * n * d * dkv + 2 * n * n * d + ffn * n * d * m
 
 
-def prefill_macs(lengths: list[int], d: int, m: int, convention: str, d_kv: int | None = None) -> float:
-    """LLM prefill MACs for the per-layer sequence lengths (vision tower, projector, LM head excluded)."""
-    return float(sum(layer_macs(n, d, m, convention, d_kv) for n in lengths))
+@dataclass(frozen=True)
+class HybridSpec:
+    """A hybrid decoder (Qwen3.5): each layer's kind, the gated full-attention query (q_proj also emits a per-head
+    output gate: n d d_attn more MACs) and the Gated DeltaNet layers' widths."""
+
+    kinds: tuple  # per layer: "full" or "linear"
+    hidden: int
+    q_gate: bool
+    key_dim: int  # linear_num_key_heads x linear_key_head_dim
+    value_dim: int  # linear_num_value_heads x linear_value_head_dim
+    v_heads: int
+    head_k: int
+    head_v: int
+    kernel: int
+
+
+def hybrid_spec(cfg) -> HybridSpec | None:
+    """The :class:`HybridSpec` of a model config whose decoder has linear-attention layers; None otherwise."""
+    tc = cfg.text_config
+    types = list(getattr(tc, "layer_types", None) or [])
+    if "linear_attention" not in types:
+        return None
+    return HybridSpec(kinds=tuple("linear" if t == "linear_attention" else "full" for t in types), hidden=tc.hidden_size,
+                      q_gate=True, key_dim=tc.linear_num_key_heads * tc.linear_key_head_dim,
+                      value_dim=tc.linear_num_value_heads * tc.linear_value_head_dim, v_heads=tc.linear_num_value_heads,
+                      head_k=tc.linear_key_head_dim, head_v=tc.linear_value_head_dim, kernel=tc.linear_conv_kernel_dim)
+
+
+def linear_layer_macs(n: int, spec: HybridSpec, m: int, convention: str) -> float:
+    """MACs of one Gated DeltaNet layer at length n, in its recurrent form: the projections (qkv d(2K + V), z d V,
+    the a / b gates 2 d H_v, out V d), the depthwise causal conv (2K + V) x kernel, per value head and token the
+    delta rule's state read, update and output 3 d_k d_v, and the FFN (as in :func:`layer_macs`). Linear in n:
+    no n^2 term (the chunked kernel reorders the same products)."""
+    ffn = {"A": 2, "B": 3}[convention]
+    d, k, v = spec.hidden, spec.key_dim, spec.value_dim
+    proj = d * (2 * k + v) + d * v + 2 * d * spec.v_heads + v * d
+    return n * (proj + (2 * k + v) * spec.kernel + 3 * spec.v_heads * spec.head_k * spec.head_v + ffn * d * m)
+
+
+def prefill_macs(lengths: list[int], d: int, m: int, convention: str, d_kv: int | None = None,
+                 spec: HybridSpec | None = None) -> float:
+    """LLM prefill MACs for the per-layer sequence lengths (vision tower, projector, LM head excluded); ``spec``:
+    a hybrid decoder's layer kinds (Gated DeltaNet layers by :func:`linear_layer_macs`, gated attention layers by
+    :func:`layer_macs` plus the gate's n d^2)."""
+    if spec is None:
+        return float(sum(layer_macs(n, d, m, convention, d_kv) for n in lengths))
+    total = 0
+    for n, kind in zip(lengths, spec.kinds):
+        if kind == "linear":
+            total += linear_layer_macs(n, spec, m, convention)
+        else:
+            total += layer_macs(n, d, m, convention, d_kv) + (n * spec.hidden * d if spec.q_gate else 0)
+    return float(total)
 
 
 def llm_dims(cfg) -> tuple[int, int, int, int]:
@@ -79,15 +129,28 @@ def llm_dims(cfg) -> tuple[int, int, int, int]:
 
 
 def kv_bytes_per_token(cfg) -> int:
+    """Key + value elements per prompt token over all layers with a KV cache (a hybrid model's linear-attention
+    layers keep a fixed-size state instead)."""
     tc = cfg.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    return 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim
+    return 2 * len(attention_layers(cfg)) * tc.num_key_value_heads * head_dim
 
 
-def cache_bytes(cache) -> tuple[int, list[int]]:
-    """Bytes of all key and value tensors of a transformers cache, and each layer's length."""
+def attention_layers(cfg) -> list[int]:
+    """The decoder layers with attention and a KV cache (all but a hybrid model's linear-attention layers)."""
+    tc = cfg.text_config
+    types = list(getattr(tc, "layer_types", None) or [])
+    return [i for i in range(tc.num_hidden_layers) if not types or types[i] != "linear_attention"]
+
+
+def cache_bytes(cache) -> tuple[int, list]:
+    """Bytes of all key and value tensors of a transformers cache, and each layer's length (None for a hybrid
+    model's linear-attention layer: a state, no length)."""
     total, lengths = 0, []
     for layer in cache.layers:
+        if not hasattr(layer, "keys"):
+            lengths.append(None)
+            continue
         total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         lengths.append(int(layer.keys.shape[-2]))
     return total, lengths
@@ -110,9 +173,13 @@ class Roofline:
     layers: int
     points: list = field(default_factory=list)  # measured (n, seconds)
     d_kv: int | None = None  # grouped-query attention: k/v width (None = d)
+    spec: HybridSpec | None = None  # a hybrid decoder's layer kinds
+
+    def macs(self, n: int) -> float:
+        return prefill_macs([n] * self.layers, self.d, self.m, "B", self.d_kv, self.spec)
 
     def full(self, n: int) -> float:
-        return max(self.floor, self.a + self.k * prefill_macs([n] * self.layers, self.d, self.m, "B", self.d_kv))
+        return max(self.floor, self.a + self.k * self.macs(n))
 
     def per_layer(self, lengths: list[int]) -> float:
         """Predicted prefill time for per-layer lengths: each layer costs T(n_l) / L."""
@@ -125,7 +192,7 @@ class Roofline:
         lo, hi = 1, 1 << 20
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.a + self.k * prefill_macs([mid] * self.layers, self.d, self.m, "B", self.d_kv) >= self.floor:
+            if self.a + self.k * self.macs(mid) >= self.floor:
                 hi = mid
             else:
                 lo = mid + 1
@@ -139,10 +206,11 @@ class Roofline:
                 f"{regime}")
 
 
-def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int, d_kv: int | None = None) -> Roofline:
+def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int, d_kv: int | None = None,
+                 spec: HybridSpec | None = None) -> Roofline:
     """Least-squares fit of T(n) = max(floor, a + k F(n)) over every split of the sorted sweep."""
     pts = sorted(points)
-    f = [prefill_macs([n] * layers, d, m, "B", d_kv) for n, _ in pts]
+    f = [prefill_macs([n] * layers, d, m, "B", d_kv, spec) for n, _ in pts]
     t = [s for _, s in pts]
     best = None
     for split in range(0, len(pts) - 1):  # points[:split] on the floor, the rest on the line (>= 2 points)
@@ -153,7 +221,7 @@ def fit_roofline(points: list[tuple[int, float]], d: int, m: int, layers: int, d
         k = max(k, 0.0)
         a = my - k * mx
         floor = sum(t[:split]) / split if split else 0.0
-        model = Roofline(floor, a, k, d, m, layers, d_kv=d_kv)
+        model = Roofline(floor, a, k, d, m, layers, d_kv=d_kv, spec=spec)
         sse = sum((model.full(n) - s) ** 2 for n, s in pts)
         if best is None or sse < best[0]:
             best = (sse, model)
@@ -459,7 +527,9 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
     eng = attach(rt, method, budget, opts, path)
     fast = path == "fast"
     d, m, L, d_kv = llm_dims(rt.model.config)
-    per_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8
+    spec = hybrid_spec(rt.model.config)
+    attn = attention_layers(rt.model.config)
+    per_layer_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8 // len(attn)
     batch1 = [build_batch(rt, [it], device) for it in items]
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
         prefill_once(rt, b, device)
@@ -475,8 +545,9 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
         if st.path == "fast":  # a static cache of bucket + decode slots, allocated whole; the LLM ran on the bucket
             kv, _ = cache_bytes(out.past_key_values)
             lens = list(st.seq_len_per_layer)
-        else:
+        else:  # a hybrid model's linear layers keep no length: the length they ran on, from the engine's stats
             kv, lens = cache_bytes(out.past_key_values)
+            lens = [n if n is not None else st.seq_len_per_layer[i] for i, n in enumerate(lens)]
         text_tokens = int(b["attention_mask"].sum()) - s.visual_candidates
         analytic_lens = [text_tokens + v for v in s.visual_per_layer]
         rec.append({
@@ -484,8 +555,8 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
             "path": st.path, "path_reason": st.path_reason, "bucket": st.bucket, "compiled_before_timing": compiled,
             "visual_candidates": s.visual_candidates, "visual_entering_llm": s.visual_entering_llm,
             "visual_layer_avg": s.visual_layer_avg, "layer_lengths": lens,
-            "kv_bytes": kv, "kv_bytes_analytic": per_tok * sum(analytic_lens) // L,
-            "macs_A": prefill_macs(lens, d, m, "A", d_kv), "macs_B": prefill_macs(lens, d, m, "B", d_kv),
+            "kv_bytes": kv, "kv_bytes_analytic": per_layer_tok * sum(analytic_lens[i] for i in attn),
+            "macs_A": prefill_macs(lens, d, m, "A", d_kv, spec), "macs_B": prefill_macs(lens, d, m, "B", d_kv, spec),
             "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         })
         del out
@@ -604,6 +675,15 @@ def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedu
 
 def _flops_line(report: dict) -> str:
     fm = report.get("flops_model") or {}
+    hy = fm.get("hybrid")
+    if hy:
+        n_lin = hy["layers"].count("linear")
+        return (f"hybrid decoder (d = {fm['d']}, d_kv = {fm['d_kv']}, m = {fm['m']}; {fm['layers'] - n_lin} gated "
+                f"full-attention layers: A = 3nd^2+2nd*d_kv+2n^2d+2ndm, B = the same with 3ndm (the q_proj also makes "
+                f"the output gate); {n_lin} Gated DeltaNet layers, recurrent form, linear in n: "
+                f"n(d(2K+V)+dV+2dH_v+Vd+(2K+V)k+3H_v d_k d_v) + the FFN, K = {hy['K']}, V = {hy['V']}, "
+                f"H_v = {hy['H_v']}, d_k = {hy['d_k']}, d_v = {hy['d_v']}, k = {hy['kernel']}). KV bytes: the "
+                "full-attention layers only (a DeltaNet layer keeps a fixed-size state).")
     if fm and fm["d_kv"] != fm["d"]:
         return (f"grouped-query attention (d = {fm['d']}, d_kv = {fm['d_kv']}, m = {fm['m']}, L = {fm['layers']}): "
                 "A = 2nd^2+2nd*d_kv+2n^2d+2ndm, B = 2nd^2+2nd*d_kv+2n^2d+3ndm.")
@@ -829,14 +909,21 @@ def run(cfg: BenchConfig) -> dict:
     full = int(results[0]["records"][0]["layer_lengths"][0])
     d, m, L, d_kv = llm_dims(rt.model.config)
     lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})
-    model = fit_roofline(llm_sweep(rt, lengths, device), d, m, L, d_kv)
+    spec = hybrid_spec(rt.model.config)
+    model = fit_roofline(llm_sweep(rt, lengths, device), d, m, L, d_kv, spec)
     report = {"config": {**asdict(cfg), "image_hw": list(image_hw)}, "environment": environment(rt, device, rt.model.dtype),
               "inputs": inputs,
               "flops_model": {"scope": "LLM decoder prefill only, at the measured per-layer lengths; the vision tower "
                                        "(CLIP / SigLIP / Qwen2.5-VL's windowed ViT), projector / merger and LM head are "
                                        "not counted", "d": d, "m": m, "layers": L, "d_kv": d_kv,
                               "A": "2nd^2 + 2nd*d_kv + 2n^2d + 2ndm per layer",
-                              "B": "2nd^2 + 2nd*d_kv + 2n^2d + 3ndm per layer"},
+                              "B": "2nd^2 + 2nd*d_kv + 2n^2d + 3ndm per layer",
+                              **({"hybrid": {"layers": list(spec.kinds), "full": "the formula above + nd^2 (the q_proj's "
+                                             "output gate)", "linear": "n (d(2K+V) + dV + 2dH_v + Vd + (2K+V)k + "
+                                             "3 H_v d_k d_v + 2 or 3 dm) (Gated DeltaNet, recurrent form)",
+                                             "K": spec.key_dim, "V": spec.value_dim, "H_v": spec.v_heads,
+                                             "d_k": spec.head_k, "d_v": spec.head_v, "kernel": spec.kernel}}
+                                 if spec is not None else {})},
               "cost_model": {"description": model.describe(), "floor_s": model.floor, "a_s": model.a,
                              "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
                              "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},

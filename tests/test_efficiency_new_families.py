@@ -5,8 +5,8 @@ benchmark reports equal the engine's own stats on a re-run, and the FLOPs model 
 import pytest
 import torch
 
-from eval.efficiency import (BenchConfig, build_batch, cache_bytes, default_image_hw, describe_inputs, layer_macs,
-                             llm_dims, make_inputs, prefill_macs, run)
+from eval.efficiency import (BenchConfig, build_batch, cache_bytes, default_image_hw, describe_inputs, hybrid_spec,
+                             layer_macs, llm_dims, make_inputs, prefill_macs, run)
 from llava.models import load
 
 
@@ -16,6 +16,7 @@ def _check_against_engine(report, model, image_hw, expected_visual):
     cfg = report["config"]
     items = make_inputs(rt, cfg["n"], cfg["text_words"], cfg["seed"], tuple(image_hw))
     d, m, L, d_kv = llm_dims(rt.model.config)
+    spec = hybrid_spec(rt.model.config)
     tc = rt.model.config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     for res in report["results"]:
@@ -32,11 +33,15 @@ def _check_against_engine(report, model, image_hw, expected_visual):
             assert s.visual_candidates == rec["visual_candidates"] == expected_visual, res["method"]
             assert s.visual_entering_llm == rec["visual_entering_llm"], res["method"]
             assert s.visual_layer_avg == pytest.approx(rec["visual_layer_avg"])
-            # KV entries per layer = text tokens + the visual tokens the engine says that layer holds
-            assert lens == rec["layer_lengths"] == [text + v for v in s.visual_per_layer], res["method"]
-            # bytes: 2 (k, v) x KV heads x head_dim x 4 (fp32) per entry, every layer
-            assert kv == rec["kv_bytes"] == sum(lens) * 2 * tc.num_key_value_heads * head_dim * 4
-            assert rec["macs_B"] == pytest.approx(prefill_macs(lens, d, m, "B", d_kv))
+            # KV entries per attention layer = text tokens + the visual tokens the engine says that layer holds
+            # (a hybrid model's linear layers: no KV; the benchmark takes the length they ran on from the stats)
+            want = [text + v for v in s.visual_per_layer]
+            attn = [i for i, n in enumerate(lens) if n is not None]
+            assert len(attn) == (2 if spec is not None else L)
+            assert [lens[i] for i in attn] == [want[i] for i in attn] and rec["layer_lengths"] == want, res["method"]
+            # bytes: 2 (k, v) x KV heads x head_dim x 4 (fp32) per entry, every attention layer
+            assert kv == rec["kv_bytes"] == sum(lens[i] for i in attn) * 2 * tc.num_key_value_heads * head_dim * 4
+            assert rec["macs_B"] == pytest.approx(prefill_macs(want, d, m, "B", d_kv, spec))
         rt.unprune()
     return rt
 
@@ -76,14 +81,27 @@ def test_qwen3_5_default_input_is_576_merged_tokens():
 def test_benchmark_on_tiny_qwen3_5_matches_engine_stats(tmp_path):
     # hybrid LLM: the KV bytes count only its full-attention layers (1 and 3); 168x112 -> 24 merged tokens
     hw = (168, 112)
-    cfg = BenchConfig(model="tiny:qwen3.5", methods=["none", "visionzip"], budgets=[8], n=2,
-                      warmup=0, decode_tokens=1, image_hw=hw, out=str(tmp_path), sweep=[8, 16])
+    cfg = BenchConfig(model="tiny:qwen3.5", methods=["none", "visionzip", "fastv:layer=2,scale_layers=false"],
+                      budgets=[8], n=2, warmup=0, decode_tokens=1, image_hw=hw, out=str(tmp_path), sweep=[8, 16])
     report = run(cfg)
     assert report["inputs"]["visual_tokens"] == 24
+    assert report["flops_model"]["hybrid"]["layers"] == ["linear", "full", "linear", "full"]
     md = (tmp_path / "efficiency.md").read_text()
-    assert "| visionzip | 8 | 8 / 8.0 |" in md and "| none | - | 24 / 24.0 |" in md
+    assert "| visionzip | 8 | 8 / 8.0 |" in md and "| none | - | 24 / 24.0 |" in md and "2 Gated DeltaNet layers" in md
     for r in report["results"]:
         assert r["kv_match"], r["method"]
+    _check_against_engine(report, "tiny:qwen3.5", hw, 24)
+
+
+def test_hybrid_flops_by_hand():
+    """Qwen3.5-9B at n = 1000: a gated attention layer and a Gated DeltaNet layer counted by hand (B convention)."""
+    spec = hybrid_spec(load("shape:qwen3.5-9b", device="meta").model.config)
+    assert spec.kinds[:4] == ("linear", "linear", "linear", "full") and (spec.key_dim, spec.value_dim) == (2048, 4096)
+    n, d, m, dkv = 1000, 4096, 12288, 1024
+    full = 2 * n * d * d + 2 * n * d * dkv + 2 * n * n * d + 3 * n * d * m + n * d * d  # + the output gate
+    lin = n * (d * 8192 + d * 4096 + 2 * d * 32 + 4096 * d + 8192 * 4 + 3 * 32 * 128 * 128 + 3 * d * m)
+    assert prefill_macs([n] * 4, d, m, "B", dkv, spec) == 3 * lin + full
+    assert prefill_macs([n, n], d, m, "B", dkv, spec) == 2 * lin  # no n^2 term in a linear layer
 
 
 def test_internvl_default_input_is_five_tiles():

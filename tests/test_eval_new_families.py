@@ -36,7 +36,8 @@ from eval.runner import RunConfig, run, run_dir_of
 
 pytestmark = pytest.mark.usefixtures("run_env")
 
-QWEN, OV, QWEN3, INTERNVL = "tiny:qwen2.5-vl", "tiny:llava-onevision", "tiny:qwen3-vl", "tiny:internvl"
+QWEN, OV, QWEN3, INTERNVL, QWEN35 = ("tiny:qwen2.5-vl", "tiny:llava-onevision", "tiny:qwen3-vl", "tiny:internvl",
+                                     "tiny:qwen3.5")
 #: model -> family key, candidates per question id (201..205), per method: (budget, visual tokens after pruning)
 CASES = {
     QWEN: ("qwen2_5_vl", {"201": 6, "202": 6, "203": 8, "204": 6, "205": 6},
@@ -49,11 +50,14 @@ CASES = {
     OV: ("llava_onevision", {"201": 26, "202": 26, "203": 52, "204": 26, "205": 26},
          {"consensusdrop": (4, {"201": 10, "202": 10, "203": 24, "204": 10, "205": 10}),
           "fastv": (16, {"201": 13, "202": 13, "203": 4, "204": 13, "205": 13})}),
+    # Qwen3.5: Qwen3-VL's tower geometry; FastV at its defaults reads a linear-attention layer and is refused there
+    QWEN35: ("qwen3_5", {"201": 6, "202": 6, "203": 8, "204": 6, "205": 6},
+             {"consensusdrop": (2, {"201": 2, "202": 2, "203": 2, "204": 2, "205": 2})}),
     INTERNVL: ("internvl", {"201": 48, "202": 48, "203": 64, "204": 48, "205": 48},
                {"consensusdrop": (4, {"201": 12, "202": 12, "203": 16, "204": 12, "205": 12}),
                 "fastv": (20, {"201": 11, "202": 11, "203": 5, "204": 11, "205": 11})}),
 }
-PARAMS = [(m, meth) for m in (QWEN, OV, QWEN3, INTERNVL) for meth in ("consensusdrop", "fastv")]
+PARAMS = [(m, meth) for m in (QWEN, OV, QWEN3, INTERNVL, QWEN35) for meth in CASES[m][2]]
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +119,10 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, data_tile
     for rd, bs in ((r1, 1), (r3, 3)):
         res = json.loads((rd / "results.json").read_text())
         mod = res["model"]
-        qwen = family in ("qwen2_5_vl", "qwen3_vl")
+        qwen = family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
         assert (mod["id"], mod["family"]) == (model, family) and mod["template"] == {
             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf",
-            "internvl": "internvl_hf"}[family]
+            "internvl": "internvl_hf", "qwen3_5": "qwen2_vl"}[family]
         assert mod["budget_unit"].startswith("merged visual tokens per image" if qwen else
                                              "visual tokens per tile" if family == "internvl" else "visual tokens per crop")
         if qwen:
@@ -151,7 +155,7 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, data_tile
             cells = np.asarray(ov.convert("L"), dtype=float).reshape(4, 84, 4, 84).mean(axis=(1, 3))
         # the kept cells are bright, the dropped ones dimmed to a quarter: 2 of 8 (Qwen), 4 of the base crop's 16
         assert int((cells > cells.max() * 0.5).sum()) == {"qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 4,
-                                                          "internvl": 4}[family]
+                                                          "internvl": 4, "qwen3_5": 2}[family]
     # resume: the same command again recomputes nothing (the shard file is untouched, answer ids included)
     shard = next((r3 / "answers").glob("*_*.jsonl"))
     before = shard.read_bytes()
@@ -251,7 +255,7 @@ def test_qwen_max_pixels_is_recorded_and_names_the_run(data, tmp_path):
                          out=str(tmp_path), wandb=False, max_new_tokens=2, limit=3, run_name=rd.name)) == 2
 
 
-@pytest.mark.parametrize("model", [QWEN, QWEN3, INTERNVL])
+@pytest.mark.parametrize("model", [QWEN, QWEN3, INTERNVL, QWEN35])
 def test_gqa_script_with_model_from_the_environment(data, data_tiles, tmp_path, model):
     """``MODEL=<qwen> bash scripts/eval/gqa.sh consensusdrop <budget>`` as a user runs it (one process)."""
     repo = Path(__file__).resolve().parents[1]
