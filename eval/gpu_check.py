@@ -9,7 +9,8 @@ Every registered method (test doubles excluded) and ``none`` (the unpruned model
 random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
 ``tiny:llava-onevision``, ``tiny:qwen3-vl``, ``tiny:internvl``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
 that really prunes (each method's own budget convention, see ``TINY_BUDGETS``); a method whose
-``families`` exclude a family (``llava.method.method_supports``) is not run there and reported ``n/a``.
+``families`` exclude a family (``llava.method.method_supports``), or that a hybrid model (Qwen3.5) refuses at attach
+because it reads a linear-attention layer (``llava.engine.HybridRefusal``), is not run there and reported ``n/a``.
 Checks, per method x family x dtype:
 
 * **batch == alone**: batches of 3 (``mixed``: unequal prompts and unequal images / crops / videos;
@@ -429,6 +430,22 @@ def _unprune(rt) -> None:
         pass
 
 
+def hybrid_refusal(rt, method: str, budget) -> str | None:
+    """The reason ``method`` is refused at attach on ``rt``'s hybrid model (its llm stage or probe reads a
+    linear-attention layer), or None."""
+    from llava.engine import HybridRefusal
+
+    try:
+        rt.prune(method, budget)
+    except HybridRefusal as e:
+        return str(e)
+    except (ValueError, TypeError):  # anything else is the run's to record
+        return None
+    finally:
+        _unprune(rt)
+    return None
+
+
 def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig) -> dict:
     """One method on one loaded tiny family in one dtype: every scenario and the sync count."""
     rt, scen, suppress, device = ctx["rt"], ctx["scenarios"], ctx["suppress"], cfg.device
@@ -437,6 +454,10 @@ def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig)
         return {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": None,
                 "scenarios": {}, "error": None, "skipped": f"n/a: {method} does not support {fam}"}
     budget = tiny_budget(method, fam)
+    refusal = hybrid_refusal(rt, method, budget)
+    if refusal:  # a hybrid model (Qwen3.5): the method reads a linear-attention layer, refused at attach: n/a
+        return {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": budget,
+                "scenarios": {}, "error": None, "skipped": f"n/a: {refusal}"}
     rec = {"kind": "tiny", "family": family, "dtype": dtype, "method": method, "budget": budget,
            "scenarios": {}, "error": None}
     try:

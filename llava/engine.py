@@ -200,6 +200,11 @@ class _PhaseClock:
                 "prefill_total": t2 - t0}
 
 
+class HybridRefusal(ValueError):
+    """A method that reads the attention of a hybrid model's linear-attention layer, refused at attach (the message
+    names the layer and the model's full-attention layers)."""
+
+
 class PruningEngine(VisionStageMixin, StagedDecoderMixin):
     """Applies one :class:`Method` to one loaded LLaVA-family model. Use :func:`attach`.
 
@@ -277,7 +282,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         full = [i for i in range(len(self.lm.layers)) if i not in linear]
         for layer in method.probe_layers:
             if layer in linear:
-                raise ValueError(
+                raise HybridRefusal(
                     f"{method.name}: its vision stage reads the attention of decoder layer {layer} (probe), a "
                     f"linear-attention (Gated DeltaNet) layer of this hybrid {self.family} model, which has no attention "
                     f"map; its full-attention layers are {full}")
@@ -285,7 +290,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             for which in method.llm_reads:
                 layer = k - 1 if which == "prev" else k
                 if layer in linear:
-                    raise ValueError(
+                    raise HybridRefusal(
                         f"{method.name}: its llm stage before decoder layer {k} reads the attention of layer {layer}, "
                         f"a linear-attention (Gated DeltaNet) layer of this hybrid {self.family} model, which has no "
                         f"attention map; its full-attention layers are {full}. Choose the stage layer so that the layer "

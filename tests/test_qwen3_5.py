@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import greedy_no_cache, make_batch, slice_batch
 
-from llava.engine import attach
+from llava.engine import HybridRefusal, attach
 from llava.method import Method, Selection, available_methods, get_method
 from llava.models import load
 
@@ -77,7 +77,7 @@ def test_llm_attention_rows_at_full_layers_equal_eager_attention(rt):
 def _refusal(rt, name, budget=None, **opts):
     try:
         rt.prune(name, budget, **opts)
-    except ValueError as e:
+    except HybridRefusal as e:  # a ValueError, raised at attach
         return str(e)
     finally:
         rt.unprune()
@@ -103,6 +103,7 @@ def test_reading_a_linear_layer_is_refused_at_attach_with_the_reason(rt):
         msg = _refusal(rt, name, None if name in ("none", "novisual", "prumerge") else 192
                        if name in ("pdrop", "sparsevlm") else 4)
         assert msg is None or "linear-attention (Gated DeltaNet)" in msg, (name, msg)
+    assert _refusal(rt, "pdrop", 192) is not None and _refusal(rt, "visiondrop", 4) is not None
 
 
 STAGED = [("fastv", 4, {"layer": 2, "scale_layers": False}),  # reads layer 1
