@@ -185,8 +185,11 @@ def main(argv=None) -> int:
             qs = bench.load()
             if cfg.get("limit") is not None:
                 qs = qs[: cfg["limit"]]
+            from .fingerprint import InputHasher
+            from .resume import HASH_CACHE
+
             try:
-                official, _ = merge(run_dir, qs, root=bench.root)
+                official, _ = merge(run_dir, qs, root=bench.root, hasher=InputHasher(bench.root, run_dir / HASH_CACHE))
             except MergeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

@@ -5,7 +5,8 @@ data, another prompt, another model or another method (issue 16, item 1).
 
 - ``data``: sha256 of every inference file of the benchmark (the question file's bytes), a hash
   of the question list as loaded (after ``--limit``), and the image / video set (sorted relative
-  paths + sizes of the files the questions reference; cheap, no image bytes are read);
+  paths + sizes of the files the questions reference; cheap, no image bytes are read). Not run-wide:
+  a resume says what changed here, and decides per answer (below);
 - ``template``: the conversation template (name + its text);
 - ``model``: the id, plus the hub revision (commit) where there is one, a listing of a local
   folder (config.json hash; each weight file's name, size and a hash of its size + first and last
@@ -19,7 +20,15 @@ data, another prompt, another model or another method (issue 16, item 1).
   answers).
 
 Every answer record carries ``_eval.qhash``, the hash of its own question (id, text, prompt,
-image / video path relative to the data root, extra fields), which the merge checks.
+image / video path relative to the data root, extra fields), and ``_eval.inputs``, the content hash
+of each input it read (``{relative path: [stat, sha256]}``: an image or video file's bytes, a frame
+folder's files; an image embedded in the question file as ``<inline>``), taken when it was answered.
+The prompt after templating is the question's text under the run's template, which is run-wide.
+
+A resume (issue 33) keeps every answer whose question and inputs are unchanged and recomputes the
+others; only run-wide changes (model, method and options, budget, dtype, template, fast path) refuse
+it. :class:`InputHasher` caches content hashes by (path, size + mtime), seeded from the answers
+themselves, so re-checking the answers of a 100k-image benchmark costs a ``stat`` per file.
 """
 
 from __future__ import annotations
@@ -75,6 +84,113 @@ def _rel(p: Any, root: str | os.PathLike | None) -> Any:
         except ValueError:
             return p
     return p
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 (16 hex) of a file's bytes; a folder (video frames): of its files' names and digests; a
+    file above :data:`HASH_LIMIT`: of its size and first / last MiB (``sample:`` prefix)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(e.name for e in os.scandir(path) if e.is_file())
+        return _sha(_json([[n, content_digest(os.path.join(path, n))] for n in files]))[:16]
+    if os.path.getsize(path) > HASH_LIMIT:
+        return "sample:" + sample_sha256(path)
+    return sha256_file(path)[:16]
+
+
+def stat_key(path: str | os.PathLike) -> str | None:
+    """What must be unchanged for a cached content hash to stand: a file's size and mtime (ns); a
+    folder's file names, sizes and mtimes (hashed); None when the path does not exist."""
+    path = os.fspath(path)
+    try:
+        if os.path.isdir(path):
+            ents = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
+            return "dir:" + _sha(_json(ents))[:16]
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return None
+
+
+#: the key of an image embedded in the question file (MMBench's base64 column, a generated testbed image)
+INLINE = "<inline>"
+
+
+def inline_digest(image) -> str | None:
+    """Content hash of an image that is not a file: an object with ``digest`` (the question file's
+    encoded bytes), or a PIL image (its pixels); None for other callables (the question file's hash covers
+    them, run-wide)."""
+    d = getattr(image, "digest", None)
+    if isinstance(d, str):
+        return d
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):
+        return _sha(f"{image.mode}:{image.size}".encode() + image.tobytes())[:16]
+    return None
+
+
+class InputHasher:
+    """Content hashes of the files the questions read, cached by (path relative to the data root, stat).
+
+    ``cache_file`` (a JSON-lines file in the run folder, appended to) keeps hashes computed for a check across
+    sessions; :meth:`seed` adds those recorded in the answers. A changed size or mtime means the file is
+    read again; the same bytes under a new mtime (a copy, a re-download) still match."""
+
+    def __init__(self, root: str | os.PathLike | None, cache_file: str | os.PathLike | None = None):
+        self.root = root
+        self.cache_file = None if cache_file is None else Path(cache_file)
+        self._cache: dict[tuple[str, str], str] = {}
+        self.hashed = 0  # files read this session (the rest were cache hits)
+        if self.cache_file is not None and self.cache_file.exists():
+            from .io import complete_jsonl_records
+
+            for r in complete_jsonl_records(self.cache_file):
+                self._cache[(r["path"], r["stat"])] = r["sha256"]
+
+    def seed(self, inputs: dict | None) -> None:
+        for rel, (stat, digest) in (inputs or {}).items():
+            if stat is not None:
+                self._cache.setdefault((rel, stat), digest)
+
+    def file(self, path: str, persist: bool = False) -> list | None:
+        """``[stat, digest]`` of an input path (None if it is missing); ``persist``: append a newly computed
+        hash to the cache file."""
+        rel = _rel(path, self.root)
+        stat = stat_key(path)
+        if stat is None:
+            return None
+        digest = self._cache.get((rel, stat))
+        if digest is None:
+            try:
+                digest = content_digest(path)
+            except OSError:
+                return None
+            self.hashed += 1
+            self._cache[(rel, stat)] = digest
+            if persist and self.cache_file is not None:
+                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.cache_file, "a", encoding="utf-8") as f:
+                    f.write(_json({"path": rel, "stat": stat, "sha256": digest}) + "\n")
+        return [stat, digest]
+
+    def inputs(self, q, persist: bool = False) -> dict:
+        """``{relative path: [stat, digest]}`` of every input of question ``q`` (a missing file: ``[None, None]``;
+        an embedded image: ``{"<inline>": [None, digest]}``)."""
+        out: dict[str, list] = {}
+        for p in (q.image, q.video):
+            if isinstance(p, str):
+                out[_rel(p, self.root)] = self.file(p, persist) or [None, None]
+            elif p is not None:
+                d = inline_digest(p)
+                if d is not None:
+                    out[INLINE] = [None, d]
+        return out
+
+
+def changed_inputs(recorded: dict, now: dict) -> list[str]:
+    """The inputs whose content differs between a record's ``_eval.inputs`` and the current files."""
+    keys = sorted(set(recorded) | set(now))
+    return [k for k in keys if (recorded.get(k) or [None, None])[1] != (now.get(k) or [None, None])[1]
+            or (now.get(k) or [None, None])[1] is None]
 
 
 def question_hash(q, root: str | os.PathLike | None = None) -> str:
@@ -147,11 +263,10 @@ def template_fingerprint(template) -> dict:
     return {"name": getattr(template, "name", None), "sha256": _sha(_json(view))[:16]}
 
 
-def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(what changed that refuses a resume, what changed that only warns), in words."""
+def data_changes(od: dict, nd: dict) -> list[str]:
+    """What changed in a benchmark's data between two run-level data fingerprints, in words (said on a
+    resume; per-question checks decide which answers are recomputed)."""
     changes: list[str] = []
-    warnings: list[str] = []
-    od, nd = old.get("data", {}), new.get("data", {})
     ofiles, nfiles = od.get("question_files", {}), nd.get("question_files", {})
     for k in sorted(set(ofiles) | set(nfiles)):
         if ofiles.get(k) != nfiles.get(k):
@@ -164,6 +279,15 @@ def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
         o, n = od.get("inputs", {}), nd.get("inputs", {})
         changes.append(f"image / video set ({o.get('count')} files {str(o.get('sha256'))[:12]} -> "
                        f"{n.get('count')} files {str(n.get('sha256'))[:12]})")
+    return changes
+
+
+def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(the run-wide changes that refuse a resume, what changed that only warns), in words. The data is not
+    run-wide: a resume checks each answer against its question and inputs (:func:`data_changes` says what
+    changed)."""
+    changes: list[str] = []
+    warnings: list[str] = []
     if old.get("template") != new.get("template"):
         o, n = old.get("template", {}), new.get("template", {})
         changes.append(f"prompt template ({o.get('name')} {o.get('sha256')} -> {n.get('name')} {n.get('sha256')})")

@@ -23,13 +23,15 @@ class MergeError(RuntimeError):
     pass
 
 
-def merge(run_dir: Path, questions, root=None) -> tuple[list[dict], list[dict]]:
+def merge(run_dir: Path, questions, root=None, hasher=None, report: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Collect the answer records of every shard file, check that every question is answered
-    exactly once and that every answer belongs to its question (``_eval.qhash`` against the
-    question's hash; ``root``: the data root the image paths are relative to), write
-    ``merge.jsonl`` (LLaVA's records, question-file order) and return (official records,
-    per-record bookkeeping) in that order."""
-    from .fingerprint import question_hash
+    exactly once and that every answer belongs to its question as it is now (``_eval.qhash`` against the
+    question's hash; ``root``: the data root the image paths are relative to) and to its inputs
+    (``_eval.inputs`` against the files' content hashes, with ``hasher``: an
+    :class:`eval.fingerprint.InputHasher`), write ``merge.jsonl`` (LLaVA's records, question-file order) and
+    return (official records, per-record bookkeeping) in that order. Answers to questions no longer in the
+    list are left out of the score (``report["left_out"]`` says how many)."""
+    from .resume import answer_mismatch
     from .runner import shard_files
 
     run_dir = Path(run_dir)
@@ -37,27 +39,34 @@ def merge(run_dir: Path, questions, root=None) -> tuple[list[dict], list[dict]]:
     for p in shard_files(run_dir):
         for r in complete_jsonl_records(p):
             by_uid.setdefault(r[EVAL_KEY]["uid"], []).append((p.name, r))
+            if hasher is not None:
+                hasher.seed(r[EVAL_KEY].get("inputs"))
     expected = {q.uid: q for q in questions}
-    dup = {u: [f for f, _ in v] for u, v in by_uid.items() if len(v) > 1}
+    dup = {u: [f for f, _ in v] for u, v in by_uid.items() if len(v) > 1 and u in expected}
     unknown = sorted(set(by_uid) - set(expected))
     missing = [q.uid for q in questions if q.uid not in by_uid]
     problems = []
     if dup:
         problems.append(f"{len(dup)} question(s) answered more than once, e.g. {dict(list(dup.items())[:3])}")
     if unknown:
-        problems.append(f"{len(unknown)} answer(s) for questions not in the question list, e.g. {unknown[:3]}")
+        note = (f"{len(unknown)} answer(s) to questions no longer in the question list left out of the score, "
+                f"e.g. {unknown[:3]}")
+        log.warning("merge of %s: %s", run_dir, note)
+        if report is not None:
+            report["left_out"] = {"answers": len(unknown), "uids": unknown[:20], "note": note}
     if missing:
         problems.append(f"{len(missing)} of {len(questions)} question(s) have no answer, e.g. {missing[:3]} "
                         "(resume the run with the same command to answer them)")
     if problems:
         raise MergeError(f"merge of {run_dir}: " + "; ".join(problems))
-    for q in questions:  # each answer belongs to its question (answers before question hashes carry none)
+    for q in questions:  # each answer belongs to its question and inputs (answers before the hashes: its text)
         name, r = by_uid[q.uid][0]
-        h = r[EVAL_KEY].get("qhash")
-        if h is not None and h != question_hash(q, root):
-            raise MergeError(f"{run_dir / 'answers' / name}: the answer to question {q.uid} was made for another "
-                             f"question (question hash {h}, the question file now gives {question_hash(q, root)}); "
-                             "the data changed since it was answered: rerun with --overwrite or another --run-name")
+        why = answer_mismatch(r, q, root, hasher)
+        if why is not None:
+            what = "another version of the question" if why == "question" else f"another version of its {why}"
+            raise MergeError(f"{run_dir / 'answers' / name}: the answer to question {q.uid} was made for {what}: the "
+                             "data changed since it was answered; run the same `eval run` command again (it recomputes "
+                             "the answers whose question or inputs changed and keeps the others)")
     ordered = [by_uid[q.uid][0][1] for q in questions]
     official = [{k: v for k, v in r.items() if k != EVAL_KEY} for r in ordered]
     metas = [r[EVAL_KEY] for r in ordered]
@@ -136,7 +145,12 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
     questions = bench.load()
     if cfg.get("limit") is not None:
         questions = questions[: cfg["limit"]]
-    official, metas = merge(run_dir, questions, root=bench.root)
+    from .fingerprint import InputHasher
+    from .resume import HASH_CACHE
+
+    merge_report: dict = {}
+    official, metas = merge(run_dir, questions, root=bench.root, hasher=InputHasher(bench.root, run_dir / HASH_CACHE),
+                            report=merge_report)
     partial = cfg.get("limit") is not None
     if strict is None:
         strict = not partial
@@ -196,7 +210,9 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         "partial": partial,
         "protocol": {"evaluator": bench.protocol, "follows_protocol": not deviations, "deviations": deviations},
         "pending": pending,
-        "counts": {"questions": len(questions), "answered": len(official)},
+        "counts": {"questions": len(questions), "answered": len(official),
+                   **({"left_out": merge_report["left_out"]} if "left_out" in merge_report else {})},
+        "resumes": meta.get("resumes", []),
         "model": resolved.get("model", {"id": cfg["model"]}),
         "method": resolved.get("method_config", {"method": cfg["method"], "budget": cfg.get("budget"), **cfg.get("options", {})}),
         "method_llm_layers": resolved.get("llm_layers"),

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from . import dist as distmod
 from .benchmarks import Benchmark, Question, get_benchmark
-from .fingerprint import (compare as fp_compare, data_fingerprint, model_fingerprint, question_hash,
-                          record_matches_question, template_fingerprint)
+from .fingerprint import InputHasher, compare as fp_compare, data_fingerprint, model_fingerprint, question_hash, \
+    template_fingerprint
 from .io import JsonlAppender, complete_jsonl_records, read_json, write_json
+from .resume import HASH_CACHE, plan_resume, set_aside
 
 log = logging.getLogger("eval")
 
@@ -191,31 +192,9 @@ def _refuse(run_dir: Path, changes: list[str]) -> None:
           f"{'; '.join(changes)}; use another --run-name / --out, or --overwrite to start over", file=sys.stderr)
 
 
-def _data_changes(prev_meta: dict, data_fp: dict, run_dir: Path, questions: list[Question], root) -> list[str]:
-    """What changed in the data since the answers of ``run_dir`` were written: the recorded data
-    fingerprint, then every answer against its question (``qhash``; answers written before question
-    hashes: the question text they carry). A folder without a fingerprint (written before them)
-    resumes only when every answer still matches its question."""
-    changes = []
-    prev_fp = prev_meta.get("fingerprint")
-    if prev_fp is not None:
-        changes, _ = fp_compare({"data": prev_fp.get("data", {})}, {"data": data_fp})
-    by_uid = {q.uid: q for q in questions}
-    bad = []
-    for p in shard_files(run_dir):
-        for r in complete_jsonl_records(p):
-            q = by_uid.get(r[EVAL_KEY]["uid"])
-            if q is None:
-                continue
-            h = r[EVAL_KEY].get("qhash")
-            if (h is not None and h != question_hash(q, root)) or (h is None and not record_matches_question(r, q)):
-                bad.append(f"{p.name}: {q.uid}")
-    if bad and not changes:
-        changes.append(f"questions: {len(bad)} answer(s) were made for another question of the same id, e.g. {bad[:3]}")
-    if prev_fp is None and not changes:
-        log.warning("%s has no fingerprint (written before they were recorded): resuming since the configuration and "
-                    "every answer's question text match; the fingerprint is recorded from now on", run_dir)
-    return changes
+class InputError(ValueError):
+    """A question's image / video cannot be read (corrupt, truncated, unreadable): the run stops with one line
+    naming the file and the question; the answers so far are on disk and the same command goes on."""
 
 
 def git_info() -> dict:
@@ -248,14 +227,12 @@ def env_info(device) -> dict:
 
 
 def check_inputs(bench: Benchmark, questions: list[Question]) -> list[str]:
-    """Missing input files of the questions (images / videos)."""
-    missing = []
+    """Missing input files of the questions (images / videos), each once however many questions read it."""
     if hasattr(bench, "missing_inputs"):
-        return [f"video {v}" for v in bench.missing_inputs(questions)]
-    for q in questions:
-        if isinstance(q.image, str) and not os.path.exists(q.image):
-            missing.append(q.image)
-    return missing
+        missing = [f"video {v}" for v in bench.missing_inputs(questions)]
+    else:
+        missing = [q.image for q in questions if isinstance(q.image, str) and not os.path.exists(q.image)]
+    return list(dict.fromkeys(missing))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +333,7 @@ def run(cfg: RunConfig) -> int:
     distmod.init(info, cfg.dist_backend, cfg.dist_timeout_min)
     try:
         prev_meta = None
+        plan = None  # rank 0, resuming a folder with answers: which to keep, recompute, drop (eval/resume.py)
         if info.is_main:
             cfg_ok = True
             if cfg_path.exists() and not cfg.overwrite:
@@ -364,8 +342,13 @@ def run(cfg: RunConfig) -> int:
                 mismatch = _resume_mismatch(prev, cfg)
                 has_answers = bool(answered_uids(run_dir))
                 changes = [f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in mismatch.items()]
-                if has_answers:  # what the answers were made under, checkable before the model loads
-                    changes += _data_changes(prev_meta, data_fp, run_dir, questions, bench.root)
+                if has_answers and not changes:  # each answer against its question and inputs as they are now
+                    plan = plan_resume(run_dir, shard_files(run_dir), questions, bench.root,
+                                       InputHasher(bench.root, run_dir / HASH_CACHE), prev_meta.get("fingerprint"),
+                                       data_fp)
+                    if prev_meta.get("fingerprint") is None:
+                        log.warning("%s has no fingerprint (written before they were recorded): its answers are checked "
+                                    "against their question text; the fingerprint is recorded from now on", run_dir)
                 if changes and has_answers:
                     _refuse(run_dir, changes)
                     cfg_ok = False
@@ -444,8 +427,7 @@ def run(cfg: RunConfig) -> int:
         if info.is_main:  # the parts that need the model: template, weights, resolved method, dtype
             cfg_ok = True
             if prev_meta is not None and "fingerprint" in prev_meta and answered_uids(run_dir):
-                changes, warnings = fp_compare(prev_meta["fingerprint"], fingerprint)
-                changes = [c for c in changes if not c.startswith(("question", "image"))]  # checked above
+                changes, warnings = fp_compare(prev_meta["fingerprint"], fingerprint)  # run-wide parts only
                 for w in warnings:
                     log.warning("%s: resuming answers written under another %s (kept: only the code changed; "
                                 "run_config.json lists every code version under 'code_versions')", run_dir, w)
@@ -471,6 +453,15 @@ def run(cfg: RunConfig) -> int:
                 if v and v not in versions:
                     versions.append(v)
             meta["code_versions"] = versions
+            meta["resumes"] = list((prev_meta or {}).get("resumes") or [])
+            if plan is not None:  # stale answers aside before any rank looks for what is answered
+                aside = set_aside(run_dir, plan)
+                for note in plan.data_notes:
+                    log.info("%s: since the last session: %s", run_dir, note)
+                log.info("%s: %s%s", run_dir, plan.summary(),
+                         f" (the old answers recomputed are kept in {aside.relative_to(run_dir)})" if aside else "")
+                meta["resumes"].append({"at": _now(), **plan.as_dict(),
+                                        "superseded": str(aside.relative_to(run_dir)) if aside else None})
             write_json(cfg_path, meta)
         distmod.barrier(info)  # --overwrite: the old answers are gone before any rank looks for them
         mine = chunk(questions, info.world, info.rank)
@@ -491,8 +482,18 @@ def run(cfg: RunConfig) -> int:
                                                run_dir.name, str(run_dir)),
                              dir=str(run_dir))
 
-        _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done),
-               qhashes=qhashes)
+        try:
+            _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done),
+                   qhashes=qhashes)
+        except InputError as e:  # this rank's input: one line from it (the answers so far are on disk)
+            print(f"error: {e}", file=sys.stderr)
+            if info.world > 1:  # the other ranks wait at a barrier: exit, the launcher stops them
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
+            if wb is not None:
+                wb.finish()
+            return 2
         distmod.barrier(info)
         code = 0
         if info.is_main:
@@ -707,20 +708,31 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
     answered = 0
     warned_noop = False
     sums = {"in": 0.0, "avg": 0.0, "n": 0}
+    hasher = InputHasher(bench.root)  # each answer records the content hash of the inputs it read
+
+    def read(q, fn, what):
+        try:
+            return fn()
+        except (ValueError, OSError, RuntimeError) as e:
+            n = f"{answered} answers of this session are saved in {shard}; " if answered else ""
+            raise InputError(f"cannot read the {what} of question {q.uid}: {e}. {n}fix or restore the file and run the "
+                             "same command again: it answers the questions left") from e
+
     with JsonlAppender(shard) as out:
         tty = sys.stderr.isatty()
         bar = tqdm(batches, total=len(batches), desc=f"{bench.name} rank {info.rank}/{info.world}",
                    mininterval=5 if tty else 60, dynamic_ncols=tty)
         for nb, batch in enumerate(bar):
             texts = [q.text for q in batch]
+            hashes = [hasher.inputs(q) for q in batch]  # before reading: what was read is at least this recent
             if batch[0].modality == "video":
                 from .benchmarks.videoqa import load_video
 
-                inputs = rt.processor(texts, videos=[load_video(q.video, rt.processor.num_frames) for q in batch],
-                                      device=device)
+                videos = [read(q, lambda q=q: load_video(q.video, rt.processor.num_frames), "video") for q in batch]
+                inputs = rt.processor(texts, videos=videos, device=device)
                 pil = None
             elif batch[0].modality == "image":
-                pil = [load_image(q.load_image()) for q in batch]
+                pil = [read(q, lambda q=q: load_image(q.load_image()), "image") for q in batch]
                 inputs = rt.processor(texts, images=pil, device=device)
             else:
                 pil = None
@@ -748,8 +760,8 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
                 rec = bench.record(q, bench.postprocess(text), model_id)
                 row = new[b].tolist()
                 n_new = next((i + 1 for i, t in enumerate(row) if t == eos), len(row) - sum(1 for t in row if t == pad))
-                meta = {"uid": q.uid, "idx": q.idx, "qhash": (qhashes or {}).get(q.uid), "rank": info.rank, "batch": len(batch), "new_tokens": n_new,
-                        "time": {"generate": t_gen / len(batch)}}
+                meta = {"uid": q.uid, "idx": q.idx, "qhash": (qhashes or {}).get(q.uid), "inputs": hashes[b],
+                        "rank": info.rank, "batch": len(batch), "new_tokens": n_new, "time": {"generate": t_gen / len(batch)}}
                 if stats is not None:
                     s = stats.samples[b].as_dict()
                     meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],

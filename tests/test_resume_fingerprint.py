@@ -1,8 +1,9 @@
-"""Issue 16, item 1: a resumed run never mixes answers of other data / prompt / model / method.
-A run folder records a fingerprint of what its answers were made under (run_config.json
-"fingerprint"; every answer carries _eval.qhash) and a resume refuses, with one `error:` line
-naming what changed and exit 2, to add answers under another one; the merge refuses an answer
-whose question hash differs from the question file."""
+"""Issue 16, item 1 (and issue 33): a resumed run never mixes answers of other data / prompt / model /
+method. A run folder records a fingerprint of what its answers were made under (run_config.json
+"fingerprint"; every answer carries _eval.qhash and _eval.inputs). A run-wide change (template, model,
+method, options, dtype) refuses the resume with one `error:` line naming what changed and exit 2; a data
+change recomputes exactly the answers it touches (tests/test_resume_per_question.py has the details);
+the merge refuses an answer whose question or inputs differ from the data."""
 
 import json
 import shutil
@@ -72,50 +73,72 @@ def test_unchanged_resume_is_lossless_and_records_a_fingerprint(data, tmp_path, 
     assert len((rd / "merge.jsonl").read_text().splitlines()) == n
 
 
-def test_changed_question_file_refuses(data, tmp_path, capsys):
+def last_resume(rd):
+    return json.loads((rd / "run_config.json").read_text())["resumes"][-1]
+
+
+def test_changed_question_file_recomputes_every_changed_answer(data, tmp_path):
     rd = crashed_run(data, tmp_path / "runs")
+    n_before = len(recorded_uids(rd))
     rewrite_questions(qfile(data), lambda r: {**r, "text": "Is there a zebra in the image?"})  # same ids
-    capsys.readouterr()
-    assert eval_run(data, tmp_path / "runs") == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "question file pope/llava_pope_test.jsonl" in line and str(rd) in line
-    assert not (rd / "merge.jsonl").exists()
+    assert eval_run(data, tmp_path / "runs") == 0
+    r = last_resume(rd)
+    assert (r["kept"], r["recomputed"], r["new"], r["recompute_reasons"]) == (0, n_before, 6 - n_before,
+                                                                               {"question": n_before})
+    assert any("question file pope/llava_pope_test.jsonl" in c for c in r["data_changes"])
+    merged = [json.loads(ln) for ln in (rd / "merge.jsonl").read_text().splitlines()]
+    assert len(merged) == 6 and all(m["prompt"].startswith("Is there a zebra") for m in merged)
 
 
-def test_other_data_root_with_same_ids_refuses(data, fixture_data, tmp_path, capsys):
+def test_other_data_root_with_same_ids_recomputes(data, fixture_data, tmp_path):
     other = Path(shutil.copytree(fixture_data, tmp_path / "other"))
     rewrite_questions(qfile(other), lambda r: {**r, "text": r["text"].replace("Is there", "Is there not")})
-    crashed_run(data, tmp_path / "runs")
-    capsys.readouterr()
-    assert eval_run(other, tmp_path / "runs") == 2
-    assert "question file pope/llava_pope_test.jsonl" in one_error_line(capsys.readouterr().err)
+    rd = crashed_run(data, tmp_path / "runs")
+    n_before = len(recorded_uids(rd))
+    assert eval_run(other, tmp_path / "runs") == 0
+    assert last_resume(rd)["recomputed"] == n_before and last_resume(rd)["kept"] == 0
+
+
+def recorded_uids(rd):
+    return [json.loads(ln)[EVAL_KEY]["uid"] for p in shard_files(rd) for ln in p.read_text().splitlines()]
 
 
 def test_same_content_under_another_data_root_resumes(data, tmp_path, capsys):
     rd = crashed_run(data, tmp_path / "runs")
-    moved = Path(shutil.copytree(data, tmp_path / "moved"))
+    n_before = len(recorded_uids(rd))
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved, copy_function=shutil.copyfile)  # new mtimes: the bytes are hashed again
     assert eval_run(moved, tmp_path / "runs") == 0
     assert (rd / "merge.jsonl").exists()
+    assert (last_resume(rd)["kept"], last_resume(rd)["recomputed"]) == (n_before, 0)
 
 
-def test_changed_image_set_refuses(data, tmp_path, capsys):
-    crashed_run(data, tmp_path / "runs")
-    img = sorted((data / "pope" / "val2014").iterdir())[0]
+def test_changed_image_recomputes_its_question(data, tmp_path, capsys):
+    rd = crashed_run(data, tmp_path / "runs")
+    first = json.loads(shard_files(rd)[0].read_text().splitlines()[0])
+    (rel,) = first[EVAL_KEY]["inputs"]
+    img = data / rel
     img.write_bytes(img.read_bytes() + b"\0" * 16)  # same name, other bytes
-    capsys.readouterr()
-    assert eval_run(data, tmp_path / "runs") == 2
-    assert "image / video set" in one_error_line(capsys.readouterr().err)
+    assert eval_run(data, tmp_path / "runs") == 0
+    r = last_resume(rd)
+    assert r["recomputed"] == 1 and r["recompute_reasons"] == {f"input {rel}": 1}
+    assert any("image / video set" in c for c in r["data_changes"])
 
 
-def test_changed_video_frame_folder_refuses(data, tmp_path, capsys):
+def test_changed_video_frame_folder_recomputes_its_questions(data, tmp_path, capsys):
     kw = {"bench": "msvd", "model": "tiny:video-llava"}
-    crashed_run(data, tmp_path / "runs", **kw)
-    folder = data / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA" / "videos" / "msvdvid1"  # a frame folder
-    frame = sorted(folder.iterdir())[0]
+    assert eval_run(data, tmp_path / "runs", **kw) == 0
+    rd = tmp_path / "runs" / "msvd" / "r"
+    rel = "GPT_Zero_Shot_QA/MSVD_Zero_Shot_QA/videos/msvdvid1"  # a frame folder
+    uses = [r[EVAL_KEY]["uid"] for p in shard_files(rd) for r in map(json.loads, p.read_text().splitlines())
+            if rel in r[EVAL_KEY]["inputs"]]
+    n = len(recorded_uids(rd))
+    assert 1 <= len(uses) < n
+    frame = sorted((data / rel).iterdir())[0]
     frame.write_bytes(frame.read_bytes() + b"\0" * 16)
-    capsys.readouterr()
-    assert eval_run(data, tmp_path / "runs", **kw) == 2
-    assert "image / video set" in one_error_line(capsys.readouterr().err)
+    assert eval_run(data, tmp_path / "runs", **kw) == 0
+    r = last_resume(rd)
+    assert (r["recompute_reasons"], r["kept"]) == ({f"input {rel}": len(uses)}, n - len(uses))
 
 
 def test_changed_prompt_template_refuses(data, tmp_path, capsys, monkeypatch):
@@ -209,7 +232,7 @@ def strip_fingerprint(rd):
     for p in shard_files(rd):
         recs = [json.loads(ln) for ln in p.read_text().splitlines()]
         for r in recs:
-            del r[EVAL_KEY]["qhash"]
+            del r[EVAL_KEY]["qhash"], r[EVAL_KEY]["inputs"]
         p.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
@@ -220,13 +243,13 @@ def test_old_folder_without_fingerprint_resumes_when_its_answers_match(data, tmp
     assert "fingerprint" in json.loads((rd / "run_config.json").read_text())
 
 
-def test_old_folder_without_fingerprint_refuses_other_questions(data, tmp_path, capsys):
+def test_old_folder_without_fingerprint_recomputes_other_questions(data, tmp_path, capsys):
     rd = crashed_run(data, tmp_path / "runs")
+    n_before = len(recorded_uids(rd))
     strip_fingerprint(rd)
     rewrite_questions(qfile(data), lambda r: {**r, "text": "Is there a zebra in the image?"})  # same ids
-    capsys.readouterr()
-    assert eval_run(data, tmp_path / "runs") == 2
-    assert "were made for another question" in one_error_line(capsys.readouterr().err)
+    assert eval_run(data, tmp_path / "runs") == 0
+    assert last_resume(rd)["recompute_reasons"] == {"question": n_before}  # re-verified against the question text
 
 
 def test_merge_refuses_an_answer_whose_question_hash_differs(data, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -159,13 +158,32 @@ def unique_uids(qids: list[Any]) -> list[str]:
     return out
 
 
-def b64_image_loader(data: str) -> Callable:
-    def load():
+class B64Image:
+    """An image embedded in the question file as base64 (MMBench's TSV): called, the decoded RGB image;
+    ``digest``: the hash of its encoded bytes (the answer's input hash, no decoding)."""
+
+    __slots__ = ("data", "_digest")
+
+    def __init__(self, data: str):
+        self.data = data
+        self._digest = None
+
+    def __call__(self):
         from PIL import Image
 
-        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        return Image.open(io.BytesIO(base64.b64decode(self.data))).convert("RGB")
 
-    return load
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            import hashlib
+
+            self._digest = hashlib.sha256(self.data.encode("ascii", "replace")).hexdigest()[:16]
+        return self._digest
+
+
+def b64_image_loader(data: str) -> Callable:
+    return B64Image(data)
 
 
 def loader_questions(bench: Benchmark, question_file: str, image_folder: str,
