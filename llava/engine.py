@@ -424,6 +424,28 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         logits = self.model.lm_head(hidden)
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values if use_cache else None)
 
+    def vision_inputs(self, input_ids: torch.Tensor, visual: dict, attention_mask: torch.Tensor | None = None):
+        """The vision stage alone, for a host that runs its own decoder (the vLLM plugin,
+        ``integrations/vllm``): the LLM's prefill inputs after the method's vision stage, exactly as a prefill
+        hands them to the decoder (embeds (B, L', D), mask, positions; the kept / merged visual rows in the
+        placeholders' place), and ``info`` (per sample: candidates, no-op). The method's selections are in
+        :attr:`selections` as after a prefill. Nothing is cached and no decode state is kept; the eager
+        engine runs (the fast path's captured prefill includes the decoder). Methods with llm stages are the
+        caller's to refuse: their stages run inside the decoder."""
+        visual = {k: v for k, v in visual.items() if k in self.adapter.visual_keys}
+        if not any(visual.get(k) is not None for k in self.adapter.pixel_keys):
+            raise ValueError("vision_inputs needs the visual inputs (pixel_values / pixel_values_videos)")
+        ctx = _Prefill(clock=_PhaseClock(input_ids.device, self.clock))
+        ctx.clock.mark("start")
+        try:
+            embeds, mask, pos, info = self._prefill_inputs(ctx, input_ids, visual, attention_mask, None)
+        finally:  # nothing outlives the call
+            ctx.probe_inputs = ctx.probe_deepstack = None
+            ctx.probe_cache.clear()
+            ctx.vision_sigs = []
+        info.pop("pos_shift", None)
+        return embeds, mask, pos, info
+
     def _fast_prefill(self, input_ids, attention_mask, visual):
         """The prefill on the fast path: (output, "") or (None, why it runs eagerly)."""
         from .fastpath import NotPlanned

@@ -281,7 +281,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
          max_pixels: int | None = None, vision_dtype=None, fast: bool = False, fast_backend: str = "auto",
-         fast_max_new_tokens: int = 256) -> Runtime:
+         fast_max_new_tokens: int = 256, decoder_layers: int | None = None) -> Runtime:
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
@@ -294,10 +294,15 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     (``fast_backend`` "auto": CUDA graphs through Inductor on a GPU, dynamo without code generation on a
     CPU; "inductor", "eager", "aot_eager", or "none" = the static-shape functions run uncompiled), decode
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. Prefills the fast path
-    does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran."""
+    does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran.
+
+    ``decoder_layers=N`` (a hub id or local folder): load only the first N decoder layers (the rest hold their
+    place and refuse to run, :class:`AbsentDecoderLayer`): a model for the vision stage alone
+    (``engine.vision_inputs``), N = the layers a method's probe runs (0 for most). The vLLM plugin runs it
+    beside vLLM's own decoder."""
     rt = _load(name, dtype=dtype, device=device, attn_implementation=attn_implementation, template=template,
                next_layout=next_layout, num_frames=num_frames, pad_to_square=pad_to_square, seed=seed,
-               min_pixels=min_pixels, max_pixels=max_pixels)
+               min_pixels=min_pixels, max_pixels=max_pixels, decoder_layers=decoder_layers)
     if vision_dtype is not None:
         vd = _dtype(vision_dtype)
         if rt.family not in ("llava", "llava_next", "video_llava"):
@@ -314,10 +319,23 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     return rt
 
 
+class AbsentDecoderLayer(torch.nn.Module):
+    """A decoder layer a partial load left out (``load(..., decoder_layers=N)``): it holds the place, so that
+    the layer count methods resolve their layers against is the checkpoint's, and refuses to run."""
+
+    def __init__(self, index: int, loaded: int):
+        super().__init__()
+        self.index, self.loaded = index, loaded
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"decoder layer {self.index} was not loaded (decoder_layers={self.loaded}): this model "
+                           "runs the vision stage only (e.g. inside vLLM, whose own decoder runs the LLM)")
+
+
 def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
           template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
           pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
-          max_pixels: int | None = None) -> Runtime:
+          max_pixels: int | None = None, decoder_layers: int | None = None) -> Runtime:
     """Load a model by hub id, local directory, ``shape:<name>`` (real architecture, random
     weights; names: the JSON files in llava/configs) or ``tiny:<family>``.
 
@@ -385,8 +403,28 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     fam = {v: k for k, v in MODEL_CLASSES.items()}.get(arch) or config.model_type
     if fam not in MODEL_CLASSES:
         raise ValueError(f"{name}: model type {config.model_type!r} is not a LLaVA family model ({', '.join(MODEL_CLASSES)})")
+    kw = {}
+    if decoder_layers is not None:  # the vision stage's model only: the first N decoder layers (a probe's)
+        tc = config.text_config
+        total = tc.num_hidden_layers
+        types = getattr(tc, "layer_types", None)
+        types = list(types) if types is not None else None
+        if not 0 <= decoder_layers <= total:
+            raise ValueError(f"decoder_layers must be in 0..{total}, got {decoder_layers}")
+        tc.num_hidden_layers = decoder_layers
+        if getattr(tc, "layer_types", None) is not None:
+            tc.layer_types = list(tc.layer_types)[:decoder_layers]
+        kw["config"] = config
     model = getattr(tf, MODEL_CLASSES[fam]).from_pretrained(name, dtype=_dtype(dtype) or "auto",
-                                                            attn_implementation=attn_implementation)
+                                                            attn_implementation=attn_implementation, **kw)
+    if decoder_layers is not None:  # the checkpoint's layer count again, the missing layers refusing to run
+        tc = model.config.text_config
+        layers = model.model.language_model.layers
+        for i in range(decoder_layers, total):
+            layers.append(AbsentDecoderLayer(i, decoder_layers))
+        tc.num_hidden_layers = total
+        if types is not None:
+            tc.layer_types = types
     if device is not None:
         model.to(device)
     model.eval()
