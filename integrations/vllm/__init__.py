@@ -1,0 +1,56 @@
+"""Pruning inside vLLM: an out-of-tree plugin (entry point ``vllm.general_plugins`` -> :func:`register`).
+
+Usage (in the environment ``scripts/vllm_env.sh`` builds)::
+
+    from vllm import LLM
+    from integrations.vllm import overrides
+
+    llm = LLM(model="llava-hf/llava-1.5-7b-hf", hf_overrides=overrides("llava-hf/llava-1.5-7b-hf", "visionzip", 64))
+    # = hf_overrides={"architectures": ["VtpruneLlavaForConditionalGeneration"],
+    #                 "vtprune": {"method": "visionzip", "budget": 64, "options": {}, "template": None}}
+
+    vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides \\
+        '{"architectures": ["VtpruneLlavaForConditionalGeneration"], "vtprune": {"method": "visionzip", "budget": 64}}'
+
+Each image then enters vLLM's decoder as the method's K tokens (the prompt, the KV cache and the scheduler
+count K); the selection is the HF engine's (:mod:`integrations.vllm.stage`). Pre-LLM methods only; one image
+per prompt; LLaVA-1.5 so far (:data:`ARCHITECTURES`).
+"""
+
+from __future__ import annotations
+
+#: the checkpoint's architecture -> the plugin's (module:class, lazily imported by vLLM)
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": ("VtpruneLlavaForConditionalGeneration",
+                                      "integrations.vllm.llava:VtpruneLlavaForConditionalGeneration"),
+}
+
+
+def register() -> None:
+    """vLLM's plugin hook (run in every vLLM process): register the plugin's model classes."""
+    from vllm import ModelRegistry
+
+    for name, target in ARCHITECTURES.values():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, target)
+
+
+def overrides(model: str, method: str, budget: int | None = None, template: str | None = None, **options) -> dict:
+    """``hf_overrides`` for ``LLM(model=...)`` / ``vllm serve`` that prune with ``method`` at ``budget``: the
+    plugin's architecture for the checkpoint's, and the method (checked here: an unknown method, a bad option
+    or an in-LLM method fails now, not in the engine's worker)."""
+    from transformers import AutoConfig
+
+    from .spec import PruneSpec, planned_for_config
+
+    cfg = AutoConfig.from_pretrained(model)
+    arch = (getattr(cfg, "architectures", None) or [""])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{model}: architecture {arch!r} is not served by the vtprune vLLM plugin yet "
+                         f"(served: {', '.join(ARCHITECTURES)})")
+    spec = PruneSpec.from_dict({"method": method, "budget": budget, "options": options, "template": template})
+    from llava.models import MODEL_CLASSES
+
+    family = {v: k for k, v in MODEL_CLASSES.items()}[arch]
+    planned_for_config(spec, family, cfg)  # the method's checks and its dry run, here
+    return {"architectures": [ARCHITECTURES[arch][0]], "vtprune": spec.as_dict()}

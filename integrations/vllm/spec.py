@@ -1,0 +1,204 @@
+"""What ``hf_overrides={"vtprune": {...}}`` asks of the plugin, checked before a request runs, and the number
+of visual tokens each image enters vLLM's decoder with.
+
+vLLM lays out a prompt (placeholder tokens, KV blocks, scheduling) in its front end, before the encoder
+runs, so each image's token count after pruning must be known there. :func:`planned_count` finds it by a
+dry run of the method's vision stage on random signals of the image's structure (twice, with other values:
+a method whose count depends on the values is refused); the worker checks every real selection against it.
+
+Only pre-LLM methods run inside vLLM: a method with llm stages (FastV, PyramidDrop, SparseVLM, DART,
+VisionDrop's LLM stages, VScan's LLM stage) prunes inside the decoder, which is vLLM's own, and is refused
+with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+KEY = "vtprune"
+ALLOWED = ("method", "budget", "options", "template")
+
+
+class PluginError(ValueError):
+    """A vtprune configuration the plugin cannot run (the message says why)."""
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    method: str
+    budget: int | None = None
+    options: tuple = ()  # sorted (key, value) pairs: hashable
+    template: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw) -> "PruneSpec":
+        if not isinstance(raw, dict):
+            raise PluginError(f"hf_overrides[{KEY!r}] must be a dict like {{'method': 'visionzip', 'budget': 64}}, "
+                              f"got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(ALLOWED))
+        if unknown:
+            raise PluginError(f"hf_overrides[{KEY!r}]: unknown key(s) {unknown}; allowed: {', '.join(ALLOWED)}")
+        if "method" not in raw:
+            raise PluginError(f"hf_overrides[{KEY!r}] needs 'method' (e.g. 'visionzip')")
+        opts = raw.get("options") or {}
+        if not isinstance(opts, dict):
+            raise PluginError(f"hf_overrides[{KEY!r}]['options'] must be a dict, got {type(opts).__name__}")
+        budget = raw.get("budget")
+        return cls(method=str(raw["method"]), budget=None if budget is None else int(budget),
+                   options=tuple(sorted(opts.items())), template=raw.get("template"))
+
+    @classmethod
+    def from_config(cls, hf_config) -> "PruneSpec | None":
+        """The spec a vLLM model config carries (``hf_overrides``), or None (stock behaviour)."""
+        raw = getattr(hf_config, KEY, None)
+        return None if raw is None else cls.from_dict(raw)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "options": dict(self.options), "template": self.template}
+
+    def build(self):
+        """A fresh method instance (each engine binds its own)."""
+        from llava.method import get_method
+
+        try:
+            return get_method(self.method, self.budget, **dict(self.options))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PluginError(str(e.args[0] if e.args else e)) from None
+
+
+def check_method(method, family: str) -> None:
+    """Refuse, with the reason, a method the plugin cannot run on ``family``."""
+    if not method.supports(family):
+        raise PluginError(f"{method.name} does not support {family} models (it runs on "
+                          f"{', '.join(method.families)}): {method.unsupported_reason}")
+    layers = tuple(method.llm_layers)
+    if layers:
+        raise PluginError(
+            f"{method.name} prunes inside the LLM (before decoder layer(s) {list(layers)}), and inside vLLM the "
+            "decoder is vLLM's own: the plugin runs pre-LLM methods only (the vision stage before the decoder). "
+            "Run it with the HF engine (llava.load(...).prune(...), eval run), or pick a pre-LLM method "
+            "(consensusdrop, attnmix, visionzip, fastervlm, divprune, cdpruner, vispruner, hiprune, downsample, "
+            "random, ...)")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One image's visual tokens before pruning, as the engine lays them out (CLIP families)."""
+
+    tokens: int  # T: the tokens the unpruned model feeds
+    grid: tuple  # (rows, cols) of patches per unit
+    units: int = 1
+    cls_extra: bool = False  # each unit's [CLS] offered as an extra candidate (the model drops it)
+    kind: str = "image"
+    unit_grid: tuple = field(default=())
+
+
+def _signals(method, s: Structure, dims: dict, seed: int):
+    """Random signals of structure ``s`` for a dry run (every field a vision stage may read)."""
+    from llava.signals import VisionSignals
+
+    g = torch.Generator().manual_seed(seed)
+    per = s.tokens // s.units
+    unit = torch.arange(s.units).repeat_interleave(per)
+    patch = torch.arange(per).repeat(s.units)
+    if s.cls_extra and method.include_cls_candidates:  # as the engine: only for a method that asks
+        unit = torch.cat([unit, torch.arange(s.units)])
+        patch = torch.cat([patch, torch.full((s.units,), -1, dtype=torch.long)])
+    n = int(unit.numel())
+    D, Dv, H = dims["hidden"], dims["vision_hidden"], dims["vision_heads"]
+
+    def soft(*shape):
+        return torch.randn(*shape, generator=g).softmax(-1)
+
+    tt = 8
+    needs = method.needs_vision_attention
+    return VisionSignals(
+        features=torch.randn(n, D, generator=g), vision_features=torch.randn(n, Dv, generator=g), unit=unit,
+        patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=torch.randn(tt, D, generator=g),
+        question_mask=torch.ones(tt, dtype=torch.bool), question_ids=torch.arange(tt),
+        cls_attn=soft(H, n) if needs else None, keys=torch.randn(n, Dv // H, generator=g) if needs else None,
+        received_attn={v: soft(H, n) for v in getattr(method, "vision_attention_layers", ()) or ()},
+        fullwidth_cls_attn={v: soft(n) for v in getattr(method, "vision_fullwidth_layers", ()) or ()},
+        fullwidth_keys={v: torch.randn(n, Dv, generator=g) for v in getattr(method, "vision_fullwidth_layers", ()) or ()},
+        cls_attn_layers={v: soft(H, n) for v in getattr(method, "vision_cls_layers", ()) or ()},
+        key=seed, num_stock=s.tokens, unit_pos=torch.full((s.units, 2), -1, dtype=torch.long),
+        unit_grid=list(s.unit_grid or [tuple(s.grid)] * s.units),
+        _probe_fn=lambda layer, queries="question": soft(dims.get("heads", 4), tt, s.tokens),
+        _unit_host=unit)
+
+
+def planned_count(method, s: Structure, dims: dict) -> int:
+    """Visual tokens the image enters the decoder with after ``method``'s vision stage (T when it has none).
+    Raises :class:`PluginError` when the dry run fails or the count depends on the values."""
+    if not method.vision_stage:
+        return s.tokens
+    if getattr(method, "tower_stage", False):
+        raise PluginError(f"{method.name} prunes inside the vision tower, where the count it keeps is decided layer by "
+                          "layer; the plugin does not plan in-tower stages yet (run it with the HF engine)")
+    counts = []
+    for seed in (0, 1):
+        sig = _signals(method, s, dims, seed)
+        try:
+            counts.append(int(method.select_vision(sig).num_out))
+        except Exception as e:  # noqa: BLE001 - any failure of a dry run is the method's refusal here
+            raise PluginError(f"{method.name}: vLLM must know each image's token count before the encoder runs, and "
+                              f"a dry run of its vision stage failed ({type(e).__name__}: {e})") from None
+    if counts[0] != counts[1]:
+        raise PluginError(f"{method.name} keeps a number of tokens that depends on the image ({counts[0]} vs "
+                          f"{counts[1]} on two dry runs), and vLLM must know it before the encoder runs: use a "
+                          "fixed-budget variant (e.g. prumerge budget_mode='fixed')")
+    return counts[0]
+
+
+def ready_method(spec: PruneSpec, family: str, num_layers: int, num_vision_layers: int):
+    """The spec's method, set up for a model of ``family`` with these layer counts and checked."""
+    method = spec.build()
+    if not method.supports(family):
+        check_method(method, family)
+    method.setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+    check_method(method, family)
+    return method
+
+
+def llava_structure(hf_config) -> Structure:
+    """LLaVA-1.5: one unit of (image_size / patch)^2 patches (+ [CLS] under the 'full' strategy)."""
+    vc = hf_config.vision_config
+    side = vc.image_size // vc.patch_size
+    full = hf_config.vision_feature_select_strategy == "full"
+    return Structure(tokens=side * side + (1 if full else 0), grid=(side, side), cls_extra=not full)
+
+
+#: per family: the structure of one image (the families the plugin serves)
+STRUCTURES = {"llava": llava_structure}
+
+
+def dims(hf_config) -> dict:
+    """The sizes a dry run needs, from the checkpoint's config."""
+    tc, vc = hf_config.text_config, hf_config.vision_config
+    return {"hidden": tc.hidden_size, "heads": tc.num_attention_heads, "num_layers": tc.num_hidden_layers,
+            "vision_hidden": vc.hidden_size, "vision_heads": vc.num_attention_heads,
+            "num_vision_layers": vc.num_hidden_layers}
+
+
+def planned_for_config(spec: PruneSpec, family: str, hf_config) -> tuple[Structure, int]:
+    """(the image's structure, its token count after the vision stage) for a checkpoint's config."""
+    if family not in STRUCTURES:
+        raise PluginError(f"the vtprune vLLM plugin does not serve {family} models yet (served: {', '.join(STRUCTURES)})")
+    s = STRUCTURES[family](hf_config)
+    return s, count_for(spec, family, s, dims(hf_config))
+
+
+@lru_cache(maxsize=64)
+def _cached_count(spec: PruneSpec, family: str, s: Structure, dims: tuple) -> int:
+    d = dict(dims)
+    method = ready_method(spec, family, d["num_layers"], d["num_vision_layers"])
+    return planned_count(method, s, d)
+
+
+def count_for(spec: PruneSpec, family: str, s: Structure, dims: dict) -> int:
+    """:func:`planned_count` for a spec, checked and cached per (spec, family, structure). ``dims``: hidden,
+    vision_hidden, vision_heads, heads (the LLM's), num_layers, num_vision_layers."""
+    return _cached_count(spec, family, s, tuple(sorted(dims.items())))

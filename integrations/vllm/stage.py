@@ -1,0 +1,97 @@
+"""The worker side: our engine's vision stage for the images of a vLLM batch.
+
+The vision stage runs on transformers' own modules (the vision tower, the projector, the embedding table
+and, for a method with an LLM probe, the first decoder layers), loaded from the same checkpoint with
+``llava.load(..., decoder_layers=N)``: the engine's adapter, signals and the method's ``select_vision`` run
+unchanged, so the kept tokens are the HF engine's on the same pixels and prompt. vLLM's decoder then runs
+the LLM on the prompt with each image's kept / merged tokens in its placeholders. The cost: the tower's
+weights twice in memory (vLLM's copy is not used for pruned requests); the tower runs with transformers'
+attention (SDPA).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from .spec import PluginError, PruneSpec, check_method
+
+log = logging.getLogger("vtprune.vllm")
+
+#: the processor field that carries each image's prompt (token ids, unexpanded: one placeholder per image)
+PROMPT_FIELD = "vtprune_prompt_ids"
+
+
+class VisionStage:
+    """One worker's pruning: ``embed(pixel_values, prompts)`` -> per image its (K, D) LLM inputs."""
+
+    def __init__(self, model: str, spec: PruneSpec, family: str, dtype: torch.dtype, device: torch.device,
+                 revision: str | None = None):
+        from llava.models import load
+
+        method = spec.build()
+        probe = tuple(getattr(method, "probe_layers", ()) or ())
+        layers = max(probe) + 1 if probe else 0
+        self.spec = spec
+        self.rt = load(model, dtype=dtype, device=device, template=spec.template, decoder_layers=layers)
+        if self.rt.family != family:
+            raise PluginError(f"{model}: the checkpoint is a {self.rt.family} model, the plugin class serves {family}")
+        self.engine = self.rt.prune(method)
+        check_method(self.engine.method, family)
+        self.family = family
+        self.image_token = int(self.rt.model.config.image_token_id)
+        self.tokens_per_image = int(self.rt.processor.tokens_per_crop) if hasattr(self.rt.processor, "tokens_per_crop") \
+            else None
+        log.info("vtprune: %s (budget %s, options %s) on %s; vision stage on transformers modules, %d decoder "
+                 "layer(s) loaded for its probe", method.name, spec.budget, dict(spec.options), model, layers)
+
+    def expand(self, prompt: list[int], tokens: int) -> list[int]:
+        """The prompt as the HF processor expands it: each image placeholder repeated ``tokens`` times."""
+        out = []
+        for t in prompt:
+            out.extend([t] * tokens if t == self.image_token else [t])
+        return out
+
+    @torch.inference_mode()
+    def embed_one(self, pixel_values: torch.Tensor, prompt: list[int], tokens: int) -> torch.Tensor:
+        """(K, D): the image's tokens after the vision stage, for one prompt holding exactly this image."""
+        if sum(1 for t in prompt if t == self.image_token) != 1:
+            raise PluginError("the vtprune plugin serves one image per prompt (its selection reads the prompt's "
+                              "question, and the engine lays out one image per prompt here)")
+        ids = self.expand(prompt, tokens)
+        dev = pixel_values.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        embeds, _, _, info = self.engine.vision_inputs(input_ids, {"pixel_values": pixel_values[None]})
+        before = prompt.index(self.image_token)
+        m = embeds.shape[1] - (len(ids) - tokens)
+        record = os.environ.get("VTPRUNE_VLLM_RECORD")
+        if record:  # the tests' window on the worker: each image's selection (a JSON line)
+            sel = self.engine.selections.get(("vision", 0))
+            row = {"prompt": prompt, "tokens": m,
+                   "keep": None if sel is None else sel.keep.tolist(),
+                   "targets": None if sel is None or sel.targets is None else sel.targets.tolist()}
+            with open(record, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        return embeds[0, before:before + m]
+
+    def embed(self, pixel_values, prompts, tokens: int, planned: int) -> list[torch.Tensor]:
+        """Per image (``pixel_values`` (N, C, H, W) or a list), its ``planned`` LLM inputs; ``prompts``: each
+        image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt)."""
+        out = []
+        for i in range(len(pixel_values)):
+            p = None if prompts is None else prompts[i]
+            ids = [] if p is None else [int(t) for t in (p.tolist() if torch.is_tensor(p) else p) if int(t) >= 0]
+            if not ids:  # vLLM's memory profiling: shapes only
+                out.append(torch.zeros(planned, self.engine.lm.embed_tokens.weight.shape[1],
+                                       dtype=self.engine.lm.embed_tokens.weight.dtype, device=pixel_values[i].device))
+                continue
+            x = self.embed_one(pixel_values[i], ids, tokens)
+            if x.shape[0] != planned:
+                raise RuntimeError(f"{self.engine.method.name} kept {x.shape[0]} tokens of this image, but vLLM reserved "
+                                   f"{planned} placeholders for it (planned by a dry run): a method whose count "
+                                   "depends on the image cannot run inside vLLM")
+            out.append(x)
+        return out

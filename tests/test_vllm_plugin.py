@@ -1,0 +1,164 @@
+"""The vLLM plugin (integrations/vllm, issue 30): pre-LLM methods inside vLLM's engine on a tiny LLaVA-1.5,
+checked against our HF engine on the same pixels and prompt ids: the prompt holds text + the budget's
+visual tokens, the kept tokens are the HF engine's, and the greedy tokens equal the HF engine's pruned
+generate() (fp32). Runs in the environment scripts/vllm_env.sh builds (.venv-vllm); skipped elsewhere:
+
+    bash scripts/vllm_env.sh && .venv-vllm/bin/python -m pytest tests/test_vllm_plugin.py
+"""
+
+import json
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="the vLLM plugin's tests run in .venv-vllm (bash scripts/vllm_env.sh)")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MAX_NEW = 6
+#: the pre-LLM methods, with the options that make them run on the tiny model (4 decoder layers)
+METHODS = {
+    "none": {}, "random": {}, "consensusdrop": {}, "attnmix": {}, "visionzip": {}, "fastervlm": {}, "divprune": {},
+    "cdpruner": {}, "vispruner": {}, "hiprune": {}, "downsample": {}, "prumerge": {"budget_mode": "fixed"},
+    "consensusdrop:probe": {"preset": "probe"},
+}
+BUDGET = 16
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from integrations.vllm.tiny import save_tiny_llava
+
+    return str(save_tiny_llava(tmp_path_factory.mktemp("tiny_llava_vllm")))
+
+
+def image(seed, w=140, h=100):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    from llava.models import load
+
+    return load(ckpt, dtype="float32")
+
+
+def hf_inputs(rt, question, img):
+    """What vLLM gets (prompt ids with one <image>, the checkpoint's processor's pixels) and the HF engine's
+    expanded ids."""
+    from transformers import CLIPImageProcessor
+
+    enc = rt.processor([question], images=[img])
+    ids = enc["input_ids"][0].tolist()
+    tok = rt.model.config.image_token_id
+    first = ids.index(tok)
+    n = sum(1 for t in ids if t == tok)
+    prompt = ids[:first] + [tok] + ids[first + n:]
+    px = CLIPImageProcessor.from_pretrained(rt_path(rt))(images=[img], return_tensors="pt")["pixel_values"]
+    return prompt, torch.tensor([ids]), px
+
+
+def rt_path(rt):
+    return rt.name
+
+
+def hf_generate(rt, method, options, question, img):
+    prompt, ids, px = hf_inputs(rt, question, img)
+    eng = rt.prune(method, BUDGET if method != "none" else None, **options)
+    try:
+        with torch.inference_mode():
+            out = rt.model.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
+        sel = eng.selections.get(("vision", 0))
+        kept = None if sel is None else (sel.keep.tolist(), None if sel.targets is None else sel.targets.tolist())
+        n_in = eng.stats.samples[0].visual_entering_llm
+    finally:
+        eng.remove()
+    return prompt, out[0, ids.shape[1]:].tolist(), kept, n_in
+
+
+def vllm_llm(ckpt, method, options):
+    from vllm import LLM
+
+    from integrations.vllm import overrides
+
+    name = method.split(":")[0]
+    ov = overrides(ckpt, name, BUDGET if name != "none" else None, **options)
+    return LLM(model=ckpt, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, hf_overrides=ov,
+               limit_mm_per_prompt={"image": 1})
+
+
+def vllm_generate(llm, prompts_imgs):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    reqs = [{"prompt_token_ids": p, "multi_modal_data": {"image": img}} for p, img in prompts_imgs]
+    return llm.generate(reqs, sp, use_tqdm=False)
+
+
+QUESTIONS = ["what is in the image?", "how many objects are there?"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpt, hf, method, tmp_path, monkeypatch):
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    name, opts = method.split(":")[0], METHODS[method]
+    img = image(1)
+    refs = [hf_generate(hf, name, opts, q, img) for q in QUESTIONS]
+    llm = vllm_llm(ckpt, method, opts)
+    outs = vllm_generate(llm, [(r[0], img) for r in refs])
+    kept = [json.loads(ln) for ln in record.read_text().splitlines()] if record.exists() else []
+    for q, (prompt, tokens, sel, n_in), out in zip(QUESTIONS, refs, outs):
+        n_text = len(prompt) - 1
+        assert len(out.prompt_token_ids) == n_text + n_in, (q, len(out.prompt_token_ids), n_text, n_in)
+        assert list(out.outputs[0].token_ids) == tokens, (method, q)
+        if sel is not None:
+            mine = [k for k in kept if k["prompt"] == prompt]
+            assert mine and mine[-1]["keep"] == sel[0] and mine[-1]["targets"] == sel[1], (method, q)
+    if name != "none":
+        assert n_in <= BUDGET + 1 and len(outs[0].prompt_token_ids) < len(refs[0][0]) - 1 + 64
+
+
+def test_query_aware_selection_differs_per_question_on_one_image(ckpt, tmp_path, monkeypatch):
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    from llava.models import load
+
+    rt = load(ckpt, dtype="float32")
+    img = image(2)
+    prompts = [hf_inputs(rt, q, img)[0] for q in QUESTIONS]
+    llm = vllm_llm(ckpt, "consensusdrop", {})
+    vllm_generate(llm, [(p, img) for p in prompts])
+    kept = [json.loads(ln) for ln in record.read_text().splitlines()]
+    by_prompt = {tuple(k["prompt"]): (k["keep"], k["targets"]) for k in kept}
+    assert len(by_prompt) == 2 and by_prompt[tuple(prompts[0])] != by_prompt[tuple(prompts[1])]
+
+
+def test_a_mixed_batch_equals_each_request_alone(ckpt, hf):
+    imgs = [image(3), image(4, 90, 120), image(5)]
+    qs = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[1]]
+    prompts = [hf_inputs(hf, q, im)[0] for q, im in zip(qs, imgs)]
+    llm = vllm_llm(ckpt, "visionzip", {})
+    together = [list(o.outputs[0].token_ids) for o in vllm_generate(llm, list(zip(prompts, imgs)))]
+    alone = [list(vllm_generate(llm, [(p, im)])[0].outputs[0].token_ids) for p, im in zip(prompts, imgs)]
+    assert together == alone
+
+
+@pytest.mark.parametrize("method,budget,why", [("fastv", BUDGET, "prunes inside the LLM"),
+                                               ("sparsevlm", 64, "prunes inside the LLM"),
+                                               ("dart", BUDGET, "prunes inside the LLM"),
+                                               ("flowcut", BUDGET, "inside the vision tower"),
+                                               ("prumerge", None, "depends on the image")])
+def test_methods_the_plugin_cannot_run_are_refused_with_the_reason(ckpt, method, budget, why):
+    from integrations.vllm import overrides
+    from integrations.vllm.spec import PluginError
+
+    with pytest.raises(PluginError, match=why):
+        overrides(ckpt, method, budget)

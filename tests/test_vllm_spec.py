@@ -1,0 +1,87 @@
+"""The vLLM plugin's front-end planning (integrations/vllm/spec.py), which needs no vLLM: the token count it
+reserves per image equals what the HF engine's vision stage really keeps, for every pre-LLM method; in-LLM
+and image-dependent methods are refused with the reason; the spec's validation. (The plugin inside vLLM:
+tests/test_vllm_plugin.py, in .venv-vllm.)"""
+
+import pytest
+import torch
+
+from integrations.vllm.spec import PluginError, PruneSpec, planned_for_config
+from llava.method import available_methods, get_method
+
+BUDGET = 8
+#: options that make a method run with a fixed budget on tiny:llava
+OPTIONS = {"prumerge": {"budget_mode": "fixed"}}
+#: budgets other than BUDGET (downsample: s x s windows on the 4 x 4 grid reach 16, 4, 1)
+BUDGETS = {"downsample": 4, "none": None}
+
+
+def pre_llm_methods():
+    out = []
+    for name in available_methods():
+        try:
+            m = get_method(name, BUDGET, **OPTIONS.get(name, {}))
+            m.setup(num_layers=4, num_vision_layers=3, family="llava")
+        except (TypeError, ValueError):
+            continue
+        if not m.llm_layers and m.supports("llava") and not m.tower_stage:
+            out.append(name)
+    return out
+
+
+PRE_LLM = pre_llm_methods()
+
+
+def test_the_pre_llm_methods_are_the_expected_ones():
+    assert {"consensusdrop", "attnmix", "visionzip", "fastervlm", "divprune", "cdpruner", "vispruner", "hiprune",
+            "downsample", "random", "prumerge", "none"} <= set(PRE_LLM)
+    assert not {"fastv", "pdrop", "sparsevlm", "dart"} & set(PRE_LLM)
+
+
+@pytest.mark.parametrize("name", PRE_LLM)
+def test_planned_count_equals_what_the_engine_keeps(runtimes, name):
+    rt = runtimes["llava"]
+    opts = OPTIONS.get(name, {})
+    budget = BUDGETS.get(name, BUDGET)
+    spec = PruneSpec.from_dict({"method": name, "budget": budget, "options": opts})
+    s, planned = planned_for_config(spec, "llava", rt.model.config)
+    assert s.tokens == 16 and s.grid == (4, 4) and s.cls_extra
+    eng = rt.prune(name, budget, **opts)
+    try:
+        for seed, q in ((0, "what is this?"), (1, "how many red things are on the left?")):
+            g = torch.Generator().manual_seed(seed)
+            from PIL import Image
+
+            img = Image.fromarray((torch.rand(40, 50, 3, generator=g) * 255).byte().numpy())
+            inputs = rt.processor([q], images=[img])
+            with torch.inference_mode():
+                rt.model(**inputs)
+            assert eng.stats.samples[0].visual_entering_llm == planned, (name, seed)
+    finally:
+        eng.remove()
+
+
+@pytest.mark.parametrize("name,budget,options,why", [
+    ("fastv", 8, {}, "prunes inside the LLM"),
+    ("sparsevlm", 64, {}, "prunes inside the LLM"),
+    ("flowcut", 8, {}, "inside the vision tower"),
+    ("prumerge", None, {}, "depends on the image"),
+    ("nosuch", 8, {}, "unknown pruning method"),
+    ("visionzip", 8, {"nosuch": 1}, "unknown option"),
+])
+def test_refusals_name_the_reason(runtimes, name, budget, options, why):
+    spec = PruneSpec.from_dict({"method": name, "budget": budget, "options": options})
+    with pytest.raises(PluginError, match=why):
+        planned_for_config(spec, "llava", runtimes["llava"].model.config)
+
+
+def test_spec_validation():
+    with pytest.raises(PluginError, match="must be a dict"):
+        PruneSpec.from_dict("visionzip")
+    with pytest.raises(PluginError, match="unknown key"):
+        PruneSpec.from_dict({"method": "visionzip", "budgt": 64})
+    with pytest.raises(PluginError, match="needs 'method'"):
+        PruneSpec.from_dict({"budget": 64})
+    s = PruneSpec.from_dict({"method": "visionzip", "budget": "64", "options": {"b": 1, "a": 2}})
+    assert s.budget == 64 and s.options == (("a", 2), ("b", 1)) and hash(s)
+    assert s.as_dict() == {"method": "visionzip", "budget": 64, "options": {"a": 2, "b": 1}, "template": None}
