@@ -61,6 +61,8 @@ def _add_run(sub):
                    "generation on a CPU; none: the static-shape functions uncompiled)")
     a.add_argument("--fast-max-new-tokens", type=int, default=None, help="with --fast: decode slots of the static cache "
                    "(default: --max-new-tokens, i.e. the benchmark's protocol value)")
+    a.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="who answers: hf (our engine) or vllm (vLLM + the vtprune plugin; .venv-vllm, scripts/vllm_env.sh)")
     a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct, qwen2_vl, llava_onevision_hf)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")

@@ -299,6 +299,9 @@ def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
         changes.append(f"method {_json(diff)} (existing, new)")
     if old.get("dtype") != new.get("dtype"):
         changes.append(f"dtype ({old.get('dtype')} -> {new.get('dtype')})")
+    if old.get("backend") != new.get("backend"):  # absent = our HF engine
+        changes.append(f"backend ({_json(old.get('backend')) if old.get('backend') else 'hf'} -> "
+                       f"{_json(new.get('backend')) if new.get('backend') else 'hf'})")
     if old.get("fast") != new.get("fast"):  # absent = the eager engine only
         changes.append(f"fast path ({_json(old.get('fast')) if old.get('fast') else 'off'} -> "
                        f"{_json(new.get('fast')) if new.get('fast') else 'off'})")

@@ -39,9 +39,11 @@ SHARD_RE = re.compile(r"^(\d+)_(\d+)\.jsonl$")
 #: config fields that must match to resume into an existing run directory
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
-               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens")
+               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend")
 #: what a resumed run's config.json lacks (written before the key existed) counts as this value
-RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto"}
+RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf"}
+#: who answers: our HF engine, or vLLM with the vtprune plugin (eval/vllm_backend.py)
+BACKENDS = ("hf", "vllm")
 #: the eager reason recorded for a prompt without an image / video (the stock forward: nothing to prune)
 TEXT_ONLY_REASON = "text-only prompt (the stock model's forward: nothing to prune)"
 #: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
@@ -93,6 +95,7 @@ class RunConfig:
     fast: bool = False  # llava.load(fast=True): planned + captured prefills where the method allows (llava/fastpath.py)
     fast_backend: str = "auto"  # torch.compile backend of the fast path (auto: inductor + CUDA graphs on a GPU)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: the run's max_new_tokens
+    backend: str = "hf"  # hf (our engine's generate) | vllm (vLLM + the vtprune plugin: eval/vllm_backend.py)
     seed: int = 0
     limit: int | None = None  # first N questions only (smoke runs; results marked partial)
     stop_after: int | None = None  # debug: exit abruptly (os._exit) after N batches of this process
@@ -148,6 +151,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append(f"vis{cfg.vision_dtype}")
     if cfg.fast:  # another numerics (last bits of the logits): never the eager run's folder
         parts.append("fast" if cfg.fast_backend == "auto" else f"fast-{cfg.fast_backend}")
+    if cfg.backend != "hf":  # another engine's decoder: its own folder
+        parts.append(cfg.backend)
     if cfg.limit is not None:
         parts.append(f"limit{cfg.limit}")
     name = "_".join(str(p) for p in parts)
@@ -294,6 +299,12 @@ def run(cfg: RunConfig) -> int:
     if cfg.batch_size < 1:
         return user_error(f"--batch-size must be >= 1, got {cfg.batch_size}")
     bad = _fast_check(cfg)
+    if not bad and cfg.backend not in BACKENDS:
+        bad = f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}"
+    if not bad and cfg.backend == "vllm":
+        from .vllm_backend import check as vllm_check
+
+        bad = vllm_check(cfg, info.world)
     if bad:
         return user_error(bad)
     from llava.method import get_method
@@ -379,7 +390,8 @@ def run(cfg: RunConfig) -> int:
                       template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
                       pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
                       max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype, fast=cfg.fast,
-                      fast_backend=cfg.fast_backend, fast_max_new_tokens=cfg.fast_max_new_tokens or 256)
+                      fast_backend=cfg.fast_backend, fast_max_new_tokens=cfg.fast_max_new_tokens or 256,
+                      decoder_layers=0 if cfg.backend == "vllm" else None)  # vllm: prompts + checks only
         except (ValueError, OSError) as e:
             return user_error(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}")
         bad = _family_check(cfg, rt, questions)
@@ -403,6 +415,14 @@ def run(cfg: RunConfig) -> int:
         fast_info = _fast_info(cfg, engine)
         if fast_info and fast_info.get("refusal") and info.is_main:  # said, never silent: every prefill runs eagerly
             log.warning("--fast: %s runs every prefill on the eager engine: %s", cfg.method, fast_info["refusal"])
+        vb = None
+        if cfg.backend == "vllm":  # vLLM's engine with the plugin: the decoder is vLLM's
+            from .vllm_backend import VllmBackend
+
+            try:
+                vb = VllmBackend(cfg, rt, dtype)
+            except ValueError as e:  # a method or model the plugin cannot run: the reason
+                return user_error(e.args[0] if e.args else e)
         resolved = {
             "method_config": engine.method.config(),
             "llm_layers": list(engine.llm_layers),
@@ -411,6 +431,7 @@ def run(cfg: RunConfig) -> int:
             "generation": {"do_sample": False, "num_beams": 1, "use_cache": True, "max_new_tokens": cfg.max_new_tokens,
                            "batch_size": cfg.batch_size},
             "fast": fast_info,
+            "backend": vb.info if vb is not None else {"name": "hf"},
             "benchmark": bench.config(),
             "world_size": info.world,
             "launcher": cfg.launcher or _guess_launcher(),
@@ -424,6 +445,8 @@ def run(cfg: RunConfig) -> int:
                        "dtype": dtype, "code": resolved["git"]}
         if fast_info:  # the fast path changes the logits in the last bits (padded GEMM shapes, the compiler)
             fingerprint["fast"] = {k: fast_info[k] for k in ("backend", "cuda_graphs", "max_new_tokens")}
+        if vb is not None:  # another engine's decoder (and its version)
+            fingerprint["backend"] = {k: vb.info[k] for k in ("name", "version")}
         if info.is_main:  # the parts that need the model: template, weights, resolved method, dtype
             cfg_ok = True
             if prev_meta is not None and "fingerprint" in prev_meta and answered_uids(run_dir):
@@ -483,8 +506,13 @@ def run(cfg: RunConfig) -> int:
                              dir=str(run_dir))
 
         try:
-            _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions), n_done=len(done),
-                   qhashes=qhashes)
+            if vb is not None:
+                from .vllm_backend import infer as vllm_infer
+
+                vllm_infer(cfg, bench, vb, todo, run_dir, info, qhashes)
+            else:
+                _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions),
+                       n_done=len(done), qhashes=qhashes)
         except InputError as e:  # this rank's input: one line from it (the answers so far are on disk)
             print(f"error: {e}", file=sys.stderr)
             if info.world > 1:  # the other ranks wait at a barrier: exit, the launcher stops them

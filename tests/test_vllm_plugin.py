@@ -50,22 +50,16 @@ def hf(ckpt):
 
 
 def hf_inputs(rt, question, img):
-    """What vLLM gets (prompt ids with one <image>, the checkpoint's processor's pixels) and the HF engine's
-    expanded ids."""
-    from transformers import CLIPImageProcessor
-
+    """What vLLM gets (prompt ids with one <image>) and the HF engine's expanded ids and pixels (the checkpoint's
+    image processor, no pad-to-square: what vLLM's processor does with the image)."""
+    rt.processor.pad_to_square = False
     enc = rt.processor([question], images=[img])
     ids = enc["input_ids"][0].tolist()
     tok = rt.model.config.image_token_id
     first = ids.index(tok)
     n = sum(1 for t in ids if t == tok)
     prompt = ids[:first] + [tok] + ids[first + n:]
-    px = CLIPImageProcessor.from_pretrained(rt_path(rt))(images=[img], return_tensors="pt")["pixel_values"]
-    return prompt, torch.tensor([ids]), px
-
-
-def rt_path(rt):
-    return rt.name
+    return prompt, torch.tensor([ids]), enc["pixel_values"]
 
 
 def hf_generate(rt, method, options, question, img):
@@ -155,6 +149,7 @@ def test_a_mixed_batch_equals_each_request_alone(ckpt, hf):
                                                ("sparsevlm", 64, "prunes inside the LLM"),
                                                ("dart", BUDGET, "prunes inside the LLM"),
                                                ("flowcut", BUDGET, "inside the vision tower"),
+                                               ("novisual", BUDGET, "keeps no visual token"),
                                                ("prumerge", None, "depends on the image")])
 def test_methods_the_plugin_cannot_run_are_refused_with_the_reason(ckpt, method, budget, why):
     from integrations.vllm import overrides
@@ -162,3 +157,53 @@ def test_methods_the_plugin_cannot_run_are_refused_with_the_reason(ckpt, method,
 
     with pytest.raises(PluginError, match=why):
         overrides(ckpt, method, budget)
+
+
+# ---------------------------------------------------------------- the harness: eval run --backend vllm
+
+
+@pytest.fixture(scope="module")
+def pope(tmp_path_factory):
+    from eval.fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("pope_vllm"), ["pope"])
+
+
+def eval_run(ckpt, data, out, backend, method, budget, *extra):
+    from eval.cli import main
+
+    return main(["run", "pope", "--model", ckpt, "--method", method, "--budget", str(budget), "--data-root", str(data),
+                 "--out", str(out), "--no-wandb", "--backend", backend, "--batch-size", "4", "--max-new-tokens", "6",
+                 "--dtype", "float32", *extra])
+
+
+@pytest.mark.parametrize("method,budget", [("visionzip", 16), ("consensusdrop", 16), ("none", "none")])
+def test_harness_backend_vllm_answers_as_the_hf_backend(ckpt, pope, tmp_path, monkeypatch, method, budget):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "runs"
+    assert eval_run(ckpt, pope, out, "hf", method, budget) == 0
+    assert eval_run(ckpt, pope, out, "vllm", method, budget) == 0
+    name = f"{os.path.basename(ckpt)}_{method}" + (f"_b{budget}" if budget != "none" else "")
+    hf_dir, vl_dir = out / "pope" / name, out / "pope" / f"{name}_vllm"
+    read = lambda d: [json.loads(ln) for ln in (d / "merge.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["text"] for r in read(vl_dir)] == [r["text"] for r in read(hf_dir)]
+    res = {d: json.loads((d / "results.json").read_text()) for d in (hf_dir, vl_dir)}
+    assert res[vl_dir]["metrics"] == res[hf_dir]["metrics"]
+    assert res[vl_dir]["tokens"]["tok_in"] == res[hf_dir]["tokens"]["tok_in"] == (64 if budget == "none" else budget)
+    cfg = json.loads((vl_dir / "run_config.json").read_text())
+    assert cfg["fingerprint"]["backend"]["name"] == "vllm" and cfg["resolved"]["backend"]["planned_tokens_per_image"]
+    # the same command again: every answer kept (resume), nothing recomputed
+    assert eval_run(ckpt, pope, out, "vllm", method, budget) == 0
+    assert cfg["resumes"] == [] and json.loads((vl_dir / "run_config.json").read_text())["resumes"][-1]["kept"] == 6
+
+
+def test_harness_backend_vllm_refusals(ckpt, pope, tmp_path, capsys):
+    from eval.cli import main
+
+    base = ["run", "pope", "--data-root", str(pope), "--out", str(tmp_path), "--no-wandb", "--backend", "vllm"]
+    assert main(base + ["--model", "tiny:llava"]) == 2
+    assert "checkpoint folder or hub id" in capsys.readouterr().err
+    assert main(base + ["--model", ckpt, "--fast"]) == 2
+    assert "fast path" in capsys.readouterr().err
+    assert main(base + ["--model", ckpt, "--method", "fastv", "--budget", "16"]) == 2
+    assert "prunes inside the LLM" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def pre_llm_methods():
             m.setup(num_layers=4, num_vision_layers=3, family="llava")
         except (TypeError, ValueError):
             continue
-        if not m.llm_layers and m.supports("llava") and not m.tower_stage:
+        if not m.llm_layers and m.supports("llava") and not m.tower_stage and name != "novisual":
             out.append(name)
     return out
 
@@ -65,6 +65,7 @@ def test_planned_count_equals_what_the_engine_keeps(runtimes, name):
     ("fastv", 8, {}, "prunes inside the LLM"),
     ("sparsevlm", 64, {}, "prunes inside the LLM"),
     ("flowcut", 8, {}, "inside the vision tower"),
+    ("novisual", 8, {}, "keeps no visual token"),
     ("prumerge", None, {}, "depends on the image"),
     ("nosuch", 8, {}, "unknown pruning method"),
     ("visionzip", 8, {"nosuch": 1}, "unknown option"),

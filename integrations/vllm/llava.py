@@ -3,7 +3,9 @@
 Three registered subclasses of vLLM's own LLaVA classes (no vLLM file is patched):
 
 - the processing info reserves each image's *pruned* token count (:func:`integrations.vllm.spec.count_for`)
-  as its placeholder run, so the prompt, the KV cache and the scheduler see K tokens, not 576;
+  as its placeholder run, so the prompt, the KV cache and the scheduler see K tokens, not 576, and
+  preprocesses images with transformers' PIL image processor, as the HF engine does (the checkpoint's
+  settings; vLLM would pick the torchvision one, whose resize differs in the last bits);
 - the multimodal processor hands each image its prompt's token ids (a processor field: the mm hash, and
   so vLLM's processor and encoder caches, key on (image, prompt) - a query-aware selection differs per
   question);
@@ -32,6 +34,11 @@ FAMILY = "llava"
 class VtpruneLlavaProcessingInfo(LlavaProcessingInfo):
     def spec(self) -> PruneSpec | None:
         return PruneSpec.from_config(self.get_hf_config())
+
+    def get_hf_processor(self, **kwargs):
+        if self.spec() is not None:  # the HF engine's image preprocessing (transformers' PIL backend), not torchvision's
+            kwargs.setdefault("backend", "pil")
+        return super().get_hf_processor(**kwargs)
 
     def get_supported_mm_limits(self):
         return {"image": 1} if self.spec() is not None else super().get_supported_mm_limits()

@@ -146,6 +146,9 @@ def planned_count(method, s: Structure, dims: dict) -> int:
         except Exception as e:  # noqa: BLE001 - any failure of a dry run is the method's refusal here
             raise PluginError(f"{method.name}: vLLM must know each image's token count before the encoder runs, and "
                               f"a dry run of its vision stage failed ({type(e).__name__}: {e})") from None
+    if counts[0] == 0:
+        raise PluginError(f"{method.name} keeps no visual token, and vLLM needs at least one placeholder per image: for "
+                          "the no-image control, send the prompt without its image")
     if counts[0] != counts[1]:
         raise PluginError(f"{method.name} keeps a number of tokens that depends on the image ({counts[0]} vs "
                           f"{counts[1]} on two dry runs), and vLLM must know it before the encoder runs: use a "

@@ -8,6 +8,8 @@
 #   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
 #   FAST=1     the fast path (--fast: captured prefills for capturable methods, else eager; results.json "paths")
 #   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | eager | aot_eager | none
+#   BACKEND    hf (default: our engine) | vllm (vLLM + the vtprune plugin, one process; PYTHON defaults to
+#              .venv-vllm/bin/python, built by scripts/vllm_env.sh; VLLM_BATCH questions per generate call, 64)
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -37,6 +39,15 @@ case "${FAST:-0}" in
     1) ARGS+=(--fast); if [[ -n "${FAST_BACKEND:-}" ]]; then ARGS+=(--fast-backend "$FAST_BACKEND"); fi ;;
     0|"") if [[ -n "${FAST_BACKEND:-}" ]]; then echo "FAST_BACKEND=$FAST_BACKEND applies with FAST=1 only" >&2; exit 2; fi ;;
     *) echo "FAST=$FAST: use FAST=1 (the fast path) or FAST=0" >&2; exit 2 ;;
+esac
+case "${BACKEND:-hf}" in
+    hf) ;;
+    vllm)
+        ARGS+=(--backend vllm --batch-size "${VLLM_BATCH:-64}")
+        LAUNCHER=python  # one process: vLLM places the model on the visible GPUs itself
+        _REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+        if [[ "$PYTHON" == python && -x "$_REPO/.venv-vllm/bin/python" ]]; then PYTHON="$_REPO/.venv-vllm/bin/python"; fi ;;
+    *) echo "BACKEND=$BACKEND: use BACKEND=hf (our engine) or BACKEND=vllm" >&2; exit 2 ;;
 esac
 # shellcheck disable=SC2206
 [[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=(${EXTRA_ARGS})

@@ -1,0 +1,142 @@
+"""``eval run --backend vllm`` (``BACKEND=vllm bash scripts/eval/<bench>.sh``): the questions answered by vLLM
+with the vtprune plugin (:mod:`integrations.vllm`) instead of the HF engine: the same prompts (our template,
+tokenised as the HF backend tokenises them), the same images (LLaVA's pad-to-square unless ``--no-pad``,
+then the checkpoint's image processor), the same answer records, shard files, resume and scorers.
+
+vLLM batches the requests of one ``generate`` call itself: ``--batch-size`` is the number of questions
+handed to it per call (answers are written after each call). One process; vLLM places the model on the
+visible GPU(s) itself. Runs in the environment ``scripts/vllm_env.sh`` builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("eval")
+
+#: the families the plugin serves (integrations.vllm.ARCHITECTURES)
+FAMILIES = ("llava",)
+
+
+def check(cfg, world: int) -> str | None:
+    """What ``--backend vllm`` cannot run, as one error line (None: it can), before anything loads."""
+    if cfg.model.startswith(("tiny:", "shape:")):
+        return ("--backend vllm loads a checkpoint folder or hub id (vLLM reads the weights itself); tiny: / shape: "
+                "models exist only in memory (integrations.vllm.tiny.save_tiny_llava writes one vLLM can load)")
+    if cfg.fast:
+        return "--fast is the HF engine's fast path; with --backend vllm, vLLM runs the decoder"
+    if world > 1:
+        return ("--backend vllm runs in one process (vLLM places the model on the visible GPUs itself): run it with "
+                "NPROC=1 / LAUNCHER=python")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("--backend vllm needs vLLM and the vtprune plugin: build the environment with `bash scripts/vllm_env.sh` "
+                "and run with .venv-vllm/bin/python (PYTHON=.venv-vllm/bin/python for the scripts)")
+    return None
+
+
+class VllmBackend:
+    """One vLLM engine with the run's method; :meth:`answer` a list of questions."""
+
+    def __init__(self, cfg, rt, dtype: str):
+        import torch
+        from vllm import LLM, SamplingParams
+
+        from integrations.vllm import overrides
+        from integrations.vllm.spec import PruneSpec, planned_for_config
+
+        if rt.family not in FAMILIES:
+            raise ValueError(f"--backend vllm serves {', '.join(FAMILIES)} models so far, not {rt.family}")
+        ov = overrides(cfg.model, cfg.method, cfg.budget, template=cfg.template, **cfg.options)
+        spec = PruneSpec.from_dict(ov["vtprune"])
+        self.structure, self.planned = planned_for_config(spec, rt.family, rt.model.config)
+        self.layers = int(rt.model.config.text_config.num_hidden_layers)
+        self.rt = rt
+        self.cfg = cfg
+        self.llm = LLM(model=cfg.model, dtype=dtype, hf_overrides=ov, seed=cfg.seed, limit_mm_per_prompt={"image": 1},
+                       enforce_eager=not torch.cuda.is_available())
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        import vllm
+
+        self.info = {"name": "vllm", "version": vllm.__version__, "planned_tokens_per_image": self.planned,
+                     "tokens_per_image": self.structure.tokens}
+
+    def prompt(self, q, image) -> dict:
+        """A request: our template's prompt ids with one image placeholder, and the image (padded to a square with
+        the processor's mean colour as LLaVA does, unless --no-pad)."""
+        from llava.preprocess import CLIP_MEAN, expand2square, llava_tokenize
+
+        proc = self.rt.processor
+        n = 0 if image is None else 1
+        text = proc.prompt_text(q.text, n, False)
+        tok = self.rt.tokenizer
+        if image is None:
+            return {"prompt_token_ids": tok(text).input_ids}
+        ids = llava_tokenize(tok, text, "<image>", self.rt.model.config.image_token_id, [1])
+        if proc.pad_to_square:
+            bg = tuple(int(x * 255) for x in getattr(proc.image_processor, "image_mean", CLIP_MEAN))
+            image = expand2square(image, bg)
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
+
+    def answer(self, requests: list[dict]) -> tuple[list[list[int]], float]:
+        t0 = time.perf_counter()
+        outs = self.llm.generate(requests, self.sampling, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], time.perf_counter() - t0
+
+
+def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
+    """Answer ``todo`` with vLLM, ``cfg.batch_size`` questions per generate call, each call's answers appended to
+    this rank's shard file (the same records as the HF backend; ``_eval.path`` = "vllm")."""
+    import torch
+    from tqdm import tqdm
+
+    from llava.preprocess import load_image
+
+    from .fingerprint import InputHasher
+    from .io import JsonlAppender
+    from .runner import EVAL_KEY, InputError
+
+    shard = run_dir / "answers" / f"{info.world}_{info.rank}.jsonl"
+    hasher = InputHasher(bench.root)
+    model_id = cfg.model.rstrip("/").split("/")[-1]
+    size = max(1, cfg.batch_size)
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    answered = 0
+    with JsonlAppender(shard) as out:
+        tty = sys.stderr.isatty()
+        for chunk in tqdm(chunks, desc=f"{bench.name} vllm", mininterval=5 if tty else 60, dynamic_ncols=tty):
+            if any(q.modality == "video" for q in chunk):
+                raise ValueError("--backend vllm answers image and text questions (video: the HF backend)")
+            hashes = [hasher.inputs(q) for q in chunk]
+            reqs = []
+            for q in chunk:
+                img = None
+                if q.modality == "image":
+                    try:
+                        img = load_image(q.load_image())
+                    except (ValueError, OSError) as e:
+                        raise InputError(f"cannot read the image of question {q.uid}: {e}. {answered} answers of this "
+                                         f"session are saved in {shard}; fix or restore the file and run the same "
+                                         "command again: it answers the questions left") from e
+                reqs.append(backend.prompt(q, img))
+            tokens, secs = backend.answer(reqs)
+            texts = [backend.rt.processor.decode(torch.tensor([t], dtype=torch.long))[0] for t in tokens]  # as the HF path
+            recs = []
+            for q, text, toks, h, req in zip(chunk, texts, tokens, hashes, reqs):
+                rec = bench.record(q, bench.postprocess(text), model_id)
+                meta = {"uid": q.uid, "idx": q.idx, "qhash": qhashes.get(q.uid), "inputs": h, "rank": info.rank,
+                        "batch": len(chunk), "new_tokens": len(toks), "time": {"generate": secs / len(chunk)},
+                        "path": "vllm"}
+                if "multi_modal_data" in req:
+                    k, t = backend.planned, backend.structure.tokens
+                    meta.update(visual_candidates=t, visual_entering_llm=k, visual_layer_avg=float(k),
+                                visual_per_layer=[k] * backend.layers, vision_noop=k >= t)
+                rec[EVAL_KEY] = meta
+                recs.append(rec)
+            out.write(recs)
+            out.flush()
+            answered += len(chunk)
+            log.debug("vllm: %d answers in %.2fs", len(chunk), secs)
