@@ -332,6 +332,32 @@ class AbsentDecoderLayer(torch.nn.Module):
                            "runs the vision stage only (e.g. inside vLLM, whose own decoder runs the LLM)")
 
 
+def truncate_decoder(config, n: int) -> tuple:
+    """Set ``config``'s text model to its first ``n`` decoder layers; returns what :func:`restore_decoder` needs."""
+    tc = config.text_config
+    total = tc.num_hidden_layers
+    types = getattr(tc, "layer_types", None)
+    types = list(types) if types is not None else None
+    if not 0 <= n <= total:
+        raise ValueError(f"decoder_layers must be in 0..{total}, got {n}")
+    tc.num_hidden_layers = n
+    if types is not None:
+        tc.layer_types = types[:n]
+    return total, types
+
+
+def restore_decoder(model, n: int, total: int, types) -> None:
+    """The checkpoint's layer count again on a model built with :func:`truncate_decoder`'s config: the missing
+    layers hold their places as :class:`AbsentDecoderLayer` (they refuse to run)."""
+    tc = model.config.text_config
+    layers = model.model.language_model.layers
+    for i in range(n, total):
+        layers.append(AbsentDecoderLayer(i, n))
+    tc.num_hidden_layers = total
+    if types is not None:
+        tc.layer_types = types
+
+
 def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
           template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
           pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
@@ -405,29 +431,34 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         raise ValueError(f"{name}: model type {config.model_type!r} is not a LLaVA family model ({', '.join(MODEL_CLASSES)})")
     kw = {}
     if decoder_layers is not None:  # the vision stage's model only: the first N decoder layers (a probe's)
-        tc = config.text_config
-        total = tc.num_hidden_layers
-        types = getattr(tc, "layer_types", None)
-        types = list(types) if types is not None else None
-        if not 0 <= decoder_layers <= total:
-            raise ValueError(f"decoder_layers must be in 0..{total}, got {decoder_layers}")
-        tc.num_hidden_layers = decoder_layers
-        if getattr(tc, "layer_types", None) is not None:
-            tc.layer_types = list(tc.layer_types)[:decoder_layers]
+        kept = truncate_decoder(config, decoder_layers)
         kw["config"] = config
     model = getattr(tf, MODEL_CLASSES[fam]).from_pretrained(name, dtype=_dtype(dtype) or "auto",
                                                             attn_implementation=attn_implementation, **kw)
-    if decoder_layers is not None:  # the checkpoint's layer count again, the missing layers refusing to run
-        tc = model.config.text_config
-        layers = model.model.language_model.layers
-        for i in range(decoder_layers, total):
-            layers.append(AbsentDecoderLayer(i, decoder_layers))
-        tc.num_hidden_layers = total
-        if types is not None:
-            tc.layer_types = types
+    if decoder_layers is not None:
+        restore_decoder(model, decoder_layers, *kept)
     if device is not None:
         model.to(device)
     model.eval()
+    tok, ip = checkpoint_processors(name, fam, min_pixels, max_pixels)
+    rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
+    rt.info["local"] = local
+    return rt
+
+
+def family_of(config) -> str:
+    """The family (a key of :data:`MODEL_CLASSES`) of a checkpoint's config; ValueError for other models."""
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    fam = {v: k for k, v in MODEL_CLASSES.items()}.get(arch) or config.model_type
+    if fam not in MODEL_CLASSES:
+        raise ValueError(f"model type {config.model_type!r} is not a LLaVA family model ({', '.join(MODEL_CLASSES)})")
+    return fam
+
+
+def checkpoint_processors(name: str, fam: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """(tokenizer (left padding), image processor (transformers' PIL backend)) of a hub id / local folder."""
+    import transformers as tf
+
     tok = tf.AutoTokenizer.from_pretrained(name)
     tok.padding_side = "left"
     ip_kw = {}
@@ -445,10 +476,7 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as IP
     else:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as IP
-    ip = IP.from_pretrained(name, **ip_kw)
-    rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
-    rt.info["local"] = local
-    return rt
+    return tok, IP.from_pretrained(name, **ip_kw)
 
 
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

@@ -28,13 +28,21 @@ METHODS = {
     "consensusdrop:probe": {"preset": "probe"},
 }
 BUDGET = 16
+#: LLaVA-NeXT (anyres crops, newline tokens, per-crop budgets): the count per image size from the geometry twin
+NEXT_METHODS = ["none", "random", "visionzip", "consensusdrop", "fastervlm", "divprune", "attnmix", "cdpruner"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from integrations.vllm.tiny import save_tiny_llava
+def ckpts(tmp_path_factory):
+    from integrations.vllm.tiny import save_tiny_llava, save_tiny_llava_next
 
-    return str(save_tiny_llava(tmp_path_factory.mktemp("tiny_llava_vllm")))
+    return {"llava": str(save_tiny_llava(tmp_path_factory.mktemp("tiny_llava_vllm"))),
+            "llava_next": str(save_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next_vllm")))}
+
+
+@pytest.fixture(scope="module")
+def ckpt(ckpts):
+    return ckpts["llava"]
 
 
 def image(seed, w=140, h=100):
@@ -43,10 +51,15 @@ def image(seed, w=140, h=100):
 
 
 @pytest.fixture(scope="module")
-def hf(ckpt):
+def hfs(ckpts):
     from llava.models import load
 
-    return load(ckpt, dtype="float32")
+    return {f: load(c, dtype="float32") for f, c in ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def hf(hfs):
+    return hfs["llava"]
 
 
 def hf_inputs(rt, question, img):
@@ -59,15 +72,15 @@ def hf_inputs(rt, question, img):
     first = ids.index(tok)
     n = sum(1 for t in ids if t == tok)
     prompt = ids[:first] + [tok] + ids[first + n:]
-    return prompt, torch.tensor([ids]), enc["pixel_values"]
+    return prompt, torch.tensor([ids]), {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
 
 
 def hf_generate(rt, method, options, question, img):
-    prompt, ids, px = hf_inputs(rt, question, img)
+    prompt, ids, visual = hf_inputs(rt, question, img)
     eng = rt.prune(method, BUDGET if method != "none" else None, **options)
     try:
         with torch.inference_mode():
-            out = rt.model.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
+            out = rt.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **visual,
                                     max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
         sel = eng.selections.get(("vision", 0))
         kept = None if sel is None else (sel.keep.tolist(), None if sel.targets is None else sel.targets.tolist())
@@ -84,7 +97,7 @@ def vllm_llm(ckpt, method, options):
 
     name = method.split(":")[0]
     ov = overrides(ckpt, name, BUDGET if name != "none" else None, **options)
-    return LLM(model=ckpt, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, hf_overrides=ov,
+    return LLM(model=ckpt, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, hf_overrides=ov,
                limit_mm_per_prompt={"image": 1})
 
 
@@ -99,11 +112,12 @@ def vllm_generate(llm, prompts_imgs):
 QUESTIONS = ["what is in the image?", "how many objects are there?"]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpt, hf, method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,method", [("llava", m) for m in METHODS] + [("llava_next", m) for m in NEXT_METHODS])
+def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpts, hfs, family, method, tmp_path, monkeypatch):
     record = tmp_path / "kept.jsonl"
     monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
     name, opts = method.split(":")[0], METHODS[method]
+    ckpt, hf = ckpts[family], hfs[family]
     img = image(1)
     refs = [hf_generate(hf, name, opts, q, img) for q in QUESTIONS]
     llm = vllm_llm(ckpt, method, opts)
@@ -116,8 +130,22 @@ def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpt, hf, meth
         if sel is not None:
             mine = [k for k in kept if k["prompt"] == prompt]
             assert mine and mine[-1]["keep"] == sel[0] and mine[-1]["targets"] == sel[1], (method, q)
-    if name != "none":
+    if name != "none" and family == "llava":
         assert n_in <= BUDGET + 1 and len(outs[0].prompt_token_ids) < len(refs[0][0]) - 1 + 64
+
+
+@pytest.mark.parametrize("size", [(140, 100), (90, 200), (300, 60)])
+def test_next_counts_per_image_size_equal_the_engine(ckpts, hfs, size):
+    """The geometry twin's count for each image size equals the HF engine's on the real checkpoint."""
+    from integrations.vllm.spec import PruneSpec
+    from integrations.vllm.twin import twin_for
+
+    rt = hfs["llava_next"]
+    for method in ("none", "visionzip", "divprune"):
+        spec = PruneSpec.from_dict({"method": method, "budget": None if method == "none" else BUDGET})
+        stock, planned = twin_for(ckpts["llava_next"], spec).count(*size)
+        _, _, _, n_in = hf_generate(rt, method, {}, QUESTIONS[0], image(7, *size))
+        assert (stock, planned) == (rt.processor.image_tokens((size[1], size[0])), n_in), (method, size)
 
 
 def test_query_aware_selection_differs_per_question_on_one_image(ckpt, tmp_path, monkeypatch):

@@ -23,6 +23,8 @@ from __future__ import annotations
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": ("VtpruneLlavaForConditionalGeneration",
                                       "integrations.vllm.llava:VtpruneLlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("VtpruneLlavaNextForConditionalGeneration",
+                                          "integrations.vllm.llava_next:VtpruneLlavaNextForConditionalGeneration"),
 }
 
 
@@ -52,5 +54,13 @@ def overrides(model: str, method: str, budget: int | None = None, template: str 
     from llava.models import MODEL_CLASSES
 
     family = {v: k for k, v in MODEL_CLASSES.items()}[arch]
-    planned_for_config(spec, family, cfg)  # the method's checks and its dry run, here
+    if family == "llava":
+        planned_for_config(spec, family, cfg)  # the method's checks and its dry run, here
+    else:  # the count on the checkpoint's geometry twin, at the size with the most tokens
+        from .twin import twin_for
+
+        twin = twin_for(model, spec)
+        h, w = max(cfg.image_grid_pinpoints, key=lambda p: p[0] * p[1]) if hasattr(cfg, "image_grid_pinpoints") \
+            else (cfg.vision_config.image_size,) * 2
+        twin.count(int(w), int(h))
     return {"architectures": [ARCHITECTURES[arch][0]], "vtprune": spec.as_dict()}

@@ -56,15 +56,16 @@ class VisionStage:
         return out
 
     @torch.inference_mode()
-    def embed_one(self, pixel_values: torch.Tensor, prompt: list[int], tokens: int) -> torch.Tensor:
-        """(K, D): the image's tokens after the vision stage, for one prompt holding exactly this image."""
+    def embed_one(self, visual: dict, prompt: list[int], tokens: int) -> torch.Tensor:
+        """(K, D): the image's tokens after the vision stage, for one prompt holding exactly this image (``visual``:
+        the family's inputs for this one image, batch dimension 1; ``tokens``: its placeholders unpruned)."""
         if sum(1 for t in prompt if t == self.image_token) != 1:
             raise PluginError("the vtprune plugin serves one image per prompt (its selection reads the prompt's "
                               "question, and the engine lays out one image per prompt here)")
         ids = self.expand(prompt, tokens)
-        dev = pixel_values.device
+        dev = visual["pixel_values"].device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        embeds, _, _, info = self.engine.vision_inputs(input_ids, {"pixel_values": pixel_values[None]})
+        embeds, _, _, info = self.engine.vision_inputs(input_ids, visual)
         before = prompt.index(self.image_token)
         m = embeds.shape[1] - (len(ids) - tokens)
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
@@ -77,21 +78,23 @@ class VisionStage:
                 f.write(json.dumps(row) + "\n")
         return embeds[0, before:before + m]
 
-    def embed(self, pixel_values, prompts, tokens: int, planned: int) -> list[torch.Tensor]:
-        """Per image (``pixel_values`` (N, C, H, W) or a list), its ``planned`` LLM inputs; ``prompts``: each
-        image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt)."""
+    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per image (``visuals[i]``: its inputs, batch dimension 1), its planned LLM inputs; ``prompts``: each
+        image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt);
+        ``counts[i]``: (its tokens unpruned, the planned count)."""
         out = []
-        for i in range(len(pixel_values)):
+        emb = self.engine.lm.embed_tokens.weight
+        for i, visual in enumerate(visuals):
+            tokens, planned = counts[i]
             p = None if prompts is None else prompts[i]
             ids = [] if p is None else [int(t) for t in (p.tolist() if torch.is_tensor(p) else p) if int(t) >= 0]
             if not ids:  # vLLM's memory profiling: shapes only
-                out.append(torch.zeros(planned, self.engine.lm.embed_tokens.weight.shape[1],
-                                       dtype=self.engine.lm.embed_tokens.weight.dtype, device=pixel_values[i].device))
+                out.append(torch.zeros(planned, emb.shape[1], dtype=emb.dtype, device=visual["pixel_values"].device))
                 continue
-            x = self.embed_one(pixel_values[i], ids, tokens)
+            x = self.embed_one(visual, ids, tokens)
             if x.shape[0] != planned:
                 raise RuntimeError(f"{self.engine.method.name} kept {x.shape[0]} tokens of this image, but vLLM reserved "
-                                   f"{planned} placeholders for it (planned by a dry run): a method whose count "
+                                   f"{planned} placeholders for it (planned in the front end): a method whose count "
                                    "depends on the image cannot run inside vLLM")
             out.append(x)
         return out

@@ -15,14 +15,26 @@ from pathlib import Path
 import torch
 
 
-def llava_config(vocab_size: int, image_token_id: int, pad_token_id: int):
+#: sizes: "tiny" (the tests: 112 px, 64 tokens per image, LLM width 128) and "cpu-small" (the throughput
+#: benchmark: LLaVA-1.5's 336 px geometry, 576 tokens per image, a 8-layer LLM of width 512, head size 64)
+SIZES = {
+    "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                             image_size=112, patch_size=14, projection_dim=64),
+                 text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2)),
+    "cpu-small": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                                  image_size=336, patch_size=14, projection_dim=256),
+                      text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                                num_key_value_heads=8)),
+}
+
+
+def llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, size: str = "tiny"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=112, patch_size=14, projection_dim=64)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       pad_token_id=pad_token_id, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(**SIZES[size]["vision"])
+    text = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=pad_token_id,
+                       tie_word_embeddings=False, **SIZES[size]["text"])
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu", tie_word_embeddings=False)
@@ -45,8 +57,8 @@ def _hub_keys(path: Path) -> None:
         save_file(out, str(f), metadata={"format": "pt"})
 
 
-def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
-    """A tiny LLaVA-1.5 checkpoint at ``path`` (random weights from ``seed``) that vLLM and
+def save_tiny_llava(path: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """A small LLaVA-1.5 checkpoint at ``path`` (random weights from ``seed``; :data:`SIZES`) that vLLM and
     ``llava.load(path)`` both load; returns the path."""
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -54,13 +66,44 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     tok = build_tiny_tokenizer()
-    cfg = llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    cfg = llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, size)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
     _hub_keys(path)
-    ip = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    side = cfg.vision_config.image_size
+    ip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token="<image>")
+    proc.save_pretrained(path)
+    return path
+
+
+#: LLaVA-NeXT's anyres grid at the tiny 112-px tower (the real ones are multiples of 336)
+TINY_PINPOINTS = [[112, 224], [224, 112], [224, 224], [112, 336], [336, 112]]
+
+
+def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-NeXT checkpoint (anyres over :data:`TINY_PINPOINTS`) that vLLM and ``llava.load(path)`` load."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, \
+        LlavaNextProcessor
+
+    from llava.tiny_tokenizer import build_tiny_tokenizer
+
+    path = Path(path)
+    tok = build_tiny_tokenizer()
+    base = llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    cfg = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
+                          image_token_id=base.image_token_id, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                          image_grid_pinpoints=TINY_PINPOINTS, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    _hub_keys(path)
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112},
+                                 image_grid_pinpoints=TINY_PINPOINTS)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, image_token="<image>")
     proc.save_pretrained(path)
     return path

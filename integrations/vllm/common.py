@@ -1,0 +1,89 @@
+"""What every family's vLLM classes share (mixins placed before vLLM's own class in each subclass):
+
+- :class:`InfoMixin` (processing info): the spec from ``hf_overrides``, transformers' PIL image backend (the HF
+  engine's preprocessing), one image per prompt;
+- :class:`ProcessorMixin` (multimodal processor): each image carries its prompt's token ids (a processor field,
+  part of the mm hash, so vLLM's processor and encoder caches key on (image, prompt));
+- :class:`ModelMixin` (model): the worker's :class:`~integrations.vllm.stage.VisionStage`, built when the weights
+  are loaded (a bad spec fails at start-up).
+
+Without ``hf_overrides["vtprune"]`` every class behaves as vLLM's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from .spec import PruneSpec
+from .stage import PROMPT_FIELD, VisionStage
+
+
+class InfoMixin:
+    def spec(self) -> PruneSpec | None:
+        return PruneSpec.from_config(self.get_hf_config())
+
+    def model_path(self) -> str:
+        return self.ctx.model_config.model
+
+    def get_hf_processor(self, **kwargs):
+        if self.spec() is not None:  # the HF engine's image preprocessing (transformers' PIL backend), not torchvision's
+            kwargs.setdefault("backend", "pil")
+        return super().get_hf_processor(**kwargs)
+
+    def get_supported_mm_limits(self):
+        return {"image": 1} if self.spec() is not None else super().get_supported_mm_limits()
+
+
+class ProcessorMixin:
+    def apply(self, inputs, timing_ctx):
+        if self.info.spec() is not None:  # the prompt's ids travel with the image (and key its caches)
+            kw = {**inputs.hf_processor_mm_kwargs, PROMPT_FIELD: tuple(int(t) for t in inputs.prompt)}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kw)
+        return super().apply(inputs, timing_ctx)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        kw = dict(hf_kwargs)
+        prompt = kw.pop(PROMPT_FIELD, None)
+        out = super()._call_hf_processor(hf_data, kw)
+        if self.info.spec() is not None:
+            n = len(out["pixel_values"])
+            ids = torch.tensor(list(prompt) if prompt else [-1], dtype=torch.long)
+            out[PROMPT_FIELD] = ids.expand(n, -1).clone()
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if self.info.spec() is not None:
+            fields[PROMPT_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+
+class ModelMixin:
+    FAMILY = ""
+
+    def _vt_init(self, vllm_config) -> None:
+        mc = vllm_config.model_config
+        self._vt_spec = PruneSpec.from_config(mc.hf_config)
+        self._vt_model = (mc.model, getattr(mc, "revision", None), mc.dtype)
+        self._vt_stage = None
+
+    def _stage(self, device) -> VisionStage:
+        if self._vt_stage is None:
+            model, revision, dtype = self._vt_model
+            self._vt_stage = VisionStage(model, self._vt_spec, self.FAMILY, dtype, device, revision)
+        return self._vt_stage
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self._vt_spec is not None:  # the vision stage's modules now, so that a bad spec fails at start-up
+            self._stage(next(self.language_model.parameters()).device)
+        return loaded
+
+    def _pixels(self, kwargs) -> list:
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            raise ValueError("the vtprune plugin prunes images given as pixels (image_embeds cannot be pruned)")
+        return pixel_values

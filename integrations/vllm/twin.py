@@ -1,0 +1,102 @@
+"""Each image's token count after pruning, in vLLM's front end, for families whose count depends on the image
+(LLaVA-NeXT's anyres crops and newline tokens): a *geometry twin* of the checkpoint runs our engine's vision stage.
+
+The twin is the checkpoint's architecture with its geometry (image size, patch, crop grid pinpoints, select layer,
+strategy, the layer counts, the number of heads) and its own tokenizer and image processor, but widths of 8 per
+head and random weights: the engine lays the image out exactly as it will in the worker (the adapter's packing,
+the units, the newline tokens, the prompt's question), and the method's vision stage selects on it, so the count
+is the count the worker's selection gives, whatever the family. Two images of the requested size with other
+pixels must give the same count (else the method's count depends on the image: refused). Counts are cached per
+image size; a twin is built once per (checkpoint, spec) and costs a few MB.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+
+import torch
+
+from .spec import PluginError, PruneSpec, check_method
+
+#: the question of the twin's prompts (a query-aware method reads it; the count does not depend on it)
+QUESTION = "what is in the image?"
+HEAD_WIDTH = 8
+
+
+def shrink(config) -> None:
+    """Widths of :data:`HEAD_WIDTH` per head in the text and vision configs (heads, layers and geometry kept)."""
+    for sub in (config.text_config, config.vision_config):
+        heads = getattr(sub, "num_attention_heads", None) or getattr(sub, "num_heads")
+        if getattr(sub, "head_dim", None) is not None:
+            sub.head_dim = HEAD_WIDTH
+        sub.hidden_size = heads * HEAD_WIDTH
+        if hasattr(sub, "intermediate_size"):
+            sub.intermediate_size = 2 * HEAD_WIDTH
+        if hasattr(sub, "projection_dim"):
+            sub.projection_dim = heads * HEAD_WIDTH
+
+
+class Twin:
+    def __init__(self, model: str, spec: PruneSpec):
+        import transformers as tf
+
+        from llava.models import (MODEL_CLASSES, _runtime, checkpoint_processors, family_of, restore_decoder,
+                                  truncate_decoder)
+
+        config = tf.AutoConfig.from_pretrained(model)
+        self.family = family_of(config)
+        config = copy.deepcopy(config)
+        shrink(config)
+        method = spec.build()
+        probe = tuple(getattr(method, "probe_layers", ()) or ())
+        n = max(probe) + 1 if probe else 0
+        kept = truncate_decoder(config, n)
+        torch.manual_seed(0)
+        m = getattr(tf, MODEL_CLASSES[self.family])(config).eval()
+        restore_decoder(m, n, *kept)
+        tok, ip = checkpoint_processors(model, self.family)
+        self.rt = _runtime(m, tok, ip, self.family, model, spec.template)
+        self.rt.processor.pad_to_square = False  # vLLM's processor: the image as given
+        try:
+            self.engine = self.rt.prune(method)
+        except (ValueError, TypeError) as e:
+            raise PluginError(str(e.args[0] if e.args else e)) from None
+        check_method(self.engine.method, self.family)
+        self.image_token = int(m.config.image_token_id)
+
+    @torch.inference_mode()
+    def _count(self, width: int, height: int, seed: int) -> tuple[int, int]:
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(seed)
+        img = Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy())
+        enc = self.rt.processor([QUESTION], images=[img])
+        ids = enc["input_ids"]
+        stock = int((ids == self.image_token).sum())
+        visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        embeds, _, _, _ = self.engine.vision_inputs(ids, visual, enc.get("attention_mask"))
+        return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
+
+    @lru_cache(maxsize=1024)
+    def count(self, width: int, height: int) -> tuple[int, int]:
+        """(the tokens of an image of this size unpruned, after the method's vision stage)."""
+        try:
+            a, b = self._count(width, height, 0), self._count(width, height, 1)
+        except PluginError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is the method's refusal here
+            raise PluginError(f"{self.engine.method.name}: vLLM must know each image's token count before the encoder "
+                              f"runs, and the count for a {width}x{height} image failed ({type(e).__name__}: {e})") from None
+        if a != b:
+            raise PluginError(f"{self.engine.method.name} keeps a number of tokens that depends on the image ({a[1]} vs "
+                              f"{b[1]} for two {width}x{height} images), and vLLM must know it before the encoder runs")
+        if a[1] == 0:
+            raise PluginError(f"{self.engine.method.name} keeps no visual token, and vLLM needs at least one placeholder "
+                              "per image: for the no-image control, send the prompt without its image")
+        return a
+
+
+@lru_cache(maxsize=16)
+def twin_for(model: str, spec: PruneSpec) -> Twin:
+    return Twin(model, spec)
