@@ -17,7 +17,7 @@ import time
 log = logging.getLogger("eval")
 
 #: the families the plugin serves (integrations.vllm.ARCHITECTURES)
-FAMILIES = ("llava",)
+FAMILIES = ("llava", "llava_next", "llava_onevision")
 
 
 def check(cfg, world: int) -> str | None:
@@ -51,8 +51,10 @@ class VllmBackend:
         if rt.family not in FAMILIES:
             raise ValueError(f"--backend vllm serves {', '.join(FAMILIES)} models so far, not {rt.family}")
         ov = overrides(cfg.model, cfg.method, cfg.budget, template=cfg.template, **cfg.options)
-        spec = PruneSpec.from_dict(ov["vtprune"])
-        self.structure, self.planned = planned_for_config(spec, rt.family, rt.model.config)
+        self.spec = spec = PruneSpec.from_dict(ov["vtprune"])
+        self.structure = self.planned = None
+        if rt.family == "llava":  # one structure for every image
+            self.structure, self.planned = planned_for_config(spec, rt.family, rt.model.config)
         self.layers = int(rt.model.config.text_config.num_hidden_layers)
         self.rt = rt
         self.cfg = cfg
@@ -61,22 +63,34 @@ class VllmBackend:
         self.sampling = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
         import vllm
 
-        self.info = {"name": "vllm", "version": vllm.__version__, "planned_tokens_per_image": self.planned,
-                     "tokens_per_image": self.structure.tokens}
+        self.info = {"name": "vllm", "version": vllm.__version__,
+                     "planned_tokens_per_image": self.planned if self.planned is not None else "per image size",
+                     "tokens_per_image": self.structure.tokens if self.structure is not None else "per image size"}
+
+    def counts(self, image) -> tuple[int, int]:
+        """(the image's tokens unpruned, after the method) as vLLM lays it out."""
+        if self.structure is not None:
+            return self.structure.tokens, self.planned
+        from integrations.vllm.twin import twin_for
+
+        return twin_for(self.cfg.model, self.spec).count(image.width, image.height)
 
     def prompt(self, q, image) -> dict:
-        """A request: our template's prompt ids with one image placeholder, and the image (padded to a square with
-        the processor's mean colour as LLaVA does, unless --no-pad)."""
-        from llava.preprocess import CLIP_MEAN, expand2square, llava_tokenize
+        """A request: the HF backend's prompt ids (our processor and template) with the image's placeholder run
+        collapsed to one token (vLLM expands it to the method's count), and the image (LLaVA-1.5: padded to a square
+        with the processor's mean colour, as LLaVA and our processor do, unless --no-pad)."""
+        from llava.preprocess import CLIP_MEAN, expand2square
 
         proc = self.rt.processor
-        n = 0 if image is None else 1
-        text = proc.prompt_text(q.text, n, False)
-        tok = self.rt.tokenizer
+        enc = proc([q.text], images=[image])
+        ids = enc["input_ids"][0].tolist()
         if image is None:
-            return {"prompt_token_ids": tok(text).input_ids}
-        ids = llava_tokenize(tok, text, "<image>", self.rt.model.config.image_token_id, [1])
-        if proc.pad_to_square:
+            return {"prompt_token_ids": ids}
+        tok = int(self.rt.model.config.image_token_id)
+        first = ids.index(tok)
+        n = sum(1 for t in ids if t == tok)
+        ids = ids[:first] + [tok] + ids[first + n:]
+        if self.rt.family == "llava" and proc.pad_to_square:
             bg = tuple(int(x * 255) for x in getattr(proc.image_processor, "image_mean", CLIP_MEAN))
             image = expand2square(image, bg)
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
@@ -131,7 +145,7 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
                         "batch": len(chunk), "new_tokens": len(toks), "time": {"generate": secs / len(chunk)},
                         "path": "vllm"}
                 if "multi_modal_data" in req:
-                    k, t = backend.planned, backend.structure.tokens
+                    t, k = backend.counts(req["multi_modal_data"]["image"])
                     meta.update(visual_candidates=t, visual_entering_llm=k, visual_layer_avg=float(k),
                                 visual_per_layer=[k] * backend.layers, vision_noop=k >= t)
                 rec[EVAL_KEY] = meta

@@ -25,6 +25,9 @@ ARCHITECTURES = {
                                       "integrations.vllm.llava:VtpruneLlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("VtpruneLlavaNextForConditionalGeneration",
                                           "integrations.vllm.llava_next:VtpruneLlavaNextForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": (
+        "VtpruneLlavaOnevisionForConditionalGeneration",
+        "integrations.vllm.llava_onevision:VtpruneLlavaOnevisionForConditionalGeneration"),
 }
 
 

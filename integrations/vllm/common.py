@@ -13,12 +13,27 @@ Without ``hf_overrides["vtprune"]`` every class behaves as vLLM's own.
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from .spec import PruneSpec
 from .stage import PROMPT_FIELD, VisionStage
+
+
+@lru_cache(maxsize=8)
+def _image_processor(model: str, family: str):
+    from llava.models import checkpoint_processors
+
+    return checkpoint_processors(model, family)[1]
+
+
+def engine_image_processor(model: str, hf_config):
+    """The image processor our HF engine uses for this checkpoint (its settings, transformers' PIL backend)."""
+    from llava.models import family_of
+
+    return _image_processor(model, family_of(hf_config))
 
 
 class InfoMixin:
@@ -29,9 +44,12 @@ class InfoMixin:
         return self.ctx.model_config.model
 
     def get_hf_processor(self, **kwargs):
-        if self.spec() is not None:  # the HF engine's image preprocessing (transformers' PIL backend), not torchvision's
-            kwargs.setdefault("backend", "pil")
-        return super().get_hf_processor(**kwargs)
+        proc = super().get_hf_processor(**kwargs)
+        if self.spec() is not None:  # the HF engine's image processor (transformers' PIL backend), not torchvision's
+            ip = engine_image_processor(self.model_path(), self.get_hf_config())
+            if type(proc.image_processor) is not type(ip):
+                proc.image_processor = ip
+        return proc
 
     def get_supported_mm_limits(self):
         return {"image": 1} if self.spec() is not None else super().get_supported_mm_limits()
@@ -44,11 +62,11 @@ class ProcessorMixin:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kw)
         return super().apply(inputs, timing_ctx)
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         kw = dict(hf_kwargs)
-        prompt = kw.pop(PROMPT_FIELD, None)
-        out = super()._call_hf_processor(hf_data, kw)
-        if self.info.spec() is not None:
+        prompt = kw.pop(PROMPT_FIELD, None)  # never handed to the HF processor
+        out = super()._apply_hf_processor_main(mm_items, kw)
+        if self.info.spec() is not None and "pixel_values" in out:
             n = len(out["pixel_values"])
             ids = torch.tensor(list(prompt) if prompt else [-1], dtype=torch.long)
             out[PROMPT_FIELD] = ids.expand(n, -1).clone()

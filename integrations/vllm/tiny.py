@@ -107,3 +107,41 @@ def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
                               num_additional_image_tokens=1, image_token="<image>")
     proc.save_pretrained(path)
     return path
+
+
+def save_tiny_llava_onevision(path: str | Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-OneVision checkpoint (SigLIP 112 px, anyres_max_9 over 112-px multiples, a Qwen2 LLM of head
+    size 32, the ChatML tiny tokenizer) that vLLM and ``llava.load(path)`` load."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
+
+    from llava.tiny_tokenizer import build_tiny_tokenizer
+
+    path = Path(path)
+    tok = build_tiny_tokenizer(chatml=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<image>", "<video>")}
+    vc = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=2, image_size=112, patch_size=14, vision_use_head=False)
+    tc = dict(model_type="qwen2", vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+              tie_word_embeddings=False, rope_theta=1e4, **SIZES["tiny"]["text"])
+    pinpoints = [[112 * a, 112 * b] for a in range(1, 4) for b in range(1, 4)]
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=ids["<image>"],
+                               video_token_id=ids["<video>"], vision_feature_select_strategy="full",
+                               vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+                               image_grid_pinpoints=pinpoints, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    _hub_keys(path)
+    mean_std = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    ip = LlavaOnevisionImageProcessor(size={"height": 112, "width": 112}, image_grid_pinpoints=pinpoints, **mean_std)
+    try:
+        from transformers import LlavaOnevisionVideoProcessor
+
+        vp = LlavaOnevisionVideoProcessor(size={"height": 112, "width": 112}, **mean_std)
+    except Exception:  # noqa: BLE001 - a video processor needs torchvision; images do not
+        vp = None
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=64,
+                                   vision_feature_select_strategy="full", image_token="<image>", video_token="<video>")
+    proc.save_pretrained(path)
+    return path
