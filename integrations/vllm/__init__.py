@@ -25,6 +25,9 @@ ARCHITECTURES = {
                                       "integrations.vllm.llava:VtpruneLlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("VtpruneLlavaNextForConditionalGeneration",
                                           "integrations.vllm.llava_next:VtpruneLlavaNextForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "VtpruneQwen2_5_VLForConditionalGeneration",
+        "integrations.vllm.qwen2_5_vl:VtpruneQwen2_5_VLForConditionalGeneration"),
     "LlavaOnevisionForConditionalGeneration": (
         "VtpruneLlavaOnevisionForConditionalGeneration",
         "integrations.vllm.llava_onevision:VtpruneLlavaOnevisionForConditionalGeneration"),
@@ -63,7 +66,13 @@ def overrides(model: str, method: str, budget: int | None = None, template: str 
         from .twin import twin_for
 
         twin = twin_for(model, spec)
-        h, w = max(cfg.image_grid_pinpoints, key=lambda p: p[0] * p[1]) if hasattr(cfg, "image_grid_pinpoints") \
-            else (cfg.vision_config.image_size,) * 2
+        if hasattr(cfg, "image_grid_pinpoints"):
+            h, w = max(cfg.image_grid_pinpoints, key=lambda p: p[0] * p[1])
+        else:  # Qwen: a square image of the checkpoint's largest area
+            from llava.models import checkpoint_processors
+
+            ip = checkpoint_processors(model, family)[1]
+            hi = getattr(getattr(ip, "size", None), "longest_edge", None) or getattr(ip, "max_pixels", None) or 224 * 224
+            h = w = int(int(hi) ** 0.5) // 28 * 28
         twin.count(int(w), int(h))
     return {"architectures": [ARCHITECTURES[arch][0]], "vtprune": spec.as_dict()}

@@ -66,8 +66,8 @@ class ProcessorMixin:
         kw = dict(hf_kwargs)
         prompt = kw.pop(PROMPT_FIELD, None)  # never handed to the HF processor
         out = super()._apply_hf_processor_main(mm_items, kw)
-        if self.info.spec() is not None and "pixel_values" in out:
-            n = len(out["pixel_values"])
+        n = mm_items.get_all_counts().get("image", 0)  # images (Qwen's pixel_values are flat patches)
+        if self.info.spec() is not None and n:
             ids = torch.tensor(list(prompt) if prompt else [-1], dtype=torch.long)
             out[PROMPT_FIELD] = ids.expand(n, -1).clone()
         return out

@@ -71,7 +71,8 @@ class VisionStage:
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: each image's selection (a JSON line)
             sel = self.engine.selections.get(("vision", 0))
-            row = {"prompt": prompt, "tokens": m,
+            row = {"prompt": prompt, "tokens": m, "pixels": float(visual["pixel_values"].double().sum()),
+                   "pixel_shape": list(visual["pixel_values"].shape),
                    "keep": None if sel is None else sel.keep.tolist(),
                    "targets": None if sel is None or sel.targets is None else sel.targets.tolist()}
             with open(record, "a", encoding="utf-8") as f:

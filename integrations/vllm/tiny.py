@@ -145,3 +145,41 @@ def save_tiny_llava_onevision(path: str | Path, seed: int = 0) -> Path:
                                    vision_feature_select_strategy="full", image_token="<image>", video_token="<video>")
     proc.save_pretrained(path)
     return path
+
+
+def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen2.5-VL checkpoint (windowed ViT of width 64, 2x2 merger, an LLM of head size 32 with M-RoPE
+    sections [4, 6, 6], the ChatML tiny tokenizer; images 56^2..224^2 px) that vLLM and ``llava.load(path)`` load."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor)
+
+    from llava.tiny_tokenizer import build_tiny_tokenizer
+
+    path = Path(path)
+    tok = build_tiny_tokenizer(chatml=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                       "<|vision_end|>")}
+    vc = dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, patch_size=14, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3], out_hidden_size=128,
+              tokens_per_second=2)
+    tc = dict(vocab_size=len(tok), max_position_embeddings=4096, bos_token_id=None, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
+              **SIZES["tiny"]["text"])
+    cfg = Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, temporal_patch_size=2,
+                               merge_size=2)
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        vp = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, temporal_patch_size=2,
+                                   merge_size=2)
+    except Exception:  # noqa: BLE001 - a video processor needs torchvision; images do not
+        vp = None
+    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
+    return path

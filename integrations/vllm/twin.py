@@ -21,20 +21,36 @@ from .spec import PluginError, PruneSpec, check_method
 
 #: the question of the twin's prompts (a query-aware method reads it; the count does not depend on it)
 QUESTION = "what is in the image?"
-HEAD_WIDTH = 8
+#: per-head widths of the twin: vision 8; text 16 (M-RoPE splits a head's rotary half into 3 sections)
+HEAD_WIDTH = {"vision": 8, "text": 16}
+
+
+def _sections(sections, total: int) -> list[int]:
+    """M-RoPE sections scaled to sum to ``total`` (integers, the remainder on the largest)."""
+    s = sum(sections)
+    out = [max(1, int(x * total // s)) for x in sections]
+    out[out.index(max(out))] += total - sum(out)
+    return out
 
 
 def shrink(config) -> None:
-    """Widths of :data:`HEAD_WIDTH` per head in the text and vision configs (heads, layers and geometry kept)."""
-    for sub in (config.text_config, config.vision_config):
+    """Per-head widths of :data:`HEAD_WIDTH` in the text and vision configs (heads, layers and geometry kept)."""
+    for kind, sub in (("text", config.text_config), ("vision", config.vision_config)):
+        width = HEAD_WIDTH[kind]
         heads = getattr(sub, "num_attention_heads", None) or getattr(sub, "num_heads")
         if getattr(sub, "head_dim", None) is not None:
-            sub.head_dim = HEAD_WIDTH
-        sub.hidden_size = heads * HEAD_WIDTH
+            sub.head_dim = width
+        sub.hidden_size = heads * width
         if hasattr(sub, "intermediate_size"):
-            sub.intermediate_size = 2 * HEAD_WIDTH
+            sub.intermediate_size = 2 * width
         if hasattr(sub, "projection_dim"):
-            sub.projection_dim = heads * HEAD_WIDTH
+            sub.projection_dim = heads * width
+        for attr in ("rope_parameters", "rope_scaling"):
+            rope = getattr(sub, attr, None)
+            if isinstance(rope, dict) and rope.get("mrope_section"):
+                rope["mrope_section"] = _sections(rope["mrope_section"], width // 2)
+    if hasattr(config.vision_config, "out_hidden_size"):  # the Qwen merger's output is the LLM's width
+        config.vision_config.out_hidden_size = config.text_config.hidden_size
 
 
 class Twin:
