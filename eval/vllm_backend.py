@@ -17,7 +17,7 @@ import time
 log = logging.getLogger("eval")
 
 #: the families the plugin serves (integrations.vllm.ARCHITECTURES)
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
 
 
 def check(cfg, world: int) -> str | None:

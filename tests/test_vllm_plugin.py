@@ -31,6 +31,8 @@ BUDGET = 16
 #: LLaVA-NeXT (anyres crops, newline tokens, per-crop budgets): the count per image size from the geometry twin
 NEXT_METHODS = ["none", "random", "visionzip", "consensusdrop", "fastervlm", "divprune", "attnmix", "cdpruner"]
 #: Qwen2.5-VL (M-RoPE: kept tokens keep their 3-D positions; the count per resized grid from the twin)
+#: Qwen3-VL's 32-px merged patches: a larger image so that 16 of its tokens prune
+IMAGE_SIZE = {"qwen3_vl": (300, 220)}
 QWEN_METHODS = ["none", "random", "visionzip", "consensusdrop", "fastervlm", "divprune", "cdpruner",
                 "consensusdrop:probe"]
 
@@ -38,12 +40,13 @@ QWEN_METHODS = ["none", "random", "visionzip", "consensusdrop", "fastervlm", "di
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     from integrations.vllm.tiny import (save_tiny_llava, save_tiny_llava_next, save_tiny_llava_onevision,
-                                        save_tiny_qwen2_5_vl)
+                                        save_tiny_qwen2_5_vl, save_tiny_qwen3_vl)
 
     return {"llava": str(save_tiny_llava(tmp_path_factory.mktemp("tiny_llava_vllm"))),
             "llava_next": str(save_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next_vllm"))),
             "llava_onevision": str(save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision_vllm"))),
-            "qwen2_5_vl": str(save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen25vl_vllm")))}
+            "qwen2_5_vl": str(save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen25vl_vllm"))),
+            "qwen3_vl": str(save_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3vl_vllm")))}
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +125,13 @@ QUESTIONS = ["what is in the image?", "how many objects are there?"]
                          # attnmix keeps 2*floor(floor(B/2)/N) per crop: 16 over OneVision's 10 crops at the
                          # size vLLM profiles keeps nothing, refused (the HF engine refuses it too)
                          + [("llava_onevision", m) for m in NEXT_METHODS if m != "attnmix"]
-                         + [("qwen2_5_vl", m) for m in QWEN_METHODS])
+                         + [("qwen2_5_vl", m) for m in QWEN_METHODS] + [("qwen3_vl", m) for m in QWEN_METHODS])
 def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpts, hfs, family, method, tmp_path, monkeypatch):
     record = tmp_path / "kept.jsonl"
     monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
     name, opts = method.split(":")[0], METHODS[method]
     ckpt, hf = ckpts[family], hfs[family]
-    img = image(1)
+    img = image(1, *IMAGE_SIZE.get(family, (140, 100)))
     refs = [hf_generate(hf, name, opts, q, img) for q in QUESTIONS]
     llm = vllm_llm(ckpt, method, opts)
     outs = vllm_generate(llm, [(r[0], img) for r in refs])
@@ -220,7 +223,7 @@ def eval_run(ckpt, data, out, backend, method, budget, *extra):
 @pytest.mark.parametrize("family,method,budget", [("llava", "visionzip", 16), ("llava", "consensusdrop", 16),
                                                    ("llava", "none", "none"), ("llava_next", "visionzip", 16),
                                                    ("llava_onevision", "consensusdrop", 16),
-                                                   ("qwen2_5_vl", "visionzip", 16)])
+                                                   ("qwen2_5_vl", "visionzip", 16), ("qwen3_vl", "visionzip", 16)])
 def test_harness_backend_vllm_answers_as_the_hf_backend(ckpts, pope, tmp_path, monkeypatch, family, method, budget):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     ckpt = ckpts[family]
@@ -256,14 +259,15 @@ def test_harness_backend_vllm_refusals(ckpt, pope, tmp_path, capsys):
     assert "prunes inside the LLM" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["visionzip", "divprune"])
-def test_qwen_kept_tokens_keep_their_mrope_positions_in_vllm(ckpts, hfs, method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,method", [("qwen2_5_vl", "visionzip"), ("qwen2_5_vl", "divprune"),
+                                           ("qwen3_vl", "visionzip")])
+def test_qwen_kept_tokens_keep_their_mrope_positions_in_vllm(ckpts, hfs, family, method, tmp_path, monkeypatch):
     """vLLM's decoder gets the positions the HF engine gives the pruned prompt: each kept token its 3-D position in
     the unpruned image, the text after the image its unpruned positions."""
     record = tmp_path / "kept.jsonl"
     monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
-    rt = hfs["qwen2_5_vl"]
-    img = image(11, 170, 90)
+    rt = hfs[family]
+    img = image(11, *IMAGE_SIZE.get(family, (170, 90)))
     prompt, ids, visual = hf_inputs(rt, QUESTIONS[1], img)
     eng = rt.prune(method, BUDGET)
     try:
@@ -271,7 +275,7 @@ def test_qwen_kept_tokens_keep_their_mrope_positions_in_vllm(ckpts, hfs, method,
         keep = eng.selections[("vision", 0)].keep
     finally:
         eng.remove()
-    vllm_generate(vllm_llm(ckpts["qwen2_5_vl"], method, {}), [(prompt, img)])
+    vllm_generate(vllm_llm(ckpts[family], method, {}), [(prompt, img)])
     rows = [json.loads(ln) for ln in record.read_text().splitlines()]
     got = [r for r in rows if "positions" in r and r["prompt"] == prompt]
     assert got and got[-1]["positions"] == pos[:, 0].tolist()

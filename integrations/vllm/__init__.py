@@ -26,8 +26,9 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": ("VtpruneLlavaNextForConditionalGeneration",
                                           "integrations.vllm.llava_next:VtpruneLlavaNextForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": (
-        "VtpruneQwen2_5_VLForConditionalGeneration",
-        "integrations.vllm.qwen2_5_vl:VtpruneQwen2_5_VLForConditionalGeneration"),
+        "VtpruneQwen2_5_VLForConditionalGeneration", "integrations.vllm.qwen:VtpruneQwen2_5_VLForConditionalGeneration"),
+    "Qwen3VLForConditionalGeneration": (
+        "VtpruneQwen3VLForConditionalGeneration", "integrations.vllm.qwen:VtpruneQwen3VLForConditionalGeneration"),
     "LlavaOnevisionForConditionalGeneration": (
         "VtpruneLlavaOnevisionForConditionalGeneration",
         "integrations.vllm.llava_onevision:VtpruneLlavaOnevisionForConditionalGeneration"),

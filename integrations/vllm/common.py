@@ -52,7 +52,10 @@ class InfoMixin:
         return proc
 
     def get_supported_mm_limits(self):
-        return {"image": 1} if self.spec() is not None else super().get_supported_mm_limits()
+        limits = super().get_supported_mm_limits()
+        if self.spec() is None:
+            return limits
+        return {m: (1 if m == "image" else 0) for m in limits}  # one image per prompt; videos: the HF engine
 
 
 class ProcessorMixin:

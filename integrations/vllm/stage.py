@@ -68,6 +68,12 @@ class VisionStage:
         embeds, _, _, info = self.engine.vision_inputs(input_ids, visual)
         before = prompt.index(self.image_token)
         m = embeds.shape[1] - (len(ids) - tokens)
+        out = embeds[0, before:before + m]
+        if "deepstack" in info:  # Qwen3-VL: each kept token's DeepStack rows after it, as vLLM's multiscale layout
+            rows = info["deepstack"]["rows"]
+            if rows.shape[0] != m:
+                raise RuntimeError(f"{rows.shape[0]} DeepStack rows for {m} visual tokens")
+            out = torch.cat([out, rows.reshape(m, -1).to(out.dtype)], dim=-1)
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: each image's selection (a JSON line)
             sel = self.engine.selections.get(("vision", 0))
@@ -77,7 +83,7 @@ class VisionStage:
                    "targets": None if sel is None or sel.targets is None else sel.targets.tolist()}
             with open(record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-        return embeds[0, before:before + m]
+        return out
 
     def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Per image (``visuals[i]``: its inputs, batch dimension 1), its planned LLM inputs; ``prompts``: each

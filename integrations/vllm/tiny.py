@@ -183,3 +183,39 @@ def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
         vp = None
     Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
     return path
+
+
+def save_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-VL checkpoint (patch 16, learned position grid 8 x 8, DeepStack after tower blocks 0, 1, 2, a
+    Qwen3 LLM of head size 32 with interleaved M-RoPE) that vLLM and ``llava.load(path)`` load."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    from llava.tiny_tokenizer import build_tiny_tokenizer
+
+    path = Path(path)
+    tok = build_tiny_tokenizer(chatml=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                       "<|vision_end|>")}
+    vc = dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, patch_size=16, spatial_merge_size=2,
+              temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])
+    tc = dict(vocab_size=len(tok), max_position_embeddings=4096, bos_token_id=None, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, tie_word_embeddings=False, head_dim=32,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [6, 5, 5],
+                               "mrope_interleaved": True},
+              **SIZES["tiny"]["text"])
+    cfg = Qwen3VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    ip = Qwen2VLImageProcessor(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16, temporal_patch_size=2,
+                               merge_size=2)
+    try:
+        from transformers import Qwen3VLVideoProcessor
+
+        vp = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2)
+    except Exception:  # noqa: BLE001 - a video processor needs torchvision; images do not
+        vp = None
+    Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
+    return path

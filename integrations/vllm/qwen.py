@@ -1,4 +1,6 @@
-"""Qwen2.5-VL inside vLLM with a pre-LLM pruning method: ``VtpruneQwen2_5_VLForConditionalGeneration``.
+"""The Qwen-VL families inside vLLM with a pre-LLM pruning method: ``VtpruneQwen2_5_VLForConditionalGeneration``,
+``VtpruneQwen3VLForConditionalGeneration`` (mixins over vLLM's classes; Qwen3-VL's DeepStack rows follow each kept
+token in vLLM's multiscale layout: [token, level 0, level 1, ...]).
 
 As the LLaVA families, plus M-RoPE: a kept token keeps its 3-D position of the unpruned image and the text after
 the image keeps its unpruned positions (our engine's convention). vLLM computes a request's M-RoPE positions when
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
+from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen3VLForConditionalGeneration,
+                                                 Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
@@ -29,7 +33,6 @@ from .spec import PruneSpec
 from .stage import PROMPT_FIELD
 from .twin import twin_for
 
-FAMILY = "qwen2_5_vl"
 
 
 def grid_count(model: str, spec: PruneSpec, config, grid) -> tuple[int, int]:
@@ -40,7 +43,7 @@ def grid_count(model: str, spec: PruneSpec, config, grid) -> tuple[int, int]:
     return twin_for(model, spec).count(w * patch, h * patch)
 
 
-class VtpruneQwen2_5_VLProcessingInfo(InfoMixin, Qwen2_5_VLProcessingInfo):
+class QwenInfoMixin(InfoMixin):
     def get_num_image_tokens(self, *, image_width: int, image_height: int, **kwargs) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height, **kwargs)
         spec = self.spec()
@@ -53,7 +56,7 @@ class VtpruneQwen2_5_VLProcessingInfo(InfoMixin, Qwen2_5_VLProcessingInfo):
         return planned
 
 
-class VtpruneQwen2_5_VLMultiModalProcessor(ProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class QwenProcessorMixin(ProcessorMixin):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
         spec = self.info.spec()
@@ -70,17 +73,10 @@ class VtpruneQwen2_5_VLMultiModalProcessor(ProcessorMixin, Qwen2_5_VLMultiModalP
         return [image] + [u for u in updates if u.modality != "image"]
 
 
-@MULTIMODAL_REGISTRY.register_processor(VtpruneQwen2_5_VLMultiModalProcessor, info=VtpruneQwen2_5_VLProcessingInfo,
-                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class VtpruneQwen2_5_VLForConditionalGeneration(ModelMixin, Qwen2_5_VLForConditionalGeneration):
-    FAMILY = FAMILY
+class QwenModelMixin(ModelMixin):
     #: the processor normalises the pixels (vLLM's default for Qwen moves it into the tower's fused input norm,
     #: handing the model raw uint8 pixels; the engine's vision stage reads normalised ones, as transformers' tower)
     supports_mm_device_do_normalize = False
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._vt_init(vllm_config)
 
     def _stage_device(self):
         return next(self.language_model.parameters()).device
@@ -123,7 +119,7 @@ class VtpruneQwen2_5_VLForConditionalGeneration(ModelMixin, Qwen2_5_VLForConditi
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError("the vtprune plugin prunes images; Qwen2.5-VL videos run on the HF engine")
+            raise ValueError("the vtprune plugin prunes images; Qwen-VL videos run on the HF engine")
         pixel_values = self._pixels(kwargs)
         grids = kwargs["image_grid_thw"]
         grids = grids.reshape(-1, 3) if torch.is_tensor(grids) else torch.stack([g.reshape(3) for g in grids])
@@ -136,3 +132,39 @@ class VtpruneQwen2_5_VLForConditionalGeneration(ModelMixin, Qwen2_5_VLForConditi
             visuals.append({"pixel_values": px, "image_grid_thw": g.reshape(1, 3).to(flat.device)})
             counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g))
         return stage.embed(visuals, prompts, counts)
+
+
+class VtpruneQwen2_5_VLProcessingInfo(QwenInfoMixin, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class VtpruneQwen2_5_VLMultiModalProcessor(QwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtpruneQwen2_5_VLMultiModalProcessor, info=VtpruneQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class VtpruneQwen2_5_VLForConditionalGeneration(QwenModelMixin, Qwen2_5_VLForConditionalGeneration):
+    FAMILY = "qwen2_5_vl"
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vt_init(vllm_config)
+
+
+class VtpruneQwen3VLProcessingInfo(QwenInfoMixin, Qwen3VLProcessingInfo):
+    pass
+
+
+class VtpruneQwen3VLMultiModalProcessor(QwenProcessorMixin, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtpruneQwen3VLMultiModalProcessor, info=VtpruneQwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class VtpruneQwen3VLForConditionalGeneration(QwenModelMixin, Qwen3VLForConditionalGeneration):
+    FAMILY = "qwen3_vl"
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vt_init(vllm_config)
