@@ -93,7 +93,9 @@ class VllmBackend:
         if self.rt.family == "llava" and proc.pad_to_square:
             bg = tuple(int(x * 255) for x in getattr(proc.image_processor, "image_mean", CLIP_MEAN))
             image = expand2square(image, bg)
-        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
+        # the HF backend keys seeded draws by the question id (engine.sample_keys): so does the plugin
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}
 
     def answer(self, requests: list[dict]) -> tuple[list[list[int]], float]:
         t0 = time.perf_counter()

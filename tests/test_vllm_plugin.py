@@ -220,7 +220,9 @@ def eval_run(ckpt, data, out, backend, method, budget, *extra):
                  "--dtype", "float32", *extra])
 
 
+# random: its draws are keyed by the question id in both backends (mm_processor_kwargs vtprune_sample_key)
 @pytest.mark.parametrize("family,method,budget", [("llava", "visionzip", 16), ("llava", "consensusdrop", 16),
+                                                   ("llava", "random", 16), ("qwen2_5_vl", "random", 16),
                                                    ("llava", "none", "none"), ("llava_next", "visionzip", 16),
                                                    ("llava_onevision", "consensusdrop", 16),
                                                    ("qwen2_5_vl", "visionzip", 16), ("qwen3_vl", "visionzip", 16)])
@@ -284,3 +286,29 @@ def test_qwen_kept_tokens_keep_their_mrope_positions_in_vllm(ckpts, hfs, family,
     vis = torch.tensor(got[-1]["positions"])[:, start:start + BUDGET]
     assert vis[1].unique().numel() > 1 and vis[2].unique().numel() > 1 and keep.numel() <= BUDGET
     assert got[-1]["delta"] == int(pos.max()) + 1 - pos.shape[-1]
+
+
+def test_the_trained_testbed_through_vllm_equals_the_hf_backend(tmp_path, monkeypatch):
+    """The shipped testbed checkpoint (LLM head size 32: vLLM's CPU attention takes it), exported to the hub layout
+    (integrations.vllm.tiny.export_for_vllm): the shapes benchmark through --backend vllm answers every question as
+    the HF backend (ConsensusDrop at 16 of 64 tokens)."""
+    from pathlib import Path
+
+    from eval.cli import main
+    from integrations.vllm.tiny import export_for_vllm
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    src = Path(__file__).resolve().parents[1] / "testbed" / "weights"
+    if not (src / "config.json").exists():
+        pytest.skip("testbed/weights is missing")
+    model = str(export_for_vllm(src, tmp_path / "testbed_vllm"))
+    out = tmp_path / "runs"
+    for backend in ("hf", "vllm"):
+        assert main(["run", "shapes", "--model", model, "--method", "consensusdrop", "--budget", "16", "--data-root", ".",
+                     "--out", str(out), "--no-wandb", "--batch-size", "50", "--backend", backend,
+                     "--bench-opt", "n=100"]) == 0
+    runs = sorted((out / "shapes").iterdir())
+    answers = [[json.loads(ln)["text"] for ln in (d / "merge.jsonl").read_text().splitlines()] for d in runs]
+    assert len(answers) == 2 and len(answers[0]) == 100 and answers[0] == answers[1]
+    res = [json.loads((d / "results.json").read_text())["metrics"]["Shapes"] for d in runs]
+    assert res[0] == res[1]

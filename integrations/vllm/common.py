@@ -19,7 +19,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from .spec import PruneSpec
-from .stage import PROMPT_FIELD, VisionStage
+from .stage import KEY_FIELD, PROMPT_FIELD, VisionStage, encode_key
 
 
 @lru_cache(maxsize=8)
@@ -68,17 +68,20 @@ class ProcessorMixin:
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         kw = dict(hf_kwargs)
         prompt = kw.pop(PROMPT_FIELD, None)  # never handed to the HF processor
+        key = kw.pop(KEY_FIELD, None)
         out = super()._apply_hf_processor_main(mm_items, kw)
         n = mm_items.get_all_counts().get("image", 0)  # images (Qwen's pixel_values are flat patches)
         if self.info.spec() is not None and n:
             ids = torch.tensor(list(prompt) if prompt else [-1], dtype=torch.long)
             out[PROMPT_FIELD] = ids.expand(n, -1).clone()
+            out[KEY_FIELD] = encode_key("" if key is None else key).expand(n, -1).clone()
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         if self.info.spec() is not None:
             fields[PROMPT_FIELD] = MultiModalFieldConfig.batched("image")
+            fields[KEY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
 
@@ -102,6 +105,11 @@ class ModelMixin:
         if self._vt_spec is not None:  # the vision stage's modules now, so that a bad spec fails at start-up
             self._stage(next(self.language_model.parameters()).device)
         return loaded
+
+    @staticmethod
+    def _vt_fields(kwargs) -> tuple:
+        """(each image's prompt ids, each image's sample key field), taken out of the encoder's kwargs."""
+        return kwargs.pop(PROMPT_FIELD, None), kwargs.pop(KEY_FIELD, None)
 
     def _pixels(self, kwargs) -> list:
         pixel_values = kwargs.get("pixel_values")

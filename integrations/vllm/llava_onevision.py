@@ -12,7 +12,6 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .common import InfoMixin, ModelMixin, ProcessorMixin
-from .stage import PROMPT_FIELD
 from .twin import twin_for
 
 FAMILY = "llava_onevision"
@@ -46,7 +45,7 @@ class VtpruneLlavaOnevisionForConditionalGeneration(ModelMixin, LlavaOnevisionFo
         self._vt_init(vllm_config)
 
     def embed_multimodal(self, **kwargs):
-        prompts = kwargs.pop(PROMPT_FIELD, None)
+        prompts, keys = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         if kwargs.get("pixel_values_videos") is not None:
@@ -60,4 +59,4 @@ class VtpruneLlavaOnevisionForConditionalGeneration(ModelMixin, LlavaOnevisionFo
             h, w = (int(x) for x in sizes[i])
             visuals.append({"pixel_values": pixel_values[i][None], "image_sizes": sizes[i].reshape(1, 2)})
             counts.append(twin.count(w, h))
-        return stage.embed(visuals, prompts, counts)
+        return stage.embed(visuals, prompts, counts, keys)

@@ -30,7 +30,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from .common import InfoMixin, ModelMixin, ProcessorMixin
 from .spec import PruneSpec
-from .stage import PROMPT_FIELD
+from .stage import KEY_FIELD, PROMPT_FIELD, decode_key
 from .twin import twin_for
 
 
@@ -96,12 +96,15 @@ class QwenModelMixin(ModelMixin):
             n = len(input_tokens)
             return torch.from_numpy(np.broadcast_to(np.arange(n), (3, n)).copy()), 0
         grid = data["image_grid_thw"].data.reshape(-1)
+        key_field = data.get(KEY_FIELD)
+        key = None if key_field is None else decode_key(key_field.data)
         tokens = int(grid.prod()) // (self.config.vision_config.spatial_merge_size ** 2)
         stage = self._stage(self._stage_device())
         dev = self._stage_device()
         visual = {"pixel_values": data["pixel_values"].data.to(dev), "image_grid_thw": grid.reshape(1, 3).to(dev)}
         ids = stage.expand(prompt, tokens)
         with torch.inference_mode():
+            stage.engine.sample_keys = None if key is None else [key]  # the same draws as the encoder step's
             embeds, _, pos, _ = stage.engine.vision_inputs(torch.tensor([ids], device=dev), visual)
         pos = pos[:, 0].cpu()
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
@@ -115,7 +118,7 @@ class QwenModelMixin(ModelMixin):
         return pos, int(pos.max()) + 1 - len(input_tokens)
 
     def embed_multimodal(self, **kwargs):
-        prompts = kwargs.pop(PROMPT_FIELD, None)
+        prompts, keys = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         if kwargs.get("pixel_values_videos") is not None:
@@ -131,7 +134,7 @@ class QwenModelMixin(ModelMixin):
         for px, g in zip(parts, grids):
             visuals.append({"pixel_values": px, "image_grid_thw": g.reshape(1, 3).to(flat.device)})
             counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g))
-        return stage.embed(visuals, prompts, counts)
+        return stage.embed(visuals, prompts, counts, keys)
 
 
 class VtpruneQwen2_5_VLProcessingInfo(QwenInfoMixin, Qwen2_5_VLProcessingInfo):

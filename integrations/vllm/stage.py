@@ -23,6 +23,19 @@ log = logging.getLogger("vtprune.vllm")
 
 #: the processor field that carries each image's prompt (token ids, unexpanded: one placeholder per image)
 PROMPT_FIELD = "vtprune_prompt_ids"
+#: a request's sample key (``mm_processor_kwargs={"vtprune_sample_key": question_id}``), as the field of its image:
+#: seeded methods (random) draw from it as the HF engine draws from ``engine.sample_keys`` (else from the prompt)
+KEY_FIELD = "vtprune_sample_key"
+
+
+def encode_key(key) -> torch.Tensor:
+    """A sample key as a tensor (its UTF-8 bytes), the form a processor field carries."""
+    return torch.tensor(list(str(key).encode("utf-8")) or [-1], dtype=torch.long)
+
+
+def decode_key(t) -> str | None:
+    vals = [int(v) for v in (t.reshape(-1).tolist() if torch.is_tensor(t) else t) if int(v) >= 0]
+    return bytes(vals).decode("utf-8") if vals else None
 
 
 class VisionStage:
@@ -56,7 +69,7 @@ class VisionStage:
         return out
 
     @torch.inference_mode()
-    def embed_one(self, visual: dict, prompt: list[int], tokens: int) -> torch.Tensor:
+    def embed_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None) -> torch.Tensor:
         """(K, D): the image's tokens after the vision stage, for one prompt holding exactly this image (``visual``:
         the family's inputs for this one image, batch dimension 1; ``tokens``: its placeholders unpruned)."""
         if sum(1 for t in prompt if t == self.image_token) != 1:
@@ -65,6 +78,7 @@ class VisionStage:
         ids = self.expand(prompt, tokens)
         dev = visual["pixel_values"].device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        self.engine.sample_keys = None if key is None else [key]  # consumed by the prefill's selection
         embeds, _, _, info = self.engine.vision_inputs(input_ids, visual)
         before = prompt.index(self.image_token)
         m = embeds.shape[1] - (len(ids) - tokens)
@@ -85,10 +99,10 @@ class VisionStage:
                 f.write(json.dumps(row) + "\n")
         return out
 
-    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]], keys=None) -> list[torch.Tensor]:
         """Per image (``visuals[i]``: its inputs, batch dimension 1), its planned LLM inputs; ``prompts``: each
         image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt);
-        ``counts[i]``: (its tokens unpruned, the planned count)."""
+        ``counts[i]``: (its tokens unpruned, the planned count); ``keys``: each image's sample key field, or None."""
         out = []
         emb = self.engine.lm.embed_tokens.weight
         for i, visual in enumerate(visuals):
@@ -98,7 +112,7 @@ class VisionStage:
             if not ids:  # vLLM's memory profiling: shapes only
                 out.append(torch.zeros(planned, emb.shape[1], dtype=emb.dtype, device=visual["pixel_values"].device))
                 continue
-            x = self.embed_one(visual, ids, tokens)
+            x = self.embed_one(visual, ids, tokens, None if keys is None else decode_key(keys[i]))
             if x.shape[0] != planned:
                 raise RuntimeError(f"{self.engine.method.name} kept {x.shape[0]} tokens of this image, but vLLM reserved "
                                    f"{planned} placeholders for it (planned in the front end): a method whose count "

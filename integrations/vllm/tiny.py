@@ -219,3 +219,28 @@ def save_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
         vp = None
     Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
     return path
+
+
+def export_for_vllm(src: str | Path, dst: str | Path) -> Path:
+    """A copy of a LLaVA-1.5 checkpoint folder written by transformers (e.g. the testbed's ``testbed/weights``) that
+    vLLM loads: the tower's keys in the hub layout and a ``processor_config.json`` (LlavaProcessor: the folder's
+    tokenizer and image processor). The weights are unchanged (``llava.load(dst)`` gives the same model)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    src, dst = Path(src), Path(dst)
+    cfg = AutoConfig.from_pretrained(src)
+    if (cfg.architectures or [""])[0] != "LlavaForConditionalGeneration":
+        raise ValueError(f"{src}: export_for_vllm takes LLaVA-1.5 folders, got {cfg.architectures}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file() and p.name != "train_log.json":
+            shutil.copy2(p, dst / p.name)
+    _hub_keys(dst)
+    vc = cfg.vision_config
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(src), tokenizer=AutoTokenizer.from_pretrained(src),
+                          patch_size=vc.patch_size, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, image_token="<image>")
+    proc.save_pretrained(dst)
+    return dst
