@@ -207,11 +207,15 @@ def test_query_aware_selection_differs_per_question_on_one_image(ckpt, tmp_path,
     assert len(by_prompt) == 2 and by_prompt[tuple(prompts[0])] != by_prompt[tuple(prompts[1])]
 
 
-def test_a_mixed_batch_equals_each_request_alone(ckpt, hf):
-    imgs = [image(3), image(4, 90, 120), image(5)]
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"])
+def test_a_mixed_batch_equals_each_request_alone(ckpts, hfs, family):
+    """Images of other sizes (other counts on NeXT / Qwen) and other questions in one generate call."""
+    hf = hfs[family]
+    w, h = IMAGE_SIZE.get(family, (140, 100))
+    imgs = [image(3, w, h), image(4, h, w + 20), image(5, w + 40, h)]
     qs = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[1]]
     prompts = [hf_inputs(hf, q, im)[0] for q, im in zip(qs, imgs)]
-    llm = vllm_llm(ckpt, "visionzip", {})
+    llm = vllm_llm(ckpts[family], "visionzip", {})
     together = [list(o.outputs[0].token_ids) for o in vllm_generate(llm, list(zip(prompts, imgs)))]
     alone = [list(vllm_generate(llm, [(p, im)])[0].outputs[0].token_ids) for p, im in zip(prompts, imgs)]
     assert together == alone
