@@ -21,7 +21,9 @@ from .spec import PluginError, PruneSpec, check_method
 
 #: the question of the twin's prompts (a query-aware method reads it; the count does not depend on it)
 QUESTION = "what is in the image?"
-#: per-head widths of the twin: vision 8; text 16 (M-RoPE splits a head's rotary half into 3 sections)
+#: per-head widths of the twin: vision 8 with ONE head (the tower's attention over each crop's ~600 tokens is most
+#: of a count's cost; a method's count does not depend on the number of heads); text 16 per head (M-RoPE splits a
+#: head's rotary half into 3 sections)
 HEAD_WIDTH = {"vision": 8, "text": 16}
 
 
@@ -37,6 +39,10 @@ def shrink(config) -> None:
     """Per-head widths of :data:`HEAD_WIDTH` in the text and vision configs (heads, layers and geometry kept)."""
     for kind, sub in (("text", config.text_config), ("vision", config.vision_config)):
         width = HEAD_WIDTH[kind]
+        if kind == "vision":
+            for attr in ("num_attention_heads", "num_heads"):
+                if getattr(sub, attr, None) is not None:
+                    setattr(sub, attr, 1)
         heads = getattr(sub, "num_attention_heads", None) or getattr(sub, "num_heads")
         if getattr(sub, "head_dim", None) is not None:
             sub.head_dim = width
@@ -80,6 +86,7 @@ class Twin:
             raise PluginError(str(e.args[0] if e.args else e)) from None
         check_method(self.engine.method, self.family)
         self.image_token = int(m.config.image_token_id)
+        self._checked = False
 
     @torch.inference_mode()
     def _count(self, width: int, height: int, seed: int) -> tuple[int, int]:
@@ -94,11 +101,15 @@ class Twin:
         embeds, _, _, _ = self.engine.vision_inputs(ids, visual, enc.get("attention_mask"))
         return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
 
-    @lru_cache(maxsize=1024)
+    @lru_cache(maxsize=4096)
     def count(self, width: int, height: int) -> tuple[int, int]:
-        """(the tokens of an image of this size unpruned, after the method's vision stage)."""
+        """(the tokens of an image of this size unpruned, after the method's vision stage). The first size a twin
+        counts is counted twice, on other pixels (a method whose count depends on the values is refused); later
+        sizes once."""
         try:
-            a, b = self._count(width, height, 0), self._count(width, height, 1)
+            a = self._count(width, height, 0)
+            b = self._count(width, height, 1) if not self._checked else a
+            self._checked = True
         except PluginError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure is the method's refusal here
