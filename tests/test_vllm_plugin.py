@@ -170,7 +170,7 @@ def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpts, hfs, fa
         assert len(out.prompt_token_ids) == n_text + n_in, (q, len(out.prompt_token_ids), n_text, n_in)
         assert list(out.outputs[0].token_ids) == tokens, (method, q)
         if sel is not None:
-            mine = [k for k in kept if k["prompt"] == prompt]
+            mine = [k for k in kept if k["prompt"] == prompt and "keep" in k]
             assert mine and mine[-1]["keep"] == sel[0] and mine[-1]["targets"] == sel[1], (method, q)
     if name != "none" and family == "llava":
         assert n_in <= BUDGET + 1 and len(outs[0].prompt_token_ids) < len(refs[0][0]) - 1 + 64
@@ -203,7 +203,7 @@ def test_query_aware_selection_differs_per_question_on_one_image(ckpt, tmp_path,
     llm = vllm_llm(ckpt, "consensusdrop", {})
     vllm_generate(llm, [(p, img) for p in prompts])
     kept = [json.loads(ln) for ln in record.read_text().splitlines()]
-    by_prompt = {tuple(k["prompt"]): (k["keep"], k["targets"]) for k in kept}
+    by_prompt = {tuple(k["prompt"]): (k["keep"], k["targets"]) for k in kept if "keep" in k}
     assert len(by_prompt) == 2 and by_prompt[tuple(prompts[0])] != by_prompt[tuple(prompts[1])]
 
 
@@ -345,3 +345,17 @@ def test_the_trained_testbed_through_vllm_equals_the_hf_backend(tmp_path, monkey
     assert len(answers) == 2 and len(answers[0]) == 100 and answers[0] == answers[1]
     res = [json.loads((d / "results.json").read_text())["metrics"]["Shapes"] for d in runs]
     assert res[0] == res[1]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_runs_the_vision_stage_once_per_image(ckpts, hfs, family, tmp_path, monkeypatch):
+    """The selection made when vLLM admits the request (for its positions) hands its embeddings to the encoder
+    step: one vision-stage run per image (the record holds one selection per request)."""
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    w, h = IMAGE_SIZE.get(family, (140, 100))
+    reqs = [(hf_inputs(hfs[family], q, image(20 + i, w, h))[0], image(20 + i, w, h)) for i, q in enumerate(QUESTIONS)]
+    vllm_generate(vllm_llm(ckpts[family], "visionzip", {}), reqs)
+    rows = [json.loads(ln) for ln in record.read_text().splitlines()]
+    sel = [r for r in rows if "keep" in r]
+    assert len(sel) == len(reqs) and {tuple(r["prompt"]) for r in sel} == {tuple(p) for p, _ in reqs}

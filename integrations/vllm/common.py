@@ -19,7 +19,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from .spec import PruneSpec
-from .stage import KEY_FIELD, PROMPT_FIELD, VisionStage, encode_key
+from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, VisionStage, encode_key, new_items
 
 
 @lru_cache(maxsize=8)
@@ -75,6 +75,7 @@ class ProcessorMixin:
             ids = torch.tensor(list(prompt) if prompt else [-1], dtype=torch.long)
             out[PROMPT_FIELD] = ids.expand(n, -1).clone()
             out[KEY_FIELD] = encode_key("" if key is None else key).expand(n, -1).clone()
+            out[ITEM_FIELD] = new_items(n)
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -82,6 +83,7 @@ class ProcessorMixin:
         if self.info.spec() is not None:
             fields[PROMPT_FIELD] = MultiModalFieldConfig.batched("image")
             fields[KEY_FIELD] = MultiModalFieldConfig.batched("image")
+            fields[ITEM_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
 
@@ -108,8 +110,8 @@ class ModelMixin:
 
     @staticmethod
     def _vt_fields(kwargs) -> tuple:
-        """(each image's prompt ids, each image's sample key field), taken out of the encoder's kwargs."""
-        return kwargs.pop(PROMPT_FIELD, None), kwargs.pop(KEY_FIELD, None)
+        """(each image's prompt ids, sample key field, identity), taken out of the encoder's kwargs."""
+        return kwargs.pop(PROMPT_FIELD, None), kwargs.pop(KEY_FIELD, None), kwargs.pop(ITEM_FIELD, None)
 
     def _pixels(self, kwargs) -> list:
         pixel_values = kwargs.get("pixel_values")

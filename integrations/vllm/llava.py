@@ -44,11 +44,11 @@ class VtpruneLlavaForConditionalGeneration(ModelMixin, LlavaForConditionalGenera
         self._vt_init(vllm_config)
 
     def embed_multimodal(self, **kwargs):
-        prompts, keys = self._vt_fields(kwargs)
+        prompts, keys, items = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         pixel_values = self._pixels(kwargs)
         s, planned = planned_for_config(self._vt_spec, FAMILY, self.config)
         stage = self._stage(pixel_values[0].device)
         visuals = [{"pixel_values": pixel_values[i][None]} for i in range(len(pixel_values))]
-        return stage.embed(visuals, prompts, [(s.tokens, planned)] * len(visuals), keys)
+        return stage.embed(visuals, prompts, [(s.tokens, planned)] * len(visuals), keys, items)

@@ -46,7 +46,7 @@ class VtpruneLlavaNextForConditionalGeneration(ModelMixin, LlavaNextForCondition
         self._vt_init(vllm_config)
 
     def embed_multimodal(self, **kwargs):
-        prompts, keys = self._vt_fields(kwargs)
+        prompts, keys, items = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         pixel_values = self._pixels(kwargs)
@@ -58,4 +58,4 @@ class VtpruneLlavaNextForConditionalGeneration(ModelMixin, LlavaNextForCondition
             h, w = (int(x) for x in sizes[i])
             visuals.append({"pixel_values": pixel_values[i][None], "image_sizes": sizes[i].reshape(1, 2)})
             counts.append(twin.count(w, h))
-        return stage.embed(visuals, prompts, counts, keys)
+        return stage.embed(visuals, prompts, counts, keys, items)

@@ -45,7 +45,7 @@ class VtpruneLlavaOnevisionForConditionalGeneration(ModelMixin, LlavaOnevisionFo
         self._vt_init(vllm_config)
 
     def embed_multimodal(self, **kwargs):
-        prompts, keys = self._vt_fields(kwargs)
+        prompts, keys, items = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         if kwargs.get("pixel_values_videos") is not None:
@@ -59,4 +59,4 @@ class VtpruneLlavaOnevisionForConditionalGeneration(ModelMixin, LlavaOnevisionFo
             h, w = (int(x) for x in sizes[i])
             visuals.append({"pixel_values": pixel_values[i][None], "image_sizes": sizes[i].reshape(1, 2)})
             counts.append(twin.count(w, h))
-        return stage.embed(visuals, prompts, counts, keys)
+        return stage.embed(visuals, prompts, counts, keys, items)

@@ -7,8 +7,8 @@ the image keeps its unpruned positions (our engine's convention). vLLM computes 
 the request is admitted (``get_mrope_input_positions``, in the worker, with the request's processed image), before
 the encoder step; which tokens are kept is then not known yet, so the override runs the vision stage there and
 returns the positions the engine gives the pruned prompt (``engine.vision_inputs``), with vLLM's position delta
-for decoding (max position + 1 - prompt length). The encoder step runs the vision stage again for the embeddings
-(the same selection: the selection is deterministic; caching it between the two calls is future work). Each
+for decoding (max position + 1 - prompt length); the embeddings wait for the image's encoder step under the
+processed image's identity (``stage.ITEM_FIELD``), so the vision stage runs once per image. Each
 image's count (it depends on the image's resized grid) comes from the checkpoint's geometry twin.
 """
 
@@ -30,7 +30,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from .common import InfoMixin, ModelMixin, ProcessorMixin
 from .spec import PruneSpec
-from .stage import KEY_FIELD, PROMPT_FIELD, decode_key
+from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, decode_key, item_key
 from .twin import twin_for
 
 
@@ -102,11 +102,9 @@ class QwenModelMixin(ModelMixin):
         stage = self._stage(self._stage_device())
         dev = self._stage_device()
         visual = {"pixel_values": data["pixel_values"].data.to(dev), "image_grid_thw": grid.reshape(1, 3).to(dev)}
-        ids = stage.expand(prompt, tokens)
-        with torch.inference_mode():
-            stage.engine.sample_keys = None if key is None else [key]  # the same draws as the encoder step's
-            embeds, _, pos, _ = stage.engine.vision_inputs(torch.tensor([ids], device=dev), visual)
-        pos = pos[:, 0].cpu()
+        embeds, pos = stage.run_one(visual, prompt, tokens, key)
+        item = data.get(ITEM_FIELD)
+        stage.keep(None if item is None else item_key(item.data), embeds)  # for this image's encoder step
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: the positions vLLM's decoder will use
             with open(record, "a", encoding="utf-8") as f:
@@ -118,7 +116,7 @@ class QwenModelMixin(ModelMixin):
         return pos, int(pos.max()) + 1 - len(input_tokens)
 
     def embed_multimodal(self, **kwargs):
-        prompts, keys = self._vt_fields(kwargs)
+        prompts, keys, items = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
         if kwargs.get("pixel_values_videos") is not None:
@@ -134,7 +132,7 @@ class QwenModelMixin(ModelMixin):
         for px, g in zip(parts, grids):
             visuals.append({"pixel_values": px, "image_grid_thw": g.reshape(1, 3).to(flat.device)})
             counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g))
-        return stage.embed(visuals, prompts, counts, keys)
+        return stage.embed(visuals, prompts, counts, keys, items)
 
 
 class VtpruneQwen2_5_VLProcessingInfo(QwenInfoMixin, Qwen2_5_VLProcessingInfo):

@@ -28,6 +28,27 @@ PROMPT_FIELD = "vtprune_prompt_ids"
 KEY_FIELD = "vtprune_sample_key"
 
 
+#: a processed image's identity (random, drawn when the processor processes it; vLLM's processor cache hands the same
+#: processed item, and so the same identity, to identical (image, prompt) requests): the vision stage run when a Qwen
+#: request is admitted (for its positions) hands its embeddings to the encoder step under it
+ITEM_FIELD = "vtprune_item"
+#: embeddings kept between admission and the encoder step (a request admitted but never encoded, e.g. an encoder
+#: cache hit, leaves its entry here until it is evicted)
+CACHE_SIZE = 256
+
+
+def new_items(n: int) -> torch.Tensor:
+    """(n, 2) random int64 identities of n processed images."""
+    import uuid
+
+    return torch.tensor([[int.from_bytes(b[:8], "little", signed=True), int.from_bytes(b[8:], "little", signed=True)]
+                         for b in (uuid.uuid4().bytes for _ in range(n))], dtype=torch.long)
+
+
+def item_key(t) -> tuple | None:
+    return None if t is None else tuple(int(v) for v in (t.reshape(-1).tolist() if torch.is_tensor(t) else t))
+
+
 def encode_key(key) -> torch.Tensor:
     """A sample key as a tensor (its UTF-8 bytes), the form a processor field carries."""
     return torch.tensor(list(str(key).encode("utf-8")) or [-1], dtype=torch.long)
@@ -55,6 +76,10 @@ class VisionStage:
         self.engine = self.rt.prune(method)
         check_method(self.engine.method, family)
         self.family = family
+        from collections import OrderedDict
+
+        self._cache: OrderedDict = OrderedDict()  # item -> embeddings computed at admission (Qwen)
+        self.runs = 0  # vision-stage runs (each image once: at admission on Qwen, in the encoder step otherwise)
         self.image_token = int(self.rt.model.config.image_token_id)
         self.tokens_per_image = int(self.rt.processor.tokens_per_crop) if hasattr(self.rt.processor, "tokens_per_crop") \
             else None
@@ -68,10 +93,22 @@ class VisionStage:
             out.extend([t] * tokens if t == self.image_token else [t])
         return out
 
-    @torch.inference_mode()
     def embed_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None) -> torch.Tensor:
         """(K, D): the image's tokens after the vision stage, for one prompt holding exactly this image (``visual``:
         the family's inputs for this one image, batch dimension 1; ``tokens``: its placeholders unpruned)."""
+        return self.run_one(visual, prompt, tokens, key)[0]
+
+    def keep(self, item: tuple | None, embeds: torch.Tensor) -> None:
+        """Hold an image's embeddings computed at admission for its encoder step."""
+        if item is None:
+            return
+        self._cache[item] = embeds
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    @torch.inference_mode()
+    def run_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None):
+        """(the image's LLM inputs (K, D'), the positions the engine gives the pruned prompt (rows, L') on the host)."""
         if sum(1 for t in prompt if t == self.image_token) != 1:
             raise PluginError("the vtprune plugin serves one image per prompt (its selection reads the prompt's "
                               "question, and the engine lays out one image per prompt here)")
@@ -79,7 +116,8 @@ class VisionStage:
         dev = visual["pixel_values"].device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         self.engine.sample_keys = None if key is None else [key]  # consumed by the prefill's selection
-        embeds, _, _, info = self.engine.vision_inputs(input_ids, visual)
+        embeds, _, pos, info = self.engine.vision_inputs(input_ids, visual)
+        self.runs += 1
         before = prompt.index(self.image_token)
         m = embeds.shape[1] - (len(ids) - tokens)
         out = embeds[0, before:before + m]
@@ -97,12 +135,13 @@ class VisionStage:
                    "targets": None if sel is None or sel.targets is None else sel.targets.tolist()}
             with open(record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-        return out
+        return out, pos[:, 0].cpu() if pos is not None and pos.dim() == 3 else pos  # M-RoPE: (3, L')
 
-    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]], keys=None) -> list[torch.Tensor]:
+    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]], keys=None, items=None) -> list[torch.Tensor]:
         """Per image (``visuals[i]``: its inputs, batch dimension 1), its planned LLM inputs; ``prompts``: each
         image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt);
-        ``counts[i]``: (its tokens unpruned, the planned count); ``keys``: each image's sample key field, or None."""
+        ``counts[i]``: (its tokens unpruned, the planned count); ``keys``: each image's sample key field, or None;
+        ``items``: each image's identity (embeddings computed at its admission are taken from there)."""
         out = []
         emb = self.engine.lm.embed_tokens.weight
         for i, visual in enumerate(visuals):
@@ -112,7 +151,9 @@ class VisionStage:
             if not ids:  # vLLM's memory profiling: shapes only
                 out.append(torch.zeros(planned, emb.shape[1], dtype=emb.dtype, device=visual["pixel_values"].device))
                 continue
-            x = self.embed_one(visual, ids, tokens, None if keys is None else decode_key(keys[i]))
+            held = self._cache.pop(item_key(items[i]), None) if items is not None else None
+            x = held if held is not None else self.embed_one(visual, ids, tokens,
+                                                             None if keys is None else decode_key(keys[i]))
             if x.shape[0] != planned:
                 raise RuntimeError(f"{self.engine.method.name} kept {x.shape[0]} tokens of this image, but vLLM reserved "
                                    f"{planned} placeholders for it (planned in the front end): a method whose count "
