@@ -86,3 +86,49 @@ def test_spec_validation():
     s = PruneSpec.from_dict({"method": "visionzip", "budget": "64", "options": {"b": 1, "a": 2}})
     assert s.budget == 64 and s.options == (("a", 2), ("b", 1)) and hash(s)
     assert s.as_dict() == {"method": "visionzip", "budget": 64, "options": {"a": 2, "b": 1}, "template": None}
+
+
+# ---------------------------------------------------------------- the geometry twin (NeXT / OneVision / Qwen counts)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """tiny:llava-next / tiny:llava-onevision / tiny:qwen2.5-vl saved as local folders (config, weights, tokenizer,
+    image processor): what the twin reads (it never reads the weights)."""
+    from llava.models import load
+
+    out = {}
+    for name in ("llava-next", "llava-onevision", "qwen2.5-vl"):
+        rt = load(f"tiny:{name}", seed=2)
+        d = tmp_path_factory.mktemp(name.replace(".", ""))
+        rt.model.save_pretrained(d)
+        rt.tokenizer.save_pretrained(d)
+        rt.processor.image_processor.save_pretrained(d)
+        out[rt.family] = str(d)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"])
+def test_twin_counts_equal_what_the_engine_keeps(saved, family):
+    from PIL import Image
+
+    from integrations.vllm.twin import Twin
+    from llava.models import load
+
+    rt = load(saved[family])
+    rt.processor.pad_to_square = False
+    tok = rt.model.config.image_token_id
+    for method, budget in (("none", None), ("visionzip", 6), ("divprune", 6), ("random", 5)):
+        twin = Twin(saved[family], PruneSpec.from_dict({"method": method, "budget": budget}))
+        eng = rt.prune(method, budget)
+        try:
+            for i, (w, h) in enumerate(((140, 100), (90, 200), (300, 60), (56, 56))):
+                g = torch.Generator().manual_seed(i)
+                img = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+                enc = rt.processor(["what is in the image?"], images=[img])
+                with torch.inference_mode():
+                    rt.model(**enc)
+                stock = int((enc["input_ids"] == tok).sum())
+                assert twin.count(w, h) == (stock, eng.stats.samples[0].visual_entering_llm), (method, w, h)
+        finally:
+            eng.remove()
