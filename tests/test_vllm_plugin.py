@@ -170,7 +170,7 @@ def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpts, hfs, fa
         assert len(out.prompt_token_ids) == n_text + n_in, (q, len(out.prompt_token_ids), n_text, n_in)
         assert list(out.outputs[0].token_ids) == tokens, (method, q)
         if sel is not None:
-            mine = [k for k in kept if k["prompt"] == prompt and "keep" in k]
+            mine = [k for k in kept if "keep" in k and k["prompt"] == prompt]
             assert mine and mine[-1]["keep"] == sel[0] and mine[-1]["targets"] == sel[1], (method, q)
     if name != "none" and family == "llava":
         assert n_in <= BUDGET + 1 and len(outs[0].prompt_token_ids) < len(refs[0][0]) - 1 + 64
@@ -359,3 +359,20 @@ def test_qwen_runs_the_vision_stage_once_per_image(ckpts, hfs, family, tmp_path,
     rows = [json.loads(ln) for ln in record.read_text().splitlines()]
     sel = [r for r in rows if "keep" in r]
     assert len(sel) == len(reqs) and {tuple(r["prompt"]) for r in sel} == {tuple(p) for p, _ in reqs}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+def test_vllms_own_tower_is_freed_on_the_llava_families(ckpts, hfs, family, tmp_path, monkeypatch):
+    """The plugin's vision stage runs transformers' tower: vLLM's own tower and projector are freed after loading
+    (their weights are not in memory twice), and pruned requests still equal the HF engine."""
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    img = image(1)
+    prompt, tokens, _, _ = hf_generate(hfs[family], "visionzip", {}, QUESTIONS[0], img)
+    out = vllm_generate(vllm_llm(ckpts[family], "visionzip", {}), [(prompt, img)])[0]
+    assert list(out.outputs[0].token_ids) == tokens
+    rows = [json.loads(ln) for ln in record.read_text().splitlines() if "freed_params" in ln]
+    cfg = hfs[family].model.config
+    tower = sum(p.numel() for p in hfs[family].model.model.vision_tower.parameters())
+    proj = sum(p.numel() for p in hfs[family].model.model.multi_modal_projector.parameters())
+    assert rows and rows[-1]["freed_params"] > 0.5 * (tower + proj) and cfg is not None

@@ -13,6 +13,8 @@ Without ``hf_overrides["vtprune"]`` every class behaves as vLLM's own.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from functools import lru_cache
 
 import torch
@@ -34,6 +36,17 @@ def engine_image_processor(model: str, hf_config):
     from llava.models import family_of
 
     return _image_processor(model, family_of(hf_config))
+
+
+class Replaced(torch.nn.Module):
+    """Holds the place of a vLLM module the plugin's vision stage replaces; refuses to run."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"vLLM's {self.name} was freed: the vtprune plugin's vision stage runs instead")
 
 
 class InfoMixin:
@@ -102,10 +115,24 @@ class ModelMixin:
             self._vt_stage = VisionStage(model, self._vt_spec, self.FAMILY, dtype, device, revision)
         return self._vt_stage
 
+    #: vLLM's own modules the plugin's vision stage replaces (freed after loading: the tower's weights would
+    #: otherwise be in memory twice). Empty for the Qwen classes, whose tower vLLM's encoder CUDA graphs reference.
+    REPLACED: tuple = ()
+
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
         if self._vt_spec is not None:  # the vision stage's modules now, so that a bad spec fails at start-up
             self._stage(next(self.language_model.parameters()).device)
+            freed = 0
+            for name in self.REPLACED:
+                mod = getattr(self, name, None)
+                if isinstance(mod, torch.nn.Module) and not isinstance(mod, Replaced):
+                    freed += sum(p.numel() for p in mod.parameters())
+                    setattr(self, name, Replaced(name))
+            record = os.environ.get("VTPRUNE_VLLM_RECORD")
+            if record:  # the tests' window on the worker
+                with open(record, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"freed_params": freed, "replaced": list(self.REPLACED)}) + "\n")
         return loaded
 
     @staticmethod

@@ -38,6 +38,7 @@ class VtpruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class VtpruneLlavaForConditionalGeneration(ModelMixin, LlavaForConditionalGeneration):
     FAMILY = FAMILY
+    REPLACED = ("vision_tower", "multi_modal_projector")  # the vision stage runs transformers' own
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -40,6 +40,7 @@ class VtpruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalPro
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class VtpruneLlavaNextForConditionalGeneration(ModelMixin, LlavaNextForConditionalGeneration):
     FAMILY = FAMILY
+    REPLACED = ("vision_tower", "multi_modal_projector")  # the vision stage runs transformers' own
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

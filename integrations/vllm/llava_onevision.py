@@ -39,6 +39,7 @@ class VtpruneLlavaOnevisionMultiModalProcessor(ProcessorMixin, LlavaOnevisionMul
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class VtpruneLlavaOnevisionForConditionalGeneration(ModelMixin, LlavaOnevisionForConditionalGeneration):
     FAMILY = FAMILY
+    REPLACED = ("vision_tower", "multi_modal_projector")  # the vision stage runs transformers' own
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

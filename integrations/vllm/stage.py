@@ -4,9 +4,10 @@ The vision stage runs on transformers' own modules (the vision tower, the projec
 and, for a method with an LLM probe, the first decoder layers), loaded from the same checkpoint with
 ``llava.load(..., decoder_layers=N)``: the engine's adapter, signals and the method's ``select_vision`` run
 unchanged, so the kept tokens are the HF engine's on the same pixels and prompt. vLLM's decoder then runs
-the LLM on the prompt with each image's kept / merged tokens in its placeholders. The cost: the tower's
-weights twice in memory (vLLM's copy is not used for pruned requests); the tower runs with transformers'
-attention (SDPA).
+the LLM on the prompt with each image's kept / merged tokens in its placeholders. The tower runs with
+transformers' attention (SDPA); vLLM's own tower is freed after loading where nothing else of vLLM's references
+it (the LLaVA families: ``ModelMixin.REPLACED``), kept on the Qwen models (their tower's weights are then in
+memory twice).
 """
 
 from __future__ import annotations
