@@ -22,6 +22,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from .spec import PruneSpec
 from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, VisionStage, encode_key, new_items
+from .twin import twin_for
 
 
 @lru_cache(maxsize=8)
@@ -69,6 +70,24 @@ class InfoMixin:
         if self.spec() is None:
             return limits
         return {m: (1 if m == "image" else 0) for m in limits}  # one image per prompt; videos: the HF engine
+
+
+class TwinCountMixin(InfoMixin):
+    """Processing info of a family whose image count depends on the image's size (NeXT, OneVision, Qwen): vLLM's
+    count of an image's placeholders becomes the geometry twin's planned count (:mod:`integrations.vllm.twin`),
+    after checking that the twin's unpruned count is vLLM's own."""
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, **kwargs) -> int:
+        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height, **kwargs)
+        spec = self.spec()
+        if spec is None:
+            return n
+        stock, planned = twin_for(self.model_path(), spec).count(int(image_width), int(image_height))
+        if stock != n:
+            raise RuntimeError(f"vLLM counts {n} tokens for a {image_width}x{image_height} image, the engine {stock}: "
+                               "unsupported configuration (an image processor setting other than the checkpoint's, "
+                               "e.g. min_pixels / max_pixels?)")
+        return planned
 
 
 class ProcessorMixin:
@@ -139,6 +158,20 @@ class ModelMixin:
     def _vt_fields(kwargs) -> tuple:
         """(each image's prompt ids, sample key field, identity), taken out of the encoder's kwargs."""
         return kwargs.pop(PROMPT_FIELD, None), kwargs.pop(KEY_FIELD, None), kwargs.pop(ITEM_FIELD, None)
+
+    def _embed_sized(self, kwargs, prompts, keys, items) -> list:
+        """The vision stage for images given as per-image crops and their ``image_sizes`` (NeXT, OneVision), each
+        image's count from the geometry twin."""
+        pixel_values = self._pixels(kwargs)
+        sizes = kwargs["image_sizes"]
+        stage = self._stage(pixel_values[0].device)
+        twin = twin_for(self._vt_model[0], self._vt_spec)
+        visuals, counts = [], []
+        for i in range(len(pixel_values)):
+            h, w = (int(x) for x in sizes[i])
+            visuals.append({"pixel_values": pixel_values[i][None], "image_sizes": sizes[i].reshape(1, 2)})
+            counts.append(twin.count(w, h))
+        return stage.embed(visuals, prompts, counts, keys, items)
 
     def _pixels(self, kwargs) -> list:
         pixel_values = kwargs.get("pixel_values")

@@ -11,23 +11,13 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
                                                         LlavaOnevisionProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .common import InfoMixin, ModelMixin, ProcessorMixin
-from .twin import twin_for
+from .common import ModelMixin, ProcessorMixin, TwinCountMixin
 
 FAMILY = "llava_onevision"
 
 
-class VtpruneLlavaOnevisionProcessingInfo(InfoMixin, LlavaOnevisionProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        spec = self.spec()
-        if spec is None:
-            return n
-        stock, planned = twin_for(self.model_path(), spec).count(int(image_width), int(image_height))
-        if stock != n:
-            raise RuntimeError(f"vLLM counts {n} tokens for a {image_width}x{image_height} image, the engine {stock}: "
-                               "unsupported configuration")
-        return planned
+class VtpruneLlavaOnevisionProcessingInfo(TwinCountMixin, LlavaOnevisionProcessingInfo):
+    pass
 
 
 class VtpruneLlavaOnevisionMultiModalProcessor(ProcessorMixin, LlavaOnevisionMultiModalProcessor):
@@ -51,13 +41,4 @@ class VtpruneLlavaOnevisionForConditionalGeneration(ModelMixin, LlavaOnevisionFo
             return super().embed_multimodal(**kwargs)
         if kwargs.get("pixel_values_videos") is not None:
             raise ValueError("the vtprune plugin prunes images; OneVision videos run on the HF engine")
-        pixel_values = self._pixels(kwargs)
-        sizes = kwargs["image_sizes"]
-        stage = self._stage(pixel_values[0].device)
-        twin = twin_for(self._vt_model[0], self._vt_spec)
-        visuals, counts = [], []
-        for i in range(len(pixel_values)):
-            h, w = (int(x) for x in sizes[i])
-            visuals.append({"pixel_values": pixel_values[i][None], "image_sizes": sizes[i].reshape(1, 2)})
-            counts.append(twin.count(w, h))
-        return stage.embed(visuals, prompts, counts, keys, items)
+        return self._embed_sized(kwargs, prompts, keys, items)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import partial
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from .common import InfoMixin, ModelMixin, ProcessorMixin
+from .common import ModelMixin, ProcessorMixin, TwinCountMixin
 from .spec import PruneSpec
 from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, decode_key, item_key
 from .twin import twin_for
@@ -41,19 +40,6 @@ def grid_count(model: str, spec: PruneSpec, config, grid) -> tuple[int, int]:
     patch = config.vision_config.patch_size
     _, h, w = (int(x) for x in grid)
     return twin_for(model, spec).count(w * patch, h * patch)
-
-
-class QwenInfoMixin(InfoMixin):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int, **kwargs) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height, **kwargs)
-        spec = self.spec()
-        if spec is None:
-            return n
-        stock, planned = twin_for(self.model_path(), spec).count(int(image_width), int(image_height))
-        if stock != n:
-            raise RuntimeError(f"vLLM counts {n} tokens for a {image_width}x{image_height} image, the engine {stock}: "
-                               "unsupported configuration (min_pixels / max_pixels other than the checkpoint's?)")
-        return planned
 
 
 class QwenProcessorMixin(ProcessorMixin):
@@ -69,7 +55,7 @@ class QwenProcessorMixin(ProcessorMixin):
             size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
             return [token] * twin.count(int(size.width), int(size.height))[1]
 
-        image = PromptReplacement(modality="image", target=[token], replacement=partial(replacement))
+        image = PromptReplacement(modality="image", target=[token], replacement=replacement)
         return [image] + [u for u in updates if u.modality != "image"]
 
 
@@ -135,7 +121,7 @@ class QwenModelMixin(ModelMixin):
         return stage.embed(visuals, prompts, counts, keys, items)
 
 
-class VtpruneQwen2_5_VLProcessingInfo(QwenInfoMixin, Qwen2_5_VLProcessingInfo):
+class VtpruneQwen2_5_VLProcessingInfo(TwinCountMixin, Qwen2_5_VLProcessingInfo):
     pass
 
 
@@ -153,7 +139,7 @@ class VtpruneQwen2_5_VLForConditionalGeneration(QwenModelMixin, Qwen2_5_VLForCon
         self._vt_init(vllm_config)
 
 
-class VtpruneQwen3VLProcessingInfo(QwenInfoMixin, Qwen3VLProcessingInfo):
+class VtpruneQwen3VLProcessingInfo(TwinCountMixin, Qwen3VLProcessingInfo):
     pass
 
 

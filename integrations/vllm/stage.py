@@ -82,8 +82,6 @@ class VisionStage:
         self._cache: OrderedDict = OrderedDict()  # item -> embeddings computed at admission (Qwen)
         self.runs = 0  # vision-stage runs (each image once: at admission on Qwen, in the encoder step otherwise)
         self.image_token = int(self.rt.model.config.image_token_id)
-        self.tokens_per_image = int(self.rt.processor.tokens_per_crop) if hasattr(self.rt.processor, "tokens_per_crop") \
-            else None
         log.info("vtprune: %s (budget %s, options %s) on %s; vision stage on transformers modules, %d decoder "
                  "layer(s) loaded for its probe", method.name, spec.budget, dict(spec.options), model, layers)
 
