@@ -202,6 +202,17 @@ class InputError(ValueError):
     naming the file and the question; the answers so far are on disk and the same command goes on."""
 
 
+def read_input(q, fn, what: str, answered: int, shard: Path):
+    """``fn()`` (question ``q``'s image or video loaded), or :class:`InputError` saying which file of which
+    question, how many answers of this session are saved in ``shard``, and how to go on."""
+    try:
+        return fn()
+    except (ValueError, OSError, RuntimeError) as e:
+        n = f"{answered} answers of this session are saved in {shard}; " if answered else ""
+        raise InputError(f"cannot read the {what} of question {q.uid}: {e}. {n}fix or restore the file and run the "
+                         "same command again: it answers the questions left") from e
+
+
 def git_info() -> dict:
     """The code version: ``{"commit", "dirty"}`` of this checkout. A copied tree (a remote GPU box, a
     container) may carry a stale ``.git``: ``VTPRUNE_GIT_COMMIT`` then names the commit that runs."""
@@ -739,12 +750,7 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
     hasher = InputHasher(bench.root)  # each answer records the content hash of the inputs it read
 
     def read(q, fn, what):
-        try:
-            return fn()
-        except (ValueError, OSError, RuntimeError) as e:
-            n = f"{answered} answers of this session are saved in {shard}; " if answered else ""
-            raise InputError(f"cannot read the {what} of question {q.uid}: {e}. {n}fix or restore the file and run the "
-                             "same command again: it answers the questions left") from e
+        return read_input(q, fn, what, answered, shard)
 
     with JsonlAppender(shard) as out:
         tty = sys.stderr.isatty()

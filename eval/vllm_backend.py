@@ -113,7 +113,7 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
 
     from .fingerprint import InputHasher
     from .io import JsonlAppender
-    from .runner import EVAL_KEY, InputError
+    from .runner import EVAL_KEY, read_input
 
     shard = run_dir / "answers" / f"{info.world}_{info.rank}.jsonl"
     hasher = InputHasher(bench.root)
@@ -131,12 +131,7 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
             for q in chunk:
                 img = None
                 if q.modality == "image":
-                    try:
-                        img = load_image(q.load_image())
-                    except (ValueError, OSError) as e:
-                        raise InputError(f"cannot read the image of question {q.uid}: {e}. {answered} answers of this "
-                                         f"session are saved in {shard}; fix or restore the file and run the same "
-                                         "command again: it answers the questions left") from e
+                    img = read_input(q, lambda q=q: load_image(q.load_image()), "image", answered, shard)
                 reqs.append(backend.prompt(q, img))
             tokens, secs = backend.answer(reqs)
             texts = [backend.rt.processor.decode(torch.tensor([t], dtype=torch.long))[0] for t in tokens]  # as the HF path
