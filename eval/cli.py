@@ -63,6 +63,8 @@ def _add_run(sub):
                    "(default: --max-new-tokens, i.e. the benchmark's protocol value)")
     a.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="who answers: hf (our engine) or vllm (vLLM + the vtprune plugin; .venv-vllm, scripts/vllm_env.sh)")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel size: groups of TP processes share one model, its "
+                   "language model sharded by DeepSpeed AutoTP (towers replicated); world = groups x TP (scripts: TP=N)")
     a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct, qwen2_vl, llava_onevision_hf)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")

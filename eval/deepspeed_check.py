@@ -180,7 +180,8 @@ def equivalence_pair(rt_plain, rt_ds, method: str, family: str, cfg: DSCheckConf
 def part_equivalence(cfg: DSCheckConfig, methods: list[str], log=print, res: dict | None = None,
                      budget: Budget | None = None) -> dict:
     """Part A, filling ``res`` (given: what finished survives a Stopped raised by ``budget`` or a signal)."""
-    from llava.models import deepspeed_inference, load
+    from llava.models import load
+    from llava.tp import deepspeed_inference
 
     device = torch.device(cfg.device)
     budget = budget or Budget()
@@ -247,7 +248,7 @@ def ttft_base(cfg: DSCheckConfig) -> dict:
 def part_ttft(cfg: DSCheckConfig, log=print, res: dict | None = None, budget: Budget | None = None) -> dict:
     """gpu_check's batch-1 TTFT task on the plain runtime, then on the same runtime wrapped (filling
     ``res`` when given, so that what finished survives a Stopped)."""
-    from llava.models import deepspeed_inference
+    from llava.tp import deepspeed_inference
 
     device = torch.device(cfg.device)
     budget = budget or Budget()

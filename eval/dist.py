@@ -5,6 +5,10 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (+ MASTER_ADDR / MASTER_PORT); the 
 launcher sets the same variables and also passes ``--local_rank=N`` on the command line. gloo is
 used on CPU, nccl where CUDA is available (``--dist-backend`` overrides). The timeout is long
 because ranks finish their shards at different times and wait at the barrier.
+
+Under tensor parallelism (``eval run --tp N``) the world is ``world / N`` groups of ``N`` consecutive
+ranks (llava.tp.TPGroups builds the same groups): a group answers one shard of the questions
+(``dp_rank`` of ``dp``), every rank of it runs the same batches, and only its first rank writes.
 """
 
 from __future__ import annotations
@@ -24,13 +28,29 @@ class DistInfo:
     local_rank: int = 0
     initialized: bool = False
     backend: str | None = None
+    tp: int = 1  # ranks per tensor-parallel group (consecutive ranks)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp(self) -> int:
+        """How many shards the questions are cut into: one per tensor-parallel group."""
+        return self.world // self.tp
 
-def detect(local_rank_arg: int | None = None) -> DistInfo:
+    @property
+    def dp_rank(self) -> int:
+        """The shard this rank's group answers."""
+        return self.rank // self.tp
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes its group's answers (the group's first rank)."""
+        return self.rank % self.tp == 0
+
+
+def detect(local_rank_arg: int | None = None, tp: int = 1) -> DistInfo:
     env = os.environ
     world = int(env.get("WORLD_SIZE", "1"))
     local = env.get("LOCAL_RANK")
@@ -40,7 +60,10 @@ def detect(local_rank_arg: int | None = None) -> DistInfo:
     rank = int(env["RANK"]) if "RANK" in env else local_rank
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world size {world} (check the launcher's RANK / WORLD_SIZE)")
-    return DistInfo(rank=rank, world=world, local_rank=local_rank)
+    if tp < 1 or world % tp:
+        raise ValueError(f"--tp {tp}: the world of {world} process(es) must be a multiple of the tensor-parallel size "
+                         f"(start NPROC x NNODES = a multiple of {tp} processes with LAUNCHER=deepspeed or torchrun)")
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, tp=tp)
 
 
 def init(info: DistInfo, backend: str | None = None, timeout_min: float = 720.0) -> DistInfo:

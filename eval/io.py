@@ -118,6 +118,22 @@ class JsonlAppender:
         self.close()
 
 
+class NullAppender(JsonlAppender):
+    """A :class:`JsonlAppender` that writes nothing (a tensor-parallel group's ranks other than its writer)."""
+
+    def __init__(self):
+        pass
+
+    def write(self, records: Iterable[dict]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

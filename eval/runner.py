@@ -29,7 +29,7 @@ from . import dist as distmod
 from .benchmarks import Benchmark, Question, get_benchmark
 from .fingerprint import InputHasher, compare as fp_compare, data_fingerprint, model_fingerprint, question_hash, \
     template_fingerprint
-from .io import JsonlAppender, complete_jsonl_records, read_json, write_json
+from .io import JsonlAppender, NullAppender, complete_jsonl_records, read_json, write_json
 from .resume import HASH_CACHE, plan_resume, set_aside
 
 log = logging.getLogger("eval")
@@ -39,9 +39,9 @@ SHARD_RE = re.compile(r"^(\d+)_(\d+)\.jsonl$")
 #: config fields that must match to resume into an existing run directory
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
-               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend")
+               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend", "tp")
 #: what a resumed run's config.json lacks (written before the key existed) counts as this value
-RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf"}
+RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf", "tp": 1}
 #: who answers: our HF engine, or vLLM with the vtprune plugin (eval/vllm_backend.py)
 BACKENDS = ("hf", "vllm")
 #: the eager reason recorded for a prompt without an image / video (the stock forward: nothing to prune)
@@ -96,6 +96,7 @@ class RunConfig:
     fast_backend: str = "auto"  # torch.compile backend of the fast path (auto: inductor + CUDA graphs on a GPU)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: the run's max_new_tokens
     backend: str = "hf"  # hf (our engine's generate) | vllm (vLLM + the vtprune plugin: eval/vllm_backend.py)
+    tp: int = 1  # tensor-parallel size: groups of tp ranks share one model sharded by DeepSpeed AutoTP (llava/tp.py)
     seed: int = 0
     limit: int | None = None  # first N questions only (smoke runs; results marked partial)
     stop_after: int | None = None  # debug: exit abruptly (os._exit) after N batches of this process
@@ -153,6 +154,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append("fast" if cfg.fast_backend == "auto" else f"fast-{cfg.fast_backend}")
     if cfg.backend != "hf":  # another engine's decoder: its own folder
         parts.append(cfg.backend)
+    if cfg.tp > 1:  # sharded matmuls: the logits' last bits differ from one process's
+        parts.append(f"tp{cfg.tp}")
     if cfg.limit is not None:
         parts.append(f"limit{cfg.limit}")
     name = "_".join(str(p) for p in parts)
@@ -291,7 +294,12 @@ def run(cfg: RunConfig) -> int:
     import torch
 
     t_start = time.time()
-    info = distmod.detect(cfg.local_rank)
+    try:
+        info = distmod.detect(cfg.local_rank, cfg.tp)
+    except ValueError as e:  # a world that TP groups cannot divide, a rank outside the world
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
 
     def user_error(msg) -> int:  # a bad input: one line, exit 2 (tracebacks are for bugs)
@@ -312,6 +320,8 @@ def run(cfg: RunConfig) -> int:
     bad = _fast_check(cfg)
     if not bad and cfg.backend not in BACKENDS:
         bad = f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}"
+    if not bad and cfg.tp > 1:
+        bad = _tp_check(cfg)
     if not bad and cfg.backend == "vllm":
         from .vllm_backend import check as vllm_check
 
@@ -392,6 +402,7 @@ def run(cfg: RunConfig) -> int:
             device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
         else:
             device = torch.device("cpu")
+        _cpu_threads(device)
         dtype = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
 
         from llava.models import load
@@ -408,16 +419,12 @@ def run(cfg: RunConfig) -> int:
         bad = _family_check(cfg, rt, questions)
         if bad:
             return user_error(bad)
-        if (cfg.launcher or _guess_launcher()) == "deepspeed":  # each rank's model through deepspeed.init_inference
-            from llava.models import deepspeed_inference
+        if cfg.tp > 1 or (cfg.launcher or _guess_launcher()) == "deepspeed":  # deepspeed.init_inference on every rank
+            from llava.tp import TPGroups, deepspeed_inference
 
-            tp = int(os.environ.get("TP", "1"))
-            if tp != 1:
-                return user_error("TP > 1 (DeepSpeed AutoTP groups) is not supported by the harness yet: run TP=1 "
-                                  "(one model replica per rank, questions sharded across ranks)")
-            try:
-                rt = deepspeed_inference(rt, tp_size=tp, dtype=dtype)
-            except RuntimeError as e:
+            try:  # tp > 1: the language model sharded across this rank's group (AutoTP), the towers replicated
+                rt = deepspeed_inference(rt, tp_size=cfg.tp, dtype=dtype, groups=TPGroups(cfg.tp) if cfg.tp > 1 else None)
+            except (RuntimeError, ValueError) as e:  # no deepspeed; a model the LM-only policy cannot shard
                 return user_error(str(e))
         try:  # checks that need the model (e.g. an LLM layer out of range)
             engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
@@ -445,6 +452,7 @@ def run(cfg: RunConfig) -> int:
             "backend": vb.info if vb is not None else {"name": "hf"},
             "benchmark": bench.config(),
             "world_size": info.world,
+            "tensor_parallel": {"tp": info.tp, "groups": info.dp},
             "launcher": cfg.launcher or _guess_launcher(),
             "git": git_info(),
             "env": env_info(device),
@@ -498,11 +506,15 @@ def run(cfg: RunConfig) -> int:
                                         "superseded": str(aside.relative_to(run_dir)) if aside else None})
             write_json(cfg_path, meta)
         distmod.barrier(info)  # --overwrite: the old answers are gone before any rank looks for them
-        mine = chunk(questions, info.world, info.rank)
+        mine = chunk(questions, info.dp, info.dp_rank)  # one shard per tensor-parallel group (a rank when tp = 1)
         done = answered_uids(run_dir)
         todo = [q for q in mine if q.uid not in done]
-        log.info("%s: %d questions, this rank %d (%d already answered, %d to go), world %d",
-                 bench.name, len(questions), len(mine), len(mine) - len(todo), len(todo), info.world)
+        if info.tp > 1:  # a group's ranks run the same batches: all read what is answered before its writer appends
+            distmod.barrier(info)
+        log.info("%s: %d questions, this rank %d (%d already answered, %d to go), world %d%s",
+                 bench.name, len(questions), len(mine), len(mine) - len(todo), len(todo), info.world,
+                 f" (tensor-parallel group {info.dp_rank} of {info.dp}, {'writer' if info.writes else 'not writing'})"
+                 if info.tp > 1 else "")
 
         wb = None
         if info.is_main:
@@ -525,7 +537,8 @@ def run(cfg: RunConfig) -> int:
                 _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=len(questions),
                        n_done=len(done), qhashes=qhashes)
         except InputError as e:  # this rank's input: one line from it (the answers so far are on disk)
-            print(f"error: {e}", file=sys.stderr)
+            if info.writes:  # a tensor-parallel group's ranks read the same input: its writer says it
+                print(f"error: {e}", file=sys.stderr)
             if info.world > 1:  # the other ranks wait at a barrier: exit, the launcher stops them
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -573,6 +586,32 @@ def _fast_info(cfg: RunConfig, engine) -> dict | None:
         return None
     return {"requested_backend": cfg.fast_backend, "backend": fp.backend, "cuda_graphs": bool(fp.cuda_graphs),
             "max_new_tokens": fp.max_new_tokens, "refusal": fp.refusal or None}
+
+
+def _tp_check(cfg: RunConfig) -> str | None:
+    """Tensor parallelism (``--tp`` > 1): one error line for what it cannot run with, or None."""
+    if cfg.backend != "hf":
+        return (f"--tp {cfg.tp} shards our engine's model with DeepSpeed AutoTP; --backend {cfg.backend} has its own "
+                "tensor parallelism (vLLM: tensor_parallel_size), run it with --tp 1")
+    if cfg.fast:
+        return (f"--tp {cfg.tp} runs the eager engine: the fast path's captured prefills do not capture AutoTP's "
+                "all-reduces; drop --fast")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return f"--tp {cfg.tp} needs DeepSpeed: pip install -e '.[deepspeed]' (scripts/install.sh builds it)"
+    return None
+
+
+def _cpu_threads(device) -> None:
+    """On a CPU with several processes on this node and no OMP_NUM_THREADS: each process takes its share of
+    the cores (torchrun sets 1 itself; the deepspeed launcher does not, and ranks that each start one thread
+    per core run tensor-parallel collectives about 50x slower)."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if device.type == "cpu" and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def _fast_check(cfg: RunConfig) -> str | None:
@@ -739,9 +778,9 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
 
     from llava.preprocess import load_image
 
-    shard = run_dir / "answers" / f"{info.world}_{info.rank}.jsonl"
+    shard = run_dir / "answers" / f"{info.dp}_{info.dp_rank}.jsonl"
     overlay_dir = run_dir / "overlays"
-    overlays_left = cfg.overlay_samples
+    overlays_left = cfg.overlay_samples if info.writes else 0
     batches = _Batches(todo, cfg.batch_size)
     model_id = cfg.model.rstrip("/").split("/")[-1]
     answered = 0
@@ -752,7 +791,7 @@ def _infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total, n_d
     def read(q, fn, what):
         return read_input(q, fn, what, answered, shard)
 
-    with JsonlAppender(shard) as out:
+    with (JsonlAppender(shard) if info.writes else NullAppender()) as out:  # a group's other ranks write nothing
         tty = sys.stderr.isatty()
         bar = tqdm(batches, total=len(batches), desc=f"{bench.name} rank {info.rank}/{info.world}",
                    mininterval=5 if tty else 60, dynamic_ncols=tty)

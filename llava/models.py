@@ -482,24 +482,4 @@ def checkpoint_processors(name: str, fam: str, min_pixels: int | None = None, ma
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
-def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None) -> Runtime:
-    """Put ``rt.model`` through ``deepspeed.init_inference`` (the ``deepspeed`` extra), kernel injection
-    off so that the pruning engine's hooks and SDPA / FlashAttention stay in place; attach methods after
-    this call. ``tp_size`` > 1 shards the LLM with DeepSpeed's AutoTP across that many ranks of the
-    current process group (CUDA; the harness does not form tensor-parallel groups yet). A single
-    process without a launcher gets a one-rank group (MASTER_ADDR / PORT defaults)."""
-    try:
-        import deepspeed
-    except ImportError:
-        raise RuntimeError("DeepSpeed inference needs the deepspeed package: pip install -e '.[deepspeed]'") from None
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29512"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                 ("WORLD_SIZE", "1")):
-        os.environ.setdefault(k, v)
-    if rt.engine is not None:
-        raise ValueError("call deepspeed_inference before attaching a pruning method")
-    eng = deepspeed.init_inference(rt.model, tensor_parallel={"tp_size": int(tp_size)},
-                                   dtype=_dtype(dtype) or next(rt.model.parameters()).dtype,
-                                   replace_with_kernel_inject=False)
-    rt.model = eng.module
-    rt.info["deepspeed"] = {"version": deepspeed.__version__, "tp_size": int(tp_size), "kernel_inject": False}
-    return rt
+from .tp import deepspeed_inference  # noqa: E402,F401  (it lives in llava/tp.py; this name stays importable)

@@ -18,6 +18,8 @@ from typing import Callable, Literal
 
 import torch
 
+from .tp import full_width
+
 
 @dataclass
 class VisionSignals:
@@ -395,6 +397,20 @@ class LayerQK:
             self._xn = self.layer.input_layernorm(self.x)[None]  # (1, S, D)
         return self._xn
 
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer's q / k projection of x with all heads: under tensor parallelism the ranks' column
+        shards are gathered (:func:`llava.tp.full_width`); a width other than the config's heads is refused
+        (a signal is never read from one rank's heads)."""
+        y = full_width(getattr(self.attn, name), x)
+        cfg = getattr(self.attn, "config", None)
+        heads = getattr(cfg, "num_attention_heads" if name == "q_proj" else "num_key_value_heads", None)
+        widths = (1, 2) if name == "q_proj" else (1,)  # Qwen3.5's q_proj: per head the query and its gate
+        if heads is not None and y.shape[-1] not in [w * heads * self.attn.head_dim for w in widths]:
+            raise RuntimeError(f"decoder layer {getattr(self.layer, 'layer_idx', '?')}: {name} gives {y.shape[-1]} "
+                               f"features, not the {heads} heads x {self.attn.head_dim} of the config (a sharded "
+                               "projection that was not gathered?)")
+        return y
+
     def _cos_sin(self):
         if self._cs is None:  # (S,) -> (1, S); M-RoPE (3, S) -> (3, 1, S)
             self._cs = self.rotary(self.x[None], self.pos.unsqueeze(-2))
@@ -403,7 +419,7 @@ class LayerQK:
     def keys(self, rope: bool = True) -> torch.Tensor:
         """(H_kv, S, d)."""
         if self._k is None:
-            k = self.attn.k_proj(self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim)
+            k = self._project("k_proj", self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim)
             self._k = _head_norm(self.attn, "k_norm", k).transpose(1, 2)
         if not rope:
             return self._k[0]
@@ -415,7 +431,7 @@ class LayerQK:
     def queries(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
         """(H, Q, d) for the sequence positions ``rows``."""
         d = self.attn.head_dim
-        q = self.attn.q_proj(self._normed()[:, rows])
+        q = self._project("q_proj", self._normed()[:, rows])
         heads = getattr(getattr(self.attn, "config", None), "num_attention_heads", None)
         if heads is not None and q.shape[-1] == 2 * heads * d:  # Qwen3.5: per head, the query then its output gate
             q = q.view(1, rows.numel(), heads, 2 * d)[..., :d]

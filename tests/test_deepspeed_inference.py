@@ -11,7 +11,7 @@ deepspeed = pytest.importorskip("deepspeed")
 from conftest import load, make_batch  # noqa: E402
 from test_gpu_ready import METHODS, budget  # noqa: E402
 
-from llava.models import deepspeed_inference  # noqa: E402
+from llava.tp import deepspeed_inference  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,9 @@
 #   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
 #   FAST=1     the fast path (--fast: captured prefills for capturable methods, else eager; results.json "paths")
 #   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | eager | aot_eager | none
+#   TP         tensor-parallel size (default 1): groups of TP processes share one model (its language model sharded
+#              by DeepSpeed AutoTP, towers replicated); NPROC x NNODES must be a multiple of TP; needs LAUNCHER=deepspeed
+#              or torchrun; each group answers its own shard of the questions
 #   BACKEND    hf (default: our engine) | vllm (vLLM + the vtprune plugin, one process; PYTHON defaults to
 #              .venv-vllm/bin/python, built by scripts/vllm_env.sh; VLLM_BATCH questions per generate call, 64)
 set -euo pipefail
@@ -49,6 +52,10 @@ case "${BACKEND:-hf}" in
         if [[ "$PYTHON" == python && -x "$_REPO/.venv-vllm/bin/python" ]]; then PYTHON="$_REPO/.venv-vllm/bin/python"; fi ;;
     *) echo "BACKEND=$BACKEND: use BACKEND=hf (our engine) or BACKEND=vllm" >&2; exit 2 ;;
 esac
+if [[ -n "${TP:-}" && "${TP}" != 1 ]]; then
+    if [[ "$LAUNCHER" == python ]]; then echo "TP=$TP needs LAUNCHER=deepspeed or torchrun (NPROC=$TP or a multiple)" >&2; exit 2; fi
+    ARGS+=(--tp "$TP")
+fi
 # shellcheck disable=SC2206
 [[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=(${EXTRA_ARGS})
 ARGS+=("$@")

@@ -1,0 +1,216 @@
+"""Tensor-parallel check: every method under DeepSpeed AutoTP gives the plain model's greedy tokens.
+
+    python -m eval.tp_check                                   # the full matrix: every method x every tiny family
+    python -m eval.tp_check --methods none,fastv --families llava,qwen2.5-vl --tp 2
+    bash scripts/bench/tp_check.sh                            # the same, with the threads and accelerator set
+
+No launcher: the check spawns ``--tp`` processes itself (``torch.multiprocessing``, gloo on a CPU, nccl on
+CUDA), one tensor-parallel group. Each rank loads every tiny family twice with the same seed: the plain
+model, and a copy through ``llava.tp.deepspeed_inference(rt, tp_size=tp)`` (the language model sharded,
+the towers replicated). Every registered method (and ``none``) is attached to both after it and greedy
+generation of ``--new-tokens`` tokens on eval.gpu_check's ``mixed`` batch of 3 is compared: PASS when the
+tokens are equal **on every rank** and every step's logits are within ``--logit-tol`` (1e-5, fp32) of the
+plain model's. For each family the report also records what was sharded (the parameters whose shape on
+rank 0 differs from the plain model's, and their shapes: the LLM's projections halved at TP=2, the tower
+and projector unchanged). A method a family does not support is ``n/a``; a method refused under tensor
+parallelism (see llava/tp.py) is ``refused`` with the reason.
+
+Writes ``tp-check-<device>-tp<N>-<date>.{json,md}`` under ``--out`` (default: print only); exit status 0
+PASS, 1 FAIL. CPU runs set ``OMP_NUM_THREADS=1`` per rank (DeepSpeed's CPU accelerator otherwise starts
+one thread per core in every rank: about 50x slower on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
+LOGIT_TOL = 1e-5
+
+
+@dataclass
+class TPCheckConfig:
+    tp: int = 2
+    device: str = "cpu"
+    families: list = field(default_factory=lambda: list(FAMILIES))
+    methods: list = field(default_factory=list)  # default: "none" + every registered method
+    new_tokens: int = 4
+    seed: int = 1
+    logit_tol: float = LOGIT_TOL
+    out: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, device: str) -> None:
+    """What a launcher would set for ``rank``, and DeepSpeed's CPU accelerator on a CPU."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def sharded_params(plain, wrapped) -> dict[str, list[list[int]]]:
+    """{name: [plain shape, this rank's shape]} for every parameter whose shape the sharding changed."""
+    ref = dict(plain.named_parameters())
+    out = {}
+    for name, p in wrapped.named_parameters():
+        q = ref.get(name)
+        if q is not None and tuple(q.shape) != tuple(p.shape):
+            out[name] = [list(q.shape), list(p.shape)]
+    return out
+
+
+def _compare(rt_plain, rt_tp, method: str, family: str, cfg: TPCheckConfig, device) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from eval import gpu_check as G
+
+    fam = G.family_key(family)
+    budget = G.tiny_budget(method, fam)
+    rec = {"method": method, "family": family, "budget": budget}
+    if not G.supported(method, fam):
+        return {**rec, "verdict": "n/a", "reason": f"{method} does not support {fam}"}
+    opts = {"seed": 3} if method == "random" else {}
+    try:
+        rt_plain.prune(method, budget, **opts)
+    except ValueError as e:  # a hybrid model's linear-attention layer, read by the method: refused on both
+        G._unprune(rt_plain)
+        return {**rec, "verdict": "n/a", "reason": str(e)}
+    batch = G.build(rt_plain, G.scenarios(fam)["mixed"], device)
+    try:
+        t0, l0 = G.generate(rt_plain, batch, cfg.new_tokens)
+    finally:
+        G._unprune(rt_plain)
+    try:
+        rt_tp.prune(method, budget, **opts)
+    except ValueError as e:
+        return {**rec, "verdict": "refused", "reason": str(e)}
+    try:
+        t1, l1 = G.generate(rt_tp, batch, cfg.new_tokens)
+    finally:
+        G._unprune(rt_tp)
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, t1.cpu().tolist())  # every rank must have chosen the same tokens
+    equal = bool(torch.equal(t0.cpu(), t1.cpu())) and all(r == ranks[0] for r in ranks)
+    delta = float((l0 - l1).abs().max()) if equal else float((l0[:, 0] - l1[:, 0]).abs().max())
+    ok = equal and delta <= cfg.logit_tol
+    rec.update(tokens_equal=equal, ranks_agree=all(r == ranks[0] for r in ranks), tokens=t0.cpu().tolist(),
+               max_logit_delta=delta, verdict="PASS" if ok else "FAIL")
+    if not equal:
+        rec["tp_tokens"] = ranks
+    return rec
+
+
+def _worker(rank: int, cfg: TPCheckConfig, port: int, result: str) -> None:
+    rank_env(rank, cfg.tp, port, cfg.device)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1) if cfg.device == "cpu" else None
+    from eval import gpu_check as G
+    from llava.models import load
+    from llava.tp import deepspeed_inference
+
+    if cfg.device == "cpu":
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        device, backend = torch.device("cuda", rank), "nccl"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=cfg.tp)
+    methods = cfg.methods or ["none"] + G.registered_methods()
+    report = {"config": asdict(cfg), "models": [], "results": []}
+    try:
+        for family in cfg.families:
+            t0 = time.perf_counter()
+            plain = load(f"tiny:{family}", seed=cfg.seed, dtype="float32", device=device)
+            wrapped = deepspeed_inference(load(f"tiny:{family}", seed=cfg.seed, dtype="float32", device=device),
+                                          tp_size=cfg.tp)
+            report["models"].append({"family": family, "deepspeed": wrapped.info["deepspeed"],
+                                     "sharded": sharded_params(plain.model, wrapped.model)})
+            for m in methods:
+                t1 = time.perf_counter()
+                r = _compare(plain, wrapped, m, family, cfg, device)
+                report["results"].append({**r, "seconds": round(time.perf_counter() - t1, 3)})
+                if rank == 0:
+                    extra = f"  max |dlogit| {r['max_logit_delta']:.2g}" if "max_logit_delta" in r else ""
+                    print(f"  {family:15s} {m:14s} {r['verdict']}{extra}", flush=True)
+            report["models"][-1]["seconds"] = round(time.perf_counter() - t0, 2)
+    finally:
+        if rank == 0:
+            Path(result).write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
+def run_check(cfg: TPCheckConfig) -> dict:
+    """Spawn ``cfg.tp`` ranks, run the matrix, return rank 0's report (with ``summary``)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = str(Path(tmp) / "rank0.json")
+        mp.start_processes(_worker, args=(cfg, free_port(), result), nprocs=cfg.tp, start_method="spawn")
+        report = json.loads(Path(result).read_text())
+    verdicts = [r["verdict"] for r in report["results"]]
+    report["summary"] = {v: verdicts.count(v) for v in sorted(set(verdicts))}
+    report["overall"] = "FAIL" if "FAIL" in verdicts else "PASS"
+    return report
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# Tensor-parallel check: TP={cfg['tp']} on {cfg['device']}, fp32", "",
+             f"Overall **{report['overall']}** ({', '.join(f'{k} {v}' for k, v in report['summary'].items())}); "
+             f"tokens equal on every rank and logits within {cfg['logit_tol']:g} of the plain model.", "",
+             "| family | method | budget | verdict | max abs logit delta | note |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        d = r.get("max_logit_delta")
+        lines.append(f"| {r['family']} | {r['method']} | {r['budget']} | {r['verdict']} | "
+                     f"{'' if d is None else f'{d:.2g}'} | {r.get('reason', '')} |")
+    lines += ["", "Sharded on rank 0 (plain shape -> this rank's shape), per family:", ""]
+    for m in report["models"]:
+        names = sorted(m["sharded"])
+        lines.append(f"- {m['family']}: {len(names)} parameters sharded, e.g. " +
+                     ", ".join(f"`{n}` {m['sharded'][n][0]} -> {m['sharded'][n][1]}" for n in names[:2]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--methods", default="", help="comma-separated (default: none + every registered method)")
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--logit-tol", type=float, default=LOGIT_TOL)
+    ap.add_argument("--out", default=None, help="write tp-check-<device>-tp<N>-<date>.{json,md} here")
+    a = ap.parse_args(argv)
+    cfg = TPCheckConfig(tp=a.tp, device=a.device, families=[f for f in a.families.split(",") if f],
+                        methods=[m for m in a.methods.split(",") if m], new_tokens=a.new_tokens,
+                        logit_tol=a.logit_tol, out=a.out)
+    report = run_check(cfg)
+    md = markdown(report)
+    print(md)
+    if cfg.out:
+        stem = Path(cfg.out) / f"tp-check-{cfg.device}-tp{cfg.tp}-{time.strftime('%Y-%m-%d')}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        stem.with_suffix(".md").write_text(md)
+    return 1 if report["overall"] == "FAIL" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
