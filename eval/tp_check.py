@@ -41,7 +41,7 @@ class TPCheckConfig:
     tp: int = 2
     device: str = "cpu"
     families: list = field(default_factory=lambda: list(FAMILIES))
-    methods: list = field(default_factory=list)  # default: "none" + every registered method
+    methods: list = field(default_factory=list)  # default: every registered method ("none" included)
     new_tokens: int = 4
     seed: int = 1
     logit_tol: float = LOGIT_TOL
@@ -102,6 +102,8 @@ def _compare(rt_plain, rt_tp, method: str, family: str, cfg: TPCheckConfig, devi
         return {**rec, "verdict": "refused", "reason": str(e)}
     try:
         t1, l1 = G.generate(rt_tp, batch, cfg.new_tokens)
+    except Exception as e:  # noqa: BLE001 - recorded, the matrix goes on (every rank raises alike: same inputs)
+        return {**rec, "verdict": "FAIL", "error": G._tail(e)}
     finally:
         G._unprune(rt_tp)
     ranks = [None] * dist.get_world_size()
@@ -132,7 +134,7 @@ def _worker(rank: int, cfg: TPCheckConfig, port: int, result: str) -> None:
         device, backend = torch.device("cuda", rank), "nccl"
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=cfg.tp)
-    methods = cfg.methods or ["none"] + G.registered_methods()
+    methods = cfg.methods or G.registered_methods()  # "none" included
     report = {"config": asdict(cfg), "models": [], "results": []}
     try:
         for family in cfg.families:
@@ -179,7 +181,7 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         d = r.get("max_logit_delta")
         lines.append(f"| {r['family']} | {r['method']} | {r['budget']} | {r['verdict']} | "
-                     f"{'' if d is None else f'{d:.2g}'} | {r.get('reason', '')} |")
+                     f"{'' if d is None else f'{d:.2g}'} | {r.get('reason', '') or ' '.join(r.get('error', [])[-1:])} |")
     lines += ["", "Sharded on rank 0 (plain shape -> this rank's shape), per family:", ""]
     for m in report["models"]:
         names = sorted(m["sharded"])
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--methods", default="", help="comma-separated (default: none + every registered method)")
+    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method, none included)")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--logit-tol", type=float, default=LOGIT_TOL)
     ap.add_argument("--out", default=None, help="write tp-check-<device>-tp<N>-<date>.{json,md} here")

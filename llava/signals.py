@@ -406,7 +406,7 @@ class LayerQK:
         heads = getattr(cfg, "num_attention_heads" if name == "q_proj" else "num_key_value_heads", None)
         widths = (1, 2) if name == "q_proj" else (1,)  # Qwen3.5's q_proj: per head the query and its gate
         if heads is not None and y.shape[-1] not in [w * heads * self.attn.head_dim for w in widths]:
-            raise RuntimeError(f"decoder layer {getattr(self.layer, 'layer_idx', '?')}: {name} gives {y.shape[-1]} "
+            raise RuntimeError(f"decoder layer {getattr(self.attn, 'layer_idx', '?')}: {name} gives {y.shape[-1]} "
                                f"features, not the {heads} heads x {self.attn.head_dim} of the config (a sharded "
                                "projection that was not gathered?)")
         return y

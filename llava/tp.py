@@ -114,10 +114,11 @@ def lm_policy(model: torch.nn.Module, lm: torch.nn.Module) -> dict[type, tuple[s
 
 
 def grain_size(text_config, tp: int) -> int:
-    """AutoTP's split granularity of the MLP and ``lm_head``: 64 (its default) where every split dimension
-    divides evenly, else 8 (width-64 test models: at 64, one rank would get an empty ``lm_head``)."""
+    """AutoTP's split granularity of the MLP and ``lm_head``: 64 (its default; a dimension that 64 x tp does not
+    divide is split unevenly, whole 64-wide blocks per rank) unless a split dimension has fewer than 64 x tp
+    features, where a rank would get nothing (the width-64 test models: an empty ``lm_head`` shard): then 8."""
     dims = [text_config.hidden_size, getattr(text_config, "intermediate_size", None) or text_config.hidden_size]
-    return 64 if all(d % (64 * tp) == 0 for d in dims) else 8
+    return 64 if all(d >= 64 * tp for d in dims) else 8
 
 
 def full_width(proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,3 @@ def test_eval_run_with_the_deepspeed_launcher_equals_python(fixture_data, tmp_pa
         rd = run_dir_of(cfg)
         answers[launcher] = {str(r["question_id"]): r["text"] for r in read_jsonl(rd / "merge.jsonl")}
     assert answers["python"] == answers["deepspeed"] and len(answers["python"]) > 0
-
-
-def test_tensor_parallel_groups_are_refused_with_a_clear_error(fixture_data, tmp_path, run_env, monkeypatch, capsys):
-    from eval.runner import RunConfig, run
-
-    monkeypatch.setenv("TP", "2")
-    cfg = RunConfig(benchmark="pope", model="tiny:llava", method="fastv", budget=8, data_root=str(fixture_data),
-                    out=str(tmp_path / "tp2"), wandb=False, max_new_tokens=4, launcher="deepspeed")
-    assert run(cfg) == 2
-    assert "TP > 1" in capsys.readouterr().err
