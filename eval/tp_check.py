@@ -126,7 +126,7 @@ def _worker(rank: int, cfg: TPCheckConfig, port: int, result: str) -> None:
     torch.set_num_threads(1) if cfg.device == "cpu" else None
     from eval import gpu_check as G
     from llava.models import load
-    from llava.tp import deepspeed_inference
+    from llava.tp import deepspeed_inference, rank_params
 
     if cfg.device == "cpu":
         device, backend = torch.device("cpu"), "gloo"
@@ -143,7 +143,10 @@ def _worker(rank: int, cfg: TPCheckConfig, port: int, result: str) -> None:
             wrapped = deepspeed_inference(load(f"tiny:{family}", seed=cfg.seed, dtype="float32", device=device),
                                           tp_size=cfg.tp)
             report["models"].append({"family": family, "deepspeed": wrapped.info["deepspeed"],
-                                     "sharded": sharded_params(plain.model, wrapped.model)})
+                                     "sharded": sharded_params(plain.model, wrapped.model),
+                                     "params": {"plain": sum(p.numel() for p in plain.model.parameters()),
+                                                "rank": sum(p.numel() for p in wrapped.model.parameters()),
+                                                "planned": rank_params(plain.model, cfg.tp)}})
             for m in methods:
                 t1 = time.perf_counter()
                 r = _compare(plain, wrapped, m, family, cfg, device)
@@ -190,6 +193,49 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the models of the memory plan (docs/evaluation.md section 3): shipped shape configs, built on the meta device
+MEMORY_MODELS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "llava-onevision-7b", "qwen3-vl-8b",
+                 "internvl3.5-8b", "llava-next-34b", "qwen2.5-vl-72b", "llava-onevision-72b")
+#: per GPU, kept back from its memory for the CUDA context, activations and the KV cache of a batch-1 answer
+HEADROOM_GB = 12
+
+
+def memory_plan(names=MEMORY_MODELS, tps=(1, 2, 4, 8), bytes_per_param: int = 2, gpu_gb: float = 80) -> list[dict]:
+    """Per model: parameters, weight memory per GPU at each tensor-parallel size (``llava.tp.rank_params``:
+    the language model's linears and ``lm_head`` split, the rest whole on every rank) in fp16 / bf16, the KV
+    cache per 1,000 tokens per GPU (its KV heads split across the group), and the smallest size whose weights
+    leave ``HEADROOM_GB`` of a ``gpu_gb`` GPU free."""
+    from llava.models import load
+    from llava.tp import rank_params
+
+    rows = []
+    for name in names:
+        model = load(f"shape:{name}", device="meta").model
+        tc = model.config.get_text_config()
+        kinds = getattr(tc, "layer_types", None) or ["full_attention"] * tc.num_hidden_layers
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        kv_layers = sum(k == "full_attention" for k in kinds)
+        row = {"model": name, "params_b": round(rank_params(model, 1)["total"] / 1e9, 2), "gb": {}, "kv_mb_per_1k": {}}
+        for tp in tps:
+            row["gb"][tp] = round(rank_params(model, tp)["per_rank"] * bytes_per_param / 1e9, 1)
+            kv_heads = -(-tc.num_key_value_heads // tp)  # heads per rank (a KV head is never split)
+            row["kv_mb_per_1k"][tp] = round(2 * kv_layers * kv_heads * head_dim * bytes_per_param * 1000 / 1e6, 1)
+        row["min_tp"] = next((tp for tp in tps if row["gb"][tp] + HEADROOM_GB <= gpu_gb), None)
+        rows.append(row)
+    return rows
+
+
+def memory_markdown(rows: list[dict], gpu_gb: float = 80) -> str:
+    tps = list(rows[0]["gb"])
+    lines = ["| model | parameters | " + " | ".join(f"weights / GPU at TP={t}" for t in tps) +
+             " | KV cache / GPU per 1k tokens (TP=1) | fewest GPUs per replica on 80 GB |",
+             "|---|---|" + "---|" * len(tps) + "---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params_b']:.2f}B | " + " | ".join(f"{r['gb'][t]:.1f} GB" for t in tps) +
+                     f" | {r['kv_mb_per_1k'][tps[0]]:.0f} MB | {r['min_tp'] or f'more than {tps[-1]}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, default=2)
@@ -199,7 +245,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--logit-tol", type=float, default=LOGIT_TOL)
     ap.add_argument("--out", default=None, help="write tp-check-<device>-tp<N>-<date>.{json,md} here")
+    ap.add_argument("--memory", action="store_true", help="print the memory plan per model and TP size (no ranks started)")
     a = ap.parse_args(argv)
+    if a.memory:
+        print(memory_markdown(memory_plan()))
+        return 0
     cfg = TPCheckConfig(tp=a.tp, device=a.device, families=[f for f in a.families.split(",") if f],
                         methods=[m for m in a.methods.split(",") if m], new_tokens=a.new_tokens,
                         logit_tol=a.logit_tol, out=a.out)

@@ -113,6 +113,29 @@ def lm_policy(model: torch.nn.Module, lm: torch.nn.Module) -> dict[type, tuple[s
     return policy
 
 
+def rank_params(model: torch.nn.Module, tp: int) -> dict[str, int]:
+    """Parameters each rank holds under :func:`deepspeed_inference` at ``tp``: what :func:`lm_policy` shards
+    (every linear of the decoder layers' attention and MLP modules, and ``lm_head``) split ``tp`` ways, the rest
+    (towers, projector, token embeddings, norms, a hybrid model's linear-attention layers) whole on every rank.
+    {"total", "sharded", "replicated", "per_rank"} (``per_rank``: the largest rank's share of an uneven split,
+    at most one AutoTP block more than ``sharded / tp``; counted here as ``ceil(sharded / tp)``). Works on a
+    model built on the meta device (no memory)."""
+    lm = model.model.language_model
+    policy = lm_policy(model, lm)
+    sharded: dict[int, int] = {}
+    for mod in model.modules():
+        if type(mod) in policy:
+            for sub in mod.modules():
+                if isinstance(sub, torch.nn.Linear):
+                    sharded.update({id(p): p.numel() for p in sub.parameters()})
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not lm.embed_tokens.weight:  # a tied head stays whole with the embeddings
+        sharded.update({id(p): p.numel() for p in head.parameters()})
+    total = sum(p.numel() for p in model.parameters())
+    n = sum(sharded.values())
+    return {"total": total, "sharded": n, "replicated": total - n, "per_rank": total - n + -(-n // int(tp))}
+
+
 def grain_size(text_config, tp: int) -> int:
     """AutoTP's split granularity of the MLP and ``lm_head``: 64 (its default; a dimension that 64 x tp does not
     divide is split unevenly, whole 64-wide blocks per rank) unless a split dimension has fewer than 64 x tp

@@ -79,6 +79,7 @@ def test_the_language_model_is_halved_on_each_rank_and_the_towers_are_whole(repo
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert (f"model.language_model.layers.{i}.self_attn.{p}.weight" in sharded) == (i in attn)
     assert "lm_head.weight" in sharded
+    assert m["params"]["rank"] == m["params"]["planned"]["per_rank"] < m["params"]["plain"]  # llava.tp.rank_params
     assert not any(".linear_attn." in n for n in sharded)  # Gated DeltaNet layers: replicated
 
 
