@@ -408,7 +408,10 @@ def run(cfg: RunConfig) -> int:
         from llava.models import load
 
         try:  # unknown tiny / shape name, no such hub id or directory, not a LLaVA-family checkpoint
-            rt = load(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
+            # tp > 1: loaded on the CPU (a checkpoint's safetensors are memory-mapped: the node's ranks share the page
+            # cache), then AutoTP moves this rank's shard and the replicated towers to its GPU
+            rt = load(cfg.model, dtype=dtype, device=torch.device("cpu") if cfg.tp > 1 else device,
+                      attn_implementation=cfg.attn_implementation,
                       template=cfg.template, next_layout=cfg.next_layout, num_frames=cfg.num_frames,
                       pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
                       max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype, fast=cfg.fast,
@@ -426,6 +429,8 @@ def run(cfg: RunConfig) -> int:
                 rt = deepspeed_inference(rt, tp_size=cfg.tp, dtype=dtype, groups=TPGroups(cfg.tp) if cfg.tp > 1 else None)
             except (RuntimeError, ValueError) as e:  # no deepspeed; a model the LM-only policy cannot shard
                 return user_error(str(e))
+            if next(rt.model.parameters()).device != device:  # DeepSpeed's current device is not the run's (--device)
+                rt.model.to(device)
         try:  # checks that need the model (e.g. an LLM layer out of range)
             engine = rt.prune(cfg.method, cfg.budget, **cfg.options)
         except (KeyError, ValueError, TypeError) as e:

@@ -179,9 +179,9 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
     attach methods after this call. ``tp_size`` > 1: the language model sharded across the ranks of this
     process's tensor-parallel group (``groups``, default :class:`TPGroups` of ``tp_size`` over the initialized
     world), the rest replicated; the model then sits on DeepSpeed's current device (load it on the CPU first
-    when one GPU cannot hold all of it). A single process without a launcher gets a one-rank group
+    when one GPU cannot hold all of it: the harness does at tp > 1). A single process without a launcher gets a one-rank group
     (MASTER_ADDR / PORT defaults)."""
-    if next(rt.model.parameters()).device.type == "cpu":  # before DeepSpeed picks its accelerator
+    if not torch.cuda.is_available():  # before DeepSpeed picks its accelerator (a model on the CPU may be bound for a GPU)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
@@ -208,7 +208,9 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
                              "capture the all-reduces; load without fast=True")
         lm = rt.model.model.language_model
         policy = lm_policy(rt.model, lm)
-        if next(rt.model.parameters()).device.type == "cpu" or os.environ.get("DS_ACCELERATOR") == "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu":
             _cpu_collectives(deepspeed)
         groups = groups or TPGroups(tp)
         if groups.tp != tp:
