@@ -40,3 +40,13 @@ def test_the_large_shape_configs_build_their_published_sizes(name, params, famil
     rt = load(f"shape:{name}", device="meta")
     assert rt.family == family
     assert sum(p.numel() for p in rt.model.parameters()) == pytest.approx(params, rel=2e-3)
+
+
+def test_the_documented_plan_is_the_computed_one():
+    """docs/evaluation.md's table quotes memory_plan (a changed config or rule cannot leave the docs behind)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "evaluation.md").read_text()
+    for r in memory_plan(names=("llava-1.5-13b", "qwen2.5-vl-72b")):
+        cells = f"| {r['params_b']:.2f}B | " + " | ".join(f"{r['gb'][t]:.1f} GB" for t in (1, 2, 4, 8))
+        assert cells + f" | {r['kv_mb_per_1k'][1]:.0f} MB |" in doc, cells
