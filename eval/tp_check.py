@@ -123,7 +123,8 @@ def _worker(rank: int, cfg: TPCheckConfig, port: int, result: str) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1) if cfg.device == "cpu" else None
+    if cfg.device == "cpu":
+        torch.set_num_threads(1)
     from eval import gpu_check as G
     from llava.models import load
     from llava.tp import deepspeed_inference, rank_params
