@@ -281,7 +281,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
          max_pixels: int | None = None, vision_dtype=None, fast: bool = False, fast_backend: str = "auto",
-         fast_max_new_tokens: int = 256, decoder_layers: int | None = None) -> Runtime:
+         fast_max_new_tokens: int = 256, decoder_layers: int | None = None, revision: str | None = None) -> Runtime:
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
@@ -302,7 +302,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     beside vLLM's own decoder."""
     rt = _load(name, dtype=dtype, device=device, attn_implementation=attn_implementation, template=template,
                next_layout=next_layout, num_frames=num_frames, pad_to_square=pad_to_square, seed=seed,
-               min_pixels=min_pixels, max_pixels=max_pixels, decoder_layers=decoder_layers)
+               min_pixels=min_pixels, max_pixels=max_pixels, decoder_layers=decoder_layers, revision=revision)
     if vision_dtype is not None:
         vd = _dtype(vision_dtype)
         if rt.family not in ("llava", "llava_next", "video_llava"):
@@ -361,9 +361,10 @@ def restore_decoder(model, n: int, total: int, types) -> None:
 def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
           template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
           pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
-          max_pixels: int | None = None, decoder_layers: int | None = None) -> Runtime:
+          max_pixels: int | None = None, decoder_layers: int | None = None, revision: str | None = None) -> Runtime:
     """Load a model by hub id, local directory, ``shape:<name>`` (real architecture, random
-    weights; names: the JSON files in llava/configs) or ``tiny:<family>``.
+    weights; names: the JSON files in llava/configs) or ``tiny:<family>``. ``revision``: a hub id's branch,
+    tag or commit (config, weights, tokenizer and image processor all from it); refused for the built models.
 
     ``attn_implementation`` applies to the LLM and the vision tower alike (sdpa by default,
     flash_attention_2 where installed); pruning never switches it.
@@ -371,6 +372,8 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     ``min_pixels`` / ``max_pixels`` (Qwen2.5-VL only) bound the resized image area and so the number of
     visual tokens (area / 28^2); by default the checkpoint's values (3136 .. 12845056).
     """
+    if revision is not None and name.startswith(("tiny:", "shape:")):
+        raise ValueError(f"revision={revision!r}: {name} is built here, not read from the hub (revisions apply to hub ids)")
     if name.startswith("tiny:"):
         rt = build_tiny(name.split(":", 1)[1], seed=seed, dtype=dtype, attn_implementation=attn_implementation,
                         min_pixels=min_pixels, max_pixels=max_pixels)
@@ -424,7 +427,7 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         rt.info["random_weights"] = True
         return rt
     local = os.path.isdir(name)
-    config = tf.AutoConfig.from_pretrained(name)
+    config = tf.AutoConfig.from_pretrained(name, revision=revision)
     arch = (config.architectures or [""])[0]
     fam = {v: k for k, v in MODEL_CLASSES.items()}.get(arch) or config.model_type
     if fam not in MODEL_CLASSES:
@@ -433,16 +436,18 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     if decoder_layers is not None:  # the vision stage's model only: the first N decoder layers (a probe's)
         kept = truncate_decoder(config, decoder_layers)
         kw["config"] = config
-    model = getattr(tf, MODEL_CLASSES[fam]).from_pretrained(name, dtype=_dtype(dtype) or "auto",
+    model = getattr(tf, MODEL_CLASSES[fam]).from_pretrained(name, dtype=_dtype(dtype) or "auto", revision=revision,
                                                             attn_implementation=attn_implementation, **kw)
     if decoder_layers is not None:
         restore_decoder(model, decoder_layers, *kept)
     if device is not None:
         model.to(device)
     model.eval()
-    tok, ip = checkpoint_processors(name, fam, min_pixels, max_pixels)
+    tok, ip = checkpoint_processors(name, fam, min_pixels, max_pixels, revision=revision)
     rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
     rt.info["local"] = local
+    if revision is not None:
+        rt.info["revision"] = revision
     return rt
 
 
@@ -455,11 +460,13 @@ def family_of(config) -> str:
     return fam
 
 
-def checkpoint_processors(name: str, fam: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """(tokenizer (left padding), image processor (transformers' PIL backend)) of a hub id / local folder."""
+def checkpoint_processors(name: str, fam: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                          revision: str | None = None):
+    """(tokenizer (left padding), image processor (transformers' PIL backend)) of a hub id / local folder (at
+    ``revision``)."""
     import transformers as tf
 
-    tok = tf.AutoTokenizer.from_pretrained(name)
+    tok = tf.AutoTokenizer.from_pretrained(name, revision=revision)
     tok.padding_side = "left"
     ip_kw = {}
     if fam in QWEN_FAMILIES:
@@ -476,7 +483,7 @@ def checkpoint_processors(name: str, fam: str, min_pixels: int | None = None, ma
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as IP
     else:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as IP
-    return tok, IP.from_pretrained(name, **ip_kw)
+    return tok, IP.from_pretrained(name, revision=revision, **ip_kw)
 
 
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

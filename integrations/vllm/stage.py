@@ -71,7 +71,7 @@ class VisionStage:
         probe = tuple(getattr(method, "probe_layers", ()) or ())
         layers = max(probe) + 1 if probe else 0
         self.spec = spec
-        self.rt = load(model, dtype=dtype, device=device, template=spec.template, decoder_layers=layers)
+        self.rt = load(model, dtype=dtype, device=device, template=spec.template, decoder_layers=layers, revision=revision)
         if self.rt.family != family:
             raise PluginError(f"{model}: the checkpoint is a {self.rt.family} model, the plugin class serves {family}")
         self.engine = self.rt.prune(method)
