@@ -30,6 +30,7 @@ BUDGETS = {
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
     "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
+    "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly
 METHODS = [m for m in available_methods() if not m.startswith("test_") and m != "layout_spy"]
