@@ -30,6 +30,7 @@ BUDGETS = {
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
     "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
+    "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly
