@@ -179,8 +179,8 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
     attach methods after this call. ``tp_size`` > 1: the language model sharded across the ranks of this
     process's tensor-parallel group (``groups``, default :class:`TPGroups` of ``tp_size`` over the initialized
     world), the rest replicated; the model then sits on DeepSpeed's current device (load it on the CPU first
-    when one GPU cannot hold all of it: the harness does at tp > 1). A single process without a launcher gets a one-rank group
-    (MASTER_ADDR / PORT defaults)."""
+    when one GPU cannot hold all of it: the harness does at tp > 1). A single process without a launcher gets a
+    one-rank group (MASTER_ADDR / PORT defaults)."""
     if not torch.cuda.is_available():  # before DeepSpeed picks its accelerator (a model on the CPU may be bound for a GPU)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
