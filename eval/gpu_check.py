@@ -129,6 +129,7 @@ TINY_BUDGETS = {
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "vscan": 6,  # layer average per unit: 9 per unit after the tower, 3 from layer 2
     "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
+    "visiontrim": _PER_UNIT_NEW,  # per unit B = D + C
     "apet": _PER_UNIT_NEW,  # layer average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:

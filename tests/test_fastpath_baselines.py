@@ -1,7 +1,8 @@
 """The fast path (llava.fastpath) for the fixed-count pre-LLM baselines made capturable in issue 34:
 downsample (the selection planned on the host: windows depend on the layout only), VisPruner (its rounds'
 sizes are host ints) and CDPruner (the question rows of the padded text block, the greedy DPP on the device,
-``dpp_greedy_device``) and HiPrune (the received attention of two extra tower layers, recomputed from the
+``dpp_greedy_device``), VisionTrim (its DVTS / TGVC counts are host ints; the question rows of the padded
+text block) and HiPrune (the received attention of two extra tower layers, recomputed from the
 tower's hidden states inside the captured function) and VScan (its two scans' counts planned from the
 structure: the unit layout and, for LLaVA-NeXT's cut windows, ``local_counts``; its LLM stage per segment).
 Greedy tokens and first-step scores == the eager engine's on LLaVA-1.5, LLaVA-NeXT and Video-LLaVA
@@ -15,13 +16,14 @@ from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_
 import baselines.cdpruner  # noqa: F401  (registers the three methods)
 import baselines.downsample  # noqa: F401
 import baselines.hiprune  # noqa: F401
+import baselines.visiontrim  # noqa: F401
 import baselines.vispruner  # noqa: F401
 import baselines.vscan  # noqa: F401
 from llava.method import get_method
 from llava.models import load
 
 #: budgets that prune the tiny 16-patch units (downsample: a square, 4 = 2 x 2 windows of stride 2)
-CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5), ("hiprune", 6), ("vscan", 6)]
+CASES = [("downsample", 4), ("vispruner", 6), ("cdpruner", 5), ("hiprune", 6), ("vscan", 6), ("visiontrim", 4)]
 
 
 @pytest.fixture(scope="module")

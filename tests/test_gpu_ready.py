@@ -31,6 +31,7 @@ BUDGETS = {
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
     "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
     "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
+    "visiontrim": _PER_UNIT,  # per unit B = D + C (4 = 3 + 1 on the tiny models)
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly
