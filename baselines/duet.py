@@ -58,8 +58,8 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (block_order, check_numerics, contextual_merge, masked_take, scale_layers, topk_desc,
-                       uniform_targets, unit_layout)
+from llava.ops import (block_order, check_numerics, contextual_merge, masked_take, official_contextual_merge,
+                       scale_layers, topk_desc, unit_layout)
 
 #: (dominant incl. [CLS], contextual) per unit for the budgets with a setting; 64 is our design
 SPLITS = {192: (300, 7), 128: (170, 35), 64: (85, 17)}
@@ -103,28 +103,6 @@ def budget_split(budget: int, layers=OFFICIAL_LAYERS, ratios=OFFICIAL_RATIOS) ->
 # ----------------------------------------------------------------------------------------------
 # Stage 1
 # ----------------------------------------------------------------------------------------------
-
-
-def _official_assign(metric: torch.Tensor, pool: torch.Tensor, contextual: int,
-                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference-mode anchors and assignment over ``pool`` (token indices, best first): anchors at the
-    uniform positions of the pool, every other pool token to the anchor of highest similarity of the fp32
-    metric normalised without clamp (``m / m.norm()``), ``torch.bmm``, ``argmax`` (first maximum). Returns
-    (targets in pool-rank order, (n,) slot or -1), as :func:`llava.ops.contextual_merge`."""
-    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
-    p = pool.numel()
-    pos = uniform_targets(p, contextual, device=pool.device)
-    targets = pool[pos]
-    if targets.numel() == 0 or p <= pos.numel():
-        return targets, assign
-    m = metric[pool].to(OFFICIAL_VISION_DTYPE)
-    m = m / m.norm(dim=-1, keepdim=True)
-    rest = torch.ones(p, dtype=torch.bool, device=pool.device)
-    rest[pos] = False
-    others = masked_take(torch.arange(p, device=pool.device), rest, p - pos.numel())
-    sim = torch.bmm(m[others][None], m[pos][None].transpose(1, 2))[0]  # (P - C, C)
-    assign[pool[others]] = sim.argmax(dim=1)
-    return targets, assign
 
 
 def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
@@ -181,7 +159,7 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
         m = rest.numel()
         pool_size = min(max(1, cluster_width * contextual), m) if contextual > 0 else 0
         pool = rest[top(rest, pool_size)]  # best first
-        merge = _official_assign if official else contextual_merge
+        merge = official_contextual_merge if official else contextual_merge
         tg, a = merge(keys, pool, contextual, n)
         assign = torch.where(a >= 0, a + num_targets, assign)
         num_targets += tg.numel()

@@ -65,7 +65,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (block_order, check_numerics, contextual_merge, masked_take, topk_desc, uniform_targets,
+from llava.ops import (block_order, check_numerics, contextual_merge, masked_take, official_contextual_merge, topk_desc,
                        unit_layout)
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)
@@ -90,27 +90,6 @@ def default_split(budget: int) -> tuple[int, int]:
         return OFFICIAL_SPLITS[budget]
     c = int(budget * 10 / 64 + 0.5)
     return budget - c, c
-
-
-def official_contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int,
-                              n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`llava.ops.contextual_merge` with the official numerics (reference mode): the metric in the
-    official dtype, normalised without clamp (``m / m.norm()``), similarity by ``torch.bmm``, ``argmax``
-    (first maximum = lowest target slot). Same targets / assign convention."""
-    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
-    r = remaining.numel()
-    pos = uniform_targets(r, contextual, device=remaining.device)
-    targets = remaining[pos]
-    if targets.numel() == 0 or r <= pos.numel():
-        return targets, assign
-    m = metric[remaining].to(OFFICIAL_DTYPE)
-    m = m / m.norm(dim=-1, keepdim=True)
-    rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
-    rest[pos] = False
-    other_pos = masked_take(torch.arange(r, device=remaining.device), rest, r - pos.numel())
-    sim = torch.bmm(m[other_pos][None], m[pos][None].transpose(1, 2))[0]  # (R - C, C)
-    assign[remaining[other_pos]] = sim.argmax(dim=1)
-    return targets, assign
 
 
 def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,

@@ -289,6 +289,28 @@ def contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: 
     return targets, assign
 
 
+def official_contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: int, n: int,
+                              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`contextual_merge` with VisionZip's official numerics (the reference mode of VisionZip and of
+    DUET-VLM, whose stage 1 is VisionZip's code): the metric in ``dtype``, normalised without clamp
+    (``m / m.norm()``), similarity by ``torch.bmm``, ``argmax`` (first maximum = lowest target slot). Same
+    targets / assign convention."""
+    assign = torch.full((n,), -1, dtype=torch.long, device=metric.device)
+    r = remaining.numel()
+    pos = uniform_targets(r, contextual, device=remaining.device)
+    targets = remaining[pos]
+    if targets.numel() == 0 or r <= pos.numel():
+        return targets, assign
+    m = metric[remaining].to(dtype)
+    m = m / m.norm(dim=-1, keepdim=True)
+    rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
+    rest[pos] = False
+    other_pos = masked_take(torch.arange(r, device=remaining.device), rest, r - pos.numel())
+    sim = torch.bmm(m[other_pos][None], m[pos][None].transpose(1, 2))[0]  # (R - C, C)
+    assign[remaining[other_pos]] = sim.argmax(dim=1)
+    return targets, assign
+
+
 def dominant_contextual(scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int,
                         candidates: torch.Tensor | None = None, rule: str = "target_plus_mean",
                         space: str = "vision") -> Selection:
