@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import torch
 
+from llava.clip_route import ClipTextRoute
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, unit_layout
 
@@ -417,7 +418,7 @@ class CDPruner(Method):
         if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
                              "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")
-        self._clip = self._clip_tok = self._llm_tok = None
+        self._clip_route = ClipTextRoute("cdpruner", self.clip_model, self.clip_tokenizer, self.llm_tokenizer)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
@@ -427,34 +428,10 @@ class CDPruner(Method):
 
     # -- clip route ---------------------------------------------------------------------------
     def _load_clip(self, device):
-        if self._clip is None:
-            from transformers import AutoTokenizer, CLIPModel
-
-            clip = self.clip_model
-            if isinstance(clip, str) or hasattr(clip, "__fspath__"):
-                clip = CLIPModel.from_pretrained(str(clip))
-            clip.eval().requires_grad_(False)
-            tok = self.clip_tokenizer
-            if tok is None:
-                if not (isinstance(self.clip_model, str) or hasattr(self.clip_model, "__fspath__")):
-                    raise ValueError("cdpruner: give clip_tokenizer with a loaded clip_model")
-                tok = str(self.clip_model)
-            if isinstance(tok, str) or hasattr(tok, "__fspath__"):
-                tok = AutoTokenizer.from_pretrained(str(tok))
-            llm = self.llm_tokenizer
-            if isinstance(llm, str) or hasattr(llm, "__fspath__"):
-                llm = AutoTokenizer.from_pretrained(str(llm))
-            self._clip, self._clip_tok, self._llm_tok = clip, tok, llm
-        if next(self._clip.parameters()).device != torch.device(device):
-            self._clip.to(device)
-        return self._clip
+        return self._clip_route.load(device)
 
     def question_text(self, ids: torch.Tensor) -> str:
-        ids = [int(i) for i in ids.reshape(-1).tolist()]
-        tok = self._llm_tok
-        if hasattr(tok, "decode"):
-            return tok.decode(ids, skip_special_tokens=True).strip()
-        return str(tok(ids)).strip()
+        return self._clip_route.question_text(ids)
 
     def _clip_relevance(self, sig) -> torch.Tensor:
         dev = sig.features.device
@@ -466,7 +443,7 @@ class CDPruner(Method):
         if sig.question_ids is None:
             raise ValueError("cdpruner: relevance='clip' needs sig.question_ids")
         with torch.no_grad():
-            text = clip_text_embeds(clip, self._clip_tok, self.question_text(sig.question_ids), dev)
+            text = clip_text_embeds(clip, self._clip_route.tokenizer, self.question_text(sig.question_ids), dev)
             image = clip_image_embeds(clip, sig.vision_features)
         return relevance_clip(image, text, self.numerics)
 

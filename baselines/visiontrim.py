@@ -51,6 +51,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from llava.clip_route import ClipTextRoute
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, unit_layout
 
@@ -255,7 +256,8 @@ def visiontrim_units(a: torch.Tensor, r: torch.Tensor, values: torch.Tensor, emb
                      text: torch.Tensor, text_mask: torch.Tensor | None, d: int, c: int, *,
                      grid: tuple[int, int] | None = None, patch: torch.Tensor | None = None,
                      dvts_score: str = "code", alpha: float = 0.5, ltam_window: int = 3, vtc_times: int = 3,
-                     embed_fn=None, logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     embed_fn=None, logit_scale: float = CLIP_LOGIT_SCALE,
+                     numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DVTS + TGVC on a batch of B units of n patches each (raster order): a (B, n) head-mean [CLS] row,
     r (B, n) received term, values (B, n, Dv) select-layer features, embeds (B, n, De) comparison rows,
     patch (B, n) their grid indices (``global_local`` only; None: the full grid).
@@ -435,7 +437,7 @@ class VisionTrim(Method):
         if self.text == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("visiontrim: text='clip' needs clip_model (a CLIP checkpoint with its text tower, e.g. "
                              "openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")
-        self._clip = self._clip_tok = self._llm_tok = None
+        self._clip_route = ClipTextRoute("visiontrim", self.clip_model, self.clip_tokenizer, self.llm_tokenizer)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:
@@ -450,32 +452,10 @@ class VisionTrim(Method):
 
     # -- clip route ---------------------------------------------------------------------------
     def _load_clip(self, device):
-        if self._clip is None:
-            from transformers import AutoTokenizer, CLIPModel
-
-            def named(x):
-                return isinstance(x, str) or hasattr(x, "__fspath__")
-
-            clip = CLIPModel.from_pretrained(str(self.clip_model)) if named(self.clip_model) else self.clip_model
-            clip.eval().requires_grad_(False)
-            tok = self.clip_tokenizer
-            if tok is None:
-                if not named(self.clip_model):
-                    raise ValueError("visiontrim: give clip_tokenizer with a loaded clip_model")
-                tok = str(self.clip_model)
-            tok = AutoTokenizer.from_pretrained(str(tok)) if named(tok) else tok
-            llm = self.llm_tokenizer
-            llm = AutoTokenizer.from_pretrained(str(llm)) if named(llm) else llm
-            self._clip, self._clip_tok, self._llm_tok = clip, tok, llm
-        if next(self._clip.parameters()).device != torch.device(device):
-            self._clip.to(device)
-        return self._clip
+        return self._clip_route.load(device)
 
     def question_text(self, ids: torch.Tensor) -> str:
-        ids = [int(i) for i in ids.reshape(-1).tolist()]
-        tok = self._llm_tok
-        text = tok.decode(ids, skip_special_tokens=True) if hasattr(tok, "decode") else tok(ids)
-        return str(text).strip()
+        return self._clip_route.question_text(ids)
 
     def clip_inputs(self, sig):
         """(embeds (T, 768), text (L, 768), embed_fn) of the official route: ``visual_projection`` of the
@@ -496,8 +476,8 @@ class VisionTrim(Method):
         def embed_fn(v):
             return F.linear(v.to(dt), w)
 
-        enc = self._clip_tok(self.question_text(sig.question_ids), truncation=True, max_length=CLIP_TEXT_LEN,
-                             return_tensors="pt")
+        enc = self._clip_route.tokenizer(self.question_text(sig.question_ids), truncation=True,
+                                         max_length=CLIP_TEXT_LEN, return_tensors="pt")
         with torch.no_grad():
             h = clip.text_model(input_ids=enc["input_ids"].to(dev)).last_hidden_state[0]
             text = F.linear(h.to(dt), clip.text_projection.weight.to(dt))

@@ -482,7 +482,7 @@ def test_clip_route_on_tiny_llava_equals_the_official_pipeline(runtimes, tiny_cl
             emb = vis.visual_projection(vis.vision_model.post_layernorm(sig.vision_features).float())
         mask = official_encode_images(sig.features[None], emb[None], official_text_embeds(tiny_clip, q), 4)[0]
         assert torch.equal(keep, torch.nonzero(mask).flatten())
-        assert torch.allclose(clip_image_embeds(spy._clip, sig.vision_features), emb, atol=1e-6)
+        assert torch.allclose(clip_image_embeds(spy._clip_route.clip, sig.vision_features), emb, atol=1e-6)
 
 
 def test_clip_route_with_a_decode_callable_on_next(runtimes, tiny_clip):
