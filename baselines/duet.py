@@ -179,14 +179,20 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------
 
 
-def duet_rank(rows: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+def duet_rank(rows: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours",
+              row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One stage-2 ranking: ``rows`` (H, Q, S) = the attention probabilities of the Q query rows (every text
     row after the image), ``visual`` (N,) the visual columns. Returns the indices (into ``visual``) of the
     top-``k`` visual tokens by the mean over query rows of the head mean, ascending (ties: lower index).
-    ``numerics="official"``: the probabilities cast to float16, the mean over heads, the visual columns, the
-    mean over rows (both fp16), ``torch.topk``."""
+    ``row_mask`` (Q,) bool: the real query rows of a padded block (the fast path's captured prefill; the
+    pads' rows may be NaN): the mean over those only. ``numerics="official"``: the probabilities cast to
+    float16, the mean over heads, the visual columns, the mean over rows (both fp16), ``torch.topk``."""
     check_numerics("duet", numerics)
     k = max(0, min(int(k), visual.numel()))
+    if row_mask is not None:  # padded query rows (the reference mode is eager: no mask there)
+        per_row = torch.where(row_mask[:, None], rows.float().mean(0)[:, visual], 0.0)  # (Q, N)
+        score = per_row.sum(0) / row_mask.sum().clamp(min=1)
+        return topk_desc(score, k).sort().values
     if numerics == "official":
         per_row = rows.to(OFFICIAL_LLM_DTYPE).mean(dim=0)  # (Q, S): heads
         score = per_row[:, visual].mean(dim=0)  # (N,): query rows
@@ -215,9 +221,12 @@ class DUET(Method):
     include_cls_candidates = True  # the official tower feeds the [CLS] (LLaVA-1.5 / NeXT drop it)
     position_mode = "reindex"
     llm_reads = ("next",)  # each stage layer's own q / k
-    capturable = None
-    capture_reason = ("duet: its LLM stages query every text row after the image (LLMSignals.attention("
-                      "'text_after')), which the fast path does not plan yet; the prefill runs on the eager engine")
+    #: the fast path plans its stages in the prefill's segments; the text rows after the image (its queries)
+    #: are planned padded to a text bucket with their mask; their count never changes a stage's count (0 below:
+    #: one graph per bucket whatever the question's length)
+    capturable = "full"
+    llm_text_rows = True
+    llm_text_cap = 0
 
     @classmethod
     def option_defaults(cls):
@@ -333,4 +342,5 @@ class DUET(Method):
         if k == 0:  # the official topk(0): nothing kept, no signal needed
             return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
         rows = sig.attention(self.queries, layer="next")  # (H, Q, S): layer K's q / k
-        return Selection(keep=duet_rank(rows, sig.visual, k, self.numerics))
+        mask = sig.text_mask if self.queries == "text_after" else None  # padded rows on the fast path
+        return Selection(keep=duet_rank(rows, sig.visual, k, self.numerics, row_mask=mask))

@@ -200,8 +200,10 @@ class LLMSignals:
     which are real: ``attention`` never lets a row attend to a pad, so its probabilities are those of the
     real rows; ``visual`` indexes that row. For a method with ``llm_text_rows`` the text after the image
     is planned too: ``text_after`` padded to a text bucket, ``text_mask`` its real rows (the pads index
-    row 0), ``num_text_after`` their count; otherwise it is None. The question rows and the text rows as
-    attention queries are not planned: asking for them raises, and the prefill runs on the eager engine.
+    row 0), ``num_text_after`` their count; otherwise it is None. Such a method may ask for
+    ``attention("text_after")``: the pads' rows are row 0's (NaN where row 0 is a pad), so it reads them
+    through ``text_mask`` (``torch.where``, never a product). The question rows as attention queries are not
+    planned: asking for them raises, and the prefill runs on the eager engine.
     """
 
     layer: int
@@ -273,7 +275,7 @@ class LLMSignals:
         if isinstance(queries, str):
             if queries == "last":
                 return torch.tensor([self.hidden.shape[0] - 1], device=self.hidden.device)
-            if queries in ("question", "text_after") and self.captured:
+            if self.captured and (queries == "question" or (queries == "text_after" and self.text_after is None)):
                 raise NotImplementedError(f"LLMSignals: the {queries!r} rows of an in-LLM stage are not planned on "
                                           "the fast path (the prefill runs on the eager engine)")
             if queries in ("question", "text_after", "visual"):

@@ -186,7 +186,7 @@ def test_options():
     m = at_depth(DUET(6, layer_list=(2, 3), scale_layers=False), 4)
     assert m.llm_layers == (2, 3)
     assert DUET(192).config()["queries"] == "text_after" and DUET(192).position_mode == "reindex"
-    assert DUET.include_cls_candidates and DUET.needs_vision_attention and DUET.capturable is None
+    assert DUET.include_cls_candidates and DUET.needs_vision_attention and DUET.capturable == "full"
     with pytest.raises(ValueError, match="not built"):
         DUET(192, queries="salient")
     for bad in [dict(queries="question"), dict(dominant=100, contextual=10), dict(cluster_width=0),
@@ -369,9 +369,26 @@ def test_keep_all_is_bit_identical_to_the_unpruned_model(rt):
     assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
 
 
-def test_not_captured_with_the_reason(runtimes):
-    eng = runtimes["llava"].prune("duet", 6)
-    try:
-        assert eng.method.capture_refusal() == DUET.capture_reason
-    finally:
-        runtimes["llava"].unprune()
+def test_captured_except_the_reference_mode(runtimes):
+    """Captured whole on the fast path (tokens == eager: tests/test_fastpath_llm.py); the reference mode runs
+    eagerly, with the reason."""
+    assert DUET.capturable == "full" and DUET.llm_text_rows
+    for opts, refusal in (({}, None), ({"queries": "last"}, None), ({"numerics": "official"}, "reference mode")):
+        eng = runtimes["llava"].prune("duet", 6, **opts)
+        try:
+            why = eng.method.capture_refusal()
+            assert why is None if refusal is None else refusal in why
+        finally:
+            runtimes["llava"].unprune()
+
+
+def test_padded_query_rows_are_read_through_their_mask():
+    """duet_rank with a row mask: NaN rows of pads (a query at a padded row 0) change nothing; the real rows'
+    mean ranks as without the pads."""
+    torch.manual_seed(0)
+    rows = torch.rand(2, 3, 8).softmax(-1)  # (H, Q, S)
+    visual = torch.tensor([1, 2, 3, 4, 5])
+    want = duet_rank(rows, visual, 2)
+    padded = torch.cat([rows, torch.full((2, 2, 8), float("nan"))], dim=1)  # two pad rows
+    mask = torch.tensor([True, True, True, False, False])
+    assert torch.equal(duet_rank(padded, visual, 2, row_mask=mask), want)

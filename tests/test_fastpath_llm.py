@@ -1,5 +1,5 @@
-"""The fast path's in-LLM stages (llava.fast_llm, issue 34 item 3): FastV, PyramidDrop and VisionDrop
-captured whole, the decoder run segment by segment inside the one prefill function with each stage's rows
+"""The fast path's in-LLM stages (llava.fast_llm, issue 34 item 3): FastV, PyramidDrop, VisionDrop, DART and
+DUET-VLM (the text rows after the image as attention queries, padded, read through their mask) captured whole, the decoder run segment by segment inside the one prefill function with each stage's rows
 re-laid out by a host-planned gather, and a decode step per segment of layers. Checked against the eager
 engine's ``generate()`` (dynamo without code generation on a CPU, as tests/test_fastpath.py)."""
 
@@ -16,7 +16,7 @@ from llava.models import load
 #: PyramidDrop halves at layers 1 / 2 / 3; VisionDrop 8 per image on average (stage 0 in the tower's output,
 #: then 3 llm stages with merging); DART 12 of 16 after layer 1 (4 image pivots + 1 per pivot of the 8, the
 #: text pivots from the planned text rows)
-CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12)]
+CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6)]
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +129,12 @@ def test_segments_in_shorter_buckets(rts, method, budget):
         assert lens == sorted(lens, reverse=True) and lens[-1] < lens[0]  # one bucket per segment, shrinking
 
 
-@pytest.mark.parametrize("method,budget", [CASES[0], CASES[3]])
+@pytest.mark.parametrize("method,budget", [CASES[0], CASES[3], CASES[4]])
 def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, method, budget):
     """Prompts of other lengths in the same buckets and 16 decode steps compile nothing after the first
-    prompt (recompilation raises). FastV (one stage) and DART (its text rows padded: texts of other lengths
-    share the graph); the other stages change nothing the graph key holds. Batch 1: tokens == eager."""
+    prompt (recompilation raises). FastV (one stage), DART (its text rows padded: texts of other lengths
+    share the graph) and DUET-VLM (the padded text rows as attention queries, read through their mask); the
+    other stages change nothing the graph key holds. Batch 1: tokens == eager."""
     fast, eager = rts["llava"]
     torch._dynamo.reset()
     eng = fast.prune(method, budget)
