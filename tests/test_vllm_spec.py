@@ -11,7 +11,7 @@ from llava.method import available_methods, get_method
 
 BUDGET = 8
 #: options that make a method run with a fixed budget on tiny:llava
-OPTIONS = {"prumerge": {"budget_mode": "fixed"}}
+OPTIONS = {"prumerge": {"budget_mode": "fixed"}, "apet": {"llm_stage": False}}
 #: budgets other than BUDGET (downsample: s x s windows on the 4 x 4 grid reach 16, 4, 1)
 BUDGETS = {"downsample": 4, "none": None}
 
@@ -34,7 +34,7 @@ PRE_LLM = pre_llm_methods()
 
 def test_the_pre_llm_methods_are_the_expected_ones():
     assert {"consensusdrop", "attnmix", "visionzip", "fastervlm", "divprune", "cdpruner", "vispruner", "hiprune",
-            "downsample", "random", "prumerge", "none"} <= set(PRE_LLM)
+            "downsample", "random", "prumerge", "none", "visiontrim", "apet"} <= set(PRE_LLM)
     assert not {"fastv", "pdrop", "sparsevlm", "dart"} & set(PRE_LLM)
 
 
