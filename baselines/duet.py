@@ -58,7 +58,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (block_order, check_numerics, contextual_merge, masked_take, official_contextual_merge,
+from llava.ops import (check_numerics, contextual_merge, masked_take, official_contextual_merge, per_unit_selection,
                        scale_layers, topk_desc, unit_layout)
 
 #: (dominant incl. [CLS], contextual) per unit for the budgets with a setting; 64 is our design
@@ -165,13 +165,7 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
         num_targets += tg.numel()
         per_unit.append((u, dom, tg))
     newlines = lay.newlines[: lay.num_newline_stock] if keep_newlines else unit.new_zeros(0)
-    keep = torch.cat([d for _, d, _ in per_unit] + [newlines])
-    perm = block_order(per_unit, int(newlines.numel()), lay.unit_pos, patch, order, grid=lay.grid)
-    if not num_targets:
-        return Selection(keep=keep, order=perm)
-    targets = torch.cat([t for _, _, t in per_unit])
-    return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean", space="vision",
-                     order=perm)
+    return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, patch, order, grid=lay.grid)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from dataclasses import replace as _replace
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, block_order, contextual_merge,
-                       cosine_matrix, greedy_max_min, masked_take, text_to_image_score, unit_layout)
+from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, contextual_merge, cosine_matrix,
+                       greedy_max_min, masked_take, per_unit_selection, text_to_image_score, unit_layout)
 
 FUSIONS = ("rrf", "borda", "product", "max", "adaptive", "encoder_only", "cross_only")
 SELECTS = ("rank", "maxmin", "dpp", "nms")
@@ -491,7 +491,7 @@ class ConsensusDrop(Method):
         budgets = unit_budgets(self.budget, lay.num_units, budget_mode)
         if all(b >= lay.num_stock[u] for u, b in enumerate(budgets)):
             return Selection(keep=torch.arange(n_stock, device=dev))  # every unit fits: the unpruned layout
-        dom, tgt, assign, n_tgt = [], [], torch.full((n,), -1, dtype=torch.long, device=dev), 0
+        assign, n_tgt = torch.full((n,), -1, dtype=torch.long, device=dev), 0
         per_unit = []  # (dominant, targets) per unit, for ordering
         plans = []  # per unit: (idx, cls_idx, cand, c, dominant picks or a deferred max-min problem) or None
         for u in range(lay.num_units):
@@ -532,19 +532,11 @@ class ConsensusDrop(Method):
                 t_u, a_u = contextual_merge(metric, rest, c, n)
                 assign = torch.where(a_u >= 0, a_u + n_tgt, assign)
             n_tgt += t_u.numel()
-            dom.append(d_u)
-            tgt.append(t_u)
             per_unit.append((u, d_u, t_u))
-        keep = torch.cat(dom) if dom else torch.zeros(0, dtype=torch.long, device=dev)
-        targets = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.long, device=dev)
         newlines = lay.newlines if self.keep_newlines else torch.zeros(0, dtype=torch.long, device=dev)
-        keep = torch.cat([keep, newlines])
         mode = "spatial" if self.order == "spatial" else ("grid_raster" if self.next_order == "grid_raster" else "unit")
-        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, patch, mode, grid=lay.grid,
-                            captured=device_loop)
-        if targets.numel() == 0:
-            return Selection(keep=keep, order=order)
-        return Selection(keep=keep, targets=targets, assign=assign, rule=self.merge_rule, space=space, order=order)
+        return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, patch, mode, grid=lay.grid,
+                                  rule=self.merge_rule, space=space, captured=device_loop)
 
     def _budget_mode(self):
         return self.video_budget_mode if self.family == "video_llava" else (

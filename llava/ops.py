@@ -384,6 +384,31 @@ def _arange_runs(runs: list[tuple[int, int]], device) -> torch.Tensor:
     return torch.cat([torch.arange(a, a + n, device=device) for a, n in merged])
 
 
+def cat_parts(parts: list) -> torch.Tensor:
+    """``torch.cat`` of the non-empty parts (a lone part as it is: no copy, no kernel); all empty: the first
+    part (empty)."""
+    full = [p for p in parts if p.numel()]
+    if len(full) == 1:
+        return full[0]
+    return torch.cat(full) if full else parts[0][:0]
+
+
+def per_unit_selection(per_unit: list, newlines: torch.Tensor, assign: torch.Tensor, unit_pos, patch: torch.Tensor,
+                       mode: str, grid: int | None = None, *, rule: str = "target_plus_mean", space: str = "vision",
+                       captured: bool = False) -> Selection:
+    """The :class:`Selection` of a per-unit dominant + contextual selection (VisionZip's recipe per image /
+    crop / frame): ``per_unit`` [(unit, dominant indices, contextual target indices)] in unit order, the
+    dominant tokens then ``newlines`` kept, ``assign`` each merged token's target slot (slots numbered over
+    every unit's targets in order), the outputs laid out by :func:`block_order` (``mode``, ``grid``,
+    ``captured``). Without a target: the kept tokens only."""
+    keep = cat_parts([d for _, d, _ in per_unit] + [newlines])
+    order = block_order(per_unit, int(newlines.numel()), unit_pos, patch, mode, grid=grid, captured=captured)
+    targets = [t for _, _, t in per_unit if t.numel()]
+    if not targets:
+        return Selection(keep=keep, order=order)
+    return Selection(keep=keep, targets=cat_parts(targets), assign=assign, rule=rule, space=space, order=order)
+
+
 def block_order(per_unit: list, n_newlines: int, unit_pos: "torch.Tensor | list | None", patch: torch.Tensor,
                 mode: str = "unit", grid: int | None = None, captured: bool = False) -> torch.Tensor | None:
     """Output permutation for a multi-unit selection whose outputs are laid out as

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import block_order, check_numerics, scale_layers
+from llava.ops import check_numerics, per_unit_selection, scale_layers
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).
@@ -121,14 +121,6 @@ def _top_rest(scores: torch.Tensor, k: int, numerics: str, batched: bool = False
         return order[n - k:], order[: n - k]
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return order[:k].sort().values, order[k:].sort().values
-
-
-def _cat(parts: list) -> torch.Tensor:
-    """``torch.cat`` of the non-empty parts (a lone part as is: no copy)."""
-    full = [p for p in parts if p.numel()]
-    if len(full) == 1:
-        return full[0]
-    return torch.cat(full) if full else parts[0][:0]
 
 
 def stage0_scores(cls_attn: torch.Tensor, agg: str = "sum", numerics: str = "ours") -> torch.Tensor:
@@ -307,15 +299,9 @@ class VisionDrop(Method):
             n_tgt += tg.numel()
             per_unit.append((u, dom, tg))
         newlines = lay.newlines if self.keep_newlines else lay.newlines[:0]
-        keep = _cat([d for _, d, _ in per_unit] + [newlines])
-        targets = _cat([t for _, _, t in per_unit])
         mode = "grid_raster" if self.next_order == "grid_raster" else "unit"
-        order = block_order(per_unit, int(newlines.numel()), lay.unit_pos, sig.patch, mode, grid=lay.grid,
-                            captured=sig.captured)
-        if targets.numel() == 0:
-            return Selection(keep=keep, order=order)
-        return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean", space="vision",
-                         order=order)
+        return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, sig.patch, mode, grid=lay.grid,
+                                  captured=sig.captured)
 
     def _num_units(self, sig) -> int:
         """The sample's units, read once per prefill and kept in ``sig.state`` for the later stages."""
