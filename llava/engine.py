@@ -145,7 +145,7 @@ class _Prefill:
 
 class _PhaseClock:
     """The phase clock of ``PrefillStats.timings``. Each phase edge of a prefill is a :meth:`mark`, an opaque
-    reading: ``clock()`` when the engine has one (e.g. eval.efficiency counts ops per phase with it), else a
+    reading: ``clock()`` when the engine has one (e.g. bench.efficiency counts ops per phase with it), else a
     CUDA event recorded on the device's stream (``torch.cuda.Event(enable_timing=True)``), else
     ``time.perf_counter()``. :meth:`timings` turns them into phases once, at the end of the prefill: on
     CUDA after ONE synchronisation (on the last event; the stream has then passed every earlier one), so

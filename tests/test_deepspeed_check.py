@@ -1,4 +1,4 @@
-"""eval.deepspeed_check on CPU (DeepSpeed's CPU accelerator): part A (plain vs DeepSpeed-wrapped tokens)
+"""bench.deepspeed_check on CPU (DeepSpeed's CPU accelerator): part A (plain vs DeepSpeed-wrapped tokens)
 on one family with a few methods, part B (TTFT plain vs wrapped) on tiny:llava, part C (the real
 `deepspeed` launcher through scripts/eval/pope.sh against LAUNCHER=python); the report's structure,
 PASS verdicts and the markdown file."""
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from eval import deepspeed_check as D  # noqa: E402
+from bench import deepspeed_check as D  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_report_files_and_summary(report):
     js, md = report["files"]
     assert js.endswith(".json") and "deepspeed-check-cpu-" in js
     data = json.loads(open(js).read())
-    assert data["tool"] == "eval.deepspeed_check" and data["deepspeed_version"]
+    assert data["tool"] == "bench.deepspeed_check" and data["deepspeed_version"]
     text = open(md).read()
     assert "# DeepSpeed check: cpu" in text and "**PASS**" in text
     for part in ("## A.", "## B.", "## C."):
@@ -102,11 +102,11 @@ def test_sigterm_writes_the_partial_report(tmp_path):
     import time
     from pathlib import Path
 
-    from eval import gpu_check as G
+    from bench import gpu_check as G
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, G.TEST_SLEEP_ENV: "0.5", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.Popen([sys.executable, "-m", "eval.deepspeed_check", "--device", "cpu", "--families", "llava",
+    p = subprocess.Popen([sys.executable, "-m", "bench.deepspeed_check", "--device", "cpu", "--families", "llava",
                           "--methods", "fastv", "visionzip", "random", "--ttft-model", "tiny:llava",
                           "--out", str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)

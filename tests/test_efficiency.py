@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval.efficiency import BenchConfig, Roofline, fit_roofline, kv_bytes_per_token, prefill_macs, run
+from bench.efficiency import BenchConfig, Roofline, fit_roofline, kv_bytes_per_token, prefill_macs, run
 
 
 @pytest.mark.parametrize("n,d,m,layers,a,b", [

@@ -5,7 +5,7 @@ benchmark reports equal the engine's own stats on a re-run, and the FLOPs model 
 import pytest
 import torch
 
-from eval.efficiency import (BenchConfig, build_batch, cache_bytes, default_image_hw, describe_inputs, hybrid_spec,
+from bench.efficiency import (BenchConfig, build_batch, cache_bytes, default_image_hw, describe_inputs, hybrid_spec,
                              layer_macs, llm_dims, make_inputs, prefill_macs, run)
 from llava.models import load
 
@@ -212,7 +212,7 @@ def test_decode_step_time_excludes_the_prefill():
     import functools
     import time as _time
 
-    from eval.efficiency import decode_step_time
+    from bench.efficiency import decode_step_time
 
     rt = load("tiny:qwen3-vl", seed=1)
     from conftest import rand_image

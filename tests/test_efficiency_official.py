@@ -1,4 +1,4 @@
-"""eval.efficiency_official on tiny:llava (CPU, fp32): the files, exact ranking agreement between the
+"""bench.efficiency_official on tiny:llava (CPU, fp32): the files, exact ranking agreement between the
 official-style eager computation and ours, positive timings, the environment, the % of TTFT."""
 
 import json
@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from eval.efficiency_official import main, ttft_lookup
+from bench.efficiency_official import main, ttft_lookup
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("official")
-    eff = out / "efficiency.json"  # an eval.efficiency report of the same model: unpruned TTFT b1 and b2
+    eff = out / "efficiency.json"  # an bench.efficiency report of the same model: unpruned TTFT b1 and b2
     eff.write_text(json.dumps({"environment": {"model": "tiny:llava"}, "results": [
         {"method": "fastv", "ttft": {"median": 9.0}},
         {"method": "none", "ttft": {"median": 0.5}, "batched": {"2": {"ttft": {"median": 0.8}}}}]}))

@@ -1,7 +1,7 @@
 """The fast path through the harness (issue 34, item 1): ``eval run --fast`` (same answers as the eager
 engine, every answer and results.json saying which path its prefill took and why), the options' checks
 and resume keys, ``FAST=1`` in scripts/eval/_launch.sh and scripts/bench/efficiency.sh, and
-``eval.efficiency --fast`` (fast and eager rows side by side, the path each row actually took). Tiny
+``bench.efficiency --fast`` (fast and eager rows side by side, the path each row actually took). Tiny
 models on CPU with the compile backend "eager" (dynamo without code generation: seconds per graph)."""
 
 import json
@@ -143,14 +143,14 @@ def test_efficiency_script_fast_variables(tmp_path):
     cmd = ["bash", str(REPO / "scripts/bench/efficiency.sh"), "tiny:llava", str(tmp_path / "out")]
     subprocess.run(cmd, env={**env, "FAST": "1", "FAST_BACKEND": "inductor"}, check=True)
     argv = _argv(tmp_path)
-    assert argv[:2] == ["-m", "eval.efficiency"] and "--fast" in argv
+    assert argv[:2] == ["-m", "bench.efficiency"] and "--fast" in argv
     assert argv[argv.index("--fast-backend") + 1] == "inductor"
     subprocess.run(cmd, env=env, check=True)
     assert "--fast" not in _argv(tmp_path) and "--fast-backend" not in _argv(tmp_path)
 
 
 def test_efficiency_fast_rows_side_by_side(tmp_path):
-    from eval.efficiency import main as eff_main
+    from bench.efficiency import main as eff_main
 
     assert eff_main(["--model", "tiny:llava", "--methods", "none", "sparsevlm", "--budgets", "64", "--n", "2",
                      "--warmup", "1", "--batch", "1", "--decode-tokens", "2", "--decode-samples", "1",

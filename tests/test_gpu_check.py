@@ -1,4 +1,4 @@
-"""The GPU check (eval.gpu_check, scripts/bench/gpu_check.sh) through its real code path on a CPU:
+"""The GPU check (bench.gpu_check, scripts/bench/gpu_check.sh) through its real code path on a CPU:
 fp32, a few methods, two families. Asserts on the unpruned model and on the report's structure, never
 on a method's verdict (the engine's batch / decode fixes are not assumed)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import gpu_check
+from bench import gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +206,7 @@ def _terminate_after(tmp_path, extra, n_done=2, group=False, sleep="0.5"):
     import time
 
     env = {**os.environ, gpu_check.TEST_SLEEP_ENV: sleep, "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.Popen([sys.executable, "-m", "eval.gpu_check", *SMALL, "--out", str(tmp_path), *extra], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "bench.gpu_check", *SMALL, "--out", str(tmp_path), *extra], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=group)
     t0 = time.time()
@@ -248,7 +248,7 @@ def test_sigterm_writes_the_partial_report(tmp_path, isolate):
     # the finished records stay in <report>.partial.jsonl (header first)
     partial = Path(rep["partial_file"])
     assert partial.name == Path(rep["files"][0]).stem + ".partial.jsonl"
-    assert json.loads(partial.read_text().splitlines()[0])["header"]["tool"] == "eval.gpu_check"
+    assert json.loads(partial.read_text().splitlines()[0])["header"]["tool"] == "bench.gpu_check"
     assert [r["method"] for r in _records(partial)] == [r["method"] for r in ran]
     if isolate == "--no-isolate":
         # --resume: the finished tasks are reused, the rest run; the complete report drops the .partial.jsonl
@@ -340,7 +340,7 @@ def test_reports_name_the_commit_given_for_a_copied_tree(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# the fast-path section (eval/gpu_check_fast.py)
+# the fast-path section (bench/gpu_check_fast.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -350,7 +350,7 @@ def test_fast_section_on_cpu_equality_an_eager_method_and_timing(tmp_path, monke
     uncompiled and of the eager engine; a method the fast path refuses (DART, refused here whatever its
     capture status is today) listed as eager with its reason, not a failure; Qwen2.5-VL (not planned by
     the fast path) gets no fast task; the timing rows on tiny:llava (targets stated for the 7B shapes only)."""
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
     from llava.method import _REGISTRY, available_methods
 
     available_methods()  # registers the methods
@@ -432,7 +432,7 @@ def test_fast_half_precision_mismatches_are_judged_against_the_unpruned_model_an
     """fp16: a method fails only where it differs from the eager engine and the unpruned model does not,
     beyond 4x the larger of the unpruned model's own delta and its batch noise (tiny check); every mismatch
     is counted. fp32: any difference fails."""
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     none = _synthetic("none", "float16", [(2, 0.01), None])  # the reference: its own flip at step 2
     fastervlm = _synthetic("fastervlm", "float16", [(5, 0.3), (7, 0.02)])  # unpruned differs too; a near tie
@@ -467,7 +467,7 @@ def test_fast_half_precision_mismatches_are_judged_against_the_unpruned_model_an
 
 
 def test_fast_target_verdicts_worked_values():
-    from eval.gpu_check_fast import target_verdicts
+    from bench.gpu_check_fast import target_verdicts
 
     out = target_verdicts({"none": 17.0, "fastervlm": 7.5, "random": 9.0, "divprune": 9.4, "consensusdrop": 8.2},
                           tpot_ms=6.5, next_ms={"none": 110.0, ("fastervlm", 320): 30.0, ("fastervlm", 160): 25.0,
@@ -490,7 +490,7 @@ def test_fast_target_verdicts_worked_values():
                                       "verdict": "not measured"}
     # the timing table of a default run: speed-ups over each model's unpruned fast path; a row whose prefills
     # ran eagerly counts for no target
-    from eval.gpu_check_fast import timing_table
+    from bench.gpu_check_fast import timing_table
 
     def row(model, method, ms, tokens=64, path="fast"):
         return {"kind": "fast_ttft", "model": model, "method": method, "tokens": None if method == "none" else tokens,
@@ -542,7 +542,7 @@ def test_fast_flags_and_tasks(monkeypatch, tmp_path):
     assert timing[:4] == [("shape:llava-1.5-7b", m, n) for m, n in (("none", None), ("fastervlm", 64), ("fastv", 64),
                                                                    ("pdrop", 64))]
     assert timing[4] == ("shape:llava-next-7b", "none", None) and len(timing) == 4 + 1 + 2 * 3
-    from eval.gpu_check_fast import next_budget
+    from bench.gpu_check_fast import next_budget
 
     assert [next_budget(m, 320) for m in ("fastervlm", "fastv", "pdrop", "none")] == [64, 320, 64, None]
     assert gpu_check.main([*base, "--no-fast"]) == 0 and not seen[-1].fast
@@ -555,7 +555,7 @@ def test_fast_tasks_stopped_by_the_time_limit_are_listed_not_run(tmp_path, monke
     first runs, the rest are `not run (time limit)` in the fast table and the summary (PARTIAL)."""
     import time
 
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     def task(ctx, t, cfg):
         time.sleep(2.0)

@@ -120,7 +120,7 @@ def run_harness(tmp: Path, runs: list[tuple[str, list[str]]], limit=LIMIT) -> di
 @pytest.fixture(scope="module")
 def shapes_runs(tmp_path_factory):
     """Every method through lmms-eval (two processes at a time) and through our harness, on the testbed."""
-    from eval.lmms_tasks import write_task
+    from integrations.lmms_eval.tasks import write_task
 
     tmp = tmp_path_factory.mktemp("lmms")
     write_task(tmp / "tasks", "vtprune_shapes", n=N)
@@ -186,7 +186,7 @@ def test_lmms_eval_every_method_matches_our_harness(shapes_runs, method):
 def test_lmms_eval_tiny_model_gqa_layout_task(tmp_path):
     """``pretrained=tiny:llava`` on the GQA-layout fixture task; our harness reads the same files as its
     ``--data-root`` (the ``gqa`` benchmark, LLaVA's question file)."""
-    from eval.lmms_tasks import write_task
+    from integrations.lmms_eval.tasks import write_task
 
     task_dir = write_task(tmp_path / "tasks", "vtprune_gqa_fixture")
     lm = run_lmms(tmp_path, "tiny:llava", "consensusdrop", DEFAULT_BUDGET, "vtprune_gqa_fixture", limit=4)

@@ -1,5 +1,5 @@
 """The engine's phase clock (``PrefillStats.timings``): each phase edge is an opaque mark, and the phases
-are worked out once at the end of the prefill. With a callable ``engine.clock`` (eval.efficiency's op
+are worked out once at the end of the prefill. With a callable ``engine.clock`` (bench.efficiency's op
 count) or on a CPU (``time.perf_counter``) the marks are readings; on CUDA they are events resolved after
 ONE synchronisation. CUDA is simulated here with a stand-in event class (tests run on a CPU)."""
 

@@ -78,7 +78,7 @@ def test_sync_counter_with_ops_counts_both_in_one_pass():
 
 
 def test_a_pruning_method_adds_launches_over_the_unpruned_prefill():
-    from eval.efficiency import build_batch, make_inputs, prefill_ops
+    from bench.efficiency import build_batch, make_inputs, prefill_ops
 
     rt = load("tiny:llava", seed=1)
     items = make_inputs(rt, 1, 6, 0, (56, 56))

@@ -2,7 +2,7 @@
 DeepSpeed's shared-memory op off) give the single-process plain model's greedy tokens for every registered
 method on every tiny family (fp32, logits within 1e-5), with the language model's weights really halved on
 each rank and the towers whole; the harness's TP groups (`LAUNCHER=deepspeed TP=2 NPROC=2|4`) answer as
-one process does; the refusals. The whole matrix runs here (about 20 s); `python -m eval.tp_check` is the
+one process does; the refusals. The whole matrix runs here (about 20 s); `python -m bench.tp_check` is the
 same check as a command (docs/evaluation.md section 3)."""
 
 import json
@@ -16,9 +16,9 @@ import torch
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from eval import gpu_check as G  # noqa: E402
+from bench import gpu_check as G  # noqa: E402
 from eval.dist import DistInfo, detect  # noqa: E402
-from eval.tp_check import FAMILIES, TPCheckConfig, run_check  # noqa: E402
+from bench.tp_check import FAMILIES, TPCheckConfig, run_check  # noqa: E402
 from llava.method import method_supports  # noqa: E402
 from llava.tp import grain_size, lm_policy  # noqa: E402
 

@@ -1,11 +1,11 @@
-"""The tensor-parallel memory plan (docs/evaluation.md section 3, `python -m eval.tp_check --memory`): what each
+"""The tensor-parallel memory plan (docs/evaluation.md section 3, `python -m bench.tp_check --memory`): what each
 rank holds under llava.tp (the language model's linears and lm_head split, the rest whole), worked out by hand
 for LLaVA-1.5-7B; the large shape configs the plan covers build their published parameter counts. (That a TP
 run holds exactly rank_params' count is checked on the tiny families in tests/test_tensor_parallel.py.)"""
 
 import pytest
 
-from eval.tp_check import memory_plan
+from bench.tp_check import memory_plan
 from llava.models import load
 from llava.tp import rank_params
 

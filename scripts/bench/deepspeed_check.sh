@@ -4,7 +4,7 @@
 # TTFT of shape:llava-1.5-7b (fp16) plain vs wrapped; C. scripts/eval/pope.sh on the POPE fixture with
 # LAUNCHER=deepspeed (the real launcher) equals LAUNCHER=python. Writes
 # docs/results/deepspeed-check-<device>-<date>.{json,md}; exit status 1 on a failed check. Without a
-# CUDA device it says so and exits 0. Options: python -m eval.deepspeed_check --help
+# CUDA device it says so and exits 0. Options: python -m bench.deepspeed_check --help
 #   bash scripts/bench/deepspeed_check.sh                                    # everything (CUDA)
 #   bash scripts/bench/deepspeed_check.sh --no-ttft --families llava
 #   bash scripts/bench/deepspeed_check.sh --device cpu --families llava --ttft-model tiny:llava --out /tmp/dsc
@@ -15,4 +15,4 @@
 # (0 PASS, 1 a failed check, 3 PARTIAL with no failure).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec python -m eval.deepspeed_check "$@"
+exec python -m bench.deepspeed_check "$@"

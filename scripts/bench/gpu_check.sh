@@ -4,7 +4,7 @@
 # CUDA (batch == alone, cached == no-cache recompute, host-sync counts) and a TTFT table on
 # shape:llava-1.5-7b, and the fast path (issue 34: per captured method, compiled == uncompiled == eager-engine
 # tokens; fast TTFT / TPOT on the 7B shapes against the issue's targets; --no-fast / --fast-only); writes docs/results/gpu-check-<device>-<date>.{json,md}; exit status 1 on a
-# failed check. Without a CUDA device it says so and exits 0. Options: python -m eval.gpu_check --help
+# failed check. Without a CUDA device it says so and exits 0. Options: python -m bench.gpu_check --help
 #   bash scripts/bench/gpu_check.sh                    # the full check (CUDA)
 #   bash scripts/bench/gpu_check.sh --no-ttft --methods fastv visionzip --families llava
 #   bash scripts/bench/gpu_check.sh --device cpu --no-ttft --out /tmp/gc   # CPU run, fp32
@@ -17,4 +17,4 @@
 # (kept beside a partial report, deleted with a complete one); --resume runs only the tasks not in it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec python -m eval.gpu_check "$@"
+exec python -m bench.gpu_check "$@"

@@ -8,13 +8,13 @@
 #   bash scripts/bench/gpu_session.sh eff-next   OUT   # efficiency table, shape:llava-next-7b (2880 tokens)
 #   bash scripts/bench/gpu_session.sh selection  OUT   # the costly selections only (greedy / multi-stage methods), both shapes
 #   bash scripts/bench/gpu_session.sh fast       OUT   # the fast path (load(fast=True)) next to the eager engine, batch 1,
-#                                                       # fp16 (eval.efficiency --fast): fast-7b, then fast-next (LIMIT/2 each)
+#                                                       # fp16 (bench.efficiency --fast): fast-7b, then fast-next (LIMIT/2 each)
 #   bash scripts/bench/gpu_session.sh fast-7b    OUT   #   shape:llava-1.5-7b, none + 8 methods at 64 tokens, 32 decode tokens
 #   bash scripts/bench/gpu_session.sh fast-next  OUT   #   shape:llava-next-7b (2880 tokens) at 320 / 160 visual tokens in all:
 #                                                       #   64 / 32 per crop (per-crop methods, PyramidDrop's 576 scale), FastV 320 / 160
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
-# LIMIT seconds (default 540) and writes what it has. eval.efficiency writes its files at the end: the fast
+# LIMIT seconds (default 540) and writes what it has. bench.efficiency writes its files at the end: the fast
 # parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT
 # loses only its own rows (its .log keeps the progress). A copied tree may carry a stale .git: pass the commit
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
@@ -27,7 +27,7 @@ mkdir -p "$DEST"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit[, more flags]]
-  timeout --signal=TERM "${8:-$LIMIT}" python -m eval.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
+  timeout --signal=TERM "${8:-$LIMIT}" python -m bench.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
     --budgets $3 --n "$4" --warmup 3 --batch $5 --decode-tokens "$6" --next-layout spatial \
     $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$DEST/$7" "${@:9}" 2>&1 | tee "$DEST/$7.log" | tail -60
 }
@@ -41,8 +41,8 @@ fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each m
   eff shape:llava-next-7b "none fastv" "320 160" 12 1 16 fast-next-sample $(($1 / 3)) --fast
 }
 case "$PART" in
-  checks) python -m eval.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
-  deepspeed) timeout --signal=TERM "$LIMIT" python -m eval.deepspeed_check --ttft-runs 10 --out "$DEST" 2>&1 \
+  checks) python -m bench.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
+  deepspeed) timeout --signal=TERM "$LIMIT" python -m bench.deepspeed_check --ttft-runs 10 --out "$DEST" 2>&1 \
                | tee "$DEST/deepspeed_check.log" | tail -40 ;;
   eff-7b) eff shape:llava-1.5-7b "none consensusdrop visiondrop attnmix fastv pdrop sparsevlm visionzip fastervlm divprune dart random" \
             "192 128 64" 32 "1 8" 32 eff-7b ;;
@@ -55,7 +55,7 @@ case "$PART" in
   fast) fast_7b $((LIMIT / 2)); fast_next $((LIMIT / 2)) ;;
   fast-7b) fast_7b "$LIMIT" ;;
   fast-next) fast_next "$LIMIT" ;;
-  fast-check) python -m eval.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
+  fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
                 | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """The GPU check's fast-path section (issue 34): ``load(..., fast=True)`` (llava/fastpath.py) on the device.
 
-Two task kinds, run by eval/gpu_check.py's task machinery (worker isolation, ``--time-limit``, the
+Two task kinds, run by bench/gpu_check.py's task machinery (worker isolation, ``--time-limit``, the
 ``.partial.jsonl`` and ``--resume``); skip both with ``--no-fast``, the timing with ``--no-fast-ttft``
 (``--no-ttft`` skips every timing table):
 
@@ -14,7 +14,7 @@ Two task kinds, run by eval/gpu_check.py's task machinery (worker isolation, ``-
   without ``fast``). A captured method (``eng.fast.refusal is None``) must take the fast path on every
   prompt (``engine.stats.path == "fast"``) and give the uncompiled and the eager engine's tokens and visual
   token counts. fp32: tokens equal and every step's logits within ``FP32_LOGIT_TOL``. fp16 / bf16 are
-  judged as the tiny checks judge them (:func:`eval.gpu_check.noise_tolerance`): the unpruned model is the
+  judged as the tiny checks judge them (:func:`bench.gpu_check.noise_tolerance`): the unpruned model is the
   half-precision reference, and a method fails on a prompt only where it differs and the unpruned model
   does not, unless its logits up to the first differing token stayed within 4x the larger of the unpruned
   model's own delta on that comparison and its batch==alone / cached==no-cache delta in the tiny check
@@ -23,7 +23,7 @@ Two task kinds, run by eval/gpu_check.py's task machinery (worker isolation, ``-
 * ``fast_ttft`` (timing), batch 1 in ``--ttft-dtype``: the fast path's TTFT median and TPOT on
   ``shape:llava-1.5-7b`` (unpruned and ``--fast-ttft-methods`` at ``--ttft-budget``) and on
   ``shape:llava-next-7b`` (672x672, ``spatial`` layout: 2880 visual tokens) at ``--fast-next-tokens`` total
-  visual tokens (the per-crop methods get tokens / 5 per crop). Timed by eval.efficiency's ``measure``
+  visual tokens (the per-crop methods get tokens / 5 per crop). Timed by bench.efficiency's ``measure``
   (warm-up prefills compile first, a timed prefill that still compiled is timed again; one synchronize
   before and after each whole prefill; TPOT = (generate N - generate 1) / (N - 1)). The issue's targets
   (:func:`target_verdicts`) are reported as met / missed; they do not fail the check, a crash does.
@@ -35,7 +35,7 @@ import contextlib
 
 import torch
 
-from eval.gpu_check import (FP32_LOGIT_TOL, NO_BUDGET, QUESTIONS, IMAGE_SIZES, TINY_BUDGETS, _fmt,
+from bench.gpu_check import (FP32_LOGIT_TOL, NO_BUDGET, QUESTIONS, IMAGE_SIZES, TINY_BUDGETS, _fmt,
                             _recorded, _sample_verdict, _short, _unprune, build, compare, family_key, generate,
                             noise_tolerance, rand_image, supported, tiny_budget)
 
@@ -319,7 +319,7 @@ def agreement(r: dict, check: str) -> dict:
 def load_timing(model: str, cfg) -> dict:
     import time
 
-    from eval.efficiency import default_image_hw, make_inputs
+    from bench.efficiency import default_image_hw, make_inputs
     from llava.models import load
 
     t0 = time.perf_counter()
@@ -335,8 +335,8 @@ def load_timing(model: str, cfg) -> dict:
 
 
 def timing_task(ctx: dict, t: dict, cfg) -> dict:
-    """Batch-1 fast-path TTFT and TPOT of one method (eval.efficiency.measure on the fast path)."""
-    from eval.efficiency import BenchConfig, measure
+    """Batch-1 fast-path TTFT and TPOT of one method (bench.efficiency.measure on the fast path)."""
+    from bench.efficiency import BenchConfig, measure
 
     rt, device, m = ctx["rt"], ctx["device"], t["method"]
     budget = ttft_budget(m, cfg) if t["model"] != cfg.fast_next_model else next_budget(m, t["tokens"] or 0)
@@ -568,7 +568,7 @@ def markdown(report: dict) -> list[str]:
                 f"The fast path after warm-up ({t['warmup']} warm-up prefills; a timed prefill that still compiled a "
                 f"graph is timed again), {t['runs']} timed prefills per row (seeded random images: LLaVA-1.5 336x336, "
                 f"NeXT 672x672 in the `spatial` layout, {cfg['ttft_text_words']}-word questions), one synchronize "
-                f"before and after each whole prefill (eval.efficiency's `measure`); TPOT over {t['decode_tokens']} "
+                f"before and after each whole prefill (bench.efficiency's `measure`); TPOT over {t['decode_tokens']} "
                 "generated tokens. Budget: the method's own convention (NeXT: total visual tokens / 5 per crop for the "
                 "per-crop methods). Speed-up: the unpruned fast path's TTFT / the row's. Eager TTFT: the TTFT table "
                 "above (same inputs), where it ran.", "",

@@ -1,9 +1,9 @@
 """Our signal computation vs the official implementations' way, timed where the two differ (issue 18
 item 2), on the same device and the same shapes.
 
-    python -m eval.efficiency_official --model shape:llava-1.5-7b shape:llava-next-7b --dtype float16 \
+    python -m bench.efficiency_official --model shape:llava-1.5-7b shape:llava-next-7b --dtype float16 \
         --device cuda --batch 1 16 --n 20 --warmup 5 --out DIR [--ttft-json EFFICIENCY.json ...]
-    python -m eval.efficiency_official --model tiny:llava --device cpu --dtype float32 --n 3 --out DIR
+    python -m bench.efficiency_official --model tiny:llava --device cpu --dtype float32 --n 3 --out DIR
 
 (a) FastV. The official code (pkunlp-icler/FastV, in-place LLaVA version) runs decoder layer K-1 with
     eager attention and ``output_attentions=True``, which materialises the full (B, H, L, L)
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from eval.efficiency import build_batch, make_inputs, summary
+from bench.efficiency import build_batch, make_inputs, summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def environment(device: torch.device, dtype) -> dict:
 
 
 def ttft_lookup(paths, model: str) -> dict:
-    """Unpruned TTFT medians by batch size from efficiency.json files of eval.efficiency."""
+    """Unpruned TTFT medians by batch size from efficiency.json files of bench.efficiency."""
     out = {}
     for p in paths:
         rep = json.loads(Path(p).read_text())
@@ -617,7 +617,7 @@ def write(report: dict, out: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.efficiency_official", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.efficiency_official", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config(models=[])
     ap.add_argument("--model", nargs="+", default=["tiny:llava"], dest="models",
@@ -634,7 +634,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fastv-budget", type=int, default=None,
                     help="equivalent-token budget for the kept count (default: FastV's ratio 0.5)")
     ap.add_argument("--ttft-json", nargs="*", default=[],
-                    help="efficiency.json files of eval.efficiency: the difference as %% of the unpruned TTFT")
+                    help="efficiency.json files of bench.efficiency: the difference as %% of the unpruned TTFT")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=d.out)

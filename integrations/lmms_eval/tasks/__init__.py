@@ -1,7 +1,7 @@
 """Local lmms-eval tasks shipped with the repository: a task folder (YAML + utils.py) per task, whose
 small dataset is written on disk next to it (no download):
 
-    python -m eval.lmms_tasks OUT_DIR [TASK] [N]     # OUT_DIR/TASK/{TASK.yaml, utils.py, data/}
+    python -m integrations.lmms_eval.tasks OUT_DIR [TASK] [N]     # OUT_DIR/TASK/{TASK.yaml, utils.py, data/}
     python -m lmms_eval --model vtprune --model_args pretrained=testbed/weights,method=consensusdrop,budget=8 \\
         --include_path OUT_DIR --tasks vtprune_shapes --limit 8 --batch_size 2 --output_path OUT_DIR/logs
 
@@ -58,7 +58,7 @@ def write_task(out_dir, task: str = "vtprune_shapes", n: int | None = None) -> P
     data = dst / "data"
     rows = []
     if task == "vtprune_gqa_fixture":
-        from ..fixtures import gqa
+        from eval.fixtures import gqa
 
         gqa(data)  # our harness's layout: gqa/llava_gqa_testdev_balanced.jsonl, gqa/data/{images, questions}
         tier = json.loads((data / "gqa/data/testdev_balanced_questions.json").read_text())

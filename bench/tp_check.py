@@ -1,14 +1,14 @@
 """Tensor-parallel check: every method under DeepSpeed AutoTP gives the plain model's greedy tokens.
 
-    python -m eval.tp_check                                   # the full matrix: every method x every tiny family
-    python -m eval.tp_check --methods none,fastv --families llava,qwen2.5-vl --tp 2
+    python -m bench.tp_check                                   # the full matrix: every method x every tiny family
+    python -m bench.tp_check --methods none,fastv --families llava,qwen2.5-vl --tp 2
     bash scripts/bench/tp_check.sh                            # the same, with the threads and accelerator set
 
 No launcher: the check spawns ``--tp`` processes itself (``torch.multiprocessing``, gloo on a CPU, nccl on
 CUDA), one tensor-parallel group. Each rank loads every tiny family twice with the same seed: the plain
 model, and a copy through ``llava.tp.deepspeed_inference(rt, tp_size=tp)`` (the language model sharded,
 the towers replicated). Every registered method (and ``none``) is attached to both after it and greedy
-generation of ``--new-tokens`` tokens on eval.gpu_check's ``mixed`` batch of 3 is compared: PASS when the
+generation of ``--new-tokens`` tokens on bench.gpu_check's ``mixed`` batch of 3 is compared: PASS when the
 tokens are equal **on every rank** and every step's logits are within ``--logit-tol`` (1e-5, fp32) of the
 plain model's. For each family the report also records what was sharded (the parameters whose shape on
 rank 0 differs from the plain model's, and their shapes: the LLM's projections halved at TP=2, the tower
@@ -78,7 +78,7 @@ def _compare(rt_plain, rt_tp, method: str, family: str, cfg: TPCheckConfig, devi
     import torch
     import torch.distributed as dist
 
-    from eval import gpu_check as G
+    from bench import gpu_check as G
 
     fam = G.family_key(family)
     budget = G.tiny_budget(method, fam)
@@ -125,7 +125,7 @@ def _worker(rank: int, cfg: TPCheckConfig, port: int, result: str) -> None:
 
     if cfg.device == "cpu":
         torch.set_num_threads(1)
-    from eval import gpu_check as G
+    from bench import gpu_check as G
     from llava.models import load
     from llava.tp import deepspeed_inference, rank_params
 

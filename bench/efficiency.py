@@ -2,7 +2,7 @@
 KV-cache bytes, peak memory and analytic prefill FLOPs, for the unpruned model and methods x budgets
 in one run (protocol: shared/reference/efficiency.md).
 
-    python -m eval.efficiency --model shape:llava-1.5-7b --dtype float16 --device cuda \
+    python -m bench.efficiency --model shape:llava-1.5-7b --dtype float16 --device cuda \
         --methods none consensusdrop visiondrop attnmix fastv --budgets 192 128 64 --n 200 --batch 1 8
 
 Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the environment, the cost model
@@ -950,7 +950,7 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.efficiency", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchConfig()
     ap.add_argument("--model", default=d.model)

@@ -1,7 +1,7 @@
 """DeepSpeed check: prove and measure DeepSpeed inference at tensor-parallel size 1 on a real device.
 
-    bash scripts/bench/deepspeed_check.sh                 # = python -m eval.deepspeed_check (CUDA, all parts)
-    python -m eval.deepspeed_check --device cpu --families llava --ttft-model tiny:llava --out /tmp/dsc
+    bash scripts/bench/deepspeed_check.sh                 # = python -m bench.deepspeed_check (CUDA, all parts)
+    python -m bench.deepspeed_check --device cpu --families llava --ttft-model tiny:llava --out /tmp/dsc
 
 Three parts, each optional (``--no-equivalence``, ``--no-ttft``, ``--no-launcher-check``):
 
@@ -9,11 +9,11 @@ Three parts, each optional (``--no-equivalence``, ``--no-ttft``, ``--no-launcher
   CUDA, fp32 on CPU) is loaded twice with the same seed; the second copy goes through
   ``llava.models.deepspeed_inference`` (``deepspeed.init_inference``, tp_size 1, kernel injection off).
   Every registered method (and ``none``) is attached to both after it (``rt.prune``; ``random`` with
-  seed 3), and greedy generation of ``--new-tokens`` tokens on eval.gpu_check's ``mixed`` batch of 3
+  seed 3), and greedy generation of ``--new-tokens`` tokens on bench.gpu_check's ``mixed`` batch of 3
   must give identical tokens (the wrapped model runs the same kernels, so equality is exact even in
   half precision); the first step's max |delta logit| is reported. A method a family does not support
   (``llava.method.method_supports``) is ``n/a``.
-* **B. TTFT**: batch-1 prefill time (eval.gpu_check's ``ttft_task``, eval.efficiency's timers) of
+* **B. TTFT**: batch-1 prefill time (bench.gpu_check's ``ttft_task``, bench.efficiency's timers) of
   ``--ttft-model`` (default ``shape:llava-1.5-7b``, fp16: about 14 GB) per method at ``--ttft-budget``,
   first plain, then the same runtime wrapped with ``deepspeed_inference``; medians and their ratio. On
   CPU it runs only for a small model (``tiny:*`` or a ``*cpu-small`` shape).
@@ -33,7 +33,7 @@ A, a method of B, part C) is started once the elapsed time plus the longest step
 limit less ``--time-reserve`` (default 5 s), and a step still running there is stopped (SIGALRM); on
 SIGTERM / SIGINT the run stops at once. Either way the report is written from what finished, the rest
 listed as ``not run (time limit)`` / ``not run (interrupted by SIGTERM)``, the overall verdict PARTIAL.
-Exit status (as eval.gpu_check): 0 PASS, 1 FAIL (a failed check among what ran), 3 PARTIAL (steps not
+Exit status (as bench.gpu_check): 0 PASS, 1 FAIL (a failed check among what ran), 3 PARTIAL (steps not
 run, no failure), 2 bad arguments.
 """
 
@@ -53,12 +53,12 @@ from pathlib import Path
 
 import torch
 
-from eval import gpu_check as G
+from bench import gpu_check as G
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision")
 TTFT_METHODS = ("none", "consensusdrop", "visiondrop", "attnmix", "fastv", "visionzip")
-#: families without an entry in eval.gpu_check.TINY_BUDGETS borrow the budgets of a similar tiny model
+#: families without an entry in bench.gpu_check.TINY_BUDGETS borrow the budgets of a similar tiny model
 #: (the check is plain vs DeepSpeed, so the exact amount of pruning does not matter)
 BUDGET_FAMILY = {"qwen2_5_vl": "llava", "llava_onevision": "llava_next"}
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -499,7 +499,7 @@ def markdown(report: dict) -> str:
         cols = [(f, d) for f in cfg["families"] for d in cfg["dtypes"]]
         by = {(r["method"], r["family"], r["dtype"]): r for r in eq["results"]}
         out += ["", "## A. Plain vs DeepSpeed-wrapped: greedy tokens", "",
-                f"Tiny random-weight models, seed {cfg['seed']}, loaded twice; the `mixed` batch of 3 (eval.gpu_check), "
+                f"Tiny random-weight models, seed {cfg['seed']}, loaded twice; the `mixed` batch of 3 (bench.gpu_check), "
                 f"{cfg['new_tokens']} forced greedy tokens; each method attached to both after wrapping. Cell: verdict "
                 "and the first step's max |delta logit|; n/a: the method does not support the family.", "",
                 "| Method | " + " | ".join(f"{f} {d}" for f, d in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -536,7 +536,7 @@ def markdown(report: dict) -> str:
             if t.get("error"):
                 out += ["```", *t["error"], "```", ""]
             out += [f"Random weights; budget {t['budget']}; {t['warmup']} warm-up and {t['runs']} timed prefills per "
-                    f"method (eval.gpu_check.ttft_task); {t.get('image_px')} px images; model built in "
+                    f"method (bench.gpu_check.ttft_task); {t.get('image_px')} px images; model built in "
                     f"{t.get('build_seconds')} s" + (f"; peak {t['peak_gib']} GiB" if t.get("peak_gib") else "")
                     + ". The same runtime is timed plain first, then after `deepspeed_inference`.", "",
                     "| Method | Budget | Plain median (ms) | p90 | DeepSpeed median (ms) | p90 | DeepSpeed / plain |",
@@ -592,7 +592,7 @@ def run(cfg: DSCheckConfig, command: str = "", log=print) -> dict:
     log(f"deepspeed_check on {env['device_name']} ({device}); deepspeed {ds_version}; parts: "
         + ", ".join(p for p, on in (("A equivalence", cfg.equivalence), ("B TTFT", cfg.ttft),
                                      ("C launcher", cfg.launcher_check)) if on))
-    report = {"tool": "eval.deepspeed_check", "command": command, "environment": env, "deepspeed_version": ds_version,
+    report = {"tool": "bench.deepspeed_check", "command": command, "environment": env, "deepspeed_version": ds_version,
               "config": {**asdict(cfg), "device": str(device)}, "methods": methods,
               "equivalence": None, "ttft": None, "launcher": None, "stopped": None}
     if ds_version is None:
@@ -664,7 +664,7 @@ def _write(report: dict, cfg: DSCheckConfig, env: dict, ds_version, t_start: flo
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m eval.deepspeed_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.deepspeed_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DSCheckConfig()
     B = argparse.BooleanOptionalAction
@@ -734,7 +734,7 @@ def main(argv=None) -> int:
         print("deepspeed_check: no CUDA device is available; nothing was run "
               "(use --device cpu for a CPU run of the same checks).")
         return 0
-    command = "python -m eval.deepspeed_check " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.deepspeed_check " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run(cfg, command.strip())
     summ = report["summary"]
     print()

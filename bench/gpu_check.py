@@ -1,9 +1,9 @@
 """GPU check (issue 19): prove on a real CUDA device that the pruning engine gives correct answers.
 
-    bash scripts/bench/gpu_check.sh                      # = python -m eval.gpu_check (CUDA, all checks)
-    python -m eval.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check
-    python -m eval.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
-    python -m eval.gpu_check --fast-only --fast-dtypes float16       # the fast-path section only
+    bash scripts/bench/gpu_check.sh                      # = python -m bench.gpu_check (CUDA, all checks)
+    python -m bench.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check
+    python -m bench.gpu_check --methods none fastv --families llava --dtypes float16 --no-ttft
+    python -m bench.gpu_check --fast-only --fast-dtypes float16       # the fast-path section only
 
 Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the seven tiny
 random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
@@ -33,8 +33,8 @@ Checks, per method x family x dtype:
   ``mixed`` batch, total and per sample; informational unless ``--max-syncs-per-sample`` is given.
 * **TTFT** (skip with ``--no-ttft``): ``shape:llava-1.5-7b`` (real shapes, random weights) in fp16,
   unpruned and every method at budget 64, batch 1, median TTFT with the engine's vision / selection /
-  LLM breakdown (timed with eval.efficiency's helpers).
-* **Fast path** (``load(..., fast=True)``; eval/gpu_check_fast.py; skip with ``--no-fast``, only it with
+  LLM breakdown (timed with bench.efficiency's helpers).
+* **Fast path** (``load(..., fast=True)``; bench/gpu_check_fast.py; skip with ``--no-fast``, only it with
   ``--fast-only``): on tiny LLaVA / NeXT / Video-LLaVA in the dtypes above, every method's batch-1 greedy
   tokens (``--fast-prompts`` prompts x ``--fast-tokens`` tokens) on the fast path with the device's backend
   (CUDA graphs through Inductor on CUDA) == the same path uncompiled == the eager engine, every prefill of
@@ -59,7 +59,7 @@ Results are never lost (the per-command wall-clock limit of a borrowed GPU machi
   (default 5 s, for judging and writing the report); at the limit less the reserve a task still running
   is stopped (the worker is killed; in-process a SIGALRM stops it). The report is then written with the
   tasks not run listed as ``not run (time limit)``. Give it a little less than the outer limit, e.g.
-  ``timeout 170 python -m eval.gpu_check --time-limit 160``.
+  ``timeout 170 python -m bench.gpu_check --time-limit 160``.
 * SIGTERM / SIGINT (what ``timeout`` and Ctrl-C send): the parent stops its worker, judges the tasks
   finished so far and writes the report, the rest listed as ``not run (interrupted by SIGTERM)``.
 * Every finished task's record is appended (flushed) to ``<report>.partial.jsonl`` (first line a header
@@ -169,7 +169,7 @@ class CheckConfig:
     ttft_runs: int = 10
     ttft_text_words: int = 12
     tiny: bool = True  # the tiny-model checks above (--fast-only: off)
-    fast: bool = True  # the fast-path section (eval/gpu_check_fast.py)
+    fast: bool = True  # the fast-path section (bench/gpu_check_fast.py)
     fast_backend: str = "auto"  # the fast path's compile backend (auto: Inductor + CUDA graphs on CUDA)
     fast_dtypes: list = field(default_factory=list)  # default: the dtypes above
     fast_prompts: int = 5  # per family x dtype x method: 14 captured methods x 3 families x 5 >= 200 per dtype
@@ -488,7 +488,7 @@ def tiny_task(ctx: dict, family: str, dtype: str, method: str, cfg: CheckConfig)
 
 def ttft_task(ctx: dict, method: str, cfg: CheckConfig) -> dict:
     """Batch-1 TTFT of one method on the loaded ``--ttft-model``: warm-ups, then timed prefills."""
-    from eval.efficiency import prefill_once, summary
+    from bench.efficiency import prefill_once, summary
 
     rt, batches, device = ctx["rt"], ctx["batches"], ctx["device"]
     # an adaptive method (budget None in TINY_BUDGETS, e.g. PruMerge) chooses its own count here too
@@ -528,7 +528,7 @@ def _load_tiny(family: str, dtype: str, cfg: CheckConfig) -> dict:
 
 
 def _load_ttft(cfg: CheckConfig) -> dict:
-    from eval.efficiency import build_batch, make_inputs
+    from bench.efficiency import build_batch, make_inputs
     from llava.models import load
 
     t0 = time.perf_counter()
@@ -548,7 +548,7 @@ def task_key(t: dict) -> tuple:
 
 
 def make_tasks(cfg: CheckConfig, methods: list[str]) -> list[dict]:
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     tasks = [{"kind": "tiny", "family": f, "dtype": d, "method": m}
              for f in cfg.families for d in cfg.dtypes for m in methods] if cfg.tiny else []
@@ -633,7 +633,7 @@ def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log, deadline: float | 
 
 def _context_key(t: dict) -> tuple:
     """The loaded model a task runs on: consecutive tasks with the same key share one load."""
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     if t["kind"] == "tiny":
         return ("tiny", t["family"], t["dtype"])
@@ -641,7 +641,7 @@ def _context_key(t: dict) -> tuple:
 
 
 def _load_context(t: dict, cfg: CheckConfig) -> dict:
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     if t["kind"] == "tiny":
         return _load_tiny(t["family"], t["dtype"], cfg)
@@ -653,7 +653,7 @@ def _load_context(t: dict, cfg: CheckConfig) -> dict:
 
 
 def _run_task(ctx: dict, t: dict, cfg: CheckConfig) -> dict:
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     if t["kind"] == "tiny":
         return tiny_task(ctx, t["family"], t["dtype"], t["method"], cfg)
@@ -666,7 +666,7 @@ def _run_task(ctx: dict, t: dict, cfg: CheckConfig) -> dict:
 
 def _where(t: dict) -> str:
     """A task's column in the progress log."""
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     if t["kind"] == "tiny":
         return f"{t['family']:12s} {t['dtype']:9s}"
@@ -688,7 +688,7 @@ def _scenario_errors(sc: dict) -> bool:
 
 
 def worker_command(task_file: Path, result_file: Path) -> list[str]:
-    return [sys.executable, "-m", "eval.gpu_check", "--worker", str(task_file), str(result_file)]
+    return [sys.executable, "-m", "bench.gpu_check", "--worker", str(task_file), str(result_file)]
 
 
 def run_isolated(tasks: list[dict], cfg: CheckConfig, log, emit=None, deadline: float | None = None,
@@ -883,7 +883,7 @@ def sync_verdict(r: dict, limit: float | None) -> dict:
 
 
 def summarize(report: dict, cfg: CheckConfig) -> dict:
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     recs = report["tiny"]
     checks = {"batch==alone": True, "cached==no-cache": True, "no crash": True, "host syncs": True} if cfg.tiny else {}
@@ -1145,7 +1145,7 @@ def markdown(report: dict) -> str:
 
 def _tail_sections(report: dict, out: list[str]) -> str:
     """The crash list, the TTFT table and the fast-path section after the tiny-model tables."""
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     crashes = [(r, where, e) for r in report["tiny"] for where, e in _errors(r)]
     if crashes:
@@ -1322,7 +1322,7 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
             pf.write(json.dumps(_sanitize(_jsonable_loose(rec)), allow_nan=False) + "\n")
             pf.flush()
 
-        pf.write(json.dumps({"header": {"tool": "eval.gpu_check", "command": command,
+        pf.write(json.dumps({"header": {"tool": "bench.gpu_check", "command": command,
                                         "config": _jsonable_loose(_resume_config(cfg)), "tasks": tasks}}) + "\n")
         for r in list(done.values()):
             emit(r)
@@ -1365,13 +1365,13 @@ def run(cfg: CheckConfig, command: str = "", log=print, isolate: bool | None = N
 
 
 def _report(cfg, command, env, device, isolate, methods, recs, t_start, out, stem) -> dict:
-    from eval import gpu_check_fast
+    from bench import gpu_check_fast
 
     tiny = [r for r in recs if r["kind"] == "tiny"]
     for r in tiny:
         r.setdefault("budget", tiny_budget(r["method"], family_key(r["family"])))
     judge(tiny)
-    report = {"tool": "eval.gpu_check", "command": command, "environment": env,
+    report = {"tool": "bench.gpu_check", "command": command, "environment": env,
               "config": {**asdict(cfg), "device": str(device)}, "isolated": isolate, "methods": methods,
               "budgets": {m: {f: tiny_budget(m, family_key(f)) if supported(m, family_key(f)) else "n/a"
                               for f in cfg.families} for m in methods},
@@ -1411,7 +1411,7 @@ def _env_float(name: str) -> float | None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m eval.gpu_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = CheckConfig()
     ap.add_argument("--device", default=None, help="default: cuda when available, else say so and exit 0; "
@@ -1432,7 +1432,7 @@ def parse_args(argv=None):
     ap.add_argument("--ttft-warmup", type=int, default=d.ttft_warmup)
     ap.add_argument("--ttft-runs", type=int, default=d.ttft_runs)
     ap.add_argument("--ttft-text-words", type=int, default=d.ttft_text_words)
-    f = ap.add_argument_group("fast path (eval/gpu_check_fast.py)")
+    f = ap.add_argument_group("fast path (bench/gpu_check_fast.py)")
     f.add_argument("--fast", action=argparse.BooleanOptionalAction, default=d.fast,
                    help="the fast-path section: equality on the tiny LLaVA families and timing (default: on)")
     f.add_argument("--fast-only", action="store_true",
@@ -1514,7 +1514,7 @@ def main(argv=None) -> int:
                       fast_next_methods=a.fast_next_methods or [])
     if a.fast_only:
         cfg.ttft = False
-    command = "python -m eval.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         report = run(cfg, command.strip(), isolate=a.isolate, resume=a.resume)
     except ResumeError as e:

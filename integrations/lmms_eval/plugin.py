@@ -14,7 +14,7 @@ arguments, same modality) with left padding, as ``python -m eval run --batch-siz
 batches on the same question order: the same answers); paper runs use 1. ``loglikelihood`` requests run
 one at a time.
 
-Registered through the entry point group ``lmms_eval.models`` (``vtprune = eval.lmms_plugin:manifest``,
+Registered through the entry point group ``lmms_eval.models`` (``vtprune = integrations.lmms_eval.plugin:manifest``,
 a ModelManifest for lmms-eval >= 0.7 with the manifest registry) and, for older lmms-eval, with
 ``register_model`` when this module is imported. This module imports lmms_eval at import time, so
 nothing in this repository imports it; only lmms-eval loads it.
@@ -139,7 +139,7 @@ class VTPrune(lmms):
 
     def _split_visuals(self, visuals):
         """(images, video) of one request: video files / frame folders become frame lists."""
-        from .benchmarks.videoqa import load_video
+        from eval.benchmarks.videoqa import load_video
 
         images, video = [], None
         for v in visuals or []:
@@ -260,4 +260,4 @@ def manifest():
     """Entry-point payload for lmms-eval's manifest registry (``lmms_eval.models`` group)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="vtprune", simple_class_path="eval.lmms_plugin.VTPrune")
+    return ModelManifest(model_id="vtprune", simple_class_path="integrations.lmms_eval.plugin.VTPrune")
