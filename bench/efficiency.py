@@ -468,7 +468,7 @@ def environment(rt, device, dtype) -> dict:
     import transformers
 
     env["transformers"] = transformers.__version__
-    from eval.runner import git_info
+    from eval.provenance import git_info
 
     env["git"] = git_info()  # the code that was timed (VTPRUNE_GIT_COMMIT on a copied tree)
     if device.type == "cuda":

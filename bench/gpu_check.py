@@ -984,7 +984,7 @@ def environment(device: torch.device) -> dict:
     env = {"date": time.strftime("%Y-%m-%d"), "time": time.strftime("%H:%M:%S %Z"), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
            "device": str(device)}
-    from eval.runner import git_info
+    from eval.provenance import git_info
 
     git = git_info()  # VTPRUNE_GIT_COMMIT overrides a copied tree's stale .git
     if git.get("commit"):

@@ -16,10 +16,8 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from .benchmarks import Benchmark, Question, get_benchmark
 from .fingerprint import InputHasher, compare as fp_compare, data_fingerprint, model_fingerprint, question_hash, \
     template_fingerprint
 from .io import JsonlAppender, NullAppender, complete_jsonl_records, read_json, write_json
+from .provenance import env_info, git_info
 from .resume import HASH_CACHE, plan_resume, set_aside
 
 log = logging.getLogger("eval")
@@ -214,35 +213,6 @@ def read_input(q, fn, what: str, answered: int, shard: Path):
         n = f"{answered} answers of this session are saved in {shard}; " if answered else ""
         raise InputError(f"cannot read the {what} of question {q.uid}: {e}. {n}fix or restore the file and run the "
                          "same command again: it answers the questions left") from e
-
-
-def git_info() -> dict:
-    """The code version: ``{"commit", "dirty"}`` of this checkout. A copied tree (a remote GPU box, a
-    container) may carry a stale ``.git``: ``VTPRUNE_GIT_COMMIT`` then names the commit that runs."""
-    if os.environ.get("VTPRUNE_GIT_COMMIT"):
-        return {"commit": os.environ["VTPRUNE_GIT_COMMIT"], "dirty": None, "source": "VTPRUNE_GIT_COMMIT"}
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return {"commit": None}
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                                text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None}
-
-
-def env_info(device) -> dict:
-    import torch
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "host": platform.node(), "device": str(device)}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-        out["gpus_visible"] = torch.cuda.device_count()
-    return out
 
 
 def check_inputs(bench: Benchmark, questions: list[Question]) -> list[str]:

@@ -330,7 +330,7 @@ def test_ttft_times_an_adaptive_method_without_a_budget(tmp_path):
 
 def test_reports_name_the_commit_given_for_a_copied_tree(monkeypatch):
     """A GPU box gets a copy of the tree whose .git may be stale: VTPRUNE_GIT_COMMIT names the code."""
-    from eval.runner import git_info
+    from eval.provenance import git_info
 
     monkeypatch.setenv("VTPRUNE_GIT_COMMIT", "0123abcd")
     assert git_info() == {"commit": "0123abcd", "dirty": None, "source": "VTPRUNE_GIT_COMMIT"}
