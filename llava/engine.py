@@ -44,6 +44,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, model_family  # noqa: F401
 from .layout import VisionStageMixin, _Layout, _renumber_units, _runs  # noqa: F401
 from .method import Method, Selection, get_method
+from .prefill import _Prefill
 from .staged import StagedDecoderMixin, _Segment
 
 log = logging.getLogger(__name__)
@@ -127,20 +128,6 @@ class _State:
     # so a counter that changes per step would recompile the step every time (issue 34). The tokens decoded so
     # far are read from the cache (a tensor in a static cache) and the masks have the cache's fixed width.
     fast: Any = None  # the fast path's decode state (llava.fastpath.FastState) after a fast prefill
-
-
-@dataclass
-class _Prefill:
-    """Per-prefill scratch, passed through the stages and dropped with the prefill (the engine keeps
-    no tensor of a finished prefill)."""
-
-    probe_inputs: tuple | None = None  # (embeds, mask, positions) of the unpruned spliced batch
-    probe_deepstack: dict | None = None  # Qwen3-VL: the unpruned batch's DeepStack state (the probe adds it)
-    probe_cache: dict = field(default_factory=dict)  # decoder layer k -> hidden states entering it (probe)
-    vision_sigs: list = field(default_factory=list)  # per sample: VisionSignals (or None)
-    entry: list | None = None  # per sample: (visual tokens', text-after tokens') inputs to layer 0
-    llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
-    clock: _PhaseClock | None = None  # the phase clock of this prefill's timings
 
 
 class _PhaseClock:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -20,10 +19,9 @@ from transformers.masking_utils import create_causal_mask
 from .families.base import to_device as _to_device
 from .method import Selection
 from .ops import merge_tokens
+from .prefill import _Prefill
 from .signals import VisionSignals, causal_attention_rows, llm_qk
 
-if TYPE_CHECKING:  # llava.engine imports this module
-    from .engine import _Prefill
 
 #: the engine's one logger: users (and tests) configure "llava.engine"
 log = logging.getLogger("llava.engine")

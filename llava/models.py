@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .conversation import Template, get_template
+from .dtypes import parse_dtype as _dtype
 from .engine import PromptSpec, PruningEngine, attach
 from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
 
@@ -108,13 +109,6 @@ def prompt_spec_for(tokenizer, template: Template | str) -> PromptSpec:
     while k < min(len(a), len(b)) and a[k] == b[k]:
         k += 1
     return PromptSpec(sep_ids=tuple(t for t in sep if t != -1), tail_ids=tuple(a[k:]))
-
-
-def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(dtype)]
 
 
 def tiny_config(family: str, vocab_size: int, image_token_id: int, video_token_id: int | None = None):

@@ -11,7 +11,6 @@ stage are re-laid out on the host with :mod:`llava.layout`'s ``_runs`` / ``_plac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +18,8 @@ from .families.base import to_device as _to_device
 from .layout import (_add_deepstack, _deepstack, _Layout, _runs, carry_rows, decoder_masks, first_full_layer,
                      llm_outputs)
 from .method import Selection
+from .prefill import _Prefill
 from .signals import LLMSignals, llm_attention_fns
-
-if TYPE_CHECKING:  # llava.engine imports this module
-    from .engine import _Prefill
 
 
 @dataclass

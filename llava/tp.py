@@ -187,7 +187,7 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
         import deepspeed
     except ImportError:
         raise RuntimeError("DeepSpeed inference needs the deepspeed package: pip install -e '.[deepspeed]'") from None
-    from .models import _dtype
+    from .dtypes import parse_dtype as _dtype
 
     if rt.engine is not None:
         raise ValueError("call deepspeed_inference before attaching a pruning method")
