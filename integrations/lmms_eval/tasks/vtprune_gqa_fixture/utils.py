@@ -21,6 +21,6 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    # GQA's exact match as our harness scores it (eval/scorers.py: convert_gqa_predictions + score_gqa)
+    # GQA's exact match as our harness scores it (eval/scorers/gqa.py: convert_gqa_predictions + score_gqa)
     pred = results[0].strip().rstrip(".").lower()
     return {"gqa_accuracy": 100.0 * float(pred == doc["answer"])}
