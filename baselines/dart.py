@@ -34,9 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take, scale_layers, topk_desc
-
-from .fastv import equivalent_kept_count
+from llava.ops import check_numerics, equivalent_kept_count, masked_take, scale_layers, topk_desc
 
 #: the dtype of the official runs' LLM (keys, hidden states): LLaVA loads the LLM in float16
 OFFICIAL_DTYPE = torch.float16

@@ -29,33 +29,16 @@ from __future__ import annotations
 
 import logging
 import math
-from fractions import Fraction
 
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, scale_layers, topk_desc
+from llava.ops import check_numerics, equivalent_kept_count, round_half_up, scale_layers, topk_desc  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: dtype of the official attention probabilities (softmax in fp32, cast to the fp16 query dtype)
 OFFICIAL_DTYPE = torch.float16
-
-
-def round_half_up(x: Fraction | float) -> int:
-    """Nearest integer, halves rounded up (Python's round() rounds halves to even)."""
-    return math.floor(Fraction(x) + Fraction(1, 2))
-
-
-def equivalent_kept_count(budget: int, n_visual: int, layer: int, num_layers: int) -> int:
-    """FastV's kept count after layer K for an equivalent (layer-average) budget B:
-    n_K = (L*B - K*N) / (L - K), rounded half up, clipped to 0..N. Exact rational arithmetic."""
-    L, K, N = int(num_layers), int(layer), int(n_visual)
-    if not 1 <= K < L:
-        raise ValueError(f"FastV layer K={K} must be in 1..{L - 1}")
-    num, den = L * int(budget) - K * N, L - K
-    n = (2 * num + den) // (2 * den)  # round_half_up(num / den) in integers (traceable: no Fraction)
-    return max(0, min(N, n))
 
 
 def ratio_kept_count(n_visual: int, ratio: float) -> int:

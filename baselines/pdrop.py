@@ -31,8 +31,8 @@ mapped with ``llava.ops.scale_layers``; the budget-table counts are then rescale
 factor so that the layer average on the model's depth equals the table's 32-layer average
 (:func:`fit_stage_counts`). The geometric schedules keep their ratios (solved on the model's depth).
 
-This module also holds the schedule helpers shared with SparseVLM (:func:`stage_layer_counts`,
-:func:`fit_stage_counts`).
+The schedule helpers shared with SparseVLM (``stage_layer_counts``, ``fit_stage_counts``) and the stage rule
+shared with VScan (``last_row_topk``) live in llava/ops.py.
 
 Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of
 ``pdrop_rank_drop`` - the per-head probabilities of the last instruction token cast to float16 (the
@@ -44,19 +44,13 @@ the mean over heads and then over the (single) query row in fp16 (``torch.mean(a
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Sequence
 
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, scale_layers, topk_desc
-
-from .fastv import round_half_up
-
-#: dtype of the official attention probabilities in ``pdrop_rank_drop`` (fp32 softmax cast to the fp16
-#: query dtype; the head and query means run in it)
-OFFICIAL_DTYPE = torch.float16
+from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, last_row_topk,  # noqa: F401
+                       scale_layers, scaled_count, stage_layer_counts)
 
 #: Budgets of the spec's table (methods.md section 5): stage layers and kept counts of 576.
 PDROP_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -65,8 +59,6 @@ PDROP_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
     64: ((2, 6, 16), (66, 30, 17)),
 }
 DEFAULT_LAYERS = (8, 16, 24)
-REFERENCE_DEPTH = 32  # schedules are stated for 7B's 32 decoder layers
-REFERENCE_TOKENS = 576  # ... and for LLaVA-1.5's 576 visual tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,18 +67,9 @@ REFERENCE_TOKENS = 576  # ... and for LLaVA-1.5's 576 visual tokens
 
 
 def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
-    """One PyramidDrop stage: ``last_row_attn`` (H, S) = the last instruction token's attention
-    probabilities under the boundary layer's q/k, per head. Returns the indices (into ``visual``)
-    of the top-``k`` visual tokens by head-mean attention, ascending (ties: lower index).
-    ``numerics="official"``: the rows cast to float16, the official (H, 1, S) mean over heads, the
-    visual columns, the mean over the one query row, all in fp16, then ``torch.topk``."""
-    check_numerics("pdrop", numerics)
-    if numerics == "official":
-        per_head = last_row_attn.to(OFFICIAL_DTYPE)[:, None]  # (H, 1, S) as the official attn_weights
-        scores = per_head.mean(dim=0)[:, visual].mean(dim=0)  # heads, then the query row(s)
-        return scores.topk(max(0, min(int(k), scores.numel()))).indices.sort().values
-    scores = last_row_attn.float().mean(0)[visual]
-    return topk_desc(scores, k).sort().values
+    """One PyramidDrop stage: the top-``k`` visual tokens by the last instruction token's head-mean attention
+    (:func:`llava.ops.last_row_topk`, where the official numerics are described)."""
+    return last_row_topk(last_row_attn, visual, k, numerics, method="pdrop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,47 +77,9 @@ def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, nume
 # ----------------------------------------------------------------------------------------------
 
 
-def scaled_count(n_visual: int, count_of_576: int) -> int:
-    """A count stated for 576 candidates, for a sample with N visual tokens: floor(N * c / 576)."""
-    return (int(n_visual) * int(count_of_576)) // REFERENCE_TOKENS
-
-
-def stage_layer_counts(n_visual: int, layers: Sequence[int], counts: Sequence[int], num_layers: int) -> list[int]:
-    """Visual tokens in the input of every decoder layer for a pure drop schedule: N before
-    ``layers[0]``, ``counts[s]`` from ``layers[s]`` on (a count never exceeds the previous one)."""
-    out, cur, bounds = [], int(n_visual), [*layers, num_layers]
-    out += [cur] * bounds[0]
-    for s, c in enumerate(counts):
-        cur = min(cur, int(c))
-        out += [cur] * (bounds[s + 1] - bounds[s])
-    return out
-
-
 def equivalent_tokens(per_layer: Sequence[int]) -> float:
     """E = mean over decoder layers of the visual tokens each layer processes (methods.md 0.4)."""
     return sum(per_layer) / len(per_layer)
-
-
-def fit_stage_counts(n_visual: int, counts: Sequence[int], layers_ref: Sequence[int], layers: Sequence[int],
-                     num_layers: int, reference_depth: int = REFERENCE_DEPTH) -> tuple[int, ...]:
-    """Stage counts for ``layers`` on a ``num_layers``-deep LLM with the same layer average as
-    ``counts`` after ``layers_ref`` on the ``reference_depth``-layer LLM they were stated for (our
-    design). Unchanged on the reference depth; otherwise every count is scaled by one factor
-    alpha = (L * E_ref - K_1 * N) / sum_s len_s * c_s (len_s = layers stage s spans on the new
-    depth), rounded half up and clipped to 0..N, so the schedule keeps its shape. When even
-    alpha = 0 overshoots (K_1 * N / L > E_ref) all counts are 0: the closest reachable average."""
-    n = int(n_visual)
-    if int(num_layers) == int(reference_depth) and tuple(layers) == tuple(layers_ref):
-        return tuple(min(n, int(c)) for c in counts)
-    ref_total = sum(stage_layer_counts(n, layers_ref, counts, reference_depth))
-    target = Fraction(ref_total * int(num_layers), int(reference_depth))
-    bounds = [*layers, num_layers]
-    spans = [bounds[s + 1] - bounds[s] for s in range(len(counts))]
-    denom = sum(sp * min(n, int(c)) for sp, c in zip(spans, counts))
-    if denom == 0:
-        return tuple(0 for _ in counts)
-    alpha = max(Fraction(0), (target - layers[0] * n) / denom)
-    return tuple(max(0, min(n, round_half_up(alpha * min(n, int(c))))) for c in counts)
 
 
 def solve_lambda(layers: Sequence[int], num_layers: int, retention: float) -> float:

@@ -29,7 +29,7 @@ with N visual tokens (LLaVA-NeXT: all crops + newline tokens; Video-LLaVA: all f
 floor(N * c / 576) (our design, methods.md section 6). On a depth other than 32 the stage layers
 are mapped with ``llava.ops.scale_layers`` (on the stage indices 3 / 7 / 16 of the engine) and the
 retained counts rescaled so that the retained-only layer average matches the 32-layer schedule's
-(``baselines.pdrop.fit_stage_counts``); recycled tokens come on top, as in the official code.
+(``llava.ops.fit_stage_counts``); recycled tokens come on top, as in the official code.
 
 Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - the official
 runs keep the LLM, its input embeddings and its attention in fp16 (``load_pretrained_model``:
@@ -50,9 +50,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take, scale_layers, topk_desc
-
-from .pdrop import REFERENCE_DEPTH, fit_stage_counts, scaled_count
+from llava.ops import REFERENCE_DEPTH, check_numerics, fit_stage_counts, masked_take, scale_layers, scaled_count, topk_desc
 
 #: ``sparse_token_dict`` of score.py: retained visual tokens (of 576) after layers 2 / 6 / 15.
 SCHEDULES = {

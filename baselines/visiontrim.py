@@ -46,7 +46,7 @@ multiplied by CLIP's ``logit_scale.exp()`` (100) in fp16 and the assignment metr
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

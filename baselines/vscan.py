@@ -20,7 +20,7 @@ Stage 1, pre-LLM, per unit (LLaVA-1.5 image / LLaVA-NeXT crop / Video-LLaVA fram
 Stage 2, before decoder layer K (official 16 of 32): layer K's ``input_layernorm`` + q/k + RoPE on the
 hidden states after layer K-1, query = the last prompt token, causal softmax (fp32), head mean, visual
 columns; keep the top-K1 visual tokens, ascending; positions re-indexed (decode positions shifted).
-Same as PyramidDrop's stage (:func:`baselines.pdrop.pdrop_select`).
+Same as PyramidDrop's stage (:func:`llava.ops.last_row_topk`).
 
 Everything is vectorised on the device (the official local scan is a Python loop with ``.item()`` per
 token); ties go to the lower index; the only host read the method adds is one per sample for LLaVA-NeXT
@@ -36,7 +36,7 @@ with the local picks set to **0** (not excluded: a local pick can be picked agai
 patches are positive in fp16, and the unit then keeps fewer targets; one host read per sample for the
 count), the assignment ``F.cosine_similarity`` of the fp16 projected features, ``argmax``. The merge
 itself (rule ``mean``) is the engine's fp32 merge (the official one sums in fp16). Stage 2: PyramidDrop's
-official numerics (``pdrop_select(..., numerics="official")``: fp16 probabilities and means,
+official numerics (``last_row_topk(..., numerics="official")``: fp16 probabilities and means,
 ``torch.topk``), which VScan's ``layer_prune`` shares.
 """
 
@@ -48,9 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take, scale_layers
-
-from .pdrop import pdrop_select
+from llava.ops import check_numerics, last_row_topk, masked_take, scale_layers
 
 OFFICIAL_STAGE1 = 96  # visual_token_num (README, all scripts)
 OFFICIAL_STAGE2 = 32  # image_token_list [32]
@@ -472,4 +470,4 @@ class VScan(Method):
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         row = sig.attention("last", layer="next")[:, 0]  # (H, S): layer K's q/k, last prompt token
-        return Selection(keep=pdrop_select(row, sig.visual, k, self.numerics))
+        return Selection(keep=last_row_topk(row, sig.visual, k, self.numerics, method="vscan"))
