@@ -4,7 +4,7 @@
 #   model: shape:llava-1.5-7b (real architecture, random weights; default), shape:llava-next-7b,
 #          shape:qwen2.5-vl-7b, shape:llava-onevision-7b, a hub id / local checkpoint, tiny:<family> for a
 #          quick CPU smoke run, or a scaled-down *-cpu-small shape for CPU tables (docs/results/efficiency-cpu-*.md).
-#   Synthetic image per family (bench/efficiency.py FAMILY_IMAGE_HW): LLaVA-1.5 336 px (576 tokens), NeXT 672 px
+#   Synthetic image per family (bench/efficiency/inputs.py FAMILY_IMAGE_HW): LLaVA-1.5 336 px (576 tokens), NeXT 672 px
 #   (2880), Qwen2.5-VL 672 px (48x48 patches -> 576 merged tokens), OneVision 384 px (anyres 729 + 729 + 27 = 1485).
 #   FAST=1: every cell also runs with load(fast=True) (--fast): fast and eager rows side by side with their TTFT
 #   ratio in efficiency.md; FAST_BACKEND=auto|inductor|eager|aot_eager|none picks the compile backend.

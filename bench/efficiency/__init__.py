@@ -1,0 +1,186 @@
+"""Efficiency benchmark: TTFT (with its vision / selection / LLM breakdown), decode time per token,
+KV-cache bytes, peak memory and analytic prefill FLOPs, for the unpruned model and methods x budgets
+in one run (protocol: shared/reference/efficiency.md).
+
+    python -m bench.efficiency --model shape:llava-1.5-7b --dtype float16 --device cuda \
+        --methods none consensusdrop visiondrop attnmix fastv --budgets 192 128 64 --n 200 --batch 1 8
+
+Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the environment, the cost model
+and the bar checks), ``efficiency.md`` (the efficiency.md section 7 table) and ``efficiency.png``
+(TTFT and KV vs visual tokens per method).
+
+Launch count (``ops`` / ``extra_ops`` in the JSON, the last two table columns): the aten ops that would
+launch a GPU kernel or memcpy (``llava.syncs.OpCounter``: views, allocations and host-side work not
+counted) of one batch-1 prefill on the first input, counted once per method x budget outside the timed
+runs and split as the engine splits the time (vision / selection / llm, plus ``other`` = LM head and the
+greedy pick). ``extra_ops`` = total minus the unpruned model's total on the same input. At batch 1 an
+eager 7B prefill on an H100 is launch-bound (docs/results/efficiency-h100.md), so ``extra_ops`` x ~10-15 us
+estimates a method's selection overhead there from a CPU run.
+
+``--fast``: every (method, budget, batch) cell also runs with ``load(..., fast=True)`` (llava/fastpath.py),
+right after its eager run, and ``efficiency.md`` gets a "Fast path vs eager engine" section with the two
+rows side by side and the fast / eager TTFT (and TPOT) ratio (``efficiency.json``: ``fast.results`` and
+``fast.comparison``). The fast rows exclude compile / capture: warm-up prefills first, and a timed prefill
+that still compiled a graph (``engine.stats.new_graph``) is run again and counted. Each fast row states the
+path its prefills actually took (``engine.stats.path``): a method the fast path does not capture runs
+eagerly there, and the row says so with the reason. The main table, the bars and the plot are the eager rows.
+
+Cost model for the speed-up bar (stated in every output): the LLM prefill time of the *unpruned* model
+is measured on text-only inputs over a sweep of sequence lengths n and fitted with a roofline
+``T(n) = max(T_floor, a + k F(n))`` (F = convention-B MACs; the floor is the weight-read-bound regime,
+the linear part the FLOPs-bound one). A method's predicted TTFT = its measured vision + selection time
++ sum over layers of T(n_l) / L at its actual per-layer lengths n_l.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+# The benchmark by purpose; every name is re-exported here (``from bench.efficiency import measure``):
+#   cost: the analytic model (prefill MACs, KV bytes per token, the roofline fit)
+#   inputs: BenchConfig, the synthetic images and questions, the processor's batch
+#   timing: the timers (prefill_once, prefill_ops, decode_step_time, llm_sweep) and measure (one method x budget)
+#   report: the environment, the bars, the fast-vs-eager rows, efficiency.md / .png, W&B
+# This module: run (the whole table, the files) and main (the command line).
+from bench.efficiency.cost import (HybridSpec, Roofline, attention_layers, cache_bytes, fit_roofline, hybrid_spec,
+                                   kv_bytes_per_token, layer_macs, linear_layer_macs, llm_dims, prefill_macs)
+from bench.efficiency.inputs import (FAMILY_IMAGE_HW, BenchConfig, build_batch, default_image_hw, describe_inputs,
+                                     make_inputs, parse_method)
+from bench.efficiency.report import (check_bars, cpu_model, environment, fast_comparison, fast_markdown, label,
+                                     log_wandb, markdown, plot)
+from bench.efficiency.timing import (attach, decode_step_time, generate_time, llm_sweep, measure, prefill_once,
+                                     prefill_ops, summary, timed_prefill)
+
+__all__ = [
+    # cost
+    "layer_macs", "HybridSpec", "hybrid_spec", "linear_layer_macs", "prefill_macs", "llm_dims", "kv_bytes_per_token",
+    "attention_layers", "cache_bytes", "Roofline", "fit_roofline",
+    # inputs
+    "BenchConfig", "FAMILY_IMAGE_HW", "default_image_hw", "describe_inputs", "make_inputs", "build_batch",
+    "parse_method",
+    # timing
+    "summary", "prefill_once", "prefill_ops", "generate_time", "decode_step_time", "llm_sweep", "attach",
+    "timed_prefill", "measure",
+    # report
+    "cpu_model", "environment", "fast_comparison", "label", "check_bars", "markdown", "fast_markdown", "plot",
+    "log_wandb",
+    # here
+    "run", "main",
+]
+
+
+def run(cfg: BenchConfig) -> dict:
+    from llava.models import load
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fast_slots = None
+    if cfg.fast:
+        fast_slots = cfg.fast_max_new_tokens or max(cfg.decode_tokens, 1)
+        if fast_slots < cfg.decode_tokens:
+            raise ValueError(f"--fast-max-new-tokens {fast_slots} < --decode-tokens {cfg.decode_tokens}: the fast "
+                             "path's static cache would run out")
+    rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout, fast=cfg.fast,
+              fast_backend=cfg.fast_backend, fast_max_new_tokens=fast_slots or 256)
+    device = next(rt.model.parameters()).device
+    image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
+    inputs = describe_inputs(rt, image_hw)
+    items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw)
+    cells = [("none", None, {})]
+    for spec in cfg.methods:
+        name, opts = parse_method(spec)
+        if name == "none":
+            continue
+        cells += [(name, b, opts) for b in cfg.budgets]
+    results, fast_results = [], []
+    for name, b, opts in cells:  # with --fast: each cell on both paths, back to back
+        results.append(measure(rt, name, b, opts, items, cfg, device))
+        if cfg.fast:
+            fast_results.append(measure(rt, name, b, opts, items, cfg, device, path="fast"))
+    for r in results:  # launches a method adds over the unpruned model on the same input
+        r["extra_ops"] = r["ops"]["total"] - results[0]["ops"]["total"]
+    full = int(results[0]["records"][0]["layer_lengths"][0])
+    d, m, L, d_kv = llm_dims(rt.model.config)
+    lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})
+    spec = hybrid_spec(rt.model.config)
+    model = fit_roofline(llm_sweep(rt, lengths, device), d, m, L, d_kv, spec)
+    report = {"config": {**asdict(cfg), "image_hw": list(image_hw)}, "environment": environment(rt, device, rt.model.dtype),
+              "inputs": inputs,
+              "flops_model": {"scope": "LLM decoder prefill only, at the measured per-layer lengths; the vision tower "
+                                       "(CLIP / SigLIP / Qwen2.5-VL's windowed ViT), projector / merger and LM head are "
+                                       "not counted", "d": d, "m": m, "layers": L, "d_kv": d_kv,
+                              "A": "2nd^2 + 2nd*d_kv + 2n^2d + 2ndm per layer",
+                              "B": "2nd^2 + 2nd*d_kv + 2n^2d + 3ndm per layer",
+                              **({"hybrid": {"layers": list(spec.kinds), "full": "the formula above + nd^2 (the q_proj's "
+                                             "output gate)", "linear": "n (d(2K+V) + dV + 2dH_v + Vd + (2K+V)k + "
+                                             "3 H_v d_k d_v + 2 or 3 dm) (Gated DeltaNet, recurrent form)",
+                                             "K": spec.key_dim, "V": spec.value_dim, "H_v": spec.v_heads,
+                                             "d_k": spec.head_k, "d_v": spec.head_v, "kernel": spec.kernel}}
+                                 if spec is not None else {})},
+              "cost_model": {"description": model.describe(), "floor_s": model.floor, "a_s": model.a,
+                             "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
+                             "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
+              "results": results}
+    if cfg.fast:
+        f0 = next((r["fast"] for r in fast_results if r.get("fast")), {})
+        report["fast"] = {"backend": f0.get("backend"), "requested_backend": cfg.fast_backend,
+                          "cuda_graphs": f0.get("cuda_graphs"), "max_new_tokens": fast_slots,
+                          "note": "each cell ran on the eager engine and with load(fast=True) in this run; fast rows: "
+                                  "warm-up prefills first, a timed prefill that still compiled a graph is timed again "
+                                  "(compiled_in_timed); path_taken = engine.stats.path of the timed prefills",
+                          "results": fast_results, "comparison": fast_comparison(results, fast_results)}
+    report["bars"] = check_bars(results, model)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "efficiency.md").write_text(markdown(report))
+    try:
+        plot(report, out / "efficiency.png")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    log_wandb(report, cfg.wandb)
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = BenchConfig()
+    ap.add_argument("--model", default=d.model)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--methods", nargs="+", default=d.methods, help="names, or name:key=value,... for options")
+    ap.add_argument("--budgets", nargs="+", type=int, default=d.budgets)
+    ap.add_argument("--n", type=int, default=d.n)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--batch", nargs="+", type=int, default=d.batch_sizes, dest="batch_sizes")
+    ap.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    ap.add_argument("--decode-samples", type=int, default=d.decode_samples)
+    ap.add_argument("--text-words", type=int, default=d.text_words)
+    ap.add_argument("--image-hw", nargs=2, type=int, default=None,
+                    help="synthetic image height width (default per family: " + ", ".join(
+                        f"{k} {h}x{w}" for k, (h, w) in FAMILY_IMAGE_HW.items()) + ")")
+    ap.add_argument("--next-layout", default=d.next_layout, choices=["spatial", "spatial_unpad"])
+    ap.add_argument("--sweep", nargs="*", type=int, default=[])
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--wandb", action="store_true", help="log to W&B (honours WANDB_MODE)")
+    ap.add_argument("--fast", action="store_true", help="also run every (method, budget, batch) cell with "
+                    "load(fast=True) and put fast and eager rows side by side with their TTFT ratio")
+    ap.add_argument("--fast-backend", default=d.fast_backend, choices=["auto", "inductor", "eager", "aot_eager", "none"],
+                    help="with --fast: torch.compile backend (auto: inductor + CUDA graphs on a GPU)")
+    ap.add_argument("--fast-max-new-tokens", type=int, default=None,
+                    help="with --fast: decode slots of the static cache (default: --decode-tokens)")
+    a = ap.parse_args(argv)
+    cfg = BenchConfig(**{k: v for k, v in vars(a).items()})
+    report = run(cfg)
+    print(markdown(report))
+    return 0
+

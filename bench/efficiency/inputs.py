@@ -1,0 +1,127 @@
+"""The efficiency benchmark's configuration and inputs: :class:`BenchConfig` (every ``python -m
+bench.efficiency`` flag), the synthetic image size per family, the seeded random (question, image) list
+that every method and budget sees, and the batch the runtime's own processor builds from it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny:llava"
+    dtype: str | None = None
+    device: str | None = None
+    methods: list = field(default_factory=lambda: ["none"])
+    budgets: list = field(default_factory=lambda: [192, 128, 64])
+    n: int = 20
+    warmup: int = 3
+    batch_sizes: list = field(default_factory=lambda: [1])
+    decode_tokens: int = 16
+    decode_samples: int = 3
+    text_words: int = 12
+    image_hw: tuple | None = None  # None: the family's default (FAMILY_IMAGE_HW)
+    next_layout: str = "spatial"
+    sweep: list = field(default_factory=list)  # sequence lengths for the cost model; default from inputs
+    seed: int = 0
+    out: str = "docs/results/efficiency"
+    wandb: bool = False
+    threads: int | None = None
+    fast: bool = False  # also run every cell with load(fast=True): fast and eager rows side by side
+    fast_backend: str = "auto"
+    fast_max_new_tokens: int | None = None  # static-cache decode slots; None: decode_tokens
+
+
+# Synthetic image size per family when --image-hw is not given, and what it gives on the real geometry:
+#   llava / video_llava: 336x336 -> CLIP-L/336: 24x24 = 576 tokens (Video-LLaVA: 8 frames x 256)
+#   llava_next: 672x672 -> 2x2 grid + base crop, 2880 tokens in the spatial layout (the papers' setting)
+#   qwen2_5_vl: 672x672 -> smart_resize keeps 672 (a multiple of 28, within min/max_pixels) -> 48x48
+#       patches of 14 px -> 2x2 merge -> 24x24 = 576 merged tokens: LLaVA-1.5's count, so budgets
+#       192/128/64 keep the same fractions (PyramidDrop's table is stated for 576)
+#   llava_onevision: 384x384 -> anyres: best pinpoint 384x384 (1x1 grid): base crop 27x27 = 729 +
+#       grid 27x27 = 729 (no unpadding, no anyres_max_9 interpolation: 729 <= 9 x 729) + 27 row newlines
+#       = 1485 tokens, OneVision's count for a single 384 px image
+#   qwen3_vl: 24 merged tokens a side, whatever the patch size: 768x768 on the real patch 16 (48x48 patches
+#       -> 576 merged tokens, each with its DeepStack rows), 672x672 on the tiny model's patch 14
+#   qwen3_5: as qwen3_vl (the same tower geometry, no DeepStack): 768x768 -> 576 merged tokens
+#   internvl: two tiles a side: 896x896 on the real 448-px tiles -> aspect 1: the 2x2 tile grid (its area
+#       802,816 > half of 4 tiles' 401,408; 3x3 would need 903,168) + the thumbnail = 5 tiles x 256 = 1280 tokens
+#       (NeXT's base + 4 crops, at InternVL's 256 per tile); 224x224 on the tiny model's 112-px tiles (5 x 16 = 80)
+FAMILY_IMAGE_HW = {"llava": (336, 336), "video_llava": (336, 336), "llava_next": (672, 672),
+                   "qwen2_5_vl": (672, 672), "llava_onevision": (384, 384)}
+
+
+def default_image_hw(rt) -> tuple[int, int]:
+    if rt.family in ("qwen3_vl", "qwen3_5"):
+        vc = rt.model.config.vision_config
+        side = 24 * vc.spatial_merge_size * vc.patch_size
+        return (side, side)
+    if rt.family == "internvl":
+        side = 2 * rt.model.config.vision_config.image_size[0]
+        return (side, side)
+    return FAMILY_IMAGE_HW.get(rt.family, (336, 336))
+
+
+def describe_inputs(rt, image_hw: tuple[int, int]) -> dict:
+    """What one synthetic input is, from the runtime's own processor (the tokens users would feed)."""
+    from PIL import Image
+
+    h, w = image_hw
+    item = ("what is this?", [Image.new("RGB", (w, h))] * rt.processor.num_frames
+            if rt.family == "video_llava" else Image.new("RGB", (w, h)))
+    b = build_batch(rt, [item], torch.device("cpu"))
+    tok_id = getattr(rt.model.config, "video_token_id" if rt.family == "video_llava" else "image_token_id")
+    info = {"family": rt.family, "image_hw": [h, w], "visual_tokens": int((b["input_ids"] == tok_id).sum()),
+            "batch_keys": {k: list(v.shape) for k, v in b.items() if isinstance(v, torch.Tensor)}}
+    if "image_grid_thw" in b:
+        info["image_grid_thw"] = b["image_grid_thw"].tolist()
+    return info
+
+
+def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int]):
+    """A fixed list of (question, image or video frames): seeded random pictures and questions of
+    ``text_words`` words (the same list for every method and budget). The pictures are PIL images fed
+    through ``rt.processor`` as users do (Qwen2.5-VL: patch rows (t*h*w, 3*2*14*14) + image_grid_thw +
+    mm_token_type_ids; OneVision: anyres crops + image_sizes + batch_num_images)."""
+    import numpy as np
+    from PIL import Image
+
+    from llava.tiny_tokenizer import BASE_WORDS
+
+    rng = np.random.RandomState(seed)
+    words = [w for w in BASE_WORDS if w.isalpha()]
+    items = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, size=text_words)) + "?"
+        h, w = image_hw
+        img = Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
+        if rt.family == "video_llava":
+            items.append((q, [img] * rt.processor.num_frames))
+        else:
+            items.append((q, img))
+    return items
+
+
+def build_batch(rt, items, device):
+    qs = [q for q, _ in items]
+    if rt.family == "video_llava":
+        return rt.processor(qs, videos=[v for _, v in items], device=device)
+    return rt.processor(qs, [im for _, im in items], device=device)
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'name' or 'name:key=value,key=value' (values parsed as JSON when possible)."""
+    if ":" not in spec:
+        return spec, {}
+    name, rest = spec.split(":", 1)
+    opts = {}
+    for kv in rest.split(","):
+        k, v = kv.split("=", 1)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return name, opts
