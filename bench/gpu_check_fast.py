@@ -1,8 +1,8 @@
 """The GPU check's fast-path section (issue 34): ``load(..., fast=True)`` (llava/fastpath.py) on the device.
 
-Two task kinds, run by bench/gpu_check.py's task machinery (worker isolation, ``--time-limit``, the
-``.partial.jsonl`` and ``--resume``); skip both with ``--no-fast``, the timing with ``--no-fast-ttft``
-(``--no-ttft`` skips every timing table):
+Two task kinds, run by the GPU check's task machinery (bench/gpu_check.py, bench/gpu_check_worker.py: worker
+isolation, ``--time-limit``, the ``.partial.jsonl`` and ``--resume``); skip both with ``--no-fast``, the timing
+with ``--no-fast-ttft`` (``--no-ttft`` skips every timing table):
 
 * ``fast`` (equality), per tiny LLaVA family (llava, llava-next, video-llava: the families the fast path
   plans) x dtype (``--fast-dtypes``, default the check's) x method: ``--fast-prompts`` prompts at batch 1
@@ -14,7 +14,7 @@ Two task kinds, run by bench/gpu_check.py's task machinery (worker isolation, ``
   without ``fast``). A captured method (``eng.fast.refusal is None``) must take the fast path on every
   prompt (``engine.stats.path == "fast"``) and give the uncompiled and the eager engine's tokens and visual
   token counts. fp32: tokens equal and every step's logits within ``FP32_LOGIT_TOL``. fp16 / bf16 are
-  judged as the tiny checks judge them (:func:`bench.gpu_check.noise_tolerance`): the unpruned model is the
+  judged as the tiny checks judge them (:func:`bench.gpu_check_tiny.noise_tolerance`): the unpruned model is the
   half-precision reference, and a method fails on a prompt only where it differs and the unpruned model
   does not, unless its logits up to the first differing token stayed within 4x the larger of the unpruned
   model's own delta on that comparison and its batch==alone / cached==no-cache delta in the tiny check
@@ -27,29 +27,27 @@ Two task kinds, run by bench/gpu_check.py's task machinery (worker isolation, ``
   (warm-up prefills compile first, a timed prefill that still compiled is timed again; one synchronize
   before and after each whole prefill; TPOT = (generate N - generate 1) / (N - 1)). The issue's targets
   (:func:`target_verdicts`) are reported as met / missed; they do not fail the check, a crash does.
+
+This file: the task list, the equality checks and their verdicts, the section's summary; the timing in
+bench/gpu_check_fast_timing.py, the section's markdown in bench/gpu_check_fast_report.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from bench.gpu_check import (FP32_LOGIT_TOL, NO_BUDGET, QUESTIONS, IMAGE_SIZES, TINY_BUDGETS, _fmt,
-                            _recorded, _sample_verdict, _short, _unprune, build, compare, family_key, generate,
-                            noise_tolerance, rand_image, supported, tiny_budget)
+from bench.gpu_check_config import IMAGE_SIZES, NO_BUDGET, QUESTIONS, family_key, supported, tiny_budget
+from bench.gpu_check_device import _recorded_with_cause, _unprune
+from bench.gpu_check_fast_timing import (FAST_TTFT_METHODS, NEXT_CROPS, PER_SAMPLE_BUDGET, TARGET_MODEL,  # noqa: F401
+                                         TARGET_NEXT, load_timing, next_budget, target_verdicts, timing_table,
+                                         timing_task, ttft_budget)
+from bench.gpu_check_tiny import _sample_verdict, build, compare, generate, noise_tolerance, rand_image
 
 #: the tiny families the fast path plans (llava.fastpath.FAST_FAMILIES), in gpu_check's spelling
 FAST_FAMILIES = ("llava", "llava-next", "video-llava")
 #: batch-1 prompts of unequal lengths (the tiny tokenizer splits unknown words into pieces)
 FAST_QUESTIONS = QUESTIONS + ["describe the picture", "is there a red square in the top left corner of the image, "
                               "and if so what is next to it?", "why?"]
-#: the timing rows of the issue's targets on the LLaVA-1.5-7B shapes (at --ttft-budget)
-FAST_TTFT_METHODS = ["none", "fastervlm", "random", "visionzip", "divprune", "consensusdrop", "fastv", "pdrop"]
-#: methods whose budget is the total per sample on LLaVA-NeXT (the others: per crop, or on the 576-token scale)
-PER_SAMPLE_BUDGET = {"fastv", "attnmix", "dart"}
-NEXT_CROPS = 5  # 672x672 under the spatial layout: the base crop and a 2x2 grid, 576 tokens each
-TARGET_MODEL, TARGET_NEXT = "shape:llava-1.5-7b", "shape:llava-next-7b"
 CHECKS = ("path", "uncompiled", "eager")  # an equality record's verdicts
 
 
@@ -59,19 +57,6 @@ def families(cfg) -> list[str]:
 
 def fast_dtypes(cfg) -> list[str]:
     return list(cfg.fast_dtypes or cfg.dtypes)
-
-
-def next_budget(method: str, tokens: int):
-    """A method's budget for ``tokens`` visual tokens in all on the 5-crop NeXT image, in its convention."""
-    if method in NO_BUDGET:
-        return None
-    return tokens if method in PER_SAMPLE_BUDGET else tokens // NEXT_CROPS
-
-
-def ttft_budget(method: str, cfg):
-    """The LLaVA-1.5 timing budget (an adaptive method, TINY_BUDGETS None, chooses its own count)."""
-    return None if method in NO_BUDGET or (method in TINY_BUDGETS and TINY_BUDGETS[method] is None) \
-        else cfg.ttft_budget
 
 
 def tasks(cfg, methods: list[str]) -> list[dict]:
@@ -139,23 +124,6 @@ def _attach(rt, method: str, budget, backend: str | None, slots: int):
         return rt.prune(method, budget)
     finally:
         rt.fast = None
-
-
-@contextlib.contextmanager
-def _recorded_with_cause(device, rec: dict):
-    """gpu_check's ``_recorded`` (the error's traceback tail in ``rec["error"]``, DeviceLost re-raised), and
-    the exception's own first line in ``rec["exception"]`` (a dynamo error's tail is only its advice)."""
-    with _recorded(device, rec):
-        try:
-            yield
-        except Exception as e:
-            msg = str(e).strip().splitlines()
-            rec["exception"] = f"{type(e).__name__}: {msg[0] if msg else ''}"
-            raise
-
-
-def _crash(r: dict) -> str:
-    return (r.get("exception") or "").replace("|", "\\|")[:160] or _short(r["error"])
 
 
 def _visual(eng) -> list:
@@ -312,123 +280,6 @@ def agreement(r: dict, check: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# timing on the 7B shapes
-# ------------------------------------------------------------------------------------------------
-
-
-def load_timing(model: str, cfg) -> dict:
-    import time
-
-    from bench.efficiency import default_image_hw, make_inputs
-    from llava.models import load
-
-    t0 = time.perf_counter()
-    rt = load(model, dtype=cfg.ttft_dtype, device=cfg.device, next_layout="spatial", fast=True,
-              fast_backend=cfg.fast_backend, fast_max_new_tokens=max(cfg.fast_tokens, 1))
-    device = next(rt.model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    hw = default_image_hw(rt)  # LLaVA-1.5 336x336 (576 tokens), NeXT 672x672 (5 crops, 2880 tokens)
-    items = make_inputs(rt, max(cfg.ttft_runs, 1), cfg.ttft_text_words, 0, hw)
-    return {"rt": rt, "device": device, "items": items, "image_hw": list(hw),
-            "build_seconds": round(time.perf_counter() - t0, 1)}
-
-
-def timing_task(ctx: dict, t: dict, cfg) -> dict:
-    """Batch-1 fast-path TTFT and TPOT of one method (bench.efficiency.measure on the fast path)."""
-    from bench.efficiency import BenchConfig, measure
-
-    rt, device, m = ctx["rt"], ctx["device"], t["method"]
-    budget = ttft_budget(m, cfg) if t["model"] != cfg.fast_next_model else next_budget(m, t["tokens"] or 0)
-    rec = {**t, "budget": budget, "error": None, "build_seconds": ctx["build_seconds"], "image_hw": ctx["image_hw"]}
-    bench = BenchConfig(model=t["model"], n=cfg.ttft_runs, warmup=cfg.ttft_warmup, batch_sizes=[1],
-                        decode_tokens=cfg.fast_tokens, decode_samples=min(3, cfg.ttft_runs))
-    try:
-        with _recorded_with_cause(device, rec):
-            res = measure(rt, m, budget, {}, ctx["items"][: cfg.ttft_runs], bench, device, path="fast")
-            f = res.get("fast") or {}
-            rec.update(ttft=res["ttft"], tpot=res["tpot"] or None, t_plan=res.get("t_plan") or None,
-                       t_prefill_total=res.get("t_prefill_total") or None, path_taken=res["path_taken"],
-                       path_reasons=res["path_reasons"], compiled_in_timed=res["compiled_in_timed"],
-                       backend=f.get("backend"), cuda_graphs=f.get("cuda_graphs"), refusal=f.get("refusal"),
-                       buckets=f.get("buckets"), visual_entering_llm=res["visual_entering_llm"],
-                       visual_layer_avg=res["visual_layer_avg"])
-            if res.get("peak_bytes"):
-                rec["peak_gib"] = round(res["peak_bytes"] / 2**30, 2)
-    finally:
-        _unprune(rt)
-    return rec
-
-
-def _ms(s) -> float | None:
-    return None if not s or s.get("median") is None else s["median"] * 1e3
-
-
-def target_verdicts(ttft_ms: dict, tpot_ms: float | None = None, next_ms: dict | None = None) -> list[dict]:
-    """The issue's targets (LLaVA-1.5-7B shapes, fp16, batch 1, the fast path after warm-up) as met / missed.
-
-    ``ttft_ms``: TTFT medians (ms) by method, ``"none"`` the unpruned fast path, the others at 64 tokens;
-    ``tpot_ms``: the unpruned fast path's TPOT; ``next_ms``: NeXT-7B (2880 tokens) TTFT medians, ``"none"``
-    and ``(method, total visual tokens)``. A target whose row was not measured is "not measured"."""
-    out = []
-
-    def add(target, value, ok, shown):
-        out.append({"target": target, "value": value, "shown": shown,
-                    "verdict": "not measured" if ok is None else "met" if ok else "missed"})
-
-    def le(x, limit):
-        return None if x is None else x <= limit
-
-    base = ttft_ms.get("none")
-    add("unpruned TTFT <= 18 ms", base, le(base, 18.0), _fmt(base, ".2f") + " ms")
-    for m, limit in (("fastervlm", 8.0), ("random", 8.0), ("visionzip", 8.0), ("divprune", 9.0), ("consensusdrop", 9.0)):
-        x = ttft_ms.get(m)
-        add(f"{m} at 64 TTFT <= {limit:g} ms", x, le(x, limit), _fmt(x, ".2f") + " ms")
-        if limit == 8.0:
-            ratio = base / x if base and x else None
-            add(f"{m} at 64 >= 2x faster than the unpruned fast path", ratio,
-                None if ratio is None else ratio >= 2.0, _fmt(ratio, ".2f") + "x")
-    add("TPOT <= 7 ms (unpruned)", tpot_ms, le(tpot_ms, 7.0), _fmt(tpot_ms, ".2f") + " ms")
-    nb = (next_ms or {}).get("none")
-    rows = sorted(k for k in (next_ms or {}) if k != "none" and 160 <= k[1] <= 320)
-    for m, n in rows:
-        ratio = nb / next_ms[m, n] if nb and next_ms[m, n] else None
-        add(f"NeXT-7B {m} at {n} tokens >= 4x faster than unpruned", ratio, None if ratio is None else ratio >= 4.0,
-            _fmt(ratio, ".2f") + "x")
-    if not rows:
-        add("NeXT-7B at 160-320 tokens >= 4x faster than unpruned", None, None, "-")
-    return out
-
-
-def timing_table(recs: list[dict], cfg) -> dict:
-    """The timing rows with the speed-up over each model's unpruned fast path, and the targets (from the rows
-    whose timed prefills all took the fast path: another row's target is "not measured")."""
-    base = {r["model"]: _ms(r.get("ttft")) for r in recs if r["method"] == "none"}
-    for r in recs:
-        x, b = _ms(r.get("ttft")), base.get(r["model"])
-        if x and b:
-            r["speedup"] = b / x
-    out = {"model": cfg.fast_ttft_model, "next_model": cfg.fast_next_model, "dtype": cfg.ttft_dtype, "batch": 1,
-           "warmup": cfg.ttft_warmup, "runs": cfg.ttft_runs, "decode_tokens": cfg.fast_tokens, "results": recs}
-    on_target = cfg.fast_ttft_model == TARGET_MODEL and cfg.ttft_dtype == "float16"
-    if on_target:
-        fast = [r for r in recs if r.get("path_taken") == "fast"]  # a row that ran eagerly is not the fast path's
-        main = {r["method"]: _ms(r.get("ttft")) for r in fast if r["model"] == TARGET_MODEL
-                and (r["method"] == "none" or r.get("tokens") == 64)}
-        tpot = next((_ms(r.get("tpot")) for r in fast if r["model"] == TARGET_MODEL and r["method"] == "none"), None)
-        nxt = {("none" if r["method"] == "none" else (r["method"], r["tokens"])): _ms(r.get("ttft"))
-               for r in fast if r["model"] == TARGET_NEXT} if cfg.fast_next_model == TARGET_NEXT else {}
-        out["targets"] = target_verdicts(main, tpot, nxt)
-        if cfg.ttft_budget != 64:
-            out["targets_note"] = f"the targets are stated at 64 tokens; this run timed {cfg.ttft_budget}"
-    else:
-        out["targets"] = None
-        out["targets_note"] = f"the targets are stated for {TARGET_MODEL} in float16 (this run: " \
-                              f"{cfg.fast_ttft_model}, {cfg.ttft_dtype})"
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # the report's section
 # ------------------------------------------------------------------------------------------------
 
@@ -498,106 +349,4 @@ def labels(fast: dict | None) -> dict:
     if tg:
         c = {v: sum(x["verdict"] == v for x in tg) for v in ("met", "missed", "not measured")}
         out["fast targets"] = ", ".join(f"{n} {v}" for v, n in c.items() if n) + " (reported, not a failure)"
-    return out
-
-
-def _eq_cell(r: dict, check: str) -> str:
-    a = agreement(r, check)
-    flag = "" if r["verdicts"][check]["pass"] else " **x**"
-    return (f"{a['prompts_equal']}/{a['prompts']} ({a['tokens_equal']}/{a['tokens']} tok), "
-            f"{_fmt(a['first_logit_delta'])}, {_fmt(a['max_logit_delta'])}{flag}")
-
-
-def markdown(report: dict) -> list[str]:
-    """The report's "Fast path" section (lines)."""
-    f = report.get("fast")
-    if not f:
-        return []
-    cfg = report["config"]
-    c = f["coverage"]
-    out = ["", "## Fast path (`load(..., fast=True)`)", "",
-           "Tiny random-weight models (`tiny:<family>`, the families the fast path plans), batch 1, "
-           f"{f['prompts']} prompts per method (unequal questions and images; Video-LLaVA alternates 8-frame videos "
-           f"and images), {f['tokens']} forced greedy tokens each. Three runs per prompt: the fast path on the "
-           f"device's backend ({f.get('backend')}{', CUDA graphs' if f.get('cuda_graphs') else ''}), the same fast "
-           "path uncompiled (backend `none`), and the eager engine. Path: every prefill of a captured method took the "
-           "fast path (`engine.stats.path`) with the eager engine's visual token counts; a method the fast path does "
-           "not capture is listed as eager with its reason. "
-           f"fp32: tokens equal and every step's logits within {FP32_LOGIT_TOL:g}; fp16 / bf16: as the tiny checks "
-           "(the unpruned model is the half-precision reference; a method fails where it differs and the unpruned "
-           "model does not, unless its logits stayed within 4x the unpruned model's own delta or its batch noise "
-           "from the tiny check). Cells: prompts with all tokens equal / prompts (tokens equal up to the first "
-           "difference / tokens), max |delta logit| of the first step, max over the steps up to the first "
-           "difference; **x** = failed.", "",
-           f"Coverage: **{c['prompts_at_32_tokens']}** prompts x >= 32 tokens compared with the eager engine, "
-           f"{c['prompts_equal_at_32_tokens']} with every token equal (target >= 200, none failed: {c['verdict']}); "
-           "all lengths, by dtype: "
-           + (", ".join(f"{d} {x['prompts_equal']}/{x['prompts']} prompts, {x['tokens_equal']}/{x['tokens']} tokens "
-                        "equal" for d, x in c["by_dtype"].items()) or "none") + ".", "",
-           "| Family | Dtype | Method | Budget | Path | fast == uncompiled | fast == eager engine | Verdict |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in f["equality"]:
-        head = f"| {r['family']} | {r['dtype']} | {r['method']} | {_fmt(r.get('budget'), '')} |"
-        if r.get("not_run"):
-            out.append(f"{head} not run ({r['not_run']}) | | | not run |")
-            continue
-        if r.get("skipped"):
-            out.append(f"{head} {r['skipped']} | | | n/a |")
-            continue
-        if r.get("error"):
-            out.append(f"{head} crash: `{_crash(r)}` | | | **FAIL** |")
-            continue
-        v = r["verdicts"]
-        if not r.get("captured"):
-            ec = r.get("eager_check") or {}
-            reason = (r.get("refusal") or "").replace("|", "\\|")
-            out.append(f"{head} eager: {reason} | - | - | "
-                       + ("eager (not captured)" if v["path"]["pass"] else f"**FAIL**: took the {ec.get('path')} path")
-                       + " |")
-            continue
-        ok = all(v[k]["pass"] for k in ("path", "uncompiled", "eager"))
-        note = any(v[k]["notes"] for k in ("uncompiled", "eager"))
-        graphs = sum(p["new_graph"] for p in r["prompts"])
-        path = "fast" if v["path"]["pass"] else "**" + "; ".join(v["path"]["failed"]).replace("|", "\\|") + "**"
-        out.append(f"{head} {path} ({graphs} graphs) | {_eq_cell(r, 'uncompiled')} | {_eq_cell(r, 'eager')} | "
-                   + ("PASS*" if ok and note else "PASS" if ok else "**FAIL**") + " |")
-    crashes = [r for r in f["equality"] if r.get("error") and not r.get("not_run")]
-    t = f.get("timing")
-    if t is not None:
-        out += ["", f"### Fast-path timing: batch 1, {t['dtype']}", "",
-                f"The fast path after warm-up ({t['warmup']} warm-up prefills; a timed prefill that still compiled a "
-                f"graph is timed again), {t['runs']} timed prefills per row (seeded random images: LLaVA-1.5 336x336, "
-                f"NeXT 672x672 in the `spatial` layout, {cfg['ttft_text_words']}-word questions), one synchronize "
-                f"before and after each whole prefill (bench.efficiency's `measure`); TPOT over {t['decode_tokens']} "
-                "generated tokens. Budget: the method's own convention (NeXT: total visual tokens / 5 per crop for the "
-                "per-crop methods). Speed-up: the unpruned fast path's TTFT / the row's. Eager TTFT: the TTFT table "
-                "above (same inputs), where it ran.", "",
-                "| Model | Method | Tokens (budget) | Path taken | TTFT median / p90 (ms) | Speed-up | TPOT (ms) "
-                "| Eager TTFT (ms) |", "|---|---|---|---|---|---|---|---|"]
-        eager = {r["method"]: r for r in ((report.get("ttft") or {}).get("results") or []) if r.get("ttft")}
-        for r in t["results"]:
-            head = f"| {r['model']} | {r['method']} | {_fmt(r.get('tokens'), '')} ({_fmt(r.get('budget'), '')}) |"
-            if r.get("not_run"):
-                out.append(f"{head} not run ({r['not_run']}) | | | | |")
-                continue
-            if r.get("error"):
-                out.append(f"{head} crash: `{_crash(r)}` | | | | |")
-                crashes.append(r)
-                continue
-            taken = r["path_taken"] + ("" if r["path_taken"] == "fast" else
-                                       ": " + "; ".join(r["path_reasons"]).replace("|", "\\|"))
-            e = eager.get(r["method"]) if r["model"] == (report.get("ttft") or {}).get("model") else None
-            out.append(f"{head} {taken} | {_fmt(_ms(r['ttft']), '.2f')} / {_fmt(r['ttft']['p90'] * 1e3, '.2f')} | "
-                       f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt(_ms(r.get('tpot')), '.2f')} | "
-                       f"{_fmt(_ms((e or {}).get('ttft')), '.2f')} |")
-        out += ["", "Targets (issue 34; reported, they do not fail the check):", ""]
-        if t.get("targets"):
-            out += [f"- {x['target']}: {x['shown']} - **{x['verdict']}**" for x in t["targets"]]
-        if t.get("targets_note"):
-            out.append(f"- {t['targets_note']}")
-    if crashes:
-        out += ["", "### Fast-path crashes (last lines of the traceback)", ""]
-        for r in crashes:
-            out += [f"**{r['method']}**, {r.get('family') or r.get('model')}, {r.get('dtype')}:", "", "```",
-                    *r["error"], *([r["exception"]] if r.get("exception") else []), "```", ""]
     return out

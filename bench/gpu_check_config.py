@@ -1,0 +1,186 @@
+"""The GPU check's configuration (bench/gpu_check.py): the tiny families and dtypes, each method's budget on
+the tiny models, ``CheckConfig`` (every option with its default), the task key, and the small JSON / text
+helpers every part of the check uses. The lowest part: it imports no other part of the check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+#: methods that take no budget
+NO_BUDGET = {"none", "novisual"}
+#: a budget that really prunes on the tiny models, in each method's own convention (README, Methods):
+#: about the 64-of-576 equivalent where the method allows it; the values the method tests use
+#: (tests/test_gpu_ready.py's BUDGETS for the two newer families and the methods registered later).
+#: Tiny LLaVA / NeXT / Video-LLaVA: 16 patches per image / crop, 17 per video frame, 4 LLM layers;
+#: tiny Qwen2.5-VL: 4-12 merged tokens per image (dynamic grid); tiny OneVision: 16 per crop + newlines.
+#: Keys: the runtime's family (``rt.family``, see :func:`family_key`).
+_PER_UNIT = {"llava": 2, "llava_next": 2, "video_llava": 2, "qwen2_5_vl": 2, "llava_onevision": 4}
+#: test_gpu_ready.py's per-unit budgets (the methods registered after the first tiny budgets were set)
+_PER_UNIT_NEW = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 2, "llava_onevision": 4}
+TINY_BUDGETS = {
+    "consensusdrop": _PER_UNIT,  # per image / crop / frame
+    "visiondrop": {"llava": 2, "llava_next": 2, "video_llava": 4, "qwen2_5_vl": 2,
+                   "llava_onevision": 4},  # layer average per unit
+    "attnmix": {"llava": 2, "llava_next": 10, "video_llava": 16, "qwen2_5_vl": 2,
+                "llava_onevision": 16},  # total per sample
+    "fastv": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
+              "llava_onevision": 16},  # layer average
+    "pdrop": 192,  # 32-layer schedule scaled: 16 -> 16/2/1/1
+    "sparsevlm": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 64,
+                  "llava_onevision": 64},  # 16 -> 16/4/3/2
+    "dart": {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4,
+             "llava_onevision": 16},  # kept after layer K: 16 -> 16/12/12/12
+    "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
+    "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW,  # per unit
+    "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
+    "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
+    "vscan": 6,  # layer average per unit: 9 per unit after the tower, 3 from layer 2
+    "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
+    "visiontrim": _PER_UNIT_NEW,  # per unit B = D + C
+    "apet": _PER_UNIT_NEW,  # layer average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
+}
+for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:
+    _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])  # the tiny Qwen3-VL tower has Qwen2.5-VL's token geometry
+    _b.setdefault("internvl", _b["llava_next"])  # tiny InternVL: 16 tokens per tile, 1-5 tiles per image (NeXT-like)
+    _b.setdefault("qwen3_5", _b["qwen2_5_vl"])  # tiny Qwen3.5: Qwen3-VL's tower geometry without DeepStack
+#: a method registered later and not listed above (tests/test_gpu_check.py asserts there is none)
+FALLBACK_BUDGET = 4
+FP32_LOGIT_TOL = 1e-3
+QUESTIONS = ["what is this?", "what color is the circle on the left?", "how many objects are there in the picture?"]
+IMAGE_SIZES = ((40, 70), (56, 56), (90, 30))  # unequal sizes: unequal NeXT crops (52 / 36 / 40 tokens)
+#: tiny NeXT images with equally many tokens (52) but 3 / 5 / 3 crops: equally long prompts whose
+#: pruned rows differ in length under a per-crop budget (generate then passes no attention mask)
+SAME_LENGTH_NEXT = ((20, 38), (62, 104), (30, 58))
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckConfig:
+    device: str | None = None
+    dtypes: list = field(default_factory=list)  # default: float16 bfloat16 float32 on cuda, float32 on cpu
+    methods: list = field(default_factory=list)  # default: every registered method
+    families: list = field(default_factory=lambda: list(FAMILIES))
+    new_tokens: int = 8
+    seed: int = 1
+    max_syncs_per_sample: float | None = None
+    ttft: bool = True
+    ttft_model: str = "shape:llava-1.5-7b"
+    ttft_dtype: str = "float16"
+    ttft_budget: int = 64
+    ttft_methods: list = field(default_factory=list)  # default: the methods above
+    ttft_warmup: int = 3
+    ttft_runs: int = 10
+    ttft_text_words: int = 12
+    tiny: bool = True  # the tiny-model checks above (--fast-only: off)
+    fast: bool = True  # the fast-path section (bench/gpu_check_fast.py)
+    fast_backend: str = "auto"  # the fast path's compile backend (auto: Inductor + CUDA graphs on CUDA)
+    fast_dtypes: list = field(default_factory=list)  # default: the dtypes above
+    fast_prompts: int = 5  # per family x dtype x method: 14 captured methods x 3 families x 5 >= 200 per dtype
+    fast_tokens: int = 32
+    fast_ttft: bool = True  # the fast path's timing rows (also off with --no-ttft)
+    fast_ttft_model: str = "shape:llava-1.5-7b"
+    fast_ttft_methods: list = field(default_factory=list)  # default: gpu_check_fast.FAST_TTFT_METHODS
+    fast_next_model: str = "shape:llava-next-7b"
+    fast_next_tokens: list = field(default_factory=lambda: [320, 160])  # total visual tokens of 2880
+    fast_next_methods: list = field(default_factory=list)  # default: the fast_ttft_methods
+    out: str = "docs/results"
+    threads: int | None = None
+    time_limit: float | None = None  # seconds for the whole run (None: no limit)
+    time_reserve: float = 5.0  # seconds kept back from the limit for judging and writing the report
+
+
+def registered_methods() -> list[str]:
+    """Every registered method except test doubles (``test_*``, or defined under tests/)."""
+    from llava import method as M
+
+    names = []
+    registry = getattr(M, "_REGISTRY", {})
+    for name in M.available_methods():
+        mod = getattr(registry.get(name), "__module__", "") or ""
+        if name.startswith("test_") or mod.split(".")[0] in ("example_methods", "tests", "conftest"):
+            continue
+        names.append(name)
+    return names
+
+
+def family_key(family: str) -> str:
+    """The runtime's family name (``rt.family``) of a ``--families`` / ``tiny:`` name:
+    'llava-next' -> 'llava_next', 'qwen2.5-vl' -> 'qwen2_5_vl' (as llava.models.build_tiny spells it)."""
+    return family.replace("-", "_").replace(".", "_")
+
+
+def tiny_budget(method: str, family: str):
+    """``method``'s budget on the tiny model of ``family`` (the runtime's form, ``family_key``)."""
+    if method in NO_BUDGET:
+        return None
+    b = TINY_BUDGETS.get(method, FALLBACK_BUDGET)
+    return b[family] if isinstance(b, dict) else b
+
+
+def supported(method: str, family: str) -> bool:
+    """Whether ``method`` runs on ``family`` (the runtime's form); 'none' runs everywhere."""
+    from llava.method import method_supports
+
+    return method == "none" or method_supports(method, family)
+
+
+def task_key(t: dict) -> tuple:
+    if t["kind"] == "fast_ttft":  # a fast-path timing row: model, dtype, method, total visual tokens
+        return (t["kind"], t["model"], t["dtype"], t["method"], t.get("tokens"))
+    return (t["kind"], t.get("family"), t.get("dtype"), t["method"])
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON and text helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _jsonable_loose(x):
+    """Tuples as lists, anything else unknown as its string (NaN / inf kept for _sanitize)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable_loose(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable_loose(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def _sanitize(x):
+    """NaN / inf (a diverged half-precision logit) as strings, so the JSON stays valid."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _sanitize(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_sanitize(v) for v in x]
+    return x
+
+
+def _env_float(name: str) -> float | None:
+    v = os.environ.get(name, "").strip()
+    return float(v) if v else None
+
+
+def _fmt(x, spec=".2g"):
+    return "-" if x is None else format(x, spec)
+
+
+def _short(lines: list[str]) -> str:
+    return (lines[-1] if lines else "?").replace("|", "\\|")[:160]

@@ -1,0 +1,77 @@
+"""The GPU check's TTFT table (bench/gpu_check.py; ``--no-ttft`` skips it): ``--ttft-model`` (default
+``shape:llava-1.5-7b``: real shapes, random weights) in ``--ttft-dtype``, the unpruned model and every method at
+``--ttft-budget``, batch 1: median TTFT with the engine's vision / selection / LLM breakdown, timed with
+bench.efficiency's helpers. bench.deepspeed_check times its plain and wrapped runtimes with the same task."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench.gpu_check_config import NO_BUDGET, TINY_BUDGETS, CheckConfig
+from bench.gpu_check_device import _finish, _recorded, _unprune
+
+
+def _load_ttft(cfg: CheckConfig) -> dict:
+    from bench.efficiency import build_batch, make_inputs
+    from llava.models import load
+
+    t0 = time.perf_counter()
+    rt = load(cfg.ttft_model, dtype=cfg.ttft_dtype, device=cfg.device)
+    device = next(rt.model.parameters()).device
+    _finish(device)
+    size = rt.model.config.vision_config.image_size
+    items = make_inputs(rt, max(cfg.ttft_runs, 1), cfg.ttft_text_words, 0, (size, size))
+    return {"rt": rt, "device": device, "batches": [build_batch(rt, [it], device) for it in items],
+            "build_seconds": round(time.perf_counter() - t0, 1), "image_px": size}
+
+
+def ttft_task(ctx: dict, method: str, cfg: CheckConfig) -> dict:
+    """Batch-1 TTFT of one method on the loaded ``--ttft-model``: warm-ups, then timed prefills."""
+    from bench.efficiency import prefill_once, summary
+
+    rt, batches, device = ctx["rt"], ctx["batches"], ctx["device"]
+    # an adaptive method (budget None in TINY_BUDGETS, e.g. PruMerge) chooses its own count here too
+    budget = None if method in NO_BUDGET or (method in TINY_BUDGETS and TINY_BUDGETS[method] is None) \
+        else cfg.ttft_budget
+    rec = {"kind": "ttft", "method": method, "budget": budget, "error": None, "build_seconds": ctx["build_seconds"],
+           "image_px": ctx["image_px"]}
+    try:
+        with _recorded(device, rec):
+            eng = rt.prune(method, budget)
+            for i in range(cfg.ttft_warmup):
+                prefill_once(rt, batches[i % len(batches)], device)
+            ttft, parts, toks = [], {}, []
+            for b in batches[: cfg.ttft_runs]:
+                t, o = prefill_once(rt, b, device)
+                ttft.append(t)
+                for k, v in eng.stats.timings.items():
+                    parts.setdefault(k, []).append(v)
+                toks.append((eng.stats.samples[0].visual_entering_llm, eng.stats.samples[0].visual_layer_avg))
+                del o
+            rec.update(ttft=summary(ttft), **{f"t_{k}": summary(v) for k, v in parts.items()},
+                       visual_entering_llm=statistics.fmean(a for a, _ in toks),
+                       visual_layer_avg=statistics.fmean(b for _, b in toks))
+            if device.type == "cuda":
+                rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    finally:
+        _unprune(rt)
+    return rec
+
+
+def ttft_table(recs: list[dict], cfg: CheckConfig) -> dict:
+    """The TTFT records as one table, with speed-up and selection overhead against the unpruned row."""
+    out = {"model": cfg.ttft_model, "dtype": cfg.ttft_dtype, "budget": cfg.ttft_budget, "batch": 1,
+           "warmup": cfg.ttft_warmup, "runs": cfg.ttft_runs, "results": recs,
+           "build_seconds": next((r.get("build_seconds") for r in recs if r.get("build_seconds")), None),
+           "peak_gib": max((r.get("peak_gib") or 0 for r in recs), default=0) or None,
+           "image_px": next((r.get("image_px") for r in recs if r.get("image_px")), None)}
+    base = next((r.get("ttft") for r in recs if r["method"] == "none"), None)
+    for r in recs:
+        if base and r.get("ttft"):
+            r["speedup"] = base["median"] / r["ttft"]["median"]
+            if r.get("t_selection"):
+                r["selection_overhead"] = r["t_selection"]["median"] / base["median"]
+    return out
