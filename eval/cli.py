@@ -11,6 +11,7 @@
     python -m eval judge RUN_DIR --base-url URL --model NAME    # MM-Vet / video QA with an LLM judge
     python -m eval record RUN_DIR VQAv2-testdev=78.5 --source "EvalAI test-dev"
     python -m eval table runs/ --format md|latex|both [--out FILE]
+    python -m eval log-sweep docs/results      # a testbed sweep (testbed.json + testbed.png) -> one W&B run
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def main(argv=None) -> int:
     t.add_argument("--no-relative", dest="relative", action="store_false")
     t.add_argument("--decimals", type=int, default=1)
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
+    ls = sub.add_parser("log-sweep", help="log a testbed sweep (DIR/testbed.json + DIR/testbed.png) to one W&B run; "
+                        "never fails (honours WANDB_MODE)")
+    ls.add_argument("dir", help="the sweep's folder (python -m testbed.evaluate sweep --out)")
     args = ap.parse_args(argv)
 
     if args.cmd == "list":
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
                              dir=str(run_dir))
         try:
             res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
-            from .runner import add_path_summary
+            from .summary import add_path_summary
 
             res = add_path_summary(run_dir, res)  # which path (fast / eager) the prefills took, from the answers
             if wb is not None:  # scores by variant, tokens, TTFT, the answers table (never raises)
@@ -245,9 +249,9 @@ def main(argv=None) -> int:
         finally:
             if wb is not None:
                 wb.finish()
-        from .runner import _print_summary
+        from .summary import print_summary
 
-        _print_summary(res)
+        print_summary(res)
         return 0
     if args.cmd == "record":
         from .results import record_metric
@@ -281,7 +285,29 @@ def main(argv=None) -> int:
             else:
                 print(text)
         return 0
+    if args.cmd == "log-sweep":
+        print(json.dumps(log_sweep(args.dir), default=str))
+        return 0
     return 2
+
+
+def log_sweep(sweep_dir) -> dict:
+    """``python -m eval log-sweep DIR``: the testbed sweep in ``DIR/testbed.json`` (and its figure
+    ``DIR/testbed.png``) logged as one W&B run by :func:`eval.wandb_log.log_sweep_to_wandb`. Returns the
+    logger's info; never raises (a sweep that cannot be read is a warning and ``{"mode": "disabled", "error"}``).
+    ``python -m testbed.evaluate sweep --wandb`` runs this command: the testbed imports nothing from eval/."""
+    import logging
+
+    from .io import read_json
+    from .wandb_log import log_sweep_to_wandb
+
+    d = Path(sweep_dir)
+    try:
+        res = read_json(d / "testbed.json")
+    except (OSError, ValueError) as e:
+        logging.getLogger("eval").warning("W&B sweep logging skipped: %s", e)
+        return {"mode": "disabled", "error": f"cannot read {d / 'testbed.json'}: {e}"}
+    return log_sweep_to_wandb(res, png=d / "testbed.png")
 
 
 if __name__ == "__main__":

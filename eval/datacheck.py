@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .benchmarks import BENCHMARKS, Benchmark, get_benchmark
+from .shards import check_inputs
 
 
 @dataclass
@@ -60,8 +61,6 @@ def check_benchmark(bench: Benchmark, deep: bool = True) -> Report:
             rep.missing_inference.append("(unreadable question file)")
             return rep
         rep.n_questions = len(qs)
-        from .runner import check_inputs
-
         miss = check_inputs(bench, qs)
         if miss:
             rep.missing_inputs = miss

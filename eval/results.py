@@ -12,11 +12,11 @@ from typing import Any
 
 from .benchmarks import get_benchmark
 from .io import complete_jsonl_records, read_json, write_json, write_jsonl
+from .shards import EVAL_KEY, shard_files
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "vtprune.eval.results/1"
-EVAL_KEY = "_eval"
 
 
 class MergeError(RuntimeError):
@@ -32,7 +32,6 @@ def merge(run_dir: Path, questions, root=None, hasher=None, report: dict | None 
     return (official records, per-record bookkeeping) in that order. Answers to questions no longer in the
     list are left out of the score (``report["left_out"]`` says how many)."""
     from .resume import answer_mismatch
-    from .runner import shard_files
 
     run_dir = Path(run_dir)
     by_uid: dict[str, list[tuple[str, dict]]] = {}

@@ -30,10 +30,10 @@ from pathlib import Path
 
 from .fingerprint import InputHasher, changed_inputs, data_changes, question_hash, record_matches_question
 from .io import complete_jsonl_records
+from .shards import EVAL_KEY
 
 log = logging.getLogger("eval")
 
-EVAL_KEY = "_eval"
 #: where recomputed answers' old records go (inside the run folder)
 SUPERSEDED = "superseded"
 #: the run folder's input-hash cache (rank 0 appends the hashes it computes to check answers)

@@ -113,7 +113,7 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
 
     from .fingerprint import InputHasher
     from .io import JsonlAppender
-    from .runner import EVAL_KEY, read_input
+    from .shards import EVAL_KEY, read_input
 
     shard = run_dir / "answers" / f"{info.world}_{info.rank}.jsonl"
     hasher = InputHasher(bench.root)

@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ import torch
 
 from . import data as D
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "docs" / "results"
 DEFAULT_N = 400
 DEFAULT_BUDGETS = (4, 8, 16, 32)
 BATCH_SIZE = 50
@@ -258,10 +260,28 @@ def run_sweep(rt, budgets=DEFAULT_BUDGETS, n: int = DEFAULT_N, seed: int = 0, ou
     (out / "testbed.md").write_text(markdown(res))
     plot(res, out / "testbed.png")
     if wandb:  # one W&B run (job_type sweep): the table, accuracy-vs-tokens plots, the figure; never fails the sweep
-        from eval.wandb_log import log_sweep_to_wandb
-
-        log_sweep_to_wandb(res, png=out / "testbed.png")
+        log_sweep(out)
     return res
+
+
+def log_sweep(out: Path) -> bool:
+    """The sweep in ``out`` logged to W&B by the harness's ``python -m eval log-sweep OUT``, in a subprocess (the
+    testbed imports nothing from eval/: the harness may use the testbed, not the reverse). A failure is said on
+    stderr, never raised: the sweep's files are written. True when the command succeeded."""
+    cmd = [sys.executable, "-m", "eval", "log-sweep", str(Path(out).resolve())]
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    except OSError as e:
+        print(f"W&B sweep logging failed (the sweep is kept): {e}", file=sys.stderr)
+        return False
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        print(f"W&B sweep logging failed (the sweep is kept): `{' '.join(cmd[1:])}` exited {done.returncode}"
+              + (f": {tail[0]}" if tail else ""), file=sys.stderr)
+        return False
+    if done.stdout.strip():
+        print(f"W&B sweep run: {done.stdout.strip().splitlines()[-1]}")  # the logger's info (mode, url, ...)
+    return True
 
 
 COLS = [("overall", "overall"), ("attribute", "attr"), ("existence", "exist"), ("counting", "count"),

@@ -1,0 +1,255 @@
+"""``eval run --backend hf`` (the default): this rank's questions answered by our pruning engine.
+
+The questions go in batches of one modality (text-only ScienceQA problems never share a batch with image
+ones); each batch is read, generated greedily and appended to the rank's shard file as one answer record per
+question, flushed (and fsynced) after every batch, so a killed run loses at most the batch in flight. A
+record's bookkeeping (``_eval``, :data:`eval.shards.EVAL_KEY`) says what it was made from (question and input
+hashes), what the engine kept (visual tokens entering the LLM, per layer), which prefill path ran (fast or
+eager, and why eager under ``--fast``), the times, and where its kept-token overlay picture is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .families import sample_overlay
+from .fingerprint import InputHasher
+from .io import JsonlAppender, NullAppender
+from .shards import EVAL_KEY, read_input
+
+log = logging.getLogger("eval")
+
+#: the eager reason recorded for a prompt without an image / video (the stock forward: nothing to prune)
+TEXT_ONLY_REASON = "text-only prompt (the stock model's forward: nothing to prune)"
+
+
+class _Batches:
+    """Consecutive questions grouped into batches of one modality (text-only ScienceQA problems
+    never share a batch with image ones)."""
+
+    def __init__(self, questions: list, size: int):
+        self.batches: list[list] = []
+        cur: list = []
+        for q in questions:
+            if cur and (len(cur) >= size or cur[0].modality != q.modality):
+                self.batches.append(cur)
+                cur = []
+            cur.append(q)
+        if cur:
+            self.batches.append(cur)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@dataclass
+class _Loop:
+    """What lives for one rank's answering loop: the run's pieces, where answers and overlays go, and what
+    this session has answered so far."""
+
+    cfg: object  # eval.run_config.RunConfig
+    bench: object
+    rt: object
+    engine: object
+    info: object  # eval.dist.DistInfo
+    device: object
+    run_dir: Path
+    qhashes: dict
+    shard: Path
+    hasher: InputHasher
+    model_id: str
+    overlays_left: int
+    answered: int = 0
+    warned_noop: bool = False
+    sums: dict = field(default_factory=lambda: {"in": 0.0, "avg": 0.0, "n": 0})  # visual tokens, for the progress log
+
+
+def infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=None, n_done=None, qhashes=None):
+    """Answer ``todo`` (this rank's questions not answered yet), ``cfg.batch_size`` at a time, each batch's answers
+    appended to this rank's shard file (a tensor-parallel group's other ranks run the same batches and write
+    nothing). ``wb``: rank 0's W&B logger for the progress, or None."""
+    from tqdm import tqdm
+
+    loop = _Loop(cfg, bench, rt, engine, info, device, run_dir, qhashes or {},
+                 shard=run_dir / "answers" / f"{info.dp}_{info.dp_rank}.jsonl",
+                 hasher=InputHasher(bench.root),  # each answer records the content hash of the inputs it read
+                 model_id=cfg.model.rstrip("/").split("/")[-1],
+                 overlays_left=cfg.overlay_samples if info.writes else 0)
+    batches = _Batches(todo, cfg.batch_size)
+    with (JsonlAppender(loop.shard) if info.writes else NullAppender()) as out:
+        tty = sys.stderr.isatty()
+        bar = tqdm(batches, total=len(batches), desc=f"{bench.name} rank {info.rank}/{info.world}",
+                   mininterval=5 if tty else 60, dynamic_ncols=tty)
+        for nb, batch in enumerate(bar):
+            recs, t_gen = _answer_batch(loop, batch)
+            out.write(recs)
+            out.flush()
+            loop.answered += len(batch)
+            _log_progress(wb, loop, len(todo), t_gen / len(batch))
+            if cfg.stop_after is not None and nb + 1 >= cfg.stop_after:
+                log.warning("--stop-after %d: exiting abruptly (simulated crash)", cfg.stop_after)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(3)
+        bar.close()
+
+
+def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
+    """One batch read, generated and turned into answer records (with their ``_eval`` bookkeeping); the
+    generate time of the whole batch."""
+    hashes = [loop.hasher.inputs(q) for q in batch]  # before reading: what was read is at least this recent
+    inputs, pil = _read_batch(loop, batch)
+    has_visual = "pixel_values" in inputs or "pixel_values_videos" in inputs
+    engine, rt = loop.engine, loop.rt
+    engine.sample_keys = [q.uid for q in batch]
+    prefills = engine.prefills
+    new, t_gen = _generate(loop, inputs)
+    engine.sample_keys = None
+    outs = rt.processor.decode(new)
+    if has_visual and engine.prefills != prefills + 1:
+        raise RuntimeError("the pruning engine did not handle this batch's prefill (token accounting would be stale)")
+    stats = engine.stats if has_visual else None
+    recs = []
+    for b, (q, text) in enumerate(zip(batch, outs)):
+        rec = loop.bench.record(q, loop.bench.postprocess(text), loop.model_id)
+        meta = {"uid": q.uid, "idx": q.idx, "qhash": loop.qhashes.get(q.uid), "inputs": hashes[b],
+                "rank": loop.info.rank, "batch": len(batch), "new_tokens": _new_tokens(rt, new[b].tolist()),
+                "time": {"generate": t_gen / len(batch)}}
+        if stats is not None:
+            _record_stats(loop, meta, q, stats, b, len(batch))
+        else:
+            meta["path"] = "eager"
+            if loop.cfg.fast:
+                meta["path_reason"] = TEXT_ONLY_REASON
+        # the fast path records no selections (its kept indices stay on the device): overlays of eager prefills only
+        if (loop.overlays_left > 0 and stats is not None and stats.path == "eager"
+                and ("vision", b) in engine.selections):
+            _save_overlay(loop, meta, q, b, inputs, pil, batch[0].modality == "video")
+        rec[EVAL_KEY] = meta
+        recs.append(rec)
+    return recs, t_gen
+
+
+def _read_batch(loop: _Loop, batch: list):
+    """The batch's model inputs and, for images, the PIL images (the overlays draw on them; None otherwise).
+    An input that cannot be read stops the run with :class:`eval.shards.InputError`."""
+    from llava.preprocess import load_image
+
+    rt, device = loop.rt, loop.device
+    texts = [q.text for q in batch]
+
+    def read(q, fn, what):
+        return read_input(q, fn, what, loop.answered, loop.shard)
+
+    if batch[0].modality == "video":
+        from .benchmarks.videoqa import load_video
+
+        videos = [read(q, lambda q=q: load_video(q.video, rt.processor.num_frames), "video") for q in batch]
+        return rt.processor(texts, videos=videos, device=device), None
+    if batch[0].modality == "image":
+        pil = [read(q, lambda q=q: load_image(q.load_image()), "image") for q in batch]
+        return rt.processor(texts, images=pil, device=device), pil
+    return rt.processor(texts, images=[None] * len(batch), device=device), None
+
+
+def _generate(loop: _Loop, inputs):
+    """Greedy generation of the batch (the protocol's: no sampling, one beam): the new tokens and the seconds
+    it took (the device synchronised before and after)."""
+    import torch
+
+    _sync(loop.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        gen = loop.rt.model.generate(**inputs, max_new_tokens=loop.cfg.max_new_tokens, do_sample=False, num_beams=1,
+                                     use_cache=True)
+    _sync(loop.device)
+    return gen[:, inputs["input_ids"].shape[1]:], time.perf_counter() - t0
+
+
+def _new_tokens(rt, row: list[int]) -> int:
+    """The answer's generated tokens: up to its first end-of-sequence token (included), else without padding."""
+    eos, pad = rt.tokenizer.eos_token_id, rt.tokenizer.pad_token_id
+    return next((i + 1 for i, t in enumerate(row) if t == eos), len(row) - sum(1 for t in row if t == pad))
+
+
+def _record_stats(loop: _Loop, meta: dict, q, stats, b: int, n: int) -> None:
+    """What the engine did for sample ``b`` of a batch of ``n``: visual tokens (candidates, entering the LLM,
+    per layer), the prefill's parts timed, the path it took (fast / eager, and why eager under ``--fast``)."""
+    cfg = loop.cfg
+    s = stats.samples[b].as_dict()
+    meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],
+                visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"],
+                vision_noop=s.get("vision_noop", False))
+    if (s.get("vision_noop") and s["visual_layer_avg"] >= s["visual_candidates"] and not loop.warned_noop
+            and cfg.budget is not None):  # nothing pruned anywhere (LLM-stage methods: vision_noop always)
+        loop.warned_noop = True  # said once, at the first sample it happens to
+        log.warning("budget %s >= the %d visual tokens of %s: nothing is pruned there (results.json "
+                    "records the effective budget under 'budget')", cfg.budget, s["visual_candidates"], q.uid)
+    meta["time"].update({k: v / n for k, v in stats.timings.items()})
+    loop.sums["in"] += s["visual_entering_llm"]
+    loop.sums["avg"] += s["visual_layer_avg"]
+    loop.sums["n"] += 1
+    meta["path"] = stats.path  # which path ran this batch's prefill (and why eager, under --fast)
+    if stats.path == "fast":
+        meta["bucket"] = stats.bucket
+        if stats.new_graph:  # compiled / captured here: its time includes the compilation
+            meta["new_graph"] = True
+    elif cfg.fast:
+        meta["path_reason"] = stats.path_reason or "not given by the engine"
+
+
+def _save_overlay(loop: _Loop, meta: dict, q, b: int, inputs, pil, video: bool) -> None:
+    """Sample ``b``'s kept tokens drawn over its image (a video's first frame) into ``<run>/overlays/``; its
+    path goes into ``meta``. A picture that fails is a warning, never the end of the run."""
+    try:
+        sel = loop.engine.selections[("vision", b)]
+        keep = sel.keep.tolist() + ([] if sel.targets is None else sel.targets.tolist())
+        img = pil[b] if pil is not None else _first_frame(q, loop.rt)
+        ov = sample_overlay(loop.rt, inputs, b, img, keep, video, loop.rt.processor.pad_to_square)
+        overlay_dir = loop.run_dir / "overlays"
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+        path = overlay_dir / f"{_safe(q.uid)}.png"
+        ov.save(path)
+        meta["overlay"] = str(path.relative_to(loop.run_dir))
+        loop.overlays_left -= 1
+    except Exception as e:  # noqa: BLE001 - a picture must never stop the run
+        log.warning("overlay for %s failed: %s", q.uid, e)
+
+
+def _log_progress(wb, loop: _Loop, n_todo: int, generate_s: float) -> None:
+    """Rank 0's progress to W&B after each batch: answers so far and the mean visual tokens."""
+    if wb is None or not wb.active:
+        return
+    logd = {"progress/answered_rank0": loop.answered, "progress/fraction_rank0": loop.answered / max(n_todo, 1),
+            "time/generate_s_per_sample": generate_s}
+    sums = loop.sums
+    if sums["n"]:
+        logd.update({"tokens/entering_llm_mean": sums["in"] / sums["n"],
+                     "tokens/layer_avg_mean": sums["avg"] / sums["n"]})
+    wb.log(logd)
+
+
+def _sync(device):
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _first_frame(q, rt):
+    from .benchmarks.videoqa import load_video
+
+    return load_video(q.video, rt.processor.num_frames)[0]
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:100]
