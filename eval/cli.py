@@ -103,8 +103,7 @@ def _pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
     return out, local_rank
 
 
-def main(argv=None) -> int:
-    argv, local_rank = _pop_local_rank(list(sys.argv[1:] if argv is None else argv))
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -150,145 +149,182 @@ def main(argv=None) -> int:
     ls = sub.add_parser("log-sweep", help="log a testbed sweep (DIR/testbed.json + DIR/testbed.png) to one W&B run; "
                         "never fails (honours WANDB_MODE)")
     ls.add_argument("dir", help="the sweep's folder (python -m testbed.evaluate sweep --out)")
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.cmd == "list":
-        from .benchmarks import BENCHMARKS
 
-        for name, b in BENCHMARKS.items():
-            mets = ", ".join(m.name + ("*" if m.primary else "") for m in b.metrics)
-            print(f"{name:14} {b.title:44} max_new_tokens={b.max_new_tokens:<5} metrics: {mets}")
-        return 0
-    if args.cmd == "check-data":
-        from .datacheck import check_all
+def main(argv=None) -> int:
+    argv, local_rank = _pop_local_rank(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.cmd](args, local_rank)
 
-        reports = check_all(args.data_root, args.benchmarks or None, deep=not args.shallow)
-        for rep in reports:
-            print(rep.text())
-        return 0 if all(r.ok_inference for r in reports) else 1
-    if args.cmd == "run":
-        from .runner import RunConfig, run
 
-        d = vars(args).copy()
-        d.pop("cmd")
-        d["options"] = _kv(d.pop("opt"))
-        d["bench_options"] = _kv(d.pop("bench_opt"), "--bench-opt")
-        d["local_rank"] = local_rank  # --local_rank=N from the deepspeed launcher (anywhere on the line)
-        return run(RunConfig(**d))
-    if args.cmd in ("merge", "score", "judge"):
-        from .io import read_json
+def _list(args, local_rank) -> int:
+    from .benchmarks import BENCHMARKS
 
-        run_dir = Path(args.run_dir)
-        if not (run_dir / "run_config.json").exists():
-            print(f"error: {run_dir} is not a run directory (no run_config.json)", file=sys.stderr)
-            return 2
-        run_cfg = read_json(run_dir / "run_config.json")
-        cfg = run_cfg["config"]
-        data_root = args.data_root or cfg["data_root"]
-        if args.cmd == "merge":
-            from .benchmarks import get_benchmark
-            from .results import MergeError, merge
+    for name, b in BENCHMARKS.items():
+        mets = ", ".join(m.name + ("*" if m.primary else "") for m in b.metrics)
+        print(f"{name:14} {b.title:44} max_new_tokens={b.max_new_tokens:<5} metrics: {mets}")
+    return 0
 
-            bench = get_benchmark(cfg["benchmark"], data_root, **cfg.get("bench_options", {}))
-            qs = bench.load()
-            if cfg.get("limit") is not None:
-                qs = qs[: cfg["limit"]]
-            from .fingerprint import InputHasher
-            from .resume import HASH_CACHE
 
-            try:
-                official, _ = merge(run_dir, qs, root=bench.root, hasher=InputHasher(bench.root, run_dir / HASH_CACHE))
-            except MergeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            print(f"merged {len(official)} answers -> {run_dir / 'merge.jsonl'}")
-            return 0
-        from .judge import JudgeConfig
-        from .results import MergeError, score_run
+def _check_data(args, local_rank) -> int:
+    from .datacheck import check_all
 
-        if args.cmd == "judge":
-            jc = JudgeConfig.from_env(args.base_url, args.model, args.api_key_env, workers=args.workers)
-            if jc is None:
-                print("error: give --base-url and --model (or EVAL_JUDGE_BASE_URL / EVAL_JUDGE_MODEL)", file=sys.stderr)
-                return 2
-        else:
-            jc = JudgeConfig.from_env(args.judge_base_url, args.judge_model, args.judge_api_key_env) \
-                if (args.judge_base_url or args.judge_model) else None
-        wb = None
-        if args.cmd == "score" and args.wandb:
-            from .wandb_log import WandbLogger, run_config, run_identity
+    reports = check_all(args.data_root, args.benchmarks or None, deep=not args.shallow)
+    for rep in reports:
+        print(rep.text())
+    return 0 if all(r.ok_inference for r in reports) else 1
 
-            # the same name / group / job type / config as `eval run` gives this run (the model and method as
-            # the run resolved them: run_config.json), tagged "rescored"; n from the run's results.json
-            resolved = run_cfg.get("resolved") or {}
-            n = None
-            if (run_dir / "results.json").exists():
-                try:
-                    n = (read_json(run_dir / "results.json").get("counts") or {}).get("questions")
-                except (OSError, ValueError):
-                    n = None
-            ident = run_identity(cfg["benchmark"], cfg.get("model", ""), cfg.get("method", ""), cfg.get("budget"),
-                                 run_dir.name, family=(resolved.get("model") or {}).get("family"),
-                                 options=cfg.get("options"), group=cfg.get("wandb_group"),
-                                 extra_tags=[*(cfg.get("wandb_tags") or []), "rescored"])
-            wb = WandbLogger(project=cfg.get("wandb_project"), entity=cfg.get("wandb_entity"), **ident,
-                             config=run_config(cfg, resolved, cfg["benchmark"], n, run_dir.name, str(run_dir)),
-                             dir=str(run_dir))
+
+def _run(args, local_rank) -> int:
+    from .runner import RunConfig, run
+
+    d = vars(args).copy()
+    d.pop("cmd")
+    d["options"] = _kv(d.pop("opt"))
+    d["bench_options"] = _kv(d.pop("bench_opt"), "--bench-opt")
+    d["local_rank"] = local_rank  # --local_rank=N from the deepspeed launcher (anywhere on the line)
+    return run(RunConfig(**d))
+
+
+def _run_folder(args):
+    """(run_dir, run_config.json, its config, the data root) of merge / score / judge, or None (printed)."""
+    from .io import read_json
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run_config.json").exists():
+        print(f"error: {run_dir} is not a run directory (no run_config.json)", file=sys.stderr)
+        return None
+    run_cfg = read_json(run_dir / "run_config.json")
+    cfg = run_cfg["config"]
+    return run_dir, run_cfg, cfg, args.data_root or cfg["data_root"]
+
+
+def _merge(args, local_rank) -> int:
+    from .benchmarks import get_benchmark
+    from .fingerprint import InputHasher
+    from .results import MergeError, merge
+    from .resume import HASH_CACHE
+
+    if (folder := _run_folder(args)) is None:
+        return 2
+    run_dir, _, cfg, data_root = folder
+    bench = get_benchmark(cfg["benchmark"], data_root, **cfg.get("bench_options", {}))
+    qs = bench.load()
+    if cfg.get("limit") is not None:
+        qs = qs[: cfg["limit"]]
+    try:
+        official, _ = merge(run_dir, qs, root=bench.root, hasher=InputHasher(bench.root, run_dir / HASH_CACHE))
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {len(official)} answers -> {run_dir / 'merge.jsonl'}")
+    return 0
+
+
+def _rescore_logger(run_dir: Path, run_cfg: dict, cfg: dict):
+    """`score --wandb`: the same name / group / job type / config as `eval run` gives this run (the model and
+    method as the run resolved them: run_config.json), tagged "rescored"; n from the run's results.json."""
+    from .io import read_json
+    from .wandb_log import WandbLogger, run_config, run_identity
+
+    resolved = run_cfg.get("resolved") or {}
+    n = None
+    if (run_dir / "results.json").exists():
         try:
-            res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
-            from .summary import add_path_summary
+            n = (read_json(run_dir / "results.json").get("counts") or {}).get("questions")
+        except (OSError, ValueError):
+            n = None
+    ident = run_identity(cfg["benchmark"], cfg.get("model", ""), cfg.get("method", ""), cfg.get("budget"),
+                         run_dir.name, family=(resolved.get("model") or {}).get("family"),
+                         options=cfg.get("options"), group=cfg.get("wandb_group"),
+                         extra_tags=[*(cfg.get("wandb_tags") or []), "rescored"])
+    return WandbLogger(project=cfg.get("wandb_project"), entity=cfg.get("wandb_entity"), **ident,
+                       config=run_config(cfg, resolved, cfg["benchmark"], n, run_dir.name, str(run_dir)),
+                       dir=str(run_dir))
 
-            res = add_path_summary(run_dir, res)  # which path (fast / eager) the prefills took, from the answers
-            if wb is not None:  # scores by variant, tokens, TTFT, the answers table (never raises)
-                from .wandb_log import log_results
 
-                log_results(wb, res, run_dir, data_root)
-        except MergeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        finally:
-            if wb is not None:
-                wb.finish()
-        from .summary import print_summary
+def _score(args, local_rank) -> int:
+    """`score` and `judge`: merge + the official conversion + scoring (judge: with the LLM grader)."""
+    from .judge import JudgeConfig
+    from .results import MergeError, score_run
+    from .summary import add_path_summary, print_summary
 
-        print_summary(res)
-        return 0
-    if args.cmd == "record":
-        from .results import record_metric
+    if (folder := _run_folder(args)) is None:
+        return 2
+    run_dir, run_cfg, cfg, data_root = folder
+    if args.cmd == "judge":
+        jc = JudgeConfig.from_env(args.base_url, args.model, args.api_key_env, workers=args.workers)
+        if jc is None:
+            print("error: give --base-url and --model (or EVAL_JUDGE_BASE_URL / EVAL_JUDGE_MODEL)", file=sys.stderr)
+            return 2
+    else:
+        jc = JudgeConfig.from_env(args.judge_base_url, args.judge_model, args.judge_api_key_env) \
+            if (args.judge_base_url or args.judge_model) else None
+    wb = _rescore_logger(run_dir, run_cfg, cfg) if args.cmd == "score" and args.wandb else None
+    try:
+        res = score_run(run_dir, data_root=data_root, judge_cfg=jc, wandb=wb)
+        res = add_path_summary(run_dir, res)  # which path (fast / eager) the prefills took, from the answers
+        if wb is not None:  # scores by variant, tokens, TTFT, the answers table (never raises)
+            from .wandb_log import log_results
 
-        for kv in args.metrics:
-            name, _, val = kv.partition("=")
-            res = record_metric(args.results, name, float(val), args.source)
-        print(json.dumps(res["metrics"], indent=1))
-        return 0
-    if args.cmd == "fixtures":
-        from .fixtures import write_fixtures
+            log_results(wb, res, run_dir, data_root)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if wb is not None:
+            wb.finish()
+    print_summary(res)
+    return 0
 
-        print(f"wrote fixtures to {write_fixtures(args.dir, args.benchmarks or None)}")
-        return 0
-    if args.cmd == "table":
-        from .table import make_table
 
-        override = {k.lower(): v for k, v in _kv(args.metric, "--metric").items()}
-        paper = {k: float(v) for k, v in _kv(args.paper_vanilla, "--paper-vanilla").items()}
-        fmts = ["md", "latex"] if args.format == "both" else [args.format]
-        for f in fmts:
-            text = make_table(args.paths, fmt=f, metric_override=override, paper_vanilla=paper or None,
-                              relative=args.relative, decimals=args.decimals, include_partial=args.include_partial)
-            if args.out:
-                out = Path(args.out)
-                if args.format == "both":
-                    out = out.with_suffix(".md" if f == "md" else ".tex")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(text + "\n", encoding="utf-8")
-                print(f"wrote {out}")
-            else:
-                print(text)
-        return 0
-    if args.cmd == "log-sweep":
-        print(json.dumps(log_sweep(args.dir), default=str))
-        return 0
-    return 2
+def _record(args, local_rank) -> int:
+    from .results import record_metric
+
+    for kv in args.metrics:
+        name, _, val = kv.partition("=")
+        res = record_metric(args.results, name, float(val), args.source)
+    print(json.dumps(res["metrics"], indent=1))
+    return 0
+
+
+def _fixtures(args, local_rank) -> int:
+    from .fixtures import write_fixtures
+
+    print(f"wrote fixtures to {write_fixtures(args.dir, args.benchmarks or None)}")
+    return 0
+
+
+def _table(args, local_rank) -> int:
+    from .table import make_table
+
+    override = {k.lower(): v for k, v in _kv(args.metric, "--metric").items()}
+    paper = {k: float(v) for k, v in _kv(args.paper_vanilla, "--paper-vanilla").items()}
+    fmts = ["md", "latex"] if args.format == "both" else [args.format]
+    for f in fmts:
+        text = make_table(args.paths, fmt=f, metric_override=override, paper_vanilla=paper or None,
+                          relative=args.relative, decimals=args.decimals, include_partial=args.include_partial)
+        if args.out:
+            out = Path(args.out)
+            if args.format == "both":
+                out = out.with_suffix(".md" if f == "md" else ".tex")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n", encoding="utf-8")
+            print(f"wrote {out}")
+        else:
+            print(text)
+    return 0
+
+
+def _log_sweep(args, local_rank) -> int:
+    print(json.dumps(log_sweep(args.dir), default=str))
+    return 0
+
+
+#: subcommand -> its function (args, local_rank) -> exit status
+COMMANDS = {"list": _list, "check-data": _check_data, "run": _run, "merge": _merge, "score": _score, "judge": _score,
+            "record": _record, "fixtures": _fixtures, "table": _table, "log-sweep": _log_sweep}
 
 
 def log_sweep(sweep_dir) -> dict:
