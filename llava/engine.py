@@ -46,6 +46,7 @@ from .layout import VisionStageMixin, _Layout, _renumber_units, _runs  # noqa: F
 from .method import Method, Selection, get_method
 from .prefill import _Prefill
 from .staged import StagedDecoderMixin, _Segment
+from .tp import sharded_module
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")
         self.llm_layers = ks
         self._check_hybrid(method)
+        self._check_grad(method)
         # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to
         # renumber (an image spans max(h, w) / 2 positions), so those families keep them (documented)
         self._reindex = method.position_mode == "reindex" and not self.adapter.keeps_positions
@@ -282,6 +284,17 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                         f"a linear-attention (Gated DeltaNet) layer of this hybrid {self.family} model, which has no "
                         f"attention map; its full-attention layers are {full}. Choose the stage layer so that the layer "
                         f"it reads is one of them (see the method's options), or use a pre-LLM method")
+
+    def _check_grad(self, method) -> None:
+        """Refuse, with the reason, a method that takes a gradient inside the prefill (``Method.llm_grad``) on a
+        tensor-parallel model: DeepSpeed AutoTP's all-reduce linears are inference-only (no backward)."""
+        if not method.llm_grad or not self.llm_layers:
+            return
+        where = sharded_module([self.lm])
+        if where is not None:
+            raise ValueError(f"{method.name}: its llm stages take a gradient through a decoder layer, and this model's "
+                             f"language model is sharded by tensor parallelism (DeepSpeed AutoTP, e.g. {where}), whose "
+                             "all-reduce linears have no backward: run it without tensor parallelism (TP=1)")
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "PruningEngine":

@@ -231,6 +231,9 @@ class Method:
     #: "next" (layer K). On a hybrid model (Qwen3.5) a read of a linear-attention layer, which has no attention,
     #: is refused at attach with the reason (``PruningEngine._check_hybrid``).
     llm_reads: ClassVar[tuple[str, ...]] = ()
+    #: The llm stages take a gradient inside the prefill (``LLMSignals.grad_saliency``, TRIO): refused at attach on
+    #: a tensor-parallel (AutoTP-sharded) model, whose all-reduce linears have no backward.
+    llm_grad: ClassVar[bool] = False
 
     @property
     def probe_layers(self) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .tp import full_width
+from .tp import full_width, sharded_module
 
 
 @dataclass
@@ -231,6 +231,7 @@ class LLMSignals:
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _norm: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    _grad_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _cache: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -270,6 +271,34 @@ class LLMSignals:
         if "final_norm" not in self._cache:
             self._cache["final_norm"] = self._norm(self.hidden)
         return self._cache["final_norm"]
+
+    def grad_saliency(self, rows: str = "shifted", num_rows: int = 4, layer: Literal["next", "prev"] = "next",
+                      reduce: str | None = "l2", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Gradient saliency of the current tokens for a layer-local proxy loss (TRIO / PIO-FVLM,
+        :func:`proxy_loss_grad`): decoder layer ``layer`` ("next": layer K, whose input these hidden states are;
+        "prev": layer K-1 re-run on them, the official Qwen2.5-VL quirk), the final norm and ``lm_head`` on the
+        proxy rows, cross-entropy against each row's own argmax, differentiated w.r.t. the hidden states only.
+
+        ``rows``: "shifted" (official: the ``num_rows`` rows before the last prompt row, as the official
+        ``logits[:, :-1]`` shift leaves them) or "last" (the last ``num_rows`` prompt rows). ``reduce``: "l2"
+        (official ``grad.norm(p=2, dim=-1)``) -> (Nv,) for the visual tokens, or None -> the raw gradient
+        (S, D) in the model dtype. ``dtype``: the dtype the norm is taken in (fp32 ours; the model dtype is the
+        official ``grad.to(features.dtype).norm()``). Eager engine only (``captured`` raises). Cached per call."""
+        if self.captured:
+            raise NotImplementedError("LLMSignals.grad_saliency: a backward pass inside a captured prefill is not "
+                                      "supported (the method runs on the eager engine)")
+        if self._grad_fn is None:
+            raise RuntimeError("grad_saliency is only available inside the engine")
+        key = ("grad", rows, int(num_rows), layer)
+        if key not in self._cache:
+            self._cache[key] = self._grad_fn(proxy_rows(self.hidden.shape[0], rows, num_rows), layer)
+        g = self._cache[key]
+        if reduce is None:
+            return g
+        if reduce != "l2":
+            raise ValueError(f"grad_saliency: reduce must be 'l2' or None, got {reduce!r}")
+        g = g[self.visual]
+        return g.to(dtype if dtype is not None else g.dtype).norm(p=2, dim=-1)
 
     def _resolve(self, queries: torch.Tensor | str) -> torch.Tensor:
         if isinstance(queries, str):
@@ -496,3 +525,65 @@ def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, 
         future = future | ~key_mask.to(q.device)[None, :]
     scores = scores.masked_fill(future[None], float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient of a layer-local proxy loss (TRIO / PIO-FVLM)
+# ------------------------------------------------------------------------------------------------
+
+PROXY_ROWS = ("shifted", "last")
+
+
+def proxy_rows(S: int, which: str = "shifted", num_rows: int = 4) -> torch.Tensor:
+    """The rows of an S-token prompt whose next-token logits make the proxy loss (host LongTensor, ascending).
+    "shifted" (official ``loss_mode="multi_pos"``, ``K_pos`` = ``num_rows``): the official code shifts the logits
+    (``logits[..., :-1, :]``) and marks the last ``K_pos`` of the S - 1 shifted rows, i.e. rows
+    max(0, S - 2 - t) for t < K_pos: the last prompt row itself is never read. "last": rows max(0, S - 1 - t)."""
+    if which not in PROXY_ROWS:
+        raise ValueError(f"proxy rows must be one of {PROXY_ROWS}, got {which!r}")
+    n = int(num_rows)
+    if n < 1:
+        raise ValueError(f"proxy rows: need at least one row, got {num_rows!r}")
+    top = S - 2 if which == "shifted" and S > 1 else S - 1
+    return torch.tensor(sorted({max(0, top - t) for t in range(n)}), dtype=torch.long)
+
+
+def proxy_loss_grad(layer: torch.nn.Module, norm: torch.nn.Module, head: torch.nn.Module, rotary: torch.nn.Module,
+                    x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, mask_fn: Callable | None = None
+                    ) -> torch.Tensor:
+    """dL/dx (S, D) for one sample's hidden states x (S, D) at positions ``pos`` ((S,), or M-RoPE (3, S)):
+    L = mean over ``rows`` of CE(z_r, argmax z_r), z = head(norm(layer(x)))[rows] (TRIO's layer-local proxy loss,
+    official ``_loss_on_current_layer`` ``multi_pos``).
+
+    Runs under ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on a detached clone of x (the harness's
+    inference tensors cannot be saved for backward); the stock decoder layer with a causal mask of this one
+    sequence (``mask_fn(h (1, S, D), pos (.., 1, S))``: the engine's mask for the layer; None = the layer's
+    default, causal only on SDPA / FlashAttention), its rotary tables, no KV cache (the prefill's cache is never
+    touched); ``torch.autograd.grad`` w.r.t. the clone only (weights keep ``requires_grad=False``: no ``.grad``
+    is written), the graph freed on return. Numerics: the layer, the final norm and ``lm_head`` run in the
+    model dtype (the norm's own fp32 upcast as the stock module does it); the logits are cast to fp32 for the
+    cross-entropy and its argmax (as the official ``shift_logits.float()``); the backward runs in the model
+    dtype, so the returned gradient is in the model dtype. Refused (RuntimeError) on a tensor-parallel
+    (AutoTP-sharded) layer or head: its all-reduce linears are not set up for backward."""
+    where = sharded_module([layer, head])
+    if where is not None:
+        raise RuntimeError(f"grad_saliency: {where} is sharded by tensor parallelism (DeepSpeed AutoTP); its "
+                           "all-reduce linears are inference-only (no backward), so the gradient saliency cannot be "
+                           "computed: run this method without tensor parallelism")
+    if not hasattr(layer, "self_attn"):
+        raise ValueError(f"grad_saliency: decoder layer {getattr(layer, 'layer_idx', '?')} ({type(layer).__name__}) "
+                         "is a linear-attention layer of a hybrid model; the proxy loss runs a full-attention layer")
+    with torch.inference_mode(False), torch.enable_grad():
+        rows = rows.to(x.device).clone()  # an index is saved for backward: no inference tensor
+        h = x.detach().clone().requires_grad_(True)  # a normal tensor (cloned outside inference mode)
+        p = pos.detach().clone()[..., None, :]  # (1, S) or (3, 1, S)
+        xb = h[None]
+        mask = mask_fn(xb, p) if mask_fn is not None else None
+        pe = rotary(xb, position_ids=p)
+        y = layer(xb, attention_mask=mask, position_embeddings=pe, past_key_values=None, use_cache=False)
+        y = y[0] if isinstance(y, tuple) else y
+        z = head(norm(y[0, rows])).float()  # (R, V)
+        loss = torch.nn.functional.cross_entropy(z, z.detach().argmax(-1))
+        (g,) = torch.autograd.grad(loss, h, retain_graph=False, create_graph=False)
+        del y, z, loss, pe, mask, xb
+    return g.detach()

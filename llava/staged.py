@@ -19,7 +19,7 @@ from .layout import (_add_deepstack, _deepstack, _Layout, _runs, carry_rows, dec
                      llm_outputs)
 from .method import Selection
 from .prefill import _Prefill
-from .signals import LLMSignals, llm_attention_fns
+from .signals import LLMSignals, llm_attention_fns, proxy_loss_grad
 
 
 @dataclass
@@ -162,11 +162,25 @@ class StagedDecoderMixin:
         lm = self.lm
         attn_fn, keys_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p)
         vis_in, text_in = ctx.entry[b]
+
+        def grad_fn(rows, which):  # TRIO's proxy-loss gradient (LLMSignals.grad_saliency), eager only
+            i = layer_idx if which == "next" else layer_idx - 1
+            if which not in ("next", "prev"):
+                raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+            head = getattr(self.model, "lm_head", None)
+            head = self.model.get_output_embeddings() if head is None else head
+
+            def mask_fn(h, pp):  # the engine's mask of layer i for this one unpadded sequence, no cache
+                ones = torch.ones(1, h.shape[1], dtype=torch.long, device=h.device)
+                return decoder_masks(self.adapter, lm, h, ones, None, pp, i, i + 1)[0]
+
+            return proxy_loss_grad(lm.layers[i], lm.norm, head, lm.rotary_emb, x, p, rows, mask_fn)
+
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
                           text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
                           state=ctx.llm_state[b], vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
-                          _norm=lm.norm)
+                          _norm=lm.norm, _grad_fn=grad_fn)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache.

@@ -227,3 +227,14 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
     rt.model = eng.module
     rt.info["deepspeed"] = info
     return rt
+
+
+def sharded_module(modules) -> str | None:
+    """The name of a tensor-parallel (AutoTP-sharded) linear among ``modules``' submodules, or None: DeepSpeed's
+    replaced linears hold their ``mp_group``."""
+    for m in modules:
+        for name, sub in m.named_modules():
+            sizes = getattr(sub, "_partition_sizes", None)
+            if getattr(sub, "mp_group", None) is not None and (sizes is None or len(sizes) > 1):
+                return f"{type(m).__name__}.{name}" if name else type(m).__name__
+    return None

@@ -1,0 +1,277 @@
+"""TRIO, "Token Reduction via Inference-Objective Guidance" (arXiv 2602.04657; v1/v2 titled PIO-FVLM), issue 32.
+
+Official code: ocy1/TRIO @ ec85d99 (the core ``layer_prune`` was filled in by 77f024a, LLaVA, and 0fab4b8,
+Qwen2.5-VL). LLaVA path: ``llava/model/modeling_llama_x.py`` ``LlamaModel.forward_x`` (1246-1262: after decoder
+layer ``l - 1`` for each ``l`` in ``layer_list``, prefill only) calls ``layer_prune`` (1334-1804). Study:
+docs/methods/studies-2026-leaders.md section 2; our notes: docs/methods/trio.md.
+
+Algorithm (prefill only), per sample, at each stage s before decoder layer K = ``layer_list[s]``::
+
+    x   = the hidden states entering layer K (after layer K-1), N = the current visual tokens, k = the stage count
+    L   = mean over the proxy rows r of CE(z_r, argmax z_r),  z = lm_head(norm(layer_K(x)))     [fp32 CE]
+          proxy rows: the K_pos = 4 rows before the last prompt row (official ``logits[:, :-1]`` shift, 1459-1481)
+    g   = dL/dx (S, D), through layer K only (x detached);  sal_i = ||g_i||_2 for the visual rows i
+    NMS : order the visual tokens by sal, descending; walk the order: skip a suppressed token, else keep it and
+          suppress every token whose cosine with it (current hidden states, L2-normalised, fp32) is >= tau = 0.8;
+          stop at k kept; if fewer than k, fill with the unkept tokens in saliency order
+    out = the kept tokens in ascending (original) order; no merge; positions re-indexed (PyramidDrop style)
+
+:func:`trio_nms` is the selection step (saliency + features -> kept indices); the gradient is the engine's
+:meth:`llava.signals.LLMSignals.grad_saliency` (one extra forward + backward of one decoder layer per stage).
+
+Schedules (official scripts; E = layer average over 32 layers, LLaVA-1.5's 576 visual tokens):
+
+* budget 128 (default): ``layer_list`` [1, 10, 15], counts [218, 128, 54] (``v1_5/eval/{mme,pope,sqa,textvqa,
+  vqav2,mmbench,mmvet}.sh``), E = 128.0;
+* budget 64: [1, 10, 15], [92, 54, 22] (``textvqa_set1.sh:10-12``; comment at ``modeling_llama_x.py:1333``), E = 64.0;
+* budget 192: not released; [344, 202, 86] (ours: the 64 / 128 ratios b / a = 0.587, E = 192.0 exactly);
+* any other budget B: the 128 counts scaled by one factor so that E = B (ours).
+
+Counts are stated per 576 candidates (one LLaVA-1.5 image) and, by default, scaled to the sample's visual count
+(``floor(N c / 576)``, as PyramidDrop's table; option ``counts="absolute"``: the official ``min(c, N)`` per
+sample, e.g. the official NeXT list [436, 255, 173] over the whole image block). ``ratios`` (Qwen2.5-VL
+official: [0.333] at layer 14 of 28, ``int(r * current)``) replaces the counts. Stage layers are stated for 32
+layers and mapped with :func:`llava.ops.scale_layers`; the counts are then refitted to the same layer average
+(:func:`llava.ops.fit_stage_counts`).
+
+Reference mode (``numerics="official"``; default ``"ours"``): the saliency norm taken in the model dtype (the
+official ``grad.to(features.dtype).norm()``: fp16 on LLaVA, so ties appear) and ``torch.argsort`` (official tie
+order, unstable) instead of the fp32 norm with ties to the lower index. The gradient itself is the same in both
+modes (model-dtype layer and backward, fp32 logits and CE). Eager only (a backward pass inside the prefill).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llava.method import Method, Selection, register
+from llava.ops import REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, scale_layers, scaled_count
+from llava.signals import PROXY_ROWS
+
+#: ``--layer_list '[1,10,15]'`` of every LLaVA-1.5 w/o VE script (e.g. ``llava/model/scripts/v1_5/eval/mme.sh:13``)
+OFFICIAL_LAYERS = (1, 10, 15)
+#: kept visual tokens (of 576) after each stage, per budget (E over 32 layers); 192 is ours (not released)
+SCHEDULES = {
+    64: (92, 54, 22),  # textvqa_set1.sh:12, textvqa_set2.sh; modeling_llama_x.py:1333
+    128: (218, 128, 54),  # mme.sh:14, pope.sh:12, textvqa.sh:13, sqa / vqav2 / mmbench / mmvet
+    192: (344, 202, 86),  # ours: b / a = 0.587 as 64 / 128, E = 192.0
+}
+DEFAULT_BUDGET = 128
+#: NMS cosine threshold (``modeling_llama_x.py:1649``, ``qwen2_5_vl_custom.py:1144``): suppress if sim >= tau
+OFFICIAL_TAU = 0.8
+#: proxy rows ``K_pos`` (``modeling_llama_x.py:1437``)
+OFFICIAL_PROXY_ROWS = 4
+#: Qwen2.5-VL official (README.md:565-567): stage at layer 14 of 28 keeping int(0.333 * current)
+QWEN_LAYERS, QWEN_RATIOS = (14,), (0.333,)
+COUNT_MODES = ("scaled", "absolute")
+#: families whose decoder layers the proxy loss re-runs as the stock model does (tests/test_trio.py)
+FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "internvl", "qwen3_5")
+
+
+def layer_average(n: int, layers, counts, depth: int = REFERENCE_DEPTH) -> float:
+    """E = the layer-average visual count of a schedule: n before ``layers[0]``, ``counts[s]`` from ``layers[s]``."""
+    bounds = [*layers, depth]
+    cur, total = int(n), bounds[0] * int(n)
+    for s, c in enumerate(counts):
+        cur = min(cur, int(c))
+        total += (bounds[s + 1] - bounds[s]) * cur
+    return total / depth
+
+
+def budget_counts(budget: int, layers=OFFICIAL_LAYERS) -> tuple[int, ...]:
+    """Counts (of 576) after each stage for a layer-average ``budget`` on 32 layers: the table for the official
+    layers, else the 128 schedule times one factor a = (32 B - l_1 576) / sum_s len_s c_s (halves up; ours)."""
+    layers = tuple(int(k) for k in layers)
+    if layers == OFFICIAL_LAYERS and budget in SCHEDULES:
+        return SCHEDULES[budget]
+    base = SCHEDULES[DEFAULT_BUDGET]
+    if len(layers) != len(base):
+        raise ValueError(f"trio: a budget with {len(layers)} stage layers needs explicit image_token_list= or ratios=")
+    bounds = [*layers, REFERENCE_DEPTH]
+    num = REFERENCE_DEPTH * int(budget) - layers[0] * REFERENCE_TOKENS
+    den = sum((bounds[s + 1] - bounds[s]) * c for s, c in enumerate(base))
+    if num <= 0:
+        raise ValueError(f"trio: budget {budget} is below the {layers[0] * REFERENCE_TOKENS / REFERENCE_DEPTH:g} tokens "
+                         f"the layers before the first stage (layer {layers[0]}) already average")
+    out, prev = [], REFERENCE_TOKENS
+    for c in base:
+        prev = min(prev, math.floor(num * c / den + 0.5))
+        out.append(prev)
+    return tuple(out)
+
+
+def trio_nms(saliency: torch.Tensor, features: torch.Tensor, k: int, tau: float = OFFICIAL_TAU,
+             numerics: str = "ours") -> torch.Tensor:
+    """TRIO's selection for one stage: (k,) indices of the kept visual tokens, ascending.
+
+    saliency (N,): gradient saliency; features (N, D): the visual tokens' current hidden states. Greedy NMS in
+    saliency order: a token is kept unless a kept token has cosine >= ``tau`` with it (then it is suppressed);
+    stops at k kept; if fewer than k survive, the unkept tokens fill in in saliency order (official second
+    round). ``tau`` None: plain top-k by saliency (official ``enable_nms=False``).
+    ``numerics="ours"``: ties to the lower index (stable sort); "official": ``torch.argsort(descending=True)``.
+    The loop runs k device steps (no host read)."""
+    check_numerics("trio", numerics)
+    n = saliency.numel()
+    k = max(0, min(int(k), n))
+    dev = saliency.device
+    if numerics == "official":
+        order = torch.argsort(saliency, descending=True)
+    else:
+        order = torch.sort(saliency.float(), descending=True, stable=True).indices
+    if k == 0:
+        return order[:0]
+    if tau is None:
+        return order[:k].sort().values
+    rank = torch.empty(n, dtype=torch.long, device=dev)
+    rank[order] = torch.arange(n, device=dev)
+    v = F.normalize(features.float(), dim=-1)
+    neighbour = (v @ v.T) >= tau  # (N, N), the official sim_matrix >= tau
+    big = torch.tensor(n, device=dev)
+    kept = torch.zeros(n, dtype=torch.bool, device=dev)
+    suppressed = torch.zeros(n, dtype=torch.bool, device=dev)
+    picks = []
+    for _ in range(k):
+        free = ~kept & ~suppressed
+        # the best-ranked free token; none left: the best-ranked unkept one (the fill round)
+        r = torch.where(free, rank, big).min()
+        r = torch.where(r < n, r, torch.where(~kept, rank, big).min())
+        i = order[r]
+        picks.append(i)
+        kept[i] = True
+        suppressed |= neighbour[i]
+    return torch.stack(picks).sort().values
+
+
+@register
+class TRIO(Method):
+    """TRIO (PIO-FVLM): before LLM layers 1, 10 and 15 (of 32) the visual tokens are ranked by the gradient of a
+    layer-local proxy loss (the next layer, the final norm and the LM head on the last prompt rows, CE against
+    their own argmax) and kept greedily with a feature-space NMS (cosine >= 0.8 suppressed).
+
+    ``budget``: layer-average visual tokens per 576 candidates on a 32-layer LLM (128 -> 218 / 128 / 54, 64 ->
+    92 / 54 / 22 official; 192 -> 344 / 202 / 86 ours). Without a budget: the 128 schedule."""
+
+    name = "trio"
+    position_mode = "reindex"
+    llm_grad = True  # refused at attach on a tensor-parallel model (PruningEngine._check_grad)
+    llm_reads = ("next",)  # the proxy loss runs decoder layer K (option probe_layer="prev": layer K-1)
+    capturable = None
+    capture_reason = ("trio: its llm stages take a gradient (a backward pass through one decoder layer inside the "
+                      "prefill), which a captured graph does not hold")
+    families = FAMILIES
+    unsupported_reason = ("the proxy loss re-runs a stock decoder layer; Qwen3-VL adds DeepStack rows after its first "
+                          "layers, which that re-run would miss (not built)")
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # stage layers, stated for a 32-layer LLM (official [1, 10, 15]; Qwen2.5-VL [14] of 28)
+            "layer_list": OFFICIAL_LAYERS,
+            # kept visual tokens after each stage, per 576 candidates (or absolute, see counts); None = from the
+            # budget (module doc). Excludes ratios.
+            "image_token_list": None,
+            # Qwen2.5-VL's ratio schedule: after stage s keep int(r_s * current) (official [0.333] at layer 14)
+            "ratios": None,
+            # "scaled": floor(N c / 576) for a sample with N visual tokens (ours, PyramidDrop's convention);
+            # "absolute": min(c, N) (official image_token_list)
+            "counts": "scaled",
+            "scale_layers": True,
+            # NMS threshold on the cosine of the current hidden states (official 0.8); None = plain top-k
+            "tau": OFFICIAL_TAU,
+            # proxy rows: "shifted" (official: the K_pos rows before the last prompt row) or "last"
+            "proxy_rows": "shifted",
+            "num_proxy_rows": OFFICIAL_PROXY_ROWS,
+            # the decoder layer the proxy loss runs on the hidden states entering layer K: "next" (layer K,
+            # official LLaVA) or "prev" (layer K-1 again on its own output, the official Qwen2.5-VL code)
+            "probe_layer": "next",
+            # "ours" (fp32 saliency norm, ties to the lower index) or "official" (model-dtype norm, torch.argsort)
+            "numerics": "ours",
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is not None and (options.get("image_token_list") is not None or options.get("ratios") is not None):
+            raise ValueError("trio: give either a budget or image_token_list= / ratios=, not both")
+        super().__init__(budget, **options)
+        if self.image_token_list is not None and self.ratios is not None:
+            raise ValueError("trio: give image_token_list= or ratios=, not both")
+        layers = tuple(self.layer_list)
+        if not layers or any(isinstance(k, bool) or int(k) != k or not 1 <= int(k) < REFERENCE_DEPTH for k in layers) \
+                or list(layers) != sorted(set(layers)):
+            raise ValueError(f"trio: layer_list must be strictly increasing decoder layers in 1..31 (of 32), "
+                             f"got {list(layers)}")
+        self.layer_list = tuple(int(k) for k in layers)
+        if self.ratios is not None:
+            self.ratios = tuple(float(r) for r in self.ratios)
+            if len(self.ratios) != len(self.layer_list) or any(not 0.0 <= r <= 1.0 for r in self.ratios):
+                raise ValueError("trio: ratios must be values in [0, 1], one per stage layer")
+            self._counts = None
+        else:
+            counts = self.image_token_list
+            if counts is None:
+                counts = budget_counts(DEFAULT_BUDGET if self.budget is None else self.budget, self.layer_list)
+            counts = tuple(counts)
+            if len(counts) != len(self.layer_list) or any(isinstance(c, bool) or int(c) != c or c < 0 for c in counts):
+                raise ValueError(f"trio: image_token_list needs one whole count >= 0 per stage layer, got {list(counts)}")
+            self._counts = tuple(int(c) for c in counts)
+        if self.counts not in COUNT_MODES:
+            raise ValueError(f"trio: counts must be one of {COUNT_MODES}, got {self.counts!r}")
+        if self.tau is not None and not isinstance(self.tau, (int, float)):
+            raise ValueError(f"trio: tau must be a number or None, got {self.tau!r}")
+        if self.proxy_rows not in PROXY_ROWS:
+            raise ValueError(f"trio: proxy_rows must be one of {PROXY_ROWS}, got {self.proxy_rows!r}")
+        if isinstance(self.num_proxy_rows, bool) or int(self.num_proxy_rows) != self.num_proxy_rows \
+                or self.num_proxy_rows < 1:
+            raise ValueError(f"trio: num_proxy_rows must be a whole number >= 1, got {self.num_proxy_rows!r}")
+        if self.probe_layer not in ("next", "prev"):
+            raise ValueError(f"trio: probe_layer must be 'next' or 'prev', got {self.probe_layer!r}")
+        self.llm_reads = (self.probe_layer,)  # the hybrid check reads the instance's
+        check_numerics("trio", self.numerics)
+        self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
+
+    def setup(self, *, num_layers, num_vision_layers, family):
+        super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
+        self._layers = (scale_layers(self.layer_list, num_layers) if self.scale_layers else self.layer_list)
+        if self._layers[-1] >= num_layers:
+            raise ValueError(f"trio: stage layers {list(self._layers)} do not fit a {num_layers}-layer LLM")
+
+    @property
+    def llm_layers(self):
+        return self._layers
+
+    def stage_counts(self, n_visual: int) -> tuple[int, ...]:
+        """Visual tokens kept after each stage for a sample entering the LLM with ``n_visual``."""
+        n = int(n_visual)
+        if self._counts is None:  # the official Qwen rule: int(r * current), chained
+            out, cur = [], n
+            for r in self.ratios:
+                cur = max(0, min(cur, int(r * cur)))
+                out.append(cur)
+            return tuple(out)
+        counts = ([scaled_count(n, c) for c in self._counts] if self.counts == "scaled"
+                  else [min(n, c) for c in self._counts])
+        return fit_stage_counts(n, counts, self.layer_list, self._layers, self.num_layers)
+
+    def layer_counts(self, n_visual: int) -> list[int]:
+        """Predicted visual tokens per decoder layer."""
+        bounds, cur = [*self._layers, self.num_layers], int(n_visual)
+        out = [cur] * bounds[0]
+        for s, k in enumerate(self.stage_counts(n_visual)):
+            cur = min(cur, k)
+            out += [cur] * (bounds[s + 1] - bounds[s])
+        return out
+
+    def select_llm(self, stage, sig):
+        k = self.stage_counts(sig.num_visual_entry)[stage]
+        dev = sig.visual.device
+        if k >= sig.num_visual:  # the official skip (k_keep >= img_len): no gradient taken
+            return Selection(keep=torch.arange(sig.num_visual, device=dev))
+        if k == 0:
+            return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
+        dtype = sig.hidden.dtype if self.numerics == "official" else torch.float32
+        sal = sig.grad_saliency(rows=self.proxy_rows, num_rows=int(self.num_proxy_rows), layer=self.probe_layer,
+                                dtype=dtype)
+        return Selection(keep=trio_nms(sal, sig.hidden[sig.visual], k, self.tau, self.numerics))

@@ -1,0 +1,288 @@
+"""TRIO (baselines/trio.py): the NMS on hand-worked examples, the schedules and budgets, the engine's proxy-loss
+gradient (LLMSignals.grad_saliency) against a by-hand autograd through the stock layer, and the method on tiny
+models (counts, batch == alone, cached generation == recompute, refusals). The official selection step
+transcribed: tests/test_reference_trio.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import check_generate_batch_equals_alone, greedy_no_cache, make_batch, slice_batch
+
+import baselines.trio  # noqa: F401  (registers "trio")
+from baselines.trio import SCHEDULES, TRIO, budget_counts, layer_average, trio_nms
+from llava.method import Method, Selection, get_method
+from llava.signals import proxy_rows
+
+TINY = dict(image_token_list=(12, 8, 4), counts="absolute")  # the tiny 16-token images: counts 7 / 4 / 2
+
+
+# ------------------------------------------------------------------ the selection step by hand
+
+
+def test_nms_figure_example():
+    """The paper figure's worked example: saliency order 3 1 7 6 8 4 5 2 (tokens 1..8), K = 4; 3 suppresses 1 and
+    8, 7 suppresses 5: kept {3, 7, 6, 4}, emitted in original order."""
+    order = [3, 1, 7, 6, 8, 4, 5, 2]
+    sal = torch.zeros(8)
+    for r, t in enumerate(order):
+        sal[t - 1] = 8 - r
+    feats = torch.eye(8)
+    for a, b in ((3, 1), (3, 8), (7, 5)):  # planted duplicates: cosine 1
+        feats[b - 1] = feats[a - 1]
+    assert (trio_nms(sal, feats, 4) + 1).tolist() == [3, 4, 6, 7]
+    assert (trio_nms(sal, feats, 4, numerics="official") + 1).tolist() == [3, 4, 6, 7]
+
+
+def test_nms_threshold_fill_and_ties():
+    sal = torch.tensor([0.1, 0.9, 0.8, 0.7])
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])  # cos(1, 2) = 0.8, cos(2, 3) = 0.6
+    assert trio_nms(sal, f, 2).tolist() == [1, 3]  # 2 is suppressed at cos >= 0.8 (inclusive), 3 kept
+    assert trio_nms(sal, f, 2, tau=0.81).tolist() == [1, 2]  # below the threshold: plain order
+    assert trio_nms(sal, f, 2, tau=None).tolist() == [1, 2]  # no NMS: top-k
+    # only 1 and 3 survive suppression (0 ~ 1, 2 ~ 1): the fill round takes the unkept in saliency order (2)
+    assert trio_nms(sal, f, 3).tolist() == [1, 2, 3]
+    assert trio_nms(sal, f, 4).tolist() == [0, 1, 2, 3] and trio_nms(sal, f, 0).numel() == 0
+    # ties go to the lower index
+    assert trio_nms(torch.ones(5), torch.eye(5), 2).tolist() == [0, 1]
+
+
+def test_nms_equals_naive_greedy_at_official_shapes():
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((576, 218), (218, 128), (128, 54), (576, 92), (96, 32)):
+        base = torch.randn(n // 4, 64, generator=g)
+        feats = base[torch.randint(0, n // 4, (n,), generator=g)] + 0.6 * torch.randn(n, 64, generator=g)
+        sal = torch.rand(n, generator=g)
+        v = F.normalize(feats, dim=-1)
+        nb = (v @ v.T) >= 0.8
+        order = torch.sort(sal, descending=True, stable=True).indices.tolist()
+        kept, sup = [], torch.zeros(n, dtype=torch.bool)
+        for i in order:
+            if len(kept) == k:
+                break
+            if not sup[i]:
+                kept.append(i)
+                sup |= nb[i]
+        kept += [i for i in order if i not in kept][: k - len(kept)]
+        assert 0 < sup.sum() < n  # the planted clusters do suppress
+        assert trio_nms(sal, feats, k).tolist() == sorted(kept)
+
+
+# ------------------------------------------------------------------ schedules, options
+
+
+def test_official_schedules_and_budgets():
+    assert TRIO().stage_counts(576) == (218, 128, 54) and TRIO().llm_layers == (1, 10, 15)
+    assert TRIO(64).stage_counts(576) == (92, 54, 22)
+    for b, counts in SCHEDULES.items():
+        assert layer_average(576, (1, 10, 15), counts) == b
+        assert TRIO(b).layer_counts(576) == [576] + [counts[0]] * 9 + [counts[1]] * 5 + [counts[2]] * 17
+    for b in (48, 100, 160, 256):
+        assert abs(layer_average(576, (1, 10, 15), budget_counts(b)) - b) < 0.5
+    # per 576 candidates (default) vs the official absolute counts (NeXT's whole block)
+    assert TRIO(128).stage_counts(2880) == (1090, 640, 270)
+    assert TRIO(image_token_list=(436, 255, 173), counts="absolute").stage_counts(2880) == (436, 255, 173)
+    assert TRIO(image_token_list=(436, 255, 173), counts="absolute").stage_counts(300) == (300, 255, 173)
+    q = TRIO(layer_list=(14,), ratios=(0.333,), scale_layers=False)  # the official Qwen2.5-VL rule
+    q.setup(num_layers=28, num_vision_layers=32, family="qwen2_5_vl")
+    assert q.llm_layers == (14,) and q.stage_counts(300) == (99,)
+    m = TRIO(128)
+    m.setup(num_layers=40, num_vision_layers=24, family="llava")  # 13B: layers scaled, average kept
+    assert m.llm_layers == (1, 12, 19)
+    assert abs(sum(m.layer_counts(576)) / 40 - 128) < 0.5
+    assert get_method("trio").capture_refusal().startswith("trio: its llm stages take a gradient")
+
+
+@pytest.mark.parametrize("bad", [dict(image_token_list=(1, 2)), dict(layer_list=(10, 1, 15)), dict(counts="x"),
+                                 dict(proxy_rows="first"), dict(num_proxy_rows=0), dict(probe_layer="both"),
+                                 dict(numerics="fp16"), dict(ratios=(0.5,), image_token_list=(1, 1, 1)),
+                                 dict(tau="high")])
+def test_bad_options(bad):
+    with pytest.raises((ValueError, TypeError)):
+        TRIO(**bad)
+    with pytest.raises(ValueError):
+        TRIO(64, image_token_list=(10, 5, 1))
+    with pytest.raises(ValueError):
+        TRIO(10)  # below the 18 tokens layer 0 alone averages
+
+
+def test_proxy_rows():
+    assert proxy_rows(10).tolist() == [5, 6, 7, 8]  # official: the 4 rows before the last
+    assert proxy_rows(10, "last").tolist() == [6, 7, 8, 9]
+    assert proxy_rows(3).tolist() == [0, 1] and proxy_rows(1).tolist() == [0]
+
+
+# ------------------------------------------------------------------ the engine's gradient
+
+
+class _Spy(Method):
+    """Records the LLM signals' saliency / raw gradient at the stage before layer 2; keeps everything."""
+
+    name = "trio_spy"
+    position_mode = "reindex"
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw, self.seen = kw, []
+
+    @property
+    def llm_layers(self):
+        return (2,)
+
+    def select_llm(self, stage, sig):
+        g = sig.grad_saliency(reduce=None, **self.kw)
+        self.seen.append((sig.hidden.clone(), sig.position_ids.clone(), sig.visual.clone(), g,
+                          sig.grad_saliency(**self.kw)))
+        return Selection(keep=torch.arange(sig.num_visual))
+
+
+@pytest.mark.parametrize("rt", ["llava", "qwen2.5-vl"], indirect=True)
+@pytest.mark.parametrize("layer", ["next", "prev"])
+def test_grad_equals_by_hand_autograd(rt, layer):
+    """The engine's gradient = autograd by hand through the stock layer (called directly, causal mask, the
+    sample's positions), final norm and lm_head; under inference_mode; no .grad on any weight."""
+    spy = _Spy(layer=layer)
+    rt.prune(spy)
+    inputs = slice_batch(make_batch(rt), 1, rt)
+    with torch.inference_mode():
+        rt.model(**inputs)
+    (x, pos, vis, g, sal), = spy.seen
+    lm = rt.model.model.language_model
+    layer_mod = lm.layers[2 if layer == "next" else 1]
+    h = x.clone().requires_grad_(True)
+    S = h.shape[0]
+    pe = lm.rotary_emb(h[None], position_ids=pos[..., None, :])
+    causal = torch.full((S, S), float("-inf")).triu(1)[None, None]
+    y = layer_mod(h[None], attention_mask=causal, position_embeddings=pe)
+    y = y[0] if isinstance(y, tuple) else y
+    rows = torch.arange(S - 5, S - 1)
+    z = rt.model.lm_head(lm.norm(y[0, rows])).float()
+    loss = F.cross_entropy(z, z.argmax(-1))
+    (ref,) = torch.autograd.grad(loss, h)
+    assert torch.allclose(g, ref, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(sal, ref[vis].norm(dim=-1), atol=1e-6, rtol=1e-4)
+    assert g[S - 1].abs().max() == 0  # causal: the last row feeds no proxy row
+    assert (sal > 0).all()
+    assert all(p.grad is None for p in rt.model.parameters())
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_grad_finite_difference(rt):
+    """<g_i, d> = the loss change for a small step d on one visual row (fp64 copy of the layer)."""
+    spy = _Spy()
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**slice_batch(make_batch(rt), 0, rt))
+    (x, pos, vis, g, _), = spy.seen
+    lm = rt.model.model.language_model
+    import copy
+
+    layer, norm, head = (copy.deepcopy(m).double() for m in (lm.layers[2], lm.norm, rt.model.lm_head))
+    rot = copy.deepcopy(lm.rotary_emb)
+    S = x.shape[0]
+    rows = torch.arange(S - 5, S - 1)
+    causal = torch.full((S, S), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+
+    def loss(h):
+        cos, sin = rot(h[None].float(), position_ids=pos[None])
+        y = layer(h[None], attention_mask=causal, position_embeddings=(cos.double(), sin.double()))
+        y = y[0] if isinstance(y, tuple) else y
+        z = head(norm(y[0, rows]))
+        return F.cross_entropy(z, target)
+
+    h0 = x.double()
+    with torch.no_grad():
+        cos, sin = rot(h0[None].float(), position_ids=pos[None])
+        y = layer(h0[None], attention_mask=causal, position_embeddings=(cos.double(), sin.double()))
+        y = y[0] if isinstance(y, tuple) else y
+        target = head(norm(y[0, rows])).argmax(-1)
+        d = torch.zeros_like(h0)
+        d[vis[3]] = 1e-4 * torch.randn(h0.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        fd = (loss(h0 + d) - loss(h0 - d)) / 2
+    assert torch.allclose(fd, (g.double() * d).sum(), rtol=1e-3, atol=1e-9)
+
+
+# ------------------------------------------------------------------ the method on tiny models
+
+
+@pytest.mark.parametrize("rt", ["llava", "qwen2.5-vl"], indirect=True)
+def test_tokens_per_stage(rt):
+    inputs = make_batch(rt)
+    eng = rt.prune("trio", **TINY)
+    with torch.inference_mode():
+        rt.model(**inputs)
+    m = eng.method
+    for b, s in enumerate(eng.stats.samples):
+        assert s.visual_per_layer == m.layer_counts(s.visual_entering_llm)
+        for stage in range(3):
+            assert eng.selections[(stage, b)].keep.tolist() == sorted(eng.selections[(stage, b)].keep.tolist())
+    if rt.family == "llava":
+        assert [s.visual_per_layer for s in eng.stats.samples] == [[16, 7, 4, 2]] * 3
+
+
+@pytest.mark.parametrize("rt", ["llava", "qwen2.5-vl"], indirect=True)
+@pytest.mark.parametrize("numerics", ["ours", "official"])
+def test_cached_generation_equals_recompute(rt, numerics):
+    inputs = make_batch(rt)
+    eng = rt.prune("trio", numerics=numerics, **TINY)
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    eng.replay = True
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, 3))
+
+
+@pytest.mark.parametrize("rt", ["llava", "qwen2.5-vl"], indirect=True)
+def test_batch_equals_alone(rt):
+    check_generate_batch_equals_alone(rt, "trio", **TINY)
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_keep_all_is_unpruned(rt):
+    """Counts >= the visual tokens: no gradient is taken and the output is the unpruned model's."""
+    inputs = make_batch(rt)
+    with torch.no_grad():
+        ref = rt.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    rt.prune("trio", image_token_list=(576, 576, 576), counts="absolute")
+    with torch.no_grad():
+        assert torch.equal(rt.model.generate(**inputs, max_new_tokens=3, do_sample=False), ref)
+
+
+def test_refusals(runtimes):
+    with pytest.raises(ValueError, match="DeepStack"):
+        runtimes["qwen3-vl"].prune("trio", **TINY)
+    from llava.engine import HybridRefusal
+
+    rt = runtimes["qwen3.5"]
+    try:
+        with pytest.raises(HybridRefusal, match="linear-attention"):
+            from llava.engine import attach
+
+            attach(rt.model, get_method("trio", **TINY))
+    finally:
+        rt.unprune()
+
+
+def test_tensor_parallel_refused_at_attach(runtimes):
+    """On a model whose language model carries an AutoTP shard the engine refuses trio at attach, with the reason,
+    before any prefill; a method without a gradient attaches."""
+    rt = runtimes["llava"]
+    proj = rt.model.model.language_model.layers[2].self_attn.o_proj
+    proj.mp_group, proj._partition_sizes = object(), [32, 32]
+    try:
+        with pytest.raises(ValueError, match=r"trio: .*tensor parallelism .*TP=1"):
+            rt.prune("trio", **TINY)
+        rt.prune("fastv", 8)
+    finally:
+        del proj.mp_group, proj._partition_sizes
+        rt.unprune()
+
+
+def test_tensor_parallel_refused():
+    """A layer whose linear is an AutoTP shard (it carries ``mp_group`` and its partition sizes) is refused."""
+    from llava.signals import proxy_loss_grad
+
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Linear(4, 4)
+    layer.self_attn.mp_group, layer.self_attn._partition_sizes = object(), [2, 2]
+    with pytest.raises(RuntimeError, match="tensor parallelism"):
+        proxy_loss_grad(layer, torch.nn.Identity(), torch.nn.Linear(4, 4), None, torch.zeros(3, 4),
+                        torch.arange(3), torch.tensor([0]))
