@@ -212,6 +212,8 @@ def check_per_unit_tokens(rt, method, budget, **options):
         assert lay == [([16], 0)] * 3
     if rt.family == "video_llava":
         assert lay == [([17] * 8, 0)] * 3
+    if rt.family == "llava_next":  # 3 crops each (unpadded to 16 / 8 patches), 4 / 4 / 8 newline tokens
+        assert lay == [([16, 16, 16], 4), ([16, 8, 8], 4), ([16, 8, 8], 8)]
     eng = rt.prune(method, budget, **options)
     with torch.no_grad():
         rt.model(**inputs)

@@ -1,12 +1,12 @@
 """ApET: worked examples by hand (FPS, the reconstruction errors, the kept set, the merge, the basis tokens'
-places), the budget rules and option errors, and the engine guarantees on the tiny families (per-layer counts,
-keep-all bit-identical, batch == alone, cached == recompute, the LLM stage on the hidden states, reference mode,
-the fast path). The official code as reference: tests/test_reference_apet.py."""
+places), the budget rules and option errors, and the method on the tiny families (per-layer counts, the LLM
+stage on the hidden states, reference mode, the fast path). Keep-all bit-identical, tokens per unit without the
+LLM stage, batch == alone, cached == recompute: tests/test_method_guarantees.py. The official code as reference: tests/test_reference_apet.py."""
 
 import pytest
 import torch
-from conftest import (ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens,
-                      check_reference_mode_in_engine, greedy_no_cache, layout, make_batch)
+from conftest import (ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_reference_mode_in_engine,
+                      layout, make_batch)
 
 import baselines.apet  # noqa: F401  (registers "apet")
 from baselines.apet import (ApET, _draw, apet_compose, apet_units, approximation_errors, basis_count,
@@ -14,7 +14,6 @@ from baselines.apet import (ApET, _draw, apet_compose, apet_units, approximation
 from llava.method import get_method
 from llava.ops import merge_tokens
 
-GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 ALL = pytest.mark.parametrize("rt", ALL_FAMILIES, indirect=True)
 
 # ------------------------------------------------------------------ worked by hand (2-D tokens)
@@ -217,42 +216,6 @@ def test_per_layer_counts(rt):
         assert s.visual_per_layer == [first] * K + [second] * (L - K)
     if rt.family == "video_llava":  # 8 frames of 17 ([CLS] kept + 8 / 2 patches)
         assert [s.visual_per_layer for s in eng.stats.samples] == [[72, 72, 24, 24]] * 3
-
-
-@ALL
-def test_pre_llm_only_keeps_the_budget_per_unit(rt):
-    check_per_unit_tokens(rt, "apet", 4, llm_stage=False)
-    check_per_unit_tokens(rt, "apet", 5, llm_stage=False, seed_slots="own", cls_token="candidate")
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_the_stock_model(rt):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    for opts in ({"stage1": 576, "stage2": 576}, {"llm_stage": False}):
-        eng = rt.prune("apet", None if "stage1" in opts else 576, **opts)
-        with torch.no_grad():
-            logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-        assert all(s.vision_noop for s in eng.stats.samples)
-        assert all(s.visual_per_layer[-1] == s.visual_candidates for s in eng.stats.samples)
-        assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
-
-
-@ALL
-def test_batch_of_three_equals_each_sample_alone(rt):
-    check_generate_batch_equals_alone(rt, "apet", 6)
-
-
-@ALL
-def test_cached_generation_equals_no_cache_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("apet", 6)
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
 
 
 @pytest.mark.parametrize("rt", ["llava", "video-llava"], indirect=True)

@@ -1,23 +1,17 @@
 """CDPruner: relevance and kernel against a direct transcription, the greedy DPP MAP against an exact
 log-det greedy, the official ``encode_images`` selection transcribed (LLaVA-1.5 and NeXT shapes),
-token accounting / generation on the five tiny families, and the CLIP route on a tiny random CLIP."""
+the question-aware relevance on the tiny families, and the CLIP route on a tiny random CLIP. Keep-all, tokens
+per unit, cache, batching: tests/test_method_guarantees.py."""
 
 import itertools
 
 import pytest
 import torch
-from conftest import QUESTIONS, check_generate_batch_equals_alone, greedy_no_cache, layout, make_batch
+from conftest import QUESTIONS, make_batch
 
 import baselines.cdpruner  # noqa: F401  (registers "cdpruner")
 from baselines.cdpruner import (CDPruner, _groups, cdpruner, cdpruner_kernel, clip_image_embeds, clip_text_embeds,
                                 dpp_greedy, normalize_relevance, relevance_clip, relevance_llm)
-
-GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
-FIVE = ["llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision"]
-ALL = pytest.mark.parametrize("rt", FIVE, indirect=True)
-#: budgets that prune every unit of the tiny models (LLaVA 16 patches, NeXT / OneVision 16 or 8 per crop,
-#: Video-LLaVA 16 + [CLS] per frame, Qwen2.5-VL 4-8 per image of make_batch)
-BUDGET = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 3, "llava_onevision": 4}
 
 
 # ------------------------------------------------------------------ (a) relevance and kernel
@@ -320,50 +314,6 @@ def test_options_are_validated():
 
 
 # ------------------------------------------------------------------ (f) tiny models
-
-
-@ALL
-def test_tokens_entering_llm(rt):
-    inputs = make_batch(rt)
-    lay = layout(rt, inputs)
-    budget = BUDGET[rt.family]
-    eng = rt.prune("cdpruner", budget)
-    with torch.no_grad():
-        rt.model(**inputs)
-    L = len(rt.model.model.language_model.layers)
-    for s, (sizes, newlines) in zip(eng.stats.samples, lay):
-        assert all(n > budget for n in sizes)  # every unit really prunes
-        exp = budget * len(sizes) + newlines  # newline tokens kept as layout
-        assert s.visual_candidates == sum(sizes) + newlines
-        assert s.visual_per_layer == [exp] * L and s.visual_entering_llm == exp and not s.vision_noop
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_unpruned(rt):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("cdpruner", 4096)
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert all(s.vision_noop for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
-
-
-@ALL
-def test_cached_decode_equals_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("cdpruner", BUDGET[rt.family])
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    check_generate_batch_equals_alone(rt, "cdpruner", BUDGET[rt.family])
 
 
 class _Spy(CDPruner):

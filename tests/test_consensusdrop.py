@@ -62,50 +62,6 @@ ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 PER_UNIT = {"llava": 8, "llava_next": 8, "video_llava": 6}
 
 
-@ALL
-@pytest.mark.parametrize("opts", [{}, {"fusion": "adaptive"}, {"fusion": "borda", "order": "spatial"},
-                                  {"probe_layer": 0}, {"merge": "none"}, {"merge_space": "projected", "merge_rule": "mean"},
-                                  {"next_order": "grid_raster"}, {"probe_mode": "embed_cos", "fusion": "cross_only"},
-                                  {"preset": "probe"}, {"select": "rank", "fusion": "rrf"}])
-def test_tokens_entering_the_llm_follow_the_budget(rt, opts):
-    inputs = make_batch(rt)
-    b = PER_UNIT[rt.family]
-    eng = rt.prune("consensusdrop", b, **opts)
-    with torch.no_grad():
-        out = rt.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape[0] == 3
-    newlines = [4, 4, 8]  # tiny NeXT batch: see test_attnmix.test_next_counts_per_crop_layout
-    for i, s in enumerate(eng.stats.samples):
-        expect = {"llava": b, "video_llava": 8 * b, "llava_next": 3 * b + newlines[i]}[rt.family]
-        assert s.visual_entering_llm == expect
-        assert s.visual_per_layer == [expect] * 4  # pre-LLM: every layer's cache holds the kept tokens only
-
-
-@ALL
-def test_keep_all_is_bit_identical(rt):
-    inputs = make_batch(rt)
-    rt.unprune()
-    with torch.no_grad():
-        ref = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    eng = rt.prune("consensusdrop", 17)
-    with torch.no_grad():
-        out = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, ref) and all(s.vision_noop for s in eng.stats.samples)
-
-
-@ALL
-def test_cached_decode_equals_recompute(rt):
-    from conftest import greedy_no_cache
-    from test_engine import GEN
-
-    inputs = make_batch(rt)
-    eng = rt.prune("consensusdrop", PER_UNIT[rt.family])
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
 def test_encoder_only_without_merge_is_the_clip_cls_top_k(runtimes):
     """Independent check of the signal wiring: transformers' eager CLIP attention, [CLS] row, top-8."""
     rt = runtimes["llava"]

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
+from conftest import FAMILIES, make_batch, slice_batch
 
 from baselines.dart import DART, dart_pivots, dart_select
 from llava.method import get_method
 
-GEN = dict(max_new_tokens=3, do_sample=False, min_new_tokens=3)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 
 
@@ -123,29 +122,3 @@ def test_selection_against_the_stock_model_cache_and_hidden_states(rt):
     keep = eng.selections[(0, 0)].keep
     assert torch.equal(keep, expected) and keep.numel() == 4 + 8 * t
     assert set(dart_pivots(key_l1[vis], key_l1[text])[0].tolist()) <= set(keep.tolist())
-
-
-
-
-@ALL
-def test_batch3_generate_and_cached_equals_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("dart", BUDGET[rt.family])
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    assert cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_the_unpruned_model(rt):
-    inputs = make_batch(rt)
-    rt.unprune()
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("dart", 100000)  # 4 + 8 * 12500 >= N: everything is retained
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert eng.prefills == 2
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)

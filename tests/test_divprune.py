@@ -1,15 +1,14 @@
 """DivPrune: hand-worked max-min picks, the official code transcribed as a reference, token
-accounting on the three tiny families."""
+accounting on the three tiny families. Keep-all, batching: tests/test_method_guarantees.py."""
 
 import math
 
 import pytest
 import torch
-from conftest import FAMILIES, check_generate_batch_equals_alone, layout, llm_visual_rows, make_batch
+from conftest import FAMILIES, layout, llm_visual_rows, make_batch
 
 from baselines.divprune import DivPrune, divprune, max_min_diversity, num_picks
 
-GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 
 
@@ -102,8 +101,6 @@ def official_divprune(visual_feature_vectors, image_feature_length, threshold_ra
     return s
 
 
-
-
 @ALL
 def test_llm_input_equals_official_divprune(rt):
     """The official selection on the unpruned LLM-input visual rows: LLaVA-1.5 4 of 16 (ratio .25);
@@ -128,8 +125,6 @@ def test_llm_input_equals_official_divprune(rt):
 # ------------------------------------------------------------------ tiny models: accounting, generate
 
 
-
-
 @ALL
 @pytest.mark.parametrize("budget", [2, 4, 6])  # 64 / 128 / 192 of 576 scaled to 16 patches per unit
 def test_tokens_entering_llm(rt, budget):
@@ -150,22 +145,3 @@ def test_tokens_entering_llm(rt, budget):
             exp = min(budget * len(sizes), sum(sizes) + newlines)
         assert s.visual_candidates == sum(sizes) + newlines
         assert s.visual_per_layer == [exp] * L and s.visual_entering_llm == exp and not s.vision_noop
-
-
-@ALL
-def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    check_generate_batch_equals_alone(rt, "divprune", 4)
-
-
-@ALL
-@pytest.mark.parametrize("budget,opts", [(576, {}), (None, {"ratio": 1.0})])
-def test_keep_all_is_bit_identical_to_unpruned(rt, budget, opts):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("divprune", budget, **opts)
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert all(s.vision_noop for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)

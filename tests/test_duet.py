@@ -1,12 +1,12 @@
 """DUET-VLM (baselines/duet.py): both stages on hand-worked tensors, the budget convention, options, then the
-method on the tiny models (stage 1 per unit; stage-2 layers 16 / 24 of 32 map to 2 / 3 of the 4-layer LLM)."""
+method on the tiny models (stage 1 per unit; stage-2 layers 16 / 24 of 32 map to 2 / 3 of the 4-layer LLM).
+Keep-all, tokens per unit, cache, batching: tests/test_method_guarantees.py."""
 
 import copy
 
 import pytest
 import torch
-from conftest import (ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens,
-                      greedy_no_cache, layout, make_batch, slice_batch)
+from conftest import FAMILIES, check_generate_batch_equals_alone, layout, make_batch, slice_batch
 
 import baselines.duet  # noqa: F401  (registers "duet")
 from baselines.duet import DUET, budget_split, duet_rank, duet_vision, layer_fraction
@@ -14,7 +14,6 @@ from llava.models import load
 from llava.ops import merge_tokens
 from test_reference_duet import official_stage1
 
-GEN = dict(max_new_tokens=3, do_sample=False, min_new_tokens=3)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 
 
@@ -225,13 +224,6 @@ def test_per_layer_counts(rt):
         assert [s.visual_per_layer for s in eng.stats.samples] == [exp[rt.family]] * 3
 
 
-@ALL
-@pytest.mark.parametrize("budget", [2, 4, 6])
-def test_budget_is_the_layer_average_per_unit(rt, budget):
-    # with ratios (1, 1) every layer sees the stage-1 count, which is then the budget: min(B, n) per unit
-    check_per_unit_tokens(rt, "duet", budget, ratios=(1.0, 1.0))
-
-
 def official_tower_stage1(tower, pixels, d, c, w):
     """The official stage 1 (transcribed in tests/test_reference_duet.py) on an eager copy of the tower:
     attentions[-2]'s [CLS] row, hidden_states[-2], the head mean of layer -2's raw k_proj output."""
@@ -326,24 +318,6 @@ def test_stage2_reads_the_next_layer_rows_of_every_text_token_after_the_image(rt
     assert torch.equal(eng.selections[(0, 0)].keep, torch.topk(att[:, -1, vis].mean(0), 8).indices.sort().values)
 
 
-@ALL
-def test_cached_generation_equals_no_cache_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("duet", 6)  # a vision stage, then two stages, the second keeping no visual token
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    assert cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
-    eng.replay = True  # the recompute's text rows include the generated tokens: replay the prefill's selections
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@pytest.mark.parametrize("rt", ALL_FAMILIES, indirect=True)
-def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    # tiny Qwen: 4-12 merged tokens per image -> budget 4 (5 + 1 per image); Qwen3.5 refuses the default
-    # layers (a linear-attention read: skipped here, tested below)
-    check_generate_batch_equals_alone(rt, "duet", 4 if rt.family.startswith("qwen") else 6)
-
-
 @pytest.mark.parametrize("rt", ["qwen3.5"], indirect=True)
 def test_hybrid_model_refuses_linear_reads_and_runs_at_full_attention_layers(rt):
     # tiny Qwen3.5: full-attention layers 1 and 3; the default stages before 2 / 3 read layer 2 (linear)
@@ -353,20 +327,6 @@ def test_hybrid_model_refuses_linear_reads_and_runs_at_full_attention_layers(rt)
         type(rt).prune(rt, "duet", 4)  # the runtime's own prune, without the suites' skip-on-refusal wrapper
     check_generate_batch_equals_alone(rt, "duet", 4, layer_list=(1, 3), scale_layers=False)
     assert [s.visual_per_layer[-1] for s in rt.engine.stats.samples] == [0]  # the last call: one sample alone
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_the_unpruned_model(rt):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("duet", dominant=576, contextual=0, ratios=(1.0, 1.0))
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert all(s.vision_noop for s in eng.stats.samples)
-    assert all(s.visual_per_layer[-1] == s.visual_candidates for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
 
 
 def test_captured_except_the_reference_mode(runtimes):

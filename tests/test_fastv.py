@@ -5,14 +5,13 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
+from conftest import FAMILIES, make_batch, slice_batch
 
 from baselines.fastv import (FastV, equivalent_kept_count, fastv_select, layer_schedule, ratio_kept_count,
                              round_half_up)
 from llava.method import get_method
 from llava.models import load
 
-GEN = dict(max_new_tokens=3, do_sample=False, min_new_tokens=3)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 
 
@@ -142,32 +141,3 @@ def test_selection_is_the_top_k_of_layer_k_minus_1_last_row(rt, eager):
     with torch.no_grad():
         rt.model(**one)
     assert torch.equal(eng.selections[(0, 0)].keep, expected)
-
-
-
-
-@ALL
-def test_batch3_generate_and_cached_equals_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("fastv")
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    assert cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
-    assert all(s.visual_per_layer[1] < s.visual_per_layer[0] for s in eng.stats.samples)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_the_unpruned_model(rt):
-    # R = 0 keeps every token; so does a budget above the visual count (n_K clipped to N)
-    budget, opts = (100000, {}) if rt.family == "llava" else (None, {"ratio": 0.0})
-    inputs = make_batch(rt)
-    rt.unprune()
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("fastv", budget, **opts)
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert eng.prefills == 2
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)

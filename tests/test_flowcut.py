@@ -2,13 +2,13 @@
 transcribed at the official shapes (577 tokens, 16 heads, head dim 64); the official encoder loop transcribed
 and run on a deeper random CLIP tower (kept features identical); the manual tower loop with no pruning ==
 the stock tower exactly; units with unequal counts (groups) == each unit alone; and on the three tiny CLIP
-families: T tokens per unit enter the LLM, cached generation == recompute, batch of 3 == each alone, options,
-refusal on the other families."""
+families: T tokens per unit enter the LLM, options. Cached generation == recompute, batch of 3 == each alone
+(with its options), keep-all, the refusal of other families: tests/test_method_guarantees.py."""
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FAMILIES, check_generate_batch_equals_alone, greedy_no_cache, llm_visual_rows, make_batch
+from conftest import FAMILIES, llm_visual_rows, make_batch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
@@ -403,22 +403,6 @@ def test_survivors_equal_the_tower_run_alone(rt):
     assert eng.stats.samples[0].visual_entering_llm > 0
 
 
-@ALL
-def test_cached_generation_equals_recompute(rt):
-    inputs = make_batch(rt)
-    rt.prune("flowcut", 3)
-    with torch.no_grad():
-        toks = rt.model.generate(**inputs, **GEN)
-    assert torch.equal(toks, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-@pytest.mark.parametrize("opts", [dict(), dict(batch_max=True), dict(next_half=True, frame_cls="extra")],
-                         ids=["default", "batch_max", "half_extra"])
-def test_generate_batch_of_three_equals_each_sample_alone(rt, opts):
-    check_generate_batch_equals_alone(rt, "flowcut", 4, **opts)
-
-
 def test_options(runtimes):
     rt = runtimes["video-llava"]
     inputs = make_batch(rt, n=1)
@@ -459,13 +443,3 @@ def test_budget_at_or_above_the_grid_is_the_stock_model(runtimes):
     finally:
         rt.unprune()
     assert torch.equal(out, ref) and all(s.vision_noop for s in eng.stats.samples)
-
-
-@pytest.mark.parametrize("fam", ["qwen2.5-vl", "llava-onevision"])
-def test_refused_on_other_towers(runtimes, fam):
-    rt = runtimes[fam]
-    try:
-        with pytest.raises(ValueError, match="flowcut"):
-            rt.prune("flowcut", 8)
-    finally:
-        rt.unprune()

@@ -4,13 +4,12 @@ hand-built values, then the method on the tiny models (stages 8/16/24 or 2/6/16 
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, slice_batch, greedy_no_cache
+from conftest import FAMILIES, make_batch, slice_batch
 
 from baselines.pdrop import (PyramidDrop, equivalent_tokens, fit_stage_counts, pdrop_select, scaled_count,
                              solve_lambda, stage_layer_counts)
 from llava.models import load
 
-GEN = dict(max_new_tokens=3, do_sample=False, min_new_tokens=3)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 
 
@@ -153,29 +152,3 @@ def test_first_stage_uses_the_next_layer_attention_of_the_last_token(rt, eager):
     # later stages select among the survivors: 34 of 68, then 17 of 34
     assert eng.selections[(1, 0)].keep.numel() == 34 and int(eng.selections[(1, 0)].keep.max()) < 68
     assert eng.selections[(2, 0)].keep.numel() == 17
-
-
-
-
-@ALL
-def test_batch3_generate_and_cached_equals_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("pdrop")  # three stages, re-indexed positions
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    assert cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_the_unpruned_model(rt):
-    inputs = make_batch(rt)
-    rt.unprune()
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("pdrop", ratios=[1.0, 1.0, 1.0])
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert eng.prefills == 2 and eng.stats.samples[0].visual_per_layer[-1] == eng.stats.samples[0].visual_candidates
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)

@@ -80,28 +80,3 @@ def test_llava_cls_enters_the_llm_first(runtimes):
     with torch.no_grad():
         rt.model(**make_batch(rt, n=1))
     assert bool((eng.selections[("vision", 0)].keep < 16).all())
-
-
-@ALL
-def test_keep_all_is_bit_identical(rt):
-    inputs = make_batch(rt)
-    rt.unprune()
-    with torch.no_grad():
-        ref = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    rt.prune("visiondrop", 10**4)
-    with torch.no_grad():
-        out = rt.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, ref)
-
-
-@ALL
-def test_cached_decode_equals_recompute(rt):
-    from conftest import greedy_no_cache
-    from test_engine import GEN
-
-    inputs = make_batch(rt)
-    eng = rt.prune("visiondrop", 4 if rt.family == "video_llava" else 8)
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))

@@ -1,20 +1,19 @@
 """VisionTrim: hand-worked examples of every piece (budget split, received term, DVTS score, LTAM, adaptive
-weighting, TGVC selection and merge), the whole selection on a small unit, options and refusals, and the
-engine on the three tiny CLIP families (identity when the budget keeps all, tokens per unit, LLM rows =
-projector(values), cached generation = recompute, batch == alone)."""
+weighting, TGVC selection and merge), the whole selection on a small unit, options, and the engine on the
+three tiny CLIP families (NeXT's tokens per crop, LLM rows = projector(values), the CLIP route). Keep-all, tokens
+per unit, cached generation = recompute, batch == alone, the refusal of other families: tests/test_method_guarantees.py."""
 
 import math
 
 import pytest
 import torch
-from conftest import check_generate_batch_equals_alone, check_per_unit_tokens, greedy_no_cache, llm_visual_rows, make_batch
+from conftest import llm_visual_rows, make_batch
 
 import baselines.visiontrim  # noqa: F401  (registers "visiontrim")
 from baselines.visiontrim import (VisionTrim, combine_adaptive, dvts_code_score, local_affinity,
                                   received_from_patches, split_budget, tgvc, visiontrim)
 from llava.method import Method, get_method
 
-GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 CLIP3 = ["llava", "llava-next", "video-llava"]
 ALL = pytest.mark.parametrize("rt", CLIP3, indirect=True)
 
@@ -166,26 +165,6 @@ def test_options():
 # ------------------------------------------------------------------ tiny models
 
 
-@ALL
-def test_keep_all_is_bit_identical_to_unpruned(rt):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("visiontrim", 576)
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert all(s.vision_noop for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
-
-
-@pytest.mark.parametrize("rt", ["llava", "video-llava"], indirect=True)
-@pytest.mark.parametrize("budget", [2, 4, 5])
-def test_tokens_entering_llm_per_unit(rt, budget):
-    for s, sizes, _ in check_per_unit_tokens(rt, "visiontrim", budget):
-        assert not s.vision_noop
-
-
 def test_tokens_entering_llm_next(runtimes):
     """LLaVA-NeXT: B per crop; the newline tokens are dropped once a crop is pruned (every output is
     projected from vision features)."""
@@ -230,33 +209,6 @@ def test_llm_rows_are_the_projected_values(rt, opts):
             want = proj(v.to(sig.vision_features.dtype)[None])[0]
         torch.testing.assert_close(got, want.to(got.dtype))
         assert got.shape[0] == 4 * sig.num_units
-
-
-@ALL
-def test_cached_generation_equals_no_cache_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("visiontrim", 4)
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-@pytest.mark.parametrize("opts", [dict(), dict(numerics="official"), dict(tgvc_tokens=2, dvts_score="global_local")],
-                         ids=["default", "official", "global_local"])
-def test_generate_batch_of_three_equals_each_sample_alone(rt, opts):
-    check_generate_batch_equals_alone(rt, "visiontrim", 4, **opts)
-
-
-@pytest.mark.parametrize("fam", ["qwen2.5-vl", "llava-onevision"])
-def test_refused_on_towers_without_the_signals(runtimes, fam):
-    rt = runtimes[fam]
-    try:
-        with pytest.raises(ValueError, match="visiontrim"):
-            rt.prune("visiontrim", 4)
-    finally:
-        rt.unprune()
 
 
 def test_clip_route_on_tiny_llava(runtimes):

@@ -1,18 +1,14 @@
 """VisPruner: hand-worked duplicate removal, the official loop transcribed as a reference (official
-shapes), the round count, odd |R| (our rule vs the official failure), and the engine guarantees on
-the five tiny families."""
+shapes), the round count, odd |R| (our rule vs the official failure). The engine guarantees on the tiny
+families (keep-all, tokens per unit, cache, batching): tests/test_method_guarantees.py."""
 
 import math
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens, greedy_no_cache, make_batch
 
 import baselines.vispruner  # noqa: F401  (registers "vispruner")
 from baselines.vispruner import VisPruner, removal_schedule, remove_duplicates, vispruner, vispruner_units
-
-GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-ALL = pytest.mark.parametrize("rt", ALL_FAMILIES, indirect=True)
 
 
 # ------------------------------------------------------------------ the official code as reference
@@ -216,42 +212,3 @@ def test_options():
         VisPruner(64, important_ratio=1.5)
     with pytest.raises(ValueError):
         VisPruner(64, cls_token="rank")
-
-
-# ------------------------------------------------------------------ tiny models of the five families
-
-
-@ALL
-@pytest.mark.parametrize("budget", [2, 4])
-def test_tokens_entering_llm_per_unit(rt, budget):
-    """T per image / crop / frame (Video-LLaVA: the frame's [CLS] dropped), newline tokens kept."""
-    for s, sizes, _ in check_per_unit_tokens(rt, "vispruner", budget):
-        assert s.vision_noop == all(n <= budget for n in sizes)  # tiny Qwen: a 4-token image at T = 4
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_unpruned(rt):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("vispruner", 576)
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert all(s.vision_noop for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
-
-
-@ALL
-def test_cached_generation_equals_no_cache_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("vispruner", 2 if rt.family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5") else 4)  # tiny Qwen: 4-12 per image
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    assert all(min(s.visual_per_layer) < s.visual_candidates for s in eng.stats.samples)
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-def test_generate_batch_of_three_equals_each_sample_alone(rt):
-    check_generate_batch_equals_alone(rt, "vispruner", 3)

@@ -1,11 +1,12 @@
 """VScan (baselines/vscan.py): the official encode_images (local / global scans, merge) transcribed as a
 reference at the official shapes, the LLM stage against the last prompt token's layer-K attention, and
-the method on the three tiny CLIP families (counts, cache == recompute, batch == alone, keep-all)."""
+the method on the three tiny CLIP families (counts). Cache == recompute, batch == alone, keep-all: 
+tests/test_method_guarantees.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, greedy_no_cache, layout, make_batch, slice_batch
+from conftest import FAMILIES, layout, make_batch, slice_batch
 
 import baselines.vscan  # noqa: F401  (registers "vscan")
 from baselines.vscan import VScan, local_counts, local_layer_for, split_budget, vscan_stage1, window_side
@@ -14,7 +15,6 @@ from llava.method import method_supports
 from llava.ops import merge_tokens
 from llava.signals import rope_fn_for
 
-GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 
 
@@ -286,41 +286,3 @@ def test_per_layer_counts_follow_the_schedule(rt):
             assert [s.visual_per_layer for s in eng.stats.samples] == [[9, 9, 3, 3]] * 3
         if rt.family == "video_llava":  # 8 frames of 17 (16 patches + [CLS])
             assert [s.visual_per_layer for s in eng.stats.samples] == [[72, 72, 24, 24]] * 3
-
-
-@ALL
-def test_cached_generation_equals_no_cache_recompute(rt):
-    inputs = make_batch(rt)
-    eng = rt.prune("vscan", 6)
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
-
-
-@ALL
-def test_batch_of_three_equals_each_sample_alone(rt):
-    inputs = make_batch(rt)
-    rt.prune("vscan", 6)
-    with torch.no_grad():
-        batch = rt.model.generate(**inputs, **GEN)
-    new = batch[:, inputs["input_ids"].shape[1]:]
-    for i in range(3):
-        one = slice_batch(inputs, i, rt)
-        with torch.no_grad():
-            toks = rt.model.generate(**one, **GEN)
-        assert torch.equal(toks[0, one["input_ids"].shape[1]:], new[i])
-
-
-@ALL
-def test_keep_all_is_bit_identical_to_the_unpruned_model(rt):
-    inputs = make_batch(rt)
-    rt.prune("none")
-    with torch.no_grad():
-        ref_logits, ref_toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    eng = rt.prune("vscan", stage1=576, stage2=576)  # more than any tiny unit / sample holds
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert all(s.vision_noop for s in eng.stats.samples)
-    assert all(s.visual_per_layer[-1] == s.visual_candidates for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)

@@ -1,0 +1,264 @@
+"""The guarantees every pruning method gives, once, parametrised over the registry (issue 35): a method is
+covered by being registered. Each test is parametrised at collection time over every registered method
+(``test_gpu_ready.METHODS``: the test doubles aside) x the tiny families it supports (``Method.families``;
+the others are the refusal test's cases). What differs between methods is in the tables below: the options
+a keep-all needs, the budgets and option combinations the methods' own test files used to check, and which
+methods keep ``min(budget, n)`` tokens of every unit. What is specific to a method (hand-worked examples,
+official transcriptions, special layouts) stays in its own test file.
+
+The generic suites elsewhere, not repeated here: batch == alone at each method's default options on every
+family and padding case (``test_gpu_ready.test_batch_equals_each_sample_alone``; here: the budgets and options
+the methods' own files added), cached generation == no-cache recompute on the adapter families
+(``test_new_families``; here: the CLIP families, and the adapter families where a method's table says so),
+device placement (``test_device_placement``). A new method must be entered in KEEP_ALL / NO_KEEP_ALL and
+PER_UNIT / COUNTED_ELSEWHERE (test_every_registered_method_is_classified_here fails until it is).
+
+fp32 on the CPU; every comparison of outputs is exact (``torch.equal``).
+"""
+
+import pytest
+import torch
+from conftest import (ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens,
+                      greedy_no_cache, make_batch)
+from test_engine import GEN
+from test_gpu_ready import BUDGETS, METHODS
+from test_gpu_ready import budget as default_budget
+
+from llava.method import method_supports
+
+QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")  # tiny Qwen geometry: 4-12 merged tokens per image of make_batch
+#: the families of LLaVA-1.5's CLIP tower (the families whose cached decode this file checks for every method;
+#: the adapter families: test_new_families.test_every_method_cached_generation_equals_no_cache_recompute)
+CLIP = FAMILIES
+FIVE = ["llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision"]
+POOLED = [f for f in ALL_FAMILIES if f not in ("qwen2.5-vl", "qwen3-vl", "qwen3.5")]  # Downsample's Qwen: own test
+
+
+_DEFAULT = object()  # a budget: the method's test_gpu_ready budget
+
+
+def key(fam: str) -> str:
+    """The runtime's family name ('qwen2.5-vl' -> 'qwen2_5_vl'): the key of the per-family tables."""
+    return fam.replace("-", "_").replace(".", "_")
+
+
+def per_family(b, rt):
+    """A budget given as one value or as a table per family."""
+    return b[rt.family] if isinstance(b, dict) else b
+
+
+def cases(table, default=None, families=ALL_FAMILIES):
+    """pytest params (method, budget, options, family) for every registered method: its entries in ``table``
+    (budget, options[, families]), or ``default`` (budget, options) for a method not in it (None: no case),
+    on each of those families the method supports."""
+    out = []
+    for name in METHODS:
+        for entry in table.get(name, [default] if default else []):
+            b, opts, fams = (*entry, families) if len(entry) == 2 else entry
+            for fam in fams:
+                if not method_supports(name, key(fam)):
+                    continue
+                oid = "".join(f"-{k}={v}" for k, v in opts.items())
+                bid = "" if b is None else f"-{b[key(fam)]}" if isinstance(b, dict) else f"-{b}"
+                bid = "-default" if b is _DEFAULT else bid
+                out.append(pytest.param(name, b, opts, fam, id=f"{name}{bid}{oid}-{fam}"))
+    return out
+
+
+def test_every_registered_method_is_classified_here():
+    """A new method must say how its keep-all is spelled and how many tokens it lets through per budget."""
+    assert sorted(set(KEEP_ALL) | set(NO_KEEP_ALL)) == sorted(METHODS)
+    assert sorted(set(PER_UNIT) | set(COUNTED_ELSEWHERE)) == sorted(METHODS)
+    assert not set(KEEP_ALL) & set(NO_KEEP_ALL) and not set(PER_UNIT) & set(COUNTED_ELSEWHERE)
+
+
+# ------------------------------------------------------------------------------------------- keep all
+#: per method, the budgets / options that keep every visual token (the tiny units hold at most 17 tokens: a
+#: Video-LLaVA frame with its [CLS]; 576 is LLaVA-1.5's whole grid); each must give the stock model bit for bit
+KEEP_ALL = {
+    "none": [(None, {})],
+    "random": [(576, {"seed": 3})],
+    "apet": [(None, {"stage1": 576, "stage2": 576}), (576, {"llm_stage": False})],
+    "attnmix": [(10**5, {})],
+    "cdpruner": [(4096, {})],
+    "consensusdrop": [(17, {})],  # per unit: exactly the largest tiny unit
+    "dart": [(100000, {})],  # 4 pivots + 8 x 12500 >= N: everything retained
+    "divprune": [(576, {}), (None, {"ratio": 1.0})],
+    "downsample": [(576, {}), (None, {"stride": 1})],
+    "duet": [(None, {"dominant": 576, "contextual": 0, "ratios": (1.0, 1.0)})],
+    "fastervlm": [(576, {})],
+    "fastv": [(100000, {}), (None, {"ratio": 0.0})],  # n_K clipped to N; R = 0
+    # NeXT: FlowCut feeds tower tokens only (no newline tokens), so no budget is the stock NeXT model; at the grid
+    # exactly (16): test_flowcut.test_budget_at_or_above_the_grid_is_the_stock_model
+    "flowcut": [(576, {}, ["llava", "video-llava"])],
+    "hiprune": [(576, {})],
+    "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
+    "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
+    "visiondrop": [(10**4, {})],
+    "visiontrim": [(576, {})],
+    "visionzip": [(576, {})],
+    "vispruner": [(576, {})],
+    "vscan": [(None, {"stage1": 576, "stage2": 576})],
+}
+NO_KEEP_ALL = {
+    "novisual": "drops every visual token by definition (tests/test_controls.py)",
+    "prumerge": "every kept token leaves as the merge of its nearest keys (Selection.values), also in the fixed mode "
+                "at a budget above the unit; the adaptive mode always prunes (IQR outliers)",
+}
+
+_STOCK: dict = {}  # family -> the unpruned model's (logits, tokens) on make_batch
+
+
+def stock(rt):
+    if rt.family not in _STOCK:
+        rt.unprune()
+        inputs = make_batch(rt)
+        with torch.no_grad():
+            _STOCK[rt.family] = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+    return _STOCK[rt.family]
+
+
+@pytest.mark.parametrize("name,b,opts,rt", cases(KEEP_ALL), indirect=["rt"])
+def test_keep_all_is_bit_identical_to_the_unpruned_model(rt, name, b, opts):
+    ref_logits, ref_toks = stock(rt)
+    inputs = make_batch(rt)
+    eng = rt.prune(name, b, **opts)
+    with torch.no_grad():
+        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+    assert eng.prefills == 2  # forward and generate both went through the engine
+    L = len(rt.model.model.language_model.layers)
+    assert all(s.visual_per_layer == [s.visual_candidates] * L for s in eng.stats.samples)
+    if eng.method.vision_stage:
+        assert all(s.vision_noop for s in eng.stats.samples)
+    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
+
+
+# ----------------------------------------------------------------------------- tokens entering the LLM
+#: methods whose budget is ``min(budget, n)`` tokens of every image / crop / frame of n candidates, the newline
+#: tokens kept as layout, the same count in every LLM layer (conftest.check_per_unit_tokens): budgets (a value or
+#: a table per family) and options, from the methods' test files (budgets below every tiny unit's size, so that
+#: each unit really prunes; tiny Qwen: 4-12 merged tokens per image)
+_CDPRUNER = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 3, "llava_onevision": 4}
+_CONSENSUS = {"llava": 8, "llava_next": 8, "video_llava": 6}
+PER_UNIT = {
+    "visiontrim": [(b, {}, ["llava", "video-llava"]) for b in (2, 4, 5)],  # NeXT: newlines dropped (its own test)
+    # alpha 1: a = round(0.4 / 0.8 / 1.2) = 0 / 1 / 1 anchors (T = 4: |U| up to 5 > T, the overflow rule)
+    "hiprune": [(b, {"alpha": 1.0}) for b in (2, 4, 6)],
+    "vispruner": [(b, {}) for b in (2, 4)],  # Video-LLaVA: the frame's [CLS] dropped; tiny Qwen: a 4-token image
+    "duet": [(b, {"ratios": (1.0, 1.0)}, CLIP) for b in (2, 4, 6)],  # every layer sees the stage-1 count
+    "apet": [(4, {"llm_stage": False}), (5, {"llm_stage": False, "seed_slots": "own", "cls_token": "candidate"})],
+    # 64 / 128 / 192 of 576 scaled to 16 patches per unit; VisionZip: min(D + C, n) per unit, FasterVLM: T per
+    # image / frame ([CLS] dropped) / crop
+    "visionzip": [(b, {}, CLIP) for b in (2, 4, 6)],
+    "fastervlm": [(b, {}, CLIP) for b in (2, 4, 6)],
+    "cdpruner": [(_CDPRUNER, {}, FIVE)],
+    "consensusdrop": [(_CONSENSUS, o, CLIP) for o in (
+        {}, {"fusion": "adaptive"}, {"fusion": "borda", "order": "spatial"}, {"probe_layer": 0}, {"merge": "none"},
+        {"merge_space": "projected", "merge_rule": "mean"}, {"next_order": "grid_raster"},
+        {"probe_mode": "embed_cos", "fusion": "cross_only"}, {"preset": "probe"}, {"select": "rank", "fusion": "rrf"})],
+}
+#: the others, and where their counts are checked
+COUNTED_ELSEWHERE = {
+    "none": "keeps everything (test_keep_all_is_bit_identical_to_the_unpruned_model)",
+    "novisual": "keeps nothing: test_controls.test_novisual_leaves_only_text",
+    "random": "test_controls.test_random_per_unit_by_hand",
+    "attnmix": "a total budget (AdaV): test_attnmix.test_token_counts_follow_adav_arithmetic",
+    "divprune": "one selection per image (B x units): test_divprune.test_tokens_entering_llm",
+    "downsample": "pooled windows: test_downsample.test_tokens_entering_llm",
+    "flowcut": "in-tower, [CLS] counted: test_flowcut.test_tokens_entering_llm",
+    "prumerge": "adaptive (IQR): test_prumerge.test_tokens_entering_llm_adaptive / _fixed",
+    "fastv": "in the LLM: test_fastv.test_per_layer_counts_follow_the_equivalent_budget",
+    "dart": "in the LLM: test_dart.test_per_layer_counts",
+    "pdrop": "in the LLM: test_pdrop.test_per_layer_counts",
+    "sparsevlm": "in the LLM: test_sparsevlm.test_per_layer_counts",
+    "visiondrop": "a per-layer schedule: test_visiondrop.test_per_layer_counts_follow_the_schedule",
+    "vscan": "a layer average: test_vscan.test_per_layer_counts_follow_the_schedule",
+}
+
+
+@pytest.mark.parametrize("name,b,opts,rt", cases(PER_UNIT), indirect=["rt"])
+def test_tokens_entering_the_llm_per_unit(rt, name, b, opts):
+    b = per_family(b, rt)
+    for s, sizes, _ in check_per_unit_tokens(rt, name, b, **opts):
+        assert s.vision_noop == all(n <= b for n in sizes)  # pruned exactly where a unit holds more than b
+
+
+# ------------------------------------------------------------------------- cached == no-cache recompute
+#: budgets and options from the methods' test files; a method not listed: its test_gpu_ready budget, default
+#: options, on the CLIP families (the adapter families' case is test_new_families')
+_VISPRUNER = {f: 2 if f in QWEN else 4 for f in map(key, ALL_FAMILIES)}
+CACHED = {
+    "visiontrim": [(4, {})],
+    "hiprune": [(6, {"alpha": 1.0})],
+    "cdpruner": [(_CDPRUNER, {}, FIVE)],
+    "vispruner": [(_VISPRUNER, {}, ALL_FAMILIES)],
+    "flowcut": [(3, {})],
+    "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],
+    "duet": [(6, {})],  # a vision stage, then two stages, the second keeping no visual token
+    "apet": [(6, {}, ALL_FAMILIES)],
+    "vscan": [(6, {})],
+    "dart": [({"llava": 8, "llava_next": 16, "video_llava": 64}, {})],
+    "downsample": [(4, {}, POOLED)],
+    "fastv": [(None, {})],
+    "pdrop": [(None, {})],  # three stages, re-indexed positions
+    "sparsevlm": [(192, {"version": "v1"}), (192, {"version": "v2"}, ["llava"])],
+    "consensusdrop": [(_CONSENSUS, {})],
+    "visiondrop": [({"llava": 8, "llava_next": 8, "video_llava": 4}, {})],
+}
+@pytest.mark.parametrize("name,b,opts,rt", cases(CACHED, (_DEFAULT, {}), CLIP), indirect=["rt"])
+def test_cached_generation_equals_no_cache_recompute(rt, name, b, opts):
+    inputs = make_batch(rt)
+    if b is _DEFAULT:
+        b, opts = default_budget(name, rt.family), {"seed": 5} if name == "random" else {}
+    eng = rt.prune(name, per_family(b, rt), **opts)
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, **GEN)
+    assert cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
+    if name != "none":  # every sample really pruned
+        assert all(min(s.visual_per_layer) < s.visual_candidates for s in eng.stats.samples)
+    # a method whose selection reads the text (the question, the last row in the LLM; random: its seed hashes the
+    # prompt ids) sees the generated tokens in the recompute: it replays the prefill's selections; the others
+    # recompute theirs from scratch
+    eng.replay = bool(eng.method.query_aware or eng.method.llm_layers or name == "random")
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+
+
+# ---------------------------------------------------------------------------------------- batch == alone
+#: make_batch (3 prompts, 3 image sizes / 3 videos, left-padded) at the budgets and option combinations the
+#: methods' test files checked; each method's default options at its test_gpu_ready budget:
+#: test_gpu_ready.test_batch_equals_each_sample_alone (every registered method, every family)
+BATCH = {
+    "visiontrim": [(4, {}), (4, {"numerics": "official"}), (4, {"tgvc_tokens": 2, "dvts_score": "global_local"})],
+    "hiprune": [(6, {"alpha": 1.0})],
+    "cdpruner": [(_CDPRUNER, {}, FIVE)],
+    "vispruner": [(3, {})],
+    "flowcut": [(4, {}), (4, {"batch_max": True}), (4, {"next_half": True, "frame_cls": "extra"})],
+    "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],
+    "duet": [({f: 4 if f in QWEN else 6 for f in map(key, ALL_FAMILIES)}, {})],  # Qwen3.5: refused (linear read)
+    "apet": [(6, {})],
+    "vscan": [(6, {})],
+    "divprune": [(4, {}, CLIP)],
+    "downsample": [(4, {"space": "vision"}, POOLED), (4, {"space": "projected"}, POOLED)],
+    "visionzip": [(4, {}, CLIP)],
+    "fastervlm": [(4, {}, CLIP)],
+}
+
+
+@pytest.mark.parametrize("name,b,opts,rt", cases(BATCH), indirect=["rt"])
+def test_generate_batch_of_three_equals_each_sample_alone(rt, name, b, opts):
+    check_generate_batch_equals_alone(rt, name, per_family(b, rt), **opts)
+
+
+# -------------------------------------------------------------------------------------------- refusals
+def refused_cases():
+    return [pytest.param(name, fam, id=f"{name}-{fam}") for name in METHODS for fam in ALL_FAMILIES
+            if not method_supports(name, key(fam))]
+
+
+@pytest.mark.parametrize("name,rt", refused_cases(), indirect=["rt"])
+def test_unsupported_family_is_refused_at_attach(rt, name):
+    """A method refuses a family outside its ``Method.families`` at attach, naming itself."""
+    b = BUDGETS[name]
+    with pytest.raises(ValueError, match=name):
+        rt.prune(name, b["llava"] if isinstance(b, dict) else b)
+    assert rt.engine is None
