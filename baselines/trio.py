@@ -133,16 +133,16 @@ def trio_nms(saliency: torch.Tensor, features: torch.Tensor, k: int, tau: float 
     kept = torch.zeros(n, dtype=torch.bool, device=dev)
     suppressed = torch.zeros(n, dtype=torch.bool, device=dev)
     picks = []
-    for _ in range(k):
+    for _ in range(k):  # every index a (1,) tensor: a 0-d index would be read back to the host
         free = ~kept & ~suppressed
         # the best-ranked free token; none left: the best-ranked unkept one (the fill round)
-        r = torch.where(free, rank, big).min()
-        r = torch.where(r < n, r, torch.where(~kept, rank, big).min())
-        i = order[r]
+        r = torch.where(free, rank, big).amin(0, keepdim=True)
+        r = torch.where(r < n, r, torch.where(~kept, rank, big).amin(0, keepdim=True))
+        i = order.index_select(0, r)
         picks.append(i)
-        kept[i] = True
-        suppressed |= neighbour[i]
-    return torch.stack(picks).sort().values
+        kept.index_fill_(0, i, True)
+        suppressed |= neighbour.index_select(0, i)[0]
+    return torch.cat(picks).sort().values
 
 
 @register

@@ -381,6 +381,12 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_class(name: str) -> type[Method]:
+    """The registered method class ``name`` (its class attributes: families, llm_grad, capturable, ...)."""
+    _load_plugins()
+    return _REGISTRY[name.lower()]
+
+
 def method_supports(name: str, family: str) -> bool:
     """Whether the registered method ``name`` runs on models of ``family`` (its ``families``)."""
     _load_plugins()

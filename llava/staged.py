@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.masking_utils import create_causal_mask
 
 from .families.base import to_device as _to_device
 from .layout import (_add_deepstack, _deepstack, _Layout, _runs, carry_rows, decoder_masks, first_full_layer,
@@ -170,9 +171,10 @@ class StagedDecoderMixin:
             head = getattr(self.model, "lm_head", None)
             head = self.model.get_output_embeddings() if head is None else head
 
-            def mask_fn(h, pp):  # the engine's mask of layer i for this one unpadded sequence, no cache
-                ones = torch.ones(1, h.shape[1], dtype=torch.long, device=h.device)
-                return decoder_masks(self.adapter, lm, h, ones, None, pp, i, i + 1)[0]
+            def mask_fn(h, pp):  # layer i's causal mask of this one unpadded sequence without a cache; no 2-D mask
+                # and no positions, so transformers reads nothing back (padding / packed-sequence checks)
+                return create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
+                                          position_ids=None)
 
             return proxy_loss_grad(lm.layers[i], lm.norm, head, lm.rotary_emb, x, p, rows, mask_fn)
 

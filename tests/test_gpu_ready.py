@@ -32,6 +32,10 @@ BUDGETS = {
     "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
     "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
     "visiontrim": _PER_UNIT,  # per unit B = D + C (4 = 3 + 1 on the tiny models)
+    # layer average of 576 on 32 layers refitted to the 4 tiny layers: 16 -> 16/2/1/0; the tiny Qwen images (4-35
+    # merged tokens) need 320 to keep tokens at every stage: 6 -> 6/3/2/1, 35 -> 35/21/13/5
+    "trio": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 320, "llava_onevision": 192,
+             "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320},
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly

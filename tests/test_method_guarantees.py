@@ -99,6 +99,7 @@ KEEP_ALL = {
     "visionzip": [(576, {})],
     "vispruner": [(576, {})],
     "vscan": [(None, {"stage1": 576, "stage2": 576})],
+    "trio": [(None, {"image_token_list": (576, 576, 576), "counts": "absolute"})],  # no gradient taken
 }
 NO_KEEP_ALL = {
     "novisual": "drops every visual token by definition (tests/test_controls.py)",
@@ -173,6 +174,7 @@ COUNTED_ELSEWHERE = {
     "sparsevlm": "in the LLM: test_sparsevlm.test_per_layer_counts",
     "visiondrop": "a per-layer schedule: test_visiondrop.test_per_layer_counts_follow_the_schedule",
     "vscan": "a layer average: test_vscan.test_per_layer_counts_follow_the_schedule",
+    "trio": "in the LLM: test_trio.test_tokens_per_stage",
 }
 
 
@@ -186,6 +188,9 @@ def test_tokens_entering_the_llm_per_unit(rt, name, b, opts):
 # ------------------------------------------------------------------------- cached == no-cache recompute
 #: budgets and options from the methods' test files; a method not listed: its test_gpu_ready budget, default
 #: options, on the CLIP families (the adapter families' case is test_new_families')
+#: TRIO's schedule on the 16-token tiny units (budgets there refit to near 0: test_trio): 7 / 4 / 2 kept
+TRIO_TINY = {"image_token_list": (12, 8, 4), "counts": "absolute"}
+TRIO_QWEN = {"image_token_list": (3, 2, 1), "counts": "absolute"}  # tiny Qwen images: 4-12 merged tokens
 _VISPRUNER = {f: 2 if f in QWEN else 4 for f in map(key, ALL_FAMILIES)}
 CACHED = {
     "visiontrim": [(4, {})],
@@ -197,6 +202,8 @@ CACHED = {
     "duet": [(6, {})],  # a vision stage, then two stages, the second keeping no visual token
     "apet": [(6, {}, ALL_FAMILIES)],
     "vscan": [(6, {})],
+    "trio": [(None, TRIO_TINY, CLIP), (None, TRIO_QWEN, ["qwen2.5-vl"]),
+             (None, dict(TRIO_TINY, numerics="official"), ["llava"]), (None, dict(TRIO_QWEN, numerics="official"), ["qwen2.5-vl"])],
     "dart": [({"llava": 8, "llava_next": 16, "video_llava": 64}, {})],
     "downsample": [(4, {}, POOLED)],
     "fastv": [(None, {})],
@@ -237,6 +244,7 @@ BATCH = {
     "duet": [({f: 4 if f in QWEN else 6 for f in map(key, ALL_FAMILIES)}, {})],  # Qwen3.5: refused (linear read)
     "apet": [(6, {})],
     "vscan": [(6, {})],
+    "trio": [(None, TRIO_TINY, ["llava"]), (None, TRIO_QWEN, ["qwen2.5-vl"])],
     "divprune": [(4, {}, CLIP)],
     "downsample": [(4, {"space": "vision"}, POOLED), (4, {"space": "projected"}, POOLED)],
     "visionzip": [(4, {}, CLIP)],

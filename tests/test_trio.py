@@ -6,7 +6,7 @@ transcribed: tests/test_reference_trio.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_generate_batch_equals_alone, greedy_no_cache, make_batch, slice_batch
+from conftest import make_batch, slice_batch
 
 import baselines.trio  # noqa: F401  (registers "trio")
 from baselines.trio import SCHEDULES, TRIO, budget_counts, layer_average, trio_nms
@@ -219,31 +219,7 @@ def test_tokens_per_stage(rt):
         assert [s.visual_per_layer for s in eng.stats.samples] == [[16, 7, 4, 2]] * 3
 
 
-@pytest.mark.parametrize("rt", ["llava", "qwen2.5-vl"], indirect=True)
-@pytest.mark.parametrize("numerics", ["ours", "official"])
-def test_cached_generation_equals_recompute(rt, numerics):
-    inputs = make_batch(rt)
-    eng = rt.prune("trio", numerics=numerics, **TINY)
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    eng.replay = True
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, 3))
-
-
-@pytest.mark.parametrize("rt", ["llava", "qwen2.5-vl"], indirect=True)
-def test_batch_equals_alone(rt):
-    check_generate_batch_equals_alone(rt, "trio", **TINY)
-
-
-@pytest.mark.parametrize("rt", ["llava"], indirect=True)
-def test_keep_all_is_unpruned(rt):
-    """Counts >= the visual tokens: no gradient is taken and the output is the unpruned model's."""
-    inputs = make_batch(rt)
-    with torch.no_grad():
-        ref = rt.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    rt.prune("trio", image_token_list=(576, 576, 576), counts="absolute")
-    with torch.no_grad():
-        assert torch.equal(rt.model.generate(**inputs, max_new_tokens=3, do_sample=False), ref)
+# batch == alone, cached == no-cache recompute (both numerics), keep-all: tests/test_method_guarantees.py
 
 
 def test_refusals(runtimes):
