@@ -34,10 +34,24 @@ official: [0.333] at layer 14 of 28, ``int(r * current)``) replaces the counts. 
 layers and mapped with :func:`llava.ops.scale_layers`; the counts are then refitted to the same layer average
 (:func:`llava.ops.fit_stage_counts`).
 
+"w/ VE" (option ``encoder="vscan"``; default None = "w/o VE", the schedules above): the official README's default
+command (README.md:524-544: ``--visual_token_num 96 --layer_list '[16]' --image_token_list '[32]'``) runs VScan's
+stage 1 in the vision encoder (``llava/model/llava_arch.py`` ``encode_images`` 254-293: [CLS] rows of
+``attentions[5]`` / ``attentions[-2]``, ``window_cls_selection`` on 6 x 6 windows for ``int(T * 0.5)`` tokens,
+``topk`` of the rest, every other token merged into its most similar pick by ``token_merging`` 142-197), then the
+gradient + NMS stage above at layer 16 keeping 32. Here: :func:`llava.ops.vscan_stage1` (VScan's stage 1, shared
+with baselines/vscan.py) per unit (image / NeXT crop / video frame) with ``visual_token_num`` T (official 96), then
+TRIO's LLM stage at ``layer_list`` (16,) keeping ``image_token_list`` (32,) per unit. ``budget`` B = the layer
+average per unit (README.md:544: "an average of 64 visual tokens across all 32 layers"): T = 2B - B // 2, 32-layer
+stage at 16 keeping B // 2 (64 -> 96 / 32 official; 128 -> 192 / 64, 192 -> 288 / 96 ours, VScan's split). CLIP
+towers only (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA: the scans read [CLS] rows).
+
 Reference mode (``numerics="official"``; default ``"ours"``): the saliency norm taken in the model dtype (the
 official ``grad.to(features.dtype).norm()``: fp16 on LLaVA, so ties appear) and ``torch.argsort`` (official tie
-order, unstable) instead of the fp32 norm with ties to the lower index. The gradient itself is the same in both
-modes (model-dtype layer and backward, fp32 logits and CE). Eager only (a backward pass inside the prefill).
+order, unstable) instead of the fp32 norm with ties to the lower index; with ``encoder="vscan"`` also VScan's stage 1
+in its reference mode (fp16 scans, the official ``topk`` calls and ``F.cosine_similarity``; the same code). The
+gradient itself is the same in both modes (model-dtype layer and backward, fp32 logits and CE). Eager only (a
+backward pass inside the prefill).
 """
 
 from __future__ import annotations
@@ -48,7 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, scale_layers, scaled_count
+from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
+                       scale_layers, scaled_count, split_budget, vscan_stage1)
 from llava.signals import PROXY_ROWS
 
 #: ``--layer_list '[1,10,15]'`` of every LLaVA-1.5 w/o VE script (e.g. ``llava/model/scripts/v1_5/eval/mme.sh:13``)
@@ -69,6 +84,15 @@ QWEN_LAYERS, QWEN_RATIOS = (14,), (0.333,)
 COUNT_MODES = ("scaled", "absolute")
 #: families whose decoder layers the proxy loss re-runs as the stock model does (tests/test_trio.py)
 FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "internvl", "qwen3_5")
+#: the "w/ VE" option: the encoder stage before the LLM (None = "w/o VE")
+ENCODERS = (None, "vscan")
+#: w/ VE, the README's default command (README.md:524-544): ``--visual_token_num 96``, ``--layer_list '[16]'``,
+#: ``--image_token_list '[32]'`` (per image; per unit here)
+VE_VISUAL_TOKEN_NUM, VE_LAYERS, VE_COUNTS = 96, (16,), (32,)
+#: VScan's stage 1 reads the [CLS] query rows of two CLIP layers
+VE_FAMILIES = ("llava", "llava_next", "video_llava")
+VE_REASON = ("trio encoder='vscan' runs VScan's stage 1, which reads the [CLS] query rows of two CLIP layers (local / "
+             "global scans): CLIP towers with a [CLS] token only (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)")
 
 
 def layer_average(n: int, layers, counts, depth: int = REFERENCE_DEPTH) -> float:
@@ -152,7 +176,11 @@ class TRIO(Method):
     their own argmax) and kept greedily with a feature-space NMS (cosine >= 0.8 suppressed).
 
     ``budget``: layer-average visual tokens per 576 candidates on a 32-layer LLM (128 -> 218 / 128 / 54, 64 ->
-    92 / 54 / 22 official; 192 -> 344 / 202 / 86 ours). Without a budget: the 128 schedule."""
+    92 / 54 / 22 official; 192 -> 344 / 202 / 86 ours). Without a budget: the 128 schedule.
+
+    ``encoder="vscan"`` ("w/ VE", the official README's default): VScan's stage 1 keeps ``visual_token_num`` (96)
+    per unit before the LLM, then one stage before layer 16 keeps ``image_token_list`` (32) per unit; ``budget`` is
+    then the layer average per unit (64 -> 96 / 32)."""
 
     name = "trio"
     position_mode = "reindex"
@@ -188,16 +216,30 @@ class TRIO(Method):
             # the decoder layer the proxy loss runs on the hidden states entering layer K: "next" (layer K,
             # official LLaVA) or "prev" (layer K-1 again on its own output, the official Qwen2.5-VL code)
             "probe_layer": "next",
-            # "ours" (fp32 saliency norm, ties to the lower index) or "official" (model-dtype norm, torch.argsort)
+            # "ours" (fp32 saliency norm, ties to the lower index) or "official" (model-dtype norm, torch.argsort;
+            # with encoder="vscan" also VScan's stage-1 reference mode)
             "numerics": "ours",
+            # "w/ VE": None (w/o VE, default) or "vscan" (VScan's stage 1 before the LLM, README.md:524-544);
+            # then layer_list defaults to (16,), image_token_list to (32,) per unit, counts "scaled" = per unit
+            "encoder": None,
+            # w/ VE: tokens per unit after the encoder stage (official --visual_token_num 96); None = from the
+            # budget (2B - B // 2) or 96
+            "visual_token_num": None,
         }
 
     def __init__(self, budget=None, **options):
-        if budget is not None and (options.get("image_token_list") is not None or options.get("ratios") is not None):
-            raise ValueError("trio: give either a budget or image_token_list= / ratios=, not both")
+        explicit = ("image_token_list", "ratios", "visual_token_num")
+        if budget is not None and any(options.get(k) is not None for k in explicit):
+            raise ValueError("trio: give either a budget or image_token_list= / ratios= / visual_token_num=, not both")
         super().__init__(budget, **options)
         if self.image_token_list is not None and self.ratios is not None:
             raise ValueError("trio: give image_token_list= or ratios=, not both")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"trio: encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder is None and self.visual_token_num is not None:
+            raise ValueError("trio: visual_token_num (tokens per unit after the encoder stage) needs encoder='vscan'")
+        if self.encoder is not None and "layer_list" not in options:
+            self.layer_list = VE_LAYERS
         layers = tuple(self.layer_list)
         if not layers or any(isinstance(k, bool) or int(k) != k or not 1 <= int(k) < REFERENCE_DEPTH for k in layers) \
                 or list(layers) != sorted(set(layers)):
@@ -211,7 +253,9 @@ class TRIO(Method):
             self._counts = None
         else:
             counts = self.image_token_list
-            if counts is None:
+            if counts is None and self.encoder is not None:
+                counts = VE_COUNTS if self.budget is None else self._ve_budget()[1:]
+            elif counts is None:
                 counts = budget_counts(DEFAULT_BUDGET if self.budget is None else self.budget, self.layer_list)
             counts = tuple(counts)
             if len(counts) != len(self.layer_list) or any(isinstance(c, bool) or int(c) != c or c < 0 for c in counts):
@@ -230,20 +274,47 @@ class TRIO(Method):
             raise ValueError(f"trio: probe_layer must be 'next' or 'prev', got {self.probe_layer!r}")
         self.llm_reads = (self.probe_layer,)  # the hybrid check reads the instance's
         check_numerics("trio", self.numerics)
+        if self.encoder is not None:
+            t = self.visual_token_num
+            if t is None:
+                t = VE_VISUAL_TOKEN_NUM if self.budget is None else self._ve_budget()[0]
+            if isinstance(t, bool) or int(t) != t or t < 1:
+                raise ValueError(f"trio: visual_token_num must be a whole number >= 1, got {t!r}")
+            self.visual_token_num = int(t)
+            # the instance runs a vision stage and narrows the families to the CLIP towers (the class keeps w/o VE's;
+            # the engine asks the instance: Method.runs_on)
+            self.vision_stage = True
+            self.families, self.unsupported_reason = VE_FAMILIES, VE_REASON
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
+
+    def _ve_budget(self) -> tuple[int, int]:
+        """w/ VE: (tokens per unit after the encoder, after the LLM stage) for the layer-average ``budget`` per unit
+        with the one stage at half depth (README.md:544, 96 / 32 -> 64): VScan's split, 2B - B // 2 and B // 2."""
+        if self.layer_list != VE_LAYERS:
+            raise ValueError(f"trio: a w/ VE budget is the layer average with one stage at layer {VE_LAYERS[0]} of 32; "
+                             f"with layer_list {list(self.layer_list)} give visual_token_num= and image_token_list=")
+        if self.budget < 2:
+            raise ValueError("trio: a w/ VE budget must be >= 2 (the LLM stage keeps budget // 2 per unit)")
+        return split_budget(self.budget)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
         self._layers = (scale_layers(self.layer_list, num_layers) if self.scale_layers else self.layer_list)
         if self._layers[-1] >= num_layers:
             raise ValueError(f"trio: stage layers {list(self._layers)} do not fit a {num_layers}-layer LLM")
+        if self.encoder is not None:  # VScan's layers: official attentions[5] and [-2] of 24 (docs/methods/vscan.md)
+            n = int(num_vision_layers)
+            self._local, self._global = local_layer_for(n), n - 2
+            # hidden_states[v] is produced by encoder layer v - 1
+            self.vision_cls_layers = tuple(sorted({self._local + 1, self._global + 1}))
 
     @property
     def llm_layers(self):
         return self._layers
 
-    def stage_counts(self, n_visual: int) -> tuple[int, ...]:
-        """Visual tokens kept after each stage for a sample entering the LLM with ``n_visual``."""
+    def stage_counts(self, n_visual: int, num_units: int = 1) -> tuple[int, ...]:
+        """Visual tokens kept after each stage for a sample entering the LLM with ``n_visual`` (w/ VE: in
+        ``num_units`` units, counts ``"scaled"`` per unit)."""
         n = int(n_visual)
         if self._counts is None:  # the official Qwen rule: int(r * current), chained
             out, cur = [], n
@@ -251,21 +322,35 @@ class TRIO(Method):
                 cur = max(0, min(cur, int(r * cur)))
                 out.append(cur)
             return tuple(out)
-        counts = ([scaled_count(n, c) for c in self._counts] if self.counts == "scaled"
-                  else [min(n, c) for c in self._counts])
+        if self.counts == "absolute":
+            counts = [min(n, c) for c in self._counts]
+        elif self.encoder is not None:  # per unit (VScan's convention; official: per image, LLaVA-1.5)
+            counts = [min(n, c * int(num_units)) for c in self._counts]
+        else:
+            counts = [scaled_count(n, c) for c in self._counts]
         return fit_stage_counts(n, counts, self.layer_list, self._layers, self.num_layers)
 
-    def layer_counts(self, n_visual: int) -> list[int]:
+    def layer_counts(self, n_visual: int, num_units: int = 1) -> list[int]:
         """Predicted visual tokens per decoder layer."""
         bounds, cur = [*self._layers, self.num_layers], int(n_visual)
         out = [cur] * bounds[0]
-        for s, k in enumerate(self.stage_counts(n_visual)):
+        for s, k in enumerate(self.stage_counts(n_visual, num_units)):
             cur = min(cur, k)
             out += [cur] * (bounds[s + 1] - bounds[s])
         return out
 
+    def select_vision(self, sig):
+        """w/ VE: VScan's stage 1 with ``visual_token_num`` per unit (official settings: windows of a quarter side,
+        half local, the local remainder dropped)."""
+        if self.encoder is None:
+            return super().select_vision(sig)
+        return vscan_stage1(sig.cls_attn_layers[self._local + 1], sig.cls_attn_layers[self._global + 1], sig.features,
+                            sig.unit, sig.patch, sig.grid, self.visual_token_num, unit_host=sig._unit_host,
+                            numerics=self.numerics)
+
     def select_llm(self, stage, sig):
-        k = self.stage_counts(sig.num_visual_entry)[stage]
+        units = sig.vision.num_units if self.encoder is not None else 1
+        k = self.stage_counts(sig.num_visual_entry, units)[stage]
         dev = sig.visual.device
         if k >= sig.num_visual:  # the official skip (k_keep >= img_len): no gradient taken
             return Selection(keep=torch.arange(sig.num_visual, device=dev))

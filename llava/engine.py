@@ -226,7 +226,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                              "to that model's layers: create one method instance per model (or remove the other "
                              "engine first)")
         method._bound_model = weakref.ref(model)
-        if not method.supports(self.family):
+        if not method.runs_on(self.family):
             raise ValueError(f"{method.name} does not support {self.family} models (it runs on "
                              f"{', '.join(method.families)}): {method.unsupported_reason}")
         self.lm = self.adapter.lm

@@ -265,7 +265,13 @@ class Method:
     # -- binding to a model --------------------------------------------------------------------
     @classmethod
     def supports(cls, family: str) -> bool:
+        """Whether the method class runs on ``family`` (what the registry answers before any instance exists)."""
         return cls.families is None or family in cls.families
+
+    def runs_on(self, family: str) -> bool:
+        """Whether this instance runs on ``family`` (the engine's check at attach): the class's families unless the
+        instance's options narrowed them (an instance attribute ``families``, e.g. TRIO's encoder stage)."""
+        return self.families is None or family in self.families
 
     def setup(self, *, num_layers: int, num_vision_layers: int, family: str) -> None:
         """Called by the engine when attached, before :attr:`llm_layers` is read: the LLM's decoder

@@ -1,14 +1,18 @@
 """TRIO (baselines/trio.py): the NMS on hand-worked examples, the schedules and budgets, the engine's proxy-loss
 gradient (LLMSignals.grad_saliency) against a by-hand autograd through the stock layer, and the method on tiny
-models (counts, batch == alone, cached generation == recompute, refusals). The official selection step
-transcribed: tests/test_reference_trio.py."""
+models (counts, batch == alone, cached generation == recompute, refusals); the "w/ VE" option (encoder="vscan":
+counts per layer, its vision stage == VScan's stage 1, batch == alone, cache == recompute, host reads, refusal). The
+official selection step transcribed: tests/test_reference_trio.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, slice_batch
+from conftest import check_generate_batch_equals_alone, greedy_no_cache, make_batch, slice_batch
+from test_engine import GEN
+from test_gpu_ready import SYNC_BOUND, count_syncs, next_batch
 
 import baselines.trio  # noqa: F401  (registers "trio")
+import baselines.vscan  # noqa: F401  (registers "vscan": the w/ VE stage-1 comparison)
 from baselines.trio import SCHEDULES, TRIO, budget_counts, layer_average, trio_nms
 from llava.method import Method, Selection, get_method
 from llava.signals import proxy_rows
@@ -262,3 +266,131 @@ def test_tensor_parallel_refused():
     with pytest.raises(RuntimeError, match="tensor parallelism"):
         proxy_loss_grad(layer, torch.nn.Identity(), torch.nn.Linear(4, 4), None, torch.zeros(3, 4),
                         torch.arange(3), torch.tensor([0]))
+
+
+# ------------------------------------------------------------------ "w/ VE": VScan's stage 1, then TRIO's stage
+
+
+def test_ve_options_and_budgets():
+    """The official w/ VE command (README.md:525-544): 96 per image after the encoder, 32 from layer 16; a budget is
+    the layer average per unit (64 -> 96 / 32, VScan's split)."""
+    m = TRIO(encoder="vscan")
+    assert (m.visual_token_num, m.llm_layers, m.stage_counts(96)) == (96, (16,), (32,))
+    assert m.layer_counts(96) == [96] * 16 + [32] * 16 and sum(m.layer_counts(96)) / 32 == 64
+    assert m.vision_stage and not TRIO().vision_stage and m.vision_cls_layers == (6, 23)  # attentions[5], [-2]
+    for b, (t, k) in {64: (96, 32), 128: (192, 64), 192: (288, 96), 6: (9, 3)}.items():
+        m = TRIO(b, encoder="vscan")
+        assert (m.visual_token_num, m.stage_counts(t)) == (t, (k,)) and sum(m.layer_counts(t)) / 32 == b
+    m = TRIO(encoder="vscan", layer_list=(8, 16), image_token_list=(64, 32), visual_token_num=128)
+    assert m.stage_counts(3 * 128 + 12, num_units=3) == (192, 96)  # per unit, newlines among the candidates
+    assert TRIO(encoder="vscan", counts="absolute").stage_counts(5 * 96, num_units=5) == (32,)  # official min(c, N)
+    m = TRIO(6, encoder="vscan")
+    m.setup(num_layers=4, num_vision_layers=3, family="llava")  # the tiny models: stage before layer 2
+    assert (m.llm_layers, m.vision_cls_layers, m.layer_counts(72, 8)) == ((2,), (1, 2), [72, 72, 24, 24])
+    m.setup(num_layers=40, num_vision_layers=24, family="llava")  # 13B: the stage at half depth
+    assert m.llm_layers == (20,) and m.layer_counts(9) == [9] * 20 + [3] * 20
+    assert m.capture_refusal().startswith("trio: its llm stages take a gradient")
+    assert m.runs_on("video_llava") and not m.runs_on("qwen2_5_vl") and TRIO.supports("qwen2_5_vl")
+    for bad in (dict(visual_token_num=96), dict(encoder="visionzip"), dict(encoder="vscan", visual_token_num=0),
+                dict(budget=64, encoder="vscan", visual_token_num=96), dict(budget=1, encoder="vscan"),
+                dict(budget=64, encoder="vscan", layer_list=(8, 16))):
+        b = bad.pop("budget", None)
+        with pytest.raises(ValueError):
+            TRIO(b, **bad)
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next", "video-llava"], indirect=True)
+def test_ve_tokens_per_layer(rt):
+    """Budget 6 w/ VE on the tiny models (4 layers, 16 patches per image / crop in 2 x 2 windows, 17 tokens per
+    frame): 9 per unit after the encoder (1 local pick per window + 5 global), 3 per unit from layer 2.
+    LLaVA-1.5: [9, 9, 3, 3]. NeXT (crops of 16 / 16 / 16, 16 / 8 / 8, 16 / 8 / 8 tokens, 4 / 4 / 8 newlines): the
+    8-token crops are kept whole, so 27 + 4, 9 + 16 + 4, 9 + 16 + 8 enter the LLM and 3 x 3 remain. Video-LLaVA: 8
+    frames of 9 = 72, then 24."""
+    inputs = make_batch(rt)
+    eng = rt.prune("trio", 6, encoder="vscan")
+    with torch.inference_mode():
+        rt.model(**inputs)
+    expected = {"llava": [[9, 9, 3, 3]] * 3, "llava_next": [[31, 31, 9, 9], [29, 29, 9, 9], [33, 33, 9, 9]],
+                "video_llava": [[72, 72, 24, 24]] * 3}[rt.family]
+    assert [s.visual_per_layer for s in eng.stats.samples] == expected
+    units = {"llava": 1, "llava_next": 3, "video_llava": 8}[rt.family]
+    for b, s in enumerate(eng.stats.samples):
+        assert s.visual_per_layer == eng.method.layer_counts(s.visual_entering_llm, units)
+        keep = eng.selections[(0, b)].keep
+        assert keep.numel() == 3 * units and keep.tolist() == sorted(keep.tolist())
+
+
+@pytest.mark.parametrize("rt,numerics", [("llava", "ours"), ("llava-next", "ours"), ("video-llava", "ours"),
+                                          ("llava", "official")], indirect=["rt"])
+def test_ve_vision_stage_is_vscans_stage1(rt, numerics):
+    """At the same settings (budget 6: 9 per unit) the w/ VE vision stage is VScan's stage 1: the same kept,
+    targets, assignment and order per sample, and the same (merged) rows entering the LLM; in both numerics
+    (``numerics="official"``: VScan's stage-1 reference mode on both sides)."""
+    inputs = make_batch(rt)
+    out = {}
+    layer0 = rt.model.model.language_model.layers[0]
+    for name, opts in (("vscan", {}), ("trio", {"encoder": "vscan"})):
+        eng = rt.prune(name, 6, numerics=numerics, **opts)
+        rows = []  # the hidden states entering decoder layer 0 (before either llm stage)
+        hook = layer0.register_forward_pre_hook(
+            lambda m, a, kw: rows.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                rt.model(**inputs)
+        finally:
+            hook.remove()
+        out[name] = ([eng.selections[("vision", b)] for b in range(3)], rows)
+        assert [s.visual_entering_llm for s in eng.stats.samples] == \
+            [{"llava": 9, "video_llava": 72}.get(rt.family, s.visual_entering_llm) for s in eng.stats.samples]
+        rt.unprune()
+    for a, b in zip(*(out[n][0] for n in ("vscan", "trio"))):
+        for f in ("keep", "targets", "assign", "order"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or torch.equal(x, y), f
+        assert (a.rule, a.space) == (b.rule, b.space) == ("mean", "projected") and b.targets.numel() > 0
+    assert len(out["vscan"][1]) == len(out["trio"][1]) >= 1
+    for x, y in zip(out["vscan"][1], out["trio"][1]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_ve_batch_equals_alone_and_cache_equals_recompute(rt):
+    check_generate_batch_equals_alone(rt, "trio", 6, encoder="vscan")
+    inputs = make_batch(rt)
+    for numerics in ("ours", "official"):
+        eng = rt.prune("trio", 6, encoder="vscan", numerics=numerics)
+        with torch.no_grad():
+            cached = rt.model.generate(**inputs, **GEN)
+        assert [s.visual_per_layer for s in eng.stats.samples] == [[9, 9, 3, 3]] * 3
+        eng.replay = True  # the llm stage reads the last prompt rows: the recompute replays the prefill's picks
+        assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+
+
+def test_ve_host_reads_bounded_and_flat(runtimes):
+    """LLaVA-NeXT small vs large images (test_gpu_ready's sync check, w/ VE): the host reads per sample stay within
+    the bound and do not grow with the visual tokens."""
+    rt = runtimes["llava-next"]
+    small_in, large_in = next_batch(rt, (30, 30)), next_batch(rt, (90, 120))
+    try:
+        eng = rt.prune("trio", 6, encoder="vscan")
+        small = count_syncs(rt, small_in)
+        cand_small = sum(s.visual_candidates for s in eng.stats.samples)
+        large = count_syncs(rt, large_in)
+        cand_large = sum(s.visual_candidates for s in eng.stats.samples)
+        assert all(min(s.visual_per_layer) < s.visual_candidates for s in eng.stats.samples)
+    finally:
+        rt.unprune()
+    assert cand_large > 1.5 * cand_small
+    assert large.total / 3 <= SYNC_BOUND["trio"], dict(large.counts)
+    assert large.total <= small.total + 3, (dict(small.counts), dict(large.counts))
+
+
+def test_ve_refused_outside_the_clip_towers(runtimes):
+    rt = runtimes["qwen2.5-vl"]
+    try:
+        with pytest.raises(ValueError, match=r"trio does not support qwen2_5_vl .*CLIP towers"):
+            rt.prune("trio", 6, encoder="vscan")
+        assert rt.engine is None
+        rt.prune("trio", **TINY)  # w/o VE runs there
+    finally:
+        rt.unprune()
