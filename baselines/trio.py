@@ -118,7 +118,8 @@ def budget_counts(budget: int, layers=OFFICIAL_LAYERS) -> tuple[int, ...]:
     num = REFERENCE_DEPTH * int(budget) - layers[0] * REFERENCE_TOKENS
     den = sum((bounds[s + 1] - bounds[s]) * c for s, c in enumerate(base))
     if num <= 0:
-        raise ValueError(f"trio: budget {budget} is below the {layers[0] * REFERENCE_TOKENS / REFERENCE_DEPTH:g} tokens "
+        floor = layers[0] * REFERENCE_TOKENS / REFERENCE_DEPTH
+        raise ValueError(f"trio: budget {budget} is below the {floor:g} tokens "
                          f"the layers before the first stage (layer {layers[0]}) already average")
     out, prev = [], REFERENCE_TOKENS
     for c in base:
@@ -259,7 +260,8 @@ class TRIO(Method):
                 counts = budget_counts(DEFAULT_BUDGET if self.budget is None else self.budget, self.layer_list)
             counts = tuple(counts)
             if len(counts) != len(self.layer_list) or any(isinstance(c, bool) or int(c) != c or c < 0 for c in counts):
-                raise ValueError(f"trio: image_token_list needs one whole count >= 0 per stage layer, got {list(counts)}")
+                raise ValueError("trio: image_token_list needs one whole count >= 0 per stage layer, got "
+                                 f"{list(counts)}")
             self._counts = tuple(int(c) for c in counts)
         if self.counts not in COUNT_MODES:
             raise ValueError(f"trio: counts must be one of {COUNT_MODES}, got {self.counts!r}")

@@ -291,7 +291,8 @@ class LLMSignals:
             raise RuntimeError("grad_saliency is only available inside the engine")
         key = ("grad", rows, int(num_rows), layer)
         if key not in self._cache:
-            self._cache[key] = self._grad_fn(proxy_rows(self.hidden.shape[0], rows, num_rows), layer)
+            pr = proxy_rows(self.hidden.shape[0], rows, num_rows, self.hidden.device)
+            self._cache[key] = self._grad_fn(pr, layer)
         g = self._cache[key]
         if reduce is None:
             return g
@@ -534,8 +535,9 @@ def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, 
 PROXY_ROWS = ("shifted", "last")
 
 
-def proxy_rows(S: int, which: str = "shifted", num_rows: int = 4) -> torch.Tensor:
-    """The rows of an S-token prompt whose next-token logits make the proxy loss (host LongTensor, ascending).
+def proxy_rows(S: int, which: str = "shifted", num_rows: int = 4, device=None) -> torch.Tensor:
+    """The rows of an S-token prompt whose next-token logits make the proxy loss (LongTensor on ``device``, made
+    there: no host-to-device copy; ascending).
     "shifted" (official ``loss_mode="multi_pos"``, ``K_pos`` = ``num_rows``): the official code shifts the logits
     (``logits[..., :-1, :]``) and marks the last ``K_pos`` of the S - 1 shifted rows, i.e. rows
     max(0, S - 2 - t) for t < K_pos: the last prompt row itself is never read. "last": rows max(0, S - 1 - t)."""
@@ -545,7 +547,7 @@ def proxy_rows(S: int, which: str = "shifted", num_rows: int = 4) -> torch.Tenso
     if n < 1:
         raise ValueError(f"proxy rows: need at least one row, got {num_rows!r}")
     top = S - 2 if which == "shifted" and S > 1 else S - 1
-    return torch.tensor(sorted({max(0, top - t) for t in range(n)}), dtype=torch.long)
+    return torch.arange(max(0, top - n + 1), top + 1, dtype=torch.long, device=device)  # {max(0, top - t): t < n}
 
 
 def proxy_loss_grad(layer: torch.nn.Module, norm: torch.nn.Module, head: torch.nn.Module, rotary: torch.nn.Module,

@@ -12,6 +12,7 @@ import pytest
 
 from eval.cli import log_sweep, main
 from eval.wandb_log import log_sweep_to_wandb, read_offline_run
+from test_wandb_runs import _BrokenWandb  # init works, every log raises
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,22 +78,6 @@ def test_offline_run_is_the_one_log_sweep_to_wandb_makes(sweep_dir, tmp_path, mo
     b = read_offline_run(tmp_path / "command" / "wandb")
     assert _content(b) == _content(a)
     assert b["run"]["name"] == "testbed-sweep/2026-11-23" and b["summary"]["n_configs"] == 2
-
-
-class _BrokenWandb(types.ModuleType):
-    """init works, every log raises (as in test_wandb_runs): the command must swallow it."""
-
-    class Settings:
-        def __init__(self, **kw):
-            pass
-
-    class Table:
-        def __init__(self, **kw):
-            raise RuntimeError("broken table")
-
-    def init(self, **kw):
-        return types.SimpleNamespace(id="x", name="n", project="p", url=None, dir=".", summary={},
-                                     finish=lambda: None)
 
 
 def test_a_broken_wandb_is_the_same_error_as_direct(sweep_dir, monkeypatch):
