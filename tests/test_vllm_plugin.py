@@ -376,3 +376,79 @@ def test_vllms_own_tower_is_freed_on_the_llava_families(ckpts, hfs, family, tmp_
     tower = sum(p.numel() for p in hfs[family].model.model.vision_tower.parameters())
     proj = sum(p.numel() for p in hfs[family].model.model.multi_modal_projector.parameters())
     assert rows and rows[-1]["freed_params"] > 0.5 * (tower + proj) and cfg is not None
+
+
+# ---------------------------------------------------------------- the checkpoint's revision (issue 30 follow-up)
+
+REVISION_CODE = r"""
+import json, sys
+import test_vllm_plugin as P  # the helpers above (this process reads the hub cache of HF_HUB_CACHE)
+from integrations.vllm import overrides
+from integrations.vllm.spec import PluginError
+from llava.models import load
+
+B, Q = sys.argv[1], P.QUESTIONS[0]
+img = P.image(1, 300, 60)
+out = {}
+for rev in (None, B):  # our HF engine at each revision
+    out[str(rev)] = P.hf_generate(load("org/tiny-next", dtype="float32", revision=rev), "visionzip", {}, Q, img)
+from vllm import LLM
+
+ov = overrides("org/tiny-next", "visionzip", P.BUDGET, revision=B)
+llm = LLM(model="org/tiny-next", revision=B, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+          hf_overrides=ov, limit_mm_per_prompt={"image": 1})
+res = P.vllm_generate(llm, [(out[B][0], img)])[0]
+out["vllm"] = [len(res.prompt_token_ids), list(res.outputs[0].token_ids)]
+del llm
+try:  # the spec made for B, served at the default branch
+    LLM(model="org/tiny-next", dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, hf_overrides=ov,
+        limit_mm_per_prompt={"image": 1})
+    out["refused"] = None
+except Exception as e:  # noqa: BLE001 - vLLM may wrap the plugin's error
+    out["refused"] = f"{type(e).__name__}: {e}"
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_a_checkpoint_served_at_a_revision_equals_the_hf_engine_at_that_revision(tmp_path):
+    """A hub cache (offline, a fresh process) holding a tiny LLaVA-NeXT at two commits: main (A, seed 1, five anyres
+    pinpoints) and B (seed 2, one 112 x 112 pinpoint: fewer crops, so another count). Served with
+    LLM(revision=B, hf_overrides=overrides(..., revision=B)), the prompt length (the twin's count read at B) and the
+    greedy tokens (B's weights in vLLM's decoder and in the plugin's vision stage) equal our HF engine loaded at B,
+    which differ from main's; the same spec served at main is refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from integrations.vllm.tiny import save_tiny_llava_next
+
+    A, B = "a" * 40, "b" * 40
+    repo = tmp_path / "hub" / "models--org--tiny-next"
+    save_tiny_llava_next(repo / "snapshots" / A, seed=1)
+    snap = save_tiny_llava_next(repo / "snapshots" / B, seed=2)
+    n = 0
+    for f in snap.glob("*.json"):  # B's anyres grid, in its config and its processor
+        data = json.loads(f.read_text())
+        for d in [data] + [v for v in data.values() if isinstance(v, dict)]:
+            if "image_grid_pinpoints" in d:
+                d["image_grid_pinpoints"] = [[112, 112]]
+                n += 1
+        f.write_text(json.dumps(data))
+    assert n >= 2
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(A)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    p = subprocess.run([sys.executable, "-c", REVISION_CODE, B], env=env, capture_output=True, text=True, cwd=root,
+                       timeout=900)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, (p.stdout[-2000:], p.stderr[-4000:])
+    out = json.loads(lines[-1][len("RESULT "):])
+    main_prompt, _, _, main_in = out["None"]
+    prompt, tokens, _, n_in = out[B]
+    assert main_prompt == prompt  # one placeholder: the text is the same; the image's count is not
+    assert n_in != main_in and out["None"][1] != tokens  # B is another checkpoint: another count, other tokens
+    assert out["vllm"] == [len(prompt) - 1 + n_in, tokens]
+    assert out["refused"] and f"made for revision {B!r}" in out["refused"], out["refused"]

@@ -132,3 +132,187 @@ def test_twin_counts_equal_what_the_engine_keeps(saved, family):
                 assert twin.count(w, h) == (stock, eng.stats.samples[0].visual_entering_llm), (method, w, h)
         finally:
             eng.remove()
+
+
+# ---------------------------------------------------------------- the checkpoint's revision (issue 30 follow-up)
+
+REV_A, REV_B = "a" * 40, "b" * 40
+#: revision B of the NeXT repository: one 112 x 112 pinpoint (A: TINY_PINPOINTS, up to 3 crops) in its config and
+#: its processor, and another model_max_length in its tokenizer's config
+B_PINPOINTS = [[112, 112]]
+B_MAX_LEN = 777
+
+
+def set_json(folder, key, value) -> int:
+    """``key`` set to ``value`` wherever it occurs (nested too) in the folder's JSON files; how many were set."""
+    import json
+    from pathlib import Path
+
+    n = 0
+
+    def walk(o):
+        nonlocal n
+        if isinstance(o, dict):
+            for k in o:
+                if k == key:
+                    o[k] = value
+                    n += 1
+                else:
+                    walk(o[k])
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    for f in Path(folder).glob("*.json"):
+        if f.name == "tokenizer.json":
+            continue
+        data = json.loads(f.read_text())
+        walk(data)
+        f.write_text(json.dumps(data))
+    return n
+
+
+def hub_repo(hub, repo_id: str, snapshots: dict, main: str):
+    """A repository in a hub cache, in the hub's own layout (as tests/test_loading_revision.py builds it):
+    ``snapshots/<commit>/`` written by each builder, ``refs/main`` -> ``main``."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    for commit, build in snapshots.items():
+        build(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(main)
+    return repo
+
+
+def engine_qwen(path):
+    """tiny:qwen2.5-vl saved as a folder, as the ``saved`` fixture does (the vLLM-layout saver needs torchvision's
+    video processor, which this environment lacks)."""
+    from llava.models import load
+
+    rt = load("tiny:qwen2.5-vl", seed=2)
+    rt.model.save_pretrained(path)
+    rt.tokenizer.save_pretrained(path)
+    rt.processor.image_processor.save_pretrained(path)
+    assert set_json(path, "longest_edge", 224 * 224)  # images up to 224^2 px (overrides() counts the largest)
+
+
+def next_b(path):
+    from integrations.vllm.tiny import save_tiny_llava_next
+
+    save_tiny_llava_next(path, seed=2)
+    assert set_json(path, "image_grid_pinpoints", B_PINPOINTS) >= 2  # the config's and the processor's
+    assert set_json(path, "model_max_length", B_MAX_LEN) == 1
+
+
+REVISION_CODE = r"""
+import json, sys, torch
+from PIL import Image
+from integrations.vllm import overrides
+from integrations.vllm.spec import PruneSpec
+from integrations.vllm.twin import twin_for
+from llava.models import load
+
+B = sys.argv[1]
+SIZES = [(300, 60), (140, 100)]
+out = {"twin": {}, "engine": {}, "overrides": {}}
+for rev in (None, "main", B):
+    row = {}
+    for method, budget in (("none", None), ("visionzip", 6)):
+        twin = twin_for("org/tiny-next", PruneSpec.from_dict({"method": method, "budget": budget}), rev)
+        row[method] = [list(twin.count(w, h)) for w, h in SIZES]
+    row["config_pinpoints"] = [list(p) for p in twin.rt.model.config.image_grid_pinpoints]
+    row["processor_pinpoints"] = [list(p) for p in twin.rt.processor.image_processor.image_grid_pinpoints]
+    row["max_len"] = int(twin.rt.tokenizer.model_max_length)
+    out["twin"][str(rev)] = row
+for rev in (None, B):  # what the HF engine keeps on the real checkpoint at that revision
+    rt = load("org/tiny-next", revision=rev)
+    rt.processor.pad_to_square = False
+    row = []
+    for w, h in SIZES:
+        g = torch.Generator().manual_seed(0)
+        img = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+        enc = rt.processor(["what is in the image?"], images=[img])
+        eng = rt.prune("visionzip", 6)
+        with torch.inference_mode():
+            rt.model(**enc)
+        row.append([int((enc["input_ids"] == rt.model.config.image_token_id).sum()),
+                    eng.stats.samples[0].visual_entering_llm])
+        eng.remove()
+    out["engine"][str(rev)] = row
+for repo in ("org/tiny-next", "org/tiny-mixed"):
+    for rev in (None, B):
+        out["overrides"][repo + "@" + str(rev)] = overrides(repo, "visionzip", 6, revision=rev)
+print(json.dumps(out))
+"""
+
+
+def test_the_front_end_reads_the_requested_revision(tmp_path):
+    """A hub cache (read offline in a fresh process) with two revisions of a tiny LLaVA-NeXT whose anyres grids differ
+    (so the planned counts differ) and a repository whose revision B is another architecture: the geometry twin's
+    config, tokenizer and image processor, its counts and overrides() follow the revision asked for; the default
+    (None) is refs/main's; the twin's counts at B are what the HF engine loaded at B keeps."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from integrations.vllm.tiny import TINY_PINPOINTS, save_tiny_llava, save_tiny_llava_next
+
+    hub = tmp_path / "hub"
+    hub_repo(hub, "org/tiny-next", {REV_A: lambda p: save_tiny_llava_next(p, seed=1), REV_B: next_b}, main=REV_A)
+    hub_repo(hub, "org/tiny-mixed", {REV_A: save_tiny_llava, REV_B: engine_qwen}, main=REV_A)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, "-c", REVISION_CODE, REV_B], env=env, capture_output=True, text=True, cwd=root,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    twin, engine, ov = out["twin"], out["engine"], out["overrides"]
+    assert twin["None"] == twin["main"]  # the default is refs/main
+    assert twin["main"]["config_pinpoints"] == twin["main"]["processor_pinpoints"] == TINY_PINPOINTS
+    assert twin[REV_B]["config_pinpoints"] == twin[REV_B]["processor_pinpoints"] == B_PINPOINTS
+    assert twin["main"]["max_len"] != B_MAX_LEN and twin[REV_B]["max_len"] == B_MAX_LEN  # B's tokenizer
+    # B's single pinpoint: fewer crops for the 300 x 60 image, so another count unpruned and planned
+    assert twin[REV_B]["none"][0][0] < twin["main"]["none"][0][0]
+    assert twin[REV_B]["visionzip"] != twin["main"]["visionzip"]
+    # the twin's (unpruned, planned) counts are the HF engine's at the same revision
+    assert engine["None"] == twin["main"]["visionzip"] and engine[REV_B] == twin[REV_B]["visionzip"]
+    # overrides(): the config at the revision asked for (B of org/tiny-mixed is a Qwen2.5-VL), recorded in the spec
+    assert ov["org/tiny-mixed@None"]["architectures"] == ["VtpruneLlavaForConditionalGeneration"]
+    assert ov[f"org/tiny-mixed@{REV_B}"]["architectures"] == ["VtpruneQwen2_5_VLForConditionalGeneration"]
+    assert ov["org/tiny-next@None"]["architectures"] == ["VtpruneLlavaNextForConditionalGeneration"]
+    assert "revision" not in ov["org/tiny-next@None"]["vtprune"]
+    assert ov[f"org/tiny-next@{REV_B}"]["vtprune"]["revision"] == REV_B
+
+
+class Resolved(str):
+    """A stand-in for huggingface_hub's ResolvedRevision (what vLLM's model config holds): a str equal to the
+    revision asked for, with the commit it resolved to."""
+
+    def __new__(cls, initial, resolved):
+        s = super().__new__(cls, initial or "main")
+        s.resolved = resolved
+        return s
+
+
+def test_the_spec_refuses_to_be_served_at_another_revision():
+    from integrations.vllm.spec import revision_key
+
+    spec = PruneSpec.from_dict({"method": "visionzip", "budget": 8, "revision": "v1"})
+    assert spec.revision == "v1" and spec.as_dict()["revision"] == "v1" and PruneSpec.from_dict(spec.as_dict()) == spec
+    assert spec.check_revision("v1") is spec and spec.check_revision(Resolved("v1", REV_A)) is spec
+    for served in (None, "main", "v2", Resolved(None, REV_A)):
+        with pytest.raises(PluginError, match="revision 'v1'.*LLM\\(..., revision='v1'\\)"):
+            spec.check_revision(served)
+    # a spec made without a revision is served at any; main and None are the default branch
+    plain = PruneSpec.from_dict({"method": "visionzip", "budget": 8})
+    assert plain.check_revision("v2") is plain and "revision" not in plain.as_dict()
+    main = PruneSpec.from_dict({"method": "visionzip", "budget": 8, "revision": "main"})
+    assert main.check_revision(None) is main and main.check_revision(Resolved(None, REV_A)) is main
+    # a commit asked for in overrides() and the branch vLLM resolved to it
+    commit = PruneSpec.from_dict({"method": "visionzip", "budget": 8, "revision": REV_A})
+    assert commit.check_revision(Resolved("main", REV_A)) is commit
+    # cache keys: a branch resolved to two commits is two keys
+    assert revision_key(None) == (None, None) and revision_key("v1") == ("v1", None)
+    assert revision_key(Resolved("main", REV_A)) != revision_key(Resolved("main", REV_B))

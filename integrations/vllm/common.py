@@ -20,23 +20,24 @@ from functools import lru_cache
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from .spec import PruneSpec
-from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, VisionStage, encode_key, new_items
+from .spec import PruneSpec, revision_key
+from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, VisionStage, encode_key, log, new_items
 from .twin import twin_for
 
 
 @lru_cache(maxsize=8)
-def _image_processor(model: str, family: str):
+def _image_processor(model: str, family: str, revision: str | None, key: tuple):
     from llava.models import checkpoint_processors
 
-    return checkpoint_processors(model, family)[1]
+    return checkpoint_processors(model, family, revision=revision)[1]
 
 
-def engine_image_processor(model: str, hf_config):
-    """The image processor our HF engine uses for this checkpoint (its settings, transformers' PIL backend)."""
+def engine_image_processor(model: str, hf_config, revision: str | None = None):
+    """The image processor our HF engine uses for this checkpoint at ``revision`` (its settings, transformers' PIL
+    backend; cached per (checkpoint, family, revision))."""
     from llava.models import family_of
 
-    return _image_processor(model, family_of(hf_config))
+    return _image_processor(model, family_of(hf_config), revision, revision_key(revision))
 
 
 class Replaced(torch.nn.Module):
@@ -52,15 +53,22 @@ class Replaced(torch.nn.Module):
 
 class InfoMixin:
     def spec(self) -> PruneSpec | None:
-        return PruneSpec.from_config(self.get_hf_config())
+        spec = PruneSpec.from_config(self.get_hf_config())
+        return None if spec is None else spec.check_revision(self.model_revision())
 
     def model_path(self) -> str:
         return self.ctx.model_config.model
 
+    def model_revision(self) -> str | None:
+        """The checkpoint revision vLLM serves (``LLM(revision=...)``; None: the default branch): every file the
+        front end reads (the twin's config, tokenizer and image processor, the engine's image processor) is read
+        there, as the worker's vision stage and vLLM's own weights."""
+        return getattr(self.ctx.model_config, "revision", None)
+
     def get_hf_processor(self, **kwargs):
         proc = super().get_hf_processor(**kwargs)
         if self.spec() is not None:  # the HF engine's image processor (transformers' PIL backend), not torchvision's
-            ip = engine_image_processor(self.model_path(), self.get_hf_config())
+            ip = engine_image_processor(self.model_path(), self.get_hf_config(), self.model_revision())
             if type(proc.image_processor) is not type(ip):
                 proc.image_processor = ip
         return proc
@@ -82,7 +90,8 @@ class TwinCountMixin(InfoMixin):
         spec = self.spec()
         if spec is None:
             return n
-        stock, planned = twin_for(self.model_path(), spec).count(int(image_width), int(image_height))
+        twin = twin_for(self.model_path(), spec, self.model_revision())
+        stock, planned = twin.count(int(image_width), int(image_height))
         if stock != n:
             raise RuntimeError(f"vLLM counts {n} tokens for a {image_width}x{image_height} image, the engine {stock}: "
                                "unsupported configuration (an image processor setting other than the checkpoint's, "
@@ -124,8 +133,15 @@ class ModelMixin:
 
     def _vt_init(self, vllm_config) -> None:
         mc = vllm_config.model_config
+        revision = getattr(mc, "revision", None)
         self._vt_spec = PruneSpec.from_config(mc.hf_config)
-        self._vt_model = (mc.model, getattr(mc, "revision", None), mc.dtype)
+        if self._vt_spec is not None:
+            self._vt_spec.check_revision(revision)
+            if (getattr(mc, "tokenizer", None) or mc.model) != mc.model or \
+                    (getattr(mc, "tokenizer_revision", None) or revision) != revision:
+                log.warning("vtprune: vLLM's tokenizer is %s at %s, the plugin reads the checkpoint's own (%s at %s)",
+                            getattr(mc, "tokenizer", None), getattr(mc, "tokenizer_revision", None), mc.model, revision)
+        self._vt_model = (mc.model, revision, mc.dtype)
         self._vt_stage = None
 
     def _stage(self, device) -> VisionStage:
@@ -165,7 +181,7 @@ class ModelMixin:
         pixel_values = self._pixels(kwargs)
         sizes = kwargs["image_sizes"]
         stage = self._stage(pixel_values[0].device)
-        twin = twin_for(self._vt_model[0], self._vt_spec)
+        twin = twin_for(self._vt_model[0], self._vt_spec, self._vt_model[1])
         visuals, counts = [], []
         for i in range(len(pixel_values)):
             h, w = (int(x) for x in sizes[i])

@@ -34,12 +34,12 @@ from .twin import twin_for
 
 
 
-def grid_count(model: str, spec: PruneSpec, config, grid) -> tuple[int, int]:
-    """(tokens unpruned, planned) of an image whose patch grid is ``grid`` (t, h, w): the twin's count for an image
-    of exactly that many patches (smart resize leaves it unchanged)."""
+def grid_count(model: str, spec: PruneSpec, config, grid, revision: str | None = None) -> tuple[int, int]:
+    """(tokens unpruned, planned) of an image whose patch grid is ``grid`` (t, h, w): the twin's count (the checkpoint
+    at ``revision``) for an image of exactly that many patches (smart resize leaves it unchanged)."""
     patch = config.vision_config.patch_size
     _, h, w = (int(x) for x in grid)
-    return twin_for(model, spec).count(w * patch, h * patch)
+    return twin_for(model, spec, revision).count(w * patch, h * patch)
 
 
 class QwenProcessorMixin(ProcessorMixin):
@@ -49,7 +49,7 @@ class QwenProcessorMixin(ProcessorMixin):
         if spec is None:
             return updates
         token = self.info.get_hf_config().image_token_id
-        twin = twin_for(self.info.model_path(), spec)
+        twin = twin_for(self.info.model_path(), spec, self.info.model_revision())
 
         def replacement(item_idx: int):
             size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
@@ -117,7 +117,7 @@ class QwenModelMixin(ModelMixin):
         visuals, counts = [], []
         for px, g in zip(parts, grids):
             visuals.append({"pixel_values": px, "image_grid_thw": g.reshape(1, 3).to(flat.device)})
-            counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g))
+            counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g, self._vt_model[1]))
         return stage.embed(visuals, prompts, counts, keys, items)
 
 

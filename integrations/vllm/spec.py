@@ -19,7 +19,9 @@ from functools import lru_cache
 import torch
 
 KEY = "vtprune"
-ALLOWED = ("method", "budget", "options", "template")
+ALLOWED = ("method", "budget", "options", "template", "revision")
+#: the hub's default branch (what a revision of None reads)
+DEFAULT_REVISION = "main"
 
 
 class PluginError(ValueError):
@@ -32,6 +34,9 @@ class PruneSpec:
     budget: int | None = None
     options: tuple = ()  # sorted (key, value) pairs: hashable
     template: str | None = None
+    #: the checkpoint revision :func:`integrations.vllm.overrides` checked the spec at (None: not given); the
+    #: plugin refuses to serve it at another one (vLLM's ``revision``)
+    revision: str | None = None
 
     @classmethod
     def from_dict(cls, raw) -> "PruneSpec":
@@ -47,8 +52,10 @@ class PruneSpec:
         if not isinstance(opts, dict):
             raise PluginError(f"hf_overrides[{KEY!r}]['options'] must be a dict, got {type(opts).__name__}")
         budget = raw.get("budget")
+        revision = raw.get("revision")
         return cls(method=str(raw["method"]), budget=None if budget is None else int(budget),
-                   options=tuple(sorted(opts.items())), template=raw.get("template"))
+                   options=tuple(sorted(opts.items())), template=raw.get("template"),
+                   revision=None if revision is None else str(revision))
 
     @classmethod
     def from_config(cls, hf_config) -> "PruneSpec | None":
@@ -57,7 +64,20 @@ class PruneSpec:
         return None if raw is None else cls.from_dict(raw)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "budget": self.budget, "options": dict(self.options), "template": self.template}
+        out = {"method": self.method, "budget": self.budget, "options": dict(self.options), "template": self.template}
+        if self.revision is not None:
+            out["revision"] = self.revision
+        return out
+
+    def check_revision(self, served: str | None) -> "PruneSpec":
+        """Refuse a spec checked at one checkpoint revision served at another (vLLM's ``revision``: None and
+        ``"main"`` are the default branch; a commit is the branch vLLM resolved to it); returns the spec."""
+        if self.revision is not None and (self.revision or DEFAULT_REVISION) != (served or DEFAULT_REVISION) \
+                and self.revision != getattr(served, "resolved", None):
+            raise PluginError(f"hf_overrides[{KEY!r}] was made for revision {self.revision!r} of the checkpoint, but "
+                              f"vLLM serves revision {str(served or DEFAULT_REVISION)!r}: pass the same revision to vLLM "
+                              f"(LLM(..., revision={self.revision!r}) / vllm serve --revision {self.revision})")
+        return self
 
     def build(self):
         """A fresh method instance (each engine binds its own)."""
@@ -67,6 +87,12 @@ class PruneSpec:
             return get_method(self.method, self.budget, **dict(self.options))
         except (KeyError, TypeError, ValueError) as e:
             raise PluginError(str(e.args[0] if e.args else e)) from None
+
+
+def revision_key(revision) -> tuple:
+    """A cache key for a checkpoint revision: its name and, for the revisions vLLM resolves (huggingface_hub's
+    ``ResolvedRevision``: a str equal to the name asked for, e.g. "main"), the commit it was resolved to."""
+    return (None if revision is None else str(revision), getattr(revision, "resolved", None))
 
 
 def check_method(method, family: str) -> None:

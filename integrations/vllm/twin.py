@@ -7,17 +7,19 @@ head and random weights: the engine lays the image out exactly as it will in the
 the units, the newline tokens, the prompt's question), and the method's vision stage selects on it, so the count
 is the count the worker's selection gives, whatever the family. Two images of the requested size with other
 pixels must give the same count (else the method's count depends on the image: refused). Counts are cached per
-image size; a twin is built once per (checkpoint, spec) and costs a few MB.
+image size; a twin is built once per (checkpoint, revision, spec) and costs a few MB. Its config, tokenizer and
+image processor are read at the checkpoint's revision (vLLM's ``revision``; None: the default branch).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import lru_cache
 
 import torch
 
-from .spec import PluginError, PruneSpec, check_method
+from .spec import PluginError, PruneSpec, check_method, revision_key
 
 #: the question of the twin's prompts (a query-aware method reads it; the count does not depend on it)
 QUESTION = "what is in the image?"
@@ -60,13 +62,14 @@ def shrink(config) -> None:
 
 
 class Twin:
-    def __init__(self, model: str, spec: PruneSpec):
+    def __init__(self, model: str, spec: PruneSpec, revision: str | None = None):
         import transformers as tf
 
         from llava.models import (MODEL_CLASSES, _runtime, checkpoint_processors, family_of, restore_decoder,
                                   truncate_decoder)
 
-        config = tf.AutoConfig.from_pretrained(model)
+        config = tf.AutoConfig.from_pretrained(model, revision=revision)
+        self.revision = revision
         self.family = family_of(config)
         config = copy.deepcopy(config)
         shrink(config)
@@ -77,7 +80,7 @@ class Twin:
         torch.manual_seed(0)
         m = getattr(tf, MODEL_CLASSES[self.family])(config).eval()
         restore_decoder(m, n, *kept)
-        tok, ip = checkpoint_processors(model, self.family)
+        tok, ip = checkpoint_processors(model, self.family, revision=revision)
         self.rt = _runtime(m, tok, ip, self.family, model, spec.template)
         self.rt.processor.pad_to_square = False  # vLLM's processor: the image as given
         try:
@@ -124,6 +127,12 @@ class Twin:
         return a
 
 
+def twin_for(model: str, spec: PruneSpec, revision: str | None = None) -> Twin:
+    """The twin of ``model`` at ``revision`` for ``spec`` (cached; the spec's own revision, a check, is not part of
+    the key)."""
+    return _twin(model, dataclasses.replace(spec, revision=None), revision, revision_key(revision))
+
+
 @lru_cache(maxsize=16)
-def twin_for(model: str, spec: PruneSpec) -> Twin:
-    return Twin(model, spec)
+def _twin(model: str, spec: PruneSpec, revision: str | None, key: tuple) -> Twin:
+    return Twin(model, spec, revision)  # the revision as vLLM resolved it (a branch pinned to its commit)
