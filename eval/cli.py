@@ -35,6 +35,8 @@ def _add_run(sub):
     a = sub.add_parser("run", help="sharded inference + merge + score (one process per GPU under torchrun / deepspeed)")
     a.add_argument("benchmark")
     a.add_argument("--model", default="tiny:llava", help="hub id, local directory, shape:<name> or tiny:<family>")
+    a.add_argument("--revision", default=None, help="the hub id's branch, tag or commit (default: main); every file, "
+                   "weights, config, tokenizer and processor, is read at it (both backends)")
     a.add_argument("--method", default="none")
     a.add_argument("--budget", type=_budget, default=None, help="visual-token budget (method convention); 'none' for none")
     a.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")

@@ -237,7 +237,9 @@ def data_fingerprint(bench, questions) -> dict:
             "inputs": {"count": len(inputs), "sha256": _sha(_json(inputs))}}
 
 
-def model_fingerprint(model_id: str, seed: int, config=None) -> dict:
+def model_fingerprint(model_id: str, seed: int, config=None, revision: str | None = None) -> dict:
+    """What the weights are: a built model's name and seed, a local folder's config / weight digests, or a hub id's
+    commit (the config's ``_commit_hash``, else the snapshot the hub cache resolves ``revision`` to)."""
     out: dict[str, Any] = {"id": model_id}
     if model_id.startswith(("tiny:", "shape:")):
         out["seed"] = seed  # random weights: the name and the seed are the weights
@@ -254,8 +256,21 @@ def model_fingerprint(model_id: str, seed: int, config=None) -> dict:
         out["weights"] = weights
         return out
     rev = getattr(config, "_commit_hash", None) if config is not None else None
+    if rev is None:
+        rev = _hub_commit(model_id, revision)
     out["revision"] = rev
     return out
+
+
+def _hub_commit(model_id: str, revision: str | None) -> str | None:
+    """The commit a hub id's ``revision`` (None: main) resolves to in the local hub cache, or None (not cached)."""
+    try:
+        from transformers.utils.hub import cached_file, extract_commit_hash
+
+        path = cached_file(model_id, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+        return extract_commit_hash(path, None) if path else None
+    except Exception:  # noqa: BLE001 - a fingerprint without the commit, never a failed run
+        return None
 
 
 def template_fingerprint(template) -> dict:
@@ -291,8 +306,13 @@ def compare(old: dict, new: dict) -> tuple[list[str], list[str]]:
     if old.get("template") != new.get("template"):
         o, n = old.get("template", {}), new.get("template", {})
         changes.append(f"prompt template ({o.get('name')} {o.get('sha256')} -> {n.get('name')} {n.get('sha256')})")
-    if old.get("model") != new.get("model"):
-        changes.append(f"model ({_json(old.get('model'))} -> {_json(new.get('model'))})")
+    om, nm = old.get("model"), new.get("model")
+    if om != nm:
+        if om and nm and om.get("revision", 0) is None and {**om, "revision": nm.get("revision")} == nm:
+            # a run written before the hub cache's commit was recorded: the same id, its commit now known
+            warnings.append(f"model commit not recorded in the existing run; now {nm.get('revision')}")
+        else:
+            changes.append(f"model ({_json(om)} -> {_json(nm)})")
     if old.get("method") != new.get("method"):
         o, n = old.get("method", {}), new.get("method", {})
         diff = {k: (o.get(k), n.get(k)) for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)}

@@ -12,9 +12,10 @@ from pathlib import Path
 #: config fields that must match to resume into an existing run directory
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
-               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend", "tp")
+               "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend", "tp",
+               "revision")
 #: what a resumed run's config.json lacks (written before the key existed) counts as this value
-RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf", "tp": 1}
+RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf", "tp": 1, "revision": None}
 #: who answers: our HF engine, or vLLM with the vtprune plugin (eval/vllm_backend.py)
 BACKENDS = ("hf", "vllm")
 
@@ -23,6 +24,7 @@ BACKENDS = ("hf", "vllm")
 class RunConfig:
     benchmark: str
     model: str = "tiny:llava"
+    revision: str | None = None  # the hub id's branch / tag / commit (None: main); the commit read is fingerprinted
     method: str = "none"
     budget: int | None = None
     options: dict = field(default_factory=dict)
@@ -80,7 +82,7 @@ def resume_mismatch(prev: dict, cfg: RunConfig) -> dict:
 
 def default_run_name(cfg: RunConfig) -> str:
     model = cfg.model.rstrip("/").split("/")[-1].replace(":", "-")
-    parts = [model, cfg.method]
+    parts = [model] + ([f"rev-{cfg.revision[:12]}"] if cfg.revision is not None else []) + [cfg.method]
     if cfg.budget is not None:
         parts.append(f"b{cfg.budget}")
     if cfg.options:

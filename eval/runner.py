@@ -237,7 +237,8 @@ def _load_model(r: _Run) -> None:
                   pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
                   max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype, fast=cfg.fast,
                   fast_backend=cfg.fast_backend, fast_max_new_tokens=cfg.fast_max_new_tokens or 256,
-                  decoder_layers=0 if cfg.backend == "vllm" else None)  # vllm: prompts + checks only
+                  decoder_layers=0 if cfg.backend == "vllm" else None,  # vllm: prompts + checks only
+                  revision=cfg.revision)
     except (ValueError, OSError) as e:
         raise _Stop(f"cannot load model {cfg.model!r}: {_reason(e)}") from None
     bad = family_check(cfg, rt, r.questions)
@@ -298,7 +299,7 @@ def _describe(r: _Run) -> None:
         "env": env_info(r.device),
     }
     r.fingerprint = {"data": r.data_fp, "template": template_fingerprint(r.rt.template),
-                     "model": model_fingerprint(cfg.model, cfg.seed, r.rt.model.config),
+                     "model": model_fingerprint(cfg.model, cfg.seed, r.rt.model.config, cfg.revision),
                      "method": {"method": cfg.method, "budget": cfg.budget, "options": cfg.options,
                                 "config": r.resolved["method_config"]},
                      "dtype": r.dtype, "code": r.resolved["git"]}

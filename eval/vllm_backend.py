@@ -50,7 +50,7 @@ class VllmBackend:
 
         if rt.family not in FAMILIES:
             raise ValueError(f"--backend vllm serves {', '.join(FAMILIES)} models so far, not {rt.family}")
-        ov = overrides(cfg.model, cfg.method, cfg.budget, template=cfg.template, **cfg.options)
+        ov = overrides(cfg.model, cfg.method, cfg.budget, template=cfg.template, revision=cfg.revision, **cfg.options)
         self.spec = spec = PruneSpec.from_dict(ov["vtprune"])
         self.structure = self.planned = None
         if rt.family == "llava":  # one structure for every image
@@ -58,7 +58,8 @@ class VllmBackend:
         self.layers = int(rt.model.config.text_config.num_hidden_layers)
         self.rt = rt
         self.cfg = cfg
-        self.llm = LLM(model=cfg.model, dtype=dtype, hf_overrides=ov, seed=cfg.seed, limit_mm_per_prompt={"image": 1},
+        self.llm = LLM(model=cfg.model, revision=cfg.revision, dtype=dtype, hf_overrides=ov, seed=cfg.seed,
+                       limit_mm_per_prompt={"image": 1},
                        enforce_eager=not torch.cuda.is_available())
         self.sampling = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
         import vllm
@@ -73,7 +74,7 @@ class VllmBackend:
             return self.structure.tokens, self.planned
         from integrations.vllm.twin import twin_for
 
-        return twin_for(self.cfg.model, self.spec).count(image.width, image.height)
+        return twin_for(self.cfg.model, self.spec, revision=self.cfg.revision).count(image.width, image.height)
 
     def prompt(self, q, image) -> dict:
         """A request: the HF backend's prompt ids (our processor and template) with the image's placeholder run

@@ -3,6 +3,7 @@
 #   bash scripts/eval/<bench>.sh <method> <budget|none> [model] [extra args for `python -m eval run` ...]
 # Variables (environment overrides the defaults at the top of each script):
 #   MODEL      hub id / local dir / tiny:<family>        DATA_ROOT  LLaVA's playground/data/eval
+#   REVISION   the hub id's branch / tag / commit (--revision; default main)
 #   OUT        runs directory (OUT/<bench>/<run-name>/)   NPROC      processes per node (default: visible GPUs, else 1)
 #   LAUNCHER   torchrun (default) | deepspeed | python    NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT for multi-node
 #   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
@@ -38,6 +39,7 @@ mkdir -p "$OUT"
 DATA_ROOT="$(_abs "$DATA_ROOT")"; OUT="$(_abs "$OUT")"
 [[ -e "$MODEL" ]] && MODEL="$(_abs "$MODEL")"
 ARGS=(run "$BENCH" --model "$MODEL" --method "$METHOD" --budget "$BUDGET" --data-root "$DATA_ROOT" --out "$OUT")
+if [[ -n "${REVISION:-}" ]]; then ARGS+=(--revision "$REVISION"); fi
 case "${FAST:-0}" in
     1) ARGS+=(--fast); if [[ -n "${FAST_BACKEND:-}" ]]; then ARGS+=(--fast-backend "$FAST_BACKEND"); fi ;;
     0|"") if [[ -n "${FAST_BACKEND:-}" ]]; then echo "FAST_BACKEND=$FAST_BACKEND applies with FAST=1 only" >&2; exit 2; fi ;;
