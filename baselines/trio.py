@@ -137,7 +137,7 @@ def trio_nms(saliency: torch.Tensor, features: torch.Tensor, k: int, tau: float 
     stops at k kept; if fewer than k survive, the unkept tokens fill in in saliency order (official second
     round). ``tau`` None: plain top-k by saliency (official ``enable_nms=False``).
     ``numerics="ours"``: ties to the lower index (stable sort); "official": ``torch.argsort(descending=True)``.
-    The loop runs k device steps (no host read)."""
+    The loop runs k device steps of 4 ops (no host read)."""
     check_numerics("trio", numerics)
     n = saliency.numel()
     k = max(0, min(int(k), n))
@@ -153,20 +153,17 @@ def trio_nms(saliency: torch.Tensor, features: torch.Tensor, k: int, tau: float 
     rank = torch.empty(n, dtype=torch.long, device=dev)
     rank[order] = torch.arange(n, device=dev)
     v = F.normalize(features.float(), dim=-1)
-    neighbour = (v @ v.T) >= tau  # (N, N), the official sim_matrix >= tau
-    big = torch.tensor(n, device=dev)
-    kept = torch.zeros(n, dtype=torch.bool, device=dev)
-    suppressed = torch.zeros(n, dtype=torch.bool, device=dev)
+    # one state per token, whose minimum is the next pick: its rank while free, n + rank once suppressed (the fill
+    # round takes those in saliency order when no free token is left), 3n once kept; ranks are distinct, so the
+    # argmin is the greedy walk's token. A pick raises its neighbours (cosine >= tau, the official
+    # sim_matrix >= tau) to at least n + rank: row i of `raise_to`
+    raise_to = torch.where((v @ v.T) >= tau, rank + n, 0)  # (N, N)
+    state = rank.clone()
     picks = []
-    for _ in range(k):  # every index a (1,) tensor: a 0-d index would be read back to the host
-        free = ~kept & ~suppressed
-        # the best-ranked free token; none left: the best-ranked unkept one (the fill round)
-        r = torch.where(free, rank, big).amin(0, keepdim=True)
-        r = torch.where(r < n, r, torch.where(~kept, rank, big).amin(0, keepdim=True))
-        i = order.index_select(0, r)
+    for _ in range(k):  # 4 device ops per kept token, every index a (1,) tensor (a 0-d one is read to the host)
+        i = state.argmin(0, keepdim=True)
         picks.append(i)
-        kept.index_fill_(0, i, True)
-        suppressed |= neighbour.index_select(0, i)[0]
+        state = torch.maximum(state, raise_to.index_select(0, i)[0]).index_fill_(0, i, 3 * n)
     return torch.cat(picks).sort().values
 
 
