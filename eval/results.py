@@ -135,6 +135,11 @@ def timing_summary(metas: list[dict], wall_s: float | None) -> dict:
 
 def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None, wandb=None, judge_cfg=None,
               strict: bool | None = None) -> dict:
+    """Merge a run's shards, score them by the benchmark's official conversion (and the judge where it needs one),
+    write ``results.json`` and return it. ``strict`` (default: not a ``--limit`` run): every question answered."""
+    from .fingerprint import InputHasher
+    from .resume import HASH_CACHE
+
     run_dir = Path(run_dir)
     meta = read_json(run_dir / "run_config.json")
     cfg = meta["config"]
@@ -144,22 +149,67 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
     questions = bench.load()
     if cfg.get("limit") is not None:
         questions = questions[: cfg["limit"]]
-    from .fingerprint import InputHasher
-    from .resume import HASH_CACHE
-
     merge_report: dict = {}
     official, metas = merge(run_dir, questions, root=bench.root, hasher=InputHasher(bench.root, run_dir / HASH_CACHE),
                             report=merge_report)
     partial = cfg.get("limit") is not None
-    if strict is None:
-        strict = not partial
+    strict = not partial if strict is None else strict
+    prev_path = run_dir / "results.json"
+    prev = read_json(prev_path) if prev_path.exists() else {}
+    sc = _scores(bench, official, run_dir, strict, judge_cfg, prev)
+    deviations = _deviations(cfg, resolved, bench, partial)
+    res = {
+        "schema": SCHEMA,
+        "benchmark": bench.name,
+        "title": bench.title,
+        "metrics": sc["metrics"],
+        "metric_labels": {k: sc["labels"].get(k, k) for k in sc["metrics"]}
+        | {k: v for k, v in sc["labels"].items() if k not in sc["metrics"]},
+        "primary_metric": bench.primary_metric(),
+        "partial": partial,
+        "protocol": {"evaluator": bench.protocol, "follows_protocol": not deviations, "deviations": deviations},
+        "pending": sc["pending"],
+        "counts": {"questions": len(questions), "answered": len(official),
+                   **({"left_out": merge_report["left_out"]} if "left_out" in merge_report else {})},
+        "resumes": meta.get("resumes", []),
+        "model": resolved.get("model", {"id": cfg["model"]}),
+        "method": resolved.get("method_config", {"method": cfg["method"], "budget": cfg.get("budget"), **cfg.get("options", {})}),
+        "method_llm_layers": resolved.get("llm_layers"),
+        "config": cfg,
+        "generation": resolved.get("generation"),
+        "benchmark_config": resolved.get("benchmark", bench.config()),
+        "tokens": token_summary(metas, resolved.get("llm_layers") or []),
+        "budget": budget_summary(metas, cfg.get("method"), cfg.get("budget")),
+        "timing": timing_summary(metas, wall_s),
+        "world_size": resolved.get("world_size"),
+        "launcher": resolved.get("launcher"),
+        "git": resolved.get("git"),
+        "env": resolved.get("env"),
+        "judge": sc["judge"],
+        "metric_sources": prev.get("metric_sources", {}),
+        "details": sc["details"],
+        "files": {"merge": str(run_dir / "merge.jsonl"), **sc["files"], "results": str(run_dir / "results.json")},
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if wandb is not None:
+        res["wandb"] = wandb.info()
+        log_to_wandb(wandb, res, run_dir, metas, official)
+        res["wandb"] = wandb.info()
+    elif prev.get("wandb"):
+        res["wandb"] = prev["wandb"]
+    write_json(run_dir / "results.json", res)
+    return res
+
+
+def _scores(bench, official: list[dict], run_dir: Path, strict: bool, judge_cfg, prev: dict) -> dict:
+    """The metrics of the merged answers: the benchmark's official conversion, the judge's grades (run now, or
+    kept from the previous results.json), server scores recorded earlier with ``eval record``; with their labels,
+    details, files and what is still pending."""
     fin = bench.finalize(official, run_dir, ckpt=run_dir.name, strict=strict)
     metrics = dict(fin.get("metrics", {}))
     details = {"finalize": fin.get("details", {})}
     pending = list(fin.get("pending", []))
     labels = bench.metric_labels()
-    prev_path = run_dir / "results.json"
-    prev = read_json(prev_path) if prev_path.exists() else {}
     judge_info = None
     if bench.needs_judge:
         if judge_cfg is not None:
@@ -184,6 +234,12 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         if k in prev.get("metrics", {}):
             metrics[k] = prev["metrics"][k]
             pending = [p for p in pending if not p.startswith(f"{k}:")]
+    return {"metrics": metrics, "details": details, "pending": pending, "labels": labels, "judge": judge_info,
+            "files": fin.get("files", {})}
+
+
+def _deviations(cfg: dict, resolved: dict, bench, partial: bool) -> list[str]:
+    """Where the run departs from the benchmark's LLaVA protocol, in words (an empty list: it follows it)."""
     deviations = []
     gen = resolved.get("generation") or {}
     if gen.get("max_new_tokens") not in (None, bench.max_new_tokens):
@@ -199,46 +255,7 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         deviations.append(f"template override {cfg['template']}")
     if partial:
         deviations.append(f"limit={cfg.get('limit')} (partial run)")
-    res = {
-        "schema": SCHEMA,
-        "benchmark": bench.name,
-        "title": bench.title,
-        "metrics": metrics,
-        "metric_labels": {k: labels.get(k, k) for k in metrics} | {k: v for k, v in labels.items() if k not in metrics},
-        "primary_metric": bench.primary_metric(),
-        "partial": partial,
-        "protocol": {"evaluator": bench.protocol, "follows_protocol": not deviations, "deviations": deviations},
-        "pending": pending,
-        "counts": {"questions": len(questions), "answered": len(official),
-                   **({"left_out": merge_report["left_out"]} if "left_out" in merge_report else {})},
-        "resumes": meta.get("resumes", []),
-        "model": resolved.get("model", {"id": cfg["model"]}),
-        "method": resolved.get("method_config", {"method": cfg["method"], "budget": cfg.get("budget"), **cfg.get("options", {})}),
-        "method_llm_layers": resolved.get("llm_layers"),
-        "config": cfg,
-        "generation": resolved.get("generation"),
-        "benchmark_config": resolved.get("benchmark", bench.config()),
-        "tokens": token_summary(metas, resolved.get("llm_layers") or []),
-        "budget": budget_summary(metas, cfg.get("method"), cfg.get("budget")),
-        "timing": timing_summary(metas, wall_s),
-        "world_size": resolved.get("world_size"),
-        "launcher": resolved.get("launcher"),
-        "git": resolved.get("git"),
-        "env": resolved.get("env"),
-        "judge": judge_info,
-        "metric_sources": prev.get("metric_sources", {}),
-        "details": details,
-        "files": {"merge": str(run_dir / "merge.jsonl"), **fin.get("files", {}), "results": str(run_dir / "results.json")},
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    if wandb is not None:
-        res["wandb"] = wandb.info()
-        log_to_wandb(wandb, res, run_dir, metas, official)
-        res["wandb"] = wandb.info()
-    elif prev.get("wandb"):
-        res["wandb"] = prev["wandb"]
-    write_json(run_dir / "results.json", res)
-    return res
+    return deviations
 
 
 def log_to_wandb(wb, res: dict, run_dir: Path, metas: list[dict], official: list[dict], n_rows: int | None = None) -> None:
