@@ -727,3 +727,61 @@ def make_split(split: str, n: int, seed: int = 0, start: int = 0) -> list[Questi
 def test_set(n: int = 700, seed: int = 0) -> list[Question]:
     """The fixed test set of the v2 benchmark (100 per type at the default size)."""
     return make_split("test", n, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# captions (the pre-training text of the v2 recipe: testbed/train2.py stages ``tower`` and ``align``)
+# ---------------------------------------------------------------------------------------------
+
+#: chance that a caption mentions an object of each size class: alt-text-like captions name what is
+#: salient and leave most small details out (the bias real CLIP / LLaVA pre-training text has).
+CAPTION_P = {"large": 1.0, "medium": 0.6, "small": 0.25}
+CAPTION_GLYPH_P = 0.5
+#: the words captions use beyond EXTRA_WORDS (background kinds, connectives)
+CAPTION_WORDS = sorted(set(BACKGROUNDS) | {"scene", "with", "and", "about", "label", "more", "background"})
+#: the v2 model's vocabulary: questions, answers and captions
+MODEL_WORDS = sorted(set(EXTRA_WORDS) | set(CAPTION_WORDS))
+
+
+@dataclass
+class Caption:
+    text: str
+    scene: Scene = field(repr=False)
+    #: indices into scene.objects of the objects the caption names, in the order it names them
+    named: tuple = ()
+
+    def image(self) -> Image.Image:
+        return render(self.scene)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> Caption:
+    """A short caption: "a <background> scene with about <10|15|20> shapes : a large red circle , a blue
+    star and a label 7 ." Objects are named largest first, each with probability ``CAPTION_P`` of its
+    size class (large always), glyphs with ``CAPTION_GLYPH_P``; the size word is said for large and
+    small objects. At least one object is named."""
+    shapes = sorted(scene.shapes, key=lambda i: -scene.objects[i].r)
+    named = [i for i in shapes if rng.random() < CAPTION_P[scene.objects[i].size]]
+    named += [i for i in scene.glyphs if rng.random() < CAPTION_GLYPH_P]
+    if not named:
+        named = [shapes[0]]
+    parts = []
+    for i in named:
+        o = scene.objects[i]
+        if o.is_glyph:
+            parts.append(f"a label {o.char}")
+        else:
+            parts.append("a " + (f"{o.size} " if o.size != "medium" else "") + f"{o.color} {o.shape}")
+    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+    text = f"a {scene.background['kind']} scene with about {round5(len(scene.shapes))} shapes : {listed} ."
+    return Caption(text, scene, tuple(named))
+
+
+def make_caption(seed: int, split: str, index: int) -> Caption:
+    """Caption ``index`` of ``split``: its own scene (default object counts, glyphs as the questions'
+    scenes have them), from a stream disjoint from the questions' (a ``1`` after VERSION)."""
+    rng = np.random.default_rng([seed, SPLITS[split], index, VERSION, 1])
+    for attempt in range(500):
+        scene = sample_scene(rng, key=f"caption/{split}/{seed}/{index}" + (f".{attempt}" if attempt else ""))
+        if scene is not None:
+            return caption(scene, rng)
+    raise RuntimeError(f"could not make a caption scene for {split}/{seed}/{index}")

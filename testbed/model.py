@@ -29,31 +29,34 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_att
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=10000.0)
 
 
-def build_tokenizer():
+def build_tokenizer(words=None):
     from llava.tiny_tokenizer import build_tiny_tokenizer
 
-    return build_tiny_tokenizer(extra_words=EXTRA_WORDS)
+    return build_tiny_tokenizer(extra_words=EXTRA_WORDS if words is None else words)
 
 
-def testbed_config(tokenizer, vision: dict | None = None, text: dict | None = None):
+def testbed_config(tokenizer, vision: dict | None = None, text: dict | None = None, base_vision: dict = VISION,
+                   base_text: dict = TEXT):
     import transformers as tf
 
-    vc = tf.CLIPVisionConfig(**{**VISION, **(vision or {})})
-    tc = tf.LlamaConfig(**{**TEXT, **(text or {})}, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    vc = tf.CLIPVisionConfig(**{**base_vision, **(vision or {})})
+    tc = tf.LlamaConfig(**{**base_text, **(text or {})}, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return tf.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu")
 
 
-def build(seed: int = 0, vision: dict | None = None, text: dict | None = None, attn_implementation: str = "sdpa"):
-    """A random-weight testbed model as a :class:`llava.models.Runtime` (fp32, CPU)."""
+def build(seed: int = 0, vision: dict | None = None, text: dict | None = None, attn_implementation: str = "sdpa",
+          *, words=None, base_vision: dict = VISION, base_text: dict = TEXT, name: str = "testbed:shapes"):
+    """A random-weight testbed model as a :class:`llava.models.Runtime` (fp32, CPU). ``vision`` / ``text``
+    override entries of ``base_vision`` / ``base_text`` (v1's by default; testbed.model2 passes v2's)."""
     import transformers as tf
 
     from llava.models import CLIP_MEAN_STD, _image_processor, _runtime
 
-    tok = build_tokenizer()
-    cfg = testbed_config(tok, vision, text)
+    tok = build_tokenizer(words)
+    cfg = testbed_config(tok, vision, text, base_vision, base_text)
     torch.manual_seed(seed)
     model = tf.LlavaForConditionalGeneration(cfg)
     model.set_attn_implementation(attn_implementation)
@@ -61,8 +64,8 @@ def build(seed: int = 0, vision: dict | None = None, text: dict | None = None, a
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model = model.float()
-    ip = _image_processor("llava", IMAGE_SIZE, CLIP_MEAN_STD[0], CLIP_MEAN_STD[1])
-    return _runtime(model, tok, ip, "llava", "testbed:shapes")
+    ip = _image_processor("llava", cfg.vision_config.image_size, CLIP_MEAN_STD[0], CLIP_MEAN_STD[1])
+    return _runtime(model, tok, ip, "llava", name)
 
 
 def save(rt, out: str | Path) -> None:
