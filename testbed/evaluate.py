@@ -65,8 +65,13 @@ def load_runtime(path: str | os.PathLike | None = None, threads: int | None = 2)
 
 
 def build_batch(rt, qs: Sequence[D.Question]) -> dict:
-    """LLaVA's prompt (runtime template) + the image for each question, left-padded."""
+    """LLaVA's prompt (runtime template) + the image for each question, left-padded (host tensors)."""
     return rt.processor([q.prompt for q in qs], [q.image() for q in qs])
+
+
+def _on_model(rt, batch: dict) -> dict:
+    device = next(rt.model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
 def normalize(text: str) -> str:
@@ -80,9 +85,11 @@ def is_correct(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def summarize(qs: Sequence[D.Question], predictions: Sequence[str]) -> dict:
+def summarize(qs: Sequence[D.Question], predictions: Sequence[str], qtypes: Sequence[str] = D.QTYPES,
+              salience: Sequence[str] = D.SALIENCE) -> dict:
     """Accuracy (%) overall, per question type, per salience (small / large / absent), and per
-    type x salience, with the question counts."""
+    type x salience, with the question counts (``qtypes`` / ``salience``: the order of the keys; v2
+    passes its own)."""
     groups: dict[str, list[int]] = {}
     for q, p in zip(qs, predictions, strict=True):
         ok = int(is_correct(p, q.answer))
@@ -90,7 +97,7 @@ def summarize(qs: Sequence[D.Question], predictions: Sequence[str]) -> dict:
             groups.setdefault(key, []).append(ok)
     acc = {k: round(100.0 * sum(v) / len(v), 2) for k, v in groups.items()}
     count = {k: len(v) for k, v in groups.items()}
-    order = ["overall", *D.QTYPES, *(f"salience:{s}" for s in D.SALIENCE)]
+    order = ["overall", *qtypes, *(f"salience:{s}" for s in salience)]
     out = {k: acc[k] for k in order if k in acc}
     out.update({k: acc[k] for k in sorted(acc) if k not in out})
     return {"accuracy": out, "n": {k: count[k] for k in out}}
@@ -123,8 +130,9 @@ def predict(rt, qs: Sequence[D.Question] | _Batches, method: str = "none", budge
                 # tokens here as through `scripts/eval/shapes.sh`
                 eng.sample_keys = [str(q.index) for q in qs_]
                 n_in = batch["input_ids"].shape[1]
-                out = rt.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-                answers.extend(rt.processor.decode(out[:, n_in:]))
+                out = rt.model.generate(**_on_model(rt, batch), max_new_tokens=max_new_tokens, do_sample=False,
+                                        num_beams=1)
+                answers.extend(rt.processor.decode(out[:, n_in:].cpu()))
                 for s in eng.stats.samples:
                     entering.append(s.visual_entering_llm)
                     layer_avg.append(s.visual_layer_avg)
@@ -174,9 +182,13 @@ CONSENSUS_VARIANTS = (("consensusdrop", {}), ("consensusdrop", {"fusion": "encod
                       ("consensusdrop", {"probe_layer": 0}), ("consensusdrop", {"probe_layer": 1}))
 
 
-def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS) -> list[tuple[str, int | None, dict]]:
+def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS, budgets_576: dict | None = None,
+                  overrides: dict | None = None) -> list[tuple[str, int | None, dict]]:
     """(method, budget, options): the unpruned model, novisual, every seed method (ConsensusDrop
-    with its variants) and every registered baseline (``test_*`` names skipped) at each budget."""
+    with its variants) and every registered baseline (``test_*`` names skipped) at each budget
+    (``budgets_576`` / ``overrides``: per-method budgets, v1's tables by default)."""
+    budgets_576 = BUDGETS_576 if budgets_576 is None else budgets_576
+    overrides = BUDGETS_OVERRIDE if overrides is None else overrides
     from llava import available_methods
 
     names = [m for m in available_methods() if not m.startswith("test_") and m not in ("none", "novisual")]
@@ -190,7 +202,7 @@ def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS) -> list[tuple[str, i
         if m in ADAPTIVE:
             cfgs.append((m, None, dict(opt)))
             opt = {**opt, **ADAPTIVE[m]}
-        for b in BUDGETS_576.get(m, BUDGETS_OVERRIDE.get(m, budgets)):
+        for b in budgets_576.get(m, overrides.get(m, budgets)):
             cfgs.append((m, b, dict(opt)))
     return cfgs
 
@@ -327,7 +339,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: str | os.PathLike) -> None:
+def plot(res: dict, path: str | os.PathLike, tokens: int = 64,
+         title: str = "Testbed (synthetic shapes QA, trained tiny LLaVA): accuracy vs budget") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,13 +366,13 @@ def plot(res: dict, path: str | os.PathLike) -> None:
                 ax.axhline(refs[m][key], color="k", ls=st[1:], lw=1.2, label=lab)
         ax.set_xscale("log", base=2)
         ax.set_xticks(res["meta"]["budgets"], [str(b) for b in res["meta"]["budgets"]])
-        ax.set_xlabel("visual tokens, averaged over the LLM's layers (of 64)")
+        ax.set_xlabel(f"visual tokens, averaged over the LLM's layers (of {tokens})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     handles, labels = axes[1].get_legend_handles_labels()  # beside the plots, so it hides no curve
     fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.suptitle("Testbed (synthetic shapes QA, trained tiny LLaVA): accuracy vs budget")
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

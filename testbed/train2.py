@@ -68,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vision", default="{}", help="JSON overrides of testbed.model2.VISION2 (e.g. narrower for tests)")
     ap.add_argument("--text", default="{}", help="JSON overrides of testbed.model2.TEXT2")
-    for st, steps, batch, lr in (("tower", 3000, 256, 1e-3), ("align", 2000, 64, 1e-3), ("instruct", 8000, 64, 5e-4)):
+    for st, steps, batch, lr in (("tower", 2000, 128, 1e-3), ("align", 2000, 64, 1e-3), ("instruct", 8000, 64, 5e-4)):
         ap.add_argument(f"--{st}-steps", type=int, default=steps)
         ap.add_argument(f"--{st}-batch", type=int, default=batch)
         ap.add_argument(f"--{st}-lr", type=float, default=lr)

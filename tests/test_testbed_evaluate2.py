@@ -1,0 +1,104 @@
+"""testbed.evaluate2: paired differences (worked values), the comparisons, and a resumable sweep on a tiny
+random-weight v2 checkpoint (the machinery; accuracy needs the trained weights, a GPU run)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from testbed import evaluate2 as E2
+from testbed import model2
+
+TINY_V = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+          "projection_dim": 32}
+TINY_T = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+          "num_key_value_heads": 1}
+
+
+def row(method, budget, correct, options=None, overall=None):
+    c = {str(s): bits for s, bits in correct.items()}
+    allbits = "".join(c.values())
+    return {"method": method, "budget": budget, "options": options or {}, "correct": c,
+            "accuracy": {"overall": overall if overall is not None else 100 * allbits.count("1") / len(allbits)}}
+
+
+def test_paired_difference_worked_example():
+    a = row("x", 64, {1: "1101", 2: "10"})
+    b = row("y", 64, {1: "1001", 2: "01"})
+    # d = [0, 1, 0, 0, 1, -1]: mean 1/6, sample var = (4 * (1/6)^2 + 2 * (5/6)^2 + (7/6)^2) / 5 = 17/30
+    p = E2.paired(a, b)
+    assert p["n"] == 6 and p["diff"] == round(100 / 6, 2)
+    assert p["se"] == round(100 * math.sqrt(17 / 30 / 6), 2)
+    assert E2.paired(a, a) == {"diff": 0.0, "se": 0.0, "n": 6}
+    with pytest.raises(ValueError):
+        E2.paired(a, row("z", 64, {3: "1"}))
+
+
+def test_downsample_runs_at_the_reachable_counts_nearest_the_budgets():
+    assert E2.overrides([64, 128, 192]) == {"downsample": (64, 144)}
+    assert E2.overrides([32]) == {"downsample": (36,)}
+
+
+def test_comparisons_best_worst_and_references():
+    rows = [row("consensusdrop", 64, {1: "1110"}), row("consensusdrop", 64, {1: "1000"}, {"fusion": "cross_only"}),
+            row("random", 64, {1: "0000"}), row("fastv", 64, {1: "1111"}), row("random", 128, {1: "1"})]
+    c = E2.comparisons(rows, [64, 128, 192])
+    assert c[0] == {"budget": 64, "what": "best - worst", "a": "fastv", "b": "random", "diff": 100.0, "se": 0.0, "n": 4}
+    refs = {(x["budget"], x["b"]): x["diff"] for x in c if x["what"] == "consensusdrop - reference"}
+    assert refs == {(64, "consensusdrop fusion=cross_only"): 50.0, (64, "random"): 75.0}
+    assert [x["budget"] for x in c if x["what"] == "best - worst"] == [64, 128]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w2")
+    model2.save(model2.build(vision=TINY_V, text=TINY_T), path)
+    return path
+
+
+def test_sweep_writes_rows_and_resumes(tiny_weights, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--weights", str(tiny_weights), "--seeds", "1", "2", "--n-per-seed", "4", "--out", str(out),
+            "--budgets", "64", "--only", "none", "random", "downsample"]
+    assert E2.main(args) == 0
+    res = json.loads((out / "testbed2.json").read_text())
+    got = [(r["method"], r["budget"]) for r in res["results"]]
+    assert got == [("none", None), ("downsample", 64), ("random", 64)]
+    for r in res["results"]:
+        assert set(r["per_seed"]) == {"1", "2"}
+        assert r["accuracy"]["overall"] == pytest.approx((r["per_seed"]["1"]["overall"] + r["per_seed"]["2"]["overall"]) / 2, abs=0.01)
+    rnd = next(r for r in res["results"] if r["method"] == "random")
+    assert rnd["tokens"]["visual_entering_llm"] == 64.0
+    assert next(r for r in res["results"] if r["method"] == "none")["tokens"]["visual_entering_llm"] == 576.0
+    lines = (out / "testbed2.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["kind"] == "header" and all(len(json.loads(x)["correct"]["1"]) == 4 for x in lines[1:])
+    assert "| random | 64 |" in (out / "testbed2.md").read_text() and (out / "testbed2.png").stat().st_size > 0
+    # a second sweep without --resume is refused; with --resume nothing finished runs again
+    with pytest.raises(FileExistsError):
+        E2.main([a for a in args if a not in ("--only", "none", "random", "downsample")])
+    calls = []
+    real = E2.evaluate
+    monkeypatch.setattr(E2, "evaluate", lambda rt, m, b, o, batches: calls.append((m, b)) or real(rt, m, b, o, batches))
+    capsys.readouterr()
+    assert E2.main(args[:-4] + ["--only", "none", "random", "novisual", "--resume"]) == 0
+    assert calls == [("novisual", None)]  # none and random were finished
+    calls.clear()
+    E2.main(args[:-4] + ["--only", "random"])  # --only without --resume: re-measure random, keep the rest
+    assert calls == [("random", 64)]
+    calls.clear()
+    E2.main(args + ["--resume"])  # everything of `args` is there: nothing runs
+    assert calls == []
+    res = json.loads((out / "testbed2.json").read_text())
+    assert [(r["method"], r["budget"]) for r in res["results"]] == [("none", None), ("novisual", None), ("downsample", 64),
+                                                                   ("random", 64)]
+    # another seed set in the same folder is refused
+    with pytest.raises(ValueError, match="measured with"):
+        E2.main(["sweep", "--weights", str(tiny_weights), "--seeds", "3", "--n-per-seed", "4", "--out", str(out),
+                 "--budgets", "64", "--resume"])
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_testbed2.sh"):
+        E2.load_runtime(tmp_path)
