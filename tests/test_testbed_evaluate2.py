@@ -102,3 +102,38 @@ def test_sweep_writes_rows_and_resumes(tiny_weights, tmp_path, monkeypatch, caps
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_testbed2.sh"):
         E2.load_runtime(tmp_path)
+
+
+def test_shapes2_script_through_the_harness_gives_the_evaluators_answers(tiny_weights, tmp_path):
+    """`bash scripts/eval/shapes2.sh consensusdrop 64 <weights>` (runner, scorer, results JSON) answers every
+    question as testbed.evaluate2 does on the same questions, and scores them the same way."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from testbed import evaluate as E
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path / "runs"), "LAUNCHER": "python", "PYTHON": sys.executable,
+           "EXTRA_ARGS": "--no-wandb --batch-size 4 --bench-opt n=5 --bench-opt seeds=1,2"}
+    subprocess.run(["bash", str(root / "scripts/eval/shapes2.sh"), "consensusdrop", "64", str(tiny_weights)], env=env,
+                   check=True, cwd=tmp_path, capture_output=True)
+    (results,) = (tmp_path / "runs" / "shapes2").glob("*/results.json")
+    res = json.loads(results.read_text())
+    answers = {}
+    for f in results.parent.glob("answers/*.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            answers[str(r["question_id"])] = r["text"]
+    rt = E2.load_runtime(tiny_weights)
+    direct = {}
+    for seed in (1, 2):
+        b = E._Batches(rt, E2.questions(5, seed))
+        got, _ = E.predict(rt, b, "consensusdrop", 64)
+        direct.update({f"{seed}-{q.index}": a for q, a in zip(b.qs, got)})
+    assert answers == direct and len(answers) == 10
+    qs = [q for seed in (1, 2) for q in E2.questions(5, seed)]
+    summary = E.summarize(qs, [direct[f"{s}-{q.index}"] for s in (1, 2) for q in E2.questions(5, s)])
+    assert res["metrics"]["Shapes2"] == summary["accuracy"]["overall"]
+    assert res["tokens"]["tok_in"] == 64.0

@@ -11,6 +11,7 @@ from .pope import POPE
 from .scienceqa import ScienceQA
 from .seed import SEED
 from .shapes import Shapes
+from .shapes2 import Shapes2
 from .textvqa import TextVQA, TextVQANoOCR
 from .videoqa import MSRVTT, MSVD, TGIF, ActivityNet
 from .vizwiz import VizWiz
@@ -18,7 +19,7 @@ from .vqav2 import VQAv2TestDev, VQAv2Val
 
 BENCHMARKS: dict[str, type[Benchmark]] = {b.name: b for b in (
     GQA, VQAv2TestDev, VQAv2Val, TextVQA, TextVQANoOCR, POPE, MME, ScienceQA, MMBench, MMBenchCN, MMVet, SEED, VizWiz,
-    MSVD, MSRVTT, TGIF, ActivityNet, Shapes)}
+    MSVD, MSRVTT, TGIF, ActivityNet, Shapes, Shapes2)}
 
 
 def get_benchmark(name: str, data_root, **options) -> Benchmark:
