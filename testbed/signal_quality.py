@@ -1,12 +1,17 @@
 """How well ConsensusDrop's two signals, and their consensus, rank the tokens a question needs (testbed).
 
     python -m testbed.signal_quality --seeds 21 22 23 --n 800 --out docs/results/consensusdrop-signals.json
+    python -m testbed.signal_quality --v2 --seeds 31 32 33 --n 700 --oracle --device cuda   # testbed v2 (576 tokens)
 
 Accuracy at a budget mixes the ranking with the selection rule and the LLM; this measures the ranking
 alone, against the testbed's ground truth (:func:`testbed.data.coverage`): a patch belongs to an object
 when the object covers at least ``COVER`` of it; the *referenced* patches are those of the objects the
 question names (all counted objects for a counting question; questions naming none are skipped there).
-Per question, over the image's 64 patches, for each ranking:
+On testbed v2 (``--v2``) the ground truth is the scene's own patch sets (:attr:`testbed.data2.Scene.patches`:
+each object's patches holding >= 5 % of its visible area) and the referenced patches are the question's
+``support`` (every object the answer depends on, named or not: a relation's answer object, a superlative's
+group, a scene count's every shape); top k is read at 16 / 32 / 64 of 576 and the oracle runs at 64 / 128 / 192.
+Per question, over the image's 64 patches (576 on v2), for each ranking:
 
     objects vs background   ROC AUC of object patches against background patches
     referenced vs rest      ROC AUC of referenced patches against all others
@@ -45,8 +50,80 @@ from . import evaluate as E
 
 COVER = 0.25
 CROSS_SCORES = ("softmax", "prominence")
-METRICS = ("objects vs background", "referenced vs rest", "referenced vs objects", "all refs in top 2",
-           "all refs in top 4", "all refs in top 8")
+
+
+def metric_names(topk=(2, 4, 8)) -> tuple[str, ...]:
+    return ("objects vs background", "referenced vs rest", "referenced vs objects", *(f"all refs in top {k}" for k in topk))
+
+
+METRICS = metric_names()
+
+
+class V1:
+    """Testbed v1's ground truth: coverage of each object over the 8 x 8 patches; the question's named objects."""
+    grid, topk, budgets = D.GRID, (2, 4, 8), (4, 8, 16, 32)
+
+    @staticmethod
+    def questions(n, seed):
+        return E.questions(n, seed)
+
+    @staticmethod
+    def load(threads, device="cpu"):
+        return E.load_runtime(threads=threads)
+
+    @staticmethod
+    def objects(q):
+        return [D.coverage(o) for o in q.scene.objects]
+
+    @staticmethod
+    def refs(q):
+        return [D.coverage(o) for o in q.refs]
+
+    @staticmethod
+    def forced(q):
+        return [int(np.argmax(D.coverage(o))) for o in q.refs]
+
+    @staticmethod
+    def content_words():
+        return set(D.COLORS) | set(D.SHAPES) | set(D.PLURAL.values()) | set(D.SIZES)
+
+
+class V2:
+    """Testbed v2's ground truth: each object's patch set on the 24 x 24 grid (1.0 on its patches); the
+    question's support (the objects its answer depends on); the oracle forces each support object's patch
+    holding most of its visible area."""
+    topk, budgets = (16, 32, 64), (64, 128, 192)
+
+    def __init__(self):
+        from . import data2, evaluate2
+
+        self.D, self.E2 = data2, evaluate2
+        self.grid = data2.GRID
+
+    def questions(self, n, seed):
+        return self.E2.questions(n, seed)
+
+    def load(self, threads, device="cpu"):
+        return self.E2.load_runtime(device=device, threads=threads)
+
+    def _mask(self, patches):
+        m = np.zeros(self.D.N_TOKENS)
+        m[list(patches)] = 1.0
+        return m
+
+    def objects(self, q):
+        return [self._mask(p) for p in q.scene.patches]
+
+    def refs(self, q):
+        return [self._mask(p) for p in q.support_patches]
+
+    def forced(self, q):
+        per_patch = self.D.visibility(q.scene.objects)[1]
+        return [int(np.argmax(per_patch[i])) for i in q.support]
+
+    def content_words(self):
+        D2 = self.D
+        return set(D2.COLORS) | set(D2.SHAPES) | set(D2.PLURAL.values()) | set(D2.SIZES) | set(D2.GLYPHS)
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -65,10 +142,11 @@ def rankings(s_v: torch.Tensor, s_x: torch.Tensor) -> dict[str, np.ndarray]:
             "rrf5": (1 / (5 + r_v) + 1 / (5 + r_x)).numpy()}
 
 
-def question_metrics(score: np.ndarray, objects: list[np.ndarray], refs: list[np.ndarray]) -> dict[str, float]:
+def question_metrics(score: np.ndarray, objects: list[np.ndarray], refs: list[np.ndarray],
+                     topk=(2, 4, 8)) -> dict[str, float]:
     """The metrics of one ranking on one question (coverage arrays over the patches); NaN where undefined."""
     obj = np.max(objects, 0) >= COVER
-    out = {m: float("nan") for m in METRICS}
+    out = {m: float("nan") for m in metric_names(topk)}
     if obj.any() and (~obj).any():
         out["objects vs background"] = auc(score[obj], score[~obj])
     if refs:
@@ -78,7 +156,7 @@ def question_metrics(score: np.ndarray, objects: list[np.ndarray], refs: list[np
         if ref.any() and (obj & ~ref).any():
             out["referenced vs objects"] = auc(score[ref], score[obj & ~ref])
         top = np.argsort(-score, kind="stable")
-        for k in (2, 4, 8):
+        for k in topk:
             out[f"all refs in top {k}"] = float(all(r[top[:k]].max() >= COVER for r in refs))
     return out
 
@@ -109,13 +187,13 @@ class _Oracle(ConsensusDrop):
     """ConsensusDrop with the referenced objects' best patches forced first (testbed ground truth, one list
     of patch indices per sample in batch order); ``fill='coverage'``: the rest by plain max-min."""
 
-    def __init__(self, forced: list[list[int]], *a, **k):
+    def __init__(self, forced: list[list[int]], *a, grid: int = D.GRID, **k):
         super().__init__(*a, **k)
-        self.forced, self.i, self.cur = forced, 0, []
+        self.forced, self.i, self.cur, self.grid = forced, 0, [], grid
 
     def select_vision(self, sig):
-        if sig.num_stock != D.GRID * D.GRID:
-            raise ValueError("the oracle indexes the testbed's single 8 x 8 grid")
+        if sig.num_stock != self.grid * self.grid:
+            raise ValueError(f"the oracle indexes the testbed's single {self.grid} x {self.grid} grid")
         self.cur, self.i = self.forced[self.i], self.i + 1
         return super().select_vision(sig)
 
@@ -129,16 +207,16 @@ class _Oracle(ConsensusDrop):
         return diverse_pick(x, rel, d, seed, "maxmin", self.alpha)
 
 
-def oracle_accuracy(rt, n: int, seed: int, budgets=(4, 8, 16, 32)) -> dict:
+def oracle_accuracy(rt, n: int, seed: int, budgets=None, tb=V1) -> dict:
     """{budget: {"default" | "refs + default" | "refs + coverage": accuracy %}} on the same questions."""
-    qs = E.questions(n, seed)
+    qs = tb.questions(n, seed)
     batches = E._Batches(rt, qs)
-    forced = [[int(np.argmax(D.coverage(o))) for o in q.refs] for q in qs]
+    forced = [tb.forced(q) for q in qs]
     out: dict = {}
-    for b in budgets:
+    for b in budgets or tb.budgets:
         row = {}
-        for name, m in (("default", "consensusdrop"), ("refs + default", _Oracle(forced, budget=b)),
-                        ("refs + coverage", _Oracle(forced, budget=b, fill="coverage"))):
+        for name, m in (("default", "consensusdrop"), ("refs + default", _Oracle(forced, budget=b, grid=tb.grid)),
+                        ("refs + coverage", _Oracle(forced, budget=b, fill="coverage", grid=tb.grid))):
             ans, _ = E.predict(rt, batches, m, b if isinstance(m, str) else None)
             row[name] = 100.0 * float(np.mean([E.is_correct(a, q.answer) for a, q in zip(ans, qs)]))
         out[b] = row
@@ -162,15 +240,15 @@ def oracle_table(per_seed: dict[int, dict]) -> str:
 
 
 def content_words() -> set[str]:
-    return set(D.COLORS) | set(D.SHAPES) | set(D.PLURAL.values()) | set(D.SIZES)
+    return V1.content_words()
 
 
-def measure(rt, n: int, seed: int) -> dict:
+def measure(rt, n: int, seed: int, tb=V1) -> dict:
     """{cross_score: {ranking: {metric: mean over questions}}}, plus ``function_word_top`` (softmax)."""
-    qs = E.questions(n, seed)
+    qs = tb.questions(n, seed)
     batches = E._Batches(rt, qs)
     tok = rt.processor.tokenizer
-    words = content_words()
+    words = tb.content_words()
     out: dict = {}
     for how in CROSS_SCORES:
         m = _Recorder(budget=4, cross_score=how)
@@ -179,10 +257,9 @@ def measure(rt, n: int, seed: int) -> dict:
             raise RuntimeError(f"recorded {len(m.records)} samples for {len(qs)} questions")
         acc: dict[str, dict[str, list[float]]] = {}
         for q, rec in zip(qs, m.records):
-            objects = [D.coverage(o) for o in q.scene.objects]
-            refs = [D.coverage(o) for o in q.refs]
+            objects, refs = tb.objects(q), tb.refs(q)
             for name, score in rankings(rec["s_v"], rec["s_x"]).items():
-                for k, v in question_metrics(score, objects, refs).items():
+                for k, v in question_metrics(score, objects, refs, tb.topk).items():
                     acc.setdefault(name, {}).setdefault(k, []).append(v)
         out[how] = {name: {k: float(np.nanmean(v)) for k, v in d.items()} for name, d in acc.items()}
         if how == "softmax":
@@ -191,17 +268,18 @@ def measure(rt, n: int, seed: int) -> dict:
     return out
 
 
-def table(per_seed: dict[int, dict]) -> str:
+def table(per_seed: dict[int, dict], topk=(2, 4, 8)) -> str:
     """Markdown: mean ± sd over seeds of every ranking x metric."""
     seeds = sorted(per_seed)
+    names = metric_names(topk)
     lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds of the per-question means.", "",
-             "| s_x | ranking | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+             "| s_x | ranking | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for how in CROSS_SCORES:
         for name in ("encoder", "cross", "borda", "rrf5"):
             if how != CROSS_SCORES[0] and name == "encoder":
                 continue  # the same s_v whatever the cross score
             cells = []
-            for k in METRICS:
+            for k in names:
                 v = np.array([per_seed[s][how][name][k] for s in seeds])
                 cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}")
             lines.append(f"| {how} | {name} | " + " | ".join(cells) + " |")
@@ -218,23 +296,27 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--oracle", action="store_true", help="also the oracle's accuracy bound (4 x 3 runs per seed)")
     ap.add_argument("--out", help="write the per-seed numbers and the table here (.json; .md beside it)")
+    ap.add_argument("--v2", action="store_true", help="testbed v2 (testbed/weights2, 576 tokens, the questions' support)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    rt = E.load_runtime(threads=args.threads)
-    per_seed = {s: measure(rt, args.n, s) for s in args.seeds}
-    md = table(per_seed)
+    tb = V2() if args.v2 else V1
+    rt = tb.load(args.threads, args.device)
+    per_seed = {s: measure(rt, args.n, s, tb) for s in args.seeds}
+    md = table(per_seed, tb.topk)
     if args.oracle:
         for s in args.seeds:
-            per_seed[s]["oracle"] = oracle_accuracy(rt, args.n, s)
+            per_seed[s]["oracle"] = oracle_accuracy(rt, args.n, s, tb=tb)
         md += "\n\n" + oracle_table({s: per_seed[s]["oracle"] for s in args.seeds})
     print(md)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": {"n_questions": args.n, "seeds": args.seeds, "cover": COVER,
+        out.write_text(json.dumps({"meta": {"testbed": "v2" if args.v2 else "v1", "n_questions": args.n, "seeds": args.seeds, "cover": COVER,
                                             "command": "python -m testbed.signal_quality "
                                             + " ".join(sys.argv[1:] if argv is None else argv)},
                                    "per_seed": per_seed}, indent=1) + "\n")
-        out.with_suffix(".md").write_text("# ConsensusDrop's signals as rankings (testbed)\n\n" + md + "\n")
+        out.with_suffix(".md").write_text(f"# ConsensusDrop's signals as rankings (testbed{' v2' if args.v2 else ''})\n\n"
+                                          + md + "\n")
     return 0
 
 

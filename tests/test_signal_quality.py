@@ -80,3 +80,43 @@ def test_oracle_keeps_the_referenced_patches_first():
         assert len(m.kept) == 12
         for f, k in zip(forced, m.kept):
             assert set(f[:4]) <= k and len(k) == 4
+
+
+def test_v2_ground_truth_and_oracle_on_a_tiny_v2_model(tmp_path):
+    """The v2 ground truth (patch sets, the questions' support, each support object's best patch) and the
+    oracle's forced patches on 576 tokens, run on a tiny random-weight v2 checkpoint (the machinery only)."""
+    from testbed import data2 as D2
+    from testbed import evaluate as E
+    from testbed import model2
+
+    tb = SQ.V2()
+    qs = tb.questions(14, 5)
+    for q in qs:
+        objs, refs, forced = tb.objects(q), tb.refs(q), tb.forced(q)
+        assert len(objs) == len(q.scene.objects) and all(o.shape == (576,) for o in objs)
+        assert len(refs) == len(forced) == len(q.support)
+        for i, p, r in zip(q.support, forced, refs):
+            assert p in q.scene.patches[i] and r[p] == 1.0  # the best patch is one of the object's patches
+            assert r.sum() == len(q.scene.patches[i])
+    assert {q.qtype for q in qs} == set(D2.QTYPES)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1}
+    model2.save(model2.build(vision={**small, "projection_dim": 32}, text={**small, "num_key_value_heads": 1}), tmp_path)
+    rt = tb.E2.load_runtime(tmp_path)
+    r = SQ.measure(rt, 7, 5, tb)
+    assert set(r["softmax"]["encoder"]) == set(SQ.metric_names(tb.topk))
+    assert 0.0 <= r["softmax"]["borda"]["referenced vs rest"] <= 1.0
+
+    class Spy(SQ._Oracle):
+        def _select(self, *a, **k):
+            sel = super()._select(*a, **k)
+            self.kept.append(set(sel.keep.tolist()))
+            return sel
+
+    qs = tb.questions(7, 5)
+    forced = [tb.forced(q) for q in qs]
+    m = Spy(forced, budget=64, grid=24)
+    m.kept = []
+    E.predict(rt, qs, m)
+    assert len(m.kept) == 7
+    for kept, f in zip(m.kept, forced):
+        assert set(f[:64]) <= kept  # every support object's best patch is kept
