@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,8 +57,8 @@ DESCRIBE = "Describe the image."
 CAPTION_BASE = {"tower": 0, "align": 50_000_000}
 
 #: recipe arguments (stored in recipe.json; a resumed run must repeat them) vs runtime-only ones
-RUNTIME_ARGS = {"work", "device", "dtype", "workers", "time_limit", "save_every", "threads", "export", "log_every",
-                "stop_after"}
+RUNTIME_ARGS = {"work", "device", "dtype", "workers", "time_limit", "save_every", "threads", "export", "export_dtype",
+                "log_every", "stop_after"}
 
 
 def parse_args(argv=None):
@@ -94,6 +93,7 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps")
     ap.add_argument("--export", default=None, help="copy the finished model and its log here, and stop")
+    ap.add_argument("--export-dtype", choices=("float16", "float32"), default="float16")
     return ap.parse_args(argv)
 
 
@@ -404,12 +404,19 @@ def run_stage(stage: str, rt, args, work: Path, log: dict, deadline: float | Non
     return True
 
 
-def export(work: Path, out: Path, log: dict) -> None:
+def export(work: Path, out: Path, log: dict, dtype: str = "float16") -> None:
+    """The finished model into ``out`` (``save_pretrained``, weights in ``dtype``: float16 by default, half the
+    size; loading upcasts to the dtype asked for, so the exported weights are the model every evaluation
+    sees) with the log and the recipe."""
     if not all(log["stages"].get(s, {}).get("done") for s in STAGES):
         raise SystemExit(f"{work}: not every stage is done ({ {s: bool(log['stages'].get(s, {}).get('done')) for s in STAGES} })")
+    from .model2 import load
+
     out.mkdir(parents=True, exist_ok=True)
-    for f in (work / "model").iterdir():
-        shutil.copy2(f, out / f.name)
+    rt = load(work / "model")
+    rt.model.to(getattr(torch, dtype))
+    rt.model.config.dtype = dtype
+    save(rt, out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "train_log.json")
     write_json(out / "train_log.json", {**log, "recipe": json.loads((work / "recipe.json").read_text()), "weights_bytes": size})
     print(f"exported {out} ({size / 1e6:.1f} MB)")
@@ -425,7 +432,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     recipe = recipe_of(args)
     if args.export:
-        export(work, Path(args.export), read_log(work))
+        export(work, Path(args.export), read_log(work), args.export_dtype)
         return 0
     check_recipe(work, recipe)
     log = read_log(work)

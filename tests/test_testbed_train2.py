@@ -187,7 +187,12 @@ def test_export_refuses_unfinished_runs_and_loads_as_a_checkpoint(tmp_path):
     train2.main(TINY + ["--work", str(work), "--export", str(out)])
     log = json.loads((out / "train_log.json").read_text())
     assert log["recipe"]["instruct_steps"] == 3 and log["weights_bytes"] > 0
+    from safetensors.torch import load_file
+
+    half, full = load_file(str(out / "model.safetensors")), _final(work)
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], full[k].half()) for k in full)
     rt = model2.load(out)
+    assert next(rt.model.parameters()).dtype == torch.float32  # upcast on load (the default dtype)
     assert rt.family == "llava"
     q = D.make_question(0, "test", 5)
     b = rt.processor([q.prompt], [q.image()])

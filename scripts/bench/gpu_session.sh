@@ -14,8 +14,9 @@
 #                                                       #   64 / 32 per crop (per-crop methods, PyramidDrop's 576 scale), FastV 320 / 160
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh testbed2   OUT   # train testbed v2 (issue 36; continues runs/testbed2-train on each
-#                                                       # call until DONE), then OUT/weights2 + the training log
-#   bash scripts/bench/gpu_session.sh sweep2     OUT   # the v2 sweep (testbed.evaluate2) on OUT/weights2 or testbed/weights2
+#                                                       # call until DONE), then OUT/weights2.tar (fp16) + the training log
+#   bash scripts/bench/gpu_session.sh sweep2     OUT   # the v2 sweep (testbed.evaluate2, --resume) on runs/testbed2-weights
+#                                                       # or testbed/weights2 -> OUT/testbed2/
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
 # LIMIT seconds (default 540) and writes what it has. bench.efficiency writes its files at the end: the fast
 # parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT
@@ -60,9 +61,10 @@ case "$PART" in
   fast-next) fast_next "$LIMIT" ;;
   fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
                 | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
-  testbed2) LIMIT=$LIMIT bash scripts/train_testbed2.sh "$DEST/weights2" 2>&1 | tail -40
-            cp runs/testbed2-train/log.json "$DEST/train2_log.json" 2>/dev/null; cp runs/testbed2-train.log "$DEST/" 2>/dev/null ;;
-  sweep2) W="$DEST/weights2"; [[ -f "$W/config.json" ]] || W=testbed/weights2
+  testbed2) LIMIT=$LIMIT bash scripts/train_testbed2.sh runs/testbed2-weights 2>&1 | tail -40  # the device tool returns
+            cp runs/testbed2-train/log.json "$DEST/train2_log.json" 2>/dev/null         # 8 files at most: one tar
+            [[ -f runs/testbed2-weights/config.json ]] && tar -cf "$DEST/weights2.tar" -C runs testbed2-weights ;;
+  sweep2) W=runs/testbed2-weights; [[ -f "$W/config.json" ]] || W=testbed/weights2
           timeout --signal=TERM "$LIMIT" python -m testbed.evaluate2 sweep --weights "$W" --device cuda --out "$DEST/testbed2" \
             --resume 2>&1 | tee -a "$DEST/sweep2.log" | tail -40 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
