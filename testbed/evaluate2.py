@@ -72,6 +72,27 @@ def load_runtime(path=None, device: str = "cpu", threads: int | None = 2):
     return load(path, device=device)
 
 
+def _render(scene):
+    return D.render(scene)
+
+
+def prompt_batches(rt, qs: list, workers: int = 0, batch_size: int = E.BATCH_SIZE):
+    """The prompt batches of ``qs`` (built once, reused by every config), the images rendered by ``workers``
+    processes (0: here): rendering is most of the cost of 4,000 questions."""
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as ex:
+            images = list(ex.map(_render, [q.scene for q in qs], chunksize=16))
+    else:
+        images = [q.image() for q in qs]
+    out = object.__new__(E._Batches)
+    out.qs = list(qs)
+    out.batches = [(out.qs[s:s + batch_size], rt.processor([q.prompt for q in qs[s:s + batch_size]], images[s:s + batch_size]))
+                   for s in range(0, len(qs), batch_size)]
+    return out
+
+
 def config_key(method: str, budget, options: dict) -> str:
     return json.dumps([method, budget, options], sort_keys=True)
 
@@ -139,7 +160,7 @@ def comparisons(rows: list[dict], budgets: Sequence[int]) -> list[dict]:
 
 
 def run_sweep(rt, budgets=BUDGETS, seeds=REPORT_SEEDS, n: int = N_PER_SEED, out_dir=RESULTS_DIR,
-              only: Sequence[str] | None = None, resume: bool = False, verbose: bool = True) -> dict:
+              only: Sequence[str] | None = None, resume: bool = False, verbose: bool = True, workers: int = 0) -> dict:
     """Every config of :func:`testbed.evaluate.sweep_configs` (v2's budgets, no 576-scale table) on every seed.
     Each finished config is written to ``OUT/testbed2.jsonl`` at once; ``resume`` skips the configs already
     there (refused if they were measured with other seeds / n / budgets / model); ``only`` runs just those
@@ -165,7 +186,7 @@ def run_sweep(rt, budgets=BUDGETS, seeds=REPORT_SEEDS, n: int = N_PER_SEED, out_
                 if resume or not (only and r["method"] in only)}  # --only without --resume: re-measure them
     else:
         head = {**meta, "kind": "header"}
-    batches = {s: E._Batches(rt, questions(n, s)) for s in seeds}
+    batches = {s: prompt_batches(rt, questions(n, s), workers) for s in seeds}
     t0 = time.perf_counter()
     errors = []
     for method, budget, opt in cfgs:
@@ -272,6 +293,7 @@ def main(argv=None) -> int:
         p.add_argument("--n-per-seed", type=int, default=N_PER_SEED)
         p.add_argument("--device", default="cpu")
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--workers", type=int, default=0, help="processes rendering the questions' images")
     args = ap.parse_args(argv)
     from llava.cli import parse_options
 
@@ -279,11 +301,12 @@ def main(argv=None) -> int:
     rt.path = str(args.weights or "testbed/weights2")
     if args.cmd == "run":
         budget = None if args.budget in (None, "none") else int(args.budget)
-        batches = {sd: E._Batches(rt, questions(args.n_per_seed, sd)) for sd in args.seeds}
+        batches = {sd: prompt_batches(rt, questions(args.n_per_seed, sd), args.workers) for sd in args.seeds}
         res = evaluate(rt, args.method, budget, parse_options(args.opt), batches)
         print(json.dumps({k: v for k, v in res.items() if k != "correct"}, indent=1))
         return 0
-    res = run_sweep(rt, args.budgets, args.seeds, args.n_per_seed, args.out, only=args.only, resume=args.resume)
+    res = run_sweep(rt, args.budgets, args.seeds, args.n_per_seed, args.out, only=args.only, resume=args.resume,
+                    workers=args.workers)
     print(f"wrote {args.out}/testbed2.md, .json, .jsonl, .png ({len(res['results'])} rows, {len(res['errors'])} refused)")
     return 0
 

@@ -99,6 +99,17 @@ def test_sweep_writes_rows_and_resumes(tiny_weights, tmp_path, monkeypatch, caps
                  "--budgets", "64", "--resume"])
 
 
+def test_images_rendered_by_workers_equal_the_ones_rendered_here(tiny_weights):
+    import torch
+
+    rt = E2.load_runtime(tiny_weights)
+    qs = E2.questions(6, 3)
+    here, pooled = E2.prompt_batches(rt, qs, 0, batch_size=4), E2.prompt_batches(rt, qs, 2, batch_size=4)
+    assert [len(b[0]) for b in here.batches] == [4, 2]
+    for (qa, a), (qb, b) in zip(here.batches, pooled.batches):
+        assert qa == qb and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_testbed2.sh"):
         E2.load_runtime(tmp_path)

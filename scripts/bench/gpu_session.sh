@@ -66,6 +66,6 @@ case "$PART" in
             [[ -f runs/testbed2-weights/config.json ]] && tar -cf "$DEST/weights2.tar" -C runs testbed2-weights ;;
   sweep2) W=runs/testbed2-weights; [[ -f "$W/config.json" ]] || W=testbed/weights2
           timeout --signal=TERM "$LIMIT" python -m testbed.evaluate2 sweep --weights "$W" --device cuda --out "$DEST/testbed2" \
-            --resume 2>&1 | tee -a "$DEST/sweep2.log" | tail -40 ;;
+            --workers "$(( $(nproc) - 1 ))" --resume 2>&1 | tee -a "$DEST/sweep2.log" | tail -40 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
 esac
