@@ -267,16 +267,21 @@ def held_out(args) -> list:
     return D.make_split("test", args.eval_n, seed=args.seed + 1000)  # not the benchmark's test stream (seed 0..)
 
 
+def eval_batches(rt, questions, batch_size: int = 50) -> list:
+    """The held-out prompts, rendered and processed once per stage (not at every evaluation)."""
+    return [(questions[s:s + batch_size], rt.processor([q.prompt for q in questions[s:s + batch_size]],
+                                                       [q.image() for q in questions[s:s + batch_size]]))
+            for s in range(0, len(questions), batch_size)]
+
+
 @torch.no_grad()
-def quick_eval(rt, questions, device, batch_size: int = 50) -> dict:
+def quick_eval(rt, batches, device) -> dict:
     """First-token greedy accuracy per question type on held-out questions (one-word answers)."""
     model = rt.model
     was = model.training
     model.eval()
     hits: dict[str, list[int]] = {}
-    for s in range(0, len(questions), batch_size):
-        qs = questions[s:s + batch_size]
-        b = rt.processor([q.prompt for q in qs], [q.image() for q in qs])
+    for qs, b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         pred = model(**b, logits_to_keep=1).logits[:, -1].argmax(-1).cpu().tolist()
         for q, p in zip(qs, pred):
@@ -355,7 +360,7 @@ def run_stage(stage: str, rt, args, work: Path, log: dict, deadline: float | Non
     params = [p for g in opt.param_groups for p in g["params"]]
     vt = tower_of(model)
     image_id = model.config.image_token_id
-    val = held_out(args) if stage == "instruct" else None
+    val = eval_batches(rt, held_out(args)) if stage == "instruct" else None
     model.train()
     t0, acc, step = time.time(), {"loss": 0.0, "extra": 0.0, "n": 0}, start
     for step, b in enumerate(loader, start=start):
