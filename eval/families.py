@@ -4,8 +4,9 @@ its kept visual tokens are drawn over the image (the run's overlays)."""
 
 from __future__ import annotations
 
-#: families whose processor reads videos (Video-LLaVA); the others answer image / text benchmarks only
-VIDEO_FAMILIES = ("video_llava",)
+#: families whose processor reads videos (Video-LLaVA; the Qwen-VL families: llava/preprocess_qwen_video.py); the
+#: others answer image / text benchmarks only
+VIDEO_FAMILIES = ("video_llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
 CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
 #: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
@@ -16,12 +17,13 @@ BUDGET_UNITS = {
     "llava_next": "visual tokens per crop (anyres: base crop + grid crops, per-unit methods)",
     "video_llava": "visual tokens per image / video frame",
     "qwen2_5_vl": "merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
-                  "smart resize within [min_pixels, max_pixels])",
+                  "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
     "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods)",
     "qwen3_vl": "merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
-                "resize, p the patch size; each token's DeepStack rows follow it)",
-    "qwen3_5": "merged visual tokens per image after the merger (dynamic grid as Qwen3-VL; hybrid LLM: in-LLM "
-               "stages only where they read a full-attention layer)",
+                "resize, p the patch size; each token's DeepStack rows follow it; a video: per temporal slice of 2 "
+                "frames)",
+    "qwen3_5": "merged visual tokens per image after the merger (dynamic grid as Qwen3-VL; a video: per temporal "
+               "slice of 2 frames; hybrid LLM: in-LLM stages only where they read a full-attention layer)",
     "internvl": "visual tokens per tile (dynamic tiling: up to 12 tiles of 448 px + a thumbnail, 256 tokens each "
                 "after the 2x2 pixel shuffle; per-unit methods)",
 }
@@ -33,7 +35,7 @@ def family_check(cfg, rt, questions: list) -> str | None:
     fam = rt.family
     if any(q.modality == "video" for q in questions) and fam not in VIDEO_FAMILIES:
         return (f"{cfg.benchmark} asks about videos, which the {fam} processor does not take "
-                f"(video QA runs with Video-LLaVA: {', '.join(VIDEO_FAMILIES)})")
+                f"(video QA runs with: {', '.join(VIDEO_FAMILIES)})")
     if (cfg.min_pixels is not None or cfg.max_pixels is not None) and fam not in QWEN_FAMILIES:
         return f"--min-pixels / --max-pixels apply to Qwen2.5-VL / Qwen3-VL only, not to {cfg.model} ({fam})"
     if fam in CHATML_FAMILIES:
@@ -46,7 +48,11 @@ def family_check(cfg, rt, questions: list) -> str | None:
 
 def model_info(cfg, rt, dtype: str) -> dict:
     """What results.json records about the model: id, family (``llava`` / ``llava_next`` / ``video_llava`` /
-    ``qwen2_5_vl`` / ``llava_onevision``), template, the preprocessing actually applied and what a budget counts."""
+    ``qwen2_5_vl`` / ``llava_onevision``), template, the preprocessing actually applied and what a budget counts
+    (on a video benchmark the Qwen families record their frame count and video preprocessing too)."""
+    from .benchmarks import BENCHMARKS
+
+    video = getattr(BENCHMARKS.get(str(cfg.benchmark).lower().replace("-", "_")), "modality", None) == "video"
     vc = rt.model.config.vision_config
     info = {"id": cfg.model, "name": rt.name, "family": rt.family, "dtype": dtype, "template": rt.template.name,
             "budget_unit": BUDGET_UNITS.get(rt.family, "visual tokens (method convention)")}
@@ -60,6 +66,10 @@ def model_info(cfg, rt, dtype: str) -> dict:
                     max_pixels=None if hi is None else int(hi), patch_size=vc.patch_size,
                     spatial_merge_size=vc.spatial_merge_size,
                     tokens_per_image=f"dynamic: (H/{f})*(W/{f}) after smart resize within [min_pixels, max_pixels]")
+        if video:  # the frames the harness sampled (not re-sampled at the checkpoint's fps) and their processing
+            info.update(num_frames=rt.processor.num_frames,
+                        frame_sampling="harness: num_frames, linspace as Video-LLaVA",
+                        video_preprocess=rt.processor.video_settings.as_dict())
         return info
     info.update(next_layout=rt.processor.next_layout, num_frames=rt.processor.num_frames,
                 image_size=vc.image_size, patch_size=vc.patch_size)
@@ -86,9 +96,10 @@ def sample_overlay(rt, inputs, b: int, img, keep: list[int], video: bool, pad_to
     from .overlay import grid_overlay, kept_overlay, view_mode
 
     vc = rt.model.config.vision_config
-    if rt.family in QWEN_FAMILIES:  # merged tokens of the first image in raster order over its own grid
-        thw = inputs["image_grid_thw"]
-        first = int((inputs["mm_token_type_ids"][:b] == 1).any(-1).sum()) if b else 0  # images of earlier samples
+    if rt.family in QWEN_FAMILIES:  # merged tokens of the first image (a video's first slice) in raster order
+        kind = 2 if video else 1
+        thw = inputs["video_grid_thw" if video else "image_grid_thw"]
+        first = int((inputs["mm_token_type_ids"][:b] == kind).any(-1).sum()) if b else 0  # earlier samples' inputs
         _, gh, gw = (int(x) for x in thw[first])
         m = vc.spatial_merge_size
         view = img.convert("RGB").resize((gw * vc.patch_size, gh * vc.patch_size), resample=3)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .preprocess_qwen_video import Frames, QwenVideoMixin
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 MAX_IMAGE_PIXELS = 300_000_000  # larger images are refused with a clear error, not a PIL bomb warning
 
@@ -209,7 +211,8 @@ VIDEO_FILE_FORMATS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def decode_video(path: "str | os.PathLike", num_frames: int) -> list:
-    """``num_frames`` frames of a video file as PIL images, sampled as Video-LLaVA does
+    """``num_frames`` frames of a video file as PIL images (a :class:`Frames`: with the source's fps, frame count and
+    the indices taken), sampled as Video-LLaVA does
     (``np.linspace(0, n - 1, num_frames, dtype=int)`` over the decoded frames). A GIF is read with PIL;
     other files with ``decord`` (Video-LLaVA's reader) when installed, else PyAV (``pip install av``,
     the ``video`` extra). Only the sampled frames are converted to images (long ActivityNet videos
@@ -222,14 +225,16 @@ def decode_video(path: "str | os.PathLike", num_frames: int) -> list:
         raise FileNotFoundError(f"video file not found: {path}")
     if path.lower().endswith(".gif"):
         with Image.open(path) as im:
-            frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-        return [frames[i] for i in np.linspace(0, len(frames) - 1, num_frames, dtype=int)]
+            frames, ms = zip(*[(f.convert("RGB"), f.info.get("duration") or 0) for f in ImageSequence.Iterator(im)])
+        idx = np.linspace(0, len(frames) - 1, num_frames, dtype=int)
+        return Frames([frames[i] for i in idx], 1000 * len(ms) / sum(ms) if all(ms) else None, len(frames), idx)
     try:
         from decord import VideoReader, cpu
 
         vr = VideoReader(path, ctx=cpu(0))
         idx = np.linspace(0, len(vr) - 1, num_frames, dtype=int)
-        return [Image.fromarray(f) for f in vr.get_batch(list(idx)).asnumpy()]
+        return Frames([Image.fromarray(f) for f in vr.get_batch(list(idx)).asnumpy()], vr.get_avg_fps() or None,
+                      len(vr), idx)
     except ImportError:
         pass
     try:
@@ -239,7 +244,8 @@ def decode_video(path: "str | os.PathLike", num_frames: int) -> list:
                            "`video` extra), or give a directory of the video's frame images") from None
     try:
         with av.open(path) as container:
-            stated = int(container.streams.video[0].frames or 0)
+            n = stated = int(container.streams.video[0].frames or 0)
+            rate = container.streams.video[0].average_rate
         out = _pyav_sample(av, path, num_frames, stated) if stated > 0 else None
         if out is None:  # no frame count in the container, or it over-stated it: count by decoding once
             with av.open(path) as container:
@@ -251,7 +257,7 @@ def decode_video(path: "str | os.PathLike", num_frames: int) -> list:
         raise ValueError(f"cannot decode video {path}: {e}") from e
     if out is None:
         raise ValueError(f"cannot decode video {path}: fewer frames than counted")
-    return out
+    return Frames(out, float(rate) if rate else None, n, np.linspace(0, n - 1, num_frames, dtype=int))
 
 
 def _pyav_sample(av, path: str, num_frames: int, n: int):
@@ -268,6 +274,16 @@ def _pyav_sample(av, path: str, num_frames: int, n: int):
             if i >= last:
                 break
     return out if len(out) == num_frames else None
+
+
+def load_frames(video, num_frames: int) -> list:
+    """A video for the Qwen processors as RGB images: frames given are kept as given (a :class:`Frames` keeps its
+    timing); a frame folder or a video file gets ``num_frames`` frames (:func:`sample_frames`)."""
+    src = sample_frames(video, num_frames) if isinstance(video, (str, os.PathLike)) else video
+    if isinstance(src, Image.Image) or not len(src):
+        raise ValueError("a video is a list of frames (or a frame folder / video file), with at least one frame")
+    frames = [load_image(f) for f in src]
+    return Frames(frames, **src.timing()) if isinstance(src, Frames) else frames
 
 
 def sample_frames(video, num_frames: int) -> list:
@@ -315,34 +331,46 @@ class ChatMLProcessor(PromptProcessor):
     def _pixels(self, per_sample: list[list[Image.Image]]) -> tuple[dict, list[list[int]]]:
         raise NotImplementedError
 
+    def _video_placeholder_id(self) -> int | None:
+        return None
+
+    def _video_inputs(self, videos: list) -> tuple[dict, list]:
+        """The batch's video pixels and per sample the ids its video placeholder becomes (None: no video)."""
+        if any(v is not None for v in videos):
+            raise ValueError(f"{self.family}: videos are not supported by this processor yet")
+        return {}, [None] * len(videos)
+
     def __call__(self, questions: Sequence[str], images: Sequence | None = None, videos: Sequence | None = None,
                  prompts: Sequence[str] | None = None, device: str | torch.device | None = None) -> dict:
         n = len(questions)
         images = list(images) if images is not None else [None] * n
-        if len(images) != n:
-            raise ValueError(f"{n} questions but {len(images)} image entries")
-        if videos is not None and any(v is not None for v in videos):
-            raise ValueError(f"{self.family}: videos are not supported by this processor yet")
+        videos = list(videos) if videos is not None else [None] * n
+        if len(images) != n or len(videos) != n:
+            raise ValueError(f"{n} questions but {len(images)} image entries and {len(videos)} video entries")
         per_sample = []
         for x in images:
             x = [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
             per_sample.append([load_image(im) for im in x])
         pixels, counts = self._pixels(per_sample)
-        ph_id, img_id = self._placeholder_id(), self.model_config.image_token_id
+        ph_id, img_id, vph_id = self._placeholder_id(), self.model_config.image_token_id, self._video_placeholder_id()
+        vpixels, vruns = self._video_inputs(videos if vph_id is None else  # no video placeholder: refused unread
+                                            [None if v is None else load_frames(v, self.num_frames) for v in videos])
         rows = []
         for i, q in enumerate(questions):
-            prompt = prompts[i] if prompts is not None else self.prompt_text(q, len(per_sample[i]))
+            prompt = (prompts[i] if prompts is not None
+                      else self.prompt_text(q, len(per_sample[i]), videos[i] is not None))
             ids = self.tokenizer(prompt).input_ids
-            n_ph = sum(t == ph_id for t in ids)
-            if n_ph != len(per_sample[i]):
-                raise ValueError(f"prompt {i} has {n_ph} {self.placeholder} placeholder(s) but {len(per_sample[i])} image(s) were given")
+            n_ph, n_vph = sum(t == ph_id for t in ids), sum(t == vph_id for t in ids) if vph_id is not None else 0
+            if n_ph != len(per_sample[i]) or n_vph != (vruns[i] is not None):
+                raise ValueError(f"prompt {i} has {n_ph} {self.placeholder} and {n_vph} video placeholder(s) but "
+                                 f"{len(per_sample[i])} image(s) and {int(vruns[i] is not None)} video(s) were given")
             out, k = [], 0
             for t in ids:
                 if t == ph_id:
                     out.extend(self._expand(img_id, counts[i][k]))
                     k += 1
                 else:
-                    out.append(t)
+                    out.extend(vruns[i] if t == vph_id else [t])
             rows.append(out)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -351,7 +379,8 @@ class ChatMLProcessor(PromptProcessor):
         for i, r in enumerate(rows):
             input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, **self._extra_ids(input_ids, mask), **pixels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, **self._extra_ids(input_ids, mask), **pixels,
+                 **vpixels}
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         return batch
@@ -364,12 +393,14 @@ class ChatMLProcessor(PromptProcessor):
         return [img_id] * count
 
 
-class QwenVLProcessor(ChatMLProcessor):
-    """Qwen2.5-VL: ``Qwen2VLImageProcessorPil`` (smart resize to multiples of patch x merge within
+class QwenVLProcessor(QwenVideoMixin, ChatMLProcessor):
+    """Qwen2.5-VL / Qwen3-VL / Qwen3.5: ``Qwen2VLImageProcessorPil`` (smart resize to multiples of patch x merge within
     [min_pixels, max_pixels], patchified pixels (sum t*h*w, 3*2*14*14) and ``image_grid_thw``); each image
     becomes ``<|vision_start|>`` + grid.prod() / merge^2 ``<|image_pad|>`` + ``<|vision_end|>``; adds
     ``mm_token_type_ids`` (1 at image tokens, 2 at video tokens, 0 elsewhere and at padding) without which the
-    model silently falls back to 1-D positions."""
+    model silently falls back to 1-D positions. Videos (one per prompt, ``videos[i]``: its frames, a
+    :class:`Frames` with their timing, a frame folder or a video file, ``num_frames`` sampled from the last two):
+    :mod:`llava.preprocess_qwen_video`, transformers' video processors rebuilt without torchvision."""
 
     placeholder = "<|image_pad|>"
 
