@@ -18,6 +18,8 @@ class Template:
     style: str  # "two" (vicuna / llava_v1: "{system} USER: ... ASSISTANT:"), "chatml" (LLaVA's chatml_direct),
     # "qwen_vl" (Qwen2.5-VL's HF chat template), "onevision_hf" (llava-hf OneVision's chat template) or
     # "internvl_hf" (the InternVL -hf checkpoints' chat template)
+    #: text the template puts after the assistant tag where generation starts (Qwen3.5's empty think block)
+    gen_prefix: str = ""
 
     def prompt(self, question: str, placeholders: str = "<image>") -> str:
         """The prompt string up to where generation starts. ``placeholders`` is put before the
@@ -30,9 +32,11 @@ class Template:
             return (f"<|im_start|>system\n{self.system}<|im_end|><|im_start|>{self.user}\n{user_msg}<|im_end|>"
                     f"<|im_start|>{self.assistant}\n")
         if self.style == "qwen_vl":
-            # placeholders: "<|vision_start|><|image_pad|><|vision_end|>" per image, no newline before the text
-            return (f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>{self.user}\n{placeholders}{question}"
-                    f"<|im_end|>\n<|im_start|>{self.assistant}\n")
+            # placeholders: "<|vision_start|><|image_pad|><|vision_end|>" per image, no newline before the text; an
+            # empty system: no system turn (Qwen3.5's template adds none by default)
+            system = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system else ""
+            return (f"{system}<|im_start|>{self.user}\n{placeholders}{question}"
+                    f"<|im_end|>\n<|im_start|>{self.assistant}\n{self.gen_prefix}")
         if self.style == "onevision_hf":
             # every <image> / <video> is followed by its own newline; no system turn
             ph = placeholders.replace("<image>", "<image>\n").replace("<video>", "<video>\n")
@@ -49,7 +53,7 @@ class Template:
         if self.style == "two":
             return f" {self.assistant}:"
         if self.style in ("qwen_vl", "onevision_hf", "internvl_hf"):
-            return f"<|im_end|>\n<|im_start|>{self.assistant}\n"
+            return f"<|im_end|>\n<|im_start|>{self.assistant}\n{self.gen_prefix}"
         return f"<|im_end|><|im_start|>{self.assistant}\n"
 
     @property
@@ -76,6 +80,15 @@ TEMPLATES = {
     # against a public copy of that file): a default system turn, then per image
     # "<|vision_start|><|image_pad|><|vision_end|>" directly followed by the question, "<|im_end|>\n" after each turn
     "qwen2_vl": Template("qwen2_vl", "You are a helpful assistant.", "user", "assistant", "qwen_vl"),
+    # Qwen3.5's chat_template.jinja (a public copy of the Qwen3.5 / 3.6 file, read 2026-11-24; not the checkpoint
+    # itself, which cannot be downloaded here): no default system turn, the same vision markers and turns as Qwen2.5-VL,
+    # and a generation prompt that depends on `enable_thinking`: "<think>\n" (the default: the model reasons first)
+    # or "<think>\n\n</think>\n\n" (enable_thinking=False: an empty think block, a direct answer). Short-answer
+    # benchmarks need the direct answer: this is the template with enable_thinking=False. `qwen3_5_lmms` adds the
+    # system turn lmms-eval's qwen3_5 model sends ("You are a helpful assistant.").
+    "qwen3_5": Template("qwen3_5", "", "user", "assistant", "qwen_vl", gen_prefix="<think>\n\n</think>\n\n"),
+    "qwen3_5_lmms": Template("qwen3_5_lmms", "You are a helpful assistant.", "user", "assistant", "qwen_vl",
+                             gen_prefix="<think>\n\n</think>\n\n"),
     # llava-hf OneVision's chat_template.json (verified on the hub copies of llava-onevision-qwen2-7b-si-hf and
     # -72b-si-hf, updated Aug 2024; the 7b-ov-hf file is assumed identical): "<|im_start|>user\n" + "<image>\n" per
     # image + question + "<|im_end|>\n<|im_start|>assistant\n", no system turn. (The original LLaVA-OV

@@ -30,7 +30,7 @@ SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
 TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
 DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
                     "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl",
-                    "internvl": "internvl_hf", "qwen3_5": "qwen2_vl"}
+                    "internvl": "internvl_hf", "qwen3_5": "qwen3_5"}
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -240,7 +240,7 @@ def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str 
     if fam not in MODEL_CLASSES:
         raise ValueError(f"unknown tiny family {family!r}; choose from {TINY}")
     if fam in CHATML_FAMILIES:
-        tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl")
+        tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl", think=fam == "qwen3_5")
         cfg = tiny_chatml_config(fam, tok)
         torch.manual_seed(seed)
         model = getattr(tf, MODEL_CLASSES[fam])(cfg)
@@ -396,7 +396,7 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         from .tiny_tokenizer import build_tiny_tokenizer
 
         if fam in CHATML_FAMILIES:  # the tiny tokenizer's ids stand in for the checkpoint's special tokens
-            tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl")
+            tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl", think=fam == "qwen3_5")
             mc = model.config
             if fam == "internvl":
                 mc.image_token_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")

@@ -30,17 +30,19 @@ CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_e
 CHATML_WORDS = ["system"]  # "<|im_start|>system\n..." (the other words of Qwen's system prompt are in BASE_WORDS)
 # InternVL's image tokens, appended after the ChatML ones only with ``internvl=True``
 INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+# Qwen3.5's think markers (its generation prompt holds an empty think block), appended last only with ``think=True``
+THINK_SPECIALS = ["<think>", "</think>"]
 
 
 def build_tiny_tokenizer(extra_words: list[str] | None = None, chatml: bool = False,
-                         internvl: bool = False) -> PreTrainedTokenizerFast:
+                         internvl: bool = False, think: bool = False) -> PreTrainedTokenizerFast:
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
     vocab: dict[str, int] = {}
     for w in SPECIALS + ["\n"] + PUNCT + [w.lower() for w in BASE_WORDS + list(extra_words or [])]:
         vocab.setdefault(w, len(vocab))
     if chatml:
-        for w in CHATML_WORDS + CHATML_SPECIALS + (INTERNVL_SPECIALS if internvl else []):
+        for w in CHATML_WORDS + CHATML_SPECIALS + (INTERNVL_SPECIALS if internvl else []) + (THINK_SPECIALS if think else []):
             vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # tokens: special tags, newline, words (incl. apostrophes), single punctuation
@@ -59,7 +61,7 @@ def build_tiny_tokenizer(extra_words: list[str] | None = None, chatml: bool = Fa
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", unk_token="<unk>",
                                        pad_token="<pad>", padding_side="left")
         fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"] + CHATML_SPECIALS
-                                 + (INTERNVL_SPECIALS if internvl else [])})
+                                 + (INTERNVL_SPECIALS if internvl else []) + (THINK_SPECIALS if think else [])})
         return fast
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", padding_side="left")

@@ -122,7 +122,7 @@ def test_run_batched_equals_batch_one_records_family_and_resumes(data, data_tile
         qwen = family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
         assert (mod["id"], mod["family"]) == (model, family) and mod["template"] == {
             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf",
-            "internvl": "internvl_hf", "qwen3_5": "qwen2_vl"}[family]
+            "internvl": "internvl_hf", "qwen3_5": "qwen3_5"}[family]
         assert mod["budget_unit"].startswith("merged visual tokens per image" if qwen else
                                              "visual tokens per tile" if family == "internvl" else "visual tokens per crop")
         if qwen:

@@ -148,3 +148,43 @@ def test_dropping_tokens_changes_the_linear_layers_state(rt):
             outs.append(rt.model(**inputs).logits[:, -1])
         rt.unprune()
     assert not torch.allclose(outs[0], stock, atol=1e-4) and not torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_prompt_is_the_checkpoint_template_without_thinking(rt):
+    """Qwen3.5's chat template with enable_thinking=False: no default system turn, the vision markers before the
+    question, an empty think block after the assistant tag (the model answers directly); `qwen3_5_lmms` adds
+    lmms-eval's system turn. The engine's question tokens are the question alone (the think block is part of the
+    stripped role tag)."""
+    from llava.conversation import get_template
+
+    assert rt.processor.template.name == "qwen3_5"
+    assert rt.processor.prompt_text("what is it?", 1) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert get_template("qwen3_5_lmms").prompt("q", "") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert get_template("qwen2_vl").prompt("q", "").startswith("<|im_start|>system\nYou are a helpful assistant.")
+    tok = rt.tokenizer
+    assert tok.convert_ids_to_tokens(list(rt.prompt_spec().tail_ids)) == [
+        "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "<think>", "\n", "\n", "</think>", "\n", "\n"]
+    seen = {}
+
+    class Spy(Method):
+        name = "spy_q35"
+        vision_stage = True
+
+        def select_vision(self, sig):
+            seen["q"] = tok.convert_ids_to_tokens(sig.question_ids.tolist())
+            return Selection(keep=torch.arange(sig.num_tokens))
+
+    b = make_batch(rt, 1)
+    attach(rt.model, Spy(), prompt_spec=rt.prompt_spec())
+    try:
+        with torch.no_grad():
+            rt.model(**b)
+    finally:
+        rt.model._pruning_engine.remove()
+    from conftest import QUESTIONS
+
+    assert seen["q"] == tok.convert_ids_to_tokens(tok(QUESTIONS[0], add_special_tokens=False).input_ids)
