@@ -17,6 +17,8 @@
 #                                                       # call until DONE), then OUT/weights2.tar (fp16) + the training log
 #   bash scripts/bench/gpu_session.sh sweep2     OUT   # the v2 sweep (testbed.evaluate2, --resume) on runs/testbed2-weights
 #                                                       # or testbed/weights2 -> OUT/testbed2/
+# The device image has transformers 5.17: first `bash scripts/bench/device_wheels.sh` here, carry .device-wheels and
+# begin every device command with `bash scripts/bench/device_wheels.sh install &&` (offline pip, a few seconds).
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
 # LIMIT seconds (default 540) and writes what it has. bench.efficiency writes its files at the end: the fast
 # parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT
