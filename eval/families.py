@@ -4,9 +4,9 @@ its kept visual tokens are drawn over the image (the run's overlays)."""
 
 from __future__ import annotations
 
-#: families whose processor reads videos (Video-LLaVA; the Qwen-VL families: llava/preprocess_qwen_video.py); the
-#: others answer image / text benchmarks only
-VIDEO_FAMILIES = ("video_llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+#: families whose processor reads videos (Video-LLaVA; the Qwen-VL families: llava/preprocess_qwen_video.py;
+#: OneVision and InternVL: llava/preprocess_ov_internvl_video.py); the others answer image / text benchmarks only
+VIDEO_FAMILIES = ("video_llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision", "internvl")
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
 CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
 #: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
@@ -18,14 +18,15 @@ BUDGET_UNITS = {
     "video_llava": "visual tokens per image / video frame",
     "qwen2_5_vl": "merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
                   "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
-    "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods)",
+    "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods; a video: per "
+                       "frame, 196 pooled tokens each at 384 px, + one newline per video)",
     "qwen3_vl": "merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
                 "resize, p the patch size; each token's DeepStack rows follow it; a video: per temporal slice of 2 "
                 "frames)",
     "qwen3_5": "merged visual tokens per image after the merger (dynamic grid as Qwen3-VL; a video: per temporal "
                "slice of 2 frames; hybrid LLM: in-LLM stages only where they read a full-attention layer)",
     "internvl": "visual tokens per tile (dynamic tiling: up to 12 tiles of 448 px + a thumbnail, 256 tokens each "
-                "after the 2x2 pixel shuffle; per-unit methods)",
+                "after the 2x2 pixel shuffle; per-unit methods; a video: per frame, one tile each)",
 }
 
 
@@ -49,7 +50,8 @@ def family_check(cfg, rt, questions: list) -> str | None:
 def model_info(cfg, rt, dtype: str) -> dict:
     """What results.json records about the model: id, family (``llava`` / ``llava_next`` / ``video_llava`` /
     ``qwen2_5_vl`` / ``llava_onevision``), template, the preprocessing actually applied and what a budget counts
-    (on a video benchmark the Qwen families record their frame count and video preprocessing too)."""
+    (on a video benchmark the Qwen families, OneVision and InternVL record their frame count and video preprocessing
+    too)."""
     from .benchmarks import BENCHMARKS
 
     video = getattr(BENCHMARKS.get(str(cfg.benchmark).lower().replace("-", "_")), "modality", None) == "video"
@@ -73,18 +75,20 @@ def model_info(cfg, rt, dtype: str) -> dict:
         return info
     info.update(next_layout=rt.processor.next_layout, num_frames=rt.processor.num_frames,
                 image_size=vc.image_size, patch_size=vc.patch_size)
-    if rt.family == "internvl":
-        ip = rt.processor.image_processor
-        info.update(preprocess="dynamic tiling (crop_to_patches, thumbnail)", min_tiles=int(ip.min_patches),
-                    max_tiles=int(ip.max_patches), tokens_per_tile=rt.processor.tokens_per_crop)
-        for k in ("next_layout", "num_frames"):
-            info.pop(k)
-        return info
-    if rt.family == "llava_onevision":
-        info.update(preprocess=f"anyres ({getattr(rt.model.config, 'vision_aspect_ratio', 'anyres_max_9')})",
-                    tokens_per_crop=rt.processor.tokens_per_crop)
+    if rt.family in ("internvl", "llava_onevision"):
+        if rt.family == "internvl":
+            ip = rt.processor.image_processor
+            info.update(preprocess="dynamic tiling (crop_to_patches, thumbnail)", min_tiles=int(ip.min_patches),
+                        max_tiles=int(ip.max_patches), tokens_per_tile=rt.processor.tokens_per_crop)
+        else:
+            info.update(preprocess=f"anyres ({getattr(rt.model.config, 'vision_aspect_ratio', 'anyres_max_9')})",
+                        tokens_per_crop=rt.processor.tokens_per_crop)
         info.pop("next_layout")
-        info.pop("num_frames")
+        if video:  # each frame resized to the tower's square (not re-sampled at the checkpoint's own rule)
+            info.update(frame_sampling="harness: num_frames, linspace as Video-LLaVA",
+                        video_preprocess=rt.processor.video_settings.as_dict())
+        else:
+            info.pop("num_frames")
         return info
     info["preprocess"] = "pad" if rt.processor.pad_to_square else "crop"
     return info
@@ -108,10 +112,15 @@ def sample_overlay(rt, inputs, b: int, img, keep: list[int], video: bool, pad_to
     if rt.family == "internvl":  # the image's last tile is the whole image (the thumbnail, or the only tile)
         n = rt.processor.tokens_per_crop
         total = int((inputs["input_ids"][b] == rt.model.config.image_token_id).sum())
+        first = 0 if video else total - n  # a video's first frame is its first tile
         side = vc.image_size[0]
         grid = int(round(n ** 0.5))
         view = img.convert("RGB").resize((side, side), resample=3)
-        return grid_overlay(view, grid, grid, sorted({i - (total - n) for i in keep if total - n <= i < total}))
+        return grid_overlay(view, grid, grid, sorted({i - first for i in keep if first <= i < first + n}))
+    if rt.family == "llava_onevision" and video:  # the first frame's pooled grid (ceil(g / 2) per side)
+        g = -(-(vc.image_size // vc.patch_size) // 2)
+        view = img.convert("RGB").resize((vc.image_size, vc.image_size), resample=3)
+        return grid_overlay(view, g, g, sorted({i for i in keep if 0 <= i < g * g}))
     if rt.family == "llava_onevision":  # base crop: the whole image resized to the tower's square
         grid = vc.image_size // vc.patch_size
         n = rt.processor.tokens_per_crop

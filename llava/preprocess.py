@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .preprocess_ov_internvl_video import InternVLVideoMixin, OnevisionVideoMixin
 from .preprocess_qwen_video import Frames, QwenVideoMixin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -334,6 +335,9 @@ class ChatMLProcessor(PromptProcessor):
     def _video_placeholder_id(self) -> int | None:
         return None
 
+    def _takes_videos(self) -> bool:
+        return self._video_placeholder_id() is not None
+
     def _video_inputs(self, videos: list) -> tuple[dict, list]:
         """The batch's video pixels and per sample the ids its video placeholder becomes (None: no video)."""
         if any(v is not None for v in videos):
@@ -353,12 +357,15 @@ class ChatMLProcessor(PromptProcessor):
             per_sample.append([load_image(im) for im in x])
         pixels, counts = self._pixels(per_sample)
         ph_id, img_id, vph_id = self._placeholder_id(), self.model_config.image_token_id, self._video_placeholder_id()
-        vpixels, vruns = self._video_inputs(videos if vph_id is None else  # no video placeholder: refused unread
+        vpixels, vruns = self._video_inputs(videos if not self._takes_videos() else  # no video support: refused unread
                                             [None if v is None else load_frames(v, self.num_frames) for v in videos])
         rows = []
         for i, q in enumerate(questions):
             prompt = (prompts[i] if prompts is not None
                       else self.prompt_text(q, len(per_sample[i]), videos[i] is not None))
+            if isinstance(vruns[i], str):  # a video's text put into the prompt, then tokenised (InternVL's processor)
+                rows.append(self._video_text_ids(prompt, vruns[i], len(per_sample[i])))
+                continue
             ids = self.tokenizer(prompt).input_ids
             n_ph, n_vph = sum(t == ph_id for t in ids), sum(t == vph_id for t in ids) if vph_id is not None else 0
             if n_ph != len(per_sample[i]) or n_vph != (vruns[i] is not None):
@@ -372,6 +379,9 @@ class ChatMLProcessor(PromptProcessor):
                 else:
                     out.extend(vruns[i] if t == vph_id else [t])
             rows.append(out)
+        if set(pixels) & set(vpixels):
+            raise ValueError(f"{self.family}: image and video samples in one batch are not supported (both give "
+                             f"{', '.join(sorted(set(pixels) & set(vpixels)))}): batch them apart")
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((n, width), pad, dtype=torch.long)
@@ -436,12 +446,14 @@ class QwenVLProcessor(QwenVideoMixin, ChatMLProcessor):
         return {"mm_token_type_ids": types * mask}
 
 
-class OnevisionProcessor(ChatMLProcessor):
+class OnevisionProcessor(OnevisionVideoMixin, ChatMLProcessor):
     """LLaVA-OneVision (llava-hf): ``LlavaOnevisionImageProcessorPil`` (anyres: base crop + best-pinpoint
     crops, padded to the batch's largest crop count: ``pixel_values`` (n_images, max_crops, 3, H, W),
     ``image_sizes`` (n, 2) as (H, W), ``batch_num_images`` per sample holding images); ``<image>`` expands to
     the packed count (base + unpadded grid, anyres_max_9 interpolated, + one newline per row); several images
-    in one sample get only the base crop: tokens per crop + 1 each."""
+    in one sample get only the base crop: tokens per crop + 1 each. Videos (one per prompt, the videos of a batch of
+    one frame count): :mod:`llava.preprocess_ov_internvl_video`, transformers' video processor rebuilt without
+    torchvision (``pixel_values_videos``; ``<video>`` becomes frames x pooled tokens + 1 newline)."""
 
     placeholder = "<image>"
 
@@ -484,13 +496,13 @@ class OnevisionProcessor(ChatMLProcessor):
         return px, counts
 
 
-class InternVLProcessor(ChatMLProcessor):
+class InternVLProcessor(InternVLVideoMixin, ChatMLProcessor):
     """InternVL3 / 3.5 (-hf checkpoints): ``GotOcr2ImageProcessorPil`` with ``crop_to_patches`` (dynamic tiling:
     the aspect ratio among 1..``max_patches`` tiles closest to the image's, tiles row-major, then a thumbnail when
     there is more than one tile; ``pixel_values`` (tiles, 3, S, S) of all images in prompt order), as
     ``InternVLProcessor`` calls it; each ``<IMG_CONTEXT>`` becomes ``<img>`` + tiles x (S / patch * ratio)^2
-    ``<IMG_CONTEXT>`` + ``</img>``. Videos: not built here (the stock processor writes one ``Frame{i}: <img>...
-    </img>`` run per frame; the engine prunes such prompts built by any processor)."""
+    ``<IMG_CONTEXT>`` + ``</img>``. Videos (one per prompt): :mod:`llava.preprocess_ov_internvl_video` (each frame one
+    tile of ``pixel_values``, one ``Frame{i}: <img>...</img>`` line per frame, as transformers' processor)."""
 
     placeholder = "<IMG_CONTEXT>"
 

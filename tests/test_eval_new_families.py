@@ -224,8 +224,10 @@ def test_harness_prompt_is_the_processors_chatml_prompt_with_the_suffix(data, tm
 
 def test_video_benchmark_and_llava_only_options_are_refused_for_the_new_families(tmp_path, capsys):
     vdata = write_fixtures(tmp_path / "data", ["msvd", "gqa"])
-    # the Qwen families take videos (tests/test_qwen_video_processor.py); OneVision's processor does not
-    c = RunConfig(benchmark="msvd", model=OV, method="none", data_root=str(vdata), out=str(tmp_path / "o"), wandb=False)
+    # the Qwen families, OneVision and InternVL take videos (tests/test_qwen_video_processor.py,
+    # tests/test_ov_internvl_video_processor.py); LLaVA-1.5's processor does not
+    c = RunConfig(benchmark="msvd", model="tiny:llava", method="none", data_root=str(vdata), out=str(tmp_path / "o"),
+                  wandb=False)
     assert run(c) == 2
     assert "videos" in capsys.readouterr().err and not run_dir_of(c).exists()
     for model, kw, msg in ((OV, {"pad_to_square": False}, "--no-pad"), (QWEN, {"next_layout": "spatial"}, "--next-layout"),
