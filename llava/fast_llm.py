@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import output_capturing
 
-from .layout import llm_outputs
+from .layout import _add_deepstack, carry_rows, llm_outputs
 from .method import Selection
 from .signals import LLMSignals, llm_attention_fns
 
@@ -92,13 +92,14 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     return tuple(out)
 
 
-def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int, text_buckets=()):
+def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int, text_buckets=(), deepstack: int = 0):
     """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``lens``: the
     rows' lengths entering layer 0 and ``counts``: per sample, its visual tokens entering layer 0 then
     after each stage. Returns the :class:`StageSpec` per stage, their host tensors (per stage: the visual
     rows entering it, the next rows' gather, positions, first-position gather, 4-D mask), each segment's
     row lengths per sample and buckets. With ``method.llm_text_rows`` also each stage's text-after rows,
-    padded to ``text_buckets`` ("text", "text_mask")."""
+    padded to ``text_buckets`` ("text", "text_mask"); for a stage before decoder layer ``deepstack`` (DeepStack
+    levels still to add) the next segment's visual rows, flattened ("ds_at")."""
     B = len(rows)
     specs, tensors = [], []
     seg_lens = [list(lens)]
@@ -109,7 +110,7 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int,
         m_out = [c[stage + 1] for c in counts]
         n_new = [n - a + b for n, a, b in zip(seg_lens[-1], nv_in, m_out)]
         Lb = bucket_for(max(n_new), buckets)
-        vis, text, text_mask, text_q, n_text = [], [], [], [], []
+        vis, text, text_mask, text_q, n_text, ds_at = [], [], [], [], [], []
         src = torch.zeros(B, Lb, dtype=torch.long)
         ar = torch.zeros(B, Lb, dtype=torch.long)
         first = torch.zeros(B, dtype=torch.long)
@@ -132,11 +133,14 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int,
             out_at += m
             ar[b, pad:] = j
             first[b] = b * Lb + pad
+            ds_at.append(b * Lb + pad + p0 + torch.arange(m))
         specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out),
                                text=tuple(text_q), num_text=tuple(n_text)))
         tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first, "mask": mask})
         if text:
             tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
+        if layer < deepstack:
+            tensors[-1]["ds_at"] = torch.cat(ds_at)
         seg_lens.append(n_new)
         seg_buckets.append(Lb)
     return tuple(specs), tensors, seg_lens, seg_buckets
@@ -168,34 +172,44 @@ def _no_output_capture():
         output_capturing._active_collector.reset(token)
 
 
-def _layers(lm, h, mask, pos, cache, a: int, z: int):
+def _layers(lm, h, mask, pos, cache, a: int, z: int, ds: dict | None = None):
     """Decoder layers a..z-1 on rows ``h`` with the 4-D ``mask`` at ``pos`` (a 4-D mask is what
-    ``create_causal_mask`` hands the layers unchanged); returns (h, the last layer's input)."""
+    ``create_causal_mask`` hands the layers unchanged); ``ds``: DeepStack rows (Qwen3-VL; ``rows`` (n, levels,
+    D) at the flattened visual rows ``at``), level i added after layer i as the stock text model does.
+    Returns (h, the last layer's input)."""
     pe = lm.rotary_emb(h, position_ids=pos)
     prev = h
     with _no_output_capture():
         for i in range(a, z):
             prev = h
             h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+            if ds is not None and i < ds["rows"].shape[1]:
+                h = _add_deepstack(h, ds, i)
     return h, prev
 
 
 def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple, visual0, vision_sigs, origins,
-                 bad):
+                 bad, ds: dict | None = None):
     """The decoder over a captured prefill's rows with its llm stages (device, static shapes). ``visual0``
     (per sample) the visual rows entering layer 0, ``vision_sigs`` / ``origins`` per sample the vision
-    stage's signals (or None) and each visual token's source candidate. Returns the last rows' hidden
-    states (B, 1, D) after the final norm, and ``bad`` ORed with every stage's malformed flags."""
+    stage's signals (or None) and each visual token's source candidate; ``ds`` the DeepStack rows at the
+    visual rows entering layer 0 (Qwen3-VL; a stage before the last level carries them through its selection,
+    as the eager engine). Returns the last rows' hidden states (B, 1, D) after the final norm, and ``bad``
+    ORed with every stage's malformed flags."""
     lm, method = engine.lm, engine.method
     B = rows.shape[0]
     bounds = [0] + [st.layer for st in stages] + [len(lm.layers)]
-    entry_in = [rows[b][v] for b, v in enumerate(visual0)]  # each visual token's input to layer 0
-    entry = [torch.arange(v.numel(), device=rows.device) for v in visual0]
+    if stages:
+        entry_in = [rows[b][v] for b, v in enumerate(visual0)]  # each visual token's input to layer 0
+        entry = [torch.arange(v.numel(), device=rows.device) for v in visual0]
     origin = list(origins)
     state = [{} for _ in range(B)]
-    h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1])
+    h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1], ds)
     for s, (st, t) in enumerate(zip(stages, stage_in)):
-        outs, vps = [], []
+        if ds is not None and st.layer >= ds["rows"].shape[1]:
+            ds = None  # every level was added before this stage
+        outs, vps, deep = [], [], []
+        ds_in = ds["rows"].split(list(st.visual_in)) if ds is not None else None
         at = at_t = 0
         for b in range(B):
             nv, m = st.visual_in[b], st.outputs[b]
@@ -208,7 +222,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                 at_t += q
             if not nv:
                 continue
-            x, p, x_prev = h[b], pos[b], prev[b]
+            x, p, x_prev = h[b], pos[..., b, :], prev[b]  # p: (S,), or (3, S) M-RoPE
             sig = _signals(lm, st.layer, x, p, x_prev, mask[b, 0, -1, :x.shape[0]], vis, origin[b], entry[b],
                            entry_in[b], state[b], vision_sigs[b], text)
             sel = method.select_llm(s, sig)
@@ -222,15 +236,20 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                     bad = bad | flags[name]
             vx, src = llm_outputs(x[vis], sel)
             outs.append(vx)
-            vps.append(p[vis[src]])  # a merged token takes its target's position
+            if ds_in is not None:  # the DeepStack rows still to add follow the selection
+                deep.append(carry_rows(ds_in[b], sel))
+            vps.append(p[..., vis[src]])  # a merged token takes its target's position
             origin[b], entry[b] = origin[b][src], entry[b][src]
         Lb = st.bucket
         h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
-        p2 = torch.cat([pos.reshape(-1)] + vps)[t["src"]].view(B, Lb)
+        R = pos.shape[:-2]  # () or (3,) (M-RoPE: kept positions, never renumbered)
+        p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t["src"]].view(*R, B, Lb)
         if engine._reindex:  # renumbered from the row's first position, as the eager engine
             p2 = t["ar"] + p2.reshape(-1)[t["first"]][:, None]
         pos, mask = p2, t["mask"]
-        h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2])
+        if ds is not None:  # a sample without visual tokens left carries no rows
+            ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
+        h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2], ds)
     return lm.norm(h[:, -1:]), bad
 
 

@@ -65,6 +65,9 @@ class _Spec:
     cache_len: int
     index_len: int
     stages: tuple = ()  # llava.fast_llm.StageSpec per llm stage
+    tower: object = None  # the family's static tower plan (FastVisual.tower); None: the CLIP tower
+    mrope: int = 0  # rows of the positions when kept tokens keep theirs (M-RoPE: 3); 0: contiguous 1-D
+    deepstack: int = 0  # DeepStack levels (Qwen3-VL): rows added at the visual rows after decoder layers 0..n-1
 
 
 def _shift(s: _Sample, delta: int) -> _Sample:
@@ -83,6 +86,8 @@ class _VisualPlan:
     index: torch.Tensor  # the index buffer (text rows filled in by plan_rows)
     dry: list  # per sample: the dry run's outputs of the vision stage, then of each llm stage
     crops: torch.Tensor | None
+    positions: list | None = None  # per row (rows, n) host positions of its real tokens, unpruned (M-RoPE)
+    tower: dict | None = None  # the tower's host index tensors (FastVisual.tower_tensors)
 
 
 class FastPlanMixin:
@@ -164,16 +169,17 @@ class FastPlanMixin:
         cfg = self.engine.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
+        heads, kd, vd = self.engine.adapter.fast_dims()
         meta = torch.device("meta")
         n = s.tokens + s.extra
         needs = m.needs_vision_attention
-        ca = torch.empty(vc.num_attention_heads, n, device=meta) if needs else None
-        ks = torch.empty(n, vc.hidden_size // vc.num_attention_heads, device=meta) if needs else None
+        ca = torch.empty(heads, n, device=meta) if needs else None
+        ks = torch.empty(n, kd, device=meta) if needs else None
         shape = {"recv": (n, vc.num_attention_heads), "clsl": (n, vc.num_attention_heads), "fwa": (n,),
                  "fwk": (n, vc.hidden_size)}
         extras = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
         sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
-                                   torch.empty(n, vc.hidden_size, device=meta), ca, ks, kind,
+                                   torch.empty(n, vd, device=meta), ca, ks, kind,
                                    torch.empty(s.text, D, device=meta), extras)
         m0 = m.select_vision(sig).num_out
         return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
@@ -268,6 +274,15 @@ class FastPlanMixin:
             samples.append(smp)
             chunks += ch
         index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+        try:  # M-RoPE: the eager engine's positions of the unpruned prompt (the family's own rule), per row
+            positions = e.adapter.fast_positions(ids_h, valid_h, fv)
+        except Exception as exc:  # a prompt the family's rule does not take: the eager engine says why
+            raise NotPlanned(f"the prompt's positions could not be planned ({type(exc).__name__}: {exc})") from None
+        if positions is not None:
+            positions = [positions[:, b, valid_h[b]] for b in range(B)]
+            if extras or self.piecewise:
+                raise NotPlanned(f"{e.method.name}: kept positions (M-RoPE) are planned for the one-graph prefill of "
+                                 "the visual tokens themselves (no extra [CLS] candidates, no piecewise count)")
         done, keys = [], []
         for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
             sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind, smp.static,
@@ -294,13 +309,22 @@ class FastPlanMixin:
         newlines = any(bool((vp["src"] < 0).any()) for vp in fv.samples)
         spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
                      crops=fv.crops is not None, samples=tuple(done), bucket=0, cache_len=0,
-                     index_len=int(index.numel()))
-        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], fv.crops)
+                     index_len=int(index.numel()), tower=fv.tower,
+                     mrope=int(positions[0].shape[0]) if positions is not None else 0,
+                     deepstack=int(e.adapter.deepstack_levels))
+        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], fv.crops, positions,
+                           fv.tower_tensors)
 
     def plan_rows(self, vp: "_VisualPlan", counts: list[int] | None = None):
         """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and mask (and
         the llm segments). ``counts``: a piecewise prefill's real outputs per sample (read after its first
-        graph); each sample's outputs then sit at the start of its padded slice of the buffer."""
+        graph); each sample's outputs then sit at the start of its padded slice of the buffer.
+
+        Positions: contiguous from 0 per row (1-D families), or, for a family whose kept tokens keep their
+        positions (``vp.positions``, M-RoPE), every text row's own position and, in ``vpos`` (rows, sum T),
+        each sample's visual tokens' positions in candidate order: the captured prefill gathers an output's
+        from its source candidate (a merged token takes its target's), as the eager engine does. Also
+        returns the first generated token's position per row ((rows, B); 1-D: the row's length)."""
         e = self.engine
         rows, index, samples = vp.rows, vp.index, vp.spec.samples
         B = len(rows)
@@ -313,11 +337,15 @@ class FastPlanMixin:
             if counts is not None:
                 raise NotPlanned(f"{e.method.name}: llm stages after a piecewise vision stage are not planned")
             stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, vp.dry, self.buckets,
-                                                                    bucket_for, C, TEXT_BUCKETS)
+                                                                    bucket_for, C, TEXT_BUCKETS,
+                                                                    deepstack=vp.spec.deepstack)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
         tok = torch.zeros(B, Lb, dtype=torch.long)
         src = torch.arange(B * Lb).view(B, Lb).clone()
-        pos = torch.zeros(B, Lb, dtype=torch.long)
+        full = vp.positions
+        pos = torch.zeros(B, Lb, dtype=torch.long) if full is None else torch.zeros(vp.spec.mrope, B, Lb,
+                                                                                     dtype=torch.long)
+        vpos, nxt = [], []
         mask = prompt_mask(lens, Lb, C)
         vis0 = []  # the visual rows entering layer 0 (llm stages)
         out_at = B * Lb
@@ -328,7 +356,14 @@ class FastPlanMixin:
             tok[b, slots] = text
             src[b, pad + p0:pad + p0 + m] = out_at + torch.arange(m)
             out_at += smp.outputs  # a padded sample's slice of the buffer is longer
-            pos[b, pad:] = torch.arange(n)
+            if full is None:
+                pos[b, pad:] = torch.arange(n)
+                nxt.append(n)
+            else:  # the real rows' own positions (pads: 0, masked)
+                own = full[b]
+                pos[:, b, slots] = torch.cat([own[:, :p0], own[:, p0 + T:]], 1)
+                vpos.append(own[:, p0:p0 + T])
+                nxt.append(own[:, -1] + 1)
             if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
                 o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
                 real_text = int(ids.numel()) - p0 - T
@@ -338,9 +373,16 @@ class FastPlanMixin:
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
         if vp.crops is not None:
             host["crops"] = vp.crops
+        if full is not None:
+            host["vpos"] = torch.cat(vpos, 1)
+        for k, t in (vp.tower or {}).items():
+            host[f"tower:{k}"] = t
+        if vp.spec.deepstack:  # the visual rows entering layer 0, flattened: where the DeepStack rows go
+            host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
         if stages:
             host["vis0"] = torch.cat(vis0)
             for s, t in enumerate(stage_host):
                 host.update({f"s{s}:{k}": v for k, v in t.items()})
-        return spec, host, mask, (seg_lens, seg_buckets), [T for _, _, T in rows]
+        nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
+        return spec, host, mask, (seg_lens, seg_buckets), [T for _, _, T in rows], nxt
 

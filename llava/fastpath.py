@@ -29,14 +29,22 @@ and handed to the captured function as index tensors:
 
 Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.path_reason`` say
 why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
-tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - with exactly one image or
-one video per prompt, laid out by the family adapter's :meth:`~llava.families.base.FamilyAdapter.fast_visual`;
-methods that declare ``capturable = "full"`` or ``"piecewise"`` (:attr:`llava.method.Method.capturable`;
-piecewise: a vision stage only, not query-aware); no replay.
+tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - and Qwen2.5-VL (images; videos,
+one unit per temporal slice) and Qwen3-VL (images; its DeepStack rows follow the kept tokens), with exactly
+one image or one video per prompt, laid out by the family adapter's
+:meth:`~llava.families.base.FamilyAdapter.fast_visual`; methods that declare ``capturable = "full"`` or
+``"piecewise"`` (:attr:`llava.method.Method.capturable`; piecewise: a vision stage only, not query-aware, not
+on M-RoPE families); no replay.
+The Qwen towers run inside the captured function with every grid-dependent index planned on the host
+(:meth:`~llava.families.base.FamilyAdapter.fast_encode`, :func:`llava.families.qwen_vision.run_static`);
+their 3-D M-RoPE positions are the eager engine's (the model's own ``get_rope_index`` on the host ids,
+:meth:`~llava.families.base.FamilyAdapter.fast_positions`): the text rows keep theirs, each visual output
+takes its source candidate's inside the graph, decoding continues at the last prompt position + 1 on all
+three axes.
 Greedy tokens equal the eager engine's; logits may differ in the last bits (the bucket's padding
 changes GEMM shapes). A graph is keyed by the bucket, the batch and every sample's visual structure:
 LLaVA-1.5 and Video-LLaVA have one structure, LLaVA-NeXT one per crop grid and unpadded layout (image
-aspect ratio; the ``spatial`` layout: one per grid).
+aspect ratio; the ``spatial`` layout: one per grid), the Qwen models one per set of image grids.
 """
 
 from __future__ import annotations
@@ -49,9 +57,9 @@ import torch
 
 from .families.base import param_dtype, to_device
 from .families.clip import attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention
-from .fast_llm import decode_segments, run_segments
+from .fast_llm import _no_output_capture, decode_segments, run_segments
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
-from .layout import materialize
+from .layout import carry_rows, materialize
 from .method import Selection
 
 __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS", "NotPlanned", "bucket_for",
@@ -60,7 +68,7 @@ __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS"
 log = logging.getLogger(__name__)
 
 #: model families the fast path plans for
-FAST_FAMILIES = ("llava", "llava_next", "video_llava")
+FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 
@@ -70,7 +78,7 @@ class FastState:
 
     cache: object
     mask: torch.Tensor  # (S, B, 1, 1, C) bool per segment of layers, slots the next token may see (in place)
-    next_pos: torch.Tensor  # (S, B, 1) per segment, position of the first generated token
+    next_pos: torch.Tensor  # (S, B, 1) per segment, position of the first generated token ((S, 3, B, 1) M-RoPE)
     buckets: torch.Tensor  # (S,) per segment, the slot of the first generated token
     layers: tuple  # the llm stages' layers (S - 1 of them)
     room: int  # generated tokens the cache holds
@@ -161,30 +169,41 @@ class FastPath(FastPlanMixin):
         return None
 
     # ------------------------------------------------------------------ the captured functions
-    def _prefill_fn(self, px, crops, tok, src, pos, mask, index, cache, spec: _Spec, stage_in=None):
+    def _prefill_fn(self, px, crops, tok, src, pos, mask, index, cache, spec: _Spec, stage_in=None, vpos=None,
+                    tower_in=None, ds_at=None):
         e = self.engine
         emb = e.lm.embed_tokens(tok)
+        deeps = [] if spec.deepstack else None
         outs, sigs, origins, _, bad = self._visual_outputs(px, crops, index, spec, emb.dtype,
-                                                           emb.reshape(-1, emb.shape[-1]))
+                                                           emb.reshape(-1, emb.shape[-1]), tower_in, deeps)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
-        if spec.stages:  # the decoder segment by segment, the llm stages between (llava.fast_llm)
-            vis0, at = [], 0
-            for s in spec.samples:
-                vis0.append(stage_in["vis0"][at:at + s.outputs])
-                at += s.outputs
-            stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
-                      for i in range(len(spec.stages))]
-            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad)
+        if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
+            R, at, vp = pos.shape[0], 0, []
+            for s, o in zip(spec.samples, origins):
+                vp.append(vpos[:, at:at + s.tokens][:, o])
+                at += s.tokens
+            pos = torch.cat([pos.reshape(R, -1)] + vp, 1)[:, src].view(pos.shape)
+        if spec.stages or spec.deepstack:  # the decoder segment by segment, the llm stages between (llava.fast_llm)
+            vis0, stages = [], []
+            if spec.stages:
+                at = 0
+                for s in spec.samples:
+                    vis0.append(stage_in["vis0"][at:at + s.outputs])
+                    at += s.outputs
+                stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
+                          for i in range(len(spec.stages))]
+            ds = {"rows": torch.cat(deeps), "at": ds_at} if spec.deepstack else None  # Qwen3-VL's DeepStack rows
+            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad, ds)
             return e.model.lm_head(h), bad
         h = e.lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
                  use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:]), bad
 
-    def _vision_fn(self, px, crops, index, spec: _Spec):
+    def _vision_fn(self, px, crops, index, spec: _Spec, tower_in=None):
         """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
         their real counts (B,) and the validity flag, on the device."""
         dtype = self.engine.lm.embed_tokens.weight.dtype
-        outs, _, _, counts, bad = self._visual_outputs(px, crops, index, spec, dtype, None)
+        outs, _, _, counts, bad = self._visual_outputs(px, crops, index, spec, dtype, None, tower_in)
         return torch.cat(outs), torch.stack(counts), bad
 
     def _llm_fn(self, tok, buf, src, pos, mask, cache):
@@ -197,36 +216,22 @@ class FastPath(FastPlanMixin):
                  use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:])
 
-    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat):
+    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None):
         """The vision stage of a captured prefill, per sample: the outputs (m, D) in ``dtype``, the
         signals, each output's source candidate, the real count (0-d; ``Selection.count`` of a padded
         selection) and the OR of every malformed flag. ``text_flat``: the new rows' embeddings, flattened
-        (query-aware methods read their text block from them)."""
+        (query-aware methods read their text block from them); ``tower_in``: the tower's planned index
+        tensors (a family that encodes its tower itself, ``spec.tower``); ``deeps``: a list that receives each
+        sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL)."""
         e = self.engine
         adapter, method = e.adapter, e.method
-        cfg = e.model.config
-        tower = adapter.fast_tower(spec.key)
-        fl = cfg.vision_feature_layer
-        x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
-        if spec.crops:
-            x = x[crops]
-        out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
-        hs = out.hidden_states[fl]
-        ca = ks = None
-        if method.needs_vision_attention:
-            li = attention_layer(tower, fl, method.vision_layer)
-            ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
-        extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
-        proj = adapter.core.multi_modal_projector
-        off = 1 if spec.drop_cls else 0
-        vis = hs[:, off:]
-        N, per = vis.shape[:2]
-        pdt = param_dtype(proj)
-        flat = proj(vis.to(pdt)).reshape(N * per, -1)  # one projector call, as the stock model
-        vflat = vis.reshape(N * per, -1)
-        caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
-        ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
-        exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
+        if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.fast_encode)
+            with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
+                enc = adapter.fast_encode(px, spec.tower, tower_in, method.needs_vision_attention)
+            flat, vflat = enc["features"], enc["vision_features"]
+            caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
+        else:
+            flat, vflat, caf, ksf, exf, clip = self._clip_tokens(px, crops, spec)
         newline = adapter.fast_newline() if spec.newlines else None
         bad = torch.zeros((), dtype=torch.bool, device=flat.device)
         outs, sigs, origins, counts = [], [], [], []
@@ -247,13 +252,17 @@ class FastPath(FastPlanMixin):
                     a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
                 ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
             f = f.to(dtype)
+            dsf = enc["deepstack"][safe] if deeps is not None else None
             if not method.vision_stage:
+                if deeps is not None:
+                    deeps.append(dsf)
                 outs.append(f)
                 sigs.append(None)
                 origins.append(torch.arange(f.shape[0], device=f.device))
                 counts.append(torch.full((), f.shape[0], dtype=torch.long, device=f.device))
                 continue
             if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
+                hs, ca, ks, extra, proj, pdt = clip
                 o, n = at["units"]
                 units = index[o:o + n]
                 f = torch.cat([f, proj(hs[units, :1].to(pdt))[:, 0].to(dtype)])
@@ -279,12 +288,46 @@ class FastPath(FastPlanMixin):
                 tg, asg = sel.targets, sel.assign  # the eager engine refuses merging newlines in vision space
                 bad = bad | sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()
             feats, origin = materialize(sig, sel, adapter.project)
+            if deeps is not None:  # kept with a kept token, merged by the selection's rule (the eager engine's)
+                deeps.append(carry_rows(dsf, sel))
             outs.append(feats.to(dtype))
             sigs.append(sig)
             origins.append(origin)
             counts.append(sel.count if sel.count is not None
                           else torch.full((), sel.num_out, dtype=torch.long, device=feats.device))
         return outs, sigs, origins, counts, bad
+
+    def _clip_tokens(self, px, crops, spec: _Spec):
+        """The CLIP tower of a captured prefill (LLaVA-1.5 / NeXT / Video-LLaVA): per tower token of every
+        unit (flattened), the projected features, the select layer's states, the [CLS] attention / keys and
+        the extra tower-layer signals; and what the [CLS] candidates are built from (hidden states, [CLS]
+        attention, keys, extras, projector, its dtype)."""
+        e = self.engine
+        adapter, method = e.adapter, e.method
+        cfg = e.model.config
+        tower = adapter.fast_tower(spec.key)
+        fl = cfg.vision_feature_layer
+        x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
+        if spec.crops:
+            x = x[crops]
+        out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        hs = out.hidden_states[fl]
+        ca = ks = None
+        if method.needs_vision_attention:
+            li = attention_layer(tower, fl, method.vision_layer)
+            ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
+        extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
+        proj = adapter.core.multi_modal_projector
+        off = 1 if spec.drop_cls else 0
+        vis = hs[:, off:]
+        N, per = vis.shape[:2]
+        pdt = param_dtype(proj)
+        flat = proj(vis.to(pdt)).reshape(N * per, -1)  # one projector call, as the stock model
+        vflat = vis.reshape(N * per, -1)
+        caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
+        ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
+        exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
+        return flat, vflat, caf, ksf, exf, (hs, ca, ks, extra, proj, pdt)
 
     def _tower_extras(self, tower, hidden_states, fl) -> dict:
         """The method's extra tower-layer signals (:meth:`_extra_names`) from the tower's hidden states
@@ -341,18 +384,20 @@ class FastPath(FastPlanMixin):
         timings = {}
         if self.piecewise:  # graph 1 -> one read of the counts -> the host plans the rows -> graph 2
             idx_d, crops_d = to_device([vp.index, vp.crops if vp.crops is not None else vp.index[:0]], dev)
+            tower_d = {k: v.to(dev, non_blocking=True) for k, v in (vp.tower or {}).items()}
             vkey = ("vision", vp.spec, px.shape, px.dtype)
             new = vkey not in self._seen
             self._seen.add(vkey)
             timings["plan"] = time.perf_counter() - t0
-            buf, counts_d, bad = self._vision(px, crops_d if vp.crops is not None else None, idx_d, vp.spec)
+            buf, counts_d, bad = self._vision(px, crops_d if vp.crops is not None else None, idx_d, vp.spec,
+                                              tower_d or None)
             got = torch.cat([counts_d, bad.long()[None]]).tolist()  # the one host decision
             counts, bad = got[:-1], bool(got[-1])
             t1 = time.perf_counter()
             timings["decide"] = t1 - t0 - timings["plan"]
             if bad:
                 self._malformed()
-            spec, host, mask, (seg_lens, seg_buckets), candidates = self.plan_rows(vp, counts)
+            spec, host, mask, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp, counts)
             moved = dict(zip(("tok", "src", "pos"), to_device([host["tok"], host["src"], host["pos"]], dev)))
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             lkey = ("llm", spec.batch, spec.bucket, spec.cache_len, tuple(buf.shape))
@@ -362,19 +407,22 @@ class FastPath(FastPlanMixin):
             logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], mask.to(dev, non_blocking=True), cache)
             outputs = counts
         else:
-            spec, host, mask, (seg_lens, seg_buckets), candidates = self.plan_rows(vp)
-            names = [k for k in host if host[k].dtype != torch.bool]
+            spec, host, mask, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp)
+            names = [k for k in host if host[k].dtype == torch.long]
             moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
-            moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype == torch.bool})
+            moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype != torch.long})
             mask_d = mask.to(dev, non_blocking=True)
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             key = (spec, px.shape, px.dtype)
             new = key not in self._seen
             self._seen.add(key)
             timings["plan"] = time.perf_counter() - t0
-            stage_in = {k: v for k, v in moved.items() if k == "vis0" or ":" in k} if spec.stages else None
+            stage_in = ({k: v for k, v in moved.items() if k == "vis0" or (k[0] == "s" and ":" in k)}
+                        if spec.stages else None)
+            tower_in = {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
             logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
-                                        moved["index"], cache, spec, stage_in)
+                                        moved["index"], cache, spec, stage_in, moved.get("vpos"), tower_in,
+                                        moved.get("ds_at"))
             if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
                 self._malformed()
             outputs = [s.outputs for s in spec.samples]
@@ -383,9 +431,13 @@ class FastPath(FastPlanMixin):
         for s, (lens, Lb) in enumerate(zip(seg_lens, seg_buckets)):
             for b, n in enumerate(lens):
                 dec_mask[s, b, 0, 0, Lb - n:Lb] = True
-        # decode positions: "keep" continues after the prompt's last position, "reindex" after each
-        # segment's own length (the eager engine's per-segment shift)
-        nxt = torch.tensor(seg_lens if self.engine._reindex else [seg_lens[0]] * S, dtype=torch.long)
+        # decode positions: "keep" continues after the prompt's last position (M-RoPE: the unpruned prompt's,
+        # on every row, as generate() does), "reindex" after each segment's own length (the eager engine's
+        # per-segment shift)
+        if self.engine._reindex:
+            nxt = torch.tensor(seg_lens, dtype=torch.long)
+        else:
+            nxt = nxt[None].expand(S, *nxt.shape)
         d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None], torch.tensor(seg_buckets)], dev)
         state = FastState(cache=cache, mask=d_mask, next_pos=d_pos, buckets=d_buckets,
                           layers=tuple(st.layer for st in spec.stages), room=spec.cache_len - spec.bucket)

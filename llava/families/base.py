@@ -10,7 +10,10 @@ The engine core (``llava/engine.py``) knows no family: it asks the adapter to
   whether kept tokens keep them (``keeps_positions``) or are renumbered contiguously (LLaVA's
   pre-LLM convention), and map ``generate``'s decode positions into the LLM's space;
 * name the keyword arguments that carry visual inputs (``visual_keys``), which never reach the
-  language model.
+  language model;
+* for the fast path (:mod:`llava.fastpath`): lay out a prefill's visual input from host metadata
+  (``fast_visual``), and where the family runs its own tower there, encode it with static shapes
+  (``fast_encode``) and plan the prompt's positions on the host (``fast_positions``).
 
 Splicing, selection, merging, re-padding, the staged decoder, decode masks, stats and timing stay
 in the core.
@@ -72,7 +75,7 @@ class FastVisual(NamedTuple):
     ``src`` (T,) each visual token's row in the tower's flat (N * tokens-per-unit) output, -1 for a
     newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its patch (-1 [CLS] / newline);
     ``units`` (U,) the units' rows among the N tower inputs; ``unit_pos`` (U, 2); and ``grid`` the units'
-    (rows, cols) patch grids (Python pairs)."""
+    (rows, cols) patch grids (Python pairs). ``tower`` / ``tower_tensors`` / ``meta``: see the fields."""
 
     key: str
     token_id: int
@@ -80,6 +83,13 @@ class FastVisual(NamedTuple):
     drop_cls: bool
     crops: torch.Tensor | None
     samples: list
+    #: a family that encodes its tower itself on the fast path (:meth:`FamilyAdapter.fast_encode`): the static
+    #: plan of the tower run (hashable: part of the graph key) and its host tensors (name -> tensor: indices, weights);
+    #: None: the CLIP tower run by :mod:`llava.fastpath` (``hidden_states`` + the projector)
+    tower: object = None
+    tower_tensors: dict | None = None
+    #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.fast_positions`)
+    meta: dict | None = None
 
 
 def clip_units(n_units: int, tokens: int, drop_cls: bool, first: int = 0) -> dict:
@@ -161,6 +171,26 @@ class FamilyAdapter:
     def fast_newline(self) -> torch.Tensor | None:
         """The embedding fed for a newline token (``src`` -1), if the family has them."""
         return None
+
+    def fast_encode(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool) -> dict:
+        """Inside the captured prefill, for a :class:`FastVisual` with a ``tower`` plan: run the tower with
+        static shapes (no host read; ``tensors`` = its ``tower_tensors`` on the device) and return per visual
+        token, in the order ``src`` indexes: ``features`` (N, D) as the stock model splices them,
+        ``vision_features`` (N, Dv) and with ``want_attn`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the
+        signals :meth:`encode` gives)."""
+        raise NotImplementedError(f"the fast path encodes no {self.family} tower itself")
+
+    def fast_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fv: FastVisual):
+        """The positions of the unpruned prompt, planned on the host from the host ids / mask (B, L) and the
+        host metadata of ``fv``: (rows, B, L) for a family whose kept tokens keep their positions (M-RoPE:
+        3 rows; the eager engine's :meth:`prefill_positions`), None for the contiguous 1-D renumbering."""
+        return None
+
+    def fast_dims(self) -> tuple[int, int, int]:
+        """The signals' widths for the fast path's dry run on ``meta`` tensors: (heads of ``cls_attn``,
+        width of ``keys``, width of ``vision_features``)."""
+        vc = self.config.vision_config
+        return vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads, vc.hidden_size
 
     # ---------------------------------------------------------------- positions
     def prefill_positions(self, input_ids, attention_mask, position_ids, visual: dict):

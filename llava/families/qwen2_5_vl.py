@@ -19,6 +19,10 @@
 * Prompt: ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>``; ``mm_token_type_ids``
   (1 = image, 2 = video) is rebuilt from the ids when missing, because without it transformers
   silently falls back to 1-D positions.
+* Fast path (:mod:`llava.fastpath`): one image or video per prompt; the tower's segments, windows and
+  rotary tables planned from the grids (:func:`qwen_vision.tower_plan`) and run with static shapes inside
+  the captured prefill (:func:`qwen_vision.run_static`, bit-identical to the stock tower); the positions of
+  the unpruned prompt from ``get_rope_index`` on the host ids (:meth:`fast_positions`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, VisualBlock
+from .base import FamilyAdapter, FastVisual, VisualBlock
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -88,6 +92,69 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
     def grid(self) -> tuple[int, int]:
         return (0, 0)  # dynamic resolution: every image has its own grid (``patch`` is its merged raster index)
+
+    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    def fast_visual(self, visual, batch):
+        """One image or one video per prompt (``image_grid_thw`` / ``video_grid_thw``, and a video's
+        ``second_per_grid_ts``, read once on the host: the processor's metadata, before any device work). The
+        tower runs inside the captured prefill with every segment / window / rotary index planned from the grids
+        (:func:`qwen_vision.tower_plan`); a sample's tokens are its image's merged tokens in raster order (one
+        unit), or its video's temporal slices one after the other (a unit each)."""
+        cfg = self.config
+        video = visual.get("pixel_values_videos") is not None
+        if video and visual.get("pixel_values") is not None:
+            raise ValueError("a batch of images and videos runs on the eager engine (the fast path plans one kind)")
+        key, token_id = ("pixel_values_videos", cfg.video_token_id) if video else ("pixel_values", cfg.image_token_id)
+        grid_key = "video_grid_thw" if video else "image_grid_thw"
+        px, grid = visual.get(key), visual.get(grid_key)
+        if px is None or grid is None:
+            raise ValueError(f"{self.family} needs {key} and {grid_key}")
+        grid_h = (grid.cpu() if torch.is_tensor(grid) else torch.tensor(grid)).long().reshape(-1, 3)
+        if grid_h.shape[0] != batch:
+            raise ValueError(f"the fast path takes exactly one {'video' if video else 'image'} per prompt")
+        rows = [[int(v) for v in r] for r in grid_h.tolist()]
+        if px.dim() != 2 or px.shape[0] != sum(t * h * w for t, h, w in rows):
+            raise ValueError(f"{self.family} {key} do not match {grid_key}")
+        plan, tensors = qwen_vision.tower_plan(self.core.visual, rows, self.saliency_layer, self.saliency)
+        merge = plan.merge
+        samples, start = [], 0
+        for t, h, w in rows:
+            if t != 1 and not video:
+                raise ValueError(f"{self.family}: an image of {t} temporal patches")
+            gr, gc = h // merge, w // merge
+            n = gr * gc
+            samples.append({"src": torch.arange(start, start + t * n), "unit": torch.arange(t).repeat_interleave(n),
+                            "patch": torch.arange(n).repeat(t), "units": torch.arange(t),
+                            "unit_pos": torch.full((t, 2), -1, dtype=torch.long), "grid": ((gr, gc),) * t})
+            start += t * n
+        meta = {grid_key: grid_h}
+        if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
+            ts = visual["second_per_grid_ts"]
+            meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
+        return FastVisual(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
+                          tower_tensors=tensors, meta=meta)
+
+    def fast_tower(self, key):
+        return self.core.visual  # images and videos
+
+    def fast_encode(self, pixels, tower, tensors, want_attn):
+        out = qwen_vision.run_static(self.model, pixels, tower, tensors, want_attn)
+        if want_attn:
+            out["cls_attn"] = out.pop("saliency").T
+        return out
+
+    def fast_positions(self, input_ids, attention_mask, fv):
+        """The model's own ``get_rope_index`` on the host ids (``mm_token_type_ids`` from the ids, as
+        :meth:`prefill_positions` rebuilds it): the eager engine's positions, before pruning."""
+        cfg = self.config
+        types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+        pos, _ = self.core.get_rope_index(input_ids, types, attention_mask=attention_mask.long(), **fv.meta)
+        return pos
+
+    def fast_dims(self):
+        vc = self.config.vision_config
+        merge = vc.spatial_merge_size
+        return vc.num_heads, vc.hidden_size // vc.num_heads, vc.hidden_size * merge * merge
 
     # ---------------------------------------------------------------- positions
     def prefill_positions(self, input_ids, attention_mask, position_ids, visual):

@@ -16,6 +16,9 @@
   (:mod:`llava.staged`).
 * Positions: 3-D M-RoPE from the model's own ``get_rope_index`` on the full prompt (interleaved sections
   in the text model), kept tokens keep theirs, as Qwen2.5-VL.
+* Fast path (:mod:`llava.fastpath`): images as Qwen2.5-VL's (the tower without windows, its position table's
+  resampling planned on the host), the DeepStack rows carried with the kept tokens and added at their planned
+  rows after the first decoder layers; videos run on the eager engine.
 * Videos: a prompt puts a timestamp (text) and its own ``<|vision_start|>`` ... ``<|vision_end|>`` run before
   every temporal slice; a unit is a temporal slice, so each run keeps its own outputs. This repository's
   processor does not build video prompts (transformers' video processor needs torchvision): the engine
@@ -31,6 +34,14 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     family = "qwen3_vl"
     model_class = "Qwen3VLForConditionalGeneration"
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
+
+    def fast_visual(self, visual, batch):
+        """Images as Qwen2.5-VL's (the tower without windows, its DeepStack rows carried with the tokens);
+        videos are refused: every temporal slice is its own vision run after its timestamp text."""
+        if visual.get("pixel_values_videos") is not None:
+            raise ValueError(f"{self.family} videos (a timestamp and its own vision run before every temporal slice) "
+                             "run on the eager engine (the fast path plans one vision run per prompt)")
+        return super().fast_visual(visual, batch)
 
     @property
     def deepstack_levels(self) -> int:

@@ -21,6 +21,10 @@ DeepStack features: one merged row per token from each of ``deepstack_visual_ind
 own merger, which the text model adds to the hidden states at the visual positions after its first decoder
 layers (``QwenVisual.deepstack``).
 
+The fast path (:mod:`llava.fastpath`) cannot run the stock tower (its SDPA path reads ``cu_seqlens`` back to the
+host to split the segments): :func:`tower_plan` plans every grid-dependent index on the host and :func:`run_static`
+runs the same modules' arithmetic with static shapes (bit-identical outputs and signals).
+
 Order (Qwen2.5-VL). Inside the tower every per-patch quantity is in *window order*
 (``get_vision_window_index``): merged token ``window_index[i]`` (merged raster index over all
 images) occupies rows ``4i .. 4i+3``. The tower un-permutes only ``pooler_output`` with
@@ -157,6 +161,25 @@ def _pooled_query(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: fl
     return out
 
 
+def attention_signals(attn, x: torch.Tensor, pos: tuple, bounds, reverse: torch.Tensor, saliency: str, chunk: int,
+                      unit_sq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``saliency`` (H, T) and ``keys`` (T, d) of :class:`QwenVisual` from one block's attention input ``x``
+    (N, C) and its rotary tables ``pos`` (cos, sin), both in the tower's order; ``bounds`` the attention
+    segments (patch rows, Python ints), ``reverse`` the tower order -> merged raster order of the merged
+    tokens. No host read: the eager :func:`encode` and the fast path's :func:`run_static` share it."""
+    n = x.shape[0]
+    q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)   # (N, H, d)
+    keys = k.float().mean(1).reshape(-1, unit_sq, k.shape[-1]).mean(1)[reverse]
+    cos, sin = pos
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)                            # (H, N, d)
+    if saliency == "received":
+        per_patch = _received(q, k, bounds, attn.scaling, chunk)
+    else:
+        per_patch = _pooled_query(q, k, bounds, attn.scaling)
+    return per_patch.reshape(per_patch.shape[0], -1, unit_sq).sum(-1)[:, reverse], keys
+
+
 @torch.no_grad()
 def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_attn: bool,
            layer: int | None = None, saliency: str = "received", video: bool = False,
@@ -226,24 +249,162 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
 
     sal = keys = None
     if want_attn:
-        x, attn = captured["x"], visual.blocks[layer].attn
         if captured["cu"].shape[0] != len(bounds):
             raise RuntimeError(f"tower used {captured['cu'].shape[0] - 1} attention segments at block {layer}, "
                                f"expected {len(bounds) - 1} from grid_thw")
-        n = x.shape[0]
-        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)   # (N, H, d)
-        keys = k.float().mean(1).reshape(-1, unit_sq, k.shape[-1]).mean(1)[reverse]
-        cos, sin = captured["pos"]
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)                            # (H, N, d)
-        if saliency == "received":
-            per_patch = _received(q, k, bounds, attn.scaling, chunk)
-        else:
-            per_patch = _pooled_query(q, k, bounds, attn.scaling)
-        sal = per_patch.reshape(per_patch.shape[0], -1, unit_sq).sum(-1)[:, reverse]
+        sal, keys = attention_signals(visual.blocks[layer].attn, captured["x"], captured["pos"], bounds, reverse,
+                                      saliency, chunk, unit_sq)
 
     deepstack = None
     if qwen3:  # (T, L, D): every level's rows, images concatenated as the features are
         deepstack = torch.stack([torch.cat(level) for level in out.deepstack_features], dim=1)
     return QwenVisual(features=features, vision_features=vision_features, saliency=sal, keys=keys,
                       unit=unit, patch=patch, grids=grids, sizes=sizes, deepstack=deepstack)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast path (llava.fastpath): the tower with static shapes, planned on the host from the grids
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TowerPlan:
+    """What is static about one tower run of the fast path (Python values: part of the graph key). Every
+    attention segment is known on the host from the grids, so the blocks attend segment by segment with
+    Python slice bounds (the stock SDPA path reads ``cu_seqlens`` back to the host to split, which a captured
+    function cannot)."""
+
+    grids: tuple  # per image / video (t, h, w) in patches
+    merge: int  # spatial_merge_size
+    full: tuple  # full-attention segments: runs ((start, length, count), ...) of `count` equal consecutive ones
+    window: tuple | None  # window-attention segments likewise (Qwen2.5-VL); None: every block attends fully
+    full_blocks: tuple  # the blocks that attend fully (the others attend within windows)
+    bounds: tuple  # the full-attention segment bounds (patch rows): the saliency's segments
+    layer: int  # the block whose attention defines saliency / keys
+    saliency: str
+    pos_embed: bool = False  # learned position table resampled to each grid (Qwen3-VL / Qwen3.5)
+    deepstack: tuple = ()  # the blocks whose output each DeepStack merger reads, by level (Qwen3-VL)
+
+
+def _runs_of(bounds: list[int]) -> tuple:
+    """Segment bounds -> runs ((start, length, count), ...) of consecutive segments of one length."""
+    runs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue
+        if runs and runs[-1][1] == b - a:
+            runs[-1][2] += 1
+        else:
+            runs.append([a, b - a, 1])
+    return tuple(tuple(r) for r in runs)
+
+
+def tower_plan(visual, grid: list, layer: int | None, saliency: str) -> tuple[TowerPlan, dict]:
+    """The host plan of one fast-path tower run over the images ``grid`` ((t, h, w) per image, host ints):
+    the static :class:`TowerPlan` and its host index tensors ``pos`` (N, 2) (each patch's rotary (h, w),
+    in the tower's order), ``window`` (N/4,) (merged token of each tower slot, window order; Qwen2.5-VL),
+    ``reverse`` (N/4,) (tower order -> merged raster order) and ``interp`` (N, taps) long / ``interp_w``
+    (N, taps) float (the learned position table's resampling; Qwen3-VL / Qwen3.5). Pure functions of the
+    grid (transformers' ``vision_utils``, the tower's own), computed on host tensors."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    merge = int(visual.spatial_merge_size)
+    for t, h, w in grid:
+        if h % merge or w % merge:
+            raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
+    g = torch.tensor(grid, dtype=torch.long).reshape(-1, 3)
+    _, _, _, _, bounds = _layout(grid, merge)
+    pos = get_vision_position_ids(g, merge)  # (N, 2) in merge-block order
+    n_merged = pos.shape[0] // (merge * merge)
+    window = None
+    tensors = {}
+    if is_windowed(visual):
+        index, cu = get_vision_window_index(g, spatial_merge_size=merge, window_size=visual.window_size,
+                                            patch_size=visual.patch_size)
+        pos = pos.view(n_merged, merge * merge, 2)[index].reshape(-1, 2)
+        window = _runs_of([int(v) for v in cu.tolist()])
+        tensors["window"] = index
+        tensors["reverse"] = torch.argsort(index)
+        full_blocks = tuple(int(i) for i in visual.fullatt_block_indexes)
+    else:
+        full_blocks = tuple(range(len(visual.blocks)))
+    pos_embed = getattr(visual, "pos_embed", None) is not None
+    if pos_embed:  # as the stock forward resamples it (its own mode and corner alignment)
+        tensors["interp"], tensors["interp_w"] = get_vision_interpolation_indices_and_weights(
+            g, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge)
+    tensors["pos"] = pos
+    plan = TowerPlan(grids=tuple(tuple(int(v) for v in r) for r in grid), merge=merge, full=_runs_of(bounds),
+                     window=window, full_blocks=full_blocks, bounds=tuple(bounds),
+                     layer=_resolve_layer(visual, layer), saliency=saliency, pos_embed=pos_embed,
+                     deepstack=tuple(int(i) for i in getattr(visual, "deepstack_visual_indexes", ()) or ()))
+    return plan, tensors
+
+
+def _segment_attention(attn, x: torch.Tensor, pos: tuple, runs: tuple) -> torch.Tensor:
+    """The vision attention module's output over ``x`` (N, C), each segment attending within itself
+    (``runs`` from :func:`_runs_of`: equal consecutive segments batched into one call of the model's
+    attention function, as many as the stock module's per-segment calls otherwise); no host read."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+    n = x.shape[0]
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, H, d)
+    cos, sin = pos
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    outs = []
+    for start, length, count in runs:
+        def seg(t):  # (count, H, length, d)
+            return t[start:start + length * count].reshape(count, length, heads, -1).transpose(1, 2)
+
+        o, _ = fn(attn, seg(q), seg(k), seg(v), attention_mask=None, scaling=attn.scaling, dropout=0.0,
+                  is_causal=False)  # (count, length, H, d)
+        outs.append(o.reshape(length * count, -1))
+    return attn.proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+
+
+def run_static(model, pixel_values: torch.Tensor, plan: TowerPlan, tensors: dict, want_attn: bool,
+               chunk: int = 1024) -> dict:
+    """The tower over all images of a fast-path prefill with static shapes and no host read: the stock
+    tower's arithmetic (patch embedding, the window permutation, the 2-D rotary tables, the blocks, the
+    merger, the un-permutation) with every grid-dependent index from :func:`tower_plan` (``tensors`` on the
+    device). Returns, per merged token in merged raster order (images in order), what :func:`encode` gives:
+    ``features`` (T, D), ``vision_features`` (T, 4C), with ``want_attn`` ``saliency`` (H, T), ``keys``
+    (T, d), and for Qwen3-VL ``deepstack`` (T, L, D)."""
+    visual = model.model.visual
+    unit_sq = plan.merge * plan.merge
+    x = visual.patch_embed(pixel_values.type(visual.dtype))
+    if plan.pos_embed:
+        table = visual.pos_embed(tensors["interp"]) * tensors["interp_w"][:, :, None]
+        x = x + table.sum(1).to(x.dtype)
+    n = x.shape[0]
+    reverse = tensors.get("reverse")
+    deep = []
+    if plan.window is not None:  # window order, 4 patches of a merged token adjacent (the stock permutation)
+        x = x.reshape(n // unit_sq, unit_sq, -1)[tensors["window"]].reshape(n, -1)
+    pos = visual.rotary_pos_emb(x, tensors["pos"])
+    captured = None
+    for i, blk in enumerate(visual.blocks):
+        xn = blk.norm1(x)
+        if want_attn and i == plan.layer:
+            captured = xn
+        x = x + _segment_attention(blk.attn, xn, pos, plan.full if i in plan.full_blocks else plan.window)
+        x = x + blk.mlp(blk.norm2(x))
+        if i in plan.deepstack:  # Qwen3-VL: no window permutation, rows already in merged raster order
+            deep.append(visual.deepstack_merger_list[plan.deepstack.index(i)](x))
+    merger = visual.merger
+    ln = merger.ln_q(x) if hasattr(merger, "ln_q") else merger.norm(x)
+    vf = ln.reshape(-1, unit_sq * ln.shape[-1])
+    feats = project(model, vf)
+    if reverse is not None:
+        vf, feats = vf[reverse], feats[reverse]
+    out = {"features": feats, "vision_features": vf}
+    if deep:
+        out["deepstack"] = torch.stack(deep, dim=1)
+    if want_attn:
+        rev = reverse if reverse is not None else torch.arange(vf.shape[0], device=vf.device)
+        out["saliency"], out["keys"] = attention_signals(visual.blocks[plan.layer].attn, captured, pos, plan.bounds,
+                                                         rev, plan.saliency, chunk, unit_sq)
+    return out
