@@ -13,6 +13,8 @@
 #   bash scripts/bench/gpu_session.sh fast-next  OUT   #   shape:llava-next-7b (2880 tokens) at 320 / 160 visual tokens in all:
 #                                                       #   64 / 32 per crop (per-crop methods, PyramidDrop's 576 scale), FastV 320 / 160
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
+#   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
+#                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
 #   bash scripts/bench/gpu_session.sh testbed2   OUT   # train testbed v2 (issue 36; continues runs/testbed2-train on each
 #                                                       # call until DONE), then OUT/weights2.tar (fp16) + the training log
 #   bash scripts/bench/gpu_session.sh sweep2     OUT   # the v2 sweep (testbed.evaluate2, --resume) on runs/testbed2-weights
@@ -26,7 +28,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check [OUT]}
+PART=${1:?usage: gpu_session.sh checks|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 mkdir -p "$DEST"
@@ -59,6 +61,8 @@ case "$PART" in
              eff shape:llava-next-7b "none consensusdrop divprune visiondrop fastervlm" "128 32" 12 "1 8" 2 sel-next \
                $((LIMIT / 2)) ;;
   fast) fast_7b $((LIMIT / 2)); fast_next $((LIMIT / 2)) ;;
+  fast-qwen) eff shape:qwen2.5-vl-7b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen25 $((LIMIT / 2)) --fast
+             eff shape:qwen3-vl-8b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen3 $((LIMIT / 2)) --fast ;;
   fast-7b) fast_7b "$LIMIT" ;;
   fast-next) fast_next "$LIMIT" ;;
   fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
