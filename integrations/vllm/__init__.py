@@ -16,9 +16,9 @@ Usage (in the environment ``scripts/vllm_env.sh`` builds)::
     vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides \\
         '{"architectures": ["VtpruneLlavaForConditionalGeneration"], "vtprune": {"method": "visionzip", "budget": 64}}'
 
-Each image then enters vLLM's decoder as the method's K tokens (the prompt, the KV cache and the scheduler
-count K); the selection is the HF engine's (:mod:`integrations.vllm.stage`). Pre-LLM methods only; one image
-per prompt; LLaVA-1.5 so far (:data:`ARCHITECTURES`). Every file the plugin reads (the config, tokenizer and image
+Each image (Qwen2.5-VL: or video) then enters vLLM's decoder as the method's K tokens (the prompt, the KV cache and
+the scheduler count K); the selection is the HF engine's (:mod:`integrations.vllm.stage`). Pre-LLM methods only;
+one image or video per prompt; the families of :data:`ARCHITECTURES`. Every file the plugin reads (the config, tokenizer and image
 processor in vLLM's front end, the vision stage's weights in its worker) is read at vLLM's ``revision``.
 """
 
@@ -84,5 +84,5 @@ def overrides(model: str, method: str, budget: int | None = None, template: str 
             ip = checkpoint_processors(model, family, revision=revision)[1]
             hi = getattr(getattr(ip, "size", None), "longest_edge", None) or getattr(ip, "max_pixels", None) or 224 * 224
             h = w = int(int(hi) ** 0.5) // 28 * 28
-        twin.count(int(w), int(h))
+        twin.count(int(w), int(h))  # videos (opt-in: limit_mm_per_prompt) are counted when vLLM starts
     return {"architectures": [ARCHITECTURES[arch][0]], "vtprune": spec.as_dict()}

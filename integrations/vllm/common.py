@@ -1,9 +1,9 @@
 """What every family's vLLM classes share (mixins placed before vLLM's own class in each subclass):
 
 - :class:`InfoMixin` (processing info): the spec from ``hf_overrides``, transformers' PIL image backend (the HF
-  engine's preprocessing), one image per prompt;
-- :class:`ProcessorMixin` (multimodal processor): each image carries its prompt's token ids (a processor field,
-  part of the mm hash, so vLLM's processor and encoder caches key on (image, prompt));
+  engine's preprocessing), one image per prompt (or one video, on the families with ``VIDEOS``);
+- :class:`ProcessorMixin` (multimodal processor): each image (video) carries its prompt's token ids (a processor
+  field, part of the mm hash, so vLLM's processor and encoder caches key on (item, prompt));
 - :class:`ModelMixin` (model): the worker's :class:`~integrations.vllm.stage.VisionStage`, built when the weights
   are loaded (a bad spec fails at start-up).
 
@@ -73,11 +73,22 @@ class InfoMixin:
                 proc.image_processor = ip
         return proc
 
+    #: the plugin prunes this family's videos inside vLLM (Qwen2.5-VL); else its videos run on the HF engine
+    VIDEOS = False
+
+    def videos_asked(self) -> bool:
+        """Videos are opt-in (``limit_mm_per_prompt={"video": 1}``): vLLM reserves memory for the largest video it
+        allows, and the plugin counts that video on the geometry twin at start-up (minutes of CPU at a 7B model's
+        largest frame size), which an image-only server should not pay."""
+        limit = self.ctx.get_mm_config().limit_per_prompt.get("video")
+        return self.VIDEOS and limit is not None and getattr(limit, "count", limit) > 0
+
     def get_supported_mm_limits(self):
         limits = super().get_supported_mm_limits()
         if self.spec() is None:
             return limits
-        return {m: (1 if m == "image" else 0) for m in limits}  # one image per prompt; videos: the HF engine
+        # one image (or, where VIDEOS and asked for, one video) per prompt; the processor refuses both in one prompt
+        return {m: (1 if m == "image" or (m == "video" and self.videos_asked()) else 0) for m in limits}
 
 
 class TwinCountMixin(InfoMixin):
@@ -110,8 +121,13 @@ class ProcessorMixin:
         kw = dict(hf_kwargs)
         prompt = kw.pop(PROMPT_FIELD, None)  # never handed to the HF processor
         key = kw.pop(KEY_FIELD, None)
+        counts = mm_items.get_all_counts()
+        n_image, n_video = counts.get("image", 0), counts.get("video", 0)
+        if self.info.spec() is not None and n_image and n_video:
+            raise ValueError("the vtprune plugin serves one image or one video per prompt, not both (its selection "
+                             "reads the prompt's question; the engine lays out one visual item per prompt here)")
         out = super()._apply_hf_processor_main(mm_items, kw)
-        n = mm_items.get_all_counts().get("image", 0)  # images (Qwen's pixel_values are flat patches)
+        n = n_image + n_video  # items (Qwen's pixel values are flat patches: counted here, not from their rows)
         if self.info.spec() is not None and n:
             ids = torch.tensor(list(prompt) if prompt else [-1], dtype=torch.long)
             out[PROMPT_FIELD] = ids.expand(n, -1).clone()
@@ -119,12 +135,24 @@ class ProcessorMixin:
             out[ITEM_FIELD] = new_items(n)
         return out
 
+    def get_dummy_mm_inputs(self, mm_counts, **kwargs):
+        """vLLM's dummy request; its processor warm-up asks for one item of every allowed modality in one prompt,
+        which the plugin refuses (one image or one video per prompt): warmed up one modality at a time (the last
+        one's inputs returned; profiling asks for one modality)."""
+        wanted = {m: n for m, n in mm_counts.items() if n}
+        if self.info.spec() is None or len(wanted) < 2:
+            return super().get_dummy_mm_inputs(mm_counts, **kwargs)
+        out = None
+        for m, n in wanted.items():
+            out = super().get_dummy_mm_inputs({m: n}, **kwargs)
+        return out
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if self.info.spec() is not None:
-            fields[PROMPT_FIELD] = MultiModalFieldConfig.batched("image")
-            fields[KEY_FIELD] = MultiModalFieldConfig.batched("image")
-            fields[ITEM_FIELD] = MultiModalFieldConfig.batched("image")
+        if self.info.spec() is not None:  # the item's own fields: an image's, or a video's (one or the other)
+            modality = "video" if "pixel_values_videos" in hf_inputs else "image"
+            for name in (PROMPT_FIELD, KEY_FIELD, ITEM_FIELD):
+                fields[name] = MultiModalFieldConfig.batched(modality)
         return fields
 
 

@@ -7,7 +7,8 @@ the image keeps its unpruned positions (our engine's convention). vLLM computes 
 the request is admitted (``get_mrope_input_positions``, in the worker, with the request's processed image), before
 the encoder step; which tokens are kept is then not known yet, so the override runs the vision stage there and
 returns the positions the engine gives the pruned prompt (``engine.vision_inputs``), with vLLM's position delta
-for decoding (max position + 1 - prompt length); the embeddings wait for the image's encoder step under the
+for decoding (the last prompt position + 1 - prompt length: transformers' generate() decodes after the prompt's last
+position, which a video's time axis can pass); the embeddings wait for the image's encoder step under the
 processed image's identity (``stage.ITEM_FIELD``), so the vision stage runs once per image. Each
 image's count (it depends on the image's resized grid) comes from the checkpoint's geometry twin.
 """
@@ -28,10 +29,9 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from .common import ModelMixin, ProcessorMixin, TwinCountMixin
-from .spec import PruneSpec
+from .spec import PluginError, PruneSpec
 from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, decode_key, item_key
-from .twin import twin_for
-
+from .twin import VIDEO_FAMILIES, twin_for
 
 
 def grid_count(model: str, spec: PruneSpec, config, grid, revision: str | None = None) -> tuple[int, int]:
@@ -42,21 +42,77 @@ def grid_count(model: str, spec: PruneSpec, config, grid, revision: str | None =
     return twin_for(model, spec, revision).count(w * patch, h * patch)
 
 
+def video_grid(config, grid) -> tuple[int, int, int]:
+    """A video's (t, h, w) patch grid as ints, checked against the tower's merge."""
+    t, h, w = (int(x) for x in (grid.reshape(-1).tolist() if torch.is_tensor(grid) else grid))
+    merge = config.vision_config.spatial_merge_size
+    if h % merge or w % merge:
+        raise ValueError(f"a video grid of {h} x {w} patches is not a multiple of the merge size {merge}")
+    return t, h, w
+
+
+class QwenInfoMixin(TwinCountMixin):
+    """As :class:`TwinCountMixin`, and each video's count (its grid: frames x resized size) from the twin on the
+    families of :data:`integrations.vllm.twin.VIDEO_FAMILIES` (``VIDEOS``), when videos are asked for
+    (``limit_mm_per_prompt={"video": 1}``)."""
+
+    _vt_stock = False  # set while vLLM picks its profiling video's frame count (from the unpruned counts)
+
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int, image_processor,
+                             mm_kwargs, **kwargs) -> int:
+        n = super().get_num_video_tokens(image_width=image_width, image_height=image_height, num_frames=num_frames,
+                                         image_processor=image_processor, mm_kwargs=mm_kwargs, **kwargs)
+        spec = self.spec()
+        if spec is None or self._vt_stock or not self.videos_asked():  # (vLLM asks for video counts in any case)
+            return n
+        size, _ = self._get_vision_info(image_width=image_width, image_height=image_height, num_frames=num_frames,
+                                        image_processor=image_processor, mm_kwargs=mm_kwargs, modality="video")
+        vc = self.get_hf_config().vision_config
+        slices = max(-(-num_frames // vc.temporal_patch_size), 1)  # an odd frame count padded to a whole slice
+        grid = (slices, size.height // vc.patch_size, size.width // vc.patch_size)
+        stock, planned = twin_for(self.model_path(), spec, self.model_revision()).video_count(*grid)
+        if stock != n:
+            raise RuntimeError(f"vLLM counts {n} tokens for a video of {num_frames} frames of {image_width}x"
+                               f"{image_height}, the engine {stock}: unsupported configuration")
+        return planned
+
+    def get_num_frames_with_most_features(self, seq_len: int, mm_counts, *args, **kwargs) -> int:
+        """vLLM's frame count for its profiling video, from the unpruned counts (its search adds a frame while the
+        video fits ``seq_len``; on the pruned counts a method that keeps a fixed number per video would never stop)."""
+        self._vt_stock = True
+        try:
+            return super().get_num_frames_with_most_features(seq_len, mm_counts, *args, **kwargs)
+        finally:
+            self._vt_stock = False
+
+
 class QwenProcessorMixin(ProcessorMixin):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
         spec = self.info.spec()
         if spec is None:
             return updates
-        token = self.info.get_hf_config().image_token_id
+        config = self.info.get_hf_config()
+        token, video_token = config.image_token_id, config.video_token_id
         twin = twin_for(self.info.model_path(), spec, self.info.model_revision())
 
         def replacement(item_idx: int):
             size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
             return [token] * twin.count(int(size.width), int(size.height))[1]
 
+        def video_replacement(item_idx: int):  # the video's grid as vLLM's processor (transformers') made it
+            t, h, w = video_grid(config, out_mm_kwargs["video"][item_idx]["video_grid_thw"].data)
+            stock, planned = twin.video_count(t, h, w)
+            if stock != t * h * w // config.vision_config.spatial_merge_size ** 2:
+                raise RuntimeError(f"the engine lays a video of grid {[t, h, w]} out as {stock} tokens, vLLM as "
+                                   f"{t * h * w // config.vision_config.spatial_merge_size ** 2}")
+            return [video_token] * planned
+
         image = PromptReplacement(modality="image", target=[token], replacement=replacement)
-        return [image] + [u for u in updates if u.modality != "image"]
+        if not self.info.videos_asked():
+            return [image] + [u for u in updates if u.modality != "image"]
+        video = PromptReplacement(modality="video", target=[video_token], replacement=video_replacement)
+        return [image, video] + [u for u in updates if u.modality not in ("image", "video")]
 
 
 class QwenModelMixin(ModelMixin):
@@ -70,59 +126,102 @@ class QwenModelMixin(ModelMixin):
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self._vt_spec is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        images = [f for f in mm_features if f.modality == "image"]
-        if not images:
+        items = [f for f in mm_features if f.modality in ("image", "video")]
+        if not items:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        if len(images) > 1 or len(images) != len(mm_features):
-            raise ValueError("the vtprune plugin serves one image per prompt")
-        data = images[0].data
+        if len(items) > 1 or len(items) != len(mm_features):
+            raise ValueError("the vtprune plugin serves one image or one video per prompt")
+        feature = items[0]
+        data = feature.data
         field = data.get(PROMPT_FIELD)
         prompt = [] if field is None else [int(t) for t in field.data.reshape(-1).tolist() if int(t) >= 0]
         if not prompt:  # vLLM's profiling run: plain positions of the right length
             n = len(input_tokens)
             return torch.from_numpy(np.broadcast_to(np.arange(n), (3, n)).copy()), 0
-        grid = data["image_grid_thw"].data.reshape(-1)
         key_field = data.get(KEY_FIELD)
         key = None if key_field is None else decode_key(key_field.data)
-        tokens = int(grid.prod()) // (self.config.vision_config.spatial_merge_size ** 2)
         stage = self._stage(self._stage_device())
         dev = self._stage_device()
-        visual = {"pixel_values": data["pixel_values"].data.to(dev), "image_grid_thw": grid.reshape(1, 3).to(dev)}
-        embeds, pos = stage.run_one(visual, prompt, tokens, key)
+        visual, tokens, token = self._vt_visual(data, feature.modality, dev)
+        embeds, pos = stage.run_one(visual, prompt, tokens, key, token)
         item = data.get(ITEM_FIELD)
-        stage.keep(None if item is None else item_key(item.data), embeds)  # for this image's encoder step
+        stage.keep(None if item is None else item_key(item.data), embeds)  # for this item's encoder step
+        # decoding continues after the prompt's last position on all three axes (transformers' generate(), so the HF
+        # engine): not after the largest one, which a video's time axis can pass (vLLM's own Qwen rule)
+        delta = int(pos[:, -1].max()) + 1 - len(input_tokens)
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: the positions vLLM's decoder will use
             with open(record, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"prompt": prompt, "positions": pos.tolist(),
-                                    "delta": int(pos.max()) + 1 - len(input_tokens)}) + "\n")
+                f.write(json.dumps({"prompt": prompt, "positions": pos.tolist(), "modality": feature.modality,
+                                    "delta": delta}) + "\n")
         if pos.shape[1] != len(input_tokens):
             raise RuntimeError(f"the pruned prompt has {pos.shape[1]} tokens but vLLM's has {len(input_tokens)}: the "
                                "planned count and the selection disagree")
-        return pos, int(pos.max()) + 1 - len(input_tokens)
+        return pos, delta
+
+    def _vt_visual(self, data, modality: str, dev) -> tuple[dict, int, int]:
+        """(the engine's visual inputs of one processed item (batch dimension 1), its tokens unpruned, its
+        placeholder) from vLLM's fields of it."""
+        merge = self.config.vision_config.spatial_merge_size
+        if modality == "image":
+            grid = data["image_grid_thw"].data.reshape(-1)
+            return ({"pixel_values": data["pixel_values"].data.to(dev), "image_grid_thw": grid.reshape(1, 3).to(dev)},
+                    int(grid.prod()) // merge ** 2, self.config.image_token_id)
+        self._vt_check_videos()
+        t, h, w = video_grid(self.config, data["video_grid_thw"].data)
+        visual = {"pixel_values_videos": data["pixel_values_videos"].data.to(dev),
+                  "video_grid_thw": torch.tensor([[t, h, w]], dtype=torch.long, device=dev)}
+        secs = data.get("second_per_grid_ts")
+        if secs is not None:  # the M-RoPE time axis (Qwen2.5-VL), float32 as the HF processor hands it
+            visual["second_per_grid_ts"] = torch.as_tensor(secs.data, dtype=torch.float32).reshape(1).to(dev)
+        return visual, t * h * w // merge ** 2, self.config.video_token_id
+
+    def _vt_check_videos(self) -> None:
+        if self.FAMILY not in VIDEO_FAMILIES:
+            raise PluginError(f"the vtprune plugin prunes {self.FAMILY} images inside vLLM; its videos run on the HF "
+                              f"engine (vLLM: {', '.join(VIDEO_FAMILIES)} videos)")
 
     def embed_multimodal(self, **kwargs):
         prompts, keys, items = self._vt_fields(kwargs)
         if self._vt_spec is None:
             return super().embed_multimodal(**kwargs)
-        if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError("the vtprune plugin prunes images; Qwen-VL videos run on the HF engine")
-        pixel_values = self._pixels(kwargs)
-        grids = kwargs["image_grid_thw"]
+        video = kwargs.get("pixel_values_videos") is not None or kwargs.get("video_embeds") is not None
+        if video and (kwargs.get("pixel_values") is not None or kwargs.get("image_embeds") is not None):
+            raise ValueError("the vtprune plugin embeds one modality per call (vLLM groups items by modality)")
+        if video:
+            self._vt_check_videos()
+            if kwargs.get("pixel_values_videos") is None:
+                raise ValueError("the vtprune plugin prunes videos given as pixels (video_embeds cannot be pruned)")
+            pixel_values, grids = kwargs["pixel_values_videos"], kwargs["video_grid_thw"]
+            px_key, grid_key, token = "pixel_values_videos", "video_grid_thw", self.config.video_token_id
+        else:
+            pixel_values, grids = self._pixels(kwargs), kwargs["image_grid_thw"]
+            px_key, grid_key, token = "pixel_values", "image_grid_thw", self.config.image_token_id
         grids = grids.reshape(-1, 3) if torch.is_tensor(grids) else torch.stack([g.reshape(3) for g in grids])
         sizes = [int(g.prod()) for g in grids]
         flat = torch.cat(list(pixel_values)) if isinstance(pixel_values, (list, tuple)) else pixel_values
         parts = flat.split(sizes)
+        secs = kwargs.get("second_per_grid_ts") if video else None
+        if secs is not None:
+            secs = [torch.as_tensor(x, dtype=torch.float32).reshape(1) for x in
+                    (secs.reshape(-1) if torch.is_tensor(secs) else secs)]
         stage = self._stage(flat.device)
+        twin = twin_for(self._vt_model[0], self._vt_spec, self._vt_model[1])
         visuals, counts = [], []
-        for px, g in zip(parts, grids):
-            visuals.append({"pixel_values": px, "image_grid_thw": g.reshape(1, 3).to(flat.device)})
-            counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g, self._vt_model[1]))
-        return stage.embed(visuals, prompts, counts, keys, items)
+        for i, (px, g) in enumerate(zip(parts, grids)):
+            visual = {px_key: px, grid_key: g.reshape(1, 3).to(flat.device)}
+            if video:
+                if secs is not None:
+                    visual["second_per_grid_ts"] = secs[i].to(flat.device)
+                counts.append(twin.video_count(*video_grid(self.config, g)))
+            else:
+                counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g, self._vt_model[1]))
+            visuals.append(visual)
+        return stage.embed(visuals, prompts, counts, keys, items, token)
 
 
-class VtpruneQwen2_5_VLProcessingInfo(TwinCountMixin, Qwen2_5_VLProcessingInfo):
-    pass
+class VtpruneQwen2_5_VLProcessingInfo(QwenInfoMixin, Qwen2_5_VLProcessingInfo):
+    VIDEOS = True  # one video per prompt, pruned per temporal slice as the HF engine prunes it
 
 
 class VtpruneQwen2_5_VLMultiModalProcessor(QwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
@@ -139,8 +238,8 @@ class VtpruneQwen2_5_VLForConditionalGeneration(QwenModelMixin, Qwen2_5_VLForCon
         self._vt_init(vllm_config)
 
 
-class VtpruneQwen3VLProcessingInfo(TwinCountMixin, Qwen3VLProcessingInfo):
-    pass
+class VtpruneQwen3VLProcessingInfo(QwenInfoMixin, Qwen3VLProcessingInfo):
+    VIDEOS = False  # its videos (a timestamp before every temporal slice) run on the HF engine
 
 
 class VtpruneQwen3VLMultiModalProcessor(QwenProcessorMixin, Qwen3VLMultiModalProcessor):

@@ -81,21 +81,28 @@ class VisionStage:
 
         self._cache: OrderedDict = OrderedDict()  # item -> embeddings computed at admission (Qwen)
         self.runs = 0  # vision-stage runs (each image once: at admission on Qwen, in the encoder step otherwise)
-        self.image_token = int(self.rt.model.config.image_token_id)
+        cfg = self.rt.model.config
+        self.image_token = int(cfg.image_token_id)
+        #: the video placeholder (Qwen-VL: ``<|video_pad|>``; None where the family has none)
+        self.video_token = None if getattr(cfg, "video_token_id", None) is None else int(cfg.video_token_id)
         log.info("vtprune: %s (budget %s, options %s) on %s; vision stage on transformers modules, %d decoder "
                  "layer(s) loaded for its probe", method.name, spec.budget, dict(spec.options), model, layers)
 
-    def expand(self, prompt: list[int], tokens: int) -> list[int]:
-        """The prompt as the HF processor expands it: each image placeholder repeated ``tokens`` times."""
+    def expand(self, prompt: list[int], tokens: int, token: int | None = None) -> list[int]:
+        """The prompt as the HF processor expands it: each placeholder ``token`` (default: the image's) repeated
+        ``tokens`` times."""
+        token = self.image_token if token is None else token
         out = []
         for t in prompt:
-            out.extend([t] * tokens if t == self.image_token else [t])
+            out.extend([t] * tokens if t == token else [t])
         return out
 
-    def embed_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None) -> torch.Tensor:
-        """(K, D): the image's tokens after the vision stage, for one prompt holding exactly this image (``visual``:
-        the family's inputs for this one image, batch dimension 1; ``tokens``: its placeholders unpruned)."""
-        return self.run_one(visual, prompt, tokens, key)[0]
+    def embed_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None,
+                  token: int | None = None) -> torch.Tensor:
+        """(K, D): the item's tokens after the vision stage, for one prompt holding exactly this image or video
+        (``visual``: the family's inputs for this one item, batch dimension 1; ``tokens``: its placeholders
+        unpruned; ``token``: its placeholder, default the image's)."""
+        return self.run_one(visual, prompt, tokens, key, token)[0]
 
     def keep(self, item: tuple | None, embeds: torch.Tensor) -> None:
         """Hold an image's embeddings computed at admission for its encoder step."""
@@ -106,18 +113,21 @@ class VisionStage:
             self._cache.popitem(last=False)
 
     @torch.inference_mode()
-    def run_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None):
-        """(the image's LLM inputs (K, D'), the positions the engine gives the pruned prompt (rows, L') on the host)."""
-        if sum(1 for t in prompt if t == self.image_token) != 1:
-            raise PluginError("the vtprune plugin serves one image per prompt (its selection reads the prompt's "
-                              "question, and the engine lays out one image per prompt here)")
-        ids = self.expand(prompt, tokens)
-        dev = visual["pixel_values"].device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+    def run_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None, token: int | None = None):
+        """(the item's LLM inputs (K, D'), the positions the engine gives the pruned prompt (rows, L') on the host).
+        ``token``: the item's placeholder in ``prompt`` (default: the image's; Qwen-VL videos: ``<|video_pad|>``)."""
+        token = self.image_token if token is None else token
+        placeholders = {self.image_token, self.video_token} - {None}
+        if sum(1 for t in prompt if t == token) != 1 or sum(1 for t in prompt if t in placeholders) != 1:
+            raise PluginError("the vtprune plugin serves one image or one video per prompt (its selection reads the "
+                              "prompt's question, and the engine lays out one visual item per prompt here)")
+        ids = self.expand(prompt, tokens, token)
+        px = visual.get("pixel_values", visual.get("pixel_values_videos"))
+        input_ids = torch.tensor([ids], dtype=torch.long, device=px.device)
         self.engine.sample_keys = None if key is None else [key]  # consumed by the prefill's selection
         embeds, _, pos, info = self.engine.vision_inputs(input_ids, visual)
         self.runs += 1
-        before = prompt.index(self.image_token)
+        before = prompt.index(token)
         m = embeds.shape[1] - (len(ids) - tokens)
         out = embeds[0, before:before + m]
         if "deepstack" in info:  # Qwen3-VL: each kept token's DeepStack rows after it, as vLLM's multiscale layout
@@ -128,19 +138,20 @@ class VisionStage:
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: each image's selection (a JSON line)
             sel = self.engine.selections.get(("vision", 0))
-            row = {"prompt": prompt, "tokens": m, "pixels": float(visual["pixel_values"].double().sum()),
-                   "pixel_shape": list(visual["pixel_values"].shape),
+            row = {"prompt": prompt, "tokens": m, "pixels": float(px.double().sum()), "pixel_shape": list(px.shape),
                    "keep": None if sel is None else sel.keep.tolist(),
                    "targets": None if sel is None or sel.targets is None else sel.targets.tolist()}
             with open(record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         return out, pos[:, 0].cpu() if pos is not None and pos.dim() == 3 else pos  # M-RoPE: (3, L')
 
-    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]], keys=None, items=None) -> list[torch.Tensor]:
+    def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]], keys=None, items=None,
+              token: int | None = None) -> list[torch.Tensor]:
         """Per image (``visuals[i]``: its inputs, batch dimension 1), its planned LLM inputs; ``prompts``: each
         image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt);
         ``counts[i]``: (its tokens unpruned, the planned count); ``keys``: each image's sample key field, or None;
-        ``items``: each image's identity (embeddings computed at its admission are taken from there)."""
+        ``items``: each image's identity (embeddings computed at its admission are taken from there); ``token``:
+        the items' placeholder (default: the image's; a video's for Qwen-VL videos)."""
         out = []
         emb = self.engine.lm.embed_tokens.weight
         for i, visual in enumerate(visuals):
@@ -148,13 +159,14 @@ class VisionStage:
             p = None if prompts is None else prompts[i]
             ids = [] if p is None else [int(t) for t in (p.tolist() if torch.is_tensor(p) else p) if int(t) >= 0]
             if not ids:  # vLLM's memory profiling: shapes only
-                out.append(torch.zeros(planned, emb.shape[1], dtype=emb.dtype, device=visual["pixel_values"].device))
+                px = visual.get("pixel_values", visual.get("pixel_values_videos"))
+                out.append(torch.zeros(planned, emb.shape[1], dtype=emb.dtype, device=px.device))
                 continue
             held = self._cache.pop(item_key(items[i]), None) if items is not None else None
             x = held if held is not None else self.embed_one(visual, ids, tokens,
-                                                             None if keys is None else decode_key(keys[i]))
+                                                             None if keys is None else decode_key(keys[i]), token)
             if x.shape[0] != planned:
-                raise RuntimeError(f"{self.engine.method.name} kept {x.shape[0]} tokens of this image, but vLLM reserved "
+                raise RuntimeError(f"{self.engine.method.name} kept {x.shape[0]} tokens of this item, but vLLM reserved "
                                    f"{planned} placeholders for it (planned in the front end): a method whose count "
                                    "depends on the image cannot run inside vLLM")
             out.append(x)

@@ -9,6 +9,11 @@ is the count the worker's selection gives, whatever the family. Two images of th
 pixels must give the same count (else the method's count depends on the image: refused). Counts are cached per
 image size; a twin is built once per (checkpoint, revision, spec) and costs a few MB. Its config, tokenizer and
 image processor are read at the checkpoint's revision (vLLM's ``revision``; None: the default branch).
+
+Videos (:data:`VIDEO_FAMILIES`): a video's count depends on its patch grid (t temporal slices of h x w patches, what
+vLLM's processor made of its frames and size) only; :meth:`Twin.video_count` runs the twin's own processor (the
+engine's video prompt) on random frames of exactly that grid's size (not resized) and the engine's layout (each
+temporal slice a unit) and selection on them, cached per grid.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ QUESTION = "what is in the image?"
 #: of a count's cost; a method's count does not depend on the number of heads); text 16 per head (M-RoPE splits a
 #: head's rotary half into 3 sections)
 HEAD_WIDTH = {"vision": 8, "text": 16}
+#: the families whose videos the plugin prunes inside vLLM (their count per video grid: :meth:`Twin.video_count`)
+VIDEO_FAMILIES = ("qwen2_5_vl",)
 
 
 def _sections(sections, total: int) -> list[int]:
@@ -89,7 +96,8 @@ class Twin:
             raise PluginError(str(e.args[0] if e.args else e)) from None
         check_method(self.engine.method, self.family)
         self.image_token = int(m.config.image_token_id)
-        self._checked = False
+        self.video_token = getattr(m.config, "video_token_id", None)
+        self._checked = self._checked_video = False
 
     @torch.inference_mode()
     def _count(self, width: int, height: int, seed: int) -> tuple[int, int]:
@@ -103,6 +111,64 @@ class Twin:
         visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         embeds, _, _, _ = self.engine.vision_inputs(ids, visual, enc.get("attention_mask"))
         return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
+
+    @torch.inference_mode()
+    def _video_count(self, grid: tuple[int, int, int], seed: int) -> tuple[int, int]:
+        from PIL import Image
+
+        t, h, w = grid
+        proc = self.rt.processor
+        settings = proc.video_settings = self._video_settings()
+        p = settings.patch_size
+        g = torch.Generator().manual_seed(seed)
+        frames = [Image.fromarray((torch.rand(h * p, w * p, 3, generator=g) * 255).byte().numpy())
+                  for _ in range(t * settings.temporal_patch_size)]
+        enc = proc([QUESTION], videos=[frames])
+        if [int(x) for x in enc["video_grid_thw"].reshape(-1)] != [t, h, w]:
+            raise RuntimeError(f"the twin's video of grid {list(grid)} was processed to {enc['video_grid_thw'].tolist()}")
+        ids = enc["input_ids"]
+        stock = int((ids == self.video_token).sum())
+        visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        embeds, _, _, _ = self.engine.vision_inputs(ids, visual, enc.get("attention_mask"))
+        return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
+
+    def _video_settings(self):
+        """The twin's video processing: frames of exactly the grid's size, not resized (the grid is what the serving
+        processor made of the video; the count depends on nothing else)."""
+        from llava.preprocess_qwen_video import RULES, VideoSettings
+
+        vc = self.rt.model.config.vision_config
+        return VideoSettings(rule=RULES[self.family], min_pixels=1, max_pixels=1 << 62, patch_size=vc.patch_size,
+                             temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+                             do_resize=False, source="the vtprune geometry twin: frames of the grid's size")
+
+    @lru_cache(maxsize=4096)
+    def video_count(self, t: int, h: int, w: int) -> tuple[int, int]:
+        """(the tokens of a video whose patch grid is (t, h, w) unpruned, after the method's vision stage): the
+        engine's own video prompt (our processor) and layout (each temporal slice a unit) on frames of that grid's
+        size. Qwen-VL videos only (:data:`VIDEO_FAMILIES`); checked as :meth:`count` (the first grid twice)."""
+        if self.family not in VIDEO_FAMILIES:
+            raise PluginError(f"the vtprune plugin prunes {self.family} videos on the HF engine only (vLLM: "
+                              f"{', '.join(VIDEO_FAMILIES)} videos)")
+        grid = (int(t), int(h), int(w))
+        try:
+            a = self._video_count(grid, 0)
+            b = self._video_count(grid, 1) if not self._checked_video else a
+            self._checked_video = True
+        except PluginError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is the method's refusal here
+            raise PluginError(f"{self.engine.method.name}: vLLM must know each video's token count before the encoder "
+                              f"runs, and the count for a video of grid {list(grid)} failed ({type(e).__name__}: "
+                              f"{e})") from None
+        if a != b:
+            raise PluginError(f"{self.engine.method.name} keeps a number of tokens that depends on the video ({a[1]} vs "
+                              f"{b[1]} for two videos of grid {list(grid)}), and vLLM must know it before the encoder "
+                              "runs")
+        if a[1] == 0:
+            raise PluginError(f"{self.engine.method.name} keeps no visual token, and vLLM needs at least one placeholder "
+                              "per video: for the no-video control, send the prompt without its video")
+        return a
 
     @lru_cache(maxsize=4096)
     def count(self, width: int, height: int) -> tuple[int, int]:

@@ -1,0 +1,42 @@
+"""vLLM requests holding what our HF engine is given (no vLLM import: the harness and the tests build them).
+
+- :func:`collapse`: the prompt ids our processor expands (an image's or a video's placeholder run) with the run
+  collapsed to one placeholder, which vLLM's processor expands to the planned count;
+- :func:`video_data`: a video (a list of RGB frames, a :class:`llava.preprocess_qwen_video.Frames` with its
+  timing) as vLLM's ``multi_modal_data["video"]`` item: the frames as given (vLLM's processor, transformers' video
+  processor, resizes and patches them exactly as :mod:`llava.preprocess_qwen_video` does: tested) and the timing
+  our processor reads (:func:`llava.preprocess_qwen_video.timing`), so that ``second_per_grid_ts`` (Qwen2.5-VL's
+  M-RoPE time axis) is the same; frames are never re-sampled (``do_sample_frames`` False).
+"""
+
+from __future__ import annotations
+
+
+def collapse(ids: list[int], token: int) -> list[int]:
+    """``ids`` with the (one) run of ``token`` collapsed to one ``token``."""
+    ids = [int(t) for t in ids]
+    if token not in ids:
+        raise ValueError(f"the prompt holds no placeholder {token}")
+    first = ids.index(token)
+    n = sum(1 for t in ids if t == token)
+    if ids[first:first + n] != [token] * n:
+        raise ValueError(f"the prompt's placeholders {token} are not one run (one image or one video per prompt)")
+    return ids[:first] + [token] + ids[first + n:]
+
+
+def video_data(video, num_frames: int = 8) -> tuple:
+    """``(frames (T, H, W, 3) uint8, metadata)``: a vLLM video item (Qwen2.5-VL's processor needs the metadata) of
+    ``video`` as our processor reads it (:func:`llava.preprocess.load_frames`: frames kept as given, RGB; a frame
+    folder or a video file: ``num_frames`` sampled)."""
+    from llava.preprocess import load_frames
+    from llava.preprocess_qwen_video import frames_array, timing
+
+    frames = load_frames(video, num_frames)
+    arr = frames_array(frames)
+    n = int(arr.shape[0])
+    indices, fps, total = timing(frames, n)
+    meta = {"total_num_frames": int(total) if total is not None else n, "fps": fps,
+            "frames_indices": list(indices) if indices is not None else None, "duration": None,
+            "width": int(arr.shape[2]), "height": int(arr.shape[1]), "video_backend": "vtprune",
+            "do_sample_frames": False}
+    return arr, meta
