@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU, no downloads; about 10-12 minutes on 2 cores (11:43 measured 2026-11-24, 4,332 cases), much of it the fast path's
+# Set up and run the test suite (CPU, no downloads; about 12-13 minutes on 2 cores (12:28 measured 2026-11-24 at the end of session 14, 4,454 cases), much of it the fast path's
 # compiles: tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
