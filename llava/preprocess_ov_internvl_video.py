@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .preprocess_qwen_video import BICUBIC, CLIP_MEAN_STD, frames_array
+from .video_config import checkpoint_video_config
 
 FAMILIES = ("llava_onevision", "internvl")
 #: transformers' class defaults (LlavaOnevisionVideoProcessor and InternVLVideoProcessor agree): a checkpoint's
@@ -116,16 +117,9 @@ def resolve_settings(family: str, model_config, image_processor=None) -> FrameVi
     if family not in FAMILIES:
         raise ValueError(f"{family}: no per-frame video processing (families: {', '.join(FAMILIES)})")
     square = tower_square(family, model_config)
-    name = str(getattr(model_config, "_name_or_path", "") or "")
-    if name:
-        from transformers.video_processing_utils import VideoProcessorMixin
-
-        revision = getattr(model_config, "_commit_hash", None)
-        try:
-            config, _ = VideoProcessorMixin.get_video_processor_dict(name, **({"revision": revision} if revision
-                                                                               else {}))
-        except OSError as e:
-            raise ValueError(f"{name}: cannot read its video processor config for video inputs ({e})") from e
+    found = checkpoint_video_config(model_config)
+    if found:
+        name, config = found
         s = settings_from_config(family, config, source=f"{name}: the checkpoint's video processor config")
     else:
         mean = tuple(float(x) for x in getattr(image_processor, "image_mean", None) or CLIP_MEAN_STD[0])

@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .video_config import checkpoint_video_config
+
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 BICUBIC = 3  # PIL.Image.BICUBIC, the video processors' resample
@@ -154,16 +156,9 @@ def resolve_settings(family: str, model_config) -> VideoSettings:
         raise ValueError(f"{family}: no Qwen video processing (families: {', '.join(RULES)})")
     rule = RULES[family]
     vc = model_config.vision_config
-    name = str(getattr(model_config, "_name_or_path", "") or "")
-    if name:
-        from transformers.video_processing_utils import VideoProcessorMixin
-
-        revision = getattr(model_config, "_commit_hash", None)
-        try:
-            config, _ = VideoProcessorMixin.get_video_processor_dict(name, **({"revision": revision} if revision
-                                                                               else {}))
-        except OSError as e:
-            raise ValueError(f"{name}: cannot read its video processor config for video inputs ({e})") from e
+    found = checkpoint_video_config(model_config)
+    if found:
+        name, config = found
         s = settings_from_config(rule, config, source=f"{name}: the checkpoint's video processor config")
     else:
         s = VideoSettings(rule=rule, **{**CLASS_DEFAULTS[rule], **RELEASED[rule], "patch_size": vc.patch_size,
