@@ -25,6 +25,7 @@ MAX_NEW = 6
 METHODS = {
     "none": {}, "random": {}, "consensusdrop": {}, "attnmix": {}, "visionzip": {}, "fastervlm": {}, "divprune": {},
     "cdpruner": {}, "vispruner": {}, "hiprune": {}, "downsample": {}, "prumerge": {"budget_mode": "fixed"},
+    "apet": {"llm_stage": False},  # ApET's vision stage alone (its LLM stage is refused by the plugin)
     "consensusdrop:probe": {"preset": "probe"},
 }
 BUDGET = 16
