@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .preprocess_qwen_video import BICUBIC, CLIP_MEAN_STD, frames_array
+from .preprocess_qwen_video import BICUBIC, CLIP_MEAN_STD, frames_array, frames_to_float
 from .video_config import checkpoint_video_config
 
 FAMILIES = ("llava_onevision", "internvl")
@@ -134,18 +134,8 @@ def resolve_settings(family: str, model_config, image_processor=None) -> FrameVi
 
 def frame_pixels(s: FrameVideoSettings, frames: np.ndarray) -> torch.Tensor:
     """One video's frames (T, H, W, 3) uint8 -> (T, 3, height, width) float32, as transformers' video processor."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
     size = (s.height, s.width)
-    if s.do_resize and tuple(x.shape[-2:]) != size:  # uint8 bicubic with antialiasing: torchvision's CPU call
-        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    x = x.to(torch.float32)
-    if s.do_normalize:
-        scale = 1.0 / s.rescale_factor if s.do_rescale else 1.0
-        mean = torch.tensor(s.image_mean, dtype=torch.float32, device=x.device) * scale
-        std = torch.tensor(s.image_std, dtype=torch.float32, device=x.device) * scale
-        x = (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
-    elif s.do_rescale:
-        x = x * s.rescale_factor
+    x = frames_to_float(frames, size if s.do_resize else None, s)
     if tuple(x.shape[-2:]) != size:
         raise ValueError(f"video frames {tuple(x.shape[-2:])} are not the tower's {size} (do_resize=False needs "
                          "frames of that size)")

@@ -222,14 +222,14 @@ def frames_array(frames) -> np.ndarray:
     return np.stack(arrs)
 
 
-def video_pixels(s: VideoSettings, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """One video's ``pixel_values_videos`` rows (t*h*w, 3 * temporal * patch^2) float32 and its (t, h, w) grid."""
-    n, height, width, _ = frames.shape
+def frames_to_float(frames: np.ndarray, size: tuple[int, int] | None, s) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames -> (T, 3, h, w) float32 as transformers' video processors make them: resized to
+    ``size`` (None: kept) with uint8 bicubic antialiasing (the call torchvision makes on a CPU, so the pixels are
+    exact), then rescaled / normalised as the settings ``s`` say (``do_rescale``, ``rescale_factor``,
+    ``do_normalize``, ``image_mean``, ``image_std``; rescale folded into the normalisation, as they do)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
-    if s.do_resize:
-        size = target_size(s, n, height, width)
-        if size != (height, width):  # uint8 bicubic with antialiasing: torchvision's CPU call
-            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    if size is not None and tuple(size) != tuple(x.shape[-2:]):
+        x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
     x = x.to(torch.float32)
     if s.do_normalize:
         scale = 1.0 / s.rescale_factor if s.do_rescale else 1.0
@@ -238,6 +238,13 @@ def video_pixels(s: VideoSettings, frames: np.ndarray) -> tuple[torch.Tensor, tu
         x = (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
     elif s.do_rescale:
         x = x * s.rescale_factor
+    return x
+
+
+def video_pixels(s: VideoSettings, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """One video's ``pixel_values_videos`` rows (t*h*w, 3 * temporal * patch^2) float32 and its (t, h, w) grid."""
+    n, height, width, _ = frames.shape
+    x = frames_to_float(frames, target_size(s, n, height, width) if s.do_resize else None, s)
     p, tp, m = s.patch_size, s.temporal_patch_size, s.merge_size
     if x.shape[-2] % (p * m) or x.shape[-1] % (p * m):
         raise ValueError(f"video frames {tuple(x.shape[-2:])} are not multiples of patch x merge = {p * m} "
