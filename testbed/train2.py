@@ -350,7 +350,8 @@ def run_stage(stage: str, rt, args, work: Path, log: dict, deadline: float | Non
             opt.load_state_dict(st["opt"])
             start = st["step"]
     entry = log["stages"].setdefault(stage, {"curve": [], "evals": [], "wall_s": 0.0})
-    if start >= steps:
+    if start >= steps:  # finished in an earlier call that stopped before writing the log (the model was saved first)
+        entry["done"] = True
         return True
     loader = torch.utils.data.DataLoader(Stream(stage, args.seed, start * batch, (steps - start) * batch),
                                          batch_size=batch, shuffle=False, num_workers=args.workers,

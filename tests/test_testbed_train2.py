@@ -170,6 +170,22 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path, capsys):
     assert last["stage"] == "instruct" and last["step"] == 3
 
 
+def test_a_stage_finished_but_not_logged_is_marked_done(tmp_path):
+    """A call stopped between a stage's final state and the log (a kill at that moment) still exports later."""
+    work = tmp_path / "w"
+    train2.main(TINY + ["--work", str(work)])
+    log = json.loads((work / "log.json").read_text())
+    del log["stages"]["instruct"]["done"]  # the last stage's state is final, the log does not say so
+    (work / "log.json").write_text(json.dumps(log))
+    before = _final(work)
+    train2.main(TINY + ["--work", str(work)])
+    assert json.loads((work / "log.json").read_text())["stages"]["instruct"]["done"] is True
+    after = _final(work)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained again
+    train2.main(TINY + ["--work", str(work), "--export", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_another_recipe_in_the_same_folder_is_refused(tmp_path):
     train2.main(TINY + ["--work", str(tmp_path), "--stop-after", "1"])
     with pytest.raises(SystemExit, match="another recipe"):
