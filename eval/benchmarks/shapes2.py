@@ -47,8 +47,13 @@ class Shapes2(Benchmark):
             raise ValueError(f"shapes2: seeds must be comma-separated integers, got {self.seeds!r}") from None
 
     def _questions(self):
-        e2 = _testbed()[2]
-        return [(seed, q) for seed in self._seeds() for q in e2.questions(int(self.n), seed)]
+        """(seed, question) pairs, generated once per benchmark object (4,000 scenes take ~25 s: load and
+        finalize both need them)."""
+        key = (int(self.n), tuple(self._seeds()))
+        if getattr(self, "_made", (None,))[0] != key:
+            e2 = _testbed()[2]
+            self._made = (key, [(seed, q) for seed in key[1] for q in e2.questions(key[0], seed)])
+        return self._made[1]
 
     def load(self):
         return [Question(idx=i, uid=f"{seed}-{q.index}", qid=f"{seed}-{q.index}", text=q.prompt, prompt=q.prompt,
