@@ -81,6 +81,17 @@ def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor, numeri
     return torch.nonzero(m > m.mean()).flatten()
 
 
+def rater_mask(visual_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`select_raters` over a padded text block (the fast path's captured prefill): ``text_embeds``
+    (Q, D) with ``text_mask`` (Q,) its real rows. The softmax runs over the real rows only and the mean
+    relevance is theirs; returns the raters as a (Q,) bool mask (no host read). A block whose relevance is
+    uniform has no rater above the mean: then every real row rates (the eager stage's fallback)."""
+    m = (visual_embeds.float() @ text_embeds.float().T).masked_fill(~text_mask, float("-inf")).softmax(dim=1).mean(0)
+    mean = m.sum() / text_mask.sum().clamp(min=1)
+    raters = (m > mean) & text_mask
+    return torch.where(raters.any(), raters, text_mask)
+
+
 def rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """SparseVLM+ 4.2's RoPE "gravity": the attention logit a constant all-ones query at ``pos_q``
     would give an all-ones key at ``pos_k`` under RoPE, divided by sqrt(d) (official: rotated
@@ -254,7 +265,11 @@ class SparseVLM(Method):
 
     name = "sparsevlm"
     llm_reads = ("prev",)  # the sparse layer's own attention (and keys)
-    capture_reason = ("data-dependent counts (adaptive raters, host selection by design): needs the piecewise path (graph, one host decision, graph), not built yet")
+    #: every stage's counts are host values (the schedule, the recycled clusters of the pruned count); only
+    #: the rater set is data-dependent, and the captured stage reads it as a mask over the padded text rows
+    capturable = "full"
+    llm_text_rows = True
+    llm_text_cap = 1  # the stage tells "no text after the image" (zero scores) from "some"
     position_mode = "reindex"
     query_aware = True  # text raters from the prompt text after the image
 
@@ -323,9 +338,15 @@ class SparseVLM(Method):
         return self._stages
 
     def stage_counts(self, n_visual: int) -> tuple[int, ...]:
-        """Retained (not recycled) visual tokens after each sparse layer for N visual tokens."""
-        counts = [scaled_count(n_visual, c) for c in self._retained_ref]
-        return fit_stage_counts(n_visual, counts, self._stages_ref, self._stages, self.num_layers)
+        """Retained (not recycled) visual tokens after each sparse layer for N visual tokens. Memoised per
+        (N, depth): the fast path's dry run fills it on the host, so a captured stage only looks it up (the
+        exact ``Fraction`` arithmetic of ``fit_stage_counts`` is not traceable)."""
+        key = (int(n_visual), self.num_layers, self._stages)
+        memo = self.__dict__.setdefault("_stage_counts", {})
+        if key not in memo:
+            counts = [scaled_count(n_visual, c) for c in self._retained_ref]
+            memo[key] = tuple(fit_stage_counts(n_visual, counts, self._stages_ref, self._stages, self.num_layers))
+        return memo[key]
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Predicted visual tokens per decoder layer (recycled clusters included)."""
@@ -362,7 +383,27 @@ class SparseVLM(Method):
             attn = attn[select_heads(attn, self.heads, "official")]
         return rater_scores(attn, "official")
 
+    def _captured_scores(self, sig) -> torch.Tensor:
+        """:meth:`_scores` inside a captured prefill: every padded text-after row's attention, the raters
+        read through their mask (``torch.where``, the pad rows may hold NaN): the head sums and the rater
+        mean over the rater rows only. fp32 (the gravity in fp64 on the device)."""
+        raters = sig.state["raters"]
+        attn = sig.attention(sig.text_after, layer="prev")[:, :, sig.visual]  # (H, Q, N)
+        if self.gravity:
+            if sig.position_ids.dim() != 1:
+                raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
+                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
+            d = sig.keys("prev", rope=False).shape[-1]
+            g = rope_gravity(sig.position_ids[sig.text_after], sig.position_ids[sig.visual], d, self.rope_theta)
+            attn = (attn.double() / g[None]).float()
+        attn = torch.where(raters[None, :, None], attn.float(), 0.0)
+        if self.heads and self.heads < attn.shape[0]:
+            attn = attn[topk_desc(attn.sum((1, 2)), self.heads)]
+        return attn.mean(0).sum(0) / raters.sum().clamp(min=1)
+
     def select_llm(self, stage, sig):
+        if sig.captured:
+            return self._select_captured(stage, sig)
         if "raters" not in sig.state:  # fixed once per prefill from all visual tokens' layer-0 inputs
             sig.state["raters"] = select_raters(sig.entry_visual_embeds, sig.text_embeds, self.numerics)
         raters, n_orig = sig.state["raters"], sig.num_visual_entry
@@ -389,4 +430,28 @@ class SparseVLM(Method):
         pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
         targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
                                          self.cluster_divisor, self.numerics)
+        return Selection(keep=keep, targets=targets, assign=assign, rule="mean")
+
+    def _select_captured(self, stage, sig):
+        """:meth:`select_llm` in a captured prefill (fast path, ``numerics="ours"``): the same counts (host
+        values), the raters as a mask over the padded text rows (:func:`rater_mask`), the scores, the top k
+        and the recycling on the device."""
+        v, k = sig.num_visual, self.stage_counts(sig.num_visual_entry)[stage]
+        dev = sig.visual.device
+        if k >= v:
+            return Selection(keep=torch.arange(v, device=dev))
+        if sig.num_text_after == 0:  # nothing rates: the first k (the eager stage's zero scores)
+            scores = torch.zeros(v, device=dev)
+        else:
+            if "raters" not in sig.state:
+                sig.state["raters"] = rater_mask(sig.entry_visual_embeds, sig.text_embeds, sig.text_mask)
+            scores = self._captured_scores(sig)
+        keep = topk_desc(scores, k).sort().values
+        if not self.recycle:
+            return Selection(keep=keep)
+        mask = torch.ones(v, dtype=torch.bool, device=dev)
+        mask[keep] = False
+        pruned = masked_take(torch.arange(v, device=dev), mask, v - k)
+        targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual], self.recycle_ratio,
+                                         self.cluster_divisor)
         return Selection(keep=keep, targets=targets, assign=assign, rule="mean")

@@ -78,7 +78,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
         sig = LLMSignals(layer=m.llm_layers[stage], hidden=torch.empty(S, D, device=meta),
                          position_ids=torch.empty(S, dtype=torch.long, device=meta), visual=vis, origin=vis,
                          text_after=text, question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=torch.empty(nv, D, device=meta),
-                         text_embeds=None, num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
+                         text_embeds=torch.empty(Q, D, device=meta) if m.llm_text_rows else None, num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
                          state=state, vision=vision_sig, captured=True,
                          key_mask=torch.empty(S, dtype=torch.bool, device=meta),
                          _attn_fn=lambda rows, which: torch.empty(H, rows.numel(), S, device=meta),
@@ -199,9 +199,15 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
     lm, method = engine.lm, engine.method
     B = rows.shape[0]
     bounds = [0] + [st.layer for st in stages] + [len(lm.layers)]
+    entry_text = [None] * B
     if stages:
         entry_in = [rows[b][v] for b, v in enumerate(visual0)]  # each visual token's input to layer 0
         entry = [torch.arange(v.numel(), device=rows.device) for v in visual0]
+        if stages[0].text:  # the text-after tokens' inputs to layer 0 (padded; segment 0's rows)
+            at_t = 0
+            for b, q in enumerate(stages[0].text):
+                entry_text[b] = rows[b][stage_in[0]["text"][at_t:at_t + q]]
+                at_t += q
     origin = list(origins)
     state = [{} for _ in range(B)]
     h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1], ds)
@@ -224,7 +230,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                 continue
             x, p, x_prev = h[b], pos[..., b, :], prev[b]  # p: (S,), or (3, S) M-RoPE
             sig = _signals(lm, st.layer, x, p, x_prev, mask[b, 0, -1, :x.shape[0]], vis, origin[b], entry[b],
-                           entry_in[b], state[b], vision_sigs[b], text)
+                           entry_in[b], state[b], vision_sigs[b], text, entry_text[b])
             sel = method.select_llm(s, sig)
             if sel.values is not None:
                 raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
@@ -253,13 +259,14 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
     return lm.norm(h[:, -1:]), bad
 
 
-def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision, text=None) -> LLMSignals:
+def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision, text=None,
+             text_embeds=None) -> LLMSignals:
     """One sample's captured :class:`LLMSignals` over its padded row; ``text``: (padded text-after rows,
-    their mask, the real count) or None."""
+    their mask, the real count) or None; ``text_embeds``: those rows' inputs to decoder layer 0 (padded alike)."""
     text_rows, text_mask, n_text = text if text is not None else (None, None, None)
     attn_fn, keys_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask)
     return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
-                      question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry], text_embeds=None,
+                      question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry], text_embeds=text_embeds,
                       num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in, state=state,
                       vision=vision, captured=True, key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn,
                       _norm=lm.norm)

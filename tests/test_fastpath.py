@@ -36,7 +36,7 @@ def test_every_method_declares_capturability():
         assert cls.capturable in ("full", "piecewise", None), name
         if cls.capturable is None:
             assert cls.capture_reason, name
-    assert get_method("sparsevlm", 64).capture_refusal() == get_method("sparsevlm", 64).capture_reason
+    assert get_method("trio", None).capture_refusal() == get_method("trio", None).capture_reason
     assert get_method("fastervlm", 4).capture_refusal() is None
     assert get_method("divprune", 4, numerics="official").capture_refusal()  # the reference mode runs eagerly
 
@@ -115,12 +115,12 @@ def test_no_host_sync_inside_the_captured_prefill(rt_fast, method, budget):
 
 
 def test_refused_prefills_run_eagerly_and_say_why(rt_fast, rt_eager):
-    eng = rt_fast.prune("sparsevlm", 64)
-    assert "piecewise" in eng.fast.refusal
+    eng = rt_fast.prune("trio", None)
+    assert "gradient" in eng.fast.refusal
     batch = inputs(rt_fast, 0)
     toks, _ = generate(rt_fast, batch)
-    assert eng.stats.path == "eager" and "piecewise" in eng.stats.path_reason
-    rt_eager.prune("sparsevlm", 64)
+    assert eng.stats.path == "eager" and "gradient" in eng.stats.path_reason
+    rt_eager.prune("trio", None)
     assert torch.equal(toks, generate(rt_eager, batch)[0])
     eng = rt_fast.prune("fastervlm", 4, numerics="official")
     generate(rt_fast, batch)

@@ -262,15 +262,16 @@ def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, family, method, 
 
 
 def test_what_the_plan_cannot_do_runs_eagerly_and_says_why(rts):
-    """Refused with the reason, answered by the eager engine: a method that is not captured (SparseVLM), two images
-    in one prompt, Qwen3-VL videos (a vision run per temporal slice), and the hybrid Qwen3.5."""
+    """Refused with the reason, answered by the eager engine: a method that is not captured (TRIO: a backward pass
+    in its llm stages), two images in one prompt, Qwen3-VL videos (a vision run per temporal slice), and the hybrid
+    Qwen3.5."""
     fast, eager = rts["qwen2.5-vl"]
-    eng = fast.prune("sparsevlm", 64)
-    assert eng.fast.refusal.startswith("sparsevlm:")
+    eng = fast.prune("trio", None)
+    assert eng.fast.refusal.startswith("trio:") and "gradient" in eng.fast.refusal
     batch = batch_of(fast, 1)
     toks, _ = generate(fast, batch, tokens=4)
     assert eng.stats.path == "eager" and eng.stats.path_reason == eng.fast.refusal
-    eager.prune("sparsevlm", 64)
+    eager.prune("trio", None)
     assert torch.equal(toks, generate(eager, batch, tokens=4)[0])
     eng = fast.prune("fastervlm", 4)
     two = fast.processor(["what differs?"], [[rand_image(0, 56, 56), rand_image(1, 56, 84)]])
