@@ -26,6 +26,14 @@ each crop keeps T (``next_half=True``: the official int(T/2) per crop, still no 
 frames (no video path in the official code) keep T tokens with their [CLS] counted (``frame_cls="count"``)
 or T patches plus the [CLS] (``"extra"``).
 
+Fast path (``capturable = "full"``; ``docs/methods/flowcut.md`` "Fast path"): inside the captured prefill the
+tower runs masked (``llava.families.clip.run_tower_masked``): every unit keeps its S tokens, a keep mask (n, S)
+on the device replaces the gather (each layer's attention masks the dropped keys to -inf), and
+:meth:`FlowCut.select_tower_masked` computes the same quantities over the present tokens only, the prune count on
+the device; the final cut leaves tau tokens per unit (a host count), so the vision stage is a static-size
+selection (``masked_take``). Same kept tokens as the eager (gathered) tower on the tested inputs, not bit-identical
+states (summation order).
+
 Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. FlowCut's README
 loads the model with LLaVA's ``load_pretrained_model`` (default ``device_map='auto'``: the CLIP tower is not
 cast and runs in fp32), and every FlowCut quantity is computed inside the tower, so all of it stays fp32
@@ -44,7 +52,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics
+from llava.ops import check_numerics, masked_take
 
 #: dtype of the official FlowCut quantities (computed inside the fp32 tower, device_map='auto')
 OFFICIAL_DTYPE = torch.float32
@@ -91,10 +99,41 @@ def adaptive_prune_count(c: torch.Tensor, rpl: int, target: int, numerics: str =
     return ((n_p - target) / rpl ** 0.5 * (1 - ratio ** 2)).round().long()
 
 
+def flowcut_score_masked(cls_attn: torch.Tensor, values: torch.Tensor,
+                         key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`flowcut_score` over each unit's present tokens only (the masked tower): ``cls_attn`` (n, H, S) the
+    [CLS] row already softmaxed over the present tokens (0 at the others, ``TowerSignals.cls_attention``),
+    ``values`` (n, S, H, d), ``key_mask`` (n, S) bool. The semantic softmax runs over the present tokens, the sums
+    over the present patches (the absent ones hold 0). Returns (c, score), (n, S - 1); the absent patches' scores
+    are finite and never read (the caller masks them)."""
+    c = cls_attn.mean(1)[:, 1:]
+    logits = torch.einsum("nhd,nshd->nhs", values[:, 0], values)
+    sem = logits.masked_fill(~key_mask[:, None, :], float("-inf")).softmax(-1).mean(1)[:, 1:]
+    mag = values.mean(2)[:, 1:].abs().sum(-1)
+    return c, (c / c.sum(-1, keepdim=True) + sem / sem.sum(-1, keepdim=True)) * mag
+
+
+def adaptive_prune_count_masked(c: torch.Tensor, present: torch.Tensor, rpl: int, target: int) -> torch.Tensor:
+    """(n,) long on the device: :func:`adaptive_prune_count` (``numerics="ours"``) per unit over its n_p present
+    patches (``present`` (n, P) bool, ``c`` 0 at the others): the entropy of c / sum c over the present ones
+    (``0 log 0`` left out), and ln n_p and (n_p - target) / sqrt(rpl) computed from the device count in float64,
+    then rounded to fp32: the values the eager path divides / multiplies by (``math.log(n_p)`` and a Python float,
+    which torch rounds to fp32; a float64 log is within a few ulps of ``math.log``, and fp32(ln k) sits thousands of
+    float64 ulps from an fp32 rounding boundary for every k <= 20000, so the rounding agrees), so the count equals
+    the eager one on the same c. No host read, no host-built tensor (CUDA-graph safe)."""
+    n_p = present.sum(-1)
+    prob = c / c.sum(-1, keepdim=True)
+    entropy = -torch.where(present, prob * prob.log(), torch.zeros((), dtype=prob.dtype, device=prob.device)).sum(-1)
+    ratio = entropy / n_p.double().log().to(c.dtype)
+    scale = ((n_p - target).double() / rpl ** 0.5).to(c.dtype)
+    return (scale * (1 - ratio ** 2)).round().long()
+
+
 @register
 class FlowCut(Method):
     name = "flowcut"
-    capture_reason = ("adaptive per-layer counts inside the vision tower: needs the piecewise path, not built yet")
+    #: the fast path runs the tower masked (select_tower_masked); the reference mode stays eager
+    capturable = "full"
     vision_stage = True
     tower_stage = True
     families = ("llava", "llava_next", "video_llava")
@@ -118,10 +157,13 @@ class FlowCut(Method):
 
     def patch_target(self, sig) -> int:
         """T: the patches a unit keeps ([CLS] not counted)."""
+        return self._target(sig.cls_in_llm)
+
+    def _target(self, cls_in_llm: bool) -> int:
         t = self.budget
         if self.next_half and getattr(self, "family", None) == "llava_next":
             t = max(1, int(t / 2))
-        if sig.cls_in_llm and self.frame_cls == "count":
+        if cls_in_llm and self.frame_cls == "count":
             t -= 1  # the unit's [CLS] enters the LLM too: T tokens in all
         return max(t, 0)
 
@@ -160,9 +202,76 @@ class FlowCut(Method):
             return torch.stack(keeps)
         return keeps
 
+    def select_tower_masked(self, layer_idx, sig):
+        """:meth:`select_tower` on the masked tower (``llava.families.clip.run_tower_masked``; ``sig.key_mask``
+        (n, S) the present tokens, None = all): the new (n, S) keep mask, or None when no unit can change
+        here (host: an odd rpl, or S <= tau). The same quantities over the present tokens only
+        (:func:`flowcut_score_masked`, :func:`adaptive_prune_count_masked`), the cumulative score per token, the
+        count per unit on the device, ``(s - prune).clamp(min=tau)`` (tau at the final cut), no change for a unit
+        with s <= tau, and the kept patches = the top (count - 1) present ones by the cumulative score (a stable
+        descending sort, the absent ones at -inf). No host read."""
+        if self.numerics == "official":  # refused by capture_refusal: the reference mode runs eagerly
+            raise NotImplementedError("flowcut: the reference mode (numerics='official') has no masked tower")
+        target = self._target(sig.cls_in_llm)
+        tau = target + 1
+        S = sig.num_tokens
+        if S <= tau:  # no unit holds more than tau tokens (the eager `s <= tau` for every unit)
+            return None
+        dev = sig.hidden_in.device
+        key = (sig.key_mask if sig.key_mask is not None
+               else torch.ones(sig.num_units, S, dtype=torch.bool, device=dev))
+        present = key[:, 1:]
+        s = sig.num_kept()
+        c, score = flowcut_score_masked(sig.cls_attention(), sig.values(), key)
+        cum = sig.state.get("flowcut_cum")
+        cum = score if cum is None else self.ema * cum[:, 1:] + (1 - self.ema) * score
+        sig.state["flowcut_cum"] = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)  # [CLS] column: unused
+        rpl = sig.select_layer - 1 - layer_idx
+        if rpl > 0 and rpl % 2:
+            return None
+        if rpl > 0:
+            prune = adaptive_prune_count_masked(c, present, rpl, target)
+            if self.batch_max:  # the max over the units of this tower call (all hold the same count: as eagerly)
+                prune = prune.max().expand_as(prune)
+            counts = torch.minimum((s - prune).clamp(min=tau), s)
+        else:
+            counts = torch.full_like(s, tau)
+        ranked = torch.sort(cum.masked_fill(~present, float("-inf")), dim=1, descending=True, stable=True).indices
+        rank = torch.zeros_like(ranked).scatter(1, ranked, torch.arange(S - 1, device=dev).expand_as(ranked))
+        new = torch.cat([key[:, :1], present & (rank < (counts - 1)[:, None])], 1)
+        return torch.where((s > tau)[:, None], new, key)  # s <= tau: unchanged (eager: no cut)
+
+    def captured_count(self, sig) -> int:
+        """The vision stage's output count of a captured prefill, from the sample's planned layout (host): per
+        unit its stock tokens when its tower holds <= tau tokens, else its [CLS] if the LLM takes it + tau - 1
+        patches. Raises NotImplementedError (the prefill then runs eagerly, with the reason) when a unit's stock
+        tokens leave out some of its tower patches (LLaVA-NeXT ``spatial_unpad`` crops cut by the unpadding): how
+        many survivors fall inside depends on the image."""
+        lay = sig.unit_layout(patch=True)
+        total = 0
+        for u in range(lay.num_units):
+            rows, cols = sig.unit_grid[u] if sig.unit_grid else sig.grid
+            P, ncls, npatch = rows * cols, lay.num_cls_stock[u], lay.num_patch_stock[u]
+            tau = self._target(ncls > 0) + 1
+            if P + 1 <= tau:
+                total += ncls + npatch
+            elif npatch == P:
+                total += ncls + tau - 1
+            else:
+                raise NotImplementedError(
+                    f"flowcut: unit {u} feeds {npatch} of its {P} tower patches (LLaVA-NeXT spatial_unpad), so "
+                    "the survivors entering the LLM depend on the image (next_layout='spatial' is captured)")
+        return total
+
     def select_vision(self, sig):
         kept = getattr(sig, "in_tower_kept", None)
+        if sig.captured:  # the fast path: a static count (planned), the survivors taken without a host read
+            count = self.captured_count(sig)
+            if kept is None and sig.unit.device.type == "meta":  # the plan's dry run (shapes only)
+                return Selection(keep=torch.empty(count, dtype=torch.long, device=sig.unit.device))
         if kept is None:
             raise RuntimeError("flowcut: no in-tower survivors in the vision signals (is the engine's in-tower "
                                "stage available for this family?)")
+        if sig.captured:
+            return Selection(keep=masked_take(torch.arange(sig.num_tokens, device=kept.device), kept, count))
         return Selection(keep=torch.nonzero(kept).flatten())

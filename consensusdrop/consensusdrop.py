@@ -342,8 +342,8 @@ class ConsensusDrop(Method):
 
     name = "consensusdrop"
     llm_reads = ("next",)  # prune_point="after_probe": the probe layer's attention
-    #: the fast path captures the pre-LLM selection (the default / "cover" preset; the greedy max-min loops on
-    #: the device); the LLM probe and the in-LLM ablation are refused by :meth:`capture_refusal`
+    #: the fast path captures the pre-LLM selection (both presets: the greedy max-min loops on the device, the LLM
+    #: probe inside the captured prefill); the in-LLM ablation is refused by :meth:`capture_refusal`
     capturable = "full"
     needs_vision_attention = True
     query_aware = True  # the probe reads the question rows
@@ -448,13 +448,20 @@ class ConsensusDrop(Method):
     def _encoder_saliency(self, cls_attn: torch.Tensor) -> torch.Tensor:
         return cls_attn.float().sum(0) if self.encoder_head_agg == "sum" else cls_attn.float().mean(0)
 
-    def _cross_saliency(self, p: torch.Tensor) -> torch.Tensor:
-        """p: (H, Q, T) probabilities on the visual columns -> (T,)."""
+    def _cross_saliency(self, p: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """p: (H, Q, T) probabilities on the visual columns -> (T,). ``rows`` (Q,) bool: the query rows among
+        the Q (the fast path's padded text block); None: every row is one."""
         p = p.float()
+        if rows is not None:  # the other rows of the block are read through the mask only
+            p = torch.where(rows[None, :, None], p, 0.0)
         if self.probe_softmax_keys == "visual_only":
             p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
         p = p.amax(0) if self.probe_head_agg == "max" else p.mean(0)
-        return p.amax(0) if self.probe_query_agg == "max" else p.mean(0)
+        if rows is None:
+            return p.amax(0) if self.probe_query_agg == "max" else p.mean(0)
+        if self.probe_query_agg == "max":
+            return p.masked_fill(~rows[:, None], float("-inf")).amax(0)
+        return p.sum(0) / rows.sum().clamp(min=1)
 
     def _needs_probe(self) -> bool:
         return self.fusion != "encoder_only"
@@ -547,8 +554,10 @@ class ConsensusDrop(Method):
         s_v = self._encoder_saliency(sig.cls_attn)
         s_x = torch.zeros(n, device=s_v.device)
         if self._needs_probe():
-            if self.probe_mode == "attn":
-                s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries))
+            if self.probe_mode == "attn":  # captured: the rows of the whole padded text block, read by its masks
+                rows = self._query_rows(sig)[1] if sig.captured else None
+                s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries),
+                                                            rows)
             else:
                 text, mask = self._query_rows(sig)
                 s_x[: sig.num_stock] = cross_modal_score(text, sig.features[: sig.num_stock], self.cross_score,
@@ -578,9 +587,9 @@ class ConsensusDrop(Method):
 
     def capture_refusal(self):
         """The fast path captures the pre-LLM selection with s_x from the input embeddings (``probe_mode``
-        embed_cos, the default / "cover" preset) or without s_x (``fusion="encoder_only"``). Refused:
-        the LLM probe (``probe_mode="attn"``: LLM layers run on the unpruned prompt before the selection),
-        ``prune_point="after_probe"`` (an in-LLM stage). ``order="spatial"`` and NeXT's
+        embed_cos, the default / "cover" preset), from the LLM probe (``probe_mode="attn"``, the "probe" preset:
+        layers 0..K-1 on the unpruned prompt inside the captured prefill, :mod:`llava.fast_probe`) or without s_x
+        (``fusion="encoder_only"``). Refused: ``prune_point="after_probe"`` (an in-LLM stage). ``order="spatial"`` and NeXT's
         ``next_order="grid_raster"`` are captured (:func:`llava.ops.block_order` skips its identity read)."""
         why = super().capture_refusal()
         if why:
@@ -588,10 +597,6 @@ class ConsensusDrop(Method):
         if self.prune_point == "after_probe":
             return ("consensusdrop: prune_point='after_probe' prunes inside the LLM, after its probe layers "
                     "(an in-LLM stage): runs on the eager engine")
-        if self._needs_probe() and self.probe_mode == "attn":
-            return (f"consensusdrop: probe_mode='attn' (probe_layer={self.probe_layer}) runs LLM layers on the "
-                    "unpruned prompt before the selection (a second LLM pass): runs on the eager engine; the "
-                    "default probe_mode (embed_cos, no probe_layer) is captured")
         return None
 
     def select_llm(self, stage, sig):

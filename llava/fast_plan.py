@@ -13,6 +13,7 @@ from dataclasses import replace as _replace
 import torch
 
 from .fast_llm import count_stages, plan_stages, prompt_mask, text_count
+from .fast_probe import plan_probe
 from .ops import UnitLayout, unit_layout
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
@@ -68,6 +69,7 @@ class _Spec:
     tower: object = None  # the family's static tower plan (FastVisual.tower); None: the CLIP tower
     mrope: int = 0  # rows of the positions when kept tokens keep theirs (M-RoPE: 3); 0: contiguous 1-D
     deepstack: int = 0  # DeepStack levels (Qwen3-VL): rows added at the visual rows after decoder layers 0..n-1
+    probe: object = None  # llava.fast_probe.ProbeSpec: the vision stage reads the LLM's attention (unpruned prompt)
 
 
 def _shift(s: _Sample, delta: int) -> _Sample:
@@ -134,10 +136,11 @@ class FastPlanMixin:
                 "cls_attn_layers": {int(k[5:]): r.T.contiguous() for k, r in extras.items() if k[:5] == "clsl:"}}
 
     def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
-                        extras=None):
+                        extras=None, probe=None):
         """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
         ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``; ``extras``
-        the per-token extra tower-layer signals (:meth:`_extra_names`)."""
+        the per-token extra tower-layer signals (:meth:`_extra_names`); ``probe`` its ``probe_attention``
+        (:func:`llava.fast_probe.run_probe`: the rows of the padded text block)."""
         from .signals import VisionSignals
 
         parts = {name: index[o:o + n] for name, o, n in s.parts}
@@ -155,7 +158,7 @@ class FastPlanMixin:
             features=feats, vision_features=vfeats, unit=unit, patch=parts["patch"], unit_kind=kind,
             grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
             cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
-            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, static=s.static,
+            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, static=s.static, _probe_fn=probe,
             **self._extra_fields(extras or {}))
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
@@ -178,9 +181,11 @@ class FastPlanMixin:
         shape = {"recv": (n, vc.num_attention_heads), "clsl": (n, vc.num_attention_heads), "fwa": (n,),
                  "fwk": (n, vc.hidden_size)}
         extras = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
+        H = self.engine.lm.config.num_attention_heads
         sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
                                    torch.empty(n, vd, device=meta), ca, ks, kind,
-                                   torch.empty(s.text, D, device=meta), extras)
+                                   torch.empty(s.text, D, device=meta), extras,
+                                   lambda layer, queries="question": torch.empty(H, s.text, s.tokens, device=meta))
         m0 = m.select_vision(sig).num_out
         return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
 
@@ -369,8 +374,15 @@ class FastPlanMixin:
                 real_text = int(ids.numel()) - p0 - T
                 index[o:o + real_text] = b * Lb + pad + p0 + m + torch.arange(real_text)
             vis0.append(pad + p0 + torch.arange(m))
-        spec = _replace(vp.spec, bucket=Lb, cache_len=C, stages=stages)
+        probe = None
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
+        if e.method.vision_stage and e.method.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast_probe)
+            if vp.spec.deepstack:
+                raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not planned")
+            probe, probe_host = plan_probe(e.method.probe_layers, rows, [s.text for s in samples], bucket_for,
+                                           self.buckets, full)
+            host.update({f"probe:{k}": v for k, v in probe_host.items()})
+        spec = _replace(vp.spec, bucket=Lb, cache_len=C, stages=stages, probe=probe)
         if vp.crops is not None:
             host["crops"] = vp.crops
         if full is not None:

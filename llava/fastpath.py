@@ -17,7 +17,13 @@ and handed to the captured function as index tensors:
     tower -> [CLS] signals from ``hidden_states`` -> the method's selection (``sig.captured``) ->
     merges -> one gather into the bucket -> the language model into the static cache (with llm stages:
     segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast_llm`) -> the
-    last row's logits, and one validity flag of every selection (read once, after the prefill);
+    last row's logits, and one validity flag of every selection (read once, after the prefill); an in-tower
+    stage (FlowCut) runs the CLIP tower masked (:func:`llava.families.clip.run_tower_masked`: every unit at its
+    full token count, the survivors a device mask, each layer's attention masked to them, the method's
+    ``select_tower_masked``), its final count per unit planned on the host;
+``probe`` (a vision stage that reads the LLM's attention on the unpruned prompt: ConsensusDrop's ``probe_mode="attn"``)
+    the unpruned rows planned in their own bucket, decoder layers 0..K-1 run on them inside the same captured
+    prefill, layer K's rows of the padded text block handed to the selection (:mod:`llava.fast_probe`);
 ``piecewise`` (a vision stage whose output count depends on the image: ``capture_kind() == "piecewise"``)
     graph 1 = the tower, signals and the selection padded to a static size, its real count on the device
     (``Selection.count``) -> one host read of the counts -> the host plans the rows from them (the same
@@ -56,9 +62,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .families.base import param_dtype, to_device
-from .families.clip import attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention
+from .families.clip import (MASKED_TOWER_ATTN, attention_layer, cls_row, cls_signals, fullwidth_signals,
+                            received_attention, run_tower_masked)
 from .fast_llm import _no_output_capture, decode_segments, run_segments
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
+from .fast_probe import run_probe
 from .layout import carry_rows, materialize
 from .method import Selection
 
@@ -149,8 +157,17 @@ class FastPath(FastPlanMixin):
         if e.family not in FAST_FAMILIES:
             return f"the fast path plans {', '.join(FAST_FAMILIES)} models, not {e.family}"
         m = e.method
-        if getattr(m, "tower_stage", False):
-            return f"{m.name}: in-tower stages are not captured yet"
+        if getattr(m, "tower_stage", False):  # captured through the masked tower (clip.run_tower_masked)
+            if not callable(getattr(m, "select_tower_masked", None)):
+                return (f"{m.name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "
+                        "are captured through the masked tower only")
+            if m.needs_vision_attention or self._extra_names():
+                return f"{m.name}: an in-tower stage with vision attention signals is not captured"
+            for k in e.adapter.pixel_keys:
+                impl = getattr(e.adapter.fast_tower(k).config, "_attn_implementation", None) or "eager"
+                if impl not in MASKED_TOWER_ATTN:
+                    return (f"{m.name}: the masked tower needs {' / '.join(MASKED_TOWER_ATTN)} attention in the "
+                            f"vision tower, not {impl!r}")
         why = m.capture_refusal()  # every reason names its method (the eval's per-reason counts read it)
         if not why and self.piecewise:
             if m.llm_layers:
@@ -170,12 +187,12 @@ class FastPath(FastPlanMixin):
 
     # ------------------------------------------------------------------ the captured functions
     def _prefill_fn(self, px, crops, tok, src, pos, mask, index, cache, spec: _Spec, stage_in=None, vpos=None,
-                    tower_in=None, ds_at=None):
+                    tower_in=None, ds_at=None, probe_in=None):
         e = self.engine
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
         outs, sigs, origins, _, bad = self._visual_outputs(px, crops, index, spec, emb.dtype,
-                                                           emb.reshape(-1, emb.shape[-1]), tower_in, deeps)
+                                                           emb.reshape(-1, emb.shape[-1]), tower_in, deeps, probe_in)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
             R, at, vp = pos.shape[0], 0, []
@@ -216,13 +233,15 @@ class FastPath(FastPlanMixin):
                  use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:])
 
-    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None):
+    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None,
+                        probe_in=None):
         """The vision stage of a captured prefill, per sample: the outputs (m, D) in ``dtype``, the
         signals, each output's source candidate, the real count (0-d; ``Selection.count`` of a padded
         selection) and the OR of every malformed flag. ``text_flat``: the new rows' embeddings, flattened
         (query-aware methods read their text block from them); ``tower_in``: the tower's planned index
         tensors (a family that encodes its tower itself, ``spec.tower``); ``deeps``: a list that receives each
-        sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL)."""
+        sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL); ``probe_in``: the LLM
+        probe's planned tensors (``spec.probe``, :mod:`llava.fast_probe`)."""
         e = self.engine
         adapter, method = e.adapter, e.method
         if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.fast_encode)
@@ -234,10 +253,9 @@ class FastPath(FastPlanMixin):
             flat, vflat, caf, ksf, exf, clip = self._clip_tokens(px, crops, spec)
         newline = adapter.fast_newline() if spec.newlines else None
         bad = torch.zeros((), dtype=torch.bool, device=flat.device)
-        outs, sigs, origins, counts = [], [], [], []
+        cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
         for s in spec.samples:
-            at = {name: (o, n) for name, o, n in s.parts}
-            o, n = at["src"]
+            o, n = dict((name, (o, n)) for name, o, n in s.parts)["src"]
             sidx = index[o:o + n]
             safe = sidx.clamp(min=0)
             f, v = flat[safe], vflat[safe]
@@ -251,8 +269,14 @@ class FastPath(FastPlanMixin):
                 if a is not None:
                     a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
                 ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
-            f = f.to(dtype)
-            dsf = enc["deepstack"][safe] if deeps is not None else None
+            cands.append((f.to(dtype), v, a, k, ex, enc["deepstack"][safe] if deeps is not None else None))
+        probes = [None] * len(spec.samples)
+        if spec.probe is not None and method.vision_stage:  # the LLM probe on the unpruned rows (llava.fast_probe)
+            probes = run_probe(e.lm, spec.probe, probe_in, [c[0] for c in cands], [s.tokens for s in spec.samples],
+                               [s.text for s in spec.samples])
+        outs, sigs, origins, counts = [], [], [], []
+        for s, (f, v, a, k, ex, dsf), probe in zip(spec.samples, cands, probes):
+            at = {name: (o, n) for name, o, n in s.parts}
             if not method.vision_stage:
                 if deeps is not None:
                     deeps.append(dsf)
@@ -276,7 +300,9 @@ class FastPath(FastPlanMixin):
                 o, n = at["text_rows"]
                 text = text_flat[index[o:o + n]]
             sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
-                                       text, ex)
+                                       text, ex, probe)
+            if "in_tower_kept" in ex:  # the in-tower stage's survivors, as the eager engine hands them over
+                sig.in_tower_kept = ex["in_tower_kept"]
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
@@ -310,19 +336,27 @@ class FastPath(FastPlanMixin):
         x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
         if spec.crops:
             x = x[crops]
-        out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
-        hs = out.hidden_states[fl]
         ca = ks = None
-        if method.needs_vision_attention:
-            li = attention_layer(tower, fl, method.vision_layer)
-            ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
-        extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
+        if getattr(method, "tower_stage", False):  # the in-tower stage, masked: every unit at its S tokens, the
+            with _no_output_capture():  # survivors as a mask (zero states elsewhere); layers called one by one
+                hs, kept = run_tower_masked(tower, x, fl, method, spec.kind, cls_in_llm=not spec.drop_cls)
+            extra = {"in_tower_kept": kept}
+        else:
+            out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
+            hs = out.hidden_states[fl]
+            if method.needs_vision_attention:
+                li = attention_layer(tower, fl, method.vision_layer)
+                ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
+            extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
         proj = adapter.core.multi_modal_projector
         off = 1 if spec.drop_cls else 0
         vis = hs[:, off:]
         N, per = vis.shape[:2]
         pdt = param_dtype(proj)
-        flat = proj(vis.to(pdt)).reshape(N * per, -1)  # one projector call, as the stock model
+        feats = proj(vis.to(pdt))  # one projector call, as the stock model
+        if "in_tower_kept" in extra:  # tokens dropped inside the tower get zero features (clip.flatten_units)
+            feats = feats.masked_fill(~extra["in_tower_kept"][:, off:, None], 0)
+        flat = feats.reshape(N * per, -1)
         vflat = vis.reshape(N * per, -1)
         caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
         ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
@@ -420,9 +454,10 @@ class FastPath(FastPlanMixin):
             stage_in = ({k: v for k, v in moved.items() if k == "vis0" or (k[0] == "s" and ":" in k)}
                         if spec.stages else None)
             tower_in = {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
+            probe_in = {k[6:]: v for k, v in moved.items() if k.startswith("probe:")} or None
             logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
                                         moved["index"], cache, spec, stage_in, moved.get("vpos"), tower_in,
-                                        moved.get("ds_at"))
+                                        moved.get("ds_at"), probe_in)
             if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
                 self._malformed()
             outputs = [s.outputs for s in spec.samples]

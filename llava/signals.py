@@ -119,7 +119,9 @@ class VisionSignals:
         "all_post_image" or "last") from its norm + q/k + RoPE at the original positions.
         Returns (H, Q, T_stock): the probabilities on the visual tokens (columns of the full rows,
         so they sum to < 1; renormalise for a visual-only softmax). Cached per layer across
-        samples (one batched pass)."""
+        samples (one batched pass). In a captured prefill (``captured``, :mod:`llava.fast_probe`) the Q rows
+        are those of the whole padded text block whatever ``queries`` asks: read the query rows through the
+        block's masks (:meth:`text_rows`; "last": its last real row), never by indexing."""
         if self._probe_fn is None:
             raise RuntimeError("probe_attention is only available inside the engine")
         return self._probe_fn(layer, queries)
@@ -335,6 +337,13 @@ class TowerSignals:
     Helpers (fp32, computed on first use from the layer's own ``layer_norm1`` + q/k/v projections of
     ``hidden_in``, so the tower itself keeps its attention backend): :meth:`cls_attention`,
     :meth:`values`.
+
+    Masked tower (the fast path's captured prefill, :func:`llava.families.clip.run_tower_masked`): every
+    unit keeps its full static token count S, and ``key_mask`` (n, S) bool flags the tokens still present
+    (the layer attended to those only); ``captured`` is True. :meth:`cls_attention` is then the softmax over
+    the present tokens only (exactly 0 at the others), :meth:`num_kept` the present count per unit on the
+    device, and :meth:`masked_softmax` a softmax over the present tokens; methods answer through
+    ``select_tower_masked(layer, sig)`` with the new (n, S) mask (no host read).
     """
 
     layer: int
@@ -349,6 +358,11 @@ class TowerSignals:
     #: per-token tensors (n, S, ...) the method keeps for its next call on these units (e.g. FlowCut's
     #: cumulative scores); the engine gathers them with the survivors and splits them with the units
     state: dict = field(default_factory=dict)
+    #: masked tower only: (n, S) bool, the tokens still present ([CLS] = column 0, always True); None: every
+    #: current token is present (the eager, gathered tower)
+    key_mask: torch.Tensor | None = None
+    #: True inside a captured prefill (the masked tower): no host read of a device value
+    captured: bool = False
     _cache: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -370,14 +384,31 @@ class TowerSignals:
 
     def cls_attention(self) -> torch.Tensor:
         """(n, H, S): per head, the [CLS] query's softmax(q k^T * scale) over all S current tokens
-        ([CLS] included), as the layer computed it."""
+        ([CLS] included), as the layer computed it (with a ``key_mask``: over the present tokens only)."""
         if "cls_attn" not in self._cache:
             attn = self.module.self_attn
             xn = self._normed()
             q = self._heads(attn.q_proj, xn[:, :1])
             k = self._heads(attn.k_proj, xn)
-            self._cache["cls_attn"] = (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)[:, :, 0]
+            scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
+            self._cache["cls_attn"] = (scores.softmax(-1)[:, :, 0] if self.key_mask is None
+                                       else self.masked_softmax(scores[:, :, 0]))
         return self._cache["cls_attn"]
+
+    def masked_softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """softmax over the last axis (the S tokens) of ``scores`` (n, ..., S), over the present tokens only
+        when there is a ``key_mask`` (the others masked to -inf: exactly 0 probability; [CLS] is always
+        present, so no row is empty)."""
+        if self.key_mask is not None:
+            m = self.key_mask.view(self.key_mask.shape[0], *([1] * (scores.dim() - 2)), self.key_mask.shape[1])
+            scores = scores.masked_fill(~m, float("-inf"))
+        return scores.softmax(-1)
+
+    def num_kept(self) -> torch.Tensor:
+        """(n,) long on the device: the tokens present per unit ([CLS] included); S each without a mask."""
+        if self.key_mask is None:
+            return torch.full((self.num_units,), self.num_tokens, dtype=torch.long, device=self.hidden_in.device)
+        return self.key_mask.sum(1)
 
     def values(self) -> torch.Tensor:
         """(n, S, H, d): the layer's value vectors per head (``v_proj`` output, bias included)."""

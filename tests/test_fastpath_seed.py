@@ -25,15 +25,15 @@ def rts():
 
 
 def test_what_the_seed_methods_capture():
-    """Defaults (and ConsensusDrop's "cover" preset) are captured; the reference mode, the LLM probe, the
-    in-LLM ablation and the orders that compare with the identity on the device are refused, with why."""
+    """Defaults (and ConsensusDrop's "cover" and "probe" presets) are captured; the reference mode and the in-LLM
+    ablation are refused, with why (the LLM probe: tests/test_fastpath_probe.py)."""
     assert get_method("attnmix", 64).capture_refusal() is None
     assert get_method("attnmix", 64, text_queries="question").capture_refusal() is None
     assert "official" in get_method("attnmix", 64, numerics="official").capture_refusal()
     assert get_method("consensusdrop", 64).capture_refusal() is None
     assert get_method("consensusdrop", 64, preset="cover").capture_refusal() is None
-    assert "probe_mode='attn'" in get_method("consensusdrop", 64, preset="probe").capture_refusal()
-    assert "probe_mode='attn'" in get_method("consensusdrop", 64, probe_layer=2).capture_refusal()
+    assert get_method("consensusdrop", 64, preset="probe").capture_refusal() is None
+    assert get_method("consensusdrop", 64, probe_layer=2).capture_refusal() is None
     assert get_method("consensusdrop", 64, probe_layer=2, fusion="encoder_only").capture_refusal() is None
     assert "after_probe" in get_method("consensusdrop", 64, prune_point="after_probe").capture_refusal()
     assert get_method("consensusdrop", 64, order="spatial").capture_refusal() is None
@@ -100,10 +100,10 @@ def test_output_orders_compared_with_the_identity_eagerly_are_captured(rts, fami
 def test_refused_options_run_eagerly_and_say_why(rts):
     fast, eager = rts["llava"]
     batch = inputs(fast, 0)
-    eng = fast.prune("consensusdrop", 6, preset="probe")
+    eng = fast.prune("consensusdrop", 6, prune_point="after_probe")
     toks, _ = generate(fast, batch, tokens=2)
-    assert eng.stats.path == "eager" and "probe_mode='attn'" in eng.stats.path_reason
-    eager.prune("consensusdrop", 6, preset="probe")
+    assert eng.stats.path == "eager" and "after_probe" in eng.stats.path_reason
+    eager.prune("consensusdrop", 6, prune_point="after_probe")
     assert torch.equal(toks, generate(eager, batch, tokens=2)[0])
     eng = fast.prune("attnmix", 6, numerics="official")
     generate(fast, batch, tokens=2)

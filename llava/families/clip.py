@@ -122,6 +122,65 @@ def run_tower_staged(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     return out, kept
 
 
+#: the CLIP attention implementations that take the masked tower's additive 4-D mask (n, 1, 1, S)
+MASKED_TOWER_ATTN = ("sdpa", "eager")
+
+
+def run_tower_masked(tower, pixels: torch.Tensor, feature_layer: int, method, kind: str = "image",
+                     cls_in_llm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-tower stage with static shapes (the fast path's captured prefill, :mod:`llava.fastpath`):
+    :func:`run_tower_staged`'s loop with every unit kept at its full token count S and a keep mask (n, S) bool
+    carried on the device instead of gathering the survivors. Each layer runs as the stock
+    ``encoder.layers[i](h, mask)`` with an additive mask (n, 1, 1, S) that is -inf at the dropped tokens
+    (their keys get exactly zero probability in every query's softmax; ``None``, the stock call, until the
+    method first changed the mask); after each layer the method's ``select_tower_masked(i, TowerSignals)``
+    (``key_mask`` = the current mask, ``captured`` True) returns the new (n, S) mask, or None for "unchanged"
+    (a host decision). No host read. The dropped tokens' rows still run through the layers (their outputs are
+    never read: no kept token attends to them).
+
+    Returns what :func:`run_tower_staged` returns: the select layer's states (n, S, Dv) with zero rows at the
+    dropped tokens, and the survivors (n, S) bool. Not bit-identical to the gathered run (the attention sums
+    over S keys, some with zero weight, instead of the survivors alone); the kept tokens are the same on the
+    tested inputs (tests/test_fastpath_flowcut.py)."""
+    from llava.signals import TowerSignals
+
+    if not isinstance(feature_layer, int):
+        raise ValueError("an in-tower stage needs a single vision_feature_layer")
+    hook = getattr(method, "select_tower_masked", None)
+    if not callable(hook):
+        raise TypeError(f"{method.name}: the masked tower needs select_tower_masked(layer, sig) -> (n, S) bool")
+    impl = getattr(tower.config, "_attn_implementation", None) or "eager"
+    if impl not in MASKED_TOWER_ATTN:
+        raise NotImplementedError(f"{method.name}: the masked tower passes a 4-D additive mask, which the tower's "
+                                  f"{impl!r} attention does not take ({', '.join(MASKED_TOWER_ATTN)} do)")
+    layers = tower.encoder.layers
+    n_layers = len(layers)
+    v = feature_layer % (n_layers + 1)  # hidden_states[v] = output of encoder layer v - 1
+    h = tower.pre_layrnorm(tower.embeddings(pixels.to(tower.dtype)))
+    n, s, _ = h.shape
+    keep = torch.ones(n, s, dtype=torch.bool, device=h.device)
+    patch = (torch.arange(s, device=h.device) - 1).expand(n, s)
+    state: dict = {}
+    bias = None  # nothing dropped yet: the stock call
+    for i in range(v):
+        layer = layers[i]
+        y = layer(h, bias)
+        sig = TowerSignals(layer=i, module=layer, hidden_in=h, hidden_out=y, patch=patch, select_layer=v - 1,
+                           num_layers=n_layers, kind=kind, cls_in_llm=cls_in_llm, state=state,
+                           key_mask=keep if bias is not None else None, captured=True)
+        new = hook(i, sig)
+        state = sig.state
+        if new is not None:
+            if tuple(new.shape) != (n, s) or new.dtype != torch.bool:
+                raise ValueError(f"{method.name}: select_tower_masked must return a ({n}, {s}) bool mask, got "
+                                 f"{tuple(new.shape)} {new.dtype}")
+            keep = new
+            bias = torch.zeros(n, 1, 1, s, dtype=h.dtype, device=h.device).masked_fill(
+                ~keep[:, None, None, :], float("-inf"))
+        h = y
+    return h.masked_fill(~keep[..., None], 0), keep
+
+
 def cls_row(layer, h: torch.Tensor) -> torch.Tensor:
     """(n, H, S) fp32: per head, the [CLS] query's softmax over the unit's tokens in ``layer``, recomputed
     from its input ``h`` with its own ``layer_norm1`` + q/k projections (as the select layer's cls_attn)."""

@@ -12,6 +12,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 log=$(mktemp)
 python -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_seed.py \
     tests/test_fastpath_baselines.py tests/test_fastpath_llm.py tests/test_fastpath_piecewise.py \
+    tests/test_fastpath_sparsevlm.py tests/test_fastpath_probe.py tests/test_fastpath_flowcut.py \
     tests/test_compiled_decode.py "$@" >"$log" 2>&1
 rc=$?
 summary=$(tail -n 1 "$log")
