@@ -36,7 +36,8 @@ and handed to the captured function as index tensors:
 Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.path_reason`` say
 why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
 tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - and Qwen2.5-VL (images; videos,
-one unit per temporal slice) and Qwen3-VL (images; its DeepStack rows follow the kept tokens), with exactly
+one unit per temporal slice), Qwen3-VL (images; its DeepStack rows follow the kept tokens) and LLaVA-OneVision
+(images: anyres_max_9 packed inside the captured function from a host plan of ``image_sizes``; videos), with exactly
 one image or one video per prompt, laid out by the family adapter's
 :meth:`~llava.families.base.FamilyAdapter.fast_visual`; methods that declare ``capturable = "full"`` or
 ``"piecewise"`` (:attr:`llava.method.Method.capturable`; piecewise: a vision stage only, not query-aware, not
@@ -76,7 +77,7 @@ __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS"
 log = logging.getLogger(__name__)
 
 #: model families the fast path plans for
-FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl")
+FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import onevision_vision as ov
-from .base import FamilyAdapter, VisualBlock
+from .base import FamilyAdapter, FastVisual, VisualBlock
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -56,3 +56,42 @@ class LlavaOnevisionAdapter(FamilyAdapter):
 
     def project(self, vision_features):
         return ov.project(self.model, vision_features)
+
+    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    def fast_visual(self, visual, batch):
+        """One image (anyres_max_9: base crop, grid crops unpadded, bilinearly shrunk past 9 crops' worth, a newline
+        per row) or one video (frames pooled 2x, one newline at the end) per prompt, laid out on the host from
+        ``image_sizes`` / the frame count (:func:`onevision_vision.fast_plan`); the tower, the projector and the
+        packing run inside the captured prefill (:meth:`fast_encode`). A unit is a crop / a frame."""
+        cfg = self.config
+        video = visual.get("pixel_values_videos") is not None
+        if video and visual.get("pixel_values") is not None:
+            raise ValueError("a batch of images and videos runs on the eager engine (the fast path plans one kind)")
+        if video:
+            px = visual["pixel_values_videos"]
+            if px.dim() != 5 or px.shape[0] != batch:
+                raise ValueError("the fast path takes exactly one video per prompt")
+            plan, tensors, samples = ov.fast_plan_videos(cfg, px.shape[0], px.shape[1])
+            return FastVisual("pixel_values_videos", cfg.video_token_id, "frame", False, None, samples, tower=plan,
+                              tower_tensors=tensors)
+        px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
+        if px is None or sizes is None:
+            raise ValueError("LLaVA-OneVision needs pixel_values and image_sizes")
+        bni = visual.get("batch_num_images")
+        if bni is not None and any(int(n) != 1 for n in (bni.tolist() if torch.is_tensor(bni) else bni)):
+            raise ValueError("several images per prompt run on the eager engine (the fast path plans one image)")
+        sizes_h = sizes.tolist() if torch.is_tensor(sizes) else [list(x) for x in sizes]
+        if len(sizes_h) != batch:
+            raise ValueError("the fast path takes exactly one image per prompt")
+        plan, tensors, samples = ov.fast_plan_images(cfg, sizes_h, px.shape[1] if px.dim() == 5 else None)
+        return FastVisual("pixel_values", cfg.image_token_id, "crop", False, None, samples, tower=plan,
+                          tower_tensors=tensors)
+
+    def fast_tower(self, key):
+        return self.core.vision_tower
+
+    def fast_newline(self):
+        return self.core.image_newline
+
+    def fast_encode(self, pixels, tower, tensors, want_attn):
+        return ov.run_static(self.core, pixels, tower, tensors, want_attn)

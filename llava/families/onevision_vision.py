@@ -357,3 +357,102 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
         unit_pos=torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
         unit_grid=[(ph, pw)] * (n_videos * n_frames),
         sizes=[per_video + 1] * n_videos)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path (llava.fastpath): the same packing with every size planned on the host
+
+
+def _fast_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tensor, unit_grid: list, sizes: list,
+                  crops: list) -> list:
+    """Per sample (one image / video each): ``src`` its packed rows (-1 at newlines), ``unit`` numbered from 0
+    within the sample, ``patch``, ``units`` (its units' rows among the tower inputs), ``unit_pos``, ``grid``."""
+    samples, start, u0 = [], 0, 0
+    for n, k in zip(sizes, crops):
+        u, p = unit[start:start + n], patch[start:start + n]
+        samples.append({"src": torch.where(u >= 0, torch.arange(start, start + n), -1),
+                        "unit": torch.where(u >= 0, u - u0, -1), "patch": p, "units": torch.arange(u0, u0 + k),
+                        "unit_pos": unit_pos[u0:u0 + k], "grid": tuple(unit_grid[u0:u0 + k])})
+        start += n
+        u0 += k
+    return samples
+
+
+def fast_plan_images(cfg, image_sizes: list, max_crops: int | None):
+    """The host plan of one image per prompt (``image_sizes`` (H, W) each; ``max_crops``: the padded crop count
+    of ``pixel_values`` (n, max_crops, 3, S, S), None for stacked crops). Returns (the static tower plan: hashable,
+    part of the graph key; its host tensors: ``crops`` the real crops' rows of the flattened input, ``index`` the
+    packing gather of :func:`_pack_images`; the samples of :class:`llava.families.base.FastVisual`)."""
+    num_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                 for s in image_sizes]
+    index, interps, unit, patch, unit_pos, unit_grid, sizes = _image_plan(cfg, image_sizes, num_crops)
+    step = max_crops if max_crops is not None else 0
+    rows, at = [], 0
+    for i, k in enumerate(num_crops):
+        rows.append(torch.arange(k) + (i * step if max_crops is not None else at))
+        at += k
+    h, w = unit_grid[0]
+    plan = ("images", tuple((it.first_crop, it.rows, it.cols, tuple(it.image_size), tuple(it.out_size))
+                            for it in interps), h, w)
+    return plan, {"crops": torch.cat(rows), "index": index}, _fast_samples(unit, patch, unit_pos, unit_grid, sizes,
+                                                                            num_crops)
+
+
+def fast_plan_videos(cfg, n_videos: int, n_frames: int):
+    """The host plan of one video of ``n_frames`` frames per prompt: per video its pooled frames' rows, then one
+    newline (src -1); a unit per frame."""
+    h = w = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    ph, pw = math.ceil(h / 2), math.ceil(w / 2)
+    pp = ph * pw
+    frame = torch.arange(n_frames).repeat_interleave(pp)
+    unit = torch.cat([torch.cat([frame + v * n_frames, torch.full((1,), -1)]) for v in range(n_videos)])
+    patch = torch.cat([torch.cat([torch.arange(pp).repeat(n_frames), torch.full((1,), -1)])] * n_videos)
+    sizes = [n_frames * pp + 1] * n_videos
+    samples = _fast_samples(unit, patch, torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
+                            [(ph, pw)] * (n_videos * n_frames), sizes, [n_frames] * n_videos)
+    index = torch.cat([torch.cat([torch.arange(n_frames * pp) + v * n_frames * pp,
+                                  torch.full((1,), n_videos * n_frames * pp)]) for v in range(n_videos)])
+    return ("videos", (), h, w), {"index": index}, samples
+
+
+def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn: bool) -> dict:
+    """Inside the captured prefill: the tower over the planned crops / frames, the select layer, the projector and
+    the stock packing (:func:`_pack_images` / :func:`_pool_frames`) with every size from ``plan``, no host read.
+    Returns per packed token (newlines: zero rows, which the fast path replaces by ``image_newline``):
+    ``features`` as the stock model splices them, ``vision_features``, with ``want_attn`` ``cls_attn`` (T, H) (the
+    attention each patch receives, as :func:`encode_images`) and ``keys``."""
+    cfg = core.config
+    kind, interps, h, w = plan
+    x = pixels.flatten(0, pixels.dim() - 4)
+    if kind == "images":
+        x = x[tensors["crops"]]
+    tower = core.vision_tower
+    out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
+    v, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+    states = out.hidden_states[v] if isinstance(v, int) else torch.cat([out.hidden_states[i] for i in v], dim=-1)
+    received = keys = None
+    if want_attn:  # the select layer's input is hidden_states[idx] (what the eager pre-hook captures)
+        layers = tower.encoder.layers
+        idx = attention_layer_index(v, len(layers))
+        received, keys = _received_attention_and_keys(layers[idx], out.hidden_states[idx])
+    if strategy == "default":
+        states = states[:, 1:]
+        if want_attn:
+            received, keys = received[:, :, 1:], keys[:, 1:]
+    proj = core.multi_modal_projector(states)
+    index = tensors["index"]
+    if kind == "images":
+        its = [_Interp(a, r, c, list(size), list(o)) for a, r, c, size, o in interps]
+
+        def pack(per_crop):
+            return _pack_images(per_crop, index, its, h, w)
+    else:
+        def pack(per_frame):
+            pooled = _pool_frames(per_frame, h, w)
+            table = torch.cat([pooled.reshape(-1, pooled.shape[-1]), pooled.new_zeros(1, pooled.shape[-1])])
+            return table.index_select(0, index)
+    res = {"features": pack(proj), "vision_features": pack(states)}
+    if want_attn:
+        res["cls_attn"] = pack(received.transpose(1, 2))
+        res["keys"] = pack(keys)
+    return res
