@@ -250,12 +250,12 @@ class FastPlanMixin:
         vision graph (``bucket`` 0: a piecewise prefill's first graph does not depend on the counts)."""
         e = self.engine
         B, L = input_ids.shape
-        try:
-            fv = e.adapter.fast_visual(visual, B)
-        except ValueError as exc:
-            raise NotPlanned(str(exc)) from None
         ids_h = input_ids.cpu()  # the one device read: before any device work of this prefill
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        try:
+            fv = e.adapter.fast_visual(visual, B, torch.where(valid_h, ids_h, -1))
+        except ValueError as exc:
+            raise NotPlanned(str(exc)) from None
         extras = bool(fv.drop_cls and e.method.include_cls_candidates)
         others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
                   if t is not None and t != fv.token_id]

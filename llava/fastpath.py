@@ -37,7 +37,8 @@ Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.
 why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
 tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - and Qwen2.5-VL (images; videos,
 one unit per temporal slice), Qwen3-VL (images; its DeepStack rows follow the kept tokens) and LLaVA-OneVision
-(images: anyres_max_9 packed inside the captured function from a host plan of ``image_sizes``; videos), with exactly
+(images: anyres_max_9 packed inside the captured function from a host plan of ``image_sizes``; videos) and InternVL
+(images: a unit per tile, each prompt's tiles counted from its host ids), with exactly
 one image or one video per prompt, laid out by the family adapter's
 :meth:`~llava.families.base.FamilyAdapter.fast_visual`; methods that declare ``capturable = "full"`` or
 ``"piecewise"`` (:attr:`llava.method.Method.capturable`; piecewise: a vision stage only, not query-aware, not
@@ -77,7 +78,7 @@ __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS"
 log = logging.getLogger(__name__)
 
 #: model families the fast path plans for
-FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 

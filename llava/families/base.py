@@ -159,9 +159,11 @@ class FamilyAdapter:
         return "video" if token_id == getattr(self.config, "video_token_id", None) else "image"
 
     # ---------------------------------------------------------------- fast path (llava.fastpath)
-    def fast_visual(self, visual: dict, batch: int) -> FastVisual:
+    def fast_visual(self, visual: dict, batch: int, input_ids: torch.Tensor | None = None) -> FastVisual:
         """The host plan of this prefill's visual inputs (no device work; reads only host metadata
-        such as image sizes). Raises ValueError with the reason when the fast path cannot take them."""
+        such as image sizes). ``input_ids``: the host ids (B, L) of the prompt, padding included, for a family
+        whose visual metadata does not say which inputs belong to which prompt (InternVL's tiles). Raises
+        ValueError with the reason when the fast path cannot take them."""
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
     def fast_tower(self, key: str) -> torch.nn.Module:

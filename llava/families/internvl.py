@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock
+from .base import FamilyAdapter, FastVisual, VisualBlock
 
 
 def cls_signals(layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,3 +145,59 @@ class InternVLAdapter(FamilyAdapter):
             flat["cls_attn"] = self.pool(ca[:, :, 1:].transpose(1, 2), "sum")  # (n * m, H)
             flat["keys"] = self.pool(ks[:, 1:], "mean")
         return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
+
+    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    def fast_visual(self, visual, batch, input_ids=None):
+        """One image per prompt: its tiles are one run of ``<IMG_CONTEXT>`` tokens (m per tile), so a prompt's
+        tile count is its placeholder count / m, read from the host ids (``pixel_values`` holds every prompt's
+        tiles in order and nothing says which are whose). A unit per tile. Video frames (a ``Frame{i}: <img>``
+        run each) are several runs per prompt: the plan refuses them."""
+        cfg = self.config
+        if visual.get("pixel_values_videos") is not None:
+            raise ValueError("InternVL takes video frames as pixel_values, not pixel_values_videos")
+        if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError("the fast path plans InternVL with strategy 'default' and one vision_feature_layer")
+        px = visual.get("pixel_values")
+        if px is None or input_ids is None:
+            raise ValueError("InternVL's fast plan needs pixel_values and the prompt's ids")
+        g = self.grid()
+        m = g[0] * g[1]
+        counts = (input_ids == cfg.image_token_id).sum(1).tolist()  # host ids: no device read
+        if any(c % m or not c for c in counts):
+            raise ValueError(f"InternVL: every prompt needs one image (a multiple of {m} placeholders per prompt)")
+        tiles = [c // m for c in counts]
+        if sum(tiles) != px.shape[0]:
+            raise ValueError(f"InternVL: {px.shape[0]} tiles in pixel_values, the prompts hold {sum(tiles)}")
+        samples, t0 = [], 0
+        for n in tiles:
+            samples.append({"src": torch.arange(t0 * m, (t0 + n) * m), "unit": torch.arange(n).repeat_interleave(m),
+                            "patch": torch.arange(m).repeat(n), "units": torch.arange(t0, t0 + n),
+                            "unit_pos": torch.full((n, 2), -1, dtype=torch.long), "grid": (g,) * n})
+            t0 += n
+        return FastVisual("pixel_values", cfg.image_token_id, "crop", False, None, samples,
+                          tower=("internvl", int(px.shape[0])), tower_tensors={})
+
+    def fast_encode(self, pixels, tower, tensors, want_attn):
+        """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with
+        the select layer's input read from ``hidden_states`` (what the eager pre-hook captures) for the signals."""
+        cfg, core = self.config, self.core
+        v = cfg.vision_feature_layer
+        out = self.tower(pixel_values=pixels.to(dtype=core.dtype), return_dict=True,
+                         output_hidden_states=want_attn or v != -1)
+        states = (out.last_hidden_state if v == -1 else out.hidden_states[v])[:, 1:, :]
+        n, p, c = states.shape
+        side = int(p ** 0.5)
+        shuffled = core.pixel_shuffle(states.reshape(n, side, side, c), scale_factor=cfg.downsample_ratio)
+        rows = shuffled.reshape(n, -1, shuffled.shape[-1])
+        res = {"features": core.multi_modal_projector(rows).reshape(-1, cfg.text_config.hidden_size),
+               "vision_features": rows.reshape(-1, rows.shape[-1])}
+        if want_attn:
+            idx = self.attention_layer(None)
+            ca, ks = cls_signals(self.tower.encoder.layer[idx], out.hidden_states[idx])
+            res["cls_attn"] = self.pool(ca[:, :, 1:].transpose(1, 2), "sum")
+            res["keys"] = self.pool(ks[:, 1:], "mean")
+        return res
+
+    def fast_dims(self):
+        vc = self.config.vision_config
+        return vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads, vc.hidden_size * self.shuffle ** 2

@@ -24,7 +24,7 @@ class LlavaAdapter(FamilyAdapter):
                                     drop_cls=drop, kind="image", received=rc)
         return [VisualBlock(cfg.image_token_id, flat, sizes)]
 
-    def fast_visual(self, visual, batch):
+    def fast_visual(self, visual, batch, input_ids=None):
         px = visual.get("pixel_values")
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")

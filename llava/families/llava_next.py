@@ -108,7 +108,7 @@ class LlavaNextAdapter(FamilyAdapter):
             out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]
 
-    def fast_visual(self, visual, batch):
+    def fast_visual(self, visual, batch, input_ids=None):
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 

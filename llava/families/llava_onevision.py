@@ -58,7 +58,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         return ov.project(self.model, vision_features)
 
     # ---------------------------------------------------------------- fast path (llava.fastpath)
-    def fast_visual(self, visual, batch):
+    def fast_visual(self, visual, batch, input_ids=None):
         """One image (anyres_max_9: base crop, grid crops unpadded, bilinearly shrunk past 9 crops' worth, a newline
         per row) or one video (frames pooled 2x, one newline at the end) per prompt, laid out on the host from
         ``image_sizes`` / the frame count (:func:`onevision_vision.fast_plan`); the tower, the projector and the

@@ -94,7 +94,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return (0, 0)  # dynamic resolution: every image has its own grid (``patch`` is its merged raster index)
 
     # ---------------------------------------------------------------- fast path (llava.fastpath)
-    def fast_visual(self, visual, batch):
+    def fast_visual(self, visual, batch, input_ids=None):
         """One image or one video per prompt (``image_grid_thw`` / ``video_grid_thw``, and a video's
         ``second_per_grid_ts``, read once on the host: the processor's metadata, before any device work). The
         tower runs inside the captured prefill with every segment / window / rotary index planned from the grids

@@ -35,7 +35,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     model_class = "Qwen3VLForConditionalGeneration"
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 
-    def fast_visual(self, visual, batch):
+    def fast_visual(self, visual, batch, input_ids=None):
         """Images as Qwen2.5-VL's (the tower without windows, its DeepStack rows carried with the tokens);
         videos are refused: every temporal slice is its own vision run after its timestamp text."""
         if visual.get("pixel_values_videos") is not None:

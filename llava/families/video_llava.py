@@ -38,7 +38,7 @@ class VideoLlavaAdapter(FamilyAdapter):
             blocks.append(VisualBlock(cfg.video_token_id, flat, sizes))
         return blocks
 
-    def fast_visual(self, visual, batch):
+    def fast_visual(self, visual, batch, input_ids=None):
         cfg = self.config
         images, videos = visual.get("pixel_values"), visual.get("pixel_values_videos")
         if images is not None and videos is not None:

@@ -1,0 +1,114 @@
+"""InternVL3 / 3.5 on the fast path (issue 34): one image per prompt, a unit per tile, the tiles' owner read from the
+host ids (``pixel_values`` stacks every prompt's tiles and says nothing else); the stock feature path (InternViT,
+[CLS] dropped, ``pixel_shuffle``, projector) and the pooled [CLS] signals inside the captured prefill
+(``InternVLAdapter.fast_encode``), bit-identical to the eager encoder. Greedy tokens, first-step scores and visual
+counts == the eager engine; 0 host syncs; one prefill graph per bucket; video frames (a run per frame) eager."""
+
+import pytest
+import torch
+from conftest import rand_image
+from fastpath_util import BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, generate
+
+from llava.models import load
+
+#: tiny InternVL: 112-px tiles of 8 x 8 patches, 16 tokens per tile after the 2 x 2 pixel shuffle; (40, 56) takes one
+#: tile, the other two sizes 4 tiles + a thumbnail
+SIZES = [(40, 56), (190, 30), (260, 260)]
+
+
+@pytest.fixture(scope="module")
+def rts():
+    return (load("tiny:internvl", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
+            load("tiny:internvl", seed=1))
+
+
+def images(rt, first=1, sizes=SIZES):
+    return rt.processor([PROMPTS[(first + j) % len(PROMPTS)] for j in range(len(sizes))],
+                        [rand_image(j, h, w) for j, (h, w) in enumerate(sizes)])
+
+
+def test_the_plan_reads_each_prompts_tiles_from_its_ids(rts):
+    fast, _ = rts
+    batch = images(fast)
+    adapter = fast.engine.adapter if fast.engine is not None else fast.prune("none", None).adapter
+    ids = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -1)
+    fv = adapter.fast_visual({"pixel_values": batch["pixel_values"]}, 3, ids)
+    tiles = [s["units"].tolist() for s in fv.samples]
+    assert tiles == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]] and batch["pixel_values"].shape[0] == 11
+    assert fv.samples[1]["src"].tolist() == list(range(16, 96)) and fv.samples[1]["grid"] == ((4, 4),) * 5
+    with pytest.raises(ValueError, match="tiles in pixel_values"):
+        adapter.fast_visual({"pixel_values": batch["pixel_values"][:10]}, 3, ids)
+
+
+def test_static_encoder_equals_the_eager_encoder(rts):
+    """``fast_encode`` == ``encode`` (the stock features and the pooled signals), bit for bit."""
+    _, eager = rts
+    adapter = eager.prune("none", None).adapter
+    px = images(eager)["pixel_values"]
+    with torch.no_grad():
+        (ref,) = adapter.encode({"pixel_values": px}, True, None)
+        got = adapter.fast_encode(px, ("internvl", int(px.shape[0])), {}, True)
+    for k in ("features", "vision_features", "cls_attn", "keys"):
+        assert torch.equal(got[k], ref.flat[k]), k
+
+
+CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("consensusdrop", 6), ("random", 6),
+         ("fastv", 8), ("pdrop", None), ("sparsevlm", 192)]
+
+
+@pytest.mark.parametrize("method,budget", CASES)
+def test_tokens_equal_the_eager_engine_without_a_host_sync(rts, method, budget):
+    """The captured function run uncompiled (the code the compiled test below proves capturable): a batch of three
+    images of 1 / 5 / 5 tiles == the eager engine, visual tokens per layer included, 0 host syncs."""
+    fast, eager = rts
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    fp, syncs = counting_fast_path(eng)
+    eng.fast = fp
+    assert_same_as_eager(fast, eager, eng, images(fast), tokens=4)
+    per_layer = [s.visual_per_layer for s in eng.stats.samples]
+    assert per_layer == [s.visual_per_layer for s in eager.engine.stats.samples]
+    if method != "none":  # pruned before or inside the LLM
+        assert per_layer[1][-1] < eng.stats.samples[1].visual_candidates
+    assert syncs == [0]
+
+
+def buckets(eng, batch) -> list:
+    """The buckets of every segment the fast path's host plan picks for ``batch`` (no device work)."""
+    visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return eng.fast.plan(batch["input_ids"], batch["attention_mask"], visual)[3][1]
+
+
+@pytest.mark.parametrize("method,budget", [("fastervlm", 6), ("fastv", 8)])
+def test_compiled_one_prefill_graph_per_bucket(rts, method, budget):
+    """Compiled (dynamo, fullgraph): prompts of other lengths in the same bucket and 16 decode steps compile nothing
+    after the first (recompilation raises); tokens == eager."""
+    fast, eager = rts
+    torch._dynamo.reset()
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    first = images(fast, first=1, sizes=SIZES[2:])
+    assert torch.equal(generate(fast, first, tokens=16)[0], generate(eager, first, tokens=16)[0])
+    assert eng.stats.path == "fast" and eng.stats.new_graph
+    lens = eng.stats.seq_len_per_layer
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        asks = PROMPTS + ["is it red?", "what is next to the square?", "is there a small blue star near the top?",
+                          "how many circles are on the right side of the picture?"]
+        others = [b for b in (fast.processor([q], [rand_image(2, *SIZES[2])]) for q in asks)
+                  if b["input_ids"].shape[1] != first["input_ids"].shape[1] and buckets(eng, b) == buckets(eng, first)]
+        assert len(others) >= 2
+        for batch in others[:2]:
+            toks = generate(fast, batch, tokens=16)[0]
+            assert eng.stats.path == "fast" and not eng.stats.new_graph and eng.stats.seq_len_per_layer == lens
+            assert torch.equal(toks, generate(eager, batch, tokens=16)[0])
+
+
+def test_video_frames_run_eagerly(rts):
+    """InternVL's video prompt puts a ``Frame{i}: <img>...</img>`` run before every frame: several runs per prompt."""
+    fast, eager = rts
+    eng = fast.prune("fastervlm", 6)
+    batch = fast.processor(["what happens?"], videos=[[rand_image(k) for k in range(4)]])
+    toks, _ = generate(fast, batch, tokens=2)
+    assert eng.stats.path == "eager" and "several" in eng.stats.path_reason
+    eager.prune("fastervlm", 6)
+    assert torch.equal(toks, generate(eager, batch, tokens=2)[0])
