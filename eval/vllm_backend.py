@@ -80,7 +80,8 @@ class VllmBackend:
                      "planned_tokens_per_image": self.planned if self.planned is not None else "per image size",
                      "tokens_per_image": self.structure.tokens if self.structure is not None else "per image size"}
         if self.video:
-            self.info["planned_tokens_per_video"] = "per video grid (temporal slices x resized frame size)"
+            self.info["planned_tokens_per_video"] = ("per frame count" if rt.family == "llava_onevision" else
+                                                     "per video grid (temporal slices x resized frame size)")
 
     def counts(self, image) -> tuple[int, int]:
         """(the image's tokens unpruned, after the method) as vLLM lays it out."""
@@ -103,7 +104,7 @@ class VllmBackend:
         if video is not None:
             enc = proc([q.text], videos=[video])
             ids = collapse(enc["input_ids"][0].tolist(), int(self.rt.model.config.video_token_id))
-            counts = self.video_counts(enc["video_grid_thw"][0])
+            counts = self.video_counts(enc)
             return {"prompt_token_ids": ids, "multi_modal_data": {"video": video_data(video, proc.num_frames)},
                     "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}, counts
         enc = proc([q.text], images=[image])
@@ -118,12 +119,13 @@ class VllmBackend:
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": image},
                 "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}, self.counts(image)
 
-    def video_counts(self, grid) -> tuple[int, int]:
-        """(a video's tokens unpruned, after the method) for its patch grid (t, h, w), as vLLM lays it out."""
+    def video_counts(self, enc) -> tuple[int, int]:
+        """(a video's tokens unpruned, after the method) as vLLM lays it out, from our processor's output for it: its
+        key (Qwen2.5-VL: the patch grid; OneVision: the frame count) counted on the geometry twin."""
         from integrations.vllm.twin import twin_for
 
-        t, h, w = (int(x) for x in grid.tolist())
-        return twin_for(self.cfg.model, self.spec, revision=self.cfg.revision).video_count(t, h, w)
+        twin = twin_for(self.cfg.model, self.spec, revision=self.cfg.revision)
+        return twin.video_count(*twin.video_key(enc))
 
     def answer(self, requests: list[dict]) -> tuple[list[list[int]], float]:
         t0 = time.perf_counter()

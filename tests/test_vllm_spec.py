@@ -188,12 +188,68 @@ def test_planned_video_count_equals_what_the_engine_keeps(saved, name):
         eng.remove()
 
 
-def test_videos_of_other_families_are_refused_with_the_reason(saved):
+OV_PRE_LLM = pre_llm_methods_for("llava_onevision")
+#: OneVision videos of (frames, width, height): every frame resized to the tower's square (tiny: 56 px, 4 x 4 patches
+#: pooled to 2 x 2 tokens per frame), one newline after the video
+OV_VIDEOS = ((6, 140, 100), (3, 90, 200), (1, 56, 56))
+#: per-frame budgets that prune 4 tokens per frame (downsample: 2 x 2 windows reach 1); AttnMix's budget is per
+#: video (2 * floor(floor(B / 2) / frames) per frame)
+OV_BUDGETS = {"none": None, "downsample": 1, "attnmix": 12}
+
+
+def test_the_onevision_pre_llm_methods_are_the_expected_ones():
+    assert {"consensusdrop", "attnmix", "visionzip", "fastervlm", "divprune", "cdpruner", "vispruner", "downsample",
+            "random", "none", "apet"} <= set(OV_PRE_LLM)
+
+
+@pytest.mark.parametrize("name", OV_PRE_LLM)
+def test_planned_onevision_video_count_equals_what_the_engine_keeps(saved, name):
+    """LLaVA-OneVision videos (each frame a unit, one newline after the video): the twin's count for a video's frame
+    count (what vLLM's front end reserves) equals what the HF engine keeps of videos of that many frames, whatever
+    their size, for every pre-LLM method."""
+    from PIL import Image
+
+    from integrations.vllm.twin import Twin
+    from llava.models import load
+
+    rt = load(saved["llava_onevision"])
+    opts = OPTIONS.get(name, {})
+    budget = OV_BUDGETS.get(name, 2)
+    twin = Twin(saved["llava_onevision"], PruneSpec.from_dict({"method": name, "budget": budget, "options": opts}))
+    eng = rt.prune(name, budget, **opts)
+    try:
+        for i, (n, w, h) in enumerate(OV_VIDEOS):
+            g = torch.Generator().manual_seed(i)
+            frames = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+            enc = rt.processor(["what happens in the video?"], videos=[frames])
+            with torch.inference_mode():
+                rt.model(**enc)
+            stock = int((enc["input_ids"] == rt.model.config.video_token_id).sum())
+            assert twin.video_key(enc) == (n,) and stock == n * 4 + 1
+            assert twin.video_count(n) == (stock, eng.stats.samples[0].visual_entering_llm), (name, n)
+            if name not in ("none",) and i == 0:  # pruned, per frame
+                assert eng.stats.samples[0].visual_entering_llm < stock
+    finally:
+        eng.remove()
+
+
+def test_video_counts_are_refused_with_the_reason(saved):
+    """Families whose videos the plugin does not serve (their twin counts none), and a key of the wrong kind."""
     from integrations.vllm.twin import Twin
 
-    twin = Twin(saved["llava_onevision"], PruneSpec.from_dict({"method": "visionzip", "budget": 6}))
+    twin = Twin(saved["llava_next"], PruneSpec.from_dict({"method": "visionzip", "budget": 6}))
     with pytest.raises(PluginError, match="videos on the HF engine only"):
         twin.video_count(2, 4, 4)
+    ov = Twin(saved["llava_onevision"], PruneSpec.from_dict({"method": "visionzip", "budget": 2}))
+    with pytest.raises(PluginError, match="keyed by its frame count"):
+        ov.video_count(2, 4, 4)
+    qwen = Twin(saved["qwen2_5_vl"], PruneSpec.from_dict({"method": "visionzip", "budget": 2}))
+    with pytest.raises(PluginError, match="keyed by its patch grid"):
+        qwen.video_count(4)
+    # AttnMix's budget is per video: 4 over 3 frames keeps nothing per frame, refused with the engine's reason
+    am = Twin(saved["llava_onevision"], PruneSpec.from_dict({"method": "attnmix", "budget": 4}))
+    with pytest.raises(PluginError, match="keeps nothing"):
+        am.video_count(3)
 
 
 # ---------------------------------------------------------------- the checkpoint's revision (issue 30 follow-up)

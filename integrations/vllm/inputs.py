@@ -6,7 +6,9 @@
   timing) as vLLM's ``multi_modal_data["video"]`` item: the frames as given (vLLM's processor, transformers' video
   processor, resizes and patches them exactly as :mod:`llava.preprocess_qwen_video` does: tested) and the timing
   our processor reads (:func:`llava.preprocess_qwen_video.timing`), so that ``second_per_grid_ts`` (Qwen2.5-VL's
-  M-RoPE time axis) is the same; frames are never re-sampled (``do_sample_frames`` False).
+  M-RoPE time axis) is the same; frames are never re-sampled (``do_sample_frames`` False). LLaVA-OneVision takes the
+  same item: vLLM's parser drops the metadata there and its processor (transformers' ``LlavaOnevisionVideoProcessor``)
+  resizes each frame to the tower's square as :mod:`llava.preprocess_ov_internvl_video` does (tested).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ def collapse(ids: list[int], token: int) -> list[int]:
 
 
 def video_data(video, num_frames: int = 8) -> tuple:
-    """``(frames (T, H, W, 3) uint8, metadata)``: a vLLM video item (Qwen2.5-VL's processor needs the metadata) of
-    ``video`` as our processor reads it (:func:`llava.preprocess.load_frames`: frames kept as given, RGB; a frame
-    folder or a video file: ``num_frames`` sampled)."""
+    """``(frames (T, H, W, 3) uint8, metadata)``: a vLLM video item (Qwen2.5-VL's processor needs the metadata;
+    OneVision's reads the frames only) of ``video`` as our processor reads it (:func:`llava.preprocess.load_frames`:
+    frames kept as given, RGB; a frame folder or a video file: ``num_frames`` sampled)."""
     from llava.preprocess import load_frames
     from llava.preprocess_qwen_video import frames_array, timing
 

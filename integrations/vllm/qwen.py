@@ -31,7 +31,7 @@ from vllm.multimodal.processing import PromptReplacement
 from .common import ModelMixin, ProcessorMixin, TwinCountMixin
 from .spec import PluginError, PruneSpec
 from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, decode_key, item_key
-from .twin import VIDEO_FAMILIES, twin_for
+from .twin import VIDEO_KEYS, twin_for
 
 
 def grid_count(model: str, spec: PruneSpec, config, grid, revision: str | None = None) -> tuple[int, int]:
@@ -53,7 +53,7 @@ def video_grid(config, grid) -> tuple[int, int, int]:
 
 class QwenInfoMixin(TwinCountMixin):
     """As :class:`TwinCountMixin`, and each video's count (its grid: frames x resized size) from the twin on the
-    families of :data:`integrations.vllm.twin.VIDEO_FAMILIES` (``VIDEOS``), when videos are asked for
+    families of :data:`integrations.vllm.twin.VIDEO_KEYS` (``VIDEOS``), when videos are asked for
     (``limit_mm_per_prompt={"video": 1}``)."""
 
     _vt_stock = False  # set while vLLM picks its profiling video's frame count (from the unpruned counts)
@@ -177,9 +177,9 @@ class QwenModelMixin(ModelMixin):
         return visual, t * h * w // merge ** 2, self.config.video_token_id
 
     def _vt_check_videos(self) -> None:
-        if self.FAMILY not in VIDEO_FAMILIES:
+        if self.FAMILY not in VIDEO_KEYS:
             raise PluginError(f"the vtprune plugin prunes {self.FAMILY} images inside vLLM; its videos run on the HF "
-                              f"engine (vLLM: {', '.join(VIDEO_FAMILIES)} videos)")
+                              f"engine (vLLM: {', '.join(VIDEO_KEYS)} videos)")
 
     def embed_multimodal(self, **kwargs):
         prompts, keys, items = self._vt_fields(kwargs)

@@ -83,7 +83,7 @@ class VisionStage:
         self.runs = 0  # vision-stage runs (each image once: at admission on Qwen, in the encoder step otherwise)
         cfg = self.rt.model.config
         self.image_token = int(cfg.image_token_id)
-        #: the video placeholder (Qwen-VL: ``<|video_pad|>``; None where the family has none)
+        #: the video placeholder (Qwen-VL: ``<|video_pad|>``, OneVision: ``<video>``; None where the family has none)
         self.video_token = None if getattr(cfg, "video_token_id", None) is None else int(cfg.video_token_id)
         log.info("vtprune: %s (budget %s, options %s) on %s; vision stage on transformers modules, %d decoder "
                  "layer(s) loaded for its probe", method.name, spec.budget, dict(spec.options), model, layers)

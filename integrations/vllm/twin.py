@@ -10,10 +10,12 @@ pixels must give the same count (else the method's count depends on the image: r
 image size; a twin is built once per (checkpoint, revision, spec) and costs a few MB. Its config, tokenizer and
 image processor are read at the checkpoint's revision (vLLM's ``revision``; None: the default branch).
 
-Videos (:data:`VIDEO_FAMILIES`): a video's count depends on its patch grid (t temporal slices of h x w patches, what
-vLLM's processor made of its frames and size) only; :meth:`Twin.video_count` runs the twin's own processor (the
-engine's video prompt) on random frames of exactly that grid's size (not resized) and the engine's layout (each
-temporal slice a unit) and selection on them, cached per grid.
+Videos (:data:`VIDEO_KEYS`): a video's count depends on its *key* only (:meth:`Twin.video_key`): on Qwen2.5-VL
+its patch grid (t temporal slices of h x w patches, what vLLM's processor made of its frames and size), on
+LLaVA-OneVision its frame count (every frame is resized to the tower's square, pooled 2x2, one newline after the
+video). :meth:`Twin.video_count` runs the twin's own processor (the engine's video prompt) on random frames of exactly
+that size (not resized) and the engine's layout (a unit per temporal slice / frame) and selection on them, cached per
+key.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ QUESTION = "what is in the image?"
 #: of a count's cost; a method's count does not depend on the number of heads); text 16 per head (M-RoPE splits a
 #: head's rotary half into 3 sections)
 HEAD_WIDTH = {"vision": 8, "text": 16}
-#: the families whose videos the plugin prunes inside vLLM (their count per video grid: :meth:`Twin.video_count`)
-VIDEO_FAMILIES = ("qwen2_5_vl",)
+#: the families whose videos the plugin prunes inside vLLM (their count per video key: :meth:`Twin.video_count`):
+#: family -> what a video's count depends on
+VIDEO_KEYS = {"qwen2_5_vl": "its patch grid (t, h, w)", "llava_onevision": "its frame count (frames,)"}
+#: the families whose videos the harness's vLLM backend (``eval.vllm_backend``) answers (a video's count keyed by
+#: :meth:`Twin.video_key` on our processor's output)
+VIDEO_FAMILIES = ("qwen2_5_vl", "llava_onevision")
 
 
 def _sections(sections, total: int) -> list[int]:
@@ -113,19 +119,22 @@ class Twin:
         return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
 
     @torch.inference_mode()
-    def _video_count(self, grid: tuple[int, int, int], seed: int) -> tuple[int, int]:
+    def _video_count(self, key: tuple, seed: int) -> tuple[int, int]:
         from PIL import Image
 
-        t, h, w = grid
         proc = self.rt.processor
         settings = proc.video_settings = self._video_settings()
-        p = settings.patch_size
         g = torch.Generator().manual_seed(seed)
-        frames = [Image.fromarray((torch.rand(h * p, w * p, 3, generator=g) * 255).byte().numpy())
-                  for _ in range(t * settings.temporal_patch_size)]
+        if self.family == "llava_onevision":  # (frames,): frames of the tower's square (not resampled)
+            n, h, w = key[0], settings.height, settings.width
+        else:  # (t, h, w): t temporal slices of frames of exactly the grid's size
+            t, gh, gw = key
+            p = settings.patch_size
+            n, h, w = t * settings.temporal_patch_size, gh * p, gw * p
+        frames = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
         enc = proc([QUESTION], videos=[frames])
-        if [int(x) for x in enc["video_grid_thw"].reshape(-1)] != [t, h, w]:
-            raise RuntimeError(f"the twin's video of grid {list(grid)} was processed to {enc['video_grid_thw'].tolist()}")
+        if self.video_key(enc) != key:
+            raise RuntimeError(f"the twin's video of key {list(key)} was processed to {list(self.video_key(enc))}")
         ids = enc["input_ids"]
         stock = int((ids == self.video_token).sum())
         visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
@@ -133,38 +142,61 @@ class Twin:
         return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
 
     def _video_settings(self):
-        """The twin's video processing: frames of exactly the grid's size, not resized (the grid is what the serving
-        processor made of the video; the count depends on nothing else)."""
+        """The twin's video processing: frames of exactly the key's size, not resized (Qwen: the grid is what the
+        serving processor made of the video; OneVision: the tower's square, what every frame is resized to; the count
+        depends on nothing else)."""
+        vc = self.rt.model.config.vision_config
+        if self.family == "llava_onevision":
+            from llava.preprocess_ov_internvl_video import FrameVideoSettings, tower_square
+
+            h, w = tower_square(self.family, self.rt.model.config)
+            return FrameVideoSettings(family=self.family, height=h, width=w,
+                                      source="the vtprune geometry twin: frames of the tower's square")
         from llava.preprocess_qwen_video import RULES, VideoSettings
 
-        vc = self.rt.model.config.vision_config
         return VideoSettings(rule=RULES[self.family], min_pixels=1, max_pixels=1 << 62, patch_size=vc.patch_size,
                              temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
                              do_resize=False, source="the vtprune geometry twin: frames of the grid's size")
 
-    @lru_cache(maxsize=4096)
-    def video_count(self, t: int, h: int, w: int) -> tuple[int, int]:
-        """(the tokens of a video whose patch grid is (t, h, w) unpruned, after the method's vision stage): the
-        engine's own video prompt (our processor) and layout (each temporal slice a unit) on frames of that grid's
-        size. Qwen-VL videos only (:data:`VIDEO_FAMILIES`); checked as :meth:`count` (the first grid twice)."""
-        if self.family not in VIDEO_FAMILIES:
+    def video_key(self, enc) -> tuple:
+        """What a video's count depends on, from our processor's output for one video (``enc``: the engine's inputs,
+        batch of 1): Qwen2.5-VL its patch grid (t, h, w) (``video_grid_thw``), OneVision its frame count (frames,)
+        (``pixel_values_videos`` (1, frames, 3, S, S))."""
+        self._check_videos()
+        if self.family == "llava_onevision":
+            return (int(enc["pixel_values_videos"].shape[1]),)
+        return tuple(int(x) for x in enc["video_grid_thw"].reshape(-1, 3)[0])
+
+    def _check_videos(self) -> None:
+        if self.family not in VIDEO_KEYS:
             raise PluginError(f"the vtprune plugin prunes {self.family} videos on the HF engine only (vLLM: "
-                              f"{', '.join(VIDEO_FAMILIES)} videos)")
-        grid = (int(t), int(h), int(w))
+                              f"{', '.join(VIDEO_KEYS)} videos)")
+
+    @lru_cache(maxsize=4096)
+    def video_count(self, *key: int) -> tuple[int, int]:
+        """(the tokens of a video unpruned, after the method's vision stage) for its key: Qwen2.5-VL
+        ``video_count(t, h, w)`` (its patch grid), LLaVA-OneVision ``video_count(frames)`` (its frame count;
+        :meth:`video_key`). The engine's own video prompt (our processor) and layout (a unit per temporal slice /
+        frame; OneVision's newline after the video) on frames of that key's size. Checked as :meth:`count` (the
+        first key twice)."""
+        self._check_videos()
+        key = tuple(int(x) for x in key)
+        want = 1 if self.family == "llava_onevision" else 3
+        if len(key) != want or min(key) < 1:
+            raise PluginError(f"a {self.family} video's count is keyed by {VIDEO_KEYS[self.family]}, got {list(key)}")
+        what = f"{key[0]} frames" if want == 1 else f"grid {list(key)}"
         try:
-            a = self._video_count(grid, 0)
-            b = self._video_count(grid, 1) if not self._checked_video else a
+            a = self._video_count(key, 0)
+            b = self._video_count(key, 1) if not self._checked_video else a
             self._checked_video = True
         except PluginError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure is the method's refusal here
             raise PluginError(f"{self.engine.method.name}: vLLM must know each video's token count before the encoder "
-                              f"runs, and the count for a video of grid {list(grid)} failed ({type(e).__name__}: "
-                              f"{e})") from None
+                              f"runs, and the count for a video of {what} failed ({type(e).__name__}: {e})") from None
         if a != b:
             raise PluginError(f"{self.engine.method.name} keeps a number of tokens that depends on the video ({a[1]} vs "
-                              f"{b[1]} for two videos of grid {list(grid)}), and vLLM must know it before the encoder "
-                              "runs")
+                              f"{b[1]} for two videos of {what}), and vLLM must know it before the encoder runs")
         if a[1] == 0:
             raise PluginError(f"{self.engine.method.name} keeps no visual token, and vLLM needs at least one placeholder "
                               "per video: for the no-video control, send the prompt without its video")
