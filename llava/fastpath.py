@@ -37,8 +37,9 @@ Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.
 why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
 tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - and Qwen2.5-VL (images; videos,
 one unit per temporal slice), Qwen3-VL (images; its DeepStack rows follow the kept tokens) and LLaVA-OneVision
-(images: anyres_max_9 packed inside the captured function from a host plan of ``image_sizes``; videos) and InternVL
-(images: a unit per tile, each prompt's tiles counted from its host ids), with exactly
+(images: anyres_max_9 packed inside the captured function from a host plan of ``image_sizes``; videos), InternVL
+(images: a unit per tile, each prompt's tiles counted from its host ids) and Qwen3.5 (its hybrid decoder's Gated
+DeltaNet states in the static cache, a mask per layer type: pre-LLM methods), with exactly
 one image or one video per prompt, laid out by the family adapter's
 :meth:`~llava.families.base.FamilyAdapter.fast_visual`; methods that declare ``capturable = "full"`` or
 ``"piecewise"`` (:attr:`llava.method.Method.capturable`; piecewise: a vision stage only, not query-aware, not
@@ -78,7 +79,7 @@ __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS"
 log = logging.getLogger(__name__)
 
 #: model families the fast path plans for
-FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "qwen3_5")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 
@@ -170,6 +171,9 @@ class FastPath(FastPlanMixin):
                 if impl not in MASKED_TOWER_ATTN:
                     return (f"{m.name}: the masked tower needs {' / '.join(MASKED_TOWER_ATTN)} attention in the "
                             f"vision tower, not {impl!r}")
+        if e.adapter.linear_layers and (m.llm_layers or m.probe_layers):
+            return (f"{m.name}: llm stages or an LLM probe on a hybrid decoder (Gated DeltaNet layers) are not captured "
+                    "(the fast path runs Qwen3.5 with pre-LLM methods)")
         why = m.capture_refusal()  # every reason names its method (the eval's per-reason counts read it)
         if not why and self.piecewise:
             if m.llm_layers:
@@ -214,9 +218,19 @@ class FastPath(FastPlanMixin):
             ds = {"rows": torch.cat(deeps), "at": ds_at} if spec.deepstack else None  # Qwen3-VL's DeepStack rows
             h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad, ds)
             return e.model.lm_head(h), bad
-        h = e.lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
                  use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:]), bad
+
+    def _lm_mask(self, mask, decode: bool = False):
+        """The language model's mask for a 4-D prompt / decode mask: itself, or for a hybrid decoder (Qwen3.5) one
+        per layer type - the 4-D mask for the full-attention layers and, for the Gated DeltaNet layers, the 2-D
+        padding mask of a prompt (the real rows: what the last row may see; pads zeroed before their recurrence, as
+        the stock model does) or none at a decode step (a generated token is never padding)."""
+        if not self.engine.adapter.linear_layers:
+            return mask
+        return {"full_attention": mask,
+                "linear_attention": None if decode else mask[:, 0, -1, :mask.shape[2]]}
 
     def _vision_fn(self, px, crops, index, spec: _Spec, tower_in=None):
         """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
@@ -231,7 +245,7 @@ class FastPath(FastPlanMixin):
         e = self.engine
         emb = e.lm.embed_tokens(tok)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1]), buf])[src].view(emb.shape)
-        h = e.lm(inputs_embeds=rows, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
                  use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:])
 
@@ -387,8 +401,8 @@ class FastPath(FastPlanMixin):
         e = self.engine
         if layers:  # llm stages: each segment of layers with its own mask and positions
             return e.model.lm_head(decode_segments(e.lm, e.lm.embed_tokens(tok), pos, mask, cache, layers))
-        h = e.lm(inputs_embeds=e.lm.embed_tokens(tok), attention_mask=mask[0], position_ids=pos[0],
-                 past_key_values=cache, use_cache=True).last_hidden_state
+        h = e.lm(inputs_embeds=e.lm.embed_tokens(tok), attention_mask=self._lm_mask(mask[0], decode=True),
+                 position_ids=pos[0], past_key_values=cache, use_cache=True).last_hidden_state
         return e.model.lm_head(h)
 
     # ------------------------------------------------------------------ entry points
@@ -403,10 +417,29 @@ class FastPath(FastPlanMixin):
             heads = lm_cfg.num_key_value_heads
             hd = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
             cache.early_initialization(B, heads, hd, dtype, dev)
+            self._init_linear_states(cache, B, dtype, dev)
             self._caches = {key: cache}  # one cache at a time: the last shape's
         for layer in cache.layers:  # a new prompt: slots are rewritten; stale ones stay masked
-            layer.cumulative_length.zero_()
+            if hasattr(layer, "recurrent_states"):  # a Gated DeltaNet layer: its states zeroed, "no previous state"
+                layer.reset()
+            else:
+                layer.cumulative_length.zero_()
         return cache
+
+    def _init_linear_states(self, cache, B: int, dtype, dev):
+        """A hybrid decoder's linear-attention layers (Qwen3.5's Gated DeltaNet) get their conv and recurrent states
+        allocated before the first prefill (transformers allocates them lazily inside the first forward, which a
+        captured graph must not do): conv (B, conv channels, kernel) in the model dtype, recurrent (B, value heads,
+        key dim, value dim) in fp32 (the dtype the stock recurrence returns)."""
+        for i, layer in enumerate(cache.layers):
+            if not hasattr(layer, "recurrent_states"):
+                continue
+            mod = self.engine.lm.layers[i].linear_attn
+            conv = mod.conv1d.weight
+            layer.lazy_initialization(
+                conv_states=torch.zeros(B, conv.shape[0], mod.conv_kernel_size, dtype=dtype, device=dev),
+                recurrent_states=torch.zeros(B, mod.num_v_heads, mod.head_k_dim, mod.head_v_dim, dtype=torch.float32,
+                                             device=dev))
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, visual: dict):
