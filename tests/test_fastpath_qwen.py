@@ -282,7 +282,7 @@ def test_what_the_plan_cannot_do_runs_eagerly_and_says_why(rts):
     generate(q3, q3.processor(["what happens?"], videos=[[rand_image(k, 56, 56) for k in range(4)]]), tokens=2)
     assert eng.stats.path == "eager" and "videos" in eng.stats.path_reason
     q35 = load("tiny:qwen3.5", seed=1, fast=True, fast_max_new_tokens=16, fast_backend="none")
-    eng = q35.prune("pdrop", None)  # the hybrid decoder: pre-LLM methods only (tests/test_fastpath_qwen3_5.py)
+    eng = q35.prune("fastv", 8, layer=2, scale_layers=False)  # reads layer 1 (full attention); pre-LLM methods only
     assert "hybrid" in eng.fast.refusal
     generate(q35, batch_of(q35, 1), tokens=2)
     assert eng.stats.path == "eager" and eng.stats.path_reason == eng.fast.refusal
