@@ -70,4 +70,6 @@ def test_methods_lists_the_fast_path_verdict(capsys):
     assert set(lines) == set(available_methods())
     assert lines["fastervlm"].endswith("fast path: captured")
     assert lines["fastv"].endswith("fast path: captured")
-    assert lines["sparsevlm"].endswith(f"fast path: eager ({_REGISTRY['sparsevlm'].capture_reason})")
+    assert lines["sparsevlm"].endswith("fast path: captured")
+    assert lines["trio"].endswith(f"fast path: eager ({_REGISTRY['trio'].capture_reason})")
+    assert lines["prumerge"].endswith("fast path: captured piecewise")
