@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The fast path's CPU checks (issue 34): for every method declared capturable ("full" / "piecewise"),
-# on the three tiny LLaVA families,
+# on the three tiny LLaVA families (and the other families' own files: Qwen2.5-VL / Qwen3-VL, OneVision,
+# InternVL, Qwen3.5),
 # the prefill compiles with torch.compile(fullgraph=True) (dynamo; FAST_BACKEND=inductor for code
 # generation, much slower), reads nothing from the device inside the captured function, gives the eager
 # engine's greedy tokens (3 prompts alone + a batch of 3), and runs prompts of other lengths in one bucket and
@@ -13,6 +14,8 @@ log=$(mktemp)
 python -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_seed.py \
     tests/test_fastpath_baselines.py tests/test_fastpath_llm.py tests/test_fastpath_piecewise.py \
     tests/test_fastpath_sparsevlm.py tests/test_fastpath_probe.py tests/test_fastpath_flowcut.py \
+    tests/test_fastpath_qwen.py tests/test_fastpath_onevision.py tests/test_fastpath_internvl.py \
+    tests/test_fastpath_qwen3_5.py \
     tests/test_compiled_decode.py "$@" >"$log" 2>&1
 rc=$?
 summary=$(tail -n 1 "$log")
