@@ -67,14 +67,15 @@ def test_eval_run_fast_gives_the_eager_answers_and_counts_the_paths(fixture_data
 
 def test_eval_run_fast_with_an_uncapturable_method_says_eager_and_why(fixture_data, tmp_path, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="eval"):
-        d = _run(fixture_data, tmp_path, "sparsevlm", 64, "--fast", "--fast-backend", "eager")
+        d = _run(fixture_data, tmp_path, "fastervlm", 4, "--opt", "numerics=official", "--fast", "--fast-backend",
+                 "eager")  # the reference mode runs on the eager engine
     paths = json.loads((d / "results.json").read_text())["paths"]
     assert paths["eager"] == N_POPE and "fast" not in paths
     ((reason, n),) = paths["eager_reasons"].items()
-    assert n == N_POPE and reason.startswith("sparsevlm:")
+    assert n == N_POPE and reason.startswith("fastervlm:") and "official" in reason
     assert all(m["path"] == "eager" and m["path_reason"] == reason for m in _metas(d))
     assert any("runs every prefill on the eager engine" in r.getMessage() for r in caplog.records)
-    assert f"eager x{N_POPE}: sparsevlm:" in capsys.readouterr().out
+    assert f"eager x{N_POPE}: fastervlm:" in capsys.readouterr().out
 
 
 def test_fast_options_are_checked_before_anything_loads(fixture_data, tmp_path, capsys):
@@ -152,31 +153,31 @@ def test_efficiency_script_fast_variables(tmp_path):
 def test_efficiency_fast_rows_side_by_side(tmp_path):
     from bench.efficiency import main as eff_main
 
-    assert eff_main(["--model", "tiny:llava", "--methods", "none", "sparsevlm", "--budgets", "64", "--n", "2",
+    assert eff_main(["--model", "tiny:llava", "--methods", "none", "trio", "--budgets", "64", "--n", "2",
                      "--warmup", "1", "--batch", "1", "--decode-tokens", "2", "--decode-samples", "1",
                      "--image-hw", "56", "56", "--sweep", "8", "16", "32", "--out", str(tmp_path), "--fast",
                      "--fast-backend", "eager"]) == 0
     rep = json.loads((tmp_path / "efficiency.json").read_text())
     # the main table / bars / plot: the eager rows, as without --fast
     assert [(r["method"], r["path"], r["path_taken"]) for r in rep["results"]] == [
-        ("none", "eager", "eager"), ("sparsevlm", "eager", "eager")]
+        ("none", "eager", "eager"), ("trio", "eager", "eager")]
     fast = rep["fast"]
     assert fast["backend"] == "eager" and fast["cuda_graphs"] is False and fast["max_new_tokens"] == 2
-    none_f, sparsevlm_f = fast["results"]
+    none_f, trio_f = fast["results"]
     # the unpruned model is captured; warm-up compiled it, so no timed prefill did
     assert none_f["path"] == none_f["path_taken"] == "fast" and none_f["compiled_in_timed"] == 0
     assert all(r["path"] == "fast" and r["compiled_before_timing"] == 0 for r in none_f["records"])
     assert none_f["kv_match"] is None and none_f["ops"] is None  # a static cache; one graph
-    # SparseVLM is not captured: its "fast" row ran eagerly and says so, with the reason
-    assert sparsevlm_f["path"] == "fast" and sparsevlm_f["path_taken"] == "eager"
-    ((reason, n),) = sparsevlm_f["path_reasons"].items()
-    assert reason.startswith("sparsevlm:") and n == 2
+    # TRIO is not captured (a backward pass in its stages): its "fast" row ran eagerly and says so, with the reason
+    assert trio_f["path"] == "fast" and trio_f["path_taken"] == "eager"
+    ((reason, n),) = trio_f["path_reasons"].items()
+    assert reason.startswith("trio:") and n == 2
     rows = {(c["method"], c["batch"]): c for c in fast["comparison"]}
-    assert set(rows) == {("none", 1), ("sparsevlm", 1)}
+    assert set(rows) == {("none", 1), ("trio", 1)}
     for c in rows.values():
         assert c["ttft_ratio"] == pytest.approx(c["fast_ttft_median"] / c["eager_ttft_median"])
-    assert rows[("none", 1)]["fast_path_taken"] == "fast" and rows[("sparsevlm", 1)]["fast_path_taken"] == "eager"
+    assert rows[("none", 1)]["fast_path_taken"] == "fast" and rows[("trio", 1)]["fast_path_taken"] == "eager"
     md = (tmp_path / "efficiency.md").read_text()
     assert "## Fast path vs eager engine (`--fast`)" in md
     assert "| none | - | 1 | eager | eager |" in md and "| none | - | 1 | fast | fast |" in md
-    assert f"| sparsevlm | 64 | 1 | fast | **eager**: {reason} |" in md
+    assert f"| trio | 64 | 1 | fast | **eager**: {reason} |" in md
