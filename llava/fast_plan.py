@@ -378,7 +378,8 @@ class FastPlanMixin:
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
         if e.method.vision_stage and e.method.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast_probe)
             if vp.spec.deepstack:
-                raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not planned")
+                raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not "
+                                 "planned")
             probe, probe_host = plan_probe(e.method.probe_layers, rows, [s.text for s in samples], bucket_for,
                                            self.buckets, full)
             host.update({f"probe:{k}": v for k, v in probe_host.items()})

@@ -79,7 +79,8 @@ __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS"
 log = logging.getLogger(__name__)
 
 #: model families the fast path plans for
-FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "qwen3_5")
+FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl",
+                 "qwen3_5")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 
@@ -172,8 +173,8 @@ class FastPath(FastPlanMixin):
                     return (f"{m.name}: the masked tower needs {' / '.join(MASKED_TOWER_ATTN)} attention in the "
                             f"vision tower, not {impl!r}")
         if e.adapter.linear_layers and (m.llm_layers or m.probe_layers):
-            return (f"{m.name}: llm stages or an LLM probe on a hybrid decoder (Gated DeltaNet layers) are not captured "
-                    "(the fast path runs Qwen3.5 with pre-LLM methods)")
+            return (f"{m.name}: llm stages or an LLM probe on a hybrid decoder (Gated DeltaNet layers) are not "
+                    "captured (the fast path runs Qwen3.5 with pre-LLM methods)")
         why = m.capture_refusal()  # every reason names its method (the eval's per-reason counts read it)
         if not why and self.piecewise:
             if m.llm_layers:

@@ -7,7 +7,7 @@ first-step scores and visual counts == the eager engine; 0 host syncs; one prefi
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, generate
+from fastpath_util import BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, generate, plan_buckets
 
 from llava.families import onevision_vision as ov
 from llava.models import load
@@ -100,12 +100,6 @@ def test_video_budgets_prune_per_frame(rts):
     assert [s.visual_entering_llm for s in eng.stats.samples] == [4 * 2 + 1] * 2  # 2 per frame + the newline
 
 
-def buckets(eng, batch) -> list:
-    """The buckets of every segment the fast path's host plan picks for ``batch`` (no device work)."""
-    visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return eng.fast.plan(batch["input_ids"], batch["attention_mask"], visual)[3][1]
-
-
 @pytest.mark.parametrize("method,budget", [("fastervlm", 8), ("fastv", 40)])
 def test_compiled_one_prefill_graph_per_bucket(rts, method, budget):
     """Compiled (dynamo, fullgraph): the same images with prompts of other lengths in the same bucket and 16 decode
@@ -122,7 +116,8 @@ def test_compiled_one_prefill_graph_per_bucket(rts, method, budget):
         asks = PROMPTS + ["is it red?", "what is next to the square?", "is there a small blue star near the top?",
                           "how many circles are on the right side of the picture?"]
         others = [b for b in (fast.processor([q], [rand_image(2, *SIZES[2])]) for q in asks)
-                  if b["input_ids"].shape[1] != first["input_ids"].shape[1] and buckets(eng, b) == buckets(eng, first)]
+                  if b["input_ids"].shape[1] != first["input_ids"].shape[1]
+                  and plan_buckets(eng, b) == plan_buckets(eng, first)]
         assert len(others) >= 2
         for batch in others[:2]:
             toks = generate(fast, batch, tokens=16)[0]

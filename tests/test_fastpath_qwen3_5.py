@@ -8,7 +8,7 @@ only (an llm stage or probe on a hybrid decoder runs eagerly, with the reason). 
 
 import pytest
 import torch
-from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, generate
+from fastpath_util import BACKEND, assert_same_as_eager, counting_fast_path, generate, plan_buckets
 from test_fastpath_qwen import batch_of
 
 from llava.models import load
@@ -66,7 +66,8 @@ def test_compiled_one_prefill_graph_per_bucket_and_no_decode_recompile(rts):
         asks = ["is it red?", "what is next to the square on the left?", "how many circles?", "describe the picture",
                 "is there a small blue star near the top of the picture?"]
         others = [b for b in (fast.processor([q], [first_image(fast)]) for q in asks)
-                  if b["input_ids"].shape[1] != first["input_ids"].shape[1] and buckets(eng, b) == buckets(eng, first)]
+                  if b["input_ids"].shape[1] != first["input_ids"].shape[1]
+                  and plan_buckets(eng, b) == plan_buckets(eng, first)]
         assert len(others) >= 2
         for batch in others[:2]:
             toks = generate(fast, batch, tokens=16)[0]
@@ -79,9 +80,3 @@ def first_image(rt):
     from test_fastpath_qwen import SIZES
 
     return rand_image(0, *SIZES[0])
-
-
-def buckets(eng, batch) -> list:
-    """The buckets the fast path's host plan picks for ``batch`` (no device work)."""
-    visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return eng.fast.plan(batch["input_ids"], batch["attention_mask"], visual)[3][1]
