@@ -80,8 +80,10 @@ class VllmBackend:
                      "planned_tokens_per_image": self.planned if self.planned is not None else "per image size",
                      "tokens_per_image": self.structure.tokens if self.structure is not None else "per image size"}
         if self.video:
-            self.info["planned_tokens_per_video"] = ("per frame count" if rt.family == "llava_onevision" else
-                                                     "per video grid (temporal slices x resized frame size)")
+            self.info["planned_tokens_per_video"] = (
+                "per frame count" if rt.family == "llava_onevision" else
+                "per video grid (temporal slices x resized frame size)" + (
+                    ", laid out per temporal slice after its timestamp" if rt.family == "qwen3_vl" else ""))
 
     def counts(self, image) -> tuple[int, int]:
         """(the image's tokens unpruned, after the method) as vLLM lays it out."""
@@ -103,7 +105,9 @@ class VllmBackend:
         proc = self.rt.processor
         if video is not None:
             enc = proc([q.text], videos=[video])
-            ids = collapse(enc["input_ids"][0].tolist(), int(self.rt.model.config.video_token_id))
+            cfg = self.rt.model.config  # Qwen3-VL: a timestamp and a marked run per temporal slice, all collapsed
+            markers = (cfg.vision_start_token_id, cfg.vision_end_token_id) if self.rt.family == "qwen3_vl" else None
+            ids = collapse(enc["input_ids"][0].tolist(), int(cfg.video_token_id), markers)
             counts = self.video_counts(enc)
             return {"prompt_token_ids": ids, "multi_modal_data": {"video": video_data(video, proc.num_frames)},
                     "mm_processor_kwargs": {"vtprune_sample_key": q.uid}}, counts
@@ -121,7 +125,7 @@ class VllmBackend:
 
     def video_counts(self, enc) -> tuple[int, int]:
         """(a video's tokens unpruned, after the method) as vLLM lays it out, from our processor's output for it: its
-        key (Qwen2.5-VL: the patch grid; OneVision: the frame count) counted on the geometry twin."""
+        key (Qwen2.5-VL / Qwen3-VL: the patch grid; OneVision: the frame count) counted on the geometry twin."""
         from integrations.vllm.twin import twin_for
 
         twin = twin_for(self.cfg.model, self.spec, revision=self.cfg.revision)

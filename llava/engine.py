@@ -446,6 +446,14 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         info.pop("pos_shift", None)
         return embeds, mask, pos, info
 
+    def visual_runs(self, input_ids: torch.Tensor, info: dict,
+                    attention_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[int]]]:
+        """Per sample of a :meth:`vision_inputs` call: its kept visual rows in the pruned row and the kept count of
+        each placeholder run of ``input_ids`` (:func:`llava.runs.visual_runs`)."""
+        from .runs import visual_runs
+
+        return visual_runs(self.adapter.config, input_ids, info, attention_mask)
+
     def _fast_prefill(self, input_ids, attention_mask, visual):
         """The prefill on the fast path: (output, "") or (None, why it runs eagerly)."""
         from .fastpath import NotPlanned

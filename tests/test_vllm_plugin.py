@@ -476,9 +476,13 @@ def hf_video(rt, method, options, question, frames, budget: int = BUDGET):
     tokens and each step's log-probabilities, the selection, the tokens entering the LLM, the positions the engine
     gives the pruned prompt (M-RoPE; None on 1-D RoPE families), the tokens unpruned and the pixels' sum."""
     from integrations.vllm.inputs import collapse
+    from integrations.vllm.stage import pruned_ids
 
+    cfg = rt.model.config
     enc = rt.processor([question], videos=[frames])
-    prompt = collapse(enc["input_ids"][0].tolist(), rt.model.config.video_token_id)
+    ids = enc["input_ids"][0].tolist()
+    markers = (cfg.vision_start_token_id, cfg.vision_end_token_id) if rt.family == "qwen3_vl" else None
+    prompt = collapse(ids, cfg.video_token_id, markers)
     eng = rt.prune(method, budget if method != "none" else None, **options)
     try:
         with torch.inference_mode():
@@ -488,13 +492,15 @@ def hf_video(rt, method, options, question, frames, budget: int = BUDGET):
             kept = None if sel is None else (sel.keep.tolist(), None if sel.targets is None else sel.targets.tolist())
             n_in = eng.stats.samples[0].visual_entering_llm
             visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-            _, _, pos, _ = eng.vision_inputs(enc["input_ids"], visual)
+            _, _, pos, info = eng.vision_inputs(enc["input_ids"], visual)
+            _, runs = eng.visual_runs(enc["input_ids"], info)[0]
     finally:
         eng.remove()
     return {"prompt": prompt, "tokens": out.sequences[0, enc["input_ids"].shape[1]:].tolist(),
             "logprobs": [torch.log_softmax(x[0].float(), -1) for x in out.logits], "kept": kept, "n_in": n_in,
-            "positions": None if pos is None else pos[:, 0].tolist(),
-            "stock": int((enc["input_ids"] == rt.model.config.video_token_id).sum()),
+            "positions": None if pos is None else pos[:, 0].tolist(), "runs": runs, "expanded": ids,
+            "pruned": pruned_ids(ids, {cfg.video_token_id}, runs, cfg.video_token_id),
+            "stock": int((enc["input_ids"] == cfg.video_token_id).sum()),
             "pixels": float(enc["pixel_values_videos"].double().sum())}
 
 
@@ -621,10 +627,7 @@ def test_qwen_a_mixed_batch_of_videos_and_images_equals_each_request_alone(ckpts
 def test_qwen_video_refusals(ckpts, hfs):
     """What the plugin does not serve is refused with the reason, and the engine goes on serving: an image and a video
     in one prompt, two videos in one prompt (one visual item per prompt: vLLM's limit), videos on a server that did
-    not ask for them, in-LLM methods (before vLLM starts), Qwen3-VL videos even when asked for (the HF engine: the
-    plugin allows 0)."""
-    from vllm import LLM
-
+    not ask for them, in-LLM methods (before vLLM starts)."""
     from integrations.vllm import overrides
     from integrations.vllm.inputs import video_data
     from integrations.vllm.spec import PluginError
@@ -652,14 +655,6 @@ def test_qwen_video_refusals(ckpts, hfs):
     for method in ("fastv", "dart"):
         with pytest.raises(PluginError, match="prunes inside the LLM"):
             overrides(ckpts["qwen2_5_vl"], method, BUDGET)
-    q3 = hfs["qwen3_vl"].model.config
-    llm3 = LLM(model=ckpts["qwen3_vl"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-               hf_overrides=overrides(ckpts["qwen3_vl"], "visionzip", BUDGET),
-               limit_mm_per_prompt={"image": 1, "video": 1})
-    with pytest.raises(Exception, match="At most 0 video"):
-        vllm_video_generate(llm3, [{"prompt_token_ids": [q3.vision_start_token_id, q3.video_token_id,
-                                                         q3.vision_end_token_id] + ref["prompt"][-4:],
-                                    "multi_modal_data": {"video": video_data(video(52, 4, 200, 160))}}])
 
 
 # ---------------------------------------------------------------- LLaVA-OneVision videos (issue 30)
@@ -806,6 +801,231 @@ def test_onevision_video_refusals(ckpts, hfs, monkeypatch):
         vllm_video_generate(llm, [video_request(ref["prompt"], clip)])
 
 
+# ---------------------------------------------------------------- Qwen3-VL videos (issue 30)
+
+#: Qwen3-VL videos: per temporal slice a timestamp ``<t seconds>`` and its own <|vision_start|> ... <|vision_end|>
+#: run; the tiny's 32-px merged patches: 140 x 100 frames -> 5 x 4 = 20 tokens per slice, 100 x 150 -> 3 x 5 = 15.
+#: The budget per slice (downsample: 2 x 2 windows reach 4 / 2); test_keep_first_k keeps the video's first k tokens
+#: (the later slices empty: their timestamp and markers stay, 0 tokens)
+Q3_VIDEO_BUDGET = 4
+Q3_VIDEO_METHODS = pre_llm("qwen3_vl") + ["test_keep_first_k"]
+#: methods refused on Qwen3-VL videos, with the reason (AttnMix ranks the whole video's tokens by text similarity:
+#: each slice's share depends on the video, and vLLM lays every slice's run out before the encoder runs); its images
+#: and its videos on the one-run families are served
+Q3_VIDEO_REFUSED = {"attnmix": "splits its tokens over a video's temporal slices depending on the video"}
+#: top-5 log-probabilities, vLLM's decoder vs the HF engine (fp32; measured: at most ~1e-6)
+Q3_LOGPROB_TOL = 2e-6
+
+
+def q3_clips():
+    """A bare-frame video (no fps: our processor's 24 fps) and one with its timing whose slice times sit on .x5
+    (0.45 s, 1.05 s, 1.40 s at 10 fps: a float32 copy of them would print another first decimal)."""
+    from llava.preprocess_qwen_video import Frames
+
+    return [video(30, 8, 140, 100),
+            Frames(video(31, 5, 100, 150), fps=10.0, total_num_frames=60, frames_indices=[4, 5, 10, 11, 14])]
+
+
+def our_slice_times(rt, clip) -> list[float]:
+    """Our processor's slice times of a clip (the prompt's <t seconds>)."""
+    from llava.preprocess_qwen_video import slice_times, timing
+
+    idx, fps, _ = timing(clip, len(clip))
+    return slice_times(rt.processor.video_settings, idx if idx is not None else list(range(len(clip))), fps)
+
+
+def test_vllms_qwen3_video_processor_gives_our_processors_inputs_bit_for_bit(ckpts, hfs):
+    """What transformers' Qwen3VLProcessor (vLLM's environment: the checkpoint's video processor, torchvision's Python
+    part) makes of the item the plugin's helper builds equals our processor's pixel_values_videos, video_grid_thw and
+    video prompt (a timestamp and a marked run per temporal slice, inside the template's own markers) bit for bit:
+    odd frame counts, frames scaled up and down, bare frames (24 fps), frames with their timing, with indices but no
+    fps (a GIF without durations), slice times on .x5."""
+    from transformers import AutoProcessor
+
+    from integrations.vllm.inputs import video_data
+    from llava.preprocess_qwen_video import Frames
+
+    rt = hfs["qwen3_vl"]
+    cfg = rt.model.config
+    hf = AutoProcessor.from_pretrained(ckpts["qwen3_vl"])
+    clips = [video(60, 8, 140, 100), video(61, 5, 33, 20), video(62, 3, 400, 300), *q3_clips()[1:],
+             Frames(video(63, 4, 90, 120), fps=None, total_num_frames=40, frames_indices=[0, 13, 26, 39])]
+    marked = "<|vision_start|><|video_pad|><|vision_end|>"
+    for clip in clips:
+        ours = rt.processor([VIDEO_QUESTIONS[0]], videos=[clip])
+        arr, meta = video_data(clip)
+        meta = {k: v for k, v in meta.items() if k != "do_sample_frames"}
+        theirs = hf(text=[marked], videos=[arr], video_metadata=[meta], do_sample_frames=False, return_tensors="pt")
+        for key in ("pixel_values_videos", "video_grid_thw"):
+            a, b = ours[key], torch.as_tensor(theirs[key])
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), key
+        ids, run = ours["input_ids"][0].tolist(), theirs["input_ids"][0].tolist()
+        start = ids.index(cfg.vision_start_token_id)
+        slices = (len(arr) + 1) // 2  # the outer marker and one per temporal slice
+        assert ids[start:start + len(run)] == run and run.count(cfg.vision_start_token_id) == slices + 1
+
+
+@pytest.mark.parametrize("method", Q3_VIDEO_METHODS)
+def test_qwen3_video_prompt_positions_and_greedy_equal_the_hf_engine(ckpts, hfs, method, tmp_path, monkeypatch):
+    """A Qwen3-VL video inside vLLM, every pre-LLM method the plugin runs on Qwen3-VL: vLLM's prompt is the engine's
+    pruned prompt token for token (the text, every slice's timestamp and markers, each slice's run of the engine's count
+    for it), one vision-stage run per video on our processor's pixels with the engine's selection, vLLM's slice times
+    are our processor's, vLLM's decoder gets the engine's positions of the pruned prompt (kept tokens keep theirs, the
+    timestamps' text between the slices theirs) and decodes after the last one, and the greedy tokens and their top-5
+    log-probabilities equal the HF engine's (fp32)."""
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    name, opts = method.split(":")[0], METHODS.get(method, {})
+    rt = hfs["qwen3_vl"]
+    clips = q3_clips()
+    if name in Q3_VIDEO_REFUSED:  # refused with the reason when the first video of several slices is counted (vLLM's
+        # start-up counts one slice), and the engine goes on serving
+        llm = vllm_llm(ckpts["qwen3_vl"], method, opts, videos=True, budget=4 * Q3_VIDEO_BUDGET)
+        ref = hf_video(rt, name, opts, VIDEO_QUESTIONS[0], clips[0], 4 * Q3_VIDEO_BUDGET)
+        with pytest.raises(Exception, match=Q3_VIDEO_REFUSED[name]):
+            vllm_video_generate(llm, [video_request(ref["prompt"], clips[0])])
+        img = image(1, *IMAGE_SIZE["qwen3_vl"])
+        prompt, tokens, _, _ = hf_generate(rt, name, opts, QUESTIONS[0], img, 4 * Q3_VIDEO_BUDGET)
+        assert list(vllm_generate(llm, [(prompt, img)])[0].outputs[0].token_ids) == tokens
+        return
+    refs = [hf_video(rt, name, opts, q, c, Q3_VIDEO_BUDGET) for q, c in zip(VIDEO_QUESTIONS, clips)]
+    outs = vllm_video_generate(vllm_llm(ckpts["qwen3_vl"], method, opts, videos=True, budget=Q3_VIDEO_BUDGET),
+                               [video_request(r["prompt"], c) for r, c in zip(refs, clips)])
+    rows = [json.loads(ln) for ln in record.read_text().splitlines()]
+    for ref, out, clip in zip(refs, outs, clips):
+        t = (len(clip) + 1) // 2
+        assert len(ref["runs"]) == t and sum(ref["runs"]) == ref["n_in"]
+        assert list(out.prompt_token_ids) == ref["pruned"], method
+        assert len(out.prompt_token_ids) == len(ref["expanded"]) - ref["stock"] + ref["n_in"]
+        if name == "none":
+            assert ref["n_in"] == ref["stock"]
+        elif name == "test_keep_first_k":
+            assert ref["runs"][-1] == 0
+        else:
+            assert ref["n_in"] < ref["stock"]
+        assert list(out.outputs[0].token_ids) == ref["tokens"], method
+        assert max_logprob_diff(out, ref["logprobs"]) < Q3_LOGPROB_TOL, method
+        mine = [r for r in rows if r.get("prompt") == ref["prompt"]]
+        sel = [r for r in mine if "keep" in r]
+        assert len(sel) == 1, "one vision-stage run per video"
+        assert sel[0]["pixels"] == ref["pixels"] and sel[0]["tokens"] == ref["n_in"] and sel[0]["runs"] == ref["runs"]
+        if ref["kept"] is not None:
+            assert (sel[0]["keep"], sel[0]["targets"]) == ref["kept"], method
+        pos = [r for r in mine if "positions" in r]
+        assert pos and pos[-1]["modality"] == "video" and pos[-1]["positions"] == ref["positions"]
+        assert pos[-1]["timestamps"] == our_slice_times(rt, clip)
+        p = ref["positions"]
+        assert pos[-1]["delta"] == p[0][-1] + 1 - len(p[0]) == max(max(r) for r in p) + 1 - len(p[0])
+
+
+def test_qwen3_video_timestamps_equal_our_processors_slice_times(ckpts, hfs, tmp_path, monkeypatch):
+    """vLLM's slice times (its own rule over the item's frame indices and fps) are our processor's, and so is every
+    <t seconds> text in vLLM's prompt: a video without fps (bare frames, and a GIF's indices without durations: 24
+    fps, transformers' default), times on .x5 where a float32 copy would round the other way (10 and 30 fps), an NTSC
+    rate and an odd frame count (the last frame's index repeated)."""
+    import numpy as np
+
+    from llava.preprocess_qwen_video import Frames
+
+    record = tmp_path / "kept.jsonl"
+    monkeypatch.setenv("VTPRUNE_VLLM_RECORD", str(record))
+    rt = hfs["qwen3_vl"]
+    clips = [video(70, 4, 140, 100),
+             Frames(video(71, 4, 140, 100), fps=None, total_num_frames=40, frames_indices=[0, 13, 26, 39]),
+             Frames(video(72, 6, 140, 100), fps=10.0, total_num_frames=60, frames_indices=[4, 5, 10, 11, 19, 20]),
+             Frames(video(73, 4, 140, 100), fps=30.0, total_num_frames=90, frames_indices=[4, 5, 31, 32]),
+             Frames(video(74, 5, 140, 100), fps=29.97, total_num_frames=300, frames_indices=[0, 75, 150, 225, 299])]
+    times = [our_slice_times(rt, c) for c in clips]
+    assert sum(f"{x:.1f}" != f"{float(np.float32(x)):.1f}" for ts in times for x in ts) >= 4  # the test bites
+    refs = [hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[i % 2], c, Q3_VIDEO_BUDGET) for i, c in enumerate(clips)]
+    outs = vllm_video_generate(vllm_llm(ckpts["qwen3_vl"], "visionzip", {}, videos=True, budget=Q3_VIDEO_BUDGET),
+                               [video_request(r["prompt"], c) for r, c in zip(refs, clips)])
+    rows = [json.loads(ln) for ln in record.read_text().splitlines() if '"positions"' in ln]
+    for ref, out, ts in zip(refs, outs, times):
+        got = [r for r in rows if r["tokens"] == ref["pruned"]]  # (the questions repeat: matched by the video's text)
+        assert got and got[-1]["timestamps"] == ts
+        assert list(out.prompt_token_ids) == ref["pruned"] and list(out.outputs[0].token_ids) == ref["tokens"]
+        for x in ts:  # each slice's text, tokenised alone, is in vLLM's prompt
+            sub = rt.tokenizer(f"<{x:.1f} seconds>", add_special_tokens=False).input_ids
+            assert any(list(out.prompt_token_ids)[i:i + len(sub)] == sub for i in range(len(out.prompt_token_ids)))
+
+
+def test_qwen3_a_mixed_batch_of_videos_and_images_equals_each_request_alone(ckpts, hfs):
+    """Videos of other sizes, frame counts and timings beside an image, other questions, one generate call: each
+    equals the request alone and the HF engine."""
+    rt = hfs["qwen3_vl"]
+    clips = [*q3_clips(), video(43, 6, 90, 60)]
+    img = image(42, *IMAGE_SIZE["qwen3_vl"])
+    refs = [hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[i % 2], c, Q3_VIDEO_BUDGET) for i, c in enumerate(clips)]
+    img_prompt, img_tokens, _, img_in = hf_generate(rt, "visionzip", {}, QUESTIONS[1], img, Q3_VIDEO_BUDGET)
+    reqs = [video_request(refs[0]["prompt"], clips[0]),
+            {"prompt_token_ids": img_prompt, "multi_modal_data": {"image": img}},
+            video_request(refs[1]["prompt"], clips[1]), video_request(refs[2]["prompt"], clips[2])]
+    llm = vllm_llm(ckpts["qwen3_vl"], "visionzip", {}, videos=True, budget=Q3_VIDEO_BUDGET)
+    together = vllm_video_generate(llm, reqs)
+    alone = [vllm_video_generate(llm, [r])[0] for r in reqs]
+    assert [list(o.outputs[0].token_ids) for o in together] == [list(o.outputs[0].token_ids) for o in alone]
+    assert [list(o.prompt_token_ids) for o in together] == [list(o.prompt_token_ids) for o in alone]
+    for a, b in zip(together, alone):
+        assert max(abs(x.logprob - b.outputs[0].logprobs[k][t].logprob)
+                   for k, step in enumerate(a.outputs[0].logprobs) for t, x in step.items()) < Q3_LOGPROB_TOL
+    want = [refs[0]["tokens"], img_tokens[:MAX_NEW], refs[1]["tokens"], refs[2]["tokens"]]
+    assert [list(o.outputs[0].token_ids) for o in together] == want
+    tok = rt.model.config.image_token_id
+    at = img_prompt.index(tok)
+    assert [list(o.prompt_token_ids) for o in together] == [
+        refs[0]["pruned"], img_prompt[:at] + [tok] * img_in + img_prompt[at + 1:], refs[1]["pruned"], refs[2]["pruned"]]
+
+
+def test_qwen3_video_refusals(ckpts, hfs, monkeypatch):
+    """What the plugin does not serve on Qwen3-VL videos is refused with the reason, and the engine goes on serving: an
+    image and a video in one prompt, two videos in one prompt (vLLM's limit), videos on a server that did not ask for
+    them, in-LLM methods, vLLM's own video pruning (EVS) on top; a front end whose split over the slices is not the
+    engine's (a twin out of step with the worker) fails the request with the reason, never a silent mismatch."""
+    from vllm import LLM
+
+    from integrations.vllm import overrides
+    from integrations.vllm.inputs import video_data
+    from integrations.vllm.spec import PluginError
+
+    rt = hfs["qwen3_vl"]
+    cfg = rt.model.config
+    clip, img = video(50, 6), image(51, *IMAGE_SIZE["qwen3_vl"])
+    ref = hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[0], clip, Q3_VIDEO_BUDGET)
+    llm = vllm_llm(ckpts["qwen3_vl"], "visionzip", {}, videos=True, budget=Q3_VIDEO_BUDGET)
+    both = [cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id] + hf_inputs(rt, QUESTIONS[0], img)[0]
+    with pytest.raises(ValueError, match="one image or one video per prompt"):
+        vllm_video_generate(llm, [{"prompt_token_ids": both,
+                                   "multi_modal_data": {"image": img, "video": video_data(clip)}}])
+    with pytest.raises(Exception, match="At most 1 video"):  # vLLM's VLLMValidationError
+        vllm_video_generate(llm, [{"prompt_token_ids": ref["prompt"] + ref["prompt"],
+                                   "multi_modal_data": {"video": [video_data(clip)] * 2}}])
+    out = vllm_video_generate(llm, [video_request(ref["prompt"], clip)])[0]  # still serving
+    assert list(out.outputs[0].token_ids) == ref["tokens"] and list(out.prompt_token_ids) == ref["pruned"]
+    del llm
+    images_only = vllm_llm(ckpts["qwen3_vl"], "visionzip", {}, budget=Q3_VIDEO_BUDGET)
+    with pytest.raises(Exception, match="At most 0 video"):
+        vllm_video_generate(images_only, [video_request(ref["prompt"], clip)])
+    del images_only
+    for method in ("fastv", "dart"):
+        with pytest.raises(PluginError, match="prunes inside the LLM"):
+            overrides(ckpts["qwen3_vl"], method, Q3_VIDEO_BUDGET)
+    with pytest.raises(Exception, match="vLLM's own video pruning"):
+        LLM(model=ckpts["qwen3_vl"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+            hf_overrides=overrides(ckpts["qwen3_vl"], "visionzip", Q3_VIDEO_BUDGET), video_pruning_rate=0.5,
+            limit_mm_per_prompt={"image": 1, "video": 1})
+    # the front end reserves one token more in the first slice and one less in the last (the same total): the worker
+    # compares the engine's pruned prompt with vLLM's and fails the request
+    from integrations.vllm.twin import Twin
+
+    real = Twin.video_slices
+    monkeypatch.setattr(Twin, "video_slices",
+                        lambda self, *key: (lambda s: (s[0] + 1, *s[1:-1], s[-1] - 1))(real(self, *key)))
+    llm = vllm_llm(ckpts["qwen3_vl"], "visionzip", {}, videos=True, budget=Q3_VIDEO_BUDGET)
+    with pytest.raises(Exception, match="is not vLLM's"):
+        vllm_video_generate(llm, [video_request(ref["prompt"], clip)])
+
+
 @pytest.fixture(scope="module")
 def msvd(tmp_path_factory):
     from eval.fixtures import write_fixtures
@@ -823,19 +1043,21 @@ def harness_video_families() -> tuple:
 
 #: (family, method, budget, tok_in): Qwen2.5-VL: visionzip 16: the fixture's clips (4 temporal slices of 2 x 3 tokens)
 #: keep everything, 4 per slice prunes (4 slices x min(budget, 6)); OneVision: 8 frames of 4 x 4 pooled tokens, the
-#: budget per frame, + the newline (8 x min(budget, 16) + 1); random: its draws keyed by the question id in both
-#: backends
+#: budget per frame, + the newline (8 x min(budget, 16) + 1); Qwen3-VL: the clips scaled up to 4 temporal slices of
+#: 4 x 5 tokens (GIFs at 25 fps and frame folders without fps: each slice's timestamp in the prompt), the budget per
+#: slice (4 x budget); random: its draws keyed by the question id in both backends
 HARNESS_VIDEO = [("qwen2_5_vl", "visionzip", "16", 24), ("qwen2_5_vl", "consensusdrop", "4", 16),
                  ("qwen2_5_vl", "random", "4", 16), ("llava_onevision", "visionzip", "6", 49),
-                 ("llava_onevision", "random", "4", 33)]
+                 ("llava_onevision", "random", "4", 33), ("qwen3_vl", "visionzip", "2", 8),
+                 ("qwen3_vl", "random", "1", 4)]
 
 
 @pytest.mark.parametrize("family,method,budget,tok_in", HARNESS_VIDEO)
 def test_harness_msvd_script_on_vllm_answers_as_the_hf_backend(ckpts, hfs, msvd, tmp_path, family, method, budget,
                                                                tok_in):
-    """``BACKEND=vllm bash scripts/eval/msvd.sh <method> <budget>`` with MODEL a tiny Qwen2.5-VL / OneVision folder: the
-    MSVD fixture's videos (GIFs and a frame folder) answered as the HF backend answers them, with the same token
-    counts and selections."""
+    """``BACKEND=vllm bash scripts/eval/msvd.sh <method> <budget>`` with MODEL a tiny Qwen2.5-VL / OneVision / Qwen3-VL
+    folder: the MSVD fixture's videos (GIFs and a frame folder) answered as the HF backend answers them, with the same
+    token counts and selections."""
     import subprocess
     import sys
     from pathlib import Path
@@ -878,26 +1100,28 @@ def test_harness_msvd_script_on_vllm_answers_as_the_hf_backend(ckpts, hfs, msvd,
     qs = get_benchmark("msvd", msvd).load()
     assert len(kept) == len(qs)
     eng = rt.prune(method, int(budget))
+    cfg = rt.model.config
+    markers = (cfg.vision_start_token_id, cfg.vision_end_token_id) if family == "qwen3_vl" else None
     try:
         for q in qs:
             enc = rt.processor([q.text], videos=[load_video(q.video, rt.processor.num_frames)])
             eng.sample_keys = [q.uid]
             with torch.inference_mode():
                 eng.vision_inputs(enc["input_ids"], {k: v for k, v in enc.items() if k != "input_ids"})
-            assert kept[tuple(collapse(enc["input_ids"][0].tolist(), rt.model.config.video_token_id))] == \
+            assert kept[tuple(collapse(enc["input_ids"][0].tolist(), cfg.video_token_id, markers))] == \
                 eng.selections[("vision", 0)].keep.tolist(), q.uid
     finally:
         eng.remove()
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl"])
-def test_harness_video_benchmarks_of_other_families_are_refused_on_vllm(ckpts, msvd, tmp_path, capsys, family):
-    """Their videos run on the HF backend: one error line before vLLM starts."""
+def test_harness_video_benchmarks_on_vllm_cover_every_served_video_family(ckpts, msvd, tmp_path, capsys):
+    """Every family the plugin serves whose processor takes videos answers video benchmarks on vLLM (OneVision,
+    Qwen2.5-VL, Qwen3-VL: eval.vllm_backend reads VIDEO_FAMILIES); an image-only family is refused before vLLM
+    starts, with the reason, as on the HF backend."""
     from eval.cli import main
+    from eval.vllm_backend import FAMILIES
 
-    assert family not in harness_video_families()
-
-    assert main(["run", "msvd", "--model", ckpts[family], "--method", "visionzip", "--budget", "16", "--data-root",
-                 str(msvd), "--out", str(tmp_path), "--no-wandb", "--backend", "vllm"]) == 2
-    err = capsys.readouterr().err
-    assert "answers video questions with qwen2_5_vl" in err and f"({family} videos: the HF backend)" in err
+    assert set(harness_video_families()) == {"qwen2_5_vl", "qwen3_vl", "llava_onevision"} <= set(FAMILIES)
+    assert main(["run", "msvd", "--model", ckpts["llava_next"], "--method", "visionzip", "--budget", "16",
+                 "--data-root", str(msvd), "--out", str(tmp_path), "--no-wandb", "--backend", "vllm"]) == 2
+    assert "llava_next processor does not take" in capsys.readouterr().err

@@ -93,12 +93,12 @@ def test_spec_validation():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """tiny:llava-next / tiny:llava-onevision / tiny:qwen2.5-vl saved as local folders (config, weights, tokenizer,
-    image processor): what the twin reads (it never reads the weights)."""
+    """tiny:llava-next / tiny:llava-onevision / tiny:qwen2.5-vl / tiny:qwen3-vl saved as local folders (config,
+    weights, tokenizer, image processor): what the twin reads (it never reads the weights)."""
     from llava.models import load
 
     out = {}
-    for name in ("llava-next", "llava-onevision", "qwen2.5-vl"):
+    for name in ("llava-next", "llava-onevision", "qwen2.5-vl", "qwen3-vl"):
         rt = load(f"tiny:{name}", seed=2)
         d = tmp_path_factory.mktemp(name.replace(".", ""))
         rt.model.save_pretrained(d)
@@ -231,6 +231,97 @@ def test_planned_onevision_video_count_equals_what_the_engine_keeps(saved, name)
                 assert eng.stats.samples[0].visual_entering_llm < stock
     finally:
         eng.remove()
+
+
+QWEN3_PRE_LLM = pre_llm_methods_for("qwen3_vl")
+#: Qwen3-VL videos of (frames, width, height): temporal slices of 2 frames (an odd count padded), clips resized by
+#: 32-px merged patches
+QWEN3_VIDEOS = ((8, 140, 100), (5, 90, 200), (2, 64, 64))
+#: methods whose split of a Qwen3-VL video's tokens over its slices depends on the video (served on one-run videos):
+#: AttnMix ranks the whole video's tokens by text similarity (its global list L_t), so each slice's share varies
+QWEN3_VIDEO_REFUSED = {"attnmix": "splits its tokens over a video's temporal slices depending on the video"}
+
+
+def test_the_qwen3_pre_llm_methods_are_the_expected_ones():
+    assert {"consensusdrop", "attnmix", "visionzip", "fastervlm", "divprune", "cdpruner", "vispruner", "downsample",
+            "random", "none", "apet", "test_keep_first_k"} <= set(QWEN3_PRE_LLM)
+
+
+def slice_counts(sel, per: int, t: int) -> list[int]:
+    """The outputs of a video's vision-stage selection per temporal slice (a unit of ``per`` tokens): each kept or
+    merged token in its source's slice (None: nothing selected, every token kept)."""
+    if sel is None:
+        return [per] * t
+    src = [sel.keep.cpu()] + ([sel.targets.cpu()] if sel.targets is not None else [])
+    return torch.bincount(torch.cat(src) // per, minlength=t).tolist()
+
+
+@pytest.mark.parametrize("name", QWEN3_PRE_LLM)
+def test_planned_qwen3_video_slices_equal_what_the_engine_keeps(saved, name):
+    """Qwen3-VL videos (a timestamp and a marked run per temporal slice, each slice a unit): the twin's count per
+    slice for a video's grid (what vLLM's front end reserves, slice by slice) equals what the HF engine keeps of each
+    slice of videos of that grid (its selection's sources, slice by slice), for every pre-LLM method; a method that
+    keeps the first k tokens of the video empties the later slices (a count of 0: the slice keeps its markers)."""
+    from PIL import Image
+
+    from integrations.vllm.twin import Twin
+    from llava.models import load
+
+    rt = load(saved["qwen3_vl"])
+    opts = OPTIONS.get(name, {})
+    budget = BUDGETS.get(name, BUDGET)
+    twin = Twin(saved["qwen3_vl"], PruneSpec.from_dict({"method": name, "budget": budget, "options": opts}))
+    eng = rt.prune(name, budget, **opts)
+    refused = []
+    try:
+        for i, (n, w, h) in enumerate(QWEN3_VIDEOS):
+            g = torch.Generator().manual_seed(i)
+            frames = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+            enc = rt.processor(["what happens in the video?"], videos=[frames])
+            with torch.inference_mode():
+                rt.model(**enc)
+            t, gh, gw = grid = [int(x) for x in enc["video_grid_thw"][0]]
+            per = gh * gw // 4
+            stock = int((enc["input_ids"] == rt.model.config.video_token_id).sum())
+            assert twin.video_key(enc) == tuple(grid) and stock == t * per and t == (n + 1) // 2
+            n_in = eng.stats.samples[0].visual_entering_llm
+            slices = slice_counts(eng.selections.get(("vision", 0)), per, t)
+            if name in QWEN3_VIDEO_REFUSED:  # refused with the reason, and the engine's split does vary
+                with pytest.raises(PluginError, match=QWEN3_VIDEO_REFUSED[name]):
+                    twin.video_count(*grid)
+                refused.append(slices)
+                continue
+            assert twin.video_count(*grid) == (stock, n_in), (name, grid)
+            assert list(twin.video_slices(*grid)) == slices and sum(slices) == n_in, (name, grid, slices)
+            if name == "test_keep_first_k" and i == 0:
+                assert slices[-1] == 0
+            elif name != "none" and not name.startswith("test_") and i == 0:  # pruned, the budget per slice
+                assert n_in < stock and len(set(slices)) == 1
+    finally:
+        eng.remove()
+    if name in QWEN3_VIDEO_REFUSED:
+        assert any(len(set(s)) > 1 for s in refused), refused
+
+
+def test_a_split_over_the_slices_that_depends_on_the_video_is_refused(saved, monkeypatch):
+    """A method keeping the video's k largest-norm tokens wherever they are: a fixed count whose split over the
+    temporal slices depends on the pixels; Qwen3-VL's prompt lays each slice's run out before the encoder runs, so
+    the twin refuses it with the reason (on Qwen2.5-VL, one run per video, only the total matters: served)."""
+    import llava.method as lm
+    from integrations.vllm.twin import Twin
+
+    class GlobalNormTopK(lm.Method):
+        name = "test_global_norm_topk"
+        vision_stage = True
+
+        def select_vision(self, sig):
+            return lm.Selection(keep=sig.features.norm(dim=-1).topk(self.budget).indices.sort().values)
+
+    monkeypatch.setitem(lm._REGISTRY, GlobalNormTopK.name, GlobalNormTopK)
+    spec = PruneSpec.from_dict({"method": GlobalNormTopK.name, "budget": 6})
+    with pytest.raises(PluginError, match="splits its tokens over a video's temporal slices depending on the video"):
+        Twin(saved["qwen3_vl"], spec).video_slices(4, 4, 4)
+    assert Twin(saved["qwen2_5_vl"], spec).video_count(4, 4, 4)[1] == 6
 
 
 def test_video_counts_are_refused_with_the_reason(saved):

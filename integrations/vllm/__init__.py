@@ -16,7 +16,7 @@ Usage (in the environment ``scripts/vllm_env.sh`` builds)::
     vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides \\
         '{"architectures": ["VtpruneLlavaForConditionalGeneration"], "vtprune": {"method": "visionzip", "budget": 64}}'
 
-Each image (Qwen2.5-VL, LLaVA-OneVision: or video) then enters vLLM's decoder as the method's K tokens (the
+Each image (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision: or video) then enters vLLM's decoder as the method's K tokens (the
 prompt, the KV cache and the scheduler count K); the selection is the HF engine's (:mod:`integrations.vllm.stage`). Pre-LLM methods only;
 one image or video per prompt; the families of :data:`ARCHITECTURES`. Every file the plugin reads (the config, tokenizer and image
 processor in vLLM's front end, the vision stage's weights in its worker) is read at vLLM's ``revision``.

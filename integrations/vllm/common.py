@@ -73,8 +73,8 @@ class InfoMixin:
                 proc.image_processor = ip
         return proc
 
-    #: the plugin prunes this family's videos inside vLLM (Qwen2.5-VL, LLaVA-OneVision); else its videos run on the
-    #: HF engine
+    #: the plugin prunes this family's videos inside vLLM (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision); else its videos
+    #: run on the HF engine
     VIDEOS = False
 
     def videos_asked(self) -> bool:

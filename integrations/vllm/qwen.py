@@ -11,6 +11,15 @@ for decoding (the last prompt position + 1 - prompt length: transformers' genera
 position, which a video's time axis can pass); the embeddings wait for the image's encoder step under the
 processed image's identity (``stage.ITEM_FIELD``), so the vision stage runs once per image. Each
 image's count (it depends on the image's resized grid) comes from the checkpoint's geometry twin.
+
+Videos (opt-in, ``limit_mm_per_prompt={"video": 1}``) take the same path, a temporal slice of 2 frames a unit.
+Qwen2.5-VL: one run of the twin's count for the video's grid. Qwen3-VL lays a video out as our processor and
+transformers 5 do: inside the template's ``<|vision_start|>`` ... ``<|vision_end|>``, per temporal slice its time
+``<t seconds>`` (vLLM's ``timestamps``, computed from the item's frame indices and fps: our processor's slice times,
+24 fps where the fps is unknown) then its own ``<|vision_start|>`` + the engine's count for that slice +
+``<|vision_end|>`` (:meth:`integrations.vllm.twin.Twin.video_slices`; a slice the method empties keeps its text and
+markers); the embeddings go to the ``<|video_pad|>`` tokens only, all slices' kept rows (+ DeepStack rows) in order,
+and the worker checks at admission that the engine's pruned prompt is vLLM's, token for token.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from .common import ModelMixin, ProcessorMixin, TwinCountMixin
 from .spec import PluginError, PruneSpec
@@ -101,18 +110,24 @@ class QwenProcessorMixin(ProcessorMixin):
             return [token] * twin.count(int(size.width), int(size.height))[1]
 
         def video_replacement(item_idx: int):  # the video's grid as vLLM's processor (transformers') made it
-            t, h, w = video_grid(config, out_mm_kwargs["video"][item_idx]["video_grid_thw"].data)
+            item = out_mm_kwargs["video"][item_idx]
+            t, h, w = video_grid(config, item["video_grid_thw"].data)
             stock, planned = twin.video_count(t, h, w)
             if stock != t * h * w // config.vision_config.spatial_merge_size ** 2:
                 raise RuntimeError(f"the engine lays a video of grid {[t, h, w]} out as {stock} tokens, vLLM as "
                                    f"{t * h * w // config.vision_config.spatial_merge_size ** 2}")
-            return [video_token] * planned
+            return self._vt_video_replacement(item, (t, h, w), planned, twin)
 
         image = PromptReplacement(modality="image", target=[token], replacement=replacement)
         if not self.info.videos_asked():
             return [image] + [u for u in updates if u.modality != "image"]
         video = PromptReplacement(modality="video", target=[video_token], replacement=video_replacement)
         return [image, video] + [u for u in updates if u.modality not in ("image", "video")]
+
+    def _vt_video_replacement(self, item, grid: tuple, planned: int, twin):
+        """A video's placeholder run in vLLM's prompt (``item``: its processed fields): Qwen2.5-VL one run of the
+        planned count (the template's vision markers around it)."""
+        return [self.info.get_hf_config().video_token_id] * planned
 
 
 class QwenModelMixin(ModelMixin):
@@ -143,7 +158,7 @@ class QwenModelMixin(ModelMixin):
         stage = self._stage(self._stage_device())
         dev = self._stage_device()
         visual, tokens, token = self._vt_visual(data, feature.modality, dev)
-        embeds, pos = stage.run_one(visual, prompt, tokens, key, token)
+        embeds, pos, pruned = stage.run_one(visual, prompt, tokens, key, token)
         item = data.get(ITEM_FIELD)
         stage.keep(None if item is None else item_key(item.data), embeds)  # for this item's encoder step
         # decoding continues after the prompt's last position on all three axes (transformers' generate(), so the HF
@@ -152,11 +167,16 @@ class QwenModelMixin(ModelMixin):
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: the positions vLLM's decoder will use
             with open(record, "a", encoding="utf-8") as f:
+                stamps = data.get("timestamps")  # Qwen3-VL videos: vLLM's slice times (the prompt's <t seconds>)
                 f.write(json.dumps({"prompt": prompt, "positions": pos.tolist(), "modality": feature.modality,
-                                    "delta": delta}) + "\n")
-        if pos.shape[1] != len(input_tokens):
-            raise RuntimeError(f"the pruned prompt has {pos.shape[1]} tokens but vLLM's has {len(input_tokens)}: the "
-                               "planned count and the selection disagree")
+                                    "delta": delta, "tokens": [int(t) for t in input_tokens],
+                                    "timestamps": None if stamps is None else
+                                    [float(x) for x in (stamps.data.tolist() if torch.is_tensor(stamps.data)
+                                                        else stamps.data)]}) + "\n")
+        if pos.shape[1] != len(input_tokens) or pruned != [int(t) for t in input_tokens]:
+            raise RuntimeError(f"the engine's pruned prompt ({pos.shape[1]} tokens) is not vLLM's ({len(input_tokens)}"
+                               " tokens): the planned layout (the count per placeholder run) and the selection "
+                               "disagree, or the video's timestamps differ")
         return pos, delta
 
     def _vt_visual(self, data, modality: str, dev) -> tuple[dict, int, int]:
@@ -174,7 +194,14 @@ class QwenModelMixin(ModelMixin):
         secs = data.get("second_per_grid_ts")
         if secs is not None:  # the M-RoPE time axis (Qwen2.5-VL), float32 as the HF processor hands it
             visual["second_per_grid_ts"] = torch.as_tensor(secs.data, dtype=torch.float32).reshape(1).to(dev)
-        return visual, t * h * w // merge ** 2, self.config.video_token_id
+        stamps = data.get("timestamps")
+        return (visual, self._vt_video_tokens((t, h, w), None if stamps is None else stamps.data),
+                self.config.video_token_id)
+
+    def _vt_video_tokens(self, grid: tuple, timestamps):
+        """What a video's placeholder expands to in the engine's prompt: Qwen2.5-VL its t*h*w/4 tokens (a count)."""
+        t, h, w = grid
+        return t * h * w // self.config.vision_config.spatial_merge_size ** 2
 
     def _vt_check_videos(self) -> None:
         if self.FAMILY not in VIDEO_KEYS:
@@ -205,6 +232,7 @@ class QwenModelMixin(ModelMixin):
         if secs is not None:
             secs = [torch.as_tensor(x, dtype=torch.float32).reshape(1) for x in
                     (secs.reshape(-1) if torch.is_tensor(secs) else secs)]
+        stamps = kwargs.get("timestamps") if video else None  # Qwen3-VL: each video's slice times (seconds)
         stage = self._stage(flat.device)
         twin = twin_for(self._vt_model[0], self._vt_spec, self._vt_model[1])
         visuals, counts = [], []
@@ -213,7 +241,9 @@ class QwenModelMixin(ModelMixin):
             if video:
                 if secs is not None:
                     visual["second_per_grid_ts"] = secs[i].to(flat.device)
-                counts.append(twin.video_count(*video_grid(self.config, g)))
+                grid = video_grid(self.config, g)
+                counts.append((self._vt_video_tokens(grid, None if stamps is None else stamps[i]),
+                               twin.video_count(*grid)[1]))
             else:
                 counts.append(grid_count(self._vt_model[0], self._vt_spec, self.config, g, self._vt_model[1]))
             visuals.append(visual)
@@ -238,12 +268,59 @@ class VtpruneQwen2_5_VLForConditionalGeneration(QwenModelMixin, Qwen2_5_VLForCon
         self._vt_init(vllm_config)
 
 
+def slice_run(tokenizer, config, times, counts) -> list[int]:
+    """Qwen3-VL's video layout, our processor's (:mod:`llava.preprocess_qwen_video`, transformers 5's): per temporal
+    slice its time ``<{t:.1f} seconds>`` (tokenised alone) + ``<|vision_start|>`` + ``counts[i]`` ``<|video_pad|>``
+    + ``<|vision_end|>``, all inside the template's own vision markers (not part of the run)."""
+    run = []
+    for t, n in zip(times, counts, strict=True):
+        run += tokenizer(f"<{t:.1f} seconds>", add_special_tokens=False).input_ids
+        run += [config.vision_start_token_id] + [config.video_token_id] * int(n) + [config.vision_end_token_id]
+    return run
+
+
+def slice_times(stamps, t: int) -> list[float]:
+    """A Qwen3-VL video's slice times (vLLM's ``timestamps`` field) as floats, checked against its t slices."""
+    times = [float(x) for x in (stamps.reshape(-1).tolist() if torch.is_tensor(stamps) else stamps)]
+    if len(times) != t:
+        raise ValueError(f"{len(times)} timestamps for a video of {t} temporal slices")
+    return times
+
+
 class VtpruneQwen3VLProcessingInfo(QwenInfoMixin, Qwen3VLProcessingInfo):
-    VIDEOS = False  # its videos (a timestamp before every temporal slice) run on the HF engine
+    VIDEOS = True  # one video per prompt (opt-in), pruned per temporal slice as the HF engine prunes it
+
+    def _get_video_second_idx(self, metadata, do_sample_frames=None, sampled_fps=None, sampled_num_frames=None):
+        """vLLM's slice times (the prompt's ``<t seconds>``): for a video of unknown fps, transformers' and our
+        processor's default (24 fps; vLLM's own rule divides the frame indices by None)."""
+        if self.spec() is not None and metadata["fps"] is None:
+            from llava.preprocess_qwen_video import VideoSettings
+
+            metadata = {**{k: metadata[k] for k in metadata}, "fps": VideoSettings.default_fps}
+        return super()._get_video_second_idx(metadata, do_sample_frames=do_sample_frames, sampled_fps=sampled_fps,
+                                             sampled_num_frames=sampled_num_frames)
 
 
 class VtpruneQwen3VLMultiModalProcessor(QwenProcessorMixin, Qwen3VLMultiModalProcessor):
-    pass
+    def _vt_video_replacement(self, item, grid: tuple, planned: int, twin):
+        """Qwen3-VL: per temporal slice its timestamp (vLLM's, == our processor's) and a run of the engine's count for
+        that slice (:meth:`integrations.vllm.twin.Twin.video_slices`), the video's embeddings at the ``<|video_pad|>``
+        tokens only (the timestamps and markers are text)."""
+        if self.info.ctx.get_mm_config().get_video_pruning_spec() is not None:
+            raise PluginError("vLLM's own video pruning (video_pruning_rate: EVS / VidCom2) and the vtprune plugin "
+                              "both prune the video's tokens: run one of them")
+        if not self._expands_only_video_token(self.info.get_hf_processor()):
+            raise PluginError("this transformers' Qwen3-VL processor expands <|vision_start|><|video_pad|>"
+                              "<|vision_end|> whole (transformers < 5.10), the engine's layout (transformers 5's) "
+                              "keeps the template's vision markers around the slices: use transformers >= 5.10 in "
+                              "vLLM's environment")
+        slices = twin.video_slices(*grid)
+        times = slice_times(item["timestamps"].data, grid[0])
+        if len(slices) != grid[0] or sum(slices) != planned:
+            raise RuntimeError(f"the engine keeps {list(slices)} tokens over the {grid[0]} slices of a video, "
+                               f"{planned} in all")
+        run = slice_run(twin.rt.tokenizer, self.info.get_hf_config(), times, slices)
+        return PromptUpdateDetails.select_token_id(run, self.info.get_hf_config().video_token_id)
 
 
 @MULTIMODAL_REGISTRY.register_processor(VtpruneQwen3VLMultiModalProcessor, info=VtpruneQwen3VLProcessingInfo,
@@ -254,3 +331,15 @@ class VtpruneQwen3VLForConditionalGeneration(QwenModelMixin, Qwen3VLForCondition
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vt_init(vllm_config)
+        if self._vt_spec is not None and vllm_config.model_config.multimodal_config.get_video_pruning_spec():
+            raise PluginError("vLLM's own video pruning (video_pruning_rate: EVS / VidCom2) and the vtprune plugin "
+                              "both prune the video's tokens: run one of them")
+
+    def _vt_video_tokens(self, grid: tuple, timestamps):
+        """Qwen3-VL: the ids a video's placeholder expands to in the engine's prompt (our processor's layout, the
+        checkpoint's tokenizer): every slice's timestamp (vLLM's ``timestamps`` field) and its h*w/4 tokens."""
+        if timestamps is None:
+            raise ValueError("a Qwen3-VL video comes with its slice times (vLLM's timestamps field)")
+        t, h, w = grid
+        per = h * w // self.config.vision_config.spatial_merge_size ** 2
+        return slice_run(self._vt_stage.rt.tokenizer, self.config, slice_times(timestamps, t), [per] * t)

@@ -55,6 +55,23 @@ def encode_key(key) -> torch.Tensor:
     return torch.tensor(list(str(key).encode("utf-8")) or [-1], dtype=torch.long)
 
 
+def pruned_ids(ids: list[int], placeholders, per_run: list[int], token: int) -> list[int]:
+    """``ids`` with its i-th run of placeholder tokens replaced by ``per_run[i]`` tokens ``token``."""
+    out, run, inside = [], 0, False
+    for t in ids:
+        if t in placeholders:
+            if not inside:
+                out.extend([token] * per_run[run])
+                run += 1
+            inside = True
+            continue
+        inside = False
+        out.append(t)
+    if run != len(per_run):
+        raise RuntimeError(f"{len(per_run)} runs counted, the prompt holds {run}")
+    return out
+
+
 def decode_key(t) -> str | None:
     vals = [int(v) for v in (t.reshape(-1).tolist() if torch.is_tensor(t) else t) if int(v) >= 0]
     return bytes(vals).decode("utf-8") if vals else None
@@ -88,20 +105,23 @@ class VisionStage:
         log.info("vtprune: %s (budget %s, options %s) on %s; vision stage on transformers modules, %d decoder "
                  "layer(s) loaded for its probe", method.name, spec.budget, dict(spec.options), model, layers)
 
-    def expand(self, prompt: list[int], tokens: int, token: int | None = None) -> list[int]:
+    def expand(self, prompt: list[int], tokens, token: int | None = None) -> list[int]:
         """The prompt as the HF processor expands it: each placeholder ``token`` (default: the image's) repeated
-        ``tokens`` times."""
+        ``tokens`` times, or replaced by the ids ``tokens`` (a list: Qwen3-VL's video layout, a timestamp and a run
+        per temporal slice)."""
         token = self.image_token if token is None else token
+        run = [token] * tokens if isinstance(tokens, int) else [int(t) for t in tokens]
         out = []
         for t in prompt:
-            out.extend([t] * tokens if t == token else [t])
+            out.extend(run if t == token else [t])
         return out
 
-    def embed_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None,
+    def embed_one(self, visual: dict, prompt: list[int], tokens, key: str | None = None,
                   token: int | None = None) -> torch.Tensor:
         """(K, D): the item's tokens after the vision stage, for one prompt holding exactly this image or video
         (``visual``: the family's inputs for this one item, batch dimension 1; ``tokens``: its placeholders
-        unpruned; ``token``: its placeholder, default the image's)."""
+        unpruned, a count or the ids its placeholder expands to (:meth:`expand`); ``token``: its placeholder, default
+        the image's)."""
         return self.run_one(visual, prompt, tokens, key, token)[0]
 
     def keep(self, item: tuple | None, embeds: torch.Tensor) -> None:
@@ -113,9 +133,13 @@ class VisionStage:
             self._cache.popitem(last=False)
 
     @torch.inference_mode()
-    def run_one(self, visual: dict, prompt: list[int], tokens: int, key: str | None = None, token: int | None = None):
-        """(the item's LLM inputs (K, D'), the positions the engine gives the pruned prompt (rows, L') on the host).
-        ``token``: the item's placeholder in ``prompt`` (default: the image's; Qwen-VL videos: ``<|video_pad|>``)."""
+    def run_one(self, visual: dict, prompt: list[int], tokens, key: str | None = None, token: int | None = None):
+        """(the item's LLM inputs (K, D'), the positions the engine gives the pruned prompt (rows, L') on the host,
+        the pruned prompt's ids (each kept / merged token as the placeholder ``token``)). ``tokens``: the item's
+        placeholders unpruned, a count or the ids the placeholder expands to (:meth:`expand`); ``token``: the item's
+        placeholder in ``prompt`` (default: the image's; Qwen-VL videos: ``<|video_pad|>``). The visual rows are
+        those of every placeholder run of the expanded prompt, in order (Qwen3-VL videos: one run per temporal
+        slice, the timestamps' text between them: :meth:`llava.engine.PruningEngine.visual_runs`)."""
         token = self.image_token if token is None else token
         placeholders = {self.image_token, self.video_token} - {None}
         if sum(1 for t in prompt if t == token) != 1 or sum(1 for t in prompt if t in placeholders) != 1:
@@ -127,29 +151,31 @@ class VisionStage:
         self.engine.sample_keys = None if key is None else [key]  # consumed by the prefill's selection
         embeds, _, pos, info = self.engine.vision_inputs(input_ids, visual)
         self.runs += 1
-        before = prompt.index(token)
-        m = embeds.shape[1] - (len(ids) - tokens)
-        out = embeds[0, before:before + m]
+        rows, per_run = self.engine.visual_runs(input_ids, info)[0]
+        m = int(rows.numel())
+        out = embeds[0, rows.to(embeds.device)]
         if "deepstack" in info:  # Qwen3-VL: each kept token's DeepStack rows after it, as vLLM's multiscale layout
-            rows = info["deepstack"]["rows"]
-            if rows.shape[0] != m:
-                raise RuntimeError(f"{rows.shape[0]} DeepStack rows for {m} visual tokens")
-            out = torch.cat([out, rows.reshape(m, -1).to(out.dtype)], dim=-1)
+            deep = info["deepstack"]["rows"]
+            if deep.shape[0] != m:
+                raise RuntimeError(f"{deep.shape[0]} DeepStack rows for {m} visual tokens")
+            out = torch.cat([out, deep.reshape(m, -1).to(out.dtype)], dim=-1)
+        pruned = pruned_ids(ids, placeholders, per_run, token)
         record = os.environ.get("VTPRUNE_VLLM_RECORD")
         if record:  # the tests' window on the worker: each image's selection (a JSON line)
             sel = self.engine.selections.get(("vision", 0))
-            row = {"prompt": prompt, "tokens": m, "pixels": float(px.double().sum()), "pixel_shape": list(px.shape),
-                   "keep": None if sel is None else sel.keep.tolist(),
+            row = {"prompt": prompt, "tokens": m, "runs": per_run, "pixels": float(px.double().sum()),
+                   "pixel_shape": list(px.shape), "keep": None if sel is None else sel.keep.tolist(),
                    "targets": None if sel is None or sel.targets is None else sel.targets.tolist()}
             with open(record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-        return out, pos[:, 0].cpu() if pos is not None and pos.dim() == 3 else pos  # M-RoPE: (3, L')
+        return out, pos[:, 0].cpu() if pos is not None and pos.dim() == 3 else pos, pruned  # M-RoPE: (3, L')
 
     def embed(self, visuals: list[dict], prompts, counts: list[tuple[int, int]], keys=None, items=None,
               token: int | None = None) -> list[torch.Tensor]:
         """Per image (``visuals[i]``: its inputs, batch dimension 1), its planned LLM inputs; ``prompts``: each
         image's prompt ids ((N, L) or a list; None or -1 rows: vLLM's profiling run, which has no prompt);
-        ``counts[i]``: (its tokens unpruned, the planned count); ``keys``: each image's sample key field, or None;
+        ``counts[i]``: (its tokens unpruned: a count, or the ids its placeholder expands to (Qwen3-VL videos), the
+        planned count); ``keys``: each image's sample key field, or None;
         ``items``: each image's identity (embeddings computed at its admission are taken from there); ``token``:
         the items' placeholder (default: the image's; a video's for Qwen-VL videos)."""
         out = []

@@ -10,12 +10,14 @@ pixels must give the same count (else the method's count depends on the image: r
 image size; a twin is built once per (checkpoint, revision, spec) and costs a few MB. Its config, tokenizer and
 image processor are read at the checkpoint's revision (vLLM's ``revision``; None: the default branch).
 
-Videos (:data:`VIDEO_KEYS`): a video's count depends on its *key* only (:meth:`Twin.video_key`): on Qwen2.5-VL
-its patch grid (t temporal slices of h x w patches, what vLLM's processor made of its frames and size), on
+Videos (:data:`VIDEO_KEYS`): a video's count depends on its *key* only (:meth:`Twin.video_key`): on Qwen2.5-VL and
+Qwen3-VL its patch grid (t temporal slices of h x w patches, what vLLM's processor made of its frames and size), on
 LLaVA-OneVision its frame count (every frame is resized to the tower's square, pooled 2x2, one newline after the
 video). :meth:`Twin.video_count` runs the twin's own processor (the engine's video prompt) on random frames of exactly
 that size (not resized) and the engine's layout (a unit per temporal slice / frame) and selection on them, cached per
-key.
+key; :meth:`Twin.video_slices` gives the count of each placeholder run (Qwen3-VL: one run per temporal slice, after its
+timestamp), whose split must not depend on the video either (checked on the first key of several slices; else every
+video is refused with the reason).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ QUESTION = "what is in the image?"
 HEAD_WIDTH = {"vision": 8, "text": 16}
 #: the families whose videos the plugin prunes inside vLLM (their count per video key: :meth:`Twin.video_count`):
 #: family -> what a video's count depends on
-VIDEO_KEYS = {"qwen2_5_vl": "its patch grid (t, h, w)", "llava_onevision": "its frame count (frames,)"}
+VIDEO_KEYS = {"qwen2_5_vl": "its patch grid (t, h, w)", "qwen3_vl": "its patch grid (t, h, w)",
+              "llava_onevision": "its frame count (frames,)"}
 #: the families whose videos the harness's vLLM backend (``eval.vllm_backend``) answers (a video's count keyed by
 #: :meth:`Twin.video_key` on our processor's output)
-VIDEO_FAMILIES = ("qwen2_5_vl", "llava_onevision")
+VIDEO_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
 
 
 def _sections(sections, total: int) -> list[int]:
@@ -104,6 +107,7 @@ class Twin:
         self.image_token = int(m.config.image_token_id)
         self.video_token = getattr(m.config, "video_token_id", None)
         self._checked = self._checked_video = False
+        self._video_refusal = ""  # why every video is refused, once the first key's two counts differed
 
     @torch.inference_mode()
     def _count(self, width: int, height: int, seed: int) -> tuple[int, int]:
@@ -119,7 +123,7 @@ class Twin:
         return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
 
     @torch.inference_mode()
-    def _video_count(self, key: tuple, seed: int) -> tuple[int, int]:
+    def _video_count(self, key: tuple, seed: int) -> tuple[int, int, tuple]:
         from PIL import Image
 
         proc = self.rt.processor
@@ -138,8 +142,12 @@ class Twin:
         ids = enc["input_ids"]
         stock = int((ids == self.video_token).sum())
         visual = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-        embeds, _, _, _ = self.engine.vision_inputs(ids, visual, enc.get("attention_mask"))
-        return stock, int(embeds.shape[1] - (ids.shape[1] - stock))
+        embeds, _, _, info = self.engine.vision_inputs(ids, visual, enc.get("attention_mask"))
+        _, runs = self.engine.visual_runs(ids, info, enc.get("attention_mask"))[0]
+        planned = int(embeds.shape[1] - (ids.shape[1] - stock))
+        if sum(runs) != planned:
+            raise RuntimeError(f"{sum(runs)} visual rows in the pruned prompt's runs, {planned} in all")
+        return stock, planned, tuple(runs)
 
     def _video_settings(self):
         """The twin's video processing: frames of exactly the key's size, not resized (Qwen: the grid is what the
@@ -172,31 +180,52 @@ class Twin:
             raise PluginError(f"the vtprune plugin prunes {self.family} videos on the HF engine only (vLLM: "
                               f"{', '.join(VIDEO_KEYS)} videos)")
 
-    @lru_cache(maxsize=4096)
     def video_count(self, *key: int) -> tuple[int, int]:
-        """(the tokens of a video unpruned, after the method's vision stage) for its key: Qwen2.5-VL
+        """(the tokens of a video unpruned, after the method's vision stage) for its key: Qwen2.5-VL / Qwen3-VL
         ``video_count(t, h, w)`` (its patch grid), LLaVA-OneVision ``video_count(frames)`` (its frame count;
         :meth:`video_key`). The engine's own video prompt (our processor) and layout (a unit per temporal slice /
         frame; OneVision's newline after the video) on frames of that key's size. Checked as :meth:`count` (the
         first key twice)."""
+        return self._video(*key)[:2]
+
+    def video_slices(self, *key: int) -> tuple[int, ...]:
+        """The tokens after the method's vision stage in each placeholder run of a video of this key, in order:
+        on Qwen3-VL one per temporal slice (each slice is its own ``<|vision_start|>`` ... ``<|vision_end|>`` run
+        after its timestamp; a slice the method empties keeps its markers and holds 0), one run elsewhere. Checked
+        as :meth:`video_count`: a method whose split over the slices depends on the video is refused."""
+        return self._video(*key)[2]
+
+    @lru_cache(maxsize=4096)
+    def _video(self, *key: int) -> tuple[int, int, tuple]:
         self._check_videos()
         key = tuple(int(x) for x in key)
         want = 1 if self.family == "llava_onevision" else 3
         if len(key) != want or min(key) < 1:
             raise PluginError(f"a {self.family} video's count is keyed by {VIDEO_KEYS[self.family]}, got {list(key)}")
         what = f"{key[0]} frames" if want == 1 else f"grid {list(key)}"
+        if self._video_refusal:  # the method's count or split varied on the first key: every key is refused
+            raise PluginError(self._video_refusal)
         try:
             a = self._video_count(key, 0)
             b = self._video_count(key, 1) if not self._checked_video else a
-            self._checked_video = True
+            # checked on the first key, on Qwen3-VL the first of several slices (a split over one slice cannot vary)
+            self._checked_video = self._checked_video or self.family != "qwen3_vl" or key[0] > 1
         except PluginError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure is the method's refusal here
             raise PluginError(f"{self.engine.method.name}: vLLM must know each video's token count before the encoder "
                               f"runs, and the count for a video of {what} failed ({type(e).__name__}: {e})") from None
-        if a != b:
-            raise PluginError(f"{self.engine.method.name} keeps a number of tokens that depends on the video ({a[1]} vs "
-                              f"{b[1]} for two videos of {what}), and vLLM must know it before the encoder runs")
+        if a[:2] != b[:2]:
+            self._video_refusal = (f"{self.engine.method.name} keeps a number of tokens that depends on the video "
+                                   f"({a[1]} vs {b[1]} for two videos of {what}), and vLLM must know it before the "
+                                   "encoder runs")
+        elif a[2] != b[2]:
+            self._video_refusal = (f"{self.engine.method.name} splits its tokens over a video's temporal slices "
+                                   f"depending on the video ({list(a[2])} vs {list(b[2])} for two videos of {what}), "
+                                   "and vLLM lays each slice's run out before the encoder runs (Qwen3-VL: a timestamp "
+                                   "and a run per slice)")
+        if self._video_refusal:
+            raise PluginError(self._video_refusal)
         if a[1] == 0:
             raise PluginError(f"{self.engine.method.name} keeps no visual token, and vLLM needs at least one placeholder "
                               "per video: for the no-video control, send the prompt without its video")
