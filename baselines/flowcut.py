@@ -167,6 +167,15 @@ class FlowCut(Method):
             t -= 1  # the unit's [CLS] enters the LLM too: T tokens in all
         return max(t, 0)
 
+    def _cumulate(self, sig, score: torch.Tensor) -> torch.Tensor:
+        """The cumulative score (n, S - 1) after this layer: the score at the first scored layer, else the EMA of
+        the kept tokens' previous cumulative score and this one; kept in ``sig.state`` with a [CLS] column (unused),
+        so that the engine gathers it with the survivors."""
+        cum = sig.state.get("flowcut_cum")
+        cum = score if cum is None else self.ema * cum[:, 1:] + (1 - self.ema) * score
+        sig.state["flowcut_cum"] = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)
+        return cum
+
     def select_tower(self, layer_idx, sig):
         target = self.patch_target(sig)
         tau = target + 1
@@ -175,9 +184,7 @@ class FlowCut(Method):
             return None
         official = self.numerics == "official"
         c, score = (flowcut_score_official if official else flowcut_score)(sig.cls_attention(), sig.values())
-        cum = sig.state.get("flowcut_cum")
-        cum = score if cum is None else self.ema * cum[:, 1:] + (1 - self.ema) * score
-        sig.state["flowcut_cum"] = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)  # [CLS] column: unused
+        cum = self._cumulate(sig, score)
         rpl = sig.select_layer - 1 - layer_idx
         if rpl > 0 and rpl % 2:
             return None
@@ -223,9 +230,7 @@ class FlowCut(Method):
         present = key[:, 1:]
         s = sig.num_kept()
         c, score = flowcut_score_masked(sig.cls_attention(), sig.values(), key)
-        cum = sig.state.get("flowcut_cum")
-        cum = score if cum is None else self.ema * cum[:, 1:] + (1 - self.ema) * score
-        sig.state["flowcut_cum"] = torch.cat([cum.new_zeros(cum.shape[0], 1), cum], 1)  # [CLS] column: unused
+        cum = self._cumulate(sig, score)
         rpl = sig.select_layer - 1 - layer_idx
         if rpl > 0 and rpl % 2:
             return None

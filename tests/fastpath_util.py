@@ -11,6 +11,9 @@ from llava.fastpath import FastPath
 from llava.syncs import SyncCounter
 
 PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
+#: more questions of other lengths (the graph tests pick those the host plan puts in one bucket)
+MORE_PROMPTS = PROMPTS + ["is it red?", "what is next to the square?", "is there a small blue star near the top?",
+                          "how many circles are on the right side of the picture?"]
 #: FAST_BACKEND=inductor (scripts/bench/fast_path_check.sh) compiles with code generation: much slower
 BACKEND = os.environ.get("FAST_BACKEND", "auto")
 #: LLaVA-1.5 prompts checked one at a time per method, besides the batch of 3 (3 prompts of different
@@ -79,3 +82,20 @@ def plan_buckets(eng, batch) -> list:
     pick prompts of other lengths that stay in the first prompt's buckets."""
     visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     return eng.fast.plan(batch["input_ids"], batch["attention_mask"], visual)[3][1]
+
+
+def assert_one_graph_per_bucket(fast, eager, eng, first, candidates, tokens=16):
+    """The first prompt compiles its graphs (tokens == eager); then two of ``candidates`` - prompts of another length
+    that the host plan puts in the first one's buckets - and ``tokens`` decode steps each compile nothing
+    (recompilation raises), with the first one's segment lengths and tokens == eager."""
+    assert torch.equal(generate(fast, first, tokens)[0], generate(eager, first, tokens)[0])
+    assert eng.stats.path == "fast" and eng.stats.new_graph
+    lens = eng.stats.seq_len_per_layer
+    others = [b for b in candidates if b["input_ids"].shape[1] != first["input_ids"].shape[1]
+              and plan_buckets(eng, b) == plan_buckets(eng, first)]
+    assert len(others) >= 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in others[:2]:
+            toks = generate(fast, batch, tokens)[0]
+            assert eng.stats.path == "fast" and not eng.stats.new_graph and eng.stats.seq_len_per_layer == lens
+            assert torch.equal(toks, generate(eager, batch, tokens)[0])

@@ -7,7 +7,8 @@ first-step scores and visual counts == the eager engine; 0 host syncs; one prefi
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, generate, plan_buckets
+from fastpath_util import (BACKEND, MORE_PROMPTS, PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager,
+                           counting_fast_path, generate)
 
 from llava.families import onevision_vision as ov
 from llava.models import load
@@ -108,21 +109,8 @@ def test_compiled_one_prefill_graph_per_bucket(rts, method, budget):
     torch._dynamo.reset()
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
-    first = images(fast, first=1, sizes=SIZES[2:])
-    assert torch.equal(generate(fast, first, tokens=16)[0], generate(eager, first, tokens=16)[0])
-    assert eng.stats.path == "fast" and eng.stats.new_graph
-    lens = eng.stats.seq_len_per_layer  # the shrunk image: 148 visual tokens + 13-20 text rows, all in bucket 192
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        asks = PROMPTS + ["is it red?", "what is next to the square?", "is there a small blue star near the top?",
-                          "how many circles are on the right side of the picture?"]
-        others = [b for b in (fast.processor([q], [rand_image(2, *SIZES[2])]) for q in asks)
-                  if b["input_ids"].shape[1] != first["input_ids"].shape[1]
-                  and plan_buckets(eng, b) == plan_buckets(eng, first)]
-        assert len(others) >= 2
-        for batch in others[:2]:
-            toks = generate(fast, batch, tokens=16)[0]
-            assert eng.stats.path == "fast" and not eng.stats.new_graph and eng.stats.seq_len_per_layer == lens
-            assert torch.equal(toks, generate(eager, batch, tokens=16)[0])
+    candidates = [fast.processor([q], [rand_image(2, *SIZES[2])]) for q in MORE_PROMPTS]
+    assert_one_graph_per_bucket(fast, eager, eng, images(fast, first=1, sizes=SIZES[2:]), candidates)
 
 
 def test_several_images_per_prompt_run_eagerly(rts):

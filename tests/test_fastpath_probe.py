@@ -6,7 +6,8 @@ bucket; Qwen3-VL (DeepStack rows in the probe) runs eagerly with the reason."""
 
 import pytest
 import torch
-from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+from fastpath_util import (BACKEND, SINGLES, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
+                           family_batch, generate, inputs)
 
 from consensusdrop.consensusdrop import ConsensusDrop
 from llava.fast_llm import prompt_mask
@@ -118,16 +119,7 @@ def test_one_prefill_graph_per_bucket(rts):
     torch._dynamo.reset()
     eng = fast.prune("consensusdrop", 6, preset="probe")
     eager.prune("consensusdrop", 6, preset="probe")
-    first = inputs(fast, 0)
-    assert torch.equal(generate(fast, first, tokens=16)[0], generate(eager, first, tokens=16)[0])
-    assert eng.stats.new_graph
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for i in (1, 2):
-            batch = inputs(fast, i)
-            assert batch["input_ids"].shape[1] != first["input_ids"].shape[1]
-            toks = generate(fast, batch, tokens=16)[0]
-            assert eng.stats.path == "fast" and not eng.stats.new_graph
-            assert torch.equal(toks, generate(eager, batch, tokens=16)[0])
+    assert_one_graph_per_bucket(fast, eager, eng, inputs(fast, 0), [inputs(fast, i) for i in (1, 2, 3)])
 
 
 def test_qwen2_5_vl_probe_and_qwen3_vl_refusal():

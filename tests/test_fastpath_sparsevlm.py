@@ -7,7 +7,8 @@ prefill graph per bucket."""
 
 import pytest
 import torch
-from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+from fastpath_util import (BACKEND, SINGLES, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
+                           family_batch, inputs)
 
 from baselines.sparsevlm import rater_mask, select_raters
 from llava.method import get_method
@@ -106,16 +107,7 @@ def test_one_prefill_graph_per_bucket(rts):
     torch._dynamo.reset()
     eng = _prune(fast, OPTIONS[0][1])
     _prune(eager, OPTIONS[0][1])
-    first = inputs(fast, 0)
-    assert torch.equal(generate(fast, first, tokens=16)[0], generate(eager, first, tokens=16)[0])
-    assert eng.stats.new_graph
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for i in (1, 2):
-            batch = inputs(fast, i)
-            assert batch["input_ids"].shape[1] != first["input_ids"].shape[1]
-            toks = generate(fast, batch, tokens=16)[0]
-            assert eng.stats.path == "fast" and not eng.stats.new_graph
-            assert torch.equal(toks, generate(eager, batch, tokens=16)[0])
+    assert_one_graph_per_bucket(fast, eager, eng, inputs(fast, 0), [inputs(fast, i) for i in (1, 2, 3)])
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
