@@ -92,6 +92,23 @@ class InfoMixin:
         return {m: (1 if m == "image" or (m == "video" and self.videos_asked()) else 0) for m in limits}
 
 
+class VideoCountMixin:
+    """Processing info of a family whose videos the plugin prunes: vLLM picks its profiling video's frame count from
+    the unpruned counts (``_vt_stock`` is set meanwhile: the family's ``get_num_video_tokens`` then answers vLLM's own
+    count)."""
+
+    _vt_stock = False  # set while vLLM picks its profiling video's frame count (from the unpruned counts)
+
+    def get_num_frames_with_most_features(self, seq_len: int, mm_counts, *args, **kwargs) -> int:
+        """vLLM's frame count for its profiling video, from the unpruned counts (its search adds a frame while the
+        video fits ``seq_len``; on the pruned counts a method that keeps a fixed number per video would never stop)."""
+        self._vt_stock = True
+        try:
+            return super().get_num_frames_with_most_features(seq_len, mm_counts, *args, **kwargs)
+        finally:
+            self._vt_stock = False
+
+
 class TwinCountMixin(InfoMixin):
     """Processing info of a family whose image count depends on the image's size (NeXT, OneVision, Qwen): vLLM's
     count of an image's placeholders becomes the geometry twin's planned count (:mod:`integrations.vllm.twin`),

@@ -21,17 +21,15 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
                                                         LlavaOnevisionProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .common import ModelMixin, ProcessorMixin, TwinCountMixin
+from .common import ModelMixin, ProcessorMixin, TwinCountMixin, VideoCountMixin
 from .spec import PluginError
 from .twin import twin_for
 
 FAMILY = "llava_onevision"
 
 
-class VtpruneLlavaOnevisionProcessingInfo(TwinCountMixin, LlavaOnevisionProcessingInfo):
+class VtpruneLlavaOnevisionProcessingInfo(VideoCountMixin, TwinCountMixin, LlavaOnevisionProcessingInfo):
     VIDEOS = True  # one video per prompt (opt-in), pruned per frame as the HF engine prunes it
-
-    _vt_stock = False  # set while vLLM picks its profiling video's frame count (from the unpruned counts)
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int, **kwargs) -> int:
         """vLLM's count of a video's placeholders: the twin's planned count for its frame count (after checking that
@@ -47,15 +45,6 @@ class VtpruneLlavaOnevisionProcessingInfo(TwinCountMixin, LlavaOnevisionProcessi
                                f"{image_height}, the engine {stock}: unsupported configuration (a video processor "
                                "setting other than the checkpoint's, or another pooling?)")
         return planned
-
-    def get_num_frames_with_most_features(self, seq_len: int, mm_counts, *args, **kwargs) -> int:
-        """vLLM's frame count for its profiling video, from the unpruned counts (its search adds a frame while the
-        video fits ``seq_len``; on the pruned counts a method that keeps a fixed number per video would never stop)."""
-        self._vt_stock = True
-        try:
-            return super().get_num_frames_with_most_features(seq_len, mm_counts, *args, **kwargs)
-        finally:
-            self._vt_stock = False
 
 
 class VtpruneLlavaOnevisionMultiModalProcessor(ProcessorMixin, LlavaOnevisionMultiModalProcessor):

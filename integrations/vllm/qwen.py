@@ -37,7 +37,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
-from .common import ModelMixin, ProcessorMixin, TwinCountMixin
+from .common import ModelMixin, ProcessorMixin, TwinCountMixin, VideoCountMixin
 from .spec import PluginError, PruneSpec
 from .stage import ITEM_FIELD, KEY_FIELD, PROMPT_FIELD, decode_key, item_key
 from .twin import VIDEO_KEYS, twin_for
@@ -60,12 +60,10 @@ def video_grid(config, grid) -> tuple[int, int, int]:
     return t, h, w
 
 
-class QwenInfoMixin(TwinCountMixin):
+class QwenInfoMixin(VideoCountMixin, TwinCountMixin):
     """As :class:`TwinCountMixin`, and each video's count (its grid: frames x resized size) from the twin on the
     families of :data:`integrations.vllm.twin.VIDEO_KEYS` (``VIDEOS``), when videos are asked for
     (``limit_mm_per_prompt={"video": 1}``)."""
-
-    _vt_stock = False  # set while vLLM picks its profiling video's frame count (from the unpruned counts)
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int, image_processor,
                              mm_kwargs, **kwargs) -> int:
@@ -84,15 +82,6 @@ class QwenInfoMixin(TwinCountMixin):
             raise RuntimeError(f"vLLM counts {n} tokens for a video of {num_frames} frames of {image_width}x"
                                f"{image_height}, the engine {stock}: unsupported configuration")
         return planned
-
-    def get_num_frames_with_most_features(self, seq_len: int, mm_counts, *args, **kwargs) -> int:
-        """vLLM's frame count for its profiling video, from the unpruned counts (its search adds a frame while the
-        video fits ``seq_len``; on the pruned counts a method that keeps a fixed number per video would never stop)."""
-        self._vt_stock = True
-        try:
-            return super().get_num_frames_with_most_features(seq_len, mm_counts, *args, **kwargs)
-        finally:
-            self._vt_stock = False
 
 
 class QwenProcessorMixin(ProcessorMixin):
