@@ -353,16 +353,21 @@ class SparseVLM(Method):
         return sparsevlm_layer_counts(n_visual, self._stages, self.stage_counts(n_visual), self.num_layers,
                                       self.recycle, self.recycle_ratio, self.cluster_divisor)
 
+    @staticmethod
+    def _gravity_head_dim(sig) -> int:
+        """The head size the RoPE gravity is computed for (the sparse layer's keys); refused on 3-D M-RoPE."""
+        if sig.position_ids.dim() != 1:
+            raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this model uses "
+                             "3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
+        return sig.keys("prev", rope=False).shape[-1]
+
     def _scores(self, sig, raters: torch.Tensor) -> torch.Tensor:
         rows = sig.text_after[raters]
         attn = sig.attention(rows, layer="prev")[:, :, sig.visual]  # (H, R, N): the sparse layer's own
         if self.numerics == "official":
             return self._official_scores(sig, rows, attn)
         if self.gravity:
-            if sig.position_ids.dim() != 1:
-                raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
-            d = sig.keys("prev", rope=False).shape[-1]
+            d = self._gravity_head_dim(sig)
             g = rope_gravity(sig.position_ids[rows].cpu(), sig.position_ids[sig.visual].cpu(), d, self.rope_theta)
             attn = (attn.double() / g.to(attn.device)[None]).float()
         if self.heads and self.heads < attn.shape[0]:
@@ -373,10 +378,7 @@ class SparseVLM(Method):
         """Reference mode: fp16 probabilities; v2: fp16 gravity division and fp16 head sums; fp16 means."""
         attn = attn.to(OFFICIAL_DTYPE)
         if self.gravity:
-            if sig.position_ids.dim() != 1:
-                raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
-            d = sig.keys("prev", rope=False).shape[-1]
+            d = self._gravity_head_dim(sig)
             g = official_rope_gravity(sig.position_ids[rows], sig.position_ids[sig.visual], d, self.rope_theta)
             attn = attn / g.to(attn.device)[None]
         if self.heads and self.heads < attn.shape[0]:
@@ -390,15 +392,12 @@ class SparseVLM(Method):
         raters = sig.state["raters"]
         attn = sig.attention(sig.text_after, layer="prev")[:, :, sig.visual]  # (H, Q, N)
         if self.gravity:
-            if sig.position_ids.dim() != 1:
-                raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this "
-                                 "model uses 3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
-            d = sig.keys("prev", rope=False).shape[-1]
+            d = self._gravity_head_dim(sig)
             g = rope_gravity(sig.position_ids[sig.text_after], sig.position_ids[sig.visual], d, self.rope_theta)
             attn = (attn.double() / g[None]).float()
         attn = torch.where(raters[None, :, None], attn.float(), 0.0)
         if self.heads and self.heads < attn.shape[0]:
-            attn = attn[topk_desc(attn.sum((1, 2)), self.heads)]
+            attn = attn[select_heads(attn, self.heads)]  # the rater rows' sums (the others hold 0)
         return attn.mean(0).sum(0) / raters.sum().clamp(min=1)
 
     def select_llm(self, stage, sig):

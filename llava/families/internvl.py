@@ -94,6 +94,12 @@ class InternVLAdapter(FamilyAdapter):
         x = x.reshape(-1, self.shuffle ** 2, c)
         return x.sum(1) if how == "sum" else x.mean(1)
 
+    def pooled_signals(self, layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s [CLS] attention (n * m, H) and head-mean keys (n * m, d) per LLM token, from its input ``h``
+        (n, 1 + P, C): :func:`cls_signals` without the [CLS] column, through the pixel shuffle (summed / averaged)."""
+        ca, ks = cls_signals(layer, h)  # (n, H, 1 + P), (n, 1 + P, d)
+        return self.pool(ca[:, :, 1:].transpose(1, 2), "sum"), self.pool(ks[:, 1:], "mean")
+
     def encode(self, visual, want_attn, vision_layer, extra_layers=()):
         if extra_layers:
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
@@ -141,9 +147,7 @@ class InternVLAdapter(FamilyAdapter):
             "unit_grid": torch.tensor([list(g)] * n, dtype=torch.long),  # host
         }
         if want_attn:
-            ca, ks = cls_signals(layer, captured["h"])  # (n, H, 1 + P), (n, 1 + P, d)
-            flat["cls_attn"] = self.pool(ca[:, :, 1:].transpose(1, 2), "sum")  # (n * m, H)
-            flat["keys"] = self.pool(ks[:, 1:], "mean")
+            flat["cls_attn"], flat["keys"] = self.pooled_signals(layer, captured["h"])
         return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
 
     # ---------------------------------------------------------------- fast path (llava.fastpath)
@@ -193,9 +197,7 @@ class InternVLAdapter(FamilyAdapter):
                "vision_features": rows.reshape(-1, rows.shape[-1])}
         if want_attn:
             idx = self.attention_layer(None)
-            ca, ks = cls_signals(self.tower.encoder.layer[idx], out.hidden_states[idx])
-            res["cls_attn"] = self.pool(ca[:, :, 1:].transpose(1, 2), "sum")
-            res["keys"] = self.pool(ks[:, 1:], "mean")
+            res["cls_attn"], res["keys"] = self.pooled_signals(self.tower.encoder.layer[idx], out.hidden_states[idx])
         return res
 
     def fast_dims(self):

@@ -61,7 +61,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def fast_visual(self, visual, batch, input_ids=None):
         """One image (anyres_max_9: base crop, grid crops unpadded, bilinearly shrunk past 9 crops' worth, a newline
         per row) or one video (frames pooled 2x, one newline at the end) per prompt, laid out on the host from
-        ``image_sizes`` / the frame count (:func:`onevision_vision.fast_plan`); the tower, the projector and the
+        ``image_sizes`` / the frame count (:func:`onevision_vision.fast_plan_images` / ``fast_plan_videos``); the tower, the projector and the
         packing run inside the captured prefill (:meth:`fast_encode`). A unit is a crop / a frame."""
         cfg = self.config
         video = visual.get("pixel_values_videos") is not None

@@ -164,21 +164,24 @@ def _run(core, want_attn: bool, stock_call):
     try:
         with torch.no_grad():
             out = stock_call(v, strategy)
-            if isinstance(v, int):
-                states = out.hidden_states[v]
-            else:
-                states = torch.cat([out.hidden_states[i] for i in v], dim=-1)
-            received = keys = None
-            if want_attn:
-                received, keys = _received_attention_and_keys(layer, capture.value)
+            signals = _received_attention_and_keys(layer, capture.value) if want_attn else None
     finally:
         if capture is not None:
             capture.handle.remove()
-    if strategy == "default":  # the stock model drops the first token ([CLS] for CLIP towers)
+    return (out, *_select(out.hidden_states, v, strategy, signals))
+
+
+def _select(hidden_states, v, strategy: str, signals: tuple | None):
+    """The select layer's states (N, P, Dv) from the tower's ``hidden_states`` (a list of layers: concatenated) and
+    the attention signals (received, keys) or None, with the first token dropped for strategy "default" (the stock
+    model drops [CLS] for CLIP towers). Returns (states, received | None, keys | None)."""
+    states = hidden_states[v] if isinstance(v, int) else torch.cat([hidden_states[i] for i in v], dim=-1)
+    received, keys = signals if signals is not None else (None, None)
+    if strategy == "default":
         states = states[:, 1:]
-        if want_attn:
+        if signals is not None:
             received, keys = received[:, :, 1:], keys[:, 1:]
-    return out, states, received, keys
+    return states, received, keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,17 +431,12 @@ def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn
         x = x[tensors["crops"]]
     tower = core.vision_tower
     out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
-    v, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
-    states = out.hidden_states[v] if isinstance(v, int) else torch.cat([out.hidden_states[i] for i in v], dim=-1)
-    received = keys = None
+    v = cfg.vision_feature_layer
+    signals = None
     if want_attn:  # the select layer's input is hidden_states[idx] (what the eager pre-hook captures)
-        layers = tower.encoder.layers
-        idx = attention_layer_index(v, len(layers))
-        received, keys = _received_attention_and_keys(layers[idx], out.hidden_states[idx])
-    if strategy == "default":
-        states = states[:, 1:]
-        if want_attn:
-            received, keys = received[:, :, 1:], keys[:, 1:]
+        idx = attention_layer_index(v, len(tower.encoder.layers))
+        signals = _received_attention_and_keys(tower.encoder.layers[idx], out.hidden_states[idx])
+    states, received, keys = _select(out.hidden_states, v, cfg.vision_feature_select_strategy, signals)
     proj = core.multi_modal_projector(states)
     index = tensors["index"]
     if kind == "images":
