@@ -725,27 +725,36 @@ def test_onevision_video_prompt_and_greedy_equal_the_hf_engine(ckpts, hfs, metho
             assert (sel[0]["keep"], sel[0]["targets"]) == ref["kept"], method
 
 
-def test_onevision_a_mixed_batch_of_videos_and_images_equals_each_request_alone(ckpts, hfs):
-    """Videos of other sizes and frame counts (vLLM hands the worker a list; two of one frame count: a stacked tensor)
-    beside an image, other questions, one generate call: each equals the request alone and the HF engine."""
-    rt = hfs["llava_onevision"]
-    clips = [video(40, 8, 140, 100), video(41, 6, 100, 170), video(43, 8, 90, 60)]
-    img = image(42)
-    refs = [hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[i % 2], c, OV_VIDEO_BUDGET) for i, c in enumerate(clips)]
-    img_prompt, img_tokens, _, img_in = hf_generate(rt, "visionzip", {}, QUESTIONS[1], img, OV_VIDEO_BUDGET)
+def mixed_batch(ckpts, hfs, family, clips, img, budget, tol):
+    """VisionZip at ``budget`` on ``family``: the three videos ``clips`` (other questions) and the image ``img`` as four
+    requests of one generate call (video, image, video, video), then each alone. Checks that the tokens and their
+    log-probs (within ``tol``) are each request's alone and the HF engine's; returns (the HF references of the videos,
+    the image's HF prompt and visual count, the outputs together, the outputs alone)."""
+    rt = hfs[family]
+    refs = [hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[i % 2], c, budget) for i, c in enumerate(clips)]
+    img_prompt, img_tokens, _, img_in = hf_generate(rt, "visionzip", {}, QUESTIONS[1], img, budget)
     reqs = [video_request(refs[0]["prompt"], clips[0]),
             {"prompt_token_ids": img_prompt, "multi_modal_data": {"image": img}},
             video_request(refs[1]["prompt"], clips[1]), video_request(refs[2]["prompt"], clips[2])]
-    llm = vllm_llm(ckpts["llava_onevision"], "visionzip", {}, videos=True, budget=OV_VIDEO_BUDGET)
+    llm = vllm_llm(ckpts[family], "visionzip", {}, videos=True, budget=budget)
     together = vllm_video_generate(llm, reqs)
     alone = [vllm_video_generate(llm, [r])[0] for r in reqs]
     assert [list(o.outputs[0].token_ids) for o in together] == [list(o.outputs[0].token_ids) for o in alone]
-    assert [len(o.prompt_token_ids) for o in together] == [len(o.prompt_token_ids) for o in alone]
     for a, b in zip(together, alone):
         assert max(abs(x.logprob - b.outputs[0].logprobs[k][t].logprob)
-                   for k, step in enumerate(a.outputs[0].logprobs) for t, x in step.items()) < OV_LOGPROB_TOL
+                   for k, step in enumerate(a.outputs[0].logprobs) for t, x in step.items()) < tol
     want = [refs[0]["tokens"], img_tokens[:MAX_NEW], refs[1]["tokens"], refs[2]["tokens"]]
     assert [list(o.outputs[0].token_ids) for o in together] == want
+    return refs, img_prompt, img_in, together, alone
+
+
+def test_onevision_a_mixed_batch_of_videos_and_images_equals_each_request_alone(ckpts, hfs):
+    """Videos of other sizes and frame counts (vLLM hands the worker a list; two of one frame count: a stacked tensor)
+    beside an image, other questions, one generate call: each equals the request alone and the HF engine."""
+    clips = [video(40, 8, 140, 100), video(41, 6, 100, 170), video(43, 8, 90, 60)]
+    refs, img_prompt, img_in, together, alone = mixed_batch(ckpts, hfs, "llava_onevision", clips, image(42),
+                                                            OV_VIDEO_BUDGET, OV_LOGPROB_TOL)
+    assert [len(o.prompt_token_ids) for o in together] == [len(o.prompt_token_ids) for o in alone]
     assert [len(o.prompt_token_ids) for o in together] == [
         len(refs[0]["prompt"]) - 1 + refs[0]["n_in"], len(img_prompt) - 1 + img_in,
         len(refs[1]["prompt"]) - 1 + refs[1]["n_in"], len(refs[2]["prompt"]) - 1 + refs[2]["n_in"]]
@@ -955,22 +964,10 @@ def test_qwen3_a_mixed_batch_of_videos_and_images_equals_each_request_alone(ckpt
     equals the request alone and the HF engine."""
     rt = hfs["qwen3_vl"]
     clips = [*q3_clips(), video(43, 6, 90, 60)]
-    img = image(42, *IMAGE_SIZE["qwen3_vl"])
-    refs = [hf_video(rt, "visionzip", {}, VIDEO_QUESTIONS[i % 2], c, Q3_VIDEO_BUDGET) for i, c in enumerate(clips)]
-    img_prompt, img_tokens, _, img_in = hf_generate(rt, "visionzip", {}, QUESTIONS[1], img, Q3_VIDEO_BUDGET)
-    reqs = [video_request(refs[0]["prompt"], clips[0]),
-            {"prompt_token_ids": img_prompt, "multi_modal_data": {"image": img}},
-            video_request(refs[1]["prompt"], clips[1]), video_request(refs[2]["prompt"], clips[2])]
-    llm = vllm_llm(ckpts["qwen3_vl"], "visionzip", {}, videos=True, budget=Q3_VIDEO_BUDGET)
-    together = vllm_video_generate(llm, reqs)
-    alone = [vllm_video_generate(llm, [r])[0] for r in reqs]
-    assert [list(o.outputs[0].token_ids) for o in together] == [list(o.outputs[0].token_ids) for o in alone]
+    refs, img_prompt, img_in, together, alone = mixed_batch(ckpts, hfs, "qwen3_vl", clips,
+                                                            image(42, *IMAGE_SIZE["qwen3_vl"]), Q3_VIDEO_BUDGET,
+                                                            Q3_LOGPROB_TOL)
     assert [list(o.prompt_token_ids) for o in together] == [list(o.prompt_token_ids) for o in alone]
-    for a, b in zip(together, alone):
-        assert max(abs(x.logprob - b.outputs[0].logprobs[k][t].logprob)
-                   for k, step in enumerate(a.outputs[0].logprobs) for t, x in step.items()) < Q3_LOGPROB_TOL
-    want = [refs[0]["tokens"], img_tokens[:MAX_NEW], refs[1]["tokens"], refs[2]["tokens"]]
-    assert [list(o.outputs[0].token_ids) for o in together] == want
     tok = rt.model.config.image_token_id
     at = img_prompt.index(tok)
     assert [list(o.prompt_token_ids) for o in together] == [
