@@ -28,6 +28,20 @@ def inputs(rt, i, n=1):
                         [rand_image(i + j, 40 + 10 * j, 56) for j in range(n)])
 
 
+def fast_and_eager(name: str, backend: str = BACKEND) -> tuple:
+    """The tiny model ``name`` twice (seed 1): on the fast path (16 new tokens, ``backend``) and on the eager engine."""
+    from llava.models import load
+
+    return (load(f"tiny:{name}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=backend),
+            load(f"tiny:{name}", seed=1))
+
+
+def sized_inputs(rt, sizes, first=1):
+    """One prompt per (h, w) in ``sizes``, from PROMPTS[first] on, image j of that size (seed j)."""
+    return rt.processor([PROMPTS[(first + j) % len(PROMPTS)] for j in range(len(sizes))],
+                        [rand_image(j, h, w) for j, (h, w) in enumerate(sizes)])
+
+
 def family_batch(rt, family, video=None):
     """Three prompts of different lengths in one batch: images of three sizes (LLaVA-NeXT: three crop
     grids / unpadded layouts), or three 8-frame videos (``video``, default for Video-LLaVA)."""

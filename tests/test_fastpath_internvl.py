@@ -7,10 +7,8 @@ counts == the eager engine; 0 host syncs; one prefill graph per bucket; video fr
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import (BACKEND, MORE_PROMPTS, PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager,
-                           counting_fast_path, generate)
-
-from llava.models import load
+from fastpath_util import (MORE_PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
+                           fast_and_eager, generate, sized_inputs)
 
 #: tiny InternVL: 112-px tiles of 8 x 8 patches, 16 tokens per tile after the 2 x 2 pixel shuffle; (40, 56) takes one
 #: tile, the other two sizes 4 tiles + a thumbnail
@@ -19,13 +17,11 @@ SIZES = [(40, 56), (190, 30), (260, 260)]
 
 @pytest.fixture(scope="module")
 def rts():
-    return (load("tiny:internvl", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
-            load("tiny:internvl", seed=1))
+    return fast_and_eager("internvl")
 
 
 def images(rt, first=1, sizes=SIZES):
-    return rt.processor([PROMPTS[(first + j) % len(PROMPTS)] for j in range(len(sizes))],
-                        [rand_image(j, h, w) for j, (h, w) in enumerate(sizes)])
+    return sized_inputs(rt, sizes, first)
 
 
 def test_the_plan_reads_each_prompts_tiles_from_its_ids(rts):

@@ -7,8 +7,8 @@ first-step scores and visual counts == the eager engine; 0 host syncs; one prefi
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import (BACKEND, MORE_PROMPTS, PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager,
-                           counting_fast_path, generate)
+from fastpath_util import (MORE_PROMPTS, PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
+                           fast_and_eager, generate, sized_inputs)
 
 from llava.families import onevision_vision as ov
 from llava.models import load
@@ -20,13 +20,11 @@ SIZES = [(40, 56), (190, 30), (260, 260)]
 
 @pytest.fixture(scope="module")
 def rts():
-    return (load("tiny:llava_onevision", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
-            load("tiny:llava_onevision", seed=1))
+    return fast_and_eager("llava_onevision")
 
 
 def images(rt, first=1, sizes=SIZES):
-    return rt.processor([PROMPTS[(first + j) % len(PROMPTS)] for j in range(len(sizes))],
-                        [rand_image(j, h, w) for j, (h, w) in enumerate(sizes)])
+    return sized_inputs(rt, sizes, first)
 
 
 def videos(rt, first=1, n=2, frames=4):

@@ -6,8 +6,8 @@ bucket; Qwen3-VL (DeepStack rows in the probe) runs eagerly with the reason."""
 
 import pytest
 import torch
-from fastpath_util import (BACKEND, SINGLES, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
-                           family_batch, generate, inputs)
+from fastpath_util import (SINGLES, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path, family_batch,
+                           fast_and_eager, generate, inputs)
 
 from consensusdrop.consensusdrop import ConsensusDrop
 from llava.fast_llm import prompt_mask
@@ -25,8 +25,7 @@ OPTIONS = [("preset", 6, {"preset": "probe"}),
 
 @pytest.fixture(scope="module")
 def rts():
-    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
-                  load(f"tiny:{fam}", seed=1)) for fam in ("llava", "llava_next", "video_llava")}
+    return {fam: fast_and_eager(fam) for fam in ("llava", "llava_next", "video_llava")}
 
 
 def test_plan_probe_lays_out_the_unpruned_rows():

@@ -8,16 +8,14 @@ only (an llm stage or probe on a hybrid decoder runs eagerly, with the reason). 
 
 import pytest
 import torch
-from fastpath_util import BACKEND, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path, generate
+from fastpath_util import (assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path, fast_and_eager,
+                           generate)
 from test_fastpath_qwen import batch_of
-
-from llava.models import load
 
 
 @pytest.fixture(scope="module")
 def rts():
-    return (load("tiny:qwen3.5", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
-            load("tiny:qwen3.5", seed=1))
+    return fast_and_eager("qwen3.5")
 
 
 def test_the_cache_holds_both_layer_kinds(rts):

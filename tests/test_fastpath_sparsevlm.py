@@ -7,8 +7,8 @@ prefill graph per bucket."""
 
 import pytest
 import torch
-from fastpath_util import (BACKEND, SINGLES, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
-                           family_batch, inputs)
+from fastpath_util import (SINGLES, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path, family_batch,
+                           fast_and_eager, inputs)
 
 from baselines.sparsevlm import rater_mask, select_raters
 from llava.method import get_method
@@ -28,8 +28,7 @@ def _prune(rt, opts):
 
 @pytest.fixture(scope="module")
 def rts():
-    return {fam: (load(f"tiny:{fam}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND),
-                  load(f"tiny:{fam}", seed=1)) for fam in ("llava", "llava_next", "video_llava")}
+    return {fam: fast_and_eager(fam) for fam in ("llava", "llava_next", "video_llava")}
 
 
 def test_rater_mask_is_select_raters_on_a_padded_block():
