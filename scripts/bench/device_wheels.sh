@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR=.device-wheels
 PINS=(transformers==5.23.0 "tokenizers==$(python -c 'import tokenizers; print(tokenizers.__version__)')"
-      "huggingface-hub==$(python -c 'import huggingface_hub; print(huggingface_hub.__version__)')"
+      "huggingface-hub>=1.31,<2"   # hub 2.x needs httpx2, which the device image lacks (it has httpx: hub 1.x)
       "safetensors==$(python -c 'import safetensors; print(safetensors.__version__)')")
 if [[ "${1:-}" == install ]]; then
     [[ -d $DIR ]] || { echo "no $DIR: run this script without arguments where the registry is reachable, then carry $DIR" >&2; exit 2; }
