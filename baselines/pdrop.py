@@ -170,6 +170,7 @@ class PyramidDrop(Method):
             self._table_counts = None
         self._layers = (scale_layers(self._layers_ref, num_layers) if self.scale_layers
                         else tuple(self._layers_ref))
+        self._stage_memo: dict = {}  # (N, depth, layers) -> stage_counts, filled on the host (the fast path's dry run)
         if not table:
             if self.ratios is not None:
                 self._ratios = tuple(float(r) for r in self.ratios)
@@ -184,11 +185,18 @@ class PyramidDrop(Method):
         return self._layers
 
     def stage_counts(self, n_visual: int) -> tuple[int, ...]:
-        """Visual tokens kept after each stage for a sample with ``n_visual`` visual tokens."""
-        if self._table_counts is not None:
-            counts = [scaled_count(n_visual, c) for c in self._table_counts]
-            return fit_stage_counts(n_visual, counts, self._layers_ref, self._layers, self.num_layers)
-        return tuple(min(int(n_visual), math.floor(n_visual * r + 1e-9)) for r in self._ratios)
+        """Visual tokens kept after each stage for a sample with ``n_visual`` visual tokens. Memoised per N (and
+        depth): the fast path's dry run fills it on the host, so a captured stage only looks it up (torch 2.11's
+        dynamo cannot trace the exact ``Fraction`` arithmetic of ``fit_stage_counts``)."""
+        key = (int(n_visual), self.num_layers, self._layers)
+        memo = self._stage_memo
+        if key not in memo:
+            if self._table_counts is not None:
+                counts = [scaled_count(n_visual, c) for c in self._table_counts]
+                memo[key] = tuple(fit_stage_counts(n_visual, counts, self._layers_ref, self._layers, self.num_layers))
+            else:
+                memo[key] = tuple(min(int(n_visual), math.floor(n_visual * r + 1e-9)) for r in self._ratios)
+        return memo[key]
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Predicted visual tokens per decoder layer."""

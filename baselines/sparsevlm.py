@@ -332,6 +332,7 @@ class SparseVLM(Method):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
         self._stages_ref = tuple(int(l) + 1 for l in self.layers)  # prune the output of layer l
         self._stages = scale_layers(self._stages_ref, num_layers) if self.scale_layers else self._stages_ref
+        self._stage_memo: dict = {}  # (N, depth, stages) -> stage_counts, filled on the host (the fast path's dry run)
 
     @property
     def llm_layers(self):
@@ -342,7 +343,7 @@ class SparseVLM(Method):
         (N, depth): the fast path's dry run fills it on the host, so a captured stage only looks it up (the
         exact ``Fraction`` arithmetic of ``fit_stage_counts`` is not traceable)."""
         key = (int(n_visual), self.num_layers, self._stages)
-        memo = self.__dict__.setdefault("_stage_counts", {})
+        memo = self._stage_memo  # a plain attribute (setup): torch 2.11's dynamo cannot trace __dict__.setdefault
         if key not in memo:
             counts = [scaled_count(n_visual, c) for c in self._retained_ref]
             memo[key] = tuple(fit_stage_counts(n_visual, counts, self._stages_ref, self._stages, self.num_layers))

@@ -461,6 +461,8 @@ class FastPath(FastPlanMixin):
             timings["plan"] = time.perf_counter() - t0
             buf, counts_d, bad = self._vision(px, crops_d if vp.crops is not None else None, idx_d, vp.spec,
                                               tower_d or None)
+            if self.cuda_graphs:  # graph 1's outputs live in the CUDA-graph pool, which graph 2 (a new run of the
+                buf = buf.clone()  # tree) may overwrite before it reads them (seen on an H100: PruMerge, 2026-11-24)
             got = torch.cat([counts_d, bad.long()[None]]).tolist()  # the one host decision
             counts, bad = got[:-1], bool(got[-1])
             t1 = time.perf_counter()
