@@ -12,6 +12,9 @@
     python -m eval record RUN_DIR VQAv2-testdev=78.5 --source "EvalAI test-dev"
     python -m eval table runs/ --format md|latex|both [--out FILE]
     python -m eval log-sweep docs/results      # a testbed sweep (testbed.json + testbed.png) -> one W&B run
+    python -m eval paper --list | --check       # the paper specs (eval/papers/*.toml)
+    python -m eval paper visiondrop runs/ [--table T] [--format md|latex|both] [--out FILE]
+    python -m eval paper-grid visiondrop --dry-run   # the runs behind scripts/papers/<paper>.sh
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-relative", dest="relative", action="store_false")
     t.add_argument("--decimals", type=int, default=1)
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
+    from .paper_cli import add_parsers as _paper_parsers
+
+    _paper_parsers(sub)
     ls = sub.add_parser("log-sweep", help="log a testbed sweep (DIR/testbed.json + DIR/testbed.png) to one W&B run; "
                         "never fails (honours WANDB_MODE)")
     ls.add_argument("dir", help="the sweep's folder (python -m testbed.evaluate sweep --out)")
@@ -326,7 +332,14 @@ def _log_sweep(args, local_rank) -> int:
 
 #: subcommand -> its function (args, local_rank) -> exit status
 COMMANDS = {"list": _list, "check-data": _check_data, "run": _run, "merge": _merge, "score": _score, "judge": _score,
-            "record": _record, "fixtures": _fixtures, "table": _table, "log-sweep": _log_sweep}
+            "record": _record, "fixtures": _fixtures, "table": _table, "log-sweep": _log_sweep,
+            "paper": lambda a, r: _paper_cmd("paper", a), "paper-grid": lambda a, r: _paper_cmd("paper_grid", a)}
+
+
+def _paper_cmd(name: str, args) -> int:
+    from . import paper_cli
+
+    return getattr(paper_cli, name)(args)
 
 
 def log_sweep(sweep_dir) -> dict:

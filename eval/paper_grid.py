@@ -1,0 +1,166 @@
+"""A paper's table as a grid of harness runs: one :class:`Config` per (benchmark, method, budget, options, model,
+run settings), the unpruned rows first, shared between the paper's tables where they are the same run.
+``python -m eval paper-grid <paper> --dry-run`` prints it with what is done under the run folder and what is
+missing (data, benchmark); ``--commands`` prints the runs still to do, one ``scripts/eval/_launch.sh`` call per
+line, for ``scripts/papers/<paper>.sh``."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import read_json
+from .papers import Paper, Row, Table
+from .run_config import RunConfig, default_run_name
+
+
+@dataclass(frozen=True)
+class Config:
+    bench: str
+    method: str
+    budget: int | None
+    model: str
+    options: tuple = ()  # sorted (key, value) pairs
+    settings: tuple = ()  # sorted (key, value) pairs: next_layout, num_frames, vision_dtype, ...
+    tables: tuple = field(default=(), compare=False, hash=False)  # the table ids that use it
+
+    def run_config(self, out: str = "runs", data_root: str = "playground/data/eval") -> RunConfig:
+        return RunConfig(benchmark=self.bench, model=self.model, method=self.method, budget=self.budget,
+                         options=dict(self.options), out=str(out), data_root=str(data_root), **dict(self.settings))
+
+    def run_dir(self, out) -> Path:
+        return Path(out) / self.bench / default_run_name(self.run_config(out))
+
+    def launch_args(self) -> list[str]:
+        """``scripts/eval/_launch.sh``'s arguments: method, budget, model, then the run flags."""
+        args = [self.method, "none" if self.budget is None else str(self.budget), self.model]
+        for k, v in self.options:
+            args += ["--opt", f"{k}={_opt_value(v)}"]
+        for k, v in self.settings:
+            if k == "pad_to_square":
+                args += [] if v else ["--no-pad"]
+            else:
+                args += [f"--{k.replace('_', '-')}", str(v)]
+        return args
+
+    def label(self) -> str:
+        opts = "".join(f" {k}={_opt_value(v)}" for k, v in self.options)
+        return f"{self.bench} {self.method}{'' if self.budget is None else f' b{self.budget}'}{opts}"
+
+
+def _opt_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _frozen(d: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+def row_matches(row: Row, budgets: list[int] | None) -> bool:
+    """``BUDGETS=64``: a row whose budget as printed or in our convention is listed (the unpruned row always)."""
+    return row.vanilla or not budgets or row.budget in budgets or row.paper_budget in budgets
+
+
+def build_grid(paper: Paper, table: str | None = None, only: list[str] | None = None,
+               budgets: list[int] | None = None, model: str | None = None) -> list[Config]:
+    """The configs of ``paper`` (or one ``table``), unpruned first, each once. ``only``: benchmark names or
+    column keys to keep; ``budgets``: see :func:`row_matches`; ``model``: replaces every table's model."""
+    tables = [paper.table(table)] if table else list(paper.tables)
+    seen: dict[Config, list[str]] = {}
+    for t in tables:
+        for c in t.columns:
+            if not c.runnable or (only and c.bench not in only and c.key not in only):
+                continue
+            for r in t.rows:
+                if not r.runnable or not row_matches(r, budgets):
+                    continue
+                cfg = Config(c.bench, r.method, r.budget, model or t.model, _frozen(r.options), _frozen(t.settings))
+                seen.setdefault(cfg, [])
+                if t.id not in seen[cfg]:
+                    seen[cfg].append(t.id)
+    out = [Config(c.bench, c.method, c.budget, c.model, c.options, c.settings, tuple(ids)) for c, ids in seen.items()]
+    return sorted(out, key=lambda c: (c.method != "none", c.model, c.bench))  # stable: the spec's order otherwise
+
+
+def shard(configs: list, spec: str | None) -> list:
+    """``SHARD=i/n`` (i = 0 .. n-1): every n-th config from the i-th (the unpruned ones spread like the rest)."""
+    if not spec:
+        return configs
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"SHARD={spec!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"SHARD={spec!r}: need 0 <= i < n")
+    return configs[i::n]
+
+
+def status(cfg: Config, out, data_root) -> dict:
+    """Where ``cfg`` stands under ``out``: ``done`` (a complete results.json), ``partial`` (answers, not all),
+    ``todo``; the question count when the data is there, else what is missing."""
+    from .benchmarks import get_benchmark
+    from .datacheck import check_benchmark
+    from .shards import answered_uids
+
+    d = cfg.run_dir(out)
+    res = d / "results.json"
+    st = {"config": cfg, "run_dir": str(d), "state": "todo", "questions": None, "answered": 0, "missing": ""}
+    if res.exists():
+        r = read_json(res)
+        if not r.get("partial"):
+            st["state"] = "done"
+    if st["state"] != "done" and d.exists():
+        st["answered"] = len(answered_uids(d))
+        if st["answered"]:
+            st["state"] = "partial"
+    try:
+        bench = get_benchmark(cfg.bench, data_root)
+        rep = check_benchmark(bench, deep=False)
+        if rep.ok_inference:
+            st["questions"] = len(bench.load())
+        else:
+            st["missing"] = "data: " + "; ".join((rep.missing_inference + rep.missing_inputs)[:2])
+    except Exception as e:  # noqa: BLE001 - a dry run reports, never raises
+        st["missing"] = f"data: {e}"
+    return st
+
+
+def dry_run_text(paper: Paper, configs: list[Config], out, data_root, skipped: list[str]) -> str:
+    lines = [f"{paper.key}: {len(configs)} configs (out {out}, data {data_root})"]
+    n_done = 0
+    for c in configs:
+        st = status(c, out, data_root)
+        n_done += st["state"] == "done"
+        q = "?" if st["questions"] is None else str(st["questions"])
+        state = st["state"] + (f" {st['answered']}/{q}" if st["state"] == "partial" else "")
+        lines.append(f"  {state:14} {c.label():58} {c.model:32} q={q:6} {', '.join(c.tables)}"
+                     + (f"  [{st['missing']}]" if st["missing"] else ""))
+    lines.append(f"done {n_done} of {len(configs)}")
+    lines += [f"not run: {s}" for s in skipped]
+    return "\n".join(lines)
+
+
+def not_runnable(paper: Paper, table: str | None = None) -> list[str]:
+    """Every column and row of the selected tables that the harness cannot run, with the spec's reason."""
+    out = []
+    tables: list[Table] = [paper.table(table)] if table else list(paper.tables)
+    for t in tables:
+        out += [f"{t.id} column {c.label}: {c.not_run}" for c in t.columns if not c.runnable]
+        out += [f"{t.id} row {r.label}: {r.not_run}" for r in t.rows if not r.runnable]
+    return out
+
+
+def commands(configs: list[Config], out, data_root) -> list[str]:
+    """One line per config still to run (not ``done``): ``BENCH=<bench> <launch args>``, shell-quoted."""
+    lines = []
+    for c in configs:
+        res = c.run_dir(out) / "results.json"
+        if res.exists() and not read_json(res).get("partial"):
+            continue
+        lines.append(" ".join([c.bench] + [shlex.quote(a) for a in c.launch_args()]))
+    return lines

@@ -1,0 +1,429 @@
+"""``python -m eval paper <paper> [RUNS...]``: a paper's tables with our results beside the published numbers.
+
+Per cell: ours / the paper's (difference), marked when the difference exceeds the column's tolerance; the
+vanilla row is checked first (an off vanilla points at the setup, not the method); the relative average both
+ways (vanilla = ours, vanilla = the paper's) next to the paper's printed one and the one recomputed from its
+printed cells (a transcription check); a summary line "N of M published cells reproduced within tolerance,
+K not run"; one figure per table (accuracy vs budget per benchmark: ours as lines, the paper's as markers, the
+seed methods in colour, the rest grey). Claims without a table (ConsensusDrop's abstract) are checked from our
+results alone: "beats" per benchmark and budget, "pareto" against the efficiency benchmark's TTFT / KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paper_grid import _frozen, _opt_value
+from .papers import RUN_SETTINGS, Claim, Paper, Row, Table
+from .run_config import RunConfig
+from .table import load_results
+
+SEEDS = ("consensusdrop", "visiondrop", "attnmix")
+COLOURS = {"consensusdrop": "tab:red", "visiondrop": "tab:blue", "attnmix": "tab:green"}
+
+
+@dataclass
+class Cell:
+    ours: float | None = None
+    published: float | None = None
+    missing: str = ""  # why the paper has no number
+    not_run: str = ""  # why we cannot run it ("" when we can)
+    tolerance: float = 1.0
+    path: str = ""
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.ours is None or self.published is None else self.ours - self.published
+
+    @property
+    def within(self) -> bool | None:
+        d = self.delta
+        return None if d is None else abs(d) <= self.tolerance + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------- matching
+def _settings_key(settings: dict) -> tuple:
+    base = RunConfig(benchmark="x")
+    return tuple((k, settings.get(k, getattr(base, k))) for k in RUN_SETTINGS)
+
+
+def _opts_key(options: dict) -> tuple:
+    return tuple((k, _opt_value(v)) for k, v in _frozen(options))
+
+
+def index_results(runs, include_partial: bool = False) -> dict[tuple, dict]:
+    """results.json files under ``runs`` by (benchmark, model, method, budget, options, run settings); the newest
+    wins where several match (as ``python -m eval table``)."""
+    out: dict[tuple, dict] = {}
+    for r in load_results(runs, include_partial=include_partial):
+        cfg = r.get("config") or {"benchmark": r.get("benchmark"), "model": (r.get("model") or {}).get("id"),
+                                  "method": (r.get("method") or {}).get("method"),
+                                  "budget": (r.get("method") or {}).get("budget")}  # written before configs were
+        key = (cfg.get("benchmark", r.get("benchmark")), cfg.get("model"), cfg.get("method"), cfg.get("budget"),
+               _opts_key(cfg.get("options") or {}), _settings_key(cfg))
+        if key not in out or r.get("created", "") >= out[key].get("created", ""):
+            out[key] = r
+    return out
+
+
+def collect(paper: Paper, index: dict, table: Table, model: str | None = None) -> dict[tuple[int, str], Cell]:
+    """(row index, column key) -> :class:`Cell` for one table."""
+    cells = {}
+    skey = _settings_key(table.settings)
+    for i, r in enumerate(table.rows):
+        for c in table.columns:
+            cell = Cell(published=r.published.get(c.key), missing=str(r.missing.get(c.key, "")),
+                        not_run=c.not_run or r.not_run, tolerance=c.tolerance)
+            if not cell.not_run:
+                res = index.get((c.bench, model or table.model, r.method, r.budget, _opts_key(r.options), skey))
+                if res is not None:
+                    v = (res.get("metrics") or {}).get(c.metric)
+                    if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                        cell.ours, cell.path = float(v), res.get("_path", "")
+            cells[(i, c.key)] = cell
+    return cells
+
+
+def rel_avg(values: dict[str, float | None], base: dict[str, float | None]) -> tuple[float | None, int]:
+    """The papers' relative average: mean over the columns with both numbers of value / vanilla x 100 (%)."""
+    ratios = [values[k] / base[k] for k in values if values.get(k) is not None and base.get(k)]
+    return (100.0 * sum(ratios) / len(ratios), len(ratios)) if ratios else (None, 0)
+
+
+# ----------------------------------------------------------------------------------------------- the report
+@dataclass
+class TableReport:
+    table: Table
+    cells: dict
+    avgs: list[dict]  # per row: ours_vs_ours, ours_vs_paper, paper_recomputed (value, n)
+    vanilla_line: str
+    summary: dict
+
+    def summary_line(self) -> str:
+        s = self.summary
+        return (f"{s['within']} of {s['published']} published cells reproduced within tolerance, "
+                f"{s['not_run']} not run ({s['cannot_run']} cannot be run here)")
+
+
+def analyse(table: Table, cells: dict) -> TableReport:
+    cols = [c.key for c in table.columns]
+    van = next((i for i, r in enumerate(table.rows) if r.vanilla), None)
+    ours_v = {k: cells[(van, k)].ours for k in cols} if van is not None else {}
+    pub_v = {k: cells[(van, k)].published for k in cols} if van is not None else {}
+    avgs = []
+    for i, _ in enumerate(table.rows):
+        ours = {k: cells[(i, k)].ours for k in cols}
+        pub = {k: cells[(i, k)].published for k in cols}
+        avgs.append({"ours_vs_ours": rel_avg(ours, ours_v), "ours_vs_paper": rel_avg(ours, pub_v),
+                     "paper_recomputed": rel_avg(pub, pub_v)})
+    pubs = [c for c in cells.values() if c.published is not None]
+    s = {"published": len(pubs), "within": sum(bool(c.within) for c in pubs),
+         "not_run": sum(c.ours is None for c in pubs), "cannot_run": sum(bool(c.not_run) for c in pubs)}
+    s["outside"] = s["published"] - s["within"] - s["not_run"]
+    if van is None:
+        vline = "No unpruned row in this table."
+    else:
+        vc = [(table.column(k), cells[(van, k)]) for k in cols if cells[(van, k)].within is not None]
+        off = [f"{c.label} ({cell.delta:+.2f})" for c, cell in vc if not cell.within]
+        vline = (f"Vanilla first: {len(vc) - len(off)} of {len(vc)} compared columns within tolerance"
+                 + (f"; off: {', '.join(off)} - check the setup (data, template, preprocessing) before reading the "
+                    "method rows of these columns" if off else "") + ".")
+        if not vc:
+            vline = "Vanilla first: not run yet (no column to compare)."
+    return TableReport(table, cells, avgs, vline, s)
+
+
+def _fmt(v, d=1):
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 100 and float(v).is_integer() else f"{v:.{d}f}"
+
+
+def _decimals(c: Cell) -> int:
+    v = c.published if c.published is not None else c.ours
+    return 0 if v is not None and abs(v) >= 1000 else 2 if v is not None and abs(v) < 10 else 1
+
+
+def cell_text(c: Cell, fmt: str = "md") -> str:
+    d = _decimals(c)
+    if c.not_run:
+        ours = "n/r"
+    else:
+        ours = _fmt(c.ours, d)
+    pub = _fmt(c.published, d) if c.published is not None else "n/p"
+    txt = f"{ours} / {pub}"
+    if c.delta is not None:
+        txt += f" ({c.delta:+.{d}f})"
+        if not c.within:
+            txt += " ✗" if fmt == "md" else r" $^{\times}$"
+    return txt
+
+
+def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
+    t = rep.table
+    cols = list(t.columns)
+    head = (["Method", "Budget"] + [c.label for c in cols]
+            + ["Avg ours (van.=ours)", "Avg ours (van.=paper)", "Avg paper (printed)", "Avg paper (recomputed)"])
+    body: list[tuple[str, list[str]]] = []
+    for i, r in enumerate(t.rows):
+        a = rep.avgs[i]
+        avg = [_pct(*a["ours_vs_ours"], len(cols)), _pct(*a["ours_vs_paper"], len(cols)),
+               "–" if r.rel_avg is None else f"{r.rel_avg:.1f}%", _pct(*a["paper_recomputed"], len(cols))]
+        label = r.label + (" †" if r.unverified else "") + (" (not run)" if r.not_run else "")
+        b = r.paper_budget if r.paper_budget is not None else r.budget
+        b = "–" if r.vanilla or b is None else str(b)
+        body.append((r.group, [label, b] + [cell_text(rep.cells[(i, c.key)], fmt) for c in cols] + avg))
+    notes = [f"Model {t.model}" + (f" ({', '.join(f'{k}={v}' for k, v in t.settings.items())})" if t.settings else "")
+             + f"; budgets in the paper's convention ({t.budget_convention or 'as printed'}).",
+             f"Published numbers: {t.source}" + "".join(f"; {r.label}: {r.source}" for r in t.rows if r.source) + ".",
+             "Cells: ours / paper's (ours - paper); ✗ = outside the column's tolerance ("
+             + ", ".join(f"{c.label} {c.tolerance:g}" for c in cols if c.runnable) + "); n/r = not run here; "
+             "n/p = not printed; – = not run yet. Avg: mean of value / vanilla x 100 % over the columns with both "
+             "numbers (* = fewer columns than the table).",
+             rep.vanilla_line, rep.summary_line() + "."]
+    notes += [f"† {r.label}: unverified ({r.unverified})." for r in t.rows if r.unverified]
+    notes += [f"Not run: column {c.label}: {c.not_run}" for c in cols if not c.runnable]
+    notes += [f"Not run: row {r.label}: {r.not_run}" for r in t.rows if r.not_run]
+    miss = sorted({f"{r.label} {t.column(k).label}: {why}" for r in t.rows for k, why in r.missing.items()})
+    notes += [f"Not printed: {m}" for m in miss]
+    if t.notes:
+        notes.append(t.notes)
+    title = f"{paper.title} - {t.id}" + (f": {t.caption}" if t.caption else "")
+    if fmt == "md":
+        out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        group = None
+        for g, cells in body:
+            if g and g != group:
+                out.append(f"| **{g}** |" + " |" * (len(head) - 1))
+            group = g
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out + [""] + [f"- {n}" for n in notes] + [""])
+    esc = lambda s: (s.replace("\\", "\\textbackslash{}").replace("%", "\\%").replace("_", "\\_")  # noqa: E731
+                     .replace("&", "\\&").replace("#", "\\#").replace("✗", "$\\times$").replace("†", "$\\dagger$")
+                     .replace("–", "--"))
+    out = [f"% {title}", "\\begin{tabular}{ll" + "c" * (len(head) - 2) + "}", "\\toprule",
+           " & ".join(esc(h) for h in head) + " \\\\", "\\midrule"]
+    group = None
+    for g, cells in body:
+        if g and g != group:
+            out.append(f"\\multicolumn{{{len(head)}}}{{l}}{{\\textit{{{esc(g)}}}}} \\\\")
+        group = g
+        out.append(" & ".join([esc(cells[0]), esc(cells[1])] + [esc(x) if "$" not in x else x.replace("–", "--")
+                                                                for x in cells[2:]]) + " \\\\")
+    out += ["\\bottomrule", "\\end{tabular}"] + [f"% {esc(n)}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def _pct(v, n, total):
+    return "–" if v is None else f"{v:.1f}%" + ("*" if n < total else "")
+
+
+# ----------------------------------------------------------------------------------------------- claims
+def check_claims(paper: Paper, reports: dict[str, TableReport], efficiency: list[dict] | None = None) -> list[dict]:
+    out = []
+    for cl in paper.claims:
+        if cl.kind == "beats":
+            out.append(_beats(cl, reports))
+        else:
+            out.append(_pareto(cl, reports, efficiency or []))
+    return out
+
+
+def _beats(cl: Claim, reports: dict[str, TableReport]) -> dict:
+    held, failed, missing = [], [], []
+    for tid in cl.tables:
+        rep = reports[tid]
+        t = rep.table
+        groups: dict[str, dict[str, int]] = {}
+        for i, r in enumerate(t.rows):
+            if not r.vanilla:
+                groups.setdefault(r.group, {})[r.method] = i
+        for g, rows in groups.items():
+            if cl.method not in rows:
+                continue
+            for c in t.columns:
+                if not c.runnable:
+                    continue
+                where = f"{t.id} {c.label} @ {g}"
+                mine = rep.cells[(rows[cl.method], c.key)].ours
+                others = {m: rep.cells[(rows[m], c.key)].ours for m in cl.against if m in rows}
+                if mine is None or not others or any(v is None for v in others.values()):
+                    missing.append(where)
+                elif all(mine >= v for v in others.values()):
+                    held.append(where)
+                else:
+                    best = max(others, key=lambda m: others[m])
+                    failed.append(f"{where} ({cl.method} {mine:.2f} < {best} {others[best]:.2f})")
+    return {"claim": cl, "held": held, "failed": failed, "missing": missing,
+            "line": f"{cl.id}: held on {len(held)} of {len(held) + len(failed)} compared (benchmark, budget) cells"
+                    + (f"; not held: {'; '.join(failed)}" if failed else "") + f"; {len(missing)} not run yet."}
+
+
+def _pareto(cl: Claim, reports: dict[str, TableReport], efficiency: list[dict]) -> dict:
+    """Accuracy (the relative average, vanilla = ours) vs measured TTFT and KV cache of every (method, budget) of
+    the claim's tables; the claim holds at a budget when no other point has both a higher accuracy and a lower
+    cost."""
+    eff = {(e.get("method"), e.get("budget")): e for e in efficiency if not e.get("options")}
+    points = []
+    for tid in cl.tables:
+        rep = reports[tid]
+        for i, r in enumerate(rep.table.rows):
+            acc = rep.avgs[i]["ours_vs_ours"][0]
+            e = eff.get((r.method, None if r.vanilla else r.budget))
+            if acc is None or e is None:
+                continue
+            points.append({"table": tid, "method": r.method, "budget": r.budget, "acc": acc,
+                           "ttft_ms": 1000.0 * float(e["ttft"]["median"]), "kv_mib": float(e["kv_bytes"]) / 2 ** 20})
+    verdicts = []
+    for p in (q for q in points if q["method"] == cl.method):
+        for cost in ("ttft_ms", "kv_mib"):
+            dom = [q for q in points if q is not p and q["table"] == p["table"] and q["acc"] >= p["acc"]
+                   and q[cost] <= p[cost] and (q["acc"] > p["acc"] or q[cost] < p[cost])]
+            verdicts.append({"table": p["table"], "budget": p["budget"], "cost": cost, "on_front": not dom,
+                             "dominated_by": [f"{q['method']}@{q['budget']}" for q in dom]})
+    on = sum(v["on_front"] for v in verdicts)
+    line = (f"{cl.id}: on the accuracy-vs-cost Pareto front at {on} of {len(verdicts)} (budget, cost) points"
+            if verdicts else f"{cl.id}: not checked (needs our results and an efficiency JSON: --efficiency FILE)")
+    off = [f"{v['table']} b{v['budget']} {v['cost']} (dominated by {', '.join(v['dominated_by'])})"
+           for v in verdicts if not v["on_front"]]
+    return {"claim": cl, "points": points, "verdicts": verdicts, "line": line + (f"; off: {'; '.join(off)}" if off else "")
+            + "."}
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def figure(paper: Paper, rep: TableReport, path, claim_points: list[dict] | None = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = rep.table
+    cols = [c for c in t.columns if c.runnable or any(rep.cells[(i, c.key)].published is not None
+                                                      for i in range(len(t.rows)))]
+    n = len(cols) + (1 if claim_points else 0)
+    ncol = min(4, max(1, n))
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    methods = []
+    for r in t.rows:
+        if not r.vanilla and r.method not in methods:
+            methods.append(r.method or r.label)
+    for ax, c in zip(axes.flat, cols):
+        for m in methods:
+            idx = [i for i, r in enumerate(t.rows) if (r.method or r.label) == m and not r.vanilla]
+            xs = [_x(t.rows[i]) for i in idx]
+            colour = COLOURS.get(m, "tab:purple" if m == paper.method else "0.6")
+            lw = 2.0 if m in COLOURS or m == paper.method else 1.0
+            ours = sorted((x, rep.cells[(i, c.key)].ours) for x, i in zip(xs, idx)
+                          if x is not None and rep.cells[(i, c.key)].ours is not None)
+            if ours:
+                ax.plot(*zip(*ours), "-", color=colour, lw=lw, label=m)
+            pub = [(x, rep.cells[(i, c.key)].published) for x, i in zip(xs, idx)
+                   if x is not None and rep.cells[(i, c.key)].published is not None]
+            if pub:
+                ax.plot(*zip(*pub), "o", color=colour, mfc="none", ms=5, label=None if ours else f"{m} (paper)")
+        for i, r in enumerate(t.rows):
+            if r.vanilla:
+                cell = rep.cells[(i, c.key)]
+                if cell.ours is not None:
+                    ax.axhline(cell.ours, color="k", ls="--", lw=0.8)
+                if cell.published is not None:
+                    ax.axhline(cell.published, color="k", ls=":", lw=0.8)
+        ax.set_title(c.label + ("" if c.runnable else " (not run here)"), fontsize=9)
+        ax.set_xlabel("visual tokens (paper's convention)", fontsize=8)
+    if claim_points:
+        ax = axes.flat[len(cols)]
+        for m in sorted({p["method"] for p in claim_points}):
+            pts = sorted((p["ttft_ms"], p["acc"]) for p in claim_points if p["method"] == m)
+            ax.plot(*zip(*pts), "o-", color=COLOURS.get(m, "0.6"), label=m, ms=4)
+        ax.set_xlabel("TTFT (ms)", fontsize=8)
+        ax.set_ylabel("relative average (%)", fontsize=8)
+        ax.set_title("accuracy vs TTFT", fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    h, lab = axes.flat[0].get_legend_handles_labels()
+    if h:
+        fig.legend(h, lab, loc="lower center", ncol=min(6, len(h)), fontsize=8)
+    fig.suptitle(f"{paper.key} {t.id}: ours (lines) vs paper (circles); vanilla ours -- / paper ..", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _x(r: Row):
+    b = r.paper_budget if isinstance(r.paper_budget, (int, float)) and not isinstance(r.paper_budget, bool) else r.budget
+    return b
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model: str | None = None,
+           efficiency_files=(), figures_dir=None, include_partial: bool = False) -> tuple[str, dict]:
+    """The report text (``fmt`` md / latex / both) and a dict with every table's analysis, the claims and the
+    figure paths."""
+    import json
+
+    index = index_results(runs, include_partial) if runs else {}
+    tables = [paper.table(table)] if table else list(paper.tables)
+    if paper.claims and table is None:
+        tables = list(paper.tables)
+    reps = {t.id: analyse(t, collect(paper, index, t, model)) for t in tables}
+    eff = []
+    for f in efficiency_files:
+        eff += json.loads(Path(f).read_text()).get("results", [])
+    claims = check_claims(paper, reps, eff) if paper.claims else []
+    figs = {}
+    if figures_dir is not None:
+        Path(figures_dir).mkdir(parents=True, exist_ok=True)
+        pareto = [p for c in claims for p in c.get("points", [])]
+        for t in tables:
+            pts = [p for p in pareto if p["table"] == t.id]
+            figs[t.id] = str(figure(paper, reps[t.id], Path(figures_dir) / f"{paper.key}-{t.slug}.png", pts or None))
+    parts = []
+    for f in (["md", "latex"] if fmt == "both" else [fmt]):
+        head = (f"## {paper.title}\n\narXiv {paper.arxiv}" + (f", {paper.venue}" if paper.venue else "")
+                + (f"; code {paper.code}" if paper.code else "") + ".\n") if f == "md" else \
+            f"% {paper.title} (arXiv {paper.arxiv})"
+        body = [render_table(paper, reps[t.id], f) for t in tables]
+        if claims:
+            body.append(("### Claims\n\n" if f == "md" else "% Claims\n")
+                        + "\n".join(("- " if f == "md" else "% ") + c["claim"].text + " -> " + c["line"]
+                                    for c in claims) + "\n")
+        if f == "md" and figs:
+            body.append("\n".join(f"![{tid}]({Path(p).name})" for tid, p in figs.items()) + "\n")
+        parts.append("\n".join([head] + body))
+    return "\n".join(parts), {"tables": reps, "claims": claims, "figures": figs}
+
+
+def log_wandb(paper: Paper, info: dict, text: str, project=None, entity=None) -> dict:
+    """The report as one W&B run in group ``paper/<key>``: a table per paper table (row, column, ours, paper,
+    difference, within tolerance) and its figure. Never raises."""
+    from .wandb_log import WandbLogger
+
+    wb = WandbLogger(project=project, entity=entity, job_type="paper", name=f"paper/{paper.key}",
+                     group=f"paper/{paper.key}", tags=["paper", paper.key], config={"paper": paper.key,
+                                                                                    "arxiv": paper.arxiv})
+    if not wb.active:
+        return wb.info()
+
+    def _log():
+        data = {}
+        for tid, rep in info["tables"].items():
+            rows = []
+            for (i, k), c in rep.cells.items():
+                r = rep.table.rows[i]
+                rows.append([r.label, r.method, r.budget, rep.table.column(k).label, c.ours, c.published, c.delta,
+                             c.within])
+            cols = ["row", "method", "budget", "column", "ours", "paper", "difference", "within_tolerance"]
+            data[f"{rep.table.slug}/cells"] = wb.wandb.Table(columns=cols, data=rows)
+            data[f"{rep.table.slug}/summary"] = rep.summary_line()
+            if tid in info["figures"]:
+                data[f"{rep.table.slug}/figure"] = wb.wandb.Image(info["figures"][tid])
+        data["report"] = wb.wandb.Html(f"<pre>{text}</pre>")
+        wb.run.log(data)
+
+    wb._call("paper", _log)
+    out = wb.info()
+    wb.finish()
+    return out

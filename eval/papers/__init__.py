@@ -1,0 +1,312 @@
+"""Paper specs (``eval/papers/<key>.toml``, format in ``eval/papers/FORMAT.md``): what a paper's tables ran and
+printed, loaded into plain dataclasses and checked against the harness (benchmarks, metrics) and the method
+registry (names, options, budgets). :func:`load` raises :class:`SpecError` naming the file and the entry."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+HERE = Path(__file__).resolve().parent
+
+#: |ours - published| within which a cell counts as reproduced, by metric (FORMAT.md says why); others: 1.0 point
+DEFAULT_TOLERANCE = {"MME-P": 30.0, "MME-C": 15.0, "MME-P+C": 40.0, "MM-Vet": 2.0}
+for _v in ("MSVD", "MSRVTT", "TGIF", "ActivityNet"):
+    DEFAULT_TOLERANCE[f"{_v}-QA-acc"] = 2.0
+    DEFAULT_TOLERANCE[f"{_v}-QA-score"] = 0.1
+TOLERANCE_POINTS = 1.0
+#: run settings a table may set (the harness's ``eval run`` flags of the same names)
+RUN_SETTINGS = ("next_layout", "num_frames", "vision_dtype", "dtype", "pad_to_square", "max_pixels", "min_pixels")
+
+
+class SpecError(ValueError):
+    """A spec that does not load: ``str()`` names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    bench: str
+    metric: str
+    tolerance: float
+    not_run: str = ""
+
+    @property
+    def runnable(self) -> bool:
+        return bool(self.bench) and not self.not_run
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    label: str
+    budget: int | None = None
+    paper_budget: Any = None
+    options: dict = field(default_factory=dict)
+    published: dict = field(default_factory=dict)
+    missing: dict = field(default_factory=dict)
+    rel_avg: float | None = None
+    source: str = ""
+    unverified: str = ""
+    not_run: str = ""
+
+    @property
+    def vanilla(self) -> bool:
+        return self.method == "none"
+
+    @property
+    def runnable(self) -> bool:
+        return bool(self.method) and not self.not_run
+
+    @property
+    def group(self) -> str:
+        """The row's group heading: the budget as the paper prints it."""
+        if self.vanilla:
+            return ""
+        b = self.paper_budget if self.paper_budget is not None else self.budget
+        return f"{b} tokens" if isinstance(b, int) else str(b) if b is not None else "no budget"
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str
+    caption: str
+    model: str
+    source: str
+    budget_convention: str
+    columns: tuple[Column, ...]
+    rows: tuple[Row, ...]
+    settings: dict = field(default_factory=dict)
+    notes: str = ""
+
+    def column(self, key: str) -> Column:
+        return next(c for c in self.columns if c.key == key)
+
+    @property
+    def slug(self) -> str:
+        return "".join(ch if ch.isalnum() else "-" for ch in self.id.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim a paper states without a table (ConsensusDrop's abstract): ``method`` beats each of ``against``
+    at the same budget, on each of ``tables``' columns (``kind = "beats"``), or lies on the accuracy vs TTFT /
+    KV Pareto front (``kind = "pareto"``)."""
+    id: str
+    text: str
+    kind: str
+    method: str
+    against: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Paper:
+    key: str
+    title: str
+    arxiv: str
+    venue: str
+    code: str
+    method: str
+    tables: tuple[Table, ...]
+    claims: tuple[Claim, ...] = ()
+    path: str = ""
+
+    def table(self, tid: str) -> Table:
+        for t in self.tables:
+            if tid in (t.id, t.slug):
+                return t
+        raise KeyError(f"{self.key}: no table {tid!r}; tables: {', '.join(t.id for t in self.tables)}")
+
+
+def spec_path(key: str) -> Path:
+    p = Path(key)
+    return p if p.suffix == ".toml" else HERE / f"{key}.toml"
+
+
+def list_papers() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.toml"))
+
+
+def load(key: str, check: bool = True) -> Paper:
+    """The spec ``key`` (a name under eval/papers/ or a path to a .toml), checked unless ``check=False``."""
+    path = spec_path(key)
+    if not path.exists():
+        raise SpecError(f"no paper spec {key!r} ({path}); known: {', '.join(list_papers())}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    return _parse(raw, path, check)
+
+
+def load_all(check: bool = True) -> list[Paper]:
+    return [load(k, check) for k in list_papers()]
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+def _need(d: dict, key: str, where: str, typ=str):
+    if key not in d:
+        raise SpecError(f"{where}: missing `{key}`")
+    v = d[key]
+    if typ is not None and not isinstance(v, typ):
+        raise SpecError(f"{where}: `{key}` must be {getattr(typ, '__name__', typ)}, got {v!r}")
+    return v
+
+
+def _unknown(d: dict, allowed: set, where: str):
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise SpecError(f"{where}: unknown field(s) {extra}; allowed: {sorted(allowed)}")
+
+
+def _number(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        raise SpecError(f"{where}: a published value must be a number, got {v!r}")
+    return v
+
+
+def _parse(raw: dict, path: Path, check: bool) -> Paper:
+    f = str(path)
+    _unknown(raw, {"paper", "tables", "claims"}, f)
+    p = _need(raw, "paper", f, dict)
+    _unknown(p, {"key", "title", "arxiv", "venue", "code", "method"}, f"{f} [paper]")
+    key = _need(p, "key", f"{f} [paper]")
+    if key != path.stem:
+        raise SpecError(f"{f} [paper]: key {key!r} must equal the file name {path.stem!r}")
+    tables = []
+    for i, t in enumerate(raw.get("tables", [])):
+        tables.append(_table(t, f"{f} tables[{i}]"))
+    ids = [t.id for t in tables]
+    if len(set(ids)) != len(ids):
+        raise SpecError(f"{f}: duplicate table ids {ids}")
+    claims = tuple(_claim(c, f"{f} claims[{i}]", ids) for i, c in enumerate(raw.get("claims", [])))
+    if not tables:
+        raise SpecError(f"{f}: no [[tables]]")
+    paper = Paper(key=key, title=_need(p, "title", f"{f} [paper]"), arxiv=str(p.get("arxiv", "")),
+                  venue=str(p.get("venue", "")), code=str(p.get("code", "")), method=str(p.get("method", "")),
+                  tables=tuple(tables), claims=claims, path=f)
+    if check:
+        check_paper(paper)
+    return paper
+
+
+def _table(t: dict, where: str) -> Table:
+    _unknown(t, {"id", "caption", "model", "source", "budget_convention", "columns", "rows", "notes",
+                 *RUN_SETTINGS}, where)
+    tid = _need(t, "id", where)
+    where = f"{where} ({tid})"
+    cols = []
+    for j, c in enumerate(_need(t, "columns", where, list)):
+        w = f"{where} columns[{j}]"
+        _unknown(c, {"key", "label", "bench", "metric", "tolerance", "not_run"}, w)
+        metric = str(c.get("metric", ""))
+        tol = c.get("tolerance", DEFAULT_TOLERANCE.get(metric, TOLERANCE_POINTS))
+        cols.append(Column(key=_need(c, "key", w), label=str(c.get("label", c["key"])), bench=str(c.get("bench", "")),
+                           metric=metric, tolerance=float(_number(tol, w + " tolerance")),
+                           not_run=str(c.get("not_run", ""))))
+        if not cols[-1].bench and not cols[-1].not_run:
+            raise SpecError(f"{w}: bench = \"\" needs a `not_run` reason")
+    keys = [c.key for c in cols]
+    if not cols or len(set(keys)) != len(keys):
+        raise SpecError(f"{where}: columns must be non-empty with unique keys, got {keys}")
+    rows = []
+    for j, r in enumerate(_need(t, "rows", where, list)):
+        w = f"{where} rows[{j}]"
+        _unknown(r, {"method", "label", "budget", "paper_budget", "options", "published", "missing", "rel_avg",
+                     "source", "unverified", "not_run"}, w)
+        method = str(r.get("method", ""))
+        w += f" ({r.get('label', method)})"
+        if not method and not r.get("not_run"):
+            raise SpecError(f"{w}: method = \"\" needs a `not_run` reason")
+        pub = dict(r.get("published", {}))
+        miss = dict(r.get("missing", {}))
+        for k, v in pub.items():
+            if k not in keys:
+                raise SpecError(f"{w}: published names column {k!r}, not in the table's columns {keys}")
+            _number(v, f"{w} published.{k}")
+        for k in miss:
+            if k not in keys:
+                raise SpecError(f"{w}: missing names column {k!r}, not in the table's columns {keys}")
+            if k in pub:
+                raise SpecError(f"{w}: column {k!r} is both published and missing")
+        budget = r.get("budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise SpecError(f"{w}: budget must be an integer (our method's convention), got {budget!r}")
+        rel = r.get("rel_avg")
+        rows.append(Row(method=method, label=str(r.get("label", method)), budget=budget,
+                        paper_budget=r.get("paper_budget"), options=dict(r.get("options", {})), published=pub,
+                        missing=miss, rel_avg=None if rel is None else float(_number(rel, w + " rel_avg")),
+                        source=str(r.get("source", "")), unverified=str(r.get("unverified", "")),
+                        not_run=str(r.get("not_run", ""))))
+    if not rows:
+        raise SpecError(f"{where}: no rows")
+    return Table(id=tid, caption=str(t.get("caption", "")), model=_need(t, "model", where),
+                 source=_need(t, "source", where), budget_convention=str(t.get("budget_convention", "")),
+                 columns=tuple(cols), rows=tuple(rows), settings={k: t[k] for k in RUN_SETTINGS if k in t},
+                 notes=str(t.get("notes", "")))
+
+
+def _claim(c: dict, where: str, table_ids: list[str]) -> Claim:
+    _unknown(c, {"id", "text", "kind", "method", "against", "tables", "source"}, where)
+    kind = _need(c, "kind", where)
+    if kind not in ("beats", "pareto"):
+        raise SpecError(f"{where}: kind must be 'beats' or 'pareto', got {kind!r}")
+    tables = tuple(c.get("tables", table_ids))
+    for t in tables:
+        if t not in table_ids:
+            raise SpecError(f"{where}: names table {t!r}, not among {table_ids}")
+    return Claim(id=_need(c, "id", where), text=_need(c, "text", where), kind=kind, method=_need(c, "method", where),
+                 against=tuple(c.get("against", ())), tables=tables, source=str(c.get("source", "")))
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_paper(paper: Paper) -> None:
+    """Every benchmark, metric, method, option and budget of ``paper`` against the harness and the registry."""
+    from llava.method import available_methods, get_method
+
+    from ..benchmarks import BENCHMARKS
+
+    methods = set(available_methods())
+    f = paper.path
+    if paper.method and paper.method not in methods:
+        raise SpecError(f"{f} [paper]: method {paper.method!r} is not a registered method")
+    for t in paper.tables:
+        w = f"{f} table {t.id!r}"
+        for c in t.columns:
+            if not c.bench:
+                continue
+            if c.bench not in BENCHMARKS:
+                raise SpecError(f"{w} column {c.key!r}: unknown benchmark {c.bench!r}; known: {', '.join(BENCHMARKS)}")
+            names = [m.name for m in BENCHMARKS[c.bench].metrics]
+            if c.metric not in names:
+                raise SpecError(f"{w} column {c.key!r}: benchmark {c.bench!r} has no metric {c.metric!r}; "
+                                f"its metrics: {', '.join(names)}")
+        for r in t.rows:
+            if not r.runnable:
+                continue
+            wr = f"{w} row {r.label!r}"
+            if r.method not in methods:
+                raise SpecError(f"{wr}: unknown method {r.method!r}; known: {', '.join(sorted(methods))}")
+            try:
+                get_method(r.method, r.budget, **r.options)
+            except (TypeError, ValueError, KeyError) as e:
+                raise SpecError(f"{wr}: {r.method}(budget={r.budget}, options={r.options}) does not build: {e}") from None
+    for c in paper.claims:
+        for m in (c.method, *c.against):
+            if m not in methods:
+                raise SpecError(f"{f} claim {c.id!r}: unknown method {m!r}")
+
+
+__all__ = ["Paper", "Table", "Column", "Row", "Claim", "SpecError", "load", "load_all", "list_papers", "spec_path",
+           "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]

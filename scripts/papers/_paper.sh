@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Shared runner of scripts/papers/<paper>.sh (PAPER set by the caller): the paper's table grid through the harness,
+# then the report beside the published numbers (eval/papers/<paper>.toml; docs/papers.md).
+#   bash scripts/papers/<paper>.sh [TABLE] [--dry-run]
+# Variables (environment):
+#   OUT        runs directory (default ./runs): each config in OUT/<bench>/<run-name>/, the report in OUT/papers/
+#   DATA_ROOT  LLaVA's playground/data/eval (default ./playground/data/eval)
+#   ONLY       benchmarks or column keys, comma-separated (ONLY=gqa,pope)
+#   BUDGETS    budgets, comma-separated, as printed or in our convention (BUDGETS=64); the unpruned row always runs
+#   MODEL      replaces the tables' model (a local directory of the same checkpoint)
+#   SHARD      i/n: this job runs every n-th config from the i-th (0-based), for several nodes or a job array;
+#              the report is written by the job that runs SHARD=0/n (rerun with REPORT_ONLY=1 when all are done)
+#   REPORT_ONLY=1  no runs, only the report
+#   and everything scripts/eval/*.sh reads: NPROC, LAUNCHER (torchrun | deepspeed | python), TP, FAST, BACKEND, ...
+# Every config is resumable (the harness resumes per question) and skipped when its results.json is complete.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PYTHON="${PYTHON:-python}"
+TABLE=""; DRY=0; FAILED=()
+for a in "$@"; do
+    case "$a" in
+        --dry-run) DRY=1 ;;
+        -h|--help) sed -n 2,17p "${BASH_SOURCE[0]}"; exit 0 ;;
+        -*) echo "unknown flag $a (usage: bash scripts/papers/$PAPER.sh [TABLE] [--dry-run])" >&2; exit 2 ;;
+        *) TABLE="$a" ;;
+    esac
+done
+export OUT="${OUT:-./runs}" DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
+[[ "$OUT" = /* ]] || OUT="$PWD/$OUT"                  # relative to where the script is called from
+[[ "$DATA_ROOT" = /* ]] || DATA_ROOT="$PWD/$DATA_ROOT"
+[[ -n "${MODEL:-}" && -e "$MODEL" && "$MODEL" != /* ]] && MODEL="$PWD/$MODEL"
+GRID=(paper-grid "$PAPER" --out "$OUT" --data-root "$DATA_ROOT")
+[[ -n "$TABLE" ]] && GRID+=(--table "$TABLE")
+[[ -n "${ONLY:-}" ]] && GRID+=(--only "$ONLY")
+[[ -n "${BUDGETS:-}" ]] && GRID+=(--budgets "$BUDGETS")
+[[ -n "${MODEL:-}" ]] && GRID+=(--model "$MODEL")
+[[ -n "${SHARD:-}" ]] && GRID+=(--shard "$SHARD")
+cd "$REPO"
+if [[ $DRY == 1 ]]; then exec "$PYTHON" -m eval "${GRID[@]}" --dry-run; fi
+if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
+    CMDS="$("$PYTHON" -m eval "${GRID[@]}" --commands)"   # configs still to run, unpruned first
+    N=$(grep -c . <<< "$CMDS" || true)
+    echo "$PAPER: $N configs to run${SHARD:+ (shard $SHARD)}"
+    I=0; FAILED=()
+    while IFS= read -r LINE; do
+        [[ -z "$LINE" ]] && continue
+        I=$((I + 1)); echo "[$I/$N] $LINE"
+        eval "set -- $LINE"   # BENCH METHOD BUDGET MODEL [flags]: shell-quoted by python -m eval paper-grid
+        BENCH="$1"; shift
+        if ! ( unset MODEL; source "$REPO/scripts/eval/_launch.sh" "$@" ); then
+            FAILED+=("$LINE"); echo "$PAPER: failed: $LINE (the grid goes on; rerun the script to resume it)" >&2
+        fi
+    done <<< "$CMDS"
+fi
+if [[ -z "${SHARD:-}" || "${SHARD%%/*}" == 0 ]]; then
+    mkdir -p "$OUT/papers"
+    REP=(paper "$PAPER" "$OUT" --format both --out "$OUT/papers/$PAPER${TABLE:+-$TABLE}")
+    [[ -n "$TABLE" ]] && REP+=(--table "$TABLE")
+    [[ -n "${MODEL:-}" ]] && REP+=(--model "$MODEL")
+    [[ -n "${EFFICIENCY:-}" ]] && REP+=(--efficiency "$EFFICIENCY")
+    [[ "${WANDB_MODE:-}" != disabled ]] && REP+=(--wandb)
+    "$PYTHON" -m eval "${REP[@]}"
+fi
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+    printf '%s: %d configs failed:\n' "$PAPER" "${#FAILED[@]}" >&2; printf '  %s\n' "${FAILED[@]}" >&2; exit 1
+fi
