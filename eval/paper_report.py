@@ -232,7 +232,7 @@ def check_claims(paper: Paper, reports: dict[str, TableReport], efficiency: list
 
 def _beats(cl: Claim, reports: dict[str, TableReport]) -> dict:
     held, failed, missing = [], [], []
-    for tid in cl.tables:
+    for tid in (t for t in cl.tables if t in reports):  # the tables this report covers
         rep = reports[tid]
         t = rep.table
         groups: dict[str, dict[str, int]] = {}
@@ -266,7 +266,7 @@ def _pareto(cl: Claim, reports: dict[str, TableReport], efficiency: list[dict]) 
     cost."""
     eff = {(e.get("method"), e.get("budget")): e for e in efficiency if not e.get("options")}
     points = []
-    for tid in cl.tables:
+    for tid in (t for t in cl.tables if t in reports):
         rep = reports[tid]
         for i, r in enumerate(rep.table.rows):
             acc = rep.avgs[i]["ours_vs_ours"][0]
@@ -366,8 +366,6 @@ def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model:
 
     index = index_results(runs, include_partial) if runs else {}
     tables = [paper.table(table)] if table else list(paper.tables)
-    if paper.claims and table is None:
-        tables = list(paper.tables)
     reps = {t.id: analyse(t, collect(paper, index, t, model)) for t in tables}
     eff = []
     for f in efficiency_files:
