@@ -92,11 +92,12 @@ def paper(args, local_rank=None) -> int:
         return 2
     if out is None:
         print(text)
-    elif args.format == "both":
+    elif args.format == "both":  # OUT is a stem: OUT.md and OUT.tex (a dot inside the name is kept)
+        stem = str(out.with_suffix("")) if out.suffix in (".md", ".tex") else str(out)
         md, tex = text.split("\n% ", 1) if "\n% " in text else (text, "")
-        out.with_suffix(".md").write_text(md)
-        out.with_suffix(".tex").write_text("% " + tex if tex else tex)
-        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.tex')}")
+        Path(stem + ".md").write_text(md)
+        Path(stem + ".tex").write_text("% " + tex if tex else tex)
+        print(f"wrote {stem}.md and {stem}.tex")
     else:
         out.write_text(text)
         print(f"wrote {out}")

@@ -54,7 +54,7 @@ if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
 fi
 if [[ -z "${SHARD:-}" || "${SHARD%%/*}" == 0 ]]; then
     mkdir -p "$OUT/papers"
-    REP=(paper "$PAPER" "$OUT" --format both --out "$OUT/papers/$PAPER${TABLE:+-$TABLE}")
+    REP=(paper "$PAPER" "$OUT" --format both --out "$OUT/papers/$PAPER${TABLE:+-${TABLE//[^A-Za-z0-9._]/-}}")
     [[ -n "$TABLE" ]] && REP+=(--table "$TABLE")
     [[ -n "${MODEL:-}" ]] && REP+=(--model "$MODEL")
     [[ -n "${EFFICIENCY:-}" ]] && REP+=(--efficiency "$EFFICIENCY")
