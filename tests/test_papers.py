@@ -191,7 +191,7 @@ def test_commands_skip_complete_runs(tmp_path):
 
 
 def test_dry_run_every_paper(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}  # the interpreter running the tests
     for n in list_papers():
         r = subprocess.run(["bash", str(REPO / "scripts/papers" / f"{n}.sh"), "--dry-run"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
