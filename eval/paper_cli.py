@@ -94,9 +94,8 @@ def paper(args, local_rank=None) -> int:
         print(text)
     elif args.format == "both":  # OUT is a stem: OUT.md and OUT.tex (a dot inside the name is kept)
         stem = str(out.with_suffix("")) if out.suffix in (".md", ".tex") else str(out)
-        md, tex = text.split("\n% ", 1) if "\n% " in text else (text, "")
-        Path(stem + ".md").write_text(md)
-        Path(stem + ".tex").write_text("% " + tex if tex else tex)
+        Path(stem + ".md").write_text(info["texts"]["md"])
+        Path(stem + ".tex").write_text(info["texts"]["latex"])
         print(f"wrote {stem}.md and {stem}.tex")
     else:
         out.write_text(text)
@@ -120,7 +119,7 @@ def paper_grid(args, local_rank=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.commands:
-        for line in commands(grid, args.out, args.data_root):
+        for line in commands(grid, args.out):
             print(line)
         return 0
     print(dry_run_text(spec, grid, args.out, args.data_root, not_runnable(spec, args.table)))

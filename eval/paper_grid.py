@@ -100,41 +100,53 @@ def shard(configs: list, spec: str | None) -> list:
     return configs[i::n]
 
 
-def status(cfg: Config, out, data_root) -> dict:
-    """Where ``cfg`` stands under ``out``: ``done`` (a complete results.json), ``partial`` (answers, not all),
-    ``todo``; the question count when the data is there, else what is missing."""
+def is_complete(run_dir) -> bool:
+    """A run folder whose results.json is complete (not a ``--limit`` smoke run)."""
+    res = Path(run_dir) / "results.json"
+    return res.exists() and not read_json(res).get("partial")
+
+
+def data_status(bench: str, data_root) -> tuple[int | None, str]:
+    """A benchmark's question count under ``data_root``, or None and what is missing (never raises)."""
     from .benchmarks import get_benchmark
     from .datacheck import check_benchmark
+
+    try:
+        b = get_benchmark(bench, data_root)
+        rep = check_benchmark(b, deep=False)
+        if rep.ok_inference:
+            return len(b.load()), ""
+        return None, "data: " + "; ".join((rep.missing_inference + rep.missing_inputs)[:2])
+    except Exception as e:  # noqa: BLE001 - a dry run reports, never raises
+        return None, f"data: {e}"
+
+
+def status(cfg: Config, out, data_root, data: dict | None = None) -> dict:
+    """Where ``cfg`` stands under ``out``: ``done`` (a complete results.json), ``partial`` (answers, not all),
+    ``todo``; the question count when the data is there, else what is missing. ``data``: a dict that keeps each
+    benchmark's :func:`data_status` across the configs of one grid (its questions are read once)."""
     from .shards import answered_uids
 
     d = cfg.run_dir(out)
-    res = d / "results.json"
     st = {"config": cfg, "run_dir": str(d), "state": "todo", "questions": None, "answered": 0, "missing": ""}
-    if res.exists():
-        r = read_json(res)
-        if not r.get("partial"):
-            st["state"] = "done"
-    if st["state"] != "done" and d.exists():
+    if is_complete(d):
+        st["state"] = "done"
+    elif d.exists():
         st["answered"] = len(answered_uids(d))
         if st["answered"]:
             st["state"] = "partial"
-    try:
-        bench = get_benchmark(cfg.bench, data_root)
-        rep = check_benchmark(bench, deep=False)
-        if rep.ok_inference:
-            st["questions"] = len(bench.load())
-        else:
-            st["missing"] = "data: " + "; ".join((rep.missing_inference + rep.missing_inputs)[:2])
-    except Exception as e:  # noqa: BLE001 - a dry run reports, never raises
-        st["missing"] = f"data: {e}"
+    data = {} if data is None else data
+    if cfg.bench not in data:
+        data[cfg.bench] = data_status(cfg.bench, data_root)
+    st["questions"], st["missing"] = data[cfg.bench]
     return st
 
 
 def dry_run_text(paper: Paper, configs: list[Config], out, data_root, skipped: list[str]) -> str:
     lines = [f"{paper.key}: {len(configs)} configs (out {out}, data {data_root})"]
-    n_done = 0
+    n_done, data = 0, {}
     for c in configs:
-        st = status(c, out, data_root)
+        st = status(c, out, data_root, data)
         n_done += st["state"] == "done"
         q = "?" if st["questions"] is None else str(st["questions"])
         state = st["state"] + (f" {st['answered']}/{q}" if st["state"] == "partial" else "")
@@ -155,12 +167,7 @@ def not_runnable(paper: Paper, table: str | None = None) -> list[str]:
     return out
 
 
-def commands(configs: list[Config], out, data_root) -> list[str]:
-    """One line per config still to run (not ``done``): ``BENCH=<bench> <launch args>``, shell-quoted."""
-    lines = []
-    for c in configs:
-        res = c.run_dir(out) / "results.json"
-        if res.exists() and not read_json(res).get("partial"):
-            continue
-        lines.append(" ".join([c.bench] + [shlex.quote(a) for a in c.launch_args()]))
-    return lines
+def commands(configs: list[Config], out) -> list[str]:
+    """One line per config still to run (not complete): ``BENCH METHOD BUDGET MODEL [flags]``, shell-quoted."""
+    return [" ".join([c.bench] + [shlex.quote(a) for a in c.launch_args()])
+            for c in configs if not is_complete(c.run_dir(out))]

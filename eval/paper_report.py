@@ -360,8 +360,8 @@ def _x(r: Row):
 # ----------------------------------------------------------------------------------------------- entry point
 def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model: str | None = None,
            efficiency_files=(), figures_dir=None, include_partial: bool = False) -> tuple[str, dict]:
-    """The report text (``fmt`` md / latex / both) and a dict with every table's analysis, the claims and the
-    figure paths."""
+    """The report text (``fmt`` md / latex / both: the two one after the other) and a dict with every table's
+    analysis, the claims, the figure paths and the text per format (``texts``)."""
     import json
 
     index = index_results(runs, include_partial) if runs else {}
@@ -378,7 +378,7 @@ def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model:
         for t in tables:
             pts = [p for p in pareto if p["table"] == t.id]
             figs[t.id] = str(figure(paper, reps[t.id], Path(figures_dir) / f"{paper.key}-{t.slug}.png", pts or None))
-    parts = []
+    texts = {}
     for f in (["md", "latex"] if fmt == "both" else [fmt]):
         head = (f"## {paper.title}\n\narXiv {paper.arxiv}" + (f", {paper.venue}" if paper.venue else "")
                 + (f"; code {paper.code}" if paper.code else "") + ".\n") if f == "md" else \
@@ -390,8 +390,8 @@ def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model:
                                     for c in claims) + "\n")
         if f == "md" and figs:
             body.append("\n".join(f"![{tid}]({Path(p).name})" for tid, p in figs.items()) + "\n")
-        parts.append("\n".join([head] + body))
-    return "\n".join(parts), {"tables": reps, "claims": claims, "figures": figs}
+        texts[f] = "\n".join([head] + body)
+    return "\n".join(texts.values()), {"tables": reps, "claims": claims, "figures": figs, "texts": texts}
 
 
 def log_wandb(paper: Paper, info: dict, text: str, project=None, entity=None) -> dict:

@@ -185,7 +185,7 @@ def test_commands_skip_complete_runs(tmp_path):
     part = grid[1].run_dir(out)
     part.mkdir(parents=True)
     (part / "results.json").write_text(json.dumps({"partial": True}))  # a --limit smoke run is not done
-    lines = commands(grid, out, tmp_path)
+    lines = commands(grid, out)
     assert len(lines) == 5 and not any(ln.startswith(f"{grid[0].bench} none") for ln in lines)
     assert "gqa fastv 64 llava-hf/llava-1.5-7b-hf --opt numerics=official" in lines
 
