@@ -15,6 +15,8 @@ _HEADER = 7  # the .wandb file: ":W&B" + magic 0xBEE1 + version, then LevelDB-lo
 
 def _records(path) -> list[bytes]:
     data = Path(path).read_bytes()
+    if len(data) < _HEADER:  # just created: nothing written yet
+        return []
     ident, magic, _version = struct.unpack("<4sHB", data[:_HEADER])
     if ident != b":W&B" or magic != 0xBEE1:
         raise ValueError(f"{path}: not a .wandb transaction log")
@@ -29,6 +31,8 @@ def _records(path) -> list[bytes]:
             pos += left
             continue
         chunk = data[pos + _HEADER:pos + _HEADER + length]
+        if len(chunk) < length:  # the tail of a record still being written
+            break
         pos += _HEADER + length
         if kind == 1:  # full
             out.append(chunk)
@@ -69,7 +73,8 @@ def read_offline_run(path, wait: float = 15.0) -> dict:
     ``{"run": {id, name, group, job_type, tags, project}, "config": {...}, "summary": {...},
     "history": [{...} per step], "tables": {key: {"columns": [...], "data": [[...]]}}, "charts": {key:
     custom-chart spec}, "files": [...], "finished": bool}``. W&B's service may still be writing the file
-    when ``finish`` has returned: it is read again until it holds the run's exit record (up to ``wait`` s)."""
+    when ``finish`` has returned: it is read again until it holds the run's exit record and no half-written
+    record (up to ``wait`` s)."""
     import time
 
     from wandb.proto import wandb_internal_pb2 as pb
@@ -79,14 +84,22 @@ def read_offline_run(path, wait: float = 15.0) -> dict:
     if wfile is None:
         raise FileNotFoundError(f"no run-*.wandb in {d}")
     deadline = time.monotonic() + wait
+    from google.protobuf.message import DecodeError
+
     while True:
-        records = []
+        records, torn = [], None
         for raw in _records(wfile):
             rec = pb.Record()
-            rec.ParseFromString(raw)
+            try:
+                rec.ParseFromString(raw)
+            except DecodeError as e:  # a record the service is still writing: read the file again
+                torn = e
+                break
             records.append(rec)
-        finished = any(r.WhichOneof("record_type") == "exit" for r in records)
+        finished = torn is None and any(r.WhichOneof("record_type") == "exit" for r in records)
         if finished or time.monotonic() > deadline:
+            if torn is not None:
+                raise RuntimeError(f"{wfile}: a record still unreadable after {wait:.0f} s ({torn})") from torn
             break
         time.sleep(0.2)
     out: dict[str, Any] = {"dir": str(d), "run": {}, "config": {}, "summary": {}, "history": [], "tables": {},
