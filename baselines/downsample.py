@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import BudgetError, Method, Selection, register
 from llava.ops import masked_take, unit_layout
 
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "internvl", "qwen3_5")
@@ -64,7 +64,7 @@ def stride_for_budget(budget: int, rows: int, cols: int, at_most: bool = False) 
         return s, s
     if budget not in counts:
         reach = ", ".join(f"{n} (s={s})" for n, s in sorted(counts.items(), reverse=True))
-        raise ValueError(f"downsample: budget {budget} is not reachable with non-overlapping s x s windows on a "
+        raise BudgetError(f"downsample: budget {budget} is not reachable with non-overlapping s x s windows on a "
                          f"{rows}x{cols} patch grid; reachable budgets: {reach} (or set `stride`)")
     s = counts[budget]
     return s, s

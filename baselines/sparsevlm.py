@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import BudgetError, Method, Selection, register
 from llava.ops import REFERENCE_DEPTH, check_numerics, fit_stage_counts, masked_take, scale_layers, scaled_count, topk_desc
 
 #: ``sparse_token_dict`` of score.py: retained visual tokens (of 576) after layers 2 / 6 / 15.
@@ -358,7 +358,7 @@ class SparseVLM(Method):
     def _gravity_head_dim(sig) -> int:
         """The head size the RoPE gravity is computed for (the sparse layer's keys); refused on 3-D M-RoPE."""
         if sig.position_ids.dim() != 1:
-            raise ValueError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this model uses "
+            raise BudgetError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this model uses "
                              "3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
         return sig.keys("prev", rope=False).shape[-1]
 

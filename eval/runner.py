@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava.method import BudgetError
+
 from . import dist as distmod
 from .benchmarks import Benchmark, Question, get_benchmark
 from .datacheck import check_benchmark
@@ -361,7 +363,8 @@ def _open_wandb(r: _Run) -> None:
 
 def _answer(r: _Run) -> None:
     """This rank's questions left, answered by vLLM or our engine; then the barrier before the merge. An input
-    that cannot be read ends the run with one line (the answers so far are on disk)."""
+    that cannot be read, or a budget the method cannot serve on it (:class:`llava.method.BudgetError`), ends the
+    run with one line (the answers so far are on disk)."""
     cfg, info = r.cfg, r.info
     try:
         if r.vb is not None:
@@ -371,7 +374,7 @@ def _answer(r: _Run) -> None:
         else:
             hf_infer(cfg, r.bench, r.rt, r.engine, r.todo, r.run_dir, info, r.device, r.wb, n_total=len(r.questions),
                      n_done=r.n_done, qhashes=r.qhashes)
-    except InputError as e:  # this rank's input
+    except (InputError, BudgetError) as e:  # this rank's input; a budget the method cannot serve on it
         if info.writes:  # a tensor-parallel group's ranks read the same input: its writer says it
             print(f"error: {e}", file=sys.stderr)
         if info.world > 1:  # the other ranks wait at a barrier: exit, the launcher stops them

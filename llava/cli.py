@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .method import BudgetError
+
 
 def parse_options(pairs: list[str], what: str = "--opt") -> dict:
     """``key=value`` strings to a dict; values parsed as JSON where they are JSON (3, true, [1,2])."""
@@ -69,8 +71,11 @@ def ask(model, question, image=None, video=None, method="none", budget=None, opt
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = rt.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    try:  # a budget / option the method cannot serve on this input (it sees the layout only now)
+        with torch.inference_mode():
+            out = rt.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    except BudgetError as e:
+        raise InputError(_msg(e)) from e
     if dev.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0

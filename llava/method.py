@@ -167,6 +167,14 @@ class Selection:
         return bool(same)
 
 
+class BudgetError(ValueError):
+    """A budget or option the method cannot serve on this model or input, found when the method first sees its
+    layout (a window count the patch grid cannot give, a position scheme an option is not defined for). Bad input,
+    not a bug: ``python -m llava.cli ask`` and ``python -m eval run`` print it as one ``error:`` line and exit 2
+    (the harness keeps the answers so far). A method raises it only for such input-dependent refusals; the
+    checks it can make in ``__init__`` / ``setup`` raise ``ValueError`` there, before anything runs."""
+
+
 def keep_all(n: int) -> Selection:
     return Selection(keep=torch.arange(n))
 

@@ -99,6 +99,31 @@ def test_llava_ask_bad_method_input_is_one_line_exit_2(args, msg, capsys):
     assert msg in one_error_line(capsys.readouterr().err)
 
 
+UNREACHABLE = "downsample: budget 8 is not reachable with non-overlapping s x s windows on a 4x4 patch grid; " \
+    "reachable budgets: 16 (s=1), 4 (s=2), 1 (s=4) (or set `stride`)"
+
+
+def test_llava_ask_budget_the_method_cannot_reach_on_the_family_is_one_line_exit_2(capsys):
+    """Issue 50 item 3: a budget refused only when the method first sees the layout (InternVL's tiny 4x4 grid:
+    8 windows are unreachable) is bad input, not a traceback; a reachable budget on the same grid answers."""
+    assert llava_main(["ask", "--question", "what?", "--model", "tiny:internvl", "--method", "downsample",
+                       "--budget", "8"]) == 2
+    assert one_error_line(capsys.readouterr().err) == "error: " + UNREACHABLE
+    assert llava_main(["ask", "--question", "what?", "--model", "tiny:internvl", "--method", "downsample",
+                       "--budget", "4", "--max-new-tokens", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["visual_entering_llm"] == res["visual_candidates"] // 16 * 4  # 2x2 windows on each 4x4 tile
+
+
+def test_eval_run_budget_the_method_cannot_reach_is_one_line_exit_2(fixture_data, tmp_path, capsys):
+    """The harness: the same refusal, found at the first batch, ends the run with the one line (exit 2)."""
+    rc = eval_run(fixture_data, tmp_path / "runs", "--method", "downsample", "--budget", "8", "--run-name", "r",
+                  model="tiny:internvl")
+    assert rc == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert err == ["error: " + UNREACHABLE]
+
+
 def test_eval_run_subprocess_has_no_traceback(fixture_data, tmp_path):
     p = subprocess.run([sys.executable, "-m", "eval", "run", "pope", "--method", "random", "--budget", "-5",
                         "--data-root", str(fixture_data), "--out", str(tmp_path), "--no-wandb"],
