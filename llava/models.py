@@ -65,6 +65,8 @@ class Runtime:
     info: dict[str, Any] = field(default_factory=dict)
     #: the fast path's options for every ``prune`` (``load(..., fast=True)``): None = eager engine
     fast: dict | None = None
+    #: ``engine`` is the unpruned one ``load(..., fast=True)`` attached (no ``prune`` called since)
+    engine_by_load: bool = False
 
     @property
     def tokenizer(self):
@@ -80,6 +82,7 @@ class Runtime:
 
     def prune(self, method="none", budget: int | None = None, **options) -> PruningEngine:
         """Attach a method (replacing any previous one); ``model.generate`` then prunes."""
+        self.engine_by_load = False
         self.engine = attach(self.model, method, budget, next_layout=self.processor.next_layout,
                              prompt_spec=self.prompt_spec(), fast=self.fast, **options)
         return self.engine
@@ -288,7 +291,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     (``fast_backend`` "auto": CUDA graphs through Inductor on a GPU, dynamo without code generation on a
     CPU; "inductor", "eager", "aot_eager", or "none" = the static-shape functions run uncompiled), decode
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. Prefills the fast path
-    does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran.
+    does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
+    user never prunes takes the fast path too: ``load`` attaches the unpruned method ("none") with it, so the
+    baseline a speed-up is timed against is captured like the pruned runs (``rt.engine.stats.path``).
 
     ``decoder_layers=N`` (a hub id or local folder): load only the first N decoder layers (the rest hold their
     place and refuse to run, :class:`AbsentDecoderLayer`): a model for the vision stage alone
@@ -310,6 +315,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens)}
         rt.info["fast"] = dict(rt.fast)
+        if decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) has no prefill of its own to capture
+            rt.prune("none")
+            rt.engine_by_load = True
     return rt
 
 

@@ -189,8 +189,10 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
         raise RuntimeError("DeepSpeed inference needs the deepspeed package: pip install -e '.[deepspeed]'") from None
     from .dtypes import parse_dtype as _dtype
 
-    if rt.engine is not None:
+    if rt.engine is not None and not rt.engine_by_load:
         raise ValueError("call deepspeed_inference before attaching a pruning method")
+    reattach = rt.engine is not None  # load(fast=True)'s unpruned engine: attached again to the sharded model
+    rt.unprune()
     tp = int(tp_size)
     if tp < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")
@@ -226,6 +228,9 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
                     sharded={c.__name__: list(v) for c, v in policy.items()}, replicated="vision tower, projector")
     rt.model = eng.module
     rt.info["deepspeed"] = info
+    if reattach:
+        rt.prune("none")
+        rt.engine_by_load = True
     return rt
 
 

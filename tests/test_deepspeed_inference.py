@@ -45,6 +45,16 @@ def test_methods_attached_before_init_inference_are_refused():
         deepspeed_inference(rt)
 
 
+def test_the_unpruned_engine_of_a_fast_load_moves_to_the_wrapped_model():
+    """``load(fast=True)`` attaches the unpruned engine itself; DeepSpeed takes the model (tp 1) and the engine
+    is attached again to the wrapped module, still the fast path's, still replaceable by ``prune``."""
+    rt = deepspeed_inference(load("tiny:llava", seed=1, fast=True, fast_backend="none", fast_max_new_tokens=4))
+    assert rt.engine_by_load and rt.engine.method.name == "none" and rt.engine.fast is not None
+    assert rt.engine.model is rt.model  # the wrapped module, not the one load returned
+    rt.prune("fastv", 8)
+    assert not rt.engine_by_load
+
+
 def test_eval_run_with_the_deepspeed_launcher_equals_python(fixture_data, tmp_path, run_env):
     from eval.io import read_jsonl
     from eval.runner import RunConfig, run, run_dir_of

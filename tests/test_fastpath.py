@@ -223,3 +223,22 @@ def test_the_padded_text_block_holds_the_eager_question_rows(rt_fast, rt_eager):
         assert torch.equal(fm, torch.arange(ft.shape[0]) < n)  # the real rows first, then padding
         torch.testing.assert_close(ft[:n], et)
         assert torch.equal(fq[:n], eq) and not bool(fq[n:].any())
+
+
+def test_fast_load_captures_the_unpruned_model_without_prune():
+    """Issue 50 item 3: ``load(..., fast=True)`` alone (no ``rt.prune``) runs the unpruned model on the fast path
+    - the baseline every speed-up is timed against - and its greedy tokens and first-step scores equal the stock
+    eager ``generate()`` of the same weights (no engine attached at all)."""
+    torch._dynamo.reset()
+    fast = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND)
+    stock = load("tiny:llava", seed=1)
+    assert stock.engine is None and fast.engine is not None and fast.engine_by_load
+    assert fast.engine.method.name == "none" and fast.engine.fast.refusal is None
+    batch = inputs(fast, 0, n=3)
+    toks, scores = generate(fast, batch)
+    assert fast.engine.stats.path == "fast" and fast.engine.stats.new_graph  # captured, not eager
+    ref_toks, ref_scores = generate(stock, batch)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    eng = fast.prune("random", 4)  # a method attached later replaces it, on the fast path as before
+    assert not fast.engine_by_load and eng.fast is not None
