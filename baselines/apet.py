@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llava.method import Method, Selection, register
+from llava.method import BudgetError, Method, Selection, register
 from llava.ops import check_numerics, scale_layers
 
 OFFICIAL_BASIS = 10  # --basis_token_num (README, every script)
@@ -228,8 +228,9 @@ def apet_compose(x: torch.Tensor, fixed: list, groups: list, draws: torch.Tensor
 
     Output order: every output at its place (a target, a fixed token: its own index; a basis token: its slot's
     index with ``replace``, its own with ``own``, after the unit's last token with ``append``). Without
-    ``want_values``: ``keep`` = fixed tokens and basis tokens, ``targets`` / ``assign`` the merge (rule ``mean``),
-    ``order`` that placement. With ``want_values`` (``merge_seeds``: a basis token that also joins a target,
+    ``want_values``: ``keep`` = fixed tokens and basis tokens, ``targets`` / ``assign`` the merge (rule ``mean``;
+    with ``merge_seeds`` the basis tokens keep their slot too, ``Selection.merge_kept``), ``order`` that
+    placement: the LLM stage, whose merge is the engine's fp32 one as the official ``layer_prune``'s. With ``want_values`` (``merge_seeds``: a basis token that also joins a target,
     which one ``assign`` cannot say): every output computed here (fp16 under ``numerics="official"``), ``keep``
     = each output's provenance in output order (a basis token in ``replace`` mode: its slot token)."""
     dev = x.device
@@ -282,7 +283,8 @@ def apet_compose(x: torch.Tensor, fixed: list, groups: list, draws: torch.Tensor
         return Selection(keep=torch.cat(prov + tg_all)[order], values=rows[order], space=space)
     if not tg_all:
         return Selection(keep=keep_t, order=order)
-    return Selection(keep=keep_t, targets=targets_t, assign=assign, rule="mean", space=space, order=order)
+    return Selection(keep=keep_t, targets=targets_t, assign=assign, rule="mean", space=space, order=order,
+                     merge_kept=merge_seeds)  # the basis tokens (kept) join their nearest target too
 
 
 @register
@@ -442,10 +444,10 @@ class ApET(Method):
             if cand is not None:
                 groups.append((u, cand, out))
         if self._merge_seeds and sig.deepstack is not None:
-            raise ValueError("apet: merge_seeds needs outputs computed by the method (Selection.values), which cannot "
+            raise BudgetError("apet: merge_seeds needs outputs computed by the method (Selection.values), which cannot "
                              "carry Qwen3-VL's DeepStack rows; use merge_seeds=False")
         if self._merge_seeds and self._space == "vision" and self.keep_newlines and lay.newlines.numel():
-            raise ValueError("apet: merge_seeds computes every output in vision space, where LLaVA-NeXT / OneVision "
+            raise BudgetError("apet: merge_seeds computes every output in vision space, where LLaVA-NeXT / OneVision "
                              "newline tokens have no features; use merge_seeds=False or keep_newlines=False")
         x = sig.vision_features if self._space == "vision" else sig.features
         return apet_compose(x, fixed, groups, self._draws(sig, lay.num_units), basis=int(self.basis),
@@ -478,5 +480,5 @@ class ApET(Method):
                 groups.append((u, mine, T))
         U = len(counts)
         return apet_compose(sig.hidden[sig.visual], fixed, groups, self._draws(v, U)[U:], basis=int(self.basis),
-                            seed_slots=self._slots, merge_seeds=False, ridge=float(self.ridge),
+                            seed_slots=self._slots, merge_seeds=self._merge_seeds, ridge=float(self.ridge),
                             numerics=self.numerics, stage="llm")

@@ -34,7 +34,7 @@ class Selection:
     keep:    (k,) indices of tokens carried over unchanged, in output order.
     targets: (c,) indices of tokens that become *merged* (contextual) tokens, placed after ``keep``.
     assign:  (n,) for every visual token of the stage, the slot in ``targets`` it is merged into,
-             or -1. Only tokens that are neither kept nor targets are read.
+             or -1. Only tokens that are neither kept nor targets are read (``merge_kept``: kept ones too).
     rule:    ``target_plus_mean``: merged = x[target] + mean(x[assigned]) (VisionZip / VisionDrop);
              ``mean``: merged = mean(x[target] and x[assigned]).
     space:   vision stage only: merge ``vision`` features (before the projector, then project) or
@@ -46,6 +46,9 @@ class Selection:
              ``assign`` cannot express (PruMerge's overlapping k-NN sums and its extra global token).
              ``keep`` / ``targets`` then only give each output's provenance (its unit, run and position).
     allow_duplicates: see the field.
+    merge_kept: ``assign`` is read for the kept tokens too: a kept token with a slot is output unchanged
+             *and* averaged into that target (ApET's official basis tokens, which its code merges as well as
+             emits); the targets are never read.
     count:   captured (piecewise) selections only: a 0-d device count; only the first ``count`` outputs
              (in output order) are the selection, the rest are padding that fixes the shape (never read).
              The fast path reads every count once, after its first graph (:mod:`llava.fastpath`).
@@ -62,6 +65,8 @@ class Selection:
     #: code that does so (AttnMix ``allow_duplicates``); otherwise a duplicate is an error
     allow_duplicates: bool = False
     count: torch.Tensor | None = None
+    #: kept tokens with an ``assign`` slot join that target too (only to reproduce released code that does so)
+    merge_kept: bool = False
 
     def __post_init__(self) -> None:
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)

@@ -543,10 +543,12 @@ def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: f
 
 
 def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
-    """Merged (contextual) tokens of ``sel`` from rows of ``x`` (n, D), computed in fp32."""
+    """Merged (contextual) tokens of ``sel`` from rows of ``x`` (n, D), computed in fp32 (``sel.merge_kept``: the
+    kept tokens with a slot join their target too)."""
     tg = sel.targets.to(x.device)
     taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    taken[sel.keep.to(x.device)] = True
+    if not sel.merge_kept:
+        taken[sel.keep.to(x.device)] = True
     taken[tg] = True
     assign = sel.assign.to(x.device).masked_fill(taken, -1)  # not assign[taken] = -1: a boolean index syncs
     c = tg.numel()

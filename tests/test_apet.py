@@ -3,6 +3,8 @@ places), the budget rules and option errors, and the method on the tiny families
 stage on the hidden states, reference mode, the fast path). Keep-all bit-identical, tokens per unit without the
 LLM stage, batch == alone, cached == recompute: tests/test_method_guarantees.py. The official code as reference: tests/test_reference_apet.py."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import (ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_reference_mode_in_engine,
@@ -82,6 +84,12 @@ def test_merge_seeds_is_the_official_double_count():
                        merge_seeds=True, ridge=1e-5, numerics="ours", stage="vision", want_values=True)
     assert sel.keep.tolist() == [1, 2, 5] and sel.targets is None
     assert sel.values.tolist() == [[1.0, 1.5], [2.0, 0.0], [1.5, -1.25]]
+    # the LLM stage (no values): the same double count as Selection.merge_kept, merged by the engine's merge_tokens
+    sel = apet_compose(X, [], [(0, torch.arange(6), 3)], torch.tensor([0]), basis=1, seed_slots="replace",
+                       merge_seeds=True, ridge=1e-5, numerics="ours", stage="llm")
+    assert sel.merge_kept and sel.keep.tolist() == [0] and sel.assign.tolist() == [1, -1, -1, 0, 0, -1]
+    assert merge_tokens(X, sel).tolist() == [[1.0, 1.5], [1.5, -1.25]]
+    assert merge_tokens(X, dataclasses.replace(sel, merge_kept=False)).tolist() == [[1.0, 1.5], [1.0, -2.5]]
 
 
 def test_the_llm_stage_seats_the_basis_tokens_in_error_order():
