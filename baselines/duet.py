@@ -335,6 +335,7 @@ class DUET(Method):
             return Selection(keep=torch.arange(sig.num_visual, device=dev))
         if k == 0:  # the official topk(0): nothing kept, no signal needed
             return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
-        rows = sig.attention(self.queries, layer="next")  # (H, Q, S): layer K's q / k
+        # (H, Q, S): layer K's q / k; reference mode: the official eager attention's fp16 logits
+        rows = sig.attention(self.queries, layer="next", logits="model" if self.numerics == "official" else "fp32")
         mask = sig.text_mask if self.queries == "text_after" else None  # padded rows on the fast path
         return Selection(keep=duet_rank(rows, sig.visual, k, self.numerics, row_mask=mask))

@@ -172,5 +172,6 @@ class VScan(Method):
         k = self.stage2_count(sig.vision.num_units)
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
-        row = sig.attention("last", layer="next")[:, 0]  # (H, S): layer K's q/k, last prompt token
+        # (H, S): layer K's q/k, last prompt token; reference mode: the official eager attention's fp16 logits
+        row = sig.attention("last", layer="next", logits="model" if self.numerics == "official" else "fp32")[:, 0]
         return Selection(keep=last_row_topk(row, sig.visual, k, self.numerics, method="vscan"))

@@ -82,7 +82,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
                          num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
                          state=state, vision=vision_sig, captured=True,
                          key_mask=torch.empty(S, dtype=torch.bool, device=meta),
-                         _attn_fn=lambda rows, which: torch.empty(H, rows.numel(), S, device=meta),
+                         _attn_fn=lambda rows, which, **kw: torch.empty(H, rows.numel(), S, device=meta),
                          _keys_fn=lambda which, rope: torch.empty(S, hkv, hd, device=meta),
                          _norm=lambda x: torch.empty_like(x))
         sel = m.select_llm(stage, sig)

@@ -12,6 +12,7 @@ SDPA / FlashAttention). Nothing is computed unless a method asks for it.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -245,20 +246,27 @@ class LLMSignals:
         """Tokens after the image (a host int on both paths; ``text_after`` may be padded)."""
         return self._num_text if self._num_text is not None else int(self.text_after.numel())
 
-    def attention(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next") -> torch.Tensor:
-        """Causal attention probabilities (H, Q, S) of the given query rows, in fp32.
+    def attention(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next",
+                  logits: Literal["fp32", "model"] = "fp32") -> torch.Tensor:
+        """Causal attention probabilities (H, Q, S) of the given query rows.
 
         ``queries``: indices into the S tokens, or "last" (last prompt token), "question",
         "text_after", "visual". ``layer``: "next" uses decoder layer ``layer``'s norm + q/k on the
         current hidden states (PyramidDrop / VisionDrop); "prev" recomputes layer ``layer``-1's own
-        attention from its input (FastV). Cached per (queries, layer).
+        attention from its input (FastV). ``logits`` (:func:`causal_attention_rows`): "fp32" (ours: q k^T in
+        fp32, fp32 probabilities) or "model" (the eager attention of LLaVA's LlamaAttention, which the official
+        code of the in-LLM methods reads: q k^T and / sqrt(d) in the model's dtype, the softmax in fp32 cast back
+        to that dtype; reference modes). Cached per (queries, layer, logits).
         """
         q = self._resolve(queries)
+        if logits not in ATTENTION_LOGITS:
+            raise ValueError(f"attention logits must be one of {ATTENTION_LOGITS}, got {logits!r}")
+        kw = {} if logits == "fp32" else {"logits": logits}
         if self.captured and not isinstance(queries, str):  # keyed by value would read the device
-            return self._attn_fn(q, layer)
-        key = (queries if isinstance(queries, str) else tuple(q.tolist()), layer)
+            return self._attn_fn(q, layer, **kw)
+        key = (queries if isinstance(queries, str) else tuple(q.tolist()), layer, logits)
         if key not in self._cache:
-            self._cache[key] = self._attn_fn(q, layer)
+            self._cache[key] = self._attn_fn(q, layer, **kw)
         return self._cache[key]
 
     def keys(self, layer: Literal["next", "prev"] = "next", rope: bool = True) -> torch.Tensor:
@@ -523,9 +531,9 @@ def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: 
                                  x if which == "next" else x_prev, lm.rotary_emb, pos)
         return qks[which]
 
-    def attn_fn(rows, which):
+    def attn_fn(rows, which, logits="fp32"):
         qk = pick(which)
-        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask)
+        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask, logits=logits)
 
     def keys_fn(which, rope):
         return pick(which).keys(rope).transpose(0, 1)
@@ -543,19 +551,39 @@ def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos
     return (None if rows is None else qk.queries(rows, rope)), k
 
 
+#: the arithmetic of :func:`causal_attention_rows`: "fp32" (ours) or "model" (the official eager attention)
+ATTENTION_LOGITS = ("fp32", "model")
+
+
 def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float,
-                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) over keys 0..row (causal), fp32. q (H, Q, d), k (H_kv, S, d) -> (H, Q, S).
-    ``key_mask`` (S,) bool: only those keys are attended to (a padded row's real tokens)."""
+                          key_mask: torch.Tensor | None = None, logits: str = "fp32") -> torch.Tensor:
+    """softmax(q k^T * scale) over keys 0..row (causal). q (H, Q, d), k (H_kv, S, d) -> (H, Q, S).
+    ``key_mask`` (S,) bool: only those keys are attended to (a padded row's real tokens).
+
+    ``logits="fp32"`` (ours): q and k cast to fp32, fp32 probabilities. ``"model"``: as LLaVA's eager
+    ``LlamaAttention`` (transformers 4.31-4.37, the code PyramidDrop, VScan and DUET-VLM modify and read their rows
+    from): ``torch.matmul(q, k^T)`` in q's dtype (fp16 in a half-precision run), ``/ math.sqrt(d)`` in that dtype
+    (where ``scale`` is d^-1/2, else ``* scale``), the masked keys at -inf (the official additive mask's finfo.min
+    gives the same zeros), ``softmax(dim=-1, dtype=torch.float32).to(q.dtype)``: probabilities in the model's
+    dtype. What is left is the GEMM's summation order, which is the device's (CUDA's is not a CPU's)."""
     h, hkv = q.shape[0], k.shape[0]
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=0)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if logits == "model":
+        d = q.shape[-1]
+        scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2))
+        scores = scores / math.sqrt(d) if abs(scale - d ** -0.5) < 1e-12 else scores * scale
+    elif logits == "fp32":
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    else:
+        raise ValueError(f"attention logits must be one of {ATTENTION_LOGITS}, got {logits!r}")
     s = k.shape[1]
     future = torch.arange(s, device=q.device)[None, :] > rows.to(q.device)[:, None]  # (Q, S)
     if key_mask is not None:
         future = future | ~key_mask.to(q.device)[None, :]
     scores = scores.masked_fill(future[None], float("-inf"))
+    if logits == "model":
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.softmax(scores, dim=-1)
 
 
