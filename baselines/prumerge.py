@@ -429,6 +429,8 @@ class PruMerge(Method):
             raise ValueError(f"prumerge: qk_layer must be an int (hidden-state index), got {self.qk_layer!r}")
         self.vision_fullwidth_layers = (self.qk_layer,)
         check_numerics("prumerge", self.numerics)
+        if self.numerics == "official":  # the [CLS] row as the official code computes it from the fp16 tower's q / k
+            self.vision_attention_logits = "model"
 
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:

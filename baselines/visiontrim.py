@@ -285,11 +285,14 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
                budget: int, *, grid: tuple[int, int] | None = None, tgvc_tokens: int | None = None,
                dvts_score: str = "code", alpha: float = 0.5, received_queries: str = "patches",
                ltam_window: int = 3, vtc_times: int = 3, cls_token: str = "drop", embed_fn=None,
-               logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours", layout=None) -> Selection:
+               logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours", layout=None,
+               received: torch.Tensor | None = None) -> Selection:
     """VisionTrim's selection for one sample: per unit ``budget`` = D + C outputs (:func:`split_budget`).
 
     cls_attn (H, T) / recv (H, T): the select layer's [CLS] row and received attention (mean over all
-    query rows) per head; vision_features (T, Dv); embeds (T, De) comparison rows; text (L, De) / text_mask;
+    query rows) per head; ``received`` (T,): instead of ``recv``, the official received term itself (the
+    engine's ``received_patches`` signal: head mean per entry, the [CLS] query and the diagonal left out; the
+    reference mode reads it in the tower's fp16, as the official code); vision_features (T, Dv); embeds (T, De) comparison rows; text (L, De) / text_mask;
     unit (T,) (-1 = NeXT newline); patch (T,) (-1 = [CLS] / newline). A unit with at most ``budget``
     tokens is kept whole; when every unit is, the selection keeps everything (the identity). Otherwise
     the outputs are computed here (``Selection.values``, vision space): per unit ([CLS] when
@@ -321,7 +324,8 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
     for (n, d, c), units in groups.items():
         cand = torch.stack([plan[u][1] for u in units])  # (B, n) ascending = raster order
         a = a_all[cand]
-        r = received_from_patches(recv[:, cand], cls_attn[:, cand], n + 1, received_queries)
+        r = (received[cand] if received is not None
+             else received_from_patches(recv[:, cand], cls_attn[:, cand], n + 1, received_queries))
         dom, tgt, dv, tv = visiontrim_units(
             a, r, vision_features[cand], embeds[cand], text, text_mask, d, c, grid=grid, patch=patch[cand],
             dvts_score=dvts_score,
@@ -438,6 +442,11 @@ class VisionTrim(Method):
             raise ValueError("visiontrim: text='clip' needs clip_model (a CLIP checkpoint with its text tower, e.g. "
                              "openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")
         self._clip_route = ClipTextRoute("visiontrim", self.clip_model, self.clip_tokenizer, self.llm_tokenizer)
+        if self.numerics == "official":  # the official maps: the eager attention of the fp16 tower
+            self.vision_attention_logits = "model"
+            if self.received_queries == "patches":  # the official received term, diagonal and [CLS] query out
+                self.vision_received_patch_layers = (self.vision_layer,)
+                self.vision_attention_layers = ()
 
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:
@@ -492,9 +501,11 @@ class VisionTrim(Method):
         else:
             embeds, embed_fn, scale = sig.features, None, CLIP_LOGIT_SCALE
             text, mask = sig.text_rows("question")
-        return visiontrim(sig.cls_attn, sig.received_attn[self.vision_attention_layers[0]], sig.vision_features,
+        v = self.vision_layer
+        return visiontrim(sig.cls_attn, sig.received_attn.get(v), sig.vision_features,
                           embeds, text, mask, sig.unit, sig.patch, self.budget, grid=sig.grid,
                           tgvc_tokens=self.tgvc_tokens, dvts_score=self.dvts_score, alpha=self.alpha,
                           received_queries=self.received_queries, ltam_window=self.ltam_window,
                           vtc_times=self.vtc_times, cls_token=self.cls_token, embed_fn=embed_fn, logit_scale=scale,
-                          numerics=self.numerics, layout=sig.unit_layout(patch=True))
+                          numerics=self.numerics, layout=sig.unit_layout(patch=True),
+                          received=sig.received_patches.get(v))

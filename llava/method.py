@@ -225,6 +225,14 @@ class Method:
     #: Vision-tower layers (hidden_states indices) whose [CLS] query row per head the vision stage reads as
     #: ``sig.cls_attn_layers[v]`` (H, T) (VScan's local / global scans); CLIP towers only.
     vision_cls_layers: tuple[int, ...] = ()
+    #: Vision-tower layers (hidden_states indices) whose attention *received from the other patches* (head mean
+    #: per entry, the [CLS] query and each patch's own column left out, / (P - 1)) the vision stage reads as
+    #: ``sig.received_patches[v]`` (T,) (VisionTrim's official term); CLIP towers only.
+    vision_received_patch_layers: tuple[int, ...] = ()
+    #: The arithmetic of every tower attention signal above: "fp32" (ours) or "model" (as the official code
+    #: computes them, in the tower's dtype: :func:`llava.families.clip.clip_probs`; reference modes; CLIP
+    #: towers only; eager engine only)
+    vision_attention_logits: str = "fp32"
     #: Model families the method supports (None: all); the engine refuses the others at attach with
     #: ``unsupported_reason``.
     families: ClassVar[tuple[str, ...] | None] = None
@@ -315,6 +323,8 @@ class Method:
             return self.capture_reason or f"{self.name} is not capturable"
         if getattr(self, "numerics", "ours") == "official":
             return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
+        if self.vision_attention_logits != "fp32" or self.vision_received_patch_layers:
+            return f"{self.name}: the official tower attention arithmetic runs on the eager engine"
         return None
 
     def capture_kind(self) -> str | None:

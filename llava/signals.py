@@ -49,6 +49,11 @@ class VisionSignals:
                      and the keys (fp32); 0 for newline tokens. Empty unless requested.
     cls_attn_layers: {v: (H, T)} for each hidden-state index v in ``vision_cls_layers``: the [CLS]
                      query row per head of the layer producing hidden state v (like ``cls_attn``).
+    received_patches: {v: (T,)} for each v in ``vision_received_patch_layers``: the attention each token
+                     receives from its unit's other patches (head mean per entry, the [CLS] query and its own
+                     column left out, / (P - 1): VisionTrim's official term). Empty unless requested.
+                     Every attention signal here is fp32, or in the tower's dtype as the official code
+                     computes it when the method sets ``vision_attention_logits="model"``.
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
@@ -74,6 +79,7 @@ class VisionSignals:
     received_attn: dict = field(default_factory=dict)
     fullwidth_cls_attn: dict = field(default_factory=dict)
     cls_attn_layers: dict = field(default_factory=dict)
+    received_patches: dict = field(default_factory=dict)
     fullwidth_keys: dict = field(default_factory=dict)
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding

@@ -113,3 +113,66 @@ def test_reference_modes_read_the_model_dtype_rows_in_the_engine(method, budget,
         with torch.no_grad():
             rt.model(**batch)
         assert seen and set(seen) == set(want), (numerics, seen)
+
+
+def test_tower_signals_in_the_official_arithmetic_reach_visiontrim():
+    """VisionTrim's reference mode on an fp16 tiny LLaVA: the engine hands it the select layer's [CLS] row and
+    the received-from-other-patches term in fp16, each equal to the official ops on that layer's fp16 q / k
+    (transformers 4.37's eager CLIPAttention: q * scale, bmm, softmax in fp16; head mean, diagonal and [CLS]
+    query out, fp16 sum / (P - 1)); the default mode gets fp32 rows and no such term."""
+    import baselines.visiontrim as vt
+
+    rt = load("tiny:llava", seed=1, dtype="float16")
+    layers = rt.prune("none").adapter.tower.encoder.layers
+    layer = layers[len(layers) - 2]  # produces hidden state -2 (VisionTrim's layer)
+    seen, inputs_h = [], []
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: inputs_h.append(a[0] if a else kw["hidden_states"]),
+                                           with_kwargs=True)
+    orig = vt.VisionTrim.select_vision
+
+    def spy(self, sig):
+        seen.append(sig)
+        return orig(self, sig)
+
+    batch = make_batch(rt, n=1)
+    try:
+        vt.VisionTrim.select_vision = spy
+        rt.prune("visiontrim", 8, numerics="official")
+        with torch.no_grad():
+            rt.model(**batch)
+        rt.prune("visiontrim", 8)
+        with torch.no_grad():
+            rt.model(**batch)
+    finally:
+        vt.VisionTrim.select_vision = orig
+        hook.remove()
+    official, ours = seen
+    assert official.cls_attn.dtype == torch.float16 and ours.cls_attn.dtype == torch.float32
+    assert set(official.received_patches) == {-2} and not official.received_attn
+    assert not ours.received_patches and set(ours.received_attn) == {-2}
+    attn = layer.self_attn
+    x = layer.layer_norm1(inputs_h[0])  # (1, S, D) fp16, the official layer's input
+    n, s, _ = x.shape
+    q = attn.q_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
+    maps = torch.nn.functional.softmax(torch.matmul(q * attn.scale, k.transpose(-1, -2)), dim=-1)  # fp16
+    mean = maps.mean(dim=1)
+    p = s - 1
+    recv = mean[:, 1:, 1:].masked_fill(torch.eye(p, dtype=torch.bool), 0).sum(dim=1) / (p - 1)
+    assert torch.equal(official.cls_attn, maps[0, :, 0, 1:])  # LLaVA-1.5 drops the [CLS] from the candidates
+    assert torch.equal(official.received_patches[-2], recv[0])
+
+
+def test_official_tower_arithmetic_is_refused_where_it_is_not_computed():
+    """Only the CLIP adapters compute the tower signals in the official arithmetic: another family says so
+    (never a silent fp32 row); the fast path leaves such a method to the eager engine."""
+    from llava.method import get_method
+
+    m = get_method("random", 4)
+    m.vision_attention_logits = "model"
+    assert "eager engine" in m.capture_refusal()
+    rt = load("tiny:qwen2.5-vl", seed=1)
+    rt.prune(m)
+    with pytest.raises(ValueError, match="CLIP towers only, not qwen2_5_vl"):
+        with torch.no_grad():
+            rt.model(**make_batch(rt, n=1))

@@ -161,6 +161,29 @@ def test_reference_mode_equals_the_official_code(seed, dtype, plus):
     assert got_vals.dtype == torch.float32 and torch.equal(got_vals, vals.float())  # fp16 values, exactly
 
 
+@pytest.mark.parametrize("seed,dtype,plus", CASES)
+def test_reference_mode_from_the_engine_signal(seed, dtype, plus):
+    """The engine's full-width [CLS] row in the official arithmetic (``fullwidth_signals(..., logits="model")``,
+    what the reference mode asks for: ``softmax((q @ k^T) * C ** -0.5)`` in the tower's fp16) is the official row
+    bit for bit, and from it the reference mode keeps the official list and values (the fp32 row of the default
+    signal kept it in 5 / 12 cases: docs/methods/prumerge.md)."""
+    from types import SimpleNamespace
+
+    from llava.families.clip import fullwidth_signals
+
+    q, k, x = random_qk(seed, dtype)
+    q16, k16, x16 = q.to(OFFICIAL_DTYPE), k.to(OFFICIAL_DTYPE), x.to(OFFICIAL_DTYPE)
+    keep, vals = official_prune_merge(q16, k16, x16, plus=plus)
+    layer = SimpleNamespace(layer_norm1=lambda h: h, self_attn=SimpleNamespace(
+        q_proj=lambda h: q16[:, :h.shape[1]], k_proj=lambda h: k16[:, :h.shape[1]]))  # the hooked projections
+    row, keys = fullwidth_signals(layer, torch.zeros(1, 577, 1, dtype=OFFICIAL_DTYPE), logits="model")
+    assert row.dtype == OFFICIAL_DTYPE and torch.equal(row[0, 1:], official_attention(q16, k16)[0])
+    got_keep, got_vals = ours(row[0, 1:], keys[0, 1:], x[0], (24, 24), "official", variant="plus" if plus else "base")
+    assert got_keep == keep and torch.equal(got_vals, vals.float())
+    assert PruMerge(numerics="official").vision_attention_logits == "model"
+    assert PruMerge().vision_attention_logits == "fp32"
+
+
 def test_method_option():
     assert PruMerge().numerics == "ours" and PruMerge(numerics="official").numerics == "official"
     assert PruMerge().config()["numerics"] == "ours"  # recorded like every method's options

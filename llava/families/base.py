@@ -120,6 +120,11 @@ class FamilyAdapter:
     deepstack_levels: int = 0
     #: decoder layers with no attention to read (hybrid models: Qwen3.5's Gated DeltaNet layers); empty: none
     linear_layers: frozenset = frozenset()
+    #: the tower's attention signals can be computed in the official code's arithmetic
+    #: (``Method.vision_attention_logits="model"``: the CLIP towers, :func:`llava.families.clip.clip_probs`)
+    tower_logits: bool = False
+    #: the arithmetic the engine asks of the tower's attention signals for the current method ("fp32" / "model")
+    attention_logits: str = "fp32"
 
     def __init__(self, model: torch.nn.Module, next_layout: str | None = None, **options):
         # next_layout is LLaVA-NeXT's packing option; other families have one packing and ignore it

@@ -9,6 +9,35 @@ import torch
 
 from .base import param_dtype
 
+#: the arithmetic of the tower's attention signals (``Method.vision_attention_logits``): "fp32" (ours: q / k cast
+#: to fp32, fp32 softmax) or "model" (the official code's: in the tower's dtype, see :func:`clip_probs`)
+TOWER_LOGITS = ("fp32", "model")
+
+
+def clip_probs(q: torch.Tensor, k: torch.Tensor, scale: float, logits: str = "fp32") -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys: q (..., Q, d), k (..., S, d) unscaled projections -> (..., Q, S).
+    ``"fp32"``: in fp32. ``"model"``: the eager ``CLIPAttention`` of transformers 4.31-4.37 (the version LLaVA and
+    its forks pin; the attention maps ``output_attentions`` hands the official code): ``q_proj(x) * scale``, the
+    ``bmm`` and the softmax all in the tower's dtype (fp16 when the official builder casts the tower)."""
+    if logits == "model":
+        return torch.matmul(q * scale, k.to(q.dtype).transpose(-1, -2)).softmax(-1)
+    if logits != "fp32":
+        raise ValueError(f"tower attention logits must be one of {TOWER_LOGITS}, got {logits!r}")
+    return (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).softmax(-1)
+
+
+def received_from_other_patches(maps: torch.Tensor) -> torch.Tensor:
+    """(n, S): per token j, the attention it receives from the P = S - 1 patch queries other than itself, head
+    mean per entry first, / (P - 1): ``maps`` (n, H, S, S) probabilities ([CLS] = token 0). The official
+    VisionTrim term (``clip_encoder.py`` ``token_prune_visiontrim`` 22b686d l.414-423: ``attentions[-2].mean(dim=1)``,
+    ``[:, 1:, 1:]``, the diagonal ``masked_fill``-ed with 0, ``.sum(dim=1) / (n_tokens - 1)``), in the maps' dtype;
+    column 0 ([CLS], never a patch) sums the patch rows the same way."""
+    m = maps.mean(dim=1)[:, 1:]  # (n, P, S): head mean per entry, the patch query rows
+    p = m.shape[1]
+    diag = torch.zeros(p, m.shape[2], dtype=torch.bool, device=m.device)
+    diag[torch.arange(p), torch.arange(1, p + 1)] = True  # patch i's own column is i + 1
+    return m.masked_fill(diag, 0).sum(dim=1) / (p - 1)
+
 
 def attention_layer(tower, feature_layer: int, vision_layer: int | None) -> int:
     """Index of the encoder layer whose attention defines the vision signals: the layer that
@@ -23,27 +52,49 @@ def attention_layer(tower, feature_layer: int, vision_layer: int | None) -> int:
     return idx
 
 
-def received_attention(layer, h: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+    """(n, s, H*d) projections -> (n, H, s, d), in their dtype."""
+    n, s, _ = x.shape
+    return x.view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def received_attention(layer, h: torch.Tensor, chunk: int = 64, logits: str = "fp32",
+                       patches: bool = False) -> torch.Tensor:
     """(n, H, S) fp32: per head, the attention each token *receives* in ``layer`` (the mean over all S
     query rows, [CLS] included, of softmax(q k^T * scale)), recomputed from the layer's input ``h``
-    (n, S, D) with its own ``layer_norm1`` + q/k projections; ``chunk`` units at a time."""
+    (n, S, D) with its own ``layer_norm1`` + q/k projections; ``chunk`` units at a time. ``logits="model"``:
+    the maps in the tower's dtype (:func:`clip_probs`), the mean there. ``patches``: instead (n, S), the
+    :func:`received_from_other_patches` term (the patch queries but the token itself, head mean first)."""
     attn = layer.self_attn
     out = []
     for a in range(0, h.shape[0], chunk):
         xn = layer.layer_norm1(h[a:a + chunk])
         n, s, _ = xn.shape
-        q = attn.q_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
-        k = attn.k_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
-        p = (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)
-        out.append(p.mean(2))
+        if logits == "fp32" and not patches:  # the default signal, unchanged
+            q = attn.q_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
+            k = attn.k_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
+            p = (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)
+            out.append(p.mean(2))
+            continue
+        p = clip_probs(_heads(attn, attn.q_proj(xn)), _heads(attn, attn.k_proj(xn)), attn.scale, logits)
+        out.append(received_from_other_patches(p) if patches else p.mean(2))
     return torch.cat(out)
 
 
-def fullwidth_signals(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fullwidth_signals(layer, h: torch.Tensor, logits: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's q / k projections of its input ``h`` (n, S, D) taken full width (one D-wide head):
-    the [CLS] query's softmax over all S keys with scale 1/sqrt(D) (n, S), and the keys (n, S, D); fp32."""
+    the [CLS] query's softmax over all S keys with scale 1/sqrt(D) (n, S), and the keys (n, S, D); fp32.
+    ``logits="model"``: the row as PruMerge's official code computes it from its hooked q / k (42Shawn/LLaVA-PruMerge
+    ``clip_encoder.py`` ``token_prune_merge_advanced(_plus)``: ``softmax((q @ k^T) * C ** -0.5)``, all in the
+    tower's dtype); the keys stay fp32."""
     attn = layer.self_attn
     xn = layer.layer_norm1(h)
+    if logits == "model":
+        k16, q16 = attn.k_proj(xn), attn.q_proj(xn[:, :1])
+        p = (torch.matmul(q16, k16.transpose(-1, -2)) * k16.shape[-1] ** -0.5).softmax(-1)[:, 0]
+        return p, k16.float()
+    if logits != "fp32":
+        raise ValueError(f"tower attention logits must be one of {TOWER_LOGITS}, got {logits!r}")
     k = attn.k_proj(xn).float()
     q = attn.q_proj(xn[:, :1]).float()
     p = (torch.einsum("nqd,nsd->nqs", q, k) / k.shape[-1] ** 0.5).softmax(-1)[:, 0]
@@ -181,11 +232,15 @@ def run_tower_masked(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     return h.masked_fill(~keep[..., None], 0), keep
 
 
-def cls_row(layer, h: torch.Tensor) -> torch.Tensor:
+def cls_row(layer, h: torch.Tensor, logits: str = "fp32") -> torch.Tensor:
     """(n, H, S) fp32: per head, the [CLS] query's softmax over the unit's tokens in ``layer``, recomputed
-    from its input ``h`` with its own ``layer_norm1`` + q/k projections (as the select layer's cls_attn)."""
+    from its input ``h`` with its own ``layer_norm1`` + q/k projections (as the select layer's cls_attn).
+    ``logits="model"``: :func:`clip_probs`'s official arithmetic, in the tower's dtype."""
     attn = layer.self_attn
     xn = layer.layer_norm1(h)
+    if logits != "fp32":
+        return clip_probs(_heads(attn, attn.q_proj(xn[:, :1])), _heads(attn, attn.k_proj(xn)), attn.scale,
+                          logits)[:, :, 0]
     n, s, _ = xn.shape
     k = attn.k_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
     q = attn.q_proj(xn[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).float()
@@ -193,12 +248,15 @@ def cls_row(layer, h: torch.Tensor) -> torch.Tensor:
 
 
 def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
-              extra_layers=(), stage=None, kind: str = "image", cls_in_llm: bool = False):
+              extra_layers=(), stage=None, kind: str = "image", cls_in_llm: bool = False, logits: str = "fp32"):
     """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
     keys (n, S, d) or None, extra signals). ``extra_layers``: hidden-state indices v whose received
     attention is wanted (``recv:v`` (n, H, S)), or ``("fw", v)`` for the full-width [CLS] attention and
     keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), or ``("cls", v)`` for that layer's [CLS] row per head
-    (``clsl:v`` (n, H, S)). All fp32, from pre-hooks (the tower stays on SDPA).
+    (``clsl:v`` (n, H, S)), or ``("rpat", v)`` for the attention received from the other patches
+    (``rpat:v`` (n, S), :func:`received_from_other_patches`). All fp32, from pre-hooks (the tower stays on SDPA);
+    ``logits="model"`` (``Method.vision_attention_logits``, reference modes): every attention signal in the
+    arithmetic of the official code, in the tower's dtype (:func:`clip_probs`, :func:`fullwidth_signals`).
 
     ``stage``: a method with ``tower_stage`` (the engine sets ``adapter.tower_method``): the tower then
     runs layer by layer (:func:`run_tower_staged`) and the extra signals carry ``in_tower_kept`` (n, S)."""
@@ -235,27 +293,32 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
     for v, idx in extra.items():
         layer_v, h = tower.encoder.layers[idx], captured[("x", v)]
         if isinstance(v, tuple) and v[0] == "fw":
-            received[f"fwa:{v[1]}"], received[f"fwk:{v[1]}"] = fullwidth_signals(layer_v, h)
+            received[f"fwa:{v[1]}"], received[f"fwk:{v[1]}"] = fullwidth_signals(layer_v, h, logits)
+        elif isinstance(v, tuple) and v[0] == "rpat":  # received from the other patches (VisionTrim's term)
+            received[f"rpat:{v[1]}"] = received_attention(layer_v, h, logits=logits, patches=True)
         elif isinstance(v, tuple):  # ("cls", v): that layer's [CLS] query row per head
-            received[f"clsl:{v[1]}"] = cls_row(layer_v, h)
+            received[f"clsl:{v[1]}"] = cls_row(layer_v, h, logits)
         else:
-            received[f"recv:{v}"] = received_attention(layer_v, h)
+            received[f"recv:{v}"] = received_attention(layer_v, h, logits=logits)
     hs = out.hidden_states[feature_layer]
     cls_attn = keys = None
     if want_attn:
-        cls_attn, keys = cls_signals(layer, captured["h"])
+        cls_attn, keys = cls_signals(layer, captured["h"], logits)
     return hs, cls_attn, keys, received
 
 
-def cls_signals(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cls_signals(layer, h: torch.Tensor, logits: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """The [CLS] query row per head (n, H, S) and the head-mean keys (n, S, d) of ``layer``, fp32,
     recomputed from its input ``h`` (n, S, D) = ``hidden_states[i]`` for encoder layer i (what the
-    pre-hook sees) with its own ``layer_norm1`` + q/k projections."""
+    pre-hook sees) with its own ``layer_norm1`` + q/k projections. ``logits="model"``: the row in the tower's
+    dtype (:func:`clip_probs`); the keys stay fp32."""
     attn = layer.self_attn
     xn = layer.layer_norm1(h)
     n, s, _ = xn.shape
     heads, d = attn.num_heads, attn.head_dim
     k = attn.k_proj(xn).view(n, s, heads, d).float()
+    if logits != "fp32":
+        return cls_row(layer, h, logits), k.mean(2)
     q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
     scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
     return scores.softmax(-1)[:, :, 0], k.mean(2)
@@ -268,7 +331,8 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     ``features`` (n*m, D) projected as the stock model does (one projector call), ``vision_features``,
     ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
     ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v,
-    ``fwa:<v>`` (n*m,) / ``fwk:<v>`` (n*m, D) its full-width [CLS] attention and keys;
+    ``fwa:<v>`` (n*m,) / ``fwk:<v>`` (n*m, D) its full-width [CLS] attention and keys, ``rpat:<v>`` (n*m,)
+    the attention received from the other patches;
     ``in_tower_kept`` (n*m,) bool the in-tower stage's survivors (``received["in_tower_kept"]`` (n, S));
     ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
     ``unit_pos`` (n, 2) = -1."""

@@ -45,6 +45,7 @@ def next_token_layout(image_size, config, num_crops: int, tokens_per_crop: int, 
 class LlavaNextAdapter(FamilyAdapter):
     family = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"
+    tower_logits = True  # CLIP: the attention signals in the official arithmetic too
 
     def __init__(self, model, next_layout: str = "spatial_unpad", **options):
         super().__init__(model, **options)
@@ -71,7 +72,7 @@ class LlavaNextAdapter(FamilyAdapter):
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
         drop = cfg.vision_feature_select_strategy == "default"
         hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers,
-                                   stage=getattr(self, "tower_method", None), kind="crop", cls_in_llm=not drop)
+                                   stage=getattr(self, "tower_method", None), logits=self.attention_logits, kind="crop", cls_in_llm=not drop)
         flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop", received=rc)
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map

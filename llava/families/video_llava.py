@@ -12,6 +12,7 @@ from .clip import flatten_units, run_tower
 class VideoLlavaAdapter(FamilyAdapter):
     family = "video_llava"
     model_class = "VideoLlavaForConditionalGeneration"
+    tower_logits = True  # CLIP: the attention signals in the official arithmetic too
 
     @property
     def tower(self):
@@ -26,13 +27,15 @@ class VideoLlavaAdapter(FamilyAdapter):
         if pixel_values is not None:
             drop = cfg.vision_feature_select_strategy == "default"
             hs, ca, ks, rc = run_tower(self.core.image_tower, pixel_values, cfg.vision_feature_layer, want_attn,
-                                       vision_layer, extra_layers, stage=stage, kind="image", cls_in_llm=not drop)
+                                       vision_layer, extra_layers, stage=stage, kind="image", cls_in_llm=not drop,
+                                       logits=self.attention_logits)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=drop, kind="image", received=rc)
             blocks.append(VisualBlock(cfg.image_token_id, flat, sizes))
         if videos is not None:
             b, t = videos.shape[:2]
             hs, ca, ks, rc = run_tower(self.core.video_tower, videos.flatten(0, 1), cfg.vision_feature_layer,
-                                       want_attn, vision_layer, extra_layers, stage=stage, kind="frame", cls_in_llm=True)
+                                       want_attn, vision_layer, extra_layers, stage=stage, kind="frame", cls_in_llm=True,
+                                       logits=self.attention_logits)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame", received=rc)
             sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video
             blocks.append(VisualBlock(cfg.video_token_id, flat, sizes))
