@@ -29,10 +29,11 @@ l - 1 produces ``hidden_states[l]``, so v = l. The deep layer is ``attentions[mm
 tower's depth n as round(l * n / 24) clipped to 1..n (identity at n = 24; the 3-layer tiny towers use
 layer 1); ``object_layer_reference=None`` takes it as is.
 
-Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. The official tower
-runs in fp32 (HiPrune's ``load_pretrained_model`` keeps LLaVA's default ``device_map='auto'``, under which the
-CLIP tower is not cast to fp16, and its ``CLIPVisionTower.forward`` returns the attentions uncast), so the
-global attention stays fp32 (our signals' dtype). Per unit, the anchors are ``torch.topk`` of the object
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics. The global attention
+as the official code computes it in the tower's own dtype (``received_global`` with
+``vision_attention_logits="model"``: the head mean per entry, then the query mean): fp16 under an fp16 tower, as
+lmms-eval loads it for the official GQA / MME / POPE / SQA / VizWiz runs; fp32 with ``vision_dtype="float32"``,
+as LLaVA's own scripts (``device_map='auto'``: the tower is not cast) for MMB / TextVQA / VQAv2. Per unit, the anchors are ``torch.topk`` of the object
 layer's row (``k`` = a), the buffers ``torch.unique`` of anchors +-1 / +-cols clamped to the grid, and the
 registers ``torch.topk`` of the deep row minus the int mask of U (fp32 - int32, as the official in-place
 ``deep_attention[i] -= mask.int()``) with k = T - |U|: the official tie order of both top-k calls instead
@@ -181,7 +182,8 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
     rank = torch.empty_like(order).scatter_(1, order, ar.expand_as(order))
     kept_tab = (rank < k_t) & present
     if numerics == "official":  # the official top-k calls per pruned unit (|U| > T: our fallback row)
-        obj_o, deep_o = obj.to(OFFICIAL_DTYPE), deep.to(OFFICIAL_DTYPE)
+        odt = g_obj.dtype if g_obj.is_floating_point() else OFFICIAL_DTYPE  # the scores' own dtype (exact back)
+        obj_o, deep_o = obj.to(odt), deep.to(odt)
         for u in range(nu):
             if k[u] < len(lay.patches[u]):
                 row = official_unit_keep(obj_o[u], deep_o[u], present[u], a[u], k[u], cols)
@@ -261,7 +263,20 @@ class HiPrune(Method):
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"hiprune: object_layer_reference must be a positive int or None, got {ref!r}")
         check_numerics("hiprune", self.numerics)
-        self.vision_attention_layers = (self.object_layer, self.deep_layer)
+        self._use_layers(self.object_layer, self.deep_layer)
+
+    def _use_layers(self, obj: int, deep: int) -> None:
+        """The two tower layers' global attention, as the signals the mode reads: ours, each head's column mean
+        (``received_attn``, head mean taken here, fp32); the reference mode, the official order of the two means in
+        the tower's own arithmetic (``received_global`` with ``vision_attention_logits="model"``: fp16 maps under
+        an fp16 tower, as lmms-eval runs the official code; fp32 under ``vision_dtype="float32"``, as LLaVA's
+        own scripts)."""
+        self._layers = (obj, deep)
+        if self.numerics == "official":
+            self.vision_attention_logits = "model"
+            self.vision_global_attention_layers, self.vision_attention_layers = self._layers, ()
+        else:
+            self.vision_attention_layers = self._layers
 
     def object_layer_for(self, depth: int) -> int:
         """The object layer (hidden-state index) on a tower of ``depth`` layers."""
@@ -280,12 +295,15 @@ class HiPrune(Method):
                 f"towers of {', '.join(SUPPORTED_FAMILIES)} only (Qwen2.5-VL's windowed ViT and OneVision's "
                 f"SigLIP tower do not provide it)")
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)
-        self.vision_attention_layers = (self.object_layer_for(num_vision_layers), self.deep_layer)
+        self._use_layers(self.object_layer_for(num_vision_layers), self.deep_layer)
 
     def select_vision(self, sig):
-        v_obj, v_deep = self.vision_attention_layers
-        g_obj = sig.received_attn[v_obj].float().mean(0)  # head mean of the column mean
-        g_deep = sig.received_attn[v_deep].float().mean(0)
+        v_obj, v_deep = self._layers
+        if self.numerics == "official":  # heads first, then the queries, in the tower's dtype (official)
+            g_obj, g_deep = sig.received_global[v_obj], sig.received_global[v_deep]
+        else:
+            g_obj = sig.received_attn[v_obj].float().mean(0)  # head mean of the column mean
+            g_deep = sig.received_attn[v_deep].float().mean(0)
         return Selection(keep=hiprune(g_obj, g_deep, sig.unit, sig.patch, self.budget, sig.grid,
                                       alpha=self.alpha, cls_token=self.cls_token,
                                       keep_newlines=self.keep_newlines, budget_mode=self.budget_mode,

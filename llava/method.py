@@ -229,6 +229,10 @@ class Method:
     #: per entry, the [CLS] query and each patch's own column left out, / (P - 1)) the vision stage reads as
     #: ``sig.received_patches[v]`` (T,) (VisionTrim's official term); CLIP towers only.
     vision_received_patch_layers: tuple[int, ...] = ()
+    #: Vision-tower layers whose *global* attention (head mean per entry, then the mean over all queries, [CLS]
+    #: included) the vision stage reads as ``sig.received_global[v]`` (T,) (HiPrune's official order of the two
+    #: means); CLIP towers only.
+    vision_global_attention_layers: tuple[int, ...] = ()
     #: The arithmetic of every tower attention signal above: "fp32" (ours) or "model" (as the official code
     #: computes them, in the tower's dtype: :func:`llava.families.clip.clip_probs`; reference modes; CLIP
     #: towers only; eager engine only)
@@ -323,7 +327,8 @@ class Method:
             return self.capture_reason or f"{self.name} is not capturable"
         if getattr(self, "numerics", "ours") == "official":
             return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
-        if self.vision_attention_logits != "fp32" or self.vision_received_patch_layers:
+        if self.vision_attention_logits != "fp32" or self.vision_received_patch_layers or \
+                self.vision_global_attention_layers:
             return f"{self.name}: the official tower attention arithmetic runs on the eager engine"
         return None
 

@@ -52,6 +52,8 @@ class VisionSignals:
     received_patches: {v: (T,)} for each v in ``vision_received_patch_layers``: the attention each token
                      receives from its unit's other patches (head mean per entry, the [CLS] query and its own
                      column left out, / (P - 1): VisionTrim's official term). Empty unless requested.
+    received_global: {v: (T,)} for each v in ``vision_global_attention_layers``: the head mean per entry, then
+                     the mean over all the unit's queries (HiPrune's official global attention).
                      Every attention signal here is fp32, or in the tower's dtype as the official code
                      computes it when the method sets ``vision_attention_logits="model"``.
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
@@ -80,6 +82,7 @@ class VisionSignals:
     fullwidth_cls_attn: dict = field(default_factory=dict)
     cls_attn_layers: dict = field(default_factory=dict)
     received_patches: dict = field(default_factory=dict)
+    received_global: dict = field(default_factory=dict)
     fullwidth_keys: dict = field(default_factory=dict)
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding

@@ -173,6 +173,62 @@ def test_engine_score_order_within_fp32_rounding(seed):
         torch.testing.assert_close(ours_g, off_g, rtol=4 * 2 ** -23, atol=0)
 
 
+def fp16_tower_layers(seed):
+    """fp16 q / k of an object and a deep layer (16 heads x 64, 577 tokens) and the maps the official code reads
+    from the fp16 tower lmms-eval loads (transformers 4.37's eager CLIPAttention: ``q * scale``, ``bmm``,
+    softmax, all fp16)."""
+    g = torch.Generator().manual_seed(40 + seed)
+    out = []
+    for _ in range(2):
+        q = (torch.randn(H, N, 64, generator=g) * 1.3).half()
+        k = (torch.randn(H, N, 64, generator=g) * 1.3).half()
+        k[:, 1 + torch.randperm(P, generator=g)[:40]] += torch.randn(64, generator=g).half()  # strongly attended
+        out.append((q, k, torch.softmax(torch.bmm(q * 64 ** -0.5, k.transpose(1, 2)), dim=-1)[None]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("t,alpha", BUDGETS)
+def test_reference_mode_from_the_fp16_tower_signals(seed, t, alpha):
+    """The official benchmark script runs GQA / MME / POPE / SQA / VizWiz through lmms-eval, which loads the tower
+    in fp16: maps, both means and both top-k calls in fp16. The engine's signal in the official arithmetic
+    (``vision_attention_logits="model"``, ``received_global``: ``clip_probs`` then the head mean, then the query
+    mean, fp16) is the official global attention bit for bit, and the reference mode keeps the official set."""
+    from llava.families.clip import clip_probs
+
+    (qo, ko, obj_map), (qd, kd, deep_map) = fp16_tower_layers(seed)
+    want = official_select(official_global_attention(obj_map), official_global_attention(deep_map), t, alpha)
+    g_obj = clip_probs(qo[None], ko[None], 64 ** -0.5, "model").mean(dim=1).mean(dim=1)[:, 1:]
+    g_deep = clip_probs(qd[None], kd[None], 64 ** -0.5, "model").mean(dim=1).mean(dim=1)[:, 1:]
+    assert g_obj.dtype == torch.float16 and torch.equal(g_obj, official_global_attention(obj_map))
+    assert ours_select(g_obj, g_deep, t, alpha, "official") == want
+
+
+def test_the_fp32_signals_miss_official_fp16_sets():
+    """What the reference mode read before: the per-head column means in fp32, head mean in fp32. On the 8 cases
+    above it keeps the official fp16 set in 6 (budget 192 misses in both seeds)."""
+    from llava.families.clip import clip_probs
+
+    same = []
+    for seed in range(2):
+        (qo, ko, obj_map), (qd, kd, deep_map) = fp16_tower_layers(seed)
+        go = clip_probs(qo[None], ko[None], 64 ** -0.5, "fp32").mean(2).mean(1)[:, 1:]
+        gd = clip_probs(qd[None], kd[None], 64 ** -0.5, "fp32").mean(2).mean(1)[:, 1:]
+        for t, alpha in BUDGETS:
+            want = official_select(official_global_attention(obj_map), official_global_attention(deep_map), t, alpha)
+            same.append(ours_select(go, gd, t, alpha, "official") == want)
+    assert same == [True, True, False, True] * 2
+
+
+def test_reference_mode_reads_the_global_attention_in_the_towers_dtype():
+    m = HiPrune(64, numerics="official")
+    assert m.vision_attention_logits == "model" and m.vision_global_attention_layers == (9, -2)
+    assert not m.vision_attention_layers
+    d = HiPrune(64)
+    assert d.vision_attention_logits == "fp32" and d.vision_attention_layers == (9, -2)
+    assert not d.vision_global_attention_layers
+
+
 def test_worked_example_anchor_tie():
     # 6 x 6 grid, one unit, T = 7, alpha = 1: a = round(1.4) = 1 anchor; patches 7 and 28 tie for it.
     # anchor 7 -> U = {1, 6, 7, 8, 13}; anchor 28 -> U = {22, 27, 28, 29, 34}; 2 registers by the deep

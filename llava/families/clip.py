@@ -58,13 +58,22 @@ def _heads(attn, x: torch.Tensor) -> torch.Tensor:
     return x.view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
+#: the forms of the received attention: per head (mean over all queries), from the other patches
+#: (:func:`received_from_other_patches`), global (head mean per entry, then the mean over all queries)
+RECEIVED_FORMS = ("per_head", "other_patches", "global")
+
+
 def received_attention(layer, h: torch.Tensor, chunk: int = 64, logits: str = "fp32",
-                       patches: bool = False) -> torch.Tensor:
+                       form: str = "per_head") -> torch.Tensor:
     """(n, H, S) fp32: per head, the attention each token *receives* in ``layer`` (the mean over all S
     query rows, [CLS] included, of softmax(q k^T * scale)), recomputed from the layer's input ``h``
     (n, S, D) with its own ``layer_norm1`` + q/k projections; ``chunk`` units at a time. ``logits="model"``:
-    the maps in the tower's dtype (:func:`clip_probs`), the mean there. ``patches``: instead (n, S), the
-    :func:`received_from_other_patches` term (the patch queries but the token itself, head mean first)."""
+    the maps in the tower's dtype (:func:`clip_probs`), the means there. ``form="other_patches"``: instead
+    (n, S), :func:`received_from_other_patches` (VisionTrim's term); ``"global"``: (n, S), the head mean per
+    entry, then the mean over all S queries (HiPrune's official ``attn.mean(dim=1).mean(dim=1)``)."""
+    if form not in RECEIVED_FORMS:
+        raise ValueError(f"received attention form must be one of {RECEIVED_FORMS}, got {form!r}")
+    patches = form != "per_head"
     attn = layer.self_attn
     out = []
     for a in range(0, h.shape[0], chunk):
@@ -77,7 +86,8 @@ def received_attention(layer, h: torch.Tensor, chunk: int = 64, logits: str = "f
             out.append(p.mean(2))
             continue
         p = clip_probs(_heads(attn, attn.q_proj(xn)), _heads(attn, attn.k_proj(xn)), attn.scale, logits)
-        out.append(received_from_other_patches(p) if patches else p.mean(2))
+        out.append(received_from_other_patches(p) if form == "other_patches"
+                   else p.mean(dim=1).mean(dim=1) if form == "global" else p.mean(2))
     return torch.cat(out)
 
 
@@ -254,7 +264,8 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
     attention is wanted (``recv:v`` (n, H, S)), or ``("fw", v)`` for the full-width [CLS] attention and
     keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), or ``("cls", v)`` for that layer's [CLS] row per head
     (``clsl:v`` (n, H, S)), or ``("rpat", v)`` for the attention received from the other patches
-    (``rpat:v`` (n, S), :func:`received_from_other_patches`). All fp32, from pre-hooks (the tower stays on SDPA);
+    (``rpat:v`` (n, S), :func:`received_from_other_patches`), or ``("glob", v)`` for the global attention
+    (``glob:v`` (n, S): head mean per entry, then the mean over all queries). All fp32, from pre-hooks (the tower stays on SDPA);
     ``logits="model"`` (``Method.vision_attention_logits``, reference modes): every attention signal in the
     arithmetic of the official code, in the tower's dtype (:func:`clip_probs`, :func:`fullwidth_signals`).
 
@@ -295,7 +306,9 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
         if isinstance(v, tuple) and v[0] == "fw":
             received[f"fwa:{v[1]}"], received[f"fwk:{v[1]}"] = fullwidth_signals(layer_v, h, logits)
         elif isinstance(v, tuple) and v[0] == "rpat":  # received from the other patches (VisionTrim's term)
-            received[f"rpat:{v[1]}"] = received_attention(layer_v, h, logits=logits, patches=True)
+            received[f"rpat:{v[1]}"] = received_attention(layer_v, h, logits=logits, form="other_patches")
+        elif isinstance(v, tuple) and v[0] == "glob":  # global: heads first, then all queries (HiPrune's)
+            received[f"glob:{v[1]}"] = received_attention(layer_v, h, logits=logits, form="global")
         elif isinstance(v, tuple):  # ("cls", v): that layer's [CLS] query row per head
             received[f"clsl:{v[1]}"] = cls_row(layer_v, h, logits)
         else:
@@ -332,7 +345,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
     ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v,
     ``fwa:<v>`` (n*m,) / ``fwk:<v>`` (n*m, D) its full-width [CLS] attention and keys, ``rpat:<v>`` (n*m,)
-    the attention received from the other patches;
+    the attention received from the other patches, ``glob:<v>`` (n*m,) the global attention;
     ``in_tower_kept`` (n*m,) bool the in-tower stage's survivors (``received["in_tower_kept"]`` (n, S));
     ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
     ``unit_pos`` (n, 2) = -1."""
