@@ -35,7 +35,8 @@ def received_from_other_patches(maps: torch.Tensor) -> torch.Tensor:
     m = maps.mean(dim=1)[:, 1:]  # (n, P, S): head mean per entry, the patch query rows
     p = m.shape[1]
     diag = torch.zeros(p, m.shape[2], dtype=torch.bool, device=m.device)
-    diag[torch.arange(p), torch.arange(1, p + 1)] = True  # patch i's own column is i + 1
+    ar = torch.arange(p, device=m.device)
+    diag[ar, ar + 1] = True  # patch i's own column is i + 1
     return m.masked_fill(diag, 0).sum(dim=1) / (p - 1)
 
 
