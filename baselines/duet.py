@@ -272,6 +272,8 @@ class DUET(Method):
         if self.order not in ORDERS:
             raise ValueError(f"duet: order must be one of {ORDERS}, got {self.order!r}")
         check_numerics("duet", self.numerics)
+        if self.numerics == "official":  # stage 1's [CLS] rows as the official eager tower computes them
+            self.vision_attention_logits = "model"
         w = self.cluster_width
         if isinstance(w, bool) or int(w) != w or w < 1:
             raise ValueError(f"duet: cluster_width must be a whole number >= 1, got {w!r}")

@@ -134,6 +134,8 @@ class VScan(Method):
         if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
             raise ValueError("vscan: window must be >= 1 patch")
         check_numerics("vscan", self.numerics)
+        if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
+            self.vision_attention_logits = "model"
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=REFERENCE_TOWER, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):
