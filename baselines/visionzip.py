@@ -204,6 +204,8 @@ class VisionZip(Method):
         if self.cls_slot not in CLS_SLOTS:
             raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
         check_numerics("visionzip", self.numerics)
+        if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
+            self.vision_attention_logits = "model"
         if self.next_order not in ORDERS:
             raise ValueError(f"visionzip: next_order must be one of {ORDERS}, got {self.next_order!r}")
         self.dominant, self.contextual = int(d), int(c)

@@ -248,6 +248,8 @@ class VisPruner(Method):
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         check_numerics("vispruner", self.numerics)
+        if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
+            self.vision_attention_logits = "model"
 
     def select_vision(self, sig):
         return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,

@@ -52,12 +52,13 @@ VARIANTS = {
     "divprune": [{"scope": "unit"}],
     "fastervlm": [{"cls_token": "keep"}],
     "prumerge": [{"variant": "base"}, {"numerics": "official"}],
-    "vscan": [{"remainder": "global"}, {"numerics": "official"}],
-    # reference modes that read the tower signals in the official arithmetic (vision_attention_logits="model")
+    "vscan": [{"remainder": "global"}],
+    # reference modes on the signals only they read: the tower in the official arithmetic (PruMerge's full-width
+    # row, VisionTrim's received_patches, HiPrune's received_global), the model-dtype LLM rows (PyramidDrop), the
+    # kept tokens merged too (ApET's llm stage)
     "visiontrim": [{"numerics": "official"}],
     "hiprune": [{"numerics": "official"}],
     "pdrop": [{"numerics": "official"}],
-    "duet": [{"numerics": "official"}],
     "apet": [{"numerics": "official"}],
 }
 

@@ -210,7 +210,7 @@ def test_the_deepspeed_launcher_at_tp2_answers_as_one_process(tmp_path, method):
     if not (ROOT / "testbed/weights/config.json").exists():
         pytest.skip("testbed/weights is not in this checkout")
     _, ref, ref_res = _shapes(tmp_path, "python", method, LAUNCHER="python")
-    for nproc in (2, 4):
+    for nproc in (2, 4) if method == "fastv" else (2,):  # two groups: the launcher's logic, not the method's
         run, got, res = _shapes(tmp_path, f"tp2x{nproc}", method, LAUNCHER="deepspeed", TP="2", NPROC=str(nproc))
         assert run.name.endswith("_tp2")
         assert {q: t[0] for q, t in got.items()} == {q: t[0] for q, t in ref.items()} and len(ref) == 100
