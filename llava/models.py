@@ -65,8 +65,12 @@ class Runtime:
     info: dict[str, Any] = field(default_factory=dict)
     #: the fast path's options for every ``prune`` (``load(..., fast=True)``): None = eager engine
     fast: dict | None = None
-    #: ``engine`` is the unpruned one ``load(..., fast=True)`` attached (no ``prune`` called since)
+    #: ``engine`` is the unpruned one ``load`` attached (no ``prune`` called since)
     engine_by_load: bool = False
+    #: why this model always runs through the engine (``load(fast=True)``: the captured paths;
+    #: ``vision_dtype``: the stock forward cannot mix the tower's and the LLM's dtypes); None: the stock
+    #: forward runs it when no method is attached
+    engine_required: str | None = None
 
     @property
     def tokenizer(self):
@@ -87,10 +91,17 @@ class Runtime:
                              prompt_spec=self.prompt_spec(), fast=self.fast, **options)
         return self.engine
 
-    def unprune(self) -> None:
+    def unprune(self, detach: bool = False) -> None:
+        """Remove the method: the unpruned model. Where the model needs the engine (``engine_required``) the
+        unpruned method ("none") is attached again, unless ``detach`` (the engine off the model altogether:
+        ``deepspeed_inference`` re-attaches it to the wrapped module)."""
         if self.engine is not None:
             self.engine.remove()
             self.engine = None
+        self.engine_by_load = False
+        if self.engine_required and not detach:
+            self.prune("none")
+            self.engine_by_load = True
 
 
 def prompt_spec_for(tokenizer, template: Template | str) -> PromptSpec:
@@ -283,8 +294,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
     dtype before it. The tower keeps the checkpoint's weights (llava-hf stores them in fp16; the official
-    code loads CLIP from its own fp32 checkpoint), computed in ``vision_dtype``. LLaVA-1.5 / NeXT / Video-LLaVA; the pruning engine must be attached (any method,
-    even "none"): the stock transformers forward cannot mix the two dtypes.
+    code loads CLIP from its own fp32 checkpoint), computed in ``vision_dtype``. LLaVA-1.5 / NeXT / Video-LLaVA; the stock
+    transformers forward cannot mix the two dtypes, so ``load`` attaches the unpruned method ("none") itself
+    (``rt.engine_by_load``; ``rt.unprune()`` attaches it again).
 
     ``fast=True``: every ``rt.prune`` attaches the engine with its fast path (:mod:`llava.fastpath`): the
     same calls and greedy tokens, the prefill planned on the host and captured per length bucket
@@ -312,12 +324,14 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
             if getattr(core, attr, None) is not None:
                 getattr(core, attr).to(vd)
         rt.info["vision_dtype"] = str(vd).replace("torch.", "")
+        rt.engine_required = "vision_dtype: the stock forward cannot mix the tower's and the LLM's dtypes"
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens)}
         rt.info["fast"] = dict(rt.fast)
-        if decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) has no prefill of its own to capture
-            rt.prune("none")
-            rt.engine_by_load = True
+        rt.engine_required = "fast=True: the captured prefill and decode"
+    if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill
+        rt.prune("none")  # the unpruned model runs through the engine too (the baseline of every speed-up)
+        rt.engine_by_load = True
     return rt
 
 

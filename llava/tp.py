@@ -191,8 +191,8 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
 
     if rt.engine is not None and not rt.engine_by_load:
         raise ValueError("call deepspeed_inference before attaching a pruning method")
-    reattach = rt.engine is not None  # load(fast=True)'s unpruned engine: attached again to the sharded model
-    rt.unprune()
+    reattach = rt.engine is not None  # load's unpruned engine (fast / vision_dtype): attached again afterwards
+    rt.unprune(detach=True)
     tp = int(tp_size)
     if tp < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")

@@ -93,5 +93,11 @@ def test_vision_dtype_keeps_the_tower_in_fp32_under_a_half_precision_llm(fam):
         got[name] = spy.seen[0]
         rt.unprune()
     assert torch.equal(got["half"], got["full"])  # the same fp32 tower, the same scores
+    # never pruned (and after unprune): load attached the unpruned engine, the stock forward could not run it
+    assert half.engine is not None and half.engine_by_load and half.engine.method.name == "none"
+    with torch.no_grad():
+        out = half.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2 and half.engine.prefills == 1
+    assert full.engine is None  # an all-fp32 model runs the stock forward unpruned
     with pytest.raises(ValueError, match="CLIP-tower families"):
         load("tiny:qwen2.5-vl", dtype="bfloat16", vision_dtype="float32")
