@@ -22,6 +22,26 @@ BACKEND = os.environ.get("FAST_BACKEND", "auto")
 SINGLES = (0, 1, 2) if os.environ.get("FAST_FULL") == "1" else ()
 
 
+#: LLaVA-NeXT / Video-LLaVA token tests: dynamo traces the cases a file marks (the family's own plan - crops,
+#: newlines, frames - inside a compiled prefill); its other methods run the same static-shape functions
+#: uncompiled (fast_backend "none": the host plan, the bucket, path == "fast", tokens, scores and counts are all
+#: checked; each method's dynamo capture is its LLaVA-1.5 test). CI time. FAST_FULL=1
+#: (scripts/bench/fast_path_check.sh) or an explicit FAST_BACKEND traces every case.
+TRACE_EVERY_FAMILY_CASE = os.environ.get("FAST_FULL") == "1" or "FAST_BACKEND" in os.environ
+
+
+def prune_family(rt, method, budget, traced: bool, **opts):
+    """``rt.prune`` on a family test's fast runtime: compiled with its backend when ``traced`` (or
+    :data:`TRACE_EVERY_FAMILY_CASE`), else the same fast path uncompiled (backend "none")."""
+    saved = rt.fast
+    if not (traced or TRACE_EVERY_FAMILY_CASE):
+        rt.fast = {**saved, "backend": "none"}
+    try:
+        return rt.prune(method, budget, **opts)
+    finally:
+        rt.fast = saved
+
+
 def inputs(rt, i, n=1):
     """n prompts from PROMPTS[i] on, each with its own image size."""
     return rt.processor([PROMPTS[(i + j) % len(PROMPTS)] for j in range(n)],

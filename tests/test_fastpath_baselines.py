@@ -11,7 +11,8 @@ videos, 0 host syncs inside the captured function, refused options run eagerly.
 
 import pytest
 import torch
-from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
+from fastpath_util import (BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs,
+                           prune_family)
 
 import baselines.cdpruner  # noqa: F401  (registers the three methods)
 import baselines.downsample  # noqa: F401
@@ -141,6 +142,6 @@ def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(family_rts, 
     """LLaVA-NeXT (anyres crops, unpadded grids with newline tokens) and Video-LLaVA videos (8 frames, each a
     unit with its [CLS]): one batch of three prompts, tokens and first-step scores == the eager engine."""
     fast, eager = family_rts[family]
-    eng = fast.prune(method, budget)
+    eng = prune_family(fast, method, budget, traced=method in ("vispruner", "vscan"))  # the tower signals, windows
     eager.prune(method, budget)
     _check_equal(fast, eager, family_batch(fast, family), eng)
