@@ -321,3 +321,30 @@ def test_claims_beats_and_pareto(worked, tmp_path):
     # slower: nothing dominates it
     assert [v["on_front"] for v in pareto["verdicts"]] == [True, True]
     assert "on the accuracy-vs-cost Pareto front at 2 of 2 (budget, cost) points" in text
+
+
+def test_report_logged_to_wandb_offline(worked, tmp_path, monkeypatch):
+    """`python -m eval paper ... --wandb`: one run in group paper/<key>, job type "paper", tagged, the spec in its
+    config, per table the cells (ours / paper / difference / within tolerance), the summary line and the figure,
+    and the report text; read back from the offline run's files."""
+    from eval.cli import main as eval_main
+    from eval.wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    (tmp_path / "wb").mkdir()
+    paper, runs = worked
+    assert eval_main(["paper", paper.path, str(runs), "--out", str(tmp_path / "rep.md"), "--wandb"]) == 0
+    wb = read_offline_run(tmp_path / "wb")
+    assert wb["finished"]
+    assert wb["run"]["group"] == "paper/worked" and wb["run"]["job_type"] == "paper"
+    assert set(wb["run"]["tags"]) >= {"paper", "worked"} and wb["config"]["paper"] == "worked"
+    assert wb["summary"]["table-1/summary"] == ("4 of 7 published cells reproduced within tolerance, 2 not run "
+                                                 "(2 cannot be run here)")
+    cells = wb["tables"]["table-1/cells"]
+    assert cells["columns"] == ["row", "method", "budget", "column", "ours", "paper", "difference",
+                                "within_tolerance"]
+    by = {(r[1], r[2], r[3]): r for r in cells["data"]}
+    assert by[("fastv", 64, "GQA")][4:] == [48.0, 46.0, 2.0, False]  # the worked example's cell: 48.0 / 46.0 (+2.0)
+    assert "table-1/figure" in wb["summary"] and "report" in wb["summary"]
