@@ -151,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-relative", dest="relative", action="store_false")
     t.add_argument("--decimals", type=int, default=1)
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
+    from .lmms_import import add_parser as _lmms_parser
     from .paper_cli import add_parsers as _paper_parsers
 
     _paper_parsers(sub)
+    _lmms_parser(sub)
     ls = sub.add_parser("log-sweep", help="log a testbed sweep (DIR/testbed.json + DIR/testbed.png) to one W&B run; "
                         "never fails (honours WANDB_MODE)")
     ls.add_argument("dir", help="the sweep's folder (python -m testbed.evaluate sweep --out)")
@@ -333,7 +335,14 @@ def _log_sweep(args, local_rank) -> int:
 #: subcommand -> its function (args, local_rank) -> exit status
 COMMANDS = {"list": _list, "check-data": _check_data, "run": _run, "merge": _merge, "score": _score, "judge": _score,
             "record": _record, "fixtures": _fixtures, "table": _table, "log-sweep": _log_sweep,
-            "paper": lambda a, r: _paper_cmd("paper", a), "paper-grid": lambda a, r: _paper_cmd("paper_grid", a)}
+            "paper": lambda a, r: _paper_cmd("paper", a), "paper-grid": lambda a, r: _paper_cmd("paper_grid", a),
+            "lmms-import": lambda a, r: _lmms_import(a)}
+
+
+def _lmms_import(args) -> int:
+    from .lmms_import import main
+
+    return main(args)
 
 
 def _paper_cmd(name: str, args) -> int:

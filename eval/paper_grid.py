@@ -2,7 +2,9 @@
 run settings), the unpruned rows first, shared between the paper's tables where they are the same run.
 ``python -m eval paper-grid <paper> --dry-run`` prints it with what is done under the run folder and what is
 missing (data, benchmark); ``--commands`` prints the runs still to do, one ``scripts/eval/_launch.sh`` call per
-line, for ``scripts/papers/<paper>.sh``."""
+line, for ``scripts/papers/<paper>.sh``. A column run through lmms-eval (``bench = "lmms:<task>"``) is a config
+like the others, run by ``scripts/eval/lmms.sh`` in the lmms-eval environment, its scores imported into
+``OUT/lmms/<task>/<run-name>/lmms_results.json`` (:mod:`eval.lmms_import`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import read_json
-from .papers import Paper, Row, Table
+from .papers import LMMS_PREFIX, Paper, Row, Table
 from .run_config import RunConfig, default_run_name
 
 
@@ -29,7 +31,13 @@ class Config:
         return RunConfig(benchmark=self.bench, model=self.model, method=self.method, budget=self.budget,
                          options=dict(self.options), out=str(out), data_root=str(data_root), **dict(self.settings))
 
+    @property
+    def lmms_task(self) -> str:
+        return self.bench[len(LMMS_PREFIX):] if self.bench.startswith(LMMS_PREFIX) else ""
+
     def run_dir(self, out) -> Path:
+        if self.lmms_task:
+            return Path(out) / "lmms" / self.lmms_task / default_run_name(self.run_config(out))
         return Path(out) / self.bench / default_run_name(self.run_config(out))
 
     def launch_args(self) -> list[str]:
@@ -76,6 +84,8 @@ def build_grid(paper: Paper, table: str | None = None, only: list[str] | None = 
         for c in t.columns:
             if not c.runnable or (only and c.bench not in only and c.key not in only):
                 continue
+            if c.lmms_task and t.settings:
+                continue  # the lmms-eval plugin takes no run settings: listed by not_runnable
             for r in t.rows:
                 if not r.runnable or not row_matches(r, budgets):
                     continue
@@ -101,7 +111,10 @@ def shard(configs: list, spec: str | None) -> list:
 
 
 def is_complete(run_dir) -> bool:
-    """A run folder whose results.json is complete (not a ``--limit`` smoke run)."""
+    """A run folder whose results.json is complete (not a ``--limit`` smoke run), or whose lmms-eval scores are
+    imported (``lmms_results.json``)."""
+    if (Path(run_dir) / "lmms_results.json").exists():
+        return True
     res = Path(run_dir) / "results.json"
     return res.exists() and not read_json(res).get("partial")
 
@@ -111,6 +124,8 @@ def data_status(bench: str, data_root) -> tuple[int | None, str]:
     from .benchmarks import get_benchmark
     from .datacheck import check_benchmark
 
+    if bench.startswith(LMMS_PREFIX):
+        return None, "lmms-eval task: lmms-eval fetches its data (scripts/eval/lmms.sh, .venv-lmms)"
     try:
         b = get_benchmark(bench, data_root)
         rep = check_benchmark(b, deep=False)
@@ -163,11 +178,14 @@ def not_runnable(paper: Paper, table: str | None = None) -> list[str]:
     tables: list[Table] = [paper.table(table)] if table else list(paper.tables)
     for t in tables:
         out += [f"{t.id} column {c.label}: {c.not_run}" for c in t.columns if not c.runnable]
+        out += [f"{t.id} column {c.label}: lmms-eval task {c.lmms_task}: the lmms-eval plugin takes no run settings "
+                f"({', '.join(sorted(t.settings))})" for c in t.columns if c.runnable and c.lmms_task and t.settings]
         out += [f"{t.id} row {r.label}: {r.not_run}" for r in t.rows if not r.runnable]
     return out
 
 
 def commands(configs: list[Config], out) -> list[str]:
-    """One line per config still to run (not complete): ``BENCH METHOD BUDGET MODEL [flags]``, shell-quoted."""
+    """One line per config still to run (not complete): ``BENCH METHOD BUDGET MODEL [flags]``, shell-quoted
+    (``BENCH`` = ``lmms:<task>`` for an lmms-eval column: ``scripts/eval/lmms.sh <task> ...`` runs it)."""
     return [" ".join([c.bench] + [shlex.quote(a) for a in c.launch_args()])
             for c in configs if not is_complete(c.run_dir(out))]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lmms_import import load_imported
 from .paper_grid import _frozen, _opt_value
 from .papers import RUN_SETTINGS, Claim, Paper, Row, Table
 from .run_config import RunConfig
@@ -64,6 +65,12 @@ def index_results(runs, include_partial: bool = False) -> dict[tuple, dict]:
                _opts_key(cfg.get("options") or {}), _settings_key(cfg))
         if key not in out or r.get("created", "") >= out[key].get("created", ""):
             out[key] = r
+    for r in load_imported(runs):  # columns run through lmms-eval (scripts/eval/lmms.sh)
+        cfg = r["config"]
+        key = (cfg["benchmark"], cfg["model"], cfg["method"], cfg["budget"], _opts_key(cfg.get("options") or {}),
+               _settings_key(cfg))
+        if key not in out or r.get("created", "") >= out[key].get("created", ""):
+            out[key] = r
     return out
 
 
@@ -80,7 +87,7 @@ def collect(paper: Paper, index: dict, table: Table, model: str | None = None) -
                 if res is not None:
                     v = (res.get("metrics") or {}).get(c.metric)
                     if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                        cell.ours, cell.path = float(v), res.get("_path", "")
+                        cell.ours, cell.path = float(v) * c.scale, res.get("_path", "")
             cells[(i, c.key)] = cell
     return cells
 

@@ -348,3 +348,84 @@ def test_report_logged_to_wandb_offline(worked, tmp_path, monkeypatch):
     by = {(r[1], r[2], r[3]): r for r in cells["data"]}
     assert by[("fastv", 64, "GQA")][4:] == [48.0, 46.0, 2.0, False]  # the worked example's cell: 48.0 / 46.0 (+2.0)
     assert "table-1/figure" in wb["summary"] and "report" in wb["summary"]
+
+
+# ----------------------------------------------------------------------------------------------- lmms-eval columns
+LMMS_COLUMN = '''key = "mmmu"
+label = "MMMU"
+lmms_task = "mmmu_val"
+lmms_metric = "mmmu_acc"'''
+
+
+def lmms_output(run_dir, value, task="mmmu_val"):
+    """What lmms-eval 0.7 writes under --output_path: <model>/<date>_results.json ("<metric>,<filter>" keys)."""
+    d = run_dir / "lmms" / "llava-hf__llava-1.5-7b-hf"
+    d.mkdir(parents=True)
+    (d / "20261124_120000_results.json").write_text(json.dumps({
+        "results": {task: {"alias": task, "mmmu_acc,none": value, "mmmu_acc_stderr,none": "N/A"}},
+        "n-samples": {task: {"original": 900, "effective": 900}}, "config": {"model": "vtprune"}}))
+
+
+def test_lmms_column_spec_grid_and_import(tmp_path):
+    """A column with `lmms_task` runs through lmms-eval: the spec's bench is lmms:<task> (scale 100: lmms-eval's
+    fraction as the paper's percentage), the grid gives it a config and a command line, `eval lmms-import` turns
+    lmms-eval's results file into lmms_results.json in the config's folder, and the report compares 0.359 x 100 with
+    the published 36.3 (-0.4, within 1 point)."""
+    from eval.cli import main as eval_main
+    from eval.paper_grid import is_complete
+
+    spec = write_spec(tmp_path, **{'key = "mmmu"\nlabel = "MMMU"\nbench = ""\nnot_run = "not in the harness"':
+                                   LMMS_COLUMN})
+    paper = load(str(spec))
+    col = paper.tables[0].column("mmmu")
+    assert col.runnable and col.lmms_task == "mmmu_val" and col.metric == "mmmu_acc" and col.scale == 100.0
+    grid = [c for c in build_grid(paper) if c.lmms_task]
+    assert [(c.method, c.budget) for c in grid] == [("none", None), ("fastv", 64), ("visionzip", 64)]
+    out = tmp_path / "runs"
+    lines = [ln for ln in commands(grid, out)]
+    assert lines[1] == "lmms:mmmu_val fastv 64 llava-hf/llava-1.5-7b-hf --opt numerics=official"
+    rd = grid[0].run_dir(out)
+    assert rd == out / "lmms" / "mmmu_val" / "llava-1.5-7b-hf_none" and not is_complete(rd)
+    lmms_output(rd, 0.359)
+    assert eval_main(["lmms-import", "mmmu_val", "none", "none", "llava-hf/llava-1.5-7b-hf", "--out", str(out)]) == 0
+    assert is_complete(rd) and len(commands(grid, out)) == 2
+    imported = json.loads((rd / "lmms_results.json").read_text())
+    assert imported["metrics"] == {"mmmu_acc": 0.359}  # the stderr ("N/A") and the alias are not metrics
+    assert imported["lmms"]["model_args"] == "pretrained=llava-hf/llava-1.5-7b-hf,method=none"
+    text, info = report(paper, [out])
+    cell = info["tables"]["Table 1"].cells[(0, "mmmu")]
+    assert cell.ours == pytest.approx(35.9) and cell.delta == pytest.approx(-0.4) and cell.within
+    for bad, msg in ((LMMS_COLUMN + '\nbench = "gqa"', "lmms_metric, not bench"),
+                     ('key = "mmmu"\nlabel = "MMMU"\nlmms_task = "mmmu_val"', "lmms_metric"),
+                     ('key = "mmmu"\nlabel = "MMMU"\nbench = ""\nnot_run = "x"\nlmms_scale = 1', "need lmms_task")):
+        p = write_spec(tmp_path, key="bad", **{'key = "mmmu"\nlabel = "MMMU"\nbench = ""\nnot_run = "not in the harness"':
+                                             bad})
+        with pytest.raises(SpecError, match=msg):
+            load(str(p))
+
+
+def test_lmms_script_needs_its_environment_and_runs_lmms_eval(tmp_path):
+    """scripts/eval/lmms.sh: without the lmms-eval environment one error line naming the fix (exit 2); with one
+    (here a stand-in for lmms-eval's python that writes a results file where --output_path says, recording its
+    arguments) it passes the plugin's model args and the task, and imports the scores."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "runs"),
+           "LMMS_PYTHON": str(tmp_path / "no-such-python")}
+    args = ["bash", str(REPO / "scripts/eval/lmms.sh"), "mmmu_val", "fastv", "64", "llava-hf/llava-1.5-7b-hf",
+            "--opt", "numerics=official"]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: lmms-eval task mmmu_val needs the lmms-eval environment")
+    stand_in = tmp_path / "lmms-python"
+    stand_in.write_text(f"""#!/usr/bin/env bash
+echo "$@" > {tmp_path}/lmms-args
+while [[ $# -gt 0 ]]; do [[ "$1" == --output_path ]] && OUTP="$2"; shift; done
+mkdir -p "$OUTP/m" && echo '{{"results": {{"mmmu_val": {{"mmmu_acc,none": 0.31}}}}}}' > "$OUTP/m/x_results.json"
+""")
+    stand_in.chmod(0o755)
+    r = subprocess.run(args, env={**env, "LMMS_PYTHON": str(stand_in)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = (tmp_path / "lmms-args").read_text().split()
+    assert got[:5] == ["-m", "lmms_eval", "--model", "vtprune", "--model_args"]
+    assert got[5] == "pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,budget=64,opts=numerics:official"
+    assert got[6:8] == ["--tasks", "mmmu_val"]
+    (res,) = (tmp_path / "runs" / "lmms" / "mmmu_val").glob("*/lmms_results.json")
+    assert json.loads(res.read_text())["metrics"] == {"mmmu_acc": 0.31}

@@ -30,6 +30,10 @@ class SpecError(ValueError):
     """A spec that does not load: ``str()`` names the file and the entry."""
 
 
+#: a column run through lmms-eval (its task, ``lmms_task`` in the spec) rather than the harness
+LMMS_PREFIX = "lmms:"
+
+
 @dataclass(frozen=True)
 class Column:
     key: str
@@ -38,10 +42,17 @@ class Column:
     metric: str
     tolerance: float
     not_run: str = ""
+    #: ours x scale is compared with the paper (an lmms-eval fraction as the paper's percentage: 100)
+    scale: float = 1.0
 
     @property
     def runnable(self) -> bool:
         return bool(self.bench) and not self.not_run
+
+    @property
+    def lmms_task(self) -> str:
+        """The lmms-eval task of a column run through lmms-eval (``bench = "lmms:<task>"``), else ""."""
+        return self.bench[5:] if self.bench.startswith(LMMS_PREFIX) else ""
 
 
 @dataclass(frozen=True)
@@ -209,12 +220,20 @@ def _table(t: dict, where: str) -> Table:
     cols = []
     for j, c in enumerate(_need(t, "columns", where, list)):
         w = f"{where} columns[{j}]"
-        _unknown(c, {"key", "label", "bench", "metric", "tolerance", "not_run"}, w)
-        metric = str(c.get("metric", ""))
+        _unknown(c, {"key", "label", "bench", "metric", "tolerance", "not_run", "lmms_task", "lmms_metric",
+                     "lmms_scale"}, w)
+        metric, bench, scale = str(c.get("metric", "")), str(c.get("bench", "")), 1.0
+        if c.get("lmms_task"):  # run through lmms-eval (scripts/eval/lmms.sh): its task and results key
+            if bench or metric:
+                raise SpecError(f"{w}: a column with lmms_task takes lmms_metric, not bench / metric")
+            bench, metric = LMMS_PREFIX + str(c["lmms_task"]), _need(c, "lmms_metric", w)
+            scale = float(_number(c.get("lmms_scale", 100), w + " lmms_scale"))
+        elif "lmms_metric" in c or "lmms_scale" in c:
+            raise SpecError(f"{w}: lmms_metric / lmms_scale need lmms_task")
         tol = c.get("tolerance", DEFAULT_TOLERANCE.get(metric, TOLERANCE_POINTS))
-        cols.append(Column(key=_need(c, "key", w), label=str(c.get("label", c["key"])), bench=str(c.get("bench", "")),
+        cols.append(Column(key=_need(c, "key", w), label=str(c.get("label", c["key"])), bench=bench,
                            metric=metric, tolerance=float(_number(tol, w + " tolerance")),
-                           not_run=str(c.get("not_run", ""))))
+                           not_run=str(c.get("not_run", "")), scale=scale))
         if not cols[-1].bench and not cols[-1].not_run:
             raise SpecError(f"{w}: bench = \"\" needs a `not_run` reason")
     keys = [c.key for c in cols]
@@ -284,7 +303,7 @@ def check_paper(paper: Paper) -> None:
     for t in paper.tables:
         w = f"{f} table {t.id!r}"
         for c in t.columns:
-            if not c.bench:
+            if not c.bench or c.lmms_task:  # an lmms-eval task is checked by lmms-eval when it runs
                 continue
             if c.bench not in BENCHMARKS:
                 raise SpecError(f"{w} column {c.key!r}: unknown benchmark {c.bench!r}; known: {', '.join(BENCHMARKS)}")

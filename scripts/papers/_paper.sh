@@ -47,7 +47,13 @@ if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
         I=$((I + 1)); echo "[$I/$N] $LINE"
         eval "set -- $LINE"   # BENCH METHOD BUDGET MODEL [flags]: shell-quoted by python -m eval paper-grid
         BENCH="$1"; shift
-        if ! ( unset MODEL; source "$REPO/scripts/eval/_launch.sh" "$@" ); then
+        OK=1
+        if [[ "$BENCH" == lmms:* ]]; then  # a column run through lmms-eval (its environment: .venv-lmms)
+            bash "$REPO/scripts/eval/lmms.sh" "${BENCH#lmms:}" "$@" </dev/null || OK=0
+        else
+            ( unset MODEL; source "$REPO/scripts/eval/_launch.sh" "$@" ) || OK=0
+        fi
+        if [[ $OK == 0 ]]; then
             FAILED+=("$LINE"); echo "$PAPER: failed: $LINE (the grid goes on; rerun the script to resume it)" >&2
         fi
     done <<< "$CMDS"
