@@ -32,7 +32,7 @@ factor so that the layer average on the model's depth equals the table's 32-laye
 (:func:`fit_stage_counts`). The geometric schedules keep their ratios (solved on the model's depth).
 
 The schedule helpers shared with SparseVLM (``stage_layer_counts``, ``fit_stage_counts``) and the stage rule
-shared with VScan (``last_row_topk``) live in llava/ops.py.
+shared with VScan (``last_row_topk``) live in llava/ops/.
 
 Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of
 ``pdrop_rank_drop`` - the per-head probabilities of the last instruction token cast to float16 (the

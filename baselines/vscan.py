@@ -46,7 +46,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, last_row_topk, scale_layers
-# stage 1 is shared with TRIO's "w/ VE" option: it lives in llava/ops.py (re-imported under its names here)
+# stage 1 is shared with TRIO's "w/ VE" option: it lives in llava/ops/ (re-imported under its names here)
 from llava.ops import (REFERENCE_TOWER, local_counts, local_layer_for, split_budget, vscan_stage1,  # noqa: F401
                        window_side)
 from llava.ops import VSCAN_COSINE_CHUNK as COSINE_CHUNK  # noqa: F401

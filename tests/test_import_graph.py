@@ -149,7 +149,7 @@ def test_the_room_order_is_strict():
 
 
 def test_no_baseline_imports_another():
-    """A method is one file: shared pieces live in llava/ops.py (baselines/__init__ registers them all)."""
+    """A method is one file: shared pieces live in llava/ops/ (baselines/__init__ registers them all)."""
     bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() if m.startswith("baselines.")
                  for d in deps if d.startswith("baselines.") and d != "baselines")
     assert not bad, bad

@@ -1,0 +1,246 @@
+"""Ranking and selection primitives shared by several methods: the ``numerics`` check, top-k with ties to the
+lower index, the greedy max-min (DivPrune / CDPruner), ``masked_take`` (a known count, no host read) and the
+unit layout of a sample's visual tokens (one host read). Part of :mod:`llava.ops`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+#: the ``numerics`` option of every method with official code: our documented numerics, or the reference
+#: mode that reproduces the official implementation's dtypes and orderings (docs/evaluation.md)
+NUMERICS = ("ours", "official")
+
+
+def check_numerics(method: str, numerics: str) -> None:
+    """Refuse a ``numerics`` value other than :data:`NUMERICS`, naming the method."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"{method}: numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
+def topk_desc(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, best first; ties broken by the lower index
+    (methods.md 0.6). ``k`` is clipped to the number of scores."""
+    k = max(0, min(int(k), scores.numel()))
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k]
+
+
+@dataclass
+class MaxMinProblem:
+    """One greedy max-min selection for :func:`greedy_max_min`: ``k`` times, pick the token ``j`` not
+    yet taken that maximises ``weight_j * min_dist_j`` (``min_dist_j`` alone without a weight), then
+    ``min_dist = minimum(min_dist, dist[j])``. Tensors on the device, distances in fp32.
+
+    ``num_taken`` is the number of tokens in ``taken``, counted on the host by the caller (who set
+    them): the device loop needs the number of picks as a Python int without reading the device, so
+    it refuses a ``taken`` without ``num_taken``. The host loop counts ``taken`` itself and, when
+    ``num_taken`` is given too, checks that they agree."""
+
+    dist: torch.Tensor  # (n, n); row j = the distances from token j
+    k: int  # picks to make (clipped to the tokens not taken)
+    min_dist: torch.Tensor  # (n,) the starting distance of every token to the taken set
+    taken: torch.Tensor | None = None  # (n,) bool: taken before (seeds); never picked
+    weight: torch.Tensor | None = None  # (n,) relevance multiplying min_dist
+    fill: float = float("-inf")  # the score a taken token gets (below every candidate's)
+    num_taken: int | None = None  # the host count of ``taken`` (required by the device loop)
+
+
+def _num_picks(p: MaxMinProblem) -> int:
+    """The device loop's number of picks, from host ints only: ``min(k, n - num_taken)``, at least 0."""
+    n = p.dist.shape[0]
+    if p.taken is not None and p.num_taken is None:
+        raise ValueError("greedy_max_min(device_loop=True): a problem with `taken` needs `num_taken` (its "
+                         "host count): the number of picks cannot be read from the device")
+    if p.taken is None and p.num_taken:
+        raise ValueError(f"greedy_max_min: num_taken={p.num_taken} but no `taken` mask")
+    return max(0, min(int(p.k), n - (p.num_taken or 0)))
+
+
+def _greedy_max_min_device(p: MaxMinProblem) -> torch.Tensor:
+    """One problem's greedy loop in torch on its device, unrolled ``k`` times with static shapes: no
+    host read, no host <-> device copy (capturable in a CUDA graph / ``torch.compile(fullgraph=True)``).
+    The same fp32 ops as the host loop of :func:`greedy_max_min`, so the same picks, bit for bit."""
+    dev = p.dist.device
+    k = _num_picks(p)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    n = p.dist.shape[0]
+    dist = p.dist.float()
+    mind = p.min_dist.float().reshape(-1)
+    w = None if p.weight is None else p.weight.float().reshape(-1)
+    if p.taken is None:
+        taken = torch.zeros(n, dtype=torch.bool, device=dev)
+    else:  # as the host loop reads it: a bool mask, or a number > 0.5
+        taken = p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
+    fill = torch.full((), p.fill, dtype=torch.float32, device=dev)  # rounded to fp32, as np.float32(fill)
+    picks = []
+    for _ in range(k):
+        s = mind if w is None else w * mind
+        s = torch.where(taken, fill, s)  # the taken tokens' score: below every candidate's
+        j = s.argmax(0, keepdim=True)  # (1,): the first maximum, as numpy's argmax
+        picks.append(j)
+        taken = taken.index_fill(0, j, True)
+        mind = torch.minimum(mind, dist.index_select(0, j)[0])
+    return torch.cat(picks)
+
+
+def greedy_max_min(problems: "list[MaxMinProblem]", device_loop: bool = False) -> list[torch.Tensor]:
+    """Solve greedy max-min selections (DivPrune's rule, and its relevance-weighted form), on the host
+    (default) or on the device (``device_loop=True``).
+
+    **Host loop** (default; the eager engine). On a GPU the greedy loop is sequential and launch-bound:
+    about seven small kernels per pick, one pick per kept token (measured on an H100: ~100 us per pick,
+    20-110 ms per prefill at 64-192 tokens per crop). Here every problem's tensors go to the host in
+    **one** copy (one sync for all of them), the loop runs in numpy (a few microseconds per pick, no
+    kernel), and the picks come back in one copy to the device.
+
+    **Device loop** (``device_loop=True``; a prefill captured in a CUDA graph or compiled with
+    ``torch.compile(fullgraph=True)``, where no host read or copy may happen): each problem's loop runs
+    in torch on its ``dist``'s device, unrolled ``k`` times with static shapes, without any host
+    synchronisation. The number of picks must then be known on the host: a problem with ``taken``
+    must give ``num_taken`` (ValueError otherwise).
+
+    Both give the same picks, bit for bit, and the same as the loop in torch fp32 on any device: the
+    inputs are cast to fp32, and the loop does only exact elementwise IEEE ops (multiply, minimum)
+    and argmax (first maximum on both). Returns each problem's picks in pick order (long; on the
+    first problem's ``dist`` device for the host loop, on each problem's own for the device loop)."""
+    if device_loop:
+        return [_greedy_max_min_device(p) for p in problems]
+    if not problems:
+        return []
+    import numpy as np
+
+    dev = problems[0].dist.device
+    parts = []
+    for p in problems:
+        n = p.dist.shape[0]
+        taken = p.taken if p.taken is not None else torch.zeros(n, dtype=torch.bool, device=dev)
+        parts += [p.dist.float().reshape(-1), p.min_dist.float().reshape(-1), taken.float()]
+        if p.weight is not None:
+            parts.append(p.weight.float().reshape(-1))
+    host = torch.cat(parts).detach().cpu().numpy()  # the one device -> host copy
+    picks, at = [], 0
+    for p in problems:
+        n = p.dist.shape[0]
+        dist = host[at:at + n * n].reshape(n, n)
+        mind = host[at + n * n:at + n * n + n].copy()
+        taken = host[at + n * n + n:at + n * n + 2 * n] > 0.5
+        at += n * n + 2 * n
+        w = None
+        if p.weight is not None:
+            w, at = host[at:at + n], at + n
+        num_taken = int(taken.sum())  # on the host copy: no read of the device
+        if p.num_taken is not None and p.num_taken != num_taken:
+            raise ValueError(f"greedy_max_min: num_taken={p.num_taken} but `taken` holds {num_taken} tokens")
+        k = max(0, min(int(p.k), n - num_taken))
+        out = np.empty(k, dtype=np.int64)
+        s = np.empty(n, dtype=np.float32)
+        fill = np.float32(p.fill)
+        for i in range(k):
+            if w is None:
+                s[:] = mind
+            else:
+                np.multiply(w, mind, out=s)
+            np.putmask(s, taken, fill)  # the taken tokens' score: below every candidate's
+            j = int(s.argmax())  # the first maximum, as torch.argmax
+            out[i] = j
+            taken[j] = True
+            np.minimum(mind, dist[j], out=mind)
+        picks.append(out)
+    flat = torch.from_numpy(np.concatenate(picks)).to(dev)  # one host -> device copy
+    return list(torch.split(flat, [len(x) for x in picks]))
+
+
+def rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """1-based rank of every entry by descending score (ties: lower index ranks first)."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, scores.numel() + 1, device=scores.device)
+    return ranks
+
+
+def masked_take(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``x[mask]`` (in order) for a 1-D ``mask`` the caller knows to hold exactly ``count`` True
+    entries: a stable sort instead of boolean indexing, so the size needs no host sync."""
+    if count >= mask.numel():
+        return x
+    idx = torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+    return x[idx]
+
+
+@dataclass
+class UnitLayout:
+    """A sample's visual tokens grouped per unit (image / crop / frame), read with one host sync.
+
+    Index tensors are on the signals' device and ascending; candidates at or after ``num_stock``
+    (the [CLS] tokens the engine offers beyond the stock ones) come last in every group.
+    ``num_stock[u]`` / ``num_cls_stock[u]`` / ``num_patch_stock[u]``: unit u's tokens / [CLS]
+    tokens / patch tokens below ``num_stock``. ``unit_pos``: the per-unit grid position as Python
+    pairs (None when not given); ``grid``: patches per grid side, round(sqrt(max patch + 1)) (1 if
+    none), as :func:`block_order` uses them."""
+
+    tokens: list[torch.Tensor]
+    cls: list[torch.Tensor]
+    patches: list[torch.Tensor]
+    newlines: torch.Tensor
+    num_stock: list[int]
+    num_cls_stock: list[int]
+    num_patch_stock: list[int]
+    num_newline_stock: int
+    unit_pos: list[tuple[int, int]] | None
+    grid: int
+
+    @property
+    def num_units(self) -> int:
+        return len(self.tokens)
+
+
+def unit_layout(unit: torch.Tensor, patch: torch.Tensor | None = None, num_stock: int | None = None,
+                unit_pos: torch.Tensor | None = None) -> UnitLayout:
+    """Group the tokens of one sample by unit (``unit`` -1: LLaVA-NeXT newline tokens) and, within a
+    unit, into [CLS] (``patch`` < 0) and patch tokens, on the device, with a single host read (the
+    group sizes, the largest patch index and ``unit_pos``). Replaces per-unit
+    ``torch.nonzero(unit == u)`` / boolean masks, which cost one sync each."""
+    n = unit.numel()
+    dev = unit.device
+    num_stock = n if num_stock is None else int(num_stock)
+    idx = torch.arange(n, device=dev)
+    extra = (idx >= num_stock).long()
+    is_patch = (patch >= 0).long() if patch is not None else torch.ones_like(extra)
+    # key 0/1: newline (stock / extra); 2 + 4u + {0: [CLS] stock, 1: [CLS] extra, 2: patch stock, 3: patch extra}
+    key = torch.where(unit >= 0, 2 + 4 * unit + 2 * is_patch + extra, extra)
+    nbins = 4 * n + 2
+    hist = torch.zeros(nbins, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    parts = [hist]
+    if n:
+        parts.append(unit.max().reshape(1).to(torch.long))
+        parts.append((patch if patch is not None else unit.new_full((1,), -1)).max().reshape(1).to(torch.long))
+    if unit_pos is not None:
+        parts.append(unit_pos.reshape(-1).to(device=dev, dtype=torch.long))
+    host = torch.cat(parts).tolist()  # the one host sync
+    counts = host[:nbins]
+    umax, pmax = (host[nbins], host[nbins + 1]) if n else (-1, -1)
+    pos = host[nbins + (2 if n else 0):] if unit_pos is not None else None
+    num_units = max(umax + 1, 0)
+    counts = counts[: 2 + 4 * num_units]
+    by_key = torch.split(torch.sort(key, stable=True).indices, counts)
+    unit_key = torch.where(unit >= 0, unit + 1, 0)
+    per_unit = [counts[0] + counts[1]] + [sum(counts[2 + 4 * u: 6 + 4 * u]) for u in range(num_units)]
+    by_unit = torch.split(torch.sort(unit_key, stable=True).indices, per_unit)
+    cls, patches = [], []
+    for u in range(num_units):
+        g = by_key[2 + 4 * u: 6 + 4 * u]
+        cls.append(torch.cat([g[0], g[1]]) if counts[3 + 4 * u] else g[0])
+        patches.append(torch.cat([g[2], g[3]]) if counts[5 + 4 * u] else g[2])
+    return UnitLayout(
+        tokens=list(by_unit[1:]), cls=cls, patches=patches, newlines=by_unit[0],
+        num_stock=[counts[2 + 4 * u] + counts[4 + 4 * u] for u in range(num_units)],
+        num_cls_stock=[counts[2 + 4 * u] for u in range(num_units)],
+        num_patch_stock=[counts[4 + 4 * u] for u in range(num_units)],
+        num_newline_stock=counts[0],
+        unit_pos=[(pos[2 * i], pos[2 * i + 1]) for i in range(len(pos) // 2)] if pos is not None else None,
+        grid=int(round((pmax + 1) ** 0.5)) if pmax >= 0 else 1,
+    )
