@@ -230,9 +230,10 @@ def apet_compose(x: torch.Tensor, fixed: list, groups: list, draws: torch.Tensor
     index with ``replace``, its own with ``own``, after the unit's last token with ``append``). Without
     ``want_values``: ``keep`` = fixed tokens and basis tokens, ``targets`` / ``assign`` the merge (rule ``mean``;
     with ``merge_seeds`` the basis tokens keep their slot too, ``Selection.merge_kept``), ``order`` that
-    placement: the LLM stage, whose merge is the engine's fp32 one as the official ``layer_prune``'s. With ``want_values`` (``merge_seeds``: a basis token that also joins a target,
-    which one ``assign`` cannot say): every output computed here (fp16 under ``numerics="official"``), ``keep``
-    = each output's provenance in output order (a basis token in ``replace`` mode: its slot token)."""
+    placement: the LLM stage, whose merge is the engine's fp32 one as the official ``layer_prune``'s. With
+    ``want_values`` (``merge_seeds``: a basis token that also joins a target, which one ``assign`` cannot say):
+    every output computed here (fp16 under ``numerics="official"``), ``keep`` = each output's provenance in output
+    order (a basis token in ``replace`` mode: its slot token)."""
     dev = x.device
     n, D = x.shape
     official = numerics == "official"

@@ -33,8 +33,8 @@ Reference mode (option ``numerics="official"``; default ``"ours"``): the officia
 as the official code computes it in the tower's own dtype (``received_global`` with
 ``vision_attention_logits="model"``: the head mean per entry, then the query mean): fp16 under an fp16 tower, as
 lmms-eval loads it for the official GQA / MME / POPE / SQA / VizWiz runs; fp32 with ``vision_dtype="float32"``,
-as LLaVA's own scripts (``device_map='auto'``: the tower is not cast) for MMB / TextVQA / VQAv2. Per unit, the anchors are ``torch.topk`` of the object
-layer's row (``k`` = a), the buffers ``torch.unique`` of anchors +-1 / +-cols clamped to the grid, and the
+as LLaVA's own scripts (``device_map='auto'``: the tower is not cast) for MMB / TextVQA / VQAv2. Per unit, the
+anchors are ``torch.topk`` of the object layer's row (``k`` = a), the buffers ``torch.unique`` of anchors +-1 / +-cols clamped to the grid, and the
 registers ``torch.topk`` of the deep row minus the int mask of U (fp32 - int32, as the official in-place
 ``deep_attention[i] -= mask.int()``) with k = T - |U|: the official tie order of both top-k calls instead
 of the lower index. |U| > T (the official code would fail) keeps our fallback.

@@ -292,7 +292,8 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
     cls_attn (H, T) / recv (H, T): the select layer's [CLS] row and received attention (mean over all
     query rows) per head; ``received`` (T,): instead of ``recv``, the official received term itself (the
     engine's ``received_patches`` signal: head mean per entry, the [CLS] query and the diagonal left out; the
-    reference mode reads it in the tower's fp16, as the official code); vision_features (T, Dv); embeds (T, De) comparison rows; text (L, De) / text_mask;
+    reference mode reads it in the tower's fp16, as the official code); vision_features (T, Dv); embeds (T, De)
+    comparison rows; text (L, De) / text_mask;
     unit (T,) (-1 = NeXT newline); patch (T,) (-1 = [CLS] / newline). A unit with at most ``budget``
     tokens is kept whole; when every unit is, the selection keeps everything (the identity). Otherwise
     the outputs are computed here (``Selection.values``, vision space): per unit ([CLS] when

@@ -69,10 +69,9 @@ def import_results(task: str, model: str, method: str, budget: int | None, optio
             metrics[name] = float(v)
     if not metrics:
         raise ValueError(f"{src}: task {task!r} has no numeric metric: {sorted(res)}")
-    cfg = run_config(task, model, method, budget, options, out)
     record = {
         "schema": SCHEMA, "benchmark": LMMS_PREFIX + task, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "config": {"benchmark": cfg.benchmark, "model": model, "method": method, "budget": budget,
+        "config": {"benchmark": LMMS_PREFIX + task, "model": model, "method": method, "budget": budget,
                    "options": dict(options or {})},
         "model": {"id": model}, "method": {"method": method, "budget": budget, **dict(options or {})},
         "metrics": metrics,

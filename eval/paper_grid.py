@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import read_json
-from .papers import LMMS_PREFIX, Paper, Row, Table
+from .lmms_import import RESULTS as LMMS_RESULTS
+from .lmms_import import run_dir as lmms_run_dir
+from .papers import LMMS_PREFIX, Paper, Row, Table, lmms_task_of
 from .run_config import RunConfig, default_run_name
 
 
@@ -33,11 +35,11 @@ class Config:
 
     @property
     def lmms_task(self) -> str:
-        return self.bench[len(LMMS_PREFIX):] if self.bench.startswith(LMMS_PREFIX) else ""
+        return lmms_task_of(self.bench)
 
     def run_dir(self, out) -> Path:
-        if self.lmms_task:
-            return Path(out) / "lmms" / self.lmms_task / default_run_name(self.run_config(out))
+        if self.lmms_task:  # the folder scripts/eval/lmms.sh runs it in (no run settings: build_grid)
+            return lmms_run_dir(self.lmms_task, self.model, self.method, self.budget, dict(self.options), out)
         return Path(out) / self.bench / default_run_name(self.run_config(out))
 
     def launch_args(self) -> list[str]:
@@ -113,7 +115,7 @@ def shard(configs: list, spec: str | None) -> list:
 def is_complete(run_dir) -> bool:
     """A run folder whose results.json is complete (not a ``--limit`` smoke run), or whose lmms-eval scores are
     imported (``lmms_results.json``)."""
-    if (Path(run_dir) / "lmms_results.json").exists():
+    if (Path(run_dir) / LMMS_RESULTS).exists():
         return True
     res = Path(run_dir) / "results.json"
     return res.exists() and not read_json(res).get("partial")

@@ -57,18 +57,13 @@ def index_results(runs, include_partial: bool = False) -> dict[tuple, dict]:
     """results.json files under ``runs`` by (benchmark, model, method, budget, options, run settings); the newest
     wins where several match (as ``python -m eval table``)."""
     out: dict[tuple, dict] = {}
-    for r in load_results(runs, include_partial=include_partial):
+    # the harness's results.json and the scores of columns run through lmms-eval (scripts/eval/lmms.sh)
+    for r in load_results(runs, include_partial=include_partial) + load_imported(runs):
         cfg = r.get("config") or {"benchmark": r.get("benchmark"), "model": (r.get("model") or {}).get("id"),
                                   "method": (r.get("method") or {}).get("method"),
                                   "budget": (r.get("method") or {}).get("budget")}  # written before configs were
         key = (cfg.get("benchmark", r.get("benchmark")), cfg.get("model"), cfg.get("method"), cfg.get("budget"),
                _opts_key(cfg.get("options") or {}), _settings_key(cfg))
-        if key not in out or r.get("created", "") >= out[key].get("created", ""):
-            out[key] = r
-    for r in load_imported(runs):  # columns run through lmms-eval (scripts/eval/lmms.sh)
-        cfg = r["config"]
-        key = (cfg["benchmark"], cfg["model"], cfg["method"], cfg["budget"], _opts_key(cfg.get("options") or {}),
-               _settings_key(cfg))
         if key not in out or r.get("created", "") >= out[key].get("created", ""):
             out[key] = r
     return out

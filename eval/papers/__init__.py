@@ -34,6 +34,11 @@ class SpecError(ValueError):
 LMMS_PREFIX = "lmms:"
 
 
+def lmms_task_of(bench: str) -> str:
+    """The lmms-eval task of a column / config run through lmms-eval (``bench = "lmms:<task>"``), else ""."""
+    return bench[len(LMMS_PREFIX):] if bench.startswith(LMMS_PREFIX) else ""
+
+
 @dataclass(frozen=True)
 class Column:
     key: str
@@ -51,8 +56,7 @@ class Column:
 
     @property
     def lmms_task(self) -> str:
-        """The lmms-eval task of a column run through lmms-eval (``bench = "lmms:<task>"``), else ""."""
-        return self.bench[5:] if self.bench.startswith(LMMS_PREFIX) else ""
+        return lmms_task_of(self.bench)
 
 
 @dataclass(frozen=True)

@@ -330,9 +330,11 @@ def cls_signals(layer, h: torch.Tensor, logits: str = "fp32") -> tuple[torch.Ten
     xn = layer.layer_norm1(h)
     n, s, _ = xn.shape
     heads, d = attn.num_heads, attn.head_dim
+    if logits != "fp32":  # the row from the same projections, in the tower's dtype
+        k16 = attn.k_proj(xn)
+        row = clip_probs(_heads(attn, attn.q_proj(xn[:, :1])), _heads(attn, k16), attn.scale, logits)[:, :, 0]
+        return row, k16.view(n, s, heads, d).float().mean(2)
     k = attn.k_proj(xn).view(n, s, heads, d).float()
-    if logits != "fp32":
-        return cls_row(layer, h, logits), k.mean(2)
     q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
     scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
     return scores.softmax(-1)[:, :, 0], k.mean(2)
