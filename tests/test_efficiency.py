@@ -54,6 +54,13 @@ def test_smoke_run_writes_table_json_plot_and_checks_bars(tmp_path):
     assert "| visiondrop merge=False | 4 |" in md and "| visiondrop merge=False | 4 | selection overhead" in md
     assert [(r["method"], r["budget"]) for r in data["results"]] == [
         ("none", None), ("consensusdrop", 64), ("consensusdrop", 4), ("visiondrop", 64), ("visiondrop", 4)]
+    # cells.jsonl: each cell's headline numbers as it ended, equal to the final report's
+    cells = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    assert [(c["method"], c["budget"], c["path"]) for c in cells] == [
+        (r["method"], r["budget"], "eager") for r in data["results"]]
+    for c, r in zip(cells, data["results"]):
+        assert c["ttft_median_s"] == r["ttft"]["median"] and c["tpot_median_s"] == r["tpot"]["median"]
+        assert c["batched_ttft_median_s"] == {"2": r["batched"]["2"]["ttft"]["median"]} and c["warmup_s"] > 0
     for r in report["results"]:
         assert r["kv_match"], r["method"]
         assert len(r["records"]) == 2 and r["batched"]["2"]["n_batches"] == 1

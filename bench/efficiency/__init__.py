@@ -7,7 +7,9 @@ in one run (protocol: shared/reference/efficiency.md).
 
 Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the environment, the cost model
 and the bar checks), ``efficiency.md`` (the efficiency.md section 7 table) and ``efficiency.png``
-(TTFT and KV vs visual tokens per method).
+(TTFT and KV vs visual tokens per method), written at the end; ``cells.jsonl`` gets each cell's headline
+numbers (TTFT / TPOT medians, warm-up seconds: compile and capture on the fast path) as it ends, so a run
+cut short keeps what it measured.
 
 Launch count (``ops`` / ``extra_ops`` in the JSON, the last two table columns): the aten ops that would
 launch a GPU kernel or memcpy (``llava.syncs.OpCounter``: views, allocations and host-side work not
@@ -98,11 +100,17 @@ def run(cfg: BenchConfig) -> dict:
         if name == "none":
             continue
         cells += [(name, b, opts) for b in cfg.budgets]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / "cells.jsonl"  # one line per measured cell, as it ends: a run cut short keeps its rows
+    progress.write_text("")
     results, fast_results = [], []
     for name, b, opts in cells:  # with --fast: each cell on both paths, back to back
         results.append(measure(rt, name, b, opts, items, cfg, device))
+        _progress(progress, results[-1])
         if cfg.fast:
             fast_results.append(measure(rt, name, b, opts, items, cfg, device, path="fast"))
+            _progress(progress, fast_results[-1])
     for r in results:  # launches a method adds over the unpruned model on the same input
         r["extra_ops"] = r["ops"]["total"] - results[0]["ops"]["total"]
     full = int(results[0]["records"][0]["layer_lengths"][0])
@@ -136,8 +144,6 @@ def run(cfg: BenchConfig) -> dict:
                                   "(compiled_in_timed); path_taken = engine.stats.path of the timed prefills",
                           "results": fast_results, "comparison": fast_comparison(results, fast_results)}
     report["bars"] = check_bars(results, model)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "efficiency.md").write_text(markdown(report))
     try:
@@ -146,6 +152,20 @@ def run(cfg: BenchConfig) -> dict:
         print("matplotlib not installed: no plot", file=sys.stderr)
     log_wandb(report, cfg.wandb)
     return report
+
+
+def _progress(path: Path, res: dict) -> None:
+    """Append one cell's headline numbers to ``cells.jsonl`` and print them (the full records go to
+    efficiency.json at the end)."""
+    line = {"method": res["method"], "budget": res["budget"], "options": res["options"], "path": res["path"],
+            "path_taken": res["path_taken"], "warmup_s": round(res["warmup_s"], 3),
+            "compiled_in_timed": res["compiled_in_timed"], "ttft_median_s": res["ttft"]["median"],
+            "tpot_median_s": res["tpot"].get("median"),
+            "visual_entering_llm": res["visual_entering_llm"],
+            "batched_ttft_median_s": {k: v["ttft"]["median"] for k, v in res["batched"].items()}}
+    with path.open("a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+    print("cell " + json.dumps(line, default=str), file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

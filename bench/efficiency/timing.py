@@ -188,8 +188,10 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
     attn = attention_layers(rt.model.config)
     per_layer_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8 // len(attn)
     batch1 = [build_batch(rt, [it], device) for it in items]
+    t0 = time.perf_counter()
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
         prefill_once(rt, b, device)
+    warmup_s = time.perf_counter() - t0  # on the fast path: mostly compile and capture
     # launch count, once, outside the timed runs (eager engine only: a captured prefill is one graph)
     ops = None if fast else prefill_ops(rt, batch1[0])
     rec = []
@@ -218,7 +220,7 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
         })
         del out
     res = {"method": method, "budget": budget, "options": opts, "config": eng.method.config(), "records": rec,
-           "ops": ops, "path": path}
+           "ops": ops, "path": path, "warmup_s": warmup_s}
     res["path_taken"], res["path_reasons"] = _path_of(rec)
     res["compiled_in_timed"] = sum(r["compiled_before_timing"] for r in rec)
     if fast and eng.fast is not None:
