@@ -11,7 +11,7 @@ VIDEO_FAMILIES = ("video_llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_one
 CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
 #: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
-#: what a visual-token budget counts, per family (per-unit methods; README's Methods table for each method's convention)
+#: what a visual-token budget counts, per family (per-unit methods; docs/methods/README.md's table for each method's convention)
 BUDGET_UNITS = {
     "llava": "visual tokens per image (576 for LLaVA-1.5 at 336 px)",
     "llava_next": "visual tokens per crop (anyres: base crop + grid crops, per-unit methods)",

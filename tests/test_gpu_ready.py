@@ -13,7 +13,7 @@ GEN = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4, output_scores=Tr
 ALL = pytest.mark.parametrize("rt", ALL_FAMILIES, indirect=True)
 
 #: budgets that really prune on the tiny models (16 tokens per image / crop, 17 per frame), each in
-#: its method's own convention (README's Methods table)
+#: its method's own convention (docs/methods/README.md's table)
 #: tiny Qwen2.5-VL: 4-12 merged tokens per image (dynamic grid); tiny OneVision: 16 per crop + newlines
 _PER_UNIT = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 2, "llava_onevision": 4}
 _TOTAL = {"llava": 4, "llava_next": 12, "video_llava": 32, "qwen2_5_vl": 2, "llava_onevision": 16}

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("baselines", "consensusdrop", "visiondrop", "attnmix")
 PACKAGES = ("llava", "eval", "bench", "integrations", "testbed", *METHODS)
-#: room -> the rooms it may import (the README's "Layout" table): a strict order, so rooms never import each other
+#: room -> the rooms it may import (docs/architecture.md's "Layout" table): a strict order, so rooms never import each other
 #: back. A room is a top-level package, or one integration.
 ALLOWED = {
     "llava": set(),  # the runtime: methods register by name, the engine imports none

@@ -1,0 +1,385 @@
+"""The commands the README and docs/ print, checked against the code (docs/README.md, "Documented commands").
+
+Every fenced shell block (```bash / sh / shell / console) in README.md and docs/**/*.md (dated reports under
+docs/results/ excepted) carries a mark on the line before its fence:
+
+    <!-- commands: run -->            runs on a CPU without downloads in seconds: each block is run (exit 0)
+    <!-- commands: check (why) -->    needs a GPU, real weights, data, another environment or minutes: checked only
+
+Every block, run or check, is checked for: the shell's syntax (``bash -n``); every ``python -m`` module of this
+repository exists; every script or file path under a tracked folder exists; every ``--flag`` given to one of our
+modules is in its ``--help`` (the subcommand's, e.g. ``python -m eval run --help``), and every flag given to one of
+our shell scripts appears in the script or in the shared ``_*.sh`` beside it; every ``VAR=`` given before a command
+is read somewhere in scripts/ or the Python packages. Fenced Python blocks: every ``import`` of one of our
+packages resolves.
+
+    python scripts/doc_commands.py            # check every page (exit 1 and one line per problem)
+    python scripts/doc_commands.py --run      # ... and run the runnable blocks
+    python scripts/doc_commands.py --list     # the blocks, their marks and commands
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHELL_LANGS = {"bash", "sh", "shell", "console"}
+MARK = re.compile(r"^<!--\s*commands:\s*(run|check)\b\s*(.*?)\s*-->\s*$")
+#: this repository's importable packages (a ``python -m`` of anything else is a third-party tool: not checked)
+PACKAGES = ("llava", "eval", "bench", "testbed", "integrations", "baselines", "consensusdrop", "visiondrop", "attnmix")
+#: folders whose paths a command may name without their existing yet (outputs, other environments, user data)
+UNTRACKED = ("runs", "tables", "logs", "playground", "tmp", "out", "OUT")
+PYTHONS = re.compile(r"^(python3?|\S*/bin/python3?)$")
+SCRIPT_EXT = (".sh", ".py")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the opening fence, 1-based
+    lang: str
+    text: str
+    mark: str | None = None  # "run" / "check" / None (unmarked)
+    why: str = ""
+
+    def where(self) -> str:
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page
+        return f"{page}:{self.line}"
+
+
+@dataclass
+class Command:
+    env: dict
+    argv: list
+    block: Block = field(repr=False, default=None)
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """README.md and every docs page (docs/results/ holds dated reports, not instructions)."""
+    docs = sorted(p for p in (root / "docs").rglob("*.md") if "results" not in p.relative_to(root / "docs").parts)
+    return [root / "README.md", *docs]
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced code blocks of a page, each with the mark on the line before its fence."""
+    out, lines, i = [], page.read_text().splitlines(), 0
+    while i < len(lines):
+        m = re.match(r"^```(\S*)", lines[i])
+        if not m:
+            i += 1
+            continue
+        start, lang = i, m.group(1).lower()
+        j = i + 1
+        while j < len(lines) and not lines[j].startswith("```"):
+            j += 1
+        b = Block(page, start + 1, lang, "\n".join(lines[start + 1:j]))
+        prev = lines[start - 1] if start else ""
+        mk = MARK.match(prev)
+        if mk:
+            b.mark, b.why = mk.group(1), mk.group(2).strip("() ")
+        out.append(b)
+        i = j + 1
+    return out
+
+
+def commands(block: Block) -> list[Command]:
+    """The simple commands of a shell block: continuations joined, comments dropped, split at ; && || | and
+    newlines, leading VAR=value assignments taken apart."""
+    text = block.text.replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+        lex.whitespace_split, lex.commenters = True, "#"
+        try:
+            tokens = list(lex)
+        except ValueError:  # unbalanced quotes: bash -n reports it
+            continue
+        cur: list = []
+        for tok in tokens + [";"]:
+            if tok and set(tok) <= set(";&|"):
+                if cur:
+                    env = {}
+                    while cur and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", cur[0]):
+                        k, _, v = cur.pop(0).partition("=")
+                        env[k] = v
+                    out.append(Command(env, cur, block))
+                cur = []
+            else:
+                cur.append(tok)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a command names
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _flags(args: list) -> list[str]:
+    """The ``--flags`` among a command's arguments (``[--x`` of a documented optional flag included)."""
+    out = []
+    for a in args:
+        a = a.lstrip("[")
+        if a.startswith("--") and len(a) > 2:
+            out.append(re.split(r"[=\]|]", a)[0])
+    return out
+
+
+def _repo_path(tok: str) -> bool:
+    """A token that names a path under one of the repository's top-level folders (``scripts/...``,
+    ``testbed/weights``), without shell patterns or placeholders: it must exist."""
+    if any(c in tok for c in "*?{}<>$[]=") or tok.startswith(("-", "/", "~", ".", "http")) or "/" not in tok:
+        return False
+    first = tok.split("/")[0]
+    return first not in UNTRACKED and (ROOT / first).is_dir()
+
+
+_CORPUS: str | None = None
+
+
+def _corpus() -> str:
+    """Every shell script and Python file of the repository (where a documented VAR= must be read)."""
+    global _CORPUS
+    if _CORPUS is None:
+        files = list((ROOT / "scripts").rglob("*.sh")) + list((ROOT / "scripts").rglob("*.py"))
+        for p in PACKAGES:
+            files += list((ROOT / p).rglob("*.py"))
+        _CORPUS = "\n".join(f.read_text(errors="replace") for f in files)
+    return _CORPUS
+
+
+def _script_text(script: Path) -> str:
+    """A shell script and the shared ``_*.sh`` files beside it (``scripts/papers/_paper.sh``)."""
+    parts = [script.read_text(errors="replace")]
+    parts += [p.read_text(errors="replace") for p in sorted(script.parent.glob("_*.sh")) if p != script]
+    return "\n".join(parts)
+
+
+def _own_module(mod: str) -> bool:
+    return mod.split(".")[0] in PACKAGES
+
+
+def module_exists(mod: str) -> bool:
+    """``python -m mod`` would find it: a module, or a package with ``__main__``."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.find_spec(mod)
+        if spec is None:
+            return False
+        if spec.submodule_search_locations:  # a package: -m runs its __main__
+            return importlib.util.find_spec(mod + ".__main__") is not None
+        return True
+    except (ImportError, ValueError):
+        return False
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def help_requests(cmds: list[Command]) -> dict:
+    """(module, subcommand words) -> None for every ``python -m <ours>`` with flags: the helps to read."""
+    want = {}
+    for c in cmds:
+        if not c.argv or not PYTHONS.match(c.argv[0]) or len(c.argv) < 3 or c.argv[1] != "-m":
+            continue
+        mod, rest = c.argv[2], c.argv[3:]
+        if not _own_module(mod) or not _flags(rest):
+            continue
+        sub = [rest[0]] if rest and not rest[0].startswith(("-", "[")) else []
+        want[(mod, tuple(sub))] = None
+    return want
+
+
+_HELP_PROGRAM = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for mod, sub in json.loads(sys.argv[1]):
+    texts = []
+    for argv in ([*sub, "--help"], ["--help"]) if sub else (["--help"],):
+        buf = io.StringIO()
+        sys.argv = [mod, *argv]
+        try:
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+                runpy.run_module(mod, run_name="__main__", alter_sys=True)
+        except SystemExit:
+            pass
+        except Exception as e:  # a module without a --help: its flags cannot be checked
+            buf.write(f"\n<error {type(e).__name__}: {e}>")
+        texts.append(buf.getvalue())
+    out[json.dumps([mod, sub])] = "\n".join(texts)
+print("\0" + json.dumps(out))
+"""
+
+
+_HELPS: dict = {}
+
+
+def read_helps(want: dict) -> dict:
+    """Every wanted ``--help`` text, read in one interpreter (one import of torch for all of them); kept for
+    the next call."""
+    keys = [[m, list(s)] for m, s in want if (m, s) not in _HELPS]
+    if keys:
+        _HELPS.update(_read_helps(keys))
+    return {k: _HELPS[k] for k in want}
+
+
+def _read_helps(keys: list) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _HELP_PROGRAM, json.dumps(keys)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if "\0" not in r.stdout:
+        raise RuntimeError(f"reading the --help texts failed:\n{r.stderr[-2000:]}")
+    got = json.loads(r.stdout.rsplit("\0", 1)[1])
+    return {(m, tuple(s)): got[json.dumps([m, s])] for m, s in keys}
+
+
+def check_command(c: Command, helps: dict) -> list[str]:
+    """The problems of one documented command (empty: none)."""
+    where, problems = c.block.where(), []
+    argv = c.argv
+    for k in c.env:
+        if not re.search(rf"\b{re.escape(k)}\b", _corpus()):
+            problems.append(f"{where}: {k}= is read by no script or module")
+    if not argv:
+        return problems
+    prog, args = argv[0], argv[1:]
+    if PYTHONS.match(prog):
+        if args[:1] == ["-m"] and len(args) > 1:
+            mod, rest = args[1], args[2:]
+            if _own_module(mod):
+                if not module_exists(mod):
+                    problems.append(f"{where}: python -m {mod}: no such module")
+                else:
+                    sub = (rest[0],) if rest and not rest[0].startswith(("-", "[")) else ()
+                    text = helps.get((mod, sub))
+                    for f in _flags(rest):
+                        if text is not None and not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text):
+                            problems.append(f"{where}: python -m {mod} {' '.join(sub)}: no flag {f}")
+            paths = rest
+        else:
+            script = next((a for a in args if not a.startswith("-")), None)
+            paths = [a for a in args if a != script]
+            if script and script.endswith(".py") and not (ROOT / script).exists() and _repo_path(script):
+                problems.append(f"{where}: {script}: no such file")
+    elif prog in ("bash", "sh") or prog.endswith(".sh"):
+        script = prog if prog.endswith(".sh") else next((a for a in args if not a.startswith("-")), None)
+        paths = [a for a in args if a != script]
+        if script and not script.startswith(("$", ".venv")):
+            path = ROOT / script
+            if not path.is_file():
+                problems.append(f"{where}: {script}: no such script")
+            else:
+                text = _script_text(path)
+                for f in _flags(args):
+                    if f not in text:
+                        problems.append(f"{where}: {script}: no flag {f} in the script")
+    else:
+        paths = args
+    for tok in paths:
+        if _repo_path(tok) and not (ROOT / tok.rstrip("/")).exists():
+            problems.append(f"{where}: {tok}: no such path")
+    return problems
+
+
+def check_python(block: Block) -> list[str]:
+    """A Python block's imports of this repository's packages resolve."""
+    try:
+        tree = ast.parse(block.text)
+    except SyntaxError as e:
+        return [f"{block.where()}: Python syntax: {e.msg} (line {e.lineno})"]
+    problems = []
+    sys.path.insert(0, str(ROOT))
+    try:
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for n in names:
+                if _own_module(n) and importlib.util.find_spec(n) is None:
+                    problems.append(f"{block.where()}: import {n}: no such module")
+    finally:
+        sys.path.remove(str(ROOT))
+    return problems
+
+
+def check(page_list: list[Path] | None = None) -> list[str]:
+    """Every problem of the documented commands (empty: all good)."""
+    problems, cmds = [], []
+    for page in page_list or pages():
+        for b in blocks(page):
+            if b.lang in SHELL_LANGS:
+                if b.mark is None:
+                    problems.append(f"{b.where()}: shell block without a '<!-- commands: run|check (why) -->' mark")
+                r = subprocess.run(["bash", "-n"], input=b.text, capture_output=True, text=True)
+                if r.returncode:
+                    problems.append(f"{b.where()}: shell syntax: {r.stderr.strip()}")
+                cmds += commands(b)
+            elif b.lang in ("python", "py"):
+                problems += check_python(b)
+    helps = read_helps(help_requests(cmds))
+    for c in cmds:
+        problems += check_command(c, helps)
+    return problems
+
+
+def run_blocks(page_list: list[Path] | None = None, timeout: float = 300) -> list[str]:
+    """Run every ``run`` block in the repository's root (outputs under a temporary OUT); the failures."""
+    import tempfile
+
+    failures, done = [], set()
+    for page in page_list or pages():
+        for b in blocks(page):
+            if b.lang not in SHELL_LANGS or b.mark != "run":
+                continue
+            same = tuple((tuple(sorted(c.env.items())), tuple(c.argv)) for c in commands(b))
+            if same in done:  # the same commands on another page (the README's and papers.md's): run once
+                continue
+            done.add(same)
+            with tempfile.TemporaryDirectory() as tmp:
+                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "WANDB_MODE": "disabled", "OUT": tmp}
+                r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.text], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=timeout)
+            if r.returncode:
+                failures.append(f"{b.where()}: exit {r.returncode}\n{(r.stdout + r.stderr)[-1500:]}")
+    return failures
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python scripts/doc_commands.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pages", nargs="*", type=Path, help="default: README.md and docs/ (not docs/results/)")
+    ap.add_argument("--run", action="store_true", help="also run the blocks marked run")
+    ap.add_argument("--list", action="store_true", help="print the blocks, their marks and commands")
+    a = ap.parse_args(argv)
+    page_list = [p.resolve() for p in a.pages] or None
+    if a.list:
+        for page in page_list or pages():
+            for b in blocks(page):
+                if b.lang in SHELL_LANGS:
+                    print(f"{b.where()} [{b.mark or 'UNMARKED'}] {b.why}")
+                    for c in commands(b):
+                        print("   ", " ".join(f"{k}={v}" for k, v in c.env.items()), " ".join(c.argv))
+        return 0
+    problems = check(page_list)
+    if a.run:
+        problems += run_blocks(page_list)
+    for p in problems:
+        print(p)
+    print(f"documented commands: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
