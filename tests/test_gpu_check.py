@@ -340,7 +340,7 @@ def test_reports_name_the_commit_given_for_a_copied_tree(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# the fast-path section (bench/gpu_check_fast.py)
+# the fast-path section (bench/gpu_check/fast.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -351,7 +351,7 @@ def test_fast_section_on_cpu_equality_an_eager_method_and_timing(tmp_path, monke
     capture status is today) listed as eager with its reason, not a failure; the timing rows on tiny:llava
     (targets stated for the 7B shapes only). (Every tiny family is planned today: the OneVision / InternVL / Qwen3.5
     fast tasks were run by hand on this CPU, PASS.)"""
-    from bench import gpu_check_fast
+    from bench.gpu_check import fast
     from llava.method import _REGISTRY, available_methods
 
     available_methods()  # registers the methods
@@ -378,7 +378,7 @@ def test_fast_section_on_cpu_equality_an_eager_method_and_timing(tmp_path, monke
                 assert s["equal"] and s["verdict"] == "PASS" and len(s["tokens"]) == 4
                 assert s["tokens"] == s["ref_tokens"] and s["max_logit_delta"] <= gpu_check.FP32_LOGIT_TOL
         for check in ("uncompiled", "eager"):
-            a = gpu_check_fast.agreement(r, check)
+            a = fast.agreement(r, check)
             assert (a["prompts"], a["prompts_equal"], a["tokens"], a["tokens_equal"]) == (2, 2, 8, 8)
         assert all(v["pass"] for v in r["verdicts"].values())
     dart = eq["dart"]
@@ -433,7 +433,7 @@ def test_fast_half_precision_mismatches_are_judged_against_the_unpruned_model_an
     """fp16: a method fails only where it differs from the eager engine and the unpruned model does not,
     beyond 4x the larger of the unpruned model's own delta and its batch noise (tiny check); every mismatch
     is counted. fp32: any difference fails."""
-    from bench import gpu_check_fast
+    from bench.gpu_check import fast
 
     none = _synthetic("none", "float16", [(2, 0.01), None])  # the reference: its own flip at step 2
     fastervlm = _synthetic("fastervlm", "float16", [(5, 0.3), (7, 0.02)])  # unpruned differs too; a near tie
@@ -442,7 +442,7 @@ def test_fast_half_precision_mismatches_are_judged_against_the_unpruned_model_an
     tiny = [{"kind": "tiny", "family": "llava", "dtype": "float16", "method": "none", "error": None,
              "scenarios": {"mixed": {"batch_alone": {"samples": [{"max_logit_delta": 0.004}]}}}}]
     eq = [none, fastervlm, fastv, exact]
-    gpu_check_fast.judge(eq, tiny)
+    fast.judge(eq, tiny)
     v = none["verdicts"]["eager"]
     assert v["pass"] and v["batch_noise"] == 0.004 and v["noise_tolerance"] == pytest.approx(0.016)
     assert none["prompts"][0]["eager"]["verdict"].startswith("PASS (unpruned model: half-precision reference")
@@ -454,21 +454,21 @@ def test_fast_half_precision_mismatches_are_judged_against_the_unpruned_model_an
     assert not fastv["verdicts"]["eager"]["pass"] and fastv["verdicts"]["eager"]["failed"] == ["prompt 1"]
     assert not exact["verdicts"]["eager"]["pass"] and exact["verdicts"]["uncompiled"]["pass"]
     # exact counts: prompts with every token equal, tokens equal up to the first difference
-    assert gpu_check_fast.agreement(fastv, "eager") == {"prompts": 2, "prompts_equal": 1, "tokens": 64,
-                                                        "tokens_equal": 35, "first_logit_delta": 0.0,
-                                                        "max_logit_delta": 0.5}
-    assert gpu_check_fast.agreement(fastervlm, "eager")["tokens_equal"] == 12
-    cov = gpu_check_fast.coverage(eq)
+    assert fast.agreement(fastv, "eager") == {"prompts": 2, "prompts_equal": 1, "tokens": 64,
+                                              "tokens_equal": 35, "first_logit_delta": 0.0,
+                                              "max_logit_delta": 0.5}
+    assert fast.agreement(fastervlm, "eager")["tokens_equal"] == 12
+    cov = fast.coverage(eq)
     assert cov["prompts_at_32_tokens"] == 8 and cov["prompts_equal_at_32_tokens"] == 3 and cov["failed_cases"] == 2
     assert cov["by_dtype"]["float16"] == {"prompts": 6, "prompts_equal": 2, "tokens": 192, "tokens_equal": 81}
     checks, methods = {}, {}
-    gpu_check_fast.summarize({"equality": eq, "timing": None}, checks, methods)
+    fast.summarize({"equality": eq, "timing": None}, checks, methods)
     assert checks == {"fast path taken": True, "fast == uncompiled": True, "fast == eager engine": False}
     assert methods["fastv"]["failed"] == ["fast == eager engine (llava, float16)"] and methods["fastervlm"]["pass"]
 
 
 def test_fast_target_verdicts_worked_values():
-    from bench.gpu_check_fast import target_verdicts
+    from bench.gpu_check.fast import target_verdicts
 
     out = target_verdicts({"none": 17.0, "fastervlm": 7.5, "random": 9.0, "divprune": 9.4, "consensusdrop": 8.2},
                           tpot_ms=6.5, next_ms={"none": 110.0, ("fastervlm", 320): 30.0, ("fastervlm", 160): 25.0,
@@ -491,7 +491,7 @@ def test_fast_target_verdicts_worked_values():
                                       "verdict": "not measured"}
     # the timing table of a default run: speed-ups over each model's unpruned fast path; a row whose prefills
     # ran eagerly counts for no target
-    from bench.gpu_check_fast import timing_table
+    from bench.gpu_check.fast import timing_table
 
     def row(model, method, ms, tokens=64, path="fast"):
         return {"kind": "fast_ttft", "model": model, "method": method, "tokens": None if method == "none" else tokens,
@@ -543,7 +543,7 @@ def test_fast_flags_and_tasks(monkeypatch, tmp_path):
     assert timing[:4] == [("shape:llava-1.5-7b", m, n) for m, n in (("none", None), ("fastervlm", 64), ("fastv", 64),
                                                                    ("pdrop", 64))]
     assert timing[4] == ("shape:llava-next-7b", "none", None) and len(timing) == 4 + 1 + 2 * 3
-    from bench.gpu_check_fast import next_budget
+    from bench.gpu_check.fast import next_budget
 
     assert [next_budget(m, 320) for m in ("fastervlm", "fastv", "pdrop", "none")] == [64, 320, 64, None]
     assert gpu_check.main([*base, "--no-fast"]) == 0 and not seen[-1].fast
@@ -556,14 +556,14 @@ def test_fast_tasks_stopped_by_the_time_limit_are_listed_not_run(tmp_path, monke
     first runs, the rest are `not run (time limit)` in the fast table and the summary (PARTIAL)."""
     import time
 
-    from bench import gpu_check_fast
+    from bench.gpu_check import fast
 
     def task(ctx, t, cfg):
         time.sleep(2.0)
         return {**t, "budget": None, "tokens": cfg.fast_tokens, "prompts": [], "error": None, "captured": True}
 
-    monkeypatch.setattr(gpu_check_fast, "load_equality", lambda family, dtype, cfg: {})
-    monkeypatch.setattr(gpu_check_fast, "equality_task", task)
+    monkeypatch.setattr(fast, "load_equality", lambda family, dtype, cfg: {})
+    monkeypatch.setattr(fast, "equality_task", task)
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "fastv", "visionzip"],
                                 families=["llava"], tiny=False, ttft=False, fast_ttft=False, out=str(tmp_path),
                                 time_limit=3.5, time_reserve=0.0)

@@ -34,7 +34,7 @@ Checks, per method x family x dtype:
 * **TTFT** (skip with ``--no-ttft``): ``shape:llava-1.5-7b`` (real shapes, random weights) in fp16,
   unpruned and every method at budget 64, batch 1, median TTFT with the engine's vision / selection /
   LLM breakdown (timed with bench.efficiency's helpers).
-* **Fast path** (``load(..., fast=True)``; bench/gpu_check_fast.py; skip with ``--no-fast``, only it with
+* **Fast path** (``load(..., fast=True)``; bench/gpu_check/fast.py; skip with ``--no-fast``, only it with
   ``--fast-only``): on tiny LLaVA / NeXT / Video-LLaVA in the dtypes above, every method's batch-1 greedy
   tokens (``--fast-prompts`` prompts x ``--fast-tokens`` tokens) on the fast path with the device's backend
   (CUDA graphs through Inductor on CUDA) == the same path uncompiled == the eager engine, every prefill of
@@ -75,19 +75,21 @@ not match.
 """
 
 
-# The check's parts, by purpose (each imports only parts below it in this list; none imports this file):
-#   bench/gpu_check_cli.py          the flags, the configuration they give, the printed summary, the exit status
-#   bench/gpu_check_report.py       the summary (PASS / FAIL / PARTIAL per check and method), the markdown report
-#   bench/gpu_check_worker.py       worker processes, the time limit, SIGTERM / SIGINT, .partial.jsonl, --resume
-#   bench/gpu_check_fast_report.py  the fast-path section: its markdown
-#   bench/gpu_check_fast.py         the fast-path section: task list, equality checks, verdicts, summary
-#   bench/gpu_check_fast_timing.py  the fast-path section: TTFT / TPOT on the 7B shapes, the issue's targets
-#   bench/gpu_check_ttft.py         the eager engine's TTFT table on the 7B shapes
-#   bench/gpu_check_tiny.py         the tiny-model checks: inputs, generation, batch == alone, cached == no-cache,
+# The check's parts, by purpose (each imports only parts below it in this list, as bench.gpu_check.<part>; none
+# imports this file, the package, so there is no import circle):
+#   bench/gpu_check/cli.py          the flags, the configuration they give, the printed summary, the exit status
+#   bench/gpu_check/report.py       the summary (PASS / FAIL / PARTIAL per check and method), the markdown report
+#   bench/gpu_check/worker.py       worker processes, the time limit, SIGTERM / SIGINT, .partial.jsonl, --resume
+#   bench/gpu_check/fast_report.py  the fast-path section: its markdown
+#   bench/gpu_check/fast.py         the fast-path section: task list, equality checks, verdicts, summary
+#   bench/gpu_check/fast_timing.py  the fast-path section: TTFT / TPOT on the 7B shapes, the issue's targets
+#   bench/gpu_check/ttft.py         the eager engine's TTFT table on the 7B shapes
+#   bench/gpu_check/tiny.py         the tiny-model checks: inputs, generation, batch == alone, cached == no-cache,
 #                                   host syncs, their verdicts
-#   bench/gpu_check_device.py       device guards (a crash recorded, DeviceLost), the environment record
-#   bench/gpu_check_config.py       families, dtypes, the tiny budgets, CheckConfig, the task key, JSON / text helpers
-# This file: the run (the task list, the tiny task, the task loop, the report assembled and written) and main;
+#   bench/gpu_check/device.py       device guards (a crash recorded, DeviceLost), the environment record
+#   bench/gpu_check/config.py       families, dtypes, the tiny budgets, CheckConfig, the task key, JSON / text helpers
+# This file (the package): the run (the task list, the tiny task, the task loop, the report assembled and written)
+# and main (``python -m bench.gpu_check``: bench/gpu_check/__main__.py calls it);
 # it re-exports the names other code takes from bench.gpu_check (bench.deepspeed_check, bench.tp_check, tests).
 # Tests replace supported, tiny_task, _load_tiny, worker_command and run on this module, so the functions that
 # use them (tiny_task, _report, _load_context, _run_task, run_isolated, main) are defined here.
@@ -105,20 +107,20 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_check_fast
-from bench.gpu_check_cli import build_parser, config_from_args, exit_status, print_summary  # noqa: F401
-from bench.gpu_check_config import (ALIASES, DTYPES, FALLBACK_BUDGET, FAMILIES, FP32_LOGIT_TOL,  # noqa: F401
+from bench.gpu_check import fast
+from bench.gpu_check.cli import build_parser, config_from_args, exit_status, print_summary  # noqa: F401
+from bench.gpu_check.config import (ALIASES, DTYPES, FALLBACK_BUDGET, FAMILIES, FP32_LOGIT_TOL,  # noqa: F401
                                     IMAGE_SIZES, NO_BUDGET, QUESTIONS, SAME_LENGTH_NEXT, TINY_BUDGETS, CheckConfig,
                                     _env_float, _fmt, _jsonable, _jsonable_loose, _sanitize, _short, family_key,
                                     registered_methods, supported, task_key, tiny_budget)
-from bench.gpu_check_device import (DeviceLost, _finish, _precision, _recorded, _tail, _unprune,  # noqa: F401
+from bench.gpu_check.device import (DeviceLost, _finish, _precision, _recorded, _tail, _unprune,  # noqa: F401
                                     device_alive, environment, slug)
-from bench.gpu_check_report import markdown, summarize
-from bench.gpu_check_tiny import (_has_error, _load_tiny, build, compare, count_syncs, generate,  # noqa: F401
+from bench.gpu_check.report import markdown, summarize
+from bench.gpu_check.tiny import (_has_error, _load_tiny, build, compare, count_syncs, generate,  # noqa: F401
                                   greedy_no_cache, hybrid_refusal, judge, noise_tolerance, rand_image, run_scenario,
                                   scenarios, sync_verdict)
-from bench.gpu_check_ttft import _load_ttft, ttft_table, ttft_task  # noqa: F401
-from bench.gpu_check_worker import (RESUME_FREE, TEST_SLEEP_ENV, TIME_LIMIT, WORKER_TIME_LIMIT,  # noqa: F401
+from bench.gpu_check.ttft import _load_ttft, ttft_table, ttft_task  # noqa: F401
+from bench.gpu_check.worker import (RESUME_FREE, TEST_SLEEP_ENV, TIME_LIMIT, WORKER_TIME_LIMIT,  # noqa: F401
                                     ResumeError, Stopped, _resume_config, _Signals, load_partial, may_start,
                                     run_workers)
 
@@ -171,7 +173,7 @@ def make_tasks(cfg: CheckConfig, methods: list[str]) -> list[dict]:
     if cfg.ttft:
         tm = cfg.ttft_methods or methods
         tasks += [{"kind": "ttft", "method": m} for m in ["none"] + [x for x in tm if x != "none"]]
-    return tasks + gpu_check_fast.tasks(cfg, methods)
+    return tasks + fast.tasks(cfg, methods)
 
 
 def run_tasks(tasks: list[dict], cfg: CheckConfig, emit, log, deadline: float | None = None,
@@ -229,7 +231,7 @@ def _context_key(t: dict) -> tuple:
     """The loaded model a task runs on: consecutive tasks with the same key share one load."""
     if t["kind"] == "tiny":
         return ("tiny", t["family"], t["dtype"])
-    return ("ttft",) if t["kind"] == "ttft" else gpu_check_fast.context_key(t)
+    return ("ttft",) if t["kind"] == "ttft" else fast.context_key(t)
 
 
 def _load_context(t: dict, cfg: CheckConfig) -> dict:
@@ -238,8 +240,8 @@ def _load_context(t: dict, cfg: CheckConfig) -> dict:
     if t["kind"] == "ttft":
         return _load_ttft(cfg)
     if t["kind"] == "fast":
-        return gpu_check_fast.load_equality(t["family"], t["dtype"], cfg)
-    return gpu_check_fast.load_timing(t["model"], cfg)
+        return fast.load_equality(t["family"], t["dtype"], cfg)
+    return fast.load_timing(t["model"], cfg)
 
 
 def _run_task(ctx: dict, t: dict, cfg: CheckConfig) -> dict:
@@ -248,15 +250,15 @@ def _run_task(ctx: dict, t: dict, cfg: CheckConfig) -> dict:
     if t["kind"] == "ttft":
         return ttft_task(ctx, t["method"], cfg)
     if t["kind"] == "fast":
-        return gpu_check_fast.equality_task(ctx, t, cfg)
-    return gpu_check_fast.timing_task(ctx, t, cfg)
+        return fast.equality_task(ctx, t, cfg)
+    return fast.timing_task(ctx, t, cfg)
 
 
 def _where(t: dict) -> str:
     """A task's column in the progress log."""
     if t["kind"] == "tiny":
         return f"{t['family']:12s} {t['dtype']:9s}"
-    return "TTFT" + " " * 18 if t["kind"] == "ttft" else gpu_check_fast.where(t)
+    return "TTFT" + " " * 18 if t["kind"] == "ttft" else fast.where(t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def worker_command(task_file: Path, result_file: Path) -> list[str]:
 
 def run_isolated(tasks: list[dict], cfg: CheckConfig, log, emit=None, deadline: float | None = None,
                  margin: float = 0.0) -> list[dict]:
-    """The tasks in worker processes started by :func:`worker_command` (bench.gpu_check_worker.run_workers:
+    """The tasks in worker processes started by :func:`worker_command` (bench.gpu_check.worker.run_workers:
     a fresh worker after a lost device, a dead worker charged to its task, Stopped on the time limit or a signal)."""
     return run_workers(tasks, cfg, worker_command, log, emit=emit, deadline=deadline, margin=margin)
 
@@ -393,7 +395,7 @@ def _report(cfg, command, env, device, isolate, methods, recs, t_start, out, ste
               "budgets": {m: {f: tiny_budget(m, family_key(f)) if supported(m, family_key(f)) else "n/a"
                               for f in cfg.families} for m in methods},
               "tiny": tiny, "ttft": ttft_table([r for r in recs if r["kind"] == "ttft"], cfg) if cfg.ttft else None,
-              "fast": gpu_check_fast.section(cfg, [r for r in recs if r["kind"] in ("fast", "fast_ttft")], tiny)}
+              "fast": fast.section(cfg, [r for r in recs if r["kind"] in ("fast", "fast_ttft")], tiny)}
     report["summary"] = summarize(report, cfg)
     report["seconds"] = time.perf_counter() - t_start
     report["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
@@ -433,7 +435,3 @@ def main(argv=None) -> int:
         return 2
     print_summary(report)
     return exit_status(report["summary"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

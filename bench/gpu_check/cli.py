@@ -1,5 +1,5 @@
-"""The GPU check's command line (bench/gpu_check.py's ``main``): the flags (``build_parser``; ``--help`` shows
-them under bench/gpu_check.py's docstring), the configuration they give (``config_from_args``), the summary
+"""The GPU check's command line (bench/gpu_check/__init__.py's ``main``): the flags (``build_parser``; ``--help`` shows
+them under bench/gpu_check/__init__.py's docstring), the configuration they give (``config_from_args``), the summary
 printed at the end and the exit status (0 PASS, 1 FAIL, 3 PARTIAL; 2 bad arguments)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import argparse
 
 import torch
 
-from bench.gpu_check_config import ALIASES, DTYPES, FAMILIES, CheckConfig, _env_float, registered_methods
-from bench.gpu_check_report import _overall
+from bench.gpu_check.config import ALIASES, DTYPES, FAMILIES, CheckConfig, _env_float, registered_methods
+from bench.gpu_check.report import _overall
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--ttft-warmup", type=int, default=d.ttft_warmup)
     ap.add_argument("--ttft-runs", type=int, default=d.ttft_runs)
     ap.add_argument("--ttft-text-words", type=int, default=d.ttft_text_words)
-    f = ap.add_argument_group("fast path (bench/gpu_check_fast.py)")
+    f = ap.add_argument_group("fast path (bench/gpu_check/fast.py)")
     f.add_argument("--fast", action=argparse.BooleanOptionalAction, default=d.fast,
                    help="the fast-path section: equality on the tiny LLaVA families and timing (default: on)")
     f.add_argument("--fast-only", action="store_true",

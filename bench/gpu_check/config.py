@@ -1,4 +1,4 @@
-"""The GPU check's configuration (bench/gpu_check.py): the tiny families and dtypes, each method's budget on
+"""The GPU check's configuration (bench/gpu_check/__init__.py): the tiny families and dtypes, each method's budget on
 the tiny models, ``CheckConfig`` (every option with its default), the task key, and the small JSON / text
 helpers every part of the check uses. The lowest part: it imports no other part of the check."""
 
@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: methods that take no budget
 NO_BUDGET = {"none", "novisual"}
-#: a budget that really prunes on the tiny models, in each method's own convention (README, Methods):
+#: a budget that really prunes on the tiny models, in each method's own convention (docs/methods/README.md):
 #: about the 64-of-576 equivalent where the method allows it; the values the method tests use
 #: (tests/test_gpu_ready.py's BUDGETS for the two newer families and the methods registered later).
 #: Tiny LLaVA / NeXT / Video-LLaVA: 16 patches per image / crop, 17 per video frame, 4 LLM layers;
@@ -88,14 +88,14 @@ class CheckConfig:
     ttft_runs: int = 10
     ttft_text_words: int = 12
     tiny: bool = True  # the tiny-model checks above (--fast-only: off)
-    fast: bool = True  # the fast-path section (bench/gpu_check_fast.py)
+    fast: bool = True  # the fast-path section (bench/gpu_check/fast.py)
     fast_backend: str = "auto"  # the fast path's compile backend (auto: Inductor + CUDA graphs on CUDA)
     fast_dtypes: list = field(default_factory=list)  # default: the dtypes above
     fast_prompts: int = 5  # per family x dtype x method: 14 captured methods x 3 families x 5 >= 200 per dtype
     fast_tokens: int = 32
     fast_ttft: bool = True  # the fast path's timing rows (also off with --no-ttft)
     fast_ttft_model: str = "shape:llava-1.5-7b"
-    fast_ttft_methods: list = field(default_factory=list)  # default: gpu_check_fast.FAST_TTFT_METHODS
+    fast_ttft_methods: list = field(default_factory=list)  # default: bench.gpu_check.fast.FAST_TTFT_METHODS
     fast_next_model: str = "shape:llava-next-7b"
     fast_next_tokens: list = field(default_factory=lambda: [320, 160])  # total visual tokens of 2880
     fast_next_methods: list = field(default_factory=list)  # default: the fast_ttft_methods

@@ -1,5 +1,5 @@
-"""The GPU check's device guards (bench/gpu_check.py): a task's exception is recorded with the last lines of its
-traceback and the run goes on, unless it took the CUDA context down (``DeviceLost``: nothing more can run in
+"""The GPU check's device guards (bench/gpu_check/__init__.py): a task's exception is recorded with the last lines
+of its traceback and the run goes on, unless it took the CUDA context down (``DeviceLost``: nothing more can run in
 this process); every task ends with a synchronize, so an asynchronous CUDA error is charged to its own task.
 And the environment a report records (device, driver, versions, commit)."""
 
@@ -70,7 +70,7 @@ def _recorded(device, rec: dict):
 def _recorded_with_cause(device, rec: dict):
     """:func:`_recorded` (the error's traceback tail in ``rec["error"]``, DeviceLost re-raised), and the
     exception's own first line in ``rec["exception"]`` (a dynamo error's tail is only its advice): the fast-path
-    section's tasks (bench/gpu_check_fast.py)."""
+    section's tasks (bench/gpu_check/fast.py)."""
     with _recorded(device, rec):
         try:
             yield

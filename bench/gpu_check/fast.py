@@ -1,6 +1,6 @@
 """The GPU check's fast-path section (issue 34): ``load(..., fast=True)`` (llava/fastpath.py) on the device.
 
-Two task kinds, run by the GPU check's task machinery (bench/gpu_check.py, bench/gpu_check_worker.py: worker
+Two task kinds, run by the GPU check's task machinery (bench/gpu_check/__init__.py, bench/gpu_check/worker.py: worker
 isolation, ``--time-limit``, the ``.partial.jsonl`` and ``--resume``); skip both with ``--no-fast``, the timing
 with ``--no-fast-ttft`` (``--no-ttft`` skips every timing table):
 
@@ -14,7 +14,7 @@ with ``--no-fast-ttft`` (``--no-ttft`` skips every timing table):
   without ``fast``). A captured method (``eng.fast.refusal is None``) must take the fast path on every
   prompt (``engine.stats.path == "fast"``) and give the uncompiled and the eager engine's tokens and visual
   token counts. fp32: tokens equal and every step's logits within ``FP32_LOGIT_TOL``. fp16 / bf16 are
-  judged as the tiny checks judge them (:func:`bench.gpu_check_tiny.noise_tolerance`): the unpruned model is the
+  judged as the tiny checks judge them (:func:`bench.gpu_check.tiny.noise_tolerance`): the unpruned model is the
   half-precision reference, and a method fails on a prompt only where it differs and the unpruned model
   does not, unless its logits up to the first differing token stayed within 4x the larger of the unpruned
   model's own delta on that comparison and its batch==alone / cached==no-cache delta in the tiny check
@@ -29,19 +29,19 @@ with ``--no-fast-ttft`` (``--no-ttft`` skips every timing table):
   (:func:`target_verdicts`) are reported as met / missed; they do not fail the check, a crash does.
 
 This file: the task list, the equality checks and their verdicts, the section's summary; the timing in
-bench/gpu_check_fast_timing.py, the section's markdown in bench/gpu_check_fast_report.py.
+bench/gpu_check/fast_timing.py, the section's markdown in bench/gpu_check/fast_report.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bench.gpu_check_config import IMAGE_SIZES, NO_BUDGET, QUESTIONS, family_key, supported, tiny_budget
-from bench.gpu_check_device import _recorded_with_cause, _unprune
-from bench.gpu_check_fast_timing import (FAST_TTFT_METHODS, NEXT_CROPS, PER_SAMPLE_BUDGET, TARGET_MODEL,  # noqa: F401
+from bench.gpu_check.config import IMAGE_SIZES, NO_BUDGET, QUESTIONS, family_key, supported, tiny_budget
+from bench.gpu_check.device import _recorded_with_cause, _unprune
+from bench.gpu_check.fast_timing import (FAST_TTFT_METHODS, NEXT_CROPS, PER_SAMPLE_BUDGET, TARGET_MODEL,  # noqa: F401
                                          TARGET_NEXT, load_timing, next_budget, target_verdicts, timing_table,
                                          timing_task, ttft_budget)
-from bench.gpu_check_tiny import _sample_verdict, build, compare, generate, noise_tolerance, rand_image
+from bench.gpu_check.tiny import _sample_verdict, build, compare, generate, noise_tolerance, rand_image
 
 #: the tiny families the fast path plans (llava.fastpath.FAST_FAMILIES), in gpu_check's spelling
 FAST_FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "internvl", "qwen3.5")

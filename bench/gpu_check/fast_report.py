@@ -1,12 +1,12 @@
-"""The fast-path section of the GPU check's markdown report (bench/gpu_check_fast.py): the equality table
+"""The fast-path section of the GPU check's markdown report (bench/gpu_check/fast.py): the equality table
 (fast == uncompiled == eager engine, per family x dtype x method), the timing table with the issue's targets,
 and the section's crashes."""
 
 from __future__ import annotations
 
-from bench.gpu_check_config import FP32_LOGIT_TOL, _fmt, _short
-from bench.gpu_check_fast import agreement
-from bench.gpu_check_fast_timing import _ms
+from bench.gpu_check.config import FP32_LOGIT_TOL, _fmt, _short
+from bench.gpu_check.fast import agreement
+from bench.gpu_check.fast_timing import _ms
 
 
 def _crash(r: dict) -> str:

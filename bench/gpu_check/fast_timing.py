@@ -1,4 +1,4 @@
-"""The fast-path section's timing (bench/gpu_check_fast.py, the ``fast_ttft`` tasks): batch-1 TTFT and TPOT of
+"""The fast-path section's timing (bench/gpu_check/fast.py, the ``fast_ttft`` tasks): batch-1 TTFT and TPOT of
 the fast path on ``shape:llava-1.5-7b`` and ``shape:llava-next-7b`` (bench.efficiency's ``measure``), each
 method in its own budget convention, and the issue's targets as met / missed (``target_verdicts``; they never
 fail the check, a crash does) in the timing table."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.gpu_check_config import NO_BUDGET, TINY_BUDGETS, _fmt
-from bench.gpu_check_device import _recorded_with_cause, _unprune
+from bench.gpu_check.config import NO_BUDGET, TINY_BUDGETS, _fmt
+from bench.gpu_check.device import _recorded_with_cause, _unprune
 
 #: the timing rows of the issue's targets on the LLaVA-1.5-7B shapes (at --ttft-budget)
 FAST_TTFT_METHODS = ["none", "fastervlm", "random", "visionzip", "divprune", "consensusdrop", "fastv", "pdrop"]

@@ -1,12 +1,12 @@
-"""The GPU check's report (bench/gpu_check.py writes it as JSON and markdown): the summary (``summarize``: a
+"""The GPU check's report (bench/gpu_check/__init__.py writes it as JSON and markdown): the summary (``summarize``: a
 PASS / FAIL per check and per method, PARTIAL when tasks were not run) and the markdown file (``markdown``:
-the tiny-model tables, the crashes, the TTFT table, then the fast-path section of bench/gpu_check_fast_report.py)."""
+the tiny-model tables, the crashes, the TTFT table, then the fast-path section of bench/gpu_check/fast_report.py)."""
 
 from __future__ import annotations
 
-from bench import gpu_check_fast, gpu_check_fast_report
-from bench.gpu_check_config import FP32_LOGIT_TOL, CheckConfig, _fmt, _short
-from bench.gpu_check_tiny import sync_verdict
+from bench.gpu_check import fast, fast_report
+from bench.gpu_check.config import FP32_LOGIT_TOL, CheckConfig, _fmt, _short
+from bench.gpu_check.tiny import sync_verdict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,12 +49,12 @@ def summarize(report: dict, cfg: CheckConfig) -> dict:
                 m["ran"] = True
                 m["pass"] = False
                 m["failed"].append("TTFT (crash)")
-    gpu_check_fast.summarize(report.get("fast"), checks, methods)
+    fast.summarize(report.get("fast"), checks, methods)
     labels = {k: "PASS" if v else "FAIL" for k, v in checks.items()}
     if cfg.max_syncs_per_sample is None and "host syncs" in labels:
         labels["host syncs"] = "reported (no limit set)"
-    labels.update(gpu_check_fast.labels(report.get("fast")))
-    every = report["tiny"] + ((report.get("ttft") or {}).get("results") or []) + gpu_check_fast.records(report.get("fast"))
+    labels.update(fast.labels(report.get("fast")))
+    every = report["tiny"] + ((report.get("ttft") or {}).get("results") or []) + fast.records(report.get("fast"))
     not_run = [r for r in every if r.get("not_run")]
     ok = all(checks.values())
     summ = {"pass": ok and not not_run, "partial": bool(not_run),
@@ -241,7 +241,7 @@ def _tail_sections(report: dict, out: list[str]) -> str:
                            f"{r['visual_layer_avg']:.1f} | {ms(r['ttft'])} | {_fmt(r['ttft']['p90'] * 1e3, '.2f')} | "
                            f"{ms(r.get('t_vision'))} / {ms(r.get('t_selection'))} / {ms(r.get('t_llm'))} | "
                            f"{_fmt(r.get('selection_overhead'), '.1%')} | {_fmt(r.get('speedup'), '.2f')}x |")
-    out += gpu_check_fast_report.markdown(report)
+    out += fast_report.markdown(report)
     return "\n".join(out) + "\n"
 
 

@@ -1,9 +1,9 @@
-"""The GPU check's tiny-model correctness checks (bench/gpu_check.py): on a tiny random-weight model, batches
+"""The GPU check's tiny-model correctness checks (bench/gpu_check/__init__.py): on a tiny random-weight model, batches
 of 3 (``scenarios``) generate greedy tokens that must equal each sample run alone (batch == alone) and a
 no-cache full recompute with the recorded selections (cached == no-cache, ``greedy_no_cache``); the host syncs
 of one pruned prefill (``count_syncs``); and their verdicts (``judge``: fp32 exact, half precision against the
 unpruned model's own noise). ``tiny_task``, which runs them for one method x family x dtype, is in
-bench/gpu_check.py."""
+bench/gpu_check/__init__.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from bench.gpu_check_config import (DTYPES, FP32_LOGIT_TOL, IMAGE_SIZES, QUESTIONS, SAME_LENGTH_NEXT, CheckConfig,
+from bench.gpu_check.config import (DTYPES, FP32_LOGIT_TOL, IMAGE_SIZES, QUESTIONS, SAME_LENGTH_NEXT, CheckConfig,
                                     family_key)
-from bench.gpu_check_device import _tail, _unprune
+from bench.gpu_check.device import _tail, _unprune
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The GPU check's TTFT table (bench/gpu_check.py; ``--no-ttft`` skips it): ``--ttft-model`` (default
+"""The GPU check's TTFT table (bench/gpu_check/__init__.py; ``--no-ttft`` skips it): ``--ttft-model`` (default
 ``shape:llava-1.5-7b``: real shapes, random weights) in ``--ttft-dtype``, the unpruned model and every method at
 ``--ttft-budget``, batch 1: median TTFT with the engine's vision / selection / LLM breakdown, timed with
 bench.efficiency's helpers. bench.deepspeed_check times its plain and wrapped runtimes with the same task."""
@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from bench.gpu_check_config import NO_BUDGET, TINY_BUDGETS, CheckConfig
-from bench.gpu_check_device import _finish, _recorded, _unprune
+from bench.gpu_check.config import NO_BUDGET, TINY_BUDGETS, CheckConfig
+from bench.gpu_check.device import _finish, _recorded, _unprune
 
 
 def _load_ttft(cfg: CheckConfig) -> dict:

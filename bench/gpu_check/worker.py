@@ -1,4 +1,4 @@
-"""The GPU check's task machinery (bench/gpu_check.py runs the tasks with it): results are never lost.
+"""The GPU check's task machinery (bench/gpu_check/__init__.py runs the tasks with it): results are never lost.
 
 * Worker processes (``run_workers``; ``--isolate``, the default on CUDA): a device-side assert leaves a CUDA
   context unusable, so a worker stops after the task that caused it and a fresh worker takes the rest; a
@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.gpu_check_config import CheckConfig, _jsonable_loose, task_key
+from bench.gpu_check.config import CheckConfig, _jsonable_loose, task_key
 
 #: test hook: seconds to sleep at the end of every task (tests/test_gpu_check.py's signal / time-limit tests)
 TEST_SLEEP_ENV = "GPU_CHECK_TEST_TASK_SLEEP"
@@ -61,7 +61,7 @@ def run_workers(tasks: list[dict], cfg: CheckConfig, command, log, emit=None, de
     import tempfile
 
     done: dict[tuple, dict] = {}
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for attempt in range(len(tasks) + 1):
             todo = [t for t in tasks if task_key(t) not in done]
