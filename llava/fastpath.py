@@ -64,14 +64,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families.base import param_dtype, to_device
-from .families.clip import (MASKED_TOWER_ATTN, attention_layer, cls_row, cls_signals, fullwidth_signals,
-                            received_attention, run_tower_masked)
-from .fast_llm import _no_output_capture, decode_segments, run_segments
+from .families.base import to_device
+from .families.clip import MASKED_TOWER_ATTN
+from .fast_llm import decode_segments, run_segments
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
-from .fast_probe import run_probe
-from .layout import carry_rows, materialize
-from .method import Selection
+from .fast_vision import FastVisionMixin
 
 __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS", "NotPlanned", "bucket_for",
            "FastPath", "FastState", "FastInfo"]
@@ -114,7 +111,7 @@ class FastInfo:
     graphs: int = 1  # captured functions the prefill ran (2: piecewise, one host read of the counts between)
 
 
-class FastPath(FastPlanMixin):
+class FastPath(FastPlanMixin, FastVisionMixin):
     """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``)."""
 
     def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS):
@@ -249,154 +246,6 @@ class FastPath(FastPlanMixin):
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
                  use_cache=True).last_hidden_state
         return e.model.lm_head(h[:, -1:])
-
-    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None,
-                        probe_in=None):
-        """The vision stage of a captured prefill, per sample: the outputs (m, D) in ``dtype``, the
-        signals, each output's source candidate, the real count (0-d; ``Selection.count`` of a padded
-        selection) and the OR of every malformed flag. ``text_flat``: the new rows' embeddings, flattened
-        (query-aware methods read their text block from them); ``tower_in``: the tower's planned index
-        tensors (a family that encodes its tower itself, ``spec.tower``); ``deeps``: a list that receives each
-        sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL); ``probe_in``: the LLM
-        probe's planned tensors (``spec.probe``, :mod:`llava.fast_probe`)."""
-        e = self.engine
-        adapter, method = e.adapter, e.method
-        if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.fast_encode)
-            with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
-                enc = adapter.fast_encode(px, spec.tower, tower_in, method.needs_vision_attention)
-            flat, vflat = enc["features"], enc["vision_features"]
-            caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
-        else:
-            flat, vflat, caf, ksf, exf, clip = self._clip_tokens(px, crops, spec)
-        newline = adapter.fast_newline() if spec.newlines else None
-        bad = torch.zeros((), dtype=torch.bool, device=flat.device)
-        cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
-        for s in spec.samples:
-            o, n = dict((name, (o, n)) for name, o, n in s.parts)["src"]
-            sidx = index[o:o + n]
-            safe = sidx.clamp(min=0)
-            f, v = flat[safe], vflat[safe]
-            a = caf[safe] if caf is not None else None
-            k = ksf[safe] if ksf is not None else None
-            ex = {name: r[safe] for name, r in exf.items()}
-            if newline is not None:  # LLaVA-NeXT's image_newline rows, as the adapter builds them
-                nl = (sidx < 0)[:, None]
-                f = torch.where(nl, newline.to(f.dtype), f)
-                v = v.masked_fill(nl, 0)
-                if a is not None:
-                    a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
-                ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
-            cands.append((f.to(dtype), v, a, k, ex, enc["deepstack"][safe] if deeps is not None else None))
-        probes = [None] * len(spec.samples)
-        if spec.probe is not None and method.vision_stage:  # the LLM probe on the unpruned rows (llava.fast_probe)
-            probes = run_probe(e.lm, spec.probe, probe_in, [c[0] for c in cands], [s.tokens for s in spec.samples],
-                               [s.text for s in spec.samples])
-        outs, sigs, origins, counts = [], [], [], []
-        for s, (f, v, a, k, ex, dsf), probe in zip(spec.samples, cands, probes):
-            at = {name: (o, n) for name, o, n in s.parts}
-            if not method.vision_stage:
-                if deeps is not None:
-                    deeps.append(dsf)
-                outs.append(f)
-                sigs.append(None)
-                origins.append(torch.arange(f.shape[0], device=f.device))
-                counts.append(torch.full((), f.shape[0], dtype=torch.long, device=f.device))
-                continue
-            if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
-                hs, ca, ks, extra, proj, pdt = clip
-                o, n = at["units"]
-                units = index[o:o + n]
-                f = torch.cat([f, proj(hs[units, :1].to(pdt))[:, 0].to(dtype)])
-                v = torch.cat([v, hs[units, 0]])
-                if a is not None:
-                    a = torch.cat([a, ca[units, :, 0]])
-                    k = torch.cat([k, ks[units, 0]])
-                ex = {name: torch.cat([r, extra[name][units, 0]]) for name, r in ex.items()}
-            text = None
-            if s.text:
-                o, n = at["text_rows"]
-                text = text_flat[index[o:o + n]]
-            sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
-                                       text, ex, probe)
-            if "in_tower_kept" in ex:  # the in-tower stage's survivors, as the eager engine hands them over
-                sig.in_tower_kept = ex["in_tower_kept"]
-            sel = method.select_vision(sig)
-            if sel.num_out != s.outputs:
-                raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
-            flags = sel.flags(sig.num_tokens, s.tokens, malformed_only=True)
-            for name in Selection.MALFORMED:
-                if name in flags:
-                    bad = bad | flags[name]
-            if spec.newlines and sel.space == "vision" and sel.targets is not None and sel.targets.numel():
-                tg, asg = sel.targets, sel.assign  # the eager engine refuses merging newlines in vision space
-                bad = bad | sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()
-            feats, origin = materialize(sig, sel, adapter.project)
-            if deeps is not None:  # kept with a kept token, merged by the selection's rule (the eager engine's)
-                deeps.append(carry_rows(dsf, sel))
-            outs.append(feats.to(dtype))
-            sigs.append(sig)
-            origins.append(origin)
-            counts.append(sel.count if sel.count is not None
-                          else torch.full((), sel.num_out, dtype=torch.long, device=feats.device))
-        return outs, sigs, origins, counts, bad
-
-    def _clip_tokens(self, px, crops, spec: _Spec):
-        """The CLIP tower of a captured prefill (LLaVA-1.5 / NeXT / Video-LLaVA): per tower token of every
-        unit (flattened), the projected features, the select layer's states, the [CLS] attention / keys and
-        the extra tower-layer signals; and what the [CLS] candidates are built from (hidden states, [CLS]
-        attention, keys, extras, projector, its dtype)."""
-        e = self.engine
-        adapter, method = e.adapter, e.method
-        cfg = e.model.config
-        tower = adapter.fast_tower(spec.key)
-        fl = cfg.vision_feature_layer
-        x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
-        if spec.crops:
-            x = x[crops]
-        ca = ks = None
-        if getattr(method, "tower_stage", False):  # the in-tower stage, masked: every unit at its S tokens, the
-            with _no_output_capture():  # survivors as a mask (zero states elsewhere); layers called one by one
-                hs, kept = run_tower_masked(tower, x, fl, method, spec.kind, cls_in_llm=not spec.drop_cls)
-            extra = {"in_tower_kept": kept}
-        else:
-            out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
-            hs = out.hidden_states[fl]
-            if method.needs_vision_attention:
-                li = attention_layer(tower, fl, method.vision_layer)
-                ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
-            extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
-        proj = adapter.core.multi_modal_projector
-        off = 1 if spec.drop_cls else 0
-        vis = hs[:, off:]
-        N, per = vis.shape[:2]
-        pdt = param_dtype(proj)
-        feats = proj(vis.to(pdt))  # one projector call, as the stock model
-        if "in_tower_kept" in extra:  # tokens dropped inside the tower get zero features (clip.flatten_units)
-            feats = feats.masked_fill(~extra["in_tower_kept"][:, off:, None], 0)
-        flat = feats.reshape(N * per, -1)
-        vflat = vis.reshape(N * per, -1)
-        caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
-        ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
-        exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
-        return flat, vflat, caf, ksf, exf, (hs, ca, ks, extra, proj, pdt)
-
-    def _tower_extras(self, tower, hidden_states, fl) -> dict:
-        """The method's extra tower-layer signals (:meth:`_extra_names`) from the tower's hidden states
-        (a layer's input is ``hidden_states[i]``, what the eager engine's pre-hook sees), per unit and
-        tower token: ``recv`` / ``clsl`` (N, S, H), ``fwa`` (N, S), ``fwk`` (N, S, Dv); fp32."""
-        out, fw = {}, {}
-        for name, v in self._extra_names():
-            li = attention_layer(tower, fl, v[1] if isinstance(v, tuple) else v)
-            layer, h = tower.encoder.layers[li], hidden_states[li]
-            if isinstance(v, tuple) and v[0] == "fw":
-                if v not in fw:
-                    fw[v] = fullwidth_signals(layer, h)
-                out[name] = fw[v][0] if name.startswith("fwa:") else fw[v][1]
-            elif isinstance(v, tuple):
-                out[name] = cls_row(layer, h).permute(0, 2, 1)
-            else:
-                out[name] = received_attention(layer, h).permute(0, 2, 1)
-        return out
 
     def _decode_fn(self, tok, pos, mask, cache, layers: tuple):
         e = self.engine
