@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import output_capturing
 
-from .layout import _add_deepstack, carry_rows, llm_outputs
+from .attention_rows import llm_attention_fns
 from .method import Selection
-from .signals import LLMSignals, llm_attention_fns
+from .selection_rows import _add_deepstack, carry_rows, llm_outputs
+from .signals import LLMSignals
 
 
 @dataclass(frozen=True)

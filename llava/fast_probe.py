@@ -9,7 +9,7 @@ pruned rows: every row left-padded to a length bucket (the unpruned prompt's), i
 from each sample's stock visual features, contiguous positions (M-RoPE: the prompt's own), a 4-D causal mask;
 the rows of the text after the image (the vision stage's padded text block, ``VisionSignals.text_rows``) and of
 the visual tokens in it. On the device: the gather, layers 0..K-1 under the mask, then per sample layer K's
-q / k (:class:`llava.signals.LayerQK`) and the causal softmax rows of the padded text block, the pads never
+q / k (:class:`llava.attention_rows.LayerQK`) and the causal softmax rows of the padded text block, the pads never
 attended (``key_mask``). ``probe_attention`` then returns (H, Q, T) over the whole padded text block; the
 method reads its query rows through the block's masks (``text_rows``), as it reads the embeddings for its
 ``embed_cos`` probe. Nothing is read back. What is static (the bucket, the probe layers) is part of the graph
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_rows import LayerQK, causal_attention_rows
 from .fast_llm import _no_output_capture, prompt_mask
-from .signals import LayerQK, causal_attention_rows
 
 
 @dataclass(frozen=True)

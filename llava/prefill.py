@@ -5,10 +5,8 @@ importing the engine that imports them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotation only: llava.engine imports this module
-    from .engine import _PhaseClock
+from .stats import _PhaseClock
 
 
 @dataclass

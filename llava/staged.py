@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from .attention_rows import llm_attention_fns
 from .families.base import to_device as _to_device
-from .layout import (_add_deepstack, _deepstack, _Layout, _runs, carry_rows, decoder_masks, first_full_layer,
-                     llm_outputs)
+from .layout import _Layout, _runs, decoder_masks, first_full_layer
 from .method import Selection
 from .prefill import _Prefill
-from .signals import LLMSignals, llm_attention_fns, proxy_loss_grad
+from .proxy_grad import proxy_loss_grad
+from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
+from .signals import LLMSignals
 
 
 @dataclass

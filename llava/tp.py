@@ -11,7 +11,7 @@ DeepSpeed's AutoTP shards the **language model only**:
   ``attn.qkv`` is then split naively and fails, and the [CLS] / key signals of CLIP towers would see only
   a rank's heads). Qwen3.5's Gated DeltaNet layers are replicated as well (their fused projections cannot
   be split by name); its full-attention layers and every MLP are sharded.
-* the engine's LLM signals (:class:`llava.signals.LayerQK`: the attention rows FastV, PyramidDrop,
+* the engine's LLM signals (:class:`llava.attention_rows.LayerQK`: the attention rows FastV, PyramidDrop,
   SparseVLM, DART, VScan, VisionDrop and ConsensusDrop read) gather the q / k projections' shards across
   the group (:func:`full_width`), so every rank computes the unsharded model's signal and selects the same
   tokens; a projection whose width is not the config's heads is refused, never read from a rank's heads.

@@ -11,7 +11,8 @@ from conftest import make_batch
 
 import llava
 import llava.engine as engine_mod
-from llava.engine import _PhaseClock
+import llava.stats as stats_mod
+from llava.stats import _PhaseClock
 
 #: the edges one prefill marks, in order, for a method without llm stages and for one llm stage (FastV)
 PRE_LLM_EDGES = ["start", "vision_start", "vision_end", "inputs_end", "end"]
@@ -107,7 +108,7 @@ def test_cpu_reads_perf_counter_and_never_touches_cuda(rt, batch, monkeypatch):
     assert t["vision"] + t["selection"] + t["llm"] == pytest.approx(t["prefill_total"], rel=1e-6, abs=1e-9)
     # the CPU clock is time.perf_counter, read once per edge
     fake = Counter()
-    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(perf_counter=fake))
+    monkeypatch.setattr(stats_mod, "time", types.SimpleNamespace(perf_counter=fake))
     assert prefill(rt, batch, "fastv", 8).stats.timings == ONE_STAGE_UNIT and fake.reads == 7
     assert prefill(rt, batch, "visionzip", 4).stats.timings == PRE_LLM_UNIT and fake.reads == 12
     assert not calls

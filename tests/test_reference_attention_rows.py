@@ -94,17 +94,17 @@ def test_logits_option_is_checked():
 def test_reference_modes_read_the_model_dtype_rows_in_the_engine(method, budget, opts, monkeypatch):
     """On an fp16 tiny LLaVA, the in-LLM stages of the reference modes ask the signal for the model-dtype rows
     (and get fp16 probabilities), the default modes for fp32 rows."""
-    import llava.signals as signals
+    import llava.attention_rows as attention_rows
 
     seen = []
-    inner = signals.causal_attention_rows
+    inner = attention_rows.causal_attention_rows
 
     def spy(*a, **kw):
         out = inner(*a, **kw)
         seen.append((kw.get("logits", "fp32"), out.dtype))
         return out
 
-    monkeypatch.setattr(signals, "causal_attention_rows", spy)
+    monkeypatch.setattr(attention_rows, "causal_attention_rows", spy)
     rt = load("tiny:llava", seed=1, dtype="float16")
     batch = make_batch(rt, n=2)
     for numerics, want in (("official", (("model", torch.float16),)), ("ours", (("fp32", torch.float32),))):

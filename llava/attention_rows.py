@@ -1,0 +1,171 @@
+"""Attention rows recomputed from a decoder layer's own norm + q / k projections + RoPE (:class:`LayerQK`), as the
+layer computes them, and their causal softmax (:func:`causal_attention_rows`, fp32 or the official eager arithmetic):
+what the LLM signals, the vision stage's probe and the fast path read. Apart from :mod:`llava.signals` so that
+the signals' dataclasses stay one file; import them from either."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable
+
+import torch
+
+from .tp import full_width
+
+
+def rope_fn_for(attn_module: torch.nn.Module) -> Callable:
+    """The model family's own ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2 ... define one)."""
+    mod = sys.modules[type(attn_module).__module__]
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TypeError(f"{type(attn_module).__name__}: no apply_rotary_pos_emb in {mod.__name__}")
+    return fn
+
+
+def _head_norm(attn: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own per-head norm of its queries / keys (``q_norm`` / ``k_norm``: Qwen3 and Qwen3-VL text
+    models, InternVL3.5's Qwen3, RMSNorm over head_dim after the projection, before RoPE); x (1, S, H, d).
+    Identity where the layer has none (Llama, Qwen2)."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
+class LayerQK:
+    """Queries and keys of one decoder ``layer`` over one sequence x (S, D), computed as the layer does
+    (input_layernorm, q / k projection, the per-head q / k norm where the layer has one, RoPE at ``pos``),
+    each piece once: the normed input, the keys
+    (with and without RoPE) and the rotary tables are kept, so the several signals of one llm stage
+    (attention rows for two row sets, the keys a merge compares) share one k projection."""
+
+    def __init__(self, layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor):
+        self.layer, self.x, self.rotary, self.pos = layer, x, rotary, pos
+        if not hasattr(layer, "self_attn"):
+            raise ValueError(f"decoder layer {getattr(layer, 'layer_idx', '?')} ({type(layer).__name__}, "
+                             f"{getattr(layer, 'block_type', 'no attention')}) has no attention to read: a hybrid "
+                             "model's linear-attention layer; read a full-attention layer")
+        self.attn = layer.self_attn
+        self._xn = self._k = self._k_rope = self._cs = None
+
+    def _normed(self) -> torch.Tensor:
+        if self._xn is None:
+            self._xn = self.layer.input_layernorm(self.x)[None]  # (1, S, D)
+        return self._xn
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer's q / k projection of x with all heads: under tensor parallelism the ranks' column
+        shards are gathered (:func:`llava.tp.full_width`); a width other than the config's heads is refused
+        (a signal is never read from one rank's heads)."""
+        y = full_width(getattr(self.attn, name), x)
+        cfg = getattr(self.attn, "config", None)
+        heads = getattr(cfg, "num_attention_heads" if name == "q_proj" else "num_key_value_heads", None)
+        widths = (1, 2) if name == "q_proj" else (1,)  # Qwen3.5's q_proj: per head the query and its gate
+        if heads is not None and y.shape[-1] not in [w * heads * self.attn.head_dim for w in widths]:
+            raise RuntimeError(f"decoder layer {getattr(self.attn, 'layer_idx', '?')}: {name} gives {y.shape[-1]} "
+                               f"features, not the {heads} heads x {self.attn.head_dim} of the config (a sharded "
+                               "projection that was not gathered?)")
+        return y
+
+    def _cos_sin(self):
+        if self._cs is None:  # (S,) -> (1, S); M-RoPE (3, S) -> (3, 1, S)
+            self._cs = self.rotary(self.x[None], self.pos.unsqueeze(-2))
+        return self._cs
+
+    def keys(self, rope: bool = True) -> torch.Tensor:
+        """(H_kv, S, d)."""
+        if self._k is None:
+            k = self._project("k_proj", self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim)
+            self._k = _head_norm(self.attn, "k_norm", k).transpose(1, 2)
+        if not rope:
+            return self._k[0]
+        if self._k_rope is None:
+            cos, sin = self._cos_sin()
+            _, self._k_rope = rope_fn_for(self.attn)(self._k, self._k, cos, sin)
+        return self._k_rope[0]
+
+    def queries(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
+        """(H, Q, d) for the sequence positions ``rows``."""
+        d = self.attn.head_dim
+        q = self._project("q_proj", self._normed()[:, rows])
+        heads = getattr(getattr(self.attn, "config", None), "num_attention_heads", None)
+        if heads is not None and q.shape[-1] == 2 * heads * d:  # Qwen3.5: per head, the query then its output gate
+            q = q.view(1, rows.numel(), heads, 2 * d)[..., :d]
+        else:
+            q = q.view(1, rows.numel(), -1, d)
+        q = _head_norm(self.attn, "q_norm", q).transpose(1, 2)  # (1, H, Q, d)
+        if rope:
+            cos, sin = self._cos_sin()
+            _, q = rope_fn_for(self.attn)(q, q, cos[:, rows], sin[:, rows])
+        return q[0]
+
+
+def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: torch.Tensor | None,
+                      pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[Callable, Callable]:
+    """The ``_attn_fn`` / ``_keys_fn`` of :class:`LLMSignals` for one sample entering decoder ``layer`` of
+    the language model ``lm``: x (S, D) its hidden states ("next": this layer's q / k), ``x_prev`` its input
+    to layer - 1 ("prev"), ``pos`` their positions; each layer's q / k pieces computed once
+    (:class:`LayerQK`). ``key_mask`` (S,): the real rows of a padded row (the fast path), never attended."""
+    qks: dict[str, LayerQK] = {}
+
+    def pick(which) -> LayerQK:
+        if which not in ("next", "prev"):
+            raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
+        if which not in qks:
+            qks[which] = LayerQK(lm.layers[layer] if which == "next" else lm.layers[layer - 1],
+                                 x if which == "next" else x_prev, lm.rotary_emb, pos)
+        return qks[which]
+
+    def attn_fn(rows, which, logits="fp32"):
+        qk = pick(which)
+        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask, logits=logits)
+
+    def keys_fn(which, rope):
+        return pick(which).keys(rope).transpose(0, 1)
+
+    return attn_fn, keys_fn
+
+
+def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor,
+           rows: torch.Tensor | None, rope: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Queries for ``rows`` and keys for all tokens of one sequence, as decoder ``layer`` computes
+    them (input_layernorm, q/k projection, RoPE at ``pos``). x: (S, D). Returns q (H, Q, d) or
+    None, k (H_kv, S, d). (:class:`LayerQK` keeps the pieces for several calls.)"""
+    qk = LayerQK(layer, x, rotary, pos)
+    k = qk.keys(rope)
+    return (None if rows is None else qk.queries(rows, rope)), k
+
+
+#: the arithmetic of :func:`causal_attention_rows`: "fp32" (ours) or "model" (the official eager attention)
+ATTENTION_LOGITS = ("fp32", "model")
+
+
+def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float,
+                          key_mask: torch.Tensor | None = None, logits: str = "fp32") -> torch.Tensor:
+    """softmax(q k^T * scale) over keys 0..row (causal). q (H, Q, d), k (H_kv, S, d) -> (H, Q, S).
+    ``key_mask`` (S,) bool: only those keys are attended to (a padded row's real tokens).
+
+    ``logits="fp32"`` (ours): q and k cast to fp32, fp32 probabilities. ``"model"``: as LLaVA's eager
+    ``LlamaAttention`` (transformers 4.31-4.37, the code PyramidDrop, VScan and DUET-VLM modify and read their rows
+    from): ``torch.matmul(q, k^T)`` in q's dtype (fp16 in a half-precision run), ``/ math.sqrt(d)`` in that dtype
+    (where ``scale`` is d^-1/2, else ``* scale``), the masked keys at -inf (the official additive mask's finfo.min
+    gives the same zeros), ``softmax(dim=-1, dtype=torch.float32).to(q.dtype)``: probabilities in the model's
+    dtype. What is left is the GEMM's summation order, which is the device's (CUDA's is not a CPU's)."""
+    h, hkv = q.shape[0], k.shape[0]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=0)
+    if logits == "model":
+        d = q.shape[-1]
+        scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2))
+        scores = scores / math.sqrt(d) if abs(scale - d ** -0.5) < 1e-12 else scores * scale
+    elif logits == "fp32":
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    else:
+        raise ValueError(f"attention logits must be one of {ATTENTION_LOGITS}, got {logits!r}")
+    s = k.shape[1]
+    future = torch.arange(s, device=q.device)[None, :] > rows.to(q.device)[:, None]  # (Q, S)
+    if key_mask is not None:
+        future = future | ~key_mask.to(q.device)[None, :]
+    scores = scores.masked_fill(future[None], float("-inf"))
+    if logits == "model":
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.softmax(scores, dim=-1)

@@ -1,0 +1,86 @@
+"""The rows a selection gives, on the device: its outputs (features or hidden states, and each output's source
+token) and the per-token DeepStack rows carried through it and added back after each level. Shared by the eager
+engine (:mod:`llava.layout`, :mod:`llava.staged`) and the fast path's captured prefill, so none of it reads the
+host; apart from :mod:`llava.layout`, which plans the vision stage on the host."""
+
+from __future__ import annotations
+
+import torch
+
+from .method import Selection
+from .ops import merge_tokens
+from .signals import VisionSignals
+
+
+def materialize(sig: VisionSignals, sel: Selection, project) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a selection: features (m, D) in the signals' feature dtype and each output's source
+    candidate (m,), in output order: kept rows, then merged targets (``merge_tokens``; in vision space
+    projected with ``project``) or the method's own ``values``. No host read: the eager engine and the
+    fast path's captured prefill share it (the eager engine checks newline merges first)."""
+    keep = sel.keep.to(sig.features.device)
+    feats = [sig.features[keep]]
+    src = [keep]
+    if sel.values is not None:  # the method computed every output itself (e.g. PruMerge's k-NN sums)
+        if sel.targets is not None:
+            src.append(sel.targets.to(keep.device))
+        v = sel.values.to(sig.features.device)
+        if sel.space == "vision":
+            v = project(v.to(sig.vision_features.dtype))
+        feats = [v.to(sig.features.dtype)]
+    elif sel.targets is not None and sel.targets.numel():
+        x = sig.vision_features if sel.space == "vision" else sig.features
+        merged = merge_tokens(x, sel)
+        if sel.space == "vision":
+            merged = project(merged.to(x.dtype))
+        feats.append(merged.to(sig.features.dtype))
+        src.append(sel.targets.to(keep.device))
+    feats, src = torch.cat(feats), torch.cat(src)
+    if sel.order is not None:
+        o = sel.order.to(feats.device)
+        feats, src = feats[o], src[o]
+    return feats, src
+
+
+def llm_outputs(xv: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of an llm stage's selection over the current visual tokens' hidden states ``xv`` (n, D):
+    their rows (m, D) and each output's source token (m,), in output order: kept rows, then merged targets
+    (``merge_tokens``), permuted by ``order``. No host read: the eager engine's staged decoder and the fast
+    path's captured segments share it."""
+    keep = sel.keep.to(xv.device)
+    src, out = [keep], [xv[keep]]
+    if sel.targets is not None and sel.targets.numel():
+        src.append(sel.targets.to(xv.device))
+        out.append(merge_tokens(xv, sel).to(xv.dtype))
+    src, out = torch.cat(src), torch.cat(out)
+    if sel.order is not None:
+        o = sel.order.to(xv.device)
+        src, out = src[o], out[o]
+    return out, src
+
+
+def carry_rows(rows: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """Per-token rows that travel with the tokens (Qwen3-VL's DeepStack rows, (n, L, D)) through a selection:
+    (m, L, D) in output order; a kept token keeps its rows, a merged token gets its rows merged by the
+    selection's rule (:func:`llava.ops.merge_tokens`, fp32, in the rows' own space). No host read."""
+    if sel.values is not None:
+        raise ValueError("a method that computes its outputs itself (Selection.values) cannot carry DeepStack rows")
+    out, _ = llm_outputs(rows.flatten(1), sel)  # the same keep / merge / order as an llm stage's hidden states
+    return out.view(-1, *rows.shape[1:])
+
+
+def _deepstack(rows: torch.Tensor, at: torch.Tensor, B: int, L: int) -> dict:
+    """The DeepStack state of a prefill: ``rows`` (n, levels, D) of the visual positions ``at`` (flat
+    b * L + position, ascending: the stock model's row-major order) and the (B, L) mask it is handed as
+    ``visual_pos_masks``."""
+    mask = torch.zeros(B * L, dtype=torch.bool, device=rows.device).index_fill_(0, at, True).view(B, L)
+    return {"rows": rows, "at": at, "mask": mask}
+
+
+def _add_deepstack(h: torch.Tensor, ds: dict, level: int) -> torch.Tensor:
+    """Qwen3-VL's DeepStack after decoder layer ``level``: the level's rows added at the visual positions,
+    the same arithmetic as the stock text model's ``_deepstack_process`` (rows cast to the hidden dtype)."""
+    B, L, D = h.shape
+    flat = h.reshape(B * L, D).clone()
+    at = ds["at"]
+    flat[at] = flat[at] + ds["rows"][:, level].to(h.dtype)
+    return flat.view(B, L, D)
