@@ -163,3 +163,13 @@ def test_eval_uses_only_the_testbeds_public_interface():
         # no private attribute of a testbed module (data._x, evaluate._Batches, ...)
         if "testbed" in text:
             assert not re.search(r"\b(data|evaluate|model|train)\._\w", text), f
+
+
+def test_rooms_by_purpose_stay_small():
+    """Issue 51: no runtime file over 500 lines (split by purpose, as llava/ops/ and llava/stats.py were), and the
+    GPU check is one package (bench/gpu_check/), not flat modules beside bench's other packages."""
+    long = {str(f.relative_to(ROOT)): n for f in (ROOT / "llava").rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > 500}
+    assert long == {}
+    assert sorted(p.name for p in (ROOT / "bench").glob("gpu_check*.py")) == []
+    assert (ROOT / "bench" / "gpu_check" / "__main__.py").is_file()
