@@ -8,7 +8,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("doc_commands", ROOT / "scripts" / "doc_commands.py")
@@ -31,10 +30,10 @@ def test_the_runnable_blocks_run():
 def test_readme_is_a_front_door_and_docs_readme_indexes_every_page():
     readme = (ROOT / "README.md").read_text().splitlines()
     assert len(readme) <= 150
-    sections, size = {}, 0
+    sections = {}
     for line in readme:
         if line.startswith("## "):
-            name, size = line, 0
+            name = line
             sections[name] = 0
         elif sections:
             sections[name] += 1
