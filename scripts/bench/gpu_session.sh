@@ -15,6 +15,9 @@
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
+#   bash scripts/bench/gpu_session.sh recheck    OUT   # what the last GPU session left: the fast path of PyramidDrop, SparseVLM
+#                                                       # and PruMerge on tiny LLaVA fp16 (fixed in 7fdb5e6), then the tiny
+#                                                       # checks it did not reach (InternVL, Qwen3.5; no fast path, no TTFT)
 #   bash scripts/bench/gpu_session.sh testbed2   OUT   # train testbed v2 (issue 36; continues runs/testbed2-train on each
 #                                                       # call until DONE), then OUT/weights2.tar (fp16) + the training log
 #   bash scripts/bench/gpu_session.sh sweep2     OUT   # the v2 sweep (testbed.evaluate2, --resume) on runs/testbed2-weights
@@ -22,13 +25,14 @@
 # The device image has transformers 5.17: first `bash scripts/bench/device_wheels.sh` here, carry .device-wheels and
 # begin every device command with `bash scripts/bench/device_wheels.sh install &&` (offline pip, a few seconds).
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
-# LIMIT seconds (default 540) and writes what it has. bench.efficiency writes its files at the end: the fast
+# LIMIT seconds (default 540) and writes what it has. The device tool brings back 8 files at most, none deeper than
+# OUT/a/b/: when DEST is the tool's $OUT and holds more (or deeper), the part packs it into one OUT/<part>.tgz. bench.efficiency writes its files at the end: the fast
 # parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT
 # loses only its own rows (its .log keeps the progress). A copied tree may carry a stale .git: pass the commit
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 mkdir -p "$DEST"
@@ -65,6 +69,11 @@ case "$PART" in
              eff shape:qwen3-vl-8b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen3 $((LIMIT / 2)) --fast ;;
   fast-7b) fast_7b "$LIMIT" ;;
   fast-next) fast_next "$LIMIT" ;;
+  recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
+             --fast-dtypes float16 --no-fast-ttft --out "$DEST/recheck-fast" --time-limit "$((LIMIT * 2 / 5))" 2>&1 \
+             | tee "$DEST/recheck_fast.log" | tail -30
+           python -m bench.gpu_check --families internvl qwen3.5 --no-fast --no-ttft --out "$DEST/recheck-tiny" \
+             --time-limit "$((LIMIT * 3 / 5 - 20))" 2>&1 | tee "$DEST/recheck_tiny.log" | tail -30 ;;
   fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
                 | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
   testbed2) LIMIT=$LIMIT bash scripts/train_testbed2.sh runs/testbed2-weights 2>&1 | tail -40  # the device tool returns
@@ -75,3 +84,12 @@ case "$PART" in
             --workers "$(( $(nproc) - 1 ))" --resume 2>&1 | tee -a "$DEST/sweep2.log" | tail -40 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
 esac
+if [[ -n "${OUT:-}" && -d "$OUT" && "$(realpath "$DEST")" == "$(realpath "$OUT")" ]]; then
+    files=$(find "$DEST" -type f | wc -l)
+    if (( files > 8 )) || [[ -n "$(find "$DEST" -mindepth 4 -type f -print -quit)" ]]; then
+        pack=$(mktemp -d)
+        tar -czf "$pack/$PART.tgz" -C "$DEST" . && find "$DEST" -mindepth 1 -delete && mv "$pack/$PART.tgz" "$DEST/"
+        rmdir "$pack"
+        echo "packed $files files into OUT/$PART.tgz (the device tool returns 8 at most)"
+    fi
+fi

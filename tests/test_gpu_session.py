@@ -1,0 +1,73 @@
+"""scripts/bench/gpu_session.sh on a CPU, with stand-ins for python and nvidia-smi: the `recheck` part's two GPU
+check commands parse with the real command line and configure what the last GPU session left (the fast path of
+PyramidDrop / SparseVLM / PruMerge on tiny LLaVA fp16, then the InternVL and Qwen3.5 tiny checks); when the part
+writes into the device tool's OUT more files than the tool brings back (8), or deeper than OUT/a/b/, it packs them
+into one OUT/<part>.tgz with nothing lost."""
+
+import os
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+
+from bench.gpu_check.cli import build_parser, config_from_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stand-in for python: record the command, write N files (and one three folders deep) under --out
+echo "$*" >> "$FAKE_LOG"
+out=""; prev=""
+for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
+[[ -n $out ]] || exit 0
+mkdir -p "$out/deep/er"
+for i in $(seq 1 "$FAKE_FILES"); do echo "$i" > "$out/file$i.json"; done
+[[ $FAKE_DEEP == 1 ]] && echo deep > "$out/deep/er/x.json"
+exit 0
+"""
+
+
+def _run(tmp_path, files: int, deep: bool):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'stand-in GPU'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "FAKE_LOG": str(log),
+           "FAKE_FILES": str(files), "FAKE_DEEP": "1" if deep else "0", "LIMIT": "500"}
+    r = subprocess.run(["bash", "scripts/bench/gpu_session.sh", "recheck"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return out, [shlex.split(line) for line in log.read_text().splitlines()], r.stdout
+
+
+def test_recheck_runs_the_checks_the_last_session_left_and_packs_the_files(tmp_path):
+    out, calls, stdout = _run(tmp_path, files=4, deep=False)
+    assert [c[:2] for c in calls] == [["-m", "bench.gpu_check"]] * 2
+    parser = build_parser("")
+    fast = config_from_args(parser.parse_args(calls[0][2:]), "cuda")
+    tiny = config_from_args(parser.parse_args(calls[1][2:]), "cuda")
+    assert fast.families == ["llava"] and fast.methods == ["pdrop", "sparsevlm", "prumerge"]
+    assert not fast.tiny and fast.fast and not fast.fast_ttft and fast.fast_dtypes == ["float16"]
+    assert fast.time_limit == 200 and tiny.time_limit == 280  # 2/5 and 3/5 of LIMIT, 20 s kept back
+    assert tiny.families == ["internvl", "qwen3.5"] and tiny.tiny and not tiny.fast and not tiny.ttft
+    # 4 + 4 files and two logs: more than the 8 the device tool returns -> one archive (8 would stay)
+    assert sorted(p.name for p in out.iterdir()) == ["recheck.tgz"] and "packed 10 files" in stdout
+    with tarfile.open(out / "recheck.tgz") as tar:
+        names = sorted(n.lstrip("./") for n in tar.getnames() if tar.getmember(n).isfile())
+    assert names == sorted([f"recheck-{p}/file{i}.json" for p in ("fast", "tiny") for i in (1, 2, 3, 4)]
+                           + ["recheck_fast.log", "recheck_tiny.log"])
+
+
+def test_few_shallow_files_stay_as_they_are_and_a_deep_one_is_packed(tmp_path):
+    (tmp_path / "a").mkdir()
+    out, _, stdout = _run(tmp_path / "a", files=1, deep=False)
+    assert sorted(p.name for p in out.iterdir()) == ["recheck-fast", "recheck-tiny", "recheck_fast.log",
+                                                     "recheck_tiny.log"] and "packed" not in stdout
+    (tmp_path / "b").mkdir()
+    out, _, stdout = _run(tmp_path / "b", files=1, deep=True)
+    assert sorted(p.name for p in out.iterdir()) == ["recheck.tgz"]  # OUT/recheck-fast/deep/er/x.json: too deep
