@@ -333,27 +333,33 @@ def check(page_list: list[Path] | None = None) -> list[str]:
     return problems
 
 
-def run_blocks(page_list: list[Path] | None = None, timeout: float = 300) -> list[str]:
-    """Run every ``run`` block in the repository's root (outputs under a temporary OUT); the failures."""
+def run_blocks(page_list: list[Path] | None = None, timeout: float = 300, workers: int | None = None) -> list[str]:
+    """Run every ``run`` block in the repository's root, each with its own temporary OUT (outputs go there), several
+    at once (``workers``, default: the CPU count, at most 4: a block is mostly interpreter start-up); the failures,
+    in page order."""
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
 
-    failures, done = [], set()
+    todo, done = [], set()
     for page in page_list or pages():
         for b in blocks(page):
             if b.lang not in SHELL_LANGS or b.mark != "run":
                 continue
             same = tuple((tuple(sorted(c.env.items())), tuple(c.argv)) for c in commands(b))
-            if same in done:  # the same commands on another page (the README's and papers.md's): run once
-                continue
-            done.add(same)
-            with tempfile.TemporaryDirectory() as tmp:
-                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                       "WANDB_MODE": "disabled", "OUT": tmp}
-                r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.text], cwd=ROOT, env=env,
-                                   capture_output=True, text=True, timeout=timeout)
-            if r.returncode:
-                failures.append(f"{b.where()}: exit {r.returncode}\n{(r.stdout + r.stderr)[-1500:]}")
-    return failures
+            if same not in done:  # the same commands on another page (the README's and papers.md's): run once
+                done.add(same)
+                todo.append(b)
+
+    def run(b: Block) -> str | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "WANDB_MODE": "disabled", "OUT": tmp}
+            r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.text], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=timeout)
+        return f"{b.where()}: exit {r.returncode}\n{(r.stdout + r.stderr)[-1500:]}" if r.returncode else None
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        return [f for f in pool.map(run, todo) if f]
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,10 @@ def test_readme_is_a_front_door_and_docs_readme_indexes_every_page():
     assert missing == []
     assert (ROOT / "docs" / "methods" / "README.md").resolve() in linked
     assert "docs/README.md" in "\n".join(readme)  # one click from the README
+    # the README names every paper script there is
+    listed = re.search(r"`scripts/papers/<paper>.sh` for (.*?)\. Each", " ".join(readme), re.S).group(1)
+    names = sorted(re.split(r",\s*|\s+and\s+", listed.strip()))
+    assert names == sorted(p.stem for p in (ROOT / "scripts" / "papers").glob("*.sh") if not p.stem.startswith("_"))
 
 
 def test_every_relative_link_resolves():
