@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU, no downloads; about 17 minutes on 2 cores: 19:31 measured 2026-11-24 in session 17 before
-# trimming the paper dry runs and the families' dynamo traces, 4,663 cases; much of it the fast path's compiles:
-# tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own with every case traced).
+# Set up and run the test suite (CPU, no downloads; about 18 minutes on 2 cores: 18:24 measured 2026-11-25 in session 18,
+# 4,674 cases; much of it the fast path's compiles: tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs
+# on their own with every case traced).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
