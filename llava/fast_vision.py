@@ -13,8 +13,8 @@ from .families.clip import (attention_layer, cls_row, cls_signals, fullwidth_sig
 from .fast_llm import _no_output_capture
 from .fast_plan import _Spec
 from .fast_probe import run_probe
-from .selection_rows import carry_rows, materialize
 from .method import Selection
+from .selection_rows import carry_rows, materialize
 
 
 class FastVisionMixin:

@@ -7,11 +7,11 @@ docs/results/ excepted) carries a mark on the line before its fence:
     <!-- commands: check (why) -->    needs a GPU, real weights, data, another environment or minutes: checked only
 
 Every block, run or check, is checked for: the shell's syntax (``bash -n``); every ``python -m`` module of this
-repository exists; every script or file path under a tracked folder exists; every ``--flag`` given to one of our
-modules is in its ``--help`` (the subcommand's, e.g. ``python -m eval run --help``), and every flag given to one of
-our shell scripts appears in the script or in the shared ``_*.sh`` beside it; every ``VAR=`` given before a command
-is read somewhere in scripts/ or the Python packages. Fenced Python blocks: every ``import`` of one of our
-packages resolves.
+repository exists; every path under one of the repository's folders exists (but a value of --out and its kind:
+written); every ``--flag`` given to one of our modules is one of its parser's options (the subcommand's, e.g.
+``python -m eval run``), and every flag given to one of our scripts appears in it (a shell script: or in the shared
+``_*.sh`` beside it); every ``VAR=`` given before a command is read by a script (``$VAR``) or a module (``environ``).
+Fenced Python blocks: every ``import`` of one of our packages resolves, with the names it imports.
 
     python scripts/doc_commands.py            # check every page (exit 1 and one line per problem)
     python scripts/doc_commands.py --run      # ... and run the runnable blocks
@@ -29,6 +29,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,10 @@ SHELL_LANGS = {"bash", "sh", "shell", "console"}
 MARK = re.compile(r"^<!--\s*commands:\s*(run|check)\b\s*(.*?)\s*-->\s*$")
 #: this repository's importable packages (a ``python -m`` of anything else is a third-party tool: not checked)
 PACKAGES = ("llava", "eval", "bench", "testbed", "integrations", "baselines", "consensusdrop", "visiondrop", "attnmix")
-#: folders whose paths a command may name without their existing yet (outputs, other environments, user data)
-UNTRACKED = ("runs", "tables", "logs", "playground", "tmp", "out", "OUT")
+#: top-level folders a command may name without their existing (outputs, user data)
+UNTRACKED = ("runs", "tables", "logs", "playground")
+#: flags whose value is a path the command writes (it need not exist)
+OUTPUT_FLAGS = ("--out", "--output", "--output_path", "--output-dir", "--json", "--export")
 PYTHONS = re.compile(r"^(python3?|\S*/bin/python3?)$")
 SCRIPT_EXT = (".sh", ".py")
 
@@ -62,6 +65,7 @@ class Command:
     env: dict
     argv: list
     block: Block = field(repr=False, default=None)
+    unreadable: str = ""  # why the line could not be split into words
 
 
 def pages(root: Path = ROOT) -> list[Path]:
@@ -74,16 +78,16 @@ def blocks(page: Path) -> list[Block]:
     """The fenced code blocks of a page, each with the mark on the line before its fence."""
     out, lines, i = [], page.read_text().splitlines(), 0
     while i < len(lines):
-        m = re.match(r"^```(\S*)", lines[i])
+        m = re.match(r"^\s*```(\S*)", lines[i])
         if not m:
             i += 1
             continue
         start, lang = i, m.group(1).lower()
         j = i + 1
-        while j < len(lines) and not lines[j].startswith("```"):
+        while j < len(lines) and not lines[j].lstrip().startswith("```"):
             j += 1
-        b = Block(page, start + 1, lang, "\n".join(lines[start + 1:j]))
-        prev = lines[start - 1] if start else ""
+        b = Block(page, start + 1, lang, textwrap.dedent("\n".join(lines[start + 1:j])))  # a block in a list
+        prev = lines[start - 1].strip() if start else ""
         mk = MARK.match(prev)
         if mk:
             b.mark, b.why = mk.group(1), mk.group(2).strip("() ")
@@ -102,7 +106,8 @@ def commands(block: Block) -> list[Command]:
         lex.whitespace_split, lex.commenters = True, "#"
         try:
             tokens = list(lex)
-        except ValueError:  # unbalanced quotes: bash -n reports it
+        except ValueError as e:  # e.g. a quote that bash reads across lines: not a command we can check
+            out.append(Command({}, [], block, f"cannot read the command {line.strip()!r}: {e}"))
             continue
         cur: list = []
         for tok in tokens + [";"]:
@@ -143,18 +148,25 @@ def _repo_path(tok: str) -> bool:
     return first not in UNTRACKED and (ROOT / first).is_dir()
 
 
-_CORPUS: str | None = None
+_READS: set | None = None
 
 
-def _corpus() -> str:
-    """Every shell script and Python file of the repository (where a documented VAR= must be read)."""
-    global _CORPUS
-    if _CORPUS is None:
-        files = list((ROOT / "scripts").rglob("*.sh")) + list((ROOT / "scripts").rglob("*.py"))
-        for p in PACKAGES:
-            files += list((ROOT / p).rglob("*.py"))
-        _CORPUS = "\n".join(f.read_text(errors="replace") for f in files)
-    return _CORPUS
+def _env_reads() -> set:
+    """The environment variables the repository reads: ``$VAR`` / ``${VAR`` in its shell scripts, and a quoted
+    ``"VAR"`` / ``'VAR'`` next to ``environ`` / ``getenv`` in its Python files (this checker excluded)."""
+    global _READS
+    if _READS is None:
+        _READS = set()
+        for f in (ROOT / "scripts").rglob("*.sh"):
+            _READS |= set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", f.read_text(errors="replace")))
+        pys = [f for p in PACKAGES for f in (ROOT / p).rglob("*.py")] + list((ROOT / "scripts").rglob("*.py"))
+        for f in pys:
+            if f.resolve() == Path(__file__).resolve():
+                continue
+            for line in f.read_text(errors="replace").splitlines():
+                if "environ" in line or "getenv" in line:
+                    _READS |= set(re.findall(r"[\"']([A-Za-z_][A-Za-z0-9_]*)[\"']", line))
+    return _READS
 
 
 def _script_text(script: Path) -> str:
@@ -162,6 +174,11 @@ def _script_text(script: Path) -> str:
     parts = [script.read_text(errors="replace")]
     parts += [p.read_text(errors="replace") for p in sorted(script.parent.glob("_*.sh")) if p != script]
     return "\n".join(parts)
+
+
+def _has_flag(text: str, flag: str) -> bool:
+    """``flag`` as a whole word in ``text`` (``--dry`` is not ``--dry-run``)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
 
 
 def _own_module(mod: str) -> bool:
@@ -199,7 +216,10 @@ def help_requests(cmds: list[Command]) -> dict:
 
 
 _HELP_PROGRAM = r"""
-import contextlib, io, json, runpy, sys
+import argparse, contextlib, io, json, runpy, sys
+def options(parser, file=None):  # --help prints the option strings of the parser it reached, not the prose
+    print("\n".join(parser._option_string_actions), file=file or sys.stdout)
+argparse.ArgumentParser.print_help = options
 out = {}
 for mod, sub in json.loads(sys.argv[1]):
     texts = []
@@ -214,7 +234,9 @@ for mod, sub in json.loads(sys.argv[1]):
         except Exception as e:  # a module without a --help: its flags cannot be checked
             buf.write(f"\n<error {type(e).__name__}: {e}>")
         texts.append(buf.getvalue())
-    out[json.dumps([mod, sub])] = "\n".join(texts)
+        if buf.getvalue().strip():  # the subcommand's own options when it has a parser
+            break
+    out[json.dumps([mod, sub])] = texts[-1]
 print("\0" + json.dumps(out))
 """
 
@@ -246,8 +268,10 @@ def check_command(c: Command, helps: dict) -> list[str]:
     """The problems of one documented command (empty: none)."""
     where, problems = c.block.where(), []
     argv = c.argv
+    if c.unreadable:
+        return [f"{where}: {c.unreadable}"]
     for k in c.env:
-        if not re.search(rf"\b{re.escape(k)}\b", _corpus()):
+        if k not in _env_reads():
             problems.append(f"{where}: {k}= is read by no script or module")
     if not argv:
         return problems
@@ -262,14 +286,19 @@ def check_command(c: Command, helps: dict) -> list[str]:
                     sub = (rest[0],) if rest and not rest[0].startswith(("-", "[")) else ()
                     text = helps.get((mod, sub))
                     for f in _flags(rest):
-                        if text is not None and not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text):
+                        if text is not None and not _has_flag(text, f):
                             problems.append(f"{where}: python -m {mod} {' '.join(sub)}: no flag {f}")
             paths = rest
         else:
             script = next((a for a in args if not a.startswith("-")), None)
             paths = [a for a in args if a != script]
-            if script and script.endswith(".py") and not (ROOT / script).exists() and _repo_path(script):
-                problems.append(f"{where}: {script}: no such file")
+            if script and script.endswith(".py") and _repo_path(script):
+                if not (ROOT / script).exists():
+                    problems.append(f"{where}: {script}: no such file")
+                else:  # a script of ours: its flags in its text (its argparse calls)
+                    text = (ROOT / script).read_text(errors="replace")
+                    problems += [f"{where}: {script}: no flag {f} in the script" for f in _flags(args)
+                                 if not _has_flag(text, f)]
     elif prog in ("bash", "sh") or prog.endswith(".sh"):
         script = prog if prog.endswith(".sh") else next((a for a in args if not a.startswith("-")), None)
         paths = [a for a in args if a != script]
@@ -280,18 +309,22 @@ def check_command(c: Command, helps: dict) -> list[str]:
             else:
                 text = _script_text(path)
                 for f in _flags(args):
-                    if f not in text:
+                    if not _has_flag(text, f):
                         problems.append(f"{where}: {script}: no flag {f} in the script")
     else:
         paths = args
+    outputs = {b for a, b in zip(paths, paths[1:]) if a in OUTPUT_FLAGS}
     for tok in paths:
-        if _repo_path(tok) and not (ROOT / tok.rstrip("/")).exists():
+        if tok not in outputs and _repo_path(tok) and not (ROOT / tok.rstrip("/")).exists():
             problems.append(f"{where}: {tok}: no such path")
     return problems
 
 
 def check_python(block: Block) -> list[str]:
-    """A Python block's imports of this repository's packages resolve."""
+    """A Python block's imports of this repository's packages resolve, and each name imported from one exists
+    there (a module that fails to import for a missing third-party package is not judged)."""
+    import importlib
+
     try:
         tree = ast.parse(block.text)
     except SyntaxError as e:
@@ -300,14 +333,30 @@ def check_python(block: Block) -> list[str]:
     sys.path.insert(0, str(ROOT))
     try:
         for node in ast.walk(tree):
-            names = []
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                mods, names = [a.name for a in node.names], []
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module]
-            for n in names:
-                if _own_module(n) and importlib.util.find_spec(n) is None:
-                    problems.append(f"{block.where()}: import {n}: no such module")
+                mods, names = [node.module], [a.name for a in node.names]
+            else:
+                continue
+            for mod in mods:
+                if not _own_module(mod):
+                    continue
+                try:
+                    found = importlib.util.find_spec(mod) is not None
+                except (ImportError, ValueError):
+                    found = False
+                if not found:
+                    problems.append(f"{block.where()}: import {mod}: no such module")
+                    continue
+                try:
+                    m = importlib.import_module(mod)
+                except ImportError:  # e.g. integrations.vllm without vLLM here
+                    continue
+                is_package = hasattr(m, "__path__")  # a submodule imported by name counts as a name
+                problems += [f"{block.where()}: from {mod} import {n}: no such name" for n in names
+                             if n != "*" and not hasattr(m, n)
+                             and not (is_package and importlib.util.find_spec(f"{mod}.{n}") is not None)]
     finally:
         sys.path.remove(str(ROOT))
     return problems
@@ -321,6 +370,8 @@ def check(page_list: list[Path] | None = None) -> list[str]:
             if b.lang in SHELL_LANGS:
                 if b.mark is None:
                     problems.append(f"{b.where()}: shell block without a '<!-- commands: run|check (why) -->' mark")
+                elif b.mark == "check" and not b.why:
+                    problems.append(f"{b.where()}: a check mark says why the block is not run: 'check (why)'")
                 r = subprocess.run(["bash", "-n"], input=b.text, capture_output=True, text=True)
                 if r.returncode:
                     problems.append(f"{b.where()}: shell syntax: {r.stderr.strip()}")
@@ -345,8 +396,8 @@ def run_blocks(page_list: list[Path] | None = None, timeout: float = 300, worker
         for b in blocks(page):
             if b.lang not in SHELL_LANGS or b.mark != "run":
                 continue
-            same = tuple((tuple(sorted(c.env.items())), tuple(c.argv)) for c in commands(b))
-            if same not in done:  # the same commands on another page (the README's and papers.md's): run once
+            same = b.text.strip()
+            if same not in done:  # the same block on another page (the README's and papers.md's): run once
                 done.add(same)
                 todo.append(b)
 
@@ -354,8 +405,11 @@ def run_blocks(page_list: list[Path] | None = None, timeout: float = 300, worker
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "WANDB_MODE": "disabled", "OUT": tmp}
-            r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.text], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=timeout)
+            try:
+                r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.text], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return f"{b.where()}: still running after {timeout:.0f} s"
         return f"{b.where()}: exit {r.returncode}\n{(r.stdout + r.stderr)[-1500:]}" if r.returncode else None
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:

@@ -22,8 +22,9 @@ def test_every_documented_command_names_what_exists():
 
 def test_the_runnable_blocks_run():
     runnable = [b for p in dc.pages() for b in dc.blocks(p) if b.mark == "run"]
-    # the README's quickstart on a tiny model, the paper list and a grid's dry run, the TP memory table
-    assert {b.page.name for b in runnable} >= {"README.md", "papers.md", "multi-gpu.md"}
+    # the README's quickstart on a tiny model, the paper list and a grid's dry run, the TP memory table, the testbed
+    assert {str(b.page.relative_to(ROOT)) for b in runnable} >= {"README.md", "docs/papers.md", "docs/multi-gpu.md",
+                                                                 "docs/testbed.md"}
     assert dc.run_blocks() == []
 
 
@@ -86,6 +87,14 @@ if then fi
 
 ```python
 from llava.no_such_part import prune
+from llava.method import no_such_name
+```
+
+<!-- commands: check -->
+```bash
+bash scripts/papers/visionzip.sh --dry
+python scripts/bench/compile_decode.py --no-such-flag
+python -m eval run pope --method fastv --out testbed/new_results_folder
 ```
 """
 
@@ -105,16 +114,22 @@ def test_planted_mistakes_are_each_reported(tmp_path):
                    "scripts/bench/no_such_tool.py: no such file",
                    "shell block without a '<!-- commands: run|check (why) -->' mark",
                    "shell syntax:",
-                   "import llava.no_such_part: no such module"]:
+                   "import llava.no_such_part: no such module",
+                   "from llava.method import no_such_name: no such name",
+                   "a check mark says why the block is not run",
+                   "scripts/papers/visionzip.sh: no flag --dry in the script",  # not --dry-run
+                   "scripts/bench/compile_decode.py: no flag --no-such-flag in the script"]:
         assert needle in text, (needle, problems)
-    assert len(problems) == 10, problems
+    assert len(problems) == 14, problems  # a value of --out is written, not read: no problem
     # the same commands, correct, give no problem (the checker reads the real names)
     good = PLANTED.replace("llava.no_such_module --help", "llava.cli methods").replace(
         "no_such_benchmark", "gqa").replace("--no-such-flag 3", "--budget 3").replace(
         "NO_SUCH_VARIABLE_ANYWHERE", "NPROC").replace("--no-such-option", "--dry-run").replace(
         "testbed/no_such_folder/", "testbed/weights").replace("no_such_tool", "compile_decode").replace(
         "```bash\npython -m llava.cli methods", "<!-- commands: run -->\n```bash\npython -m llava.cli methods").replace(
-        "if then fi", "true").replace("no_such_part", "method")
+        "if then fi", "true").replace("from llava.no_such_part import prune\n", "").replace(
+        "no_such_name", "Selection").replace("<!-- commands: check -->", "<!-- commands: check (planted) -->").replace(
+        "visionzip.sh --dry\n", "visionzip.sh --dry-run\n").replace("compile_decode.py --no-such-flag", "compile_decode.py --device cpu")
     page.write_text(real + "\n" + good)
     assert dc.check([page]) == []
 

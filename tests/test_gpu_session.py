@@ -23,11 +23,12 @@ for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
 mkdir -p "$out/deep/er"
 for i in $(seq 1 "$FAKE_FILES"); do echo "$i" > "$out/file$i.json"; done
 [[ $FAKE_DEEP == 1 ]] && echo deep > "$out/deep/er/x.json"
+[[ $out == *recheck-fast ]] && exit "${FAKE_FAST_STATUS:-0}"
 exit 0
 """
 
 
-def _run(tmp_path, files: int, deep: bool):
+def _run(tmp_path, files: int, deep: bool, fast_status: int = 0, expect: int = 0):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(FAKE_PYTHON)
@@ -38,10 +39,11 @@ def _run(tmp_path, files: int, deep: bool):
     out.mkdir()
     log = tmp_path / "calls.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "FAKE_LOG": str(log),
-           "FAKE_FILES": str(files), "FAKE_DEEP": "1" if deep else "0", "LIMIT": "500"}
+           "FAKE_FILES": str(files), "FAKE_DEEP": "1" if deep else "0", "LIMIT": "500",
+           "FAKE_FAST_STATUS": str(fast_status)}
     r = subprocess.run(["bash", "scripts/bench/gpu_session.sh", "recheck"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == expect, r.stderr
     return out, [shlex.split(line) for line in log.read_text().splitlines()], r.stdout
 
 
@@ -71,3 +73,10 @@ def test_few_shallow_files_stay_as_they_are_and_a_deep_one_is_packed(tmp_path):
     (tmp_path / "b").mkdir()
     out, _, stdout = _run(tmp_path / "b", files=1, deep=True)
     assert sorted(p.name for p in out.iterdir()) == ["recheck.tgz"]  # OUT/recheck-fast/deep/er/x.json: too deep
+
+
+def test_a_failed_check_fails_the_part_after_packing(tmp_path):
+    """gpu_check's FAIL (1) in the first of recheck's two runs is the part's status, although the second passed
+    and the packing ran after both (a device call must not read a failed check as a success)."""
+    out, calls, stdout = _run(tmp_path, files=4, deep=False, fast_status=1, expect=1)
+    assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["recheck.tgz"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 19's GPU check: every method on the five tiny families (llava, llava-next, video-llava,
-# qwen2.5-vl, llava-onevision; n/a where a method does not support one) in fp16 / bf16 (+ fp32 reference) on
+# Issue 19's GPU check: every method on the eight tiny families (llava, llava-next, video-llava,
+# qwen2.5-vl, llava-onevision, qwen3-vl, internvl, qwen3.5; n/a where a method does not support one) in fp16 / bf16 (+ fp32 reference) on
 # CUDA (batch == alone, cached == no-cache recompute, host-sync counts) and a TTFT table on
 # shape:llava-1.5-7b, and the fast path (issue 34: per captured method, compiled == uncompiled == eager-engine
 # tokens; fast TTFT / TPOT on the 7B shapes against the issue's targets; --no-fast / --fast-only); writes docs/results/gpu-check-<device>-<date>.{json,md}; exit status 1 on a

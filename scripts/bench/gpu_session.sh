@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a borrowed GPU session should measure, in parts that each fit one device command (10 min):
-#   bash scripts/bench/gpu_session.sh checks     OUT   # gpu_check: every method x 5 tiny families x fp16/bf16/fp32,
+#   bash scripts/bench/gpu_session.sh checks     OUT   # gpu_check: every method x 8 tiny families x fp16/bf16/fp32,
 #                                                       # TTFT on shape:llava-1.5-7b, the fast-path section (stops in
 #                                                       # time: partial report, continued by gpu_check --resume)
 #   bash scripts/bench/gpu_session.sh deepspeed  OUT   # deepspeed_check (needs the deepspeed wheel carried)
@@ -26,9 +26,10 @@
 # begin every device command with `bash scripts/bench/device_wheels.sh install &&` (offline pip, a few seconds).
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
 # LIMIT seconds (default 540) and writes what it has. The device tool brings back 8 files at most, none deeper than
-# OUT/a/b/: when DEST is the tool's $OUT and holds more (or deeper), the part packs it into one OUT/<part>.tgz. bench.efficiency writes its files at the end: the fast
-# parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT
-# loses only its own rows (its .log keeps the progress). A copied tree may carry a stale .git: pass the commit
+# OUT/a/b/: when DEST is the tool's $OUT and holds more (or deeper), the part packs it into one OUT/<part>.tgz.
+# bench.efficiency writes its tables at the end and each cell's headline numbers to cells.jsonl as it ends: the fast
+# parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT keeps
+# its finished cells (cells.jsonl; its .log keeps the progress). A copied tree may carry a stale .git: pass the commit
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,6 +39,7 @@ LIMIT=${LIMIT:-540}
 mkdir -p "$DEST"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+first_failure() { for s in "$@"; do (( s == 0 )) || return "$s"; done; }  # the status of the first that failed
 eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit[, more flags]]
   timeout --signal=TERM "${8:-$LIMIT}" python -m bench.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
     --budgets $3 --n "$4" --warmup 3 --batch $5 --decode-tokens "$6" --next-layout spatial \
@@ -71,9 +73,10 @@ case "$PART" in
   fast-next) fast_next "$LIMIT" ;;
   recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
              --fast-dtypes float16 --no-fast-ttft --out "$DEST/recheck-fast" --time-limit "$((LIMIT * 2 / 5))" 2>&1 \
-             | tee "$DEST/recheck_fast.log" | tail -30
+             | tee "$DEST/recheck_fast.log" | tail -30; first=$?
            python -m bench.gpu_check --families internvl qwen3.5 --no-fast --no-ttft --out "$DEST/recheck-tiny" \
-             --time-limit "$((LIMIT * 3 / 5 - 20))" 2>&1 | tee "$DEST/recheck_tiny.log" | tail -30 ;;
+             --time-limit "$((LIMIT * 3 / 5 - 20))" 2>&1 | tee "$DEST/recheck_tiny.log" | tail -30
+           first_failure "$first" "$?" ;;
   fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
                 | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
   testbed2) LIMIT=$LIMIT bash scripts/train_testbed2.sh runs/testbed2-weights 2>&1 | tail -40  # the device tool returns
@@ -84,6 +87,7 @@ case "$PART" in
             --workers "$(( $(nproc) - 1 ))" --resume 2>&1 | tee -a "$DEST/sweep2.log" | tail -40 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
 esac
+rc=$?  # the part's status (its last pipeline's, with pipefail): the packing below must not hide a failed check
 if [[ -n "${OUT:-}" && -d "$OUT" && "$(realpath "$DEST")" == "$(realpath "$OUT")" ]]; then
     files=$(find "$DEST" -type f | wc -l)
     if (( files > 8 )) || [[ -n "$(find "$DEST" -mindepth 4 -type f -print -quit)" ]]; then
@@ -93,3 +97,4 @@ if [[ -n "${OUT:-}" && -d "$OUT" && "$(realpath "$DEST")" == "$(realpath "$OUT")
         echo "packed $files files into OUT/$PART.tgz (the device tool returns 8 at most)"
     fi
 fi
+exit $rc
