@@ -23,12 +23,12 @@ for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
 mkdir -p "$out/deep/er"
 for i in $(seq 1 "$FAKE_FILES"); do echo "$i" > "$out/file$i.json"; done
 [[ $FAKE_DEEP == 1 ]] && echo deep > "$out/deep/er/x.json"
-[[ $out == *recheck-fast ]] && exit "${FAKE_FAST_STATUS:-0}"
+[[ -n ${FAKE_FAIL_OUT:-} && $out == *"$FAKE_FAIL_OUT" ]] && exit 1
 exit 0
 """
 
 
-def _run(tmp_path, files: int, deep: bool, fast_status: int = 0, expect: int = 0):
+def _run(tmp_path, files: int, deep: bool, fail_out: str = "", expect: int = 0, part: str = "recheck"):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(FAKE_PYTHON)
@@ -40,8 +40,8 @@ def _run(tmp_path, files: int, deep: bool, fast_status: int = 0, expect: int = 0
     log = tmp_path / "calls.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "FAKE_LOG": str(log),
            "FAKE_FILES": str(files), "FAKE_DEEP": "1" if deep else "0", "LIMIT": "500",
-           "FAKE_FAST_STATUS": str(fast_status)}
-    r = subprocess.run(["bash", "scripts/bench/gpu_session.sh", "recheck"], cwd=ROOT, env=env,
+           "FAKE_FAIL_OUT": fail_out}
+    r = subprocess.run(["bash", "scripts/bench/gpu_session.sh", part], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == expect, r.stderr
     return out, [shlex.split(line) for line in log.read_text().splitlines()], r.stdout
@@ -78,5 +78,12 @@ def test_few_shallow_files_stay_as_they_are_and_a_deep_one_is_packed(tmp_path):
 def test_a_failed_check_fails_the_part_after_packing(tmp_path):
     """gpu_check's FAIL (1) in the first of recheck's two runs is the part's status, although the second passed
     and the packing ran after both (a device call must not read a failed check as a success)."""
-    out, calls, stdout = _run(tmp_path, files=4, deep=False, fast_status=1, expect=1)
+    out, calls, stdout = _run(tmp_path, files=4, deep=False, fail_out="recheck-fast", expect=1)
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["recheck.tgz"]
+
+
+def test_the_fast_part_runs_its_four_benchmarks_and_reports_the_first_failure(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, fail_out="fast-7b-a", expect=1, part="fast")
+    outs = [c[c.index("--out") + 1] for c in calls]
+    assert [Path(o).name for o in outs] == ["fast-7b-a", "fast-7b-b", "fast-next-crop", "fast-next-sample"]
+    assert all(c[:2] == ["-m", "bench.efficiency"] and "--fast" in c for c in calls)

@@ -46,13 +46,15 @@ eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, tim
     $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$DEST/$7" "${@:9}" 2>&1 | tee "$DEST/$7.log" | tail -60
 }
 fast_7b() {  # seconds for the part: two runs of half each
-  eff shape:llava-1.5-7b "none fastervlm random visionzip divprune" 64 16 1 32 fast-7b-a $(($1 / 2)) --fast
+  eff shape:llava-1.5-7b "none fastervlm random visionzip divprune" 64 16 1 32 fast-7b-a $(($1 / 2)) --fast; local a=$?
   eff shape:llava-1.5-7b "none consensusdrop fastv pdrop visiondrop" 64 16 1 32 fast-7b-b $(($1 / 2)) --fast
+  first_failure "$a" "$?"
 }
 fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each method's budget convention
   eff shape:llava-next-7b "none fastervlm random visionzip divprune consensusdrop visiondrop pdrop" "64 32" 12 1 16 \
-    fast-next-crop $(($1 * 2 / 3)) --fast
+    fast-next-crop $(($1 * 2 / 3)) --fast; local a=$?
   eff shape:llava-next-7b "none fastv" "320 160" 12 1 16 fast-next-sample $(($1 / 3)) --fast
+  first_failure "$a" "$?"
 }
 case "$PART" in
   checks) python -m bench.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
@@ -63,12 +65,15 @@ case "$PART" in
   eff-next) eff shape:llava-next-7b "none consensusdrop visiondrop attnmix fastv visionzip fastervlm divprune random" \
               "128 64 32" 16 "1 8" 16 eff-next ;;
   selection) eff shape:llava-1.5-7b "none consensusdrop consensusdrop:select=nms divprune visiondrop sparsevlm cdpruner fastervlm" \
-               "192 64" 24 "1 8" 2 sel-7b $((LIMIT / 2))
+               "192 64" 24 "1 8" 2 sel-7b $((LIMIT / 2)); first=$?
              eff shape:llava-next-7b "none consensusdrop divprune visiondrop fastervlm" "128 32" 12 "1 8" 2 sel-next \
-               $((LIMIT / 2)) ;;
-  fast) fast_7b $((LIMIT / 2)); fast_next $((LIMIT / 2)) ;;
+               $((LIMIT / 2))
+             first_failure "$first" "$?" ;;
+  fast) fast_7b $((LIMIT / 2)); first=$?; fast_next $((LIMIT / 2)); first_failure "$first" "$?" ;;
   fast-qwen) eff shape:qwen2.5-vl-7b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen25 $((LIMIT / 2)) --fast
-             eff shape:qwen3-vl-8b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen3 $((LIMIT / 2)) --fast ;;
+             first=$?
+             eff shape:qwen3-vl-8b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen3 $((LIMIT / 2)) --fast
+             first_failure "$first" "$?" ;;
   fast-7b) fast_7b "$LIMIT" ;;
   fast-next) fast_next "$LIMIT" ;;
   recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
