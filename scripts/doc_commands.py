@@ -43,7 +43,8 @@ UNTRACKED = ("runs", "tables", "logs", "playground")
 #: flags whose value is a path the command writes (it need not exist)
 OUTPUT_FLAGS = ("--out", "--output", "--output_path", "--output-dir", "--json", "--export")
 PYTHONS = re.compile(r"^(python3?|\S*/bin/python3?)$")
-SCRIPT_EXT = (".sh", ".py")
+#: the environment every command here runs in: no downloads, no W&B
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
 @dataclass
@@ -201,6 +202,12 @@ def module_exists(mod: str) -> bool:
         sys.path.remove(str(ROOT))
 
 
+def _subcommand(rest: list) -> tuple:
+    """The word after ``python -m mod`` when it is not a flag (``eval run``, ``llava.cli ask``): whose options the
+    flags are checked against."""
+    return (rest[0],) if rest and not rest[0].startswith(("-", "[")) else ()
+
+
 def help_requests(cmds: list[Command]) -> dict:
     """(module, subcommand words) -> None for every ``python -m <ours>`` with flags: the helps to read."""
     want = {}
@@ -210,8 +217,7 @@ def help_requests(cmds: list[Command]) -> dict:
         mod, rest = c.argv[2], c.argv[3:]
         if not _own_module(mod) or not _flags(rest):
             continue
-        sub = [rest[0]] if rest and not rest[0].startswith(("-", "[")) else []
-        want[(mod, tuple(sub))] = None
+        want[(mod, _subcommand(rest))] = None
     return want
 
 
@@ -254,8 +260,7 @@ def read_helps(want: dict) -> dict:
 
 
 def _read_helps(keys: list) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _HELP_PROGRAM, json.dumps(keys)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     if "\0" not in r.stdout:
@@ -283,7 +288,7 @@ def check_command(c: Command, helps: dict) -> list[str]:
                 if not module_exists(mod):
                     problems.append(f"{where}: python -m {mod}: no such module")
                 else:
-                    sub = (rest[0],) if rest and not rest[0].startswith(("-", "[")) else ()
+                    sub = _subcommand(rest)
                     text = helps.get((mod, sub))
                     for f in _flags(rest):
                         if text is not None and not _has_flag(text, f):
@@ -396,15 +401,14 @@ def run_blocks(page_list: list[Path] | None = None, timeout: float = 300, worker
         for b in blocks(page):
             if b.lang not in SHELL_LANGS or b.mark != "run":
                 continue
-            same = b.text.strip()
-            if same not in done:  # the same block on another page (the README's and papers.md's): run once
+            same = tuple((tuple(sorted(c.env.items())), tuple(c.argv), c.unreadable) for c in commands(b))
+            if same not in done:  # the same commands on another page (the README's and papers.md's): run once
                 done.add(same)
                 todo.append(b)
 
     def run(b: Block) -> str | None:
         with tempfile.TemporaryDirectory() as tmp:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "WANDB_MODE": "disabled", "OUT": tmp}
+            env = {**os.environ, **OFFLINE, "OUT": tmp}
             try:
                 r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.text], cwd=ROOT, env=env,
                                    capture_output=True, text=True, timeout=timeout)
