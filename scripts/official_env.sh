@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Build the environment of the official code, `.venv-official`, for `python -m parity` (docs/parity.md): the
+# official LLaVA codebase as released on the package index (llava-torch 1.2.2.post1) and FlowCut's authors' package
+# (flowcut 1.0.2), on the transformers release they were written for. Idempotent: rerun it to repair the
+# environment; it prints what it installed.
+#
+#   bash scripts/official_env.sh          # -> .venv-official/ (CPU build of torch on a CPU machine, CUDA build on a GPU one)
+#   python -m parity all                  # compares the official code and ours on the same tiny weights
+#
+# Why a separate environment: the official code is a package named `llava`, like ours, and needs transformers
+# 4.36.2 (this repository needs 5.x). The two sides therefore run in two processes and exchange tensors through
+# files (parity/official_worker.py runs here, with nothing of this repository on its path).
+# Both official packages are installed with --no-deps: llava-torch pins torch 2.0.1, torchvision, gradio, peft,
+# bitsandbytes, deepspeed ... for training and serving; the model code, its builder, mm_utils, conversation and
+# the llava/eval scorers need only what is listed below. torchvision is left out on purpose (it breaks beside a
+# CPU torch here; nothing of the official inference path imports it).
+#
+# Environment variables:
+#   VTPRUNE_OFFICIAL_VENV   where the environment goes (default: .venv-official in the repository)
+#   PYTHON                  the interpreter that creates the environment (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+VENV=${VTPRUNE_OFFICIAL_VENV:-$REPO/.venv-official}
+PY=${PYTHON:-python3}
+say() { printf '[official_env] %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating the environment $VENV with $($PY --version 2>&1)"
+    "$PY" -m venv "$VENV"
+else
+    say "reusing the environment $VENV"
+fi
+# keep a venv inside the checkout out of git status (local exclude, not .gitignore)
+case "$VENV" in
+    "$REPO"/*)
+        rel="/${VENV#"$REPO"/}/"
+        ex="$(git rev-parse --git-path info/exclude 2>/dev/null || true)"
+        if [ -n "$ex" ] && ! grep -qxF "$rel" "$ex" 2>/dev/null; then
+            mkdir -p "$(dirname "$ex")" && echo "$rel" >>"$ex" && say "added $rel to $ex"
+        fi ;;
+esac
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+
+say "installing torch 2.13.0 (as scripts/install.sh), then transformers 4.36.2 and the official code's runtime needs"
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" "torch==2.13.0" "transformers==4.36.2" "tokenizers==0.15.0" "accelerate>=1,<2" "numpy<2" \
+    pillow einops shortuuid sentencepiece protobuf
+say "installing llava-torch 1.2.2.post1 and flowcut 1.0.2 without their pins (--no-deps)"
+"${PIP[@]}" --no-deps "llava-torch==1.2.2.post1" "flowcut==1.0.2"
+
+say "checking the environment (from an empty folder: this repository's llava/ must not shadow the official one)"
+(cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VPY" - <<'EOF'
+import importlib.metadata as md
+
+for name in ("llava-torch", "flowcut", "torch", "transformers", "tokenizers", "accelerate", "numpy"):
+    print(f"[official_env]   {name:13} {md.version(name)}")
+from llava.model.builder import load_pretrained_model  # noqa: E402,F401
+from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402,F401
+from flowcut import flowcut  # noqa: E402,F401
+
+print("[official_env]   the official builder, mm_utils and flowcut import")
+EOF
+)
+say "done: python -m parity all (docs/parity.md)"
