@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import BudgetError, Method, Selection, register
 from llava.ops import best_product_split_k1, check_numerics, masked_take, text_to_image_score, topk_desc
 
 #: dtype of the official signals: the fp16 LLM inputs and the [CLS] attentions cast to the fp16 image dtype
@@ -240,10 +240,10 @@ class AttnMix(Method):
             keep = torch.arange(sig.num_tokens, device=sig.unit.device)
             return Selection(keep=keep)
         if self.crop_offset_bug and lay.newlines.numel():
-            raise ValueError("attnmix: crop_offset_bug reproduces the released code, which runs the 'spatial' "
+            raise BudgetError("attnmix: crop_offset_bug reproduces the released code, which runs the 'spatial' "
                              "LLaVA-NeXT layout only (load with next_layout='spatial')")
         if adav_budget(self.budget, len(units), self.min_frac)["k"] == 0:
-            raise ValueError(f"attnmix: budget {self.budget} over {len(units)} {sig.unit_kind}s keeps nothing "
+            raise BudgetError(f"attnmix: budget {self.budget} over {len(units)} {sig.unit_kind}s keeps nothing "
                              f"(AdaV keeps 2*floor(floor(B/2)/N) per unit); use a budget >= {2 * len(units)}")
         text, mask = sig.text_rows(self.text_queries)
         if mask is not None and not sig.captured:  # eager: the rows themselves (the same GEMM shapes as ever)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import BudgetError, Method, Selection, register
 from llava.ops import check_numerics, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
@@ -77,14 +77,15 @@ def removal_schedule(num_residual: int, t_div: int, reference: bool = False) -> 
     """Tokens removed per round of the duplicate-removal loop for |R| = ``num_residual`` (host ints).
 
     Official: r = min(8, |R| - T_div) while positive. Ours: also r <= |A| = ceil(|R| / 2). With
-    ``reference`` an odd |R| or r > |R| // 2 raises, as the official gather would."""
+    ``reference`` an odd |R| or r > |R| // 2 raises :class:`BudgetError` (the budget decides |R|), as the official
+    gather would fail."""
     out, n = [], num_residual
     while t_div > 0:
         r = min(MAX_STEP, n - t_div)
         if r <= 0:
             break
         if reference and (n % 2 or r > n // 2):
-            raise ValueError(
+            raise BudgetError(
                 f"vispruner(reference=True): |R| = {n} with r = {r} to remove; the official gather needs |R| "
                 f"even and r <= |R| // 2 (it would fail here). Use reference=False for our rule.")
         r = min(r, (n + 1) // 2)

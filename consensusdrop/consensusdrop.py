@@ -24,7 +24,7 @@ from dataclasses import replace as _replace
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import BudgetError, Method, Selection, register
 from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, contextual_merge, cosine_matrix,
                        greedy_max_min, masked_take, per_unit_selection, text_to_image_score, unit_layout)
 
@@ -316,7 +316,7 @@ def split_budget(budget: int, contextual_ratio: float, merge: bool, dominant: in
         d = dominant if dominant is not None else budget - contextual
         c = contextual if contextual is not None else budget - dominant
         if d < 0 or c < 0 or (merge and d + c != budget) or (not merge and c):
-            raise ValueError(f"consensusdrop: dominant {d} + contextual {c} must equal the budget {budget}"
+            raise BudgetError(f"consensusdrop: dominant {d} + contextual {c} must equal the budget {budget}"
                              + ("" if merge else " with merge='none' (contextual 0)"))
         return d, c
     if not merge:

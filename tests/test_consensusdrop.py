@@ -5,6 +5,7 @@ import torch
 from conftest import FAMILIES, make_batch
 
 from consensusdrop import adaptive_dominant, consensus_scores, order_desc, select_dominant, split_budget, unit_budgets
+from llava.method import BudgetError
 
 # 6 tokens. r_v (by s_v): 0, 4, 2, {3, 5 tie -> 3 first}, 1  => r_v = [1, 6, 3, 4, 2, 5]
 #           r_x (by s_x): 1, 2, 5, 3, 4, 0                  => r_x = [6, 1, 2, 4, 5, 3]
@@ -52,7 +53,7 @@ def test_budget_splits():
         [(54, 10), (108, 20), (162, 30), (27, 5), (14, 3)]
     assert split_budget(64, 0.15625, False) == (64, 0)
     assert split_budget(64, 0.15625, True, dominant=60) == (60, 4)
-    with pytest.raises(ValueError, match="must equal the budget"):
+    with pytest.raises(BudgetError, match="must equal the budget"):  # found per unit: one `error:` line
         split_budget(64, 0.15625, True, dominant=60, contextual=10)
     assert unit_budgets(10, 3, "total") == [4, 3, 3]
     assert unit_budgets(10, 3, "per_crop") == [10, 10, 10]

@@ -9,6 +9,7 @@ import torch
 
 import baselines.vispruner  # noqa: F401  (registers "vispruner")
 from baselines.vispruner import VisPruner, removal_schedule, remove_duplicates, vispruner, vispruner_units
+from llava.method import BudgetError
 
 
 # ------------------------------------------------------------------ the official code as reference
@@ -165,7 +166,7 @@ def test_odd_residual_our_rule_and_the_official_failure():
     unit, patch = torch.zeros(n, dtype=torch.long), torch.arange(n)
     assert removal_schedule(7, 2) == [4, 1]
     assert vispruner(attn, feats, unit, patch, 4, important_ratio=0.5).tolist() == [0, 1, 3, 5]
-    with pytest.raises(ValueError, match="official gather"):
+    with pytest.raises(BudgetError, match="official gather"):  # the budget decides |R|: one `error:` line
         vispruner(attn, feats, unit, patch, 4, important_ratio=0.5, reference=True)
     with pytest.raises(Exception):  # the transcription of the official loop fails here too
         official_encode_images(feats[None], attn[None], 4, 0.5)
