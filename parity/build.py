@@ -1,0 +1,239 @@
+"""Tiny random weights in the official LLaVA layout, and the same weights in the transformers 5 layout we load.
+
+``build(work, official_python)`` writes, under ``work``:
+
+- ``clip/``: a CLIP vision tower as the official code loads it (``CLIPVisionModel.from_pretrained`` of the folder
+  named by ``mm_vision_tower``): 112 px, patch 14 (64 patches + [CLS]), 8 layers, so that FlowCut makes adaptive cuts
+  (after layers 1 and 3) before its final one (after layer 5); ``preprocessor_config.json`` (CLIP's).
+- ``llava-v1.5-tiny/``: the official LLaVA-1.5 checkpoint layout (``LlavaLlamaForCausalLM``, ``model_type
+  llava_llama``; ``model.mm_projector.{0,2}`` mlp2x_gelu, select layer -2, ``image_aspect_ratio pad``,
+  ``mm_use_im_patch_token False``) with its slow SentencePiece tokenizer (trained by the official worker).
+- ``llava-1.5-tiny-hf/``: the same weights mapped by :func:`official_to_hf` to ``LlavaForConditionalGeneration``
+  (transformers 5), the tokenizer's ``tokenizer.json`` and the same image processor config.
+- ``images/``: PNGs of several sizes and aspect ratios (pad-to-square and resizing exercised).
+
+Every weight is fp16-representable (drawn in fp32, rounded through fp16), so the official fp16 load holds the same
+values as the fp32 one. The attention projections are drawn with a larger gain than the other layers so that the
+[CLS] rows are peaked (FlowCut's entropy-based amounts then differ from layer to layer and from image to image).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import torch
+
+#: the tiny architecture (the official config keys; the transformers 5 configs are built from the same values)
+TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, image_size=112,
+             patch_size=14, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64,
+             attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0)
+LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+           max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+           initializer_range=0.02, tie_word_embeddings=False)
+VOCAB = 400
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+OFFICIAL_NAME = "llava-v1.5-tiny"  # the official builder loads a LLaVA model only when the name says 'llava'
+HF_NAME = "llava-1.5-tiny-hf"
+#: (width, height) of the test images: square, wide, tall, and one the processor shrinks
+IMAGE_SIZES = [(112, 112), (160, 96), (90, 140), (224, 200)]
+
+#: the tokenizer's training text: the vicuna_v1 conversation, LLaVA's answer prompts, the questions we ask
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the image? ASSISTANT:",
+    "A chat between a curious human and an artificial intelligence assistant. USER: ASSISTANT: </s>",
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "Is there a red circle in the image? Please answer yes or no. Yes No",
+    "How many squares are there? 0 1 2 3 4 5 6 7 8 9 10 100 2024",
+    "What colour is the large triangle on the left side of the picture?",
+    "Describe the scene in detail: a dog, a cat, a table, the sky, blue, green, yellow, white, black.",
+    "Which object is closest to the camera? Where is the small blue square? Why is it here?",
+]
+QUESTIONS = [
+    "What is in the image?",
+    "Is there a red circle in the image? Please answer yes or no.",
+    "How many squares are there? Answer the question using a single word or phrase.",
+    "Describe the scene in detail.",
+]
+
+
+def official_to_hf(sd: dict, tower_sd: dict) -> dict:
+    """The official LLaVA-1.5 state dict (``model.*`` LLaMA + ``model.mm_projector.{0,2}``, ``lm_head``) and the CLIP
+    tower's (``vision_model.*``, loaded from ``mm_vision_tower``) as ``LlavaForConditionalGeneration``'s keys in
+    transformers 5: ``model.language_model.*``, ``model.vision_tower.*`` (transformers 5's CLIPVisionModel has no
+    ``vision_model`` level),
+    ``model.multi_modal_projector.linear_{1,2}.*``, ``lm_head.*``. Refuses keys it does not know (a silent drop
+    would load random weights)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model.mm_projector."):
+            idx, rest = k[len("model.mm_projector."):].split(".", 1)
+            name = {"0": "linear_1", "2": "linear_2"}.get(idx)
+            if name is None:
+                raise KeyError(f"{k}: only the mlp2x_gelu projector (Linear, GELU, Linear) is mapped")
+            out[f"model.multi_modal_projector.{name}.{rest}"] = v
+        elif k.startswith("model.vision_tower.vision_tower.vision_model."):  # checkpoints carrying the tower
+            out["model.vision_tower." + k[len("model.vision_tower.vision_tower.vision_model."):]] = v
+        elif k.startswith("model.") and k.split(".")[1] in ("embed_tokens", "layers", "norm"):
+            out["model.language_model." + k[len("model."):]] = v
+        elif k == "lm_head.weight":
+            out[k] = v
+        elif k.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints saved; recomputed at load
+            continue
+        else:
+            raise KeyError(f"{k}: not a key of an official LLaVA-1.5 checkpoint")
+    for k, v in tower_sd.items():
+        if not k.startswith("vision_model."):
+            raise KeyError(f"{k}: not a CLIPVisionModel key")
+        out.setdefault("model.vision_tower." + k[len("vision_model."):], v)
+    return out
+
+
+def _draw(shape, gain: float, gen: torch.Generator) -> torch.Tensor:
+    fan_in = shape[-1] if len(shape) > 1 else 1
+    x = torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in) if len(shape) > 1 else gain)
+    return x.half().float()  # fp16-representable
+
+
+def random_state(keys_shapes: dict, gen: torch.Generator, kind: str) -> dict:
+    """Seeded random values for every (key, shape): norms near 1, biases small, attention projections with gain 2
+    (peaked rows), other matrices gain 1, embeddings unit scale."""
+    out = {}
+    for k, shape in sorted(keys_shapes.items()):
+        if "norm" in k or "layrnorm" in k or "layernorm" in k:
+            base = torch.ones(shape) if k.endswith("weight") else torch.zeros(shape)
+            out[k] = (base + 0.1 * torch.randn(shape, generator=gen)).half().float()
+        elif k.endswith("bias"):
+            out[k] = (0.05 * torch.randn(shape, generator=gen)).half().float()
+        elif "embed" in k or "embedding" in k:
+            out[k] = _draw(shape, 1.0, gen) if len(shape) == 1 else (torch.randn(shape, generator=gen)).half().float()
+        elif any(p in k for p in ("q_proj", "k_proj")):
+            out[k] = _draw(shape, 2.0 if kind == "tower" else 1.5, gen)
+        else:
+            out[k] = _draw(shape, 1.0, gen)
+    return out
+
+
+def _save_safetensors(sd: dict, path: Path, dtype=torch.float16) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+
+
+def write_images(folder: Path, seed: int = 0) -> list[Path]:
+    """Smooth random images (blocks of colour plus noise), one per size of :data:`IMAGE_SIZES`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for i, (w, h) in enumerate(IMAGE_SIZES):
+        coarse = torch.rand(3, 6, 6, generator=gen)
+        img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        img = (img + 0.08 * torch.randn(3, h, w, generator=gen)).clamp(0, 1)
+        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        p = folder / f"image{i}_{w}x{h}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def _image_processor_config() -> dict:
+    s = TOWER["image_size"]
+    return {"crop_size": {"height": s, "width": s}, "do_center_crop": True, "do_convert_rgb": True,
+            "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_MEAN,
+            "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_STD, "resample": 3,
+            "rescale_factor": 1 / 255, "size": {"shortest_edge": s}}
+
+
+def run_official(official_python: str, job: dict, work: Path, name: str):
+    """Run one job of ``parity/official_worker.py`` in the official environment (from an empty folder: our
+    ``llava`` must not shadow the official one); return what it saved."""
+    work.mkdir(parents=True, exist_ok=True)
+    job_path, out_path = work / f"{name}.job.json", work / f"{name}.official.pt"
+    job_path.write_text(json.dumps(job))
+    worker = Path(__file__).with_name("official_worker.py")
+    empty = work / "official-cwd"
+    empty.mkdir(exist_ok=True)
+    proc = subprocess.run([official_python, str(worker), str(job_path), str(out_path)], cwd=empty,
+                          capture_output=True, text=True, env=_official_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"the official worker failed on {name} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return torch.load(out_path, weights_only=False)
+
+
+def _official_env() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def build(work: Path, official_python: str, seed: int = 0) -> dict:
+    """Build the three folders and the images (idempotent: a finished build, marked by ``built.json`` with the same
+    seed, is reused). Returns the paths."""
+    import transformers as tf
+
+    work = Path(work).resolve()
+    marker = work / "built.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info.get("seed") == seed:
+            return info
+    clip_dir, off_dir, hf_dir = work / "clip", work / OFFICIAL_NAME, work / HF_NAME
+    for d in (clip_dir, off_dir, hf_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    tok = run_official(official_python, {"kind": "tokenizer", "official_dir": str(off_dir), "fast_dir": str(hf_dir),
+                                         "corpus": CORPUS, "vocab_size": VOCAB}, work, "tokenizer")
+    vocab = tok["vocab_size"]
+    gen = torch.Generator().manual_seed(seed)
+    # the tower, in the keys of transformers 4.36's CLIPVisionModel (``vision_model.*``; 5.x drops that level)
+    vcfg = tf.CLIPVisionConfig(**TOWER)
+    with torch.device("meta"):
+        tower_shapes = {"vision_model." + k: tuple(v.shape) for k, v in tf.CLIPVisionModel(vcfg).state_dict().items()
+                        if not k.endswith("position_ids")}
+    tower_sd = random_state(tower_shapes, gen, "tower")
+    _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
+    (clip_dir / "config.json").write_text(json.dumps(dict(TOWER, architectures=["CLIPVisionModel"],
+                                                          model_type="clip_vision_model", torch_dtype="float32"), indent=1))
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(), indent=1))
+    # the LLM + projector in the official LlavaLlamaForCausalLM keys
+    tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
+    with torch.device("meta"):
+        llm_shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(tcfg).state_dict().items()}
+    d_v, d = TOWER["hidden_size"], LLM["hidden_size"]
+    llm_shapes.update({"model.mm_projector.0.weight": (d, d_v), "model.mm_projector.0.bias": (d,),
+                       "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,)})
+    llm_sd = random_state(llm_shapes, gen, "llm")
+    _save_safetensors(llm_sd, off_dir / "model.safetensors")
+    official_cfg = dict(LLM, architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", vocab_size=vocab,
+                        bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=0, torch_dtype="float16",
+                        mm_vision_tower=str(clip_dir), mm_projector_type="mlp2x_gelu", mm_hidden_size=d_v,
+                        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
+                        image_aspect_ratio="pad", mm_use_im_start_end=False, mm_use_im_patch_token=False,
+                        tune_mm_mlp_adapter=False, freeze_mm_mlp_adapter=False, use_mm_proj=True,
+                        tokenizer_model_max_length=2048, tokenizer_padding_side="right", use_cache=True,
+                        pretraining_tp=1)
+    (off_dir / "config.json").write_text(json.dumps(official_cfg, indent=1))
+    # the transformers 5 checkpoint, by our mapping
+    hf_cfg = tf.LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok["image_piece_id"],
+                            projector_hidden_act="gelu", vision_feature_layer=-2,
+                            vision_feature_select_strategy="default", multimodal_projector_bias=True)
+    model = tf.LlavaForConditionalGeneration(hf_cfg)
+    missing, unexpected = model.load_state_dict(official_to_hf(llm_sd, tower_sd), strict=False)
+    if missing or unexpected:
+        raise KeyError(f"the mapped checkpoint does not fit LlavaForConditionalGeneration: missing {missing}, "
+                       f"unexpected {unexpected}")
+    model.save_pretrained(hf_dir)
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(), indent=1))
+    images = write_images(work / "images", seed)
+    info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
+            "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": tok["image_piece_id"]}
+    marker.write_text(json.dumps(info, indent=1))
+    return info

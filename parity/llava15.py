@@ -1,0 +1,176 @@
+"""LLaVA-1.5: the official code and ours on the same tiny weights (:mod:`parity.build`), case by case.
+
+Both sides get the same questions and image files. The official worker (``.venv-official``) builds the prompt with
+``conv_templates['vicuna_v1']``, the ids with ``tokenizer_image_token`` and the pixels with ``process_images``
+(pad to square), loads the model with ``load_pretrained_model`` and runs the prefill and ``generate``; for FlowCut
+it calls ``flowcut.flowcut(model, T)`` and records the kept patches after every CLIP layer that cut. Ours loads the
+mapped transformers 5 checkpoint with :func:`llava.load`, builds the batch with our processor and runs the same,
+FlowCut in its reference mode (``numerics="official"``) with the official batch max (``batch_max=True``: the official
+adaptive amount is the max over the images of one tower call).
+
+Precisions (``dtype``):
+
+- ``fp32``: both sides in fp32 (the official model loaded by its builder, then ``model.float()`` and LLaMA's RoPE
+  tables rebuilt in fp32, see the worker); logits within 1e-5, greedy tokens identical.
+- ``fp16``: as the official builder loads a model off CUDA and the eval scripts run it (LLM and projector fp16, the
+  CLIP tower fp32: ``device_map='auto'`` leaves it uncast; pixels handed over in fp16, the tower output cast back to
+  fp16 before the projector); ours ``dtype="float16", vision_dtype="float32"`` with the pixels in fp16 as the
+  official scripts pass them. Greedy tokens identical (logits are reported, not bounded: fp16 GEMMs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .build import QUESTIONS, run_official
+from .report import Check
+
+#: the batches every comparison runs: each image alone, then all four in one left-padded batch
+def batches(n_cases: int) -> list[list[int]]:
+    return [[i] for i in range(n_cases)] + [list(range(n_cases))]
+
+
+def cases(info: dict) -> list[dict]:
+    return [{"question": q, "image": img} for q, img in zip(QUESTIONS, info["images"])]
+
+
+def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int,
+             work: Path) -> list[dict]:
+    job = {"kind": "run", "model": info["official"], "dtype": dtype, "cases": cases(info),
+           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens}
+    name = f"llava15-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
+    return run_official(official_python, job, work, name)
+
+
+def _record_tower_cuts(method, store: list) -> None:
+    """Wrap the method instance's ``select_tower`` to record, after each CLIP layer that cut, the kept patch indices
+    (0-based, ascending, [CLS] left out) per unit: the official ``all_keep_indices``."""
+    inner = method.select_tower
+
+    def select_tower(layer_idx, sig):
+        keep = inner(layer_idx, sig)
+        if keep is not None:
+            rows = [keep[u] for u in range(len(keep))] if not torch.is_tensor(keep) else list(keep)
+            kept = [sig.patch[u][r] for u, r in enumerate(rows)]
+            store.append((layer_idx, torch.stack([k[k >= 0] for k in kept]).cpu()))
+        return keep
+
+    method.select_tower = select_tower
+
+
+def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, vision_attn: str = "eager") -> list[dict]:
+    import llava
+
+    half = dtype == "fp16"
+    # transformers 4.36's CLIP has one attention, the eager one: the tower on eager (the LLM on SDPA, as 4.36's LLaMA)
+    attn = {"": "sdpa", "text_config": "sdpa", "vision_config": vision_attn}
+    rt = llava.load(info["hf"], dtype="float16" if half else "float32", vision_dtype="float32" if half else None,
+                    attn_implementation=attn)
+    out = []
+    for method in methods:
+        if method["name"] == "none":
+            rt.unprune()
+        else:
+            rt.prune(method["name"], method["budget"], numerics="official", batch_max=True)
+        for batch in batches(len(info["images"])):
+            cs = [cases(info)[c] for c in batch]
+            kept: list = []
+            if method["name"] != "none":
+                _record_tower_cuts(rt.engine.method, kept)
+            inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
+            if half:  # the official eval scripts hand the pixels over in fp16 (images.to(dtype=torch.float16))
+                inputs["pixel_values"] = inputs["pixel_values"].half()
+            pixels = inputs["pixel_values"]
+            with torch.inference_mode():
+                logits = rt.model(**inputs).logits.float()
+                n_prefill = len(kept)
+                gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            width = inputs["input_ids"].shape[1]
+            out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"], "pixel_values": pixels.float(), "logits": logits,
+                        "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill],
+                        "image_token_id": info["image_token_id"]})
+    rt.unprune(detach=True)
+    return out
+
+
+def _collapse(ids: list[int], image_token_id: int) -> list[int]:
+    """Our ids with each run of image tokens as one -200, the official IMAGE_TOKEN_INDEX."""
+    res: list[int] = []
+    for t in ids:
+        if t == image_token_id:
+            if not res or res[-1] != -200:
+                res.append(-200)
+        else:
+            res.append(t)
+    return res
+
+
+def _strip(tokens: list[int], eos: int | None) -> list[int]:
+    """Generated tokens up to and including the first eos (after it, both sides only pad)."""
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+
+
+def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, eos: int | None) -> list[Check]:
+    checks = []
+    for o, m in zip(off["runs"], mine):
+        meth = o["method"]["name"] + (f" T={o['method']['budget']}" if "budget" in o["method"] else "")
+        case = f"{dtype} {meth} batch {o['batch']}"
+        if meth == "none":
+            # prompts and pixels: the same for every method; checked once per batch and precision
+            ours_ids = [_collapse(row[mask.bool()].tolist(), m["image_token_id"])
+                        for row, mask in zip(m["input_ids"], m["attention_mask"])]
+            ids_ok = ours_ids == o["ids"]
+            pix = (o["pixel_values"] - m["pixel_values"]).abs().max().item()
+            checks.append(Check("prep", case, ids_ok and pix == 0,
+                                f"ids {'identical' if ids_ok else 'differ'}, pixels max |diff| {pix:.3g}",
+                                {"official_ids": o["ids"], "our_ids": ours_ids}))
+        # logits at the real (unpadded) positions of each sample; both sides left-pad
+        lens = m["attention_mask"].sum(1).tolist()
+        diffs = []
+        for i, n in enumerate(lens):
+            extra = m["logits"].shape[1] - (m["input_ids"].shape[1])  # 0: the ids are already expanded
+            n_full = n + extra
+            a = o["logits"][i, -n_full:]
+            b = m["logits"][i, -n_full:]
+            diffs.append((a - b).abs().max().item() if a.shape == b.shape else float("inf"))
+        worst = max(diffs)
+        bos = o.get("bos")
+        off_tokens = [_strip(t[1:] if t and t[0] == bos and len(t) > len(mt) else t, eos)
+                      for t, mt in zip(o["tokens"], m["tokens"])]
+        my_tokens = [_strip(t, eos) for t in m["tokens"]]
+        tok_ok = off_tokens == my_tokens
+        ok = tok_ok and (logits_atol is None or worst <= logits_atol)
+        group = "unpruned" if meth == "none" else o["method"]["name"]
+        detail = f"logits max |diff| {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+        detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
+        data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs}
+        if meth != "none":
+            o_kept = [(i, k.tolist()) for i, k in o["kept"]]
+            m_kept = [(i, k.tolist()) for i, k in m["kept"]]
+            kept_ok = o_kept == m_kept
+            ok = ok and kept_ok
+            layers = ", ".join(f"L{i}: {len(k[0])}" for i, k in o_kept)
+            detail += f", kept patches per CLIP layer {'identical' if kept_ok else 'DIFFER'} ({layers})"
+            data.update(official_kept=o_kept, our_kept=m_kept)
+        checks.append(Check(group, case, ok, detail, data))
+    return checks
+
+
+def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=(8, 16, 32),
+        max_new_tokens: int = 8, vision_attn: str = "eager") -> list[Check]:
+    """Every LLaVA-1.5 check: for each precision, the unpruned model and FlowCut at each budget, each image alone
+    and all in one batch. ``vision_attn``: our tower's attention ("eager", 4.36's CLIP arithmetic: bit-identical
+    logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights)."""
+    import transformers as tf
+
+    eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
+    methods = [{"name": "none"}] + [{"name": "flowcut", "budget": t} for t in budgets]
+    checks = []
+    for dtype in dtypes:
+        off = official(info, official_python, dtype, methods, max_new_tokens, work)
+        mine = ours(info, dtype, methods, max_new_tokens, vision_attn)
+        checks += compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, eos)
+    return checks
