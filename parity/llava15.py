@@ -27,6 +27,11 @@ import torch
 from .build import QUESTIONS, run_official
 from .report import Check
 
+#: our method and its options for each official adapter (parity/official_worker.py ADAPTERS): the reference mode,
+#: and FlowCut's official batch max (the adaptive amount is the max over the images of one tower call)
+OURS = {"flowcut": {"numerics": "official", "batch_max": True}}
+
+
 #: the batches every comparison runs: each image alone, then all four in one left-padded batch
 def batches(n_cases: int) -> list[list[int]]:
     return [[i] for i in range(n_cases)] + [list(range(n_cases))]
@@ -37,9 +42,10 @@ def cases(info: dict) -> list[dict]:
 
 
 def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int,
-             work: Path) -> list[dict]:
+             work: Path, official_path: str | None = None) -> list[dict]:
     job = {"kind": "run", "model": info["official"], "dtype": dtype, "cases": cases(info),
-           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens}
+           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
+           "official_path": official_path}
     name = f"llava15-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
     return run_official(official_python, job, work, name)
 
@@ -73,7 +79,7 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
         if method["name"] == "none":
             rt.unprune()
         else:
-            rt.prune(method["name"], method["budget"], numerics="official", batch_max=True)
+            rt.prune(method["name"], method["budget"], **OURS[method["name"]])
         for batch in batches(len(info["images"])):
             cs = [cases(info)[c] for c in batch]
             kept: list = []
@@ -160,17 +166,21 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
 
 
 def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=(8, 16, 32),
-        max_new_tokens: int = 8, vision_attn: str = "eager") -> list[Check]:
+        max_new_tokens: int = 8, vision_attn: str = "eager", methods=("flowcut",),
+        official_path: str | None = None) -> list[Check]:
     """Every LLaVA-1.5 check: for each precision, the unpruned model and FlowCut at each budget, each image alone
     and all in one batch. ``vision_attn``: our tower's attention ("eager", 4.36's CLIP arithmetic: bit-identical
     logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights)."""
     import transformers as tf
 
     eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
-    methods = [{"name": "none"}] + [{"name": "flowcut", "budget": t} for t in budgets]
+    unknown = [m for m in methods if m not in OURS]
+    if unknown:
+        raise ValueError(f"no parity adapter for {', '.join(unknown)} (adapters: {', '.join(OURS)}; docs/parity.md)")
+    methods = [{"name": "none"}] + [{"name": m, "budget": t} for m in methods for t in budgets]
     checks = []
     for dtype in dtypes:
-        off = official(info, official_python, dtype, methods, max_new_tokens, work)
+        off = official(info, official_python, dtype, methods, max_new_tokens, work, official_path)
         mine = ours(info, dtype, methods, max_new_tokens, vision_attn)
         checks += compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, eos)
     return checks

@@ -97,6 +97,21 @@ def _kept_recorder(model, store: list):
     return handles
 
 
+def _enable_flowcut(model, method: dict) -> None:
+    from flowcut import flowcut
+
+    flowcut(model, target_num=method["budget"])
+
+
+#: how each method is switched on in the official code, and how its kept indices are read: (enable(model, method),
+#: recorder(model, store) -> hook handles, or None). A repository that ships its own patched ``llava/`` tree runs
+#: with ``official_path`` on ``sys.path`` first (``python -m parity --official-path DIR``).
+ADAPTERS = {
+    "none": (lambda model, method: None, None),
+    "flowcut": (_enable_flowcut, _kept_recorder),
+}
+
+
 def run(job: dict) -> dict:
     import torch
     from PIL import Image
@@ -118,12 +133,10 @@ def run(job: dict) -> dict:
                       "projector": str(next(model.get_model().mm_projector.parameters()).dtype)},
            "runs": []}
     for method in job["methods"]:
-        if method["name"] == "flowcut":
-            from flowcut import flowcut
-
-            flowcut(model, target_num=method["budget"])
-        elif method["name"] != "none":
-            raise ValueError(f"official worker: unknown method {method['name']!r}")
+        if method["name"] not in ADAPTERS:
+            raise ValueError(f"official worker: no adapter for {method['name']!r} ({', '.join(ADAPTERS)})")
+        enable, recorder = ADAPTERS[method["name"]]
+        enable(model, method)
         for batch in job["batches"]:
             cases = [job["cases"][c] for c in batch]
             prompts = [_prompt(c["question"], conv_mode, getattr(model.config, "mm_use_im_start_end", False))
@@ -140,7 +153,7 @@ def run(job: dict) -> dict:
                 mask[i, width - len(x):] = 1
             pix = pixels.to(images_dtype) if torch.is_tensor(pixels) else [p.to(images_dtype) for p in pixels]
             kept: list = []
-            handles = _kept_recorder(model, kept) if method["name"] == "flowcut" else []
+            handles = recorder(model, kept) if recorder is not None else []
             with torch.inference_mode():
                 out = model(input_ids=input_ids, attention_mask=mask, images=pix, image_sizes=sizes)
                 n_prefill_kept = len(kept)
@@ -163,14 +176,23 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python parity/official_worker.py JOB.json OUT.pt", file=sys.stderr)
         return 2
-    import llava
-
-    if not os.path.dirname(llava.__file__).endswith(os.path.join("site-packages", "llava")):
-        print(f"official worker: `llava` resolves to {llava.__file__}, not the installed official package",
-              file=sys.stderr)
-        return 2
     job = json.load(open(argv[0]))
     kind = job["kind"]
+    if job.get("official_path"):
+        root = os.path.realpath(job["official_path"])
+        if not os.path.isdir(os.path.join(root, "llava")):
+            print(f"official worker: {root} has no llava/ package (an official repository's clone ships one)",
+                  file=sys.stderr)
+            return 2
+        sys.path.insert(0, root)
+    import llava
+
+    expected = os.path.join(os.path.realpath(job["official_path"]), "llava") if job.get("official_path") else None
+    where = os.path.dirname(os.path.realpath(llava.__file__))
+    if (expected and where != expected) or (not expected and not where.endswith(os.path.join("site-packages", "llava"))):
+        print(f"official worker: `llava` resolves to {where}, not {expected or 'the installed official package'}",
+              file=sys.stderr)
+        return 2
     fn = {"tokenizer": train_tokenizer, "run": run}.get(kind)
     if fn is None:
         print(f"official worker: unknown job kind {kind!r}", file=sys.stderr)

@@ -1,0 +1,12 @@
+"""Parity with the official code itself (``python -m parity``, docs/parity.md): the official LLaVA codebase
+(``llava-torch`` 1.2.2.post1) and FlowCut's package (``flowcut`` 1.0.2), installed in ``.venv-official`` by
+``scripts/official_env.sh``, run beside ours on the same tiny random weights, prompts, images and answer files.
+
+- :mod:`parity.build`: the weights in the official layout and, by our mapping (``official_to_hf``), in the
+  transformers 5 layout we load; the tokenizer; the images.
+- :mod:`parity.official_worker`: the official side, a script run by ``.venv-official``'s Python from an empty folder
+  (both packages are named ``llava``, and they need different transformers releases: two processes, files between).
+- :mod:`parity.llava15`: prompts, ids, pixels, logits, greedy tokens and FlowCut's kept patches per CLIP layer.
+- :mod:`parity.scorers`: the official ``llava/eval`` scorers vs ours on the same answer files.
+- :mod:`parity.report`: the checks and their table.
+"""

@@ -1,0 +1,78 @@
+"""``python -m parity``: the official code beside ours (docs/parity.md). Exit 0 when every check agrees, 1 when one
+differs, 2 when the official environment is missing or the arguments are wrong."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .report import table, write
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("all", "build", "llava15", "scorers")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
+    p.add_argument("part", nargs="?", default="all", choices=PARTS,
+                   help="all (default): build, llava15, scorers; build: the weights only; llava15: prompts, pixels, "
+                        "logits, tokens, the methods' kept indices; scorers: llava/eval's scorers vs ours")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "parity",
+                   help="where the weights, images, jobs and results go (default: runs/parity)")
+    p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
+                   help="the official environment (default: .venv-official, made by scripts/official_env.sh)")
+    p.add_argument("--official-path", default=None,
+                   help="a clone of an official repository that ships a patched llava/ tree: its llava/ (and its "
+                        "method package) replace the installed ones on the official side")
+    p.add_argument("--method", nargs="+", default=["flowcut"], help="methods compared (default: flowcut)")
+    p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 32], help="visual tokens kept (default: 8 16 32)")
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"],
+                   help="fp32: both sides in fp32; fp16: the official builder's load (fp16 LLM, fp32 tower)")
+    p.add_argument("--vision-attn", choices=("eager", "sdpa"), default="eager",
+                   help="our CLIP tower's attention (eager = transformers 4.36's CLIP arithmetic; default eager)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    py = args.venv / "bin" / "python"
+    if not py.exists():
+        print(f"error: no official environment at {args.venv}: run `bash scripts/official_env.sh` first",
+              file=sys.stderr)
+        return 2
+    if args.official_path and not (Path(args.official_path) / "llava").is_dir():
+        print(f"error: --official-path {args.official_path} has no llava/ folder", file=sys.stderr)
+        return 2
+    from . import llava15
+    from .build import build
+
+    unknown = [m for m in args.method if m not in llava15.OURS]
+    if unknown:
+        print(f"error: no parity adapter for {', '.join(unknown)} (adapters: {', '.join(llava15.OURS)}; "
+              "docs/parity.md)", file=sys.stderr)
+        return 2
+    work = args.work.resolve()
+    info = build(work, str(py), seed=args.seed)
+    print(f"weights: official {info['official']}, ours {info['hf']}")
+    if args.part == "build":
+        return 0
+    checks = []
+    if args.part in ("all", "llava15"):
+        checks += llava15.run(info, str(py), work, dtypes=tuple(args.dtypes), budgets=tuple(args.budgets),
+                              max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
+                              methods=tuple(args.method), official_path=args.official_path)
+    if args.part in ("all", "scorers"):
+        from .scorers import run_scorers
+
+        checks += run_scorers(str(py), work / "scorers")
+    print(table(checks))
+    write(checks, work / "checks.json")
+    print(f"written: {work / 'checks.json'}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
