@@ -5,8 +5,11 @@ vanilla row is checked first (an off vanilla points at the setup, not the method
 ways (vanilla = ours, vanilla = the paper's) next to the paper's printed one and the one recomputed from its
 printed cells (a transcription check); a summary line "N of M published cells reproduced within tolerance,
 K not run"; one figure per table (accuracy vs budget per benchmark: ours as lines, the paper's as markers, the
-seed methods in colour, the rest grey). Claims without a table (ConsensusDrop's abstract) are checked from our
-results alone: "beats" per benchmark and budget, "pareto" against the efficiency benchmark's TTFT / KV cache."""
+seed methods in colour, the rest grey; a column with no number gets no panel). The cells a paper left empty are
+one line per column and reason. A table marked ``reference_only`` shows its published numbers without pass/fail.
+Claims without a table (ConsensusDrop's abstract, a README's headline) are checked from our results alone:
+"beats" per benchmark and budget, "pareto" against the efficiency benchmark's TTFT / KV cache, "retains" (a
+method keeps at least X % of the unpruned model at a budget)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from .lmms_import import load_imported
 from .paper_grid import _frozen, _opt_value
-from .papers import RUN_SETTINGS, Claim, Paper, Row, Table
+from .papers import RUN_SETTINGS, Claim, Column, Paper, Row, Table
 from .run_config import RunConfig
 from .table import load_results
 
@@ -32,6 +35,7 @@ class Cell:
     not_run: str = ""  # why we cannot run it ("" when we can)
     tolerance: float = 1.0
     path: str = ""
+    target: bool = True  # False: the published number is shown for reference only (Table.reference_only)
 
     @property
     def delta(self) -> float | None:
@@ -76,7 +80,7 @@ def collect(paper: Paper, index: dict, table: Table, model: str | None = None) -
     for i, r in enumerate(table.rows):
         for c in table.columns:
             cell = Cell(published=r.published.get(c.key), missing=str(r.missing.get(c.key, "")),
-                        not_run=c.not_run or r.not_run, tolerance=c.tolerance)
+                        not_run=c.not_run or r.not_run, tolerance=c.tolerance, target=not table.reference_only)
             if not cell.not_run:
                 res = index.get((c.bench, model or table.model, r.method, r.budget, _opts_key(r.options), skey))
                 if res is not None:
@@ -104,8 +108,11 @@ class TableReport:
 
     def summary_line(self) -> str:
         s = self.summary
-        return (f"{s['within']} of {s['published']} published cells reproduced within tolerance, "
+        line = (f"{s['within']} of {s['published']} published cells reproduced within tolerance, "
                 f"{s['not_run']} not run ({s['cannot_run']} cannot be run here)")
+        if s.get("reference_only"):
+            line += f"; {s['reference_only']} published cells shown for reference only, not pass/fail targets"
+        return line
 
 
 def analyse(table: Table, cells: dict) -> TableReport:
@@ -119,12 +126,15 @@ def analyse(table: Table, cells: dict) -> TableReport:
         pub = {k: cells[(i, k)].published for k in cols}
         avgs.append({"ours_vs_ours": rel_avg(ours, ours_v), "ours_vs_paper": rel_avg(ours, pub_v),
                      "paper_recomputed": rel_avg(pub, pub_v)})
-    pubs = [c for c in cells.values() if c.published is not None]
+    pubs = [c for c in cells.values() if c.published is not None and c.target]
     s = {"published": len(pubs), "within": sum(bool(c.within) for c in pubs),
-         "not_run": sum(c.ours is None for c in pubs), "cannot_run": sum(bool(c.not_run) for c in pubs)}
+         "not_run": sum(c.ours is None for c in pubs), "cannot_run": sum(bool(c.not_run) for c in pubs),
+         "reference_only": sum(c.published is not None and not c.target for c in cells.values())}
     s["outside"] = s["published"] - s["within"] - s["not_run"]
     if van is None:
         vline = "No unpruned row in this table."
+    elif table.reference_only:  # an unreliable published vanilla cannot point at our setup
+        vline = "Vanilla first: not checked against the published row (reference only, below)."
     else:
         vc = [(table.column(k), cells[(van, k)]) for k in cols if cells[(van, k)].within is not None]
         off = [f"{c.label} ({cell.delta:+.2f})" for c, cell in vc if not cell.within]
@@ -157,7 +167,7 @@ def cell_text(c: Cell, fmt: str = "md") -> str:
     txt = f"{ours} / {pub}"
     if c.delta is not None:
         txt += f" ({c.delta:+.{d}f})"
-        if not c.within:
+        if not c.within and c.target:
             txt += " ✗" if fmt == "md" else r" $^{\times}$"
     return txt
 
@@ -177,21 +187,28 @@ def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
         b = "–" if r.vanilla or b is None else str(b)
         body.append((r.group, [label, b] + [cell_text(rep.cells[(i, c.key)], fmt) for c in cols] + avg))
     notes = [f"Model {t.model}" + (f" ({', '.join(f'{k}={v}' for k, v in t.settings.items())})" if t.settings else "")
-             + f"; budgets in the paper's convention ({t.budget_convention or 'as printed'}).",
+             + f"; budgets in the paper's convention ({t.budget_convention or 'as printed'}"
+             + (f"; unit: {t.budget_unit}" if t.budget_unit != "tokens" else "") + ").",
              f"Published numbers: {t.source}" + "".join(f"; {r.label}: {r.source}" for r in t.rows if r.source) + ".",
-             "Cells: ours / paper's (ours - paper); ✗ = outside the column's tolerance ("
-             + ", ".join(f"{c.label} {c.tolerance:g}" for c in cols if c.runnable) + "); n/r = not run here; "
+             "Cells: ours / paper's (ours - paper); "
+             + ("no tolerance marks (reference only)" if t.reference_only else
+                "✗ = outside the column's tolerance (" + ", ".join(f"{c.label} {c.tolerance:g}" for c in cols
+                                                                 if c.runnable) + ")")
+             + "; n/r = not run here; "
              "n/p = not printed; – = not run yet. Avg: mean of value / vanilla x 100 % over the columns with both "
              "numbers (* = fewer columns than the table).",
              rep.vanilla_line, rep.summary_line() + "."]
+    if t.reference_only:
+        notes.insert(0, f"Reference only, not pass/fail targets: {t.reference_only} The published numbers are "
+                        "shown beside ours without ✗ marks and are not counted in the summary.")
     notes += [f"† {r.label}: unverified ({r.unverified})." for r in t.rows if r.unverified]
     notes += [f"Not run: column {c.label}: {c.not_run}" for c in cols if not c.runnable]
     notes += [f"Not run: row {r.label}: {r.not_run}" for r in t.rows if r.not_run]
-    miss = sorted({f"{r.label} {t.column(k).label}: {why}" for r in t.rows for k, why in r.missing.items()})
-    notes += [f"Not printed: {m}" for m in miss]
+    notes += not_printed_lines(t)
     if t.notes:
         notes.append(t.notes)
-    title = f"{paper.title} - {t.id}" + (f": {t.caption}" if t.caption else "")
+    title = (f"{paper.title} - {t.id}" + (f": {t.caption}" if t.caption else "")
+             + (" [reference only, not pass/fail targets]" if t.reference_only else ""))
     if fmt == "md":
         out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         group = None
@@ -217,6 +234,21 @@ def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
     return "\n".join(out)
 
 
+def not_printed_lines(t: Table) -> list[str]:
+    """The cells the paper printed no number for, one line per column and reason (in the table's column order,
+    then the reasons in row order): ``Not printed: MME (3 rows: A, B (64 tokens), C (64 tokens)): why``."""
+    out = []
+    for c in t.columns:
+        whys: dict[str, list[str]] = {}
+        for r in t.rows:
+            if c.key in r.missing:
+                whys.setdefault(str(r.missing[c.key]), []).append(r.name)
+        for why, rows in whys.items():
+            out.append(f"Not printed: {c.label} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {', '.join(rows)}): "
+                       f"{why}")
+    return out
+
+
 def _pct(v, n, total):
     return "–" if v is None else f"{v:.1f}%" + ("*" if n < total else "")
 
@@ -227,9 +259,36 @@ def check_claims(paper: Paper, reports: dict[str, TableReport], efficiency: list
     for cl in paper.claims:
         if cl.kind == "beats":
             out.append(_beats(cl, reports))
+        elif cl.kind == "retains":
+            out.append(_retains(cl, reports))
         else:
             out.append(_pareto(cl, reports, efficiency or []))
     return out
+
+
+def _retains(cl: Claim, reports: dict[str, TableReport]) -> dict:
+    """``method`` at ``budget`` keeps at least ``at_least`` % of the unpruned model: our relative average
+    (vanilla = ours) over every runnable column of each of the claim's tables, checked once all of them ran."""
+    held, failed, missing = [], [], []
+    for tid in (t for t in cl.tables if t in reports):
+        rep = reports[tid]
+        runnable = sum(c.runnable for c in rep.table.columns)
+        for i, r in enumerate(rep.table.rows):
+            if r.method != cl.method or r.budget != cl.budget or not r.runnable:
+                continue
+            v, n = rep.avgs[i]["ours_vs_ours"]
+            where = f"{tid} {r.name}"
+            if v is None or n < runnable:
+                missing.append(f"{where} ({n} of {runnable} columns run)")
+            elif v >= cl.at_least - 1e-9:
+                held.append(f"{where}: {v:.1f}%")
+            else:
+                failed.append(f"{where}: {v:.1f}% < {cl.at_least:g}%")
+    verdict = ("not held" if failed else "held" if held and not missing else "not checked yet")
+    parts = held + failed + missing
+    return {"claim": cl, "held": held, "failed": failed, "missing": missing,
+            "line": f"{cl.id}: {verdict} (at least {cl.at_least:g}% of the unpruned model, relative average with "
+                    f"vanilla = ours)" + (f"; {'; '.join(parts)}" if parts else "") + "."}
 
 
 def _beats(cl: Claim, reports: dict[str, TableReport]) -> dict:
@@ -294,19 +353,49 @@ def _pareto(cl: Claim, reports: dict[str, TableReport], efficiency: list[dict]) 
 
 
 # ----------------------------------------------------------------------------------------------- figures
+def panels(rep: TableReport) -> list[Column]:
+    """The columns the figure draws: those with a number to show - ours or the paper's - at a plotted budget, or
+    an unpruned row's (a line across the panel). A column with neither is not drawn."""
+    t = rep.table
+
+    def has_data(c: Column) -> bool:
+        for i, r in enumerate(t.rows):
+            cell = rep.cells[(i, c.key)]
+            if (cell.ours is not None or cell.published is not None) and (r.vanilla or _x(r) is not None):
+                return True
+        return False
+
+    return [c for c in t.columns if has_data(c)]
+
+
 def figure(paper: Paper, rep: TableReport, path, claim_points: list[dict] | None = None):
+    fig = draw(paper, rep, claim_points)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def draw(paper: Paper, rep: TableReport, claim_points: list[dict] | None = None):
+    """The table's figure (a matplotlib Figure): one panel per column of :func:`panels` (accuracy vs budget, ours
+    as lines with a marker at each budget - one budget is a point -, the paper's as open circles, the unpruned
+    rows as horizontal lines), and the accuracy-vs-TTFT panel of a Pareto claim."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = rep.table
-    cols = [c for c in t.columns if c.runnable or any(rep.cells[(i, c.key)].published is not None
-                                                      for i in range(len(t.rows)))]
+    cols = panels(rep)
     n = len(cols) + (1 if claim_points else 0)
     ncol = min(4, max(1, n))
-    nrow = math.ceil(n / ncol)
+    nrow = max(1, math.ceil(n / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    if n == 0:
+        axes.flat[0].axis("off")
+        axes.flat[0].text(0.5, 0.5, "nothing to plot yet: no results and no published number at a budget",
+                          ha="center", va="center", fontsize=9)
     methods = []
     for r in t.rows:
         if not r.vanilla and r.method not in methods:
@@ -319,8 +408,8 @@ def figure(paper: Paper, rep: TableReport, path, claim_points: list[dict] | None
             lw = 2.0 if m in COLOURS or m == paper.method else 1.0
             ours = sorted((x, rep.cells[(i, c.key)].ours) for x, i in zip(xs, idx)
                           if x is not None and rep.cells[(i, c.key)].ours is not None)
-            if ours:
-                ax.plot(*zip(*ours), "-", color=colour, lw=lw, label=m)
+            if ours:  # a marker at every budget: one budget alone is still drawn
+                ax.plot(*zip(*ours), "-", marker="s", ms=3.5, color=colour, lw=lw, label=m)
             pub = [(x, rep.cells[(i, c.key)].published) for x, i in zip(xs, idx)
                    if x is not None and rep.cells[(i, c.key)].published is not None]
             if pub:
@@ -333,7 +422,8 @@ def figure(paper: Paper, rep: TableReport, path, claim_points: list[dict] | None
                 if cell.published is not None:
                     ax.axhline(cell.published, color="k", ls=":", lw=0.8)
         ax.set_title(c.label + ("" if c.runnable else " (not run here)"), fontsize=9)
-        ax.set_xlabel("visual tokens (paper's convention)", fontsize=8)
+        ax.set_xlabel(("visual tokens" if t.budget_unit == "tokens" else t.budget_unit) + " (paper's convention)",
+                      fontsize=8)
     if claim_points:
         ax = axes.flat[len(cols)]
         for m in sorted({p["method"] for p in claim_points}):
@@ -347,11 +437,10 @@ def figure(paper: Paper, rep: TableReport, path, claim_points: list[dict] | None
     h, lab = axes.flat[0].get_legend_handles_labels()
     if h:
         fig.legend(h, lab, loc="lower center", ncol=min(6, len(h)), fontsize=8)
-    fig.suptitle(f"{paper.key} {t.id}: ours (lines) vs paper (circles); vanilla ours -- / paper ..", fontsize=10)
+    fig.suptitle(f"{paper.key} {t.id}: ours (lines) vs paper (circles); vanilla ours -- / paper .."
+                 + (" [paper's numbers: reference only]" if t.reference_only else ""), fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def _x(r: Row):

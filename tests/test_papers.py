@@ -253,7 +253,7 @@ def test_report_worked_example(worked):
     assert rep.summary_line() == "4 of 7 published cells reproduced within tolerance, 2 not run (2 cannot be run here)"
     assert rep.summary["outside"] == 1
     assert "- Not run: column MMMU: not in the harness" in lines
-    assert "- Not printed: VisionZip MME: printed as '-'" in lines
+    assert "- Not printed: MME (1 row: VisionZip (64 tokens)): printed as '-'" in lines
 
 
 def test_report_vanilla_off_points_at_setup(tmp_path):

@@ -72,6 +72,10 @@ class Row:
     source: str = ""
     unverified: str = ""
     not_run: str = ""
+    #: the heading the paper prints the row under, when it is not the budget (the spec's ``group``)
+    group_label: str = ""
+    #: the unit of ``paper_budget`` (the table's ``budget_unit``): "tokens", "% TFLOP", ...
+    unit: str = "tokens"
 
     @property
     def vanilla(self) -> bool:
@@ -83,11 +87,21 @@ class Row:
 
     @property
     def group(self) -> str:
-        """The row's group heading: the budget as the paper prints it."""
+        """The row's group heading: the spec's ``group``, else the budget as the paper prints it, in the table's
+        unit ("192 tokens", "15.63% TFLOP")."""
         if self.vanilla:
             return ""
+        if self.group_label:
+            return self.group_label
         b = self.paper_budget if self.paper_budget is not None else self.budget
-        return f"{b} tokens" if isinstance(b, int) else str(b) if b is not None else "no budget"
+        if isinstance(b, (int, float)) and not isinstance(b, bool):
+            return f"{b:g}{'' if self.unit.startswith('%') else ' '}{self.unit}"
+        return str(b) if b is not None else "no budget"
+
+    @property
+    def name(self) -> str:
+        """The row as a reader finds it: its label, and its group heading when it has one."""
+        return f"{self.label} ({self.group})" if self.group else self.label
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,10 @@ class Table:
     rows: tuple[Row, ...]
     settings: dict = field(default_factory=dict)
     notes: str = ""
+    #: the unit the paper states its budgets in ("tokens"; DivPrune: "% TFLOP", the TFLOP ratio to the unpruned model)
+    budget_unit: str = "tokens"
+    #: why the published numbers are shown for reference only, never as pass/fail targets ("" = they are targets)
+    reference_only: str = ""
 
     def column(self, key: str) -> Column:
         return next(c for c in self.columns if c.key == key)
@@ -110,11 +128,15 @@ class Table:
         return "".join(ch if ch.isalnum() else "-" for ch in self.id.lower()).strip("-")
 
 
+CLAIM_KINDS = ("beats", "pareto", "retains")
+
+
 @dataclass(frozen=True)
 class Claim:
-    """A claim a paper states without a table (ConsensusDrop's abstract): ``method`` beats each of ``against``
-    at the same budget, on each of ``tables``' columns (``kind = "beats"``), or lies on the accuracy vs TTFT /
-    KV Pareto front (``kind = "pareto"``)."""
+    """A claim a paper states without a table (ConsensusDrop's abstract, a README's headline): ``method`` beats
+    each of ``against`` at the same budget, on each of ``tables``' columns (``kind = "beats"``), lies on the
+    accuracy vs TTFT / KV Pareto front (``kind = "pareto"``), or keeps at least ``at_least`` % of the unpruned
+    model (the relative average over the table's columns, vanilla = ours) at ``budget`` (``kind = "retains"``)."""
     id: str
     text: str
     kind: str
@@ -122,6 +144,8 @@ class Claim:
     against: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
     source: str = ""
+    budget: int | None = None
+    at_least: float | None = None
 
 
 @dataclass(frozen=True)
@@ -217,8 +241,8 @@ def _parse(raw: dict, path: Path, check: bool) -> Paper:
 
 
 def _table(t: dict, where: str) -> Table:
-    _unknown(t, {"id", "caption", "model", "source", "budget_convention", "columns", "rows", "notes",
-                 *RUN_SETTINGS}, where)
+    _unknown(t, {"id", "caption", "model", "source", "budget_convention", "budget_unit", "reference_only", "columns",
+                 "rows", "notes", *RUN_SETTINGS}, where)
     tid = _need(t, "id", where)
     where = f"{where} ({tid})"
     cols = []
@@ -247,7 +271,7 @@ def _table(t: dict, where: str) -> Table:
     for j, r in enumerate(_need(t, "rows", where, list)):
         w = f"{where} rows[{j}]"
         _unknown(r, {"method", "label", "budget", "paper_budget", "options", "published", "missing", "rel_avg",
-                     "source", "unverified", "not_run"}, w)
+                     "source", "unverified", "not_run", "group"}, w)
         method = str(r.get("method", ""))
         w += f" ({r.get('label', method)})"
         if not method and not r.get("not_run"):
@@ -271,26 +295,36 @@ def _table(t: dict, where: str) -> Table:
                         paper_budget=r.get("paper_budget"), options=dict(r.get("options", {})), published=pub,
                         missing=miss, rel_avg=None if rel is None else float(_number(rel, w + " rel_avg")),
                         source=str(r.get("source", "")), unverified=str(r.get("unverified", "")),
-                        not_run=str(r.get("not_run", ""))))
+                        not_run=str(r.get("not_run", "")), group_label=str(r.get("group", "")),
+                        unit=str(t.get("budget_unit", "tokens"))))
     if not rows:
         raise SpecError(f"{where}: no rows")
     return Table(id=tid, caption=str(t.get("caption", "")), model=_need(t, "model", where),
                  source=_need(t, "source", where), budget_convention=str(t.get("budget_convention", "")),
                  columns=tuple(cols), rows=tuple(rows), settings={k: t[k] for k in RUN_SETTINGS if k in t},
-                 notes=str(t.get("notes", "")))
+                 notes=str(t.get("notes", "")), budget_unit=str(t.get("budget_unit", "tokens")),
+                 reference_only=str(t.get("reference_only", "")))
 
 
 def _claim(c: dict, where: str, table_ids: list[str]) -> Claim:
-    _unknown(c, {"id", "text", "kind", "method", "against", "tables", "source"}, where)
+    _unknown(c, {"id", "text", "kind", "method", "against", "tables", "source", "budget", "at_least"}, where)
     kind = _need(c, "kind", where)
-    if kind not in ("beats", "pareto"):
-        raise SpecError(f"{where}: kind must be 'beats' or 'pareto', got {kind!r}")
+    if kind not in CLAIM_KINDS:
+        raise SpecError(f"{where}: kind must be one of {CLAIM_KINDS}, got {kind!r}")
     tables = tuple(c.get("tables", table_ids))
     for t in tables:
         if t not in table_ids:
             raise SpecError(f"{where}: names table {t!r}, not among {table_ids}")
+    budget, at_least = c.get("budget"), c.get("at_least")
+    if kind == "retains":
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise SpecError(f"{where}: a 'retains' claim needs `budget` (our convention, an integer), got {budget!r}")
+        at_least = float(_number(_need(c, "at_least", where, None), f"{where} at_least"))
+    elif budget is not None or at_least is not None:
+        raise SpecError(f"{where}: `budget` / `at_least` belong to a 'retains' claim")
     return Claim(id=_need(c, "id", where), text=_need(c, "text", where), kind=kind, method=_need(c, "method", where),
-                 against=tuple(c.get("against", ())), tables=tables, source=str(c.get("source", "")))
+                 against=tuple(c.get("against", ())), tables=tables, source=str(c.get("source", "")),
+                 budget=budget, at_least=at_least)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -329,7 +363,12 @@ def check_paper(paper: Paper) -> None:
         for m in (c.method, *c.against):
             if m not in methods:
                 raise SpecError(f"{f} claim {c.id!r}: unknown method {m!r}")
+        if c.kind == "retains":
+            rows = [r for t in paper.tables if t.id in c.tables for r in t.rows
+                    if r.runnable and r.method == c.method and r.budget == c.budget]
+            if not rows:
+                raise SpecError(f"{f} claim {c.id!r}: no row of {c.method} at budget {c.budget} in {list(c.tables)}")
 
 
-__all__ = ["Paper", "Table", "Column", "Row", "Claim", "SpecError", "load", "load_all", "list_papers", "spec_path",
+__all__ = ["Paper", "Table", "Column", "Row", "Claim", "CLAIM_KINDS", "SpecError", "load", "load_all", "list_papers", "spec_path",
            "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]
