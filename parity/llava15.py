@@ -131,7 +131,7 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
             ids_ok = ours_ids == o["ids"]
             pix = (o["pixel_values"] - m["pixel_values"]).abs().max().item()
             checks.append(Check("prep", case, ids_ok and pix == 0,
-                                f"ids {'identical' if ids_ok else 'differ'}, pixels max |diff| {pix:.3g}",
+                                f"ids {'identical' if ids_ok else 'differ'}, pixels max abs diff {pix:.3g}",
                                 {"official_ids": o["ids"], "our_ids": ours_ids}))
         # logits at the real (unpadded) positions of each sample; both sides left-pad
         lens = m["attention_mask"].sum(1).tolist()
@@ -150,7 +150,7 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
         tok_ok = off_tokens == my_tokens
         ok = tok_ok and (logits_atol is None or worst <= logits_atol)
         group = "unpruned" if meth == "none" else o["method"]["name"]
-        detail = f"logits max |diff| {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+        detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
         detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
         data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs}
         if meth != "none":

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("baselines", "consensusdrop", "visiondrop", "attnmix")
-PACKAGES = ("llava", "eval", "bench", "integrations", "testbed", *METHODS)
+PACKAGES = ("llava", "eval", "bench", "integrations", "testbed", "parity", *METHODS)
 #: room -> the rooms it may import (docs/architecture.md's "Layout" table): a strict order, so rooms never import each other
 #: back. A room is a top-level package, or one integration.
 ALLOWED = {
@@ -26,6 +26,7 @@ ALLOWED = {
     "eval": {"llava", "testbed", "integrations.vllm"},  # the protocol (its vLLM backend runs the plugin)
     "integrations.lmms_eval": {"llava", "eval", "testbed"},  # the lmms-eval model and tasks use the harness's data
     "bench": {"llava", "eval", "testbed", *METHODS},  # performance tooling: never imported by the protocol
+    "parity": {"llava", "eval", *METHODS},  # the official code beside ours (its worker's `llava` is the official one)
 }
 
 
