@@ -182,7 +182,7 @@ def not_runnable(paper: Paper, table: str | None = None) -> list[str]:
         out += [f"{t.id} column {c.label}: {c.not_run}" for c in t.columns if not c.runnable]
         out += [f"{t.id} column {c.label}: lmms-eval task {c.lmms_task}: the lmms-eval plugin takes no run settings "
                 f"({', '.join(sorted(t.settings))})" for c in t.columns if c.runnable and c.lmms_task and t.settings]
-        out += [f"{t.id} row {r.label}: {r.not_run}" for r in t.rows if not r.runnable]
+        out += [f"{t.id} row {r.name}: {r.not_run}" for r in t.rows if not r.runnable]
     return out
 
 

@@ -203,7 +203,11 @@ def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
                         "shown beside ours without ✗ marks and are not counted in the summary.")
     notes += [f"† {r.label}: unverified ({r.unverified})." for r in t.rows if r.unverified]
     notes += [f"Not run: column {c.label}: {c.not_run}" for c in cols if not c.runnable]
-    notes += [f"Not run: row {r.label}: {r.not_run}" for r in t.rows if r.not_run]
+    whys: dict[str, list[str]] = {}
+    for r in t.rows:
+        if r.not_run:
+            whys.setdefault(r.not_run, []).append(r.name)
+    notes += [f"Not run: row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: {why}" for why, rows in whys.items()]
     notes += not_printed_lines(t)
     if t.notes:
         notes.append(t.notes)
@@ -503,7 +507,7 @@ def log_wandb(paper: Paper, info: dict, text: str, project=None, entity=None) ->
             for (i, k), c in rep.cells.items():
                 r = rep.table.rows[i]
                 rows.append([r.label, r.method, r.budget, rep.table.column(k).label, c.ours, c.published, c.delta,
-                             c.within])
+                             c.within if c.target else None])  # a reference-only number is no target
             cols = ["row", "method", "budget", "column", "ours", "paper", "difference", "within_tolerance"]
             data[f"{rep.table.slug}/cells"] = wb.wandb.Table(columns=cols, data=rows)
             data[f"{rep.table.slug}/summary"] = rep.summary_line()

@@ -50,6 +50,11 @@ def test_readme_is_a_front_door_and_docs_readme_indexes_every_page():
     listed = re.search(r"`scripts/papers/<paper>.sh` for (.*?)\. Each", " ".join(readme), re.S).group(1)
     names = sorted(re.split(r",\s*|\s+and\s+", listed.strip()))
     assert names == sorted(p.stem for p in (ROOT / "scripts" / "papers").glob("*.sh") if not p.stem.startswith("_"))
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+             "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+             "twenty-one", "twenty-two", "twenty-three", "twenty-four", "twenty-five"]
+    said = re.search(r"# the ([a-z-]+) papers and their tables", "\n".join(readme)).group(1)
+    assert said == words[len(names)], (said, len(names))  # "the twenty papers": as many as the scripts
 
 
 def test_every_relative_link_resolves():

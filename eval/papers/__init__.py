@@ -370,5 +370,5 @@ def check_paper(paper: Paper) -> None:
                 raise SpecError(f"{f} claim {c.id!r}: no row of {c.method} at budget {c.budget} in {list(c.tables)}")
 
 
-__all__ = ["Paper", "Table", "Column", "Row", "Claim", "CLAIM_KINDS", "SpecError", "load", "load_all", "list_papers", "spec_path",
-           "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]
+__all__ = ["Paper", "Table", "Column", "Row", "Claim", "CLAIM_KINDS", "SpecError", "load", "load_all", "list_papers",
+           "spec_path", "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]
