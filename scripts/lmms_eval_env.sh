@@ -40,21 +40,9 @@ if [ "$LMMS_VERSION" = latest ]; then LMMS_REQ="lmms-eval"; else LMMS_REQ="lmms-
 
 say() { printf '[lmms_eval_env] %s\n' "$*"; }
 
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating the environment $VENV with $($PY --version 2>&1)"
-    "$PY" -m venv "$VENV"
-else
-    say "reusing the environment $VENV"
-fi
-# keep a venv inside the checkout out of git status (local exclude, not .gitignore)
-case "$VENV" in
-    "$REPO"/*)
-        rel="/${VENV#"$REPO"/}/"
-        ex="$(git rev-parse --git-path info/exclude 2>/dev/null || true)"
-        if [ -n "$ex" ] && ! grep -qxF "$rel" "$ex" 2>/dev/null; then
-            mkdir -p "$(dirname "$ex")" && echo "$rel" >>"$ex" && say "added $rel to $ex"
-        fi ;;
-esac
+# shellcheck source=scripts/_venv.sh
+. scripts/_venv.sh
+make_venv "$VENV" "$PY"
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install --disable-pip-version-check)
 

@@ -25,21 +25,9 @@ VENV=${VTPRUNE_OFFICIAL_VENV:-$REPO/.venv-official}
 PY=${PYTHON:-python3}
 say() { printf '[official_env] %s\n' "$*"; }
 
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating the environment $VENV with $($PY --version 2>&1)"
-    "$PY" -m venv "$VENV"
-else
-    say "reusing the environment $VENV"
-fi
-# keep a venv inside the checkout out of git status (local exclude, not .gitignore)
-case "$VENV" in
-    "$REPO"/*)
-        rel="/${VENV#"$REPO"/}/"
-        ex="$(git rev-parse --git-path info/exclude 2>/dev/null || true)"
-        if [ -n "$ex" ] && ! grep -qxF "$rel" "$ex" 2>/dev/null; then
-            mkdir -p "$(dirname "$ex")" && echo "$rel" >>"$ex" && say "added $rel to $ex"
-        fi ;;
-esac
+# shellcheck source=scripts/_venv.sh
+. scripts/_venv.sh
+make_venv "$VENV" "$PY"
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 

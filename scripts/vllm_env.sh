@@ -43,20 +43,9 @@ PY=${PYTHON:-python3}
 
 say() { printf '[vllm_env] %s\n' "$*"; }
 
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating the environment $VENV with $($PY --version 2>&1)"
-    "$PY" -m venv "$VENV"
-else
-    say "reusing the environment $VENV"
-fi
-case "$VENV" in  # keep a venv inside the checkout out of git status (local exclude, not .gitignore)
-    "$REPO"/*)
-        rel="/${VENV#"$REPO"/}/"
-        ex="$(git rev-parse --git-path info/exclude 2>/dev/null || true)"
-        if [ -n "$ex" ] && ! grep -qxF "$rel" "$ex" 2>/dev/null; then
-            mkdir -p "$(dirname "$ex")" && echo "$rel" >>"$ex" && say "added $rel to $ex"
-        fi ;;
-esac
+# shellcheck source=scripts/_venv.sh
+. scripts/_venv.sh
+make_venv "$VENV" "$PY"
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install --disable-pip-version-check)
 
