@@ -253,18 +253,29 @@ def test_stage2_reference_mode_equals_the_official_ranking(seed, dtype, n, k):
     assert len(want) == k
 
 
-#: default-mode agreement on the 32 cases above (fp32 means, ties to the lower index): the fp16 means of the
-#: official code swap one token at the cut in 2 cases (seed 1, 307 -> 153, fp32 and fp16 rows)
-DEFAULT_AGREE2 = 30
-
-
-def test_stage2_default_mode_agreement():
+def test_stage2_default_mode_differs_only_at_the_cut():
+    """The default mode (fp32 means, ties to the lower index) keeps the official set in most of the 32 cases;
+    where it does not, every token it swaps sits at the cut: its score (the fp32 mean of the official fp16
+    probabilities) is within 1e-3 relative of the k-th best. Which of two such tokens wins is decided by
+    rounding: the fp16 means of the official code, and in our fp32 mean even two exactly duplicated columns can
+    differ in the last bit (a CPU reduction's order depends on the column's position), so the count of exact
+    agreements is machine-dependent (29 of 32 on this project's CPUs: seed 0 and 1 at 307 -> 153) and is
+    bounded here, not pinned."""
     agree = 0
     for seed, dtype, n, k in CASES2:
         logits = random_logits(seed, n)
-        want = official_stage2_probs(torch.softmax(logits, dim=-1, dtype=torch.float32).to(torch.float16), SYS, n, k)
-        agree += ours_stage2(logits, n, k, "ours", dtype) == want
-    assert agree == DEFAULT_AGREE2
+        p16 = torch.softmax(logits, dim=-1, dtype=torch.float32).to(torch.float16)
+        want = official_stage2_probs(p16, SYS, n, k)
+        got = ours_stage2(logits, n, k, "ours", dtype)
+        assert len(got) == k == len(set(got))
+        agree += got == want
+        if got != want:
+            score = p16.float().mean(0)[:, SYS:SYS + n].mean(0)
+            cut = score.sort(descending=True).values[k - 1]
+            swapped = torch.tensor(sorted(set(got) ^ set(want))) - SYS
+            assert len(swapped) <= 4, (seed, dtype, n, k)
+            assert ((score[swapped] - cut).abs() <= 1e-3 * cut).all(), (seed, dtype, n, k)
+    assert agree >= 28
 
 
 @pytest.mark.parametrize("seed", range(3))
