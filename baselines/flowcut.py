@@ -21,8 +21,9 @@ Per unit (image / crop / frame), after encoder layer i, while the unit has more 
 
 Deviations / options (``docs/methods/flowcut.md``): the official code takes the prune amount's max over the
 batch (``batch_max=True`` reproduces it over the units of one tower call; default per unit, so that a
-batch equals each sample alone); the LLaVA-NeXT LLM stage (after decoder layer 1) is not implemented,
-each crop keeps T (``next_half=True``: the official int(T/2) per crop, still no LLM stage); Video-LLaVA
+batch equals each sample alone); LLaVA-NeXT keeps T per crop by default, the official recipe is
+``next_half=True`` (int(T/2) per crop) + ``next_llm_stage=True`` (after decoder layer 1 the image is cut to T by
+the last prompt token's score, :func:`flowcut_llm_select`, positions renumbered); Video-LLaVA
 frames (no video path in the official code) keep T tokens with their [CLS] counted (``frame_cls="count"``)
 or T patches plus the [CLS] (``"extra"``).
 
@@ -52,7 +53,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take
+from llava.ops import check_numerics, masked_take, topk_desc
 
 #: dtype of the official FlowCut quantities (computed inside the fp32 tower, device_map='auto')
 OFFICIAL_DTYPE = torch.float32
@@ -129,6 +130,45 @@ def adaptive_prune_count_masked(c: torch.Tensor, present: torch.Tensor, rpl: int
     return (scale * (1 - ratio ** 2)).round().long()
 
 
+def flowcut_llm_select(q_last: torch.Tensor, k_vis: torch.Tensor, v_last: torch.Tensor, v_vis: torch.Tensor,
+                       target: int, numerics: str = "ours") -> torch.Tensor:
+    """FlowCut's LLaVA-NeXT LLM stage (official ``LlamaSdpaAttention_forward``'s prune branch in decoder layer 1):
+    ``q_last`` (H, d) the last prompt token's RoPE'd query, ``k_vis`` (H, N, d) the visual tokens' RoPE'd keys,
+    ``v_last`` (H, d) / ``v_vis`` (H, N, d) the values (key / value heads already repeated to H), all of that layer.
+
+        relation = mean_h softmax_N(q_last . k_vis / sqrt(d))      (over the visual columns only)
+        semantic = mean_h softmax_N(v_last . v_vis / sqrt(d))
+        score    = (relation / sum relation + semantic / sum semantic) * || mean_h v_vis ||_1
+
+    Returns the indices (into the N visual tokens) of the top ``target`` by score, ascending. ``numerics="ours"``:
+    fp32 throughout, ties to the lower index; ``"official"``: the inputs' dtype (the fp16 model's) for the products,
+    the softmax in fp32 cast back, the head means and the score in that dtype, ``torch.topk``."""
+    check_numerics("flowcut", numerics)
+    n = k_vis.shape[1]
+    target = max(0, min(int(target), n))
+    if numerics == "official":
+        dt = q_last.dtype
+        scale = math.sqrt(q_last.shape[-1])
+        rel_w = torch.bmm(q_last[:, None], k_vis.transpose(1, 2)) / scale  # (H, 1, N)
+        rel = torch.softmax(rel_w, dim=-1, dtype=torch.float32).to(dt).mean(0)  # (1, N)
+        sem_w = torch.bmm(v_last[:, None], v_vis.transpose(1, 2)) / scale
+        sem = torch.softmax(sem_w, dim=-1, dtype=torch.float32).to(dt).mean(0)
+        score = (rel / rel.sum(dim=-1, keepdim=True) + sem / sem.sum(dim=-1, keepdim=True)) * \
+            torch.norm(v_vis.mean(0), p=1, dim=-1)
+        return torch.topk(score, target, dim=1).indices[0].sort().values
+    q, k, vl, vv = (t.float() for t in (q_last, k_vis, v_last, v_vis))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    rel = (torch.einsum("hd,hnd->hn", q, k) * scale).softmax(-1).mean(0)
+    sem = (torch.einsum("hd,hnd->hn", vl, vv) * scale).softmax(-1).mean(0)
+    score = (rel / rel.sum() + sem / sem.sum()) * vv.mean(0).abs().sum(-1)
+    return topk_desc(score, target).sort().values
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(S, H_kv, d) -> (H, S, d), each key / value head repeated for its query group (``repeat_kv``)."""
+    return x.transpose(0, 1).repeat_interleave(heads // x.shape[1], dim=0)
+
+
 @register
 class FlowCut(Method):
     name = "flowcut"
@@ -137,6 +177,7 @@ class FlowCut(Method):
     vision_stage = True
     tower_stage = True
     families = ("llava", "llava_next", "video_llava")
+    llm_reads = ("prev",)  # the LLaVA-NeXT stage (next_llm_stage): decoder layer 1's q / k / v
     unsupported_reason = ("FlowCut drops tokens between the layers of a CLIP tower with a [CLS] token; the "
                           "in-tower stage exists for the CLIP families only")
 
@@ -144,8 +185,10 @@ class FlowCut(Method):
     def option_defaults(cls):
         # numerics: "ours" or "official" (reference mode: the official expressions, fp32 as the official
         # fp32 tower; see the module doc)
+        # next_llm_stage: LLaVA-NeXT only, the official stage after decoder layer 1 (the image cut to T by the
+        # last prompt token's score; positions renumbered). The official NeXT recipe = next_half + next_llm_stage.
         return {**super().option_defaults(), "ema": 0.5, "batch_max": False, "next_half": False,
-                "frame_cls": "count", "numerics": "ours"}
+                "next_llm_stage": False, "frame_cls": "count", "numerics": "ours"}
 
     def __init__(self, budget: int | None = None, **options):
         super().__init__(128 if budget is None else budget, **options)  # official API default: 128
@@ -154,6 +197,37 @@ class FlowCut(Method):
         if not 0.0 <= float(self.ema) <= 1.0:
             raise ValueError(f"flowcut: ema must be in [0, 1], got {self.ema!r}")
         check_numerics("flowcut", self.numerics)
+        if self.next_llm_stage and "position_mode" not in options:
+            self.position_mode = "reindex"  # official: position_ids = arange over the shortened row
+
+    #: the decoder layer before which the NeXT stage cuts (official ``prune_layer = 1``: after layer 1, on any
+    #: depth; not scaled)
+    NEXT_LLM_LAYER = 2
+
+    @property
+    def llm_layers(self):
+        if self.next_llm_stage and getattr(self, "family", None) == "llava_next":
+            return (self.NEXT_LLM_LAYER,)
+        return ()
+
+    def capture_refusal(self):
+        if self.next_llm_stage:
+            return ("flowcut: the LLaVA-NeXT LLM stage (next_llm_stage=True) runs on the eager engine (its query row "
+                    "softmax over the visual keys is not planned on the fast path)")
+        return super().capture_refusal()
+
+    def select_llm(self, stage, sig):
+        """The NeXT stage (:func:`flowcut_llm_select`): the sample's visual tokens cut to T (the budget) by decoder
+        layer 1's last-prompt-token score, when it holds more than T (official: ``visual_token_num > target_num``)."""
+        n, target = sig.num_visual, int(self.budget)
+        if n <= target:
+            return Selection(keep=torch.arange(n, device=sig.visual.device))
+        q = sig.queries("last", layer="prev")[:, 0]  # (H, d)
+        heads = q.shape[0]
+        k = _repeat_heads(sig.keys("prev"), heads)  # (H, S, d)
+        v = _repeat_heads(sig.values("prev"), heads)
+        return Selection(keep=flowcut_llm_select(q, k[:, sig.visual], v[:, -1], v[:, sig.visual], target,
+                                                 self.numerics))
 
     def patch_target(self, sig) -> int:
         """T: the patches a unit keeps ([CLS] not counted)."""

@@ -45,7 +45,7 @@ class LayerQK:
                              f"{getattr(layer, 'block_type', 'no attention')}) has no attention to read: a hybrid "
                              "model's linear-attention layer; read a full-attention layer")
         self.attn = layer.self_attn
-        self._xn = self._k = self._k_rope = self._cs = None
+        self._xn = self._k = self._k_rope = self._cs = self._v = None
 
     def _normed(self) -> torch.Tensor:
         if self._xn is None:
@@ -83,6 +83,14 @@ class LayerQK:
             _, self._k_rope = rope_fn_for(self.attn)(self._k, self._k, cos, sin)
         return self._k_rope[0]
 
+    def values(self) -> torch.Tensor:
+        """(H_kv, S, d): the layer's value projection of its normed input (no RoPE, no norm), as the layer's
+        attention computes its values."""
+        if self._v is None:
+            v = self._project("v_proj", self._normed())
+            self._v = v.view(1, self.x.shape[0], -1, self.attn.head_dim).transpose(1, 2)
+        return self._v[0]
+
     def queries(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
         """(H, Q, d) for the sequence positions ``rows``."""
         d = self.attn.head_dim
@@ -100,8 +108,8 @@ class LayerQK:
 
 
 def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: torch.Tensor | None,
-                      pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[Callable, Callable]:
-    """The ``_attn_fn`` / ``_keys_fn`` of :class:`LLMSignals` for one sample entering decoder ``layer`` of
+                      pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[Callable, Callable, Callable]:
+    """The ``_attn_fn`` / ``_keys_fn`` / ``_qv_fn`` of :class:`LLMSignals` for one sample entering decoder ``layer`` of
     the language model ``lm``: x (S, D) its hidden states ("next": this layer's q / k), ``x_prev`` its input
     to layer - 1 ("prev"), ``pos`` their positions; each layer's q / k pieces computed once
     (:class:`LayerQK`). ``key_mask`` (S,): the real rows of a padded row (the fast path), never attended."""
@@ -122,7 +130,11 @@ def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: 
     def keys_fn(which, rope):
         return pick(which).keys(rope).transpose(0, 1)
 
-    return attn_fn, keys_fn
+    def qv_fn(kind, which, rows=None, rope=True):  # queries (H, Q, d) of ``rows`` / values (S, H_kv, d)
+        qk = pick(which)
+        return qk.queries(rows, rope) if kind == "queries" else qk.values().transpose(0, 1)
+
+    return attn_fn, keys_fn, qv_fn
 
 
 def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor,

@@ -85,6 +85,9 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
                          key_mask=torch.empty(S, dtype=torch.bool, device=meta),
                          _attn_fn=lambda rows, which, **kw: torch.empty(H, rows.numel(), S, device=meta),
                          _keys_fn=lambda which, rope: torch.empty(S, hkv, hd, device=meta),
+                         _qv_fn=lambda kind, which, rows=None, rope=True: (
+                             torch.empty(H, rows.numel(), hd, device=meta) if kind == "queries"
+                             else torch.empty(S, hkv, hd, device=meta)),
                          _norm=lambda x: torch.empty_like(x))
         sel = m.select_llm(stage, sig)
         if sel.values is not None:
@@ -266,13 +269,13 @@ def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, st
     """One sample's captured :class:`LLMSignals` over its padded row; ``text``: (padded text-after rows,
     their mask, the real count) or None; ``text_embeds``: those rows' inputs to decoder layer 0 (padded alike)."""
     text_rows, text_mask, n_text = text if text is not None else (None, None, None)
-    attn_fn, keys_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask)
+    attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask)
     return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
                       question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry],
                       text_embeds=text_embeds, num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in,
                       state=state,
                       vision=vision, captured=True, key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn,
-                      _norm=lm.norm)
+                      _qv_fn=qv_fn, _norm=lm.norm)
 
 
 def decode_segments(lm, h, pos, masks, cache, layers: tuple):

@@ -243,6 +243,7 @@ class LLMSignals:
     _num_text: int | None = field(repr=False, default=None)
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    _qv_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _norm: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _grad_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _cache: dict = field(repr=False, default_factory=dict)
@@ -284,6 +285,31 @@ class LLMSignals:
         key = ("keys", layer, rope)
         if key not in self._cache:
             self._cache[key] = self._keys_fn(layer, rope)
+        return self._cache[key]
+
+    def queries(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next",
+                rope: bool = True) -> torch.Tensor:
+        """Queries (H, Q, d) of the given rows (as :meth:`attention` resolves them) in the given layer, in the
+        model dtype (RoPE-rotated unless rope=False): FlowCut's LLaVA-NeXT stage scores the visual keys / values
+        against the last prompt token's own (softmax over the visual columns only, not a causal row)."""
+        if self._qv_fn is None:
+            raise RuntimeError("LLMSignals.queries is only available inside the engine")
+        q = self._resolve(queries)
+        key = ("queries", queries if isinstance(queries, str) else tuple(q.tolist()), layer, rope)
+        if self.captured and not isinstance(queries, str):
+            return self._qv_fn("queries", layer, q, rope)
+        if key not in self._cache:
+            self._cache[key] = self._qv_fn("queries", layer, q, rope)
+        return self._cache[key]
+
+    def values(self, layer: Literal["next", "prev"] = "next") -> torch.Tensor:
+        """Values (S, H_kv, d) of the given layer for all tokens (its v projection of its normed input), in the
+        model dtype."""
+        if self._qv_fn is None:
+            raise RuntimeError("LLMSignals.values is only available inside the engine")
+        key = ("values", layer)
+        if key not in self._cache:
+            self._cache[key] = self._qv_fn("values", layer)
         return self._cache[key]
 
     def final_norm(self) -> torch.Tensor:

@@ -163,7 +163,7 @@ class StagedDecoderMixin:
 
     def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
         lm = self.lm
-        attn_fn, keys_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p)
+        attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p)
         vis_in, text_in = ctx.entry[b]
 
         def grad_fn(rows, which):  # TRIO's proxy-loss gradient (LLMSignals.grad_saliency), eager only
@@ -184,7 +184,7 @@ class StagedDecoderMixin:
                           text_after=after, question=question, visual_embeds=vis_in[entry],
                           text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
                           state=ctx.llm_state[b], vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
-                          _norm=lm.norm, _grad_fn=grad_fn)
+                          _qv_fn=qv_fn, _norm=lm.norm, _grad_fn=grad_fn)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache.

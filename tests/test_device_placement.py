@@ -53,6 +53,7 @@ VARIANTS = {
     "fastervlm": [{"cls_token": "keep"}],
     "prumerge": [{"variant": "base"}, {"numerics": "official"}],
     "vscan": [{"remainder": "global"}],
+    "flowcut": [{"next_half": True, "next_llm_stage": True}],  # LLaVA-NeXT's LLM stage (q / k / v of layer 1)
     # reference modes on the signals only they read: the tower in the official arithmetic (PruMerge's full-width
     # row, VisionTrim's received_patches, HiPrune's received_global), the model-dtype LLM rows (PyramidDrop), the
     # kept tokens merged too (ApET's llm stage)

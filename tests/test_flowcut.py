@@ -443,3 +443,153 @@ def test_budget_at_or_above_the_grid_is_the_stock_model(runtimes):
     finally:
         rt.unprune()
     assert torch.equal(out, ref) and all(s.vision_noop for s in eng.stats.samples)
+
+
+# ------------------------------------------------------------------ the LLaVA-NeXT LLM stage (next_llm_stage)
+
+
+def official_next_llm_branch(q, k, v, last, start, n, target):
+    """The prune branch of the official ``LlamaSdpaAttention_forward`` (``flowcut/modeling_llama_flowcut.py``) for
+    one sample, transcribed: q / k / v (H, S, d) of decoder layer 1 (RoPE'd q / k, heads repeated), ``last`` =
+    ``last_instruct_pos``, the image at [start, start + n)."""
+    import math
+    vis_k, vis_v = k[:, start:start + n], v[:, start:start + n]
+    text_q, text_v = q[:, last - 1:last], v[:, last - 1:last]
+    rw = torch.bmm(text_q, vis_k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+    relation = torch.softmax(rw, dim=-1, dtype=torch.float32).to(q.dtype).mean(0)
+    sw = torch.bmm(text_v, vis_v.transpose(1, 2)) / math.sqrt(q.shape[-1])
+    semantic = torch.softmax(sw, dim=-1, dtype=torch.float32).to(q.dtype).mean(0)
+    value = vis_v.mean(0)  # compute_score (flowcut/utils_flowcut.py)
+    score = (relation / relation.sum(dim=-1, keepdim=True) + semantic / semantic.sum(dim=-1, keepdim=True)) * \
+        torch.norm(value, p=1, dim=-1)
+    return torch.topk(score, target, dim=1).indices.sort().values[0]
+
+
+def test_next_llm_score_worked_example():
+    """H = 1, d = 4: q . k / 2 = (0, ln 2, 2 ln 2) -> relation (1, 2, 4) / 7; v_last = 0 -> semantic 1/3 each;
+    ||v||_1 = (3, 1, 2): scores 10/7, 13/21, 38/21 -> top-1 {2}, top-2 {0, 2}, in both modes."""
+    import math
+    from baselines.flowcut import flowcut_llm_select
+    q = torch.tensor([[2 * math.log(2), 0.0, 0.0, 0.0]])
+    k = torch.tensor([[[0.0, 0, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0]]])
+    vv = torch.tensor([[[0.0, 3, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0]]])
+    vl = torch.zeros(1, 4)
+    for numerics in ("ours", "official"):
+        assert flowcut_llm_select(q, k, vl, vv, 1, numerics).tolist() == [2]
+        assert flowcut_llm_select(q, k, vl, vv, 2, numerics).tolist() == [0, 2]
+        assert flowcut_llm_select(q, k, vl, vv, 3, numerics).tolist() == [0, 1, 2]
+        assert flowcut_llm_select(q, k, vl, vv, 9, numerics).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_next_llm_select_equals_the_official_branch(seed):
+    """32 heads, head dim 128, a 35-token prefix, 320 visual tokens (a 5-crop NeXT image at T = 128: 64 per crop)
+    and 40 text tokens, target 128: the reference mode on fp16 tensors keeps the official set exactly; the default
+    mode (fp32) on the same tensors differs at most in tokens tied with the cut in fp16."""
+    from baselines.flowcut import flowcut_llm_select
+    g = torch.Generator().manual_seed(seed)
+    H, d, start, n, nt, target = 32, 128, 35, 320, 40, 128
+    S = start + n + nt
+    q, k, v = (torch.randn(H, S, d, generator=g).half() for _ in range(3))
+    want = official_next_llm_branch(q, k, v, S, start, n, target)
+    vis = slice(start, start + n)
+    got = flowcut_llm_select(q[:, -1], k[:, vis], v[:, -1], v[:, vis], target, "official")
+    assert torch.equal(got, want) and got.numel() == target
+    ours = flowcut_llm_select(q[:, -1], k[:, vis], v[:, -1], v[:, vis], target, "ours")
+    assert len(set(ours.tolist()) ^ set(want.tolist())) <= 4
+
+
+def _layer1_qkv(rt, inputs):
+    """Decoder layer 1's q / k / v (H, S, d; RoPE'd q / k, heads repeated) of a one-sample prefill, recomputed from
+    the input the layer received (a forward pre-hook) with the layer's own modules."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    lm = rt.model.model.language_model
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        if "x" not in seen:
+            seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            seen["pe"] = kwargs["position_embeddings"]
+
+    h = lm.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            rt.model(**inputs)
+    finally:
+        h.remove()
+    attn = lm.layers[1].self_attn
+    x = lm.layers[1].input_layernorm(seen["x"])
+    d = attn.head_dim
+    shape = lambda t: t.view(1, x.shape[1], -1, d).transpose(1, 2)  # noqa: E731
+    q, k, v = shape(attn.q_proj(x)), shape(attn.k_proj(x)), shape(attn.v_proj(x))
+    cos, sin = seen["pe"]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    rep = q.shape[1] // k.shape[1]
+    return q[0], k[0].repeat_interleave(rep, 0), v[0].repeat_interleave(rep, 0)
+
+
+@pytest.mark.parametrize("layout", ["spatial", "spatial_unpad"])
+def test_next_llm_stage_on_the_tiny_model(runtimes, layout):
+    """Tiny LLaVA-NeXT (3 crops, 4 decoder layers), each of the three test images alone at T = 2 and 4 (T per crop
+    in the tower) and T = 6 with the official recipe (next_half: 3 per crop): layers 0-1 see the tower's survivors,
+    layers 2-3 the T the stage keeps; those are the official branch's choice on layer 1's own q / k / v (reference
+    mode, and the default mode on this fp32 model); positions are renumbered (reindex)."""
+    from conftest import slice_batch
+    rt = runtimes["llava-next"]
+    rt.processor.next_layout = layout
+    try:
+        full = make_batch(rt)
+        for i in range(3):
+            inputs = slice_batch(full, i, rt)
+            ids = inputs["input_ids"][0]
+            start = int((ids == rt.model.config.image_token_id).nonzero()[0])
+            for budget, half in ((2, False), (4, False), (6, True)):
+                for numerics in ("ours", "official"):
+                    eng = rt.prune("flowcut", budget, next_half=half, next_llm_stage=True, numerics=numerics)
+                    assert eng.method.position_mode == "reindex" and eng.method.llm_layers == (2,)
+                    q, k, v = _layer1_qkv(rt, inputs)
+                    s = eng.stats.samples[0]
+                    n = s.visual_per_layer[0]
+                    per_crop = budget // 2 if half else budget
+                    assert s.visual_per_layer[1] == n and s.visual_per_layer[2:] == [budget, budget]
+                    assert n == 3 * per_crop if layout == "spatial" else budget < n <= 3 * per_crop
+                    want = official_next_llm_branch(q, k, v, q.shape[1], start, n, budget)  # last: the row's length
+                    assert eng.selections[(0, 0)].keep.tolist() == want.tolist(), (i, budget, numerics)
+    finally:
+        rt.unprune()
+        rt.processor.next_layout = "spatial_unpad"
+
+
+def test_next_llm_stage_generation(runtimes):
+    """Cached generation of a left-padded batch of 3 equals the no-cache recompute (decode positions shifted by
+    the stage's drop after layer 1), and each sample generated alone gives the same tokens."""
+    from conftest import check_generate_batch_equals_alone, greedy_no_cache
+    rt = runtimes["llava-next"]
+    try:
+        inputs = make_batch(rt)
+        eng = rt.prune("flowcut", 4, next_half=True, next_llm_stage=True)
+        with torch.no_grad():
+            cached = rt.model.generate(**inputs, **GEN)
+        assert all(s.visual_per_layer[2:] == [4, 4] for s in eng.stats.samples)
+        eng.replay = True
+        assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+        check_generate_batch_equals_alone(rt, "flowcut", 4, next_half=True, next_llm_stage=True)
+    finally:
+        rt.unprune()
+
+
+def test_next_llm_stage_options(runtimes):
+    m = FlowCut(8, next_llm_stage=True)
+    assert m.position_mode == "reindex" and "next_llm_stage" in m.capture_refusal()
+    assert FlowCut(8, next_llm_stage=True, position_mode="keep").position_mode == "keep"
+    assert FlowCut(8).position_mode == "keep" and FlowCut(8).llm_layers == ()
+    rt = runtimes["llava"]  # LLaVA-1.5: no LLM stage (the official one is NeXT's only)
+    try:
+        inputs = make_batch(rt, n=1)
+        eng = rt.prune("flowcut", 4, next_llm_stage=True)
+        assert eng.method.llm_layers == ()
+        with torch.no_grad():
+            rt.model(**inputs)
+        assert len(set(eng.stats.samples[0].visual_per_layer)) == 1
+    finally:
+        rt.unprune()
