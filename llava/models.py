@@ -215,7 +215,8 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
-    dtype before it. The tower keeps the checkpoint's weights (llava-hf stores them in fp16; the official
+    dtype before it; the pixels are rounded to the LLM's dtype first (``rt.processor.pixel_dtype``), as LLaVA's eval
+    scripts' ``images.to(dtype=torch.float16)`` hands them to the fp32 tower (set it to None for fp32 pixels). The tower keeps the checkpoint's weights (llava-hf stores them in fp16; the official
     code loads CLIP from its own fp32 checkpoint), computed in ``vision_dtype``. LLaVA-1.5 / NeXT / Video-LLaVA; the stock
     transformers forward cannot mix the two dtypes, so ``load`` attaches the unpruned method ("none") itself
     (``rt.engine_by_load``; ``rt.unprune()`` attaches it again).
@@ -246,6 +247,10 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
             if getattr(core, attr, None) is not None:
                 getattr(core, attr).to(vd)
         rt.info["vision_dtype"] = str(vd).replace("torch.", "")
+        llm_dt = rt.model.get_input_embeddings().weight.dtype
+        if llm_dt in (torch.float16, torch.bfloat16) and llm_dt != vd:  # LLaVA's eval scripts: images.to(float16)
+            rt.processor.pixel_dtype = llm_dt
+            rt.info["pixel_dtype"] = str(llm_dt).replace("torch.", "")
         rt.engine_required = "vision_dtype: the stock forward cannot mix the tower's and the LLM's dtypes"
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens)}

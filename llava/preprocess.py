@@ -103,6 +103,10 @@ class PromptProcessor:
     num_frames: int = 8
     pad_to_square: bool = True  # LLaVA-1.5 'pad'; False = HF's resize + centre crop
     extra: dict = field(default_factory=dict)
+    #: pixels rounded to this dtype (None: the processor's fp32). ``load(vision_dtype=...)`` under a half-precision
+    #: LLM sets the LLM's dtype: LLaVA's eval scripts hand ``images.to(dtype=torch.float16)`` to the fp32 tower
+    #: (docs/parity.md), so the tower's input is the fp16-rounded pixels
+    pixel_dtype: torch.dtype | None = None
 
     # -- geometry -------------------------------------------------------------------------
     @property
@@ -202,6 +206,8 @@ class PromptProcessor:
             if len({v.shape for v in all_videos}) != 1:
                 raise ValueError("all videos of a batch need the same number of frames")
             batch["pixel_values_videos"] = torch.stack(all_videos)
+        if self.pixel_dtype is not None:
+            batch.update({k: batch[k].to(self.pixel_dtype) for k in ("pixel_values", "pixel_values_videos") if k in batch})
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         return batch

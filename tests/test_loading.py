@@ -83,6 +83,26 @@ def test_vision_dtype_keeps_the_tower_in_fp32_under_a_half_precision_llm(fam):
         inputs = half.processor(qs, videos=[[rand_image(j, 50, 50) for j in range(8)]])
     else:
         inputs = half.processor(qs, [rand_image(0)])
+    # the pixels are rounded to the LLM's dtype (LLaVA's eval scripts: images.to(float16)); the fp32 processor's
+    # pixels (the full model's) rounded equal them, and the fp32 tower receives them cast up, not the fp32 ones
+    key = "pixel_values_videos" if fam == "video-llava" else "pixel_values"
+    assert half.info["pixel_dtype"] == "bfloat16" and inputs[key].dtype == torch.bfloat16
+    if fam == "video-llava":
+        raw = full.processor(qs, videos=[[rand_image(j, 50, 50) for j in range(8)]])[key]
+    else:
+        raw = full.processor(qs, [rand_image(0)])[key]
+    assert raw.dtype == torch.float32 and full.processor.pixel_dtype is None
+    assert torch.equal(raw.to(torch.bfloat16), inputs[key]) and not torch.equal(raw, inputs[key].float())
+    seen_px = []
+    hook = tower.embeddings.register_forward_pre_hook(lambda m, a: seen_px.append(a[0]))
+    try:
+        with torch.no_grad():
+            half.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen_px[0].dtype == torch.float32
+    px = seen_px[0]  # (crops / frames, C, H, W): the single sample's
+    assert torch.equal(px, inputs[key].float().reshape(-1, *px.shape[1:])[:px.shape[0]])
     got = {}
     for name, rt in (("half", half), ("full", full)):
         spy = Spy()
