@@ -125,14 +125,15 @@ def _save_safetensors(sd: dict, path: Path, dtype=torch.float16) -> None:
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
 
 
-def write_images(folder: Path, seed: int = 0) -> list[Path]:
-    """Smooth random images (blocks of colour plus noise), one per size of :data:`IMAGE_SIZES`."""
+def write_images(folder: Path, seed: int = 0, sizes=None) -> list[Path]:
+    """Smooth random images (blocks of colour plus noise), one per (width, height) of ``sizes`` (default
+    :data:`IMAGE_SIZES`)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     paths = []
-    for i, (w, h) in enumerate(IMAGE_SIZES):
+    for i, (w, h) in enumerate(IMAGE_SIZES if sizes is None else sizes):
         coarse = torch.rand(3, 6, 6, generator=gen)
         img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         img = (img + 0.08 * torch.randn(3, h, w, generator=gen)).clamp(0, 1)
@@ -143,8 +144,8 @@ def write_images(folder: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
-def _image_processor_config() -> dict:
-    s = TOWER["image_size"]
+def _image_processor_config(size: int | None = None) -> dict:
+    s = TOWER["image_size"] if size is None else size
     return {"crop_size": {"height": s, "width": s}, "do_center_crop": True, "do_convert_rgb": True,
             "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_MEAN,
             "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_STD, "resample": 3,
@@ -235,5 +236,136 @@ def build(work: Path, official_python: str, seed: int = 0) -> dict:
     images = write_images(work / "images", seed)
     info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
             "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": tok["image_piece_id"]}
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+# -- LLaVA-NeXT (anyres) ----------------------------------------------------------------------------------------------
+#: the NeXT tower: 96 px crops, patch 4 -> a 24 x 24 patch grid per crop (576 patches + [CLS]), as CLIP-L/336's;
+#: official FlowCut's NeXT packing (``flowcut/llava_arch.py`` ``restore_image_features_sorted``) hard-codes 24 x 24
+NEXT_TOWER = dict(TOWER, image_size=96, patch_size=4)
+#: the official ``image_grid_pinpoints`` (multiples of the crop, the shapes of LLaVA-1.6's 336 list), in the official
+#: reading (width, height)
+NEXT_PINPOINTS = [[96, 192], [192, 96], [192, 192], [96, 288], [288, 96]]
+NEXT_OFFICIAL_NAME = "llava-v1.6-tiny"
+NEXT_HF_NAME = "llava-next-tiny-hf"
+#: (width, height) of the NeXT images: a square one (a tie between the 96x192 and 192x96 pinpoints), a wide one
+#: (192x96, unpadded columns), a tall one (96x192), one on the 192x192 grid whose unpadded height 99 * 48 / 176 =
+#: 26.999... (float) sits just under an integer (official ``int``: 26 rows kept, transformers' rounding: 28)
+NEXT_IMAGE_SIZES = [(96, 96), (160, 96), (90, 140), (176, 99)]
+NEXT_HF_HW_NAME = "llava-next-tiny-hf-hw"
+
+
+def official_next_to_hf(sd: dict, tower_sd: dict) -> dict:
+    """The official LLaVA-NeXT state dict (LLaVA-1.5's keys plus ``model.image_newline``, the ``spatial_unpad``
+    row separator) and the CLIP tower's, as ``LlavaNextForConditionalGeneration``'s keys in transformers 5: as
+    :func:`official_to_hf`, and ``model.image_newline`` kept under its name. Refuses a checkpoint without
+    ``model.image_newline`` (``spatial_unpad`` needs it) and every key it does not know."""
+    if "model.image_newline" not in sd:
+        raise KeyError("model.image_newline: missing (an official spatial_unpad checkpoint carries it)")
+    out = official_to_hf({k: v for k, v in sd.items() if k != "model.image_newline"}, tower_sd)
+    out["model.image_newline"] = sd["model.image_newline"]
+    return out
+
+
+def next_hf_config(vocab: int, tok: dict, pinpoints=None):
+    """``LlavaNextConfig`` of the tiny NeXT model; ``pinpoints`` as given (default :data:`NEXT_PINPOINTS`
+    unchanged, as transformers' conversion script copies the official list)."""
+    import transformers as tf
+
+    tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
+    return tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**NEXT_TOWER), text_config=tcfg,
+                              image_token_index=tok["image_piece_id"], projector_hidden_act="gelu",
+                              vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              multimodal_projector_bias=True,
+                              image_grid_pinpoints=[list(p) for p in (pinpoints or NEXT_PINPOINTS)])
+
+
+def _next_processor_config(pinpoints) -> dict:
+    return dict(_image_processor_config(NEXT_TOWER["image_size"]), image_processor_type="LlavaNextImageProcessor",
+                image_grid_pinpoints=[list(p) for p in pinpoints], do_pad=True)
+
+
+def write_hf_next(folder: Path, llm_sd: dict, tower_sd: dict, vocab: int, tok: dict, tokenizer_from: Path,
+                  pinpoints=None) -> None:
+    """The transformers 5 NeXT checkpoint by :func:`official_next_to_hf` (weights, config, image processor
+    config, the tokenizer files copied from ``tokenizer_from``)."""
+    import shutil
+
+    import transformers as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tf.LlavaNextForConditionalGeneration(next_hf_config(vocab, tok, pinpoints))
+    missing, unexpected = model.load_state_dict(official_next_to_hf(llm_sd, tower_sd), strict=False)
+    if missing or unexpected:
+        raise KeyError(f"the mapped checkpoint does not fit LlavaNextForConditionalGeneration: missing {missing}, "
+                       f"unexpected {unexpected}")
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(_next_processor_config(pinpoints or NEXT_PINPOINTS),
+                                                                indent=1))
+    for f in Path(tokenizer_from).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+
+
+def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
+    """The LLaVA-NeXT folders (idempotent, marker ``built-next.json``): ``clip-next/`` (the 96 px / patch 4 tower),
+    ``llava-v1.6-tiny/`` (official layout: ``image_aspect_ratio anyres``, ``mm_patch_merge_type spatial_unpad``,
+    :data:`NEXT_PINPOINTS`, ``model.image_newline``; the LLaMA, projector and tokenizer of the 1.5 build's sizes,
+    the tokenizer the 1.5 build trained), ``llava-next-tiny-hf/`` (by :func:`official_next_to_hf`) and
+    ``images-next/``. Runs :func:`build` first (the tokenizer)."""
+    import shutil
+
+    import transformers as tf
+
+    work = Path(work).resolve()
+    base = build(work, official_python, seed)
+    marker = work / "built-next.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info.get("seed") == seed:
+            return info
+    clip_dir, off_dir, hf_dir = work / "clip-next", work / NEXT_OFFICIAL_NAME, work / NEXT_HF_NAME
+    for d in (clip_dir, off_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    tok = {"bos": None, "eos": None, "image_piece_id": base["image_token_id"]}
+    cfg15 = json.loads((Path(base["official"]) / "config.json").read_text())
+    tok.update(bos=cfg15["bos_token_id"], eos=cfg15["eos_token_id"])
+    vocab = base["vocab_size"]
+    gen = torch.Generator().manual_seed(seed + 1000)
+    vcfg = tf.CLIPVisionConfig(**NEXT_TOWER)
+    with torch.device("meta"):
+        tower_shapes = {"vision_model." + k: tuple(v.shape) for k, v in tf.CLIPVisionModel(vcfg).state_dict().items()
+                        if not k.endswith("position_ids")}
+    tower_sd = random_state(tower_shapes, gen, "tower")
+    _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
+    (clip_dir / "config.json").write_text(json.dumps(dict(NEXT_TOWER, architectures=["CLIPVisionModel"],
+                                                          model_type="clip_vision_model", torch_dtype="float32"), indent=1))
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(NEXT_TOWER["image_size"]),
+                                                                  indent=1))
+    tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
+    with torch.device("meta"):
+        llm_shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(tcfg).state_dict().items()}
+    d_v, d = NEXT_TOWER["hidden_size"], LLM["hidden_size"]
+    llm_shapes.update({"model.mm_projector.0.weight": (d, d_v), "model.mm_projector.0.bias": (d,),
+                       "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,),
+                       "model.image_newline": (d,)})
+    llm_sd = random_state(llm_shapes, gen, "llm")
+    _save_safetensors(llm_sd, off_dir / "model.safetensors")
+    official_cfg = dict(cfg15, mm_vision_tower=str(clip_dir), mm_hidden_size=d_v, image_aspect_ratio="anyres",
+                        mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=NEXT_PINPOINTS)
+    (off_dir / "config.json").write_text(json.dumps(official_cfg, indent=1))
+    for f in Path(base["official"]).iterdir():  # the slow SentencePiece tokenizer the builder loads
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, off_dir / f.name)
+    write_hf_next(hf_dir, llm_sd, tower_sd, vocab, tok, Path(base["hf"]))
+    # the same weights with each pinpoint reversed ((height, width), transformers' reading of the official (width,
+    # height) pairs): the ``aligned`` variant of parity/next.py
+    hw_dir = work / NEXT_HF_HW_NAME
+    write_hf_next(hw_dir, llm_sd, tower_sd, vocab, tok, Path(base["hf"]), pinpoints=[p[::-1] for p in NEXT_PINPOINTS])
+    images = write_images(work / "images-next", seed, NEXT_IMAGE_SIZES)
+    info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir), "hf_hw": str(hw_dir),
+            "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": base["image_token_id"],
+            "eos": tok["eos"], "bos": tok["bos"]}
     marker.write_text(json.dumps(info, indent=1))
     return info

@@ -97,6 +97,28 @@ def _kept_recorder(model, store: list):
     return handles
 
 
+def _llm_kept_recorder(model, store: list):
+    """LLaVA-NeXT (``image_aspect_ratio anyres``): FlowCut's LLM stage. Its patched ``LlamaDecoderLayer_forward``
+    appends the kept indices (into the sample's visual run, ascending, one row per pruned sample) as the last
+    element of decoder layer ``prune_layer``'s outputs (``flowcut/modeling_llama_flowcut.py``); recorded as
+    ``("llm<layer>", indices)`` when present (prefill only: the decode steps do not prune)."""
+    layer_idx = getattr(model.get_model(), "prune_layer", None)
+    if getattr(model.config, "image_aspect_ratio", None) != "anyres" or layer_idx is None:
+        return []
+    import torch
+
+    def hook(module, args, output):
+        if isinstance(output, tuple) and len(output) > 1 and torch.is_tensor(output[-1]) and \
+                output[-1].dtype == torch.long:
+            store.append((f"llm{layer_idx}", output[-1].detach().cpu().clone()))
+
+    return [model.get_model().layers[layer_idx].register_forward_hook(hook)]
+
+
+def _flowcut_recorder(model, store: list):
+    return _kept_recorder(model, store) + _llm_kept_recorder(model, store)
+
+
 def _enable_flowcut(model, method: dict) -> None:
     from flowcut import flowcut
 
@@ -108,7 +130,7 @@ def _enable_flowcut(model, method: dict) -> None:
 #: with ``official_path`` on ``sys.path`` first (``python -m parity --official-path DIR``).
 ADAPTERS = {
     "none": (lambda model, method: None, None),
-    "flowcut": (_enable_flowcut, _kept_recorder),
+    "flowcut": (_enable_flowcut, _flowcut_recorder),
 }
 
 
@@ -126,7 +148,6 @@ def run(job: dict) -> dict:
     if job["dtype"] == "fp32":
         _fp32(model)
     model.eval()
-    model.config.tokenizer_padding_side = "left"  # batches: generation from left-padded prompts
     images_dtype = torch.float32 if job["dtype"] == "fp32" else torch.float16
     conv_mode = job.get("conv_mode", "vicuna_v1")
     res = {"dtypes": {"llm": str(model.dtype), "tower": str(model.get_vision_tower().dtype),
@@ -137,7 +158,10 @@ def run(job: dict) -> dict:
             raise ValueError(f"official worker: no adapter for {method['name']!r} ({', '.join(ADAPTERS)})")
         enable, recorder = ADAPTERS[method["name"]]
         enable(model, method)
-        for batch in job["batches"]:
+        for batch in method.get("batches", job["batches"]):
+            # the side the official code pads a batch on; FlowCut's NeXT LLM stage refuses "left" ("Not support
+            # left padding now."), so its runs name "right" (alone: no padding either way)
+            model.config.tokenizer_padding_side = method.get("padding_side", "left")
             cases = [job["cases"][c] for c in batch]
             prompts = [_prompt(c["question"], conv_mode, getattr(model.config, "mm_use_im_start_end", False))
                        for c in cases]
@@ -154,9 +178,14 @@ def run(job: dict) -> dict:
             pix = pixels.to(images_dtype) if torch.is_tensor(pixels) else [p.to(images_dtype) for p in pixels]
             kept: list = []
             handles = recorder(model, kept) if recorder is not None else []
+            lengths: list = []  # the sequence length entering each decoder layer (prefill and decode)
+            handles += [layer.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+                        for layer in model.get_model().layers]
             with torch.inference_mode():
                 out = model(input_ids=input_ids, attention_mask=mask, images=pix, image_sizes=sizes)
                 n_prefill_kept = len(kept)
+                logits = out.logits if hasattr(out, "logits") else out[0]  # FlowCut's NeXT forward: a tuple
+                layer_lengths = lengths[:len(model.get_model().layers)]
                 gen = model.generate(input_ids, attention_mask=mask, images=pix, image_sizes=sizes, do_sample=False,
                                      num_beams=1, max_new_tokens=job["max_new_tokens"], use_cache=True,
                                      pad_token_id=tokenizer.unk_token_id)
@@ -165,8 +194,9 @@ def run(job: dict) -> dict:
             res["runs"].append({
                 "method": method, "batch": batch, "prompts": prompts, "ids": [x.tolist() for x in ids],
                 "pixel_values": pix.float() if torch.is_tensor(pix) else [p.float() for p in pix],
-                "logits": out.logits.float(), "mask_len": out.logits.shape[1],
-                "tokens": gen.tolist(), "kept": kept[:n_prefill_kept], "bos": tokenizer.bos_token_id})
+                "logits": logits.float(), "mask_len": logits.shape[1],
+                "tokens": gen.tolist(), "kept": kept[:n_prefill_kept], "bos": tokenizer.bos_token_id,
+                "layer_lengths": layer_lengths, "image_sizes": sizes})
     return res
 
 

@@ -1,0 +1,274 @@
+"""LLaVA-NeXT (anyres, ``spatial_unpad``): the official code and ours on the same tiny weights
+(:func:`parity.build.build_next`), case by case.
+
+The official worker loads ``llava-v1.6-tiny`` (``image_aspect_ratio anyres``, ``mm_patch_merge_type spatial_unpad``)
+with the official builder: ``process_images`` (``process_anyres_image``: best pinpoint, resize and pad, the crops,
+the base image first), ``prepare_inputs_labels_for_multimodal`` (the crop grid re-assembled, ``unpad_image``, one
+``image_newline`` per row). For FlowCut it calls ``flowcut.flowcut(model, T)``: int(T/2) patches per crop in the
+tower, the kept crops packed by ``restore_image_features_sorted`` + ``unpad_mask`` (no newlines), and after decoder
+layer 1 the image cut to T by the last prompt token's score (``keep_indices``, recorded by a hook on that layer).
+Ours loads the mapped ``LlavaNextForConditionalGeneration`` with :func:`llava.load` and runs FlowCut with the
+official NeXT recipe (``next_half=True, next_llm_stage=True``) in its reference mode with the official batch max.
+
+Two variants of our side (``variants``):
+
+- ``stock``: our runtime as it is, on the checkpoint as transformers' conversion writes it (the official
+  ``image_grid_pinpoints`` list copied unchanged).
+- ``aligned`` (a diagnosis, not our runtime): the two differences docs/parity.md traces removed on our side only, to
+  show that nothing else differs: the pinpoints handed to transformers with each pair reversed (transformers reads a
+  pinpoint as (height, width), the official code as (width, height); the set is the same, only a tie between two
+  pinpoints breaks the other way) and transformers' ``unpad_image`` replaced, for the run, by the official
+  truncation ``int(x)`` (transformers rounds: ``int(round(x, 7))``).
+
+FlowCut's official NeXT LLM stage refuses left padding and its later layers cannot take a padded batch (the 2-D mask
+it rebuilds after the cut reaches SDPA's 4-D check), so FlowCut runs each image alone; the unpruned model also runs
+the left-padded batch of all images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .build import QUESTIONS, run_official
+from .llava15 import _collapse, _record_tower_cuts, _strip
+from .report import Check
+
+#: our FlowCut options for the official NeXT recipe (``flowcut.flowcut(model, T)`` on an anyres model)
+OURS = {"flowcut": {"numerics": "official", "batch_max": True, "next_half": True, "next_llm_stage": True}}
+VARIANTS = ("stock", "aligned")
+
+
+def batches(n_cases: int) -> list[list[int]]:
+    return [[i] for i in range(n_cases)] + [list(range(n_cases))]
+
+
+def cases(info: dict) -> list[dict]:
+    return [{"question": QUESTIONS[i % len(QUESTIONS)], "image": img} for i, img in enumerate(info["images"])]
+
+
+def methods_for(budgets, names=("flowcut",), n_cases: int = 4) -> list[dict]:
+    alone = [[i] for i in range(n_cases)]
+    return [{"name": "none"}] + [{"name": m, "budget": t, "padding_side": "right", "batches": alone}
+                                 for m in names for t in budgets]
+
+
+def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
+             official_path: str | None = None) -> dict:
+    job = {"kind": "run", "model": info["official"], "dtype": dtype, "cases": cases(info),
+           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
+           "official_path": official_path}
+    name = f"next-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
+    return run_official(official_python, job, work, name)
+
+
+def unpad_truncating(tensor: torch.Tensor, original_size) -> torch.Tensor:
+    """``unpad_image`` with the official rounding: the unpadded side ``int(side * scale)`` (truncated), where
+    transformers computes ``int(round(side * scale, 7))``. ``original_size`` (height, width), as transformers'."""
+    if not isinstance(original_size, (list, tuple)):
+        original_size = original_size.tolist()
+    h0, w0 = original_size
+    h, w = tensor.shape[1:]
+    if w0 / h0 > w / h:
+        keep = int(h0 * (w / w0))
+        pad = (h - keep) // 2
+        return tensor[:, pad:h - pad, :]
+    keep = int(w0 * (h / h0))
+    pad = (w - keep) // 2
+    return tensor[:, :, pad:w - pad]
+
+
+@contextlib.contextmanager
+def official_unpad_rounding():
+    """For the ``aligned`` variant only: transformers' ``unpad_image`` (used by the model's packing and by our
+    NeXT layout, ``llava/families/llava_next.py``) replaced by :func:`unpad_truncating` while the block runs."""
+    import transformers.models.llava_next.modeling_llava_next as mod
+
+    real = mod.unpad_image
+    mod.unpad_image = unpad_truncating
+    try:
+        yield
+    finally:
+        mod.unpad_image = real
+
+
+def _pixels_of(pv: torch.Tensor, sizes, config) -> list[torch.Tensor]:
+    """Our (B, max_crops, 3, H, W) pixels as the official per-image (crops, 3, H, W) list (the zero crops our
+    processor pads a batch with dropped)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    out = []
+    for p, sz in zip(pv, sizes):
+        c = image_size_to_num_patches(tuple(int(v) for v in sz), config.image_grid_pinpoints,
+                                      config.vision_config.image_size)
+        out.append(p[:c].float())
+    return out
+
+
+def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, vision_attn: str = "eager",
+         variant: str = "stock") -> list[dict]:
+    import llava
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}")
+    half = dtype == "fp16"
+    attn = {"": "sdpa", "text_config": "sdpa", "vision_config": vision_attn}
+    path = info["hf"] if variant == "stock" else info["hf_hw"]
+    ctx = official_unpad_rounding() if variant == "aligned" else contextlib.nullcontext()
+    out = []
+    with ctx:
+        rt = llava.load(path, dtype="float16" if half else "float32", vision_dtype="float32" if half else None,
+                        attn_implementation=attn)
+        all_cases = cases(info)
+        for method in methods:
+            if method["name"] == "none":
+                rt.unprune()
+            else:
+                rt.prune(method["name"], method["budget"], **OURS[method["name"]])
+            for batch in method.get("batches", batches(len(all_cases))):
+                cs = [all_cases[c] for c in batch]
+                kept: list = []
+                if method["name"] != "none":
+                    _record_tower_cuts(rt.engine.method, kept)
+                inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
+                pixels = _pixels_of(inputs["pixel_values"], inputs["image_sizes"], rt.model.config)
+                with torch.inference_mode():
+                    logits = rt.model(**inputs).logits.float()
+                    n_prefill = len(kept)
+                    llm_kept, per_layer = [], None
+                    if method["name"] != "none":
+                        eng = rt.engine
+                        per_layer = [list(s.visual_per_layer) for s in eng.stats.samples]
+                        for b in range(len(batch)):
+                            sel = eng.selections.get((0, b))
+                            n_in = eng.stats.samples[b].visual_per_layer[0]
+                            if sel is not None and n_in > method["budget"]:  # official: cut only when > T
+                                llm_kept.append(sel.keep.tolist())
+                    gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                width = inputs["input_ids"].shape[1]
+                out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
+                            "attention_mask": inputs["attention_mask"], "pixel_values": pixels,
+                            "image_sizes": inputs["image_sizes"].tolist(), "logits": logits,
+                            "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill], "llm_kept": llm_kept,
+                            "visual_per_layer": per_layer, "image_token_id": info["image_token_id"]})
+        rt.unprune(detach=True)
+    return out
+
+
+def _pixel_diff(a: list, b: list) -> float:
+    """Max abs difference of two per-image pixel lists; inf where the crop counts differ."""
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        worst = max(worst, (x.float() - y.float()).abs().max().item())
+    return worst
+
+
+def _official_visual(o: dict, i: int) -> int:
+    """The visual tokens of sample ``i`` entering the official LLM (alone: the prefill length minus the text)."""
+    return o["layer_lengths"][0] - (len(o["ids"][i]) - 1)
+
+
+def compare(off: dict, mine: list[dict], label: str, logits_atol: float | None, eos: int | None) -> list[Check]:
+    """One check per run: ``next-prep`` (ids, pixels, the image sizes, the visual token count) for the unpruned
+    runs, ``next-unpruned`` / ``next-flowcut`` (logits, greedy tokens; FlowCut: the kept patches per crop after
+    every cutting CLIP layer, the LLM stage's kept set, the visual tokens entering each decoder layer)."""
+    checks = []
+    for o, m in zip(off["runs"], mine):
+        if o["batch"] != m["batch"] or o["method"] != m["method"]:
+            raise ValueError(f"runs out of step: official {o['method']} {o['batch']}, ours {m['method']} {m['batch']}")
+        meth = o["method"]["name"] + (f" T={o['method']['budget']}" if "budget" in o["method"] else "")
+        case = f"{label} {meth} batch {o['batch']}"
+        n_vis_ours = (m["input_ids"] == m["image_token_id"]).sum(1).tolist()
+        if meth == "none":
+            ours_ids = [_collapse(row[mask.bool()].tolist(), m["image_token_id"])
+                        for row, mask in zip(m["input_ids"], m["attention_mask"])]
+            ids_ok = ours_ids == o["ids"]
+            pix = _pixel_diff(o["pixel_values"], m["pixel_values"])
+            crops = [(tuple(p.shape[:1]), tuple(q.shape[:1])) for p, q in zip(o["pixel_values"], m["pixel_values"])]
+            sizes_ok = [list(s[::-1]) for s in o["image_sizes"]] == [list(s) for s in m["image_sizes"]]
+            n_vis_off = [_official_visual(o, 0)] if len(o["batch"]) == 1 else None
+            vis_ok = n_vis_off is None or n_vis_off == n_vis_ours
+            ok = ids_ok and pix == 0 and sizes_ok and vis_ok
+            detail = (f"ids {'identical' if ids_ok else 'differ'}, pixels max abs diff {pix:.3g}"
+                      + (f" (crops official / ours {crops})" if pix == float("inf") else ""))
+            if n_vis_off is not None:
+                detail += (f", visual tokens {n_vis_ours[0]}" if vis_ok else
+                           f", visual tokens DIFFER: official {n_vis_off[0]}, ours {n_vis_ours[0]}")
+            checks.append(Check("next-prep", case, ok, detail,
+                                {"official_ids": o["ids"], "our_ids": ours_ids, "pixels_max_abs_diff": pix,
+                                 "official_visual": n_vis_off, "our_visual": n_vis_ours}))
+        diffs, shapes = [], []
+        for i, n in enumerate(m["attention_mask"].sum(1).tolist()):
+            # the last position (the first generated token's scores) always; every position when both rows have
+            # the same length (an unpruned row; a FlowCut row after its LLM cut on both sides)
+            a, b = o["logits"][i], m["logits"][i]
+            n_off = a.shape[0] if len(o["batch"]) == 1 else None
+            a_last, b_last = a[-1], b[-1]
+            d = (a_last - b_last).abs().max().item()
+            if n_off is not None and a.shape == b.shape:
+                d = max(d, (a - b).abs().max().item())
+            elif n_off is None:
+                full = m["logits"].shape[1] - (m["input_ids"].shape[1] - n)
+                d = (a[-full:] - b[-full:]).abs().max().item() if a.shape[0] >= full else float("inf")
+            shapes.append((tuple(a.shape), tuple(b.shape)))
+            diffs.append(d)
+        worst = max(diffs)
+        bos = o.get("bos")
+        off_tokens = [_strip(t[1:] if t and t[0] == bos and len(t) > len(mt) else t, eos)
+                      for t, mt in zip(o["tokens"], m["tokens"])]
+        my_tokens = [_strip(t, eos) for t in m["tokens"]]
+        tok_ok = off_tokens == my_tokens
+        ok = tok_ok and (logits_atol is None or worst <= logits_atol)
+        detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+        detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
+        data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs,
+                "logits_shapes": shapes}
+        if meth != "none":
+            o_tower = [(i, k.tolist()) for i, k in o["kept"] if isinstance(i, int)]
+            m_tower = [(i, k.tolist()) for i, k in m["kept"]]
+            o_llm = [k.tolist()[0] for i, k in o["kept"] if not isinstance(i, int)]
+            m_llm = m["llm_kept"]
+            tower_ok, llm_ok = o_tower == m_tower, o_llm == m_llm
+            o_layers = [[L - (len(o["ids"][0]) - 1) for L in o["layer_lengths"]]]
+            m_layers = m["visual_per_layer"]
+            layers_ok = o_layers == m_layers
+            ok = ok and tower_ok and llm_ok and layers_ok
+            per_crop = ", ".join(f"L{i}: {len(k[0])}" for i, k in o_tower)
+            detail += (f", kept patches per crop after each cutting CLIP layer {'identical' if tower_ok else 'DIFFER'}"
+                       f" ({per_crop}), LLM stage kept set {'identical' if llm_ok else 'DIFFERS'}"
+                       f" ({len(o_llm[0]) if o_llm else 0} kept), visual tokens per decoder layer "
+                       f"{'identical' if layers_ok else 'DIFFER'} ({o_layers[0]}"
+                       + ("" if layers_ok else f" vs ours {m_layers[0] if m_layers else None}") + ")")
+            data.update(official_kept=o_tower, our_kept=m_tower, official_llm_kept=o_llm, our_llm_kept=m_llm,
+                        official_visual_per_layer=o_layers, our_visual_per_layer=m_layers)
+        group = "next-unpruned" if meth == "none" else "next-" + o["method"]["name"]
+        checks.append(Check(group, case, ok, detail, data))
+    return checks
+
+
+def run(info: dict, official_python: str, work: Path, dtypes=("fp32",), budgets=(16, 64), max_new_tokens: int = 8,
+        vision_attn: str = "eager", methods=("flowcut",), variants=VARIANTS, official_path: str | None = None,
+        image_ids=None) -> list[Check]:
+    """Every LLaVA-NeXT check: for each precision and variant of our side, the unpruned model (each image alone
+    and all in one batch) and FlowCut's official NeXT recipe at each budget (each image alone). ``image_ids``: a
+    subset of the images (by index; default all)."""
+    import transformers as tf
+
+    unknown = [m for m in methods if m not in OURS]
+    if unknown:
+        raise ValueError(f"no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(OURS)})")
+    if image_ids is not None:
+        info = dict(info, images=[info["images"][i] for i in image_ids])
+    eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
+    meths = methods_for(budgets, methods, len(info["images"]))
+    checks = []
+    for dtype in dtypes:
+        off = official(info, official_python, dtype, meths, max_new_tokens, work, official_path)
+        for variant in variants:
+            mine = ours(info, dtype, meths, max_new_tokens, vision_attn, variant)
+            checks += compare(off, mine, f"{dtype} {variant}", 1e-5 if dtype == "fp32" else None, eos)
+    return checks
