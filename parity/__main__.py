@@ -10,14 +10,15 @@ from pathlib import Path
 from .report import table, write
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("all", "build", "llava15", "scorers")
+PARTS = ("all", "build", "llava15", "next", "scorers")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
     p.add_argument("part", nargs="?", default="all", choices=PARTS,
-                   help="all (default): build, llava15, scorers; build: the weights only; llava15: prompts, pixels, "
-                        "logits, tokens, the methods' kept indices; scorers: llava/eval's scorers vs ours")
+                   help="all (default): build, llava15, next, scorers; build: the weights only; llava15: prompts, "
+                        "pixels, logits, tokens, the methods' kept indices; next: the same on LLaVA-NeXT (anyres); "
+                        "scorers: llava/eval's scorers vs ours")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "parity",
                    help="where the weights, images, jobs and results go (default: runs/parity)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
@@ -31,6 +32,14 @@ def parser() -> argparse.ArgumentParser:
                    help="fp32: both sides in fp32; fp16: the official builder's load (fp16 LLM, fp32 tower)")
     p.add_argument("--vision-attn", choices=("eager", "sdpa"), default="eager",
                    help="our CLIP tower's attention (eager = transformers 4.36's CLIP arithmetic; default eager)")
+    p.add_argument("--next-budgets", nargs="+", type=int, default=[16, 64],
+                   help="LLaVA-NeXT: FlowCut's T (int(T/2) patches per crop in the tower, T after decoder layer 1; "
+                        "default: 16 64)")
+    p.add_argument("--next-dtypes", nargs="+", choices=("fp32", "fp16"), default=["fp32"],
+                   help="LLaVA-NeXT precisions (default: fp32; fp16 = the official builder's load)")
+    p.add_argument("--next-variants", nargs="+", choices=("stock", "aligned"), default=["stock", "aligned"],
+                   help="LLaVA-NeXT, our side: stock (our runtime as it is) and aligned (a diagnosis: the pinpoints "
+                        "reversed and the official unpad rounding; docs/parity.md)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     return p
@@ -58,12 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     info = build(work, str(py), seed=args.seed)
     print(f"weights: official {info['official']}, ours {info['hf']}")
     if args.part == "build":
+        from .build import build_next
+
+        print(f"LLaVA-NeXT weights: official {build_next(work, str(py), seed=args.seed)['official']}")
         return 0
     checks = []
     if args.part in ("all", "llava15"):
         checks += llava15.run(info, str(py), work, dtypes=tuple(args.dtypes), budgets=tuple(args.budgets),
                               max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
                               methods=tuple(args.method), official_path=args.official_path)
+    if args.part in ("all", "next"):
+        from . import next as next_
+        from .build import build_next
+
+        unknown = [m for m in args.method if m not in next_.OURS]
+        if unknown:
+            print(f"error: no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(next_.OURS)})",
+                  file=sys.stderr)
+            return 2
+        info_next = build_next(work, str(py), seed=args.seed)
+        checks += next_.run(info_next, str(py), work, dtypes=tuple(args.next_dtypes), budgets=tuple(args.next_budgets),
+                            max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
+                            methods=tuple(args.method), variants=tuple(args.next_variants),
+                            official_path=args.official_path)
     if args.part in ("all", "scorers"):
         from .scorers import run_scorers
 

@@ -194,7 +194,8 @@ def compare(off: dict, mine: list[dict], label: str, logits_atol: float | None, 
             vis_ok = n_vis_off is None or n_vis_off == n_vis_ours
             ok = ids_ok and pix == 0 and sizes_ok and vis_ok
             detail = (f"ids {'identical' if ids_ok else 'differ'}, pixels max abs diff {pix:.3g}"
-                      + (f" (crops official / ours {crops})" if pix == float("inf") else ""))
+                      + (f" (crops official / ours {crops})" if pix == float("inf") else "")
+                      + ("" if sizes_ok else ", image sizes DIFFER"))
             if n_vis_off is not None:
                 detail += (f", visual tokens {n_vis_ours[0]}" if vis_ok else
                            f", visual tokens DIFFER: official {n_vis_off[0]}, ours {n_vis_ours[0]}")
