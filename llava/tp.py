@@ -174,6 +174,15 @@ def _cpu_collectives(deepspeed) -> None:
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
+def _free_port() -> int:
+    """A TCP port free on this host now (bound to port 0, the number read, the socket closed)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGroups | None = None) -> Runtime:
     """Put ``rt.model`` through ``deepspeed.init_inference`` (the ``deepspeed`` extra), kernel injection off;
     attach methods after this call. ``tp_size`` > 1: the language model sharded across the ranks of this
@@ -196,8 +205,9 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
     tp = int(tp_size)
     if tp < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29512"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                 ("WORLD_SIZE", "1")):
+    if "MASTER_PORT" not in os.environ:  # one process: any free port (two jobs on a node must not share one)
+        os.environ["MASTER_PORT"] = str(_free_port())
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)
     dtype = _dtype(dtype) or next(rt.model.parameters()).dtype
     info = {"version": deepspeed.__version__, "tp_size": tp, "kernel_inject": False}

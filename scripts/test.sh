@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU, no downloads; about 18 minutes on 2 cores: 18:24 measured 2026-11-25 in session 18,
-# 4,674 cases; much of it the fast path's compiles: tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs
-# on their own with every case traced).
+# Set up and run the test suite (CPU, no downloads), one pytest-xdist worker per core, a test file per worker at a
+# time (--dist loadfile: a file's module fixtures are built once). PYTEST_WORKERS=0 runs it in one process (e.g. with
+# -k on a few tests); PYTEST_WORKERS=N sets the count. Much of the suite is the fast path's compiles
+# (tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own with every case traced) and the
+# harness's end-to-end scripts (subprocesses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-python -m pytest -q -p no:cacheprovider "$@"
+workers="${PYTEST_WORKERS:-auto}"
+if [[ "$workers" == "0" ]]; then
+    exec python -m pytest -q -p no:cacheprovider "$@"
+fi
+exec python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile "$@"
