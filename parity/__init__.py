@@ -7,6 +7,8 @@
 - :mod:`parity.official_worker`: the official side, a script run by ``.venv-official``'s Python from an empty folder
   (both packages are named ``llava``, and they need different transformers releases: two processes, files between).
 - :mod:`parity.llava15`: prompts, ids, pixels, logits, greedy tokens and FlowCut's kept patches per CLIP layer.
+- :mod:`parity.next`: the same on LLaVA-NeXT (anyres, spatial_unpad; FlowCut's official NeXT recipe with its LLM
+  stage), our side as it is (``stock``) and with the two traced differences removed (``aligned``, a diagnosis).
 - :mod:`parity.scorers`: the official ``llava/eval`` scorers vs ours on the same answer files.
 - :mod:`parity.report`: the checks and their table.
 """

@@ -13,7 +13,9 @@ Jobs (``JOB`` is a JSON file, ``{"kind": ..., ...}``):
   converter writes it (what transformers 5 loads).
 - ``run``: load the model with the official builder in the given precision, then for each method (``none``, or
   ``flowcut`` with a budget) and each batch of cases: the official prompt, ids and pixels, the prefill logits, the
-  greedy tokens and (FlowCut) the kept patch indices after every CLIP layer that cut.
+  greedy tokens and (FlowCut) the kept patch indices after every CLIP layer that cut (on an anyres model also the
+  LLM stage's ``keep_indices``), and the sequence length entering each decoder layer. A method may name its own
+  ``batches`` and ``padding_side`` (FlowCut on LLaVA-NeXT: each image alone, "right": its LLM stage refuses "left").
 
 The official scorers run in their own worker, ``parity/official_scorers.py``.
 """

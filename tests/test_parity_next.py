@@ -203,7 +203,7 @@ def test_next_stock_differs_exactly_where_traced_and_aligned_is_bit_identical(bu
     official NeXT recipe at T = 64 (32 per crop in the tower, the LLM stage cutting the image to 64)."""
     work, info = built
     checks = nx.run(info, str(OFFICIAL_PY), work, budgets=(64,), max_new_tokens=2, image_ids=(0, 3))
-    by = {c.case: c for c in checks}
+    by = {(c.group, c.case): c for c in checks}
     # per variant: prep + unpruned for [0], [1], [0, 1]; FlowCut for [0], [1]
     assert len(checks) == 2 * 8
     aligned = [c for c in checks if c.case.startswith("fp32 aligned")]
@@ -214,15 +214,20 @@ def test_next_stock_differs_exactly_where_traced_and_aligned_is_bit_identical(bu
     assert all(len(c.data["official_llm_kept"][0]) == 64 for c in cut)
     assert all(c.data["official_visual_per_layer"][0][2:] == [64, 64] for c in cut)
     # stock: the square image's pixels (its crops cut the other way), the 176 x 99 image's token count
-    assert not by["fp32 stock none batch [0]"].ok and by["fp32 stock none batch [0]"].data["pixels_max_abs_diff"] > 0
-    assert by["fp32 stock none batch [1]"].data["official_visual"] == [1850]
-    assert by["fp32 stock none batch [1]"].data["our_visual"] == [1948]
-    assert by["fp32 aligned none batch [1]"].data["our_visual"] == [1850]
+    prep = {c.case: c for c in checks if c.group == "next-prep"}
+    fc = {c.case: c for c in checks if c.group == "next-flowcut"}
+    assert not prep["fp32 stock none batch [0]"].ok and prep["fp32 stock none batch [0]"].data["pixels_max_abs_diff"] > 0
+    assert prep["fp32 stock none batch [1]"].data["official_visual"] == [1850]
+    assert prep["fp32 stock none batch [1]"].data["our_visual"] == [1948]
+    assert prep["fp32 aligned none batch [1]"].data["our_visual"] == [1850]
     # the 176 x 99 image's crops and pixels are the same on both sides: only the packing differs
-    assert by["fp32 stock none batch [1]"].data["pixels_max_abs_diff"] == 0
-    assert not by["fp32 stock flowcut T=64 batch [1]"].ok
-    assert by["fp32 stock flowcut T=64 batch [1]"].data["official_kept"] == \
-        by["fp32 stock flowcut T=64 batch [1]"].data["our_kept"]  # the tower's cuts agree; the packing does not
+    assert prep["fp32 stock none batch [1]"].data["pixels_max_abs_diff"] == 0
+    assert not prep["fp32 stock none batch [1]"].ok and not prep["fp32 stock none batch [0, 1]"].ok
+    assert not fc["fp32 stock flowcut T=64 batch [0]"].ok and not fc["fp32 stock flowcut T=64 batch [1]"].ok
+    assert fc["fp32 stock flowcut T=64 batch [1]"].data["official_kept"] == \
+        fc["fp32 stock flowcut T=64 batch [1]"].data["our_kept"]  # the tower's cuts agree; the packing does not
+    assert fc["fp32 stock flowcut T=64 batch [1]"].data["official_visual_per_layer"] == [[143, 143, 64, 64]]
+    assert fc["fp32 stock flowcut T=64 batch [1]"].data["our_visual_per_layer"] == [[160, 160, 64, 64]]
 
 
 @needs_official
