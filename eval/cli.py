@@ -53,6 +53,9 @@ def _add_run(sub):
     a.add_argument("--device", default=None)
     a.add_argument("--attn-implementation", default="sdpa")
     a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"])
+    a.add_argument("--next-geometry", default="transformers", choices=["transformers", "official"],
+                   help="LLaVA-NeXT anyres geometry: transformers (llava-hf's) or official (LLaVA's code: pinpoints read "
+                   "(width, height), the unpadded side truncated; docs/parity.md)")
     a.add_argument("--num-frames", type=int, default=8)
     a.add_argument("--no-pad", dest="pad_to_square", action="store_false", help="HF resize+crop instead of pad-to-square")
     a.add_argument("--min-pixels", type=int, default=None, help="Qwen2.5-VL: smallest image area (default: the checkpoint's)")

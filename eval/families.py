@@ -75,6 +75,8 @@ def model_info(cfg, rt, dtype: str) -> dict:
         return info
     info.update(next_layout=rt.processor.next_layout, num_frames=rt.processor.num_frames,
                 image_size=vc.image_size, patch_size=vc.patch_size)
+    if rt.family == "llava_next":
+        info["next_geometry"] = rt.info.get("next_geometry", "transformers")
     if rt.family in ("internvl", "llava_onevision"):
         if rt.family == "internvl":
             ip = rt.processor.image_processor

@@ -13,9 +13,10 @@ from pathlib import Path
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
                "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend", "tp",
-               "revision")
+               "revision", "next_geometry")
 #: what a resumed run's config.json lacks (written before the key existed) counts as this value
-RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf", "tp": 1, "revision": None}
+RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf", "tp": 1, "revision": None,
+                   "next_geometry": "transformers"}
 #: who answers: our HF engine, or vLLM with the vtprune plugin (eval/vllm_backend.py)
 BACKENDS = ("hf", "vllm")
 
@@ -38,6 +39,7 @@ class RunConfig:
     device: str | None = None  # None: cuda:<local_rank> if available, else cpu
     attn_implementation: str = "sdpa"
     next_layout: str = "spatial_unpad"
+    next_geometry: str = "transformers"  # LLaVA-NeXT: transformers' anyres geometry or LLaVA's ("official")
     num_frames: int = 8
     pad_to_square: bool = True
     template: str | None = None
@@ -89,6 +91,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append("-".join(f"{k}={v}" for k, v in sorted(cfg.options.items())))
     if cfg.next_layout != "spatial_unpad":
         parts.append(cfg.next_layout)
+    if cfg.next_geometry != "transformers":
+        parts.append(f"geom-{cfg.next_geometry}")
     if not cfg.pad_to_square:
         parts.append("crop")
     if cfg.min_pixels is not None:

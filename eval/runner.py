@@ -240,7 +240,7 @@ def _load_model(r: _Run) -> None:
                   max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype, fast=cfg.fast,
                   fast_backend=cfg.fast_backend, fast_max_new_tokens=cfg.fast_max_new_tokens or 256,
                   decoder_layers=0 if cfg.backend == "vllm" else None,  # vllm: prompts + checks only
-                  revision=cfg.revision)
+                  revision=cfg.revision, next_geometry=cfg.next_geometry)
     except (ValueError, OSError) as e:
         raise _Stop(f"cannot load model {cfg.model!r}: {_reason(e)}") from None
     bad = family_check(cfg, rt, r.questions)

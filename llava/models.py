@@ -211,7 +211,8 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
          template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
          max_pixels: int | None = None, vision_dtype=None, fast: bool = False, fast_backend: str = "auto",
-         fast_max_new_tokens: int = 256, decoder_layers: int | None = None, revision: str | None = None) -> Runtime:
+         fast_max_new_tokens: int = 256, decoder_layers: int | None = None, revision: str | None = None,
+         next_geometry: str = "transformers") -> Runtime:
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
@@ -220,6 +221,13 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     code loads CLIP from its own fp32 checkpoint), computed in ``vision_dtype``. LLaVA-1.5 / NeXT / Video-LLaVA; the stock
     transformers forward cannot mix the two dtypes, so ``load`` attaches the unpruned method ("none") itself
     (``rt.engine_by_load``; ``rt.unprune()`` attaches it again).
+
+    ``next_geometry`` (LLaVA-NeXT): "transformers" (default: llava-hf's processor and model) or "official" (LLaVA's
+    own code, which the papers' NeXT numbers come from; docs/parity.md): the pinpoints read as (width, height) - each
+    ``image_grid_pinpoints`` pair is reversed in the model's config and the image processor, so a pinpoint tie (every
+    image of at most 336 px a side on LLaVA-1.6's list) picks the official grid - and the unpadded side truncated
+    (``config.next_unpad = "official"``, :func:`llava.families.llava_next.unpad_official`). The stock forward packs
+    with transformers' rounding, so the unpruned model runs through the engine (as with ``vision_dtype``).
 
     ``fast=True``: every ``rt.prune`` attaches the engine with its fast path (:mod:`llava.fastpath`): the
     same calls and greedy tokens, the prefill planned on the host and captured per length bucket
@@ -252,6 +260,18 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
             rt.processor.pixel_dtype = llm_dt
             rt.info["pixel_dtype"] = str(llm_dt).replace("torch.", "")
         rt.engine_required = "vision_dtype: the stock forward cannot mix the tower's and the LLM's dtypes"
+    if next_geometry != "transformers":
+        from .families.llava_next import NEXT_GEOMETRIES
+        if next_geometry not in NEXT_GEOMETRIES:
+            raise ValueError(f"next_geometry must be one of {NEXT_GEOMETRIES}, got {next_geometry!r}")
+        if rt.family != "llava_next":
+            raise ValueError(f"next_geometry applies to LLaVA-NeXT only, not to {rt.family}")
+        pins = [list(p)[::-1] for p in rt.model.config.image_grid_pinpoints]
+        rt.model.config.image_grid_pinpoints = pins
+        rt.processor.image_processor.image_grid_pinpoints = [list(p) for p in pins]
+        rt.model.config.next_unpad = "official"
+        rt.info["next_geometry"] = next_geometry
+        rt.engine_required = "next_geometry='official': the stock forward packs NeXT with transformers' unpad rounding"
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens)}
         rt.info["fast"] = dict(rt.fast)

@@ -23,7 +23,8 @@ for _v in ("MSVD", "MSRVTT", "TGIF", "ActivityNet"):
     DEFAULT_TOLERANCE[f"{_v}-QA-score"] = 0.1
 TOLERANCE_POINTS = 1.0
 #: run settings a table may set (the harness's ``eval run`` flags of the same names)
-RUN_SETTINGS = ("next_layout", "num_frames", "vision_dtype", "dtype", "pad_to_square", "max_pixels", "min_pixels")
+RUN_SETTINGS = ("next_layout", "next_geometry", "num_frames", "vision_dtype", "dtype", "pad_to_square", "max_pixels",
+                "min_pixels")
 
 
 class SpecError(ValueError):

@@ -21,9 +21,14 @@ def next_token_layout(image_size, config, num_crops: int, tokens_per_crop: int, 
     tokens in row-major order over the full (rows x side) x (cols x side) patch grid; exactly
     crops * tokens_per_crop tokens, no newlines.
     ``spatial_unpad``: transformers' packing (base crop, then the grid re-assembled, unpadded,
-    with one newline per row) - computed with transformers' own unpad function on index maps.
+    with one newline per row) - computed with transformers' own unpad function on index maps; with
+    ``config.next_unpad == "official"`` (``load(next_geometry="official")``) the unpadded side is truncated as
+    LLaVA's ``unpad_image`` does (``int(side * scale)``, :func:`unpad_official`), not rounded.
     """
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    if getattr(config, "next_unpad", "transformers") == "official":
+        unpad_image = unpad_official  # noqa: F811
 
     side = int(round(tokens_per_crop ** 0.5))
     if side * side != tokens_per_crop:
@@ -40,6 +45,27 @@ def next_token_layout(image_size, config, num_crops: int, tokens_per_crop: int, 
     grid = unpad_image(grid, image_size)
     grid = torch.cat([grid, torch.full((1, grid.shape[1], 1), -1.0, dtype=grid.dtype)], dim=-1)
     return torch.cat([base, grid.flatten(1, 2).transpose(0, 1).flatten().long()])
+
+
+#: ``load(next_geometry=...)``: "transformers" (llava-hf's processor and model: pinpoints read (height, width), the
+#: unpadded side rounded) or "official" (LLaVA's code: pinpoints read (width, height), the side truncated)
+NEXT_GEOMETRIES = ("transformers", "official")
+
+
+def unpad_official(tensor: torch.Tensor, original_size) -> torch.Tensor:
+    """LLaVA's ``unpad_image`` (``llava/model/llava_arch.py``) on a (C, H, W) map: ``original_size`` (height, width)
+    as transformers passes it; the kept side is ``int(side * scale)`` (truncated; transformers rounds to 7 places
+    first: 99 * 48 / 176 = 26.999999999999996 gives 26 here, 27 there), the padding ``(H - kept) // 2`` cut from both
+    ends (26 -> 11 per end, 26 rows kept of 48; 27 -> 10, 28 rows)."""
+    orig_h, orig_w = int(original_size[0]), int(original_size[1])
+    cur_h, cur_w = tensor.shape[1:]
+    if orig_w / orig_h > cur_w / cur_h:
+        new_h = int(orig_h * (cur_w / orig_w))
+        pad = (cur_h - new_h) // 2
+        return tensor[:, pad:cur_h - pad, :]
+    new_w = int(orig_w * (cur_h / orig_h))
+    pad = (cur_w - new_w) // 2
+    return tensor[:, :, pad:cur_w - pad]
 
 
 class LlavaNextAdapter(FamilyAdapter):
