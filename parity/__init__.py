@@ -8,7 +8,8 @@
   (both packages are named ``llava``, and they need different transformers releases: two processes, files between).
 - :mod:`parity.llava15`: prompts, ids, pixels, logits, greedy tokens and FlowCut's kept patches per CLIP layer.
 - :mod:`parity.next`: the same on LLaVA-NeXT (anyres, spatial_unpad; FlowCut's official NeXT recipe with its LLM
-  stage), our side as it is (``stock``) and with the two traced differences removed (``aligned``, a diagnosis).
+  stage), our side with transformers' anyres geometry (``stock``, ``llava.load``'s default) and with the official
+  one (``official``, ``load(next_geometry="official")``: the two traced differences fixed in our runtime).
 - :mod:`parity.scorers`: the official ``llava/eval`` scorers vs ours on the same answer files.
 - :mod:`parity.report`: the checks and their table.
 """

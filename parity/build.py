@@ -253,7 +253,6 @@ NEXT_HF_NAME = "llava-next-tiny-hf"
 #: (192x96, unpadded columns), a tall one (96x192), one on the 192x192 grid whose unpadded height 99 * 48 / 176 =
 #: 26.999... (float) sits just under an integer (official ``int``: 26 rows kept, transformers' rounding: 28)
 NEXT_IMAGE_SIZES = [(96, 96), (160, 96), (90, 140), (176, 99)]
-NEXT_HF_HW_NAME = "llava-next-tiny-hf-hw"
 
 
 def official_next_to_hf(sd: dict, tower_sd: dict) -> dict:
@@ -359,12 +358,8 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, off_dir / f.name)
     write_hf_next(hf_dir, llm_sd, tower_sd, vocab, tok, Path(base["hf"]))
-    # the same weights with each pinpoint reversed ((height, width), transformers' reading of the official (width,
-    # height) pairs): the ``aligned`` variant of parity/next.py
-    hw_dir = work / NEXT_HF_HW_NAME
-    write_hf_next(hw_dir, llm_sd, tower_sd, vocab, tok, Path(base["hf"]), pinpoints=[p[::-1] for p in NEXT_PINPOINTS])
     images = write_images(work / "images-next", seed, NEXT_IMAGE_SIZES)
-    info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir), "hf_hw": str(hw_dir),
+    info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
             "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": base["image_token_id"],
             "eos": tok["eos"], "bos": tok["bos"]}
     marker.write_text(json.dumps(info, indent=1))

@@ -14,8 +14,9 @@ Precisions (``dtype``):
   tables rebuilt in fp32, see the worker); logits within 1e-5, greedy tokens identical.
 - ``fp16``: as the official builder loads a model off CUDA and the eval scripts run it (LLM and projector fp16, the
   CLIP tower fp32: ``device_map='auto'`` leaves it uncast; pixels handed over in fp16, the tower output cast back to
-  fp16 before the projector); ours ``dtype="float16", vision_dtype="float32"`` with the pixels in fp16 as the
-  official scripts pass them. Greedy tokens identical (logits are reported, not bounded: fp16 GEMMs).
+  fp16 before the projector); ours ``dtype="float16", vision_dtype="float32"``, whose processor rounds the pixels to
+  fp16 as the official scripts pass them (``rt.processor.pixel_dtype``; the harness does not cast them itself, so the
+  fp16 prep check tests that rounding). Greedy tokens identical (logits are reported, not bounded: fp16 GEMMs).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
             if method["name"] != "none":
                 _record_tower_cuts(rt.engine.method, kept)
             inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
-            if half:  # the official eval scripts hand the pixels over in fp16 (images.to(dtype=torch.float16))
-                inputs["pixel_values"] = inputs["pixel_values"].half()
+            # fp16: the processor rounds the pixels itself (load(vision_dtype=) under a half-precision LLM:
+            # rt.processor.pixel_dtype), as the official eval scripts hand them over (images.to(dtype=torch.float16))
             pixels = inputs["pixel_values"]
             with torch.inference_mode():
                 logits = rt.model(**inputs).logits.float()

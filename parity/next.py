@@ -10,15 +10,17 @@ layer 1 the image cut to T by the last prompt token's score (``keep_indices``, r
 Ours loads the mapped ``LlavaNextForConditionalGeneration`` with :func:`llava.load` and runs FlowCut with the
 official NeXT recipe (``next_half=True, next_llm_stage=True``) in its reference mode with the official batch max.
 
-Two variants of our side (``variants``):
+Two variants of our side (``variants``), both our runtime on the same checkpoint (``info["hf"]``, the official
+``image_grid_pinpoints`` list copied unchanged, as transformers' conversion writes it):
 
-- ``stock``: our runtime as it is, on the checkpoint as transformers' conversion writes it (the official
-  ``image_grid_pinpoints`` list copied unchanged).
-- ``aligned`` (a diagnosis, not our runtime): the two differences docs/parity.md traces removed on our side only, to
-  show that nothing else differs: the pinpoints handed to transformers with each pair reversed (transformers reads a
+- ``stock``: ``llava.load(..., next_geometry="transformers")`` (the default: llava-hf's geometry, transformers'
+  processor and forward).
+- ``official``: ``llava.load(..., next_geometry="official")``: the two differences docs/parity.md traces fixed in
+  our runtime - each pinpoint pair reversed in the model's config and the image processor (transformers reads a
   pinpoint as (height, width), the official code as (width, height); the set is the same, only a tie between two
-  pinpoints breaks the other way) and transformers' ``unpad_image`` replaced, for the run, by the official
-  truncation ``int(x)`` (transformers rounds: ``int(round(x, 7))``).
+  pinpoints breaks the other way) and our NeXT packing unpadding with the official truncation ``int(x)``
+  (:func:`llava.families.llava_next.unpad_official`; transformers rounds: ``int(round(x, 7))``); the unpruned model
+  then runs through our engine (``rt.engine_required``).
 
 FlowCut's official NeXT LLM stage refuses left padding and its later layers cannot take a padded batch (the 2-D mask
 it rebuilds after the cut reaches SDPA's 4-D check), so FlowCut runs each image alone; the unpruned model also runs
@@ -27,7 +29,6 @@ the left-padded batch of all images.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ from .report import Check
 
 #: our FlowCut options for the official NeXT recipe (``flowcut.flowcut(model, T)`` on an anyres model)
 OURS = {"flowcut": {"numerics": "official", "batch_max": True, "next_half": True, "next_llm_stage": True}}
-VARIANTS = ("stock", "aligned")
+#: our side: ``llava.load(next_geometry=...)`` per variant
+VARIANTS = ("stock", "official")
+GEOMETRY = {"stock": "transformers", "official": "official"}
 
 
 def batches(n_cases: int) -> list[list[int]]:
@@ -64,36 +67,6 @@ def official(info: dict, official_python: str, dtype: str, methods: list[dict], 
     return run_official(official_python, job, work, name)
 
 
-def unpad_truncating(tensor: torch.Tensor, original_size) -> torch.Tensor:
-    """``unpad_image`` with the official rounding: the unpadded side ``int(side * scale)`` (truncated), where
-    transformers computes ``int(round(side * scale, 7))``. ``original_size`` (height, width), as transformers'."""
-    if not isinstance(original_size, (list, tuple)):
-        original_size = original_size.tolist()
-    h0, w0 = original_size
-    h, w = tensor.shape[1:]
-    if w0 / h0 > w / h:
-        keep = int(h0 * (w / w0))
-        pad = (h - keep) // 2
-        return tensor[:, pad:h - pad, :]
-    keep = int(w0 * (h / h0))
-    pad = (w - keep) // 2
-    return tensor[:, :, pad:w - pad]
-
-
-@contextlib.contextmanager
-def official_unpad_rounding():
-    """For the ``aligned`` variant only: transformers' ``unpad_image`` (used by the model's packing and by our
-    NeXT layout, ``llava/families/llava_next.py``) replaced by :func:`unpad_truncating` while the block runs."""
-    import transformers.models.llava_next.modeling_llava_next as mod
-
-    real = mod.unpad_image
-    mod.unpad_image = unpad_truncating
-    try:
-        yield
-    finally:
-        mod.unpad_image = real
-
-
 def _pixels_of(pv: torch.Tensor, sizes, config) -> list[torch.Tensor]:
     """Our (B, max_crops, 3, H, W) pixels as the official per-image (crops, 3, H, W) list (the zero crops our
     processor pads a batch with dropped)."""
@@ -115,45 +88,43 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
         raise ValueError(f"variant must be one of {VARIANTS}")
     half = dtype == "fp16"
     attn = {"": "sdpa", "text_config": "sdpa", "vision_config": vision_attn}
-    path = info["hf"] if variant == "stock" else info["hf_hw"]
-    ctx = official_unpad_rounding() if variant == "aligned" else contextlib.nullcontext()
     out = []
-    with ctx:
-        rt = llava.load(path, dtype="float16" if half else "float32", vision_dtype="float32" if half else None,
-                        attn_implementation=attn)
-        all_cases = cases(info)
-        for method in methods:
-            if method["name"] == "none":
-                rt.unprune()
-            else:
-                rt.prune(method["name"], method["budget"], **OURS[method["name"]])
-            for batch in method.get("batches", batches(len(all_cases))):
-                cs = [all_cases[c] for c in batch]
-                kept: list = []
+    rt = llava.load(info["hf"], dtype="float16" if half else "float32", vision_dtype="float32" if half else None,
+                    attn_implementation=attn, next_geometry=GEOMETRY[variant])
+    all_cases = cases(info)
+    for method in methods:
+        if method["name"] == "none":
+            rt.unprune()
+        else:
+            rt.prune(method["name"], method["budget"], **OURS[method["name"]])
+        for batch in method.get("batches", batches(len(all_cases))):
+            cs = [all_cases[c] for c in batch]
+            kept: list = []
+            if method["name"] != "none":
+                _record_tower_cuts(rt.engine.method, kept)
+            inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
+            pixels = _pixels_of(inputs["pixel_values"], inputs["image_sizes"], rt.model.config)
+            with torch.inference_mode():
+                logits = rt.model(**inputs).logits.float()
+                n_prefill = len(kept)
+                llm_kept, per_layer = [], None
                 if method["name"] != "none":
-                    _record_tower_cuts(rt.engine.method, kept)
-                inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
-                pixels = _pixels_of(inputs["pixel_values"], inputs["image_sizes"], rt.model.config)
-                with torch.inference_mode():
-                    logits = rt.model(**inputs).logits.float()
-                    n_prefill = len(kept)
-                    llm_kept, per_layer = [], None
-                    if method["name"] != "none":
-                        eng = rt.engine
-                        per_layer = [list(s.visual_per_layer) for s in eng.stats.samples]
-                        for b in range(len(batch)):
-                            sel = eng.selections.get((0, b))
-                            n_in = eng.stats.samples[b].visual_per_layer[0]
-                            if sel is not None and n_in > method["budget"]:  # official: cut only when > T
-                                llm_kept.append(sel.keep.tolist())
-                    gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                width = inputs["input_ids"].shape[1]
-                out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
-                            "attention_mask": inputs["attention_mask"], "pixel_values": pixels,
-                            "image_sizes": inputs["image_sizes"].tolist(), "logits": logits,
-                            "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill], "llm_kept": llm_kept,
-                            "visual_per_layer": per_layer, "image_token_id": info["image_token_id"]})
-        rt.unprune(detach=True)
+                    eng = rt.engine
+                    per_layer = [list(s.visual_per_layer) for s in eng.stats.samples]
+                    for b in range(len(batch)):
+                        sel = eng.selections.get((0, b))
+                        n_in = eng.stats.samples[b].visual_per_layer[0]
+                        if sel is not None and n_in > method["budget"]:  # official: cut only when > T
+                            llm_kept.append(sel.keep.tolist())
+                gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            width = inputs["input_ids"].shape[1]
+            out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"], "pixel_values": pixels,
+                        "image_sizes": inputs["image_sizes"].tolist(), "logits": logits,
+                        "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill], "llm_kept": llm_kept,
+                        "visual_per_layer": per_layer, "image_token_id": info["image_token_id"],
+                        "engine": rt.engine is not None, "next_geometry": rt.info.get("next_geometry", "transformers")})
+    rt.unprune(detach=True)
     return out
 
 
@@ -227,7 +198,7 @@ def compare(off: dict, mine: list[dict], label: str, logits_atol: float | None, 
         detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
         detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
         data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs,
-                "logits_shapes": shapes}
+                "logits_shapes": shapes, "our_engine": m.get("engine"), "our_next_geometry": m.get("next_geometry")}
         if meth != "none":
             o_tower = [(i, k.tolist()) for i, k in o["kept"] if isinstance(i, int)]
             m_tower = [(i, k.tolist()) for i, k in m["kept"]]

@@ -74,18 +74,42 @@ def test_official_next_to_hf_refuses_a_checkpoint_without_image_newline():
 
 def test_the_unpad_rounding_difference_on_the_176x99_image():
     """The 176 x 99 image on the 192 x 192 pinpoint: a 48 x 48 patch grid, unpadded height 99 * (48 / 176) =
-    26.999999999999996 in floating point. The official int() keeps 26 rows (11 cut top and bottom), transformers'
-    int(round(x, 7)) 28 (10 cut): 26 * (48 + 1) + 576 = 1850 vs 28 * 49 + 576 = 1948 visual tokens."""
+    26.999999999999996 in floating point. The official int() (our ``unpad_official``, behind
+    ``load(next_geometry="official")``) keeps 26 rows (11 cut top and bottom), transformers' int(round(x, 7)) 28 (10
+    cut): 26 * (48 + 1) + 576 = 1850 vs 28 * 49 + 576 = 1948 visual tokens."""
     from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    from llava.families.llava_next import unpad_official
 
     assert 99 * (48 / 176) < 27
     grid = torch.arange(48 * 48, dtype=torch.float64).view(1, 48, 48)
-    ours = nx.unpad_truncating(grid, (99, 176))
+    ours = unpad_official(grid, (99, 176))
     assert ours.shape == (1, 26, 48) and ours[0, 0, 0].item() == 11 * 48
-    assert unpad_image(grid, (99, 176)).shape == (1, 28, 48)
-    assert nx.unpad_truncating(grid, (176, 99)).shape == (1, 48, 26)  # the tall case, on the width
-    assert nx.unpad_truncating(grid, torch.tensor([99, 176])).shape == (1, 26, 48)  # the model passes tensors
+    assert unpad_image(grid, (99, 176)).shape == (1, 28, 48) and unpad_image(grid, (99, 176))[0, 0, 0].item() == 10 * 48
+    assert unpad_official(grid, (176, 99)).shape == (1, 48, 26)  # the tall case, on the width
+    assert unpad_official(grid, torch.tensor([99, 176])).shape == (1, 26, 48)  # a tensor size, as the engine may pass
     assert 576 + 26 * 49 == 1850 and 576 + 28 * 49 == 1948
+
+
+def test_the_official_geometry_packs_the_176x99_image_with_the_official_count():
+    """Our NeXT packing (``next_token_layout``) on the parity model's config: 5 crops of 576 (base + 2 x 2 grid),
+    transformers' geometry 576 + 28 rows x 49 = 1948 tokens, the official one (``config.next_unpad = "official"``,
+    the pinpoints reversed as ``load(next_geometry="official")`` sets them) 576 + 26 x 49 = 1850; the first kept
+    row of the grid is patch row 11 of the 48 (crop row 0 of the top crops)."""
+    import transformers as tf
+
+    from llava.families.llava_next import next_token_layout
+
+    cfg = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**NEXT_TOWER), text_config=tf.LlamaConfig(**LLM),
+                             image_grid_pinpoints=NEXT_PINPOINTS)
+    stock = next_token_layout((99, 176), cfg, 5, 576, "spatial_unpad")
+    cfg.image_grid_pinpoints = [p[::-1] for p in NEXT_PINPOINTS]
+    cfg.next_unpad = "official"
+    off = next_token_layout((99, 176), cfg, 5, 576, "spatial_unpad")
+    assert (stock.numel(), off.numel()) == (1948, 1850)
+    assert int((stock < 0).sum()) == 28 and int((off < 0).sum()) == 26  # one newline per kept row
+    # row 11 of the 48-row grid = row 11 of the top-left crop (crop 1): index 576 + 11 * 24
+    assert off[576].item() == 576 + 11 * 24 and stock[576].item() == 576 + 10 * 24
 
 
 def test_the_pinpoint_tie_on_the_square_image():
@@ -103,19 +127,6 @@ def test_the_pinpoint_tie_on_the_square_image():
     # without a tie the two readings agree (the set of pinpoints is the same): 160 x 96 -> 192 x 96 either way
     assert get_anyres_image_grid_shape((96, 160), NEXT_PINPOINTS, 96) == \
         get_anyres_image_grid_shape((96, 160), reversed_, 96) == (1, 2)
-
-
-def test_official_unpad_rounding_swaps_transformers_unpad_for_the_block_only():
-    import transformers.models.llava_next.modeling_llava_next as mod
-
-    real = mod.unpad_image
-    with nx.official_unpad_rounding():
-        assert mod.unpad_image is nx.unpad_truncating
-    assert mod.unpad_image is real
-    with pytest.raises(RuntimeError):
-        with nx.official_unpad_rounding():
-            raise RuntimeError("restored on errors too")
-    assert mod.unpad_image is real
 
 
 def _runs(**change):
@@ -198,18 +209,25 @@ def built(tmp_path_factory):
 
 
 @needs_official
-def test_next_stock_differs_exactly_where_traced_and_aligned_is_bit_identical(built):
+def test_next_stock_differs_exactly_where_traced_and_our_official_geometry_is_bit_identical(built):
     """The square image (pinpoint tie) and the 176 x 99 one (unpad rounding), alone and together, fp32, FlowCut's
-    official NeXT recipe at T = 64 (32 per crop in the tower, the LLM stage cutting the image to 64)."""
+    official NeXT recipe at T = 64 (32 per crop in the tower, the LLM stage cutting the image to 64). ``stock`` =
+    ``llava.load``'s default geometry (transformers'), ``official`` = ``load(next_geometry="official")``, both on
+    the same mapped checkpoint."""
     work, info = built
     checks = nx.run(info, str(OFFICIAL_PY), work, budgets=(64,), max_new_tokens=2, image_ids=(0, 3))
-    by = {(c.group, c.case): c for c in checks}
     # per variant: prep + unpruned for [0], [1], [0, 1]; FlowCut for [0], [1]
     assert len(checks) == 2 * 8
-    aligned = [c for c in checks if c.case.startswith("fp32 aligned")]
-    assert all(c.ok for c in aligned), [(c.case, c.detail) for c in aligned if not c.ok]
-    assert all(max(c.data["logits_max_abs_diff"]) == 0 for c in aligned if c.group != "next-prep")
-    cut = [c for c in aligned if c.group == "next-flowcut"]
+    official = [c for c in checks if c.case.startswith("fp32 official")]
+    assert len(official) == 8
+    assert all(c.ok for c in official), [(c.case, c.detail) for c in official if not c.ok]
+    assert all(max(c.data["logits_max_abs_diff"]) == 0 for c in official if c.group != "next-prep")
+    # our runtime option, through our engine (the stock forward would round); stock fp32 unpruned: the model's forward
+    runs = [c for c in checks if c.group != "next-prep"]
+    assert all(c.data["our_next_geometry"] == ("official" if "official" in c.case else "transformers") for c in runs)
+    assert all(c.data["our_engine"] for c in official if c.group != "next-prep")
+    assert not any(c.data["our_engine"] for c in runs if c.case.startswith("fp32 stock none"))
+    cut = [c for c in official if c.group == "next-flowcut"]
     assert all([i for i, _ in c.data["official_kept"]] == [1, 3, 5] for c in cut)  # adaptive, adaptive, final
     assert all(len(c.data["official_llm_kept"][0]) == 64 for c in cut)
     assert all(c.data["official_visual_per_layer"][0][2:] == [64, 64] for c in cut)
@@ -217,9 +235,10 @@ def test_next_stock_differs_exactly_where_traced_and_aligned_is_bit_identical(bu
     prep = {c.case: c for c in checks if c.group == "next-prep"}
     fc = {c.case: c for c in checks if c.group == "next-flowcut"}
     assert not prep["fp32 stock none batch [0]"].ok and prep["fp32 stock none batch [0]"].data["pixels_max_abs_diff"] > 0
+    assert prep["fp32 official none batch [0]"].data["pixels_max_abs_diff"] == 0
     assert prep["fp32 stock none batch [1]"].data["official_visual"] == [1850]
     assert prep["fp32 stock none batch [1]"].data["our_visual"] == [1948]
-    assert prep["fp32 aligned none batch [1]"].data["our_visual"] == [1850]
+    assert prep["fp32 official none batch [1]"].data["our_visual"] == [1850]
     # the 176 x 99 image's crops and pixels are the same on both sides: only the packing differs
     assert prep["fp32 stock none batch [1]"].data["pixels_max_abs_diff"] == 0
     assert not prep["fp32 stock none batch [1]"].ok and not prep["fp32 stock none batch [0, 1]"].ok
@@ -228,6 +247,9 @@ def test_next_stock_differs_exactly_where_traced_and_aligned_is_bit_identical(bu
         fc["fp32 stock flowcut T=64 batch [1]"].data["our_kept"]  # the tower's cuts agree; the packing does not
     assert fc["fp32 stock flowcut T=64 batch [1]"].data["official_visual_per_layer"] == [[143, 143, 64, 64]]
     assert fc["fp32 stock flowcut T=64 batch [1]"].data["our_visual_per_layer"] == [[160, 160, 64, 64]]
+    assert fc["fp32 official flowcut T=64 batch [1]"].data["our_visual_per_layer"] == [[143, 143, 64, 64]]
+    # every stock check here holds one of the two images: all 8 differ (the unpruned logits too: 3.75 and 0.92 apart)
+    assert not any(c.ok for c in checks if c.case.startswith("fp32 stock"))
 
 
 @needs_official
@@ -242,7 +264,7 @@ def test_a_planted_change_in_our_next_llm_stage_makes_parity_fail(built, monkeyp
 
     monkeypatch.setattr(fc, "flowcut_llm_select", relation_only)
     checks = nx.run(info, str(OFFICIAL_PY), work, budgets=(64,), max_new_tokens=2, image_ids=(1,),
-                    variants=("aligned",))
+                    variants=("official",))
     cut = [c for c in checks if c.group == "next-flowcut"]
     assert all(c.ok for c in checks if c.group != "next-flowcut")
     assert cut and all("LLM stage kept set DIFFERS" in c.detail for c in cut)
