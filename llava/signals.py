@@ -295,9 +295,9 @@ class LLMSignals:
         if self._qv_fn is None:
             raise RuntimeError("LLMSignals.queries is only available inside the engine")
         q = self._resolve(queries)
-        key = ("queries", queries if isinstance(queries, str) else tuple(q.tolist()), layer, rope)
-        if self.captured and not isinstance(queries, str):
+        if self.captured and not isinstance(queries, str):  # keyed by value would read the device
             return self._qv_fn("queries", layer, q, rope)
+        key = ("queries", queries if isinstance(queries, str) else tuple(q.tolist()), layer, rope)
         if key not in self._cache:
             self._cache[key] = self._qv_fn("queries", layer, q, rope)
         return self._cache[key]

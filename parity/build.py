@@ -176,6 +176,47 @@ def _official_env() -> dict:
     return env
 
 
+def official_shapes(tower: dict, vocab: int, newline: bool = False) -> tuple[dict, dict]:
+    """The shapes of the official checkpoint's keys: (the LLM + the mlp2x_gelu projector [+ ``model.image_newline``]
+    in ``LlavaLlamaForCausalLM``'s keys, the CLIP tower in transformers 4.36's ``CLIPVisionModel`` keys
+    (``vision_model.*``; 5.x drops that level), position ids left out)."""
+    import transformers as tf
+
+    with torch.device("meta"):
+        llm = {k: tuple(v.shape) for k, v in
+               tf.LlamaForCausalLM(tf.LlamaConfig(**LLM, vocab_size=vocab)).state_dict().items()}
+        tower_shapes = {"vision_model." + k: tuple(v.shape) for k, v in
+                        tf.CLIPVisionModel(tf.CLIPVisionConfig(**tower)).state_dict().items()
+                        if not k.endswith("position_ids")}
+    d_v, d = tower["hidden_size"], LLM["hidden_size"]
+    llm.update({"model.mm_projector.0.weight": (d, d_v), "model.mm_projector.0.bias": (d,),
+                "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,)})
+    if newline:
+        llm["model.image_newline"] = (d,)
+    return llm, tower_shapes
+
+
+def _write_tower(clip_dir: Path, tower: dict, tower_shapes: dict, gen: torch.Generator) -> dict:
+    """The CLIP tower folder the official builder loads (fp32 weights, config, image processor config); returns
+    its random state dict."""
+    tower_sd = random_state(tower_shapes, gen, "tower")
+    _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
+    (clip_dir / "config.json").write_text(json.dumps(dict(tower, architectures=["CLIPVisionModel"],
+                                                          model_type="clip_vision_model", torch_dtype="float32"), indent=1))
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(tower["image_size"]),
+                                                                  indent=1))
+    return tower_sd
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files of folder ``src`` copied into ``dst``."""
+    import shutil
+
+    for f in Path(src).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, dst / f.name)
+
+
 def build(work: Path, official_python: str, seed: int = 0) -> dict:
     """Build the three folders and the images (idempotent: a finished build, marked by ``built.json`` with the same
     seed, is reused). Returns the paths."""
@@ -194,23 +235,10 @@ def build(work: Path, official_python: str, seed: int = 0) -> dict:
                                          "corpus": CORPUS, "vocab_size": VOCAB}, work, "tokenizer")
     vocab = tok["vocab_size"]
     gen = torch.Generator().manual_seed(seed)
-    # the tower, in the keys of transformers 4.36's CLIPVisionModel (``vision_model.*``; 5.x drops that level)
-    vcfg = tf.CLIPVisionConfig(**TOWER)
-    with torch.device("meta"):
-        tower_shapes = {"vision_model." + k: tuple(v.shape) for k, v in tf.CLIPVisionModel(vcfg).state_dict().items()
-                        if not k.endswith("position_ids")}
-    tower_sd = random_state(tower_shapes, gen, "tower")
-    _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
-    (clip_dir / "config.json").write_text(json.dumps(dict(TOWER, architectures=["CLIPVisionModel"],
-                                                          model_type="clip_vision_model", torch_dtype="float32"), indent=1))
-    (clip_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(), indent=1))
+    llm_shapes, tower_shapes = official_shapes(TOWER, vocab)
+    tower_sd = _write_tower(clip_dir, TOWER, tower_shapes, gen)
     # the LLM + projector in the official LlavaLlamaForCausalLM keys
-    tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
-    with torch.device("meta"):
-        llm_shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(tcfg).state_dict().items()}
-    d_v, d = TOWER["hidden_size"], LLM["hidden_size"]
-    llm_shapes.update({"model.mm_projector.0.weight": (d, d_v), "model.mm_projector.0.bias": (d,),
-                       "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,)})
+    d_v = TOWER["hidden_size"]
     llm_sd = random_state(llm_shapes, gen, "llm")
     _save_safetensors(llm_sd, off_dir / "model.safetensors")
     official_cfg = dict(LLM, architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", vocab_size=vocab,
@@ -223,7 +251,9 @@ def build(work: Path, official_python: str, seed: int = 0) -> dict:
                         pretraining_tp=1)
     (off_dir / "config.json").write_text(json.dumps(official_cfg, indent=1))
     # the transformers 5 checkpoint, by our mapping
-    hf_cfg = tf.LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok["image_piece_id"],
+    tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
+    hf_cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**TOWER), text_config=tcfg,
+                            image_token_id=tok["image_piece_id"],
                             projector_hidden_act="gelu", vision_feature_layer=-2,
                             vision_feature_select_strategy="default", multimodal_projector_bias=True)
     model = tf.LlavaForConditionalGeneration(hf_cfg)
@@ -267,9 +297,9 @@ def official_next_to_hf(sd: dict, tower_sd: dict) -> dict:
     return out
 
 
-def next_hf_config(vocab: int, tok: dict, pinpoints=None):
-    """``LlavaNextConfig`` of the tiny NeXT model; ``pinpoints`` as given (default :data:`NEXT_PINPOINTS`
-    unchanged, as transformers' conversion script copies the official list)."""
+def next_hf_config(vocab: int, tok: dict):
+    """``LlavaNextConfig`` of the tiny NeXT model; :data:`NEXT_PINPOINTS` unchanged, as transformers' conversion
+    script copies the official list."""
     import transformers as tf
 
     tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
@@ -277,7 +307,7 @@ def next_hf_config(vocab: int, tok: dict, pinpoints=None):
                               image_token_index=tok["image_piece_id"], projector_hidden_act="gelu",
                               vision_feature_layer=-2, vision_feature_select_strategy="default",
                               multimodal_projector_bias=True,
-                              image_grid_pinpoints=[list(p) for p in (pinpoints or NEXT_PINPOINTS)])
+                              image_grid_pinpoints=[list(p) for p in NEXT_PINPOINTS])
 
 
 def _next_processor_config(pinpoints) -> dict:
@@ -285,26 +315,20 @@ def _next_processor_config(pinpoints) -> dict:
                 image_grid_pinpoints=[list(p) for p in pinpoints], do_pad=True)
 
 
-def write_hf_next(folder: Path, llm_sd: dict, tower_sd: dict, vocab: int, tok: dict, tokenizer_from: Path,
-                  pinpoints=None) -> None:
+def write_hf_next(folder: Path, llm_sd: dict, tower_sd: dict, vocab: int, tok: dict, tokenizer_from: Path) -> None:
     """The transformers 5 NeXT checkpoint by :func:`official_next_to_hf` (weights, config, image processor
     config, the tokenizer files copied from ``tokenizer_from``)."""
-    import shutil
-
     import transformers as tf
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = tf.LlavaNextForConditionalGeneration(next_hf_config(vocab, tok, pinpoints))
+    model = tf.LlavaNextForConditionalGeneration(next_hf_config(vocab, tok))
     missing, unexpected = model.load_state_dict(official_next_to_hf(llm_sd, tower_sd), strict=False)
     if missing or unexpected:
         raise KeyError(f"the mapped checkpoint does not fit LlavaNextForConditionalGeneration: missing {missing}, "
                        f"unexpected {unexpected}")
     model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(_next_processor_config(pinpoints or NEXT_PINPOINTS),
-                                                                indent=1))
-    for f in Path(tokenizer_from).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
+    (folder / "preprocessor_config.json").write_text(json.dumps(_next_processor_config(NEXT_PINPOINTS), indent=1))
+    _copy_tokenizer(tokenizer_from, folder)
 
 
 def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
@@ -313,10 +337,6 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
     :data:`NEXT_PINPOINTS`, ``model.image_newline``; the LLaMA, projector and tokenizer of the 1.5 build's sizes,
     the tokenizer the 1.5 build trained), ``llava-next-tiny-hf/`` (by :func:`official_next_to_hf`) and
     ``images-next/``. Runs :func:`build` first (the tokenizer)."""
-    import shutil
-
-    import transformers as tf
-
     work = Path(work).resolve()
     base = build(work, official_python, seed)
     marker = work / "built-next.json"
@@ -327,36 +347,19 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
     clip_dir, off_dir, hf_dir = work / "clip-next", work / NEXT_OFFICIAL_NAME, work / NEXT_HF_NAME
     for d in (clip_dir, off_dir):
         d.mkdir(parents=True, exist_ok=True)
-    tok = {"bos": None, "eos": None, "image_piece_id": base["image_token_id"]}
     cfg15 = json.loads((Path(base["official"]) / "config.json").read_text())
-    tok.update(bos=cfg15["bos_token_id"], eos=cfg15["eos_token_id"])
+    tok = {"bos": cfg15["bos_token_id"], "eos": cfg15["eos_token_id"], "image_piece_id": base["image_token_id"]}
     vocab = base["vocab_size"]
     gen = torch.Generator().manual_seed(seed + 1000)
-    vcfg = tf.CLIPVisionConfig(**NEXT_TOWER)
-    with torch.device("meta"):
-        tower_shapes = {"vision_model." + k: tuple(v.shape) for k, v in tf.CLIPVisionModel(vcfg).state_dict().items()
-                        if not k.endswith("position_ids")}
-    tower_sd = random_state(tower_shapes, gen, "tower")
-    _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
-    (clip_dir / "config.json").write_text(json.dumps(dict(NEXT_TOWER, architectures=["CLIPVisionModel"],
-                                                          model_type="clip_vision_model", torch_dtype="float32"), indent=1))
-    (clip_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(NEXT_TOWER["image_size"]),
-                                                                  indent=1))
-    tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
-    with torch.device("meta"):
-        llm_shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(tcfg).state_dict().items()}
-    d_v, d = NEXT_TOWER["hidden_size"], LLM["hidden_size"]
-    llm_shapes.update({"model.mm_projector.0.weight": (d, d_v), "model.mm_projector.0.bias": (d,),
-                       "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,),
-                       "model.image_newline": (d,)})
+    llm_shapes, tower_shapes = official_shapes(NEXT_TOWER, vocab, newline=True)
+    tower_sd = _write_tower(clip_dir, NEXT_TOWER, tower_shapes, gen)
     llm_sd = random_state(llm_shapes, gen, "llm")
     _save_safetensors(llm_sd, off_dir / "model.safetensors")
-    official_cfg = dict(cfg15, mm_vision_tower=str(clip_dir), mm_hidden_size=d_v, image_aspect_ratio="anyres",
-                        mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=NEXT_PINPOINTS)
+    official_cfg = dict(cfg15, mm_vision_tower=str(clip_dir), mm_hidden_size=NEXT_TOWER["hidden_size"],
+                        image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                        image_grid_pinpoints=NEXT_PINPOINTS)
     (off_dir / "config.json").write_text(json.dumps(official_cfg, indent=1))
-    for f in Path(base["official"]).iterdir():  # the slow SentencePiece tokenizer the builder loads
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, off_dir / f.name)
+    _copy_tokenizer(base["official"], off_dir)  # the slow SentencePiece tokenizer the builder loads
     write_hf_next(hf_dir, llm_sd, tower_sd, vocab, tok, Path(base["hf"]))
     images = write_images(work / "images-next", seed, NEXT_IMAGE_SIZES)
     info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),

@@ -115,6 +115,23 @@ def _collapse(ids: list[int], image_token_id: int) -> list[int]:
     return res
 
 
+def logits_and_tokens(o: dict, m: dict, diffs: list[float], eos: int | None,
+                      logits_atol: float | None) -> tuple[bool, str, dict]:
+    """The logits / greedy-token part of one run's check: the official tokens without the BOS ``generate`` puts first
+    (where it made them longer than ours) and both cut at the end of sequence; ok when the tokens are identical and
+    the worst of ``diffs`` is within ``logits_atol`` (None: not bounded). Returns (ok, detail, data)."""
+    worst = max(diffs)
+    bos = o.get("bos")
+    off_tokens = [_strip(t[1:] if t and t[0] == bos and len(t) > len(mt) else t, eos)
+                  for t, mt in zip(o["tokens"], m["tokens"])]
+    my_tokens = [_strip(t, eos) for t in m["tokens"]]
+    tok_ok = off_tokens == my_tokens
+    ok = tok_ok and (logits_atol is None or worst <= logits_atol)
+    detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+    detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
+    return ok, detail, {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs}
+
+
 def _strip(tokens: list[int], eos: int | None) -> list[int]:
     """Generated tokens up to and including the first eos (after it, both sides only pad)."""
     return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
@@ -143,17 +160,8 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
             a = o["logits"][i, -n_full:]
             b = m["logits"][i, -n_full:]
             diffs.append((a - b).abs().max().item() if a.shape == b.shape else float("inf"))
-        worst = max(diffs)
-        bos = o.get("bos")
-        off_tokens = [_strip(t[1:] if t and t[0] == bos and len(t) > len(mt) else t, eos)
-                      for t, mt in zip(o["tokens"], m["tokens"])]
-        my_tokens = [_strip(t, eos) for t in m["tokens"]]
-        tok_ok = off_tokens == my_tokens
-        ok = tok_ok and (logits_atol is None or worst <= logits_atol)
+        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol)
         group = "unpruned" if meth == "none" else o["method"]["name"]
-        detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
-        detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
-        data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs}
         if meth != "none":
             o_kept = [(i, k.tolist()) for i, k in o["kept"]]
             m_kept = [(i, k.tolist()) for i, k in m["kept"]]

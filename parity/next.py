@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .build import QUESTIONS, run_official
-from .llava15 import _collapse, _record_tower_cuts, _strip
+from .llava15 import _collapse, _record_tower_cuts, logits_and_tokens
 from .report import Check
 
 #: our FlowCut options for the official NeXT recipe (``flowcut.flowcut(model, T)`` on an anyres model)
@@ -188,17 +188,8 @@ def compare(off: dict, mine: list[dict], label: str, logits_atol: float | None, 
                 d = (a[-full:] - b[-full:]).abs().max().item() if a.shape[0] >= full else float("inf")
             shapes.append((tuple(a.shape), tuple(b.shape)))
             diffs.append(d)
-        worst = max(diffs)
-        bos = o.get("bos")
-        off_tokens = [_strip(t[1:] if t and t[0] == bos and len(t) > len(mt) else t, eos)
-                      for t, mt in zip(o["tokens"], m["tokens"])]
-        my_tokens = [_strip(t, eos) for t in m["tokens"]]
-        tok_ok = off_tokens == my_tokens
-        ok = tok_ok and (logits_atol is None or worst <= logits_atol)
-        detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
-        detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
-        data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs,
-                "logits_shapes": shapes, "our_engine": m.get("engine"), "our_next_geometry": m.get("next_geometry")}
+        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol)
+        data.update(logits_shapes=shapes, our_engine=m.get("engine"), our_next_geometry=m.get("next_geometry"))
         if meth != "none":
             o_tower = [(i, k.tolist()) for i, k in o["kept"] if isinstance(i, int)]
             m_tower = [(i, k.tolist()) for i, k in m["kept"]]

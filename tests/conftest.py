@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # cores are shared among the workers
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, 2 // _workers))
+
+#: the official LLaVA environment of the parity tests (scripts/official_env.sh); their opt-in tests skip without it
+OFFICIAL_PY = Path(__file__).resolve().parents[1] / ".venv-official" / "bin" / "python"
+needs_official = pytest.mark.skipif(not OFFICIAL_PY.exists(),
+                                    reason="no .venv-official: run `bash scripts/official_env.sh` (opt-in parity tests)")
 
 import example_methods  # noqa: E402,F401  (registers the test methods)
 from llava.method import Method, Selection  # noqa: E402

@@ -14,30 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
-from parity.build import LLM, TOWER, official_to_hf
+from parity.build import LLM, TOWER, official_shapes, official_to_hf
 from parity.report import Check, table
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_PY = REPO / ".venv-official" / "bin" / "python"
-needs_official = pytest.mark.skipif(not OFFICIAL_PY.exists(),
-                                    reason="no .venv-official: run `bash scripts/official_env.sh` (opt-in parity tests)")
 
 
 # -- without the official environment ------------------------------------------------------------------------------
 def _official_keys():
-    import transformers as tf
-
-    with torch.device("meta"):
-        llm = tf.LlamaForCausalLM(tf.LlamaConfig(**LLM, vocab_size=400)).state_dict()
-        tower = tf.CLIPVisionModel(tf.CLIPVisionConfig(**TOWER)).state_dict()
-    sd = {k: v for k, v in llm.items()}
-    sd.update({"model.mm_projector.0.weight": torch.empty(64, 64, device="meta"),
-               "model.mm_projector.0.bias": torch.empty(64, device="meta"),
-               "model.mm_projector.2.weight": torch.empty(64, 64, device="meta"),
-               "model.mm_projector.2.bias": torch.empty(64, device="meta")})
-    return sd, {"vision_model." + k: v for k, v in tower.items() if not k.endswith("position_ids")}
+    """The official checkpoint's keys (meta tensors) as the build writes them: LLM + projector, tower."""
+    llm, tower = official_shapes(TOWER, 400)
+    return ({k: torch.empty(s, device="meta") for k, s in llm.items()},
+            {k: torch.empty(s, device="meta") for k, s in tower.items()})
 
 
 def test_official_to_hf_gives_exactly_the_keys_of_llava_for_conditional_generation():

@@ -9,34 +9,21 @@ absent.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import OFFICIAL_PY, needs_official
 
 from parity import next as nx
-from parity.build import LLM, NEXT_PINPOINTS, NEXT_TOWER, official_next_to_hf
+from parity.build import LLM, NEXT_PINPOINTS, NEXT_TOWER, official_next_to_hf, official_shapes
 
-REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_PY = REPO / ".venv-official" / "bin" / "python"
-needs_official = pytest.mark.skipif(not OFFICIAL_PY.exists(),
-                                    reason="no .venv-official: run `bash scripts/official_env.sh` (opt-in parity tests)")
 
 
 # -- without the official environment ------------------------------------------------------------------------------
 def _official_keys():
-    import transformers as tf
-
-    with torch.device("meta"):
-        llm = tf.LlamaForCausalLM(tf.LlamaConfig(**LLM, vocab_size=400)).state_dict()
-        tower = tf.CLIPVisionModel(tf.CLIPVisionConfig(**NEXT_TOWER)).state_dict()
-    sd = dict(llm)
-    d = LLM["hidden_size"]
-    for k, shape in {"model.mm_projector.0.weight": (d, NEXT_TOWER["hidden_size"]), "model.mm_projector.0.bias": (d,),
-                     "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,),
-                     "model.image_newline": (d,)}.items():
-        sd[k] = torch.empty(shape, device="meta")
-    return sd, {"vision_model." + k: v for k, v in tower.items() if not k.endswith("position_ids")}
+    """The official NeXT checkpoint's keys (meta tensors) as the build writes them: LLM + projector + newline, tower."""
+    llm, tower = official_shapes(NEXT_TOWER, 400, newline=True)
+    return ({k: torch.empty(s, device="meta") for k, s in llm.items()},
+            {k: torch.empty(s, device="meta") for k, s in tower.items()})
 
 
 def test_official_next_to_hf_gives_exactly_the_keys_of_llava_next_for_conditional_generation():

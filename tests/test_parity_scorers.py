@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import OFFICIAL_PY, needs_official
+
 import eval.scorers.yesno as yesno
 from parity import scorers as P
 
-OFFICIAL_PYTHON = Path(__file__).resolve().parents[1] / ".venv-official/bin/python"
-needs_official = pytest.mark.skipif(
-    not OFFICIAL_PYTHON.exists(),
-    reason=f"{OFFICIAL_PYTHON} is absent: build the official LLaVA environment with `bash scripts/official_env.sh`")
 
 # per category: TP FP TN FN, accuracy, precision, recall, F1, yes ratio, answers
 POPE_HAND = {
@@ -63,7 +61,7 @@ def test_planted_answers_hand_values(tmp_path):
 
 @needs_official
 def test_official_scripts_agree(tmp_path):
-    checks = P.run_scorers(str(OFFICIAL_PYTHON), tmp_path)
+    checks = P.run_scorers(str(OFFICIAL_PY), tmp_path)
     assert [c.case for c in checks] == ["pope adversarial", "pope popular", "pope random", "textvqa", "textvqa_noocr", "sqa"]
     assert all(c.group == "scorers" for c in checks)
     assert [c.case for c in checks if not c.ok] == [], [c.detail for c in checks if not c.ok]
@@ -82,7 +80,7 @@ def test_planted_parser_change_is_caught(tmp_path, monkeypatch):
         return "no" if ("No" in words or "no" in words) else "yes"
 
     monkeypatch.setattr(yesno, "pope_parse", ignores_not)
-    checks = {c.case: c for c in P.run_scorers(str(OFFICIAL_PYTHON), tmp_path)}
+    checks = {c.case: c for c in P.run_scorers(str(OFFICIAL_PY), tmp_path)}
     assert not checks["pope random"].ok
     assert "TP: ours 3, official 2" in checks["pope random"].detail
     assert checks["pope adversarial"].ok and checks["pope popular"].ok and checks["sqa"].ok
@@ -96,7 +94,7 @@ def test_worker_refuses_repository_llava(tmp_path):
 
     (tmp_path / "job.json").write_text("[]")
     env = {**os.environ, "PYTHONPATH": str(Path(P.__file__).resolve().parents[1])}
-    p = subprocess.run([str(OFFICIAL_PYTHON), str(P.WORKER), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+    p = subprocess.run([str(OFFICIAL_PY), str(P.WORKER), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and "not the official package" in p.stderr
