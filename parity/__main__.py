@@ -24,9 +24,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
                    help="the official environment (default: .venv-official, made by scripts/official_env.sh)")
     p.add_argument("--official-path", default=None,
-                   help="a clone of an official repository that ships a patched llava/ tree: its llava/ (and its "
-                        "method package) replace the installed ones on the official side")
-    p.add_argument("--method", nargs="+", default=["flowcut"], help="methods compared (default: flowcut)")
+                   help="a clone of an official repository (its llava/ tree and its method package replace the "
+                        "installed ones on the official side); default: .official/<method> when it exists "
+                        "(scripts/official_clones.sh), else the installed official code")
+    p.add_argument("--method", nargs="+", default=["flowcut"],
+                   help="methods compared, by adapter (parity/adapters/; default: flowcut)")
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 32], help="visual tokens kept (default: 8 16 32)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"],
                    help="fp32: both sides in fp32; fp16: the official builder's load (fp16 LLM, fp32 tower)")
@@ -55,16 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no official environment at {args.venv}: run `bash scripts/official_env.sh` first",
               file=sys.stderr)
         return 2
-    if args.official_path and not (Path(args.official_path) / "llava").is_dir():
-        print(f"error: --official-path {args.official_path} has no llava/ folder", file=sys.stderr)
-        return 2
     from . import llava15
     from .build import build
 
-    unknown = [m for m in args.method if m not in llava15.OURS]
-    if unknown:
-        print(f"error: no parity adapter for {', '.join(unknown)} (adapters: {', '.join(llava15.OURS)}; "
-              "docs/parity.md)", file=sys.stderr)
+    try:
+        for m in args.method:
+            llava15.clone_for(m, args.official_path)  # an unknown adapter, a missing or wrong clone: refused here
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     work = args.work.resolve()
     info = build(work, str(py), seed=args.seed)

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from .build import QUESTIONS, run_official
 from .report import Check
 
-#: our method and its options for each official adapter (parity/official_worker.py ADAPTERS): the reference mode,
-#: and FlowCut's official batch max (the adaptive amount is the max over the images of one tower call)
-OURS = {"flowcut": {"numerics": "official", "batch_max": True}}
+#: where ``python -m parity`` looks for a clone of an adapter's repository when no ``--official-path`` is given
+#: (scripts/official_clones.sh puts them there)
+CLONES = Path(__file__).resolve().parents[1] / ".official"
 
 
 #: the batches every comparison runs: each image alone, then all four in one left-padded batch
@@ -51,22 +52,6 @@ def official(info: dict, official_python: str, dtype: str, methods: list[dict], 
     return run_official(official_python, job, work, name)
 
 
-def _record_tower_cuts(method, store: list) -> None:
-    """Wrap the method instance's ``select_tower`` to record, after each CLIP layer that cut, the kept patch indices
-    (0-based, ascending, [CLS] left out) per unit: the official ``all_keep_indices``."""
-    inner = method.select_tower
-
-    def select_tower(layer_idx, sig):
-        keep = inner(layer_idx, sig)
-        if keep is not None:
-            rows = [keep[u] for u in range(len(keep))] if not torch.is_tensor(keep) else list(keep)
-            kept = [sig.patch[u][r] for u, r in enumerate(rows)]
-            store.append((layer_idx, torch.stack([k[k >= 0] for k in kept]).cpu()))
-        return keep
-
-    method.select_tower = select_tower
-
-
 def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, vision_attn: str = "eager") -> list[dict]:
     import llava
 
@@ -80,18 +65,22 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
         if method["name"] == "none":
             rt.unprune()
         else:
-            rt.prune(method["name"], method["budget"], **OURS[method["name"]])
-        for batch in batches(len(info["images"])):
+            name, options = adapters.get(method["name"]).ours(method["budget"])
+            rt.prune(name, method["budget"], **options)
+        for batch in method.get("batches", batches(len(info["images"]))):
             cs = [cases(info)[c] for c in batch]
             kept: list = []
+            finish = None
             if method["name"] != "none":
-                _record_tower_cuts(rt.engine.method, kept)
+                finish = adapters.get(method["name"]).record_ours(rt, kept)
             inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
             # fp16: the processor rounds the pixels itself (load(vision_dtype=) under a half-precision LLM:
             # rt.processor.pixel_dtype), as the official eval scripts hand them over (images.to(dtype=torch.float16))
             pixels = inputs["pixel_values"]
             with torch.inference_mode():
                 logits = rt.model(**inputs).logits.float()
+                if finish is not None:
+                    finish(len(batch))
                 n_prefill = len(kept)
                 gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             width = inputs["input_ids"].shape[1]
@@ -167,29 +156,74 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
             m_kept = [(i, k.tolist()) for i, k in m["kept"]]
             kept_ok = o_kept == m_kept
             ok = ok and kept_ok
-            layers = ", ".join(f"L{i}: {len(k[0])}" for i, k in o_kept)
-            detail += f", kept patches per CLIP layer {'identical' if kept_ok else 'DIFFER'} ({layers})"
+            detail += f", {kept_detail(o_kept)} {'identical' if kept_ok else 'DIFFER'} ({stages(o_kept)})"
             data.update(official_kept=o_kept, our_kept=m_kept)
         checks.append(Check(group, case, ok, detail, data))
     return checks
 
 
+def kept_detail(kept: list) -> str:
+    """What the kept entries are: patches after CLIP layers (integer stages) or indices per named stage."""
+    return "kept patches per CLIP layer" if all(isinstance(i, int) for i, _ in kept) else "kept indices per stage"
+
+
+def stages(kept: list) -> str:
+    """``L1: 49, llm2: 16``: each stage and the first sample's kept count there."""
+    return ", ".join(f"{'L' if isinstance(i, int) else ''}{i}: {len(k[0])}" for i, k in kept)
+
+
+def clone_for(name: str, official_path: str | None, clones: Path = CLONES) -> str | None:
+    """The clone adapter ``name`` runs on: ``official_path`` when given, else ``clones/<name>`` when it exists
+    (scripts/official_clones.sh), else None (the installed official code). Raises ValueError with what to do when
+    the adapter needs a clone and has none, or the clone lacks the adapter's folders."""
+    if name == "none":
+        return official_path
+    root = official_path
+    if root is None and (clones / name).is_dir():
+        root = str(clones / name)
+    problem = adapters.clone_problem(name, root)
+    if problem:
+        raise ValueError(problem)
+    return root
+
+
 def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=(8, 16, 32),
         max_new_tokens: int = 8, vision_attn: str = "eager", methods=("flowcut",),
-        official_path: str | None = None) -> list[Check]:
-    """Every LLaVA-1.5 check: for each precision, the unpruned model and FlowCut at each budget, each image alone
-    and all in one batch. ``vision_attn``: our tower's attention ("eager", 4.36's CLIP arithmetic: bit-identical
-    logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights)."""
+        official_path: str | None = None, clones: Path = CLONES) -> list[Check]:
+    """Every LLaVA-1.5 check: for each precision, the unpruned model and each method at each budget, each image
+    alone and all in one batch (or each alone, where the adapter says the official code cannot run a left-padded
+    batch). Each method runs on its adapter's official code: ``official_path`` when given, else its clone under
+    ``clones`` (``.official/<name>``), else the installed official packages; one official process per clone, since
+    each ships its own ``llava``. ``vision_attn``: our tower's attention ("eager", 4.36's CLIP arithmetic:
+    bit-identical logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights)."""
     import transformers as tf
 
     eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
-    unknown = [m for m in methods if m not in OURS]
-    if unknown:
-        raise ValueError(f"no parity adapter for {', '.join(unknown)} (adapters: {', '.join(OURS)}; docs/parity.md)")
-    methods = [{"name": "none"}] + [{"name": m, "budget": t} for m in methods for t in budgets]
+    for m in methods:
+        adapters.get(m)  # refuses a method without an adapter
+    roots = {m: clone_for(m, official_path, clones) for m in methods}
+    n = len(info["images"])
+    todo = [{"name": "none"}]
+    for m in methods:
+        extra = getattr(adapters.get(m), "OFFICIAL", {})
+        for t in budgets:
+            spec = {"name": m, "budget": t}
+            if extra.get("alone"):
+                spec["batches"] = [[i] for i in range(n)]
+            if extra.get("padding_side"):
+                spec["padding_side"] = extra["padding_side"]
+            todo.append(spec)
+    # one official job per clone (the unpruned model on the installed code, or on the one clone given)
+    groups: dict = {}
+    for spec in todo:
+        root = official_path if spec["name"] == "none" else roots[spec["name"]]
+        groups.setdefault(root, []).append(spec)
     checks = []
     for dtype in dtypes:
-        off = official(info, official_python, dtype, methods, max_new_tokens, work, official_path)
-        mine = ours(info, dtype, methods, max_new_tokens, vision_attn)
-        checks += compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, eos)
+        off_runs, mine_runs = [], []
+        for root, specs in groups.items():
+            off = official(info, official_python, dtype, specs, max_new_tokens, work, root)
+            off_runs += off["runs"]
+            mine_runs += ours(info, dtype, specs, max_new_tokens, vision_attn)
+        checks += compare({"runs": off_runs}, mine_runs, dtype, 1e-5 if dtype == "fp32" else None, eos)
     return checks

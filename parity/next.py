@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from .build import QUESTIONS, run_official
-from .llava15 import _collapse, _record_tower_cuts, logits_and_tokens
+from .adapters._ours import record_tower_cuts
+from .llava15 import _collapse, logits_and_tokens
 from .report import Check
 
 #: our FlowCut options for the official NeXT recipe (``flowcut.flowcut(model, T)`` on an anyres model)
@@ -101,7 +102,7 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
             cs = [all_cases[c] for c in batch]
             kept: list = []
             if method["name"] != "none":
-                _record_tower_cuts(rt.engine.method, kept)
+                record_tower_cuts(rt.engine.method, kept)
             inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
             pixels = _pixels_of(inputs["pixel_values"], inputs["image_sizes"], rt.model.config)
             with torch.inference_mode():

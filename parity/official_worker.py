@@ -11,11 +11,13 @@ Jobs (``JOB`` is a JSON file, ``{"kind": ..., ...}``):
   tokenizes it: ``tokenizer_image_token`` splits the prompt at it) on the given corpus and save it as the official
   ``LlamaTokenizer`` (slow, what the builder loads: ``use_fast=False``) plus its ``tokenizer.json`` as 4.36's
   converter writes it (what transformers 5 loads).
-- ``run``: load the model with the official builder in the given precision, then for each method (``none``, or
-  ``flowcut`` with a budget) and each batch of cases: the official prompt, ids and pixels, the prefill logits, the
-  greedy tokens and (FlowCut) the kept patch indices after every CLIP layer that cut (on an anyres model also the
-  LLM stage's ``keep_indices``), and the sequence length entering each decoder layer. A method may name its own
-  ``batches`` and ``padding_side`` (FlowCut on LLaVA-NeXT: each image alone, "right": its LLM stage refuses "left").
+- ``run``: load the model with the official builder in the given precision, then for each method (``none``, or an
+  adapter's name with a budget: ``parity/adapters/<name>.py``, loaded here by its file path; its ``enable`` switches
+  the method on, its ``record`` hooks read the kept indices) and each batch of cases: the official prompt, ids and
+  pixels, the prefill logits, the greedy tokens, the kept indices per stage, and the sequence length entering each
+  decoder layer. A method may name its own ``batches`` and ``padding_side`` (FlowCut on LLaVA-NeXT: each image
+  alone, "right": its LLM stage refuses "left"). With ``official_path`` (a clone of an official repository) first
+  on the path: its ``llava/`` replaces the installed one (refused if ``llava`` then resolves elsewhere).
 
 The official scorers run in their own worker, ``parity/official_scorers.py``.
 """
@@ -81,59 +83,22 @@ def _prompt(question: str, conv_mode: str, mm_use_im_start_end: bool) -> str:
     return conv.get_prompt()
 
 
-def _kept_recorder(model, store: list):
-    """Forward hooks on the CLIP encoder layers (flowcut's CLIPEncoderLayer_forward returns (outputs,
-    cumulative_scores, all_keep_indices)): after each layer whose output is shorter than its input, the kept patch
-    indices (0-based, ascending) per image."""
-    layers = model.get_model().get_vision_tower().vision_tower.vision_model.encoder.layers
-    handles = []
-    for i, layer in enumerate(layers):
-        def hook(module, args, output, i=i):
-            if not isinstance(output, tuple) or len(output) != 3:
-                return
-            outputs, _, keep = output
-            n_in = (args[0] if args else None).shape[1]
-            if outputs[0].shape[1] < n_in:
-                store.append((i, keep.detach().cpu().clone()))
-        handles.append(layer.register_forward_hook(hook))
-    return handles
+def _adapter(name: str):
+    """The official half of ``parity/adapters/<name>.py``, loaded by its file path (nothing else of this repository is
+    importable here); ``none`` is the unpruned model."""
+    import importlib.util
 
-
-def _llm_kept_recorder(model, store: list):
-    """LLaVA-NeXT (``image_aspect_ratio anyres``): FlowCut's LLM stage. Its patched ``LlamaDecoderLayer_forward``
-    appends the kept indices (into the sample's visual run, ascending, one row per pruned sample) as the last
-    element of decoder layer ``prune_layer``'s outputs (``flowcut/modeling_llama_flowcut.py``); recorded as
-    ``("llm<layer>", indices)`` when present (prefill only: the decode steps do not prune)."""
-    layer_idx = getattr(model.get_model(), "prune_layer", None)
-    if getattr(model.config, "image_aspect_ratio", None) != "anyres" or layer_idx is None:
-        return []
-    import torch
-
-    def hook(module, args, output):
-        if isinstance(output, tuple) and len(output) > 1 and torch.is_tensor(output[-1]) and \
-                output[-1].dtype == torch.long:
-            store.append((f"llm{layer_idx}", output[-1].detach().cpu().clone()))
-
-    return [model.get_model().layers[layer_idx].register_forward_hook(hook)]
-
-
-def _flowcut_recorder(model, store: list):
-    return _kept_recorder(model, store) + _llm_kept_recorder(model, store)
-
-
-def _enable_flowcut(model, method: dict) -> None:
-    from flowcut import flowcut
-
-    flowcut(model, target_num=method["budget"])
-
-
-#: how each method is switched on in the official code, and how its kept indices are read: (enable(model, method),
-#: recorder(model, store) -> hook handles, or None). A repository that ships its own patched ``llava/`` tree runs
-#: with ``official_path`` on ``sys.path`` first (``python -m parity --official-path DIR``).
-ADAPTERS = {
-    "none": (lambda model, method: None, None),
-    "flowcut": (_enable_flowcut, _flowcut_recorder),
-}
+    if name == "none":
+        return None
+    folder = os.path.join(os.path.dirname(os.path.realpath(__file__)), "adapters")
+    path = os.path.join(folder, name + ".py")
+    if name.startswith("_") or not os.path.isfile(path):
+        known = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+        raise ValueError(f"official worker: no adapter for {name!r} ({', '.join(['none'] + known)})")
+    spec = importlib.util.spec_from_file_location(f"parity_adapter_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run(job: dict) -> dict:
@@ -145,6 +110,11 @@ def run(job: dict) -> dict:
 
     torch.manual_seed(0)
     path = job["model"]
+    # an adapter whose code reads its switches at load time (environment variables, config fields) sets them first
+    for method in job["methods"]:
+        adapter = _adapter(method["name"])
+        if adapter is not None and hasattr(adapter, "before_load"):
+            adapter.before_load(method)
     tokenizer, model, image_processor, _ = load_pretrained_model(path, None, os.path.basename(path.rstrip("/")),
                                                                  device="cpu")
     if job["dtype"] == "fp32":
@@ -156,10 +126,9 @@ def run(job: dict) -> dict:
                       "projector": str(next(model.get_model().mm_projector.parameters()).dtype)},
            "runs": []}
     for method in job["methods"]:
-        if method["name"] not in ADAPTERS:
-            raise ValueError(f"official worker: no adapter for {method['name']!r} ({', '.join(ADAPTERS)})")
-        enable, recorder = ADAPTERS[method["name"]]
-        enable(model, method)
+        adapter = _adapter(method["name"])
+        if adapter is not None:
+            adapter.enable(model, method)
         for batch in method.get("batches", job["batches"]):
             # the side the official code pads a batch on; FlowCut's NeXT LLM stage refuses "left" ("Not support
             # left padding now."), so its runs name "right" (alone: no padding either way)
@@ -179,18 +148,21 @@ def run(job: dict) -> dict:
                 mask[i, width - len(x):] = 1
             pix = pixels.to(images_dtype) if torch.is_tensor(pixels) else [p.to(images_dtype) for p in pixels]
             kept: list = []
-            handles = recorder(model, kept) if recorder is not None else []
+            handles = adapter.record(model, kept) if adapter is not None else []
             lengths: list = []  # the sequence length entering each decoder layer (prefill and decode)
             handles += [layer.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
                         for layer in model.get_model().layers]
             with torch.inference_mode():
-                out = model(input_ids=input_ids, attention_mask=mask, images=pix, image_sizes=sizes)
+                # what the method's own eval script passes besides the LLaVA inputs (e.g. the question's text)
+                extra = adapter.inputs(model, tokenizer, cases, prompts, input_ids) \
+                    if adapter is not None and hasattr(adapter, "inputs") else {}
+                out = model(input_ids=input_ids, attention_mask=mask, images=pix, image_sizes=sizes, **extra)
                 n_prefill_kept = len(kept)
                 logits = out.logits if hasattr(out, "logits") else out[0]  # FlowCut's NeXT forward: a tuple
                 layer_lengths = lengths[:len(model.get_model().layers)]
                 gen = model.generate(input_ids, attention_mask=mask, images=pix, image_sizes=sizes, do_sample=False,
                                      num_beams=1, max_new_tokens=job["max_new_tokens"], use_cache=True,
-                                     pad_token_id=tokenizer.unk_token_id)
+                                     pad_token_id=tokenizer.unk_token_id, **extra)
             for h in handles:
                 h.remove()
             res["runs"].append({
@@ -210,16 +182,17 @@ def main(argv: list[str]) -> int:
         return 2
     job = json.load(open(argv[0]))
     kind = job["kind"]
-    if job.get("official_path"):
-        root = os.path.realpath(job["official_path"])
-        if not os.path.isdir(os.path.join(root, "llava")):
-            print(f"official worker: {root} has no llava/ package (an official repository's clone ships one)",
-                  file=sys.stderr)
+    root = os.path.realpath(job["official_path"]) if job.get("official_path") else None
+    if root is not None:
+        if not os.path.isdir(root):
+            print(f"official worker: no folder {root}", file=sys.stderr)
             return 2
         sys.path.insert(0, root)
     import llava
 
-    expected = os.path.join(os.path.realpath(job["official_path"]), "llava") if job.get("official_path") else None
+    # a clone with its own llava/ tree replaces the installed official package; one without (FlowCut's repository,
+    # VisionZip's) runs its method package on the installed llava-torch
+    expected = os.path.join(root, "llava") if root and os.path.isdir(os.path.join(root, "llava")) else None
     where = os.path.dirname(os.path.realpath(llava.__file__))
     if (expected and where != expected) or (not expected and not where.endswith(os.path.join("site-packages", "llava"))):
         print(f"official worker: `llava` resolves to {where}, not {expected or 'the installed official package'}",

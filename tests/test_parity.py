@@ -199,7 +199,8 @@ def test_official_path_runs_the_clones_code(built, tmp_path, plant):
 
 
 @needs_official
-def test_official_path_without_a_llava_tree_is_refused(tmp_path):
+def test_official_path_without_the_methods_package_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "parity", "llava15", "--official-path", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --official-path {tmp_path} has no llava/ folder"
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: --official-path {tmp_path} has no flowcut/ folder (TungChintao/FlowCut does)"

@@ -1,0 +1,68 @@
+"""One adapter per official repository that ``python -m parity`` can run beside ours (docs/parity.md).
+
+An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
+
+- **the official side**, run by ``parity/official_worker.py`` inside ``.venv-official`` (the module is loaded there by
+  its file path, with nothing else of this repository importable, so it imports only the standard library at module
+  level and the official code inside its functions):
+
+  - ``enable(model, method)``: switch the method on the loaded official model as the repository's README / eval
+    scripts do (``method`` holds ``budget`` and the adapter's ``official`` options);
+  - ``record(model, store) -> handles``: hooks that append ``(stage, kept indices)`` to ``store`` where the official
+    code holds them (``stage``: e.g. ``1`` for CLIP layer 1, ``"llm2"`` for decoder layer 2; indices a tensor of
+    ``(samples, kept)``, ascending), returned so the worker removes them after the run;
+  - optional ``OFFICIAL = {"padding_side": "right", "alone": True}`` when the official code cannot run a left-padded
+    batch (``alone``: each image alone, on both sides);
+  - optional ``before_load(method)``: called before the official builder loads the model (switches the official
+    code reads at load time: environment variables, class attributes);
+  - optional ``inputs(model, tokenizer, cases, prompts, input_ids) -> dict``: keyword arguments the method's own
+    eval script passes to ``model(...)`` and ``generate(...)`` besides LLaVA's (e.g. the question's text).
+
+- **our side**:
+
+  - ``ours(budget) -> (method, options)``: our registered method and the options that reproduce the official code
+    (its reference mode, ``numerics="official"`` where the method has one);
+  - ``record_ours(rt, store) -> finish``: called before our prefill; appends the same ``(stage, indices)`` entries
+    (by wrapping the method instance, or in ``finish()``, called after the prefill, from ``rt.engine.selections``).
+
+Module constants: ``REPOSITORY`` (owner/name on GitHub), ``COMMIT`` (the commit the adapter was written and run
+against), ``PACKAGES`` (the top-level folders a clone must hold; the official side puts the clone first on its path,
+so its ``llava/`` replaces the installed llava-torch), ``INSTALLED`` (True when ``.venv-official`` already holds the
+code: FlowCut's package is on the package index, so its adapter runs without a clone).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+
+
+def names() -> list[str]:
+    """Every adapter, by name (the file names here, ``_``-prefixed helpers left out)."""
+    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_"))
+
+
+def path(name: str) -> Path:
+    return HERE / f"{name}.py"
+
+
+def get(name: str) -> ModuleType:
+    if name not in names():
+        raise ValueError(f"no parity adapter for {name!r} (adapters: {', '.join(names())}; docs/parity.md)")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def clone_problem(name: str, root: str | Path | None) -> str | None:
+    """Why ``root`` cannot serve as adapter ``name``'s clone (None: it can, or none is needed)."""
+    mod = get(name)
+    if root is None:
+        return None if mod.INSTALLED else (
+            f"{name} needs a clone of {mod.REPOSITORY} (bash scripts/official_clones.sh {name}, then "
+            f"--official-path .official/{name})")
+    missing = [p for p in mod.PACKAGES if not (Path(root) / p).is_dir()]
+    if missing:
+        return f"--official-path {root} has no {' or '.join(p + '/' for p in missing)} folder ({mod.REPOSITORY} does)"
+    return None
