@@ -184,7 +184,7 @@ def clone_for(name: str, official_path: str | None, clones: Path = CLONES) -> st
     problem = adapters.clone_problem(name, root)
     if problem:
         raise ValueError(problem)
-    return root
+    return None if root is None else adapters.official_root(name, root).rstrip("/")
 
 
 def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=(8, 16, 32),

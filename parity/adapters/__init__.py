@@ -28,7 +28,8 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
 Module constants: ``REPOSITORY`` (owner/name on GitHub), ``COMMIT`` (the commit the adapter was written and run
 against), ``PACKAGES`` (the top-level folders a clone must hold; the official side puts the clone first on its path,
 so its ``llava/`` replaces the installed llava-torch), ``INSTALLED`` (True when ``.venv-official`` already holds the
-code: FlowCut's package is on the package index, so its adapter runs without a clone).
+code: FlowCut's package is on the package index, so its adapter runs without a clone), optional ``ROOT`` (the folder
+inside the clone that holds ``llava/``, for a repository that keeps its LLaVA tree in a subfolder, e.g. ``LLaVA``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def official_root(name: str, clone: str | Path) -> str:
+    """The folder of ``clone`` the official side puts first on its path (the clone, or its ``ROOT`` subfolder)."""
+    return str(Path(clone) / getattr(get(name), "ROOT", ""))
+
+
 def clone_problem(name: str, root: str | Path | None) -> str | None:
     """Why ``root`` cannot serve as adapter ``name``'s clone (None: it can, or none is needed)."""
     mod = get(name)
@@ -62,7 +68,8 @@ def clone_problem(name: str, root: str | Path | None) -> str | None:
         return None if mod.INSTALLED else (
             f"{name} needs a clone of {mod.REPOSITORY} (bash scripts/official_clones.sh {name}, then "
             f"--official-path .official/{name})")
-    missing = [p for p in mod.PACKAGES if not (Path(root) / p).is_dir()]
+    root = Path(root) / getattr(mod, "ROOT", "")
+    missing = [p for p in mod.PACKAGES if not (root / p).is_dir()]
     if missing:
         return f"--official-path {root} has no {' or '.join(p + '/' for p in missing)} folder ({mod.REPOSITORY} does)"
     return None
