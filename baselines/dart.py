@@ -25,7 +25,9 @@ keys and final-normed hidden states cast to float16 (the official LLM runs in fp
 cosine similarity by ``F.cosine_similarity`` in fp16, and the pivots processed in the iteration order
 of a Python ``set`` of their sequence positions (image pivots then text pivots inserted in ``topk``
 order), exactly as the official loop ``for item in list(indices_set)``. ``pivot_order`` is ignored
-there. Default: fp32, ties to the lower index, pivots by position.
+there. Default: fp32, ties to the lower index, pivots by position. Option ``reference_dtype``: "model" (default: the
+dtype our LLM runs in, as the official code computes in its own LLM's dtype: fp16 under its builder, fp32 in an fp32
+run; ``python -m parity`` compares both) or "float16" (the official eval runs' arithmetic whatever ours runs in).
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ from llava.ops import check_numerics, equivalent_kept_count, masked_take, scale_
 OFFICIAL_DTYPE = torch.float16
 
 
-def dart_key_l1(keys: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+def dart_key_l1(keys: torch.Tensor, numerics: str = "ours", dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """(S,) L1 norm of each token's keys ``keys`` (S, H, d), heads concatenated: fp32 ("ours") or, as
-    the official ``torch.norm(k, p=1, dim=-1)``, in the official dtype (``"official"``)."""
+    the official ``torch.norm(k, p=1, dim=-1)``, in ``dtype`` (``"official"``: the official LLM's dtype, fp16 in
+    the official runs)."""
     check_numerics("dart", numerics)
     if numerics == "official":
-        return torch.norm(keys.to(OFFICIAL_DTYPE).flatten(1).contiguous(), p=1, dim=-1)
+        return torch.norm(keys.to(dtype).flatten(1).contiguous(), p=1, dim=-1)
     return keys.float().flatten(1).abs().sum(-1)
 
 
@@ -58,7 +61,8 @@ def dart_pivots(key_l1_visual: torch.Tensor, key_l1_text: torch.Tensor, num_imag
 
 def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, key_l1: torch.Tensor,
                 per_pivot: int, num_image: int = 4, num_text: int = 4, pivot_order: str = "index",
-                numerics: str = "ours", text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                numerics: str = "ours", text_mask: torch.Tensor | None = None,
+                official_dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """DART's retained visual tokens, as ascending indices into ``visual``.
 
     feats (S, D): final-normed hidden states after layer K-1; visual (N,) / text (T,): token indices
@@ -73,10 +77,11 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     then not exceed their count. No host read: the pivots' rows stay on the device (sorted there for
     "index"), and every pivot's candidate count is a host int.
 
-    ``numerics="official"``: :func:`dart_select_official` (``pivot_order`` is then not used)."""
+    ``numerics="official"``: :func:`dart_select_official` in ``official_dtype`` (``pivot_order`` is then not
+    used)."""
     check_numerics("dart", numerics)
     if numerics == "official":
-        return dart_select_official(feats, visual, text, key_l1, per_pivot, num_image, num_text)
+        return dart_select_official(feats, visual, text, key_l1, per_pivot, num_image, num_text, official_dtype)
     if pivot_order not in ("index", "score"):
         raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {pivot_order!r}")
     text_l1 = key_l1[text]
@@ -108,7 +113,8 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
 
 
 def dart_select_official(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, key_l1: torch.Tensor,
-                         per_pivot: int, num_image: int = 4, num_text: int = 4) -> torch.Tensor:
+                         per_pivot: int, num_image: int = 4, num_text: int = 4,
+                         dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """DART's retained visual tokens with the official numerics and order (reference mode); same
     arguments and result as :func:`dart_select`.
 
@@ -116,14 +122,14 @@ def dart_select_official(feats: torch.Tensor, visual: torch.Tensor, text: torch.
     fp16 from :func:`dart_key_l1`); the pivots' sequence positions (image pivots, then text pivots, in
     ``topk`` order) go into a Python ``set`` whose iteration order (CPython: by the ints' hash slots,
     deterministic) is the order in which they pick; each pick is ``topk`` of the negative
-    ``F.cosine_similarity`` of the features cast to float16 over the candidates in ascending position
-    order (the official ``list(valid_indices)``: a set of ints smaller than its table iterates in
-    ascending order). Counts are clipped to what exists (official ``topk`` would raise)."""
+    ``F.cosine_similarity`` of the features cast to ``dtype`` (the official LLM's: float16) over the
+    candidates in ascending position order (the official ``list(valid_indices)``: a set of ints smaller than
+    its table iterates in ascending order). Counts are clipped to what exists (official ``topk`` would raise)."""
     ni, nt = min(int(num_image), visual.numel()), min(int(num_text), text.numel())
     img_p = key_l1[visual].topk(ni).indices
     txt_p = key_l1[text].topk(nt).indices
     order = list(set(torch.cat([visual[img_p], text[txt_p]]).tolist()))  # the one host sync: 8 ints
-    f = feats.to(OFFICIAL_DTYPE)
+    f = feats.to(dtype)
     n = visual.numel()
     every = torch.arange(n, device=visual.device)
     cand = torch.ones(n, dtype=torch.bool, device=visual.device)
@@ -182,6 +188,9 @@ class DART(Method):
             # "ours" (fp32, ties to the lower index, pivot_order) or "official" (reference mode:
             # fp16 signals, torch.topk, the official set-iteration pivot order)
             "numerics": "ours",
+            # reference mode's arithmetic dtype: "float16" (the official runs' fp16 LLM) or "model" (the dtype our
+            # LLM runs in: the official code computes in its LLM's dtype, so an official fp32 run computes in fp32)
+            "reference_dtype": "model",
         }
 
     def __init__(self, budget=None, **options):
@@ -191,6 +200,8 @@ class DART(Method):
         if self.pivot_order not in ("index", "score"):
             raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {self.pivot_order!r}")
         check_numerics("dart", self.numerics)
+        if self.reference_dtype not in ("float16", "model"):
+            raise ValueError(f"dart: reference_dtype must be 'float16' or 'model', got {self.reference_dtype!r}")
         if int(self.pivot_image) < 0 or int(self.pivot_text) < 0 or int(self.pivot_image) + int(self.pivot_text) == 0:
             raise ValueError("dart: need at least one pivot")
         if not 0.0 <= float(self.reduction_ratio) <= 1.0:
@@ -235,8 +246,9 @@ class DART(Method):
         if self.kept_count(n, n_text) >= n:
             return Selection(keep=torch.arange(n, device=sig.visual.device))
         keys = sig.keys("prev", rope=True)  # (S, Hkv, d): layer K-1's cached keys
-        key_l1 = dart_key_l1(keys, self.numerics)
+        dtype = OFFICIAL_DTYPE if self.reference_dtype == "float16" else sig.hidden.dtype
+        key_l1 = dart_key_l1(keys, self.numerics, dtype)
         keep = dart_select(sig.final_norm(), sig.visual, sig.text_after, key_l1, t,
                            int(self.pivot_image), min(int(self.pivot_text), n_text), self.pivot_order, self.numerics,
-                           text_mask=sig.text_mask)
+                           text_mask=sig.text_mask, official_dtype=dtype)
         return Selection(keep=keep)

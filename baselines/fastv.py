@@ -2,7 +2,7 @@
 
 Official code: pkunlp-icler/FastV - the in-place version ``LlamaModel.forward`` ("FastV Token Rerank")
 in ``src/transformers/src/transformers/models/llama/modeling_llama.py`` and the KV-cache version
-``FastVLlamaModel.forward`` in ``src/FastV/lmms-eval-with-kvcache/fastv_kvcache.py``.
+``FastVLlamaModel.forward`` in ``src/FastV/lmms-eval/fastv_kvcache.py``.
 
 Algorithm (at the entry of decoder layer K, prefill only):
 

@@ -66,10 +66,12 @@ DEFAULT_LAYERS = (8, 16, 24)
 # ----------------------------------------------------------------------------------------------
 
 
-def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours",
+                 dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """One PyramidDrop stage: the top-``k`` visual tokens by the last instruction token's head-mean attention
-    (:func:`llava.ops.last_row_topk`, where the official numerics are described)."""
-    return last_row_topk(last_row_attn, visual, k, numerics, method="pdrop")
+    (:func:`llava.ops.last_row_topk`, where the official numerics are described; ``dtype``: the reference mode's,
+    the run's own)."""
+    return last_row_topk(last_row_attn, visual, k, numerics, method="pdrop", dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,4 +210,4 @@ class PyramidDrop(Method):
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         # (H, S): this layer's q/k, last prompt token; reference mode: the official eager attention's fp16 logits
         row = sig.attention("last", layer="next", logits="model" if self.numerics == "official" else "fp32")[:, 0]
-        return Selection(keep=pdrop_select(row, sig.visual, k, self.numerics))
+        return Selection(keep=pdrop_select(row, sig.visual, k, self.numerics, dtype=sig.hidden.dtype))

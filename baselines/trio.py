@@ -345,7 +345,7 @@ class TRIO(Method):
             return super().select_vision(sig)
         return vscan_stage1(sig.cls_attn_layers[self._local + 1], sig.cls_attn_layers[self._global + 1], sig.features,
                             sig.unit, sig.patch, sig.grid, self.visual_token_num, unit_host=sig._unit_host,
-                            numerics=self.numerics)
+                            numerics=self.numerics, official_dtype=sig.features.dtype)  # as VScan's method
 
     def select_llm(self, stage, sig):
         units = sig.vision.num_units if self.encoder is not None else 1

@@ -37,7 +37,8 @@ Options (docs/methods/vispruner.md):
 * ``numerics``: ``"ours"`` (default) or ``"official"`` (reference mode: the official numerics - [CLS]
   attention head mean in fp32 (the official tower stays fp32 under ``device_map='auto'`` and its attentions
   are not cast), both orderings by the unstable ``argsort(descending=True)`` as the official code, features
-  cast to float16 and normalised / multiplied there, and the official round sizes, including the one case
+  cast to the LLM's dtype (the official ``.to(images.dtype)``: fp16 as its eval scripts run the fp16 model,
+  fp32 on an fp32 model) and normalised / multiplied there, and the official round sizes, including the one case
   where the official gather keeps fewer than ours (odd |R| with r = |R| // 2: no A token survives); where
   the official indexing would fail, our rule applies instead of an error).
 * ``cls_token`` (Video-LLaVA frames, whose [CLS] is a visual token; video is not in the official
@@ -56,8 +57,10 @@ from llava.ops import check_numerics, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
 MAX_STEP = 8  # official: at most 8 tokens removed per round
-#: dtype of the official select-layer features (``.to(images.dtype)``: fp16) and of its [CLS] attentions (the
-#: tower's own dtype: fp32, the tower is not cast under ``device_map='auto'``)
+#: dtype of the official select-layer features (``.to(images.dtype)``: the eval scripts pass fp16 images, the
+#: model's dtype; the method passes the LLM's dtype, ``sig.features.dtype``, which the official images must have
+#: for its projector to run) and of its [CLS] attentions (the tower's own dtype: fp32, the tower is not cast under
+#: ``device_map='auto'``)
 OFFICIAL_FEATURE_DTYPE = torch.float16
 OFFICIAL_ATTENTION_DTYPE = torch.float32
 
@@ -142,16 +145,18 @@ def remove_duplicates(residual: torch.Tensor, normed: torch.Tensor, t_div: int, 
 
 
 def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div: int,
-                    reference: bool = False, numerics: str = "ours") -> torch.Tensor:
+                    reference: bool = False, numerics: str = "ours",
+                    feature_dtype: torch.dtype | None = None) -> torch.Tensor:
     """VisPruner on a batch of units: scores (B, N) head-mean [CLS] attention, feats (B, N, C)
     pre-projector features. Returns (B, min(N, T)) local indices, ascending.
-    ``numerics="official"``: scores as given (the official dtype), unstable ``argsort``, fp16 features."""
+    ``numerics="official"``: scores as given (the official dtype), unstable ``argsort``, features cast to
+    ``feature_dtype`` (the official ``.to(images.dtype)``; None: :data:`OFFICIAL_FEATURE_DTYPE`, fp16)."""
     check_numerics("vispruner", numerics)
     if numerics == "official":
         order = scores.argsort(dim=-1, descending=True)
         important, residual = order[:, :t_imp], order[:, t_imp:]
         if t_div > 0:
-            f = feats.to(OFFICIAL_FEATURE_DTYPE)
+            f = feats.to(OFFICIAL_FEATURE_DTYPE if feature_dtype is None else feature_dtype)
             residual = remove_duplicates(residual, f / f.norm(dim=-1, keepdim=True), t_div, numerics=numerics)
             important = torch.cat([important, residual], dim=1)
         return important.sort(dim=-1).values
@@ -170,9 +175,11 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
 def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               budget: int, *, important_ratio: float | None = None, reference: bool = False,
               cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours",
-              layout=None) -> torch.Tensor:
+              layout=None, feature_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Indices (ascending) of the tokens VisPruner keeps for one sample: per unit T = ``budget``.
-    ``numerics="official"``: the official numerics (module docstring); ``reference`` is then ignored.
+    ``numerics="official"``: the official numerics (module docstring); ``reference`` is then ignored;
+    ``feature_dtype``: the dtype the official code casts the features to, its images' dtype = the LLM's
+    (None: fp16, the fp16 model its eval scripts run).
     ``layout``: the :func:`unit_layout` of (unit, patch) when the caller has it (a planned one: no host
     read at all; every size below is then a host int, so the whole selection is capturable).
 
@@ -207,7 +214,8 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
     for (n, k), rows in groups.items():
         cand = torch.stack(rows)  # (B, n) units of equal size, one batch
         t_imp, t_div = split_budget(k, ratio)
-        local = vispruner_units(scores[cand], vision_features[cand], t_imp, t_div, reference, numerics)
+        local = vispruner_units(scores[cand], vision_features[cand], t_imp, t_div, reference, numerics,
+                                feature_dtype)
         kept.append(torch.gather(cand, 1, local).reshape(-1))
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
 
@@ -256,4 +264,6 @@ class VisPruner(Method):
         return Selection(keep=vispruner(sig.cls_attn, sig.vision_features, sig.unit, sig.patch, self.budget,
                                         important_ratio=self.important_ratio, reference=self.reference,
                                         cls_token=self.cls_token, keep_newlines=self.keep_newlines,
-                                        numerics=self.numerics, layout=sig.unit_layout(patch=True)))
+                                        numerics=self.numerics, layout=sig.unit_layout(patch=True),
+                                        # the official .to(images.dtype): its images are in the model's dtype
+                                        feature_dtype=sig.features.dtype))

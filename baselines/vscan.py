@@ -29,8 +29,10 @@ See docs/methods/vscan.md for budgets, layer mappings and deviations.
 
 Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics of both stages.
 The official tower runs in fp32 (``load_pretrained_model``'s default ``device_map='auto'`` leaves it uncast),
-but ``CLIPVisionTower.forward`` casts its features *and* attentions ``.to(images.dtype)`` (fp16), the
-projector and the LLM run in fp16. Stage 1: the [CLS] rows cast to fp16, head mean in fp16, the local scan
+but ``CLIPVisionTower.forward`` casts its features *and* attentions ``.to(images.dtype)`` (fp16 under its eval
+scripts; in an fp32 run fp32: ours takes the run's own dtype, the projected features', so the parity harness's fp32
+rows match the official fp32 run), the projector and the LLM run in fp16. Stage 1: the [CLS] rows cast to fp16, head
+mean in fp16, the local scan
 ``torch.topk`` per window (row-major window vector), the global scan ``torch.topk`` of the unit's patch row
 with the local picks set to **0** (not excluded: a local pick can be picked again where fewer non-local
 patches are positive in fp16, and the unit then keeps fewer targets; one host read per sample for the
@@ -168,7 +170,10 @@ class VScan(Method):
                             local_ratio=float(self.local_ratio), remainder=self.remainder,
                             unit_host=sig._unit_host, numerics=self.numerics,
                             layout=sig.unit_layout() if planned else None,
-                            local_host=sig.static if planned else None)
+                            local_host=sig.static if planned else None,
+                            # reference mode: the official .to(images.dtype), the run's own dtype (fp16 under the
+                            # official eval scripts, fp32 in an fp32 run; parity/adapters/vscan.py)
+                            official_dtype=sig.features.dtype)
 
     def select_llm(self, stage, sig):
         k = self.stage2_count(sig.vision.num_units)
@@ -176,4 +181,5 @@ class VScan(Method):
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         # (H, S): layer K's q/k, last prompt token; reference mode: the official eager attention's fp16 logits
         row = sig.attention("last", layer="next", logits="model" if self.numerics == "official" else "fp32")[:, 0]
-        return Selection(keep=last_row_topk(row, sig.visual, k, self.numerics, method="vscan"))
+        return Selection(keep=last_row_topk(row, sig.visual, k, self.numerics, method="vscan",
+                                          dtype=sig.hidden.dtype))

@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
                         "(scripts/official_clones.sh), else the installed official code")
     p.add_argument("--method", nargs="+", default=["flowcut"],
                    help="methods compared, by adapter (parity/adapters/; default: flowcut)")
-    p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 32], help="visual tokens kept (default: 8 16 32)")
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="budgets in each method's own unit (visual tokens kept for most; PyramidDrop / FastV: tokens "
+                        "per layer on average); default: the adapter's BUDGETS, else 8 16 32")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"],
                    help="fp32: both sides in fp32; fp16: the official builder's load (fp16 LLM, fp32 tower)")
     p.add_argument("--vision-attn", choices=("eager", "sdpa"), default="eager",
@@ -52,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.official_path:  # the official side runs from its own empty folder: a relative path would miss
+        args.official_path = str(Path(args.official_path).expanduser().resolve())
     py = args.venv / "bin" / "python"
     if not py.exists():
         print(f"error: no official environment at {args.venv}: run `bash scripts/official_env.sh` first",
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     checks = []
     if args.part in ("all", "llava15"):
-        checks += llava15.run(info, str(py), work, dtypes=tuple(args.dtypes), budgets=tuple(args.budgets),
+        checks += llava15.run(info, str(py), work, dtypes=tuple(args.dtypes),
+                              budgets=tuple(args.budgets) if args.budgets else None,
                               max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
                               methods=tuple(args.method), official_path=args.official_path)
     if args.part in ("all", "next"):

@@ -217,16 +217,18 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def build(work: Path, official_python: str, seed: int = 0) -> dict:
+def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = None) -> dict:
     """Build the three folders and the images (idempotent: a finished build, marked by ``built.json`` with the same
-    seed, is reused). Returns the paths."""
+    seed and tower, is reused). Returns the paths. ``tower``: the CLIP tower's config (default :data:`TOWER`, 8 x 8
+    patches; :func:`build_for` gives an adapter the 24 x 24 one its official code hard-codes)."""
     import transformers as tf
 
+    tower = dict(TOWER if tower is None else tower)
     work = Path(work).resolve()
     marker = work / "built.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("seed") == seed:
+        if info.get("seed") == seed and info.get("tower", TOWER) == tower:
             return info
     clip_dir, off_dir, hf_dir = work / "clip", work / OFFICIAL_NAME, work / HF_NAME
     for d in (clip_dir, off_dir, hf_dir):
@@ -235,10 +237,10 @@ def build(work: Path, official_python: str, seed: int = 0) -> dict:
                                          "corpus": CORPUS, "vocab_size": VOCAB}, work, "tokenizer")
     vocab = tok["vocab_size"]
     gen = torch.Generator().manual_seed(seed)
-    llm_shapes, tower_shapes = official_shapes(TOWER, vocab)
-    tower_sd = _write_tower(clip_dir, TOWER, tower_shapes, gen)
+    llm_shapes, tower_shapes = official_shapes(tower, vocab)
+    tower_sd = _write_tower(clip_dir, tower, tower_shapes, gen)
     # the LLM + projector in the official LlavaLlamaForCausalLM keys
-    d_v = TOWER["hidden_size"]
+    d_v = tower["hidden_size"]
     llm_sd = random_state(llm_shapes, gen, "llm")
     _save_safetensors(llm_sd, off_dir / "model.safetensors")
     official_cfg = dict(LLM, architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", vocab_size=vocab,
@@ -252,7 +254,7 @@ def build(work: Path, official_python: str, seed: int = 0) -> dict:
     (off_dir / "config.json").write_text(json.dumps(official_cfg, indent=1))
     # the transformers 5 checkpoint, by our mapping
     tcfg = tf.LlamaConfig(**LLM, vocab_size=vocab, bos_token_id=tok["bos"], eos_token_id=tok["eos"])
-    hf_cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**TOWER), text_config=tcfg,
+    hf_cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**tower), text_config=tcfg,
                             image_token_id=tok["image_piece_id"],
                             projector_hidden_act="gelu", vision_feature_layer=-2,
                             vision_feature_select_strategy="default", multimodal_projector_bias=True)
@@ -262,12 +264,23 @@ def build(work: Path, official_python: str, seed: int = 0) -> dict:
         raise KeyError(f"the mapped checkpoint does not fit LlavaForConditionalGeneration: missing {missing}, "
                        f"unexpected {unexpected}")
     model.save_pretrained(hf_dir)
-    (hf_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(), indent=1))
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(tower["image_size"]), indent=1))
     images = write_images(work / "images", seed)
-    info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
+    info = {"seed": seed, "tower": tower, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
             "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": tok["image_piece_id"]}
     marker.write_text(json.dumps(info, indent=1))
     return info
+
+
+def build_for(grid: int | None, work: Path, official_python: str, seed: int = 0) -> dict:
+    """The tiny LLaVA-1.5 weights for an adapter's patch ``grid`` (its ``GRID``; None or 8: :func:`build` in ``work``;
+    24: the NeXT build's 96 px / patch 4 tower, 24 x 24 patches as CLIP-L/336's, in ``work / "grid24"``, for official
+    code that hard-codes that grid)."""
+    if grid in (None, TOWER["image_size"] // TOWER["patch_size"]):
+        return build(work, official_python, seed)
+    if grid != NEXT_TOWER["image_size"] // NEXT_TOWER["patch_size"]:
+        raise ValueError(f"parity: no tiny tower with a {grid} x {grid} patch grid (8 or 24)")
+    return build(Path(work) / f"grid{grid}", official_python, seed, tower=NEXT_TOWER)
 
 
 # -- LLaVA-NeXT (anyres) ----------------------------------------------------------------------------------------------

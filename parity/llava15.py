@@ -52,21 +52,40 @@ def official(info: dict, official_python: str, dtype: str, methods: list[dict], 
     return run_official(official_python, job, work, name)
 
 
+def our_method(name: str, budget: int, dtype: str) -> tuple[str, dict]:
+    """Adapter ``name``'s (our method, options) for ``budget`` and the precision (``ours(budget, dtype=...)`` when the
+    adapter takes it); ``options["budget"]``, when there, replaces the budget (None: an adaptive method)."""
+    import inspect
+
+    fn = adapters.get(name).ours
+    method, options = fn(budget, dtype=dtype) if "dtype" in inspect.signature(fn).parameters else fn(budget)
+    return method, dict(options)
+
+
 def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, vision_attn: str = "eager") -> list[dict]:
     import llava
 
     half = dtype == "fp16"
     # transformers 4.36's CLIP has one attention, the eager one: the tower on eager (the LLM on SDPA, as 4.36's LLaMA)
     attn = {"": "sdpa", "text_config": "sdpa", "vision_config": vision_attn}
-    rt = llava.load(info["hf"], dtype="float16" if half else "float32", vision_dtype="float32" if half else None,
-                    attn_implementation=attn)
+    load = {"dtype": "float16" if half else "float32", "vision_dtype": "float32" if half else None}
+    extra: dict = {}
+    for m in methods:  # an adapter's load options for this precision (e.g. a fork that casts the tower to fp16)
+        for k, v in getattr(adapters.get(m["name"]), "OURS_LOAD", {}).get(dtype, {}).items() if m["name"] != "none" \
+                else ():
+            if k in extra and extra[k] != v:
+                raise ValueError(f"parity: the adapters of {[m['name'] for m in methods]} load our model differently "
+                                 f"({k}); run them one at a time")
+            extra[k] = v
+    rt = llava.load(info["hf"], attn_implementation=attn, **{**load, **extra})
     out = []
     for method in methods:
         if method["name"] == "none":
             rt.unprune()
         else:
-            name, options = adapters.get(method["name"]).ours(method["budget"])
-            rt.prune(name, method["budget"], **options)
+            name, options = our_method(method["name"], method["budget"], dtype)
+            budget = options.pop("budget", method["budget"])  # an adaptive method: None
+            rt.prune(name, budget, **options)
         for batch in method.get("batches", batches(len(info["images"]))):
             cs = [cases(info)[c] for c in batch]
             kept: list = []
@@ -177,7 +196,7 @@ def clone_for(name: str, official_path: str | None, clones: Path = CLONES) -> st
     (scripts/official_clones.sh), else None (the installed official code). Raises ValueError with what to do when
     the adapter needs a clone and has none, or the clone lacks the adapter's folders."""
     if name == "none":
-        return official_path
+        return None  # the unpruned model: always the installed official code (a method's tree may need its switch)
     root = official_path
     if root is None and (clones / name).is_dir():
         root = str(clones / name)
@@ -187,7 +206,12 @@ def clone_for(name: str, official_path: str | None, clones: Path = CLONES) -> st
     return None if root is None else adapters.official_root(name, root).rstrip("/")
 
 
-def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=(8, 16, 32),
+#: the budgets compared when neither the command nor the adapter names others (``BUDGETS`` in an adapter: its
+#: method's own budget unit, e.g. PyramidDrop's average tokens per layer)
+DEFAULT_BUDGETS = (8, 16, 32)
+
+
+def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=None,
         max_new_tokens: int = 8, vision_attn: str = "eager", methods=("flowcut",),
         official_path: str | None = None, clones: Path = CLONES) -> list[Check]:
     """Every LLaVA-1.5 check: for each precision, the unpruned model and each method at each budget, each image
@@ -206,24 +230,39 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
     todo = [{"name": "none"}]
     for m in methods:
         extra = getattr(adapters.get(m), "OFFICIAL", {})
-        for t in budgets:
+        for t in budgets or getattr(adapters.get(m), "BUDGETS", DEFAULT_BUDGETS):
             spec = {"name": m, "budget": t}
             if extra.get("alone"):
                 spec["batches"] = [[i] for i in range(n)]
             if extra.get("padding_side"):
                 spec["padding_side"] = extra["padding_side"]
             todo.append(spec)
-    # one official job per clone (the unpruned model on the installed code, or on the one clone given)
+    # one official job per clone and tower; the unpruned model on the installed code (llava-torch). An adapter
+    # whose official code hard-codes CLIP-L/336's 24 x 24 grid (``GRID = 24``) runs on weights with that grid, and
+    # the unpruned model is compared there too.
+    grid_of = {m: getattr(adapters.get(m), "GRID", None) for m in methods}
+    default_grid = info["tower"]["image_size"] // info["tower"]["patch_size"] if "tower" in info else None
+    grids = {g for g in grid_of.values() if g not in (None, default_grid)}
+    infos = {None: info, default_grid: info}
+    for g in sorted(grids):
+        from .build import build_for
+
+        infos[g] = build_for(g, work, official_python, seed=info.get("seed", 0))
     groups: dict = {}
-    for spec in todo:
-        root = official_path if spec["name"] == "none" else roots[spec["name"]]
-        groups.setdefault(root, []).append(spec)
+    for g in [None, *sorted(grids)]:
+        if g is None or g in grids:
+            groups.setdefault((None, g), []).append({"name": "none"})
+    for spec in todo[1:]:
+        g = grid_of[spec["name"]] if grid_of[spec["name"]] in grids else None
+        groups.setdefault((roots[spec["name"]], g), []).append(spec)
     checks = []
     for dtype in dtypes:
-        off_runs, mine_runs = [], []
-        for root, specs in groups.items():
-            off = official(info, official_python, dtype, specs, max_new_tokens, work, root)
-            off_runs += off["runs"]
-            mine_runs += ours(info, dtype, specs, max_new_tokens, vision_attn)
-        checks += compare({"runs": off_runs}, mine_runs, dtype, 1e-5 if dtype == "fp32" else None, eos)
+        for (root, g), specs in groups.items():
+            off = official(infos[g], official_python, dtype, specs, max_new_tokens, work / (f"grid{g}" if g else ""),
+                           root)
+            mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
+            for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, eos):
+                if g:  # the 24 x 24 tower's rows: named apart from the default tower's
+                    c.case = f"grid{g} {c.case}"
+                checks.append(c)
     return checks

@@ -188,6 +188,12 @@ def main(argv: list[str]) -> int:
             print(f"official worker: no folder {root}", file=sys.stderr)
             return 2
         sys.path.insert(0, root)
+    # an adapter that must bridge the clone to this environment before its llava imports (e.g. a fork written for
+    # an older transformers: a config name registered twice) does so here
+    for method in job.get("methods", []):
+        adapter = _adapter(method["name"])
+        if adapter is not None and hasattr(adapter, "before_import"):
+            adapter.before_import()
     import llava
 
     # a clone with its own llava/ tree replaces the installed official package; one without (FlowCut's repository,

@@ -57,12 +57,25 @@ for row in "${rows[@]}"; do
     dir="$DEST/$name"
     if [ ! -d "$dir/.git" ]; then
         say "$name: cloning $url"
-        git clone -q "$url" "$dir"
+        git clone -q --no-checkout "$url" "$dir"
     fi
     if ! git -C "$dir" cat-file -e "$commit^{commit}" 2>/dev/null; then
         git -C "$dir" fetch -q origin
     fi
-    git -C "$dir" -c advice.detachedHead=false checkout -q "$commit"
+    if ! git -C "$dir" -c advice.detachedHead=false checkout -q --detach "$commit" 2>/dev/null; then
+        # a mirror or a partial clone may lack some large blobs (figures): HEAD and the index on the commit, then
+        # every file whose content is there; the adapter's own folders must all be present
+        git -C "$dir" -c advice.detachedHead=false reset -q "$commit"
+        git -C "$dir" ls-tree -r "$commit" | awk '$2 == "blob" {print $3 "\t" $4}' >"$dir/.git/vtprune-files"
+        : >"$dir/.git/vtprune-present"; missing=0
+        while IFS=$'\t' read -r sha path; do
+            if git -C "$dir" cat-file -e "$sha" 2>/dev/null; then echo "$path" >>"$dir/.git/vtprune-present"
+            else missing=$((missing + 1)); say "$name: warning: $path is not in the source (left out)"; fi
+        done <"$dir/.git/vtprune-files"
+        git -C "$dir" checkout -q --pathspec-from-file="$dir/.git/vtprune-present" -- 2>/dev/null || \
+            git -C "$dir" checkout -q --pathspec-from-file="$dir/.git/vtprune-present"
+        say "$name: $missing file(s) absent from the source, the rest checked out"
+    fi
     say "$name: $repo at ${commit:0:12} in $dir"
 done
 say "done: python -m parity llava15 --method <name> (docs/parity.md)"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import FAMILIES, make_batch, slice_batch
 
-from baselines.dart import DART, dart_pivots, dart_select
+from baselines.dart import DART, dart_key_l1, dart_pivots, dart_select
 from llava.method import get_method
 
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
@@ -59,6 +59,33 @@ def test_pivot_order_decides_who_gets_a_shared_candidate():
     assert dart_select(*args, pivot_order="score").tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError):
         dart_select(*args, pivot_order="set")
+
+
+def test_reference_dtype_is_the_official_llms_dtype():
+    """The official ``get_retained_image_token`` computes the key norms and similarities in its LLM's dtype: fp16 in
+    the official runs, fp32 when the official model runs in fp32 (``python -m parity``'s fp32 rows: at T = 32 the
+    fp16 cast kept another token than the official fp32 run). Tokens 0..4 visual, 5 text; one image and one text
+    pivot, t = 1. L1 key norms 2049 / 2048: in fp32 token 0 is the image pivot; in fp16 both are 2048 (a tie,
+    resolved as torch.topk resolves it). Each pivot then adds its least similar candidate: token 2 (90 deg from
+    both), and the text pivot (0 deg) token 3 (45 deg)."""
+    keys = torch.tensor([2049., 2048., 1., 1., 1., 5.]).reshape(6, 1, 1)  # (S, H, d)
+    feats = torch.tensor([[1., 0.], [1., 0.01], [0., 1.], [0.7, 0.7], [0.9, 0.3], [1., 0.]])
+    vis, txt = torch.arange(5), torch.tensor([5])
+
+    def run(dtype):
+        l1 = dart_key_l1(keys, "official", dtype)
+        return l1, dart_select(feats, vis, txt, l1, 1, 1, 1, numerics="official", official_dtype=dtype).tolist()
+
+    l1, keep = run(torch.float32)
+    assert l1.dtype == torch.float32 and l1[:2].tolist() == [2049., 2048.] and keep == [0, 2, 3]
+    l1, keep = run(torch.float16)
+    assert l1.dtype == torch.float16 and l1[:2].tolist() == [2048., 2048.]
+    assert keep == sorted([int(l1[:5].topk(1).indices), 2, 3])
+    # the defaults are the fp16 of the official runs
+    assert dart_key_l1(keys, "official").dtype == torch.float16
+    assert DART(16).reference_dtype == "model" and DART(16, reference_dtype="float16").reference_dtype == "float16"
+    with pytest.raises(ValueError):
+        DART(16, reference_dtype="float32")
 
 
 def test_budget_arithmetic():

@@ -66,8 +66,9 @@ def test_clone_lookup(tmp_path):
         clone_for("flowcut", str(other), clones=tmp_path)
     (other / "flowcut").mkdir()
     assert clone_for("flowcut", str(other), clones=tmp_path) == str(other)
-    # the unpruned model follows --official-path (or the installed code)
+    # the unpruned model always runs on the installed code (a method's tree may need its switch to run at all)
     assert clone_for("none", None, clones=tmp_path) is None
+    assert clone_for("none", str(other), clones=tmp_path) is None
 
 
 def test_an_adapter_that_needs_a_clone_says_how_to_get_it(tmp_path, monkeypatch):

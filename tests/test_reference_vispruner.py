@@ -177,3 +177,50 @@ def test_reference_mode_runs_in_the_engine(rt):
     from conftest import check_reference_mode_in_engine
 
     check_reference_mode_in_engine(rt, "vispruner", *ENGINE_ARGS[rt.family], stage="vision")
+
+
+# ------------------------------------------------------------------------------ the features' dtype = the model's
+
+
+def test_reference_mode_casts_the_features_to_the_models_dtype(monkeypatch):
+    """The official ``clip_encoder.forward`` casts the select-layer features ``.to(images.dtype)``, and its images
+    are in the model's dtype (fp16 as its eval scripts run it; the parity harness's fp32 model gets fp32 images, and
+    fp16 images would not pass an fp32 projector). Found by parity (``python -m parity llava15 --method vispruner``,
+    fp32: 2 of 5 kept sets differed while the reference mode cast to fp16 whatever the model's dtype).
+
+    Worked: 12 patches (3-d features in eighths, exact in fp16), T = 8, ratio .25: T_imp 2 (patches 0, 1),
+    R = 2..11, one round with r = 4 of A = (2, 4, 6, 8, 10), one survivor. The A tokens' best similarity to B,
+    fp32: 0.84119, 0.44459, 0.88949, 0.51533, 0.44448 -> patch 10 (the least) survives; after the fp16
+    normalisation: 0.84082, 0.44434, 0.88867, 0.51562, 0.44482 -> patch 4 survives (no ties either way)."""
+    feats = torch.tensor([[1, 8, -3], [3, 1, 1], [2, -4, 4], [-6, 8, -7], [5, -4, 2], [-6, -1, -6], [-7, -7, 5],
+                          [-1, 5, -8], [4, 8, -1], [-1, -3, 3], [5, 0, -4], [-7, 5, -6]], dtype=torch.float32) / 8
+    attn = torch.tensor([[.5, .4] + [.01] * 10])  # one head; patches 0 and 1 are the important ones
+    off32 = official_select(feats[None], attn[None], 8, .25)[0]
+    off16 = official_select(feats[None].half(), attn[None], 8, .25)[0]
+    assert off32 == [0, 1, 3, 5, 7, 9, 10, 11] and off16 == [0, 1, 3, 4, 5, 7, 9, 11]
+    n = feats.shape[0]
+    unit_ids, patch_ids = torch.zeros(n, dtype=torch.long), torch.arange(n)
+
+    def ours(**kw):
+        return vispruner(attn, feats, unit_ids, patch_ids, 8, important_ratio=.25, numerics="official", **kw).tolist()
+
+    assert ours(feature_dtype=torch.float32) == off32  # the fp32 model
+    assert ours(feature_dtype=torch.float16) == off16 == ours()  # the fp16 model (the default of the function)
+
+    # the method passes the LLM's dtype (the projected tokens', sig.features)
+    import baselines.vispruner as vp
+    from llava.ops import unit_layout
+
+    seen = []
+    inner = vp.vispruner
+    monkeypatch.setattr(vp, "vispruner", lambda *a, **k: seen.append(k["feature_dtype"]) or inner(*a, **k))
+
+    class Sig:
+        features = torch.zeros(n, 8, dtype=torch.float64)
+        vision_features, cls_attn, unit, patch = feats, attn, unit_ids, patch_ids
+
+        def unit_layout(self, patch=False):
+            return unit_layout(unit_ids, patch_ids)
+
+    keep = VisPruner(8, numerics="official", important_ratio=.25).select_vision(Sig()).keep
+    assert seen == [torch.float64] and keep.tolist() == ours(feature_dtype=torch.float64)

@@ -134,24 +134,28 @@ def stage0_scores(cls_attn: torch.Tensor, agg: str = "sum", numerics: str = "our
     return ca.sum(0) if agg == "sum" else ca.mean(0)
 
 
-def llm_stage_score(probs: torch.Tensor, visual: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+def llm_stage_score(probs: torch.Tensor, visual: torch.Tensor, numerics: str = "ours",
+                    dtype: torch.dtype = OFFICIAL_LLM_DTYPE) -> torch.Tensor:
     """LLM-stage score S(j) (Nv,) from ``probs`` (H, Nv, S): the visual queries' causal attention
     probabilities over all S tokens; ``visual`` (Nv,) the visual columns. Mean over heads, then over the
-    queries, of the visual columns (fp32). ``numerics="official"``: the probabilities cast to float16, the
-    head mean of the full rows, the visual columns, the query mean, in fp16 (``visiondrop_rank_drop``'s
-    order and layout)."""
+    queries, of the visual columns (fp32). ``numerics="official"``: the probabilities cast to ``dtype`` (the official
+    ``query_states.dtype``: fp16 as its builder loads the LLM; the method passes the run's own), the head mean of
+    the full rows, the visual columns, the query mean, in that dtype (``visiondrop_rank_drop``'s order and
+    layout)."""
     check_numerics("visiondrop", numerics)
     if numerics == "official":
-        return probs.to(OFFICIAL_LLM_DTYPE).mean(dim=0)[:, visual].mean(dim=0)
+        return probs.to(dtype).mean(dim=0)[:, visual].mean(dim=0)
     return probs[:, :, visual].mean(0).mean(0)
 
 
-def llm_stage_metric(keys: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+def llm_stage_metric(keys: torch.Tensor, numerics: str = "ours",
+                     dtype: torch.dtype = OFFICIAL_LLM_DTYPE) -> torch.Tensor:
     """LLM-stage merge metric (Nv, d) from the RoPE-rotated keys (Nv, H_kv, d): head mean in fp32, or
-    (``numerics="official"``) the keys in float16 and the head mean in fp16 (``cur_key_states.mean(0)``)."""
+    (``numerics="official"``) the keys in ``dtype`` (fp16 as the official builder loads the LLM; the method passes
+    the run's own) and the head mean in it (``cur_key_states.mean(0)``)."""
     check_numerics("visiondrop", numerics)
     if numerics == "official":
-        return keys.to(OFFICIAL_LLM_DTYPE).transpose(0, 1).mean(dim=0)
+        return keys.to(dtype).transpose(0, 1).mean(dim=0)
     return keys.float().mean(1)
 
 
@@ -315,6 +319,7 @@ class VisionDrop(Method):
         if sig.num_visual <= d + c:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
         p = sig.attention("visual", layer="next")  # (H, Nv, S): visual queries -> all keys
-        score = llm_stage_score(p, sig.visual, self.numerics)
-        keys = llm_stage_metric(sig.keys("next", rope=True)[sig.visual], self.numerics)  # (Nv, d) head mean, rotated
+        score = llm_stage_score(p, sig.visual, self.numerics, dtype=sig.hidden.dtype)  # the run's dtype
+        keys = llm_stage_metric(sig.keys("next", rope=True)[sig.visual], self.numerics,
+                                dtype=sig.hidden.dtype)  # (Nv, d) head mean, rotated
         return llm_stage_select(score, keys, d, c, self.numerics)

@@ -93,15 +93,17 @@ def fit_stage_counts(n_visual: int, counts: Sequence[int], layers_ref: Sequence[
 
 
 def last_row_topk(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours",
-                  method: str = "pdrop") -> torch.Tensor:
+                  method: str = "pdrop", dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """PyramidDrop's stage rule (VScan's too): ``last_row_attn`` (H, S) = the last instruction token's attention
     probabilities under the boundary layer's q/k, per head. Returns the indices (into ``visual``)
     of the top-``k`` visual tokens by head-mean attention, ascending (ties: lower index).
-    ``numerics="official"``: the rows cast to float16, the official (H, 1, S) mean over heads, the
-    visual columns, the mean over the one query row, all in fp16, then ``torch.topk``."""
+    ``numerics="official"``: the rows cast to ``dtype`` (the official ``.to(query_states.dtype)``: fp16 as its
+    builder loads the LLM; the methods pass the run's own dtype, so an fp32 run ranks in fp32 as the official code
+    run in fp32 does), the official (H, 1, S) mean over heads, the visual columns, the mean over the one query row,
+    all in that dtype, then ``torch.topk``."""
     check_numerics(method, numerics)
     if numerics == "official":
-        per_head = last_row_attn.to(torch.float16)[:, None]  # (H, 1, S) as the official attn_weights
+        per_head = last_row_attn.to(dtype)[:, None]  # (H, 1, S) as the official attn_weights
         scores = per_head.mean(dim=0)[:, visual].mean(dim=0)  # heads, then the query row(s)
         return scores.topk(max(0, min(int(k), scores.numel()))).indices.sort().values
     scores = last_row_attn.float().mean(0)[visual]

@@ -88,13 +88,13 @@ def _vscan_official_scans(a_loc, a_glob, unit, patch, pruned_tok, num_units, row
     return local, glob
 
 
-def _vscan_official_assign(features, unit, targets, others_mask):
+def _vscan_official_assign(features, unit, targets, others_mask, dtype=VSCAN_OFFICIAL_DTYPE):
     """Reference-mode assignment: per unit ``F.cosine_similarity`` of the fp16 features of its other tokens
     against its targets (official (1, R, 1, D) x (1, 1, m, D), dim 3), ``argmax`` = first maximum.
     Returns (T,) long: the index into ``targets`` of each other token, -1 elsewhere."""
     dev = features.device
     n = unit.numel()
-    x = features.to(VSCAN_OFFICIAL_DTYPE)
+    x = features.to(dtype)
     assign = torch.full((n,), -1, dtype=torch.long, device=dev)
     t_unit = unit[targets]
     for u in torch.unique(t_unit).tolist():
@@ -135,7 +135,7 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
                  unit: torch.Tensor, patch: torch.Tensor, grid: tuple[int, int], budget: int, *,
                  window: int | None = None, local_ratio: float = 0.5, remainder: str = "drop",
                  unit_host: torch.Tensor | None = None, return_scans: bool = False, numerics: str = "ours",
-                 layout=None, local_host: tuple | None = None):
+                 layout=None, local_host: tuple | None = None, official_dtype: torch.dtype = VSCAN_OFFICIAL_DTYPE):
     """VScan's stage 1 for one sample (all its units).
 
     local_attn / global_attn: (H, T) or (T,) [CLS] query rows of the local / global layer (head mean
@@ -152,7 +152,10 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
     ``assign`` = nearest target of the same unit (cosine), rule ``mean`` in projected space, ``order`` =
     ascending token index. With ``return_scans`` also the (T,) bool masks of the local and global picks.
     ``numerics="official"``: reference mode (module doc): fp16 scores, the official ``torch.topk`` calls
-    (local picks zeroed in the global row), fp16 ``F.cosine_similarity`` for the assignment.
+    (local picks zeroed in the global row), fp16 ``F.cosine_similarity`` for the assignment. ``official_dtype``: the
+    dtype of those scores and of the assignment in reference mode, the official ``.to(images.dtype)`` (fp16 under the
+    official eval scripts; the VScan method passes the run's own dtype, so an fp32 run scans in fp32 as the official
+    code run in fp32 does).
     """
     check_numerics("vscan", numerics)
     if remainder not in VSCAN_REMAINDERS:
@@ -175,7 +178,7 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
         sel = Selection(keep=torch.arange(n, device=dev))
         return (sel, no_scan, no_scan) if return_scans else sel
     official = numerics == "official"
-    sdt = VSCAN_OFFICIAL_DTYPE if official else torch.float32  # official: rows cast to fp16, head mean in fp16
+    sdt = official_dtype if official else torch.float32  # official: rows cast to images.dtype, head mean in it
     a_loc = local_attn.to(sdt).reshape(-1, n).mean(0)
     a_glob = global_attn.to(sdt).reshape(-1, n).mean(0)
     rows, cols = int(grid[0]), int(grid[1])
@@ -202,7 +205,7 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
                                       cols, s, k_win, g_list)
         picked = local | glob
         targets = torch.nonzero(picked).flatten()  # the one host read (picks may overlap, official)
-        assign = _vscan_official_assign(features, unit_d, targets, pruned_tok & ~picked)
+        assign = _vscan_official_assign(features, unit_d, targets, pruned_tok & ~picked, official_dtype)
         keep_h = (~pruned_tok_h).nonzero().flatten()
         keep = keep_h.to(dev)
         order = torch.argsort(torch.cat([keep, targets])) if keep_h.numel() else None

@@ -13,6 +13,8 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
     ``(samples, kept)``, ascending), returned so the worker removes them after the run;
   - optional ``OFFICIAL = {"padding_side": "right", "alone": True}`` when the official code cannot run a left-padded
     batch (``alone``: each image alone, on both sides);
+  - optional ``before_import()``: called before the official side imports ``llava`` (a bridge from a fork written
+    for an older transformers to this environment's, e.g. a config name registered twice);
   - optional ``before_load(method)``: called before the official builder loads the model (switches the official
     code reads at load time: environment variables, class attributes);
   - optional ``inputs(model, tokenizer, cases, prompts, input_ids) -> dict``: keyword arguments the method's own
@@ -20,8 +22,11 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
 
 - **our side**:
 
-  - ``ours(budget) -> (method, options)``: our registered method and the options that reproduce the official code
-    (its reference mode, ``numerics="official"`` where the method has one);
+  - ``ours(budget[, dtype]) -> (method, options)``: our registered method and the options that reproduce the
+    official code (its reference mode, ``numerics="official"`` where the method has one); with a ``dtype`` parameter
+    it gets the precision ("fp32" / "fp16"); ``options["budget"]`` replaces the budget (None: an adaptive method);
+  - optional ``OURS_LOAD = {"fp16": {...}}``: options of ``llava.load`` for a precision (a fork that casts the
+    tower to fp16: ``vision_dtype=None``);
   - ``record_ours(rt, store) -> finish``: called before our prefill; appends the same ``(stage, indices)`` entries
     (by wrapping the method instance, or in ``finish()``, called after the prefill, from ``rt.engine.selections``).
 
