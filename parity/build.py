@@ -4,7 +4,13 @@
 
 - ``clip/``: a CLIP vision tower as the official code loads it (``CLIPVisionModel.from_pretrained`` of the folder
   named by ``mm_vision_tower``): 112 px, patch 14 (64 patches + [CLS]), 8 layers, so that FlowCut makes adaptive cuts
-  (after layers 1 and 3) before its final one (after layer 5); ``preprocessor_config.json`` (CLIP's).
+  (after layers 1 and 3) before its final one (after layer 5); ``preprocessor_config.json`` (CLIP's). The folder is a
+  whole ``CLIPModel`` checkpoint (the vision tower plus a tiny text tower :data:`CLIP_TEXT`, ``text_projection``,
+  ``visual_projection``, ``logit_scale``, and a byte-level CLIP tokenizer, :func:`write_clip_tokenizer`), as
+  ``openai/clip-vit-large-patch14-336`` is: CDPruner's official ``load_text_tower`` loads
+  ``CLIPVisionModelWithProjection``, ``CLIPTokenizerFast`` and ``CLIPTextModelWithProjection`` from the same folder
+  (our ``relevance="clip"``: ``CLIPModel.from_pretrained``). The vision tensors are the ones a vision-only build
+  draws (the same generator, first); the text side comes from a generator of its own.
 - ``llava-v1.5-tiny/``: the official LLaVA-1.5 checkpoint layout (``LlavaLlamaForCausalLM``, ``model_type
   llava_llama``; ``model.mm_projector.{0,2}`` mlp2x_gelu, select layer -2, ``image_aspect_ratio pad``,
   ``mm_use_im_patch_token False``) with its slow SentencePiece tokenizer (trained by the official worker).
@@ -34,6 +40,19 @@ LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atten
            max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
            initializer_range=0.02, tie_word_embeddings=False)
 VOCAB = 400
+#: the tiny CLIP text tower of the ``clip/`` folder (a ``CLIPModel``: CDPruner's official text relevance).
+#: ``eos_token_id`` 2: the pooling both transformers 4.36 and 5 keep for such configs (the row of the highest id,
+#: ``<|endoftext|>``), as ``openai/clip-vit-large-patch14-336``'s config; 32 positions, so that longer questions
+#: are cut into several segments by the official code (and ours)
+CLIP_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64,
+                 attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1)
+#: the CLIP tokenizer's merges (``merges.txt`` after its ``#version`` line); the vocabulary is the 256 byte symbols,
+#: their ``</w>`` forms, these merges' results, ``<|startoftext|>``, ``<|endoftext|>`` (the highest id)
+CLIP_MERGES = ["t h", "i n", "th e</w>", "a n", "r e", "i s</w>", "o n", "e r"]
+#: the ``built.json`` field that says the ``clip/`` folder holds the text tower (older builds lack it: rebuilt)
+CLIP_TEXT_MARK = dict(CLIP_TEXT, merges=len(CLIP_MERGES), version=1)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 OFFICIAL_NAME = "llava-v1.5-tiny"  # the official builder loads a LLaVA model only when the name says 'llava'
@@ -196,13 +215,78 @@ def official_shapes(tower: dict, vocab: int, newline: bool = False) -> tuple[dic
     return llm, tower_shapes
 
 
-def _write_tower(clip_dir: Path, tower: dict, tower_shapes: dict, gen: torch.Generator) -> dict:
+def _bytes_to_unicode() -> dict:
+    """GPT-2 / CLIP's reversible byte -> unicode symbol table (256 symbols), as their tokenizers build it."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_vocab(merges=None) -> dict:
+    """The tiny CLIP vocabulary (token -> id): the 256 byte symbols, their ``</w>`` forms, the results of
+    ``merges`` (default :data:`CLIP_MERGES`), then ``<|startoftext|>`` and ``<|endoftext|>`` (the highest id)."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in (merges or CLIP_MERGES)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """A byte-level CLIP tokenizer (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``; no ``tokenizer.json``: transformers 4.36's ``CLIPTokenizerFast`` and 5's
+    ``CLIPTokenizer`` each build their fast tokenizer from these files)."""
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps(clip_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(CLIP_MERGES) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        dict(special, tokenizer_class="CLIPTokenizer", do_lower_case=True, errors="replace",
+             model_max_length=CLIP_TEXT["max_position_embeddings"], add_prefix_space=False), indent=1))
+
+
+def clip_text_shapes(tower: dict) -> dict:
+    """The shapes of a ``CLIPModel``'s keys besides the vision tower's: ``text_model.*`` (:data:`CLIP_TEXT`),
+    ``text_projection.weight``, ``visual_projection.weight`` (the keys are the same in transformers 4.36 and 5),
+    position ids and ``logit_scale`` left out."""
+    import transformers as tf
+
+    cfg = tf.CLIPConfig(text_config=dict(CLIP_TEXT, vocab_size=len(clip_vocab())), vision_config=dict(tower),
+                        projection_dim=CLIP_TEXT["projection_dim"])
+    with torch.device("meta"):
+        sd = tf.CLIPModel(cfg).state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()
+            if not k.startswith("vision_model.") and not k.endswith("position_ids") and k != "logit_scale"}
+
+
+def _write_tower(clip_dir: Path, tower: dict, tower_shapes: dict, gen: torch.Generator,
+                 text_gen: torch.Generator | None = None) -> dict:
     """The CLIP tower folder the official builder loads (fp32 weights, config, image processor config); returns
-    its random state dict."""
+    its random vision state dict (``vision_model.*``). With ``text_gen``: a whole ``CLIPModel`` checkpoint (the same
+    vision tensors, drawn first from ``gen``; the text tower, ``text_projection``, ``visual_projection`` from
+    ``text_gen``; ``logit_scale`` = log(1 / 0.07)) and its CLIP tokenizer."""
     tower_sd = random_state(tower_shapes, gen, "tower")
-    _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
-    (clip_dir / "config.json").write_text(json.dumps(dict(tower, architectures=["CLIPVisionModel"],
-                                                          model_type="clip_vision_model", torch_dtype="float32"), indent=1))
+    if text_gen is None:
+        _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
+        cfg = dict(tower, architectures=["CLIPVisionModel"], model_type="clip_vision_model", torch_dtype="float32")
+    else:
+        text_sd = random_state(clip_text_shapes(tower), text_gen, "tower")
+        text_sd["logit_scale"] = torch.tensor(math.log(1 / 0.07)).half().float()
+        _save_safetensors({**tower_sd, **text_sd}, clip_dir / "model.safetensors", torch.float32)
+        cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": CLIP_TEXT["projection_dim"],
+               "logit_scale_init_value": 2.6592, "initializer_factor": 1.0, "torch_dtype": "float32",
+               "vision_config": dict(tower, model_type="clip_vision_model"),
+               "text_config": dict(CLIP_TEXT, vocab_size=len(clip_vocab()), model_type="clip_text_model")}
+        write_clip_tokenizer(clip_dir)
+    (clip_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     (clip_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(tower["image_size"]),
                                                                   indent=1))
     return tower_sd
@@ -228,7 +312,7 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     marker = work / "built.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("seed") == seed and info.get("tower", TOWER) == tower:
+        if info.get("seed") == seed and info.get("tower", TOWER) == tower and info.get("clip_text") == CLIP_TEXT_MARK:
             return info
     clip_dir, off_dir, hf_dir = work / "clip", work / OFFICIAL_NAME, work / HF_NAME
     for d in (clip_dir, off_dir, hf_dir):
@@ -238,7 +322,8 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     vocab = tok["vocab_size"]
     gen = torch.Generator().manual_seed(seed)
     llm_shapes, tower_shapes = official_shapes(tower, vocab)
-    tower_sd = _write_tower(clip_dir, tower, tower_shapes, gen)
+    # the vision tensors first from gen (the LLM's follow them), the CLIP text side from a generator of its own
+    tower_sd = _write_tower(clip_dir, tower, tower_shapes, gen, text_gen=torch.Generator().manual_seed(seed + 2000))
     # the LLM + projector in the official LlavaLlamaForCausalLM keys
     d_v = tower["hidden_size"]
     llm_sd = random_state(llm_shapes, gen, "llm")
@@ -267,7 +352,8 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     (hf_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(tower["image_size"]), indent=1))
     images = write_images(work / "images", seed)
     info = {"seed": seed, "tower": tower, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
-            "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": tok["image_piece_id"]}
+            "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": tok["image_piece_id"],
+            "clip_text": CLIP_TEXT_MARK}
     marker.write_text(json.dumps(info, indent=1))
     return info
 

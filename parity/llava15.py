@@ -21,6 +21,7 @@ Precisions (``dtype``):
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -52,13 +53,17 @@ def official(info: dict, official_python: str, dtype: str, methods: list[dict], 
     return run_official(official_python, job, work, name)
 
 
-def our_method(name: str, budget: int, dtype: str) -> tuple[str, dict]:
+def our_method(name: str, budget: int, dtype: str, info: dict | None = None) -> tuple[str, dict]:
     """Adapter ``name``'s (our method, options) for ``budget`` and the precision (``ours(budget, dtype=...)`` when the
-    adapter takes it); ``options["budget"]``, when there, replaces the budget (None: an adaptive method)."""
+    adapter takes it; ``info=``, the built folders' paths of :func:`parity.build.build`, when it takes that: e.g.
+    CDPruner's CLIP text tower in ``clip/``); ``options["budget"]``, when there, replaces the budget (None: an
+    adaptive method)."""
     import inspect
 
     fn = adapters.get(name).ours
-    method, options = fn(budget, dtype=dtype) if "dtype" in inspect.signature(fn).parameters else fn(budget)
+    params = inspect.signature(fn).parameters
+    extra = {k: v for k, v in (("dtype", dtype), ("info", info)) if k in params}
+    method, options = fn(budget, **extra)
     return method, dict(options)
 
 
@@ -83,7 +88,7 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
         if method["name"] == "none":
             rt.unprune()
         else:
-            name, options = our_method(method["name"], method["budget"], dtype)
+            name, options = our_method(method["name"], method["budget"], dtype, info)
             budget = options.pop("budget", method["budget"])  # an adaptive method: None
             rt.prune(name, budget, **options)
         for batch in method.get("batches", batches(len(info["images"]))):
@@ -258,6 +263,15 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
     checks = []
     for dtype in dtypes:
         for (root, g), specs in groups.items():
+            # an adapter whose official code cannot run in a precision (ApET: fp16 only) names its DTYPES
+            skip = sorted({sp["name"] for sp in specs
+                           if sp["name"] != "none" and dtype not in getattr(adapters.get(sp["name"]), "DTYPES", (dtype,))})
+            for name in skip:
+                print(f"parity: {name} not compared in {dtype}: its official code cannot run there "
+                      f"(parity/adapters/{name}.py DTYPES)", file=sys.stderr)
+            specs = [sp for sp in specs if sp["name"] not in skip]
+            if not specs:
+                continue
             off = official(infos[g], official_python, dtype, specs, max_new_tokens, work / (f"grid{g}" if g else ""),
                            root)
             mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)

@@ -22,9 +22,12 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
 
 - **our side**:
 
-  - ``ours(budget[, dtype]) -> (method, options)``: our registered method and the options that reproduce the
+  - ``ours(budget[, dtype][, info]) -> (method, options)``: our registered method and the options that reproduce the
     official code (its reference mode, ``numerics="official"`` where the method has one); with a ``dtype`` parameter
-    it gets the precision ("fp32" / "fp16"); ``options["budget"]`` replaces the budget (None: an adaptive method);
+    it gets the precision ("fp32" / "fp16"), with ``info`` the built folders (``parity.build.build``'s paths: e.g.
+    CDPruner's CLIP model is the tiny ``clip/`` folder); ``options["budget"]`` replaces the budget (None: an adaptive method);
+  - optional ``DTYPES = ("fp16",)``: the precisions the official code can run in (the others are skipped, said on
+    stderr);
   - optional ``OURS_LOAD = {"fp16": {...}}``: options of ``llava.load`` for a precision (a fork that casts the
     tower to fp16: ``vision_dtype=None``);
   - ``record_ours(rt, store) -> finish``: called before our prefill; appends the same ``(stage, indices)`` entries
