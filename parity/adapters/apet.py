@@ -25,9 +25,7 @@
   ``targets`` (E[:T - k], error order), ``tail`` (E[T - k:], whose places the basis tokens take; ascending),
   ``vision`` / ``llm2`` (E, the kept places, ascending), ``merge`` (for every token outside E, ascending, the
   target its ``argmax`` joins: the basis tokens among them, as the official code merges them too).
-- ``#: the precisions the official code runs in (fp32 raises in its encode_images: docstring)
-DTYPES = ("fp16",)
-OFFICIAL = {"alone": True, "padding_side": "right"}``: ``layer_prune`` raises on anything but right padding
+- ``OFFICIAL = {"alone": True, "padding_side": "right"}``: ``layer_prune`` raises on anything but right padding
   and takes the last prompt token at its unpadded index, so each image runs alone (no padding either way).
 - fp32 cannot run officially: ``encode_images`` casts the features to fp16 (``image_features.half()``,
   ``llava_arch.py``) before the projector, whose fp32 weights then refuse them; compare the official fp16 load.
@@ -46,6 +44,8 @@ REPOSITORY = "MaQianKun0/ApET"
 COMMIT = "70cc01b215f4d74c5661c699919fe3aeda48bed0"
 PACKAGES = ("llava",)
 INSTALLED = False
+#: the precisions the official code runs in (fp32 raises in its encode_images: docstring)
+DTYPES = ("fp16",)
 OFFICIAL = {"alone": True, "padding_side": "right"}
 
 #: the LLM stage (official layer_list [16] of 32 -> 2 of the tiny model's 4)
