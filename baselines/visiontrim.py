@@ -36,12 +36,15 @@ TGVC (text-guided complement; active in the released code):
 
 Numerics (option ``numerics``): ``"ours"`` (default): fp32, F.normalize with its 1e-12 floor, ties to the
 lower index (stable sorts, first argmax), the logit scale and the row normalisation of the assignment
-metric dropped (positive factors: the same ranking). ``"official"`` (reference mode): the official fp16
-arithmetic (the official builder casts the whole tower, its CLIP model and text tower to float16): the
-[CLS] row cast to fp16 and head-averaged there, the received term rounded to fp16 once (the engine has no
-per-entry attention), ``F.normalize`` / sums in fp16, ``torch.topk`` (official tie order), the similarities
-multiplied by CLIP's ``logit_scale.exp()`` (100) in fp16 and the assignment metric divided by its row norm
-(fp16 overflow included), the one-hot merge in fp16.
+metric dropped (positive factors: the same ranking). ``"official"`` (reference mode): the official
+arithmetic in the official model's dtype, the run's own (the LLM's): fp16 as the official builder casts the
+whole tower, its CLIP model and text tower to float16, fp32 in a model cast to fp32 as the official code then
+computes: the [CLS] row cast to that dtype and head-averaged there, the received term in it,
+``F.normalize`` / sums in it, ``torch.topk`` (official tie order), the similarities multiplied by CLIP's
+``logit_scale.exp()`` (the parameter cast, exp in that dtype) and the assignment metric divided by its row
+norm (fp16 overflow included), the one-hot merge in it; with ``text="clip"`` the CLIP text tower runs in it
+too, and the question is cut where the official ``truncation=True`` cuts it (the CLIP tokenizer's
+``model_max_length``).
 """
 
 from __future__ import annotations
@@ -98,11 +101,12 @@ def received_from_patches(recv: torch.Tensor, cls_row: torch.Tensor, num_queries
     return (s * recv.float() - cls_row.float()).mean(0) / max(s - 2, 1)
 
 
-def dvts_code_score(a: torch.Tensor, r: torch.Tensor, alpha: float = 0.5, numerics: str = "ours") -> torch.Tensor:
-    """m = alpha a / |a| + (1 - alpha) r / |r| over the last dim (B, n). ``official``: a, r in fp16 and
-    ``F.normalize`` there (the official fp16 tensors)."""
+def dvts_code_score(a: torch.Tensor, r: torch.Tensor, alpha: float = 0.5, numerics: str = "ours",
+                    official_dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
+    """m = alpha a / |a| + (1 - alpha) r / |r| over the last dim (B, n). ``official``: a, r in
+    ``official_dtype`` (the official model's: fp16 under its builder) and ``F.normalize`` there."""
     if numerics == "official":
-        a, r = a.to(OFFICIAL_DTYPE), r.to(OFFICIAL_DTYPE)
+        a, r = a.to(official_dtype), r.to(official_dtype)
         return alpha * F.normalize(a, dim=-1) + (1 - alpha) * F.normalize(r, dim=-1)
     return alpha * F.normalize(a.float(), dim=-1) + (1 - alpha) * F.normalize(r.float(), dim=-1)
 
@@ -177,20 +181,22 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def tgvc(values: torch.Tensor, embeds: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None, c: int, *,
          vtc_times: int = 3, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor]:
+         logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours",
+         official_dtype: torch.dtype = OFFICIAL_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-guided complement of a batch of units. values (B, R, Dv) the vision-space rows of the R
     candidates (the patches DVTS left, ascending), embeds (B, R, De) their comparison-space rows, text
     (L, De) the text rows, text_mask (L,) bool (None: all). ``embed_fn``: recompute a target's comparison
     row from its updated vision row each round (official, a linear CLIP ``visual_projection``); None:
     update it like the vision row (target + mean of its members' rows; our ``text="llm"`` route, the
     projector being non-linear and not a signal). Returns (targets (B, c) indices into R ascending, their
-    merged vision rows (B, c, Dv) fp32)."""
+    merged vision rows (B, c, Dv) fp32). ``official_dtype``: the reference mode's arithmetic (the official
+    model's dtype)."""
     b, r, _ = values.shape
     c = min(int(c), r)
     if c <= 0:
         return values.new_zeros((b, 0), dtype=torch.long), values.new_zeros((b, 0, values.shape[-1])).float()
     if numerics == "official":
-        return _tgvc_official(values, embeds, text, text_mask, c, vtc_times, embed_fn, logit_scale)
+        return _tgvc_official(values, embeds, text, text_mask, c, vtc_times, embed_fn, logit_scale, official_dtype)
     e = F.normalize(embeds.float(), dim=-1)
     w = (torch.ones(text.shape[0], device=text.device) if text_mask is None
          else text_mask.to(device=text.device, dtype=torch.float32))
@@ -217,11 +223,10 @@ def tgvc(values: torch.Tensor, embeds: torch.Tensor, text: torch.Tensor, text_ma
     return tgt, tv
 
 
-def _tgvc_official(values, embeds, text, text_mask, c, vtc_times, embed_fn, logit_scale):
-    """Reference mode of :func:`tgvc`: the official fp16 ops in the official order (``torch.topk``, the
-    logit scale, the assignment metric divided by its row norm, the fp16 one-hot merge). Eager only (it
-    indexes the real text rows by a boolean mask)."""
-    dt = OFFICIAL_DTYPE
+def _tgvc_official(values, embeds, text, text_mask, c, vtc_times, embed_fn, logit_scale, dt=OFFICIAL_DTYPE):
+    """Reference mode of :func:`tgvc`: the official ops in the official order and in the official model's dtype
+    ``dt`` (fp16 under its builder; ``torch.topk``, the logit scale, the assignment metric divided by its row
+    norm, the one-hot merge in ``dt``). Eager only (it indexes the real text rows by a boolean mask)."""
     t = text if text_mask is None else text[text_mask.to(text.device)]
     tn = F.normalize(t.to(dt), dim=-1)  # (L, De)
     scale = torch.tensor(logit_scale, dtype=dt, device=values.device)
@@ -256,27 +261,29 @@ def visiontrim_units(a: torch.Tensor, r: torch.Tensor, values: torch.Tensor, emb
                      text: torch.Tensor, text_mask: torch.Tensor | None, d: int, c: int, *,
                      grid: tuple[int, int] | None = None, patch: torch.Tensor | None = None,
                      dvts_score: str = "code", alpha: float = 0.5, ltam_window: int = 3, vtc_times: int = 3,
-                     embed_fn=None, logit_scale: float = CLIP_LOGIT_SCALE,
-                     numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     embed_fn=None, logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours",
+                     official_dtype: torch.dtype = OFFICIAL_DTYPE,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DVTS + TGVC on a batch of B units of n patches each (raster order): a (B, n) head-mean [CLS] row,
     r (B, n) received term, values (B, n, Dv) select-layer features, embeds (B, n, De) comparison rows,
     patch (B, n) their grid indices (``global_local`` only; None: the full grid).
     Returns (dominant (B, d) ascending, targets (B, c) ascending, the dominant rows (B, d, Dv) and the
-    merged targets' rows (B, c, Dv)); indices local to the unit."""
+    merged targets' rows (B, c, Dv)); indices local to the unit. ``official_dtype``: the reference mode's
+    arithmetic."""
     official = numerics == "official"
     n = a.shape[1]
     if dvts_score == "code":
-        m = dvts_code_score(a, r, alpha, numerics)
+        m = dvts_code_score(a, r, alpha, numerics, official_dtype)
     else:
         rows, cols = grid
         m = combine_adaptive(a, local_affinity(values, rows, cols, ltam_window, patch=patch))
     dom = _top_ascending(m, d, official)
     others = _complement(dom, n)
-    dv = _gather(values.to(OFFICIAL_DTYPE) if official else values, dom).float()
+    dv = _gather(values.to(official_dtype) if official else values, dom).float()
     if c <= 0 or others.shape[1] == 0:
         return dom, others[:, :0], dv, values.new_zeros((a.shape[0], 0, values.shape[-1])).float()
     tgt, tv = tgvc(_gather(values, others), _gather(embeds, others), text, text_mask, c, vtc_times=vtc_times,
-                   embed_fn=embed_fn, logit_scale=logit_scale, numerics=numerics)
+                   embed_fn=embed_fn, logit_scale=logit_scale, numerics=numerics, official_dtype=official_dtype)
     return dom, others.gather(1, tgt), dv, tv
 
 
@@ -286,7 +293,7 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
                dvts_score: str = "code", alpha: float = 0.5, received_queries: str = "patches",
                ltam_window: int = 3, vtc_times: int = 3, cls_token: str = "drop", embed_fn=None,
                logit_scale: float = CLIP_LOGIT_SCALE, numerics: str = "ours", layout=None,
-               received: torch.Tensor | None = None) -> Selection:
+               received: torch.Tensor | None = None, official_dtype: torch.dtype | None = None) -> Selection:
     """VisionTrim's selection for one sample: per unit ``budget`` = D + C outputs (:func:`split_budget`).
 
     cls_attn (H, T) / recv (H, T): the select layer's [CLS] row and received attention (mean over all
@@ -299,9 +306,12 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
     the outputs are computed here (``Selection.values``, vision space): per unit ([CLS] when
     ``cls_token="keep"``,) dominant (ascending), complement (ascending); NeXT newline tokens are dropped
     (an output is projected from vision features; a newline has none). ``keep`` / ``targets`` give each
-    output's provenance (targets: the complement tokens; ``assign`` all -1)."""
+    output's provenance (targets: the complement tokens; ``assign`` all -1). ``official_dtype``: the reference
+    mode's arithmetic, the official model's dtype (None: fp16, what its builder casts to; the method passes the
+    run's own dtype, the LLM's, as the official model after ``.float()`` computes in fp32)."""
     check_numerics("visiontrim", numerics)
     official = numerics == "official"
+    odt = OFFICIAL_DTYPE if official_dtype is None else official_dtype
     dev = unit.device
     lay = layout if layout is not None else unit_layout(unit, patch)  # host read (none when planned)
     plan = []  # per unit: (forced [CLS], patch candidates, d, c) or None when kept whole
@@ -316,7 +326,7 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
         plan.append(None if whole else (forced, cand, *split_budget(max(k, 0), tgvc_tokens)))
     if all(p is None for p in plan):
         return Selection(keep=torch.arange(unit.numel(), device=dev))
-    a_all = cls_attn.to(OFFICIAL_DTYPE).mean(0) if official else cls_attn.float().mean(0)
+    a_all = cls_attn.to(odt).mean(0) if official else cls_attn.float().mean(0)
     groups: dict[tuple[int, int, int], list[int]] = {}
     for u, p in enumerate(plan):
         if p is not None and p[2] + p[3] > 0 and p[1].numel() > p[2] + p[3]:
@@ -331,10 +341,10 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
             a, r, vision_features[cand], embeds[cand], text, text_mask, d, c, grid=grid, patch=patch[cand],
             dvts_score=dvts_score,
             alpha=alpha, ltam_window=ltam_window, vtc_times=vtc_times, embed_fn=embed_fn, logit_scale=logit_scale,
-            numerics=numerics)
+            numerics=numerics, official_dtype=odt)
         for i, u in enumerate(units):
             out[u] = (cand[i][dom[i]], cand[i][tgt[i]], dv[i], tv[i])
-    vf = vision_features.to(OFFICIAL_DTYPE).float() if official else vision_features.float()
+    vf = vision_features.to(odt).float() if official else vision_features.float()
     keep, kvals, targets, tvals, order_plan = [], [], [], [], []
     for u, p in enumerate(plan):
         if p is None:  # kept whole ([CLS] included)
@@ -467,16 +477,46 @@ class VisionTrim(Method):
     def question_text(self, ids: torch.Tensor) -> str:
         return self._clip_route.question_text(ids)
 
+    def reference_dtype(self, sig) -> torch.dtype:
+        """The reference mode's arithmetic: the run's own dtype, the LLM's (``sig.features``): the official builder
+        casts the tower, its CLIP model and text tower to fp16, the model's dtype in its eval scripts, and the
+        official code computes in fp32 in a model cast to fp32 (``.float()``). fp32 outside the reference mode."""
+        return sig.features.dtype if self.numerics == "official" else torch.float32
+
+    def _text_tower(self, clip, dt: torch.dtype):
+        """The CLIP text tower in ``dt``: the model's own when its weights are in ``dt``, else a copy cast to
+        ``dt`` once (the reference mode: the official builder casts its ``CLIPTextModel`` to fp16)."""
+        tower = clip.text_model
+        if next(tower.parameters()).dtype == dt:
+            return tower
+        cache = self.__dict__.setdefault("_text_towers", {})
+        key = (id(tower), dt)
+        if key not in cache:
+            import copy
+
+            cache[key] = copy.deepcopy(tower).to(dt).eval()
+        return cache[key]
+
+    def text_length(self) -> int:
+        """Where the question's CLIP tokens are cut: the official ``truncation=True`` cuts at the tokenizer's
+        ``model_max_length`` (77 for CLIP-L), bounded by the text tower's positions."""
+        tok = self._clip_route.tokenizer
+        n = self._clip_route.clip.text_model.config.max_position_embeddings
+        m = getattr(tok, "model_max_length", None)
+        return min(int(m), n) if isinstance(m, int) and 0 < m < 1_000_000 else min(CLIP_TEXT_LEN, n)
+
     def clip_inputs(self, sig):
-        """(embeds (T, 768), text (L, 768), embed_fn) of the official route: ``visual_projection`` of the
-        select-layer features (no post_layernorm, as the official code) and the CLIP text tower's per-token
-        ``last_hidden_state`` of the question (BOS / EOS included, truncated to 77) -> ``text_projection``.
-        ``numerics="official"``: the CLIP model's weights and inputs in fp16 (the official builder's cast)."""
+        """(embeds (T, 768), text (L, 768), embed_fn, logit scale) of the official route: ``visual_projection`` of
+        the select-layer features (no post_layernorm, as the official code) and the CLIP text tower's per-token
+        ``last_hidden_state`` of the question (BOS / EOS included, truncated as the official tokenizer call:
+        :meth:`text_length`) -> ``text_projection``. ``numerics="official"``: the text tower, the projections'
+        weights and inputs and ``logit_scale.exp()`` in the run's dtype (:meth:`reference_dtype`; fp16 under an
+        fp16 LLM: the official builder's cast)."""
         dev = sig.vision_features.device
         clip = self._load_clip(dev)
         if sig.question_ids is None:
             raise ValueError("visiontrim: text='clip' needs sig.question_ids")
-        dt = OFFICIAL_DTYPE if self.numerics == "official" else torch.float32
+        dt = self.reference_dtype(sig)
         vp = clip.visual_projection
         if vp.weight.shape[1] != sig.vision_features.shape[-1]:
             raise ValueError(f"visiontrim: the CLIP model's visual_projection takes {vp.weight.shape[1]} features, "
@@ -487,11 +527,14 @@ class VisionTrim(Method):
             return F.linear(v.to(dt), w)
 
         enc = self._clip_route.tokenizer(self.question_text(sig.question_ids), truncation=True,
-                                         max_length=CLIP_TEXT_LEN, return_tensors="pt")
+                                         max_length=self.text_length(), return_tensors="pt")
+        official = self.numerics == "official"
         with torch.no_grad():
-            h = clip.text_model(input_ids=enc["input_ids"].to(dev)).last_hidden_state[0]
+            text_model = self._text_tower(clip, dt) if official else clip.text_model
+            h = text_model(input_ids=enc["input_ids"].to(dev)).last_hidden_state[0]
             text = F.linear(h.to(dt), clip.text_projection.weight.to(dt))
-            scale = float(clip.logit_scale.exp())
+            # the official ``logit_scale.exp()`` of the cast model: the parameter in dt, exp there
+            scale = float(clip.logit_scale.to(dt).exp() if official else clip.logit_scale.exp())
         return embed_fn(sig.vision_features), text, embed_fn, scale
 
     # -- stage --------------------------------------------------------------------------------
@@ -509,4 +552,4 @@ class VisionTrim(Method):
                           received_queries=self.received_queries, ltam_window=self.ltam_window,
                           vtc_times=self.vtc_times, cls_token=self.cls_token, embed_fn=embed_fn, logit_scale=scale,
                           numerics=self.numerics, layout=sig.unit_layout(patch=True),
-                          received=sig.received_patches.get(v))
+                          received=sig.received_patches.get(v), official_dtype=self.reference_dtype(sig))

@@ -11,7 +11,7 @@ from conftest import llm_visual_rows, make_batch
 
 import baselines.visiontrim  # noqa: F401  (registers "visiontrim")
 from baselines.visiontrim import (VisionTrim, combine_adaptive, dvts_code_score, local_affinity,
-                                  received_from_patches, split_budget, tgvc, visiontrim)
+                                  received_from_patches, split_budget, tgvc, visiontrim, visiontrim_units)
 from llava.method import Method, get_method
 
 CLIP3 = ["llava", "llava-next", "video-llava"]
@@ -241,6 +241,65 @@ def test_clip_route_on_tiny_llava(runtimes):
             rt.model(**inputs)
         assert [s.visual_entering_llm for s in eng.stats.samples] == [4, 4, 4] and len(asked) == 3
         assert all(sel.targets.numel() == 1 for _, sel in spy.seen)
+    finally:
+        rt.unprune()
+
+
+def test_reference_mode_computes_in_the_official_models_dtype():
+    """numerics="official" computes in ``official_dtype``, the official model's (fp16 under its builder, the
+    default; fp32 in a model cast to fp32, what the method passes in an fp32 run): the dominant rows are the
+    features in that dtype, the merged rows too."""
+    g = torch.Generator().manual_seed(0)
+    a, r = torch.rand(1, 12, generator=g), torch.rand(1, 12, generator=g)
+    values = torch.randn(1, 12, 5, generator=g) / 3
+    embeds, text = torch.randn(1, 12, 4, generator=g), torch.randn(3, 4, generator=g)
+    for dt in (torch.float32, torch.float16):
+        dom, tgt, dv, tv = visiontrim_units(a, r, values, embeds, text, None, 4, 2, numerics="official",
+                                            official_dtype=dt)
+        assert torch.equal(dv, values.to(dt).float()[0, dom[0]][None])
+        assert torch.equal(tv, tv.to(dt).float())
+    default = visiontrim_units(a, r, values, embeds, text, None, 4, 2, numerics="official")
+    assert torch.equal(default[2], values.half().float()[0, default[0][0]][None])
+
+
+def test_clip_route_reference_mode_follows_the_official_text_call(runtimes):
+    """text="clip", numerics="official": the question is cut where the official ``truncation=True`` cuts it (the
+    CLIP tokenizer's ``model_max_length``), the reference dtype is the run's (the LLM's), and the text tower runs
+    in it (a copy cast once when the CLIP model's weights are in another dtype; the model itself untouched)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    rt = runtimes["llava"]
+    dv = rt.model.config.vision_config.hidden_size
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=50, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=dv, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14), projection_dim=8)
+    torch.manual_seed(0)
+    clip = CLIPModel(cfg)
+
+    class ClipTok:
+        model_max_length = 5
+
+        def __init__(self):
+            self.asked = []
+
+        def __call__(self, text, **kw):
+            self.asked.append(kw)
+            return {"input_ids": torch.tensor([[1, 5, 6, 7, 2]])}
+
+    tok = ClipTok()
+    try:
+        spy = Spy(4, text="clip", numerics="official", clip_model=clip, clip_tokenizer=tok,
+                  llm_tokenizer=lambda ids: "what is this")
+        rt.prune(spy)
+        with torch.no_grad():
+            rt.model(**make_batch(rt))
+        assert [kw["max_length"] for kw in tok.asked] == [5, 5, 5]
+        assert all(spy.reference_dtype(sig) == sig.features.dtype for sig, _ in spy.seen)
+        half = spy._text_tower(clip, torch.float16)
+        assert next(half.parameters()).dtype == torch.float16 and spy._text_tower(clip, torch.float16) is half
+        assert next(clip.text_model.parameters()).dtype == torch.float32
+        assert spy._text_tower(clip, torch.float32) is clip.text_model
     finally:
         rt.unprune()
 
