@@ -202,7 +202,7 @@ def official_density_peak_clusters(x: torch.Tensor, num_clusters: int) -> tuple[
 
 
 def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Tensor, ratio: float = 0.3,
-                   divisor: int = 10, numerics: str = "ours") -> tuple[torch.Tensor, torch.Tensor]:
+                   divisor: int = 10, numerics: str = "ours", return_order: bool = False) -> tuple[torch.Tensor, ...]:
     """SparseVLM v1 token recycling. ``scores`` (N,) of all visual tokens, ``pruned`` (P,) indices of
     the pruned ones (ascending), ``hidden`` (N, D) the visual tokens' states (the sparse layer's
     output). Keeps the top int(P * ratio) + 1 pruned tokens by score, clusters them into
@@ -210,12 +210,14 @@ def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Ten
     centres, as indices into the N visual tokens) and ``assign`` (N,): each recycled token's cluster
     slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means.
     ``numerics="official"``: the recycled tokens by ``torch.topk`` of the (fp16) scores, in topk order,
-    clustered by :func:`official_density_peak_clusters`."""
+    clustered by :func:`official_density_peak_clusters`. ``return_order``: also the recycled tokens (m,) in
+    the order they are clustered (the official ``cluster_and_merge`` input rows: its ``index_add_`` order)."""
     check_numerics("sparsevlm", numerics)
     n = scores.numel()
     assign = torch.full((n,), -1, dtype=torch.long, device=scores.device)
     if pruned.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device), assign
+        none = torch.zeros(0, dtype=torch.long, device=scores.device)
+        return (none, assign, none) if return_order else (none, assign)
     m = min(int(pruned.numel() * ratio) + 1, pruned.numel())
     num = int(m / divisor) + 1
     if numerics == "official":
@@ -225,7 +227,7 @@ def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Ten
         recycled = pruned[topk_desc(scores[pruned], m)]
         centres, slots = density_peak_clusters(hidden[recycled], num)
     assign[recycled] = slots
-    return recycled[centres], assign
+    return (recycled[centres], assign, recycled) if return_order else (recycled[centres], assign)
 
 
 def recycled_count(n_pruned: int, ratio: float = 0.3, divisor: int = 10) -> int:
@@ -428,6 +430,11 @@ class SparseVLM(Method):
         mask = torch.ones(v, dtype=torch.bool, device=scores.device)
         mask[keep] = False
         pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
+        if self.numerics == "official":  # cluster_and_merge's fp16 index_add_ of x * (1 / (size + 1e-6)), topk order
+            targets, assign, recycled = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
+                                                       self.cluster_divisor, self.numerics, return_order=True)
+            return Selection(keep=keep, targets=targets, assign=assign, rule="weighted_mean", arithmetic="sequential",
+                             merge_order=recycled)
         targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
                                          self.cluster_divisor, self.numerics)
         return Selection(keep=keep, targets=targets, assign=assign, rule="mean")

@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-MergeRule = Literal["target_plus_mean", "mean"]
+MergeRule = Literal["target_plus_mean", "mean", "weighted_mean"]
+MergeArithmetic = Literal["fp32", "sequential"]
 
 
 @dataclass
@@ -36,7 +37,15 @@ class Selection:
     assign:  (n,) for every visual token of the stage, the slot in ``targets`` it is merged into,
              or -1. Only tokens that are neither kept nor targets are read (``merge_kept``: kept ones too).
     rule:    ``target_plus_mean``: merged = x[target] + mean(x[assigned]) (VisionZip / VisionDrop);
-             ``mean``: merged = mean(x[target] and x[assigned]).
+             ``mean``: merged = mean(x[target] and x[assigned]); ``weighted_mean``: the same mean written as
+             sum of x[j] * (1 / (size + 1e-6)) over the target and its assigned tokens (SparseVLM's official
+             ``cluster_and_merge``; equal to ``mean`` up to rounding).
+    arithmetic: ``fp32`` (default): the engine's merge, sums in fp32, one rounding to the rows' dtype;
+             ``sequential`` (reference modes only): the members added one at a time in ``merge_order`` into an
+             fp32 accumulator, rounded to the rows' dtype once, the division in that dtype: the official codes'
+             CPU ``scatter_add_`` / ``index_add_`` (:func:`llava.ops.merge_tokens_sequential`); one host read.
+    merge_order: ``sequential`` only: (L,) token indices in the order they are added (default: ascending index);
+             it must hold every merged token once (checked with the same host read).
     space:   vision stage only: merge ``vision`` features (before the projector, then project) or
              ``projected`` features (LLM input space).
     order:   optional permutation of the outputs [keep..., merged...] (e.g. [D, C] per unit, or
@@ -67,6 +76,8 @@ class Selection:
     count: torch.Tensor | None = None
     #: kept tokens with an ``assign`` slot join that target too (only to reproduce released code that does so)
     merge_kept: bool = False
+    arithmetic: MergeArithmetic = "fp32"
+    merge_order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
@@ -77,6 +88,12 @@ class Selection:
             self.assign = torch.as_tensor(self.assign, dtype=torch.long).reshape(-1)
         if self.order is not None:
             self.order = torch.as_tensor(self.order, dtype=torch.long).reshape(-1)
+        if self.arithmetic not in ("fp32", "sequential"):
+            raise ValueError(f"Selection: arithmetic must be 'fp32' or 'sequential', not {self.arithmetic!r}")
+        if self.merge_order is not None:
+            if self.arithmetic != "sequential":
+                raise ValueError("Selection: merge_order is read by arithmetic='sequential' only")
+            self.merge_order = torch.as_tensor(self.merge_order, dtype=torch.long).reshape(-1)
 
     @property
     def num_out(self) -> int:

@@ -241,7 +241,14 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     ``decoder_layers=N`` (a hub id or local folder): load only the first N decoder layers (the rest hold their
     place and refuse to run, :class:`AbsentDecoderLayer`): a model for the vision stage alone
     (``engine.vision_inputs``), N = the layers a method's probe runs (0 for most). The vLLM plugin runs it
-    beside vLLM's own decoder."""
+    beside vLLM's own decoder.
+
+    ``attn_implementation`` takes transformers' names and ``"python_sdpa"`` (:mod:`llava.python_sdpa`: the Python
+    reference of SDPA in the model's dtype, which SparseVLM's released code runs in every layer; reference runs)."""
+    if "python_sdpa" in ((attn_implementation,) if isinstance(attn_implementation, str)
+                         else tuple((attn_implementation or {}).values())):
+        from .python_sdpa import register
+        register()
     rt = _load(name, dtype=dtype, device=device, attn_implementation=attn_implementation, template=template,
                next_layout=next_layout, num_frames=num_frames, pad_to_square=pad_to_square, seed=seed,
                min_pixels=min_pixels, max_pixels=max_pixels, decoder_layers=decoder_layers, revision=revision)

@@ -82,6 +82,9 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
                 raise ValueError(f"parity: the adapters of {[m['name'] for m in methods]} load our model differently "
                                  f"({k}); run them one at a time")
             extra[k] = v
+    llm_attn = extra.pop("attn_implementation", None)  # an adapter's LLM attention (a fork's own attention code)
+    if llm_attn is not None:
+        attn = {**attn, "": llm_attn, "text_config": llm_attn}
     rt = llava.load(info["hf"], attn_implementation=attn, **{**load, **extra})
     out = []
     for method in methods:

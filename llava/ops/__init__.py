@@ -18,7 +18,7 @@ from .select import (  # noqa: F401
 )
 from .merge import (  # noqa: F401
     _arange_runs, best_product_split, best_product_split_k1, block_order, cat_parts, contextual_merge,
-    cosine_matrix, dominant_contextual, merge_tokens, official_contextual_merge, per_unit_selection,
+    cosine_matrix, dominant_contextual, merge_tokens, merge_tokens_sequential, official_contextual_merge, per_unit_selection,
     text_to_image_score, uniform_targets,
 )
 from .schedules import (  # noqa: F401

@@ -1,6 +1,6 @@
 """Merging primitives shared by several methods: VisionZip-style contextual merges (and their official order),
 per-unit selections and their output order, cosine similarities, AdaV's text-to-image score and the engine's one
-merge (:func:`merge_tokens`, fp32). Part of :mod:`llava.ops`."""
+merge (:func:`merge_tokens`, fp32; :func:`merge_tokens_sequential`, the official codes' arithmetic). Part of :mod:`llava.ops`."""
 
 from __future__ import annotations
 
@@ -280,7 +280,10 @@ def text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: f
 
 def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
     """Merged (contextual) tokens of ``sel`` from rows of ``x`` (n, D), computed in fp32 (``sel.merge_kept``: the
-    kept tokens with a slot join their target too)."""
+    kept tokens with a slot join their target too); ``sel.arithmetic == "sequential"``: in ``x``'s own dtype, one
+    member at a time (:func:`merge_tokens_sequential`)."""
+    if sel.arithmetic == "sequential":
+        return merge_tokens_sequential(x, sel)
     tg = sel.targets.to(x.device)
     taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if not sel.merge_kept:
@@ -300,4 +303,67 @@ def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
         return xf[tg] + sums / counts.clamp(min=1)[:, None]
     if sel.rule == "mean":
         return (xf[tg] + sums) / (counts + 1)[:, None]
+    if sel.rule == "weighted_mean":
+        return (xf[tg] + sums) / (counts + 1 + 1e-6)[:, None]
     raise ValueError(f"unknown merge rule {sel.rule!r}")
+
+
+def merge_tokens_sequential(x: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """The merged tokens of ``sel`` in the official codes' own arithmetic on a CPU (reference modes): each group's
+    members added one at a time in ``sel.merge_order`` (default: ascending token index) into an fp32 accumulator,
+    the sum rounded to ``x``'s dtype once, the rule's division in that dtype - what PyTorch's CPU ``scatter_add_``
+    (expanded index) and ``index_add_`` do for fp16 (they accumulate in fp32) and exactly their fp32 sums.
+
+    - ``mean`` (VScan's ``token_merging``): sum = x[target] + x[j] for each assigned j; sum / (1 + count);
+    - ``weighted_mean`` (SparseVLM's ``cluster_and_merge``): w = 1 / (size + 1e-6) in ``x``'s dtype (size: the
+      target and its assigned tokens), each member's x[j] * w rounded, the target at its own place in the order;
+    - ``target_plus_mean``: x[target] + sum(x[j]) / count.
+
+    Returns (c, D) in ``x.dtype``. One host read (the largest group, the number of add rounds): reference modes
+    only, never a captured prefill. (On CUDA the official fp16 merges use atomic adds in no fixed order.)"""
+    dev, dt = x.device, x.dtype
+    n, D = x.shape
+    tg = sel.targets.to(dev)
+    c = tg.numel()
+    if c == 0:
+        return x.new_zeros(0, D)
+    taken = torch.zeros(n, dtype=torch.bool, device=dev)
+    if not sel.merge_kept:
+        taken[sel.keep.to(dev)] = True
+    taken[tg] = True
+    slot = sel.assign.to(dev).masked_fill(taken, -1)
+    counts = torch.zeros(c, dtype=torch.long, device=dev).index_add_(0, slot.clamp(min=0), (slot >= 0).long())
+    if sel.rule == "weighted_mean":  # the target is a member too, visited at its own place in the order
+        slot = slot.index_put((tg,), torch.arange(c, device=dev))
+        w = torch.ones(c, dtype=dt, device=dev) / ((counts + 1).to(dt) + 1e-6)
+        rows = x * w[slot.clamp(min=0)][:, None]  # the official x * norm_weight, rounded to x's dtype
+        acc = torch.zeros(c, D, dtype=torch.float32, device=dev)
+    elif sel.rule in ("mean", "target_plus_mean"):
+        rows = x
+        acc = x[tg].float() if sel.rule == "mean" else torch.zeros(c, D, dtype=torch.float32, device=dev)
+    else:
+        raise ValueError(f"unknown merge rule {sel.rule!r}")
+    order = torch.arange(n, device=dev) if sel.merge_order is None else sel.merge_order.to(dev)
+    L = order.numel()
+    s = slot[order]  # (L,) the slot of each visited token, -1: not merged
+    key = torch.where(s >= 0, s, torch.full_like(s, c))
+    by_slot = torch.sort(key, stable=True).indices  # visited tokens grouped by slot, in visiting order
+    first = torch.searchsorted(key[by_slot].contiguous(), torch.arange(c + 1, device=dev))
+    rank = torch.arange(L, device=dev) - first[key[by_slot]]
+    members = torch.full((c + 1, L + 1), n, dtype=torch.long, device=dev)  # n: a zero row
+    members[key[by_slot], rank] = order[by_slot]
+    # the one host read: the largest group (the add rounds), and the members visited against those assigned
+    expected = (slot >= 0).sum()
+    rounds, visited, expected = torch.stack([(first[1:] - first[:-1]).max(), first[c], expected]).tolist()
+    if visited != expected:
+        raise ValueError(f"Selection.merge_order visits {visited} of the {expected} tokens to merge: it must hold "
+                         "every merged token once")
+    padded = torch.cat([rows, rows.new_zeros(1, D)]).float()
+    for r in range(rounds):
+        acc = acc + padded[members[:c, r]]  # one fp32 add per group and round (+0 is exact)
+    acc = acc.to(dt)  # the accumulator written back to the rows' dtype
+    if sel.rule == "mean":
+        return acc / (counts + 1).to(dt)[:, None]
+    if sel.rule == "target_plus_mean":
+        return x[tg] + acc / counts.clamp(min=1).to(dt)[:, None]
+    return acc

@@ -209,7 +209,9 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
         keep_h = (~pruned_tok_h).nonzero().flatten()
         keep = keep_h.to(dev)
         order = torch.argsort(torch.cat([keep, targets])) if keep_h.numel() else None
-        sel = Selection(keep=keep, targets=targets, assign=assign, rule="mean", space="projected", order=order)
+        # the official token_merging: fp16 scatter_add_ in ascending token order, then / (1 + count)
+        sel = Selection(keep=keep, targets=targets, assign=assign, rule="mean", space="projected", order=order,
+                        arithmetic="sequential")
         return (sel, local, glob) if return_scans else sel
 
     # ---- local scan: rank within (unit, window) by A_loc, descending, ties to the lower index

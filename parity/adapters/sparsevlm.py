@@ -50,7 +50,14 @@ environment) and ours with ``version="v2"``; without it, v1 on both sides.
 - ``before_import`` must run before the worker imports the clone's ``llava`` (``import llava`` already imports
   ``modelling_sparse_llama.py``): ``official_worker.main`` calls each job adapter's ``before_import()`` there.
 
-Measured (2026-11-25, CPU, budgets 192 / 128 / 96 / 64, each image alone): the official fp16 load, v1 and v2:
+Update (the full run of 2026-11-25 on rebuilt weights): the fp16 v1 rows of the first image differed in their
+greedy tokens at 128 / 96 / 64 (kept sets identical; the official first-token logits have their top two one fp16
+ulp apart) with logits 1e-2 apart. Two causes, both now reproduced: every prefill layer's attention is the fork's
+Python SDPA (``OURS_LOAD``: ``attn_implementation="python_sdpa"``, :mod:`llava.python_sdpa`), and the recycled
+clusters' merge is the CPU ``index_add_`` of fp16 ``x * fl(1 / (n + 1e-6))`` rows, summed in fp32 in the topk order
+and rounded once (``Selection(rule="weighted_mean", arithmetic="sequential")``). With both: fp16 16 / 16 and fp32
+v1 at 128 / 96 / 64 with logits bit-identical (v1 at 192 in fp32 still differs: the density noise, below).
+Earlier measurement (same day, CPU, budgets 192 / 128 / 96 / 64, each image alone): the official fp16 load, v1 and v2:
 32 of 32 identical (kept sets, v1's recycled tokens, centres and clusters, greedy tokens; logits up to 1.2e-2
 apart: the official "sdpa" of every prefill layer is a Python softmax of fp16 logits, ``utils.
 scaled_dot_product_attention``). fp32: v2 16 of 16 (logits within 6.3e-6); v1 12 of 16: at 192 the four images
@@ -79,6 +86,9 @@ INSTALLED = False
 #: tokens past the first stage; 128 / 96 / 64 fit to 0 / 0 / 0 and test recycling and empty stages)
 BUDGETS = (192, 128, 96, 64)
 OFFICIAL = {"alone": True}
+#: the fork's attention in every decoder layer is the Python reference of SDPA (``utils.scaled_dot_product_attention``:
+#: fp16 ``q @ k^T``, ``* 1 / sqrt(d)``, ``torch.softmax`` in fp16); ours loads the same (:mod:`llava.python_sdpa`)
+OURS_LOAD = {"fp16": {"attn_implementation": "python_sdpa"}, "fp32": {"attn_implementation": "python_sdpa"}}
 
 #: the official sparse layers (``pruning_loc``) on the tiny 4-layer LLM: ours maps the 32-layer 2 / 6 / 15 with
 #: ``scale_layers`` (engine stages 3 / 7 / 16 -> 1 / 2 / 3, i.e. the outputs of layers 0 / 1 / 2 pruned)

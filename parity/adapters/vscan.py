@@ -39,6 +39,10 @@ repository: ``ROOT``), its ``llava/`` tree replacing llava-torch on the official
   (``llava_arch.py:178``) run in fp32; our reference mode casts them to fp16 whatever the run's dtype
   (``llava/ops/vscan.py:178`` ``sdt = VSCAN_OFFICIAL_DTYPE``, ``:97`` ``features.to(VSCAN_OFFICIAL_DTYPE)``: the
   official eval scripts' dtype). With that dtype set to fp32 for the fp32 run, the case is identical (logits 2.7e-6).
+  Then (the full run of 2026-11-25) the fp16 load was 11 / 12: at B = 32 on the first image stage 2 kept another
+  token (a near-tie of fp16 attention), because our merge summed in fp32 and rounded once, the official
+  ``scatter_add_`` (CPU: fp32 accumulation) rounds the sum to fp16 and then divides in fp16. The reference mode now
+  merges that way (``Selection(arithmetic="sequential")``): 12 / 12 in fp32 and in fp16, logits bit-identical in both.
 - ours: ``vscan`` in its reference mode (``numerics="official"``) with the mappings above; recorded by wrapping the
   method's ``select_vision`` (its ``Selection``'s targets and assignment, by ``sig.patch``) and from
   ``rt.engine.selections[(0, b)]`` (the first LLM stage, before decoder layer 2).
