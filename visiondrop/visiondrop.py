@@ -227,6 +227,8 @@ def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, con
         targets = _merge(_normalised(keys), rest, contextual, assign)
     if targets.numel() == 0:
         return Selection(keep=keep)
+    if numerics == "official":  # the official one-hot matmul in the model's dtype, / counts, + target: its roundings
+        return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean", arithmetic="sequential")
     return Selection(keep=keep, targets=targets, assign=assign, rule="target_plus_mean")
 
 
