@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
                         "installed ones on the official side); default: .official/<method> when it exists "
                         "(scripts/official_clones.sh), else the installed official code")
     p.add_argument("--method", nargs="+", default=["flowcut"],
-                   help="methods compared, by adapter (parity/adapters/; default: flowcut)")
+                   help="methods compared, by adapter (parity/adapters/; default: flowcut); next: flowcut and the "
+                        "adapters with NEXT = True (fastervlm, visionzip, vispruner)")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="budgets in each method's own unit (visual tokens kept for most; PyramidDrop / FastV: tokens "
                         "per layer on average); default: the adapter's BUDGETS, else 8 16 32")
@@ -36,9 +37,9 @@ def parser() -> argparse.ArgumentParser:
                    help="fp32: both sides in fp32; fp16: the official builder's load (fp16 LLM, fp32 tower)")
     p.add_argument("--vision-attn", choices=("eager", "sdpa"), default="eager",
                    help="our CLIP tower's attention (eager = transformers 4.36's CLIP arithmetic; default eager)")
-    p.add_argument("--next-budgets", nargs="+", type=int, default=[16, 64],
-                   help="LLaVA-NeXT: FlowCut's T (int(T/2) patches per crop in the tower, T after decoder layer 1; "
-                        "default: 16 64)")
+    p.add_argument("--next-budgets", nargs="+", type=int, default=None,
+                   help="LLaVA-NeXT budgets: FlowCut's T (int(T/2) patches per crop in the tower, T after decoder "
+                        "layer 1; default: 16 64); an adapter's tokens per crop (default: its NEXT_BUDGETS)")
     p.add_argument("--next-dtypes", nargs="+", choices=("fp32", "fp16"), default=["fp32"],
                    help="LLaVA-NeXT precisions (default: fp32; fp16 = the official builder's load)")
     p.add_argument("--next-variants", nargs="+", choices=("stock", "official"), default=None,
@@ -89,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         from .build import build_next
 
         variants = args.next_variants or (next_.VARIANTS if args.part == "next" else ("official",))
-        unknown = [m for m in args.method if m not in next_.OURS]
+        known = next_.next_methods()
+        unknown = [m for m in args.method if m not in known]
         if unknown:
-            print(f"error: no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(next_.OURS)})",
+            print(f"error: no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(known)})",
                   file=sys.stderr)
             return 2
         info_next = build_next(work, str(py), seed=args.seed)
-        checks += next_.run(info_next, str(py), work, dtypes=tuple(args.next_dtypes), budgets=tuple(args.next_budgets),
+        checks += next_.run(info_next, str(py), work, dtypes=tuple(args.next_dtypes),
+                            budgets=tuple(args.next_budgets) if args.next_budgets else None,
                             max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
                             methods=tuple(args.method), variants=tuple(variants),
                             official_path=args.official_path)

@@ -25,14 +25,29 @@ Two variants of our side (``variants``), both our runtime on the same checkpoint
 FlowCut's official NeXT LLM stage refuses left padding and its later layers cannot take a padded batch (the 2-D mask
 it rebuilds after the cut reaches SDPA's 4-D check), so FlowCut runs each image alone; the unpruned model also runs
 the left-padded batch of all images.
+
+The other methods run through their adapters (``parity/adapters/<name>.py`` with ``NEXT = True``; the hooks are
+documented in ``parity/adapters/__init__.py``): the official half is the adapter's own (``enable`` / ``record`` on
+the clone's code, the same as for LLaVA-1.5, here on ``llava-v1.6-tiny``), one official process per clone; ours is
+our runtime with ``next_geometry="official"`` only (the ``stock`` geometry differs from the official code by design),
+loaded with the adapter's ``NEXT_LOAD`` (e.g. ``next_layout="spatial"``, the official NeXT packing of FasterVLM /
+VisionZip), the method from ``ours_next`` (else ``ours``) and the kept indices from ``record_ours_next`` (else
+:func:`record_vision_per_crop`: the vision stage's kept patches per crop, as the Theia forks' ``index_masks``).
+Budgets are per crop (``NEXT_BUDGETS``), as the papers count NeXT; the rows are compared as for LLaVA-1.5
+(:func:`compare_adapters`: the crops of each image, logits at every real position, fp32 bound 1e-5, greedy tokens,
+the kept indices per stage and crop), grouped ``next-<name>``; each image alone and the left-padded batch of all,
+unless the adapter's ``OFFICIAL`` says "alone". The adapters run on the ``official`` variant whatever ``variants``
+says (the unpruned rows follow ``variants``).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
+from . import adapters
 from .build import QUESTIONS, run_official
 from .adapters._ours import record_tower_cuts
 from .llava15 import _collapse, logits_and_tokens
@@ -214,25 +229,223 @@ def compare(off: dict, mine: list[dict], label: str, logits_atol: float | None, 
     return checks
 
 
-def run(info: dict, official_python: str, work: Path, dtypes=("fp32",), budgets=(16, 64), max_new_tokens: int = 8,
+def next_methods() -> list[str]:
+    """Every method ``python -m parity next`` compares: FlowCut (its own recipe here) and the adapters with
+    ``NEXT = True``."""
+    return sorted(set(OURS) | {n for n in adapters.names() if getattr(adapters.get(n), "NEXT", False)})
+
+
+def adapter_specs(name: str, budgets, n_cases: int) -> list[dict]:
+    """The official worker's method specs of adapter ``name`` on NeXT: one per budget (per crop), each image alone
+    and the batch of all (or each alone, where the adapter's ``OFFICIAL`` says so)."""
+    mod = adapters.get(name)
+    extra = getattr(mod, "OFFICIAL", {})
+    specs = []
+    for t in budgets:
+        spec = {"name": name, "budget": t,
+                "batches": [[i] for i in range(n_cases)] if extra.get("alone") else batches(n_cases)}
+        if extra.get("padding_side"):
+            spec["padding_side"] = extra["padding_side"]
+        specs.append(spec)
+    return specs
+
+
+def record_vision_per_crop(rt, store: list):
+    """Our vision stage's kept patches per crop, as the Theia forks' ``encode_images`` hold them in ``index_masks``:
+    one ``("vision", (crops, k))`` entry per prefill, the crops of the batch's images in order (base crop first), each
+    row the kept patch indices (0..N-1, ascending; a crop with fewer padded with -1). Wraps the method's
+    ``select_vision``; returns ``finish(n_samples)`` (called after the prefill)."""
+    from .adapters._theia_forks import mask_indices
+
+    method = rt.engine.method
+    inner = method.select_vision
+    seen: list = []
+
+    def select_vision(sig):
+        sel = inner(sig)
+        seen.append((sig, sel))
+        return sel
+
+    method.select_vision = select_vision
+
+    def finish(n_samples: int) -> None:
+        method.select_vision = inner
+        rows = []
+        for sig, sel in seen[:n_samples]:
+            unit, patch = sig.unit.cpu(), sig.patch.cpu()
+            keep = sel.keep.flatten().cpu()
+            n_units = int(unit.max()) + 1
+            n_patch = int(patch.max()) + 1
+            masks = torch.zeros(n_units, n_patch, dtype=torch.bool)
+            ku, kp = unit[keep], patch[keep]
+            ok = (ku >= 0) & (kp >= 0)
+            masks[ku[ok], kp[ok]] = True
+            rows += list(masks)
+        store.append(("vision", mask_indices(rows)))
+
+    return finish
+
+
+def our_adapter_method(name: str, budget: int, dtype: str) -> tuple[str, dict]:
+    """Adapter ``name``'s (our method, options) for the official NeXT recipe: ``ours_next(budget, dtype)`` when the
+    adapter has one, else its LLaVA-1.5 ``ours``."""
+    mod = adapters.get(name)
+    if hasattr(mod, "ours_next"):
+        method, options = mod.ours_next(budget, dtype)
+        return method, dict(options)
+    from .llava15 import our_method
+
+    return our_method(name, budget, dtype)
+
+
+def ours_adapters(info: dict, dtype: str, specs: list[dict], max_new_tokens: int,
+                  vision_attn: str = "eager") -> list[dict]:
+    """Our runs of the adapters' specs on NeXT: ``llava.load(..., next_geometry="official", **NEXT_LOAD)``, in the
+    shape :func:`compare_adapters` reads (``real``: each sample's real positions in our prefill; ``crops``: each
+    image's crops, base crop included)."""
+    import llava
+
+    half = dtype == "fp16"
+    attn = {"": "sdpa", "text_config": "sdpa", "vision_config": vision_attn}
+    load = {"dtype": "float16" if half else "float32", "vision_dtype": "float32" if half else None,
+            "next_geometry": "official"}
+    extra: dict = {}
+    for sp in specs:
+        for k, v in getattr(adapters.get(sp["name"]), "NEXT_LOAD", {}).items():
+            if k in extra and extra[k] != v:
+                raise ValueError(f"parity next: the adapters of {sorted({s['name'] for s in specs})} load our model "
+                                 f"differently ({k}); run them one at a time")
+            extra[k] = v
+    rt = llava.load(info["hf"], attn_implementation=attn, **{**load, **extra})
+    hooks = {getattr(adapters.get(sp["name"]), "next_runtime", None) for sp in specs} - {None}
+    if len(hooks) > 1:
+        raise ValueError(f"parity next: the adapters of {sorted({s['name'] for s in specs})} change our runtime "
+                         f"differently (next_runtime); run them one at a time")
+    for hook in hooks:
+        hook(rt)
+    all_cases = cases(info)
+    out = []
+    for sp in specs:
+        name, options = our_adapter_method(sp["name"], sp["budget"], dtype)
+        budget = options.pop("budget", sp["budget"])
+        rt.prune(name, budget, **options)
+        mod = adapters.get(sp["name"])
+        for batch in sp["batches"]:
+            cs = [all_cases[c] for c in batch]
+            kept: list = []
+            finish = (mod.record_ours_next if hasattr(mod, "record_ours_next") else record_vision_per_crop)(rt, kept)
+            inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
+            with torch.inference_mode():
+                logits = rt.model(**inputs).logits.float()
+                if finish is not None:
+                    finish(len(batch))
+                n_prefill = len(kept)
+                # the real positions of each sample in the prefill: its text tokens + the visual tokens the LLM got
+                n_img = (inputs["input_ids"] == info["image_token_id"]).sum(1)
+                real = [int(inputs["attention_mask"][b].sum() - n_img[b]) + s.visual_per_layer[0]
+                        for b, s in enumerate(rt.engine.stats.samples)]
+                gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            width = inputs["input_ids"].shape[1]
+            out.append({"method": sp, "batch": batch, "input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"], "logits": logits, "real": real,
+                        "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill],
+                        "crops": [int(c) for c in _crops(inputs, rt.model.config)],
+                        "image_token_id": info["image_token_id"]})
+    rt.unprune(detach=True)
+    return out
+
+
+def _crops(inputs, config) -> list[int]:
+    """The crops of each image of our processor's batch (base crop included)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(tuple(int(v) for v in sz), config.image_grid_pinpoints,
+                                      config.vision_config.image_size) for sz in inputs["image_sizes"]]
+
+
+def compare_adapters(off: dict, mine: list[dict], label: str, logits_atol: float | None,
+                     eos: int | None) -> list[Check]:
+    """One check per adapter run (group ``next-<name>``): the crops of each image, the logits at every real position
+    (each sample's last ``real`` positions on both sides: both left-pad), the greedy tokens and the kept indices per
+    stage (as the adapter records them: per crop, all crops of the batch in order)."""
+    from .llava15 import kept_detail, stages
+
+    checks = []
+    for o, m in zip(off["runs"], mine):
+        if o["batch"] != m["batch"] or o["method"]["name"] != m["method"]["name"] \
+                or o["method"]["budget"] != m["method"]["budget"]:
+            raise ValueError(f"runs out of step: official {o['method']} {o['batch']}, ours {m['method']} {m['batch']}")
+        case = f"{label} {o['method']['name']} T={o['method']['budget']}/crop batch {o['batch']}"
+        o_crops = [int(p.shape[0]) for p in o["pixel_values"]]
+        crops_ok = o_crops == m["crops"]
+        diffs = []
+        for i, n in enumerate(m["real"]):
+            a, b = o["logits"][i], m["logits"][i]
+            if len(o["batch"]) == 1 and a.shape != b.shape:
+                diffs.append(float("inf"))
+            elif n > a.shape[0]:
+                diffs.append(float("inf"))
+            else:
+                diffs.append((a[-n:] - b[-n:]).abs().max().item())
+        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol)
+        o_kept = [(i, k.tolist()) for i, k in o["kept"]]
+        m_kept = [(i, k.tolist()) for i, k in m["kept"]]
+        kept_ok = o_kept == m_kept
+        ok = ok and kept_ok and crops_ok
+        detail = ("" if crops_ok else f"crops DIFFER (official {o_crops}, ours {m['crops']}), ") + detail
+        detail += f", {kept_detail(o_kept)} per crop {'identical' if kept_ok else 'DIFFER'} ({stages(o_kept)})"
+        data.update(official_kept=o_kept, our_kept=m_kept, official_crops=o_crops, our_crops=m["crops"],
+                    logits_shapes=[(tuple(o["logits"][i].shape), tuple(m["logits"][i].shape))
+                                   for i in range(len(m["real"]))])
+        checks.append(Check("next-" + o["method"]["name"], case, ok, detail, data))
+    return checks
+
+
+def run(info: dict, official_python: str, work: Path, dtypes=("fp32",), budgets=None, max_new_tokens: int = 8,
         vision_attn: str = "eager", methods=("flowcut",), variants=VARIANTS, official_path: str | None = None,
-        image_ids=None) -> list[Check]:
+        image_ids=None, clones: Path | None = None) -> list[Check]:
     """Every LLaVA-NeXT check: for each precision and variant of our side, the unpruned model (each image alone
-    and all in one batch) and FlowCut's official NeXT recipe at each budget (each image alone). ``image_ids``: a
-    subset of the images (by index; default all)."""
+    and all in one batch) and FlowCut's official NeXT recipe at each budget (each image alone); then each other
+    method of ``methods`` through its adapter (``NEXT = True``; our side with ``next_geometry="official"`` only) at
+    each budget per crop (``budgets``, else the adapter's ``NEXT_BUDGETS``), one official process per clone (the
+    clone as for LLaVA-1.5: ``official_path``, else ``clones/<name>``). ``budgets``: None for each method's default
+    (FlowCut: T = 16 / 64). ``image_ids``: a subset of the images (by index; default all)."""
     import transformers as tf
 
-    unknown = [m for m in methods if m not in OURS]
+    from . import llava15
+
+    known = next_methods()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(OURS)})")
+        raise ValueError(f"no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(known)})")
     if image_ids is not None:
         info = dict(info, images=[info["images"][i] for i in image_ids])
     eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
-    meths = methods_for(budgets, methods, len(info["images"]))
+    n = len(info["images"])
+    flow = [m for m in methods if m in OURS]
+    others = [m for m in methods if m not in OURS]
+    meths = methods_for(budgets or (16, 64), flow, n)
+    roots = {m: llava15.clone_for(m, official_path, **({"clones": clones} if clones else {})) for m in others}
+    groups: dict = {}
+    for m in others:
+        specs = adapter_specs(m, budgets or getattr(adapters.get(m), "NEXT_BUDGETS"), n)
+        groups.setdefault(roots[m], []).extend(specs)
     checks = []
     for dtype in dtypes:
-        off = official(info, official_python, dtype, meths, max_new_tokens, work, official_path)
+        off = official(info, official_python, dtype, meths, max_new_tokens, work, official_path if flow else None)
         for variant in variants:
             mine = ours(info, dtype, meths, max_new_tokens, vision_attn, variant)
             checks += compare(off, mine, f"{dtype} {variant}", 1e-5 if dtype == "fp32" else None, eos)
+        for root, specs in groups.items():
+            skip = sorted({sp["name"] for sp in specs
+                           if dtype not in getattr(adapters.get(sp["name"]), "DTYPES", (dtype,))})
+            for name in skip:
+                print(f"parity next: {name} not compared in {dtype}: its official code cannot run there "
+                      f"(parity/adapters/{name}.py DTYPES)", file=sys.stderr)
+            specs = [sp for sp in specs if sp["name"] not in skip]
+            if not specs:
+                continue
+            off = official(info, official_python, dtype, specs, max_new_tokens, work, root)
+            mine = ours_adapters(info, dtype, specs, max_new_tokens, vision_attn)
+            checks += compare_adapters(off, mine, f"{dtype} official", 1e-5 if dtype == "fp32" else None, eos)
     return checks

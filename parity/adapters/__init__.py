@@ -33,6 +33,23 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
   - ``record_ours(rt, store) -> finish``: called before our prefill; appends the same ``(stage, indices)`` entries
     (by wrapping the method instance, or in ``finish()``, called after the prefill, from ``rt.engine.selections``).
 
+LLaVA-NeXT (``python -m parity next --method <name>``, ``parity/next.py``), optional, for an adapter whose official
+code has a NeXT path:
+
+- ``NEXT = True``: the adapter runs on NeXT too: its official half unchanged (``enable`` / ``record`` on the
+  official ``llava-v1.6-tiny``; ``record``'s entries hold one row per crop, the crops of the batch's images in
+  order, where the official code keeps its indices per crop, e.g. the Theia forks' ``index_masks``), ours on
+  ``llava.load(..., next_geometry="official")``;
+- ``NEXT_BUDGETS``: the budgets compared, per crop as the papers count NeXT;
+- optional ``NEXT_LOAD``: options of ``llava.load`` for the official NeXT recipe (e.g. ``{"next_layout":
+  "spatial"}`` where the official code packs each crop's kept tokens without unpad or newlines);
+- optional ``ours_next(budget, dtype) -> (method, options)``: our options for the official NeXT recipe (default:
+  ``ours``);
+- optional ``next_runtime(rt)``: called once after our load, to change our runtime where the official NeXT recipe
+  needs it (VisPruner's fork fixes every image's grid at 2 x 2: our pinpoints set to that one resolution);
+- optional ``record_ours_next(rt, store) -> finish``: our entries in the layout of ``record`` (default:
+  ``parity.next.record_vision_per_crop``, the vision stage's kept patches per crop as ``("vision", (crops, k))``).
+
 Module constants: ``REPOSITORY`` (owner/name on GitHub), ``COMMIT`` (the commit the adapter was written and run
 against), ``PACKAGES`` (the top-level folders a clone must hold; the official side puts the clone first on its path,
 so its ``llava/`` replaces the installed llava-torch), ``INSTALLED`` (True when ``.venv-official`` already holds the

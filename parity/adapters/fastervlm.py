@@ -21,6 +21,21 @@ the authors' LLaVA fork ``Theia-4869/FasterVLM`` (branch ``main``; every change 
   ``import llava``) makes ``llava`` the clone's namespace package (``__path__`` = the clone's ``llava/``), its
   ``__file__`` set to ``llava/__init__.py`` there (a file that does not exist: only the worker's check reads it);
 - ours: ``fastervlm`` in its reference mode (``numerics="official"``).
+
+LLaVA-NeXT (``NEXT``; ``python -m parity next --method fastervlm``): the same switch and recorder on the official
+``llava-v1.6-tiny`` (anyres, 24 x 24 patches per crop as CLIP-L/336: nothing hard-coded to map). The fork's
+``prepare_inputs_labels_for_multimodal`` forces ``mm_patch_merge_type = 'spatial'``: ``encode_images`` runs all crops
+of the batch in one call, ``topk(T)`` per crop (the base crop too), and the packing keeps each crop's masked tokens,
+the base crop first, then the grid crops' in row-major order on the full grid, no unpad, no newline; ``record``
+stores the ``index_masks`` of every crop, ``("vision", (crops, T))``. Ours: ``llava.load(...,
+next_geometry="official", next_layout="spatial")`` (``NEXT_LOAD``), ``fastervlm`` in its reference mode, the kept
+patches per crop read from the vision selection by ``parity.next.record_vision_per_crop``. Budgets per crop
+(``NEXT_BUDGETS``). The fork's anyres preprocessing is its own: its ``llava/mm_utils.py`` ``select_best_resolution``
+picks the pinpoint with the highest fill ratio (``scaled_w * scaled_h / (w * h)``, upscaling allowed), LLaVA's
+(llava-torch 1.2.2.post1, our ``next_geometry="official"``) the highest effective resolution, then the least waste;
+where they part the crops differ (the 96 x 96 and 176 x 99 images of the tiny build) and those rows are reported,
+not matched (``tests/test_parity_next_adapters.py`` shows every row identical with LLaVA's function in a copy of the
+clone).
 """
 
 from __future__ import annotations
@@ -29,6 +44,15 @@ REPOSITORY = "Theia-4869/FasterVLM"
 COMMIT = "f5d5f12037e105a51865ecb4b28a73cd86eb4921"
 PACKAGES = ("llava",)
 INSTALLED = False
+
+#: LLaVA-NeXT (``python -m parity next --method fastervlm``): the fork's NeXT path, ``prepare_inputs_labels_for_
+#: multimodal`` with ``mm_patch_merge_type`` forced to ``'spatial'`` (T per crop, base crop first, the grid crops'
+#: kept tokens in row-major order on the full grid, no unpad, no newline); ours with that packing
+NEXT = True
+#: tokens per crop of 576 (the paper's NeXT rows 2160 / 1440 / 720 / 290 / 145 over 5 crops = 432 / 288 / 144 /
+#: 58 / 29 per crop: 50 / 75 / 90 % reduction here)
+NEXT_BUDGETS = (288, 144, 58)
+NEXT_LOAD = {"next_layout": "spatial"}
 
 
 # ---- the official side (runs in .venv-official) ----

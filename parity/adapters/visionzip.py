@@ -23,6 +23,15 @@ which ships the package ``visionzip/`` and no ``llava/`` tree: it patches the in
 - ours: ``visionzip`` in its reference mode (``numerics="official"``), the default split for T; recorded by wrapping
   the method's ``select_vision`` (its ``Selection``: ``keep``, ``targets``, ``assign``, mapped to token indices by
   the signals' ``patch``: [CLS] = 0, patch p = p + 1).
+
+LLaVA-NeXT (``NEXT``; ``python -m parity next --method visionzip``): the same switch and recorder on the official
+``llava-v1.6-tiny`` (24 x 24 patches per crop, so ``restore_image_features_sorted``'s hard-coded 24 and 576 hold: nothing
+to map). ``prepare_inputs_labels_for_multimodal_visionzip`` runs every crop of the batch through the patched tower in
+one call (one ``record`` row per crop: dominant, targets, merge), D + C per crop, and re-assembles the grid crops'
+dominant tokens in row-major order on the full grid, then their [CLS] tokens, then their contextual tokens, after the
+base crop's D + C (no unpad, no newline; the grid from llava-torch's ``get_anyres_image_grid_shape``). Ours:
+``llava.load(..., next_geometry="official", next_layout="spatial")`` (``NEXT_LOAD``), ``visionzip`` in its reference
+mode with the default ``next_order="grid_raster"``; ``record_ours_next`` writes :func:`record_ours`'s entries per crop.
 """
 
 from __future__ import annotations
@@ -31,6 +40,15 @@ REPOSITORY = "dvlab-research/VisionZip"
 COMMIT = "3151f6df4fca36a4cd1c985e5956e725b1f9ad02"
 PACKAGES = ("visionzip",)
 INSTALLED = False
+
+#: LLaVA-NeXT (``python -m parity next --method visionzip``): ``prepare_inputs_labels_for_multimodal_visionzip`` on
+#: the installed llava-torch's anyres path: D + C per crop, the grid crops re-assembled by
+#: ``restore_image_features_sorted`` (no unpad, no newline); ours with ``next_layout="spatial"`` and the default
+#: ``next_order="grid_raster"``
+NEXT = True
+#: tokens per crop (the official NeXT splits 27+5 / 54+10 / 108+20)
+NEXT_BUDGETS = (32, 64, 128)
+NEXT_LOAD = {"next_layout": "spatial"}
 
 #: baselines/visionzip.py OFFICIAL_SPLITS (tests/test_parity_visionzip.py checks :func:`split` against ours)
 _SPLITS = {32: (27, 5), 64: (54, 10), 128: (108, 20), 192: (162, 30), 17: (14, 3)}
@@ -150,6 +168,42 @@ def record_ours(rt, store: list):
             merged = torch.nonzero(a >= 0).flatten()
             merged = merged[tok[merged].argsort()]
             rows_m.append(targets[a[merged]])
+        store.append(("dominant", torch.stack(rows_d)))
+        store.append(("targets", torch.stack(rows_t)))
+        store.append(("merge", torch.stack(rows_m)))
+
+    return finish
+
+
+def record_ours_next(rt, store: list):
+    """NeXT: the entries of :func:`record_ours` per crop (the official tower forward runs the crops as its batch, one
+    row each), the crops of the batch's images in order."""
+    import torch
+
+    method = rt.engine.method
+    inner = method.select_vision
+    seen: list = []
+
+    def select_vision(sig):
+        sel = inner(sig)
+        seen.append((sig, sel))
+        return sel
+
+    method.select_vision = select_vision
+
+    def finish(n_samples: int) -> None:
+        method.select_vision = inner
+        rows_d, rows_t, rows_m = [], [], []
+        for sig, sel in seen[:n_samples]:
+            tok = (sig.patch + 1).cpu()
+            unit = sig.unit.cpu()
+            keep, tgt, a = sel.keep.flatten().cpu(), sel.targets.cpu(), sel.assign.cpu()
+            for u in range(int(unit.max()) + 1):
+                rows_d.append(tok[keep[unit[keep] == u]].sort().values)
+                rows_t.append(tok[tgt[unit[tgt] == u]])
+                merged = torch.nonzero((a >= 0) & (unit == u)).flatten()
+                merged = merged[tok[merged].argsort()]
+                rows_m.append(tok[tgt[a[merged]]])
         store.append(("dominant", torch.stack(rows_d)))
         store.append(("targets", torch.stack(rows_t)))
         store.append(("merge", torch.stack(rows_m)))

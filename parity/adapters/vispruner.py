@@ -29,6 +29,19 @@ Token Pruning in VLMs"): the authors' LLaVA fork ``Theia-4869/VisPruner`` (every
 - glue (``_theia_forks.py``): the fork's ``forward`` cannot take images and its ``generate`` returns
   ``(output_ids, visual_token_num)``, as FasterVLM's.
 - ours: ``vispruner`` in its reference mode (``numerics="official"``) with ``important_ratio=0.5``.
+
+LLaVA-NeXT (``NEXT``; ``python -m parity next --method vispruner``): the same switch and recorder on the official
+``llava-v1.6-tiny``. The fork's ``prepare_inputs_labels_for_multimodal`` strips ``_unpad`` from the merge type (the
+``spatial`` packing: T per crop, the base crop included, the grid crops' kept tokens in row-major order on the full
+grid, no unpad, no newline), and its ``llava/mm_utils.py`` ``select_best_resolution`` ignores the pinpoints:
+``possible_resolutions = [(672, 672)]`` ("[VisPruner] Fix resolution for LLaVA-NeXT to get 2880 visual tokens"), i.e.
+every image on a 2 x 2 grid of CLIP-L/336 crops. ``enable`` maps that literal to the tiny tower: the function is
+recompiled from the clone's source with only ``[(672, 672)]`` replaced by ``[(2 x 96, 2 x 96)]`` (refused unless the
+literal is found exactly once) and put back in ``llava.mm_utils`` (where ``process_anyres_image`` and
+``get_anyres_image_grid_shape`` look it up). Ours: ``llava.load(..., next_geometry="official",
+next_layout="spatial")`` (``NEXT_LOAD``) and ``next_runtime``: the model's and the processor's pinpoints set to the one
+2 x 2 resolution (192 x 192), as a user reproducing the fork sets the checkpoint's ``image_grid_pinpoints``. Each
+image alone, as on LLaVA-1.5 (``OFFICIAL``).
 """
 
 from __future__ import annotations
@@ -43,6 +56,18 @@ OFFICIAL = {"alone": True}
 
 #: r, on both sides (the official CLI default)
 IMPORTANT_RATIO = 0.5
+
+#: LLaVA-NeXT (``python -m parity next --method vispruner``; module doc): the fork's ``prepare_inputs_labels_for_
+#: multimodal`` strips ``_unpad`` from ``mm_patch_merge_type`` (the ``spatial`` packing: T per crop, no unpad, no
+#: newline) and its ``select_best_resolution`` always picks a 2 x 2 grid; ``encode_images`` prunes every crop of the
+#: batch in one call, its ``index_masks`` one row per crop
+NEXT = True
+#: tokens per crop of 576
+NEXT_BUDGETS = (128, 64, 32)
+NEXT_LOAD = {"next_layout": "spatial"}
+#: the fork's fixed NeXT resolution (``llava/mm_utils.py`` ``select_best_resolution``, marked ``[VisPruner] Fix
+#: resolution for LLaVA-NeXT to get 2880 visual tokens``): CLIP-L/336's 2 x 2 crops, mapped to 2 x 2 tiny crops
+FIXED_RESOLUTION_LITERAL = r"possible_resolutions = \[\(672, 672\)\]"
 
 
 # ---- the official side (runs in .venv-official) ----
@@ -109,6 +134,31 @@ def enable(model, method: dict) -> None:
     model.visual_token_num = method["budget"]
     model.important_ratio = IMPORTANT_RATIO
     _forks().glue(model)
+    if getattr(model.config, "image_aspect_ratio", None) == "anyres":
+        _fixed_resolution(2 * model.get_vision_tower().config.image_size)
+
+
+def _fixed_resolution(side: int) -> None:
+    """The fork's ``select_best_resolution`` recompiled from its own source with the one literal ``[(672, 672)]``
+    (2 x 2 crops of CLIP-L/336) replaced by ``[(side, side)]`` (2 x 2 crops of the tiny tower), put back in
+    ``llava.mm_utils`` (``process_anyres_image`` and ``get_anyres_image_grid_shape`` call it from there)."""
+    import inspect
+    import re
+
+    import llava.mm_utils as mm
+
+    fn = getattr(mm, "_parity_original_select_best_resolution", mm.select_best_resolution)
+    src = inspect.getsource(fn)
+    hits = re.findall(FIXED_RESOLUTION_LITERAL, src)
+    if len(hits) != 1:
+        raise RuntimeError(f"parity adapter: expected one {FIXED_RESOLUTION_LITERAL!r} in the fork's "
+                           f"select_best_resolution, found {len(hits)}")
+    code = compile(re.sub(FIXED_RESOLUTION_LITERAL, f"possible_resolutions = [({side}, {side})]", src),
+                   inspect.getsourcefile(fn), "exec")
+    scope: dict = {}
+    exec(code, mm.__dict__, scope)
+    mm._parity_original_select_best_resolution = fn
+    mm.select_best_resolution = scope["select_best_resolution"]
 
 
 def record(model, store: list) -> list:
@@ -119,6 +169,14 @@ def record(model, store: list) -> list:
 
 def ours(budget: int) -> tuple[str, dict]:
     return "vispruner", {"numerics": "official", "important_ratio": IMPORTANT_RATIO}
+
+
+def next_runtime(rt) -> None:
+    """NeXT: the fork's fixed 2 x 2 grid on our side (our model's and processor's pinpoints = the one 2 x 2
+    resolution of this tower: no pair to reverse)."""
+    side = 2 * rt.model.config.vision_config.image_size
+    rt.model.config.image_grid_pinpoints = [[side, side]]
+    rt.processor.image_processor.image_grid_pinpoints = [[side, side]]
 
 
 def record_ours(rt, store: list):
