@@ -39,6 +39,9 @@ without a norm floor; the min-max without the constant-relevance guard; the gree
 loop (cis laid out (T, B, N), ``argmax`` over every item, ``sqrt`` of the pivot unclamped, no picked-item
 mask: once the values stop being finite it may re-pick, and a re-picked token is kept once, as the
 official index mask). ``relevance="llm"`` (ours) reads the fp16-cast features and question embeddings.
+``reference_dtype="model"`` (default; ``"float16"``: always fp16): the reference mode's casts in the features' own
+dtype (our LLM's), as the official code computes in its projector's dtype, the dtype its model was loaded in
+(fp32 where it is loaded in fp32: the parity harness's fp32 rows; fp16 under its builder, where both agree).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from llava.ops import check_numerics, unit_layout
 
 RELEVANCE_MODES = ("llm", "clip")
 SIGNS = ("neg", "pos")
+REFERENCE_DTYPES = ("float16", "model")
 MINMAX_SCOPES = ("image", "unit", "sample")
 CLS_TOKEN_MODES = ("candidate", "keep", "drop")
 #: families whose vision tower is a CLIP ViT (the ``clip`` relevance applies post_layernorm +
@@ -248,11 +252,14 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
              budget: int, *, patch: torch.Tensor | None = None, unit_pos: torch.Tensor | None = None,
              relevance_sign: str = "neg", theta: float | None = None, minmax_scope: str = "image",
              cls_token: str = "candidate", keep_newlines: bool = True, reference: bool = False,
-             numerics: str = "ours", layout=None, device_loop: bool = False) -> torch.Tensor:
+             numerics: str = "ours", layout=None, device_loop: bool = False,
+             official_dtype: torch.dtype | None = OFFICIAL_DTYPE) -> torch.Tensor:
     """Indices (ascending) of the tokens CDPruner keeps for one sample: per unit the greedy DPP MAP of
     ``budget`` candidates (the whole unit if it has at most ``budget``).
     ``numerics="official"`` (reference mode): features cast to float16 and normalised there, min-max
-    without the guard, :func:`dpp_greedy_official` (a re-picked token is kept once: a unit may keep fewer).
+    without the guard, :func:`dpp_greedy_official` (a re-picked token is kept once: a unit may keep fewer);
+    ``official_dtype``: the dtype of that cast (None: the features' own, the official projector output's dtype when
+    our model is loaded in the official model's dtype).
 
     features: (T, D) projected tokens; relevance: (T,) raw relevance c (before sign / min-max), or a
     callable computing it (only called when some unit is pruned); unit (T,) (-1 = newline); patch (T,)
@@ -306,7 +313,8 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
     for (n, k), units in by_size.items():
         cand = torch.stack([plan[u][1] for u in units])  # (B, N)
         if official:  # the official fp16 projector output, normalised in fp16
-            L = cdpruner_kernel(features[cand].to(OFFICIAL_DTYPE), r[cand], reference=True)
+            f = features[cand]
+            L = cdpruner_kernel(f if official_dtype is None else f.to(official_dtype), r[cand], reference=True)
         else:
             L = cdpruner_kernel(features[cand], r[cand], reference=reference)
         groups.append((cand, L, k))
@@ -398,6 +406,9 @@ class CDPruner(Method):
             # "ours" (fp32, guards) or "official" (reference mode: fp16 projected tokens, the official
             # greedy loop without guards; docs/methods/cdpruner.md)
             "numerics": "ours",
+            # reference mode: the projected tokens' dtype of the official numerics: "model" (our features' own
+            # dtype: the official model loaded in our LLM's dtype, fp16 under its builder) or "float16" (always)
+            "reference_dtype": "model",
         }
 
     def __init__(self, budget=None, **options):
@@ -415,6 +426,8 @@ class CDPruner(Method):
         if self.cls_token not in CLS_TOKEN_MODES:
             raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         check_numerics("cdpruner", self.numerics)
+        if self.reference_dtype not in REFERENCE_DTYPES:
+            raise ValueError(f"cdpruner: reference_dtype must be one of {REFERENCE_DTYPES}, got {self.reference_dtype!r}")
         if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
                              "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")
@@ -455,7 +468,8 @@ class CDPruner(Method):
         # the question rows (masked: the fast path pads the text block, and a boolean index would sync)
         text, question = sig.text_rows("question")
         if self.numerics == "official":  # the fp16 signals of the official model (our relevance route)
-            return relevance_llm(sig.features.to(OFFICIAL_DTYPE), text.to(OFFICIAL_DTYPE), question)
+            dt = self._official_dtype() or sig.features.dtype
+            return relevance_llm(sig.features.to(dt), text.to(dt), question)
         return relevance_llm(sig.features, text, question)
 
     def capture_refusal(self):
@@ -470,5 +484,10 @@ class CDPruner(Method):
                         unit_pos=sig.unit_pos, relevance_sign=self.relevance_sign, theta=self.theta,
                         minmax_scope=self.minmax_scope, cls_token=self.cls_token,
                         keep_newlines=self.keep_newlines, reference=self.reference, numerics=self.numerics,
-                        layout=sig.unit_layout(patch=True, pos=True), device_loop=sig.captured)
+                        layout=sig.unit_layout(patch=True, pos=True), device_loop=sig.captured,
+                        official_dtype=self._official_dtype())
         return Selection(keep=keep)
+
+    def _official_dtype(self):
+        """The reference mode's cast: fp16, or None (the features' own dtype) for ``reference_dtype="model"``."""
+        return OFFICIAL_DTYPE if self.reference_dtype == "float16" else None

@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
                         "(scripts/official_clones.sh), else the installed official code")
     p.add_argument("--method", nargs="+", default=["flowcut"],
                    help="methods compared, by adapter (parity/adapters/; default: flowcut); next: flowcut and the "
-                        "adapters with NEXT = True (fastervlm, visionzip, vispruner)")
+                        "adapters with NEXT = True (fastervlm, visionzip, vispruner, cdpruner)")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="budgets in each method's own unit (visual tokens kept for most; PyramidDrop / FastV: tokens "
                         "per layer on average); default: the adapter's BUDGETS, else 8 16 32")

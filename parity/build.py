@@ -431,7 +431,10 @@ def write_hf_next(folder: Path, llm_sd: dict, tower_sd: dict, vocab: int, tok: d
 
 
 def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
-    """The LLaVA-NeXT folders (idempotent, marker ``built-next.json``): ``clip-next/`` (the 96 px / patch 4 tower),
+    """The LLaVA-NeXT folders (idempotent, marker ``built-next.json``; older markers without its ``clip_text``
+    field are rebuilt): ``clip-next/`` (the 96 px / patch 4 tower, a whole ``CLIPModel`` with the tiny text tower and
+    tokenizer as the 1.5 build's ``clip/``: the vision tensors drawn first from the NeXT generator, as a vision-only
+    build draws them, the text side from a generator of its own; CDPruner's official ``load_text_tower``),
     ``llava-v1.6-tiny/`` (official layout: ``image_aspect_ratio anyres``, ``mm_patch_merge_type spatial_unpad``,
     :data:`NEXT_PINPOINTS`, ``model.image_newline``; the LLaMA, projector and tokenizer of the 1.5 build's sizes,
     the tokenizer the 1.5 build trained), ``llava-next-tiny-hf/`` (by :func:`official_next_to_hf`) and
@@ -441,7 +444,7 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
     marker = work / "built-next.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("seed") == seed:
+        if info.get("seed") == seed and info.get("clip_text") == CLIP_TEXT_MARK:
             return info
     clip_dir, off_dir, hf_dir = work / "clip-next", work / NEXT_OFFICIAL_NAME, work / NEXT_HF_NAME
     for d in (clip_dir, off_dir):
@@ -451,7 +454,9 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
     vocab = base["vocab_size"]
     gen = torch.Generator().manual_seed(seed + 1000)
     llm_shapes, tower_shapes = official_shapes(NEXT_TOWER, vocab, newline=True)
-    tower_sd = _write_tower(clip_dir, NEXT_TOWER, tower_shapes, gen)
+    # the vision tensors first from gen (the LLM's follow them), the CLIP text side from a generator of its own
+    tower_sd = _write_tower(clip_dir, NEXT_TOWER, tower_shapes, gen,
+                            text_gen=torch.Generator().manual_seed(seed + 3000))
     llm_sd = random_state(llm_shapes, gen, "llm")
     _save_safetensors(llm_sd, off_dir / "model.safetensors")
     official_cfg = dict(cfg15, mm_vision_tower=str(clip_dir), mm_hidden_size=NEXT_TOWER["hidden_size"],
@@ -463,6 +468,6 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
     images = write_images(work / "images-next", seed, NEXT_IMAGE_SIZES)
     info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
             "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": base["image_token_id"],
-            "eos": tok["eos"], "bos": tok["bos"]}
+            "eos": tok["eos"], "bos": tok["bos"], "clip_text": CLIP_TEXT_MARK}
     marker.write_text(json.dumps(info, indent=1))
     return info

@@ -286,12 +286,16 @@ def record_vision_per_crop(rt, store: list):
     return finish
 
 
-def our_adapter_method(name: str, budget: int, dtype: str) -> tuple[str, dict]:
+def our_adapter_method(name: str, budget: int, dtype: str, info: dict | None = None) -> tuple[str, dict]:
     """Adapter ``name``'s (our method, options) for the official NeXT recipe: ``ours_next(budget, dtype)`` when the
-    adapter has one, else its LLaVA-1.5 ``ours``."""
+    adapter has one (with ``info=``, the NeXT build's paths of :func:`parity.build.build_next`, when it takes that:
+    e.g. CDPruner's CLIP text tower in ``clip-next/``), else its LLaVA-1.5 ``ours``."""
+    import inspect
+
     mod = adapters.get(name)
     if hasattr(mod, "ours_next"):
-        method, options = mod.ours_next(budget, dtype)
+        extra = {"info": info} if "info" in inspect.signature(mod.ours_next).parameters else {}
+        method, options = mod.ours_next(budget, dtype, **extra)
         return method, dict(options)
     from .llava15 import our_method
 
@@ -326,7 +330,7 @@ def ours_adapters(info: dict, dtype: str, specs: list[dict], max_new_tokens: int
     all_cases = cases(info)
     out = []
     for sp in specs:
-        name, options = our_adapter_method(sp["name"], sp["budget"], dtype)
+        name, options = our_adapter_method(sp["name"], sp["budget"], dtype, info)
         budget = options.pop("budget", sp["budget"])
         rt.prune(name, budget, **options)
         mod = adapters.get(sp["name"])

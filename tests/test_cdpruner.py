@@ -306,11 +306,28 @@ def test_options_are_validated():
     with pytest.raises(ValueError):
         CDPruner()
     for bad in ({"relevance": "x"}, {"relevance_sign": "x"}, {"theta": 1.0}, {"minmax_scope": "x"},
-                {"cls_token": "x"}, {"relevance": "clip"}):
+                {"cls_token": "x"}, {"relevance": "clip"}, {"reference_dtype": "float32"}):
         with pytest.raises(ValueError):
             CDPruner(4, **bad)
     m = CDPruner(64)
     assert m.query_aware and m.relevance == "llm" and m.relevance_sign == "neg" and m.theta is None
+    assert m.reference_dtype == "model"  # as DART: the run's own dtype (fp16 in the official fp16 load)
+
+
+def test_reference_dtype_model_casts_to_the_features_own_dtype():
+    """Reference mode: ``official_dtype=None`` (``reference_dtype="model"``) normalises fp32 features in fp32, the
+    default in fp16; on fp16 features both are the same."""
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 8, generator=gen)
+    rel = torch.rand(40, generator=gen)
+    unit = torch.zeros(40, dtype=torch.long)
+    fp32 = cdpruner(feats, rel, unit, 12, numerics="official", official_dtype=None)
+    assert torch.equal(fp32, cdpruner(feats, rel, unit, 12, numerics="official", official_dtype=torch.float32))
+    half = feats.half()
+    assert torch.equal(cdpruner(half, rel, unit, 12, numerics="official", official_dtype=None),
+                       cdpruner(half, rel, unit, 12, numerics="official"))
+    assert torch.equal(cdpruner(feats, rel, unit, 12, numerics="official"),
+                       cdpruner(half, rel, unit, 12, numerics="official"))
 
 
 # ------------------------------------------------------------------ (f) tiny models

@@ -38,7 +38,7 @@ def test_the_question_is_what_the_official_loader_passes():
 
 
 def test_ours_needs_the_built_folders():
-    assert adapter.ours(16) == ("cdpruner", {"numerics": "official", "relevance": "clip"})
+    assert adapter.ours(16) == ("cdpruner", {"numerics": "official", "relevance": "clip", "reference_dtype": "model"})
 
 
 def test_the_clip_folder_is_a_clip_model_whose_vision_tensors_a_vision_only_build_draws(tmp_path):

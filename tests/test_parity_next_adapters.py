@@ -26,6 +26,9 @@ needs_clone = pytest.mark.skipif(not (CLONE / "llava").is_dir(),
 VP_CLONE = REPO / ".official" / "vispruner"
 needs_vp_clone = pytest.mark.skipif(not (VP_CLONE / "llava").is_dir(),
                                     reason="no clone: run `bash scripts/official_clones.sh vispruner`")
+CD_CLONE = REPO / ".official" / "cdpruner"
+needs_cd_clone = pytest.mark.skipif(not (CD_CLONE / "llava").is_dir(),
+                                    reason="no clone: run `bash scripts/official_clones.sh cdpruner`")
 VZ_CLONE = REPO / ".official" / "visionzip"
 needs_vz_clone = pytest.mark.skipif(not (VZ_CLONE / "visionzip").is_dir(),
                                     reason="no clone: run `bash scripts/official_clones.sh visionzip`")
@@ -34,8 +37,9 @@ needs_vz_clone = pytest.mark.skipif(not (VZ_CLONE / "visionzip").is_dir(),
 # -- without the official environment ------------------------------------------------------------------------------
 def test_the_next_methods_are_flowcut_and_the_adapters_that_opt_in():
     assert {"flowcut", "fastervlm", "visionzip"} <= set(nx.next_methods())
-    assert "pdrop" not in nx.next_methods() and "cdpruner" not in nx.next_methods()
+    assert "pdrop" not in nx.next_methods() and "cdpruner" in nx.next_methods()
     assert adapters.get("vispruner").NEXT_LOAD == {"next_layout": "spatial"}
+    assert adapters.get("cdpruner").NEXT_LOAD == {"next_layout": "spatial"}
     assert adapters.get("visionzip").NEXT_LOAD == {"next_layout": "spatial"}
     mod = adapters.get("fastervlm")
     assert mod.NEXT and mod.NEXT_LOAD == {"next_layout": "spatial"}
@@ -54,6 +58,28 @@ def test_vispruners_fixed_resolution_on_our_side():
                          processor=SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=[[96, 192]])))
     adapters.get("vispruner").next_runtime(rt)
     assert rt.model.config.image_grid_pinpoints == rt.processor.image_processor.image_grid_pinpoints == [[192, 192]]
+
+
+def test_cdpruners_fixed_resolution_and_clip_folder_on_our_side(monkeypatch):
+    """CDPruner's fork fixes the same 2 x 2 grid as VisPruner's (our pinpoints = the one 2 x 2 resolution), and our
+    NeXT options are the reference mode with the official relevance on the NeXT build's folders (``info``, passed by
+    ``our_adapter_method``: ``clip-next/`` and our NeXT checkpoint)."""
+    from types import SimpleNamespace
+
+    mod = adapters.get("cdpruner")
+    rt = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=96),
+                                                                      image_grid_pinpoints=[[96, 192]])),
+                         processor=SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=[[96, 192]])))
+    mod.next_runtime(rt)
+    assert rt.model.config.image_grid_pinpoints == rt.processor.image_processor.image_grid_pinpoints == [[192, 192]]
+    monkeypatch.setattr(mod, "clip_model", lambda folder: ("clip model of", folder))
+    name, options = nx.our_adapter_method("cdpruner", 64, "fp32", {"clip": "w/clip-next", "hf": "w/next-hf"})
+    assert name == "cdpruner" and options == {"numerics": "official", "relevance": "clip", "reference_dtype": "model",
+                                              "clip_model": ("clip model of", "w/clip-next"),
+                                              "clip_tokenizer": "w/clip-next", "llm_tokenizer": "w/next-hf"}
+    # the adapters without ours_next: their LLaVA-1.5 ``ours``, as before
+    assert nx.our_adapter_method("vispruner", 64, "fp32", {"clip": "w/clip-next"}) == \
+        ("vispruner", {"numerics": "official", "important_ratio": 0.5})
 
 
 def test_run_refuses_a_method_without_a_next_adapter():
@@ -276,3 +302,67 @@ def test_vispruners_fixed_resolution_is_refused_when_the_literal_changes(built, 
     f.write_text(text.replace(old, "possible_resolutions = [(672, 672), ]"))
     with pytest.raises(RuntimeError, match="expected one"):
         _run_vp(built, clones)
+
+
+def _run_cd(built, clones: Path, dtypes=("fp32",)):
+    work, info = built
+    return nx.run(info, str(OFFICIAL_PY), work, dtypes=dtypes, budgets=(64,), max_new_tokens=4,
+                  methods=("cdpruner",), variants=("official",), clones=clones, image_ids=(0, 3))
+
+
+@needs_official
+@needs_cd_clone
+def test_cdpruner_on_next_agrees_with_the_official_code(built):
+    """T = 64 per crop, fp32, each image alone (``OFFICIAL["alone"]``): the fork's fixed resolution mapped to the tiny
+    tower's 2 x 2 grid on both sides (5 crops for every image), the CLIP text relevance from ``clip-next/`` (a whole
+    ``CLIPModel``), one min-max over the image's crops: the kept patches of every crop, logits (bit-identical) and
+    tokens identical."""
+    import json
+
+    assert json.loads((Path(built[1]["clip"]) / "config.json").read_text())["architectures"] == ["CLIPModel"]
+    checks = _run_cd(built, CD_CLONE.parent)
+    bad = [(c.case, c.detail) for c in checks if not c.ok]
+    assert not bad, bad
+    rows = [c for c in checks if c.group == "next-cdpruner"]
+    assert len(rows) == 2
+    for c in rows:
+        assert c.data["official_crops"] == [5] and max(c.data["logits_max_abs_diff"]) == 0
+        (stage, kept), = c.data["official_kept"]
+        assert stage == "vision" and len(kept) == 5 and all(len(k) == 64 for k in kept)
+
+
+def _cd_fork_with(clones: Path, path: str, old: str, new: str) -> Path:
+    shutil.copytree(CD_CLONE / "llava", clones / "cdpruner" / "llava")
+    f = clones / "cdpruner" / path
+    text = f.read_text()
+    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
+    f.write_text(text.replace(old, new))
+    return clones
+
+
+@needs_official
+@needs_cd_clone
+def test_a_planted_change_in_cdpruners_next_relevance_makes_parity_fail(built, tmp_path):
+    """A copy of the clone whose relevance min-max runs per crop (``min`` / ``max`` over each row) instead of once
+    over all crops of the image (what the fork's one ``encode_images`` call on the image's crops does, our
+    ``minmax_scope="image"``): the kept patches differ."""
+    clones = _cd_fork_with(tmp_path / "clones", "llava/model/llava_arch.py",
+                           "relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())",
+                           "relevance = (relevance - relevance.amin(-1, True) + 1e-6) / "
+                           "(relevance.amax(-1, True) - relevance.amin(-1, True))")
+    checks = _run_cd(built, clones)
+    rows = [c for c in checks if c.group == "next-cdpruner"]
+    assert all(c.ok for c in checks if c.group != "next-cdpruner")
+    assert len(rows) == 2 and all(not c.ok and "per crop DIFFER" in c.detail for c in rows), \
+        [(c.case, c.detail) for c in rows]
+
+
+@needs_official
+@needs_cd_clone
+def test_cdpruners_fixed_resolution_is_refused_when_the_literal_changes(built, tmp_path):
+    """As VisPruner's: a fork whose fixed NeXT resolution is written another way is refused (the official worker
+    fails) rather than run on CLIP-L/336's 672 x 672."""
+    clones = _cd_fork_with(tmp_path / "clones", "llava/mm_utils.py", "possible_resolutions = [(672, 672)]",
+                           "possible_resolutions = [(672, 672), ]")
+    with pytest.raises(RuntimeError, match="expected one"):
+        _run_cd(built, clones)

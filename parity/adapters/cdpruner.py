@@ -27,10 +27,26 @@ third fork by the author of FasterVLM / VisPruner (shared glue: ``_theia_forks.p
   what the synchronisation ensures on a GPU).
 - glue (``_theia_forks.py``): the fork's ``forward`` cannot take images and its ``generate`` returns
   ``(output_ids, visual_token_num)``; the glue's forward passes ``texts`` to ``prepare_inputs_labels_for_multimodal``.
-- ours: ``cdpruner`` in its reference mode (``numerics="official"``) with the official relevance (``relevance="clip"``)
+- ours: ``cdpruner`` in its reference mode (``numerics="official"``, ``reference_dtype="model"``: the fork
+  normalises its projector output in the model's load dtype, fp32 in the fp32 rows) with the official relevance
+  (``relevance="clip"``)
   on the same ``clip/`` folder: ``clip_model`` = that ``CLIPModel`` loaded with eager attention (transformers 4.36's
   CLIP has no other), ``clip_tokenizer`` = the folder, ``llm_tokenizer`` = our checkpoint's tokenizer (the question
   is decoded from the prompt's question span).
+
+LLaVA-NeXT (``NEXT``; ``python -m parity next --method cdpruner``): the same switch, question and recorder on the
+official ``llava-v1.6-tiny``, its tower folder ``clip-next/`` a whole ``CLIPModel`` as ``clip/`` is
+(``parity.build.build_next``). The fork's ``prepare_inputs_labels_for_multimodal`` runs ``encode_images`` once on all
+crops of the image (one min / max of the relevance over them, ``index_masks`` one row per crop, T per crop, the base
+crop included), strips ``_unpad`` from the merge type (the ``spatial`` packing: the base crop's kept tokens, then the
+grid crops' in row-major order on the full grid, no unpad, no newline), and its ``llava/mm_utils.py``
+``select_best_resolution`` ignores the pinpoints: ``possible_resolutions = [(672, 672)]`` ("fix resolution for LLaVA
+to get 2880 visual tokens"), every image on a 2 x 2 grid of CLIP-L/336 crops. ``enable`` maps that literal to the tiny
+tower as the VisPruner adapter does (the function recompiled from the clone's source with only ``[(672, 672)]``
+replaced by ``[(2 x 96, 2 x 96)]``, refused unless found exactly once, put back in ``llava.mm_utils``). Ours:
+``llava.load(..., next_geometry="official", next_layout="spatial")`` (``NEXT_LOAD``), ``next_runtime`` (the model's and
+the processor's pinpoints the one 2 x 2 resolution) and ``ours_next``: the reference mode with ``relevance="clip"`` on
+``clip-next/`` (the default ``minmax_scope="image"``: all crops of the image). Each image alone (``OFFICIAL``).
 """
 
 from __future__ import annotations
@@ -43,6 +59,16 @@ OFFICIAL = {"alone": True}
 
 #: what ``llava/eval/model_vqa_loader.py`` removes from the question before it becomes ``texts``
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+#: LLaVA-NeXT (``python -m parity next --method cdpruner``; module doc): the fork's ``spatial`` packing (T per crop, no
+#: unpad, no newline) on its fixed 2 x 2 grid
+NEXT = True
+#: tokens per crop of 576
+NEXT_BUDGETS = (128, 64, 32)
+NEXT_LOAD = {"next_layout": "spatial"}
+#: the fork's fixed NeXT resolution (``llava/mm_utils.py`` ``select_best_resolution``, marked ``# CDPruner # fix
+#: resolution for LLaVA to get 2880 visual tokens``): CLIP-L/336's 2 x 2 crops, mapped to 2 x 2 tiny crops
+FIXED_RESOLUTION_LITERAL = r"possible_resolutions = \[\(672, 672\)\]"
 
 
 # ---- the official side (runs in .venv-official) ----
@@ -93,6 +119,31 @@ def enable(model, method: dict) -> None:
     model.visual_token_num = method["budget"]  # what load_pretrained_model(..., visual_token_num=T) stores
     cpu_streams()
     _forks().glue(model, prepare_keywords=("texts",))
+    if getattr(model.config, "image_aspect_ratio", None) == "anyres":
+        _fixed_resolution(2 * model.get_vision_tower().config.image_size)
+
+
+def _fixed_resolution(side: int) -> None:
+    """The fork's ``select_best_resolution`` recompiled from its own source with the one literal ``[(672, 672)]``
+    (2 x 2 crops of CLIP-L/336) replaced by ``[(side, side)]`` (2 x 2 crops of the tiny tower), put back in
+    ``llava.mm_utils`` (``process_anyres_image`` and ``get_anyres_image_grid_shape`` call it from there)."""
+    import inspect
+    import re
+
+    import llava.mm_utils as mm
+
+    fn = getattr(mm, "_parity_original_select_best_resolution", mm.select_best_resolution)
+    src = inspect.getsource(fn)
+    hits = re.findall(FIXED_RESOLUTION_LITERAL, src)
+    if len(hits) != 1:
+        raise RuntimeError(f"parity adapter: expected one {FIXED_RESOLUTION_LITERAL!r} in the fork's "
+                           f"select_best_resolution, found {len(hits)}")
+    code = compile(re.sub(FIXED_RESOLUTION_LITERAL, f"possible_resolutions = [({side}, {side})]", src),
+                   inspect.getsourcefile(fn), "exec")
+    scope: dict = {}
+    exec(code, mm.__dict__, scope)
+    mm._parity_original_select_best_resolution = fn
+    mm.select_best_resolution = scope["select_best_resolution"]
 
 
 def question_text(question: str) -> str:
@@ -128,11 +179,27 @@ def clip_model(folder: str):
 def ours(budget: int, info: dict | None = None) -> tuple[str, dict]:
     """The reference mode with the official relevance on the built folders ``info`` (``parity.build.build``'s:
     ``clip`` the CLIP folder, ``hf`` our checkpoint); without them the folder options are left out (the method then
-    refuses ``relevance="clip"`` at construction: it needs a CLIP model and the LLM tokenizer)."""
-    options = {"numerics": "official", "relevance": "clip"}
+    refuses ``relevance="clip"`` at construction: it needs a CLIP model and the LLM tokenizer). ``reference_dtype=
+    "model"``: the projected tokens normalised in our LLM's dtype, as the fork normalises its projector output in the
+    dtype the worker loads it in (fp32 in the fp32 rows; fp16 in the fp16 rows, the default's cast)."""
+    options = {"numerics": "official", "relevance": "clip", "reference_dtype": "model"}
     if info is not None:
         options.update(clip_model=clip_model(info["clip"]), clip_tokenizer=info["clip"], llm_tokenizer=info["hf"])
     return "cdpruner", options
+
+
+def ours_next(budget: int, dtype: str | None = None, info: dict | None = None) -> tuple[str, dict]:
+    """NeXT: :func:`ours` on the NeXT build's folders (``info["clip"]`` = ``clip-next/``, ``info["hf"]`` = our NeXT
+    checkpoint); the default ``minmax_scope="image"`` is the fork's one min / max over all crops of the image."""
+    return ours(budget, info)
+
+
+def next_runtime(rt) -> None:
+    """NeXT: the fork's fixed 2 x 2 grid on our side (our model's and processor's pinpoints = the one 2 x 2
+    resolution of this tower: no pair to reverse)."""
+    side = 2 * rt.model.config.vision_config.image_size
+    rt.model.config.image_grid_pinpoints = [[side, side]]
+    rt.processor.image_processor.image_grid_pinpoints = [[side, side]]
 
 
 def record_ours(rt, store: list):
