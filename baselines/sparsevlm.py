@@ -430,13 +430,11 @@ class SparseVLM(Method):
         mask = torch.ones(v, dtype=torch.bool, device=scores.device)
         mask[keep] = False
         pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
-        if self.numerics == "official":  # cluster_and_merge's fp16 index_add_ of x * (1 / (size + 1e-6)), topk order
-            targets, assign, recycled = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
-                                                       self.cluster_divisor, self.numerics, return_order=True)
+        targets, assign, recycled = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
+                                                   self.cluster_divisor, self.numerics, return_order=True)
+        if self.numerics == "official":  # cluster_and_merge's index_add_ of x * (1 / (size + 1e-6)), in topk order
             return Selection(keep=keep, targets=targets, assign=assign, rule="weighted_mean", arithmetic="sequential",
                              merge_order=recycled)
-        targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
-                                         self.cluster_divisor, self.numerics)
         return Selection(keep=keep, targets=targets, assign=assign, rule="mean")
 
     def _select_captured(self, stage, sig):

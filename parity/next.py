@@ -255,21 +255,13 @@ def record_vision_per_crop(rt, store: list):
     one ``("vision", (crops, k))`` entry per prefill, the crops of the batch's images in order (base crop first), each
     row the kept patch indices (0..N-1, ascending; a crop with fewer padded with -1). Wraps the method's
     ``select_vision``; returns ``finish(n_samples)`` (called after the prefill)."""
+    from .adapters._ours import seen_vision_selections
     from .adapters._theia_forks import mask_indices
 
-    method = rt.engine.method
-    inner = method.select_vision
-    seen: list = []
-
-    def select_vision(sig):
-        sel = inner(sig)
-        seen.append((sig, sel))
-        return sel
-
-    method.select_vision = select_vision
+    seen, restore = seen_vision_selections(rt.engine.method)
 
     def finish(n_samples: int) -> None:
-        method.select_vision = inner
+        restore()
         rows = []
         for sig, sel in seen[:n_samples]:
             unit, patch = sig.unit.cpu(), sig.patch.cpu()

@@ -22,6 +22,25 @@ def record_tower_cuts(method, store: list) -> None:
     method.select_tower = select_tower
 
 
+def seen_vision_selections(method) -> tuple[list, "callable"]:
+    """Wrap the method instance's ``select_vision`` to collect ``(signals, selection)`` per sample, in call order.
+    Returns the list it fills and ``restore()``, which puts the method's own ``select_vision`` back."""
+    inner = method.select_vision
+    seen: list = []
+
+    def select_vision(sig):
+        sel = inner(sig)
+        seen.append((sig, sel))
+        return sel
+
+    method.select_vision = select_vision
+
+    def restore() -> None:
+        method.select_vision = inner
+
+    return seen, restore
+
+
 def selections(rt, stage, n_samples: int, field: str = "keep") -> torch.Tensor | None:
     """The engine's selection of ``stage`` for samples ``0 .. n_samples - 1`` after a prefill, as one
     ``(samples, kept)`` tensor of ``field`` (``keep``: indices into the stage's visual candidates), each row
@@ -30,3 +49,11 @@ def selections(rt, stage, n_samples: int, field: str = "keep") -> torch.Tensor |
     if any(r is None for r in rows):
         return None
     return torch.stack([getattr(r, field).flatten().sort().values.cpu() for r in rows])
+
+
+def fixed_grid(rt) -> None:
+    """VisPruner's and CDPruner's forks fix every LLaVA-NeXT image's grid at 2 x 2 crops: our model's and processor's
+    pinpoints set to that one resolution of this tower (no pair to reverse)."""
+    side = 2 * rt.model.config.vision_config.image_size
+    rt.model.config.image_grid_pinpoints = [[side, side]]
+    rt.processor.image_processor.image_grid_pinpoints = [[side, side]]

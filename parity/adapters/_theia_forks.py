@@ -81,3 +81,31 @@ def mask_indices(masks):
     rows = [m.nonzero().flatten().cpu() for m in masks]
     k = max((len(r) for r in rows), default=0)
     return torch.stack([torch.cat([r, r.new_full((k - len(r),), -1)]) for r in rows])
+
+
+#: the literal VisPruner's and CDPruner's ``select_best_resolution`` fix every LLaVA-NeXT grid with (2 x 2 crops of
+#: CLIP-L/336: "[VisPruner] Fix resolution for LLaVA-NeXT to get 2880 visual tokens")
+FIXED_RESOLUTION_LITERAL = r"possible_resolutions = \[\(672, 672\)\]"
+
+
+def fixed_resolution(side: int) -> None:
+    """The fork's ``select_best_resolution`` recompiled from its own source with the one literal ``[(672, 672)]``
+    (2 x 2 crops of CLIP-L/336) replaced by ``[(side, side)]`` (2 x 2 crops of the tiny tower), put back in
+    ``llava.mm_utils`` (``process_anyres_image`` and ``get_anyres_image_grid_shape`` call it from there)."""
+    import inspect
+    import re
+
+    import llava.mm_utils as mm
+
+    fn = getattr(mm, "_parity_original_select_best_resolution", mm.select_best_resolution)
+    src = inspect.getsource(fn)
+    hits = re.findall(FIXED_RESOLUTION_LITERAL, src)
+    if len(hits) != 1:
+        raise RuntimeError(f"parity adapter: expected one {FIXED_RESOLUTION_LITERAL!r} in the fork's "
+                           f"select_best_resolution, found {len(hits)}")
+    code = compile(re.sub(FIXED_RESOLUTION_LITERAL, f"possible_resolutions = [({side}, {side})]", src),
+                   inspect.getsourcefile(fn), "exec")
+    scope: dict = {}
+    exec(code, mm.__dict__, scope)
+    mm._parity_original_select_best_resolution = fn
+    mm.select_best_resolution = scope["select_best_resolution"]

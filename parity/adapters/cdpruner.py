@@ -68,7 +68,6 @@ NEXT_BUDGETS = (128, 64, 32)
 NEXT_LOAD = {"next_layout": "spatial"}
 #: the fork's fixed NeXT resolution (``llava/mm_utils.py`` ``select_best_resolution``, marked ``# CDPruner # fix
 #: resolution for LLaVA to get 2880 visual tokens``): CLIP-L/336's 2 x 2 crops, mapped to 2 x 2 tiny crops
-FIXED_RESOLUTION_LITERAL = r"possible_resolutions = \[\(672, 672\)\]"
 
 
 # ---- the official side (runs in .venv-official) ----
@@ -118,32 +117,10 @@ def cpu_streams() -> None:
 def enable(model, method: dict) -> None:
     model.visual_token_num = method["budget"]  # what load_pretrained_model(..., visual_token_num=T) stores
     cpu_streams()
-    _forks().glue(model, prepare_keywords=("texts",))
+    forks = _forks()
+    forks.glue(model, prepare_keywords=("texts",))
     if getattr(model.config, "image_aspect_ratio", None) == "anyres":
-        _fixed_resolution(2 * model.get_vision_tower().config.image_size)
-
-
-def _fixed_resolution(side: int) -> None:
-    """The fork's ``select_best_resolution`` recompiled from its own source with the one literal ``[(672, 672)]``
-    (2 x 2 crops of CLIP-L/336) replaced by ``[(side, side)]`` (2 x 2 crops of the tiny tower), put back in
-    ``llava.mm_utils`` (``process_anyres_image`` and ``get_anyres_image_grid_shape`` call it from there)."""
-    import inspect
-    import re
-
-    import llava.mm_utils as mm
-
-    fn = getattr(mm, "_parity_original_select_best_resolution", mm.select_best_resolution)
-    src = inspect.getsource(fn)
-    hits = re.findall(FIXED_RESOLUTION_LITERAL, src)
-    if len(hits) != 1:
-        raise RuntimeError(f"parity adapter: expected one {FIXED_RESOLUTION_LITERAL!r} in the fork's "
-                           f"select_best_resolution, found {len(hits)}")
-    code = compile(re.sub(FIXED_RESOLUTION_LITERAL, f"possible_resolutions = [({side}, {side})]", src),
-                   inspect.getsourcefile(fn), "exec")
-    scope: dict = {}
-    exec(code, mm.__dict__, scope)
-    mm._parity_original_select_best_resolution = fn
-    mm.select_best_resolution = scope["select_best_resolution"]
+        forks.fixed_resolution(2 * model.get_vision_tower().config.image_size)
 
 
 def question_text(question: str) -> str:
@@ -195,11 +172,10 @@ def ours_next(budget: int, dtype: str | None = None, info: dict | None = None) -
 
 
 def next_runtime(rt) -> None:
-    """NeXT: the fork's fixed 2 x 2 grid on our side (our model's and processor's pinpoints = the one 2 x 2
-    resolution of this tower: no pair to reverse)."""
-    side = 2 * rt.model.config.vision_config.image_size
-    rt.model.config.image_grid_pinpoints = [[side, side]]
-    rt.processor.image_processor.image_grid_pinpoints = [[side, side]]
+    """NeXT: the fork's fixed 2 x 2 grid on our side (``parity.adapters._ours.fixed_grid``)."""
+    from ._ours import fixed_grid
+
+    fixed_grid(rt)
 
 
 def record_ours(rt, store: list):

@@ -205,21 +205,12 @@ def ours(budget: int) -> tuple[str, dict]:
 def record_ours(rt, store: list):
     import torch
 
-    from ._ours import selections
+    from ._ours import seen_vision_selections, selections
 
-    method = rt.engine.method
-    inner = method.select_vision
-    seen: list = []
-
-    def select_vision(sig):
-        sel = inner(sig)
-        seen.append((sig, sel))
-        return sel
-
-    method.select_vision = select_vision
+    seen, restore = seen_vision_selections(rt.engine.method)
 
     def finish(n_samples: int) -> None:
-        method.select_vision = inner
+        restore()
         rows = {"dominant": [], "pool": [], "targets": [], "merge": []}
         for sig, sel in seen[:n_samples]:
             tok = (sig.patch + 1).cpu()  # tower token index of each candidate ([CLS]: patch -1 -> 0)
@@ -233,7 +224,7 @@ def record_ours(rt, store: list):
             rows["merge"].append(targets[a[merged]])
         for k in ("dominant", "pool", "targets", "merge"):
             store.append((k, torch.stack(rows[k])))
-        for s, layer in enumerate(method.llm_layers):
+        for s, layer in enumerate(rt.engine.method.llm_layers):
             kept = selections(rt, s, n_samples)
             if kept is not None:
                 store.append((f"llm{layer}", kept))

@@ -145,19 +145,12 @@ def ours(budget: int) -> tuple[str, dict]:
 def record_ours(rt, store: list):
     import torch
 
-    method = rt.engine.method
-    inner = method.select_vision
-    seen: list = []
+    from ._ours import seen_vision_selections
 
-    def select_vision(sig):
-        sel = inner(sig)
-        seen.append((sig, sel))
-        return sel
-
-    method.select_vision = select_vision
+    seen, restore = seen_vision_selections(rt.engine.method)
 
     def finish(n_samples: int) -> None:
-        method.select_vision = inner
+        restore()
         rows_d, rows_t, rows_m = [], [], []
         for sig, sel in seen[:n_samples]:
             tok = (sig.patch + 1).cpu()  # tower token index of each candidate ([CLS]: patch -1 -> 0)
@@ -180,19 +173,12 @@ def record_ours_next(rt, store: list):
     row each), the crops of the batch's images in order."""
     import torch
 
-    method = rt.engine.method
-    inner = method.select_vision
-    seen: list = []
+    from ._ours import seen_vision_selections
 
-    def select_vision(sig):
-        sel = inner(sig)
-        seen.append((sig, sel))
-        return sel
-
-    method.select_vision = select_vision
+    seen, restore = seen_vision_selections(rt.engine.method)
 
     def finish(n_samples: int) -> None:
-        method.select_vision = inner
+        restore()
         rows_d, rows_t, rows_m = [], [], []
         for sig, sel in seen[:n_samples]:
             tok = (sig.patch + 1).cpu()
