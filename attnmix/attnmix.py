@@ -1,7 +1,7 @@
 """AttnMix = AdaFV / AdaV (arXiv 2501.09532; ACL 2025 Findings "AdaV"): a self-adaptive mix of
 visual saliency ([CLS] attention) and text-to-image embedding similarity, before the LLM.
 
-Follows the official code (JiayiV/AdaV, an overlay on FasterVLM; methods.md section 3.3). Algorithm:
+Follows the official code (JiayiV/AdaV, an overlay on FasterVLM; docs/methods/attnmix.md). Algorithm:
 
     s_j  = max_t softmax_j(100 * cos(E_t, V_j))        E: raw text embeddings after the image,
                                                         V: projected visual tokens

@@ -3,7 +3,7 @@ Diversity for Token Pruning in MLLMs"): keep the visual tokens that maximise *co
 the MAP of a determinantal point process whose kernel is the token similarity weighted by relevance
 to the instruction. Pre-LLM, per image (LLaVA-1.5) / crop (LLaVA-NeXT, OneVision) / frame (video).
 
-Spec: shared/reference methods-2026.md section 1. Official code: Theia-4869/CDPruner (commit 9541616),
+Doc: docs/methods/cdpruner.md. Official code: Theia-4869/CDPruner (commit 9541616),
 ``llava/model/llava_arch.py`` ``encode_images`` (similarity, relevance, kernel, greedy MAP) and
 ``llava/model/multimodal_encoder/clip_encoder.py`` (``load_text_tower``, ``forward``: CLIP text tower on
 the question in 77-token segments, ``post_layernorm`` + ``visual_projection`` on the select-layer patch

@@ -1,4 +1,4 @@
-"""DART: duplication-aware reduction of tokens (arXiv 2502.11494), methods.md section 10.
+"""DART: duplication-aware reduction of tokens (arXiv 2502.11494), docs/methods/dart.md.
 
 Official code: ZichenWen1/DART, read from its public fork xqy1111111/DART -
 ``llava/model/language_model/modeling_llama_self.py`` (``get_retained_image_token`` and the

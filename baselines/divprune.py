@@ -1,6 +1,6 @@
 """DivPrune (CVPR 2025, arXiv 2503.02175): diversity-based visual token pruning, pre-LLM ("layer 0").
 
-Spec: shared/reference methods.md section 9. Official code: vbdi/divprune,
+Doc: docs/methods/divprune.md. Official code: vbdi/divprune,
 ``LLaVA/llava/model/llava_arch.py``: ``pairwise_cosine_similarity``, ``DivPrune`` (the greedy
 max-min selection) and the ``#divprune`` block at the end of ``prepare_inputs_labels_for_multimodal``
 (``LAYER_INDEX=0``, ``SUBSET_RATIO``, default 0.098 per the README), applied to the projected visual

@@ -2,7 +2,7 @@
 Framework for Visual Token Compression Methods"): average-pool each image's / crop's / frame's patch
 grid with non-overlapping s x s windows, pre-LLM.
 
-Spec: shared/reference methods-2026.md section 7. Official code: Chenfei-Liao/VTC-Bench at 983e443,
+Doc: docs/methods/downsample.md. Official code: Chenfei-Liao/VTC-Bench at 983e443,
 ``external/DART/lmms-eval/lmms_eval/models/qwen2_vl.py`` (``VTC_IMAGE_RATIO``: PIL bicubic resize of the
 image to (w // s, h // s), JPEG re-encode, stock processor). VTC-Bench downsamples **pixels** on
 dynamic-resolution models; LLaVA resizes every image to a fixed size, so pixel downsampling would not

@@ -1,7 +1,7 @@
 """FasterVLM (arXiv 2412.01818, "[CLS] attention is all you need for training-free visual token
 pruning"): keep the top-T visual tokens per image / crop / frame by [CLS] attention, pre-LLM.
 
-Spec: shared/reference methods.md section 8. Official code: Theia-4869/FasterVLM, every change marked
+Doc: docs/methods/fastervlm.md. Official code: Theia-4869/FasterVLM, every change marked
 ``[FasterVLM]``: ``llava/model/multimodal_encoder/clip_encoder.py`` (``feature_select`` returns the
 select-layer (-2) features and that layer's [CLS]->patch attention ``attentions[-2][:, :, 0, 1:]``)
 and ``llava/model/llava_arch.py`` (``encode_images``: mean over heads, ``topk(T)`` per image / crop,

@@ -1,4 +1,4 @@
-"""FastV: "An Image is Worth 1/2 Tokens After Layer 2" (ECCV 2024), methods.md section 4.
+"""FastV: "An Image is Worth 1/2 Tokens After Layer 2" (ECCV 2024), docs/methods/fastv.md.
 
 Official code: pkunlp-icler/FastV - the in-place version ``LlamaModel.forward`` ("FastV Token Rerank")
 in ``src/transformers/src/transformers/models/llama/modeling_llama.py`` and the KV-cache version
@@ -12,7 +12,7 @@ Algorithm (at the entry of decoder layer K, prefill only):
    all text tokens, sorted in their original order;
 3. layers >= K run on the shortened sequence; kept tokens **keep their original RoPE positions**.
 
-Equivalent-token budget (methods.md 0.4 / section 4): for a layer average of B visual tokens on an
+Equivalent-token budget (docs/methods/README.md, budget conventions; docs/methods/fastv.md): for a layer average of B visual tokens on an
 L-layer LLM whose first K layers see all N visual tokens, the count kept after layer K is
 
     n_K = (L * B - K * N) / (L - K)        (192/128/64 -> 166/98/30 at K=2, N=576, L=32)
@@ -70,7 +70,7 @@ def layer_schedule(n_visual: int, layer: int, kept: int, num_layers: int) -> lis
 class FastV(Method):
     """FastV: after decoder layer K-1, keep the visual tokens the last prompt token attends to most.
 
-    ``budget`` (optional): equivalent visual tokens per sample (the layer average, methods.md 0.4),
+    ``budget`` (optional): equivalent visual tokens per sample (the layer average, docs/methods/README.md, budget conventions),
     turned into n_K with the formula above using the sample's own visual count N (LLaVA-NeXT: all
     crops and newline tokens of the sample; Video-LLaVA: all frames). Without a budget, ``ratio`` R
     is the fraction of visual tokens dropped (official default 0.5)."""

@@ -3,7 +3,7 @@ in Vision-Language Models"): per image / crop / frame keep *anchors* (top "globa
 object layer of the vision tower), their *buffers* (4-neighbours on the flat raster index) and
 *registers* (top global attention in the deep / select layer among the rest), pre-LLM.
 
-Spec: shared/reference methods-2026.md section 5. Official code: Danielement321/HiPrune,
+Doc: docs/methods/hiprune.md. Official code: Danielement321/HiPrune,
 ``LLaVA/llava/model/llava_arch.py`` ``encode_images`` (scores, anchors, buffers, registers, index mask on
 the projected features) and ``LLaVA/llava/model/multimodal_encoder/clip_encoder.py`` (the tower runs with
 ``output_attentions=True`` and returns all layers' attention maps).

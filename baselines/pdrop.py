@@ -1,4 +1,4 @@
-"""PyramidDrop (CVPR 2025, arXiv 2410.17247), methods.md section 5.
+"""PyramidDrop (CVPR 2025, arXiv 2410.17247), docs/methods/pdrop.md.
 
 Official code: Cooperx521/PyramidDrop - ``llava/model/modeling_llama_pdrop.py``
 (``LlamaModel.pdrop_forward`` / ``LlamaModel.pdrop_rank_drop``): at each stage boundary a detached
@@ -16,7 +16,7 @@ Algorithm (prefill only), for each stage s = 1..S before decoder layer ``layer_l
    dropped (the engine does this).
 
 Schedules (every count floor(N * c / 576) for a sample with N visual tokens, "ratios apply to the
-sample's full visual count", methods.md section 5):
+sample's full visual count", docs/methods/pdrop.md):
 
 * no budget: ``layer_list`` [8, 16, 24] and ratios [lam, lam^2, lam^3] with the official lam = 0.5
   (0.5 / 0.25 / 0.125; E = (576 + 288 + 144 + 72) / 4 = 270);
@@ -52,7 +52,7 @@ from llava.method import Method, Selection, register
 from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, last_row_topk,  # noqa: F401
                        scale_layers, scaled_count, stage_layer_counts)
 
-#: Budgets of the spec's table (methods.md section 5): stage layers and kept counts of 576.
+#: Budgets of the spec's table (docs/methods/pdrop.md): stage layers and kept counts of 576.
 PDROP_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
     192: ((2, 6, 16), (300, 200, 110)),
     128: ((2, 6, 16), (303, 110, 36)),
@@ -80,7 +80,7 @@ def pdrop_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, nume
 
 
 def equivalent_tokens(per_layer: Sequence[int]) -> float:
-    """E = mean over decoder layers of the visual tokens each layer processes (methods.md 0.4)."""
+    """E = mean over decoder layers of the visual tokens each layer processes (docs/methods/README.md, budget conventions)."""
     return sum(per_layer) / len(per_layer)
 
 

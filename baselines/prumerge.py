@@ -3,7 +3,7 @@ Multimodal Models"): keep the IQR outliers of the [CLS] attention (adaptive coun
 uniform samples, then every kept token absorbs its k nearest neighbours (cosine of the keys) weighted by
 their attention, and one extra global token sums the pruned tokens; pre-LLM.
 
-Spec: shared/reference methods-2026.md section 3. Official code: 42Shawn/LLaVA-PruMerge,
+Doc: docs/methods/prumerge.md. Official code: 42Shawn/LLaVA-PruMerge,
 ``llava/model/multimodal_encoder/clip_encoder.py``: ``token_prune_merge_advanced`` (PruMerge) and
 ``token_prune_merge_advanced_plus`` (PruMerge+, the one ``forward`` calls).
 

@@ -1,6 +1,6 @@
 """Controls: random selection at the same budget, and no visual tokens at all.
 
-Spec: shared/reference methods.md section 11 (our design; UniPruneBench, arXiv 2511.02650, reports
+Doc: docs/methods/README.md (our design; UniPruneBench, arXiv 2511.02650, reports
 random pruning as a strong baseline). Pre-LLM; per unit (image / LLaVA-NeXT crop / video frame)
 keep a uniformly random subset of ``budget`` tokens, original order, contiguous positions.
 """

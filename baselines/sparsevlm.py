@@ -1,4 +1,4 @@
-"""SparseVLM (ICML 2025) and SparseVLM+ ("v2.0"), methods.md section 6.
+"""SparseVLM (ICML 2025) and SparseVLM+ ("v2.0"), docs/methods/sparsevlm.md.
 
 Official code: Gumpest/SparseVLMs - ``llava/model/language_model/modelling_sparse_llama.py``
 (``LlamaModel.forward``: "Select Text Raters", the sparse layers, "Text-Visual Attention Gravity
@@ -26,7 +26,7 @@ Algorithm (prefill only):
 
 Counts: ``sparse_token_dict`` per budget (192 / 128 / 96 / 64), stated for 576 candidates; a sample
 with N visual tokens (LLaVA-NeXT: all crops + newline tokens; Video-LLaVA: all frames) gets
-floor(N * c / 576) (our design, methods.md section 6). On a depth other than 32 the stage layers
+floor(N * c / 576) (our design, docs/methods/sparsevlm.md). On a depth other than 32 the stage layers
 are mapped with ``llava.ops.scale_layers`` (on the stage indices 3 / 7 / 16 of the engine) and the
 retained counts rescaled so that the retained-only layer average matches the 32-layer schedule's
 (``llava.ops.fit_stage_counts``); recycled tokens come on top, as in the official code.
@@ -263,7 +263,7 @@ class SparseVLM(Method):
 
     ``budget`` selects the official schedule (192 / 128 / 96 / 64; default 192 = ``RETAIN_TOKN``):
     these are the paper's nominal equivalent tokens; the engine reports the real layer average
-    (about 206 for 192 with recycling, methods.md section 6)."""
+    (about 206 for 192 with recycling, docs/methods/sparsevlm.md)."""
 
     name = "sparsevlm"
     llm_reads = ("prev",)  # the sparse layer's own attention (and keys)

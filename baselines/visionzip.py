@@ -1,6 +1,6 @@
 """VisionZip (CVPR 2025, arXiv 2412.04467): dominant + contextual visual tokens, pre-LLM.
 
-Spec: shared/reference methods.md section 7. Official code: dvlab-research/VisionZip (moved to
+Doc: docs/methods/visionzip.md. Official code: dvlab-research/VisionZip (moved to
 JIA-Lab-research/VisionZip), ``visionzip/clip_encoder.py`` (``CLIPVisionTower_VisionZip.forward``),
 ``visionzip/main.py`` (``visionzip(model, dominant, contextual)`` passes ``dominant - 1`` patches to
 the tower: the [CLS] token fills the first dominant slot) and ``visionzip/llava_arch.py``

@@ -2,7 +2,7 @@
 for Effective Token Pruning in VLMs"): per image / crop / frame, keep a few *important* tokens by
 [CLS] attention, then *diverse* tokens from the rest by repeatedly removing near-duplicates; pre-LLM.
 
-Spec: shared/reference methods-2026.md section 2. Official code: Theia-4869/VisPruner at aefa01a,
+Doc: docs/methods/vispruner.md. Official code: Theia-4869/VisPruner at aefa01a,
 ``llava/model/llava_arch.py`` ``encode_images`` (every change marked ``[VisPruner]``) and
 ``llava/model/multimodal_encoder/clip_encoder.py`` ``feature_select`` / ``forward`` (select layer -2,
 ``attentions[-2][:, :, 0, 1:]``; features cast to the model dtype, fp16).

@@ -1,4 +1,4 @@
-"""VScan (TMLR 2026, arXiv 2505.22654), methods-2026.md section 6.
+"""VScan (TMLR 2026, arXiv 2505.22654), docs/methods/vscan.md.
 
 Official code: Tencent/SelfEvolvingAgent, folder ``VScan/`` (commit a82450e):
 ``llava/model/llava_arch.py`` (``encode_images``, ``window_cls_selection``, ``token_merging``) for stage 1

@@ -1,7 +1,7 @@
 """ConsensusDrop (arXiv 2602.00946) - OUR RECONSTRUCTION.
 
 The paper's text beyond its abstract is not available; every rule below is our design, consistent
-with the abstract (methods.md section 1; docs/methods/consensusdrop.md, with the measurements behind
+with the abstract (docs/methods/consensusdrop.md, with the measurements behind
 each choice). Label results "ConsensusDrop (our reconstruction)". Per image / crop / frame, budget B:
 
     s_v = [CLS]->patch attention of the CLIP select layer          (query-agnostic encoder saliency)

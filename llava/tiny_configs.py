@@ -27,7 +27,7 @@ def tiny_config(family: str, vocab_size: int, image_token_id: int, video_token_i
 
 
 def tiny_chatml_config(family: str, tok):
-    """Tiny random-weight Qwen2.5-VL / LLaVA-OneVision configs (families.md section 7) with the token ids
+    """Tiny random-weight Qwen2.5-VL / LLaVA-OneVision configs (docs/models.md) with the token ids
     of the ChatML tiny tokenizer; 4 LLM layers (pruning methods need stage layers)."""
     import transformers as tf
 

@@ -1,4 +1,4 @@
-"""llava/families/onevision_vision.py on a tiny random-weight LLaVA-OneVision (families.md section 7).
+"""llava/families/onevision_vision.py on a tiny random-weight LLaVA-OneVision (docs/models.md).
 
 Tiny geometry: 56-px crops of 14-px patches -> 4x4 = 16 patches per crop, pinpoints = multiples of 56
 up to 224 (so a 200x210 image takes a 4x4 crop grid and hits the anyres_max_9 interpolation).

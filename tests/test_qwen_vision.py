@@ -1,4 +1,4 @@
-"""llava.families.qwen_vision on a tiny random-weight Qwen2.5-VL (families.md section 7 config).
+"""llava.families.qwen_vision on a tiny random-weight Qwen2.5-VL (docs/models.md).
 
 The brute-force reference below works in the processor's merge-block raster order (the order of
 `pooler_output`): it un-permutes the captured attention input of the chosen block, rebuilds the

@@ -2,7 +2,7 @@
 contextual merging, in the vision encoder and inside the LLM.
 
 Follows the official code (Ruixxxx/VisionDrop: the encoder stage is VisionZip's code, the LLM stage
-a modified PyramidDrop LlamaModel; methods.md section 2.3):
+a modified PyramidDrop LlamaModel; docs/methods/visiondrop.md):
 
 stage 0 (CLIP select layer, per image / crop / frame):
     a_j = sum_h A_h[CLS, j];  dominant = [CLS] + top-(D0 - 1) patches by a (index order, [CLS] first)
@@ -165,13 +165,13 @@ def _round(x: float) -> int:
 
 def image_schedule(budget: int) -> tuple[tuple[int, int], ...]:
     """Per image / crop: the official 32-token schedule scaled linearly by budget / 32 (exact for
-    64 / 128 / 192: 84+12, 60+10, 44+8, 32+6 ...; our design beyond 32, methods.md 2.5)."""
+    64 / 128 / 192: 84+12, 60+10, 44+8, 32+6 ...; our design beyond 32, docs/methods/visiondrop.md)."""
     f = budget / 32
     return tuple((_round(d * f), _round(c * f)) for d, c in OFFICIAL_32)
 
 
 def video_schedule(per_frame: int, frames: int = 8) -> tuple[tuple[int, int], ...]:
-    """Video-LLaVA (our design, methods.md 2.5): stage 0 keeps 3a per frame; the LLM stages act on
+    """Video-LLaVA (our design, docs/methods/visiondrop.md): stage 0 keeps 3a per frame; the LLM stages act on
     all frames together with totals ~ frames x (a/2, 0.3 a, 0.2 a) rounded to multiples of
     ``frames`` so that the four stage groups average exactly a per frame; contextual share 1/8.
     Returns stage 0 per frame, then the totals after each LLM stage."""

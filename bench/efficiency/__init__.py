@@ -1,12 +1,12 @@
 """Efficiency benchmark: TTFT (with its vision / selection / LLM breakdown), decode time per token,
 KV-cache bytes, peak memory and analytic prefill FLOPs, for the unpruned model and methods x budgets
-in one run (protocol: shared/reference/efficiency.md).
+in one run (the protocol and the formulas: docs/efficiency.md, "What is measured, and how").
 
     python -m bench.efficiency --model shape:llava-1.5-7b --dtype float16 --device cuda \
         --methods none consensusdrop visiondrop attnmix fastv --budgets 192 128 64 --n 200 --batch 1 8
 
 Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the environment, the cost model
-and the bar checks), ``efficiency.md`` (the efficiency.md section 7 table) and ``efficiency.png``
+and the bar checks), ``efficiency.md`` (the tables) and ``efficiency.png``
 (TTFT and KV vs visual tokens per method), written at the end; ``cells.jsonl`` gets each cell's headline
 numbers (TTFT / TPOT medians, warm-up seconds: compile and capture on the fast path) as it ends, so a run
 cut short keeps what it measured.

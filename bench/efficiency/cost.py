@@ -1,4 +1,4 @@
-"""The analytic model of the efficiency benchmark (shared/reference/efficiency.md sections 4-5): prefill
+"""The analytic model of the efficiency benchmark (docs/efficiency.md, "What is measured, and how"): prefill
 MACs per decoder layer under the two conventions (A: FastV / DivPrune, B: SparseVLM), grouped-query and
 hybrid (Gated DeltaNet) decoders, KV-cache bytes per token, and the roofline ``T(n) = max(T_floor, a + k F(n))``
 fitted to the unpruned model's measured LLM prefill times (:func:`fit_roofline`). Pure functions of a model
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 
 # ------------------------------------------------------------------------------------------------
-# analytic formulas (efficiency.md sections 4-5)
+# analytic formulas (docs/efficiency.md: analytic FLOPs, KV bytes per token)
 # ------------------------------------------------------------------------------------------------
 
 

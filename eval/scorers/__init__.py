@@ -1,6 +1,6 @@
 """Official scoring rules, one function per official script, ported line by line.
 
-Sources (reference/evaluation.md section 5); each module's docstring names the upstream files it ports:
+Sources (docs/evaluation.md, section 2); each module's docstring names the upstream files it ports:
 
 * ``vqa``: EvalAI answer processor, TextVQA soft accuracy, VQAv2 (submission and val accuracy), VizWiz:
   haotian-liu/LLaVA ``llava/eval/m4c_evaluator.py``, ``eval_textvqa.py``, ``scripts/convert_*.py``; the VQA

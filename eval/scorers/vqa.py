@@ -1,6 +1,6 @@
 """Open-ended short answers normalised by the EvalAI answer processor: TextVQA, VQAv2, VizWiz.
 
-Ports, line by line (reference/evaluation.md section 5):
+Ports, line by line (docs/evaluation.md, section 2):
 
 * haotian-liu/LLaVA ``llava/eval/m4c_evaluator.py`` (``EvalAIAnswerProcessor``, itself copied from mmf;
   ``TextVQAAccuracyEvaluator``'s soft accuracy) and ``llava/eval/eval_textvqa.py``;

@@ -1,6 +1,6 @@
 """Yes / no benchmarks: POPE and MME.
 
-Ports, line by line (reference/evaluation.md section 5):
+Ports, line by line (docs/evaluation.md, section 2):
 
 * POPE: haotian-liu/LLaVA ``llava/eval/eval_pope.py``;
 * MME: LLaVA ``playground/data/eval/MME/convert_answer_to_mme.py`` and MME's ``eval_tool/calculation.py``.

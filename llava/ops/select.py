@@ -22,7 +22,7 @@ def check_numerics(method: str, numerics: str) -> None:
 
 def topk_desc(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, best first; ties broken by the lower index
-    (methods.md 0.6). ``k`` is clipped to the number of scores."""
+    (docs/methods/README.md, common rules). ``k`` is clipped to the number of scores."""
     k = max(0, min(int(k), scores.numel()))
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return order[:k]
