@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -190,14 +191,42 @@ def _check_data(args, local_rank) -> int:
 
 
 def _run(args, local_rank) -> int:
-    from .runner import RunConfig, run
+    from .run_config import RunConfig
 
     d = vars(args).copy()
     d.pop("cmd")
     d["options"] = _kv(d.pop("opt"))
     d["bench_options"] = _kv(d.pop("bench_opt"), "--bench-opt")
     d["local_rank"] = local_rank  # --local_rank=N from the deepspeed launcher (anywhere on the line)
-    return run(RunConfig(**d))
+    cfg = RunConfig(**d)
+    try:
+        from .runner import run
+
+        return run(cfg)
+    except KeyboardInterrupt:
+        return interrupted(cfg)
+
+
+#: the exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
+
+
+def interrupted(cfg) -> int:
+    """Ctrl-C during ``eval run``: one line (from the first rank only) with the answers on disk - every answer
+    is flushed as its batch ends - and how to go on, instead of a traceback; exit status 130."""
+    from .run_config import run_dir_of
+    from .shards import answered_uids
+
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        run_dir = run_dir_of(cfg)
+        try:
+            n = len(answered_uids(run_dir))
+        except (OSError, ValueError, KeyError):
+            n = 0
+        again = "the same command without --overwrite" if cfg.overwrite else "the same command"
+        print(f"interrupted: {n} answer{'' if n == 1 else 's'} saved in {run_dir}; run {again} to resume",
+              file=sys.stderr)
+    return INTERRUPTED
 
 
 def _run_folder(args):

@@ -1,0 +1,80 @@
+"""Ctrl-C during ``python -m eval run`` (issue 63, item 4): one line saying how many answers are saved where and
+how to go on, exit status 130, no traceback; the same command then answers only the rest."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.runner import EVAL_KEY, shard_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: a real SIGINT to the process as it reads the input of its 3rd question (2 answered and flushed by then)
+DRIVER = """
+import os, signal, sys
+import eval.hf_backend as hb
+real, calls = hb.read_input, [0]
+def read_input(*a, **k):
+    calls[0] += 1
+    if calls[0] == 3 and os.environ.get("INTERRUPT_AT_3"):
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*a, **k)
+hb.read_input = read_input
+from eval.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(data, out, *extra, interrupt=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "INTERRUPT_AT_3")}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    if interrupt:
+        env["INTERRUPT_AT_3"] = "1"
+    cmd = [sys.executable, "-c", DRIVER, "run", "pope", "--model", "tiny:llava", "--max-new-tokens", "2",
+           "--data-root", str(data), "--out", str(out), "--no-wandb", "--run-name", "r", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def uids(rd):
+    return [json.loads(ln)[EVAL_KEY]["uid"] for p in shard_files(rd) for ln in p.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra, again", [((), "the same command"),
+                                          (("--overwrite",), "the same command without --overwrite")])
+def test_ctrl_c_prints_one_line_exits_130_and_the_same_command_resumes(data, tmp_path, extra, again):
+    rd = tmp_path / "runs" / "pope" / "r"
+    p = run_cli(data, tmp_path / "runs", *extra)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr
+    assert p.stderr.splitlines()[-1] == f"interrupted: 2 answers saved in {rd}; run {again} to resume"
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("interrupted")] == [p.stderr.splitlines()[-1]]
+    first = uids(rd)
+    assert len(first) == 2
+    n = sum(1 for ln in (data / "pope" / "llava_pope_test.jsonl").read_text().splitlines() if ln.strip())
+    p = run_cli(data, tmp_path / "runs", interrupt=False)
+    assert p.returncode == 0, p.stderr
+    assert f"({len(first)} already answered, {n - len(first)} to go)" in p.stderr
+    assert uids(rd)[:2] == first and len(set(uids(rd))) == n
+
+
+def test_ctrl_c_before_any_answer_says_none_are_saved(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the model loads: nothing on disk yet, the line says 0 (and the rank-0 rule: a rank > 0
+    prints nothing, so a torchrun world prints the line once)."""
+    import eval.runner
+    from eval.cli import main
+
+    def stopped(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval.runner, "run", stopped)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["run", "pope", "--out", str(tmp_path), "--run-name", "x"]) == 130
+    assert capsys.readouterr().err == (f"interrupted: 0 answers saved in {tmp_path / 'pope' / 'x'}; "
+                                       "run the same command to resume\n")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["run", "pope", "--out", str(tmp_path), "--run-name", "x"]) == 130
+    assert capsys.readouterr().err == ""
