@@ -328,6 +328,21 @@ def restore_decoder(model, n: int, total: int, types) -> None:
         tc.layer_types = types
 
 
+def local_path_error(name: str) -> str | None:
+    """Why ``name`` cannot be a model when it is written as a path - absolute, ``./``, ``../`` or ``~``-relative,
+    more than one ``/`` (a hub id has one at most), or an existing file - and is not a checkpoint folder: "no such
+    directory: ..." / "not a directory: ..."; None for a directory or a hub id (``org/name``). Without this a
+    missing folder reaches the hub client, whose complaint is about the form of a repository id."""
+    path = os.path.expanduser(name)
+    as_path = (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+               or (os.sep != "/" and os.sep in name) or os.path.exists(path))
+    if not as_path or os.path.isdir(path):
+        return None
+    if os.path.exists(path):
+        return f"not a directory: {name} (a model is a checkpoint folder, a hub id, shape:<name> or tiny:<family>)"
+    return f"no such directory: {name}"
+
+
 def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
           template: str | None = None, next_layout: str = "spatial_unpad", num_frames: int = 8,
           pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
@@ -396,6 +411,11 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
         rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
         rt.info["random_weights"] = True
         return rt
+    if name.startswith("~"):
+        name = os.path.expanduser(name)
+    bad = local_path_error(name)
+    if bad:
+        raise FileNotFoundError(bad)
     local = os.path.isdir(name)
     config = tf.AutoConfig.from_pretrained(name, revision=revision)
     arch = (config.architectures or [""])[0]

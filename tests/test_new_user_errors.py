@@ -1,0 +1,33 @@
+"""The rough edges a new user hit (issue 63): each wrong input gets one message that names the real problem,
+each silent no-op says so."""
+
+import pytest
+
+from llava.cli import main as cli_main
+from llava.models import load, local_path_error
+
+
+# ---- item 6: a model path that does not exist ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["/path/that/does/not/exist", "./no-such-model", "../no/such", "models/x/y"])
+def test_a_missing_model_directory_is_named_as_such(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert local_path_error(name) == f"no such directory: {name}"
+    with pytest.raises(FileNotFoundError, match="^no such directory: "):
+        load(name)
+
+
+def test_an_existing_folder_or_a_hub_id_is_not_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert local_path_error(str(tmp_path / "ckpt")) is None and local_path_error("./ckpt") is None
+    assert local_path_error("llava-hf/llava-1.5-7b-hf") is None  # a hub id: the hub client's business
+    assert local_path_error("weights.bin").startswith("not a directory: weights.bin (a model is a checkpoint folder")
+
+
+def test_ask_names_the_missing_directory(capsys):
+    assert cli_main(["ask", "--model", "/path/that/does/not/exist", "--question", "hi"]) == 2
+    assert capsys.readouterr().err == ("error: cannot load model '/path/that/does/not/exist': "
+                                       "no such directory: /path/that/does/not/exist\n")
