@@ -90,6 +90,40 @@ def llava_tokenize(tokenizer, prompt: str, placeholder: str, token_id: int, repe
     return ids
 
 
+
+def _single(x) -> bool:
+    """A value that is one entry, not a list of entries: a string, a path, an image, a tensor."""
+    return isinstance(x, (str, bytes, os.PathLike, Image.Image, torch.Tensor))
+
+
+def batch_entries(questions, images=None, videos=None) -> tuple[list, list, list]:
+    """The processor's arguments as three lists of equal length: a question given as one string is a batch of
+    one, with ``images`` / ``videos`` as that question's own (``("What?", "photo.jpg")``, or a list of its images);
+    with a list of questions, ``images`` / ``videos`` hold one entry per question (None for none). A mismatch is
+    one error naming only what was passed."""
+    if isinstance(questions, str):
+        return [questions], [images], [videos]
+    if _single(questions):
+        raise TypeError(f"questions: a string or a list of strings, got {type(questions).__name__}")
+    questions = list(questions)
+    n = len(questions)
+    out, bad = [], []
+    for what, v in (("image", images), ("video", videos)):
+        if v is None:
+            out.append([None] * n)
+            continue
+        if _single(v):
+            raise ValueError(f"{n} questions but one {what} ({type(v).__name__}): give a list with one {what} entry per "
+                             f"question (None for none), or pass one question as a string")
+        v = list(v)
+        if len(v) != n:
+            bad.append(f"{len(v)} {what} entr{'y' if len(v) == 1 else 'ies'}")
+        out.append(v)
+    if bad:
+        raise ValueError(f"{n} question{'' if n == 1 else 's'} but {' and '.join(bad)}: give one entry per question "
+                         "(None for none)")
+    return questions, out[0], out[1]
+
 @dataclass
 class PromptProcessor:
     """Turns (question, image | video) pairs into a left-padded batch for a LLaVA-family model."""
@@ -156,11 +190,8 @@ class PromptProcessor:
         """Build a batch. ``images[i]``: an image / path, a list of them, or None (text-only);
         ``videos[i]``: a list of frames (Video-LLaVA). ``prompts`` overrides the templated
         prompt strings (they must contain the placeholders)."""
+        questions, images, videos = batch_entries(questions, images, videos)
         n = len(questions)
-        images = list(images) if images is not None else [None] * n
-        videos = list(videos) if videos is not None else [None] * n
-        if len(images) != n or len(videos) != n:
-            raise ValueError(f"{n} questions but {len(images)} image entries and {len(videos)} video entries")
         cfg = self.model_config
         rows, all_images, all_videos = [], [], []
         for i, q in enumerate(questions):
@@ -265,11 +296,8 @@ class ChatMLProcessor(PromptProcessor):
 
     def __call__(self, questions: Sequence[str], images: Sequence | None = None, videos: Sequence | None = None,
                  prompts: Sequence[str] | None = None, device: str | torch.device | None = None) -> dict:
+        questions, images, videos = batch_entries(questions, images, videos)
         n = len(questions)
-        images = list(images) if images is not None else [None] * n
-        videos = list(videos) if videos is not None else [None] * n
-        if len(images) != n or len(videos) != n:
-            raise ValueError(f"{n} questions but {len(images)} image entries and {len(videos)} video entries")
         per_sample = []
         for x in images:
             x = [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])

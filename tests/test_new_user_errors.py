@@ -31,3 +31,37 @@ def test_ask_names_the_missing_directory(capsys):
     assert cli_main(["ask", "--model", "/path/that/does/not/exist", "--question", "hi"]) == 2
     assert capsys.readouterr().err == ("error: cannot load model '/path/that/does/not/exist': "
                                        "no such directory: /path/that/does/not/exist\n")
+
+
+# ---- item 5: one question as a string ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["tiny:llava", "tiny:qwen2.5-vl"])
+def proc(request):
+    return load(request.param).processor
+
+
+def test_one_question_as_a_string_is_a_batch_of_one(proc, tmp_path):
+    from conftest import rand_image
+
+    img = tmp_path / "photo.jpg"
+    rand_image(1).save(img)
+    one = proc("What?", str(img))
+    listed = proc(["What?"], [str(img)])
+    assert one.keys() == listed.keys() and one["input_ids"].shape[0] == 1
+    for k in one:
+        assert one[k].equal(listed[k]), k
+    text = proc("What?")
+    assert text["input_ids"].equal(proc(["What?"])["input_ids"]) and "pixel_values" not in text
+
+
+def test_a_list_mismatch_names_only_what_was_passed(proc, tmp_path):
+    with pytest.raises(ValueError) as e:
+        proc(["a?", "b?"], ["x.jpg"])
+    assert str(e.value) == "2 questions but 1 image entry: give one entry per question (None for none)"
+    with pytest.raises(ValueError) as e:
+        proc(["a?", "b?"], "x.jpg")
+    assert str(e.value).startswith("2 questions but one image (str): give a list with one image entry per question")
+    with pytest.raises(ValueError) as e:
+        proc(["a?"], None, [None, None])
+    assert str(e.value) == "1 question but 2 video entries: give one entry per question (None for none)"
