@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 
+from llava.cli import HelpFormatter, budget_without_method  # noqa: E402
 from llava.cli import parse_options as _kv  # noqa: E402  (one key=value parser for both CLIs)
 
 
@@ -41,23 +42,27 @@ def _add_run(sub):
     a.add_argument("--model", default="tiny:llava", help="hub id, local directory, shape:<name> or tiny:<family>")
     a.add_argument("--revision", default=None, help="the hub id's branch, tag or commit (default: main); every file, "
                    "weights, config, tokenizer and processor, is read at it (both backends)")
-    a.add_argument("--method", default="none")
-    a.add_argument("--budget", type=_budget, default=None, help="visual-token budget (method convention); 'none' for none")
+    a.add_argument("--method", default="none", help="pruning method (none: the unpruned model; `python -m llava.cli "
+                   "methods` lists them)")
+    a.add_argument("--budget", type=_budget, default=None, help="visual-token budget (the method's convention, "
+                   "docs/methods/README.md); needs --method; 'none' or left out: no budget")
     a.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
     a.add_argument("--bench-opt", action="append", default=[], help="benchmark option key=value (e.g. split=..., all_rounds=true)")
     a.add_argument("--data-root", default="playground/data/eval", help="LLaVA's playground/data/eval folder")
     a.add_argument("--out", default="runs", help="runs are written to OUT/<benchmark>/<run-name>/")
     a.add_argument("--run-name", default=None, help="default: <model>_<method>_b<budget>[_<options>]")
-    a.add_argument("--batch-size", type=int, default=1, help="paper runs use 1 (evaluation.md section 3)")
+    a.add_argument("--batch-size", type=int, default=1, help="paper runs use 1 (docs/evaluation.md, section 2)")
     a.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's protocol value (128 / 1024)")
-    a.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
-    a.add_argument("--device", default=None)
-    a.add_argument("--attn-implementation", default="sdpa")
-    a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"])
+    a.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"],
+                   help="default: float16 on a GPU, float32 on the CPU")
+    a.add_argument("--device", default=None, help="default: cuda:<local rank> where CUDA is available, else the CPU")
+    a.add_argument("--attn-implementation", default="sdpa", help="the LLM's and the vision tower's attention")
+    a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"],
+                   help="LLaVA-NeXT: how the crops' tokens are laid out")
     a.add_argument("--next-geometry", default="transformers", choices=["transformers", "official"],
                    help="LLaVA-NeXT anyres geometry: transformers (llava-hf's) or official (LLaVA's code: pinpoints read "
                    "(width, height), the unpadded side truncated; docs/parity.md)")
-    a.add_argument("--num-frames", type=int, default=8)
+    a.add_argument("--num-frames", type=int, default=8, help="video benchmarks: frames sampled per video")
     a.add_argument("--no-pad", dest="pad_to_square", action="store_false", help="HF resize+crop instead of pad-to-square")
     a.add_argument("--min-pixels", type=int, default=None, help="Qwen2.5-VL: smallest image area (default: the checkpoint's)")
     a.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL: largest image area (bounds the visual tokens)")
@@ -76,7 +81,7 @@ def _add_run(sub):
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size: groups of TP processes share one model, its "
                    "language model sharded by DeepSpeed AutoTP (towers replicated); world = groups x TP (scripts: TP=N)")
     a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct, qwen2_vl, llava_onevision_hf)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="seed of the random choices (random methods, sampling)")
     a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")
     a.add_argument("--stop-after", type=int, default=None, help="debug: exit abruptly after N batches (resume test)")
     a.add_argument("--overlay-samples", type=int, default=4, help="kept-token overlay images per rank")
@@ -90,7 +95,7 @@ def _add_run(sub):
     a.add_argument("--judge-model", default=None)
     a.add_argument("--judge-api-key-env", default=None, help="name of the env variable holding the key (default OPENAI_API_KEY)")
     a.add_argument("--dist-backend", default=None, choices=[None, "gloo", "nccl"])
-    a.add_argument("--dist-timeout-min", type=float, default=720.0)
+    a.add_argument("--dist-timeout-min", type=float, default=720.0, help="how long ranks wait for each other (minutes)")
     a.add_argument("--launcher", default=None, help="recorded in the results (torchrun / deepspeed / python)")
     a.add_argument("--overwrite", action="store_true", help="discard the answers already in the run directory")
 
@@ -113,8 +118,7 @@ def _pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="list the benchmarks and their metrics")
     c = sub.add_parser("check-data", help="check a data folder; says what is missing and where to get it")
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("log-sweep", help="log a testbed sweep (DIR/testbed.json + DIR/testbed.png) to one W&B run; "
                         "never fails (honours WANDB_MODE)")
     ls.add_argument("dir", help="the sweep's folder (python -m testbed.evaluate sweep --out)")
+    for p in sub.choices.values():  # every command's --help shows the defaults
+        p.formatter_class = HelpFormatter
     return ap
 
 
@@ -198,6 +204,11 @@ def _run(args, local_rank) -> int:
     d["options"] = _kv(d.pop("opt"))
     d["bench_options"] = _kv(d.pop("bench_opt"), "--bench-opt")
     d["local_rank"] = local_rank  # --local_rank=N from the deepspeed launcher (anywhere on the line)
+    bad = budget_without_method(d["method"], d["budget"])
+    if bad:  # `--method none --budget 16` would run unpruned in a folder named ..._b16
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"error: {bad}", file=sys.stderr)
+        return 2
     cfg = RunConfig(**d)
     try:
         from .runner import run

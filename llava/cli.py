@@ -33,6 +33,26 @@ def parse_options(pairs: list[str], what: str = "--opt") -> dict:
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's layout and shows every option's default (options whose default is
+    None, False or empty say in their help what leaving them out means)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("%(default)" in h or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or action.default == []):
+            return h
+        return (h + " " if h else "") + "(default: %(default)s)"
+
+
+def budget_without_method(method, budget) -> str | None:
+    """The error of a budget given with the method "none" (which prunes nothing: the budget would be ignored)."""
+    if budget is None or str(method).lower() != "none":
+        return None
+    return (f"--budget {budget} needs a pruning method: the method is 'none' (the default: no pruning), which would "
+            "ignore it; add --method NAME (python -m llava.cli methods lists them) or leave the budget out")
+
+
 class InputError(ValueError):
     """A bad input to :func:`ask` (model, method, budget, option, image or video); the command line
     prints it as one ``error:`` line with exit code 2. Anything else is a bug and keeps its traceback."""
@@ -48,6 +68,9 @@ def ask(model, question, image=None, video=None, method="none", budget=None, opt
     from .demo_image import demo_image
     from .models import load
 
+    bad = budget_without_method(method, budget)
+    if bad:
+        raise InputError(bad)
     if rt is None:
         try:
             rt = load(model, dtype=dtype, device=device, next_layout=next_layout)
@@ -82,16 +105,23 @@ def ask(model, question, image=None, video=None, method="none", budget=None, opt
     answer = rt.processor.decode(out[:, batch["input_ids"].shape[1]:])[0]
     st = eng.stats
     s = st.samples[0]
-    return {
+    res = {
         "model": rt.name, "method": eng.method.config(), "answer": answer,
         "visual_candidates": s.visual_candidates, "visual_entering_llm": s.visual_entering_llm,
         "visual_layer_avg": s.visual_layer_avg, "visual_per_layer": s.visual_per_layer,
         "time_s": {**{k: round(v, 4) for k, v in st.timings.items()}, "generate_total": round(total, 4)},
     }
+    # as the harness: a budget at or above the visual tokens prunes nothing (LLM-stage methods: every layer kept all)
+    if budget is not None and s.vision_noop and s.visual_layer_avg >= s.visual_candidates:
+        res["note"] = (f"budget {budget} >= the {s.visual_candidates} visual tokens of this input: nothing was pruned "
+                       "(the answer is the unpruned model's)")
+    return res
 
 
 def _print(res: dict) -> None:
     print(f"answer: {res['answer']}")
+    if res.get("note"):
+        print(f"note: {res['note']}")
     print(f"visual tokens: {res['visual_candidates']} candidates -> {res['visual_entering_llm']} entering the LLM, "
           f"{res['visual_layer_avg']:.1f} averaged over LLM layers")
     t = res["time_s"]
@@ -122,23 +152,27 @@ def demo(budgets=("keep-all", "50%", "small")) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vtprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m llava.cli", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("ask", help="answer a question about an image / video")
+    a = sub.add_parser("ask", help="answer a question about an image / video", formatter_class=HelpFormatter)
     a.add_argument("--model", default="tiny:llava", help="hub id, local dir, shape:<name> or tiny:<family>")
     a.add_argument("--image", help="image file (default: a built-in synthetic picture)")
     a.add_argument("--video", help="directory of frame images (Video-LLaVA)")
     a.add_argument("--question", required=True)
-    a.add_argument("--method", default="none")
-    a.add_argument("--budget", type=int, default=None, help="visual-token budget in the method's own convention")
+    a.add_argument("--method", default="none", help="pruning method (none: the unpruned model; `python -m llava.cli "
+                   "methods` lists them)")
+    a.add_argument("--budget", type=int, default=None, help="visual-token budget in the method's own convention "
+                   "(docs/methods/README.md); needs --method; most methods require one")
     a.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
-    a.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
-    a.add_argument("--device", default=None)
-    a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"])
+    a.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"],
+                   help="default: the checkpoint's (tiny / shape models: float32)")
+    a.add_argument("--device", default=None, help="default: the CPU; cuda for a GPU")
+    a.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit")
+    a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"],
+                   help="LLaVA-NeXT: how the crops' tokens are laid out")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    sub.add_parser("methods", help="list the registered methods")
-    sub.add_parser("demo", help="tiny-model demo over the three families")
+    sub.add_parser("methods", help="list the registered methods", formatter_class=HelpFormatter)
+    sub.add_parser("demo", help="tiny-model demo over the three families", formatter_class=HelpFormatter)
     args = ap.parse_args(argv)
     if args.cmd == "methods":
         from .method import _REGISTRY, available_methods

@@ -65,3 +65,59 @@ def test_a_list_mismatch_names_only_what_was_passed(proc, tmp_path):
     with pytest.raises(ValueError) as e:
         proc(["a?"], None, [None, None])
     assert str(e.value) == "1 question but 2 video entries: give one entry per question (None for none)"
+
+
+# ---- item 7: a budget without a method, a budget that prunes nothing, --help's defaults ------------------------
+
+
+def test_ask_refuses_a_budget_without_a_method(capsys):
+    assert cli_main(["ask", "--question", "q", "--budget", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --budget 8 needs a pruning method: the method is 'none' (the default: no pruning)")
+
+
+def test_eval_run_refuses_a_budget_without_a_method(tmp_path, capsys, monkeypatch):
+    """`bash scripts/eval/shapes.sh none 16` becomes `eval run --method none --budget 16`: refused before anything
+    loads or is written (it ran unpruned in a folder named ..._b16)."""
+    from eval.cli import main as eval_main
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert eval_main(["run", "pope", "--method", "none", "--budget", "16", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --budget 16 needs a pruning method")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ask_says_when_the_budget_prunes_nothing(capsys):
+    """tiny:llava has 16 visual tokens: a budget of 16 or more keeps them all, and ask says so; 8 prunes."""
+    assert cli_main(["ask", "--question", "q", "--method", "random", "--budget", "16", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == ("note: budget 16 >= the 16 visual tokens of this input: nothing was pruned (the answer is the "
+                      "unpruned model's)")
+    assert out[2].startswith("visual tokens: 16 candidates -> 16 entering the LLM")
+    assert cli_main(["ask", "--question", "q", "--method", "random", "--budget", "8", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out and "visual tokens: 16 candidates -> 8 entering the LLM" in out
+
+
+def test_ask_json_carries_the_note(capsys):
+    import json
+
+    assert cli_main(["ask", "--question", "q", "--method", "fastv", "--budget", "500", "--max-new-tokens", "1",
+                     "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["note"].startswith("budget 500 >= the 16 visual tokens")
+
+
+def test_help_shows_the_defaults(capsys):
+    from eval.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        cli_main(["ask", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for want in ("(default: tiny:llava)", "(default: none)", "(default: 32)", "(default: spatial_unpad)"):
+        assert want in text
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    text = " ".join(run.format_help().split())
+    for want in ("--method METHOD pruning method (none: the unpruned model;", "(default: none)", "(default: runs)",
+                 "(default: tiny:llava)", "(default: playground/data/eval)", "(default: 8)"):
+        assert want in text, want
