@@ -97,7 +97,8 @@ def _add_run(sub):
     a.add_argument("--dist-backend", default=None, choices=[None, "gloo", "nccl"])
     a.add_argument("--dist-timeout-min", type=float, default=720.0, help="how long ranks wait for each other (minutes)")
     a.add_argument("--launcher", default=None, help="recorded in the results (torchrun / deepspeed / python)")
-    a.add_argument("--overwrite", action="store_true", help="discard the answers already in the run directory")
+    a.add_argument("--overwrite", action="store_true", help="start the run over: the answers already in the run "
+                   "directory move to <run>/superseded/overwritten-<time>/ (said on stderr; nothing is deleted)")
 
 
 def _pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from .fingerprint import InputHasher, compare as fp_compare
 from .io import read_json, write_json
-from .resume import HASH_CACHE, ResumePlan, plan_resume, set_aside
+from .resume import HASH_CACHE, SUPERSEDED, ResumePlan, plan_resume, set_aside
 from .run_config import RunConfig, resume_mismatch
 from .shards import answered_uids, shard_files
 
@@ -71,14 +72,13 @@ def check_fingerprint(run_dir: Path, prev_meta: dict | None, fingerprint: dict) 
 
 def write_run_folder(cfg: RunConfig, run_dir: Path, prev_meta: dict | None, resolved: dict, fingerprint: dict,
                      plan: ResumePlan | None) -> None:
-    """Method, options, budget, data and model are good: the folder is written. ``--overwrite`` removes the old
-    answers and results first; a resumed session's stale answers are set aside (``<run>/superseded/``) before
-    any rank looks for what is answered; ``run_config.json`` records this session."""
+    """Method, options, budget, data and model are good: the folder is written. ``--overwrite`` moves the old
+    answers and results to ``<run>/superseded/overwritten-<time>/`` first (:func:`keep_overwritten`); a resumed
+    session's stale answers are set aside (``<run>/superseded/``) before any rank looks for what is answered;
+    ``run_config.json`` records this session."""
     cfg_path = run_dir / CONFIG_FILE
     if cfg.overwrite and run_dir.exists():
-        for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", cfg_path]:
-            if p.exists():
-                p.unlink()
+        keep_overwritten(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prev_meta = prev_meta or {}
     meta = {"config": dataclasses.asdict(cfg), "created": prev_meta.get("created") or _now()}
@@ -100,6 +100,35 @@ def write_run_folder(cfg: RunConfig, run_dir: Path, prev_meta: dict | None, reso
         meta["resumes"].append({"at": _now(), **plan.as_dict(),
                                 "superseded": str(aside.relative_to(run_dir)) if aside else None})
     write_json(cfg_path, meta)
+
+
+def keep_overwritten(run_dir: Path) -> Path | None:
+    """``--overwrite``: the previous session's answers, merge, results and run_config.json leave the run folder for
+    ``superseded/overwritten-<time>/`` (the same names inside; results.json as results.previous.json, out of
+    the way of the tables, which collect every results.json), and one warning says how many answers went where;
+    nothing is deleted (as a resume keeps the answers it recomputes under ``superseded/``). Returns that folder, or
+    None when there was nothing to move."""
+    old = [p for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", run_dir / CONFIG_FILE]
+           if p.exists()]
+    if not old:
+        return None
+    n = len(answered_uids(run_dir))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir / SUPERSEDED / f"overwritten-{stamp}"
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = run_dir / SUPERSEDED / f"overwritten-{stamp}-{k}"
+    for p in old:  # results.json renamed: `eval table runs/` and the paper reports collect every results.json
+        target = dest / p.relative_to(run_dir)
+        if p.name == "results.json":
+            target = target.with_name("results.previous.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    log.warning("--overwrite: the previous %d answer%s of %s (with %s) moved to %s; delete that folder to free "
+                "the space", n, "" if n == 1 else "s", run_dir,
+                ", ".join(p.name for p in old if p.parent == run_dir) or "no other file", dest)
+    return dest
 
 
 def _short(v, n: int = 80) -> str:
