@@ -46,6 +46,31 @@ def _names(s):
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
+def list_text(papers) -> str:
+    """``python -m eval paper --list``: one line per paper (key, arXiv id, venue, the whole title) and one per
+    table (id, model, columns x rows, published cells), each field in a column as wide as its longest entry."""
+    kw = max((len(p.key) for p in papers), default=0)
+    aw = max((len(str(p.arxiv)) for p in papers), default=0)
+    vw = max((len(p.venue or "") for p in papers), default=0)
+    tables = [t for p in papers for t in p.tables]
+    iw = max((len(t.id) for t in tables), default=0)
+    mw = max((len(t.model) for t in tables), default=0)
+    out = []
+    for p in papers:
+        out.append(f"{p.key:{kw}}  arXiv {str(p.arxiv):{aw}}  {p.venue or '':{vw}}  {p.title}".rstrip())
+        for t in p.tables:
+            pub = sum(len(r.published) for r in t.rows)
+            out.append(f"    {t.id:{iw}}  {t.model:{mw}}  {len(t.columns):2} columns x {len(t.rows):2} rows, "
+                       f"{pub:3} published cells")
+        if p.claims:
+            out.append(f"    claims: {', '.join(c.id for c in p.claims)}")
+    return "\n".join(out)
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def paper(args, local_rank=None) -> int:
     from .papers import SpecError, list_papers, load, load_all
 
@@ -67,14 +92,7 @@ def paper(args, local_rank=None) -> int:
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        for p in papers:
-            print(f"{p.key:14} arXiv {p.arxiv:11} {p.venue:20} {p.title[:70]}")
-            for t in p.tables:
-                pub = sum(len(r.published) for r in t.rows)
-                print(f"    {t.id:12} {t.model:42} {len(t.columns):2} columns x {len(t.rows):2} rows, "
-                      f"{pub} published cells")
-            if p.claims:
-                print(f"    claims: {', '.join(c.id for c in p.claims)}")
+        print(list_text(papers))
         return 0
     if not args.paper:
         print("error: name a paper (python -m eval paper --list)", file=sys.stderr)
@@ -92,14 +110,16 @@ def paper(args, local_rank=None) -> int:
         return 2
     if out is None:
         print(text)
-    elif args.format == "both":  # OUT is a stem: OUT.md and OUT.tex (a dot inside the name is kept)
-        stem = str(out.with_suffix("")) if out.suffix in (".md", ".tex") else str(out)
-        Path(stem + ".md").write_text(info["texts"]["md"])
-        Path(stem + ".tex").write_text(info["texts"]["latex"])
-        print(f"wrote {stem}.md and {stem}.tex")
     else:
-        out.write_text(text)
-        print(f"wrote {out}")
+        if args.format == "both":  # OUT is a stem: OUT.md and OUT.tex (a dot inside the name is kept)
+            stem = str(out.with_suffix("")) if out.suffix in (".md", ".tex") else str(out)
+            Path(stem + ".md").write_text(info["texts"]["md"])
+            Path(stem + ".tex").write_text(info["texts"]["latex"])
+            wrote = [stem + ".md", stem + ".tex"]
+        else:
+            out.write_text(text)
+            wrote = [str(out)]
+        print(f"wrote {_and(wrote + list(info['figures'].values()))}")  # the figures too
     for rep in info["tables"].values():
         print(f"{spec.key} {rep.table.id}: {rep.summary_line()}", file=sys.stderr)
     if args.wandb:

@@ -18,6 +18,78 @@ from typing import Any
 
 from .io import read_json
 
+#: the methods' names as their papers print them (the table rows, the paper report's figure and claims)
+DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet": "ApET", "attnmix": "AttnMix",
+           "cdpruner": "CDPruner", "consensusdrop": "ConsensusDrop", "dart": "DART", "divprune": "DivPrune",
+           "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM", "fastv": "FastV",
+           "flowcut": "FlowCut", "hiprune": "HiPrune", "pdrop": "PyramidDrop", "prumerge": "PruMerge",
+           "random": "Random", "sparsevlm": "SparseVLM", "trio": "TRIO", "visiondrop": "VisionDrop",
+           "visiontrim": "VisionTrim", "visionzip": "VisionZip", "vispruner": "VisPruner", "vscan": "VScan"}
+
+#: each benchmark's full question count: the question file of LLaVA-1.5's evaluation data (eval.zip) that the
+#: harness reads (GQA testdev-balanced, MMBench EN dev rows with their circular copies, ScienceQA test, TextVQA
+#: val, VQAv2 test-dev and val, VizWiz test). A run that answered fewer is a partial set. Benchmarks not listed
+#: here: the count of the data the run read is all the report can say.
+FULL_QUESTIONS = {"gqa": 12578, "mme": 2374, "pope": 8910, "sqa": 4241, "textvqa": 5000, "textvqa_noocr": 5000,
+                  "vqav2": 107394, "vqav2_val": 214354, "vizwiz": 8000, "mmvet": 218, "mmbench": 4377}
+
+#: metrics that are a mean of one 0/1 score per question, and where ``details.finalize`` of results.json holds
+#: how many questions that mean is over: their standard error is sqrt(p (1 - p) / (n - 1)) (x 100), which is what
+#: lmms-eval prints for a mean (the sample standard deviation, n - 1 in the denominator, over sqrt(n)). F1, MME's
+#: sums and the soft VQA accuracies (0, 1/3, 2/3, 1 per question) have none here (lmms-eval prints N/A for F1 and
+#: MME too).
+BINARY_N = {"GQA": ("samples",), "SQA-all": ("total",), "SQA-IMG": ("img_total",), "SEED-all": ("questions",),
+            "MMB-dev": ("questions",), "MMB-CN-dev": ("questions",), "MMB-dev-local": ("rows",),
+            "MMB-CN-dev-local": ("rows",), "POPE-acc-pooled": ("pooled", "n")}
+
+
+def display_name(method: str | None) -> str:
+    """A method key as its paper prints it (``consensusdrop`` -> ``ConsensusDrop``); an unknown key as it is."""
+    return DISPLAY.get(method or "", method or "")
+
+
+def short_model(model: str | None) -> str:
+    """A model for a heading: a hub id as it is, a local directory by its folder name (never an absolute path)."""
+    m = str(model or "")
+    if m.startswith(("/", "./", "../", "~")) or "\\" in m:
+        return Path(m.rstrip("/")).name or m
+    return m
+
+
+def full_count(result: dict) -> int | None:
+    """The benchmark's full question count (:data:`FULL_QUESTIONS`); an lmms-eval column's ``n-samples``
+    original; else None."""
+    lm = (result.get("lmms") or {}).get("n_samples") or {}
+    if lm.get("original") is not None:
+        return int(lm["original"])
+    return FULL_QUESTIONS.get(str(result.get("benchmark") or (result.get("config") or {}).get("benchmark")))
+
+
+def answered_count(result: dict) -> int | None:
+    """How many questions the run answered (``counts.answered``; lmms-eval's ``n-samples`` effective)."""
+    lm = (result.get("lmms") or {}).get("n_samples") or {}
+    if lm.get("effective") is not None:
+        return int(lm["effective"])
+    n = (result.get("counts") or {}).get("answered")
+    return None if n is None else int(n)
+
+
+def stderr(result: dict, metric: str) -> float | None:
+    """The standard error of ``metric`` in ``result`` (same unit: x 100 for percentages), for the metrics of
+    :data:`BINARY_N`; None for the others, and where the count is missing or below 2."""
+    path = BINARY_N.get(metric)
+    v = (result.get("metrics") or {}).get(metric)
+    if path is None or v is None:
+        return None
+    n = ((result.get("details") or {}).get("finalize") or {})
+    for k in path:
+        n = n.get(k) if isinstance(n, dict) else None
+    if not isinstance(n, (int, float)) or n < 2:
+        return None
+    p = min(max(float(v) / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / (n - 1))
+
+
 ORDER = ["gqa", "mmbench", "mmbench_cn", "mme", "pope", "sqa", "vqav2", "vqav2_val", "textvqa", "textvqa_noocr",
          "vizwiz", "seed", "mmvet", "msvd", "msrvtt", "tgif", "activitynet"]
 VANILLA = "none"
@@ -85,7 +157,7 @@ def build(results: list[dict], metric_override: dict[str, str] | None = None,
             by_mb.setdefault((row.method, row.budget), []).append(row)
         for rows in by_mb.values():
             for row in rows:
-                row.label = row.method if row.method != VANILLA else "Vanilla (unpruned)"
+                row.label = display_name(row.method)
                 if len(rows) > 1:
                     keys = sorted({k for o in rows for k in o.options if len({json.dumps(x.options.get(k), default=str) for x in rows}) > 1})
                     row.label += " (" + ", ".join(f"{k}={row.options.get(k)}" for k in keys) + ")"
@@ -100,6 +172,11 @@ def _value(row: Row, bench: str, metric: str):
         return None
     v = r.get("metrics", {}).get(metric)
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _stderr(row: Row, bench: str, metric: str):
+    r = row.cells.get(bench)
+    return None if r is None else stderr(r, metric)
 
 
 def _tokens(row: Row, key: str):
@@ -157,6 +234,9 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                 for b, met in zip(cols, metrics):
                     v, bv = _value(r, b, met), base(b, met)
                     c = _fmt(v, decimals)
+                    se = _stderr(r, b, met)
+                    if se is not None:
+                        c += f" ± {se:.{decimals}f}" if fmt == "md" else f" $\\pm$ {se:.{decimals}f}"
                     if relative and v is not None and bv and (r.method != VANILLA or paper):
                         c += f" ({100.0 * v / bv:.1f}%)" if fmt == "md" else f" {{\\scriptsize({100.0 * v / bv:.1f}\\%)}}"
                     cells.append(c)
@@ -167,12 +247,15 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                 cells.append(a_txt)
                 lines.append(cells)
             body.append((title, lines))
-        notes = [f"Model: {model}. All rows are our re-runs (`rerun`); metric variants per column:"]
+        notes = [f"Model: {short_model(model)}. All rows are our re-runs (`rerun`); metric variants per column:"]
         notes += [f"  {met}: {m['labels'].get(met, met)}" for met in metrics]
         notes.append("tok-in = visual tokens entering the LLM, tok-eq = layer-averaged visual tokens (means over the row's runs).")
         notes.append(f"{avg_head}: mean over the row's benchmarks of method / vanilla x 100%; * = some benchmark missing in the row.")
+        if any(_stderr(r, b, met) is not None for r in rows for b, met in zip(cols, metrics)):
+            notes.append("± = standard error of a mean of per-question 0/1 scores, sqrt(p (1 - p) / (n - 1)), as "
+                         "lmms-eval prints it; none for F1, MME and the soft VQA accuracies.")
         if fmt == "md":
-            out.append(f"### {model}\n")
+            out.append(f"### {short_model(model)}\n")
             out.append("| " + " | ".join(header) + " |")
             out.append("|" + "---|" * len(header))
             for title, lines in body:
@@ -185,7 +268,7 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
             out.append("")
         else:
             esc = lambda s: s.replace("%", "\\%").replace("_", "\\_").replace("&", "\\&").replace("#", "\\#")  # noqa: E731
-            out.append(f"% {model}")
+            out.append(f"% {short_model(model)}")
             out.append("\\begin{tabular}{l" + "c" * (len(header) - 1) + "}")
             out.append("\\toprule")
             out.append(" & ".join(esc(h) for h in header) + " \\\\")

@@ -37,9 +37,9 @@ def test_markdown_relative_and_avg(runs):
     assert "| Method | Budget | GQA | MME-P | tok-in | tok-eq | Avg(rel, vanilla=ours) |" in lines
     assert "| Vanilla (unpruned) | – | 62.0 | 1500.0 | 576.0 | 576.0 | 100.0% |" in lines
     # 55.8 / 62 = 90.0 %, 1350 / 1500 = 90.0 % -> Avg 90.0 %
-    assert "| consensusdrop | 64 | 55.8 (90.0%) | 1350.0 (90.0%) | 64.0 | 64.0 | 90.0% |" in lines
+    assert "| ConsensusDrop | 64 | 55.8 (90.0%) | 1350.0 (90.0%) | 64.0 | 64.0 | 90.0% |" in lines  # display names
     # random has no MME run: Avg over GQA only, marked '*'
-    assert "| random | 192 | 58.9 (95.0%) | – | 192.0 | 192.0 | 95.0%* |" in lines
+    assert "| Random | 192 | 58.9 (95.0%) | – | 192.0 | 192.0 | 95.0%* |" in lines
     assert lines.index("| **192 tokens** | | | | | | |") < lines.index("| **64 tokens** | | | | | | |")
     assert "  MME-P: MME-P label" in md  # every column's variant is spelled out
 
@@ -47,7 +47,7 @@ def test_markdown_relative_and_avg(runs):
 def test_metric_override_paper_vanilla_and_latex(runs):
     md = make_table([runs], metric_override={"mme": "MME-P+C"}, paper_vanilla={"GQA": 62.0, "MME-P+C": 1862.0})
     # relative to the paper's vanilla: 1700 / 1862 = 0.91300, 55.8 / 62 = 0.9 -> Avg (0.9 + 0.91300) / 2 = 90.6 %
-    assert "| consensusdrop | 64 | 55.8 (90.0%) | 1700.0 (91.3%) | 64.0 | 64.0 | 90.6% |" in md
+    assert "| ConsensusDrop | 64 | 55.8 (90.0%) | 1700.0 (91.3%) | 64.0 | 64.0 | 90.6% |" in md
     assert "Avg(rel, vanilla=paper)" in md
     tex = make_table([runs], fmt="latex")
     assert "\\begin{tabular}{lcccccc}" in tex and "55.8 {\\scriptsize(90.0\\%)}" in tex and "90.0\\%" in tex

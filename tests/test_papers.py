@@ -345,9 +345,12 @@ def test_report_logged_to_wandb_offline(worked, tmp_path, monkeypatch):
                                                  "(2 cannot be run here)")
     cells = wb["tables"]["table-1/cells"]
     assert cells["columns"] == ["row", "method", "budget", "column", "ours", "paper", "difference",
-                                "within_tolerance"]
+                                "within_tolerance", "stderr", "marks", "model", "revision", "answered", "full_count",
+                                "deviations"]
     by = {(r[1], r[2], r[3]): r for r in cells["data"]}
-    assert by[("fastv", 64, "GQA")][4:] == [48.0, 46.0, 2.0, False]  # the worked example's cell: 48.0 / 46.0 (+2.0)
+    # the worked example's cell: 48.0 / 46.0 (+2.0), the spec's model, no counts or fingerprint recorded
+    assert by[("fastv", 64, "GQA")][4:] == [48.0, 46.0, 2.0, False, None, "", "llava-hf/llava-1.5-7b-hf",
+                                            "revision not recorded", None, 12578, None]
     assert "table-1/figure" in wb["summary"] and "report" in wb["summary"]
 
 

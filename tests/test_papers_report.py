@@ -69,7 +69,7 @@ def test_reference_only_table_has_no_pass_fail(tmp_path):
     assert not any("\\times" in ln for ln in info["texts"]["latex"].splitlines() if " & " in ln)
     assert "Cells: ours / paper's (ours - paper); no tolerance marks (reference only); n/r" in text
     assert rep.summary == {"published": 0, "within": 0, "not_run": 0, "cannot_run": 0, "reference_only": 7,
-                           "outside": 0}
+                           "outside": 0, "not_comparable": 0}
     summary = ("0 of 0 published cells reproduced within tolerance, 0 not run (0 cannot be run here); 7 published "
                "cells shown for reference only, not pass/fail targets")
     assert rep.summary_line() == summary
@@ -172,7 +172,7 @@ def test_budget_unit_group_heading_and_figure_panels(tmp_path):
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["GQA", "POPE"]
     assert axes[0].get_xlabel() == "% TFLOP (paper's convention)"
-    ours = [ln for ln in axes[0].get_lines() if ln.get_label() == "divprune"]
+    ours = [ln for ln in axes[0].get_lines() if ln.get_label() == "DivPrune"]  # the series: the row's label
     assert len(ours) == 1 and list(ours[0].get_xdata()) == [15.63] and list(ours[0].get_ydata()) == [56.2]
     assert ours[0].get_marker() not in (None, "None", "", " ")  # one budget is a visible point
     assert [ln.get_ydata()[0] for ln in axes[1].get_lines()] == [86.0]  # the published vanilla, a line
