@@ -50,6 +50,7 @@ from .results import score_run
 from .resume import ResumePlan
 from .run_config import RunConfig, option_error, run_dir_of
 from .run_folder import check_config, check_fingerprint, write_run_folder
+from .run_lock import LockBusy, RunLock, describe as describe_holder
 from .shards import InputError, answered_uids, check_inputs, chunk
 from .summary import add_path_summary, print_summary
 from .wandb_log import WandbLogger, log_results, run_config, run_identity
@@ -105,6 +106,7 @@ class _Run:
     todo: list[Question] = field(default_factory=list)  # this rank's questions not answered yet
     n_done: int = 0  # questions answered in the folder before this session
     wb: WandbLogger | None = None
+    lock: RunLock | None = None  # rank 0: the run folder's lock, held to the end (eval/run_lock.py)
 
 
 def run(cfg: RunConfig) -> int:
@@ -113,7 +115,7 @@ def run(cfg: RunConfig) -> int:
     try:
         info = distmod.detect(cfg.local_rank, cfg.tp)
     except ValueError as e:  # a world that TP groups cannot divide, a rank outside the world
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
@@ -123,6 +125,7 @@ def run(cfg: RunConfig) -> int:
         return stop.report(info)
     distmod.init(info, cfg.dist_backend, cfg.dist_timeout_min)
     try:
+        _lock_folder(r)
         _check_folder(r)
         _load_model(r)
         _describe(r)
@@ -135,6 +138,8 @@ def run(cfg: RunConfig) -> int:
     except _Stop as stop:
         return stop.report(info)
     finally:
+        if r.lock is not None:
+            r.lock.release()
         distmod.close(info)
 
 
@@ -202,6 +207,26 @@ def _load_questions(cfg: RunConfig, bench: Benchmark, info: DistInfo) -> list[Qu
 # ---------------------------------------------------------------------------------------------
 # 2. the run folder, 3. the model
 # ---------------------------------------------------------------------------------------------
+
+
+def _lock_folder(r: _Run) -> None:
+    """Rank 0 holds the run folder's lock from here to the end: a second writer of the same folder (another
+    process started on the same configuration) is refused with one line; a lock left by a writer that died is
+    taken over, said in one line. Every rank hears the verdict."""
+    ok = True
+    if r.info.is_main:
+        try:
+            r.lock = RunLock.acquire(r.run_dir)
+        except LockBusy as e:
+            print(f"error: {e}", file=sys.stderr)
+            ok = False
+        else:
+            if r.lock.took_over:
+                print(f"note: {r.run_dir} was left locked by a run that is no longer running "
+                      f"({describe_holder(r.lock.took_over)}): taken over; its answers on disk are resumed",
+                      file=sys.stderr)
+    if not distmod.broadcast_object(r.info, ok):
+        raise _Stop()
 
 
 def _check_folder(r: _Run) -> None:
@@ -477,4 +502,6 @@ def _guess_launcher() -> str:
         return "torchrun"
     if any(a.startswith("--local_rank") for a in sys.argv):
         return "deepspeed"
+    if distmod.slurm_step() is not None and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return "srun"
     return "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "unknown"

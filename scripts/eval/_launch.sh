@@ -6,6 +6,11 @@
 #   REVISION   the hub id's branch / tag / commit (--revision; default main)
 #   OUT        runs directory (OUT/<bench>/<run-name>/)   NPROC      processes per node (default: visible GPUs, else 1)
 #   LAUNCHER   torchrun (default) | deepspeed | python    NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT for multi-node
+#              (MASTER_PORT defaults to 29500, inside a Slurm job to 20000 + SLURM_JOB_ID mod 20000)
+#   LAUNCHER=deepspeed with NNODES > 1: inside a Slurm job (or DS_NO_SSH=1) every node runs this script with its
+#              NODE_RANK and MASTER_ADDR (scripts/slurm/multinode.sbatch: no ssh); HOSTFILE defaults to the job's
+#              nodes with NPROC slots each. Elsewhere the deepspeed launcher starts the other nodes itself (ssh /
+#              pdsh by default, DS_LAUNCHER=openmpi | mvapich | ... its --launcher) from a HOSTFILE
 #   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
 #   FAST=1     the fast path (--fast: captured prefills for capturable methods, else eager; results.json "paths")
 #   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | eager | aot_eager | none
@@ -30,6 +35,7 @@ if [[ -z "${NPROC:-}" ]]; then
 fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
+if [[ -z "${MASTER_PORT:-}" && -n "${SLURM_JOB_ID:-}" ]]; then MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000)); fi
 LAUNCHER="${LAUNCHER:-torchrun}"
 PYTHON="${PYTHON:-python}"
 
@@ -75,7 +81,19 @@ elif [[ "$LAUNCHER" == "deepspeed" ]]; then
     # the deepspeed launcher passes --local_rank=N to every process (accepted by `eval run`);
     # --module runs `python -m eval` in every process
     DS=(deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}")
-    if [[ "$NNODES" -gt 1 ]]; then DS+=(--num_nodes "$NNODES" --hostfile "${HOSTFILE:?set HOSTFILE for multi-node deepspeed}"); fi
+    if [[ "$NNODES" -gt 1 && ( -n "${SLURM_JOB_ID:-}" || "${DS_NO_SSH:-0}" == 1 ) && "${DS_NO_SSH:-1}" != 0 ]]; then
+        # every node runs this launcher itself (srun): no ssh between the nodes
+        if [[ -z "${HOSTFILE:-}" ]]; then
+            [[ -n "${SLURM_JOB_NODELIST:-}" ]] || { echo "DS_NO_SSH=1 outside Slurm: set HOSTFILE" >&2; exit 2; }
+            HOSTFILE="$(mktemp "${TMPDIR:-/tmp}/vtprune-hostfile.XXXXXX")"
+            scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n "$NNODES" | sed "s/\$/ slots=$NPROC/" > "$HOSTFILE"
+        fi
+        DS+=(--num_nodes "$NNODES" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK"
+             --master_addr "${MASTER_ADDR:?set MASTER_ADDR for multi-node}")
+    elif [[ "$NNODES" -gt 1 ]]; then
+        DS+=(--num_nodes "$NNODES" --hostfile "${HOSTFILE:?set HOSTFILE for multi-node deepspeed}")
+        if [[ -n "${DS_LAUNCHER:-}" ]]; then DS+=(--launcher "$DS_LAUNCHER"); fi
+    fi
     exec "${DS[@]}" --module eval "${ARGS[@]}" --launcher deepspeed
 else
     echo "unknown LAUNCHER=$LAUNCHER (torchrun | deepspeed | python)" >&2

@@ -9,8 +9,10 @@
 #   BUDGETS    budgets, comma-separated, as printed or in our convention (BUDGETS=64); the unpruned row always runs
 #   MODEL      replaces the tables' model (a local directory of the same checkpoint)
 #   SHARD      i/n: this job runs every n-th config from the i-th (0-based), for several nodes or a job array;
-#              the report is written by the job that runs SHARD=0/n (rerun with REPORT_ONLY=1 when all are done)
-#   REPORT_ONLY=1  no runs, only the report
+#              the job that runs SHARD=0/n writes the report unless it is a Slurm array task or REPORT=0 (write it
+#              with REPORT_ONLY=1 when every shard is done: scripts/slurm/submit_paper.sh does, docs/cluster.md)
+#   REPORT     auto (default: the report after the runs, except from shards i > 0 and Slurm array tasks) | 1 | 0
+#   REPORT_ONLY=1  no runs, only the report (of the whole grid: a SHARD left in the environment is ignored, said)
 #   and everything scripts/eval/*.sh reads: NPROC, LAUNCHER (torchrun | deepspeed | python), TP, FAST, BACKEND, ...
 # Every config is resumable (the harness resumes per question) and skipped when its results.json is complete.
 set -euo pipefail
@@ -20,7 +22,7 @@ TABLE=""; DRY=0; FAILED=()
 for a in "$@"; do
     case "$a" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n 2,17p "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n 2,19p "${BASH_SOURCE[0]}"; exit 0 ;;
         -*) echo "unknown flag $a (usage: bash scripts/papers/$PAPER.sh [TABLE] [--dry-run])" >&2; exit 2 ;;
         *) TABLE="$a" ;;
     esac
@@ -29,6 +31,11 @@ export OUT="${OUT:-./runs}" DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
 [[ "$OUT" = /* ]] || OUT="$PWD/$OUT"                  # relative to where the script is called from
 [[ "$DATA_ROOT" = /* ]] || DATA_ROOT="$PWD/$DATA_ROOT"
 [[ -n "${MODEL:-}" && -e "$MODEL" && "$MODEL" != /* ]] && MODEL="$PWD/$MODEL"
+case "${REPORT:-auto}" in auto|0|1) ;; *) echo "REPORT=$REPORT: use auto, 1 or 0" >&2; exit 2 ;; esac
+if [[ "${REPORT_ONLY:-0}" == 1 && -n "${SHARD:-}" ]]; then  # the report covers every shard's configs
+    echo "$PAPER: REPORT_ONLY=1: SHARD=$SHARD ignored (the report is the whole grid's)" >&2
+    unset SHARD
+fi
 GRID=(paper-grid "$PAPER" --out "$OUT" --data-root "$DATA_ROOT")
 [[ -n "$TABLE" ]] && GRID+=(--table "$TABLE")
 [[ -n "${ONLY:-}" ]] && GRID+=(--only "$ONLY")
@@ -58,7 +65,18 @@ if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
         fi
     done <<< "$CMDS"
 fi
-if [[ -z "${SHARD:-}" || "${SHARD%%/*}" == 0 ]]; then
+WRITE=1
+if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
+    case "${REPORT:-auto}" in
+        0) WRITE=0 ;;
+        auto) if [[ -n "${SHARD:-}" && "${SHARD%%/*}" != 0 ]]; then WRITE=0
+              elif [[ -n "${SHARD:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then  # the other tasks may still run
+                  WRITE=0; echo "$PAPER: shard $SHARD is a Slurm array task: the report is left to the job that" \
+                      "runs when every task is done (REPORT_ONLY=1; scripts/slurm/submit_paper.sh submits it)"
+              fi ;;
+    esac
+fi
+if [[ $WRITE == 1 ]]; then
     mkdir -p "$OUT/papers"
     REP=(paper "$PAPER" "$OUT" --format both --out "$OUT/papers/$PAPER${TABLE:+-${TABLE//[^A-Za-z0-9._]/-}}")
     [[ -n "$TABLE" ]] && REP+=(--table "$TABLE")
