@@ -299,7 +299,57 @@ def test_no_citation_of_notes_outside_the_repository():
 
 
 def test_full_counts_are_the_llava_question_files():
-    """The counts the partial-set mark is judged against (LLaVA-1.5's eval.zip question files)."""
+    """The counts the partial-set mark is judged against (LLaVA-1.5's eval.zip question files), and docs/papers.md
+    states the same ones."""
     assert FULL_QUESTIONS == {"gqa": 12578, "mme": 2374, "pope": 8910, "sqa": 4241, "textvqa": 5000,
                               "textvqa_noocr": 5000, "vqav2": 107394, "vqav2_val": 214354, "vizwiz": 8000,
                               "mmvet": 218, "mmbench": 4377}
+    doc = " ".join((REPO / "docs" / "papers.md").read_text().split())
+    named = {"gqa": "GQA", "mme": "MME", "pope": "POPE", "sqa": "ScienceQA", "textvqa": "TextVQA",
+             "vqav2": "VQAv2 test-dev", "vizwiz": "VizWiz", "mmvet": "MM-Vet", "mmbench": "MMBench dev"}
+    for key, name in named.items():
+        assert f"{name} {FULL_QUESTIONS[key]:,}" in doc, name
+
+
+LMMS_SPEC = SPEC.replace('''[[tables.columns]]
+key = "pope"''', '''[[tables.columns]]
+key = "mmmu"
+label = "MMMU"
+lmms_task = "mmmu_val"
+lmms_metric = "mmmu_acc"
+
+[[tables.columns]]
+key = "pope"''').replace("published = { gqa = 62.0, pope = 85.9 }", "published = { gqa = 62.0, mmmu = 36.3, pope = 85.9 }")
+
+
+def lmms_run(root, value, stderr_value, effective, original=900):
+    """An lmms-eval column's lmms_results.json (as eval lmms-import writes it) and lmms-eval's own results file."""
+    d = root / "lmms" / "mmmu_val" / f"none-{effective}"
+    d.mkdir(parents=True)
+    src = d / "lmms" / "20261124_results.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"results": {"mmmu_val": {"mmmu_acc,none": value, "mmmu_acc_stderr,none": stderr_value}},
+                               "n-samples": {"mmmu_val": {"original": original, "effective": effective}}}))
+    (d / "lmms_results.json").write_text(json.dumps({
+        "schema": "vtprune.eval.lmms/1", "benchmark": "lmms:mmmu_val", "created": f"2026-01-0{1 + effective % 7}",
+        "config": {"benchmark": "lmms:mmmu_val", "model": "llava-hf/llava-1.5-7b-hf", "method": "none",
+                   "budget": None, "options": {}},
+        "model": {"id": "llava-hf/llava-1.5-7b-hf"}, "method": {"method": "none", "budget": None},
+        "metrics": {"mmmu_acc": value},
+        "lmms": {"results_file": str(src), "n_samples": {"original": original, "effective": effective}}}))
+
+
+def test_lmms_column_stderr_and_counts(tmp_path):
+    """A column run through lmms-eval: its own stderr scaled as the value (0.016 x 100 = 1.6), its n-samples as the
+    counts (900 of 900: unmarked; 100 of 900 from a --limit: ¶, not counted)."""
+    paper = spec(tmp_path, LMMS_SPEC)
+    runs = tmp_path / "runs"
+    lmms_run(runs, 0.359, 0.016, 900)
+    text, info = report(paper, [runs])
+    assert "| Vanilla † | – | – / 62.0 | 35.9 ± 1.6 / 36.3 (-0.4) | – / 85.9 |" in text
+    assert "MMMU 900 of 900 (1 cell)" in text
+    other = tmp_path / "other"
+    lmms_run(other, 0.40, "N/A", 100)  # lmms-eval printed N/A: no ±
+    text, info = report(paper, [other])
+    assert "| Vanilla † | – | – / 62.0 | 40.0 ¶ / 36.3 (+3.7) | – / 85.9 |" in text
+    assert "MMMU 100 of 900 ¶ (1 cell)" in text
