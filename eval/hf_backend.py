@@ -77,7 +77,7 @@ def infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=None,
     """Answer ``todo`` (this rank's questions not answered yet), ``cfg.batch_size`` at a time, each batch's answers
     appended to this rank's shard file (a tensor-parallel group's other ranks run the same batches and write
     nothing). ``wb``: rank 0's W&B logger for the progress, or None."""
-    from tqdm import tqdm
+    from .progress import progress
 
     loop = _Loop(cfg, bench, rt, engine, info, device, run_dir, qhashes or {},
                  shard=run_dir / "answers" / f"{info.dp}_{info.dp_rank}.jsonl",
@@ -86,21 +86,23 @@ def infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=None,
                  overlays_left=cfg.overlay_samples if info.writes else 0)
     batches = _Batches(todo, cfg.batch_size)
     with (JsonlAppender(loop.shard) if info.writes else NullAppender()) as out:
-        tty = sys.stderr.isatty()
-        bar = tqdm(batches, total=len(batches), desc=f"{bench.name} rank {info.rank}/{info.world}",
-                   mininterval=5 if tty else 60, dynamic_ncols=tty)
-        for nb, batch in enumerate(bar):
-            recs, t_gen = _answer_batch(loop, batch)
-            out.write(recs)
-            out.flush()
-            loop.answered += len(batch)
-            _log_progress(wb, loop, len(todo), t_gen / len(batch))
-            if cfg.stop_after is not None and nb + 1 >= cfg.stop_after:
-                log.warning("--stop-after %d: exiting abruptly (simulated crash)", cfg.stop_after)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(3)
-        bar.close()
+        # a bar on a terminal; off one (a log file), a line at least every 10 s (eval/progress.py)
+        bar = progress(len(todo), f"{bench.name} rank {info.rank}/{info.world}")
+        try:
+            for nb, batch in enumerate(batches):
+                recs, t_gen = _answer_batch(loop, batch)
+                out.write(recs)
+                out.flush()
+                loop.answered += len(batch)
+                bar.update(len(batch))
+                _log_progress(wb, loop, len(todo), t_gen / len(batch))
+                if cfg.stop_after is not None and nb + 1 >= cfg.stop_after:
+                    log.warning("--stop-after %d: exiting abruptly (simulated crash)", cfg.stop_after)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(3)
+        finally:  # also on an error or Ctrl-C: the timer thread stops, the last count is said
+            bar.close()
 
 
 def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
