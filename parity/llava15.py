@@ -67,6 +67,19 @@ def our_method(name: str, budget: int, dtype: str, info: dict | None = None) -> 
     return method, dict(options)
 
 
+def tower_attention(vision_attn: str, load: dict) -> str:
+    """Our CLIP tower's ``attn_implementation`` for ``--vision-attn`` and our load options. ``eager`` stands for
+    transformers 4.36's ``CLIPAttention``: ``q_proj(x) * scale``, ``bmm``, the softmax **in the tower's dtype**.
+    transformers 5's eager attention takes that softmax in fp32 and rounds it once; in an fp32 tower the two are one
+    arithmetic, in an fp16 tower (a fork whose builder casts the tower: ``vision_dtype=None`` under an fp16 LLM)
+    they part by an fp16 ulp wherever the half softmax rounds otherwise (PruMerge's seed-4 image 0: the tower's
+    hidden states from layer 1 on, the [CLS] row's order of patches 54 and 63). There ``eager`` loads
+    ``python_sdpa`` (:mod:`llava.python_sdpa`: the same products, scaled by a power of two, and ``torch.softmax``
+    in the tower's dtype), which gives 4.36's fp16 tower bit for bit."""
+    fp16_tower = load.get("dtype") == "float16" and load.get("vision_dtype") is None
+    return "python_sdpa" if vision_attn == "eager" and fp16_tower else vision_attn
+
+
 def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, vision_attn: str = "eager") -> list[dict]:
     import llava
 
@@ -85,6 +98,7 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
     llm_attn = extra.pop("attn_implementation", None)  # an adapter's LLM attention (a fork's own attention code)
     if llm_attn is not None:
         attn = {**attn, "": llm_attn, "text_config": llm_attn}
+    attn["vision_config"] = tower_attention(vision_attn, {**load, **extra})
     rt = llava.load(info["hf"], attn_implementation=attn, **{**load, **extra})
     out = []
     for method in methods:

@@ -100,6 +100,52 @@ def test_table_counts_the_differences():
     assert "| flowcut | b | DIFFERS | y |" in text and text.endswith("1 of 2 checks agree; 1 differ")
 
 
+def _clip_attention(impl: str):
+    """transformers 5's ``CLIPAttention`` (width 64, 4 heads) on ``impl``, weights drawn from a fixed generator, fp16."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    from llava.python_sdpa import register
+
+    register()
+    cfg = CLIPVisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    cfg._attn_implementation = impl
+    attn = CLIPAttention(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return attn.half().eval()
+
+
+def _clip_attention_436(attn, h):
+    """transformers 4.36.2's ``CLIPAttention.forward`` (no mask), transcribed: ``q_proj(h) * scale``, ``bmm``, the
+    softmax in ``h``'s dtype, ``bmm``, ``out_proj``."""
+    B, S, D = h.shape
+    H = attn.num_heads
+    heads = lambda t: t.view(B, S, H, D // H).transpose(1, 2).reshape(B * H, S, D // H)  # noqa: E731
+    w = torch.softmax(torch.bmm(heads(attn.q_proj(h) * attn.scale), heads(attn.k_proj(h)).transpose(1, 2)), dim=-1)
+    return attn.out_proj(torch.bmm(w, heads(attn.v_proj(h))).view(B, H, S, D // H).transpose(1, 2).reshape(B, S, D))
+
+
+def test_an_fp16_tower_runs_the_softmax_in_fp16_as_transformers_436():
+    # a fork whose builder casts the tower to fp16 (PruMerge, VisionTrim: vision_dtype=None under the fp16 LLM):
+    # transformers 4.36's CLIP takes the softmax in fp16, transformers 5's eager one in fp32 rounded once; on this
+    # input (65 tokens as the tiny tower's, drawn with seed 3) they part by an fp16 ulp, which python_sdpa does not
+    assert llava15.tower_attention("eager", {"dtype": "float16", "vision_dtype": None}) == "python_sdpa"
+    assert llava15.tower_attention("eager", {"dtype": "float16", "vision_dtype": "float32"}) == "eager"
+    assert llava15.tower_attention("eager", {"dtype": "float32", "vision_dtype": None}) == "eager"
+    assert llava15.tower_attention("sdpa", {"dtype": "float16", "vision_dtype": None}) == "sdpa"  # asked for
+    h = torch.randn(1, 65, 64, generator=torch.Generator().manual_seed(3)).half()
+    eager, chosen = _clip_attention("eager"), _clip_attention(llava15.tower_attention("eager", {"dtype": "float16"}))
+    with torch.no_grad():
+        want = _clip_attention_436(eager, h)
+        got_eager, got = eager(h)[0], chosen(h)[0]
+    assert not torch.equal(got_eager, want)
+    assert (got_eager.float() - want.float()).abs().max() == 2 ** -9  # one fp16 ulp at 0.25 .. 0.5
+    assert torch.equal(got, want)
+
+
 def test_cli_without_the_official_environment_says_how_to_build_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "parity", "--venv", str(tmp_path / "none")], cwd=REPO,
                           capture_output=True, text=True)
