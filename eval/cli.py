@@ -31,9 +31,14 @@ from llava.cli import parse_options as _kv  # noqa: E402  (one key=value parser 
 
 
 def _budget(s: str):
+    """--budget's value: a whole number of visual tokens, or none (no budget). Its errors name the option, never
+    this function (argparse would print 'invalid _budget value')."""
     if s is None or str(s).lower() in ("none", "-", "", "null", "full"):
         return None
-    return int(s)
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a budget is a whole number of visual tokens or 'none', got {s!r}") from None
 
 
 def _add_run(sub):
@@ -182,9 +187,14 @@ def main(argv=None) -> int:
 def _list(args, local_rank) -> int:
     from .benchmarks import BENCHMARKS
 
+    width = max(len(b.title) for b in BENCHMARKS.values())
+    print(f"{'benchmark':14} {'title':{width}} {'answer length':14} metrics (* = the primary one)")
     for name, b in BENCHMARKS.items():
         mets = ", ".join(m.name + ("*" if m.primary else "") for m in b.metrics)
-        print(f"{name:14} {b.title:44} max_new_tokens={b.max_new_tokens:<5} metrics: {mets}")
+        print(f"{name:14} {b.title:{width}} {b.max_new_tokens:<14} {mets}")
+    print("* the primary metric: the one a results table prints for the benchmark (the others are in results.json).\n"
+          "answer length: max_new_tokens of the official protocol (--max-new-tokens overrides it).\n"
+          "data: python -m eval check-data [BENCH ...] --data-root DIR says what is missing and where to get it.")
     return 0
 
 

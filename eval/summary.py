@@ -49,8 +49,9 @@ def add_path_summary(run_dir: Path, results: dict) -> dict:
 def print_summary(results: dict) -> None:
     """The scores, tokens, effective budget, prefill paths and pending steps of ``results``, on stdout."""
     fam = results["model"].get("family")
-    print(f"\n== {results['benchmark']} | {results['model']['id']}{f' ({fam})' if fam else ''} | {results['method'].get('method')} "
-          f"budget={results['method'].get('budget')} ==")
+    budget = results["method"].get("budget")
+    print(f"\n== {results['benchmark']} | {results['model']['id']}{f' ({fam})' if fam else ''} | {results['method'].get('method')}"
+          f"{', no budget' if budget is None else f', budget {budget}'} ==")
     for k, v in results["metrics"].items():
         print(f"  {k:<24} {v:10.2f}   {results['metric_labels'].get(k, '')}")
     t = results.get("tokens", {})

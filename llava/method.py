@@ -297,7 +297,8 @@ class Method:
         unknown = set(options) - set(self.option_defaults())
         if unknown:
             raise TypeError(
-                f"{self.name}: unknown option(s) {sorted(unknown)}; known: {sorted(self.option_defaults())}"
+                f"{self.name}: unknown option(s) {sorted(unknown)}{did_you_mean(sorted(unknown), self.option_defaults())}; "
+                f"known: {sorted(self.option_defaults())}"
             )
         for k, v in {**self.option_defaults(), **options}.items():
             setattr(self, k, v)
@@ -450,6 +451,16 @@ def method_label(name: str, options: dict | None = None) -> str:
     return name + "".join(f" {k}={v}" for k, v in (options or {}).items())
 
 
+def did_you_mean(words, known) -> str:
+    """`` (did you mean 'fastv'?)`` for the closest known name to each of ``words`` (a name or several), or "" when
+    none is close (difflib's ratio >= 0.6): a misspelling gets the fix beside the list of names."""
+    import difflib
+
+    words = [words] if isinstance(words, str) else list(words)
+    near = [m[0] for w in words for m in [difflib.get_close_matches(str(w).lower(), list(known), n=1)] if m]
+    return f" (did you mean {' / '.join(repr(n) for n in near)}?)" if near else ""
+
+
 def get_method(name: str | Method, budget: int | None = None, **options: Any) -> Method:
     """Build a method by registry name (case-insensitive) or pass an instance through."""
     if isinstance(name, Method):
@@ -459,5 +470,6 @@ def get_method(name: str | Method, budget: int | None = None, **options: Any) ->
     _load_plugins()
     key = str(name).lower()
     if key not in _REGISTRY:
-        raise KeyError(f"unknown pruning method {name!r}; known methods: {', '.join(available_methods())}")
+        raise KeyError(f"unknown pruning method {name!r}{did_you_mean(key, available_methods())}; known methods: "
+                       f"{', '.join(available_methods())}")
     return _REGISTRY[key](budget=budget, **options)

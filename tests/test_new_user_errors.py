@@ -121,3 +121,71 @@ def test_help_shows_the_defaults(capsys):
     for want in ("--method METHOD pruning method (none: the unpruned model;", "(default: none)", "(default: runs)",
                  "(default: tiny:llava)", "(default: playground/data/eval)", "(default: 8)"):
         assert want in text, want
+
+
+# ---- friction: eval list's marks, "did you mean", no internal names in messages --------------------------------
+
+
+def test_eval_list_explains_its_marks(capsys):
+    from eval.benchmarks import BENCHMARKS
+    from eval.cli import main as eval_main
+
+    assert eval_main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["benchmark", "title", "answer", "length", "metrics", "(*", "=", "the", "primary", "one)"]
+    assert [ln.split()[0] for ln in out[1:1 + len(BENCHMARKS)]] == list(BENCHMARKS)
+    gqa = out[1].split()
+    assert gqa[0] == "gqa" and gqa[-4:] == ["128", "GQA*,", "GQA-binary,", "GQA-open"]
+    assert out[1 + len(BENCHMARKS)].startswith("* the primary metric: the one a results table prints")
+    assert out[2 + len(BENCHMARKS)].startswith("answer length: max_new_tokens of the official protocol")
+
+
+@pytest.mark.parametrize("args, want", [
+    (["ask", "--question", "q", "--method", "fastvv", "--budget", "3"],
+     "error: unknown pruning method 'fastvv' (did you mean 'fastv'?); known methods: apet, "),
+    (["ask", "--question", "q", "--method", "VisonZip", "--budget", "3"],
+     "error: unknown pruning method 'VisonZip' (did you mean 'visionzip'?); known methods: "),
+    (["ask", "--question", "q", "--method", "random", "--budget", "3", "--opt", "seeed=3"],
+     "error: random: unknown option(s) ['seeed'] (did you mean 'seed'?); known: ['keep_newlines', 'position_mode', "
+     "'seed']"),
+    (["ask", "--question", "q", "--method", "qqqq", "--budget", "3"],
+     "error: unknown pruning method 'qqqq'; known methods: apet, "),  # nothing close: no guess
+])
+def test_misspelled_names_get_a_did_you_mean(args, want, capsys):
+    assert cli_main(args) == 2
+    assert capsys.readouterr().err.startswith(want)
+
+
+def test_misspelled_benchmark_and_benchmark_option(tmp_path):
+    from eval.benchmarks import get_benchmark
+
+    with pytest.raises(KeyError) as e:
+        get_benchmark("gqaa", tmp_path)
+    assert e.value.args[0].startswith("unknown benchmark 'gqaa' (did you mean 'gqa'?); known: gqa, vqav2")
+    with pytest.raises(TypeError) as e:
+        get_benchmark("mmbench", tmp_path, all_round=True)
+    assert str(e.value) == ("mmbench: unknown benchmark option(s) ['all_round'] (did you mean 'all_rounds'?); known: "
+                            "['all_rounds', 'split']")
+
+
+def test_a_bad_budget_names_the_option_not_the_function(capsys):
+    from eval.cli import main as eval_main
+
+    with pytest.raises(SystemExit) as e:
+        eval_main(["run", "pope", "--budget", "abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("python -m eval run: error: argument --budget: a budget is a whole number of visual "
+                                    "tokens or 'none', got 'abc'")
+    assert "_budget" not in err
+
+
+def test_the_run_summary_says_no_budget_in_words(capsys):
+    from eval.summary import print_summary
+
+    res = {"benchmark": "pope", "model": {"id": "tiny:llava", "family": "llava"}, "method": {"method": "none",
+           "budget": None}, "metrics": {}, "metric_labels": {}, "files": {"results": "r.json"}}
+    print_summary(res)
+    assert capsys.readouterr().out.splitlines()[1] == "== pope | tiny:llava (llava) | none, no budget =="
+    print_summary({**res, "method": {"method": "random", "budget": 4}})
+    assert capsys.readouterr().out.splitlines()[1] == "== pope | tiny:llava (llava) | random, budget 4 =="

@@ -72,7 +72,11 @@ class Benchmark:
         self.options = options
         unknown = set(options) - set(self.option_defaults())
         if unknown:
-            raise TypeError(f"{self.name}: unknown benchmark option(s) {sorted(unknown)}; known: {sorted(self.option_defaults())}")
+            from llava.method import did_you_mean
+
+            raise TypeError(f"{self.name}: unknown benchmark option(s) {sorted(unknown)}"
+                            f"{did_you_mean(sorted(unknown), self.option_defaults())}; known: "
+                            f"{sorted(self.option_defaults())}")
         for k, v in {**self.option_defaults(), **options}.items():
             setattr(self, k, v)
 
