@@ -51,6 +51,8 @@ from llava.ops import check_numerics, masked_take, unit_layout
 VARIANTS = ("plus", "base")
 BUDGET_MODES = ("adaptive", "fixed")
 CLS_TOKEN_MODES = ("drop", "keep")
+#: a unit whose every patch is kept: no global token ("drop", ours) or an all-zero one ("zero", the official code)
+EMPTY_GLOBAL_MODES = ("drop", "zero")
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
 #: dtype of every official signal (the PruMerge builder casts the tower to fp16 unconditionally)
 OFFICIAL_DTYPE = torch.float16
@@ -134,7 +136,8 @@ def fixed_plan(budget: int, n: int, variant: str = "plus") -> tuple[int, int]:
 def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: torch.Tensor,
              patch: torch.Tensor, grid: tuple[int, int], *, variant: str = "plus",
              budget_mode: str = "adaptive", budget: int | None = None, k: int = 32,
-             cls_token: str = "drop", numerics: str = "ours", layout=None) -> Selection:
+             cls_token: str = "drop", numerics: str = "ours", empty_global: str | None = None,
+             layout=None) -> Selection:
     """PruMerge(+) for one sample; returns a vision-space :class:`Selection` with ``values``.
 
     attn: (T,) full-width [CLS] attention per token (only patch tokens are read); keys: (T, D) full-width
@@ -149,8 +152,12 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
     projected from vision features; a newline has none). Host reads: one in ``unit_layout``, one for the
     adaptive outlier counts, one for the PruMerge+ supplement counts (all units at once).
     ``numerics="official"``: the official fp16 numerics (module docstring); the adaptive counts are then
-    read per unit (numpy, as the official code). ``layout``: :func:`llava.ops.unit_layout` of (unit, patch)
-    when the caller planned it on the host (then no host read in the fixed mode)."""
+    read per unit (numpy, as the official code). ``empty_global``: a unit whose every patch is kept gets no g
+    (``"drop"``, ours; the default but under ``numerics="official"``) or, in the adaptive mode, an all-zero g (``"zero"``: the official ``torch.sum`` over the
+    empty complement, ``clip_encoder.py:278``), whose provenance is the unit's [CLS] candidate (the engine offers it when the method
+    asks, ``include_cls_candidates``; a unit without a free [CLS] gets no g). ``layout``:
+    :func:`llava.ops.unit_layout` of (unit, patch) when the caller planned it on the host (then no host read in
+    the fixed mode)."""
     check_numerics("prumerge", numerics)
     official = numerics == "official"
     if variant not in VARIANTS:
@@ -159,6 +166,10 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
         raise ValueError(f"prumerge: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}")
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"prumerge: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
+    if empty_global is None:
+        empty_global = "zero" if official else "drop"
+    if empty_global not in EMPTY_GLOBAL_MODES:
+        raise ValueError(f"prumerge: empty_global must be one of {EMPTY_GLOBAL_MODES}, got {empty_global!r}")
     if budget_mode == "fixed" and (budget is None or budget < 1):
         raise ValueError("prumerge: budget_mode='fixed' needs a budget >= 1 (tokens per unit, g included)")
     dev = unit.device
@@ -263,6 +274,12 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
                 g_vals.append(g16.float() if official else (a.masked_fill(is_kept, 0.0) @ x)[None])
                 g_targets.append(t[a.masked_fill(is_kept, float("-inf")).argmax().reshape(1)])
                 has_g = True
+            elif empty_global == "zero" and budget_mode == "adaptive":  # the official empty sum: a zero g
+                free = lay.cls[u][1:] if cls_token == "keep" else lay.cls[u]  # [CLS] candidates not output
+                if len(free):
+                    g_vals.append(torch.zeros(1, feats.shape[-1], dtype=torch.float32, device=dev))
+                    g_targets.append(free[:1])
+                    has_g = True
         order_plan.append((n_keep_u, has_g))
 
     empty = torch.zeros(0, dtype=torch.long, device=dev)
@@ -407,6 +424,9 @@ class PruMerge(Method):
             "qk_layer": -1,
             # "ours" (fp32, stable ties) or "official" (reference mode: the official fp16 numerics, topk)
             "numerics": "ours",
+            # a unit whose every patch is kept: "drop" (no global token, ours), "zero" (an all-zero global
+            # token, as the official code appends), None = "zero" under numerics="official", else "drop"
+            "empty_global": None,
         }
 
     def __init__(self, budget=None, **options):
@@ -431,6 +451,17 @@ class PruMerge(Method):
         check_numerics("prumerge", self.numerics)
         if self.numerics == "official":  # the [CLS] row as the official code computes it from the fp16 tower's q / k
             self.vision_attention_logits = "model"
+        if self.empty_global is None:
+            self.empty_global = "zero" if self.numerics == "official" else "drop"
+        if self.empty_global not in EMPTY_GLOBAL_MODES:
+            raise ValueError(f"prumerge: empty_global must be one of {EMPTY_GLOBAL_MODES}, got {self.empty_global!r}")
+        if self.empty_global == "zero":  # the zero g's provenance: the unit's [CLS] (LLaVA-1.5 / NeXT drop it)
+            self.include_cls_candidates = True
+
+    def capture_refusal(self):
+        if self.empty_global == "zero":
+            return "prumerge: empty_global='zero' (the official zero global token) runs on the eager engine"
+        return super().capture_refusal()
 
     def setup(self, *, num_layers, num_vision_layers, family):
         if family not in SUPPORTED_FAMILIES:
@@ -449,4 +480,5 @@ class PruMerge(Method):
         return prumerge(sig.fullwidth_cls_attn[v], sig.fullwidth_keys[v], sig.vision_features, sig.unit,
                         sig.patch, sig.grid, variant=self.variant, budget_mode=self.budget_mode,
                         budget=self.budget, k=self.k, cls_token=self.cls_token, numerics=self.numerics,
+                        empty_global=self.empty_global,
                         layout=sig.unit_layout(patch=True) if sig.captured else None)

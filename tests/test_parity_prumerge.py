@@ -43,8 +43,9 @@ def test_rewrite_replaces_the_two_geometry_literals_once_each():
 def test_our_options_per_precision():
     # adaptive: no budget on our side; fp16 = the fork's fp16 tower and arithmetic (reference mode)
     assert ad.ours(16, "fp16") == ("prumerge", {"budget": None, "variant": "plus", "budget_mode": "adaptive",
-                                                "numerics": "official"})
+                                                "numerics": "official", "empty_global": "zero"})
     assert ad.ours(16)[1]["numerics"] == "ours"
+    assert ad.ours(16)[1]["empty_global"] == "zero"  # the official zero g when every patch is kept, fp32 too
     assert ad.OURS_LOAD == {"fp16": {"vision_dtype": None}}
 
 

@@ -309,7 +309,7 @@ def test_options():
     m = PruMerge()
     assert m.config() == {"method": "prumerge", "budget": None, "position_mode": "keep", "variant": "plus",
                           "budget_mode": "adaptive", "k": 32, "cls_token": "drop", "qk_layer": -1,
-                          "numerics": "ours"}
+                          "numerics": "ours", "empty_global": "drop"}
     assert m.vision_stage and m.vision_fullwidth_layers == (-1,) and not m.needs_vision_attention
     assert PruMerge(qk_layer=-2).vision_fullwidth_layers == (-2,)
     assert PruMerge(64, budget_mode="fixed").budget == 64

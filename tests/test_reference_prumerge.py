@@ -124,6 +124,62 @@ def test_worked_example_fp16_neighbour_tie():
     assert off_nb == 2 and vals_r[0].tolist() == [1, .125]  # this PyTorch's CPU topk returns the later tie
 
 
+def every_patch_kept():
+    """8 patches (2 x 4) and the unit's [CLS] as the engine offers it (index 8, patch -1). Attention .0625 but patch 3
+    (.25) and patch 7 (.375): Q1 = .0625, Q3 = .0625 + .25 (.25 - .0625) = .109375, upper .1796875: 2 outliers,
+    ratio .25, top int(8 * .25) = [7, 3]; PruMerge+ stride int(int(4) / 3) = 1: the grid arange(0, 7) minus 3 =
+    [0, 1, 2, 4, 5, 6]: all 8 kept, nothing left for g. Keys pair the patches ((0, 1), (2, 3), (4, 5), (6, 7) on
+    one axis each: cosine 1 in a pair, 0 across), so with k = 1 each kept patch merges its partner; x_j = (j, 1).
+    All exact in fp16."""
+    a = torch.tensor([.0625] * 3 + [.25] + [.0625] * 3 + [.375] + [.5])
+    keys = torch.zeros(9, 4)
+    keys[torch.arange(8), torch.arange(8) // 2] = 1.
+    keys[8] = torch.tensor([1., 1, 1, 1])
+    x = torch.stack([torch.arange(9.), torch.ones(9)], dim=1)
+    unit, patch = torch.zeros(9, dtype=torch.long), torch.tensor(list(range(8)) + [-1])
+    return a, keys, x, unit, patch
+
+
+#: x'_i = x_i + a_partner x_partner, in output order [7, 3, 0, 1, 2, 4, 5, 6]
+EVERY_PATCH_KEPT = [[7.375, 1.0625], [3.125, 1.0625], [.0625, 1.0625], [1, 1.0625], [2.75, 1.25], [4.3125, 1.0625],
+                    [5.25, 1.0625], [8.625, 1.375]]
+
+
+def test_worked_example_every_patch_kept_the_official_zero_global_token():
+    # the official token_prune_merge_advanced_plus appends torch.sum(non_topk * non_topk_attn) over the empty
+    # complement (clip_encoder.py:278): a zero row, projected and fed to the LLM like any g (parity: seed 4 images
+    # 0 / 1, seed 5 image 3 kept all 64 patches; without it the LLM got one token less, logits 5.27 to 6.41 apart).
+    # Reference mode (and empty_global="zero") emits it, its provenance the unit's [CLS]; ours by default does not.
+    a, keys, x, unit, patch = every_patch_kept()
+    for numerics, opts in (("official", {}), ("ours", {"empty_global": "zero"})):
+        sel = prumerge(a, keys, x, unit, patch, (2, 4), numerics=numerics, k=1, **opts)
+        assert sel.keep.tolist() == [7, 3, 0, 1, 2, 4, 5, 6]
+        assert sel.targets.tolist() == [8]  # the [CLS] candidate: g's provenance
+        assert sel.values.tolist() == EVERY_PATCH_KEPT + [[0., 0.]]
+        assert sel.order is None  # [kept..., g]
+        sel.check(9)  # well formed: no token twice
+    sel = prumerge(a, keys, x, unit, patch, (2, 4), numerics="ours", k=1)
+    assert sel.keep.tolist() == [7, 3, 0, 1, 2, 4, 5, 6] and sel.targets is None
+    assert sel.values.tolist() == EVERY_PATCH_KEPT
+    # no free [CLS] (Video-LLaVA's frame [CLS] output with cls_token="keep"): no g either way
+    sel = prumerge(a, keys, x, unit, patch, (2, 4), numerics="official", k=1, cls_token="keep")
+    assert sel.keep.tolist() == [8, 7, 3, 0, 1, 2, 4, 5, 6] and sel.targets is None
+    # fixed budget (our design) with B > n: the identity count, no zero g
+    sel = prumerge(a, keys, x, unit, patch, (2, 4), numerics="official", k=1, budget_mode="fixed", budget=12)
+    assert sel.targets is None and sel.values.shape[0] == 8
+
+
+def test_empty_global_option():
+    assert PruMerge().empty_global == "drop" and PruMerge(numerics="official").empty_global == "zero"
+    assert PruMerge(numerics="official", empty_global="drop").empty_global == "drop"
+    m = PruMerge(empty_global="zero")
+    assert m.include_cls_candidates and m.config()["empty_global"] == "zero"
+    assert "eager engine" in m.capture_refusal()
+    assert not PruMerge().include_cls_candidates and PruMerge().capture_refusal() is None
+    with pytest.raises(ValueError, match="empty_global"):
+        PruMerge(empty_global="none")
+
+
 # ------------------------------------------------------------------------------ random, official shapes
 
 

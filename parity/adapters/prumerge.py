@@ -38,9 +38,14 @@ transformers 4.31.0) whose ``llava/model/multimodal_encoder/clip_encoder.py`` ho
 - precisions: this fork's builder casts the tower to fp16 **unconditionally** (``llava/model/builder.py``:
   ``vision_tower.to(device=device, dtype=torch.float16)``), so the official fp16 run has an fp16 tower and fp16
   scores and merges; ours loads the same (``OURS_LOAD["fp16"]``: ``vision_dtype=None``, the tower in the LLM's
-  fp16) and runs the reference mode (``numerics="official"``). In the fp32 run the official code computes in fp32
+  fp16) and runs the reference mode (``numerics="official"``); the harness loads our fp16 tower on ``python_sdpa``
+  (``parity.llava15.tower_attention``: transformers 4.36's CLIP takes its softmax in fp16, transformers 5's eager
+  one in fp32; they part by an fp16 ulp on some images). In the fp32 run the official code computes in fp32
   (the model after ``.float()``): ours then runs ``numerics="ours"`` (fp32; the reference mode would round every
   score and merge to fp16).
+- every patch kept: when the top and the grid cover all P patches (stride 1, patch P - 1 among the top), the
+  official complement is empty and ``torch.sum`` over it appends an all-zero g, which the LLM receives like any
+  other token; ours asks for it in both precisions (``empty_global="zero"``; the reference mode's default).
 - harness hooks this adapter uses: ``before_import()`` (the worker calls it before ``import llava``),
   ``ours(budget, dtype)`` returning ``options["budget"] = None``, and ``OURS_LOAD[dtype]``.
 """
@@ -220,9 +225,11 @@ def record(model, store: list) -> list:
 
 def ours(budget: int, dtype: str = "fp32") -> tuple[str, dict]:
     """PruMerge+ adaptive (no budget: ``options["budget"] = None`` replaces the harness's T); fp16: the reference
-    mode (the fork's fp16 tower and arithmetic), fp32: our fp32 numerics (the official code after ``.float()``)."""
+    mode (the fork's fp16 tower and arithmetic), fp32: our fp32 numerics (the official code after ``.float()``);
+    both with the official zero global token when every patch is kept (``empty_global="zero"``, the reference
+    mode's default)."""
     return "prumerge", {"budget": None, "variant": "plus", "budget_mode": "adaptive",
-                        "numerics": "official" if dtype == "fp16" else "ours"}
+                        "numerics": "official" if dtype == "fp16" else "ours", "empty_global": "zero"}
 
 
 def record_ours(rt, store: list):
