@@ -20,6 +20,7 @@ import json
 import logging
 import netrc
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,22 @@ class WandbLogger:
         if err is not None:
             log.warning("W&B finish failed: %s", err)
             return False
+        if self.mode == "offline":  # said once, where the run is and how to upload it (wandb itself is silent here)
+            where = offline_dir(run)
+            if where:
+                print(f"W&B: offline run saved in {where}; upload it with: wandb sync {where}", file=sys.stderr)
         return True
+
+
+def offline_dir(run) -> str | None:
+    """The folder ``wandb sync`` takes for an offline run (``.../wandb/offline-run-<time>-<id>``), or None."""
+    d = getattr(getattr(run, "settings", None), "sync_dir", None)
+    if not d:
+        try:
+            d = str(Path(run.dir).parent)  # run.dir is <sync dir>/files
+        except Exception:  # noqa: BLE001
+            return None
+    return str(d)
 
 
 # ---------------------------------------------------------------------------------------------
