@@ -9,9 +9,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: config fields that must match to resume into an existing run directory
+#: config fields that must match to resume into an existing run directory. ``limit`` is not one: a resume may
+#: extend (or lift) ``--limit`` - the answers made keep, only the new questions are answered - and a smaller limit
+#: leaves the answers beyond it out of the score (kept on disk, used again when the limit grows)
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
-               "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "limit", "template", "attn_implementation",
+               "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "template", "attn_implementation",
                "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend", "tp",
                "revision", "next_geometry")
 #: what a resumed run's config.json lacks (written before the key existed) counts as this value
@@ -107,8 +109,6 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append(cfg.backend)
     if cfg.tp > 1:  # sharded matmuls: the logits' last bits differ from one process's
         parts.append(f"tp{cfg.tp}")
-    if cfg.limit is not None:
-        parts.append(f"limit{cfg.limit}")
     name = "_".join(str(p) for p in parts)
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", name)[:150]
 

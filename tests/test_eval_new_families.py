@@ -246,7 +246,7 @@ def test_qwen_max_pixels_is_recorded_and_names_the_run(data, tmp_path):
                   out=str(tmp_path), wandb=False, max_new_tokens=2, limit=3)
     assert run(c) == 0
     rd = run_dir_of(c)
-    assert rd.name == "tiny-qwen2.5-vl_consensusdrop_b2_maxpx4704_limit3"
+    assert rd.name == "tiny-qwen2.5-vl_consensusdrop_b2_maxpx4704"  # --limit is no part of the name (a resume may extend it)
     res = json.loads((rd / "results.json").read_text())
     assert (res["model"]["min_pixels"], res["model"]["max_pixels"], res["config"]["max_pixels"]) == (3136, 4704, 4704)
     assert "image resolution max_pixels=4704 (protocol: the checkpoint's)" in res["protocol"]["deviations"]
