@@ -189,3 +189,15 @@ def test_the_run_summary_says_no_budget_in_words(capsys):
     assert capsys.readouterr().out.splitlines()[1] == "== pope | tiny:llava (llava) | none, no budget =="
     print_summary({**res, "method": {"method": "random", "budget": 4}})
     assert capsys.readouterr().out.splitlines()[1] == "== pope | tiny:llava (llava) | random, budget 4 =="
+
+
+def test_bench_names_a_missing_model_directory_and_shows_its_defaults(capsys):
+    from bench.efficiency import main as bench_main
+
+    assert bench_main(["--model", "/path/that/does/not/exist", "--methods", "none", "--n", "1"]) == 2
+    assert capsys.readouterr().err == ("error: cannot load model '/path/that/does/not/exist': no such directory: "
+                                       "/path/that/does/not/exist\n")
+    with pytest.raises(SystemExit):
+        bench_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--n N timed samples per cell (default: " in text and "--out OUT output folder (default: " in text

@@ -88,8 +88,13 @@ def run(cfg: BenchConfig) -> dict:
         if fast_slots < cfg.decode_tokens:
             raise ValueError(f"--fast-max-new-tokens {fast_slots} < --decode-tokens {cfg.decode_tokens}: the fast "
                              "path's static cache would run out")
-    rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout, fast=cfg.fast,
-              fast_backend=cfg.fast_backend, fast_max_new_tokens=fast_slots or 256)
+    try:
+        rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout, fast=cfg.fast,
+                  fast_backend=cfg.fast_backend, fast_max_new_tokens=fast_slots or 256)
+    except (ValueError, OSError) as e:  # unknown shape / family, no such directory or hub id
+        from llava.cli import InputError
+
+        raise InputError(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}") from e
     device = next(rt.model.parameters()).device
     image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
     inputs = describe_inputs(rt, image_hw)
@@ -169,28 +174,29 @@ def _progress(path: Path, res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llava.cli import HelpFormatter, InputError
+
+    ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__, formatter_class=HelpFormatter)
     d = BenchConfig()
-    ap.add_argument("--model", default=d.model)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--model", default=d.model, help="hub id, local directory, shape:<name> or tiny:<family>")
+    ap.add_argument("--dtype", default=None, help="default: the checkpoint's (shape / tiny models: float32)")
+    ap.add_argument("--device", default=None, help="default: the CPU; cuda for a GPU")
     ap.add_argument("--methods", nargs="+", default=d.methods, help="names, or name:key=value,... for options")
-    ap.add_argument("--budgets", nargs="+", type=int, default=d.budgets)
-    ap.add_argument("--n", type=int, default=d.n)
-    ap.add_argument("--warmup", type=int, default=d.warmup)
-    ap.add_argument("--batch", nargs="+", type=int, default=d.batch_sizes, dest="batch_sizes")
-    ap.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
-    ap.add_argument("--decode-samples", type=int, default=d.decode_samples)
-    ap.add_argument("--text-words", type=int, default=d.text_words)
+    ap.add_argument("--budgets", nargs="+", type=int, default=d.budgets, help="visual-token budgets of each method")
+    ap.add_argument("--n", type=int, default=d.n, help="timed samples per cell")
+    ap.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs before each cell")
+    ap.add_argument("--batch", nargs="+", type=int, default=d.batch_sizes, dest="batch_sizes", help="batch sizes")
+    ap.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="forced answer length for TPOT")
+    ap.add_argument("--decode-samples", type=int, default=d.decode_samples, help="samples whose decode is timed")
+    ap.add_argument("--text-words", type=int, default=d.text_words, help="words of the synthetic question")
     ap.add_argument("--image-hw", nargs=2, type=int, default=None,
                     help="synthetic image height width (default per family: " + ", ".join(
                         f"{k} {h}x{w}" for k, (h, w) in FAMILY_IMAGE_HW.items()) + ")")
     ap.add_argument("--next-layout", default=d.next_layout, choices=["spatial", "spatial_unpad"])
-    ap.add_argument("--sweep", nargs="*", type=int, default=[])
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--out", default=d.out)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sweep", nargs="*", type=int, default=[], help="sequence lengths of the text-only runs the roofline is fitted to (default: from the inputs)")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights and inputs")
+    ap.add_argument("--out", default=d.out, help="output folder")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--wandb", action="store_true", help="log to W&B (honours WANDB_MODE)")
     ap.add_argument("--fast", action="store_true", help="also run every (method, budget, batch) cell with "
                     "load(fast=True) and put fast and eager rows side by side with their TTFT ratio")
@@ -200,7 +206,14 @@ def main(argv=None) -> int:
                     help="with --fast: decode slots of the static cache (default: --decode-tokens)")
     a = ap.parse_args(argv)
     cfg = BenchConfig(**{k: v for k, v in vars(a).items()})
-    report = run(cfg)
+    try:
+        report = run(cfg)
+    except InputError as e:  # a bad --model: one line, as the other commands
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: what is kept, no traceback
+        print(f"interrupted: the cells finished so far are in {Path(cfg.out) / 'cells.jsonl'}", file=sys.stderr)
+        return 130
     print(markdown(report))
     return 0
 
