@@ -201,3 +201,14 @@ def test_bench_names_a_missing_model_directory_and_shows_its_defaults(capsys):
         bench_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--n N timed samples per cell (default: " in text and "--out OUT output folder (default: " in text
+
+
+def test_bench_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    import bench.efficiency as be
+
+    def stopped(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(be, "run", stopped)
+    assert be.main(["--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == f"interrupted: the cells finished so far are in {tmp_path / 'cells.jsonl'}\n"
