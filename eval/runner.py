@@ -28,6 +28,7 @@ in :mod:`eval.families`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -334,6 +335,8 @@ def _describe(r: _Run) -> None:
         r.fingerprint["fast"] = {k: r.fast_info[k] for k in ("backend", "cuda_graphs", "max_new_tokens")}
     if vb is not None:  # another engine's decoder (and its version)
         r.fingerprint["backend"] = {k: vb.info[k] for k in ("name", "version")}
+    # as run_config.json stores it (a method config's tuple is a list there): a resume compares like with like
+    r.fingerprint = json.loads(json.dumps(r.fingerprint))
 
 
 def _check_fingerprint(r: _Run) -> None:
