@@ -192,7 +192,7 @@ def test_score_and_merge_refuse_an_answer_whose_input_changed(data, tmp_path, ca
     assert eval_main(["score", str(rd)]) == 0
 
 
-@pytest.mark.parametrize("change", [["--method", "none"], ["--budget", "8"], ["--dtype", "bfloat16"]],
+@pytest.mark.parametrize("change", [["--method", "none", "--budget", "none"], ["--budget", "8"], ["--dtype", "bfloat16"]],
                          ids=["method", "budget", "dtype"])
 def test_run_wide_changes_are_still_refused(data, tmp_path, capsys, change):
     out = tmp_path / "runs"
