@@ -106,6 +106,6 @@ $PAPER${TABLE:+ "$TABLE"}: $COUNT configs in $SHARDS array tasks (SHARDS=$SHARDS
   variables  $ENVF
 resubmit a failed or cancelled task I (its configs resume where they stopped), then the report after it:
   J=\$($(q "${ARRAY[@]}" --array=I "$REPO/scripts/slurm/paper.sbatch"))
-  $(q "${REPORT[@]}" --kill-on-invalid-dep=yes)--dependency=afterok:\$J $(q "$REPO/scripts/slurm/report.sbatch")
+  $(q "${REPORT[@]}" --kill-on-invalid-dep=yes)--dependency=afterany:$A,afterok:\$J $(q "$REPO/scripts/slurm/report.sbatch")
 MSG
 echo "$A $R" > "$LOGS/.last-$PAPER"
