@@ -224,3 +224,65 @@ def test_reference_mode_casts_the_features_to_the_models_dtype(monkeypatch):
 
     keep = VisPruner(8, numerics="official", important_ratio=.25).select_vision(Sig()).keep
     assert seen == [torch.float64] and keep.tolist() == ours(feature_dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------ the [CLS] row, as the tower hands it
+
+
+def _clip_layer(seed=0):
+    """transformers 5's ``CLIPEncoderLayer`` (width 64, 4 heads, as the parity NeXT tower), weights from a fixed
+    generator, fp32."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    cfg = CLIPVisionConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    cfg._attn_implementation = "eager"
+    layer = CLIPEncoderLayer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return layer.eval()
+
+
+def _official_attentions_row(layer, h):
+    """What the official ``feature_select`` reads, ``attentions[i][:, :, 0]``: transformers 4.36's
+    ``CLIPAttention`` transcribed (every query row projected, ``q * scale``, one ``bmm`` over all (n * H) maps, the
+    softmax), row 0."""
+    a = layer.self_attn
+    xn = layer.layer_norm1(h)
+    n, S, D = xn.shape
+    H = a.num_heads
+    heads = lambda t: t.view(n, S, H, D // H).transpose(1, 2).reshape(n * H, S, D // H)  # noqa: E731
+    w = torch.softmax(torch.bmm(heads(a.q_proj(xn) * a.scale), heads(a.k_proj(xn)).transpose(1, 2)), dim=-1)
+    return w.view(n, H, S, S)[:, :, 0]
+
+
+def test_the_reference_cls_row_is_row_0_of_the_official_map_fp32():
+    # parity on NeXT, seed 4 (176x99 image, crop 4) and seed 5: our reference-mode [CLS] row was the same formula
+    # from the [CLS] query alone (q_proj of one row, a (1, S) product): other GEMM shapes, other fp32 sums, 1.8e-7
+    # off the official row, which reordered near-ties (17 of 128 kept patches differed, logits 4.85 apart). The
+    # engine now takes row 0 of the whole map (llava.families.clip.official_cls_row). Here: 5 crops of 576 + [CLS]
+    # (seed 11), on which the [CLS]-alone row is off the official one and VisPruner (T = 128, r = .5) keeps other
+    # patches from it.
+    from baselines.vispruner import split_budget, vispruner_units
+    from llava.families.clip import _heads, clip_probs, cls_row, cls_signals
+
+    layer = _clip_layer()
+    h = torch.randn(5, 577, 64, generator=torch.Generator().manual_seed(11))
+    feats = torch.randn(5, 576, 64, generator=torch.Generator().manual_seed(111))
+    with torch.no_grad():
+        want = _official_attentions_row(layer, h)
+        got, got_signals = cls_row(layer, h, "model"), cls_signals(layer, h, "model")[0]
+        a, xn = layer.self_attn, layer.layer_norm1(h)
+        alone = clip_probs(_heads(a, a.q_proj(xn[:, :1])), _heads(a, a.k_proj(xn)), a.scale, "model")[:, :, 0]
+    assert torch.equal(got, want) and torch.equal(got_signals, want)
+    assert not torch.equal(alone, want) and (alone - want).abs().max() < 1e-6  # an fp32 rounding apart
+    t_imp, t_div = split_budget(128, 0.5)
+
+    def kept(row):
+        return vispruner_units(row[:, :, 1:].mean(1), feats, t_imp, t_div, numerics="official",
+                               feature_dtype=torch.float32)
+
+    assert torch.equal(kept(got), kept(want))
+    assert not torch.equal(kept(alone), kept(want))

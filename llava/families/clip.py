@@ -243,15 +243,24 @@ def run_tower_masked(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     return h.masked_fill(~keep[..., None], 0), keep
 
 
+def official_cls_row(attn, xn: torch.Tensor, k: torch.Tensor, logits: str = "model") -> torch.Tensor:
+    """(n, H, S): the [CLS] query's row of the whole attention map, as the official code reads it from
+    ``output_attentions`` (``attentions[i][:, :, 0]``): every token's query projected (``q_proj`` of all S rows),
+    the (S, S) map of :func:`clip_probs`, row 0. The [CLS] row alone (``q_proj`` of one row, a (1, S) product) is
+    the same formula, but other GEMM shapes sum in another order: in fp32 it parts from the official row by an
+    ulp here and there (e.g. 1.8e-7 on a NeXT crop of the parity weights, seed 4), which reorders near-ties."""
+    return clip_probs(_heads(attn, attn.q_proj(xn)), _heads(attn, k), attn.scale, logits)[:, :, 0]
+
+
 def cls_row(layer, h: torch.Tensor, logits: str = "fp32") -> torch.Tensor:
     """(n, H, S) fp32: per head, the [CLS] query's softmax over the unit's tokens in ``layer``, recomputed
     from its input ``h`` with its own ``layer_norm1`` + q/k projections (as the select layer's cls_attn).
-    ``logits="model"``: :func:`clip_probs`'s official arithmetic, in the tower's dtype."""
+    ``logits="model"``: :func:`clip_probs`'s official arithmetic, in the tower's dtype, row 0 of the whole map
+    (:func:`official_cls_row`)."""
     attn = layer.self_attn
     xn = layer.layer_norm1(h)
     if logits != "fp32":
-        return clip_probs(_heads(attn, attn.q_proj(xn[:, :1])), _heads(attn, attn.k_proj(xn)), attn.scale,
-                          logits)[:, :, 0]
+        return official_cls_row(attn, xn, attn.k_proj(xn), logits)
     n, s, _ = xn.shape
     k = attn.k_proj(xn).view(n, s, attn.num_heads, attn.head_dim).float()
     q = attn.q_proj(xn[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).float()
@@ -332,8 +341,7 @@ def cls_signals(layer, h: torch.Tensor, logits: str = "fp32") -> tuple[torch.Ten
     heads, d = attn.num_heads, attn.head_dim
     if logits != "fp32":  # the row from the same projections, in the tower's dtype
         k16 = attn.k_proj(xn)
-        row = clip_probs(_heads(attn, attn.q_proj(xn[:, :1])), _heads(attn, k16), attn.scale, logits)[:, :, 0]
-        return row, k16.view(n, s, heads, d).float().mean(2)
+        return official_cls_row(attn, xn, k16, logits), k16.view(n, s, heads, d).float().mean(2)
     k = attn.k_proj(xn).view(n, s, heads, d).float()
     q = attn.q_proj(xn[:, :1]).view(n, 1, heads, d).float()
     scores = torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale
