@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .report import table, write
+from .report import seeds_table, table, write, write_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("all", "build", "llava15", "next", "scorers")
@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
                         "--next-variants stock official adds the stock rows)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="several builds in one run: each seed's weights, jobs and checks.json in its own folder "
+                        "WORK/seed<s>, the table per seed, then the total per group and precision (seeds.json); "
+                        "replaces --seed. An agreement on one set of random weights is a sample, not a proof")
     return p
 
 
@@ -63,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from . import llava15
-    from .build import build
 
     try:
         for m in args.method:
@@ -71,14 +74,48 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.part in ("all", "next"):
+        from .next import next_methods
+
+        unknown = [m for m in args.method if m not in next_methods()]
+        if unknown:
+            print(f"error: no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(next_methods())})",
+                  file=sys.stderr)
+            return 2
     work = args.work.resolve()
-    info = build(work, str(py), seed=args.seed)
+    if args.seeds:
+        if len(set(args.seeds)) != len(args.seeds):
+            print(f"error: --seeds names a seed twice: {args.seeds}", file=sys.stderr)
+            return 2
+        per_seed = {}
+        for seed in args.seeds:
+            print(f"## seed {seed} (work folder {work / f'seed{seed}'})")
+            per_seed[seed] = run_seed(args, py, work / f"seed{seed}", seed)
+        if args.part == "build":
+            return 0
+        print(seeds_table(per_seed))
+        write_seeds(per_seed, work / "seeds.json")
+        print(f"written: {work / 'seeds.json'}")
+        return 0 if all(c.ok for cs in per_seed.values() for c in cs) else 1
+    checks = run_seed(args, py, work, args.seed)
+    if args.part == "build":
+        return 0
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def run_seed(args, py: Path, work: Path, seed: int):
+    """One build (``seed``) in ``work``: build, compare, print the table, write ``checks.json``. Returns the checks
+    (none for ``build``)."""
+    from . import llava15
+    from .build import build
+
+    info = build(work, str(py), seed=seed)
     print(f"weights: official {info['official']}, ours {info['hf']}")
     if args.part == "build":
         from .build import build_next
 
-        print(f"LLaVA-NeXT weights: official {build_next(work, str(py), seed=args.seed)['official']}")
-        return 0
+        print(f"LLaVA-NeXT weights: official {build_next(work, str(py), seed=seed)['official']}")
+        return []
     checks = []
     if args.part in ("all", "llava15"):
         checks += llava15.run(info, str(py), work, dtypes=tuple(args.dtypes),
@@ -90,13 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         from .build import build_next
 
         variants = args.next_variants or (next_.VARIANTS if args.part == "next" else ("official",))
-        known = next_.next_methods()
-        unknown = [m for m in args.method if m not in known]
-        if unknown:
-            print(f"error: no NeXT parity adapter for {', '.join(unknown)} (adapters: {', '.join(known)})",
-                  file=sys.stderr)
-            return 2
-        info_next = build_next(work, str(py), seed=args.seed)
+        info_next = build_next(work, str(py), seed=seed)
         checks += next_.run(info_next, str(py), work, dtypes=tuple(args.next_dtypes),
                             budgets=tuple(args.next_budgets) if args.next_budgets else None,
                             max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
@@ -109,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(checks))
     write(checks, work / "checks.json")
     print(f"written: {work / 'checks.json'}")
-    return 0 if all(c.ok for c in checks) else 1
+    return checks
 
 
 if __name__ == "__main__":

@@ -100,6 +100,41 @@ def test_table_counts_the_differences():
     assert "| flowcut | b | DIFFERS | y |" in text and text.endswith("1 of 2 checks agree; 1 differ")
 
 
+def test_seeds_table_counts_per_group_precision_and_seed(tmp_path):
+    import json
+
+    from parity.report import seeds_table, write_seeds
+
+    per_seed = {
+        0: [Check("prep", "fp32 none batch [0]", True), Check("prumerge", "fp32 prumerge T=64 batch [0]", True),
+            Check("prumerge", "fp16 prumerge T=64 batch [0]", True), Check("scorers", "pope", True)],
+        4: [Check("prep", "fp32 none batch [0]", True), Check("prumerge", "fp32 prumerge T=64 batch [0]", False, "z"),
+            Check("prumerge", "fp16 prumerge T=64 batch [0]", True)],
+    }
+    text = seeds_table(per_seed)
+    assert "| group | precision | seed 0 | seed 4 | total |" in text
+    assert "| prep | fp32 | 1 / 1 | 1 / 1 | 2 / 2 |" in text
+    assert "| prumerge | fp32 | 1 / 1 | 0 / 1 | 1 / 2 |" in text
+    assert "| prumerge | fp16 | 1 / 1 | 1 / 1 | 2 / 2 |" in text
+    assert "| scorers | - | 1 / 1 | - | 1 / 1 |" in text  # a group a seed did not run
+    assert "6 of 7 checks agree over 2 seeds (seed 0 4 of 4, seed 4 2 of 3)" in text
+    assert text.endswith("- seed 4: prumerge | fp32 prumerge T=64 batch [0] | z")
+    write_seeds(per_seed, tmp_path / "seeds.json")
+    saved = json.loads((tmp_path / "seeds.json").read_text())
+    assert list(saved) == ["0", "4"] and saved["4"][1] == {"group": "prumerge", "case": "fp32 prumerge T=64 batch [0]",
+                                                          "ok": False, "detail": "z"}
+
+
+def test_cli_refuses_a_seed_named_twice(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")  # present: the refusal comes before any official process
+    proc = subprocess.run([sys.executable, "-m", "parity", "llava15", "--venv", str(venv), "--seeds", "1", "2", "1",
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--seeds names a seed twice" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def _clip_attention(impl: str):
     """transformers 5's ``CLIPAttention`` (width 64, 4 heads) on ``impl``, weights drawn from a fixed generator, fp16."""
     from transformers import CLIPVisionConfig
