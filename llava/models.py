@@ -175,7 +175,9 @@ def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str 
 
     fam = family.replace("-", "_").replace(".", "_")
     if fam not in MODEL_CLASSES:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY}")
+        from .method import did_you_mean
+
+        raise ValueError(f"unknown tiny family {family!r}{did_you_mean(family, TINY)}; choose from {', '.join(TINY)}")
     if fam in CHATML_FAMILIES:
         tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl", think=fam == "qwen3_5")
         cfg = tiny_chatml_config(fam, tok)
@@ -405,7 +407,10 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     if name.startswith("shape:"):
         key = name.split(":", 1)[1]
         if key not in SHAPES:
-            raise ValueError(f"unknown shape config {key!r}; shipped: {', '.join(sorted(SHAPES))}")
+            from .method import did_you_mean
+
+            raise ValueError(f"unknown shape config {key!r}{did_you_mean(key, sorted(SHAPES))}; shipped: "
+                             f"{', '.join(sorted(SHAPES))}")
         raw = json.loads(SHAPES[key].read_text())
         fam = raw["model_type"]
         cfg = tf.AutoConfig.for_model(**{k: v for k, v in raw.items() if not k.startswith("_") and k != "hub_id"})

@@ -212,3 +212,13 @@ def test_bench_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(be, "run", stopped)
     assert be.main(["--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == f"interrupted: the cells finished so far are in {tmp_path / 'cells.jsonl'}\n"
+
+
+@pytest.mark.parametrize("model, want", [
+    ("tiny:lava", "unknown tiny family 'lava' (did you mean 'llava'?); choose from llava, llava-next, video-llava,"),
+    ("shape:llava-1.5-7", "unknown shape config 'llava-1.5-7' (did you mean 'llava-1.5-7b'?); shipped: "),
+])
+def test_misspelled_built_models_get_a_did_you_mean(model, want):
+    with pytest.raises(ValueError) as e:
+        load(model)
+    assert str(e.value).startswith(want)
