@@ -222,3 +222,15 @@ def test_misspelled_built_models_get_a_did_you_mean(model, want):
     with pytest.raises(ValueError) as e:
         load(model)
     assert str(e.value).startswith(want)
+
+
+def test_eval_list_into_head_has_no_traceback():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(f"{sys.executable} -m eval list | head -1", shell=True, cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout.startswith("benchmark ") and p.stdout.count("\n") == 1
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr
