@@ -86,7 +86,7 @@ def _add_run(sub):
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size: groups of TP processes share one model, its "
                    "language model sharded by DeepSpeed AutoTP (towers replicated); world = groups x TP (scripts: TP=N)")
     a.add_argument("--template", default=None, help="conversation template override (vicuna_v1, llava_v1, chatml_direct, qwen2_vl, llava_onevision_hf)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the run's random choices (e.g. the random method's draws)")
+    a.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch, and the weights of tiny: / shape: models")
     a.add_argument("--limit", type=int, default=None, help="first N questions only (smoke run; results marked partial)")
     a.add_argument("--stop-after", type=int, default=None, help="debug: exit abruptly after N batches (resume test)")
     a.add_argument("--overlay-samples", type=int, default=4, help="kept-token overlay images per rank")
