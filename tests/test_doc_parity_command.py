@@ -26,14 +26,14 @@ def setup_block_command(prefix: str) -> tuple[list[str], str]:
 
 
 def test_the_block_names_the_command_and_its_outcome():
-    argv, comment = setup_block_command("python -m parity llava15")
+    argv, comment = setup_block_command("python -m parity llava15 --dtypes")
     assert "--vision-attn" not in argv or argv[argv.index("--vision-attn") + 1] == "eager"
     assert re.search(r"(\d+) of \1 identical, exit 0", comment), comment
 
 
 @needs_official
 def test_the_documented_llava15_command_exits_0(tmp_path):
-    argv, comment = setup_block_command("python -m parity llava15")
+    argv, comment = setup_block_command("python -m parity llava15 --dtypes")
     n = re.search(r"(\d+) of \1 identical", comment).group(1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     p = subprocess.run([sys.executable, *argv[1:], "--work", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
