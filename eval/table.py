@@ -22,7 +22,7 @@ from .io import read_json
 DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet": "ApET", "attnmix": "AttnMix",
            "cdpruner": "CDPruner", "consensusdrop": "ConsensusDrop", "dart": "DART", "divprune": "DivPrune",
            "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM", "fastv": "FastV",
-           "flowcut": "FlowCut", "hiprune": "HiPrune", "pdrop": "PyramidDrop", "prumerge": "PruMerge",
+           "flowcut": "FlowCut", "hiprune": "HiPrune", "mmtok": "MMTok", "pdrop": "PyramidDrop", "prumerge": "PruMerge",
            "random": "Random", "sparsevlm": "SparseVLM", "trio": "TRIO", "visiondrop": "VisionDrop",
            "visiontrim": "VisionTrim", "visionzip": "VisionZip", "vispruner": "VisPruner", "vscan": "VScan"}
 

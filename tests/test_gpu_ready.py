@@ -36,6 +36,7 @@ BUDGETS = {
     # merged tokens) need 320 to keep tokens at every stage: 6 -> 6/3/2/1, 35 -> 35/21/13/5
     "trio": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 320, "llava_onevision": 192,
              "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320},
+    "mmtok": _PER_UNIT,  # per image / crop
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly

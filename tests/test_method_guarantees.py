@@ -92,6 +92,7 @@ KEEP_ALL = {
     # exactly (16): test_flowcut.test_budget_at_or_above_the_grid_is_the_stock_model
     "flowcut": [(576, {}, ["llava", "video-llava"])],
     "hiprune": [(576, {})],
+    "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
     "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
     "visiondrop": [(10**4, {})],
@@ -140,6 +141,8 @@ def test_keep_all_is_bit_identical_to_the_unpruned_model(rt, name, b, opts):
 #: a table per family) and options, from the methods' test files (budgets below every tiny unit's size, so that
 #: each unit really prunes; tiny Qwen: 4-12 merged tokens per image)
 _CDPRUNER = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 3, "llava_onevision": 4}
+_MMTOK = {"llava": 4, "llava_next": 4, "qwen2_5_vl": 3}
+MMTOK = ["llava", "llava-next", "qwen2.5-vl"]
 _CONSENSUS = {"llava": 8, "llava_next": 8, "video_llava": 6}
 PER_UNIT = {
     "visiontrim": [(b, {}, ["llava", "video-llava"]) for b in (2, 4, 5)],  # NeXT: newlines dropped (its own test)
@@ -153,6 +156,7 @@ PER_UNIT = {
     "visionzip": [(b, {}, CLIP) for b in (2, 4, 6)],
     "fastervlm": [(b, {}, CLIP) for b in (2, 4, 6)],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
+    "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"keep_newlines": False}, ["llava"])],
     "consensusdrop": [(_CONSENSUS, o, CLIP) for o in (
         {}, {"fusion": "adaptive"}, {"fusion": "borda", "order": "spatial"}, {"probe_layer": 0}, {"merge": "none"},
         {"merge_space": "projected", "merge_rule": "mean"}, {"next_order": "grid_raster"},
@@ -196,6 +200,7 @@ CACHED = {
     "visiontrim": [(4, {})],
     "hiprune": [(6, {"alpha": 1.0})],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
+    "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official"}, MMTOK)],
     "vispruner": [(_VISPRUNER, {}, ALL_FAMILIES)],
     "flowcut": [(3, {})],
     "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],
@@ -239,6 +244,8 @@ BATCH = {
     "visiontrim": [(4, {}), (4, {"numerics": "official"}), (4, {"tgvc_tokens": 2, "dvts_score": "global_local"})],
     "hiprune": [(6, {"alpha": 1.0})],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
+    "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official", "vv_space": "projected"}, MMTOK),
+              (None, {"retain_ratio": 0.5}, ["qwen2.5-vl"])],
     "vispruner": [(3, {})],
     "flowcut": [(4, {}), (4, {"batch_max": True}), (4, {"next_half": True, "frame_cls": "extra"})],
     "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],

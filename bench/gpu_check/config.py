@@ -49,6 +49,7 @@ TINY_BUDGETS = {
     # merged tokens) need 320 to keep tokens at every stage: 6 -> 6/3/2/1, 35 -> 35/21/13/5
     "trio": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 320, "llava_onevision": 192,
              "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320},
+    "mmtok": _PER_UNIT_NEW,  # per image / crop
     "apet": _PER_UNIT_NEW,  # layer average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
 }
 for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:

@@ -1,0 +1,313 @@
+"""MMTok: the coverage matrix and the greedy against a transcription of the official ``mm_coverage_selection`` /
+``greedy_merged_jit_kernel`` (plain Python over worked inputs), a hand-worked greedy, ties, batching, the reference
+mode, the keyword filter, and the method on the tiny models (question-aware, keyword rows, retain_ratio, refusals).
+Keep-all, tokens per unit, cached == recompute, batch == alone, device placement, host syncs: the shared suites
+(tests/test_method_guarantees.py, test_gpu_ready.py, test_device_placement.py)."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_batch, slice_batch
+
+import baselines.mmtok  # noqa: F401  (registers "mmtok")
+from baselines.mmtok import (MMTok, coverage_greedy, coverage_greedy_official, coverage_matrix, keyword_token_mask,
+                             mmtok)
+from llava.ops import unit_layout
+
+# ------------------------------------------------------------------ (a) transcription of the official code
+
+
+def _rows_normalised(x):
+    return [[v / max(math.sqrt(sum(u * u for u in r)), 1e-8) for v in r] for r in x]
+
+
+def _softmax(row):
+    mx = max(row)
+    e = [math.exp(v - mx) for v in row]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def official_transcription(Z, X, V, T, tv=0.02, vv=0.2, alpha=0.5):
+    """``mm_coverage_selection`` (semantic_selector.py 103-148) in plain Python (float64): normalised rows,
+    P = softmax(Z X^T / tv) / m, Q = softmax(V V^T / vv) / n, C = [P; alpha Q], the greedy of k = min(T, n) steps
+    (gain = column sum of max(C - best, 0), the picked columns at -inf, the first maximum), the picks sorted."""
+    z, x, v = _rows_normalised(Z), _rows_normalised(X), _rows_normalised(V)
+    m, n = len(z), len(x)
+    P = [[p / m for p in _softmax([sum(a * b for a, b in zip(zi, xj)) / tv for xj in x])] for zi in z]
+    Q = [[q / n for q in _softmax([sum(a * b for a, b in zip(vi, vj)) / vv for vj in v])] for vi in v]
+    C = P + [[alpha * q for q in row] for row in Q]
+    best = [0.0] * (m + n)
+    mask = [0.0] * n
+    picks = []
+    for _ in range(min(T, n)):
+        gain = [sum(max(C[r][j] - best[r], 0.0) for r in range(m + n)) + mask[j] for j in range(n)]
+        j = max(range(n), key=lambda i: (gain[i], -i))  # the first maximum (torch.argmax)
+        picks.append(j)
+        best = [max(best[r], C[r][j]) for r in range(m + n)]
+        mask[j] = float("-inf")
+    return C, sorted(picks)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_coverage_and_greedy_match_the_official_transcription(seed):
+    g = torch.Generator().manual_seed(seed)
+    m, n, d, dv, T = 4, 9, 6, 5, 4
+    Z, X, V = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g), torch.randn(n, dv, generator=g)
+    C_ref, picks_ref = official_transcription(Z.double().tolist(), X.double().tolist(), V.double().tolist(), T)
+    C = coverage_matrix(Z, X, V, tv_temperature=0.02)
+    assert C.shape == (m + n, n) and C.dtype == torch.float32
+    torch.testing.assert_close(C.double(), torch.tensor(C_ref, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    # every P row sums to 1 / m, every Q row to alpha / n
+    torch.testing.assert_close(C[:m].sum(1), torch.full((m,), 1 / m))
+    torch.testing.assert_close(C[m:].sum(1), torch.full((n,), 0.5 / n))
+    assert sorted(coverage_greedy(C, T).tolist()) == picks_ref
+    assert sorted(coverage_greedy_official(C, T).tolist()) == picks_ref
+    # the whole sample: one unit of n tokens
+    lay = unit_layout(torch.zeros(n, dtype=torch.long))
+    for numerics in ("ours", "official"):
+        keep = mmtok(X, V, Z, lay, T, tv_temperature=0.02, numerics=numerics)
+        assert keep.tolist() == picks_ref
+
+
+def test_greedy_by_hand_and_first_index_ties():
+    C = torch.tensor([[0.5, 0.4, 0.1],
+                      [0.1, 0.2, 0.7],
+                      [0.3, 0.3, 0.3]])
+    # step 1: column sums 0.9 / 0.9 / 1.1 -> 2; best = (0.1, 0.7, 0.3)
+    # step 2: gains 0.4 + 0 + 0 = 0.4 / 0.3 + 0 + 0 = 0.3 / -inf -> 0; best = (0.5, 0.7, 0.3)
+    # step 3: column 1 adds nothing but is the only one left
+    assert coverage_greedy(C, 3).tolist() == [2, 0, 1]
+    assert coverage_greedy_official(C, 3).tolist() == [2, 0, 1]
+    assert coverage_greedy(C, 5).tolist() == [2, 0, 1]  # k clipped to n
+    ties = torch.tensor([[0.2, 0.4, 0.4], [0.3, 0.1, 0.1]])
+    # column sums 0.5 / 0.5 / 0.5: the first; then gains 0 + 0 / 0.2 + 0 / 0.2 + 0: the first of 1 and 2
+    assert coverage_greedy(ties, 2).tolist() == [0, 1]
+    assert coverage_greedy_official(ties, 2).tolist() == [0, 1]
+
+
+def test_batched_units_equal_each_unit_alone():
+    g = torch.Generator().manual_seed(7)
+    Z, X, V = torch.randn(5, 8, generator=g), torch.randn(3, 12, 8, generator=g), torch.randn(3, 12, 4, generator=g)
+    C = coverage_matrix(Z, X, V, tv_temperature=0.02)
+    assert C.shape == (3, 17, 12)
+    picks = coverage_greedy(C, 5)
+    for b in range(3):
+        Cb = coverage_matrix(Z, X[b], V[b], tv_temperature=0.02)
+        assert torch.equal(C[b], Cb)
+        assert torch.equal(picks[b], coverage_greedy(Cb, 5))
+        assert torch.equal(picks[b], coverage_greedy_official(Cb, 5))
+
+
+def test_masked_text_rows_equal_the_gathered_rows():
+    """The fast path's padded text block: rows outside the mask give P rows of 0 and do not count in m."""
+    g = torch.Generator().manual_seed(3)
+    Z, X, V = torch.randn(7, 8, generator=g), torch.randn(10, 8, generator=g), torch.randn(10, 4, generator=g)
+    mask = torch.tensor([False, True, True, False, True, True, False])
+    C_m = coverage_matrix(Z, X, V, tv_temperature=0.02, text_mask=mask)
+    C_g = coverage_matrix(Z[mask], X, V, tv_temperature=0.02)
+    assert torch.equal(C_m[:7][~mask], torch.zeros(3, 10))
+    torch.testing.assert_close(C_m[:7][mask], C_g[:4], atol=0, rtol=0)
+    assert torch.equal(C_m[7:], C_g[4:])
+    assert torch.equal(coverage_greedy(C_m, 6), coverage_greedy(C_g, 6))
+
+
+def test_reference_mode_normalises_in_the_features_dtype():
+    """fp16 inputs: the official order (normalise in fp16, then fp32) differs from ours (fp32 first) and equals the
+    transcription of ``_l2_normalize(x).float()``."""
+    g = torch.Generator().manual_seed(11)
+    Z, X, V = (torch.randn(3, 16, generator=g) * 7).half(), (torch.randn(20, 16, generator=g) * 7).half(), \
+        (torch.randn(20, 8, generator=g) * 7).half()
+    C_off = coverage_matrix(Z, X, V, tv_temperature=0.02, numerics="official")
+
+    def off(x):
+        return (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)).float()
+
+    zn, xn, vn = off(Z), off(X), off(V)
+    P = torch.nn.functional.softmax((zn @ xn.T) * (1.0 / 0.02), dim=1) / 3
+    Q = torch.nn.functional.softmax((vn @ vn.T) * (1.0 / 0.2), dim=1) / 20
+    assert torch.equal(C_off, torch.cat([P, Q * 0.5]))
+    C_ours = coverage_matrix(Z, X, V, tv_temperature=0.02)
+    assert not torch.equal(C_ours, C_off)
+    torch.testing.assert_close(C_ours, C_off, atol=5e-3, rtol=5e-2)
+
+
+def test_units_budget_and_retain_ratio():
+    """Per unit: a unit with n <= T is kept whole, the others keep T; retain_ratio: T = int(r n) per unit;
+    newline tokens (unit -1) are kept as layout."""
+    g = torch.Generator().manual_seed(2)
+    unit = torch.tensor([0] * 6 + [-1] + [1] * 3 + [-1] + [2] * 10)
+    X, V, Z = torch.randn(21, 8, generator=g), torch.randn(21, 4, generator=g), torch.randn(3, 8, generator=g)
+    lay = unit_layout(unit)
+    keep = mmtok(X, V, Z, lay, 4, tv_temperature=0.02)
+    per = [int((unit[keep] == u).sum()) for u in (-1, 0, 1, 2)]
+    assert per == [2, 4, 3, 4]
+    assert keep.tolist() == sorted(keep.tolist())
+    keep_r = mmtok(X, V, Z, lay, None, tv_temperature=0.02, retain_ratio=0.35)  # int(2.1) / int(1.05) / int(3.5)
+    assert [int((unit[keep_r] == u).sum()) for u in (-1, 0, 1, 2)] == [2, 2, 1, 3]
+    keep_n = mmtok(X, V, Z, lay, 4, tv_temperature=0.02, keep_newlines=False)
+    assert int((unit[keep_n] == -1).sum()) == 0 and keep_n.numel() == 11
+    # unit 2 alone gives the same picks as inside the sample
+    idx2 = torch.nonzero(unit == 2).flatten()
+    alone = mmtok(X[idx2], V[idx2], Z, unit_layout(torch.zeros(10, dtype=torch.long)), 4, tv_temperature=0.02)
+    assert torch.equal(idx2[alone], keep[unit[keep] == 2])
+
+
+# ------------------------------------------------------------------ (b) the keyword filter
+
+
+def test_keyword_filter_on_worked_questions():
+    # "What color is the car?" -> keywords "color car" (what / is / the are stop words; "?" is no word)
+    pieces = ["What", " color", " is", " the", " car", "?"]
+    assert keyword_token_mask(pieces) == [False, True, False, False, True, False]
+    # the lmms-eval answer-format sentence is removed; a word split over two tokens keeps both
+    pieces = ["Is", " there", " a", " zeb", "ra", "?", "\n", "Answer", " the", " question", " using", " a", " single",
+              " word", " or", " phrase", "."]
+    assert keyword_token_mask(pieces) == [False, True, False, True, True] + [False] * 12
+    # only stop words: the official fallback keeps the whole text (blank tokens aside)
+    assert keyword_token_mask(["What", " is", " it", "?"]) == [True, True, True, True]
+    assert keyword_token_mask(["What", " ", "is"]) == [True, False, True]
+    # case-insensitive stop words, the option sentence removed
+    pieces = ["WHICH", " Dog", "?", " Answer with the option's letter from the given choices directly."]
+    assert keyword_token_mask(pieces) == [False, True, False, False]
+
+
+class _Tok:
+    """A word-per-token tokenizer stand-in: ids index ``words``; decode joins them."""
+
+    def __init__(self, words):
+        self.words = words
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.words[i] for i in ids)
+
+
+def test_keyword_rows_of_the_question_ids():
+    words = ["What", " color", " is", " the", " car", "?"]
+    m = MMTok(4, text="keywords", llm_tokenizer=_Tok(words))
+    assert m.keyword_rows(torch.arange(6)).tolist() == [1, 4]
+    with pytest.raises(ValueError, match="llm_tokenizer"):
+        MMTok(4, text="keywords")
+    assert "keywords" in m.capture_refusal() and MMTok(4).capture_refusal() is None
+    assert "official" in MMTok(4, numerics="official").capture_refusal()
+    with pytest.raises(ValueError, match="budget"):
+        MMTok()
+    with pytest.raises(ValueError, match="retain_ratio"):
+        MMTok(None, retain_ratio=1.5)
+    with pytest.raises(ValueError, match="text"):
+        MMTok(4, text="caption")
+    assert MMTok(None, retain_ratio=0.2).retain_ratio == 0.2
+
+
+# ------------------------------------------------------------------ (c) on the tiny models
+
+
+class _Spy(MMTok):
+    """MMTok that records its signals, text rows and selections."""
+
+    name = "mmtok_spy_test"
+
+    def select_vision(self, sig):
+        sel = super().select_vision(sig)
+        self.seen.append((sig, self.text_of(sig), sel.keep))
+        return sel
+
+
+def _spy(rt, inputs, budget, **opts):
+    spy = _Spy(budget, **opts)
+    spy.seen = []
+    rt.prune(spy)
+    with torch.no_grad():
+        rt.model(**inputs)
+    rt.unprune()
+    return spy.seen
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next", "qwen2.5-vl"], indirect=True)
+def test_selection_follows_the_question_rows(rt):
+    """The text rows are the prompt's question rows in order; the selection equals :func:`mmtok` on the signals
+    with the family's tau_t; the question matters (another set of rows gives other picks on some sample)."""
+    inputs = make_batch(rt)
+    b = 2 if rt.family == "qwen2_5_vl" else 4
+    seen = _spy(rt, inputs, b)
+    tau = 0.01 if rt.family == "qwen2_5_vl" else 0.02
+    differs = False
+    for sig, (text, mask), keep in seen:
+        assert mask is None
+        q = torch.nonzero(sig.question_mask).flatten()
+        assert torch.equal(text, sig.text_embeds[q]) and q.numel() == sig.question_ids.numel() > 0
+        lay = sig.unit_layout()
+        assert torch.equal(keep, mmtok(sig.features, sig.vision_features, text, lay, b, tv_temperature=tau))
+        other = mmtok(sig.features, sig.vision_features, sig.text_embeds[~sig.question_mask], lay, b,
+                      tv_temperature=tau)
+        differs |= not torch.equal(keep, other)
+        # a large tau_t flattens P: the selection then follows Q alone more closely, also a change somewhere
+    assert differs
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_keywords_take_the_question_tokens_of_the_kept_words(rt):
+    inputs = make_batch(rt)
+    tok = rt.tokenizer
+    seen = _spy(rt, inputs, 4, text="keywords", llm_tokenizer=tok)
+    q_all = _spy(rt, inputs, 4)
+    for (sig, (text, _), keep), (_, (text_q, _), _) in zip(seen, q_all):
+        ids = sig.question_ids.tolist()
+        words = tok.decode(ids, skip_special_tokens=True)
+        kw = [i for i, k in enumerate(keyword_token_mask([tok.decode(ids[:i + 1])[len(tok.decode(ids[:i])):]
+                                                          for i in range(len(ids))])) if k]
+        assert torch.equal(text, text_q[kw]) and 0 < len(kw) < len(ids), words
+    # "what color is the circle on the left?" -> color / circle / on / left
+    sig, (text, _), _ = seen[1]
+    kept = [tok.decode([i]).strip() for i in sig.question_ids[[i for i in range(sig.question_ids.numel())
+                                                                if any(torch.equal(text[r], seen[1][0].text_embeds[
+                                                                    torch.nonzero(sig.question_mask).flatten()[i]])
+                                                                    for r in range(text.shape[0]))]].tolist()]
+    assert "color" in "".join(kept) and "what" not in [k.lower() for k in kept]
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_reference_mode_in_the_engine(rt):
+    """numerics='official' on the tiny LLaVA (fp32): cached generation == recompute, batch == alone, and (fp32: the
+    two normalisation orders agree) the same selections as ours."""
+    from conftest import check_reference_mode_in_engine
+
+    check_reference_mode_in_engine(rt, "mmtok", 4, "vision")
+    inputs = make_batch(rt)
+    ours = {k: v.keep.clone() for k, v in _engine_selections(rt, inputs, 4).items()}
+    off = {k: v.keep.clone() for k, v in _engine_selections(rt, inputs, 4, numerics="official").items()}
+    assert ours.keys() == off.keys() and all(torch.equal(ours[k], off[k]) for k in ours)
+
+
+def _engine_selections(rt, inputs, b, **opts):
+    eng = rt.prune("mmtok", b, **opts)
+    with torch.no_grad():
+        rt.model(**inputs)
+    sel = dict(eng.selections)
+    rt.unprune()
+    return sel
+
+
+@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+def test_retain_ratio_on_qwen(rt):
+    """retain_ratio 0.5: int(0.5 n) tokens of each image (the official Qwen2.5-VL count), alone == in the batch."""
+    inputs = make_batch(rt)
+    eng = rt.prune("mmtok", None, retain_ratio=0.5)
+    with torch.no_grad():
+        rt.model(**inputs)
+    counts = [(s.visual_candidates, s.visual_entering_llm) for s in eng.stats.samples]
+    assert all(k == int(0.5 * n) for n, k in counts), counts
+    batch = {k: v.keep.clone() for k, v in eng.selections.items()}
+    for i in range(3):
+        eng = rt.prune("mmtok", None, retain_ratio=0.5)
+        with torch.no_grad():
+            rt.model(**slice_batch(inputs, i, rt))
+        assert torch.equal(eng.selections[("vision", 0)].keep, batch[("vision", i)])
+    rt.unprune()
+
+
+@pytest.mark.parametrize("rt", ["video-llava", "llava-onevision", "internvl"], indirect=True)
+def test_refused_outside_the_papers_families(rt):
+    with pytest.raises(ValueError, match="mmtok"):
+        rt.prune("mmtok", 4)
