@@ -32,7 +32,7 @@ greedy alone, as the official kernel.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -181,15 +181,16 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return out
 
 
-def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, layout, budget: int | None, *,
+def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor | Callable, layout, budget: int | None, *,
           tv_temperature: float, vv_temperature: float = 0.2, alpha: float = 0.5,
           text_mask: torch.Tensor | None = None, retain_ratio: float | None = None, keep_newlines: bool = True,
           numerics: str = "ours") -> torch.Tensor:
     """Indices (ascending) of the tokens MMTok keeps for one sample: per unit the greedy maximum coverage of
     T = ``budget`` (or int(``retain_ratio`` * n), the official Qwen2.5-VL count) of its n candidates, the whole
     unit when n <= T. features (N, D) projected tokens, vision (N, Dv) the vision-vision space, text (m, D) the
-    text rows (``text_mask``: the real ones among them), ``layout`` the sample's :func:`llava.ops.unit_layout`
-    (its per-unit token indices; ``newlines`` kept as layout with ``keep_newlines``)."""
+    text rows (``text_mask``: the real ones among them) or a callable returning (text, text_mask), called only when
+    some unit is pruned; ``layout`` the sample's :func:`llava.ops.unit_layout` (its per-unit token indices;
+    ``newlines`` kept as layout with ``keep_newlines``)."""
     check_numerics("mmtok", numerics)
     dev = features.device
     kept: list[torch.Tensor] = [layout.newlines] if keep_newlines else []
@@ -201,6 +202,8 @@ def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, layo
             kept.append(cand)
         elif k > 0:
             by_size.setdefault((n, k), []).append(cand)
+    if by_size and callable(text):
+        text, text_mask = text()
     opts = dict(tv_temperature=tv_temperature, vv_temperature=vv_temperature, alpha=alpha, text_mask=text_mask,
                 numerics=numerics)
     for (n, k), cands in by_size.items():
@@ -324,10 +327,9 @@ class MMTok(Method):
     def select_vision(self, sig):
         if self.text == "keywords" and (sig.captured or sig.text_mask is not None):
             raise NotImplementedError(self.capture_refusal())
-        text, mask = self.text_of(sig)
         vision = sig.vision_features if self.vv_space == "vision" else sig.features
-        keep = mmtok(sig.features, vision, text, sig.unit_layout(), self.budget, tv_temperature=self.tau_t(),
-                     vv_temperature=float(self.vv_temperature), alpha=float(self.alpha), text_mask=mask,
+        keep = mmtok(sig.features, vision, lambda: self.text_of(sig), sig.unit_layout(), self.budget,
+                     tv_temperature=self.tau_t(), vv_temperature=float(self.vv_temperature), alpha=float(self.alpha),
                      retain_ratio=None if self.retain_ratio is None else float(self.retain_ratio),
                      keep_newlines=self.keep_newlines, numerics=self.numerics)
         return Selection(keep=keep)

@@ -311,3 +311,45 @@ def test_retain_ratio_on_qwen(rt):
 def test_refused_outside_the_papers_families(rt):
     with pytest.raises(ValueError, match="mmtok"):
         rt.prune("mmtok", 4)
+
+
+# ------------------------------------------------------------------ (d) the paper spec and one run of the harness
+
+
+def test_paper_spec_table_1_recomputes_its_printed_averages():
+    """eval/papers/mmtok.toml: Table 1 as printed (arXiv 2508.18264v2): the vanilla row, five rows per budget (FastV,
+    SparseVLM, VisionZip, DivPrune, MMTok run; the fine-tuned VisionZip not run), and each printed Avg. recomputed
+    from the row's nine cells (mean of cell / vanilla) within 0.15 points (a check of the transcription)."""
+    from eval.papers import load
+
+    (t,) = load("mmtok").tables
+    van = t.rows[0]
+    assert van.method == "none" and van.published["mme"] == 1862.00 and len(van.published) == 9
+    assert {(r.method, r.budget) for r in t.rows[1:] if r.runnable} == {
+        (m, b) for m in ("fastv", "sparsevlm", "visionzip", "divprune", "mmtok") for b in (192, 128, 64)}
+    mm = {r.budget: r for r in t.rows if r.method == "mmtok"}
+    assert mm[64].published["pope"] == 85.77 and mm[192].published["seed"] == 59.21
+    assert mm[64].options == {"text": "keywords", "llm_tokenizer": "llava-hf/llava-1.5-7b-hf"}
+    for r in t.rows[1:]:
+        rel = 100 * sum(r.published[k] / van.published[k] for k in van.published) / len(van.published)
+        assert abs(rel - r.rel_avg) <= 0.15, (r.label, r.budget, rel, r.rel_avg)
+
+
+def test_one_config_end_to_end_on_the_tiny_model(fixture_data, tmp_path, run_env, runtimes):
+    """``python -m eval run pope`` with MMTok's paper options (text=keywords, the LLM tokenizer from a local folder)
+    on tiny LLaVA-1.5 at 4 tokens per image: every question answered and scored, 4 tokens entering the LLM."""
+    import json
+
+    from eval.cli import main
+
+    tok_dir = tmp_path / "tok"
+    runtimes["llava"].tokenizer.save_pretrained(tok_dir)
+    out = tmp_path / "runs"
+    assert main(["run", "pope", "--model", "tiny:llava", "--method", "mmtok", "--budget", "4", "--opt", "text=keywords",
+                 "--opt", f"llm_tokenizer={tok_dir}", "--max-new-tokens", "3", "--data-root", str(fixture_data),
+                 "--out", str(out), "--no-wandb"]) == 0
+    (res_file,) = (out / "pope").glob("*/results.json")
+    res = json.loads(res_file.read_text())
+    assert res["counts"]["answered"] == res["counts"]["questions"] > 0
+    assert res["method"]["method"] == "mmtok" and res["method"]["text"] == "keywords"
+    assert res["tokens"]["tok_in"] == 4.0 and "POPE-F1avg3" in res["metrics"]
