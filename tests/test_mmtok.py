@@ -353,3 +353,62 @@ def test_one_config_end_to_end_on_the_tiny_model(fixture_data, tmp_path, run_env
     assert res["counts"]["answered"] == res["counts"]["questions"] > 0
     assert res["method"]["method"] == "mmtok" and res["method"]["text"] == "keywords"
     assert res["tokens"]["tok_in"] == 4.0 and "POPE-F1avg3" in res["metrics"]
+
+
+# ------------------------------------------------------------------ (e) the fast path
+
+
+@pytest.fixture(scope="module")
+def fast_rts():
+    from fastpath_util import fast_and_eager
+
+    return {fam: fast_and_eager(fam, backend="none") for fam in ("llava", "llava-next", "qwen2.5-vl")}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2.5-vl"])
+def test_fast_path_captures_it_equal_to_the_eager_engine(fast_rts, family):
+    """text='question': the captured prefill (run uncompiled: the same code with ``sig.captured``, its host reads
+    counted) reads nothing from the device, and its tokens, first-step scores and counts == the eager engine's on a
+    left-padded batch of three prompts (the padded text block's question rows enter P through their mask)."""
+    from fastpath_util import assert_same_as_eager, counting_fast_path, family_batch
+
+    fast, eager = fast_rts[family]
+    b = 2 if family == "qwen2.5-vl" else 4
+    eng = fast.prune("mmtok", b)
+    eager.prune("mmtok", b)
+    assert eng.fast is not None and eng.fast.refusal is None
+    fp, syncs = counting_fast_path(eng)
+    eng.fast = fp
+    batch = family_batch(fast, fast.family)
+    assert_same_as_eager(fast, eager, eng, batch, tokens=4)
+    assert syncs == [0]
+    assert not all(s.vision_noop for s in eager.engine.stats.samples)  # the budget prunes
+
+
+def test_fast_path_refuses_keywords_and_the_reference_mode_and_runs_them_eagerly(fast_rts, tmp_path):
+    from fastpath_util import family_batch, generate
+
+    fast, eager = fast_rts["llava"]
+    tok = tmp_path / "tok"
+    fast.tokenizer.save_pretrained(tok)
+    batch = family_batch(fast, "llava")
+    for opts, why in (({"text": "keywords", "llm_tokenizer": str(tok)}, "keywords"), ({"numerics": "official"},
+                                                                                      "official")):
+        eng = fast.prune("mmtok", 4, **opts)
+        assert why in eng.fast.refusal
+        toks, _ = generate(fast, batch, tokens=3)
+        assert eng.stats.path == "eager" and why in eng.stats.path_reason
+        eager.prune("mmtok", 4, **opts)
+        assert torch.equal(toks, generate(eager, batch, tokens=3)[0])
+
+
+def test_fast_path_compiled_fullgraph_on_llava():
+    """The captured prefill traced whole by dynamo (``torch.compile(fullgraph=True)``, the CPU backend): a graph
+    break would raise; tokens == the eager engine's."""
+    from fastpath_util import BACKEND, assert_same_as_eager, fast_and_eager, inputs
+
+    torch._dynamo.reset()
+    fast, eager = fast_and_eager("llava", backend=BACKEND)
+    eng = fast.prune("mmtok", 4)
+    eager.prune("mmtok", 4)
+    assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3), tokens=4)
