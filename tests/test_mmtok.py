@@ -412,3 +412,22 @@ def test_fast_path_compiled_fullgraph_on_llava():
     eng = fast.prune("mmtok", 4)
     eager.prune("mmtok", 4)
     assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3), tokens=4)
+
+
+def test_next_spatial_layout_is_the_official_packing():
+    """LLaVA-NeXT with ``next_layout="spatial"``: every crop's 16 tiny patches are candidates (no unpad), no newline
+    token, the grid crops in the full canvas's raster order (the official restore_image_features_sorted order); T per
+    crop kept, and the picks of each crop == :func:`mmtok` on that crop's tokens alone (one selection per crop)."""
+    from llava.models import load
+
+    rt = load("tiny:llava-next", seed=1, next_layout="spatial")
+    inputs = make_batch(rt)
+    seen = _spy(rt, inputs, 4)
+    for sig, (text, _), keep in seen:
+        lay = sig.unit_layout()
+        assert lay.newlines.numel() == 0 and all(t.numel() == 16 for t in lay.tokens)
+        assert keep.numel() == 4 * lay.num_units
+        for cand in lay.tokens:
+            one = mmtok(sig.features[cand], sig.vision_features[cand], text,
+                        unit_layout(torch.zeros(16, dtype=torch.long)), 4, tv_temperature=0.02)
+            assert torch.equal(cand[one], keep[torch.isin(keep, cand)])
