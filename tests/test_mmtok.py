@@ -431,3 +431,27 @@ def test_next_spatial_layout_is_the_official_packing():
             one = mmtok(sig.features[cand], sig.vision_features[cand], text,
                         unit_layout(torch.zeros(16, dtype=torch.long)), 4, tv_temperature=0.02)
             assert torch.equal(cand[one], keep[torch.isin(keep, cand)])
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next", "qwen2.5-vl"], indirect=True)
+def test_options_keep_every_tensor_on_the_signals_device(rt, tmp_path):
+    """The options tests/test_device_placement.py does not run (its default case covers text='question'): the
+    keyword rows (host indices moved explicitly), the reference mode, retain_ratio, the projected v-v space,
+    newlines dropped; each under the device-placement check on a batch of 3, and each pruned."""
+    from device_check import check_method
+
+    from llava.method import get_method
+
+    tok = tmp_path / "tok"
+    rt.tokenizer.save_pretrained(tok)
+    b = 2 if rt.family == "qwen2_5_vl" else 4
+    for opts in ({"text": "keywords", "llm_tokenizer": str(tok)}, {"numerics": "official"},
+                 {"retain_ratio": 0.5, "vv_space": "projected", "keep_newlines": False}):
+        method = get_method("mmtok", None if "retain_ratio" in opts else b, **opts)
+        chk = check_method(method)
+        eng = rt.prune(method)
+        with torch.no_grad():
+            rt.model(**make_batch(rt))
+        rt.unprune()
+        assert chk.calls["vision"] == 3
+        assert all(s.visual_entering_llm < s.visual_candidates for s in eng.stats.samples), opts
