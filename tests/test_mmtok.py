@@ -455,3 +455,19 @@ def test_options_keep_every_tensor_on_the_signals_device(rt, tmp_path):
         rt.unprune()
         assert chk.calls["vision"] == 3
         assert all(s.visual_entering_llm < s.visual_candidates for s in eng.stats.samples), opts
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next", "qwen2.5-vl"], indirect=True)
+def test_no_cache_no_mask_forward_equals_generate(rt):
+    """A log-likelihood style call (no cache, no attention mask) gives generate()'s first-step logits (as
+    test_gpu_ready's check of the in-LLM methods), per sample of make_batch."""
+    inputs = make_batch(rt)
+    rt.prune("mmtok", 2 if rt.family == "qwen2_5_vl" else 4)
+    for i in range(3):
+        one = {k: v for k, v in slice_batch(inputs, i, rt).items() if k != "attention_mask"}
+        with torch.no_grad():
+            ref = rt.model.generate(**one, max_new_tokens=1, do_sample=False, output_scores=True,
+                                    return_dict_in_generate=True).scores[0]
+            bare = rt.model(**one, use_cache=False).logits[:, -1]
+        assert rt.engine.stats.samples[0].visual_entering_llm < rt.engine.stats.samples[0].visual_candidates
+        torch.testing.assert_close(bare, ref, atol=1e-5, rtol=1e-4)
