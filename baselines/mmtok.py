@@ -165,19 +165,30 @@ def keyword_token_mask(pieces: list[str]) -> list[bool]:
     kept_text = "".join(" " if removed[c] else ch for c, ch in enumerate(text))
     words = [(mt.start(), mt.end()) for mt in WORD_REGEX.finditer(kept_text)
              if mt.group(0).lower() not in NON_VISUAL_WORDS]
+    # an empty piece (a byte that completes no character yet) belongs to the character that follows it
+    spans = [(a, max(b, a + 1)) for a, b in spans]
     if not words:  # the official fallback: the whole text
         return [bool(kept_text[a:b].strip()) for a, b in spans]
     return [any(a < we and ws < b for ws, we in words) for a, b in spans]
 
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The decoded text of each token of ``ids`` in context (prefix decodes, so that SentencePiece's word
-    boundaries survive): piece i = decode(ids[:i+1]) minus decode(ids[:i])."""
-    out, prev = [], ""
+    """The decoded text of each token of ``ids`` in context, concatenating to ``decode(ids)``: token i ends where the
+    decode of ``ids[:i+1]`` stops agreeing with the decode of all of them (prefix decodes, so that SentencePiece's word
+    boundaries survive; a byte token that completes no character yet gets an empty piece, the one completing it the
+    character)."""
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    out, at = [], 0
     for i in range(len(ids)):
         cur = tokenizer.decode(ids[:i + 1], skip_special_tokens=True)
-        out.append(cur[len(prev):] if cur.startswith(prev) else cur)
-        prev = cur
+        end = 0
+        while end < min(len(cur), len(full)) and cur[end] == full[end]:
+            end += 1
+        end = max(end, at)
+        out.append(full[at:end])
+        at = end
+    if out:
+        out[-1] += full[at:]
     return out
 
 

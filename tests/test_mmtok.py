@@ -471,3 +471,24 @@ def test_no_cache_no_mask_forward_equals_generate(rt):
             bare = rt.model(**one, use_cache=False).logits[:, -1]
         assert rt.engine.stats.samples[0].visual_entering_llm < rt.engine.stats.samples[0].visual_candidates
         torch.testing.assert_close(bare, ref, atol=1e-5, rtol=1e-4)
+
+
+class _ByteTok:
+    """A byte-level stand-in: each id is one UTF-8 byte; a prefix ending inside a character decodes it as U+FFFD
+    (what a byte-fallback tokenizer's decode does)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_token_pieces_follow_the_full_decode():
+    from baselines.mmtok import token_pieces
+
+    assert token_pieces(_Tok(["What", " color", " is", "?"]), [0, 1, 2, 3]) == ["What", " color", " is", "?"]
+    ids = list("a café?".encode())  # "é" is two bytes: its first byte gets an empty piece, the second the character
+    pieces = token_pieces(_ByteTok(), ids)
+    assert "".join(pieces) == "a café?" and len(pieces) == len(ids)
+    assert pieces[5:7] == ["", "é"]
+    # the empty piece belongs to the character it starts: both bytes of the keyword's "é" are kept
+    assert keyword_token_mask(pieces) == [False, False, True, True, True, True, True, False]
+    assert keyword_token_mask(["", "é", " is"]) == [True, True, False]  # a word that starts with a split byte
