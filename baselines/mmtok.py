@@ -13,8 +13,9 @@ Algorithm, per unit of n candidate tokens, budget T (``budget``; ``retain_ratio`
 
 1. Text Z (m, D): the question's tokens embedded by the LLM's own embedding table (the prompt's rows,
    ``VisionSignals.text_embeds``). ``text="question"`` (default): every question token; ``text="keywords"``
-   (official LLaVA route): the tokens of the question's words that are not stop words, the two lmms-eval
-   answer-format sentences removed (needs ``llm_tokenizer``).
+   (the official LLaVA filter on the prompt's tokens): the tokens of the question's words that are not stop words,
+   the two lmms-eval answer-format sentences removed (needs ``llm_tokenizer``); ``text="keywords_retokenized"``
+   (the official route exactly): that keyword string re-tokenised word by word and embedded by ``embed_tokens``.
 2. X (n, D) the projected tokens, X' (n, Dv) the vision tower's select-layer features; every row L2-normalised
    (x / max(|x|, 1e-8)), fp32.
 3. P = softmax(Z X^T / tau_t, dim=1) / m (text -> vision), Q = softmax(X' X'^T / tau_v, dim=1) / n (vision ->
@@ -40,7 +41,7 @@ from llava.method import Method, Selection, register
 from llava.ops import check_numerics
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
-TEXT_MODES = ("question", "keywords")
+TEXT_MODES = ("question", "keywords", "keywords_retokenized")
 VV_SPACES = ("vision", "projected")
 #: official temperatures: tau_t 0.02 (``mmtok()``, llava_inject.py 56-63), 0.01 on Qwen2.5-VL
 #: (``mmtok_qwen2_5_vl``, qwen2_5_vl_mmtok.py 41-48); tau_v 0.2 and alpha 0.5 on both
@@ -172,6 +173,27 @@ def keyword_token_mask(pieces: list[str]) -> list[bool]:
     return [any(a < we and ws < b for ws, we in words) for a, b in spans]
 
 
+def keyword_string(text: str) -> str:
+    """The official ``extract_keywords_simple`` (text_processor.py 44-54) on a string: the answer-format sentences
+    removed, the words ``\\b\\w+\\b`` that are not stop words joined by one space; no keyword: the text itself."""
+    if not text:
+        return ""
+    for s in FORMAT_PROMPTS:
+        text = text.replace(s, "")
+    words = [w for w in WORD_REGEX.findall(text) if w.lower() not in NON_VISUAL_WORDS]
+    return " ".join(words) if words else text
+
+
+def retokenized_ids(tokenizer: Any, text: str) -> list[int]:
+    """The official ``_encode_text_with_token_pooling`` ids (mmtok_core.py 71-85): ``text.split()`` tokenised with
+    ``is_split_into_words=True`` (special tokens as the tokenizer adds them, truncated at its maximum length), the
+    leading BOS dropped when there is more than one id."""
+    ids = tokenizer(text.split(), is_split_into_words=True, truncation=True)["input_ids"]
+    ids = [int(i) for i in ids]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ids[1:] if len(ids) > 1 and bos is not None and ids[0] == bos else ids
+
+
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     """The decoded text of each token of ``ids`` in context, concatenating to ``decode(ids)``: token i ends where the
     decode of ``ids[:i+1]`` stops agreeing with the decode of all of them (prefix decodes, so that SentencePiece's word
@@ -237,8 +259,9 @@ def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor | Cal
 @register
 class MMTok(Method):
     """MMTok: per image / crop the tokens that greedily maximise the coverage of the question's tokens (P) and of
-    the visual token set (alpha Q); ``text="question"`` (default: every question token) or ``"keywords"`` (the
-    official stop-word filter, needs ``llm_tokenizer``)."""
+    the visual token set (alpha Q); ``text="question"`` (default: every question token), ``"keywords"`` (the
+    official stop-word filter on the prompt's tokens, needs ``llm_tokenizer``) or ``"keywords_retokenized"`` (the
+    official route: also ``embed_tokens``)."""
 
     name = "mmtok"
     #: text="question": masked text rows and the greedy on the device; text="keywords" is refused
@@ -257,8 +280,11 @@ class MMTok(Method):
             # "question" (ours: every question token's LLM embedding) or "keywords" (official LLaVA route:
             # stop words and the answer-format sentences removed; needs llm_tokenizer)
             "text": "question",
-            # text="keywords": the LLM tokenizer (hub id / path / object with .decode)
+            # text="keywords" / "keywords_retokenized": the LLM tokenizer (hub id / path / tokenizer object)
             "llm_tokenizer": None,
+            # text="keywords_retokenized": the LLM's input embedding (a module / callable ids -> rows, e.g.
+            # model.get_input_embeddings()) that embeds the re-tokenised keyword string
+            "embed_tokens": None,
             # tau_t: None = the official per family (0.02; 0.01 on Qwen2.5-VL)
             "tv_temperature": None,
             # tau_v (official 0.2)
@@ -284,9 +310,12 @@ class MMTok(Method):
             raise ValueError(f"mmtok: retain_ratio must be in (0, 1], got {self.retain_ratio!r}")
         if self.text not in TEXT_MODES:
             raise ValueError(f"mmtok: text must be one of {TEXT_MODES}, got {self.text!r}")
-        if self.text == "keywords" and self.llm_tokenizer is None:
-            raise ValueError("mmtok: text='keywords' needs llm_tokenizer (the LLM's tokenizer, to read the question's "
-                             "words)")
+        if self.text != "question" and self.llm_tokenizer is None:
+            raise ValueError(f"mmtok: text={self.text!r} needs llm_tokenizer (the LLM's tokenizer, to read the "
+                             "question's words)")
+        if self.text == "keywords_retokenized" and self.embed_tokens is None:
+            raise ValueError("mmtok: text='keywords_retokenized' needs embed_tokens (the LLM's input embedding, e.g. "
+                             "model.get_input_embeddings())")
         if self.vv_space not in VV_SPACES:
             raise ValueError(f"mmtok: vv_space must be one of {VV_SPACES}, got {self.vv_space!r}")
         for k in ("vv_temperature",) + (("tv_temperature",) if self.tv_temperature is not None else ()):
@@ -296,9 +325,9 @@ class MMTok(Method):
         self._tok = None
 
     def capture_refusal(self):
-        if self.text == "keywords":
-            return ("mmtok: text='keywords' runs on the eager engine: it decodes the question's token ids with the "
-                    "LLM tokenizer to find its words (host text work between the tower and the selection); "
+        if self.text != "question":
+            return (f"mmtok: text={self.text!r} runs on the eager engine: it decodes the question's token ids with "
+                    "the LLM tokenizer to find its words (host text work between the tower and the selection); "
                     "text='question' (default) is captured")
         return super().capture_refusal()
 
@@ -329,6 +358,16 @@ class MMTok(Method):
         text, mask = sig.text_rows("question")
         if sig.captured or sig.text_mask is not None or sig.question_ids is None:
             return text, mask
+        if self.text == "keywords_retokenized":  # the official route: the keyword string re-tokenised and embedded
+            tok = self._tokenizer()
+            words = keyword_string(tok.decode([int(i) for i in sig.question_ids.reshape(-1).tolist()],
+                                              skip_special_tokens=True))
+            ids = retokenized_ids(tok, words)
+            weight = next(iter(self.embed_tokens.parameters()), None) if hasattr(self.embed_tokens, "parameters") \
+                else None
+            dev = weight.device if weight is not None else text.device
+            rows = self.embed_tokens(torch.tensor(ids, dtype=torch.long).to(dev))
+            return rows.to(device=text.device, dtype=text.dtype), None
         m = int(sig.question_ids.numel())  # host
         rows = torch.argsort((~mask).to(torch.int8), stable=True)[:m]  # the question rows, in order
         if self.text == "keywords":
@@ -336,7 +375,7 @@ class MMTok(Method):
         return text.index_select(0, rows), None
 
     def select_vision(self, sig):
-        if self.text == "keywords" and (sig.captured or sig.text_mask is not None):
+        if self.text != "question" and (sig.captured or sig.text_mask is not None):
             raise NotImplementedError(self.capture_refusal())
         vision = sig.vision_features if self.vv_space == "vision" else sig.features
         keep = mmtok(sig.features, vision, lambda: self.text_of(sig), sig.unit_layout(), self.budget,

@@ -267,6 +267,48 @@ def test_keywords_take_the_question_tokens_of_the_kept_words(rt):
     assert "color" in "".join(kept) and "what" not in [k.lower() for k in kept]
 
 
+class _SplitTok:
+    """A tokenizer stand-in for ``is_split_into_words``: a BOS, then one id per word (its length), as a dict."""
+
+    bos_token_id = 1
+
+    def __call__(self, words, is_split_into_words=False, truncation=False):
+        assert is_split_into_words and truncation
+        return {"input_ids": [1] + [100 + len(w) for w in words]}
+
+
+def test_keyword_string_and_its_retokenised_ids():
+    from baselines.mmtok import keyword_string, retokenized_ids
+
+    q = "What color is the car?\nAnswer the question using a single word or phrase."
+    assert keyword_string(q) == "color car"
+    assert keyword_string("What is it?") == "What is it?"  # no keyword: the text itself (official fallback)
+    assert keyword_string("Which dog? Answer with the option's letter from the given choices directly.") == "dog"
+    assert keyword_string("") == ""
+    assert retokenized_ids(_SplitTok(), "color car") == [105, 103]  # BOS dropped
+    assert retokenized_ids(_SplitTok(), "") == [1]  # a lone BOS is kept (official: only when more than one id)
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next"], indirect=True)
+def test_retokenised_keywords_are_embedded_by_the_models_table(rt):
+    """text='keywords_retokenized': Z = embed_tokens(the keyword string re-tokenised word by word, BOS dropped), the
+    official _encode_text_with_token_pooling; the selection == mmtok() on those rows."""
+    from baselines.mmtok import keyword_string, retokenized_ids
+
+    tok, emb = rt.tokenizer, rt.model.get_input_embeddings()
+    seen = _spy(rt, make_batch(rt), 4, text="keywords_retokenized", llm_tokenizer=tok, embed_tokens=emb)
+    for sig, (text, mask), keep in seen:
+        ids = retokenized_ids(tok, keyword_string(tok.decode(sig.question_ids.tolist(), skip_special_tokens=True)))
+        assert mask is None and len(ids) > 0 and ids[0] != tok.bos_token_id
+        assert torch.equal(text, emb(torch.tensor(ids)))
+        assert torch.equal(keep, mmtok(sig.features, sig.vision_features, text, sig.unit_layout(), 4,
+                                       tv_temperature=0.02))
+    with pytest.raises(ValueError, match="embed_tokens"):
+        MMTok(4, text="keywords_retokenized", llm_tokenizer=tok)
+    assert "keywords_retokenized" in MMTok(4, text="keywords_retokenized", llm_tokenizer=tok,
+                                           embed_tokens=emb).capture_refusal()
+
+
 @pytest.mark.parametrize("rt", ["llava"], indirect=True)
 def test_reference_mode_in_the_engine(rt):
     """numerics='official' on the tiny LLaVA (fp32): cached generation == recompute, batch == alone, and (fp32: the
@@ -446,6 +488,8 @@ def test_options_keep_every_tensor_on_the_signals_device(rt, tmp_path):
     rt.tokenizer.save_pretrained(tok)
     b = 2 if rt.family == "qwen2_5_vl" else 4
     for opts in ({"text": "keywords", "llm_tokenizer": str(tok)}, {"numerics": "official"},
+                 {"text": "keywords_retokenized", "llm_tokenizer": str(tok),
+                  "embed_tokens": rt.model.get_input_embeddings()},
                  {"retain_ratio": 0.5, "vv_space": "projected", "keep_newlines": False}):
         method = get_method("mmtok", None if "retain_ratio" in opts else b, **opts)
         chk = check_method(method)
