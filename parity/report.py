@@ -36,9 +36,10 @@ def write(checks: list[Check], path) -> None:
 
 
 def precision(c: Check) -> str:
-    """The precision a check ran in (the first word of its case: fp32 / fp16), "-" for the scorers."""
-    word = c.case.split(" ", 1)[0]
-    return word if word in ("fp32", "fp16") else "-"
+    """The precision a check ran in (the first of the case's first two words that is fp32 / fp16: HiPrune's 24 x 24
+    tower's rows start with ``grid24``), "-" for the scorers."""
+    words = [w for w in c.case.split(" ")[:2] if w in ("fp32", "fp16")]
+    return words[0] if words else "-"
 
 
 def seeds_table(per_seed: dict[int, list[Check]]) -> str:

@@ -17,7 +17,7 @@ import torch
 from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
-from parity.build import LLM, TOWER, official_shapes, official_to_hf
+from parity.build import LLM, PARITY_SEED_IDS, PARITY_SEEDS, TOWER, official_shapes, official_to_hf
 from parity.report import Check, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,8 @@ def test_seeds_table_counts_per_group_precision_and_seed(tmp_path):
 
     per_seed = {
         0: [Check("prep", "fp32 none batch [0]", True), Check("prumerge", "fp32 prumerge T=64 batch [0]", True),
-            Check("prumerge", "fp16 prumerge T=64 batch [0]", True), Check("scorers", "pope", True)],
+            Check("prumerge", "fp16 prumerge T=64 batch [0]", True), Check("scorers", "pope", True),
+            Check("hiprune", "grid24 fp32 hiprune T=32 batch [0]", True)],
         4: [Check("prep", "fp32 none batch [0]", True), Check("prumerge", "fp32 prumerge T=64 batch [0]", False, "z"),
             Check("prumerge", "fp16 prumerge T=64 batch [0]", True)],
     }
@@ -117,7 +118,8 @@ def test_seeds_table_counts_per_group_precision_and_seed(tmp_path):
     assert "| prumerge | fp32 | 1 / 1 | 0 / 1 | 1 / 2 |" in text
     assert "| prumerge | fp16 | 1 / 1 | 1 / 1 | 2 / 2 |" in text
     assert "| scorers | - | 1 / 1 | - | 1 / 1 |" in text  # a group a seed did not run
-    assert "6 of 7 checks agree over 2 seeds (seed 0 4 of 4, seed 4 2 of 3)" in text
+    assert "| hiprune | fp32 | 1 / 1 | - | 1 / 1 |" in text  # the 24 x 24 tower's rows
+    assert "7 of 8 checks agree over 2 seeds (seed 0 5 of 5, seed 4 2 of 3)" in text
     assert text.endswith("- seed 4: prumerge | fp32 prumerge T=64 batch [0] | z")
     write_seeds(per_seed, tmp_path / "seeds.json")
     saved = json.loads((tmp_path / "seeds.json").read_text())
@@ -190,12 +192,12 @@ def test_cli_without_the_official_environment_says_how_to_build_it(tmp_path):
 
 
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 @needs_official
