@@ -194,6 +194,48 @@ def retokenized_ids(tokenizer: Any, text: str) -> list[int]:
     return ids[1:] if len(ids) > 1 and bos is not None and ids[0] == bos else ids
 
 
+def load_input_embedding(checkpoint: str) -> torch.nn.Embedding:
+    """The input embedding table of a checkpoint (hub id or local folder), read alone from its safetensors: the one
+    tensor whose name ends in ``embed_tokens.weight`` (``language_model.model.embed_tokens.weight`` in llava-hf,
+    ``model.language_model.embed_tokens.weight`` in transformers 5's saves), as a frozen ``nn.Embedding`` on the
+    host in the stored dtype. For ``embed_tokens=`` given by name (the harness's ``--opt``)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    def path(name):
+        if os.path.isdir(checkpoint):
+            p = os.path.join(checkpoint, name)
+            return p if os.path.exists(p) else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return hf_hub_download(checkpoint, name)
+        except EntryNotFoundError:
+            return None
+
+    index = path("model.safetensors.index.json")
+    if index is not None:
+        with open(index) as f:
+            files = json.load(f)["weight_map"]
+        names = [k for k in files if k.endswith("embed_tokens.weight")]
+        shard = path(files[names[0]]) if len(names) == 1 else None
+    else:
+        shard = path("model.safetensors")
+        names = []
+        if shard is not None:
+            with safe_open(shard, "pt") as f:
+                names = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
+    if len(names) != 1 or shard is None:
+        raise ValueError(f"mmtok: embed_tokens={checkpoint!r}: expected one '*embed_tokens.weight' tensor in its "
+                         f"safetensors, found {names}")
+    with safe_open(shard, "pt") as f:
+        weight = f.get_tensor(names[0])
+    return torch.nn.Embedding.from_pretrained(weight, freeze=True)
+
+
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     """The decoded text of each token of ``ids`` in context, concatenating to ``decode(ids)``: token i ends where the
     decode of ``ids[:i+1]`` stops agreeing with the decode of all of them (prefix decodes, so that SentencePiece's word
@@ -282,8 +324,9 @@ class MMTok(Method):
             "text": "question",
             # text="keywords" / "keywords_retokenized": the LLM tokenizer (hub id / path / tokenizer object)
             "llm_tokenizer": None,
-            # text="keywords_retokenized": the LLM's input embedding (a module / callable ids -> rows, e.g.
-            # model.get_input_embeddings()) that embeds the re-tokenised keyword string
+            # text="keywords_retokenized": the LLM's input embedding that embeds the re-tokenised keyword string: a
+            # module / callable ids -> rows (model.get_input_embeddings()) or a checkpoint (hub id / folder) whose
+            # embed_tokens.weight is read alone (load_input_embedding)
             "embed_tokens": None,
             # tau_t: None = the official per family (0.02; 0.01 on Qwen2.5-VL)
             "tv_temperature": None,
@@ -322,7 +365,7 @@ class MMTok(Method):
             if not float(getattr(self, k)) > 0:
                 raise ValueError(f"mmtok: {k} must be > 0, got {getattr(self, k)!r}")
         check_numerics("mmtok", self.numerics)
-        self._tok = None
+        self._tok = self._embed = None
 
     def capture_refusal(self):
         if self.text != "question":
@@ -346,6 +389,17 @@ class MMTok(Method):
             self._tok = tok
         return self._tok
 
+    def _embedding(self, device):
+        """``embed_tokens`` as given, or the table of the named checkpoint (read once, moved to ``device``)."""
+        emb = self.embed_tokens
+        if not (isinstance(emb, str) or hasattr(emb, "__fspath__")):
+            return emb
+        if self._embed is None:
+            self._embed = load_input_embedding(str(emb))
+        if self._embed.weight.device != torch.device(device):
+            self._embed.to(device)
+        return self._embed
+
     def keyword_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Host indices (into the question's tokens) of the keyword tokens of ``ids`` (host)."""
         pieces = token_pieces(self._tokenizer(), [int(i) for i in ids.reshape(-1).tolist()])
@@ -363,10 +417,10 @@ class MMTok(Method):
             words = keyword_string(tok.decode([int(i) for i in sig.question_ids.reshape(-1).tolist()],
                                               skip_special_tokens=True))
             ids = retokenized_ids(tok, words)
-            weight = next(iter(self.embed_tokens.parameters()), None) if hasattr(self.embed_tokens, "parameters") \
-                else None
+            embed = self._embedding(text.device)
+            weight = next(iter(embed.parameters()), None) if hasattr(embed, "parameters") else None
             dev = weight.device if weight is not None else text.device
-            rows = self.embed_tokens(torch.tensor(ids, dtype=torch.long).to(dev))
+            rows = embed(torch.tensor(ids, dtype=torch.long).to(dev))
             return rows.to(device=text.device, dtype=text.dtype), None
         m = int(sig.question_ids.numel())  # host
         rows = torch.argsort((~mask).to(torch.int8), stable=True)[:m]  # the question rows, in order

@@ -289,6 +289,44 @@ def test_keyword_string_and_its_retokenised_ids():
     assert retokenized_ids(_SplitTok(), "") == [1]  # a lone BOS is kept (official: only when more than one id)
 
 
+_SAVED = {}
+
+
+def _saved(rt):
+    """The tiny model saved once per family (safetensors), for options given by checkpoint name."""
+    import tempfile
+
+    if rt.family not in _SAVED:
+        d = tempfile.mkdtemp(prefix=f"mmtok_{rt.family}_")
+        rt.model.save_pretrained(d)
+        rt.tokenizer.save_pretrained(d)
+        _SAVED[rt.family] = d
+    return _SAVED[rt.family]
+
+
+def test_load_input_embedding_reads_the_one_table(tmp_path):
+    """A checkpoint's ``*embed_tokens.weight`` read alone (single file and sharded index); none or two: refused."""
+    from safetensors.torch import save_file
+
+    from baselines.mmtok import load_input_embedding
+
+    w = torch.randn(7, 3)
+    save_file({"language_model.model.embed_tokens.weight": w, "x.weight": torch.zeros(2)},
+              tmp_path / "model.safetensors")
+    assert torch.equal(load_input_embedding(str(tmp_path)).weight, w)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"model.language_model.embed_tokens.weight": w}, sharded / "b.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"model.language_model.embed_tokens.weight": "b.safetensors", "x.weight": "a.safetensors"}}')
+    emb = load_input_embedding(str(sharded))
+    assert torch.equal(emb(torch.tensor([3, 0])), w[[3, 0]]) and not emb.weight.requires_grad
+    (tmp_path / "two").mkdir()
+    save_file({"a.embed_tokens.weight": w, "b.embed_tokens.weight": w.clone()}, tmp_path / "two" / "model.safetensors")
+    with pytest.raises(ValueError, match="expected one"):
+        load_input_embedding(str(tmp_path / "two"))
+
+
 @pytest.mark.parametrize("rt", ["llava", "llava-next"], indirect=True)
 def test_retokenised_keywords_are_embedded_by_the_models_table(rt):
     """text='keywords_retokenized': Z = embed_tokens(the keyword string re-tokenised word by word, BOS dropped), the
@@ -303,6 +341,11 @@ def test_retokenised_keywords_are_embedded_by_the_models_table(rt):
         assert torch.equal(text, emb(torch.tensor(ids)))
         assert torch.equal(keep, mmtok(sig.features, sig.vision_features, text, sig.unit_layout(), 4,
                                        tv_temperature=0.02))
+    # embed_tokens by name (the harness's --opt): the table read alone from the checkpoint's safetensors
+    ckpt = _saved(rt)
+    named = _spy(rt, make_batch(rt), 4, text="keywords_retokenized", llm_tokenizer=tok, embed_tokens=str(ckpt))
+    for (_, (t_mod, _), k_mod), (_, (t_named, _), k_named) in zip(seen, named):
+        assert torch.equal(t_mod, t_named) and torch.equal(k_mod, k_named)
     with pytest.raises(ValueError, match="embed_tokens"):
         MMTok(4, text="keywords_retokenized", llm_tokenizer=tok)
     assert "keywords_retokenized" in MMTok(4, text="keywords_retokenized", llm_tokenizer=tok,
@@ -371,29 +414,34 @@ def test_paper_spec_table_1_recomputes_its_printed_averages():
         (m, b) for m in ("fastv", "sparsevlm", "visionzip", "divprune", "mmtok") for b in (192, 128, 64)}
     mm = {r.budget: r for r in t.rows if r.method == "mmtok"}
     assert mm[64].published["pope"] == 85.77 and mm[192].published["seed"] == 59.21
-    assert mm[64].options == {"text": "keywords", "llm_tokenizer": "llava-hf/llava-1.5-7b-hf"}
+    assert mm[64].options == {"text": "keywords_retokenized", "llm_tokenizer": "llava-hf/llava-1.5-7b-hf",
+                              "embed_tokens": "llava-hf/llava-1.5-7b-hf"}
     for r in t.rows[1:]:
         rel = 100 * sum(r.published[k] / van.published[k] for k in van.published) / len(van.published)
         assert abs(rel - r.rel_avg) <= 0.15, (r.label, r.budget, rel, r.rel_avg)
 
 
-def test_one_config_end_to_end_on_the_tiny_model(fixture_data, tmp_path, run_env, runtimes):
-    """``python -m eval run pope`` with MMTok's paper options (text=keywords, the LLM tokenizer from a local folder)
-    on tiny LLaVA-1.5 at 4 tokens per image: every question answered and scored, 4 tokens entering the LLM."""
+@pytest.mark.parametrize("text", ["keywords_retokenized", "keywords"])
+def test_one_config_end_to_end_on_the_tiny_model(fixture_data, tmp_path, run_env, runtimes, text):
+    """``python -m eval run pope`` with MMTok's paper options (text=keywords_retokenized: the tokenizer and the
+    embedding table named by a checkpoint folder, as the spec names the hub checkpoint; and text=keywords) on tiny
+    LLaVA-1.5 at 4 tokens per image: every question answered and scored, 4 tokens entering the LLM."""
     import json
 
     from eval.cli import main
 
-    tok_dir = tmp_path / "tok"
-    runtimes["llava"].tokenizer.save_pretrained(tok_dir)
+    rt = runtimes["llava"]
+    ckpt = _saved(rt)
     out = tmp_path / "runs"
-    assert main(["run", "pope", "--model", "tiny:llava", "--method", "mmtok", "--budget", "4", "--opt", "text=keywords",
-                 "--opt", f"llm_tokenizer={tok_dir}", "--max-new-tokens", "3", "--data-root", str(fixture_data),
-                 "--out", str(out), "--no-wandb"]) == 0
+    opts = ["--opt", f"text={text}", "--opt", f"llm_tokenizer={ckpt}"]
+    opts += ["--opt", f"embed_tokens={ckpt}"] if text == "keywords_retokenized" else []
+    assert main(["run", "pope", "--model", "tiny:llava", "--method", "mmtok", "--budget", "4", *opts,
+                 "--max-new-tokens", "3", "--seed", "1", "--data-root", str(fixture_data), "--out", str(out),
+                 "--no-wandb"]) == 0  # seed 1: the weights of the saved checkpoint
     (res_file,) = (out / "pope").glob("*/results.json")
     res = json.loads(res_file.read_text())
     assert res["counts"]["answered"] == res["counts"]["questions"] > 0
-    assert res["method"]["method"] == "mmtok" and res["method"]["text"] == "keywords"
+    assert res["method"]["method"] == "mmtok" and res["method"]["text"] == text
     assert res["tokens"]["tok_in"] == 4.0 and "POPE-F1avg3" in res["metrics"]
 
 
@@ -490,6 +538,7 @@ def test_options_keep_every_tensor_on_the_signals_device(rt, tmp_path):
     for opts in ({"text": "keywords", "llm_tokenizer": str(tok)}, {"numerics": "official"},
                  {"text": "keywords_retokenized", "llm_tokenizer": str(tok),
                   "embed_tokens": rt.model.get_input_embeddings()},
+                 {"text": "keywords_retokenized", "llm_tokenizer": str(tok), "embed_tokens": _saved(rt)},
                  {"retain_ratio": 0.5, "vv_space": "projected", "keep_newlines": False}):
         method = get_method("mmtok", None if "retain_ratio" in opts else b, **opts)
         chk = check_method(method)
