@@ -18,6 +18,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
 from parity.adapters import apet as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 CLONE = llava15.CLONES / "apet"
 needs_clone = pytest.mark.skipif(not (CLONE / "llava").is_dir(),
@@ -73,12 +74,12 @@ def _official_root(tmp: Path, plant: str | None = None) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-apet")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _spec() -> dict:

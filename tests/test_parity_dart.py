@@ -13,6 +13,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
 from parity.adapters import dart as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 CLONE = llava15.CLONES / "dart"
 needs_clone = pytest.mark.skipif(not (CLONE / "llava").is_dir(),
@@ -43,12 +44,12 @@ def test_the_image_start_is_the_placeholders_position():
 
 
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-dart")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 @pytest.fixture(scope="module")

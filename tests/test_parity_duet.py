@@ -18,6 +18,7 @@ import pytest
 from conftest import OFFICIAL_PY, needs_official
 
 from parity import adapters, llava15
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "duet"
@@ -43,14 +44,14 @@ def test_the_official_settings_are_our_methods():
     assert ad.OFFICIAL == {"alone": True, "padding_side": "right"}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     if not CLONE.is_dir():
         pytest.skip("no clone: run `bash scripts/official_clones.sh duet`")
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-duet")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(info, work, clone, batches):

@@ -14,6 +14,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
 from parity.adapters import _theia_forks
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "fastervlm"
@@ -26,12 +27,12 @@ def test_mask_indices_pads_a_short_row():
     assert _theia_forks.mask_indices(masks).tolist() == [[0, 2, 3], [1, -1, -1]]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(built, clones: Path):

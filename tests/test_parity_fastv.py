@@ -13,6 +13,7 @@ import pytest
 from conftest import OFFICIAL_PY, needs_official
 
 from parity.adapters import fastv as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "fastv"
@@ -54,12 +55,12 @@ def test_the_clones_file_holds_the_literals_the_adapter_sets():
 
 
 # -- against the official code (opt-in) ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-fastv")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(built, root: Path, batches):

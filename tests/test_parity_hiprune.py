@@ -15,6 +15,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
 from parity.adapters import hiprune as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 CLONE = llava15.CLONES / "hiprune"
 needs_clone = pytest.mark.skipif(
@@ -55,12 +56,12 @@ def test_masks_to_indices():
 BUDGET = 32  # a = round(32 * 0.1 / 5) = 1 anchor (T = 8 / 16: none), so the anchor and its buffers are compared
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     work = tmp_path_factory.mktemp("parity-hiprune")
     from parity.build import build_for
 
-    return work, build_for(adapter.GRID, work, str(OFFICIAL_PY))
+    return work, build_for(adapter.GRID, work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _spec(info) -> dict:

@@ -14,7 +14,8 @@ import torch
 from conftest import OFFICIAL_PY, needs_official
 
 from parity import next as nx
-from parity.build import LLM, NEXT_PINPOINTS, NEXT_TOWER, official_next_to_hf, official_shapes
+from parity.build import (LLM, NEXT_PINPOINTS, NEXT_TOWER, PARITY_SEED_IDS, PARITY_SEEDS, official_next_to_hf,
+                          official_shapes)
 
 
 
@@ -187,12 +188,12 @@ def test_compare_refuses_runs_out_of_step():
 
 
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build_next
 
     work = tmp_path_factory.mktemp("parity-next")
-    return work, build_next(work, str(OFFICIAL_PY))
+    return work, build_next(work, str(OFFICIAL_PY), seed=request.param)
 
 
 @needs_official

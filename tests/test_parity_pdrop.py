@@ -12,6 +12,7 @@ import pytest
 from conftest import OFFICIAL_PY, needs_official
 
 from parity.adapters import pdrop as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "pdrop"
@@ -54,12 +55,12 @@ def test_budget_270_is_the_eval_scripts_schedule():
 
 
 # -- against the official code (opt-in) ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-pdrop")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(built, clone: Path, batches):

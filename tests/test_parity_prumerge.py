@@ -19,6 +19,7 @@ import pytest
 from conftest import OFFICIAL_PY, needs_official
 
 from parity import adapters, llava15
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "prumerge"
@@ -66,15 +67,15 @@ def _usable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     why = _usable()
     if why:
         pytest.skip(why)
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-prumerge")
-    return work, build(work, str(PY))
+    return work, build(work, str(PY), seed=request.param)
 
 
 def _run(info, work, clone):

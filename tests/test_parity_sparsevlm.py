@@ -16,6 +16,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import adapters, llava15
 from parity.adapters import sparsevlm as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "sparsevlm"
@@ -63,13 +64,13 @@ needs_clone = pytest.mark.skipif(not (CLONE / "llava").is_dir(),
                                  reason="run `bash scripts/official_clones.sh sparsevlm`")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def runs(request, tmp_path_factory):
     """The official run (fp16 load, budget 192, each image alone) and the tiny weights, once for the module."""
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-sparsevlm")
-    info = build(work, str(OFFICIAL_PY))
+    info = build(work, str(OFFICIAL_PY), seed=request.param)
     spec = {"name": "sparsevlm", "budget": 192, "batches": [[i] for i in range(len(info["images"]))]}
     root = llava15.clone_for("sparsevlm", None)
     off = llava15.official(info, str(OFFICIAL_PY), "fp16", [spec], 8, work, root)

@@ -15,6 +15,7 @@ from conftest import OFFICIAL_PY, needs_official
 from llava.method import Selection
 from parity import llava15
 from parity.adapters import visiondrop as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 CLONE = llava15.CLONES / "visiondrop"
 needs_clone = pytest.mark.skipif(
@@ -52,12 +53,12 @@ def test_our_recorded_rows_follow_the_official_layout():
 
 
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-visiondrop")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(info, work, clone: Path, budget: int, batches) -> list:

@@ -16,6 +16,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
 from parity.adapters import visiontrim as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "visiontrim"
@@ -63,12 +64,12 @@ def test_the_assignment_capture_keeps_the_merge_rounds_only():
 
 # ---- opt-in: the official code ----
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(built, clones: Path, dtypes=("fp32",)):

@@ -17,6 +17,7 @@ import pytest
 from conftest import OFFICIAL_PY, needs_official
 
 from parity import adapters, llava15
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "visionzip"
@@ -35,14 +36,14 @@ def test_the_official_split_is_our_methods_split():
     assert (m.dominant, m.contextual) == ad.split(16)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     if not CLONE.is_dir():
         pytest.skip("no clone: run `bash scripts/official_clones.sh visionzip`")
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-visionzip")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(info, work, clone, batches):

@@ -12,6 +12,7 @@ import pytest
 from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLONE = REPO / ".official" / "vispruner"
@@ -19,12 +20,12 @@ needs_clone = pytest.mark.skipif(not (CLONE / "llava").is_dir(),
                                  reason="no clone: run `bash scripts/official_clones.sh vispruner`")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _run(built, clones: Path):

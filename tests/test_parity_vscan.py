@@ -13,6 +13,7 @@ from conftest import OFFICIAL_PY, needs_official
 
 from parity import llava15
 from parity.adapters import vscan as adapter
+from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 CLONE = llava15.CLONES / "vscan" / adapter.ROOT
 needs_clone = pytest.mark.skipif(not (CLONE / "llava").is_dir(),
@@ -54,12 +55,12 @@ def test_the_local_quota_per_window_is_at_least_one_at_every_budget():
 
 
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def built(request, tmp_path_factory):
     from parity.build import build
 
     work = tmp_path_factory.mktemp("parity-vscan")
-    return work, build(work, str(OFFICIAL_PY))
+    return work, build(work, str(OFFICIAL_PY), seed=request.param)
 
 
 def _spec() -> dict:
