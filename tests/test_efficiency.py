@@ -2,6 +2,7 @@
 fit on synthetic data, and a smoke run of the whole machinery on a tiny model (no timing asserted)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,23 @@ def test_smoke_run_writes_table_json_plot_and_checks_bars(tmp_path):
             assert r["extra_ops"] > 0 and ops["selection"] > none["ops"]["selection"], (r["method"], r["budget"])
     cd4 = data["results"][2]
     assert f"| {cd4['ops']['vision']} / {cd4['ops']['selection']} / {cd4['ops']['llm']} | {cd4['extra_ops']:+d} |" in md
+
+
+def test_main_says_progress_and_where_it_wrote_under_runs(tmp_path, monkeypatch, capsys):
+    """python -m bench.efficiency writes under runs/efficiency by default (it wrote into docs/results/, the
+    committed reports), prints [i/N] before each cell and one 'wrote' line naming every file (issue 63)."""
+    from bench.efficiency import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", "tiny:llava", "--methods", "none", "random", "--budgets", "4", "--n", "1",
+                 "--warmup", "0", "--batch", "1", "--decode-tokens", "1", "--decode-samples", "1",
+                 "--image-hw", "56", "56", "--sweep", "8", "16"]) == 0
+    err = capsys.readouterr().err
+    out = Path("runs/efficiency")
+    assert f"bench.efficiency: 2 cells (2 method x budget, 1 samples each) on tiny:llava; writing to {out}" in err
+    assert err.index("[1/2] none") < err.index("[2/2] random budget 4") < err.index("[2/2] cells done")
+    wrote = [line for line in err.splitlines() if line.startswith("wrote ")]
+    assert wrote == [f"wrote {out / 'efficiency.json'}, {out / 'efficiency.md'}, {out / 'efficiency.png'}, "
+                     f"{out / 'cells.jsonl'}"]
+    assert all((tmp_path / p).is_file() for p in wrote[0][len("wrote "):].split(", "))
+    assert not (tmp_path / "docs").exists()

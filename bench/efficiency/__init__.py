@@ -5,7 +5,8 @@ in one run (the protocol and the formulas: docs/efficiency.md, "What is measured
     python -m bench.efficiency --model shape:llava-1.5-7b --dtype float16 --device cuda \
         --methods none consensusdrop visiondrop attnmix fastv --budgets 192 128 64 --n 200 --batch 1 8
 
-Outputs (``--out DIR``): ``efficiency.json`` (every per-sample record, the environment, the cost model
+Outputs (``--out DIR``, default ``runs/efficiency``; ``scripts/bench/efficiency.sh`` names a folder under
+docs/results/ for a committed report): ``efficiency.json`` (every per-sample record, the environment, the cost model
 and the bar checks), ``efficiency.md`` (the tables) and ``efficiency.png``
 (TTFT and KV vs visual tokens per method), written at the end; ``cells.jsonl`` gets each cell's headline
 numbers (TTFT / TPOT medians, warm-up seconds: compile and capture on the fast path) as it ends, so a run
@@ -110,12 +111,24 @@ def run(cfg: BenchConfig) -> dict:
     progress = out / "cells.jsonl"  # one line per measured cell, as it ends: a run cut short keeps its rows
     progress.write_text("")
     results, fast_results = [], []
+    paths = ("eager", "fast") if cfg.fast else ("eager",)
+    total, i = len(cells) * len(paths), 0
+    print(f"bench.efficiency: {total} cells ({len(cells)} method x budget{' x 2 paths' if cfg.fast else ''}, "
+          f"{cfg.n} samples each) on {cfg.model}; writing to {out}", file=sys.stderr, flush=True)
     for name, b, opts in cells:  # with --fast: each cell on both paths, back to back
-        results.append(measure(rt, name, b, opts, items, cfg, device))
-        _progress(progress, results[-1])
-        if cfg.fast:
-            fast_results.append(measure(rt, name, b, opts, items, cfg, device, path="fast"))
-            _progress(progress, fast_results[-1])
+        for path in paths:
+            i += 1
+            print(f"[{i}/{total}] {name}{'' if b is None else f' budget {b}'}"
+                  f"{' ' + json.dumps(opts) if opts else ''}{' (fast path)' if path == 'fast' else ''}",
+                  file=sys.stderr, flush=True)
+            if path == "fast":
+                fast_results.append(measure(rt, name, b, opts, items, cfg, device, path="fast"))
+                _progress(progress, fast_results[-1])
+            else:
+                results.append(measure(rt, name, b, opts, items, cfg, device))
+                _progress(progress, results[-1])
+    print(f"[{total}/{total}] cells done; fitting the cost model on {len(cfg.sweep) or 8} text-only lengths",
+          file=sys.stderr, flush=True)
     for r in results:  # launches a method adds over the unpruned model on the same input
         r["extra_ops"] = r["ops"]["total"] - results[0]["ops"]["total"]
     full = int(results[0]["records"][0]["layer_lengths"][0])
@@ -151,11 +164,14 @@ def run(cfg: BenchConfig) -> dict:
     report["bars"] = check_bars(results, model)
     (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "efficiency.md").write_text(markdown(report))
+    wrote = [out / "efficiency.json", out / "efficiency.md", progress]
     try:
         plot(report, out / "efficiency.png")
+        wrote.insert(2, out / "efficiency.png")
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
     log_wandb(report, cfg.wandb)
+    print("wrote " + ", ".join(str(p) for p in wrote), file=sys.stderr, flush=True)
     return report
 
 

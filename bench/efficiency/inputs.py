@@ -27,7 +27,7 @@ class BenchConfig:
     next_layout: str = "spatial"
     sweep: list = field(default_factory=list)  # sequence lengths for the cost model; default from inputs
     seed: int = 0
-    out: str = "docs/results/efficiency"
+    out: str = "runs/efficiency"  # committed reports name their folder under docs/results/ (scripts/bench/efficiency.sh)
     wandb: bool = False
     threads: int | None = None
     fast: bool = False  # also run every cell with load(fast=True): fast and eager rows side by side
