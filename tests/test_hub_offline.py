@@ -33,7 +33,7 @@ def test_an_unreachable_hub_gives_one_warning_and_the_cached_model(tmp_path):
 
 
 def test_offline_mode_set_means_no_check(monkeypatch):
-    import llava.models as m
+    import llava.model_source as m
     from huggingface_hub import constants
 
     monkeypatch.setattr(m, "_HUB_CHECKED", False)
