@@ -1,5 +1,6 @@
 """One writer per run folder: ``<run>/.lock``, held by rank 0 of an ``eval run`` from before it reads the folder to
-its end.
+its end (a folder it had to create is removed again when the run ends leaving it empty, e.g. refused by a
+check after the lock was taken).
 
 Two runs of the same configuration write the same ``answers/*.jsonl`` (two ``srun`` tasks that each believe they
 are alone, two paper grids that share a config, a job resubmitted while the first still runs): the second one is
@@ -89,11 +90,17 @@ class RunLock:
 
     def __init__(self, path: Path, fd: int, took_over: dict | None, record_locks: bool):
         self.path, self.fd, self.took_over, self.record_locks = path, fd, took_over, record_locks
+        self.created: list[Path] = []
 
     @classmethod
     def acquire(cls, run_dir) -> RunLock:
         """Hold ``run_dir``'s lock (the folder is created) or raise :class:`LockBusy`."""
         run_dir = Path(run_dir)
+        created = []  # the folders made here (deepest first): removed again if the run ends leaving them empty
+        d = run_dir
+        while not d.exists() and d != d.parent:
+            created.append(d)
+            d = d.parent
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
         for _ in range(50):  # another writer may remove or replace the file between our open and our lock
@@ -102,8 +109,10 @@ class RunLock:
                 lock = cls._take(path, fd)
             except BaseException:
                 os.close(fd)
+                _remove_empty(created)
                 raise
             if lock is not None:
+                lock.created = created
                 return lock
             os.close(fd)
         raise LockBusy(f"{run_dir}: its lock file {path} keeps changing under this run; is another run starting "
@@ -159,3 +168,12 @@ class RunLock:
             os.close(self.fd)  # closing drops the record lock
         finally:
             self.fd = None
+        _remove_empty(self.created)  # a run refused before it wrote anything leaves no folder behind
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:  # deepest first; stops at the first one that holds something
+        try:
+            d.rmdir()
+        except OSError:
+            return

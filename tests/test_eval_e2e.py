@@ -76,7 +76,7 @@ def test_gqa_script_two_processes_then_table(data, tmp_path):
     assert "| Method | Budget | GQA | tok-in | tok-eq | Avg(rel, vanilla=ours) |" in md
     lines = md.splitlines()
     assert lines.index(next(ln for ln in lines if ln.startswith("| Vanilla (unpruned) | – |"))) < \
-        lines.index("| **4 tokens** | | | | | |") < lines.index(next(ln for ln in lines if ln.startswith("| random | 4 |")))
+        lines.index("| **4 tokens** | | | | | |") < lines.index(next(ln for ln in lines if ln.startswith("| Random | 4 |")))
     assert "| Vanilla (unpruned) | – | " in md and "| 16.0 | 16.0 |" in md  # unpruned: all 16 tiny visual tokens
     assert "\\begin{tabular}" in tex and "\\multicolumn" in tex and "Avg(rel, vanilla=ours)" in tex
 

@@ -278,4 +278,4 @@ def test_gqa_script_with_model_from_the_environment(data, data_tiles, tmp_path, 
     kept = CASES[model][2]["consensusdrop"][1]
     assert res["counts"]["answered"] == 5 and res["launcher"] == "python"
     assert res["tokens"]["tok_in"] == pytest.approx(sum(kept.values()) / 5)
-    assert f"== gqa | {model} ({family}) | consensusdrop budget={budget} ==" in p.stdout
+    assert f"== gqa | {model} ({family}) | consensusdrop, budget {budget} ==" in p.stdout

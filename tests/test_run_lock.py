@@ -170,3 +170,19 @@ def test_two_writers_then_kill9_then_resume(mme, tmp_path):
     merged = [json.loads(l)["text"] for l in (run_dir / "merge.jsonl").read_text().splitlines()]  # question order
     assert len(merged) == 28
     assert all(merged[i] == t for i, t in kept.items())  # no answer lost or rewritten
+
+
+def test_folders_made_for_the_lock_go_when_left_empty(tmp_path):
+    """A run refused after it took the lock (e.g. a model family that cannot run the benchmark) leaves no empty
+    run folder behind; a folder that existed, or that holds answers, stays."""
+    run = tmp_path / "out" / "msvd" / "x"
+    RunLock.acquire(run).release()
+    assert not (tmp_path / "out").exists()
+    lock = RunLock.acquire(run)
+    (run / "answers").mkdir()
+    lock.release()
+    assert (run / "answers").is_dir()
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    RunLock.acquire(pre).release()
+    assert pre.is_dir()
