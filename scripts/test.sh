@@ -3,8 +3,10 @@
 # time (--dist loadfile: a file's module fixtures are built once). PYTEST_WORKERS=0 runs it in one process (e.g. with
 # -k on a few tests); PYTEST_WORKERS=N sets the count. Much of the suite is the fast path's compiles
 # (tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own with every case traced) and the
-# harness's end-to-end scripts (subprocesses). Measured 2026-11-25 on this project's 2-core CPU machine: 4471 passed,
-# 304 skipped in 20:05 (36 min of CPU; serially about twice that).
+# harness's end-to-end scripts (subprocesses), and tests/test_slurm.py (a real local Slurm: about 7 min of one
+# worker). Measured 2026-11-25 on this project's 2-core CPU machine before the Slurm tests: 4471 passed, 304 skipped in
+# 20:05 (36 min of CPU; serially about twice that); a later full run that day (4797 passed) shared the 2 cores with
+# other work and took 1:29, so it says nothing about the time alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
