@@ -234,6 +234,20 @@ def check_per_unit_tokens(rt, method, budget, **options):
     return [(s, sizes, newlines) for s, (sizes, newlines) in zip(eng.stats.samples, lay)]
 
 
+# ------------------------------------------------------------------ child processes (scripts, eval run, srun)
+RANK_VARS = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def child_env(drop: tuple = (), **set_) -> dict:
+    """os.environ for a child process: no launcher or Slurm rank variables inherited (a test run inside a Slurm
+    job or under torchrun would make the child a rank of that world), nor any variable starting with one of
+    ``drop``; the hub offline, W&B off; then ``set_`` (values as strings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(RANK_VARS + tuple(drop))}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env.update({k: str(v) for k, v in set_.items()})
+    return env
+
+
 # ------------------------------------------------------------------ evaluation-harness runs in this process
 @pytest.fixture
 def run_env(monkeypatch):

@@ -4,10 +4,11 @@ configuration ... method {config: [same, same]}"): found by a requeued Slurm tas
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,7 @@ def test_sparsevlm_run_resumes(fixture_data, tmp_path):
     model = save_tiny_llava(tmp_path / "gridmodel", size="grid")  # 16 LLM layers: SparseVLM's 2 / 6 / 15 exist
     rt = llava.load(str(model))
     assert isinstance(rt.prune("sparsevlm", 64).method.config()["layers"], tuple)  # what made the two differ
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = child_env()
     cmd = [sys.executable, "-m", "eval", "run", "pope", "--model", str(model), "--method", "sparsevlm", "--budget",
            "64", "--data-root", str(fixture_data), "--out", str(tmp_path / "runs"), "--max-new-tokens", "2",
            "--no-wandb", "--launcher", "python"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 from eval.run_lock import LOCK_FILE, LockBusy, RunLock
 
@@ -31,8 +32,7 @@ if sys.argv[3] == "release":
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    return dict(env, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    return child_env(PYTHONPATH=REPO)
 
 
 def _holder(folder, seconds=60, end="release"):

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING = [c for c in ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol") if not shutil.which(c)]
@@ -61,11 +62,9 @@ def _free_base(n: int) -> int:
 
 
 def _base_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                      "MASTER_", "SHARD", "REPORT"))}
     bindir = str(Path(sys.executable).parent)  # the jobs find this environment's python
-    return dict(env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
-                PATH=f"{bindir}:{env.get('PATH', '')}")
+    return child_env(("MASTER_", "SHARD", "REPORT"), TRANSFORMERS_OFFLINE="1",
+                     PATH=f"{bindir}:{os.environ.get('PATH', '')}")
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 from eval import dist
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                      "MASTER_", "SHARD", "REPORT"))}
-
-
 def _env(**kw) -> dict:
-    env = dict(BASE_ENV, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
+    return child_env(("MASTER_", "SHARD", "REPORT"), PYTHONPATH=REPO, **kw)
+
+
+def _no_launcher(monkeypatch, *also) -> None:
+    """No torchrun / deepspeed rank variables (and ``also``) in this process's environment."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *also):
+        monkeypatch.delenv(k, raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,8 +33,7 @@ def _env(**kw) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_detect_reads_a_slurm_step(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher(monkeypatch)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
@@ -46,8 +46,7 @@ def test_detect_reads_a_slurm_step(monkeypatch):
 
 def test_detect_batch_script_is_a_world_of_one(monkeypatch):
     """The batch script has SLURM_NTASKS and SLURM_PROCID=0 but is not a step: it must not wait for 3 others."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher(monkeypatch, "SLURM_STEP_NUM_TASKS")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     info = dist.detect()
@@ -66,8 +65,7 @@ def test_detect_launcher_variables_win_over_slurm(monkeypatch):
 
 
 def test_detect_refuses_a_bad_slurm_rank(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher(monkeypatch)
     monkeypatch.setenv("SLURM_PROCID", "2")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     with pytest.raises(ValueError, match="SLURM_PROCID"):
@@ -85,8 +83,7 @@ def test_init_exports_the_slurm_world_for_deepspeed(monkeypatch):
     them) and a job-derived MASTER_PORT. A world of 1 never joins a process group, so call the part that sets them."""
     import eval.dist as d
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher(monkeypatch, "MASTER_ADDR", "MASTER_PORT")
     monkeypatch.setenv("SLURM_JOB_ID", "20345")
     monkeypatch.setenv("SLURM_STEP_NUM_NODES", "1")
     calls = {}
