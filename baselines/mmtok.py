@@ -420,7 +420,7 @@ class MMTok(Method):
             embed = self._embedding(text.device)
             weight = next(iter(embed.parameters()), None) if hasattr(embed, "parameters") else None
             dev = weight.device if weight is not None else text.device
-            rows = embed(torch.tensor(ids, dtype=torch.long).to(dev))
+            rows = embed(torch.tensor(ids, dtype=torch.long, device=dev))
             return rows.to(device=text.device, dtype=text.dtype), None
         m = int(sig.question_ids.numel())  # host
         rows = torch.argsort((~mask).to(torch.int8), stable=True)[:m]  # the question rows, in order
