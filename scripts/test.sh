@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 workers="${PYTEST_WORKERS:-auto}"
+# a test that hangs fails after PYTEST_TIMEOUT seconds with its stack (pytest-timeout) instead of stalling the run
+timeout=(--timeout "${PYTEST_TIMEOUT:-1200}")
 if [[ "$workers" == "0" ]]; then
-    exec python -m pytest -q -p no:cacheprovider "$@"
+    exec python -m pytest -q -p no:cacheprovider "${timeout[@]}" "$@"
 fi
-exec python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile "$@"
+exec python -m pytest -q -p no:cacheprovider "${timeout[@]}" -n "$workers" --dist loadfile "$@"

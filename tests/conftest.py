@@ -248,6 +248,24 @@ def child_env(drop: tuple = (), **set_) -> dict:
     return env
 
 
+#: the variables of a launcher's world (torchrun / DeepSpeed / srun) in this process's environment
+LAUNCH_VARS = RANK_VARS + ("MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env_restored():
+    """Every test leaves the launcher's variables of this process as it found them. ``eval.dist.init`` exports
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* for a world that srun started, as a real rank must; a test that calls
+    it (or sets them otherwise) must not hand them to the next test of its worker, whose child process started with
+    os.environ would then join a world of two and wait for a rank 0 that never comes (it once stalled the suite
+    until CI's time limit)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(LAUNCH_VARS)}
+    yield
+    for k in [k for k in os.environ if k.startswith(LAUNCH_VARS) and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
+
+
 # ------------------------------------------------------------------ evaluation-harness runs in this process
 @pytest.fixture
 def run_env(monkeypatch):

@@ -23,9 +23,12 @@ def _env(**kw) -> dict:
 
 
 def _no_launcher(monkeypatch, *also) -> None:
-    """No torchrun / deepspeed rank variables (and ``also``) in this process's environment."""
+    """No torchrun / deepspeed rank variables (and ``also``) in this process's environment, and none left behind
+    when the test ends, including those the code under test sets (``eval.dist.init`` exports them): setenv first
+    records each for monkeypatch's undo, delenv then removes it."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *also):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
 
 
 # ---------------------------------------------------------------------------------------------------------------

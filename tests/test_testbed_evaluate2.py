@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from conftest import child_env
 
 from testbed import evaluate2 as E2
 from testbed import model2
@@ -118,7 +119,6 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path):
 def test_shapes2_script_through_the_harness_gives_the_evaluators_answers(tiny_weights, tmp_path):
     """`bash scripts/eval/shapes2.sh consensusdrop 64 <weights>` (runner, scorer, results JSON) answers every
     question as testbed.evaluate2 does on the same questions, and scores them the same way."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -126,8 +126,8 @@ def test_shapes2_script_through_the_harness_gives_the_evaluators_answers(tiny_we
     from testbed import evaluate as E
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OUT": str(tmp_path / "runs"), "LAUNCHER": "python", "PYTHON": sys.executable,
-           "EXTRA_ARGS": "--no-wandb --batch-size 4 --bench-opt n=5 --bench-opt seeds=1,2"}
+    env = child_env(OUT=tmp_path / "runs", LAUNCHER="python", PYTHON=sys.executable,
+                    EXTRA_ARGS="--no-wandb --batch-size 4 --bench-opt n=5 --bench-opt seeds=1,2")
     subprocess.run(["bash", str(root / "scripts/eval/shapes2.sh"), "consensusdrop", "64", str(tiny_weights)], env=env,
                    check=True, cwd=tmp_path, capture_output=True)
     (results,) = (tmp_path / "runs" / "shapes2").glob("*/results.json")
