@@ -20,11 +20,12 @@ from .io import read_json
 
 #: the methods' names as their papers print them (the table rows, the paper report's figure and claims)
 DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet": "ApET", "attnmix": "AttnMix",
-           "cdpruner": "CDPruner", "consensusdrop": "ConsensusDrop", "dart": "DART", "divprune": "DivPrune",
-           "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM", "fastv": "FastV",
-           "flowcut": "FlowCut", "hiprune": "HiPrune", "mmtok": "MMTok", "pdrop": "PyramidDrop", "prumerge": "PruMerge",
-           "random": "Random", "sparsevlm": "SparseVLM", "trio": "TRIO", "visiondrop": "VisionDrop",
-           "visiontrim": "VisionTrim", "visionzip": "VisionZip", "vispruner": "VisPruner", "vscan": "VScan"}
+           "cdpruner": "CDPruner", "clse": "CLSE", "consensusdrop": "ConsensusDrop", "dart": "DART",
+           "divprune": "DivPrune", "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM",
+           "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "mmtok": "MMTok", "pdrop": "PyramidDrop",
+           "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random", "sparsevlm": "SparseVLM", "trio": "TRIO",
+           "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip", "vispruner": "VisPruner",
+           "vscan": "VScan"}
 
 #: each benchmark's full question count: the question file of LLaVA-1.5's evaluation data (eval.zip) that the
 #: harness reads (GQA testdev-balanced, MMBench EN dev rows with their circular copies, ScienceQA test, TextVQA

@@ -17,7 +17,10 @@ from llava.models import load
 #: PyramidDrop halves at layers 1 / 2 / 3; VisionDrop 8 per image on average (stage 0 in the tower's output,
 #: then 3 llm stages with merging); DART 12 of 16 after layer 1 (4 image pivots + 1 per pivot of the 8, the
 #: text pivots from the planned text rows)
-CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6)]
+#: PriorTR: 5 after layer 1 as FastV (its rows from the null token to the end planned padded, P's mean masked);
+#: CLSE (LLaVA-1.5 only): the official 192 -> 16 / 9 / 5 / 1 on the tiny grid, the FFT inside the captured stage
+CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6), ("priortr", 8)]
+LLAVA_CASES = CASES + [("clse", 192)]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
     assert st.text == () and "text" not in t
 
 
-@pytest.mark.parametrize("method,budget", CASES)
+@pytest.mark.parametrize("method,budget", LLAVA_CASES)
 def test_fast_tokens_equal_the_eager_engine(rts, method, budget):
     """LLaVA-1.5: greedy tokens, first-step scores and visual tokens per layer == the eager engine,
     on a left-padded batch of 3 prompts of different lengths (FAST_FULL=1: also each alone)."""
@@ -114,7 +117,7 @@ def test_fast_tokens_equal_the_eager_engine_on_next_and_video_llava(rts, family,
         s.visual_per_layer for s in eager.engine.stats.samples]
 
 
-@pytest.mark.parametrize("method,budget", CASES)
+@pytest.mark.parametrize("method,budget", LLAVA_CASES)
 def test_segments_in_shorter_buckets(rts, method, budget):
     """With fine buckets every stage moves the rows into a shorter bucket: each segment's layers write
     their own length into the static cache and decode against their own mask and positions; tokens still
@@ -130,7 +133,7 @@ def test_segments_in_shorter_buckets(rts, method, budget):
         assert lens == sorted(lens, reverse=True) and lens[-1] < lens[0]  # one bucket per segment, shrinking
 
 
-@pytest.mark.parametrize("method,budget", [CASES[0], CASES[3], CASES[4]])
+@pytest.mark.parametrize("method,budget", [CASES[0], CASES[3], CASES[4], CASES[5]])
 def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, method, budget):
     """Prompts of other lengths in the same buckets and 16 decode steps compile nothing after the first
     prompt (recompilation raises). FastV (one stage), DART (its text rows padded: texts of other lengths
@@ -153,7 +156,7 @@ def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, method, budget):
             assert torch.equal(toks, generate(eager, batch, tokens=16)[0])
 
 
-@pytest.mark.parametrize("method,budget", CASES)
+@pytest.mark.parametrize("method,budget", LLAVA_CASES)
 def test_no_host_sync_inside_the_captured_prefill(rts, method, budget):
     """The captured function with its llm stages (run uncompiled) reads nothing from the device."""
     fast, _ = rts["llava"]

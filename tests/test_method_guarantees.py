@@ -93,6 +93,8 @@ KEEP_ALL = {
     "flowcut": [(576, {}, ["llava", "video-llava"])],
     "hiprune": [(576, {})],
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
+    "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
+    "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
     "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
     "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
     "visiondrop": [(10**4, {})],
@@ -173,6 +175,9 @@ COUNTED_ELSEWHERE = {
     "flowcut": "in-tower, [CLS] counted: test_flowcut.test_tokens_entering_llm",
     "prumerge": "adaptive (IQR): test_prumerge.test_tokens_entering_llm_adaptive / _fixed",
     "fastv": "in the LLM: test_fastv.test_per_layer_counts_follow_the_equivalent_budget",
+    "priortr": "in the LLM: test_priortr.test_options_counts_and_refusals, test_selection_uses_layer_k_minus_1_rows_of_"
+               "the_null_token_and_the_question",
+    "clse": "in the LLM: test_clse.test_schedule_options_and_refusals, test_first_stage_against_the_eager_model",
     "dart": "in the LLM: test_dart.test_per_layer_counts",
     "pdrop": "in the LLM: test_pdrop.test_per_layer_counts",
     "sparsevlm": "in the LLM: test_sparsevlm.test_per_layer_counts",
@@ -213,6 +218,8 @@ CACHED = {
     "dart": [({"llava": 8, "llava_next": 16, "video_llava": 64}, {})],
     "downsample": [(4, {}, POOLED)],
     "fastv": [(None, {})],
+    "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official", "queries": "last"})],
+    "clse": [(192, {}), (192, {"numerics": "official"})],
     "pdrop": [(None, {})],  # three stages, re-indexed positions
     "sparsevlm": [(192, {"version": "v1"}), (192, {"version": "v2"}, ["llava"])],
     "consensusdrop": [(_CONSENSUS, {})],
@@ -257,6 +264,8 @@ BATCH = {
     "downsample": [(4, {"space": "vision"}, POOLED), (4, {"space": "projected"}, POOLED)],
     "visionzip": [(4, {}, CLIP)],
     "fastervlm": [(4, {}, CLIP)],
+    "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "queries": "last", "heads": "max"})],
+    "clse": [(192, {}), (128, {"score": "clse"})],
 }
 
 

@@ -51,6 +51,9 @@ TINY_BUDGETS = {
              "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320},
     "mmtok": _PER_UNIT_NEW,  # per image / crop
     "apet": _PER_UNIT_NEW,  # layer average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
+    "priortr": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
+                "llava_onevision": 16},  # layer average, as FastV's
+    "clse": 192,  # the official RETAIN_TOKEN: 16 -> 16/9/5/1 (LLaVA-1.5 only)
 }
 for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:
     _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])  # the tiny Qwen3-VL tower has Qwen2.5-VL's token geometry

@@ -1,0 +1,180 @@
+"""CLSE: cross-layer spectral evolution (ECCV 2026, arXiv 2606.24165), docs/methods/clse.md.
+
+Official code: zjubinchen/CLSE at cfc9710abe4a1bd5480e521f3acd86ded4855ff3 - ``CLSELlamaModel.forward`` in
+``LLaVA1.5/llava/model/language_model/clse_model.py`` and the scores in ``LLaVA1.5/llava/model/language_model/
+tools.py`` (``spatial_spectral_score_2d``, ``get_evolution_factor``, ``calculate_evolution_score``).
+
+Algorithm (prefill only; three stages before decoder layers K = 1, 11, 21 of a 32-layer LLM):
+
+1. a = the last prompt token's attention in layer K-1 (the last layer that ran on the longer sequence), mean
+   over heads, visual columns;
+2. stage 1 only: the high-pass spectral energy of each visual token on the image's h x w grid, before decoder
+   layer 0 (s_L, the projected features) and before layer K (s_K): s(x) = channel mean of
+   |IFFT2(H * FFT2(x))|, H = 1 - exp(-d^2 / (2 (min(h, w) // 2 * 0.1)^2)) a Gaussian high-pass around the
+   shifted spectrum's centre; r = min(|s_K - s_L| / (mean(s_L) + s_L + 1e-6), 1);
+   e = sigmoid(((r - mean r) / (std r + 1e-6)) / 0.1) (the evolution factor; std unbiased); score = e * a;
+   stages 2 and 3: score = a;
+3. keep the top-k_s visual tokens by score, in their original order; positions kept (original RoPE positions).
+
+Schedule: the official ``RETAIN_TOKEN`` 192 / 128 / 64 keep 330/210/62, 220/140/41, 110/70/20 of 576 after the
+three stages; any other budget B keeps floor(B * (1.72, 1.09, 0.32)) (the official fallback factors; its floats
+would fail in ``topk``). Counts are stated for 576 tokens: a sample with N tokens keeps floor(N * c / 576).
+
+Reference mode (``numerics="official"``): the attention as the official eager layer gives it (fp16 / bf16
+probabilities), the head mean in that dtype, the fp32 evolution factor times it, ``torch.topk``. Ours: fp32
+attention and head mean, ties to the lower index. The spectral term is fp32 in both (the official ``.float()``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import check_numerics, scale_layers, scaled_count, topk_desc
+
+#: the official keep counts of 576 after each stage, per RETAIN_TOKEN (clse_model.py 109-115)
+SCHEDULE = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
+#: the official factors of any other RETAIN_TOKEN (clse_model.py 116)
+FACTORS = (1.72, 1.09, 0.32)
+#: the official stage layers (K_list, 0-based: the layer whose input is pruned) of a 32-layer LLaMA
+LAYERS = (1, 11, 21)
+EPS = 1e-6
+SCORES = ("clse_attn", "attn", "clse")
+
+
+def spectral_score(x: torch.Tensor, h: int, w: int, cutoff_ratio: float = 0.1) -> torch.Tensor:
+    """Per-token high-frequency energy (N,) of ``x`` (N, C) laid out row-major on an h x w grid: the channel mean of
+    |IFFT2(H * FFT2(x))| with the Gaussian high-pass H around the centre of the shifted spectrum, in fp32."""
+    n, c = x.shape
+    if n != h * w:
+        raise ValueError(f"clse: {n} tokens do not fill a {h} x {w} grid")
+    feat = x.float().t().reshape(c, h, w)
+    spec = torch.fft.fftshift(torch.fft.fft2(feat), dim=(-2, -1))
+    ch, cw = h // 2, w // 2
+    yy = torch.arange(h, device=x.device).view(h, 1).float()
+    xx = torch.arange(w, device=x.device).view(1, w).float()
+    dist2 = (yy - ch) ** 2 + (xx - cw) ** 2
+    if cutoff_ratio == 0.0:
+        mask = torch.ones_like(dist2)
+    else:
+        mask = 1 - torch.exp(-dist2 / (2 * (min(ch, cw) * cutoff_ratio) ** 2))
+    high = torch.fft.ifft2(torch.fft.ifftshift(spec * mask, dim=(-2, -1))).abs()
+    return high.mean(dim=0).reshape(n)
+
+
+def evolution_factor(s_l: torch.Tensor, s_k: torch.Tensor, temp: float = 0.1, eps: float = EPS) -> torch.Tensor:
+    """How much each token's spectral energy changed between the two depths, standardised and squashed:
+    sigmoid(((r - mean r) / (std r + eps)) / temp), r = min(|s_k - s_l| / (mean(s_l) + s_l + eps), 1)."""
+    r = torch.clamp((s_k - s_l).abs() / (s_l.mean() + s_l + eps), max=1)
+    return torch.sigmoid(((r - r.mean()) / (r.std() + eps)) / temp)
+
+
+def clse_scores(last_row_attn: torch.Tensor, visual: torch.Tensor, z_l: torch.Tensor | None = None,
+                z_k: torch.Tensor | None = None, grid: tuple[int, int] | None = None, score: str = "clse_attn",
+                numerics: str = "ours", cutoff_ratio: float = 0.1, temp: float = 0.1) -> torch.Tensor:
+    """One stage's score per visual token. ``last_row_attn`` (H, S): the last prompt token's attention of layer
+    K-1 per head; ``visual`` (N,): the visual tokens among S. Stage 1 also gives ``z_l`` / ``z_k`` (N, C), the
+    visual tokens' inputs to decoder layer 0 and to layer K, and their ``grid`` (h, w); without them (stages 2,
+    3) the score is the attention alone. ``score``: "clse_attn" (official), "attn" or "clse" (the official
+    alternatives)."""
+    check_numerics("clse", numerics)
+    if score not in SCORES:
+        raise ValueError(f"clse: score must be one of {SCORES}, got {score!r}")
+    if numerics == "official":
+        attn = last_row_attn.mean(dim=0)[visual]  # the official head mean in the attention's dtype
+    else:
+        attn = last_row_attn.float().mean(dim=0)[visual]
+    if z_l is None or score == "attn":
+        return attn
+    e = evolution_factor(spectral_score(z_l, *grid, cutoff_ratio), spectral_score(z_k, *grid, cutoff_ratio), temp)
+    return e if score == "clse" else e * attn
+
+
+def stage_counts(budget: int, n_visual: int) -> tuple[int, ...]:
+    """Visual tokens kept after each of the three stages for a sample with ``n_visual`` tokens."""
+    of_576 = SCHEDULE.get(int(budget)) or tuple(math.floor(int(budget) * f + 1e-9) for f in FACTORS)
+    return tuple(min(int(n_visual), scaled_count(n_visual, c)) for c in of_576)
+
+
+@register
+class CLSE(Method):
+    """CLSE: three in-LLM stages keeping the visual tokens the last prompt token attends to, the first stage
+    weighted by how much each token's high-frequency spectral energy changed since the LLM's input.
+
+    ``budget``: the official RETAIN_TOKEN (192 / 128 / 64 select the official schedules; docs/methods/clse.md says
+    what they are in equivalent tokens)."""
+
+    name = "clse"
+    llm_reads = ("prev",)  # layer K-1's attention of the last prompt token
+    position_mode = "keep"
+    capturable = "full"
+    families = ("llava",)
+    unsupported_reason = ("CLSE's official LLaVA code needs LLaVA-1.5's one square grid per image for its 2-D "
+                          "spectrum (the official code refuses LLaVA-NeXT); its Qwen2-VL rule is not ported yet")
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # the stage layers (official K_list, the layer whose input is pruned), stated for a 32-layer LLM
+            "layer_list": LAYERS,
+            # "clse_attn" (official), "attn" (attention only), "clse" (the evolution factor only)
+            "score": "clse_attn",
+            # the Gaussian high-pass cutoff ratio and the evolution temperature (official 0.1, 0.1)
+            "cutoff_ratio": 0.1,
+            "temperature": 0.1,
+            # map layer_list from 32 layers onto the model's depth (llava.ops.scale_layers)
+            "scale_layers": True,
+            # "ours" (fp32 attention, ties to the lower index) or "official" (reference mode)
+            "numerics": "ours",
+        }
+
+    def __init__(self, budget=None, **options):
+        super().__init__(budget, **options)
+        if self.budget is None:
+            raise ValueError("clse: a budget is required (the official RETAIN_TOKEN: 192, 128 or 64)")
+        check_numerics("clse", self.numerics)
+        if self.score not in SCORES:
+            raise ValueError(f"clse: score must be one of {SCORES}, got {self.score!r}")
+        self.layer_list = tuple(int(k) for k in self.layer_list)
+        if len(self.layer_list) != 3 or list(self.layer_list) != sorted(set(self.layer_list)) or self.layer_list[0] < 1:
+            raise ValueError(f"clse: layer_list must be three increasing layers >= 1, got {self.layer_list}")
+
+    @property
+    def llm_layers(self):
+        n = getattr(self, "num_layers", 32)
+        return scale_layers(list(self.layer_list), n) if self.scale_layers else self.layer_list
+
+    def stage_counts(self, n_visual: int) -> tuple[int, ...]:
+        return stage_counts(self.budget, n_visual)
+
+    def layer_counts(self, n_visual: int) -> list[int]:
+        """Visual tokens entering every decoder layer."""
+        L = getattr(self, "num_layers", 32)
+        out, cur, stages = [], int(n_visual), dict(zip(self.llm_layers, self.stage_counts(n_visual)))
+        for i in range(L):
+            cur = min(cur, stages.get(i, cur))
+            out.append(cur)
+        return out
+
+    def select_llm(self, stage, sig):
+        k = self.stage_counts(sig.num_visual_entry)[stage]
+        dev = sig.visual.device
+        if k >= sig.num_visual:
+            return Selection(keep=torch.arange(sig.num_visual, device=dev))
+        if k == 0:
+            return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
+        row = sig.attention("last", layer="prev", logits="model" if self.numerics == "official" else "fp32")[:, 0]
+        z = {}
+        if stage == 0 and self.score != "attn":
+            n = sig.num_visual
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"clse: {n} visual tokens are not one square grid (one LLaVA-1.5 image per prompt)")
+            z = dict(z_l=sig.visual_embeds, z_k=sig.hidden[sig.visual], grid=(side, side))
+        s = clse_scores(row, sig.visual, score=self.score, numerics=self.numerics, cutoff_ratio=self.cutoff_ratio,
+                        temp=self.temperature, **z)
+        idx = s.topk(k).indices if self.numerics == "official" else topk_desc(s, k)
+        return Selection(keep=idx.sort().values)

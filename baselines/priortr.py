@@ -1,0 +1,200 @@
+"""PriorTR: "Accelerating Multimodal Large Language Models with Prior-Corrected Token Reduction" (ECCV 2026,
+arXiv 2606.24156), docs/methods/priortr.md.
+
+Official code: CodeChildCZJ/PriorTR at e442a4c14af1b333067a6b8310c9111cad922033 - the score in
+``image/LLaVA/llava/vtr/strategy/priortr.py`` (``compute_scores``), the choice in ``strategy/base.py``
+(``select_tokens``), the pruning after layer K-1 in ``model/prunable_llama.py`` (``forward``,
+``_compute_and_apply_pruning``).
+
+Algorithm (at the entry of decoder layer K, prefill only; K = 3 by default, so layer K-1 = 2 scores):
+
+1. A = layer K-1's attention probabilities (the official eager attention of that layer), restricted to the
+   visual columns;
+2. the prior Q = the row of the **null token**, the first token after the image: under the causal mask it
+   sees the image but not the instruction; the posterior P = the mean of the rows from the null token to
+   the end of the prompt ("question"; the null row and the last token included) or the last row ("last");
+   both averaged over heads;
+3. P and Q normalised to sum 1 (+1e-10), fp32; S = P * log((P + eps) / (Q + eps)), eps = 1e-10 (the
+   V-information of each visual token); NaN -> 0, +-inf -> +-1e6;
+4. keep the top-k visual tokens by S, in their original order; layers >= K run on the short sequence,
+   kept tokens keep their original RoPE positions.
+
+Budgets: ``keep_tokens`` k is the official count (tokens kept after layer K: the README's "192 / 128 /
+64 tok"); a ``budget`` is our equivalent-token convention (the layer average, docs/methods/README.md), turned
+into k = (L*B - K*N) / (L - K) as for FastV.
+
+Reference mode (``numerics="official"``): the attention in the model's dtype (the eager layer's fp32 softmax
+cast to fp16 / bf16), the means over the question rows and over the heads in that dtype, the score cast back
+to it and ``torch.topk`` (official tie order). ``numerics="ours"``: fp32 probabilities and means, the fp32
+score, ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
+
+log = logging.getLogger(__name__)
+
+#: the official epsilon of the normalisation and of the log ratio (priortr.py 84-90)
+EPS = 1e-10
+#: the official clamp of +-inf scores
+INF_CLAMP = 1e6
+QUERIES = ("question", "last")
+HEADS = ("mean", "max")
+
+
+def _heads(x: torch.Tensor, heads: str) -> torch.Tensor:
+    return x.mean(dim=0) if heads == "mean" else x.max(dim=0).values
+
+
+def priortr_scores(rows: torch.Tensor, visual: torch.Tensor, queries: str = "question", heads: str = "mean",
+                   numerics: str = "ours", row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PriorTR's V-information score per visual token.
+
+    ``rows`` (H, T, S): attention probabilities of layer K-1 for the T query rows from the null token (row 0)
+    to the last prompt token (row T-1), over the S tokens; ``visual`` (N,): the visual tokens' indices among S.
+    ``queries``: "question" (P = mean of the T rows) or "last" (P = row T-1; with ``row_mask`` the last real
+    row). ``row_mask`` (T,) bool: the real rows of a padded ``rows`` (the fast path); None: all real.
+    Returns (N,) fp32 scores (``numerics="official"``: in ``rows``' dtype, as the official code returns them).
+    """
+    check_numerics("priortr", numerics)
+    if queries not in QUERIES:
+        raise ValueError(f"priortr: queries must be one of {QUERIES}, got {queries!r}")
+    if heads not in HEADS:
+        raise ValueError(f"priortr: heads must be one of {HEADS}, got {heads!r}")
+    dtype = rows.dtype if numerics == "official" else torch.float32
+    a = rows[:, :, visual].to(dtype)  # (H, T, N)
+    q = a[:, 0]  # the null token's row: the prior
+    if queries == "last":
+        if row_mask is None:
+            p = a[:, -1]
+        else:  # the last real row of a padded block (no host read: a one-hot weighted sum)
+            last = torch.cumsum(row_mask.long(), 0) == row_mask.long().sum()
+            last = last & row_mask
+            p = torch.where(last[None, :, None], a, torch.zeros((), dtype=dtype, device=a.device)).sum(1)
+    elif row_mask is None:
+        p = a.mean(dim=1)  # the official mean over the rows (in the attention's dtype in reference mode)
+    else:
+        real = torch.where(row_mask[None, :, None], a.float(), torch.zeros((), device=a.device))
+        p = (real.sum(1) / row_mask.sum().clamp(min=1).float()).to(dtype)
+    p, q = _heads(p, heads).float(), _heads(q, heads).float()
+    p = p / (p.sum() + EPS)
+    q = q / (q.sum() + EPS)
+    s = p * torch.log((p + EPS) / (q + EPS))
+    s = torch.nan_to_num(s, nan=0.0, posinf=INF_CLAMP, neginf=-INF_CLAMP)
+    return s.to(rows.dtype) if numerics == "official" else s
+
+
+def priortr_select(scores: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+    """The ``k`` best visual tokens by score, ascending: ``torch.topk`` on the official scores (reference mode)
+    or the fp32 order with ties to the lower index."""
+    k = max(0, min(int(k), scores.numel()))
+    idx = scores.topk(k).indices if numerics == "official" else topk_desc(scores, k)
+    return idx.sort().values
+
+
+@register
+class PriorTR(Method):
+    """PriorTR: after decoder layer K-1, keep the visual tokens with the highest V-information
+    S = P log(P / Q), Q the null token's attention (the instruction-agnostic prior), P the question's.
+
+    ``budget`` (optional): equivalent visual tokens per sample (layer average), turned into the count kept after
+    layer K with the sample's own visual count. Or ``keep_tokens`` (the official count after layer K) or
+    ``keep_ratio`` (its share of the sample's visual tokens; default 1/3 = the official LLaVA-1.5 192 of 576)."""
+
+    name = "priortr"
+    #: the rows from the null token to the end of the prompt, planned padded on the fast path; their count never
+    #: changes the stage's count (0: one graph per bucket whatever the question's length)
+    llm_text_rows = True
+    llm_text_cap = 0
+    llm_reads = ("prev",)  # layer K-1's own attention
+    capturable = "full"
+    position_mode = "keep"
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # K (official prune_layer 3: the score layer is K-1 = 2), stated for a 32-layer LLM
+            "layer": 3,
+            # the official count kept after layer K (README's 192 / 128 / 64); None: from the budget or keep_ratio
+            "keep_tokens": None,
+            # without a budget or keep_tokens: the kept share (1/3: the official LLaVA-1.5 default 192 of 576)
+            "keep_ratio": 1 / 3,
+            # P's rows: "auto" (official setup_vtr: "last" on LLaVA-NeXT, "question" elsewhere), "question", "last"
+            "queries": "auto",
+            # the reduction over heads (official head_aggregation): "mean" or "max"
+            "heads": "mean",
+            # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
+            "scale_layers": True,
+            # "ours" (fp32 attention and score, ties to the lower index) or "official" (reference mode)
+            "numerics": "ours",
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is not None and options.get("keep_tokens") is not None:
+            raise ValueError("priortr: give either a budget (equivalent tokens) or keep_tokens, not both")
+        super().__init__(budget, **options)
+        check_numerics("priortr", self.numerics)
+        if int(self.layer) < 1:
+            raise ValueError(f"priortr: layer must be >= 1, got {self.layer}")
+        if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 0
+                                             or self.keep_tokens != int(self.keep_tokens)):
+            raise ValueError(f"priortr: keep_tokens must be a whole number >= 0, got {self.keep_tokens!r}")
+        if not 0.0 <= float(self.keep_ratio) <= 1.0:
+            raise ValueError(f"priortr: keep_ratio must be in [0, 1], got {self.keep_ratio}")
+        if self.queries not in ("auto", *QUERIES):
+            raise ValueError(f"priortr: queries must be 'auto', 'question' or 'last', got {self.queries!r}")
+        if self.heads not in HEADS:
+            raise ValueError(f"priortr: heads must be one of {HEADS}, got {self.heads!r}")
+
+    @property
+    def k_layer(self) -> int:
+        n = getattr(self, "num_layers", 32)
+        return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
+
+    @property
+    def llm_layers(self):
+        return (self.k_layer,)
+
+    @property
+    def query_rows(self) -> str:
+        """P's rows as run: the official auto rule resolved on the attached family."""
+        if self.queries != "auto":
+            return self.queries
+        return "last" if getattr(self, "family", None) == "llava_next" else "question"
+
+    def kept_count(self, n_visual: int) -> int:
+        if self.keep_tokens is not None:
+            return min(int(self.keep_tokens), int(n_visual))
+        if self.budget is None:
+            return max(0, min(int(n_visual), math.floor(int(n_visual) * float(self.keep_ratio) + 1e-9)))
+        n = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        if n == 0 and n_visual and not getattr(self, "_warned", False):
+            self._warned = True
+            log.warning("priortr: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
+                        self.budget, n_visual, self.k_layer)
+        return n
+
+    def layer_counts(self, n_visual: int) -> list[int]:
+        """Visual tokens entering every decoder layer: N before layer K, k from K on."""
+        L, K = getattr(self, "num_layers", 32), self.k_layer
+        return [int(n_visual)] * K + [self.kept_count(n_visual)] * (L - K)
+
+    def select_llm(self, stage, sig):
+        k = self.kept_count(sig.num_visual)
+        dev = sig.visual.device
+        if k >= sig.num_visual:
+            return Selection(keep=torch.arange(sig.num_visual, device=dev))
+        if k == 0:  # the official topk(0) is an empty tensor: nothing kept, no signal needed
+            return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
+        # (H, T, S): layer K-1's attention of the rows from the null token to the last prompt token
+        rows = sig.attention("text_after", layer="prev", logits="model" if self.numerics == "official" else "fp32")
+        scores = priortr_scores(rows, sig.visual, self.query_rows, self.heads, self.numerics, row_mask=sig.text_mask)
+        return Selection(keep=priortr_select(scores, k, self.numerics))

@@ -1,0 +1,127 @@
+"""CLSE (baselines/clse.py): the spectral score, the evolution factor and the schedule on worked inputs, then the
+first stage on the tiny LLaVA against an independent numpy computation from the stock eager model's own tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch, slice_batch
+
+from baselines.clse import CLSE, clse_scores, evolution_factor, spectral_score, stage_counts
+from llava.method import get_method
+from llava.models import load
+
+
+def test_high_pass_removes_the_mean_and_keeps_the_checkerboard():
+    # 4 x 4 grid, sigma = min(2, 2) * 0.1 = 0.2. A constant image is pure DC (the centre of the shifted spectrum,
+    # where H = 0): no energy. The checkerboard (-1)^(i+j) is the Nyquist frequency, shifted to (0, 0) at distance
+    # sqrt(8) from the centre: H = 1 - exp(-8 / 0.08) = 1 - e^-100, so |x| passes: energy 1 per token and channel.
+    i, j = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    board = ((-1.0) ** (i + j)).reshape(16, 1)
+    x = torch.cat([3 + board, -2 + 2 * board], dim=1)  # (16, 2): channel means of |.| = (1 + 2) / 2
+    assert torch.allclose(spectral_score(torch.full((16, 3), 5.0), 4, 4), torch.zeros(16), atol=1e-5)
+    assert torch.allclose(spectral_score(x, 4, 4), torch.full((16,), 1.5), atol=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        spectral_score(torch.zeros(15, 2), 4, 4)
+
+
+def test_evolution_factor_worked_example():
+    # s_L = 1, s_K = [1, 1, 2, 3]: r = |s_K - s_L| / (1 + 1 + 1e-6) = [0, 0, .5, 1] / 2 = [0, 0, .25, .5];
+    # mean .1875, unbiased std sqrt(.171875 / 3) = .239357; z = (r - mean) / std / .1 = [-7.833, -7.833, 2.611, 13.056]
+    e = evolution_factor(torch.ones(4), torch.tensor([1.0, 1.0, 2.0, 3.0]))
+    r = [0.0, 0.0, 0.5 / (2 + 1e-6), 1.0 / (2 + 1e-6)]
+    m = sum(r) / 4
+    sd = math.sqrt(sum((v - m) ** 2 for v in r) / 3)
+    want = [1 / (1 + math.exp(-((v - m) / (sd + 1e-6)) / 0.1)) for v in r]
+    assert torch.allclose(e, torch.tensor(want), atol=1e-6)
+    assert e[0] < 1e-3 and e[3] > 0.9999  # the tokens whose energy moved most win
+    # r is clamped at 1: a token whose energy jumps tenfold counts as much as one that doubles relative to its base
+    e2 = evolution_factor(torch.ones(3), torch.tensor([1.0, 5.0, 50.0]))
+    assert torch.allclose(e2[1], e2[2])
+
+
+def test_stage_one_weights_attention_by_the_evolution_and_later_stages_do_not():
+    # 4 visual tokens on a 2 x 2 grid (every non-DC frequency passes: H = 1 - e^-50). The high pass leaves each
+    # token's deviation from the grid mean, so s = channel mean of |x - mean|.
+    #   z_L rows [1, 0], [0, 1], [1, 1], [.5, .5] (mean [.625, .625]): s_L = [.5, .5, .375, .125]
+    #   z_K: visual 2 -> [-.5, 2.5], visual 3 -> [2, -1] (same mean): s_K = [.5, .5, 1.5, 1.5]
+    #   r = min(|s_K - s_L| / (.375 + s_L), 1) = [0, 0, 1, 1]; z = (r - .5) / .57735 / .1 = [-8.66, -8.66, 8.66, 8.66]
+    #   e = sigmoid(z) = [1.7331e-4, 1.7331e-4, .99983, .99983]
+    # The attention alone ranks visual 0 first (.4); stage 1 keeps 2 (.2 e) then 3 (.1 e).
+    row = torch.tensor([[0.1, 0.4, 0.2, 0.2, 0.1], [0.1, 0.4, 0.2, 0.2, 0.1]])  # (H=2, S=5), visual = 1..4
+    vis = torch.tensor([1, 2, 3, 4])
+    z_l = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    z_k = z_l.clone()
+    z_k[2], z_k[3] = torch.tensor([-0.5, 2.5]), torch.tensor([2.0, -1.0])
+    attn = clse_scores(row, vis)  # stages 2 and 3: the attention alone
+    assert torch.allclose(attn, torch.tensor([0.4, 0.2, 0.2, 0.1]))
+    z = 0.5 / math.sqrt(1 / 3) / 0.1
+    e_want = torch.tensor([1 / (1 + math.exp(z)), 1 / (1 + math.exp(z)), 1 / (1 + math.exp(-z)), 1 / (1 + math.exp(-z))])
+    e = clse_scores(row, vis, z_l, z_k, (2, 2), score="clse")
+    assert torch.allclose(e, e_want, atol=1e-5)
+    s1 = clse_scores(row, vis, z_l, z_k, (2, 2))
+    assert torch.allclose(s1, e * attn)
+    assert torch.topk(s1, 2).indices.tolist() == [2, 3] and torch.topk(attn, 1).indices.tolist() == [0]
+    assert torch.allclose(clse_scores(row, vis, z_l, z_k, (2, 2), score="attn"), attn)
+    assert clse_scores(row.half(), vis, numerics="official").dtype == torch.float16
+
+
+def test_schedule_options_and_refusals():
+    assert [stage_counts(b, 576) for b in (192, 128, 64)] == [(330, 210, 62), (220, 140, 41), (110, 70, 20)]
+    assert stage_counts(100, 576) == (172, 109, 32)  # floor(100 * (1.72, 1.09, 0.32))
+    assert stage_counts(192, 16) == (9, 5, 1)  # floor(16 * c / 576)
+    m = get_method("clse", 192)
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.llm_layers == (1, 11, 21)
+    counts = m.layer_counts(576)
+    assert counts[:2] == [576, 330] and counts[10:12] == [330, 210] and counts[20:22] == [210, 62]
+    # equivalent tokens of the official "192": (576 + 10 * 330 + 10 * 210 + 11 * 62) / 32 = 208.06
+    assert abs(sum(counts) / 32 - 208.0625) < 1e-9
+    m.setup(num_layers=4, num_vision_layers=3, family="llava")
+    assert m.llm_layers == (1, 2, 3) and m.layer_counts(16) == [16, 9, 5, 1]
+    assert not CLSE.supports("llava_next") and CLSE.supports("llava")
+    for bad in ({"score": "energy"}, {"numerics": "fp16"}, {"layer_list": (5, 3, 8)}, {"layer_list": (1, 2)}):
+        with pytest.raises(ValueError, match="clse"):
+            CLSE(192, **bad)
+    with pytest.raises(ValueError, match="budget is required"):
+        CLSE()
+
+
+def _np_spectral(x: np.ndarray, side: int) -> np.ndarray:
+    """An independent high-pass energy (numpy's FFT, the filter built from its definition)."""
+    feat = x.astype(np.float64).T.reshape(-1, side, side)
+    spec = np.fft.fftshift(np.fft.fft2(feat), axes=(-2, -1))
+    c = side // 2
+    yy, xx = np.mgrid[0:side, 0:side]
+    h = 1 - np.exp(-((yy - c) ** 2 + (xx - c) ** 2) / (2 * (c * 0.1) ** 2))
+    return np.abs(np.fft.ifft2(np.fft.ifftshift(spec * h, axes=(-2, -1)))).mean(0).reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return load("tiny:llava", seed=1, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_first_stage_against_the_eager_model(rt, eager):
+    """Stage 1 before layer K = 1 (1 of 32 -> 1 of 4): layer 0's last-row attention times the evolution factor of
+    the visual tokens between the inputs of layers 0 and 1, from the unpruned eager model's own outputs."""
+    one = slice_batch(make_batch(rt), 1, rt)
+    with torch.no_grad():
+        out = eager.model(**one, output_attentions=True, output_hidden_states=True)
+    ids = one["input_ids"][0]
+    vis = torch.nonzero(ids == rt.model.config.image_token_id).flatten()
+    side = math.isqrt(vis.numel())
+    attn = out.attentions[0][0][:, -1, vis].float().mean(0).numpy()
+    s_l = _np_spectral(out.hidden_states[0][0, vis].numpy(), side)
+    s_k = _np_spectral(out.hidden_states[1][0, vis].numpy(), side)
+    r = np.minimum(np.abs(s_k - s_l) / (s_l.mean() + s_l + 1e-6), 1)
+    e = 1 / (1 + np.exp(-((r - r.mean()) / (r.std(ddof=1) + 1e-6)) / 0.1))
+    score = torch.from_numpy(e * attn)
+    expected = torch.topk(score, 9).indices.sort().values
+    eng = rt.prune("clse", 192)
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, expected)
+    assert eng.stats.samples[0].visual_per_layer == [16, 9, 5, 1]

@@ -1,0 +1,136 @@
+"""PriorTR (baselines/priortr.py): the score and the choice on hand-built attention rows with worked-out values,
+then the method on the tiny models against the stock eager model's own attention of layer K-1."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_batch, slice_batch
+
+from baselines.priortr import PriorTR, priortr_scores, priortr_select
+from llava.method import get_method
+from llava.models import load
+
+# Attention rows over S = 6 tokens: 0 = prefix, 1..4 = visual, 5 = the null token's own column. T = 3 query rows:
+# the null token (the prior Q), a question token, the last prompt token. Two identical heads (the head mean is the row).
+#   visual columns:  null  [.1, .2, .3, .4]
+#                    q1    [.4, .3, .2, .1]
+#                    last  [.1, .1, .2, .6]
+# "question": P = mean of the 3 rows = [.2, .2, .7/3, 1.1/3] (sums to 1), Q = [.1, .2, .3, .4]
+#   S = P log(P / Q) = [.2 ln 2, 0, (.7/3) ln(.7/.9), (1.1/3) ln(1.1/1.2)] = [.13863, 0, -.05864, -.03190]
+#   -> order 0, 1, 3, 2. Raw attention (FastV's last row, or P itself) would keep 3 and 2 first.
+# "last": P = [.1, .1, .2, .6]: S = [0, .1 ln .5, .2 ln(2/3), .6 ln 1.5] = [0, -.06931, -.08109, .24328]
+#   -> order 3, 0, 1, 2.
+VIS = [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6]]
+
+
+def _rows(dtype=torch.float32):
+    r = torch.zeros(3, 6)
+    r[:, 1:5] = torch.tensor(VIS)
+    r[:, 0] = 0.5  # columns outside the visual ones never enter the score
+    return torch.stack([r, r]).to(dtype)  # (H=2, T=3, S=6)
+
+
+VISUAL = torch.tensor([1, 2, 3, 4])
+
+
+def test_scores_are_the_v_information_of_the_question_against_the_null_token():
+    s = priortr_scores(_rows(), VISUAL)
+    want = [0.2 * math.log(2), 0.0, 0.7 / 3 * math.log(0.7 / 0.9), 1.1 / 3 * math.log(1.1 / 1.2)]
+    assert s.dtype == torch.float32
+    assert torch.allclose(s, torch.tensor(want), atol=1e-6)
+    assert priortr_select(s, 2).tolist() == [0, 1]
+    assert priortr_select(s, 3).tolist() == [0, 1, 3]
+    assert priortr_select(s, 9).tolist() == [0, 1, 2, 3] and priortr_select(s, 0).tolist() == []
+    last = priortr_scores(_rows(), VISUAL, queries="last")
+    want = [0.0, 0.1 * math.log(0.5), 0.2 * math.log(2 / 3), 0.6 * math.log(1.5)]
+    assert torch.allclose(last, torch.tensor(want), atol=1e-6)
+    assert priortr_select(last, 2).tolist() == [0, 3]
+
+
+def test_heads_max_and_the_prior_matters():
+    rows = _rows()
+    rows[1, :, 1:5] = torch.tensor([0.7, 0.1, 0.1, 0.1])  # head 1: every row on visual 0
+    # max over heads: null [.7, .2, .3, .4] (sum 1.6), P = max([.2, .2, .2333, .3667], [.7, .1, .1, .1]) = [.7, .2, .2333, .3667]
+    # (sum 1.5): P/Q ratios (after each normalisation) .7/1.5 / (.7/1.6) = 1.0667, .2/1.5 / (.2/1.6) = 1.0667,
+    # .2333/1.5 / (.3/1.6) = .8296, .3667/1.5 / (.4/1.6) = .9778 -> S > 0 for visual 0 and 1, order 0, 1, 3, 2
+    s = priortr_scores(rows, VISUAL, heads="max")
+    assert priortr_select(s, 2).tolist() == [0, 1]
+    assert priortr_select(s, 3).tolist() == [0, 1, 3]
+    # without the prior (Q uniform) the question's attention alone decides: visual 3 and 2 lead the last row
+    flat = _rows()
+    flat[:, 0, 1:5] = 0.25
+    assert priortr_select(priortr_scores(flat, VISUAL, queries="last"), 2).tolist() == [2, 3]
+
+
+def test_padded_rows_give_the_same_scores():
+    """The fast path's padded text block (pad rows repeat row 0, the null token) with its mask == the real rows."""
+    rows = _rows()
+    pad = torch.cat([rows, rows[:, :1], rows[:, :1]], dim=1)  # (H, 5, S): 2 pad rows at the end
+    mask = torch.tensor([True, True, True, False, False])
+    for q in ("question", "last"):
+        assert torch.allclose(priortr_scores(pad, VISUAL, q, row_mask=mask), priortr_scores(rows, VISUAL, q), atol=1e-7)
+
+
+def test_reference_mode_scores_in_the_attention_dtype():
+    s = priortr_scores(_rows(torch.float16), VISUAL, numerics="official")
+    assert s.dtype == torch.float16
+    assert priortr_select(s, 2, "official").tolist() == [0, 1]
+    ours = priortr_scores(_rows(torch.float16), VISUAL)  # ours: fp32 whatever the rows' dtype
+    assert ours.dtype == torch.float32
+    assert torch.allclose(s.float(), ours, atol=2e-3)
+
+
+def test_options_counts_and_refusals():
+    m = get_method("priortr")
+    assert (m.layer, m.keep_tokens, m.queries, m.heads, m.position_mode) == (3, None, "auto", "mean", "keep")
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.llm_layers == (3,) and m.query_rows == "question"
+    assert m.kept_count(576) == 192  # 1/3 of 576
+    m.setup(num_layers=32, num_vision_layers=24, family="llava_next")
+    assert m.query_rows == "last"  # the official auto rule on LLaVA-1.6
+    m = PriorTR(keep_tokens=64)
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.kept_count(576) == 64 and m.kept_count(40) == 40
+    assert m.layer_counts(576) == [576] * 3 + [64] * 29
+    m = PriorTR(192)  # equivalent tokens: (32 * 192 - 3 * 576) / 29 = 4416 / 29 = 152.3 -> 152
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.kept_count(576) == 152
+    m.setup(num_layers=4, num_vision_layers=3, family="llava")  # K = 3 of 32 -> 1 of 4 layers
+    assert m.llm_layers == (1,)
+    for bad in ({"keep_tokens": -1}, {"keep_tokens": 2.5}, {"queries": "all"}, {"heads": "sum"},
+                {"numerics": "fp16"}, {"layer": 0}, {"keep_ratio": 1.5}):
+        with pytest.raises(ValueError, match="priortr"):
+            PriorTR(**bad)
+    with pytest.raises(ValueError, match="either a budget"):
+        PriorTR(64, keep_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def eager():
+    """A stock eager-attention twin (same seed, same weights) whose attention maps are the reference."""
+    return load("tiny:llava", seed=1, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
+@pytest.mark.parametrize("queries", ["question", "last"])
+def test_selection_uses_layer_k_minus_1_rows_of_the_null_token_and_the_question(rt, eager, queries):
+    """Independent reference: the unpruned eager model's attention of layer K-1 = 0 (K = 3 of 32 -> 1 of 4), the
+    null token = the first token after the image, the rows from it to the end of the prompt."""
+    one = slice_batch(make_batch(rt), 1, rt)
+    with torch.no_grad():
+        att = eager.model(**one, output_attentions=True).attentions[0][0].float()  # (H, S, S)
+    ids = one["input_ids"][0]
+    vis = torch.nonzero(ids == rt.model.config.image_token_id).flatten()
+    null = int(vis[-1]) + 1
+    a = att[:, null:, vis]
+    q = a[:, 0].mean(0)
+    p = a.mean(1).mean(0) if queries == "question" else a[:, -1].mean(0)
+    p, q = p / p.sum(), q / q.sum()
+    s = p * torch.log(p / q)
+    expected = torch.topk(s, 6).indices.sort().values
+    eng = rt.prune("priortr", None, keep_tokens=6, queries=queries)
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, expected)
+    assert eng.stats.samples[0].visual_per_layer == [16, 6, 6, 6]
