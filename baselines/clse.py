@@ -127,6 +127,9 @@ class CLSE(Method):
             "temperature": 0.1,
             # map layer_list from 32 layers onto the model's depth (llava.ops.scale_layers)
             "scale_layers": True,
+            # the KV caches of the layers before a stage: "kept" (ours: each layer's as it saw the prompt) or
+            # "pruned" (official: the dropped rows removed too, so decoding sees the kept tokens alone; eager only)
+            "caches": "kept",
             # "ours" (fp32 attention, ties to the lower index) or "official" (reference mode)
             "numerics": "ours",
         }
@@ -136,11 +139,17 @@ class CLSE(Method):
         if self.budget is None:
             raise ValueError("clse: a budget is required (the official RETAIN_TOKEN: 192, 128 or 64)")
         check_numerics("clse", self.numerics)
+        if self.caches not in ("kept", "pruned"):
+            raise ValueError(f"clse: caches must be 'kept' or 'pruned', got {self.caches!r}")
         if self.score not in SCORES:
             raise ValueError(f"clse: score must be one of {SCORES}, got {self.score!r}")
         self.layer_list = tuple(int(k) for k in self.layer_list)
         if len(self.layer_list) != 3 or list(self.layer_list) != sorted(set(self.layer_list)) or self.layer_list[0] < 1:
             raise ValueError(f"clse: layer_list must be three increasing layers >= 1, got {self.layer_list}")
+
+    @property
+    def prune_past_cache(self) -> bool:
+        return self.caches == "pruned"
 
     @property
     def llm_layers(self):

@@ -133,6 +133,9 @@ class PriorTR(Method):
             "heads": "mean",
             # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
             "scale_layers": True,
+            # the KV caches of the layers before a stage: "kept" (ours: each layer's as it saw the prompt) or
+            # "pruned" (official: the dropped rows removed too, so decoding sees the kept tokens alone; eager only)
+            "caches": "kept",
             # "ours" (fp32 attention and score, ties to the lower index) or "official" (reference mode)
             "numerics": "ours",
         }
@@ -142,6 +145,8 @@ class PriorTR(Method):
             raise ValueError("priortr: give either a budget (equivalent tokens) or keep_tokens, not both")
         super().__init__(budget, **options)
         check_numerics("priortr", self.numerics)
+        if self.caches not in ("kept", "pruned"):
+            raise ValueError(f"priortr: caches must be 'kept' or 'pruned', got {self.caches!r}")
         if int(self.layer) < 1:
             raise ValueError(f"priortr: layer must be >= 1, got {self.layer}")
         if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 0
@@ -158,6 +163,10 @@ class PriorTR(Method):
     def k_layer(self) -> int:
         n = getattr(self, "num_layers", 32)
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
+
+    @property
+    def prune_past_cache(self) -> bool:
+        return self.caches == "pruned"
 
     @property
     def llm_layers(self):

@@ -276,6 +276,11 @@ class Method:
     #: The llm stages take a gradient inside the prefill (``LLMSignals.grad_saliency``, TRIO): refused at attach on
     #: a tensor-parallel (AutoTP-sharded) model, whose all-reduce linears have no backward.
     llm_grad: ClassVar[bool] = False
+    #: An llm stage also removes the dropped rows from the KV caches of the layers that ran before it (the official
+    #: codes of PriorTR and CLSE), so that decoding attends to the kept visual tokens alone in every layer; False: each
+    #: layer's cache holds the prompt as that layer saw it (FastV's in-place code, every other in-LLM method here).
+    #: The eager engine's dynamic cache only (the fast path refuses it, as do static caches and linear layers).
+    prune_past_cache: bool = False
 
     @property
     def probe_layers(self) -> tuple[int, ...]:
@@ -345,6 +350,8 @@ class Method:
             return self.capture_reason or f"{self.name} is not capturable"
         if getattr(self, "numerics", "ours") == "official":
             return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
+        if self.prune_past_cache:
+            return f"{self.name}: pruning the earlier layers' caches runs on the eager engine"
         if self.vision_attention_logits != "fp32" or self.vision_received_patch_layers or \
                 self.vision_global_attention_layers:
             return f"{self.name}: the official tower attention arithmetic runs on the eager engine"

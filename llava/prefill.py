@@ -5,6 +5,7 @@ importing the engine that imports them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .stats import _PhaseClock
 
@@ -21,3 +22,4 @@ class _Prefill:
     entry: list | None = None  # per sample: (visual tokens', text-after tokens') inputs to layer 0
     llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
     clock: _PhaseClock | None = None  # the phase clock of this prefill's timings
+    stage_rows: Any = None  # (B, L') the last llm stage's source row per output row (earlier-cache pruning)

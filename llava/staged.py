@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from transformers.cache_utils import DynamicLayer
+
 from .attention_rows import llm_attention_fns
 from .families.base import to_device as _to_device
 from .layout import _Layout, _runs, decoder_masks, first_full_layer
@@ -77,10 +79,15 @@ class StagedDecoderMixin:
                 ctx.clock.mark("stage_start")
                 if ds is not None and a >= ds["rows"].shape[1]:
                     ds = None  # every DeepStack level was added before this stage
+                past = bool(getattr(self.method, "prune_past_cache", False)) and cache is not None
                 h, mask, pos, layouts, origin, entry, dropped, ds = self._llm_stage(
-                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry, ds)
+                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry, ds, rows=past)
                 if self._reindex:
                     shift = shift + dropped
+                if past:  # the layers before the stage keep the kept rows only: every segment now has this layout
+                    _gather_past(cache, a, ctx.stage_rows)
+                    segments = [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments]
+                    self._state.cache_drop = L - h.shape[1]
                 ctx.clock.mark("stage_end")
             segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
@@ -100,12 +107,15 @@ class StagedDecoderMixin:
         self._state.segments = segments
         return lm.norm(h), seq_lens, per_layer
 
-    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry, ds=None):
+    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry, ds=None,
+                   rows=False):
+        """One llm stage on the padded batch. ``rows``: also leave on ``ctx.stage_rows`` (B, L') the row of ``h``
+        each output row came from (a merged token: its target's; padding: row 0), for ``_gather_past``."""
         B, L, D = h.shape
         dev = h.device
         spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
         moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
-        outs = []
+        outs, olds = [], []
         deep_in = ds["rows"].split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
         deep_out = []
         for b, lay in enumerate(layouts):
@@ -129,6 +139,7 @@ class StagedDecoderMixin:
                 vx, src = vx[perm], src[perm]
             vp = p[..., vis[src]]  # a merged token takes its target's position
             outs.append((r, x, p, vx, vp, src))
+            olds.append((real, vis))
         new_L = max(r["n"] for r, *_ in outs)
         h2 = h.new_zeros(B, new_L, D)
         p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
@@ -144,6 +155,7 @@ class StagedDecoderMixin:
         moved = _to_device([t for r, *_ in outs for t in (r["text_src"], r["text_dst"])]
                            + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
         new_org, new_ent = [], []
+        src_rows = torch.zeros(B, new_L, dtype=torch.long, device=dev) if rows else None
         for b, (r, x, p, vx, vp, src) in enumerate(outs):
             pad = new_L - r["n"]
             ts, td = moved[2 * b], moved[2 * b + 1]
@@ -152,10 +164,15 @@ class StagedDecoderMixin:
             h2[b, pad + vd] = vx
             p2[..., b, pad + td] = p[..., ts]
             p2[..., b, pad + vd] = vp
+            if rows:
+                real, vis = olds[b]
+                src_rows[b, pad + td] = real[ts]
+                src_rows[b, pad + vd] = real[vis[src]]
             if self._reindex:
                 p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
             new_org.append(origin[b][src])
             new_ent.append(entry[b][src])
+        ctx.stage_rows = src_rows
         if deep_in is not None:
             at = torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, (r, *_) in enumerate(outs)])
             ds = _deepstack(torch.cat(deep_out), _to_device([at], dev)[0], B, new_L)
@@ -246,7 +263,7 @@ class StagedDecoderMixin:
         if full is None:
             raise ValueError("a decode step without position ids on a hybrid model whose first llm stage comes before "
                              "any attention layer: pass position_ids (generate() does)")
-        return cache.get_seq_length(full)
+        return cache.get_seq_length(full) + self._state.cache_drop
 
     @staticmethod
     def _gen_ones(cache, layer, B, q, prompt_len, device):
@@ -254,3 +271,18 @@ class StagedDecoderMixin:
         ``layer``'s cache will be after this step (its length + q) minus its prompt part."""
         kv_len, _ = cache.get_mask_sizes(q, layer)
         return torch.ones(B, kv_len - prompt_len, dtype=torch.long, device=device)
+
+
+def _gather_past(cache, upto: int, rows: torch.Tensor) -> None:
+    """Keep in the caches of decoder layers 0..upto-1 only the rows an llm stage kept (``rows`` (B, L'): the old row
+    of each new one), as the official codes of PriorTR and CLSE do (``Method.prune_past_cache``): a decode step
+    then attends to the kept tokens alone in every layer. Dynamic caches of attention layers only."""
+    for i in range(upto):
+        layer = cache.layers[i]
+        if not isinstance(layer, DynamicLayer) or not getattr(layer, "is_initialized", True):
+            raise ValueError(f"pruning the earlier layers' caches needs a dynamic cache of attention layers; decoder "
+                             f"layer {i} has a {type(layer).__name__} (a static cache, or a linear-attention layer)")
+        k = layer.keys
+        idx = rows[:, None, :, None].expand(k.shape[0], k.shape[1], rows.shape[1], k.shape[3])
+        layer.keys = k.gather(2, idx)
+        layer.values = layer.values.gather(2, idx)

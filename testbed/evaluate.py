@@ -14,7 +14,7 @@ against the one-word answer.
 Budgets are each method's own (its paper's) convention: tokens per image entering the LLM for the
 pre-LLM methods (random, VisionZip, FasterVLM, DivPrune, ConsensusDrop), the total for AttnMix (AdaV),
 the average over the LLM's layers for FastV and VisionDrop, the tokens kept after the pruning layer
-for DART, and budgets stated for LLaVA-1.5's 576 tokens for PyramidDrop, SparseVLM and TRIO (see
+for DART, and budgets stated for LLaVA-1.5's 576 tokens for PyramidDrop, SparseVLM, TRIO and CLSE (see
 ``BUDGETS_576``). On one single-crop image (64 candidate tokens here, 576 on LLaVA-1.5) per-image
 and total coincide; every result also records the visual tokens that actually entered the LLM and
 their average over the LLM's layers (the plot's x axis).
@@ -169,7 +169,8 @@ SEED_METHODS = ("consensusdrop", "visiondrop", "attnmix")
 #: layer averages cannot go below ~11 (PDrop geometric: ~21) of 64 tokens; the results record the
 #: measured averages and the plot uses them as x.
 BUDGETS_576 = {"pdrop": (64, 128, 192, 288), "sparsevlm": (64, 96, 128, 192),
-               "trio": (128, 192, 288, 400)}  # TRIO at 64/576 keeps no token after layer 1 of the 6 here
+               "trio": (128, 192, 288, 400),  # TRIO at 64/576 keeps no token after layer 1 of the 6 here
+               "clse": (64, 128, 192, 288)}  # the official RETAIN_TOKEN (192 / 128 / 64 its schedules)
 #: methods that cannot reach the default budgets: downsample's equal windows on the 8x8 grid reach 64 / 16 / 9 / 4 / 1
 BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16)}
 #: methods whose official mode chooses its own count (PruMerge's IQR outliers): run once without a budget,
