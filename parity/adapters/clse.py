@@ -1,0 +1,164 @@
+"""CLSE (ECCV 2026, arXiv 2606.24165): the authors' repository ``zjubinchen/CLSE``, its LLaVA-1.5 tree ``LLaVA1.5/``
+(``CLSELlamaModel`` in ``llava/model/language_model/clse_model.py`` is the LLaVA model's LLaMA; the scores in
+``tools.py``).
+
+- switch: the environment variables its scripts set, ``PRUNE=True RETAIN_TOKEN=B``, read when the model is built;
+  then on the tiny model the instance attributes the class sets in ``__init__``: ``K_list`` = **[1, 2, 3]** (the
+  official [1, 11, 21] of a 32-layer LLaMA mapped onto the 4-layer one as ``llava.ops.scale_layers`` maps it; both
+  sides score with layers 0 / 1 / 2's attention and prune before layers 1 / 2 / 3) and ``image_grid_thw`` =
+  (1, 8, 8) (the tiny tower's grid; the official (1, 24, 24) is CLIP-L/336's).
+- shim: ``CLSELlamaModel.forward`` compiled again from the clone's source with three literals replaced, each found
+  exactly once: the image's start ``35`` (the vicuna_v1 prompt's under LLaMA's tokenizer) by the placeholder's
+  position in each prompt, its end ``611`` (35 + 576) by start + the tower's 64 patches, and the schedules of 576
+  (``[330, 210, 62]``, ``[220, 140, 41]``, ``[110, 70, 20]``) by the same counts of the tiny 64 patches,
+  floor(64 * c / 576), as ours scales them. Nothing else of the official code is changed.
+- alone: the official code is batch-1 only (``[0]`` indexing, one fixed range): each image alone on both sides.
+- kept indices: per stage, the visual rows entering decoder layer K (a pre-hook reads their ``position_ids``, which
+  keep the original positions), as indices into the stage's candidates (the previous stage's kept rows), stages
+  ``"llm1"``, ``"llm2"``, ``"llm3"``.
+- ours: ``clse`` in its reference mode (``numerics="official"``) with ``layer_list`` (1, 2, 3) unscaled and
+  ``caches="pruned"`` (the official code gathers the caches of every earlier layer at each stage).
+"""
+
+from __future__ import annotations
+
+REPOSITORY = "zjubinchen/CLSE"
+COMMIT = "cfc9710abe4a1bd5480e521f3acd86ded4855ff3"
+ROOT = "LLaVA1.5"
+PACKAGES = ("llava",)
+INSTALLED = False
+OFFICIAL = {"alone": True}
+BUDGETS = (192, 128, 64)
+
+#: the official K_list on the 4-layer tiny LLaMA (``llava.ops.scale_layers([1, 11, 21], 4)``)
+LAYERS = (1, 2, 3)
+#: the tiny tower's patches and grid side
+PATCHES, SIDE = 64, 8
+#: the official schedules of 576 (clse_model.py 109-111) and the same for the tiny 64 patches, floor(64 * c / 576)
+OFFICIAL_LISTS = {192: "[330, 210, 62]", 128: "[220, 140, 41]", 64: "[110, 70, 20]"}
+TINY_LISTS = {192: (36, 23, 6), 128: (24, 15, 4), 64: (12, 7, 2)}
+
+
+def rewrite(src: str, pattern: str, replacement: str) -> str:
+    """``src`` with the one occurrence of ``pattern`` replaced (refuses to run when it is not there exactly once)."""
+    if src.count(pattern) != 1:
+        raise RuntimeError(f"clse: {pattern!r} occurs {src.count(pattern)} times in the official forward, not once")
+    return src.replace(pattern, replacement)
+
+
+# ---- the official side (runs in .venv-official) ----
+
+def before_load(method: dict) -> None:
+    import inspect
+    import os
+    import sys
+    import textwrap
+
+    from llava.model.language_model.clse_model import CLSELlamaModel
+
+    os.environ["PRUNE"] = "True"  # the scripts' switches, read in CLSELlamaModel.__init__
+    os.environ["RETAIN_TOKEN"] = str(int(method["budget"]))
+    # the worker calls this once per method of a job: always start from the clone's own forward
+    fn = CLSELlamaModel.__dict__.get("_parity_official_forward", CLSELlamaModel.forward)
+    CLSELlamaModel._parity_official_forward = fn
+    src = textwrap.dedent(inspect.getsource(fn))
+    src = rewrite(src, "image_start = 35", "image_start = self._parity_image_start")
+    src = rewrite(src, "current_image_end = 611", f"current_image_end = image_start + {PATCHES}")
+    for b, lst in OFFICIAL_LISTS.items():
+        src = rewrite(src, lst, str(list(TINY_LISTS[b])))
+    scope: dict = {}
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
+    CLSELlamaModel.forward = scope["forward"]
+    _rope_table_to_the_largest_position()
+
+
+def _rope_table_to_the_largest_position() -> None:
+    """The one change of CLSE's vendored ``transformers-4.37.2`` (``models/llama/modeling_llama.py`` 403, 508, 704):
+    each attention takes its RoPE table up to the largest position id + 1 instead of its key count, so that kept
+    tokens at their original positions (beyond the shortened sequence's length) find their rows. Applied here to
+    this environment's LLaMA attentions the same way (the forward compiled again with that literal replaced)."""
+    import inspect
+    import sys
+    import textwrap
+
+    from transformers.models.llama import modeling_llama as ml
+
+    for cls in (ml.LlamaAttention, ml.LlamaSdpaAttention):
+        fn = cls.__dict__.get("_parity_official_forward", cls.__dict__["forward"])
+        cls._parity_official_forward = fn
+        src = rewrite(textwrap.dedent(inspect.getsource(fn)), "seq_len=kv_seq_len)",
+                      "seq_len=position_ids.max().item() + 1)")
+        # compiled outside its class, a zero-argument super() has no __class__ cell: name the class (same call)
+        src = src.replace("super().forward(", f"super({cls.__name__}, self).forward(")
+        scope: dict = {}
+        exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
+        cls.forward = scope["forward"]
+
+
+def enable(model, method: dict) -> None:
+    inner = model.get_model()
+    if int(model.get_vision_tower().num_patches) != PATCHES:
+        raise ValueError(f"clse: the tiny tower has {model.get_vision_tower().num_patches} patches, not {PATCHES}")
+    inner.K_list = list(LAYERS)
+    inner.image_grid_thw = (1, SIDE, SIDE)
+    inner.retain_token = int(method["budget"])
+
+
+def inputs(model, tokenizer, cases, prompts, input_ids) -> dict:
+    if input_ids.shape[0] != 1:
+        raise ValueError("clse: the official code runs one sample at a time (OFFICIAL['alone'])")
+    row = [int(t) for t in input_ids[0]]
+    if row.count(-200) != 1:
+        raise ValueError("clse: one image placeholder expected")
+    model.get_model()._parity_image_start = row.index(-200)
+    return {}
+
+
+def record(model, store: list) -> list:
+    """Pre-hooks on decoder layers K: in the prefill their ``position_ids`` hold the kept rows' original positions."""
+    import torch
+
+    inner = model.get_model()
+    seen: dict = {}
+
+    def hook_for(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == 1 or layer in seen:
+                return
+            start = inner._parity_image_start
+            pos = kwargs["position_ids"][0]
+            vis = pos[(pos >= start) & (pos < start + PATCHES)] - start
+            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(PATCHES))
+            seen[layer] = vis
+            store.append((f"llm{layer}", torch.searchsorted(prev, vis)[None].cpu()))
+        return hook
+
+    class Handle:
+        def __init__(self, h):
+            self.h = h
+
+        def remove(self):
+            self.h.remove()
+            seen.clear()
+
+    # the worker's forward and generate() each run a prefill: the first one is recorded
+    return [Handle(inner.layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in LAYERS]
+
+
+# ---- our side ----
+
+def ours(budget: int) -> tuple[str, dict]:
+    return "clse", {"numerics": "official", "layer_list": LAYERS, "scale_layers": False, "caches": "pruned"}
+
+
+def record_ours(rt, store: list):
+    from ._ours import selections
+
+    def finish(n_samples: int) -> None:
+        for stage, layer in enumerate(LAYERS):
+            kept = selections(rt, stage, n_samples)
+            if kept is not None:
+                store.append((f"llm{layer}", kept))
+
+    return finish
