@@ -148,6 +148,12 @@ class CLSE(Method):
             raise ValueError(f"clse: layer_list must be three increasing layers >= 1, got {self.layer_list}")
 
     @property
+    def eager_layers(self) -> tuple[int, ...]:
+        """The reference mode runs each score layer K-1 on eager attention, as the official code (its
+        ``output_attentions=True`` there takes the eager path): its fp16 hidden states are the eager ones."""
+        return tuple(k - 1 for k in self.llm_layers) if self.numerics == "official" else ()
+
+    @property
     def prune_past_cache(self) -> bool:
         return self.caches == "pruned"
 

@@ -165,6 +165,12 @@ class PriorTR(Method):
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
 
     @property
+    def eager_layers(self) -> tuple[int, ...]:
+        """The reference mode runs each score layer K-1 on eager attention, as the official code (its
+        ``output_attentions=True`` there takes the eager path): its fp16 hidden states are the eager ones."""
+        return (self.k_layer - 1,) if self.numerics == "official" else ()
+
+    @property
     def prune_past_cache(self) -> bool:
         return self.caches == "pruned"
 

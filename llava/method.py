@@ -281,6 +281,10 @@ class Method:
     #: layer's cache holds the prompt as that layer saw it (FastV's in-place code, every other in-LLM method here).
     #: The eager engine's dynamic cache only (the fast path refuses it, as do static caches and linear layers).
     prune_past_cache: bool = False
+    #: Decoder layers whose prefill runs on transformers' eager attention instead of the model's (a reference mode's:
+    #: an official code that asks a layer for its attention map, ``output_attentions=True``, runs that layer on the
+    #: eager path, and its fp16 hidden states differ from SDPA's). Eager engine only; attention layers only.
+    eager_layers: tuple[int, ...] = ()
 
     @property
     def probe_layers(self) -> tuple[int, ...]:

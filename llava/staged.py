@@ -10,12 +10,12 @@ stage are re-laid out on the host with :mod:`llava.layout`'s ``_runs`` / ``_plac
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask
-
 from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import llm_attention_fns
 from .families.base import to_device as _to_device
@@ -67,6 +67,8 @@ class StagedDecoderMixin:
         ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
         ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
         bounds = [0, *self.llm_layers, n_layers]
+        # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
+        eager = set(getattr(self.method, "eager_layers", ()) or ())
         h = embeds
         prev_in = None
         segments: list[_Segment] = []
@@ -97,8 +99,11 @@ class StagedDecoderMixin:
                 prev_in = h
                 # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
                 # (FastV keeps original positions) as packed sequences
-                h = lm.layers[i](h, attention_mask=masks[i - a], position_embeddings=pe,
-                                 past_key_values=cache, use_cache=use_cache, **kwargs)
+                if i in eager:
+                    h = self._eager_layer(i, h, mask, cache, pos, pe, use_cache, **kwargs)
+                else:
+                    h = lm.layers[i](h, attention_mask=masks[i - a], position_embeddings=pe,
+                                     past_key_values=cache, use_cache=use_cache, **kwargs)
                 if ds is not None and i < ds["rows"].shape[1]:
                     h = _add_deepstack(h, ds, i)
                 seq_lens.append(h.shape[1])
@@ -106,6 +111,22 @@ class StagedDecoderMixin:
                     per_layer[b].append(counts[b])
         self._state.segments = segments
         return lm.norm(h), seq_lens, per_layer
+
+    def _eager_layer(self, i, h, mask, cache, pos, pe, use_cache, **kwargs):
+        """Decoder layer ``i`` on transformers' eager attention (q k^T scaled in the model's dtype, the softmax in
+        fp32 cast back, then · v), with its own eager causal mask: what an official code that asks that layer for
+        its attention map (``output_attentions=True``) runs (``Method.eager_layers``)."""
+        attn = self.lm.layers[i].self_attn
+        cfg = copy.copy(attn.config)
+        cfg._attn_implementation_internal = "eager"
+        m = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
+                               position_ids=self.adapter.mask_positions(pos), layer_idx=i)
+        old, attn.config = attn.config, cfg
+        try:
+            return self.lm.layers[i](h, attention_mask=m, position_embeddings=pe, past_key_values=cache,
+                                     use_cache=use_cache, **kwargs)
+        finally:
+            attn.config = old
 
     def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry, ds=None,
                    rows=False):

@@ -58,10 +58,21 @@ def our_run(built):
     return llava15.ours(info, "fp32", [_spec(info)], 8)
 
 
-def _checks(built, our_run, root: Path) -> list:
+def _checks(built, our_run, root: Path, dtype: str = "fp32") -> list:
     work, info = built
-    off = llava15.official(info, str(OFFICIAL_PY), "fp32", [_spec(info)], 8, work, str(root))
-    return llava15.compare(off, our_run, "fp32", 1e-5, 2)
+    off = llava15.official(info, str(OFFICIAL_PY), dtype, [_spec(info)], 8, work, str(root))
+    return llava15.compare(off, our_run, dtype, 1e-5, 2)
+
+
+@needs_official
+@needs_clone
+def test_fp16_agrees_bit_for_bit(built):
+    """fp16 (the official load's precision): the reference mode's score layers on eager attention, as the official
+    code's, so the logits are bit-identical (they were 1e-2 apart on SDPA: docs/parity.md)."""
+    work, info = built
+    checks = _checks(built, llava15.ours(info, "fp16", [_spec(info)], 8), ROOT, "fp16")
+    assert len(checks) == 4 and all(c.ok for c in checks), [(c.case, c.detail) for c in checks if not c.ok]
+    assert all("logits max abs diff 0.00e+00" in c.detail for c in checks), [c.detail for c in checks]
 
 
 @needs_official

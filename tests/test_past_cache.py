@@ -109,3 +109,34 @@ def test_the_fast_path_refuses_it_with_the_reason():
     eng = fast.prune("priortr", 8, caches="pruned")
     assert eng.fast.refusal == "priortr: pruning the earlier layers' caches runs on the eager engine"
     assert fast.prune("priortr", 8).fast.refusal is None
+
+
+@pytest.mark.parametrize("method,budget,opts,layers", [("priortr", None, {"keep_tokens": 6}, [0]),
+                                                       ("clse", 192, {}, [0, 1, 2])])
+def test_the_reference_mode_runs_the_score_layers_on_eager_attention(rts, monkeypatch, method, budget, opts, layers):
+    """``Method.eager_layers``: in the reference mode the prefill runs each score layer K-1 on transformers' eager
+    attention (the official codes' output_attentions=True path), every other layer and every decode step on the
+    model's own (SDPA); the layer's configuration is the model's again afterwards."""
+    from transformers.models.llama import modeling_llama as ml
+
+    rt, _ = rts
+    calls = []
+    inner = ml.eager_attention_forward
+
+    def spy(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return inner(module, *args, **kwargs)
+
+    monkeypatch.setattr(ml, "eager_attention_forward", spy)
+    one = _one(rt)
+    rt.prune(method, budget, numerics="official", **opts)
+    with torch.no_grad():
+        rt.model.generate(**one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert calls == layers  # the prefill's score layers only, once each
+    lm = rt.model.model.language_model
+    assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in lm.layers)
+    calls.clear()
+    rt.prune(method, budget, **opts)  # ours: the model's attention everywhere
+    with torch.no_grad():
+        rt.model.generate(**one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert calls == []
