@@ -3,10 +3,11 @@
 # time (--dist loadfile: a file's module fixtures are built once). PYTEST_WORKERS=0 runs it in one process (e.g. with
 # -k on a few tests); PYTEST_WORKERS=N sets the count. Much of the suite is the fast path's compiles
 # (tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own with every case traced) and the
-# harness's end-to-end scripts (subprocesses), and tests/test_slurm.py (a real local Slurm: about 7 min of one
-# worker). Measured 2026-11-25 on this project's 2-core CPU machine before the Slurm tests: 4471 passed, 304 skipped in
-# 20:05 (36 min of CPU; serially about twice that); a later full run that day (4797 passed) shared the 2 cores with
-# other work and took 1:29, so it says nothing about the time alone.
+# harness's end-to-end scripts (subprocesses), and tests/test_slurm.py (a real local Slurm: a few minutes of one
+# worker). Measured 2026-11-26 on this project's 2-core CPU machine, alone, without .venv-official (as CI): 4974
+# passed, 502 skipped in 17:22 (30 min of CPU). A run that once took 1:29 was not slow but hung: a test left a
+# launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
+# every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
