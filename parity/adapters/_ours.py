@@ -51,6 +51,20 @@ def selections(rt, stage, n_samples: int, field: str = "keep") -> torch.Tensor |
     return torch.stack([getattr(r, field).flatten().sort().values.cpu() for r in rows])
 
 
+def llm_stage_recorder(rt, store: list):
+    """``record_ours`` of an in-LLM method: after the prefill, each llm stage's selection as ``("llm<K>", (samples,
+    kept))``, K the decoder layer the stage prunes before (the attached method's ``llm_layers``)."""
+    layers = rt.engine.method.llm_layers
+
+    def finish(n_samples: int) -> None:
+        for stage, layer in enumerate(layers):
+            kept = selections(rt, stage, n_samples)
+            if kept is not None:
+                store.append((f"llm{layer}", kept))
+
+    return finish
+
+
 def fixed_grid(rt) -> None:
     """VisPruner's and CDPruner's forks fix every LLaVA-NeXT image's grid at 2 x 2 crops: our model's and processor's
     pinpoints set to that one resolution of this tower (no pair to reverse)."""

@@ -42,57 +42,48 @@ TINY_LISTS = {192: (36, 23, 6), 128: (24, 15, 4), 64: (12, 7, 2)}
 def rewrite(src: str, pattern: str, replacement: str) -> str:
     """``src`` with the one occurrence of ``pattern`` replaced (refuses to run when it is not there exactly once)."""
     if src.count(pattern) != 1:
-        raise RuntimeError(f"clse: {pattern!r} occurs {src.count(pattern)} times in the official forward, not once")
+        raise RuntimeError(f"clse: {pattern!r} occurs {src.count(pattern)} times in the forward, not once")
     return src.replace(pattern, replacement)
+
+
+def recompile_forward(cls, edits: list[tuple[str, str]]) -> None:
+    """``cls.forward`` compiled again from its own source (the clone's, or this environment's transformers) with each
+    ``(pattern, replacement)`` applied once (``rewrite``), in its module's globals. The worker calls ``before_load``
+    once per method of a job: the official forward is kept aside and every call starts from it."""
+    import inspect
+    import sys
+    import textwrap
+
+    fn = cls.__dict__.get("_parity_official_forward", cls.__dict__["forward"])
+    cls._parity_official_forward = fn
+    src = textwrap.dedent(inspect.getsource(fn))
+    for pattern, replacement in edits:
+        src = rewrite(src, pattern, replacement)
+    # compiled outside its class, a zero-argument super() has no __class__ cell: name the class (same call)
+    src = src.replace("super().forward(", f"super({cls.__name__}, self).forward(")
+    scope: dict = {}
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
+    cls.forward = scope["forward"]
 
 
 # ---- the official side (runs in .venv-official) ----
 
 def before_load(method: dict) -> None:
-    import inspect
     import os
-    import sys
-    import textwrap
 
     from llava.model.language_model.clse_model import CLSELlamaModel
+    from transformers.models.llama import modeling_llama as ml
 
     os.environ["PRUNE"] = "True"  # the scripts' switches, read in CLSELlamaModel.__init__
     os.environ["RETAIN_TOKEN"] = str(int(method["budget"]))
-    # the worker calls this once per method of a job: always start from the clone's own forward
-    fn = CLSELlamaModel.__dict__.get("_parity_official_forward", CLSELlamaModel.forward)
-    CLSELlamaModel._parity_official_forward = fn
-    src = textwrap.dedent(inspect.getsource(fn))
-    src = rewrite(src, "image_start = 35", "image_start = self._parity_image_start")
-    src = rewrite(src, "current_image_end = 611", f"current_image_end = image_start + {PATCHES}")
-    for b, lst in OFFICIAL_LISTS.items():
-        src = rewrite(src, lst, str(list(TINY_LISTS[b])))
-    scope: dict = {}
-    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
-    CLSELlamaModel.forward = scope["forward"]
-    _rope_table_to_the_largest_position()
-
-
-def _rope_table_to_the_largest_position() -> None:
-    """The one change of CLSE's vendored ``transformers-4.37.2`` (``models/llama/modeling_llama.py`` 403, 508, 704):
-    each attention takes its RoPE table up to the largest position id + 1 instead of its key count, so that kept
-    tokens at their original positions (beyond the shortened sequence's length) find their rows. Applied here to
-    this environment's LLaMA attentions the same way (the forward compiled again with that literal replaced)."""
-    import inspect
-    import sys
-    import textwrap
-
-    from transformers.models.llama import modeling_llama as ml
-
+    recompile_forward(CLSELlamaModel, [("image_start = 35", "image_start = self._parity_image_start"),
+                                       ("current_image_end = 611", f"current_image_end = image_start + {PATCHES}"),
+                                       *[(lst, str(list(TINY_LISTS[b]))) for b, lst in OFFICIAL_LISTS.items()]])
+    # the one change of CLSE's vendored transformers-4.37.2 (models/llama/modeling_llama.py 403, 508, 704): each
+    # attention takes its RoPE table up to the largest position id + 1 instead of its key count, so that kept tokens
+    # at their original positions (beyond the shortened sequence's length) find their rows; the same change here
     for cls in (ml.LlamaAttention, ml.LlamaSdpaAttention):
-        fn = cls.__dict__.get("_parity_official_forward", cls.__dict__["forward"])
-        cls._parity_official_forward = fn
-        src = rewrite(textwrap.dedent(inspect.getsource(fn)), "seq_len=kv_seq_len)",
-                      "seq_len=position_ids.max().item() + 1)")
-        # compiled outside its class, a zero-argument super() has no __class__ cell: name the class (same call)
-        src = src.replace("super().forward(", f"super({cls.__name__}, self).forward(")
-        scope: dict = {}
-        exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
-        cls.forward = scope["forward"]
+        recompile_forward(cls, [("seq_len=kv_seq_len)", "seq_len=position_ids.max().item() + 1)")])
 
 
 def enable(model, method: dict) -> None:
@@ -153,12 +144,6 @@ def ours(budget: int) -> tuple[str, dict]:
 
 
 def record_ours(rt, store: list):
-    from ._ours import selections
+    from ._ours import llm_stage_recorder
 
-    def finish(n_samples: int) -> None:
-        for stage, layer in enumerate(LAYERS):
-            kept = selections(rt, stage, n_samples)
-            if kept is not None:
-                store.append((f"llm{layer}", kept))
-
-    return finish
+    return llm_stage_recorder(rt, store)

@@ -182,14 +182,6 @@ def ours(budget: int) -> tuple[str, dict]:
 
 
 def record_ours(rt, store: list):
-    from ._ours import selections
+    from ._ours import llm_stage_recorder
 
-    layers = rt.engine.method.llm_layers
-
-    def finish(n_samples: int) -> None:
-        for stage, layer in enumerate(layers):
-            kept = selections(rt, stage, n_samples)
-            if kept is not None:
-                store.append((f"llm{layer}", kept))
-
-    return finish
+    return llm_stage_recorder(rt, store)

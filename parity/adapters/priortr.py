@@ -103,11 +103,6 @@ def ours(budget: int) -> tuple[str, dict]:
 
 
 def record_ours(rt, store: list):
-    from ._ours import selections
+    from ._ours import llm_stage_recorder
 
-    def finish(n_samples: int) -> None:
-        kept = selections(rt, 0, n_samples)
-        if kept is not None:
-            store.append((STAGE, kept))
-
-    return finish
+    return llm_stage_recorder(rt, store)
