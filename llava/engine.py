@@ -81,9 +81,6 @@ class _State:
     # so a counter that changes per step would recompile the step every time (issue 34). The tokens decoded so
     # far are read from the cache (a tensor in a static cache) and the masks have the cache's fixed width.
     fast: Any = None  # the fast path's decode state (llava.fastpath.FastState) after a fast prefill
-    #: rows an llm stage removed from the caches of the layers before it (``Method.prune_past_cache``): layer 0's
-    #: cache is that much shorter than the prompt entering it, which the decode positions add back
-    cache_drop: int = 0
 
 
 class HybridRefusal(ValueError):

@@ -69,6 +69,7 @@ class StagedDecoderMixin:
         bounds = [0, *self.llm_layers, n_layers]
         # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
         eager = set(getattr(self.method, "eager_layers", ()) or ())
+        past = bool(getattr(self.method, "prune_past_cache", False)) and cache is not None
         h = embeds
         prev_in = None
         segments: list[_Segment] = []
@@ -81,7 +82,6 @@ class StagedDecoderMixin:
                 ctx.clock.mark("stage_start")
                 if ds is not None and a >= ds["rows"].shape[1]:
                     ds = None  # every DeepStack level was added before this stage
-                past = bool(getattr(self.method, "prune_past_cache", False)) and cache is not None
                 h, mask, pos, layouts, origin, entry, dropped, ds = self._llm_stage(
                     ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry, ds, rows=past)
                 if self._reindex:
@@ -89,7 +89,6 @@ class StagedDecoderMixin:
                 if past:  # the layers before the stage keep the kept rows only: every segment now has this layout
                     _gather_past(cache, a, ctx.stage_rows)
                     segments = [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments]
-                    self._state.cache_drop = L - h.shape[1]
                 ctx.clock.mark("stage_end")
             segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
@@ -284,7 +283,13 @@ class StagedDecoderMixin:
         if full is None:
             raise ValueError("a decode step without position ids on a hybrid model whose first llm stage comes before "
                              "any attention layer: pass position_ids (generate() does)")
-        return cache.get_seq_length(full) + self._state.cache_drop
+        # earlier-cache pruning (Method.prune_past_cache; eager engine, dynamic caches) left layer 0's cache as short as
+        # the first segment's prompt: add back the rows it dropped from the prompt that entered layer 0. Read only
+        # then: a compiled decode step (static cache) must not read the prompt's length
+        drop = 0
+        if segs and getattr(self.method, "prune_past_cache", False):
+            drop = self._state.llm_len - segs[0].mask.shape[1]
+        return cache.get_seq_length(full) + drop
 
     @staticmethod
     def _gen_ones(cache, layer, B, q, prompt_len, device):

@@ -90,6 +90,14 @@ def test_a_decode_step_equals_the_stock_model_on_the_gathered_caches(rts):
         want = ref.model.lm_head(h)[0, -1]
     assert torch.allclose(out.logits[1][0], want, atol=1e-5)
     assert not torch.allclose(out.logits[1][0], out_kept.logits[1][0], atol=1e-6)  # layer 0 sees fewer rows
+    # a decode call without positions (not generate()): the engine continues after the prompt's original length,
+    # although layer 0's cache now holds fewer rows
+    with torch.no_grad():
+        pre = rt.model(**one, use_cache=True)
+        assert pre.past_key_values.layers[0].keys.shape[2] == rows.numel() < L
+        step = rt.model(input_ids=t1.view(1, 1), attention_mask=torch.ones(1, L + 1, dtype=torch.long),
+                        past_key_values=pre.past_key_values, use_cache=True).logits[0, -1]
+    assert torch.allclose(step, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("method,budget,opts", [("priortr", None, {"keep_tokens": 6}), ("clse", 192, {})])
