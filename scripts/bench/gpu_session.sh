@@ -18,6 +18,10 @@
 #   bash scripts/bench/gpu_session.sh recheck    OUT   # what the last GPU session left: the fast path of PyramidDrop, SparseVLM
 #                                                       # and PruMerge on tiny LLaVA fp16 (fixed in 7fdb5e6), then the tiny
 #                                                       # checks it did not reach (InternVL, Qwen3.5; no fast path, no TTFT)
+#   bash scripts/bench/gpu_session.sh leaders    OUT   # the methods added since the last GPU check (MMTok, PriorTR, CLSE)
+#                                                       # and the staged engine they changed: tiny checks on every family,
+#                                                       # eager TTFT on shape:llava-1.5-7b, then the fast path on tiny LLaVA
+#                                                       # fp16 with the three fixed in 7fdb5e6 (PyramidDrop, SparseVLM, PruMerge)
 #   bash scripts/bench/gpu_session.sh testbed2   OUT   # train testbed v2 (issue 36; continues runs/testbed2-train on each
 #                                                       # call until DONE), then OUT/weights2.tar (fp16) + the training log
 #   bash scripts/bench/gpu_session.sh sweep2     OUT   # the v2 sweep (testbed.evaluate2, --resume) on runs/testbed2-weights
@@ -33,7 +37,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 mkdir -p "$DEST"
@@ -82,6 +86,15 @@ case "$PART" in
            python -m bench.gpu_check --families internvl qwen3.5 --no-fast --no-ttft --out "$DEST/recheck-tiny" \
              --time-limit "$((LIMIT * 3 / 5 - 20))" 2>&1 | tee "$DEST/recheck_tiny.log" | tail -30
            first_failure "$first" "$?" ;;
+  leaders) python -m bench.gpu_check --no-fast --no-ttft --methods none mmtok priortr clse pdrop fastv \
+             --out "$DEST/tiny" --time-limit "$((LIMIT * 7 / 20))" 2>&1 | tee "$DEST/tiny.log" | tail -25; first=$?
+           python -m bench.gpu_check --no-fast --methods none --families llava --dtypes float16 \
+             --ttft-methods none fastv pdrop cdpruner consensusdrop mmtok priortr clse --out "$DEST/ttft" \
+             --time-limit "$((LIMIT * 3 / 20))" 2>&1 | tee "$DEST/ttft.log" | tail -25; second=$?
+           python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge mmtok priortr clse \
+             --dtypes float16 --fast-dtypes float16 --no-fast-ttft --out "$DEST/fast" \
+             --time-limit "$((LIMIT * 9 / 20 - 20))" 2>&1 | tee "$DEST/fast.log" | tail -25
+           first_failure "$first" "$second" "$?" ;;
   fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
                 | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
   testbed2) LIMIT=$LIMIT bash scripts/train_testbed2.sh runs/testbed2-weights 2>&1 | tail -40  # the device tool returns
