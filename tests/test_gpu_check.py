@@ -84,19 +84,25 @@ def test_isolated_workers_and_ttft_table(tmp_path):
     """The worker-process path (the default on CUDA) and the TTFT table, on the tiny model."""
     cfg = gpu_check.CheckConfig(device="cpu", dtypes=["float32"], methods=["none", "random"], families=["llava"],
                                 new_tokens=2, ttft=True, ttft_model="tiny:llava", ttft_dtype="float32", ttft_budget=4,
-                                ttft_warmup=1, ttft_runs=2, fast=False, out=str(tmp_path))
+                                ttft_warmup=1, ttft_runs=2, ttft_device_warmup=0.2, fast=False, out=str(tmp_path))
     rep = gpu_check.run(cfg, "test", log=lambda s: None, isolate=True)
     assert rep["isolated"]
     none = next(r for r in rep["tiny"] if r["method"] == "none")
     assert none["error"] is None and none["verdicts"]["batch_alone"]["pass"]
     t = rep["ttft"]
-    assert [r["method"] for r in t["results"]] == ["none", "random"]
-    base = t["results"][0]
+    # the unpruned model first (the speed-ups' base), the methods, the unpruned model again last (the drift)
+    assert [(r["method"], r.get("again", 0)) for r in t["results"]] == [("none", 0), ("random", 0), ("none", 1)]
+    base, last = t["results"][0], t["results"][2]
     assert base["error"] is None and base["ttft"]["n"] == 2 and base["speedup"] == 1.0
     assert {"t_vision", "t_selection", "t_llm"} <= set(base)
     assert t["results"][1]["budget"] == 4
+    assert t["drift"] == pytest.approx(last["ttft"]["median"] / base["ttft"]["median"] - 1)
+    assert last["speedup"] == pytest.approx(1 / (1 + t["drift"]))
+    # the device warm-up ran unpruned prefills for at least its 0.2 s before the first timed row
+    assert t["device_warmup"]["prefills"] >= 1 and t["device_warmup"]["seconds"] >= 0.2
     _, md = _report(tmp_path)
     assert "## TTFT: tiny:llava, float32, batch 1" in md
+    assert "| none (again, last) |" in md and "Device warmed first with" in md
 
 
 def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_path, monkeypatch):

@@ -34,6 +34,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--ttft-methods", nargs="+", default=None, help="default: the methods checked above")
     ap.add_argument("--ttft-warmup", type=int, default=d.ttft_warmup)
     ap.add_argument("--ttft-runs", type=int, default=d.ttft_runs)
+    ap.add_argument("--ttft-device-warmup", type=float, default=d.ttft_device_warmup, metavar="SECONDS",
+                    help="unpruned prefills for this long before the first timed row; the unpruned model is also "
+                    "timed again after the last method, and the table reports the drift (default %(default)g)")
     ap.add_argument("--ttft-text-words", type=int, default=d.ttft_text_words)
     f = ap.add_argument_group("fast path (bench/gpu_check/fast.py)")
     f.add_argument("--fast", action=argparse.BooleanOptionalAction, default=d.fast,
@@ -95,7 +98,8 @@ def config_from_args(a, device: str) -> CheckConfig:
                       new_tokens=a.new_tokens, seed=a.seed, max_syncs_per_sample=a.max_syncs_per_sample, ttft=a.ttft,
                       ttft_model=a.ttft_model, ttft_dtype=ALIASES.get(a.ttft_dtype, a.ttft_dtype),
                       ttft_budget=a.ttft_budget, ttft_methods=a.ttft_methods or [], ttft_warmup=a.ttft_warmup,
-                      ttft_runs=a.ttft_runs, ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads,
+                      ttft_runs=a.ttft_runs, ttft_device_warmup=a.ttft_device_warmup,
+                      ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads,
                       time_limit=a.time_limit or None, time_reserve=a.time_reserve, tiny=not a.fast_only,
                       fast=a.fast or a.fast_only, fast_backend=a.fast_backend, fast_dtypes=fast_dtypes,
                       fast_prompts=a.fast_prompts, fast_tokens=a.fast_tokens, fast_ttft=a.fast_ttft and a.ttft,

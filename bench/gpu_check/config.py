@@ -89,6 +89,10 @@ class CheckConfig:
     ttft_budget: int = 64
     ttft_methods: list = field(default_factory=list)  # default: the methods above
     ttft_warmup: int = 3
+    # seconds of unpruned prefills before the first timed row (clocks up, allocator and kernels warm), and the
+    # unpruned model timed again after the last method: the first row is no longer the slowest by position alone,
+    # and the drift between the two unpruned rows says how far apart rows of the table can be trusted
+    ttft_device_warmup: float = 2.0
     ttft_runs: int = 10
     ttft_text_words: int = 12
     tiny: bool = True  # the tiny-model checks above (--fast-only: off)
@@ -147,7 +151,7 @@ def supported(method: str, family: str) -> bool:
 def task_key(t: dict) -> tuple:
     if t["kind"] == "fast_ttft":  # a fast-path timing row: model, dtype, method, total visual tokens
         return (t["kind"], t["model"], t["dtype"], t["method"], t.get("tokens"))
-    return (t["kind"], t.get("family"), t.get("dtype"), t["method"])
+    return (t["kind"], t.get("family"), t.get("dtype"), t["method"]) + ((t["again"],) if t.get("again") else ())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -226,18 +226,23 @@ def _tail_sections(report: dict, out: list[str]) -> str:
             out += [f"Random weights; budget {t['budget']} (each method's own convention), "
                     f"{t['warmup']} warm-up and {t['runs']} timed prefills (seeded random {t.get('image_px')} px images, "
                     f"{report['config']['ttft_text_words']}-word questions); model built in {t['build_seconds']} s"
-                    + (f"; peak {t['peak_gib']} GiB" if t.get("peak_gib") else "") + ".", "",
+                    + (f"; peak {t['peak_gib']} GiB" if t.get("peak_gib") else "") + "."
+                    + (f" Device warmed first with {t['device_warmup']['prefills']} unpruned prefills "
+                       f"({t['device_warmup']['seconds']} s)." if t.get("device_warmup") else "")
+                    + (f" The unpruned model timed again after the last method: {t['drift']:+.1%} against the first "
+                       "row; rows closer than that are not told apart." if t.get("drift") is not None else ""), "",
                     "| Method | Budget | Tokens in / layer avg | TTFT median (ms) | p90 | vision / selection / LLM (ms) "
                     "| Selection / unpruned TTFT | Speed-up |", "|---|---|---|---|---|---|---|---|"]
             for r in t["results"]:
+                name = r["method"] + (" (again, last)" if r.get("again") else "")
                 if r.get("not_run"):
-                    out.append(f"| {r['method']} | - | not run ({r['not_run']}) | | | | | |")
+                    out.append(f"| {name} | - | not run ({r['not_run']}) | | | | | |")
                     continue
                 if r.get("error"):
-                    out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` | | | | | |")
+                    out.append(f"| {name} | {_fmt(r['budget'], '')} | crash: `{_short(r['error'])}` | | | | | |")
                     continue
                 ms = lambda s: _fmt(s["median"] * 1e3 if s else None, ".2f")  # noqa: E731
-                out.append(f"| {r['method']} | {_fmt(r['budget'], '')} | {r['visual_entering_llm']:.0f} / "
+                out.append(f"| {name} | {_fmt(r['budget'], '')} | {r['visual_entering_llm']:.0f} / "
                            f"{r['visual_layer_avg']:.1f} | {ms(r['ttft'])} | {_fmt(r['ttft']['p90'] * 1e3, '.2f')} | "
                            f"{ms(r.get('t_vision'))} / {ms(r.get('t_selection'))} / {ms(r.get('t_llm'))} | "
                            f"{_fmt(r.get('selection_overhead'), '.1%')} | {_fmt(r.get('speedup'), '.2f')}x |")
