@@ -34,7 +34,7 @@ PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 say "installing torch 2.13.0 (as scripts/install.sh), then transformers 4.36.2 and the official code's runtime needs"
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" "torch==2.13.0" "transformers==4.36.2" "tokenizers==0.15.0" "accelerate>=1,<2" "numpy<2" \
-    pillow einops shortuuid sentencepiece protobuf "matplotlib==3.9.2"
+    pillow einops shortuuid sentencepiece protobuf "matplotlib==3.9.2" loguru
 say "installing llava-torch 1.2.2.post1 and flowcut 1.0.2 without their pins (--no-deps)"
 "${PIP[@]}" --no-deps "llava-torch==1.2.2.post1" "flowcut==1.0.2"
 

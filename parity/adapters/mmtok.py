@@ -1,0 +1,134 @@
+"""MMTok (ICLR 2026, arXiv 2508.18264): the authors' repository ``Ironieser/MMTok``, a package ``mmtok/`` that
+injects itself into a loaded LLaVA model (no LLaVA tree of its own: it runs on the installed official llava-torch,
+as FlowCut's and VisionZip's packages do).
+
+- switch: ``from mmtok import mmtok; model = mmtok(model, language_tokenizer=<the LLM's fast tokenizer>,
+  target_vision_tokens=T)``, as its lmms-eval wrapper does (``example/lmms_eval_llava_mmtok.py`` 150-156: the
+  tokenizer reloaded with ``AutoTokenizer.from_pretrained(pretrained, use_fast=True)`` when the builder's is slow,
+  which LLaVA's builder's is). ``mmtok()`` (``mmtok/llava/llava_inject.py`` 35-127) replaces the vision tower's
+  forward (CLIP layer -2 -> the projector -> the coverage greedy, ``clip_encoder_mmtok.py``), the model's
+  ``prepare_inputs_labels_for_multimodal`` and hooks ``conv_templates["vicuna_v1"].copy`` so that the user message
+  the prompt is built from reaches the tower: the worker builds every prompt with that template's ``copy()`` /
+  ``append_message``, so the question arrives by the official route, nothing injected.
+- the base codebase: the official install is LLaVA-VL/LLaVA-NeXT; here the package runs on llava-torch 1.2.2 (the
+  LLaVA-1.5 codebase of every other adapter). On LLaVA-1.5 MMTok replaces the two functions that differ between the
+  two (the tower's forward and ``prepare_inputs_labels_for_multimodal``) with its own; what remains of the base
+  (the LLaMA model of transformers, the CLIP tower's load, the projector, the ``vicuna_v1`` template) is the same
+  model code. One visible difference: llava-torch's ``forward`` passes ``image_sizes`` seventh, where MMTok's
+  function (LLaVA-VL's signature) has ``modalities``; its LLaVA-1.5 path reads neither.
+- one argument set explicitly: ``remove_padding_indices=False``. The official default turns the LLaVA-1.5
+  padding exclusion on when the checkpoint path contains ``llava-v1.5`` (``llava_inject.py`` 67-80), which the
+  tiny official folder's name does (``llava-v1.5-tiny``) and the ``llava-hf/llava-1.5-*-hf`` checkpoints users run
+  do not; our method does not implement it (docs/methods/mmtok.md). The exclusion would be inert here anyway: its
+  indices come from ``mmtok``'s patch of ``llava.mm_utils.process_images``, which the worker imported before the
+  patch; passing ``False`` makes that explicit instead of accidental.
+- the one shim: ``mmtok/core/mmtok_core.py`` 23-28 imports ``AutoModelForImageTextToText`` at module level (used
+  only by its Qwen path, absent from the LLaVA codebase's transformers 4.36.2: the official pin is 4.52.4 for
+  LLaVA-VL/LLaVA-NeXT); ``before_import`` gives that name a placeholder that refuses to be used. The LLaVA path
+  never touches it. And the tokenizer's pad token: ``_encode_text_with_token_pooling`` tokenises with
+  ``padding=True``, which refuses a tokenizer without one; LLaVA-1.5's released tokenizer names ``<unk>`` its pad
+  token, the tiny one names none, so ``enable`` sets it to ``<unk>`` (one sequence: no padding is added).
+- the tower's dtype: MMTok's tower forward casts CLIP's output to the *tower's* dtype before the projector
+  (``clip_encoder_mmtok.py`` 73-74), so it needs the tower in the projector's dtype: the LLaVA builder casts the
+  tower to fp16 whenever ``device_map`` is not ``'auto'`` (LLaVA-VL/LLaVA-NeXT ``builder.py`` 292-293; lmms-eval
+  passes ``cuda:0``), and with an fp32 tower beside an fp16 projector MMTok's forward stops with a dtype error. The
+  worker's CPU load leaves the tower in fp32, so in the fp16 run ``enable`` casts it to fp16 as that builder does,
+  and ours loads the tower in the LLM's fp16 (``OURS_LOAD["fp16"]``: ``vision_dtype=None``, as PruMerge's and
+  VisionTrim's adapters).
+- the dead loads: ``mmtok()`` loads ``CLIPVisionModelWithProjection``, ``CLIPTokenizerFast`` and
+  ``CLIPTextModelWithProjection`` from the tower's folder and never uses them in the selection; the tiny ``clip/``
+  folder holds a CLIP text tower (as for CDPruner), so they load as released. Nothing of the official code is
+  changed.
+- kept indices: what ``MMTokCore.select_vision_tokens`` returns per image (``mm_coverage_selection``'s picks,
+  sorted), stage ``"vision"``. Each image alone (``OFFICIAL["alone"]``): the official code is batch-1 (one question
+  per forward, read from the conversation hook).
+- ours: ``mmtok`` in its reference mode (``numerics="official"``: rows normalised in their own dtype, each unit's
+  greedy alone) with ``text="keywords_retokenized"`` (the question's keyword string re-tokenised word by word with
+  the LLM's fast tokenizer and embedded by the LLM's input embedding, the official ``_encode_text_with_token_pooling``),
+  the tokenizer and embedding table read from our tiny checkpoint (the same tokenizer and weights as the official
+  folder's).
+"""
+
+from __future__ import annotations
+
+REPOSITORY = "Ironieser/MMTok"
+COMMIT = "d1522cda0ac4470589446b5f220534d892db4c62"
+PACKAGES = ("mmtok",)
+INSTALLED = False
+OFFICIAL = {"alone": True}
+OURS_LOAD = {"fp16": {"vision_dtype": None}}
+
+
+# ---- the official side (runs in .venv-official) ----
+
+def before_import() -> None:
+    import transformers
+
+    if not hasattr(transformers, "AutoModelForImageTextToText"):  # 4.36.2: imported, unused by the LLaVA path
+        class AutoModelForImageTextToText:
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("parity shim: AutoModelForImageTextToText is not in transformers 4.36.2")
+
+            from_pretrained = classmethod(__init__)
+
+        transformers.AutoModelForImageTextToText = AutoModelForImageTextToText
+
+
+def enable(model, method: dict) -> None:
+    from transformers import AutoTokenizer
+
+    import torch
+
+    from mmtok import mmtok
+
+    if model.dtype == torch.float16:  # the builder's cast of the tower under lmms-eval's device_map (module doc)
+        model.get_vision_tower().to(dtype=torch.float16)
+    # the lmms-eval wrapper's fast tokenizer, from the checkpoint the model was loaded from
+    tok = AutoTokenizer.from_pretrained(model.config._name_or_path, use_fast=True)
+    if tok.pad_token is None:  # LLaVA-1.5's released tokenizer names <unk> its pad token; the tiny one names none
+        tok.pad_token = tok.unk_token
+    mmtok(model, language_tokenizer=tok, target_vision_tokens=int(method["budget"]), remove_padding_indices=False)
+
+
+class _Restore:
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def remove(self):
+        self.obj.__dict__.pop(self.name, None)
+
+
+def record(model, store: list) -> list:
+    import torch
+
+    core = model.get_vision_tower()._mmtok_core
+    fn = type(core).select_vision_tokens
+
+    def select_vision_tokens(*args, **kwargs):
+        tokens, indices = fn(core, *args, **kwargs)
+        store.append(("vision", torch.as_tensor(indices, dtype=torch.long).reshape(len(indices), -1).sort(-1)
+                      .values.cpu().clone()))
+        return tokens, indices
+
+    core.select_vision_tokens = select_vision_tokens
+    return [_Restore(core, "select_vision_tokens")]
+
+
+# ---- our side ----
+
+def ours(budget: int, dtype: str | None = None, info: dict | None = None) -> tuple[str, dict]:
+    options = {"numerics": "official", "text": "keywords_retokenized"}
+    if info is not None:  # the tokenizer and the input embedding of our tiny checkpoint (the official folder's)
+        options.update(llm_tokenizer=info["hf"], embed_tokens=info["hf"])
+    return "mmtok", options
+
+
+def record_ours(rt, store: list):
+    from ._ours import selections
+
+    def finish(n_samples: int) -> None:
+        kept = selections(rt, "vision", n_samples)
+        if kept is not None:
+            store.append(("vision", kept))
+
+    return finish
