@@ -10,7 +10,7 @@ from pathlib import Path
 from .report import seeds_table, table, write, write_seeds
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("all", "build", "llava15", "next", "scorers")
+PARTS = ("all", "build", "llava15", "next", "scorers", "qwen")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,11 +18,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("part", nargs="?", default="all", choices=PARTS,
                    help="all (default): build, llava15, next, scorers; build: the weights only; llava15: prompts, "
                         "pixels, logits, tokens, the methods' kept indices; next: the same on LLaVA-NeXT (anyres); "
-                        "scorers: llava/eval's scorers vs ours")
+                        "scorers: llava/eval's scorers vs ours; qwen: Qwen2.5-VL on Hugging Face's own classes "
+                        "under transformers 4.52.4 (--qwen-venv) beside ours: prompts, pixels, grids, logits, tokens "
+                        "(not part of all: its environment is a second one)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "parity",
                    help="where the weights, images, jobs and results go (default: runs/parity)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
                    help="the official environment (default: .venv-official, made by scripts/official_env.sh)")
+    p.add_argument("--qwen-venv", type=Path, default=REPO / ".venv-official-qwen",
+                   help="the qwen part's official environment (default: .venv-official-qwen, made by "
+                        "`bash scripts/official_env.sh qwen`)")
     p.add_argument("--official-path", default=None,
                    help="a clone of an official repository (its llava/ tree and its method package replace the "
                         "installed ones on the official side); default: .official/<method> when it exists "
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.official_path:  # the official side runs from its own empty folder: a relative path would miss
         args.official_path = str(Path(args.official_path).expanduser().resolve())
+    if args.part == "qwen":
+        return main_qwen(args)
     py = args.venv / "bin" / "python"
     if not py.exists():
         print(f"error: no official environment at {args.venv}: run `bash scripts/official_env.sh` first",
@@ -101,6 +108,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "build":
         return 0
     return 0 if all(c.ok for c in checks) else 1
+
+
+def main_qwen(args) -> int:
+    """``python -m parity qwen``: the unpruned Qwen2.5-VL beside ours on one or several builds."""
+    from . import qwen
+
+    py = args.qwen_venv / "bin" / "python"
+    if not py.exists():
+        print(f"error: no Qwen official environment at {args.qwen_venv}: run `bash scripts/official_env.sh qwen` "
+              "first", file=sys.stderr)
+        return 2
+    if args.method != ["flowcut"] and args.method != ["none"]:  # flowcut: the default of --method, not asked for
+        print(f"error: the qwen part runs the unpruned model only so far (asked: {', '.join(args.method)})",
+              file=sys.stderr)
+        return 2
+    work = args.work.resolve()
+    seeds = args.seeds or [args.seed]
+    per_seed = {}
+    for seed in seeds:
+        folder = work / f"seed{seed}" if args.seeds else work
+        info = qwen.build(folder, seed=seed)
+        print(f"## seed {seed}: {info['model']}")
+        checks = qwen.run(info, str(py), folder, dtypes=tuple(args.dtypes), max_new_tokens=args.max_new_tokens)
+        print(table(checks))
+        write(checks, folder / "checks.json")
+        per_seed[seed] = checks
+    if args.seeds:
+        print(seeds_table(per_seed))
+        write_seeds(per_seed, work / "seeds.json")
+    return 0 if all(c.ok for cs in per_seed.values() for c in cs) else 1
 
 
 def run_seed(args, py: Path, work: Path, seed: int):

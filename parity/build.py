@@ -178,13 +178,14 @@ def _image_processor_config(size: int | None = None) -> dict:
             "rescale_factor": 1 / 255, "size": {"shortest_edge": s}}
 
 
-def run_official(official_python: str, job: dict, work: Path, name: str):
-    """Run one job of ``parity/official_worker.py`` in the official environment (from an empty folder: our
-    ``llava`` must not shadow the official one); return what it saved."""
+def run_official(official_python: str, job: dict, work: Path, name: str, worker: str = "official_worker.py"):
+    """Run one job of ``parity/<worker>`` (default ``official_worker.py``; the Qwen part's ``official_worker_qwen.py``)
+    in the official environment (from an empty folder: our ``llava`` must not shadow the official one); return what
+    it saved."""
     work.mkdir(parents=True, exist_ok=True)
     job_path, out_path = work / f"{name}.job.json", work / f"{name}.official.pt"
     job_path.write_text(json.dumps(job))
-    worker = Path(__file__).with_name("official_worker.py")
+    worker = Path(__file__).with_name(worker)
     empty = work / "official-cwd"
     empty.mkdir(exist_ok=True)
     proc = subprocess.run([official_python, str(worker), str(job_path), str(out_path)], cwd=empty,

@@ -5,6 +5,8 @@
 # environment; it prints what it installed.
 #
 #   bash scripts/official_env.sh          # -> .venv-official/ (CPU build of torch on a CPU machine, CUDA build on a GPU one)
+#   bash scripts/official_env.sh qwen     # -> .venv-official-qwen/: Hugging Face's own Qwen2.5-VL classes under
+#                                         #    transformers 4.52.4 (MMTok's Qwen pin), for `python -m parity qwen`
 #   python -m parity all                  # compares the official code and ours on the same tiny weights
 #
 # Why a separate environment: the official code is a package named `llava`, like ours, and needs transformers
@@ -24,6 +26,27 @@ REPO=$(pwd)
 VENV=${VTPRUNE_OFFICIAL_VENV:-$REPO/.venv-official}
 PY=${PYTHON:-python3}
 say() { printf '[official_env] %s\n' "$*"; }
+
+if [[ "${1:-}" == qwen ]]; then
+    # The Qwen side (docs/parity.md, "Qwen2.5-VL"): transformers 4.52.4 as MMTok's requirements.txt pins it. Its
+    # Qwen2_5_VLProcessor builds a video processor that needs torchvision, which breaks beside torch 2.13 here:
+    # this environment pairs torch 2.14.1 with torchvision 0.29.1 instead (it shares nothing with ours).
+    # shellcheck source=scripts/_venv.sh
+    . scripts/_venv.sh
+    VENV=${VTPRUNE_OFFICIAL_QWEN_VENV:-$REPO/.venv-official-qwen}
+    make_venv "$VENV" "$PY"
+    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 4.52.4 and what the official Qwen code imports"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
+        "transformers==4.52.4" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
+    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
+import importlib.metadata as md
+for name in ("torch", "torchvision", "transformers", "tokenizers"):
+    print(f"[official_env]   {name:13} {md.version(name)}")
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: F401
+print("[official_env]   Qwen2_5_VLForConditionalGeneration and AutoProcessor import")')
+    say "done: python -m parity qwen (docs/parity.md)"
+    exit 0
+fi
 
 # shellcheck source=scripts/_venv.sh
 . scripts/_venv.sh

@@ -1,0 +1,190 @@
+"""Qwen2.5-VL: Hugging Face's own Qwen classes under the transformers release the official Qwen code pins (4.52.4,
+MMTok's ``requirements.txt``; ``.venv-official-qwen``, ``bash scripts/official_env.sh qwen``) beside ours
+(transformers 5, :func:`llava.load`) on the same tiny folder, case by case (``python -m parity qwen``).
+
+The folder (``qwen2.5-vl-tiny/``, :func:`build`) is the tiny Qwen2.5-VL of ``llava.models.build_tiny`` (4 LLM layers,
+4 ViT blocks, the ChatML word-level tokenizer) saved so that both releases read it the same way:
+
+- ``config.json`` as transformers 5 writes it, plus the fields 4.52 reads: ``rope_scaling`` (``mrope_section``) and
+  ``rope_theta`` in ``text_config`` and at the top level, and the text fields at the top level (4.52's
+  ``Qwen2_5_VLConfig`` keeps them there); transformers 5 reads ``rope_parameters`` and ignores the rest;
+- the tokenizer as ``tokenizer.json`` with ``tokenizer_class`` ``PreTrainedTokenizerFast`` (both releases load the
+  one file as it is);
+- ``preprocessor_config.json``: ``Qwen2VLImageProcessor`` with Qwen2.5-VL's defaults (``min_pixels`` 56 x 56,
+  ``max_pixels`` 12845056, patch 14, merge 2, temporal patch 2, CLIP's mean and std);
+- ``chat_template.json``: a ChatML template of ours that writes what Qwen2.5-VL's writes for one user turn with one
+  image and a question (the default system turn, ``<|vision_start|><|image_pad|><|vision_end|>`` then the text).
+
+The official side (``parity/official_worker_qwen.py``) builds the prompt with ``apply_chat_template``, the ids and
+pixels with ``AutoProcessor`` (4.52's ``Qwen2_5_VLProcessor``: it needs torchvision for its video processor, which
+the environment pairs with torch 2.14.1), loads ``Qwen2_5_VLForConditionalGeneration`` on SDPA and runs the
+prefill and ``generate``. Ours: :func:`llava.load` of the folder, our processor (``QwenVLProcessor``, the
+``qwen2_vl`` template), the same calls. Checks per case: the ids (image pads expanded on both sides), the pixels and
+``image_grid_thw`` (prep), then the logits and greedy tokens (unpruned). fp32: logits within 1e-5 (two torch and two
+transformers releases: the same arithmetic, not the same kernels); fp16: tokens identical, logits reported.
+
+The methods' official Qwen code (MMTok's ``mmtok_qwen2_5_vl``, PriorTR's Qwen path) is not run here yet: this part
+checks the ground they would run on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .build import QUESTIONS, run_official, write_images
+from .report import Check
+
+NAME = "qwen2.5-vl-tiny"
+WORKER = "official_worker_qwen.py"
+
+#: ours, not Qwen's file: a ChatML template that writes Qwen2.5-VL's prompt for one user turn (image + text)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+#: Qwen2.5-VL's image processor defaults (its ``preprocessor_config.json``)
+IMAGE_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+                   "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                   "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711], "do_resize": True, "do_rescale": True,
+                   "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3}
+
+#: the text fields 4.52's ``Qwen2_5_VLConfig`` reads at the top level
+TOP_LEVEL_TEXT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                  "intermediate_size", "rms_norm_eps", "max_position_embeddings", "hidden_act", "pad_token_id",
+                  "eos_token_id", "bos_token_id")
+
+
+def legacy_config(cfg: dict) -> dict:
+    """``config.json`` as transformers 5 writes it, with the fields transformers 4.52 reads added (module doc)."""
+    cfg = json.loads(json.dumps(cfg))
+    tc = cfg["text_config"]
+    rope = tc["rope_parameters"]
+    legacy = {"type": "default", "rope_type": "default", "mrope_section": list(rope["mrope_section"])}
+    tc["rope_scaling"], tc["rope_theta"] = legacy, rope["rope_theta"]
+    cfg["rope_scaling"], cfg["rope_theta"] = dict(legacy), rope["rope_theta"]
+    for k in TOP_LEVEL_TEXT:
+        cfg.setdefault(k, tc[k])
+    return cfg
+
+
+def build(work: Path, seed: int = 0) -> dict:
+    """The tiny folder and the images in ``work`` (idempotent: ``built-qwen.json`` with the same seed is reused)."""
+    from llava.models import build_tiny
+
+    work = Path(work).resolve()
+    marker = work / "built-qwen.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info.get("seed") == seed:
+            return info
+    out = work / NAME
+    out.mkdir(parents=True, exist_ok=True)
+    rt = build_tiny("qwen2.5-vl", seed=seed)
+    rt.model.save_pretrained(out)
+    rt.processor.tokenizer.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(legacy_config(json.loads((out / "config.json").read_text())), indent=1))
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok["additional_special_tokens"] = tok.pop("extra_special_tokens", [])
+    tok.pop("backend", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=1))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=1))
+    images = write_images(work / "images", seed)
+    info = {"seed": seed, "model": str(out), "images": [str(p) for p in images],
+            "eos": rt.processor.tokenizer.eos_token_id}
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def cases(info: dict) -> list[dict]:
+    return [{"question": q, "image": img} for q, img in zip(QUESTIONS, info["images"])]
+
+
+def batches(n: int) -> list[list[int]]:
+    """Each image alone, then all in one left-padded batch (unequal images: unequal grids and prompt lengths)."""
+    return [[i] for i in range(n)] + [list(range(n))]
+
+
+def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path) -> dict:
+    job = {"kind": "run", "model": info["model"], "dtype": dtype, "cases": cases(info),
+           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens}
+    name = f"qwen-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
+    return run_official(python, job, work, name, worker=WORKER)
+
+
+def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int) -> list[dict]:
+    import llava
+
+    rt = llava.load(info["model"], dtype="float16" if dtype == "fp16" else "float32", attn_implementation="sdpa")
+    out = []
+    for method in methods:
+        if method["name"] != "none":
+            raise ValueError(f"parity qwen: no adapter for {method['name']!r} yet (the unpruned model only)")
+        rt.unprune()
+        for batch in method.get("batches", batches(len(info["images"]))):
+            cs = [cases(info)[c] for c in batch]
+            inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
+            with torch.inference_mode():
+                logits = rt.model(**inputs).logits.float()
+                gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            width = inputs["input_ids"].shape[1]
+            out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"], "pixel_values": inputs["pixel_values"].float(),
+                        "image_grid_thw": inputs["image_grid_thw"], "logits": logits,
+                        "tokens": gen[:, width:].tolist(), "kept": []})
+    rt.unprune(detach=True)
+    return out
+
+
+def _strip(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+
+
+def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, eos: int | None) -> list[Check]:
+    """One prep and one unpruned check per batch: ids (pads and image pads included: both sides left-pad and expand
+    the image pads), pixels and grids, then the logits at the real positions and the greedy tokens."""
+    checks = []
+    for o, m in zip(off["runs"], mine):
+        case = f"{dtype} {o['method']['name']} batch {o['batch']}"
+        ids_ok = o["input_ids"].tolist() == m["input_ids"].tolist() and \
+            o["attention_mask"].tolist() == m["attention_mask"].tolist()
+        grid_ok = o["image_grid_thw"].tolist() == m["image_grid_thw"].tolist()
+        same = o["pixel_values"].shape == m["pixel_values"].shape
+        pix = (o["pixel_values"] - m["pixel_values"]).abs().max().item() if same else float("inf")
+        checks.append(Check("prep", case, ids_ok and grid_ok and pix == 0,
+                            f"ids {'identical' if ids_ok else 'DIFFER'}, image_grid_thw "
+                            f"{'identical' if grid_ok else 'DIFFER'}, pixels max abs diff {pix:.3g}",
+                            {"official_ids": o["input_ids"].tolist(), "our_ids": m["input_ids"].tolist()}))
+        mask = m["attention_mask"].bool()
+        if o["logits"].shape == m["logits"].shape:
+            worst = max((o["logits"][i][mask[i]] - m["logits"][i][mask[i]]).abs().max().item()
+                        for i in range(mask.shape[0]))
+        else:
+            worst = float("inf")
+        off_tokens = [_strip(t, eos) for t in o["tokens"]]
+        my_tokens = [_strip(t, eos) for t in m["tokens"]]
+        tok_ok = off_tokens == my_tokens
+        ok = tok_ok and (logits_atol is None or worst <= logits_atol)
+        detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+        detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
+        checks.append(Check("unpruned", case, ok, detail, {"official_tokens": off_tokens, "our_tokens": my_tokens}))
+    return checks
+
+
+def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8) -> list[Check]:
+    checks: list[Check] = []
+    methods = [{"name": "none"}]
+    for dtype in dtypes:
+        off = official(info, python, dtype, methods, max_new_tokens, work)
+        mine = ours(info, dtype, methods, max_new_tokens)
+        checks += compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos"))
+    return checks
