@@ -24,8 +24,8 @@ DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet":
            "divprune": "DivPrune", "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM",
            "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "mmtok": "MMTok", "pdrop": "PyramidDrop",
            "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random", "sparsevlm": "SparseVLM", "trio": "TRIO",
-           "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip", "vispruner": "VisPruner",
-           "vscan": "VScan"}
+           "v2drop": "V2Drop", "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip",
+           "vispruner": "VisPruner", "vscan": "VScan"}
 
 #: each benchmark's full question count: the question file of LLaVA-1.5's evaluation data (eval.zip) that the
 #: harness reads (GQA testdev-balanced, MMBench EN dev rows with their circular copies, ScienceQA test, TextVQA

@@ -81,7 +81,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
                          text_after=text, question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=torch.empty(nv, D, device=meta),
                          text_embeds=torch.empty(Q, D, device=meta) if m.llm_text_rows else None,
                          num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
-                         state=state, vision=vision_sig, captured=True,
+                         state=state, prev_hidden=torch.empty(S, D, device=meta), vision=vision_sig, captured=True,
                          key_mask=torch.empty(S, dtype=torch.bool, device=meta),
                          _attn_fn=lambda rows, which, **kw: torch.empty(H, rows.numel(), S, device=meta),
                          _keys_fn=lambda which, rope: torch.empty(S, hkv, hd, device=meta),
@@ -273,7 +273,7 @@ def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, st
     return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
                       question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry],
                       text_embeds=text_embeds, num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in,
-                      state=state,
+                      state=state, prev_hidden=x_prev,
                       vision=vision, captured=True, key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn,
                       _qv_fn=qv_fn, _norm=lm.norm)
 

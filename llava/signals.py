@@ -207,6 +207,10 @@ class LLMSignals:
     entry_visual_embeds: (num_visual_entry, D) all of them, as they entered layer 0.
     state:        a per-sample dict that lives for one prefill, shared by the method's stages
                   (e.g. SparseVLM's raters fixed at the first stage).
+    prev_hidden:  (S, D) the same rows' input to decoder layer ``layer`` - 1 (the last layer that ran before the
+                  stage, on these very rows): ``hidden - prev_hidden`` is that layer's residual update (V2Drop),
+                  DeepStack's row included where Qwen3-VL adds one after that layer. Padded like ``hidden`` in a
+                  captured prefill.
 
     In a captured prefill (``captured``, :mod:`llava.fast_llm`) the S rows are the sample's whole padded
     row of its length bucket (left padding first, the last prompt token last) and ``key_mask`` (S,) says
@@ -231,6 +235,7 @@ class LLMSignals:
     num_visual_entry: int = 0
     entry_visual_embeds: torch.Tensor | None = None
     state: dict = field(default_factory=dict)
+    prev_hidden: torch.Tensor | None = None
     #: the sample's vision-stage signals (with cls_attn / keys when the method sets
     #: ``needs_vision_attention``); ``origin`` indexes into them
     vision: "VisionSignals | None" = None

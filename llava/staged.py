@@ -220,7 +220,8 @@ class StagedDecoderMixin:
         return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
                           text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
-                          state=ctx.llm_state[b], vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn,
+                          state=ctx.llm_state[b], prev_hidden=x_prev, vision=ctx.vision_sigs[b], _attn_fn=attn_fn,
+                          _keys_fn=keys_fn,
                           _qv_fn=qv_fn, _norm=lm.norm, _grad_fn=grad_fn)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):

@@ -172,7 +172,9 @@ BUDGETS_576 = {"pdrop": (64, 128, 192, 288), "sparsevlm": (64, 96, 128, 192),
                "trio": (128, 192, 288, 400),  # TRIO at 64/576 keeps no token after layer 1 of the 6 here
                "clse": (64, 128, 192, 288)}  # the official RETAIN_TOKEN (192 / 128 / 64 its schedules)
 #: methods that cannot reach the default budgets: downsample's equal windows on the 8x8 grid reach 64 / 16 / 9 / 4 / 1
-BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16)}
+#: V2Drop keeps at least one token from its first stage on (layer 1 of the 6 here): its layer average cannot go below
+#: (64 + 5) / 6 = 11.5 of 64 tokens
+BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16), "v2drop": (12, 16, 24, 32)}
 #: methods whose official mode chooses its own count (PruMerge's IQR outliers): run once without a budget,
 #: and at the budgets with these options
 ADAPTIVE = {"prumerge": {"budget_mode": "fixed"}}

@@ -19,7 +19,9 @@ from llava.models import load
 #: text pivots from the planned text rows)
 #: PriorTR: 5 after layer 1 as FastV (its rows from the null token to the end planned padded, P's mean masked);
 #: CLSE (LLaVA-1.5 only): the official 192 -> 16 / 9 / 5 / 1 on the tiny grid, the FFT inside the captured stage
-CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6), ("priortr", 8)]
+#: V2Drop: the official 16 -> 8 / 4 / 1 from the residual updates (LLMSignals.prev_hidden, padded like hidden)
+CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6), ("priortr", 8),
+         ("v2drop", None)]
 LLAVA_CASES = CASES + [("clse", 192)]
 
 
@@ -133,7 +135,7 @@ def test_segments_in_shorter_buckets(rts, method, budget):
         assert lens == sorted(lens, reverse=True) and lens[-1] < lens[0]  # one bucket per segment, shrinking
 
 
-@pytest.mark.parametrize("method,budget", [CASES[0], CASES[3], CASES[4], CASES[5]])
+@pytest.mark.parametrize("method,budget", [CASES[0], CASES[3], CASES[4], CASES[5], CASES[6]])
 def test_one_prefill_graph_per_bucket_and_one_decode_graph(rts, method, budget):
     """Prompts of other lengths in the same buckets and 16 decode steps compile nothing after the first
     prompt (recompilation raises). FastV (one stage), DART (its text rows padded: texts of other lengths

@@ -95,6 +95,7 @@ KEEP_ALL = {
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
     "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
+    "v2drop": [(None, {"keep_ratios": (1.0, 1.0, 1.0)})],  # max(1, int(n * 1)) = n at every stage
     "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
     "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
     "visiondrop": [(10**4, {})],
@@ -178,6 +179,8 @@ COUNTED_ELSEWHERE = {
     "priortr": "in the LLM: test_priortr.test_options_counts_and_refusals, test_selection_uses_layer_k_minus_1_rows_of_"
                "the_null_token_and_the_question",
     "clse": "in the LLM: test_clse.test_schedule_options_and_refusals, test_first_stage_against_the_eager_model",
+    "v2drop": "in the LLM: test_v2drop.test_official_schedules_and_their_equivalent_tokens, "
+              "test_first_stage_against_the_eager_model",
     "dart": "in the LLM: test_dart.test_per_layer_counts",
     "pdrop": "in the LLM: test_pdrop.test_per_layer_counts",
     "sparsevlm": "in the LLM: test_sparsevlm.test_per_layer_counts",
@@ -220,6 +223,7 @@ CACHED = {
     "fastv": [(None, {})],
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official", "queries": "last"})],
     "clse": [(192, {}), (192, {"numerics": "official"})],
+    "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],
     "pdrop": [(None, {})],  # three stages, re-indexed positions
     "sparsevlm": [(192, {"version": "v1"}), (192, {"version": "v2"}, ["llava"])],
     "consensusdrop": [(_CONSENSUS, {})],
@@ -266,6 +270,7 @@ BATCH = {
     "fastervlm": [(4, {}, CLIP)],
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "queries": "last", "heads": "max"})],
     "clse": [(192, {}), (128, {"score": "clse"})],
+    "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava", "llava-next"])],
 }
 
 
