@@ -54,6 +54,7 @@ VARIANTS = {
     "clse": [{"numerics": "official", "score": "clse", "caches": "pruned"}],
     "attnmix": [{"allow_duplicates": True, "text_queries": "question"}],
     "divprune": [{"scope": "unit"}],
+    "otprune": [{"scope": "unit"}, {"numerics": "official", "order": "official"}],
     "fastervlm": [{"cls_token": "keep"}],
     "prumerge": [{"variant": "base"}, {"numerics": "official"}],
     "vscan": [{"remainder": "global"}],
