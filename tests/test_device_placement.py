@@ -56,6 +56,7 @@ VARIANTS = {
     "v2drop": [{"numerics": "official", "rule": "qwen2vl"}],
     "attnmix": [{"allow_duplicates": True, "text_queries": "question"}],
     "divprune": [{"scope": "unit"}],
+    "otprune": [{"scope": "unit"}, {"numerics": "official", "order": "official"}],
     "fastervlm": [{"cls_token": "keep"}],
     "prumerge": [{"variant": "base"}, {"numerics": "official"}],
     "vscan": [{"remainder": "global"}],

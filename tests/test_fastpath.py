@@ -13,7 +13,7 @@ from llava.method import available_methods, get_method
 from llava.models import load
 
 #: every method declared capturable="full", with a budget that prunes the tiny 16-token images
-CAPTURED = [("none", None), ("novisual", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("visionzip", 6)]
+CAPTURED = [("none", None), ("novisual", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("otprune", 4), ("visionzip", 6)]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def test_every_method_declares_capturability():
     assert get_method("trio", None).capture_refusal() == get_method("trio", None).capture_reason
     assert get_method("fastervlm", 4).capture_refusal() is None
     assert get_method("divprune", 4, numerics="official").capture_refusal()  # the reference mode runs eagerly
+    assert get_method("otprune", 4, order="official").capture_refusal()  # the set order: host-built probe tables
 
 
 def test_buckets():

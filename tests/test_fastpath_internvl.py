@@ -49,8 +49,8 @@ def test_static_encoder_equals_the_eager_encoder(rts):
         assert torch.equal(got[k], ref.flat[k]), k
 
 
-CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("consensusdrop", 6), ("random", 6),
-         ("fastv", 8), ("pdrop", None), ("sparsevlm", 192)]
+CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("otprune", 6), ("consensusdrop", 6),
+         ("random", 6), ("fastv", 8), ("pdrop", None), ("sparsevlm", 192)]
 
 
 @pytest.mark.parametrize("method,budget", CASES)

@@ -71,8 +71,8 @@ def test_static_encoder_equals_the_eager_encoder(rts, kind):
 
 
 #: budgets that prune: per crop / per frame (4 pooled tokens per frame on the tiny model)
-CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("consensusdrop", 6), ("random", 6),
-         ("cdpruner", 6), ("fastv", 40), ("pdrop", None)]
+CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("otprune", 6), ("consensusdrop", 6),
+         ("random", 6), ("cdpruner", 6), ("fastv", 40), ("pdrop", None)]
 
 
 @pytest.mark.parametrize("method,budget", CASES)

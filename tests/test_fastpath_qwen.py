@@ -23,7 +23,8 @@ SIZES = [(112, 168), (112, 112), (140, 84)]
 #: the pre-LLM methods compiled on LLaVA-1.5 in tests/test_fastpath.py, at budgets that prune every image
 #: (VisionZip 12 = 10 dominant + 2 contextual: one contextual token hits torch 2.13's CPU Inductor codegen bug in
 #: merge_tokens' index_add_ into a one-row buffer under FAST_BACKEND=inductor)
-CAPTURED = [("none", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("visionzip", 12)]
+CAPTURED = [("none", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("otprune", 4),
+            ("visionzip", 12)]
 #: the other captured methods (pre-LLM, then with llm stages at the tiny 4-layer LLM's scaled layers)
 OTHERS = [("novisual", None), ("downsample", 4), ("vispruner", 4), ("cdpruner", 4), ("attnmix", 12),
           ("consensusdrop", 4), ("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6),

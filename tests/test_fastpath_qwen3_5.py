@@ -38,7 +38,7 @@ def test_the_cache_holds_both_layer_kinds(rts):
 
 
 @pytest.mark.parametrize("method,budget", [("none", None), ("fastervlm", 4), ("visionzip", 12), ("divprune", 6),
-                                           ("consensusdrop", 6)])
+                                           ("otprune", 6), ("consensusdrop", 6)])
 def test_tokens_equal_the_eager_engine_without_a_host_sync(rts, method, budget):
     """Uncompiled (the code the compiled test proves capturable): batch 1 and a left-padded batch of three grids."""
     fast, eager = rts

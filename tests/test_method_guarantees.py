@@ -84,6 +84,7 @@ KEEP_ALL = {
     "consensusdrop": [(17, {})],  # per unit: exactly the largest tiny unit
     "dart": [(100000, {})],  # 4 pivots + 8 x 12500 >= N: everything retained
     "divprune": [(576, {}), (None, {"ratio": 1.0})],
+    "otprune": [(576, {}), (None, {"ratio": 1.0})],
     "downsample": [(576, {}), (None, {"stride": 1})],
     "duet": [(None, {"dominant": 576, "contextual": 0, "ratios": (1.0, 1.0)})],
     "fastervlm": [(576, {})],
@@ -172,6 +173,7 @@ COUNTED_ELSEWHERE = {
     "random": "test_controls.test_random_per_unit_by_hand",
     "attnmix": "a total budget (AdaV): test_attnmix.test_token_counts_follow_adav_arithmetic",
     "divprune": "one selection per image (B x units): test_divprune.test_tokens_entering_llm",
+    "otprune": "one selection per image (B x units): test_otprune.test_tokens_entering_llm",
     "downsample": "pooled windows: test_downsample.test_tokens_entering_llm",
     "flowcut": "in-tower, [CLS] counted: test_flowcut.test_tokens_entering_llm",
     "prumerge": "adaptive (IQR): test_prumerge.test_tokens_entering_llm_adaptive / _fixed",
@@ -221,6 +223,7 @@ CACHED = {
     "dart": [({"llava": 8, "llava_next": 16, "video_llava": 64}, {})],
     "downsample": [(4, {}, POOLED)],
     "fastv": [(None, {})],
+    "otprune": [(4, {}, CLIP), (4, {"numerics": "official", "order": "official"}, CLIP)],
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official", "queries": "last"})],
     "clse": [(192, {}), (192, {"numerics": "official"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],
@@ -265,6 +268,7 @@ BATCH = {
     "vscan": [(6, {})],
     "trio": [(None, TRIO_TINY, ["llava"]), (None, TRIO_QWEN, ["qwen2.5-vl"])],
     "divprune": [(4, {}, CLIP)],
+    "otprune": [(4, {}, CLIP), (4, {"numerics": "official", "order": "official"}, CLIP)],
     "downsample": [(4, {"space": "vision"}, POOLED), (4, {"space": "projected"}, POOLED)],
     "visionzip": [(4, {}, CLIP)],
     "fastervlm": [(4, {}, CLIP)],

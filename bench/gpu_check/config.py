@@ -38,7 +38,7 @@ TINY_BUDGETS = {
                   "llava_onevision": 64},  # 16 -> 16/4/3/2
     "dart": {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4,
              "llava_onevision": 16},  # kept after layer K: 16 -> 16/12/12/12
-    "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
+    "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
     "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW,  # per unit
     "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image

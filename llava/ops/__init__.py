@@ -1,6 +1,6 @@
 """Small token-selection primitives shared by several methods (one implementation each), by what they do:
 :mod:`~llava.ops.select` (ranking, top-k, greedy max-min, unit layouts), :mod:`~llava.ops.merge` (merges and
-output orders, similarities), :mod:`~llava.ops.schedules` (in-LLM stage schedules and counts) and
+output orders, similarities), :mod:`~llava.ops.pyset` (CPython's set iteration order as tensor ops), :mod:`~llava.ops.schedules` (in-LLM stage schedules and counts) and
 :mod:`~llava.ops.vscan` (VScan's stage 1, shared with TRIO). Import them from here: ``from llava.ops import ...``.
 
 
@@ -21,6 +21,7 @@ from .merge import (  # noqa: F401
     cosine_matrix, dominant_contextual, merge_tokens, merge_tokens_sequential, official_contextual_merge, per_unit_selection,
     text_to_image_score, uniform_targets,
 )
+from .pyset import reference_set_order, set_order  # noqa: F401
 from .schedules import (  # noqa: F401
     equivalent_kept_count, fit_stage_counts, last_row_topk, REFERENCE_DEPTH, REFERENCE_TOKENS, round_half_up,
     scale_layers, scaled_count, stage_layer_counts,
