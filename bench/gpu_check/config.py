@@ -54,7 +54,7 @@ TINY_BUDGETS = {
     "priortr": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
                 "llava_onevision": 16},  # layer average, as FastV's
     "clse": 192,  # the official RETAIN_TOKEN: 16 -> 16/9/5/1 (LLaVA-1.5 only)
-    "transprune": None,  # the official lists 0.875 / 0.625 / 0.125: 16 -> 16/14/10/2 (not on Qwen3.5)
+    "transprune": 192,  # PyramidDrop's table scaled: 16 -> 16/2/1/1 (not on Qwen3.5)
 }
 for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:
     _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])  # the tiny Qwen3-VL tower has Qwen2.5-VL's token geometry
