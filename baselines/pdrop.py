@@ -49,15 +49,13 @@ from typing import Sequence
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, last_row_topk,  # noqa: F401
+from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts,  # noqa: F401
+                       last_row_topk,
                        scale_layers, scaled_count, stage_layer_counts)
 
-#: Budgets of the spec's table (docs/methods/pdrop.md): stage layers and kept counts of 576.
-PDROP_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    192: ((2, 6, 16), (300, 200, 110)),
-    128: ((2, 6, 16), (303, 110, 36)),
-    64: ((2, 6, 16), (66, 30, 17)),
-}
+#: Budgets of the spec's table (docs/methods/pdrop.md): stage layers and kept counts of 576 (``llava.ops``, shared
+#: with TransPrune).
+PDROP_TABLE = IN_LLM_BUDGET_TABLE
 DEFAULT_LAYERS = (8, 16, 24)
 
 

@@ -24,7 +24,7 @@ DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet":
            "divprune": "DivPrune", "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM",
            "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "mmtok": "MMTok", "otprune": "OTPrune",
            "pdrop": "PyramidDrop", "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random",
-           "sparsevlm": "SparseVLM", "trio": "TRIO",
+           "sparsevlm": "SparseVLM", "transprune": "TransPrune", "trio": "TRIO",
            "v2drop": "V2Drop", "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip",
            "vispruner": "VisPruner", "vscan": "VScan"}
 

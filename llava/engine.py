@@ -131,6 +131,10 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")
         self.llm_layers = ks
+        sub = tuple(method.llm_subblock_layers)
+        if sub and (not ks or any(not (0 <= i < ks[-1]) for i in sub)):
+            raise ValueError(f"{method.name}: sub-block states of decoder layers {sub} are read by llm stages before "
+                             f"layers {ks}: each must run before the last stage (0..{ks[-1] - 1 if ks else -1})")
         self._check_hybrid(method)
         self._check_grad(method)
         # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to

@@ -287,6 +287,14 @@ class Method:
     eager_layers: tuple[int, ...] = ()
 
     @property
+    def llm_subblock_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose sub-block states (the attention and feed-forward sub-modules' inputs and outputs,
+        :mod:`llava.subblocks`) an llm stage reads through ``LLMSignals.subblocks``: the staged decoder records them
+        with forward hooks during the prefill and hands each stage those of the layers that ran since the previous
+        stage (a layer after the last stage is refused at attach). Eager engine only."""
+        return ()
+
+    @property
     def probe_layers(self) -> tuple[int, ...]:
         """Decoder layers whose attention the vision stage reads through ``sig.probe_attention`` (checked at attach
         like :attr:`llm_reads`: on a hybrid model each must be a full-attention layer)."""
@@ -356,6 +364,8 @@ class Method:
             return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
         if self.prune_past_cache:
             return f"{self.name}: pruning the earlier layers' caches runs on the eager engine"
+        if self.llm_subblock_layers:
+            return f"{self.name}: the decoder layers' sub-block states (llm_subblock_layers) are recorded on the eager engine"
         if self.vision_attention_logits != "fp32" or self.vision_received_patch_layers or \
                 self.vision_global_attention_layers:
             return f"{self.name}: the official tower attention arithmetic runs on the eager engine"

@@ -23,3 +23,4 @@ class _Prefill:
     llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
     clock: _PhaseClock | None = None  # the phase clock of this prefill's timings
     stage_rows: Any = None  # (B, L') the last llm stage's source row per output row (earlier-cache pruning)
+    subblocks: dict = field(default_factory=dict)  # layer -> SubBlockStates (B, L, D) recorded since the last stage

@@ -203,6 +203,8 @@ class LLMSignals:
     visual_embeds: (Nv, D) each current visual token's input to decoder layer 0 (merged tokens:
                   their target's), e.g. SparseVLM's rater selection.
     text_embeds:  (len(text_after), D) the text-after tokens' inputs to decoder layer 0.
+    subblocks:    the sub-block states of the layers the method records (``Method.llm_subblock_layers``) that ran
+                  since the previous stage, by layer (TransPrune's token transitions).
     num_visual_entry: visual tokens of the sample entering decoder layer 0 (before any llm stage).
     entry_visual_embeds: (num_visual_entry, D) all of them, as they entered layer 0.
     state:        a per-sample dict that lives for one prefill, shared by the method's stages
@@ -245,6 +247,10 @@ class LLMSignals:
     key_mask: torch.Tensor | None = None
     #: (len(text_after),) bool, the real rows of a padded ``text_after`` (captured prefill); None: all real
     text_mask: torch.Tensor | None = None
+    #: ``Method.llm_subblock_layers``: {decoder layer: :class:`llava.subblocks.SubBlockStates`} of the layers that
+    #: ran since the previous stage (their attention / feed-forward sub-modules' inputs and outputs, (S, D) each,
+    #: the same S rows as ``hidden``, the model's dtype); {} when the method names none
+    subblocks: dict = field(default_factory=dict)
     _num_text: int | None = field(repr=False, default=None)
     _attn_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
     _keys_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)

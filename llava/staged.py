@@ -25,6 +25,7 @@ from .prefill import _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
 from .signals import LLMSignals
+from .subblocks import SubBlockRecorder
 
 
 @dataclass
@@ -76,10 +77,32 @@ class StagedDecoderMixin:
         seq_lens: list[int] = []
         per_layer = [[] for _ in range(B)]
         shift = torch.zeros(B, dtype=torch.long, device=dev)
+        sub = tuple(getattr(self.method, "llm_subblock_layers", ()) or ())
+        ctx.subblocks = {}
+        rec = SubBlockRecorder(lm.layers, sub) if sub else None
+        try:
+            h, seq_lens, per_layer = self._staged_loop(ctx, bounds, rec, eager, past, h, prev_in, mask, pos, layouts,
+                                                       origin, entry, ds, segments, seq_lens, per_layer, shift, cache,
+                                                       use_cache, **kwargs)
+        finally:
+            if rec is not None:
+                rec.remove()
+            ctx.subblocks = {}
+        self._state.segments = segments
+        return lm.norm(h), seq_lens, per_layer
+
+    def _staged_loop(self, ctx, bounds, rec, eager, past, h, prev_in, mask, pos, layouts, origin, entry, ds, segments,
+                     seq_lens, per_layer, shift, cache, use_cache, **kwargs):
+        """The segments of decoder layers with an llm stage between each two (``_prefill_llm``); ``rec``: the
+        sub-block recorder of the method's ``llm_subblock_layers`` (None when it names none), whose states of the
+        layers since the previous stage are handed to each stage (``ctx.subblocks``)."""
+        lm = self.lm
+        B = h.shape[0]
         for s in range(len(bounds) - 1):
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
                 ctx.clock.mark("stage_start")
+                ctx.subblocks = rec.take() if rec is not None else {}
                 if ds is not None and a >= ds["rows"].shape[1]:
                     ds = None  # every DeepStack level was added before this stage
                 h, mask, pos, layouts, origin, entry, dropped, ds = self._llm_stage(
@@ -88,7 +111,7 @@ class StagedDecoderMixin:
                     shift = shift + dropped
                 if past:  # the layers before the stage keep the kept rows only: every segment now has this layout
                     _gather_past(cache, a, ctx.stage_rows)
-                    segments = [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments]
+                    segments[:] = [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments]
                 ctx.clock.mark("stage_end")
             segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
@@ -108,8 +131,7 @@ class StagedDecoderMixin:
                 seq_lens.append(h.shape[1])
                 for b in range(B):
                     per_layer[b].append(counts[b])
-        self._state.segments = segments
-        return lm.norm(h), seq_lens, per_layer
+        return h, seq_lens, per_layer
 
     def _eager_layer(self, i, h, mask, cache, pos, pe, use_cache, **kwargs):
         """Decoder layer ``i`` on transformers' eager attention (q k^T scaled in the model's dtype, the softmax in
@@ -143,7 +165,7 @@ class StagedDecoderMixin:
             nv = int(lay.visual.numel())
             x, p = h[b, real], pos[..., b, real]
             sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
-                                    vis, origin[b], entry[b], after, question)
+                                    vis, origin[b], entry[b], after, question, real=real)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
             if sel is not None and sel.values is not None:
                 raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
@@ -198,7 +220,8 @@ class StagedDecoderMixin:
             ds = _deepstack(torch.cat(deep_out), _to_device([at], dev)[0], B, new_L)
         return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1], ds
 
-    def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question) -> LLMSignals:
+    def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question,
+                     real=None) -> LLMSignals:
         lm = self.lm
         attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p)
         vis_in, text_in = ctx.entry[b]
@@ -217,7 +240,8 @@ class StagedDecoderMixin:
 
             return proxy_loss_grad(lm.layers[i], lm.norm, head, lm.rotary_emb, x, p, rows, mask_fn)
 
-        return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin,
+        subblocks = {i: st.rows((b, real)) for i, st in ctx.subblocks.items()}
+        return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin, subblocks=subblocks,
                           text_after=after, question=question, visual_embeds=vis_in[entry],
                           text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
                           state=ctx.llm_state[b], prev_hidden=x_prev, vision=ctx.vision_sigs[b], _attn_fn=attn_fn,

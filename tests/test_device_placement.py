@@ -26,6 +26,7 @@ BUDGETS = {
     "visionzip": {"llava": 8, "llava_next": 8, "video_llava": 6, "qwen2_5_vl": 2, "llava_onevision": 8},
     "random": 3,
     "pdrop": None,  # the official geometric schedule
+    "transprune": None,  # the official lists: 16 -> 14 / 10 / 2
     "sparsevlm": 192,
     "prumerge": None,  # adaptive: the count depends on the image
     "vscan": 6,  # 4 would leave its local scan empty on the tiny 2x2 windows
@@ -67,6 +68,7 @@ VARIANTS = {
     "visiontrim": [{"numerics": "official"}],
     "hiprune": [{"numerics": "official"}],
     "pdrop": [{"numerics": "official"}],
+    "transprune": [{"numerics": "official"}],
     "apet": [{"numerics": "official"}],
 }
 

@@ -40,6 +40,7 @@ BUDGETS = {
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
     "priortr": _IN_LLM,  # layer average, as FastV's (K = 3 of 32 -> 1 of 4 layers)
     "clse": 192,  # the official RETAIN_TOKEN: 16 -> 16/9/5/1 (LLaVA-1.5 only)
+    "transprune": None,  # the official lists 0.875 / 0.625 / 0.125: 16 -> 16/14/10/2 (not on Qwen3.5)
     "v2drop": None,  # the official schedule: 16 -> 16/8/4/1 (LLaVA rule; Qwen rule .25 / .05 / 0)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly

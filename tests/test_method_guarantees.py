@@ -98,6 +98,7 @@ KEEP_ALL = {
     "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
     "v2drop": [(None, {"keep_ratios": (1.0, 1.0, 1.0)})],  # max(1, int(n * 1)) = n at every stage
     "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
+    "transprune": [(None, {"ratios": [1.0, 1.0, 1.0]}), (None, {"ratios": [1.0, 1.0, 1.0], "numerics": "official"})],
     "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
     "visiondrop": [(10**4, {})],
     "visiontrim": [(576, {})],
@@ -185,6 +186,8 @@ COUNTED_ELSEWHERE = {
               "test_first_stage_against_the_eager_model",
     "dart": "in the LLM: test_dart.test_per_layer_counts",
     "pdrop": "in the LLM: test_pdrop.test_per_layer_counts",
+    "transprune": "in the LLM: test_transprune.test_depth_mapping_options_and_refusals, test_first_stage_against_a_"
+                  "hand_run_of_the_stock_model",
     "sparsevlm": "in the LLM: test_sparsevlm.test_per_layer_counts",
     "visiondrop": "a per-layer schedule: test_visiondrop.test_per_layer_counts_follow_the_schedule",
     "vscan": "a layer average: test_vscan.test_per_layer_counts_follow_the_schedule",
@@ -228,6 +231,7 @@ CACHED = {
     "clse": [(192, {}), (192, {"numerics": "official"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],
     "pdrop": [(None, {})],  # three stages, re-indexed positions
+    "transprune": [(None, {}), (None, {"numerics": "official"}), (192, {})],  # 16 -> 14 / 10 / 2 and 2 / 1 / 1
     "sparsevlm": [(192, {"version": "v1"}), (192, {"version": "v2"}, ["llava"])],
     "consensusdrop": [(_CONSENSUS, {})],
     "visiondrop": [({"llava": 8, "llava_next": 8, "video_llava": 4}, {})],
@@ -255,6 +259,7 @@ def test_cached_generation_equals_no_cache_recompute(rt, name, b, opts):
 #: methods' test files checked; each method's default options at its test_gpu_ready budget:
 #: test_gpu_ready.test_batch_equals_each_sample_alone (every registered method, every family)
 BATCH = {
+    "transprune": [(None, {}), (None, {"numerics": "official"}), (192, {})],
     "visiontrim": [(4, {}), (4, {"numerics": "official"}), (4, {"tgvc_tokens": 2, "dvts_score": "global_local"})],
     "hiprune": [(6, {"alpha": 1.0})],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],

@@ -85,7 +85,7 @@ def _refusal(rt, name, budget=None, **opts):
 
 
 #: methods whose budget is stated for 576 tokens on 32 layers (a small budget is below what the tiny depth reaches)
-B576 = ("pdrop", "sparsevlm", "trio")
+B576 = ("pdrop", "sparsevlm", "trio", "transprune")
 
 
 def test_reading_a_linear_layer_is_refused_at_attach_with_the_reason(rt):

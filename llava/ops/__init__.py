@@ -23,7 +23,7 @@ from .merge import (  # noqa: F401
 )
 from .pyset import reference_set_order, set_order  # noqa: F401
 from .schedules import (  # noqa: F401
-    equivalent_kept_count, fit_stage_counts, last_row_topk, REFERENCE_DEPTH, REFERENCE_TOKENS, round_half_up,
+    equivalent_kept_count, fit_stage_counts, IN_LLM_BUDGET_TABLE, last_row_topk, REFERENCE_DEPTH, REFERENCE_TOKENS, round_half_up,
     scale_layers, scaled_count, stage_layer_counts,
 )
 from .vscan import (  # noqa: F401

@@ -22,6 +22,15 @@ REFERENCE_DEPTH = 32
 #: ... and 576 visual tokens
 REFERENCE_TOKENS = 576
 
+#: The in-LLM drop schedules of our budgets 192 / 128 / 64 (our design, docs/methods/pdrop.md; SparseVLM v1's
+#: counts): stages before decoder layers 2 / 6 / 16 of 32, keeping these counts of 576 visual tokens (equivalent
+#: tokens 191 / 126.25 / 62.125). PyramidDrop's and TransPrune's budgets map onto it.
+IN_LLM_BUDGET_TABLE: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    192: ((2, 6, 16), (300, 200, 110)),
+    128: ((2, 6, 16), (303, 110, 36)),
+    64: ((2, 6, 16), (66, 30, 17)),
+}
+
 
 def scale_layers(layers: "list[int] | tuple[int, ...]", num_layers: int, reference: int = 32) -> tuple[int, ...]:
     """Map decoder-layer indices stated for a ``reference``-layer LLM (32 for 7B) onto a model with
