@@ -170,7 +170,10 @@ SEED_METHODS = ("consensusdrop", "visiondrop", "attnmix")
 #: measured averages and the plot uses them as x.
 BUDGETS_576 = {"pdrop": (64, 128, 192, 288), "sparsevlm": (64, 96, 128, 192),
                "trio": (128, 192, 288, 400),  # TRIO at 64/576 keeps no token after layer 1 of the 6 here
-               "clse": (64, 128, 192, 288)}  # the official RETAIN_TOKEN (192 / 128 / 64 its schedules)
+               "clse": (64, 128, 192, 288),  # the official RETAIN_TOKEN (192 / 128 / 64 its schedules)
+               # TransPrune: PyramidDrop's table at 64 / 128 / 192, the official ratio shape scaled at 236 (the
+               # official lists' E); the shape reaches only 126..252 of 576, so none lower
+               "transprune": (64, 128, 192, 236)}
 #: methods that cannot reach the default budgets: downsample's equal windows on the 8x8 grid reach 64 / 16 / 9 / 4 / 1
 #: V2Drop keeps at least one token from its first stage on (layer 1 of the 6 here): its layer average cannot go below
 #: (64 + 5) / 6 = 11.5 of 64 tokens
