@@ -151,7 +151,8 @@ def test_default_families_are_the_eight_tiny_families_and_every_method_has_a_tin
     keys = [gpu_check.family_key(f) for f in gpu_check.FAMILIES]
     assert keys == ["llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl",
                     "qwen3_5"]
-    budgetless = gpu_check.NO_BUDGET | {"prumerge"}  # prumerge: adaptive (IQR outliers)
+    # prumerge: adaptive (IQR outliers); v2drop: the official schedule takes no budget (16 -> 8 -> 4 -> 1 here: it prunes)
+    budgetless = gpu_check.NO_BUDGET | {"prumerge", "v2drop"}
     for m in gpu_check.registered_methods():
         if m in gpu_check.NO_BUDGET:
             continue

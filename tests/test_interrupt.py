@@ -14,8 +14,11 @@ from eval.runner import EVAL_KEY, shard_files
 ROOT = Path(__file__).resolve().parents[1]
 
 #: a real SIGINT to the process as it reads the input of its 3rd question (2 answered and flushed by then)
+#: (SIGINT's Python handler installed first: a job started in the background by a non-interactive shell, such as a
+#: suite run with `... &`, inherits SIGINT ignored, and the child would finish instead; a terminal's Ctrl-C is this)
 DRIVER = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import eval.hf_backend as hb
 real, calls = hb.read_input, [0]
 def read_input(*a, **k):
