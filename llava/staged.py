@@ -167,8 +167,6 @@ class StagedDecoderMixin:
             sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
                                     vis, origin[b], entry[b], after, question, real=real)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
-            if sel is not None and sel.values is not None:
-                raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             vx, src = llm_outputs(x[vis], sel)
