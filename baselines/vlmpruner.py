@@ -3,7 +3,8 @@ docs/methods/vlmpruner.md.
 
 Official code: Casey-bit/VLMPruner at 556a9142c67dfb4c27420e31bb59e2efe502369a -
 ``llava/model/language_model/modeling_llama_self.py``: the hook in ``VLMPruner.forward`` (lines 331-362),
-``calculate_similarity`` (399-406), ``get_spatial_pos`` (409-413) and ``get_retained_image_token`` (415-521).
+``calculate_similarity`` (399-406), ``get_spatial_pos`` (409-413) and ``get_retained_image_token`` (415-521);
+Qwen2-VL: ``Qwen2-VL/Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py`` (340-365, 402-530).
 
 Algorithm (one llm stage at the input of decoder layer K = 2, prefill only), over the N visual tokens, from layer
 K-1's output hidden states H (``LLMSignals.hidden``) and its post-RoPE keys (``LLMSignals.keys("prev")``, heads
@@ -46,7 +47,7 @@ from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_
 
 log = logging.getLogger(__name__)
 
-#: official constants (modeling_llama_self.py): spatial weight (404), variance channels (447), recovery mix (507-508)
+#: official constants (modeling_llama_self.py): spatial weight (405), variance channels (444), recovery mix (513-514)
 SPATIAL_WEIGHT = 0.5
 CHANNELS = 256
 OWN, ABSORBED = 0.3, 0.7
@@ -317,6 +318,7 @@ class VLMPruner(Method):
         host = [t.cpu() for t in (sim, dist, norm, piv)]
         chosen = greedy_select(host[0], host[1], host[2], host[3].tolist(), k, float(self.threshold),
                                int(self.token_batch), num)
+        chosen = list(dict.fromkeys(chosen))  # a repeated pivot (keys all alike) once: the engine keeps no token twice
         order = torch.tensor(chosen, dtype=torch.long, device=dev)
         cols = order if num == "official" else order.sort().values
         rows = recover(h, sim, cols, num)  # the kept tokens' rewritten hidden states, in `cols` order
