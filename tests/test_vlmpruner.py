@@ -251,3 +251,19 @@ def test_llm_stage_values_rewrite_the_kept_rows_on_every_family(rt):
         assert torch.allclose(after[first:first + 3], want, atol=1e-6)
     assert torch.equal(after[:first], before[:first])  # the prefix untouched
     assert torch.equal(after[first + 3:], before[int(img[-1]) + 1:])  # the text after the image untouched
+
+
+def test_the_fast_path_runs_it_eagerly_and_says_why():
+    """``llava.load(..., fast=True)``: the prefill is refused for capture with the reason and runs on the eager engine;
+    the tokens equal the eager model's."""
+    from fastpath_util import BACKEND, generate, inputs
+
+    fast = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=8, fast_backend=BACKEND)
+    eager = load("tiny:llava", seed=1)
+    eng = fast.prune("vlmpruner", None, keep_tokens=6)
+    assert "greedy" in eng.fast.refusal
+    batch = inputs(fast, 0)
+    toks, _ = generate(fast, batch)
+    assert eng.stats.path == "eager" and "greedy" in eng.stats.path_reason
+    eager.prune("vlmpruner", None, keep_tokens=6)
+    assert torch.equal(toks, generate(eager, batch)[0])
