@@ -68,10 +68,7 @@ def carry_rows(rows: torch.Tensor, sel: Selection) -> torch.Tensor:
     (m, L, D) in output order; a kept token keeps its rows, a merged token gets its rows merged by the
     selection's rule (:func:`llava.ops.merge_tokens`, fp32, in the rows' own space). No host read."""
     if sel.values is not None:
-        if sel.targets is not None and sel.targets.numel():
-            raise ValueError("a method that computes merged outputs itself (Selection.values with targets) cannot "
-                             "carry DeepStack rows")
-        sel = Selection(keep=sel.keep, order=sel.order)  # rewritten kept rows: their DeepStack rows follow them
+        raise ValueError("a method that computes its outputs itself (Selection.values) cannot carry DeepStack rows")
     out, _ = llm_outputs(rows.flatten(1), sel)  # the same keep / merge / order as an llm stage's hidden states
     return out.view(-1, *rows.shape[1:])
 

@@ -173,7 +173,12 @@ class StagedDecoderMixin:
             r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
-                dx = carry_rows(deep_in[b], sel)
+                csel = sel
+                if sel.values is not None:  # kept rows rewritten by the method (no merge targets): their rows follow
+                    if sel.targets is not None and sel.targets.numel():
+                        raise ValueError("an llm stage's Selection.values with merge targets cannot carry DeepStack rows")
+                    csel = Selection(keep=sel.keep, order=sel.order)
+                dx = carry_rows(deep_in[b], csel)
                 deep_out.append(dx[perm] if perm is not None else dx)
             if perm is not None:
                 vx, src = vx[perm], src[perm]
