@@ -26,7 +26,7 @@ DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet":
            "pdrop": "PyramidDrop", "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random",
            "sparsevlm": "SparseVLM", "transprune": "TransPrune", "trio": "TRIO",
            "v2drop": "V2Drop", "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip",
-           "vispruner": "VisPruner", "vscan": "VScan"}
+           "vispruner": "VisPruner", "vlmpruner": "VLM-Pruner", "vscan": "VScan"}
 
 #: each benchmark's full question count: the question file of LLaVA-1.5's evaluation data (eval.zip) that the
 #: harness reads (GQA testdev-balanced, MMBench EN dev rows with their circular copies, ScienceQA test, TextVQA

@@ -91,7 +91,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
                          _norm=lambda x: torch.empty_like(x))
         sel = m.select_llm(stage, sig)
         if sel.values is not None:
-            raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
+            raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
         nv = sel.num_out
         out.append(nv)
     return tuple(out)
@@ -238,7 +238,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                            entry_in[b], state[b], vision_sigs[b], text, entry_text[b])
             sel = method.select_llm(s, sig)
             if sel.values is not None:
-                raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
+                raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
             if sel.num_out != m:
                 raise RuntimeError(f"{method.name} stage {s} gave {sel.num_out} outputs where the plan has {m}")
             flags = sel.flags(nv, nv, malformed_only=True)

@@ -176,7 +176,7 @@ class VisionStageMixin:
         unit_all_h = torch.cat(units_h)
         cls_row_h = torch.cat(cls_rows)
         extras = bool(method.include_cls_candidates) and "vision_features" in utable
-        need_signals = method.vision_stage or method.needs_vision_attention
+        need_signals = method.vision_stage or method.needs_vision_attention or getattr(method, "llm_vision_signals", False)
         layouts = []
         for b in range(B):
             real = valid_h[b].nonzero().flatten()

@@ -50,10 +50,13 @@ class Selection:
              ``projected`` features (LLM input space).
     order:   optional permutation of the outputs [keep..., merged...] (e.g. [D, C] per unit, or
              each merged token at its target's place); default: keep, then merged.
-    values:  vision stage only: (keep + targets, D_space) the outputs' features computed by the method
-             itself, in ``space`` (projected by the engine when ``vision``), for merges a single-target
-             ``assign`` cannot express (PruMerge's overlapping k-NN sums and its extra global token).
-             ``keep`` / ``targets`` then only give each output's provenance (its unit, run and position).
+    values:  (keep + targets, D_space) the outputs' features computed by the method itself, for merges a
+             single-target ``assign`` cannot express. Vision stage: in ``space`` (projected by the engine when
+             ``vision``; PruMerge's overlapping k-NN sums and its extra global token). llm stage (eager engine
+             only; the fast path refuses it): the outputs' hidden states entering layer K (cast to the model's
+             dtype; VLM-Pruner's kept tokens rewritten as 0.3 own + 0.7 weighted mean of the absorbed), kept
+             tokens' DeepStack rows following them. ``keep`` / ``targets`` then only give each output's
+             provenance (its unit, run and position).
     allow_duplicates: see the field.
     merge_kept: ``assign`` is read for the kept tokens too: a kept token with a slot is output unchanged
              *and* averaged into that target (ApET's official basis tokens, which its code merges as well as
@@ -226,6 +229,9 @@ class Method:
     #: On the fast path ``LLMSignals.num_text_after`` is clipped to it, so that prompts whose texts differ
     #: in length share one graph per bucket (None: not clipped, a graph per text length).
     llm_text_cap: int | None = None
+    #: An llm stage reads ``LLMSignals.vision`` (the tokens' units, patches and grids, through ``origin``) without a
+    #: vision stage: the eager engine then builds the vision signals (no tower attention) (VLM-Pruner's patch grid).
+    llm_vision_signals: ClassVar[bool] = False
     #: Vision stage: also offer each image's / crop's [CLS] token as a candidate (VisionZip, VisionDrop).
     include_cls_candidates: bool = False
     #: Vision-tower layer (hidden_states index) whose [CLS] attention / keys the signals carry;

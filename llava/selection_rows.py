@@ -44,11 +44,16 @@ def materialize(sig: VisionSignals, sel: Selection, project) -> tuple[torch.Tens
 def llm_outputs(xv: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
     """The outputs of an llm stage's selection over the current visual tokens' hidden states ``xv`` (n, D):
     their rows (m, D) and each output's source token (m,), in output order: kept rows, then merged targets
-    (``merge_tokens``), permuted by ``order``. No host read: the eager engine's staged decoder and the fast
+    (``merge_tokens``), or the method's own ``values`` (m, D) (cast to the rows' dtype; eager engine), permuted by
+    ``order``. No host read: the eager engine's staged decoder and the fast
     path's captured segments share it."""
     keep = sel.keep.to(xv.device)
     src, out = [keep], [xv[keep]]
-    if sel.targets is not None and sel.targets.numel():
+    if sel.values is not None:  # the method computed every output's hidden state itself (VLM-Pruner's rewrite)
+        if sel.targets is not None:
+            src.append(sel.targets.to(xv.device))
+        out = [sel.values.to(device=xv.device, dtype=xv.dtype)]
+    elif sel.targets is not None and sel.targets.numel():
         src.append(sel.targets.to(xv.device))
         out.append(merge_tokens(xv, sel).to(xv.dtype))
     src, out = torch.cat(src), torch.cat(out)

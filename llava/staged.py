@@ -167,15 +167,18 @@ class StagedDecoderMixin:
             sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
                                     vis, origin[b], entry[b], after, question, real=real)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
-            if sel is not None and sel.values is not None:
-                raise ValueError("Selection.values is for the vision stage only; an llm stage merges with assign")
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             vx, src = llm_outputs(x[vis], sel)
             r = self._place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
-                dx = carry_rows(deep_in[b], sel)
+                csel = sel
+                if sel.values is not None:  # kept rows rewritten by the method (no merge targets): their rows follow
+                    if sel.targets is not None and sel.targets.numel():
+                        raise ValueError("an llm stage's Selection.values with merge targets cannot carry DeepStack rows")
+                    csel = Selection(keep=sel.keep, order=sel.order)
+                dx = carry_rows(deep_in[b], csel)
                 deep_out.append(dx[perm] if perm is not None else dx)
             if perm is not None:
                 vx, src = vx[perm], src[perm]

@@ -96,7 +96,8 @@ KEEP_ALL = {
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
     "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
-    "v2drop": [(None, {"keep_ratios": (1.0, 1.0, 1.0)})],  # max(1, int(n * 1)) = n at every stage
+    "v2drop": [(None, {"keep_ratios": (1.0, 1.0, 1.0)})],
+    "vlmpruner": [(None, {"keep_tokens": 10**4}), (None, {"reduction_ratio": 0.0})],  # max(1, int(n * 1)) = n at every stage
     "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
     "transprune": [(None, {"ratios": [1.0, 1.0, 1.0]}), (None, {"ratios": [1.0, 1.0, 1.0], "numerics": "official"})],
     "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
@@ -184,6 +185,8 @@ COUNTED_ELSEWHERE = {
     "clse": "in the LLM: test_clse.test_schedule_options_and_refusals, test_first_stage_against_the_eager_model",
     "v2drop": "in the LLM: test_v2drop.test_official_schedules_and_their_equivalent_tokens, "
               "test_first_stage_against_the_eager_model",
+    "vlmpruner": "in the LLM (the greedy walk may keep fewer): test_vlmpruner.test_options_counts_and_refusals, "
+                 "test_selection_and_rewrite_against_the_stock_model",
     "dart": "in the LLM: test_dart.test_per_layer_counts",
     "pdrop": "in the LLM: test_pdrop.test_per_layer_counts",
     "transprune": "in the LLM: test_transprune.test_depth_mapping_options_and_refusals, test_first_stage_against_a_"
@@ -230,6 +233,7 @@ CACHED = {
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official", "queries": "last"})],
     "clse": [(192, {}), (192, {"numerics": "official"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],
+    "vlmpruner": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official"}), (8, {}, ["llava"])],
     "pdrop": [(None, {})],  # three stages, re-indexed positions
     "transprune": [(None, {}), (None, {"numerics": "official"}), (192, {})],  # 16 -> 14 / 10 / 2 and 2 / 1 / 1
     "sparsevlm": [(192, {"version": "v1"}), (192, {"version": "v2"}, ["llava"])],
@@ -280,6 +284,8 @@ BATCH = {
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "queries": "last", "heads": "max"})],
     "clse": [(192, {}), (128, {"score": "clse"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava", "llava-next"])],
+    "vlmpruner": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official"}),
+                  (8, {}, ["llava", "llava-next"])],
 }
 
 
