@@ -51,12 +51,10 @@ class Selection:
     order:   optional permutation of the outputs [keep..., merged...] (e.g. [D, C] per unit, or
              each merged token at its target's place); default: keep, then merged.
     values:  (keep + targets, D_space) the outputs' features computed by the method itself, for merges a
-             single-target ``assign`` cannot express. Vision stage: in ``space`` (projected by the engine when
-             ``vision``; PruMerge's overlapping k-NN sums and its extra global token). llm stage (eager engine
-             only; the fast path refuses it): the outputs' hidden states entering layer K (cast to the model's
-             dtype; VLM-Pruner's kept tokens rewritten as 0.3 own + 0.7 weighted mean of the absorbed), kept
-             tokens' DeepStack rows following them. ``keep`` / ``targets`` then only give each output's
-             provenance (its unit, run and position).
+             single-target ``assign`` cannot express. Vision stage: in ``space`` (projected when ``vision``;
+             PruMerge's k-NN sums, its global token). llm stage (eager engine only): the hidden states entering
+             layer K in the model's dtype (VLM-Pruner's 0.3 own + 0.7 absorbed), DeepStack rows following the
+             kept tokens. ``keep`` / ``targets`` then only give each output's provenance (unit, run, position).
     allow_duplicates: see the field.
     merge_kept: ``assign`` is read for the kept tokens too: a kept token with a slot is output unchanged
              *and* averaged into that target (ApET's official basis tokens, which its code merges as well as
