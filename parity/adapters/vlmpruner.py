@@ -170,8 +170,12 @@ def record(model, store: list) -> list:
 # ---- our side ----
 
 def ours(budget: int) -> tuple[str, dict]:
-    return "vlmpruner", {"budget": None, "reduction_ratio": RATIOS[int(budget)], "rounding": "round",
-                         "numerics": "official", "layer": LAYER, "scale_layers": False}
+    """The official ratio for one of its kept counts (``BUDGETS``, what the official side runs); another count as
+    ``keep_tokens`` (the same rule, a count the official scripts do not pass)."""
+    count = ({"reduction_ratio": RATIOS[int(budget)]} if int(budget) in RATIOS
+             else {"keep_tokens": int(budget)})
+    return "vlmpruner", {"budget": None, **count, "rounding": "round", "numerics": "official", "layer": LAYER,
+                         "scale_layers": False}
 
 
 def record_ours(rt, store: list):
