@@ -43,9 +43,11 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import MaxMinProblem, check_numerics, greedy_max_min, masked_take, unit_layout
+from llava.ops import (SUBSET_RATIO, MaxMinProblem, check_numerics, greedy_max_min, masked_take, subset_picks,
+                       unit_layout)
 
-DEFAULT_RATIO = 0.098  # official SUBSET_RATIO default (README)
+DEFAULT_RATIO = SUBSET_RATIO  # the official SUBSET_RATIO default (0.098)
+num_picks = subset_picks  # picks per scope: budget per unit, else round(ratio * n)
 SCOPES = ("auto", "sample", "unit")
 NEWLINE_MODES = ("auto", "candidate", "keep", "drop")
 #: the dtype of the official runs' LLM input embeddings (LLaVA loads the model in float16)
@@ -118,12 +120,6 @@ def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.
     first, prob = max_min_problem(x, k)
     return first if prob is None else torch.cat([first, greedy_max_min([prob])[0]])
 
-
-def num_picks(n: int, budget: int | None, units: int, ratio: float | None) -> int:
-    """Picks for a scope of ``n`` candidates spanning ``units`` units."""
-    if budget is not None:
-        return min(n, budget * units)
-    return min(n, int(round((DEFAULT_RATIO if ratio is None else ratio) * n)))
 
 
 def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None = None,

@@ -35,10 +35,11 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take, set_order, unit_layout
+from llava.ops import SUBSET_RATIO, subset_picks, check_numerics, masked_take, set_order, unit_layout
 
 GAMMA = 0.01  # official, hard-coded in OTPrune()
-DEFAULT_RATIO = 0.098  # run_OTPrune.sh SUBSET_RATIO
+DEFAULT_RATIO = SUBSET_RATIO  # the official SUBSET_RATIO default (0.098)
+num_picks = subset_picks  # picks per scope: budget per unit, else round(ratio * n)
 SCOPES = ("auto", "sample", "unit")
 NEWLINE_MODES = ("auto", "candidate", "keep", "drop")
 ORDERS = ("sorted", "official")
@@ -91,12 +92,6 @@ def otprune_select(x: torch.Tensor, k: int, *, gamma: float = GAMMA, numerics: s
     rows_dtype = x.dtype if numerics == "official" else torch.float32
     return dpp_map(otprune_kernel(x, gamma, numerics), k, rows_dtype)
 
-
-def num_picks(n: int, budget: int | None, units: int, ratio: float | None) -> int:
-    """Picks for a scope of ``n`` candidates spanning ``units`` units (official: ``int(round(ratio * n))``)."""
-    if budget is not None:
-        return min(n, budget * units)
-    return min(n, int(round((DEFAULT_RATIO if ratio is None else ratio) * n)))
 
 
 def otprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None = None, ratio: float | None = None,

@@ -244,3 +244,15 @@ def unit_layout(unit: torch.Tensor, patch: torch.Tensor | None = None, num_stock
         unit_pos=[(pos[2 * i], pos[2 * i + 1]) for i in range(len(pos) // 2)] if pos is not None else None,
         grid=int(round((pmax + 1) ** 0.5)) if pmax >= 0 else 1,
     )
+
+
+#: the official SUBSET_RATIO default of DivPrune's code and of OTPrune's run_OTPrune.sh (56 of 576)
+SUBSET_RATIO = 0.098
+
+
+def subset_picks(n: int, budget: int | None, units: int, ratio: float | None) -> int:
+    """Picks for a scope of ``n`` candidates spanning ``units`` units: ``budget`` per unit, else the official
+    ``int(round(ratio * n))`` (``ratio`` None: :data:`SUBSET_RATIO`); never more than ``n``. DivPrune, OTPrune."""
+    if budget is not None:
+        return min(n, budget * units)
+    return min(n, int(round((SUBSET_RATIO if ratio is None else ratio) * n)))
