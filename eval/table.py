@@ -23,7 +23,7 @@ DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet":
            "cdpruner": "CDPruner", "clse": "CLSE", "consensusdrop": "ConsensusDrop", "dart": "DART",
            "divprune": "DivPrune", "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM",
            "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "mmtok": "MMTok", "otprune": "OTPrune",
-           "pdrop": "PyramidDrop", "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random",
+           "ivcprune": "IVC-Prune", "pdrop": "PyramidDrop", "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random",
            "sparsevlm": "SparseVLM", "transprune": "TransPrune", "trio": "TRIO",
            "v2drop": "V2Drop", "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip",
            "vispruner": "VisPruner", "vlmpruner": "VLM-Pruner", "vscan": "VScan"}

@@ -71,6 +71,12 @@ class LayerQK:
             self._cs = self.rotary(self.x[None], self.pos.unsqueeze(-2))
         return self._cs
 
+    def rotary_tables(self, fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) at ``pos`` as the model's rotary embedding gives them to this layer: (S, d), or (3, S, d) for
+        M-RoPE (one table per position row, before the sections are merged); in the model's dtype, or fp32."""
+        cos, sin = self._cos_sin() if not fp32 else self.rotary(self.x[None].float(), self.pos.unsqueeze(-2))
+        return cos.squeeze(-3), sin.squeeze(-3)
+
     def keys(self, rope: bool = True) -> torch.Tensor:
         """(H_kv, S, d)."""
         if self._k is None:
@@ -130,8 +136,10 @@ def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: 
     def keys_fn(which, rope):
         return pick(which).keys(rope).transpose(0, 1)
 
-    def qv_fn(kind, which, rows=None, rope=True):  # queries (H, Q, d) of ``rows`` / values (S, H_kv, d)
+    def qv_fn(kind, which, rows=None, rope=True):  # queries (H, Q, d) of ``rows`` / values (S, H_kv, d) / rotary
         qk = pick(which)
+        if kind == "rotary":  # the rotary tables at the rows' positions, the model's dtype or fp32 (``rope``)
+            return qk.rotary_tables(fp32=rope)
         return qk.queries(rows, rope) if kind == "queries" else qk.values().transpose(0, 1)
 
     return attn_fn, keys_fn, qv_fn

@@ -7,8 +7,7 @@ masks or the KV cache; :mod:`llava.engine` does all of that.
 
 Stages
 ------
-* ``vision`` stage: after the vision tower and projector, before decoder layer 0.
-  Implement :meth:`Method.select_vision` (receives :class:`llava.signals.VisionSignals`).
+* ``vision`` stage: after the tower and projector, before decoder layer 0: :meth:`Method.select_vision`.
 * ``llm`` stages: before decoder layer ``K`` (that is, after ``K`` decoder layers have run on the
   longer sequence), for each ``K`` in :attr:`Method.llm_layers`. Implement
   :meth:`Method.select_llm` (receives :class:`llava.signals.LLMSignals`).
@@ -280,11 +279,12 @@ class Method:
     #: The llm stages take a gradient inside the prefill (``LLMSignals.grad_saliency``, TRIO): refused at attach on
     #: a tensor-parallel (AutoTP-sharded) model, whose all-reduce linears have no backward.
     llm_grad: ClassVar[bool] = False
-    #: An llm stage also removes the dropped rows from the KV caches of the layers that ran before it (the official
-    #: codes of PriorTR and CLSE), so that decoding attends to the kept visual tokens alone in every layer; False: each
-    #: layer's cache holds the prompt as that layer saw it (FastV's in-place code, every other in-LLM method here).
+    #: An llm stage also removes the dropped rows from the KV caches of the layers that ran before it, from layer
+    #: ``past_cache_from`` on (PriorTR, CLSE: 0; IVC-Prune's LLaVA code: 1), so decoding attends to the kept visual
+    #: tokens alone there; False: each layer's cache holds the prompt as that layer saw it (FastV, most methods here).
     #: The eager engine's dynamic cache only (the fast path refuses it, as do static caches and linear layers).
     prune_past_cache: bool = False
+    past_cache_from: int = 0
     #: Decoder layers whose prefill runs on transformers' eager attention instead of the model's (a reference mode's:
     #: an official code that asks a layer for its attention map, ``output_attentions=True``, runs that layer on the
     #: eager path, and its fp16 hidden states differ from SDPA's). Eager engine only; attention layers only.

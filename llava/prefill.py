@@ -23,4 +23,5 @@ class _Prefill:
     llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
     clock: _PhaseClock | None = None  # the phase clock of this prefill's timings
     stage_rows: Any = None  # (B, L') the last llm stage's source row per output row (earlier-cache pruning)
+    past_from: int = 0  # the first decoder layer whose cache an llm stage prunes (Method.past_cache_from)
     subblocks: dict = field(default_factory=dict)  # layer -> SubBlockStates (B, L, D) recorded since the last stage

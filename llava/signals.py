@@ -323,6 +323,17 @@ class LLMSignals:
             self._cache[key] = self._qv_fn("values", layer)
         return self._cache[key]
 
+    def rotary(self, layer: Literal["next", "prev"] = "next", fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of these tokens' RoPE positions as the model's rotary embedding gives them to that layer: (S, d),
+        or (3, S, d) for M-RoPE before the sections are merged (IVC-Prune's implicit visual coordinates); in the
+        model's dtype, or fp32."""
+        if self._qv_fn is None:
+            raise RuntimeError("LLMSignals.rotary is only available inside the engine")
+        key = ("rotary", layer, fp32)
+        if key not in self._cache:
+            self._cache[key] = self._qv_fn("rotary", layer, None, fp32)
+        return self._cache[key]
+
     def final_norm(self) -> torch.Tensor:
         """``hidden`` passed through the LLM's final norm (S, D) (DART's similarity space)."""
         if "final_norm" not in self._cache:

@@ -71,6 +71,7 @@ class StagedDecoderMixin:
         # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
         eager = set(getattr(self.method, "eager_layers", ()) or ())
         past = bool(getattr(self.method, "prune_past_cache", False)) and cache is not None
+        ctx.past_from = int(getattr(self.method, "past_cache_from", 0) or 0)  # the first layer whose cache is pruned
         h = embeds
         prev_in = None
         segments: list[_Segment] = []
@@ -109,9 +110,9 @@ class StagedDecoderMixin:
                     ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry, ds, rows=past)
                 if self._reindex:
                     shift = shift + dropped
-                if past:  # the layers before the stage keep the kept rows only: every segment now has this layout
-                    _gather_past(cache, a, ctx.stage_rows)
-                    segments[:] = [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments]
+                if past:  # the layers before the stage keep the kept rows only: those segments now have this layout
+                    segments[:] = _past_segments(segments, ctx.past_from, a, mask, shift)
+                    _gather_past(cache, a, ctx.stage_rows, ctx.past_from)
                 ctx.clock.mark("stage_end")
             segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
@@ -327,11 +328,24 @@ class StagedDecoderMixin:
         return torch.ones(B, kv_len - prompt_len, dtype=torch.long, device=device)
 
 
-def _gather_past(cache, upto: int, rows: torch.Tensor) -> None:
-    """Keep in the caches of decoder layers 0..upto-1 only the rows an llm stage kept (``rows`` (B, L'): the old row
-    of each new one), as the official codes of PriorTR and CLSE do (``Method.prune_past_cache``): a decode step
-    then attends to the kept tokens alone in every layer. Dynamic caches of attention layers only."""
-    for i in range(upto):
+def _past_segments(segments: list, start: int, upto: int, mask, shift) -> list:
+    """The decode segments after an llm stage before layer ``upto`` pruned the caches of layers ``start``..upto-1
+    (``Method.past_cache_from``): a segment that begins before ``start`` keeps its own layout, one that begins at
+    or after it takes the stage's (``mask``, ``shift``), and the segment that holds layer ``start`` is split there
+    (IVC-Prune's official LLaVA code leaves layer 0's cache whole and prunes layers 1..K-1)."""
+    out = [sg for sg in segments if sg.start < start]
+    if start < upto:
+        out.append(_Segment(start=start, mask=mask, shift=shift.clone()))
+    out += [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments if start < sg.start < upto]
+    return out
+
+
+def _gather_past(cache, upto: int, rows: torch.Tensor, start: int = 0) -> None:
+    """Keep in the caches of decoder layers start..upto-1 only the rows an llm stage kept (``rows`` (B, L'): the old
+    row of each new one), as the official codes of PriorTR and CLSE do from layer 0 (``Method.prune_past_cache``)
+    and IVC-Prune's LLaVA code from layer 1 (``Method.past_cache_from``): a decode step then attends to the kept
+    tokens alone in those layers. Dynamic caches of attention layers only."""
+    for i in range(start, upto):
         layer = cache.layers[i]
         if not isinstance(layer, DynamicLayer) or not getattr(layer, "is_initialized", True):
             raise ValueError(f"pruning the earlier layers' caches needs a dynamic cache of attention layers; decoder "

@@ -42,6 +42,7 @@ BUDGETS = {
     "clse": 192,  # the official RETAIN_TOKEN: 16 -> 16/9/5/1 (LLaVA-1.5 only)
     "transprune": None,  # the official lists 0.875 / 0.625 / 0.125: 16 -> 16/14/10/2 (not on Qwen3.5)
     "v2drop": None,  # the official schedule: 16 -> 16/8/4/1 (LLaVA rule; Qwen rule .25 / .05 / 0)
+    "ivcprune": _IN_LLM,  # layer average, as FastV's (K = 16 of 32 -> 2 of 4 layers)
     "vlmpruner": _IN_LLM,  # layer average, as FastV's (K = 2 of 32 -> 1 of 4 layers; not on Qwen3.5)
 }
 #: every registered method (test doubles aside); a new method without a budget here fails loudly

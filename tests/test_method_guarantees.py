@@ -98,6 +98,7 @@ KEEP_ALL = {
     "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
     "v2drop": [(None, {"keep_ratios": (1.0, 1.0, 1.0)})],
     "vlmpruner": [(None, {"keep_tokens": 10**4}), (None, {"reduction_ratio": 0.0})],  # max(1, int(n * 1)) = n at every stage
+    "ivcprune": [(None, {"keep_tokens": 10**4}), (None, {"rule": "qwen", "fill_ratio": 1.0})],
     "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
     "transprune": [(None, {"ratios": [1.0, 1.0, 1.0]}), (None, {"ratios": [1.0, 1.0, 1.0], "numerics": "official"})],
     "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
@@ -187,6 +188,8 @@ COUNTED_ELSEWHERE = {
               "test_first_stage_against_the_eager_model",
     "vlmpruner": "in the LLM (the greedy walk may keep fewer): test_vlmpruner.test_options_counts_and_refusals, "
                  "test_selection_and_rewrite_against_the_stock_model",
+    "ivcprune": "in the LLM (the official union: a count per sample): test_ivcprune.test_counts_and_refusals, "
+                "test_selection_matches_an_independent_computation, test_a_count_keeps_exactly_that_many",
     "dart": "in the LLM: test_dart.test_per_layer_counts",
     "pdrop": "in the LLM: test_pdrop.test_per_layer_counts",
     "transprune": "in the LLM: test_transprune.test_depth_mapping_options_and_refusals, test_first_stage_against_a_"
@@ -234,6 +237,7 @@ CACHED = {
     "clse": [(192, {}), (192, {"numerics": "official"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],
     "vlmpruner": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official"}), (8, {}, ["llava"])],
+    "ivcprune": [(None, {}), (None, {"numerics": "official"}), (None, {"keep_tokens": 6, "rule": "qwen"})],
     "pdrop": [(None, {})],  # three stages, re-indexed positions
     "transprune": [(None, {}), (None, {"numerics": "official"}), (192, {})],  # 16 -> 14 / 10 / 2 and 2 / 1 / 1
     "sparsevlm": [(192, {"version": "v1"}), (192, {"version": "v2"}, ["llava"])],
@@ -286,6 +290,7 @@ BATCH = {
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava", "llava-next"])],
     "vlmpruner": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official"}),
                   (8, {}, ["llava", "llava-next"])],
+    "ivcprune": [(None, {}), (None, {"numerics": "official", "caches": "pruned"}), (8, {}, ["llava", "llava-next"])],
 }
 
 

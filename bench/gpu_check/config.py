@@ -56,6 +56,8 @@ TINY_BUDGETS = {
     "clse": 192,  # the official RETAIN_TOKEN: 16 -> 16/9/5/1 (LLaVA-1.5 only)
     "transprune": 192,  # PyramidDrop's table scaled: 16 -> 16/2/1/1 (not on Qwen3.5)
     "v2drop": None,  # the official schedule: 16 -> 16/8/4/1 (LLaVA rule; Qwen rule .25 / .05 / 0)
+    "ivcprune": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
+                 "llava_onevision": 16},  # layer average, as FastV's (K = 16 of 32 -> 2 of 4; eager only)
     "vlmpruner": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
                   "llava_onevision": 16},  # layer average, as FastV's (K = 2 of 32 -> 1 of 4; eager only)
 }

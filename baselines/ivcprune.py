@@ -1,0 +1,303 @@
+"""IVC-Prune: "Revealing the Implicit Visual Coordinates in LVLMs for Vision Token Pruning" (ICLR 2026, arXiv
+2602.03060), docs/methods/ivcprune.md.
+
+Official code: FireRedTeam/IVC-Prune at 03afd9cee41f60bb30b51a4105839f2b5d467814, a fork of transformers 4.51.3:
+LLaVA in ``transformers/src/transformers/models/llama/modeling_llama.py`` (``compute_attention_weights`` 734-797,
+``IVCP_forward_flashattention`` 799-1011, ``prune_past_key_values`` 1013-1049), Qwen2.5-VL in
+``models/qwen2_5_vl/modeling_qwen2_5_vl.py`` (``prune_past_key_values`` 1317-1353,
+``calculate_avg_similarity_for_subset_einsum`` 1355-1391, ``IVCP_forward_flashattention`` 1393-1627).
+
+Algorithm (one stage at the entry of decoder layer K, prefill only; K = 16 of LLaVA-1.5-7B's 32 layers):
+
+1. the values V of layer K-1 (its v projection of its normed input: no RoPE) give a value-similarity
+   W = softmax(V V^T / sqrt(d)) per head; the rows are the query rows R (the tokens from the second after the
+   image on: the official ``start + n + 2``);
+2. seeds: the top max(1, round(0.01 n)) image tokens by the mean over R of the head-mean W;
+3. foreground: the image tokens by the mean of W over the anchor rows (the seeds then R);
+4. implicit visual coordinates (IVC): the top image tokens by the mean over the head dimension of the rotary
+   cos table at their positions, and as many by the sin table (a pure function of the positions: the tokens
+   whose RoPE angles make them the LLM's coordinate anchors);
+5. keep every non-image token and the union; layers >= K run on the short sequence, positions kept.
+
+The two official rules (``rule``):
+
+- ``"llava"`` (``modeling_llama.py``): W over **all** tokens of the prompt; foreground = the top round(0.2 n) by the
+  anchor score; IVC = round(0.05 n) by cos + round(0.05 n) by sin; kept = the union (a data-dependent count,
+  at most 31 % of n). The caches of layers 1..K-1 keep only the kept rows; layer 0's keeps the whole prompt.
+- ``"qwen"`` (``modeling_qwen2_5_vl.py``): W's softmax over the **image** columns only (rows R and then the seeds);
+  IVC = round(0.1 n) by cos + round(0.1 n) by sin (M-RoPE: the tables of the three position rows averaged too);
+  priority = IVC + seeds; filled up to round(0.5 n) with the best others by the mean of W over R then the seeds
+  (never fewer than the priority). The caches of layers 0..K-1 keep only the kept rows.
+
+Budgets (our design; the official code has no budget): ``keep_tokens`` k (a count after layer K) or a ``budget`` in
+equivalent tokens (the layer average, turned into k as FastV's) select exactly k: the rule's priority tokens
+(seeds, and IVC sets of round(s k) each, ``s`` the rule's IVC share of its own kept tokens: 0.05 / 0.31 for LLaVA,
+0.1 / 0.5 for Qwen) first, then the best others by the rule's score; a priority larger than k keeps its best k.
+Without either, the official rule runs with its fixed fractions (a count per sample).
+
+Reference mode (``numerics="official"``): the value logits and the head / row means in the model's dtype (the fp32
+softmax cast back), the full S x S similarity for the LLaVA rule, the rotary tables in the model's dtype,
+``torch.topk`` (its tie order) and the official head count (Qwen: the value heads repeated to the query heads).
+``numerics="ours"``: fp32 logits, softmax, means and tables; only the needed rows; ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from llava.method import Method, Selection, register
+from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
+
+log = logging.getLogger(__name__)
+
+RULES = ("llava", "qwen")
+ROWS = ("official", "question")
+#: the official fractions of the image tokens n: seeds, foreground (LLaVA), IVC per table, kept (Qwen's fill target)
+SEED_RATIO = 0.01
+VALUE_RATIO = 0.2
+IVC_RATIO = {"llava": 0.05, "qwen": 0.1}
+FILL_RATIO = 0.5
+#: the official ``start + n + 2``: the query rows begin at the second token after the image
+ROW_SKIP = 2
+#: the official K for a Qwen2.5-VL LLM of this depth (vlmeval/config.py: 7B 16 of 28, 3B 22 of 36)
+QWEN_K = {28: 16, 36: 22}
+
+
+def official_round(x: float) -> int:
+    """Python's ``round`` (ties to even), as the official code rounds its fractions of n."""
+    return int(round(x))
+
+
+def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor, rule: str, numerics: str = "ours",
+                 heads: int | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean value-similarity of ``rows`` (then ``seeds``, when given) over the visual columns, (N,).
+
+    ``values`` (S, H_kv, d): layer K-1's values of the S tokens; ``rows`` (R,) / ``seeds`` (s,): indices among S;
+    ``visual`` (N,): the visual tokens' indices. ``rule="llava"``: each row's softmax over all S tokens, read at the
+    visual columns; ``"qwen"``: the softmax over the visual columns only. ``heads``: repeat the value heads to this
+    many (the official Qwen code's ``repeat_kv``) before the head mean. Reference numerics: the model's dtype as the
+    official code (the LLaVA rule computes the whole S x S map and indexes it); ours: fp32.
+    """
+    v = values.transpose(0, 1)  # (H_kv, S, d)
+    if heads is not None and heads != v.shape[0]:
+        v = v.repeat_interleave(heads // v.shape[0], dim=0)
+    anchors = rows if seeds is None else torch.cat([seeds, rows]) if rule == "llava" else torch.cat([rows, seeds])
+    d = v.shape[-1]
+    if numerics == "official":
+        if rule == "llava":  # modeling_llama.py 764-765, then 857 / 874: the whole map, its head mean, the rows' mean
+            w = torch.softmax(torch.matmul(v, v.transpose(1, 2)) / math.sqrt(d), dim=-1, dtype=torch.float32)
+            w = w.to(v.dtype).mean(dim=0)  # (S, S), the model's dtype
+            return w[anchors].mean(dim=0)[visual]
+        # modeling_qwen2_5_vl.py 1381-1389 per row set, then 1497 / 1515-1517: the means over rows
+        parts = []
+        for r in ([rows] if seeds is None else [rows, seeds]):
+            sim = torch.einsum("hqd,hdk->hqk", v[:, r], v[:, visual].transpose(1, 2)) / math.sqrt(d)
+            parts.append(torch.softmax(sim, dim=-1, dtype=torch.float32).to(v.dtype).mean(dim=0))
+        return torch.cat(parts).mean(dim=0)
+    vf = v.float()
+    cols = vf if rule == "llava" else vf[:, visual]
+    w = torch.softmax(torch.matmul(vf[:, anchors], cols.transpose(1, 2)) / math.sqrt(d), dim=-1)  # (H, A, C)
+    w = w.mean(dim=0).mean(dim=0)
+    return w[visual] if rule == "llava" else w
+
+
+def coordinate_scores(tables: torch.Tensor, visual: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+    """IVC score of each visual token: its rotary table (cos or sin) averaged over the head dimension (and over
+    M-RoPE's three position rows), (N,). ``tables`` (S, d) or (3, S, d)."""
+    t = tables[..., visual, :]
+    if numerics != "official":
+        t = t.float()
+    return t.mean(dim=(0, 2)) if t.dim() == 3 else t.mean(dim=1)
+
+
+def _top(scores: torch.Tensor, k: int, numerics: str) -> torch.Tensor:
+    k = max(0, min(int(k), scores.numel()))
+    return scores.topk(k).indices if numerics == "official" else topk_desc(scores, k)
+
+
+def _order(scores: torch.Tensor, numerics: str) -> torch.Tensor:
+    """Every index, best first (the official ``topk(n)``; ours: stable, ties to the lower index)."""
+    return _top(scores, scores.numel(), numerics)
+
+
+def fill(priority: torch.Tensor, scores: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+    """The ``k`` tokens kept: the priority ones (a bool mask (N,)) first, best score first, then the others by score
+    (``k`` >= the priority count: the official Qwen fill; smaller: the priority's best k). Ascending (k,)."""
+    order = _order(scores, numerics)
+    first = torch.sort((~priority[order]).to(torch.uint8), stable=True).indices  # priority first, score order kept
+    return order[first][:k].sort().values
+
+
+@register
+class IVCPrune(Method):
+    """IVC-Prune: before decoder layer K, keep the image tokens that are the LLM's implicit visual coordinates (the
+    top by the mean rotary cos / sin at their positions) and the foreground found by value similarity to the
+    question (seeds, then anchors); the rest are dropped.
+
+    ``keep_tokens`` / ``budget`` (optional, our design): exactly that many kept after layer K (a budget in equivalent
+    tokens, the layer average, as FastV's). Without: the official rule's fixed fractions (a count per sample)."""
+
+    name = "ivcprune"
+    position_mode = "keep"
+    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
+    unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 may be a "
+                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned")
+    capturable = None
+    capture_reason = ("ivcprune: layer K-1's full value-similarity rows and a per-sample kept count (the official "
+                      "union) run on the eager engine")
+
+    @classmethod
+    def option_defaults(cls):
+        return {
+            **super().option_defaults(),
+            # K (the official ivcp_k; the score layer is K-1). None: 16 of a 32-layer LLM scaled, or on Qwen2.5-VL the
+            # official value for the LLM's depth (16 of 28, 22 of 36)
+            "layer": None,
+            # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
+            "scale_layers": True,
+            # "auto" (Qwen families: "qwen"; others: "llava"), "llava" or "qwen": the official code's two rules
+            "rule": "auto",
+            # a count kept after layer K (our design, the official code has none); None: from the budget or the rule
+            "keep_tokens": None,
+            # the query rows: "official" (from the second token after the image to the end) or "question" (ours)
+            "rows": "official",
+            # the official fractions of the image tokens: seeds, foreground (LLaVA rule), IVC per table (None: the
+            # rule's 0.05 / 0.1), the Qwen rule's fill target
+            "seed_ratio": SEED_RATIO,
+            "value_ratio": VALUE_RATIO,
+            "ivc_ratio": None,
+            "fill_ratio": FILL_RATIO,
+            # the KV caches of the layers before K: "kept" (ours: each layer's as it saw the prompt) or "pruned" (the
+            # official: layers 1..K-1 for the LLaVA rule, 0..K-1 for the Qwen rule hold the kept rows only)
+            "caches": "kept",
+            # "ours" (fp32 similarity, means and tables, ties to the lower index) or "official" (reference mode)
+            "numerics": "ours",
+        }
+
+    def __init__(self, budget=None, **options):
+        if budget is not None and options.get("keep_tokens") is not None:
+            raise ValueError("ivcprune: give either a budget (equivalent tokens) or keep_tokens, not both")
+        super().__init__(budget, **options)
+        check_numerics("ivcprune", self.numerics)
+        if self.rule not in ("auto", *RULES):
+            raise ValueError(f"ivcprune: rule must be 'auto', 'llava' or 'qwen', got {self.rule!r}")
+        if self.rows not in ROWS:
+            raise ValueError(f"ivcprune: rows must be one of {ROWS}, got {self.rows!r}")
+        if self.caches not in ("kept", "pruned"):
+            raise ValueError(f"ivcprune: caches must be 'kept' or 'pruned', got {self.caches!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or int(self.layer) < 1):
+            raise ValueError(f"ivcprune: layer must be >= 1, got {self.layer!r}")
+        if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 0
+                                             or self.keep_tokens != int(self.keep_tokens)):
+            raise ValueError(f"ivcprune: keep_tokens must be a whole number >= 0, got {self.keep_tokens!r}")
+        for k in ("seed_ratio", "value_ratio", "fill_ratio") + (("ivc_ratio",) if self.ivc_ratio is not None else ()):
+            if not 0.0 <= float(getattr(self, k)) <= 1.0:
+                raise ValueError(f"ivcprune: {k} must be in [0, 1], got {getattr(self, k)!r}")
+
+    # -- where -------------------------------------------------------------------------------------------------------
+    @property
+    def rule_run(self) -> str:
+        """The rule as run: "auto" resolved on the attached family (the Qwen families: "qwen")."""
+        if self.rule != "auto":
+            return self.rule
+        return "qwen" if str(getattr(self, "family", "") or "").startswith("qwen") else "llava"
+
+    @property
+    def k_layer(self) -> int:
+        n = getattr(self, "num_layers", 32)
+        if self.layer is None and getattr(self, "family", None) == "qwen2_5_vl" and n in QWEN_K:
+            return QWEN_K[n]
+        k = 16 if self.layer is None else int(self.layer)
+        return scale_layers([k], n)[0] if self.scale_layers else k
+
+    @property
+    def llm_layers(self):
+        return (self.k_layer,)
+
+    @property
+    def prune_past_cache(self) -> bool:
+        return self.caches == "pruned"
+
+    @property
+    def past_cache_from(self) -> int:
+        return 1 if self.rule_run == "llava" else 0
+
+    @property
+    def ivc_share(self) -> float:
+        return IVC_RATIO[self.rule_run] if self.ivc_ratio is None else float(self.ivc_ratio)
+
+    # -- counts ------------------------------------------------------------------------------------------------------
+    def kept_count(self, n_visual: int) -> int | None:
+        """The exact count kept after layer K (None: the official rule's own, data-dependent)."""
+        if self.keep_tokens is not None:
+            return min(int(self.keep_tokens), int(n_visual))
+        if self.budget is None:
+            return None
+        k = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        if k == 0 and n_visual and not getattr(self, "_warned", False):
+            self._warned = True
+            log.warning("ivcprune: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
+                        self.budget, n_visual, self.k_layer)
+        return k
+
+    def counts(self, n: int, k: int | None) -> tuple[int, int, int]:
+        """(seeds, foreground, IVC per table) for n image tokens: the official fractions of n, or with a count k
+        the IVC sets scaled to k by the rule's IVC share of its own kept tokens (foreground: filled by score)."""
+        seeds = max(1, official_round(n * float(self.seed_ratio)))
+        if k is None:
+            value = official_round(n * float(self.value_ratio)) if self.rule_run == "llava" else 0
+            return seeds, value, official_round(n * self.ivc_share)
+        nominal = (float(self.seed_ratio) + float(self.value_ratio) + 2 * self.ivc_share if self.rule_run == "llava"
+                   else float(self.fill_ratio))
+        return seeds, 0, official_round(k * self.ivc_share / nominal) if nominal > 0 else 0
+
+    def layer_counts(self, n_visual: int) -> list[int] | None:
+        k = self.kept_count(n_visual)
+        if k is None:
+            return None
+        L, K = getattr(self, "num_layers", 32), self.k_layer
+        return [int(n_visual)] * K + [k] * (L - K)
+
+    # -- the stage ---------------------------------------------------------------------------------------------------
+    def query_rows(self, sig) -> torch.Tensor:
+        """R: the tokens from the second after the image to the end of the prompt (official), or our question rows;
+        the last token where that leaves none (a prompt that ends at the image: the official mean would be NaN)."""
+        rows = sig.text_after[ROW_SKIP:] if self.rows == "official" else sig.question
+        if rows.numel() == 0:
+            rows = torch.tensor([sig.hidden.shape[0] - 1], device=sig.hidden.device)
+        return rows
+
+    def select_llm(self, stage, sig):
+        n = sig.num_visual
+        dev = sig.visual.device
+        k = self.kept_count(n)
+        if n == 0 or (k is not None and k >= n):
+            return Selection(keep=torch.arange(n, device=dev))
+        if k == 0:
+            return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
+        rule, num = self.rule_run, self.numerics
+        official = num == "official"
+        rows = self.query_rows(sig)
+        values = sig.values(layer="prev")
+        # the official Qwen value states are repeated to the query heads (their count: one query row's heads)
+        heads = sig.queries("last", layer="prev").shape[0] if official and rule == "qwen" else None
+        n_seed, n_value, n_ivc = self.counts(n, k)
+        base = value_scores(values, rows, sig.visual, rule, num, heads)
+        seeds = _top(base, n_seed, num)  # among the visual tokens
+        score = value_scores(values, rows, sig.visual, rule, num, heads, seeds=sig.visual[seeds])
+        cos, sin = sig.rotary(layer="prev", fp32=not official)
+        priority = torch.zeros(n, dtype=torch.bool, device=dev)
+        priority[seeds] = True
+        priority[_top(coordinate_scores(cos, sig.visual, num), n_ivc, num)] = True
+        priority[_top(coordinate_scores(sin, sig.visual, num), n_ivc, num)] = True
+        if k is not None:
+            return Selection(keep=fill(priority, score, k, num))
+        if rule == "llava":  # the official union: prefix, foreground, seeds, IVC, suffix (sorted, unique)
+            priority[_top(score, n_value, num)] = True
+            return Selection(keep=torch.nonzero(priority).flatten())  # the one host read: the union's size
+        target = official_round(n * float(self.fill_ratio))
+        count = max(target, int(priority.sum()))  # the one host read: the official fill never drops a priority token
+        return Selection(keep=fill(priority, score, count, num))
