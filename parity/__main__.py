@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
                    help="the official environment (default: .venv-official, made by scripts/official_env.sh)")
     p.add_argument("--qwen-venv", type=Path, default=REPO / ".venv-official-qwen",
-                   help="the qwen part's official environment (default: .venv-official-qwen, made by "
+                   help="the official environment of the qwen part and of the adapters whose official code is "
+                        "transformers' own classes (IVC-Prune's fork) (default: .venv-official-qwen, made by "
                         "`bash scripts/official_env.sh qwen`)")
     p.add_argument("--official-path", default=None,
                    help="a clone of an official repository (its llava/ tree and its method package replace the "
@@ -158,7 +159,8 @@ def run_seed(args, py: Path, work: Path, seed: int):
         checks += llava15.run(info, str(py), work, dtypes=tuple(args.dtypes),
                               budgets=tuple(args.budgets) if args.budgets else None,
                               max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
-                              methods=tuple(args.method), official_path=args.official_path)
+                              methods=tuple(args.method), official_path=args.official_path,
+                              hf_python=str(args.qwen_venv / "bin" / "python"))
     if args.part in ("all", "next"):
         from . import next as next_
         from .build import build_next

@@ -98,6 +98,8 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
     llm_attn = extra.pop("attn_implementation", None)  # an adapter's LLM attention (a fork's own attention code)
     if llm_attn is not None:
         attn = {**attn, "": llm_attn, "text_config": llm_attn}
+    # an adapter whose official tower is transformers' own CLIP on SDPA (OFFICIAL["worker"] = "hf"), not 4.36's
+    vision_attn = extra.pop("vision_attn", vision_attn)
     attn["vision_config"] = tower_attention(vision_attn, {**load, **extra})
     rt = llava.load(info["hf"], attn_implementation=attn, **{**load, **extra})
     out = []
@@ -170,10 +172,11 @@ def _strip(tokens: list[int], eos: int | None) -> list[int]:
 def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, eos: int | None) -> list[Check]:
     checks = []
     for o, m in zip(off["runs"], mine):
-        meth = o["method"]["name"] + (f" T={o['method']['budget']}" if "budget" in o["method"] else "")
+        meth = o["method"]["name"] + (f" T={o['method']['budget']}" if o["method"].get("budget") is not None else "")
         case = f"{dtype} {meth} batch {o['batch']}"
-        if meth == "none":
-            # prompts and pixels: the same for every method; checked once per batch and precision
+        if meth == "none" and not off.get("handed_over"):
+            # prompts and pixels: the same for every method; checked once per batch and precision (not where our ids
+            # and pixels were handed to the official side: an official code on transformers' own classes)
             ours_ids = [_collapse(row[mask.bool()].tolist(), m["image_token_id"])
                         for row, mask in zip(m["input_ids"], m["attention_mask"])]
             ids_ok = ours_ids == o["ids"]
@@ -233,20 +236,68 @@ def clone_for(name: str, official_path: str | None, clones: Path = CLONES) -> st
 DEFAULT_BUDGETS = (8, 16, 32)
 
 
+def hf_legacy_folder(info: dict, work: Path) -> str:
+    """``llava-1.5-tiny-hf`` as transformers 4.51 reads it (``llava-1.5-tiny-hf-4.51/``): the same tensors and config,
+    the CLIP tower's keys under ``vision_tower.vision_model.`` (4.51's ``CLIPVisionModel``; transformers 5 saves the
+    tower without that level). Written once per build."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(info["hf"]), work / "llava-1.5-tiny-hf-4.51"
+    if not (dst / "model.safetensors").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        sd = load_file(src / "model.safetensors")
+        sd = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+              for k, v in sd.items()}
+        for f in src.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy(f, dst / f.name)
+        save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def official_hf(info: dict, hf_python: str, dtype: str, mine: list[dict], max_new_tokens: int, work: Path,
+                official_path: str, eos: int | None) -> dict:
+    """The official side of an adapter whose official code is transformers' own Llava classes in a fork
+    (``OFFICIAL["worker"] = "hf"``, ``parity/official_worker_hf.py`` in ``hf_python``, the Qwen official environment):
+    the runs of ``mine`` (ours, already run) with our ids, mask and pixels handed over."""
+    work.mkdir(parents=True, exist_ok=True)
+    name = f"llava15-hf-{dtype}-" + "-".join(sorted({m["method"]["name"] for m in mine}))
+    inputs = work / f"{name}.inputs.pt"
+    torch.save([{"input_ids": m["input_ids"], "attention_mask": m["attention_mask"],
+                 "pixel_values": m["pixel_values"]} for m in mine], inputs)
+    job = {"kind": "run_hf", "model": hf_legacy_folder(info, work), "dtype": dtype, "inputs": str(inputs),
+           "runs": [{"method": m["method"], "batch": m["batch"]} for m in mine], "max_new_tokens": max_new_tokens,
+           "image_token_id": info["image_token_id"], "pad_token_id": eos, "official_path": official_path}
+    return run_official(hf_python, job, work, name, worker="official_worker_hf.py")
+
+
+#: the Python of the official environment that runs transformers-based official codes (scripts/official_env.sh qwen)
+HF_PYTHON = Path(__file__).resolve().parents[1] / ".venv-official-qwen" / "bin" / "python"
+
+
 def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=None,
         max_new_tokens: int = 8, vision_attn: str = "eager", methods=("flowcut",),
-        official_path: str | None = None, clones: Path = CLONES) -> list[Check]:
+        official_path: str | None = None, clones: Path = CLONES, hf_python: str | None = None) -> list[Check]:
     """Every LLaVA-1.5 check: for each precision, the unpruned model and each method at each budget, each image
     alone and all in one batch (or each alone, where the adapter says the official code cannot run a left-padded
     batch). Each method runs on its adapter's official code: ``official_path`` when given, else its clone under
     ``clones`` (``.official/<name>``), else the installed official packages; one official process per clone, since
     each ships its own ``llava``. ``vision_attn``: our tower's attention ("eager", 4.36's CLIP arithmetic:
-    bit-identical logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights)."""
+    bit-identical logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights). An adapter whose official
+    code is transformers' own Llava classes (``OFFICIAL["worker"] = "hf"``: IVC-Prune's fork) runs in ``hf_python``
+    (default: ``.venv-official-qwen``) with its own unpruned row, our ids and pixels handed over."""
     import transformers as tf
 
-    eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
     for m in methods:
         adapters.get(m)  # refuses a method without an adapter
+    hf = {m for m in methods if getattr(adapters.get(m), "OFFICIAL", {}).get("worker") == "hf"}
+    hf_python = str(hf_python or HF_PYTHON)
+    if hf and not Path(hf_python).exists():
+        raise ValueError(f"{', '.join(sorted(hf))}: the official code runs on transformers' own classes in the Qwen "
+                         f"official environment; none at {hf_python} (bash scripts/official_env.sh qwen)")
+    eos = tf.AutoTokenizer.from_pretrained(info["hf"]).eos_token_id
     roots = {m: clone_for(m, official_path, clones) for m in methods}
     n = len(info["images"])
     todo = [{"name": "none"}]
@@ -276,7 +327,10 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
             groups.setdefault((None, g), []).append({"name": "none"})
     for spec in todo[1:]:
         g = grid_of[spec["name"]] if grid_of[spec["name"]] in grids else None
-        groups.setdefault((roots[spec["name"]], g), []).append(spec)
+        key = (roots[spec["name"]], g)
+        if spec["name"] in hf and key not in groups:  # the fork's own unpruned model first
+            groups[key] = [{"name": "none"}]
+        groups.setdefault(key, []).append(spec)
     checks = []
     for dtype in dtypes:
         for (root, g), specs in groups.items():
@@ -289,11 +343,17 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
             specs = [sp for sp in specs if sp["name"] not in skip]
             if not specs:
                 continue
-            off = official(infos[g], official_python, dtype, specs, max_new_tokens, work / (f"grid{g}" if g else ""),
-                           root)
-            mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
+            if any(sp["name"] in hf for sp in specs):
+                mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
+                off = official_hf(infos[g], hf_python, dtype, mine, max_new_tokens, work / "hf", root, eos)
+            else:
+                off = official(infos[g], official_python, dtype, specs, max_new_tokens,
+                               work / (f"grid{g}" if g else ""), root)
+                mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
             for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, eos):
                 if g:  # the 24 x 24 tower's rows: named apart from the default tower's
                     c.case = f"grid{g} {c.case}"
+                if off.get("handed_over"):  # a fork of transformers' own classes: its rows named apart
+                    c.case = f"hf {c.case}"
                 checks.append(c)
     return checks
