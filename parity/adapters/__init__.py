@@ -12,7 +12,10 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
     code holds them (``stage``: e.g. ``1`` for CLIP layer 1, ``"llm2"`` for decoder layer 2; indices a tensor of
     ``(samples, kept)``, ascending), returned so the worker removes them after the run;
   - optional ``OFFICIAL = {"padding_side": "right", "alone": True}`` when the official code cannot run a left-padded
-    batch (``alone``: each image alone, on both sides);
+    batch (``alone``: each image alone, on both sides); ``"worker": "hf"`` when the official code is transformers' own
+    Llava classes in a fork of transformers (IVC-Prune): ``parity/official_worker_hf.py`` runs it in the Qwen official
+    environment with the clone's ``transformers`` first on the path, on our ids and pixels, and calls ``enable``,
+    ``inputs(model, input_ids, image_token_id)``, ``record`` and ``disable(model)``;
   - optional ``before_import()``: called before the official side imports ``llava`` (a bridge from a fork written
     for an older transformers to this environment's, e.g. a config name registered twice);
   - optional ``before_load(method)``: called before the official builder loads the model (switches the official
