@@ -177,7 +177,9 @@ BUDGETS_576 = {"pdrop": (64, 128, 192, 288), "sparsevlm": (64, 96, 128, 192),
 #: methods that cannot reach the default budgets: downsample's equal windows on the 8x8 grid reach 64 / 16 / 9 / 4 / 1
 #: V2Drop keeps at least one token from its first stage on (layer 1 of the 6 here): its layer average cannot go below
 #: (64 + 5) / 6 = 11.5 of 64 tokens
-BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16), "v2drop": (12, 16, 24, 32)}
+#: IVC-Prune prunes once before layer 16 of 32 (3 of the 6 here): a layer average below 32 of 64 keeps nothing after it
+#: (k = 2B - 64); 36 / 40 / 48 / 56 keep 8 / 16 / 32 / 48
+BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16), "v2drop": (12, 16, 24, 32), "ivcprune": (36, 40, 48, 56)}
 #: methods whose official mode chooses its own count (PruMerge's IQR outliers): run once without a budget,
 #: and at the budgets with these options
 ADAPTIVE = {"prumerge": {"budget_mode": "fixed"}}
