@@ -72,14 +72,17 @@ def official_round(x: float) -> int:
 
 
 def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor, rule: str, numerics: str = "ours",
-                 heads: int | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+                 heads: int | None = None, seeds: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The mean value-similarity of ``rows`` (then ``seeds``, when given) over the visual columns, (N,).
 
     ``values`` (S, H_kv, d): layer K-1's values of the S tokens; ``rows`` (R,) / ``seeds`` (s,): indices among S;
     ``visual`` (N,): the visual tokens' indices. ``rule="llava"``: each row's softmax over all S tokens, read at the
     visual columns; ``"qwen"``: the softmax over the visual columns only. ``heads``: repeat the value heads to this
     many (the official Qwen code's ``repeat_kv``) before the head mean. Reference numerics: the model's dtype as the
-    official code (the LLaVA rule computes the whole S x S map and indexes it); ours: fp32.
+    official code (the LLaVA rule computes the whole S x S map and indexes it); ours: fp32. A captured prefill's padded
+    rows (ours only): ``row_mask`` (R,) the real ones among ``rows``, ``key_mask`` (S,) the real tokens (no pad is a
+    column of the LLaVA rule's softmax).
     """
     v = values.transpose(0, 1)  # (H_kv, S, d)
     if heads is not None and heads != v.shape[0]:
@@ -99,8 +102,16 @@ def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor,
         return torch.cat(parts).mean(dim=0)
     vf = v.float()
     cols = vf if rule == "llava" else vf[:, visual]
-    w = torch.softmax(torch.matmul(vf[:, anchors], cols.transpose(1, 2)) / math.sqrt(d), dim=-1)  # (H, A, C)
-    w = w.mean(dim=0).mean(dim=0)
+    logits = torch.matmul(vf[:, anchors], cols.transpose(1, 2)) / math.sqrt(d)  # (H, A, C)
+    if key_mask is not None and rule == "llava":
+        logits = logits.masked_fill(~key_mask[None, None], float("-inf"))
+    w = torch.softmax(logits, dim=-1).mean(dim=0)  # (A, C)
+    if row_mask is None:
+        w = w.mean(dim=0)
+    else:  # the real anchor rows' mean (the seeds are real), no host read
+        real = row_mask if seeds is None else torch.cat(
+            [torch.ones(seeds.numel(), dtype=torch.bool, device=row_mask.device), row_mask])
+        w = torch.where(real[:, None], w, torch.zeros((), device=w.device)).sum(0) / real.sum().clamp(min=1)
     return w[visual] if rule == "llava" else w
 
 
@@ -142,12 +153,16 @@ class IVCPrune(Method):
 
     name = "ivcprune"
     position_mode = "keep"
+    #: layer K-1's values and rotary tables; the rows after the image (planned on the fast path, their count shown
+    #: up to 3: whether any row follows the official skip of 2)
+    llm_reads = ("prev",)
+    llm_text_rows = True
+    llm_text_cap = 3
     families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 may be a "
                           "Gated DeltaNet layer without values to compare, and its caches cannot be pruned")
-    capturable = None
-    capture_reason = ("ivcprune: layer K-1's full value-similarity rows and a per-sample kept count (the official "
-                      "union) run on the eager engine")
+    #: captured with a count (keep_tokens or a budget: a fixed output count); the official rule is refused
+    capturable = "full"
 
     @classmethod
     def option_defaults(cls):
@@ -196,6 +211,16 @@ class IVCPrune(Method):
         for k in ("seed_ratio", "value_ratio", "fill_ratio") + (("ivc_ratio",) if self.ivc_ratio is not None else ()):
             if not 0.0 <= float(getattr(self, k)) <= 1.0:
                 raise ValueError(f"ivcprune: {k} must be in [0, 1], got {getattr(self, k)!r}")
+
+    def capture_refusal(self) -> str | None:
+        """A count (``keep_tokens`` or a budget) is a fixed output count: captured whole; the official rule's count
+        is data-dependent, and our question rows are not planned on the fast path."""
+        if self.keep_tokens is None and self.budget is None:
+            return ("ivcprune: the official rule's kept count is data-dependent (the union of its fixed fractions): "
+                    "without keep_tokens or a budget the prefill runs on the eager engine")
+        if self.rows == "question":
+            return "ivcprune: rows='question' reads the question rows, which the fast path does not plan"
+        return super().capture_refusal()
 
     # -- where -------------------------------------------------------------------------------------------------------
     @property
@@ -262,13 +287,16 @@ class IVCPrune(Method):
         return [int(n_visual)] * K + [k] * (L - K)
 
     # -- the stage ---------------------------------------------------------------------------------------------------
-    def query_rows(self, sig) -> torch.Tensor:
-        """R: the tokens from the second after the image to the end of the prompt (official), or our question rows;
-        the last token where that leaves none (a prompt that ends at the image: the official mean would be NaN)."""
-        rows = sig.text_after[ROW_SKIP:] if self.rows == "official" else sig.question
-        if rows.numel() == 0:
-            rows = torch.tensor([sig.hidden.shape[0] - 1], device=sig.hidden.device)
-        return rows
+    def query_rows(self, sig) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """R and its real rows (None: all real): the tokens from the second after the image to the end of the prompt
+        (official; a captured prefill's padded text block, ``text_mask``), or our question rows (eager); the last
+        token where that leaves none (a prompt that ends at the image: the official mean would be NaN)."""
+        if self.rows == "official" and sig.num_text_after > ROW_SKIP:
+            mask = None if sig.text_mask is None else sig.text_mask[ROW_SKIP:]
+            return sig.text_after[ROW_SKIP:], mask
+        if self.rows == "question" and sig.question is not None and sig.question.numel():
+            return sig.question, None
+        return torch.tensor([sig.hidden.shape[0] - 1], device=sig.hidden.device), None
 
     def select_llm(self, stage, sig):
         n = sig.num_visual
@@ -280,14 +308,16 @@ class IVCPrune(Method):
             return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
         rule, num = self.rule_run, self.numerics
         official = num == "official"
-        rows = self.query_rows(sig)
+        rows, row_mask = self.query_rows(sig)
+        keys = sig.key_mask if sig.captured else None
         values = sig.values(layer="prev")
         # the official Qwen value states are repeated to the query heads (their count: one query row's heads)
         heads = sig.queries("last", layer="prev").shape[0] if official and rule == "qwen" else None
         n_seed, n_value, n_ivc = self.counts(n, k)
-        base = value_scores(values, rows, sig.visual, rule, num, heads)
+        base = value_scores(values, rows, sig.visual, rule, num, heads, row_mask=row_mask, key_mask=keys)
         seeds = _top(base, n_seed, num)  # among the visual tokens
-        score = value_scores(values, rows, sig.visual, rule, num, heads, seeds=sig.visual[seeds])
+        score = value_scores(values, rows, sig.visual, rule, num, heads, seeds=sig.visual[seeds], row_mask=row_mask,
+                             key_mask=keys)
         cos, sin = sig.rotary(layer="prev", fp32=not official)
         priority = torch.zeros(n, dtype=torch.bool, device=dev)
         priority[seeds] = True

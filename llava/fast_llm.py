@@ -87,6 +87,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
                          _keys_fn=lambda which, rope: torch.empty(S, hkv, hd, device=meta),
                          _qv_fn=lambda kind, which, rows=None, rope=True: (
                              torch.empty(H, rows.numel(), hd, device=meta) if kind == "queries"
+                             else (torch.empty(S, hd, device=meta),) * 2 if kind == "rotary"
                              else torch.empty(S, hkv, hd, device=meta)),
                          _norm=lambda x: torch.empty_like(x))
         sel = m.select_llm(stage, sig)

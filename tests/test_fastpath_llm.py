@@ -22,7 +22,7 @@ from llava.models import load
 #: V2Drop: the official 16 -> 8 / 4 / 1 from the residual updates (LLMSignals.prev_hidden, padded like hidden)
 CASES = [("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6), ("priortr", 8),
          ("v2drop", None)]
-LLAVA_CASES = CASES + [("clse", 192)]
+LLAVA_CASES = CASES + [("clse", 192), ("ivcprune", 12)]  # IVC-Prune: 2B - 16 = 8 of 16 kept after layer 2
 
 
 @pytest.fixture(scope="module")

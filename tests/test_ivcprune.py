@@ -218,7 +218,10 @@ def test_batch_equals_alone(rts, opts):
     check_generate_batch_equals_alone(rts[0], "ivcprune", None, **opts)
 
 
-def test_the_fast_path_runs_it_eagerly_with_the_reason():
+def test_the_fast_path_captures_a_count_and_refuses_the_official_rule_with_the_reason():
     fast = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=4, fast_backend="none")
-    eng = fast.prune("ivcprune", 8)
-    assert eng.fast.refusal.startswith("ivcprune: layer K-1's full value-similarity rows")
+    assert fast.prune("ivcprune", None).fast.refusal.startswith("ivcprune: the official rule's kept count")
+    assert fast.prune("ivcprune", None, keep_tokens=6, rows="question").fast.refusal.startswith("ivcprune: rows=")
+    assert fast.prune("ivcprune", None, keep_tokens=6, caches="pruned").fast.refusal == \
+        "ivcprune: pruning the earlier layers' caches runs on the eager engine"
+    assert fast.prune("ivcprune", 40).fast.refusal is None
