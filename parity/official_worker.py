@@ -83,22 +83,37 @@ def _prompt(question: str, conv_mode: str, mm_use_im_start_end: bool) -> str:
     return conv.get_prompt()
 
 
-def _adapter(name: str):
-    """The official half of ``parity/adapters/<name>.py``, loaded by its file path (nothing else of this repository is
-    importable here); ``none`` is the unpruned model."""
+#: the name the official side gives ``parity/adapters/`` (loaded by its path: ``parity`` itself is not importable here)
+ADAPTERS = "parity_official_adapters"
+
+
+def adapters_package() -> str:
+    """``parity/adapters/`` as the package :data:`ADAPTERS` (its ``__init__`` imports the standard library only), so
+    that an adapter's functions import their shared helpers relatively (``from . import _official``)."""
     import importlib.util
+
+    if ADAPTERS not in sys.modules:
+        folder = os.path.join(os.path.dirname(os.path.realpath(__file__)), "adapters")
+        spec = importlib.util.spec_from_file_location(ADAPTERS, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[ADAPTERS] = mod
+        spec.loader.exec_module(mod)
+    return os.path.dirname(sys.modules[ADAPTERS].__file__)
+
+
+def _adapter(name: str):
+    """The official half of ``parity/adapters/<name>.py``, a module of :func:`adapters_package` (nothing else of this
+    repository is importable here); ``none`` is the unpruned model."""
+    import importlib
 
     if name == "none":
         return None
-    folder = os.path.join(os.path.dirname(os.path.realpath(__file__)), "adapters")
-    path = os.path.join(folder, name + ".py")
-    if name.startswith("_") or not os.path.isfile(path):
+    folder = adapters_package()
+    if name.startswith("_") or not os.path.isfile(os.path.join(folder, name + ".py")):
         known = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
         raise ValueError(f"official worker: no adapter for {name!r} ({', '.join(['none'] + known)})")
-    spec = importlib.util.spec_from_file_location(f"parity_adapter_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"{ADAPTERS}.{name}")
 
 
 def run(job: dict) -> dict:

@@ -14,7 +14,6 @@ tokens, the kept indices per stage.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -24,16 +23,11 @@ warnings.filterwarnings("ignore")
 
 
 def _adapter(name: str):
-    if name == "none":
-        return None
-    folder = os.path.join(os.path.dirname(os.path.realpath(__file__)), "adapters")
-    path = os.path.join(folder, name + ".py")
-    if name.startswith("_") or not os.path.isfile(path):
-        raise ValueError(f"official hf worker: no adapter for {name!r}")
-    spec = importlib.util.spec_from_file_location(f"parity_adapter_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The official half of ``parity/adapters/<name>.py``, loaded as ``official_worker.py`` loads it (a module of the
+    adapters' package, nothing else of this repository importable); ``none`` is the unpruned model."""
+    from official_worker import _adapter as load  # this script's folder, first on the path
+
+    return load(name)
 
 
 def run(job: dict) -> dict:

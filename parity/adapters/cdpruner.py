@@ -73,15 +73,10 @@ NEXT_LOAD = {"next_layout": "spatial"}
 # ---- the official side (runs in .venv-official) ----
 
 def _forks():
-    """The shared glue (``_theia_forks.py`` beside this file), loaded by its path."""
-    import importlib.util
-    import os
+    """The shared glue (``_theia_forks.py`` beside this file)."""
+    from . import _theia_forks
 
-    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "_theia_forks.py")
-    spec = importlib.util.spec_from_file_location("parity_adapter__theia_forks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _theia_forks
 
 
 def before_load(method: dict) -> None:

@@ -40,30 +40,19 @@ TINY_LISTS = {192: (36, 23, 6), 128: (24, 15, 4), 64: (12, 7, 2)}
 
 
 def rewrite(src: str, pattern: str, replacement: str) -> str:
-    """``src`` with the one occurrence of ``pattern`` replaced (refuses to run when it is not there exactly once)."""
-    if src.count(pattern) != 1:
-        raise RuntimeError(f"clse: {pattern!r} occurs {src.count(pattern)} times in the forward, not once")
-    return src.replace(pattern, replacement)
+    """``src`` with the one occurrence of ``pattern`` (a literal) replaced (refused unless it occurs exactly once)."""
+    from . import _official
+
+    return _official.rewrite(src, pattern, replacement, literal=True)
 
 
 def recompile_forward(cls, edits: list[tuple[str, str]]) -> None:
     """``cls.forward`` compiled again from its own source (the clone's, or this environment's transformers) with each
-    ``(pattern, replacement)`` applied once (``rewrite``), in its module's globals. The worker calls ``before_load``
-    once per method of a job: the official forward is kept aside and every call starts from it."""
-    import inspect
-    import sys
-    import textwrap
+    ``(pattern, replacement)`` applied once (literal strings), the official forward kept aside (``_official.install``:
+    the worker calls ``before_load`` once per method of a job, and every call starts from the official one)."""
+    from . import _official
 
-    fn = cls.__dict__.get("_parity_official_forward", cls.__dict__["forward"])
-    cls._parity_official_forward = fn
-    src = textwrap.dedent(inspect.getsource(fn))
-    for pattern, replacement in edits:
-        src = rewrite(src, pattern, replacement)
-    # compiled outside its class, a zero-argument super() has no __class__ cell: name the class (same call)
-    src = src.replace("super().forward(", f"super({cls.__name__}, self).forward(")
-    scope: dict = {}
-    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
-    cls.forward = scope["forward"]
+    _official.install(cls, "forward", edits, literal=True)
 
 
 # ---- the official side (runs in .venv-official) ----

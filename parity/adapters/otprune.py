@@ -40,33 +40,18 @@ SYS_TOKEN_REPLACEMENT = "SYS_TOKEN_LEN = self.config.parity_sys_token_len"
 
 
 def rewrite(source: str, pattern: str, replacement: str) -> str:
-    """``source`` with the one match of ``pattern`` replaced (refused unless it occurs exactly once, so that a
-    change to the official line is not passed over)."""
-    import re
+    """``source`` with the one match of ``pattern`` replaced (refused unless it occurs exactly once)."""
+    from . import _official
 
-    hits = re.findall(pattern, source)
-    if len(hits) != 1:
-        raise RuntimeError(f"parity adapter: expected one {pattern!r} in the official source, found {len(hits)}")
-    return re.sub(pattern, replacement, source)
+    return _official.rewrite(source, pattern, replacement)
 
 
 def recompile(cls, name: str, pattern: str, replacement: str):
-    """The method ``name`` of ``cls`` compiled again from its own source file (the clone's) with one literal
-    replaced, in the globals of its module; returns the new function (the decorators are not re-applied: the
-    official ``prepare_inputs_labels_for_multimodal`` has none)."""
-    import inspect
-    import sys
+    """The method ``name`` of ``cls`` compiled again from the clone's source with one literal replaced
+    (``_official.recompile``); returns the new function."""
+    from . import _official
 
-    fn = getattr(cls, name)
-    lines = inspect.getsource(fn).splitlines(keepends=True)
-    # the method's own indentation removed; the official method holds commented-out lines at column 0 (the DivPrune
-    # call it replaced), which textwrap.dedent would take as the common margin
-    cut = len(lines[0]) - len(lines[0].lstrip())
-    src = "".join(line[cut:] if not line[:cut].strip() else line for line in lines)
-    code = compile(rewrite(src, pattern, replacement), inspect.getsourcefile(fn), "exec")
-    scope: dict = {}
-    exec(code, sys.modules[fn.__module__].__dict__, scope)
-    return scope[name]
+    return _official.recompile(getattr(cls, name), [(pattern, replacement)])
 
 
 # ---- the official side (runs in .venv-official) ----

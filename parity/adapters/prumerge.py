@@ -69,31 +69,18 @@ GRID_LITERAL = r"torch\.arange\(0, 575, "
 
 
 def rewrite(source: str, pattern: str, replacement: str, count: int = 1) -> str:
-    """``source`` with the ``count`` matches of ``pattern`` replaced (refused unless it occurs exactly ``count``
-    times, so that a change to the official lines is not passed over)."""
-    import re
+    """``source`` with the ``count`` matches of ``pattern`` replaced (refused unless it occurs exactly ``count`` times)."""
+    from . import _official
 
-    hits = re.findall(pattern, source)
-    if len(hits) != count:
-        raise RuntimeError(f"parity adapter: expected {count} of {pattern!r} in the official source, found "
-                           f"{len(hits)}")
-    return re.sub(pattern, replacement, source)
+    return _official.rewrite(source, pattern, replacement, count)
 
 
 def recompile(cls, name: str, edits: list[tuple[str, str, int]]):
-    """The method ``name`` of ``cls`` compiled again from its own source file (the clone's) with the ``edits``
-    (pattern, replacement, count) applied, in the globals of its module; returns the new function."""
-    import inspect
-    import sys
-    import textwrap
+    """The method ``name`` of ``cls`` compiled again from the clone's source with the ``edits`` (pattern, replacement,
+    count) applied (``_official.recompile``); returns the new function."""
+    from . import _official
 
-    fn = getattr(cls, name)
-    src = textwrap.dedent(inspect.getsource(fn))
-    for pattern, replacement, count in edits:
-        src = rewrite(src, pattern, replacement, count)
-    scope: dict = {}
-    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
-    return scope[name]
+    return _official.recompile(getattr(cls, name), edits)
 
 
 # ---- the official side (runs in .venv-official) ----

@@ -59,26 +59,14 @@ def edits(patches: int = PATCHES) -> list[tuple[str, str]]:
 
 # ---- the official side (runs in .venv-official) ----
 
-def _clse():
-    """CLSE's adapter beside this file, loaded by its path (the worker loads adapters as files, not as a package):
-    its ``recompile_forward`` (a forward compiled again with literals replaced) serves here too."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "clse.py")
-    spec = importlib.util.spec_from_file_location("parity_adapter_clse", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def before_load(method: dict) -> None:
     import torch
     from transformers.models.llama import modeling_llama as ml
 
     from llava.model.language_model.V2Drop import V2DropLlamaModel
 
-    recompile_forward = _clse().recompile_forward
+    from .clse import recompile_forward  # CLSE's adapter: the same literal shim
+
     recompile_forward(V2DropLlamaModel, edits())
     # kept tokens keep their original positions: the RoPE table up to the largest position + 1 (same rows)
     for cls in (ml.LlamaAttention, ml.LlamaSdpaAttention):

@@ -82,43 +82,25 @@ def split(budget: int) -> tuple[int, int]:
 
 
 def rewrite(source: str, pattern: str, replacement: str, count: int = 1) -> str:
-    """``source`` with the ``count`` matches of ``pattern`` replaced (refused unless it occurs exactly ``count``
-    times, so that a change to the official lines is not passed over)."""
-    import re
+    """``source`` with the ``count`` matches of ``pattern`` replaced (refused unless it occurs exactly ``count`` times)."""
+    from . import _official
 
-    hits = re.findall(pattern, source)
-    if len(hits) != count:
-        raise RuntimeError(f"parity adapter: expected {count} of {pattern!r} in the official source, found "
-                           f"{len(hits)}")
-    return re.sub(pattern, replacement, source)
+    return _official.rewrite(source, pattern, replacement, count)
 
 
 def recompile(fn, edits: list[tuple[str, str, int]]):
-    """The module-level function ``fn`` compiled again from its own source file (the clone's) with the ``edits``
-    (pattern, replacement, count) applied, in the globals of its module; returns the new function."""
-    import inspect
-    import textwrap
+    """The module-level function ``fn`` compiled again from the clone's source with the ``edits`` applied
+    (``_official.recompile``); returns the new function."""
+    from . import _official
 
-    src = textwrap.dedent(inspect.getsource(fn))
-    for pattern, replacement, count in edits:
-        src = rewrite(src, pattern, replacement, count)
-    scope: dict = {}
-    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
-    return scope[fn.__name__]
+    return _official.recompile(fn, edits)
 
-
-# ---- the official side (runs in .venv-official) ----
 
 def _forks():
-    """The shared glue (``_theia_forks.py`` beside this file), loaded by its path."""
-    import importlib.util
-    import os
+    """The shared glue (``_theia_forks.py`` beside this file)."""
+    from . import _theia_forks
 
-    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "_theia_forks.py")
-    spec = importlib.util.spec_from_file_location("parity_adapter__theia_forks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _theia_forks
 
 
 def before_import() -> None:

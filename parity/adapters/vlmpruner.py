@@ -44,28 +44,12 @@ SIDE = 8
 PATCHES = SIDE * SIDE
 
 
-def _rewrite(src: str, pattern: str, replacement: str) -> str:
-    if src.count(pattern) != 1:
-        raise ValueError(f"vlmpruner shim: {pattern!r} found {src.count(pattern)} times in the official source")
-    return src.replace(pattern, replacement)
-
-
 def recompile(cls, name: str, edits: list[tuple[str, str]]) -> None:
-    """``cls.<name>`` compiled again from the clone's source with each ``(pattern, replacement)`` applied once, in
-    its module's globals (the official function kept aside: every call of ``before_load`` starts from it)."""
-    import inspect
-    import sys
-    import textwrap
+    """``cls.<name>`` compiled again from the clone's source with each ``(pattern, replacement)`` applied once
+    (literal strings), the official function kept aside (``_official.install``)."""
+    from . import _official
 
-    key = f"_parity_official_{name}"
-    fn = cls.__dict__.get(key, cls.__dict__[name])
-    setattr(cls, key, fn)
-    src = textwrap.dedent(inspect.getsource(fn))
-    for pattern, replacement in edits:
-        src = _rewrite(src, pattern, replacement)
-    scope: dict = {}
-    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
-    setattr(cls, name, scope[name])
+    _official.install(cls, name, edits, literal=True)
 
 
 def _parity_cdist(a, b):

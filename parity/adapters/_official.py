@@ -1,0 +1,59 @@
+"""Shared pieces of the adapters' official halves: an official function compiled again from its own source (the
+clone's) with a few literals replaced - the smallest shim that bridges an official code to the tiny weights or to a
+CPU (a hard-coded image start, a grid width, a ``.cuda()`` call) without copying it.
+
+Standard library only (the official workers load the adapters as the package ``parity_official_adapters`` with
+nothing of this repository importable; an adapter imports this module inside its functions: ``from . import
+_official``)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+
+
+def rewrite(source: str, pattern: str, replacement: str, count: int = 1, literal: bool = False) -> str:
+    """``source`` with the ``count`` occurrences of ``pattern`` replaced: a regular expression, or with ``literal`` a
+    plain string. Refused unless it occurs exactly ``count`` times, so that a change to the official line is never
+    passed over."""
+    found = source.count(pattern) if literal else len(re.findall(pattern, source))
+    if found != count:
+        raise RuntimeError(f"parity adapter: expected {'one' if count == 1 else count} of {pattern!r} in the official "
+                           f"source, found {found}")
+    return source.replace(pattern, replacement) if literal else re.sub(pattern, replacement, source)
+
+
+def source_of(fn) -> str:
+    """``fn``'s source with its own indentation removed: the margin of its ``def`` line (not ``textwrap.dedent``'s
+    common margin, which a commented-out line at column 0 inside an official method would make zero)."""
+    lines = inspect.getsource(fn).splitlines(keepends=True)
+    cut = len(lines[0]) - len(lines[0].lstrip())
+    return "".join(line[cut:] if not line[:cut].strip() else line for line in lines)
+
+
+def recompile(fn, edits, literal: bool = False, owner: type | None = None):
+    """``fn`` compiled again from its own source file with the ``edits`` applied, each ``(pattern, replacement)`` or
+    ``(pattern, replacement, count)`` (:func:`rewrite`), in the globals of its module; returns the new function (its
+    decorators are not applied again). ``owner``: the class ``fn`` is a method of, for a zero-argument ``super()``,
+    which has no ``__class__`` cell outside its class (the same call, the class named)."""
+    src = source_of(fn)
+    for edit in edits:
+        pattern, replacement, count = (*edit, 1) if len(edit) == 2 else edit
+        src = rewrite(src, pattern, replacement, count, literal)
+    if owner is not None:
+        src = src.replace("super().", f"super({owner.__name__}, self).")
+    scope: dict = {}
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), sys.modules[fn.__module__].__dict__, scope)
+    return scope[fn.__name__]
+
+
+def install(cls, name: str, edits, literal: bool = False):
+    """``cls.<name>`` replaced by :func:`recompile` of the official one, which is kept aside (``_parity_official_<name>``)
+    so that every call starts from the official source (a worker runs ``before_load`` once per method of a job)."""
+    key = f"_parity_official_{name}"
+    fn = cls.__dict__.get(key, cls.__dict__[name])
+    setattr(cls, key, fn)
+    new = recompile(fn, edits, literal, owner=cls)
+    setattr(cls, name, new)
+    return new
