@@ -197,6 +197,15 @@ def retokenized_ids(tokenizer: Any, text: str) -> list[int]:
     return ids[1:] if len(ids) > 1 and bos is not None and ids[0] == bos else ids
 
 
+def question_text(tokenizer: Any, ids: list[int]) -> str:
+    """The question's text from its token ids for re-tokenising: the special tokens dropped except the unknown
+    token, kept as its text (a word a lossy vocabulary lacks then re-tokenises to the unknown id, as the official
+    text, tokenised from the user's string, does; byte-level vocabularies have none)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+    return tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=False)
+
+
 def load_input_embedding(checkpoint: str) -> torch.nn.Embedding:
     """The input embedding table of a checkpoint (hub id or local folder), read alone from its safetensors: the one
     tensor whose name ends in ``embed_tokens.weight`` (``language_model.model.embed_tokens.weight`` in llava-hf,
@@ -262,7 +271,7 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
 def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor | Callable, layout, budget: int | None, *,
           tv_temperature: float, vv_temperature: float = 0.2, alpha: float = 0.5,
           text_mask: torch.Tensor | None = None, retain_ratio: float | None = None, keep_newlines: bool = True,
-          numerics: str = "ours", scope: str = "unit") -> torch.Tensor:
+          numerics: str = "ours", scope: str = "unit", whole_at_most: int | None = None) -> torch.Tensor:
     """Indices (ascending) of the tokens MMTok keeps for one sample: per unit the greedy maximum coverage of
     T = ``budget`` (or int(``retain_ratio`` * n), the official Qwen2.5-VL count) of its n candidates, the whole
     unit when n <= T. features (N, D) projected tokens, vision (N, Dv) the vision-vision space, text (m, D) the
@@ -270,7 +279,8 @@ def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor | Cal
     some unit is pruned; ``layout`` the sample's :func:`llava.ops.unit_layout` (its per-unit token indices;
     ``newlines`` kept as layout with ``keep_newlines``). ``scope="sample"``: one selection over all the sample's
     candidates together (the units concatenated in prompt order, T = ``budget`` or int(``retain_ratio`` * all of
-    them)), as the official Qwen2.5-VL forward selects over all the prompt's image tokens at once."""
+    them)), as the official Qwen2.5-VL forward selects over all the prompt's image tokens at once. ``whole_at_most``:
+    a selection over at most that many candidates keeps them all whatever T (the official Qwen2.5-VL route: 64)."""
     check_numerics("mmtok", numerics)
     if scope not in SCOPES:
         raise ValueError(f"mmtok: scope must be one of {SCOPES}, got {scope!r}")
@@ -283,7 +293,9 @@ def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor | Cal
     for cand in units:
         n = int(cand.numel())
         k = int(retain_ratio * n) if retain_ratio is not None else int(budget)
-        if n <= k:  # official: a unit with at most T tokens is returned whole (mmtok_core.py 145-146)
+        # official: a unit with at most T tokens is returned whole (mmtok_core.py 145-146); on Qwen2.5-VL that T is
+        # the core's default 64, not the ratio's count (whole_at_most)
+        if n <= k or (whole_at_most is not None and n <= whole_at_most):
             kept.append(cand)
         elif k > 0:
             by_size.setdefault((n, k), []).append(cand)
@@ -354,6 +366,9 @@ class MMTok(Method):
             # "unit": one selection per image / crop; "sample": one over all the sample's visual tokens (official
             # Qwen2.5-VL: T = int(retain_ratio * all of the prompt's image tokens))
             "scope": "unit",
+            # None: a selection is skipped only when n <= T (ours); an int: also when n <= it (official Qwen2.5-VL:
+            # 64, the core's default target_vision_tokens that select_vision_tokens compares n with)
+            "whole_at_most": None,
             # None: T = budget per unit; a fraction: T = int(ratio * n) per unit (official Qwen2.5-VL retain_ratio)
             "retain_ratio": None,
             # LLaVA-NeXT newline tokens: kept as layout outside the budget (ours) or dropped
@@ -380,6 +395,8 @@ class MMTok(Method):
             raise ValueError(f"mmtok: vv_space must be one of {VV_SPACES}, got {self.vv_space!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"mmtok: scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.whole_at_most is not None and (isinstance(self.whole_at_most, bool) or int(self.whole_at_most) < 0):
+            raise ValueError(f"mmtok: whole_at_most must be None or a count >= 0, got {self.whole_at_most!r}")
         if self.vv_space == "merge_mean":  # the Qwen tower's last block, averaged per merged token (a Qwen signal)
             self.vision_group_mean_blocks = (-1,)
             self.families = ("qwen2_5_vl",)
@@ -442,11 +459,11 @@ class MMTok(Method):
             return text, mask
         if self.text.endswith("_retokenized"):  # the official routes: a string re-tokenised word by word, embedded
             tok = self._tokenizer()
-            question = tok.decode([int(i) for i in sig.question_ids.reshape(-1).tolist()], skip_special_tokens=True)
+            ids = [int(i) for i in sig.question_ids.reshape(-1).tolist()]
             if self.text == "keywords_retokenized":  # LLaVA: the keyword string (mmtok_core.py 107-108)
-                words = keyword_string(question)
+                words = keyword_string(tok.decode(ids, skip_special_tokens=True))
             else:  # Qwen2.5-VL: "Question: " + the question, no filter (mmtok_core.py 194-198)
-                words = QWEN_TEXT_PREFIX + question.strip()
+                words = QWEN_TEXT_PREFIX + question_text(tok, ids).strip()
             ids = retokenized_ids(tok, words)
             embed = self._embedding(text.device)
             weight = next(iter(embed.parameters()), None) if hasattr(embed, "parameters") else None
@@ -471,5 +488,6 @@ class MMTok(Method):
         keep = mmtok(sig.features, vision, lambda: self.text_of(sig), sig.unit_layout(), self.budget,
                      tv_temperature=self.tau_t(), vv_temperature=float(self.vv_temperature), alpha=float(self.alpha),
                      retain_ratio=None if self.retain_ratio is None else float(self.retain_ratio),
-                     keep_newlines=self.keep_newlines, numerics=self.numerics, scope=self.scope)
+                     keep_newlines=self.keep_newlines, numerics=self.numerics, scope=self.scope,
+                     whole_at_most=None if self.whole_at_most is None else int(self.whole_at_most))
         return Selection(keep=keep)

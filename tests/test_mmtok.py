@@ -677,6 +677,13 @@ def test_question_retokenized_is_the_official_qwen_text(rt):
     assert words[1] == ["question", ":", "what", "color", "is", "the", "circle", "on", "the", "left", "?"]
     # the stand-in tokenizer: "Question:" is one word; its BOS is dropped
     assert retokenized_ids(_SplitTok(), "Question: what color") == [109, 104, 105]
+    # a word the tiny vocabulary lacks ("zebra") stays the unknown token, as the official string re-tokenised gives
+    from baselines.mmtok import question_text
+
+    ids = tok("what color is the zebra?")["input_ids"]
+    assert tok.unk_token_id in ids and question_text(tok, ids) == "what color is the <unk>?"
+    assert retokenized_ids(tok, "Question: " + question_text(tok, ids)) == \
+        retokenized_ids(tok, "Question: what color is the zebra?")
     with pytest.raises(ValueError, match="embed_tokens"):
         MMTok(4, text="question_retokenized", llm_tokenizer=tok)
 
@@ -709,3 +716,21 @@ def test_qwen_reference_mode_in_the_engine(rt):
     assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
     default = _engine_selections(rt, inputs, None, retain_ratio=0.5)
     assert any(not torch.equal(ref[k], default[k].keep) for k in ref)
+
+
+def test_whole_at_most_keeps_a_small_selection_whole():
+    """whole_at_most=w: a selection over n <= w candidates keeps all n whatever T (the official Qwen2.5-VL route's
+    64: its core compares n with its default count, not with the ratio's); larger ones keep T as before."""
+    g = torch.Generator().manual_seed(4)
+    unit = torch.tensor([0] * 5 + [1] * 8)
+    X, V, Z = torch.randn(13, 8, generator=g), torch.randn(13, 4, generator=g), torch.randn(3, 8, generator=g)
+    lay = unit_layout(unit)
+    kw = dict(tv_temperature=0.01, numerics="official")
+    keep = mmtok(X, V, Z, lay, 2, whole_at_most=5, **kw)  # unit 0 (5 <= 5) whole, unit 1 (8 > 5) 2 of 8
+    assert [int((unit[keep] == u).sum()) for u in (0, 1)] == [5, 2]
+    assert torch.equal(keep[5:], mmtok(X, V, Z, lay, 2, **kw)[2:])  # unit 1's picks unchanged
+    assert mmtok(X, V, Z, lay, 2, whole_at_most=12, scope="sample", **kw).numel() == 2  # 13 > 12
+    assert torch.equal(mmtok(X, V, Z, lay, None, retain_ratio=0.2, whole_at_most=13, scope="sample", **kw),
+                       torch.arange(13))  # int(0.2 * 13) = 2, but 13 <= 13: all kept
+    with pytest.raises(ValueError, match="whole_at_most"):
+        MMTok(2, whole_at_most=-1)
