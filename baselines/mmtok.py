@@ -28,6 +28,13 @@ Our design: NeXT newline tokens are kept as layout, outside the budget (``keep_n
 device (no host read; units of one size batched); the text rows are gathered (eager) or masked (fast path).
 Reference mode (``numerics="official"``): rows normalised in their own dtype before the fp32 cast, each unit's
 greedy alone, as the official kernel.
+
+The official Qwen2.5-VL route (``mmtok/qwen/``: ``qwen2_5_vl_mmtok.py`` 19-77, ``modeling_qwen2_5_vl_mmtok.py`` 65-73,
+``qwen2_5_VLmodel_mmtok.py`` 152-224, ``mmtok_core.py`` 174-204), as options: ``vv_space="merge_mean"`` (X' = the last
+ViT block's output averaged over each merged token's 4 patches, ``VisionSignals.group_mean[-1]``),
+``text="question_retokenized"`` ("Question: " + the question re-tokenised word by word, no keyword filter),
+``scope="sample"`` (one selection over all the prompt's image tokens), ``retain_ratio`` (T = int(r * n)),
+``whole_at_most=64`` (the official core keeps a selection over at most 64 tokens whole), with ``numerics="official"``.
 """
 
 from __future__ import annotations
