@@ -244,15 +244,25 @@ def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: 
     # the text rows are rows of the same embedding table on both sides: identical, where both read them
     text_ok = rows["text"] is None or rows["text"] == 0
     ok = ok and text_ok
+    # the adapter's replay: our selection on the official side's own rows (the method's arithmetic alone)
+    from . import adapters
+
+    replay = getattr(adapters.get(o["method"]["name"]), "qwen_replay", None)
+    replay_ok = None
+    if replay is not None and o["kept"]:
+        replay_ok = all(replay(e).tolist() == e["kept"].tolist() for e in o["kept"])
+        ok = ok and replay_ok
     counts = [f"{len(k)} of {int(e['features'].shape[0])}" for k, e in zip(o_kept, o["kept"])]
     detail = (("" if ids_ok else "ids DIFFER, ") + f"kept indices {'identical' if kept_ok else 'DIFFER'} "
               f"({', '.join(counts)} kept), logits max abs diff {worst:.2e}"
               + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
               + f", greedy tokens {'identical' if tok_ok else 'DIFFER'}; rows read, max abs diff: projected "
-              f"{_fmt(rows['features'])}, vision-vision {_fmt(rows['vision'])}, text {_fmt(rows['text'])}")
+              f"{_fmt(rows['features'])}, vision-vision {_fmt(rows['vision'])}, text {_fmt(rows['text'])}"
+              + ("" if replay_ok is None else
+                 f"; ours on the official rows: kept indices {'identical' if replay_ok else 'DIFFER'}"))
     return Check("qwen-" + o["method"]["name"], case, ok, detail,
                  {"official_kept": o_kept, "our_kept": m_kept, "official_tokens": off_tokens, "our_tokens": my_tokens,
-                  "rows_max_abs_diff": rows})
+                  "rows_max_abs_diff": rows, "replay_on_official_rows": replay_ok})
 
 
 def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, eos: int | None) -> list[Check]:

@@ -194,7 +194,8 @@ def qwen_record(model, store: list) -> list:
         idx, feats = select(core, image_embeds, image_features, question_text, target_vision_tokens=target_vision_tokens)
         store.append({"kept": torch.as_tensor(idx, dtype=torch.long).sort().values.cpu(),
                       "features": image_embeds.float().cpu().clone(), "vision": image_features.float().cpu().clone(),
-                      "text": seen.pop("text", None), "target": int(target_vision_tokens)})
+                      "text": seen.pop("text", None), "target": int(target_vision_tokens),
+                      "dtype": str(image_embeds.dtype).replace("torch.", "")})
         return idx, feats
 
     core._encode_text_with_token_pooling = encode_text
@@ -207,6 +208,22 @@ def ours_qwen(budget: float, dtype: str, rt) -> tuple[str, None, dict]:
     return "mmtok", None, {"numerics": "official", "vv_space": "merge_mean", "scope": "sample", "whole_at_most": 64,
                            "retain_ratio": float(budget), "text": "question_retokenized",
                            "llm_tokenizer": rt.processor.tokenizer, "embed_tokens": rt.model.get_input_embeddings()}
+
+
+def qwen_replay(entry: dict):
+    """Our reference arithmetic on the rows the official selection read (one ``qwen_record`` entry, cast back to its
+    dtype: fp16 -> fp32 -> fp16 is exact): the picks our ``mmtok`` makes from the official side's own inputs, which
+    separates the method's arithmetic from the tower's and the projector's (two torch releases' kernels)."""
+    import torch
+
+    from baselines.mmtok import mmtok
+    from llava.ops import unit_layout
+
+    dt = getattr(torch, entry.get("dtype", "float32"))
+    n = int(entry["features"].shape[0])
+    text = entry["text"].to(dt) if entry["text"] is not None else entry["features"][:0].to(dt)
+    return mmtok(entry["features"].to(dt), entry["vision"].to(dt), text, unit_layout(torch.zeros(n, dtype=torch.long)),
+                 entry["target"], tv_temperature=0.01, numerics="official", whole_at_most=64)
 
 
 def record_ours_qwen(rt, store: list):
