@@ -55,6 +55,53 @@ def test_ours_qwen_is_the_reference_mode():
                     "retain_ratio": 0.2, "text": "question_retokenized", "llm_tokenizer": "tok", "embed_tokens": "emb"}
 
 
+def _entry(kept, n=70, text_shift=0.0, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {"kept": torch.tensor(kept), "features": torch.randn(n, 8, generator=g),
+            "vision": torch.randn(n, 4, generator=g), "text": torch.randn(3, 8, generator=g) + text_shift,
+            "target": 7, "dtype": "float32"}
+
+
+def _run(entry, tokens=((1, 2),), logits=None):
+    import torch
+
+    return {"method": {"name": "mmtok", "budget": 0.1}, "batch": [4], "input_ids": torch.tensor([[5, 6]]),
+            "kept": [entry], "tokens": [list(t) for t in tokens],
+            "logits": torch.zeros(1, 3, 4) if logits is None else logits}
+
+
+def test_the_method_check_and_the_replay_on_worked_rows():
+    """qwen_replay is our reference selection on a recorded entry (whole at <= 64 tokens: the official core's
+    count); compare_method passes only when kept indices, text rows, tokens and the replay all agree."""
+    import torch
+
+    from baselines.mmtok import mmtok
+    from llava.ops import unit_layout
+    from parity.adapters.mmtok import qwen_replay
+
+    e = _entry([])
+    picks = mmtok(e["features"], e["vision"], e["text"], unit_layout(torch.zeros(70, dtype=torch.long)), 7,
+                  tv_temperature=0.01, numerics="official")
+    assert torch.equal(qwen_replay(e), picks) and picks.numel() == 7
+    small = {k: (v[:60] if k in ("features", "vision") else v) for k, v in e.items()}
+    assert torch.equal(qwen_replay(small), torch.arange(60))  # 60 <= 64: kept whole whatever the count
+    off = _entry(picks.tolist())
+    ok = qwen.compare_method(_run(off), _run(_entry(picks.tolist())), "c", 1e-5, None)
+    assert ok.ok and "ours on the official rows: kept indices identical" in ok.detail
+    other = sorted(set(range(8)) - {int(picks[0])})[:7]
+    bad_kept = qwen.compare_method(_run(off), _run(_entry(other)), "c", 1e-5, None)
+    assert not bad_kept.ok and "kept indices DIFFER" in bad_kept.detail
+    bad_text = qwen.compare_method(_run(off), _run(_entry(picks.tolist(), text_shift=1.0)), "c", 1e-5, None)
+    assert not bad_text.ok and "text 1.00e+00" in bad_text.detail
+    bad_tok = qwen.compare_method(_run(off), _run(_entry(picks.tolist()), tokens=((1, 3),)), "c", 1e-5, None)
+    assert not bad_tok.ok and "greedy tokens DIFFER" in bad_tok.detail
+    planted = _entry(other)  # the official side's picks are not what our selection makes of its rows
+    bad_replay = qwen.compare_method(_run(planted), _run(_entry(other)), "c", 1e-5, None)
+    assert not bad_replay.ok and "ours on the official rows: kept indices DIFFER" in bad_replay.detail
+
+
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
 def built(request, tmp_path_factory):
