@@ -11,7 +11,7 @@
   pooled query row instead (cheaper, O(S d)); ``qwen_saliency_layer`` picks another full-attention
   block. ``keys``: that block's head-mean keys before RoPE, averaged over the 4 patches;
   ``vision_features``: the merger's MLP input (4 x C), so vision-space merges are projected by the
-  merger's MLP. On request (``Method.vision_group_mean_blocks``) ``group_mean``: a block's output averaged
+  merger's MLP. On request (a method's ``vision_group_mean_blocks``) ``group_mean``: a block's output averaged
   over each merged token's 4 patches (the last block's: the merger's input before its norm).
 * Positions: 3-D M-RoPE (t, h, w) from the model's own ``get_rope_index``, computed on the full
   prompt before pruning; kept tokens **keep** their original 3-D positions and text keeps its own,
