@@ -28,6 +28,13 @@ Our design: NeXT newline tokens are kept as layout, outside the budget (``keep_n
 device (no host read; units of one size batched); the text rows are gathered (eager) or masked (fast path).
 Reference mode (``numerics="official"``): rows normalised in their own dtype before the fp32 cast, each unit's
 greedy alone, as the official kernel.
+
+The official Qwen2.5-VL route (``mmtok/qwen/``: ``qwen2_5_vl_mmtok.py`` 19-77, ``modeling_qwen2_5_vl_mmtok.py`` 65-73,
+``qwen2_5_VLmodel_mmtok.py`` 152-224, ``mmtok_core.py`` 174-204), as options: ``vv_space="merge_mean"`` (X' = the last
+ViT block's output averaged over each merged token's 4 patches, ``VisionSignals.group_mean[-1]``),
+``text="question_retokenized"`` ("Question: " + the question re-tokenised word by word, no keyword filter),
+``scope="sample"`` (one selection over all the prompt's image tokens), ``retain_ratio`` (T = int(r * n)),
+``whole_at_most=64`` (the official core keeps a selection over at most 64 tokens whole), with ``numerics="official"``.
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ from llava.method import Method, Selection, register
 from llava.ops import check_numerics
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
-TEXT_MODES = ("question", "keywords", "keywords_retokenized")
-VV_SPACES = ("vision", "projected")
+TEXT_MODES = ("question", "keywords", "keywords_retokenized", "question_retokenized")
+VV_SPACES = ("vision", "projected", "merge_mean")
+SCOPES = ("unit", "sample")
+#: the official Qwen2.5-VL text: this prefix + the user's text (``apply_selection_preprocess_qwen``, mmtok_core.py 194)
+QWEN_TEXT_PREFIX = "Question: "
 #: official temperatures: tau_t 0.02 (``mmtok()``, llava_inject.py 56-63), 0.01 on Qwen2.5-VL
 #: (``mmtok_qwen2_5_vl``, qwen2_5_vl_mmtok.py 41-48); tau_v 0.2 and alpha 0.5 on both
 TV_TEMPERATURE = {"qwen2_5_vl": 0.01}
@@ -194,6 +204,15 @@ def retokenized_ids(tokenizer: Any, text: str) -> list[int]:
     return ids[1:] if len(ids) > 1 and bos is not None and ids[0] == bos else ids
 
 
+def question_text(tokenizer: Any, ids: list[int]) -> str:
+    """The question's text from its token ids for re-tokenising: the special tokens dropped except the unknown
+    token, kept as its text (a word a lossy vocabulary lacks then re-tokenises to the unknown id, as the official
+    text, tokenised from the user's string, does; byte-level vocabularies have none)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+    return tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=False)
+
+
 def load_input_embedding(checkpoint: str) -> torch.nn.Embedding:
     """The input embedding table of a checkpoint (hub id or local folder), read alone from its safetensors: the one
     tensor whose name ends in ``embed_tokens.weight`` (``language_model.model.embed_tokens.weight`` in llava-hf,
@@ -259,21 +278,31 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
 def mmtok(features: torch.Tensor, vision: torch.Tensor, text: torch.Tensor | Callable, layout, budget: int | None, *,
           tv_temperature: float, vv_temperature: float = 0.2, alpha: float = 0.5,
           text_mask: torch.Tensor | None = None, retain_ratio: float | None = None, keep_newlines: bool = True,
-          numerics: str = "ours") -> torch.Tensor:
+          numerics: str = "ours", scope: str = "unit", whole_at_most: int | None = None) -> torch.Tensor:
     """Indices (ascending) of the tokens MMTok keeps for one sample: per unit the greedy maximum coverage of
     T = ``budget`` (or int(``retain_ratio`` * n), the official Qwen2.5-VL count) of its n candidates, the whole
     unit when n <= T. features (N, D) projected tokens, vision (N, Dv) the vision-vision space, text (m, D) the
     text rows (``text_mask``: the real ones among them) or a callable returning (text, text_mask), called only when
     some unit is pruned; ``layout`` the sample's :func:`llava.ops.unit_layout` (its per-unit token indices;
-    ``newlines`` kept as layout with ``keep_newlines``)."""
+    ``newlines`` kept as layout with ``keep_newlines``). ``scope="sample"``: one selection over all the sample's
+    candidates together (the units concatenated in prompt order, T = ``budget`` or int(``retain_ratio`` * all of
+    them)), as the official Qwen2.5-VL forward selects over all the prompt's image tokens at once. ``whole_at_most``:
+    a selection over at most that many candidates keeps them all whatever T (the official Qwen2.5-VL route: 64)."""
     check_numerics("mmtok", numerics)
+    if scope not in SCOPES:
+        raise ValueError(f"mmtok: scope must be one of {SCOPES}, got {scope!r}")
     dev = features.device
     kept: list[torch.Tensor] = [layout.newlines] if keep_newlines else []
     by_size: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for cand in layout.tokens:
+    units = list(layout.tokens)
+    if scope == "sample" and len(units) > 1:
+        units = [torch.cat(units)]
+    for cand in units:
         n = int(cand.numel())
         k = int(retain_ratio * n) if retain_ratio is not None else int(budget)
-        if n <= k:  # official: a unit with at most T tokens is returned whole (mmtok_core.py 145-146)
+        # official: a unit with at most T tokens is returned whole (mmtok_core.py 145-146); on Qwen2.5-VL that T is
+        # the core's default 64, not the ratio's count (whole_at_most)
+        if n <= k or (whole_at_most is not None and n <= whole_at_most):
             kept.append(cand)
         elif k > 0:
             by_size.setdefault((n, k), []).append(cand)
@@ -312,6 +341,9 @@ class MMTok(Method):
     vision_stage = True
     query_aware = True
     families = FAMILIES
+    #: Qwen vision blocks whose per-merged-token mean the engine computes (VisionSignals.group_mean): (-1,) with
+    #: vv_space="merge_mean" (set per instance), none otherwise
+    vision_group_mean_blocks: tuple[int, ...] = ()
     unsupported_reason = ("MMTok runs on the families its paper and official code cover (LLaVA-1.5, LLaVA-NeXT, "
                           "Qwen2.5-VL); refused elsewhere")
 
@@ -334,9 +366,16 @@ class MMTok(Method):
             "vv_temperature": 0.2,
             # weight of the vision -> vision coverage (official 0.5)
             "alpha": 0.5,
-            # vision -> vision space: "vision" (official: the tower's select-layer features; Qwen2.5-VL: the
-            # merger's input, see the doc) or "projected" (the LLM-input tokens)
+            # vision -> vision space: "vision" (official on LLaVA: the tower's select-layer features; on
+            # Qwen2.5-VL the merger's normed input), "projected" (the LLM-input tokens) or "merge_mean" (official on
+            # Qwen2.5-VL: the last ViT block's output averaged over each merged token's 4 patches; Qwen only)
             "vv_space": "vision",
+            # "unit": one selection per image / crop; "sample": one over all the sample's visual tokens (official
+            # Qwen2.5-VL: T = int(retain_ratio * all of the prompt's image tokens))
+            "scope": "unit",
+            # None: a selection is skipped only when n <= T (ours); an int: also when n <= it (official Qwen2.5-VL:
+            # 64, the core's default target_vision_tokens that select_vision_tokens compares n with)
+            "whole_at_most": None,
             # None: T = budget per unit; a fraction: T = int(ratio * n) per unit (official Qwen2.5-VL retain_ratio)
             "retain_ratio": None,
             # LLaVA-NeXT newline tokens: kept as layout outside the budget (ours) or dropped
@@ -356,11 +395,21 @@ class MMTok(Method):
         if self.text != "question" and self.llm_tokenizer is None:
             raise ValueError(f"mmtok: text={self.text!r} needs llm_tokenizer (the LLM's tokenizer, to read the "
                              "question's words)")
-        if self.text == "keywords_retokenized" and self.embed_tokens is None:
-            raise ValueError("mmtok: text='keywords_retokenized' needs embed_tokens (the LLM's input embedding, e.g. "
+        if self.text.endswith("_retokenized") and self.embed_tokens is None:
+            raise ValueError(f"mmtok: text={self.text!r} needs embed_tokens (the LLM's input embedding, e.g. "
                              "model.get_input_embeddings())")
         if self.vv_space not in VV_SPACES:
             raise ValueError(f"mmtok: vv_space must be one of {VV_SPACES}, got {self.vv_space!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"mmtok: scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.whole_at_most is not None and (isinstance(self.whole_at_most, bool) or int(self.whole_at_most) < 0):
+            raise ValueError(f"mmtok: whole_at_most must be None or a count >= 0, got {self.whole_at_most!r}")
+        if self.vv_space == "merge_mean":  # the Qwen tower's last block, averaged per merged token (a Qwen signal)
+            self.vision_group_mean_blocks = (-1,)
+            self.families = ("qwen2_5_vl",)
+            self.unsupported_reason = ("vv_space='merge_mean' reads the Qwen2.5-VL tower's last block averaged over "
+                                       "each merged token's 4 patches (the official Qwen space); other families: "
+                                       "vv_space='vision'")
         for k in ("vv_temperature",) + (("tv_temperature",) if self.tv_temperature is not None else ()):
             if not float(getattr(self, k)) > 0:
                 raise ValueError(f"mmtok: {k} must be > 0, got {getattr(self, k)!r}")
@@ -368,6 +417,9 @@ class MMTok(Method):
         self._tok = self._embed = None
 
     def capture_refusal(self):
+        if self.vv_space == "merge_mean":
+            return ("mmtok: vv_space='merge_mean' runs on the eager engine: the fast path's static tower does not "
+                    "compute the last block's per-token means")
         if self.text != "question":
             return (f"mmtok: text={self.text!r} runs on the eager engine: it decodes the question's token ids with "
                     "the LLM tokenizer to find its words (host text work between the tower and the selection); "
@@ -412,10 +464,13 @@ class MMTok(Method):
         text, mask = sig.text_rows("question")
         if sig.captured or sig.text_mask is not None or sig.question_ids is None:
             return text, mask
-        if self.text == "keywords_retokenized":  # the official route: the keyword string re-tokenised and embedded
+        if self.text.endswith("_retokenized"):  # the official routes: a string re-tokenised word by word, embedded
             tok = self._tokenizer()
-            words = keyword_string(tok.decode([int(i) for i in sig.question_ids.reshape(-1).tolist()],
-                                              skip_special_tokens=True))
+            ids = [int(i) for i in sig.question_ids.reshape(-1).tolist()]
+            if self.text == "keywords_retokenized":  # LLaVA: the keyword string (mmtok_core.py 107-108)
+                words = keyword_string(tok.decode(ids, skip_special_tokens=True))
+            else:  # Qwen2.5-VL: "Question: " + the question, no filter (mmtok_core.py 194-198)
+                words = QWEN_TEXT_PREFIX + question_text(tok, ids).strip()
             ids = retokenized_ids(tok, words)
             embed = self._embedding(text.device)
             weight = next(iter(embed.parameters()), None) if hasattr(embed, "parameters") else None
@@ -431,9 +486,15 @@ class MMTok(Method):
     def select_vision(self, sig):
         if self.text != "question" and (sig.captured or sig.text_mask is not None):
             raise NotImplementedError(self.capture_refusal())
-        vision = sig.vision_features if self.vv_space == "vision" else sig.features
+        if self.vv_space == "merge_mean":
+            vision = sig.group_mean[-1]
+            if self.numerics == "official":  # cast to the LLM's dtype first (qwen2_5_VLmodel_mmtok.py 108)
+                vision = vision.to(sig.features.dtype)
+        else:
+            vision = sig.vision_features if self.vv_space == "vision" else sig.features
         keep = mmtok(sig.features, vision, lambda: self.text_of(sig), sig.unit_layout(), self.budget,
                      tv_temperature=self.tau_t(), vv_temperature=float(self.vv_temperature), alpha=float(self.alpha),
                      retain_ratio=None if self.retain_ratio is None else float(self.retain_ratio),
-                     keep_newlines=self.keep_newlines, numerics=self.numerics)
+                     keep_newlines=self.keep_newlines, numerics=self.numerics, scope=self.scope,
+                     whole_at_most=None if self.whole_at_most is None else int(self.whole_at_most))
         return Selection(keep=keep)

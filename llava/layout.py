@@ -105,7 +105,8 @@ class VisionStageMixin:
             ("fw", v) for v in (getattr(method, "vision_fullwidth_layers", ()) or ())) + tuple(
             ("cls", v) for v in (getattr(method, "vision_cls_layers", ()) or ())) + tuple(
             ("rpat", v) for v in (getattr(method, "vision_received_patch_layers", ()) or ())) + tuple(
-            ("glob", v) for v in (getattr(method, "vision_global_attention_layers", ()) or ()))
+            ("glob", v) for v in (getattr(method, "vision_global_attention_layers", ()) or ())) + tuple(
+            ("gmean", b) for b in (getattr(method, "vision_group_mean_blocks", ()) or ()))
         logits = getattr(method, "vision_attention_logits", "fp32")
         if logits != "fp32" and not self.adapter.tower_logits:
             raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
@@ -204,7 +205,7 @@ class VisionStageMixin:
                     "unit": unit, "patch": table["patch"][src],
                     "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
                     "keys": table["keys"][src] if "keys" in table else None,
-                    "extra": {k: table[k][src] for k in table if k.startswith(("recv:", "fwa:", "fwk:", "clsl:", "rpat:", "glob:"))},
+                    "extra": {k: table[k][src] for k in table if k.startswith(("recv:", "fwa:", "fwk:", "clsl:", "rpat:", "glob:", "gmean:"))},
                 }
                 n_cls = 0
                 if extras:  # append each unit's [CLS] as candidate T + i
@@ -232,6 +233,7 @@ class VisionStageMixin:
                     cls_attn_layers={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "clsl:"},
                     received_patches={int(k[5:]): r for k, r in fields["extra"].items() if k[:5] == "rpat:"},
                     received_global={int(k[5:]): r for k, r in fields["extra"].items() if k[:5] == "glob:"},
+                    group_mean={int(k[6:]): r for k, r in fields["extra"].items() if k[:6] == "gmean:"},
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
                     unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),

@@ -57,6 +57,10 @@ class VisionSignals:
                      the mean over all the unit's queries (HiPrune's official global attention).
                      Every attention signal here is fp32, or in the tower's dtype as the official code
                      computes it when the method sets ``vision_attention_logits="model"``.
+    group_mean:      {b: (T, C)} for each Qwen vision block b in ``vision_group_mean_blocks`` (Qwen2.5-VL /
+                     Qwen3-VL): block b's output averaged over each merged token's 4 patches, the tower's dtype
+                     (b = -1: the merger's input before its norm; MMTok's official vision space). Empty unless
+                     requested; the CLIP / other towers refuse it.
     text_embeds:     (Tt, D) raw token embeddings of the prompt text after the visual block.
     question_mask:   (Tt,) True for the question / instruction tokens among them (excludes the
                      separator newline after the image and the trailing role tag).
@@ -85,6 +89,7 @@ class VisionSignals:
     received_patches: dict = field(default_factory=dict)
     received_global: dict = field(default_factory=dict)
     fullwidth_keys: dict = field(default_factory=dict)
+    group_mean: dict = field(default_factory=dict)
     #: a stable per-sample key (question id when the caller sets ``engine.sample_keys``, else a hash
     #: of the sample's prompt token ids) for seeded methods: independent of batching and sharding
     key: int = 0

@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
                         "pixels, logits, tokens, the methods' kept indices; next: the same on LLaVA-NeXT (anyres); "
                         "scorers: llava/eval's scorers vs ours; qwen: Qwen2.5-VL on Hugging Face's own classes "
                         "under transformers 4.52.4 (--qwen-venv) beside ours: prompts, pixels, grids, logits, tokens "
+                        "and, with --method, the methods' official Qwen code (adapters with QWEN = True: mmtok) beside ours "
                         "(not part of all: its environment is a second one)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "parity",
                    help="where the weights, images, jobs and results go (default: runs/parity)")
@@ -54,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                         "(load(next_geometry='official'), the official geometry). Default: both for `next`, official "
                         "alone for `all` (so `all` exits 0 when our runtime's official geometry matches; "
                         "--next-variants stock official adds the stock rows)")
+    p.add_argument("--qwen-budgets", nargs="+", type=float, default=None,
+                   help="qwen part: each method's budgets in its own unit (MMTok: the retain ratio); default: the "
+                        "adapter's QWEN_BUDGETS")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_qwen(args) -> int:
-    """``python -m parity qwen``: the unpruned Qwen2.5-VL beside ours on one or several builds."""
+    """``python -m parity qwen [--method <adapters with QWEN = True>]``: the unpruned Qwen2.5-VL and the methods'
+    official Qwen code beside ours on one or several builds."""
     from . import qwen
 
     py = args.qwen_venv / "bin" / "python"
@@ -120,9 +125,12 @@ def main_qwen(args) -> int:
         print(f"error: no Qwen official environment at {args.qwen_venv}: run `bash scripts/official_env.sh qwen` "
               "first", file=sys.stderr)
         return 2
-    if args.method != ["flowcut"] and args.method != ["none"]:  # flowcut: the default of --method, not asked for
-        print(f"error: the qwen part runs the unpruned model only so far (asked: {', '.join(args.method)})",
-              file=sys.stderr)
+    # flowcut: the default of --method, not asked for here (it has no Qwen path); none: the unpruned model, always run
+    methods = [] if args.method == ["flowcut"] else [m for m in args.method if m != "none"]
+    try:
+        qwen.method_specs(methods, None, args.qwen_budgets, args.official_path)  # unknown, or no clone: refused here
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     work = args.work.resolve()
     seeds = args.seeds or [args.seed]
@@ -131,7 +139,8 @@ def main_qwen(args) -> int:
         folder = work / f"seed{seed}" if args.seeds else work
         info = qwen.build(folder, seed=seed)
         print(f"## seed {seed}: {info['model']}")
-        checks = qwen.run(info, str(py), folder, dtypes=tuple(args.dtypes), max_new_tokens=args.max_new_tokens)
+        checks = qwen.run(info, str(py), folder, dtypes=tuple(args.dtypes), max_new_tokens=args.max_new_tokens,
+                          methods=tuple(methods), budgets=args.qwen_budgets, official_path=args.official_path)
         print(table(checks))
         write(checks, folder / "checks.json")
         per_seed[seed] = checks

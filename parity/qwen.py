@@ -23,8 +23,14 @@ prefill and ``generate``. Ours: :func:`llava.load` of the folder, our processor 
 ``image_grid_thw`` (prep), then the logits and greedy tokens (unpruned). fp32: logits within 1e-5 (two torch and two
 transformers releases: the same arithmetic, not the same kernels); fp16: tokens identical, logits reported.
 
-The methods' official Qwen code (MMTok's ``mmtok_qwen2_5_vl``, PriorTR's Qwen path) is not run here yet: this part
-checks the ground they would run on.
+Methods (``--method <name>``): an adapter with a Qwen2.5-VL half (``QWEN = True`` in ``parity/adapters/<name>.py``:
+the registry of Qwen method rows, :func:`qwen_methods`). Its official half (``qwen_before_import``, ``qwen_enable``,
+``qwen_record``) runs in the official worker on the clone (``.official/<name>``), its half of ours
+(``ours_qwen(budget, dtype, rt) -> (method, budget, options)``, ``record_ours_qwen(rt, store) -> finish``) here; its
+``QWEN_BUDGETS`` in the method's own unit (MMTok: the retain ratio). Each image alone (the official Qwen code is
+batch-1). Checks per case (group ``qwen-<name>``): the ids, the kept indices, the logits (fp32 within 1e-5, fp16
+reported) and the greedy tokens; the detail reports how far the rows the selection read differ (projected tokens,
+vision -> vision rows, text rows). MMTok: ``mmtok_qwen2_5_vl`` beside ours in its Qwen reference mode.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from .build import QUESTIONS, run_official, write_images
 from .report import Check
 
 NAME = "qwen2.5-vl-tiny"
+#: the method rows' two extra images, larger than the four (16 / 18 / 15 / 56 merged tokens): 90 and 143 merged tokens,
+#: over the 64 below which MMTok's official Qwen route keeps an image whole
+METHOD_IMAGE_SIZES = [(280, 252), (364, 308)]
 WORKER = "official_worker_qwen.py"
 
 #: ours, not Qwen's file: a ChatML template that writes Qwen2.5-VL's prompt for one user turn (image + text)
@@ -84,6 +93,10 @@ def build(work: Path, seed: int = 0) -> dict:
     if marker.exists():
         info = json.loads(marker.read_text())
         if info.get("seed") == seed:
+            if "method_images" not in info:  # a folder built before the method rows
+                info["method_images"] = [str(p) for p in write_images(work / "images-methods", seed,
+                                                                      METHOD_IMAGE_SIZES)]
+                marker.write_text(json.dumps(info, indent=1))
             return info
     out = work / NAME
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +112,9 @@ def build(work: Path, seed: int = 0) -> dict:
     (out / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=1))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=1))
     images = write_images(work / "images", seed)
+    large = write_images(work / "images-methods", seed, METHOD_IMAGE_SIZES)
     info = {"seed": seed, "model": str(out), "images": [str(p) for p in images],
+            "method_images": [str(p) for p in large],
             "eos": rt.processor.tokenizer.eos_token_id}
     marker.write_text(json.dumps(info, indent=1))
     return info
@@ -109,9 +124,47 @@ def cases(info: dict) -> list[dict]:
     return [{"question": q, "image": img} for q, img in zip(QUESTIONS, info["images"])]
 
 
+def method_cases(info: dict) -> list[dict]:
+    """A method's cases: the four images and questions, then the two larger images with the first two questions."""
+    return cases(info) + [{"question": QUESTIONS[i % len(QUESTIONS)], "image": img}
+                          for i, img in enumerate(info.get("method_images", []))]
+
+
 def batches(n: int) -> list[list[int]]:
     """Each image alone, then all in one left-padded batch (unequal images: unequal grids and prompt lengths)."""
     return [[i] for i in range(n)] + [list(range(n))]
+
+
+def qwen_methods() -> list[str]:
+    """The methods ``python -m parity qwen`` compares beside their official Qwen code: the adapters with
+    ``QWEN = True`` (the registry of Qwen method rows; ``none``, the unpruned model, always)."""
+    from . import adapters
+
+    return sorted(n for n in adapters.names() if getattr(adapters.get(n), "QWEN", False))
+
+
+def method_specs(names, info: dict | None, budgets=None, official_path: str | None = None) -> list[dict]:
+    """The job's method specs: ``none`` (each image alone and all in one batch), then each method of ``names`` at
+    each budget (``budgets``, else its adapter's ``QWEN_BUDGETS``) on :func:`method_cases`, each image alone, with its
+    clone (the clone ``python -m parity llava15`` uses: ``official_path``, else ``.official/<name>``). ``info`` None:
+    only checks the names and clones."""
+    from . import adapters
+    from .llava15 import clone_for
+
+    known = qwen_methods()
+    specs = [{"name": "none"}]
+    for name in names:
+        if name == "none":
+            continue
+        if name not in known:
+            raise ValueError(f"no Qwen2.5-VL parity adapter for {name!r} (adapters with QWEN = True: "
+                             f"{', '.join(known) or 'none'})")
+        clone = clone_for(name, official_path)
+        cs = method_cases(info) if info is not None else []
+        for b in budgets or adapters.get(name).QWEN_BUDGETS:
+            specs.append({"name": name, "budget": b, "clone": clone, "cases": cs,
+                          "batches": [[i] for i in range(len(cs))]})
+    return specs
 
 
 def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path) -> dict:
@@ -124,23 +177,33 @@ def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_t
 def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int) -> list[dict]:
     import llava
 
+    from . import adapters
+
     rt = llava.load(info["model"], dtype="float16" if dtype == "fp16" else "float32", attn_implementation="sdpa")
     out = []
     for method in methods:
-        if method["name"] != "none":
-            raise ValueError(f"parity qwen: no adapter for {method['name']!r} yet (the unpruned model only)")
-        rt.unprune()
+        mod = None
+        if method["name"] == "none":
+            rt.unprune()
+        else:
+            mod = adapters.get(method["name"])
+            name, budget, options = mod.ours_qwen(method["budget"], dtype, rt)
+            rt.prune(name, budget, **options)
         for batch in method.get("batches", batches(len(info["images"]))):
-            cs = [cases(info)[c] for c in batch]
+            cs = [method.get("cases", cases(info))[c] for c in batch]
             inputs = rt.processor([c["question"] for c in cs], [c["image"] for c in cs])
+            kept: list = []
+            finish = mod.record_ours_qwen(rt, kept) if mod is not None else None
             with torch.inference_mode():
                 logits = rt.model(**inputs).logits.float()
+                if finish is not None:
+                    finish(len(batch))
                 gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             width = inputs["input_ids"].shape[1]
             out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
                         "attention_mask": inputs["attention_mask"], "pixel_values": inputs["pixel_values"].float(),
                         "image_grid_thw": inputs["image_grid_thw"], "logits": logits,
-                        "tokens": gen[:, width:].tolist(), "kept": []})
+                        "tokens": gen[:, width:].tolist(), "kept": kept})
     rt.unprune(detach=True)
     return out
 
@@ -149,12 +212,74 @@ def _strip(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
 
 
+def _diff(a, b) -> float | None:
+    """Max abs difference of two rows tensors (inf: other shapes; None: one side did not read them, e.g. our MMTok
+    reads no text when it keeps the image whole)."""
+    if a is None or b is None:
+        return None
+    return (a - b).abs().max().item() if a.shape == b.shape else float("inf")
+
+
+def _fmt(d: float | None) -> str:
+    return "-" if d is None else f"{d:.2e}"
+
+
+def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: int | None) -> Check:
+    """One method run (each image alone): ids, the kept indices, the logits of the pruned sequence (both sides run
+    the LLM on the kept tokens only: the same length when the same count is kept), the greedy tokens, the text rows
+    (identical, where both sides read them); the other rows the selections read (the tower's and the projector's
+    outputs: two torch releases' kernels), reported."""
+    ids_ok = o["input_ids"].tolist() == m["input_ids"].tolist()
+    o_kept, m_kept = [k["kept"].tolist() for k in o["kept"]], [k["kept"].tolist() for k in m["kept"]]
+    kept_ok = len(o_kept) == len(m_kept) > 0 and o_kept == m_kept
+    worst = _diff(o["logits"], m["logits"])
+    off_tokens = [_strip(t, eos) for t in o["tokens"]]
+    my_tokens = [_strip(t, eos) for t in m["tokens"]]
+    tok_ok = off_tokens == my_tokens
+    ok = ids_ok and kept_ok and tok_ok and (logits_atol is None or worst <= logits_atol)
+    rows = {}
+    for f in ("features", "vision", "text"):
+        ds = [d for a, b in zip(o["kept"], m["kept"]) if (d := _diff(a[f], b[f])) is not None]
+        rows[f] = max(ds) if ds else None
+    # the text rows are rows of the same embedding table on both sides: identical, where both read them
+    text_ok = rows["text"] is None or rows["text"] == 0
+    ok = ok and text_ok
+    # the adapter's replay: our selection on the official side's own rows (the method's arithmetic alone)
+    from . import adapters
+
+    replay = getattr(adapters.get(o["method"]["name"]), "qwen_replay", None)
+    replay_ok = None
+    if replay is not None and o["kept"]:
+        replay_ok = all(replay(e).tolist() == e["kept"].tolist() for e in o["kept"])
+        ok = ok and replay_ok
+    counts = [f"{len(k)} of {int(e['features'].shape[0])}" for k, e in zip(o_kept, o["kept"])]
+    detail = (("" if ids_ok else "ids DIFFER, ") + f"kept indices {'identical' if kept_ok else 'DIFFER'} "
+              f"({', '.join(counts)} kept), logits max abs diff {worst:.2e}"
+              + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+              + f", greedy tokens {'identical' if tok_ok else 'DIFFER'}; rows read, max abs diff: projected "
+              f"{_fmt(rows['features'])}, vision-vision {_fmt(rows['vision'])}, text {_fmt(rows['text'])}"
+              + ("" if replay_ok is None else
+                 f"; ours on the official rows: kept indices {'identical' if replay_ok else 'DIFFER'}"))
+    return Check("qwen-" + o["method"]["name"], case, ok, detail,
+                 {"official_kept": o_kept, "our_kept": m_kept, "official_tokens": off_tokens, "our_tokens": my_tokens,
+                  "rows_max_abs_diff": rows, "replay_on_official_rows": replay_ok})
+
+
 def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, eos: int | None) -> list[Check]:
     """One prep and one unpruned check per batch: ids (pads and image pads included: both sides left-pad and expand
-    the image pads), pixels and grids, then the logits at the real positions and the greedy tokens."""
+    the image pads), pixels and grids, then the logits at the real positions and the greedy tokens; a method run:
+    :func:`compare_method`."""
     checks = []
+    if len(off["runs"]) != len(mine):
+        raise ValueError(f"runs out of step: {len(off['runs'])} official, {len(mine)} ours")
     for o, m in zip(off["runs"], mine):
+        if o["batch"] != m["batch"] or o["method"] != m["method"]:
+            raise ValueError(f"runs out of step: official {o['method']} {o['batch']}, ours {m['method']} {m['batch']}")
         case = f"{dtype} {o['method']['name']} batch {o['batch']}"
+        if o["method"]["name"] != "none":
+            checks.append(compare_method(o, m, f"{dtype} {o['method']['name']} r={o['method']['budget']} "
+                                               f"batch {o['batch']}", logits_atol, eos))
+            continue
         ids_ok = o["input_ids"].tolist() == m["input_ids"].tolist() and \
             o["attention_mask"].tolist() == m["attention_mask"].tolist()
         grid_ok = o["image_grid_thw"].tolist() == m["image_grid_thw"].tolist()
@@ -180,9 +305,11 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
     return checks
 
 
-def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8) -> list[Check]:
+def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
+        budgets=None, official_path: str | None = None) -> list[Check]:
+    """The unpruned model, then each method of ``methods`` (:func:`qwen_methods`) at its budgets, in each precision."""
     checks: list[Check] = []
-    methods = [{"name": "none"}]
+    methods = method_specs(methods, info, budgets, official_path)
     for dtype in dtypes:
         off = official(info, python, dtype, methods, max_new_tokens, work)
         mine = ours(info, dtype, methods, max_new_tokens)

@@ -150,6 +150,8 @@ def test_keep_all_is_bit_identical_to_the_unpruned_model(rt, name, b, opts):
 _CDPRUNER = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 3, "llava_onevision": 4}
 _MMTOK = {"llava": 4, "llava_next": 4, "qwen2_5_vl": 3}
 MMTOK = ["llava", "llava-next", "qwen2.5-vl"]
+#: MMTok's official Qwen2.5-VL route (the re-tokenised text needs tokenizer objects: tests/test_mmtok.py)
+_MMTOK_QWEN = {"numerics": "official", "vv_space": "merge_mean", "scope": "sample", "retain_ratio": 0.5}
 _CONSENSUS = {"llava": 8, "llava_next": 8, "video_llava": 6}
 PER_UNIT = {
     "visiontrim": [(b, {}, ["llava", "video-llava"]) for b in (2, 4, 5)],  # NeXT: newlines dropped (its own test)
@@ -219,7 +221,7 @@ CACHED = {
     "visiontrim": [(4, {})],
     "hiprune": [(6, {"alpha": 1.0})],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
-    "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official"}, MMTOK)],
+    "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official"}, MMTOK), (None, _MMTOK_QWEN, ["qwen2.5-vl"])],
     "vispruner": [(_VISPRUNER, {}, ALL_FAMILIES)],
     "flowcut": [(3, {})],
     "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],
@@ -272,7 +274,7 @@ BATCH = {
     "hiprune": [(6, {"alpha": 1.0})],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
     "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official", "vv_space": "projected"}, MMTOK),
-              (None, {"retain_ratio": 0.5}, ["qwen2.5-vl"])],
+              (None, {"retain_ratio": 0.5}, ["qwen2.5-vl"]), (None, _MMTOK_QWEN, ["qwen2.5-vl"])],
     "vispruner": [(3, {})],
     "flowcut": [(4, {}), (4, {"batch_max": True}), (4, {"next_half": True, "frame_cls": "extra"})],
     "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, slice_batch
+from conftest import check_generate_batch_equals_alone, make_batch, slice_batch
 
 import baselines.mmtok  # noqa: F401  (registers "mmtok")
 from baselines.mmtok import (MMTok, coverage_greedy, coverage_greedy_official, coverage_matrix, keyword_token_mask,
@@ -585,3 +585,152 @@ def test_token_pieces_follow_the_full_decode():
     # the empty piece belongs to the character it starts: both bytes of the keyword's "é" are kept
     assert keyword_token_mask(pieces) == [False, False, True, True, True, True, True, False]
     assert keyword_token_mask(["", "é", " is"]) == [True, True, False]  # a word that starts with a split byte
+
+
+# ------------------------------------------------------------------ (f) the Qwen2.5-VL reference options
+#: the official Qwen2.5-VL route (``mmtok_qwen2_5_vl``): one selection over all the prompt's image tokens, the
+#: last ViT block's per-merged-token mean as the vision -> vision space, "Question: " + the text re-tokenised
+QWEN_REF = {"numerics": "official", "vv_space": "merge_mean", "scope": "sample"}
+
+
+def test_scope_sample_selects_once_over_all_units():
+    """scope='sample': the units concatenated in prompt order and one greedy over them (T = budget, or
+    int(r * all of them)); scope='unit' (default) keeps T per unit. Worked counts on 5 + 8 tokens."""
+    g = torch.Generator().manual_seed(3)
+    unit = torch.tensor([0] * 5 + [1] * 8)
+    X, V, Z = torch.randn(13, 8, generator=g), torch.randn(13, 4, generator=g), torch.randn(3, 8, generator=g)
+    lay, one = unit_layout(unit), unit_layout(torch.zeros(13, dtype=torch.long))
+    for numerics in ("ours", "official"):
+        kw = dict(tv_temperature=0.01, numerics=numerics)
+        keep = mmtok(X, V, Z, lay, 4, scope="sample", **kw)
+        assert torch.equal(keep, mmtok(X, V, Z, one, 4, **kw)) and keep.numel() == 4
+        assert mmtok(X, V, Z, lay, 4, **kw).numel() == 8  # 4 + 4 per unit
+        # retain_ratio 0.35: int(0.35 * 13) = 4 over the sample; per unit int(1.75) + int(2.8) = 1 + 2
+        keep_r = mmtok(X, V, Z, lay, None, retain_ratio=0.35, scope="sample", **kw)
+        assert torch.equal(keep_r, keep)
+        assert mmtok(X, V, Z, lay, None, retain_ratio=0.35, **kw).numel() == 3
+    # one unit: the two scopes are the same selection
+    assert torch.equal(mmtok(X, V, Z, one, 4, tv_temperature=0.01, scope="sample"),
+                       mmtok(X, V, Z, one, 4, tv_temperature=0.01))
+    with pytest.raises(ValueError, match="scope"):
+        mmtok(X, V, Z, lay, 4, tv_temperature=0.01, scope="image")
+    with pytest.raises(ValueError, match="scope"):
+        MMTok(4, scope="image")
+
+
+@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+def test_merge_mean_is_the_last_blocks_output_averaged_per_merged_token(rt):
+    """VisionSignals.group_mean[-1] (computed only when asked for: vv_space='merge_mean'): the stock tower's last
+    block output (its ``last_hidden_state``, window order) averaged over each merged token's 4 rows and put at that
+    token's raster index (``window_index``); the selection == mmtok() on it with tau_t 0.01."""
+    from transformers.vision_utils import get_vision_window_index
+
+    inputs = make_batch(rt)
+    assert all(sig.group_mean == {} for sig, _, _ in _spy(rt, inputs, 2))  # not computed by default
+    seen = _spy(rt, inputs, 2, vv_space="merge_mean")
+    visual = rt.model.model.visual
+    grid = inputs["image_grid_thw"]
+    with torch.no_grad():
+        last = visual(inputs["pixel_values"], grid_thw=grid).last_hidden_state  # (N patches, C), window order
+    index, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=visual.window_size,
+                                       patch_size=visual.patch_size)
+    C = last.shape[-1]
+    means = torch.empty(len(index), C)
+    means[index] = last.reshape(-1, 4, C).mean(1)  # window slot i holds merged token index[i]
+    at = 0
+    for sig, (text, _), keep in seen:
+        n = sig.num_tokens
+        assert sig.group_mean[-1].shape == (n, C) and sig.vision_features.shape == (n, 4 * C)
+        assert torch.equal(sig.group_mean[-1], means[at:at + n])
+        assert torch.equal(keep, mmtok(sig.features, sig.group_mean[-1], text, sig.unit_layout(), 2,
+                                       tv_temperature=0.01))
+        at += n
+    assert at == len(index)
+
+
+@pytest.mark.parametrize("rt", ["llava", "llava-next"], indirect=True)
+def test_merge_mean_is_refused_outside_qwen(rt):
+    with pytest.raises(ValueError, match="merge_mean"):
+        rt.prune("mmtok", 4, vv_space="merge_mean")
+    rt.unprune()
+    assert "merge_mean" in MMTok(4, vv_space="merge_mean").capture_refusal()
+
+
+@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+def test_question_retokenized_is_the_official_qwen_text(rt):
+    """text='question_retokenized': "Question: " + the question's text, split on whitespace and tokenised word by
+    word (``is_split_into_words``; Qwen's tokenizer adds no BOS), embedded by the model's table; no keyword filter.
+    Worked on the tiny word-level tokenizer (it lower-cases): 'what is this?' -> question : what is this ?"""
+    from baselines.mmtok import retokenized_ids
+
+    tok, emb = rt.tokenizer, rt.model.get_input_embeddings()
+    seen = _spy(rt, make_batch(rt), 2, text="question_retokenized", llm_tokenizer=tok, embed_tokens=emb)
+    words = []
+    for sig, (text, mask), keep in seen:
+        q = tok.decode(sig.question_ids.tolist(), skip_special_tokens=True)
+        ids = retokenized_ids(tok, "Question: " + q)
+        assert mask is None and torch.equal(text, emb(torch.tensor(ids)))
+        assert torch.equal(keep, mmtok(sig.features, sig.vision_features, text, sig.unit_layout(), 2,
+                                       tv_temperature=0.01))
+        words.append(tok.convert_ids_to_tokens(ids))
+    assert words[0] == ["question", ":", "what", "is", "this", "?"]
+    assert words[1] == ["question", ":", "what", "color", "is", "the", "circle", "on", "the", "left", "?"]
+    # the stand-in tokenizer: "Question:" is one word; its BOS is dropped
+    assert retokenized_ids(_SplitTok(), "Question: what color") == [109, 104, 105]
+    # a word the tiny vocabulary lacks ("zebra") stays the unknown token, as the official string re-tokenised gives
+    from baselines.mmtok import question_text
+
+    ids = tok("what color is the zebra?")["input_ids"]
+    assert tok.unk_token_id in ids and question_text(tok, ids) == "what color is the <unk>?"
+    assert retokenized_ids(tok, "Question: " + question_text(tok, ids)) == \
+        retokenized_ids(tok, "Question: what color is the zebra?")
+    with pytest.raises(ValueError, match="embed_tokens"):
+        MMTok(4, text="question_retokenized", llm_tokenizer=tok)
+
+
+@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+def test_qwen_reference_mode_in_the_engine(rt):
+    """The whole official Qwen route (reference numerics, merge_mean, one selection per prompt, retain_ratio, the
+    re-tokenised question): batch == alone (generate), cached == no-cache recompute, int(0.5 n) tokens kept, the
+    device-placement check; and it selects otherwise than the default options somewhere."""
+    from conftest import greedy_no_cache
+    from device_check import check_method
+    from test_engine import GEN
+
+    from llava.method import get_method
+
+    tok, emb = rt.tokenizer, rt.model.get_input_embeddings()
+    opts = dict(QWEN_REF, retain_ratio=0.5, text="question_retokenized", llm_tokenizer=tok, embed_tokens=emb)
+    check_generate_batch_equals_alone(rt, "mmtok", None, **opts)
+    inputs = make_batch(rt)
+    method = get_method("mmtok", None, **opts)
+    chk = check_method(method)
+    eng = rt.prune(method)
+    with torch.no_grad():
+        cached = rt.model.generate(**inputs, **GEN)
+    assert chk.calls["vision"] == 3
+    assert [s.visual_entering_llm for s in eng.stats.samples] == [int(0.5 * s.visual_candidates)
+                                                                  for s in eng.stats.samples]
+    ref = {k: v.keep.clone() for k, v in eng.selections.items()}
+    eng.replay = True
+    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+    default = _engine_selections(rt, inputs, None, retain_ratio=0.5)
+    assert any(not torch.equal(ref[k], default[k].keep) for k in ref)
+
+
+def test_whole_at_most_keeps_a_small_selection_whole():
+    """whole_at_most=w: a selection over n <= w candidates keeps all n whatever T (the official Qwen2.5-VL route's
+    64: its core compares n with its default count, not with the ratio's); larger ones keep T as before."""
+    g = torch.Generator().manual_seed(4)
+    unit = torch.tensor([0] * 5 + [1] * 8)
+    X, V, Z = torch.randn(13, 8, generator=g), torch.randn(13, 4, generator=g), torch.randn(3, 8, generator=g)
+    lay = unit_layout(unit)
+    kw = dict(tv_temperature=0.01, numerics="official")
+    keep = mmtok(X, V, Z, lay, 2, whole_at_most=5, **kw)  # unit 0 (5 <= 5) whole, unit 1 (8 > 5) 2 of 8
+    assert [int((unit[keep] == u).sum()) for u in (0, 1)] == [5, 2]
+    assert torch.equal(keep[5:], mmtok(X, V, Z, lay, 2, **kw)[2:])  # unit 1's picks unchanged
+    assert mmtok(X, V, Z, lay, 2, whole_at_most=12, scope="sample", **kw).numel() == 2  # 13 > 12
+    assert torch.equal(mmtok(X, V, Z, lay, None, retain_ratio=0.2, whole_at_most=13, scope="sample", **kw),
+                       torch.arange(13))  # int(0.2 * 13) = 2, but 13 <= 13: all kept
+    with pytest.raises(ValueError, match="whole_at_most"):
+        MMTok(2, whole_at_most=-1)

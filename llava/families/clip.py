@@ -299,6 +299,9 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
             captured[key] = args[0] if args else kwargs["hidden_states"]
         return pre_hook
 
+    if any(isinstance(v, tuple) and v[0] == "gmean" for v in extra_layers):
+        raise ValueError("vision_group_mean_blocks (a block's output averaged over each merged token's 4 "
+                         "patches) is computed for the Qwen towers only")
     extra = {v: attention_layer(tower, feature_layer, v[1] if isinstance(v, tuple) else v) for v in extra_layers}
     try:
         if want_attn:

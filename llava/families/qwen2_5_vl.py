@@ -11,7 +11,8 @@
   pooled query row instead (cheaper, O(S d)); ``qwen_saliency_layer`` picks another full-attention
   block. ``keys``: that block's head-mean keys before RoPE, averaged over the 4 patches;
   ``vision_features``: the merger's MLP input (4 x C), so vision-space merges are projected by the
-  merger's MLP.
+  merger's MLP. On request (a method's ``vision_group_mean_blocks``) ``group_mean``: a block's output averaged
+  over each merged token's 4 patches (the last block's: the merger's input before its norm).
 * Positions: 3-D M-RoPE (t, h, w) from the model's own ``get_rope_index``, computed on the full
   prompt before pruning; kept tokens **keep** their original 3-D positions and text keeps its own,
   so generate()'s decode positions need no mapping. A method's ``reindex`` position mode is mapped
@@ -58,7 +59,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return len(self.core.visual.blocks)
 
     def encode(self, visual, want_attn, vision_layer, extra_layers=()):
-        if extra_layers:
+        # ("gmean", b): block b's output averaged over each merged token's 4 patches (``gmean:<b>``, the
+        # method's ``vision_group_mean_blocks``: MMTok's official vision -> vision space)
+        means = tuple(v[1] for v in extra_layers if isinstance(v, tuple) and v[0] == "gmean")
+        if len(means) != len(extra_layers):
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         # ``vision_layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
@@ -74,7 +78,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             if grid is None:
                 raise ValueError(f"Qwen2.5-VL needs {'video' if video else 'image'}_grid_thw with its pixels")
             v = qwen_vision.encode(self.model, pix, grid, want_attn=want_attn, layer=self.saliency_layer,
-                                   saliency=self.saliency, video=video)
+                                   saliency=self.saliency, video=video, group_mean=means)
             flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
                     "unit_h": v.unit, "kind": "frame" if video else "image",
                     "unit_pos": torch.full((len(v.grids), 2), -1, dtype=torch.long, device=v.features.device),
@@ -82,6 +86,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             if v.saliency is not None:
                 flat["cls_attn"] = v.saliency.T
                 flat["keys"] = v.keys
+            for b, rows in (v.group_mean or {}).items():
+                flat[f"gmean:{b}"] = rows
             if v.deepstack is not None:  # Qwen3-VL
                 flat["deepstack"] = v.deepstack
             blocks.append(VisualBlock(token_id, flat, v.sizes))

@@ -66,6 +66,9 @@ class QwenVisual:
                      over heads, then mean over the 4 patches. None unless ``want_attn``.
     deepstack:       (T, L, D) or None: Qwen3-VL's DeepStack rows of every token, one per level (the
                      ``deepstack_features`` of the stock tower, same dtype); None for Qwen2.5-VL.
+    group_mean:      {b: (T, C)} for each block index b asked for (``group_mean``): block b's output
+                     averaged over the 4 patches of each merged token (the last block's: the merger's input
+                     before its norm; MMTok's official vision -> vision space), the tower's dtype.
     unit:            (T,) CPU long: attention segment of each token = image index for images
                      (t = 1), temporal-slice index numbered over all videos in order for videos.
     patch:           (T,) CPU long: merged-raster index within its unit, ``r * (w/2) + c``.
@@ -82,6 +85,7 @@ class QwenVisual:
     grids: list[tuple[int, int]]
     sizes: list[int]
     deepstack: torch.Tensor | None = None
+    group_mean: dict | None = None
 
 
 def is_qwen3(visual) -> bool:
@@ -183,7 +187,7 @@ def attention_signals(attn, x: torch.Tensor, pos: tuple, bounds, reverse: torch.
 @torch.no_grad()
 def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_attn: bool,
            layer: int | None = None, saliency: str = "received", video: bool = False,
-           chunk: int = 1024) -> QwenVisual:
+           chunk: int = 1024, group_mean: tuple[int, ...] = ()) -> QwenVisual:
     """Run the Qwen2.5-VL / Qwen3-VL vision tower once and return its merged tokens with per-token signals.
 
     model:        a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``.
@@ -196,6 +200,8 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     saliency:     "received" (exact, per segment in query chunks of ``chunk`` rows, memory
                   O(H * chunk * S)) or "pooled_query" (O(H * S) proxy). Anything else: ValueError.
     video:        use ``get_video_features``; units are then temporal slices, ``sizes`` per video.
+    group_mean:   block indices b (negative from the end) whose output, averaged over each merged token's 4
+                  patches, :class:`QwenVisual` returns as ``group_mean[b]`` (a forward hook on the block).
     """
     if saliency not in SALIENCY_KINDS:
         raise ValueError(f"unknown saliency {saliency!r}; expected one of {SALIENCY_KINDS}")
@@ -228,8 +234,18 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     def grab_ln_q(module, args, output):
         captured["ln_q"] = output
 
+    def grab_block(b):
+        def hook(module, args, output):
+            captured[("block", b)] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    depth = len(visual.blocks)
+    for b in group_mean:
+        if not -depth <= int(b) < depth:
+            raise ValueError(f"group_mean: block {b} is outside the vision tower's {depth} blocks")
     merger_norm = visual.merger.ln_q if hasattr(visual.merger, "ln_q") else visual.merger.norm  # Qwen3-VL / 3.5: norm
     handles = [merger_norm.register_forward_hook(grab_ln_q)]
+    handles += [visual.blocks[int(b)].register_forward_hook(grab_block(int(b))) for b in group_mean]
     if want_attn:
         handles.append(visual.blocks[layer].attn.register_forward_pre_hook(grab_attn, with_kwargs=True))
     try:
@@ -258,8 +274,11 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     deepstack = None
     if qwen3:  # (T, L, D): every level's rows, images concatenated as the features are
         deepstack = torch.stack([torch.cat(level) for level in out.deepstack_features], dim=1)
+    # the 4 rows of a merged token are adjacent in the tower's order: mean over them, then merged raster order
+    means = {int(b): (h := captured[("block", int(b))]).reshape(-1, unit_sq, h.shape[-1]).mean(1)[reverse]
+             for b in group_mean}
     return QwenVisual(features=features, vision_features=vision_features, saliency=sal, keys=keys,
-                      unit=unit, patch=patch, grids=grids, sizes=sizes, deepstack=deepstack)
+                      unit=unit, patch=patch, grids=grids, sizes=sizes, deepstack=deepstack, group_mean=means)
 
 
 # ------------------------------------------------------------------------------------------------

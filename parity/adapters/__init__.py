@@ -53,6 +53,18 @@ code has a NeXT path:
 - optional ``record_ours_next(rt, store) -> finish``: our entries in the layout of ``record`` (default:
   ``parity.next.record_vision_per_crop``, the vision stage's kept patches per crop as ``("vision", (crops, k))``).
 
+Qwen2.5-VL (``python -m parity qwen --method <name>``, ``parity/qwen.py``), optional, for an adapter whose official
+code has a Qwen2.5-VL path (run by ``parity/official_worker_qwen.py`` in ``.venv-official-qwen``, transformers 4.52.4):
+
+- ``QWEN = True`` and ``QWEN_BUDGETS`` (in the method's own unit: MMTok's retain ratio);
+- the official side: ``qwen_before_import(clone)`` (shims, before the official code is imported; the clone is first on
+  the path), ``qwen_enable(model, processor, method)`` (the switch on a freshly loaded model and processor),
+  ``qwen_record(model, store) -> handles`` (one entry per prefill: a dict with ``kept`` (ascending indices) and the
+  rows the selection read, ``features`` / ``vision`` / ``text``, fp32 copies, reported);
+- ours: ``ours_qwen(budget, dtype, rt) -> (method, budget, options)``, ``record_ours_qwen(rt, store) -> finish`` (the
+  same entries from our signals), optional ``qwen_replay(entry) -> kept`` (our selection on the official side's
+  recorded rows: the method's arithmetic separated from the tower's).
+
 Module constants: ``REPOSITORY`` (owner/name on GitHub), ``COMMIT`` (the commit the adapter was written and run
 against), ``PACKAGES`` (the top-level folders a clone must hold; the official side puts the clone first on its path,
 so its ``llava/`` replaces the installed llava-torch), ``INSTALLED`` (True when ``.venv-official`` already holds the

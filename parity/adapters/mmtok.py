@@ -132,3 +132,124 @@ def record_ours(rt, store: list):
             store.append(("vision", kept))
 
     return finish
+
+
+# ---- Qwen2.5-VL (``python -m parity qwen --method mmtok``, parity/qwen.py) ----
+#
+# The official side runs in ``.venv-official-qwen`` (transformers 4.52.4, MMTok's pin) by
+# parity/official_worker_qwen.py: ``mmtok_qwen2_5_vl(model, language_tokenizer=processor.tokenizer,
+# processor=processor, retain_ratio=r)`` as its lmms-eval wrapper calls it (``example/lmms_eval_qwen_mmtok.py``), which
+# replaces ``Qwen2_5_VLModel.forward`` / ``get_image_features`` and the tower's forward with its own and patches the
+# processor's ``apply_chat_template`` so that the user's text reaches the selection (the worker builds every prompt
+# through it: the question arrives by the official route). Each image alone: the official forward is batch-1 (it
+# reads ``input_ids[0]``). One shim (``qwen_before_import``).
+
+QWEN = True
+#: the retain ratios compared (the official default 0.2; 0.5): T = int(r * the prompt's image tokens)
+QWEN_BUDGETS = (0.2, 0.5)
+
+
+def qwen_before_import(clone: str) -> None:
+    """The one shim: ``mmtok/__init__.py`` imports the package's LLaVA path at import (``from .llava import ...``,
+    LLaVA-VL's ``llava``, absent beside 4.52.4, and never used by the Qwen path). The package ``mmtok`` is registered
+    with the clone's folder as its path and without running that file, so ``mmtok.qwen`` and ``mmtok.core`` import
+    from the clone as they are."""
+    import importlib.machinery
+    import os
+    import sys
+    import types
+
+    folder = os.path.join(clone, "mmtok")
+    pkg = types.ModuleType("mmtok")
+    pkg.__path__ = [folder]
+    pkg.__spec__ = importlib.machinery.ModuleSpec("mmtok", None, is_package=True)
+    pkg.__spec__.submodule_search_locations = [folder]
+    sys.modules["mmtok"] = pkg
+
+
+def qwen_enable(model, processor, method: dict) -> None:
+    from mmtok.qwen import mmtok_qwen2_5_vl
+
+    # ``official_kwargs``: the official function's own keyword arguments, for planted changes only (the tests)
+    mmtok_qwen2_5_vl(model, language_tokenizer=processor.tokenizer, processor=processor,
+                     retain_ratio=float(method["budget"]), **method.get("official_kwargs", {}))
+
+
+def qwen_record(model, store: list) -> list:
+    """Per selection (one per prefill): the picks ``apply_selection_preprocess_qwen`` returns (sorted), and what it
+    selected from: the projected tokens, the vision -> vision rows and the text rows ``_encode_text_with_token_pooling``
+    gave (fp32 copies, for the report)."""
+    import torch
+
+    core = model.model._mmtok_core
+    select, encode = type(core).apply_selection_preprocess_qwen, type(core)._encode_text_with_token_pooling
+    seen: dict = {}
+
+    def encode_text(text):
+        rows = encode(core, text)
+        seen["text"] = rows.float().cpu().clone()
+        return rows
+
+    def apply_selection_preprocess_qwen(image_embeds, image_features, question_text, target_vision_tokens=None):
+        idx, feats = select(core, image_embeds, image_features, question_text, target_vision_tokens=target_vision_tokens)
+        store.append({"kept": torch.as_tensor(idx, dtype=torch.long).sort().values.cpu(),
+                      "features": image_embeds.float().cpu().clone(), "vision": image_features.float().cpu().clone(),
+                      "text": seen.pop("text", None), "target": int(target_vision_tokens),
+                      "dtype": str(image_embeds.dtype).replace("torch.", "")})
+        return idx, feats
+
+    core._encode_text_with_token_pooling = encode_text
+    core.apply_selection_preprocess_qwen = apply_selection_preprocess_qwen
+    return [_Restore(core, "_encode_text_with_token_pooling"), _Restore(core, "apply_selection_preprocess_qwen")]
+
+
+def ours_qwen(budget: float, dtype: str, rt) -> tuple[str, None, dict]:
+    """Our reference mode of the official Qwen route: (method, budget, options)."""
+    return "mmtok", None, {"numerics": "official", "vv_space": "merge_mean", "scope": "sample", "whole_at_most": 64,
+                           "retain_ratio": float(budget), "text": "question_retokenized",
+                           "llm_tokenizer": rt.processor.tokenizer, "embed_tokens": rt.model.get_input_embeddings()}
+
+
+def qwen_replay(entry: dict):
+    """Our reference arithmetic on the rows the official selection read (one ``qwen_record`` entry, cast back to its
+    dtype: fp16 -> fp32 -> fp16 is exact): the picks our ``mmtok`` makes from the official side's own inputs, which
+    separates the method's arithmetic from the tower's and the projector's (two torch releases' kernels)."""
+    import torch
+
+    from baselines.mmtok import mmtok
+    from llava.ops import unit_layout
+
+    dt = getattr(torch, entry.get("dtype", "float32"))
+    n = int(entry["features"].shape[0])
+    text = entry["text"].to(dt) if entry["text"] is not None else entry["features"][:0].to(dt)
+    return mmtok(entry["features"].to(dt), entry["vision"].to(dt), text, unit_layout(torch.zeros(n, dtype=torch.long)),
+                 entry["target"], tv_temperature=0.01, numerics="official", whole_at_most=64)
+
+
+def record_ours_qwen(rt, store: list):
+    """Per sample of the prefill, the same fields from our signals and selection: the kept indices (into the sample's
+    visual tokens), ``features``, the ``merge_mean`` rows and the text rows the method used."""
+    from ._ours import seen_vision_selections
+
+    method = rt.engine.method
+    seen, restore = seen_vision_selections(method)
+    inner = method.text_of
+    texts: list = []
+
+    def text_of(sig):
+        rows, mask = inner(sig)
+        texts.append((sig, rows.float().cpu().clone()))
+        return rows, mask
+
+    method.text_of = text_of
+
+    def finish(n_samples: int) -> None:
+        restore()
+        method.text_of = inner
+        for sig, sel in seen[:n_samples]:
+            text = next((rows for s, rows in texts if s is sig), None)  # None: nothing pruned, no text read
+            store.append({"kept": sel.keep.flatten().sort().values.cpu(), "features": sig.features.float().cpu(),
+                          "vision": sig.group_mean[-1].float().cpu(), "text": text,
+                          "target": int(float(method.retain_ratio) * sig.num_tokens)})
+
+    return finish
