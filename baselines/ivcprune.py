@@ -142,6 +142,34 @@ def fill(priority: torch.Tensor, scores: torch.Tensor, k: int, numerics: str = "
     return order[first][:k].sort().values
 
 
+def ivc_keep(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             rule: str, counts: tuple[int, int, int], k: int | None, fill_to: int, numerics: str = "ours",
+             heads: int | None = None, row_mask: torch.Tensor | None = None,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """IVC-Prune's choice, ascending indices into ``visual``: ``values`` (S, H_kv, d) layer K-1's values, ``rows`` the
+    query rows, ``cos`` / ``sin`` the rotary tables ((S, d), M-RoPE (3, S, d)), ``counts`` = (seeds, foreground, IVC
+    per table); ``k``: exactly k (our budgets), None: the official rule (LLaVA: the union; Qwen: filled to
+    ``fill_to``, never below the priority; one host read, the count). ``heads``, ``row_mask``, ``key_mask``: as
+    :func:`value_scores`."""
+    n_seed, n_value, n_ivc = counts
+    n = visual.numel()
+    base = value_scores(values, rows, visual, rule, numerics, heads, row_mask=row_mask, key_mask=key_mask)
+    seeds = _top(base, n_seed, numerics)  # among the visual tokens
+    score = value_scores(values, rows, visual, rule, numerics, heads, seeds=visual[seeds], row_mask=row_mask,
+                         key_mask=key_mask)
+    priority = torch.zeros(n, dtype=torch.bool, device=visual.device)
+    priority[seeds] = True
+    priority[_top(coordinate_scores(cos, visual, numerics), n_ivc, numerics)] = True
+    priority[_top(coordinate_scores(sin, visual, numerics), n_ivc, numerics)] = True
+    if k is not None:
+        return fill(priority, score, k, numerics)
+    if rule == "llava":  # the official union: prefix, foreground, seeds, IVC, suffix (sorted, unique)
+        priority[_top(score, n_value, numerics)] = True
+        return torch.nonzero(priority).flatten()  # the one host read: the union's size
+    count = max(int(fill_to), int(priority.sum()))  # the one host read: the official fill keeps every priority token
+    return fill(priority, score, count, numerics)
+
+
 @register
 class IVCPrune(Method):
     """IVC-Prune: before decoder layer K, keep the image tokens that are the LLM's implicit visual coordinates (the
@@ -309,25 +337,10 @@ class IVCPrune(Method):
         rule, num = self.rule_run, self.numerics
         official = num == "official"
         rows, row_mask = self.query_rows(sig)
-        keys = sig.key_mask if sig.captured else None
-        values = sig.values(layer="prev")
         # the official Qwen value states are repeated to the query heads (their count: one query row's heads)
         heads = sig.queries("last", layer="prev").shape[0] if official and rule == "qwen" else None
-        n_seed, n_value, n_ivc = self.counts(n, k)
-        base = value_scores(values, rows, sig.visual, rule, num, heads, row_mask=row_mask, key_mask=keys)
-        seeds = _top(base, n_seed, num)  # among the visual tokens
-        score = value_scores(values, rows, sig.visual, rule, num, heads, seeds=sig.visual[seeds], row_mask=row_mask,
-                             key_mask=keys)
         cos, sin = sig.rotary(layer="prev", fp32=not official)
-        priority = torch.zeros(n, dtype=torch.bool, device=dev)
-        priority[seeds] = True
-        priority[_top(coordinate_scores(cos, sig.visual, num), n_ivc, num)] = True
-        priority[_top(coordinate_scores(sin, sig.visual, num), n_ivc, num)] = True
-        if k is not None:
-            return Selection(keep=fill(priority, score, k, num))
-        if rule == "llava":  # the official union: prefix, foreground, seeds, IVC, suffix (sorted, unique)
-            priority[_top(score, n_value, num)] = True
-            return Selection(keep=torch.nonzero(priority).flatten())  # the one host read: the union's size
-        target = official_round(n * float(self.fill_ratio))
-        count = max(target, int(priority.sum()))  # the one host read: the official fill never drops a priority token
-        return Selection(keep=fill(priority, score, count, num))
+        keep = ivc_keep(sig.values(layer="prev"), rows, sig.visual, cos, sin, rule, self.counts(n, k), k,
+                        official_round(n * float(self.fill_ratio)), num, heads, row_mask,
+                        sig.key_mask if sig.captured else None)
+        return Selection(keep=keep)

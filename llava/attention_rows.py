@@ -72,8 +72,17 @@ class LayerQK:
         return self._cs
 
     def rotary_tables(self, fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) at ``pos`` as the model's rotary embedding gives them to this layer: (S, d), or (3, S, d) for
-        M-RoPE (one table per position row, before the sections are merged); in the model's dtype, or fp32."""
+        """(cos, sin) at ``pos`` as the model's rotary embedding gives them to this layer: (S, d); for M-RoPE (3, S, d),
+        one table per position row before the sections are merged (transformers 4's Qwen2.5-VL rotary returns these;
+        5's merges them inside: here each row's table is ``cat(f, f)`` of its angles, f = pos * inv_freq in fp32, times
+        the attention scaling, as 4's computes it); in the model's dtype, or fp32."""
+        dtype = torch.float32 if fp32 else self.x.dtype
+        if self.pos.dim() == 2:  # M-RoPE: (3, S) position rows
+            inv = self.rotary.inv_freq.to(device=self.x.device, dtype=torch.float32)
+            f = self.pos.float()[..., None] * inv  # (3, S, d / 2)
+            emb = torch.cat((f, f), dim=-1)
+            scale = getattr(self.rotary, "attention_scaling", 1.0)
+            return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
         cos, sin = self._cos_sin() if not fp32 else self.rotary(self.x[None].float(), self.pos.unsqueeze(-2))
         return cos.squeeze(-3), sin.squeeze(-3)
 

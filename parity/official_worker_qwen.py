@@ -9,7 +9,9 @@ A method other than ``none`` is an adapter with ``QWEN = True`` (``parity/adapte
 file path): its clone (``method["clone"]``) goes first on the path, ``qwen_before_import(clone)`` runs before the
 official code is imported, ``qwen_enable(model, processor, method)`` switches the method on a freshly loaded model
 and processor (the official code patches both), ``qwen_record(model, store)`` hooks what the official code selects
-(one entry per prefill). Each method gets its own model and processor.
+(one entry per prefill). Each method gets its own model and processor. A job with ``"fork"`` (an adapter with
+``QWEN_FORK = True``: its clone ships its own transformers, IVC-Prune's fork of 4.51.3) puts that folder first on the
+path before transformers is imported, and refuses to run if ``transformers`` then resolves anywhere else.
 
     python parity/official_worker_qwen.py JOB.json OUT.pt
 """
@@ -37,13 +39,20 @@ def _adapter(name: str):
 
 
 def run(job: dict) -> dict:
+    if job.get("fork"):  # the clone's own transformers replaces this environment's
+        sys.path.insert(0, job["fork"])
     import torch
     import transformers as tf
+
+    if job.get("fork"):
+        where = os.path.dirname(os.path.realpath(tf.__file__))
+        if where != os.path.join(os.path.realpath(job["fork"]), "transformers"):
+            raise RuntimeError(f"official qwen worker: transformers resolves to {where}, not the fork in {job['fork']}")
     from PIL import Image
 
     torch.manual_seed(0)
     dtype = torch.float32 if job["dtype"] == "fp32" else torch.float16
-    res = {"versions": {"transformers": tf.__version__, "torch": torch.__version__}, "runs": []}
+    res = {"versions": {"transformers": tf.__version__, "torch": torch.__version__, "path": tf.__file__}, "runs": []}
     imported: set = set()
     for method in job["methods"]:
         mod = None

@@ -167,10 +167,32 @@ def method_specs(names, info: dict | None, budgets=None, official_path: str | No
     return specs
 
 
-def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path) -> dict:
-    job = {"kind": "run", "model": info["model"], "dtype": dtype, "cases": cases(info),
-           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens}
-    name = f"qwen-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
+def folder_451(info: dict, work: Path) -> str:
+    """The tiny folder as transformers 4.51 reads it (``qwen2.5-vl-tiny-4.51/``, IVC-Prune's fork): the same files, the
+    config without ``text_config`` (4.51's ``Qwen2_5_VLConfig`` has no such sub-config and would keep it a plain dict,
+    which its generation config cannot read; it reads the text fields at the top level, which :func:`legacy_config`
+    writes). Written once per build."""
+    import shutil
+
+    src, dst = Path(info["model"]), work / f"{NAME}-4.51"
+    if not (dst / "config.json").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name != "config.json":
+                shutil.copy(f, dst / f.name)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.pop("text_config", None)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(dst)
+
+
+def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
+             fork: str | None = None) -> dict:
+    model = folder_451(info, work) if fork else info["model"]
+    job = {"kind": "run", "model": model, "dtype": dtype, "cases": cases(info),
+           "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
+           "fork": fork}
+    name = f"qwen-{dtype}-" + ("fork-" if fork else "") + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
     return run_official(python, job, work, name, worker=WORKER)
 
 
@@ -238,8 +260,8 @@ def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: 
     tok_ok = off_tokens == my_tokens
     ok = ids_ok and kept_ok and tok_ok and (logits_atol is None or worst <= logits_atol)
     rows = {}
-    for f in ("features", "vision", "text"):
-        ds = [d for a, b in zip(o["kept"], m["kept"]) if (d := _diff(a[f], b[f])) is not None]
+    for f in ("features", "vision", "text", "values"):
+        ds = [d for a, b in zip(o["kept"], m["kept"]) if (d := _diff(a.get(f), b.get(f))) is not None]
         rows[f] = max(ds) if ds else None
     # the text rows are rows of the same embedding table on both sides: identical, where both read them
     text_ok = rows["text"] is None or rows["text"] == 0
@@ -252,12 +274,14 @@ def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: 
     if replay is not None and o["kept"]:
         replay_ok = all(replay(e).tolist() == e["kept"].tolist() for e in o["kept"])
         ok = ok and replay_ok
-    counts = [f"{len(k)} of {int(e['features'].shape[0])}" for k, e in zip(o_kept, o["kept"])]
+    counts = [f"{len(k)} of {int(e['n']) if 'n' in e else int(e['features'].shape[0])}"
+              for k, e in zip(o_kept, o["kept"])]
     detail = (("" if ids_ok else "ids DIFFER, ") + f"kept indices {'identical' if kept_ok else 'DIFFER'} "
               f"({', '.join(counts)} kept), logits max abs diff {worst:.2e}"
               + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
               + f", greedy tokens {'identical' if tok_ok else 'DIFFER'}; rows read, max abs diff: projected "
               f"{_fmt(rows['features'])}, vision-vision {_fmt(rows['vision'])}, text {_fmt(rows['text'])}"
+              + ("" if rows["values"] is None else f", layer K-1 values {_fmt(rows['values'])}")
               + ("" if replay_ok is None else
                  f"; ours on the official rows: kept indices {'identical' if replay_ok else 'DIFFER'}"))
     return Check("qwen-" + o["method"]["name"], case, ok, detail,
@@ -277,8 +301,9 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
             raise ValueError(f"runs out of step: official {o['method']} {o['batch']}, ours {m['method']} {m['batch']}")
         case = f"{dtype} {o['method']['name']} batch {o['batch']}"
         if o["method"]["name"] != "none":
-            checks.append(compare_method(o, m, f"{dtype} {o['method']['name']} r={o['method']['budget']} "
-                                               f"batch {o['batch']}", logits_atol, eos))
+            r = o["method"].get("budget")
+            checks.append(compare_method(o, m, f"{dtype} {o['method']['name']}" + ("" if r is None else f" r={r}")
+                                         + f" batch {o['batch']}", logits_atol, eos))
             continue
         ids_ok = o["input_ids"].tolist() == m["input_ids"].tolist() and \
             o["attention_mask"].tolist() == m["attention_mask"].tolist()
@@ -308,10 +333,23 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
 def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
         budgets=None, official_path: str | None = None) -> list[Check]:
     """The unpruned model, then each method of ``methods`` (:func:`qwen_methods`) at its budgets, in each precision."""
+    from . import adapters
+
     checks: list[Check] = []
     methods = method_specs(methods, info, budgets, official_path)
+    # an adapter whose clone ships its own transformers (QWEN_FORK): a job of its own with the fork first on the path,
+    # its unpruned rows too (named "fork"), the fork's model beside ours
+    forks: dict = {}
+    stock = [m for m in methods if m["name"] == "none" or not getattr(adapters.get(m["name"]), "QWEN_FORK", False)]
+    for m in methods:
+        if m not in stock:
+            forks.setdefault(m["clone"], [{"name": "none"}]).append(m)
     for dtype in dtypes:
-        off = official(info, python, dtype, methods, max_new_tokens, work)
-        mine = ours(info, dtype, methods, max_new_tokens)
-        checks += compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos"))
+        for fork, group in [(None, stock), *forks.items()]:
+            off = official(info, python, dtype, group, max_new_tokens, work, fork=fork)
+            mine = ours(info, dtype, group, max_new_tokens)
+            for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos")):
+                if fork:
+                    c.case = f"fork {c.case}"
+                checks.append(c)
     return checks

@@ -225,3 +225,32 @@ def test_the_fast_path_captures_a_count_and_refuses_the_official_rule_with_the_r
     assert fast.prune("ivcprune", None, keep_tokens=6, caches="pruned").fast.refusal == \
         "ivcprune: pruning the earlier layers' caches runs on the eager engine"
     assert fast.prune("ivcprune", 40).fast.refusal is None
+
+
+def test_the_rotary_signal_gives_each_mrope_row_its_own_table():
+    """Qwen2.5-VL: LLMSignals.rotary is one (cos, sin) table per M-RoPE position row before the sections are merged
+    (transformers 4's rotary output, which the official Qwen code averages; 5's merges them inside), worked out from
+    the positions and the rotary frequencies; on LLaVA (1-D) the model's own table."""
+    for fam in ("qwen2.5-vl", "llava"):
+        rt = load(f"tiny:{fam}", seed=1)
+        one = slice_batch(make_batch(rt), 1, rt)
+        eng = rt.prune("ivcprune", None, keep_tokens=2)
+        seen = []
+        inner = eng.method.select_llm
+
+        def spy(stage, sig):
+            seen.append((sig.position_ids, sig.rotary("prev"), sig.rotary("prev", fp32=True)))
+            return inner(stage, sig)
+
+        eng.method.select_llm = spy
+        with torch.no_grad():
+            rt.model(**one)
+        (pos, (cos, sin), (cos32, sin32)), = seen
+        rot = rt.model.model.language_model.rotary_emb
+        f = pos.double()[..., None] * rot.inv_freq.double()
+        want = torch.cat((f, f), -1)
+        assert cos.shape == (((3,) if fam == "qwen2.5-vl" else ()) + (pos.shape[-1], want.shape[-1]))
+        assert torch.allclose(cos32.double(), want.cos(), atol=1e-6) and torch.allclose(sin32.double(), want.sin(),
+                                                                                         atol=1e-6)
+        if fam == "qwen2.5-vl":
+            assert not torch.equal(pos[0], pos[1])  # the image's rows differ: three different tables

@@ -159,3 +159,75 @@ def test_the_caches_are_compared_layer_zero_pruned_or_ours_kept_differ(built, tm
                                     pixel_values=m["pixel_values"], max_new_tokens=8, do_sample=False)
         m["tokens"] = gen[:, m["input_ids"].shape[1]:].tolist()
     assert any(a["tokens"] != b["tokens"] for a, b in zip(rt_kept, mine))
+
+
+# -- Qwen2.5-VL: python -m parity qwen --method ivcprune (the fork's own Qwen path) ----------------------------------
+def test_the_qwen_half_is_a_fork_row_of_the_official_qwen_rule():
+    from parity import qwen
+
+    assert "ivcprune" in qwen.qwen_methods() and adapter.QWEN_FORK and adapter.QWEN_BUDGETS == (None,)
+    name, budget, opts = adapter.ours_qwen(None, "fp32", None)
+    assert (name, budget) == ("ivcprune", None)
+    assert opts == {"numerics": "official", "rule": "qwen", "layer": 2, "scale_layers": False, "caches": "pruned"}
+    from llava.ops import scale_layers
+
+    assert scale_layers([16], 4, reference=28) == (adapter.QWEN_LAYER,)  # the official 16 of Qwen2.5-VL-7B's 28
+
+
+def test_the_fork_reads_a_config_without_the_text_sub_config(tmp_path):
+    from parity import qwen
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "hidden_size": 8,
+                                                 "text_config": {"hidden_size": 8}}))
+    (src / "tokenizer.json").write_text("{}")
+    dst = Path(qwen.folder_451({"model": str(src)}, tmp_path / "work"))
+    assert json.loads((dst / "config.json").read_text()) == {"model_type": "qwen2_5_vl", "hidden_size": 8}
+    assert (dst / "tokenizer.json").read_text() == "{}"
+
+
+@pytest.fixture(scope="module", params=PARITY_SEEDS, ids=PARITY_SEED_IDS)
+def qwen_built(request, tmp_path_factory):
+    from parity import qwen
+
+    work = tmp_path_factory.mktemp("parity-ivcprune-qwen")
+    return work, qwen.build(work, seed=request.param)
+
+
+def _qwen_checks(qwen_built, root: Path, dtypes=("fp32", "fp16")) -> list:
+    from parity import qwen
+
+    work, info = qwen_built
+    return [c for c in qwen.run(info, str(QWEN_PY), work / root.name, dtypes=dtypes, methods=("ivcprune",),
+                                official_path=str(root.parent.parent)) if c.case.startswith("fork")]
+
+
+@needs_qwen_env
+@needs_clone
+def test_ivcprune_on_qwen_agrees_with_the_official_fork(qwen_built):
+    """The fork's unpruned Qwen2.5-VL beside ours, then the Qwen rule on six images alone in fp32 and fp16: kept
+    indices (filled to half), logits (fp32 within 1e-5: two torch and two transformers releases) and greedy tokens
+    decoded on caches pruned in every layer before K."""
+    checks = _qwen_checks(qwen_built, ROOT)
+    rows = [c for c in checks if c.group == "qwen-ivcprune"]
+    assert len(rows) == 12 and len(checks) == 32, [c.case for c in checks]
+    assert all(c.ok for c in checks), [(c.case, c.detail) for c in checks if not c.ok]
+    for c in rows:
+        (kept,) = c.data["official_kept"]
+        assert len(kept) >= 7  # round(0.5 n) of at least 15 image tokens
+        assert c.data["replay_on_official_rows"] is True  # ours on the fork's own value rows and tables
+
+
+@needs_qwen_env
+@needs_clone
+def test_a_planted_fill_target_in_the_fork_makes_the_qwen_rows_differ(qwen_built, tmp_path):
+    root = tmp_path / "ivcprune" / "transformers" / "src"
+    shutil.copytree(ROOT / "transformers", root / "transformers")
+    path = root / "transformers" / "models" / "qwen2_5_vl" / "modeling_qwen2_5_vl.py"
+    text = path.read_text()
+    old = "target_image_token_count = round(IVCP_image_token_length * 0.5)"
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, "target_image_token_count = round(IVCP_image_token_length * 0.6)"))
+    checks = _qwen_checks(qwen_built, root, dtypes=("fp32",))
+    assert any("kept indices DIFFER" in c.detail for c in checks if c.group == "qwen-ivcprune")

@@ -108,3 +108,148 @@ def record_ours(rt, store: list):
     from ._ours import llm_stage_recorder
 
     return llm_stage_recorder(rt, store)
+
+
+# ---- Qwen2.5-VL (python -m parity qwen --method ivcprune): the fork's own Qwen2.5-VL path ----
+#
+# ``Qwen2_5_VLForConditionalGeneration.forward`` finds the first image's range in the ids
+# (``get_image_token_length_single_pair``) and calls ``Qwen2_5_VLModel.IVCP_forward_flashattention`` when
+# ``config.ivcp_config`` is set (``models/qwen2_5_vl/modeling_qwen2_5_vl.py`` 2192, 2266-2282, 1393-1627). The job runs
+# in the Qwen official environment with the fork's transformers first on the path (``QWEN_FORK``).
+# - switch: ``model.config.ivcp_config = {"ivcp_k": K}``, K = 2 on the 4-layer tiny LLM (the official 16 of
+#   Qwen2.5-VL-7B's 28, scaled).
+# - shim: the fork reads layer K-1's value states through ``output_value_states=True``, which only its
+#   FlashAttention-2 class accepts (lines 837-949; no FA2 on a CPU). Layer K-1's SDPA attention is wrapped to accept it
+#   and return what the FA2 class returns beside its output: ``v_proj`` of the layer's normed input, its heads
+#   repeated to the query heads (``repeat_kv``), (batch, tokens, heads, head_dim) - computed before the cache update
+#   from the same input (in a prefill the cache adds nothing). The FA2 class would cast fp32 values to half (FA2 runs
+#   in half only): an fp32 run has no FA2 counterpart, ours keeps them in fp32. With an all-ones mask SDPA gets no mask,
+#   the path FA2 takes (the fork hands the unpruned mask on: "TODO None-flash attention", line 1563).
+# - shim: the image's range is found by Qwen2.5-VL's <|vision_start|> / <|vision_end|> ids, hard-coded as default
+#   arguments (151652 / 151653, line 2108); the tiny vocabulary's ids for the same tokens (its config's
+#   ``vision_start_token_id`` / ``vision_end_token_id``) are passed instead.
+# - kept indices: the ``cache_position`` layer K receives (the fork gathers ``cache_position[keep_indexs]``, line 1559),
+#   inside the image's range, relative to its start.
+
+QWEN = True
+#: the clone ships its own transformers (the fork): a job of its own, the fork first on the path
+QWEN_FORK = True
+#: no budget: the official Qwen rule (seeds, 10 % + 10 % coordinates, filled to half of the image's tokens)
+QWEN_BUDGETS = (None,)
+#: K on the 4-layer tiny Qwen2.5-VL LLM (the official 16 of 28: round(16 * 4 / 28) = 2)
+QWEN_LAYER = 2
+
+
+def qwen_enable(model, processor, method: dict) -> None:
+    import types
+
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import repeat_kv
+
+    model.config.ivcp_config = {"ivcp_k": QWEN_LAYER}
+    # the image's range: the fork looks for Qwen2.5-VL's <|vision_start|> / <|vision_end|> ids as the default
+    # arguments 151652 / 151653 (line 2108); the tiny vocabulary's own ids for the same two tokens
+    find = type(model).get_image_token_length_single_pair
+    model.get_image_token_length_single_pair = types.MethodType(
+        lambda self, ids: find(self, ids, start_token=self.config.vision_start_token_id,
+                               end_token=self.config.vision_end_token_id), model)
+    attn = model.model.layers[QWEN_LAYER - 1].self_attn
+    inner = type(attn).forward
+
+    def forward(self, *args, output_value_states: bool = False, **kwargs):
+        out = inner(self, *args, **kwargs)
+        if not output_value_states:
+            return out
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        b, q, _ = h.shape
+        v = self.v_proj(h).view(b, q, -1, self.head_dim).transpose(1, 2)
+        v = repeat_kv(v, self.num_key_value_groups).transpose(1, 2)
+        self._parity_values = v  # for the record (qwen_record): what the fork's selection reads
+        return (*out, v)
+
+    attn.forward = types.MethodType(forward, attn)
+
+
+def qwen_record(model, store: list) -> list:
+    import torch
+
+    seen: dict = {}
+    image_id = model.config.image_token_id
+
+    def top(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            row = ids[0]
+            at = torch.nonzero(row == image_id).flatten()
+            seen["range"] = (int(at[0]), int(at.numel())) if at.numel() else (0, 0)
+
+    def layer_k1(module, args, kwargs):  # the model-level rotary tables the fork reads (unpruned before layer K)
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if h.shape[1] > 1:
+            seen["tables"] = kwargs["position_embeddings"]
+
+    def layer_k(module, args, kwargs):
+        cp = kwargs.get("cache_position")
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if cp is not None and "range" in seen and h.shape[1] > 1:
+            start, n = seen.pop("range")
+            kept = cp[(cp >= start) & (cp < start + n)] - start
+            cos, sin = seen.pop("tables")
+            values = model.model.layers[QWEN_LAYER - 1].self_attn._parity_values
+            store.append({"kept": kept.sort().values.cpu(), "n": n, "start": start,
+                          "values": values[0].float().cpu().clone(), "cos": cos[:, 0].float().cpu().clone(),
+                          "sin": sin[:, 0].float().cpu().clone(), "dtype": str(values.dtype).replace("torch.", "")})
+
+    return [model.register_forward_pre_hook(top, with_kwargs=True),
+            model.model.layers[QWEN_LAYER - 1].register_forward_pre_hook(layer_k1, with_kwargs=True),
+            model.model.layers[QWEN_LAYER].register_forward_pre_hook(layer_k, with_kwargs=True)]
+
+
+def qwen_replay(entry: dict):
+    """Our reference choice (``baselines.ivcprune.ivc_keep``, the Qwen rule, ``numerics="official"``) on the rows the
+    fork's selection read (its layer K-1 value states, already repeated to the query heads, and its rotary tables, cast
+    back to their dtype: fp16 -> fp32 -> fp16 is exact): separates the method's arithmetic from the two environments'
+    hidden states (two torch releases' kernels)."""
+    import torch
+
+    from baselines.ivcprune import FILL_RATIO, IVC_RATIO, SEED_RATIO, ivc_keep, official_round
+
+    dt = getattr(torch, entry["dtype"])
+    v = entry["values"].to(dt)
+    start, n = int(entry["start"]), int(entry["n"])
+    visual, rows = torch.arange(start, start + n), torch.arange(start + n + 2, v.shape[0])
+    counts = (max(1, official_round(n * SEED_RATIO)), 0, official_round(n * IVC_RATIO["qwen"]))
+    return ivc_keep(v, rows, visual, entry["cos"].to(dt), entry["sin"].to(dt), "qwen", counts, None,
+                    official_round(n * FILL_RATIO), "official")
+
+
+def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
+    return "ivcprune", None, {"numerics": "official", "rule": "qwen", "layer": QWEN_LAYER, "scale_layers": False,
+                              "caches": "pruned"}
+
+
+def record_ours_qwen(rt, store: list):
+    """Per sample: the kept indices and the layer K-1 values our selection read (repeated to the query heads, as
+    the fork's: their difference to the official rows is reported)."""
+    method = rt.engine.method
+    inner = method.select_llm
+    values: list = []
+
+    def select_llm(stage, sig):
+        v = sig.values(layer="prev")
+        h = sig.queries("last", layer="prev").shape[0]
+        values.append(v.repeat_interleave(h // v.shape[1], dim=1).float().cpu().clone())
+        return inner(stage, sig)
+
+    method.select_llm = select_llm
+
+    def finish(n_samples: int) -> None:
+        import torch
+
+        method.select_llm = inner
+        for b in range(n_samples):
+            sel = rt.engine.selections.get((0, b))
+            n = int(rt.engine.stats.samples[b].visual_candidates)
+            kept = sel.keep.flatten().sort().values.cpu() if sel is not None else torch.arange(n)
+            store.append({"kept": kept, "n": n, "values": values[b] if b < len(values) else None})
+
+    return finish
