@@ -22,13 +22,14 @@ needs_official = pytest.mark.skipif(not QWEN_PY.exists() or not (CLONE / "mmtok"
 
 
 # -- without the official environment -------------------------------------------------------------------------------
-def test_mmtok_is_a_qwen_method_row_and_its_specs_run_each_image_alone():
+def test_mmtok_is_a_qwen_method_row_and_its_specs_run_each_image_alone(tmp_path):
     from parity import adapters
 
     assert "mmtok" in qwen.qwen_methods()
     assert all(getattr(adapters.get(n), "QWEN", False) for n in qwen.qwen_methods())
     info = {"images": ["a", "b", "c", "d"], "method_images": ["e", "f"]}
-    specs = qwen.method_specs(["mmtok"], info, official_path=str(CLONE))
+    (tmp_path / "mmtok").mkdir()  # a clone's layout (the clone itself is not needed to build the specs)
+    specs = qwen.method_specs(["mmtok"], info, official_path=str(tmp_path))
     assert [s["name"] for s in specs] == ["none", "mmtok", "mmtok"]
     assert [s["budget"] for s in specs[1:]] == [0.2, 0.5]  # QWEN_BUDGETS: the official default 0.2, and 0.5
     for s in specs[1:]:
