@@ -377,7 +377,10 @@ class SparseVLM(Method):
 
     def _scores(self, sig, raters: torch.Tensor) -> torch.Tensor:
         rows = sig.text_after[raters]
-        attn = sig.attention(rows, layer="prev")[:, :, sig.visual]  # (H, R, N): the sparse layer's own
+        # (H, R, N): the sparse layer's own; reference mode: as the fork's Python SDPA computes them (fp16 q k^T,
+        # * 1 / sqrt(d), the softmax in the model's dtype), not fp32 rows cast afterwards
+        logits = "python_sdpa" if self.numerics == "official" else "fp32"
+        attn = sig.attention(rows, layer="prev", logits=logits)[:, :, sig.visual]
         if self.numerics == "official":
             return self._official_scores(sig, rows, attn)
         if self.gravity:

@@ -177,7 +177,7 @@ def signals(case, dtype):
                       origin=case["origin"], text_after=after, question=after,
                       entry_visual_embeds=case["emb"][SYS:SYS + NV].to(dtype),
                       text_embeds=case["emb"][SYS + NV:].to(dtype), num_visual_entry=NV,
-                      _attn_fn=lambda rows, which: probs[:, rows],
+                      _attn_fn=lambda rows, which, **kw: probs[:, rows],
                       _keys_fn=lambda which, rope: torch.zeros(S, HEADS, HD))
 
 
@@ -337,7 +337,7 @@ def test_reference_mode_clusters_in_the_run_dtype(dtype, slot):
     sig = LLMSignals(layer=3, hidden=hidden, position_ids=torch.arange(S), visual=torch.arange(11),
                      origin=torch.arange(11), text_after=torch.tensor([11]), question=torch.tensor([11]),
                      entry_visual_embeds=torch.ones(11, 1, dtype=dtype), text_embeds=torch.ones(1, 1, dtype=dtype),
-                     num_visual_entry=11, _attn_fn=lambda rows, which: probs[:, rows],
+                     num_visual_entry=11, _attn_fn=lambda rows, which, **kw: probs[:, rows],
                      _keys_fn=lambda which, rope: torch.zeros(S, 1, 1))
     m = SparseVLM(schedule=(60,), layers=(2,), recycle_ratio=1.0, cluster_divisor=4, numerics="official")
     assert m.stage_counts(11) == (1,)
