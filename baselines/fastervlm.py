@@ -30,8 +30,9 @@ Our design / options:
   official unpad branch would select among all 576 before unpadding) and the newline tokens are kept as
   layout, not counted (default True, as the official unpad branch and ``random``); False drops them.
 * ``numerics``: ``"ours"`` (default: fp32 head mean, ties to the lower index) or ``"official"`` (reference
-  mode: the per-head [CLS] attention cast to float16 before the head mean - the official tower returns
-  its attentions ``.to(images.dtype)``, fp16 - the mean over heads in fp16, and ``torch.topk``).
+  mode: the per-head [CLS] attention cast to the run's dtype before the head mean - the official tower returns
+  its attentions ``.to(images.dtype)``, fp16 under its builder, fp32 in an fp32 run - the mean over heads in
+  that dtype, and ``torch.topk``).
 """
 
 from __future__ import annotations
@@ -42,26 +43,30 @@ from llava.method import Method, Selection, register
 from llava.ops import check_numerics, topk_desc, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
-#: dtype of the official [CLS] attentions after the tower (cast to the fp16 image dtype)
+#: dtype of the official [CLS] attentions after the tower under the official builder (cast to the fp16 image
+#: dtype); the reference mode uses the run's own (fp32 in an fp32 run, as the official code run in fp32)
 OFFICIAL_DTYPE = torch.float16
 
 
 def fastervlm(cls_attn: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor, budget: int, *,
               cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours",
-              layout=None) -> torch.Tensor:
+              layout=None, dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """Indices (ascending) of the tokens FasterVLM keeps: per unit the top-``budget`` tokens by the
     head-mean [CLS] attention, or the whole unit if it has at most ``budget`` tokens.
 
     cls_attn: (H, T) [CLS]->token attention per head; unit: (T,) unit id (-1 = NeXT newline);
     patch: (T,) patch index (-1 = [CLS] visual token, Video-LLaVA).
-    ``numerics="official"`` (reference mode): scores = fp16 mean of the fp16-cast per-head rows, picks
-    by ``torch.topk`` (official tie order); default: fp32 mean, ties to the lower index.
+    ``numerics="official"`` (reference mode): scores = the mean of the per-head rows cast to ``dtype``, in that
+    dtype, picks by ``torch.topk`` (official tie order); default: fp32 mean, ties to the lower index. ``dtype``:
+    the official ``.to(images.dtype)``, fp16 under the official builder, fp32 when the official code runs in fp32
+    (the method passes the run's own; an fp16 cast in an fp32 run made near-ties the official fp32 scores do not
+    have: docs/methods/fastervlm.md).
     """
     check_numerics("fastervlm", numerics)
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
     if numerics == "official":
-        scores = cls_attn.to(OFFICIAL_DTYPE).mean(0)  # as the official fp16 attentions' head mean
+        scores = cls_attn.to(dtype).mean(0)  # as the official attentions' head mean, in images.dtype
     else:
         scores = cls_attn.float().mean(0)  # (T,) mean over heads (official)
     lay = layout if layout is not None else unit_layout(unit, patch)  # the one host sync (none when planned)
@@ -124,4 +129,6 @@ class FasterVLM(Method):
     def select_vision(self, sig):
         return Selection(keep=fastervlm(sig.cls_attn, sig.unit, sig.patch, self.budget,
                                         cls_token=self.cls_token, keep_newlines=self.keep_newlines,
-                                        numerics=self.numerics, layout=sig.unit_layout(patch=True)))
+                                        numerics=self.numerics, layout=sig.unit_layout(patch=True),
+                                        # reference mode: the official .to(images.dtype), the run's own dtype
+                                        dtype=sig.features.dtype))

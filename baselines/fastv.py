@@ -19,10 +19,11 @@ L-layer LLM whose first K layers see all N visual tokens, the count kept after l
 
 rounded half up and clipped to 0..N.
 
-Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - the per-head
-attention probabilities cast to float16 (the official eager attention computes the softmax in fp32 and
-casts it ``.to(query_states.dtype)``, fp16), the mean over heads in fp16, and ``torch.topk`` (official tie
-order) instead of the fp32 mean with ties to the lower index.
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - layer K-1's
+row as the official eager attention computes it (``q k^T / sqrt(d)`` in the model's dtype, the softmax in fp32
+cast ``.to(query_states.dtype)``), the mean over heads in that dtype, and ``torch.topk`` (official tie order)
+instead of the fp32 mean with ties to the lower index. The dtype is the run's: fp16 under the official builder,
+fp32 in an fp32 run (the official code run in fp32 ranks in fp32).
 """
 
 from __future__ import annotations
@@ -47,15 +48,19 @@ def ratio_kept_count(n_visual: int, ratio: float) -> int:
     return max(0, min(int(n_visual), math.floor(n_visual * (1.0 - float(ratio)) + 1e-9)))
 
 
-def fastv_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+def fastv_select(last_row_attn: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours",
+                 dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """FastV's choice: ``last_row_attn`` (H, S) = attention probabilities of the last prompt token in
     layer K-1 per head; ``visual`` (N,) = the visual tokens' indices among the S tokens. Returns the
     indices (into ``visual``) of the ``k`` visual tokens with the highest head-mean attention, in
     ascending (original) order; ties go to the lower index. ``numerics="official"``: the rows cast to
-    float16, head mean in fp16 (as the official ``torch.mean(attn, dim=1)``), ``torch.topk``."""
+    ``dtype``, head mean in that dtype (as the official ``.to(query_states.dtype)`` and
+    ``torch.mean(attn, dim=1)``), ``torch.topk``. ``dtype``: the official code's is its LLM's, fp16 under its
+    builder, fp32 when it runs in fp32; the method passes the run's own (an fp16 cast in an fp32 run made ties
+    the official fp32 ranking does not have: docs/methods/fastv.md)."""
     check_numerics("fastv", numerics)
     if numerics == "official":
-        scores = last_row_attn.to(OFFICIAL_DTYPE)[None].mean(dim=1)[0][visual]
+        scores = last_row_attn.to(dtype)[None].mean(dim=1)[0][visual]
         return scores.topk(max(0, min(int(k), scores.numel()))).indices.sort().values
     scores = last_row_attn.float().mean(0)[visual]
     return topk_desc(scores, k).sort().values
@@ -135,5 +140,8 @@ class FastV(Method):
         k = self.kept_count(sig.num_visual)
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
-        row = sig.attention("last", layer="prev")[:, 0]  # (H, S): layer K-1, last prompt token
-        return Selection(keep=fastv_select(row, sig.visual, k, self.numerics))
+        # (H, S): layer K-1, last prompt token; reference mode: the official eager attention's logits and
+        # probabilities in the run's dtype (fp16 under the official builder, fp32 in an fp32 run)
+        official = self.numerics == "official"
+        row = sig.attention("last", layer="prev", logits="model" if official else "fp32")[:, 0]
+        return Selection(keep=fastv_select(row, sig.visual, k, self.numerics, dtype=sig.hidden.dtype))

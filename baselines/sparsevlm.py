@@ -40,7 +40,10 @@ the fp16 gravity of rotated all-ones q/k (transformers 4.37.2 RoPE: cos / sin of
 sums each head's mass in fp16 and takes ``torch.topk(14)``, the head and rater means are fp16 reductions,
 the kept tokens, the recycled ones and the cluster centres come from ``torch.topk``, and the density-peak
 clustering of the recycled tokens runs in fp16 on the fp16 layer output (strict ``>`` density order, no
-tie-break). The default keeps fp32 scores / raters, fp64 clustering and ties to the lower index.
+tie-break). All of it in the run's own dtype: fp16 in a half-precision run, fp32 in an fp32 run (the official
+code computes in its hidden states' dtype; an fp16 cast in an fp32 run moved a recycled token to another
+cluster, docs/methods/sparsevlm.md). The default keeps fp32 scores / raters, fp64 clustering and ties to the
+lower index.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ SCHEDULES = {
     "v2": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
 }
 DEFAULT_BUDGET = 192  # RETAIN_TOKN's default
-#: dtype of the official LLM signals (embeddings, attention probabilities, hidden states)
+#: dtype of the official LLM signals (embeddings, attention probabilities, hidden states) under the official
+#: builder; the reference mode computes in the run's own dtype (fp32 in an fp32 run, as the official code does)
 OFFICIAL_DTYPE = torch.float16
 
 
@@ -67,14 +71,16 @@ OFFICIAL_DTYPE = torch.float16
 # ----------------------------------------------------------------------------------------------
 
 
-def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor, numerics: str = "ours",
+                  dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """SparseVLM 3.2: indices (into the text-after tokens, ascending) of the text raters.
     m = softmax over text of V T^T (N x T), mean over the N visual tokens -> relevance (T,);
-    raters = relevance > mean(relevance) (fp32). ``numerics="official"``: the embeddings cast to float16
-    and every step in fp16 with the official (batch-1) shapes."""
+    raters = relevance > mean(relevance) (fp32). ``numerics="official"``: the embeddings cast to ``dtype``
+    (the official run's: fp16 under its builder, fp32 in an fp32 run) and every step in it with the official
+    (batch-1) shapes."""
     check_numerics("sparsevlm", numerics)
     if numerics == "official":
-        v, t = visual_embeds.to(OFFICIAL_DTYPE)[None], text_embeds.to(OFFICIAL_DTYPE)[None]
+        v, t = visual_embeds.to(dtype)[None], text_embeds.to(dtype)[None]
         m = (v @ t.transpose(1, 2)).softmax(2).mean(1)[0]
         return torch.nonzero(m > m.mean()).flatten()
     m = (visual_embeds.float() @ text_embeds.float().T).softmax(dim=1).mean(0)
@@ -104,21 +110,22 @@ def rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int, theta:
 
 
 def official_rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: int,
-                          theta: float = 10000.0) -> torch.Tensor:
+                          theta: float = 10000.0, dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """:func:`rope_gravity` with the official fp16 numerics (transformers 4.37.2, pinned by the official
     repository): inv_freq = 1 / theta^(arange(0, d, 2) / d) and the angles t * inv_freq in fp32, their
     cos / sin cast to float16; all-ones q / k rotated in fp16 (``q * cos + rotate_half(q) * sin``); the
     fp16 product of the rotated rows divided by sqrt(d) in fp16. The official code multiplies the full
     (S, S) matrices; every entry depends on its two positions only, so the rows are built for the union of
-    the positions and the product taken on those. Returns (Q, K) float16."""
+    the positions and the product taken on those. Returns (Q, K) float16 (``dtype``: the run's, fp32 in an fp32
+    run, where 4.37's tables are cast to the fp32 values' dtype and everything after runs in fp32)."""
     d = int(head_dim)
     pos = torch.cat([pos_q.reshape(-1), pos_k.reshape(-1)]).cpu().long()
     uniq, inv = torch.unique(pos, return_inverse=True)
     inv_freq = 1.0 / (float(theta) ** (torch.arange(0, d, 2).float() / d))
     ang = torch.outer(torch.arange(int(uniq.max()) + 1, dtype=inv_freq.dtype), inv_freq)  # the official cache
     emb = torch.cat((ang, ang), dim=-1)
-    cos, sin = emb.cos().to(OFFICIAL_DTYPE)[uniq], emb.sin().to(OFFICIAL_DTYPE)[uniq]
-    ones = torch.ones(uniq.numel(), d, dtype=OFFICIAL_DTYPE)
+    cos, sin = emb.cos().to(dtype)[uniq], emb.sin().to(dtype)[uniq]
+    ones = torch.ones(uniq.numel(), d, dtype=dtype)
     rot = torch.cat((-ones[:, d // 2:], ones[:, :d // 2]), dim=-1)  # rotate_half
     r = (ones * cos + rot * sin)[None, None]  # (1, 1, U, d): identical for every head
     g = (torch.matmul(r, r.transpose(2, 3)) / math.sqrt(d))[0, 0]
@@ -126,23 +133,24 @@ def official_rope_gravity(pos_q: torch.Tensor, pos_k: torch.Tensor, head_dim: in
     return g[iq][:, ik].to(pos_q.device)
 
 
-def select_heads(attn_rv: torch.Tensor, num: int, numerics: str = "ours") -> torch.Tensor:
+def select_heads(attn_rv: torch.Tensor, num: int, numerics: str = "ours",
+                 dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """SparseVLM+ 4.3 (``select_attn_head_by_sum``): the ``num`` heads with the largest total
     rater->visual attention. attn_rv (H, R, N). Returns head indices, best first (ties: lower).
-    ``numerics="official"``: fp16 sums, ``torch.topk``."""
+    ``numerics="official"``: sums in ``dtype`` (the run's; fp16 under the official builder), ``torch.topk``."""
     check_numerics("sparsevlm", numerics)
     if numerics == "official":
-        return attn_rv.to(OFFICIAL_DTYPE).sum((1, 2)).topk(max(0, min(int(num), attn_rv.shape[0]))).indices
+        return attn_rv.to(dtype).sum((1, 2)).topk(max(0, min(int(num), attn_rv.shape[0]))).indices
     return topk_desc(attn_rv.float().sum((1, 2)), num)
 
 
-def rater_scores(attn_rv: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
+def rater_scores(attn_rv: torch.Tensor, numerics: str = "ours", dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """``attn_postprocess_topk``'s relation: attn_rv (H, R, N) rater-row attention restricted to
     the visual columns -> mean over heads, then over raters -> (N,). ``numerics="official"``: both means
-    in fp16 (with the official batch-1 shapes)."""
+    in ``dtype`` (the run's; fp16 under the official builder) with the official batch-1 shapes."""
     check_numerics("sparsevlm", numerics)
     if numerics == "official":
-        return attn_rv.to(OFFICIAL_DTYPE)[None].mean(1).mean(1)[0]
+        return attn_rv.to(dtype)[None].mean(1).mean(1)[0]
     return attn_rv.float().mean(0).mean(0)
 
 
@@ -175,9 +183,11 @@ def density_peak_clusters(x: torch.Tensor, num_clusters: int,
     return centres, assign
 
 
-def official_density_peak_clusters(x: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def official_density_peak_clusters(x: torch.Tensor, num_clusters: int,
+                                   dtype: torch.dtype = OFFICIAL_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`density_peak_clusters` with the official numerics (``utils.cluster_and_merge``): x cast to
-    float16 and every step in fp16 - distances ``(x_i - x_j).norm()`` / sqrt(C), density = exp(-mean of the
+    ``dtype`` and every step in it (the official code computes in its hidden states' dtype: fp16 under its
+    builder, fp32 in an fp32 run; the method passes the run's) - distances ``(x_i - x_j).norm()`` / sqrt(C), density = exp(-mean of the
     ``num_clusters`` smallest squared distances), a point is denser than another only if its density is
     strictly larger (equal densities: neither; the densest points get the largest distance), centres by
     ``torch.topk`` of delta * density (in its order), every point to the first nearest centre, centres to
@@ -185,7 +195,7 @@ def official_density_peak_clusters(x: torch.Tensor, num_clusters: int) -> tuple[
     ulp for every density >= 2^-8 (then a no-op); it is not reproduced (random). The distance matrix is
     built in row blocks (same values as the official (m, m, C) difference tensor, less memory).
     Returns (centres (c,) in topk order, assign (m,) centre slot)."""
-    xh = x.to(OFFICIAL_DTYPE)
+    xh = x.to(dtype)
     m, C = xh.shape
     c = max(1, min(int(num_clusters), m))
     step = max(1, (1 << 24) // max(1, m * C))
@@ -202,7 +212,8 @@ def official_density_peak_clusters(x: torch.Tensor, num_clusters: int) -> tuple[
 
 
 def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Tensor, ratio: float = 0.3,
-                   divisor: int = 10, numerics: str = "ours", return_order: bool = False) -> tuple[torch.Tensor, ...]:
+                   divisor: int = 10, numerics: str = "ours", return_order: bool = False,
+                   dtype: torch.dtype = OFFICIAL_DTYPE) -> tuple[torch.Tensor, ...]:
     """SparseVLM v1 token recycling. ``scores`` (N,) of all visual tokens, ``pruned`` (P,) indices of
     the pruned ones (ascending), ``hidden`` (N, D) the visual tokens' states (the sparse layer's
     output). Keeps the top int(P * ratio) + 1 pruned tokens by score, clusters them into
@@ -210,7 +221,7 @@ def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Ten
     centres, as indices into the N visual tokens) and ``assign`` (N,): each recycled token's cluster
     slot, -1 for all other tokens - a ``Selection`` with rule "mean" then yields the cluster means.
     ``numerics="official"``: the recycled tokens by ``torch.topk`` of the (fp16) scores, in topk order,
-    clustered by :func:`official_density_peak_clusters`. ``return_order``: also the recycled tokens (m,) in
+    clustered by :func:`official_density_peak_clusters` in ``dtype``. ``return_order``: also the recycled tokens (m,) in
     the order they are clustered (the official ``cluster_and_merge`` input rows: its ``index_add_`` order)."""
     check_numerics("sparsevlm", numerics)
     n = scores.numel()
@@ -222,7 +233,7 @@ def recycle_pruned(scores: torch.Tensor, pruned: torch.Tensor, hidden: torch.Ten
     num = int(m / divisor) + 1
     if numerics == "official":
         recycled = pruned[scores[pruned].topk(m).indices]
-        centres, slots = official_density_peak_clusters(hidden[recycled], num)
+        centres, slots = official_density_peak_clusters(hidden[recycled], num, dtype)
     else:
         recycled = pruned[topk_desc(scores[pruned], m)]
         centres, slots = density_peak_clusters(hidden[recycled], num)
@@ -366,7 +377,10 @@ class SparseVLM(Method):
 
     def _scores(self, sig, raters: torch.Tensor) -> torch.Tensor:
         rows = sig.text_after[raters]
-        attn = sig.attention(rows, layer="prev")[:, :, sig.visual]  # (H, R, N): the sparse layer's own
+        # (H, R, N): the sparse layer's own; reference mode: as the fork's Python SDPA computes them (fp16 q k^T,
+        # * 1 / sqrt(d), the softmax in the model's dtype), not fp32 rows cast afterwards
+        logits = "python_sdpa" if self.numerics == "official" else "fp32"
+        attn = sig.attention(rows, layer="prev", logits=logits)[:, :, sig.visual]
         if self.numerics == "official":
             return self._official_scores(sig, rows, attn)
         if self.gravity:
@@ -378,15 +392,18 @@ class SparseVLM(Method):
         return rater_scores(attn)
 
     def _official_scores(self, sig, rows: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Reference mode: fp16 probabilities; v2: fp16 gravity division and fp16 head sums; fp16 means."""
-        attn = attn.to(OFFICIAL_DTYPE)
+        """Reference mode, in the run's dtype (fp16 under the official builder; fp32 in an fp32 run, as the
+        official code run in fp32): the probabilities; v2: the gravity division and the head sums; the means."""
+        dtype = sig.hidden.dtype
+        attn = attn.to(dtype)
         if self.gravity:
             d = self._gravity_head_dim(sig)
-            g = official_rope_gravity(sig.position_ids[rows], sig.position_ids[sig.visual], d, self.rope_theta)
+            g = official_rope_gravity(sig.position_ids[rows], sig.position_ids[sig.visual], d, self.rope_theta,
+                                      dtype)
             attn = attn / g.to(attn.device)[None]
         if self.heads and self.heads < attn.shape[0]:
-            attn = attn[select_heads(attn, self.heads, "official")]
-        return rater_scores(attn, "official")
+            attn = attn[select_heads(attn, self.heads, "official", dtype)]
+        return rater_scores(attn, "official", dtype)
 
     def _captured_scores(self, sig) -> torch.Tensor:
         """:meth:`_scores` inside a captured prefill: every padded text-after row's attention, the raters
@@ -407,7 +424,8 @@ class SparseVLM(Method):
         if sig.captured:
             return self._select_captured(stage, sig)
         if "raters" not in sig.state:  # fixed once per prefill from all visual tokens' layer-0 inputs
-            sig.state["raters"] = select_raters(sig.entry_visual_embeds, sig.text_embeds, self.numerics)
+            sig.state["raters"] = select_raters(sig.entry_visual_embeds, sig.text_embeds, self.numerics,
+                                                dtype=sig.hidden.dtype)
         raters, n_orig = sig.state["raters"], sig.num_visual_entry
         v = sig.num_visual
         k = self.stage_counts(n_orig)[stage]
@@ -431,7 +449,8 @@ class SparseVLM(Method):
         mask[keep] = False
         pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
         targets, assign, recycled = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
-                                                   self.cluster_divisor, self.numerics, return_order=True)
+                                                   self.cluster_divisor, self.numerics, return_order=True,
+                                                   dtype=sig.hidden.dtype)
         if self.numerics == "official":  # cluster_and_merge's index_add_ of x * (1 / (size + 1e-6)), in topk order
             return Selection(keep=keep, targets=targets, assign=assign, rule="weighted_mean", arithmetic="sequential",
                              merge_order=recycled)

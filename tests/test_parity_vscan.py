@@ -36,9 +36,9 @@ def test_the_budget_split_and_options_are_our_methods():
 
 
 def test_the_tiny_grid_is_laid_into_the_official_24_x_24_map():
-    # window (i, j) of 4 x 4 patches -> the top-left corner of the official 12 x 12 window (i, j)
+    # the 8 x 8 map in the top-left corner: window (i, j) of 4 x 4 patches = the official 4 x 4 window (i, j)
     assert [adapter.embed_index(p) for p in (0, 1, 3, 4, 8, 27, 36, 63)] == \
-        [0, 1, 3, 12, 24, 3 * 24 + 3, 12 * 24 + 12, 15 * 24 + 15]
+        [0, 1, 3, 4, 24, 3 * 24 + 3, 4 * 24 + 4, 7 * 24 + 7]
     cells = [adapter.embed_index(p) for p in range(64)]
     assert len(set(cells)) == 64
     # the row-major order inside each window is kept (the official topk sees the window's patches in our order)
@@ -46,6 +46,38 @@ def test_the_tiny_grid_is_laid_into_the_official_24_x_24_map():
         for j in range(2):
             mine = [(4 * i + dy) * 8 + 4 * j + dx for dy in range(4) for dx in range(4)]
             assert [cells[p] for p in mine] == sorted(cells[p] for p in mine)
+
+
+def test_the_official_window_call_ranks_our_16_patch_windows():
+    # seed 3, fp16, B = 16, the third image: one tiny window's layer-5 fp16 head means, patches 22 and 23 tied for
+    # its third pick (k = 3). CPU torch.topk breaks the tie by the vector's length: the 16 patches alone (ours) keep
+    # 23; the same window in the corner of a 12 x 12 official window of -inf (the adapter until 2026-11-26) kept 22.
+    # The adapter now calls the official function with 4 x 4 windows: the official loop (transcribed below) ranks
+    # the same 16 entries, and keeps 23 as ours.
+    import torch
+
+    row = torch.tensor([0.012908935546875, 0.0023288726806640625, 0.059051513671875, 0.0007166862487792969,
+                        0.00392913818359375, 0.0014247894287109375, 0.00827789306640625, 0.00020074844360351562,
+                        0.00243377685546875, 0.027587890625, 0.017669677734375, 0.017669677734375,
+                        0.002101898193359375, 0.01076507568359375, 0.0012044906616210938, 0.0020542144775390625],
+                       dtype=torch.float16)  # window (0, 1): patches 4-7, 12-15, 20-23, 28-31
+    patches = [y * 8 + x for y in range(4) for x in range(4, 8)]
+    assert row[10] == row[11] and (patches[10], patches[11]) == (22, 23)
+    ours = [patches[i] for i in torch.topk(row[None], 3, dim=1)[1][0].tolist()]  # llava/ops/vscan.py's row call
+    assert ours == [6, 21, 23]
+    tiny = torch.full((8, 8), float("-inf"), dtype=torch.float16)
+    tiny.view(-1)[patches] = row
+    big = torch.full((24 * 24,), float("-inf"), dtype=torch.float16)
+    big[[adapter.embed_index(p) for p in range(64)]] = tiny.view(-1)
+    amap, w = big.view(24, 24), adapter.WINDOW
+    # window_cls_selection's loop on window (0, 1) of side 4: window.reshape(-1), torch.topk(window_flat, k)
+    flat = amap[0:w, w:2 * w].reshape(-1)
+    picked = [(dy * 8) + w + dx for dy, dx in (divmod(i, w) for i in torch.topk(flat, 3)[1].tolist())]
+    assert picked == ours
+    # the old embedding: the window in the corner of a 12 x 12 one, 128 entries -inf
+    old = torch.full((12, 12), float("-inf"), dtype=torch.float16)
+    old[:4, :4] = row.view(4, 4)
+    assert [patches[(i // 12) * 4 + i % 12] for i in torch.topk(old.reshape(-1), 3)[1].tolist()] == [6, 21, 22]
 
 
 def test_the_local_quota_per_window_is_at_least_one_at_every_budget():

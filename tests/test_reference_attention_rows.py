@@ -83,6 +83,26 @@ def test_pdrop_reference_mode_keeps_the_official_set_from_q_and_k():
     assert same_fp32 == 10  # 2 of 12 cases swap a token at the cut
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_python_sdpa_logits_are_the_python_reference_of_sdpa(seed):
+    """``logits="python_sdpa"`` (SparseVLM's reference mode: the fork's ``utils.scaled_dot_product_attention`` in
+    every layer): the probabilities of :func:`llava.python_sdpa.python_sdpa_attention` (``q @ k^T * (1 /
+    sqrt(d))`` in fp16, the causal mask, ``torch.softmax`` in fp16), bit for bit; the eager attention's (``/
+    sqrt(d)``, the softmax in fp32 cast back) and the fp32 rows cast to fp16 differ from them in some entries."""
+    from llava.python_sdpa import python_sdpa_attention
+
+    q, k = qk(seed, 64)
+    s = k.shape[1]
+    rows = torch.arange(s - NT, s)
+    mask = (torch.arange(s)[None, :] <= torch.arange(s)[:, None])[None, None]  # (1, 1, S, S) bool: attended
+    _, w = python_sdpa_attention(None, q[None], k[None], k[None], mask)
+    want = w[0][:, rows]
+    got = causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="python_sdpa")
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model"), want)
+    assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5).half(), want)
+
+
 def test_logits_option_is_checked():
     q, k = qk(0, 8)
     rows = torch.tensor([SYS + 8 + NT - 1])
@@ -90,8 +110,10 @@ def test_logits_option_is_checked():
         causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="fp16")
 
 
-@pytest.mark.parametrize("method,budget,opts", [("pdrop", None, {}), ("vscan", 6, {}), ("duet", 8, {})])
-def test_reference_modes_read_the_model_dtype_rows_in_the_engine(method, budget, opts, monkeypatch):
+@pytest.mark.parametrize("method,budget,opts,logits", [("pdrop", None, {}, "model"), ("vscan", 6, {}, "model"),
+                                                        ("duet", 8, {}, "model"), ("fastv", None, {}, "model"),
+                                                        ("sparsevlm", None, {}, "python_sdpa")])
+def test_reference_modes_read_the_model_dtype_rows_in_the_engine(method, budget, opts, logits, monkeypatch):
     """On an fp16 tiny LLaVA, the in-LLM stages of the reference modes ask the signal for the model-dtype rows
     (and get fp16 probabilities), the default modes for fp32 rows."""
     import llava.attention_rows as attention_rows
@@ -107,7 +129,7 @@ def test_reference_modes_read_the_model_dtype_rows_in_the_engine(method, budget,
     monkeypatch.setattr(attention_rows, "causal_attention_rows", spy)
     rt = load("tiny:llava", seed=1, dtype="float16")
     batch = make_batch(rt, n=2)
-    for numerics, want in (("official", (("model", torch.float16),)), ("ours", (("fp32", torch.float32),))):
+    for numerics, want in (("official", ((logits, torch.float16),)), ("ours", (("fp32", torch.float32),))):
         seen.clear()
         rt.prune(method, budget, numerics=numerics, **opts)
         with torch.no_grad():

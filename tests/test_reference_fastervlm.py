@@ -99,6 +99,39 @@ def test_reference_mode_equals_the_official_selection_video(seed):
     assert keep.tolist() == [f * 257 + 1 + i for f in range(8) for i in off[f]]
 
 
+# three heads, two patches of one image (values x 0.25 exact in binary; u = 2^-10, fp16's ulp at 1): patch 0
+# 0.25 (1 + .45u) in every head, patch 1 0.25 (1 + .55u) twice and 0.25 (1 + .2u): fp32 means .25 (1 + .45u) >
+# .25 (1 + .433u), patch 0 first; cast to fp16 (ulp .25u there) patch 0's values round to .25, patch 1's to
+# .25 (1 + u) twice and .25: fp16 means .25 < .25 (1 + u), patch 1 first. The official code run in fp32 casts
+# its attentions .to(images.dtype) = fp32 and keeps patch 0.
+U = 2.0 ** -10
+REVERSING = 0.25 * torch.tensor([[1 + .45 * U, 1 + .55 * U], [1 + .45 * U, 1 + .55 * U], [1 + .45 * U, 1 + .2 * U]])
+
+
+def test_reference_mode_ranks_in_the_given_dtype():
+    unit, patch = torch.zeros(2, dtype=torch.long), torch.arange(2)
+    assert fastervlm(REVERSING, unit, patch, 1, numerics="official", dtype=torch.float32).tolist() == [0]
+    assert fastervlm(REVERSING, unit, patch, 1, numerics="official", dtype=torch.float16).tolist() == [1]
+    assert fastervlm(REVERSING, unit, patch, 1, numerics="official").tolist() == [1]  # the builder's fp16
+    assert official_encode_images(REVERSING[None], 1)[0] == [1]  # the transcription's fp16 images
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float32, [0]), (torch.float16, [1])])
+def test_reference_mode_ranks_in_the_run_dtype(dtype, want):
+    # parity, LLaVA-NeXT fp32, seeds 4 and 5 (5 rows): the reference mode cast the fp32 run's [CLS] rows to fp16
+    # and kept another patch at the edge of a crop's kept set. The stage now casts to the run's dtype (the
+    # features'); the rows above keep patch 0 in an fp32 run, patch 1 in an fp16 one (the official fp16 load).
+    from types import SimpleNamespace
+
+    from llava.ops import unit_layout
+
+    unit, patch = torch.zeros(2, dtype=torch.long), torch.arange(2)
+    sig = SimpleNamespace(cls_attn=REVERSING, unit=unit, patch=patch, features=torch.zeros(2, 4, dtype=dtype),
+                          unit_layout=lambda **kw: unit_layout(unit, patch))
+    assert FasterVLM(1, numerics="official").select_vision(sig).keep.tolist() == want
+    assert FasterVLM(1).select_vision(sig).keep.tolist() == [0]  # ours: the fp32 mean, whatever the run
+
+
 def test_method_option():
     assert FasterVLM(64).numerics == "ours" and FasterVLM(64, numerics="official").numerics == "official"
     with pytest.raises(ValueError):

@@ -79,6 +79,53 @@ def test_worked_example_fp16_tie():
     assert fastv_select(row, torch.arange(3), 1, "official").tolist() == half.topk(1).indices.tolist()
 
 
+# three heads, two image tokens (values x 0.25 are exact in binary; u = 2^-10 is fp16's ulp at 1):
+#   token 0: 0.25 (1 + .45u) in every head            -> fp32 mean 0.25 (1 + .45u)
+#   token 1: 0.25 (1 + .55u), 0.25 (1 + .55u), 0.25 (1 + .2u) -> fp32 mean 0.25 (1 + .433u): token 0 wins
+# cast to fp16 (ulp 0.25u there) token 0's three values round down to 0.25, token 1's to 0.25 (1 + u) twice and
+# 0.25 once: fp16 means 0.25 and 0.25 (1 + .667u) -> 0.25 (1 + u): token 1 wins. The official code run in fp32
+# ranks the fp32 probabilities (token 0); the fp16 cast reverses the order.
+U = 2.0 ** -10
+REVERSING_ROW = 0.25 * torch.tensor([[1 + .45 * U, 1 + .55 * U], [1 + .45 * U, 1 + .55 * U], [1 + .45 * U, 1 + .2 * U]])
+
+
+def test_reference_mode_ranks_in_the_given_dtype():
+    row, visual = REVERSING_ROW, torch.arange(2)
+    assert row.mean(0)[0] > row.mean(0)[1]  # fp32: token 0
+    half = row.half()[None].mean(dim=1)[0]
+    assert half[1] > half[0]  # fp16: token 1
+    assert fastv_select(row, visual, 1, "official", dtype=torch.float32).tolist() == [0]
+    assert fastv_select(row, visual, 1, "official", dtype=torch.float16).tolist() == [1]
+    assert fastv_select(row, visual, 1, "official").tolist() == [1]  # the default: the official builder's fp16
+
+
+class _Signals:
+    """The few LLMSignals fields FastV's stage reads, around a given (H, S) row; records the logits asked for."""
+
+    def __init__(self, row, dtype):
+        self.row, self.asked = row, []
+        self.num_visual, self.visual = row.shape[1], torch.arange(row.shape[1])
+        self.hidden = torch.zeros(row.shape[1] + 1, 4, dtype=dtype)
+
+    def attention(self, queries, layer="next", logits="fp32"):
+        self.asked.append((queries, layer, logits))
+        return self.row[:, None]  # (H, 1, S)
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float32, [0]), (torch.float16, [1])])
+def test_reference_mode_ranks_in_the_run_dtype(dtype, want):
+    # parity, LLaVA-1.5 fp32, seed 2, T = 56, image 0: the reference mode cast the fp32 run's row to fp16 and kept
+    # patch 22 where the official code (fp32) keeps 21. The stage now ranks in the run's dtype (the hidden
+    # states') and asks for the official eager logits; the row above keeps token 0 in fp32, token 1 in fp16.
+    sig = _Signals(REVERSING_ROW.to(dtype), dtype)
+    keep = FastV(ratio=0.5, numerics="official").select_llm(0, sig).keep
+    assert keep.tolist() == want
+    assert sig.asked == [("last", "prev", "model")]
+    sig = _Signals(REVERSING_ROW, dtype)  # ours: fp32 logits and rows, the fp32 mean, whatever the run's dtype
+    assert FastV(ratio=0.5).select_llm(0, sig).keep.tolist() == [0]
+    assert sig.asked == [("last", "prev", "fp32")]
+
+
 def test_method_option():
     assert FastV().numerics == "ours" and FastV(numerics="official").numerics == "official"
     with pytest.raises(ValueError):

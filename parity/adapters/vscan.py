@@ -17,11 +17,17 @@ repository: ``ROOT``), its ``llava/`` tree replacing llava-torch on the official
   per window: with k = int(T1 / 2) // 16 = 0, at T1 = 12 and 24 (B = 8, 16), ``window_cls_selection`` returns
   ``torch.tensor([[]])``, a float tensor, and ``encode_images`` fails indexing with it; with 4 windows
   k = 1 / 3 / 6 at B = 8 / 16 / 32). ``window_cls_selection`` asserts a 24 x 24 map (``N == 24 * 24``,
-  ``H = W = 24``), so ``enable`` hands it the 8 x 8 map laid into a 24 x 24 one, called with ``window_size=12``
-  (2 windows per side; each 4 x 4 window of ours in the top-left corner of its 12 x 12 window, -inf elsewhere: the
-  official per-window ``torch.topk`` then ranks exactly that window's 16 patches, in their row-major order) and
-  maps the indices it returns back; everything else (``encode_images``'s scans, ``token_merging``, ``forward_x`` /
-  ``layer_prune``) runs unchanged.
+  ``H = W = 24``), so ``enable`` hands it the 8 x 8 map in the top-left corner of a 24 x 24 one (-inf elsewhere),
+  called with ``window_size=4``: its windows 0, 1, 6 and 7 of 6 x 6 are then exactly our four 4 x 4 windows, and
+  the official per-window ``torch.topk`` ranks each one's 16 patches in their row-major order, as ours does; the
+  count it is given is scaled by 36 / 4 (its ``k = visual_token_num // 36`` is then our k per window), the picks
+  of the 32 windows beyond the tiny grid (all -inf) are dropped and the others mapped back. Everything else
+  (``encode_images``'s scans, ``token_merging``, ``forward_x`` / ``layer_prune``) runs unchanged. (Until
+  2026-11-26 each of our windows sat in the corner of a 12 x 12 official window, ``window_size=12``: ``torch.topk``
+  then ranked 144 entries, 128 of them -inf, and CPU ``topk`` breaks an exact tie by the vector's length: on
+  seed 3, fp16, B = 16, the third image, patches 22 and 23 tie at layer 5's fp16 head mean (0.017669677734375)
+  for a window's third pick, and the 144-entry call kept 22 where a 16-entry one (ours, and the official code
+  on its own 4 x 4 windows) keeps 23. On the real 24 x 24 grid both codes rank 36-entry windows.)
 - ``process_images`` in this tree returns ``(tensor, PIL images)`` (its eval script unpacks it); the worker
   expects the tensor, so ``before_load`` makes the function return element 0, what the eval script keeps.
 - kept indices, read where the official code holds them: ``"vision"``: the ``index_mask`` ``encode_images``
@@ -77,12 +83,12 @@ def split(budget: int) -> tuple[int, int]:
 
 def embed_index(p: int, grid: int = GRID, window: int = WINDOW, big: int = OFFICIAL_GRID) -> int:
     """Patch ``p`` of the ``grid`` x ``grid`` map -> its cell in the ``big`` x ``big`` map handed to the official
-    ``window_cls_selection``: our window (i, j) of side ``window`` sits in the top-left corner of the official
-    window (i, j) of side ``big // (grid // window)``."""
-    side = big // (grid // window)
+    ``window_cls_selection`` with ``window_size=window``: the map in the top-left corner, so that our window
+    (i, j) of side ``window`` is the official window (i, j), the same patches in the same row-major order."""
+    if big % window or grid % window:
+        raise ValueError(f"vscan adapter: windows of {window} must tile the {grid} and the {big} grids")
     y, x = divmod(int(p), grid)
-    (i, dy), (j, dx) = divmod(y, window), divmod(x, window)
-    return (i * side + dy) * big + j * side + dx
+    return y * big + x
 
 
 # ---- the official side (runs in .venv-official) ----
@@ -119,7 +125,7 @@ def _embedded_windows(model, grid: int = GRID, window: int = WINDOW):
 
     official = type(model).window_cls_selection
     n_side = grid // window
-    side = OFFICIAL_GRID // n_side
+    scale = (OFFICIAL_GRID // window) ** 2 // (n_side * n_side)  # the official windows per window of ours (9)
     cells = torch.tensor([embed_index(p, grid, window) for p in range(grid * grid)])
     back = torch.full((OFFICIAL_GRID * OFFICIAL_GRID,), -1, dtype=torch.long)
     back[cells] = torch.arange(grid * grid)
@@ -134,9 +140,11 @@ def _embedded_windows(model, grid: int = GRID, window: int = WINDOW):
         big = torch.full((B, OFFICIAL_GRID * OFFICIAL_GRID), float("-inf"), dtype=image_attentions.dtype,
                          device=image_attentions.device)
         big[:, cells.to(big.device)] = image_attentions
-        idx = official(model, big, visual_token_num, window_size=side)
+        # k = (visual_token_num * 9) // 36 = our k per window; the official windows beyond the tiny grid are -inf
+        idx = official(model, big, visual_token_num * scale, window_size=window)
         out = back.to(idx.device)[idx]
-        assert bool((out >= 0).all()), "vscan adapter: a local pick outside the tiny grid"
+        out = out[out >= 0].view(B, -1)  # the picks of the -inf windows dropped
+        assert out.shape[1] == k * n_side * n_side, "vscan adapter: not k picks in each window of the tiny grid"
         return out
 
     return window_cls_selection
