@@ -57,3 +57,31 @@ def install(cls, name: str, edits, literal: bool = False):
     new = recompile(fn, edits, literal, owner=cls)
     setattr(cls, name, new)
     return new
+
+
+class CPUEvent:
+    """``torch.cuda.Event(enable_timing=True)`` on a CPU run: an official forward's own timing, a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        return None
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def cpu_cuda_timing(memory: bool = False) -> None:
+    """Where CUDA is absent: an official code's timing calls (``torch.cuda.Event``, ``torch.cuda.synchronize``; with
+    ``memory`` also ``reset_peak_memory_stats`` / ``max_memory_allocated``) become CPU no-ops in the official process
+    (several LLaVA forks' ``generate`` / ``forward`` time themselves). Nothing where CUDA is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    torch.cuda.Event = CPUEvent
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    if memory:
+        torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+        torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0

@@ -202,18 +202,9 @@ def before_load(method: dict) -> None:
     builder.range = _range
     builder._parity_sparsevlm = True
     if not torch.cuda.is_available():
-        class _Event:
-            def __init__(self, *args, **kwargs):
-                pass
+        from . import _official
 
-            def record(self, *args, **kwargs):
-                pass
-
-            def elapsed_time(self, other):
-                return 0.0
-
-        torch.cuda.Event = _Event
-        torch.cuda.synchronize = lambda *args, **kwargs: None
+        _official.cpu_cuda_timing()
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 

@@ -105,24 +105,10 @@ def before_import() -> None:
         sys.modules.setdefault("sklearn.cluster", cluster)
 
 
-class _CPUEvent:
-    """``torch.cuda.Event(enable_timing=True)`` on a CPU run: the official forward's timing, a no-op."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        return None
-
-    def elapsed_time(self, other):
-        return 0.0
-
-
 def before_load(method: dict) -> None:
     """``model_vqa_loader.py`` calls ``load_pretrained_model(model_path, model_base, model_name, args.method)``; the
     worker calls it without, so the default of ``method`` becomes "transprune". Without CUDA, the forward's
     ``torch.cuda.Event`` / ``torch.cuda.synchronize`` become CPU no-ops."""
-    import torch
     from llava.model import builder
 
     fn = builder.load_pretrained_model
@@ -132,9 +118,9 @@ def before_load(method: dict) -> None:
     defaults = list(fn.__defaults__)
     defaults[names.index("method") - (len(names) - len(defaults))] = "transprune"
     fn.__defaults__ = tuple(defaults)
-    if not torch.cuda.is_available():
-        torch.cuda.Event = _CPUEvent
-        torch.cuda.synchronize = lambda *a, **k: None
+    from . import _official
+
+    _official.cpu_cuda_timing()
     # with --official-path the unpruned model runs in this process too, before enable(): without switches the
     # TransPrune class has no lists at all (AttributeError); no stages = its transprune_forward without a drop
     from llava.model.modeling_llama_transprune import LlamaModel

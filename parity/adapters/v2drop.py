@@ -60,7 +60,6 @@ def edits(patches: int = PATCHES) -> list[tuple[str, str]]:
 # ---- the official side (runs in .venv-official) ----
 
 def before_load(method: dict) -> None:
-    import torch
     from transformers.models.llama import modeling_llama as ml
 
     from llava.model.language_model.V2Drop import V2DropLlamaModel
@@ -71,21 +70,9 @@ def before_load(method: dict) -> None:
     # kept tokens keep their original positions: the RoPE table up to the largest position + 1 (same rows)
     for cls in (ml.LlamaAttention, ml.LlamaSdpaAttention):
         recompile_forward(cls, [("seq_len=kv_seq_len)", "seq_len=position_ids.max().item() + 1)")])
-    if not torch.cuda.is_available():  # the official generate() times itself with CUDA events (llava_llama.py 126-140)
-        class _Event:
-            def __init__(self, *args, **kwargs):
-                pass
+    from . import _official
 
-            def record(self, *args, **kwargs):
-                pass
-
-            def elapsed_time(self, other):
-                return 0.0
-
-        torch.cuda.Event = _Event
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
-        torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    _official.cpu_cuda_timing(memory=True)  # the official generate() times itself (llava_llama.py 126-140)
 
 
 def enable(model, method: dict) -> None:

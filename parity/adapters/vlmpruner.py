@@ -64,7 +64,6 @@ def _parity_cdist(a, b):
 # ---- the official side (runs in .venv-official) ----
 
 def before_load(method: dict) -> None:
-    import torch
 
     from llava.model.language_model import modeling_llama_self as mls
     from llava.model.multimodal_encoder import clip_encoder
@@ -84,19 +83,9 @@ def before_load(method: dict) -> None:
          "dists = _parity_cdist(k_states_image_token, k_states_image_token[pivot_indices[:i]])"),
     ])
     recompile(mls.VLMPruner, "get_spatial_pos", [("width = 24", f"width = {SIDE}")])
-    if not torch.cuda.is_available():  # a generate() that times itself with CUDA events, as other LLaVA forks
-        class _Event:
-            def __init__(self, *args, **kwargs):
-                pass
+    from . import _official
 
-            def record(self, *args, **kwargs):
-                pass
-
-            def elapsed_time(self, other):
-                return 0.0
-
-        torch.cuda.Event = _Event
-        torch.cuda.synchronize = lambda *args, **kwargs: None
+    _official.cpu_cuda_timing()  # a generate() that times itself with CUDA events, as other LLaVA forks
 
 
 def enable(model, method: dict) -> None:
