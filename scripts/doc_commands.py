@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 MARK = re.compile(r"^<!--\s*commands:\s*(run|check)\b\s*(.*?)\s*-->\s*$")
 #: this repository's importable packages (a ``python -m`` of anything else is a third-party tool: not checked)
-PACKAGES = ("llava", "eval", "bench", "testbed", "integrations", "baselines", "consensusdrop", "visiondrop", "attnmix")
+PACKAGES = ("llava", "eval", "bench", "testbed", "integrations", "baselines", "consensusdrop", "visiondrop", "attnmix", "parity")
 #: top-level folders a command may name without their existing (outputs, user data)
 UNTRACKED = ("runs", "tables", "logs", "playground")
 #: flags whose value is a path the command writes (it need not exist)
