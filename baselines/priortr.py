@@ -45,7 +45,13 @@ log = logging.getLogger(__name__)
 EPS = 1e-10
 #: the official clamp of +-inf scores
 INF_CLAMP = 1e6
-QUERIES = ("question", "last")
+#: P's rows: the question's rows from the null token to the end of the prompt ("question", the official LLaVA and
+#: InternVL code), the same without the last prompt token ("question_excl_last", the official Qwen2-VL / Qwen3-VL
+#: code: ``attention[:, :, img_end:-1]``), or the last row ("last")
+QUERIES = ("question", "question_excl_last", "last")
+#: the families whose official code reads "question_excl_last", keeps at least one token of a keep_ratio and
+#: computes the score layer's attention beside the SDPA layer (transformers' eager product ``q k^T * scaling``)
+QWEN_RULE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 HEADS = ("mean", "max")
 
 
@@ -59,8 +65,8 @@ def priortr_scores(rows: torch.Tensor, visual: torch.Tensor, queries: str = "que
 
     ``rows`` (H, T, S): attention probabilities of layer K-1 for the T query rows from the null token (row 0)
     to the last prompt token (row T-1), over the S tokens; ``visual`` (N,): the visual tokens' indices among S.
-    ``queries``: "question" (P = mean of the T rows) or "last" (P = row T-1; with ``row_mask`` the last real
-    row). ``row_mask`` (T,) bool: the real rows of a padded ``rows`` (the fast path); None: all real.
+    ``queries``: "question" (P = mean of the T rows), "question_excl_last" (the mean of rows 0..T-2; the last row
+    when T == 1, as the official fallback) or "last" (P = row T-1; with ``row_mask`` the last real row). ``row_mask`` (T,) bool: the real rows of a padded ``rows`` (the fast path); None: all real.
     Returns (N,) fp32 scores (``numerics="official"``: in ``rows``' dtype, as the official code returns them).
     """
     check_numerics("priortr", numerics)
@@ -71,18 +77,22 @@ def priortr_scores(rows: torch.Tensor, visual: torch.Tensor, queries: str = "que
     dtype = rows.dtype if numerics == "official" else torch.float32
     a = rows[:, :, visual].to(dtype)  # (H, T, N)
     q = a[:, 0]  # the null token's row: the prior
-    if queries == "last":
-        if row_mask is None:
-            p = a[:, -1]
-        else:  # the last real row of a padded block (no host read: a one-hot weighted sum)
-            last = torch.cumsum(row_mask.long(), 0) == row_mask.long().sum()
-            last = last & row_mask
-            p = torch.where(last[None, :, None], a, torch.zeros((), dtype=dtype, device=a.device)).sum(1)
-    elif row_mask is None:
-        p = a.mean(dim=1)  # the official mean over the rows (in the attention's dtype in reference mode)
+    t = a.shape[1]
+    if row_mask is not None:  # the last real row of a padded block (no host read: one-hot)
+        last = (torch.cumsum(row_mask.long(), 0) == row_mask.long().sum()) & row_mask
     else:
-        real = torch.where(row_mask[None, :, None], a.float(), torch.zeros((), device=a.device))
-        p = (real.sum(1) / row_mask.sum().clamp(min=1).float()).to(dtype)
+        last = torch.arange(t, device=a.device) == t - 1
+    if queries == "last" or (queries == "question_excl_last" and row_mask is None and t == 1):
+        p = a[:, -1] if row_mask is None else \
+            torch.where(last[None, :, None], a, torch.zeros((), dtype=dtype, device=a.device)).sum(1)
+    elif row_mask is None:  # the official mean over the rows (in the attention's dtype in reference mode)
+        p = a.mean(dim=1) if queries == "question" else a[:, :-1].mean(dim=1)
+    else:
+        rows_in = row_mask & ~last if queries == "question_excl_last" else row_mask
+        # one real row only: the official fallback to the last row (rows_in empty)
+        rows_in = torch.where(rows_in.any(), rows_in, last)
+        real = torch.where(rows_in[None, :, None], a.float(), torch.zeros((), device=a.device))
+        p = (real.sum(1) / rows_in.sum().clamp(min=1).float()).to(dtype)
     p, q = _heads(p, heads).float(), _heads(q, heads).float()
     p = p / (p.sum() + EPS)
     q = q / (q.sum() + EPS)
@@ -127,8 +137,13 @@ class PriorTR(Method):
             "keep_tokens": None,
             # without a budget or keep_tokens: the kept share (1/3: the official LLaVA-1.5 default 192 of 576)
             "keep_ratio": 1 / 3,
-            # P's rows: "auto" (official setup_vtr: "last" on LLaVA-NeXT, "question" elsewhere), "question", "last"
+            # P's rows: "auto" (the official rule of the family: "last" on LLaVA-NeXT (setup_vtr),
+            # "question_excl_last" on the Qwen families (the Qwen2-VL / Qwen3-VL code), "question" elsewhere),
+            # "question", "question_excl_last", "last"
             "queries": "auto",
+            # the fewest tokens a keep_ratio keeps: "auto" (the official rule: 1 on the Qwen families,
+            # ``max(1, int(n * r))``; 0 elsewhere, ``max(0, int(n * r))``), or a whole number
+            "min_keep": "auto",
             # the reduction over heads (official head_aggregation): "mean" or "max"
             "heads": "mean",
             # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
@@ -155,7 +170,10 @@ class PriorTR(Method):
         if not 0.0 <= float(self.keep_ratio) <= 1.0:
             raise ValueError(f"priortr: keep_ratio must be in [0, 1], got {self.keep_ratio}")
         if self.queries not in ("auto", *QUERIES):
-            raise ValueError(f"priortr: queries must be 'auto', 'question' or 'last', got {self.queries!r}")
+            raise ValueError(f"priortr: queries must be 'auto' or one of {QUERIES}, got {self.queries!r}")
+        if self.min_keep != "auto" and (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int)
+                                        or self.min_keep < 0):
+            raise ValueError(f"priortr: min_keep must be 'auto' or a whole number >= 0, got {self.min_keep!r}")
         if self.heads not in HEADS:
             raise ValueError(f"priortr: heads must be one of {HEADS}, got {self.heads!r}")
 
@@ -165,10 +183,17 @@ class PriorTR(Method):
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
 
     @property
+    def qwen_rule(self) -> bool:
+        """The attached family's official code is the Qwen2-VL / Qwen3-VL one (:data:`QWEN_RULE_FAMILIES`)."""
+        return getattr(self, "family", None) in QWEN_RULE_FAMILIES
+
+    @property
     def eager_layers(self) -> tuple[int, ...]:
-        """The reference mode runs each score layer K-1 on eager attention, as the official code (its
-        ``output_attentions=True`` there takes the eager path): its fp16 hidden states are the eager ones."""
-        return (self.k_layer - 1,) if self.numerics == "official" else ()
+        """The reference mode runs each score layer K-1 on eager attention, as the official LLaVA code (its
+        ``output_attentions=True`` there takes the eager path): its fp16 hidden states are the eager ones. The
+        official Qwen code runs that layer on the model's own attention (SDPA) and computes the probabilities
+        beside it: no eager layer there."""
+        return (self.k_layer - 1,) if self.numerics == "official" and not self.qwen_rule else ()
 
     @property
     def prune_past_cache(self) -> bool:
@@ -183,13 +208,21 @@ class PriorTR(Method):
         """P's rows as run: the official auto rule resolved on the attached family."""
         if self.queries != "auto":
             return self.queries
+        if self.qwen_rule:
+            return "question_excl_last"
         return "last" if getattr(self, "family", None) == "llava_next" else "question"
+
+    @property
+    def keep_floor(self) -> int:
+        """The fewest tokens a keep_ratio keeps, as run (``min_keep`` resolved on the attached family)."""
+        return (1 if self.qwen_rule else 0) if self.min_keep == "auto" else int(self.min_keep)
 
     def kept_count(self, n_visual: int) -> int:
         if self.keep_tokens is not None:
             return min(int(self.keep_tokens), int(n_visual))
         if self.budget is None:
-            return max(0, min(int(n_visual), math.floor(int(n_visual) * float(self.keep_ratio) + 1e-9)))
+            k = max(self.keep_floor, math.floor(int(n_visual) * float(self.keep_ratio) + 1e-9))
+            return max(0, min(int(n_visual), k))
         n = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
         if n == 0 and n_visual and not getattr(self, "_warned", False):
             self._warned = True
@@ -210,6 +243,7 @@ class PriorTR(Method):
         if k == 0:  # the official topk(0) is an empty tensor: nothing kept, no signal needed
             return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
         # (H, T, S): layer K-1's attention of the rows from the null token to the last prompt token
-        rows = sig.attention("text_after", layer="prev", logits="model" if self.numerics == "official" else "fp32")
+        logits = "fp32" if self.numerics != "official" else "model_scaling" if self.qwen_rule else "model"
+        rows = sig.attention("text_after", layer="prev", logits=logits)
         scores = priortr_scores(rows, sig.visual, self.query_rows, self.heads, self.numerics, row_mask=sig.text_mask)
         return Selection(keep=priortr_select(scores, k, self.numerics))

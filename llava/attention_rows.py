@@ -164,9 +164,10 @@ def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos
     return (None if rows is None else qk.queries(rows, rope)), k
 
 
-#: the arithmetic of :func:`causal_attention_rows`: "fp32" (ours), "model" (the official eager attention) or
+#: the arithmetic of :func:`causal_attention_rows`: "fp32" (ours), "model" (the official eager attention of
+#: transformers 4.31-4.37), "model_scaling" (transformers' later eager product, ``q k^T * scaling``) or
 #: "python_sdpa" (PyTorch's Python reference of SDPA, in the model's dtype: :mod:`llava.python_sdpa`)
-ATTENTION_LOGITS = ("fp32", "model", "python_sdpa")
+ATTENTION_LOGITS = ("fp32", "model", "model_scaling", "python_sdpa")
 
 
 def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float,
@@ -179,7 +180,9 @@ def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, 
     from): ``torch.matmul(q, k^T)`` in q's dtype (fp16 in a half-precision run), ``/ math.sqrt(d)`` in that dtype
     (where ``scale`` is d^-1/2, else ``* scale``), the masked keys at -inf (the official additive mask's finfo.min
     gives the same zeros), ``softmax(dim=-1, dtype=torch.float32).to(q.dtype)``: probabilities in the model's
-    dtype. ``"python_sdpa"``: as :func:`llava.python_sdpa.python_sdpa_attention` (SparseVLM's fork in every
+    dtype. ``"model_scaling"``: the same in the model's dtype with the product ``* scale`` whatever ``scale`` is, as
+    transformers >= 4.48's ``eager_attention_forward`` and the code that copies it (PriorTR's Qwen3-VL score layer:
+    ``torch.matmul(q, k^T) * scaling``, fp32 softmax cast back). ``"python_sdpa"``: as :func:`llava.python_sdpa.python_sdpa_attention` (SparseVLM's fork in every
     layer): ``q @ k^T`` in q's dtype, ``* (1 / math.sqrt(d))``, the masked keys at -inf, ``torch.softmax`` in that
     dtype. What is left is the GEMM's summation order, which is the device's (CUDA's is not a CPU's)."""
     h, hkv = q.shape[0], k.shape[0]
@@ -189,6 +192,8 @@ def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, 
         d = q.shape[-1]
         scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2))
         scores = scores / math.sqrt(d) if abs(scale - d ** -0.5) < 1e-12 else scores * scale
+    elif logits == "model_scaling":
+        scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)) * scale
     elif logits == "python_sdpa":
         scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))
     elif logits == "fp32":
@@ -200,6 +205,6 @@ def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, 
     if key_mask is not None:
         future = future | ~key_mask.to(q.device)[None, :]
     scores = scores.masked_fill(future[None], float("-inf"))
-    if logits == "model":
+    if logits in ("model", "model_scaling"):
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.softmax(scores, dim=-1)  # fp32, or python_sdpa's in q's dtype

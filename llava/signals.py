@@ -274,7 +274,7 @@ class LLMSignals:
         return self._num_text if self._num_text is not None else int(self.text_after.numel())
 
     def attention(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next",
-                  logits: Literal["fp32", "model", "python_sdpa"] = "fp32") -> torch.Tensor:
+                  logits: Literal["fp32", "model", "model_scaling", "python_sdpa"] = "fp32") -> torch.Tensor:
         """Causal attention probabilities (H, Q, S) of the given query rows.
 
         ``queries``: indices into the S tokens, or "last" (last prompt token), "question",
@@ -283,7 +283,8 @@ class LLMSignals:
         attention from its input (FastV). ``logits`` (:func:`causal_attention_rows`): "fp32" (ours: q k^T in
         fp32, fp32 probabilities) or "model" (the eager attention of LLaVA's LlamaAttention, which the official
         code of the in-LLM methods reads: q k^T and / sqrt(d) in the model's dtype, the softmax in fp32 cast back
-        to that dtype; reference modes) or "python_sdpa" (PyTorch's Python reference SDPA, the softmax in the model's
+        to that dtype; reference modes), "model_scaling" (the same with ``q k^T * scaling``, transformers' later eager
+        product: PriorTR's official Qwen code) or "python_sdpa" (PyTorch's Python reference SDPA, the softmax in the model's
         dtype: SparseVLM's fork). Cached per (queries, layer, logits).
         """
         q = self._resolve(queries)

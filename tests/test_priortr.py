@@ -63,6 +63,27 @@ def test_heads_max_and_the_prior_matters():
     assert priortr_select(priortr_scores(flat, VISUAL, queries="last"), 2).tolist() == [2, 3]
 
 
+def test_question_excluding_the_last_row_is_the_official_qwen_rule():
+    """The official Qwen2-VL / Qwen3-VL code: P = mean of rows img_end .. end-1 (Python's ``img_end:-1``): here the
+    null row and q1, P = [.25, .25, .25, .25]; Q = [.1, .2, .3, .4]; S = .25 ln(.25 / Q) =
+    [.25 ln 2.5, .25 ln 1.25, .25 ln(5/6), .25 ln .625] = [.22907, .05579, -.04558, -.11750]: order 0, 1, 2, 3
+    (the LLaVA rule, with the last row, ranks 0, 1, 3, 2). One row only: the official fallback to the last row, which
+    is the null row: P == Q, S == 0."""
+    s = priortr_scores(_rows(), VISUAL, queries="question_excl_last")
+    want = [0.25 * math.log(2.5), 0.25 * math.log(1.25), 0.25 * math.log(5 / 6), 0.25 * math.log(0.625)]
+    assert torch.allclose(s, torch.tensor(want), atol=1e-6)
+    assert priortr_select(s, 3).tolist() == [0, 1, 2]
+    one = priortr_scores(_rows()[:, :1], VISUAL, queries="question_excl_last")
+    assert torch.equal(one, torch.zeros(4))
+    # padded (the fast path): the last *real* row is left out, the pads never enter
+    pad = torch.cat([_rows(), _rows()[:, :1], _rows()[:, :1]], dim=1)
+    mask = torch.tensor([True, True, True, False, False])
+    assert torch.allclose(priortr_scores(pad, VISUAL, "question_excl_last", row_mask=mask), s, atol=1e-7)
+    pad1 = torch.cat([_rows()[:, :1]] * 3, dim=1)
+    assert torch.equal(priortr_scores(pad1, VISUAL, "question_excl_last",
+                                      row_mask=torch.tensor([True, False, False])), torch.zeros(4))
+
+
 def test_padded_rows_give_the_same_scores():
     """The fast path's padded text block (pad rows repeat row 0, the null token) with its mask == the real rows."""
     rows = _rows()
@@ -98,8 +119,21 @@ def test_options_counts_and_refusals():
     assert m.kept_count(576) == 152
     m.setup(num_layers=4, num_vision_layers=3, family="llava")  # K = 3 of 32 -> 1 of 4 layers
     assert m.llm_layers == (1,)
+    # the Qwen families: the official Qwen2-VL / Qwen3-VL rules (P without the last row, at least one token of a
+    # keep_ratio: max(1, int(n * r)); LLaVA: max(0, int(n * r))), the score layer's attention beside SDPA
+    m = PriorTR(keep_ratio=0.1111)
+    m.setup(num_layers=32, num_vision_layers=24, family="qwen3_vl")
+    assert m.query_rows == "question_excl_last" and m.kept_count(90) == 9 and m.kept_count(4) == 1
+    assert m.kept_count(0) == 0
+    PriorTR.setup(m, num_layers=32, num_vision_layers=24, family="llava")
+    assert m.query_rows == "question" and m.kept_count(4) == 0
+    m = PriorTR(keep_ratio=0.1111, min_keep=2, queries="question", numerics="official")
+    m.setup(num_layers=32, num_vision_layers=24, family="qwen2_5_vl")
+    assert m.query_rows == "question" and m.kept_count(4) == 2 and m.eager_layers == ()
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.eager_layers == (2,)
     for bad in ({"keep_tokens": -1}, {"keep_tokens": 2.5}, {"queries": "all"}, {"heads": "sum"},
-                {"numerics": "fp16"}, {"layer": 0}, {"keep_ratio": 1.5}):
+                {"numerics": "fp16"}, {"layer": 0}, {"keep_ratio": 1.5}, {"min_keep": -1}, {"min_keep": 1.5}):
         with pytest.raises(ValueError, match="priortr"):
             PriorTR(**bad)
     with pytest.raises(ValueError, match="either a budget"):
@@ -134,6 +168,56 @@ def test_selection_uses_layer_k_minus_1_rows_of_the_null_token_and_the_question(
         rt.model(**one)
     assert torch.equal(eng.selections[(0, 0)].keep, expected)
     assert eng.stats.samples[0].visual_per_layer == [16, 6, 6, 6]
+
+
+@pytest.mark.parametrize("rt", ["qwen3-vl"], indirect=True)
+def test_qwen_reference_mode_reads_the_official_qwen_score_layer(rt):
+    """Independent reference on Qwen3-VL (K = 3 of 32 -> 1 of 4: the score layer is layer 0): the layer's q / k
+    (q_norm / k_norm, M-RoPE) as the stock SDPA layer computes them, captured by hooks, the official Qwen3-VL
+    product ``matmul(q, k^T) * scaling``, fp32 softmax cast back, P over rows img_end .. end-1 (the last row left
+    out), ``torch.topk``; the official keep count max(1, int(n * r)). The image (24 merged tokens) is one where
+    keeping int(24 * 0.3) = 7 with the last row left out differs from keeping them with it (checked below)."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as mq
+
+    one = make_batch(rt, n=1, sizes=((112, 168),))
+    ids = one["input_ids"][0]
+    vis = torch.nonzero(ids == rt.model.config.image_token_id).flatten()
+    got = {}
+    real = mq.apply_rotary_pos_emb
+
+    def spy(q, k, cos, sin, *a, **kw):
+        q2, k2 = real(q, k, cos, sin, *a, **kw)
+        got.setdefault("qk", (q2, k2))
+        return q2, k2
+
+    rt.unprune()
+    mq.apply_rotary_pos_emb = spy
+    try:
+        with torch.no_grad():
+            rt.model(**one)
+    finally:
+        mq.apply_rotary_pos_emb = real
+    q, k = got["qk"]  # layer 0's (1, H, S, d), (1, H_kv, S, d)
+    attn = rt.model.model.language_model.layers[0].self_attn
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    a = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
+    a = a + torch.full(a.shape[-2:], float("-inf")).triu(1)
+    a = torch.softmax(a, dim=-1, dtype=torch.float32).to(q.dtype)[0]
+    null, n = int(vis[-1]) + 1, vis.numel()
+
+    def score(rows):
+        p, qq = rows[:, :, vis].mean(1).mean(0).float(), a[:, null, vis].mean(0).float()
+        p, qq = p / (p.sum() + 1e-10), qq / (qq.sum() + 1e-10)
+        return p * torch.log((p + 1e-10) / (qq + 1e-10))
+
+    k_off = max(1, int(n * 0.3))
+    expected = torch.topk(score(a[:, null:-1]), k_off).indices.sort().values
+    assert n == 24 and not torch.equal(expected, torch.topk(score(a[:, null:]), k_off).indices.sort().values)
+    eng = rt.prune("priortr", None, keep_ratio=0.3, numerics="official")
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, expected)
+    assert eng.stats.samples[0].visual_per_layer == [n, k_off, k_off, k_off]
 
 
 def test_paper_script_runs_end_to_end_on_the_tiny_model(tmp_path):

@@ -103,6 +103,24 @@ def test_python_sdpa_logits_are_the_python_reference_of_sdpa(seed):
     assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5).half(), want)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_model_scaling_logits_are_transformers_later_eager_product(seed):
+    """``logits="model_scaling"`` (PriorTR's reference mode on the Qwen families: its Qwen3-VL score layer and
+    transformers >= 4.48's ``eager_attention_forward``): ``torch.matmul(q, k^T) * scaling`` in fp16, the additive
+    causal mask (finfo.min), the softmax in fp32 cast back, bit for bit; with head_dim 128 (sqrt(d) not a power of
+    two) the 4.37 eager ``/ sqrt(d)`` rounds some logits the other way."""
+    q, k = qk(seed, 64)
+    s = k.shape[1]
+    rows = torch.arange(s - NT, s)
+    mask = torch.zeros(len(rows), s, dtype=torch.float16)
+    mask = mask.masked_fill(torch.arange(s)[None, :] > rows[:, None], torch.finfo(torch.float16).min)
+    w = torch.matmul(q[:, rows], k.transpose(1, 2)) * (HD ** -0.5) + mask[None]
+    want = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(torch.float16)
+    got = causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model_scaling")
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model"), want)
+
+
 def test_logits_option_is_checked():
     q, k = qk(0, 8)
     rows = torch.tensor([SYS + 8 + NT - 1])
