@@ -141,6 +141,11 @@ class PriorTR(Method):
             # "question_excl_last" on the Qwen families (the Qwen2-VL / Qwen3-VL code), "question" elsewhere),
             # "question", "question_excl_last", "last"
             "queries": "auto",
+            # the score layer's rows: "auto" ("none" in the reference mode on the Qwen families, else "causal"),
+            # "causal" (the paper's prior: the null token sees the image, not the instruction; the official LLaVA
+            # code's eager rows) or "none" (the official Qwen code: its look-ahead adds transformers' mask, which
+            # SDPA / FlashAttention leave out at batch 1, so every row reads the whole prompt)
+            "score_mask": "auto",
             # the fewest tokens a keep_ratio keeps: "auto" (the official rule: 1 on the Qwen families,
             # ``max(1, int(n * r))``; 0 elsewhere, ``max(0, int(n * r))``), or a whole number
             "min_keep": "auto",
@@ -171,6 +176,8 @@ class PriorTR(Method):
             raise ValueError(f"priortr: keep_ratio must be in [0, 1], got {self.keep_ratio}")
         if self.queries not in ("auto", *QUERIES):
             raise ValueError(f"priortr: queries must be 'auto' or one of {QUERIES}, got {self.queries!r}")
+        if self.score_mask not in ("auto", "causal", "none"):
+            raise ValueError(f"priortr: score_mask must be 'auto', 'causal' or 'none', got {self.score_mask!r}")
         if self.min_keep != "auto" and (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int)
                                         or self.min_keep < 0):
             raise ValueError(f"priortr: min_keep must be 'auto' or a whole number >= 0, got {self.min_keep!r}")
@@ -213,6 +220,13 @@ class PriorTR(Method):
         return "last" if getattr(self, "family", None) == "llava_next" else "question"
 
     @property
+    def causal_scores(self) -> bool:
+        """The score layer's rows are causal (``score_mask`` resolved: see ``option_defaults``)."""
+        if self.score_mask != "auto":
+            return self.score_mask == "causal"
+        return not (self.numerics == "official" and self.qwen_rule)
+
+    @property
     def keep_floor(self) -> int:
         """The fewest tokens a keep_ratio keeps, as run (``min_keep`` resolved on the attached family)."""
         return (1 if self.qwen_rule else 0) if self.min_keep == "auto" else int(self.min_keep)
@@ -244,6 +258,6 @@ class PriorTR(Method):
             return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
         # (H, T, S): layer K-1's attention of the rows from the null token to the last prompt token
         logits = "fp32" if self.numerics != "official" else "model_scaling" if self.qwen_rule else "model"
-        rows = sig.attention("text_after", layer="prev", logits=logits)
+        rows = sig.attention("text_after", layer="prev", logits=logits, causal=self.causal_scores)
         scores = priortr_scores(rows, sig.visual, self.query_rows, self.heads, self.numerics, row_mask=sig.text_mask)
         return Selection(keep=priortr_select(scores, k, self.numerics))

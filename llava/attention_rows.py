@@ -138,9 +138,10 @@ def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: 
                                  x if which == "next" else x_prev, lm.rotary_emb, pos)
         return qks[which]
 
-    def attn_fn(rows, which, logits="fp32"):
+    def attn_fn(rows, which, logits="fp32", causal=True):
         qk = pick(which)
-        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask, logits=logits)
+        return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask, logits=logits,
+                                     causal=causal)
 
     def keys_fn(which, rope):
         return pick(which).keys(rope).transpose(0, 1)
@@ -171,9 +172,12 @@ ATTENTION_LOGITS = ("fp32", "model", "model_scaling", "python_sdpa")
 
 
 def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float,
-                          key_mask: torch.Tensor | None = None, logits: str = "fp32") -> torch.Tensor:
+                          key_mask: torch.Tensor | None = None, logits: str = "fp32", causal: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale) over keys 0..row (causal). q (H, Q, d), k (H_kv, S, d) -> (H, Q, S).
-    ``key_mask`` (S,) bool: only those keys are attended to (a padded row's real tokens).
+    ``key_mask`` (S,) bool: only those keys are attended to (a padded row's real tokens). ``causal=False``: over every
+    key (``key_mask`` still applies): the rows an official look-ahead computes when transformers hands it no mask
+    (SDPA / FlashAttention at batch 1 skip the causal mask and use ``is_causal``: PriorTR's Qwen code adds the mask
+    only when there is one).
 
     ``logits="fp32"`` (ours): q and k cast to fp32, fp32 probabilities. ``"model"``: as LLaVA's eager
     ``LlamaAttention`` (transformers 4.31-4.37, the code PyramidDrop, VScan and DUET-VLM modify and read their rows
@@ -202,6 +206,8 @@ def causal_attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, 
         raise ValueError(f"attention logits must be one of {ATTENTION_LOGITS}, got {logits!r}")
     s = k.shape[1]
     future = torch.arange(s, device=q.device)[None, :] > rows.to(q.device)[:, None]  # (Q, S)
+    if not causal:
+        future = torch.zeros_like(future)
     if key_mask is not None:
         future = future | ~key_mask.to(q.device)[None, :]
     scores = scores.masked_fill(future[None], float("-inf"))

@@ -274,7 +274,8 @@ class LLMSignals:
         return self._num_text if self._num_text is not None else int(self.text_after.numel())
 
     def attention(self, queries: torch.Tensor | str, layer: Literal["next", "prev"] = "next",
-                  logits: Literal["fp32", "model", "model_scaling", "python_sdpa"] = "fp32") -> torch.Tensor:
+                  logits: Literal["fp32", "model", "model_scaling", "python_sdpa"] = "fp32",
+                  causal: bool = True) -> torch.Tensor:
         """Causal attention probabilities (H, Q, S) of the given query rows.
 
         ``queries``: indices into the S tokens, or "last" (last prompt token), "question",
@@ -285,15 +286,19 @@ class LLMSignals:
         code of the in-LLM methods reads: q k^T and / sqrt(d) in the model's dtype, the softmax in fp32 cast back
         to that dtype; reference modes), "model_scaling" (the same with ``q k^T * scaling``, transformers' later eager
         product: PriorTR's official Qwen code) or "python_sdpa" (PyTorch's Python reference SDPA, the softmax in the model's
-        dtype: SparseVLM's fork). Cached per (queries, layer, logits).
+        dtype: SparseVLM's fork). ``causal=False``: every row over all the tokens (a reference mode's reproduction of
+        an official look-ahead that adds no mask; :func:`causal_attention_rows`). Cached per (queries, layer, logits,
+        causal).
         """
         q = self._resolve(queries)
         if logits not in ATTENTION_LOGITS:
             raise ValueError(f"attention logits must be one of {ATTENTION_LOGITS}, got {logits!r}")
         kw = {} if logits == "fp32" else {"logits": logits}
+        if not causal:
+            kw["causal"] = False
         if self.captured and not isinstance(queries, str):  # keyed by value would read the device
             return self._attn_fn(q, layer, **kw)
-        key = (queries if isinstance(queries, str) else tuple(q.tolist()), layer, logits)
+        key = (queries if isinstance(queries, str) else tuple(q.tolist()), layer, logits, causal)
         if key not in self._cache:
             self._cache[key] = self._attn_fn(q, layer, **kw)
         return self._cache[key]

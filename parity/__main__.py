@@ -20,8 +20,9 @@ def parser() -> argparse.ArgumentParser:
                         "pixels, logits, tokens, the methods' kept indices; next: the same on LLaVA-NeXT (anyres); "
                         "scorers: llava/eval's scorers vs ours; qwen: Qwen2.5-VL on Hugging Face's own classes "
                         "under transformers 4.52.4 (--qwen-venv) beside ours: prompts, pixels, grids, logits, tokens "
-                        "and, with --method, the methods' official Qwen code (adapters with QWEN = True: mmtok) beside ours "
-                        "(not part of all: its environment is a second one)")
+                        "and, with --method, the methods' official Qwen code (adapters with QWEN = True: mmtok, "
+                        "ivcprune; priortr on Qwen3-VL under transformers 5.1.0, --qwen3-venv) beside ours "
+                        "(not part of all: its environments are others)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "parity",
                    help="where the weights, images, jobs and results go (default: runs/parity)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
@@ -30,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the official environment of the qwen part and of the adapters whose official code is "
                         "transformers' own classes (IVC-Prune's fork) (default: .venv-official-qwen, made by "
                         "`bash scripts/official_env.sh qwen`)")
+    p.add_argument("--qwen3-venv", type=Path, default=REPO / ".venv-official-qwen3",
+                   help="the official environment of the qwen part's Qwen3-VL rows (PriorTR's Qwen3-VL code; "
+                        "default: .venv-official-qwen3, made by `bash scripts/official_env.sh qwen3`)")
     p.add_argument("--official-path", default=None,
                    help="a clone of an official repository (its llava/ tree and its method package replace the "
                         "installed ones on the official side); default: .official/<method> when it exists "
@@ -116,15 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_qwen(args) -> int:
-    """``python -m parity qwen [--method <adapters with QWEN = True>]``: the unpruned Qwen2.5-VL and the methods'
-    official Qwen code beside ours on one or several builds."""
+    """``python -m parity qwen [--method <adapters with QWEN = True>]``: the unpruned Qwen2.5-VL (and Qwen3-VL where a
+    method runs on it) and the methods' official Qwen code beside ours on one or several builds."""
     from . import qwen
 
-    py = args.qwen_venv / "bin" / "python"
-    if not py.exists():
-        print(f"error: no Qwen official environment at {args.qwen_venv}: run `bash scripts/official_env.sh qwen` "
-              "first", file=sys.stderr)
-        return 2
     # flowcut: the default of --method, not asked for here (it has no Qwen path); none: the unpruned model, always run
     methods = [] if args.method == ["flowcut"] else [m for m in args.method if m != "none"]
     try:
@@ -132,15 +131,26 @@ def main_qwen(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    families = ["qwen2.5-vl"] + sorted({qwen.family_of(m) for m in methods} - {"qwen2.5-vl"})
+    venvs = {"qwen2.5-vl": args.qwen_venv, "qwen3-vl": args.qwen3_venv}
+    for fam in families:
+        if not (venvs[fam] / "bin" / "python").exists():
+            env = qwen.FAMILIES[fam]["env"]
+            print(f"error: no {fam} official environment at {venvs[fam]}: run `bash scripts/official_env.sh {env}` "
+                  "first", file=sys.stderr)
+            return 2
     work = args.work.resolve()
     seeds = args.seeds or [args.seed]
     per_seed = {}
     for seed in seeds:
         folder = work / f"seed{seed}" if args.seeds else work
-        info = qwen.build(folder, seed=seed)
-        print(f"## seed {seed}: {info['model']}")
-        checks = qwen.run(info, str(py), folder, dtypes=tuple(args.dtypes), max_new_tokens=args.max_new_tokens,
-                          methods=tuple(methods), budgets=args.qwen_budgets, official_path=args.official_path)
+        checks = []
+        for fam in families:
+            info = qwen.build(folder, seed=seed, family=fam)
+            print(f"## seed {seed}: {info['model']}")
+            checks += qwen.run(info, str(venvs[fam] / "bin" / "python"), folder, dtypes=tuple(args.dtypes),
+                               max_new_tokens=args.max_new_tokens, methods=tuple(methods), budgets=args.qwen_budgets,
+                               official_path=args.official_path)
         print(table(checks))
         write(checks, folder / "checks.json")
         per_seed[seed] = checks

@@ -9,9 +9,14 @@ A method other than ``none`` is an adapter with ``QWEN = True`` (``parity/adapte
 file path): its clone (``method["clone"]``) goes first on the path, ``qwen_before_import(clone)`` runs before the
 official code is imported, ``qwen_enable(model, processor, method)`` switches the method on a freshly loaded model
 and processor (the official code patches both), ``qwen_record(model, store)`` hooks what the official code selects
-(one entry per prefill). Each method gets its own model and processor. A job with ``"fork"`` (an adapter with
-``QWEN_FORK = True``: its clone ships its own transformers, IVC-Prune's fork of 4.51.3) puts that folder first on the
-path before transformers is imported, and refuses to run if ``transformers`` then resolves anywhere else.
+(one entry per prefill); an optional ``qwen_inputs(model, inputs)`` returns the keyword arguments the official
+``generate`` would add to the prefill (the worker's forward gets them too). Each method gets its own model and
+processor. A job with ``"fork"`` (an adapter with ``QWEN_FORK = True``: its clone ships its own transformers,
+IVC-Prune's fork of 4.51.3) puts that folder first on the path before transformers is imported, and refuses to run if ``transformers`` then resolves anywhere else. A job
+with ``"vendored"`` (``{"module", "path"}``: PriorTR's own ``qwen3_vl`` model files) installs that folder as the
+package ``module`` before any model class is read, as the official ``setup.py develop`` symlinks it into
+transformers, and refuses to run if the model class then comes from anywhere else. ``"model_class"``: the family's
+class (``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
 
     python parity/official_worker_qwen.py JOB.json OUT.pt
 """
@@ -38,6 +43,17 @@ def _adapter(name: str):
     return mod
 
 
+def _install_vendored(module: str, path: str) -> None:
+    """``path`` (a model folder with ``__init__.py``, relative imports into transformers) imported as ``module``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module, os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
+    spec.loader.exec_module(mod)
+
+
 def run(job: dict) -> dict:
     if job.get("fork"):  # the clone's own transformers replaces this environment's
         sys.path.insert(0, job["fork"])
@@ -50,9 +66,19 @@ def run(job: dict) -> dict:
             raise RuntimeError(f"official qwen worker: transformers resolves to {where}, not the fork in {job['fork']}")
     from PIL import Image
 
+    cls_name = job.get("model_class", "Qwen2_5_VLForConditionalGeneration")
+    vend = job.get("vendored")
+    if vend:
+        _install_vendored(vend["module"], vend["path"])
+        where = os.path.realpath(sys.modules[getattr(tf, cls_name).__module__].__file__)
+        if not where.startswith(os.path.realpath(vend["path"]) + os.sep):
+            raise RuntimeError(f"official qwen worker: {cls_name} comes from {where}, not {vend['path']}")
+    model_cls = getattr(tf, cls_name)
+    tf.logging.set_verbosity_error()  # no load progress bars in the job's output
     torch.manual_seed(0)
     dtype = torch.float32 if job["dtype"] == "fp32" else torch.float16
-    res = {"versions": {"transformers": tf.__version__, "torch": torch.__version__, "path": tf.__file__}, "runs": []}
+    res = {"versions": {"transformers": tf.__version__, "torch": torch.__version__, "path": tf.__file__,
+                        "model": sys.modules[model_cls.__module__].__file__}, "runs": []}
     imported: set = set()
     for method in job["methods"]:
         mod = None
@@ -64,9 +90,11 @@ def run(job: dict) -> dict:
                 if hasattr(mod, "qwen_before_import"):
                     mod.qwen_before_import(clone)
                 imported.add(method["name"])
-        processor = tf.AutoProcessor.from_pretrained(job["model"])
-        model = tf.Qwen2_5_VLForConditionalGeneration.from_pretrained(job["model"], torch_dtype=dtype,
-                                                                       attn_implementation="sdpa").eval()
+        # Qwen3-VL under transformers 5: the slow (PIL) image processor, as ours
+        slow = {"use_fast": False} if cls_name.startswith("Qwen3") else {}
+        processor = tf.AutoProcessor.from_pretrained(job["model"], **slow)
+        load_dtype = {"dtype": dtype} if int(tf.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+        model = model_cls.from_pretrained(job["model"], attn_implementation="sdpa", **load_dtype).eval()
         store: list = []
         handles = []
         if mod is not None:
@@ -81,8 +109,11 @@ def run(job: dict) -> dict:
             processor.tokenizer.padding_side = "left"
             inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
             del store[:]
+            # what the official generate() hands the prefill and a plain forward lacks (qwen_inputs: PriorTR's range
+            # and context), added to the worker's forward
+            extra = mod.qwen_inputs(model, inputs) if mod is not None and hasattr(mod, "qwen_inputs") else {}
             with torch.inference_mode():
-                logits = model(**inputs).logits.float()
+                logits = model(**inputs, **extra).logits.float()
                 kept = list(store)
                 gen = model.generate(**inputs, max_new_tokens=job["max_new_tokens"], do_sample=False)
             width = inputs["input_ids"].shape[1]

@@ -23,6 +23,14 @@ prefill and ``generate``. Ours: :func:`llava.load` of the folder, our processor 
 ``image_grid_thw`` (prep), then the logits and greedy tokens (unpruned). fp32: logits within 1e-5 (two torch and two
 transformers releases: the same arithmetic, not the same kernels); fp16: tokens identical, logits reported.
 
+Qwen3-VL (an adapter with ``QWEN_FAMILY = "qwen3-vl"``: PriorTR's Qwen3-VL code): a second tiny folder
+(``qwen3-vl-tiny/``, :data:`FAMILIES`) that transformers 5.1 and 5 read alike (the config and tokenizer as
+transformers 5 writes them; Qwen3-VL's image processor defaults with the tiny tower's patch: mean and std 0.5, at
+least 65536 pixels), run in ``.venv-official-qwen3`` (``bash scripts/official_env.sh qwen3``: transformers 5.1.0,
+the release that runs the repository's own ``qwen3_vl`` model files, which the worker installs under that module
+name, as the official ``setup.py develop`` symlinks them) beside ours; its own prep and unpruned rows (cases
+"qwen3-vl ...").
+
 Methods (``--method <name>``): an adapter with a Qwen2.5-VL half (``QWEN = True`` in ``parity/adapters/<name>.py``:
 the registry of Qwen method rows, :func:`qwen_methods`). Its official half (``qwen_before_import``, ``qwen_enable``,
 ``qwen_record``) runs in the official worker on the clone (``.official/<name>``), its half of ours
@@ -44,6 +52,14 @@ from .build import QUESTIONS, run_official, write_images
 from .report import Check
 
 NAME = "qwen2.5-vl-tiny"
+#: the families of this part: the tiny folder, ``llava.models.build_tiny``'s name, the marker of a build, the official
+#: model class (the worker's), the official environment (``scripts/official_env.sh <env>``)
+FAMILIES = {
+    "qwen2.5-vl": {"folder": NAME, "tiny": "qwen2.5-vl", "marker": "built-qwen.json",
+                   "model_class": "Qwen2_5_VLForConditionalGeneration", "env": "qwen"},
+    "qwen3-vl": {"folder": "qwen3-vl-tiny", "tiny": "qwen3-vl", "marker": "built-qwen3.json",
+                 "model_class": "Qwen3VLForConditionalGeneration", "env": "qwen3"},
+}
 #: the method rows' two extra images, larger than the four (16 / 18 / 15 / 56 merged tokens): 90 and 143 merged tokens,
 #: over the 64 below which MMTok's official Qwen route keeps an image whole
 METHOD_IMAGE_SIZES = [(280, 252), (364, 308)]
@@ -65,6 +81,14 @@ IMAGE_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_c
                    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_resize": True, "do_rescale": True,
                    "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3}
 
+#: Qwen3-VL's image processor defaults (Qwen3-VL-8B-Instruct's ``preprocessor_config.json``: mean and std 0.5,
+#: 65536 to 16777216 pixels), the slow processor's name (both sides resize with PIL) and the tiny tower's patch
+QWEN3_IMAGE_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+                         "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "temporal_patch_size": 2,
+                         "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                         "do_convert_rgb": True, "resample": 3}
+
 #: the text fields 4.52's ``Qwen2_5_VLConfig`` reads at the top level
 TOP_LEVEL_TEXT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                   "intermediate_size", "rms_norm_eps", "max_position_embeddings", "hidden_act", "pad_token_id",
@@ -84,12 +108,14 @@ def legacy_config(cfg: dict) -> dict:
     return cfg
 
 
-def build(work: Path, seed: int = 0) -> dict:
-    """The tiny folder and the images in ``work`` (idempotent: ``built-qwen.json`` with the same seed is reused)."""
+def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
+    """The tiny folder of ``family`` (:data:`FAMILIES`) and the images in ``work`` (idempotent: its marker with the
+    same seed is reused)."""
     from llava.models import build_tiny
 
+    fam = FAMILIES[family]
     work = Path(work).resolve()
-    marker = work / "built-qwen.json"
+    marker = work / fam["marker"]
     if marker.exists():
         info = json.loads(marker.read_text())
         if info.get("seed") == seed:
@@ -97,23 +123,29 @@ def build(work: Path, seed: int = 0) -> dict:
                 info["method_images"] = [str(p) for p in write_images(work / "images-methods", seed,
                                                                       METHOD_IMAGE_SIZES)]
                 marker.write_text(json.dumps(info, indent=1))
+            info.setdefault("family", family)
             return info
-    out = work / NAME
+    out = work / fam["folder"]
     out.mkdir(parents=True, exist_ok=True)
-    rt = build_tiny("qwen2.5-vl", seed=seed)
+    rt = build_tiny(fam["tiny"], seed=seed)
     rt.model.save_pretrained(out)
     rt.processor.tokenizer.save_pretrained(out)
-    (out / "config.json").write_text(json.dumps(legacy_config(json.loads((out / "config.json").read_text())), indent=1))
-    tok = json.loads((out / "tokenizer_config.json").read_text())
-    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok["additional_special_tokens"] = tok.pop("extra_special_tokens", [])
-    tok.pop("backend", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=1))
-    (out / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=1))
+    if family == "qwen2.5-vl":
+        cfg = legacy_config(json.loads((out / "config.json").read_text()))
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        tok = json.loads((out / "tokenizer_config.json").read_text())
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok["additional_special_tokens"] = tok.pop("extra_special_tokens", [])
+        tok.pop("backend", None)
+        (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=1))
+        ip = IMAGE_PROCESSOR
+    else:  # transformers 5.1 reads transformers 5's config and tokenizer files as they are
+        ip = {**QWEN3_IMAGE_PROCESSOR, "patch_size": rt.model.config.vision_config.patch_size}
+    (out / "preprocessor_config.json").write_text(json.dumps(ip, indent=1))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=1))
     images = write_images(work / "images", seed)
     large = write_images(work / "images-methods", seed, METHOD_IMAGE_SIZES)
-    info = {"seed": seed, "model": str(out), "images": [str(p) for p in images],
+    info = {"seed": seed, "family": family, "model": str(out), "images": [str(p) for p in images],
             "method_images": [str(p) for p in large],
             "eos": rt.processor.tokenizer.eos_token_id}
     marker.write_text(json.dumps(info, indent=1))
@@ -143,23 +175,50 @@ def qwen_methods() -> list[str]:
     return sorted(n for n in adapters.names() if getattr(adapters.get(n), "QWEN", False))
 
 
-def method_specs(names, info: dict | None, budgets=None, official_path: str | None = None) -> list[dict]:
+def family_of(name: str) -> str:
+    """The family a Qwen adapter's official code runs (``QWEN_FAMILY``; Qwen2.5-VL unless it says otherwise)."""
+    from . import adapters
+
+    return getattr(adapters.get(name), "QWEN_FAMILY", "qwen2.5-vl")
+
+
+def vendored(name: str, clone: str) -> dict | None:
+    """An adapter whose official code replaces one of transformers' model folders by its own copy (``QWEN_VENDORED
+    = (module, folder in the clone's Qwen folder)``: PriorTR's ``transformers.models.qwen3_vl`` from
+    ``image/Qwen3-VL/qwen3``), as
+    the worker installs it: ``{"module", "path"}``; None for the others."""
+    from . import adapters
+
+    v = getattr(adapters.get(name), "QWEN_VENDORED", None)
+    return None if v is None else {"module": v[0], "path": str(Path(clone) / v[1])}
+
+
+def method_specs(names, info: dict | None, budgets=None, official_path: str | None = None,
+                 family: str | None = None) -> list[dict]:
     """The job's method specs: ``none`` (each image alone and all in one batch), then each method of ``names`` at
     each budget (``budgets``, else its adapter's ``QWEN_BUDGETS``) on :func:`method_cases`, each image alone, with its
-    clone (the clone ``python -m parity llava15`` uses: ``official_path``, else ``.official/<name>``). ``info`` None:
-    only checks the names and clones."""
+    clone (the clone ``python -m parity llava15`` uses: ``official_path``, else ``.official/<name>``; an adapter with
+    ``QWEN_ROOT``: that folder of the repository, its Qwen code's). ``info`` None:
+    only checks the names and clones. ``family``: only its methods (:func:`family_of`); None: all."""
     from . import adapters
     from .llava15 import clone_for
 
     known = qwen_methods()
     specs = [{"name": "none"}]
     for name in names:
-        if name == "none":
+        if name == "none" or (family is not None and name in known and family_of(name) != family):
             continue
         if name not in known:
             raise ValueError(f"no Qwen2.5-VL parity adapter for {name!r} (adapters with QWEN = True: "
                              f"{', '.join(known) or 'none'})")
         clone = clone_for(name, official_path)
+        sub = getattr(adapters.get(name), "QWEN_ROOT", None)
+        if sub is not None and clone is not None:  # its Qwen code lives in another folder of the repository
+            root = getattr(adapters.get(name), "ROOT", "").strip("/")
+            base = clone[: -len(root)].rstrip("/") if root and clone.endswith(root) else clone
+            clone = str(Path(base) / sub)
+            if not Path(clone).is_dir():
+                raise ValueError(f"{name}: the clone has no {sub}/ (its Qwen code)")
         cs = method_cases(info) if info is not None else []
         for b in budgets or adapters.get(name).QWEN_BUDGETS:
             specs.append({"name": name, "budget": b, "clone": clone, "cases": cs,
@@ -188,11 +247,14 @@ def folder_451(info: dict, work: Path) -> str:
 
 def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
              fork: str | None = None) -> dict:
+    family = info.get("family", "qwen2.5-vl")
     model = folder_451(info, work) if fork else info["model"]
+    vend = next((v for m in methods if m["name"] != "none" and (v := vendored(m["name"], m["clone"]))), None)
     job = {"kind": "run", "model": model, "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
-           "fork": fork}
-    name = f"qwen-{dtype}-" + ("fork-" if fork else "") + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
+           "fork": fork, "model_class": FAMILIES[family]["model_class"], "vendored": vend}
+    name = (f"qwen-{dtype}-" + ("" if family == "qwen2.5-vl" else f"{family}-") + ("fork-" if fork else "")
+            + "-".join(m["name"] + str(m.get("budget", "")) for m in methods))
     return run_official(python, job, work, name, worker=WORKER)
 
 
@@ -260,7 +322,7 @@ def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: 
     tok_ok = off_tokens == my_tokens
     ok = ids_ok and kept_ok and tok_ok and (logits_atol is None or worst <= logits_atol)
     rows = {}
-    for f in ("features", "vision", "text", "values"):
+    for f in ("features", "vision", "text", "values", "attention"):
         ds = [d for a, b in zip(o["kept"], m["kept"]) if (d := _diff(a.get(f), b.get(f))) is not None]
         rows[f] = max(ds) if ds else None
     # the text rows are rows of the same embedding table on both sides: identical, where both read them
@@ -282,6 +344,7 @@ def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: 
               + f", greedy tokens {'identical' if tok_ok else 'DIFFER'}; rows read, max abs diff: projected "
               f"{_fmt(rows['features'])}, vision-vision {_fmt(rows['vision'])}, text {_fmt(rows['text'])}"
               + ("" if rows["values"] is None else f", layer K-1 values {_fmt(rows['values'])}")
+              + ("" if rows["attention"] is None else f", layer K-1 attention {_fmt(rows['attention'])}")
               + ("" if replay_ok is None else
                  f"; ours on the official rows: kept indices {'identical' if replay_ok else 'DIFFER'}"))
     return Check("qwen-" + o["method"]["name"], case, ok, detail,
@@ -332,11 +395,13 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
 
 def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
         budgets=None, official_path: str | None = None) -> list[Check]:
-    """The unpruned model, then each method of ``methods`` (:func:`qwen_methods`) at its budgets, in each precision."""
+    """The unpruned model of ``info``'s family, then each method of ``methods`` (:func:`qwen_methods`) of that family
+    at its budgets, in each precision. Cases of a family other than Qwen2.5-VL are named with it."""
     from . import adapters
 
     checks: list[Check] = []
-    methods = method_specs(methods, info, budgets, official_path)
+    family = info.get("family", "qwen2.5-vl")
+    methods = method_specs(methods, info, budgets, official_path, family=family)
     # an adapter whose clone ships its own transformers (QWEN_FORK): a job of its own with the fork first on the path,
     # its unpruned rows too (named "fork"), the fork's model beside ours
     forks: dict = {}
@@ -351,5 +416,7 @@ def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_to
             for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos")):
                 if fork:
                     c.case = f"fork {c.case}"
+                if family != "qwen2.5-vl":
+                    c.case = f"{family} {c.case}"
                 checks.append(c)
     return checks

@@ -7,8 +7,8 @@
 #   bash scripts/official_env.sh          # -> .venv-official/ (CPU build of torch on a CPU machine, CUDA build on a GPU one)
 #   bash scripts/official_env.sh qwen     # -> .venv-official-qwen/: Hugging Face's own Qwen2.5-VL classes under
 #                                         #    transformers 4.52.4 (MMTok's Qwen pin), for `python -m parity qwen`
-#   bash scripts/official_env.sh qwen3    # -> .venv-official-qwen3/: transformers 5.2.0 for PriorTR's Qwen3-VL code
-#                                         #    (its pin is 5.2.0.dev0 at a git commit; 5.2.0 is the release after it)
+#   bash scripts/official_env.sh qwen3    # -> .venv-official-qwen3/: transformers 5.1.0 for PriorTR's Qwen3-VL code
+#                                         #    (its pin is 5.2.0.dev0 at a git commit; 5.1.0 is the release that runs it)
 #   python -m parity all                  # compares the official code and ours on the same tiny weights
 #
 # Why a separate environment: the official code is a package named `llava`, like ours, and needs transformers
@@ -54,14 +54,16 @@ if [[ "${1:-}" == qwen3 ]]; then
     # PriorTR's Qwen3-VL code (docs/parity.md, "Qwen3-VL"): its environment pins transformers 5.2.0.dev0 at commit
     # f8f2834e1a (not on the package index) and replaces transformers' qwen3_vl model folder by the repository's
     # own copy (image/Qwen3-VL/qwen3/); the official worker installs that copy under the same module name at import.
-    # transformers 5.2.0 is the release that followed the pinned commit. Same torch pair as the qwen environment.
+    # That copy is 5.1.0's qwen3_vl plus the vision tower's attention output (diffed), and imports
+    # `check_model_inputs`, which 5.2.0 no longer has: 5.1.0 is the nearest release that runs it. Same torch pair as
+    # the qwen environment.
     # shellcheck source=scripts/_venv.sh
     . scripts/_venv.sh
     VENV=${VTPRUNE_OFFICIAL_QWEN3_VENV:-$REPO/.venv-official-qwen3}
     make_venv "$VENV" "$PY"
-    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 5.2.0 and what the official Qwen3-VL code imports"
+    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 5.1.0 and what the official Qwen3-VL code imports"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
-        "transformers==5.2.0" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
+        "transformers==5.1.0" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
     (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
 import importlib.metadata as md
 for name in ("torch", "torchvision", "transformers", "tokenizers"):

@@ -130,10 +130,16 @@ def test_options_counts_and_refusals():
     m = PriorTR(keep_ratio=0.1111, min_keep=2, queries="question", numerics="official")
     m.setup(num_layers=32, num_vision_layers=24, family="qwen2_5_vl")
     assert m.query_rows == "question" and m.kept_count(4) == 2 and m.eager_layers == ()
+    assert m.causal_scores is False  # the official Qwen look-ahead's rows (no mask under SDPA at batch 1)
     m.setup(num_layers=32, num_vision_layers=24, family="llava")
-    assert m.eager_layers == (2,)
+    assert m.eager_layers == (2,) and m.causal_scores is True
+    assert PriorTR(score_mask="none").causal_scores is False
+    m = PriorTR(keep_ratio=0.1111, numerics="official", score_mask="causal")
+    m.setup(num_layers=32, num_vision_layers=24, family="qwen3_vl")
+    assert m.causal_scores is True
     for bad in ({"keep_tokens": -1}, {"keep_tokens": 2.5}, {"queries": "all"}, {"heads": "sum"},
-                {"numerics": "fp16"}, {"layer": 0}, {"keep_ratio": 1.5}, {"min_keep": -1}, {"min_keep": 1.5}):
+                {"numerics": "fp16"}, {"layer": 0}, {"keep_ratio": 1.5}, {"min_keep": -1}, {"min_keep": 1.5},
+                {"score_mask": "full"}):
         with pytest.raises(ValueError, match="priortr"):
             PriorTR(**bad)
     with pytest.raises(ValueError, match="either a budget"):
@@ -175,8 +181,9 @@ def test_qwen_reference_mode_reads_the_official_qwen_score_layer(rt):
     """Independent reference on Qwen3-VL (K = 3 of 32 -> 1 of 4: the score layer is layer 0): the layer's q / k
     (q_norm / k_norm, M-RoPE) as the stock SDPA layer computes them, captured by hooks, the official Qwen3-VL
     product ``matmul(q, k^T) * scaling``, fp32 softmax cast back, P over rows img_end .. end-1 (the last row left
-    out), ``torch.topk``; the official keep count max(1, int(n * r)). The image (24 merged tokens) is one where
-    keeping int(24 * 0.3) = 7 with the last row left out differs from keeping them with it (checked below)."""
+    out), ``torch.topk``; the official keep count max(1, int(n * r)); the rows without a causal mask (the official
+    look-ahead adds transformers' mask, which SDPA at batch 1 leaves out). The image (24 merged tokens) is one where
+    keeping int(24 * 0.25) = 6 differs with the last row in and with the causal mask (checked below)."""
     from transformers.models.qwen3_vl import modeling_qwen3_vl as mq
 
     one = make_batch(rt, n=1, sizes=((112, 168),))
@@ -200,24 +207,31 @@ def test_qwen_reference_mode_reads_the_official_qwen_score_layer(rt):
     q, k = got["qk"]  # layer 0's (1, H, S, d), (1, H_kv, S, d)
     attn = rt.model.model.language_model.layers[0].self_attn
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    a = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
-    a = a + torch.full(a.shape[-2:], float("-inf")).triu(1)
-    a = torch.softmax(a, dim=-1, dtype=torch.float32).to(q.dtype)[0]
+    logits = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
+    a = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)[0]
+    causal = logits + torch.full(logits.shape[-2:], float("-inf")).triu(1)
+    causal = torch.softmax(causal, dim=-1, dtype=torch.float32).to(q.dtype)[0]
     null, n = int(vis[-1]) + 1, vis.numel()
 
-    def score(rows):
+    def score(rows, a=a):
         p, qq = rows[:, :, vis].mean(1).mean(0).float(), a[:, null, vis].mean(0).float()
         p, qq = p / (p.sum() + 1e-10), qq / (qq.sum() + 1e-10)
         return p * torch.log((p + 1e-10) / (qq + 1e-10))
 
-    k_off = max(1, int(n * 0.3))
+    k_off = max(1, int(n * 0.25))
     expected = torch.topk(score(a[:, null:-1]), k_off).indices.sort().values
     assert n == 24 and not torch.equal(expected, torch.topk(score(a[:, null:]), k_off).indices.sort().values)
-    eng = rt.prune("priortr", None, keep_ratio=0.3, numerics="official")
+    causal_pick = torch.topk(score(causal[:, null:-1], causal), k_off).indices.sort().values
+    assert not torch.equal(expected, causal_pick)
+    eng = rt.prune("priortr", None, keep_ratio=0.25, numerics="official")
     with torch.no_grad():
         rt.model(**one)
     assert torch.equal(eng.selections[(0, 0)].keep, expected)
     assert eng.stats.samples[0].visual_per_layer == [n, k_off, k_off, k_off]
+    eng = rt.prune("priortr", None, keep_ratio=0.25, numerics="official", score_mask="causal")
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, causal_pick)
 
 
 def test_paper_script_runs_end_to_end_on_the_tiny_model(tmp_path):

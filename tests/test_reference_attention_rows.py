@@ -121,6 +121,21 @@ def test_model_scaling_logits_are_transformers_later_eager_product(seed):
     assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model"), want)
 
 
+def test_rows_without_the_causal_mask():
+    """``causal=False``: the softmax over every key (what an official look-ahead computes when transformers hands it
+    no mask); the key mask of a padded row still applies. Worked: q = (1, 0), keys k0 = (0, 0), k1 = (ln 2, 0),
+    k2 = (ln 3, 0), scale 1, row 0: causal -> [1, 0, 0]; none -> softmax(0, ln 2, ln 3) = [1/6, 2/6, 3/6]; with
+    key 2 masked out -> [1/3, 2/3, 0]."""
+    q = torch.tensor([[[1.0, 0.0]]])  # (H=1, Q=1, d=2)
+    k = torch.tensor([[[0.0, 0.0], [math.log(2), 0.0], [math.log(3), 0.0]]])  # (1, S=3, 2)
+    row = torch.tensor([0])
+    assert torch.allclose(causal_attention_rows(q, k, row, 1.0), torch.tensor([[[1.0, 0.0, 0.0]]]))
+    got = causal_attention_rows(q, k, row, 1.0, causal=False)
+    assert torch.allclose(got, torch.tensor([[[1 / 6, 2 / 6, 3 / 6]]]), atol=1e-7)
+    masked = causal_attention_rows(q, k, row, 1.0, key_mask=torch.tensor([True, True, False]), causal=False)
+    assert torch.allclose(masked, torch.tensor([[[1 / 3, 2 / 3, 0.0]]]), atol=1e-7)
+
+
 def test_logits_option_is_checked():
     q, k = qk(0, 8)
     rows = torch.tensor([SYS + 8 + NT - 1])

@@ -106,3 +106,130 @@ def record_ours(rt, store: list):
     from ._ours import llm_stage_recorder
 
     return llm_stage_recorder(rt, store)
+
+
+# ---- Qwen3-VL (``python -m parity qwen --method priortr``, parity/qwen.py): the official Qwen3-VL code ----
+#
+# ``image/Qwen3-VL/``: the package ``visual_token_pruning`` (``VTRQwen3VLForConditionalGeneration`` on
+# ``Qwen3VLForConditionalGeneration``, the language model swapped in place for ``PrunableQwen3VLTextModel``, the score
+# in ``strategy/priortr.py``) and the repository's own ``qwen3_vl`` model files (``qwen3/``: transformers 5.1.0's plus
+# the vision tower's attention output), which its ``setup.py develop`` symlinks into transformers; the worker
+# installs them under that name (``QWEN_VENDORED``) in ``.venv-official-qwen3`` (transformers 5.1.0), with
+# ``image/Qwen3-VL`` first on the path (``QWEN_ROOT``).
+# - switch: the loaded ``Qwen3VLForConditionalGeneration`` becomes ``VTRQwen3VLForConditionalGeneration`` and gets
+#   what ``from_pretrained_vtr`` sets after its load (``vtr_config``, the strategy, ``apply_clse_defaults``, the
+#   language model's class), with the ``VTRConfig`` its lmms-eval model builds (``lmms_eval_model/qwen3_vl_vtr.py``:
+#   ``keep_ratio`` r, ``prune_layer`` 3, the rest at their defaults: ``query_aggregation="auto"`` -> "question").
+#   K = 3 on the 4-layer tiny model too (score layer 2, pruned before layer 3; DeepStack rows at layers 0..2).
+# - a plain forward prunes nothing (only ``generate`` adds the range and context to the prefill): ``qwen_inputs``
+#   adds what ``generate`` would (``_compute_image_token_range``, ``_prepare_vtr``) to the worker's forward.
+# - alone: the official code reads ``positions[0, 1]`` and the first image only: each image alone on both sides.
+# - recorded: the kept indices ``select_tokens`` returns and the attention rows ``compute_scores`` reads (rows from
+#   ``img_end`` on, every column, in the model's dtype), for the replay.
+# - ours: ``priortr`` in its reference mode on Qwen3-VL (``numerics="official"``: ``queries`` and ``min_keep``
+#   resolve to the official Qwen rules, the score layer's probabilities as ``q k^T * scaling``), ``keep_ratio`` r,
+#   ``layer=3`` without scaling, ``caches="pruned"``.
+
+QWEN = True
+QWEN_FAMILY = "qwen3-vl"
+#: the folder of the repository the Qwen3-VL side runs from (first on the path: ``visual_token_pruning``)
+QWEN_ROOT = "image/Qwen3-VL"
+#: (the module the official ``setup.py`` replaces, the folder of ``QWEN_ROOT`` that replaces it)
+QWEN_VENDORED = ("transformers.models.qwen3_vl", "qwen3")
+#: the official Qwen3-VL keep ratios (64 / 128 / 192 of 576 as shares: the README's and the lmms-eval model's)
+QWEN_BUDGETS = (0.1111, 0.2222, 0.3333)
+QWEN_LAYER = 3
+
+
+def qwen_enable(model, processor, method: dict) -> None:
+    from visual_token_pruning.config import VTRConfig
+    from visual_token_pruning.model.vtr_qwen3_vl import VTRQwen3VLForConditionalGeneration
+    from visual_token_pruning.strategy.clse import apply_clse_defaults
+
+    model.__class__ = VTRQwen3VLForConditionalGeneration  # what from_pretrained_vtr's cls.from_pretrained builds
+    model._rope_position_offset = 0
+    model.vtr_config = VTRConfig(enabled=True, strategy="priortr", keep_ratio=float(method["budget"]),
+                                 prune_layer=QWEN_LAYER, **method.get("official_kwargs", {}))  # planted changes
+    model.vtr_strategy = model._create_strategy(model.vtr_config.strategy)
+    apply_clse_defaults(model.vtr_config, model.config)
+    model._replace_text_model()
+
+
+def qwen_inputs(model, inputs) -> dict:
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("priortr: the official Qwen3-VL code runs one sample at a time")
+    model._rope_position_offset = 0
+    rng = model._compute_image_token_range(inputs["input_ids"], inputs["image_grid_thw"])
+    ctx = model._prepare_vtr(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                             image_grid_thw=inputs["image_grid_thw"], image_token_range=rng)
+    return {"vtr_config": model.vtr_config, "vtr_strategy": model.vtr_strategy, "vtr_context": ctx,
+            "image_token_range": rng}
+
+
+def qwen_record(model, store: list) -> list:
+    """Per prefill: the kept indices (ascending, into the image's tokens), the image's token count, the attention
+    rows from ``img_end`` on (H, T, S) as the score read them, and their dtype."""
+    import torch
+
+    strategy = model.vtr_strategy
+    score, select = type(strategy).compute_scores, type(strategy).select_tokens
+    seen: dict = {}
+
+    def compute_scores(attention, image_token_range, config, layer_idx=0, **context):
+        s, e = image_token_range
+        seen["rows"] = attention[0, :, e:].float().cpu().clone()
+        seen["attention"] = seen["rows"][:, :, s:e]  # the image's columns, as ours records them
+        seen["visual"], seen["dtype"] = torch.arange(s, e), str(attention.dtype).replace("torch.", "")
+        return score(strategy, attention, image_token_range, config, layer_idx=layer_idx, **context)
+
+    def select_tokens(scores, num_tokens, config, layer_idx=0):
+        kept = select(strategy, scores, num_tokens, config, layer_idx=layer_idx)
+        store.append({"kept": kept.sort().values.cpu().clone(), "n": int(num_tokens), **seen})
+        return kept
+
+    strategy.compute_scores, strategy.select_tokens = compute_scores, select_tokens
+    return [_Restore(strategy, "compute_scores"), _Restore(strategy, "select_tokens")]
+
+
+def qwen_replay(entry: dict):
+    """Our reference arithmetic (Qwen rows: the null row to the next-to-last) on the official side's own attention
+    rows, with the official count: the method's arithmetic apart from the two environments' kernels."""
+    import torch
+
+    from baselines.priortr import priortr_scores, priortr_select
+
+    rows = entry["rows"].to(getattr(torch, entry["dtype"]))
+    scores = priortr_scores(rows, entry["visual"], "question_excl_last", "mean", "official")
+    return priortr_select(scores, len(entry["kept"]), "official")
+
+
+def ours_qwen(budget: float, dtype: str, rt) -> tuple[str, None, dict]:
+    return "priortr", None, {"keep_ratio": float(budget), "numerics": "official", "caches": "pruned",
+                             "layer": QWEN_LAYER, "scale_layers": False}
+
+
+def record_ours_qwen(rt, store: list):
+    """Per sample: the kept indices, the visual count and the attention rows our selection read (the null token to
+    the end of the prompt; their difference to the official rows over the image's columns is reported)."""
+    method = rt.engine.method
+    inner = method.select_llm
+    rows: list = []
+
+    def select_llm(stage, sig):
+        a = sig.attention("text_after", layer="prev", logits="model_scaling", causal=method.causal_scores)
+        rows.append(a[:, :, sig.visual].float().cpu().clone())
+        return inner(stage, sig)
+
+    method.select_llm = select_llm
+
+    def finish(n_samples: int) -> None:
+        import torch
+
+        method.select_llm = inner
+        for b in range(n_samples):
+            sel = rt.engine.selections.get((0, b))
+            n = int(rt.engine.stats.samples[b].visual_candidates)
+            kept = sel.keep.flatten().sort().values.cpu() if sel is not None else torch.arange(n)
+            store.append({"kept": kept, "n": n, "attention": rows[b] if b < len(rows) else None})
+
+    return finish
