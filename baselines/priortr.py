@@ -60,7 +60,7 @@ def _heads(x: torch.Tensor, heads: str) -> torch.Tensor:
 
 
 def priortr_scores(rows: torch.Tensor, visual: torch.Tensor, queries: str = "question", heads: str = "mean",
-                   numerics: str = "ours", row_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   numerics: str = "ours", row_mask: torch.Tensor | None = None, prior_row: int = 0) -> torch.Tensor:
     """PriorTR's V-information score per visual token.
 
     ``rows`` (H, T, S): attention probabilities of layer K-1 for the T query rows from the null token (row 0)
@@ -76,7 +76,7 @@ def priortr_scores(rows: torch.Tensor, visual: torch.Tensor, queries: str = "que
         raise ValueError(f"priortr: heads must be one of {HEADS}, got {heads!r}")
     dtype = rows.dtype if numerics == "official" else torch.float32
     a = rows[:, :, visual].to(dtype)  # (H, T, N)
-    q = a[:, 0]  # the null token's row: the prior
+    q = a[:, min(int(prior_row), a.shape[1] - 1)]  # the null token's row: the prior
     t = a.shape[1]
     if row_mask is not None:  # the last real row of a padded block (no host read: one-hot)
         last = (torch.cumsum(row_mask.long(), 0) == row_mask.long().sum()) & row_mask
@@ -146,6 +146,9 @@ class PriorTR(Method):
             # code's eager rows) or "none" (the official Qwen code: its look-ahead adds transformers' mask, which
             # SDPA / FlashAttention leave out at batch 1, so every row reads the whole prompt)
             "score_mask": "auto",
+            # Q's row: "auto" (the official rule of the family: the first token after the image, 0; on InternVL the
+            # newline after </img>, 1) or the row's offset from the first token after the image
+            "prior_row": "auto",
             # the fewest tokens a keep_ratio keeps: "auto" (the official rule: 1 on the Qwen families,
             # ``max(1, int(n * r))``; 0 elsewhere, ``max(0, int(n * r))``), or a whole number
             "min_keep": "auto",
@@ -176,6 +179,9 @@ class PriorTR(Method):
             raise ValueError(f"priortr: keep_ratio must be in [0, 1], got {self.keep_ratio}")
         if self.queries not in ("auto", *QUERIES):
             raise ValueError(f"priortr: queries must be 'auto' or one of {QUERIES}, got {self.queries!r}")
+        if self.prior_row != "auto" and (isinstance(self.prior_row, bool) or not isinstance(self.prior_row, int)
+                                         or self.prior_row < 0):
+            raise ValueError(f"priortr: prior_row must be 'auto' or a whole number >= 0, got {self.prior_row!r}")
         if self.score_mask not in ("auto", "causal", "none"):
             raise ValueError(f"priortr: score_mask must be 'auto', 'causal' or 'none', got {self.score_mask!r}")
         if self.min_keep != "auto" and (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int)
@@ -220,6 +226,13 @@ class PriorTR(Method):
         return "last" if getattr(self, "family", None) == "llava_next" else "question"
 
     @property
+    def prior_offset(self) -> int:
+        """Q's row after the image, as run (``prior_row`` resolved on the attached family)."""
+        if self.prior_row != "auto":
+            return int(self.prior_row)
+        return 1 if getattr(self, "family", None) == "internvl" else 0
+
+    @property
     def causal_scores(self) -> bool:
         """The score layer's rows are causal (``score_mask`` resolved: see ``option_defaults``)."""
         if self.score_mask != "auto":
@@ -259,5 +272,6 @@ class PriorTR(Method):
         # (H, T, S): layer K-1's attention of the rows from the null token to the last prompt token
         logits = "fp32" if self.numerics != "official" else "model_scaling" if self.qwen_rule else "model"
         rows = sig.attention("text_after", layer="prev", logits=logits, causal=self.causal_scores)
-        scores = priortr_scores(rows, sig.visual, self.query_rows, self.heads, self.numerics, row_mask=sig.text_mask)
+        scores = priortr_scores(rows, sig.visual, self.query_rows, self.heads, self.numerics, row_mask=sig.text_mask,
+                                prior_row=self.prior_offset)
         return Selection(keep=priortr_select(scores, k, self.numerics))

@@ -84,6 +84,22 @@ def test_question_excluding_the_last_row_is_the_official_qwen_rule():
                                       row_mask=torch.tensor([True, False, False])), torch.zeros(4))
 
 
+def test_internvl_prior_is_the_newline_after_the_image_end_tag():
+    """The official InternVL code: Q = the row at img_end + 1 (the newline after ``</img>``), P = the mean of every row
+    from ``</img>`` on. Here Q = q1 = [.4, .3, .2, .1], P = [.2, .2, .7/3, 1.1/3]: S = [.2 ln .5, .2 ln(2/3),
+    (.7/3) ln(7/6), (1.1/3) ln(11/3)] = [-.13863, -.08109, .03597, .47640] -> order 3, 2, 1, 0."""
+    s = priortr_scores(_rows(), VISUAL, prior_row=1)
+    want = [0.2 * math.log(0.5), 0.2 * math.log(2 / 3), 0.7 / 3 * math.log(7 / 6), 1.1 / 3 * math.log(11 / 3)]
+    assert torch.allclose(s, torch.tensor(want), atol=1e-6)
+    assert priortr_select(s, 2).tolist() == [2, 3]
+    m = get_method("priortr")
+    m.setup(num_layers=32, num_vision_layers=24, family="internvl")
+    assert m.prior_offset == 1 and m.query_rows == "question"
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.prior_offset == 0
+    assert PriorTR(prior_row=2).prior_offset == 2
+
+
 def test_padded_rows_give_the_same_scores():
     """The fast path's padded text block (pad rows repeat row 0, the null token) with its mask == the real rows."""
     rows = _rows()
@@ -139,7 +155,7 @@ def test_options_counts_and_refusals():
     assert m.causal_scores is True
     for bad in ({"keep_tokens": -1}, {"keep_tokens": 2.5}, {"queries": "all"}, {"heads": "sum"},
                 {"numerics": "fp16"}, {"layer": 0}, {"keep_ratio": 1.5}, {"min_keep": -1}, {"min_keep": 1.5},
-                {"score_mask": "full"}):
+                {"score_mask": "full"}, {"prior_row": -1}, {"prior_row": "x"}):
         with pytest.raises(ValueError, match="priortr"):
             PriorTR(**bad)
     with pytest.raises(ValueError, match="either a budget"):
@@ -232,6 +248,33 @@ def test_qwen_reference_mode_reads_the_official_qwen_score_layer(rt):
     with torch.no_grad():
         rt.model(**one)
     assert torch.equal(eng.selections[(0, 0)].keep, causal_pick)
+
+
+@pytest.mark.parametrize("rt", ["internvl"], indirect=True)
+def test_internvl_selection_reads_the_newline_row_as_the_prior(rt):
+    """Independent reference on InternVL: the stock eager twin's attention of layer 0 (K = 3 of 32 -> 1 of 4), Q the
+    row of the newline after ``</img>``, P the mean of the rows from ``</img>`` to the end (the official InternVL
+    code); reading the ``</img>`` row as Q instead would keep other tokens here."""
+    one = slice_batch(make_batch(rt), 1, rt)
+    twin = load("tiny:internvl", seed=1, attn_implementation="eager")
+    with torch.no_grad():
+        att = twin.model(**one, output_attentions=True).attentions[0][0].float()  # (H, S, S)
+    ids = one["input_ids"][0]
+    vis = torch.nonzero(ids == rt.model.config.image_token_id).flatten()
+    end = int(vis[-1]) + 1  # </img>
+    a = att[:, end:][:, :, vis]
+
+    def pick(prior):
+        p, q = a.mean(1).mean(0), a[:, prior].mean(0)
+        p, q = p / p.sum(), q / q.sum()
+        return torch.topk(p * torch.log(p / q), 6).indices.sort().values
+
+    expected = pick(1)
+    assert not torch.equal(expected, pick(0))
+    eng = rt.prune("priortr", None, keep_tokens=6)
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, expected)
 
 
 def test_paper_script_runs_end_to_end_on_the_tiny_model(tmp_path):
