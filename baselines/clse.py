@@ -20,6 +20,13 @@ Schedule: the official ``RETAIN_TOKEN`` 192 / 128 / 64 keep 330/210/62, 220/140/
 three stages; any other budget B keeps floor(B * (1.72, 1.09, 0.32)) (the official fallback factors; its floats
 would fail in ``topk``). Counts are stated for 576 tokens: a sample with N tokens keeps floor(N * c / 576).
 
+The official Qwen2-VL rule (``Qwen2VL/clse_qwen2vl_model.py``, run here on Qwen2.5-VL: ``rule="qwen2_vl"``, the
+default there): stages before layers 1, 10, 19 of 28; each stage keeps max(1, int(N * q_s)) of the sample's own
+visual count N, q = (0.57, 0.36, 0.098) / (0.38, 0.24, 0.066) / (0.19, 0.12, 0.034) for RETAIN_RATIO 0.334 / 0.223 /
+0.112 (any other r: r * (1.71, 1.08, 0.294)), pruning only where the current count exceeds it; the spectrum on the
+image's merged grid (H/2, W/2); the attention row computed beside the layer as ``q k^T * scaling``; the earlier
+layers' caches left whole.
+
 Reference mode (``numerics="official"``): the attention as the official eager layer gives it (fp16 / bf16
 probabilities), the head mean in that dtype, the fp32 evolution factor times it, ``torch.topk``. Ours: fp32
 attention and head mean, ties to the lower index. The spectral term is fp32 in both (the official ``.float()``).
@@ -42,6 +49,15 @@ FACTORS = (1.72, 1.09, 0.32)
 LAYERS = (1, 11, 21)
 EPS = 1e-6
 SCORES = ("clse_attn", "attn", "clse")
+#: the official Qwen2-VL stage layers (K_list) of its 28-layer LLM (clse_qwen2vl_model.py 30)
+QWEN_LAYERS = (1, 10, 19)
+#: the official Qwen2-VL keep shares of the original visual count per RETAIN_RATIO (clse_qwen2vl_model.py 121-129)
+QWEN_SCHEDULE = {0.334: (0.57, 0.36, 0.098), 0.223: (0.38, 0.24, 0.066), 0.112: (0.19, 0.12, 0.034)}
+#: ... and its factors of any other ratio (clse_qwen2vl_model.py 130)
+QWEN_FACTORS = (1.71, 1.08, 0.294)
+#: RETAIN_TOKEN -> RETAIN_RATIO: a LLaVA budget names the matching Qwen preset (192 / 128 / 64 of 576)
+TOKENS_TO_RATIO = {192: 0.334, 128: 0.223, 64: 0.112}
+RULES = ("llava", "qwen2_vl")
 
 
 def spectral_score(x: torch.Tensor, h: int, w: int, cutoff_ratio: float = 0.1) -> torch.Tensor:
@@ -98,6 +114,18 @@ def stage_counts(budget: int, n_visual: int) -> tuple[int, ...]:
     return tuple(min(int(n_visual), scaled_count(n_visual, c)) for c in of_576)
 
 
+def qwen_stage_counts(retain_ratio: float, n_visual: int) -> tuple[int, ...]:
+    """The official Qwen2-VL counts: max(1, int(N * q_s)) of the sample's ``n_visual`` tokens per stage (never more
+    than the tokens there are: a stage whose target is not below the current count prunes nothing)."""
+    shares = QWEN_SCHEDULE.get(round(float(retain_ratio), 3)) or tuple(float(retain_ratio) * f for f in QWEN_FACTORS)
+    n = int(n_visual)
+    out, cur = [], n
+    for q in shares:
+        cur = min(cur, max(1, int(n * q))) if n else 0
+        out.append(cur)
+    return tuple(out)
+
+
 @register
 class CLSE(Method):
     """CLSE: three in-LLM stages keeping the visual tokens the last prompt token attends to, the first stage
@@ -110,16 +138,26 @@ class CLSE(Method):
     llm_reads = ("prev",)  # layer K-1's attention of the last prompt token
     position_mode = "keep"
     capturable = "full"
-    families = ("llava",)
-    unsupported_reason = ("CLSE's official LLaVA code needs LLaVA-1.5's one square grid per image for its 2-D "
-                          "spectrum (the official code refuses LLaVA-NeXT); its Qwen2-VL rule is not ported yet")
+    families = ("llava", "qwen2_5_vl")
+    unsupported_reason = ("CLSE's official code runs on LLaVA-1.5 (one square grid per image for its 2-D spectrum; "
+                          "it refuses LLaVA-NeXT) and Qwen2-VL (its rule runs here on Qwen2.5-VL); other families are "
+                          "not ported")
 
     @classmethod
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # the stage layers (official K_list, the layer whose input is pruned), stated for a 32-layer LLM
-            "layer_list": LAYERS,
+            # the official rule: "auto" (by family), "llava" (LLaVA-1.5: K_list 1, 11, 21 of 32, RETAIN_TOKEN
+            # schedules of 576, the square grid, the score layer on eager attention in the reference mode) or
+            # "qwen2_vl" (Qwen2-VL: K_list 1, 10, 19 of 28, RETAIN_RATIO shares of the sample's count, the image's
+            # merged grid, the attention row beside the layer)
+            "rule": "auto",
+            # the stage layers (official K_list, the layer whose input is pruned); None: the rule's, stated for its
+            # depth (32 LLaVA, 28 Qwen2-VL)
+            "layer_list": None,
+            # the Qwen rule's RETAIN_RATIO; None: from the budget (192 / 128 / 64 -> 0.334 / 0.223 / 0.112, any
+            # other B -> B / 576: ours)
+            "retain_ratio": None,
             # "clse_attn" (official), "attn" (attention only), "clse" (the evolution factor only)
             "score": "clse_attn",
             # the Gaussian high-pass cutoff ratio and the evolution temperature (official 0.1, 0.1)
@@ -143,15 +181,48 @@ class CLSE(Method):
             raise ValueError(f"clse: caches must be 'kept' or 'pruned', got {self.caches!r}")
         if self.score not in SCORES:
             raise ValueError(f"clse: score must be one of {SCORES}, got {self.score!r}")
+        if self.rule not in ("auto", *RULES):
+            raise ValueError(f"clse: rule must be 'auto' or one of {RULES}, got {self.rule!r}")
+        if self.retain_ratio is not None and not 0.0 < float(self.retain_ratio) <= 1.0:
+            raise ValueError(f"clse: retain_ratio must be in (0, 1], got {self.retain_ratio}")
+        if self.layer_list is None:
+            return
         self.layer_list = tuple(int(k) for k in self.layer_list)
         if len(self.layer_list) != 3 or list(self.layer_list) != sorted(set(self.layer_list)) or self.layer_list[0] < 1:
             raise ValueError(f"clse: layer_list must be three increasing layers >= 1, got {self.layer_list}")
 
     @property
+    def run_rule(self) -> str:
+        """The rule as run (``rule`` resolved on the attached family)."""
+        if self.rule != "auto":
+            return self.rule
+        return "qwen2_vl" if getattr(self, "family", None) == "qwen2_5_vl" else "llava"
+
+    @property
+    def llm_vision_signals(self) -> bool:
+        """The Qwen rule's first stage reads the image's merged grid (``LLMSignals.vision.unit_grid``)."""
+        return self.run_rule == "qwen2_vl" and self.score != "attn"
+
+    def capture_refusal(self) -> str | None:
+        if self.llm_vision_signals:
+            return ("clse: the Qwen2-VL rule's first stage reads the image's merged grid (LLMSignals.vision), which the "
+                    "eager engine builds; score='attn' captures")
+        return super().capture_refusal()
+
+    @property
+    def ratio(self) -> float:
+        """The Qwen rule's RETAIN_RATIO as run."""
+        if self.retain_ratio is not None:
+            return float(self.retain_ratio)
+        return TOKENS_TO_RATIO.get(int(self.budget), int(self.budget) / 576)
+
+    @property
     def eager_layers(self) -> tuple[int, ...]:
-        """The reference mode runs each score layer K-1 on eager attention, as the official code (its
-        ``output_attentions=True`` there takes the eager path): its fp16 hidden states are the eager ones."""
-        return tuple(k - 1 for k in self.llm_layers) if self.numerics == "official" else ()
+        """The reference mode runs each score layer K-1 on eager attention, as the official LLaVA code (its
+        ``output_attentions=True`` there takes the eager path): its fp16 hidden states are the eager ones. The
+        official Qwen2-VL code computes the row beside the layer, which runs on its own attention."""
+        return tuple(k - 1 for k in self.llm_layers) if self.numerics == "official" and self.run_rule == "llava" \
+            else ()
 
     @property
     def prune_past_cache(self) -> bool:
@@ -159,10 +230,14 @@ class CLSE(Method):
 
     @property
     def llm_layers(self):
+        qwen = self.run_rule == "qwen2_vl"
+        layers = self.layer_list if self.layer_list is not None else (QWEN_LAYERS if qwen else LAYERS)
         n = getattr(self, "num_layers", 32)
-        return scale_layers(list(self.layer_list), n) if self.scale_layers else self.layer_list
+        return scale_layers(list(layers), n, reference=28 if qwen else 32) if self.scale_layers else tuple(layers)
 
     def stage_counts(self, n_visual: int) -> tuple[int, ...]:
+        if self.run_rule == "qwen2_vl":
+            return qwen_stage_counts(self.ratio, n_visual)
         return stage_counts(self.budget, n_visual)
 
     def layer_counts(self, n_visual: int) -> list[int]:
@@ -181,14 +256,23 @@ class CLSE(Method):
             return Selection(keep=torch.arange(sig.num_visual, device=dev))
         if k == 0:
             return Selection(keep=torch.zeros(0, dtype=torch.long, device=dev))
-        row = sig.attention("last", layer="prev", logits="model" if self.numerics == "official" else "fp32")[:, 0]
+        qwen = self.run_rule == "qwen2_vl"
+        logits = "fp32" if self.numerics != "official" else "model_scaling" if qwen else "model"
+        row = sig.attention("last", layer="prev", logits=logits)[:, 0]
         z = {}
         if stage == 0 and self.score != "attn":
             n = sig.num_visual
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"clse: {n} visual tokens are not one square grid (one LLaVA-1.5 image per prompt)")
-            z = dict(z_l=sig.visual_embeds, z_k=sig.hidden[sig.visual], grid=(side, side))
+            if qwen:  # the first image's merged grid; attention alone where the tokens are not that one grid
+                grids = getattr(sig.vision, "unit_grid", None) if sig.vision is not None else None
+                grid = tuple(int(g) for g in grids[0]) if grids else None
+                if grid is not None and grid[0] * grid[1] == n:
+                    z = dict(z_l=sig.visual_embeds, z_k=sig.hidden[sig.visual], grid=grid)
+            else:
+                side = math.isqrt(n)
+                if side * side != n:
+                    raise ValueError(f"clse: {n} visual tokens are not one square grid (one LLaVA-1.5 image per "
+                                     "prompt)")
+                z = dict(z_l=sig.visual_embeds, z_k=sig.hidden[sig.visual], grid=(side, side))
         s = clse_scores(row, sig.visual, score=self.score, numerics=self.numerics, cutoff_ratio=self.cutoff_ratio,
                         temp=self.temperature, **z)
         idx = s.topk(k).indices if self.numerics == "official" else topk_desc(s, k)

@@ -88,13 +88,46 @@ def test_schedule_options_and_refusals():
         CLSE()
 
 
-def _np_spectral(x: np.ndarray, side: int) -> np.ndarray:
-    """An independent high-pass energy (numpy's FFT, the filter built from its definition)."""
-    feat = x.astype(np.float64).T.reshape(-1, side, side)
+def test_qwen2_vl_rule_counts_layers_and_options():
+    """The official Qwen2-VL rule: shares of the sample's own count, max(1, int(N * q)), stages 1, 10, 19 of 28.
+    N = 100: RETAIN_RATIO 0.334 keeps (56, 36, 9) (100 * 0.57 is 56.99999999999999 in binary floating point and the
+    official int() truncates it, as ours); 0.5 (not a preset): 0.5 * (1.71, 1.08, 0.294) =
+    (.855, .54, .147) -> (85, 54, 14); N = 5 at 0.112: (.95, .6, .17) -> at least one each -> (1, 1, 1)."""
+    from baselines.clse import qwen_stage_counts
+
+    assert qwen_stage_counts(0.334, 100) == (56, 36, 9) and int(100 * 0.57) == 56
+    assert qwen_stage_counts(0.5, 100) == (85, 54, 14)
+    assert qwen_stage_counts(0.112, 5) == (1, 1, 1) and qwen_stage_counts(0.334, 0) == (0, 0, 0)
+    m = get_method("clse", 128)
+    m.setup(num_layers=28, num_vision_layers=32, family="qwen2_5_vl")
+    assert (m.run_rule, m.ratio, m.llm_layers) == ("qwen2_vl", 0.223, (1, 10, 19))
+    assert m.stage_counts(100) == (38, 24, 6)  # int(100 * (.38, .24, .066))
+    m.setup(num_layers=36, num_vision_layers=32, family="qwen2_5_vl")
+    assert m.llm_layers == (1, 13, 24)  # round(10 * 36 / 28), round(19 * 36 / 28)
+    m.setup(num_layers=4, num_vision_layers=3, family="qwen2_5_vl")
+    assert m.llm_layers == (1, 2, 3)
+    m = CLSE(100, numerics="official")
+    m.setup(num_layers=28, num_vision_layers=32, family="qwen2_5_vl")
+    assert m.ratio == 100 / 576 and m.eager_layers == ()
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert m.run_rule == "llava" and m.eager_layers == (0, 10, 20)
+    m = CLSE(64, retain_ratio=0.3, rule="qwen2_vl", layer_list=(2, 4, 6), scale_layers=False)
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    assert (m.ratio, m.llm_layers) == (0.3, (2, 4, 6))
+    assert CLSE.supports("qwen2_5_vl") and not CLSE.supports("qwen3_vl")
+    for bad in ({"rule": "qwen"}, {"retain_ratio": 0.0}, {"retain_ratio": 1.5}):
+        with pytest.raises(ValueError, match="clse"):
+            CLSE(192, **bad)
+
+
+def _np_spectral(x: np.ndarray, side: int, width: int | None = None) -> np.ndarray:
+    """An independent high-pass energy (numpy's FFT, the filter built from its definition) on a side x width grid."""
+    width = side if width is None else width
+    feat = x.astype(np.float64).T.reshape(-1, side, width)
     spec = np.fft.fftshift(np.fft.fft2(feat), axes=(-2, -1))
-    c = side // 2
-    yy, xx = np.mgrid[0:side, 0:side]
-    h = 1 - np.exp(-((yy - c) ** 2 + (xx - c) ** 2) / (2 * (c * 0.1) ** 2))
+    c, cw = side // 2, width // 2
+    yy, xx = np.mgrid[0:side, 0:width]
+    h = 1 - np.exp(-((yy - c) ** 2 + (xx - cw) ** 2) / (2 * (min(c, cw) * 0.1) ** 2))
     return np.abs(np.fft.ifft2(np.fft.ifftshift(spec * h, axes=(-2, -1)))).mean(0).reshape(-1)
 
 
@@ -125,3 +158,45 @@ def test_first_stage_against_the_eager_model(rt, eager):
         rt.model(**one)
     assert torch.equal(eng.selections[(0, 0)].keep, expected)
     assert eng.stats.samples[0].visual_per_layer == [16, 9, 5, 1]
+
+
+@pytest.mark.parametrize("rt", ["qwen2.5-vl"], indirect=True)
+def test_qwen_first_stage_against_the_stock_model(rt):
+    """The Qwen2-VL rule on the tiny Qwen2.5-VL, stage 1 before layer 1: layer 0's last-row attention (the eager
+    twin's) times the evolution factor on the image's merged grid (H/2 x W/2 of image_grid_thw: 4 x 6 here, not
+    square) between the inputs of layers 0 and 1; RETAIN_RATIO 0.334 keeps int(24 * .57) = 13, int(24 * .36) = 8,
+    int(24 * .098) = 2."""
+    one = make_batch(rt, n=1, sizes=((112, 168),))
+    twin = load("tiny:qwen2.5-vl", seed=1, attn_implementation="eager")
+    with torch.no_grad():
+        out = twin.model(**one, output_attentions=True, output_hidden_states=True)
+    ids = one["input_ids"][0]
+    vis = torch.nonzero(ids == rt.model.config.image_token_id).flatten()
+    _, gh, gw = (int(v) for v in one["image_grid_thw"][0])
+    h, w = gh // 2, gw // 2
+    assert (h, w) == (4, 6) and vis.numel() == 24
+    attn = out.attentions[0][0][:, -1, vis].float().mean(0).numpy()
+    s_l = _np_spectral(out.hidden_states[0][0, vis].numpy(), h, w)
+    s_k = _np_spectral(out.hidden_states[1][0, vis].numpy(), h, w)
+    r = np.minimum(np.abs(s_k - s_l) / (s_l.mean() + s_l + 1e-6), 1)
+    e = 1 / (1 + np.exp(-((r - r.mean()) / (r.std(ddof=1) + 1e-6)) / 0.1))
+    expected = torch.topk(torch.from_numpy(e * attn), 13).indices.sort().values
+    assert not torch.equal(expected, torch.topk(torch.from_numpy(attn), 13).indices.sort().values)
+    eng = rt.prune("clse", 192)
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, expected)
+    assert eng.stats.samples[0].visual_per_layer == [24, 13, 8, 2]
+
+
+def test_qwen_rule_runs_eagerly_and_says_why():
+    """The fast path refuses the Qwen rule's spectral stage with the reason (the grid comes from the eager engine's
+    vision signals) and falls back to the eager engine; attention alone captures."""
+    m = CLSE(192)
+    m.setup(num_layers=4, num_vision_layers=3, family="qwen2_5_vl")
+    assert "merged grid" in m.capture_refusal()
+    a = CLSE(192, score="attn")
+    a.setup(num_layers=4, num_vision_layers=3, family="qwen2_5_vl")
+    assert a.capture_refusal() is None and not a.llm_vision_signals
+    m.setup(num_layers=4, num_vision_layers=3, family="llava")
+    assert m.capture_refusal() is None
