@@ -34,6 +34,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qwen3-venv", type=Path, default=REPO / ".venv-official-qwen3",
                    help="the official environment of the qwen part's Qwen3-VL rows (PriorTR's Qwen3-VL code; "
                         "default: .venv-official-qwen3, made by `bash scripts/official_env.sh qwen3`)")
+    p.add_argument("--qwen2vl-venv", type=Path, default=REPO / ".venv-official-qwen2vl",
+                   help="the official environment of the qwen part's Qwen2-VL rows (V2Drop's and VLM-Pruner's "
+                        "Qwen2-VL code with their own transformers 4.45; default: .venv-official-qwen2vl, made by "
+                        "`bash scripts/official_env.sh qwen2vl`)")
     p.add_argument("--official-path", default=None,
                    help="a clone of an official repository (its llava/ tree and its method package replace the "
                         "installed ones on the official side); default: .official/<method> when it exists "
@@ -132,7 +136,7 @@ def main_qwen(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     families = ["qwen2.5-vl"] + sorted({qwen.family_of(m) for m in methods} - {"qwen2.5-vl"})
-    venvs = {"qwen2.5-vl": args.qwen_venv, "qwen3-vl": args.qwen3_venv}
+    venvs = {"qwen2.5-vl": args.qwen_venv, "qwen3-vl": args.qwen3_venv, "qwen2-vl": args.qwen2vl_venv}
     for fam in families:
         if not (venvs[fam] / "bin" / "python").exists():
             env = qwen.FAMILIES[fam]["env"]

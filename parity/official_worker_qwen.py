@@ -9,7 +9,9 @@ A method other than ``none`` is an adapter with ``QWEN = True`` (``parity/adapte
 file path): its clone (``method["clone"]``) goes first on the path, ``qwen_before_import(clone)`` runs before the
 official code is imported, ``qwen_enable(model, processor, method)`` switches the method on a freshly loaded model
 and processor (the official code patches both), ``qwen_record(model, store)`` hooks what the official code selects
-(one entry per prefill); an optional ``qwen_inputs(model, inputs)`` returns the keyword arguments the official
+(one entry per prefill); an optional ``qwen_model_class(transformers)`` names the official model class
+the method's model is loaded with (V2Drop's and VLM-Pruner's own ``Qwen2VLForConditionalGeneration``); an
+optional ``qwen_inputs(model, inputs)`` returns the keyword arguments the official
 ``generate`` would add to the prefill (the worker's forward gets them too). Each method gets its own model and
 processor. A job with ``"fork"`` (an adapter with ``QWEN_FORK = True``: its clone ships its own transformers,
 IVC-Prune's fork of 4.51.3) puts that folder first on the path before transformers is imported, and refuses to run if ``transformers`` then resolves anywhere else. A job
@@ -94,7 +96,8 @@ def run(job: dict) -> dict:
         slow = {"use_fast": False} if cls_name.startswith("Qwen3") else {}
         processor = tf.AutoProcessor.from_pretrained(job["model"], **slow)
         load_dtype = {"dtype": dtype} if int(tf.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
-        model = model_cls.from_pretrained(job["model"], attn_implementation="sdpa", **load_dtype).eval()
+        cls = mod.qwen_model_class(tf) if mod is not None and hasattr(mod, "qwen_model_class") else model_cls
+        model = cls.from_pretrained(job["model"], attn_implementation="sdpa", **load_dtype).eval()
         store: list = []
         handles = []
         if mod is not None:

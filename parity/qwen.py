@@ -59,7 +59,12 @@ FAMILIES = {
                    "model_class": "Qwen2_5_VLForConditionalGeneration", "env": "qwen"},
     "qwen3-vl": {"folder": "qwen3-vl-tiny", "tiny": "qwen3-vl", "marker": "built-qwen3.json",
                  "model_class": "Qwen3VLForConditionalGeneration", "env": "qwen3"},
+    "qwen2-vl": {"folder": "qwen2-vl-tiny", "tiny": "qwen2-vl", "marker": "built-qwen2vl.json",
+                 "model_class": "Qwen2VLForConditionalGeneration", "env": "qwen2vl"},
 }
+#: the tiny Qwen2-VL's LLM depth here: the official Qwen2-VL rules prune before layers 3, 16 and 22 of 28 (V2Drop) and
+#: at layer 2 (VLM-Pruner) without scaling them: 24 layers run every stage
+QWEN2VL_LAYERS = 24
 #: the method rows' two extra images, larger than the four (16 / 18 / 15 / 56 merged tokens): 90 and 143 merged tokens,
 #: over the 64 below which MMTok's official Qwen route keeps an image whole
 METHOD_IMAGE_SIZES = [(280, 252), (364, 308)]
@@ -128,9 +133,22 @@ def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
     out = work / fam["folder"]
     out.mkdir(parents=True, exist_ok=True)
     rt = build_tiny(fam["tiny"], seed=seed)
-    rt.model.save_pretrained(out)
+    model = rt.model
+    if family == "qwen2-vl":  # deeper: the official stage layers are not scaled (QWEN2VL_LAYERS)
+        import copy
+
+        import transformers as tf
+
+        cfg = copy.deepcopy(model.config)
+        cfg.text_config.num_hidden_layers = QWEN2VL_LAYERS
+        if getattr(cfg.text_config, "layer_types", None) is not None:
+            cfg.text_config.layer_types = ["full_attention"] * QWEN2VL_LAYERS
+        torch.manual_seed(seed)
+        model = tf.Qwen2VLForConditionalGeneration(cfg).eval()
+        model.generation_config = rt.model.generation_config
+    model.save_pretrained(out)
     rt.processor.tokenizer.save_pretrained(out)
-    if family == "qwen2.5-vl":
+    if family in ("qwen2.5-vl", "qwen2-vl"):
         cfg = legacy_config(json.loads((out / "config.json").read_text()))
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         tok = json.loads((out / "tokenizer_config.json").read_text())
@@ -139,6 +157,11 @@ def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
         tok.pop("backend", None)
         (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=1))
         ip = IMAGE_PROCESSOR
+        if family == "qwen2-vl":  # 4.45 reads the text fields at the top level only (as folder_451)
+            cfg = json.loads((out / "config.json").read_text())
+            cfg.pop("text_config", None)
+            (out / "config.json").write_text(json.dumps(cfg, indent=1))
+            ip = {**IMAGE_PROCESSOR, "processor_class": "Qwen2VLProcessor"}
     else:  # transformers 5.1 reads transformers 5's config and tokenizer files as they are
         ip = {**QWEN3_IMAGE_PROCESSOR, "patch_size": rt.model.config.vision_config.patch_size}
     (out / "preprocessor_config.json").write_text(json.dumps(ip, indent=1))

@@ -9,6 +9,8 @@
 #                                         #    transformers 4.52.4 (MMTok's Qwen pin), for `python -m parity qwen`
 #   bash scripts/official_env.sh qwen3    # -> .venv-official-qwen3/: transformers 5.1.0 for PriorTR's Qwen3-VL code
 #                                         #    (its pin is 5.2.0.dev0 at a git commit; 5.1.0 is the release that runs it)
+#   bash scripts/official_env.sh qwen2vl  # -> .venv-official-qwen2vl/: transformers 4.44.2 (dependencies) for the
+#                                         #    Qwen2-VL code V2Drop and VLM-Pruner ship with their own transformers
 #   python -m parity all                  # compares the official code and ours on the same tiny weights
 #
 # Why a separate environment: the official code is a package named `llava`, like ours, and needs transformers
@@ -47,6 +49,27 @@ for name in ("torch", "torchvision", "transformers", "tokenizers"):
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: F401
 print("[official_env]   Qwen2_5_VLForConditionalGeneration and AutoProcessor import")')
     say "done: python -m parity qwen (docs/parity.md)"
+    exit 0
+fi
+
+if [[ "${1:-}" == qwen2vl ]]; then
+    # V2Drop's and VLM-Pruner's Qwen2-VL code (docs/parity.md, "Qwen2-VL"): each repository ships a copy of
+    # transformers 4.45.0.dev0 (Qwen2-VL/transformers/src), which the official worker puts first on the path. That
+    # copy requires tokenizers 0.19 at import, as the release 4.44.2 does: this environment installs 4.44.2 for its
+    # pinned dependencies, and the repositories' copy shadows it. Same torch pair as the qwen environment.
+    # shellcheck source=scripts/_venv.sh
+    . scripts/_venv.sh
+    VENV=${VTPRUNE_OFFICIAL_QWEN2VL_VENV:-$REPO/.venv-official-qwen2vl}
+    make_venv "$VENV" "$PY"
+    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 4.44.2 (its dependencies) and what the Qwen2-VL code imports"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
+        "transformers==4.44.2" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
+    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
+import importlib.metadata as md
+for name in ("torch", "torchvision", "transformers", "tokenizers"):
+    print(f"[official_env]   {name:13} {md.version(name)}")
+print("[official_env]   (Qwen2-VL itself comes from each repository'"'"'s copy of transformers 4.45.0.dev0)")')
+    say "done: python -m parity qwen --method v2drop vlmpruner (docs/parity.md)"
     exit 0
 fi
 

@@ -135,3 +135,114 @@ def record_ours(rt, store: list):
     from ._ours import llm_stage_recorder
 
     return llm_stage_recorder(rt, store)
+
+
+# ---- Qwen2-VL (``python -m parity qwen --method v2drop``, parity/qwen.py): the official Qwen2-VL code ----
+#
+# ``Qwen2-VL/``: the repository's own ``Qwen2VLForConditionalGeneration`` (``Qwen2VL_V2Drop/modeling_qwen2_vl_self.py``:
+# its language model is ``DART``, whose forward drops the tokens, 336-384) on its copy of transformers 4.45.0.dev0
+# (``Qwen2-VL/transformers/src``, first on the path: ``QWEN_FORK``) in ``.venv-official-qwen2vl``.
+# - switch: loading that class (``qwen_model_class``); the schedule is hard-coded: stages before layers 3, 16, 22
+#   keep max(1, int(n * r)) of the current image tokens, r = 0.25 / 0.05 / 0. The tiny Qwen2-VL of this part has 24
+#   decoder layers, so every official stage runs at its own layer (no scaling on either side).
+# - the image's place: ``config.DART_config`` (``image_token_start_index``, ``image_token_length``), which the
+#   lmms-eval wrapper the official script names (not in the repository) sets per prompt: ``qwen_inputs`` sets it
+#   from the prompt's image pads before each prefill.
+# - alone: the official code asserts batch 1.
+# - recorded: per stage, the original sequence positions of the rows entering decoder layer K (its ``cache_position``,
+#   which the official code gathers with the kept rows), as indices into the stage's candidates.
+# - ours: ``v2drop`` in its reference mode on Qwen2-VL (``rule="qwen2vl"``: 3 / 16 / 22, 0.25 / 0.05 / 0 of the
+#   current count), unscaled; the earlier layers' caches are not pruned on either side.
+
+QWEN = True
+QWEN_FAMILY = "qwen2-vl"
+QWEN_FORK = True
+#: the repository's copy of transformers (the fork first on the path); its Qwen2-VL package two folders up
+QWEN_ROOT = "Qwen2-VL/transformers/src"
+#: no budget: the official schedule (one row per image)
+QWEN_BUDGETS = (None,)
+QWEN_LAYERS = (3, 16, 22)
+
+
+def qwen_before_import(clone: str) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(clone))))  # Qwen2-VL/: Qwen2VL_V2Drop
+
+
+def qwen_model_class(tf):
+    from Qwen2VL_V2Drop.modeling_qwen2_vl_self import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+def qwen_enable(model, processor, method: dict) -> None:
+    model.config.DART_config = None  # set per prompt (qwen_inputs)
+
+
+def qwen_inputs(model, inputs) -> dict:
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("v2drop: the official Qwen2-VL code asserts batch 1")
+    pads = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    start, n = int(pads[0]), int(pads.numel())
+    if int(pads[-1]) != start + n - 1:
+        raise ValueError("v2drop: the official Qwen2-VL code reads one contiguous image")
+    model.config.DART_config = {"image_token_start_index": start, "image_token_length": n}
+    model._parity_image = (start, n)
+    return {}
+
+
+def qwen_record(model, store: list) -> list:
+    """Pre-hooks on decoder layers K: the prefill's ``cache_position`` holds the kept rows' original positions."""
+    import torch
+
+    seen: dict = {}
+
+    def hook_for(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == 1 or layer in seen:
+                return
+            start, n = model._parity_image
+            pos = kwargs["cache_position"]
+            vis = pos[(pos >= start) & (pos < start + n)] - start
+            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(n))
+            seen[layer] = vis
+            store.append({"kept": torch.searchsorted(prev, vis).cpu(), "n": int(prev.numel())})
+        return hook
+
+    class Handle:
+        def __init__(self, h):
+            self.h = h
+
+        def remove(self):
+            self.h.remove()
+            seen.clear()
+
+    layers = model.model.layers
+    # the worker's forward and generate() each run a prefill: one record per prefill (cleared by the worker)
+    handles = [Handle(layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in QWEN_LAYERS]
+    return handles + [model.register_forward_pre_hook(lambda *a: seen.clear())]
+
+
+def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
+    return "v2drop", None, {"numerics": "official", "rule": "qwen2vl", "scale_layers": False}
+
+
+def record_ours_qwen(rt, store: list):
+    """Per stage (one sample): the engine's kept indices into the stage's candidates and their count."""
+    def finish(n_samples: int) -> None:
+        if n_samples != 1:
+            raise ValueError("v2drop: the Qwen rows run one image at a time")
+        stages = len(rt.engine.method.llm_layers)
+        for s in range(stages):
+            sel = rt.engine.selections.get((s, 0))
+            if sel is None:
+                continue
+            n = int(rt.engine.stats.samples[0].visual_candidates) if s == 0 else int(prev)
+            store.append({"kept": sel.keep.flatten().sort().values.cpu(), "n": n})
+            prev = sel.keep.numel()
+
+    return finish
