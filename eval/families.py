@@ -6,11 +6,11 @@ from __future__ import annotations
 
 #: families whose processor reads videos (Video-LLaVA; the Qwen-VL families: llava/preprocess_qwen_video.py;
 #: OneVision and InternVL: llava/preprocess_ov_internvl_video.py); the others answer image / text benchmarks only
-VIDEO_FAMILIES = ("video_llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision", "internvl")
+VIDEO_FAMILIES = ("video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision", "internvl")
 #: the ChatML families (Qwen2.5-VL, LLaVA-OneVision): their own preprocessing, no pad-to-square / NeXT layout options
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5", "qwen2_vl")
 #: the Qwen-VL families (smart resize within [min_pixels, max_pixels], merged 2x2 tokens over a dynamic grid)
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl")
 #: what a visual-token budget counts, per family (per-unit methods; docs/methods/README.md's table for each method's convention)
 BUDGET_UNITS = {
     "llava": "visual tokens per image (576 for LLaVA-1.5 at 336 px)",
@@ -18,6 +18,8 @@ BUDGET_UNITS = {
     "video_llava": "visual tokens per image / video frame",
     "qwen2_5_vl": "merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
                   "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
+    "qwen2_vl": "merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after smart "
+                "resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
     "llava_onevision": "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods; a video: per "
                        "frame, 196 pooled tokens each at 384 px, + one newline per video)",
     "qwen3_vl": "merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "

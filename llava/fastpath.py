@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 #: model families the fast path plans for
 FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl",
-                 "qwen3_5")
+                 "qwen3_5", "qwen2_vl")
 BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
 
 

@@ -29,10 +29,11 @@ from .tiny_configs import tiny_chatml_config, tiny_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
-TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
+TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5",
+        "qwen2-vl")
 DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
                     "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl",
-                    "internvl": "internvl_hf", "qwen3_5": "qwen3_5"}
+                    "internvl": "internvl_hf", "qwen3_5": "qwen3_5", "qwen2_vl": "qwen2_vl"}
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -42,12 +43,13 @@ MODEL_CLASSES = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
 }
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5")
+CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5", "qwen2_vl")
 #: families whose prompts and pixels are Qwen-VL's (smart resize, patchified pixels, grid_thw, vision_start/end)
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl")
 PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor, "qwen3_vl": QwenVLProcessor,
-              "internvl": InternVLProcessor, "qwen3_5": QwenVLProcessor}
+              "internvl": InternVLProcessor, "qwen3_5": QwenVLProcessor, "qwen2_vl": QwenVLProcessor}
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 56*56, max_pixels 14*14*4*16384
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -167,8 +169,8 @@ def _image_processor(family: str, size: int, mean=None, std=None, pinpoints=None
 
 def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str = "sdpa", min_pixels=None,
                max_pixels=None) -> Runtime:
-    """A tiny random-weight model of ``family`` ('llava', 'llava-next', 'video-llava', 'qwen2.5-vl',
-    'llava-onevision') with a word-level tokenizer, built locally in well under a second."""
+    """A tiny random-weight model of ``family`` (one of :data:`TINY`: 'llava', 'llava-next', 'video-llava',
+    'qwen2.5-vl', 'qwen2-vl', ...) with a word-level tokenizer, built locally in well under a second."""
     import transformers as tf
 
     from .tiny_tokenizer import build_tiny_tokenizer

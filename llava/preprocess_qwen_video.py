@@ -1,4 +1,4 @@
-"""Qwen2.5-VL / Qwen3-VL / Qwen3.5 video inputs without torchvision: what transformers 5.23's
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 video inputs without torchvision: what transformers 5.23's
 ``Qwen2VLVideoProcessor`` / ``Qwen3VLVideoProcessor`` and the ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``
 placeholder expansion produce, rebuilt from numpy and torch (transformers' video processors need torchvision, an
 optional extra here). tests/test_qwen_video_processor.py checks it against the real processors' outputs recorded
@@ -7,7 +7,7 @@ with torchvision installed (tests/fixtures/qwen_video/).
 Per video (a list of RGB frames, all of one size; the frames handed over are the frames the model sees: they
 are not re-sampled here):
 
-* **size**: Qwen's smart resize to multiples of ``patch_size * merge_size``. Qwen2.5-VL (``rule="qwen2_vl"``): each
+* **size**: Qwen's smart resize to multiples of ``patch_size * merge_size``. Qwen2-VL / Qwen2.5-VL (``rule="qwen2_vl"``): each
   frame's area within [min_pixels, max_pixels]. Qwen3-VL / Qwen3.5 (``rule="qwen3_vl"``): the clip's area (frames
   rounded to the temporal patch x frame area) within them, frames under one factor scaled up first, and a clip of
   fewer frames than the temporal patch refused (as transformers does). ``cap_pixels_per_frame`` (qwen-vl-utils'
@@ -21,7 +21,8 @@ are not re-sampled here):
   columns (channel, frame of the pair, patch row, patch column): the layout the towers read.
 * **placeholder**: Qwen2.5-VL: one ``<|video_pad|>`` run of t*h*w/4 tokens (the template's
   ``<|vision_start|>`` / ``<|vision_end|>`` around it); ``second_per_grid_ts`` = 2 / the sampled frames' rate
-  (the M-RoPE time axis). Qwen3-VL: per temporal slice ``<{t:.1f} seconds>`` (the mean time of its two frames)
+  (the M-RoPE time axis); Qwen2-VL: the same run, no ``second_per_grid_ts`` (its M-RoPE time axis counts slices,
+  and transformers' ``Qwen2VLProcessor`` does not emit it). Qwen3-VL: per temporal slice ``<{t:.1f} seconds>`` (the mean time of its two frames)
   + ``<|vision_start|>`` + h*w/4 ``<|video_pad|>`` + ``<|vision_end|>``, all inside the template's own
   vision_start / vision_end (as transformers expands it).
 
@@ -64,7 +65,10 @@ CLASS_DEFAULTS = {
 #: video_preprocessor_config.json (size over the whole clip)
 RELEASED = {"qwen2_vl": dict(min_pixels=3136, max_pixels=12845056),
             "qwen3_vl": dict(min_pixels=4096, max_pixels=25165824)}
-RULES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_5": "qwen3_vl"}
+RULES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_5": "qwen3_vl", "qwen2_vl": "qwen2_vl"}
+#: families whose M-RoPE time axis reads ``second_per_grid_ts`` (Qwen2-VL's ``get_rope_index`` has none: its
+#: processor does not emit it)
+SECONDS_FAMILIES = ("qwen2_5_vl",)
 
 
 class Frames(list):
@@ -348,6 +352,6 @@ class QwenVideoMixin:
                 run += [cfg.vision_start_token_id] + [cfg.video_token_id] * per_slice + [cfg.vision_end_token_id]
             runs.append(run)
         out = {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
-        if s.rule == "qwen2_vl":
+        if s.rule == "qwen2_vl" and self.family in SECONDS_FAMILIES:
             out["second_per_grid_ts"] = torch.tensor(secs, dtype=torch.float32)
         return out, runs

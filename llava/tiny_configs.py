@@ -27,7 +27,7 @@ def tiny_config(family: str, vocab_size: int, image_token_id: int, video_token_i
 
 
 def tiny_chatml_config(family: str, tok):
-    """Tiny random-weight Qwen2.5-VL / LLaVA-OneVision configs (docs/models.md) with the token ids
+    """Tiny random-weight Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision configs (docs/models.md) with the token ids
     of the ChatML tiny tokenizer; 4 LLM layers (pruning methods need stage layers)."""
     import transformers as tf
 
@@ -44,6 +44,13 @@ def tiny_chatml_config(family: str, tok):
         return tf.Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
                                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if family == "qwen2_vl":  # Qwen2.5-VL's sizes; the tower's width is `embed_dim` (its `hidden_size` is the LLM's)
+        vc = dict(depth=4, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+        tc = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+        return tf.Qwen2VLConfig(vision_config=vc, text_config=tc, image_token_id=ids["<|image_pad|>"],
+                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     if family == "qwen3_vl":  # DeepStack after the tower's blocks 0, 1, 2 -> added after LLM layers 0, 1, 2
         vc = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,

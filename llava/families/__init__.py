@@ -11,6 +11,7 @@ from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .llava_next import NEXT_LAYOUTS, LlavaNextAdapter, next_token_layout  # noqa: F401
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 from .video_llava import VideoLlavaAdapter
@@ -18,7 +19,7 @@ from .video_llava import VideoLlavaAdapter
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
     cls.model_class: cls for cls in (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter,
                                          LlavaOnevisionAdapter, Qwen3VLAdapter, InternVLAdapter,
-                                         Qwen3_5Adapter)
+                                         Qwen3_5Adapter, Qwen2VLAdapter)
 }
 #: model class name -> family key
 FAMILIES = {name: cls.family for name, cls in ADAPTERS.items()}
