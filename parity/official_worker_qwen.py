@@ -18,7 +18,9 @@ IVC-Prune's fork of 4.51.3) puts that folder first on the path before transforme
 with ``"vendored"`` (``{"module", "path"}``: PriorTR's own ``qwen3_vl`` model files) installs that folder as the
 package ``module`` before any model class is read, as the official ``setup.py develop`` symlinks it into
 transformers, and refuses to run if the model class then comes from anywhere else. ``"model_class"``: the family's
-class (``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
+class (``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``). ``"positions_from_generate"``:
+the release computes Qwen's M-RoPE positions only in ``prepare_inputs_for_generation`` (transformers 4.45's Qwen2-VL),
+so the worker's forward gets the positions ``generate`` would compute (``get_rope_index``).
 
     python parity/official_worker_qwen.py JOB.json OUT.pt
 """
@@ -115,6 +117,9 @@ def run(job: dict) -> dict:
             # what the official generate() hands the prefill and a plain forward lacks (qwen_inputs: PriorTR's range
             # and context), added to the worker's forward
             extra = mod.qwen_inputs(model, inputs) if mod is not None and hasattr(mod, "qwen_inputs") else {}
+            if job.get("positions_from_generate"):  # a release whose M-RoPE positions only generate() computes
+                extra["position_ids"] = model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], None,
+                                                             inputs["attention_mask"])[0]
             with torch.inference_mode():
                 logits = model(**inputs, **extra).logits.float()
                 kept = list(store)

@@ -59,8 +59,12 @@ FAMILIES = {
                    "model_class": "Qwen2_5_VLForConditionalGeneration", "env": "qwen"},
     "qwen3-vl": {"folder": "qwen3-vl-tiny", "tiny": "qwen3-vl", "marker": "built-qwen3.json",
                  "model_class": "Qwen3VLForConditionalGeneration", "env": "qwen3"},
+    # no stock model in its environment: its rows run only in the repositories' own transformers (QWEN_FORK jobs);
+    # transformers 4.45.0.dev0's Qwen2-VL computes the M-RoPE positions in prepare_inputs_for_generation only (a
+    # plain forward gets 1-D positions): the worker hands its forward the positions generate() would
     "qwen2-vl": {"folder": "qwen2-vl-tiny", "tiny": "qwen2-vl", "marker": "built-qwen2vl.json",
-                 "model_class": "Qwen2VLForConditionalGeneration", "env": "qwen2vl"},
+                 "model_class": "Qwen2VLForConditionalGeneration", "env": "qwen2vl", "stock": False,
+                 "positions_from_generate": True},
 }
 #: the tiny Qwen2-VL's LLM depth here: the official Qwen2-VL rules prune before layers 3, 16 and 22 of 28 (V2Drop) and
 #: at layer 2 (VLM-Pruner) without scaling them: 24 layers run every stage
@@ -275,7 +279,8 @@ def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_t
     vend = next((v for m in methods if m["name"] != "none" and (v := vendored(m["name"], m["clone"]))), None)
     job = {"kind": "run", "model": model, "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
-           "fork": fork, "model_class": FAMILIES[family]["model_class"], "vendored": vend}
+           "fork": fork, "model_class": FAMILIES[family]["model_class"], "vendored": vend,
+           "positions_from_generate": FAMILIES[family].get("positions_from_generate", False)}
     name = (f"qwen-{dtype}-" + ("" if family == "qwen2.5-vl" else f"{family}-") + ("fork-" if fork else "")
             + "-".join(m["name"] + str(m.get("budget", "")) for m in methods))
     return run_official(python, job, work, name, worker=WORKER)
@@ -432,8 +437,11 @@ def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_to
     for m in methods:
         if m not in stock:
             forks.setdefault(m["clone"], [{"name": "none"}]).append(m)
+    jobs = [(None, stock), *forks.items()]
+    if not FAMILIES[family].get("stock", True):
+        jobs = jobs[1:]
     for dtype in dtypes:
-        for fork, group in [(None, stock), *forks.items()]:
+        for fork, group in jobs:
             off = official(info, python, dtype, group, max_new_tokens, work, fork=fork)
             mine = ours(info, dtype, group, max_new_tokens)
             for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos")):
