@@ -288,7 +288,10 @@ class VLMPruner(Method):
                             self.budget, n, self.k_layer)
             return k
         x = n * (1 - float(self.reduction_ratio))
-        return max(0, min(n, round(x) if self.rounding_rule == "round" else int(x)))
+        k = max(0, min(n, round(x) if self.rounding_rule == "round" else int(x)))
+        if self.numerics == "official":  # the official walk starts from all its pivots, whatever the count
+            k = max(k, min(int(self.pivots), n))
+        return k
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Visual tokens entering every decoder layer (at most: the greedy walk may keep fewer)."""
@@ -309,7 +312,9 @@ class VLMPruner(Method):
         keys = sig.keys("prev", rope=True)[sig.visual]  # (N, H_kv, d): layer K-1's post-RoPE keys
         keys = keys.reshape(n, -1)
         h = sig.hidden[sig.visual]  # layer K-1's output, the input of layer K
-        piv = pivot_tokens(keys, min(int(self.pivots), k), num)
+        # the official code always takes its kappa pivots (a count below kappa keeps them all: the reference mode);
+        # ours takes at most k, so that a budget's count holds
+        piv = pivot_tokens(keys, min(int(self.pivots), n if num == "official" else k), num)
         sim = feature_similarity(h, int(self.channels), num)
         pos, norm = grid_coords(sig.vision, sig.origin)
         mode = "use_mm_for_euclid_dist_if_necessary" if num == "official" else "donot_use_mm_for_euclid_dist"

@@ -33,17 +33,13 @@ import sys
 
 
 def _adapter(name: str):
-    """The official half of ``parity/adapters/<name>.py`` (``QWEN = True``), loaded by its file path."""
-    import importlib.util
+    """The official half of ``parity/adapters/<name>.py`` (``QWEN = True``), loaded as ``official_worker.py`` loads it
+    (a module of the adapters' package, so its helpers import relatively; nothing else of this repository)."""
+    from official_worker import _adapter as load  # this script's folder, first on the path
 
-    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "adapters", name + ".py")
-    if name.startswith("_") or not os.path.isfile(path):
-        raise ValueError(f"official qwen worker: no adapter for {name!r}")
-    spec = importlib.util.spec_from_file_location(f"parity_adapter_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load(name)
     if not getattr(mod, "QWEN", False):
-        raise ValueError(f"official qwen worker: the {name} adapter has no Qwen2.5-VL half (QWEN = True)")
+        raise ValueError(f"official qwen worker: the {name} adapter has no Qwen half (QWEN = True)")
     return mod
 
 

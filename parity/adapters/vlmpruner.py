@@ -155,3 +155,103 @@ def record_ours(rt, store: list):
     from ._ours import llm_stage_recorder
 
     return llm_stage_recorder(rt, store)
+
+
+# ---- Qwen2-VL (``python -m parity qwen --method vlmpruner``, parity/qwen.py): the official Qwen2-VL code ----
+#
+# ``Qwen2-VL/``: the repository's own ``Qwen2VLForConditionalGeneration`` (``Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py``:
+# its language model is ``VLMPruner``, which prunes before layer K from layer K-1's output and keys, 335-365, the
+# choice in ``get_retained_image_token`` 417-530) on its copy of transformers 4.45.0.dev0 (``QWEN_FORK``) in
+# ``.venv-official-qwen2vl``.
+# - switch: loading that class (``qwen_model_class``) and ``config.VLMPruner_config`` as the official lmms-eval
+#   scripts pass it (``eval_scripts/lmms_eval_*.sh``: ``pruned_layer=2``, ``pivot_image_token=4``, the reduction
+#   ratio; threshold 0.8 and token batch 16 as the LLaVA scripts), per prompt (``qwen_inputs``) the image's start and
+#   length and its merged grid (``height`` / ``width``: ``image_grid_thw`` / 2), which the lmms-eval wrapper the
+#   scripts name (not in the repository) sets. K = 2 unscaled (the 24-layer tiny Qwen2-VL).
+# - shims: ``get_retained_image_token`` compiled again with ``topk(last_channel_var, k=256)`` -> ``k=min(256,
+#   channels)`` (the tiny LLM has 64) and the pivots' ``cdist`` in fp32 rounded to the keys' dtype on the CPU, as the
+#   LLaVA rows. Nothing else changed.
+# - recorded: what ``get_retained_image_token`` returns, minus the image's start (the worker's forward).
+# - ours: ``vlmpruner`` in its reference mode with the same ratio (Qwen: ``int`` rounding), ``layer=2`` unscaled.
+
+QWEN = True
+QWEN_FAMILY = "qwen2-vl"
+QWEN_FORK = True
+QWEN_ROOT = "Qwen2-VL/transformers/src"
+#: the official reduction ratios (64 / 128 / 192 of 576)
+QWEN_BUDGETS = (0.889, 0.778, 0.667)
+QWEN_LAYER = 2
+
+
+def qwen_before_import(clone: str) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(clone))))  # Qwen2-VL/: Qwen2VL_VLMPruner
+    from Qwen2VL_VLMPruner import modeling_qwen2_vl_self as mq
+
+    mq._parity_cdist = _parity_cdist
+    recompile(mq.VLMPruner, "get_retained_image_token", [
+        ("topk_indices = torch.topk(last_channel_var, k=256).indices",
+         "topk_indices = torch.topk(last_channel_var, k=min(256, last_channel_var.shape[0])).indices"),
+        ("dists = torch.cdist(k_states_image_token, k_states_image_token[pivot_indices[:i]])",
+         "dists = _parity_cdist(k_states_image_token, k_states_image_token[pivot_indices[:i]])"),
+    ])
+
+
+def qwen_model_class(tf):
+    from Qwen2VL_VLMPruner.modeling_qwen2_vl_self import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+def qwen_enable(model, processor, method: dict) -> None:
+    model.config.VLMPruner_config = {"K": QWEN_LAYER, "image_token_start_index": None, "image_token_length": None,
+                                     "reduction_ratio": float(method["budget"]), "pivot_image_token": 4,
+                                     "threshold": 0.8, "token_batch": 16, "height": None, "width": None}
+
+
+def qwen_inputs(model, inputs) -> dict:
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("vlmpruner: the official Qwen2-VL code asserts batch 1")
+    pads = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    start, n = int(pads[0]), int(pads.numel())
+    _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+    merge = model.config.vision_config.spatial_merge_size
+    model.config.VLMPruner_config.update(image_token_start_index=start, image_token_length=n, height=h // merge,
+                                         width=w // merge)
+    return {}
+
+
+def qwen_record(model, store: list) -> list:
+    """Every call (the worker snapshots the store after its forward, before generate() runs its own prefill)."""
+    inner = model.model
+    fn = type(inner).get_retained_image_token
+
+    def get_retained_image_token(config, last_layer_state, any_states):
+        kept, state = fn(inner, config, last_layer_state, any_states)
+        cfg = config.VLMPruner_config
+        store.append({"kept": (kept - cfg["image_token_start_index"]).cpu().clone(),
+                      "n": int(cfg["image_token_length"])})
+        return kept, state
+
+    inner.get_retained_image_token = get_retained_image_token
+    return [_Restore(inner, "get_retained_image_token")]
+
+
+def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
+    return "vlmpruner", None, {"reduction_ratio": float(budget), "numerics": "official", "layer": QWEN_LAYER,
+                               "scale_layers": False}
+
+
+def record_ours_qwen(rt, store: list):
+    def finish(n_samples: int) -> None:
+        if n_samples != 1:
+            raise ValueError("vlmpruner: the Qwen rows run one image at a time")
+        sel = rt.engine.selections.get((0, 0))
+        n = int(rt.engine.stats.samples[0].visual_candidates)
+        if sel is not None:
+            store.append({"kept": sel.keep.flatten().sort().values.cpu(), "n": n})
+
+    return finish
