@@ -134,6 +134,16 @@ def test_positions_are_the_models_get_rope_index_and_kept_tokens_keep_theirs(rt)
     assert emb.shape[1] == L - 3 and torch.equal(pos[:, 0], want)
 
 
+def test_token_types_are_rebuilt_when_missing(rt):
+    """Without ``mm_token_type_ids`` transformers would fall back to 1-D positions; the engine rebuilds them."""
+    inputs = make_batch(rt)
+    rt.prune("visionzip", 2)
+    with torch.no_grad():
+        ref = rt.model(**inputs).logits
+        bare = rt.model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits
+    assert torch.equal(ref, bare)
+
+
 # ------------------------------------------------------------------------------------------ vision signals
 
 GRID = [[1, 12, 8], [1, 4, 6]]  # merged 6 x 4 = 24 and 2 x 3 = 6 tokens
@@ -332,6 +342,21 @@ def test_fast_path_equals_the_eager_engine(fast_eager, method, budget):
         assert [s.visual_per_layer for s in eng.stats.samples] == [
             s.visual_per_layer for s in eager.engine.stats.samples]
     assert syncs == [0, 0]
+
+
+@pytest.mark.parametrize("method,budget", [("visionzip", 12), ("fastv", 8)])
+def test_fast_path_compiled_equals_the_eager_engine(method, budget):
+    """Compiled (dynamo on a CPU, the suite's fast-path backend): a pre-LLM merge and an llm stage on the 3-D
+    positions, a left-padded batch of three grids == the eager engine."""
+    from fastpath_util import BACKEND
+
+    fast = load("tiny:qwen2-vl", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=BACKEND)
+    eager = load("tiny:qwen2-vl", seed=1)
+    eng = fast.prune(method, budget)
+    eager.prune(method, budget)
+    assert_same_as_eager(fast, eager, eng, _batch(fast, 3))
+    assert [s.visual_per_layer for s in eng.stats.samples] == [
+        s.visual_per_layer for s in eager.engine.stats.samples]
 
 
 def _uncompiled(eng):
