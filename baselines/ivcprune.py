@@ -64,9 +64,6 @@ FILL_RATIO = 0.5
 ROW_SKIP = 2
 #: the official K for a Qwen2.5-VL LLM of this depth (vlmeval/config.py: 7B 16 of 28, 3B 22 of 36)
 QWEN_K = {28: 16, 36: 22}
-#: the families whose default K is read from QWEN_K: Qwen2.5-VL, and Qwen2-VL (the same Qwen2 decoder at 28 layers
-#: for its 7B; no official Qwen2-VL setting exists)
-QWEN_K_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def official_round(x: float) -> int:
@@ -189,9 +186,11 @@ class IVCPrune(Method):
     llm_reads = ("prev",)
     llm_text_rows = True
     llm_text_cap = 3
-    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 may be a "
-                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned")
+                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned; on Qwen2-VL, "
+                          "whose official code is another rule (its own modeling_qwen2_vl.py: a value foreground of 0.4 n, "
+                          "no fill, its K) that is not ported")
     #: captured with a count (keep_tokens or a budget: a fixed output count); the official rule is refused
     capturable = "full"
 
@@ -199,7 +198,7 @@ class IVCPrune(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # K (the official ivcp_k; the score layer is K-1). None: 16 of a 32-layer LLM scaled, or on Qwen2(.5)-VL the
+            # K (the official ivcp_k; the score layer is K-1). None: 16 of a 32-layer LLM scaled, or on Qwen2.5-VL the
             # official value for the LLM's depth (16 of 28, 22 of 36)
             "layer": None,
             # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
@@ -264,7 +263,7 @@ class IVCPrune(Method):
     @property
     def k_layer(self) -> int:
         n = getattr(self, "num_layers", 32)
-        if self.layer is None and getattr(self, "family", None) in QWEN_K_FAMILIES and n in QWEN_K:
+        if self.layer is None and getattr(self, "family", None) == "qwen2_5_vl" and n in QWEN_K:
             return QWEN_K[n]
         k = 16 if self.layer is None else int(self.layer)
         return scale_layers([k], n)[0] if self.scale_layers else k

@@ -393,14 +393,14 @@ def test_fast_path_videos_and_refusals(fast_eager):
 
 def test_methods_with_explicit_families_and_their_rules(rt):
     """Methods that name their families: those whose Qwen code or assumption is the LLM / prompt (V2Drop's and
-    VLM-Pruner's official Qwen2-VL rules, CLSE's Qwen2-VL rule, PriorTR's Qwen rows, IVC-Prune's Qwen rule and K,
-    TransPrune, TRIO, ApET's projected space, Downsample's dynamic grids) run, with the Qwen rule resolved; those
-    that read a CLIP tower's [CLS] layers, and MMTok (its paper's families), are refused at attach naming
-    themselves."""
-    runs = ("v2drop", "vlmpruner", "clse", "priortr", "ivcprune", "transprune", "trio", "apet", "downsample")
+    VLM-Pruner's official Qwen2-VL rules, CLSE's Qwen2-VL rule, PriorTR's Qwen rows, TransPrune, TRIO, ApET's
+    projected space, Downsample's dynamic grids) run, with the Qwen rule resolved; those that read a CLIP tower's
+    [CLS] layers, MMTok (its paper's families) and IVC-Prune (its official Qwen2-VL code is another rule, not
+    ported) are refused at attach naming themselves."""
+    runs = ("v2drop", "vlmpruner", "clse", "priortr", "transprune", "trio", "apet", "downsample")
     for name in runs:
         assert method_supports(name, FAM), name
-    for name in ("flowcut", "hiprune", "prumerge", "visiontrim", "vscan", "mmtok"):
+    for name in ("flowcut", "hiprune", "prumerge", "visiontrim", "vscan", "mmtok", "ivcprune"):
         assert not method_supports(name, FAM), name
         with pytest.raises(ValueError, match=name):
             rt.prune(name, 4)
@@ -410,12 +410,9 @@ def test_methods_with_explicit_families_and_their_rules(rt):
     assert rt.prune("clse", 192).method.run_rule == "qwen2_vl"
     m = rt.prune("priortr", 4).method
     assert m.qwen_rule and m.query_rows == "question_excl_last"
-    assert rt.prune("ivcprune", 4).method.rule_run == "qwen"
     assert rt.prune("apet", 4).method._space == "projected"
-    # IVC-Prune's Qwen K on a 28-layer LLM (Qwen2-VL-7B's depth), as on Qwen2.5-VL
-    iv = get_method("ivcprune", 4)
-    iv.setup(num_layers=28, num_vision_layers=32, family=FAM)
-    assert iv.k_layer == 16
+    with pytest.raises(ValueError, match="Qwen2-VL, whose official code is another rule"):
+        rt.prune("ivcprune", 4)
     with pytest.raises(ValueError, match="sparsevlm"):  # v2's RoPE gravity is 1-D only
         rt.prune("sparsevlm", 192, version="v2")
         with torch.no_grad():
@@ -432,7 +429,7 @@ INVARIANT = [
     ("priortr", None, {"keep_tokens": 6, "numerics": "official"}),
     ("v2drop", None, {}), ("v2drop", None, {"numerics": "official"}), ("vlmpruner", None, {"keep_tokens": 6}),
     ("vlmpruner", None, {"keep_tokens": 6, "numerics": "official"}), ("clse", 192, {}),
-    ("clse", 192, {"numerics": "official"}), ("ivcprune", 4, {}), ("transprune", None, {}), ("apet", 6, {}),
+    ("clse", 192, {"numerics": "official"}), ("transprune", None, {}), ("apet", 6, {}),
     ("trio", None, {"image_token_list": (3, 2, 1), "counts": "absolute"}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in o.items()) for name, _, o in INVARIANT]
