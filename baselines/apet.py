@@ -66,7 +66,7 @@ SPACES = ("vision", "projected")
 CLS_TOKEN_MODES = ("keep", "candidate")
 #: families whose official code scores and merges the projected tokens (Video-LLaVA ``encode_videos``, the Qwen
 #: code's merger output); the others follow the LLaVA image code (select-layer features)
-PROJECTED_FAMILIES = ("video_llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+PROJECTED_FAMILIES = ("video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 COSINE_CHUNK = 64  # rows of the official cosine evaluated at a time (same values, bounded memory)
 
 

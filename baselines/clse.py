@@ -20,8 +20,8 @@ Schedule: the official ``RETAIN_TOKEN`` 192 / 128 / 64 keep 330/210/62, 220/140/
 three stages; any other budget B keeps floor(B * (1.72, 1.09, 0.32)) (the official fallback factors; its floats
 would fail in ``topk``). Counts are stated for 576 tokens: a sample with N tokens keeps floor(N * c / 576).
 
-The official Qwen2-VL rule (``Qwen2VL/clse_qwen2vl_model.py``, run here on Qwen2.5-VL: ``rule="qwen2_vl"``, the
-default there): stages before layers 1, 10, 19 of 28; each stage keeps max(1, int(N * q_s)) of the sample's own
+The official Qwen2-VL rule (``Qwen2VL/clse_qwen2vl_model.py``, run here on Qwen2-VL and Qwen2.5-VL:
+``rule="qwen2_vl"``, the default there): stages before layers 1, 10, 19 of 28; each stage keeps max(1, int(N * q_s)) of the sample's own
 visual count N, q = (0.57, 0.36, 0.098) / (0.38, 0.24, 0.066) / (0.19, 0.12, 0.034) for RETAIN_RATIO 0.334 / 0.223 /
 0.112 (any other r: r * (1.71, 1.08, 0.294)), pruning only where the current count exceeds it; the spectrum on the
 image's merged grid (H/2, W/2); the attention row computed beside the layer as ``q k^T * scaling``; the earlier
@@ -138,10 +138,10 @@ class CLSE(Method):
     llm_reads = ("prev",)  # layer K-1's attention of the last prompt token
     position_mode = "keep"
     capturable = "full"
-    families = ("llava", "qwen2_5_vl")
+    families = ("llava", "qwen2_vl", "qwen2_5_vl")
     unsupported_reason = ("CLSE's official code runs on LLaVA-1.5 (one square grid per image for its 2-D spectrum; "
-                          "it refuses LLaVA-NeXT) and Qwen2-VL (its rule runs here on Qwen2.5-VL); other families are "
-                          "not ported")
+                          "it refuses LLaVA-NeXT) and Qwen2-VL (its rule runs here on Qwen2-VL and Qwen2.5-VL); other "
+                          "families are not ported")
 
     @classmethod
     def option_defaults(cls):
@@ -196,7 +196,7 @@ class CLSE(Method):
         """The rule as run (``rule`` resolved on the attached family)."""
         if self.rule != "auto":
             return self.rule
-        return "qwen2_vl" if getattr(self, "family", None) == "qwen2_5_vl" else "llava"
+        return "qwen2_vl" if getattr(self, "family", None) in ("qwen2_vl", "qwen2_5_vl") else "llava"
 
     @property
     def llm_vision_signals(self) -> bool:

@@ -188,7 +188,9 @@ class IVCPrune(Method):
     llm_text_cap = 3
     families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 may be a "
-                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned")
+                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned; on Qwen2-VL, "
+                          "whose official code is another rule (its own modeling_qwen2_vl.py: a value foreground of 0.4 n, "
+                          "no fill, its K) that is not ported")
     #: captured with a count (keep_tokens or a budget: a fixed output count); the official rule is refused
     capturable = "full"
 

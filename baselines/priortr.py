@@ -51,7 +51,7 @@ INF_CLAMP = 1e6
 QUERIES = ("question", "question_excl_last", "last")
 #: the families whose official code reads "question_excl_last", keeps at least one token of a keep_ratio and
 #: computes the score layer's attention beside the SDPA layer (transformers' eager product ``q k^T * scaling``)
-QWEN_RULE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN_RULE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 HEADS = ("mean", "max")
 
 

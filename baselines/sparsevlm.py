@@ -372,7 +372,7 @@ class SparseVLM(Method):
         """The head size the RoPE gravity is computed for (the sparse layer's keys); refused on 3-D M-RoPE."""
         if sig.position_ids.dim() != 1:
             raise BudgetError("sparsevlm v2's RoPE-gravity correction is defined for 1-D RoPE positions; this model uses "
-                             "3-D M-RoPE (Qwen2.5-VL / Qwen3-VL / Qwen3.5): use version='v1' (or gravity=False)")
+                             "3-D M-RoPE (the Qwen-VL families): use version='v1' (or gravity=False)")
         return sig.keys("prev", rope=False).shape[-1]
 
     def _scores(self, sig, raters: torch.Tensor) -> torch.Tensor:

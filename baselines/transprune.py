@@ -69,7 +69,7 @@ OFFICIAL_ACCUMULATE = (6, 7, 8, 9, 10, 11)
 #: the official normalisation's epsilon (``/ (x.sum() + 1e-8)``)
 EPS = 1e-8
 #: where the sub-block hooks run: every family whose decoder layers have attention everywhere
-FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 
 
 # ----------------------------------------------------------------------------------------------

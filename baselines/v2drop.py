@@ -47,7 +47,7 @@ RULES = {
     "qwen2vl": ((3, 16, 22), (0.25, 0.05, 0.0), 28),  # modeling_qwen2_vl_self.py 345, 357-362 (Qwen2-VL-7B: 28)
 }
 #: families whose default rule is the official Qwen2-VL one
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 #: keep ratios (1 - the prune ratios 50/70/100 %, 72/75/100 %, 95/95/100 %) per budget, as an official-repository
 #: issue quotes the paper; read as fractions of the remaining tokens (the reading whose averages match the budgets)
 REPORTED = {192: (0.5, 0.3, 0.0), 128: (0.28, 0.25, 0.0), 64: (0.05, 0.05, 0.0)}
@@ -127,7 +127,7 @@ class V2Drop(Method):
     llm_reads = ()  # hidden states only: LLMSignals.hidden and .prev_hidden
     capturable = "full"
     position_mode = "keep"
-    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
+    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: its stage layers "
                           "would fall among Gated DeltaNet layers and no official rule exists for it; use a pre-LLM "
                           "method there")
@@ -139,7 +139,7 @@ class V2Drop(Method):
             # "auto": "official" without a budget, "fit" with one; "official" | "fit" | "reported" (budgets 192 /
             # 128 / 64: the prune ratios quoted from the paper in an official-repository issue, second-hand)
             "schedule": "auto",
-            # the official rule: "auto" (Qwen2.5-VL / Qwen3-VL: "qwen2vl", every other family: "llava"),
+            # the official rule: "auto" (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: "qwen2vl", every other family: "llava"),
             # "llava" (3 / 17 / 22 of 32 layers, keep 0.5 / 0.5 / 0) or "qwen2vl" (3 / 16 / 22 of 28, 0.25 / 0.05 / 0)
             "rule": "auto",
             # explicit stage layers (stated for the rule's depth) and keep ratios; None: the rule's

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 SPATIAL_WEIGHT = 0.5
 CHANNELS = 256
 OWN, ABSORBED = 0.3, 0.7
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _cdist(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
@@ -214,7 +214,7 @@ class VLMPruner(Method):
                       "similarity matrix per sample) and its recovery rewrites kept hidden states (Selection.values), "
                       "which a captured llm stage refuses: the prefill runs on the eager engine")
     position_mode = "keep"
-    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
+    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 would be a "
                           "Gated DeltaNet layer without keys; use a pre-LLM method there")
 
@@ -230,7 +230,7 @@ class VLMPruner(Method):
             "keep_tokens": None,
             # the official reduction_ratio (0.667 / 0.778 / 0.889 -> 192 / 128 / 64 of 576)
             "reduction_ratio": 0.889,
-            # count from the ratio: "auto" (Qwen2.5-VL / Qwen3-VL: "floor", the official Qwen2-VL int(); others:
+            # count from the ratio: "auto" (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: "floor", the official Qwen2-VL int(); others:
             # "round", the official LLaVA round()), "round" or "floor"
             "rounding": "auto",
             # official pivot_image_token, threshold (+0.1 per round), token_batch

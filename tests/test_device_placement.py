@@ -41,6 +41,7 @@ for _b in BUDGETS.values():  # tiny Qwen3-VL: Qwen2.5-VL's token geometry; tiny 
         _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])
         _b.setdefault("internvl", _b["llava_next"])
         _b.setdefault("qwen3_5", _b["qwen2_5_vl"])  # tiny Qwen3.5: Qwen2.5-VL's token geometry too
+        _b.setdefault("qwen2_vl", _b["qwen2_5_vl"])  # tiny Qwen2-VL: Qwen2.5-VL's token geometry too
 DEFAULT_BUDGET = 4  # per image / crop / frame: prunes the tiny models
 #: option sets beyond the defaults, to reach each method's other code paths
 VARIANTS = {
@@ -102,7 +103,8 @@ def build(name, family, opts):
 @pytest.mark.parametrize("name,opts", method_cases())
 def test_method_keeps_every_tensor_on_the_signals_device(runtimes, fam, name, opts):
     rt = runtimes[fam]
-    if name == "sparsevlm" and opts.get("version") == "v2" and rt.family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5"):
+    if name == "sparsevlm" and opts.get("version") == "v2" and rt.family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5",
+                                                                                 "qwen2_vl"):
         pytest.skip("sparsevlm v2's RoPE gravity is 1-D only: refused on M-RoPE (tests/test_new_families.py)")
     method = build(name, rt.family, opts)
     chk = check_method(method)

@@ -19,7 +19,8 @@ from llava.method import Method, Selection
 from llava.ops import merge_tokens
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-POOLED = [f for f in ALL_FAMILIES if f not in ("qwen2.5-vl", "qwen3-vl", "qwen3.5")]  # Qwen: own test below (dynamic grids)
+#: Qwen: own test below (dynamic grids)
+POOLED = [f for f in ALL_FAMILIES if f not in ("qwen2.5-vl", "qwen3-vl", "qwen3.5", "qwen2-vl")]
 
 
 def outputs(x, sel):

@@ -137,20 +137,20 @@ def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_p
     assert "the worker process died (exit status 1)" in recs[1]["error"][0]
 
 
-def test_default_families_are_the_eight_tiny_families_and_every_method_has_a_tiny_budget():
+def test_default_families_are_the_nine_tiny_families_and_every_method_has_a_tiny_budget():
     """The default run covers every tiny family the runtime has, and every registered method has a
     budget that prunes on each (or takes none), in the runtime's family spelling."""
     from llava.method import method_supports
     from llava.models import TINY
 
     assert gpu_check.FAMILIES == ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl",
-                                  "internvl", "qwen3.5")
+                                  "internvl", "qwen3.5", "qwen2-vl")
     assert set(gpu_check.FAMILIES) == set(TINY)
     assert gpu_check.CheckConfig().families == list(gpu_check.FAMILIES)
     assert gpu_check.parse_args([]).families == list(gpu_check.FAMILIES)
     keys = [gpu_check.family_key(f) for f in gpu_check.FAMILIES]
     assert keys == ["llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl",
-                    "qwen3_5"]
+                    "qwen3_5", "qwen2_vl"]
     # prumerge: adaptive (IQR outliers); v2drop: the official schedule takes no budget (16 -> 8 -> 4 -> 1 here: it prunes)
     budgetless = gpu_check.NO_BUDGET | {"prumerge", "v2drop"}
     for m in gpu_check.registered_methods():

@@ -22,6 +22,7 @@ for _b in (_PER_UNIT, _TOTAL, _IN_LLM):  # tiny Qwen3-VL: Qwen2.5-VL's token geo
     _b["qwen3_vl"] = _b["qwen2_5_vl"]
     _b["internvl"] = _b["llava_next"]  # tiny InternVL: 16 tokens per 112-px tile, 1-5 tiles per image
     _b["qwen3_5"] = _b["qwen2_5_vl"]  # tiny Qwen3.5: Qwen2.5-VL's token geometry
+    _b["qwen2_vl"] = _b["qwen2_5_vl"]  # tiny Qwen2-VL: Qwen2.5-VL's token geometry (patch 14, merge 2)
 BUDGETS = {
     "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
@@ -35,7 +36,7 @@ BUDGETS = {
     # layer average of 576 on 32 layers refitted to the 4 tiny layers: 16 -> 16/2/1/0; the tiny Qwen images (4-35
     # merged tokens) need 320 to keep tokens at every stage: 6 -> 6/3/2/1, 35 -> 35/21/13/5
     "trio": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 320, "llava_onevision": 192,
-             "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320},
+             "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320, "qwen2_vl": 320},
     "mmtok": _PER_UNIT,  # per image / crop
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
     "priortr": _IN_LLM,  # layer average, as FastV's (K = 3 of 32 -> 1 of 4 layers)

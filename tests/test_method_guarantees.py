@@ -26,12 +26,14 @@ from test_gpu_ready import budget as default_budget
 
 from llava.method import method_supports
 
-QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")  # tiny Qwen geometry: 4-12 merged tokens per image of make_batch
+#: tiny Qwen geometry: 4-12 merged tokens per image of make_batch
+QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl")
 #: the families of LLaVA-1.5's CLIP tower (the families whose cached decode this file checks for every method;
 #: the adapter families: test_new_families.test_every_method_cached_generation_equals_no_cache_recompute)
 CLIP = FAMILIES
 FIVE = ["llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision"]
-POOLED = [f for f in ALL_FAMILIES if f not in ("qwen2.5-vl", "qwen3-vl", "qwen3.5")]  # Downsample's Qwen: own test
+#: Downsample's Qwen: own test
+POOLED = [f for f in ALL_FAMILIES if f not in ("qwen2.5-vl", "qwen3-vl", "qwen3.5", "qwen2-vl")]
 
 
 _DEFAULT = object()  # a budget: the method's test_gpu_ready budget

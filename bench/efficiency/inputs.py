@@ -38,7 +38,7 @@ class BenchConfig:
 # Synthetic image size per family when --image-hw is not given, and what it gives on the real geometry:
 #   llava / video_llava: 336x336 -> CLIP-L/336: 24x24 = 576 tokens (Video-LLaVA: 8 frames x 256)
 #   llava_next: 672x672 -> 2x2 grid + base crop, 2880 tokens in the spatial layout (the papers' setting)
-#   qwen2_5_vl: 672x672 -> smart_resize keeps 672 (a multiple of 28, within min/max_pixels) -> 48x48
+#   qwen2_5_vl, qwen2_vl: 672x672 -> smart_resize keeps 672 (a multiple of 28, within min/max_pixels) -> 48x48
 #       patches of 14 px -> 2x2 merge -> 24x24 = 576 merged tokens: LLaVA-1.5's count, so budgets
 #       192/128/64 keep the same fractions (PyramidDrop's table is stated for 576)
 #   llava_onevision: 384x384 -> anyres: best pinpoint 384x384 (1x1 grid): base crop 27x27 = 729 +
@@ -51,7 +51,7 @@ class BenchConfig:
 #       802,816 > half of 4 tiles' 401,408; 3x3 would need 903,168) + the thumbnail = 5 tiles x 256 = 1280 tokens
 #       (NeXT's base + 4 crops, at InternVL's 256 per tile); 224x224 on the tiny model's 112-px tiles (5 x 16 = 80)
 FAMILY_IMAGE_HW = {"llava": (336, 336), "video_llava": (336, 336), "llava_next": (672, 672),
-                   "qwen2_5_vl": (672, 672), "llava_onevision": (384, 384)}
+                   "qwen2_5_vl": (672, 672), "qwen2_vl": (672, 672), "llava_onevision": (384, 384)}
 
 
 def default_image_hw(rt) -> tuple[int, int]:

@@ -7,7 +7,7 @@
 
 Every registered method (test doubles excluded) and ``none`` (the unpruned model) on the seven tiny
 random-weight families (``tiny:llava``, ``tiny:llava-next``, ``tiny:video-llava``, ``tiny:qwen2.5-vl``,
-``tiny:llava-onevision``, ``tiny:qwen3-vl``, ``tiny:internvl``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
+``tiny:llava-onevision``, ``tiny:qwen3-vl``, ``tiny:internvl``, ``tiny:qwen3.5``, ``tiny:qwen2-vl``), in fp16 and bf16 on the device plus an fp32 reference row, at a small budget
 that really prunes (each method's own budget convention, see ``TINY_BUDGETS``); a method whose
 ``families`` exclude a family (``llava.method.method_supports``), or that a hybrid model (Qwen3.5) refuses at attach
 because it reads a linear-attention layer (``llava.engine.HybridRefusal``), is not run there and reported ``n/a``.

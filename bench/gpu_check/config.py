@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
+FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5",
+            "qwen2-vl")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: methods that take no budget
@@ -65,6 +66,7 @@ for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isin
     _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])  # the tiny Qwen3-VL tower has Qwen2.5-VL's token geometry
     _b.setdefault("internvl", _b["llava_next"])  # tiny InternVL: 16 tokens per tile, 1-5 tiles per image (NeXT-like)
     _b.setdefault("qwen3_5", _b["qwen2_5_vl"])  # tiny Qwen3.5: Qwen3-VL's tower geometry without DeepStack
+    _b.setdefault("qwen2_vl", _b["qwen2_5_vl"])  # tiny Qwen2-VL: Qwen2.5-VL's token geometry (patch 14, merge 2)
 #: a method registered later and not listed above (tests/test_gpu_check.py asserts there is none)
 FALLBACK_BUDGET = 4
 FP32_LOGIT_TOL = 1e-3

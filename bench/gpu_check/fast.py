@@ -44,7 +44,8 @@ from bench.gpu_check.fast_timing import (FAST_TTFT_METHODS, NEXT_CROPS, PER_SAMP
 from bench.gpu_check.tiny import _sample_verdict, build, compare, generate, noise_tolerance, rand_image
 
 #: the tiny families the fast path plans (llava.fastpath.FAST_FAMILIES), in gpu_check's spelling
-FAST_FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "internvl", "qwen3.5")
+FAST_FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "internvl", "qwen3.5",
+                 "qwen2-vl")
 #: batch-1 prompts of unequal lengths (the tiny tokenizer splits unknown words into pieces)
 FAST_QUESTIONS = QUESTIONS + ["describe the picture", "is there a red square in the top left corner of the image, "
                               "and if so what is next to it?", "why?"]

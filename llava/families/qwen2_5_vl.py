@@ -76,7 +76,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             if pix is None:
                 continue
             if grid is None:
-                raise ValueError(f"Qwen2.5-VL needs {'video' if video else 'image'}_grid_thw with its pixels")
+                raise ValueError(f"{self.family} needs {'video' if video else 'image'}_grid_thw with its pixels")
             v = qwen_vision.encode(self.model, pix, grid, want_attn=want_attn, layer=self.saliency_layer,
                                    saliency=self.saliency, video=video, group_mean=means)
             flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
@@ -169,7 +169,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 return position_ids[1:]
             if position_ids.dim() == 3 and position_ids.shape[0] == 3:
                 return position_ids
-            raise ValueError("Qwen2.5-VL takes 3-D position ids (3 or 4, batch, length); leave position_ids "
+            raise ValueError(f"{self.family} takes 3-D position ids (3 or 4, batch, length); leave position_ids "
                              "unset to have them computed from the prompt")
         types = visual.get("mm_token_type_ids")
         if types is None:  # transformers would silently fall back to 1-D positions without it
@@ -185,7 +185,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
             return position_ids[1:]
         if position_ids is not None and position_ids.dim() == 2:
-            raise ValueError("Qwen2.5-VL decode steps take 3-D position ids (as generate() passes them) or none")
+            raise ValueError(f"{self.family} decode steps take 3-D position ids (as generate() passes them) or none")
         return position_ids
 
     @staticmethod

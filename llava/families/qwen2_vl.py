@@ -9,7 +9,7 @@ temporal slice for videos).
 
 What differs is the vision tower (``Qwen2VisionTransformerPretrainedModel``): every block attends fully within its
 image (no window attention, no window permutation, no ``fullatt_block_indexes``: merged raster order throughout, as
-Qwen3-VL's tower), LayerNorm instead of RMSNorm, a GELU MLP (``fc1`` / ``fc2``), and a ``PatchMerger`` (``ln_q`` +
+Qwen3-VL's tower), LayerNorm instead of RMSNorm, an MLP of ``fc1`` / ``fc2`` (QuickGELU by default), and a ``PatchMerger`` (``ln_q`` +
 ``mlp``) as Qwen2.5-VL's. Its config names the tower's width ``embed_dim`` (``vision_config.hidden_size`` is the
 merger's output width, the LLM's). The signals are :mod:`llava.families.qwen_vision`'s, unchanged: the blocks have
 the same fused ``qkv``, vision RoPE and ``scaling``; the attention a merged token receives in a block (default: the

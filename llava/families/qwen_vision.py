@@ -1,4 +1,5 @@
-"""Per-token vision signals for Qwen2.5-VL and Qwen3-VL (transformers 5.23), computed from one stock tower run.
+"""Per-token vision signals for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.23), computed from one stock tower
+run.
 
 The tower (``model.model.visual``) is run once through the stock ``get_image_features`` /
 ``get_video_features``, so ``features`` is exactly what the unpruned model splices into the LLM.
@@ -20,6 +21,11 @@ merger normalises before the 4-patch concat (``merger.norm``, hooked instead of 
 DeepStack features: one merged row per token from each of ``deepstack_visual_indexes`` blocks through its
 own merger, which the text model adds to the hidden states at the visual positions after its first decoder
 layers (``QwenVisual.deepstack``).
+
+Qwen2-VL's tower (``Qwen2VisionTransformerPretrainedModel``) has the same attention (fused ``qkv``, the same vision
+RoPE and ``scaling``) with LayerNorm and a GELU MLP around it, every block full attention and no window permutation
+(as Qwen3-VL's), and Qwen2.5-VL's ``PatchMerger`` (``ln_q`` + ``mlp``): the code paths here need no branch of its own
+(``is_windowed`` False, ``is_qwen3`` False, no position table).
 
 The fast path (:mod:`llava.fastpath`) cannot run the stock tower (its SDPA path reads ``cu_seqlens`` back to the
 host to split the segments): :func:`tower_plan` plans every grid-dependent index on the host and :func:`run_static`
@@ -94,8 +100,8 @@ def is_qwen3(visual) -> bool:
 
 
 def is_windowed(visual) -> bool:
-    """True for Qwen2.5-VL's tower (window attention, tokens permuted by window); Qwen3-VL's and Qwen3.5's
-    towers attend fully in every block, in merged raster order."""
+    """True for Qwen2.5-VL's tower (window attention, tokens permuted by window); Qwen2-VL's, Qwen3-VL's and
+    Qwen3.5's towers attend fully in every block, in merged raster order."""
     return hasattr(visual, "window_size")
 
 
