@@ -175,6 +175,31 @@ def test_selection_and_rewrite_against_the_stock_model(rt, stock, numerics):
 
 
 @pytest.mark.parametrize("rt", ["llava"], indirect=True)
+def test_a_count_below_the_pivots_keeps_the_pivots_in_the_reference_mode(rt, stock):
+    """The official walk starts from all its kappa = 4 pivots: a ratio whose count is below 4 (16 tokens at 0.889:
+    round(16 * 0.111) = 2) keeps the 4 pivots there (found by the Qwen2-VL parity run, where small images give such
+    counts), the other 12 merged into them; ours keeps the count, 2."""
+    one = slice_batch(make_batch(rt), 1, rt)
+    with torch.no_grad():
+        out = stock.model(**one, use_cache=True)
+    ids = one["input_ids"][0]
+    vis = torch.nonzero(ids == rt.model.config.image_token_id).flatten()
+    keys = out.past_key_values.layers[0].keys[0][:, vis].transpose(0, 1).reshape(vis.numel(), -1)
+    piv = pivot_tokens(keys, 4, "official")
+    m = VLMPruner(reduction_ratio=0.889, numerics="official")
+    m.setup(num_layers=4, num_vision_layers=3, family="llava")
+    assert m.kept_count(16) == 4 and m.kept_count(3) == 3
+    eng = rt.prune("vlmpruner", None, reduction_ratio=0.889, numerics="official")
+    with torch.no_grad():
+        rt.model(**one)
+    assert torch.equal(eng.selections[(0, 0)].keep, piv.sort().values)
+    eng = rt.prune("vlmpruner", None, reduction_ratio=0.889)
+    with torch.no_grad():
+        rt.model(**one)
+    assert eng.selections[(0, 0)].keep.numel() == 2
+
+
+@pytest.mark.parametrize("rt", ["llava"], indirect=True)
 def test_grid_coordinates_come_from_the_layout(rt):
     """The tokens' (column, row) and grid norm from the vision signals (not a constant): the tiny tower's 4 x 4."""
     got = {}

@@ -208,7 +208,8 @@ def qwen_model_class(tf):
 def qwen_enable(model, processor, method: dict) -> None:
     model.config.VLMPruner_config = {"K": QWEN_LAYER, "image_token_start_index": None, "image_token_length": None,
                                      "reduction_ratio": float(method["budget"]), "pivot_image_token": 4,
-                                     "threshold": 0.8, "token_batch": 16, "height": None, "width": None}
+                                     "threshold": 0.8, "token_batch": 16, "height": None, "width": None,
+                                     **method.get("official_kwargs", {})}  # planted changes (tests)
 
 
 def qwen_inputs(model, inputs) -> dict:
