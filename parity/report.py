@@ -36,9 +36,9 @@ def write(checks: list[Check], path) -> None:
 
 
 def precision(c: Check) -> str:
-    """The precision a check ran in (the first of the case's first two words that is fp32 / fp16: HiPrune's 24 x 24
-    tower's rows start with ``grid24``), "-" for the scorers."""
-    words = [w for w in c.case.split(" ")[:2] if w in ("fp32", "fp16")]
+    """The precision a check ran in (the first of the case's first three words that is fp32 / fp16: HiPrune's 24 x 24
+    tower's rows start with ``grid24``, the Qwen families' with the family and ``fork``), "-" for the scorers."""
+    words = [w for w in c.case.split(" ")[:3] if w in ("fp32", "fp16")]
     return words[0] if words else "-"
 
 

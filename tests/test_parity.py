@@ -287,3 +287,13 @@ def test_official_path_without_the_methods_package_is_refused(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: --official-path {tmp_path} has no flowcut/ folder (TungChintao/FlowCut does)"
+
+
+def test_precision_reads_the_qwen_family_cases():
+    """A Qwen family's cases name the family (and ``fork``) before the precision; the scorers' have none."""
+    from parity.report import Check, precision
+
+    assert precision(Check("unpruned", "qwen2-vl fork fp16 none batch [0]", True, "")) == "fp16"
+    assert precision(Check("qwen-priortr", "qwen3-vl fp32 priortr r=0.1 batch [0]", True, "")) == "fp32"
+    assert precision(Check("prep", "fp32 none batch [0]", True, "")) == "fp32"
+    assert precision(Check("scorers", "gqa exact match", True, "")) == "-"
