@@ -174,8 +174,9 @@ class CLSE(Method):
 
     def __init__(self, budget=None, **options):
         super().__init__(budget, **options)
-        if self.budget is None:
-            raise ValueError("clse: a budget is required (the official RETAIN_TOKEN: 192, 128 or 64)")
+        if self.budget is None and self.retain_ratio is None:
+            raise ValueError("clse: a budget is required (the official RETAIN_TOKEN: 192, 128 or 64; or the Qwen "
+                             "rule's retain_ratio)")
         check_numerics("clse", self.numerics)
         if self.caches not in ("kept", "pruned"):
             raise ValueError(f"clse: caches must be 'kept' or 'pruned', got {self.caches!r}")
@@ -238,6 +239,9 @@ class CLSE(Method):
     def stage_counts(self, n_visual: int) -> tuple[int, ...]:
         if self.run_rule == "qwen2_vl":
             return qwen_stage_counts(self.ratio, n_visual)
+        if self.budget is None:
+            raise ValueError("clse: the LLaVA rule needs a budget (the official RETAIN_TOKEN); retain_ratio is the "
+                             "Qwen2-VL rule's")
         return stage_counts(self.budget, n_visual)
 
     def layer_counts(self, n_visual: int) -> list[int]:

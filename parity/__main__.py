@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the official environment of the qwen part's Qwen2-VL rows (V2Drop's and VLM-Pruner's "
                         "Qwen2-VL code with their own transformers 4.45; default: .venv-official-qwen2vl, made by "
                         "`bash scripts/official_env.sh qwen2vl`)")
+    p.add_argument("--qwen457-venv", type=Path, default=REPO / ".venv-official-qwen457",
+                   help="the official environment of CLSE's Qwen2-VL rows (its copy of transformers 4.57.6; default: "
+                        ".venv-official-qwen457, made by `bash scripts/official_env.sh qwen457`)")
     p.add_argument("--official-path", default=None,
                    help="a clone of an official repository (its llava/ tree and its method package replace the "
                         "installed ones on the official side); default: .official/<method> when it exists "
@@ -136,13 +139,16 @@ def main_qwen(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     families = ["qwen2.5-vl"] + sorted({qwen.family_of(m) for m in methods} - {"qwen2.5-vl"})
-    venvs = {"qwen2.5-vl": args.qwen_venv, "qwen3-vl": args.qwen3_venv, "qwen2-vl": args.qwen2vl_venv}
-    for fam in families:
-        if not (venvs[fam] / "bin" / "python").exists():
-            env = qwen.FAMILIES[fam]["env"]
-            print(f"error: no {fam} official environment at {venvs[fam]}: run `bash scripts/official_env.sh {env}` "
-                  "first", file=sys.stderr)
+    venvs = {"qwen": args.qwen_venv, "qwen3": args.qwen3_venv, "qwen2vl": args.qwen2vl_venv,
+             "qwen457": args.qwen457_venv}
+    needed = {qwen.FAMILIES[f]["env"] for f in families if qwen.FAMILIES[f].get("stock", True)}
+    needed |= {qwen.env_of(m, qwen.family_of(m)) for m in methods}
+    for env in sorted(needed):
+        if not (venvs[env] / "bin" / "python").exists():
+            print(f"error: no official environment at {venvs[env]}: run `bash scripts/official_env.sh {env}` first",
+                  file=sys.stderr)
             return 2
+    pythons = {env: str(v / "bin" / "python") for env, v in venvs.items()}
     work = args.work.resolve()
     seeds = args.seeds or [args.seed]
     per_seed = {}
@@ -152,7 +158,7 @@ def main_qwen(args) -> int:
         for fam in families:
             info = qwen.build(folder, seed=seed, family=fam)
             print(f"## seed {seed}: {info['model']}")
-            checks += qwen.run(info, str(venvs[fam] / "bin" / "python"), folder, dtypes=tuple(args.dtypes),
+            checks += qwen.run(info, pythons, folder, dtypes=tuple(args.dtypes),
                                max_new_tokens=args.max_new_tokens, methods=tuple(methods), budgets=args.qwen_budgets,
                                official_path=args.official_path)
         print(table(checks))

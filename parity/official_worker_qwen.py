@@ -90,9 +90,12 @@ def run(job: dict) -> dict:
                 if hasattr(mod, "qwen_before_import"):
                     mod.qwen_before_import(clone)
                 imported.add(method["name"])
-        # Qwen3-VL under transformers 5: the slow (PIL) image processor, as ours
+        # Qwen3-VL under transformers 5 and the 4.57 releases (fast by default): the slow (PIL) image processor, as
+        # ours
         slow = {"use_fast": False} if cls_name.startswith("Qwen3") else {}
         processor = tf.AutoProcessor.from_pretrained(job["model"], **slow)
+        if (4, 57) <= tuple(int(x) for x in tf.__version__.split(".")[:2]) < (5, 0):  # its fast image processor
+            processor.image_processor = tf.AutoImageProcessor.from_pretrained(job["model"], use_fast=False)
         load_dtype = {"dtype": dtype} if int(tf.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
         cls = mod.qwen_model_class(tf) if mod is not None and hasattr(mod, "qwen_model_class") else model_cls
         model = cls.from_pretrained(job["model"], attn_implementation="sdpa", **load_dtype).eval()

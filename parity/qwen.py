@@ -59,12 +59,9 @@ FAMILIES = {
                    "model_class": "Qwen2_5_VLForConditionalGeneration", "env": "qwen"},
     "qwen3-vl": {"folder": "qwen3-vl-tiny", "tiny": "qwen3-vl", "marker": "built-qwen3.json",
                  "model_class": "Qwen3VLForConditionalGeneration", "env": "qwen3"},
-    # no stock model in its environment: its rows run only in the repositories' own transformers (QWEN_FORK jobs);
-    # transformers 4.45.0.dev0's Qwen2-VL computes the M-RoPE positions in prepare_inputs_for_generation only (a
-    # plain forward gets 1-D positions): the worker hands its forward the positions generate() would
+    # no stock model in its environment: its rows run only in the repositories' own transformers (QWEN_FORK jobs)
     "qwen2-vl": {"folder": "qwen2-vl-tiny", "tiny": "qwen2-vl", "marker": "built-qwen2vl.json",
-                 "model_class": "Qwen2VLForConditionalGeneration", "env": "qwen2vl", "stock": False,
-                 "positions_from_generate": True},
+                 "model_class": "Qwen2VLForConditionalGeneration", "env": "qwen2vl", "stock": False},
 }
 #: the tiny Qwen2-VL's LLM depth here: the official Qwen2-VL rules prune before layers 3, 16 and 22 of 28 (V2Drop) and
 #: at layer 2 (VLM-Pruner) without scaling them: 24 layers run every stage
@@ -274,13 +271,18 @@ def folder_451(info: dict, work: Path) -> str:
 
 def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
              fork: str | None = None) -> dict:
+    from . import adapters
+
     family = info.get("family", "qwen2.5-vl")
     model = folder_451(info, work) if fork else info["model"]
     vend = next((v for m in methods if m["name"] != "none" and (v := vendored(m["name"], m["clone"]))), None)
     job = {"kind": "run", "model": model, "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
            "fork": fork, "model_class": FAMILIES[family]["model_class"], "vendored": vend,
-           "positions_from_generate": FAMILIES[family].get("positions_from_generate", False)}
+           # an official copy whose M-RoPE positions only generate() computes (transformers 4.45.0.dev0's Qwen2-VL,
+           # ``QWEN_POSITIONS_FROM_GENERATE``): the worker hands its forward the positions generate() would
+           "positions_from_generate": any(getattr(adapters.get(m["name"]), "QWEN_POSITIONS_FROM_GENERATE", False)
+                                          for m in methods if m["name"] != "none")}
     name = (f"qwen-{dtype}-" + ("" if family == "qwen2.5-vl" else f"{family}-") + ("fork-" if fork else "")
             + "-".join(m["name"] + str(m.get("budget", "")) for m in methods))
     return run_official(python, job, work, name, worker=WORKER)
@@ -421,10 +423,19 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
     return checks
 
 
-def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
+def env_of(name: str, family: str) -> str:
+    """The official environment a method's rows run in: its adapter's ``QWEN_ENV`` (CLSE's Qwen2-VL copy of
+    transformers 4.57.6), else its family's (:data:`FAMILIES`)."""
+    from . import adapters
+
+    return getattr(adapters.get(name), "QWEN_ENV", None) or FAMILIES[family]["env"]
+
+
+def run(info: dict, python: str | dict, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
         budgets=None, official_path: str | None = None) -> list[Check]:
     """The unpruned model of ``info``'s family, then each method of ``methods`` (:func:`qwen_methods`) of that family
-    at its budgets, in each precision. Cases of a family other than Qwen2.5-VL are named with it."""
+    at its budgets, in each precision. Cases of a family other than Qwen2.5-VL are named with it. ``python``: the
+    official environment's interpreter, or one per environment name (:func:`env_of`)."""
     from . import adapters
 
     checks: list[Check] = []
@@ -442,7 +453,10 @@ def run(info: dict, python: str, work: Path, dtypes=("fp32", "fp16"), max_new_to
         jobs = jobs[1:]
     for dtype in dtypes:
         for fork, group in jobs:
-            off = official(info, python, dtype, group, max_new_tokens, work, fork=fork)
+            env = env_of(next((m["name"] for m in group if m["name"] != "none"), "none"), family) \
+                if any(m["name"] != "none" for m in group) else FAMILIES[family]["env"]
+            py = python[env] if isinstance(python, dict) else python
+            off = official(info, py, dtype, group, max_new_tokens, work, fork=fork)
             mine = ours(info, dtype, group, max_new_tokens)
             for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos")):
                 if fork:

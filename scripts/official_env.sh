@@ -11,6 +11,7 @@
 #                                         #    (its pin is 5.2.0.dev0 at a git commit; 5.1.0 is the release that runs it)
 #   bash scripts/official_env.sh qwen2vl  # -> .venv-official-qwen2vl/: transformers 4.44.2 (dependencies) for the
 #                                         #    Qwen2-VL code V2Drop and VLM-Pruner ship with their own transformers
+#   bash scripts/official_env.sh qwen457  # -> .venv-official-qwen457/: transformers 4.57.6 for CLSE's Qwen2-VL copy
 #   python -m parity all                  # compares the official code and ours on the same tiny weights
 #
 # Why a separate environment: the official code is a package named `llava`, like ours, and needs transformers
@@ -70,6 +71,25 @@ for name in ("torch", "torchvision", "transformers", "tokenizers"):
     print(f"[official_env]   {name:13} {md.version(name)}")
 print("[official_env]   (Qwen2-VL itself comes from each repository'"'"'s copy of transformers 4.45.0.dev0)")')
     say "done: python -m parity qwen --method v2drop vlmpruner (docs/parity.md)"
+    exit 0
+fi
+
+if [[ "${1:-}" == qwen457 ]]; then
+    # CLSE's Qwen2-VL code (docs/parity.md, "Qwen2-VL"): the repository ships transformers 4.57.6 with its Qwen2-VL
+    # text model replaced (Qwen2VL/transformers-4.57.6/src), which the official worker puts first on the path; this
+    # environment installs the release 4.57.6 for its pinned dependencies. Same torch pair as the qwen environment.
+    # shellcheck source=scripts/_venv.sh
+    . scripts/_venv.sh
+    VENV=${VTPRUNE_OFFICIAL_QWEN457_VENV:-$REPO/.venv-official-qwen457}
+    make_venv "$VENV" "$PY"
+    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 4.57.6 (its dependencies) and what the Qwen2-VL code imports"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
+        "transformers==4.57.6" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
+    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
+import importlib.metadata as md
+for name in ("torch", "torchvision", "transformers", "tokenizers"):
+    print(f"[official_env]   {name:13} {md.version(name)}")')
+    say "done: python -m parity qwen --method clse (docs/parity.md)"
     exit 0
 fi
 

@@ -28,7 +28,12 @@ def test_the_qwen2_vl_rows_run_in_the_repositories_own_transformers(tmp_path):
     (tmp_path / "llava").mkdir()
     (tmp_path / "Qwen2-VL" / "transformers" / "src").mkdir(parents=True)
     fam = qwen.FAMILIES["qwen2-vl"]
-    assert fam["stock"] is False and fam["positions_from_generate"] is True  # 4.45's M-RoPE: generate() only
+    assert fam["stock"] is False
+    from parity import adapters
+
+    # 4.45's M-RoPE positions come from generate() only; CLSE's copy of 4.57.6 computes them in its forward
+    assert adapters.get("v2drop").QWEN_POSITIONS_FROM_GENERATE and adapters.get("vlmpruner").QWEN_POSITIONS_FROM_GENERATE
+    assert not getattr(adapters.get("clse"), "QWEN_POSITIONS_FROM_GENERATE", False)
     for name, budgets in (("v2drop", [None]), ("vlmpruner", [0.889, 0.778, 0.667])):
         assert name in qwen.qwen_methods() and qwen.family_of(name) == "qwen2-vl"
         specs = qwen.method_specs([name], info, official_path=str(tmp_path))

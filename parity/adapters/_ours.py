@@ -71,3 +71,53 @@ def fixed_grid(rt) -> None:
     side = 2 * rt.model.config.vision_config.image_size
     rt.model.config.image_grid_pinpoints = [[side, side]]
     rt.processor.image_processor.image_grid_pinpoints = [[side, side]]
+
+
+def qwen_stage_recorder(rt, store: list, name: str):
+    """``record_ours_qwen`` of an in-LLM method with several stages, one image at a time: per stage the engine's kept
+    indices into the stage's candidates (ascending) and their count, as ``{"kept", "n"}`` entries."""
+    def finish(n_samples: int) -> None:
+        if n_samples != 1:
+            raise ValueError(f"{name}: the Qwen rows run one image at a time")
+        n = int(rt.engine.stats.samples[0].visual_candidates)
+        for s in range(len(rt.engine.method.llm_layers)):
+            sel = rt.engine.selections.get((s, 0))
+            if sel is None:
+                continue
+            store.append({"kept": sel.keep.flatten().sort().values.cpu(), "n": n})
+            n = int(sel.keep.numel())
+
+    return finish
+
+
+def qwen_stage_hooks(layers, stage_layers, image_of, store: list) -> list:
+    """``qwen_record`` of an official Qwen code that gathers ``cache_position`` with the kept rows: pre-hooks on the
+    decoder layers a stage prunes before, each recording (prefill only, once per forward) the image rows entering the
+    layer as indices into the previous stage's rows. ``image_of()`` -> (start, count) of the prompt's image. Returns
+    removable handles."""
+    import torch
+
+    seen: dict = {}
+
+    def hook_for(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == 1 or layer in seen:
+                return
+            start, n = image_of()
+            pos = kwargs["cache_position"]
+            vis = pos[(pos >= start) & (pos < start + n)] - start
+            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(n))
+            seen[layer] = vis
+            store.append({"kept": torch.searchsorted(prev, vis).cpu(), "n": int(prev.numel())})
+        return hook
+
+    class Handle:
+        def __init__(self, h):
+            self.h = h
+
+        def remove(self):
+            self.h.remove()
+            seen.clear()
+
+    return [Handle(layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in stage_layers], seen

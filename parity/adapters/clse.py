@@ -136,3 +136,75 @@ def record_ours(rt, store: list):
     from ._ours import llm_stage_recorder
 
     return llm_stage_recorder(rt, store)
+
+
+# ---- Qwen2-VL (``python -m parity qwen --method clse``, parity/qwen.py): the official Qwen2-VL code ----
+#
+# ``Qwen2VL/``: the repository's copy of transformers 4.57.6 whose ``Qwen2VLTextModel`` is replaced by CLSE's
+# (``Qwen2VL/transformers-4.57.6/src``, as its README's steps 1-3 make it; the model file's pruning 1034-1100, the
+# last row's attention 1103-1107, 1137-1180), first on the path (``QWEN_FORK``) in ``.venv-official-qwen457``
+# (``QWEN_ENV``: transformers 4.57.6's dependencies).
+# - switch: the copy reads ``PRUNE`` and ``RETAIN_RATIO`` from the environment when the text model is built; the
+#   adapter sets the same two attributes on the loaded model (``qwen_enable``). Stages ``K_list`` [1, 10, 19],
+#   ``L_list`` [0] as shipped: unscaled on the 24-layer tiny Qwen2-VL.
+# - shim: ``Qwen2VLForConditionalGeneration.forward`` marks the image's positions with Qwen2-VL's image token id
+#   151655 (hard-coded); a pre-hook on the text model sets the mark from the tiny vocabulary's image id after that
+#   line, on every call (a decode step's one token marks nothing, as there). Nothing else changed.
+# - recorded: per stage, the image rows entering decoder layer K (the copy gathers ``cache_position`` with them).
+# - ours: ``clse`` in its reference mode with the Qwen2-VL rule, ``layer_list`` (1, 10, 19) unscaled, the same
+#   RETAIN_RATIO, the earlier layers' caches kept (the copy's gathering is commented out).
+
+QWEN = True
+QWEN_FAMILY = "qwen2-vl"
+QWEN_FORK = True
+QWEN_ENV = "qwen457"
+QWEN_ROOT = "Qwen2VL/transformers-4.57.6/src"
+#: the official RETAIN_RATIO presets (192 / 128 / 64 of 576)
+QWEN_BUDGETS = (0.334, 0.223, 0.112)
+QWEN_LAYERS = (1, 10, 19)
+
+
+def qwen_enable(model, processor, method: dict) -> None:
+    lm = model.model.language_model
+    lm.prune, lm.retain_ratio = True, float(method["budget"])
+    if tuple(lm.K_list) != QWEN_LAYERS or list(lm.L_list) != [0]:
+        raise ValueError(f"clse: the copy's K_list {lm.K_list} / L_list {lm.L_list} are not the shipped ones")
+    ids: dict = {}
+    image_id = model.config.image_token_id
+
+    def top(module, args, kwargs):
+        ids["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
+
+    def text(module, args, kwargs):  # after the top forward's hard-coded mark: the tiny vocabulary's image id
+        module.visual_pos_masks = ids["input_ids"] == image_id
+
+    model._parity_hooks = [model.register_forward_pre_hook(top, with_kwargs=True),
+                           lm.register_forward_pre_hook(text, with_kwargs=True)]
+
+
+def qwen_inputs(model, inputs) -> dict:
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("clse: the official Qwen2-VL code reads the first sample's image only")
+    pads = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    model._parity_image = (int(pads[0]), int(pads.numel()))
+    return {}
+
+
+def qwen_record(model, store: list) -> list:
+    from ._ours import qwen_stage_hooks
+
+    handles, seen = qwen_stage_hooks(model.model.language_model.layers, QWEN_LAYERS, lambda: model._parity_image,
+                                     store)
+    return handles + [model.register_forward_pre_hook(lambda *a: seen.clear())] + list(model._parity_hooks)
+
+
+def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
+    return "clse", None, {"retain_ratio": float(budget), "numerics": "official", "rule": "qwen2_vl",
+                          "layer_list": QWEN_LAYERS, "scale_layers": False}
+
+
+def record_ours_qwen(rt, store: list):
+    from ._ours import qwen_stage_recorder
+
+    return qwen_stage_recorder(rt, store, "clse")

@@ -157,6 +157,9 @@ def record_ours(rt, store: list):
 QWEN = True
 QWEN_FAMILY = "qwen2-vl"
 QWEN_FORK = True
+#: its copy of transformers 4.45.0.dev0 computes the M-RoPE positions in prepare_inputs_for_generation only: the
+#: worker hands its forward the positions generate() computes
+QWEN_POSITIONS_FROM_GENERATE = True
 #: the repository's copy of transformers (the fork first on the path); its Qwen2-VL package two folders up
 QWEN_ROOT = "Qwen2-VL/transformers/src"
 #: no budget: the official schedule (one row per image)
@@ -196,34 +199,10 @@ def qwen_inputs(model, inputs) -> dict:
 
 def qwen_record(model, store: list) -> list:
     """Pre-hooks on decoder layers K: the prefill's ``cache_position`` holds the kept rows' original positions."""
-    import torch
+    from ._ours import qwen_stage_hooks
 
-    seen: dict = {}
-
-    def hook_for(layer):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.shape[1] == 1 or layer in seen:
-                return
-            start, n = model._parity_image
-            pos = kwargs["cache_position"]
-            vis = pos[(pos >= start) & (pos < start + n)] - start
-            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(n))
-            seen[layer] = vis
-            store.append({"kept": torch.searchsorted(prev, vis).cpu(), "n": int(prev.numel())})
-        return hook
-
-    class Handle:
-        def __init__(self, h):
-            self.h = h
-
-        def remove(self):
-            self.h.remove()
-            seen.clear()
-
-    layers = model.model.layers
-    # the worker's forward and generate() each run a prefill: one record per prefill (cleared by the worker)
-    handles = [Handle(layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in QWEN_LAYERS]
+    handles, seen = qwen_stage_hooks(model.model.layers, QWEN_LAYERS, lambda: model._parity_image, store)
+    # one record per forward (the worker snapshots the store after its forward, before generate())
     return handles + [model.register_forward_pre_hook(lambda *a: seen.clear())]
 
 
@@ -232,17 +211,6 @@ def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
 
 
 def record_ours_qwen(rt, store: list):
-    """Per stage (one sample): the engine's kept indices into the stage's candidates and their count."""
-    def finish(n_samples: int) -> None:
-        if n_samples != 1:
-            raise ValueError("v2drop: the Qwen rows run one image at a time")
-        stages = len(rt.engine.method.llm_layers)
-        for s in range(stages):
-            sel = rt.engine.selections.get((s, 0))
-            if sel is None:
-                continue
-            n = int(rt.engine.stats.samples[0].visual_candidates) if s == 0 else int(prev)
-            store.append({"kept": sel.keep.flatten().sort().values.cpu(), "n": n})
-            prev = sel.keep.numel()
+    from ._ours import qwen_stage_recorder
 
-    return finish
+    return qwen_stage_recorder(rt, store, "v2drop")

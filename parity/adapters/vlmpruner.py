@@ -177,6 +177,9 @@ def record_ours(rt, store: list):
 QWEN = True
 QWEN_FAMILY = "qwen2-vl"
 QWEN_FORK = True
+#: its copy of transformers 4.45.0.dev0 computes the M-RoPE positions in prepare_inputs_for_generation only: the
+#: worker hands its forward the positions generate() computes
+QWEN_POSITIONS_FROM_GENERATE = True
 QWEN_ROOT = "Qwen2-VL/transformers/src"
 #: the official reduction ratios (64 / 128 / 192 of 576)
 QWEN_BUDGETS = (0.889, 0.778, 0.667)
