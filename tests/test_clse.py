@@ -115,6 +115,12 @@ def test_qwen2_vl_rule_counts_layers_and_options():
     m.setup(num_layers=32, num_vision_layers=24, family="llava")
     assert (m.ratio, m.llm_layers) == (0.3, (2, 4, 6))
     assert CLSE.supports("qwen2_5_vl") and not CLSE.supports("qwen3_vl")
+    m = CLSE(retain_ratio=0.223)  # the Qwen rule's own budget, without a RETAIN_TOKEN
+    m.setup(num_layers=28, num_vision_layers=32, family="qwen2_vl")
+    assert m.stage_counts(100) == (38, 24, 6)
+    m.setup(num_layers=32, num_vision_layers=24, family="llava")
+    with pytest.raises(ValueError, match="LLaVA rule needs a budget"):
+        m.stage_counts(576)
     for bad in ({"rule": "qwen"}, {"retain_ratio": 0.0}, {"retain_ratio": 1.5}):
         with pytest.raises(ValueError, match="clse"):
             CLSE(192, **bad)

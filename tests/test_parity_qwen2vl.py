@@ -15,18 +15,24 @@ from parity.build import PARITY_SEED_IDS, PARITY_SEEDS
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = ROOT / ".venv-official-qwen2vl" / "bin" / "python"
-CLONES = {m: ROOT / ".official" / m for m in ("v2drop", "vlmpruner")}
+PY457 = ROOT / ".venv-official-qwen457" / "bin" / "python"
+CLONES = {m: ROOT / ".official" / m for m in ("v2drop", "vlmpruner", "clse")}
+ROOTS = {"v2drop": "Qwen2-VL/transformers/src", "vlmpruner": "Qwen2-VL/transformers/src",
+         "clse": "Qwen2VL/transformers-4.57.6/src"}
 needs_official = pytest.mark.skipif(
-    not PY.exists() or not all((c / "Qwen2-VL" / "transformers" / "src").is_dir() for c in CLONES.values()),
-    reason="no .venv-official-qwen2vl (bash scripts/official_env.sh qwen2vl) or no .official/v2drop / vlmpruner "
-           "(bash scripts/official_clones.sh v2drop vlmpruner)")
+    not PY.exists() or not PY457.exists() or not all((CLONES[m] / r).is_dir() for m, r in ROOTS.items()),
+    reason="no .venv-official-qwen2vl / -qwen457 (bash scripts/official_env.sh qwen2vl; ... qwen457) or no "
+           ".official/v2drop / vlmpruner / clse (bash scripts/official_clones.sh v2drop vlmpruner clse)")
+PYTHONS = {"qwen2vl": str(PY), "qwen457": str(PY457)}
 
 
 # -- without the official environment -------------------------------------------------------------------------------
 def test_the_qwen2_vl_rows_run_in_the_repositories_own_transformers(tmp_path):
     info = {"images": ["a", "b", "c", "d"], "method_images": ["e", "f"]}
     (tmp_path / "llava").mkdir()
-    (tmp_path / "Qwen2-VL" / "transformers" / "src").mkdir(parents=True)
+    (tmp_path / "LLaVA1.5" / "llava").mkdir(parents=True)
+    for r in ROOTS.values():
+        (tmp_path / r).mkdir(parents=True, exist_ok=True)
     fam = qwen.FAMILIES["qwen2-vl"]
     assert fam["stock"] is False
     from parity import adapters
@@ -34,18 +40,24 @@ def test_the_qwen2_vl_rows_run_in_the_repositories_own_transformers(tmp_path):
     # 4.45's M-RoPE positions come from generate() only; CLSE's copy of 4.57.6 computes them in its forward
     assert adapters.get("v2drop").QWEN_POSITIONS_FROM_GENERATE and adapters.get("vlmpruner").QWEN_POSITIONS_FROM_GENERATE
     assert not getattr(adapters.get("clse"), "QWEN_POSITIONS_FROM_GENERATE", False)
-    for name, budgets in (("v2drop", [None]), ("vlmpruner", [0.889, 0.778, 0.667])):
+    for name, budgets in (("v2drop", [None]), ("vlmpruner", [0.889, 0.778, 0.667]), ("clse", [0.334, 0.223, 0.112])):
         assert name in qwen.qwen_methods() and qwen.family_of(name) == "qwen2-vl"
-        specs = qwen.method_specs([name], info, official_path=str(tmp_path))
+        specs = qwen.method_specs([name], info, official_path=str(tmp_path))  # CLSE's LLaVA rows: LLaVA1.5/
         assert [s["budget"] for s in specs[1:]] == budgets
-        assert all(s["clone"] == str(tmp_path / "Qwen2-VL" / "transformers" / "src") for s in specs[1:])
+        assert all(s["clone"] == str(tmp_path / ROOTS[name]) for s in specs[1:])
         assert [s["name"] for s in qwen.method_specs([name], info, official_path=str(tmp_path),
                                                      family="qwen3-vl")] == ["none"]
 
 
 def test_ours_qwen_is_the_reference_mode_of_the_official_qwen2_vl_rules():
-    from parity.adapters import v2drop, vlmpruner
+    from parity.adapters import clse, v2drop, vlmpruner
 
+    # the environment per adapter: the 4.45 copies' and CLSE's 4.57.6 copy's
+    assert (qwen.env_of("v2drop", "qwen2-vl"), qwen.env_of("clse", "qwen2-vl"), qwen.env_of("mmtok", "qwen2.5-vl")) == (
+        "qwen2vl", "qwen457", "qwen")
+    assert clse.ours_qwen(0.223, "fp32", None) == (
+        "clse", None, {"retain_ratio": 0.223, "numerics": "official", "rule": "qwen2_vl", "layer_list": (1, 10, 19),
+                       "scale_layers": False})
     assert v2drop.ours_qwen(None, "fp32", None) == (
         "v2drop", None, {"numerics": "official", "rule": "qwen2vl", "scale_layers": False})
     assert vlmpruner.ours_qwen(0.778, "fp16", None) == (
@@ -61,17 +73,19 @@ def built(request, tmp_path_factory):
 
 
 @needs_official
-@pytest.mark.parametrize("method,rows", [("v2drop", 6), ("vlmpruner", 18)])
+@pytest.mark.parametrize("method,rows", [("v2drop", 6), ("vlmpruner", 18), ("clse", 18)])
 def test_the_official_qwen2_vl_code_agrees(built, method, rows):
     """fp32 and fp16, six images each alone (15 to 143 merged tokens): the official model's own unpruned rows, the
-    kept indices of every stage, bit-identical logits and the greedy tokens."""
+    kept indices of every stage, the logits (bit-identical for V2Drop and VLM-Pruner, within 1e-5 for CLSE, whose
+    copy is another release) and the greedy tokens."""
     work, info = built
-    checks = qwen.run(info, str(PY), work, methods=(method,), official_path=str(CLONES[method]))
+    checks = qwen.run(info, PYTHONS, work, methods=(method,), official_path=str(CLONES[method]))
     mine = [c for c in checks if c.group == f"qwen-{method}"]
     assert len(mine) == 2 * rows and len(checks) == 20 + 2 * rows
     assert all(c.case.startswith("qwen2-vl fork ") for c in checks)
     assert all(c.ok for c in checks), [(c.case, c.detail) for c in checks if not c.ok]
-    assert all("logits max abs diff 0.00e+00" in c.detail for c in mine if " fp32 " in c.case)
+    if method != "clse":
+        assert all("logits max abs diff 0.00e+00" in c.detail for c in mine if " fp32 " in c.case)
 
 
 @needs_official
@@ -91,6 +105,6 @@ def test_planted_changes_show(built, tmp_path, monkeypatch):
 
     monkeypatch.setattr(v2drop, "ours_qwen", lambda *a: ("v2drop", None, {"numerics": "official", "rule": "llava",
                                                                          "layers": (3, 16, 22), "scale_layers": False}))
-    checks = qwen.run(info, str(PY), tmp_path / "v2", dtypes=("fp32",), methods=("v2drop",),
+    checks = qwen.run(info, PYTHONS, tmp_path / "v2", dtypes=("fp32",), methods=("v2drop",),
                       official_path=str(CLONES["v2drop"]))
     assert any(not c.ok and "kept indices DIFFER" in c.detail for c in checks if c.group == "qwen-v2drop")
