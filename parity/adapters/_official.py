@@ -85,3 +85,39 @@ def cpu_cuda_timing(memory: bool = False) -> None:
     if memory:
         torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
         torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
+
+
+def stage_hooks(layers, stage_layers, image_of, positions, entry, store: list):
+    """What an official in-LLM code keeps at each stage, read where it gathers the kept rows' original positions
+    with them (V2Drop and CLSE: LLaVA's ``position_ids``, Qwen's ``cache_position``): pre-hooks on the decoder layers
+    a stage prunes before, each recording once (the prefill; a one-token step is skipped) the image rows entering the
+    layer as indices into the previous stage's rows. ``image_of()`` -> (start, count) of the prompt's image;
+    ``positions(kwargs)`` -> the (S,) positions the layer receives; ``entry(layer, kept, n)`` -> the item stored
+    (``n``: the previous stage's row count). Returns (removable handles, the per-layer record, which a caller clears
+    to record again)."""
+    import torch
+
+    seen: dict = {}
+
+    def hook_for(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == 1 or layer in seen:
+                return
+            start, n = image_of()
+            pos = positions(kwargs)
+            vis = pos[(pos >= start) & (pos < start + n)] - start
+            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(n))
+            seen[layer] = vis
+            store.append(entry(layer, torch.searchsorted(prev, vis).cpu(), int(prev.numel())))
+        return hook
+
+    class Handle:
+        def __init__(self, h):
+            self.h = h
+
+        def remove(self):
+            self.h.remove()
+            seen.clear()
+
+    return [Handle(layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in stage_layers], seen

@@ -90,34 +90,27 @@ def qwen_stage_recorder(rt, store: list, name: str):
     return finish
 
 
-def qwen_stage_hooks(layers, stage_layers, image_of, store: list) -> list:
-    """``qwen_record`` of an official Qwen code that gathers ``cache_position`` with the kept rows: pre-hooks on the
-    decoder layers a stage prunes before, each recording (prefill only, once per forward) the image rows entering the
-    layer as indices into the previous stage's rows. ``image_of()`` -> (start, count) of the prompt's image. Returns
-    removable handles."""
-    import torch
 
-    seen: dict = {}
+def qwen_rows_recorder(rt, store: list, field: str, read):
+    """``record_ours_qwen`` of a one-stage in-LLM method: per sample of the prefill, the kept indices (every token
+    where the stage selected nothing), the visual count and ``field``: what ``read(sig)`` returns from the stage's
+    signals (the rows the selection read, compared with the official side's), recorded as the stage runs."""
+    method = rt.engine.method
+    inner = method.select_llm
+    rows: list = []
 
-    def hook_for(layer):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.shape[1] == 1 or layer in seen:
-                return
-            start, n = image_of()
-            pos = kwargs["cache_position"]
-            vis = pos[(pos >= start) & (pos < start + n)] - start
-            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(n))
-            seen[layer] = vis
-            store.append({"kept": torch.searchsorted(prev, vis).cpu(), "n": int(prev.numel())})
-        return hook
+    def select_llm(stage, sig):
+        rows.append(read(sig).float().cpu().clone())
+        return inner(stage, sig)
 
-    class Handle:
-        def __init__(self, h):
-            self.h = h
+    method.select_llm = select_llm
 
-        def remove(self):
-            self.h.remove()
-            seen.clear()
+    def finish(n_samples: int) -> None:
+        method.select_llm = inner
+        for b in range(n_samples):
+            sel = rt.engine.selections.get((0, b))
+            n = int(rt.engine.stats.samples[b].visual_candidates)
+            kept = sel.keep.flatten().sort().values.cpu() if sel is not None else torch.arange(n)
+            store.append({"kept": kept, "n": n, field: rows[b] if b < len(rows) else None})
 
-    return [Handle(layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in stage_layers], seen
+    return finish

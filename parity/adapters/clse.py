@@ -95,35 +95,15 @@ def inputs(model, tokenizer, cases, prompts, input_ids) -> dict:
 
 
 def record(model, store: list) -> list:
-    """Pre-hooks on decoder layers K: in the prefill their ``position_ids`` hold the kept rows' original positions."""
-    import torch
+    """Pre-hooks on decoder layers K: in the prefill their ``position_ids`` hold the kept rows' original positions
+    (the worker's forward and generate() each run a prefill: the first one is recorded)."""
+    from ._official import stage_hooks
 
     inner = model.get_model()
-    seen: dict = {}
-
-    def hook_for(layer):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.shape[1] == 1 or layer in seen:
-                return
-            start = inner._parity_image_start
-            pos = kwargs["position_ids"][0]
-            vis = pos[(pos >= start) & (pos < start + PATCHES)] - start
-            prev = seen.get(max([k for k in seen if k < layer], default=-1), torch.arange(PATCHES))
-            seen[layer] = vis
-            store.append((f"llm{layer}", torch.searchsorted(prev, vis)[None].cpu()))
-        return hook
-
-    class Handle:
-        def __init__(self, h):
-            self.h = h
-
-        def remove(self):
-            self.h.remove()
-            seen.clear()
-
-    # the worker's forward and generate() each run a prefill: the first one is recorded
-    return [Handle(inner.layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True)) for k in LAYERS]
+    handles, _ = stage_hooks(inner.layers, LAYERS, lambda: (inner._parity_image_start, PATCHES),
+                             lambda kw: kw["position_ids"][0], lambda layer, kept, n: (f"llm{layer}", kept[None]),
+                             store)
+    return handles
 
 
 # ---- our side ----
@@ -192,10 +172,10 @@ def qwen_inputs(model, inputs) -> dict:
 
 
 def qwen_record(model, store: list) -> list:
-    from ._ours import qwen_stage_hooks
+    from ._official import stage_hooks
 
-    handles, seen = qwen_stage_hooks(model.model.language_model.layers, QWEN_LAYERS, lambda: model._parity_image,
-                                     store)
+    handles, seen = stage_hooks(model.model.language_model.layers, QWEN_LAYERS, lambda: model._parity_image,
+                                lambda kw: kw["cache_position"], lambda layer, kept, n: {"kept": kept, "n": n}, store)
     return handles + [model.register_forward_pre_hook(lambda *a: seen.clear())] + list(model._parity_hooks)
 
 

@@ -230,26 +230,10 @@ def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
 def record_ours_qwen(rt, store: list):
     """Per sample: the kept indices and the layer K-1 values our selection read (repeated to the query heads, as
     the fork's: their difference to the official rows is reported)."""
-    method = rt.engine.method
-    inner = method.select_llm
-    values: list = []
+    from ._ours import qwen_rows_recorder
 
-    def select_llm(stage, sig):
+    def values(sig):
         v = sig.values(layer="prev")
-        h = sig.queries("last", layer="prev").shape[0]
-        values.append(v.repeat_interleave(h // v.shape[1], dim=1).float().cpu().clone())
-        return inner(stage, sig)
+        return v.repeat_interleave(sig.queries("last", layer="prev").shape[0] // v.shape[1], dim=1)
 
-    method.select_llm = select_llm
-
-    def finish(n_samples: int) -> None:
-        import torch
-
-        method.select_llm = inner
-        for b in range(n_samples):
-            sel = rt.engine.selections.get((0, b))
-            n = int(rt.engine.stats.samples[b].visual_candidates)
-            kept = sel.keep.flatten().sort().values.cpu() if sel is not None else torch.arange(n)
-            store.append({"kept": kept, "n": n, "values": values[b] if b < len(values) else None})
-
-    return finish
+    return qwen_rows_recorder(rt, store, "values", values)

@@ -211,25 +211,8 @@ def ours_qwen(budget: float, dtype: str, rt) -> tuple[str, None, dict]:
 def record_ours_qwen(rt, store: list):
     """Per sample: the kept indices, the visual count and the attention rows our selection read (the null token to
     the end of the prompt; their difference to the official rows over the image's columns is reported)."""
+    from ._ours import qwen_rows_recorder
+
     method = rt.engine.method
-    inner = method.select_llm
-    rows: list = []
-
-    def select_llm(stage, sig):
-        a = sig.attention("text_after", layer="prev", logits="model_scaling", causal=method.causal_scores)
-        rows.append(a[:, :, sig.visual].float().cpu().clone())
-        return inner(stage, sig)
-
-    method.select_llm = select_llm
-
-    def finish(n_samples: int) -> None:
-        import torch
-
-        method.select_llm = inner
-        for b in range(n_samples):
-            sel = rt.engine.selections.get((0, b))
-            n = int(rt.engine.stats.samples[b].visual_candidates)
-            kept = sel.keep.flatten().sort().values.cpu() if sel is not None else torch.arange(n)
-            store.append({"kept": kept, "n": n, "attention": rows[b] if b < len(rows) else None})
-
-    return finish
+    return qwen_rows_recorder(rt, store, "attention", lambda sig: sig.attention(
+        "text_after", layer="prev", logits="model_scaling", causal=method.causal_scores)[:, :, sig.visual])
