@@ -274,7 +274,8 @@ def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_t
     from . import adapters
 
     family = info.get("family", "qwen2.5-vl")
-    model = folder_451(info, work) if fork else info["model"]
+    # IVC-Prune's fork reads the Qwen2.5-VL folder as 4.51 does; the Qwen2-VL folder is written for 4.45 already
+    model = folder_451(info, work) if fork and family == "qwen2.5-vl" else info["model"]
     vend = next((v for m in methods if m["name"] != "none" and (v := vendored(m["name"], m["clone"]))), None)
     job = {"kind": "run", "model": model, "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,

@@ -49,6 +49,23 @@ def test_the_qwen2_vl_rows_run_in_the_repositories_own_transformers(tmp_path):
                                                      family="qwen3-vl")] == ["none"]
 
 
+def test_a_fork_job_reads_its_familys_own_folder(tmp_path, monkeypatch):
+    """A QWEN_FORK job on Qwen2-VL reads the Qwen2-VL folder itself (written for 4.45); only IVC-Prune's fork on
+    Qwen2.5-VL reads the 4.51 copy. (A Qwen2-VL copy under the Qwen2.5-VL copy's name broke a later IVC-Prune job in
+    the same work folder.)"""
+    jobs = []
+    monkeypatch.setattr(qwen, "run_official", lambda py, job, work, name, worker: jobs.append(job) or {})
+    src = tmp_path / "qwen2.5-vl-tiny"
+    src.mkdir()
+    (src / "config.json").write_text('{"text_config": {}}')
+    base = {"images": ["a"], "model": str(src)}
+    qwen.official(dict(base, family="qwen2-vl", model="/x/qwen2-vl-tiny"), "py", "fp32", [{"name": "none"}], 1,
+                  tmp_path, fork="/clone/src")
+    qwen.official(dict(base, family="qwen2.5-vl"), "py", "fp32", [{"name": "none"}], 1, tmp_path, fork="/clone/src")
+    assert jobs[0]["model"] == "/x/qwen2-vl-tiny"
+    assert jobs[1]["model"] == str(tmp_path / "qwen2.5-vl-tiny-4.51")
+
+
 def test_ours_qwen_is_the_reference_mode_of_the_official_qwen2_vl_rules():
     from parity.adapters import clse, v2drop, vlmpruner
 
