@@ -32,90 +32,61 @@ VENV=${VTPRUNE_OFFICIAL_VENV:-$REPO/.venv-official}
 PY=${PYTHON:-python3}
 say() { printf '[official_env] %s\n' "$*"; }
 
-if [[ "${1:-}" == qwen ]]; then
-    # The Qwen side (docs/parity.md, "Qwen2.5-VL"): transformers 4.52.4 as MMTok's requirements.txt pins it. Its
-    # Qwen2_5_VLProcessor builds a video processor that needs torchvision, which breaks beside torch 2.13 here:
-    # this environment pairs torch 2.14.1 with torchvision 0.29.1 instead (it shares nothing with ours).
+# An environment for the official Qwen code: torch 2.14.1 + torchvision 0.29.1 (transformers' Qwen processors build a
+# video processor that needs torchvision, which breaks beside torch 2.13 here; these share nothing with ours), the
+# transformers release $2, and what the official Qwen code imports; then the versions and the Python check $3.
+# $1: the environment's folder; $4: what it is for.
+hf_env() {
     # shellcheck source=scripts/_venv.sh
     . scripts/_venv.sh
-    VENV=${VTPRUNE_OFFICIAL_QWEN_VENV:-$REPO/.venv-official-qwen}
-    make_venv "$VENV" "$PY"
-    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 4.52.4 and what the official Qwen code imports"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
-        "transformers==4.52.4" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
-    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
+    make_venv "$1" "$PY"
+    say "installing torch 2.14.1 + torchvision 0.29.1, transformers $2 and what the official code imports"
+    "$1/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
+        "transformers==$2" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
+    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$1/bin/python" -c '
 import importlib.metadata as md
+import sys
 for name in ("torch", "torchvision", "transformers", "tokenizers"):
     print(f"[official_env]   {name:13} {md.version(name)}")
+exec(sys.argv[1])' "$3")
+    say "done: $4 (docs/parity.md)"
+}
+
+case "${1:-}" in
+    qwen)
+        # The Qwen side (docs/parity.md, "Qwen2.5-VL"): transformers 4.52.4 as MMTok's requirements.txt pins it.
+        hf_env "${VTPRUNE_OFFICIAL_QWEN_VENV:-$REPO/.venv-official-qwen}" 4.52.4 '
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: F401
-print("[official_env]   Qwen2_5_VLForConditionalGeneration and AutoProcessor import")')
-    say "done: python -m parity qwen (docs/parity.md)"
-    exit 0
-fi
-
-if [[ "${1:-}" == qwen2vl ]]; then
-    # V2Drop's and VLM-Pruner's Qwen2-VL code (docs/parity.md, "Qwen2-VL"): each repository ships a copy of
-    # transformers 4.45.0.dev0 (Qwen2-VL/transformers/src), which the official worker puts first on the path. That
-    # copy requires tokenizers 0.19 at import, as the release 4.44.2 does: this environment installs 4.44.2 for its
-    # pinned dependencies, and the repositories' copy shadows it. Same torch pair as the qwen environment.
-    # shellcheck source=scripts/_venv.sh
-    . scripts/_venv.sh
-    VENV=${VTPRUNE_OFFICIAL_QWEN2VL_VENV:-$REPO/.venv-official-qwen2vl}
-    make_venv "$VENV" "$PY"
-    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 4.44.2 (its dependencies) and what the Qwen2-VL code imports"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
-        "transformers==4.44.2" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
-    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
-import importlib.metadata as md
-for name in ("torch", "torchvision", "transformers", "tokenizers"):
-    print(f"[official_env]   {name:13} {md.version(name)}")
-print("[official_env]   (Qwen2-VL itself comes from each repository'"'"'s copy of transformers 4.45.0.dev0)")')
-    say "done: python -m parity qwen --method v2drop vlmpruner (docs/parity.md)"
-    exit 0
-fi
-
-if [[ "${1:-}" == qwen457 ]]; then
-    # CLSE's Qwen2-VL code (docs/parity.md, "Qwen2-VL"): the repository ships transformers 4.57.6 with its Qwen2-VL
-    # text model replaced (Qwen2VL/transformers-4.57.6/src), which the official worker puts first on the path; this
-    # environment installs the release 4.57.6 for its pinned dependencies. Same torch pair as the qwen environment.
-    # shellcheck source=scripts/_venv.sh
-    . scripts/_venv.sh
-    VENV=${VTPRUNE_OFFICIAL_QWEN457_VENV:-$REPO/.venv-official-qwen457}
-    make_venv "$VENV" "$PY"
-    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 4.57.6 (its dependencies) and what the Qwen2-VL code imports"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
-        "transformers==4.57.6" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
-    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
-import importlib.metadata as md
-for name in ("torch", "torchvision", "transformers", "tokenizers"):
-    print(f"[official_env]   {name:13} {md.version(name)}")')
-    say "done: python -m parity qwen --method clse (docs/parity.md)"
-    exit 0
-fi
-
-if [[ "${1:-}" == qwen3 ]]; then
-    # PriorTR's Qwen3-VL code (docs/parity.md, "Qwen3-VL"): its environment pins transformers 5.2.0.dev0 at commit
-    # f8f2834e1a (not on the package index) and replaces transformers' qwen3_vl model folder by the repository's
-    # own copy (image/Qwen3-VL/qwen3/); the official worker installs that copy under the same module name at import.
-    # That copy is 5.1.0's qwen3_vl plus the vision tower's attention output (diffed), and imports
-    # `check_model_inputs`, which 5.2.0 no longer has: 5.1.0 is the nearest release that runs it. Same torch pair as
-    # the qwen environment.
-    # shellcheck source=scripts/_venv.sh
-    . scripts/_venv.sh
-    VENV=${VTPRUNE_OFFICIAL_QWEN3_VENV:-$REPO/.venv-official-qwen3}
-    make_venv "$VENV" "$PY"
-    say "installing torch 2.14.1 + torchvision 0.29.1, transformers 5.1.0 and what the official Qwen3-VL code imports"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" \
-        "transformers==5.1.0" "accelerate>=1,<2" "numpy<2" pillow loguru safetensors
-    (cd "$(mktemp -d)" && PYTHONWARNINGS=ignore "$VENV/bin/python" -c '
-import importlib.metadata as md
-for name in ("torch", "torchvision", "transformers", "tokenizers"):
-    print(f"[official_env]   {name:13} {md.version(name)}")
+print("[official_env]   Qwen2_5_VLForConditionalGeneration and AutoProcessor import")' "python -m parity qwen"
+        exit 0 ;;
+    qwen2vl)
+        # V2Drop's and VLM-Pruner's Qwen2-VL code (docs/parity.md, "Qwen2-VL"): each repository ships a copy of
+        # transformers 4.45.0.dev0 (Qwen2-VL/transformers/src), which the official worker puts first on the path.
+        # That copy requires tokenizers 0.19 at import, as the release 4.44.2 does: this environment installs
+        # 4.44.2 for its pinned dependencies, and the repositories' copy shadows it.
+        hf_env "${VTPRUNE_OFFICIAL_QWEN2VL_VENV:-$REPO/.venv-official-qwen2vl}" 4.44.2 '
+print("[official_env]   (Qwen2-VL itself comes from each repository copy of transformers 4.45.0.dev0)")' \
+            "python -m parity qwen --method v2drop vlmpruner"
+        exit 0 ;;
+    qwen457)
+        # CLSE's Qwen2-VL code (docs/parity.md, "Qwen2-VL"): the repository ships transformers 4.57.6 with its
+        # Qwen2-VL text model replaced (Qwen2VL/transformers-4.57.6/src), which the official worker puts first on the
+        # path; this environment installs the release 4.57.6 for its pinned dependencies.
+        hf_env "${VTPRUNE_OFFICIAL_QWEN457_VENV:-$REPO/.venv-official-qwen457}" 4.57.6 '' \
+            "python -m parity qwen --method clse"
+        exit 0 ;;
+    qwen3)
+        # PriorTR's Qwen3-VL code (docs/parity.md, "Qwen3-VL"): its environment pins transformers 5.2.0.dev0 at
+        # commit f8f2834e1a (not on the package index) and replaces transformers' qwen3_vl model folder by the
+        # repository's own copy (image/Qwen3-VL/qwen3/); the official worker installs that copy under the same module
+        # name at import. That copy is 5.1.0's qwen3_vl plus the vision tower's attention output (diffed), and
+        # imports `check_model_inputs`, which 5.2.0 no longer has: 5.1.0 is the nearest release that runs it.
+        hf_env "${VTPRUNE_OFFICIAL_QWEN3_VENV:-$REPO/.venv-official-qwen3}" 5.1.0 '
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration  # noqa: F401
-print("[official_env]   Qwen3VLForConditionalGeneration and AutoProcessor import")')
-    say "done: python -m parity qwen --method priortr (docs/parity.md)"
-    exit 0
-fi
+print("[official_env]   Qwen3VLForConditionalGeneration and AutoProcessor import")' \
+            "python -m parity qwen --method priortr"
+        exit 0 ;;
+esac
 
 # shellcheck source=scripts/_venv.sh
 . scripts/_venv.sh
