@@ -165,22 +165,36 @@ def _clip_attention_436(attn, h):
     return attn.out_proj(torch.bmm(w, heads(attn.v_proj(h))).view(B, H, S, D // H).transpose(1, 2).reshape(B, S, D))
 
 
+def _fp16_tower_attention_seed3():
+    """The tiny tower's eager CLIP attention, the attention chosen for an fp16 tower and the 4.36 rule on one seeded
+    fp16 input (65 tokens as the tiny tower's, drawn with seed 3)."""
+    h = torch.randn(1, 65, 64, generator=torch.Generator().manual_seed(3)).half()
+    eager, chosen = _clip_attention("eager"), _clip_attention(llava15.tower_attention("eager", {"dtype": "float16"}))
+    with torch.no_grad():
+        return eager(h)[0], chosen(h)[0], _clip_attention_436(eager, h)
+
+
 def test_an_fp16_tower_runs_the_softmax_in_fp16_as_transformers_436():
     # a fork whose builder casts the tower to fp16 (PruMerge, VisionTrim: vision_dtype=None under the fp16 LLM):
-    # transformers 4.36's CLIP takes the softmax in fp16, transformers 5's eager one in fp32 rounded once; on this
-    # input (65 tokens as the tiny tower's, drawn with seed 3) they part by an fp16 ulp, which python_sdpa does not
+    # transformers 4.36's CLIP takes the softmax in fp16, transformers 5's eager one in fp32 rounded once; the
+    # attention chosen for such a tower (python_sdpa) is the 4.36 rule, bit for bit, on any CPU
     assert llava15.tower_attention("eager", {"dtype": "float16", "vision_dtype": None}) == "python_sdpa"
     assert llava15.tower_attention("eager", {"dtype": "float16", "vision_dtype": "float32"}) == "eager"
     assert llava15.tower_attention("eager", {"dtype": "float32", "vision_dtype": None}) == "eager"
     assert llava15.tower_attention("sdpa", {"dtype": "float16", "vision_dtype": None}) == "sdpa"  # asked for
-    h = torch.randn(1, 65, 64, generator=torch.Generator().manual_seed(3)).half()
-    eager, chosen = _clip_attention("eager"), _clip_attention(llava15.tower_attention("eager", {"dtype": "float16"}))
-    with torch.no_grad():
-        want = _clip_attention_436(eager, h)
-        got_eager, got = eager(h)[0], chosen(h)[0]
-    assert not torch.equal(got_eager, want)
-    assert (got_eager.float() - want.float()).abs().max() == 2 ** -9  # one fp16 ulp at 0.25 .. 0.5
+    _, got, want = _fp16_tower_attention_seed3()
+    assert got.dtype == want.dtype == torch.float16 and got.shape == want.shape == (1, 65, 64)
     assert torch.equal(got, want)
+
+
+def test_where_the_cpu_parts_them_transformers_5s_eager_fp16_attention_is_one_ulp_off_the_436_rule():
+    # a diagnostic of why the choice above matters: whether transformers 5's fp32-softmax-rounded-once and the 4.36
+    # fp16 softmax part on this input depends on the CPU's fp16 kernels (they do on AMD Zen here, not on an Intel
+    # AVX-512 Xeon): where they agree there is nothing to show
+    got_eager, _, want = _fp16_tower_attention_seed3()
+    if torch.equal(got_eager, want):
+        pytest.skip("this CPU's fp16 kernels give transformers 5's eager attention and the 4.36 rule the same bits")
+    assert (got_eager.float() - want.float()).abs().max() <= 2 ** -9  # at most one fp16 ulp at 0.25 .. 0.5
 
 
 def test_cli_without_the_official_environment_says_how_to_build_it(tmp_path):
