@@ -31,11 +31,15 @@ compete like any token, sample scope only), ``"keep"`` (layout, not counted), ``
 Deviation (guard): picked tokens are excluded from later rounds; the official loop could pick a token
 twice when every remaining token duplicates a picked one (all scores 0). Distances are in fp32.
 
-Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - features cast
-to float16 (the official LLM input embeddings are fp16), ``1 - mm(x/|x|, (x/|x|)^T)`` in fp16 without the
-norm clamp, first pick from the second-smallest entry of each distance column (``topk(2, largest=False)``,
-diagonal included), every later pick by ``argmax`` over all tokens (no distinct-pick guard; a token picked
-twice is kept once: the official code would feed it twice).
+Reference mode (option ``numerics="official"``; default ``"ours"``): the official numerics - the features in
+the model's dtype (the official ``pairwise_cosine_similarity`` computes in the dtype of its LLM input embeddings:
+fp16 under its builder's fp16 load, fp32 in a model loaded in fp32), ``1 - mm(x/|x|, (x/|x|)^T)`` in that dtype
+without the norm clamp, first pick from the second-smallest entry of each distance column (``topk(2,
+largest=False)``, diagonal included), every later pick by ``argmax`` over all tokens (no distinct-pick guard; a
+token picked twice is kept once: the official code would feed it twice). Option ``reference_dtype``: ``"model"``
+(default: the features' own dtype, our LLM's: fp16 in an fp16 run, fp32 in an fp32 run, as DART's and CDPruner's
+option) or ``"float16"`` (always fp16, the official eval runs' load whatever ours runs in; the behaviour before
+2026-11-27, which parted from the official code in an fp32 run: seed 11, T = 32, docs/parity.md).
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ DEFAULT_RATIO = SUBSET_RATIO  # the official SUBSET_RATIO default (0.098)
 num_picks = subset_picks  # picks per scope: budget per unit, else round(ratio * n)
 SCOPES = ("auto", "sample", "unit")
 NEWLINE_MODES = ("auto", "candidate", "keep", "drop")
-#: the dtype of the official runs' LLM input embeddings (LLaVA loads the model in float16)
+#: the dtype of the official eval runs' LLM input embeddings (LLaVA loads the model in float16):
+#: the reference mode's cast with ``reference_dtype="float16"`` only
 OFFICIAL_DTYPE = torch.float16
+REFERENCE_DTYPES = ("model", "float16")
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -61,24 +67,28 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x @ x.T
 
 
-def official_cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """(N, N) 1 - cosine similarity as the official ``pairwise_cosine_similarity``: rows of ``x`` cast
-    to the official dtype (fp16), divided by their norms (no clamp), ``torch.mm``, all in that dtype."""
-    x = x.to(OFFICIAL_DTYPE)
+def official_cosine_distance(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(N, N) 1 - cosine similarity as the official ``pairwise_cosine_similarity``: rows of ``x`` in
+    ``dtype`` (None: ``x``'s own, the model's, as the official code: fp16 under its fp16 load, fp32 in an
+    fp32 run; ``OFFICIAL_DTYPE`` for the always-fp16 cast), divided by their norms (no clamp), ``torch.mm``,
+    all in that dtype."""
+    if dtype is not None:
+        x = x.to(dtype)
     xn = x / x.norm(dim=1, keepdim=True)
     return 1.0 - torch.mm(xn, xn.t())
 
 
-def max_min_diversity_official(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference mode of :func:`max_min_diversity`: the official numerics (fp16 distances, first pick
-    from the second-smallest entry of each column with the diagonal included, ``argmax`` over all
-    tokens without excluding the picked ones). Returns the picks (k,) in pick order (may repeat)."""
+def max_min_diversity_official(x: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference mode of :func:`max_min_diversity`: the official numerics (distances in ``dtype``, None =
+    ``x``'s own as the official code's model dtype; first pick from the second-smallest entry of each column
+    with the diagonal included, ``argmax`` over all tokens without excluding the picked ones). Returns the
+    picks (k,) in pick order (may repeat)."""
     n = x.shape[0]
     k = max(0, min(int(k), n))
     picks = torch.empty(k, dtype=torch.long, device=x.device)
     if k == 0:
         return picks
-    d = official_cosine_distance(x)
+    d = official_cosine_distance(x, dtype)
     first = torch.topk(d, 2, dim=0, largest=False).values[1, :] if n > 1 else d[0]
     j = torch.argmax(first).reshape(1)
     picks[0] = j[0]
@@ -109,14 +119,16 @@ def max_min_problem(x: torch.Tensor, k: int) -> tuple[torch.Tensor, MaxMinProble
     return j, MaxMinProblem(dist=d, k=k - 1, min_dist=d.index_select(0, j)[0], taken=taken, num_taken=1)
 
 
-def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.Tensor:
+def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours",
+                      official_dtype: torch.dtype | None = None) -> torch.Tensor:
     """DivPrune's greedy max-min selection of ``k`` rows of ``x`` (N, D); returns the picks (k,)
     in pick order. The loop runs on the host (:func:`llava.ops.greedy_max_min`: one copy each way,
     the picks bit-identical to the device loop). ``numerics="official"``:
-    :func:`max_min_diversity_official` (the official loop, on the device)."""
+    :func:`max_min_diversity_official` in ``official_dtype`` (None: ``x``'s own; the official loop, on the
+    device)."""
     check_numerics("divprune", numerics)
     if numerics == "official":
-        return max_min_diversity_official(x, k)
+        return max_min_diversity_official(x, k, official_dtype)
     first, prob = max_min_problem(x, k)
     return first if prob is None else torch.cat([first, greedy_max_min([prob])[0]])
 
@@ -124,14 +136,16 @@ def max_min_diversity(x: torch.Tensor, k: int, numerics: str = "ours") -> torch.
 
 def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None = None,
              ratio: float | None = None, per_unit: bool = False, newlines: str = "auto",
-             numerics: str = "ours", layout=None, device_loop: bool = False) -> torch.Tensor:
+             numerics: str = "ours", official_dtype: torch.dtype | None = None, layout=None,
+             device_loop: bool = False) -> torch.Tensor:
     """Indices (ascending) of the tokens DivPrune keeps for one sample.
 
     features: (T, D) the tokens as the LLM would receive them; unit: (T,) unit id (-1 = NeXT newline).
     ``budget`` tokens per unit (k = budget x units of the scope) or ``ratio`` of the scope's
     candidates; ``per_unit`` selects within each unit instead of over the whole sample.
-    ``numerics``: "ours" (fp32, distinct picks) or "official" (reference mode; repeated picks are
-    kept once, so a scope may keep fewer than k tokens).
+    ``numerics``: "ours" (fp32, distinct picks) or "official" (reference mode, its distances in
+    ``official_dtype``: None = the features' own dtype, the model's, as the official code; repeated picks
+    are kept once, so a scope may keep fewer than k tokens).
     """
     check_numerics("divprune", numerics)
     if newlines not in NEWLINE_MODES:
@@ -157,7 +171,7 @@ def divprune(features: torch.Tensor, unit: torch.Tensor, *, budget: int | None =
         if k >= idx.numel():
             kept.append(idx)
         elif numerics == "official":
-            kept.append(idx[max_min_diversity_official(features[idx], k)])
+            kept.append(idx[max_min_diversity_official(features[idx], k, official_dtype)])
         else:
             first, prob = max_min_problem(features[idx], k)
             if prob is None:
@@ -191,9 +205,13 @@ class DivPrune(Method):
             "scope": "auto",
             # LLaVA-NeXT newline tokens: "auto", "candidate", "keep", "drop"
             "newlines": "auto",
-            # "ours" (fp32 distances, distinct picks) or "official" (reference mode: fp16 distances,
-            # the official first pick, no distinct-pick guard)
+            # "ours" (fp32 distances, distinct picks) or "official" (reference mode: distances in the
+            # model's dtype, the official first pick, no distinct-pick guard)
             "numerics": "ours",
+            # reference mode's distance dtype: "model" (the features' own, our LLM's: the official code
+            # computes in its model's dtype, fp16 under its builder, fp32 in an fp32 run) or "float16"
+            # (always fp16, the official eval runs' load whatever ours runs in)
+            "reference_dtype": "model",
         }
 
     def __init__(self, budget=None, **options):
@@ -207,6 +225,9 @@ class DivPrune(Method):
         if self.newlines not in NEWLINE_MODES:
             raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
         check_numerics("divprune", self.numerics)
+        if self.reference_dtype not in REFERENCE_DTYPES:
+            raise ValueError(f"divprune: reference_dtype must be one of {REFERENCE_DTYPES}, "
+                             f"got {self.reference_dtype!r}")
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("divprune: newline tokens can be candidates only in sample scope")
 
@@ -214,5 +235,7 @@ class DivPrune(Method):
         scope = self.scope if self.scope != "auto" else ("unit" if sig.unit_kind == "frame" else "sample")
         return Selection(keep=divprune(sig.features, sig.unit, budget=self.budget, ratio=self.ratio,
                                        per_unit=scope == "unit", newlines=self.newlines,
-                                       numerics=self.numerics, layout=sig.unit_layout(),
+                                       numerics=self.numerics,
+                                       official_dtype=OFFICIAL_DTYPE if self.reference_dtype == "float16" else None,
+                                       layout=sig.unit_layout(),
                                        device_loop=sig.captured))

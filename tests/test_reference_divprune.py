@@ -6,19 +6,24 @@ Official source (read, not copied): vbdi/divprune, ``LLaVA/llava/model/llava_arc
     second-smallest entry of each distance column via ``topk(2, largest=False)``; each next pick =
     argmax over ALL tokens of the min distance to the picked rows, picked ones not excluded);
   * the ``#divprune`` block at the end of ``prepare_inputs_labels_for_multimodal`` (``LAYER_INDEX=0``:
-    the visual rows of ``new_input_embeds`` - fp16 in the official runs, the model is loaded in fp16 -
-    are handed to ``DivPrune``; the picks plus prefix / text positions are sorted and gathered).
+    the visual rows of ``new_input_embeds``, in the model's dtype - fp16 under the official builder's load,
+    fp32 in a model loaded in fp32 - are handed to ``DivPrune``; the picks plus prefix / text positions are
+    sorted and gathered).
 
 The transcription is compared with ``baselines.divprune`` on worked examples and random LLM-input rows
-with the official shapes (LLaVA-1.5-7B: 576 visual tokens x 4096), in fp16 and fp32, with planted
-duplicate tokens (exact ties), at the README ratio 0.098 and the 64/128/192 budgets.
+with the official shapes (LLaVA-1.5-7B: 576 visual tokens x 4096), in fp16 and fp32 (the official code on
+rows of that dtype; ``reference_dtype="float16"``: the always-fp16 cast), with planted duplicate tokens (exact
+ties), at the README ratio 0.098 and the 64/128/192 budgets.
 """
 
 import pytest
 import torch
 from conftest import FAMILIES
 
+from types import SimpleNamespace
+
 from baselines.divprune import DivPrune, divprune, max_min_diversity
+from llava.ops import unit_layout
 
 OFFICIAL_DTYPE = torch.float16
 
@@ -42,12 +47,22 @@ def official_divprune(visual_tokens, ratio):
 
 
 def official_kept(visual_tokens, ratio):
-    """The visual positions the official code feeds (sorted; a re-pick appears once here)."""
-    return sorted(set(official_divprune(visual_tokens.to(OFFICIAL_DTYPE), ratio)))
+    """The visual positions the official code feeds on rows of this dtype, the model's (sorted; a re-pick
+    appears once here)."""
+    return sorted(set(official_divprune(visual_tokens, ratio)))
 
 
-def ours(x, k, numerics):
-    return divprune(x, torch.zeros(x.shape[0], dtype=torch.long), budget=k, numerics=numerics).tolist()
+def ours(x, k, numerics, official_dtype=None):
+    return divprune(x, torch.zeros(x.shape[0], dtype=torch.long), budget=k, numerics=numerics,
+                    official_dtype=official_dtype).tolist()
+
+
+def method_keep(x, budget, **options):
+    """``DivPrune.select_vision`` on one image's LLM-input rows ``x`` (a vision signal with what it reads)."""
+    unit = torch.zeros(x.shape[0], dtype=torch.long)
+    sig = SimpleNamespace(features=x, unit=unit, unit_kind="image", captured=False,
+                          unit_layout=lambda: unit_layout(unit))
+    return DivPrune(budget, **options).select_vision(sig).keep.tolist()
 
 
 # ------------------------------------------------------------------------------ worked examples
@@ -65,15 +80,53 @@ def test_worked_example_five_points():
     assert ours(x, 3, "official") == [0, 2, 4] == ours(x, 3, "ours")
 
 
-def test_without_the_guard_a_token_is_picked_twice():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_without_the_guard_a_token_is_picked_twice(dtype):
     # three copies of one direction and one other direction, k = 3: after picking both directions
     # every min distance is ~0 (in fp16 the picked token's own 1 - cos(x, x) may be the largest), the
     # official argmax re-picks. Reference mode reproduces the picks; the kept set has the distinct ones.
-    x = torch.tensor([[1., 0], [2, 0], [3, 0], [0, 1]])
-    off = official_divprune(x.to(OFFICIAL_DTYPE), 0.75)
+    x = torch.tensor([[1., 0], [2, 0], [3, 0], [0, 1]], dtype=dtype)
+    off = official_divprune(x, 0.75)
     assert max_min_diversity(x, 3, "official").tolist() == off
     assert ours(x, 3, "official") == sorted(set(off))
     assert len(ours(x, 3, "ours")) == 3  # the default mode keeps 3 distinct tokens
+
+
+# Two near-parallel pairs, their nearest-neighbour distances 1 - 1 / sqrt(1 + t^2) 1.9e-6 apart in fp32:
+#   x0 = (1, 0), x1 = (1, 1/8): t = 1/8          -> d(0, 1) = 0.0077221 (fp32)
+#   x2 = (0, 1), x3 = (-(1/8 + 2^-16), 1)        -> d(2, 3) = 0.0077240 (fp32), the larger
+# In fp16 -(1/8 + 2^-16) rounds to -1/8 (the fp16 step at 1/8 is 2^-13): x3 mirrors x1 and
+# d(0, 1) = d(2, 3) = 2^-7 = 0.0078125 exactly.
+# fp32 distances: first pick 2 (largest nearest-neighbour distance), then the token farthest from x2:
+#   d(2, 0) = 1, d(2, 1) = 0.876, d(2, 3) = 0.0077 -> 0; picks [2, 0], kept {0, 2}.
+# fp16 distances: the four nearest-neighbour distances tie -> argmax takes 0, then the token farthest from
+#   x0: d(0, 1) = 0.0078, d(0, 2) = 1, d(0, 3) = 1.124 -> 3; picks [0, 3], kept {0, 3}.
+PAIRS = torch.tensor([[1., 0], [1, 0.125], [0, 1], [-(0.125 + 2 ** -16), 1]])
+FP32_PICKS, FP16_PICKS = [2, 0], [0, 3]
+
+
+def test_reference_mode_computes_in_the_models_dtype():
+    """The official ``pairwise_cosine_similarity`` computes in the dtype of the LLM input rows it is handed,
+    the model's: fp32 in an fp32 run. The reference mode cast them to fp16 always and kept patch 5 where the
+    official code keeps 21 (seed 11, fp32, T = 32, image 1; docs/parity.md). Fails without the fix."""
+    assert official_divprune(PAIRS, 0.5) == FP32_PICKS  # the official code, fp32 model
+    assert official_divprune(PAIRS.to(OFFICIAL_DTYPE), 0.5) == FP16_PICKS  # the official code, fp16 model
+    # fp32 input (an fp32 run): the fp32 picks, as the official code in fp32
+    assert max_min_diversity(PAIRS, 2, "official").tolist() == FP32_PICKS
+    assert ours(PAIRS, 2, "official") == [0, 2]
+    assert method_keep(PAIRS, 2, numerics="official") == [0, 2]
+    assert method_keep(PAIRS, 2, numerics="official", reference_dtype="model") == [0, 2]
+    # fp16 input (an fp16 run): the fp16 picks, as before
+    half = PAIRS.to(OFFICIAL_DTYPE)
+    assert max_min_diversity(half, 2, "official").tolist() == FP16_PICKS
+    assert ours(half, 2, "official") == [0, 3]
+    assert method_keep(half, 2, numerics="official") == [0, 3]
+    # the always-fp16 cast (the earlier behaviour) stays an option
+    assert max_min_diversity(PAIRS, 2, "official", OFFICIAL_DTYPE).tolist() == FP16_PICKS
+    assert ours(PAIRS, 2, "official", OFFICIAL_DTYPE) == [0, 3]
+    assert method_keep(PAIRS, 2, numerics="official", reference_dtype="float16") == [0, 3]
+    # the default mode computes in fp32 whatever the option: the fp32 picks on fp32 rows
+    assert method_keep(PAIRS, 2) == method_keep(PAIRS, 2, reference_dtype="float16") == [0, 2]
 
 
 # ------------------------------------------------------------------------------ random, official shapes
@@ -97,18 +150,24 @@ CASES = [(seed, dtype, ratio) for seed in range(4) for dtype in (torch.float16, 
 
 @pytest.mark.parametrize("seed,dtype,ratio", CASES)
 def test_reference_mode_equals_the_official_selection(seed, dtype, ratio):
+    # the official code on rows of this dtype (the model's); and with the always-fp16 cast, on fp16 rows
     x = random_rows(seed, dtype)
     k = int(round(ratio * 576))
-    off = official_divprune(x.to(OFFICIAL_DTYPE), ratio)
+    off = official_divprune(x, ratio)
     assert max_min_diversity(x, k, "official").tolist() == off
     sel = divprune(x, torch.zeros(576, dtype=torch.long), ratio=ratio, numerics="official")
-    assert sel.tolist() == sorted(set(off))
+    assert sel.tolist() == sorted(set(off)) == official_kept(x, ratio)
+    off16 = official_divprune(x.to(OFFICIAL_DTYPE), ratio)
+    assert max_min_diversity(x, k, "official", OFFICIAL_DTYPE).tolist() == off16
 
 
 def test_method_option():
     assert DivPrune(64).numerics == "ours" and DivPrune(64, numerics="official").numerics == "official"
+    assert DivPrune(64).reference_dtype == "model"
     with pytest.raises(ValueError):
         DivPrune(64, numerics="half")
+    with pytest.raises(ValueError, match="reference_dtype"):
+        DivPrune(64, numerics="official", reference_dtype="fp16")
 
 
 # ------------------------------------------------------------------------------ tiny models, engine

@@ -20,12 +20,12 @@
   (``IMAGE_TOKEN_INDEX``) in the prompt's ids: what 35 is on the real model. Nothing else is changed.
 - batches: each image alone (``OFFICIAL["alone"]``): the block prunes the span of sample 0 only
   (``new_input_embeds[0]``) and applies that selection to every row; the official runs use ``--batch_size 1``.
-- ours: ``divprune`` with ``budget`` T (per image) in its reference mode (``numerics="official"``: fp16 distances,
-  the official first pick and loop). In the fp32 run the official code computes its distances in fp32 (the
-  model after ``.float()``), while our reference mode casts the features to fp16 by design (the official *load*
-  is fp16: ``baselines/divprune.py`` ``OFFICIAL_DTYPE``); on the tiny weights the picks agree anyway (12 of 12
-  fp32 runs at T = 8 / 16 / 32), but a near-tie in fp16 could part them there; the fp16 run is exact by
-  construction (the same fp16 features, the same ops).
+- ours: ``divprune`` with ``budget`` T (per image) in its reference mode (``numerics="official"``: distances in
+  the model's dtype, the official first pick and loop). The official code computes its distances in the dtype of
+  the rows it is handed, fp32 in the fp32 run (the model after ``.float()``); our reference mode does the same
+  (``reference_dtype="model"``, its default). It cast the features to fp16 always before 2026-11-27, which parted
+  the fp32 run on seed 11's build (T = 32, image 1: official patch 21, ours 5; docs/parity.md). The fp16 run is
+  exact by construction (the same fp16 features, the same ops).
 """
 
 from __future__ import annotations
