@@ -45,8 +45,9 @@ Other depths: stage layers are stated for 32 layers and mapped with :func:`llava
 
 Reference mode (option ``numerics="official"``; default ``"ours"``): stage 1 in fp32 (the official tower is
 not cast), ``torch.topk`` for the dominant patches and the pool (official tie order), the assignment by the
-unclamped ``m / m.norm()`` and ``torch.bmm``; stage 2 with the per-head probabilities cast to float16 (the
-official fp32 softmax is cast to the fp16 query dtype), both means in fp16, ``torch.topk``. The default mode
+unclamped ``m / m.norm()`` and ``torch.bmm``; stage 2 with the per-head probabilities cast to the run's dtype
+(the official fp32 softmax is cast ``.to(query_states.dtype)``: fp16 under its builder's fp16 LLM, fp32 in an
+fp32 run), both means in that dtype, ``torch.topk``. The default mode
 scores in fp32 with ties to the lower index. The salient-word queries (``queries="salient"``: spaCy + NLTK
 on the host, DUET-finetuned checkpoints only) are not built. See docs/methods/duet.md.
 """
@@ -71,7 +72,8 @@ OFFICIAL_RATIOS = (0.5, 0.0)  # of the visual tokens entering the LLM
 REFERENCE_DEPTH = 32
 #: stage-1 dtype of the official tower (fp32: loaded with device_map='auto' and not cast)
 OFFICIAL_VISION_DTYPE = torch.float32
-#: stage-2 dtype of the official probabilities and means (the fp16 LLM's query dtype)
+#: stage-2 dtype of the official probabilities and means under the official builder (the fp16 LLM's query dtype);
+#: the method passes the run's own, ``sig.hidden.dtype`` (the official ``.to(query_states.dtype)``)
 OFFICIAL_LLM_DTYPE = torch.float16
 QUERIES = ("text_after", "last")
 ORDERS = ("unit", "spatial", "grid_raster")
@@ -174,13 +176,15 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
 
 
 def duet_rank(rows: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = "ours",
-              row_mask: torch.Tensor | None = None) -> torch.Tensor:
+              row_mask: torch.Tensor | None = None, dtype: torch.dtype = OFFICIAL_LLM_DTYPE) -> torch.Tensor:
     """One stage-2 ranking: ``rows`` (H, Q, S) = the attention probabilities of the Q query rows (every text
     row after the image), ``visual`` (N,) the visual columns. Returns the indices (into ``visual``) of the
     top-``k`` visual tokens by the mean over query rows of the head mean, ascending (ties: lower index).
     ``row_mask`` (Q,) bool: the real query rows of a padded block (the fast path's captured prefill; the
     pads' rows may be NaN): the mean over those only. ``numerics="official"``: the probabilities cast to
-    float16, the mean over heads, the visual columns, the mean over rows (both fp16), ``torch.topk``."""
+    ``dtype``, the mean over heads, the visual columns, the mean over rows (both in ``dtype``), ``torch.topk``.
+    ``dtype``: the official ``.to(query_states.dtype)``, fp16 under its builder, fp32 in an fp32 run (the method
+    passes the run's own)."""
     check_numerics("duet", numerics)
     k = max(0, min(int(k), visual.numel()))
     if row_mask is not None:  # padded query rows (the reference mode is eager: no mask there)
@@ -188,7 +192,7 @@ def duet_rank(rows: torch.Tensor, visual: torch.Tensor, k: int, numerics: str = 
         score = per_row.sum(0) / row_mask.sum().clamp(min=1)
         return topk_desc(score, k).sort().values
     if numerics == "official":
-        per_row = rows.to(OFFICIAL_LLM_DTYPE).mean(dim=0)  # (Q, S): heads
+        per_row = rows.to(dtype).mean(dim=0)  # (Q, S): heads
         score = per_row[:, visual].mean(dim=0)  # (N,): query rows
         return score.topk(k).indices.sort().values
     score = rows.float().mean(0)[:, visual].mean(0)
@@ -340,4 +344,5 @@ class DUET(Method):
         # (H, Q, S): layer K's q / k; reference mode: the official eager attention's fp16 logits
         rows = sig.attention(self.queries, layer="next", logits="model" if self.numerics == "official" else "fp32")
         mask = sig.text_mask if self.queries == "text_after" else None  # padded rows on the fast path
-        return Selection(keep=duet_rank(rows, sig.visual, k, self.numerics, row_mask=mask))
+        # reference mode in the run's dtype, as the official .to(query_states.dtype)
+        return Selection(keep=duet_rank(rows, sig.visual, k, self.numerics, row_mask=mask, dtype=sig.hidden.dtype))

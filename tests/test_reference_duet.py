@@ -311,6 +311,29 @@ def test_stage2_worked_example_fp16_flips_the_order():
     assert duet_rank(rows, torch.arange(3), 2, "official").tolist() == [0, 1]
 
 
+def test_stage2_reference_mode_ranks_in_the_models_dtype():
+    """The official ``.to(query_states.dtype)`` is fp32 in an fp32 run: on the fp32 rows of the worked example
+    above the official code keeps token 0 (fp32 means), and so does the reference mode in the run's dtype; the
+    fp16 run keeps token 1 as before. The method passes its LLM's dtype (``sig.hidden``): an always-fp16 cast
+    kept token 1 in an fp32 run. Fails without the fix."""
+    from types import SimpleNamespace
+
+    rows = torch.full((4, 2, 3), .40003)
+    rows[:, :, 0], rows[:, :, 2], rows[3, 0, 1] = .40002, .2, .39992
+    assert official_stage2_probs(rows, 0, 3, 1) == [0]  # the official code, fp32 model
+    assert duet_rank(rows, torch.arange(3), 1, "official", dtype=torch.float32).tolist() == [0]
+    assert duet_rank(rows, torch.arange(3), 1, "official", dtype=torch.float16).tolist() == [1]
+
+    def keep(dtype):  # stage 2 (ratio 0.5 of 3 -> 1) on a signal with the rows and an LLM of this dtype
+        sig = SimpleNamespace(num_visual_entry=3, num_visual=3, visual=torch.arange(3), text_mask=None,
+                              hidden=torch.zeros(5, 8, dtype=dtype), attention=lambda *a, **kw: rows.to(dtype))
+        m = DUET(192, numerics="official", ratios=(0.5, 0.0))
+        return m.select_llm(0, sig).keep.tolist()
+
+    assert keep(torch.float32) == [0]
+    assert keep(torch.float16) == [1] == official_stage2_probs(rows.half(), 0, 3, 1)
+
+
 def test_method_option():
     assert DUET(192).numerics == "ours" and DUET(192, numerics="official").numerics == "official"
     assert DUET(192).capture_refusal() is None and "reference mode" in DUET(192, numerics="official").capture_refusal()
