@@ -315,6 +315,34 @@ def test_worked_example_fp16_similarity_tie():
     assert llm_stage_select(score, keys, 1, 2, "official").assign.tolist() == [-1, -1, -1, 0]
 
 
+def test_llm_stage_assignment_in_the_models_dtype():
+    """The official similarity runs in its LLM's dtype: fp32 in an fp32 run, where the cosines of the tie above
+    differ (.99995 / .99996) and token 3 joins target 1; the fp16 run ties and joins target 0. The method passes
+    its LLM's dtype (``sig.hidden``); the LLM-stage assignment cast the metric to fp16 always. Fails without
+    the fix."""
+    from types import SimpleNamespace
+
+    keys = torch.tensor([[5.0, 5.0], [1.0, 0.010], [1.0, 0.0089], [1.0, 0.0]])
+    score = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert llm_stage_select(score, keys, 1, 2, "official", dtype=torch.float32).assign.tolist() == [-1, -1, -1, 1]
+    assert llm_stage_select(score, keys, 1, 2, "official", dtype=torch.float16).assign.tolist() == [-1, -1, -1, 0]
+
+    def assign(dtype):  # one LLM stage (D = 1, C = 2) on a signal of this dtype: token 0 dominant, as above
+        probs = torch.zeros(1, 4, 4)
+        probs[..., 0] = 1.0
+        sig = SimpleNamespace(state={}, vision=None, num_visual=4, visual=torch.arange(4),
+                              hidden=torch.zeros(4, 2, dtype=dtype), attention=lambda *a, **kw: probs.to(dtype),
+                              keys=lambda *a, **kw: keys[:, None].to(dtype))  # (S, H_kv, d)
+        m = VisionDrop(32, numerics="official", schedule=((8, 2), (1, 2), (1, 1), (1, 1)))
+        m.setup(num_layers=4, num_vision_layers=2, family="llava")
+        sel = m.select_llm(0, sig)
+        assert sel.keep.tolist() == [0] and sel.targets.tolist() == [1, 2]
+        return sel.assign.tolist()
+
+    assert assign(torch.float32) == [-1, -1, -1, 1]
+    assert assign(torch.float16) == [-1, -1, -1, 0]
+
+
 def test_method_option():
     assert VisionDrop(32).numerics == "ours" and VisionDrop(32, numerics="official").numerics == "official"
     with pytest.raises(ValueError, match="numerics"):

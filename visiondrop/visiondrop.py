@@ -26,7 +26,9 @@ probabilities are cast to float16 and averaged over heads, then over the visual 
 ``torch.topk`` picks the dominant tokens; the key metric is the head mean of the fp16 keys in fp16,
 normalised without clamp, ``torch.matmul`` similarity in fp16, ``argmax``. The merges themselves are the
 engine's fp32 merges (the official stage-0 merge is fp32 up to summation order; the official LLM-stage
-merge is fp16, which ours matches within that fp16 formula's own rounding).
+merge is fp16, which ours matches within that fp16 formula's own rounding). "fp16" is the official builder's
+LLM: the official code computes in its LLM's dtype (``.to(query_states.dtype)``), so the LLM stages' score,
+metric and assignment run in the run's own dtype (``sig.hidden``): fp16 in an fp16 run, fp32 in an fp32 run.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ LAYERS_32 = (8, 16, 24)
 
 #: official dtype of the stage-0 scores, key metric and merge (the fp32 CLIP tower)
 OFFICIAL_TOWER_DTYPE = torch.float32
-#: official dtype of the LLM stages' probabilities, means, key metric and similarity (the fp16 LLM)
+#: official dtype of the LLM stages' probabilities, means, key metric and similarity under the official builder
+#: (the fp16 LLM); the method passes the run's own, ``sig.hidden.dtype``
 OFFICIAL_LLM_DTYPE = torch.float16
 
 
@@ -212,17 +215,18 @@ def stage0_unit(a: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, cls_idx
 
 
 def llm_stage_select(score: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int,
-                     numerics: str = "ours") -> Selection:
+                     numerics: str = "ours", dtype: torch.dtype = OFFICIAL_LLM_DTYPE) -> Selection:
     """One LLM stage over the Nv current visual tokens: top-``dominant`` by score kept in current
     order, the rest merged into ``contextual`` tokens by key similarity (target + mean); ``keys`` is
-    the (Nv, d) merge metric. ``numerics="official"``: ``torch.topk`` and the official fp16 matmul
-    assignment (metric in float16, unclamped normalisation)."""
+    the (Nv, d) merge metric. ``numerics="official"``: ``torch.topk`` and the official matmul assignment
+    in ``dtype`` (metric cast to it, unclamped normalisation): the official LLM's, fp16 under its builder, fp32
+    in an fp32 run (the method passes the run's own)."""
     check_numerics("visiondrop", numerics)
     n = score.numel()
     keep, rest = _top_rest(score, dominant, numerics)
     assign = torch.full((n,), -1, dtype=torch.long, device=score.device)
     if numerics == "official":
-        targets = _official_merge(keys, rest, contextual, assign, OFFICIAL_LLM_DTYPE, batched=False)
+        targets = _official_merge(keys, rest, contextual, assign, dtype, batched=False)
     else:
         targets = _merge(_normalised(keys), rest, contextual, assign)
     if targets.numel() == 0:
@@ -324,4 +328,4 @@ class VisionDrop(Method):
         score = llm_stage_score(p, sig.visual, self.numerics, dtype=sig.hidden.dtype)  # the run's dtype
         keys = llm_stage_metric(sig.keys("next", rope=True)[sig.visual], self.numerics,
                                 dtype=sig.hidden.dtype)  # (Nv, d) head mean, rotated
-        return llm_stage_select(score, keys, d, c, self.numerics)
+        return llm_stage_select(score, keys, d, c, self.numerics, dtype=sig.hidden.dtype)  # the run's dtype
