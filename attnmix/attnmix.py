@@ -22,8 +22,10 @@ code computes s from the fp16 LLM inputs (projected tokens and text embeddings o
 ``torch.topk`` (the global text list over the candidates in the official LLM-input order, which for the
 LLaVA-NeXT 'spatial' layout runs over the grid crops row-major on the full grid), and the adaptive split
 re-sorts the fp32 copies of the two lists' fp16 values with ``torch.sort`` (official tie order) before
-the fp32 prefix-sum product. The default keeps fp32 scores and ties to the lower index. Reference mode
-changes numerics only: combine it with ``crop_offset_bug`` / ``allow_duplicates`` for the released
+the fp32 prefix-sum product. "fp16" is the official builder's load: the official code computes s and a in its
+model's dtype (``.to(images.dtype)``, the LLM inputs), fp32 in an fp32 run, so the reference mode computes them in
+the run's own dtype, the LLM's (``sig.features``; as FasterVLM's, whose tower AdaV overlays). The default keeps
+fp32 scores and ties to the lower index. Reference mode changes numerics only: combine it with ``crop_offset_bug`` / ``allow_duplicates`` for the released
 behaviour.
 """
 
@@ -34,25 +36,29 @@ import torch
 from llava.method import BudgetError, Method, Selection, register
 from llava.ops import best_product_split_k1, check_numerics, masked_take, text_to_image_score, topk_desc
 
-#: dtype of the official signals: the fp16 LLM inputs and the [CLS] attentions cast to the fp16 image dtype
+#: dtype of the official signals under the official builder: the fp16 LLM inputs and the [CLS] attentions cast to
+#: the fp16 image dtype; the method passes the run's own, ``sig.features.dtype`` (fp32 in an fp32 run)
 OFFICIAL_DTYPE = torch.float16
 
 
-def official_text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+def official_text_to_image_score(text: torch.Tensor, visual: torch.Tensor, temperature: float = 100.0,
+                                  dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
     """:func:`llava.ops.text_to_image_score` with the official numerics (AdaV ``llava_llama.py``
-    ``LlavaLlamaForCausalLM.generate``, method "adav"): text (Tt, D) and visual (N, D) cast to float16,
-    ``F.normalize`` along D, the batch-1 product, x ``temperature``, softmax over the visual tokens and max
-    over the text tokens, all in fp16. Returns (N,) float16."""
-    t = torch.nn.functional.normalize(text.to(OFFICIAL_DTYPE)[None], p=2, dim=-1)
-    v = torch.nn.functional.normalize(visual.to(OFFICIAL_DTYPE)[None], p=2, dim=-1)
+    ``LlavaLlamaForCausalLM.generate``, method "adav"): text (Tt, D) and visual (N, D) cast to ``dtype``
+    (the official model's: fp16 under its builder, fp32 in an fp32 run), ``F.normalize`` along D, the batch-1
+    product, x ``temperature``, softmax over the visual tokens and max over the text tokens, all in that dtype.
+    Returns (N,) in ``dtype``."""
+    t = torch.nn.functional.normalize(text.to(dtype)[None], p=2, dim=-1)
+    v = torch.nn.functional.normalize(visual.to(dtype)[None], p=2, dim=-1)
     simi = torch.matmul(t, v.permute(0, 2, 1))
     return (simi * temperature).softmax(-1).max(1)[0][0]
 
 
-def official_cls_score(cls_attn: torch.Tensor) -> torch.Tensor:
-    """a with the official numerics: the per-head [CLS] rows cast to float16, their mean over heads in
-    fp16 (FasterVLM's ``image_attentions.to(images.dtype)`` then ``mean(dim=1)``). (H, T) -> (T,) fp16."""
-    return cls_attn.to(OFFICIAL_DTYPE).mean(0)
+def official_cls_score(cls_attn: torch.Tensor, dtype: torch.dtype = OFFICIAL_DTYPE) -> torch.Tensor:
+    """a with the official numerics: the per-head [CLS] rows cast to ``dtype``, their mean over heads in
+    it (FasterVLM's ``image_attentions.to(images.dtype)`` then ``mean(dim=1)``; ``images.dtype`` is the
+    model's: fp16 under its builder, fp32 in an fp32 run). (H, T) -> (T,) in ``dtype``."""
+    return cls_attn.to(dtype).mean(0)
 
 
 def official_text_order(units: list[torch.Tensor], unit_pos: torch.Tensor | None, patch: torch.Tensor,
@@ -162,7 +168,7 @@ def adav_select(s: torch.Tensor, a: torch.Tensor, units: list[torch.Tensor], bud
     list_c = torch.cat([l_c[:n0], rest_c])
     k1 = best_product_split_k1(s[rest_t], l_c_val[n0:][order], K)
     if k1 is None:  # no feasible split: take all of both (shapes only, a host decision)
-        k1 = torch.tensor(rest_t.numel(), device=cand.device)
+        k1 = torch.full((), rest_t.numel(), dtype=torch.long, device=cand.device)  # a kernel, not an upload
         K = int(rest_t.numel()) + int(rest_c.numel())
     want_t, want_c = n0 + k1, n0 + (K - k1)  # 0-d device tensors
     pos_t = torch.arange(list_t.numel(), device=cand.device)
@@ -218,8 +224,8 @@ class AttnMix(Method):
             "crop_offset_bug": False,  # reproduce the released [CLS]-branch offset (i instead of 576 i)
             "allow_duplicates": False,  # reproduce the released duplicate picks
             "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout
-            # "ours" (fp32 scores, ties to the lower index) or "official" (reference mode: fp16 scores as
-            # the released code, torch.topk / torch.sort)
+            # "ours" (fp32 scores, ties to the lower index) or "official" (reference mode: the scores in the
+            # run's dtype as the released code in its model's, fp16 under its builder; torch.topk / torch.sort)
             "numerics": "ours",
         }
 
@@ -249,8 +255,9 @@ class AttnMix(Method):
         if mask is not None and not sig.captured:  # eager: the rows themselves (the same GEMM shapes as ever)
             text, mask = text[mask.to(text.device)], None
         if self.numerics == "official":  # eager only (capture_refusal)
-            s = official_text_to_image_score(text, sig.features, self.temperature)
-            a = official_cls_score(sig.cls_attn)
+            dt = sig.features.dtype  # the run's, the LLM's: the official model's dtype (images.dtype, its embeddings)
+            s = official_text_to_image_score(text, sig.features, self.temperature, dt)
+            a = official_cls_score(sig.cls_attn, dt)
             order = official_text_order(units, sig.unit_pos, sig.patch, sig.grid)
         else:  # captured: the padded text block, its pad (and non-question) rows masked out
             s = text_to_image_score(text, sig.features, self.temperature, mask=mask)

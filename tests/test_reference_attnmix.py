@@ -57,10 +57,11 @@ def official_max_sqrt_sum(l1, l2, K):
 
 
 def official_adav(image_tokens, text_tokens, cls_heads, overall_tokens, budget_thres=0.25, with_text_count=False):
-    """The "adav" block on fp16 image_tokens (1, 576 N, D) (LLM-input order), text_tokens (1, Tt, D) and the
-    per-head [CLS] rows of each crop (N, H, 576) in the tower's dtype. Returns the kept image-token
-    positions (sorted, duplicates kept) and, with ``with_text_count``, how many the text list gives."""
-    cls_attn = cls_heads.to(F16).mean(dim=1)  # feature_select's .to(images.dtype), encode_images' mean
+    """The "adav" block on image_tokens (1, 576 N, D) (LLM-input order) and text_tokens (1, Tt, D) in the model's
+    dtype (fp16 under the official builder) and the per-head [CLS] rows of each crop (N, H, 576) in the tower's
+    dtype. Returns the kept image-token positions (sorted, duplicates kept) and, with ``with_text_count``, how
+    many the text list gives."""
+    cls_attn = cls_heads.to(image_tokens.dtype).mean(dim=1)  # feature_select's .to(images.dtype), encode_images' mean
     n_img = cls_attn.shape[0]
     k = int(int(overall_tokens / 2) / n_img)
     v_token_num = k * 2 * n_img
@@ -142,7 +143,7 @@ def finish(case):
 def tie_at_text_cut(case, budget):
     """Whether an exact tie in the official s straddles the last text pick (ranks n_t and n_t + 1)."""
     s = official_text_to_image_score(case["text"], case["feats"]).float().sort(descending=True).values
-    n_t = official(case, budget, torch.float32, with_text_count=True)[1]
+    n_t = official(case, budget, F16, with_text_count=True)[1]
     return bool(s[n_t - 1] == s[n_t])
 
 
@@ -155,12 +156,13 @@ def signals(case, dtype):
 
 
 def official(case, budget, dtype, with_text_count=False):
-    """The transcription on the official inputs, mapped back to our flat indices (sorted, duplicates kept)."""
+    """The transcription on the official inputs of a model in ``dtype`` (the run's: fp16 under the official
+    builder, fp32 in an fp32 run), mapped back to our flat indices (sorted, duplicates kept)."""
     inv = torch.empty_like(case["official_pos"])
     inv[case["official_pos"]] = torch.arange(inv.numel())
     image = torch.empty_like(case["feats"])
     image[case["official_pos"]] = case["feats"]
-    kept, n_t = official_adav(image.to(dtype).to(F16)[None], case["text"].to(dtype).to(F16)[None],
+    kept, n_t = official_adav(image.to(dtype)[None], case["text"].to(dtype)[None],
                               case["heads_t"].to(dtype), budget, with_text_count=True)
     kept = sorted(inv[kept].tolist())
     return (kept, n_t) if with_text_count else kept
@@ -233,6 +235,43 @@ def test_worked_example_selection():
     assert (len(si), len(ci)) == (1, 1)
     off = torch.cat([indices[0, [0] + [x + 1 for x in si]], indices_cls[0, [0] + [x + 1 for x in ci]]]).sort()[0]
     assert off.tolist() == [0, 1, 2, 3]
+
+
+def test_reference_mode_computes_in_the_models_dtype():
+    """The official s and a are in its model's dtype: fp32 in an fp32 run. On the worked example above (cosines
+    .5 / .50001, equal in fp16) the fp32 run ranks token 1 first, as the official code in fp32; the fp16 run
+    ties. The method passes its LLM's dtype (``sig.features``); it cast to fp16 always. Fails without the fix."""
+    t = torch.tensor([[1.0, 0.0, 0.0]])
+    c = torch.tensor([.5, .50001, .2])
+    v = torch.stack([c, (1 - c ** 2).sqrt(), torch.zeros(3)], 1)
+    s32 = official_text_to_image_score(t, v, dtype=torch.float32)
+    ref = (torch.matmul(F.normalize(t[None], dim=-1), F.normalize(v[None], dim=-1).permute(0, 2, 1))
+           * 100).softmax(-1).max(1)[0][0]
+    assert s32.dtype == torch.float32 and torch.equal(s32, ref) and s32[1] > s32[0]
+    assert official_text_to_image_score(t, v, dtype=F16).tolist() == [.5, .5, 0.0]
+    # the method: 8 patches, the text close to patch 0 (.50001) and patch 1 (.5), the [CLS] rows flat but for
+    # patches 6 and 7; B = 2: k = 1, V_b = 2, n0 = 0, the split of K = 2 by the prefix-sum product: one text pick
+    # and one [CLS] pick. fp32: the text's first pick is patch 0. fp16: patches 0 and 1 tie and torch.topk picks
+    # one of them in its own order (patch 1 on this project's CPUs, as the fp32 run with the fp16 cast did)
+    feats = torch.zeros(8, 3)
+    feats[:3] = v[[1, 0, 2]]
+    feats[3:, 2] = 1.0  # orthogonal to the text
+    cls = torch.full((2, 8), 0.1)
+    cls[:, 6:] = 0.2
+
+    def keep(dtype):
+        sig = VisionSignals(features=feats.to(dtype), vision_features=torch.zeros(8, 1),
+                            unit=torch.zeros(8, dtype=torch.long), patch=torch.arange(8), unit_kind="image",
+                            grid=(1, 8), text_embeds=t.to(dtype), question_mask=torch.ones(1, dtype=torch.bool),
+                            cls_attn=cls.to(dtype), unit_pos=torch.full((1, 2), -1))
+        return AttnMix(2, numerics="official").select_vision(sig).keep.tolist()
+
+    kept32, kept16 = keep(torch.float32), keep(F16)
+    assert kept32 == [0, 7]  # fp32: patch 0 is the text's pick, as the official fp32 code
+    case = finish(dict(feats=feats, text=t, heads=[cls], unit=torch.zeros(8, dtype=torch.long),
+                       patch=torch.arange(8), unit_pos=torch.full((1, 2), -1), official_pos=torch.arange(8), n_img=1))
+    assert kept32 == official(case, 2, torch.float32)
+    assert kept16 == official(case, 2, F16)
 
 
 def test_method_option():
