@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take, unit_layout
+from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
 BUDGET_MODES = ("per_unit", "per_image_total")
@@ -162,8 +162,8 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
         return torch.empty_like(order).scatter_(1, order, ar.expand_as(order))
 
-    a_t = torch.tensor(a, dtype=torch.long, device=dev)[:, None]
-    k_t = torch.tensor(k, dtype=torch.long, device=dev)[:, None]
+    a_t = device_ints(a, dev)[:, None]  # kernels, not uploads (the fast path captures this)
+    k_t = device_ints(k, dev)[:, None]
     anchor = (ranks(obj) < a_t) & present
     # buffers: every anchor marks p-1, p+1, p-cols, p+cols, clamped to the grid (official quirks)
     nb = torch.stack([ar - 1, ar + 1, ar - cols, ar + cols]).clamp(0, P - 1).reshape(-1)  # (4P,)
@@ -195,7 +195,7 @@ def hiprune(g_obj: torch.Tensor, g_deep: torch.Tensor, unit: torch.Tensor, patch
     keep_tok = kept_flat[slot]
     cls_tok = (unit >= 0) & (patch < 0)
     if any(keep_cls):
-        keep_cls_t = torch.tensor(keep_cls, dtype=torch.bool, device=dev)
+        keep_cls_t = device_ints(keep_cls, dev).bool()  # kernels, not an upload
         keep_tok = keep_tok | (cls_tok & keep_cls_t[unit.clamp(min=0)])
     if keep_newlines:
         keep_tok = keep_tok | (unit < 0)

@@ -326,7 +326,7 @@ class IVCPrune(Method):
             return sig.text_after[ROW_SKIP:], mask
         if self.rows == "question" and sig.question is not None and sig.question.numel():
             return sig.question, None
-        return torch.tensor([sig.hidden.shape[0] - 1], device=sig.hidden.device), None
+        return torch.full((1,), sig.hidden.shape[0] - 1, dtype=torch.long, device=sig.hidden.device), None
 
     def select_llm(self, stage, sig):
         n = sig.num_visual

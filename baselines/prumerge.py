@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, masked_take, unit_layout
+from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 
 VARIANTS = ("plus", "base")
 BUDGET_MODES = ("adaptive", "fixed")
@@ -101,7 +101,7 @@ def iqr_outliers(a: torch.Tensor) -> torch.Tensor:
     ``outlier_dectection``), quartiles by linear interpolation (= ``numpy.percentile``'s default), fp32,
     on ``a``'s device (no host read)."""
     a = a.float().reshape(-1)
-    q = torch.quantile(a, torch.tensor([0.25, 0.75], dtype=a.dtype, device=a.device))
+    q = torch.quantile(a, torch.linspace(0.25, 0.75, 2, dtype=a.dtype, device=a.device))  # a kernel, not an upload
     upper = q[1] + 1.5 * (q[1] - q[0])
     return (a > upper).sum()
 
@@ -385,7 +385,7 @@ def prumerge_padded(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor,
     if g_targets:
         targets = torch.cat(g_targets)
         assign = torch.full((patch.numel(),), -1, dtype=torch.long, device=dev)
-    slots = torch.tensor(slot_src, dtype=torch.long, device=dev)
+    slots = device_ints(slot_src, dev)  # kernels, not an upload (graph 1 is captured)
     order = slots[torch.sort((~real[slots]).to(torch.uint8), stable=True).indices]
     return Selection(keep=keep, targets=targets, assign=assign, values=values, space="vision", order=order,
                      count=real.sum())

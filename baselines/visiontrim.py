@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from llava.clip_route import ClipTextRoute
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, unit_layout
+from llava.ops import check_numerics, device_ints, unit_layout
 
 SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
 TEXT_MODES = ("llm", "clip")
@@ -368,7 +368,7 @@ def visiontrim(cls_attn: torch.Tensor, recv: torch.Tensor, vision_features: torc
     for nk, nt in order_plan:  # per unit: its kept tokens, then its complement tokens
         order += list(range(ko, ko + nk)) + list(range(to, to + nt))
         ko, to = ko + nk, to + nt
-    order_t = None if order == list(range(len(order))) else torch.tensor(order, dtype=torch.long, device=dev)
+    order_t = None if order == list(range(len(order))) else device_ints(order, dev)  # kernels: capturable
     targets_t = assign = None
     if tgt_t.numel():
         targets_t = tgt_t

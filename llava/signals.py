@@ -384,7 +384,7 @@ class LLMSignals:
     def _resolve(self, queries: torch.Tensor | str) -> torch.Tensor:
         if isinstance(queries, str):
             if queries == "last":
-                return torch.tensor([self.hidden.shape[0] - 1], device=self.hidden.device)
+                return torch.full((1,), self.hidden.shape[0] - 1, dtype=torch.long, device=self.hidden.device)
             if self.captured and (queries == "question" or (queries == "text_after" and self.text_after is None)):
                 raise NotImplementedError(f"LLMSignals: the {queries!r} rows of an in-LLM stage are not planned on "
                                           "the fast path (the prefill runs on the eager engine)")

@@ -49,6 +49,11 @@ count as device tensors (make host tensors with ``torch.as_tensor`` / ``torch.te
         model(**batch)
     c.total, c.counts   # Counter({'mm': 120, 'add': 64, 'mul': 60, ...}), keyed by aten op name
 
+**Uploads.** ``.uploads`` (every counter) counts host data copied to the device: ``.to(device)`` / ``.cuda()`` of a
+host tensor and ``torch.tensor`` / ``as_tensor`` / ``asarray`` of host data with a ``device=``. Not a sync on a
+GPU (a small pageable copy), but a CUDA graph cannot record one: the fast path's captured functions make none
+(llava/fast_graphs.py).
+
 Both in one pass: ``SyncCounter(ops=True)`` (or ``OpCounter(syncs=True)``) fills ``.syncs`` and ``.ops``
 (Counters; ``.counts`` is the class's own one) and ``.sync_total`` / ``.op_total``.
 """
@@ -73,6 +78,7 @@ _REPEAT = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 _INDEX = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "randperm", "linspace", "eye",
               "rand", "randn", "randint", "logspace", "empty_strided", "scalar_tensor", "asarray"}
+_FROM_DATA = {"tensor", "as_tensor", "asarray"}  # factories of host data: with device=, an upload
 _TO_HOST = {"tolist": "tolist", "numpy": "numpy", "__array__": "numpy", "cpu": "to_host"}
 # ops that launch nothing beyond the views (``OpOverload.is_view``): in-place views, views without alias
 # annotation, allocations and metadata queries (op packet names)
@@ -161,10 +167,16 @@ class _Function(TorchFunctionMode):
         if name in ("to", "cuda") and ins:
             dev = kwargs.get("device", args[1] if len(args) > 1 else None)
             to_device = name == "cuda" or isinstance(dev, torch.device) or (isinstance(dev, str) and dev != "cpu")
+            if to_device and c.is_host(ins[0]):
+                c.uploads[name] += 1
         if ins:
             host = not to_device and all(c.is_host(t) for t in ins)
+            if name in _FROM_DATA and kwargs.get("device") is not None and c.is_host(ins[0]):
+                c.uploads[name] += 1  # a host tensor made a device one (a device tensor's as_tensor is itself)
         else:  # a factory: host unless a device is named
             host = name in _FACTORIES and kwargs.get("device") is None
+            if name in _FROM_DATA and not host:  # host data copied to the device
+                c.uploads[name] += 1
         c.host_depth += host  # everything dispatched inside a host call is host work (intermediates too)
         try:
             out = func(*args, **kwargs)
@@ -188,6 +200,7 @@ class _Counting:
         self.count_syncs, self.count_ops = syncs, ops
         self.syncs: Counter = Counter()
         self.ops: Counter = Counter()
+        self.uploads: Counter = Counter()  # host data copied to the device (a CUDA-graph capture cannot hold one)
         self.host_depth = 0
         self._host = WeakIdKeyDictionary()
         self._modes = [_Function(self), _Dispatch(self)]

@@ -95,7 +95,8 @@ def assert_same_as_eager(fast, eager, eng, batch, tokens=8):
 def counting_fast_path(eng, names=("_prefill",)):
     """A fast path of ``eng`` whose captured functions (``names``; a piecewise prefill: ``_vision`` and ``_llm``)
     run uncompiled (``backend="none"``: the same code with ``sig.captured``, no compile time), and the list their
-    calls append their host syncs to."""
+    calls append their host syncs to, uploads of host data included (``SyncCounter.uploads``: a CUDA graph of the
+    function, ``fast_backend="cudagraphs"``, cannot record one either)."""
     fp = FastPath(eng, backend="none", max_new_tokens=16)
     syncs = []
     for name in names:
@@ -104,7 +105,7 @@ def counting_fast_path(eng, names=("_prefill",)):
         def counted(*a, _inner=inner, **k):
             with SyncCounter() as c:
                 out = _inner(*a, **k)
-            syncs.append(c.total)
+            syncs.append(c.total + sum(c.uploads.values()))
             return out
 
         setattr(fp, name, counted)

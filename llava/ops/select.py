@@ -154,6 +154,29 @@ def greedy_max_min(problems: "list[MaxMinProblem]", device_loop: bool = False) -
     return list(torch.split(flat, [len(x) for x in picks]))
 
 
+def device_ints(values, device, dtype=torch.long) -> torch.Tensor:
+    """A short host list of ints as a tensor on ``device`` built by kernels only: one ``arange`` per run of
+    consecutive values, one ``full`` per run of equal ones, concatenated. Never an upload of host data, so a
+    prefill recorded as a CUDA graph can hold it (the values are kernel arguments, baked into the graph like the
+    plan's shapes); ``torch.tensor(values, device=)`` is a host-to-device copy a capture refuses."""
+    vals = [int(v) for v in values]
+    parts, i, n = [], 0, len(vals)
+    while i < n:
+        j = i + 1
+        if j < n and vals[j] == vals[i]:
+            while j < n and vals[j] == vals[i]:
+                j += 1
+            parts.append(torch.full((j - i,), vals[i], dtype=dtype, device=device))
+        else:
+            while j < n and vals[j] == vals[j - 1] + 1:
+                j += 1
+            parts.append(torch.arange(vals[i], vals[j - 1] + 1, dtype=dtype, device=device))
+        i = j
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def rank_desc(scores: torch.Tensor) -> torch.Tensor:
     """1-based rank of every entry by descending score (ties: lower index ranks first)."""
     order = torch.sort(scores.float(), descending=True, stable=True).indices

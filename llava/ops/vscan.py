@@ -43,7 +43,7 @@ def _vscan_official_scans(a_loc, a_glob, unit, patch, pruned_tok, num_units, row
     n = a_loc.numel()
     P = rows * cols
     is_patch = pruned_tok & (patch >= 0)
-    ninf = torch.tensor(float("-inf"), dtype=a_loc.dtype, device=dev)
+    ninf = torch.full((), float("-inf"), dtype=a_loc.dtype, device=dev)  # a kernel, not an upload
     # (U, P + 1) token index of each unit's patch (n = absent); column P = the unit's [CLS] (video)
     slot = torch.where(is_patch, unit.clamp(min=0) * (P + 1) + patch.clamp(min=0), num_units * (P + 1))
     is_cls = pruned_tok & (patch < 0) & (unit >= 0)
@@ -252,7 +252,7 @@ def vscan_stage1(local_attn: torch.Tensor, global_attn: torch.Tensor, features: 
             a = starts_h[u + 1]
             mat_h[u, :sz] = order_h[a:a + sz]
         mat = mat_h.to(dev)
-    neg = torch.tensor(float("-inf"), device=dev)
+    neg = torch.full((), float("-inf"), device=dev)  # a kernel, not an upload (capturable)
     g_scores = torch.where(pruned_tok & ~local, a_glob, neg)
     g_scores = torch.cat([g_scores, neg.reshape(1)])[mat]  # (U, maxn); padding -inf
     g_order = torch.sort(g_scores, dim=1, descending=True, stable=True).indices
