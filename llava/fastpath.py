@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 #: model families the fast path plans for
 FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl",
                  "qwen3_5", "qwen2_vl")
-BACKENDS = ("auto", "inductor", "eager", "aot_eager", "none")
+BACKENDS = ("auto", "inductor", "cudagraphs", "eager", "aot_eager", "none")
 
 
 @dataclass
@@ -124,7 +124,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         if backend == "auto":
             backend = "inductor" if dev.type == "cuda" else "eager"
         self.backend = backend
-        self.cuda_graphs = dev.type == "cuda" and backend == "inductor"
+        self.cuda_graphs = dev.type == "cuda" and backend in ("inductor", "cudagraphs")
+        self._pool = None  # cudagraphs: one CUDA-graph memory pool for the four functions
         self._prefill = self._compile(self._prefill_fn)
         self._vision = self._compile(self._vision_fn)  # a piecewise prefill: graph 1
         self._llm = self._compile(self._llm_fn)  # and graph 2
@@ -145,6 +146,12 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     def _compile(self, fn):
         if self.backend == "none":
             return fn
+        if self.backend == "cudagraphs":  # capture only: the uncompiled function recorded per key (llava.fast_graphs)
+            from .fast_graphs import CapturedFunction
+
+            if self._pool is None and torch.cuda.is_available():
+                self._pool = torch.cuda.graph_pool_handle()
+            return CapturedFunction(fn, name=fn.__name__.strip("_"), pool=self._pool)
         # every (bucket, batch, signature) is one entry of the same function: allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.accumulated_recompile_limit = max(
@@ -268,7 +275,10 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             hd = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
             cache.early_initialization(B, heads, hd, dtype, dev)
             self._init_linear_states(cache, B, dtype, dev)
-            self._caches = {key: cache}  # one cache at a time: the last shape's
+            if self.backend == "cudagraphs":  # a recorded graph writes into its cache's tensors: keep each shape's
+                self._caches[key] = cache  # (a new object would be a new graph at every change of shape)
+            else:
+                self._caches = {key: cache}  # one cache at a time: the last shape's
         for layer in cache.layers:  # a new prompt: slots are rewritten; stale ones stay masked
             if hasattr(layer, "recurrent_states"):  # a Gated DeltaNet layer: its states zeroed, "no previous state"
                 layer.reset()
@@ -310,8 +320,10 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             timings["plan"] = time.perf_counter() - t0
             buf, counts_d, bad = self._vision(px, crops_d if vp.crops is not None else None, idx_d, vp.spec,
                                               tower_d or None)
-            if self.cuda_graphs:  # graph 1's outputs live in the CUDA-graph pool, which graph 2 (a new run of the
-                buf = buf.clone()  # tree) may overwrite before it reads them (seen on an H100: PruMerge, 2026-11-24)
+            new = new or getattr(self._vision, "last_new", False)  # cudagraphs: a warm-up or a capture
+            if self.cuda_graphs and self.backend == "inductor":  # graph 1's outputs live in the CUDA-graph pool,
+                buf = buf.clone()  # which graph 2 (a new run of the tree) may overwrite before it reads them (seen on
+                # an H100: PruMerge, 2026-11-24); the cudagraphs backend returns clones already
             got = torch.cat([counts_d, bad.long()[None]]).tolist()  # the one host decision
             counts, bad = got[:-1], bool(got[-1])
             t1 = time.perf_counter()
@@ -326,6 +338,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             self._seen.add(lkey)
             timings["plan"] += time.perf_counter() - t1
             logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], mask.to(dev, non_blocking=True), cache)
+            new = new or getattr(self._llm, "last_new", False)
             outputs = counts
         else:
             spec, host, mask, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp)
@@ -345,6 +358,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
                                         moved["index"], cache, spec, stage_in, moved.get("vpos"), tower_in,
                                         moved.get("ds_at"), probe_in)
+            new = new or getattr(self._prefill, "last_new", False)
             if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
                 self._malformed()
             outputs = [s.outputs for s in spec.samples]

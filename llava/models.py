@@ -237,7 +237,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     ``fast=True``: every ``rt.prune`` attaches the engine with its fast path (:mod:`llava.fastpath`): the
     same calls and greedy tokens, the prefill planned on the host and captured per length bucket
     (``fast_backend`` "auto": CUDA graphs through Inductor on a GPU, dynamo without code generation on a
-    CPU; "inductor", "eager", "aot_eager", or "none" = the static-shape functions run uncompiled), decode
+    CPU; "cudagraphs" = CUDA graphs of the uncompiled functions, recorded in seconds without code generation
+    (:mod:`llava.fast_graphs`); "inductor", "eager", "aot_eager", or "none" = the static-shape functions run
+    uncompiled), decode
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
     user never prunes takes the fast path too: ``load`` attaches the unpruned method ("none") with it, so the

@@ -1,0 +1,131 @@
+"""The fast path's capture-only backend (``fast_backend="cudagraphs"``): each static-shape function of
+:class:`llava.fastpath.FastPath` (prefill, piecewise graphs, decode step) recorded as a CUDA graph of the
+*uncompiled* function, without dynamo tracing or Inductor code generation.
+
+Why: at batch 1 a 7B prefill on a current GPU is bound by kernel launches, not FLOPs; a CUDA graph removes
+the launches and costs one eager run to record (seconds), where Inductor's code generation for a 32-layer
+decoder takes minutes. The kernels are the eager engine's (no fusion): the graph is a replay of exactly what the
+uncompiled fast function (backend ``"none"``) launches, which the fast-path tests hold to the eager engine's tokens
+with zero host syncs inside the prefill (a host sync is what a capture cannot hold).
+
+How one function is run (:class:`CapturedFunction`, one per fast-path function):
+
+key
+    the call's pytree structure, every tensor's shape / dtype / device and every other leaf itself (the plan
+    ``_Spec``, the static cache object, layer tuples): a new key is a new graph, as a new bucket or signature
+    is a new Inductor graph;
+first call of a key (warm-up)
+    the inputs are copied into buffers owned by the key, and the function runs eagerly on them on a side stream:
+    a real call (its outputs are returned), and the lazy initialisations (cuBLAS workspaces, SDPA kernel
+    choice) happen outside any capture;
+second call (capture)
+    the inputs copied in, the function recorded into a graph (recording runs nothing), then replayed once: a
+    real call again; a recording that fails (a host sync the uncompiled function still makes) is a
+    ``RuntimeError`` naming the function;
+later calls (replay)
+    one device copy per input tensor into the key's buffers, one replay, the outputs cloned out of the graph's
+    memory (the next replay rewrites them; a piecewise prefill's graph 2 reads graph 1's outputs).
+
+Every call runs the function's side effects exactly once (the static cache's rows and its length counter:
+device tensors the graph reads and writes in place). All graphs of one fast path share one memory pool: a
+graph's intermediates are dead when it ends (its outputs are held and cloned), so replays in any order are safe.
+
+On a CPU there is nothing to capture: the same buffers, the function run again on them at every call (the
+plumbing - keys, copies in, clones out - is what the CPU tests check; the graphs themselves are checked on a
+GPU, ``bench.gpu_check --fast-backend cudagraphs``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["CapturedFunction"]
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, str(x.device))
+    try:
+        hash(x)
+    except TypeError:  # an unhashable object (none so far): by identity, held by the entry
+        return ("id", id(x))
+    return ("v", x)
+
+
+class _Entry:
+    __slots__ = ("inputs", "spec", "leaves", "graph", "outputs", "calls")
+
+    def __init__(self, inputs, spec, leaves):
+        self.inputs, self.spec, self.leaves = inputs, spec, leaves  # leaves: held (the cache object stays alive)
+        self.graph = None
+        self.outputs = None
+        self.calls = 0
+
+
+class CapturedFunction:
+    """``fn`` run as one CUDA graph per key (see the module's docstring). ``last_new``: the last call warmed up
+    or captured a graph (the fast path's ``new_graph``); ``graphs`` the keys captured so far."""
+
+    def __init__(self, fn, name: str | None = None, pool=None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "fn")
+        self._entries: dict = {}
+        self._pool = pool
+        self.last_new = False
+        self.captures = 0
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        key = (spec, tuple(_leaf_key(x) for x in leaves))
+        entry = self._entries.get(key)
+        if entry is None:  # buffers owned by this key: the graph reads its inputs from them
+            inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+            entry = self._entries[key] = _Entry(inputs, spec, leaves)
+        else:
+            for buf, x in zip(entry.inputs, leaves):
+                if isinstance(x, torch.Tensor) and buf is not x:
+                    buf.copy_(x)
+        entry.calls += 1
+        cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
+        self.last_new = entry.calls <= 2 if cuda else entry.calls == 1
+        if not cuda:  # nothing to capture: the function on the key's buffers
+            return self._clone(self._run(entry))
+        if entry.calls == 1:  # warm-up, a real call, on a side stream (as torch.cuda.graphs asks)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self._clone(self._run(entry))
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if entry.graph is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    outputs = self._run(entry)
+            except RuntimeError as e:
+                raise RuntimeError(f"the fast path's {self.name} could not be captured as a CUDA graph "
+                                   f"(fast_backend='cudagraphs'): {e}") from e
+            entry.graph, entry.outputs = graph, outputs
+            self.captures += 1
+        entry.graph.replay()
+        return self._clone(entry.outputs)
+
+    def _run(self, entry: _Entry):
+        args, kwargs = tree_unflatten(entry.inputs, entry.spec)
+        return self.fn(*args, **kwargs)
+
+    @staticmethod
+    def _clone(out):
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+    @property
+    def graphs(self) -> int:
+        return sum(e.graph is not None for e in self._entries.values())
+
+    def reset(self) -> None:
+        """Drop every graph and buffer (the static caches they hold are released with them)."""
+        self._entries.clear()
+        self.last_new = False
