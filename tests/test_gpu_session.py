@@ -82,8 +82,22 @@ def test_a_failed_check_fails_the_part_after_packing(tmp_path):
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["recheck.tgz"]
 
 
-def test_the_fast_part_runs_its_four_benchmarks_and_reports_the_first_failure(tmp_path):
-    out, calls, _ = _run(tmp_path, files=1, deep=False, fail_out="fast-7b-a", expect=1, part="fast")
+def test_the_fast_part_runs_its_three_benchmarks_and_reports_the_first_failure(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, fail_out="fast-7b", expect=1, part="fast")
     outs = [c[c.index("--out") + 1] for c in calls]
-    assert [Path(o).name for o in outs] == ["fast-7b-a", "fast-7b-b", "fast-next-crop", "fast-next-sample"]
+    assert [Path(o).name for o in outs] == ["fast-7b", "fast-next-crop", "fast-next-sample"]
     assert all(c[:2] == ["-m", "bench.efficiency"] and "--fast" in c for c in calls)
+
+
+def test_fast_7b_is_one_run_of_the_issue_s_methods_on_the_capture_backend_with_warm_up_and_closing_re_time(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-7b")
+    ((call),) = calls
+    args = dict(zip(call[2:], call[3:]))  # each option with the word after it
+    assert call[call.index("--model") + 1] == "shape:llava-1.5-7b" and args["--dtype"] == "float16"
+    methods = call[call.index("--methods") + 1:call.index("--budgets")]
+    assert methods == ["none", "fastv", "visionzip", "pdrop", "sparsevlm", "dart", "cdpruner", "consensusdrop",
+                       "visiondrop", "attnmix"]
+    assert call[call.index("--budgets") + 1] == "64" and args["--batch"] == "1" and args["--decode-tokens"] == "32"
+    assert args["--fast-backend"] == "cudagraphs" and args["--device-warmup"] == "3"
+    assert {"--fast", "--retime-none", "--resume"} <= set(call)
+    assert sorted(p.name for p in out.iterdir()) == ["fast-7b", "fast-7b.log"]

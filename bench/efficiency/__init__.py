@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -78,6 +80,63 @@ __all__ = [
 ]
 
 
+#: the config fields a finished cell's numbers depend on: a resumed run reuses only rows with the same values
+RESUME_FIELDS = ("model", "dtype", "device", "n", "warmup", "batch_sizes", "decode_tokens", "decode_samples",
+                 "text_words", "image_hw", "next_layout", "seed", "threads", "fast", "fast_backend",
+                 "fast_max_new_tokens")
+
+
+def _fingerprint(cfg: BenchConfig) -> dict:
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in RESUME_FIELDS}, default=str))
+
+
+def _cell_key(name, budget, opts, path, closing=False) -> str:
+    return json.dumps([name, budget, opts, path, bool(closing)], sort_keys=True, default=str)
+
+
+def _load_rows(progress: Path, fingerprint: dict) -> tuple[dict, int]:
+    """Rows of an earlier run of the same configuration (``--resume``): {cell key: result}, and the count of
+    lines left out (another configuration's, or cut mid-line by a kill)."""
+    rows, skipped = {}, 0
+    if not progress.exists():
+        return rows, skipped
+    for line in progress.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run
+            skipped += 1
+            continue
+        if rec.get("fingerprint") != fingerprint or "result" not in rec:  # a failed cell's line: measured again
+            skipped += 1
+            continue
+        rows[rec["cell"]] = rec["result"]
+    return rows, skipped
+
+
+class _Stopped(Exception):
+    """SIGTERM (``timeout``, a Slurm time limit): write the report from the rows measured so far."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped()
+
+
+def _device_warmup(rt, items, device, seconds: float) -> int:
+    """Unpruned eager prefills for ``seconds`` before the first row (clocks, allocator, cuBLAS / cuDNN
+    heuristics): without it the first row timed pays the device's warm-up (seen on an H200: the first row's
+    vision tower 15 ms, every later one's 9 ms)."""
+    if seconds <= 0:
+        return 0
+    attach(rt, "none", None, {}, "eager")
+    b = build_batch(rt, [items[0]], device)
+    t0, runs = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        prefill_once(rt, b, device)
+        runs += 1
+    rt.unprune()
+    return runs
+
+
 def run(cfg: BenchConfig) -> dict:
     from llava.models import load
 
@@ -100,44 +159,112 @@ def run(cfg: BenchConfig) -> dict:
     image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
     inputs = describe_inputs(rt, image_hw)
     items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw)
-    cells = [("none", None, {})]
+    cells = [("none", None, {}, False)]
     for spec in cfg.methods:
         name, opts = parse_method(spec)
         if name == "none":
             continue
-        cells += [(name, b, opts) for b in cfg.budgets]
+        cells += [(name, b, opts, False) for b in cfg.budgets]
+    if cfg.retime_none:  # the unpruned row again at the end: the drift of the device over the run
+        cells.append(("none", None, {}, True))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "cells.jsonl"  # one line per measured cell, as it ends: a run cut short keeps its rows
-    progress.write_text("")
-    results, fast_results = [], []
+    fingerprint = _fingerprint(cfg)
+    done, skipped = _load_rows(progress, fingerprint) if cfg.resume else ({}, 0)
+    if not cfg.resume:
+        progress.write_text("")
+    elif skipped:
+        print(f"--resume: {skipped} line(s) of {progress} left out (another configuration's, or cut by a kill)",
+              file=sys.stderr, flush=True)
+    results, fast_results, errors = [], [], []
     paths = ("eager", "fast") if cfg.fast else ("eager",)
     total, i = len(cells) * len(paths), 0
     print(f"bench.efficiency: {total} cells ({len(cells)} method x budget{' x 2 paths' if cfg.fast else ''}, "
-          f"{cfg.n} samples each) on {cfg.model}; writing to {out}", file=sys.stderr, flush=True)
-    for name, b, opts in cells:  # with --fast: each cell on both paths, back to back
-        for path in paths:
-            i += 1
-            print(f"[{i}/{total}] {name}{'' if b is None else f' budget {b}'}"
-                  f"{' ' + json.dumps(opts) if opts else ''}{' (fast path)' if path == 'fast' else ''}",
-                  file=sys.stderr, flush=True)
-            if path == "fast":
-                fast_results.append(measure(rt, name, b, opts, items, cfg, device, path="fast"))
-                _progress(progress, fast_results[-1])
-            else:
-                results.append(measure(rt, name, b, opts, items, cfg, device))
-                _progress(progress, results[-1])
-    print(f"[{total}/{total}] cells done; fitting the cost model on {len(cfg.sweep) or 8} text-only lengths",
-          file=sys.stderr, flush=True)
+          f"{cfg.n} samples each) on {cfg.model}; writing to {out}"
+          + (f"; {len(done)} done in an earlier run (--resume)" if done else ""), file=sys.stderr, flush=True)
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    stopped = None
+    try:
+        warm = _device_warmup(rt, items, device, cfg.device_warmup) if len(done) < total else 0
+        if warm:
+            print(f"device warm-up: {warm} unpruned prefills in {cfg.device_warmup:g} s", file=sys.stderr, flush=True)
+        for name, b, opts, closing in cells:  # with --fast: each cell on both paths, back to back
+            for path in paths:
+                i += 1
+                key = _cell_key(name, b, opts, path, closing)
+                what = (f"{name}{'' if b is None else f' budget {b}'}{' ' + json.dumps(opts) if opts else ''}"
+                        f"{' (closing re-time)' if closing else ''}{' (fast path)' if path == 'fast' else ''}")
+                if key in done:
+                    res = done[key]
+                    print(f"[{i}/{total}] {what}: done earlier (--resume)", file=sys.stderr, flush=True)
+                else:
+                    print(f"[{i}/{total}] {what}", file=sys.stderr, flush=True)
+                    t0 = time.perf_counter()
+                    try:
+                        res = measure(rt, name, b, opts, items, cfg, device, path=path)
+                    except (KeyboardInterrupt, _Stopped):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one failing cell must not lose the others
+                        rt.unprune()
+                        err = {"method": name, "budget": b, "options": opts, "path": path, "closing": closing,
+                               "error": f"{type(e).__name__}: {e}"}
+                        errors.append(err)
+                        print(f"cell failed: {err['error']}", file=sys.stderr, flush=True)
+                        with progress.open("a") as f:
+                            f.write(json.dumps({**err, "cell": key, "fingerprint": fingerprint},  # retried by --resume
+                                               default=str) + "\n")
+                        continue
+                    res["closing"] = closing
+                    res["cell_s"] = time.perf_counter() - t0
+                    _progress(progress, res, key, fingerprint)
+                (fast_results if path == "fast" else results).append(res)
+        print(f"[{total}/{total}] cells done", file=sys.stderr, flush=True)
+    except (KeyboardInterrupt, _Stopped) as e:
+        stopped = e
+        print(f"stopped after {len(results) + len(fast_results)} of {total} cells: writing the report from them "
+              f"(the rows are in {progress}; --resume continues)", file=sys.stderr, flush=True)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    report = _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fast_slots,
+                     complete=stopped is None, out=out, progress=progress)
+    if isinstance(stopped, KeyboardInterrupt):
+        raise stopped
+    return report
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _pair(results: list[dict], fast_results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The eager and fast rows of the cells measured on both paths, in the same order."""
+    key = lambda r: (r["method"], r["budget"], json.dumps(r["options"], sort_keys=True), bool(r.get("closing")))  # noqa: E731
+    fast = {key(r): r for r in fast_results}
+    pairs = [(r, fast[key(r)]) for r in results if key(r) in fast]
+    return [e for e, _ in pairs], [f for _, f in pairs]
+
+
+def _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fast_slots, complete: bool, out: Path,
+            progress: Path) -> dict:
+    """efficiency.json / .md / .png from the rows there are (a run stopped early: no cost model, no bars)."""
+    base = next((r for r in results if r["method"] == "none" and not r.get("closing")), None)
     for r in results:  # launches a method adds over the unpruned model on the same input
-        r["extra_ops"] = r["ops"]["total"] - results[0]["ops"]["total"]
-    full = int(results[0]["records"][0]["layer_lengths"][0])
+        if base is not None and r.get("ops") and base.get("ops"):
+            r["extra_ops"] = r["ops"]["total"] - base["ops"]["total"]
     d, m, L, d_kv = llm_dims(rt.model.config)
-    lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})
     spec = hybrid_spec(rt.model.config)
-    model = fit_roofline(llm_sweep(rt, lengths, device), d, m, L, d_kv, spec)
+    model = None
+    if complete and base is not None:
+        full = int(base["records"][0]["layer_lengths"][0])
+        lengths = cfg.sweep or sorted({max(8, int(full * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)})
+        print(f"cells done; fitting the cost model on {len(lengths)} text-only lengths", file=sys.stderr, flush=True)
+        model = fit_roofline(llm_sweep(rt, lengths, device), d, m, L, d_kv, spec)
     report = {"config": {**asdict(cfg), "image_hw": list(image_hw)}, "environment": environment(rt, device, rt.model.dtype),
-              "inputs": inputs,
+              "inputs": inputs, "complete": complete, "errors": errors,
               "flops_model": {"scope": "LLM decoder prefill only, at the measured per-layer lengths; the vision tower "
                                        "(CLIP / SigLIP / Qwen2.5-VL's windowed ViT), projector / merger and LM head are "
                                        "not counted", "d": d, "m": m, "layers": L, "d_kv": d_kv,
@@ -149,43 +276,49 @@ def run(cfg: BenchConfig) -> dict:
                                              "K": spec.key_dim, "V": spec.value_dim, "H_v": spec.v_heads,
                                              "d_k": spec.head_k, "d_v": spec.head_v, "kernel": spec.kernel}}
                                  if spec is not None else {})},
-              "cost_model": {"description": model.describe(), "floor_s": model.floor, "a_s": model.a,
-                             "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
-                             "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
+              "cost_model": None if model is None else {
+                  "description": model.describe(), "floor_s": model.floor, "a_s": model.a,
+                  "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
+                  "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
               "results": results}
     if cfg.fast:
+        eager_rows, fast_rows = _pair(results, fast_results)
         f0 = next((r["fast"] for r in fast_results if r.get("fast")), {})
         report["fast"] = {"backend": f0.get("backend"), "requested_backend": cfg.fast_backend,
                           "cuda_graphs": f0.get("cuda_graphs"), "max_new_tokens": fast_slots,
                           "note": "each cell ran on the eager engine and with load(fast=True) in this run; fast rows: "
                                   "warm-up prefills first, a timed prefill that still compiled a graph is timed again "
                                   "(compiled_in_timed); path_taken = engine.stats.path of the timed prefills",
-                          "results": fast_results, "comparison": fast_comparison(results, fast_results)}
-    report["bars"] = check_bars(results, model)
+                          "results": fast_results, "comparison": fast_comparison(eager_rows, fast_rows)}
+    report["bars"] = check_bars(results, model) if model is not None else []
     (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "efficiency.md").write_text(markdown(report))
-    wrote = [out / "efficiency.json", out / "efficiency.md", progress]
-    try:
-        plot(report, out / "efficiency.png")
-        wrote.insert(2, out / "efficiency.png")
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
-    log_wandb(report, cfg.wandb)
+    wrote = [out / "efficiency.json", progress]
+    if results:
+        (out / "efficiency.md").write_text(markdown(report))
+        wrote.insert(1, out / "efficiency.md")
+        try:
+            plot(report, out / "efficiency.png")
+            wrote.insert(2, out / "efficiency.png")
+        except ImportError:
+            print("matplotlib not installed: no plot", file=sys.stderr)
+    if complete:
+        log_wandb(report, cfg.wandb)
     print("wrote " + ", ".join(str(p) for p in wrote), file=sys.stderr, flush=True)
     return report
 
 
-def _progress(path: Path, res: dict) -> None:
-    """Append one cell's headline numbers to ``cells.jsonl`` and print them (the full records go to
-    efficiency.json at the end)."""
+def _progress(path: Path, res: dict, key: str, fingerprint: dict) -> None:
+    """Append one cell's row to ``cells.jsonl`` (its headline numbers, and the whole result for ``--resume`` and
+    a report written after a kill) and print the headline."""
     line = {"method": res["method"], "budget": res["budget"], "options": res["options"], "path": res["path"],
-            "path_taken": res["path_taken"], "warmup_s": round(res["warmup_s"], 3),
+            "closing": bool(res.get("closing")), "path_taken": res["path_taken"], "warmup_s": round(res["warmup_s"], 3),
             "compiled_in_timed": res["compiled_in_timed"], "ttft_median_s": res["ttft"]["median"],
+            "selection_median_s": (res.get("t_selection") or {}).get("median"),
             "tpot_median_s": res["tpot"].get("median"),
             "visual_entering_llm": res["visual_entering_llm"],
             "batched_ttft_median_s": {k: v["ttft"]["median"] for k, v in res["batched"].items()}}
     with path.open("a") as f:
-        f.write(json.dumps(line, default=str) + "\n")
+        f.write(json.dumps({**line, "cell": key, "fingerprint": fingerprint, "result": res}, default=str) + "\n")
     print("cell " + json.dumps(line, default=str), file=sys.stderr, flush=True)
 
 
@@ -216,8 +349,16 @@ def main(argv=None) -> int:
     ap.add_argument("--wandb", action="store_true", help="log to W&B (honours WANDB_MODE)")
     ap.add_argument("--fast", action="store_true", help="also run every (method, budget, batch) cell with "
                     "load(fast=True) and put fast and eager rows side by side with their TTFT ratio")
-    ap.add_argument("--fast-backend", default=d.fast_backend, choices=["auto", "inductor", "eager", "aot_eager", "none"],
-                    help="with --fast: torch.compile backend (auto: inductor + CUDA graphs on a GPU)")
+    ap.add_argument("--fast-backend", default=d.fast_backend,
+                    choices=["auto", "inductor", "cudagraphs", "eager", "aot_eager", "none"],
+                    help="with --fast: auto = inductor + CUDA graphs on a GPU; cudagraphs = CUDA graphs of the "
+                         "uncompiled functions (capture in seconds, no code generation; docs/fast-path.md)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of cells.jsonl measured by an earlier run of "
+                    "the same configuration (a killed run) and measure only the others")
+    ap.add_argument("--device-warmup", type=float, default=d.device_warmup,
+                    help="seconds of unpruned prefills before the first row (the device's warm-up)")
+    ap.add_argument("--retime-none", action="store_true",
+                    help="time the unpruned row again after the last method (the drift over the run)")
     ap.add_argument("--fast-max-new-tokens", type=int, default=None,
                     help="with --fast: decode slots of the static cache (default: --decode-tokens)")
     a = ap.parse_args(argv)
@@ -227,9 +368,11 @@ def main(argv=None) -> int:
     except InputError as e:  # a bad --model: one line, as the other commands
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what is kept, no traceback
-        print(f"interrupted: the cells finished so far are in {Path(cfg.out) / 'cells.jsonl'}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: the report of the rows so far is written, no traceback
+        print(f"interrupted: the cells finished so far are in {Path(cfg.out) / 'cells.jsonl'} (--resume continues)",
+              file=sys.stderr)
         return 130
-    print(markdown(report))
-    return 0
+    if report["results"]:
+        print(markdown(report))
+    return 0 if report.get("complete", True) else 124  # stopped by SIGTERM: the report of what was measured
 

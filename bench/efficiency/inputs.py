@@ -33,6 +33,9 @@ class BenchConfig:
     fast: bool = False  # also run every cell with load(fast=True): fast and eager rows side by side
     fast_backend: str = "auto"
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: decode_tokens
+    resume: bool = False  # keep the rows of an earlier run of the same configuration (cells.jsonl)
+    device_warmup: float = 0.0  # seconds of unpruned prefills before the first row
+    retime_none: bool = False  # the unpruned row timed again after the last method
 
 
 # Synthetic image size per family when --image-hw is not given, and what it gives on the real geometry:

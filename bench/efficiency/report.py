@@ -65,6 +65,9 @@ def fast_comparison(eager: list[dict], fast: list[dict]) -> list[dict]:
                    "ttft_ratio": tf["median"] / te["median"], "fast_path_taken": taken, "fast_path_reasons": reasons,
                    "fast_compiled_in_timed": compiled}
             if bs == "1":
+                row["fast_warmup_s"] = f.get("warmup_s")  # the warm-up prefills: compile / capture, on its own
+                row["eager_selection_median"] = (e.get("t_selection") or {}).get("median")
+                row["eager_llm_median"] = (e.get("t_llm") or {}).get("median")
                 row["eager_tpot_median"] = (e["tpot"] or {}).get("median")
                 row["fast_tpot_median"] = (f["tpot"] or {}).get("median")
                 if row["eager_tpot_median"] and row["fast_tpot_median"]:
@@ -78,13 +81,14 @@ def label(r: dict) -> str:
     variants of one method stay apart in the tables, the bar checks and the plot."""
     from llava.method import method_label
 
-    return method_label(r["method"], r.get("options"))
+    name = method_label(r["method"], r.get("options"))
+    return f"{name} (closing re-time)" if r.get("closing") else name
 
 
 def check_bars(results: list[dict], model: Roofline, overhead_limit=0.03, speedup_tol=0.10, speedup_budget=64) -> list[dict]:
     """The issue's performance bars: selection overhead <= 3% of the unpruned TTFT; TTFT speed-up at
     the 64-token budget within 10% of the cost model's prediction; measured KV bytes == analytic."""
-    base = next(r for r in results if r["method"] == "none")
+    base = next(r for r in results if r["method"] == "none" and not r.get("closing"))
     t_base = base["ttft"]["median"]
     bars = []
     for r in results:
@@ -151,9 +155,19 @@ def _ops_over(r: dict) -> str:
     return f"{r['extra_ops']:+d}" if r.get("extra_ops") is not None else "-"
 
 
+def _closing_lines(rows: list[dict], base: dict) -> list[str]:
+    """The drift of the device over the run: the unpruned row timed first and again after the last method."""
+    end = next((r for r in rows if r["method"] == "none" and r.get("closing")), None)
+    if end is None or end is base:
+        return []
+    a, b = base["ttft"]["median"], end["ttft"]["median"]
+    return [f"Unpruned TTFT at the start {a * 1e3:.2f} ms, re-timed after the last method {b * 1e3:.2f} ms "
+            f"(drift {100 * (b / a - 1):+.1f} %): speed-ups against the start row are within that.", ""]
+
+
 def markdown(report: dict) -> str:
     env, rows, model = report["environment"], report["results"], report["cost_model"]
-    base = next(r for r in rows if r["method"] == "none")
+    base = next((r for r in rows if r["method"] == "none" and not r.get("closing")), rows[0])
     t_base = base["ttft"]["median"]
     bs = [k for k in base["batched"]]
     out = [f"# Efficiency: {env['model']}", "",
@@ -166,7 +180,12 @@ def markdown(report: dict) -> str:
            "prefill only (vision tower, projector and LM head not counted), at the measured per-layer lengths; "
            + _flops_line(report), "",
            *_inputs_lines(report),
-           f"Cost model: {model['description']}", "",
+           (f"Cost model: {model['description']}" if model else "Cost model: not fitted (**the run stopped before its "
+            "last cell**: the rows below are those it measured; `--resume` continues it)"), "",
+           *_closing_lines(rows, base),
+           *(["Cells that failed (the run went on): " + "; ".join(
+               f"{e['method']} {e['budget'] if e['budget'] is not None else '-'} ({e['path']}): {e['error']}"
+               for e in report.get("errors") or []), ""] if report.get("errors") else []),
            "Ops: aten ops of one batch-1 prefill of the first input that would launch a GPU kernel or memcpy "
            "(llava.syncs.OpCounter; views, allocations and host-side work not counted), split vision / selection / "
            "LLM as the time; over unpruned = total (incl. LM head) minus the unpruned row's total. At batch 1 a "
@@ -221,20 +240,24 @@ def fast_markdown(fast: dict) -> list[str]:
            "does not capture runs eagerly on the fast row, which then says so (its ratio compares eager with eager). "
            "Ratio = fast / eager median (< 1: the fast path is faster). The table, bars and plot above are the eager "
            "rows.", "",
+           "Selection: the eager row's selection time (the fast prefill is one graph: its selection is not timed "
+           "apart). Warm-up: the fast row's warm-up prefills, compile / capture included, never in the TTFT.", "",
            "| Method | Budget | Batch | Path | Path taken | TTFT median / p90 (ms) | fast / eager TTFT | TPOT (ms) "
-           "| fast / eager TPOT | graphs compiled in timed runs |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| fast / eager TPOT | selection (ms) | warm-up (s) | graphs compiled in timed runs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"  # noqa: E731
     for c in fast["comparison"]:
         head = f"| {c['label']} | {c['budget'] if c['budget'] is not None else '-'} | {c['batch']} |"
         b1 = c["batch"] == 1
         out.append(f"{head} eager | eager | {ms(c['eager_ttft_median'])} / {ms(c['eager_ttft_p90'])} | - | "
-                   f"{ms(c.get('eager_tpot_median')) if b1 else '-'} | - | - |")
+                   f"{ms(c.get('eager_tpot_median')) if b1 else '-'} | - | {ms(c.get('eager_selection_median'))} | - "
+                   "| - |")
         taken = _taken(c["fast_path_taken"], c["fast_path_reasons"], "fast")
         tpot_ratio = f"{c['tpot_ratio']:.2f}x" if c.get("tpot_ratio") else "-"
         out.append(f"{head} fast | {taken} | {ms(c['fast_ttft_median'])} / {ms(c['fast_ttft_p90'])} | "
                    f"{c['ttft_ratio']:.2f}x | {ms(c.get('fast_tpot_median')) if b1 else '-'} | "
-                   f"{tpot_ratio if b1 else '-'} | {c['fast_compiled_in_timed']} |")
+                   f"{tpot_ratio if b1 else '-'} | - | "
+                   f"{f'{w:.1f}' if (w := c.get('fast_warmup_s')) is not None else '-'} | {c['fast_compiled_in_timed']} |")
     return out
 
 

@@ -43,9 +43,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="the fast-path section: equality on the tiny LLaVA families and timing (default: on)")
     f.add_argument("--fast-only", action="store_true",
                    help="only the fast-path section (no tiny-model checks, no eager TTFT table)")
-    f.add_argument("--fast-backend", default=d.fast_backend, choices=["auto", "inductor", "eager", "aot_eager"],
+    f.add_argument("--fast-backend", default=d.fast_backend,
+                   choices=["auto", "inductor", "cudagraphs", "eager", "aot_eager"],
                    help="the fast path's compile backend, compared with the same path uncompiled (default auto: "
-                   "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU)")
+                   "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU; cudagraphs: CUDA graphs of the "
+                   "uncompiled functions, no code generation)")
     f.add_argument("--fast-dtypes", nargs="+", default=None, help="default: the --dtypes")
     f.add_argument("--fast-prompts", type=int, default=d.fast_prompts,
                    help=f"batch-1 prompts per family x dtype x method (default {d.fast_prompts})")

@@ -9,9 +9,15 @@
 #   bash scripts/bench/gpu_session.sh selection  OUT   # the costly selections only (greedy / multi-stage methods), both shapes
 #   bash scripts/bench/gpu_session.sh fast       OUT   # the fast path (load(fast=True)) next to the eager engine, batch 1,
 #                                                       # fp16 (bench.efficiency --fast): fast-7b, then fast-next (LIMIT/2 each)
-#   bash scripts/bench/gpu_session.sh fast-7b    OUT   #   shape:llava-1.5-7b, none + 8 methods at 64 tokens, 32 decode tokens
+#   bash scripts/bench/gpu_session.sh fast-7b    OUT   #   shape:llava-1.5-7b, none + 9 methods at 64 tokens, 32 decode tokens:
+#                                                       #   TTFT fast vs eager, TPOT, warm-up (capture / compile), selection;
+#                                                       #   device warm-up first, the unpruned row re-timed last
 #   bash scripts/bench/gpu_session.sh fast-next  OUT   #   shape:llava-next-7b (2880 tokens) at 320 / 160 visual tokens in all:
 #                                                       #   64 / 32 per crop (per-crop methods, PyramidDrop's 576 scale), FastV 320 / 160
+#   The fast parts use FAST_BACKEND (default cudagraphs: CUDA graphs of the uncompiled functions, captured in seconds;
+#   FAST_BACKEND=inductor for Inductor + CUDA graphs, whose first compile of a 7B model takes minutes).
+#   bench.efficiency runs write under WORK (default: OUT) and are copied to OUT: WORK=runs/gpu-session on a device
+#   that keeps the tree between calls lets a cut run continue (--resume) in the next call.
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -40,24 +46,30 @@ cd "$(dirname "$0")/../.."
 PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
-mkdir -p "$DEST"
+FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
+WORK=${WORK:-$DEST}
+mkdir -p "$DEST" "$WORK"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 first_failure() { for s in "$@"; do (( s == 0 )) || return "$s"; done; }  # the status of the first that failed
 eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit[, more flags]]
+  # a SIGTERM at the time limit makes bench.efficiency write its report from the rows it has (status 124)
   timeout --signal=TERM "${8:-$LIMIT}" python -m bench.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
     --budgets $3 --n "$4" --warmup 3 --batch $5 --decode-tokens "$6" --next-layout spatial \
-    $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$DEST/$7" "${@:9}" 2>&1 | tee "$DEST/$7.log" | tail -60
+    $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$WORK/$7" "${@:9}" 2>&1 | tee "$WORK/$7.log" | tail -60
+  local rc=$?
+  if [[ "$(realpath "$WORK")" != "$(realpath "$DEST")" ]]; then cp -r "$WORK/$7" "$WORK/$7.log" "$DEST/" 2>/dev/null; fi
+  return $rc
 }
-fast_7b() {  # seconds for the part: two runs of half each
-  eff shape:llava-1.5-7b "none fastervlm random visionzip divprune" 64 16 1 32 fast-7b-a $(($1 / 2)) --fast; local a=$?
-  eff shape:llava-1.5-7b "none consensusdrop fastv pdrop visiondrop" 64 16 1 32 fast-7b-b $(($1 / 2)) --fast
-  first_failure "$a" "$?"
+FAST_FLAGS=(--fast --fast-backend "$FAST_BACKEND" --device-warmup 3 --retime-none --resume)
+fast_7b() {  # seconds for the part: one run, the unpruned row first and again last
+  eff shape:llava-1.5-7b "none fastv visionzip pdrop sparsevlm dart cdpruner consensusdrop visiondrop attnmix" 64 16 1 32 \
+    fast-7b "$1" "${FAST_FLAGS[@]}"
 }
 fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each method's budget convention
   eff shape:llava-next-7b "none fastervlm random visionzip divprune consensusdrop visiondrop pdrop" "64 32" 12 1 16 \
-    fast-next-crop $(($1 * 2 / 3)) --fast; local a=$?
-  eff shape:llava-next-7b "none fastv" "320 160" 12 1 16 fast-next-sample $(($1 / 3)) --fast
+    fast-next-crop $(($1 * 2 / 3)) "${FAST_FLAGS[@]}"; local a=$?
+  eff shape:llava-next-7b "none fastv" "320 160" 12 1 16 fast-next-sample $(($1 / 3)) "${FAST_FLAGS[@]}"
   first_failure "$a" "$?"
 }
 case "$PART" in
@@ -74,9 +86,10 @@ case "$PART" in
                $((LIMIT / 2))
              first_failure "$first" "$?" ;;
   fast) fast_7b $((LIMIT / 2)); first=$?; fast_next $((LIMIT / 2)); first_failure "$first" "$?" ;;
-  fast-qwen) eff shape:qwen2.5-vl-7b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen25 $((LIMIT / 2)) --fast
-             first=$?
-             eff shape:qwen3-vl-8b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen3 $((LIMIT / 2)) --fast
+  fast-qwen) eff shape:qwen2.5-vl-7b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen25 $((LIMIT / 2)) \
+               "${FAST_FLAGS[@]}"; first=$?
+             eff shape:qwen3-vl-8b "none fastervlm visionzip consensusdrop fastv" 64 12 1 32 fast-qwen3 $((LIMIT / 2)) \
+               "${FAST_FLAGS[@]}"
              first_failure "$first" "$?" ;;
   fast-7b) fast_7b "$LIMIT" ;;
   fast-next) fast_next "$LIMIT" ;;
@@ -95,7 +108,7 @@ case "$PART" in
              --dtypes float16 --fast-dtypes float16 --no-fast-ttft --out "$DEST/fast" \
              --time-limit "$((LIMIT * 9 / 20 - 20))" 2>&1 | tee "$DEST/fast.log" | tail -25
            first_failure "$first" "$second" "$?" ;;
-  fast-check) python -m bench.gpu_check --fast-only --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
+  fast-check) python -m bench.gpu_check --fast-only --fast-backend "$FAST_BACKEND" --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 \
                 | tee "$DEST/gpu_check_fast.log" | tail -60 ;;
   testbed2) LIMIT=$LIMIT bash scripts/train_testbed2.sh runs/testbed2-weights 2>&1 | tail -40  # the device tool returns
             cp runs/testbed2-train/log.json "$DEST/train2_log.json" 2>/dev/null         # 8 files at most: one tar
