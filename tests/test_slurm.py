@@ -219,7 +219,7 @@ def test_array_and_report_equal_one_process(grid):
     env, out = grid["env"], grid["root"] / "array"
     out.mkdir()
     array, report, text = _submit(env, out, "--shards", "3")
-    assert f"{N_CONFIGS} configs in 3 array tasks (SHARDS=3)" in text
+    assert f'{PAPER} "{TABLE}": {N_CONFIGS} configs in 3 array tasks (SHARDS=3)' in text
     jobs = _wait(env, [array, report])
     tasks = {k: v for k, v in jobs.items() if k.startswith(f"{array}_")}
     assert sorted(tasks) == [f"{array}_{i}" for i in range(3)]

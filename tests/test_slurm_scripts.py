@@ -255,7 +255,7 @@ def test_submit_dry_run_fixes_shards_and_writes_the_variables(tmp_path):
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     # Table 1 with ONLY=pope,gqa BUDGETS=64: per benchmark the unpruned row and FastV / SparseVLM / VisionZip at 64
-    assert "visionzip: 8 configs, SHARDS=8 (dry run: nothing submitted)" in r.stdout
+    assert "visionzip \"Table 1\": 8 configs, SHARDS=8 (dry run: nothing submitted)" in r.stdout
     logs = out / "slurm-logs"
     assert logs.is_dir()
     lines = r.stdout.splitlines()
@@ -287,3 +287,37 @@ def test_local_cluster_refuses_bad_arguments():
     r = subprocess.run(["bash", str(REPO / "scripts/slurm/local_cluster.sh"), "sideways"], capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "unknown command sideways" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report job's last line, W&B's one switch, the table's name in submit_paper.sh's output (an outside check)
+# ---------------------------------------------------------------------------------------------------------------
+
+GRID4 = dict(MODEL="tiny:llava", ONLY="pope", BUDGETS="64")  # Table 1 on POPE at 64: the unpruned row + 3 methods
+
+
+def test_submit_names_the_table_as_the_doc_does(tmp_path):
+    """submit_paper.sh printed `visionzip Table 1: 4 configs ...` (a heredoc drops the quotes of ${TABLE:+ "..."})
+    where docs/cluster.md shows `visionzip "Table 1": ...`. A recording sbatch hands out job ids 812, 813."""
+    import re
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sb = bindir / "sbatch"
+    sb.write_text("#!/bin/sh\nn=$(cat \"$COUNTER\" 2>/dev/null || echo 811); n=$((n + 1)); echo $n > \"$COUNTER\"\n"
+                  "echo \"$n\"\n")
+    sb.chmod(0o755)
+    e = _env(OUT=tmp_path / "runs", DATA_ROOT=tmp_path, VENV=sys.prefix, COUNTER=tmp_path / "n",
+             PATH=f"{bindir}:{os.environ['PATH']}", **GRID4)
+    r = subprocess.run(["bash", str(REPO / "scripts/slurm/submit_paper.sh"), "visionzip", "Table 1", "--", "-c", "1"],
+                       env=e, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == 'visionzip "Table 1": 4 configs in 4 array tasks (SHARDS=4)'
+    assert lines[1].startswith("  array job  812   logs ") and lines[2].startswith("  report job 813   ")
+    doc = (REPO / "docs/cluster.md").read_text().split("```text\n", 1)[1].splitlines()
+    shape = re.sub(r"\d+", r"\\d+", re.escape(doc[0]))
+    assert re.fullmatch(shape, doc[0]) and re.fullmatch(shape, lines[0]), (doc[0], lines[0])
+    r = subprocess.run(["bash", str(REPO / "scripts/slurm/submit_paper.sh"), "visionzip", "Table 1", "--dry-run"],
+                       env=e, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.stdout.splitlines()[0] == 'visionzip "Table 1": 4 configs, SHARDS=4 (dry run: nothing submitted)'

@@ -31,6 +31,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ -n "$PAPER" ]] || usage
+LABEL="$PAPER${TABLE:+ \"$TABLE\"}"   # visionzip "Table 1": a table's name has spaces
 [[ -f "$REPO/scripts/papers/$PAPER.sh" ]] || { echo "error: no paper script scripts/papers/$PAPER.sh (python -m eval paper --list)" >&2; exit 2; }
 for v in COUNT SHARDS_ARG PAR; do
     if [[ -n "${!v}" && ! "${!v}" =~ ^[1-9][0-9]*$ ]]; then echo "error: ${v/_ARG/}=${!v}: a positive integer" >&2; exit 2; fi
@@ -48,10 +49,10 @@ if [[ -z "$COUNT" ]]; then  # the grid as the paper script builds it (the same O
         echo "error: could not read the grid of $PAPER (above); --count N gives the config count instead" >&2; exit 2; }
     COUNT="$(sed -n '1s/^[^:]*: \([0-9][0-9]*\) configs.*/\1/p' <<< "$DRYOUT")"
     [[ -n "$COUNT" ]] || { echo "error: no config count in the dry run's first line: $(head -n 1 <<< "$DRYOUT")" >&2; exit 2; }
-    if [[ "$COUNT" == 0 ]]; then echo "$PAPER: the grid has no configs (ONLY / BUDGETS / TABLE?): nothing submitted"; exit 0; fi
+    if [[ "$COUNT" == 0 ]]; then echo "$LABEL: the grid has no configs (ONLY / BUDGETS / TABLE?): nothing submitted"; exit 0; fi
 fi
 SHARDS="${SHARDS_ARG:-$COUNT}"
-if (( SHARDS > COUNT )); then echo "$PAPER: --shards $SHARDS > $COUNT configs: $COUNT tasks"; SHARDS=$COUNT; fi
+if (( SHARDS > COUNT )); then echo "$LABEL: --shards $SHARDS > $COUNT configs: $COUNT tasks"; SHARDS=$COUNT; fi
 LOGS="${LOGS:-$OUT/slurm-logs}"
 [[ "$LOGS" = /* ]] || LOGS="$PWD/$LOGS"
 mkdir -p "$LOGS"   # sbatch -o into a missing folder fails with no output anywhere
@@ -90,7 +91,7 @@ q() {  # shell-quoted only where needed (a comma or a slash is safe), for comman
     printf '%s' "$out"
 }
 if [[ $DRY == 1 ]]; then
-    echo "$PAPER: $COUNT configs, SHARDS=$SHARDS (dry run: nothing submitted)"
+    echo "$LABEL: $COUNT configs, SHARDS=$SHARDS (dry run: nothing submitted)"
     echo "  $(q "${ARRAY[@]}" --array="0-$((SHARDS - 1))${PAR:+%$PAR}" "$REPO/scripts/slurm/paper.sbatch")"
     echo "  $(q "${REPORT[@]}" --dependency=afterok:ARRAY_ID --kill-on-invalid-dep=yes "$REPO/scripts/slurm/report.sbatch")"
     echo "  (variables in $ENVF)"
@@ -99,7 +100,7 @@ fi
 A="$("${ARRAY[@]}" --array="0-$((SHARDS - 1))${PAR:+%$PAR}" "$REPO/scripts/slurm/paper.sbatch")"; A="${A%%;*}"
 R="$("${REPORT[@]}" --dependency="afterok:$A" --kill-on-invalid-dep=yes "$REPO/scripts/slurm/report.sbatch")"; R="${R%%;*}"
 cat <<MSG
-$PAPER${TABLE:+ "$TABLE"}: $COUNT configs in $SHARDS array tasks (SHARDS=$SHARDS)
+$LABEL: $COUNT configs in $SHARDS array tasks (SHARDS=$SHARDS)
   array job  $A   logs $LOGS/vtprune-$PAPER-${A}_<task>.out
   report job $R   after every task succeeds (cancelled if one fails)   log $LOGS/vtprune-$PAPER-report-$R.out
   watch:     squeue -j $A,$R
