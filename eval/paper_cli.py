@@ -1,5 +1,5 @@
 """``python -m eval paper`` (the report, ``--list``, ``--check``) and ``python -m eval paper-grid`` (the grid of
-runs behind ``scripts/papers/<paper>.sh``: ``--dry-run``, ``--commands``)."""
+runs behind ``scripts/papers/<paper>.sh``: ``--dry-run``, ``--status``, ``--commands``)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def add_parsers(sub) -> None:
                       "what is done under --out and what is missing")
     mode.add_argument("--commands", action="store_true", help="one line per config still to run: "
                       "BENCH METHOD BUDGET MODEL [flags], shell-quoted")
+    mode.add_argument("--status", action="store_true", help="print one line, the grid's state under --out: "
+                      "done N of M (the dry run's line after the configs)")
 
 
 def _ints(s):
@@ -128,7 +130,7 @@ def paper(args, local_rank=None) -> int:
 
 
 def paper_grid(args, local_rank=None) -> int:
-    from .paper_grid import build_grid, commands, dry_run_text, not_runnable, shard
+    from .paper_grid import build_grid, commands, dry_run_text, not_runnable, shard, status_text
     from .papers import SpecError, load
 
     try:
@@ -141,6 +143,9 @@ def paper_grid(args, local_rank=None) -> int:
     if args.commands:
         for line in commands(grid, args.out):
             print(line)
+        return 0
+    if args.status:
+        print(status_text(grid, args.out))
         return 0
     print(dry_run_text(spec, grid, args.out, args.data_root, not_runnable(spec, args.table)))
     return 0

@@ -159,6 +159,17 @@ def status(cfg: Config, out, data_root, data: dict | None = None) -> dict:
     return st
 
 
+def done_line(n_done: int, n: int) -> str:
+    """The grid's state in one line, ``done N of M``: the dry run's line after the configs, and all that
+    ``paper-grid --status`` prints (scripts/slurm/report.sbatch logs it)."""
+    return f"done {n_done} of {n}"
+
+
+def status_text(configs: list[Config], out) -> str:
+    """``paper-grid --status``: :func:`done_line` for ``configs`` under ``out`` (reads no benchmark data)."""
+    return done_line(sum(is_complete(c.run_dir(out)) for c in configs), len(configs))
+
+
 def dry_run_text(paper: Paper, configs: list[Config], out, data_root, skipped: list[str]) -> str:
     lines = [f"{paper.key}: {len(configs)} configs (out {out}, data {data_root})"]
     n_done, data = 0, {}
@@ -169,7 +180,7 @@ def dry_run_text(paper: Paper, configs: list[Config], out, data_root, skipped: l
         state = st["state"] + (f" {st['answered']}/{q}" if st["state"] == "partial" else "")
         lines.append(f"  {state:14} {c.label():58} {c.model:32} q={q:6} {', '.join(c.tables)}"
                      + (f"  [{st['missing']}]" if st["missing"] else ""))
-    lines.append(f"done {n_done} of {len(configs)}")
+    lines.append(done_line(n_done, len(configs)))
     lines += [f"not run: {s}" for s in skipped]
     return "\n".join(lines)
 

@@ -233,7 +233,9 @@ def test_array_and_report_equal_one_process(grid):
     assert "shard 0/3" in t0 and "wrote" not in t0  # shard 0 ran its configs and left the report to the report job
     python = f"{VENV}/bin/python" if VENV is not None else str(Path(sys.executable).parent / "python")
     assert f"attempt 1 python {python} OMP_NUM_THREADS=1 ===" in t0  # activated, threads = the task's -c
-    assert "wrote " in (logs / f"vtprune-{PAPER}-report-{report}.out").read_text()
+    rlog = (logs / f"vtprune-{PAPER}-report-{report}.out").read_text()
+    assert "wrote " in rlog
+    assert rlog.splitlines()[-1] == f"done {N_CONFIGS} of {N_CONFIGS}"  # the grid's state, not a `not run:` note
 
 
 def test_cancel_resubmit_and_requeue(grid):

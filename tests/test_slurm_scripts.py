@@ -296,6 +296,44 @@ def test_local_cluster_refuses_bad_arguments():
 GRID4 = dict(MODEL="tiny:llava", ONLY="pope", BUDGETS="64")  # Table 1 on POPE at 64: the unpruned row + 3 methods
 
 
+def test_report_sbatch_ends_on_the_grid_state(tmp_path):
+    """report.sbatch logged the dry run's last line as the grid's state (`... --dry-run | tail -n 1`): for
+    VisionZip's Table 1 (and PDrop's grid) that line is a `not run: ...` note, not `done N of M`."""
+    e = _env(PAPER="visionzip", TABLE="Table 1", REPO=REPO, VENV=sys.prefix, OUT=tmp_path / "runs",
+             DATA_ROOT=tmp_path, **GRID4)
+    r = subprocess.run(["bash", str(REPO / "scripts/slurm/report.sbatch")], env=e, capture_output=True, text=True,
+                       timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / REPORT_MD).exists()
+    assert r.stdout.splitlines()[-1] == "done 0 of 4"
+
+
+def test_paper_status_is_the_done_line_alone(tmp_path):
+    """`bash scripts/papers/<paper>.sh --status`: one line, `done N of M`, where the dry run ends on `not run:`
+    notes; a complete config counts."""
+    from eval.paper_grid import build_grid
+    from eval.papers import load
+
+    out = tmp_path / "runs"
+    e = _env(OUT=out, DATA_ROOT=tmp_path)
+    dry = subprocess.run(["bash", str(REPO / "scripts/papers/pdrop.sh"), "--dry-run"], env=e, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    n = len(build_grid(load("pdrop")))
+    assert dry.stdout.splitlines()[-1].startswith("not run: ")  # why tail -n 1 was wrong
+    assert f"\ndone 0 of {n}\n" in dry.stdout
+    r = subprocess.run(["bash", str(REPO / "scripts/papers/pdrop.sh"), "--status"], env=e, capture_output=True,
+                       text=True, timeout=300)
+    assert (r.returncode, r.stdout) == (0, f"done 0 of {n}\n"), r.stderr
+    grid = build_grid(load("visionzip"), "Table 1", ["pope"], [64], "tiny:llava")
+    done = grid[1].run_dir(out)
+    done.mkdir(parents=True)
+    (done / "results.json").write_text('{"partial": false}')
+    r = subprocess.run(["bash", str(REPO / "scripts/papers/visionzip.sh"), "Table 1", "--status"],
+                       env=_env(OUT=out, DATA_ROOT=tmp_path, **GRID4), capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout) == (0, "done 1 of 4\n"), r.stderr
+
+
 def test_submit_names_the_table_as_the_doc_does(tmp_path):
     """submit_paper.sh printed `visionzip Table 1: 4 configs ...` (a heredoc drops the quotes of ${TABLE:+ "..."})
     where docs/cluster.md shows `visionzip "Table 1": ...`. A recording sbatch hands out job ids 812, 813."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared runner of scripts/papers/<paper>.sh (PAPER set by the caller): the paper's table grid through the harness,
 # then the report beside the published numbers (eval/papers/<paper>.toml; docs/papers.md).
-#   bash scripts/papers/<paper>.sh [TABLE] [--dry-run]
+#   bash scripts/papers/<paper>.sh [TABLE] [--dry-run | --status]   (--status: one line, "done N of M")
 # Variables (environment):
 #   OUT        runs directory (default ./runs): each config in OUT/<bench>/<run-name>/, the report in OUT/papers/
 #   DATA_ROOT  LLaVA's playground/data/eval (default ./playground/data/eval)
@@ -18,12 +18,12 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python}"
-TABLE=""; DRY=0; FAILED=()
+TABLE=""; DRY=""; FAILED=()
 for a in "$@"; do
     case "$a" in
-        --dry-run) DRY=1 ;;
-        -h|--help) sed -n 2,19p "${BASH_SOURCE[0]}"; exit 0 ;;
-        -*) echo "unknown flag $a (usage: bash scripts/papers/$PAPER.sh [TABLE] [--dry-run])" >&2; exit 2 ;;
+        --dry-run|--status) DRY="$a" ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -*) echo "unknown flag $a (usage: bash scripts/papers/$PAPER.sh [TABLE] [--dry-run | --status])" >&2; exit 2 ;;
         *) TABLE="$a" ;;
     esac
 done
@@ -43,7 +43,7 @@ GRID=(paper-grid "$PAPER" --out "$OUT" --data-root "$DATA_ROOT")
 [[ -n "${MODEL:-}" ]] && GRID+=(--model "$MODEL")
 [[ -n "${SHARD:-}" ]] && GRID+=(--shard "$SHARD")
 cd "$REPO"
-if [[ $DRY == 1 ]]; then exec "$PYTHON" -m eval "${GRID[@]}" --dry-run; fi
+if [[ -n "$DRY" ]]; then exec "$PYTHON" -m eval "${GRID[@]}" "$DRY"; fi
 if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
     CMDS="$("$PYTHON" -m eval "${GRID[@]}" --commands)"   # configs still to run, unpruned first
     N=$(grep -c . <<< "$CMDS" || true)
