@@ -334,6 +334,77 @@ def test_paper_status_is_the_done_line_alone(tmp_path):
     assert (r.returncode, r.stdout) == (0, "done 1 of 4\n"), r.stderr
 
 
+def _recording_python(tmp_path) -> tuple[Path, Path]:
+    """A `python` that records each call (WANDB_MODE|WANDB_DIR|arguments) and runs it, except `eval run`: the
+    runs are recorded, not made (what they would log is decided by their arguments and environment)."""
+    rec = tmp_path / "calls.txt"
+    rec.write_text("")
+    py = tmp_path / "python"
+    py.write_text("#!/bin/sh\nprintf '%s|%s|%s\\n' \"${WANDB_MODE-}\" \"${WANDB_DIR-}\" \"$*\" >> \"$RECORD\"\n"
+                  "case \"$*\" in '-m eval run '*) exit 0 ;; esac\n"
+                  f"exec {shlex.quote(sys.executable)} \"$@\"\n")
+    py.chmod(0o755)
+    return py, rec
+
+
+def _wandb_grid(tmp_path, **env):
+    """The visionzip script on 4 configs (recorded, not run; none with REPORT_ONLY=1) and its report, W&B as ``env``
+    says (no W&B variable of this process's environment): the calls (runs, report) and the result."""
+    py, rec = _recording_python(tmp_path)
+    e = child_env(("MASTER_", "SHARD", "REPORT", "WANDB_"), PYTHONPATH=REPO, PYTHON=py, RECORD=rec, NPROC=1,
+                  OUT=tmp_path / "runs", DATA_ROOT=tmp_path, WANDB_SILENT="true", **GRID4)
+    e.pop("WANDB_MODE")
+    e.update({k: str(v) for k, v in env.items()})
+    r = subprocess.run(["bash", str(REPO / "scripts/papers/visionzip.sh"), "Table 1"], env=e, capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = [line.split("|", 2) for line in rec.read_text().splitlines()]
+    runs = [c for c in calls if c[2].startswith("-m eval run ")]
+    report = [c for c in calls if c[2].startswith("-m eval paper visionzip ")]
+    assert len(runs) == (0 if env.get("REPORT_ONLY") else 4) and len(report) == 1, calls
+    return runs, report[0], r
+
+
+def _repo_wandb() -> set:
+    return {p.name for p in (REPO / "wandb").glob("*")} if (REPO / "wandb").is_dir() else set()
+
+
+def test_no_wandb_in_extra_args_turns_off_the_report_too(tmp_path):
+    """docs/cluster.md: `--no-wandb` in EXTRA_ARGS turns W&B off; the runs got it, the report still logged a W&B run
+    (it only read WANDB_MODE), offline in <repository>/wandb/. Now WANDB_MODE=disabled for all, the flag winning
+    over a WANDB_MODE=offline as it does in `eval run`."""
+    before = _repo_wandb()
+    runs, report, r = _wandb_grid(tmp_path, WANDB_MODE="offline", EXTRA_ARGS="--max-new-tokens 4 --no-wandb")
+    assert report[0] == "disabled" and "--wandb" not in report[2].split(), report
+    assert all(c[0] == "disabled" and " --no-wandb" in c[2] for c in runs), runs
+    assert "W&B" not in r.stderr and not list((tmp_path / "runs").rglob("offline-run-*"))
+    assert _repo_wandb() == before
+    # WANDB_MODE=disabled alone (any case, as eval.wandb_log reads it): no --wandb either
+    _, report, _ = _wandb_grid(tmp_path, WANDB_MODE="Disabled", REPORT_ONLY=1)
+    assert "--wandb" not in report[2].split(), report
+
+
+def test_the_reports_offline_run_is_under_out(tmp_path):
+    """The report ran from the repository's folder with no WANDB_DIR: its offline run landed in
+    <repository>/wandb/. Now in OUT/papers/wandb/ (each config's is in its run folder: eval run's dir=)."""
+    from eval.wandb_offline import find_offline_run, read_offline_run
+
+    before = _repo_wandb()
+    out = tmp_path / "runs"
+    runs, report, r = _wandb_grid(tmp_path, WANDB_MODE="offline", EXTRA_ARGS="--max-new-tokens 4")
+    assert all("--no-wandb" not in c[2] for c in runs)
+    assert report[1] == str(out / "papers") and "--wandb" in report[2].split(), report
+    run = find_offline_run(out / "papers")
+    assert run.parent == out / "papers" / "wandb"
+    assert f"W&B: offline run saved in {run}" in r.stderr
+    assert read_offline_run(run)["config"].get("paper") == "visionzip"
+    assert _repo_wandb() == before
+    # WANDB_DIR chosen by the user (relative: to the folder the script was called from) moves it
+    _, report, _ = _wandb_grid(tmp_path, WANDB_MODE="offline", WANDB_DIR="wb", REPORT_ONLY=1)
+    assert report[1] == str(tmp_path / "wb")
+    assert find_offline_run(tmp_path / "wb").parent == tmp_path / "wb" / "wandb"
+
+
 def test_submit_names_the_table_as_the_doc_does(tmp_path):
     """submit_paper.sh printed `visionzip Table 1: 4 configs ...` (a heredoc drops the quotes of ${TABLE:+ "..."})
     where docs/cluster.md shows `visionzip "Table 1": ...`. A recording sbatch hands out job ids 812, 813."""

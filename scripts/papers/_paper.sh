@@ -14,6 +14,9 @@
 #   REPORT     auto (default: the report after the runs, except from shards i > 0 and Slurm array tasks) | 1 | 0
 #   REPORT_ONLY=1  no runs, only the report (of the whole grid: a SHARD left in the environment is ignored, said)
 #   and everything scripts/eval/*.sh reads: NPROC, LAUNCHER (torchrun | deepspeed | python), TP, FAST, BACKEND, ...
+#   W&B        one switch for the runs and the report: WANDB_MODE=disabled or --no-wandb in EXTRA_ARGS turns it off
+#              for both. Offline runs stay under OUT: each config's in its run folder, the report's in
+#              OUT/papers/wandb/ (WANDB_DIR moves it)
 # Every config is resumable (the harness resumes per question) and skipped when its results.json is complete.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -31,6 +34,15 @@ export OUT="${OUT:-./runs}" DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
 [[ "$OUT" = /* ]] || OUT="$PWD/$OUT"                  # relative to where the script is called from
 [[ "$DATA_ROOT" = /* ]] || DATA_ROOT="$PWD/$DATA_ROOT"
 [[ -n "${MODEL:-}" && -e "$MODEL" && "$MODEL" != /* ]] && MODEL="$PWD/$MODEL"
+# W&B: --no-wandb in EXTRA_ARGS is WANDB_MODE=disabled for everything started here (the runs and the report)
+read -ra XARGS <<< "${EXTRA_ARGS:-}"
+for a in ${XARGS[@]+"${XARGS[@]}"}; do
+    if [[ "$a" == --no-wandb ]]; then export WANDB_MODE=disabled; fi
+done
+WANDB_OFF=0; WM="${WANDB_MODE:-}"; [[ "${WM,,}" == disabled ]] && WANDB_OFF=1
+# the report's offline run under OUT (from the repository's folder, wandb would write <repository>/wandb/)
+REPORT_WANDB_DIR="${WANDB_DIR:-$OUT/papers}"
+[[ "$REPORT_WANDB_DIR" = /* ]] || REPORT_WANDB_DIR="$PWD/$REPORT_WANDB_DIR"
 case "${REPORT:-auto}" in auto|0|1) ;; *) echo "REPORT=$REPORT: use auto, 1 or 0" >&2; exit 2 ;; esac
 if [[ "${REPORT_ONLY:-0}" == 1 && -n "${SHARD:-}" ]]; then  # the report covers every shard's configs
     echo "$PAPER: REPORT_ONLY=1: SHARD=$SHARD ignored (the report is the whole grid's)" >&2
@@ -82,8 +94,8 @@ if [[ $WRITE == 1 ]]; then
     [[ -n "$TABLE" ]] && REP+=(--table "$TABLE")
     [[ -n "${MODEL:-}" ]] && REP+=(--model "$MODEL")
     [[ -n "${EFFICIENCY:-}" ]] && REP+=(--efficiency "$EFFICIENCY")
-    [[ "${WANDB_MODE:-}" != disabled ]] && REP+=(--wandb)
-    "$PYTHON" -m eval "${REP[@]}"
+    [[ $WANDB_OFF == 0 ]] && REP+=(--wandb)
+    WANDB_DIR="$REPORT_WANDB_DIR" "$PYTHON" -m eval "${REP[@]}"
 fi
 if [[ ${#FAILED[@]} -gt 0 ]]; then
     printf '%s: %d configs failed:\n' "$PAPER" "${#FAILED[@]}" >&2; printf '  %s\n' "${FAILED[@]}" >&2; exit 1

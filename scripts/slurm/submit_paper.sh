@@ -40,6 +40,7 @@ export OUT="${OUT:-./runs}" DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
 [[ "$OUT" = /* ]] || OUT="$PWD/$OUT"
 [[ "$DATA_ROOT" = /* ]] || DATA_ROOT="$PWD/$DATA_ROOT"
 if [[ -n "${MODEL:-}" && -e "$MODEL" && "$MODEL" != /* ]]; then export MODEL="$PWD/$MODEL"; fi
+if [[ -n "${WANDB_DIR:-}" && "$WANDB_DIR" != /* ]]; then export WANDB_DIR="$PWD/$WANDB_DIR"; fi  # the jobs run elsewhere
 VENV="${VENV:-${VIRTUAL_ENV:-}}"
 if [[ -z "$VENV" && -x "$REPO/.venv/bin/python" ]]; then VENV="$REPO/.venv"; fi
 PY="${PYTHON:-python}"; [[ -n "$VENV" ]] && PY="$VENV/bin/python"
@@ -63,7 +64,7 @@ ENVF="$LOGS/$PAPER-$(date +%Y%m%d-%H%M%S)-$$.env"
 {
     echo "# scripts/slurm/submit_paper.sh, $(date '+%F %T'): the variables of this submission (sourced by the jobs)"
     for v in REPO PAPER TABLE SHARDS OUT DATA_ROOT VENV SETUP ONLY BUDGETS MODEL REVISION NPROC TP FAST FAST_BACKEND \
-             LAUNCHER BACKEND VLLM_BATCH EXTRA_ARGS EFFICIENCY PYTHON WANDB_MODE WANDB_PROJECT WANDB_ENTITY; do
+             LAUNCHER BACKEND VLLM_BATCH EXTRA_ARGS EFFICIENCY PYTHON WANDB_MODE WANDB_PROJECT WANDB_ENTITY WANDB_DIR; do
         if [[ -n "${!v+x}" ]]; then printf 'export %s=%q\n' "$v" "${!v}"; fi
     done
 } > "$ENVF"
