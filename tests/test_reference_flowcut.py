@@ -190,16 +190,28 @@ def test_score_and_prune_amount_match_the_official_expressions(dtype):
     semantic = torch.bmm(flat[:, :1], flat.transpose(1, 2)).softmax(dim=-1).view(2, H, N).mean(1)
     ref = official_score(attn[:, :, 1:].mean(dim=1), semantic[:, 1:], v.mean(1)[:, 1:])
     assert torch.equal(c, attn[:, :, 1:].mean(dim=1)) and torch.equal(score, ref)
-    # the default formulas (einsum, mean then slice, abs().sum()) give the same values up to fp32 rounding,
-    # not bit for bit
+    # the default formulas (einsum, mean then slice, abs().sum()) give the same values up to fp32 rounding on
+    # any CPU (whether they also give other bits is the diagnostic below)
     _, score0 = flowcut_score(attn, v.transpose(1, 2))
+    assert score0.dtype == score.dtype == torch.float32 and score0.shape == score.shape == (2, P)
     torch.testing.assert_close(score0, score, rtol=1e-5, atol=0)
-    assert not torch.equal(score0, score)
     for rpl in (20, 10, 4, 2):
         for b in range(2):
             off = official_prune_amount(c[b:b + 1], rpl, 64)
             assert int(adaptive_prune_count(c[b:b + 1], rpl, 64, "official")) == off
         assert int(adaptive_prune_count(c, rpl, 64, "official").max()) == official_prune_amount(c, rpl, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_where_the_cpu_parts_them_the_default_score_is_not_the_official_bits(dtype):
+    # a diagnostic of why the reference mode exists: the default formulas sum in another order than
+    # compute_score, and whether that gives other fp32 bits on this input depends on the CPU's reduction kernels
+    # (it does on this project's CPUs: AMD Zen, an Intel AVX-512 Xeon); where they agree there is nothing to show
+    attn, v = signals_fn(3, 2, dtype, False)(0, None)
+    _, score = flowcut_score_official(attn, v.transpose(1, 2))
+    _, score0 = flowcut_score(attn, v.transpose(1, 2))
+    if torch.equal(score0, score):
+        pytest.skip("this CPU's reduction kernels give the default and the official score the same bits here")
 
 
 def test_worked_example_prune_amount():

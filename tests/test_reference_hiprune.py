@@ -166,11 +166,20 @@ def test_default_mode_differs_on_ties():
 @pytest.mark.parametrize("seed", range(2))
 def test_engine_score_order_within_fp32_rounding(seed):
     # not reproduced: the engine averages each head's columns first, the official code the heads first;
-    # the two fp32 scores differ by a few ulp only
+    # the two fp32 scores differ by a few ulp at most, on any CPU
     for p in random_maps(seed):
         ours_g, off_g = engine_global_attention(p), official_global_attention(p)
-        assert not torch.equal(ours_g, off_g) or seed  # the summation orders do differ somewhere
+        assert ours_g.dtype == off_g.dtype == torch.float32 and ours_g.shape == off_g.shape == (1, P)
         torch.testing.assert_close(ours_g, off_g, rtol=4 * 2 ** -23, atol=0)
+
+
+def test_where_the_cpu_parts_them_the_two_summation_orders_differ_in_the_last_bits():
+    # a diagnostic of why the bound above is not bit-identity: whether the two summation orders give other bits
+    # depends on the CPU's reduction kernels (they do on this project's CPUs: AMD Zen, an Intel AVX-512 Xeon);
+    # where they agree there is nothing to show
+    parted = [not torch.equal(engine_global_attention(p), official_global_attention(p)) for p in random_maps(0)]
+    if not any(parted):
+        pytest.skip("this CPU's reduction kernels give the two summation orders the same bits here")
 
 
 def fp16_tower_layers(seed):
