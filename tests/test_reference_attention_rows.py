@@ -59,28 +59,54 @@ def test_model_logits_are_the_official_eager_attention(seed):
     got = causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model")
     assert got.dtype == torch.float16 and torch.equal(got, want)
     ours = causal_attention_rows(q[:, rows], k, rows, HD ** -0.5)
-    assert ours.dtype == torch.float32 and not torch.equal(ours.half(), want)  # fp16 logits round differently
+    # fp16 logits round differently: about 40 % of the probabilities part, up to 0.5 % relative, far above any
+    # kernel's last bit (a different dtype, not a summation order): on any CPU
+    assert ours.dtype == torch.float32 and not torch.equal(ours.half(), want)
 
 
-def test_pdrop_reference_mode_keeps_the_official_set_from_q_and_k():
-    """PyramidDrop's stages (576 -> 288, 288 -> 144, 144 -> 72) from fp16 q / k, 12 cases: the reference mode on
-    the model-dtype rows keeps the official set every time; on the fp32 rows (the signal before this option) it
-    does not always - the fp16 logits' rounding decides near-ties at the cut."""
-    same_model, same_fp32, cases = 0, 0, 0
+def _pdrop_stages():
+    """PyramidDrop's stages (576 -> 288, 288 -> 144, 144 -> 72) from fp16 q / k, 12 cases: per case the official
+    kept set, the reference mode's on the model-dtype rows, the default signal's (the fp32 rows), the official fp16
+    scores of the image tokens and the stage's k."""
+    out = []
     for seed in range(4):
         for n, keep in ((576, 288), (288, 144), (144, 72)):
             q, k = qk(10 + seed, n)
             last = torch.tensor([SYS + n + NT - 1])
             vis = torch.arange(SYS, SYS + n)
             probs = official_rows(q[:, last], k, last)  # (H, 1, S) fp16
-            want = (probs.mean(dim=0)[:, SYS:SYS + n].mean(dim=0).topk(keep).indices).sort().values
+            score = probs.mean(dim=0)[:, SYS:SYS + n].mean(dim=0)
+            want = score.topk(keep).indices.sort().values
             model = causal_attention_rows(q[:, last], k, last, HD ** -0.5, logits="model")[:, 0]
             fp32 = causal_attention_rows(q[:, last], k, last, HD ** -0.5)[:, 0]
-            same_model += torch.equal(pdrop_select(model, vis, keep, "official"), want)
-            same_fp32 += torch.equal(pdrop_select(fp32, vis, keep, "official"), want)
-            cases += 1
-    assert same_model == cases == 12
-    assert same_fp32 == 10  # 2 of 12 cases swap a token at the cut
+            out.append((want, pdrop_select(model, vis, keep, "official"), pdrop_select(fp32, vis, keep, "official"),
+                        score, keep))
+    return out
+
+
+def test_pdrop_reference_mode_keeps_the_official_set_from_q_and_k():
+    """The reference mode on the model-dtype rows keeps the official set in all 12 cases, on any CPU (the same
+    products, the same roundings). On the fp32 rows (the signal before this option) a case can part from it only
+    at the cut: the fp32 and the official fp16 scores are at most 1.1e-3 apart, relative, here, so each token the
+    fp32 rows swap has an official score within 2^-8 of the k-th best, relative (measured: 2 of 12 cases swap a
+    pair tied in fp16; which near-ties the fp16 logits' rounding decides depends on the CPU's fp16 GEMM, so that
+    count is not pinned)."""
+    cases = _pdrop_stages()
+    assert len(cases) == 12
+    for want, model, fp32, score, keep in cases:
+        assert want.numel() == keep and torch.equal(model, want)
+        swapped = torch.tensor(sorted(set(fp32.tolist()) ^ set(want.tolist())), dtype=torch.long)
+        cut = score.float().sort(descending=True).values[keep - 1]
+        assert fp32.numel() == keep and ((score[swapped].float() - cut).abs() <= cut * 2 ** -8).all()
+
+
+def test_where_the_cpu_parts_them_the_fp32_rows_miss_the_official_set_at_a_near_tie():
+    # a diagnostic of why the reference mode reads the model-dtype rows: whether a near-tie at a cut in these 12
+    # cases is decided the other way by the fp16 logits' rounding depends on the CPU's kernels (2 of 12 cases on
+    # this project's CPUs: AMD Zen, an Intel AVX-512 Xeon); where the fp32 rows keep every official set there is
+    # nothing to show
+    if all(torch.equal(fp32, want) for want, _, fp32, _, _ in _pdrop_stages()):
+        pytest.skip("on this CPU the fp32 rows keep the official set in all 12 cases")
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -99,6 +125,9 @@ def test_python_sdpa_logits_are_the_python_reference_of_sdpa(seed):
     want = w[0][:, rows]
     got = causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="python_sdpa")
     assert got.dtype == torch.float16 and torch.equal(got, want)
+    # on any CPU: `/ sqrt(d)` and `* (1 / sqrt(d))` round about 200 of the 178k fp16 logits to neighbouring values
+    # (elementwise roundings, no summation order), moving probabilities by up to ~0.4 %, several fp16 ulps; the
+    # fp32 logits part from the fp16 ones in most entries
     assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model"), want)
     assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5).half(), want)
 
@@ -118,6 +147,7 @@ def test_model_scaling_logits_are_transformers_later_eager_product(seed):
     want = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(torch.float16)
     got = causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model_scaling")
     assert got.dtype == torch.float16 and torch.equal(got, want)
+    # on any CPU: about 200 logits round to neighbouring fp16 values (see the test above)
     assert not torch.equal(causal_attention_rows(q[:, rows], k, rows, HD ** -0.5, logits="model"), want)
 
 
