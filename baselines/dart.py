@@ -97,7 +97,7 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     n = visual.numel()
     every = torch.arange(n, device=visual.device)
     cand = torch.ones(n, dtype=torch.bool, device=visual.device)
-    cand[img_p] = False
+    cand.index_fill_(0, img_p.reshape(-1), False)  # not cand[img_p] = False: a host scalar's copy (no capture)
     n_cand = n - ni
     picked = [img_p]
     for j in range(rows.numel()):
@@ -133,7 +133,7 @@ def dart_select_official(feats: torch.Tensor, visual: torch.Tensor, text: torch.
     n = visual.numel()
     every = torch.arange(n, device=visual.device)
     cand = torch.ones(n, dtype=torch.bool, device=visual.device)
-    cand[img_p] = False
+    cand.index_fill_(0, img_p.reshape(-1), False)  # not cand[img_p] = False: a host scalar's copy (no capture)
     n_cand = n - ni
     picked = [img_p]
     for row in order:

@@ -446,7 +446,7 @@ class SparseVLM(Method):
         if not self.recycle:
             return Selection(keep=keep)
         mask = torch.ones(v, dtype=torch.bool, device=scores.device)
-        mask[keep] = False
+        mask.index_fill_(0, keep, False)  # not mask[keep] = False: a host scalar's copy (no capture)
         pruned = masked_take(torch.arange(v, device=scores.device), mask, v - keep.numel())
         targets, assign, recycled = recycle_pruned(scores, pruned, sig.hidden[sig.visual].cpu(), self.recycle_ratio,
                                                    self.cluster_divisor, self.numerics, return_order=True,
@@ -474,7 +474,7 @@ class SparseVLM(Method):
         if not self.recycle:
             return Selection(keep=keep)
         mask = torch.ones(v, dtype=torch.bool, device=dev)
-        mask[keep] = False
+        mask.index_fill_(0, keep, False)  # not mask[keep] = False: a host scalar's copy (no capture)
         pruned = masked_take(torch.arange(v, device=dev), mask, v - k)
         targets, assign = recycle_pruned(scores, pruned, sig.hidden[sig.visual], self.recycle_ratio,
                                          self.cluster_divisor)

@@ -530,7 +530,7 @@ class ConsensusDrop(Method):
                     local = finish_maxmin(prob, picked, d_free, next(solved) if prob is not None else None)
                 d_u = torch.cat([cls_idx, cand[local]])  # [CLS] first, then ascending
                 left = torch.ones(cand.numel(), dtype=torch.bool, device=dev)
-                left[local] = False  # cand minus d_u (cls_idx is never among cand)
+                left.index_fill_(0, local.reshape(-1), False)  # cand minus d_u (cls_idx is never among cand)
                 cand_stock = lay.num_patch_stock[u] if self.cls_slot else lay.num_stock[u]
                 if cand_stock == cand.numel():  # all stock (the engine offers only [CLS] extras)
                     rest = masked_take(cand, left, cand.numel() - local.numel())

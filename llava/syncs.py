@@ -50,7 +50,9 @@ count as device tensors (make host tensors with ``torch.as_tensor`` / ``torch.te
     c.total, c.counts   # Counter({'mm': 120, 'add': 64, 'mul': 60, ...}), keyed by aten op name
 
 **Uploads.** ``.uploads`` (every counter) counts host data copied to the device: ``.to(device)`` / ``.cuda()`` of a
-host tensor and ``torch.tensor`` / ``as_tensor`` / ``asarray`` of host data with a ``device=``. Not a sync on a
+host tensor, ``torch.tensor`` / ``as_tensor`` / ``asarray`` of host data with a ``device=``, and ``x[index tensor] =
+scalar`` (index_put_ copies the Python scalar from a host tensor; ``index_fill_`` / ``masked_fill`` / ``torch.where``
+take it as a kernel argument: ``setitem_scalar``). Not a sync on a
 GPU (a small pageable copy), but a CUDA graph cannot record one: the fast path's captured functions make none
 (llava/fast_graphs.py).
 
@@ -163,6 +165,9 @@ class _Function(TorchFunctionMode):
                 out = out.view_as(out) if out is ins[0] else out
                 c.mark(out)
             return out
+        if name == "__setitem__" and len(args) == 3 and isinstance(args[2], (bool, int, float)) and ins \
+                and not c.is_host(ins[0]) and any(isinstance(i, torch.Tensor) for i in tree_leaves(args[1])):
+            c.uploads["setitem_scalar"] += 1  # x[index tensor] = 0: index_put_ of the scalar as a host tensor
         to_device = False
         if name in ("to", "cuda") and ins:
             dev = kwargs.get("device", args[1] if len(args) > 1 else None)

@@ -35,7 +35,7 @@ def contextual_merge(metric: torch.Tensor, remaining: torch.Tensor, contextual: 
         return targets, assign
     if r > pos.numel():
         rest = torch.ones(r, dtype=torch.bool, device=remaining.device)
-        rest[pos] = False
+        rest.index_fill_(0, pos, False)  # not rest[pos] = False: that copies the scalar from the host (no capture)
         others = masked_take(remaining, rest, r - pos.numel())
         m = metric.float()
         m = m / m.norm(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -286,9 +286,9 @@ def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
         return merge_tokens_sequential(x, sel)
     tg = sel.targets.to(x.device)
     taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    if not sel.merge_kept:
-        taken[sel.keep.to(x.device)] = True
-    taken[tg] = True
+    if not sel.merge_kept:  # index_fill_, not taken[i] = True (a host scalar's copy: not capturable)
+        taken.index_fill_(0, sel.keep.to(x.device).reshape(-1), True)
+    taken.index_fill_(0, tg.reshape(-1), True)
     assign = sel.assign.to(x.device).masked_fill(taken, -1)  # not assign[taken] = -1: a boolean index syncs
     c = tg.numel()
     xf = x.float()
