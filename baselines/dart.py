@@ -106,7 +106,7 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
         idx = masked_take(every, cand, n_cand)
         sim = f[visual[idx]] @ f[rows[j:j + 1]][0]  # (|cand|,); a 0-d tensor index would read the device
         take = idx[topk_desc(-sim, per_pivot)]  # least similar first, ties: lower index
-        cand[take] = False
+        cand.index_fill_(0, take, False)  # not cand[take] = False: a host scalar's copy (no capture)
         n_cand -= take.numel()
         picked.append(take)
     return torch.cat(picked).sort().values
@@ -142,7 +142,7 @@ def dart_select_official(feats: torch.Tensor, visual: torch.Tensor, text: torch.
         idx = masked_take(every, cand, n_cand)
         neg = -F.cosine_similarity(f[row], f[visual[idx]], dim=-1)
         take = idx[neg.topk(min(int(per_pivot), n_cand)).indices]
-        cand[take] = False
+        cand.index_fill_(0, take, False)  # not cand[take] = False: a host scalar's copy (no capture)
         n_cand -= take.numel()
         picked.append(take)
     return torch.cat(picked).sort().values

@@ -65,7 +65,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (check_numerics, contextual_merge, masked_take, official_contextual_merge, per_unit_selection,
+from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
                        topk_desc, unit_layout)
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)
@@ -142,7 +142,7 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
             top = patches[topk_desc(scores[patches], n_top)].sort().values
         dom = torch.cat([forced, top])  # [CLS] first, then original index order (official)
         # original order; a stock [CLS] not forced stays here
-        remaining = masked_take(own, ~torch.isin(own, dom),
+        remaining = masked_take(own, ~isin_small(own, dom),
                                 own.numel() - top.numel() - (forced.numel() if cls_stock else 0))
         merge = official_contextual_merge if numerics == "official" else contextual_merge
         tg, a = merge(keys, remaining, contextual, n)

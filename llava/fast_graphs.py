@@ -38,9 +38,25 @@ GPU, ``bench.gpu_check --fast-backend cudagraphs``).
 from __future__ import annotations
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["CapturedFunction"]
+__all__ = ["CapturedFunction", "DeviceScalars"]
+
+
+class DeviceScalars(TorchFunctionMode):
+    """While a graph is recorded: ``x[index] = 0.5`` writes a device scalar (``torch.full``, a kernel) instead of
+    the Python number, which ``index_put_`` would copy from a host tensor - a copy a recording refuses ("Cannot copy
+    between CPU and CUDA tensors during CUDA graph capture"). The same values; the fast-path tests also count the
+    pattern (``llava.syncs``: ``setitem_scalar``) so that methods avoid it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "__setitem__" and len(args) == 3 and isinstance(args[0], torch.Tensor) \
+                and isinstance(args[2], (bool, int, float)):
+            x = args[0]
+            args = (x, args[1], torch.full((), args[2], dtype=x.dtype, device=x.device))
+        return func(*args, **kwargs)
 
 
 def _leaf_key(x):
@@ -103,7 +119,7 @@ class CapturedFunction:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self._pool):
+                with torch.cuda.graph(graph, pool=self._pool), DeviceScalars():
                     outputs = self._run(entry)
             except RuntimeError as e:
                 raise RuntimeError(f"the fast path's {self.name} could not be captured as a CUDA graph "

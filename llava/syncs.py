@@ -77,6 +77,7 @@ _NONZERO = {aten.nonzero.default, aten.argwhere.default}
 _MASKED = {aten.masked_select.default}
 _UNIQUE = {aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten._unique.default}
 _REPEAT = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
+_ISIN = {aten.isin.Tensor_Tensor, aten.isin.Tensor_Scalar, aten.isin.Scalar_Tensor}  # CUDA: unique past a size
 _INDEX = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "randperm", "linspace", "eye",
               "rand", "randn", "randint", "logspace", "empty_strided", "scalar_tensor", "asarray"}
@@ -113,6 +114,8 @@ def _sync_key(func, args, kwargs) -> str | None:
         return "masked_select"
     if func in _UNIQUE:
         return "unique"
+    if func in _ISIN:
+        return "isin"
     if func in _REPEAT and kwargs.get("output_size") is None and not (len(args) > 3 and args[3] is not None):
         return "repeat_interleave"
     if func in _INDEX and _bool_index(args[1]):

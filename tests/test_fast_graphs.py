@@ -72,6 +72,33 @@ def test_an_entry_holds_its_static_objects_alive():
     assert ref() is None and not f._entries
 
 
+def test_while_recording_an_indexed_write_of_a_python_scalar_writes_a_device_scalar():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llava.fast_graphs import DeviceScalars
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for mode in (False, True):
+        x, idx = torch.zeros(5), torch.tensor([1, 3])
+        with Ops() as seen:
+            if mode:
+                with DeviceScalars():
+                    x[idx] = 2.5
+            else:
+                x[idx] = 2.5
+        assert x.tolist() == [0.0, 2.5, 0.0, 2.5, 0.0]
+        # plain: the scalar lifted from a host tensor (a copy a recording refuses); recorded: a fill kernel
+        assert ("lift_fresh" in seen.ops) != mode and ("full" in seen.ops) == mode and "index_put_" in seen.ops
+
+
 def test_device_ints_builds_host_lists_with_kernels_only():
     dev = torch.device("cpu")
     for vals in ([3, 4, 5, 7, 7, 7, 2], [0], [5, 5], [9, 8, 7], list(range(10)) + [3, 3, 4, 5]):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..method import Selection
-from .select import masked_take, topk_desc
+from .select import isin_small, masked_take, topk_desc
 
 def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
     """VisionZip's merge targets: positions 0, s, 2s, ... (s = max(1, R // C)) of the remaining
@@ -76,7 +76,7 @@ def dominant_contextual(scores: torch.Tensor, metric: torch.Tensor, dominant: in
     cand = torch.arange(n, device=scores.device) if candidates is None else candidates.to(scores.device)
     top = cand[topk_desc(scores[cand], dominant)]
     keep = top.sort().values
-    remaining = masked_take(cand, ~torch.isin(cand, keep), cand.numel() - keep.numel())
+    remaining = masked_take(cand, ~isin_small(cand, keep), cand.numel() - keep.numel())
     targets, assign = contextual_merge(metric, remaining, contextual, n)
     return Selection(keep=keep, targets=targets, assign=assign, rule=rule, space=space)
 

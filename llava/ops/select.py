@@ -154,6 +154,16 @@ def greedy_max_min(problems: "list[MaxMinProblem]", device_loop: bool = False) -
     return list(torch.split(flat, [len(x) for x in picks]))
 
 
+def isin_small(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """``torch.isin(elements, test)`` for the token-index sets of a selection (hundreds of elements), as one
+    broadcast comparison: ``torch.isin``'s CUDA kernel takes a sort-and-unique path past a size threshold, and
+    ``unique`` reads its output size on the host (a sync a CUDA graph cannot record; seen on an H200: VisionZip on
+    576 tokens, while the tiny model's 16 took the brute-force path)."""
+    if test.numel() == 0:
+        return torch.zeros(elements.shape, dtype=torch.bool, device=elements.device)
+    return (elements.reshape(-1, 1) == test.reshape(1, -1)).any(-1).reshape(elements.shape)
+
+
 def device_ints(values, device, dtype=torch.long) -> torch.Tensor:
     """A short host list of ints as a tensor on ``device`` built by kernels only: one ``arange`` per run of
     consecutive values, one ``full`` per run of equal ones, concatenated. Never an upload of host data, so a
