@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv, local_rank = _pop_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    from llava.method import MethodPluginError, available_methods
+
+    try:  # the user's methods (VTPRUNE_METHODS, entry points) load first: a broken one is one error line
+        available_methods()
+    except MethodPluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return COMMANDS[args.cmd](args, local_rank)
 
 

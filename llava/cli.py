@@ -174,6 +174,13 @@ def main(argv=None) -> int:
     sub.add_parser("methods", help="list the registered methods", formatter_class=HelpFormatter)
     sub.add_parser("demo", help="tiny-model demo over the three families", formatter_class=HelpFormatter)
     args = ap.parse_args(argv)
+    from .method import MethodPluginError, available_methods
+
+    try:  # the user's methods (VTPRUNE_METHODS, entry points) load before anything runs: a broken one is one line
+        available_methods()
+    except MethodPluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.cmd == "methods":
         from .method import _REGISTRY, available_methods
 
