@@ -147,7 +147,8 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
         d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
         taken = L.new_zeros((B, N), dtype=torch.bool)
         ar = torch.arange(B, device=L.device)
-        for t in range(k):
+        yes, ninf = L.new_ones((), dtype=torch.bool), L.new_full((), float("-inf"))  # written as tensors: a Python
+        for t in range(k):  # scalar would be copied from a host tensor at every write (no CUDA-graph capture)
             score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
             j = score.argmax(-1)  # (B,), first maximum
             picks[:, t] = j
@@ -157,8 +158,8 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
             e = row / torch.sqrt(d2[ar, j].clamp(min=fi.tiny)).unsqueeze(-1)
             C[:, t] = e
             d2 = d2 - e * e
-            taken[ar, j] = True
-            d2[ar, j] = float("-inf")
+            taken[ar, j] = yes
+            d2[ar, j] = ninf
     return picks[0] if squeeze else picks
 
 
@@ -221,6 +222,7 @@ def dpp_greedy_official(kernel: torch.Tensor, k: int) -> torch.Tensor:
     rows = torch.zeros(k, B, N, dtype=L.dtype, device=dev)
     gain = torch.diagonal(L, dim1=1, dim2=2).clone()
     ar = torch.arange(B, device=dev)
+    ninf = torch.full((), float("-inf"), dtype=L.dtype, device=dev)  # a tensor: not a host scalar's copy per write
     for t in range(k):
         j = torch.argmax(gain, dim=-1)
         picks[t] = j
@@ -228,7 +230,7 @@ def dpp_greedy_official(kernel: torch.Tensor, k: int) -> torch.Tensor:
         e = (L[ar, j] - proj) / torch.sqrt(gain[ar, j]).unsqueeze(-1)
         rows[t] = e
         gain = gain - torch.square(e)
-        gain[ar, j] = float("-inf")
+        gain[ar, j] = ninf
     picks = picks.t()
     return picks[0] if squeeze else picks
 

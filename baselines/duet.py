@@ -59,7 +59,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (check_numerics, contextual_merge, masked_take, official_contextual_merge, per_unit_selection,
+from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
                        scale_layers, topk_desc, unit_layout)
 
 #: (dominant incl. [CLS], contextual) per unit for the budgets with a setting; 64 is our design
@@ -157,7 +157,7 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
         n_top = max(0, min(dominant - cls.numel(), patches.numel()))
         dom_p = patches[top(patches, n_top)].sort().values
         dom = torch.cat([cls, dom_p])  # [CLS] first, then ascending (official masked_select order)
-        rest = masked_take(patches, ~torch.isin(patches, dom_p), patches.numel() - n_top)  # ascending
+        rest = masked_take(patches, ~isin_small(patches, dom_p), patches.numel() - n_top)  # ascending
         m = rest.numel()
         pool_size = min(max(1, cluster_width * contextual), m) if contextual > 0 else 0
         pool = rest[top(rest, pool_size)]  # best first

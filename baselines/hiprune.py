@@ -75,7 +75,7 @@ def official_unit_keep(obj: torch.Tensor, deep: torch.Tensor, present: torch.Ten
     mask = torch.zeros(P, dtype=torch.bool, device=obj.device).scatter_(0, u_idx, True)
     regs = torch.topk((deep - mask.int())[None], k=n_reg, dim=1)[1][0]
     keep = mask.clone()
-    keep[regs] = True
+    keep.index_fill_(0, regs, True)  # not keep[regs] = True: a host scalar's copy (no capture)
     return keep & present
 
 

@@ -158,13 +158,13 @@ def ivc_keep(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor, cos
     score = value_scores(values, rows, visual, rule, numerics, heads, seeds=visual[seeds], row_mask=row_mask,
                          key_mask=key_mask)
     priority = torch.zeros(n, dtype=torch.bool, device=visual.device)
-    priority[seeds] = True
-    priority[_top(coordinate_scores(cos, visual, numerics), n_ivc, numerics)] = True
-    priority[_top(coordinate_scores(sin, visual, numerics), n_ivc, numerics)] = True
+    priority.index_fill_(0, seeds, True)  # index_fill_, not priority[i] = True: a host scalar's copy (no capture)
+    priority.index_fill_(0, _top(coordinate_scores(cos, visual, numerics), n_ivc, numerics), True)
+    priority.index_fill_(0, _top(coordinate_scores(sin, visual, numerics), n_ivc, numerics), True)
     if k is not None:
         return fill(priority, score, k, numerics)
     if rule == "llava":  # the official union: prefix, foreground, seeds, IVC, suffix (sorted, unique)
-        priority[_top(score, n_value, numerics)] = True
+        priority.index_fill_(0, _top(score, n_value, numerics), True)
         return torch.nonzero(priority).flatten()  # the one host read: the union's size
     count = max(int(fill_to), int(priority.sum()))  # the one host read: the official fill keeps every priority token
     return fill(priority, score, count, numerics)

@@ -227,7 +227,7 @@ def prumerge(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, unit: 
             r = ns[u] - t_u
             mark = torch.zeros(max(r, 1), dtype=torch.bool, device=dev)
             if p_u > 0:
-                mark[(torch.arange(p_u, device=dev) * r) // p_u] = True
+                mark.index_fill_(0, (torch.arange(p_u, device=dev) * r) // p_u, True)  # not mark[i] = True (capture)
             sup = rem & mark[(rem.long().cumsum(0) - 1).clamp(min=0)]
         tops[u], sups[u] = top, sup
     if budget_mode == "adaptive" and variant == "plus" and live:

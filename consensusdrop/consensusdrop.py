@@ -238,7 +238,7 @@ def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tenso
     w = rel.float().clamp(min=0) ** alpha
     mind = torch.ones(x.shape[0], device=x.device)
     if n_seed:
-        picked[seed[:n_seed]] = True
+        picked.index_fill_(0, seed[:n_seed], True)  # not picked[i] = True: a host scalar's copy (no capture)
         mind = (1.0 - sim[:, seed[:n_seed]]).amin(1).clamp(min=0)
     if d - n_seed <= 0:
         return None, picked, d
@@ -285,7 +285,7 @@ def diverse_pick(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor 
         pen[o] = so.amax(0).clamp(min=0)
         adj = rel.float().clamp(min=0) ** alpha * (1.0 - pen)
         if n_seed:
-            adj[seed[:n_seed]] = float("inf")
+            adj.index_fill_(0, seed[:n_seed], float("inf"))
         return order_desc(adj, rel)[:d].sort().values
     if how != "dpp":
         raise ValueError(f"select must be one of {SELECTS}")

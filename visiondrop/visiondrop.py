@@ -119,7 +119,7 @@ def _top_rest(scores: torch.Tensor, k: int, numerics: str, batched: bool = False
     k = max(0, min(int(k), n))
     if numerics == "official":
         flag = torch.zeros(n, dtype=torch.uint8, device=scores.device)
-        flag[scores[None].topk(k).indices[0] if batched else scores.topk(k).indices] = 1
+        flag.index_fill_(0, scores[None].topk(k).indices[0] if batched else scores.topk(k).indices, 1)
         order = torch.sort(flag, stable=True).indices  # [rest ascending, top ascending]
         return order[n - k:], order[: n - k]
     order = torch.sort(scores.float(), descending=True, stable=True).indices
