@@ -8,9 +8,13 @@ in one run (the protocol and the formulas: docs/efficiency.md, "What is measured
 Outputs (``--out DIR``, default ``runs/efficiency``; ``scripts/bench/efficiency.sh`` names a folder under
 docs/results/ for a committed report): ``efficiency.json`` (every per-sample record, the environment, the cost model
 and the bar checks), ``efficiency.md`` (the tables) and ``efficiency.png``
-(TTFT and KV vs visual tokens per method), written at the end; ``cells.jsonl`` gets each cell's headline
-numbers (TTFT / TPOT medians, warm-up seconds: compile and capture on the fast path) as it ends, so a run
-cut short keeps what it measured.
+(TTFT and KV vs visual tokens per method), written at the end; ``cells.jsonl`` gets each cell's row as it ends
+(its headline numbers - TTFT / TPOT / selection medians, warm-up seconds: compile and capture on the fast path -
+and the whole result with the configuration's fingerprint). A run stopped by SIGTERM (``timeout``, a Slurm limit)
+or Ctrl-C writes the report from the rows it has (no cost model, exit status 124 / 130); ``--resume`` reuses the
+rows of an earlier run of the same configuration and measures the rest; a cell that raises is recorded (its
+error in the report) and the run goes on. ``--device-warmup S`` runs unpruned prefills for S seconds before the
+first row, ``--retime-none`` times the unpruned row again after the last method (the report gives the drift).
 
 Launch count (``ops`` / ``extra_ops`` in the JSON, the last two table columns): the aten ops that would
 launch a GPU kernel or memcpy (``llava.syncs.OpCounter``: views, allocations and host-side work not
