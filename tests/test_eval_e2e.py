@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def varied_model(tmp_path_factory):
-    """A tiny LLaVA whose answers differ by question (tests/varied_answers.py), for the runs compared answer by answer."""
+    """A tiny LLaVA whose answers differ by question (tests/varied_answers.py): runs compared answer by answer."""
     return save_varied_llava(tmp_path_factory.mktemp("varied") / "gridmodel")
 
 
@@ -139,11 +139,11 @@ def test_pope_script_one_rank_sigkilled_then_resumed_equals_uninterrupted(data, 
     import signal
     import time
 
-    args = ["random", "4", str(varied_model), "--max-new-tokens", "4"]
+    args = ["random", "4", str(varied_model), "--max-new-tokens", "8"]  # time to kill rank 1
     ref_out = tmp_path / "ref"
     script("pope", args, ref_out, data)
     ref, ref_merged = check_run("pope", data, run_dir(ref_out, "pope"))
-    assert_answers_vary([r["text"] for r in ref_merged], 4)  # 6 questions, 6 different answers at 4 new tokens
+    assert_answers_vary([r["text"] for r in ref_merged], 4)  # 6 questions, 6 different answers
 
     out = tmp_path / "killed"
     env = {**os.environ, "NPROC": "2", "DATA_ROOT": str(data), "OUT": str(out), "WANDB_MODE": "disabled",
