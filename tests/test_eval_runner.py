@@ -23,8 +23,13 @@ from eval.fixtures import write_fixtures
 from eval.io import read_jsonl
 from eval.results import MergeError, merge
 from eval.runner import RunConfig, answered_uids, chunk, run, run_dir_of
+from varied_answers import assert_answers_vary
 
 REPO = Path(__file__).resolve().parents[1]
+#: the trained testbed (docs/testbed.md) on its shapes benchmark, for the runs compared answer by answer: its answers
+#: differ by question (a colour, a shape, yes / no, a count, left / above ...), where tiny:llava answers "with" to
+#: nearly every question, so that two runs agreeing on them proves something
+TESTBED = str(REPO / "testbed" / "weights")
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +83,13 @@ def test_run_writes_scores_and_accounts_tokens(data, tmp_path, bench, kw):
 
 
 def test_batched_run_matches_batch_one(data, tmp_path):
-    a, b = cfg(data, tmp_path / "a", "pope"), cfg(data, tmp_path / "b", "pope", batch_size=4)
+    shapes = dict(model=TESTBED, bench_options={"n": 6})  # prompts of different lengths: the batches are padded
+    a, b = cfg(data, tmp_path / "a", "shapes", **shapes), cfg(data, tmp_path / "b", "shapes", batch_size=4, **shapes)
     assert run(a) == 0 and run(b) == 0
     ta = [r["text"] for r in read_jsonl(run_dir_of(a) / "merge.jsonl")]
     tb = [r["text"] for r in read_jsonl(run_dir_of(b) / "merge.jsonl")]
+    assert len(ta) == 6
+    assert_answers_vary(ta, 4)  # 6 different answers of 6: the equality below compares real answers
     assert ta == tb  # seeded selections keyed by question id, left-padded batches: same answers
 
 
@@ -109,9 +117,11 @@ def test_resume_after_torn_line(data, tmp_path):
 
 
 def test_sigkill_then_resume(data, tmp_path):
-    c = cfg(data, tmp_path, "pope", max_new_tokens=12, wandb=False)
-    cmd = [sys.executable, "-m", "eval", "run", "pope", "--model", "tiny:llava", "--method", "random", "--budget", "4",
-           "--max-new-tokens", "12", "--data-root", str(data), "--out", str(tmp_path), "--no-wandb"]
+    n = 24  # shapes questions on the testbed (one-word answers: more questions than POPE's 6 leave time to kill)
+    c = cfg(data, tmp_path, "shapes", model=TESTBED, bench_options={"n": n}, wandb=False)
+    cmd = [sys.executable, "-m", "eval", "run", "shapes", "--model", TESTBED, "--method", "random", "--budget", "4",
+           "--bench-opt", f"n={n}", "--max-new-tokens", "3", "--data-root", str(data), "--out", str(tmp_path),
+           "--no-wandb"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = run_dir_of(c) / "answers" / "1_0.jsonl"
@@ -124,19 +134,20 @@ def test_sigkill_then_resume(data, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # a real kill -9, at whatever point the run is
     assert proc.wait() == -signal.SIGKILL
     before = {r["_eval"]["uid"]: r["answer_id"] for r in read_jsonl(shard, strict=False)}
-    assert 2 <= len(before) < 6
+    assert 2 <= len(before) < n
     assert run(c) == 0  # the same command again resumes
     recs = read_jsonl(shard)
     uids = [r["_eval"]["uid"] for r in recs]
-    assert len(uids) == 6 and len(set(uids)) == 6
+    assert len(uids) == n and len(set(uids)) == n
     assert all(r["answer_id"] == before[r["_eval"]["uid"]] for r in recs if r["_eval"]["uid"] in before)
     res = json.loads((run_dir_of(c) / "results.json").read_text())
-    assert res["counts"]["answered"] == 6 and "POPE-F1avg3" in res["metrics"]
+    assert res["counts"]["answered"] == n and {"Shapes", "Shapes-existence", "Shapes-counting"} <= set(res["metrics"])
     # the same answers and scores as an uninterrupted run of the same command
-    ref = cfg(data, tmp_path, "pope", max_new_tokens=12, wandb=False, run_name="uninterrupted")
+    ref = cfg(data, tmp_path, "shapes", model=TESTBED, bench_options={"n": n}, wandb=False, run_name="uninterrupted")
     assert run(ref) == 0
     ref_res = json.loads((run_dir_of(ref) / "results.json").read_text())
-    assert ref_res["metrics"] == res["metrics"]
+    assert ref_res["metrics"] == res["metrics"] and 0 < ref_res["metrics"]["Shapes"] < 100
+    assert_answers_vary([r["text"] for r in read_jsonl(run_dir_of(ref) / "merge.jsonl")], 6)  # real answers compared
     key = lambda r: (r["question_id"], r["text"])  # noqa: E731
     assert [key(r) for r in read_jsonl(run_dir_of(ref) / "merge.jsonl")] == \
         [key(r) for r in read_jsonl(run_dir_of(c) / "merge.jsonl")]
