@@ -11,6 +11,7 @@ from PIL import Image
 
 from eval.cli import main as eval_main
 from eval.runner import EVAL_KEY, shard_files
+from varied_answers import assert_answers_vary, save_varied_llava
 
 pytestmark = pytest.mark.usefixtures("run_env")  # fixture_data / data: conftest
 
@@ -19,6 +20,12 @@ def eval_run(data, out, *extra, run_name="r", bench="pope", model="tiny:llava"):
     return eval_main(["run", bench, "--model", model, "--max-new-tokens", "2", "--data-root", str(data),
                       "--out", str(out), "--no-wandb", "--run-name", run_name, "--method", "random", "--budget", "4",
                       *extra])
+
+
+@pytest.fixture(scope="module")
+def varied_model(tmp_path_factory):
+    """A tiny LLaVA whose answers differ by question (tests/varied_answers.py): runs compared answer by answer."""
+    return str(save_varied_llava(tmp_path_factory.mktemp("varied") / "gridmodel"))
 
 
 def qfile(data):
@@ -78,7 +85,7 @@ def other_image(path):
     Image.new("RGB", img.size, (200, 30, 60)).save(path, format="JPEG")
 
 
-def test_corrupt_image_stops_the_run_then_the_same_command_answers_only_the_rest(data, tmp_path, capsys):
+def test_corrupt_image_stops_the_run_then_the_same_command_answers_only_the_rest(data, varied_model, tmp_path, capsys):
     rows = questions(data)
     bad = image(data, rows[3])
     good = bad.read_bytes()
@@ -86,19 +93,21 @@ def test_corrupt_image_stops_the_run_then_the_same_command_answers_only_the_rest
     out = tmp_path / "runs"
     rd = out / "pope" / "r"
     capsys.readouterr()
-    assert eval_run(data, out) == 2
+    assert eval_run(data, out, model=varied_model) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert f"question {rows[3]['question_id']}" in line and str(bad) in line and "3 answers" in line
     first = answer_ids(rd)
     assert sorted(first) == sorted(str(r["question_id"]) for r in rows[:3])
     bad.write_bytes(good)  # restored: the same command again
-    assert eval_run(data, out) == 0
+    assert eval_run(data, out, model=varied_model) == 0
     assert counts(rd) == (3, 0, 0, 3)
     now = answer_ids(rd)
     assert len(now) == 6 and all(now[u] == a for u, a in first.items())  # the 3 answers were kept, not redone
     assert not (rd / "superseded").exists()
-    assert eval_run(data, out, run_name="uninterrupted") == 0  # the same scores as a run that never stopped
+    # the same answers and scores as a run that never stopped (answers that differ by question: a real comparison)
+    assert eval_run(data, out, model=varied_model, run_name="uninterrupted") == 0
     ref = out / "pope" / "uninterrupted"
+    assert_answers_vary([text for _, _, text in merged(ref)], 4)
     assert merged(rd) == merged(ref) and results(rd)["metrics"] == results(ref)["metrics"]
 
 
