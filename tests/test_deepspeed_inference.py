@@ -56,14 +56,22 @@ def test_the_unpruned_engine_of_a_fast_load_moves_to_the_wrapped_model():
 
 
 def test_eval_run_with_the_deepspeed_launcher_equals_python(fixture_data, tmp_path, run_env):
+    """On the trained testbed's shapes questions: answers that differ by question (tiny:llava's POPE answers are
+    nearly all the same word), so that the two launchers agreeing means something."""
+    from pathlib import Path
+
     from eval.io import read_jsonl
     from eval.runner import RunConfig, run, run_dir_of
+    from varied_answers import assert_answers_vary
 
+    testbed = Path(__file__).resolve().parents[1] / "testbed" / "weights"
     answers = {}
     for launcher in ("python", "deepspeed"):
-        cfg = RunConfig(benchmark="pope", model="tiny:llava", method="fastv", budget=8, data_root=str(fixture_data),
-                        out=str(tmp_path / launcher), wandb=False, max_new_tokens=4, launcher=launcher)
+        cfg = RunConfig(benchmark="shapes", model=str(testbed), bench_options={"n": 8}, method="fastv", budget=8,
+                        data_root=str(fixture_data), out=str(tmp_path / launcher), wandb=False, max_new_tokens=3,
+                        launcher=launcher)
         assert run(cfg) == 0
         rd = run_dir_of(cfg)
         answers[launcher] = {str(r["question_id"]): r["text"] for r in read_jsonl(rd / "merge.jsonl")}
-    assert answers["python"] == answers["deepspeed"] and len(answers["python"]) > 0
+    assert answers["python"] == answers["deepspeed"] and len(answers["python"]) == 8
+    assert_answers_vary(answers["python"].values(), 5)
