@@ -16,15 +16,19 @@ from eval.cli import main
 from eval.fingerprint import compare
 from eval.io import complete_jsonl_records, read_jsonl
 from eval.runner import TEXT_ONLY_REASON, RunConfig, _resume_mismatch, path_summary, run, shard_files
+from varied_answers import assert_answers_vary
 
 REPO = Path(__file__).resolve().parents[1]
 N_POPE = 6  # questions of the POPE fixture (eval.fixtures)
+#: the trained testbed's shapes questions (as many as POPE's): answers that differ by question, where tiny:llava with
+#: FasterVLM answers "with" to all six POPE questions, so that fast == eager compares real answers
+SHAPES = ("shapes", "--model", str(REPO / "testbed" / "weights"), "--bench-opt", f"n={N_POPE}")
 
 pytestmark = pytest.mark.usefixtures("run_env")
 
 
-def _run(data, out, method, budget, *extra) -> Path:
-    argv = ["run", "pope", "--model", "tiny:llava", "--method", method, "--budget", str(budget), "--max-new-tokens",
+def _run(data, out, method, budget, *extra, bench=("pope", "--model", "tiny:llava")) -> Path:
+    argv = ["run", *bench, "--method", method, "--budget", str(budget), "--max-new-tokens",
             "3", "--data-root", str(data), "--out", str(out), "--no-wandb", "--overlay-samples", "1", *extra]
     assert main(argv) == 0
     (res,) = Path(out).rglob("results.json")
@@ -36,11 +40,12 @@ def _metas(run_dir: Path) -> list[dict]:
 
 
 def test_eval_run_fast_gives_the_eager_answers_and_counts_the_paths(fixture_data, tmp_path, capsys):
-    eager = _run(fixture_data, tmp_path / "eager", "fastervlm", 4)
-    fast = _run(fixture_data, tmp_path / "fast", "fastervlm", 4, "--fast", "--fast-backend", "eager")
+    eager = _run(fixture_data, tmp_path / "eager", "fastervlm", 4, bench=SHAPES)
+    fast = _run(fixture_data, tmp_path / "fast", "fastervlm", 4, "--fast", "--fast-backend", "eager", bench=SHAPES)
     out = capsys.readouterr().out
-    assert (eager.name, fast.name) == ("tiny-llava_fastervlm_b4", "tiny-llava_fastervlm_b4_fast-eager")  # 2 folders
+    assert (eager.name, fast.name) == ("weights_fastervlm_b4", "weights_fastervlm_b4_fast-eager")  # 2 folders
     pe, pf = read_jsonl(eager / "merge.jsonl"), read_jsonl(fast / "merge.jsonl")
+    assert_answers_vary([r["text"] for r in pe], 4)  # 5 different answers of 6 (tiny:llava: 1)
     assert len(pf) == N_POPE and [r["text"] for r in pf] == [r["text"] for r in pe]
     re_, rf = (json.loads((d / "results.json").read_text()) for d in (eager, fast))
     assert rf["metrics"] == re_["metrics"] and rf["tokens"]["tok_in"] == re_["tokens"]["tok_in"] == 4.0
