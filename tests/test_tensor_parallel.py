@@ -21,6 +21,7 @@ from eval.dist import DistInfo, detect  # noqa: E402
 from bench.tp_check import FAMILIES, TPCheckConfig, run_check  # noqa: E402
 from llava.method import method_class, method_supports  # noqa: E402
 from llava.tp import grain_size, lm_policy  # noqa: E402
+from varied_answers import assert_answers_vary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = G.registered_methods()  # "none" and "novisual" included
@@ -212,6 +213,8 @@ def test_the_deepspeed_launcher_at_tp2_answers_as_one_process(tmp_path, method):
     if not (ROOT / "testbed/weights/config.json").exists():
         pytest.skip("testbed/weights is not in this checkout")
     _, ref, ref_res = _shapes(tmp_path, "python", method, LAUNCHER="python")
+    # the testbed's answers differ by question (17 different of 100 at FastV 16): the equality compares real answers
+    assert_answers_vary([t[0] for t in ref.values()], 10)
     for nproc in (2, 4) if method == "fastv" else (2,):  # two groups: the launcher's logic, not the method's
         run, got, res = _shapes(tmp_path, f"tp2x{nproc}", method, LAUNCHER="deepspeed", TP="2", NPROC=str(nproc))
         assert run.name.endswith("_tp2")
