@@ -345,6 +345,8 @@ def test_the_trained_testbed_through_vllm_equals_the_hf_backend(tmp_path, monkey
     runs = sorted((out / "shapes").iterdir())
     answers = [[json.loads(ln)["text"] for ln in (d / "merge.jsonl").read_text().splitlines()] for d in runs]
     assert len(answers) == 2 and len(answers[0]) == 100 and answers[0] == answers[1]
+    # answers that differ by question (17 different of 100 on the HF backend), so the equality compares real answers
+    assert len(set(answers[0])) >= 10, sorted(set(answers[0]))
     res = [json.loads((d / "results.json").read_text())["metrics"]["Shapes"] for d in runs]
     assert res[0] == res[1]
 
