@@ -17,6 +17,7 @@ import pytest
 from conftest import child_env
 
 from eval.run_lock import LOCK_FILE, LockBusy, RunLock
+from varied_answers import assert_answers_vary, save_varied_llava
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,8 +118,15 @@ def mme(tmp_path_factory):
     return write_fixtures(tmp_path_factory.mktemp("mme"), ["mme"])  # 28 questions
 
 
-def _run_args(data, out, *extra):
-    return [sys.executable, "-m", "eval", "run", "mme", "--model", "tiny:llava", "--method", "random", "--budget",
+@pytest.fixture(scope="module")
+def varied_model(tmp_path_factory):
+    """A tiny LLaVA whose answers differ by question (tests/varied_answers.py; tiny:llava answers "with with ...",
+    only its length varying, to every MME question): the answers kept across the kill are compared with the merged ones."""
+    return save_varied_llava(tmp_path_factory.mktemp("varied") / "gridmodel")
+
+
+def _run_args(data, out, *extra, model="tiny:llava"):
+    return [sys.executable, "-m", "eval", "run", "mme", "--model", str(model), "--method", "random", "--budget",
             "8", "--data-root", str(data), "--out", str(out), "--no-wandb", "--launcher", "python", *extra]
 
 
@@ -132,18 +140,19 @@ def _answers(run_dir: Path) -> dict:
     return got
 
 
-def test_two_writers_then_kill9_then_resume(mme, tmp_path):
+def test_two_writers_then_kill9_then_resume(mme, varied_model, tmp_path):
     out = tmp_path / "runs"
-    run_dir = out / "mme" / "tiny-llava_random_b8"
-    # the holder: slow enough (28 questions, 48 new tokens each) to be caught mid-run
-    first = subprocess.Popen(_run_args(mme, out, "--max-new-tokens", "48"), env=_env(), cwd=str(REPO),
+    run_dir = out / "mme" / "gridmodel_random_b8"
+    args = ("--max-new-tokens", "12")
+    # the holder: slow enough (28 questions, 12 new tokens each: longer than tiny:llava at 48) to be caught mid-run
+    first = subprocess.Popen(_run_args(mme, out, *args, model=varied_model), env=_env(), cwd=str(REPO),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not any(_answers(run_dir).values() if run_dir.exists() else []):
             time.sleep(0.1)
         assert first.poll() is None, "the first run ended before it could be caught mid-run"
-        second = subprocess.run(_run_args(mme, out, "--max-new-tokens", "48"), env=_env(), cwd=str(REPO),
+        second = subprocess.run(_run_args(mme, out, *args, model=varied_model), env=_env(), cwd=str(REPO),
                                 capture_output=True, text=True, timeout=240)
         assert second.returncode == 2
         errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
@@ -160,7 +169,7 @@ def test_two_writers_then_kill9_then_resume(mme, tmp_path):
     kept = _answers(run_dir)
     assert 1 <= len(kept) < 28 and all(kept[q] == t for q, t in before.items())
     assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == first.pid
-    rerun = subprocess.run(_run_args(mme, out, "--max-new-tokens", "48"), env=_env(), cwd=str(REPO),
+    rerun = subprocess.run(_run_args(mme, out, *args, model=varied_model), env=_env(), cwd=str(REPO),
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     notes = [l for l in rerun.stderr.splitlines() if "was left locked by a run that is no longer running" in l]
@@ -169,6 +178,7 @@ def test_two_writers_then_kill9_then_resume(mme, tmp_path):
     assert not (run_dir / LOCK_FILE).exists()
     merged = [json.loads(l)["text"] for l in (run_dir / "merge.jsonl").read_text().splitlines()]  # question order
     assert len(merged) == 28
+    assert_answers_vary(merged, 20)  # 28 different answers of 28: a kept answer in another question's place shows
     assert all(merged[i] == t for i, t in kept.items())  # no answer lost or rewritten
 
 
