@@ -1,13 +1,14 @@
 """A tiny LLaVA whose greedy answers differ by question, for the tests that compare the answers of two ways of
 running one evaluation (resumed vs uninterrupted, torchrun ranks vs one process, batched vs batch 1, launchers).
 
-``tiny:llava`` (weights at std 0.02) answers nearly the same words to every question ("with" to five of the six
-POPE fixture questions), so two runs agreeing on its answers proves little. The "grid" size of
-integrations.vllm.tiny (the Slurm tests' model: weights at std 0.2, 256 visual tokens per image, 16 LLM layers
-of width 64) answers the six POPE fixture questions with five or six different texts at 2-4 new tokens, in about
-the time of ``tiny:llava``. The trained testbed (testbed/weights) answers POPE's questions with "1" / "0" only (its
-vocabulary is the shapes task's), so the POPE-bound tests use this model; tests on the shapes benchmark use the
-testbed itself."""
+``tiny:llava`` (weights at std 0.02) answers nearly the same words to every question ("with" to five or six of the
+six POPE fixture questions, "with with ..." to all 28 MME ones), so two runs agreeing on its answers proves little.
+The "grid" size of integrations.vllm.tiny (the Slurm tests' model: weights at std 0.2, 256 visual tokens per image,
+16 LLM layers of width 64) gives five or six different answers to the six POPE fixture questions from 2 new tokens
+on, and 28 to the 28 MME ones; an answer costs about 1.5-3 times tiny:llava's at the same number of new tokens (one
+thread). The trained testbed (testbed/weights) answers POPE's questions with "1" / "0" only (its vocabulary is the
+shapes task's), so the tests bound to a fixture benchmark's files use this model, and the others the testbed on its
+shapes benchmark (answers of every kind: a colour, a shape, yes / no, a count, a side)."""
 
 from __future__ import annotations
 
