@@ -5,7 +5,7 @@ running one evaluation (resumed vs uninterrupted, torchrun ranks vs one process,
 six POPE fixture questions, "with with ..." to all 28 MME ones), so two runs agreeing on its answers proves little.
 The "grid" size of integrations.vllm.tiny (the Slurm tests' model: weights at std 0.2, 256 visual tokens per image,
 16 LLM layers of width 64) gives five or six different answers to the six POPE fixture questions from 2 new tokens
-on, and 28 to the 28 MME ones; an answer costs about 1.5-3 times tiny:llava's at the same number of new tokens (one
+on, and 28 to the 28 MME ones; an answer costs about two to three times tiny:llava's at the same number of new tokens (one
 thread). The trained testbed (testbed/weights) answers POPE's questions with "1" / "0" only (its vocabulary is the
 shapes task's), so the tests bound to a fixture benchmark's files use this model, and the others the testbed on its
 shapes benchmark (answers of every kind: a colour, a shape, yes / no, a count, a side)."""
