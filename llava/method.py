@@ -17,12 +17,12 @@ A method with no stage at all is the unpruned model.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+
+from .plugins import MethodPluginError, load_methods, name_taken  # noqa: F401 (MethodPluginError: re-exported)
 
 MergeRule = Literal["target_plus_mean", "mean", "weighted_mean"]
 MergeArithmetic = Literal["fp32", "sequential"]
@@ -429,90 +429,19 @@ class NoPruning(Method):
 _REGISTRY: dict[str, type[Method]] = {"none": NoPruning}
 #: Modules whose import registers more methods; imported lazily on first lookup.
 _PLUGIN_MODULES: list[str] = ["consensusdrop", "visiondrop", "attnmix", "baselines"]
-#: an installed package's methods: each entry point of this group names a module whose import registers them
-ENTRY_POINT_GROUP = "vtprune.methods"
-#: a user's methods without a package: comma-separated module names or paths of .py files, imported after the
-#: built-in methods and the entry points (every command reads it: ask, eval run, the scripts, Slurm jobs)
-METHODS_VAR = "VTPRUNE_METHODS"
-_plugins_loaded = False
-_plugin_error: "MethodPluginError | None" = None
-
-
-class MethodPluginError(ValueError):
-    """A user's method module (``VTPRUNE_METHODS`` or an entry point of ``vtprune.methods``) failed to import or
-    registered a name a built-in method has; the command lines print it as one ``error:`` line."""
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
     name = cls.name.lower()
     if name in _REGISTRY and _REGISTRY[name] is not cls:
-        old = _REGISTRY[name]
-        if old.__module__.split(".")[0] in _PLUGIN_MODULES + ["llava"]:
-            raise ValueError(f"method name {name!r} collides with the built-in method {old.__qualname__} "
-                             f"({old.__module__}): give the method another name")
-        raise ValueError(f"method name {name!r} is already registered by {old.__qualname__}")
+        raise ValueError(name_taken(name, _REGISTRY[name], _PLUGIN_MODULES + ["llava"]))
     _REGISTRY[name] = cls
     return cls
 
 
-def _user_sources() -> list[tuple[str, str]]:
-    """(where it was named, module name or file path) of every user method module: entry points, then the
-    variable's items in order."""
-    from importlib.metadata import entry_points
-
-    out = [(f"entry point {ep.name!r} ({ENTRY_POINT_GROUP})", ep.value.split(":")[0].strip())
-           for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)]
-    import os
-
-    named = os.environ.get("VTPRUNE_METHODS", "")  # METHODS_VAR
-    out += [(METHODS_VAR, item.strip()) for item in named.split(",") if item.strip()]
-    return out
-
-
-def _import_user(source: str) -> None:
-    import os
-    import sys
-
-    if source.endswith(".py") or os.sep in source:  # a file: imported under a name of its own
-        path = os.path.abspath(os.path.expanduser(source))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such file: {path}")
-        name = "vtprune_user_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(path)[0])
-        if name in sys.modules:
-            return
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        return
-    importlib.import_module(source)
-
-
 def _load_plugins() -> None:
-    global _plugins_loaded, _plugin_error
-    if _plugin_error is not None:  # every later lookup says it again, never a silent "unknown method"
-        raise _plugin_error
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for mod in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a package not present in this checkout
-            if e.name != mod:
-                raise
-    for where, source in _user_sources():
-        try:
-            _import_user(source)
-        except Exception as e:  # noqa: BLE001 - one line naming the module and the exception
-            _plugin_error = MethodPluginError(f"cannot load the methods of {source!r} (named by {where}): "
-                                              f"{type(e).__name__}: {e}")
-            raise _plugin_error from e
+    load_methods(_PLUGIN_MODULES)  # once; then a user module that failed raises again (llava/plugins.py)
 
 
 def available_methods() -> list[str]:

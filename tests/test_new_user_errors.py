@@ -211,7 +211,8 @@ def test_bench_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(be, "run", stopped)
     assert be.main(["--out", str(tmp_path)]) == 130
-    assert capsys.readouterr().err == f"interrupted: the cells finished so far are in {tmp_path / 'cells.jsonl'}\n"
+    assert capsys.readouterr().err == (f"interrupted: the cells finished so far are in {tmp_path / 'cells.jsonl'} "
+                                       "(--resume continues)\n")
 
 
 @pytest.mark.parametrize("model, want", [
