@@ -1,7 +1,7 @@
 """How the fast path's compile time grows with the decoder's depth: the tiny LLaVA with its decoder layers
 repeated to N, ``load(fast=True, fast_backend=...)``, the unpruned model's first ``generate`` of 4 tokens (the
-cold compile of the prefill and the decode, empty Inductor caches unless the environment keeps them) and a second
-identical one (nothing should compile), with and without ``torch.compiler.nested_compile_region`` on every decoder
+cold compile of the prefill and the decode: each row in its own process with an empty Inductor cache folder, or
+``--warm``: the machine's cache, kept between rows) and a second identical one (nothing should compile), with and without ``torch.compiler.nested_compile_region`` on every decoder
 layer (the repeated layer marked as one region; ``--regional``).
 
     python -m bench.compile_depth --layers 4 32 --backend inductor --regional both
@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="+", type=int, default=[4, 32])
     ap.add_argument("--backend", default="inductor", help="the fast path's backend (inductor, eager, aot_eager, ...)")
     ap.add_argument("--regional", choices=["yes", "no", "both"], default="both")
+    ap.add_argument("--warm", action="store_true", help="keep the machine's Inductor cache (default: a new empty one "
+                    "per row: the cold compile)")
     ap.add_argument("--one", nargs=2, metavar=("LAYERS", "REGIONAL"), help=argparse.SUPPRESS)  # a row, in-process
     a = ap.parse_args(argv)
     if a.one:
@@ -68,13 +72,16 @@ def main(argv=None) -> int:
     modes = {"yes": [True], "no": [False], "both": [True, False]}[a.regional]
     for layers in a.layers:
         for regional in modes:
-            r = subprocess.run([sys.executable, "-m", "bench.compile_depth", "--backend", a.backend, "--one",
-                                str(layers), "1" if regional else "0"], capture_output=True, text=True)
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ) if a.warm else {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                r = subprocess.run([sys.executable, "-m", "bench.compile_depth", "--backend", a.backend, "--one",
+                                    str(layers), "1" if regional else "0"], capture_output=True, text=True, env=env)
             if r.returncode:
                 print(f"error: layers {layers}, regional {regional}: {r.stderr.strip().splitlines()[-1:]}",
                       file=sys.stderr)
                 return 1
-            print(r.stdout.strip().splitlines()[-1], flush=True)
+            print(json.dumps({**json.loads(r.stdout.strip().splitlines()[-1]), "inductor_cache": "warm" if a.warm
+                              else "empty"}), flush=True)
     return 0
 
 
