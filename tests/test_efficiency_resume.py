@@ -68,8 +68,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on_and_the_unpruned_row_is_
 
 def test_sigterm_writes_the_report_of_the_rows_measured_and_resume_finishes(tmp_path):
     out = tmp_path / "eff"
-    args = BASE + ["--out", str(out), "--methods", "none", "random", "fastervlm", "visionzip", "divprune",
-                   "--budgets", "4", "8", "12"]
+    args = BASE + ["--out", str(out), "--methods", "none", "random", "fastervlm", "visionzip", "--budgets", "4", "8"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "bench.efficiency", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -77,7 +76,7 @@ def test_sigterm_writes_the_report_of_the_rows_measured_and_resume_finishes(tmp_
     while time.time() < deadline and proc.poll() is None:
         if (out / "cells.jsonl").exists() and len((out / "cells.jsonl").read_text().splitlines()) >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -86,10 +85,10 @@ def test_sigterm_writes_the_report_of_the_rows_measured_and_resume_finishes(tmp_
     done = _rows(out)
     rep = json.loads((out / "efficiency.json").read_text())
     assert not rep["complete"] and rep["cost_model"] is None and rep["bars"] == []
-    assert 2 <= len(rep["results"]) == len(done) < 13
+    assert 2 <= len(rep["results"]) == len(done) < 7
     assert [r["ttft"]["median"] for r in rep["results"]] == [r["ttft_median_s"] for r in done]
     assert "**the run stopped before its last cell**" in (out / "efficiency.md").read_text()
     assert eff_main(args + ["--resume"]) == 0
     rep = json.loads((out / "efficiency.json").read_text())
-    assert rep["complete"] and len(rep["results"]) == 13 and rep["cost_model"] is not None
+    assert rep["complete"] and len(rep["results"]) == 7 and rep["cost_model"] is not None
     assert [r["ttft"]["median"] for r in rep["results"][:len(done)]] == [r["ttft_median_s"] for r in done]
