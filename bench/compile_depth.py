@@ -1,8 +1,9 @@
 """How the fast path's compile time grows with the decoder's depth: the tiny LLaVA with its decoder layers
 repeated to N, ``load(fast=True, fast_backend=...)``, the unpruned model's first ``generate`` of 4 tokens (the
 cold compile of the prefill and the decode: each row in its own process with an empty Inductor cache folder, or
-``--warm``: the machine's cache, kept between rows) and a second identical one (nothing should compile), with and without ``torch.compiler.nested_compile_region`` on every decoder
-layer (the repeated layer marked as one region; ``--regional``).
+``--warm``: the machine's cache, kept between rows) and a second identical one (nothing should compile), with
+and without ``torch.compiler.nested_compile_region`` on every decoder layer (the repeated layer marked as one
+region; ``--regional``).
 
     python -m bench.compile_depth --layers 4 32 --backend inductor --regional both
 

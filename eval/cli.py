@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 
-from llava.cli import HelpFormatter, budget_without_method  # noqa: E402
+from llava.cli import HelpFormatter, budget_without_method, load_error  # noqa: E402
 from llava.cli import parse_options as _kv  # noqa: E402  (one key=value parser for both CLIs)
 
 
@@ -181,12 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv, local_rank = _pop_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    from llava.method import MethodPluginError, available_methods
-
-    try:  # the user's methods (VTPRUNE_METHODS, entry points) load first: a broken one is one error line
-        available_methods()
-    except MethodPluginError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if err := load_error():  # the user's methods (VTPRUNE_METHODS, entry points) load before anything runs
+        print(err, file=sys.stderr)
         return 2
     return COMMANDS[args.cmd](args, local_rank)
 

@@ -58,6 +58,18 @@ class InputError(ValueError):
     prints it as one ``error:`` line with exit code 2. Anything else is a bug and keeps its traceback."""
 
 
+def load_error() -> str | None:
+    """The registry loaded (built-in and user methods), or the one line a command prints when a user's module
+    failed (``python -m llava.cli``, ``python -m eval``: exit 2)."""
+    from .method import MethodPluginError, available_methods
+
+    try:
+        available_methods()
+    except MethodPluginError as e:
+        return f"error: {e}"
+    return None
+
+
 def _msg(e: BaseException) -> str:
     return str(e.args[0]) if e.args else str(e)
 
@@ -174,12 +186,8 @@ def main(argv=None) -> int:
     sub.add_parser("methods", help="list the registered methods", formatter_class=HelpFormatter)
     sub.add_parser("demo", help="tiny-model demo over the three families", formatter_class=HelpFormatter)
     args = ap.parse_args(argv)
-    from .method import MethodPluginError, available_methods
-
-    try:  # the user's methods (VTPRUNE_METHODS, entry points) load before anything runs: a broken one is one line
-        available_methods()
-    except MethodPluginError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if err := load_error():  # the user's methods (VTPRUNE_METHODS, entry points) load before anything runs
+        print(err, file=sys.stderr)
         return 2
     if args.cmd == "methods":
         from .method import _REGISTRY, available_methods

@@ -70,10 +70,11 @@ def _leaf_key(x):
 
 
 class _Entry:
-    __slots__ = ("inputs", "spec", "leaves", "graph", "outputs", "calls")
+    __slots__ = ("inputs", "spec", "leaves", "cuda", "graph", "outputs", "calls")
 
     def __init__(self, inputs, spec, leaves):
         self.inputs, self.spec, self.leaves = inputs, spec, leaves  # leaves: held (the cache object stays alive)
+        self.cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)  # devices are part of the key
         self.graph = None
         self.outputs = None
         self.calls = 0
@@ -81,7 +82,7 @@ class _Entry:
 
 class CapturedFunction:
     """``fn`` run as one CUDA graph per key (see the module's docstring). ``last_new``: the last call warmed up
-    or captured a graph (the fast path's ``new_graph``); ``graphs`` the keys captured so far."""
+    or captured a graph (the fast path's ``new_graph``)."""
 
     def __init__(self, fn, name: str | None = None, pool=None):
         self.fn = fn
@@ -89,7 +90,6 @@ class CapturedFunction:
         self._entries: dict = {}
         self._pool = pool
         self.last_new = False
-        self.captures = 0
 
     def __call__(self, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
@@ -103,9 +103,8 @@ class CapturedFunction:
                 if isinstance(x, torch.Tensor) and buf is not x:
                     buf.copy_(x)
         entry.calls += 1
-        cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
-        self.last_new = entry.calls <= 2 if cuda else entry.calls == 1
-        if not cuda:  # nothing to capture: the function on the key's buffers
+        self.last_new = entry.calls <= 2 if entry.cuda else entry.calls == 1
+        if not entry.cuda:  # nothing to capture: the function on the key's buffers
             return self._clone(self._run(entry))
         if entry.calls == 1:  # warm-up, a real call, on a side stream (as torch.cuda.graphs asks)
             stream = torch.cuda.Stream()
@@ -125,7 +124,6 @@ class CapturedFunction:
                 raise RuntimeError(f"the fast path's {self.name} could not be captured as a CUDA graph "
                                    f"(fast_backend='cudagraphs'): {e}") from e
             entry.graph, entry.outputs = graph, outputs
-            self.captures += 1
         entry.graph.replay()
         return self._clone(entry.outputs)
 
@@ -136,10 +134,6 @@ class CapturedFunction:
     @staticmethod
     def _clone(out):
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
-
-    @property
-    def graphs(self) -> int:
-        return sum(e.graph is not None for e in self._entries.values())
 
     def reset(self) -> None:
         """Drop every graph and buffer (the static caches they hold are released with them)."""

@@ -328,6 +328,7 @@ def _progress(path: Path, res: dict, key: str, fingerprint: dict) -> None:
 
 def main(argv=None) -> int:
     from llava.cli import HelpFormatter, InputError
+    from llava.fastpath import BACKENDS as FAST_BACKENDS
 
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__, formatter_class=HelpFormatter)
     d = BenchConfig()
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="also run every (method, budget, batch) cell with "
                     "load(fast=True) and put fast and eager rows side by side with their TTFT ratio")
     ap.add_argument("--fast-backend", default=d.fast_backend,
-                    choices=["auto", "inductor", "cudagraphs", "eager", "aot_eager", "none"],
+                    choices=FAST_BACKENDS,
                     help="with --fast: auto = inductor + CUDA graphs on a GPU; cudagraphs = CUDA graphs of the "
                          "uncompiled functions (capture in seconds, no code generation; docs/fast-path.md)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of cells.jsonl measured by an earlier run of "

@@ -67,7 +67,6 @@ def fast_comparison(eager: list[dict], fast: list[dict]) -> list[dict]:
             if bs == "1":
                 row["fast_warmup_s"] = f.get("warmup_s")  # the warm-up prefills: compile / capture, on its own
                 row["eager_selection_median"] = (e.get("t_selection") or {}).get("median")
-                row["eager_llm_median"] = (e.get("t_llm") or {}).get("median")
                 row["eager_tpot_median"] = (e["tpot"] or {}).get("median")
                 row["fast_tpot_median"] = (f["tpot"] or {}).get("median")
                 if row["eager_tpot_median"] and row["fast_tpot_median"]:

@@ -10,6 +10,7 @@ import torch
 
 from bench.gpu_check.config import ALIASES, DTYPES, FAMILIES, CheckConfig, _env_float, registered_methods
 from bench.gpu_check.report import _overall
+from llava.fastpath import BACKENDS as FAST_BACKENDS
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     f.add_argument("--fast-only", action="store_true",
                    help="only the fast-path section (no tiny-model checks, no eager TTFT table)")
     f.add_argument("--fast-backend", default=d.fast_backend,
-                   choices=["auto", "inductor", "cudagraphs", "eager", "aot_eager"],
+                   choices=[b for b in FAST_BACKENDS if b != "none"],  # "none" is the comparison's own side
                    help="the fast path's compile backend, compared with the same path uncompiled (default auto: "
                    "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU; cudagraphs: CUDA graphs of the "
                    "uncompiled functions, no code generation)")
