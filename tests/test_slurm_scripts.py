@@ -308,6 +308,32 @@ def test_report_sbatch_ends_on_the_grid_state(tmp_path):
     assert r.stdout.splitlines()[-1] == "done 0 of 4"
 
 
+def test_slurm_env_takes_a_venv_or_an_interpreter_prefix(tmp_path):
+    """_env.sh sources VENV/bin/activate; an interpreter's prefix without one (pyenv, conda: CI's own Python) goes
+    first on PATH instead; a folder with neither is one error line, exit 2."""
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    py = prefix / "bin" / "python"
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    py.chmod(0o755)
+    line = 'source scripts/slurm/_env.sh >/dev/null; command -v python; echo "${VIRTUAL_ENV:-none}"'
+    r = subprocess.run(["bash", "-c", f"cd {REPO} && {line}"], env=_env(REPO=REPO, VENV=prefix),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == str(py)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export VIRTUAL_ENV="{venv}"\nexport PATH="{prefix}/bin:$PATH"\n')
+    r = subprocess.run(["bash", "-c", f"cd {REPO} && {line}"], env=_env(REPO=REPO, VENV=venv),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(py), str(venv)]
+    r = subprocess.run(["bash", "-c", f"cd {REPO} && {line}"], env=_env(REPO=REPO, VENV=tmp_path / "empty"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: VENV={tmp_path / 'empty'} has neither bin/activate nor bin/python"
+
+
 def test_paper_status_is_the_done_line_alone(tmp_path):
     """`bash scripts/papers/<paper>.sh --status`: one line, `done N of M`, where the dry run ends on `not run:`
     notes; a complete config counts."""
