@@ -1,0 +1,198 @@
+"""A paper table as Markdown or LaTeX: each cell ``ours ± stderr [§¶] / paper's (difference) [✗]``, the relative
+averages, and the notes under the table (what ran, the vanilla check, the summary, the unverified rows, the cells
+the paper left empty)."""
+
+from __future__ import annotations
+
+from .paper_cells import MARKS_NOTE, Cell, TableReport
+from .papers import Paper, Table
+from .table import short_model
+
+def _fmt(v, d=1):
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 100 and float(v).is_integer() else f"{v:.{d}f}"
+
+
+def _decimals(c: Cell) -> int:
+    v = c.published if c.published is not None else c.ours
+    return 0 if v is not None and abs(v) >= 1000 else 2 if v is not None and abs(v) < 10 else 1
+
+
+def cell_text(c: Cell, fmt: str = "md") -> str:
+    """``ours ± stderr [§¶] / paper's (difference) [✗]``: § another model than the spec's, ¶ a partial question
+    set (then no ✗: the difference is not a verdict)."""
+    d = _decimals(c)
+    if c.not_run:
+        ours = "n/r"
+    else:
+        ours = _fmt(c.ours, d)
+        if c.ours is not None and c.stderr is not None:
+            ours += f" ± {c.stderr:.{d}f}" if fmt == "md" else f" $\\pm$ {c.stderr:.{d}f}"
+        if c.ours is not None and c.marks:
+            ours += " " + c.marks if fmt == "md" else " " + c.marks.replace("§", r"$\S$").replace("¶", r"$\P$")
+    pub = _fmt(c.published, d) if c.published is not None else "n/p"
+    txt = f"{ours} / {pub}"
+    if c.delta is not None:
+        txt += f" ({c.delta:+.{d}f})"
+        if not c.within and c.target and c.comparable:
+            txt += " ✗" if fmt == "md" else r" $^{\times}$"
+    return txt
+
+
+def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
+    t = rep.table
+    cols = list(t.columns)
+    head = (["Method", "Budget"] + [c.label for c in cols]
+            + ["Avg ours (van.=ours)", "Avg ours (van.=paper)", "Avg paper (printed)", "Avg paper (recomputed)"])
+    body: list[tuple[str, list[str]]] = []
+    for i, r in enumerate(t.rows):
+        a = rep.avgs[i]
+        avg = [_pct(*a["ours_vs_ours"], len(cols)), _pct(*a["ours_vs_paper"], len(cols)),
+               "–" if r.rel_avg is None else f"{r.rel_avg:.1f}%", _pct(*a["paper_recomputed"], len(cols))]
+        label = r.label + (" †" if r.unverified else "") + (" (not run)" if r.not_run else "")
+        b = r.paper_budget if r.paper_budget is not None else r.budget
+        b = "–" if r.vanilla or b is None else str(b)
+        body.append((r.group, [label, b] + [cell_text(rep.cells[(i, c.key)], fmt) for c in cols] + avg))
+    notes = [f"Model (the spec's) {t.model}" + (f" ({', '.join(f'{k}={v}' for k, v in t.settings.items())})"
+                                                if t.settings else "")
+             + f"; budgets in the paper's convention ({t.budget_convention or 'as printed'}"
+             + (f"; unit: {t.budget_unit}" if t.budget_unit != "tokens" else "") + ").",
+             f"Published numbers: {t.source}" + "".join(f"; {r.label}: {r.source}" for r in t.rows if r.source) + ".",
+             "Cells: ours / paper's (ours - paper); "
+             + ("no tolerance marks (reference only)" if t.reference_only else
+                "✗ = outside the column's tolerance (" + ", ".join(f"{c.label} {c.tolerance:g}" for c in cols
+                                                                 if c.runnable) + ")")
+             + "; n/r = not run here; "
+             "n/p = not printed; – = not run yet. Avg: mean of value / vanilla x 100 % over the columns with both "
+             "numbers (* = fewer columns than the table).",
+             rep.vanilla_line, rep.summary_line() + "."]
+    notes[1:1] = run_lines(rep)
+    if t.reference_only:
+        notes.insert(0, f"Reference only, not pass/fail targets: {t.reference_only} The published numbers are "
+                        "shown beside ours without ✗ marks and are not counted in the summary.")
+    notes += unverified_lines(t)
+    notes += [f"Not run: column {c.label}: {c.not_run}" for c in cols if not c.runnable]
+    whys: dict[str, list[str]] = {}
+    for r in t.rows:
+        if r.not_run:
+            whys.setdefault(r.not_run, []).append(r.name)
+    notes += [f"Not run: row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: {why}" for why, rows in whys.items()]
+    notes += not_printed_lines(t)
+    if t.notes:
+        notes.append(t.notes)
+    title = (f"{paper.title} - {t.id}" + (f": {t.caption}" if t.caption else "")
+             + (" [reference only, not pass/fail targets]" if t.reference_only else ""))
+    if fmt == "md":
+        out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        group = None
+        for g, cells in body:
+            if g and g != group:
+                out.append(f"| **{g}** |" + " |" * (len(head) - 1))
+            group = g
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out + [""] + [f"- {n}" for n in notes] + [""])
+    esc = lambda s: (s.replace("\\", "\\textbackslash{}").replace("%", "\\%").replace("_", "\\_")  # noqa: E731
+                     .replace("&", "\\&").replace("#", "\\#").replace("✗", "$\\times$").replace("†", "$\\dagger$")
+                     .replace("–", "--"))
+    out = [f"% {title}", "\\begin{tabular}{ll" + "c" * (len(head) - 2) + "}", "\\toprule",
+           " & ".join(esc(h) for h in head) + " \\\\", "\\midrule"]
+    group = None
+    for g, cells in body:
+        if g and g != group:
+            out.append(f"\\multicolumn{{{len(head)}}}{{l}}{{\\textit{{{esc(g)}}}}} \\\\")
+        group = g
+        out.append(" & ".join([esc(cells[0]), esc(cells[1])] + [esc(x) if "$" not in x else x.replace("–", "--")
+                                                                for x in cells[2:]]) + " \\\\")
+    out += ["\\bottomrule", "\\end{tabular}"] + [f"% {esc(n)}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _n(v) -> str:
+    return "?" if v is None else f"{v:,}"
+
+
+def run_lines(rep: TableReport) -> list[str]:
+    """What our cells ran, in words: the model and revision (and how many cells each), the questions answered per
+    column against the benchmark's full count, the protocol deviations, and what § / ¶ mean where a cell has
+    one."""
+    t = rep.table
+    ran = [(t.column(k), c) for (i, k), c in rep.cells.items() if c.ours is not None]
+    if not ran:
+        return ["Ran: no result of ours yet."]
+    models: dict[tuple, int] = {}
+    for _, c in ran:
+        key = (short_model(c.run.get("model")) or "not recorded", c.run.get("revision") or "revision not recorded",
+               c.other_model)
+        models[key] = models.get(key, 0) + 1
+    out = ["Ran: " + "; ".join(f"{m} ({rev}){' §' if other else ''}: {_count(n, 'cell')}"
+                               for (m, rev, other), n in models.items()) + "."]
+    per_col: dict[str, dict[tuple, int]] = {}
+    for col, c in ran:
+        a, full, q = c.run.get("answered"), c.run.get("full"), c.run.get("questions")
+        key = (a, full, q if full is None else None, c.partial)
+        per_col.setdefault(col.label, {})
+        per_col[col.label][key] = per_col[col.label].get(key, 0) + 1
+
+    def one(key, n):
+        a, full, q, part = key
+        if a is None:
+            return f"not recorded ({_count(n, 'cell')})"
+        whole = (f"{_n(a)} of {_n(full)}" if full is not None
+                 else f"{_n(a)} (full count not recorded here; the data read held {_n(q)})")
+        return whole + (" ¶" if part else "") + f" ({_count(n, 'cell')})"
+
+    out.append("Questions answered per cell (of the benchmark's full count): "
+               + "; ".join(f"{col} " + ", ".join(one(k, n) for k, n in d.items()) for col, d in per_col.items())
+               + ".")
+    devs: dict[str, int] = {}
+    for _, c in ran:
+        for d in c.run.get("deviations") or []:
+            devs[d] = devs.get(d, 0) + 1
+    if devs:
+        out.append("Protocol deviations: " + "; ".join(f"{d} ({_count(n, 'cell')})" for d, n in devs.items())
+                   + ".")
+    if any(c.marks for _, c in ran):
+        out.append(MARKS_NOTE + ".")
+    if any(c.stderr is not None for _, c in ran):
+        out.append("± = standard error of ours: of a mean of per-question 0/1 scores, sqrt(p (1 - p) / (n - 1)), as "
+                   "lmms-eval prints it (an lmms-eval column: the one it printed); none for F1, MME and the soft VQA "
+                   "accuracies.")
+    return out
+
+
+def unverified_lines(t: Table) -> list[str]:
+    """One line per reason a row is marked † unverified, naming its rows once (a label shared by several budgets
+    is named once): ``† Unverified (why): A, B, C.``; ``every row`` when all rows share it."""
+    whys: dict[str, list[str]] = {}
+    for r in t.rows:
+        if r.unverified:
+            labels = whys.setdefault(str(r.unverified), [])
+            if r.label not in labels:
+                labels.append(r.label)
+    if len(whys) == 1 and all(r.unverified for r in t.rows):
+        return [f"† Unverified, every row: {next(iter(whys))}."]
+    return [f"† Unverified ({why}): {', '.join(labels)}." for why, labels in whys.items()]
+
+
+def not_printed_lines(t: Table) -> list[str]:
+    """The cells the paper printed no number for, one line per column and reason (in the table's column order,
+    then the reasons in row order): ``Not printed: MME (3 rows: A, B (64 tokens), C (64 tokens)): why``."""
+    out = []
+    for c in t.columns:
+        whys: dict[str, list[str]] = {}
+        for r in t.rows:
+            if c.key in r.missing:
+                whys.setdefault(str(r.missing[c.key]), []).append(r.name)
+        for why, rows in whys.items():
+            out.append(f"Not printed: {c.label} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {', '.join(rows)}): "
+                       f"{why}")
+    return out
+
+
+def _pct(v, n, total):
+    return "–" if v is None else f"{v:.1f}%" + ("*" if n < total else "")
