@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .jobs import Runner
 from .report import seeds_table, table, write, write_seeds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,19 +72,61 @@ def parser() -> argparse.ArgumentParser:
                         "adapter's QWEN_BUDGETS")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="several builds in one run: each seed's weights, jobs and checks.json in its own folder "
-                        "WORK/seed<s>, the table per seed, then the total per group and precision (seeds.json); "
-                        "replaces --seed. An agreement on one set of random weights is a sample, not a proof")
+    p.add_argument("--seeds", nargs="+", default=None,
+                   help="several builds in one run: seeds (0 4 5), ranges (0-5: both ends included; 0:6: the end "
+                        "left out, as Python's range) or both; each seed's weights, jobs and checks.json in its own "
+                        "folder WORK/seed<s>, the table per seed, then the checks identical per method (group) and "
+                        "precision by seed (seeds.json); replaces --seed. An agreement on one set of random weights "
+                        "is a sample, not a proof")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="official jobs run at a time (default 1; our side runs meanwhile, one group at a time); a "
+                        "progress line per finished job: [k/M] <job> <seconds> s")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every official job again; by default a job whose output and stamp in --work exist with "
+                        "unchanged inputs (its spec, the weights and files it reads, the worker code) is resumed")
     return p
+
+
+def parse_seeds(words: list[str]) -> list[int]:
+    """``--seeds``' words as seeds: ``4``, ``0-5`` (0 to 5), ``0:6`` (0 to 5). Raises ValueError on a word that is
+    none of those, an empty range, or a seed named twice."""
+    seeds: list[int] = []
+    for w in words:
+        sep = "-" if "-" in w else ":" if ":" in w else None
+        parts = w.split(sep) if sep else [w]
+        if not all(p.isdigit() for p in parts) or len(parts) > 2:
+            raise ValueError(f"--seeds: {w!r} is not a seed (4), a range with both ends (0-5) or a Python range (0:6)")
+        if sep is None:
+            seeds.append(int(w))
+            continue
+        a, b = int(parts[0]), int(parts[1]) + (sep == "-")
+        if a >= b:
+            raise ValueError(f"--seeds: {w!r} is an empty range")
+        seeds += range(a, b)
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"--seeds names a seed twice: {', '.join(map(str, twice))} (in {' '.join(words)})")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.official_path:  # the official side runs from its own empty folder: a relative path would miss
         args.official_path = str(Path(args.official_path).expanduser().resolve())
-    if args.part == "qwen":
-        return main_qwen(args)
+    try:
+        args.seeds = parse_seeds(args.seeds) if args.seeds else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, not {args.jobs}", file=sys.stderr)
+        return 2
+    with Runner(jobs=args.jobs, fresh=args.fresh) as runner:
+        return main_qwen(args, runner) if args.part == "qwen" else main_llava(args, runner)
+
+
+def main_llava(args, runner: Runner) -> int:
+    """Every part but ``qwen``: build, llava15, next, scorers on one build or several (``--seeds``)."""
     py = args.venv / "bin" / "python"
     if not py.exists():
         print(f"error: no official environment at {args.venv}: run `bash scripts/official_env.sh` first",
@@ -107,26 +150,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     work = args.work.resolve()
     if args.seeds:
-        if len(set(args.seeds)) != len(args.seeds):
-            print(f"error: --seeds names a seed twice: {args.seeds}", file=sys.stderr)
-            return 2
         per_seed = {}
         for seed in args.seeds:
             print(f"## seed {seed} (work folder {work / f'seed{seed}'})")
-            per_seed[seed] = run_seed(args, py, work / f"seed{seed}", seed)
+            per_seed[seed] = run_seed(args, py, work / f"seed{seed}", seed, runner)
         if args.part == "build":
             return 0
         print(seeds_table(per_seed))
         write_seeds(per_seed, work / "seeds.json")
         print(f"written: {work / 'seeds.json'}")
         return 0 if all(c.ok for cs in per_seed.values() for c in cs) else 1
-    checks = run_seed(args, py, work, args.seed)
+    checks = run_seed(args, py, work, args.seed, runner)
     if args.part == "build":
         return 0
     return 0 if all(c.ok for c in checks) else 1
 
 
-def main_qwen(args) -> int:
+def main_qwen(args, runner: Runner) -> int:
     """``python -m parity qwen [--method <adapters with QWEN = True>]``: the unpruned Qwen2.5-VL (and Qwen3-VL where a
     method runs on it) and the methods' official Qwen code beside ours on one or several builds."""
     from . import qwen
@@ -160,7 +200,7 @@ def main_qwen(args) -> int:
             print(f"## seed {seed}: {info['model']}")
             checks += qwen.run(info, pythons, folder, dtypes=tuple(args.dtypes),
                                max_new_tokens=args.max_new_tokens, methods=tuple(methods), budgets=args.qwen_budgets,
-                               official_path=args.official_path)
+                               official_path=args.official_path, runner=runner)
         print(table(checks))
         write(checks, folder / "checks.json")
         per_seed[seed] = checks
@@ -170,18 +210,18 @@ def main_qwen(args) -> int:
     return 0 if all(c.ok for cs in per_seed.values() for c in cs) else 1
 
 
-def run_seed(args, py: Path, work: Path, seed: int):
+def run_seed(args, py: Path, work: Path, seed: int, runner: Runner):
     """One build (``seed``) in ``work``: build, compare, print the table, write ``checks.json``. Returns the checks
     (none for ``build``)."""
     from . import llava15
     from .build import build
 
-    info = build(work, str(py), seed=seed)
+    info = build(work, str(py), seed=seed, runner=runner)
     print(f"weights: official {info['official']}, ours {info['hf']}")
     if args.part == "build":
         from .build import build_next
 
-        print(f"LLaVA-NeXT weights: official {build_next(work, str(py), seed=seed)['official']}")
+        print(f"LLaVA-NeXT weights: official {build_next(work, str(py), seed=seed, runner=runner)['official']}")
         return []
     checks = []
     if args.part in ("all", "llava15"):
@@ -189,22 +229,22 @@ def run_seed(args, py: Path, work: Path, seed: int):
                               budgets=tuple(args.budgets) if args.budgets else None,
                               max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
                               methods=tuple(args.method), official_path=args.official_path,
-                              hf_python=str(args.qwen_venv / "bin" / "python"))
+                              hf_python=str(args.qwen_venv / "bin" / "python"), runner=runner)
     if args.part in ("all", "next"):
         from . import next as next_
         from .build import build_next
 
         variants = args.next_variants or (next_.VARIANTS if args.part == "next" else ("official",))
-        info_next = build_next(work, str(py), seed=seed)
+        info_next = build_next(work, str(py), seed=seed, runner=runner)
         checks += next_.run(info_next, str(py), work, dtypes=tuple(args.next_dtypes),
                             budgets=tuple(args.next_budgets) if args.next_budgets else None,
                             max_new_tokens=args.max_new_tokens, vision_attn=args.vision_attn,
                             methods=tuple(args.method), variants=tuple(variants),
-                            official_path=args.official_path)
+                            official_path=args.official_path, runner=runner)
     if args.part in ("all", "scorers"):
         from .scorers import run_scorers
 
-        checks += run_scorers(str(py), work / "scorers")
+        checks += run_scorers(str(py), work / "scorers", runner)
     print(table(checks))
     write(checks, work / "checks.json")
     print(f"written: {work / 'checks.json'}")

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import torch
+
+from .jobs import Job, Runner, run_job
 
 #: the tiny architecture (the official config keys; the transformers 5 configs are built from the same values)
 TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, image_size=112,
@@ -178,31 +179,6 @@ def _image_processor_config(size: int | None = None) -> dict:
             "rescale_factor": 1 / 255, "size": {"shortest_edge": s}}
 
 
-def run_official(official_python: str, job: dict, work: Path, name: str, worker: str = "official_worker.py"):
-    """Run one job of ``parity/<worker>`` (default ``official_worker.py``; the Qwen part's ``official_worker_qwen.py``)
-    in the official environment (from an empty folder: our ``llava`` must not shadow the official one); return what
-    it saved."""
-    work.mkdir(parents=True, exist_ok=True)
-    job_path, out_path = work / f"{name}.job.json", work / f"{name}.official.pt"
-    job_path.write_text(json.dumps(job))
-    worker = Path(__file__).with_name(worker)
-    empty = work / "official-cwd"
-    empty.mkdir(exist_ok=True)
-    proc = subprocess.run([official_python, str(worker), str(job_path), str(out_path)], cwd=empty,
-                          capture_output=True, text=True, env=_official_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"the official worker failed on {name} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return torch.load(out_path, weights_only=False)
-
-
-def _official_env() -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def official_shapes(tower: dict, vocab: int, newline: bool = False) -> tuple[dict, dict]:
     """The shapes of the official checkpoint's keys: (the LLM + the mlp2x_gelu projector [+ ``model.image_newline``]
     in ``LlavaLlamaForCausalLM``'s keys, the CLIP tower in transformers 4.36's ``CLIPVisionModel`` keys
@@ -309,10 +285,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = None) -> dict:
+def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = None,
+          runner: Runner | None = None) -> dict:
     """Build the three folders and the images (idempotent: a finished build, marked by ``built.json`` with the same
     seed and tower, is reused). Returns the paths. ``tower``: the CLIP tower's config (default :data:`TOWER`, 8 x 8
-    patches; :func:`build_for` gives an adapter the 24 x 24 one its official code hard-codes)."""
+    patches; :func:`build_for` gives an adapter the 24 x 24 one its official code hard-codes). ``runner``: the
+    official tokenizer job's (:mod:`parity.jobs`; always run: its product is the tokenizer folders)."""
     import transformers as tf
 
     tower = dict(TOWER if tower is None else tower)
@@ -325,8 +303,9 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     clip_dir, off_dir, hf_dir = work / "clip", work / OFFICIAL_NAME, work / HF_NAME
     for d in (clip_dir, off_dir, hf_dir):
         d.mkdir(parents=True, exist_ok=True)
-    tok = run_official(official_python, {"kind": "tokenizer", "official_dir": str(off_dir), "fast_dir": str(hf_dir),
-                                         "corpus": CORPUS, "vocab_size": VOCAB}, work, "tokenizer")
+    tok = run_job(Job("tokenizer", official_python, {"kind": "tokenizer", "official_dir": str(off_dir),
+                                                     "fast_dir": str(hf_dir), "corpus": CORPUS, "vocab_size": VOCAB},
+                      work, outputs=("official_dir", "fast_dir"), resumable=False), runner)
     vocab = tok["vocab_size"]
     gen = torch.Generator().manual_seed(seed)
     llm_shapes, tower_shapes = official_shapes(tower, vocab)
@@ -366,15 +345,15 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     return info
 
 
-def build_for(grid: int | None, work: Path, official_python: str, seed: int = 0) -> dict:
+def build_for(grid: int | None, work: Path, official_python: str, seed: int = 0, runner: Runner | None = None) -> dict:
     """The tiny LLaVA-1.5 weights for an adapter's patch ``grid`` (its ``GRID``; None or 8: :func:`build` in ``work``;
     24: the NeXT build's 96 px / patch 4 tower, 24 x 24 patches as CLIP-L/336's, in ``work / "grid24"``, for official
     code that hard-codes that grid)."""
     if grid in (None, TOWER["image_size"] // TOWER["patch_size"]):
-        return build(work, official_python, seed)
+        return build(work, official_python, seed, runner=runner)
     if grid != NEXT_TOWER["image_size"] // NEXT_TOWER["patch_size"]:
         raise ValueError(f"parity: no tiny tower with a {grid} x {grid} patch grid (8 or 24)")
-    return build(Path(work) / f"grid{grid}", official_python, seed, tower=NEXT_TOWER)
+    return build(Path(work) / f"grid{grid}", official_python, seed, tower=NEXT_TOWER, runner=runner)
 
 
 # -- LLaVA-NeXT (anyres) ----------------------------------------------------------------------------------------------
@@ -438,7 +417,7 @@ def write_hf_next(folder: Path, llm_sd: dict, tower_sd: dict, vocab: int, tok: d
     _copy_tokenizer(tokenizer_from, folder)
 
 
-def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
+def build_next(work: Path, official_python: str, seed: int = 0, runner: Runner | None = None) -> dict:
     """The LLaVA-NeXT folders (idempotent, marker ``built-next.json``; older markers without its ``clip_text``
     field are rebuilt): ``clip-next/`` (the 96 px / patch 4 tower, a whole ``CLIPModel`` with the tiny text tower and
     tokenizer as the 1.5 build's ``clip/``: the vision tensors drawn first from the NeXT generator, as a vision-only
@@ -448,7 +427,7 @@ def build_next(work: Path, official_python: str, seed: int = 0) -> dict:
     the tokenizer the 1.5 build trained), ``llava-next-tiny-hf/`` (by :func:`official_next_to_hf`) and
     ``images-next/``. Runs :func:`build` first (the tokenizer)."""
     work = Path(work).resolve()
-    base = build(work, official_python, seed)
+    base = build(work, official_python, seed, runner=runner)
     marker = work / "built-next.json"
     if marker.exists():
         info = json.loads(marker.read_text())

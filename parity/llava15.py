@@ -22,13 +22,17 @@ Precisions (``dtype``):
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from . import adapters
-from .build import QUESTIONS, run_official
+from .build import QUESTIONS
+from .differ import token_differences, top2
+from .jobs import Job, JobFailed, Runner, failed_check, run_job
 from .report import Check
+from .step_logits import record_top2, stacked
 
 #: where ``python -m parity`` looks for a clone of an adapter's repository when no ``--official-path`` is given
 #: (scripts/official_clones.sh puts them there)
@@ -44,13 +48,21 @@ def cases(info: dict) -> list[dict]:
     return [{"question": q, "image": img} for q, img in zip(QUESTIONS, info["images"])]
 
 
-def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int,
-             work: Path, official_path: str | None = None) -> list[dict]:
+def official_job(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int,
+                 work: Path, official_path: str | None = None) -> Job:
+    """The official worker's job for ``methods`` in ``dtype`` (the CLIP tower folder the model's config names is one
+    of its inputs)."""
     job = {"kind": "run", "model": info["official"], "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
            "official_path": official_path}
     name = f"llava15-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
-    return run_official(official_python, job, work, name)
+    return Job(name, official_python, job, Path(work), inputs=(info["clip"],) if "clip" in info else ())
+
+
+def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int,
+             work: Path, official_path: str | None = None, runner: Runner | None = None) -> dict:
+    """:func:`official_job`'s output (run now, or resumed)."""
+    return run_job(official_job(info, official_python, dtype, methods, max_new_tokens, work, official_path), runner)
 
 
 def our_method(name: str, budget: int, dtype: str, info: dict | None = None) -> tuple[str, dict]:
@@ -125,11 +137,14 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
                 if finish is not None:
                     finish(len(batch))
                 n_prefill = len(kept)
+                steps: list = []
+                hook = record_top2(rt.model, steps)
                 gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                hook.remove()
             width = inputs["input_ids"].shape[1]
             out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
                         "attention_mask": inputs["attention_mask"], "pixel_values": pixels.float(), "logits": logits,
-                        "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill],
+                        "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept[:n_prefill],
                         "image_token_id": info["image_token_id"]})
     rt.unprune(detach=True)
     return out
@@ -147,21 +162,30 @@ def _collapse(ids: list[int], image_token_id: int) -> list[int]:
     return res
 
 
-def logits_and_tokens(o: dict, m: dict, diffs: list[float], eos: int | None,
-                      logits_atol: float | None) -> tuple[bool, str, dict]:
+def logits_and_tokens(o: dict, m: dict, diffs: list[float], eos: int | None, logits_atol: float | None,
+                      dtype: str) -> tuple[bool, str, dict]:
     """The logits / greedy-token part of one run's check: the official tokens without the BOS ``generate`` puts first
     (where it made them longer than ours) and both cut at the end of sequence; ok when the tokens are identical and
-    the worst of ``diffs`` is within ``logits_atol`` (None: not bounded). Returns (ok, detail, data)."""
+    the worst of ``diffs`` is within ``logits_atol`` (None: not bounded). Where the tokens part: each such sample's
+    first differing step with both sides' top-2 logits there and the tie verdict in ``dtype`` (:mod:`parity.differ`).
+    Returns (ok, detail, data)."""
     worst = max(diffs)
     bos = o.get("bos")
-    off_tokens = [_strip(t[1:] if t and t[0] == bos and len(t) > len(mt) else t, eos)
-                  for t, mt in zip(o["tokens"], m["tokens"])]
+    lead = [int(bool(t) and t[0] == bos and len(t) > len(mt)) for t, mt in zip(o["tokens"], m["tokens"])]
+    off_tokens = [_strip(t[k:], eos) for t, k in zip(o["tokens"], lead)]
     my_tokens = [_strip(t, eos) for t in m["tokens"]]
     tok_ok = off_tokens == my_tokens
     ok = tok_ok and (logits_atol is None or worst <= logits_atol)
     detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
     detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
-    return ok, detail, {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs}
+    data = {"official_tokens": off_tokens, "our_tokens": my_tokens, "logits_max_abs_diff": diffs}
+    if not tok_ok:
+        clauses, data["first_difference"] = token_differences(
+            o["batch"], off_tokens, my_tokens,
+            lambda r, j: top2(o.get("top2"), len(o["tokens"][r]), r, j, lead[r]),
+            lambda r, j: top2(m.get("top2"), len(m["tokens"][r]), r, j), dtype)
+        detail += f" ({clauses})"
+    return ok, detail, data
 
 
 def _strip(tokens: list[int], eos: int | None) -> list[int]:
@@ -193,7 +217,7 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
             a = o["logits"][i, -n_full:]
             b = m["logits"][i, -n_full:]
             diffs.append((a - b).abs().max().item() if a.shape == b.shape else float("inf"))
-        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol)
+        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol, dtype)
         group = "unpruned" if meth == "none" else o["method"]["name"]
         if meth != "none":
             o_kept = [(i, k.tolist()) for i, k in o["kept"]]
@@ -258,7 +282,7 @@ def hf_legacy_folder(info: dict, work: Path) -> str:
 
 
 def official_hf(info: dict, hf_python: str, dtype: str, mine: list[dict], max_new_tokens: int, work: Path,
-                official_path: str, eos: int | None) -> dict:
+                official_path: str, eos: int | None, runner: Runner | None = None) -> dict:
     """The official side of an adapter whose official code is transformers' own Llava classes in a fork
     (``OFFICIAL["worker"] = "hf"``, ``parity/official_worker_hf.py`` in ``hf_python``, the Qwen official environment):
     the runs of ``mine`` (ours, already run) with our ids, mask and pixels handed over."""
@@ -270,7 +294,7 @@ def official_hf(info: dict, hf_python: str, dtype: str, mine: list[dict], max_ne
     job = {"kind": "run_hf", "model": hf_legacy_folder(info, work), "dtype": dtype, "inputs": str(inputs),
            "runs": [{"method": m["method"], "batch": m["batch"]} for m in mine], "max_new_tokens": max_new_tokens,
            "image_token_id": info["image_token_id"], "pad_token_id": eos, "official_path": official_path}
-    return run_official(hf_python, job, work, name, worker="official_worker_hf.py")
+    return run_job(Job(name, hf_python, job, work, worker="official_worker_hf.py"), runner)
 
 
 #: the Python of the official environment that runs transformers-based official codes (scripts/official_env.sh qwen)
@@ -279,7 +303,8 @@ HF_PYTHON = Path(__file__).resolve().parents[1] / ".venv-official-qwen" / "bin" 
 
 def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), budgets=None,
         max_new_tokens: int = 8, vision_attn: str = "eager", methods=("flowcut",),
-        official_path: str | None = None, clones: Path = CLONES, hf_python: str | None = None) -> list[Check]:
+        official_path: str | None = None, clones: Path = CLONES, hf_python: str | None = None,
+        runner: Runner | None = None) -> list[Check]:
     """Every LLaVA-1.5 check: for each precision, the unpruned model and each method at each budget, each image
     alone and all in one batch (or each alone, where the adapter says the official code cannot run a left-padded
     batch). Each method runs on its adapter's official code: ``official_path`` when given, else its clone under
@@ -287,7 +312,9 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
     each ships its own ``llava``. ``vision_attn``: our tower's attention ("eager", 4.36's CLIP arithmetic:
     bit-identical logits in fp32; "sdpa", our default: within ~1.2e-5 on these weights). An adapter whose official
     code is transformers' own Llava classes (``OFFICIAL["worker"] = "hf"``: IVC-Prune's fork) runs in ``hf_python``
-    (default: ``.venv-official-qwen``) with its own unpruned row, our ids and pixels handed over."""
+    (default: ``.venv-official-qwen``) with its own unpruned row, our ids and pixels handed over. ``runner``: the
+    official jobs' (:class:`parity.jobs.Runner`: N at a time, resumed; default one of its own); a failed job is one
+    failing check ("official-job"), the others run on."""
     import transformers as tf
 
     for m in methods:
@@ -320,7 +347,7 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
     for g in sorted(grids):
         from .build import build_for
 
-        infos[g] = build_for(g, work, official_python, seed=info.get("seed", 0))
+        infos[g] = build_for(g, work, official_python, seed=info.get("seed", 0), runner=runner)
     groups: dict = {}
     for g in [None, *sorted(grids)]:
         if g is None or g in grids:
@@ -331,25 +358,36 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32", "fp16"), b
         if spec["name"] in hf and key not in groups:  # the fork's own unpruned model first
             groups[key] = [{"name": "none"}]
         groups.setdefault(key, []).append(spec)
-    checks = []
-    for dtype in dtypes:
-        for (root, g), specs in groups.items():
-            # an adapter whose official code cannot run in a precision (ApET: fp16 only) names its DTYPES
-            skip = sorted({sp["name"] for sp in specs
-                           if sp["name"] != "none" and dtype not in getattr(adapters.get(sp["name"]), "DTYPES", (dtype,))})
-            for name in skip:
-                print(f"parity: {name} not compared in {dtype}: its official code cannot run there "
-                      f"(parity/adapters/{name}.py DTYPES)", file=sys.stderr)
-            specs = [sp for sp in specs if sp["name"] not in skip]
-            if not specs:
+    with (nullcontext(runner) if runner else Runner()) as runner:
+        # every official job first (they run on the runner's threads while ours run here), then group by group: ours,
+        # the official output, the comparison. An adapter on transformers' own classes (hf) needs ours first: its
+        # official side gets our ids and pixels
+        plan = []
+        for dtype in dtypes:
+            for (root, g), specs in groups.items():
+                # an adapter whose official code cannot run in a precision (ApET: fp16 only) names its DTYPES
+                skip = sorted({sp["name"] for sp in specs if sp["name"] != "none"
+                               and dtype not in getattr(adapters.get(sp["name"]), "DTYPES", (dtype,))})
+                for name in skip:
+                    print(f"parity: {name} not compared in {dtype}: its official code cannot run there "
+                          f"(parity/adapters/{name}.py DTYPES)", file=sys.stderr)
+                specs = [sp for sp in specs if sp["name"] not in skip]
+                if not specs:
+                    continue
+                job = None if any(sp["name"] in hf for sp in specs) else official_job(
+                    infos[g], official_python, dtype, specs, max_new_tokens, work / (f"grid{g}" if g else ""), root)
+                plan.append((dtype, root, g, specs, None if job is None else runner.submit(job)))
+        checks = []
+        for dtype, root, g, specs, future in plan:
+            try:
+                if future is not None and future.done():
+                    future.result()  # a job that failed already: ours is not run for it
+                mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
+                off = future.result() if future is not None else official_hf(
+                    infos[g], hf_python, dtype, mine, max_new_tokens, work / "hf", root, eos, runner)
+            except JobFailed as e:
+                checks.append(failed_check(f"{dtype} " + " ".join(sorted({sp["name"] for sp in specs})), e))
                 continue
-            if any(sp["name"] in hf for sp in specs):
-                mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
-                off = official_hf(infos[g], hf_python, dtype, mine, max_new_tokens, work / "hf", root, eos)
-            else:
-                off = official(infos[g], official_python, dtype, specs, max_new_tokens,
-                               work / (f"grid{g}" if g else ""), root)
-                mine = ours(infos[g], dtype, specs, max_new_tokens, vision_attn)
             for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, eos):
                 if g:  # the 24 x 24 tower's rows: named apart from the default tower's
                     c.case = f"grid{g} {c.case}"

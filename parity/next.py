@@ -43,15 +43,18 @@ says (the unpruned rows follow ``variants``).
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from . import adapters
-from .build import QUESTIONS, run_official
+from .build import QUESTIONS
+from .jobs import Job, JobFailed, Runner, failed_check, run_job
 from .adapters._ours import record_tower_cuts
 from .llava15 import _collapse, logits_and_tokens
 from .report import Check
+from .step_logits import record_top2, stacked
 
 #: our FlowCut options for the official NeXT recipe (``flowcut.flowcut(model, T)`` on an anyres model)
 OURS = {"flowcut": {"numerics": "official", "batch_max": True, "next_half": True, "next_llm_stage": True}}
@@ -74,13 +77,18 @@ def methods_for(budgets, names=("flowcut",), n_cases: int = 4) -> list[dict]:
                                  for m in names for t in budgets]
 
 
-def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
-             official_path: str | None = None) -> dict:
+def official_job(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
+                 official_path: str | None = None) -> Job:
     job = {"kind": "run", "model": info["official"], "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
            "official_path": official_path}
     name = f"next-{dtype}-" + "-".join(m["name"] + str(m.get("budget", "")) for m in methods)
-    return run_official(official_python, job, work, name)
+    return Job(name, official_python, job, Path(work), inputs=(info["clip"],))
+
+
+def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
+             official_path: str | None = None, runner: Runner | None = None) -> dict:
+    return run_job(official_job(info, official_python, dtype, methods, max_new_tokens, work, official_path), runner)
 
 
 def _pixels_of(pv: torch.Tensor, sizes, config) -> list[torch.Tensor]:
@@ -132,12 +140,16 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int, visio
                         n_in = eng.stats.samples[b].visual_per_layer[0]
                         if sel is not None and n_in > method["budget"]:  # official: cut only when > T
                             llm_kept.append(sel.keep.tolist())
+                steps: list = []
+                hook = record_top2(rt.model, steps)
                 gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                hook.remove()
             width = inputs["input_ids"].shape[1]
             out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
                         "attention_mask": inputs["attention_mask"], "pixel_values": pixels,
                         "image_sizes": inputs["image_sizes"].tolist(), "logits": logits,
-                        "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill], "llm_kept": llm_kept,
+                        "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept[:n_prefill],
+                        "llm_kept": llm_kept,
                         "visual_per_layer": per_layer, "image_token_id": info["image_token_id"],
                         "engine": rt.engine is not None, "next_geometry": rt.info.get("next_geometry", "transformers")})
     rt.unprune(detach=True)
@@ -204,7 +216,7 @@ def compare(off: dict, mine: list[dict], label: str, logits_atol: float | None, 
                 d = (a[-full:] - b[-full:]).abs().max().item() if a.shape[0] >= full else float("inf")
             shapes.append((tuple(a.shape), tuple(b.shape)))
             diffs.append(d)
-        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol)
+        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol, label.split()[0])
         data.update(logits_shapes=shapes, our_engine=m.get("engine"), our_next_geometry=m.get("next_geometry"))
         if meth != "none":
             o_tower = [(i, k.tolist()) for i, k in o["kept"] if isinstance(i, int)]
@@ -340,11 +352,14 @@ def ours_adapters(info: dict, dtype: str, specs: list[dict], max_new_tokens: int
                 n_img = (inputs["input_ids"] == info["image_token_id"]).sum(1)
                 real = [int(inputs["attention_mask"][b].sum() - n_img[b]) + s.visual_per_layer[0]
                         for b, s in enumerate(rt.engine.stats.samples)]
+                steps: list = []
+                hook = record_top2(rt.model, steps)
                 gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                hook.remove()
             width = inputs["input_ids"].shape[1]
             out.append({"method": sp, "batch": batch, "input_ids": inputs["input_ids"],
                         "attention_mask": inputs["attention_mask"], "logits": logits, "real": real,
-                        "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill],
+                        "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept[:n_prefill],
                         "crops": [int(c) for c in _crops(inputs, rt.model.config)],
                         "image_token_id": info["image_token_id"]})
     rt.unprune(detach=True)
@@ -383,7 +398,7 @@ def compare_adapters(off: dict, mine: list[dict], label: str, logits_atol: float
                 diffs.append(float("inf"))
             else:
                 diffs.append((a[-n:] - b[-n:]).abs().max().item())
-        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol)
+        ok, detail, data = logits_and_tokens(o, m, diffs, eos, logits_atol, label.split()[0])
         o_kept = [(i, k.tolist()) for i, k in o["kept"]]
         m_kept = [(i, k.tolist()) for i, k in m["kept"]]
         kept_ok = o_kept == m_kept
@@ -399,13 +414,14 @@ def compare_adapters(off: dict, mine: list[dict], label: str, logits_atol: float
 
 def run(info: dict, official_python: str, work: Path, dtypes=("fp32",), budgets=None, max_new_tokens: int = 8,
         vision_attn: str = "eager", methods=("flowcut",), variants=VARIANTS, official_path: str | None = None,
-        image_ids=None, clones: Path | None = None) -> list[Check]:
+        image_ids=None, clones: Path | None = None, runner: Runner | None = None) -> list[Check]:
     """Every LLaVA-NeXT check: for each precision and variant of our side, the unpruned model (each image alone
     and all in one batch) and FlowCut's official NeXT recipe at each budget (each image alone); then each other
     method of ``methods`` through its adapter (``NEXT = True``; our side with ``next_geometry="official"`` only) at
     each budget per crop (``budgets``, else the adapter's ``NEXT_BUDGETS``), one official process per clone (the
     clone as for LLaVA-1.5: ``official_path``, else ``clones/<name>``). ``budgets``: None for each method's default
-    (FlowCut: T = 16 / 64). ``image_ids``: a subset of the images (by index; default all)."""
+    (FlowCut: T = 16 / 64). ``image_ids``: a subset of the images (by index; default all). ``runner``: the official
+    jobs' (:class:`parity.jobs.Runner`; default one of its own); a failed job is one failing check."""
     import transformers as tf
 
     from . import llava15
@@ -426,22 +442,42 @@ def run(info: dict, official_python: str, work: Path, dtypes=("fp32",), budgets=
     for m in others:
         specs = adapter_specs(m, budgets or getattr(adapters.get(m), "NEXT_BUDGETS"), n)
         groups.setdefault(roots[m], []).extend(specs)
-    checks = []
-    for dtype in dtypes:
-        off = official(info, official_python, dtype, meths, max_new_tokens, work, official_path if flow else None)
-        for variant in variants:
-            mine = ours(info, dtype, meths, max_new_tokens, vision_attn, variant)
-            checks += compare(off, mine, f"{dtype} {variant}", 1e-5 if dtype == "fp32" else None, eos)
-        for root, specs in groups.items():
-            skip = sorted({sp["name"] for sp in specs
-                           if dtype not in getattr(adapters.get(sp["name"]), "DTYPES", (dtype,))})
-            for name in skip:
-                print(f"parity next: {name} not compared in {dtype}: its official code cannot run there "
-                      f"(parity/adapters/{name}.py DTYPES)", file=sys.stderr)
-            specs = [sp for sp in specs if sp["name"] not in skip]
-            if not specs:
+    with (nullcontext(runner) if runner else Runner()) as runner:
+        # every official job first (run on the runner's threads while ours run here), then each in turn
+        plan = []
+        for dtype in dtypes:
+            job = official_job(info, official_python, dtype, meths, max_new_tokens, work,
+                               official_path if flow else None)
+            plan.append((dtype, None, runner.submit(job)))
+            for root, specs in groups.items():
+                skip = sorted({sp["name"] for sp in specs
+                               if dtype not in getattr(adapters.get(sp["name"]), "DTYPES", (dtype,))})
+                for name in skip:
+                    print(f"parity next: {name} not compared in {dtype}: its official code cannot run there "
+                          f"(parity/adapters/{name}.py DTYPES)", file=sys.stderr)
+                specs = [sp for sp in specs if sp["name"] not in skip]
+                if specs:
+                    job = official_job(info, official_python, dtype, specs, max_new_tokens, work, root)
+                    plan.append((dtype, specs, runner.submit(job)))
+        checks = []
+        for dtype, specs, future in plan:
+            label = f"{dtype} official" if specs else dtype
+            try:
+                if future.done():
+                    future.result()  # a job that failed already: ours is not run for it
+                if specs is None:  # the unpruned model and FlowCut, each variant of our side
+                    mine = {v: ours(info, dtype, meths, max_new_tokens, vision_attn, v) for v in variants}
+                else:
+                    mine = ours_adapters(info, dtype, specs, max_new_tokens, vision_attn)
+                off = future.result()
+            except JobFailed as e:
+                names = sorted({m["name"] for m in (specs or meths)})
+                checks.append(failed_check(f"{label} next " + " ".join(names), e))
                 continue
-            off = official(info, official_python, dtype, specs, max_new_tokens, work, root)
-            mine = ours_adapters(info, dtype, specs, max_new_tokens, vision_attn)
-            checks += compare_adapters(off, mine, f"{dtype} official", 1e-5 if dtype == "fp32" else None, eos)
+            atol = 1e-5 if dtype == "fp32" else None
+            if specs is None:
+                for variant in variants:
+                    checks += compare(off, mine[variant], f"{dtype} {variant}", atol, eos)
+            else:
+                checks += compare_adapters(off, mine, label, atol, eos)
     return checks

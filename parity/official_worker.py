@@ -15,7 +15,7 @@ Jobs (``JOB`` is a JSON file, ``{"kind": ..., ...}``):
   adapter's name with a budget: ``parity/adapters/<name>.py``, loaded here by its file path; its ``enable`` switches
   the method on, its ``record`` hooks read the kept indices) and each batch of cases: the official prompt, ids and
   pixels, the prefill logits, the greedy tokens, the kept indices per stage, and the sequence length entering each
-  decoder layer. A method may name its own ``batches`` and ``padding_side`` (FlowCut on LLaVA-NeXT: each image
+  decoder layer, and each decode step's two largest logits (``top2``, ``parity/step_logits.py``). A method may name its own ``batches`` and ``padding_side`` (FlowCut on LLaVA-NeXT: each image
   alone, "right": its LLM stage refuses "left"). With ``official_path`` (a clone of an official repository) first
   on the path: its ``llava/`` replaces the installed one (refused if ``llava`` then resolves elsewhere).
 
@@ -122,6 +122,7 @@ def run(job: dict) -> dict:
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.mm_utils import process_images, tokenizer_image_token
     from llava.model.builder import load_pretrained_model
+    from step_logits import record_top2, stacked  # this script's folder, first on the path
 
     torch.manual_seed(0)
     path = job["model"]
@@ -175,16 +176,20 @@ def run(job: dict) -> dict:
                 n_prefill_kept = len(kept)
                 logits = out.logits if hasattr(out, "logits") else out[0]  # FlowCut's NeXT forward: a tuple
                 layer_lengths = lengths[:len(model.get_model().layers)]
+                steps: list = []
+                top = record_top2(model, steps)
                 gen = model.generate(input_ids, attention_mask=mask, images=pix, image_sizes=sizes, do_sample=False,
                                      num_beams=1, max_new_tokens=job["max_new_tokens"], use_cache=True,
                                      pad_token_id=tokenizer.unk_token_id, **extra)
+                top.remove()
             for h in handles:
                 h.remove()
             res["runs"].append({
                 "method": method, "batch": batch, "prompts": prompts, "ids": [x.tolist() for x in ids],
                 "pixel_values": pix.float() if torch.is_tensor(pix) else [p.float() for p in pix],
                 "logits": logits.float(), "mask_len": logits.shape[1],
-                "tokens": gen.tolist(), "kept": kept[:n_prefill_kept], "bos": tokenizer.bos_token_id,
+                "tokens": gen.tolist(), "top2": stacked(steps), "kept": kept[:n_prefill_kept],
+                "bos": tokenizer.bos_token_id,
                 "layer_lengths": layer_lengths, "image_sizes": sizes})
     return res
 

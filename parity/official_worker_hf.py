@@ -7,7 +7,7 @@ It loads ``LlavaForConditionalGeneration`` from the tiny ``llava-1.5-tiny-hf`` f
 (``parity.llava15.hf_legacy_folder``; every key read, or it refuses) on SDPA, then for each run the adapter switches the method on (``enable``), sets the prompt's image range
 (``inputs``) and records the kept indices (``record``); the ids, mask and pixels are the ones our side built (handed
 over in ``JOB["inputs"]``: the fork's method is compared, not its processor). Out: the prefill logits, the greedy
-tokens, the kept indices per stage.
+tokens, each decode step's two largest logits (``parity/step_logits.py``), the kept indices per stage.
 
     python parity/official_worker_hf.py JOB.json OUT.pt
 """
@@ -36,6 +36,7 @@ def run(job: dict) -> dict:
 
     import torch
     import transformers as tf
+    from step_logits import record_top2, stacked  # this script's folder, first on the path
 
     torch.manual_seed(0)
     dtype = torch.float32 if job["dtype"] == "fp32" else torch.float16
@@ -63,15 +64,18 @@ def run(job: dict) -> dict:
         with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()):  # the fork prints on every forward
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits.float()
             n_prefill = len(kept)
+            steps: list = []
+            top = record_top2(model, steps)
             gen = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, do_sample=False, num_beams=1,
                                  max_new_tokens=job["max_new_tokens"], pad_token_id=job["pad_token_id"])
+            top.remove()
         for h in handles:
             h.remove()
         if adapter is not None:
             adapter.disable(model)
         width = ids.shape[1]
         res["runs"].append({"method": method, "batch": run_job["batch"], "logits": logits,
-                            "tokens": gen[:, width:].tolist(), "kept": kept[:n_prefill]})
+                            "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept[:n_prefill]})
     return res
 
 

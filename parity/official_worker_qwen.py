@@ -2,7 +2,8 @@
 (scripts/official_env.sh qwen: transformers 4.52.4, the release MMTok's Qwen2.5-VL code pins) with nothing of this
 repository importable: Hugging Face's own ``Qwen2_5_VLForConditionalGeneration`` and ``AutoProcessor`` on the tiny
 folder, the prompt from the folder's chat template (``apply_chat_template``), the ids and pixels from the processor,
-then the prefill's logits and ``generate``'s greedy tokens, as the official Qwen2.5-VL examples and lmms-eval's
+then the prefill's logits, ``generate``'s greedy tokens and each decode step's two largest logits
+(``parity/step_logits.py``), as the official Qwen2.5-VL examples and lmms-eval's
 ``qwen2_5_vl`` model run it.
 
 A method other than ``none`` is an adapter with ``QWEN = True`` (``parity/adapters/<name>.py``, loaded here by its
@@ -65,6 +66,7 @@ def run(job: dict) -> dict:
         if where != os.path.join(os.path.realpath(job["fork"]), "transformers"):
             raise RuntimeError(f"official qwen worker: transformers resolves to {where}, not the fork in {job['fork']}")
     from PIL import Image
+    from step_logits import record_top2, stacked  # this script's folder, first on the path
 
     cls_name = job.get("model_class", "Qwen2_5_VLForConditionalGeneration")
     vend = job.get("vendored")
@@ -122,13 +124,16 @@ def run(job: dict) -> dict:
             with torch.inference_mode():
                 logits = model(**inputs, **extra).logits.float()
                 kept = list(store)
+                steps: list = []
+                top = record_top2(model, steps)
                 gen = model.generate(**inputs, max_new_tokens=job["max_new_tokens"], do_sample=False)
+                top.remove()
             width = inputs["input_ids"].shape[1]
             res["runs"].append({"method": method, "batch": batch, "prompts": texts,
                                 "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                                 "pixel_values": inputs["pixel_values"].float(),
                                 "image_grid_thw": inputs["image_grid_thw"], "logits": logits,
-                                "tokens": gen[:, width:].tolist(), "kept": kept})
+                                "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept})
         for h in handles:
             h.remove()
     return res

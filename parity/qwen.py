@@ -44,12 +44,16 @@ vision -> vision rows, text rows). MMTok: ``mmtok_qwen2_5_vl`` beside ours in it
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from .build import QUESTIONS, run_official, write_images
+from .build import QUESTIONS, write_images
+from .differ import replay_detail, token_differences, top2
+from .jobs import Job, JobFailed, Runner, failed_check, run_job
 from .report import Check
+from .step_logits import record_top2, stacked
 
 NAME = "qwen2.5-vl-tiny"
 #: the families of this part: the tiny folder, ``llava.models.build_tiny``'s name, the marker of a build, the official
@@ -269,8 +273,9 @@ def folder_451(info: dict, work: Path) -> str:
     return str(dst)
 
 
-def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
-             fork: str | None = None) -> dict:
+def official_job(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
+                 fork: str | None = None) -> Job:
+    """The Qwen worker's job for ``methods`` in ``dtype`` (``fork``: a clone's own transformers, first on the path)."""
     from . import adapters
 
     family = info.get("family", "qwen2.5-vl")
@@ -286,7 +291,12 @@ def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_t
                                           for m in methods if m["name"] != "none")}
     name = (f"qwen-{dtype}-" + ("" if family == "qwen2.5-vl" else f"{family}-") + ("fork-" if fork else "")
             + "-".join(m["name"] + str(m.get("budget", "")) for m in methods))
-    return run_official(python, job, work, name, worker=WORKER)
+    return Job(name, python, job, Path(work), worker=WORKER)
+
+
+def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
+             fork: str | None = None, runner: Runner | None = None) -> dict:
+    return run_job(official_job(info, python, dtype, methods, max_new_tokens, work, fork), runner)
 
 
 def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int) -> list[dict]:
@@ -313,12 +323,15 @@ def ours(info: dict, dtype: str, methods: list[dict], max_new_tokens: int) -> li
                 logits = rt.model(**inputs).logits.float()
                 if finish is not None:
                     finish(len(batch))
+                steps: list = []
+                hook = record_top2(rt.model, steps)
                 gen = rt.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                hook.remove()
             width = inputs["input_ids"].shape[1]
             out.append({"method": method, "batch": batch, "input_ids": inputs["input_ids"],
                         "attention_mask": inputs["attention_mask"], "pixel_values": inputs["pixel_values"].float(),
                         "image_grid_thw": inputs["image_grid_thw"], "logits": logits,
-                        "tokens": gen[:, width:].tolist(), "kept": kept})
+                        "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept})
     rt.unprune(detach=True)
     return out
 
@@ -339,18 +352,32 @@ def _fmt(d: float | None) -> str:
     return "-" if d is None else f"{d:.2e}"
 
 
-def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: int | None) -> Check:
+def tokens(o: dict, m: dict, eos: int | None, dtype: str) -> tuple[bool, str, dict]:
+    """The greedy tokens of one run, both cut at the end of sequence: (identical, the detail's words, the data); where
+    they part, each such sample's first differing step with both sides' top-2 logits and the tie verdict in ``dtype``
+    (:mod:`parity.differ`)."""
+    off_tokens = [_strip(t, eos) for t in o["tokens"]]
+    my_tokens = [_strip(t, eos) for t in m["tokens"]]
+    data = {"official_tokens": off_tokens, "our_tokens": my_tokens}
+    if off_tokens == my_tokens:
+        return True, "greedy tokens identical", data
+    clauses, data["first_difference"] = token_differences(
+        o["batch"], off_tokens, my_tokens, lambda r, j: top2(o.get("top2"), len(o["tokens"][r]), r, j),
+        lambda r, j: top2(m.get("top2"), len(m["tokens"][r]), r, j), dtype)
+    return False, f"greedy tokens DIFFER ({clauses})", data
+
+
+def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: int | None, dtype: str) -> Check:
     """One method run (each image alone): ids, the kept indices, the logits of the pruned sequence (both sides run
-    the LLM on the kept tokens only: the same length when the same count is kept), the greedy tokens, the text rows
-    (identical, where both sides read them); the other rows the selections read (the tower's and the projector's
-    outputs: two torch releases' kernels), reported."""
+    the LLM on the kept tokens only: the same length when the same count is kept), the greedy tokens (:func:`tokens`),
+    the text rows (identical, where both sides read them); the other rows the selections read (the tower's and the
+    projector's outputs: two torch releases' kernels), reported; where the adapter has a ``qwen_replay``, our
+    selection on the official side's recorded rows and its verdict (:func:`parity.differ.replay_detail`)."""
     ids_ok = o["input_ids"].tolist() == m["input_ids"].tolist()
     o_kept, m_kept = [k["kept"].tolist() for k in o["kept"]], [k["kept"].tolist() for k in m["kept"]]
     kept_ok = len(o_kept) == len(m_kept) > 0 and o_kept == m_kept
     worst = _diff(o["logits"], m["logits"])
-    off_tokens = [_strip(t, eos) for t in o["tokens"]]
-    my_tokens = [_strip(t, eos) for t in m["tokens"]]
-    tok_ok = off_tokens == my_tokens
+    tok_ok, tok_detail, data = tokens(o, m, eos, dtype)
     ok = ids_ok and kept_ok and tok_ok and (logits_atol is None or worst <= logits_atol)
     rows = {}
     for f in ("features", "vision", "text", "values", "attention"):
@@ -372,15 +399,14 @@ def compare_method(o: dict, m: dict, case: str, logits_atol: float | None, eos: 
     detail = (("" if ids_ok else "ids DIFFER, ") + f"kept indices {'identical' if kept_ok else 'DIFFER'} "
               f"({', '.join(counts)} kept), logits max abs diff {worst:.2e}"
               + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
-              + f", greedy tokens {'identical' if tok_ok else 'DIFFER'}; rows read, max abs diff: projected "
+              + f", {tok_detail}; rows read, max abs diff: projected "
               f"{_fmt(rows['features'])}, vision-vision {_fmt(rows['vision'])}, text {_fmt(rows['text'])}"
               + ("" if rows["values"] is None else f", layer K-1 values {_fmt(rows['values'])}")
               + ("" if rows["attention"] is None else f", layer K-1 attention {_fmt(rows['attention'])}")
-              + ("" if replay_ok is None else
-                 f"; ours on the official rows: kept indices {'identical' if replay_ok else 'DIFFER'}"))
+              + ("" if replay_ok is None else f"; {replay_detail(kept_ok, replay_ok)}"))
     return Check("qwen-" + o["method"]["name"], case, ok, detail,
-                 {"official_kept": o_kept, "our_kept": m_kept, "official_tokens": off_tokens, "our_tokens": my_tokens,
-                  "rows_max_abs_diff": rows, "replay_on_official_rows": replay_ok})
+                 {"official_kept": o_kept, "our_kept": m_kept, **data, "rows_max_abs_diff": rows,
+                  "replay_on_official_rows": replay_ok})
 
 
 def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, eos: int | None) -> list[Check]:
@@ -397,7 +423,7 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
         if o["method"]["name"] != "none":
             r = o["method"].get("budget")
             checks.append(compare_method(o, m, f"{dtype} {o['method']['name']}" + ("" if r is None else f" r={r}")
-                                         + f" batch {o['batch']}", logits_atol, eos))
+                                         + f" batch {o['batch']}", logits_atol, eos, dtype))
             continue
         ids_ok = o["input_ids"].tolist() == m["input_ids"].tolist() and \
             o["attention_mask"].tolist() == m["attention_mask"].tolist()
@@ -414,13 +440,10 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
                         for i in range(mask.shape[0]))
         else:
             worst = float("inf")
-        off_tokens = [_strip(t, eos) for t in o["tokens"]]
-        my_tokens = [_strip(t, eos) for t in m["tokens"]]
-        tok_ok = off_tokens == my_tokens
+        tok_ok, tok_detail, data = tokens(o, m, eos, dtype)
         ok = tok_ok and (logits_atol is None or worst <= logits_atol)
         detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
-        detail += f", greedy tokens {'identical' if tok_ok else 'DIFFER'}"
-        checks.append(Check("unpruned", case, ok, detail, {"official_tokens": off_tokens, "our_tokens": my_tokens}))
+        checks.append(Check("unpruned", case, ok, f"{detail}, {tok_detail}", data))
     return checks
 
 
@@ -433,10 +456,11 @@ def env_of(name: str, family: str) -> str:
 
 
 def run(info: dict, python: str | dict, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
-        budgets=None, official_path: str | None = None) -> list[Check]:
+        budgets=None, official_path: str | None = None, runner: Runner | None = None) -> list[Check]:
     """The unpruned model of ``info``'s family, then each method of ``methods`` (:func:`qwen_methods`) of that family
     at its budgets, in each precision. Cases of a family other than Qwen2.5-VL are named with it. ``python``: the
-    official environment's interpreter, or one per environment name (:func:`env_of`)."""
+    official environment's interpreter, or one per environment name (:func:`env_of`). ``runner``: the official jobs'
+    (:class:`parity.jobs.Runner`; default one of its own); a failed job is one failing check."""
     from . import adapters
 
     checks: list[Check] = []
@@ -452,17 +476,28 @@ def run(info: dict, python: str | dict, work: Path, dtypes=("fp32", "fp16"), max
     jobs = [(None, stock), *forks.items()]
     if not FAMILIES[family].get("stock", True):
         jobs = jobs[1:]
-    for dtype in dtypes:
-        for fork, group in jobs:
-            env = env_of(next((m["name"] for m in group if m["name"] != "none"), "none"), family) \
-                if any(m["name"] != "none" for m in group) else FAMILIES[family]["env"]
-            py = python[env] if isinstance(python, dict) else python
-            off = official(info, py, dtype, group, max_new_tokens, work, fork=fork)
-            mine = ours(info, dtype, group, max_new_tokens)
+    with (nullcontext(runner) if runner else Runner()) as runner:
+        # every official job first (run on the runner's threads while ours run here), then each in turn
+        plan = []
+        for dtype in dtypes:
+            for fork, group in jobs:
+                env = env_of(next((m["name"] for m in group if m["name"] != "none"), "none"), family) \
+                    if any(m["name"] != "none" for m in group) else FAMILIES[family]["env"]
+                py = python[env] if isinstance(python, dict) else python
+                job = official_job(info, py, dtype, group, max_new_tokens, work, fork=fork)
+                plan.append((dtype, fork, group, runner.submit(job)))
+        for dtype, fork, group, future in plan:
+            prefix = ("" if family == "qwen2.5-vl" else f"{family} ") + ("fork " if fork else "")
+            try:
+                if future.done():
+                    future.result()  # a job that failed already: ours is not run for it
+                mine = ours(info, dtype, group, max_new_tokens)
+                off = future.result()
+            except JobFailed as e:
+                checks.append(failed_check(f"{prefix}{dtype} qwen " + " ".join(sorted({m["name"] for m in group})),
+                                           e))
+                continue
             for c in compare(off, mine, dtype, 1e-5 if dtype == "fp32" else None, info.get("eos")):
-                if fork:
-                    c.case = f"fork {c.case}"
-                if family != "qwen2.5-vl":
-                    c.case = f"{family} {c.case}"
+                c.case = prefix + c.case
                 checks.append(c)
     return checks

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class Check:
-    """One comparison of the official code and ours: ``group`` (prep, unpruned, flowcut, scorers, official-path),
-    ``case`` (what was compared: model, precision, budget, batch ...), ``ok`` and ``detail`` (the measured
-    difference, or what differed first)."""
+    """One comparison of the official code and ours: ``group`` (prep, unpruned, a method's adapter, scorers,
+    official-job: an official worker that failed), ``case`` (what was compared: model, precision, budget, batch ...),
+    ``ok``, ``detail`` (the measured difference, or what differed first) and ``data`` (both sides' values; a row whose
+    greedy tokens part: ``first_difference``, :mod:`parity.differ`)."""
 
     group: str
     case: str
@@ -43,8 +44,10 @@ def precision(c: Check) -> str:
 
 
 def seeds_table(per_seed: dict[int, list[Check]]) -> str:
-    """``python -m parity --seeds``: a markdown table of the checks identical per group and precision (rows) and
-    seed (columns), with the total over the seeds; then every check that differs, by seed."""
+    """``python -m parity --seeds``: a markdown table of the checks identical per method and precision (rows: the
+    check's group, which is the method's adapter for a method row, e.g. ``prumerge``, ``next-flowcut``,
+    ``qwen-priortr``; ``prep`` / ``unpruned`` / ``scorers`` the rest) and seed (columns), with the total over the
+    seeds; then every check that differs, by seed, with its detail (a differing row's top logits and verdicts)."""
     seeds = list(per_seed)
     keys: list[tuple[str, str]] = []
     cells: dict[tuple[str, str, int], list[int]] = {}
@@ -56,7 +59,7 @@ def seeds_table(per_seed: dict[int, list[Check]]) -> str:
             cell = cells.setdefault((*key, s), [0, 0])
             cell[0] += c.ok
             cell[1] += 1
-    head = "| group | precision | " + " | ".join(f"seed {s}" for s in seeds) + " | total |"
+    head = "| method (group) | precision | " + " | ".join(f"seed {s}" for s in seeds) + " | total |"
     rows = [head, "|---|---|" + "---|" * (len(seeds) + 1)]
     for g, d in keys:
         per = [cells.get((g, d, s)) for s in seeds]

@@ -23,9 +23,6 @@ where the official script exposes it. ``tests/test_parity_scorers.py`` holds the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 from eval import scorers
@@ -33,6 +30,7 @@ from eval.benchmarks import get_benchmark
 from eval.fixtures import S, write_fixtures
 from eval.io import read_json, read_jsonl, write_json, write_jsonl
 
+from .jobs import Job, JobFailed, Runner, run_job
 from .report import Check
 
 WORKER = Path(__file__).with_name("official_scorers.py")
@@ -177,18 +175,10 @@ def ours_sqa(data: Path, records: list[dict], out: Path) -> dict:
 
 
 # -- the official side ---------------------------------------------------------------------------------------------
-def run_official(official_python: str, jobs: list[dict], work: Path) -> dict:
-    """``official_scorers.py`` from an empty folder, without PYTHONPATH (``import llava`` = the official package)."""
-    job, out = work / "official_job.json", work / "official_out.json"
-    job.write_text(json.dumps(jobs, indent=1))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    with tempfile.TemporaryDirectory() as cwd:
-        p = subprocess.run([official_python, str(WORKER), str(job), str(out)], cwd=cwd, env=env, capture_output=True,
-                           text=True, timeout=600)
-    if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-        raise RuntimeError(f"official_scorers.py exited {p.returncode}: {tail}")
-    return json.loads(out.read_text())
+def official_job(official_python: str, jobs: list[dict], work: Path) -> Job:
+    """``official_scorers.py``'s job (each entry one scorer run; the files its SQA run writes are its outputs)."""
+    return Job("scorers", official_python, jobs, work, worker=WORKER.name, outputs=("output_file", "output_result"),
+               timeout=600, suffix=".official.json")
 
 
 # -- comparison ----------------------------------------------------------------------------------------------------
@@ -218,8 +208,9 @@ def check(case: str, ours: dict, official: dict, summary: str, official_only: di
     return Check("scorers", case, not diff, detail, {"ours": ours, "official": official, **(official_only or {})})
 
 
-def run_scorers(official_python: str, work: Path) -> list[Check]:
-    """One Check per POPE category, per TextVQA variant (OCR prompt, no-OCR prompt) and for ScienceQA."""
+def run_scorers(official_python: str, work: Path, runner: Runner | None = None) -> list[Check]:
+    """One Check per POPE category, per TextVQA variant (OCR prompt, no-OCR prompt) and for ScienceQA; the official
+    side one job of ``runner`` (:mod:`parity.jobs`)."""
     work = Path(work)
     data = write_data(work / "data")
     out = work / "ours"
@@ -246,8 +237,8 @@ def run_scorers(official_python: str, work: Path) -> list[Check]:
                  "output_file": str(work / "sqa_official_output.json"), "output_result": str(work / "sqa_official_result.json")})
 
     try:
-        official = run_official(official_python, jobs, work)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        official = run_job(official_job(official_python, jobs, work), runner)
+    except JobFailed as e:
         return [Check("scorers", "official scorers", False, str(e))]
 
     checks = []

@@ -113,7 +113,7 @@ def test_seeds_table_counts_per_group_precision_and_seed(tmp_path):
             Check("prumerge", "fp16 prumerge T=64 batch [0]", True)],
     }
     text = seeds_table(per_seed)
-    assert "| group | precision | seed 0 | seed 4 | total |" in text
+    assert "| method (group) | precision | seed 0 | seed 4 | total |" in text
     assert "| prep | fp32 | 1 / 1 | 1 / 1 | 2 / 2 |" in text
     assert "| prumerge | fp32 | 1 / 1 | 0 / 1 | 1 / 2 |" in text
     assert "| prumerge | fp16 | 1 / 1 | 1 / 1 | 2 / 2 |" in text

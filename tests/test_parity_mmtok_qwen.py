@@ -89,18 +89,19 @@ def test_the_method_check_and_the_replay_on_worked_rows():
     small = {k: (v[:60] if k in ("features", "vision") else v) for k, v in e.items()}
     assert torch.equal(qwen_replay(small), torch.arange(60))  # 60 <= 64: kept whole whatever the count
     off = _entry(picks.tolist())
-    ok = qwen.compare_method(_run(off), _run(_entry(picks.tolist())), "c", 1e-5, None)
-    assert ok.ok and "ours on the official rows: kept indices identical" in ok.detail
+    ok = qwen.compare_method(_run(off), _run(_entry(picks.tolist())), "c", 1e-5, None, "fp32")
+    assert ok.ok and "replay on the official rows: identical picks" in ok.detail
     other = sorted(set(range(8)) - {int(picks[0])})[:7]
-    bad_kept = qwen.compare_method(_run(off), _run(_entry(other)), "c", 1e-5, None)
+    bad_kept = qwen.compare_method(_run(off), _run(_entry(other)), "c", 1e-5, None, "fp32")
     assert not bad_kept.ok and "kept indices DIFFER" in bad_kept.detail
-    bad_text = qwen.compare_method(_run(off), _run(_entry(picks.tolist(), text_shift=1.0)), "c", 1e-5, None)
+    bad_text = qwen.compare_method(_run(off), _run(_entry(picks.tolist(), text_shift=1.0)), "c", 1e-5, None, "fp32")
     assert not bad_text.ok and "text 1.00e+00" in bad_text.detail
-    bad_tok = qwen.compare_method(_run(off), _run(_entry(picks.tolist()), tokens=((1, 3),)), "c", 1e-5, None)
+    bad_tok = qwen.compare_method(_run(off), _run(_entry(picks.tolist()), tokens=((1, 3),)), "c", 1e-5, None,
+                                  "fp32")
     assert not bad_tok.ok and "greedy tokens DIFFER" in bad_tok.detail
     planted = _entry(other)  # the official side's picks are not what our selection makes of its rows
-    bad_replay = qwen.compare_method(_run(planted), _run(_entry(other)), "c", 1e-5, None)
-    assert not bad_replay.ok and "ours on the official rows: kept indices DIFFER" in bad_replay.detail
+    bad_replay = qwen.compare_method(_run(planted), _run(_entry(other)), "c", 1e-5, None, "fp32")
+    assert not bad_replay.ok and "replay differs: ours is wrong" in bad_replay.detail
 
 
 # -- against the official code (opt-in) -----------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _planted(info, work, kwargs, images):
     mine = qwen.ours(info, "fp32", [mine_spec], 4)
     for o in off["runs"]:  # the official side's spec carries the planted kwargs; ours does not read them
         o["method"] = mine_spec
-    return [qwen.compare_method(o, m, "planted", 1e-5, info["eos"]) for o, m in zip(off["runs"], mine)]
+    return [qwen.compare_method(o, m, "planted", 1e-5, info["eos"], "fp32") for o, m in zip(off["runs"], mine)]
 
 
 @needs_official

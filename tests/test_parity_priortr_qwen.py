@@ -85,15 +85,20 @@ def test_the_replay_is_the_official_qwen_rule_on_the_recorded_rows():
 
     assert math.log(2.5) > math.log(1.25) > 0 > math.log(5 / 6) > math.log(0.625)
     assert qwen_replay(_entry([0, 1, 2])).tolist() == [0, 1, 2]
-    ok = qwen.compare_method(_run(_entry([0, 1, 2])), _run(_entry([0, 1, 2])), "c", 1e-5, None)
-    assert ok.ok and "ours on the official rows: kept indices identical" in ok.detail
+    def check(official, ours, tokens=((1, 2),)):
+        return qwen.compare_method(_run(official), _run(ours, tokens), "c", 1e-5, None, "fp32")
+
+    ok = check(_entry([0, 1, 2]), _entry([0, 1, 2]))
+    assert ok.ok and ok.detail.endswith("; replay on the official rows: identical picks")
     assert "layer K-1 attention 0.00e+00" in ok.detail
-    llava_rule = qwen.compare_method(_run(_entry([0, 1, 3])), _run(_entry([0, 1, 3])), "c", 1e-5, None)
-    assert not llava_rule.ok and "ours on the official rows: kept indices DIFFER" in llava_rule.detail
-    bad_kept = qwen.compare_method(_run(_entry([0, 1, 2])), _run(_entry([0, 1, 3])), "c", 1e-5, None)
+    llava_rule = check(_entry([0, 1, 3]), _entry([0, 1, 3]))
+    assert not llava_rule.ok and llava_rule.detail.endswith("; replay differs: ours is wrong")
+    # issue 71's PriorTR row: ours keeps another token, our selection on the official rows gives the official picks
+    bad_kept = check(_entry([0, 1, 2]), _entry([0, 1, 3]))
     assert not bad_kept.ok and "kept indices DIFFER" in bad_kept.detail
-    bad_tok = qwen.compare_method(_run(_entry([0, 1, 2])), _run(_entry([0, 1, 2]), tokens=((1, 3),)), "c", 1e-5, None)
-    assert not bad_tok.ok and "greedy tokens DIFFER" in bad_tok.detail
+    assert bad_kept.detail.endswith("; replay on the official rows: identical picks (the environments' kernels differ)")
+    bad_tok = check(_entry([0, 1, 2]), _entry([0, 1, 2]), tokens=((1, 3),))
+    assert not bad_tok.ok and "greedy tokens DIFFER (image 4 step 1: top logits not recorded)" in bad_tok.detail
 
 
 def test_the_worker_installs_a_model_folder_under_transformers_name(tmp_path):
@@ -155,7 +160,7 @@ def _planted(info, work, monkeypatch=None, official_kwargs=None, images=(0, 1, 2
     mine = qwen.ours(info, "fp32", [spec], 4)
     for o in off["runs"]:  # the official side's spec carries the planted kwargs; ours does not read them
         o["method"] = spec
-    return [qwen.compare_method(o, m, "planted", 1e-5, info["eos"]) for o, m in zip(off["runs"], mine)]
+    return [qwen.compare_method(o, m, "planted", 1e-5, info["eos"], "fp32") for o, m in zip(off["runs"], mine)]
 
 
 @needs_official

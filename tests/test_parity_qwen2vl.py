@@ -49,21 +49,21 @@ def test_the_qwen2_vl_rows_run_in_the_repositories_own_transformers(tmp_path):
                                                      family="qwen3-vl")] == ["none"]
 
 
-def test_a_fork_job_reads_its_familys_own_folder(tmp_path, monkeypatch):
+def test_a_fork_job_reads_its_familys_own_folder(tmp_path):
     """A QWEN_FORK job on Qwen2-VL reads the Qwen2-VL folder itself (written for 4.45); only IVC-Prune's fork on
     Qwen2.5-VL reads the 4.51 copy. (A Qwen2-VL copy under the Qwen2.5-VL copy's name broke a later IVC-Prune job in
     the same work folder.)"""
-    jobs = []
-    monkeypatch.setattr(qwen, "run_official", lambda py, job, work, name, worker: jobs.append(job) or {})
     src = tmp_path / "qwen2.5-vl-tiny"
     src.mkdir()
     (src / "config.json").write_text('{"text_config": {}}')
     base = {"images": ["a"], "model": str(src)}
-    qwen.official(dict(base, family="qwen2-vl", model="/x/qwen2-vl-tiny"), "py", "fp32", [{"name": "none"}], 1,
-                  tmp_path, fork="/clone/src")
-    qwen.official(dict(base, family="qwen2.5-vl"), "py", "fp32", [{"name": "none"}], 1, tmp_path, fork="/clone/src")
-    assert jobs[0]["model"] == "/x/qwen2-vl-tiny"
-    assert jobs[1]["model"] == str(tmp_path / "qwen2.5-vl-tiny-4.51")
+    jobs = [qwen.official_job(dict(base, family="qwen2-vl", model="/x/qwen2-vl-tiny"), "py", "fp32",
+                              [{"name": "none"}], 1, tmp_path, fork="/clone/src"),
+            qwen.official_job(dict(base, family="qwen2.5-vl"), "py", "fp32", [{"name": "none"}], 1, tmp_path,
+                              fork="/clone/src")]
+    assert jobs[0].spec["model"] == "/x/qwen2-vl-tiny"
+    assert jobs[1].spec["model"] == str(tmp_path / "qwen2.5-vl-tiny-4.51")
+    assert [j.worker for j in jobs] == ["official_worker_qwen.py"] * 2
 
 
 def test_ours_qwen_is_the_reference_mode_of_the_official_qwen2_vl_rules():
@@ -117,7 +117,7 @@ def test_planted_changes_show(built, tmp_path, monkeypatch):
     runs = [(o, m) for o, m in zip(off["runs"], mine) if m["method"]["name"] == "vlmpruner"]
     for o, m in runs:
         o["method"] = m["method"]
-    assert any(not qwen.compare_method(o, m, "planted", 1e-5, info["eos"]).ok for o, m in runs)
+    assert any(not qwen.compare_method(o, m, "planted", 1e-5, info["eos"], "fp32").ok for o, m in runs)
     from parity.adapters import v2drop
 
     monkeypatch.setattr(v2drop, "ours_qwen", lambda *a: ("v2drop", None, {"numerics": "official", "rule": "llava",
