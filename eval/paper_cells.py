@@ -30,10 +30,16 @@ class Cell:
     target: bool = True  # False: the published number is shown for reference only (Table.reference_only)
     stderr: float | None = None  # the standard error of ours (eval.table.stderr), where the metric has one
     run: dict = field(default_factory=dict)  # what ran: run_facts() of the results file behind ``ours``
+    unpruned: float | None = None  # ours of the table's unpruned row in this column (set by analyse)
 
     @property
     def delta(self) -> float | None:
         return None if self.ours is None or self.published is None else self.ours - self.published
+
+    @property
+    def vs_unpruned(self) -> float | None:
+        """Ours minus the unpruned row's ours (a table of one's own prints it beside each cell)."""
+        return None if self.ours is None or self.unpruned is None else self.ours - self.unpruned
 
     @property
     def within(self) -> bool | None:
@@ -111,9 +117,10 @@ def run_facts(res: dict, spec_model: str) -> dict:
         devs.append(f"limit={limit} (partial run)")
     partial = bool(res.get("partial")) or limit is not None or (
         answered is not None and full is not None and answered < full)
+    tokens = res.get("tokens") or {}
     return {"model": model, "revision": _revision(res), "other_model": not same_model(model, spec_model),
             "answered": answered, "questions": questions, "full": full, "partial": partial, "deviations": devs,
-            "path": res.get("_path", "")}
+            "path": res.get("_path", ""), "tok_in": tokens.get("tok_in"), "tok_eq": tokens.get("tok_eq")}
 
 
 def _lmms_stderr(res: dict, metric: str) -> float | None:
@@ -192,6 +199,8 @@ class TableReport:
 
     def summary_line(self) -> str:
         s = self.summary
+        if self.table.own:
+            return f"{s['ran']} of {s['runnable']} cells run"
         line = (f"{s['within']} of {s['published']} published cells reproduced within tolerance, "
                 f"{s['not_run']} not run ({s['cannot_run']} cannot be run here)")
         if s.get("not_comparable"):
@@ -202,7 +211,16 @@ class TableReport:
         return line
 
 
+def row_tokens(rep: TableReport, i: int, key: str) -> float | None:
+    """Row ``i``'s visual tokens (``tok_in``: entering the LLM, ``tok_eq``: averaged over the decoder layers; the
+    results files' means per sample), averaged over the columns it ran."""
+    vals = [c.run.get(key) for (j, _), c in rep.cells.items() if j == i and c.ours is not None]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def analyse(table: Table, cells: dict) -> TableReport:
+    """The table's relative averages, vanilla check and summary; each cell learns the unpruned row's ours."""
     cols = [c.key for c in table.columns]
     van = next((i for i, r in enumerate(table.rows) if r.vanilla), None)
     ours_v = {k: cells[(van, k)].ours for k in cols} if van is not None else {}
@@ -219,8 +237,17 @@ def analyse(table: Table, cells: dict) -> TableReport:
          "not_comparable": sum(c.ours is not None and not c.comparable for c in pubs),
          "reference_only": sum(c.published is not None and not c.target for c in cells.values())}
     s["outside"] = s["published"] - s["within"] - s["not_run"] - s["not_comparable"]
+    s["runnable"] = sum(not c.not_run for c in cells.values())
+    s["ran"] = sum(c.ours is not None for c in cells.values())
+    if van is not None:
+        for (i, k), c in cells.items():
+            c.unpruned = ours_v[k]
     if van is None:
         vline = "No unpruned row in this table."
+    elif table.own:
+        vline = ("Unpruned row: " + ", ".join(f"{table.column(k).label} {cells[(van, k)].ours:.2f}" for k in cols
+                                              if cells[(van, k)].ours is not None)
+                 if any(v is not None for v in ours_v.values()) else "Unpruned row: not run yet") + "."
     elif table.reference_only:  # an unreliable published vanilla cannot point at our setup
         vline = "Vanilla first: not checked against the published row (reference only, below)."
     else:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("paper", help="a paper's tables: ours beside the published numbers (eval/papers/<paper>.toml)")
-    p.add_argument("paper", nargs="?", help="a spec name (python -m eval paper --list) or a path to a .toml")
+    p.add_argument("paper", nargs="?", help="a spec name (python -m eval paper --list) or a path to a .toml (a "
+                   "table of your own: docs/your-method.md)")
     p.add_argument("runs", nargs="*", help="results.json files or run folders, searched recursively (default: runs)")
     p.add_argument("--list", action="store_true", help="list the papers and their tables")
     p.add_argument("--check", nargs="*", metavar="SPEC", default=None,
@@ -23,7 +24,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
     p.add_argument("--wandb", action="store_true", help="also log the report to W&B (group paper/<paper>)")
     g = sub.add_parser("paper-grid", help="the runs of a paper's tables (scripts/papers/<paper>.sh uses it)")
-    g.add_argument("paper")
+    g.add_argument("paper", help="a spec name or a path to a .toml")
     g.add_argument("--table", default=None)
     g.add_argument("--only", default=None, help="benchmarks or column keys, comma-separated (ONLY=gqa,pope)")
     g.add_argument("--budgets", default=None, help="budgets, comma-separated: as printed or in our convention")

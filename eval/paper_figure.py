@@ -72,7 +72,8 @@ def _figure_title(paper: Paper, rep: TableReport) -> str:
     name = paper.title.split(":")[0].strip() if ":" in paper.title else display_name(paper.key)
     if len(name) > 40:
         name = display_name(paper.key)
-    line = f"{name}, {t.id}: ours (filled markers, lines) vs the paper's numbers (open markers)"
+    line = (f"{name}, {t.id}: accuracy vs budget (the unpruned row dashed)" if t.own else
+            f"{name}, {t.id}: ours (filled markers, lines) vs the paper's numbers (open markers)")
     if t.reference_only:
         line += " - the paper's: reference only"
     ran = [c for c in rep.cells.values() if c.ours is not None]

@@ -1,12 +1,14 @@
 """A paper table as Markdown or LaTeX: each cell ``ours ± stderr [§¶] / paper's (difference) [✗]``, the relative
 averages, and the notes under the table (what ran, the vanilla check, the summary, the unverified rows, the cells
-the paper left empty)."""
+the paper left empty). A table of one's own (no published number) prints ``ours ± stderr (ours - unpruned)`` and
+each row's visual tokens instead."""
 
 from __future__ import annotations
 
-from .paper_cells import MARKS_NOTE, Cell, TableReport
+from .paper_cells import MARKS_NOTE, Cell, TableReport, row_tokens
 from .papers import Paper, Table
 from .table import short_model
+
 
 def _fmt(v, d=1):
     if v is None:
@@ -23,14 +25,7 @@ def cell_text(c: Cell, fmt: str = "md") -> str:
     """``ours ± stderr [§¶] / paper's (difference) [✗]``: § another model than the spec's, ¶ a partial question
     set (then no ✗: the difference is not a verdict)."""
     d = _decimals(c)
-    if c.not_run:
-        ours = "n/r"
-    else:
-        ours = _fmt(c.ours, d)
-        if c.ours is not None and c.stderr is not None:
-            ours += f" ± {c.stderr:.{d}f}" if fmt == "md" else f" $\\pm$ {c.stderr:.{d}f}"
-        if c.ours is not None and c.marks:
-            ours += " " + c.marks if fmt == "md" else " " + c.marks.replace("§", r"$\S$").replace("¶", r"$\P$")
+    ours = "n/r" if c.not_run else _ours(c, d, fmt)
     pub = _fmt(c.published, d) if c.published is not None else "n/p"
     txt = f"{ours} / {pub}"
     if c.delta is not None:
@@ -40,23 +35,68 @@ def cell_text(c: Cell, fmt: str = "md") -> str:
     return txt
 
 
-def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
+def own_cell_text(c: Cell, fmt: str = "md", vanilla: bool = False) -> str:
+    """A cell of a table of one's own: ``ours ± stderr [§¶] (ours - unpruned)`` (the unpruned row: ours alone)."""
+    if c.not_run:
+        return "n/r"
+    d = _decimals(c)
+    dv = None if vanilla else c.vs_unpruned
+    return _ours(c, d, fmt) + ("" if dv is None else f" ({dv:+.{d}f})")
+
+
+def _ours(c: Cell, d: int, fmt: str) -> str:
+    """Ours with its standard error and marks (§ another model than the spec's, ¶ a partial question set)."""
+    txt = _fmt(c.ours, d)
+    if c.ours is not None and c.stderr is not None:
+        txt += f" ± {c.stderr:.{d}f}" if fmt == "md" else f" $\\pm$ {c.stderr:.{d}f}"
+    if c.ours is not None and c.marks:
+        txt += " " + c.marks if fmt == "md" else " " + c.marks.replace("§", r"$\S$").replace("¶", r"$\P$")
+    return txt
+
+
+def _rows(rep: TableReport, fmt: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The header and the rows (group heading, cells): ours beside the paper's, or (a table of one's own) ours
+    with the difference to the unpruned row and the row's visual tokens."""
     t = rep.table
     cols = list(t.columns)
-    head = (["Method", "Budget"] + [c.label for c in cols]
-            + ["Avg ours (van.=ours)", "Avg ours (van.=paper)", "Avg paper (printed)", "Avg paper (recomputed)"])
+    if t.own:
+        head = ["Method", "Budget"] + [c.label for c in cols] + ["Avg (van.=ours)", "Visual tokens in",
+                                                                "Visual tokens (layer avg)"]
+    else:
+        head = (["Method", "Budget"] + [c.label for c in cols]
+                + ["Avg ours (van.=ours)", "Avg ours (van.=paper)", "Avg paper (printed)", "Avg paper (recomputed)"])
     body: list[tuple[str, list[str]]] = []
     for i, r in enumerate(t.rows):
         a = rep.avgs[i]
-        avg = [_pct(*a["ours_vs_ours"], len(cols)), _pct(*a["ours_vs_paper"], len(cols)),
-               "–" if r.rel_avg is None else f"{r.rel_avg:.1f}%", _pct(*a["paper_recomputed"], len(cols))]
+        if t.own:
+            extra = [_pct(*a["ours_vs_ours"], len(cols)), _fmt(row_tokens(rep, i, "tok_in")),
+                     _fmt(row_tokens(rep, i, "tok_eq"))]
+            cells = [own_cell_text(rep.cells[(i, c.key)], fmt, r.vanilla) for c in cols]
+        else:
+            extra = [_pct(*a["ours_vs_ours"], len(cols)), _pct(*a["ours_vs_paper"], len(cols)),
+                     "–" if r.rel_avg is None else f"{r.rel_avg:.1f}%", _pct(*a["paper_recomputed"], len(cols))]
+            cells = [cell_text(rep.cells[(i, c.key)], fmt) for c in cols]
         label = r.label + (" †" if r.unverified else "") + (" (not run)" if r.not_run else "")
         b = r.paper_budget if r.paper_budget is not None else r.budget
         b = "–" if r.vanilla or b is None else str(b)
-        body.append((r.group, [label, b] + [cell_text(rep.cells[(i, c.key)], fmt) for c in cols] + avg))
+        body.append((r.group, [label, b] + cells + extra))
+    return head, body
+
+
+OWN_CELLS = ("Cells: ours (ours - the unpruned row's ours); n/r = not run here; – = not run yet. Avg: mean of value / "
+             "unpruned x 100 % over the columns with both numbers (* = fewer columns than the table). Visual tokens: "
+             "per sample, entering the LLM and averaged over the decoder layers (an in-LLM method's cost), the mean "
+             "over the row's runs.")
+
+
+def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
+    t = rep.table
+    cols = list(t.columns)
+    head, body = _rows(rep, fmt)
     notes = [f"Model (the spec's) {t.model}" + (f" ({', '.join(f'{k}={v}' for k, v in t.settings.items())})"
                                                 if t.settings else "")
-             + f"; budgets in the paper's convention ({t.budget_convention or 'as printed'}"
+             + (f"; budgets in the paper's convention ({t.budget_convention or 'as printed'}" if not t.own else
+                f"; budgets in each method's convention ({t.budget_convention or 'our --budget'}")
              + (f"; unit: {t.budget_unit}" if t.budget_unit != "tokens" else "") + ").",
              f"Published numbers: {t.source}" + "".join(f"; {r.label}: {r.source}" for r in t.rows if r.source) + ".",
              "Cells: ours / paper's (ours - paper); "
@@ -67,6 +107,8 @@ def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
              "n/p = not printed; – = not run yet. Avg: mean of value / vanilla x 100 % over the columns with both "
              "numbers (* = fewer columns than the table).",
              rep.vanilla_line, rep.summary_line() + "."]
+    if t.own:  # nothing published: no source, no tolerance
+        notes[1:3] = [OWN_CELLS]
     notes[1:1] = run_lines(rep)
     if t.reference_only:
         notes.insert(0, f"Reference only, not pass/fail targets: {t.reference_only} The published numbers are "

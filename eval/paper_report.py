@@ -53,9 +53,10 @@ def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model:
             figs[t.id] = str(figure(paper, reps[t.id], Path(figures_dir) / f"{paper.key}-{t.slug}.png", pts or None))
     texts = {}
     for f in (["md", "latex"] if fmt == "both" else [fmt]):
-        head = (f"## {paper.title}\n\narXiv {paper.arxiv}" + (f", {paper.venue}" if paper.venue else "")
-                + (f"; code {paper.code}" if paper.code else "") + ".\n") if f == "md" else \
-            f"% {paper.title} (arXiv {paper.arxiv})"
+        src = ((f"arXiv {paper.arxiv}" + (f", {paper.venue}" if paper.venue else "")
+                + (f"; code {paper.code}" if paper.code else "")) if paper.arxiv
+               else f"a table of one's own: {Path(paper.path).name}")
+        head = f"## {paper.title}\n\n{src}.\n" if f == "md" else f"% {paper.title} ({src})"
         body = [render_table(paper, reps[t.id], f) for t in tables]
         if claims:
             body.append(("### Claims\n\n" if f == "md" else "% Claims\n")

@@ -1,10 +1,12 @@
 """Paper specs (``eval/papers/<key>.toml``, format in ``eval/papers/FORMAT.md``): what a paper's tables ran and
 printed, loaded into plain dataclasses and checked against the harness (benchmarks, metrics) and the method
-registry (names, options, budgets). :func:`load` raises :class:`SpecError` naming the file and the entry."""
+registry (names, options, budgets). A table of one's own is a spec file anywhere (a path ending in ``.toml``), its
+published numbers optional. :func:`load` raises :class:`SpecError` naming the file and the entry."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,12 @@ class Table:
         return next(c for c in self.columns if c.key == key)
 
     @property
+    def own(self) -> bool:
+        """A table of one's own: no row publishes a number (the report shows each cell's difference to the
+        unpruned row of ours instead of to a published number)."""
+        return not any(r.published or r.rel_avg is not None for r in self.rows)
+
+    @property
     def slug(self) -> str:
         return "".join(ch if ch.isalnum() else "-" for ch in self.id.lower()).strip("-")
 
@@ -168,9 +176,13 @@ class Paper:
         raise KeyError(f"{self.key}: no table {tid!r}; tables: {', '.join(t.id for t in self.tables)}")
 
 
+def is_path(key: str) -> bool:
+    """``key`` names a spec file (``./my_table.toml``, ``specs/t.toml``) rather than a spec under eval/papers/."""
+    return key.endswith(".toml") or "/" in key or os.sep in key
+
+
 def spec_path(key: str) -> Path:
-    p = Path(key)
-    return p if p.suffix == ".toml" else HERE / f"{key}.toml"
+    return Path(key).expanduser() if is_path(key) else HERE / f"{key}.toml"
 
 
 def list_papers() -> list[str]:
@@ -180,6 +192,9 @@ def list_papers() -> list[str]:
 def load(key: str, check: bool = True) -> Paper:
     """The spec ``key`` (a name under eval/papers/ or a path to a .toml), checked unless ``check=False``."""
     path = spec_path(key)
+    if is_path(key) and not path.is_file():
+        raise SpecError(f"no spec file {key!r} ({path.resolve()}): a table of your own is a .toml file "
+                        "(eval/papers/FORMAT.md)")
     if not path.exists():
         raise SpecError(f"no paper spec {key!r} ({path}); known: {', '.join(list_papers())}")
     try:
@@ -300,8 +315,11 @@ def _table(t: dict, where: str) -> Table:
                         unit=str(t.get("budget_unit", "tokens"))))
     if not rows:
         raise SpecError(f"{where}: no rows")
+    published = any(r.published or r.rel_avg is not None for r in rows)
+    if published or "source" in t:  # a table of one's own prints no number: nothing to cite
+        _need(t, "source", where)
     return Table(id=tid, caption=str(t.get("caption", "")), model=_need(t, "model", where),
-                 source=_need(t, "source", where), budget_convention=str(t.get("budget_convention", "")),
+                 source=str(t.get("source", "")), budget_convention=str(t.get("budget_convention", "")),
                  columns=tuple(cols), rows=tuple(rows), settings={k: t[k] for k in RUN_SETTINGS if k in t},
                  notes=str(t.get("notes", "")), budget_unit=str(t.get("budget_unit", "tokens")),
                  reference_only=str(t.get("reference_only", "")))
@@ -372,4 +390,4 @@ def check_paper(paper: Paper) -> None:
 
 
 __all__ = ["Paper", "Table", "Column", "Row", "Claim", "CLAIM_KINDS", "SpecError", "load", "load_all", "list_papers",
-           "spec_path", "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]
+           "spec_path", "is_path", "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]

@@ -17,6 +17,7 @@
 #   TP         tensor-parallel size (default 1): groups of TP processes share one model (its language model sharded
 #              by DeepSpeed AutoTP, towers replicated); NPROC x NNODES must be a multiple of TP; needs LAUNCHER=deepspeed
 #              or torchrun; each group answers its own shard of the questions
+#   VTPRUNE_METHODS  your methods' files or modules (docs/your-method.md): a relative .py path is made absolute here
 #   BACKEND    hf (default: our engine) | vllm (vLLM + the vtprune plugin, one process; PYTHON defaults to
 #              .venv-vllm/bin/python, built by scripts/vllm_env.sh; VLLM_BATCH questions per generate call, 64)
 set -euo pipefail
@@ -44,6 +45,7 @@ _abs() { if [[ -e "$1" ]]; then (cd "$(dirname "$1")" && echo "$(pwd)/$(basename
 mkdir -p "$OUT"
 DATA_ROOT="$(_abs "$DATA_ROOT")"; OUT="$(_abs "$OUT")"
 [[ -e "$MODEL" ]] && MODEL="$(_abs "$MODEL")"
+source "$(dirname "${BASH_SOURCE[0]}")/_methods.sh"   # VTPRUNE_METHODS=./my_method.py: absolute, for the run
 ARGS=(run "$BENCH" --model "$MODEL" --method "$METHOD" --budget "$BUDGET" --data-root "$DATA_ROOT" --out "$OUT")
 if [[ -n "${REVISION:-}" ]]; then ARGS+=(--revision "$REVISION"); fi
 case "${FAST:-0}" in
