@@ -179,3 +179,15 @@ def test_submit_paper_saves_the_spec_and_the_user_s_methods_for_the_jobs(tmp_pat
     assert paper == str(envf.with_suffix("") / "my_table.toml")
     assert Path(paper).read_text() == (tmp_path / "my_table.toml").read_text()
     assert "gqa normprune_t b4" in got.stdout and "done 0 of 2" in got.stdout
+
+
+def test_the_worked_example_s_files_are_the_page_s():
+    """docs/your-method.md prints docs/examples/normprune/my_method.py whole, and its table has the unpruned row and
+    the six methods at the three budgets (the page's 19 runs)."""
+    page = (REPO / "docs/your-method.md").read_text()
+    example = REPO / "docs/examples/normprune"
+    assert "```python\n" + (example / "my_method.py").read_text() + "```" in page
+    t = load(str(example / "my_table.toml"), check=False).tables[0]
+    assert t.own and [(r.method, r.budget) for r in t.rows[:2]] == [("none", None), ("normprune", 4)]
+    assert len(t.rows) == 19 and {r.budget for r in t.rows[1:]} == {4, 8, 12}
+    assert len({r.method for r in t.rows[1:]}) == 6

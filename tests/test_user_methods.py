@@ -4,6 +4,7 @@ installed package's entry point (group ``vtprune.methods``), loaded into the sam
 the exception; a name a built-in method has is refused. Each case in a fresh interpreter (the registry is
 process-wide)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +44,6 @@ def test_a_bare_file_named_by_the_variable_answers_through_ask(tmp_path):
     r = _run(["-m", "llava.cli", "ask", "--model", "tiny:llava", "--question", "what is this?", "--method",
               "normprune", "--budget", "4", "--json"], {"VTPRUNE_METHODS": str(f)})
     assert r.returncode == 0, r.stderr
-    import json
-
     res = json.loads(r.stdout)
     assert res["method"]["method"] == "normprune" and res["visual_entering_llm"] == 4 and res["visual_candidates"] > 4
     listed = _run(["-m", "llava.cli", "methods"], {"VTPRUNE_METHODS": str(f)})
@@ -52,6 +51,8 @@ def test_a_bare_file_named_by_the_variable_answers_through_ask(tmp_path):
 
 
 def test_a_module_on_the_path_and_an_installed_package_s_entry_point_register_their_methods(tmp_path):
+    """The package as pip installs it (its code and a ``*.dist-info`` folder with ``entry_points.txt``) in a folder
+    on PYTHONPATH, where importlib.metadata finds the entry point; nothing is installed into the environment."""
     (tmp_path / "mymethods.py").write_text(NORMPRUNE.format(name="normprune_mod"))
     pkg = tmp_path / "normpkg"
     pkg.mkdir()
@@ -66,6 +67,11 @@ def test_a_module_on_the_path_and_an_installed_package_s_entry_point_register_th
     assert r.stdout.split() == ["True", "True"]
     r = _run(["-c", code], {"PYTHONPATH": str(tmp_path)})  # without the variable: the entry point alone
     assert r.stdout.split() == ["False", "True"]
+    r = _run(["-m", "llava.cli", "ask", "--model", "tiny:llava", "--question", "what is this?", "--method",
+              "normprune_pkg", "--budget", "3", "--json"], {"PYTHONPATH": str(tmp_path)})  # the package's, in ask
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["method"]["method"] == "normprune_pkg" and res["visual_entering_llm"] == 3
 
 
 def test_a_module_that_fails_to_import_is_one_error_line_naming_it(tmp_path):
