@@ -11,5 +11,9 @@
   stage), our side with transformers' anyres geometry (``stock``, ``llava.load``'s default) and with the official
   one (``official``, ``load(next_geometry="official")``: the two traced differences fixed in our runtime).
 - :mod:`parity.scorers`: the official ``llava/eval`` scorers vs ours on the same answer files.
+- :mod:`parity.jobs`: the official processes' jobs and the one runner every part shares (``--jobs N``, resume).
+- :mod:`parity.step_logits`: each decode step's top-2 logits, recorded on both sides.
+- :mod:`parity.differ`: what a differing row says about itself (the first differing step, the one-ulp tie rule, the
+  replay's verdict).
 - :mod:`parity.report`: the checks and their table.
 """

@@ -19,7 +19,9 @@ An adapter is one module here, ``parity/adapters/<name>.py``, with two halves:
   - optional ``before_import()``: called before the official side imports ``llava`` (a bridge from a fork written
     for an older transformers to this environment's, e.g. a config name registered twice);
   - optional ``before_load(method)``: called before the official builder loads the model (switches the official
-    code reads at load time: environment variables, class attributes);
+    code reads at load time: environment variables, class attributes); an environment variable the official side
+    reads from the caller (SparseVLM's ``USE_VERSION``) belongs in ``parity.jobs.ENVIRON``, so that a job run under
+    another value is not resumed;
   - optional ``inputs(model, tokenizer, cases, prompts, input_ids) -> dict``: keyword arguments the method's own
     eval script passes to ``model(...)`` and ``generate(...)`` besides LLaVA's (e.g. the question's text).
 
