@@ -1,14 +1,15 @@
-"""How the fast path's compile time grows with the decoder's depth: the tiny LLaVA with its decoder layers
-repeated to N, ``load(fast=True, fast_backend=...)``, the unpruned model's first ``generate`` of 4 tokens (the
-cold compile of the prefill and the decode: each row in its own process with an empty Inductor cache folder, or
-``--warm``: the machine's cache, kept between rows) and a second identical one (nothing should compile), with
-and without ``torch.compiler.nested_compile_region`` on every decoder layer (the repeated layer marked as one
-region; ``--regional``).
+"""How the fast path's compile time grows with the decoder's depth, and what a warm compile cache saves: the
+tiny LLaVA with its decoder layers repeated to N, ``load(fast=True, fast_backend=..., fast_regional=...,
+fast_cache=FOLDER)``, the unpruned model's first ``generate`` of 4 tokens (the cold compile of the prefill and the
+decode, in a process of its own with an empty cache folder), a second identical ``generate`` in the same process
+(nothing should compile), then a second process on the same cache folder (its first ``generate``: what a later job
+pays). ``--regional``: with the fast path's regional compilation (every repeated layer class traced once,
+:mod:`llava.fast_compile`; the default of ``load``), without it (the whole prefill traced layer by layer), or both.
 
     python -m bench.compile_depth --layers 4 32 --backend inductor --regional both
 
-One process per (layers, regional) row (a fresh dynamo / Inductor state each), the rows printed as they end.
-A benchmark, not a test: CPU timings on a shared machine scatter; run each row alone for the record.
+The rows are printed as they end (JSON). A benchmark, not a test: CPU timings on a shared machine scatter; run
+each row alone for the record.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import types
 
 
-def _one(layers: int, regional: bool, backend: str) -> dict:
+def _one(layers: int, regional: bool, backend: str, cache: str) -> dict:
     import torch
 
     from llava.models import load
 
-    rt = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=8, fast_backend=backend)
+    t0 = time.perf_counter()
+    rt = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=8, fast_backend=backend, fast_regional=regional,
+              fast_cache=cache)
     lm = rt.model.model.language_model
     base = list(lm.layers)
     while len(lm.layers) < layers:  # the same layers again: the real model's structure at another depth
@@ -38,24 +39,31 @@ def _one(layers: int, regional: bool, backend: str) -> dict:
         lm.layers.append(layer)
     del lm.layers[layers:]
     lm.config.num_hidden_layers = rt.model.config.text_config.num_hidden_layers = layers
-    if regional:
-        regions = {}
-        for layer in lm.layers:
-            cls = type(layer)
-            regions.setdefault(cls, torch.compiler.nested_compile_region(cls.forward))
-            layer.forward = types.MethodType(regions[cls], layer)
-    eng = rt.prune("none")
+    eng = rt.prune("none")  # the fast path marks the regions of the layers the model has now
     from llava.demo_image import demo_image
 
     batch = rt.processor(["what is in the picture?"], [demo_image()])
+    load_s = time.perf_counter() - t0
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
         with torch.no_grad():
             rt.model.generate(**batch, max_new_tokens=4, do_sample=False)
         times.append(time.perf_counter() - t0)
-    return {"layers": layers, "regional": regional, "backend": backend, "first_s": round(times[0], 2),
-            "second_s": round(times[1], 3), "path": eng.stats.path}
+    return {"layers": layers, "regional": eng.fast.regional, "backend": backend, "load_s": round(load_s, 2),
+            "first_s": round(times[0], 2), "second_s": round(times[1], 3), "path": eng.stats.path}
+
+
+def _process(layers: int, regional: bool, backend: str, cache: str) -> dict:
+    """One row's process; its wall time to the end of the first generate (interpreter start and imports included)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "bench.compile_depth", "--backend", backend, "--one", str(layers),
+                        "1" if regional else "0", cache], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"layers {layers}, regional {regional}: {r.stderr.strip().splitlines()[-1:]}")
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    row["process_s"] = round(time.perf_counter() - t0 - row["second_s"], 2)
+    return row
 
 
 def main(argv=None) -> int:
@@ -63,26 +71,25 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="+", type=int, default=[4, 32])
     ap.add_argument("--backend", default="inductor", help="the fast path's backend (inductor, eager, aot_eager, ...)")
     ap.add_argument("--regional", choices=["yes", "no", "both"], default="both")
-    ap.add_argument("--warm", action="store_true", help="keep the machine's Inductor cache (default: a new empty one "
-                    "per row: the cold compile)")
-    ap.add_argument("--one", nargs=2, metavar=("LAYERS", "REGIONAL"), help=argparse.SUPPRESS)  # a row, in-process
+    ap.add_argument("--no-second-process", action="store_true", help="skip the second process on the warm cache")
+    ap.add_argument("--one", nargs=3, metavar=("LAYERS", "REGIONAL", "CACHE"), help=argparse.SUPPRESS)  # one process
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(_one(int(a.one[0]), a.one[1] == "1", a.backend)))
+        print(json.dumps(_one(int(a.one[0]), a.one[1] == "1", a.backend, a.one[2])))
         return 0
     modes = {"yes": [True], "no": [False], "both": [True, False]}[a.regional]
     for layers in a.layers:
         for regional in modes:
-            with tempfile.TemporaryDirectory() as cache:
-                env = dict(os.environ) if a.warm else {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-                r = subprocess.run([sys.executable, "-m", "bench.compile_depth", "--backend", a.backend, "--one",
-                                    str(layers), "1" if regional else "0"], capture_output=True, text=True, env=env)
-            if r.returncode:
-                print(f"error: layers {layers}, regional {regional}: {r.stderr.strip().splitlines()[-1:]}",
-                      file=sys.stderr)
-                return 1
-            print(json.dumps({**json.loads(r.stdout.strip().splitlines()[-1]), "inductor_cache": "warm" if a.warm
-                              else "empty"}), flush=True)
+            with tempfile.TemporaryDirectory() as cache:  # an empty compile cache folder per row: the cold compile
+                try:
+                    row = _process(layers, regional, a.backend, cache)
+                    if not a.no_second_process:  # a later job: the same folder, a new process
+                        warm = _process(layers, regional, a.backend, cache)
+                        row.update(warm_process_first_s=warm["first_s"], warm_process_s=warm["process_s"])
+                except RuntimeError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 1
+            print(json.dumps(row), flush=True)
     return 0
 
 

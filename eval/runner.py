@@ -491,7 +491,8 @@ def _fast_info(cfg: RunConfig, engine) -> dict | None:
     if not cfg.fast or fp is None:
         return None
     return {"requested_backend": cfg.fast_backend, "backend": fp.backend, "cuda_graphs": bool(fp.cuda_graphs),
-            "max_new_tokens": fp.max_new_tokens, "refusal": fp.refusal or None}
+            "max_new_tokens": fp.max_new_tokens, "refusal": fp.refusal or None, "regional": fp.regional,
+            "compile_cache": fp.cache_dir}
 
 
 def _judge_cfg(cfg: RunConfig):

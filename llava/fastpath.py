@@ -67,6 +67,7 @@ import torch
 from .families.base import to_device
 from .families.clip import MASKED_TOWER_ATTN
 from .fast_llm import decode_segments, run_segments
+from .fast_compile import REGIONAL_BACKENDS, layer_lists, mark_regions, use_cache_dir
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .fast_vision import FastVisionMixin
 
@@ -114,7 +115,8 @@ class FastInfo:
 class FastPath(FastPlanMixin, FastVisionMixin):
     """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``)."""
 
-    def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS):
+    def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
+                 regional: bool = True, cache: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
         self.engine = engine
@@ -125,6 +127,10 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             backend = "inductor" if dev.type == "cuda" else "eager"
         self.backend = backend
         self.cuda_graphs = dev.type == "cuda" and backend in ("inductor", "cudagraphs")
+        # each repeated layer class traced and compiled once (llava.fast_compile): compile time flat in depth
+        self.regional = bool(regional) and backend in REGIONAL_BACKENDS
+        # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
+        self.cache_dir = use_cache_dir(cache) if backend == "inductor" else None
         self._pool = None  # cudagraphs: one CUDA-graph memory pool for the four functions
         self._prefill = self._compile(self._prefill_fn)
         self._vision = self._compile(self._vision_fn)  # a piecewise prefill: graph 1
@@ -142,6 +148,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             towers = {id(t): t for t in (engine.adapter.fast_tower(k) for k in engine.adapter.pixel_keys)}
             for mod in (*towers.values(), engine.lm):
                 maybe_install_capturing_hooks(mod)
+            if self.regional:
+                mark_regions(layer_lists(engine.lm, towers.values()))
 
     def _compile(self, fn):
         if self.backend == "none":
