@@ -10,20 +10,21 @@ The generic suites elsewhere, not repeated here: batch == alone at each method's
 family and padding case (``test_gpu_ready.test_batch_equals_each_sample_alone``; here: the budgets and options
 the methods' own files added), cached generation == no-cache recompute on the adapter families
 (``test_new_families``; here: the CLIP families, and the adapter families where a method's table says so),
-device placement (``test_device_placement``). A new method must be entered in KEEP_ALL / NO_KEEP_ALL and
-PER_UNIT / COUNTED_ELSEWHERE (test_every_registered_method_is_classified_here fails until it is).
+device placement (``test_device_placement``). A new method must be entered in KEEP_ALL / NO_KEEP_ALL
+(llava/check/budgets.py) and PER_UNIT / COUNTED_ELSEWHERE (test_every_registered_method_is_classified_here fails
+until it is). The checks themselves are library code (llava/check/guarantees.py), shared with ``python -m
+llava.check``.
 
 fp32 on the CPU; every comparison of outputs is exact (``torch.equal``).
 """
 
 import pytest
-import torch
-from conftest import (ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens,
-                      greedy_no_cache, make_batch)
-from test_engine import GEN
+from conftest import ALL_FAMILIES, FAMILIES, check_generate_batch_equals_alone, check_per_unit_tokens
 from test_gpu_ready import BUDGETS, METHODS
 from test_gpu_ready import budget as default_budget
 
+from llava.check.budgets import KEEP_ALL, NO_KEEP_ALL
+from llava.check.guarantees import check_cached_equals_recompute, check_keep_all, stock_outputs
 from llava.method import method_supports
 
 #: tiny Qwen geometry: 4-12 merged tokens per image of make_batch
@@ -75,73 +76,20 @@ def test_every_registered_method_is_classified_here():
 
 
 # ------------------------------------------------------------------------------------------- keep all
-#: per method, the budgets / options that keep every visual token (the tiny units hold at most 17 tokens: a
-#: Video-LLaVA frame with its [CLS]; 576 is LLaVA-1.5's whole grid); each must give the stock model bit for bit
-KEEP_ALL = {
-    "none": [(None, {})],
-    "random": [(576, {"seed": 3})],
-    "apet": [(None, {"stage1": 576, "stage2": 576}), (576, {"llm_stage": False})],
-    "attnmix": [(10**5, {})],
-    "cdpruner": [(4096, {})],
-    "consensusdrop": [(17, {})],  # per unit: exactly the largest tiny unit
-    "dart": [(100000, {})],  # 4 pivots + 8 x 12500 >= N: everything retained
-    "divprune": [(576, {}), (None, {"ratio": 1.0})],
-    "otprune": [(576, {}), (None, {"ratio": 1.0})],
-    "downsample": [(576, {}), (None, {"stride": 1})],
-    "duet": [(None, {"dominant": 576, "contextual": 0, "ratios": (1.0, 1.0)})],
-    "fastervlm": [(576, {})],
-    "fastv": [(100000, {}), (None, {"ratio": 0.0})],  # n_K clipped to N; R = 0
-    # NeXT: FlowCut feeds tower tokens only (no newline tokens), so no budget is the stock NeXT model; at the grid
-    # exactly (16): test_flowcut.test_budget_at_or_above_the_grid_is_the_stock_model
-    "flowcut": [(576, {}, ["llava", "video-llava"])],
-    "hiprune": [(576, {})],
-    "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
-    "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
-    "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
-    "v2drop": [(None, {"keep_ratios": (1.0, 1.0, 1.0)})],
-    "vlmpruner": [(None, {"keep_tokens": 10**4}), (None, {"reduction_ratio": 0.0})],  # max(1, int(n * 1)) = n at every stage
-    "ivcprune": [(None, {"keep_tokens": 10**4}), (None, {"rule": "qwen", "fill_ratio": 1.0})],
-    "pdrop": [(None, {"ratios": [1.0, 1.0, 1.0]})],
-    "transprune": [(None, {"ratios": [1.0, 1.0, 1.0]}), (None, {"ratios": [1.0, 1.0, 1.0], "numerics": "official"})],
-    "sparsevlm": [(None, {"schedule": (576, 576, 576)})],  # floor(N * 576 / 576) = N at every stage
-    "visiondrop": [(10**4, {})],
-    "visiontrim": [(576, {})],
-    "visionzip": [(576, {})],
-    "vispruner": [(576, {})],
-    "vscan": [(None, {"stage1": 576, "stage2": 576})],
-    "trio": [(None, {"image_token_list": (576, 576, 576), "counts": "absolute"})],  # no gradient taken
-}
-NO_KEEP_ALL = {
-    "novisual": "drops every visual token by definition (tests/test_controls.py)",
-    "prumerge": "every kept token leaves as the merge of its nearest keys (Selection.values), also in the fixed mode "
-                "at a budget above the unit; the adaptive mode always prunes (IQR outliers)",
-}
-
+#: per method, the budgets / options that keep every visual token, each giving the stock model bit for bit, and the
+#: methods that have none: llava.check.budgets.KEEP_ALL / NO_KEEP_ALL (`python -m llava.check` reads them too)
 _STOCK: dict = {}  # family -> the unpruned model's (logits, tokens) on make_batch
 
 
 def stock(rt):
     if rt.family not in _STOCK:
-        rt.unprune()
-        inputs = make_batch(rt)
-        with torch.no_grad():
-            _STOCK[rt.family] = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
+        _STOCK[rt.family] = stock_outputs(rt)
     return _STOCK[rt.family]
 
 
 @pytest.mark.parametrize("name,b,opts,rt", cases(KEEP_ALL), indirect=["rt"])
 def test_keep_all_is_bit_identical_to_the_unpruned_model(rt, name, b, opts):
-    ref_logits, ref_toks = stock(rt)
-    inputs = make_batch(rt)
-    eng = rt.prune(name, b, **opts)
-    with torch.no_grad():
-        logits, toks = rt.model(**inputs).logits, rt.model.generate(**inputs, **GEN)
-    assert eng.prefills == 2  # forward and generate both went through the engine
-    L = len(rt.model.model.language_model.layers)
-    assert all(s.visual_per_layer == [s.visual_candidates] * L for s in eng.stats.samples)
-    if eng.method.vision_stage:
-        assert all(s.vision_noop for s in eng.stats.samples)
-    assert torch.equal(logits, ref_logits) and torch.equal(toks, ref_toks)
+    check_keep_all(rt, name, b, stock=stock(rt), **opts)
 
 
 # ----------------------------------------------------------------------------- tokens entering the LLM
@@ -250,20 +198,11 @@ CACHED = {
 }
 @pytest.mark.parametrize("name,b,opts,rt", cases(CACHED, (_DEFAULT, {}), CLIP), indirect=["rt"])
 def test_cached_generation_equals_no_cache_recompute(rt, name, b, opts):
-    inputs = make_batch(rt)
     if b is _DEFAULT:
         b, opts = default_budget(name, rt.family), {"seed": 5} if name == "random" else {}
-    eng = rt.prune(name, per_family(b, rt), **opts)
-    with torch.no_grad():
-        cached = rt.model.generate(**inputs, **GEN)
-    assert cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
-    if name != "none":  # every sample really pruned
-        assert all(min(s.visual_per_layer) < s.visual_candidates for s in eng.stats.samples)
-    # a method whose selection reads the text (the question, the last row in the LLM; random: its seed hashes the
-    # prompt ids) sees the generated tokens in the recompute: it replays the prefill's selections; the others
-    # recompute theirs from scratch
-    eng.replay = bool(eng.method.query_aware or eng.method.llm_layers or name == "random")
-    assert torch.equal(cached, greedy_no_cache(rt.model, inputs, GEN["max_new_tokens"]))
+    # every sample really pruned; a method whose selection reads the text (the question, the last row in the LLM;
+    # random: its seed hashes the prompt ids) replays the prefill's selections in the recompute
+    check_cached_equals_recompute(rt, name, per_family(b, rt), must_prune=name != "none", **opts)
 
 
 # ---------------------------------------------------------------------------------------- batch == alone
