@@ -98,3 +98,16 @@ def test_a_name_a_built_in_method_has_is_refused(tmp_path):
     assert r.stderr.strip() == (f"error: cannot load the methods of {str(f)!r} (named by VTPRUNE_METHODS): ValueError: "
                                 "method name 'fastv' collides with the built-in method FastV (baselines.fastv): give "
                                 "the method another name")
+
+
+def test_the_vllm_plugin_s_spec_builds_a_user_s_pre_llm_method(tmp_path):
+    """The vLLM plugin builds its method through the registry (integrations/vllm/spec.py, importable without
+    vLLM): a method of VTPRUNE_METHODS is served like a built-in pre-LLM one, and its budget reaches it."""
+    f = tmp_path / "my_method.py"
+    f.write_text(NORMPRUNE.format(name="normprune"))
+    code = ("from integrations.vllm.spec import PruneSpec, check_method\n"
+            "m = PruneSpec.from_dict({'method': 'normprune', 'budget': 4}).build()\n"
+            "check_method(m, 'llava')\nprint(m.name, m.budget)")
+    r = _run(["-c", code], {"VTPRUNE_METHODS": str(f)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["normprune", "4"]

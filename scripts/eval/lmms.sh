@@ -25,6 +25,7 @@ done
 PYTHON="${PYTHON:-python}"
 LMMS_PYTHON="${LMMS_PYTHON:-${VTPRUNE_LMMS_PYTHON:-$REPO/.venv-lmms/bin/python}}"
 OUT="${OUT:-./runs}"; [[ "$OUT" = /* ]] || OUT="$PWD/$OUT"
+source "$REPO/scripts/eval/_methods.sh"   # VTPRUNE_METHODS=./my_method.py: absolute for the lmms-eval plugin
 if [[ ! -x "$LMMS_PYTHON" ]]; then
     echo "error: lmms-eval task $TASK needs the lmms-eval environment: bash scripts/lmms_eval_env.sh" \
          "(or LMMS_PYTHON=<its python>); $LMMS_PYTHON is not there" >&2
