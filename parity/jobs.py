@@ -139,8 +139,8 @@ class Job:
 
 class Runner:
     """Runs :class:`Job` s: :meth:`run` in the calling thread, :meth:`submit` on a pool of ``jobs`` threads; a progress
-    line per finished job on ``log`` (default stderr). A context manager: on leaving, waits for the submitted jobs
-    (an interrupt cancels those not started)."""
+    line per finished job on ``log`` (default stderr). A context manager: on leaving, waits for the submitted jobs;
+    on an error, the jobs not started are cancelled and the running ones finish (an interrupt: not waited for)."""
 
     def __init__(self, jobs: int = 1, fresh: bool = False, log: TextIO | None = None):
         if jobs < 1:
@@ -154,11 +154,9 @@ class Runner:
         return self
 
     def __exit__(self, kind, *_) -> None:
-        self.close(cancel=kind is not None and issubclass(kind, KeyboardInterrupt))
-
-    def close(self, cancel: bool = False) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+            self.pool.shutdown(wait=not interrupted, cancel_futures=kind is not None)
             self.pool = None
 
     def submit(self, job: Job) -> Future:

@@ -117,6 +117,22 @@ def test_a_failing_job_is_reported_and_the_others_finish(setup):
     assert stamp["fingerprint"] == job("a", fail=False).fingerprint() and stamp["seconds"] >= 0
 
 
+def test_an_error_cancels_the_jobs_not_started_and_lets_the_running_one_finish(setup):
+    """One at a time: a waits for a partner file, b and c queue; an error in our side cancels b and c, and a, let go,
+    finishes with its output and stamp (resumed next time)."""
+    job, runs, tmp_path = setup
+    with pytest.raises(RuntimeError, match="ours failed"):
+        with Runner(jobs=1, log=io.StringIO()) as runner:
+            first = runner.submit(job("a", wait_for=2))
+            for i in "bc":
+                runner.submit(job(i))
+            (tmp_path / "meet-2").mkdir(exist_ok=True)
+            (tmp_path / "meet-2" / "partner").touch()
+            raise RuntimeError("ours failed")
+    assert first.result()["id"] == "a" and runs() == ["a"]
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.done.json")) == ["job-a.done.json"]
+
+
 def test_a_long_name_gets_a_short_file_name(tmp_path):
     name = "llava15-fp16-none-" + "-".join(f"method{i}8-method{i}16" for i in range(20))
     a, b = (Job(n, "py", {}, tmp_path) for n in (name, name + "x"))
