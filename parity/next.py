@@ -79,6 +79,7 @@ def methods_for(budgets, names=("flowcut",), n_cases: int = 4) -> list[dict]:
 
 def official_job(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
                  official_path: str | None = None) -> Job:
+    """The official worker's job for ``methods`` on NeXT in ``dtype`` (the tower folder of ``clip-next/`` an input)."""
     job = {"kind": "run", "model": info["official"], "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
            "official_path": official_path}
@@ -88,6 +89,7 @@ def official_job(info: dict, official_python: str, dtype: str, methods: list[dic
 
 def official(info: dict, official_python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
              official_path: str | None = None, runner: Runner | None = None) -> dict:
+    """:func:`official_job`'s output (run now, or resumed)."""
     return run_job(official_job(info, official_python, dtype, methods, max_new_tokens, work, official_path), runner)
 
 

@@ -296,6 +296,7 @@ def official_job(info: dict, python: str, dtype: str, methods: list[dict], max_n
 
 def official(info: dict, python: str, dtype: str, methods: list[dict], max_new_tokens: int, work: Path,
              fork: str | None = None, runner: Runner | None = None) -> dict:
+    """:func:`official_job`'s output (run now, or resumed)."""
     return run_job(official_job(info, python, dtype, methods, max_new_tokens, work, fork), runner)
 
 
