@@ -199,8 +199,9 @@ class TableReport:
 
     def summary_line(self) -> str:
         s = self.summary
-        if self.table.own:
-            return f"{s['ran']} of {s['runnable']} cells run"
+        if self.table.own:  # nothing published: how much of the table ran
+            runnable = [c for c in self.cells.values() if not c.not_run]
+            return f"{sum(c.ours is not None for c in runnable)} of {len(runnable)} cells run"
         line = (f"{s['within']} of {s['published']} published cells reproduced within tolerance, "
                 f"{s['not_run']} not run ({s['cannot_run']} cannot be run here)")
         if s.get("not_comparable"):
@@ -237,8 +238,6 @@ def analyse(table: Table, cells: dict) -> TableReport:
          "not_comparable": sum(c.ours is not None and not c.comparable for c in pubs),
          "reference_only": sum(c.published is not None and not c.target for c in cells.values())}
     s["outside"] = s["published"] - s["within"] - s["not_run"] - s["not_comparable"]
-    s["runnable"] = sum(not c.not_run for c in cells.values())
-    s["ran"] = sum(c.ours is not None for c in cells.values())
     if van is not None:
         for (i, k), c in cells.items():
             c.unpruned = ours_v[k]
