@@ -78,24 +78,23 @@ def _resolve(name: str, families, only, budget, keep_all_budget, options):
 
 
 def _family_rows(name, cls, family, wanted, budget, options, keep_all_budget, fast_backend):
-    """The rows of one family (every guarantee but tp) and the attached method instance, or why it did not
-    attach."""
+    """The rows of one family (every guarantee but tp) and the attached method instance, or the tp row's
+    (verdict, detail) where the method does not attach."""
     rows = {}
     wanted = [g for g in wanted if g != "tp"]
     if not cls.supports(key(family)):
         why = f"{name} does not support {key(family)} (Method.families)"
-        return {g: Row(g, family, NA, why) for g in wanted}, why
+        return {g: Row(g, family, NA, why) for g in wanted}, (NA, why)
     b = budget if budget is not None else tiny_budget(name, family, cls)
     rt = load(f"tiny:{family}", seed=1)
     try:
         method = rt.prune(name, b, **options).method
     except HybridRefusal as e:
-        return {g: Row(g, family, NA, str(e)) for g in wanted}, str(e)
+        return {g: Row(g, family, NA, str(e)) for g in wanted}, (NA, str(e))
     except Exception as e:  # noqa: BLE001 - the method does not attach: the first row says why
-        first, *rest = wanted
-        why = "not run: the method does not attach"
-        return {first: Row(first, family, FAIL, f"attach: {_error(e)}"),
-                **{g: Row(g, family, NA, why) for g in rest}}, why
+        failed, why = (FAIL, f"attach: {_error(e)}"), (NA, "not run: the method does not attach")
+        return {g: Row(g, family, *(failed if i == 0 else why)) for i, g in enumerate(wanted)}, \
+            why if wanted else failed
     rt.unprune()
     runs = {
         "selections": lambda: check_selections(rt, name, b, **options),
@@ -117,7 +116,10 @@ def _family_rows(name, cls, family, wanted, budget, options, keep_all_budget, fa
         except (NotApplicable, BudgetError) as e:  # BudgetError: an option this input cannot serve
             rows[g] = Row(g, family, NA, str(e))
         except Exception as e:  # noqa: BLE001 - the guarantee does not hold: its row says why
-            rows[g] = Row(g, family, FAIL, _error(e))
+            detail = _error(e)
+            if b is None and "NoneType" in detail:  # e.g. min(self.budget, n)
+                detail += " (it ran without a budget: pass --budget N or declare check_budget)"
+            rows[g] = Row(g, family, FAIL, detail)
         finally:
             rt.unprune()
     return rows, method
@@ -155,8 +157,8 @@ def _tp_rows(name, cls, methods: dict, budget, options) -> dict[str, Row]:
     rows, cases = {}, []
     missing = deepspeed_missing()
     for family, m in methods.items():
-        if isinstance(m, str):
-            rows[family] = Row("tp", family, NA, m)
+        if isinstance(m, tuple):  # not attached: (verdict, detail)
+            rows[family] = Row("tp", family, *m)
         elif not (m.llm_layers or m.probe_layers):
             rows[family] = Row("tp", family, NA, "reads no LLM signal: the sharded language model is not its concern")
         elif m.llm_grad:
