@@ -3,11 +3,14 @@ stamped out) and a compile cache in a folder of the user's (reused by later proc
 
 A whole-prefill ``torch.compile`` traces and generates code for every decoder layer again, so the cold compile
 grows with the model's depth (docs/results/2026-11-26-compile-depth-cpu.md: 4 -> 32 layers, 1.73x on the tiny
-LLaVA). :func:`mark_regions` wraps the ``forward`` of every layer of the language model's decoder and of each
-vision tower's encoder in ``torch.compiler.nested_compile_region``, one region per layer class: dynamo traces a
-layer once and reuses its subgraph for the other layers of that class whose inputs match (shape, dtype, guards;
-a layer that differs, e.g. a hybrid decoder's other layer type, gets its own entry). Outside a compile the
-wrapper is a plain call, so the eager engine and the uncompiled backends run exactly as before.
+LLaVA). :func:`mark_regions` runs every layer of the language model's decoder and of each vision tower's encoder
+through ``torch.compiler.nested_compile_region``, one region per layer class: dynamo traces a layer once and
+stamps its subgraph out for the other layers of that class whose inputs match (shapes, dtypes, guards; a layer
+that differs gets its own entry). A region is reused only when its inputs are tensors, constants or modules, and
+a decoder layer's ``past_key_values`` is a cache object: the fast path's static cache gets one :class:`CacheSlot`
+module per layer (:func:`add_cache_slots`), and a marked decoder layer hands its region its own slot. Outside a
+compile the region is a plain call, and a marked layer given any other cache (the eager engine's) runs its
+class's forward: the eager engine and the uncompiled backends run exactly as before.
 
 Used by :class:`llava.fastpath.FastPath` for the compiling backends (``inductor``, ``eager``, ``aot_eager``)
 unless ``load(..., fast_regional=False)``; :func:`region_count` says how many layers a model has marked.
@@ -29,7 +32,8 @@ import types
 
 import torch
 
-__all__ = ["REGIONAL_BACKENDS", "mark_regions", "region_count", "layer_lists", "cache_key", "use_cache_dir"]
+__all__ = ["REGIONAL_BACKENDS", "CacheSlot", "add_cache_slots", "mark_regions", "region_count", "layer_lists",
+           "cache_key", "use_cache_dir"]
 
 #: the fast path's backends that trace with dynamo (the others: "cudagraphs" records the uncompiled function,
 #: "none" runs it as it is)
@@ -56,18 +60,73 @@ def layer_lists(lm, towers) -> list[torch.nn.ModuleList]:
     return out
 
 
-def mark_regions(lists) -> int:
-    """Wrap every layer's ``forward`` in its class's nested compile region (idempotent). Returns the layers
-    marked now."""
+class CacheSlot(torch.nn.Module):
+    """One layer of a :class:`~transformers.StaticCache` handed to a decoder layer's region as its
+    ``past_key_values``. A region is reused only for inputs it can compare (tensors, constants, modules): the cache
+    object is none of these, so every decoder layer would be traced again. The slot is a module whose buffers are
+    the cache layer's own tensors (not copies: the decode and the eager code read the same), and whose ``update``
+    is the static layer's: the new keys and values written in place at the layer's current length, which then
+    grows by their count. The next layer's call maps onto that layer's slot (its buffers, by module source)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.register_buffer("keys", layer.keys, persistent=False)
+        self.register_buffer("values", layer.values, persistent=False)
+        self.register_buffer("cumulative_length", layer.cumulative_length, persistent=False)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        at = torch.arange(key_states.shape[-2], device=key_states.device) + self.cumulative_length
+        self.cumulative_length.add_(key_states.shape[-2])
+        self.keys.index_copy_(2, at, key_states)
+        self.values.index_copy_(2, at, value_states)
+        return self.keys, self.values
+
+
+def add_cache_slots(cache) -> None:
+    """Give a static cache its slots (:class:`CacheSlot`, one per layer; a hybrid decoder's linear-attention layers
+    none: those decoders are not marked)."""
+    cache._vtprune_slots = [CacheSlot(layer) for layer in cache.layers]
+
+
+def _region(cls):
+    """The one nested compile region of a layer class: its ``forward``, as the class defines it."""
+    if cls not in _REGIONS:
+        def call(layer, *args, **kwargs):
+            return cls.forward(layer, *args, **kwargs)
+
+        call.__name__ = call.__qualname__ = f"region_{cls.__name__}"
+        _REGIONS[cls] = torch.compiler.nested_compile_region(call, max_reuse_entries=_REUSE_ENTRIES)
+    return _REGIONS[cls]
+
+
+def _decoder_forward(self, *args, past_key_values=None, **kwargs):
+    """A marked decoder layer: with a static cache that has slots, the region on this layer's slot; with any other
+    cache (the eager engine's), the class's forward as it is."""
+    slots = getattr(past_key_values, "_vtprune_slots", None)
+    if slots is None:
+        return type(self).forward(self, *args, past_key_values=past_key_values, **kwargs)
+    at = getattr(getattr(self, "self_attn", None), "layer_idx", None)  # the cache layer the stock forward updates
+    return _REGIONS[type(self)](self, *args, past_key_values=slots[self._vtprune_slot if at is None else at], **kwargs)
+
+
+def _encoder_forward(self, *args, **kwargs):
+    return _REGIONS[type(self)](self, *args, **kwargs)
+
+
+def mark_regions(lists, decoder: bool = True) -> int:
+    """Run every layer of ``lists`` through its class's nested compile region (idempotent). The first list is the
+    decoder's (``decoder=False``: left as it is, e.g. a hybrid decoder whose linear-attention layers keep other
+    states in the cache), its layer ``i`` on the cache's slot ``i``. Returns the layers marked now."""
     n = 0
-    for layers in lists:
-        for layer in layers:
+    for at, layers in enumerate(lists):
+        if at == 0 and not decoder:
+            continue
+        for i, layer in enumerate(layers):
+            layer._vtprune_slot = i  # (again on a marked layer: a layer list changed since, e.g. a copied layer)
             if getattr(layer, "_vtprune_region", False):
                 continue
-            cls = type(layer)
-            if cls not in _REGIONS:
-                _REGIONS[cls] = torch.compiler.nested_compile_region(cls.forward, max_reuse_entries=_REUSE_ENTRIES)
-            layer.forward = types.MethodType(_REGIONS[cls], layer)
+            _region(type(layer))  # made here, outside any trace (dynamo reads the table, never writes it)
+            layer.forward = types.MethodType(_decoder_forward if at == 0 else _encoder_forward, layer)
             layer._vtprune_region = True
             n += 1
     return n

@@ -67,7 +67,7 @@ import torch
 from .families.base import to_device
 from .families.clip import MASKED_TOWER_ATTN
 from .fast_llm import decode_segments, run_segments
-from .fast_compile import REGIONAL_BACKENDS, layer_lists, mark_regions, use_cache_dir
+from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .fast_vision import FastVisionMixin
 
@@ -148,8 +148,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             towers = {id(t): t for t in (engine.adapter.fast_tower(k) for k in engine.adapter.pixel_keys)}
             for mod in (*towers.values(), engine.lm):
                 maybe_install_capturing_hooks(mod)
-            if self.regional:
-                mark_regions(layer_lists(engine.lm, towers.values()))
+            if self.regional:  # a hybrid decoder (Qwen3.5): its towers only (linear layers keep other cache states)
+                mark_regions(layer_lists(engine.lm, towers.values()), decoder=not engine.adapter.linear_layers)
 
     def _compile(self, fn):
         if self.backend == "none":
@@ -283,6 +283,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             hd = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
             cache.early_initialization(B, heads, hd, dtype, dev)
             self._init_linear_states(cache, B, dtype, dev)
+            if self.regional:  # each decoder layer's region gets its cache layer as a module (llava.fast_compile)
+                add_cache_slots(cache)
             if self.backend == "cudagraphs":  # a recorded graph writes into its cache's tensors: keep each shape's
                 self._caches[key] = cache  # (a new object would be a new graph at every change of shape)
             else:
