@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from ..cli import HelpFormatter, load_error, parse_options
 from .runner import GUARANTEES, CheckInputError, run_checks, summary, table
 
@@ -43,7 +41,6 @@ def main(argv=None) -> int:
         print(err, file=sys.stderr)
         return 2
     options = parse_options(args.opt)
-    torch.set_num_threads(1)  # the tiny models' ops are too small to share: more threads only spin (5-10x the CPU)
 
     def progress(row):
         print(f"  {row.guarantee:<10} {row.family:<16} {row.verdict}", file=sys.stderr, flush=True)
