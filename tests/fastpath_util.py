@@ -7,6 +7,7 @@ import os
 import torch
 from conftest import QUESTIONS, rand_image
 
+from llava.check.fast import assert_same_as_eager, generate  # noqa: F401 (fast == eager: shared with llava.check)
 from llava.fastpath import FastPath
 from llava.syncs import SyncCounter
 
@@ -69,27 +70,6 @@ def family_batch(rt, family, video=None):
     if video if video is not None else family == "video_llava":
         return rt.processor(qs, videos=[[rand_image(8 * j + k) for k in range(8)] for j in range(3)])
     return rt.processor(qs, [rand_image(0, 40, 56), rand_image(1, 90, 30), rand_image(2, 60, 60)])
-
-
-def generate(rt, batch, tokens=8):
-    """Greedy tokens (B, tokens) and the first step's scores."""
-    with torch.no_grad():
-        out = rt.model.generate(**batch, max_new_tokens=tokens, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
-    return out.sequences[:, batch["input_ids"].shape[1]:], out.scores[0]
-
-
-def assert_same_as_eager(fast, eager, eng, batch, tokens=8):
-    """The fast runtime's prefill took the fast path and gave the eager runtime's greedy tokens, first-step
-    scores and visual token counts."""
-    toks, scores = generate(fast, batch, tokens)
-    assert eng.stats.path == "fast", eng.stats.path_reason
-    ref_toks, ref_scores = generate(eager, batch, tokens)
-    assert torch.equal(toks, ref_toks)
-    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-    ref = eager.engine.stats.samples
-    assert [s.visual_entering_llm for s in eng.stats.samples] == [s.visual_entering_llm for s in ref]
-    assert [s.visual_candidates for s in eng.stats.samples] == [s.visual_candidates for s in ref]
 
 
 def counting_fast_path(eng, names=("_prefill",)):
