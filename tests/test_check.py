@@ -167,8 +167,8 @@ def test_the_command_prints_the_table_and_exits_0_when_everything_passes(capsys)
     assert out[:6] == ["| guarantee | family | result | detail |", "|---|---|---|---|",
                        "| selections | llava | PASS | 48 candidates -> 48 entering the LLM, 48.0 on average over its "
                        "layers (3 samples); sample 0, 1, 2 kept every candidate at this budget |",
-                       "| selections | video-llava | PASS | 408 candidates -> 408 entering the LLM, 408.0 on average over "
-                       "its layers (3 samples); sample 0, 1, 2 kept every candidate at this budget |",
+                       "| selections | video-llava | PASS | 408 candidates -> 408 entering the LLM, 408.0 on average "
+                       "over its layers (3 samples); sample 0, 1, 2 kept every candidate at this budget |",
                        "| keep_all | llava | PASS | budget None, options {}: logits and 6 tokens bit-identical |",
                        "| keep_all | video-llava | PASS | budget None, options {}: logits and 6 tokens bit-identical |"]
     assert out[-1] == "none: 4 PASS, 0 FAIL, 0 n.a."

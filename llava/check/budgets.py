@@ -21,7 +21,8 @@ for _b in (_PER_UNIT, _TOTAL, _IN_LLM):  # tiny Qwen3-VL: Qwen2.5-VL's token geo
 BUDGETS = {
     "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
-    "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT, "attnmix": _TOTAL, "fastv": _IN_LLM, "dart": _IN_LLM,
+    "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT, "attnmix": _TOTAL,
+    "fastv": _IN_LLM, "dart": _IN_LLM,
     "hiprune": _PER_UNIT, "vispruner": _PER_UNIT, "downsample": _PER_UNIT,
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
