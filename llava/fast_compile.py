@@ -85,7 +85,7 @@ class CacheSlot(torch.nn.Module):
 def add_cache_slots(cache) -> None:
     """Give a static cache its slots (:class:`CacheSlot`, one per layer; a hybrid decoder's linear-attention layers
     none: those decoders are not marked)."""
-    cache._vtprune_slots = [CacheSlot(layer) for layer in cache.layers]
+    cache._vtprune_slots = [CacheSlot(layer) if hasattr(layer, "keys") else None for layer in cache.layers]
 
 
 def _region(cls):

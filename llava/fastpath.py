@@ -283,8 +283,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             hd = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
             cache.early_initialization(B, heads, hd, dtype, dev)
             self._init_linear_states(cache, B, dtype, dev)
-            if self.regional:  # each decoder layer's region gets its cache layer as a module (llava.fast_compile)
-                add_cache_slots(cache)
+            if self.regional and not self.engine.adapter.linear_layers:  # each decoder layer's region gets its
+                add_cache_slots(cache)  # cache layer as a module (llava.fast_compile); a hybrid decoder is unmarked
             if self.backend == "cudagraphs":  # a recorded graph writes into its cache's tensors: keep each shape's
                 self._caches[key] = cache  # (a new object would be a new graph at every change of shape)
             else:
