@@ -15,6 +15,7 @@
     python -m eval paper --list | --check       # the paper specs (eval/papers/*.toml)
     python -m eval paper visiondrop runs/ [--table T] [--format md|latex|both] [--out FILE]
     python -m eval paper-grid visiondrop --dry-run   # the runs behind scripts/papers/<paper>.sh
+    python -m eval run-many < CONFIGS       # a grid's `run`s in one process, the model loaded once (LAUNCHER=inprocess)
 """
 
 from __future__ import annotations
@@ -167,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
     from .lmms_import import add_parser as _lmms_parser
     from .paper_cli import add_parsers as _paper_parsers
+    from .run_many import add_parser as _run_many_parser
 
     _paper_parsers(sub)
+    _run_many_parser(sub)
     _lmms_parser(sub)
     ls = sub.add_parser("log-sweep", help="log a testbed sweep (DIR/testbed.json + DIR/testbed.png) to one W&B run; "
                         "never fails (honours WANDB_MODE)")
@@ -393,7 +396,13 @@ def _log_sweep(args, local_rank) -> int:
 COMMANDS = {"list": _list, "check-data": _check_data, "run": _run, "merge": _merge, "score": _score, "judge": _score,
             "record": _record, "fixtures": _fixtures, "table": _table, "log-sweep": _log_sweep,
             "paper": lambda a, r: _paper_cmd("paper", a), "paper-grid": lambda a, r: _paper_cmd("paper_grid", a),
-            "lmms-import": lambda a, r: _lmms_import(a)}
+            "lmms-import": lambda a, r: _lmms_import(a), "run-many": lambda a, r: _run_many(a)}
+
+
+def _run_many(args) -> int:
+    from .run_many import run_many
+
+    return run_many(args)
 
 
 def _lmms_import(args) -> int:

@@ -5,7 +5,10 @@
 #   MODEL      hub id / local dir / tiny:<family>        DATA_ROOT  LLaVA's playground/data/eval
 #   REVISION   the hub id's branch / tag / commit (--revision; default main)
 #   OUT        runs directory (OUT/<bench>/<run-name>/)   NPROC      processes per node (default: visible GPUs, else 1)
-#   LAUNCHER   torchrun (default) | deepspeed | python    NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT for multi-node
+#   LAUNCHER   torchrun (default) | deepspeed | python | inprocess   NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT
+#              for multi-node. inprocess: one process (NPROC=1, TP=1, BACKEND=hf); a paper's grid
+#              (scripts/papers/_paper.sh) runs all its configs in that one process, the model loaded once;
+#              here, one config, the same as python
 #              (MASTER_PORT defaults to 29500, inside a Slurm job to 20000 + SLURM_JOB_ID mod 20000)
 #   LAUNCHER=deepspeed with NNODES > 1: inside a Slurm job (or DS_NO_SSH=1) every node runs this script with its
 #              NODE_RANK and MASTER_ADDR (scripts/slurm/multinode.sbatch: no ssh); HOSTFILE defaults to the job's
@@ -29,6 +32,14 @@ fi
 METHOD="$1"; BUDGET="$2"; shift 2
 if [[ $# -ge 1 && "${1:0:2}" != "--" ]]; then MODEL="$1"; shift; fi
 
+if [[ "${LAUNCHER:-}" == inprocess ]]; then  # one process: several GPUs need torchrun or deepspeed
+    if [[ "${NPROC:-1}" != 1 || "${NNODES:-1}" != 1 || "${TP:-1}" != 1 || "${BACKEND:-hf}" != hf ]]; then
+        echo "error: LAUNCHER=inprocess is one process of our engine (NPROC=${NPROC:-1} NNODES=${NNODES:-1}" \
+             "TP=${TP:-1} BACKEND=${BACKEND:-hf}): use LAUNCHER=torchrun or deepspeed for several, python for vllm" >&2
+        exit 2
+    fi
+    NPROC=1
+fi
 if [[ -z "${NPROC:-}" ]]; then
     if command -v nvidia-smi >/dev/null 2>&1; then NPROC=$(nvidia-smi -L 2>/dev/null | wc -l); fi
     if [[ -z "${NPROC:-}" || "${NPROC}" -lt 1 ]]; then NPROC=1; fi
@@ -70,6 +81,11 @@ fi
 [[ -n "${EXTRA_ARGS:-}" ]] && ARGS+=(${EXTRA_ARGS})
 ARGS+=("$@")
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+if [[ "$LAUNCHER" == inprocess ]]; then
+    # scripts/papers/_paper.sh collects each config's arguments for its one `python -m eval run-many`
+    if [[ "${_VTPRUNE_ARGV:-0}" == 1 ]]; then echo "${ARGS[*]@Q} --launcher python"; exit 0; fi
+    LAUNCHER=python
+fi
 if [[ "$LAUNCHER" == "python" || ( "$LAUNCHER" == "torchrun" && "$NPROC" -eq 1 && "$NNODES" -eq 1 ) ]]; then
     exec "$PYTHON" -m eval "${ARGS[@]}" --launcher python
 elif [[ "$LAUNCHER" == "torchrun" ]]; then
@@ -98,6 +114,6 @@ elif [[ "$LAUNCHER" == "deepspeed" ]]; then
     fi
     exec "${DS[@]}" --module eval "${ARGS[@]}" --launcher deepspeed
 else
-    echo "unknown LAUNCHER=$LAUNCHER (torchrun | deepspeed | python)" >&2
+    echo "unknown LAUNCHER=$LAUNCHER (torchrun | deepspeed | python | inprocess)" >&2
     exit 2
 fi

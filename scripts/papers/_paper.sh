@@ -16,7 +16,10 @@
 #   REPORT     auto (default: the report after the runs, except from shards i > 0 and Slurm array tasks) | 1 | 0
 #   REPORT_ONLY=1  no runs, only the report (of the whole grid: a SHARD left in the environment is ignored, said)
 #   VTPRUNE_METHODS  your methods (docs/your-method.md): a relative .py path is made absolute before the runs
-#   and everything scripts/eval/*.sh reads: NPROC, LAUNCHER (torchrun | deepspeed | python), TP, FAST, BACKEND, ...
+#   and everything scripts/eval/*.sh reads: NPROC, LAUNCHER (torchrun | deepspeed | python | inprocess), TP, FAST,
+#              BACKEND, ... LAUNCHER=inprocess: every config in one `python -m eval run-many` process, the model
+#              loaded once for the configs that load it alike (one process: NPROC=1, TP=1; lmms-eval columns each
+#              in their own, after the others); the others start a process per config
 #   W&B        one switch for the runs and the report: WANDB_MODE=disabled or --no-wandb in EXTRA_ARGS turns it off
 #              for both. Offline runs stay under OUT: each config's in its run folder, the report's in
 #              OUT/papers/wandb/ (WANDB_DIR moves it)
@@ -73,8 +76,30 @@ if [[ "${REPORT_ONLY:-0}" != 1 ]]; then
     N=$(grep -c . <<< "$CMDS" || true)
     echo "$NAME: $N configs to run${SHARD:+ (shard $SHARD)}"
     I=0; FAILED=()
+    if [[ "${LAUNCHER:-}" == inprocess ]]; then  # one process runs the configs (lmms-eval's columns: the loop below)
+        BATCH=""; LABELS=()
+        while IFS= read -r LINE; do
+            [[ -z "$LINE" || "$LINE" == lmms:* ]] && continue
+            eval "set -- $LINE"; BENCH="$1"; shift   # BENCH METHOD BUDGET MODEL [flags]: _launch.sh's arguments
+            ARGV="$( unset MODEL; _VTPRUNE_ARGV=1 source "$REPO/scripts/eval/_launch.sh" "$@" )" || exit 2
+            LABELS+=("$LINE"); BATCH+="${LINE@Q} $ARGV"$'\n'
+        done <<< "$CMDS"
+        if [[ ${#LABELS[@]} -gt 0 ]]; then
+            REC="$(mktemp)"; RC=0   # '<exit status> <line>' as each config ends
+            "$PYTHON" -m eval run-many --name "$NAME" --total "$N" --record "$REC" <<< "$BATCH" || RC=$?
+            mapfile -t DONE < "$REC"; rm -f "$REC"
+            for rec in ${DONE[@]+"${DONE[@]}"}; do [[ "${rec%% *}" == 0 ]] || FAILED+=("${rec#* }"); done
+            if [[ ${#DONE[@]} -lt ${#LABELS[@]} ]]; then   # the process ended before the grid did
+                echo "$NAME: the grid's process ended (status $RC) after ${#DONE[@]} of ${#LABELS[@]} configs;" \
+                    "rerun the script to resume it" >&2
+                FAILED+=("${LABELS[@]:${#DONE[@]}}")
+            fi
+            I=${#LABELS[@]}
+        fi
+    fi
     while IFS= read -r LINE; do
         [[ -z "$LINE" ]] && continue
+        [[ "${LAUNCHER:-}" == inprocess && "$LINE" != lmms:* ]] && continue   # ran above
         I=$((I + 1)); echo "[$I/$N] $LINE"
         eval "set -- $LINE"   # BENCH METHOD BUDGET MODEL [flags]: shell-quoted by python -m eval paper-grid
         BENCH="$1"; shift
