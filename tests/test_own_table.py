@@ -116,7 +116,7 @@ def _study(tmp_path: Path) -> dict:
     (tmp_path / "my_method.py").write_text(METHOD)
     (tmp_path / "my_table.toml").write_text(TABLE.format(method="normprune_t"))
     e = child_env(("VTPRUNE_", "SHARD", "REPORT"), PYTHONPATH=REPO, VTPRUNE_METHODS="./my_method.py",
-                  OUT=tmp_path / "runs", DATA_ROOT=tmp_path / "data", MODEL="tiny:llava", LAUNCHER="python",
+                  OUT=tmp_path / "runs", DATA_ROOT=tmp_path / "data", MODEL="tiny:llava", LAUNCHER="inprocess",
                   EXTRA_ARGS="--max-new-tokens 1 --no-wandb", PYTHON=sys.executable)
     write_fixtures(tmp_path / "data", ["gqa"])
     return e

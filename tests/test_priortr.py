@@ -279,7 +279,8 @@ def test_internvl_selection_reads_the_newline_row_as_the_prior(rt):
 
 def test_paper_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     """`bash scripts/papers/priortr.sh README` on POPE fixtures at 64 with the tiny LLaVA: every config of the grid
-    runs, and the report puts the README's printed averages beside ours, marked as a tiny-model run."""
+    runs (in one process: LAUNCHER=inprocess, the model loaded once), and the report puts the README's printed
+    averages beside ours, marked as a tiny-model run."""
     import subprocess
     import sys
     from pathlib import Path
@@ -291,11 +292,12 @@ def test_paper_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     data = write_fixtures(tmp_path / "data", ["pope"])
     env = child_env(MODEL="tiny:llava", ONLY="pope", BUDGETS="64", DATA_ROOT=data, OUT=tmp_path / "runs",
-                    PYTHON=sys.executable, LAUNCHER="python", EXTRA_ARGS="--max-new-tokens 4 --no-wandb")
+                    PYTHON=sys.executable, LAUNCHER="inprocess", EXTRA_ARGS="--max-new-tokens 4 --no-wandb")
     r = subprocess.run(["bash", str(repo / "scripts/papers/priortr.sh"), "README"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "priortr: 6 configs to run" in r.stdout  # vanilla, FastV, PDrop, SparseVLM, VisPruner, PriorTR at 64
+    assert "priortr: 6 configs in one process, 1 model load" in r.stdout
     runs = sorted(p.parent.name for p in (tmp_path / "runs" / "pope").glob("*/results.json"))
     assert any(n.startswith("tiny-llava_priortr_") and "caches=pruned" in n and "keep_tokens=64" in n for n in runs), runs
     assert len(runs) == 6
