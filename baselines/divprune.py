@@ -39,7 +39,7 @@ largest=False)``, diagonal included), every later pick by ``argmax`` over all to
 token picked twice is kept once: the official code would feed it twice). Option ``reference_dtype``: ``"model"``
 (default: the features' own dtype, our LLM's: fp16 in an fp16 run, fp32 in an fp32 run, as DART's and CDPruner's
 option) or ``"float16"`` (always fp16, the official eval runs' load whatever ours runs in; the behaviour before
-2026-11-27, which parted from the official code in an fp32 run: seed 11, T = 32, docs/parity.md).
+2026-11-26, which parted from the official code in an fp32 run: seed 11, T = 32, docs/parity.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@
 - ours: ``divprune`` with ``budget`` T (per image) in its reference mode (``numerics="official"``: distances in
   the model's dtype, the official first pick and loop). The official code computes its distances in the dtype of
   the rows it is handed, fp32 in the fp32 run (the model after ``.float()``); our reference mode does the same
-  (``reference_dtype="model"``, its default). It cast the features to fp16 always before 2026-11-27, which parted
+  (``reference_dtype="model"``, its default). It cast the features to fp16 always before 2026-11-26, which parted
   the fp32 run on seed 11's build (T = 32, image 1: official patch 21, ours 5; docs/parity.md). The fp16 run is
   exact by construction (the same fp16 features, the same ops).
 """
