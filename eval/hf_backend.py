@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava.cost import sample_cost
+
 from .families import sample_overlay
 from .fingerprint import InputHasher
 from .io import JsonlAppender, NullAppender
@@ -71,6 +73,7 @@ class _Loop:
     answered: int = 0
     warned_noop: bool = False
     sums: dict = field(default_factory=lambda: {"in": 0.0, "avg": 0.0, "n": 0})  # visual tokens, for the progress log
+    text_tokens: list | None = None  # the current batch's prompt tokens per sample (placeholders included)
 
 
 def infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=None, n_done=None, qhashes=None):
@@ -120,6 +123,7 @@ def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
     if has_visual and engine.prefills != prefills + 1:
         raise RuntimeError("the pruning engine did not handle this batch's prefill (token accounting would be stale)")
     stats = engine.stats if has_visual else None
+    loop.text_tokens = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else None
     recs = []
     for b, (q, text) in enumerate(zip(batch, outs)):
         rec = loop.bench.record(q, loop.bench.postprocess(text), loop.model_id)
@@ -191,6 +195,11 @@ def _record_stats(loop: _Loop, meta: dict, q, stats, b: int, n: int) -> None:
     meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],
                 visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"],
                 vision_noop=s.get("vision_noop", False))
+    if loop.text_tokens is not None:  # the prompt's text tokens and the analytic cost (llava.cost: FLOPs, KV bytes)
+        rt = loop.rt
+        meta["text_tokens"] = loop.text_tokens[b] - s["visual_candidates"]
+        meta.update(sample_cost(rt.model.config, meta["text_tokens"], s["visual_per_layer"],
+                                rt.model.get_input_embeddings().weight.element_size()))
     if (s.get("vision_noop") and s["visual_layer_avg"] >= s["visual_candidates"] and not loop.warned_noop
             and cfg.budget is not None):  # nothing pruned anywhere (LLM-stage methods: vision_noop always)
         loop.warned_noop = True  # said once, at the first sample it happens to

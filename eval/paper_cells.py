@@ -120,7 +120,8 @@ def run_facts(res: dict, spec_model: str) -> dict:
     tokens = res.get("tokens") or {}
     return {"model": model, "revision": _revision(res), "other_model": not same_model(model, spec_model),
             "answered": answered, "questions": questions, "full": full, "partial": partial, "deviations": devs,
-            "path": res.get("_path", ""), "tok_in": tokens.get("tok_in"), "tok_eq": tokens.get("tok_eq")}
+            "path": res.get("_path", ""), "tok_in": tokens.get("tok_in"), "tok_eq": tokens.get("tok_eq"),
+            "prefill_tflops": tokens.get("prefill_tflops"), "kv_mb": tokens.get("kv_mb")}
 
 
 def _lmms_stderr(res: dict, metric: str) -> float | None:
@@ -213,8 +214,9 @@ class TableReport:
 
 
 def row_tokens(rep: TableReport, i: int, key: str) -> float | None:
-    """Row ``i``'s visual tokens (``tok_in``: entering the LLM, ``tok_eq``: averaged over the decoder layers; the
-    results files' means per sample), averaged over the columns it ran."""
+    """Row ``i``'s visual tokens (``tok_in``: entering the LLM, ``tok_eq``: averaged over the decoder layers) or
+    analytic cost (``prefill_tflops``, ``kv_mb``): the results files' means per sample, averaged over the columns
+    it ran."""
     vals = [c.run.get(key) for (j, _), c in rep.cells.items() if j == i and c.ours is not None]
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None

@@ -16,6 +16,11 @@ def _fmt(v, d=1):
     return f"{v:.0f}" if abs(v) >= 100 and float(v).is_integer() else f"{v:.{d}f}"
 
 
+def _cost(v) -> str:
+    """An analytic cost to three significant figures (a tiny model's prefill is a few millionths of a TFLOP)."""
+    return "–" if v is None else f"{v:.3g}"
+
+
 def _decimals(c: Cell) -> int:
     v = c.published if c.published is not None else c.ours
     return 0 if v is not None and abs(v) >= 1000 else 2 if v is not None and abs(v) < 10 else 1
@@ -61,7 +66,8 @@ def _rows(rep: TableReport, fmt: str) -> tuple[list[str], list[tuple[str, list[s
     cols = list(t.columns)
     if t.own:
         head = ["Method", "Budget"] + [c.label for c in cols] + ["Avg (van.=ours)", "Visual tokens in",
-                                                                "Visual tokens (layer avg)"]
+                                                                "Visual tokens (layer avg)", "Prefill TFLOPs",
+                                                                "KV cache (MiB)"]
     else:
         head = (["Method", "Budget"] + [c.label for c in cols]
                 + ["Avg ours (van.=ours)", "Avg ours (van.=paper)", "Avg paper (printed)", "Avg paper (recomputed)"])
@@ -70,7 +76,8 @@ def _rows(rep: TableReport, fmt: str) -> tuple[list[str], list[tuple[str, list[s
         a = rep.avgs[i]
         if t.own:
             extra = [_pct(*a["ours_vs_ours"], len(cols)), _fmt(row_tokens(rep, i, "tok_in")),
-                     _fmt(row_tokens(rep, i, "tok_eq"))]
+                     _fmt(row_tokens(rep, i, "tok_eq")), _cost(row_tokens(rep, i, "prefill_tflops")),
+                     _cost(row_tokens(rep, i, "kv_mb"))]
             cells = [own_cell_text(rep.cells[(i, c.key)], fmt, r.vanilla) for c in cols]
         else:
             extra = [_pct(*a["ours_vs_ours"], len(cols)), _pct(*a["ours_vs_paper"], len(cols)),
@@ -86,7 +93,9 @@ def _rows(rep: TableReport, fmt: str) -> tuple[list[str], list[tuple[str, list[s
 OWN_CELLS = ("Cells: ours (ours - the unpruned row's ours); n/r = not run here; – = not run yet. Avg: mean of value / "
              "unpruned x 100 % over the columns with both numbers (* = fewer columns than the table). Visual tokens: "
              "per sample, entering the LLM and averaged over the decoder layers (an in-LLM method's cost), the mean "
-             "over the row's runs.")
+             "over the row's runs. Prefill TFLOPs and KV cache: analytic, per sample, from each decoder layer's text "
+             "and visual tokens (2 x MACs in FastV's convention, the LLM only; the keys and values the prompt leaves "
+             "in the model's dtype), the mean over the row's runs.")
 
 
 def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:

@@ -86,6 +86,10 @@ def token_summary(metas: list[dict], llm_layers: list[int]) -> dict:
     out["visual_candidates_mean"] = _mean([m["visual_candidates"] for m in vis])
     out["tok_in"] = _mean([m["visual_entering_llm"] for m in vis])  # tokens entering the LLM
     out["tok_eq"] = _mean([m["visual_layer_avg"] for m in vis])  # layer-averaged ("equivalent") tokens
+    costed = [m for m in vis if "prefill_tflops" in m]  # the analytic cost (llava.cost.sample_cost)
+    if costed:
+        out["prefill_tflops"] = _mean([m["prefill_tflops"] for m in costed])
+        out["kv_mb"] = _mean([m["kv_mb"] for m in costed])
     per_layer = [m["visual_per_layer"] for m in vis]
     if len({len(p) for p in per_layer}) == 1:
         out["per_layer_mean"] = [sum(col) / len(col) for col in zip(*per_layer)]
@@ -94,7 +98,9 @@ def token_summary(metas: list[dict], llm_layers: list[int]) -> dict:
             out["tok_after_k"] = {"layer": k, "mean": out["per_layer_mean"][k]}
     out["labels"] = {"tok_in": "visual tokens entering the LLM (mean per sample)",
                      "tok_eq": "visual tokens averaged over decoder layers (mean per sample)",
-                     "tok_after_k": "visual tokens in the input of the first pruning layer K"}
+                     "tok_after_k": "visual tokens in the input of the first pruning layer K",
+                     "prefill_tflops": "LLM prefill TFLOPs, analytic: 2 x MACs, convention A (mean per sample)",
+                     "kv_mb": "KV-cache MiB the prompt leaves, analytic, in the model's dtype (mean per sample)"}
     return out
 
 
@@ -269,6 +275,9 @@ def log_to_wandb(wb, res: dict, run_dir: Path, metas: list[dict], official: list
     for k in ("tok_in", "tok_eq", "visual_candidates_mean"):
         if t.get(k) is not None:
             summary[f"tokens/{k}"] = t[k]
+    for k in ("prefill_tflops", "kv_mb"):
+        if t.get(k) is not None:
+            summary[f"cost/{k}"] = t[k]
     for k in ("generate_s_mean", "prefill_total_s_mean", "vision_s_mean", "selection_s_mean", "llm_s_mean", "samples_per_s"):
         if res["timing"].get(k) is not None:
             summary[f"time/{k}"] = res["timing"][k]

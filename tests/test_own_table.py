@@ -65,14 +65,15 @@ budget = 4
 """
 
 
-def _result(root: Path, method: str, budget, gqa: float, tok_in: float, tok_eq: float) -> None:
+def _result(root: Path, method: str, budget, gqa: float, tok_in: float, tok_eq: float, tflops: float,
+            kv_mb: float) -> None:
     d = root / "gqa" / f"{method}-{budget}"
     d.mkdir(parents=True)
     cfg = {"benchmark": "gqa", "model": "tiny:llava", "method": method, "budget": budget, "options": {}}
     (d / "results.json").write_text(json.dumps({
         "schema": "vtprune.eval.results/1", "benchmark": "gqa", "metrics": {"GQA": gqa}, "partial": False, "created": "2026-01-01", "model": {"id": "tiny:llava"},
         "config": cfg, "counts": {"questions": 5, "answered": 5},
-        "tokens": {"tok_in": tok_in, "tok_eq": tok_eq}}))
+        "tokens": {"tok_in": tok_in, "tok_eq": tok_eq, "prefill_tflops": tflops, "kv_mb": kv_mb}}))
 
 
 def test_a_spec_file_of_one_s_own_loads_without_published_numbers_and_reports_against_the_unpruned_row(tmp_path):
@@ -82,16 +83,17 @@ def test_a_spec_file_of_one_s_own_loads_without_published_numbers_and_reports_ag
     t = paper.tables[0]
     assert paper.key == "my_table" and t.own and t.source == ""
     runs = tmp_path / "runs"
-    _result(runs, "none", None, 60.0, 16.0, 16.0)
-    _result(runs, "fastv", 4, 45.5, 16.0, 4.0)
+    _result(runs, "none", None, 60.0, 16.0, 16.0, 2.5e-06, 0.125)
+    _result(runs, "fastv", 4, 45.5, 16.0, 4.0, 1.25e-06, 0.0625)
     text, info = report(paper, [runs], figures_dir=tmp_path / "figs")
     lines = text.splitlines()
     assert "a table of one's own: my_table.toml." in lines
-    assert "| Method | Budget | GQA | Avg (van.=ours) | Visual tokens in | Visual tokens (layer avg) |" in lines
+    assert ("| Method | Budget | GQA | Avg (van.=ours) | Visual tokens in | Visual tokens (layer avg) | Prefill TFLOPs "
+            "| KV cache (MiB) |") in lines
     # ¶: 5 questions of GQA's 12,578; 45.5 - 60.0 = -14.5; 45.5 / 60 = 75.8 %; FastV keeps the 16 tokens into the
-    # LLM, 4 on average over the layers
-    assert "| Unpruned | – | 60.0 ¶ | 100.0% | 16.0 | 16.0 |" in lines
-    assert "| NormPrune | 4 | 45.5 ¶ (-14.5) | 75.8% | 16.0 | 4.0 |" in lines
+    # LLM, 4 on average over the layers; the analytic cost to three significant figures
+    assert "| Unpruned | – | 60.0 ¶ | 100.0% | 16.0 | 16.0 | 2.5e-06 | 0.125 |" in lines
+    assert "| NormPrune | 4 | 45.5 ¶ (-14.5) | 75.8% | 16.0 | 4.0 | 1.25e-06 | 0.0625 |" in lines
     assert "- Unpruned row: GQA 60.00." in lines and "- 2 of 2 cells run." in lines
     assert Path(info["figures"]["Table 1"]).is_file()
 
@@ -143,7 +145,16 @@ def test_a_user_file_method_through_a_benchmark_script_and_a_table_of_one_s_own_
     se = 100 * ((g / 100) * (1 - g / 100) / (5 - 1)) ** 0.5  # 5 fixture questions of 12,578: ¶
     avg = "–" if g0 == 0 else f"{100 * g / g0:.1f}%"
     row = next(line for line in md if line.startswith("| NormPrune |"))
-    assert row == f"| NormPrune | 4 | {g:.{d}f} ± {se:.{d}f} ¶ ({g - g0:+.{d}f}) | {avg} | 4.0 | 4.0 |", row
+    cost = [f"{mine['tokens'][k]:.3g}" for k in ("prefill_tflops", "kv_mb")]
+    assert row == (f"| NormPrune | 4 | {g:.{d}f} ± {se:.{d}f} ¶ ({g - g0:+.{d}f}) | {avg} | 4.0 | 4.0 | {cost[0]} | "
+                   f"{cost[1]} |"), row
+    # the analytic KV cache: the same prompts with 12 of the 16 visual tokens gone from every layer, fp32
+    from llava.cost import kv_bytes_per_token
+    from llava.models import load
+
+    per_token = kv_bytes_per_token(load("tiny:llava").model.config) * 4 / 2 ** 20
+    assert abs(base["tokens"]["kv_mb"] - mine["tokens"]["kv_mb"] - 12 * per_token) < 1e-12
+    assert mine["tokens"]["prefill_tflops"] < base["tokens"]["prefill_tflops"]
     assert (tmp_path / "runs/papers/my_table-table-1.png").is_file()
     assert (tmp_path / "runs/papers/my_table.tex").is_file()
 
