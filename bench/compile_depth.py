@@ -44,14 +44,18 @@ def _one(layers: int, regional: bool, backend: str, cache: str) -> dict:
 
     batch = rt.processor(["what is in the picture?"], [demo_image()])
     load_s = time.perf_counter() - t0
-    times = []
+    from torch._dynamo.utils import counters
+
+    times, graphs = [], []
     for _ in range(2):
         t0 = time.perf_counter()
         with torch.no_grad():
             rt.model.generate(**batch, max_new_tokens=4, do_sample=False)
         times.append(time.perf_counter() - t0)
+        graphs.append(counters["stats"]["unique_graphs"])
     return {"layers": layers, "regional": eng.fast.regional, "backend": backend, "load_s": round(load_s, 2),
-            "first_s": round(times[0], 2), "second_s": round(times[1], 3), "path": eng.stats.path}
+            "first_s": round(times[0], 2), "second_s": round(times[1], 3), "second_new_graphs": graphs[1] - graphs[0],
+            "path": eng.stats.path}
 
 
 def _process(layers: int, regional: bool, backend: str, cache: str) -> dict:
