@@ -402,7 +402,7 @@ COMMANDS = {"list": _list, "check-data": _check_data, "run": _run, "merge": _mer
 def _run_many(args) -> int:
     from .run_many import run_many
 
-    return run_many(args)
+    return run_many(args, main, INTERRUPTED)
 
 
 def _lmms_import(args) -> int:

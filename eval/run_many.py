@@ -24,6 +24,7 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 
 def add_parser(sub) -> None:
@@ -122,10 +123,9 @@ class ModelCache:
             self.drop()
 
 
-def run_one(argv: list[str]) -> int:
-    """One config as ``python -m eval`` runs it; a bug's traceback or an exit is its status, never the grid's."""
-    from .cli import main
-
+def run_one(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """One config as ``python -m eval`` (``main``: :func:`eval.cli.main`) runs it; a bug's traceback or an exit is
+    its status, never the grid's."""
     if "torch._dynamo" in sys.modules:  # the fast path: every config compiles afresh, as in its own process
         sys.modules["torch._dynamo"].reset()
     try:
@@ -140,9 +140,9 @@ def run_one(argv: list[str]) -> int:
         sys.stderr.flush()
 
 
-def run_many(args) -> int:
-    """``python -m eval run-many``: every config on stdin, in order; exit 1 when one failed, 130 on Ctrl-C."""
-    from .cli import INTERRUPTED
+def run_many(args, main: Callable[[list[str]], int], interrupted: int) -> int:
+    """``python -m eval run-many``: every config on stdin through ``main`` (:func:`eval.cli.main`), in order; exit 1
+    when one failed, ``interrupted`` (a config's status on Ctrl-C) when one was stopped."""
     import llava.models as models
 
     try:
@@ -155,12 +155,12 @@ def run_many(args) -> int:
     with ModelCache(models.load).installed() as cache:
         for i, (label, argv) in enumerate(configs, 1):
             print(f"[{i}/{total}] {label}", flush=True)
-            code = run_one(argv)
+            code = run_one(main, argv)
             if args.record:
                 with Path(args.record).open("a", encoding="utf-8") as f:
                     f.write(f"{code} {label}\n")
-            if code == INTERRUPTED:
-                return INTERRUPTED
+            if code == interrupted:
+                return interrupted
             if code:
                 failed += 1
                 cache.drop()
