@@ -73,7 +73,6 @@ class _Loop:
     answered: int = 0
     warned_noop: bool = False
     sums: dict = field(default_factory=lambda: {"in": 0.0, "avg": 0.0, "n": 0})  # visual tokens, for the progress log
-    text_tokens: list | None = None  # the current batch's prompt tokens per sample (placeholders included)
 
 
 def infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=None, n_done=None, qhashes=None):
@@ -123,7 +122,7 @@ def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
     if has_visual and engine.prefills != prefills + 1:
         raise RuntimeError("the pruning engine did not handle this batch's prefill (token accounting would be stale)")
     stats = engine.stats if has_visual else None
-    loop.text_tokens = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else None
+    prompt = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else None  # placeholders included
     recs = []
     for b, (q, text) in enumerate(zip(batch, outs)):
         rec = loop.bench.record(q, loop.bench.postprocess(text), loop.model_id)
@@ -131,7 +130,7 @@ def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
                 "rank": loop.info.rank, "batch": len(batch), "new_tokens": _new_tokens(rt, new[b].tolist()),
                 "time": {"generate": t_gen / len(batch)}}
         if stats is not None:
-            _record_stats(loop, meta, q, stats, b, len(batch))
+            _record_stats(loop, meta, q, stats, b, len(batch), None if prompt is None else prompt[b])
         else:
             meta["path"] = "eager"
             if loop.cfg.fast:
@@ -187,17 +186,18 @@ def _new_tokens(rt, row: list[int]) -> int:
     return next((i + 1 for i, t in enumerate(row) if t == eos), len(row) - sum(1 for t in row if t == pad))
 
 
-def _record_stats(loop: _Loop, meta: dict, q, stats, b: int, n: int) -> None:
+def _record_stats(loop: _Loop, meta: dict, q, stats, b: int, n: int, prompt_tokens: int | None) -> None:
     """What the engine did for sample ``b`` of a batch of ``n``: visual tokens (candidates, entering the LLM,
-    per layer), the prefill's parts timed, the path it took (fast / eager, and why eager under ``--fast``)."""
+    per layer), the prefill's parts timed, the path it took (fast / eager, and why eager under ``--fast``);
+    ``prompt_tokens`` (its attention mask's count, placeholders included): its text tokens and analytic cost."""
     cfg = loop.cfg
     s = stats.samples[b].as_dict()
     meta.update(visual_candidates=s["visual_candidates"], visual_entering_llm=s["visual_entering_llm"],
                 visual_layer_avg=s["visual_layer_avg"], visual_per_layer=s["visual_per_layer"],
                 vision_noop=s.get("vision_noop", False))
-    if loop.text_tokens is not None:  # the prompt's text tokens and the analytic cost (llava.cost: FLOPs, KV bytes)
+    if prompt_tokens is not None:  # the prompt's text tokens and the analytic cost (llava.cost: FLOPs, KV bytes)
         rt = loop.rt
-        meta["text_tokens"] = loop.text_tokens[b] - s["visual_candidates"]
+        meta["text_tokens"] = prompt_tokens - s["visual_candidates"]
         meta.update(sample_cost(rt.model.config, meta["text_tokens"], s["visual_per_layer"],
                                 rt.model.get_input_embeddings().weight.element_size()))
     if (s.get("vision_noop") and s["visual_layer_avg"] >= s["visual_candidates"] and not loop.warned_noop

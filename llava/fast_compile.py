@@ -122,7 +122,8 @@ def mark_regions(lists, decoder: bool = True) -> int:
         if at == 0 and not decoder:
             continue
         for i, layer in enumerate(layers):
-            layer._vtprune_slot = i  # (again on a marked layer: a layer list changed since, e.g. a copied layer)
+            if at == 0:  # its cache slot (again on a marked layer: the list may have changed, e.g. a copied layer)
+                layer._vtprune_slot = i
             if getattr(layer, "_vtprune_region", False):
                 continue
             _region(type(layer))  # made here, outside any trace (dynamo reads the table, never writes it)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from conftest import child_env
+from test_user_methods import NORMPRUNE
 
 from eval.cli import main as eval_main
 from eval.fixtures import write_fixtures
@@ -23,21 +24,7 @@ from eval.papers import load
 
 REPO = Path(__file__).resolve().parents[1]
 
-METHOD = '''import torch
-from llava.method import Method, Selection, register
-
-
-@register
-class NormPrune(Method):
-    """Keep the visual tokens with the largest feature norm."""
-
-    name = "normprune_t"
-    vision_stage = True
-
-    def select_vision(self, sig):
-        k = min(self.budget, sig.features.shape[0])
-        return Selection(keep=sig.features.float().norm(dim=-1).topk(k).indices.sort().values)
-'''
+METHOD = NORMPRUNE.format(name="normprune_t")  # the user's method file of tests/test_user_methods.py
 
 TABLE = """[paper]
 key = "my_table"

@@ -276,7 +276,7 @@ class _Layout(Method):
 
     def select_vision(self, sig):
         self.seen.append(([int((sig.unit == u).sum()) for u in range(sig.num_units)], int(sig.is_newline.sum())))
-        return Selection(keep=torch.arange(sig.num_tokens))
+        return Selection(keep=torch.arange(sig.num_tokens, device=sig.unit.device))
 
 
 def layout(rt, inputs):
