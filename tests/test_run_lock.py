@@ -140,17 +140,27 @@ def _answers(run_dir: Path, field: str = "text") -> dict:
     return got
 
 
+def _some_answer(run_dir: Path) -> bool:
+    try:
+        return run_dir.exists() and any(_answers(run_dir).values())
+    except ValueError:  # a line caught half-written while the run goes on: look again
+        return False
+
+
 def test_two_writers_then_kill9_then_resume(mme, varied_model, tmp_path):
     out = tmp_path / "runs"
     run_dir = out / "mme" / "gridmodel_random_b8"
     args = ("--max-new-tokens", "12")
-    # the holder: slow enough (28 questions, 12 new tokens each: longer than tiny:llava at 48) to be caught mid-run
+    # the holder (28 questions, 12 new tokens each) is stopped (SIGSTOP) as soon as its first answer is on disk: a
+    # stopped process still holds its lock, and a fast machine cannot finish all 28 while the second one starts
+    # (CI's did, when the holder was only expected to be slow)
     first = subprocess.Popen(_run_args(mme, out, *args, model=varied_model), env=_env(), cwd=str(REPO),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not any(_answers(run_dir).values() if run_dir.exists() else []):
-            time.sleep(0.1)
+        while time.time() < deadline and not _some_answer(run_dir):
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
         assert first.poll() is None, "the first run ended before it could be caught mid-run"
         second = subprocess.run(_run_args(mme, out, *args, model=varied_model), env=_env(), cwd=str(REPO),
                                 capture_output=True, text=True, timeout=240)
