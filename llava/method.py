@@ -290,6 +290,11 @@ class Method:
     #: an official code that asks a layer for its attention map, ``output_attentions=True``, runs that layer on the
     #: eager path, and its fp16 hidden states differ from SDPA's). Eager engine only; attention layers only.
     eager_layers: tuple[int, ...] = ()
+    #: For ``python -m llava.check`` (docs/check.md): the budget it checks on the tiny models (a value, or a table
+    #: {family: budget}; None: the checker's table of built-ins, else no budget), and the (budget, options) with
+    #: which this method keeps every visual token (None: the checker's table, else keep-all is n.a.)
+    check_budget: ClassVar[int | dict | None] = None
+    check_keep_all: ClassVar[tuple[int | None, dict] | None] = None
 
     @property
     def llm_subblock_layers(self) -> tuple[int, ...]:

@@ -50,7 +50,7 @@ def methods():
     return [m for m in available_methods() if not m.startswith("test_")]
 
 
-def _env(tmp: Path, token_log: Path | None = None) -> dict:
+def _env(tmp: Path, token_log: Path | None = None, **extra) -> dict:
     # no rendezvous variables: an in-process deepspeed_inference of an earlier test (test_deepspeed_*) sets
     # MASTER_PORT and keeps that port bound, and lmms-eval's accelerator would try to listen on it
     drop = ("VTPRUNE_TOKEN_LOG", "PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -60,6 +60,7 @@ def _env(tmp: Path, token_log: Path | None = None) -> dict:
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if token_log is not None:
         env["VTPRUNE_TOKEN_LOG"] = str(token_log)
+    env.update(extra)
     return env
 
 
@@ -74,12 +75,12 @@ def lmms_eval_cmd(pretrained, method, budget, include_path, task, out, limit=LIM
             "--batch_size", str(BATCH), "--log_samples", "--output_path", str(out)]
 
 
-def run_lmms(tmp: Path, pretrained, method, budget, task, limit=LIMIT) -> dict:
+def run_lmms(tmp: Path, pretrained, method, budget, task, limit=LIMIT, **env) -> dict:
     out = tmp / "lmms" / method
     tok = tmp / "lmms" / f"{method}.tokens.json"
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(lmms_eval_cmd(pretrained, method, budget, tmp / "tasks", task, out, limit), cwd=REPO, check=False,
-                          env=_env(tmp, tok), capture_output=True, text=True, timeout=TIMEOUT)
+                          env=_env(tmp, tok, **env), capture_output=True, text=True, timeout=TIMEOUT)
     res = {"proc": proc, "results": None, "samples": None, "tokens": None}
     if proc.returncode == 0:
         rj = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
@@ -100,12 +101,12 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def run_harness(tmp: Path, runs: list[tuple[str, list[str]]], limit=LIMIT) -> dict:
+def run_harness(tmp: Path, runs: list[tuple[str, list[str]]], limit=LIMIT, **env) -> dict:
     """Our harness (``python -m eval run ...``) for each (name, argv) in one process of the lmms-eval
     environment; {name: {"answers": merge.jsonl rows, "records": shard rows, "results": results.json}}."""
     argvs = [["run", *argv, "--out", str(tmp / "harness"), "--run-name", name, "--batch-size", str(BATCH),
               "--limit", str(limit), "--no-wandb", "--overlay-samples", "0", "--overwrite"] for name, argv in runs]
-    proc = subprocess.run([str(LMMS_PY), "-c", HARNESS, json.dumps(argvs)], cwd=REPO, check=False, env=_env(tmp),
+    proc = subprocess.run([str(LMMS_PY), "-c", HARNESS, json.dumps(argvs)], cwd=REPO, check=False, env=_env(tmp, **env),
                           capture_output=True, text=True, timeout=TIMEOUT)
     _check(proc, "python -m eval run")
     out = {}
@@ -194,6 +195,25 @@ def test_lmms_eval_tiny_model_gqa_layout_task(tmp_path):
                                        str(DEFAULT_BUDGET), "--data-root", str(task_dir / "data"),
                                        "--max-new-tokens", "16"])], limit=4)["cd"]
     _compare(lm, h, "gqa_accuracy", "GQA", "tiny:llava consensusdrop on the GQA fixture", limit=4)
+
+
+def test_lmms_eval_runs_a_users_method_named_by_the_variable(tmp_path):
+    """A method from a file outside the repository's packages (docs/your-method.md's NormPrune), named by
+    ``VTPRUNE_METHODS``: lmms-eval's vtprune model finds it, and answers as our harness does with it."""
+    from integrations.lmms_eval.tasks import write_task
+
+    user = {"VTPRUNE_METHODS": str(REPO / "docs" / "examples" / "normprune" / "my_method.py")}
+    task_dir = write_task(tmp_path / "tasks", "vtprune_gqa_fixture")
+    lm = run_lmms(tmp_path, "tiny:llava", "normprune", 4, "vtprune_gqa_fixture", limit=4, **user)
+    h = run_harness(tmp_path, [("np", ["gqa", "--model", "tiny:llava", "--method", "normprune", "--budget", "4",
+                                       "--data-root", str(task_dir / "data"), "--max-new-tokens", "16"])],
+                    limit=4, **user)["np"]
+    _compare(lm, h, "gqa_accuracy", "GQA", "tiny:llava normprune (a user's method) on the GQA fixture", limit=4)
+    assert lm["tokens"]["method"]["method"] == "normprune" and lm["tokens"]["tok_in"] == 4
+    # without the variable the name is unknown to lmms-eval's model too: refused, not silently unpruned
+    write_task(tmp_path / "bare" / "tasks", "vtprune_gqa_fixture")
+    bare = run_lmms(tmp_path / "bare", "tiny:llava", "normprune", 4, "vtprune_gqa_fixture", limit=1)
+    assert bare["proc"].returncode != 0 and "normprune" in bare["proc"].stderr + bare["proc"].stdout
 
 
 if __name__ == "__main__":  # the exact lmms-eval command line the test runs, for one method
