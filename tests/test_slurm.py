@@ -104,7 +104,10 @@ def grid(tmp_path_factory, cluster):
     model = save_tiny_llava(root / "gridmodel", size="grid")
     env = dict(cluster, **GRID, MODEL=str(model), DATA_ROOT=str(data))
     single = root / "single"
-    r = subprocess.run(["bash", str(REPO / f"scripts/papers/{PAPER}.sh"), TABLE], env=dict(env, OUT=str(single)),
+    # the reference in one process, the model loaded once (LAUNCHER=inprocess: the per-process answers, as
+    # tests/test_run_many.py shows), not four
+    r = subprocess.run(["bash", str(REPO / f"scripts/papers/{PAPER}.sh"), TABLE],
+                       env=dict(env, OUT=str(single), LAUNCHER="inprocess"),
                        capture_output=True, text=True, timeout=900, cwd=str(REPO))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"{PAPER}: {N_CONFIGS} configs to run" in r.stdout
@@ -302,11 +305,15 @@ def test_multinode_equals_one_process(grid, tmp_path, launcher, tp):
     env = dict(grid["env"], OUT=str(out), NPROC="1", LAUNCHER=launcher, TP=str(tp), REPO=str(REPO),
                PATH=f"{trap}:{grid['env']['PATH']}")
     log = tmp_path / "job.out"
-    r = _sh(["sbatch", "--parsable", "--wait", "-N", "2", "-c", "1", "-o", str(log),
+    # not `sbatch --wait`: it polls the job after 2, 8 and 32 s, so a 12 s job returned after 42 s
+    r = _sh(["sbatch", "--parsable", "-N", "2", "-c", "1", "-o", str(log),
              str(REPO / "scripts/slurm/multinode.sbatch"), "pope", "visionzip", "64", grid["env"]["MODEL"],
-             "--opt", "numerics=official"], env, timeout=600, cwd=str(tmp_path))
+             "--opt", "numerics=official"], env, timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    state = _wait(env, [job])[job]
     text = log.read_text()
-    assert r.returncode == 0, text[-4000:]
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-4000:])
     assert "on 2 nodes (node[1-2]), master 127.0.0.1:" in text
     assert "world 2" in text and not (tmp_path / "ssh-calls").exists()
     name = "gridmodel_visionzip_b64_numerics=official" + ("_tp2" if tp == 2 else "")
