@@ -123,8 +123,9 @@ def data(fixture_data, tmp_path):
 
 
 #: the files that keep one worker longest (a minute or more each on this project's 2-core machine, 2026-11-26), in
-#: that order, collected first: under ``--dist loadfile`` the workers take the files in collection order, and the
-#: longest one collected near the end (tests/test_slurm.py, ~4 minutes) left one worker running alone at the end
+#: that order, handed out first: pytest-xdist (>= 3.6) hands the files out by their number of tests, most first,
+#: so the long files of a few end-to-end tests (tests/test_slurm.py: five tests, ~3 minutes) came last and one worker
+#: ran them alone at the end. Its reordering is turned off (:func:`pytest_configure`) and this order used instead.
 SLOW_FILES_FIRST = ("test_slurm.py", "test_slurm_scripts.py", "test_tensor_parallel.py", "test_run_many.py",
                     "test_doc_commands.py", "test_eval_e2e.py", "test_fastpath.py", "test_fastpath_llm.py",
                     "test_gpu_ready.py", "test_fastpath_qwen.py", "test_gpu_check.py", "test_fastpath_baselines.py")
@@ -133,3 +134,8 @@ SLOW_FILES_FIRST = ("test_slurm.py", "test_slurm_scripts.py", "test_tensor_paral
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6: the files in SLOW_FILES_FIRST's order
+        config.option.loadscopereorder = False

@@ -188,7 +188,7 @@ def test_tp_with_the_fast_path_or_vllm_is_refused_before_anything_runs():
 def _shapes(tmp_path, name, method, **env):
     out = tmp_path / name
     e = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-         "EXTRA_ARGS": "--no-wandb --batch-size 50 --bench-opt n=100", **env}
+         "EXTRA_ARGS": "--no-wandb --batch-size 20 --bench-opt n=40", **env}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         e.pop(k, None)
     p = subprocess.run(["bash", str(ROOT / "scripts/eval/shapes.sh"), method, "16"], env=e, cwd=tmp_path,
@@ -213,12 +213,12 @@ def test_the_deepspeed_launcher_at_tp2_answers_as_one_process(tmp_path, method):
     if not (ROOT / "testbed/weights/config.json").exists():
         pytest.skip("testbed/weights is not in this checkout")
     _, ref, ref_res = _shapes(tmp_path, "python", method, LAUNCHER="python")
-    # the testbed's answers differ by question (17 different of 100 at FastV 16): the equality compares real answers
+    # the testbed's answers differ by question (13 different of 40 at FastV 16): the equality compares real answers
     assert_answers_vary([t[0] for t in ref.values()], 10)
     for nproc in (2, 4) if method == "fastv" else (2,):  # two groups: the launcher's logic, not the method's
         run, got, res = _shapes(tmp_path, f"tp2x{nproc}", method, LAUNCHER="deepspeed", TP="2", NPROC=str(nproc))
         assert run.name.endswith("_tp2")
-        assert {q: t[0] for q, t in got.items()} == {q: t[0] for q, t in ref.items()} and len(ref) == 100
+        assert {q: t[0] for q, t in got.items()} == {q: t[0] for q, t in ref.items()} and len(ref) == 40
         assert all(len(t) == 1 for t in got.values())  # every question answered once
         assert sorted(p.name for p in (run / "answers").glob("*.jsonl")) == [f"{nproc // 2}_{i}.jsonl" for i in range(nproc // 2)]
         assert res["metrics"] == ref_res["metrics"]
