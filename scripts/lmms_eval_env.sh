@@ -33,6 +33,9 @@ VENV=${VTPRUNE_LMMS_VENV:-$REPO/.venv-lmms}
 MODE=${VTPRUNE_LMMS_TORCH:-pair}
 LMMS_VERSION=${LMMS_EVAL_VERSION:-0.7.3}
 TORCH_PAIR=("torch==2.14.1" "torchvision==0.29.1")
+# lmms-eval 0.7.3's evaluator imports filelock._api, which filelock 4 removed: with filelock 4 every evaluation logs
+# "Error during evaluation: No module named 'filelock._api'" and exits 0 with no results (seen 2026-11-26)
+FILELOCK="filelock<4"
 PY=${PYTHON:-python3}
 
 case "$MODE" in pair|cpu) ;; *) echo "VTPRUNE_LMMS_TORCH must be 'pair' or 'cpu', got '$MODE'" >&2; exit 2 ;; esac
@@ -48,7 +51,7 @@ PIP=("$VPY" -m pip install --disable-pip-version-check)
 
 if [ "$MODE" = pair ]; then
     say "installing ${TORCH_PAIR[*]} + $LMMS_REQ + this package (editable, with the test extra) in one resolve"
-    "${PIP[@]}" "${TORCH_PAIR[@]}" "$LMMS_REQ" -e ".[test]"
+    "${PIP[@]}" "${TORCH_PAIR[@]}" "$LMMS_REQ" "$FILELOCK" -e ".[test]"
 else
     say "installing torch 2.13.0 (constraints.txt), $LMMS_REQ without torchvision / timm, this package"
     "${PIP[@]}" -c constraints.txt "torch==2.13.0"
@@ -65,7 +68,7 @@ for r in requires("lmms-eval") or []:
         print(r.split(";")[0].strip())
 EOF
 )
-    "${PIP[@]}" -c constraints.txt "${REQS[@]}" -e ".[test]"
+    "${PIP[@]}" -c constraints.txt "${REQS[@]}" "$FILELOCK" -e ".[test]"
 fi
 
 say "checking the environment"

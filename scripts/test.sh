@@ -4,9 +4,12 @@
 # -k on a few tests); PYTEST_WORKERS=N sets the count. Much of the suite is the fast path's compiles
 # (tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own with every case traced) and the
 # harness's end-to-end scripts (subprocesses), and tests/test_slurm.py (a real local Slurm: a few minutes of one
-# worker). Measured 2026-11-26 on this project's 2-core CPU machine, alone, without .venv-official (as CI): 5855
-# tests, 601 skipped, in 20:36 (the fast-path compiles shorter since the regional compile; the Slurm file's real
-# cluster and the end-to-end scripts are the tail). A run that once took 1:29 was not slow but hung: a test left a
+# worker). tests/conftest.py hands the slowest files out first and gives the tests' child processes their worker's
+# share of the threads. Measured on this project's 2-core CPU machine, alone, without .venv-official (as CI):
+# 2026-11-26, 5867 tests, 568 skipped: 22:26 before that day's cuts, 21:07 with the first of them, 23:01 with all of
+# them on a busier machine (the same unchanged files 10-70 % slower than in the run before); a third worker: 22:03.
+# Not yet under the 20-minute goal here.
+# A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
 # every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
 set -euo pipefail
