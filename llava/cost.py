@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["layer_macs", "HybridSpec", "hybrid_spec", "linear_layer_macs", "prefill_macs", "llm_dims",
-           "kv_bytes_per_token", "attention_layers", "sample_cost"]
+           "kv_bytes_per_token", "attention_layers", "sample_cost", "prompt_kv_bytes"]
 
 
 def layer_macs(n: int, d: int, m: int, convention: str, d_kv: int | None = None) -> float:
@@ -111,7 +111,12 @@ def sample_cost(cfg, text_tokens: int, visual_per_layer: list[int], dtype_bytes:
     d, m, _, d_kv = llm_dims(cfg)
     lengths = [text_tokens + v for v in visual_per_layer]
     macs = prefill_macs(lengths, d, m, "A", d_kv, hybrid_spec(cfg))
+    return {"prefill_tflops": 2 * macs / 1e12, "kv_mb": prompt_kv_bytes(cfg, lengths, dtype_bytes) / 2 ** 20}
+
+
+def prompt_kv_bytes(cfg, lengths: list[int], dtype_bytes: int) -> int:
+    """The key and value bytes a prompt leaves in the cache: each attention layer's k + v for the ``lengths[i]``
+    tokens that layer ran on (a linear-attention layer keeps a fixed-size state instead)."""
     attn = attention_layers(cfg)
-    per_token_layer = kv_bytes_per_token(cfg) // len(attn) * dtype_bytes  # elements of one layer's k + v, in bytes
-    kv = per_token_layer * sum(lengths[i] for i in attn if i < len(lengths))
-    return {"prefill_tflops": 2 * macs / 1e12, "kv_mb": kv / 2 ** 20}
+    per_token_layer = kv_bytes_per_token(cfg) // len(attn) * dtype_bytes  # one layer's k + v of one token, in bytes
+    return per_token_layer * sum(lengths[i] for i in attn if i < len(lengths))

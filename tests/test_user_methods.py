@@ -5,7 +5,6 @@ the exception; a name a built-in method has is refused. The bare file's case run
 fresh interpreter; the others call the command lines' ``main`` in this one, on a fresh plugin state
 (:func:`fresh_plugins`: the registry, the loader's flags and the user's modules restored after each test)."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -50,8 +49,7 @@ def fresh_plugins(monkeypatch, tmp_path):
     def use(**env):
         for k, v in env.items():
             if k == "PYTHONPATH":
-                monkeypatch.syspath_prepend(v)
-                importlib.invalidate_caches()
+                monkeypatch.syspath_prepend(v)  # (it invalidates the import caches itself)
             else:
                 monkeypatch.setenv(k, str(v))
 

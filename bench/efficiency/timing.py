@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from bench.efficiency.cost import (attention_layers, cache_bytes, hybrid_spec, kv_bytes_per_token, llm_dims,
-                                   prefill_macs)
+from bench.efficiency.cost import cache_bytes, hybrid_spec, llm_dims, prefill_macs
 from bench.efficiency.inputs import build_batch
+from llava.cost import prompt_kv_bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -185,8 +185,6 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
     fast = path == "fast"
     d, m, L, d_kv = llm_dims(rt.model.config)
     spec = hybrid_spec(rt.model.config)
-    attn = attention_layers(rt.model.config)
-    per_layer_tok = kv_bytes_per_token(rt.model.config) * torch.finfo(rt.model.dtype).bits // 8 // len(attn)
     batch1 = [build_batch(rt, [it], device) for it in items]
     t0 = time.perf_counter()
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
@@ -214,7 +212,8 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
             "path": st.path, "path_reason": st.path_reason, "bucket": st.bucket, "compiled_before_timing": compiled,
             "visual_candidates": s.visual_candidates, "visual_entering_llm": s.visual_entering_llm,
             "visual_layer_avg": s.visual_layer_avg, "layer_lengths": lens,
-            "kv_bytes": kv, "kv_bytes_analytic": per_layer_tok * sum(analytic_lens[i] for i in attn),
+            "kv_bytes": kv,
+            "kv_bytes_analytic": prompt_kv_bytes(rt.model.config, analytic_lens, rt.model.dtype.itemsize),
             "macs_A": prefill_macs(lens, d, m, "A", d_kv, spec), "macs_B": prefill_macs(lens, d, m, "B", d_kv, spec),
             "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         })
