@@ -10,9 +10,28 @@
 
 from __future__ import annotations
 
-from .engine import PromptSpec, PruningEngine, attach
-from .method import Method, Selection, available_methods, get_method, register
-from .models import Runtime, load
+from typing import TYPE_CHECKING
+
+#: the package's names and the module each comes from: imported on first use (PEP 562), so that a command that only
+#: plans or reports (``python -m eval paper-grid``, ``eval paper``, ``eval table``) does not pay transformers' import
+_LAZY = {"PromptSpec": "engine", "PruningEngine": "engine", "attach": "engine", "Method": "method",
+         "Selection": "method", "available_methods": "method", "get_method": "method", "register": "method",
+         "Runtime": "models", "load": "models"}
+
+if TYPE_CHECKING:
+    from .engine import PromptSpec, PruningEngine, attach
+    from .method import Method, Selection, available_methods, get_method, register
+    from .models import Runtime, load
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["load", "prune", "attach", "Runtime", "PruningEngine", "PromptSpec", "Method", "Selection",
            "register", "get_method", "available_methods"]
@@ -23,6 +42,9 @@ def prune(target, method: str | Method = "none", budget: int | None = None, *, t
     """Apply ``method`` at ``budget`` to a :class:`Runtime` (preferred: knows the prompt template and
     LLaVA-NeXT layout) or a bare transformers model; ``generate()`` then prunes. For a bare model,
     query-aware methods need ``tokenizer`` and ``template`` (e.g. 'vicuna_v1') to find the question."""
+    from .engine import attach
+    from .models import Runtime
+
     if isinstance(target, Runtime):
         return target.prune(method, budget, **options)
     if tokenizer is not None and template is not None and "prompt_spec" not in options:

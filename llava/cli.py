@@ -13,10 +13,6 @@ import json
 import sys
 import time
 
-import torch
-
-from .method import BudgetError
-
 
 def parse_options(pairs: list[str], what: str = "--opt") -> dict:
     """``key=value`` strings to a dict; values parsed as JSON where they are JSON (3, true, [1,2])."""
@@ -77,7 +73,10 @@ def _msg(e: BaseException) -> str:
 def ask(model, question, image=None, video=None, method="none", budget=None, options=None, dtype=None, device=None,
         max_new_tokens=32, next_layout="spatial_unpad", rt=None):
     """Answer one question; returns a dict with the answer, token accounting and timings."""
+    import torch
+
     from .demo_image import demo_image
+    from .method import BudgetError
     from .models import load
 
     bad = budget_without_method(method, budget)
