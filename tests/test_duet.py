@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, check_generate_batch_equals_alone, layout, make_batch, slice_batch
+from conftest import FAMILIES, check_generate_batch_equals_alone, layout, llm_visual_rows, make_batch, slice_batch
 
 import baselines.duet  # noqa: F401  (registers "duet")
 from baselines.duet import DUET, budget_split, duet_rank, duet_vision, layer_fraction
@@ -256,36 +256,11 @@ def test_llm_input_equals_the_official_stage1(rt):
     with torch.no_grad():
         ref = core.multi_modal_projector(official_tower_stage1(tower, pixels, 5, 2, 2))
     per_sample = ref.shape[0] // 3
-    rows = layer0_visual_rows(rt, inputs, 7 * per_sample)
+    rows = llm_visual_rows(rt, inputs, outputs=7 * per_sample)
     for b in range(3):
         expected = ref[b * per_sample:(b + 1) * per_sample].flatten(0, 1)
         assert rows[b].shape == expected.shape == (7 * per_sample, expected.shape[-1])
         torch.testing.assert_close(rows[b], expected, atol=1e-5, rtol=1e-4)
-
-
-def layer0_visual_rows(rt, inputs, n_out):
-    """Per sample, the ``n_out`` visual rows entering decoder layer 0 (the staged decoder runs the layers itself,
-    left-padded rows: [pad, text before, visual, text after])."""
-    cap = {}
-    layer0 = rt.model.model.language_model.layers[0]
-
-    def grab(m, a, kw):
-        cap.setdefault("h", a[0] if a else kw["hidden_states"])
-
-    hook = layer0.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            rt.model(**inputs)
-    finally:
-        hook.remove()
-    vis_ids = torch.tensor([rt.model.config.image_token_id, getattr(rt.model.config, "video_token_id", -1)])
-    rows = []
-    for b in range(inputs["input_ids"].shape[0]):
-        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
-        after = ids.numel() - int(torch.nonzero(torch.isin(ids, vis_ids)).flatten()[-1]) - 1
-        h = cap["h"][b]
-        rows.append(h[h.shape[0] - after - n_out:h.shape[0] - after])
-    return rows
 
 
 @pytest.fixture(scope="module")

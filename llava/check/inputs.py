@@ -126,11 +126,19 @@ def greedy_no_cache(model, inputs, steps):
     return ids
 
 
-def llm_visual_rows(rt, inputs):
-    """Per sample, the visual rows of the sequence entering decoder layer 0 (captured there)."""
+def llm_visual_rows(rt, inputs, outputs: int | None = None):
+    """Per sample, the visual rows of the sequence entering the language model (captured at its input). With
+    ``outputs=n``: the ``n`` rows before the text after the image entering decoder layer 0 (a method whose staged
+    decoder runs the layers itself, on left-padded rows [pad, text before, visual, text after])."""
     cap = {}
-    hook = rt.model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: cap.update(kw), with_kwargs=True)
+    lm = rt.model.model.language_model
+    if outputs is None:
+        hook = lm.register_forward_pre_hook(lambda m, a, kw: cap.update(kw), with_kwargs=True)
+    else:
+        def grab(m, a, kw):  # the first call's rows (returns None: the layer's inputs unchanged)
+            cap.setdefault("h", a[0] if a else kw["hidden_states"])
+
+        hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             rt.model(**inputs)
@@ -142,6 +150,10 @@ def llm_visual_rows(rt, inputs):
         ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
         pos = torch.nonzero(torch.isin(ids, vis_ids)).flatten()
         before, after = int(pos[0]), ids.numel() - int(pos[-1]) - 1
-        new = cap["inputs_embeds"][b][cap["attention_mask"][b].bool()]
-        rows.append(new[before:new.shape[0] - after])
+        if outputs is None:
+            new = cap["inputs_embeds"][b][cap["attention_mask"][b].bool()]
+            rows.append(new[before:new.shape[0] - after])
+        else:
+            h = cap["h"][b]
+            rows.append(h[h.shape[0] - after - outputs:h.shape[0] - after])
     return rows
