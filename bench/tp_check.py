@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from llava.check.tp import agreement, rank_env
+from llava.tp import _free_port
 
 FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
 LOGIT_TOL = 1e-5
@@ -48,21 +49,6 @@ class TPCheckConfig:
     out: str | None = None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(rank: int, world: int, port: int, device: str) -> None:
-    """What a launcher would set for ``rank``, and DeepSpeed's CPU accelerator on a CPU."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
-    if device == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        os.environ["OMP_NUM_THREADS"] = "1"
-
-
 def sharded_params(plain, wrapped) -> dict[str, list[list[int]]]:
     """{name: [plain shape, this rank's shape]} for every parameter whose shape the sharding changed."""
     ref = dict(plain.named_parameters())
@@ -75,9 +61,6 @@ def sharded_params(plain, wrapped) -> dict[str, list[list[int]]]:
 
 
 def _compare(rt_plain, rt_tp, method: str, family: str, cfg: TPCheckConfig, device) -> dict:
-    import torch
-    import torch.distributed as dist
-
     from bench import gpu_check as G
 
     fam = G.family_key(family)
@@ -106,15 +89,13 @@ def _compare(rt_plain, rt_tp, method: str, family: str, cfg: TPCheckConfig, devi
         return {**rec, "verdict": "FAIL", "error": G._tail(e)}
     finally:
         G._unprune(rt_tp)
-    ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, t1.cpu().tolist())  # every rank must have chosen the same tokens
-    equal = bool(torch.equal(t0.cpu(), t1.cpu())) and all(r == ranks[0] for r in ranks)
-    delta = float((l0 - l1).abs().max()) if equal else float((l0[:, 0] - l1[:, 0]).abs().max())
-    ok = equal and delta <= cfg.logit_tol
-    rec.update(tokens_equal=equal, ranks_agree=all(r == ranks[0] for r in ranks), tokens=t0.cpu().tolist(),
-               max_logit_delta=delta, verdict="PASS" if ok else "FAIL")
+    a = agreement(t0, l0, t1, l1)  # every rank must have chosen the plain model's tokens
+    equal = a["tokens_equal"] and a["ranks_agree"]
+    ok = equal and a["max_logit_delta"] <= cfg.logit_tol
+    rec.update(tokens_equal=equal, ranks_agree=a["ranks_agree"], tokens=t0.cpu().tolist(),
+               max_logit_delta=a["max_logit_delta"], verdict="PASS" if ok else "FAIL")
     if not equal:
-        rec["tp_tokens"] = ranks
+        rec["tp_tokens"] = a["ranks"]
     return rec
 
 
@@ -168,7 +149,7 @@ def run_check(cfg: TPCheckConfig) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = str(Path(tmp) / "rank0.json")
-        mp.start_processes(_worker, args=(cfg, free_port(), result), nprocs=cfg.tp, start_method="spawn")
+        mp.start_processes(_worker, args=(cfg, _free_port(), result), nprocs=cfg.tp, start_method="spawn")
         report = json.loads(Path(result).read_text())
     verdicts = [r["verdict"] for r in report["results"]]
     report["summary"] = {v: verdicts.count(v) for v in sorted(set(verdicts))}
