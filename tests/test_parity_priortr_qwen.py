@@ -178,3 +178,25 @@ def test_planted_changes_show(built, tmp_path, monkeypatch):
         *inner(*a)))
     causal = _planted(info, tmp_path / "causal")
     assert any(not c.ok and "kept indices DIFFER" in c.detail for c in causal)
+
+
+@needs_official
+def test_seed_11_names_its_tie_and_its_kernel_difference(tmp_path):
+    """A build no results file uses (seed 11) shows the two differences the official code's numerics decide, and the
+    report says which each is by itself: the unpruned fp16 image 3 (alone and in the batch of four) parts at step 0,
+    official 98 and ours 101, both sides' top two logits 0.329834 / 0.329590, one fp16 step apart: "tie within one
+    ulp"; PriorTR at r = 0.2222 on image 1 (fp16) keeps another token, the environments' layer-2 attention rows
+    ~2e-4 apart, and our selection on the official side's own rows gives its picks: the replay says so. Every other
+    check, fp32 all of them, is identical."""
+    info = qwen.build(tmp_path, seed=11, family="qwen3-vl")
+    checks = qwen.run(info, str(QWEN3_PY), tmp_path, methods=("priortr",), official_path=str(CLONE))
+    differ = {c.case: c.detail for c in checks if not c.ok}
+    assert sorted(differ) == ["qwen3-vl fp16 none batch [0, 1, 2, 3]", "qwen3-vl fp16 none batch [3]",
+                              "qwen3-vl fp16 priortr r=0.2222 batch [1]"], differ
+    for case in ("qwen3-vl fp16 none batch [3]", "qwen3-vl fp16 none batch [0, 1, 2, 3]"):
+        assert ("image 3 step 0: official 98 (0.329834), 101 (0.32959); ours 101 (0.329834), 98 (0.32959): "
+                "tie within one ulp") in differ[case], differ[case]
+    prior = differ["qwen3-vl fp16 priortr r=0.2222 batch [1]"]
+    assert "kept indices DIFFER" in prior
+    assert "replay on the official rows: identical picks (the environments' kernels differ)" in prior
+    assert 1e-4 < float(prior.split("layer K-1 attention ")[1].split(";")[0]) < 1e-3
