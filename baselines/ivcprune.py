@@ -24,6 +24,13 @@ The two official rules (``rule``):
 - ``"llava"`` (``modeling_llama.py``): W over **all** tokens of the prompt; foreground = the top round(0.2 n) by the
   anchor score; IVC = round(0.05 n) by cos + round(0.05 n) by sin; kept = the union (a data-dependent count,
   at most 31 % of n). The caches of layers 1..K-1 keep only the kept rows; layer 0's keeps the whole prompt.
+- ``"qwen2_vl"`` (``models/qwen2_vl/modeling_qwen2_vl.py``, ``calculate_avg_similarity_for_subset`` 1651-1691 and
+  ``fastv_forward_flashattention_find_forground_plan_last`` 1694-1850, the function its Qwen2-VL model runs): the
+  LLaVA rule's shape on Qwen2-VL - W over **all** tokens (the anchor rows' softmax, then one mean over the heads and
+  rows, the value heads repeated to the query heads), round(0.01 n) seeds (none under 50 image tokens), foreground
+  the top round(0.4 n), IVC = round(0.1 n) by cos + round(0.1 n) by sin (M-RoPE's three rows averaged), kept = the
+  union (at most 61 % of n); K = 16 (fixed in that function: 16 of Qwen2-VL-7B's 28 layers); the caches of layers
+  0..K-1 keep only the kept rows.
 - ``"qwen"`` (``modeling_qwen2_5_vl.py``): W's softmax over the **image** columns only (rows R and then the seeds);
   IVC = round(0.1 n) by cos + round(0.1 n) by sin (M-RoPE: the tables of the three position rows averaged too);
   priority = IVC + seeds; filled up to round(0.5 n) with the best others by the mean of W over R then the seeds
@@ -53,17 +60,21 @@ from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_
 
 log = logging.getLogger(__name__)
 
-RULES = ("llava", "qwen")
+RULES = ("llava", "qwen", "qwen2_vl")
+#: the rules whose W is a softmax over every token of the prompt (the others: over the image columns)
+ALL_COLUMNS = ("llava", "qwen2_vl")
 ROWS = ("official", "question")
 #: the official fractions of the image tokens n: seeds, foreground (LLaVA), IVC per table, kept (Qwen's fill target)
 SEED_RATIO = 0.01
-VALUE_RATIO = 0.2
-IVC_RATIO = {"llava": 0.05, "qwen": 0.1}
+VALUE_RATIO = {"llava": 0.2, "qwen2_vl": 0.4}
+IVC_RATIO = {"llava": 0.05, "qwen": 0.1, "qwen2_vl": 0.1}
 FILL_RATIO = 0.5
 #: the official ``start + n + 2``: the query rows begin at the second token after the image
 ROW_SKIP = 2
 #: the official K for a Qwen2.5-VL LLM of this depth (vlmeval/config.py: 7B 16 of 28, 3B 22 of 36)
 QWEN_K = {28: 16, 36: 22}
+#: the official Qwen2-VL K: fixed at 16 in its model file, written for Qwen2-VL-7B's 28 layers
+QWEN2_VL_K, QWEN2_VL_DEPTH = 16, 28
 
 
 def official_round(x: float) -> int:
@@ -78,7 +89,7 @@ def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor,
 
     ``values`` (S, H_kv, d): layer K-1's values of the S tokens; ``rows`` (R,) / ``seeds`` (s,): indices among S;
     ``visual`` (N,): the visual tokens' indices. ``rule="llava"``: each row's softmax over all S tokens, read at the
-    visual columns; ``"qwen"``: the softmax over the visual columns only. ``heads``: repeat the value heads to this
+    visual columns (``"qwen2_vl"`` alike); ``"qwen"``: the softmax over the visual columns only. ``heads``: repeat the value heads to this
     many (the official Qwen code's ``repeat_kv``) before the head mean. Reference numerics: the model's dtype as the
     official code (the LLaVA rule computes the whole S x S map and indexes it); ours: fp32. A captured prefill's padded
     rows (ours only): ``row_mask`` (R,) the real ones among ``rows``, ``key_mask`` (S,) the real tokens (no pad is a
@@ -87,13 +98,17 @@ def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor,
     v = values.transpose(0, 1)  # (H_kv, S, d)
     if heads is not None and heads != v.shape[0]:
         v = v.repeat_interleave(heads // v.shape[0], dim=0)
-    anchors = rows if seeds is None else torch.cat([seeds, rows]) if rule == "llava" else torch.cat([rows, seeds])
+    anchors = rows if seeds is None else torch.cat([seeds, rows]) if rule in ALL_COLUMNS else torch.cat([rows, seeds])
     d = v.shape[-1]
     if numerics == "official":
         if rule == "llava":  # modeling_llama.py 764-765, then 857 / 874: the whole map, its head mean, the rows' mean
             w = torch.softmax(torch.matmul(v, v.transpose(1, 2)) / math.sqrt(d), dim=-1, dtype=torch.float32)
             w = w.to(v.dtype).mean(dim=0)  # (S, S), the model's dtype
             return w[anchors].mean(dim=0)[visual]
+        if rule == "qwen2_vl":  # modeling_qwen2_vl.py 1674-1689: the anchor rows against every token, one mean
+            w = torch.softmax(torch.matmul(v[:, anchors], v.transpose(1, 2)) / math.sqrt(d), dim=-1,
+                              dtype=torch.float32)
+            return w.to(v.dtype).mean(dim=(0, 1))[visual]
         # modeling_qwen2_5_vl.py 1381-1389 per row set, then 1497 / 1515-1517: the means over rows
         parts = []
         for r in ([rows] if seeds is None else [rows, seeds]):
@@ -101,9 +116,9 @@ def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor,
             parts.append(torch.softmax(sim, dim=-1, dtype=torch.float32).to(v.dtype).mean(dim=0))
         return torch.cat(parts).mean(dim=0)
     vf = v.float()
-    cols = vf if rule == "llava" else vf[:, visual]
+    cols = vf if rule in ALL_COLUMNS else vf[:, visual]
     logits = torch.matmul(vf[:, anchors], cols.transpose(1, 2)) / math.sqrt(d)  # (H, A, C)
-    if key_mask is not None and rule == "llava":
+    if key_mask is not None and rule in ALL_COLUMNS:
         logits = logits.masked_fill(~key_mask[None, None], float("-inf"))
     w = torch.softmax(logits, dim=-1).mean(dim=0)  # (A, C)
     if row_mask is None:
@@ -112,7 +127,7 @@ def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor,
         real = row_mask if seeds is None else torch.cat(
             [torch.ones(seeds.numel(), dtype=torch.bool, device=row_mask.device), row_mask])
         w = torch.where(real[:, None], w, torch.zeros((), device=w.device)).sum(0) / real.sum().clamp(min=1)
-    return w[visual] if rule == "llava" else w
+    return w[visual] if rule in ALL_COLUMNS else w
 
 
 def coordinate_scores(tables: torch.Tensor, visual: torch.Tensor, numerics: str = "ours") -> torch.Tensor:
@@ -163,7 +178,7 @@ def ivc_keep(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor, cos
     priority.index_fill_(0, _top(coordinate_scores(sin, visual, numerics), n_ivc, numerics), True)
     if k is not None:
         return fill(priority, score, k, numerics)
-    if rule == "llava":  # the official union: prefix, foreground, seeds, IVC, suffix (sorted, unique)
+    if rule in ALL_COLUMNS:  # the official union: prefix, foreground, seeds, IVC, suffix (sorted, unique)
         priority.index_fill_(0, _top(score, n_value, numerics), True)
         return torch.nonzero(priority).flatten()  # the one host read: the union's size
     count = max(int(fill_to), int(priority.sum()))  # the one host read: the official fill keeps every priority token
@@ -186,11 +201,10 @@ class IVCPrune(Method):
     llm_reads = ("prev",)
     llm_text_rows = True
     llm_text_cap = 3
-    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
+    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl",
+                "qwen3_vl")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 may be a "
-                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned; on Qwen2-VL, "
-                          "whose official code is another rule (its own modeling_qwen2_vl.py: a value foreground of 0.4 n, "
-                          "no fill, its K) that is not ported")
+                          "Gated DeltaNet layer without values to compare, and its caches cannot be pruned")
     #: captured with a count (keep_tokens or a budget: a fixed output count); the official rule is refused
     capturable = "full"
 
@@ -198,21 +212,22 @@ class IVCPrune(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # K (the official ivcp_k; the score layer is K-1). None: 16 of a 32-layer LLM scaled, or on Qwen2.5-VL the
-            # official value for the LLM's depth (16 of 28, 22 of 36)
+            # K (the official ivcp_k; the score layer is K-1). None: 16 of a 32-layer LLM scaled, on Qwen2.5-VL the
+            # official value for the LLM's depth (16 of 28, 22 of 36), on Qwen2-VL 16 of 28 (scaled to other depths)
             "layer": None,
             # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
             "scale_layers": True,
-            # "auto" (Qwen families: "qwen"; others: "llava"), "llava" or "qwen": the official code's two rules
+            # "auto" (Qwen2-VL: "qwen2_vl"; the other Qwen families: "qwen"; others: "llava"), or one of the official
+            # code's three rules: "llava", "qwen" (Qwen2.5-VL's), "qwen2_vl"
             "rule": "auto",
             # a count kept after layer K (our design, the official code has none); None: from the budget or the rule
             "keep_tokens": None,
             # the query rows: "official" (from the second token after the image to the end) or "question" (ours)
             "rows": "official",
-            # the official fractions of the image tokens: seeds, foreground (LLaVA rule), IVC per table (None: the
-            # rule's 0.05 / 0.1), the Qwen rule's fill target
+            # the official fractions of the image tokens: seeds, foreground (the union rules; None: the rule's, 0.2
+            # for LLaVA, 0.4 for Qwen2-VL), IVC per table (None: the rule's 0.05 / 0.1), the Qwen rule's fill target
             "seed_ratio": SEED_RATIO,
-            "value_ratio": VALUE_RATIO,
+            "value_ratio": None,
             "ivc_ratio": None,
             "fill_ratio": FILL_RATIO,
             # the KV caches of the layers before K: "kept" (ours: each layer's as it saw the prompt) or "pruned" (the
@@ -228,7 +243,7 @@ class IVCPrune(Method):
         super().__init__(budget, **options)
         check_numerics("ivcprune", self.numerics)
         if self.rule not in ("auto", *RULES):
-            raise ValueError(f"ivcprune: rule must be 'auto', 'llava' or 'qwen', got {self.rule!r}")
+            raise ValueError(f"ivcprune: rule must be 'auto', 'llava', 'qwen' or 'qwen2_vl', got {self.rule!r}")
         if self.rows not in ROWS:
             raise ValueError(f"ivcprune: rows must be one of {ROWS}, got {self.rows!r}")
         if self.caches not in ("kept", "pruned"):
@@ -238,8 +253,8 @@ class IVCPrune(Method):
         if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 0
                                              or self.keep_tokens != int(self.keep_tokens)):
             raise ValueError(f"ivcprune: keep_tokens must be a whole number >= 0, got {self.keep_tokens!r}")
-        for k in ("seed_ratio", "value_ratio", "fill_ratio") + (("ivc_ratio",) if self.ivc_ratio is not None else ()):
-            if not 0.0 <= float(getattr(self, k)) <= 1.0:
+        for k in ("seed_ratio", "value_ratio", "fill_ratio", "ivc_ratio"):
+            if getattr(self, k) is not None and not 0.0 <= float(getattr(self, k)) <= 1.0:
                 raise ValueError(f"ivcprune: {k} must be in [0, 1], got {getattr(self, k)!r}")
 
     def capture_refusal(self) -> str | None:
@@ -255,16 +270,22 @@ class IVCPrune(Method):
     # -- where -------------------------------------------------------------------------------------------------------
     @property
     def rule_run(self) -> str:
-        """The rule as run: "auto" resolved on the attached family (the Qwen families: "qwen")."""
+        """The rule as run: "auto" resolved on the attached family (Qwen2-VL: "qwen2_vl"; the other Qwen families:
+        "qwen")."""
         if self.rule != "auto":
             return self.rule
-        return "qwen" if str(getattr(self, "family", "") or "").startswith("qwen") else "llava"
+        family = str(getattr(self, "family", "") or "")
+        return "qwen2_vl" if family == "qwen2_vl" else "qwen" if family.startswith("qwen") else "llava"
 
     @property
     def k_layer(self) -> int:
         n = getattr(self, "num_layers", 32)
         if self.layer is None and getattr(self, "family", None) == "qwen2_5_vl" and n in QWEN_K:
             return QWEN_K[n]
+        if self.layer is None and getattr(self, "family", None) == "qwen2_vl":
+            if n == QWEN2_VL_DEPTH or not self.scale_layers:
+                return QWEN2_VL_K
+            return min(n, max(1, round(QWEN2_VL_K * n / QWEN2_VL_DEPTH)))
         k = 16 if self.layer is None else int(self.layer)
         return scale_layers([k], n)[0] if self.scale_layers else k
 
@@ -279,6 +300,13 @@ class IVCPrune(Method):
     @property
     def past_cache_from(self) -> int:
         return 1 if self.rule_run == "llava" else 0
+
+    @property
+    def value_share(self) -> float:
+        """The foreground's fraction of n (the union rules'; 0 for the Qwen2.5-VL rule, which fills instead)."""
+        if self.value_ratio is not None:
+            return float(self.value_ratio)
+        return VALUE_RATIO.get(self.rule_run, 0.0)
 
     @property
     def ivc_share(self) -> float:
@@ -301,11 +329,13 @@ class IVCPrune(Method):
     def counts(self, n: int, k: int | None) -> tuple[int, int, int]:
         """(seeds, foreground, IVC per table) for n image tokens: the official fractions of n, or with a count k
         the IVC sets scaled to k by the rule's IVC share of its own kept tokens (foreground: filled by score)."""
-        seeds = max(1, official_round(n * float(self.seed_ratio)))
+        union = self.rule_run in ALL_COLUMNS
+        seeds = official_round(n * float(self.seed_ratio))  # Qwen2-VL's file: topk(round(0.01 n)), none below 50
+        seeds = seeds if self.rule_run == "qwen2_vl" else max(1, seeds)
         if k is None:
-            value = official_round(n * float(self.value_ratio)) if self.rule_run == "llava" else 0
+            value = official_round(n * self.value_share) if union else 0
             return seeds, value, official_round(n * self.ivc_share)
-        nominal = (float(self.seed_ratio) + float(self.value_ratio) + 2 * self.ivc_share if self.rule_run == "llava"
+        nominal = (float(self.seed_ratio) + self.value_share + 2 * self.ivc_share if union
                    else float(self.fill_ratio))
         return seeds, 0, official_round(k * self.ivc_share / nominal) if nominal > 0 else 0
 
@@ -340,7 +370,7 @@ class IVCPrune(Method):
         official = num == "official"
         rows, row_mask = self.query_rows(sig)
         # the official Qwen value states are repeated to the query heads (their count: one query row's heads)
-        heads = sig.queries("last", layer="prev").shape[0] if official and rule == "qwen" else None
+        heads = sig.queries("last", layer="prev").shape[0] if official and rule != "llava" else None
         cos, sin = sig.rotary(layer="prev", fp32=not official)
         keep = ivc_keep(sig.values(layer="prev"), rows, sig.visual, cos, sin, rule, self.counts(n, k), k,
                         official_round(n * float(self.fill_ratio)), num, heads, row_mask,

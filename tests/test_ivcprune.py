@@ -45,6 +45,15 @@ def test_value_scores_qwen_rule_softmax_over_the_image_only_and_repeated_heads()
         assert torch.allclose(got, want.float(), atol=1e-6)
 
 
+def test_value_scores_qwen2_vl_rule_is_the_llava_softmax_with_one_mean():
+    """Qwen2-VL's file: the anchor rows (seeds, then the query rows) against every token, one mean over heads and
+    rows: on one head, the LLaVA rule's numbers, in both arithmetics (the official with the heads repeated)."""
+    want = value_scores(V, torch.tensor([3]), VIS, "llava", seeds=torch.tensor([2]))
+    for num, heads in (("ours", None), ("official", None), ("official", 4)):
+        got = value_scores(V, torch.tensor([3]), VIS, "qwen2_vl", numerics=num, heads=heads, seeds=torch.tensor([2]))
+        assert torch.allclose(got, want, atol=1e-7), (num, heads)
+
+
 def test_coordinate_scores_average_the_tables():
     t = torch.tensor([[1.0, 3.0], [0.0, 1.0], [-1.0, -3.0]])  # (S, d)
     assert torch.equal(coordinate_scores(t, torch.tensor([0, 2])), torch.tensor([2.0, -2.0]))
@@ -74,6 +83,17 @@ def test_counts_and_refusals():
     assert q.counts(576, 64) == (6, 0, 13)  # 64 * 0.1 / 0.5 = 12.8
     q.num_layers = 36
     assert q.k_layer == 22
+    # Qwen2-VL's own file: K = 16 of 28 (scaled to other depths), no seed below 50 image tokens (round(0.01 n)),
+    # foreground 40 %, IVC 10 % per table, the union; every earlier layer's cache pruned with caches="pruned"
+    q2 = IVCPrune(rule="auto")
+    q2.family, q2.num_layers = "qwen2_vl", 28
+    assert (q2.k_layer, q2.rule_run, q2.past_cache_from) == (16, "qwen2_vl", 0)
+    assert q2.counts(576, None) == (6, 230, 58)  # 5.76 -> 6, 230.4 -> 230, 57.6 -> 58
+    assert q2.counts(40, None) == (0, 16, 4)
+    assert q2.counts(576, 64) == (6, 0, 10)  # 64 * 0.1 / 0.61 = 10.49
+    q2.num_layers = 4
+    assert q2.k_layer == 2  # round(16 * 4 / 28) = round(2.29)
+    assert IVCPrune(value_ratio=0.3).value_share == 0.3 and IVCPrune(rule="qwen").value_share == 0.0
     t = IVCPrune(layer=16)
     t.family, t.num_layers = "llava", 4
     assert t.k_layer == 2
@@ -99,7 +119,8 @@ def _one(rt):
 def _reference(ref, one, rule="llava"):
     """Independent: the stock model's input to layer K-1 = 1 (K = 16 of 32 -> 2 of 4), its values, the similarity
     rows in fp64, the cos / sin of each position from the rotary frequencies, the official fractions of n = 16
-    (1 seed, 3 foreground, 1 + 1 IVC; Qwen: 2 + 2 IVC, filled to 8)."""
+    (1 seed, 3 foreground, 1 + 1 IVC; Qwen: 2 + 2 IVC, filled to 8; Qwen2-VL: round(0.16) = no seed, 6 foreground,
+    2 + 2 IVC)."""
     with torch.no_grad():
         h = ref.model(**one, output_hidden_states=True).hidden_states[1][0]  # the input to decoder layer 1
     lay = ref.model.model.language_model.layers[1]
@@ -114,12 +135,14 @@ def _reference(ref, one, rule="llava"):
     n = vis.numel()
     rows = torch.arange(int(vis[-1]) + 3, S)
 
-    def score(anchor):
-        cols = v if rule == "llava" else v[:, vis]
-        w = torch.softmax(v[:, anchor] @ cols.transpose(1, 2) / math.sqrt(d), -1).mean(0).mean(0)
-        return w[vis] if rule == "llava" else w
+    every_column = rule in ("llava", "qwen2_vl")
 
-    seeds = torch.topk(score(rows), 1).indices
+    def score(anchor):
+        cols = v if every_column else v[:, vis]
+        w = torch.softmax(v[:, anchor] @ cols.transpose(1, 2) / math.sqrt(d), -1).mean(0).mean(0)
+        return w[vis] if every_column else w
+
+    seeds = torch.topk(score(rows), 0 if rule == "qwen2_vl" else 1).indices
     sc = score(torch.cat([vis[seeds], rows]))
     theta = ref.model.config.text_config.rope_parameters["rope_theta"]
     f = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -127,8 +150,8 @@ def _reference(ref, one, rule="llava"):
     n_ivc = 1 if rule == "llava" else 2
     keep = set(seeds.tolist()) | set(torch.topk(ang.cos().mean(1), n_ivc).indices.tolist())
     keep |= set(torch.topk(ang.sin().mean(1), n_ivc).indices.tolist())
-    if rule == "llava":
-        keep |= set(torch.topk(sc, 3).indices.tolist())
+    if every_column:
+        keep |= set(torch.topk(sc, 3 if rule == "llava" else 6).indices.tolist())
     else:
         target = max(8, len(keep))  # the fill to round(0.5 n), never below the priority
         for j in torch.sort(sc, descending=True).indices.tolist():
@@ -139,7 +162,7 @@ def _reference(ref, one, rule="llava"):
     return sorted(keep)
 
 
-@pytest.mark.parametrize("rule", ["llava", "qwen"])
+@pytest.mark.parametrize("rule", ["llava", "qwen", "qwen2_vl"])
 def test_selection_matches_an_independent_computation(rts, rule):
     rt, ref = rts
     one = _one(rt)
@@ -152,6 +175,8 @@ def test_selection_matches_an_independent_computation(rts, rule):
         assert eng.stats.samples[0].visual_per_layer == [16, 16, len(want), len(want)]
     if rule == "llava":
         assert len(want) <= 6
+    elif rule == "qwen2_vl":
+        assert 6 <= len(want) <= 10
     else:
         assert len(want) == 8
 

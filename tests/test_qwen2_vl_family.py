@@ -394,13 +394,13 @@ def test_fast_path_videos_and_refusals(fast_eager):
 def test_methods_with_explicit_families_and_their_rules(rt):
     """Methods that name their families: those whose Qwen code or assumption is the LLM / prompt (V2Drop's and
     VLM-Pruner's official Qwen2-VL rules, CLSE's Qwen2-VL rule, PriorTR's Qwen rows, TransPrune, TRIO, ApET's
-    projected space, Downsample's dynamic grids) run, with the Qwen rule resolved; those that read a CLIP tower's
-    [CLS] layers, MMTok (its paper's families) and IVC-Prune (its official Qwen2-VL code is another rule, not
-    ported) are refused at attach naming themselves."""
-    runs = ("v2drop", "vlmpruner", "clse", "priortr", "transprune", "trio", "apet", "downsample")
+    projected space, Downsample's dynamic grids, IVC-Prune's own Qwen2-VL rule) run, with the Qwen rule resolved;
+    those that read a CLIP tower's [CLS] layers and MMTok (its paper's families) are refused at attach naming
+    themselves."""
+    runs = ("v2drop", "vlmpruner", "clse", "priortr", "transprune", "trio", "apet", "downsample", "ivcprune")
     for name in runs:
         assert method_supports(name, FAM), name
-    for name in ("flowcut", "hiprune", "prumerge", "visiontrim", "vscan", "mmtok", "ivcprune"):
+    for name in ("flowcut", "hiprune", "prumerge", "visiontrim", "vscan", "mmtok"):
         assert not method_supports(name, FAM), name
         with pytest.raises(ValueError, match=name):
             rt.prune(name, 4)
@@ -411,8 +411,8 @@ def test_methods_with_explicit_families_and_their_rules(rt):
     m = rt.prune("priortr", 4).method
     assert m.qwen_rule and m.query_rows == "question_excl_last"
     assert rt.prune("apet", 4).method._space == "projected"
-    with pytest.raises(ValueError, match="Qwen2-VL, whose official code is another rule"):
-        rt.prune("ivcprune", 4)
+    m = rt.prune("ivcprune", None).method  # 4 decoder layers: K = round(16 * 4 / 28) = 2
+    assert (m.rule_run, m.k_layer, m.past_cache_from) == ("qwen2_vl", 2, 0)
     with pytest.raises(ValueError, match="sparsevlm"):  # v2's RoPE gravity is 1-D only
         rt.prune("sparsevlm", 192, version="v2")
         with torch.no_grad():
