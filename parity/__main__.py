@@ -178,11 +178,11 @@ def main_qwen(args, runner: Runner) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    families = ["qwen2.5-vl"] + sorted({qwen.family_of(m) for m in methods} - {"qwen2.5-vl"})
+    families = ["qwen2.5-vl"] + sorted({f for m in methods for f in qwen.families_of(m)} - {"qwen2.5-vl"})
     venvs = {"qwen": args.qwen_venv, "qwen3": args.qwen3_venv, "qwen2vl": args.qwen2vl_venv,
              "qwen457": args.qwen457_venv}
     needed = {qwen.FAMILIES[f]["env"] for f in families if qwen.FAMILIES[f].get("stock", True)}
-    needed |= {qwen.env_of(m, qwen.family_of(m)) for m in methods}
+    needed |= {qwen.env_of(m, f) for m in methods for f in qwen.families_of(m)}
     for env in sorted(needed):
         if not (venvs[env] / "bin" / "python").exists():
             print(f"error: no official environment at {venvs[env]}: run `bash scripts/official_env.sh {env}` first",

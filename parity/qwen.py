@@ -204,20 +204,36 @@ def qwen_methods() -> list[str]:
 
 
 def family_of(name: str) -> str:
-    """The family a Qwen adapter's official code runs (``QWEN_FAMILY``; Qwen2.5-VL unless it says otherwise)."""
+    """The (first) family a Qwen adapter's official code runs (``QWEN_FAMILY``; Qwen2.5-VL unless it says otherwise)."""
     from . import adapters
 
     return getattr(adapters.get(name), "QWEN_FAMILY", "qwen2.5-vl")
 
 
-def vendored(name: str, clone: str) -> dict | None:
+def families_of(name: str) -> tuple[str, ...]:
+    """Every family whose official code the adapter runs: ``QWEN_FAMILIES`` (PriorTR: its Qwen3-VL and Qwen2-VL
+    folders), else its one :func:`family_of`."""
+    from . import adapters
+
+    return tuple(getattr(adapters.get(name), "QWEN_FAMILIES", None) or (family_of(name),))
+
+
+def qwen_attr(name: str, attr: str, family: str | None = None, default=None):
+    """An adapter's Qwen setting (``QWEN_ROOT``, ``QWEN_VENDORED``, ``QWEN_ENV``, ``QWEN_FORK``) for ``family``: its
+    ``QWEN_BY_FAMILY[family]`` entry where it has one, else the module's own."""
+    from . import adapters
+
+    mod = adapters.get(name)
+    per = (getattr(mod, "QWEN_BY_FAMILY", None) or {}).get(family or family_of(name), {})
+    return per[attr] if attr in per else getattr(mod, attr, default)
+
+
+def vendored(name: str, clone: str, family: str | None = None) -> dict | None:
     """An adapter whose official code replaces one of transformers' model folders by its own copy (``QWEN_VENDORED
     = (module, folder in the clone's Qwen folder)``: PriorTR's ``transformers.models.qwen3_vl`` from
     ``image/Qwen3-VL/qwen3``), as
-    the worker installs it: ``{"module", "path"}``; None for the others."""
-    from . import adapters
-
-    v = getattr(adapters.get(name), "QWEN_VENDORED", None)
+    the worker installs it: ``{"module", "path"}``; None for the others (``family``: the adapter's setting for it)."""
+    v = qwen_attr(name, "QWEN_VENDORED", family)
     return None if v is None else {"module": v[0], "path": str(Path(clone) / v[1])}
 
 
@@ -234,13 +250,13 @@ def method_specs(names, info: dict | None, budgets=None, official_path: str | No
     known = qwen_methods()
     specs = [{"name": "none"}]
     for name in names:
-        if name == "none" or (family is not None and name in known and family_of(name) != family):
+        if name == "none" or (family is not None and name in known and family not in families_of(name)):
             continue
         if name not in known:
             raise ValueError(f"no Qwen2.5-VL parity adapter for {name!r} (adapters with QWEN = True: "
                              f"{', '.join(known) or 'none'})")
         clone = clone_for(name, official_path)
-        sub = getattr(adapters.get(name), "QWEN_ROOT", None)
+        sub = qwen_attr(name, "QWEN_ROOT", family)
         if sub is not None and clone is not None:  # its Qwen code lives in another folder of the repository
             root = getattr(adapters.get(name), "ROOT", "").strip("/")
             base = clone[: -len(root)].rstrip("/") if root and clone.endswith(root) else clone
@@ -249,8 +265,10 @@ def method_specs(names, info: dict | None, budgets=None, official_path: str | No
                 raise ValueError(f"{name}: the clone has no {sub}/ (its Qwen code)")
         cs = method_cases(info) if info is not None else []
         for b in budgets or adapters.get(name).QWEN_BUDGETS:
-            specs.append({"name": name, "budget": b, "clone": clone, "cases": cs,
-                          "batches": [[i] for i in range(len(cs))]})
+            spec = {"name": name, "budget": b, "clone": clone, "cases": cs, "batches": [[i] for i in range(len(cs))]}
+            if len(families_of(name)) > 1:  # which of its folders the official side runs (the adapter's switch)
+                spec["family"] = family or family_of(name)
+            specs.append(spec)
     return specs
 
 
@@ -281,7 +299,7 @@ def official_job(info: dict, python: str, dtype: str, methods: list[dict], max_n
     family = info.get("family", "qwen2.5-vl")
     # IVC-Prune's fork reads the Qwen2.5-VL folder as 4.51 does; the Qwen2-VL folder is written for 4.45 already
     model = folder_451(info, work) if fork and family == "qwen2.5-vl" else info["model"]
-    vend = next((v for m in methods if m["name"] != "none" and (v := vendored(m["name"], m["clone"]))), None)
+    vend = next((v for m in methods if m["name"] != "none" and (v := vendored(m["name"], m["clone"], family))), None)
     job = {"kind": "run", "model": model, "dtype": dtype, "cases": cases(info),
            "batches": batches(len(info["images"])), "methods": methods, "max_new_tokens": max_new_tokens,
            "fork": fork, "model_class": FAMILIES[family]["model_class"], "vendored": vend,
@@ -451,9 +469,7 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
 def env_of(name: str, family: str) -> str:
     """The official environment a method's rows run in: its adapter's ``QWEN_ENV`` (CLSE's Qwen2-VL copy of
     transformers 4.57.6), else its family's (:data:`FAMILIES`)."""
-    from . import adapters
-
-    return getattr(adapters.get(name), "QWEN_ENV", None) or FAMILIES[family]["env"]
+    return qwen_attr(name, "QWEN_ENV", family) or FAMILIES[family]["env"]
 
 
 def run(info: dict, python: str | dict, work: Path, dtypes=("fp32", "fp16"), max_new_tokens: int = 8, methods=(),
@@ -462,20 +478,18 @@ def run(info: dict, python: str | dict, work: Path, dtypes=("fp32", "fp16"), max
     at its budgets, in each precision. Cases of a family other than Qwen2.5-VL are named with it. ``python``: the
     official environment's interpreter, or one per environment name (:func:`env_of`). ``runner``: the official jobs'
     (:class:`parity.jobs.Runner`; default one of its own); a failed job is one failing check."""
-    from . import adapters
-
     checks: list[Check] = []
     family = info.get("family", "qwen2.5-vl")
     methods = method_specs(methods, info, budgets, official_path, family=family)
     # an adapter whose clone ships its own transformers (QWEN_FORK): a job of its own with the fork first on the path,
     # its unpruned rows too (named "fork"), the fork's model beside ours
     forks: dict = {}
-    stock = [m for m in methods if m["name"] == "none" or not getattr(adapters.get(m["name"]), "QWEN_FORK", False)]
+    stock = [m for m in methods if m["name"] == "none" or not qwen_attr(m["name"], "QWEN_FORK", family, False)]
     for m in methods:
         if m not in stock:
             forks.setdefault(m["clone"], [{"name": "none"}]).append(m)
     jobs = [(None, stock), *forks.items()]
-    if not FAMILIES[family].get("stock", True):
+    if not FAMILIES[family].get("stock", True) and len(stock) == 1:  # no stock model and no method on one here
         jobs = jobs[1:]
     with (nullcontext(runner) if runner else Runner()) as runner:
         # every official job first (run on the runner's threads while ours run here), then each in turn

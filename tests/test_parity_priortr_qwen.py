@@ -25,9 +25,10 @@ needs_official = pytest.mark.skipif(
 
 
 def _layout(tmp_path: Path) -> Path:
-    """A clone's layout: the LLaVA tree the llava15 rows read and the Qwen3-VL folder the qwen rows read."""
+    """A clone's layout: the LLaVA tree the llava15 rows read and the Qwen3-VL and Qwen2-VL folders the qwen rows read."""
     (tmp_path / "image" / "LLaVA" / "llava").mkdir(parents=True)
     (tmp_path / "image" / "Qwen3-VL" / "qwen3").mkdir(parents=True)
+    (tmp_path / "image" / "Qwen2-VL" / "visual_token_pruning").mkdir(parents=True)
     return tmp_path
 
 
@@ -48,6 +49,21 @@ def test_priortr_is_a_qwen3_vl_row_with_the_repository_model_files(tmp_path):
     assert qwen.vendored("priortr", specs[1]["clone"]) == {
         "module": "transformers.models.qwen3_vl", "path": str(clone / "image" / "Qwen3-VL" / "qwen3")}
     assert qwen.vendored("mmtok", "x") is None
+
+
+def test_priortr_is_a_qwen2_vl_row_too_on_its_qwen2_vl_folder(tmp_path):
+    """The repository's Qwen2-VL code: its own folder first on the path, nothing vendored, the stock transformers
+    4.57.6 environment; the spec says which folder the official side switches on."""
+    info = {"images": ["a", "b", "c", "d"], "method_images": ["e", "f"]}
+    clone = _layout(tmp_path)
+    assert qwen.families_of("priortr") == ("qwen3-vl", "qwen2-vl") and qwen.families_of("mmtok") == ("qwen2.5-vl",)
+    specs = qwen.method_specs(["priortr"], info, official_path=str(clone), family="qwen2-vl")
+    assert [s["name"] for s in specs] == ["none"] + ["priortr"] * 3
+    assert all(s["clone"] == str(clone / "image" / "Qwen2-VL") and s["family"] == "qwen2-vl" for s in specs[1:])
+    assert qwen.vendored("priortr", specs[1]["clone"], "qwen2-vl") is None
+    assert qwen.env_of("priortr", "qwen2-vl") == "qwen457" and qwen.env_of("priortr", "qwen3-vl") == "qwen3"
+    assert qwen.env_of("v2drop", "qwen2-vl") == "qwen2vl"  # the others' settings unchanged
+    assert qwen.method_specs(["priortr"], info, official_path=str(clone), family="qwen3-vl")[1]["family"] == "qwen3-vl"
 
 
 def test_ours_qwen_is_the_reference_mode():
@@ -200,3 +216,32 @@ def test_seed_11_names_its_tie_and_its_kernel_difference(tmp_path):
     assert "kept indices DIFFER" in prior
     assert "replay on the official rows: identical picks (the environments' kernels differ)" in prior
     assert 1e-4 < float(prior.split("layer K-1 attention ")[1].split(";")[0]) < 1e-3
+
+
+QWEN457_PY = ROOT / ".venv-official-qwen457" / "bin" / "python"
+needs_qwen2vl = pytest.mark.skipif(
+    not QWEN457_PY.exists() or not (CLONE / "image" / "Qwen2-VL" / "visual_token_pruning").is_dir(),
+    reason="no .venv-official-qwen457 (bash scripts/official_env.sh qwen457) or no .official/priortr "
+           "(bash scripts/official_clones.sh priortr)")
+
+
+@needs_qwen2vl
+def test_priortr_on_qwen2_vl_agrees_with_the_official_code(tmp_path):
+    """PriorTR's Qwen2-VL code on the stock transformers 4.57.6 beside ours, one build (the tiny Qwen2-VL of 24
+    layers, K = 3): the unpruned rows and every method row identical in fp32 and fp16 (kept indices, logits, tokens,
+    the replay); with the official side told to score on the last row only (``query_aggregation="last"``), the kept
+    indices part in some image: the comparison reads what the official code selects."""
+    info = qwen.build(tmp_path, seed=0, family="qwen2-vl")
+    pythons = {"qwen457": str(QWEN457_PY)}
+    checks = qwen.run(info, pythons, tmp_path, methods=("priortr",), official_path=str(CLONE))
+    assert len(checks) == 56 and len([c for c in checks if c.group == "qwen-priortr"]) == 36
+    assert all(c.case.startswith("qwen2-vl ") for c in checks)
+    assert all(c.ok for c in checks), [(c.case, c.detail) for c in checks if not c.ok]
+    spec = dict(qwen.method_specs(["priortr"], info, [0.2222], str(CLONE), family="qwen2-vl")[1])
+    planted = dict(spec, official_kwargs={"query_aggregation": "last"})
+    off = qwen.official(info, pythons["qwen457"], "fp32", [planted], 4, tmp_path / "last")
+    mine = qwen.ours(info, "fp32", [spec], 4)
+    for o in off["runs"]:
+        o["method"] = spec
+    rows = [qwen.compare_method(o, m, "planted", 1e-5, info["eos"], "fp32") for o, m in zip(off["runs"], mine)]
+    assert any(not c.ok and "kept indices DIFFER" in c.detail for c in rows)

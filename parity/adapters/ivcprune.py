@@ -131,7 +131,30 @@ def record_ours(rt, store: list):
 # - kept indices: the ``cache_position`` layer K receives (the fork gathers ``cache_position[keep_indexs]``, line 1559),
 #   inside the image's range, relative to its start.
 
+#
+# ---- Qwen2-VL (the same command runs both): the fork's own Qwen2-VL path ----
+#
+# ``Qwen2VLForConditionalGeneration.forward`` finds the first image's range (``get_image_token_length``, the
+# <|vision_start|> / <|vision_end|> ids hard-coded in its body, 2337-2365) and calls
+# ``Qwen2VLModel.fastv_forward_flashattention_find_forground_plan_last`` when ``config.fastv_config`` is set
+# (``models/qwen2_vl/modeling_qwen2_vl.py`` 2498-2531, 1694-1850): K fixed at 16 (its ``fastv_k`` is read and not
+# used), layer 15's values from its own ``compute_attention_weights`` (1161-1230: ``v_proj`` of the normed input,
+# repeated to the query heads), the union rule (docs/methods/ivcprune.md, ``rule="qwen2_vl"``). The tiny Qwen2-VL of
+# 24 layers runs K = 16 as it is. Same fork, the Qwen official environment (its tokenizers; the Qwen2-VL family's
+# own environment pins 0.19, which 4.51.3 refuses).
+# - switch: ``model.config.fastv_config = {"fastv_k": 16, "fastv_r": 0.5}`` (both read, neither used).
+# - shim: ``get_image_token_length`` with the tiny vocabulary's <|vision_start|> / <|vision_end|> ids (the body's
+#   151652 / 151653 are Qwen2-VL's), the same pairing and counting.
+# - recorded: the values ``compute_attention_weights`` returns at layer 15, the rotary tables layer 15 receives, the
+#   kept indices from the ``cache_position`` layer 16 receives.
+
 QWEN = True
+#: the fork's Qwen2.5-VL path and its Qwen2-VL path
+QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
+#: the Qwen2-VL rows: the same fork in the Qwen official environment (4.51.3 needs the tokenizers 0.21 line)
+QWEN_BY_FAMILY = {"qwen2-vl": {"QWEN_ENV": "qwen"}}
+#: K of the fork's Qwen2-VL path (fixed in its model file)
+QWEN2_VL_LAYER = 16
 #: the clone ships its own transformers (the fork): a job of its own, the fork first on the path
 QWEN_FORK = True
 #: no budget: the official Qwen rule (seeds, 10 % + 10 % coordinates, filled to half of the image's tokens)
@@ -140,7 +163,37 @@ QWEN_BUDGETS = (None,)
 QWEN_LAYER = 2
 
 
+def _qwen2_vl_enable(model) -> None:
+    import types
+
+    import torch
+
+    model.config.fastv_config = {"fastv_k": QWEN2_VL_LAYER, "fastv_r": 0.5}
+    start_id, end_id = model.config.vision_start_token_id, model.config.vision_end_token_id
+
+    def get_image_token_length(self, input_ids):  # the fork's body (2337-2365) with the tiny vocabulary's ids
+        lengths, starts = [], []
+        for seq in input_ids:
+            s = (seq == start_id).nonzero(as_tuple=True)[0]
+            e = (seq == end_id).nonzero(as_tuple=True)[0]
+            lengths.append(sum((b - a - 1 for a, b in zip(s, e)), torch.tensor(0)))
+            starts.append(None if len(s) == 0 else s[0] + 1)
+        return lengths, starts
+
+    model.get_image_token_length = types.MethodType(get_image_token_length, model)
+    inner = model.model.compute_attention_weights
+
+    def compute_attention_weights(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        model.model._parity_values = out[3]  # (B, H, S, d), repeated to the query heads: what the selection reads
+        return out
+
+    model.model.compute_attention_weights = compute_attention_weights
+
+
 def qwen_enable(model, processor, method: dict) -> None:
+    if method.get("family") == "qwen2-vl":
+        return _qwen2_vl_enable(model)
     import types
 
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import repeat_kv
@@ -172,6 +225,9 @@ def qwen_enable(model, processor, method: dict) -> None:
 def qwen_record(model, store: list) -> list:
     import torch
 
+    qwen2_vl = getattr(model.config, "fastv_config", None) is not None
+    layer = QWEN2_VL_LAYER if qwen2_vl else QWEN_LAYER
+    layers = model.model.layers
     seen: dict = {}
     image_id = model.config.image_token_id
 
@@ -194,14 +250,18 @@ def qwen_record(model, store: list) -> list:
             start, n = seen.pop("range")
             kept = cp[(cp >= start) & (cp < start + n)] - start
             cos, sin = seen.pop("tables")
-            values = model.model.layers[QWEN_LAYER - 1].self_attn._parity_values
+            if qwen2_vl:  # (B, H, S, d) from compute_attention_weights -> (S, H, d)
+                values = model.model._parity_values.transpose(1, 2)
+            else:
+                values = layers[layer - 1].self_attn._parity_values
             store.append({"kept": kept.sort().values.cpu(), "n": n, "start": start,
                           "values": values[0].float().cpu().clone(), "cos": cos[:, 0].float().cpu().clone(),
-                          "sin": sin[:, 0].float().cpu().clone(), "dtype": str(values.dtype).replace("torch.", "")})
+                          "sin": sin[:, 0].float().cpu().clone(), "dtype": str(values.dtype).replace("torch.", ""),
+                          "rule": "qwen2_vl" if qwen2_vl else "qwen"})
 
     return [model.register_forward_pre_hook(top, with_kwargs=True),
-            model.model.layers[QWEN_LAYER - 1].register_forward_pre_hook(layer_k1, with_kwargs=True),
-            model.model.layers[QWEN_LAYER].register_forward_pre_hook(layer_k, with_kwargs=True)]
+            layers[layer - 1].register_forward_pre_hook(layer_k1, with_kwargs=True),
+            layers[layer].register_forward_pre_hook(layer_k, with_kwargs=True)]
 
 
 def qwen_replay(entry: dict):
@@ -211,18 +271,26 @@ def qwen_replay(entry: dict):
     hidden states (two torch releases' kernels)."""
     import torch
 
-    from baselines.ivcprune import FILL_RATIO, IVC_RATIO, SEED_RATIO, ivc_keep, official_round
+    from baselines.ivcprune import FILL_RATIO, IVC_RATIO, SEED_RATIO, VALUE_RATIO, ivc_keep, official_round
 
     dt = getattr(torch, entry["dtype"])
     v = entry["values"].to(dt)
     start, n = int(entry["start"]), int(entry["n"])
     visual, rows = torch.arange(start, start + n), torch.arange(start + n + 2, v.shape[0])
-    counts = (max(1, official_round(n * SEED_RATIO)), 0, official_round(n * IVC_RATIO["qwen"]))
-    return ivc_keep(v, rows, visual, entry["cos"].to(dt), entry["sin"].to(dt), "qwen", counts, None,
+    rule = entry.get("rule", "qwen")
+    if rule == "qwen2_vl":  # its file: round(0.01 n) seeds, a 40 % foreground, the union
+        counts = (official_round(n * SEED_RATIO), official_round(n * VALUE_RATIO[rule]),
+                  official_round(n * IVC_RATIO[rule]))
+    else:
+        counts = (max(1, official_round(n * SEED_RATIO)), 0, official_round(n * IVC_RATIO["qwen"]))
+    return ivc_keep(v, rows, visual, entry["cos"].to(dt), entry["sin"].to(dt), rule, counts, None,
                     official_round(n * FILL_RATIO), "official")
 
 
 def ours_qwen(budget, dtype: str, rt) -> tuple[str, None, dict]:
+    if getattr(rt, "family", None) == "qwen2_vl":
+        return "ivcprune", None, {"numerics": "official", "rule": "qwen2_vl", "layer": QWEN2_VL_LAYER,
+                                  "scale_layers": False, "caches": "pruned"}
     return "ivcprune", None, {"numerics": "official", "rule": "qwen", "layer": QWEN_LAYER, "scale_layers": False,
                               "caches": "pruned"}
 

@@ -130,18 +130,39 @@ def record_ours(rt, store: list):
 #   resolve to the official Qwen rules, the score layer's probabilities as ``q k^T * scaling``), ``keep_ratio`` r,
 #   ``layer=3`` without scaling, ``caches="pruned"``.
 
+#
+# ---- Qwen2-VL (``python -m parity qwen --method priortr`` runs both): the official Qwen2-VL code ----
+#
+# ``image/Qwen2-VL/``: the same package layout on the **stock** transformers 4.57.6 (its ``environment.yml``), no
+# vendored model files: ``VTRQwen2VLForConditionalGeneration`` (``model/vtr_qwen2_vl.py``) swaps the language model
+# for ``PrunableQwen2VLTextModel`` (``model/prunable_qwen2_vl.py``: the attention of layer K-1 computed in full,
+# ``q k^T * scaling`` plus the mask it is handed, softmax in fp32 cast back) and scores with a ``strategy/priortr.py``
+# identical to the Qwen3-VL one (diffed at e442a4c). Its lmms-eval model's defaults are the Qwen3-VL ones
+# (``lmms_eval_model/qwen2_vl_vtr.py``: ``keep_ratio`` 0.1111, ``prune_layer`` 3, ``query_aggregation="auto"``).
+# - switch: the loaded ``Qwen2VLForConditionalGeneration`` becomes ``VTRQwen2VLForConditionalGeneration`` with what
+#   ``from_pretrained_vtr`` sets after its load; its ``forward`` hands the language model the image positions and
+#   grid itself, so a plain forward prunes (no ``qwen_inputs``).
+# - environment: ``.venv-official-qwen457`` (transformers 4.57.6), ``image/Qwen2-VL`` first on the path; the tiny
+#   Qwen2-VL folder of 24 layers (``QWEN2VL_LAYERS``), K = 3.
+
 QWEN = True
 QWEN_FAMILY = "qwen3-vl"
+#: both folders of the repository: its Qwen3-VL code and its Qwen2-VL code
+QWEN_FAMILIES = ("qwen3-vl", "qwen2-vl")
 #: the folder of the repository the Qwen3-VL side runs from (first on the path: ``visual_token_pruning``)
 QWEN_ROOT = "image/Qwen3-VL"
 #: (the module the official ``setup.py`` replaces, the folder of ``QWEN_ROOT`` that replaces it)
 QWEN_VENDORED = ("transformers.models.qwen3_vl", "qwen3")
+#: the Qwen2-VL side: its folder, nothing vendored, the stock 4.57.6 environment
+QWEN_BY_FAMILY = {"qwen2-vl": {"QWEN_ROOT": "image/Qwen2-VL", "QWEN_VENDORED": None, "QWEN_ENV": "qwen457"}}
 #: the official Qwen3-VL keep ratios (64 / 128 / 192 of 576 as shares: the README's and the lmms-eval model's)
 QWEN_BUDGETS = (0.1111, 0.2222, 0.3333)
 QWEN_LAYER = 3
 
 
 def qwen_enable(model, processor, method: dict) -> None:
+    if method.get("family") == "qwen2-vl":
+        return _qwen2_vl_enable(model, method)
     from visual_token_pruning.config import VTRConfig
     from visual_token_pruning.model.vtr_qwen3_vl import VTRQwen3VLForConditionalGeneration
     from visual_token_pruning.strategy.clse import apply_clse_defaults
@@ -155,7 +176,22 @@ def qwen_enable(model, processor, method: dict) -> None:
     model._replace_text_model()
 
 
+def _qwen2_vl_enable(model, method: dict) -> None:
+    from visual_token_pruning.config import VTRConfig
+    from visual_token_pruning.model.vtr_qwen2_vl import VTRQwen2VLForConditionalGeneration
+
+    model.__class__ = VTRQwen2VLForConditionalGeneration  # what from_pretrained_vtr's cls.from_pretrained builds
+    model.vtr_config = VTRConfig(enabled=True, strategy="priortr", keep_ratio=float(method["budget"]),
+                                 prune_layer=QWEN_LAYER, **method.get("official_kwargs", {}))  # planted changes
+    model.vtr_strategy = model._create_strategy(model.vtr_config.strategy)
+    model._replace_text_model()  # setup_vtr: apply_clse_defaults, the strategy on the language model
+
+
 def qwen_inputs(model, inputs) -> dict:
+    if not hasattr(model, "_compute_image_token_range"):  # the Qwen2-VL code: its forward hands the range itself
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError("priortr: the official Qwen2-VL code runs one sample at a time")
+        return {}
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("priortr: the official Qwen3-VL code runs one sample at a time")
     model._rope_position_offset = 0
