@@ -35,7 +35,10 @@ Methods (``--method <name>``): an adapter with a Qwen2.5-VL half (``QWEN = True`
 the registry of Qwen method rows, :func:`qwen_methods`). Its official half (``qwen_before_import``, ``qwen_enable``,
 ``qwen_record``) runs in the official worker on the clone (``.official/<name>``), its half of ours
 (``ours_qwen(budget, dtype, rt) -> (method, budget, options)``, ``record_ours_qwen(rt, store) -> finish``) here; its
-``QWEN_BUDGETS`` in the method's own unit (MMTok: the retain ratio). Each image alone (the official Qwen code is
+``QWEN_BUDGETS`` in the method's own unit (MMTok: the retain ratio); ``QWEN_FAMILIES`` when its repository has the
+code of several Qwen families (PriorTR: Qwen3-VL and Qwen2-VL; IVC-Prune: Qwen2.5-VL and Qwen2-VL), with per-family
+settings in ``QWEN_BY_FAMILY`` (:func:`qwen_attr`) and the family in each spec (``"family"``, for its
+``qwen_enable``). Each image alone (the official Qwen code is
 batch-1). Checks per case (group ``qwen-<name>``): the ids, the kept indices, the logits (fp32 within 1e-5, fp16
 reported) and the greedy tokens; the detail reports how far the rows the selection read differ (projected tokens,
 vision -> vision rows, text rows). MMTok: ``mmtok_qwen2_5_vl`` beside ours in its Qwen reference mode.
