@@ -9,7 +9,8 @@
 # 2026-11-26, 5867 tests, 568 skipped: 22:26 before that day's cuts, 21:07 with the first of them, 23:01 with all of
 # them on a busier machine (the same unchanged files 10-70 % slower than in the run before); a third worker: 22:03.
 # 2026-11-26 later, with `import llava` no longer importing transformers (the paper scripts' planning and report
-# processes start in ~2 s, not ~5 s): 19:37 (2288 worker-seconds, was ~2700).
+# processes start in ~2 s, not ~5 s): 19:37 (2288 worker-seconds, was ~2700); the day's final tree: 20:46 (2422
+# worker-seconds, 5871 passed, 571 skipped). Around the 20-minute goal here, not clearly under it.
 # A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
 # every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
