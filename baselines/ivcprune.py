@@ -282,10 +282,8 @@ class IVCPrune(Method):
         n = getattr(self, "num_layers", 32)
         if self.layer is None and getattr(self, "family", None) == "qwen2_5_vl" and n in QWEN_K:
             return QWEN_K[n]
-        if self.layer is None and getattr(self, "family", None) == "qwen2_vl":
-            if n == QWEN2_VL_DEPTH or not self.scale_layers:
-                return QWEN2_VL_K
-            return min(n, max(1, round(QWEN2_VL_K * n / QWEN2_VL_DEPTH)))
+        if self.layer is None and getattr(self, "family", None) == "qwen2_vl":  # 16 of 28 (identity at 28)
+            return scale_layers([QWEN2_VL_K], n, reference=QWEN2_VL_DEPTH)[0] if self.scale_layers else QWEN2_VL_K
         k = 16 if self.layer is None else int(self.layer)
         return scale_layers([k], n)[0] if self.scale_layers else k
 

@@ -271,18 +271,14 @@ def qwen_replay(entry: dict):
     hidden states (two torch releases' kernels)."""
     import torch
 
-    from baselines.ivcprune import FILL_RATIO, IVC_RATIO, SEED_RATIO, VALUE_RATIO, ivc_keep, official_round
+    from baselines.ivcprune import FILL_RATIO, IVCPrune, ivc_keep, official_round
 
     dt = getattr(torch, entry["dtype"])
     v = entry["values"].to(dt)
     start, n = int(entry["start"]), int(entry["n"])
     visual, rows = torch.arange(start, start + n), torch.arange(start + n + 2, v.shape[0])
     rule = entry.get("rule", "qwen")
-    if rule == "qwen2_vl":  # its file: round(0.01 n) seeds, a 40 % foreground, the union
-        counts = (official_round(n * SEED_RATIO), official_round(n * VALUE_RATIO[rule]),
-                  official_round(n * IVC_RATIO[rule]))
-    else:
-        counts = (max(1, official_round(n * SEED_RATIO)), 0, official_round(n * IVC_RATIO["qwen"]))
+    counts = IVCPrune(rule=rule).counts(n, None)  # the rule's official fractions of n (seeds, foreground, IVC)
     return ivc_keep(v, rows, visual, entry["cos"].to(dt), entry["sin"].to(dt), rule, counts, None,
                     official_round(n * FILL_RATIO), "official")
 
