@@ -168,11 +168,12 @@ def test_priortr_on_qwen3_vl_agrees_with_the_official_code(built):
             assert float(c.detail.split("logits max abs diff ")[1].split()[0].rstrip(",")) < 1e-3, c.detail
 
 
-def _planted(info, work, monkeypatch=None, official_kwargs=None, images=(0, 1, 2, 3, 4, 5)):
-    spec = dict(qwen.method_specs(["priortr"], info, [0.2222], str(CLONE), family="qwen3-vl")[1])
+def _planted(info, work, monkeypatch=None, official_kwargs=None, images=(0, 1, 2, 3, 4, 5), family="qwen3-vl",
+             python=None):
+    spec = dict(qwen.method_specs(["priortr"], info, [0.2222], str(CLONE), family=family)[1])
     spec["batches"] = [[i] for i in images]
     off_spec = dict(spec, official_kwargs=official_kwargs or {})
-    off = qwen.official(info, str(QWEN3_PY), "fp32", [off_spec], 4, work)
+    off = qwen.official(info, str(python or QWEN3_PY), "fp32", [off_spec], 4, work)
     mine = qwen.ours(info, "fp32", [spec], 4)
     for o in off["runs"]:  # the official side's spec carries the planted kwargs; ours does not read them
         o["method"] = spec
@@ -237,11 +238,6 @@ def test_priortr_on_qwen2_vl_agrees_with_the_official_code(tmp_path):
     assert len(checks) == 56 and len([c for c in checks if c.group == "qwen-priortr"]) == 36
     assert all(c.case.startswith("qwen2-vl ") for c in checks)
     assert all(c.ok for c in checks), [(c.case, c.detail) for c in checks if not c.ok]
-    spec = dict(qwen.method_specs(["priortr"], info, [0.2222], str(CLONE), family="qwen2-vl")[1])
-    planted = dict(spec, official_kwargs={"query_aggregation": "last"})
-    off = qwen.official(info, pythons["qwen457"], "fp32", [planted], 4, tmp_path / "last")
-    mine = qwen.ours(info, "fp32", [spec], 4)
-    for o in off["runs"]:
-        o["method"] = spec
-    rows = [qwen.compare_method(o, m, "planted", 1e-5, info["eos"], "fp32") for o, m in zip(off["runs"], mine)]
+    rows = _planted(info, tmp_path / "last", official_kwargs={"query_aggregation": "last"}, family="qwen2-vl",
+                    python=QWEN457_PY)
     assert any(not c.ok and "kept indices DIFFER" in c.detail for c in rows)
