@@ -18,6 +18,9 @@
 #   FAST_BACKEND=inductor for Inductor + CUDA graphs, whose first compile of a 7B model takes minutes).
 #   bench.efficiency runs write under WORK (default: OUT) and are copied to OUT: WORK=runs/gpu-session on a device
 #   that keeps the tree between calls lets a cut run continue (--resume) in the next call.
+#   bash scripts/bench/gpu_session.sh fast-inductor OUT  # shape:llava-1.5-7b on FAST_BACKEND=inductor (default here) with the
+#                                                       #   regional compile: none, FastV, ConsensusDrop, AttnMix at 64 tokens,
+#                                                       #   compile time in the warm-up column, Inductor's cache under WORK
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -43,7 +46,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
@@ -92,6 +95,9 @@ case "$PART" in
                "${FAST_FLAGS[@]}"
              first_failure "$first" "$?" ;;
   fast-7b) fast_7b "$LIMIT" ;;
+  fast-inductor) VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache} \
+                   eff shape:llava-1.5-7b "none fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor "$LIMIT" \
+                   --fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --retime-none --resume ;;
   fast-next) fast_next "$LIMIT" ;;
   recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
              --fast-dtypes float16 --no-fast-ttft --out "$DEST/recheck-fast" --time-limit "$((LIMIT * 2 / 5))" 2>&1 \
