@@ -27,6 +27,7 @@ method traces another graph and misses; the same architecture with other weights
 
 from __future__ import annotations
 
+import inspect
 import os
 import types
 
@@ -43,6 +44,7 @@ _REGIONS: dict[type, object] = {}
 #: distinct guard sets one region may hold: a model's layers of one class share one entry; a hybrid decoder's
 #: layer types, prefill vs decode shapes and the buckets each take their own
 _REUSE_ENTRIES = 64
+_REGION_ARGS = inspect.signature(torch.compiler.nested_compile_region).parameters
 
 
 def layer_lists(lm, towers) -> list[torch.nn.ModuleList]:
@@ -95,7 +97,9 @@ def _region(cls):
             return cls.forward(layer, *args, **kwargs)
 
         call.__name__ = call.__qualname__ = f"region_{cls.__name__}"
-        _REGIONS[cls] = torch.compiler.nested_compile_region(call, max_reuse_entries=_REUSE_ENTRIES)
+        # torch < 2.13 (the device image's 2.11) has no max_reuse_entries: its regions reuse without that bound
+        kw = {"max_reuse_entries": _REUSE_ENTRIES} if "max_reuse_entries" in _REGION_ARGS else {}
+        _REGIONS[cls] = torch.compiler.nested_compile_region(call, **kw)
     return _REGIONS[cls]
 
 
