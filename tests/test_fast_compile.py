@@ -97,6 +97,33 @@ def test_the_whole_graph_option_marks_nothing():
     assert rt.engine.fast.regional is False and region_count(rt.model) == 0
 
 
+@pytest.mark.parametrize("takes_bound", [True, False])
+def test_a_region_is_made_with_the_reuse_bound_only_where_torch_takes_it(monkeypatch, takes_bound):
+    """torch 2.11 (the GPU image of 2026-11-27) has no ``max_reuse_entries``: passing it raised a TypeError
+    at load(fast=True) on every compiling backend."""
+    import llava.fast_compile as fc
+
+    made = []
+
+    def region(fn, **kw):
+        made.append(kw)
+        return fn
+
+    args = {"fn": None, "options": None, **({"max_reuse_entries": None} if takes_bound else {})}
+    monkeypatch.setattr(torch.compiler, "nested_compile_region", region)
+    monkeypatch.setattr(fc, "_REGION_ARGS", args)
+    monkeypatch.setattr(fc, "_REGIONS", {})
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    call = fc._region(Layer)
+    assert made == [{"max_reuse_entries": fc._REUSE_ENTRIES} if takes_bound else {}]
+    assert call(Layer(), torch.ones(2)).tolist() == [2.0, 2.0]  # the class's forward, through the region
+    assert fc._region(Layer) is call and len(made) == 1  # one region per class
+
+
 def test_a_cache_slot_updates_as_the_static_layer_does():
     """The slot's update is the static cache layer's (transformers' StaticLayer): the same tensors written at the
     same rows, the same length, on the cache's own tensors (the slot holds them, not copies)."""
