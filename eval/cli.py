@@ -77,9 +77,13 @@ def _add_run(sub):
     a.add_argument("--fast", action="store_true", help="the fast path (llava.load(fast=True)): prefills planned on the host "
                    "and run as one compiled static-shape function per length bucket (CUDA graphs on a GPU) where the "
                    "method is capturable, else eagerly; results.json 'paths' counts which path each prefill took and why")
-    a.add_argument("--fast-backend", default="auto", choices=["auto", "inductor", "eager", "aot_eager", "none"],
+    a.add_argument("--fast-backend", default="auto", choices=["auto", "inductor", "cudagraphs", "eager", "aot_eager", "none"],
                    help="with --fast: torch.compile backend (auto: inductor + CUDA graphs on a GPU, dynamo without code "
-                   "generation on a CPU; none: the static-shape functions uncompiled)")
+                   "generation on a CPU; cudagraphs: CUDA graphs of the uncompiled functions, recorded in seconds; "
+                   "none: the static-shape functions uncompiled)")
+    a.add_argument("--fast-attention", default="auto", choices=["auto", "causal", "masked"],
+                   help="with --fast: the prompt's attention over its padded bucket: SDPA's causal kernel (rows rolled "
+                   "so the real ones come first) or the 4-D mask; auto: causal on a GPU from 512 rows")
     a.add_argument("--fast-max-new-tokens", type=int, default=None, help="with --fast: decode slots of the static cache "
                    "(default: --max-new-tokens, i.e. the benchmark's protocol value)")
     a.add_argument("--backend", default="hf", choices=["hf", "vllm"],

@@ -15,10 +15,10 @@ from pathlib import Path
 RESUME_KEYS = ("benchmark", "bench_options", "model", "method", "budget", "options", "max_new_tokens", "batch_size",
                "dtype", "next_layout", "num_frames", "pad_to_square", "seed", "template", "attn_implementation",
                "min_pixels", "max_pixels", "vision_dtype", "fast", "fast_backend", "fast_max_new_tokens", "backend", "tp",
-               "revision", "next_geometry")
+               "revision", "next_geometry", "fast_attention")
 #: what a resumed run's config.json lacks (written before the key existed) counts as this value
 RESUME_DEFAULTS = {"fast": False, "fast_backend": "auto", "backend": "hf", "tp": 1, "revision": None,
-                   "next_geometry": "transformers"}
+                   "next_geometry": "transformers", "fast_attention": "auto"}
 #: who answers: our HF engine, or vLLM with the vtprune plugin (eval/vllm_backend.py)
 BACKENDS = ("hf", "vllm")
 
@@ -51,6 +51,7 @@ class RunConfig:
     fast: bool = False  # llava.load(fast=True): planned + captured prefills where the method allows (llava/fastpath.py)
     fast_backend: str = "auto"  # torch.compile backend of the fast path (auto: inductor + CUDA graphs on a GPU)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: the run's max_new_tokens
+    fast_attention: str = "auto"  # the prompt's attention over its bucket: causal kernel / 4-D mask (llava.fast_attention)
     backend: str = "hf"  # hf (our engine's generate) | vllm (vLLM + the vtprune plugin: eval/vllm_backend.py)
     tp: int = 1  # tensor-parallel size: groups of tp ranks share one model sharded by DeepSpeed AutoTP (llava/tp.py)
     seed: int = 0
@@ -105,6 +106,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts.append(f"vis{cfg.vision_dtype}")
     if cfg.fast:  # another numerics (last bits of the logits): never the eager run's folder
         parts.append("fast" if cfg.fast_backend == "auto" else f"fast-{cfg.fast_backend}")
+        if cfg.fast_attention != "auto":
+            parts.append(f"attn-{cfg.fast_attention}")
     if cfg.backend != "hf":  # another engine's decoder: its own folder
         parts.append(cfg.backend)
     if cfg.tp > 1:  # sharded matmuls: the logits' last bits differ from one process's
@@ -139,12 +142,16 @@ def fast_check(cfg: RunConfig) -> str | None:
     ``fast_max_new_tokens`` to the run's ``max_new_tokens`` when not given."""
     from llava.fastpath import BACKENDS as FAST_BACKENDS
 
+    from llava.fast_attention import MODES
+
     if not cfg.fast:
-        if cfg.fast_backend != "auto" or cfg.fast_max_new_tokens is not None:
-            return "--fast-backend / --fast-max-new-tokens apply with --fast only"
+        if cfg.fast_backend != "auto" or cfg.fast_max_new_tokens is not None or cfg.fast_attention != "auto":
+            return "--fast-backend / --fast-max-new-tokens / --fast-attention apply with --fast only"
         return None
     if cfg.fast_backend not in FAST_BACKENDS:
         return f"--fast-backend must be one of {', '.join(FAST_BACKENDS)}, got {cfg.fast_backend!r}"
+    if cfg.fast_attention not in MODES:
+        return f"--fast-attention must be one of {', '.join(MODES)}, got {cfg.fast_attention!r}"
     if cfg.fast_max_new_tokens is None:
         cfg.fast_max_new_tokens = cfg.max_new_tokens
     if cfg.fast_max_new_tokens < cfg.max_new_tokens:

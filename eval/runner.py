@@ -265,7 +265,7 @@ def _load_model(r: _Run) -> None:
                   pad_to_square=cfg.pad_to_square, seed=cfg.seed, min_pixels=cfg.min_pixels,
                   max_pixels=cfg.max_pixels, vision_dtype=cfg.vision_dtype, fast=cfg.fast,
                   fast_backend=cfg.fast_backend, fast_max_new_tokens=cfg.fast_max_new_tokens or 256,
-                  decoder_layers=0 if cfg.backend == "vllm" else None,  # vllm: prompts + checks only
+                  fast_attention=cfg.fast_attention, decoder_layers=0 if cfg.backend == "vllm" else None,  # vllm: prompts + checks only
                   revision=cfg.revision, next_geometry=cfg.next_geometry)
     except (ValueError, OSError) as e:
         raise _Stop(f"cannot load model {cfg.model!r}: {_reason(e)}") from None
@@ -492,7 +492,7 @@ def _fast_info(cfg: RunConfig, engine) -> dict | None:
         return None
     return {"requested_backend": cfg.fast_backend, "backend": fp.backend, "cuda_graphs": bool(fp.cuda_graphs),
             "max_new_tokens": fp.max_new_tokens, "refusal": fp.refusal or None, "regional": fp.regional,
-            "compile_cache": fp.cache_dir}
+            "compile_cache": fp.cache_dir, "attention": fp.attention}
 
 
 def _judge_cfg(cfg: RunConfig):

@@ -178,30 +178,33 @@ def _no_output_capture():
         output_capturing._active_collector.reset(token)
 
 
-def _layers(lm, h, mask, pos, cache, a: int, z: int, ds: dict | None = None):
+def _layers(lm, h, mask, pos, cache, a: int, z: int, ds: dict | None = None, attn=None):
     """Decoder layers a..z-1 on rows ``h`` with the 4-D ``mask`` at ``pos`` (a 4-D mask is what
     ``create_causal_mask`` hands the layers unchanged); ``ds``: DeepStack rows (Qwen3-VL; ``rows`` (n, levels,
-    D) at the flattened visual rows ``at``), level i added after layer i as the stock text model does.
+    D) at the flattened visual rows ``at``), level i added after layer i as the stock text model does; ``attn``:
+    the fast path's attention keyword for a prompt bucket (rows -> dict; :mod:`llava.fast_attention`).
     Returns (h, the last layer's input)."""
     pe = lm.rotary_emb(h, position_ids=pos)
     prev = h
+    kw = attn(h) if attn is not None else {}
     with _no_output_capture():
         for i in range(a, z):
             prev = h
-            h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+            h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True,
+                             **kw)
             if ds is not None and i < ds["rows"].shape[1]:
                 h = _add_deepstack(h, ds, i)
     return h, prev
 
 
 def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple, visual0, vision_sigs, origins,
-                 bad, ds: dict | None = None):
+                 bad, ds: dict | None = None, attn=None):
     """The decoder over a captured prefill's rows with its llm stages (device, static shapes). ``visual0``
     (per sample) the visual rows entering layer 0, ``vision_sigs`` / ``origins`` per sample the vision
     stage's signals (or None) and each visual token's source candidate; ``ds`` the DeepStack rows at the
     visual rows entering layer 0 (Qwen3-VL; a stage before the last level carries them through its selection,
     as the eager engine). Returns the last rows' hidden states (B, 1, D) after the final norm, and ``bad``
-    ORed with every stage's malformed flags."""
+    ORed with every stage's malformed flags; ``attn``: the prompt attention keyword, as :func:`_layers`."""
     lm, method = engine.lm, engine.method
     B = rows.shape[0]
     bounds = [0] + [st.layer for st in stages] + [len(lm.layers)]
@@ -216,7 +219,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                 at_t += q
     origin = list(origins)
     state = [{} for _ in range(B)]
-    h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1], ds)
+    h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1], ds, attn)
     for s, (st, t) in enumerate(zip(stages, stage_in)):
         if ds is not None and st.layer >= ds["rows"].shape[1]:
             ds = None  # every level was added before this stage
@@ -261,7 +264,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
         pos, mask = p2, t["mask"]
         if ds is not None:  # a sample without visual tokens left carries no rows
             ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
-        h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2], ds)
+        h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2], ds, attn)
     return lm.norm(h[:, -1:]), bad
 
 

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .families.base import to_device
+from . import fast_attention
 from .families.clip import MASKED_TOWER_ATTN
 from .fast_llm import decode_segments, run_segments
 from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
@@ -116,9 +117,13 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``)."""
 
     def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
-                 regional: bool = True, cache: str | None = None):
+                 regional: bool = True, cache: str | None = None, attention: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
+        fast_attention.wants(attention, 0, torch.device("cpu"))  # a bad choice: one clear error now
+        self.attention = attention  # the prompt's attention: the causal kernel over the bucket or the 4-D mask
+        if attention != "masked":
+            fast_attention.install()
         self.engine = engine
         self.buckets = tuple(buckets)
         self.max_new_tokens = int(max_new_tokens)
@@ -229,11 +234,17 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                 stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
                           for i in range(len(spec.stages))]
             ds = {"rows": torch.cat(deeps), "at": ds_at} if spec.deepstack else None  # Qwen3-VL's DeepStack rows
-            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad, ds)
+            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad, ds,
+                                  attn=self._attn)
             return e.model.lm_head(h), bad
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
-                 use_cache=True).last_hidden_state
+                 use_cache=True, **self._attn(rows)).last_hidden_state
         return e.model.lm_head(h[:, -1:]), bad
+
+    def _attn(self, rows) -> dict:
+        """The decoder's keyword for a prompt bucket of ``rows`` (B, L, D): the causal kernel where
+        ``fast_attention`` asks for it (:mod:`llava.fast_attention`), else none (the 4-D mask)."""
+        return {fast_attention.KW: True} if fast_attention.wants(self.attention, rows.shape[1], rows.device) else {}
 
     def _lm_mask(self, mask, decode: bool = False):
         """The language model's mask for a 4-D prompt / decode mask: itself, or for a hybrid decoder (Qwen3.5) one
@@ -259,7 +270,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         emb = e.lm.embed_tokens(tok)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1]), buf])[src].view(emb.shape)
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
-                 use_cache=True).last_hidden_state
+                 use_cache=True, **self._attn(rows)).last_hidden_state
         return e.model.lm_head(h[:, -1:])
 
     def _decode_fn(self, tok, pos, mask, cache, layers: tuple):

@@ -217,7 +217,8 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
          pad_to_square: bool = True, seed: int = 0, min_pixels: int | None = None,
          max_pixels: int | None = None, vision_dtype=None, fast: bool = False, fast_backend: str = "auto",
          fast_max_new_tokens: int = 256, decoder_layers: int | None = None, revision: str | None = None,
-         next_geometry: str = "transformers", fast_regional: bool = True, fast_cache: str | None = None) -> Runtime:
+         next_geometry: str = "transformers", fast_regional: bool = True, fast_cache: str | None = None,
+         fast_attention: str = "auto") -> Runtime:
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
     [CLS]-attention scores then come from an fp32 tower); the tower's features are cast to the projector's
@@ -243,7 +244,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. The compiling backends trace
     each repeated layer class once (``fast_regional``, :mod:`llava.fast_compile`): cold compile time nearly flat
     in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
-    cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`). Prefills the fast path
+    cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`). ``fast_attention``: the prompt's
+    attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
+    :mod:`llava.fast_attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 512 rows). Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
     user never prunes takes the fast path too: ``load`` attaches the unpruned method ("none") with it, so the
     baseline a speed-up is timed against is captured like the pruned runs (``rt.engine.stats.path``).
@@ -291,7 +294,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
         rt.engine_required = "next_geometry='official': the stock forward packs NeXT with transformers' unpad rounding"
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens),
-                   "regional": bool(fast_regional), "cache": fast_cache}
+                   "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention}
         rt.info["fast"] = dict(rt.fast)
         rt.engine_required = "fast=True: the captured prefill and decode"
     if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill

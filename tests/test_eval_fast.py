@@ -91,7 +91,24 @@ def test_fast_options_are_checked_before_anything_loads(fixture_data, tmp_path, 
     assert run(RunConfig(**base, fast_backend="eager")) == 2
     assert "with --fast only" in capsys.readouterr().err
     assert run(RunConfig(**base, fast=True, fast_backend="tensorrt")) == 2  # not a backend of ours
+    assert run(RunConfig(**base, fast_attention="causal")) == 2
+    assert "--fast-attention apply with --fast only" in capsys.readouterr().err
+    assert run(RunConfig(**base, fast=True, fast_attention="flash")) == 2
+    assert "--fast-attention must be one of auto, causal, masked, got 'flash'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_prompt_attention_names_its_run_folder_and_is_a_resume_key():
+    from eval.run_config import default_run_name
+
+    names = [default_run_name(RunConfig(benchmark="pope", method="fastv", budget=64, fast=True, fast_attention=a))
+             for a in ("auto", "causal", "masked")]
+    assert names == ["tiny-llava_fastv_b64_fast", "tiny-llava_fastv_b64_fast_attn-causal",
+                     "tiny-llava_fastv_b64_fast_attn-masked"]
+    old = {k: v for k, v in RunConfig(benchmark="pope", fast=True).resume_view().items() if k != "fast_attention"}
+    assert _resume_mismatch(old, RunConfig(benchmark="pope", fast=True)) == {}  # a folder from before the option
+    assert set(_resume_mismatch(old, RunConfig(benchmark="pope", fast=True, fast_attention="masked"))) == {
+        "fast_attention"}
 
 
 def test_fast_is_a_resume_key_and_part_of_the_fingerprint():
@@ -119,7 +136,7 @@ def _fake(tmp_path, name="python") -> dict:
     fake.parent.mkdir(exist_ok=True)
     fake.write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > \"$ARGV_OUT\"\n")
     fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("FAST", "FAST_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FAST", "FAST_BACKEND", "FAST_ATTENTION")}
     return {**env, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "argv")}
 
 
@@ -137,9 +154,14 @@ def test_launch_script_fast_variables(tmp_path):
     assert argv[argv.index("--fast-backend") + 1] == "eager" and argv[argv.index("--max-new-tokens") + 1] == "2"
     subprocess.run(["bash", *script], env={**env, "FAST": "1"}, check=True)
     assert "--fast" in _argv(tmp_path) and "--fast-backend" not in _argv(tmp_path)
+    assert "--fast-attention" not in _argv(tmp_path)
+    subprocess.run(["bash", *script], env={**env, "FAST": "1", "FAST_ATTENTION": "causal"}, check=True)
+    argv = _argv(tmp_path)
+    assert argv[argv.index("--fast-attention") + 1] == "causal"
     subprocess.run(["bash", *script], env=env, check=True)
     assert "--fast" not in _argv(tmp_path)
-    for bad in ({"FAST_BACKEND": "eager"}, {"FAST": "yes"}):  # a backend without FAST=1, a FAST that is not 0 / 1
+    # a backend or an attention without FAST=1, a FAST that is not 0 / 1
+    for bad in ({"FAST_BACKEND": "eager"}, {"FAST_ATTENTION": "causal"}, {"FAST": "yes"}):
         p = subprocess.run(["bash", *script], env={**env, **bad}, capture_output=True, text=True)
         assert p.returncode == 2 and "FAST" in p.stderr
 

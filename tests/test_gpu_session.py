@@ -101,3 +101,37 @@ def test_fast_7b_is_one_run_of_the_issue_s_methods_on_the_capture_backend_with_w
     assert args["--fast-backend"] == "cudagraphs" and args["--device-warmup"] == "3"
     assert {"--fast", "--retime-none", "--resume"} <= set(call)
     assert sorted(p.name for p in out.iterdir()) == ["fast-7b", "fast-7b.log"]
+
+
+def test_fast_attn_times_the_masked_and_the_causal_prompt_attention_on_both_shapes(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-attn")
+    runs = [(c[c.index("--model") + 1], c[c.index("--fast-attention") + 1], Path(c[c.index("--out") + 1]).name)
+            for c in calls]
+    assert runs == [("shape:llava-next-7b", "masked", "fast-attn-next-masked"),
+                    ("shape:llava-1.5-7b", "masked", "fast-attn-7b-masked"),
+                    ("shape:llava-next-7b", "causal", "fast-attn-next-causal"),
+                    ("shape:llava-1.5-7b", "causal", "fast-attn-7b-causal")]
+    assert all(c[:2] == ["-m", "bench.efficiency"] and "--fast" in c and "--resume" in c for c in calls)
+    # the bench's own command line takes each call (parsed by its main, the run itself replaced)
+    import bench.efficiency as be
+
+    class Parsed(Exception):
+        pass
+
+    def stop(cfg):
+        raise Parsed(cfg)
+
+    saved, be.run = be.run, stop
+    try:
+        for c in calls:
+            try:
+                be.main(c[2:])
+            except Parsed as p:
+                cfg = p.args[0]
+            assert cfg.fast and cfg.fast_attention == c[c.index("--fast-attention") + 1] and cfg.device == "cuda"
+    finally:
+        be.run = saved
+
+
+def test_fast_attn_reports_a_failed_run(tmp_path):
+    _run(tmp_path, files=1, deep=False, fail_out="fast-attn-7b-causal", expect=1, part="fast-attn")

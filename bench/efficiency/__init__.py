@@ -87,7 +87,7 @@ __all__ = [
 #: the config fields a finished cell's numbers depend on: a resumed run reuses only rows with the same values
 RESUME_FIELDS = ("model", "dtype", "device", "n", "warmup", "batch_sizes", "decode_tokens", "decode_samples",
                  "text_words", "image_hw", "next_layout", "seed", "threads", "fast", "fast_backend",
-                 "fast_max_new_tokens")
+                 "fast_max_new_tokens", "fast_attention")
 
 
 def _fingerprint(cfg: BenchConfig) -> dict:
@@ -154,7 +154,8 @@ def run(cfg: BenchConfig) -> dict:
                              "path's static cache would run out")
     try:
         rt = load(cfg.model, dtype=cfg.dtype, device=cfg.device, next_layout=cfg.next_layout, fast=cfg.fast,
-                  fast_backend=cfg.fast_backend, fast_max_new_tokens=fast_slots or 256)
+                  fast_backend=cfg.fast_backend, fast_max_new_tokens=fast_slots or 256,
+                  fast_attention=cfg.fast_attention)
     except (ValueError, OSError) as e:  # unknown shape / family, no such directory or hub id
         from llava.cli import InputError
 
@@ -289,6 +290,7 @@ def _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fa
         eager_rows, fast_rows = _pair(results, fast_results)
         f0 = next((r["fast"] for r in fast_results if r.get("fast")), {})
         report["fast"] = {"backend": f0.get("backend"), "requested_backend": cfg.fast_backend,
+                          "attention": cfg.fast_attention,
                           "cuda_graphs": f0.get("cuda_graphs"), "max_new_tokens": fast_slots,
                           "note": "each cell ran on the eager engine and with load(fast=True) in this run; fast rows: "
                                   "warm-up prefills first, a timed prefill that still compiled a graph is timed again "
@@ -358,6 +360,9 @@ def main(argv=None) -> int:
                     choices=FAST_BACKENDS,
                     help="with --fast: auto = inductor + CUDA graphs on a GPU; cudagraphs = CUDA graphs of the "
                          "uncompiled functions (capture in seconds, no code generation; docs/fast-path.md)")
+    ap.add_argument("--fast-attention", default=d.fast_attention, choices=("auto", "causal", "masked"),
+                    help="with --fast: the prompt's attention over its padded bucket (llava.fast_attention): SDPA's "
+                         "causal kernel, the 4-D mask, or auto (causal on a GPU from 512 rows)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of cells.jsonl measured by an earlier run of "
                     "the same configuration (a killed run) and measure only the others")
     ap.add_argument("--device-warmup", type=float, default=d.device_warmup,

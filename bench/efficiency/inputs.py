@@ -32,6 +32,7 @@ class BenchConfig:
     threads: int | None = None
     fast: bool = False  # also run every cell with load(fast=True): fast and eager rows side by side
     fast_backend: str = "auto"
+    fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast_attention)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: decode_tokens
     resume: bool = False  # keep the rows of an earlier run of the same configuration (cells.jsonl)
     device_warmup: float = 0.0  # seconds of unpruned prefills before the first row

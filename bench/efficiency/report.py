@@ -232,7 +232,8 @@ def fast_markdown(fast: dict) -> list[str]:
     fast row with the path its timed prefills actually took and the fast / eager TTFT (and TPOT) ratio."""
     out = ["## Fast path vs eager engine (`--fast`)", "",
            f"Every cell ran twice in this run, back to back: on the eager engine and with `load(fast=True)` (backend "
-           f"{fast.get('backend')}{', CUDA graphs' if fast.get('cuda_graphs') else ''}; static cache of "
+           f"{fast.get('backend')}{', CUDA graphs' if fast.get('cuda_graphs') else ''}; prompt attention "
+           f"{fast.get('attention', 'masked')} (`--fast-attention`); static cache of "
            f"{fast.get('max_new_tokens')} decode slots). Fast rows: warm-up prefills compile / capture first; a timed "
            "prefill that still compiled a graph (`engine.stats.new_graph`) is timed again and counted under 'graphs "
            "compiled in timed runs'. 'Path taken' is `engine.stats.path` of the timed prefills: a method the fast path "

@@ -21,6 +21,9 @@
 #   bash scripts/bench/gpu_session.sh fast-inductor OUT  # shape:llava-1.5-7b on FAST_BACKEND=inductor (default here) with the
 #                                                       #   regional compile: none, FastV, ConsensusDrop, AttnMix at 64 tokens,
 #                                                       #   compile time in the warm-up column, Inductor's cache under WORK
+#   bash scripts/bench/gpu_session.sh fast-attn  OUT   # the prompt's attention over its bucket, masked vs causal
+#                                                       #   (--fast-attention; llava/fast_attention.py): shape:llava-next-7b
+#                                                       #   none + FastV 320, then shape:llava-1.5-7b none + ConsensusDrop 64
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -46,7 +49,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-attn|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
@@ -95,6 +98,14 @@ case "$PART" in
                "${FAST_FLAGS[@]}"
              first_failure "$first" "$?" ;;
   fast-7b) fast_7b "$LIMIT" ;;
+  fast-attn) first=0
+             for a in masked causal; do
+               eff shape:llava-next-7b "none fastv" 320 8 1 16 "fast-attn-next-$a" $((LIMIT * 3 / 10)) "${FAST_FLAGS[@]}" \
+                 --fast-attention "$a" || first=$?
+               eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 16 "fast-attn-7b-$a" $((LIMIT / 5)) "${FAST_FLAGS[@]}" \
+                 --fast-attention "$a" || first=$?
+             done
+             exit_first=$first; (( exit_first == 0 )) ;;
   fast-inductor) VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache} \
                    eff shape:llava-1.5-7b "none fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor "$LIMIT" \
                    --fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --retime-none --resume ;;

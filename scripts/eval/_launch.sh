@@ -16,7 +16,8 @@
 #              pdsh by default, DS_LAUNCHER=openmpi | mvapich | ... its --launcher) from a HOSTFILE
 #   EXTRA_ARGS extra arguments for `python -m eval run` (e.g. "--opt key=value --no-wandb")
 #   FAST=1     the fast path (--fast: captured prefills for capturable methods, else eager; results.json "paths")
-#   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | eager | aot_eager | none
+#   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | cudagraphs | eager | aot_eager | none
+#   FAST_ATTENTION with FAST=1: --fast-attention auto (default) | causal | masked
 #   TP         tensor-parallel size (default 1): groups of TP processes share one model (its language model sharded
 #              by DeepSpeed AutoTP, towers replicated); NPROC x NNODES must be a multiple of TP; needs LAUNCHER=deepspeed
 #              or torchrun; each group answers its own shard of the questions
@@ -60,8 +61,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/_methods.sh"   # VTPRUNE_METHODS=./my_met
 ARGS=(run "$BENCH" --model "$MODEL" --method "$METHOD" --budget "$BUDGET" --data-root "$DATA_ROOT" --out "$OUT")
 if [[ -n "${REVISION:-}" ]]; then ARGS+=(--revision "$REVISION"); fi
 case "${FAST:-0}" in
-    1) ARGS+=(--fast); if [[ -n "${FAST_BACKEND:-}" ]]; then ARGS+=(--fast-backend "$FAST_BACKEND"); fi ;;
-    0|"") if [[ -n "${FAST_BACKEND:-}" ]]; then echo "FAST_BACKEND=$FAST_BACKEND applies with FAST=1 only" >&2; exit 2; fi ;;
+    1) ARGS+=(--fast); if [[ -n "${FAST_BACKEND:-}" ]]; then ARGS+=(--fast-backend "$FAST_BACKEND"); fi
+       if [[ -n "${FAST_ATTENTION:-}" ]]; then ARGS+=(--fast-attention "$FAST_ATTENTION"); fi ;;
+    0|"") if [[ -n "${FAST_BACKEND:-}${FAST_ATTENTION:-}" ]]; then
+            echo "FAST_BACKEND / FAST_ATTENTION apply with FAST=1 only" >&2; exit 2; fi ;;
     *) echo "FAST=$FAST: use FAST=1 (the fast path) or FAST=0" >&2; exit 2 ;;
 esac
 case "${BACKEND:-hf}" in

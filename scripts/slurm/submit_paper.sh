@@ -76,7 +76,7 @@ if [[ "$PAPER" = /* ]]; then   # a spec of one's own: the jobs read this copy (t
 fi
 {
     echo "# scripts/slurm/submit_paper.sh, $(date '+%F %T'): the variables of this submission (sourced by the jobs)"
-    for v in REPO PAPER TABLE SHARDS OUT DATA_ROOT VENV SETUP ONLY BUDGETS MODEL REVISION NPROC TP FAST FAST_BACKEND \
+    for v in REPO PAPER TABLE SHARDS OUT DATA_ROOT VENV SETUP ONLY BUDGETS MODEL REVISION NPROC TP FAST FAST_BACKEND FAST_ATTENTION \
              LAUNCHER BACKEND VLLM_BATCH EXTRA_ARGS EFFICIENCY PYTHON WANDB_MODE WANDB_PROJECT WANDB_ENTITY WANDB_DIR \
              VTPRUNE_METHODS PYTHONPATH; do
         if [[ -n "${!v+x}" ]]; then printf 'export %s=%q\n' "$v" "${!v}"; fi
