@@ -135,3 +135,13 @@ def test_fast_attn_times_the_masked_and_the_causal_prompt_attention_on_both_shap
 
 def test_fast_attn_reports_a_failed_run(tmp_path):
     _run(tmp_path, files=1, deep=False, fail_out="fast-attn-7b-causal", expect=1, part="fast-attn")
+
+
+def test_fast_inductor_compiles_then_times_a_second_process_on_the_same_cache(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-inductor")
+    first, second = calls
+    assert [Path(c[c.index("--out") + 1]).name for c in calls] == ["fast-7b-inductor", "fast-7b-inductor-warm"]
+    assert all(c[c.index("--fast-backend") + 1] == "inductor" for c in calls)
+    assert first[first.index("--methods") + 1:first.index("--budgets")] == ["none", "fastv", "consensusdrop", "attnmix"]
+    assert second[second.index("--methods") + 1:second.index("--budgets")] == ["none", "consensusdrop"]
+    assert "--retime-none" in first and "--retime-none" not in second

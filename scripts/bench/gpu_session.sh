@@ -20,7 +20,8 @@
 #   that keeps the tree between calls lets a cut run continue (--resume) in the next call.
 #   bash scripts/bench/gpu_session.sh fast-inductor OUT  # shape:llava-1.5-7b on FAST_BACKEND=inductor (default here) with the
 #                                                       #   regional compile: none, FastV, ConsensusDrop, AttnMix at 64 tokens,
-#                                                       #   compile time in the warm-up column, Inductor's cache under WORK
+#                                                       #   compile time in the warm-up column, Inductor's cache under WORK;
+#                                                       #   then none + ConsensusDrop in a second process on that cache
 #   bash scripts/bench/gpu_session.sh fast-attn  OUT   # the prompt's attention over its bucket, masked vs causal
 #                                                       #   (--fast-attention; llava/fast_attention.py): shape:llava-next-7b
 #                                                       #   none + FastV 320, then shape:llava-1.5-7b none + ConsensusDrop 64
@@ -106,9 +107,13 @@ case "$PART" in
                  --fast-attention "$a" || first=$?
              done
              exit_first=$first; (( exit_first == 0 )) ;;
-  fast-inductor) VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache} \
-                   eff shape:llava-1.5-7b "none fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor "$LIMIT" \
-                   --fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --retime-none --resume ;;
+  fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
+                 ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
+                 eff shape:llava-1.5-7b "none fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
+                   "${ind[@]}" --retime-none; first=$?
+                 # a second process on the same Inductor cache: its warm-up column is the warm-cache compile
+                 eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 32 fast-7b-inductor-warm $((LIMIT / 4)) "${ind[@]}"
+                 first_failure "$first" "$?" ;;
   fast-next) fast_next "$LIMIT" ;;
   recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
              --fast-dtypes float16 --no-fast-ttft --out "$DEST/recheck-fast" --time-limit "$((LIMIT * 2 / 5))" 2>&1 \
