@@ -105,6 +105,10 @@ def test_fast_7b_is_one_run_of_the_issue_s_methods_on_the_capture_backend_with_w
 
 def test_fast_attn_times_the_masked_and_the_causal_prompt_attention_on_both_shapes(tmp_path):
     out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-attn")
+    tiny, calls = calls[0], calls[1:]
+    cfg = config_from_args(build_parser("").parse_args(tiny[2:]), "cuda")  # the causal kernel's tokens first
+    assert tiny[:2] == ["-m", "bench.gpu_check"] and cfg.fast_attention == "causal" and not cfg.tiny and cfg.fast
+    assert cfg.families == ["llava", "llava-next", "video-llava"] and cfg.fast_dtypes == ["float16"]
     runs = [(c[c.index("--model") + 1], c[c.index("--fast-attention") + 1], Path(c[c.index("--out") + 1]).name)
             for c in calls]
     assert runs == [("shape:llava-next-7b", "masked", "fast-attn-next-masked"),

@@ -49,6 +49,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="the fast path's compile backend, compared with the same path uncompiled (default auto: "
                    "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU; cudagraphs: CUDA graphs of the "
                    "uncompiled functions, no code generation)")
+    f.add_argument("--fast-attention", default=d.fast_attention, choices=["auto", "causal", "masked"],
+                   help="the prompt's attention over its padded bucket on both fast sides (llava.fast_attention): "
+                   "causal checks SDPA's causal kernel on the tiny models, whose buckets are under auto's 512 rows")
     f.add_argument("--fast-dtypes", nargs="+", default=None, help="default: the --dtypes")
     f.add_argument("--fast-prompts", type=int, default=d.fast_prompts,
                    help=f"batch-1 prompts per family x dtype x method (default {d.fast_prompts})")
@@ -105,6 +108,7 @@ def config_from_args(a, device: str) -> CheckConfig:
                       ttft_text_words=a.ttft_text_words, out=a.out, threads=a.threads,
                       time_limit=a.time_limit or None, time_reserve=a.time_reserve, tiny=not a.fast_only,
                       fast=a.fast or a.fast_only, fast_backend=a.fast_backend, fast_dtypes=fast_dtypes,
+                      fast_attention=a.fast_attention,
                       fast_prompts=a.fast_prompts, fast_tokens=a.fast_tokens, fast_ttft=a.fast_ttft and a.ttft,
                       fast_ttft_model=a.fast_ttft_model, fast_ttft_methods=a.fast_ttft_methods or [],
                       fast_next_model=a.fast_next_model, fast_next_tokens=list(a.fast_next_tokens),

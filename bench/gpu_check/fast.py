@@ -118,9 +118,9 @@ def load_equality(family: str, dtype: str, cfg) -> dict:
     return {"rt": rt, "prompts": prompts(family, cfg.fast_prompts, cfg.seed)}
 
 
-def _attach(rt, method: str, budget, backend: str | None, slots: int):
-    """``rt.prune`` with the fast path on ``backend`` (None: the eager engine)."""
-    rt.fast = {"backend": backend, "max_new_tokens": slots} if backend else None
+def _attach(rt, method: str, budget, backend: str | None, slots: int, attention: str = "auto"):
+    """``rt.prune`` with the fast path on ``backend`` (None: the eager engine), its prompt attention ``attention``."""
+    rt.fast = {"backend": backend, "max_new_tokens": slots, "attention": attention} if backend else None
     try:
         return rt.prune(method, budget)
     finally:
@@ -155,7 +155,7 @@ def equality_task(ctx: dict, t: dict, cfg) -> dict:
     try:
         with _recorded_with_cause(device, rec):
             batches = [build(rt, [s], device) for s in samples]
-            eng = _attach(rt, t["method"], budget, cfg.fast_backend, steps)
+            eng = _attach(rt, t["method"], budget, cfg.fast_backend, steps, cfg.fast_attention)
             rec.update(backend=eng.fast.backend, cuda_graphs=bool(eng.fast.cuda_graphs),
                        refusal=eng.fast.refusal or None)
             if eng.fast.refusal:  # not captured: one prompt confirms it runs eagerly, and why
@@ -168,7 +168,7 @@ def equality_task(ctx: dict, t: dict, cfg) -> dict:
             _unprune(rt)
             if hasattr(torch, "_dynamo"):  # this engine's graphs (and CUDA-graph pools) are not reused
                 torch._dynamo.reset()
-            eng = _attach(rt, t["method"], budget, "none", steps)
+            eng = _attach(rt, t["method"], budget, "none", steps, cfg.fast_attention)
             uncompiled = _run_prompts(rt, eng, batches, steps)
             _unprune(rt)
             eng = _attach(rt, t["method"], budget, None, steps)

@@ -39,7 +39,8 @@ def load_timing(model: str, cfg) -> dict:
 
     t0 = time.perf_counter()
     rt = load(model, dtype=cfg.ttft_dtype, device=cfg.device, next_layout="spatial", fast=True,
-              fast_backend=cfg.fast_backend, fast_max_new_tokens=max(cfg.fast_tokens, 1))
+              fast_backend=cfg.fast_backend, fast_max_new_tokens=max(cfg.fast_tokens, 1),
+              fast_attention=cfg.fast_attention)
     device = next(rt.model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -23,8 +23,10 @@
 #                                                       #   compile time in the warm-up column, Inductor's cache under WORK;
 #                                                       #   then none + ConsensusDrop in a second process on that cache
 #   bash scripts/bench/gpu_session.sh fast-attn  OUT   # the prompt's attention over its bucket, masked vs causal
-#                                                       #   (--fast-attention; llava/fast_attention.py): shape:llava-next-7b
-#                                                       #   none + FastV 320, then shape:llava-1.5-7b none + ConsensusDrop 64
+#                                                       #   (--fast-attention; llava/fast_attention.py): the causal kernel's
+#                                                       #   tokens on tiny LLaVA / NeXT / Video-LLaVA fp16 (gpu_check), then
+#                                                       #   shape:llava-next-7b none + FastV 320 and shape:llava-1.5-7b
+#                                                       #   none + ConsensusDrop 64, each masked then causal
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -99,14 +101,18 @@ case "$PART" in
                "${FAST_FLAGS[@]}"
              first_failure "$first" "$?" ;;
   fast-7b) fast_7b "$LIMIT" ;;
-  fast-attn) first=0
+  fast-attn) # first the causal kernel's tokens on the tiny LLaVA families in fp16 (their buckets are under auto's 512)
+             python -m bench.gpu_check --fast-only --fast-backend "$FAST_BACKEND" --fast-attention causal --dtypes float16 \
+               --fast-dtypes float16 --families llava llava-next video-llava --methods none fastv visionzip consensusdrop \
+               --no-fast-ttft --out "$DEST/fast-attn-tiny" --time-limit $((LIMIT / 5 - 10)) 2>&1 \
+               | tee "$DEST/fast-attn-tiny.log" | tail -20; first=$?
              for a in masked causal; do
-               eff shape:llava-next-7b "none fastv" 320 8 1 16 "fast-attn-next-$a" $((LIMIT * 3 / 10)) "${FAST_FLAGS[@]}" \
-                 --fast-attention "$a" || first=$?
-               eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 16 "fast-attn-7b-$a" $((LIMIT / 5)) "${FAST_FLAGS[@]}" \
-                 --fast-attention "$a" || first=$?
+               eff shape:llava-next-7b "none fastv" 320 8 1 16 "fast-attn-next-$a" $((LIMIT / 4)) "${FAST_FLAGS[@]}" \
+                 --fast-attention "$a" || first=$((first ? first : $?))
+               eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 16 "fast-attn-7b-$a" $((LIMIT * 3 / 20)) "${FAST_FLAGS[@]}" \
+                 --fast-attention "$a" || first=$((first ? first : $?))
              done
-             exit_first=$first; (( exit_first == 0 )) ;;
+             (( first == 0 )) ;;
   fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
                  ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
                  eff shape:llava-1.5-7b "none fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
