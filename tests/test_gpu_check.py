@@ -581,3 +581,24 @@ def test_fast_tasks_stopped_by_the_time_limit_are_listed_not_run(tmp_path, monke
     assert rep["summary"]["methods"]["fastv"]["not run"] == ["fast llava, float32"]
     _, md = _report(tmp_path)
     assert "| llava | float32 | fastv | - | not run (time limit) | | | not run |" in md
+
+
+def test_a_partial_report_from_before_a_config_field_resumes_and_an_unknown_field_is_named(tmp_path):
+    """A .partial.jsonl written before ``fast_attention`` existed counts as its default ("auto"); a field the
+    running code does not know is named in the refusal (not an empty "differs in")."""
+    import dataclasses
+
+    from bench.gpu_check.config import CheckConfig, _jsonable_loose
+    from bench.gpu_check.worker import ResumeError, _resume_config, load_partial
+
+    cfg = CheckConfig(device="cpu")
+    task = {"kind": "tiny", "family": "llava", "dtype": "float32", "method": "none"}
+    old = {k: v for k, v in _jsonable_loose(_resume_config(cfg)).items() if k != "fast_attention"}
+    path = tmp_path / "r.partial.jsonl"
+    path.write_text(json.dumps({"header": {"config": old}}) + "\n" + json.dumps({**task, "verdict": "PASS"}) + "\n")
+    assert list(load_partial(path, cfg, [task]).values())[0]["verdict"] == "PASS"
+    with pytest.raises(ResumeError, match=r"differs in: fast_attention\)"):
+        load_partial(path, dataclasses.replace(cfg, fast_attention="causal"), [task])
+    path.write_text(json.dumps({"header": {"config": {**old, "from_the_future": 1}}}) + "\n")
+    with pytest.raises(ResumeError, match=r"differs in: from_the_future\)"):
+        load_partial(path, cfg, [task])

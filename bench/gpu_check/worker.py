@@ -175,6 +175,8 @@ class _Signals:
 
 #: config fields that may differ between a run and the run it resumes
 RESUME_FREE = ("out", "threads", "time_limit", "time_reserve")
+#: what a partial report written before a config field existed counts as for it
+RESUME_DEFAULTS = {"fast_attention": "auto"}
 
 
 class ResumeError(ValueError):
@@ -201,7 +203,9 @@ def load_partial(path: Path, cfg: CheckConfig, tasks: list[dict]) -> dict[tuple,
         elif "kind" in x and not x.get("not_run") and task_key(x) in keys:
             recs[task_key(x)] = x
     want = _jsonable_loose(_resume_config(cfg))
-    if header is None or header.get("config") != want:
-        diff = sorted(k for k in want if (header or {}).get("config", {}).get(k) != want[k])
+    have = {**RESUME_DEFAULTS, **header["config"]} if header is not None and "config" in header else None
+    if have != want:
+        have = have or {}
+        diff = sorted({k for k in want if have.get(k) != want[k]} | {k for k in have if k not in want})
         raise ResumeError(f"--resume: {path} was written for another configuration (differs in: {', '.join(diff)})")
     return recs
