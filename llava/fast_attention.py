@@ -18,8 +18,8 @@ layer, no host read.
 It engages only where the fast path asks for it (the keyword :data:`KW` handed down the decoder layers to the
 attention function) and only in SDPA's own function: ``install()`` wraps the ``"sdpa"`` entry of transformers'
 attention functions with a delegate that passes every other call (the eager engine, the decode, the vision
-towers, a non-causal module) to the stock function unchanged. Which buckets: ``load(fast_attention=...)``,
-:func:`wants`."""
+towers, a non-causal module, a sliding-window layer) to the stock function unchanged. Which buckets:
+``load(fast_attention=...)``, :func:`wants`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def causal_bucket(module, query, key, value, attention_mask, **kwargs):
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' ``"sdpa"`` attention with the fast path's causal-bucket request honoured (:data:`KW`)."""
     if (kwargs.pop(KW, False) and query.shape[2] > 1 and getattr(module, "is_causal", False) is True
+            and not kwargs.get("sliding_window")  # a window lives in the mask only: keep it
             and attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4):
         return causal_bucket(module, query, key, value, attention_mask, **kwargs)
     return _stock(module, query, key, value, attention_mask, **kwargs)

@@ -67,9 +67,10 @@ def test_without_the_keyword_or_for_a_non_causal_module_the_stock_function_runs(
         assert fa._sdpa(_Attn(causal=False), q, k, v, mask, **{fa.KW: True})[0] == "stock"  # a vision tower
         assert fa._sdpa(_Attn(), q[:, :, -1:], k, v, mask[:, :, -1:], **{fa.KW: True})[0] == "stock"  # a decode step
         assert fa._sdpa(_Attn(), q, k[:, :, :8], v[:, :, :8], None, **{fa.KW: True})[0] == "stock"  # no mask
+        assert fa._sdpa(_Attn(), q, k, v, mask, sliding_window=4, **{fa.KW: True})[0] == "stock"  # in the mask
     finally:
         fa._stock = stock
-    assert called == [False] * 4  # the keyword never reaches the stock function
+    assert called == [False] * 5  # the keyword never reaches the stock function
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     fa.install()  # twice: still one wrapper around the stock function
@@ -105,7 +106,8 @@ def rolled(monkeypatch):
 #: per family, methods whose plans differ: unpruned, an llm stage (FastV), a pre-LLM selection (VisionZip), a
 #: piecewise prefill (PruMerge: two graphs); Qwen3.5: two of its four layers are full attention
 CASES = ([("llava", m, b) for m, b in (("none", None), ("fastv", 8), ("visionzip", 6), ("prumerge", None))]
-         + [(f, m, b) for f in ("llava_next", "qwen2.5-vl", "qwen3-vl", "internvl") for m, b in (("none", None), ("fastv", 8))]
+         + [(f, m, b) for f in ("llava_next", "qwen2.5-vl", "qwen3-vl", "internvl")
+            for m, b in (("none", None), ("fastv", 8))]
          + [("qwen3.5", "visionzip", 6)])
 
 
