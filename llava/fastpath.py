@@ -16,7 +16,8 @@ and handed to the captured function as index tensors:
 ``prefill`` (device, static shapes, no host read)
     tower -> [CLS] signals from ``hidden_states`` -> the method's selection (``sig.captured``) ->
     merges -> one gather into the bucket -> the language model into the static cache (with llm stages:
-    segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast_llm`) -> the
+    segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast_llm`; its attention
+    over the bucket the 4-D mask or SDPA's causal kernel on rolled rows, :mod:`llava.fast_attention`) -> the
     last row's logits, and one validity flag of every selection (read once, after the prefill); an in-tower
     stage (FlowCut) runs the CLIP tower masked (:func:`llava.families.clip.run_tower_masked`: every unit at its
     full token count, the survivors a device mask, each layer's attention masked to them, the method's
