@@ -208,3 +208,27 @@ def test_efficiency_fast_rows_side_by_side(tmp_path):
     assert "## Fast path vs eager engine (`--fast`)" in md
     assert "| none | - | 1 | eager | eager |" in md and "| none | - | 1 | fast | fast |" in md
     assert f"| trio | 64 | 1 | fast | **eager**: {reason} |" in md
+
+
+def test_the_fast_table_gives_each_method_s_ttft_over_random_s_at_the_same_budget():
+    """The selection inside a captured prefill is not timed apart: the fast table gives a method's fast TTFT over
+    random's (same budget and batch); not for random itself, the unpruned row, or a budget random did not run."""
+    from bench.efficiency.report import fast_comparison, fast_markdown
+
+    def rows(method, budget, eager_ms, fast_ms):
+        t = lambda ms: {"median": ms / 1e3, "p90": ms / 1e3}  # noqa: E731
+        e = {"method": method, "budget": budget, "options": {}, "ttft": t(eager_ms), "batched": {},
+             "t_selection": t(1.0), "tpot": t(20.0)}
+        f = {"method": method, "budget": budget, "options": {}, "ttft": t(fast_ms), "path_taken": "fast",
+             "path_reasons": {}, "compiled_in_timed": 0, "batched": {}, "warmup_s": 1.0, "tpot": t(7.0)}
+        return e, f
+
+    cells = [rows("none", None, 30, 20), rows("random", 64, 25, 10.5), rows("consensusdrop", 64, 36, 11.75),
+             rows("fastv", 64, 40, 15.0), rows("visionzip", 128, 30, 13.0)]
+    comp = fast_comparison([e for e, _ in cells], [f for _, f in cells])
+    over = {c["method"]: c.get("fast_over_random") for c in comp}
+    assert over["consensusdrop"] == pytest.approx(1.25e-3) and over["fastv"] == pytest.approx(4.5e-3)
+    assert over["none"] is None and over["random"] is None and over["visionzip"] is None  # no random at 128
+    md = "\n".join(fast_markdown({"backend": "cudagraphs", "comparison": comp}))
+    assert "| consensusdrop | 64 | 1 | fast | fast | 11.75 / 11.75 | 0.33x | 7.00 | 0.35x | +1.25 over random |" in md
+    assert "| visionzip | 128 | 1 | fast | fast | 13.00 / 13.00 | 0.43x | 7.00 | 0.35x | - |" in md

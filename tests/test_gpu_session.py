@@ -95,8 +95,8 @@ def test_fast_7b_is_one_run_of_the_issue_s_methods_on_the_capture_backend_with_w
     args = dict(zip(call[2:], call[3:]))  # each option with the word after it
     assert call[call.index("--model") + 1] == "shape:llava-1.5-7b" and args["--dtype"] == "float16"
     methods = call[call.index("--methods") + 1:call.index("--budgets")]
-    assert methods == ["none", "fastv", "visionzip", "pdrop", "sparsevlm", "dart", "cdpruner", "consensusdrop",
-                       "visiondrop", "attnmix"]
+    assert methods == ["none", "random", "fastv", "visionzip", "pdrop", "sparsevlm", "dart", "cdpruner",
+                       "consensusdrop", "visiondrop", "attnmix"]
     assert call[call.index("--budgets") + 1] == "64" and args["--batch"] == "1" and args["--decode-tokens"] == "32"
     assert args["--fast-backend"] == "cudagraphs" and args["--device-warmup"] == "3"
     assert {"--fast", "--retime-none", "--resume"} <= set(call)
@@ -146,6 +146,6 @@ def test_fast_inductor_compiles_then_times_a_second_process_on_the_same_cache(tm
     first, second = calls
     assert [Path(c[c.index("--out") + 1]).name for c in calls] == ["fast-7b-inductor", "fast-7b-inductor-warm"]
     assert all(c[c.index("--fast-backend") + 1] == "inductor" for c in calls)
-    assert first[first.index("--methods") + 1:first.index("--budgets")] == ["none", "fastv", "consensusdrop", "attnmix"]
+    assert first[first.index("--methods") + 1:first.index("--budgets")] == ["none", "random", "fastv", "consensusdrop", "attnmix"]
     assert second[second.index("--methods") + 1:second.index("--budgets")] == ["none", "consensusdrop"]
     assert "--retime-none" in first and "--retime-none" not in second

@@ -87,6 +87,45 @@ def _greedy_max_min_device(p: MaxMinProblem) -> torch.Tensor:
     return torch.cat(picks)
 
 
+def _device_group_key(p: MaxMinProblem) -> tuple:
+    """Problems the device loop solves together: the same token count, picks, form and device."""
+    return (p.dist.shape[0], _num_picks(p), p.weight is None, p.taken is None, float(p.fill), str(p.dist.device))
+
+
+def _greedy_max_min_device_batch(ps: "list[MaxMinProblem]") -> list[torch.Tensor]:
+    """:func:`_greedy_max_min_device` of several problems of one :func:`_device_group_key` at once: the same ops
+    on stacked (P, n) rows, so each pick is one set of kernels for all of them (a LLaVA-NeXT image's five crops:
+    five times fewer launches) and every problem's picks are the ones it gets alone, bit for bit (row-wise
+    elementwise ops, a row's argmax its first maximum)."""
+    if len(ps) == 1:
+        return [_greedy_max_min_device(ps[0])]
+    p0 = ps[0]
+    dev, k = p0.dist.device, _num_picks(p0)
+    if k == 0:
+        return [torch.empty(0, dtype=torch.long, device=dev) for _ in ps]
+    n, P = p0.dist.shape[0], len(ps)
+    dist = torch.stack([p.dist.float() for p in ps])  # (P, n, n)
+    mind = torch.stack([p.min_dist.float().reshape(-1) for p in ps])  # (P, n)
+    w = None if p0.weight is None else torch.stack([p.weight.float().reshape(-1) for p in ps])
+    if p0.taken is None:
+        taken = torch.zeros(P, n, dtype=torch.bool, device=dev)
+    else:
+        taken = torch.stack([p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
+                             for p in ps])
+    fill = torch.full((), p0.fill, dtype=torch.float32, device=dev)
+    rows, true = torch.arange(P, device=dev), torch.ones((), dtype=torch.bool, device=dev)
+    picks = []
+    for _ in range(k):
+        sc = mind if w is None else w * mind
+        sc = torch.where(taken, fill, sc)
+        j = sc.argmax(1)  # (P,): each row's first maximum
+        picks.append(j)
+        taken = taken.index_put((rows, j), true)
+        mind = torch.minimum(mind, dist[rows, j])
+    out = torch.stack(picks, 1)  # (P, k)
+    return list(out.unbind(0))
+
+
 def greedy_max_min(problems: "list[MaxMinProblem]", device_loop: bool = False) -> list[torch.Tensor]:
     """Solve greedy max-min selections (DivPrune's rule, and its relevance-weighted form), on the host
     (default) or on the device (``device_loop=True``).
@@ -98,17 +137,25 @@ def greedy_max_min(problems: "list[MaxMinProblem]", device_loop: bool = False) -
     kernel), and the picks come back in one copy to the device.
 
     **Device loop** (``device_loop=True``; a prefill captured in a CUDA graph or compiled with
-    ``torch.compile(fullgraph=True)``, where no host read or copy may happen): each problem's loop runs
-    in torch on its ``dist``'s device, unrolled ``k`` times with static shapes, without any host
-    synchronisation. The number of picks must then be known on the host: a problem with ``taken``
+    ``torch.compile(fullgraph=True)``, where no host read or copy may happen): the loop runs in torch on
+    the ``dist``'s device, unrolled ``k`` times with static shapes, without any host synchronisation;
+    problems of one token count, pick count and form (a LLaVA-NeXT image's crops) run as one loop over
+    stacked rows, one set of kernels per pick for all of them. The number of picks must then be known on the host: a problem with ``taken``
     must give ``num_taken`` (ValueError otherwise).
 
     Both give the same picks, bit for bit, and the same as the loop in torch fp32 on any device: the
     inputs are cast to fp32, and the loop does only exact elementwise IEEE ops (multiply, minimum)
     and argmax (first maximum on both). Returns each problem's picks in pick order (long; on the
     first problem's ``dist`` device for the host loop, on each problem's own for the device loop)."""
-    if device_loop:
-        return [_greedy_max_min_device(p) for p in problems]
+    if device_loop:  # problems of one size and form solved together (one set of kernels per pick for all)
+        groups: dict = {}
+        for i, p in enumerate(problems):
+            groups.setdefault(_device_group_key(p), []).append(i)
+        out = [None] * len(problems)
+        for idx in groups.values():
+            for i, picks in zip(idx, _greedy_max_min_device_batch([problems[i] for i in idx])):
+                out[i] = picks
+        return out
     if not problems:
         return []
     import numpy as np

@@ -9,7 +9,8 @@
 #   bash scripts/bench/gpu_session.sh selection  OUT   # the costly selections only (greedy / multi-stage methods), both shapes
 #   bash scripts/bench/gpu_session.sh fast       OUT   # the fast path (load(fast=True)) next to the eager engine, batch 1,
 #                                                       # fp16 (bench.efficiency --fast): fast-7b, then fast-next (LIMIT/2 each)
-#   bash scripts/bench/gpu_session.sh fast-7b    OUT   #   shape:llava-1.5-7b, none + 9 methods at 64 tokens, 32 decode tokens:
+#   bash scripts/bench/gpu_session.sh fast-7b    OUT   #   shape:llava-1.5-7b, none + random + 9 methods at 64 tokens, 32 decode
+#                                                       #   tokens (random: the floor of the "over random" selection column):
 #                                                       #   TTFT fast vs eager, TPOT, warm-up (capture / compile), selection;
 #                                                       #   device warm-up first, the unpruned row re-timed last
 #   bash scripts/bench/gpu_session.sh fast-next  OUT   #   shape:llava-next-7b (2880 tokens) at 320 / 160 visual tokens in all:
@@ -19,7 +20,7 @@
 #   bench.efficiency runs write under WORK (default: OUT) and are copied to OUT: WORK=runs/gpu-session on a device
 #   that keeps the tree between calls lets a cut run continue (--resume) in the next call.
 #   bash scripts/bench/gpu_session.sh fast-inductor OUT  # shape:llava-1.5-7b on FAST_BACKEND=inductor (default here) with the
-#                                                       #   regional compile: none, FastV, ConsensusDrop, AttnMix at 64 tokens,
+#                                                       #   regional compile: none, random, FastV, ConsensusDrop, AttnMix at 64,
 #                                                       #   compile time in the warm-up column, Inductor's cache under WORK;
 #                                                       #   then none + ConsensusDrop in a second process on that cache
 #   bash scripts/bench/gpu_session.sh fast-attn  OUT   # the prompt's attention over its bucket, masked vs causal
@@ -72,7 +73,7 @@ eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, tim
 }
 FAST_FLAGS=(--fast --fast-backend "$FAST_BACKEND" --device-warmup 3 --retime-none --resume)
 fast_7b() {  # seconds for the part: one run, the unpruned row first and again last
-  eff shape:llava-1.5-7b "none fastv visionzip pdrop sparsevlm dart cdpruner consensusdrop visiondrop attnmix" 64 16 1 32 \
+  eff shape:llava-1.5-7b "none random fastv visionzip pdrop sparsevlm dart cdpruner consensusdrop visiondrop attnmix" 64 16 1 32 \
     fast-7b "$1" "${FAST_FLAGS[@]}"
 }
 fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each method's budget convention
@@ -115,7 +116,7 @@ case "$PART" in
              (( first == 0 )) ;;
   fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
                  ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
-                 eff shape:llava-1.5-7b "none fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
+                 eff shape:llava-1.5-7b "none random fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
                    "${ind[@]}" --retime-none; first=$?
                  # a second process on the same Inductor cache: its warm-up column is the warm-cache compile
                  eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 32 fast-7b-inductor-warm $((LIMIT / 4)) "${ind[@]}"
