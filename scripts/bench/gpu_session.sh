@@ -16,7 +16,7 @@
 #   bash scripts/bench/gpu_session.sh fast-next  OUT   #   shape:llava-next-7b (2880 tokens) at 320 / 160 visual tokens in all:
 #                                                       #   64 / 32 per crop (per-crop methods, PyramidDrop's 576 scale), FastV 320 / 160
 #   The fast parts use FAST_BACKEND (default cudagraphs: CUDA graphs of the uncompiled functions, captured in seconds;
-#   FAST_BACKEND=inductor for Inductor + CUDA graphs, whose first compile of a 7B model takes minutes).
+#   FAST_BACKEND=inductor for Inductor + CUDA graphs: 30-38 s of compile per method on a 7B shape, H200, 2026-11-27).
 #   bench.efficiency runs write under WORK (default: OUT) and are copied to OUT: WORK=runs/gpu-session on a device
 #   that keeps the tree between calls lets a cut run continue (--resume) in the next call.
 #   bash scripts/bench/gpu_session.sh fast-inductor OUT  # shape:llava-1.5-7b on FAST_BACKEND=inductor (default here) with the
