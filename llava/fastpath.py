@@ -65,8 +65,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families.base import to_device
 from . import fast_attention
+from .families.base import to_device
 from .families.clip import MASKED_TOWER_ATTN
 from .fast_llm import decode_segments, run_segments
 from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
@@ -178,6 +178,10 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         e = self.engine
         if e.family not in FAST_FAMILIES:
             return f"the fast path plans {', '.join(FAST_FAMILIES)} models, not {e.family}"
+        impl = getattr(e.lm.config, "_attn_implementation", None)
+        if impl != "sdpa":  # eager attention adds a mask (its bool prompt / decode masks would mask nothing)
+            return (f"the fast path's masks are SDPA's (boolean); this decoder runs {impl!r} attention: load with "
+                    "attn_implementation='sdpa'")
         m = e.method
         if getattr(m, "tower_stage", False):  # captured through the masked tower (clip.run_tower_masked)
             if not callable(getattr(m, "select_tower_masked", None)):
@@ -244,8 +248,11 @@ class FastPath(FastPlanMixin, FastVisionMixin):
 
     def _attn(self, rows) -> dict:
         """The decoder's keyword for a prompt bucket of ``rows`` (B, L, D): the causal kernel where
-        ``fast_attention`` asks for it (:mod:`llava.fast_attention`), else none (the 4-D mask)."""
-        return {fast_attention.KW: True} if fast_attention.wants(self.attention, rows.shape[1], rows.device) else {}
+        ``fast_attention`` asks for it (:mod:`llava.fast_attention`; a decoder on SDPA only: the keyword is read by
+        the wrapped ``sdpa`` function, never handed to another), else none (the 4-D mask)."""
+        sdpa = getattr(self.engine.lm.config, "_attn_implementation", None) == "sdpa"
+        return {fast_attention.KW: True} if sdpa and fast_attention.wants(self.attention, rows.shape[1],
+                                                                          rows.device) else {}
 
     def _lm_mask(self, mask, decode: bool = False):
         """The language model's mask for a 4-D prompt / decode mask: itself, or for a hybrid decoder (Qwen3.5) one

@@ -136,3 +136,22 @@ def test_the_causal_kernel_traced_by_dynamo_gives_the_eager_tokens(monkeypatch):
     eager.prune("consensusdrop", 6)
     assert_same_as_eager(fast, eager, eng, inputs(fast, 0, n=3))
     assert traced  # traced into the compiled prefill (the regions trace a layer once)
+
+
+def test_a_decoder_on_another_attention_runs_eagerly_and_says_why(rolled):
+    """The fast path's masks are boolean, as SDPA takes them; eager attention adds its mask (a boolean one would
+    mask nothing: the fast path gave other tokens than the eager engine before it refused): a decoder loaded with
+    eager attention runs on the eager engine, with the reason, and gets no keyword."""
+    fast = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=16, fast_backend="none", fast_attention="causal",
+                attn_implementation="eager")
+    eager = load("tiny:llava", seed=1, attn_implementation="eager")
+    eng = fast.prune("visionzip", 6)
+    eager.prune("visionzip", 6)
+    assert "attn_implementation='sdpa'" in eng.fast.refusal and "'eager'" in eng.fast.refusal
+    assert eng.fast._attn(torch.zeros(1, 600, 8)) == {}
+    batch = inputs(fast, 0, n=3)
+    with torch.no_grad():
+        got = fast.model.generate(**batch, max_new_tokens=8, do_sample=False)
+        want = eager.model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert eng.stats.path == "eager" and torch.equal(got, want)
+    assert rolled["calls"] == 0
