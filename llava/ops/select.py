@@ -63,28 +63,7 @@ def _greedy_max_min_device(p: MaxMinProblem) -> torch.Tensor:
     """One problem's greedy loop in torch on its device, unrolled ``k`` times with static shapes: no
     host read, no host <-> device copy (capturable in a CUDA graph / ``torch.compile(fullgraph=True)``).
     The same fp32 ops as the host loop of :func:`greedy_max_min`, so the same picks, bit for bit."""
-    dev = p.dist.device
-    k = _num_picks(p)
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=dev)
-    n = p.dist.shape[0]
-    dist = p.dist.float()
-    mind = p.min_dist.float().reshape(-1)
-    w = None if p.weight is None else p.weight.float().reshape(-1)
-    if p.taken is None:
-        taken = torch.zeros(n, dtype=torch.bool, device=dev)
-    else:  # as the host loop reads it: a bool mask, or a number > 0.5
-        taken = p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
-    fill = torch.full((), p.fill, dtype=torch.float32, device=dev)  # rounded to fp32, as np.float32(fill)
-    picks = []
-    for _ in range(k):
-        s = mind if w is None else w * mind
-        s = torch.where(taken, fill, s)  # the taken tokens' score: below every candidate's
-        j = s.argmax(0, keepdim=True)  # (1,): the first maximum, as numpy's argmax
-        picks.append(j)
-        taken = taken.index_fill(0, j, True)
-        mind = torch.minimum(mind, dist.index_select(0, j)[0])
-    return torch.cat(picks)
+    return _greedy_max_min_device_batch([p])[0]
 
 
 def _device_group_key(p: MaxMinProblem) -> tuple:
@@ -93,31 +72,31 @@ def _device_group_key(p: MaxMinProblem) -> tuple:
 
 
 def _greedy_max_min_device_batch(ps: "list[MaxMinProblem]") -> list[torch.Tensor]:
-    """:func:`_greedy_max_min_device` of several problems of one :func:`_device_group_key` at once: the same ops
-    on stacked (P, n) rows, so each pick is one set of kernels for all of them (a LLaVA-NeXT image's five crops:
-    five times fewer launches) and every problem's picks are the ones it gets alone, bit for bit (row-wise
-    elementwise ops, a row's argmax its first maximum)."""
-    if len(ps) == 1:
-        return [_greedy_max_min_device(ps[0])]
+    """The device loop of one or several problems of one :func:`_device_group_key`, unrolled ``k`` times with
+    static shapes on stacked (P, n) rows: each pick is one set of kernels for all of them (a LLaVA-NeXT image's
+    five crops: five times fewer launches), no host read, the same fp32 ops as the host loop of
+    :func:`greedy_max_min`, so every problem's picks are the host loop's and the ones it gets alone, bit for bit
+    (row-wise elementwise ops, a row's argmax its first maximum)."""
     p0 = ps[0]
     dev, k = p0.dist.device, _num_picks(p0)
     if k == 0:
         return [torch.empty(0, dtype=torch.long, device=dev) for _ in ps]
     n, P = p0.dist.shape[0], len(ps)
-    dist = torch.stack([p.dist.float() for p in ps])  # (P, n, n)
-    mind = torch.stack([p.min_dist.float().reshape(-1) for p in ps])  # (P, n)
-    w = None if p0.weight is None else torch.stack([p.weight.float().reshape(-1) for p in ps])
+    rows_of = lambda ts: ts[0][None] if P == 1 else torch.stack(ts)  # noqa: E731  (one problem: a view, no copy)
+    dist = rows_of([p.dist.float() for p in ps])  # (P, n, n)
+    mind = rows_of([p.min_dist.float().reshape(-1) for p in ps])  # (P, n)
+    w = None if p0.weight is None else rows_of([p.weight.float().reshape(-1) for p in ps])
     if p0.taken is None:
         taken = torch.zeros(P, n, dtype=torch.bool, device=dev)
-    else:
-        taken = torch.stack([p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
-                             for p in ps])
-    fill = torch.full((), p0.fill, dtype=torch.float32, device=dev)
+    else:  # as the host loop reads it: a bool mask, or a number > 0.5
+        taken = rows_of([p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
+                         for p in ps])
+    fill = torch.full((), p0.fill, dtype=torch.float32, device=dev)  # rounded to fp32, as np.float32(fill)
     rows, true = torch.arange(P, device=dev), torch.ones((), dtype=torch.bool, device=dev)
     picks = []
     for _ in range(k):
         sc = mind if w is None else w * mind
-        sc = torch.where(taken, fill, sc)
+        sc = torch.where(taken, fill, sc)  # the taken tokens' score: below every candidate's
         j = sc.argmax(1)  # (P,): each row's first maximum
         picks.append(j)
         taken = taken.index_put((rows, j), true)
