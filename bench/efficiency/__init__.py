@@ -330,6 +330,7 @@ def _progress(path: Path, res: dict, key: str, fingerprint: dict) -> None:
 
 def main(argv=None) -> int:
     from llava.cli import HelpFormatter, InputError
+    from llava.fast_attention import MODES as FAST_ATTENTION
     from llava.fastpath import BACKENDS as FAST_BACKENDS
 
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__, formatter_class=HelpFormatter)
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
                     choices=FAST_BACKENDS,
                     help="with --fast: auto = inductor + CUDA graphs on a GPU; cudagraphs = CUDA graphs of the "
                          "uncompiled functions (capture in seconds, no code generation; docs/fast-path.md)")
-    ap.add_argument("--fast-attention", default=d.fast_attention, choices=("auto", "causal", "masked"),
+    ap.add_argument("--fast-attention", default=d.fast_attention, choices=FAST_ATTENTION,
                     help="with --fast: the prompt's attention over its padded bucket (llava.fast_attention): SDPA's "
                          "causal kernel, the 4-D mask, or auto (causal on a GPU from 512 rows)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of cells.jsonl measured by an earlier run of "

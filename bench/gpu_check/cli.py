@@ -10,6 +10,7 @@ import torch
 
 from bench.gpu_check.config import ALIASES, DTYPES, FAMILIES, CheckConfig, _env_float, registered_methods
 from bench.gpu_check.report import _overall
+from llava.fast_attention import MODES as FAST_ATTENTION
 from llava.fastpath import BACKENDS as FAST_BACKENDS
 
 
@@ -49,7 +50,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="the fast path's compile backend, compared with the same path uncompiled (default auto: "
                    "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU; cudagraphs: CUDA graphs of the "
                    "uncompiled functions, no code generation)")
-    f.add_argument("--fast-attention", default=d.fast_attention, choices=["auto", "causal", "masked"],
+    f.add_argument("--fast-attention", default=d.fast_attention, choices=FAST_ATTENTION,
                    help="the prompt's attention over its padded bucket on both fast sides (llava.fast_attention): "
                    "causal checks SDPA's causal kernel on the tiny models, whose buckets are under auto's 512 rows")
     f.add_argument("--fast-dtypes", nargs="+", default=None, help="default: the --dtypes")

@@ -106,14 +106,14 @@ case "$PART" in
              python -m bench.gpu_check --fast-only --fast-backend "$FAST_BACKEND" --fast-attention causal --dtypes float16 \
                --fast-dtypes float16 --families llava llava-next video-llava --methods none fastv visionzip consensusdrop \
                --no-fast-ttft --out "$DEST/fast-attn-tiny" --time-limit $((LIMIT / 5 - 10)) 2>&1 \
-               | tee "$DEST/fast-attn-tiny.log" | tail -20; first=$?
+               | tee "$DEST/fast-attn-tiny.log" | tail -20; st=($?)
              for a in masked causal; do
                eff shape:llava-next-7b "none fastv" 320 8 1 16 "fast-attn-next-$a" $((LIMIT / 4)) "${FAST_FLAGS[@]}" \
-                 --fast-attention "$a" || first=$((first ? first : $?))
+                 --fast-attention "$a"; st+=($?)
                eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 16 "fast-attn-7b-$a" $((LIMIT * 3 / 20)) "${FAST_FLAGS[@]}" \
-                 --fast-attention "$a" || first=$((first ? first : $?))
+                 --fast-attention "$a"; st+=($?)
              done
-             (( first == 0 )) ;;
+             first_failure "${st[@]}" ;;
   fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
                  ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
                  eff shape:llava-1.5-7b "none random fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
