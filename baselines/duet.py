@@ -110,7 +110,7 @@ def budget_split(budget: int, layers=OFFICIAL_LAYERS, ratios=OFFICIAL_RATIOS) ->
 def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
                 dominant: int, contextual: int, cluster_width: int = OFFICIAL_CLUSTER_WIDTH, *,
                 keep_newlines: bool = True, num_stock: int | None = None, unit_pos: torch.Tensor | None = None,
-                order: str = "unit", numerics: str = "ours", layout=None) -> Selection:
+                order: str = "unit", numerics: str = "ours", layout=None, captured: bool = False) -> Selection:
     """DUET-VLM's stage 1 for one sample (all its units; see the module doc).
 
     cls_attn: (H, T) [CLS] -> token attention of the select layer, per head; keys: (T, d) its head-mean keys
@@ -123,7 +123,8 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
     Returns a Selection: ``keep`` = per unit [CLS] + dominant patches (ascending), then newlines; ``targets``
     = the anchors in pool-rank order; ``assign`` = each pool member's anchor slot, -1 for every other token
     (the leftovers outside the pool are dropped); rule ``target_plus_mean`` in vision space; ``order``:
-    :func:`llava.ops.block_order` (``unit``: per unit [dominant..., contextual...]).
+    :func:`llava.ops.block_order` (``unit``: per unit [dominant..., contextual...]). ``captured``: inside a
+    captured prefill or its host plan (the order is never compared with the identity on the host).
     """
     check_numerics("duet", numerics)
     if order not in ORDERS:
@@ -167,7 +168,8 @@ def duet_vision(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, 
         num_targets += tg.numel()
         per_unit.append((u, dom, tg))
     newlines = lay.newlines[: lay.num_newline_stock] if keep_newlines else unit.new_zeros(0)
-    return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, patch, order, grid=lay.grid)
+    return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, patch, order, grid=lay.grid,
+                              captured=captured)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ class DUET(Method):
         return duet_vision(sig.cls_attn, sig.keys, sig.unit, sig.patch, self.dominant, self.contextual,
                            self.cluster_width, keep_newlines=self.keep_newlines, num_stock=sig.num_stock,
                            unit_pos=sig.unit_pos, order=self.order, numerics=self.numerics,
-                           layout=sig.unit_layout(patch=True, stock=True, pos=True))
+                           layout=sig.unit_layout(patch=True, stock=True, pos=True), captured=sig.captured)
 
     def select_llm(self, stage, sig):
         k = self.stage_counts(sig.num_visual_entry)[stage]

@@ -95,7 +95,7 @@ def default_split(budget: int) -> tuple[int, int]:
 def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               dominant: int, contextual: int, *, cls_slot: str = "cls", keep_newlines: bool = True,
               num_stock: int | None = None, unit_pos: torch.Tensor | None = None,
-              order: str = "grid_raster", numerics: str = "ours", layout=None) -> Selection:
+              order: str = "grid_raster", numerics: str = "ours", layout=None, captured: bool = False) -> Selection:
     """VisionZip's selection for one sample (all its units).
 
     cls_attn: (H, T) [CLS]->token attention of the select layer, per head; keys: (T, d) head-mean
@@ -105,7 +105,9 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
     base crop / image / frame). Returns a Selection over the T tokens: ``keep`` = dominant tokens
     (then newlines), ``targets`` / ``assign`` = contextual merge (target + mean, vision space),
     ``order`` = :func:`llava.ops.block_order` (``unit``: per unit [dominant..., contextual...];
-    ``grid_raster``: the official NeXT re-assembly; same as ``unit`` without grid crops).
+    ``grid_raster``: the official NeXT re-assembly; same as ``unit`` without grid crops). ``captured``: the
+    selection runs inside a captured prefill (or its host plan): the order is never compared with the
+    identity on the host.
     """
     if cls_slot not in CLS_SLOTS:
         raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {cls_slot!r}")
@@ -150,7 +152,8 @@ def visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, unit: torch.Tensor, pa
         num_targets += tg.numel()
         per_unit.append((u, dom, tg))
     newlines = lay.newlines[: lay.num_newline_stock] if keep_newlines else unit.new_zeros(0)
-    return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, patch, order, grid=lay.grid)
+    return per_unit_selection(per_unit, newlines, assign, lay.unit_pos, patch, order, grid=lay.grid,
+                              captured=captured)
 
 
 @register
@@ -220,4 +223,4 @@ class VisionZip(Method):
         return visionzip(sig.cls_attn, sig.keys, sig.unit, sig.patch, self.dominant, self.contextual,
                          cls_slot=self.cls_slot, keep_newlines=self.keep_newlines, num_stock=sig.num_stock,
                          unit_pos=sig.unit_pos, order=self.next_order, numerics=self.numerics,
-                         layout=sig.unit_layout(patch=True, stock=True, pos=True))
+                         layout=sig.unit_layout(patch=True, stock=True, pos=True), captured=sig.captured)
