@@ -83,7 +83,7 @@ def _add_run(sub):
                    "none: the static-shape functions uncompiled)")
     a.add_argument("--fast-attention", default="auto", choices=["auto", "causal", "masked"],
                    help="with --fast: the prompt's attention over its padded bucket: SDPA's causal kernel (rows rolled "
-                   "so the real ones come first) or the 4-D mask; auto: causal on a GPU from 512 rows")
+                   "so the real ones come first) or the 4-D mask; auto: causal on a GPU from 1024 rows")
     a.add_argument("--fast-max-new-tokens", type=int, default=None, help="with --fast: decode slots of the static cache "
                    "(default: --max-new-tokens, i.e. the benchmark's protocol value)")
     a.add_argument("--backend", default="hf", choices=["hf", "vllm"],

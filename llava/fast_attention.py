@@ -28,10 +28,11 @@ import torch
 #: the keyword the fast path passes down the decoder layers to ask for the causal kernel
 KW = "vtprune_bucket_causal"
 #: ``fast_attention`` choices: ``auto`` = the causal kernel on a GPU for buckets of at least
-#: :data:`AUTO_MIN_ROWS` rows (below that the roll's kernels cost about what the masked kernel loses); ``causal``
-#: every prompt bucket, any device; ``masked`` the 4-D mask as before
+#: :data:`AUTO_MIN_ROWS` rows (measured on an H200, 7B shapes: no gain at 640 rows, 4 % of the prefill at 3072;
+#: below that the roll's kernels cost about what the masked kernel loses); ``causal`` every prompt bucket, any
+#: device; ``masked`` the 4-D mask as before
 MODES = ("auto", "causal", "masked")
-AUTO_MIN_ROWS = 512
+AUTO_MIN_ROWS = 1024
 
 _stock = None  # transformers' own sdpa function, once install() wrapped it
 

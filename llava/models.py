@@ -246,7 +246,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
     cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`). ``fast_attention``: the prompt's
     attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
-    :mod:`llava.fast_attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 512 rows). Prefills the fast path
+    :mod:`llava.fast_attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 1024 rows). Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
     user never prunes takes the fast path too: ``load`` attaches the unpruned method ("none") with it, so the
     baseline a speed-up is timed against is captured like the pruned runs (``rt.engine.stats.path``).

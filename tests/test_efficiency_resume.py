@@ -92,3 +92,38 @@ def test_sigterm_writes_the_report_of_the_rows_measured_and_resume_finishes(tmp_
     rep = json.loads((out / "efficiency.json").read_text())
     assert rep["complete"] and len(rep["results"]) == 7 and rep["cost_model"] is not None
     assert [r["ttft"]["median"] for r in rep["results"][:len(done)]] == [r["ttft_median_s"] for r in done]
+
+
+def test_a_sigterm_whose_exception_is_caught_inside_a_cell_still_stops_the_run(tmp_path, monkeypatch):
+    """Inductor wraps an exception raised during its code generation in its own, and dynamo may fall back to the
+    eager function: the SIGTERM's exception must not be taken for a failing cell (the run went on past its time
+    limit on an H200 until it was killed, and lost its report). Cell 2 is signalled while its 'compile' wraps the
+    exception; cell 3 swallows it entirely and returns a row: each run stops there, with the report of the cells
+    before (the interrupted cell's row is not kept: --resume measures it again)."""
+    import bench.efficiency as eff
+
+    real = eff.measure
+    for mode, stop_at in (("wrap", 2), ("swallow", 3)):
+        calls = []
+
+        def measure(*a, _mode=mode, _at=stop_at, _calls=calls, **k):
+            _calls.append(a[1])
+            if len(_calls) == _at:
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # the handler raises in here
+                except BaseException as e:  # noqa: BLE001 - what a compiler's wrapper does
+                    if _mode == "wrap":
+                        raise RuntimeError("backend compiler failed") from e
+                return real(*a, **k)
+            return real(*a, **k)
+
+        monkeypatch.setattr(eff, "measure", measure)
+        out = tmp_path / mode
+        assert eff_main(BASE + ["--out", str(out), "--methods", "none", "random", "fastervlm", "visionzip",
+                                "--budgets", "4"]) == 124
+        rep = json.loads((out / "efficiency.json").read_text())
+        assert not rep["complete"] and rep["errors"] == []
+        assert len(calls) == stop_at  # no cell after the signalled one began
+        assert [r["method"] for r in rep["results"]] == ["none", "random", "fastervlm"][:stop_at - 1]
+        assert len(_rows(out)) == stop_at - 1

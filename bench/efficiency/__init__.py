@@ -121,7 +121,13 @@ class _Stopped(Exception):
     """SIGTERM (``timeout``, a Slurm time limit): write the report from the rows measured so far."""
 
 
+#: set by the SIGTERM handler and kept: code that catches the handler's exception (Inductor wraps an exception
+#: raised during its code generation in its own, and dynamo may fall back to running eagerly) cannot swallow the stop
+_STOP = {"requested": False}
+
+
 def _on_sigterm(signum, frame):
+    _STOP["requested"] = True
     raise _Stopped()
 
 
@@ -189,6 +195,7 @@ def run(cfg: BenchConfig) -> dict:
           f"{cfg.n} samples each) on {cfg.model}; writing to {out}"
           + (f"; {len(done)} done in an earlier run (--resume)" if done else ""), file=sys.stderr, flush=True)
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    _STOP["requested"] = False
     stopped = None
     try:
         warm = _device_warmup(rt, items, device, cfg.device_warmup) if len(done) < total else 0
@@ -197,6 +204,8 @@ def run(cfg: BenchConfig) -> dict:
         for name, b, opts, closing in cells:  # with --fast: each cell on both paths, back to back
             for path in paths:
                 i += 1
+                if _STOP["requested"]:  # a SIGTERM whose exception something caught: stop before the next cell
+                    raise _Stopped()
                 key = _cell_key(name, b, opts, path, closing)
                 what = (f"{name}{'' if b is None else f' budget {b}'}{' ' + json.dumps(opts) if opts else ''}"
                         f"{' (closing re-time)' if closing else ''}{' (fast path)' if path == 'fast' else ''}")
@@ -211,6 +220,8 @@ def run(cfg: BenchConfig) -> dict:
                     except (KeyboardInterrupt, _Stopped):
                         raise
                     except Exception as e:  # noqa: BLE001 - one failing cell must not lose the others
+                        if _STOP["requested"]:  # the SIGTERM's exception, wrapped (e.g. by Inductor's compile)
+                            raise _Stopped() from e
                         rt.unprune()
                         err = {"method": name, "budget": b, "options": opts, "path": path, "closing": closing,
                                "error": f"{type(e).__name__}: {e}"}
@@ -220,6 +231,8 @@ def run(cfg: BenchConfig) -> dict:
                             f.write(json.dumps({**err, "cell": key, "fingerprint": fingerprint},  # retried by --resume
                                                default=str) + "\n")
                         continue
+                    if _STOP["requested"]:  # swallowed inside the cell (a compile fell back): its row is not kept
+                        raise _Stopped()
                     res["closing"] = closing
                     res["cell_s"] = time.perf_counter() - t0
                     _progress(progress, res, key, fingerprint)
@@ -363,7 +376,7 @@ def main(argv=None) -> int:
                          "uncompiled functions (capture in seconds, no code generation; docs/fast-path.md)")
     ap.add_argument("--fast-attention", default=d.fast_attention, choices=FAST_ATTENTION,
                     help="with --fast: the prompt's attention over its padded bucket (llava.fast_attention): SDPA's "
-                         "causal kernel, the 4-D mask, or auto (causal on a GPU from 512 rows)")
+                         "causal kernel, the 4-D mask, or auto (causal on a GPU from 1024 rows)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of cells.jsonl measured by an earlier run of "
                     "the same configuration (a killed run) and measure only the others")
     ap.add_argument("--device-warmup", type=float, default=d.device_warmup,

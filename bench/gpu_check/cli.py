@@ -52,7 +52,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    "uncompiled functions, no code generation)")
     f.add_argument("--fast-attention", default=d.fast_attention, choices=FAST_ATTENTION,
                    help="the prompt's attention over its padded bucket on both fast sides (llava.fast_attention): "
-                   "causal checks SDPA's causal kernel on the tiny models, whose buckets are under auto's 512 rows")
+                   "causal checks SDPA's causal kernel on the tiny models, whose buckets are under auto's 1024 rows")
     f.add_argument("--fast-dtypes", nargs="+", default=None, help="default: the --dtypes")
     f.add_argument("--fast-prompts", type=int, default=d.fast_prompts,
                    help=f"batch-1 prompts per family x dtype x method (default {d.fast_prompts})")

@@ -107,7 +107,7 @@ class CheckConfig:
     fast: bool = True  # the fast-path section (bench/gpu_check/fast.py)
     fast_backend: str = "auto"  # the fast path's compile backend (auto: Inductor + CUDA graphs on CUDA)
     fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast_attention; the tiny buckets
-    #                               are under auto's 512 rows: "causal" checks the causal kernel on them)
+    #                               are under auto's 1024 rows: "causal" checks the causal kernel on them)
     fast_dtypes: list = field(default_factory=list)  # default: the dtypes above
     fast_prompts: int = 5  # per family x dtype x method: 14 captured methods x 3 families x 5 >= 200 per dtype
     fast_tokens: int = 32

@@ -45,7 +45,8 @@
 # The device image has transformers 5.17: first `bash scripts/bench/device_wheels.sh` here, carry .device-wheels and
 # begin every device command with `bash scripts/bench/device_wheels.sh install &&` (offline pip, a few seconds).
 # OUT defaults to $OUT (the device tool's folder) or docs/results/gpu-session. Each part stops itself before
-# LIMIT seconds (default 540) and writes what it has. The device tool brings back 8 files at most, none deeper than
+# LIMIT seconds (default 540) and writes what it has (a process still running 30 s after its SIGTERM is killed; its
+# finished cells stay in cells.jsonl). The device tool brings back 8 files at most, none deeper than
 # OUT/a/b/: when DEST is the tool's $OUT and holds more (or deeper), the part packs it into one OUT/<part>.tgz.
 # bench.efficiency writes its tables at the end and each cell's headline numbers to cells.jsonl as it ends: the fast
 # parts split their methods over several runs (each one re-times `none`), so a run cut by its share of LIMIT keeps
@@ -64,7 +65,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 first_failure() { for s in "$@"; do (( s == 0 )) || return "$s"; done; }  # the status of the first that failed
 eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, time limit[, more flags]]
   # a SIGTERM at the time limit makes bench.efficiency write its report from the rows it has (status 124)
-  timeout --signal=TERM "${8:-$LIMIT}" python -m bench.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
+  timeout -k 30 --signal=TERM "${8:-$LIMIT}" python -m bench.efficiency --model "$1" --dtype float16 --device cuda --methods $2 \
     --budgets $3 --n "$4" --warmup 3 --batch $5 --decode-tokens "$6" --next-layout spatial \
     $( [[ $1 == *next* ]] && echo --image-hw 672 672 ) --out "$WORK/$7" "${@:9}" 2>&1 | tee "$WORK/$7.log" | tail -60
   local rc=$?
@@ -84,7 +85,7 @@ fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each m
 }
 case "$PART" in
   checks) python -m bench.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
-  deepspeed) timeout --signal=TERM "$LIMIT" python -m bench.deepspeed_check --ttft-runs 10 --out "$DEST" 2>&1 \
+  deepspeed) timeout -k 30 --signal=TERM "$LIMIT" python -m bench.deepspeed_check --ttft-runs 10 --out "$DEST" 2>&1 \
                | tee "$DEST/deepspeed_check.log" | tail -40 ;;
   eff-7b) eff shape:llava-1.5-7b "none consensusdrop visiondrop attnmix fastv pdrop sparsevlm visionzip fastervlm divprune dart random" \
             "192 128 64" 32 "1 8" 32 eff-7b ;;
@@ -102,7 +103,7 @@ case "$PART" in
                "${FAST_FLAGS[@]}"
              first_failure "$first" "$?" ;;
   fast-7b) fast_7b "$LIMIT" ;;
-  fast-attn) # first the causal kernel's tokens on the tiny LLaVA families in fp16 (their buckets are under auto's 512)
+  fast-attn) # first the causal kernel's tokens on the tiny LLaVA families in fp16 (their buckets are under auto's 1024)
              python -m bench.gpu_check --fast-only --fast-backend "$FAST_BACKEND" --fast-attention causal --dtypes float16 \
                --fast-dtypes float16 --families llava llava-next video-llava --methods none fastv visionzip consensusdrop \
                --no-fast-ttft --out "$DEST/fast-attn-tiny" --time-limit $((LIMIT / 5 - 10)) 2>&1 \
@@ -143,7 +144,7 @@ case "$PART" in
             cp runs/testbed2-train/log.json "$DEST/train2_log.json" 2>/dev/null         # 8 files at most: one tar
             [[ -f runs/testbed2-weights/config.json ]] && tar -cf "$DEST/weights2.tar" -C runs testbed2-weights ;;
   sweep2) W=runs/testbed2-weights; [[ -f "$W/config.json" ]] || W=testbed/weights2
-          timeout --signal=TERM "$LIMIT" python -m testbed.evaluate2 sweep --weights "$W" --device cuda --out "$DEST/testbed2" \
+          timeout -k 30 --signal=TERM "$LIMIT" python -m testbed.evaluate2 sweep --weights "$W" --device cuda --out "$DEST/testbed2" \
             --workers "$(( $(nproc) - 1 ))" --resume 2>&1 | tee -a "$DEST/sweep2.log" | tail -40 ;;
   *) echo "unknown part: $PART" >&2; exit 2 ;;
 esac
