@@ -88,23 +88,6 @@ def test_gqa_script_two_processes_then_table(data, tmp_path):
     assert "\\begin{tabular}" in tex and "\\multicolumn" in tex and "Avg(rel, vanilla=ours)" in tex
 
 
-def test_pope_script_killed_then_resumed(data, tmp_path):
-    out = tmp_path / "runs"
-    # a rank exits abruptly after its first batch (os._exit, like a crash); torchrun tears the job down
-    p = script("pope", ["random", "4", "tiny:llava", "--max-new-tokens", "3", "--stop-after", "1"], out, data, check=False)
-    assert p.returncode != 0
-    rd = run_dir(out, "pope")
-    first = {}
-    for s in (rd / "answers").glob("*.jsonl"):
-        first.update({r["_eval"]["uid"]: r["answer_id"] for r in read_jsonl(s, strict=False)})
-    assert 1 <= len(first) < 6 and not (rd / "results.json").exists()
-    script("pope", ["random", "4", "tiny:llava", "--max-new-tokens", "3"], out, data)  # the same command resumes
-    res, merged = check_run("pope", data, rd)
-    recs = [r for s in sorted((rd / "answers").glob("*.jsonl")) for r in read_jsonl(s)]
-    assert len(recs) == 6 and all(r["answer_id"] == first[r["_eval"]["uid"]] for r in recs if r["_eval"]["uid"] in first)
-    assert {"POPE-F1avg3", "POPE-F1pooled", "POPE-acc"} <= set(res["metrics"])
-
-
 def test_video_qa_script_two_processes(data, tmp_path):
     out = tmp_path / "runs"
     script("msvd", ["random", "4", "tiny:video-llava", "--max-new-tokens", "3"], out, data)
@@ -133,7 +116,8 @@ def _worker_pid(marker: str, local_rank: int):
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
 def test_pope_script_one_rank_sigkilled_then_resumed_equals_uninterrupted(data, varied_model, tmp_path):
     """kill -9 of one torchrun rank at a random point (after 1-2 of its answers), the same command again:
-    nothing lost, nothing twice, and the answers and scores of an uninterrupted run. The model answers each
+    nothing lost, nothing twice, the answers written before the kill kept (not asked again), and the answers
+    and scores of an uninterrupted run. The model answers each
     question differently (tiny:llava answers "with ..." to nearly all), so the equality compares real answers."""
     import random
     import signal
@@ -166,8 +150,15 @@ def test_pope_script_one_rank_sigkilled_then_resumed_equals_uninterrupted(data, 
     assert proc.wait(timeout=300) != 0  # torchrun tears the job down
     rd = run_dir(out, "pope")
     assert not (rd / "results.json").exists()
+    first = {}
+    for s in (rd / "answers").glob("*.jsonl"):
+        first.update({r["_eval"]["uid"]: r["answer_id"] for r in read_jsonl(s, strict=False)})
+    assert len(first) >= 1  # rank 1's first answers at least (a line cut by the kill is not counted)
     script("pope", args, out, data)  # the same command resumes
     res, merged = check_run("pope", data, rd)
     key = lambda r: (r["question_id"], r["text"])  # noqa: E731
     assert [key(r) for r in merged] == [key(r) for r in ref_merged]
     assert res["metrics"] == ref["metrics"]
+    # the answers written before the kill are kept, not asked again (their ids survive the resume)
+    recs = [r for s in sorted((rd / "answers").glob("*.jsonl")) for r in read_jsonl(s)]
+    assert len(recs) == 6 and all(r["answer_id"] == first[r["_eval"]["uid"]] for r in recs if r["_eval"]["uid"] in first)
