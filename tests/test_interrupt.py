@@ -57,6 +57,8 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_same_command_resumes(data, tmp
     assert [ln for ln in p.stderr.splitlines() if ln.startswith("interrupted")] == [p.stderr.splitlines()[-1]]
     first = uids(rd)
     assert len(first) == 2
+    if extra:  # the resume itself is the same as after the plain command's interrupt (CI time)
+        return
     n = sum(1 for ln in (data / "pope" / "llava_pope_test.jsonl").read_text().splitlines() if ln.strip())
     p = run_cli(data, tmp_path / "runs", interrupt=False)
     assert p.returncode == 0, p.stderr
