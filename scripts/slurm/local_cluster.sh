@@ -35,16 +35,22 @@ HOST="$(hostname -s)"
 _alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 down() {
-    local f p
+    local f p pids=()
+    # every daemon told at once, then waited for together (up to 10 s; what is left is killed): not one by one
     for f in "$B"/run/slurmd-*.pid "$B"/run/slurmctld.pid "$B"/run/munged.pid; do
         [[ -s "$f" ]] || continue
         p="$(cat "$f")"
-        if kill "$p" 2>/dev/null; then
-            for _ in $(seq 1 40); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
-            kill -9 "$p" 2>/dev/null || true
-        fi
+        kill "$p" 2>/dev/null && pids+=("$p")
         rm -f "$f"
     done
+    for _ in $(seq 1 40); do
+        local left=()
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
+        pids=("${left[@]}")
+        [[ ${#pids[@]} -gt 0 ]] || break
+        sleep 0.25
+    done
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     if [[ $PURGE == 1 ]]; then rm -rf "$B"; echo "local Slurm stopped; $B deleted"; else echo "local Slurm stopped ($B kept)"; fi
 }
 
