@@ -94,6 +94,17 @@ def _greedy_max_min_device_batch(ps: "list[MaxMinProblem]") -> list[torch.Tensor
     fill = torch.full((), p0.fill, dtype=torch.float32, device=dev)  # rounded to fp32, as np.float32(fill)
     rows, true = torch.arange(P, device=dev), torch.ones((), dtype=torch.bool, device=dev)
     picks = []
+    if w is None and p0.fill == float("-inf"):
+        # DivPrune's form: a taken token's score is -inf, kept inside ``mind`` itself (minimum(-inf, d) == -inf), so
+        # a pick is four kernels, not five (no mask pass): the untaken tokens' values are the host loop's, bit for
+        # bit, so are the picks
+        mind = torch.where(taken, fill, mind)  # a new tensor: the in-place writes below touch no input
+        for _ in range(k):
+            j = mind.argmax(1)  # (P,): each row's first maximum
+            picks.append(j)
+            mind.index_put_((rows, j), fill)
+            torch.minimum(mind, dist[rows, j], out=mind)
+        return list(torch.stack(picks, 1).unbind(0))
     for _ in range(k):
         sc = mind if w is None else w * mind
         sc = torch.where(taken, fill, sc)  # the taken tokens' score: below every candidate's
