@@ -15,6 +15,8 @@ planted duplicate image tokens (identical keys: exact ties in every head) and a 
 (many fp16 ties).
 """
 
+import functools
+
 import pytest
 import torch
 from conftest import FAMILIES
@@ -33,6 +35,7 @@ def official_fastv(attn_probs_fp32, rank):
     return sorted((row.topk(rank).indices + SYS).tolist())
 
 
+@functools.cache  # shared by the cases of one seed (and cut): a (1, 32, 651, 651) softmax each (CI time)
 def random_attention(seed, dups=64, cut=None):
     """Causal softmax (1, H, S, S) in fp32; with ``cut`` = k, the tokens ranked k and k+1 by the last
     row's head mean are made duplicates, so an exact tie straddles the top-k cut."""

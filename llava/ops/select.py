@@ -105,13 +105,16 @@ def _greedy_max_min_device_batch(ps: "list[MaxMinProblem]") -> list[torch.Tensor
             mind.index_put_((rows, j), fill)
             torch.minimum(mind, dist[rows, j], out=mind)
         return list(torch.stack(picks, 1).unbind(0))
+    # copies once (one problem's rows are views of its inputs), then updated in place: an out-of-place index_put is
+    # a copy kernel and an index kernel on a GPU, each pick
+    taken, mind = taken.clone(), mind.clone()
     for _ in range(k):
         sc = mind if w is None else w * mind
         sc = torch.where(taken, fill, sc)  # the taken tokens' score: below every candidate's
         j = sc.argmax(1)  # (P,): each row's first maximum
         picks.append(j)
-        taken = taken.index_put((rows, j), true)
-        mind = torch.minimum(mind, dist[rows, j])
+        taken.index_put_((rows, j), true)
+        torch.minimum(mind, dist[rows, j], out=mind)
     out = torch.stack(picks, 1)  # (P, k)
     return list(out.unbind(0))
 
