@@ -149,3 +149,12 @@ def test_fast_inductor_compiles_then_times_a_second_process_on_the_same_cache(tm
     assert first[first.index("--methods") + 1:first.index("--budgets")] == ["none", "random", "fastv", "consensusdrop", "attnmix"]
     assert second[second.index("--methods") + 1:second.index("--budgets")] == ["none", "consensusdrop"]
     assert "--retime-none" in first and "--retime-none" not in second
+
+
+def test_fast_inductor2_times_the_other_methods_on_inductor(tmp_path):
+    _, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-inductor2")
+    (c,) = calls
+    assert Path(c[c.index("--out") + 1]).name == "fast-7b-inductor2" and c[c.index("--fast-backend") + 1] == "inductor"
+    assert c[c.index("--methods") + 1:c.index("--budgets")] == ["none", "visionzip", "pdrop", "sparsevlm", "dart",
+                                                                "cdpruner", "visiondrop"]
+    assert "--retime-none" in c and "--resume" in c

@@ -23,6 +23,8 @@
 #                                                       #   regional compile: none, random, FastV, ConsensusDrop, AttnMix at 64,
 #                                                       #   compile time in the warm-up column, Inductor's cache under WORK;
 #                                                       #   then none + ConsensusDrop in a second process on that cache
+#   bash scripts/bench/gpu_session.sh fast-inductor2 OUT # the other methods of fast-7b on Inductor: none, VisionZip, PyramidDrop,
+#                                                       #   SparseVLM, DART, CDPruner, VisionDrop at 64 (same cache folder)
 #   bash scripts/bench/gpu_session.sh fast-attn  OUT   # the prompt's attention over its bucket, masked vs causal
 #                                                       #   (--fast-attention; llava/fast_attention.py): the causal kernel's
 #                                                       #   tokens on tiny LLaVA / NeXT / Video-LLaVA fp16 (gpu_check), then
@@ -54,7 +56,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-attn|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
@@ -122,6 +124,10 @@ case "$PART" in
                  # a second process on the same Inductor cache: its warm-up column is the warm-cache compile
                  eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 32 fast-7b-inductor-warm $((LIMIT / 4)) "${ind[@]}"
                  first_failure "$first" "$?" ;;
+  fast-inductor2) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
+                  eff shape:llava-1.5-7b "none visionzip pdrop sparsevlm dart cdpruner visiondrop" 64 8 1 32 \
+                    fast-7b-inductor2 "$LIMIT" --fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" \
+                    --device-warmup 3 --resume --retime-none ;;
   fast-next) fast_next "$LIMIT" ;;
   recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
              --fast-dtypes float16 --no-fast-ttft --out "$DEST/recheck-fast" --time-limit "$((LIMIT * 2 / 5))" 2>&1 \
