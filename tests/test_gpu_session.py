@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_PYTHON = """#!/usr/bin/env bash
 # stand-in for python: record the command, write N files (and one three folders deep) under --out
 echo "$*" >> "$FAKE_LOG"
+echo "${VTPRUNE_COMPILE_CACHE:-}" >> "$FAKE_LOG.cache"
 out=""; prev=""
 for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
 [[ -n $out ]] || exit 0
@@ -152,7 +153,10 @@ def test_fast_inductor_compiles_then_times_a_second_process_on_the_same_cache(tm
 
 
 def test_fast_inductor2_times_the_other_methods_on_inductor(tmp_path):
-    _, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-inductor2")
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-inductor2")
+    # Inductor's cache is not under OUT (the folder that comes back, packed): TMPDIR when WORK is OUT
+    (cache,) = (tmp_path / "calls.log.cache").read_text().split()
+    assert cache.endswith("vtprune-compile-cache") and not Path(cache).resolve().is_relative_to(out.resolve())
     (c,) = calls
     assert Path(c[c.index("--out") + 1]).name == "fast-7b-inductor2" and c[c.index("--fast-backend") + 1] == "inductor"
     assert c[c.index("--methods") + 1:c.index("--budgets")] == ["none", "visionzip", "pdrop", "sparsevlm", "dart",

@@ -21,7 +21,8 @@
 #   that keeps the tree between calls lets a cut run continue (--resume) in the next call.
 #   bash scripts/bench/gpu_session.sh fast-inductor OUT  # shape:llava-1.5-7b on FAST_BACKEND=inductor (default here) with the
 #                                                       #   regional compile: none, random, FastV, ConsensusDrop, AttnMix at 64,
-#                                                       #   compile time in the warm-up column, Inductor's cache under WORK;
+#                                                       #   compile time in the warm-up column, Inductor's cache under WORK
+#                                                       #   (TMPDIR when WORK is OUT);
 #                                                       #   then none + ConsensusDrop in a second process on that cache
 #   bash scripts/bench/gpu_session.sh fast-inductor2 OUT # the other methods of fast-7b on Inductor: none, VisionZip, PyramidDrop,
 #                                                       #   SparseVLM, DART, CDPruner, VisionDrop at 64 (same cache folder)
@@ -75,6 +76,10 @@ eff() {  # model, methods, budgets, n, batch, decode tokens, out subfolder[, tim
   return $rc
 }
 FAST_FLAGS=(--fast --fast-backend "$FAST_BACKEND" --device-warmup 3 --retime-none --resume)
+# Inductor's compile cache (the Inductor parts): under WORK when WORK is not the folder that comes back (OUT), else
+# in TMPDIR, so that hundreds of MB of compiled artefacts are never packed into OUT/<part>.tgz with the reports
+if [[ "$(realpath "$WORK")" != "$(realpath "$DEST")" ]]; then CACHE_DEFAULT=$WORK/compile-cache
+else CACHE_DEFAULT=${TMPDIR:-/tmp}/vtprune-compile-cache; fi
 fast_7b() {  # seconds for the part: one run, the unpruned row first and again last
   eff shape:llava-1.5-7b "none random fastv visionzip pdrop sparsevlm dart cdpruner consensusdrop visiondrop attnmix" 64 16 1 32 \
     fast-7b "$1" "${FAST_FLAGS[@]}"
@@ -117,14 +122,14 @@ case "$PART" in
                  --fast-attention "$a"; st+=($?)
              done
              first_failure "${st[@]}" ;;
-  fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
+  fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$CACHE_DEFAULT}
                  ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
                  eff shape:llava-1.5-7b "none random fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
                    "${ind[@]}" --retime-none; first=$?
                  # a second process on the same Inductor cache: its warm-up column is the warm-cache compile
                  eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 32 fast-7b-inductor-warm $((LIMIT / 4)) "${ind[@]}"
                  first_failure "$first" "$?" ;;
-  fast-inductor2) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
+  fast-inductor2) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$CACHE_DEFAULT}
                   eff shape:llava-1.5-7b "none visionzip pdrop sparsevlm dart cdpruner visiondrop" 64 8 1 32 \
                     fast-7b-inductor2 "$LIMIT" --fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" \
                     --device-warmup 3 --resume --retime-none ;;
