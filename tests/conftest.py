@@ -12,8 +12,14 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, 2 // _workers))
 # and so do the child processes the tests start (the harness, the scripts, Slurm jobs...): without a thread count
 # each took one OpenMP thread per core beside the other workers' (2 workers x 2 threads on 2 cores), and the spinning
-# threads cost the subprocess-heavy files about 15 % of their time (20 % more CPU); a count the caller set is kept
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // _workers)))
+# threads cost the subprocess-heavy files about 15 % of their time (20 % more CPU); a count the caller set is kept.
+# The xdist controller loads this file first (no worker count: all the cores) and its workers inherit its environment:
+# the marker says the count is this file's default, so each worker sets its own share (it kept the controller's 2,
+# and a worker's child processes then ran 2 threads beside the other worker: two tests side by side took 4-10x
+# their time)
+if "OMP_NUM_THREADS" not in os.environ or os.environ.get("VTPRUNE_TESTS_OMP_DEFAULT") == "1":
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // _workers))
+    os.environ["VTPRUNE_TESTS_OMP_DEFAULT"] = "1"
 
 #: the official LLaVA environment of the parity tests (scripts/official_env.sh); their opt-in tests skip without it
 OFFICIAL_PY = Path(__file__).resolve().parents[1] / ".venv-official" / "bin" / "python"

@@ -35,7 +35,9 @@ def official_fastv(attn_probs_fp32, rank):
     return sorted((row.topk(rank).indices + SYS).tolist())
 
 
-@functools.cache  # shared by the cases of one seed (and cut): a (1, 32, 651, 651) softmax each (CI time)
+# shared by the cases of one seed (and cut): a (1, 32, 651, 651) softmax each, 54 MB; the cases run seed by seed, so
+# the last five (the seed's uncut one and its four cuts) are all that is reused (CI time)
+@functools.lru_cache(maxsize=5)
 def random_attention(seed, dups=64, cut=None):
     """Causal softmax (1, H, S, S) in fp32; with ``cut`` = k, the tokens ranked k and k+1 by the last
     row's head mean are made duplicates, so an exact tie straddles the top-k cut."""
