@@ -178,7 +178,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         e = self.engine
         if e.family not in FAST_FAMILIES:
             return f"the fast path plans {', '.join(FAST_FAMILIES)} models, not {e.family}"
-        impl = getattr(e.lm.config, "_attn_implementation", None)
+        impl = self._decoder_attention()
         if impl != "sdpa":  # eager attention adds a mask (its bool prompt / decode masks would mask nothing)
             return (f"the fast path's masks are SDPA's (boolean); this decoder runs {impl!r} attention: load with "
                     "attn_implementation='sdpa'")
@@ -250,9 +250,13 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         """The decoder's keyword for a prompt bucket of ``rows`` (B, L, D): the causal kernel where
         ``fast_attention`` asks for it (:mod:`llava.fast_attention`; a decoder on SDPA only: the keyword is read by
         the wrapped ``sdpa`` function, never handed to another), else none (the 4-D mask)."""
-        sdpa = getattr(self.engine.lm.config, "_attn_implementation", None) == "sdpa"
+        sdpa = self._decoder_attention() == "sdpa"
         return {fast_attention.KW: True} if sdpa and fast_attention.wants(self.attention, rows.shape[1],
                                                                           rows.device) else {}
+
+    def _decoder_attention(self) -> str | None:
+        """The decoder's attention implementation (transformers' ``_attn_implementation``)."""
+        return getattr(self.engine.lm.config, "_attn_implementation", None)
 
     def _lm_mask(self, mask, decode: bool = False):
         """The language model's mask for a 4-D prompt / decode mask: itself, or for a hybrid decoder (Qwen3.5) one

@@ -13,7 +13,7 @@ prefill captured in a CUDA graph / ``torch.compile(fullgraph=True)``.
 """
 
 from .select import (  # noqa: F401
-    _greedy_max_min_device, _num_picks, check_numerics, device_ints, greedy_max_min, isin_small, masked_take, MaxMinProblem, NUMERICS,
+    _num_picks, check_numerics, device_ints, greedy_max_min, isin_small, masked_take, MaxMinProblem, NUMERICS,
     rank_desc, subset_picks, SUBSET_RATIO, topk_desc, unit_layout, UnitLayout,
 )
 from .merge import (  # noqa: F401

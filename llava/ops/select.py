@@ -59,13 +59,6 @@ def _num_picks(p: MaxMinProblem) -> int:
     return max(0, min(int(p.k), n - (p.num_taken or 0)))
 
 
-def _greedy_max_min_device(p: MaxMinProblem) -> torch.Tensor:
-    """One problem's greedy loop in torch on its device, unrolled ``k`` times with static shapes: no
-    host read, no host <-> device copy (capturable in a CUDA graph / ``torch.compile(fullgraph=True)``).
-    The same fp32 ops as the host loop of :func:`greedy_max_min`, so the same picks, bit for bit."""
-    return _greedy_max_min_device_batch([p])[0]
-
-
 def _device_group_key(p: MaxMinProblem) -> tuple:
     """Problems the device loop solves together: the same token count, picks, form and device."""
     return (p.dist.shape[0], _num_picks(p), p.weight is None, p.taken is None, float(p.fill), str(p.dist.device))
