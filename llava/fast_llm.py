@@ -98,12 +98,13 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     return tuple(out)
 
 
-def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int, text_buckets=(), deepstack: int = 0):
+def plan_stages(method, rows, lens, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
     """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``lens``: the
     rows' lengths entering layer 0 and ``counts``: per sample, its visual tokens entering layer 0 then
     after each stage. Returns the :class:`StageSpec` per stage, their host tensors (per stage: the visual
-    rows entering it, the next rows' gather, positions, first-position gather, 4-D mask), each segment's
-    row lengths per sample and buckets. With ``method.llm_text_rows`` also each stage's text-after rows,
+    rows entering it, the next rows' gather, positions, first-position gather, pad rows per sample ("pad": the
+    4-D mask is built from it on the device, :func:`prompt_mask`)), each segment's row lengths per sample and
+    buckets. With ``method.llm_text_rows`` also each stage's text-after rows,
     padded to ``text_buckets`` ("text", "text_mask"); for a stage before decoder layer ``deepstack`` (DeepStack
     levels still to add) the next segment's visual rows, flattened ("ds_at")."""
     B = len(rows)
@@ -120,7 +121,6 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int,
         src = torch.zeros(B, Lb, dtype=torch.long)
         ar = torch.zeros(B, Lb, dtype=torch.long)
         first = torch.zeros(B, dtype=torch.long)
-        mask = prompt_mask(n_new, Lb, cache_len)
         out_at = B * Lp
         for b, ((_, p0, _), n_old, nv, m, n) in enumerate(zip(rows, seg_lens[-1], nv_in, m_out, n_new)):
             pad_old, pad = Lp - n_old, Lb - n
@@ -142,7 +142,8 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int,
             ds_at.append(b * Lb + pad + p0 + torch.arange(m))
         specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out),
                                text=tuple(text_q), num_text=tuple(n_text)))
-        tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first, "mask": mask})
+        tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first,
+                        "pad": torch.tensor([Lb - n for n in n_new])})  # its mask: prompt_mask on the device
         if text:
             tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
         if layer < deepstack:
@@ -152,17 +153,16 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, cache_len: int,
     return tuple(specs), tensors, seg_lens, seg_buckets
 
 
-def prompt_mask(lens, Lb: int, C: int) -> torch.Tensor:
-    """(B, 1, Lb, C) bool: rows left-padded to ``Lb``, causal over the real rows, a pad row sees itself."""
-    B = len(lens)
-    mask = torch.zeros(B, 1, Lb, C, dtype=torch.bool)
-    ar = torch.arange(Lb)
-    causal = ar[None, :] <= ar[:, None]
-    for b, n in enumerate(lens):
-        pad = Lb - n
-        mask[b, 0, pad:, pad:Lb] = causal[pad:, pad:]
-        mask[b, 0, torch.arange(pad), torch.arange(pad)] = True  # no all-masked row (no NaN)
-    return mask
+def prompt_mask(pad: torch.Tensor, Lb: int, C: int) -> torch.Tensor:
+    """(B, 1, Lb, C) bool from ``pad`` (B,) pad rows per sample (``Lb`` minus its real rows): rows left-padded to
+    ``Lb``, causal over the real rows (row i sees [pad, i]), a pad row sees itself (no all-masked row: no NaN),
+    the decode slots [Lb, C) unseen. Built where ``pad`` is, in a few element-wise kernels inside the captured
+    prefill: the host plans only ``pad`` (a prompt mask planned on the host was Lb x C bools per sample, at
+    LLaVA-NeXT's 3072-row bucket 10 M built by the host and copied over at every prefill, several ms)."""
+    i = torch.arange(Lb, device=pad.device)[:, None]
+    j = torch.arange(C, device=pad.device)
+    lo = torch.minimum(pad[:, None, None], i)  # (B, Lb, 1): a real row's first real row; a pad row: itself
+    return ((j <= i) & (j >= lo))[:, None]
 
 
 @contextmanager
@@ -261,7 +261,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
         p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t["src"]].view(*R, B, Lb)
         if engine._reindex:  # renumbered from the row's first position, as the eager engine
             p2 = t["ar"] + p2.reshape(-1)[t["first"]][:, None]
-        pos, mask = p2, t["mask"]
+        pos, mask = p2, prompt_mask(t["pad"], Lb, mask.shape[-1])
         if ds is not None:  # a sample without visual tokens left carries no rows
             ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
         h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2], ds, attn)

@@ -1,8 +1,8 @@
 """The fast path's host plan (a mixin of :class:`llava.fastpath.FastPath`): everything about one prefill
 that depends on the prompt, decided on the host from the host copy of the ids before any device work -
 each row's placeholder run, the unit layouts, the method's host draws, the selection's output counts (dry
-runs on ``meta`` tensors), the length bucket, the new rows' gather, positions and 4-D mask - handed to the
-captured function as one index buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static:
+runs on ``meta`` tensors), the length bucket, the new rows' gather, positions and pad rows (the 4-D mask is
+built from them on the device) - handed to the captured function as one index buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static:
 they are the graph key. See :mod:`llava.fastpath` for the whole path."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import replace as _replace
 
 import torch
 
-from .fast_llm import count_stages, plan_stages, prompt_mask, text_count
+from .fast_llm import count_stages, plan_stages, text_count
 from .fast_probe import plan_probe
 from .ops import UnitLayout, unit_layout
 
@@ -240,7 +240,8 @@ class FastPlanMixin:
         return s, chunks
 
     def plan(self, input_ids, attention_mask, visual: dict):
-        """The host plan of one prefill: (spec, host tensors, 4-D mask, row lengths, candidates per sample).
+        """The host plan of one prefill: (spec, host tensors, row lengths, candidates per sample, first decode
+        positions).
         Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
         return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual))
 
@@ -321,7 +322,7 @@ class FastPlanMixin:
                            fv.tower_tensors)
 
     def plan_rows(self, vp: "_VisualPlan", counts: list[int] | None = None):
-        """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and mask (and
+        """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and pads (and
         the llm segments). ``counts``: a piecewise prefill's real outputs per sample (read after its first
         graph); each sample's outputs then sit at the start of its padded slice of the buffer.
 
@@ -342,7 +343,7 @@ class FastPlanMixin:
             if counts is not None:
                 raise NotPlanned(f"{e.method.name}: llm stages after a piecewise vision stage are not planned")
             stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, vp.dry, self.buckets,
-                                                                    bucket_for, C, TEXT_BUCKETS,
+                                                                    bucket_for, TEXT_BUCKETS,
                                                                     deepstack=vp.spec.deepstack)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
         tok = torch.zeros(B, Lb, dtype=torch.long)
@@ -351,7 +352,6 @@ class FastPlanMixin:
         pos = torch.zeros(B, Lb, dtype=torch.long) if full is None else torch.zeros(vp.spec.mrope, B, Lb,
                                                                                      dtype=torch.long)
         vpos, nxt = [], []
-        mask = prompt_mask(lens, Lb, C)
         vis0 = []  # the visual rows entering layer 0 (llm stages)
         out_at = B * Lb
         for b, ((ids, p0, T), n, smp, m) in enumerate(zip(rows, lens, samples, real)):
@@ -375,7 +375,8 @@ class FastPlanMixin:
                 index[o:o + real_text] = b * Lb + pad + p0 + m + torch.arange(real_text)
             vis0.append(pad + p0 + torch.arange(m))
         probe = None
-        host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index}
+        host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index,
+                "pad": torch.tensor([Lb - n for n in lens])}  # the 4-D mask: built on the device (fast_llm.prompt_mask)
         if e.method.vision_stage and e.method.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast_probe)
             if vp.spec.deepstack:
                 raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not "
@@ -397,5 +398,5 @@ class FastPlanMixin:
             for s, t in enumerate(stage_host):
                 host.update({f"s{s}:{k}": v for k, v in t.items()})
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
-        return spec, host, mask, (seg_lens, seg_buckets), [T for _, _, T in rows], nxt
+        return spec, host, (seg_lens, seg_buckets), [T for _, _, T in rows], nxt
 

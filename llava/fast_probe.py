@@ -40,8 +40,9 @@ def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None):
     p0 + T + i of the prompt for i < its real count); ``positions``: per sample (rows, n) the prompt's own
     positions (M-RoPE) or None (contiguous from 0). Returns (:class:`ProbeSpec`, host tensors: ``tok`` (B, L)
     the ids with the placeholders zeroed, ``src`` (B * L) the gather from [their embeddings, every sample's T
-    stock visual rows], ``pos``, ``mask`` (B, 1, L, L) bool, ``real`` (B, L) bool, ``vis`` (sum T) and ``text``
-    (sum Q) rows within each sample's padded row; a text pad points at the sample's last row)."""
+    stock visual rows], ``pos``, ``pad`` (B,) pad rows (the mask: :func:`llava.fast_llm.prompt_mask`, on the
+    device), ``real`` (B, L) bool, ``vis`` (sum T) and ``text`` (sum Q) rows within each sample's padded row; a
+    text pad points at the sample's last row)."""
     B = len(rows)
     lens = [int(ids.numel()) for ids, _, _ in rows]
     L = bucket_for(max(lens), buckets)
@@ -67,7 +68,7 @@ def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None):
         n_after = n - p0 - T
         i = torch.arange(Q)
         text.append(torch.where(i < n_after, pad + p0 + T + i, L - 1))
-    host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "mask": prompt_mask(lens, L, L), "real": real,
+    host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "pad": torch.tensor([L - n for n in lens]), "real": real,
             "vis": torch.cat(vis), "text": torch.cat(text)}
     return ProbeSpec(layers=tuple(sorted({int(k) for k in layers})), bucket=L), host
 
@@ -84,9 +85,10 @@ def run_probe(lm, spec: ProbeSpec, t: dict, feats: list, tokens: list, text_q: l
     top = max(spec.layers)
     if top > 0:
         pe = lm.rotary_emb(h, position_ids=t["pos"])
+        mask = prompt_mask(t["pad"], L, L)
         with _no_output_capture():
             for i in range(top):
-                h = lm.layers[i](h, attention_mask=t["mask"], position_embeddings=pe)
+                h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe)
                 entering[i + 1] = h
     vis = t["vis"].split(list(tokens))
     text = t["text"].split(list(text_q))

@@ -68,7 +68,7 @@ import torch
 from . import fast_attention
 from .families.base import to_device
 from .families.clip import MASKED_TOWER_ATTN
-from .fast_llm import decode_segments, run_segments
+from .fast_llm import decode_segments, prompt_mask, run_segments
 from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .fast_vision import FastVisionMixin
@@ -215,9 +215,10 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         return None
 
     # ------------------------------------------------------------------ the captured functions
-    def _prefill_fn(self, px, crops, tok, src, pos, mask, index, cache, spec: _Spec, stage_in=None, vpos=None,
+    def _prefill_fn(self, px, crops, tok, src, pos, pad, index, cache, spec: _Spec, stage_in=None, vpos=None,
                     tower_in=None, ds_at=None, probe_in=None):
         e = self.engine
+        mask = prompt_mask(pad, spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads, in the graph
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
         outs, sigs, origins, _, bad = self._visual_outputs(px, crops, index, spec, emb.dtype,
@@ -275,10 +276,11 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         outs, _, _, counts, bad = self._visual_outputs(px, crops, index, spec, dtype, None, tower_in)
         return torch.cat(outs), torch.stack(counts), bad
 
-    def _llm_fn(self, tok, buf, src, pos, mask, cache):
+    def _llm_fn(self, tok, buf, src, pos, pad, cache, cache_len: int):
         """Graph 2 of a piecewise prefill: the new rows gathered from the text and the padded outputs
         (``src`` planned on the host from the counts), the language model into the static cache."""
         e = self.engine
+        mask = prompt_mask(pad, tok.shape[1], cache_len)
         emb = e.lm.embed_tokens(tok)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1]), buf])[src].view(emb.shape)
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
@@ -312,11 +314,14 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                 self._caches[key] = cache  # (a new object would be a new graph at every change of shape)
             else:
                 self._caches = {key: cache}  # one cache at a time: the last shape's
-        for layer in cache.layers:  # a new prompt: slots are rewritten; stale ones stay masked
+        lengths = []  # a new prompt: slots are rewritten; stale ones stay masked
+        for layer in cache.layers:
             if hasattr(layer, "recurrent_states"):  # a Gated DeltaNet layer: its states zeroed, "no previous state"
                 layer.reset()
             else:
-                layer.cumulative_length.zero_()
+                lengths.append(layer.cumulative_length)
+        if lengths:  # one kernel on a GPU, not one per layer (32 launches before the prefill)
+            torch._foreach_zero_(lengths)
         return cache
 
     def _init_linear_states(self, cache, B: int, dtype, dev):
@@ -363,22 +368,23 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             timings["decide"] = t1 - t0 - timings["plan"]
             if bad:
                 self._malformed()
-            spec, host, mask, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp, counts)
-            moved = dict(zip(("tok", "src", "pos"), to_device([host["tok"], host["src"], host["pos"]], dev)))
+            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp, counts)
+            moved = dict(zip(("tok", "src", "pos", "pad"), to_device([host[k] for k in ("tok", "src", "pos", "pad")],
+                                                                     dev)))
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             lkey = ("llm", spec.batch, spec.bucket, spec.cache_len, tuple(buf.shape))
             new = new or lkey not in self._seen
             self._seen.add(lkey)
             timings["plan"] += time.perf_counter() - t1
-            logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], mask.to(dev, non_blocking=True), cache)
+            logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], moved["pad"], cache,
+                               spec.cache_len)
             new = new or getattr(self._llm, "last_new", False)
             outputs = counts
         else:
-            spec, host, mask, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp)
+            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp)
             names = [k for k in host if host[k].dtype == torch.long]
             moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
             moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype != torch.long})
-            mask_d = mask.to(dev, non_blocking=True)
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             key = (spec, px.shape, px.dtype)
             new = key not in self._seen
@@ -388,7 +394,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                         if spec.stages else None)
             tower_in = {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
             probe_in = {k[6:]: v for k, v in moved.items() if k.startswith("probe:")} or None
-            logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], mask_d,
+            logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], moved["pad"],
                                         moved["index"], cache, spec, stage_in, moved.get("vpos"), tower_in,
                                         moved.get("ds_at"), probe_in)
             new = new or getattr(self._prefill, "last_new", False)

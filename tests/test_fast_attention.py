@@ -34,7 +34,7 @@ def test_the_rolled_causal_attention_equals_the_masked_one_on_every_real_row():
     fa.install()
     lens, L, C = [5, 8, 1], 8, 12
     q, k, v = _qkv(L=L, C=C)
-    mask = prompt_mask(lens, L, C)
+    mask = prompt_mask(torch.tensor([L - n for n in lens]), L, C)
     mod = _Attn()
     want, _ = fa._stock(mod, q, k, v, mask, scaling=0.25)
     got, weights = fa._sdpa(mod, q, k, v, mask, scaling=0.25, **{fa.KW: True})
@@ -54,7 +54,7 @@ def test_the_rolled_causal_attention_equals_the_masked_one_on_every_real_row():
 def test_without_the_keyword_or_for_a_non_causal_module_the_stock_function_runs():
     fa.install()
     q, k, v = _qkv()
-    mask = prompt_mask([5, 8, 1], 8, 12)
+    mask = prompt_mask(torch.tensor([3, 0, 7]), 8, 12)  # 5, 8, 1 real rows of 8
     called = []
 
     def spy(*a, **kw):

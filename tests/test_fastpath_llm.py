@@ -42,7 +42,7 @@ def test_plan_stages_lays_out_each_segment():
         llm_text_rows = False
 
     specs, tensors, seg_lens, seg_buckets = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16),
-                                                        bucket_for, 24)
+                                                        bucket_for)
     assert seg_lens == [[10, 7], [8, 4]] and seg_buckets == [16, 8]
     (st,) = specs
     assert (st.layer, st.bucket, st.visual_in, st.outputs) == (1, 8, (4, 4), (2, 1))
@@ -55,9 +55,25 @@ def test_plan_stages_lays_out_each_segment():
     # sample 1 (4 pads): text 16 + 9 | output 34 | text 16 + 14, 16 + 15
     assert src[1, 4:].tolist() == [25, 34, 30, 31]
     assert t["ar"][1].tolist() == [0, 0, 0, 0, 0, 1, 2, 3] and t["first"].tolist() == [0, 12]
-    assert torch.equal(t["mask"], prompt_mask([8, 4], 8, 24))
-    m = t["mask"][1, 0]
+    assert t["pad"].tolist() == [0, 4]  # the mask is built from the pads on the device
+    m = prompt_mask(t["pad"], 8, 24)[1, 0]
     assert m[7, 4:8].all() and not m[7, :4].any() and not m[5, 6:].any() and m[2, 2] and not m[2, :2].any()
+
+
+@pytest.mark.parametrize("lens, L, C", [([8, 4], 8, 24), ([5, 8, 1], 8, 12), ([1], 4, 4)])
+def test_the_prompt_mask_is_built_from_the_pads(lens, L, C):
+    """``prompt_mask`` (built on the device inside the captured prefill) against the mask spelt out row by row:
+    a real row i of a sample with ``pad`` pad rows sees rows pad..i, a pad row itself only, no row a decode slot."""
+    got = prompt_mask(torch.tensor([L - n for n in lens]), L, C)
+    want = torch.zeros(len(lens), 1, L, C, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        pad = L - n
+        for i in range(L):
+            if i < pad:
+                want[b, 0, i, i] = True
+            else:
+                want[b, 0, i, pad:i + 1] = True
+    assert got.dtype == torch.bool and torch.equal(got, want)
 
 
 def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
@@ -71,7 +87,7 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
         llm_text_rows = True
         llm_text_cap = None
 
-    (st,), (t,), _, _ = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, 24, (4, 8))
+    (st,), (t,), _, _ = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, (4, 8))
     assert st.text == (4, 4) and st.num_text == (4, 2)
     assert t["text"].tolist() == [12, 13, 14, 15, 14, 15, 0, 0]
     assert t["text_mask"].tolist() == [True] * 4 + [True, True, False, False]
@@ -79,13 +95,13 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
     class Capped(M):  # a method that tells text lengths apart up to 3 (DART: its text pivots)
         llm_text_cap = 3
 
-    (st,), (t2,), _, _ = plan_stages(Capped, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, 24, (4, 8))
+    (st,), (t2,), _, _ = plan_stages(Capped, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, (4, 8))
     assert st.num_text == (3, 2) and torch.equal(t2["text"], t["text"])
 
     class N(M):
         llm_text_rows = False
 
-    (st,), (t,), _, _ = plan_stages(N, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, 24, (4, 8))
+    (st,), (t,), _, _ = plan_stages(N, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, (4, 8))
     assert st.text == () and "text" not in t
 
 
