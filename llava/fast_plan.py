@@ -1,9 +1,11 @@
 """The fast path's host plan (a mixin of :class:`llava.fastpath.FastPath`): everything about one prefill
-that depends on the prompt, decided on the host from the host copy of the ids before any device work -
-each row's placeholder run, the unit layouts, the method's host draws, the selection's output counts (dry
-runs on ``meta`` tensors), the length bucket, the new rows' gather, positions and pad rows (the 4-D mask is
-built from them on the device) - handed to the captured function as one index buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static:
-they are the graph key. See :mod:`llava.fastpath` for the whole path."""
+that depends on the prompt, decided on the host from the host copy of the ids - first what the tower's run needs
+(:meth:`FastPlanMixin.plan_tower`: the family's visual layout; the fast path starts the tower on the device with
+it), then, while the device runs the tower, each row's placeholder run, the unit layouts, the method's host draws,
+the selection's output counts (dry runs on ``meta`` tensors), the length bucket, the new rows' gather, positions
+and pad rows (the 4-D mask is built from them on the device) - handed to the captured function as one index
+buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static: they are the graph key. See
+:mod:`llava.fastpath` for the whole path."""
 
 from __future__ import annotations
 
@@ -77,6 +79,29 @@ def _shift(s: _Sample, delta: int) -> _Sample:
     return _replace(s, parts=tuple((n, o + delta, k) for n, o, k in s.parts),
                     layouts=tuple((key, tuple((n, o + delta, k) for n, o, k in names), st)
                                   for key, names, st in s.layouts))
+
+
+@dataclass(frozen=True)
+class _TowerSpec:
+    """Everything static about the tower's run of one prefill (the tower function's graph key; the fields
+    :class:`_Spec` has of the same names)."""
+
+    key: str
+    kind: str
+    drop_cls: bool
+    crops: bool
+    tower: object = None
+
+
+@dataclass
+class _TowerPlan:
+    """What the tower's run needs, planned first (:meth:`FastPlanMixin.plan_tower`): the host ids and mask,
+    the family's visual layout and the tower function's key."""
+
+    ids: torch.Tensor  # (B, L) host ids
+    valid: torch.Tensor  # (B, L) host bool: real rows
+    fv: object  # llava.families.base.FastVisual
+    spec: _TowerSpec
 
 
 @dataclass
@@ -245,18 +270,29 @@ class FastPlanMixin:
         Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
         return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual))
 
-    def plan_visual(self, input_ids, attention_mask, visual: dict) -> "_VisualPlan":
-        """The first half of :meth:`plan`: every row's visual run, the samples' structure and index
-        buffer, their outputs from the dry run (a piecewise method's: the padded size) and the spec of the
-        vision graph (``bucket`` 0: a piecewise prefill's first graph does not depend on the counts)."""
-        e = self.engine
+    def plan_tower(self, input_ids, attention_mask, visual: dict) -> _TowerPlan:
+        """The part of the plan the tower's run needs: the one device read (the ids and mask, before any device
+        work of this prefill) and the family's visual layout (:meth:`FamilyAdapter.fast_visual`). The fast path
+        starts the tower with it and plans the rest while the device runs the tower."""
         B, L = input_ids.shape
-        ids_h = input_ids.cpu()  # the one device read: before any device work of this prefill
+        ids_h = input_ids.cpu()
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
         try:
-            fv = e.adapter.fast_visual(visual, B, torch.where(valid_h, ids_h, -1))
+            fv = self.engine.adapter.fast_visual(visual, B, torch.where(valid_h, ids_h, -1))
         except ValueError as exc:
             raise NotPlanned(str(exc)) from None
+        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls,
+                                                         crops=fv.crops is not None, tower=fv.tower))
+
+    def plan_visual(self, input_ids, attention_mask, visual: dict, tp: _TowerPlan | None = None) -> "_VisualPlan":
+        """The first half of :meth:`plan`: every row's visual run, the samples' structure and index
+        buffer, their outputs from the dry run (a piecewise method's: the padded size) and the spec of the
+        vision graph (``bucket`` 0: a piecewise prefill's first graph does not depend on the counts).
+        ``tp``: :meth:`plan_tower`'s plan when it was made already."""
+        e = self.engine
+        tp = tp or self.plan_tower(input_ids, attention_mask, visual)
+        ids_h, valid_h, fv = tp.ids, tp.valid, tp.fv
+        B = ids_h.shape[0]
         extras = bool(fv.drop_cls and e.method.include_cls_candidates)
         others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
                   if t is not None and t != fv.token_id]
@@ -385,12 +421,8 @@ class FastPlanMixin:
                                            self.buckets, full)
             host.update({f"probe:{k}": v for k, v in probe_host.items()})
         spec = _replace(vp.spec, bucket=Lb, cache_len=C, stages=stages, probe=probe)
-        if vp.crops is not None:
-            host["crops"] = vp.crops
         if full is not None:
             host["vpos"] = torch.cat(vpos, 1)
-        for k, t in (vp.tower or {}).items():
-            host[f"tower:{k}"] = t
         if vp.spec.deepstack:  # the visual rows entering layer 0, flattened: where the DeepStack rows go
             host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
         if stages:

@@ -21,24 +21,36 @@ class FastVisionMixin:
     """The vision stage of :class:`llava.fastpath.FastPath`'s captured prefills (reads its ``engine``; the host
     plan's ``_sample_signals`` and ``_extra_names``, :class:`llava.fast_plan.FastPlanMixin`)."""
 
+    def _run_tower(self, px, crops, spec, tower_in=None) -> dict:
+        """The tower of a captured prefill, its outputs by name (the tower function of a prefill, run before the
+        rest of the host plan; ``spec``: a :class:`llava.fast_plan._TowerSpec` or the prefill's ``_Spec``): the
+        family's own static-shape encoder's (``spec.tower``, :meth:`FamilyAdapter.fast_encode`) or the CLIP
+        tower's (:meth:`_clip_tower`)."""
+        e = self.engine
+        if spec.tower is not None:
+            with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
+                enc = e.adapter.fast_encode(px, spec.tower, tower_in, e.method.needs_vision_attention)
+            return {k: v for k, v in enc.items() if v is not None}
+        return self._clip_tower(px, crops, spec)
+
     def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None,
-                        probe_in=None):
+                        probe_in=None, tower_out: dict | None = None):
         """The vision stage of a captured prefill, per sample: the outputs (m, D) in ``dtype``, the
         signals, each output's source candidate, the real count (0-d; ``Selection.count`` of a padded
         selection) and the OR of every malformed flag. ``text_flat``: the new rows' embeddings, flattened
         (query-aware methods read their text block from them); ``tower_in``: the tower's planned index
         tensors (a family that encodes its tower itself, ``spec.tower``); ``deeps``: a list that receives each
         sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL); ``probe_in``: the LLM
-        probe's planned tensors (``spec.probe``, :mod:`llava.fast_probe`)."""
+        probe's planned tensors (``spec.probe``, :mod:`llava.fast_probe`); ``tower_out``: :meth:`_run_tower`'s
+        outputs when the tower ran already (a function of its own), else it runs here."""
         e = self.engine
         adapter, method = e.adapter, e.method
+        enc = tower_out if tower_out is not None else self._run_tower(px, crops, spec, tower_in)
         if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.fast_encode)
-            with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
-                enc = adapter.fast_encode(px, spec.tower, tower_in, method.needs_vision_attention)
             flat, vflat = enc["features"], enc["vision_features"]
             caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
         else:
-            flat, vflat, caf, ksf, exf, clip = self._clip_tokens(px, crops, spec)
+            flat, vflat, caf, ksf, exf, clip = self._clip_flat(enc, spec)
         newline = adapter.fast_newline() if spec.newlines else None
         bad = torch.zeros((), dtype=torch.bool, device=flat.device)
         cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
@@ -111,45 +123,55 @@ class FastVisionMixin:
                           else torch.full((), sel.num_out, dtype=torch.long, device=feats.device))
         return outs, sigs, origins, counts, bad
 
-    def _clip_tokens(self, px, crops, spec: _Spec):
-        """The CLIP tower of a captured prefill (LLaVA-1.5 / NeXT / Video-LLaVA): per tower token of every
-        unit (flattened), the projected features, the select layer's states, the [CLS] attention / keys and
-        the extra tower-layer signals; and what the [CLS] candidates are built from (hidden states, [CLS]
-        attention, keys, extras, projector, its dtype)."""
+    def _clip_tower(self, px, crops, spec) -> dict:
+        """The CLIP tower of a captured prefill (LLaVA-1.5 / NeXT / Video-LLaVA) over every unit: the select
+        layer's states ``hs`` (N, S, Dv), the projected features ``feats`` (N, S - off, D), the [CLS] attention /
+        keys (``ca`` / ``ks``) where the method reads them, and the extra tower-layer signals (``x:<name>``, per
+        tower token) or the in-tower stage's survivors (``in_tower_kept``)."""
         e = self.engine
         adapter, method = e.adapter, e.method
-        cfg = e.model.config
         tower = adapter.fast_tower(spec.key)
-        fl = cfg.vision_feature_layer
+        fl = e.model.config.vision_feature_layer
         x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
         if spec.crops:
             x = x[crops]
-        ca = ks = None
+        out = {}
         if getattr(method, "tower_stage", False):  # the in-tower stage, masked: every unit at its S tokens, the
             with _no_output_capture():  # survivors as a mask (zero states elsewhere); layers called one by one
                 hs, kept = run_tower_masked(tower, x, fl, method, spec.kind, cls_in_llm=not spec.drop_cls)
-            extra = {"in_tower_kept": kept}
+            out["x:in_tower_kept"] = kept
         else:
-            out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
-            hs = out.hidden_states[fl]
+            res = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
+            hs = res.hidden_states[fl]
             if method.needs_vision_attention:
                 li = attention_layer(tower, fl, method.vision_layer)
-                ca, ks = cls_signals(tower.encoder.layers[li], out.hidden_states[li])
-            extra = self._tower_extras(tower, out.hidden_states, fl)  # name -> (N, S, ...) per tower token
+                out["ca"], out["ks"] = cls_signals(tower.encoder.layers[li], res.hidden_states[li])
+            out.update({f"x:{k}": v for k, v in self._tower_extras(tower, res.hidden_states, fl).items()})
         proj = adapter.core.multi_modal_projector
+        off = 1 if spec.drop_cls else 0
+        feats = proj(hs[:, off:].to(param_dtype(proj)))  # one projector call, as the stock model
+        if "x:in_tower_kept" in out:  # tokens dropped inside the tower get zero features (clip.flatten_units)
+            feats = feats.masked_fill(~out["x:in_tower_kept"][:, off:, None], 0)
+        out.update(hs=hs, feats=feats)
+        return out
+
+    def _clip_flat(self, t: dict, spec):
+        """:meth:`_clip_tower`'s outputs ``t`` per tower token of every unit (flattened): the projected
+        features, the select layer's states, the [CLS] attention / keys and the extra tower-layer signals; and
+        what the [CLS] candidates are built from (hidden states, [CLS] attention, keys, extras, projector, its
+        dtype)."""
+        hs, feats, ca, ks = t["hs"], t["feats"], t.get("ca"), t.get("ks")
+        extra = {k[2:]: v for k, v in t.items() if k.startswith("x:")}  # name -> (N, S, ...) per tower token
+        proj = self.engine.adapter.core.multi_modal_projector
         off = 1 if spec.drop_cls else 0
         vis = hs[:, off:]
         N, per = vis.shape[:2]
-        pdt = param_dtype(proj)
-        feats = proj(vis.to(pdt))  # one projector call, as the stock model
-        if "in_tower_kept" in extra:  # tokens dropped inside the tower get zero features (clip.flatten_units)
-            feats = feats.masked_fill(~extra["in_tower_kept"][:, off:, None], 0)
         flat = feats.reshape(N * per, -1)
         vflat = vis.reshape(N * per, -1)
         caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
         ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
         exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
-        return flat, vflat, caf, ksf, exf, (hs, ca, ks, extra, proj, pdt)
+        return flat, vflat, caf, ksf, exf, (hs, ca, ks, extra, proj, param_dtype(proj))
 
     def _tower_extras(self, tower, hidden_states, fl) -> dict:
         """The method's extra tower-layer signals (:meth:`_extra_names`) from the tower's hidden states

@@ -7,14 +7,21 @@ engine's pruned prefill is *slower* than the unpruned one (docs/results/efficien
 everything that depends on the prompt is decided on the host first, from the host copy of the ids,
 and handed to the captured function as index tensors:
 
+``tower`` (device, started before most of the plan)
+    the host ids read once, the family's visual layout planned (:meth:`plan_tower`), the tower run as a captured
+    function of its own (the CLIP tower with the projector and the [CLS] signals the method reads, or the
+    family's static-shape encoder): the device runs it while the host plans the rest (1-3 ms of host work a
+    prefill on the GPUs measured, which the device otherwise waited for); a piecewise prefill runs its tower
+    inside graph 1;
 ``plan`` (host, no device op)
     the placeholder run of every row, the unit layouts (:class:`llava.ops.UnitLayout`) and the
     method's host draws (:meth:`Method.plan_vision`, e.g. random's picks), the number of outputs of the
     selection (from a dry run of the method on ``meta`` tensors, once per unit signature), the length
     bucket, the new row of every sample ([pad, text before, outputs, text after], left-padded to the
-    bucket), its positions and its 4-D mask against a :class:`~transformers.StaticCache`;
+    bucket), its positions and its pad rows (the 4-D mask against a :class:`~transformers.StaticCache` is built
+    from them on the device);
 ``prefill`` (device, static shapes, no host read)
-    tower -> [CLS] signals from ``hidden_states`` -> the method's selection (``sig.captured``) ->
+    the tower's outputs -> the method's selection (``sig.captured``) ->
     merges -> one gather into the bucket -> the language model into the static cache (with llm stages:
     segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast_llm`; its attention
     over the bucket the 4-D mask or SDPA's causal kernel on rolled rows, :mod:`llava.fast_attention`) -> the
@@ -111,7 +118,16 @@ class FastInfo:
     seg_lens: list = field(default_factory=list)  # per segment of decoder layers: its bucket
     outputs: list = field(default_factory=list)  # per sample: visual tokens entering each segment
     layers: tuple = ()  # the llm stages' layers
-    graphs: int = 1  # captured functions the prefill ran (2: piecewise, one host read of the counts between)
+    graphs: int = 2  # captured functions the prefill ran: the tower, then the rest (piecewise: graph 1, a host
+    # read of the counts, graph 2)
+
+
+def _upload(host: dict, dev) -> dict:
+    """Host tensors on ``dev``: the index (long) tensors in one copy, the others (float, bool) each."""
+    names = [k for k in host if host[k].dtype == torch.long]
+    moved = dict(zip(names, to_device([host[k] for k in names], dev)))
+    moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype != torch.long})
+    return moved
 
 
 class FastPath(FastPlanMixin, FastVisionMixin):
@@ -138,6 +154,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
         self.cache_dir = use_cache_dir(cache) if backend == "inductor" else None
         self._pool = None  # cudagraphs: one CUDA-graph memory pool for the four functions
+        self._tower = self._compile(self._tower_fn)  # a prefill: the tower, then the rest (the host plans between)
         self._prefill = self._compile(self._prefill_fn)
         self._vision = self._compile(self._vision_fn)  # a piecewise prefill: graph 1
         self._llm = self._compile(self._llm_fn)  # and graph 2
@@ -215,14 +232,20 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         return None
 
     # ------------------------------------------------------------------ the captured functions
+    def _tower_fn(self, px, crops, spec, tower_in=None) -> dict:
+        """The tower of a prefill (:meth:`FastVisionMixin._run_tower`), a function of its own: it runs while the
+        host plans the rest of the prefill, whose function takes its outputs."""
+        return self._run_tower(px, crops, spec, tower_in)
+
     def _prefill_fn(self, px, crops, tok, src, pos, pad, index, cache, spec: _Spec, stage_in=None, vpos=None,
-                    tower_in=None, ds_at=None, probe_in=None):
+                    tower_in=None, ds_at=None, probe_in=None, tower_out=None):
         e = self.engine
         mask = prompt_mask(pad, spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads, in the graph
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
         outs, sigs, origins, _, bad = self._visual_outputs(px, crops, index, spec, emb.dtype,
-                                                           emb.reshape(-1, emb.shape[-1]), tower_in, deeps, probe_in)
+                                                           emb.reshape(-1, emb.shape[-1]), tower_in, deeps, probe_in,
+                                                           tower_out)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
             R, at, vp = pos.shape[0], 0, []
@@ -342,13 +365,32 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, visual: dict):
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo, outputs per
-        sample). Raises :class:`NotPlanned` (nothing ran yet) when the prompt does not fit."""
+        sample). Raises :class:`NotPlanned` when the prompt does not fit (nothing ran yet, or only the tower,
+        whose outputs are then dropped: the eager engine runs the prefill from the start)."""
         t0 = time.perf_counter()
         dev = input_ids.device
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        vp = self.plan_visual(input_ids, attention_mask, visual)
-        px = visual[vp.spec.key]
-        timings = {}
+        tp = self.plan_tower(input_ids, attention_mask, visual)
+        px = visual[tp.spec.key]
+        timings, tower_out = {}, None
+        if not self.piecewise:  # the tower first, from what it needs of the plan: the host plans the rest while
+            fv = tp.fv  # the device runs it (a GPU waited for the whole plan, 1-3 ms a prefill, before it)
+            host = {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
+            if fv.crops is not None:
+                host["crops"] = fv.crops
+            moved = _upload(host, dev)
+            tower_in = {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
+            tkey = ("tower", tp.spec, px.shape, px.dtype, tuple((k, tuple(v.shape)) for k, v in sorted(host.items())))
+            new = tkey not in self._seen
+            self._seen.add(tkey)
+            t_launch = time.perf_counter()
+            tower_out = self._tower(px, moved.get("crops"), tp.spec, tower_in)
+            new = new or getattr(self._tower, "last_new", False)
+            if self.cuda_graphs and self.backend == "inductor":  # in the CUDA-graph pool: the prefill's graph may
+                tower_out = {k: v.clone() for k, v in tower_out.items()}  # overwrite it (as a piecewise graph 1's)
+            timings["plan"] = timings["plan_exposed"] = t_launch - t0  # exposed: before the device has work
+            t0 = time.perf_counter()
+        vp = self.plan_visual(input_ids, attention_mask, visual, tp)
         if self.piecewise:  # graph 1 -> one read of the counts -> the host plans the rows -> graph 2
             idx_d, crops_d = to_device([vp.index, vp.crops if vp.crops is not None else vp.index[:0]], dev)
             tower_d = {k: v.to(dev, non_blocking=True) for k, v in (vp.tower or {}).items()}
@@ -376,27 +418,25 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             new = new or lkey not in self._seen
             self._seen.add(lkey)
             timings["plan"] += time.perf_counter() - t1
+            timings["plan_exposed"] = timings["plan"]  # both halves: the device waits for each
             logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], moved["pad"], cache,
                                spec.cache_len)
             new = new or getattr(self._llm, "last_new", False)
             outputs = counts
         else:
             spec, host, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp)
-            names = [k for k in host if host[k].dtype == torch.long]
-            moved = dict(zip(names, to_device([host[k] for k in names], dev)))  # one host -> device copy
-            moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype != torch.long})
+            moved = _upload(host, dev)
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             key = (spec, px.shape, px.dtype)
-            new = key not in self._seen
+            new = new or key not in self._seen
             self._seen.add(key)
-            timings["plan"] = time.perf_counter() - t0
+            timings["plan"] += time.perf_counter() - t0
             stage_in = ({k: v for k, v in moved.items() if k == "vis0" or (k[0] == "s" and ":" in k)}
                         if spec.stages else None)
-            tower_in = {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
             probe_in = {k[6:]: v for k, v in moved.items() if k.startswith("probe:")} or None
-            logits, bad = self._prefill(px, moved.get("crops"), moved["tok"], moved["src"], moved["pos"], moved["pad"],
-                                        moved["index"], cache, spec, stage_in, moved.get("vpos"), tower_in,
-                                        moved.get("ds_at"), probe_in)
+            logits, bad = self._prefill(None, None, moved["tok"], moved["src"], moved["pos"], moved["pad"],
+                                        moved["index"], cache, spec, stage_in, moved.get("vpos"), None,
+                                        moved.get("ds_at"), probe_in, tower_out)
             new = new or getattr(self._prefill, "last_new", False)
             if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
                 self._malformed()
@@ -420,7 +460,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                         timings=timings, candidates=candidates, seg_lens=seg_buckets,
                         outputs=[[c[b] for c in [outputs] + [list(st.outputs) for st in spec.stages]]
                                  for b in range(spec.batch)],
-                        layers=state.layers, graphs=2 if self.piecewise else 1)
+                        layers=state.layers, graphs=2)
         return logits, cache, state, info, outputs
 
     def _malformed(self):

@@ -47,7 +47,8 @@ class PrefillStats:
     path_reason: str = ""  # why eager when the engine has a fast path
     bucket: int | None = None  # fast path: the length bucket the rows were padded to
     new_graph: bool = False  # fast path: the first prefill of its bucket / signature (compiled or captured)
-    graphs: int = 0  # fast path: captured functions run (2: piecewise, graph -> one read of the counts -> graph)
+    graphs: int = 0  # fast path: captured functions run (2: the tower, then the rest; piecewise: graph -> one read
+    # of the counts -> graph)
 
     @property
     def visual_entering_llm(self) -> float:

@@ -76,19 +76,36 @@ def counting_fast_path(eng, names=("_prefill",)):
     """A fast path of ``eng`` whose captured functions (``names``; a piecewise prefill: ``_vision`` and ``_llm``)
     run uncompiled (``backend="none"``: the same code with ``sig.captured``, no compile time), and the list their
     calls append their host syncs to, uploads of host data included (``SyncCounter.uploads``: a CUDA graph of the
-    function, ``fast_backend="cudagraphs"``, cannot record one either)."""
+    function, ``fast_backend="cudagraphs"``, cannot record one either). A one-graph prefill's tower function
+    (``_tower``, run before the rest of the plan) is counted with the ``_prefill`` call that follows it: one entry
+    per prefill."""
     fp = FastPath(eng, backend="none", max_new_tokens=16)
-    syncs = []
+    syncs, pending = [], []
+
+    def count(fn, *a, **k):
+        with SyncCounter() as c:
+            out = fn(*a, **k)
+        return out, c.total + sum(c.uploads.values())
+
     for name in names:
         inner = getattr(fp, name)
 
         def counted(*a, _inner=inner, **k):
-            with SyncCounter() as c:
-                out = _inner(*a, **k)
-            syncs.append(c.total + sum(c.uploads.values()))
+            out, n = count(_inner, *a, **k)
+            syncs.append(n + sum(pending))
+            pending.clear()
             return out
 
         setattr(fp, name, counted)
+    if "_prefill" in names:
+        tower = fp._tower
+
+        def tower_counted(*a, **k):
+            out, n = count(tower, *a, **k)
+            pending.append(n)
+            return out
+
+        fp._tower = tower_counted
     return fp, syncs
 
 

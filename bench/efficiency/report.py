@@ -69,6 +69,10 @@ def fast_comparison(eager: list[dict], fast: list[dict]) -> list[dict]:
                 row["eager_selection_median"] = (e.get("t_selection") or {}).get("median")
                 row["eager_tpot_median"] = (e["tpot"] or {}).get("median")
                 row["fast_tpot_median"] = (f["tpot"] or {}).get("median")
+                # the fast prefill's host plan: all of it / the part before the device has work (the rest runs
+                # while the device runs the tower)
+                row["fast_plan_median"] = (f.get("t_plan") or {}).get("median")
+                row["fast_plan_exposed_median"] = (f.get("t_plan_exposed") or {}).get("median")
                 if row["eager_tpot_median"] and row["fast_tpot_median"]:
                     row["tpot_ratio"] = row["fast_tpot_median"] / row["eager_tpot_median"]
             rows.append(row)
@@ -251,23 +255,27 @@ def fast_markdown(fast: dict) -> list[str]:
            "apart: the fast row gives its TTFT over random's fast TTFT at the same budget and batch (when random ran: "
            "the selection and its signals inside the graph; for a method that selects inside the LLM also its layers "
            "before the stage at full length). Warm-up: the fast row's warm-up prefills, compile / capture included, "
-           "never in the TTFT.", "",
+           "never in the TTFT. Host plan: the fast prefill's planning on the host, all / the part before the device "
+           "has work (the rest runs while the device runs the tower).", "",
            "| Method | Budget | Batch | Path | Path taken | TTFT median / p90 (ms) | fast / eager TTFT | TPOT (ms) "
-           "| fast / eager TPOT | selection (ms) | warm-up (s) | graphs compiled in timed runs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| fast / eager TPOT | selection (ms) | host plan / exposed (ms) | warm-up (s) "
+           "| graphs compiled in timed runs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"  # noqa: E731
     over = lambda c: f"{c['fast_over_random'] * 1e3:+.2f} over random" if "fast_over_random" in c else "-"  # noqa: E731
+    plan = lambda c: (f"{ms(c['fast_plan_median'])} / {ms(c.get('fast_plan_exposed_median'))}"  # noqa: E731
+                      if c.get("fast_plan_median") is not None else "-")
     for c in fast["comparison"]:
         head = f"| {c['label']} | {c['budget'] if c['budget'] is not None else '-'} | {c['batch']} |"
         b1 = c["batch"] == 1
         out.append(f"{head} eager | eager | {ms(c['eager_ttft_median'])} / {ms(c['eager_ttft_p90'])} | - | "
                    f"{ms(c.get('eager_tpot_median')) if b1 else '-'} | - | {ms(c.get('eager_selection_median'))} | - "
-                   "| - |")
+                   "| - | - |")
         taken = _taken(c["fast_path_taken"], c["fast_path_reasons"], "fast")
         tpot_ratio = f"{c['tpot_ratio']:.2f}x" if c.get("tpot_ratio") else "-"
         out.append(f"{head} fast | {taken} | {ms(c['fast_ttft_median'])} / {ms(c['fast_ttft_p90'])} | "
                    f"{c['ttft_ratio']:.2f}x | {ms(c.get('fast_tpot_median')) if b1 else '-'} | "
-                   f"{tpot_ratio if b1 else '-'} | {over(c)} | "
+                   f"{tpot_ratio if b1 else '-'} | {over(c)} | {plan(c)} | "
                    f"{f'{w:.1f}' if (w := c.get('fast_warmup_s')) is not None else '-'} | {c['fast_compiled_in_timed']} |")
     return out
 

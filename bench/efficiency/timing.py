@@ -227,7 +227,7 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
                        "max_new_tokens": eng.fast.max_new_tokens, "refusal": eng.fast.refusal or None,
                        "regional": eng.fast.regional, "compile_cache": eng.fast.cache_dir,
                        "buckets": sorted({r["bucket"] for r in rec if r["bucket"] is not None})}
-    for key in ("ttft", "t_vision", "t_selection", "t_llm", "t_plan", "t_prefill_total"):
+    for key in ("ttft", "t_vision", "t_selection", "t_llm", "t_plan", "t_plan_exposed", "t_prefill_total"):
         res[key] = summary([r.get(key) for r in rec])
     for key in ("visual_entering_llm", "visual_layer_avg", "kv_bytes", "kv_bytes_analytic", "macs_A", "macs_B"):
         res[key] = statistics.fmean(r[key] for r in rec)
