@@ -194,6 +194,24 @@ def test_device_loop_compiles_in_one_graph(backend):
     torch._dynamo.reset()
 
 
+def test_divprune_s_form_is_three_launches_a_pick():
+    """No weight, fill -inf (DivPrune): a pick is its argmax, the picked row's gather and the minimum (the taken
+    token's -inf comes from the distances' diagonal, set once on a copy), so 18 more picks are 54 more launches;
+    the picks are the host loop's and the inputs are left as they were."""
+    g = torch.Generator().manual_seed(5)
+    dist = _dist(64, g, ties=True)
+    mind, before = torch.full((64,), INF), dist.clone()
+    ops, picks = {}, {}
+    for k in (2, 20):
+        with OpCounter() as c:
+            (picks[k],) = greedy_max_min([MaxMinProblem(dist, k, mind)], device_loop=True)
+        ops[k] = c.total
+    assert ops[20] - ops[2] == 3 * 18, ops
+    assert picks[20].tolist() == greedy_max_min([MaxMinProblem(dist, 20, mind)])[0].tolist()
+    assert picks[20][:2].tolist() == picks[2].tolist() and len(set(picks[20].tolist())) == 20
+    assert torch.equal(dist, before) and torch.equal(mind, torch.full((64,), INF))
+
+
 def test_problems_of_one_size_share_one_loop():
     """Five problems of one token count, pick count and form (a LLaVA-NeXT image's crops) run as one loop over
     stacked rows: each one's picks are its picks alone, bit for bit, in about a fifth of the launches; a problem

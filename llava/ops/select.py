@@ -85,22 +85,26 @@ def _greedy_max_min_device_batch(ps: "list[MaxMinProblem]") -> list[torch.Tensor
         taken = rows_of([p.taken.reshape(-1) if p.taken.dtype == torch.bool else p.taken.float().reshape(-1) > 0.5
                          for p in ps])
     fill = torch.full((), p0.fill, dtype=torch.float32, device=dev)  # rounded to fp32, as np.float32(fill)
-    rows, true = torch.arange(P, device=dev), torch.ones((), dtype=torch.bool, device=dev)
+    rows = torch.arange(P, device=dev)
     picks = []
     if w is None and p0.fill == float("-inf"):
-        # DivPrune's form: a taken token's score is -inf, kept inside ``mind`` itself (minimum(-inf, d) == -inf), so
-        # a pick is four kernels, not five (no mask pass): the untaken tokens' values are the host loop's, bit for
-        # bit, so are the picks
+        # DivPrune's form: a taken token's score is -inf, kept inside ``mind`` itself (minimum(-inf, d) == -inf), and
+        # a copy of the distances with -inf on the diagonal makes the update mark the pick itself (min(mind[j],
+        # dist[j, j]) == -inf): a pick is three kernels (argmax, the row's gather, the minimum), not five. A token's
+        # own distance never enters another's minimum, so the untaken tokens' values are the host loop's, bit for
+        # bit, and so are the picks
         mind = torch.where(taken, fill, mind)  # a new tensor: the in-place writes below touch no input
+        dist = dist.clone()  # (one problem's rows may be a view of its input)
+        dist.diagonal(dim1=1, dim2=2).fill_(p0.fill)
         for _ in range(k):
             j = mind.argmax(1)  # (P,): each row's first maximum
             picks.append(j)
-            mind.index_put_((rows, j), fill)
             torch.minimum(mind, dist[rows, j], out=mind)
         return list(torch.stack(picks, 1).unbind(0))
     # copies once (one problem's rows are views of its inputs), then updated in place: an out-of-place index_put is
     # a copy kernel and an index kernel on a GPU, each pick
     taken, mind = taken.clone(), mind.clone()
+    true = torch.ones((), dtype=torch.bool, device=dev)
     for _ in range(k):
         sc = mind if w is None else w * mind
         sc = torch.where(taken, fill, sc)  # the taken tokens' score: below every candidate's
