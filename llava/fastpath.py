@@ -438,8 +438,6 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                                         moved["index"], cache, spec, stage_in, moved.get("vpos"), None,
                                         moved.get("ds_at"), probe_in, tower_out)
             new = new or getattr(self._prefill, "last_new", False)
-            if bool(bad):  # the one read after the prefill (generate reads the first token anyway)
-                self._malformed()
             outputs = [s.outputs for s in spec.samples]
         S = len(seg_buckets)
         dec_mask = torch.zeros(S, spec.batch, 1, 1, spec.cache_len, dtype=torch.bool)
@@ -461,6 +459,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                         outputs=[[c[b] for c in [outputs] + [list(st.outputs) for st in spec.stages]]
                                  for b in range(spec.batch)],
                         layers=state.layers, graphs=2)
+        if not self.piecewise and bool(bad):  # the one read after the prefill (generate reads the first token
+            self._malformed()  # anyway), after the decode state's host work: that ran while the device computed
         return logits, cache, state, info, outputs
 
     def _malformed(self):
