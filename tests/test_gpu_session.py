@@ -162,3 +162,21 @@ def test_fast_inductor2_times_the_other_methods_on_inductor(tmp_path):
     assert c[c.index("--methods") + 1:c.index("--budgets")] == ["none", "visionzip", "pdrop", "sparsevlm", "dart",
                                                                 "cdpruner", "visiondrop"]
     assert "--retime-none" in c and "--resume" in c
+
+
+def test_fast_plan_checks_the_tower_function_s_tokens_then_times_both_shapes(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-plan")
+    tiny, calls = calls[0], calls[1:]
+    cfg = config_from_args(build_parser("").parse_args(tiny[2:]), "cuda")
+    assert tiny[:2] == ["-m", "bench.gpu_check"] and cfg.fast and not cfg.tiny and cfg.fast_backend == "cudagraphs"
+    assert cfg.families == ["llava", "llava-next", "video-llava", "qwen2.5-vl"] and cfg.fast_dtypes == ["float16"]
+    assert "prumerge" in cfg.methods  # a piecewise prefill: its tower stays in graph 1
+    runs = [(c[c.index("--model") + 1], c[c.index("--methods") + 1:c.index("--budgets")],
+             Path(c[c.index("--out") + 1]).name) for c in calls]
+    assert runs == [("shape:llava-1.5-7b", ["none", "consensusdrop", "attnmix", "fastv"], "fast-plan-7b"),
+                    ("shape:llava-next-7b", ["none", "consensusdrop", "divprune"], "fast-plan-next")]
+    assert all({"--fast", "--retime-none", "--resume"} <= set(c) for c in calls)
+
+
+def test_fast_plan_reports_a_failed_run(tmp_path):
+    _run(tmp_path, files=1, deep=False, fail_out="fast-plan-next", expect=1, part="fast-plan")

@@ -31,6 +31,12 @@
 #                                                       #   tokens on tiny LLaVA / NeXT / Video-LLaVA fp16 (gpu_check), then
 #                                                       #   shape:llava-next-7b none + FastV 320 and shape:llava-1.5-7b
 #                                                       #   none + ConsensusDrop 64, each masked then causal
+#   bash scripts/bench/gpu_session.sh fast-plan  OUT   # the tower as a function of its own, the host planning beside it
+#                                                       #   (2026-11-27): its tokens on tiny LLaVA / NeXT / Video-LLaVA /
+#                                                       #   Qwen2.5-VL fp16 (a piecewise prefill among them), then
+#                                                       #   shape:llava-1.5-7b none + ConsensusDrop, AttnMix, FastV at 64 and
+#                                                       #   shape:llava-next-7b none + ConsensusDrop, DivPrune at 64 per crop:
+#                                                       #   TTFT, t_plan / t_plan_exposed (FAST_BACKEND)
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -57,7 +63,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
@@ -121,6 +127,16 @@ case "$PART" in
                eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 16 "fast-attn-7b-$a" $((LIMIT * 3 / 20)) "${FAST_FLAGS[@]}" \
                  --fast-attention "$a"; st+=($?)
              done
+             first_failure "${st[@]}" ;;
+  fast-plan) # the tower's own function first on tiny models (tokens == eager, no host sync), then the 7B shapes' TTFT
+             python -m bench.gpu_check --fast-only --fast-backend "$FAST_BACKEND" --dtypes float16 --fast-dtypes float16 \
+               --families llava llava-next video-llava qwen2.5-vl --methods none fastv visionzip consensusdrop prumerge \
+               --no-fast-ttft --out "$DEST/fast-plan-tiny" --time-limit $((LIMIT / 4 - 10)) 2>&1 \
+               | tee "$DEST/fast-plan-tiny.log" | tail -20; st=($?)
+             eff shape:llava-1.5-7b "none consensusdrop attnmix fastv" 64 8 1 16 fast-plan-7b $((LIMIT * 3 / 8)) \
+               "${FAST_FLAGS[@]}"; st+=($?)
+             eff shape:llava-next-7b "none consensusdrop divprune" 64 8 1 16 fast-plan-next $((LIMIT * 3 / 8 - 10)) \
+               "${FAST_FLAGS[@]}"; st+=($?)
              first_failure "${st[@]}" ;;
   fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$CACHE_DEFAULT}
                  ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
