@@ -33,15 +33,20 @@ graph's intermediates are dead when it ends (its outputs are held and cloned), s
 On a CPU there is nothing to capture: the same buffers, the function run again on them at every call (the
 plumbing - keys, copies in, clones out - is what the CPU tests check; the graphs themselves are checked on a
 GPU, ``bench.gpu_check --fast-backend cudagraphs``).
+
+Also here, for the Inductor backend on a GPU (CUDA graphs through ``mode="reduce-overhead"``):
+:class:`WatchedCompile`, which reports a graph Inductor declined to capture (silent otherwise).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["CapturedFunction", "DeviceScalars"]
+__all__ = ["CapturedFunction", "DeviceScalars", "WatchedCompile"]
 
 
 class DeviceScalars(TorchFunctionMode):
@@ -139,3 +144,64 @@ class CapturedFunction:
         """Drop every graph and buffer (the static caches they hold are released with them)."""
         self._entries.clear()
         self.last_new = False
+
+
+def _inductor_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+class _SkipLog(logging.Handler):
+    """Inductor's CUDA-graph log (``torch._inductor.cudagraph_utils``'s artifact logger, where every skip on a GPU is
+    written as "skipping cudagraphs due to ..."): its last message."""
+
+    last = None
+
+    def emit(self, record):
+        _SkipLog.last = record.getMessage()
+
+
+def _watch_skip_log() -> None:
+    from torch._inductor.cudagraph_utils import cudagraphs_log
+
+    if not any(isinstance(h, _SkipLog) for h in cudagraphs_log.handlers):
+        cudagraphs_log.addHandler(_SkipLog(logging.WARNING))
+
+
+def _last_skip_reason() -> str:
+    """The reason Inductor gave for the skip just counted: its log's last message, else its compile metrics (a graph
+    loaded from the cache, or a CPU graph, is skipped without a message)."""
+    if _SkipLog.last:
+        reason, _SkipLog.last = _SkipLog.last, None
+        return reason
+    from torch._dynamo.utils import get_compilation_metrics
+
+    for m in reversed(get_compilation_metrics()):
+        if getattr(m, "cudagraph_skip_reason", None):
+            return m.cudagraph_skip_reason
+    return "reason not recorded: TORCH_LOGS=cudagraphs prints it"
+
+
+class WatchedCompile:
+    """A function compiled by Inductor with CUDA graphs (``mode="reduce-overhead"``), watched for the graphs Inductor
+    declines to capture. Inductor decides at compile time and says so only in a log that is off by default (its
+    ``cudagraph_skips`` counter): a skipped graph runs its kernels one by one, launch-bound at batch 1, the very cost
+    the fast path exists to remove. Each skip is appended to ``skips`` (the function's name and Inductor's reason) and
+    logged once as a warning; ``bench.efficiency`` reports them beside the fast rows."""
+
+    def __init__(self, fn, name: str, skips: list, log):
+        self.fn, self.name, self.skips, self.log = fn, name, skips, log
+        _watch_skip_log()
+
+    def __call__(self, *args, **kwargs):
+        before = _inductor_skips()
+        _SkipLog.last = None
+        out = self.fn(*args, **kwargs)
+        if _inductor_skips() != before:  # a compile of this call skipped CUDA graphs (a later call reuses it)
+            reason = _last_skip_reason()
+            self.skips.append({"function": self.name, "reason": reason})
+            self.log.warning("Inductor did not capture the fast path's %s as a CUDA graph (%s): its kernels run one "
+                             "by one; fast_backend='cudagraphs' records the uncompiled function instead", self.name,
+                             reason)
+        return out

@@ -154,6 +154,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
         self.cache_dir = use_cache_dir(cache) if backend == "inductor" else None
         self._pool = None  # cudagraphs: one CUDA-graph memory pool for the four functions
+        self.cudagraph_skips: list = []  # Inductor + CUDA graphs: the functions it did not capture, and why
         self._tower = self._compile(self._tower_fn)  # a prefill: the tower, then the rest (the host plans between)
         self._prefill = self._compile(self._prefill_fn)
         self._vision = self._compile(self._vision_fn)  # a piecewise prefill: graph 1
@@ -187,8 +188,12 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4096)
-        kw = {"mode": "reduce-overhead"} if self.cuda_graphs else {}
-        return torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend, **kw)
+        if not self.cuda_graphs:
+            return torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
+        from .fast_graphs import WatchedCompile  # Inductor + CUDA graphs: a graph it declines to capture is reported
+
+        return WatchedCompile(torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend,
+                                            mode="reduce-overhead"), fn.__name__.strip("_"), self.cudagraph_skips, log)
 
     # ------------------------------------------------------------------ refusals
     def _static_refusal(self) -> str | None:

@@ -197,6 +197,7 @@ def test_efficiency_fast_rows_side_by_side(tmp_path):
     assert none_f["kv_match"] is None and none_f["ops"] is None  # a static cache; one graph
     # the host plan, and the part of it before the device had work (the tower runs while the host plans the rest)
     assert 0 < none_f["t_plan_exposed"]["median"] < none_f["t_plan"]["median"]
+    assert none_f["fast"]["cudagraph_skips"] == []  # no CUDA graphs on a CPU: nothing declined
     # TRIO is not captured (a backward pass in its stages): its "fast" row ran eagerly and says so, with the reason
     assert trio_f["path"] == "fast" and trio_f["path_taken"] == "eager"
     ((reason, n),) = trio_f["path_reasons"].items()
@@ -228,6 +229,7 @@ def test_the_fast_table_gives_each_method_s_ttft_over_random_s_at_the_same_budge
     cells = [rows("none", None, 30, 20), rows("random", 64, 25, 10.5), rows("consensusdrop", 64, 36, 11.75),
              rows("fastv", 64, 40, 15.0), rows("visionzip", 128, 30, 13.0)]
     cells[2][1].update(t_plan={"median": 1.5e-3}, t_plan_exposed={"median": 0.25e-3})  # the host plan's columns
+    cells[3][1]["fast"] = {"cudagraph_skips": [{"function": "prefill_fn", "reason": "skipping cudagraphs due to X"}]}
     comp = fast_comparison([e for e, _ in cells], [f for _, f in cells])
     over = {c["method"]: c.get("fast_over_random") for c in comp}
     assert over["consensusdrop"] == pytest.approx(1.25e-3) and over["fastv"] == pytest.approx(4.5e-3)
@@ -236,3 +238,6 @@ def test_the_fast_table_gives_each_method_s_ttft_over_random_s_at_the_same_budge
     assert ("| consensusdrop | 64 | 1 | fast | fast | 11.75 / 11.75 | 0.33x | 7.00 | 0.35x | +1.25 over random | "
             "1.50 / 0.25 | 1.0 |") in md
     assert "| visionzip | 128 | 1 | fast | fast | 13.00 / 13.00 | 0.43x | 7.00 | 0.35x | - | - | 1.0 |" in md
+    # a function Inductor compiled without a CUDA graph is named under the table, with its reason
+    assert "**Inductor did not capture these functions as CUDA graphs**" in md
+    assert "- fastv at 64: `prefill_fn`: skipping cudagraphs due to X" in md

@@ -150,3 +150,32 @@ def test_the_fast_path_on_the_capture_backend_gives_the_eager_tokens(runtimes, m
     assert not eng.stats.new_graph and [len(f._entries) for f in fns] == keys
     assert torch.equal(toks, generate(eager, inputs(eager, 0, n=3))[0])
     assert len(eng.fast._decode._entries) >= 1
+
+
+def test_a_graph_inductor_does_not_capture_is_reported_once_with_its_reason(caplog):
+    """Inductor + CUDA graphs: a function Inductor compiles without a CUDA graph (it decides at compile time and says
+    so only in its own log, off by default) is reported - its name and Inductor's reason, in ``skips`` and as one
+    warning - and a later call of the compiled function reports nothing again. The compile is stood in for by a
+    function that does what Inductor does on a skip (torch's own ``log_cudagraph_skip_and_bump_counter``)."""
+    import logging
+
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from llava.fast_graphs import WatchedCompile
+
+    calls = []
+
+    def compiled(x):
+        if not calls:  # the first call compiles: Inductor declines the CUDA graph
+            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+        calls.append(x)
+        return x + 1
+
+    skips = []
+    f = WatchedCompile(compiled, "prefill_fn", skips, logging.getLogger("llava.fastpath"))
+    with caplog.at_level(logging.WARNING, logger="llava.fastpath"):
+        assert f(torch.ones(2)).tolist() == [2.0, 2.0] and f(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert skips == [{"function": "prefill_fn", "reason": "skipping cudagraphs due to mutated inputs (1 instances)"}]
+    (rec,) = [r for r in caplog.records if r.name == "llava.fastpath"]
+    assert "prefill_fn" in rec.getMessage() and "mutated inputs" in rec.getMessage()
+    assert len(calls) == 2

@@ -63,7 +63,8 @@ def fast_comparison(eager: list[dict], fast: list[dict]) -> list[dict]:
                    "batch": int(bs), "eager_ttft_median": te["median"], "fast_ttft_median": tf["median"],
                    "eager_ttft_p90": te["p90"], "fast_ttft_p90": tf["p90"],
                    "ttft_ratio": tf["median"] / te["median"], "fast_path_taken": taken, "fast_path_reasons": reasons,
-                   "fast_compiled_in_timed": compiled}
+                   "fast_compiled_in_timed": compiled,
+                   "cudagraph_skips": list((f.get("fast") or {}).get("cudagraph_skips") or [])}
             if bs == "1":
                 row["fast_warmup_s"] = f.get("warmup_s")  # the warm-up prefills: compile / capture, on its own
                 row["eager_selection_median"] = (e.get("t_selection") or {}).get("median")
@@ -277,6 +278,13 @@ def fast_markdown(fast: dict) -> list[str]:
                    f"{c['ttft_ratio']:.2f}x | {ms(c.get('fast_tpot_median')) if b1 else '-'} | "
                    f"{tpot_ratio if b1 else '-'} | {over(c)} | {plan(c)} | "
                    f"{f'{w:.1f}' if (w := c.get('fast_warmup_s')) is not None else '-'} | {c['fast_compiled_in_timed']} |")
+    skipped = [(c["label"], c["budget"], s) for c in fast["comparison"] if c["batch"] == 1
+               for s in c.get("cudagraph_skips") or []]
+    if skipped:  # Inductor compiled these without a CUDA graph: their kernels ran one by one
+        out += ["", "**Inductor did not capture these functions as CUDA graphs** (their kernels ran one by one; "
+                "`fast_backend=\"cudagraphs\"` records the uncompiled functions instead):", ""]
+        out += [f"- {name}{f' at {b}' if b is not None else ''}: `{s['function']}`: {s['reason']}"
+                for name, b, s in skipped]
     return out
 
 

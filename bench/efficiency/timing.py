@@ -226,6 +226,8 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
         res["fast"] = {"backend": eng.fast.backend, "cuda_graphs": bool(eng.fast.cuda_graphs),
                        "max_new_tokens": eng.fast.max_new_tokens, "refusal": eng.fast.refusal or None,
                        "regional": eng.fast.regional, "compile_cache": eng.fast.cache_dir,
+                       # Inductor + CUDA graphs: the functions it compiled without a CUDA graph, and why
+                       "cudagraph_skips": list(getattr(eng.fast, "cudagraph_skips", [])),
                        "buckets": sorted({r["bucket"] for r in rec if r["bucket"] is not None})}
     for key in ("ttft", "t_vision", "t_selection", "t_llm", "t_plan", "t_plan_exposed", "t_prefill_total"):
         res[key] = summary([r.get(key) for r in rec])

@@ -165,6 +165,7 @@ def equality_task(ctx: dict, t: dict, cfg) -> dict:
                 return rec
             rec["captured"] = True
             real = _run_prompts(rt, eng, batches, steps)
+            rec["cudagraph_skips"] = list(eng.fast.cudagraph_skips)  # Inductor: graphs it compiled without CUDA graphs
             _unprune(rt)
             if hasattr(torch, "_dynamo"):  # this engine's graphs (and CUDA-graph pools) are not reused
                 torch._dynamo.reset()
