@@ -180,3 +180,16 @@ def test_fast_plan_checks_the_tower_function_s_tokens_then_times_both_shapes(tmp
 
 def test_fast_plan_reports_a_failed_run(tmp_path):
     _run(tmp_path, files=1, deep=False, fail_out="fast-plan-next", expect=1, part="fast-plan")
+
+
+def test_fast_profile_profiles_the_capture_backend_then_inductor(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-profile")
+    assert [c[:2] for c in calls] == [["-m", "bench.fast_profile"]] * 2
+    assert [c[c.index("--fast-backend") + 1] for c in calls] == ["cudagraphs", "inductor"]
+    assert [c[c.index("--methods") + 1:c.index("--fast-backend")] for c in calls] == [
+        ["none", "consensusdrop", "attnmix", "fastv"], ["none", "consensusdrop"]]
+    assert [Path(c[c.index("--out") + 1]).name for c in calls] == ["fast-profile-cudagraphs.md",
+                                                                 "fast-profile-inductor.md"]
+    import bench.fast_profile as fp  # its own parser takes both command lines (the run needs CUDA: it says so)
+    for c in calls:
+        assert fp.main(c[2:]) == 2

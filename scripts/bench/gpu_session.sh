@@ -37,6 +37,10 @@
 #                                                       #   shape:llava-1.5-7b none + ConsensusDrop, AttnMix, FastV at 64 and
 #                                                       #   shape:llava-next-7b none + ConsensusDrop, DivPrune at 64 per crop:
 #                                                       #   TTFT, t_plan / t_plan_exposed (FAST_BACKEND)
+#   bash scripts/bench/gpu_session.sh fast-profile OUT # where a fast prefill's time goes on the device (bench.fast_profile):
+#                                                       #   kernels by kind against the wall time (the gaps: launches, host
+#                                                       #   work), shape:llava-1.5-7b none + ConsensusDrop, AttnMix, FastV at
+#                                                       #   64 on cudagraphs, then none + ConsensusDrop on inductor
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -63,7 +67,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-profile|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
@@ -138,6 +142,14 @@ case "$PART" in
              eff shape:llava-next-7b "none consensusdrop divprune" 64 8 1 16 fast-plan-next $((LIMIT * 3 / 8 - 10)) \
                "${FAST_FLAGS[@]}"; st+=($?)
              first_failure "${st[@]}" ;;
+  fast-profile) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$CACHE_DEFAULT}
+                timeout -k 30 --signal=TERM $((LIMIT / 2)) python -m bench.fast_profile --methods none consensusdrop \
+                  attnmix fastv --fast-backend cudagraphs --out "$DEST/fast-profile-cudagraphs.md" 2>&1 \
+                  | tee "$DEST/fast-profile-cudagraphs.log" | tail -30; st=($?)
+                timeout -k 30 --signal=TERM $((LIMIT / 2 - 10)) python -m bench.fast_profile --methods none consensusdrop \
+                  --fast-backend inductor --out "$DEST/fast-profile-inductor.md" 2>&1 \
+                  | tee "$DEST/fast-profile-inductor.log" | tail -30; st+=($?)
+                first_failure "${st[@]}" ;;
   fast-inductor) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$CACHE_DEFAULT}
                  ind=(--fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" --device-warmup 3 --resume)
                  eff shape:llava-1.5-7b "none random fastv consensusdrop attnmix" 64 8 1 32 fast-7b-inductor $((LIMIT * 3 / 4)) \
