@@ -170,17 +170,16 @@ def _watch_skip_log() -> None:
 
 
 def _last_skip_reason() -> str:
-    """The reason Inductor gave for the skip just counted: its log's last message, else its compile metrics (a graph
-    loaded from the cache, or a CPU graph, is skipped without a message)."""
+    """The reason Inductor gave for the skip just counted: its log's message, else the metrics of the compile that
+    just ended (a CPU graph is skipped without a message); never an earlier compile's reason, which would name
+    another function's skip."""
     if _SkipLog.last:
-        reason, _SkipLog.last = _SkipLog.last, None
-        return reason
+        return _SkipLog.last
     from torch._dynamo.utils import get_compilation_metrics
 
-    for m in reversed(get_compilation_metrics()):
-        if getattr(m, "cudagraph_skip_reason", None):
-            return m.cudagraph_skip_reason
-    return "reason not recorded: TORCH_LOGS=cudagraphs prints it"
+    metrics = get_compilation_metrics()
+    reason = getattr(metrics[-1], "cudagraph_skip_reason", None) if metrics else None
+    return reason or "reason not recorded: TORCH_LOGS=cudagraphs prints it"
 
 
 class WatchedCompile:

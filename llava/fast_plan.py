@@ -112,9 +112,7 @@ class _VisualPlan:
     rows: list  # per sample (valid ids, first visual position, visual tokens)
     index: torch.Tensor  # the index buffer (text rows filled in by plan_rows)
     dry: list  # per sample: the dry run's outputs of the vision stage, then of each llm stage
-    crops: torch.Tensor | None
     positions: list | None = None  # per row (rows, n) host positions of its real tokens, unpruned (M-RoPE)
-    tower: dict | None = None  # the tower's host index tensors (FastVisual.tower_tensors)
 
 
 class FastPlanMixin:
@@ -354,8 +352,7 @@ class FastPlanMixin:
                      index_len=int(index.numel()), tower=fv.tower,
                      mrope=int(positions[0].shape[0]) if positions is not None else 0,
                      deepstack=int(e.adapter.deepstack_levels))
-        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], fv.crops, positions,
-                           fv.tower_tensors)
+        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], positions)
 
     def plan_rows(self, vp: "_VisualPlan", counts: list[int] | None = None):
         """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and pads (and

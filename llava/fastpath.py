@@ -122,6 +122,20 @@ class FastInfo:
     # read of the counts, graph 2)
 
 
+def _tower_host(fv) -> dict:
+    """The tower's host inputs of a visual layout (``FastVisual``): its index tensors (``tower:<name>``) and the
+    crops it runs (``crops``)."""
+    host = {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
+    if fv.crops is not None:
+        host["crops"] = fv.crops
+    return host
+
+
+def _tower_in(moved: dict) -> dict | None:
+    """The tower's index tensors among uploaded :func:`_tower_host` tensors (None: the CLIP tower's, none)."""
+    return {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
+
+
 def _upload(host: dict, dev) -> dict:
     """Host tensors on ``dev``: the index (long) tensors in one copy, the others (float, bool) each."""
     names = [k for k in host if host[k].dtype == torch.long]
@@ -242,14 +256,16 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         host plans the rest of the prefill, whose function takes its outputs."""
         return self._run_tower(px, crops, spec, tower_in)
 
-    def _prefill_fn(self, px, crops, tok, src, pos, pad, index, cache, spec: _Spec, stage_in=None, vpos=None,
-                    tower_in=None, ds_at=None, probe_in=None, tower_out=None):
+    def _prefill_fn(self, tower_out: dict, tok, src, pos, pad, index, cache, spec: _Spec, stage_in=None, vpos=None,
+                    ds_at=None, probe_in=None):
+        """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
+        the new rows, the language model into the static cache; the last rows' logits and the validity flag."""
         e = self.engine
         mask = prompt_mask(pad, spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads, in the graph
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
-        outs, sigs, origins, _, bad = self._visual_outputs(px, crops, index, spec, emb.dtype,
-                                                           emb.reshape(-1, emb.shape[-1]), tower_in, deeps, probe_in,
+        outs, sigs, origins, _, bad = self._visual_outputs(None, None, index, spec, emb.dtype,
+                                                           emb.reshape(-1, emb.shape[-1]), None, deeps, probe_in,
                                                            tower_out)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
@@ -380,16 +396,13 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         timings, tower_out = {}, None
         if not self.piecewise:  # the tower first, from what it needs of the plan: the host plans the rest while
             fv = tp.fv  # the device runs it (a GPU waited for the whole plan, 1-3 ms a prefill, before it)
-            host = {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
-            if fv.crops is not None:
-                host["crops"] = fv.crops
+            host = _tower_host(fv)
             moved = _upload(host, dev)
-            tower_in = {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
             tkey = ("tower", tp.spec, px.shape, px.dtype, tuple((k, tuple(v.shape)) for k, v in sorted(host.items())))
             new = tkey not in self._seen
             self._seen.add(tkey)
             t_launch = time.perf_counter()
-            tower_out = self._tower(px, moved.get("crops"), tp.spec, tower_in)
+            tower_out = self._tower(px, moved.get("crops"), tp.spec, _tower_in(moved))
             new = new or getattr(self._tower, "last_new", False)
             if self.cuda_graphs and self.backend == "inductor":  # in the CUDA-graph pool: the prefill's graph may
                 tower_out = {k: v.clone() for k, v in tower_out.items()}  # overwrite it (as a piecewise graph 1's)
@@ -397,14 +410,12 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             t0 = time.perf_counter()
         vp = self.plan_visual(input_ids, attention_mask, visual, tp)
         if self.piecewise:  # graph 1 -> one read of the counts -> the host plans the rows -> graph 2
-            idx_d, crops_d = to_device([vp.index, vp.crops if vp.crops is not None else vp.index[:0]], dev)
-            tower_d = {k: v.to(dev, non_blocking=True) for k, v in (vp.tower or {}).items()}
+            moved = _upload({"index": vp.index, **_tower_host(tp.fv)}, dev)  # the tower's inputs, as the one graph's
             vkey = ("vision", vp.spec, px.shape, px.dtype)
             new = vkey not in self._seen
             self._seen.add(vkey)
             timings["plan"] = time.perf_counter() - t0
-            buf, counts_d, bad = self._vision(px, crops_d if vp.crops is not None else None, idx_d, vp.spec,
-                                              tower_d or None)
+            buf, counts_d, bad = self._vision(px, moved.get("crops"), moved["index"], vp.spec, _tower_in(moved))
             new = new or getattr(self._vision, "last_new", False)  # cudagraphs: a warm-up or a capture
             if self.cuda_graphs and self.backend == "inductor":  # graph 1's outputs live in the CUDA-graph pool,
                 buf = buf.clone()  # which graph 2 (a new run of the tree) may overwrite before it reads them (seen on
@@ -439,9 +450,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             stage_in = ({k: v for k, v in moved.items() if k == "vis0" or (k[0] == "s" and ":" in k)}
                         if spec.stages else None)
             probe_in = {k[6:]: v for k, v in moved.items() if k.startswith("probe:")} or None
-            logits, bad = self._prefill(None, None, moved["tok"], moved["src"], moved["pos"], moved["pad"],
-                                        moved["index"], cache, spec, stage_in, moved.get("vpos"), None,
-                                        moved.get("ds_at"), probe_in, tower_out)
+            logits, bad = self._prefill(tower_out, moved["tok"], moved["src"], moved["pos"], moved["pad"],
+                                        moved["index"], cache, spec, stage_in, moved.get("vpos"), moved.get("ds_at"),
+                                        probe_in)
             new = new or getattr(self._prefill, "last_new", False)
             outputs = [s.outputs for s in spec.samples]
         S = len(seg_buckets)
