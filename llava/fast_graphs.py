@@ -193,6 +193,10 @@ class WatchedCompile:
         self.fn, self.name, self.skips, self.log = fn, name, skips, log
         _watch_skip_log()
 
+    @property
+    def last_new(self) -> bool:  # a precompiled function's (llava.fast_precompile): compiled or loaded this call
+        return getattr(self.fn, "last_new", False)
+
     def __call__(self, *args, **kwargs):
         before = _inductor_skips()
         _SkipLog.last = None

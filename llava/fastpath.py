@@ -77,6 +77,7 @@ from .families.base import to_device
 from .families.clip import MASKED_TOWER_ATTN
 from .fast_llm import decode_segments, prompt_mask, run_segments
 from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
+from .fast_precompile import compile_function, precompile_folder
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .fast_vision import FastVisionMixin
 
@@ -148,7 +149,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``)."""
 
     def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
-                 regional: bool = True, cache: str | None = None, attention: str = "auto"):
+                 regional: bool = True, cache: str | None = None, attention: str = "auto", precompile: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
         fast_attention.wants(attention, 0, torch.device("cpu"))  # a bad choice: one clear error now
@@ -166,7 +167,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         # each repeated layer class traced and compiled once (llava.fast_compile): compile time flat in depth
         self.regional = bool(regional) and backend in REGIONAL_BACKENDS
         # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
-        self.cache_dir = use_cache_dir(cache) if backend == "inductor" else None
+        self.cache_dir = use_cache_dir(cache) if backend in ("inductor", "aot_eager") else None
+        # each function saved / loaded ahead of time (llava.fast_precompile): a later process traces nothing
+        self.precompile = precompile_folder(precompile, backend, self.cache_dir, self.regional)
         self._pool = None  # cudagraphs: one CUDA-graph memory pool for the four functions
         self.cudagraph_skips: list = []  # Inductor + CUDA graphs: the functions it did not capture, and why
         self._tower = self._compile(self._tower_fn)  # a prefill: the tower, then the rest (the host plans between)
@@ -189,25 +192,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             if self.regional:  # a hybrid decoder (Qwen3.5): its towers only (linear layers keep other cache states)
                 mark_regions(layer_lists(engine.lm, towers.values()), decoder=not engine.adapter.linear_layers)
 
-    def _compile(self, fn):
-        if self.backend == "none":
-            return fn
-        if self.backend == "cudagraphs":  # capture only: the uncompiled function recorded per key (llava.fast_graphs)
-            from .fast_graphs import CapturedFunction
-
-            if self._pool is None and torch.cuda.is_available():
-                self._pool = torch.cuda.graph_pool_handle()
-            return CapturedFunction(fn, name=fn.__name__.strip("_"), pool=self._pool)
-        # every (bucket, batch, signature) is one entry of the same function: allow many
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 4096)
-        if not self.cuda_graphs:
-            return torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
-        from .fast_graphs import WatchedCompile  # Inductor + CUDA graphs: a graph it declines to capture is reported
-
-        return WatchedCompile(torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend,
-                                            mode="reduce-overhead"), fn.__name__.strip("_"), self.cudagraph_skips, log)
+    def _compile(self, fn):  # the backend's wrapper of fn (llava.fast_precompile.compile_function)
+        return compile_function(self, fn, log)
 
     # ------------------------------------------------------------------ refusals
     def _static_refusal(self) -> str | None:

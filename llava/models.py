@@ -218,6 +218,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
          max_pixels: int | None = None, vision_dtype=None, fast: bool = False, fast_backend: str = "auto",
          fast_max_new_tokens: int = 256, decoder_layers: int | None = None, revision: str | None = None,
          next_geometry: str = "transformers", fast_regional: bool = True, fast_cache: str | None = None,
+         fast_precompile: bool | None = None,
          fast_attention: str = "auto") -> Runtime:
     """See :func:`_load`. ``vision_dtype`` (e.g. "float32"): keep the vision tower(s) in that dtype under
     a half-precision LLM, as LLaVA's own loader does with its default ``device_map='auto'`` (the official
@@ -244,7 +245,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. The compiling backends trace
     each repeated layer class once (``fast_regional``, :mod:`llava.fast_compile`): cold compile time nearly flat
     in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
-    cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`). ``fast_attention``: the prompt's
+    cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`); ``fast_precompile`` (or the variable
+    ``VTPRUNE_FAST_PRECOMPILE=1``; "inductor" / "aot_eager" with that folder): each function saved in it ahead of time
+    and loaded by later processes without tracing (:mod:`llava.fast_precompile`). ``fast_attention``: the prompt's
     attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
     :mod:`llava.fast_attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 1024 rows). Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
@@ -294,7 +297,8 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
         rt.engine_required = "next_geometry='official': the stock forward packs NeXT with transformers' unpad rounding"
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens),
-                   "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention}
+                   "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention,
+                   "precompile": fast_precompile}
         rt.info["fast"] = dict(rt.fast)
         rt.engine_required = "fast=True: the captured prefill and decode"
     if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill

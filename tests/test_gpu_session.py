@@ -18,6 +18,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # stand-in for python: record the command, write N files (and one three folders deep) under --out
 echo "$*" >> "$FAKE_LOG"
 echo "${VTPRUNE_COMPILE_CACHE:-}" >> "$FAKE_LOG.cache"
+echo "${VTPRUNE_FAST_PRECOMPILE:-}" >> "$FAKE_LOG.pre"
 out=""; prev=""
 for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
 [[ -n $out ]] || exit 0
@@ -180,6 +181,27 @@ def test_fast_plan_checks_the_tower_function_s_tokens_then_times_both_shapes(tmp
 
 def test_fast_plan_reports_a_failed_run(tmp_path):
     _run(tmp_path, files=1, deep=False, fail_out="fast-plan-next", expect=1, part="fast-plan")
+
+
+def test_fast_precompile_checks_tokens_twice_on_one_folder_then_times_a_second_process(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="fast-precompile")
+    tiny, runs = calls[:2], calls[2:]
+    for c, run in zip(tiny, ("save", "load")):
+        cfg = config_from_args(build_parser("").parse_args(c[2:]), "cuda")
+        assert c[:2] == ["-m", "bench.gpu_check"] and cfg.fast and not cfg.tiny and cfg.fast_backend == "inductor"
+        assert cfg.families == ["llava", "llava-next"] and cfg.methods == ["none", "consensusdrop"]
+        assert cfg.fast_dtypes == ["float16"] and Path(cfg.out).name == f"fast-precompile-tiny-{run}"
+    assert [(c[:2], c[c.index("--model") + 1], c[c.index("--methods") + 1:c.index("--budgets")],
+             c[c.index("--fast-backend") + 1], Path(c[c.index("--out") + 1]).name) for c in runs] == [
+        (["-m", "bench.efficiency"], "shape:llava-1.5-7b", ["none", "consensusdrop"], "inductor", name)
+        for name in ("fast-precompile-7b", "fast-precompile-7b-load")]
+    caches = (tmp_path / "calls.log.cache").read_text().split()
+    assert len(caches) == 4 and len(set(caches)) == 1  # one compile cache folder: the later runs load from it
+    assert (tmp_path / "calls.log.pre").read_text().split() == ["1"] * 4
+
+
+def test_fast_precompile_reports_a_failed_run(tmp_path):
+    _run(tmp_path, files=1, deep=False, fail_out="fast-precompile-tiny-load", expect=1, part="fast-precompile")
 
 
 def test_fast_profile_profiles_the_capture_backend_then_inductor(tmp_path):

@@ -41,6 +41,11 @@
 #                                                       #   kernels by kind against the wall time (the gaps: launches, host
 #                                                       #   work), shape:llava-1.5-7b none + ConsensusDrop, AttnMix, FastV at
 #                                                       #   64 on cudagraphs, then none + ConsensusDrop on inductor
+#   bash scripts/bench/gpu_session.sh fast-precompile OUT # Inductor's functions saved ahead of time and loaded by a later
+#                                                       #   process without tracing (fast_precompile, 2026-11-27): tiny
+#                                                       #   LLaVA / NeXT fp16 fast == eager twice on one cache folder (the
+#                                                       #   second loads), then shape:llava-1.5-7b none + ConsensusDrop at
+#                                                       #   64 cold, then a second process (its warm-up column: the load)
 #   bash scripts/bench/gpu_session.sh fast-check OUT   # gpu_check --fast-only: fast == uncompiled == eager tokens, timing + targets
 #   bash scripts/bench/gpu_session.sh fast-qwen  OUT   # the fast path on shape:qwen2.5-vl-7b / qwen3-vl-8b (576 merged tokens),
 #                                                       # none + 4 methods at 64 tokens, batch 1, next to the eager engine
@@ -67,7 +72,7 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-profile|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-profile|fast-precompile|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
@@ -161,6 +166,20 @@ case "$PART" in
                   eff shape:llava-1.5-7b "none visionzip pdrop sparsevlm dart cdpruner visiondrop" 64 8 1 32 \
                     fast-7b-inductor2 "$LIMIT" --fast --fast-backend "${FAST_BACKEND/cudagraphs/inductor}" \
                     --device-warmup 3 --resume --retime-none ;;
+  fast-precompile) export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$CACHE_DEFAULT} VTPRUNE_FAST_PRECOMPILE=1
+                   st=()
+                   for run in save load; do  # the second run loads what the first saved: fast == eager both times
+                     python -m bench.gpu_check --fast-only --fast-backend inductor --dtypes float16 --fast-dtypes float16 \
+                       --families llava llava-next --methods none consensusdrop --no-fast-ttft \
+                       --out "$DEST/fast-precompile-tiny-$run" --time-limit $((LIMIT / 6 - 10)) 2>&1 \
+                       | tee "$DEST/fast-precompile-tiny-$run.log" | tail -12; st+=($?)
+                   done
+                   ind=(--fast --fast-backend inductor --device-warmup 3 --resume)
+                   eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 32 fast-precompile-7b $((LIMIT * 3 / 8)) \
+                     "${ind[@]}" --retime-none; st+=($?)
+                   eff shape:llava-1.5-7b "none consensusdrop" 64 8 1 32 fast-precompile-7b-load $((LIMIT / 4 - 10)) \
+                     "${ind[@]}"; st+=($?)
+                   first_failure "${st[@]}" ;;
   fast-next) fast_next "$LIMIT" ;;
   recheck) python -m bench.gpu_check --fast-only --families llava --methods pdrop sparsevlm prumerge --dtypes float16 \
              --fast-dtypes float16 --no-fast-ttft --out "$DEST/recheck-fast" --time-limit "$((LIMIT * 2 / 5))" 2>&1 \

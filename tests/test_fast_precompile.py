@@ -1,0 +1,154 @@
+"""Precompiled fast-path functions (llava.fast_precompile): saved ahead of time in the compile cache folder, loaded by a
+later fast path without tracing, keyed so that another model, method or call shape never loads a stale one.
+
+The suite runs the aot_eager backend without regions (seconds to compile; its saved regions do not run after loading
+in torch 2.13, which ``load`` refuses with the reason); FAST_BACKEND=inductor runs the same tests on Inductor with
+regions (minutes), the combination bench.compile_depth --precompile times."""
+
+import os
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from llava.demo_image import demo_image
+from llava.fast_precompile import describe, precompile_folder, static_key
+from llava.models import load
+
+BACKEND = "inductor" if os.environ.get("FAST_BACKEND") == "inductor" else "aot_eager"
+REGIONAL = BACKEND == "inductor"
+PROMPTS = ["what is in the picture?", "describe it"]
+
+
+def _fast(cache, seed=1, budget=8, method="fastv"):
+    rt = load("tiny:llava", seed=seed, fast=True, fast_max_new_tokens=4, fast_backend=BACKEND, fast_cache=cache,
+              fast_precompile=True, fast_regional=REGIONAL)
+    eng = rt.prune(method, budget)
+    return rt, eng
+
+
+def _generate(rt, n=1):
+    batch = rt.processor(PROMPTS[:n], [demo_image()] * n)
+    with torch.no_grad():
+        return rt.model.generate(**batch, max_new_tokens=3, do_sample=False)[:, -3:].tolist()
+
+
+def _eager(seed=1, budget=8, n=1):
+    rt = load("tiny:llava", seed=seed)
+    rt.prune("fastv", budget)
+    return _generate(rt, n)
+
+
+def _counts(eng):
+    f = eng.fast
+    return [(x.compiled, x.loaded) for x in (f._tower, f._prefill, f._decode)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A first fast path: compiles its three functions and saves them."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    rt, eng = _fast(cache)
+    tokens = _generate(rt)
+    return cache, tokens, _counts(eng), eng.stats.path, eng.fast.precompile
+
+
+def test_the_first_fast_path_compiles_and_saves_its_three_functions(saved):
+    cache, tokens, counts, path, folder = saved
+    assert path == "fast"
+    assert counts == [(1, 0)] * 3
+    assert folder.startswith(cache) and folder.endswith("precompiled")
+    names = sorted(n.split("-")[0] for n in os.listdir(folder))
+    assert names == ["decode_fn", "prefill_fn", "tower_fn"]
+    assert tokens == _eager()
+
+
+def test_a_later_fast_path_loads_them_and_traces_nothing(saved):
+    cache, tokens, _, _, _ = saved
+    before = counters["stats"]["unique_graphs"]
+    rt, eng = _fast(cache)
+    assert _generate(rt) == tokens
+    assert _counts(eng) == [(0, 1)] * 3
+    assert eng.stats.path == "fast"
+    assert counters["stats"]["unique_graphs"] == before  # dynamo traced no graph
+
+
+def test_weights_are_inputs_of_a_loaded_function_not_part_of_it(saved):
+    """Another checkpoint of the same architecture (another seed) loads the same files and answers as its own eager
+    model does, which differs from the first model's answer."""
+    cache, tokens, _, _, _ = saved
+    rt, eng = _fast(cache, seed=2)
+    got = _generate(rt)
+    assert _counts(eng) == [(0, 1)] * 3
+    assert got == _eager(seed=2)
+    assert got != tokens
+
+
+def test_another_prompt_of_the_same_bucket_loads_the_same_files(saved):
+    """The prompt's tokens and length within its bucket are inputs too (its plan: the same structure)."""
+    cache, tokens, _, _, folder = saved
+    rt, eng = _fast(cache)
+    batch = rt.processor(["what is the colour of the sky in the picture?"], [demo_image()])
+    with torch.no_grad():
+        got = rt.model.generate(**batch, max_new_tokens=3, do_sample=False)[:, -3:].tolist()
+    assert _counts(eng) == [(0, 1)] * 3
+    rt2 = load("tiny:llava", seed=1)
+    rt2.prune("fastv", 8)
+    with torch.no_grad():
+        assert got == rt2.model.generate(**batch, max_new_tokens=3, do_sample=False)[:, -3:].tolist()
+    assert len(os.listdir(folder)) == 3
+
+
+def test_a_damaged_file_is_compiled_again_and_rewritten(saved, caplog):
+    cache, tokens, _, _, folder = saved
+    names = [n for n in sorted(os.listdir(folder)) if n.startswith("decode")]
+    for name in names:  # the decode file cut short
+        with open(os.path.join(folder, name), "r+b") as fh:
+            fh.truncate(100)
+    rt, eng = _fast(cache)
+    with caplog.at_level("WARNING", logger="llava.fast_precompile"):
+        assert _generate(rt) == tokens
+    assert _counts(eng) == [(0, 1), (0, 1), (1, 0)]
+    assert any("did not load" in r.getMessage() for r in caplog.records)
+    sizes = sorted(os.path.getsize(os.path.join(folder, n)) > 100 for n in names)
+    assert sizes[-1]  # this call's file rewritten whole
+    rt, eng = _fast(cache)
+    assert _generate(rt) == tokens and _counts(eng) == [(0, 1)] * 3
+
+
+def test_the_static_key_follows_the_method_the_model_and_the_options_never_the_weights(tmp_path):
+    """What the files' names stand for in place of dynamo's guards (computed without compiling anything)."""
+    def key(seed=1, budget=8, method="fastv", **kw):
+        rt = load("tiny:llava", seed=seed, fast=True, fast_backend="aot_eager", fast_regional=False,
+                  fast_cache=str(tmp_path), fast_precompile=True, **kw)
+        return static_key(rt.prune(method, budget).fast)
+
+    base = key()
+    assert key(seed=2) == base  # other weights: the same code
+    assert key(budget=6) != base
+    assert key(method="visionzip") != base
+    assert key(fast_attention="masked") != base
+    assert key(dtype=torch.bfloat16) != base
+
+
+def test_describe_is_the_call_structure():
+    t = torch.zeros(2, 3)
+    assert describe(t) == ("T", (2, 3), torch.float32, (3, 1), "cpu")
+    assert describe(t.t()) == ("T", (3, 2), torch.float32, (1, 3), "cpu")
+    assert describe({"b": 1, "a": None}) == ("D", ("a", ("V", "NoneType", None)), ("b", ("V", "int", 1)))
+    assert describe((True,)) != describe((1,))  # equal in Python, another constant in a graph
+    assert describe([t]) != describe((t,))
+
+
+def test_precompile_refusals(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="inductor or aot_eager"):
+        precompile_folder(True, "eager", str(tmp_path))
+    with pytest.raises(ValueError, match="compile cache folder"):
+        precompile_folder(True, "inductor", None)
+    with pytest.raises(ValueError, match="fast_regional=False"):
+        precompile_folder(True, "aot_eager", str(tmp_path), regional=True)
+    assert precompile_folder(False, "eager", None) is None
+    monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "1")
+    assert precompile_folder(None, "inductor", str(tmp_path)) == os.path.join(str(tmp_path), "precompiled")
+    monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "0")
+    assert precompile_folder(None, "inductor", str(tmp_path)) is None
