@@ -48,7 +48,7 @@ import time
 import torch
 
 __all__ = ["Precompiled", "PRECOMPILE_BACKENDS", "compile_function", "describe", "precompile_folder", "static_key",
-           "source_digest"]
+           "source_digest", "wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +235,17 @@ class Precompiled:
         return f
 
 
+def wanted(precompile: bool | None) -> bool:
+    """``precompile``, or when None the variable ``VTPRUNE_FAST_PRECOMPILE`` (set and not "0")."""
+    if precompile is None:
+        return os.environ.get("VTPRUNE_FAST_PRECOMPILE", "") not in ("", "0")
+    return bool(precompile)
+
+
 def precompile_folder(precompile, backend: str, cache_dir: str | None, regional: bool = False) -> str | None:
     """Where a fast path's precompiled functions go (None: not precompiled). ``precompile`` True, or None with the
     variable ``VTPRUNE_FAST_PRECOMPILE=1``; it needs a precompiling backend and a compile cache folder."""
-    if precompile is None:
-        precompile = os.environ.get("VTPRUNE_FAST_PRECOMPILE", "") not in ("", "0")
-    if not precompile:
+    if not wanted(precompile):
         return None
     if backend not in PRECOMPILE_BACKENDS:
         raise ValueError(f"fast_precompile needs the {' or '.join(PRECOMPILE_BACKENDS)} backend, not {backend!r}")

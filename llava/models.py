@@ -24,6 +24,7 @@ from .model_source import local_path_error, offline_if_hub_unreachable  # noqa: 
 from .conversation import Template, get_template
 from .dtypes import parse_dtype as _dtype
 from .engine import PromptSpec, PruningEngine, attach
+from .fast_precompile import wanted as fast_precompile_wanted
 from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
 from .tiny_configs import tiny_chatml_config, tiny_config
 
@@ -298,7 +299,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens),
                    "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention,
-                   "precompile": fast_precompile}
+                   "precompile": fast_precompile_wanted(fast_precompile)}  # the variable's, when None: recorded
         rt.info["fast"] = dict(rt.fast)
         rt.engine_required = "fast=True: the captured prefill and decode"
     if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill

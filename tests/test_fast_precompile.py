@@ -152,3 +152,15 @@ def test_precompile_refusals(tmp_path, monkeypatch):
     assert precompile_folder(None, "inductor", str(tmp_path)) == os.path.join(str(tmp_path), "precompiled")
     monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "0")
     assert precompile_folder(None, "inductor", str(tmp_path)) is None
+
+
+def test_the_variable_turns_it_on_and_the_run_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "1")
+    rt = load("tiny:llava", fast=True, fast_backend="aot_eager", fast_regional=False, fast_cache=str(tmp_path))
+    assert rt.info["fast"]["precompile"] is True
+    assert rt.engine.fast.precompile.startswith(str(tmp_path))
+    rt = load("tiny:llava", fast=True, fast_backend="aot_eager", fast_regional=False, fast_cache=str(tmp_path),
+              fast_precompile=False)
+    assert rt.info["fast"]["precompile"] is False and rt.engine.fast.precompile is None
+    with pytest.raises(ValueError, match="fast_regional=False"):
+        load("tiny:llava", fast=True, fast_backend="aot_eager", fast_cache=str(tmp_path))
