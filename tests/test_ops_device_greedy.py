@@ -71,7 +71,7 @@ def test_device_loop_picks_equal_the_host_loop(n, dtype, device):
     weight none / random / with zeros / all equal, starting distances +inf / 1 / from seeds (taken +
     num_taken), fill -inf / -1 / 0, duplicated points, rounded (tied) distances, fp16 / bf16 inputs."""
     probs = _problems(n, dtype, device, seed=n)
-    before = [(p.min_dist.clone(), None if p.taken is None else p.taken.clone()) for p in probs]
+    before = [(p.min_dist.clone(), None if p.taken is None else p.taken.clone(), p.dist.clone()) for p in probs]
     host = greedy_max_min(probs)
     dev = greedy_max_min(probs, device_loop=True)
     assert len(dev) == len(host) == len(probs)
@@ -82,8 +82,9 @@ def test_device_loop_picks_equal_the_host_loop(n, dtype, device):
         assert len(d) == max(0, min(p.k, n_free))
     # the inputs are left as they were (the loop updates its own copies in place; one problem's rows are views)
     assert all(p.taken is None or int(p.taken.sum()) == p.num_taken for p in probs)
-    for p, (mind, taken) in zip(probs, before):
+    for p, (mind, taken, dist) in zip(probs, before):  # DivPrune's form writes -inf on a diagonal: never its input's
         assert torch.equal(p.min_dist, mind) and (taken is None or torch.equal(p.taken, taken))
+        assert torch.equal(p.dist, dist)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -94,7 +94,8 @@ def _greedy_max_min_device_batch(ps: "list[MaxMinProblem]") -> list[torch.Tensor
         # own distance never enters another's minimum, so the untaken tokens' values are the host loop's, bit for
         # bit, and so are the picks
         mind = torch.where(taken, fill, mind)  # a new tensor: the in-place writes below touch no input
-        dist = dist.clone()  # (one problem's rows may be a view of its input)
+        if P == 1 and p0.dist.dtype == torch.float32:  # one fp32 problem's rows are a view of its input: copied
+            dist = dist.clone()  # (stacked rows, or a cast from half precision, are a new tensor already)
         dist.diagonal(dim1=1, dim2=2).fill_(p0.fill)
         for _ in range(k):
             j = mind.argmax(1)  # (P,): each row's first maximum
