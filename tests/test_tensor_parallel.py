@@ -2,8 +2,10 @@
 DeepSpeed's shared-memory op off) give the single-process plain model's greedy tokens for every registered
 method on every tiny family (fp32, logits within 1e-5), with the language model's weights really halved on
 each rank and the towers whole; the harness's TP groups (`LAUNCHER=deepspeed TP=2 NPROC=2|4`) answer as
-one process does; the refusals. The whole matrix runs here (about 20 s); `python -m bench.tp_check` is the
-same check as a command (docs/evaluation.md section 3)."""
+one process does; the refusals. The whole matrix runs here (about 20 s) with 2 new tokens per prompt (the
+prefill's and one decode step's: every decode step after the first runs the same code, and the methods act in the
+prefill only); `python -m bench.tp_check` is the same check as a command (4 new tokens by default;
+docs/evaluation.md section 3)."""
 
 import json
 import os
@@ -27,11 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = G.registered_methods()  # "none" and "novisual" included
 #: methods whose llm stages take a gradient (Method.llm_grad: TRIO), refused at attach under AutoTP
 GRAD = {m for m in METHODS if method_class(m).llm_grad}
+#: greedy tokens per prompt in the matrix: the prefill's token and one decode step's (CI time; the command's default
+#: is 4)
+NEW_TOKENS = 2
 
 
 @pytest.fixture(scope="module")
 def report():
-    return run_check(TPCheckConfig(tp=2, families=list(FAMILIES), methods=METHODS))
+    return run_check(TPCheckConfig(tp=2, families=list(FAMILIES), methods=METHODS, new_tokens=NEW_TOKENS))
 
 
 def _result(report, family, method):
@@ -55,7 +60,7 @@ def test_tp2_gives_the_plain_models_tokens(report, family, method):
         return
     assert r["verdict"] == "PASS", r
     assert r["tokens_equal"] and r["ranks_agree"] and r["max_logit_delta"] <= 1e-5
-    assert len(r["tokens"]) == 3 and all(len(t) == 4 for t in r["tokens"])
+    assert len(r["tokens"]) == 3 and all(len(t) == NEW_TOKENS for t in r["tokens"])
 
 
 def test_hybrid_refusals_are_the_only_ones_and_every_method_ran_somewhere(report):
@@ -185,15 +190,10 @@ def test_tp_with_the_fast_path_or_vllm_is_refused_before_anything_runs():
     assert _tp_check(RunConfig(benchmark="pope", tp=2)) is None
 
 
-def _shapes(tmp_path, name, method, **env):
-    out = tmp_path / name
-    e = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-         "EXTRA_ARGS": "--no-wandb --batch-size 20 --bench-opt n=40", **env}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        e.pop(k, None)
-    p = subprocess.run(["bash", str(ROOT / "scripts/eval/shapes.sh"), method, "16"], env=e, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+SHAPES_ARGS = ("--no-wandb", "--batch-size", "20", "--bench-opt", "n=40")
+
+
+def _shapes_answers(out):
     (run,) = (out / "shapes").glob("*")
     answers = {}
     for f in sorted((run / "answers").glob("*.jsonl")):
@@ -203,16 +203,40 @@ def _shapes(tmp_path, name, method, **env):
     return run, answers, json.loads((run / "results.json").read_text())
 
 
+def _shapes(tmp_path, name, method, **env):
+    out = tmp_path / name
+    e = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+         "EXTRA_ARGS": " ".join(SHAPES_ARGS), **env}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        e.pop(k, None)
+    p = subprocess.run(["bash", str(ROOT / "scripts/eval/shapes.sh"), method, "16"], env=e, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return _shapes_answers(out)
+
+
+def _shapes_in_this_process(tmp_path, name, method):
+    """What `LAUNCHER=python bash scripts/eval/shapes.sh <method> 16` runs (`python -m eval run shapes ...
+    --launcher python`, the testbed's weights), called in this process (eval.cli.main): one interpreter start fewer."""
+    from eval.cli import main
+
+    out = tmp_path / name
+    assert main(["run", "shapes", "--model", str(ROOT / "testbed/weights"), "--method", method, "--budget", "16",
+                 "--data-root", str(tmp_path), "--out", str(out), *SHAPES_ARGS, "--launcher", "python"]) == 0
+    return _shapes_answers(out)
+
+
 # FastV (an llm stage: attention rows gathered across the group): the launcher's path; every method's selection at
 # TP=2 is checked in one process above (test_tp2_gives_the_plain_models_tokens), so one method here (CI time)
 @pytest.mark.parametrize("method", ["fastv"])
-def test_the_deepspeed_launcher_at_tp2_answers_as_one_process(tmp_path, method):
+def test_the_deepspeed_launcher_at_tp2_answers_as_one_process(tmp_path, method, run_env):
     """`LAUNCHER=deepspeed TP=2 NPROC=4 bash scripts/eval/shapes.sh <method> 16` (the real launcher) on the
-    trained testbed: the answers and the score of LAUNCHER=python; two groups answer each question once, each
-    group's writer in its own shard file."""
+    trained testbed: the answers and the score of one process (`python -m eval run`, as LAUNCHER=python runs it,
+    here in this test process); two groups answer each question once, each group's writer in its own shard
+    file."""
     if not (ROOT / "testbed/weights/config.json").exists():
         pytest.skip("testbed/weights is not in this checkout")
-    _, ref, ref_res = _shapes(tmp_path, "python", method, LAUNCHER="python")
+    _, ref, ref_res = _shapes_in_this_process(tmp_path, "python", method)
     # the testbed's answers differ by question (13 different of 40 at FastV 16): the equality compares real answers
     assert_answers_vary([t[0] for t in ref.values()], 10)
     # NPROC=4: two groups of TP=2 (the launcher's grouping; one group of TP=2 under the deepspeed launcher is
