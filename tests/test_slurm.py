@@ -189,7 +189,7 @@ def _wait(env, ids, timeout=600):
         bad = [n for n in nodes if n.rstrip("*~#!%$@^-").lower() in ("down", "drained", "draining", "fail", "failing")]
         if bad or any(r in q.stdout for r in STUCK):
             pytest.fail(f"jobs {ids} cannot run (nodes {nodes}):\n{q.stdout}\n{_diagnose(env)}")
-        time.sleep(1)
+        time.sleep(0.2)  # squeue and sinfo answer in milliseconds: a second's poll kept each wait ~0.5 s longer
     else:
         pytest.fail(f"jobs {ids} still queued after {timeout} s: {q.stdout}\n{_diagnose(env)}")
     return {k: v for j in ids for k, v in _job(env, j).items()}
@@ -239,11 +239,11 @@ def test_array_cancel_requeue_resubmit_and_report_equal_one_process(grid):
     assert 1 <= n < 6, f"task 1 had {n} answers of 6 when it was cancelled: not mid-run"
     # task 2 (SparseVLM): requeued; Slurm holds a requeued job ~2 minutes (BeginTime), released at once here
     assert _sh(["scontrol", "requeue", f"{array}_2"], env).returncode == 0
-    for _ in range(60):  # once it is back in the queue (the requeue takes a moment), release it
+    for _ in range(300):  # once it is back in the queue (the requeue takes a moment), release it (30 s at most)
         if _job(env, f"{array}_2")[f"{array}_2"].get("Reason") == "BeginTime":
             assert _sh(["scontrol", "update", f"JobId={array}_2", "StartTime=now"], env).returncode == 0
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     else:
         pytest.fail(f"task 2 never went back to the queue after the requeue: {_job(env, f'{array}_2')}")
     jobs = _wait(env, [array, report])
