@@ -1,6 +1,7 @@
 """llava.load(hub_id, revision=...) reads every file (config, weights, tokenizer, image processor) at that revision:
 a hub cache built here in the hub's own layout (refs/main -> commit A, a second snapshot B with other weights
-and a 2-layer tower), read offline in a fresh process; tiny: / shape: names refuse a revision."""
+and a 2-layer tower), read offline in a fresh process (one for the loads and the `eval run` commands); tiny: /
+shape: names refuse a revision."""
 
 import json
 import os
@@ -17,7 +18,36 @@ ROOT = Path(__file__).resolve().parent.parent
 A, B = "a" * 40, "b" * 40
 
 
-def test_a_hub_revision_is_read_at_that_commit(tmp_path):
+#: the child process: the model read at three revisions, then the `eval run` command lines given (eval.cli.main, what
+#: `python -m eval` calls), each one's stderr after a marker line; the loads and the exit codes as JSON, last
+CHILD = """
+import json, sys
+from llava.models import load
+from eval.cli import main
+
+B, runs = sys.argv[1], json.loads(sys.argv[2])
+out = {"loads": {}, "codes": []}
+for rev in (None, "main", B):
+    rt = load("org/tiny-llava", revision=rev)
+    w = rt.model.model.language_model.layers[0].self_attn.q_proj.weight
+    out["loads"][str(rev)] = [float(w.sum()), rt.model.config.vision_config.num_hidden_layers, rt.info.get("revision")]
+for i, argv in enumerate(runs):
+    print(f"=== run {i}", file=sys.stderr, flush=True)
+    out["codes"].append(main(argv))
+sys.stderr.flush()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A hub cache built in the hub's own layout (refs/main -> commit A, a second snapshot B with other weights and a
+    2-layer tower), POPE fixtures, and one fresh process reading it offline (HF_HUB_CACHE set before anything reads
+    it): the model loaded at three revisions, then the three `eval run` of
+    test_eval_run_reads_the_revision_and_keeps_it_apart. One interpreter start for both tests, not four (CI time)."""
+    from eval.fixtures import write_fixtures
+
+    tmp_path = tmp_path_factory.mktemp("revision")
     repo = tmp_path / "hub" / "models--org--tiny-llava"
     save_tiny_llava(repo / "snapshots" / A, seed=1)
     save_tiny_llava(repo / "snapshots" / B, seed=2)
@@ -27,19 +57,27 @@ def test_a_hub_revision_is_read_at_that_commit(tmp_path):
     cfg.write_text(json.dumps(c))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(A)
-    code = (
-        "import json, torch; from llava.models import load\n"
-        "out = {}\n"
-        "for rev in (None, 'main', '" + B + "'):\n"
-        "    rt = load('org/tiny-llava', revision=rev)\n"
-        "    w = rt.model.model.language_model.layers[0].self_attn.q_proj.weight\n"
-        "    out[str(rev)] = [float(w.sum()), rt.model.config.vision_config.num_hidden_layers, rt.info.get('revision')]\n"
-        "print(json.dumps(out))\n")
+    data = write_fixtures(tmp_path / "data", ["pope"])
+    runs = tmp_path / "runs"
+    base = ["run", "pope", "--model", "org/tiny-llava", "--max-new-tokens", "2", "--limit", "4", "--data-root",
+            str(data), "--out", str(runs), "--no-wandb"]
+    # main's, B's, then B's weights into main's answers (the folder the first run names: checked below)
+    argvs = [base, base + ["--revision", B], base + ["--revision", B, "--run-name", "tiny-llava_none"]]
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+           "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, "-c", CHILD, B, json.dumps(argvs)], env=env, capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
+    stderr = p.stderr.split("=== run ")[1:]
+    assert [e.split("\n", 1)[0] for e in stderr] == ["0", "1", "2"]
+    return dict(loads=out["loads"], codes=out["codes"], stderr=[e.split("\n", 1)[1] for e in stderr], runs=runs)
+
+
+def test_a_hub_revision_is_read_at_that_commit(hub):
+    out = hub["loads"]
     assert out["None"][:2] == out["main"][:2] and out["None"][1] == 3  # the default is refs/main = A (a 3-layer tower)
     assert out[B][1] == 2 and out[B][0] != out["main"][0] and out[B][2] == B  # B's config and B's weights
 
@@ -50,34 +88,19 @@ def test_built_models_refuse_a_revision(name):
         load(name, revision="main", device="meta")
 
 
-def test_eval_run_reads_the_revision_and_keeps_it_apart(tmp_path):
+def test_eval_run_reads_the_revision_and_keeps_it_apart(hub):
     """`eval run --revision` (REVISION= in scripts/eval): the model is read at that commit (the fingerprint records
     it), the run has its own folder, and a resume into a folder of another revision is refused."""
-    from eval.fixtures import write_fixtures
-
-    repo = tmp_path / "hub" / "models--org--tiny-llava"
-    for rev, seed in ((A, 1), (B, 2)):
-        save_tiny_llava(repo / "snapshots" / rev, seed=seed)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(A)
-    data = write_fixtures(tmp_path / "data", ["pope"])
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-
-    def run(*extra):
-        cmd = [sys.executable, "-m", "eval", "run", "pope", "--model", "org/tiny-llava", "--max-new-tokens", "2",
-               "--limit", "4", "--data-root", str(data), "--out", str(tmp_path / "runs"), "--no-wandb", *extra]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-    assert run().returncode == 0 and run("--revision", B).returncode == 0
-    folders = sorted(p.name for p in (tmp_path / "runs" / "pope").iterdir())
+    runs, codes, stderr = hub["runs"], hub["codes"], hub["stderr"]
+    assert codes[:2] == [0, 0], stderr[:2]
+    folders = sorted(p.name for p in (runs / "pope").iterdir())
     assert folders == ["tiny-llava_none", f"tiny-llava_rev-{B[:12]}_none"], folders  # --limit: not in the name
-    meta = {f: json.loads((tmp_path / "runs" / "pope" / f / "run_config.json").read_text()) for f in folders}
+    meta = {f: json.loads((runs / "pope" / f / "run_config.json").read_text()) for f in folders}
     main_meta, b_meta = meta[folders[0]], meta[folders[1]]
     assert main_meta["config"]["revision"] is None and b_meta["config"]["revision"] == B
     assert main_meta["fingerprint"]["model"]["revision"] == A and b_meta["fingerprint"]["model"]["revision"] == B
-    p = run("--revision", B, "--run-name", folders[0])  # B's weights into main's answers: refused, nothing written
-    assert p.returncode == 2 and "revision" in p.stderr, p.stderr[-1500:]
+    # the third run: B's weights into main's answers (--run-name of main's folder): refused, nothing written
+    assert codes[2] == 2 and "revision" in stderr[2], stderr[2][-1500:]
 
 
 def test_a_run_without_a_recorded_commit_resumes_with_a_warning_another_commit_is_refused():
