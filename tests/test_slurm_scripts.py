@@ -248,8 +248,9 @@ def test_submit_dry_run_fixes_shards_and_writes_the_variables(tmp_path):
     out = tmp_path / "runs"
     e = _env(OUT=out, DATA_ROOT=tmp_path / "data", MODEL="tiny:llava", ONLY="pope,gqa", BUDGETS="64",
              VENV=sys.prefix, EXTRA_ARGS="--max-new-tokens 4 --no-wandb")
-    subprocess.run([sys.executable, "-m", "eval", "fixtures", str(tmp_path / "data"), "pope", "gqa"], env=e,
-                   check=True, capture_output=True, cwd=str(REPO))
+    from eval.fixtures import write_fixtures
+
+    write_fixtures(tmp_path / "data", ["pope", "gqa"])  # what `python -m eval fixtures DIR pope gqa` writes
     cmd = ["bash", str(REPO / "scripts/slurm/submit_paper.sh"), "visionzip", "Table 1", "--dry-run", "--",
            "--partition=gpu", "--gres=gpu:2", "--time=1:00:00"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
@@ -362,12 +363,14 @@ def test_paper_status_is_the_done_line_alone(tmp_path):
 
 def _recording_python(tmp_path) -> tuple[Path, Path]:
     """A `python` that records each call (WANDB_MODE|WANDB_DIR|arguments) and runs it, except `eval run`: the
-    runs are recorded, not made (what they would log is decided by their arguments and environment)."""
+    runs are recorded, not made (what they would log is decided by their arguments and environment); with
+    RECORD_REPORT_ONLY=1 the report's call too (a test that reads only its arguments)."""
     rec = tmp_path / "calls.txt"
     rec.write_text("")
     py = tmp_path / "python"
     py.write_text("#!/bin/sh\nprintf '%s|%s|%s\\n' \"${WANDB_MODE-}\" \"${WANDB_DIR-}\" \"$*\" >> \"$RECORD\"\n"
                   "case \"$*\" in '-m eval run '*) exit 0 ;; esac\n"
+                  "case \"${RECORD_REPORT_ONLY-}|$*\" in '1|-m eval paper '*) exit 0 ;; esac\n"
                   f"exec {shlex.quote(sys.executable)} \"$@\"\n")
     py.chmod(0o755)
     return py, rec
@@ -405,8 +408,9 @@ def test_no_wandb_in_extra_args_turns_off_the_report_too(tmp_path):
     assert all(c[0] == "disabled" and " --no-wandb" in c[2] for c in runs), runs
     assert "W&B" not in r.stderr and not list((tmp_path / "runs").rglob("offline-run-*"))
     assert _repo_wandb() == before
-    # WANDB_MODE=disabled alone (any case, as eval.wandb_log reads it): no --wandb either
-    _, report, _ = _wandb_grid(tmp_path, WANDB_MODE="Disabled", REPORT_ONLY=1)
+    # WANDB_MODE=disabled alone (any case, as eval.wandb_log reads it): no --wandb either (the report's arguments
+    # are the check: its call is recorded, not made; the report without W&B ran above)
+    _, report, _ = _wandb_grid(tmp_path, WANDB_MODE="Disabled", REPORT_ONLY=1, RECORD_REPORT_ONLY=1)
     assert "--wandb" not in report[2].split(), report
 
 
