@@ -1,8 +1,8 @@
 """A researcher's own method from outside the repository: a bare file or module named by VTPRUNE_METHODS, or an
 installed package's entry point (group ``vtprune.methods``), loaded into the same registry, seen by
 ``python -m llava.cli`` and ``python -m eval``; a module that fails to import is one ``error:`` line naming it and
-the exception; a name a built-in method has is refused. The bare file's case runs ``python -m llava.cli`` in a
-fresh interpreter; the others call the command lines' ``main`` in this one, on a fresh plugin state
+the exception; a name a built-in method has is refused. The bare file's case runs ``python -m llava.cli ask`` in
+a fresh interpreter; the others (and its listing) call the command lines' ``main`` in this one, on a fresh plugin state
 (:func:`fresh_plugins`: the registry, the loader's flags and the user's modules restored after each test)."""
 
 import json
@@ -81,7 +81,7 @@ def _run(args, env_extra: dict):
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_bare_file_named_by_the_variable_answers_through_ask(tmp_path):
+def test_a_bare_file_named_by_the_variable_answers_through_ask(tmp_path, fresh_plugins, capsys):
     f = tmp_path / "my_method.py"
     f.write_text(NORMPRUNE.format(name="normprune"))
     r = _run(["-m", "llava.cli", "ask", "--model", "tiny:llava", "--question", "what is this?", "--method",
@@ -89,8 +89,10 @@ def test_a_bare_file_named_by_the_variable_answers_through_ask(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["method"]["method"] == "normprune" and res["visual_entering_llm"] == 4 and res["visual_candidates"] > 4
-    listed = _run(["-m", "llava.cli", "methods"], {"VTPRUNE_METHODS": str(f)})
-    assert listed.returncode == 0 and any(line.startswith("normprune ") for line in listed.stdout.splitlines())
+    # the listing: `python -m llava.cli methods` in this process, on a fresh plugin state (one interpreter fewer)
+    fresh_plugins(VTPRUNE_METHODS=f)
+    rc, out, err = _main("llava", ["methods"], capsys)
+    assert rc == 0 and any(line.startswith("normprune ") for line in out.splitlines()), err
 
 
 def _package(folder: Path) -> None:
