@@ -13,7 +13,8 @@ them. A function's file is named by the SHA-256 of
 
 - the build: torch (with its CUDA / Triton: :func:`llava.fast_compile.cache_key`), transformers, Python;
 - the code that is traced: every ``.py`` file of this repository's packages (``llava``, the method packages,
-  ``baselines``) and the method class's own file (a user's method from a file);
+  ``baselines``) and the method class's own file (a user's method from a file; other files of the user's that it
+  imports are not read: after changing them, point ``fast_cache`` at a new folder); transformers by its version;
 - the model: its full configuration (the architecture), the parameters' dtype and device type, the attention
   implementations;
 - the method: its class, :meth:`~llava.method.PruningMethod.config` (name, budget, named options) and every other
@@ -129,7 +130,10 @@ def static_key(fast) -> str:
         tf = None
     from .fast_compile import cache_key
 
-    method_file = inspect.getsourcefile(type(e.method))
+    try:
+        method_file = inspect.getsourcefile(type(e.method))
+    except TypeError:  # a class without a file (defined in an interactive session): its attributes only
+        method_file = None
     desc = {
         "build": [cache_key(), torch.__version__, tf, platform.python_version()],
         "code": source_digest((os.path.abspath(method_file),) if method_file else ()),
