@@ -169,7 +169,7 @@ def describe(x):
         hash(x)
     except TypeError:
         return ("V", type(x).__qualname__, repr(x))
-    return ("V", type(x).__qualname__, x)  # the plan (a frozen dataclass), numbers: its text is made for the file's key only
+    return ("V", type(x).__qualname__, x)  # the plan (a frozen dataclass), numbers: their text is for the file's key
 
 
 def _drop_guards(entries):

@@ -149,7 +149,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``)."""
 
     def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
-                 regional: bool = True, cache: str | None = None, attention: str = "auto", precompile: bool = False):
+                 regional: bool = True, cache: str | None = None, attention: str = "auto",
+                 precompile: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
         fast_attention.wants(attention, 0, torch.device("cpu"))  # a bad choice: one clear error now

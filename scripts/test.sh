@@ -19,6 +19,9 @@
 # time (20:39 and 23:02 on a slower machine); with the fix, 18:54 (5899 passed, 605 skipped; 2200 worker-seconds);
 # CI's report on that tree: 1183 s, its install included. A session later (the fast path's tower a function of its
 # own): 18:10 (5903 passed, 605 skipped); its final tree: 17:02 (5907 passed, 605 skipped).
+# 2026-11-27 (CI's report on the tower-split tree: 1292 s): 19:00 at the start (5908 passed); after trimming nine
+# end-to-end test files (three interpreter starts fewer, smaller TP matrix, faster Slurm polls) and adding the
+# precompile tests: 19:02 (5919 passed, 605 skipped; 2093 worker-seconds, was 2110): about the same.
 # A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
 # every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
