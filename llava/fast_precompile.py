@@ -19,8 +19,9 @@ them. A function's file is named by the SHA-256 of
   implementations;
 - the method: its class, :meth:`~llava.method.PruningMethod.config` (name, budget, named options) and every other
   plain attribute; the family adapter's plain attributes; the fast path's backend and options;
+- the model's layout: every module's class, every parameter's and buffer's name, shape, dtype and device type;
 - the call: every argument's structure, each tensor's shape, dtype, stride and device type, and every other value
-  itself (the plan ``_Spec``: bucket, batch, samples, stages).
+  itself (the plan ``_Spec``: bucket, batch, samples, stages); grad mode, autocast and the default dtype.
 
 Weights are inputs of the generated code, never part of it: the same architecture with other weights reuses a file,
 correctly. A value whose text names an object's address (``<... at 0x...>``) would make a key no later process can
@@ -134,8 +135,14 @@ def static_key(fast) -> str:
         method_file = inspect.getsourcefile(type(e.method))
     except TypeError:  # a class without a file (defined in an interactive session): its attributes only
         method_file = None
+    layout = hashlib.sha256()  # every module's class, every parameter's and buffer's shape and dtype (a tower kept
+    for name, mod in model.named_modules():  # in fp32, a partial load's absent layers, a swapped module)
+        layout.update(f"{name}:{type(mod).__module__}.{type(mod).__qualname__};".encode())
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        layout.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type};".encode())
     desc = {
         "build": [cache_key(), torch.__version__, tf, platform.python_version()],
+        "layout": layout.hexdigest(),
         "code": source_digest((os.path.abspath(method_file),) if method_file else ()),
         "model": [model.config.to_json_string(use_diff=False), str(par.dtype), par.device.type, impls],
         "method": [f"{type(e.method).__module__}.{type(e.method).__qualname__}", _plain(e.method.config()),
@@ -172,6 +179,12 @@ def describe(x):
     return ("V", type(x).__qualname__, x)  # the plan (a frozen dataclass), numbers: their text is for the file's key
 
 
+def _global_state() -> tuple:
+    """What dynamo's global-state guard would compare at a call: grad mode, autocast, the default dtype."""
+    return (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+            torch.get_default_dtype())
+
+
 def _drop_guards(entries):
     return [False] * len(entries)  # the file's key stands for them (module docstring)
 
@@ -191,7 +204,7 @@ class Precompiled:
         self.refused: str | None = None  # why this function's files are not written (one warning)
 
     def __call__(self, *args):
-        k = describe(args)
+        k = (describe(args), _global_state())
         f = self._mem.get(k)
         self.last_new = f is None
         if f is None:

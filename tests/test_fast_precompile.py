@@ -6,6 +6,7 @@ in torch 2.13, which ``load`` refuses with the reason); FAST_BACKEND=inductor ru
 regions (minutes), the combination bench.compile_depth --precompile times."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,6 +130,37 @@ def test_the_static_key_follows_the_method_the_model_and_the_options_never_the_w
     assert key(method="visionzip") != base
     assert key(fast_attention="masked") != base
     assert key(dtype=torch.bfloat16) != base
+    assert key(dtype=torch.bfloat16, vision_dtype=torch.float32) != key(dtype=torch.bfloat16)  # the tower alone
+
+
+class _Doubler:
+    def double(self, x):
+        return x * 2 + 1
+
+
+def test_grad_mode_is_part_of_the_call_and_a_second_wrapper_loads(tmp_path):
+    """Dynamo's global-state guard is dropped with the others: a call under another grad mode (or autocast, default
+    dtype) is keyed apart and compiled, never served the file traced under the first; a second wrapper over the same
+    folder loads both files."""
+    from llava.fast_precompile import Precompiled
+
+    def wrapper():
+        p = Precompiled(_Doubler().double, str(tmp_path), fast=SimpleNamespace(cuda_graphs=False), backend="aot_eager")
+        p._static = "a fixed static key"  # (a fast path's: tested above)
+        return p
+
+    p, x = wrapper(), torch.arange(3.0)
+    with torch.no_grad():
+        assert p(x).tolist() == [1.0, 3.0, 5.0]
+    with torch.enable_grad():
+        assert p(x).tolist() == [1.0, 3.0, 5.0]
+    assert (p.compiled, p.loaded) == (2, 0) and len(os.listdir(tmp_path)) == 2
+    q = wrapper()
+    with torch.no_grad():
+        assert q(x + 1).tolist() == [3.0, 5.0, 7.0]
+    with torch.enable_grad():
+        q(x)
+    assert (q.compiled, q.loaded) == (0, 2)
 
 
 def test_describe_is_the_call_structure():
