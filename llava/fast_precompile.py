@@ -104,7 +104,8 @@ def _plain(x, depth: int = 0):
 
 
 def _attrs(obj) -> dict:
-    """An object's plain attributes (modules, callables and private caches left out: they are not options)."""
+    """An object's attributes as :func:`_plain` describes them (modules and callables left out: they are the model's
+    or code, keyed elsewhere)."""
     out = {}
     for k, v in sorted(vars(obj).items()):
         if k.startswith("__") or callable(v) or isinstance(v, torch.nn.Module):
