@@ -88,7 +88,7 @@ def _plain(x, depth: int = 0):
         return f"{type(x).__qualname__}.{x.name}"
     if isinstance(x, (torch.dtype, torch.device)):
         return str(x)
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor):  # a method's tensor attribute: read to the host once per fast path (its key)
         small = x.numel() <= 4096 and x.device.type != "meta"
         digest = hashlib.sha256(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                                 ).hexdigest()[:16] if small else None
@@ -120,10 +120,14 @@ def static_key(fast) -> str:
     model = e.model
     par = next(model.parameters())
     impls = {}
-    for name, mod in model.named_modules():
+    layout = hashlib.sha256()  # every module's class, every parameter's and buffer's shape and dtype (a tower kept
+    for name, mod in model.named_modules():  # in fp32, a partial load's absent layers, a swapped module)
+        layout.update(f"{name}:{type(mod).__module__}.{type(mod).__qualname__};".encode())
         cfg = getattr(mod, "config", None)
         if cfg is not None and name.count(".") < 3:
             impls[name] = getattr(cfg, "_attn_implementation", None)
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        layout.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type};".encode())
     try:
         import transformers
 
@@ -136,11 +140,6 @@ def static_key(fast) -> str:
         method_file = inspect.getsourcefile(type(e.method))
     except TypeError:  # a class without a file (defined in an interactive session): its attributes only
         method_file = None
-    layout = hashlib.sha256()  # every module's class, every parameter's and buffer's shape and dtype (a tower kept
-    for name, mod in model.named_modules():  # in fp32, a partial load's absent layers, a swapped module)
-        layout.update(f"{name}:{type(mod).__module__}.{type(mod).__qualname__};".encode())
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        layout.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type};".encode())
     desc = {
         "build": [cache_key(), torch.__version__, tf, platform.python_version()],
         "layout": layout.hexdigest(),
@@ -158,7 +157,9 @@ def static_key(fast) -> str:
 def describe(x):
     """The structure of a call's arguments (hashable): tensors by shape, dtype, stride and device type, containers
     by their items, a static cache by its layers' tensors (remembered on the cache: its tensors keep their shapes),
-    any other value by its ``repr``."""
+    any other value by its type and itself (its ``repr`` in the file's key). Not the capture backend's in-process key
+    (``llava.fast_graphs._leaf_key``): a file's key must read the same in another process, so the cache is described
+    by its tensors (not its identity), and strides and types (``True`` vs ``1``) enter it."""
     if isinstance(x, torch.Tensor):
         return ("T", tuple(x.shape), x.dtype, x.stride(), x.device.type)
     if isinstance(x, dict):
@@ -198,7 +199,6 @@ class Precompiled:
         self.fn, self.owner, self.folder, self.fast = fn.__func__, fn.__self__, folder, fast
         self.name = fn.__name__.strip("_")
         self.backend, self.options = backend, dict(options or {})
-        self._static = None  # the static key (the method is attached by the first call)
         self._mem: dict = {}  # call structure -> AOTCompiledFunction
         self.last_new = False
         self.loaded = self.compiled = 0
@@ -213,11 +213,11 @@ class Precompiled:
         return f(self.owner, *args)
 
     def _get(self, k, args):
-        if self._static is None:  # one per fast path, made at its first call (its functions share it)
-            self._static = getattr(self.fast, "_precompile_key", None) or static_key(self.fast)
-            self.fast._precompile_key = self._static
+        static = getattr(self.fast, "_precompile_key", None)
+        if static is None:  # one per fast path, made at its first call (its functions share it)
+            static = self.fast._precompile_key = static_key(self.fast)
         text = repr(k)
-        digest = hashlib.sha256((self._static + "\0" + self.name + "\0" + text).encode()).hexdigest()[:32]
+        digest = hashlib.sha256((static + "\0" + self.name + "\0" + text).encode()).hexdigest()[:32]
         path = os.path.join(self.folder, f"{self.name}-{digest}.bin")
         if " at 0x" in text:
             path = None
@@ -228,7 +228,7 @@ class Precompiled:
             from torch.compiler import load_compiled_function
 
             try:
-                with open(path, "rb") as fh, torch._inductor.config.patch({"triton.cudagraphs": self.fast.cuda_graphs}):
+                with open(path, "rb") as fh, torch._inductor.config.patch(self.options):  # as it was compiled
                     f = load_compiled_function(fh, f_globals=self.fn.__globals__)
                 f.disable_guard_check()
                 self.loaded += 1
@@ -292,12 +292,11 @@ def compile_function(fast, fn, log):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
     graphs = fast.cuda_graphs and fast.backend == "inductor"
+    options = {"triton.cudagraphs": True} if graphs else {}  # what mode="reduce-overhead" sets
     if fast.precompile:
-        out = Precompiled(fn, fast.precompile, fast, fast.backend, {"triton.cudagraphs": True} if graphs else None)
-    elif not graphs:
-        return torch.compile(fn, fullgraph=True, dynamic=False, backend=fast.backend)
+        out = Precompiled(fn, fast.precompile, fast, fast.backend, options)
     else:
-        out = torch.compile(fn, fullgraph=True, dynamic=False, backend=fast.backend, mode="reduce-overhead")
+        out = torch.compile(fn, fullgraph=True, dynamic=False, backend=fast.backend, options=options or None)
     if not graphs:
         return out
     from .fast_graphs import WatchedCompile  # Inductor + CUDA graphs: a graph it declines to capture is reported

@@ -145,9 +145,8 @@ def test_grad_mode_is_part_of_the_call_and_a_second_wrapper_loads(tmp_path):
     from llava.fast_precompile import Precompiled
 
     def wrapper():
-        p = Precompiled(_Doubler().double, str(tmp_path), fast=SimpleNamespace(cuda_graphs=False), backend="aot_eager")
-        p._static = "a fixed static key"  # (a fast path's: tested above)
-        return p
+        fast = SimpleNamespace(_precompile_key="a fixed static key")  # (a fast path's: tested above)
+        return Precompiled(_Doubler().double, str(tmp_path), fast=fast, backend="aot_eager")
 
     p, x = wrapper(), torch.arange(3.0)
     with torch.no_grad():
