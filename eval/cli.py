@@ -58,6 +58,9 @@ def _add_run(sub):
     a.add_argument("--out", default="runs", help="runs are written to OUT/<benchmark>/<run-name>/")
     a.add_argument("--run-name", default=None, help="default: <model>_<method>_b<budget>[_<options>]")
     a.add_argument("--batch-size", type=int, default=1, help="paper runs use 1 (docs/evaluation.md, section 2)")
+    a.add_argument("--loader-workers", type=int, default=None, help="processes preparing the next questions' inputs "
+                   "(file read, decode, processor, tokens, hashes) while the device answers (LLaVA's loader: 4); "
+                   "default: 4 within this process's share of the cores less one; 0: in the answering loop")
     a.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's protocol value (128 / 1024)")
     a.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"],
                    help="default: float16 on a GPU, float32 on the CPU")
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-relative", dest="relative", action="store_false")
     t.add_argument("--decimals", type=int, default=1)
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
+    t.add_argument("--throughput", action="store_true", help="add the runs' questions/s and host-wait share (their "
+                   "answering loops' time, results.json 'throughput')")
     from .lmms_import import add_parser as _lmms_parser
     from .paper_cli import add_parsers as _paper_parsers
     from .run_many import add_parser as _run_many_parser
@@ -378,7 +383,8 @@ def _table(args, local_rank) -> int:
     fmts = ["md", "latex"] if args.format == "both" else [args.format]
     for f in fmts:
         text = make_table(args.paths, fmt=f, metric_override=override, paper_vanilla=paper or None,
-                          relative=args.relative, decimals=args.decimals, include_partial=args.include_partial)
+                          relative=args.relative, decimals=args.decimals, include_partial=args.include_partial,
+                          throughput=args.throughput)
         if args.out:
             out = Path(args.out)
             if args.format == "both":

@@ -21,9 +21,9 @@ from pathlib import Path
 from llava.cost import sample_cost
 
 from .families import sample_overlay
-from .fingerprint import InputHasher
 from .io import JsonlAppender, NullAppender
-from .shards import EVAL_KEY, read_input
+from .loader import BatchInputs, Prefetcher, default_workers, to_device
+from .shards import EVAL_KEY
 
 log = logging.getLogger("eval")
 
@@ -67,7 +67,6 @@ class _Loop:
     run_dir: Path
     qhashes: dict
     shard: Path
-    hasher: InputHasher
     model_id: str
     overlays_left: int
     answered: int = 0
@@ -78,59 +77,89 @@ class _Loop:
 def infer(cfg, bench, rt, engine, todo, run_dir, info, device, wb, n_total=None, n_done=None, qhashes=None):
     """Answer ``todo`` (this rank's questions not answered yet), ``cfg.batch_size`` at a time, each batch's answers
     appended to this rank's shard file (a tensor-parallel group's other ranks run the same batches and write
-    nothing). ``wb``: rank 0's W&B logger for the progress, or None."""
+    nothing). The batches' inputs are prepared by ``cfg.loader_workers`` background processes while the device
+    answers the batches before (:mod:`eval.loader`; 0: in the loop). Each batch's times go into its answers and
+    into the rank's loop ledger (:mod:`eval.throughput`). ``wb``: rank 0's W&B logger for the progress, or None."""
     from .progress import progress
+    from .throughput import Ledger
 
     loop = _Loop(cfg, bench, rt, engine, info, device, run_dir, qhashes or {},
                  shard=run_dir / "answers" / f"{info.dp}_{info.dp_rank}.jsonl",
-                 hasher=InputHasher(bench.root),  # each answer records the content hash of the inputs it read
                  model_id=cfg.model.rstrip("/").split("/")[-1],
                  overlays_left=cfg.overlay_samples if info.writes else 0)
-    batches = _Batches(todo, cfg.batch_size)
+    batches = _Batches(todo, cfg.batch_size).batches
+    workers = loader_workers(cfg, len(batches))
+    on_gpu = getattr(device, "type", str(device)) == "cuda"
+    prefetch = Prefetcher(BatchInputs(batches, rt.processor, bench.root, loop.shard), workers,
+                          pin=on_gpu and workers > 0)
+    ledger = Ledger(run_dir, info, workers) if info.writes else None
     with (JsonlAppender(loop.shard) if info.writes else NullAppender()) as out:
+        items = iter(prefetch)  # the workers fork here, before the progress thread starts
         # a bar on a terminal; off one (a log file), a line at least every 10 s (eval/progress.py)
         bar = progress(len(todo), f"{bench.name} rank {info.rank}/{info.world}")
         try:
             for nb, batch in enumerate(batches):
-                recs, t_gen = _answer_batch(loop, batch)
+                t0 = time.perf_counter()
+                prepared = next(items)  # the loop waits here when the workers are behind the device
+                if prepared.error is not None:  # every batch before it is answered and on disk
+                    raise prepared.error
+                inputs = to_device(prepared.inputs, device)
+                recs, t = _answer_batch(loop, batch, prepared, inputs, t0)
+                t1 = time.perf_counter()
                 out.write(recs)
                 out.flush()
+                t["write"] = time.perf_counter() - t1
+                if ledger is not None:
+                    ledger.add(batch, t, new_graph=any(r[EVAL_KEY].get("new_graph") for r in recs))
                 loop.answered += len(batch)
                 bar.update(len(batch))
-                _log_progress(wb, loop, len(todo), t_gen / len(batch))
+                _log_progress(wb, loop, len(todo), t["generate"] / len(batch))
                 if cfg.stop_after is not None and nb + 1 >= cfg.stop_after:
                     log.warning("--stop-after %d: exiting abruptly (simulated crash)", cfg.stop_after)
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(3)
-        finally:  # also on an error or Ctrl-C: the timer thread stops, the last count is said
+        finally:  # also on an error or Ctrl-C: the timer thread stops, the last count is said, the workers end
             bar.close()
+            prefetch.close()
+            if ledger is not None:
+                ledger.close()
 
 
-def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
-    """One batch read, generated and turned into answer records (with their ``_eval`` bookkeeping); the
-    generate time of the whole batch."""
-    hashes = [loop.hasher.inputs(q) for q in batch]  # before reading: what was read is at least this recent
-    inputs, pil = _read_batch(loop, batch)
+def loader_workers(cfg, n_batches: int) -> int:
+    """The loader workers of this rank: ``--loader-workers`` (None: :func:`eval.loader.default_workers`), never
+    more than there are batches."""
+    n = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+    return max(0, min(n, n_batches))
+
+
+def _answer_batch(loop: _Loop, batch: list, prepared, inputs: dict, t0: float) -> tuple[list[dict], dict]:
+    """One batch generated and turned into answer records (with their ``_eval`` bookkeeping); the batch's times:
+    ``host_wait`` (from ``t0``, the loop asking for the batch, to the start of generate: the device idle, waiting
+    for its inputs), ``generate``, ``post`` (decoding and the records) and ``prepare`` (the inputs' host work,
+    in a worker or in the loop)."""
     has_visual = "pixel_values" in inputs or "pixel_values_videos" in inputs
     engine, rt = loop.engine, loop.rt
     engine.sample_keys = [q.uid for q in batch]
     prefills = engine.prefills
-    new, t_gen = _generate(loop, inputs)
+    new, t_gen, t_start = _generate(loop, inputs)
+    t_post = time.perf_counter()
     engine.sample_keys = None
     outs = rt.processor.decode(new)
     if has_visual and engine.prefills != prefills + 1:
         raise RuntimeError("the pruning engine did not handle this batch's prefill (token accounting would be stale)")
     stats = engine.stats if has_visual else None
     prompt = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else None  # placeholders included
+    n = len(batch)
+    times = {"host_wait": t_start - t0, "prepare": prepared.prepare_s, "generate": t_gen}
     recs = []
     for b, (q, text) in enumerate(zip(batch, outs)):
         rec = loop.bench.record(q, loop.bench.postprocess(text), loop.model_id)
-        meta = {"uid": q.uid, "idx": q.idx, "qhash": loop.qhashes.get(q.uid), "inputs": hashes[b],
-                "rank": loop.info.rank, "batch": len(batch), "new_tokens": _new_tokens(rt, new[b].tolist()),
-                "time": {"generate": t_gen / len(batch)}}
+        meta = {"uid": q.uid, "idx": q.idx, "qhash": loop.qhashes.get(q.uid), "inputs": prepared.hashes[b],
+                "rank": loop.info.rank, "batch": n, "new_tokens": _new_tokens(rt, new[b].tolist()),
+                "time": {k: v / n for k, v in times.items()}}
         if stats is not None:
-            _record_stats(loop, meta, q, stats, b, len(batch), None if prompt is None else prompt[b])
+            _record_stats(loop, meta, q, stats, b, n, None if prompt is None else prompt[b])
         else:
             meta["path"] = "eager"
             if loop.cfg.fast:
@@ -138,37 +167,19 @@ def _answer_batch(loop: _Loop, batch: list) -> tuple[list[dict], float]:
         # the fast path records no selections (its kept indices stay on the device): overlays of eager prefills only
         if (loop.overlays_left > 0 and stats is not None and stats.path == "eager"
                 and ("vision", b) in engine.selections):
-            _save_overlay(loop, meta, q, b, inputs, pil, batch[0].modality == "video")
+            _save_overlay(loop, meta, q, b, inputs, batch[0].modality == "video")
         rec[EVAL_KEY] = meta
         recs.append(rec)
-    return recs, t_gen
-
-
-def _read_batch(loop: _Loop, batch: list):
-    """The batch's model inputs and, for images, the PIL images (the overlays draw on them; None otherwise).
-    An input that cannot be read stops the run with :class:`eval.shards.InputError`."""
-    from llava.preprocess import load_image
-
-    rt, device = loop.rt, loop.device
-    texts = [q.text for q in batch]
-
-    def read(q, fn, what):
-        return read_input(q, fn, what, loop.answered, loop.shard)
-
-    if batch[0].modality == "video":
-        from .benchmarks.videoqa import load_video
-
-        videos = [read(q, lambda q=q: load_video(q.video, rt.processor.num_frames), "video") for q in batch]
-        return rt.processor(texts, videos=videos, device=device), None
-    if batch[0].modality == "image":
-        pil = [read(q, lambda q=q: load_image(q.load_image()), "image") for q in batch]
-        return rt.processor(texts, images=pil, device=device), pil
-    return rt.processor(texts, images=[None] * len(batch), device=device), None
+    times["post"] = time.perf_counter() - t_post
+    for rec in recs:  # the records' own making, up to here (the shard write follows: the loop's ledger has it)
+        rec[EVAL_KEY]["time"]["post"] = times["post"] / n
+    return recs, times
 
 
 def _generate(loop: _Loop, inputs):
-    """Greedy generation of the batch (the protocol's: no sampling, one beam): the new tokens and the seconds
-    it took (the device synchronised before and after)."""
+    """Greedy generation of the batch (the protocol's: no sampling, one beam): the new tokens, the seconds
+    it took (the device synchronised before and after: the inputs' copy is done before it starts) and when it
+    started."""
     import torch
 
     _sync(loop.device)
@@ -177,7 +188,7 @@ def _generate(loop: _Loop, inputs):
         gen = loop.rt.model.generate(**inputs, max_new_tokens=loop.cfg.max_new_tokens, do_sample=False, num_beams=1,
                                      use_cache=True)
     _sync(loop.device)
-    return gen[:, inputs["input_ids"].shape[1]:], time.perf_counter() - t0
+    return gen[:, inputs["input_ids"].shape[1]:], time.perf_counter() - t0, t0
 
 
 def _new_tokens(rt, row: list[int]) -> int:
@@ -218,13 +229,13 @@ def _record_stats(loop: _Loop, meta: dict, q, stats, b: int, n: int, prompt_toke
         meta["path_reason"] = stats.path_reason or "not given by the engine"
 
 
-def _save_overlay(loop: _Loop, meta: dict, q, b: int, inputs, pil, video: bool) -> None:
+def _save_overlay(loop: _Loop, meta: dict, q, b: int, inputs, video: bool) -> None:
     """Sample ``b``'s kept tokens drawn over its image (a video's first frame) into ``<run>/overlays/``; its
     path goes into ``meta``. A picture that fails is a warning, never the end of the run."""
     try:
         sel = loop.engine.selections[("vision", b)]
         keep = sel.keep.tolist() + ([] if sel.targets is None else sel.targets.tolist())
-        img = pil[b] if pil is not None else _first_frame(q, loop.rt)
+        img = _first_frame(q, loop.rt) if video else _image(q)  # read again here: the loader keeps no pictures
         ov = sample_overlay(loop.rt, inputs, b, img, keep, video, loop.rt.processor.pad_to_square)
         overlay_dir = loop.run_dir / "overlays"
         overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +265,12 @@ def _sync(device):
 
     if getattr(device, "type", str(device)).startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def _image(q):
+    from llava.preprocess import load_image
+
+    return load_image(q.load_image())
 
 
 def _first_frame(q, rt):

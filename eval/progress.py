@@ -2,7 +2,7 @@
 there writes carriage returns a log never shows until the run ends, so instead one line every
 :data:`EVERY_S` seconds - from a timer thread, so a batch that takes minutes still shows the run is alive:
 
-    [rank 0] INFO eval: pope rank 0/1: 120 of 500 answered (24%), 1m 05s elapsed, about 3m 26s left
+    [rank 0] INFO eval: pope rank 0/1: 120 of 500 answered (24%), 1m 05s elapsed, 1.85 questions/s, about 3m 26s left
 
 On a terminal the tqdm bar stays (:func:`progress` picks)."""
 
@@ -42,7 +42,8 @@ class LineProgress:
             done, el = self.done, time.monotonic() - self.t0
         pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
         left = f", about {_dur(el / done * (self.total - done))} left" if 0 < done < self.total else ""
-        return f"{self.desc}: {done} of {self.total} answered{pct}, {_dur(el)} elapsed{left}"
+        rate = f", {done / el:.2f} questions/s" if done and el > 0 else ""
+        return f"{self.desc}: {done} of {self.total} answered{pct}, {_dur(el)} elapsed{rate}{left}"
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
@@ -78,5 +79,5 @@ def progress(total: int, desc: str, stream=None):
     if stream.isatty():
         from tqdm import tqdm
 
-        return _Bar(tqdm(total=total, desc=desc, mininterval=5, dynamic_ncols=True))
+        return _Bar(tqdm(total=total, desc=desc, mininterval=5, dynamic_ncols=True, unit="q"))  # its rate: questions/s
     return LineProgress(total, desc)

@@ -13,6 +13,7 @@ from typing import Any
 from .benchmarks import get_benchmark
 from .io import complete_jsonl_records, read_json, write_json, write_jsonl
 from .shards import EVAL_KEY, shard_files
+from .throughput import summary as throughput_summary
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         "tokens": token_summary(metas, resolved.get("llm_layers") or []),
         "budget": budget_summary(metas, cfg.get("method"), cfg.get("budget")),
         "timing": timing_summary(metas, wall_s),
+        "throughput": throughput_summary(run_dir),
         "world_size": resolved.get("world_size"),
         "launcher": resolved.get("launcher"),
         "git": resolved.get("git"),

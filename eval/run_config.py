@@ -36,6 +36,7 @@ class RunConfig:
     out: str = "runs"
     run_name: str | None = None
     batch_size: int = 1
+    loader_workers: int | None = None  # processes preparing the next batches' inputs (None: eval.loader.default_workers)
     max_new_tokens: int | None = None  # None: the benchmark's protocol value
     dtype: str | None = None  # None: float16 on GPU, float32 on CPU
     device: str | None = None  # None: cuda:<local_rank> if available, else cpu
@@ -125,6 +126,8 @@ def option_error(cfg: RunConfig, world: int) -> str | None:
     None when they can. ``world``: the number of processes (``--backend vllm`` runs in one)."""
     if cfg.batch_size < 1:
         return f"--batch-size must be >= 1, got {cfg.batch_size}"
+    if cfg.loader_workers is not None and cfg.loader_workers < 0:
+        return f"--loader-workers must be >= 0 (0: the inputs prepared in the answering loop), got {cfg.loader_workers}"
     bad = fast_check(cfg)
     if not bad and cfg.backend not in BACKENDS:
         bad = f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}"

@@ -19,6 +19,7 @@ from .io import read_json, write_json
 from .resume import HASH_CACHE, SUPERSEDED, ResumePlan, plan_resume, set_aside
 from .run_config import RunConfig, resume_mismatch
 from .shards import answered_uids, shard_files
+from .throughput import TIMING_DIR
 
 log = logging.getLogger("eval")
 
@@ -103,12 +104,13 @@ def write_run_folder(cfg: RunConfig, run_dir: Path, prev_meta: dict | None, reso
 
 
 def keep_overwritten(run_dir: Path) -> Path | None:
-    """``--overwrite``: the previous session's answers, merge, results and run_config.json leave the run folder for
+    """``--overwrite``: the previous session's answers, merge, results, loop ledgers and run_config.json leave the run folder for
     ``superseded/overwritten-<time>/`` (the same names inside; results.json as results.previous.json, out of
     the way of the tables, which collect every results.json), and one warning says how many answers went where;
     nothing is deleted (as a resume keeps the answers it recomputes under ``superseded/``). Returns that folder, or
     None when there was nothing to move."""
-    old = [p for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", run_dir / CONFIG_FILE]
+    old = [p for p in shard_files(run_dir) + [run_dir / "merge.jsonl", run_dir / "results.json", run_dir / CONFIG_FILE,
+                                              run_dir / TIMING_DIR]
            if p.exists()]
     if not old:
         return None

@@ -186,11 +186,23 @@ def _tokens(row: Row, key: str):
     return sum(vals) / len(vals) if vals else None
 
 
+def _throughput(row: Row) -> tuple[float | None, float | None]:
+    """The row's questions/s (its runs' questions over their answering loops' time, the processes side by side) and
+    its host-wait fraction (results.json's ``throughput``); None where no run of the row has it."""
+    ts = [r["throughput"] for r in row.cells.values() if (r.get("throughput") or {}).get("loop_s")]
+    if not ts:
+        return None, None
+    wall = sum(t["loop_s"] / max(t.get("processes") or 1, 1) for t in ts)
+    loop = sum(t["loop_s"] for t in ts)
+    return sum(t["questions"] for t in ts) / wall, sum(t["host_wait_s"] for t in ts) / loop
+
+
 def _fmt(v, d):
     return "–" if v is None else f"{v:.{d}f}"
 
 
-def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, decimals: int = 1) -> str:
+def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, decimals: int = 1,
+           throughput: bool = False) -> str:
     out = []
     for model, m in models.items():
         cols = m["columns"]
@@ -227,7 +239,7 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                 groups.append((title, []))
             groups[-1][1].append(r)
         avg_head = f"Avg(rel, vanilla={source})"
-        header = ["Method", "Budget"] + metrics + ["tok-in", "tok-eq", avg_head]
+        header = ["Method", "Budget"] + metrics + ["tok-in", "tok-eq"] + (["q/s", "host wait"] if throughput else []) + [avg_head]
         body: list[tuple[str | None, list[list[str]]]] = []
         for title, grp in groups:
             lines = []
@@ -243,6 +255,10 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                         c += f" ({100.0 * v / bv:.1f}%)" if fmt == "md" else f" {{\\scriptsize({100.0 * v / bv:.1f}\\%)}}"
                     cells.append(c)
                 cells += [_fmt(_tokens(r, "tok_in"), 1), _fmt(_tokens(r, "tok_eq"), 1)]
+                if throughput:
+                    qps, wait = _throughput(r)
+                    pct = "\\%" if fmt == "latex" else "%"
+                    cells += [_fmt(qps, 2), "–" if wait is None else f"{100 * wait:.1f}{pct}"]
                 a, n = avg(r)
                 pct = "\\%" if fmt == "latex" else "%"
                 a_txt = "–" if a is None else f"{a:.1f}{pct}" + ("*" if n < len(cols) else "")
@@ -252,6 +268,10 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
         notes = [f"Model: {short_model(model)}. All rows are our re-runs (`rerun`); metric variants per column:"]
         notes += [f"  {met}: {m['labels'].get(met, met)}" for met in metrics]
         notes.append("tok-in = visual tokens entering the LLM, tok-eq = layer-averaged visual tokens (means over the row's runs).")
+        if throughput:
+            notes.append("q/s = questions answered per second of the runs' answering loops (their processes side by side; "
+                         "model loading and scoring not counted); host wait = the share of that time the device waited "
+                         "for its inputs (results.json 'throughput').")
         notes.append(f"{avg_head}: mean over the row's benchmarks of method / vanilla x 100%; * = some benchmark missing in the row.")
         if any(_stderr(r, b, met) is not None for r in rows for b, met in zip(cols, metrics)):
             notes.append("± = standard error of a mean of per-question 0/1 scores, sqrt(p (1 - p) / (n - 1)), as "
@@ -289,8 +309,9 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
 
 
 def make_table(paths, fmt: str = "md", metric_override=None, paper_vanilla=None, relative: bool = True,
-               decimals: int = 1, include_partial: bool = False) -> str:
+               decimals: int = 1, include_partial: bool = False, throughput: bool = False) -> str:
     results = load_results(paths, include_partial=include_partial)
     if not results:
         raise ValueError("no results.json found" + ("" if include_partial else " (partial runs are skipped; --include-partial)"))
-    return render(build(results, metric_override, paper_vanilla), fmt=fmt, relative=relative, decimals=decimals)
+    return render(build(results, metric_override, paper_vanilla), fmt=fmt, relative=relative, decimals=decimals,
+                  throughput=throughput)

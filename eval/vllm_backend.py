@@ -167,7 +167,7 @@ def infer(cfg, bench, backend: VllmBackend, todo, run_dir, info, qhashes):
                 img = vid = None
                 if q.modality == "image":
                     img = read_input(q, lambda q=q: load_image(q.load_image()), "image", answered, shard)
-                elif q.modality == "video":  # the frames the HF backend reads (eval.hf_backend._read_batch)
+                elif q.modality == "video":  # the frames the HF backend reads (eval.loader.prepare)
                     vid = read_input(q, lambda q=q: load_video(q.video, backend.rt.processor.num_frames), "video",
                                      answered, shard)
                 req, c = backend.prompt(q, img, vid)

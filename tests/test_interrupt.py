@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = """
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import eval.hf_backend as hb
-real, calls = hb.read_input, [0]
+import eval.loader as ld
+real, calls = ld.read_input, [0]
 def read_input(*a, **k):
     calls[0] += 1
     if calls[0] == 3 and os.environ.get("INTERRUPT_AT_3"):
         os.kill(os.getpid(), signal.SIGINT)
     return real(*a, **k)
-hb.read_input = read_input
+ld.read_input = read_input
 from eval.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -42,8 +42,10 @@ def run_cli(data, out, *extra):
 
 
 def run_cli_args(data, out, *extra):
+    # the inputs read in the loop (no loader workers): the 3rd read is the 3rd question's, after 2 answers are on disk
+    # (Ctrl-C with loader workers: tests/test_loader.py)
     return ["run", "pope", "--model", "tiny:llava", "--max-new-tokens", "2", "--data-root", str(data), "--out",
-            str(out), "--no-wandb", "--run-name", "r", *extra]
+            str(out), "--no-wandb", "--run-name", "r", "--loader-workers", "0", *extra]
 
 
 def uids(rd):

@@ -65,9 +65,9 @@ def test_eval_run_off_a_terminal_says_it_is_alive_during_a_long_batch(data, tmp_
     monkeypatch.setattr(progress_mod, "EVERY_S", 0.05)
     real = hb._answer_batch
 
-    def slow(loop, batch):
+    def slow(*a, **k):
         time.sleep(0.4)
-        return real(loop, batch)
+        return real(*a, **k)
 
     monkeypatch.setattr(hb, "_answer_batch", slow)
     with caplog.at_level(logging.INFO, logger="eval"):
