@@ -32,6 +32,12 @@ Used by :class:`llava.fastpath.FastPath` when ``load(..., fast_precompile=True)`
 ``VTPRUNE_FAST_PRECOMPILE=1``) with the ``inductor`` or ``aot_eager`` backend and a compile cache folder
 (``fast_cache=`` / ``VTPRUNE_COMPILE_CACHE``): the files go to its ``precompiled/`` subfolder. Off by default: on a
 GPU the reload of Inductor's CUDA graphs is not yet checked (``gpu_session.sh fast-precompile``).
+
+A torch without the ahead-of-time capture (:func:`missing`: feature detection, not versions; torch 2.11 has
+``aot_compile`` only behind dynamo's experimental ``enable_aot_compile`` flag, off, which is left alone) compiles the
+regular way instead: one warning per process (:func:`active`), then ``torch.compile`` with the same backend and
+options as without precompile; ``load`` records the request and what was resolved (``rt.info["fast"]``:
+``precompile`` and ``precompile_active``; the fast path's ``precompile_requested`` and ``precompile``).
 """
 
 from __future__ import annotations
@@ -49,8 +55,8 @@ import time
 
 import torch
 
-__all__ = ["Precompiled", "PRECOMPILE_BACKENDS", "compile_function", "describe", "precompile_folder", "static_key",
-           "source_digest", "wanted"]
+__all__ = ["Precompiled", "PRECOMPILE_BACKENDS", "active", "compile_function", "describe", "missing",
+           "precompile_folder", "static_key", "source_digest", "wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +266,56 @@ def wanted(precompile: bool | None) -> bool:
     return bool(precompile)
 
 
+def _probe(x):  # a function to wrap when asking what torch.compile's wrapper offers (never called)
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def missing() -> str | None:
+    """What this torch lacks of the ahead-of-time capture :class:`Precompiled` uses (None: nothing), by feature:
+    the compiled wrapper's ``aot_compile`` (not a compile: ``torch.compile`` wraps lazily), the loader
+    ``torch.compiler.load_compiled_function``, and the saved function's ``save_compiled_function`` and
+    ``disable_guard_check``. Torch 2.11 lacks the first: it sets ``aot_compile`` only under dynamo's experimental
+    ``enable_aot_compile`` flag (off by default), which this module does not turn on."""
+    lacks = []
+    if not hasattr(torch.compile(_probe, backend="eager"), "aot_compile"):
+        lacks.append("torch.compile(fn).aot_compile")
+    if not callable(getattr(torch.compiler, "load_compiled_function", None)):
+        lacks.append("torch.compiler.load_compiled_function")
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+    except ImportError:
+        lacks.append("torch._dynamo.aot_compile.AOTCompiledFunction")
+    else:
+        lacks += [f"AOTCompiledFunction.{n}" for n in ("save_compiled_function", "disable_guard_check")
+                  if not hasattr(AOTCompiledFunction, n)]
+    return ", ".join(lacks) or None
+
+
+_warned = False  # the missing-feature warning: once per process
+
+
+def active(precompile: bool | None) -> bool:
+    """Whether precompiled functions are used: :func:`wanted`, and this torch has what they need (:func:`missing`).
+    Wanted on a torch that lacks it: False, after one warning per process (the regular compile runs instead)."""
+    global _warned
+    if not wanted(precompile):
+        return False
+    lacks = missing()
+    if lacks is None:
+        return True
+    if not _warned:
+        _warned = True
+        log.warning("fast_precompile: precompiled functions need a newer torch (torch %s lacks %s); the regular "
+                    "compile (torch.compile with the same backend, e.g. Inductor, traced in every process) is used "
+                    "instead", torch.__version__, lacks)
+    return False
+
+
 def precompile_folder(precompile, backend: str, cache_dir: str | None, regional: bool = False) -> str | None:
     """Where a fast path's precompiled functions go (None: not precompiled). ``precompile`` True, or None with the
-    variable ``VTPRUNE_FAST_PRECOMPILE=1``; it needs a precompiling backend and a compile cache folder."""
+    variable ``VTPRUNE_FAST_PRECOMPILE=1``; it needs a precompiling backend and a compile cache folder (refused the
+    same on every torch), and a torch that has the capture (:func:`active`; else None: the regular compile)."""
     if not wanted(precompile):
         return None
     if backend not in PRECOMPILE_BACKENDS:
@@ -273,6 +326,8 @@ def precompile_folder(precompile, backend: str, cache_dir: str | None, regional:
     if not cache_dir:
         raise ValueError("fast_precompile needs a compile cache folder: load(..., fast_cache=DIR) or the variable "
                          "VTPRUNE_COMPILE_CACHE")
+    if not active(True):  # this torch lacks the capture: one warning, the regular compile
+        return None
     return os.path.join(cache_dir, "precompiled")
 
 

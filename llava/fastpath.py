@@ -77,7 +77,7 @@ from .families.base import to_device
 from .families.clip import MASKED_TOWER_ATTN
 from .fast_llm import decode_segments, prompt_mask, run_segments
 from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
-from .fast_precompile import compile_function, precompile_folder
+from .fast_precompile import compile_function, precompile_folder, wanted as precompile_wanted
 from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .fast_vision import FastVisionMixin
 
@@ -169,7 +169,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         self.regional = bool(regional) and backend in REGIONAL_BACKENDS
         # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
         self.cache_dir = use_cache_dir(cache) if backend in ("inductor", "aot_eager") else None
-        # each function saved / loaded ahead of time (llava.fast_precompile): a later process traces nothing
+        # each function saved / loaded ahead of time (llava.fast_precompile): a later process traces nothing; None
+        # when not requested, or on a torch without the capture (one warning; the regular compile)
+        self.precompile_requested = precompile_wanted(precompile)
         self.precompile = precompile_folder(precompile, backend, self.cache_dir, self.regional)
         self._pool = None  # cudagraphs: one CUDA-graph memory pool for the four functions
         self.cudagraph_skips: list = []  # Inductor + CUDA graphs: the functions it did not capture, and why

@@ -24,7 +24,7 @@ from .model_source import local_path_error, offline_if_hub_unreachable  # noqa: 
 from .conversation import Template, get_template
 from .dtypes import parse_dtype as _dtype
 from .engine import PromptSpec, PruningEngine, attach
-from .fast_precompile import wanted as fast_precompile_wanted
+from .fast_precompile import active as fast_precompile_active, wanted as fast_precompile_wanted
 from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
 from .tiny_configs import tiny_chatml_config, tiny_config
 
@@ -248,8 +248,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
     cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`); ``fast_precompile`` (or the variable
     ``VTPRUNE_FAST_PRECOMPILE=1``; "inductor" / "aot_eager" with that folder): each function saved in it ahead of time
-    and loaded by later processes without tracing (:mod:`llava.fast_precompile`). ``fast_attention``: the prompt's
-    attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
+    and loaded by later processes without tracing (:mod:`llava.fast_precompile`; a torch without the ahead-of-time
+    capture compiles the regular way after one warning, ``rt.info["fast"]["precompile_active"]`` False).
+    ``fast_attention``: the prompt's attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
     :mod:`llava.fast_attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 1024 rows). Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
     user never prunes takes the fast path too: ``load`` attaches the unpruned method ("none") with it, so the
@@ -300,7 +301,8 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens),
                    "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention,
                    "precompile": fast_precompile_wanted(fast_precompile)}  # the variable's, when None: recorded
-        rt.info["fast"] = dict(rt.fast)
+        # requested vs resolved: a torch without the ahead-of-time capture compiles the regular way (one warning)
+        rt.info["fast"] = {**rt.fast, "precompile_active": fast_precompile_active(fast_precompile)}
         rt.engine_required = "fast=True: the captured prefill and decode"
     if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill
         rt.prune("none")  # the unpruned model runs through the engine too (the baseline of every speed-up)

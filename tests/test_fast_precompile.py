@@ -3,7 +3,12 @@ later fast path without tracing, keyed so that another model, method or call sha
 
 The suite runs the aot_eager backend without regions (seconds to compile; its saved regions do not run after loading
 in torch 2.13, which ``load`` refuses with the reason); FAST_BACKEND=inductor runs the same tests on Inductor with
-regions (minutes), the combination bench.compile_depth --precompile times."""
+regions (minutes), the combination bench.compile_depth --precompile times.
+
+On a torch without the ahead-of-time capture (``llava.fast_precompile.missing``: torch 2.11) the tests of saved and
+loaded files skip with the reason, and the fallback's tests run for real (one warning, the regular compile, tokens ==
+eager); the same fallback is also simulated here on any torch. tests/test_torch211.py runs this file in a torch 2.11
+environment (opt-in: docs/fast-path.md)."""
 
 import os
 from types import SimpleNamespace
@@ -12,13 +17,17 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from llava import fast_precompile
 from llava.demo_image import demo_image
-from llava.fast_precompile import describe, precompile_folder, static_key
+from llava.fast_precompile import Precompiled, describe, precompile_folder, static_key
 from llava.models import load
 
 BACKEND = "inductor" if os.environ.get("FAST_BACKEND") == "inductor" else "aot_eager"
 REGIONAL = BACKEND == "inductor"
 PROMPTS = ["what is in the picture?", "describe it"]
+LACKS = fast_precompile.missing()  # what this torch lacks of the ahead-of-time capture (None: nothing)
+needs_capture = pytest.mark.skipif(LACKS is not None, reason=f"torch {torch.__version__} lacks {LACKS}: its fast "
+                                   "path compiles the regular way (tested below)")
 
 
 def _fast(cache, seed=1, budget=8, method="fastv"):
@@ -54,6 +63,7 @@ def saved(tmp_path_factory):
     return cache, tokens, _counts(eng), eng.stats.path, eng.fast.precompile
 
 
+@needs_capture
 def test_the_first_fast_path_compiles_and_saves_its_three_functions(saved):
     cache, tokens, counts, path, folder = saved
     assert path == "fast"
@@ -64,6 +74,7 @@ def test_the_first_fast_path_compiles_and_saves_its_three_functions(saved):
     assert tokens == _eager()
 
 
+@needs_capture
 def test_a_later_fast_path_loads_them_and_traces_nothing(saved):
     cache, tokens, _, _, _ = saved
     before = counters["stats"]["unique_graphs"]
@@ -74,6 +85,7 @@ def test_a_later_fast_path_loads_them_and_traces_nothing(saved):
     assert counters["stats"]["unique_graphs"] == before  # dynamo traced no graph
 
 
+@needs_capture
 def test_weights_are_inputs_of_a_loaded_function_not_part_of_it(saved):
     """Another checkpoint of the same architecture (another seed) loads the same files and answers as its own eager
     model does, which differs from the first model's answer."""
@@ -85,6 +97,7 @@ def test_weights_are_inputs_of_a_loaded_function_not_part_of_it(saved):
     assert got != tokens
 
 
+@needs_capture
 def test_another_prompt_of_the_same_bucket_loads_the_same_files(saved):
     """The prompt's tokens and length within its bucket are inputs too (its plan: the same structure)."""
     cache, tokens, _, _, folder = saved
@@ -100,6 +113,7 @@ def test_another_prompt_of_the_same_bucket_loads_the_same_files(saved):
     assert len(os.listdir(folder)) == 3
 
 
+@needs_capture
 def test_a_damaged_file_is_compiled_again_and_rewritten(saved, caplog):
     cache, tokens, _, _, folder = saved
     names = [n for n in sorted(os.listdir(folder)) if n.startswith("decode")]
@@ -138,12 +152,11 @@ class _Doubler:
         return x * 2 + 1
 
 
+@needs_capture
 def test_grad_mode_is_part_of_the_call_and_a_second_wrapper_loads(tmp_path):
     """Dynamo's global-state guard is dropped with the others: a call under another grad mode (or autocast, default
     dtype) is keyed apart and compiled, never served the file traced under the first; a second wrapper over the same
     folder loads both files."""
-    from llava.fast_precompile import Precompiled
-
     def wrapper():
         fast = SimpleNamespace(_precompile_key="a fixed static key")  # (a fast path's: tested above)
         return Precompiled(_Doubler().double, str(tmp_path), fast=fast, backend="aot_eager")
@@ -180,7 +193,8 @@ def test_precompile_refusals(tmp_path, monkeypatch):
         precompile_folder(True, "aot_eager", str(tmp_path), regional=True)
     assert precompile_folder(False, "eager", None) is None
     monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "1")
-    assert precompile_folder(None, "inductor", str(tmp_path)) == os.path.join(str(tmp_path), "precompiled")
+    folder = os.path.join(str(tmp_path), "precompiled") if LACKS is None else None  # None: the regular compile
+    assert precompile_folder(None, "inductor", str(tmp_path)) == folder
     monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "0")
     assert precompile_folder(None, "inductor", str(tmp_path)) is None
 
@@ -188,10 +202,45 @@ def test_precompile_refusals(tmp_path, monkeypatch):
 def test_the_variable_turns_it_on_and_the_run_records_it(tmp_path, monkeypatch):
     monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "1")
     rt = load("tiny:llava", fast=True, fast_backend="aot_eager", fast_regional=False, fast_cache=str(tmp_path))
-    assert rt.info["fast"]["precompile"] is True
-    assert rt.engine.fast.precompile.startswith(str(tmp_path))
+    assert rt.info["fast"]["precompile"] is True and rt.engine.fast.precompile_requested
+    assert rt.info["fast"]["precompile_active"] is (LACKS is None)
+    if LACKS is None:
+        assert rt.engine.fast.precompile.startswith(str(tmp_path))
+    else:  # requested, not active: the regular compile
+        assert rt.engine.fast.precompile is None
     rt = load("tiny:llava", fast=True, fast_backend="aot_eager", fast_regional=False, fast_cache=str(tmp_path),
               fast_precompile=False)
     assert rt.info["fast"]["precompile"] is False and rt.engine.fast.precompile is None
+    assert rt.info["fast"]["precompile_active"] is False and not rt.engine.fast.precompile_requested
     with pytest.raises(ValueError, match="fast_regional=False"):
         load("tiny:llava", fast=True, fast_backend="aot_eager", fast_cache=str(tmp_path))
+
+
+@pytest.mark.parametrize("torch_kind", ["simulated", "real"])
+def test_a_torch_without_the_capture_warns_once_and_compiles_the_regular_way(torch_kind, tmp_path, monkeypatch,
+                                                                              caplog):
+    """Precompile requested on a torch without ``aot_compile`` (torch 2.11: ``'function' object has no attribute
+    'aot_compile'`` before the check): one warning per process however many fast paths ask, then the regular
+    ``torch.compile`` (no file written), whose greedy tokens equal the eager engine's. "simulated": the detection
+    monkeypatched (any torch); "real": this torch's own detection (runs where the capture is missing)."""
+    if torch_kind == "real" and LACKS is None:
+        pytest.skip(f"torch {torch.__version__} has the ahead-of-time capture (tests/test_torch211.py runs torch 2.11)")
+    if torch_kind == "simulated":
+        monkeypatch.setattr(fast_precompile, "missing", lambda: "torch.compile(fn).aot_compile (simulated)")
+    monkeypatch.setattr(fast_precompile, "_warned", False)
+    cache = str(tmp_path)
+    with caplog.at_level("WARNING", logger="llava.fast_precompile"):
+        rt, eng = _fast(cache)
+        tokens = _generate(rt)
+        rt2, eng2 = _fast(cache, budget=6)  # a second fast path in the same process: no second warning
+        _generate(rt2)
+    said = [r.getMessage() for r in caplog.records if "need a newer torch" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "regular compile" in said[0]
+    for r, e in ((rt, eng), (rt2, eng2)):
+        assert r.info["fast"]["precompile"] is True and r.info["fast"]["precompile_active"] is False
+        assert e.fast.precompile_requested and e.fast.precompile is None
+        assert not any(isinstance(f, Precompiled) for f in (e.fast._tower, e.fast._prefill, e.fast._decode))
+        assert e.stats.path == "fast"
+    assert not os.path.exists(os.path.join(cache, "precompiled"))
+    assert tokens == _eager()
