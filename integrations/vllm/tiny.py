@@ -28,6 +28,13 @@ SIZES = {
                                   image_size=336, patch_size=14, projection_dim=256),
                       text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                                 num_key_value_heads=8)),
+    # the run benchmark on a CPU (bench.run_throughput): LLaVA-1.5's 336 px geometry (the real processor's host work,
+    # 576 candidates) with a narrow tower and LLM, so that one short answer at 64 tokens costs a CPU core about what
+    # the 7B costs an H100 on the fast path (tens of ms): the device / host ratio of a GPU run
+    "run-cpu": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=336, patch_size=14, projection_dim=64),
+                    text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=4)),
     # the Slurm tests' paper grids (tests/test_slurm.py): a 224 px tower, 16 x 16 = 256 tokens per image, so the
     # LLaVA-1.5 papers' budgets (64 / 128 / 192) really prune, and 16 LLM layers, so the LLM-stage methods' layers
     # (FastV K = 2, SparseVLM's 2 / 6 / 15) exist; narrow enough to run a grid in seconds on a CPU. Weights drawn
