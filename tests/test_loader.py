@@ -294,3 +294,26 @@ def test_loader_workers_must_not_be_negative(tmp_path, capsys, run_env):
 
     assert main(["run", "pope", "--data-root", str(tmp_path), "--loader-workers", "-1", "--no-wandb"]) == 2
     assert "--loader-workers must be >= 0" in capsys.readouterr().err
+
+
+def test_the_scripts_pass_loader_workers_and_share_one_compile_cache_under_fast(tmp_path):
+    """scripts/eval/<bench>.sh: LOADER_WORKERS becomes --loader-workers; FAST=1 points every config's compile cache at
+    OUT/.compile-cache unless VTPRUNE_COMPILE_CACHE is set (a stub python records its arguments and that variable)."""
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"${VTPRUNE_COMPILE_CACHE:-unset}\" \"$@\" > \"$ARGV_OUT\"\n")
+    fake.chmod(0o755)
+    base = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "argv"),
+            "LAUNCHER": "python", "DATA_ROOT": str(tmp_path), "OUT": str(tmp_path / "runs")}
+    base.pop("VTPRUNE_COMPILE_CACHE", None)
+
+    def argv(**env):
+        subprocess.run(["bash", str(ROOT / "scripts/eval/gqa.sh"), "consensusdrop", "64", "tiny:llava"],
+                       env={**base, **env}, check=True)
+        return (tmp_path / "argv").read_text().split("\n")[:-1]
+
+    a = argv(LOADER_WORKERS="3")
+    assert a[0] == "unset" and a[a.index("--loader-workers") + 1] == "3" and "--fast" not in a
+    a = argv(FAST="1")
+    assert a[0] == str(tmp_path / "runs" / ".compile-cache") and "--fast" in a and "--loader-workers" not in a
+    assert argv(FAST="1", VTPRUNE_COMPILE_CACHE="/elsewhere")[0] == "/elsewhere"

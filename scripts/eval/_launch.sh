@@ -18,6 +18,10 @@
 #   FAST=1     the fast path (--fast: captured prefills for capturable methods, else eager; results.json "paths")
 #   FAST_BACKEND  with FAST=1: --fast-backend auto (default) | inductor | cudagraphs | eager | aot_eager | none
 #   FAST_ATTENTION with FAST=1: --fast-attention auto (default) | causal | masked
+#              With FAST=1 every config under OUT shares one compile cache, OUT/.compile-cache (a paper's grid compiles
+#              each function once, on any node that sees OUT), unless VTPRUNE_COMPILE_CACHE names another
+#   LOADER_WORKERS  processes per rank preparing the next questions' inputs (--loader-workers; default: LLaVA's 4
+#              within the rank's share of the cores less one; 0: in the answering loop)
 #   TP         tensor-parallel size (default 1): groups of TP processes share one model (its language model sharded
 #              by DeepSpeed AutoTP, towers replicated); NPROC x NNODES must be a multiple of TP; needs LAUNCHER=deepspeed
 #              or torchrun; each group answers its own shard of the questions
@@ -60,9 +64,11 @@ DATA_ROOT="$(_abs "$DATA_ROOT")"; OUT="$(_abs "$OUT")"
 source "$(dirname "${BASH_SOURCE[0]}")/_methods.sh"   # VTPRUNE_METHODS=./my_method.py: absolute, for the run
 ARGS=(run "$BENCH" --model "$MODEL" --method "$METHOD" --budget "$BUDGET" --data-root "$DATA_ROOT" --out "$OUT")
 if [[ -n "${REVISION:-}" ]]; then ARGS+=(--revision "$REVISION"); fi
+if [[ -n "${LOADER_WORKERS:-}" ]]; then ARGS+=(--loader-workers "$LOADER_WORKERS"); fi
 case "${FAST:-0}" in
     1) ARGS+=(--fast); if [[ -n "${FAST_BACKEND:-}" ]]; then ARGS+=(--fast-backend "$FAST_BACKEND"); fi
-       if [[ -n "${FAST_ATTENTION:-}" ]]; then ARGS+=(--fast-attention "$FAST_ATTENTION"); fi ;;
+       if [[ -n "${FAST_ATTENTION:-}" ]]; then ARGS+=(--fast-attention "$FAST_ATTENTION"); fi
+       export VTPRUNE_COMPILE_CACHE="${VTPRUNE_COMPILE_CACHE:-$OUT/.compile-cache}" ;;
     0|"") if [[ -n "${FAST_BACKEND:-}${FAST_ATTENTION:-}" ]]; then
             echo "FAST_BACKEND / FAST_ATTENTION apply with FAST=1 only" >&2; exit 2; fi ;;
     *) echo "FAST=$FAST: use FAST=1 (the fast path) or FAST=0" >&2; exit 2 ;;
