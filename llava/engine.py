@@ -80,7 +80,7 @@ class _State:
     # (generate(cache_implementation="static")), where every Python int the traced code reads becomes a guard,
     # so a counter that changes per step would recompile the step every time (issue 34). The tokens decoded so
     # far are read from the cache (a tensor in a static cache) and the masks have the cache's fixed width.
-    fast: Any = None  # the fast path's decode state (llava.fastpath.FastState) after a fast prefill
+    fast: Any = None  # the fast path's decode state (llava.fast.path.FastState) after a fast prefill
 
 
 class HybridRefusal(ValueError):
@@ -154,10 +154,10 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         self._state: _State | None = None
         self._orig_forward = None
         self._pruned_caches = weakref.WeakSet()  # caches a pruned prefill wrote (a 2nd turn on them is refused)
-        #: the fast path (llava.fastpath.FastPath) when attached with ``fast=``; None = eager only
+        #: the fast path (llava.fast.path.FastPath) when attached with ``fast=``; None = eager only
         self.fast = None
         if fast:
-            from .fastpath import FastPath
+            from .fast.path import FastPath
 
             self.fast = FastPath(self, **fast)
 
@@ -355,7 +355,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
 
     def _fast_prefill(self, input_ids, attention_mask, visual):
         """The prefill on the fast path: (output, "") or (None, why it runs eagerly)."""
-        from .fastpath import NotPlanned
+        from .fast.path import NotPlanned
 
         reason = self.fast.refusal_for(input_ids, visual)
         if reason:
@@ -454,7 +454,7 @@ def attach(model: torch.nn.Module, method: str | Method = "none", budget: int | 
     """Apply ``method`` with ``budget`` to ``model``; afterwards ``model.generate()`` / ``model()`` prune.
 
     ``family_options`` go to the model family's adapter (e.g. ``{"qwen_saliency": "pooled_query"}``);
-    ``fast`` (e.g. ``{"backend": "auto", "max_new_tokens": 256}``) adds the fast path (:mod:`llava.fastpath`);
+    ``fast`` (e.g. ``{"backend": "auto", "max_new_tokens": 256}``) adds the fast path (:mod:`llava.fast.path`);
     ``options`` to the method. Returns the engine (``engine.stats`` holds the last prefill's token
     accounting and timings; ``engine.remove()`` restores the model). Attaching again replaces the
     previous method.

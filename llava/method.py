@@ -61,7 +61,7 @@ class Selection:
              emits); the targets are never read.
     count:   captured (piecewise) selections only: a 0-d device count; only the first ``count`` outputs
              (in output order) are the selection, the rest are padding that fixes the shape (never read).
-             The fast path reads every count once, after its first graph (:mod:`llava.fastpath`).
+             The fast path reads every count once, after its first graph (:mod:`llava.fast.path`).
     """
 
     keep: torch.Tensor
@@ -267,7 +267,7 @@ class Method:
     #: ``docs/architecture.md`` "In-tower stage"). The vision stage then sees every stock token, the
     #: dropped ones with zero features, and ``sig.in_tower_kept`` (T,) bool flags the survivors.
     tower_stage: ClassVar[bool] = False
-    #: Whether the fast path (``llava.load(..., fast=True)``, :mod:`llava.fastpath`) captures this
+    #: Whether the fast path (``llava.load(..., fast=True)``, :mod:`llava.fast.path`) captures this
     #: method's prefill whole: ``"full"`` (fixed output counts, no device read: one graph per length
     #: bucket), or None with ``capture_reason`` (such a prefill runs on the eager engine, and
     #: ``engine.stats.path`` says so). Options can refuse too: :meth:`capture_refusal`.

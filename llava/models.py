@@ -24,7 +24,7 @@ from .model_source import local_path_error, offline_if_hub_unreachable  # noqa: 
 from .conversation import Template, get_template
 from .dtypes import parse_dtype as _dtype
 from .engine import PromptSpec, PruningEngine, attach
-from .fast_precompile import active as fast_precompile_active, wanted as fast_precompile_wanted
+from .fast.precompile import active as fast_precompile_active, wanted as fast_precompile_wanted
 from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
 from .tiny_configs import tiny_chatml_config, tiny_config
 
@@ -237,21 +237,21 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     (``config.next_unpad = "official"``, :func:`llava.families.llava_next.unpad_official`). The stock forward packs
     with transformers' rounding, so the unpruned model runs through the engine (as with ``vision_dtype``).
 
-    ``fast=True``: every ``rt.prune`` attaches the engine with its fast path (:mod:`llava.fastpath`): the
+    ``fast=True``: every ``rt.prune`` attaches the engine with its fast path (:mod:`llava.fast.path`): the
     same calls and greedy tokens, the prefill planned on the host and captured per length bucket
     (``fast_backend`` "auto": CUDA graphs through Inductor on a GPU, dynamo without code generation on a
     CPU; "cudagraphs" = CUDA graphs of the uncompiled functions, recorded in seconds without code generation
-    (:mod:`llava.fast_graphs`); "inductor", "eager", "aot_eager", or "none" = the static-shape functions run
+    (:mod:`llava.fast.graphs`); "inductor", "eager", "aot_eager", or "none" = the static-shape functions run
     uncompiled), decode
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. The compiling backends trace
-    each repeated layer class once (``fast_regional``, :mod:`llava.fast_compile`): cold compile time nearly flat
+    each repeated layer class once (``fast_regional``, :mod:`llava.fast.compile`): cold compile time nearly flat
     in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
-    cache that later processes reuse (:func:`llava.fast_compile.use_cache_dir`); ``fast_precompile`` (or the variable
+    cache that later processes reuse (:func:`llava.fast.compile.use_cache_dir`); ``fast_precompile`` (or the variable
     ``VTPRUNE_FAST_PRECOMPILE=1``; "inductor" / "aot_eager" with that folder): each function saved in it ahead of time
-    and loaded by later processes without tracing (:mod:`llava.fast_precompile`; a torch without the ahead-of-time
+    and loaded by later processes without tracing (:mod:`llava.fast.precompile`; a torch without the ahead-of-time
     capture compiles the regular way after one warning, ``rt.info["fast"]["precompile_active"]`` False).
     ``fast_attention``: the prompt's attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
-    :mod:`llava.fast_attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 1024 rows). Prefills the fast path
+    :mod:`llava.fast.attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 1024 rows). Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
     user never prunes takes the fast path too: ``load`` attaches the unpruned method ("none") with it, so the
     baseline a speed-up is timed against is captured like the pruned runs (``rt.engine.stats.path``).

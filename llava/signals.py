@@ -108,7 +108,7 @@ class VisionSignals:
     _probe_fn: Callable = field(default=None, repr=False)
     #: host copy of ``unit`` (set by the engine) so that unit counts / indices need no device read
     _unit_host: torch.Tensor | None = field(default=None, repr=False)
-    #: True inside a captured (CUDA-graph / ``torch.compile(fullgraph=True)``) prefill (``llava.fastpath``):
+    #: True inside a captured (CUDA-graph / ``torch.compile(fullgraph=True)``) prefill (``llava.fast.path``):
     #: a method must then read no device value (e.g. run its greedy loop on the device, not the host)
     captured: bool = False
     #: unit layouts planned on the host before the prefill ran, keyed ``(patch, stock, pos)`` as
@@ -135,7 +135,7 @@ class VisionSignals:
         "all_post_image" or "last") from its norm + q/k + RoPE at the original positions.
         Returns (H, Q, T_stock): the probabilities on the visual tokens (columns of the full rows,
         so they sum to < 1; renormalise for a visual-only softmax). Cached per layer across
-        samples (one batched pass). In a captured prefill (``captured``, :mod:`llava.fast_probe`) the Q rows
+        samples (one batched pass). In a captured prefill (``captured``, :mod:`llava.fast.probe`) the Q rows
         are those of the whole padded text block whatever ``queries`` asks: read the query rows through the
         block's masks (:meth:`text_rows`; "last": its last real row), never by indexing."""
         if self._probe_fn is None:
@@ -219,7 +219,7 @@ class LLMSignals:
                   DeepStack's row included where Qwen3-VL adds one after that layer. Padded like ``hidden`` in a
                   captured prefill.
 
-    In a captured prefill (``captured``, :mod:`llava.fast_llm`) the S rows are the sample's whole padded
+    In a captured prefill (``captured``, :mod:`llava.fast.llm`) the S rows are the sample's whole padded
     row of its length bucket (left padding first, the last prompt token last) and ``key_mask`` (S,) says
     which are real: ``attention`` never lets a row attend to a pad, so its probabilities are those of the
     real rows; ``visual`` indexes that row. For a method with ``llm_text_rows`` the text after the image
@@ -246,7 +246,7 @@ class LLMSignals:
     #: the sample's vision-stage signals (with cls_attn / keys when the method sets
     #: ``needs_vision_attention``); ``origin`` indexes into them
     vision: "VisionSignals | None" = None
-    #: True inside a captured prefill (:mod:`llava.fast_llm`): padded rows, ``key_mask``, no host read
+    #: True inside a captured prefill (:mod:`llava.fast.llm`): padded rows, ``key_mask``, no host read
     captured: bool = False
     #: (S,) bool, the real rows among the S (captured prefill); None: all S rows are real
     key_mask: torch.Tensor | None = None

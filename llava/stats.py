@@ -42,7 +42,7 @@ class PrefillStats:
     samples: list[SampleStats]
     seq_len_per_layer: list[int]  # padded sequence length each decoder layer ran on (= its KV length)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: vision, selection, llm
-    #: which path ran the prefill: "eager" (this engine) or "fast" (llava.fastpath, one captured function)
+    #: which path ran the prefill: "eager" (this engine) or "fast" (llava.fast.path, one captured function)
     path: str = "eager"
     path_reason: str = ""  # why eager when the engine has a fast path
     bucket: int | None = None  # fast path: the length bucket the rows were padded to

@@ -54,7 +54,7 @@ host tensor, ``torch.tensor`` / ``as_tensor`` / ``asarray`` of host data with a 
 scalar`` (index_put_ copies the Python scalar from a host tensor; ``index_fill_`` / ``masked_fill`` / ``torch.where``
 take it as a kernel argument: ``setitem_scalar``). Not a sync on a
 GPU (a small pageable copy), but a CUDA graph cannot record one: the fast path's captured functions make none
-(llava/fast_graphs.py).
+(llava/fast/graphs.py).
 
 Both in one pass: ``SyncCounter(ops=True)`` (or ``OpCounter(syncs=True)``) fills ``.syncs`` and ``.ops``
 (Counters; ``.counts`` is the class's own one) and ``.sync_total`` / ``.op_total``.

@@ -8,7 +8,7 @@ import torch
 from conftest import QUESTIONS, rand_image
 
 from llava.check.fast import assert_same_as_eager, generate  # noqa: F401 (fast == eager: shared with llava.check)
-from llava.fastpath import FastPath
+from llava.fast.path import FastPath
 from llava.syncs import SyncCounter
 
 PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]

@@ -1,4 +1,4 @@
-"""The fast path's prompt attention as a causal kernel over its padded bucket (llava/fast_attention.py): the
+"""The fast path's prompt attention as a causal kernel over its padded bucket (llava/fast/attention.py): the
 rolled causal attention equals the masked one on every real row, the stock function is untouched without the
 fast path's keyword, and with ``fast_attention="causal"`` the fast path's tokens and first scores equal the eager
 engine's on every family's plan (a stage inside the LLM, a piecewise prefill, a hybrid decoder), with no host
@@ -8,9 +8,9 @@ import pytest
 import torch
 from fastpath_util import inputs
 
-import llava.fast_attention as fa
+import llava.fast.attention as fa
 from llava.check.fast import assert_same_as_eager
-from llava.fast_llm import prompt_mask
+from llava.fast.llm import prompt_mask
 from llava.models import load
 from llava.syncs import SyncCounter
 

@@ -1,4 +1,4 @@
-"""Regional compilation and the compile cache folder of the fast path (llava/fast_compile.py).
+"""Regional compilation and the compile cache folder of the fast path (llava/fast/compile.py).
 
 That the fast path's tokens equal the eager engine's with regions on is every fast-path suite's check
 (tests/test_fastpath*.py: the compiling backends mark the layers by default); here: which layers are marked,
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import rand_image
 
-from llava.fast_compile import cache_key, layer_lists, mark_regions, region_count, use_cache_dir
+from llava.fast.compile import cache_key, layer_lists, mark_regions, region_count, use_cache_dir
 from llava.models import load
 
 
@@ -101,7 +101,7 @@ def test_the_whole_graph_option_marks_nothing():
 def test_a_region_is_made_with_the_reuse_bound_only_where_torch_takes_it(monkeypatch, takes_bound):
     """torch 2.11 (the GPU image of 2026-11-27) has no ``max_reuse_entries``: passing it raised a TypeError
     at load(fast=True) on every compiling backend."""
-    import llava.fast_compile as fc
+    import llava.fast.compile as fc
 
     made = []
 
@@ -129,7 +129,7 @@ def test_a_cache_slot_updates_as_the_static_layer_does():
     same rows, the same length, on the cache's own tensors (the slot holds them, not copies)."""
     from transformers.cache_utils import StaticLayer
 
-    from llava.fast_compile import CacheSlot
+    from llava.fast.compile import CacheSlot
 
     g = torch.Generator().manual_seed(0)
     stock, mine = StaticLayer(max_cache_len=9), StaticLayer(max_cache_len=9)

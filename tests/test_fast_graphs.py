@@ -1,4 +1,4 @@
-"""The capture-only backend of the fast path (``fast_backend="cudagraphs"``, llava/fast_graphs.py): the plumbing
+"""The capture-only backend of the fast path (``fast_backend="cudagraphs"``, llava/fast/graphs.py): the plumbing
 around the CUDA graph (keys, inputs copied into the key's buffers, outputs cloned out, side effects once per call)
 on the CPU, where the function runs again on the buffers instead of a replay; kernels-only constants
 (``llava.ops.device_ints``) and the upload counter that keeps the captured functions recordable; and the fast path
@@ -11,7 +11,7 @@ import pytest
 import torch
 from fastpath_util import assert_same_as_eager, generate, inputs
 
-from llava.fast_graphs import CapturedFunction
+from llava.fast.graphs import CapturedFunction
 from llava.models import load
 from llava.ops import device_ints
 from llava.syncs import SyncCounter
@@ -75,7 +75,7 @@ def test_an_entry_holds_its_static_objects_alive():
 def test_while_recording_an_indexed_write_of_a_python_scalar_writes_a_device_scalar():
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from llava.fast_graphs import DeviceScalars
+    from llava.fast.graphs import DeviceScalars
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -161,7 +161,7 @@ def test_a_graph_inductor_does_not_capture_is_reported_once_with_its_reason(capl
 
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
-    from llava.fast_graphs import WatchedCompile
+    from llava.fast.graphs import WatchedCompile
 
     calls = []
 
@@ -172,10 +172,10 @@ def test_a_graph_inductor_does_not_capture_is_reported_once_with_its_reason(capl
         return x + 1
 
     skips = []
-    f = WatchedCompile(compiled, "prefill_fn", skips, logging.getLogger("llava.fastpath"))
-    with caplog.at_level(logging.WARNING, logger="llava.fastpath"):
+    f = WatchedCompile(compiled, "prefill_fn", skips, logging.getLogger("llava.fast.path"))
+    with caplog.at_level(logging.WARNING, logger="llava.fast.path"):
         assert f(torch.ones(2)).tolist() == [2.0, 2.0] and f(torch.zeros(2)).tolist() == [1.0, 1.0]
     assert skips == [{"function": "prefill_fn", "reason": "skipping cudagraphs due to mutated inputs (1 instances)"}]
-    (rec,) = [r for r in caplog.records if r.name == "llava.fastpath"]
+    (rec,) = [r for r in caplog.records if r.name == "llava.fast.path"]
     assert "prefill_fn" in rec.getMessage() and "mutated inputs" in rec.getMessage()
     assert len(calls) == 2

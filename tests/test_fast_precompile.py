@@ -1,11 +1,11 @@
-"""Precompiled fast-path functions (llava.fast_precompile): saved ahead of time in the compile cache folder, loaded by a
+"""Precompiled fast-path functions (llava.fast.precompile): saved ahead of time in the compile cache folder, loaded by a
 later fast path without tracing, keyed so that another model, method or call shape never loads a stale one.
 
 The suite runs the aot_eager backend without regions (seconds to compile; its saved regions do not run after loading
 in torch 2.13, which ``load`` refuses with the reason); FAST_BACKEND=inductor runs the same tests on Inductor with
 regions (minutes), the combination bench.compile_depth --precompile times.
 
-On a torch without the ahead-of-time capture (``llava.fast_precompile.missing``: torch 2.11) the tests of saved and
+On a torch without the ahead-of-time capture (``llava.fast.precompile.missing``: torch 2.11) the tests of saved and
 loaded files skip with the reason, and the fallback's tests run for real (one warning, the regular compile, tokens ==
 eager); the same fallback is also simulated here on any torch. tests/test_torch211.py runs this file in a torch 2.11
 environment (opt-in: docs/fast-path.md)."""
@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from llava import fast_precompile
+from llava.fast import precompile as fast_precompile
 from llava.demo_image import demo_image
-from llava.fast_precompile import Precompiled, describe, precompile_folder, static_key
+from llava.fast.precompile import Precompiled, describe, precompile_folder, static_key
 from llava.models import load
 
 BACKEND = "inductor" if os.environ.get("FAST_BACKEND") == "inductor" else "aot_eager"
@@ -121,7 +121,7 @@ def test_a_damaged_file_is_compiled_again_and_rewritten(saved, caplog):
         with open(os.path.join(folder, name), "r+b") as fh:
             fh.truncate(100)
     rt, eng = _fast(cache)
-    with caplog.at_level("WARNING", logger="llava.fast_precompile"):
+    with caplog.at_level("WARNING", logger="llava.fast.precompile"):
         assert _generate(rt) == tokens
     assert _counts(eng) == [(0, 1), (0, 1), (1, 0)]
     assert any("did not load" in r.getMessage() for r in caplog.records)
@@ -229,7 +229,7 @@ def test_a_torch_without_the_capture_warns_once_and_compiles_the_regular_way(tor
         monkeypatch.setattr(fast_precompile, "missing", lambda: "torch.compile(fn).aot_compile (simulated)")
     monkeypatch.setattr(fast_precompile, "_warned", False)
     cache = str(tmp_path)
-    with caplog.at_level("WARNING", logger="llava.fast_precompile"):
+    with caplog.at_level("WARNING", logger="llava.fast.precompile"):
         rt, eng = _fast(cache)
         tokens = _generate(rt)
         rt2, eng2 = _fast(cache, budget=6)  # a second fast path in the same process: no second warning

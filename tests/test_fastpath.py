@@ -1,4 +1,4 @@
-"""The fast path (llava.fastpath): a host plan, then one static-shape prefill per length bucket compiled
+"""The fast path (llava.fast.path): a host plan, then one static-shape prefill per length bucket compiled
 with ``torch.compile(fullgraph=True)`` (dynamo only here: the compiler without code generation proves
 the function is capturable), and a one-graph decode. Checked against the eager engine's ``generate()``."""
 
@@ -8,7 +8,7 @@ from conftest import rand_image
 from fastpath_util import (BACKEND, PROMPTS, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate,
                            inputs, prune_family)
 
-from llava.fastpath import BUCKETS, FastPath, bucket_for
+from llava.fast.path import BUCKETS, FastPath, bucket_for
 from llava.method import available_methods, get_method
 from llava.models import load
 

@@ -1,4 +1,4 @@
-"""The fast path (llava.fastpath) for the fixed-count pre-LLM baselines made capturable in issue 34:
+"""The fast path (llava.fast.path) for the fixed-count pre-LLM baselines made capturable in issue 34:
 downsample (the selection planned on the host: windows depend on the layout only), VisPruner (its rounds'
 sizes are host ints) and CDPruner (the question rows of the padded text block, the greedy DPP on the device,
 ``dpp_greedy_device``), VisionTrim (its DVTS / TGVC counts are host ints; the question rows of the padded

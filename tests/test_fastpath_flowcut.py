@@ -1,4 +1,4 @@
-"""FlowCut on the fast path (llava.fastpath): the in-tower stage captured through the masked tower
+"""FlowCut on the fast path (llava.fast.path): the in-tower stage captured through the masked tower
 (``llava.families.clip.run_tower_masked``: every unit at its full token count, the survivors a device mask, each
 layer's attention masked to them, ``FlowCut.select_tower_masked``). The masked tower == the eager gathered
 tower (``run_tower_staged``): the same survivors after every layer, the select layer's states allclose on the

@@ -1,4 +1,4 @@
-"""The fast path's in-LLM stages (llava.fast_llm, issue 34 item 3): FastV, PyramidDrop, VisionDrop, DART and
+"""The fast path's in-LLM stages (llava.fast.llm, issue 34 item 3): FastV, PyramidDrop, VisionDrop, DART and
 DUET-VLM (the text rows after the image as attention queries, padded, read through their mask) captured whole, the decoder run segment by segment inside the one prefill function with each stage's rows
 re-laid out by a host-planned gather, and a decode step per segment of layers. Checked against the eager
 engine's ``generate()`` (dynamo without code generation on a CPU, as tests/test_fastpath.py)."""
@@ -8,8 +8,8 @@ import torch
 from fastpath_util import (BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs,
                            prune_family)
 
-from llava.fast_llm import plan_stages, prompt_mask
-from llava.fastpath import FastPath, bucket_for
+from llava.fast.llm import plan_stages, prompt_mask
+from llava.fast.path import FastPath, bucket_for
 from llava.models import load
 
 #: budgets / options that prune at every stage of the tiny 4-layer LLM (16 tokens per image): FastV keeps 5

@@ -1,4 +1,4 @@
-"""ConsensusDrop's LLM probe (``probe_mode="attn"``, the "probe" preset) on the fast path (llava.fast_probe): decoder
+"""ConsensusDrop's LLM probe (``probe_mode="attn"``, the "probe" preset) on the fast path (llava.fast.probe): decoder
 layers 0..K-1 on the unpruned prompt inside the captured prefill, layer K's softmax rows of the padded text block,
 the query rows read through the block's masks. The probe rows equal the eager engine's, greedy tokens and first-step
 scores equal the eager engine's on LLaVA-1.5 / NeXT / Video-LLaVA / Qwen2.5-VL, 0 host syncs, one prefill graph per
@@ -10,8 +10,8 @@ from fastpath_util import (SINGLES, assert_one_graph_per_bucket, assert_same_as_
                            fast_and_eager, generate, inputs)
 
 from consensusdrop.consensusdrop import ConsensusDrop
-from llava.fast_probe import plan_probe
-from llava.fastpath import FastPath, bucket_for
+from llava.fast.probe import plan_probe
+from llava.fast.path import FastPath, bucket_for
 from llava.models import load
 
 #: the "probe" preset (layer 2 of the 4-layer tiny LLM, the question rows, rank fusion) and the other query kinds /

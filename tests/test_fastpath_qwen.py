@@ -1,4 +1,4 @@
-"""The fast path (llava.fastpath) on Qwen2.5-VL and Qwen3-VL: the prompt planned on the host (the placeholder run,
+"""The fast path (llava.fast.path) on Qwen2.5-VL and Qwen3-VL: the prompt planned on the host (the placeholder run,
 the merged tokens per image, the bucket, the splice, the 3-D M-RoPE positions of every row from the model's own
 ``get_rope_index`` on the host ids), the Qwen tower inside the captured prefill with static shapes (its window /
 full-attention segments, window permutation, rotary tables and, for Qwen3-VL, the position-table resampling
@@ -14,7 +14,7 @@ from conftest import rand_image
 from fastpath_util import BACKEND, PROMPTS, assert_same_as_eager, counting_fast_path, generate
 
 from llava.families import qwen_vision
-from llava.fastpath import FastPath
+from llava.fast.path import FastPath
 from llava.models import load
 
 #: three image sizes -> three grids (merged 6 x 4 = 24, 4 x 4 = 16, 5 x 3 = 15 tokens; windows of 2 x 2 merged

@@ -1,4 +1,4 @@
-"""The fast path (llava.fastpath) on the seed methods AttnMix and ConsensusDrop (issue 34, item 3): their
+"""The fast path (llava.fast.path) on the seed methods AttnMix and ConsensusDrop (issue 34, item 3): their
 pre-LLM selections captured whole (the padded text block read through masked ops, AttnMix's adaptive split
 and ConsensusDrop's greedy max-min loops on the device), checked against the eager engine's ``generate()``
 as tests/test_fastpath.py checks the baselines (dynamo without code generation on a CPU)."""

@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
     ap.add_argument("--only", nargs="+", help=f"run these guarantees only: {', '.join(GUARANTEES)}")
     ap.add_argument("--fast", action="store_true", help="include the fast-path check (compiles: minutes)")
-    ap.add_argument("--fast-backend", default="auto", help="the fast path's compiler backend (llava.fastpath.BACKENDS; "
-                    "auto: inductor on a GPU, eager on a CPU)")
+    ap.add_argument("--fast-backend", default="auto", help="the fast path's compiler backend "
+                    "(llava.fast.path.BACKENDS; auto: inductor on a GPU, eager on a CPU)")
     ap.add_argument("--keep-all-budget", type=int, default=None, help="the budget at which the method keeps every "
                     "visual token (default: the class's check_keep_all, else the built-in table, else n.a.)")
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Fast path == eager engine (``load(..., fast=True)``, :mod:`llava.fastpath`) for a method that declares itself
+"""Fast path == eager engine (``load(..., fast=True)``, :mod:`llava.fast.path`) for a method that declares itself
 capturable: on :func:`make_batch` (3 prompts of different lengths, left-padded) the captured prefill and one-graph
 decode give the eager engine's greedy tokens, first-step scores (within 1e-5) and visual token counts."""
 

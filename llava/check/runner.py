@@ -146,7 +146,7 @@ def _fast(rt, family, method, name, budget, options, backend) -> str:
     why = method.capture_refusal()
     if why:
         raise NotApplicable(why)
-    from ..fastpath import FAST_FAMILIES  # here: the fast path's import is needed by --fast only
+    from ..fast.path import FAST_FAMILIES  # here: the fast path's import is needed by --fast only
 
     if rt.family not in FAST_FAMILIES:
         raise NotApplicable(f"the fast path plans {', '.join(FAST_FAMILIES)} models, not {rt.family}")

@@ -11,7 +11,7 @@ The engine core (``llava/engine.py``) knows no family: it asks the adapter to
   pre-LLM convention), and map ``generate``'s decode positions into the LLM's space;
 * name the keyword arguments that carry visual inputs (``visual_keys``), which never reach the
   language model;
-* for the fast path (:mod:`llava.fastpath`): lay out a prefill's visual input from host metadata
+* for the fast path (:mod:`llava.fast.path`): lay out a prefill's visual input from host metadata
   (``fast_visual``), and where the family runs its own tower there, encode it with static shapes
   (``fast_encode``) and plan the prompt's positions on the host (``fast_positions``).
 
@@ -65,7 +65,7 @@ class VisualBlock(NamedTuple):
 
 
 class FastVisual(NamedTuple):
-    """The host plan of a prefill's visual input for the fast path (:mod:`llava.fastpath`): exactly one
+    """The host plan of a prefill's visual input for the fast path (:mod:`llava.fast.path`): exactly one
     image or one video per prompt, laid out as the stock model splices it.
 
     key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
@@ -85,7 +85,7 @@ class FastVisual(NamedTuple):
     samples: list
     #: a family that encodes its tower itself on the fast path (:meth:`FamilyAdapter.fast_encode`): the static
     #: plan of the tower run (hashable: part of the graph key) and its host tensors (name -> tensor: indices, weights);
-    #: None: the CLIP tower run by :mod:`llava.fastpath` (``hidden_states`` + the projector)
+    #: None: the CLIP tower run by :mod:`llava.fast.path` (``hidden_states`` + the projector)
     tower: object = None
     tower_tensors: dict | None = None
     #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.fast_positions`)
@@ -163,7 +163,7 @@ class FamilyAdapter:
     def placeholder_name(self, token_id: int) -> str:
         return "video" if token_id == getattr(self.config, "video_token_id", None) else "image"
 
-    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    # ---------------------------------------------------------------- fast path (llava.fast.path)
     def fast_visual(self, visual: dict, batch: int, input_ids: torch.Tensor | None = None) -> FastVisual:
         """The host plan of this prefill's visual inputs (no device work; reads only host metadata
         such as image sizes). ``input_ids``: the host ids (B, L) of the prompt, padding included, for a family

@@ -190,7 +190,7 @@ MASKED_TOWER_ATTN = ("sdpa", "eager")
 
 def run_tower_masked(tower, pixels: torch.Tensor, feature_layer: int, method, kind: str = "image",
                      cls_in_llm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The in-tower stage with static shapes (the fast path's captured prefill, :mod:`llava.fastpath`):
+    """The in-tower stage with static shapes (the fast path's captured prefill, :mod:`llava.fast.path`):
     :func:`run_tower_staged`'s loop with every unit kept at its full token count S and a keep mask (n, S) bool
     carried on the device instead of gathering the survivors. Each layer runs as the stock
     ``encoder.layers[i](h, mask)`` with an additive mask (n, 1, 1, S) that is -inf at the dropped tokens

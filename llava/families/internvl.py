@@ -150,7 +150,7 @@ class InternVLAdapter(FamilyAdapter):
             flat["cls_attn"], flat["keys"] = self.pooled_signals(layer, captured["h"])
         return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
 
-    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    # ---------------------------------------------------------------- fast path (llava.fast.path)
     def fast_visual(self, visual, batch, input_ids=None):
         """One image per prompt: its tiles are one run of ``<IMG_CONTEXT>`` tokens (m per tile), so a prompt's
         tile count is its placeholder count / m, read from the host ids (``pixel_values`` holds every prompt's

@@ -57,7 +57,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def project(self, vision_features):
         return ov.project(self.model, vision_features)
 
-    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    # ---------------------------------------------------------------- fast path (llava.fast.path)
     def fast_visual(self, visual, batch, input_ids=None):
         """One image (anyres_max_9: base crop, grid crops unpadded, bilinearly shrunk past 9 crops' worth, a newline
         per row) or one video (frames pooled 2x, one newline at the end) per prompt, laid out on the host from

@@ -363,7 +363,7 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast path (llava.fastpath): the same packing with every size planned on the host
+# The fast path (llava.fast.path): the same packing with every size planned on the host
 
 
 def _fast_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tensor, unit_grid: list, sizes: list,

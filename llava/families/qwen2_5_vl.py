@@ -20,7 +20,7 @@
 * Prompt: ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>``; ``mm_token_type_ids``
   (1 = image, 2 = video) is rebuilt from the ids when missing, because without it transformers
   silently falls back to 1-D positions.
-* Fast path (:mod:`llava.fastpath`): one image or video per prompt; the tower's segments, windows and
+* Fast path (:mod:`llava.fast.path`): one image or video per prompt; the tower's segments, windows and
   rotary tables planned from the grids (:func:`qwen_vision.tower_plan`) and run with static shapes inside
   the captured prefill (:func:`qwen_vision.run_static`, bit-identical to the stock tower); the positions of
   the unpruned prompt from ``get_rope_index`` on the host ids (:meth:`fast_positions`).
@@ -99,7 +99,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def grid(self) -> tuple[int, int]:
         return (0, 0)  # dynamic resolution: every image has its own grid (``patch`` is its merged raster index)
 
-    # ---------------------------------------------------------------- fast path (llava.fastpath)
+    # ---------------------------------------------------------------- fast path (llava.fast.path)
     def fast_visual(self, visual, batch, input_ids=None):
         """One image or one video per prompt (``image_grid_thw`` / ``video_grid_thw``, and a video's
         ``second_per_grid_ts``, read once on the host: the processor's metadata, before any device work). The

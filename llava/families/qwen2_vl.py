@@ -17,7 +17,7 @@ last, every block being full attention; ``qwen_saliency_layer`` picks another), 
 ``merger.ln_q`` of the 4 patches as ``vision_features`` (the merger's MLP input). ``get_rope_index`` takes no
 ``second_per_grid_ts``: a video's time axis counts temporal slices (the processor does not emit it for this family).
 
-Fast path (:mod:`llava.fastpath`): images and videos as Qwen2.5-VL's (:func:`qwen_vision.tower_plan` /
+Fast path (:mod:`llava.fast.path`): images and videos as Qwen2.5-VL's (:func:`qwen_vision.tower_plan` /
 :func:`qwen_vision.run_static` without windows, one segment per image / temporal slice), one vision run per prompt.
 """
 

@@ -16,7 +16,7 @@
   (:mod:`llava.staged`).
 * Positions: 3-D M-RoPE from the model's own ``get_rope_index`` on the full prompt (interleaved sections
   in the text model), kept tokens keep theirs, as Qwen2.5-VL.
-* Fast path (:mod:`llava.fastpath`): images as Qwen2.5-VL's (the tower without windows, its position table's
+* Fast path (:mod:`llava.fast.path`): images as Qwen2.5-VL's (the tower without windows, its position table's
   resampling planned on the host), the DeepStack rows carried with the kept tokens and added at their planned
   rows after the first decoder layers; videos run on the eager engine.
 * Videos: a prompt puts a timestamp (text) and its own ``<|vision_start|>`` ... ``<|vision_end|>`` run before

@@ -27,7 +27,7 @@ RoPE and ``scaling``) with LayerNorm and a GELU MLP around it, every block full 
 (as Qwen3-VL's), and Qwen2.5-VL's ``PatchMerger`` (``ln_q`` + ``mlp``): the code paths here need no branch of its own
 (``is_windowed`` False, ``is_qwen3`` False, no position table).
 
-The fast path (:mod:`llava.fastpath`) cannot run the stock tower (its SDPA path reads ``cu_seqlens`` back to the
+The fast path (:mod:`llava.fast.path`) cannot run the stock tower (its SDPA path reads ``cu_seqlens`` back to the
 host to split the segments): :func:`tower_plan` plans every grid-dependent index on the host and :func:`run_static`
 runs the same modules' arithmetic with static shapes (bit-identical outputs and signals).
 
@@ -288,7 +288,7 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
 
 
 # ------------------------------------------------------------------------------------------------
-# The fast path (llava.fastpath): the tower with static shapes, planned on the host from the grids
+# The fast path (llava.fast.path): the tower with static shapes, planned on the host from the grids
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The fast path's prompt attention as a causal kernel over its padded bucket.
 
 A captured prefill runs every prompt left-padded to a length bucket (static shapes), so its decoder attention
-gets a 4-D boolean mask (:func:`llava.fast_llm.prompt_mask`: causal over the real rows, the pads seen by no real
+gets a 4-D boolean mask (:func:`llava.fast.llm.prompt_mask`: causal over the real rows, the pads seen by no real
 row). SDPA's flash and cuDNN kernels take no mask, so that prefill ran the masked kernel: on an H100 / H200 twice
 the time of the eager engine's causal kernel at 576 rows, and at LLaVA-NeXT's 2.9k rows enough to make the fast
 unpruned prefill slower than the eager one (docs/results/gpu-session-2026-11-27.md).

@@ -12,7 +12,7 @@ module per layer (:func:`add_cache_slots`), and a marked decoder layer hands its
 compile the region is a plain call, and a marked layer given any other cache (the eager engine's) runs its
 class's forward: the eager engine and the uncompiled backends run exactly as before.
 
-Used by :class:`llava.fastpath.FastPath` for the compiling backends (``inductor``, ``eager``, ``aot_eager``)
+Used by :class:`llava.fast.path.FastPath` for the compiling backends (``inductor``, ``eager``, ``aot_eager``)
 unless ``load(..., fast_regional=False)``; :func:`region_count` says how many layers a model has marked.
 
 The compile cache: Inductor keeps the code it generates (and AOTAutograd its graphs) in ``TORCHINDUCTOR_CACHE_DIR``,

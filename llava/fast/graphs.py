@@ -1,5 +1,5 @@
 """The fast path's capture-only backend (``fast_backend="cudagraphs"``): each static-shape function of
-:class:`llava.fastpath.FastPath` (prefill, piecewise graphs, decode step) recorded as a CUDA graph of the
+:class:`llava.fast.path.FastPath` (prefill, piecewise graphs, decode step) recorded as a CUDA graph of the
 *uncompiled* function, without dynamo tracing or Inductor code generation.
 
 Why: at batch 1 a 7B prefill on a current GPU is bound by kernel launches, not FLOPs; a CUDA graph removes
@@ -194,7 +194,7 @@ class WatchedCompile:
         _watch_skip_log()
 
     @property
-    def last_new(self) -> bool:  # a precompiled function's (llava.fast_precompile): compiled or loaded this call
+    def last_new(self) -> bool:  # a precompiled function's (llava.fast.precompile): compiled or loaded this call
         return getattr(self.fn, "last_new", False)
 
     def __call__(self, *args, **kwargs):

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import output_capturing
 
-from .attention_rows import llm_attention_fns
-from .method import Selection
-from .selection_rows import _add_deepstack, carry_rows, llm_outputs
-from .signals import LLMSignals
+from ..attention_rows import llm_attention_fns
+from ..method import Selection
+from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
+from ..signals import LLMSignals
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _layers(lm, h, mask, pos, cache, a: int, z: int, ds: dict | None = None, att
     """Decoder layers a..z-1 on rows ``h`` with the 4-D ``mask`` at ``pos`` (a 4-D mask is what
     ``create_causal_mask`` hands the layers unchanged); ``ds``: DeepStack rows (Qwen3-VL; ``rows`` (n, levels,
     D) at the flattened visual rows ``at``), level i added after layer i as the stock text model does; ``attn``:
-    the fast path's attention keyword for a prompt bucket (rows -> dict; :mod:`llava.fast_attention`).
+    the fast path's attention keyword for a prompt bucket (rows -> dict; :mod:`llava.fast.attention`).
     Returns (h, the last layer's input)."""
     pe = lm.rotary_emb(h, position_ids=pos)
     prev = h

@@ -23,15 +23,15 @@ and handed to the captured function as index tensors:
 ``prefill`` (device, static shapes, no host read)
     the tower's outputs -> the method's selection (``sig.captured``) ->
     merges -> one gather into the bucket -> the language model into the static cache (with llm stages:
-    segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast_llm`; its attention
-    over the bucket the 4-D mask or SDPA's causal kernel on rolled rows, :mod:`llava.fast_attention`) -> the
+    segment by segment, each stage's rows laid out by a planned gather, :mod:`llava.fast.llm`; its attention
+    over the bucket the 4-D mask or SDPA's causal kernel on rolled rows, :mod:`llava.fast.attention`) -> the
     last row's logits, and one validity flag of every selection (read once, after the prefill); an in-tower
     stage (FlowCut) runs the CLIP tower masked (:func:`llava.families.clip.run_tower_masked`: every unit at its
     full token count, the survivors a device mask, each layer's attention masked to them, the method's
     ``select_tower_masked``), its final count per unit planned on the host;
 ``probe`` (a vision stage that reads the LLM's attention on the unpruned prompt: ConsensusDrop's ``probe_mode="attn"``)
     the unpruned rows planned in their own bucket, decoder layers 0..K-1 run on them inside the same captured
-    prefill, layer K's rows of the padded text block handed to the selection (:mod:`llava.fast_probe`);
+    prefill, layer K's rows of the padded text block handed to the selection (:mod:`llava.fast.probe`);
 ``piecewise`` (a vision stage whose output count depends on the image: ``capture_kind() == "piecewise"``)
     graph 1 = the tower, signals and the selection padded to a static size, its real count on the device
     (``Selection.count``) -> one host read of the counts -> the host plans the rows from them (the same
@@ -72,14 +72,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fast_attention
-from .families.base import to_device
-from .families.clip import MASKED_TOWER_ATTN
-from .fast_llm import decode_segments, prompt_mask, run_segments
-from .fast_compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
-from .fast_precompile import compile_function, precompile_folder, wanted as precompile_wanted
-from .fast_plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
-from .fast_vision import FastVisionMixin
+from . import attention as fast_attention
+from ..families.base import to_device
+from ..families.clip import MASKED_TOWER_ATTN
+from .llm import decode_segments, prompt_mask, run_segments
+from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
+from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
+from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
+from .vision import FastVisionMixin
 
 __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS", "NotPlanned", "bucket_for",
            "FastPath", "FastState", "FastInfo"]
@@ -165,11 +165,11 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             backend = "inductor" if dev.type == "cuda" else "eager"
         self.backend = backend
         self.cuda_graphs = dev.type == "cuda" and backend in ("inductor", "cudagraphs")
-        # each repeated layer class traced and compiled once (llava.fast_compile): compile time flat in depth
+        # each repeated layer class traced and compiled once (llava.fast.compile): compile time flat in depth
         self.regional = bool(regional) and backend in REGIONAL_BACKENDS
         # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
         self.cache_dir = use_cache_dir(cache) if backend in ("inductor", "aot_eager") else None
-        # each function saved / loaded ahead of time (llava.fast_precompile): a later process traces nothing; None
+        # each function saved / loaded ahead of time (llava.fast.precompile): a later process traces nothing; None
         # when not requested, or on a torch without the capture (one warning; the regular compile)
         self.precompile_requested = precompile_wanted(precompile)
         self.precompile = precompile_folder(precompile, backend, self.cache_dir, self.regional)
@@ -195,7 +195,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             if self.regional:  # a hybrid decoder (Qwen3.5): its towers only (linear layers keep other cache states)
                 mark_regions(layer_lists(engine.lm, towers.values()), decoder=not engine.adapter.linear_layers)
 
-    def _compile(self, fn):  # the backend's wrapper of fn (llava.fast_precompile.compile_function)
+    def _compile(self, fn):  # the backend's wrapper of fn (llava.fast.precompile.compile_function)
         return compile_function(self, fn, log)
 
     # ------------------------------------------------------------------ refusals
@@ -263,7 +263,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                 vp.append(vpos[:, at:at + s.tokens][:, o])
                 at += s.tokens
             pos = torch.cat([pos.reshape(R, -1)] + vp, 1)[:, src].view(pos.shape)
-        if spec.stages or spec.deepstack:  # the decoder segment by segment, the llm stages between (llava.fast_llm)
+        if spec.stages or spec.deepstack:  # the decoder segment by segment, the llm stages between (llava.fast.llm)
             vis0, stages = [], []
             if spec.stages:
                 at = 0
@@ -282,7 +282,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
 
     def _attn(self, rows) -> dict:
         """The decoder's keyword for a prompt bucket of ``rows`` (B, L, D): the causal kernel where
-        ``fast_attention`` asks for it (:mod:`llava.fast_attention`; a decoder on SDPA only: the keyword is read by
+        ``fast_attention`` asks for it (:mod:`llava.fast.attention`; a decoder on SDPA only: the keyword is read by
         the wrapped ``sdpa`` function, never handed to another), else none (the 4-D mask)."""
         sdpa = self._decoder_attention() == "sdpa"
         return {fast_attention.KW: True} if sdpa and fast_attention.wants(self.attention, rows.shape[1],
@@ -342,7 +342,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             cache.early_initialization(B, heads, hd, dtype, dev)
             self._init_linear_states(cache, B, dtype, dev)
             if self.regional and not self.engine.adapter.linear_layers:  # each decoder layer's region gets its
-                add_cache_slots(cache)  # cache layer as a module (llava.fast_compile); a hybrid decoder is unmarked
+                add_cache_slots(cache)  # cache layer as a module (llava.fast.compile); a hybrid decoder is unmarked
             if self.backend == "cudagraphs":  # a recorded graph writes into its cache's tensors: keep each shape's
                 self._caches[key] = cache  # (a new object would be a new graph at every change of shape)
             else:

@@ -1,11 +1,11 @@
-"""The fast path's host plan (a mixin of :class:`llava.fastpath.FastPath`): everything about one prefill
+"""The fast path's host plan (a mixin of :class:`llava.fast.path.FastPath`): everything about one prefill
 that depends on the prompt, decided on the host from the host copy of the ids - first what the tower's run needs
 (:meth:`FastPlanMixin.plan_tower`: the family's visual layout; the fast path starts the tower on the device with
 it), then, while the device runs the tower, each row's placeholder run, the unit layouts, the method's host draws,
 the selection's output counts (dry runs on ``meta`` tensors), the length bucket, the new rows' gather, positions
 and pad rows (the 4-D mask is built from them on the device) - handed to the captured function as one index
 buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static: they are the graph key. See
-:mod:`llava.fastpath` for the whole path."""
+:mod:`llava.fast.path` for the whole path."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import replace as _replace
 
 import torch
 
-from .fast_llm import count_stages, plan_stages, text_count
-from .fast_probe import plan_probe
-from .ops import UnitLayout, unit_layout
+from .llm import count_stages, plan_stages, text_count
+from .probe import plan_probe
+from ..ops import UnitLayout, unit_layout
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -67,11 +67,11 @@ class _Spec:
     bucket: int
     cache_len: int
     index_len: int
-    stages: tuple = ()  # llava.fast_llm.StageSpec per llm stage
+    stages: tuple = ()  # llava.fast.llm.StageSpec per llm stage
     tower: object = None  # the family's static tower plan (FastVisual.tower); None: the CLIP tower
     mrope: int = 0  # rows of the positions when kept tokens keep theirs (M-RoPE: 3); 0: contiguous 1-D
     deepstack: int = 0  # DeepStack levels (Qwen3-VL): rows added at the visual rows after decoder layers 0..n-1
-    probe: object = None  # llava.fast_probe.ProbeSpec: the vision stage reads the LLM's attention (unpruned prompt)
+    probe: object = None  # llava.fast.probe.ProbeSpec: the vision stage reads the LLM's attention (unpruned prompt)
 
 
 def _shift(s: _Sample, delta: int) -> _Sample:
@@ -116,7 +116,7 @@ class _VisualPlan:
 
 
 class FastPlanMixin:
-    """The host plan of :class:`llava.fastpath.FastPath` (reads its ``engine``, ``buckets``,
+    """The host plan of :class:`llava.fast.path.FastPath` (reads its ``engine``, ``buckets``,
     ``max_new_tokens`` and the caches ``_counts`` / ``_layouts``)."""
 
     @staticmethod
@@ -163,8 +163,8 @@ class FastPlanMixin:
         """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
         ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``; ``extras``
         the per-token extra tower-layer signals (:meth:`_extra_names`); ``probe`` its ``probe_attention``
-        (:func:`llava.fast_probe.run_probe`: the rows of the padded text block)."""
-        from .signals import VisionSignals
+        (:func:`llava.fast.probe.run_probe`: the rows of the padded text block)."""
+        from ..signals import VisionSignals
 
         parts = {name: index[o:o + n] for name, o, n in s.parts}
         layouts = {}
@@ -213,7 +213,7 @@ class FastPlanMixin:
         return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
 
     def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
-        from .signals import VisionSignals
+        from ..signals import VisionSignals
 
         return VisionSignals(features=torch.zeros(0), vision_features=torch.zeros(0), unit=unit, patch=patch,
                              unit_kind=kind, grid=self.engine.adapter.grid(), text_embeds=torch.zeros(0),
@@ -372,7 +372,7 @@ class FastPlanMixin:
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
         stages, stage_host, seg_lens, seg_buckets = (), [], [lens], [Lb]
-        if e.method.llm_layers:  # the llm segments (llava.fast_llm): later buckets are never longer
+        if e.method.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
                 raise NotPlanned(f"{e.method.name}: llm stages after a piecewise vision stage are not planned")
             stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, vp.dry, self.buckets,
@@ -410,7 +410,7 @@ class FastPlanMixin:
         probe = None
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index,
                 "pad": torch.tensor([Lb - n for n in lens])}  # the 4-D mask: built on the device (fast_llm.prompt_mask)
-        if e.method.vision_stage and e.method.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast_probe)
+        if e.method.vision_stage and e.method.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast.probe)
             if vp.spec.deepstack:
                 raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not "
                                  "planned")

@@ -11,7 +11,7 @@ reach through the fast path's object to the engine, the method and the model; Py
 (object identities, dict versions, the marked layers' forwards), so every guard is dropped and the key stands for
 them. A function's file is named by the SHA-256 of
 
-- the build: torch (with its CUDA / Triton: :func:`llava.fast_compile.cache_key`), transformers, Python;
+- the build: torch (with its CUDA / Triton: :func:`llava.fast.compile.cache_key`), transformers, Python;
 - the code that is traced: every ``.py`` file of this repository's packages (``llava``, the method packages,
   ``baselines``) and the method class's own file (a user's method from a file; other files of the user's that it
   imports are not read: after changing them, point ``fast_cache`` at a new folder); transformers by its version;
@@ -28,7 +28,7 @@ correctly. A value whose text names an object's address (``<... at 0x...>``) wou
 match: that function is compiled in memory as before and not saved (a warning says which). A file that fails to
 load (another build wrote it, a truncated write) is compiled again and rewritten.
 
-Used by :class:`llava.fastpath.FastPath` when ``load(..., fast_precompile=True)`` (or the variable
+Used by :class:`llava.fast.path.FastPath` when ``load(..., fast_precompile=True)`` (or the variable
 ``VTPRUNE_FAST_PRECOMPILE=1``) with the ``inductor`` or ``aot_eager`` backend and a compile cache folder
 (``fast_cache=`` / ``VTPRUNE_COMPILE_CACHE``): the files go to its ``precompiled/`` subfolder. Off by default: on a
 GPU the reload of Inductor's CUDA graphs is not yet checked (``gpu_session.sh fast-precompile``).
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 PRECOMPILE_BACKENDS = ("inductor", "aot_eager")
 #: this repository's packages, whose code a fast-path function traces
 _PACKAGES = ("llava", "consensusdrop", "visiondrop", "attnmix", "baselines")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository (llava/fast/../..)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +140,7 @@ def static_key(fast) -> str:
         tf = transformers.__version__
     except ImportError:
         tf = None
-    from .fast_compile import cache_key
+    from .compile import cache_key
 
     try:
         method_file = inspect.getsourcefile(type(e.method))
@@ -164,7 +164,7 @@ def describe(x):
     """The structure of a call's arguments (hashable): tensors by shape, dtype, stride and device type, containers
     by their items, a static cache by its layers' tensors (remembered on the cache: its tensors keep their shapes),
     any other value by its type and itself (its ``repr`` in the file's key). Not the capture backend's in-process key
-    (``llava.fast_graphs._leaf_key``): a file's key must read the same in another process, so the cache is described
+    (``llava.fast.graphs._leaf_key``): a file's key must read the same in another process, so the cache is described
     by its tensors (not its identity), and strides and types (``True`` vs ``1``) enter it."""
     if isinstance(x, torch.Tensor):
         return ("T", tuple(x.shape), x.dtype, x.stride(), x.device.type)
@@ -333,12 +333,12 @@ def precompile_folder(precompile, backend: str, cache_dir: str | None, regional:
 
 def compile_function(fast, fn, log):
     """``fn`` (a fast-path function) as the fast path's backend runs it: as it is ("none"), recorded as CUDA graphs
-    ("cudagraphs": :class:`llava.fast_graphs.CapturedFunction`), precompiled (:class:`Precompiled`), or through
+    ("cudagraphs": :class:`llava.fast.graphs.CapturedFunction`), precompiled (:class:`Precompiled`), or through
     ``torch.compile`` (Inductor with CUDA graphs on a GPU, watched for the graphs it declines to capture)."""
     if fast.backend == "none":
         return fn
-    if fast.backend == "cudagraphs":  # capture only: the uncompiled function recorded per key (llava.fast_graphs)
-        from .fast_graphs import CapturedFunction
+    if fast.backend == "cudagraphs":  # capture only: the uncompiled function recorded per key (llava.fast.graphs)
+        from .graphs import CapturedFunction
 
         if fast._pool is None and torch.cuda.is_available():
             fast._pool = torch.cuda.graph_pool_handle()
@@ -354,6 +354,6 @@ def compile_function(fast, fn, log):
         out = torch.compile(fn, fullgraph=True, dynamic=False, backend=fast.backend, options=options or None)
     if not graphs:
         return out
-    from .fast_graphs import WatchedCompile  # Inductor + CUDA graphs: a graph it declines to capture is reported
+    from .graphs import WatchedCompile  # Inductor + CUDA graphs: a graph it declines to capture is reported
 
     return WatchedCompile(out, fn.__name__.strip("_"), fast.cudagraph_skips, log)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention_rows import LayerQK, causal_attention_rows
-from .fast_llm import _no_output_capture, prompt_mask
+from ..attention_rows import LayerQK, causal_attention_rows
+from .llm import _no_output_capture, prompt_mask
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None):
     p0 + T + i of the prompt for i < its real count); ``positions``: per sample (rows, n) the prompt's own
     positions (M-RoPE) or None (contiguous from 0). Returns (:class:`ProbeSpec`, host tensors: ``tok`` (B, L)
     the ids with the placeholders zeroed, ``src`` (B * L) the gather from [their embeddings, every sample's T
-    stock visual rows], ``pos``, ``pad`` (B,) pad rows (the mask: :func:`llava.fast_llm.prompt_mask`, on the
+    stock visual rows], ``pos``, ``pad`` (B,) pad rows (the mask: :func:`llava.fast.llm.prompt_mask`, on the
     device), ``real`` (B, L) bool, ``vis`` (sum T) and ``text`` (sum Q) rows within each sample's padded row; a
     text pad points at the sample's last row)."""
     B = len(rows)

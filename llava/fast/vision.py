@@ -1,29 +1,29 @@
-"""The fast path's vision stage inside the captured functions (a mixin of :class:`llava.fastpath.FastPath`): the
+"""The fast path's vision stage inside the captured functions (a mixin of :class:`llava.fast.path.FastPath`): the
 tower (the CLIP tower, masked for an in-tower stage, or the family's own static-shape encoder), each sample's
 candidates with their signals, the LLM probe and the method's selection, materialised into its outputs. Apart from
-:mod:`llava.fastpath`, which runs it inside the prefill graphs; see there for the whole path."""
+:mod:`llava.fast.path`, which runs it inside the prefill graphs; see there for the whole path."""
 
 from __future__ import annotations
 
 import torch
 
-from .families.base import param_dtype
-from .families.clip import (attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention,
+from ..families.base import param_dtype
+from ..families.clip import (attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention,
                             run_tower_masked)
-from .fast_llm import _no_output_capture
-from .fast_plan import _Spec
-from .fast_probe import run_probe
-from .method import Selection
-from .selection_rows import carry_rows, materialize
+from .llm import _no_output_capture
+from .plan import _Spec
+from .probe import run_probe
+from ..method import Selection
+from ..selection_rows import carry_rows, materialize
 
 
 class FastVisionMixin:
-    """The vision stage of :class:`llava.fastpath.FastPath`'s captured prefills (reads its ``engine``; the host
-    plan's ``_sample_signals`` and ``_extra_names``, :class:`llava.fast_plan.FastPlanMixin`)."""
+    """The vision stage of :class:`llava.fast.path.FastPath`'s captured prefills (reads its ``engine``; the host
+    plan's ``_sample_signals`` and ``_extra_names``, :class:`llava.fast.plan.FastPlanMixin`)."""
 
     def _run_tower(self, px, crops, spec, tower_in=None) -> dict:
         """The tower of a captured prefill, its outputs by name (the tower function of a prefill, run before the
-        rest of the host plan; ``spec``: a :class:`llava.fast_plan._TowerSpec` or the prefill's ``_Spec``): the
+        rest of the host plan; ``spec``: a :class:`llava.fast.plan._TowerSpec` or the prefill's ``_Spec``): the
         family's own static-shape encoder's (``spec.tower``, :meth:`FamilyAdapter.fast_encode`) or the CLIP
         tower's (:meth:`_clip_tower`)."""
         e = self.engine
@@ -41,7 +41,7 @@ class FastVisionMixin:
         (query-aware methods read their text block from them); ``tower_in``: the tower's planned index
         tensors (a family that encodes its tower itself, ``spec.tower``); ``deeps``: a list that receives each
         sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL); ``probe_in``: the LLM
-        probe's planned tensors (``spec.probe``, :mod:`llava.fast_probe`); ``tower_out``: :meth:`_run_tower`'s
+        probe's planned tensors (``spec.probe``, :mod:`llava.fast.probe`); ``tower_out``: :meth:`_run_tower`'s
         outputs when the tower ran already (a function of its own), else it runs here."""
         e = self.engine
         adapter, method = e.adapter, e.method
@@ -71,7 +71,7 @@ class FastVisionMixin:
                 ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
             cands.append((f.to(dtype), v, a, k, ex, enc["deepstack"][safe] if deeps is not None else None))
         probes = [None] * len(spec.samples)
-        if spec.probe is not None and method.vision_stage:  # the LLM probe on the unpruned rows (llava.fast_probe)
+        if spec.probe is not None and method.vision_stage:  # the LLM probe on the unpruned rows (llava.fast.probe)
             probes = run_probe(e.lm, spec.probe, probe_in, [c[0] for c in cands], [s.tokens for s in spec.samples],
                                [s.text for s in spec.samples])
         outs, sigs, origins, counts = [], [], [], []
