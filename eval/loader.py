@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,25 @@ def default_workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    return max(0, min(LLAVA_WORKERS, cores // max(local, 1) - 1))
+    return max(0, min(LLAVA_WORKERS, cores // max(_local_processes(), 1) - 1))
+
+
+def _local_processes() -> int:
+    """The processes of this run on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, or
+    the tasks of this node in a Slurm job step (``SLURM_STEP_TASKS_PER_NODE``, e.g. ``4(x2),3``: 4, 4 and 3 tasks
+    on the step's nodes, this one ``SLURM_NODEID``); 1 otherwise. (Slurm binding each task to its own cores already
+    narrows the affinity mask.)"""
+    env = os.environ
+    n = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+    if n:
+        return int(n)
+    counts = []
+    for part in (env.get("SLURM_STEP_TASKS_PER_NODE") or "").split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(env.get("SLURM_NODEID") or 0)
+    return counts[node] if node < len(counts) else 1
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -71,7 +71,8 @@ def test_workers_prepare_the_loops_inputs_in_order(fixture_data, bench_name, mod
 
 
 def test_default_workers_is_llavas_four_within_this_process_share_of_the_cores(monkeypatch):
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    for k in ("LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
+        monkeypatch.delenv(k, raising=False)
     cases = [(16, None, 4), (16, "8", 1), (16, "16", 0), (3, None, 2), (2, None, 1), (1, None, 0), (64, "4", 4)]
     for cores, local, want in cases:
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
@@ -80,6 +81,14 @@ def test_default_workers_is_llavas_four_within_this_process_share_of_the_cores(m
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         assert default_workers() == want, (cores, local)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(12)), raising=False)
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2)")  # srun: 4 tasks on each of 2 nodes
+    assert default_workers() == 2  # 12 cores / 4 tasks - 1
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "6(x2),2")  # 6, 6 and 2 tasks on the step's 3 nodes
+    assert default_workers() == 1  # node 0: 12 / 6 - 1
+    monkeypatch.setenv("SLURM_NODEID", "2")
+    assert default_workers() == 4  # node 2: 12 / 2 - 1 = 5, at most LLaVA's 4
 
 
 def _answers(run_dir):
@@ -317,3 +326,33 @@ def test_the_scripts_pass_loader_workers_and_share_one_compile_cache_under_fast(
     a = argv(FAST="1")
     assert a[0] == str(tmp_path / "runs" / ".compile-cache") and "--fast" in a and "--loader-workers" not in a
     assert argv(FAST="1", VTPRUNE_COMPILE_CACHE="/elsewhere")[0] == "/elsewhere"
+
+
+def test_torchrun_ranks_with_workers_answer_as_one_process_in_the_loop(fixture_data, varied_model, tmp_path):
+    """scripts/eval/pope.sh under torchrun, 2 ranks with a loader worker each (LOADER_WORKERS=1): each rank's shard
+    and the merged answers are one process's answers made in the loop (NPROC=1, LOADER_WORKERS=0)."""
+    def script(nproc, workers, out):
+        env = {**_env(), "NPROC": str(nproc), "LOADER_WORKERS": str(workers), "DATA_ROOT": str(fixture_data),
+               "OUT": str(out)}
+        env.pop("PYTHONPATH")
+        for k in ("MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        p = subprocess.run(["bash", str(ROOT / "scripts" / "eval" / "pope.sh"), "random", "4", str(varied_model),
+                            "--max-new-tokens", "4"], env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-4000:]
+        (rd,) = (out / "pope").iterdir()
+        return rd
+
+    ranks = script(2, 1, tmp_path / "ranks")
+    alone = script(1, 0, tmp_path / "alone")
+    assert sorted(p.name for p in (ranks / "answers").iterdir()) == ["2_0.jsonl", "2_1.jsonl"]
+    assert {ln["loader_workers"] for ln in ledger_lines(ranks)} == {1}
+    assert {(ln["rank"], ln["processes"]) for ln in ledger_lines(ranks)} == {(0, 2), (1, 2)}
+    a, b = _answers(ranks), _answers(alone)
+    for r in a + b:  # the rank that answered, and its overlay pictures (the first --overlay-samples of each rank)
+        r["_eval"].pop("rank")
+        r["_eval"].pop("overlay", None)
+    assert_answers_vary([r["text"] for r in b], 4)
+    assert a == b
+    res = json.loads((ranks / "results.json").read_text())
+    assert res["throughput"]["processes"] == 2 and res["throughput"]["questions"] == 6
