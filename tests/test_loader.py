@@ -45,13 +45,43 @@ def _prepared(data, bench_name, processor, batch_size, workers):
         pf.close()
 
 
+def _mp4_videos(data: Path, dest: Path) -> Path:
+    """MSVD's fixture with an H.264 mp4 beside each GIF (found first: eval.benchmarks.videoqa.VIDEO_FORMATS)."""
+    import shutil
+
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    root = Path(shutil.copytree(data, dest))
+    gifs = sorted(root.rglob("*.gif"))
+    assert gifs
+    for k, gif in enumerate(gifs):
+        with av.open(str(gif.with_suffix(".mp4")), mode="w") as out:
+            st = out.add_stream("libx264", rate=10)
+            st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+            for i in range(12):
+                img = np.full((48, 64, 3), (8 * i + 40 * k) % 256, dtype=np.uint8)
+                img[:, : 4 * i] = 255
+                for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    out.mux(packet)
+            for packet in st.encode():
+                out.mux(packet)
+    return root
+
+
 @pytest.mark.parametrize("bench_name, model", [("gqa", "tiny:llava"), ("mmbench", "tiny:llava"),
-                                               ("sqa", "tiny:llava"), ("msvd", "tiny:video-llava")])
-def test_workers_prepare_the_loops_inputs_in_order(fixture_data, bench_name, model):
-    """Every batch (images from files, inline images, text-only, videos) prepared by 2 forked workers is the in-loop
-    preparation: same order, same input hashes, the same tensors bit for bit."""
+                                               ("sqa", "tiny:llava"), ("msvd", "tiny:video-llava"),
+                                               ("msvd-mp4", "tiny:video-llava")])
+def test_workers_prepare_the_loops_inputs_in_order(fixture_data, tmp_path, bench_name, model):
+    """Every batch (images from files, inline images, text-only, videos as GIFs / frame folders / mp4 files decoded
+    by PyAV) prepared by 2 forked workers is the in-loop preparation: same order, same input hashes, the same tensors
+    bit for bit (the workers fork after the loop's own decoding has used PIL / PyAV in this process)."""
     from llava.models import load
 
+    if bench_name == "msvd-mp4":
+        fixture_data, bench_name = _mp4_videos(fixture_data, tmp_path / "mp4"), "msvd"
+        qs = get_benchmark("msvd", str(fixture_data)).load()
+        assert sum(str(q.video).endswith(".mp4") for q in qs) >= 2
     rt = load(model, dtype="float32", device="cpu")
     batches, alone = _prepared(fixture_data, bench_name, rt.processor, 2, 0)
     _, ahead = _prepared(fixture_data, bench_name, rt.processor, 2, 2)
