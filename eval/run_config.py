@@ -52,7 +52,7 @@ class RunConfig:
     fast: bool = False  # llava.load(fast=True): planned + captured prefills where the method allows (llava/fastpath.py)
     fast_backend: str = "auto"  # torch.compile backend of the fast path (auto: inductor + CUDA graphs on a GPU)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: the run's max_new_tokens
-    fast_attention: str = "auto"  # the prompt's attention over its bucket: causal kernel / 4-D mask (llava.fast_attention)
+    fast_attention: str = "auto"  # the prompt's attention over its bucket: causal kernel / 4-D mask (llava.fast.attention)
     backend: str = "hf"  # hf (our engine's generate) | vllm (vLLM + the vtprune plugin: eval/vllm_backend.py)
     tp: int = 1  # tensor-parallel size: groups of tp ranks share one model sharded by DeepSpeed AutoTP (llava/tp.py)
     seed: int = 0
@@ -143,9 +143,9 @@ def option_error(cfg: RunConfig, world: int) -> str | None:
 def fast_check(cfg: RunConfig) -> str | None:
     """The fast-path options (after ``max_new_tokens`` is resolved): one error line, or None. Resolves
     ``fast_max_new_tokens`` to the run's ``max_new_tokens`` when not given."""
-    from llava.fastpath import BACKENDS as FAST_BACKENDS
+    from llava.fast.path import BACKENDS as FAST_BACKENDS
 
-    from llava.fast_attention import MODES
+    from llava.fast.attention import MODES
 
     if not cfg.fast:
         if cfg.fast_backend != "auto" or cfg.fast_max_new_tokens is not None or cfg.fast_attention != "auto":
