@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -55,16 +56,21 @@ import torch
 #   cost: the analytic model (prefill MACs, KV bytes per token, the roofline fit)
 #   inputs: BenchConfig, the synthetic images and questions, the processor's batch
 #   timing: the timers (prefill_once, prefill_ops, decode_step_time, llm_sweep) and measure (one method x budget)
+#   hardware: the device's measured copy bandwidth and matmul peak; floor: each fast-table row's physical floor
 #   report: the environment, the bars, the fast-vs-eager rows, efficiency.md / .png, W&B
 # This module: run (the whole table, the files) and main (the command line).
 from bench.efficiency.cost import (HybridSpec, Roofline, attention_layers, cache_bytes, fit_roofline, hybrid_spec,
                                    kv_bytes_per_token, layer_macs, linear_layer_macs, llm_dims, prefill_macs)
+from bench.efficiency.floor import FLOOR_RULE, add_floors, row_floor, vision_flops, weight_bytes
+from bench.efficiency.hardware import copy_bandwidth, matmul_peak
+from bench.efficiency.hardware import describe as describe_hardware
+from bench.efficiency.hardware import measure as measure_hardware
 from bench.efficiency.inputs import (FAMILY_IMAGE_HW, BenchConfig, build_batch, default_image_hw, describe_inputs,
                                      make_inputs, parse_method)
 from bench.efficiency.report import (check_bars, cpu_model, environment, fast_comparison, fast_markdown, label,
                                      log_wandb, markdown, plot)
 from bench.efficiency.timing import (attach, decode_step_time, generate_time, llm_sweep, measure, prefill_once,
-                                     prefill_ops, summary, timed_prefill)
+                                     prefill_ops, process_age, summary, timed_prefill)
 
 __all__ = [
     # cost
@@ -75,7 +81,10 @@ __all__ = [
     "parse_method",
     # timing
     "summary", "prefill_once", "prefill_ops", "generate_time", "decode_step_time", "llm_sweep", "attach",
-    "timed_prefill", "measure",
+    "timed_prefill", "measure", "process_age",
+    # hardware, floor
+    "copy_bandwidth", "matmul_peak", "measure_hardware", "describe_hardware", "weight_bytes", "vision_flops",
+    "row_floor", "add_floors",
     # report
     "cpu_model", "environment", "fast_comparison", "label", "check_bars", "markdown", "fast_markdown", "plot",
     "log_wandb",
@@ -166,10 +175,15 @@ def run(cfg: BenchConfig) -> dict:
         from llava.cli import InputError
 
         raise InputError(f"cannot load model {cfg.model!r}: {e.args[0] if e.args else e}") from e
+    loaded_s = process_age()
     device = next(rt.model.parameters()).device
     image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
     inputs = describe_inputs(rt, image_hw)
     items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw)
+    floor = None
+    if cfg.fast:  # the fast table's floors: the device's limits, the weights' bytes, the tower's FLOPs
+        floor = _floor_inputs(rt, items, device)
+        print("device limits " + describe_hardware(floor["hardware"]), file=sys.stderr, flush=True)
     cells = [("none", None, {}, False)]
     for spec in cfg.methods:
         name, opts = parse_method(spec)
@@ -189,7 +203,7 @@ def run(cfg: BenchConfig) -> dict:
         print(f"--resume: {skipped} line(s) of {progress} left out (another configuration's, or cut by a kill)",
               file=sys.stderr, flush=True)
     results, fast_results, errors = [], [], []
-    paths = ("eager", "fast") if cfg.fast else ("eager",)
+    paths = (("fast", "eager") if cfg.fast_first else ("eager", "fast")) if cfg.fast else ("eager",)
     total, i = len(cells) * len(paths), 0
     print(f"bench.efficiency: {total} cells ({len(cells)} method x budget{' x 2 paths' if cfg.fast else ''}, "
           f"{cfg.n} samples each) on {cfg.model}; writing to {out}"
@@ -246,10 +260,27 @@ def run(cfg: BenchConfig) -> dict:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     report = _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fast_slots,
-                     complete=stopped is None, out=out, progress=progress)
+                     complete=stopped is None, out=out, progress=progress, floor=floor,
+                     process={"loaded_s": loaded_s, "pid": os.getpid()})
     if isinstance(stopped, KeyboardInterrupt):
         raise stopped
     return report
+
+
+def _floor_inputs(rt, items, device) -> dict:
+    """What the fast table's floors need (bench.efficiency.floor), measured once at the start of a run: the device's
+    copy bandwidth and matmul peak in the model's dtype, the weights' bytes by phase and the tower's FLOPs (one
+    unpruned prefill of the first input under torch's FLOP counter, no engine attached)."""
+    hw = measure_hardware(device, rt.model.dtype)
+    model = {"weights": weight_bytes(rt.model), "dtype_bytes": rt.model.get_input_embeddings().weight.element_size()}
+    try:
+        model["vision_count"] = vision_flops(rt.model, build_batch(rt, [items[0]], device))
+        model["vision_flops"] = model["vision_count"]["vision"]
+    except Exception as e:  # noqa: BLE001 - a family the counter cannot run: the tower's floor is its weight read
+        model["vision_flops"], model["vision_flops_error"] = 0.0, f"{type(e).__name__}: {e}"
+        print(f"the tower's FLOPs were not counted ({model['vision_flops_error']}): its floor is its weight read",
+              file=sys.stderr, flush=True)
+    return {"hardware": hw, "model": model}
 
 
 def _main_thread() -> bool:
@@ -267,7 +298,7 @@ def _pair(results: list[dict], fast_results: list[dict]) -> tuple[list[dict], li
 
 
 def _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fast_slots, complete: bool, out: Path,
-            progress: Path) -> dict:
+            progress: Path, floor: dict | None = None, process: dict | None = None) -> dict:
     """efficiency.json / .md / .png from the rows there are (a run stopped early: no cost model, no bars)."""
     base = next((r for r in results if r["method"] == "none" and not r.get("closing")), None)
     for r in results:  # launches a method adds over the unpruned model on the same input
@@ -299,16 +330,27 @@ def _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fa
                   "k_s_per_mac": model.k, "ridge_tokens": model.ridge(), "sweep": model.points,
                   "rule": "predicted TTFT = measured vision + selection + sum_l T(n_l)/L"},
               "results": results}
+    if floor is not None:
+        report["hardware"] = floor["hardware"]
+    if process is not None:
+        report["process"] = process
     if cfg.fast:
         eager_rows, fast_rows = _pair(results, fast_results)
         f0 = next((r["fast"] for r in fast_results if r.get("fast")), {})
+        comparison = fast_comparison(eager_rows, fast_rows)
+        if floor is not None:
+            add_floors(comparison, eager_rows, rt.model.config, floor["model"], floor["hardware"], cfg.decode_tokens)
         report["fast"] = {"backend": f0.get("backend"), "requested_backend": cfg.fast_backend,
                           "attention": cfg.fast_attention,
                           "cuda_graphs": f0.get("cuda_graphs"), "max_new_tokens": fast_slots,
                           "note": "each cell ran on the eager engine and with load(fast=True) in this run; fast rows: "
                                   "warm-up prefills first, a timed prefill that still compiled a graph is timed again "
                                   "(compiled_in_timed); path_taken = engine.stats.path of the timed prefills",
-                          "results": fast_results, "comparison": fast_comparison(eager_rows, fast_rows)}
+                          "precompile_requested": os.environ.get("VTPRUNE_FAST_PRECOMPILE", "") not in ("", "0"),
+                          "process": process,
+                          "floor": None if floor is None else {**floor, "decode_tokens": cfg.decode_tokens,
+                                                               "rule": FLOOR_RULE},
+                          "results": fast_results, "comparison": comparison}
     report["bars"] = check_bars(results, model) if model is not None else []
     (out / "efficiency.json").write_text(json.dumps(report, indent=1, default=str))
     wrote = [out / "efficiency.json", progress]
@@ -383,6 +425,9 @@ def main(argv=None) -> int:
                     help="seconds of unpruned prefills before the first row (the device's warm-up)")
     ap.add_argument("--retime-none", action="store_true",
                     help="time the unpruned row again after the last method (the drift over the run)")
+    ap.add_argument("--fast-first", action="store_true",
+                    help="with --fast: each cell's fast row before its eager row (a process's first fast-path token "
+                         "then comes right after the model's load: the second-process measurements)")
     ap.add_argument("--fast-max-new-tokens", type=int, default=None,
                     help="with --fast: decode slots of the static cache (default: --decode-tokens)")
     a = ap.parse_args(argv)

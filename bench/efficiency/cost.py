@@ -13,6 +13,26 @@ from llava.cost import (HybridSpec, attention_layers, hybrid_spec, kv_bytes_per_
                         linear_layer_macs, llm_dims, prefill_macs)
 
 
+def decode_step_macs(context: list[float], d: int, m: int, d_kv: int | None = None, spec: HybridSpec | None = None,
+                     convention: str = "B") -> float:
+    """MACs of one decode step (one new token) in the decoder, each layer attending to ``context[l]`` cached tokens
+    (the new one included): per layer the projections 2d^2 + 2d d_kv, the attention 2 context d (q k^T and the
+    weighted values over the cache), the FFN (2 or 3) d m; a hybrid decoder's linear layers by
+    :func:`linear_layer_macs` at n = 1 (a fixed-size state, no context term), its gated attention layers + d^2.
+    The LM head is not in it (``vocab x d`` more: :mod:`bench.efficiency.floor` adds it)."""
+    ffn = {"A": 2, "B": 3}[convention]
+    dkv = d if d_kv is None else d_kv
+    total = 0.0
+    kinds = spec.kinds if spec is not None else ("full",) * len(context)
+    for ctx, kind in zip(context, kinds):
+        if kind == "linear":
+            total += linear_layer_macs(1, spec, m, convention)
+        else:
+            total += 2 * d * d + 2 * d * dkv + 2 * ctx * d + ffn * d * m + (spec.hidden * d if spec is not None and
+                                                                             spec.q_gate else 0)
+    return float(total)
+
+
 # ------------------------------------------------------------------------------------------------
 # a measured cache (the analytic formulas: llava.cost)
 # ------------------------------------------------------------------------------------------------

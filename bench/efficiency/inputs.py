@@ -34,6 +34,7 @@ class BenchConfig:
     fast_backend: str = "auto"
     fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast_attention)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: decode_tokens
+    fast_first: bool = False  # each cell's fast row before its eager row
     resume: bool = False  # keep the rows of an earlier run of the same configuration (cells.jsonl)
     device_warmup: float = 0.0  # seconds of unpruned prefills before the first row
     retime_none: bool = False  # the unpruned row timed again after the last method

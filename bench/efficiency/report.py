@@ -14,17 +14,9 @@ from pathlib import Path
 import torch
 
 from bench.efficiency.cost import Roofline
-
-
-def cpu_model() -> str:
-    """The CPU's model name (lscpu's 'Model name', from /proc/cpuinfo), or the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench.efficiency.hardware import cpu_model  # noqa: F401 - re-exported (bench.efficiency.cpu_model)
+from bench.efficiency.hardware import describe as describe_hardware
+from bench.efficiency.hardware import si
 
 
 def environment(rt, device, dtype) -> dict:
@@ -184,7 +176,9 @@ def markdown(report: dict) -> str:
     out = [f"# Efficiency: {env['model']}", "",
            f"Device: {env.get('gpu') or env.get('cpu')} ({env['device']}); dtype {env['dtype']}; LLM attention "
            f"{env['llm_attention']}, vision tower {env['vision_attention']}; torch {env['torch']}, transformers "
-           f"{env['transformers']}; {env['date']}. N = {report['config']['n']} inputs (seeded random images, "
+           f"{env['transformers']}; {env['date']}"
+           + (f"; device limits {describe_hardware(report['hardware'])}" if report.get("hardware") else "")
+           + f". N = {report['config']['n']} inputs (seeded random images, "
            f"{report['config']['text_words']}-word questions), warm-up {report['config']['warmup']}, "
            f"TPOT: the decode steps of one generate call of {report['config']['decode_tokens']} forced tokens "
            "(prefill excluded). FLOPs in T MAC (x2 for FLOPs), LLM "
@@ -258,26 +252,34 @@ def fast_markdown(fast: dict) -> list[str]:
            "before the stage at full length). Warm-up: the fast row's warm-up prefills, compile / capture included, "
            "never in the TTFT. Host plan: the fast prefill's planning on the host, all / the part before the device "
            "has work (the rest runs while the device runs the tower).", "",
+           *_floor_lines(fast),
            "| Method | Budget | Batch | Path | Path taken | TTFT median / p90 (ms) | fast / eager TTFT | TPOT (ms) "
            "| fast / eager TPOT | selection (ms) | host plan / exposed (ms) | warm-up (s) "
-           "| graphs compiled in timed runs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| graphs compiled in timed runs | floor TTFT (ms) | TTFT / floor | floor TPOT (ms) | TPOT / floor |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"  # noqa: E731
     over = lambda c: f"{c['fast_over_random'] * 1e3:+.2f} over random" if "fast_over_random" in c else "-"  # noqa: E731
     plan = lambda c: (f"{ms(c['fast_plan_median'])} / {ms(c.get('fast_plan_exposed_median'))}"  # noqa: E731
                       if c.get("fast_plan_median") is not None else "-")
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
+
+    def floors(c, side):  # the row's floor and its distance from it (bench.efficiency.floor)
+        return (f" {ms(c.get('floor_ttft_s'))} | {ratio(c.get(f'{side}_ttft_over_floor'))} | "
+                f"{ms(c.get('floor_tpot_s'))} | {ratio(c.get(f'{side}_tpot_over_floor'))} |")
+
     for c in fast["comparison"]:
         head = f"| {c['label']} | {c['budget'] if c['budget'] is not None else '-'} | {c['batch']} |"
         b1 = c["batch"] == 1
         out.append(f"{head} eager | eager | {ms(c['eager_ttft_median'])} / {ms(c['eager_ttft_p90'])} | - | "
                    f"{ms(c.get('eager_tpot_median')) if b1 else '-'} | - | {ms(c.get('eager_selection_median'))} | - "
-                   "| - | - |")
+                   "| - | - |" + floors(c, "eager"))
         taken = _taken(c["fast_path_taken"], c["fast_path_reasons"], "fast")
         tpot_ratio = f"{c['tpot_ratio']:.2f}x" if c.get("tpot_ratio") else "-"
         out.append(f"{head} fast | {taken} | {ms(c['fast_ttft_median'])} / {ms(c['fast_ttft_p90'])} | "
                    f"{c['ttft_ratio']:.2f}x | {ms(c.get('fast_tpot_median')) if b1 else '-'} | "
                    f"{tpot_ratio if b1 else '-'} | {over(c)} | {plan(c)} | "
-                   f"{f'{w:.1f}' if (w := c.get('fast_warmup_s')) is not None else '-'} | {c['fast_compiled_in_timed']} |")
+                   f"{f'{w:.1f}' if (w := c.get('fast_warmup_s')) is not None else '-'} | {c['fast_compiled_in_timed']} |"
+                   + floors(c, "fast"))
     skipped = [(c["label"], c["budget"], s) for c in fast["comparison"] if c["batch"] == 1
                for s in c.get("cudagraph_skips") or []]
     if skipped:  # Inductor compiled these without a CUDA graph: their kernels ran one by one
@@ -285,6 +287,51 @@ def fast_markdown(fast: dict) -> list[str]:
                 "`fast_backend=\"cudagraphs\"` records the uncompiled functions instead):", ""]
         out += [f"- {name}{f' at {b}' if b is not None else ''}: `{s['function']}`: {s['reason']}"
                 for name, b, s in skipped]
+    out += _process_lines(fast)
+    return out
+
+
+def _floor_lines(fast: dict) -> list[str]:
+    """The floor columns' paragraph: the device's measured limits (bandwidth, peak, date) and the rule."""
+    fl = fast.get("floor")
+    if not fl:
+        return []
+    m = fl["model"]
+    w = m["weights"]
+    vis = (f"{si(m['vision_flops'], 'FLOP')} per sample (counted)" if not m.get("vision_flops_error")
+           else f"not counted ({m['vision_flops_error']}): its weight read only")
+    return [f"Floor: device limits {describe_hardware(fl['hardware'])}. Weights read per forward: LLM decoder "
+            f"{si(w['llm'], 'B')} + LM head {si(w['head'], 'B')}, tower and projector {si(w['vision'], 'B')} (the "
+            f"input embedding, {si(w['embedding'], 'B')}, is a gather); the tower's FLOPs {vis}. "
+            f"{fl.get('rule', '')} (T = {fl.get('decode_tokens')}; docs/efficiency.md, \"The physical floor\"). "
+            "TTFT / floor and TPOT / floor: the row's median over it (1.00x = at the limit).", ""]
+
+
+def _process_lines(fast: dict) -> list[str]:
+    """Where the fast path's first token fell from the process start, and what its functions' precompiled files did
+    (loaded, compiled and saved, or not used)."""
+    out = []
+    rows = [r for r in fast.get("results") or [] if r.get("first_token_process_s") is not None]
+    proc = fast.get("process") or {}
+    if rows:
+        r = min(rows, key=lambda r: r["first_token_process_s"])
+        loaded = f"model loaded {proc['loaded_s']:.1f} s after the process start; " if proc.get("loaded_s") else ""
+        at = f" {r['budget']}" if r.get("budget") is not None else ""
+        out += ["", f"Process: {loaded}first fast-path token {r['first_token_process_s']:.1f} s after the process "
+                f"start ({label(r)}{at}: its first prefill {r['first_prefill_s']:.1f} s, compile / capture / load "
+                "included)."]
+    pre = [(label(r), r.get("budget"), (r.get("fast") or {}).get("precompile")) for r in fast.get("results") or []]
+    if fast.get("precompile_requested") or any(p for _, _, p in pre):
+        used = [(n, b, p) for n, b, p in pre if p]
+        if not used:
+            out += ["", "Precompiled functions (VTPRUNE_FAST_PRECOMPILE=1): **not used** - no fast row's functions were "
+                    "precompiled (this torch falls back to the regular Inductor compile, or the backend has none): the "
+                    "warm-up column is the regular compile, on Inductor's cache where it is warm."]
+        else:
+            out += ["", "Precompiled functions (VTPRUNE_FAST_PRECOMPILE=1): " + "; ".join(
+                f"{n}{f' {b}' if b is not None else ''}: loaded {p['loaded']}, compiled and saved {p['compiled']}"
+                + (f" (not saved: {'; '.join(p['refused'])})" if p.get("refused") else "") for n, b, p in used)
+                + ("" if len(used) == len(pre) else f"; {len(pre) - len(used)} row(s) not precompiled") + "."]
     return out
 
 

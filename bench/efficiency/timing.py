@@ -6,6 +6,7 @@ path."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -14,6 +15,35 @@ import torch
 from bench.efficiency.cost import cache_bytes, hybrid_spec, llm_dims, prefill_macs
 from bench.efficiency.inputs import build_batch
 from llava.cost import prompt_kv_bytes
+
+
+_IMPORTED = time.perf_counter()
+
+
+def process_age() -> float:
+    """Seconds since this process started (the kernel's start time of the process, Linux ``/proc``; elsewhere since
+    this module's import): where a process's first token falls from its start."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime (clock ticks since boot)
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+def precompile_record(fast) -> dict | None:
+    """The fast path's precompiled functions (``llava.fast_precompile``) of an engine: how many this process compiled
+    and saved, and loaded; None when its functions are not precompiled (off, another backend, or a build that falls
+    back to the regular compile)."""
+    fns = [getattr(fast, n, None) for n in ("_tower", "_prefill", "_decode")]
+    fns = [f for f in fns if hasattr(f, "loaded") and hasattr(f, "compiled")]
+    if not fns:
+        return None
+    return {"folder": getattr(fast, "precompile", None), "compiled": sum(f.compiled for f in fns),
+            "loaded": sum(f.loaded for f in fns),
+            "refused": [f.refused for f in fns if getattr(f, "refused", None)]}
 
 
 def _sync(device: torch.device) -> None:
@@ -186,9 +216,13 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
     d, m, L, d_kv = llm_dims(rt.model.config)
     spec = hybrid_spec(rt.model.config)
     batch1 = [build_batch(rt, [it], device) for it in items]
+    start_age = process_age()
     t0 = time.perf_counter()
+    first = None  # the cell's first prefill: its time (on the fast path compile / capture / load) and its end's
     for b in batch1[: cfg.warmup]:  # warm-up on representative inputs (shapes of the first samples)
         prefill_once(rt, b, device)
+        if first is None:
+            first = {"first_prefill_s": time.perf_counter() - t0, "first_token_process_s": process_age()}
     warmup_s = time.perf_counter() - t0  # on the fast path: mostly compile and capture
     # launch count, once, outside the timed runs (eager engine only: a captured prefill is one graph)
     ops = None if fast else prefill_ops(rt, batch1[0])
@@ -196,7 +230,10 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
     for b in batch1:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        t1 = time.perf_counter()
         ttft, out, compiled = timed_prefill(rt, b, device, eng)
+        if first is None:  # no warm-up: the first timed prefill (with a compile, timed again) is the first
+            first = {"first_prefill_s": time.perf_counter() - t1, "first_token_process_s": process_age()}
         st = eng.stats
         s = st.samples[0]
         if st.path == "fast":  # a static cache of bucket + decode slots, allocated whole; the LLM ran on the bucket
@@ -219,7 +256,7 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
         })
         del out
     res = {"method": method, "budget": budget, "options": opts, "config": eng.method.config(), "records": rec,
-           "ops": ops, "path": path, "warmup_s": warmup_s}
+           "ops": ops, "path": path, "warmup_s": warmup_s, "process_s_at_start": start_age, **(first or {})}
     res["path_taken"], res["path_reasons"] = _path_of(rec)
     res["compiled_in_timed"] = sum(r["compiled_before_timing"] for r in rec)
     if fast and eng.fast is not None:
@@ -264,6 +301,9 @@ def measure(rt, method: str, budget, opts: dict, items, cfg, device, path: str =
         res["batched"][str(bs)] = {"ttft": summary(times), "samples_per_s": bs / med, "n_batches": len(bb),
                                    "path_taken": taken, "path_reasons": reasons,
                                    "compiled_in_timed": sum(r["compiled"] for r in brec)}
+    if fast and eng.fast is not None:  # after the decode: its function is compiled (or loaded) by now
+        res["fast"]["precompile"] = precompile_record(eng.fast)
+        res["fast"]["precompile_requested"] = getattr(eng.fast, "precompile_requested", None)
     rt.unprune()
     if fast and hasattr(torch, "_dynamo"):  # this engine's graphs (and CUDA-graph pools) are not reused
         torch._dynamo.reset()
