@@ -5,7 +5,7 @@
     python -m eval run gqa --model llava-hf/llava-1.5-7b-hf --method consensusdrop --budget 64 \\
         --data-root playground/data/eval --out runs              # under torchrun / deepspeed for data parallel
     python -m eval run gqa ... --fast [--fast-backend auto|inductor|eager|aot_eager|none] [--fast-max-new-tokens N]
-                                            # the fast path (llava/fastpath.py); results.json "paths" says which ran
+                                            # the fast path (llava/fast/path.py); results.json "paths" says which ran
     python -m eval merge RUN_DIR            # exactly-once check + merge.jsonl
     python -m eval score RUN_DIR            # merge + official conversion + score + results.json
     python -m eval judge RUN_DIR --base-url URL --model NAME    # MM-Vet / video QA with an LLM judge

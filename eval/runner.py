@@ -492,7 +492,11 @@ def _fast_info(cfg: RunConfig, engine) -> dict | None:
         return None
     return {"requested_backend": cfg.fast_backend, "backend": fp.backend, "cuda_graphs": bool(fp.cuda_graphs),
             "max_new_tokens": fp.max_new_tokens, "refusal": fp.refusal or None, "regional": fp.regional,
-            "compile_cache": fp.cache_dir, "attention": fp.attention}
+            "compile_cache": fp.cache_dir, "attention": fp.attention,
+            # precompiled functions asked for (VTPRUNE_FAST_PRECOMPILE / load) and whether this torch gives them (a
+            # torch without the ahead-of-time capture compiles the regular way: llava.fast.precompile)
+            "precompile": bool(getattr(fp, "precompile_requested", False)),
+            "precompile_active": getattr(fp, "precompile", None) is not None}
 
 
 def _judge_cfg(cfg: RunConfig):

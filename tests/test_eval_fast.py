@@ -39,7 +39,8 @@ def _metas(run_dir: Path) -> list[dict]:
     return [r["_eval"] for p in shard_files(run_dir) for r in complete_jsonl_records(p)]
 
 
-def test_eval_run_fast_gives_the_eager_answers_and_counts_the_paths(fixture_data, tmp_path, capsys):
+def test_eval_run_fast_gives_the_eager_answers_and_counts_the_paths(fixture_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VTPRUNE_FAST_PRECOMPILE", raising=False)
     eager = _run(fixture_data, tmp_path / "eager", "fastervlm", 4, bench=SHAPES)
     fast = _run(fixture_data, tmp_path / "fast", "fastervlm", 4, "--fast", "--fast-backend", "eager", bench=SHAPES)
     out = capsys.readouterr().out
@@ -63,6 +64,8 @@ def test_eval_run_fast_gives_the_eager_answers_and_counts_the_paths(fixture_data
     assert meta["config"]["fast"] and meta["config"]["fast_backend"] == "eager"
     assert meta["config"]["fast_max_new_tokens"] == 3  # follows --max-new-tokens
     assert meta["fingerprint"]["fast"] == {"backend": "eager", "cuda_graphs": False, "max_new_tokens": 3}
+    # no precompiled functions asked for (VTPRUNE_FAST_PRECOMPILE unset), so none active
+    assert (meta["resolved"]["fast"]["precompile"], meta["resolved"]["fast"]["precompile_active"]) == (False, False)
     assert meta["resolved"]["fast"]["refusal"] is None and "fast" not in json.loads(
         (eager / "run_config.json").read_text())["fingerprint"]
     # `eval score` rewrites results.json with the paths again

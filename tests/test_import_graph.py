@@ -26,7 +26,8 @@ ALLOWED = {
     "integrations.vllm": {"llava"},  # the vLLM plugin
     "eval": {"llava", "testbed", "integrations.vllm"},  # the protocol (its vLLM backend runs the plugin)
     "integrations.lmms_eval": {"llava", "eval", "testbed"},  # the lmms-eval model and tasks use the harness's data
-    "bench": {"llava", "eval", "testbed", *METHODS},  # performance tooling: never imported by the protocol
+    "bench": {"llava", "eval", "testbed", "integrations.vllm", *METHODS},  # performance tooling (its small local
+    # checkpoints come from integrations.vllm.tiny): never imported by the protocol
     "parity": {"llava", "eval", *METHODS},  # the official code beside ours (its worker's `llava` is the official one)
 }
 
