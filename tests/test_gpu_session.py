@@ -2,13 +2,18 @@
 check commands parse with the real command line and configure what the last GPU session left (the fast path of
 PyramidDrop / SparseVLM / PruMerge on tiny LLaVA fp16, then the InternVL and Qwen3.5 tiny checks); when the part
 writes into the device tool's OUT more files than the tool brings back (8), or deeper than OUT/a/b/, it packs them
-into one OUT/<part>.tgz with nothing lost."""
+into one OUT/<part>.tgz with nothing lost. `one-call`: its four steps in order, each under its share of LIMIT, on one
+compile cache under WORK, the run benchmark skipped with a line where this checkout lacks it, a failed or late step
+not stopping the others, the summary page beside the archive, and its DRYRUN's tiny CPU configuration (the real dry
+run: docs/efficiency.md)."""
 
 import os
 import shlex
 import subprocess
 import tarfile
 from pathlib import Path
+
+import pytest
 
 from bench.gpu_check.cli import build_parser, config_from_args
 
@@ -21,7 +26,9 @@ echo "${VTPRUNE_COMPILE_CACHE:-}" >> "$FAKE_LOG.cache"
 echo "${VTPRUNE_FAST_PRECOMPILE:-}" >> "$FAKE_LOG.pre"
 out=""; prev=""
 for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
+[[ $1 == -c && -n ${FAKE_NO_MODULE:-} ]] && exit 1  # python -c "import <a module this checkout lacks>"
 [[ -n $out ]] || exit 0
+if [[ $out == *.md ]]; then echo "# $out" > "$out"; exit 0; fi  # a markdown file, not a folder
 mkdir -p "$out/deep/er"
 for i in $(seq 1 "$FAKE_FILES"); do echo "$i" > "$out/file$i.json"; done
 [[ $FAKE_DEEP == 1 ]] && echo deep > "$out/deep/er/x.json"
@@ -30,7 +37,7 @@ exit 0
 """
 
 
-def _run(tmp_path, files: int, deep: bool, fail_out: str = "", expect: int = 0, part: str = "recheck"):
+def _run(tmp_path, files: int, deep: bool, fail_out: str = "", expect: int = 0, part: str = "recheck", **env_more):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(FAKE_PYTHON)
@@ -42,7 +49,7 @@ def _run(tmp_path, files: int, deep: bool, fail_out: str = "", expect: int = 0, 
     log = tmp_path / "calls.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "FAKE_LOG": str(log),
            "FAKE_FILES": str(files), "FAKE_DEEP": "1" if deep else "0", "LIMIT": "500",
-           "FAKE_FAIL_OUT": fail_out}
+           "FAKE_FAIL_OUT": fail_out, **env_more}
     r = subprocess.run(["bash", "scripts/bench/gpu_session.sh", part], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == expect, r.stderr
@@ -215,3 +222,98 @@ def test_fast_profile_profiles_the_capture_backend_then_inductor(tmp_path):
     import bench.fast_profile as fp  # its own parser takes both command lines (the run needs CUDA: it says so)
     for c in calls:
         assert fp.main(c[2:]) == 2
+
+
+def _opts(call, flag, until=None):
+    i = call.index(flag) + 1
+    return call[i:call.index(until)] if until else call[i]
+
+
+def test_one_call_runs_the_four_steps_in_order_on_one_compile_cache_and_leaves_its_summary_beside_the_archive(tmp_path):
+    work = tmp_path / "work"
+    out, calls, stdout = _run(tmp_path, files=3, deep=False, part="one-call", WORK=str(work))
+    assert [c[:3 if c[0] == "-c" else 2] for c in calls] == [["-m", "bench.fast_profile"], ["-m", "bench.efficiency"],
+                                      ["-m", "bench.efficiency"], ["-c", "import", "bench.run_throughput"],
+                                      ["-m", "bench.run_throughput"], ["-m", "bench.efficiency.one_call"]]
+    prof, table, load, _, thr, summary = calls
+    assert _opts(prof, "--model") == "shape:llava-1.5-7b" and _opts(prof, "--dtype") == "float16"
+    assert _opts(prof, "--methods", "--budget") == ["none", "consensusdrop"] and _opts(prof, "--budget") == "64"
+    assert _opts(prof, "--fast-backend") == "inductor" and _opts(prof, "--decode-steps") == "8"
+    assert _opts(prof, "--fast-max-new-tokens") == "32"  # = the table's decode tokens: one static cache, one compile
+    import bench.fast_profile as fp  # its own parser takes the command line (the run needs CUDA: it says so)
+    assert fp.main(prof[2:]) == 2
+    assert _opts(table, "--methods", "--out") == ["none", "random", "fastv", "consensusdrop", "attnmix"]
+    assert _opts(load, "--methods", "--fast-first") == ["none", "consensusdrop"]
+    import bench.efficiency as be
+
+    class Parsed(Exception):
+        pass
+
+    def stop(cfg):
+        raise Parsed(cfg)
+
+    saved, be.run = be.run, stop
+    try:
+        cfgs = []
+        for c in (table, load):
+            try:
+                be.main(c[2:])
+            except Parsed as p:
+                cfgs.append(p.args[0])
+    finally:
+        be.run = saved
+    for cfg in cfgs:
+        assert cfg.model == "shape:llava-1.5-7b" and cfg.dtype == "float16" and cfg.device == "cuda"
+        assert cfg.fast and cfg.fast_backend == "inductor" and cfg.budgets == [64] and cfg.batch_sizes == [1]
+        assert cfg.decode_tokens == 32 and cfg.resume and Path(cfg.out).parent == work
+    assert [c.fast_first for c in cfgs] == [False, True]
+    assert thr[2:thr.index("--time-limit")] == [
+        "--model", "shape:llava-1.5-7b", "--dtype", "float16", "--device", "cuda", "--methods", "none,consensusdrop",
+        "--budget", "64", "--fast", "off,on", "--loader-workers", "4", "--questions", "300"]
+    assert Path(_opts(thr, "--out")) == work / "one-call-throughput"
+    # one compile cache under WORK for every step, the precompiled functions requested (Inductor)
+    caches = (tmp_path / "calls.log.cache").read_text().split()
+    assert len(caches) == 6 and set(caches) == {str(work / "compile-cache")}
+    # requested for the steps that compile on Inductor; not for the run benchmark (its default backend has none)
+    assert (tmp_path / "calls.log.pre").read_text().splitlines() == ["1", "1", "1", "1", "", "1"]
+    # each step under its cumulative share of LIMIT (500 s: 25 / 72 / 86 / 100 %), the run benchmark's own limit inside
+    assert sorted(p.name for p in out.iterdir()) == ["one-call.md", "one-call.tgz"] and "packed" in stdout
+    with tarfile.open(out / "one-call.tgz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames() if tar.getmember(n).isfile()}
+        steps = [line.split("\t") for line in tar.extractfile("./one-call-steps.tsv").read().decode().splitlines()]
+    assert {"one-call.md", "one-call-profile.md", "one-call-profile.log", "one-call-table.log", "one-call-load.log",
+            "one-call-throughput.log", "one-call-table/file1.json", "one-call-load/file1.json"} <= names
+    assert [(s[0], s[1]) for s in steps] == [("profile", "0"), ("table", "0"), ("load", "0"), ("throughput", "0")]
+    assert [int(s[3]) for s in steps] == pytest.approx([125, 360, 430, 500], abs=3)
+    assert int(_opts(thr, "--time-limit")) == pytest.approx(470, abs=3)
+    assert _opts(summary, "--dest") == str(out) and "--dry" not in summary
+
+
+def test_one_call_skips_the_run_benchmark_where_the_checkout_lacks_it_and_goes_on_after_a_failed_step(tmp_path):
+    out, calls, stdout = _run(tmp_path, files=1, deep=False, part="one-call", WORK=str(tmp_path / "work"),
+                              FAKE_NO_MODULE="1", FAKE_FAIL_OUT="one-call-table", expect=1)
+    assert [c[:3 if c[0] == "-c" else 2] for c in calls] == [["-m", "bench.fast_profile"], ["-m", "bench.efficiency"],
+                                      ["-m", "bench.efficiency"], ["-c", "import", "bench.run_throughput"],
+                                      ["-m", "bench.efficiency.one_call"]]
+    assert "throughput skipped (bench.run_throughput is not in this checkout)" in stdout
+    steps = [line.split("\t") for line in (out / "one-call-steps.tsv").read_text().splitlines()]
+    assert [(s[0], s[1]) for s in steps] == [("profile", "0"), ("table", "1"), ("load", "0"), ("throughput", "skipped")]
+    assert steps[3][4] == "bench.run_throughput is not in this checkout"
+
+
+def test_one_call_skips_a_step_whose_share_has_run_out(tmp_path):
+    """LIMIT 60: the profile's share (15 s) is under the 20 s a step needs: skipped, its time left to the table."""
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="one-call", WORK=str(tmp_path / "work"), LIMIT="60")
+    assert calls[0][:2] == ["-m", "bench.efficiency"]
+    steps = [line.split("\t") for line in (out / "one-call-steps.tsv").read_text().splitlines()]
+    assert steps[0][:2] == ["profile", "skipped"] and steps[0][4] == "no time left" and steps[1][:2] == ["table", "0"]
+
+
+def test_one_call_dry_run_is_the_same_steps_on_tiny_llava_on_the_cpu(tmp_path):
+    out, calls, _ = _run(tmp_path, files=1, deep=False, part="one-call", WORK=str(tmp_path / "work"), DRYRUN="1")
+    prof, table, load, _, thr, summary = calls
+    for c in (prof, table, load, thr):
+        assert _opts(c, "--model") == "tiny:llava" and _opts(c, "--device") == "cpu" and _opts(c, "--dtype") == "float32"
+    assert _opts(prof, "--fast-backend") == _opts(table, "--fast-backend") == "eager"
+    assert (tmp_path / "calls.log.pre").read_text().splitlines() == ["0", "0", "0", "0", "", "0"]  # eager: none
+    assert "--dry" in summary and _opts(thr, "--questions") == "4"

@@ -1,5 +1,32 @@
 #!/usr/bin/env bash
 # Everything a borrowed GPU session should measure, in parts that each fit one device command (10 min):
+#   bash scripts/bench/gpu_session.sh one-call   OUT   # the whole question in ONE call (issue 80 item 5; LIMIT default 520 s,
+#                                                       # for `bash scripts/bench/device_wheels.sh install && bash
+#                                                       # scripts/bench/gpu_session.sh one-call $OUT` on a fresh H100), in order,
+#                                                       # each step ending by its cumulative share of LIMIT (25/72/86/100 %;
+#                                                       # time a step leaves goes to the next; a failed or cut step keeps its
+#                                                       # partial files and the next still runs), shape:llava-1.5-7b fp16 batch 1:
+#                                                       #  1. bench.fast_profile on inductor: one prefill and one decode step,
+#                                                       #     none + ConsensusDrop at 64, eager and fast (kernels by kind, gaps)
+#                                                       #  2. bench.efficiency --fast on inductor: none, random, FastV,
+#                                                       #     ConsensusDrop, AttnMix at 64, with each row's physical floor
+#                                                       #     (the device's copy bandwidth and matmul peak measured first)
+#                                                       #  3. a later process on the same cache (VTPRUNE_FAST_PRECOMPILE=1: the
+#                                                       #     precompiled functions, or on torch 2.11 the regular compile on a
+#                                                       #     warm Inductor cache; the summary says which): none + ConsensusDrop,
+#                                                       #     fast rows first: warm-up (load) and first token from the process start
+#                                                       #  4. bench.run_throughput none,consensusdrop fast off,on, 4 loader workers,
+#                                                       #     300 questions, its --time-limit the time left, its default fast
+#                                                       #     backend without VTPRUNE_FAST_PRECOMPILE (skipped, with a line,
+#                                                       #     where the checkout lacks the module)
+#                                                       # Steps 1-3 run with VTPRUNE_FAST_PRECOMPILE=1 (PRECOMPILE=0: off), so
+#                                                       # that step 3 finds what steps 1-2 saved.
+#                                                       # WORK defaults to runs/one-call (the compile cache WORK/compile-cache, the
+#                                                       # run benchmark's photos: not in OUT); OUT gets the logs, the reports and
+#                                                       # one-call.md (every step's status and headline numbers), packed into
+#                                                       # OUT/one-call.tgz with one-call.md also beside it. DRYRUN=1: the same
+#                                                       # steps on a CPU with tiny:llava fp32, the eager backend (DRY_BACKEND=
+#                                                       # inductor to exercise the precompiled functions), 2 inputs, 4 questions
 #   bash scripts/bench/gpu_session.sh checks     OUT   # gpu_check: every method x 8 tiny families x fp16/bf16/fp32,
 #                                                       # TTFT on shape:llava-1.5-7b, the fast-path section (stops in
 #                                                       # time: partial report, continued by gpu_check --resume)
@@ -72,8 +99,9 @@
 # as VTPRUNE_GIT_COMMIT=$(git rev-parse --short HEAD) so the reports name the code that ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: gpu_session.sh checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-profile|fast-precompile|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
+PART=${1:?usage: gpu_session.sh one-call|checks|recheck|leaders|deepspeed|eff-7b|eff-next|selection|fast|fast-7b|fast-inductor|fast-inductor2|fast-attn|fast-plan|fast-profile|fast-precompile|fast-next|fast-check|fast-qwen|testbed2|sweep2 [OUT]}
 DEST=${2:-${OUT:-docs/results/gpu-session}}
+if [[ $PART == one-call ]]; then LIMIT=${LIMIT:-520} WORK=${WORK:-runs/one-call}; fi  # its compile cache: WORK, not OUT
 LIMIT=${LIMIT:-540}
 FAST_BACKEND=${FAST_BACKEND:-cudagraphs}
 WORK=${WORK:-$DEST}
@@ -105,7 +133,78 @@ fast_next() {  # seconds for the part; 320 / 160 of 2880 visual tokens in each m
   eff shape:llava-next-7b "none fastv" "320 160" 12 1 16 fast-next-sample $(($1 / 3)) "${FAST_FLAGS[@]}"
   first_failure "$a" "$?"
 }
+one_call() {  # the whole device question in one call (header); DRYRUN=1: the same steps on this CPU, tiny models
+  local t0=$SECONDS steps=$DEST/one-call-steps.tsv model dtype device backend budget n decode dsteps questions workers
+  local -a extra=()
+  if [[ ${DRYRUN:-0} == 1 ]]; then
+    model=tiny:llava dtype=float32 device=cpu backend=${DRY_BACKEND:-eager} budget=4 n=2 decode=4 dsteps=2 questions=4
+    workers=1 extra=(--image-hw 56 56 --sweep 8 16 32)
+  else
+    model=shape:llava-1.5-7b dtype=float16 device=cuda backend=inductor budget=64 n=8 decode=32 dsteps=8 questions=300
+    workers=4 extra=(--device-warmup 3)
+  fi
+  # one compile cache for every step (Inductor's code, the precompiled functions): each later step finds the earlier
+  # steps' work in it. Precompiled functions need Inductor (eager / aot_eager with the regions have none).
+  export VTPRUNE_COMPILE_CACHE=${VTPRUNE_COMPILE_CACHE:-$WORK/compile-cache}
+  local pre=${PRECOMPILE:-1}; [[ $backend == inductor ]] || pre=0
+  export VTPRUNE_FAST_PRECOMPILE=$pre
+  : > "$steps"
+  # each step ends by its cumulative share of LIMIT (25 / 72 / 86 / 100 %): a step that ends early leaves its time
+  # to the next, a step cut at its limit keeps its partial files, a failed step does not stop the next
+  left() { echo $(( LIMIT * $1 / 100 - (SECONDS - t0) )); }
+  step() {  # name, seconds, command...: run it under its limit, its output in DEST/one-call-<name>.log
+    local name=$1 secs=$2 s=$SECONDS rc; shift 2
+    if (( secs < 20 )); then
+      printf '%s\tskipped\t0\t%s\tno time left\n' "$name" "$secs" >> "$steps"; echo "one-call: $name skipped (no time left)"
+      return 0
+    fi
+    echo "one-call: $name ($secs s): $*"
+    timeout -k 15 --signal=TERM "$secs" "$@" > "$DEST/one-call-$name.log" 2>&1; rc=$?
+    printf '%s\t%s\t%s\t%s\t\n' "$name" "$rc" "$((SECONDS - s))" "$secs" >> "$steps"
+    tail -n 12 "$DEST/one-call-$name.log"
+    return $rc
+  }
+  keep() {  # a bench.efficiency folder written under WORK: copied to DEST (the folder that comes back)
+    if [[ -d $WORK/$1 && "$(realpath "$WORK")" != "$(realpath "$DEST")" ]]; then
+      rm -rf "${DEST:?}/$1"; cp -r "$WORK/$1" "$DEST/"
+    fi
+  }
+  local -a bench=(python -m bench.efficiency --model "$model" --dtype "$dtype" --device "$device" --budgets "$budget"
+                  --n "$n" --warmup 3 --batch 1 --decode-tokens "$decode" --fast --fast-backend "$backend" --resume
+                  "${extra[@]}")
+  local -a st=()
+  step profile "$(left 25)" python -m bench.fast_profile --model "$model" --dtype "$dtype" --device "$device" \
+    --methods none consensusdrop --budget "$budget" --fast-backend "$backend" --decode-steps "$dsteps" \
+    --fast-max-new-tokens "$decode" --out "$DEST/one-call-profile.md"; st+=($?)
+  step table "$(left 72)" "${bench[@]}" --methods none random fastv consensusdrop attnmix --out "$WORK/one-call-table"
+  st+=($?); keep one-call-table
+  # a later process on the same cache: its fast rows first, so that its first fast-path token follows the model's load
+  step load "$(left 86)" "${bench[@]}" --methods none consensusdrop --fast-first --out "$WORK/one-call-load"
+  st+=($?); keep one-call-load
+  if python -c "import bench.run_throughput" 2>/dev/null; then
+    local secs; secs=$(left 100)
+    # its fast path's default backend (cudagraphs on a GPU) has no precompiled functions: the variable would refuse it
+    step throughput "$secs" env -u VTPRUNE_FAST_PRECOMPILE python -m bench.run_throughput --model "$model" \
+      --dtype "$dtype" --device "$device" --methods none,consensusdrop --budget "$budget" --fast off,on --loader-workers "$workers" --questions "$questions" \
+      --time-limit "$(( secs > 60 ? secs - 30 : secs / 2 ))" --out "$WORK/one-call-throughput"; st+=($?)
+    # its reports and each run's results.json come back; its generated photos and the runs' answers stay in WORK
+    if [[ -d $WORK/one-call-throughput && "$(realpath "$WORK")" != "$(realpath "$DEST")" ]]; then
+      local to; to=$(realpath "$DEST")/one-call-throughput; mkdir -p "$to"
+      (cd "$WORK/one-call-throughput" && cp run_throughput.* "$to/" 2>/dev/null
+       find runs -name results.json -exec cp --parents {} "$to/" \; 2>/dev/null)
+    fi
+  else
+    printf 'throughput\tskipped\t0\t0\tbench.run_throughput is not in this checkout\n' >> "$steps"
+    echo "one-call: throughput skipped (bench.run_throughput is not in this checkout)"
+  fi
+  local name; name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+  [[ ${DRYRUN:-0} == 1 ]] && name="CPU (DRYRUN)"
+  python -m bench.efficiency.one_call --dest "$DEST" --steps "$steps" --out "$DEST/one-call.md" --limit "$LIMIT" \
+    --device "${name:-unknown}" $( [[ ${DRYRUN:-0} == 1 ]] && echo --dry ) 2>&1 | sed -n '1,/^## 1\./p'
+  first_failure "${st[@]}"
+}
 case "$PART" in
+  one-call) one_call ;;
   checks) python -m bench.gpu_check --out "$DEST" --time-limit "$((LIMIT - 20))" 2>&1 | tee "$DEST/gpu_check.log" | tail -60 ;;
   deepspeed) timeout -k 30 --signal=TERM "$LIMIT" python -m bench.deepspeed_check --ttft-runs 10 --out "$DEST" 2>&1 \
                | tee "$DEST/deepspeed_check.log" | tail -40 ;;
@@ -212,6 +311,8 @@ if [[ -n "${OUT:-}" && -d "$OUT" && "$(realpath "$DEST")" == "$(realpath "$OUT")
     if (( files > 8 )) || [[ -n "$(find "$DEST" -mindepth 4 -type f -print -quit)" ]]; then
         pack=$(mktemp -d)
         tar -czf "$pack/$PART.tgz" -C "$DEST" . && find "$DEST" -mindepth 1 -delete && mv "$pack/$PART.tgz" "$DEST/"
+        tar -xzf "$DEST/$PART.tgz" -C "$pack" "./$PART.md" 2>/dev/null && mv "$pack/$PART.md" "$DEST/"  # a part's
+        # summary page (one-call.md) also stays beside its archive, readable as it comes back
         rmdir "$pack"
         echo "packed $files files into OUT/$PART.tgz (the device tool returns 8 at most)"
     fi
