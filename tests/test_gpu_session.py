@@ -307,6 +307,11 @@ def test_one_call_skips_a_step_whose_share_has_run_out(tmp_path):
     assert calls[0][:2] == ["-m", "bench.efficiency"]
     steps = [line.split("\t") for line in (out / "one-call-steps.tsv").read_text().splitlines()]
     assert steps[0][:2] == ["profile", "skipped"] and steps[0][4] == "no time left" and steps[1][:2] == ["table", "0"]
+    (tmp_path / "b").mkdir()  # SHARES moves the steps' ends: the profile to 40 % of 500 s
+    out, calls, _ = _run(tmp_path / "b", files=0, deep=False, part="one-call", WORK=str(tmp_path / "work2"),
+                         SHARES="40 75 90")
+    steps = [line.split("\t") for line in (out / "one-call-steps.tsv").read_text().splitlines()]
+    assert [int(s[3]) for s in steps] == pytest.approx([200, 375, 450, 500], abs=3)
 
 
 def test_one_call_dry_run_is_the_same_steps_on_tiny_llava_on_the_cpu(tmp_path):

@@ -3,7 +3,7 @@
 #   bash scripts/bench/gpu_session.sh one-call   OUT   # the whole question in ONE call (issue 80 item 5; LIMIT default 520 s,
 #                                                       # for `bash scripts/bench/device_wheels.sh install && bash
 #                                                       # scripts/bench/gpu_session.sh one-call $OUT` on a fresh H100), in order,
-#                                                       # each step ending by its cumulative share of LIMIT (25/72/86/100 %;
+#                                                       # each step ending by its cumulative share of LIMIT (SHARES="25 72 86";
 #                                                       # time a step leaves goes to the next; a failed or cut step keeps its
 #                                                       # partial files and the next still runs), shape:llava-1.5-7b fp16 batch 1:
 #                                                       #  1. bench.fast_profile on inductor: one prefill and one decode step,
@@ -149,8 +149,10 @@ one_call() {  # the whole device question in one call (header); DRYRUN=1: the sa
   local pre=${PRECOMPILE:-1}; [[ $backend == inductor ]] || pre=0
   export VTPRUNE_FAST_PRECOMPILE=$pre
   : > "$steps"
-  # each step ends by its cumulative share of LIMIT (25 / 72 / 86 / 100 %): a step that ends early leaves its time
-  # to the next, a step cut at its limit keeps its partial files, a failed step does not stop the next
+  # each step ends by its cumulative share of LIMIT (SHARES, default 25 / 72 / 86 %, the last step 100 %): a step that
+  # ends early leaves its time to the next, a step cut at its limit keeps its partial files, a failed step does not
+  # stop the next
+  local -a share; read -r -a share <<< "${SHARES:-25 72 86}"
   left() { echo $(( LIMIT * $1 / 100 - (SECONDS - t0) )); }
   step() {  # name, seconds, command...: run it under its limit, its output in DEST/one-call-<name>.log
     local name=$1 secs=$2 s=$SECONDS rc; shift 2
@@ -173,13 +175,13 @@ one_call() {  # the whole device question in one call (header); DRYRUN=1: the sa
                   --n "$n" --warmup 3 --batch 1 --decode-tokens "$decode" --fast --fast-backend "$backend" --resume
                   "${extra[@]}")
   local -a st=()
-  step profile "$(left 25)" python -m bench.fast_profile --model "$model" --dtype "$dtype" --device "$device" \
+  step profile "$(left "${share[0]}")" python -m bench.fast_profile --model "$model" --dtype "$dtype" --device "$device" \
     --methods none consensusdrop --budget "$budget" --fast-backend "$backend" --decode-steps "$dsteps" \
     --fast-max-new-tokens "$decode" --out "$DEST/one-call-profile.md"; st+=($?)
-  step table "$(left 72)" "${bench[@]}" --methods none random fastv consensusdrop attnmix --out "$WORK/one-call-table"
+  step table "$(left "${share[1]}")" "${bench[@]}" --methods none random fastv consensusdrop attnmix --out "$WORK/one-call-table"
   st+=($?); keep one-call-table
   # a later process on the same cache: its fast rows first, so that its first fast-path token follows the model's load
-  step load "$(left 86)" "${bench[@]}" --methods none consensusdrop --fast-first --out "$WORK/one-call-load"
+  step load "$(left "${share[2]}")" "${bench[@]}" --methods none consensusdrop --fast-first --out "$WORK/one-call-load"
   st+=($?); keep one-call-load
   if python -c "import bench.run_throughput" 2>/dev/null; then
     local secs; secs=$(left 100)
