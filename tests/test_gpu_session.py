@@ -268,8 +268,8 @@ def test_one_call_runs_the_four_steps_in_order_on_one_compile_cache_and_leaves_i
         assert cfg.decode_tokens == 32 and cfg.resume and Path(cfg.out).parent == work
     assert [c.fast_first for c in cfgs] == [False, True]
     assert thr[2:thr.index("--time-limit")] == [
-        "--model", "shape:llava-1.5-7b", "--dtype", "float16", "--device", "cuda", "--methods", "none,consensusdrop",
-        "--budget", "64", "--fast", "off,on", "--loader-workers", "4", "--questions", "300"]
+        "--model", "shape:llava-1.5-7b", "--dtype", "float16", "--device", "cuda", "--methods", "consensusdrop,none",
+        "--budget", "64", "--fast", "on,off", "--loader-workers", "4", "--questions", "200"]
     assert Path(_opts(thr, "--out")) == work / "one-call-throughput"
     # one compile cache under WORK for every step, the precompiled functions requested (Inductor)
     caches = (tmp_path / "calls.log.cache").read_text().split()

@@ -15,8 +15,8 @@
 #                                                       #     precompiled functions, or on torch 2.11 the regular compile on a
 #                                                       #     warm Inductor cache; the summary says which): none + ConsensusDrop,
 #                                                       #     fast rows first: warm-up (load) and first token from the process start
-#                                                       #  4. bench.run_throughput none,consensusdrop fast off,on, 4 loader workers,
-#                                                       #     300 questions, its --time-limit the time left, its default fast
+#                                                       #  4. bench.run_throughput ConsensusDrop 64 then none, fast then eager,
+#                                                       #     4 loader workers, 200 questions, its --time-limit the time left, its default fast
 #                                                       #     backend without VTPRUNE_FAST_PRECOMPILE (skipped, with a line,
 #                                                       #     where the checkout lacks the module)
 #                                                       # Steps 1-3 run with VTPRUNE_FAST_PRECOMPILE=1 (PRECOMPILE=0: off), so
@@ -140,7 +140,7 @@ one_call() {  # the whole device question in one call (header); DRYRUN=1: the sa
     model=tiny:llava dtype=float32 device=cpu backend=${DRY_BACKEND:-eager} budget=4 n=2 decode=4 dsteps=2 questions=4
     workers=1 extra=(--image-hw 56 56 --sweep 8 16 32)
   else
-    model=shape:llava-1.5-7b dtype=float16 device=cuda backend=inductor budget=64 n=8 decode=32 dsteps=8 questions=300
+    model=shape:llava-1.5-7b dtype=float16 device=cuda backend=inductor budget=64 n=8 decode=32 dsteps=8 questions=200
     workers=4 extra=(--device-warmup 3)
   fi
   # one compile cache for every step (Inductor's code, the precompiled functions): each later step finds the earlier
@@ -185,9 +185,10 @@ one_call() {  # the whole device question in one call (header); DRYRUN=1: the sa
   st+=($?); keep one-call-load
   if python -c "import bench.run_throughput" 2>/dev/null; then
     local secs; secs=$(left 100)
-    # its fast path's default backend (cudagraphs on a GPU) has no precompiled functions: the variable would refuse it
+    # its fast path's default backend (cudagraphs on a GPU) has no precompiled functions: the variable would refuse it;
+    # ConsensusDrop's fast run first (the main job the issue sizes), then its eager run, then the unpruned model's
     step throughput "$secs" env -u VTPRUNE_FAST_PRECOMPILE python -m bench.run_throughput --model "$model" \
-      --dtype "$dtype" --device "$device" --methods none,consensusdrop --budget "$budget" --fast off,on --loader-workers "$workers" --questions "$questions" \
+      --dtype "$dtype" --device "$device" --methods consensusdrop,none --budget "$budget" --fast on,off --loader-workers "$workers" --questions "$questions" \
       --time-limit "$(( secs > 60 ? secs - 30 : secs / 2 ))" --out "$WORK/one-call-throughput"; st+=($?)
     # its reports and each run's results.json come back; its generated photos and the runs' answers stay in WORK
     if [[ -d $WORK/one-call-throughput && "$(realpath "$WORK")" != "$(realpath "$DEST")" ]]; then
