@@ -23,18 +23,27 @@ Slurm task on another node, compiles from that cache instead of from scratch. Wi
 Inductor on the traced graph itself (the ops, shapes, dtypes and devices: the model's architecture, the method,
 the bucket) and its configuration, never on the weights' values, which are inputs: a changed model, dtype or
 method traces another graph and misses; the same architecture with other weights reuses the code, correctly.
+
+On a CPU, Inductor first checks which vector instructions its C++ code may use (a small program per instruction set,
+compiled once and loaded in a child Python every process: about 1 s a process here), also in a process that only
+loads precompiled functions; :func:`vec_isa` keeps those verdicts in the cache folder under everything they depend
+on (compiler, torch, Python, Inductor's C++ options, the CPU), so a later process reads them instead of checking.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import sys
+import threading
+import time
 import types
 
 import torch
 
 __all__ = ["REGIONAL_BACKENDS", "CacheSlot", "add_cache_slots", "mark_regions", "region_count", "layer_lists",
-           "cache_key", "use_cache_dir"]
+           "cache_key", "use_cache_dir", "vec_isa", "vec_isa_key"]
 
 #: the fast path's backends that trace with dynamo (the others: "cudagraphs" records the uncompiled function,
 #: "none" runs it as it is)
@@ -170,3 +179,150 @@ def use_cache_dir(folder: str | os.PathLike | None = None) -> str | None:
 
         clear_caches()
     return path
+
+
+# ---------------------------------------------------------------- Inductor's CPU vector-ISA check, its verdicts kept
+#: this process's :func:`vec_isa`: its seconds (None: it has not run), the checks it made and the verdicts it read
+vec_isa_stats: dict = {"seconds": None, "checked": 0, "read": 0}
+_VEC_ISA_LOCK = threading.Lock()
+
+
+@functools.cache
+def _machine() -> list:
+    """The CPU a check ran on: its architecture, model and instruction-set flags (Linux's /proc/cpuinfo, its first
+    processor). A cache folder shared by nodes with other CPUs keys their checks apart."""
+    import platform
+
+    out = [platform.machine(), sys.platform]
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                k = line.split(":", 1)[0].strip()
+                if k in ("model name", "flags", "Features", "cpu model", "isa") and k not in out:
+                    out += [k, line.split(":", 1)[1].strip()]
+                if not line.strip() and len(out) > 2:  # the first processor's block only
+                    break
+    except OSError:
+        pass
+    return out
+
+
+@functools.cache
+def _torch_library() -> list:
+    """torch's install as a compiled probe links and loads against it: its folder, version, commit and its CPU
+    library's size and modification time (a reinstall in place changes them)."""
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    stats = []
+    try:
+        for name in sorted(os.listdir(lib)):
+            if name.startswith(("libtorch_cpu.", "libc10.")):
+                st = os.stat(os.path.join(lib, name))
+                stats.append([name, st.st_size, st.st_mtime_ns])
+    except OSError:
+        pass
+    return [lib, torch.__version__, getattr(torch.version, "git_version", None), stats]
+
+
+def vec_isa_key(isa, code: str) -> str:
+    """What one of Inductor's compile-and-load checks of ``isa`` on ``code`` depends on, as a SHA-256: Inductor's own
+    fingerprint of the check's compile (the C++ compiler's ``-v`` text, the ISA's flags, torch's version), the
+    ISA, its flags and macros, the code, Inductor's ``cpp.*`` options, torch's install (:func:`_torch_library`),
+    the Python that loads the library and its library path, and the CPU (:func:`_machine`)."""
+    import hashlib
+    import json
+
+    from torch._inductor import config
+    from torch._inductor import cpu_vec_isa as isa_mod
+
+    flags = isa.build_arch_flags()
+    fingerprint = getattr(isa_mod, "_get_isa_dry_compile_fingerprint", None)
+    if fingerprint is not None:
+        fingerprint = fingerprint(flags)
+    else:  # another torch: the compiler by its own words
+        from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
+
+        fingerprint = get_compiler_version_info(get_cpp_compiler())
+    desc = {
+        "fingerprint": fingerprint,
+        "isa": [f"{type(isa).__module__}.{type(isa).__qualname__}", str(isa), flags, list(isa.build_macro())],
+        "code": hashlib.sha256(code.encode()).hexdigest(),
+        "cpp": {k: repr(v) for k, v in sorted(config.get_config_copy().items()) if k.startswith("cpp.")},
+        "torch": _torch_library(),
+        "python": [sys.executable, sys.version, sys.platform, os.environ.get("LD_LIBRARY_PATH", ""),
+                   os.environ.get("CXX", ""), os.environ.get("CC", "")],
+        "machine": _machine(),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_check(check, isa, code: str, folder: str) -> bool:
+    """``check(isa, code)`` (Inductor's ``VecISA.check_build``: compile ``code`` with the ISA's flags, load the
+    library in a child Python), its verdict read from ``folder/<vec_isa_key>.json`` when a process already made it
+    there, else made and written (to a temporary file, then renamed). A file that does not read is made again; a
+    key that cannot be made (an Inductor whose internals moved) leaves the check as Inductor runs it, unkept."""
+    import json
+
+    try:
+        path = os.path.join(folder, vec_isa_key(isa, code) + ".json")
+    except Exception:  # noqa: BLE001 - the check itself still answers
+        vec_isa_stats["checked"] += 1
+        return bool(check(isa, code))
+    try:
+        with open(path) as fh:
+            ok = json.load(fh)["ok"]
+        if isinstance(ok, bool):
+            vec_isa_stats["read"] += 1
+            return ok
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    ok = bool(check(isa, code))
+    vec_isa_stats["checked"] += 1
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"ok": ok, "isa": str(isa), "flags": isa.build_arch_flags(), "torch": torch.__version__}, fh)
+        os.replace(tmp, path)
+    except OSError:  # a read-only folder: the verdict is still right, the next process checks again
+        pass
+    return ok
+
+
+def vec_isa(folder: str | None = None):
+    """Inductor's choice of CPU vector instructions for the code it generates and loads (``pick_vec_isa``), made once
+    per process as Inductor makes it, with each of its checks' verdicts kept on disk.
+
+    Inductor checks every instruction set the CPU reports (AVX-512 with its BF16 / VNNI / AMX parts, AVX2, ...) by
+    compiling a small C++ program with that set's flags and loading the library in a child Python: about 1 s per
+    process on our 2-core CPU, also in a process that only loads precompiled functions (the loader recomputes each
+    kernel's compile command, the chosen set's flags in it, to find its library in the cache). It already keeps the
+    compiled program (keyed by the compiler, the flags and torch's version) but loads it again every process. Here
+    each verdict is read from ``folder`` (default: ``vec_isa/`` in Inductor's cache folder, which ``fast_cache`` /
+    ``VTPRUNE_COMPILE_CACHE`` sets) under a key of everything the check depends on (:func:`vec_isa_key`: a new
+    compiler, torch, Python, Inductor option or CPU checks again); a missing one is checked as Inductor does and
+    written. The check itself is Inductor's (its ``check_build``, swapped in for this one call): nothing is skipped,
+    every verdict read was made by that check under the same key. No-op when this process already chose (a
+    compile or a load ran).
+    Returns the chosen set (None on a torch whose check is not the one described here: it then runs as it is)."""
+    from torch._inductor import cpu_vec_isa as isa_mod
+
+    info = getattr(isa_mod.valid_vec_isa_list, "cache_info", None)
+    if info is None or not callable(getattr(isa_mod.VecISA, "check_build", None)):  # another torch: its own way
+        return None
+    if info().currsize:  # chosen already in this process
+        return isa_mod.pick_vec_isa()
+    if folder is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        folder = cache_dir()
+    folder = os.path.join(folder, "vec_isa")
+    original = isa_mod.VecISA.check_build
+    t0 = time.perf_counter()
+    with _VEC_ISA_LOCK:
+        isa_mod.VecISA.check_build = lambda self, code: cached_check(original, self, code, folder)
+        try:
+            chosen = isa_mod.pick_vec_isa()
+        finally:
+            isa_mod.VecISA.check_build = original
+    vec_isa_stats["seconds"] = time.perf_counter() - t0
+    return chosen

@@ -76,7 +76,7 @@ from . import attention as fast_attention
 from ..families.base import to_device
 from ..families.clip import MASKED_TOWER_ATTN
 from .llm import decode_segments, prompt_mask, run_segments
-from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir
+from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
 from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .vision import FastVisionMixin
@@ -169,6 +169,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         self.regional = bool(regional) and backend in REGIONAL_BACKENDS
         # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
         self.cache_dir = use_cache_dir(cache) if backend in ("inductor", "aot_eager") else None
+        if backend == "inductor" and dev.type == "cpu":  # Inductor's CPU vector-ISA check (~1 s a process), its
+            vec_isa()  # verdicts kept in its cache folder under what they depend on (llava.fast.compile.vec_isa)
         # each function saved / loaded ahead of time (llava.fast.precompile): a later process traces nothing; None
         # when not requested, or on a torch without the capture (one warning; the regular compile)
         self.precompile_requested = precompile_wanted(precompile)

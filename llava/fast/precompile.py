@@ -31,7 +31,11 @@ load (another build wrote it, a truncated write) is compiled again and rewritten
 Used by :class:`llava.fast.path.FastPath` when ``load(..., fast_precompile=True)`` (or the variable
 ``VTPRUNE_FAST_PRECOMPILE=1``) with the ``inductor`` or ``aot_eager`` backend and a compile cache folder
 (``fast_cache=`` / ``VTPRUNE_COMPILE_CACHE``): the files go to its ``precompiled/`` subfolder. Off by default: on a
-GPU the reload of Inductor's CUDA graphs is not yet checked (``gpu_session.sh fast-precompile``).
+GPU the reload of Inductor's CUDA graphs is not yet checked (``gpu_session.sh fast-precompile``). On a CPU a loading
+process still needs Inductor's choice of vector instructions (each kernel's library is found in the cache by its
+compile command, which holds the chosen set's flags); the fast path keeps the verdicts of the check behind that
+choice in the cache folder (:func:`llava.fast.compile.vec_isa`), so a later process reads them instead of loading a
+test program per instruction set in a child Python (about 1 s a process on our 2-core CPU).
 
 A torch without the ahead-of-time capture (:func:`missing`: feature detection, not versions; torch 2.11 has
 ``aot_compile`` only behind dynamo's experimental ``enable_aot_compile`` flag, off, which is left alone) compiles the
@@ -199,7 +203,9 @@ def _drop_guards(entries):
 
 class Precompiled:
     """One fast-path function (a bound method of the fast path), compiled ahead of time per call structure, saved
-    under ``folder``, and loaded from there by later processes. ``last_new``: the last call compiled or loaded."""
+    under ``folder``, and loaded from there by later processes. ``last_new``: the last call compiled or loaded;
+    ``loaded`` / ``compiled``: how many files this wrapper loaded / compiled, ``load_s`` / ``compile_s`` the seconds
+    they took (a load: the file read, its generated code imported, its kernels' libraries loaded)."""
 
     def __init__(self, fn, folder: str, fast, backend: str, options: dict | None = None):
         self.fn, self.owner, self.folder, self.fast = fn.__func__, fn.__self__, folder, fast
@@ -208,6 +214,7 @@ class Precompiled:
         self._mem: dict = {}  # call structure -> AOTCompiledFunction
         self.last_new = False
         self.loaded = self.compiled = 0
+        self.load_s = self.compile_s = 0.0
         self.refused: str | None = None  # why this function's files are not written (one warning)
 
     def __call__(self, *args):
@@ -233,6 +240,7 @@ class Precompiled:
         if path and os.path.exists(path):
             from torch.compiler import load_compiled_function
 
+            t0 = time.perf_counter()
             try:
                 with open(path, "rb") as fh, torch._inductor.config.patch(self.options):  # as it was compiled
                     f = load_compiled_function(fh, f_globals=self.fn.__globals__)
@@ -242,12 +250,15 @@ class Precompiled:
             except Exception as err:  # written by another build, truncated: compile again, rewrite
                 log.warning("fast_precompile: %s did not load (%s: %s); compiling it again", path,
                             type(err).__name__, err)
+            finally:
+                self.load_s += time.perf_counter() - t0
         opts = {**self.options, "guard_filter_fn": _drop_guards}
         c = torch.compile(self.fn, fullgraph=True, dynamic=False, backend=self.backend, options=opts)
         t0 = time.perf_counter()
         f = c.aot_compile(((self.owner, *args), {}))
         f.disable_guard_check()
         self.compiled += 1
+        self.compile_s += time.perf_counter() - t0
         log.info("fast_precompile: %s compiled in %.1f s", self.name, time.perf_counter() - t0)
         if path:
             try:
