@@ -29,6 +29,9 @@ log = logging.getLogger("eval")
 
 #: LLaVA's model_vqa_loader.py: DataLoader(num_workers=4)
 LLAVA_WORKERS = 4
+#: a worker hands tensors up to this size back as bytes through its pipe (one copy, ~0.6 ms a batch of LLaVA-1.5's
+#: pixels and ids), larger ones in shared memory (a file descriptor passed per tensor: ~0.5 ms each, whatever the size)
+BY_VALUE_BYTES = 8 << 20
 
 
 @dataclass
@@ -45,8 +48,28 @@ class Prepared:
 
     def pin_memory(self, device=None):
         """The DataLoader's pin thread calls this: the tensors in page-locked memory (non-blocking copies)."""
+        self.unpack()
         if self.inputs is not None:
             self.inputs = {k: v.pin_memory() for k, v in self.inputs.items()}
+        return self
+
+    def pack(self) -> "Prepared":
+        """In a worker: the tensors up to :data:`BY_VALUE_BYTES` as plain bytes (their dtype and shape beside), so
+        that they travel in the pipe, not as shared-memory handles (bfloat16 too: its bits are carried as bytes)."""
+        import torch
+
+        if self.inputs is not None:
+            self.inputs = {k: ((v.contiguous().view(-1).view(torch.uint8).numpy(), v.dtype, tuple(v.shape))
+                               if v.nbytes <= BY_VALUE_BYTES else v) for k, v in self.inputs.items()}
+        return self
+
+    def unpack(self) -> "Prepared":
+        """The packed tensors back, bit for bit (idempotent)."""
+        import torch
+
+        if self.inputs is not None:
+            self.inputs = {k: (torch.from_numpy(v[0]).view(v[1]).reshape(v[2]) if isinstance(v, tuple) else v)
+                           for k, v in self.inputs.items()}
         return self
 
 
@@ -59,6 +82,7 @@ class BatchInputs:
         from .fingerprint import InputHasher
 
         self.batches, self.processor, self.shard = batches, processor, shard
+        self.packed = False  # set for workers: the tensors travel packed (Prepared.pack)
         self.hasher = InputHasher(root)  # each answer records the content hash of the inputs it read
         self.answered_before, n = [], 0
         for b in batches:
@@ -69,7 +93,8 @@ class BatchInputs:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> Prepared:
-        return prepare(self.batches[i], i, self.processor, self.hasher, self.answered_before[i], self.shard)
+        p = prepare(self.batches[i], i, self.processor, self.hasher, self.answered_before[i], self.shard)
+        return p.pack() if self.packed else p
 
 
 def prepare(batch: list, index: int, processor, hasher, answered_before: int, shard: Path) -> Prepared:
@@ -162,6 +187,7 @@ class Prefetcher:
 
             # the processor's tokenizer (HF tokenizers) would warn in every worker that it was forked after use
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            data.packed = True
             # forked: the processor, the questions and their image callables are inherited, never pickled; a worker
             # uses no CUDA, so a parent that has initialised it forks safely
             self._loader = tud.DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers,
@@ -172,7 +198,7 @@ class Prefetcher:
         if self.workers == 0:
             return (self._pinned(self.data[i]) for i in range(len(self.data)))
         self._it = iter(self._loader)  # the workers start here and begin on the first batches
-        return self._it
+        return (p.unpack() for p in self._it)
 
     def _pinned(self, p: Prepared) -> Prepared:
         return p.pin_memory() if self.pin else p

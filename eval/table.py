@@ -192,6 +192,8 @@ def _throughput(row: Row) -> tuple[float | None, float | None]:
     ts = [r["throughput"] for r in row.cells.values() if (r.get("throughput") or {}).get("loop_s")]
     if not ts:
         return None, None
+    if len(ts) == 1:  # the run's own figures (from its unrounded seconds)
+        return ts[0]["questions_per_s"], ts[0]["host_wait_fraction"]
     wall = sum(t["loop_s"] / max(t.get("processes") or 1, 1) for t in ts)
     loop = sum(t["loop_s"] for t in ts)
     return sum(t["questions"] for t in ts) / wall, sum(t["host_wait_s"] for t in ts) / loop

@@ -386,3 +386,40 @@ def test_torchrun_ranks_with_workers_answer_as_one_process_in_the_loop(fixture_d
     assert a == b
     res = json.loads((ranks / "results.json").read_text())
     assert res["throughput"]["processes"] == 2 and res["throughput"]["questions"] == 6
+
+
+def test_packed_tensors_come_back_bit_for_bit_and_large_ones_stay_tensors(monkeypatch):
+    """A worker's tensors travel as bytes (dtype and shape beside), bfloat16 and fp16 included; a tensor above
+    BY_VALUE_BYTES stays a tensor (shared memory); unpacking twice changes nothing."""
+    import eval.loader as ld
+    from eval.loader import Prepared
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {"ids": torch.randint(0, 32000, (2, 7), generator=g), "mask": torch.ones(2, 7, dtype=torch.long),
+              "px": torch.randn(1, 3, 5, 4, generator=g).to(torch.bfloat16),
+              "half": torch.randn(3, 2, generator=g).half()[:, :1],  # not contiguous
+              "big": torch.randn(64, 64, generator=g)}
+    monkeypatch.setattr(ld, "BY_VALUE_BYTES", 64 * 64 * 4 - 1)
+    p = Prepared(0, inputs=dict(inputs)).pack()
+    assert isinstance(p.inputs["big"], torch.Tensor) and isinstance(p.inputs["px"], tuple)
+    p.unpack().unpack()
+    for k, v in inputs.items():
+        assert p.inputs[k].dtype == v.dtype and p.inputs[k].shape == v.shape
+        assert torch.equal(p.inputs[k].view(-1).view(torch.uint8) if v.dtype == torch.bfloat16 else p.inputs[k],
+                           v.contiguous().view(-1).view(torch.uint8) if v.dtype == torch.bfloat16 else v), k
+
+
+def test_a_table_row_over_several_runs_adds_their_loops_up():
+    """``eval table --throughput``: a row's runs (one per benchmark) give questions over their loops' seconds (each
+    over its processes side by side) and the host wait over all their loop time; a row without ledgers gives none."""
+    from eval.table import Row, _throughput
+
+    row = Row("none", None, {}, cells={
+        "gqa": {"throughput": {"questions": 100, "loop_s": 10.0, "processes": 1, "host_wait_s": 1.0,
+                               "questions_per_s": 10.0, "host_wait_fraction": 0.1}},
+        "pope": {"throughput": {"questions": 300, "loop_s": 40.0, "processes": 2, "host_wait_s": 4.0,
+                                "questions_per_s": 15.0, "host_wait_fraction": 0.1}},
+        "mme": {"throughput": None}})
+    qps, wait = _throughput(row)
+    assert qps == pytest.approx(400 / (10 + 20)) and wait == pytest.approx(5 / 50)
+    assert _throughput(Row("none", None, {}, cells={"mme": {}})) == (None, None)
