@@ -155,8 +155,19 @@ def _local_processes() -> int:
     return counts[node] if node < len(counts) else 1
 
 
+#: a worker's niceness over the answering loop's: the loop feeds the device and is the run's critical path; the
+#: workers are batches ahead and can wait for a core (on a machine with fewer free cores than workers they would
+#: otherwise take the loop's core in turns and stall it for a time slice)
+WORKER_NICE = 5
+
+
 def _worker_init(_worker_id: int) -> None:
-    """A worker dies with its parent (a killed run leaves no worker behind holding its output pipes)."""
+    """A worker yields the CPU to the answering loop (:data:`WORKER_NICE`) and dies with its parent (a killed run
+    leaves no worker behind holding its output pipes)."""
+    try:
+        os.nice(WORKER_NICE)
+    except (OSError, AttributeError):  # not permitted / not POSIX: the same work at the same priority
+        pass
     try:
         import ctypes
         import signal
