@@ -193,6 +193,10 @@ class Prefetcher:
             log.warning("--loader-workers %d: this platform cannot fork; the inputs are prepared in the loop",
                         workers)
             self.workers = 0
+        elif workers > 0 and multiprocessing.current_process().daemon:  # e.g. a multiprocessing.Pool's worker
+            log.warning("--loader-workers %d: a daemonic process cannot start workers; the inputs are prepared in "
+                        "the loop", workers)
+            self.workers = 0
         if self.workers > 0:
             import torch.utils.data as tud
 

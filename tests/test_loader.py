@@ -423,3 +423,27 @@ def test_a_table_row_over_several_runs_adds_their_loops_up():
     qps, wait = _throughput(row)
     assert qps == pytest.approx(400 / (10 + 20)) and wait == pytest.approx(5 / 50)
     assert _throughput(Row("none", None, {}, cells={"mme": {}})) == (None, None)
+
+
+def test_a_daemonic_process_prepares_in_the_loop(fixture_data, caplog):
+    """A run inside a daemonic process (a multiprocessing.Pool's worker) cannot start workers: the inputs are prepared
+    in the loop, said once, and they are the same."""
+    import multiprocessing
+    import logging
+
+    from llava.models import load
+
+    rt = load("tiny:llava", dtype="float32", device="cpu")
+    bench = get_benchmark("pope", str(fixture_data))
+    batches = _Batches(bench.load(), 2).batches
+    me = multiprocessing.current_process()
+    was = me.daemon
+    me._config["daemon"] = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="eval"):
+            pf = Prefetcher(BatchInputs(batches, rt.processor, bench.root, Path("unused.jsonl")), 2)
+        got = list(pf)
+    finally:
+        me._config["daemon"] = was
+    assert pf.workers == 0 and [p.index for p in got] == list(range(len(batches)))
+    assert any("a daemonic process cannot start workers" in r.getMessage() for r in caplog.records)

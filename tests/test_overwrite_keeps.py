@@ -34,12 +34,12 @@ def test_overwrite_moves_the_old_answers_aside_and_says_so(data, tmp_path, caplo
     (aside,) = (rd / "superseded").iterdir()
     assert aside.name.startswith("overwritten-")
     assert sorted(p.relative_to(aside).as_posix() for p in aside.rglob("*") if p.is_file()) == [
-        "answers/1_0.jsonl", "merge.jsonl", "results.previous.json", "run_config.json"]
+        "answers/1_0.jsonl", "merge.jsonl", "results.previous.json", "run_config.json", "timing/1_0.jsonl"]
     assert records([aside / "answers" / "1_0.jsonl"]) == first  # every old answer, byte for byte as records
     assert json.loads((aside / "results.previous.json").read_text()) == first_results
     assert json.loads((aside / "run_config.json").read_text())["config"]["options"] == {}
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--overwrite")]
-    assert said == [f"--overwrite: the previous {n} answers of {rd} (with merge.jsonl, results.json, run_config.json) "
+    assert said == [f"--overwrite: the previous {n} answers of {rd} (with merge.jsonl, results.json, run_config.json, timing) "
                     f"moved to {aside}; delete that folder to free the space"]
     # the new session answered everything again, under its own configuration
     assert sorted(r[EVAL_KEY]["uid"] for r in records(shard_files(rd))) == sorted(r[EVAL_KEY]["uid"] for r in first)
