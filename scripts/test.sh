@@ -22,6 +22,8 @@
 # 2026-11-27 (CI's report on the tower-split tree: 1292 s): 19:00 at the start (5908 passed); after trimming nine
 # end-to-end test files (three interpreter starts fewer, smaller TP matrix, faster Slurm polls) and adding the
 # precompile tests: 19:02 (5919 passed, 605 skipped; 2093 worker-seconds, was 2110): about the same.
+# 2026-11-27, the next session (loader workers in every eval run, the fast path a package, the floor columns, the
+# one-call part; a faster AMD EPYC machine, alone): 13:18 (5976 passed, 609 skipped; pytest alone, without the install).
 # A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
 # every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
