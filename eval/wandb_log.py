@@ -293,6 +293,11 @@ def results_summary(res: dict) -> dict:
               "new_tokens_mean", "wall_s_last_session"):
         if tm.get(k) is not None:
             out[f"time/{k}"] = tm[k]
+    tp = res.get("throughput") or {}  # the answering loops' time (eval/throughput.py): the run's pace
+    for k in ("questions_per_s", "questions_per_s_without_compile", "host_wait_fraction", "device_busy_fraction",
+              "compile_s", "loop_s"):
+        if tp.get(k) is not None:
+            out[f"throughput/{k}"] = tp[k]
     c = res.get("counts") or {}
     out["counts/questions"] = c.get("questions")
     out["counts/answered"] = c.get("answered")

@@ -106,6 +106,8 @@ def test_eval_run_offline_holds_config_scores_tokens_answers(pope_data, offline)
     assert s["tokens/candidates"] == res["tokens"]["visual_candidates_mean"] == 16
     assert s["time/ttft_ms"] == pytest.approx(res["timing"]["prefill_total_s_mean"] * 1000)
     assert s["time/generate_s_mean"] == pytest.approx(res["timing"]["generate_s_mean"])
+    for k in ("questions_per_s", "host_wait_fraction", "device_busy_fraction", "loop_s"):  # the run's pace
+        assert s[f"throughput/{k}"] == res["throughput"][k] and res["throughput"][k] > 0, k
     assert s["counts/answered"] == s["counts/questions"] == 6 and s["partial"] is False
     assert s["budget/effective"] == 8
 
