@@ -447,3 +447,15 @@ def test_a_daemonic_process_prepares_in_the_loop(fixture_data, caplog):
         me._config["daemon"] = was
     assert pf.workers == 0 and [p.index for p in got] == list(range(len(batches)))
     assert any("a daemonic process cannot start workers" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.usefixtures("run_env")
+def test_the_fast_path_with_workers_answers_as_in_the_loop(fixture_data, varied_model, tmp_path):
+    """--fast (the planned, static-shape prefill; backend eager here) takes the workers' inputs as the loop's:
+    the same answers, every prefill on the fast path."""
+    for w in ("0", "2"):
+        assert _run(fixture_data, tmp_path / f"w{w}", varied_model, "--method", "random", "--budget", "4", "--fast",
+                    "--fast-backend", "eager", "--loader-workers", w) == 0
+    a, b = (_answers(tmp_path / f"w{w}" / "pope" / "r") for w in ("0", "2"))
+    assert_answers_vary([r["text"] for r in a], 4)
+    assert a == b and {r["_eval"]["path"] for r in b} == {"fast"}
