@@ -126,6 +126,13 @@ def test_fast_attn_times_the_masked_and_the_causal_prompt_attention_on_both_shap
                     ("shape:llava-1.5-7b", "causal", "fast-attn-7b-causal")]
     assert all(c[:2] == ["-m", "bench.efficiency"] and "--fast" in c and "--resume" in c for c in calls)
     # the bench's own command line takes each call (parsed by its main, the run itself replaced)
+    for c, cfg in zip(calls, _efficiency_configs(calls)):
+        assert cfg.fast and cfg.fast_attention == c[c.index("--fast-attention") + 1] and cfg.device == "cuda"
+
+
+def _efficiency_configs(calls) -> list:
+    """Each recorded ``python -m bench.efficiency ...`` call's configuration, as bench.efficiency's own main parses
+    its command line (the run itself replaced: nothing is measured)."""
     import bench.efficiency as be
 
     class Parsed(Exception):
@@ -134,16 +141,15 @@ def test_fast_attn_times_the_masked_and_the_causal_prompt_attention_on_both_shap
     def stop(cfg):
         raise Parsed(cfg)
 
-    saved, be.run = be.run, stop
+    cfgs, saved, be.run = [], be.run, stop
     try:
         for c in calls:
-            try:
+            with pytest.raises(Parsed) as got:
                 be.main(c[2:])
-            except Parsed as p:
-                cfg = p.args[0]
-            assert cfg.fast and cfg.fast_attention == c[c.index("--fast-attention") + 1] and cfg.device == "cuda"
+            cfgs.append(got.value.args[0])
     finally:
         be.run = saved
+    return cfgs
 
 
 def test_fast_attn_reports_a_failed_run(tmp_path):
@@ -244,24 +250,7 @@ def test_one_call_runs_the_four_steps_in_order_on_one_compile_cache_and_leaves_i
     assert fp.main(prof[2:]) == 2
     assert _opts(table, "--methods", "--out") == ["none", "random", "fastv", "consensusdrop", "attnmix"]
     assert _opts(load, "--methods", "--fast-first") == ["none", "consensusdrop"]
-    import bench.efficiency as be
-
-    class Parsed(Exception):
-        pass
-
-    def stop(cfg):
-        raise Parsed(cfg)
-
-    saved, be.run = be.run, stop
-    try:
-        cfgs = []
-        for c in (table, load):
-            try:
-                be.main(c[2:])
-            except Parsed as p:
-                cfgs.append(p.args[0])
-    finally:
-        be.run = saved
+    cfgs = _efficiency_configs([table, load])
     for cfg in cfgs:
         assert cfg.model == "shape:llava-1.5-7b" and cfg.dtype == "float16" and cfg.device == "cuda"
         assert cfg.fast and cfg.fast_backend == "inductor" and cfg.budgets == [64] and cfg.batch_sizes == [1]
