@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from eval.provenance import short_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 #: GQA testdev-balanced, the LLaVA-1.5 evaluation's question count (eval.table.FULL_QUESTIONS)
 GQA_TESTDEV = 12578
@@ -327,17 +329,6 @@ def render(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git() -> str:
-    env = os.environ.get("VTPRUNE_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run_throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,7 +373,7 @@ def main(argv=None) -> int:
     del rt
     rep = {"args": vars(args), "model": model if args.model else f"{CPU_MODEL} (integrations.vllm.tiny)",
            "device": (torch.cuda.get_device_name() if str(args.device).startswith("cuda") else f"CPU ({args.device})"),
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "git": _git(), "cores": os.cpu_count(),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "git": short_commit(), "cores": os.cpu_count(),
            "fast_backend": _fast_backend(args), "host": host, "pace": {}, "runs": [], "skipped": []}
     for method in methods:
         for fast in fasts:

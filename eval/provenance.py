@@ -27,6 +27,16 @@ def git_info() -> dict:
         return {"commit": None}
 
 
+def short_commit() -> str:
+    """The code version for a report's heading: ``VTPRUNE_GIT_COMMIT`` as given, else this checkout's commit
+    abbreviated (7 hex digits, as ``git rev-parse --short``), else "unknown"."""
+    info = git_info()
+    commit = info.get("commit")
+    if not commit:
+        return "unknown"
+    return commit if info.get("source") == "VTPRUNE_GIT_COMMIT" else commit[:7]
+
+
 def env_info(device) -> dict:
     import torch
     import transformers

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from eval.provenance import short_commit
 
 STEPS = {"profile": "1. profile: one prefill and one decode step, kernels by kind and the gaps (bench.fast_profile)",
          "table": "2. the fast table with each row's floor (bench.efficiency --fast)",
@@ -168,19 +168,9 @@ def _throughput(dest: Path, st: dict | None) -> list[str]:
     return ["No run_throughput.md (see one-call-throughput.log)."]
 
 
-def _commit() -> str:
-    if os.environ.get("VTPRUNE_GIT_COMMIT"):
-        return os.environ["VTPRUNE_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def summary(dest: Path, steps: dict, limit: str = "", dry: bool = False, device: str = "") -> str:
     out = [f"# gpu_session.sh one-call{' (DRYRUN: tiny models on a CPU)' if dry else ''}", "",
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device {device or 'unknown'}; code {_commit()}; "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device {device or 'unknown'}; code {short_commit()}; "
            f"LIMIT {limit} s, each step stopped at its share (a step that ends early leaves its time to the next).", "",
            "| Step | Status | Seconds (its limit) |", "|---|---|---|"]
     for name, what in STEPS.items():
