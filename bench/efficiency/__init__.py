@@ -362,6 +362,9 @@ def _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fa
             wrote.insert(2, out / "efficiency.png")
         except ImportError:
             print("matplotlib not installed: no plot", file=sys.stderr)
+        except Exception as e:  # the figure is a view of the rows already written: it never fails the run
+            print(f"warning: the figure was not written ({type(e).__name__}: {e}); efficiency.json / .md hold "
+                  "every row", file=sys.stderr)
     if complete:
         log_wandb(report, cfg.wandb)
     print("wrote " + ", ".join(str(p) for p in wrote), file=sys.stderr, flush=True)

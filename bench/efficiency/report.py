@@ -335,6 +335,18 @@ def _process_lines(fast: dict) -> list[str]:
     return out
 
 
+MARKERS, LINESTYLES = "os^vD<>ph*", ("-", "--", ":", "-.")
+
+
+def line_style(i: int, colors) -> dict:
+    """The ``i``-th row's line in the figure, distinct for any number of rows up to 80: tab20's dark shades first
+    (0, 2, ... 18), then its light ones (1, 3, ... 19), a marker cycling over ten, and from the 21st row on the
+    next line style (every registered method in one report: 29 rows and more)."""
+    c = i % 20
+    return dict(color=colors[2 * c if c < 10 else 2 * (c - 10) + 1], marker=MARKERS[i % len(MARKERS)],
+                linestyle=LINESTYLES[(i // 20) % len(LINESTYLES)])
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -345,13 +357,12 @@ def plot(report: dict, path: Path) -> None:
     by = {}
     for r in report["results"]:
         by.setdefault(label(r), []).append(r)
-    colors, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*"  # 13+ methods: no colour repeats
     for i, (name, rs) in enumerate(by.items()):
         rs = sorted(rs, key=lambda r: r["visual_layer_avg"])
         x = [r["visual_layer_avg"] for r in rs]
-        style = dict(color=colors[(2 * i) % 20 + (2 * i) // 20], marker=markers[i % len(markers)], label=name)
-        ax[0].plot(x, [r["ttft"]["median"] * 1e3 for r in rs], "-", **style)
-        ax[1].plot(x, [r["kv_bytes"] / 2**20 for r in rs], "-", **style)
+        style = dict(**line_style(i, plt.get_cmap("tab20").colors), label=name)
+        ax[0].plot(x, [r["ttft"]["median"] * 1e3 for r in rs], **style)
+        ax[1].plot(x, [r["kv_bytes"] / 2**20 for r in rs], **style)
     ax[0].set(xlabel="visual tokens (layer average)", ylabel="TTFT median, batch 1 (ms)")
     ax[1].set(xlabel="visual tokens (layer average)", ylabel="KV cache (MiB)")
     ax[0].legend(fontsize=7)
