@@ -27,7 +27,9 @@ def view_mode(family: str, video: bool, pad_to_square: bool) -> str:
     (LLaVA-NeXT base crop: the whole image resized)."""
     if video:
         return "crop"
-    if family == "llava_next":
+    from llava.families import registry
+
+    if registry.get(family).layout == "anyres":
         return "squash"
     return "pad" if pad_to_square else "crop"
 

@@ -76,6 +76,7 @@ def ask(model, question, image=None, video=None, method="none", budget=None, opt
     import torch
 
     from .demo_image import demo_image
+    from .families import registry
     from .method import BudgetError
     from .models import load
 
@@ -96,7 +97,7 @@ def ask(model, question, image=None, video=None, method="none", budget=None, opt
         if video is not None:
             batch = rt.processor([question], videos=[video], device=dev)
         else:
-            if rt.family == "video_llava" and image is None:
+            if registry.get(rt.family).video_model and image is None:  # a video model's demo: frames
                 batch = rt.processor([question], videos=[[demo_image()] * rt.processor.num_frames], device=dev)
             else:
                 batch = rt.processor([question], [image if image is not None else demo_image()], device=dev)
@@ -141,14 +142,18 @@ def _print(res: dict) -> None:
 
 
 def demo(budgets=("keep-all", "50%", "small")) -> list[dict]:
-    """The embedded default job: tiny random-weight models of the three families, a synthetic
-    picture, and each registered control method at keep-all, 50% and a small budget."""
+    """The embedded default job: tiny random-weight models of the CLIP-tower families (LLaVA-1.5, NeXT, Video-LLaVA),
+    a synthetic picture, and each registered control method at keep-all, 50% and a small budget."""
+    from .families import registry
     from .models import load
 
     rows = []
-    for fam in ("llava", "llava-next", "video-llava"):
+    for f in registry.families():
+        if f.tower != "clip":
+            continue
+        fam = f.tiny
         rt = load(f"tiny:{fam}")
-        per_unit = 16 if fam != "video-llava" else 17
+        per_unit = 17 if f.video_model else 16  # a tiny frame keeps its [CLS]
         for method in ("none", "random"):
             for b in budgets if method != "none" else ("keep-all",):
                 budget = {"keep-all": None if method == "none" else 10**6, "50%": per_unit // 2, "small": 2}[b]
@@ -163,10 +168,12 @@ def demo(budgets=("keep-all", "50%", "small")) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from .families import registry
+
     ap = argparse.ArgumentParser(prog="python -m llava.cli", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ask", help="answer a question about an image / video", formatter_class=HelpFormatter)
-    a.add_argument("--model", default="tiny:llava", help="hub id, local dir, shape:<name> or tiny:<family>")
+    a.add_argument("--model", default=registry.DEFAULT_MODEL, help="hub id, local dir, shape:<name> or tiny:<family>")
     a.add_argument("--image", help="image file (default: a built-in synthetic picture)")
     a.add_argument("--video", help="directory of frame images (Video-LLaVA)")
     a.add_argument("--question", required=True)

@@ -41,8 +41,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, model_family  # noqa: F401
-from .layout import VisionStageMixin, _Layout, _renumber_units, _runs  # noqa: F401
+from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
+from .layout import VisionStageMixin
 from .method import Method, Selection, get_method
 from .prefill import _Prefill
 from .staged import StagedDecoderMixin, _Segment

@@ -20,42 +20,17 @@ from typing import Any
 
 import torch
 
-from .model_source import local_path_error, offline_if_hub_unreachable  # noqa: F401 (re-exported)
+from .model_source import local_path_error, offline_if_hub_unreachable
 from .conversation import Template, get_template
 from .dtypes import parse_dtype as _dtype
 from .engine import PromptSpec, PruningEngine, attach
+from .families import registry
+from .families.registry import Family
 from .fast.precompile import active as fast_precompile_active, wanted as fast_precompile_wanted
-from .preprocess import InternVLProcessor, OnevisionProcessor, PromptProcessor, QwenVLProcessor, llava_tokenize
-from .tiny_configs import tiny_chatml_config, tiny_config
+from .preprocess import PROCESSORS, PromptProcessor, llava_tokenize
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES = {p.stem: p for p in CONFIG_DIR.glob("*.json")}
-TINY = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5",
-        "qwen2-vl")
-DEFAULT_TEMPLATE = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "video_llava": "llava_v1",
-                    "qwen2_5_vl": "qwen2_vl", "llava_onevision": "llava_onevision_hf", "qwen3_vl": "qwen2_vl",
-                    "internvl": "internvl_hf", "qwen3_5": "qwen3_5", "qwen2_vl": "qwen2_vl"}
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "video_llava": "VideoLlavaForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "internvl": "InternVLForConditionalGeneration",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-}
-CHATML_FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl", "qwen3_5", "qwen2_vl")
-#: families whose prompts and pixels are Qwen-VL's (smart resize, patchified pixels, grid_thw, vision_start/end)
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl")
-PROCESSORS = {"qwen2_5_vl": QwenVLProcessor, "llava_onevision": OnevisionProcessor, "qwen3_vl": QwenVLProcessor,
-              "internvl": InternVLProcessor, "qwen3_5": QwenVLProcessor, "qwen2_vl": QwenVLProcessor}
-# Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 56*56, max_pixels 14*14*4*16384
-QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
-SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # InternVL's preprocessor_config.json
-INTERNVL_MAX_TILES = 12  # InternVL3 / 3.5: max_dynamic_patch 12 (+ the thumbnail)
 
 
 @dataclass
@@ -130,87 +105,41 @@ def prompt_spec_for(tokenizer, template: Template | str) -> PromptSpec:
     return PromptSpec(sep_ids=tuple(t for t in sep if t != -1), tail_ids=tuple(a[k:]))
 
 
-def _chatml_image_processor(family: str, config, min_pixels=None, max_pixels=None, max_tiles=None):
-    """The PIL image processor of a Qwen2.5-VL / Qwen3-VL / OneVision / InternVL model built from ``config``
-    (checkpoint defaults; ``max_tiles``: InternVL's tile limit)."""
-    if family == "internvl":
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-        side = config.vision_config.image_size[0]
-        return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, min_patches=1,
-                                        max_patches=max_tiles or INTERNVL_MAX_TILES, image_mean=IMAGENET_MEAN_STD[0],
-                                        image_std=IMAGENET_MEAN_STD[1])
-    if family in QWEN_FAMILIES:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        vc = config.vision_config
-        return Qwen2VLImageProcessorPil(min_pixels=min_pixels or QWEN_MIN_PIXELS, max_pixels=max_pixels or QWEN_MAX_PIXELS,
-                                        patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
-                                        merge_size=vc.spatial_merge_size)
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-
-    side = config.vision_config.image_size
-    return LlavaOnevisionImageProcessorPil(size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints,
-                                           image_mean=SIGLIP_MEAN_STD[0], image_std=SIGLIP_MEAN_STD[1])
-
-
-def _image_processor(family: str, size: int, mean=None, std=None, pinpoints=None):
-    kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    if mean is not None:
-        kw.update(image_mean=mean, image_std=std)
-    if family == "llava_next":
-        kw["image_grid_pinpoints"] = pinpoints
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-        return LlavaNextImageProcessorPil(**kw)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(**kw)
-
-
 def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str = "sdpa", min_pixels=None,
                max_pixels=None) -> Runtime:
-    """A tiny random-weight model of ``family`` (one of :data:`TINY`: 'llava', 'llava-next', 'video-llava',
-    'qwen2.5-vl', 'qwen2-vl', ...) with a word-level tokenizer, built locally in well under a second."""
-    import transformers as tf
-
+    """A tiny random-weight model of ``family`` (a family's tiny spelling, :func:`llava.families.registry.tiny_names`:
+    'llava', 'llava-next', 'video-llava', 'qwen2.5-vl', 'qwen2-vl', ...) with a word-level tokenizer, built locally
+    in well under a second."""
     from .tiny_tokenizer import build_tiny_tokenizer
 
-    fam = family.replace("-", "_").replace(".", "_")
-    if fam not in MODEL_CLASSES:
+    fam = registry.find(family)
+    if fam is None:
         from .method import did_you_mean
 
-        raise ValueError(f"unknown tiny family {family!r}{did_you_mean(family, TINY)}; choose from {', '.join(TINY)}")
-    if fam in CHATML_FAMILIES:
-        tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl", think=fam == "qwen3_5")
-        cfg = tiny_chatml_config(fam, tok)
-        torch.manual_seed(seed)
-        model = getattr(tf, MODEL_CLASSES[fam])(cfg)
-        model.set_attn_implementation(attn_implementation)
+        names = registry.tiny_names()
+        raise ValueError(f"unknown tiny family {family!r}{did_you_mean(family, names)}; choose from {', '.join(names)}")
+    tok = build_tiny_tokenizer(**dict.fromkeys(fam.tiny_tokenizer, True))
+    cfg = fam.tiny_config(tok)
+    torch.manual_seed(seed)
+    model = fam.model_cls()(cfg)
+    model.set_attn_implementation(attn_implementation)
+    if fam.chatml:
         model.generation_config.bos_token_id = None
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-        model = model.to(_dtype(dtype) or torch.float32).eval()
-        ip = _chatml_image_processor(fam, cfg, min_pixels, max_pixels, max_tiles=4 if fam == "internvl" else None)
-        return _runtime(model, tok, ip, fam, f"tiny:{family}")
-    tok = build_tiny_tokenizer()
-    cfg = tiny_config(fam, len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"))
-    cfg.text_config.pad_token_id = tok.pad_token_id
-    torch.manual_seed(seed)
-    model = getattr(tf, MODEL_CLASSES[fam])(cfg)
-    model.set_attn_implementation(attn_implementation)
     model = model.to(_dtype(dtype) or torch.float32).eval()
-    return _runtime(model, tok, _image_processor(fam, 56, pinpoints=getattr(cfg, "image_grid_pinpoints", None)),
-                    fam, f"tiny:{family}")
+    ip = fam.image_processors.build(cfg, True, min_pixels, max_pixels)
+    return _runtime(model, tok, ip, fam, f"tiny:{family}")
 
 
-def _runtime(model, tokenizer, image_processor, family, name, template=None, next_layout="spatial_unpad",
-             num_frames=8, pad_to_square=True) -> Runtime:
-    tmpl = get_template(template or DEFAULT_TEMPLATE[family])
-    proc = PROCESSORS.get(family, PromptProcessor)(tokenizer=tokenizer, image_processor=image_processor, family=family, template=tmpl,
-                           model_config=model.config, next_layout=next_layout, num_frames=num_frames,
-                           pad_to_square=pad_to_square)
-    return Runtime(model=model, processor=proc, family=family, name=name)
+def _runtime(model, tokenizer, image_processor, family: Family | str, name, template=None,
+             next_layout="spatial_unpad", num_frames=8, pad_to_square=True) -> Runtime:
+    fam = registry.get(family) if isinstance(family, str) else family
+    tmpl = get_template(template or fam.template)
+    cls = PROCESSORS[fam.processor] if isinstance(fam.processor, str) else fam.processor
+    proc = cls(tokenizer=tokenizer, image_processor=image_processor, family=fam.id, template=tmpl,
+               model_config=model.config, next_layout=next_layout, num_frames=num_frames, pad_to_square=pad_to_square)
+    return Runtime(model=model, processor=proc, family=fam.id, name=name)
 
 
 def load(name: str, dtype=None, device: str | torch.device | None = None, attn_implementation: str = "sdpa",
@@ -246,10 +175,13 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. The compiling backends trace
     each repeated layer class once (``fast_regional``, :mod:`llava.fast.compile`): cold compile time nearly flat
     in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
-    cache that later processes reuse (:func:`llava.fast.compile.use_cache_dir`); ``fast_precompile`` (or the variable
-    ``VTPRUNE_FAST_PRECOMPILE=1``; "inductor" / "aot_eager" with that folder): each function saved in it ahead of time
-    and loaded by later processes without tracing (:mod:`llava.fast.precompile`; a torch without the ahead-of-time
-    capture compiles the regular way after one warning, ``rt.info["fast"]["precompile_active"]`` False).
+    cache that later processes reuse (:func:`llava.fast.compile.use_cache_dir`); ``fast_precompile`` (default: on
+    wherever it can be, i.e. "inductor", or "aot_eager" with ``fast_regional=False``, with that folder, on a torch
+    that has the ahead-of-time capture; ``False`` or the variable ``VTPRUNE_FAST_PRECOMPILE=0`` turn it off, ``True``
+    or ``=1`` make a backend or folder that cannot hold it an error): each function saved in the folder ahead of time
+    and loaded by later processes without tracing, a saved function that no longer matches compiled afresh
+    (:mod:`llava.fast.precompile`; where it does not apply, the regular compile: ``rt.info["fast"]["precompile_active"]``
+    False).
     ``fast_attention``: the prompt's attention over its padded bucket, "causal" (SDPA's causal kernel, the rows rolled so the real ones come first:
     :mod:`llava.fast.attention`), "masked" (the 4-D mask) or "auto" (causal on a GPU from 1024 rows). Prefills the fast path
     does not plan (see the module) run on the eager engine; ``engine.stats.path`` says which ran. The model a
@@ -272,9 +204,9 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
                min_pixels=min_pixels, max_pixels=max_pixels, decoder_layers=decoder_layers, revision=revision)
     if vision_dtype is not None:
         vd = _dtype(vision_dtype)
-        if rt.family not in ("llava", "llava_next", "video_llava"):
-            raise ValueError(f"vision_dtype is supported for the CLIP-tower families (LLaVA-1.5, NeXT, Video-LLaVA), "
-                             f"not {rt.family}")
+        if registry.get(rt.family).tower != "clip":
+            clip = ", ".join(f.name for f in registry.families() if f.tower == "clip")
+            raise ValueError(f"vision_dtype is supported for the CLIP-tower families ({clip}), not {rt.family}")
         core = rt.model.model
         for attr in ("vision_tower", "image_tower", "video_tower"):
             if getattr(core, attr, None) is not None:
@@ -289,7 +221,7 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
         from .families.llava_next import NEXT_GEOMETRIES
         if next_geometry not in NEXT_GEOMETRIES:
             raise ValueError(f"next_geometry must be one of {NEXT_GEOMETRIES}, got {next_geometry!r}")
-        if rt.family != "llava_next":
+        if registry.get(rt.family).layout != "anyres":
             raise ValueError(f"next_geometry applies to LLaVA-NeXT only, not to {rt.family}")
         pins = [list(p)[::-1] for p in rt.model.config.image_grid_pinpoints]
         rt.model.config.image_grid_pinpoints = pins
@@ -300,13 +232,15 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens),
                    "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention,
-                   "precompile": fast_precompile_wanted(fast_precompile)}  # the variable's, when None: recorded
+                   "precompile": fast_precompile_wanted(fast_precompile)}  # on unless turned off (argument / variable)
         # requested vs resolved: a torch without the ahead-of-time capture compiles the regular way (one warning)
         rt.info["fast"] = {**rt.fast, "precompile_active": fast_precompile_active(fast_precompile)}
         rt.engine_required = "fast=True: the captured prefill and decode"
     if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill
         rt.prune("none")  # the unpruned model runs through the engine too (the baseline of every speed-up)
         rt.engine_by_load = True
+        if fast:  # resolved by the fast path: its backend and cache folder decide whether the default applies
+            rt.info["fast"]["precompile_active"] = rt.engine.fast.precompile is not None
     return rt
 
 
@@ -385,38 +319,21 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
             raise ValueError(f"unknown shape config {key!r}{did_you_mean(key, sorted(SHAPES))}; shipped: "
                              f"{', '.join(sorted(SHAPES))}")
         raw = json.loads(SHAPES[key].read_text())
-        fam = raw["model_type"]
         cfg = tf.AutoConfig.for_model(**{k: v for k, v in raw.items() if not k.startswith("_") and k != "hub_id"})
+        fam = registry.get(family_of(cfg))
         torch.manual_seed(seed)
         with torch.device(device or "cpu"):
-            model = getattr(tf, MODEL_CLASSES[fam])._from_config(cfg, dtype=_dtype(dtype) or torch.float32,
-                                                                  attn_implementation=attn_implementation)
+            model = fam.model_cls()._from_config(cfg, dtype=_dtype(dtype) or torch.float32,
+                                                 attn_implementation=attn_implementation)
         model.eval()
-        # a Llama-like tokenizer is not shipped: a word-level one stands in (ids only matter for shapes)
+        # a Llama-like tokenizer is not shipped: a word-level one stands in (ids only matter for shapes); its ids stand
+        # in for the checkpoint's placeholder tokens
         from .tiny_tokenizer import build_tiny_tokenizer
 
-        if fam in CHATML_FAMILIES:  # the tiny tokenizer's ids stand in for the checkpoint's special tokens
-            tok = build_tiny_tokenizer(chatml=True, internvl=fam == "internvl", think=fam == "qwen3_5")
-            mc = model.config
-            if fam == "internvl":
-                mc.image_token_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
-            elif fam in QWEN_FAMILIES:
-                for attr, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                                ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
-                    setattr(mc, attr, tok.convert_tokens_to_ids(t))
-            else:
-                mc.image_token_id = tok.convert_tokens_to_ids("<image>")
-                mc.video_token_id = tok.convert_tokens_to_ids("<video>")
-            ip = _chatml_image_processor(fam, mc, min_pixels, max_pixels)
-            rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
-            rt.info["random_weights"] = True
-            return rt
-        tok = build_tiny_tokenizer()
-        cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
-        if fam == "video_llava":
-            cfg.video_token_id = tok.convert_tokens_to_ids("<video>")
-        ip = _image_processor(fam, cfg.vision_config.image_size, CLIP_MEAN_STD[0], CLIP_MEAN_STD[1],
-                              pinpoints=getattr(cfg, "image_grid_pinpoints", None))
+        tok = build_tiny_tokenizer(**dict.fromkeys(fam.tiny_tokenizer, True))
+        for attr, t in fam.token_ids:
+            setattr(model.config, attr, tok.convert_tokens_to_ids(t))
+        ip = fam.image_processors.build(model.config, False, min_pixels, max_pixels)
         rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
         rt.info["random_weights"] = True
         return rt
@@ -429,22 +346,22 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     if not local:
         offline_if_hub_unreachable(name)
     config = tf.AutoConfig.from_pretrained(name, revision=revision)
-    arch = (config.architectures or [""])[0]
-    fam = {v: k for k, v in MODEL_CLASSES.items()}.get(arch) or config.model_type
-    if fam not in MODEL_CLASSES:
-        raise ValueError(f"{name}: model type {config.model_type!r} is not a LLaVA family model ({', '.join(MODEL_CLASSES)})")
+    try:
+        fam = registry.get(family_of(config))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     kw = {}
     if decoder_layers is not None:  # the vision stage's model only: the first N decoder layers (a probe's)
         kept = truncate_decoder(config, decoder_layers)
         kw["config"] = config
-    model = getattr(tf, MODEL_CLASSES[fam]).from_pretrained(name, dtype=_dtype(dtype) or "auto", revision=revision,
+    model = fam.model_cls().from_pretrained(name, dtype=_dtype(dtype) or "auto", revision=revision,
                                                             attn_implementation=attn_implementation, **kw)
     if decoder_layers is not None:
         restore_decoder(model, decoder_layers, *kept)
     if device is not None:
         model.to(device)
     model.eval()
-    tok, ip = checkpoint_processors(name, fam, min_pixels, max_pixels, revision=revision)
+    tok, ip = checkpoint_processors(name, fam.id, min_pixels, max_pixels, revision=revision)
     rt = _runtime(model, tok, ip, fam, name, template, next_layout, num_frames, pad_to_square)
     rt.info["local"] = local
     if revision is not None:
@@ -453,41 +370,23 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
 
 
 def family_of(config) -> str:
-    """The family (a key of :data:`MODEL_CLASSES`) of a checkpoint's config; ValueError for other models."""
+    """The family id of a checkpoint's config (by its ``architectures[0]``, else its ``model_type``); ValueError for
+    other models."""
     arch = (getattr(config, "architectures", None) or [""])[0]
-    fam = {v: k for k, v in MODEL_CLASSES.items()}.get(arch) or config.model_type
-    if fam not in MODEL_CLASSES:
-        raise ValueError(f"model type {config.model_type!r} is not a LLaVA family model ({', '.join(MODEL_CLASSES)})")
-    return fam
+    fam = registry.by_model_class(arch) or registry.find(config.model_type)
+    if fam is None:
+        raise ValueError(f"model type {config.model_type!r} is not a LLaVA family model "
+                         f"({', '.join(registry.ids())})")
+    return fam.id
 
 
 def checkpoint_processors(name: str, fam: str, min_pixels: int | None = None, max_pixels: int | None = None,
                           revision: str | None = None):
     """(tokenizer (left padding), image processor (transformers' PIL backend)) of a hub id / local folder (at
-    ``revision``)."""
+    ``revision``) of family ``fam``."""
     import transformers as tf
 
     tok = tf.AutoTokenizer.from_pretrained(name, revision=revision)
     tok.padding_side = "left"
-    ip_kw = {}
-    if fam in QWEN_FAMILIES:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
-
-        ip_kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    elif fam == "internvl":
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil as IP
-    elif fam == "llava_onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil as IP,
-        )
-    elif fam == "llava_next":
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as IP
-    else:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as IP
-    return tok, IP.from_pretrained(name, revision=revision, **ip_kw)
-
-
-CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-
-
-from .tp import deepspeed_inference  # noqa: E402,F401  (it lives in llava/tp.py; this name stays importable)
+    ip = registry.get(fam).image_processors.from_pretrained(name, revision, min_pixels, max_pixels)
+    return tok, ip

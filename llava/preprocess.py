@@ -142,6 +142,13 @@ class PromptProcessor:
     #: (docs/parity.md), so the tower's input is the fp16-rounded pixels
     pixel_dtype: torch.dtype | None = None
 
+    @property
+    def record(self):
+        """The family's record (:mod:`llava.families.registry`)."""
+        from .families import registry
+
+        return registry.get(self.family)
+
     # -- geometry -------------------------------------------------------------------------
     @property
     def tokens_per_crop(self) -> int:
@@ -151,7 +158,7 @@ class PromptProcessor:
 
     def image_tokens(self, size_hw: tuple[int, int]) -> int:
         """Visual tokens one image becomes in the LLM input (before pruning)."""
-        if self.family != "llava_next":
+        if self.record.layout != "anyres":
             return self.tokens_per_crop
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -166,7 +173,7 @@ class PromptProcessor:
 
     # -- pixels ---------------------------------------------------------------------------
     def process_images(self, images: list[Image.Image]) -> dict:
-        if self.family == "llava_next":
+        if self.record.layout == "anyres":
             out = self.image_processor(images=images, return_tensors="pt")
             return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
         if self.pad_to_square:
@@ -199,7 +206,7 @@ class PromptProcessor:
             imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
             imgs = [load_image(x) for x in imgs]
             vid = videos[i]
-            if vid is not None and self.family != "video_llava":
+            if vid is not None and self.record.video != "frames":
                 raise ValueError(f"{self.family} does not take videos")
             prompt = prompts[i] if prompts is not None else self.prompt_text(q, len(imgs), vid is not None)
             if imgs:
@@ -485,3 +492,8 @@ class InternVLProcessor(InternVLVideoMixin, ChatMLProcessor):
     def _expand(self, img_id: int, count: int) -> list[int]:
         start, end = (self.tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>"))
         return [start] + [img_id] * count + [end]
+
+
+#: the prompt processors by kind (a family record's ``processor``)
+PROCESSORS = {"llava": PromptProcessor, "qwen": QwenVLProcessor, "onevision": OnevisionProcessor,
+              "internvl": InternVLProcessor}

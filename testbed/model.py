@@ -53,7 +53,8 @@ def build(seed: int = 0, vision: dict | None = None, text: dict | None = None, a
     override entries of ``base_vision`` / ``base_text`` (v1's by default; testbed.model2 passes v2's)."""
     import transformers as tf
 
-    from llava.models import CLIP_MEAN_STD, _image_processor, _runtime
+    from llava.families import images
+    from llava.models import _runtime
 
     tok = build_tokenizer(words)
     cfg = testbed_config(tok, vision, text, base_vision, base_text)
@@ -64,7 +65,7 @@ def build(seed: int = 0, vision: dict | None = None, text: dict | None = None, a
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model = model.float()
-    ip = _image_processor("llava", cfg.vision_config.image_size, CLIP_MEAN_STD[0], CLIP_MEAN_STD[1])
+    ip = images.clip(cfg, tiny=False)  # CLIP's square crop at the tower's side, CLIP's mean / std
     return _runtime(model, tok, ip, "llava", name)
 
 

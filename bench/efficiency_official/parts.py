@@ -26,7 +26,7 @@ class Parts:
 
 
 def _dtype(s):
-    from llava.models import _dtype as conv
+    from llava.dtypes import parse_dtype as conv
 
     return conv(s)
 
@@ -37,6 +37,7 @@ def build_parts(name: str, dtype, device, next_layout: str, fastv_layer: int) ->
     import transformers as tf
 
     from llava import models as M
+    from llava.families import registry
 
     if name.startswith("shape:"):
         key = name.split(":", 1)[1]
@@ -51,8 +52,7 @@ def build_parts(name: str, dtype, device, next_layout: str, fastv_layer: int) ->
 
         tok = build_tiny_tokenizer()
         cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
-        ip = M._image_processor(fam, cfg.vision_config.image_size, M.CLIP_MEAN_STD[0], M.CLIP_MEAN_STD[1],
-                                pinpoints=getattr(cfg, "image_grid_pinpoints", None))
+        ip = registry.get(fam).image_processors.build(cfg, False)
         rt = M._runtime(types.SimpleNamespace(config=cfg), tok, ip, fam, name, None, next_layout)
         n_layers = cfg.text_config.num_hidden_layers
         k = _fastv_k(fastv_layer, n_layers, cfg.vision_config.num_hidden_layers, fam)

@@ -67,9 +67,9 @@ def overrides(model: str, method: str, budget: int | None = None, template: str 
                          f"(served: {', '.join(ARCHITECTURES)})")
     spec = PruneSpec.from_dict({"method": method, "budget": budget, "options": options, "template": template,
                                 "revision": revision})
-    from llava.models import MODEL_CLASSES
+    from llava.families import registry
 
-    family = {v: k for k, v in MODEL_CLASSES.items()}[arch]
+    family = registry.by_model_class(arch).id
     if family == "llava":
         planned_for_config(spec, family, cfg)  # the method's checks and its dry run, here
     else:  # the count on the checkpoint's geometry twin, at the size with the most tokens

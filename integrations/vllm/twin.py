@@ -81,8 +81,8 @@ class Twin:
     def __init__(self, model: str, spec: PruneSpec, revision: str | None = None):
         import transformers as tf
 
-        from llava.models import (MODEL_CLASSES, _runtime, checkpoint_processors, family_of, restore_decoder,
-                                  truncate_decoder)
+        from llava.families import registry
+        from llava.models import _runtime, checkpoint_processors, family_of, restore_decoder, truncate_decoder
 
         config = tf.AutoConfig.from_pretrained(model, revision=revision)
         self.revision = revision
@@ -94,7 +94,7 @@ class Twin:
         n = max(probe) + 1 if probe else 0
         kept = truncate_decoder(config, n)
         torch.manual_seed(0)
-        m = getattr(tf, MODEL_CLASSES[self.family])(config).eval()
+        m = registry.get(self.family).model_cls()(config).eval()
         restore_decoder(m, n, *kept)
         tok, ip = checkpoint_processors(model, self.family, revision=revision)
         self.rt = _runtime(m, tok, ip, self.family, model, spec.template)

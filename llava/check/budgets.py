@@ -5,6 +5,7 @@ The test suite's generic guarantees read these same tables (tests/test_gpu_ready
 
 from __future__ import annotations
 
+from ..families import registry
 from .inputs import key
 
 #: budgets that really prune on the tiny models (16 tokens per image / crop, 17 per frame), each in its method's own
@@ -13,11 +14,8 @@ from .inputs import key
 _PER_UNIT = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 2, "llava_onevision": 4}
 _TOTAL = {"llava": 4, "llava_next": 12, "video_llava": 32, "qwen2_5_vl": 2, "llava_onevision": 16}
 _IN_LLM = {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4, "llava_onevision": 16}
-for _b in (_PER_UNIT, _TOTAL, _IN_LLM):  # tiny Qwen3-VL: Qwen2.5-VL's token geometry (patch 14, merge 2)
-    _b["qwen3_vl"] = _b["qwen2_5_vl"]
-    _b["internvl"] = _b["llava_next"]  # tiny InternVL: 16 tokens per 112-px tile, 1-5 tiles per image
-    _b["qwen3_5"] = _b["qwen2_5_vl"]  # tiny Qwen3.5: Qwen2.5-VL's token geometry
-    _b["qwen2_vl"] = _b["qwen2_5_vl"]  # tiny Qwen2-VL: Qwen2.5-VL's token geometry (patch 14, merge 2)
+# the other families' tiny models share one of these token geometries (their record's ``tiny_like``: Qwen3-VL,
+# Qwen3.5 and Qwen2-VL Qwen2.5-VL's (patch 14, merge 2); InternVL NeXT's (16 tokens per 112-px tile, 1-5 tiles))
 BUDGETS = {
     "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
@@ -95,7 +93,16 @@ SYNC_BOUND = {"pdrop": 10, "visiondrop": 13, "sparsevlm": 20}
 #: vs 5 crops; Qwen: 6 vs 35 merged tokens; OneVision: 36 vs 104); a family not here has a fixed count per image
 SYNC_SIZES = {"llava_next": ((30, 30), (90, 120)), "llava_onevision": ((30, 30), (90, 120)),
               "internvl": ((30, 30), (40, 200)),  # 1 tile vs 4 + the thumbnail: 16 vs 80 tokens
-              **{f: ((60, 90), (150, 200)) for f in ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl")}}
+              "qwen2_5_vl": ((60, 90), (150, 200))}  # and the families of its geometry (their ``tiny_like``)
+
+
+def sync_sizes(family: str):
+    """:data:`SYNC_SIZES`' entry of ``family``'s tiny model (its own, else its ``tiny_like`` family's); None: a fixed
+    count per image."""
+    try:
+        return SYNC_SIZES[registry.get(key(family)).tiny_key(SYNC_SIZES)]
+    except KeyError:
+        return None
 #: built-in methods whose selection reads the prompt's ids without being query-aware: the no-cache recompute replays
 #: their prefill's selections, as it does a query-aware method's
 PROMPT_KEYED = {"random": "its draws are seeded by a hash of the prompt ids (VisionSignals.key)"}
@@ -109,8 +116,17 @@ def tiny_budget(name: str, family: str, cls=None):
     """The budget of method ``name`` on ``family``'s tiny model: the class's ``check_budget`` (a value or a table
     per family), else this module's table, else None."""
     b = _declared(cls, "check_budget")
-    b = BUDGETS.get(name) if b is None else b
-    return b.get(key(family)) if isinstance(b, dict) else b
+    if isinstance(b, dict):
+        return b.get(key(family))
+    if b is not None:
+        return b
+    b = BUDGETS.get(name)
+    if not isinstance(b, dict):
+        return b
+    try:  # this module's tables: the family's own entry, else its tiny_like family's
+        return b[registry.get(key(family)).tiny_key(b)]
+    except (KeyError, ValueError):
+        return None
 
 
 def keep_all_spelling(name: str, family: str, cls=None) -> tuple | str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..families import registry
 from ..method import Method, Selection, get_method
 from ..syncs import SyncCounter
 from .budgets import PROMPT_KEYED
@@ -185,7 +186,7 @@ def stock_syncs(rt, small, large) -> dict:
     """The unpruned model's own host reads on the two batches: transformers' Qwen / OneVision / InternVL code reads
     the host per image and per row (the tower's attention segments, get_rope_index, the anyres packing), the same
     without a method, so only what the engine and the method add is bounded (LLaVA-NeXT: none counted off)."""
-    if rt.family == "llava_next":
+    if registry.get(rt.family).layout == "anyres":
         return {"small": 0, "large": 0}
     rt.unprune()
     return {"small": count_syncs(rt, small).total, "large": count_syncs(rt, large).total}
@@ -302,7 +303,11 @@ def check_per_unit_tokens(rt, method, budget, **options):
     caller's own checks (e.g. ``vision_noop``)."""
     inputs = make_batch(rt)
     lay = layout(rt, inputs)
-    expect(rt.family not in _LAYOUTS or lay == _LAYOUTS[rt.family], f"tiny {rt.family}'s layout is {lay}")
+    try:
+        want = _LAYOUTS[registry.get(rt.family).tiny_key(_LAYOUTS)]
+    except KeyError:
+        want = lay
+    expect(lay == want, f"tiny {rt.family}'s layout is {lay}")
     eng = rt.prune(method, budget, **options)
     with torch.no_grad():
         rt.model(**inputs)

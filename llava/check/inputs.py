@@ -7,12 +7,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..families import registry
+
 QUESTIONS = ["what is this?", "what color is the circle on the left?", "how many objects are there in the picture?"]
 
 
 def key(family: str) -> str:
     """The runtime's family name of a ``tiny:`` name ('qwen2.5-vl' -> 'qwen2_5_vl'): the key of per-family tables."""
-    return family.replace("-", "_").replace(".", "_")
+    return registry.key(family)
 
 
 def rand_image(seed: int, h: int = 40, w: int = 70) -> Image.Image:
@@ -22,7 +24,7 @@ def rand_image(seed: int, h: int = 40, w: int = 70) -> Image.Image:
 def make_batch(rt, n=3, sizes=((40, 70), (56, 56), (90, 30))):
     """n samples with different prompts and images (or videos); left-padded."""
     qs = QUESTIONS[:n]
-    if rt.family == "video_llava":
+    if registry.get(rt.family).video_model:
         vids = [[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(n)]
         return rt.processor(qs, videos=vids)
     imgs = [rand_image(i, *sizes[i % len(sizes)]) for i in range(n)]
@@ -33,16 +35,16 @@ def equal_length_batch(rt):
     """Three samples whose prompts have the same length (one question, same image sizes): generate()
     then drops the all-ones mask, and any padding must come from the pruning itself."""
     qs = [QUESTIONS[1]] * 3
-    if rt.family == "video_llava":
+    if registry.get(rt.family).video_model:
         return rt.processor(qs, videos=[[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(3)])
-    if rt.family == "llava_next":  # 52 tokens each, but 3 / 5 / 3 crops: per-crop budgets keep unequal counts
+    if registry.get(rt.family).layout == "anyres":  # 52 tokens each, but 3 / 5 / 3 crops: per-crop budgets keep unequal counts
         return rt.processor(qs, [rand_image(3 + i, *hw) for i, hw in enumerate([(20, 38), (62, 104), (30, 58)])])
     return rt.processor(qs, [rand_image(i, 40, 70) for i in range(3)])
 
 
 def unequal_batch(rt):
     """Different questions and images (NeXT: different crop counts); Video-LLaVA: video + 2 images."""
-    if rt.family == "video_llava":
+    if registry.get(rt.family).video_model:
         vid = [rand_image(j, 50, 50) for j in range(8)]
         return rt.processor(QUESTIONS, images=[None, rand_image(1, 40, 70), rand_image(2, 90, 30)],
                             videos=[vid, None, None])
@@ -61,7 +63,7 @@ def slice_batch(inputs, i, rt):
         out["pixel_values"] = inputs["pixel_values"][a:a + int(rows[i])]
         out["image_grid_thw"] = inputs["image_grid_thw"][i:i + 1]
         return out
-    if rt.family == "internvl":  # pixel rows are the tiles of all images in prompt order
+    if registry.get(rt.family).layout == "tiles":  # pixel rows are the tiles of all images in prompt order
         per_tile = rt.model.config.image_seq_length
         tiles = [int((inputs["input_ids"][j] == rt.model.config.image_token_id).sum()) // per_tile
                  for j in range(inputs["input_ids"].shape[0])]

@@ -9,8 +9,9 @@ import torch
 
 from ..engine import HybridRefusal
 from ..method import BudgetError, did_you_mean, method_class
-from ..models import TINY, load
-from .budgets import SYNC_SIZES, keep_all_spelling, sync_bound, tiny_budget
+from ..families import registry
+from ..models import load
+from .budgets import keep_all_spelling, sync_bound, sync_sizes, tiny_budget
 from .fast import NotApplicable, check_fast_equals_eager
 from .guarantees import (check_batch_equals_alone, check_cached_equals_recompute, check_device_placement,
                          check_host_syncs, check_keep_all, check_no_mask_forward, check_selections)
@@ -61,11 +62,12 @@ def _resolve(name: str, families, only, budget, keep_all_budget, options):
 
         raise CheckInputError(f"unknown method {name!r}{did_you_mean(name, available_methods())}; "
                               "`python -m llava.cli methods` lists them") from None
-    bad = [f for f in families or [] if f not in TINY]
+    tiny = registry.tiny_names()
+    bad = [f for f in families or [] if f not in tiny]
     if bad:
         raise CheckInputError(f"unknown famil{'ies' if len(bad) > 1 else 'y'} {', '.join(map(repr, bad))}"
-                              f"{did_you_mean(bad, TINY)}; the tiny families: {', '.join(TINY)}")
-    families = list(families or [f for f in TINY if cls.supports(key(f))])
+                              f"{did_you_mean(bad, tiny)}; the tiny families: {', '.join(tiny)}")
+    families = list(families or [f for f in tiny if cls.supports(key(f))])
     bad = [g for g in only or [] if g not in GUARANTEES]
     if bad:
         raise CheckInputError(f"unknown guarantee{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}"
@@ -136,9 +138,10 @@ def _keep_all(rt, name, cls, family, keep_all_budget, options) -> str:
 
 
 def _syncs(rt, name, budget, options) -> str:
-    if rt.family not in SYNC_SIZES:
+    sizes = sync_sizes(rt.family)
+    if sizes is None:
         raise NotApplicable(f"tiny {rt.family} has a fixed visual token count per image: no larger input to compare")
-    small, large = (sized_batch(rt, s) for s in SYNC_SIZES[rt.family])
+    small, large = (sized_batch(rt, s) for s in sizes)
     return check_host_syncs(rt, name, budget, bound=sync_bound(name), small=small, large=large, **options)
 
 
@@ -146,10 +149,9 @@ def _fast(rt, family, method, name, budget, options, backend) -> str:
     why = method.capture_refusal()
     if why:
         raise NotApplicable(why)
-    from ..fast.path import FAST_FAMILIES  # here: the fast path's import is needed by --fast only
-
-    if rt.family not in FAST_FAMILIES:
-        raise NotApplicable(f"the fast path plans {', '.join(FAST_FAMILIES)} models, not {rt.family}")
+    fam = registry.get(rt.family)
+    if not fam.fast:
+        raise NotApplicable(f"the fast path does not plan {rt.family} models: {fam.fast_reason}")
     fast = load(f"tiny:{family}", seed=1, fast=True, fast_max_new_tokens=16, fast_backend=backend)
     return check_fast_equals_eager(fast, rt, name, budget, **options)
 

@@ -1,4 +1,5 @@
-"""What the engine asks a model family. One subclass per family, one file each.
+"""What the engine asks a model family. One subclass per family, one file each; the family's record
+(:mod:`llava.families.registry`) names it.
 
 The engine core (``llava/engine.py``) knows no family: it asks the adapter to
 
@@ -105,10 +106,9 @@ def clip_units(n_units: int, tokens: int, drop_cls: bool, first: int = 0) -> dic
 
 
 class FamilyAdapter:
-    #: the family key methods see in ``Method.setup(family=...)``
+    #: the family key methods see in ``Method.setup(family=...)``: the registry record's id, set by
+    #: :func:`llava.families.adapter_for` (one adapter class may serve several records)
     family: str = ""
-    #: the transformers class this adapter serves
-    model_class: str = ""
     #: keyword arguments of the model's forward that carry visual inputs (popped before the LLM)
     visual_keys: tuple[str, ...] = ("pixel_values", "pixel_values_videos", "image_sizes")
     #: the keys among them whose presence makes a call a visual prefill

@@ -45,8 +45,6 @@ def cls_signals(layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class InternVLAdapter(FamilyAdapter):
-    family = "internvl"
-    model_class = "InternVLForConditionalGeneration"
     visual_keys = ("pixel_values", "pixel_values_videos", "image_sizes")
     pixel_keys = ("pixel_values",)
 

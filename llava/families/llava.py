@@ -9,8 +9,6 @@ from .clip import flatten_units, run_tower
 
 
 class LlavaAdapter(FamilyAdapter):
-    family = "llava"
-    model_class = "LlavaForConditionalGeneration"
     tower_logits = True  # CLIP: the attention signals in the official arithmetic too
 
     def encode(self, visual, want_attn, vision_layer, extra_layers=()):

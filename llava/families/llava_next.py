@@ -69,8 +69,6 @@ def unpad_official(tensor: torch.Tensor, original_size) -> torch.Tensor:
 
 
 class LlavaNextAdapter(FamilyAdapter):
-    family = "llava_next"
-    model_class = "LlavaNextForConditionalGeneration"
     tower_logits = True  # CLIP: the attention signals in the official arithmetic too
 
     def __init__(self, model, next_layout: str = "spatial_unpad", **options):

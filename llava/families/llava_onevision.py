@@ -21,8 +21,6 @@ from .base import FamilyAdapter, FastVisual, VisualBlock
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
-    family = "llava_onevision"
-    model_class = "LlavaOnevisionForConditionalGeneration"
     visual_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
 
     def encode(self, visual, want_attn, vision_layer, extra_layers=()):

@@ -37,8 +37,6 @@ SALIENCY = qwen_vision.SALIENCY_KINDS
 
 
 class Qwen2_5_VLAdapter(FamilyAdapter):
-    family = "qwen2_5_vl"
-    model_class = "Qwen2_5_VLForConditionalGeneration"
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
                    "second_per_grid_ts")
     keeps_positions = True

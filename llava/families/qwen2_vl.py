@@ -27,8 +27,6 @@ from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 
 class Qwen2VLAdapter(Qwen2_5_VLAdapter):
-    family = "qwen2_vl"
-    model_class = "Qwen2VLForConditionalGeneration"
     # ``second_per_grid_ts`` stays a visual key: a processor built for Qwen2.5-VL may hand it over; never the LLM's
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
                    "second_per_grid_ts")

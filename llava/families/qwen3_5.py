@@ -20,9 +20,6 @@ from .qwen3_vl import Qwen3VLAdapter
 
 
 class Qwen3_5Adapter(Qwen3VLAdapter):
-    family = "qwen3_5"
-    model_class = "Qwen3_5ForConditionalGeneration"
-
     @property
     def deepstack_levels(self) -> int:
         return 0

@@ -31,8 +31,6 @@ from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
-    family = "qwen3_vl"
-    model_class = "Qwen3VLForConditionalGeneration"
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 
     def fast_visual(self, visual, batch, input_ids=None):

@@ -10,8 +10,6 @@ from .clip import flatten_units, run_tower
 
 
 class VideoLlavaAdapter(FamilyAdapter):
-    family = "video_llava"
-    model_class = "VideoLlavaForConditionalGeneration"
     tower_logits = True  # CLIP: the attention signals in the official arithmetic too
 
     @property

@@ -42,13 +42,13 @@ and handed to the captured function as index tensors:
     positions continuing after each row's last prompt position (per segment).
 
 Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.path_reason`` say
-why): the three LLaVA families - LLaVA-1.5, LLaVA-NeXT (anyres crops, one unit per crop, newline
-tokens) and Video-LLaVA (images; videos of 8 frames, one unit per frame) - and Qwen2.5-VL (images; videos,
-one unit per temporal slice), Qwen3-VL (images; its DeepStack rows follow the kept tokens) and LLaVA-OneVision
-(images: anyres_max_9 packed inside the captured function from a host plan of ``image_sizes``; videos), InternVL
-(images: a unit per tile, each prompt's tiles counted from its host ids) and Qwen3.5 (its hybrid decoder's Gated
-DeltaNet states in the static cache, a mask per layer type: pre-LLM methods), with exactly
-one image or one video per prompt, laid out by the family adapter's
+why): the families whose record says ``fast`` (:mod:`llava.families.registry`; every built-in family): LLaVA-1.5,
+LLaVA-NeXT (anyres crops, one unit per crop, newline tokens), Video-LLaVA (images; videos of 8 frames, one unit per
+frame), Qwen2-VL and Qwen2.5-VL (images; videos, one unit per temporal slice), Qwen3-VL (images; its DeepStack rows
+follow the kept tokens), LLaVA-OneVision (images: anyres_max_9 packed inside the captured function from a host plan
+of ``image_sizes``; videos), InternVL (images: a unit per tile, each prompt's tiles counted from its host ids) and
+Qwen3.5 (its hybrid decoder's Gated DeltaNet states in the static cache, a mask per layer type: pre-LLM methods),
+with exactly one image or one video per prompt, laid out by the family adapter's
 :meth:`~llava.families.base.FamilyAdapter.fast_visual`; methods that declare ``capturable = "full"`` or
 ``"piecewise"`` (:attr:`llava.method.Method.capturable`; piecewise: a vision stage only, not query-aware, not
 on M-RoPE families); no replay.
@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention as fast_attention
+from ..families import registry
 from ..families.base import to_device
 from ..families.clip import MASKED_TOWER_ATTN
 from .llm import decode_segments, prompt_mask, run_segments
@@ -81,14 +82,11 @@ from .precompile import compile_function, precompile_folder, wanted as precompil
 from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
 from .vision import FastVisionMixin
 
-__all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "FAST_FAMILIES", "BACKENDS", "NotPlanned", "bucket_for",
+__all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "BACKENDS", "NotPlanned", "bucket_for",
            "FastPath", "FastState", "FastInfo"]
 
 log = logging.getLogger(__name__)
 
-#: model families the fast path plans for
-FAST_FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl",
-                 "qwen3_5", "qwen2_vl")
 BACKENDS = ("auto", "inductor", "cudagraphs", "eager", "aot_eager", "none")
 
 
@@ -203,8 +201,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     # ------------------------------------------------------------------ refusals
     def _static_refusal(self) -> str | None:
         e = self.engine
-        if e.family not in FAST_FAMILIES:
-            return f"the fast path plans {', '.join(FAST_FAMILIES)} models, not {e.family}"
+        fam = registry.get(e.family)
+        if not fam.fast:
+            return f"the fast path does not plan {e.family} models: {fam.fast_reason}"
         impl = self._decoder_attention()
         if impl != "sdpa":  # eager attention adds a mask (its bool prompt / decode masks would mask nothing)
             return (f"the fast path's masks are SDPA's (boolean); this decoder runs {impl!r} attention: load with "

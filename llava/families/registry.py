@@ -1,0 +1,291 @@
+"""The model families, one record each: what loading, the engine, the harness, the benchmarks and the methods know
+of a family, in one place (as vLLM's model registry and transformers' auto mappings). Code asks the record ("does
+this tower have a [CLS]?", "does its processor read videos?"), never a list of family names; a family added with
+:func:`register_family` is known everywhere at once.
+
+    from llava.families import registry
+    registry.get("qwen2_5_vl").qwen_grid        # True: smart resize, grid_thw, M-RoPE
+    registry.get("qwen2.5-vl") is registry.get("qwen2_5_vl")   # the tiny spelling names the same record
+    [f.id for f in registry.families() if f.tower == "clip"]   # LLaVA-1.5, NeXT, Video-LLaVA
+    registry.where(tower="clip")                # the same, live: a family registered later is in it
+
+A record names its adapter (:mod:`llava.families.base`), its tiny config (:mod:`llava.families.tiny`), its
+image processors (:mod:`llava.families.images`), its prompt processor (a kind of
+``llava.preprocess.PROCESSORS``, or a class) and its default template (:mod:`llava.conversation`), and carries
+its traits as typed fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from . import images, tiny
+from .base import FamilyAdapter
+from .internvl import InternVLAdapter
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
+from .qwen3_vl import Qwen3VLAdapter
+from .video_llava import VideoLlavaAdapter
+
+#: the tower kinds (``Family.tower``)
+TOWERS = ("clip", "siglip", "qwen", "internvit")
+#: how one image is laid out in visual tokens (``Family.layout``)
+LAYOUTS = ("single", "anyres", "anyres_max", "tiles", "grid")
+#: how a family's processor reads a video (``Family.video``); "" = images only
+VIDEOS = ("", "frames", "qwen2_vl", "qwen3_vl", "per_frame")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    Identity and building:
+      ``id``: the family key (``rt.family``, ``Method.setup(family=...)``, per-family tables); ``tiny``: its spelling in
+      ``tiny:<name>``; ``name``: its name in prose and tables; ``model_class``: the transformers class it serves
+      (found by class name; ``model_type``: the class itself where transformers has no attribute of that name,
+      e.g. a user's subclass); ``adapter``: its :class:`~llava.families.base.FamilyAdapter`; ``template``: the
+      default conversation template; ``processor``: the prompt processor, a kind of ``llava.preprocess.PROCESSORS``
+      or a class; ``image_processors``: :class:`~llava.families.images.ImageProcessors`; ``tiny_config``:
+      (tiny tokenizer) -> the tiny model's config; ``tiny_tokenizer``: the flags of
+      :func:`llava.tiny_tokenizer.build_tiny_tokenizer` (``chatml``, ``internvl``, ``think``); ``token_ids``: the
+      config's placeholder ids, (config attribute, tiny-tokenizer token) pairs, set on a ``shape:`` model.
+
+    Traits:
+      ``chat``: "llava" (LLaVA's conversation templates, ``<image>`` spliced) or "chatml" (the checkpoint's own
+      ChatML processor: no pad-to-square, no NeXT layouts); ``qwen_grid``: Qwen-VL's pixels and prompts (smart
+      resize within min / max pixels, ``grid_thw``, merged 2x2 tokens, M-RoPE); ``tower`` (:data:`TOWERS`) and
+      ``has_cls`` (the tower emits a [CLS] row); ``layout`` (:data:`LAYOUTS`): how one image becomes visual tokens;
+      ``video`` (:data:`VIDEOS`): how its processor reads videos; ``video_model``: a video model (its synthetic inputs
+      are videos: Video-LLaVA); ``video_seconds``: its M-RoPE time axis reads ``second_per_grid_ts``;
+      ``budget_unit``: what a visual-token budget counts (results.json); ``fast`` / ``fast_reason``: the fast path
+      plans it (or why not); ``tp`` / ``tp_reason``: ``bench.tp_check`` checks it by default (or why not);
+      ``vllm`` / ``vllm_video``: the vLLM plugin serves its images / videos.
+    """
+
+    id: str
+    tiny: str
+    name: str
+    model_class: str
+    adapter: type[FamilyAdapter]
+    template: str
+    tiny_config: Callable
+    image_processors: images.ImageProcessors
+    budget_unit: str
+    processor: object = "llava"
+    tiny_tokenizer: tuple[str, ...] = ()
+    token_ids: tuple[tuple[str, str], ...] = (("image_token_id", "<image>"),)
+    model_type: type | None = None
+    chat: str = "llava"
+    qwen_grid: bool = False
+    tower: str = "clip"
+    has_cls: bool = True
+    layout: str = "single"
+    video: str = ""
+    video_model: bool = False
+    video_seconds: bool = False
+    fast: bool = True
+    fast_reason: str = ""
+    tp: bool = True
+    tp_reason: str = ""
+    vllm: bool = False
+    vllm_video: bool = False
+    #: families this one's tiny model shares its token geometry with (tokens per unit, units per image), for tables
+    #: of tiny-model budgets keyed by family: the first of them that a table has
+    tiny_like: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        for name, allowed in (("tower", TOWERS), ("layout", LAYOUTS), ("video", VIDEOS), ("chat", ("llava", "chatml"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"family {self.id!r}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.fast and not self.fast_reason:
+            raise ValueError(f"family {self.id!r}: fast=False needs a fast_reason")
+        if not self.tp and not self.tp_reason:
+            raise ValueError(f"family {self.id!r}: tp=False needs a tp_reason")
+
+    @property
+    def chatml(self) -> bool:
+        return self.chat == "chatml"
+
+    @property
+    def mrope(self) -> bool:
+        """Kept tokens keep their positions (M-RoPE ids; the adapter's ``keeps_positions``)."""
+        return self.adapter.keeps_positions
+
+    def model_cls(self):
+        """The transformers class (``model_type``, else transformers' attribute ``model_class``)."""
+        if self.model_type is not None:
+            return self.model_type
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def tiny_key(self, table: dict):
+        """The key of ``table`` (keyed by family id) this family's tiny model reads: its own id, else the first of
+        :attr:`tiny_like` the table has; KeyError when none."""
+        for k in (self.id, *self.tiny_like):
+            if k in table:
+                return k
+        raise KeyError(self.id)
+
+
+_FAMILIES: dict[str, Family] = {}
+#: the model commands and configs default to (seconds to build, on a CPU)
+DEFAULT_MODEL = "tiny:llava"
+
+
+def register_family(family: Family, replace: bool = False) -> Family:
+    """Add ``family`` (its id, tiny spelling and model class all unused, unless ``replace``); it is then loaded by
+    ``load("tiny:<tiny>")`` / a checkpoint of its model class, and known to every check that asks the registry."""
+    if not replace:
+        for f in _FAMILIES.values():
+            taken = {"id": f.id == family.id, "tiny name": family.tiny in (f.id, f.tiny),
+                     "model class": f.model_class == family.model_class}
+            for what, hit in taken.items():
+                if hit:
+                    raise ValueError(f"family {family.id!r}: its {what} is taken by {f.id!r} (replace=True to replace)")
+    _FAMILIES[family.id] = family
+    return family
+
+
+def unregister_family(family_id: str) -> None:
+    """Remove a registered family (tests)."""
+    del _FAMILIES[family_id]
+
+
+def families() -> tuple[Family, ...]:
+    """Every family, in registration order."""
+    return tuple(_FAMILIES.values())
+
+
+def ids() -> tuple[str, ...]:
+    return tuple(_FAMILIES)
+
+
+def tiny_names() -> tuple[str, ...]:
+    """Every family's ``tiny:`` spelling."""
+    return tuple(f.tiny for f in _FAMILIES.values())
+
+
+def find(name: str) -> Family | None:
+    """The family of an id or a tiny spelling ('qwen2_5_vl' / 'qwen2.5-vl'); None when there is none."""
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    return next((f for f in _FAMILIES.values() if f.tiny == name), None)
+
+
+def get(name: str) -> Family:
+    """:func:`find`, or ValueError naming the families."""
+    f = find(name)
+    if f is None:
+        raise ValueError(f"unknown model family {name!r}; families: {', '.join(_FAMILIES)}")
+    return f
+
+
+def key(name: str) -> str:
+    """The family id of an id or a tiny spelling ('llava-next' -> 'llava_next'); a name of no family is spelled the
+    way ids are ('-' and '.' as '_')."""
+    f = find(name)
+    return f.id if f is not None else name.replace("-", "_").replace(".", "_")
+
+
+def by_model_class(name: str) -> Family | None:
+    """The family serving the transformers class ``name`` (a model's ``type(model).__name__``, a config's
+    ``architectures[0]``)."""
+    return next((f for f in _FAMILIES.values() if f.model_class == name), None)
+
+
+class FamilySet:
+    """The families whose record satisfies ``test``, asked at each use (a family registered later is in it): for
+    ``family in s``, iteration (ids), ``len`` and printing, where a tuple of ids was used (``Method.families``)."""
+
+    def __init__(self, test: Callable[[Family], bool], text: str):
+        self.test, self.text = test, text
+
+    def __contains__(self, family) -> bool:
+        f = find(family) if isinstance(family, str) else family
+        return f is not None and bool(self.test(f))
+
+    def __iter__(self):
+        return iter([f.id for f in _FAMILIES.values() if self.test(f)])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other) if isinstance(other, (tuple, list, FamilySet)) else NotImplemented
+
+    def __hash__(self):
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"<families {self.text}: {', '.join(self)}>"
+
+
+def where(**traits) -> FamilySet:
+    """The families whose fields equal ``traits`` (``where(tower="clip")``, ``where(qwen_grid=True)``)."""
+    names = {f.name for f in fields(Family)} | {"chatml", "mrope"}
+    bad = sorted(set(traits) - names)
+    if bad:
+        raise TypeError(f"where(): no family field {bad}")
+    return FamilySet(lambda f: all(getattr(f, k) == v for k, v in traits.items()),
+                     ", ".join(f"{k}={v!r}" for k, v in traits.items()))
+
+
+_QWEN = dict(template="qwen2_vl", image_processors=images.QWEN, processor="qwen", tiny_tokenizer=("chatml",),
+             token_ids=(("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")),
+             chat="chatml", qwen_grid=True, tower="qwen", has_cls=False, layout="grid")
+
+for _f in (
+    Family("llava", "llava", "LLaVA-1.5", "LlavaForConditionalGeneration", LlavaAdapter, "vicuna_v1", tiny.llava,
+           images.CLIP, "visual tokens per image (576 for LLaVA-1.5 at 336 px)", vllm=True),
+    Family("llava_next", "llava-next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", LlavaNextAdapter,
+           "vicuna_v1", tiny.llava_next, images.NEXT,
+           "visual tokens per crop (anyres: base crop + grid crops, per-unit methods)", layout="anyres", vllm=True),
+    Family("video_llava", "video-llava", "Video-LLaVA", "VideoLlavaForConditionalGeneration", VideoLlavaAdapter,
+           "llava_v1", tiny.video_llava, images.CLIP, "visual tokens per image / video frame",
+           token_ids=(("image_token_id", "<image>"), ("video_token_id", "<video>")), video="frames", video_model=True),
+    Family("qwen2_5_vl", "qwen2.5-vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", Qwen2_5_VLAdapter,
+           tiny_config=tiny.qwen2_5_vl,
+           budget_unit="merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
+                       "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
+           video="qwen2_vl", video_seconds=True, vllm=True, vllm_video=True, **_QWEN),
+    Family("llava_onevision", "llava-onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration",
+           LlavaOnevisionAdapter, "llava_onevision_hf", tiny.llava_onevision, images.ONEVISION,
+           "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods; a video: per "
+           "frame, 196 pooled tokens each at 384 px, + one newline per video)",
+           processor="onevision", tiny_tokenizer=("chatml",),
+           token_ids=(("image_token_id", "<image>"), ("video_token_id", "<video>")), chat="chatml", tower="siglip",
+           has_cls=False, layout="anyres_max", video="per_frame", vllm=True, vllm_video=True),
+    Family("qwen3_vl", "qwen3-vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", Qwen3VLAdapter,
+           tiny_config=tiny.qwen3_vl,
+           budget_unit="merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
+                       "resize, p the patch size; each token's DeepStack rows follow it; a video: per temporal slice "
+                       "of 2 frames)",
+           video="qwen3_vl", vllm=True, vllm_video=True, tiny_like=("qwen2_5_vl",), **_QWEN),
+    Family("internvl", "internvl", "InternVL", "InternVLForConditionalGeneration", InternVLAdapter, "internvl_hf",
+           tiny.internvl, images.INTERNVL,
+           "visual tokens per tile (dynamic tiling: up to 12 tiles of 448 px + a thumbnail, 256 tokens each "
+           "after the 2x2 pixel shuffle; per-unit methods; a video: per frame, one tile each)",
+           processor="internvl", tiny_tokenizer=("chatml", "internvl"),
+           token_ids=(("image_token_id", "<IMG_CONTEXT>"),), chat="chatml", tower="internvit", layout="tiles",
+           video="per_frame", tiny_like=("llava_next",)),
+    Family("qwen3_5", "qwen3.5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", Qwen3_5Adapter,
+           tiny_config=tiny.qwen3_5,
+           budget_unit="merged visual tokens per image after the merger (dynamic grid as Qwen3-VL; a video: per "
+                       "temporal slice of 2 frames; hybrid LLM: in-LLM stages only where they read a full-attention "
+                       "layer)",
+           video="qwen3_vl", tiny_like=("qwen2_5_vl",), **{**_QWEN, "template": "qwen3_5",
+                                                         "tiny_tokenizer": ("chatml", "think")}),
+    Family("qwen2_vl", "qwen2-vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", Qwen2VLAdapter,
+           tiny_config=tiny.qwen2_vl,
+           budget_unit="merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
+                       "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
+           video="qwen2_vl", tp=False, tp_reason="not yet run by bench.tp_check", tiny_like=("qwen2_5_vl",), **_QWEN),
+):
+    register_family(_f)
