@@ -23,6 +23,7 @@ from .table import answered_count, full_count, load_results, stderr
 class Cell:
     ours: float | None = None
     published: float | None = None
+    printed: str = ""  # the published number as the paper printed it (its decimals kept: "60.00")
     missing: str = ""  # why the paper has no number
     not_run: str = ""  # why we cannot run it ("" when we can)
     tolerance: float = 1.0
@@ -168,8 +169,9 @@ def collect(paper: Paper, index: dict, table: Table, model: str | None = None) -
     skey = _settings_key(table.settings)
     for i, r in enumerate(table.rows):
         for c in table.columns:
-            cell = Cell(published=r.published.get(c.key), missing=str(r.missing.get(c.key, "")),
-                        not_run=c.not_run or r.not_run, tolerance=c.tolerance, target=not table.reference_only)
+            cell = Cell(published=r.published.get(c.key), printed=r.printed.get(c.key, ""),
+                        missing=str(r.missing.get(c.key, "")), not_run=c.not_run or r.not_run,
+                        tolerance=c.tolerance, target=not table.reference_only)
             if not cell.not_run:
                 res = index.get((c.bench, model or table.model, r.method, r.budget, _opts_key(r.options), skey))
                 if res is not None:

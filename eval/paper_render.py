@@ -6,7 +6,7 @@ each row's visual tokens instead."""
 from __future__ import annotations
 
 from .paper_cells import MARKS_NOTE, Cell, TableReport, row_tokens
-from .papers import Paper, Table
+from .papers import Paper, Table, decimals
 from .table import short_model
 
 
@@ -22,6 +22,10 @@ def _cost(v) -> str:
 
 
 def _decimals(c: Cell) -> int:
+    """A cell's decimals: the published number's as printed (ours and the difference at the paper's precision),
+    else by the size of ours."""
+    if c.published is not None and c.printed:
+        return decimals(c.printed)
     v = c.published if c.published is not None else c.ours
     return 0 if v is not None and abs(v) >= 1000 else 2 if v is not None and abs(v) < 10 else 1
 
@@ -31,7 +35,7 @@ def cell_text(c: Cell, fmt: str = "md") -> str:
     set (then no ✗: the difference is not a verdict)."""
     d = _decimals(c)
     ours = "n/r" if c.not_run else _ours(c, d, fmt)
-    pub = _fmt(c.published, d) if c.published is not None else "n/p"
+    pub = "n/p" if c.published is None else c.printed or _fmt(c.published, d)
     txt = f"{ours} / {pub}"
     if c.delta is not None:
         txt += f" ({c.delta:+.{d}f})"
@@ -81,11 +85,12 @@ def _rows(rep: TableReport, fmt: str) -> tuple[list[str], list[tuple[str, list[s
             cells = [own_cell_text(rep.cells[(i, c.key)], fmt, r.vanilla) for c in cols]
         else:
             extra = [_pct(*a["ours_vs_ours"], len(cols)), _pct(*a["ours_vs_paper"], len(cols)),
-                     "–" if r.rel_avg is None else f"{r.rel_avg:.1f}%", _pct(*a["paper_recomputed"], len(cols))]
+                     "–" if r.rel_avg is None else f"{r.rel_avg_printed or f'{r.rel_avg:.1f}'}%",
+                     _pct(*a["paper_recomputed"], len(cols))]
             cells = [cell_text(rep.cells[(i, c.key)], fmt) for c in cols]
         label = r.label + (" †" if r.unverified else "") + (" (not run)" if r.not_run else "")
         b = r.paper_budget if r.paper_budget is not None else r.budget
-        b = "–" if r.vanilla or b is None else str(b)
+        b = "–" if r.vanilla or b is None else r.paper_budget_printed or str(b)
         body.append((r.group, [label, b] + cells + extra))
     return head, body
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from decimal import Decimal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ class Row:
     group_label: str = ""
     #: the unit of ``paper_budget`` (the table's ``budget_unit``): "tokens", "% TFLOP", ...
     unit: str = "tokens"
+    #: column key -> the published number as the spec's TOML literal writes it, the paper's decimals kept ("60.00",
+    #: "1862"; a TOML float forgets trailing zeros, so the report prints this text, never the float)
+    printed: dict = field(default_factory=dict)
+    #: the printed relative average as its literal ("100.00"), "" when the row has none
+    rel_avg_printed: str = ""
+    #: a numeric ``paper_budget`` as its literal ("11.30"), "" otherwise
+    paper_budget_printed: str = ""
 
     @property
     def vanilla(self) -> bool:
@@ -98,7 +106,7 @@ class Row:
             return self.group_label
         b = self.paper_budget if self.paper_budget is not None else self.budget
         if isinstance(b, (int, float)) and not isinstance(b, bool):
-            return f"{b:g}{'' if self.unit.startswith('%') else ' '}{self.unit}"
+            return f"{self.paper_budget_printed or f'{b:g}'}{'' if self.unit.startswith('%') else ' '}{self.unit}"
         return str(b) if b is not None else "no budget"
 
     @property
@@ -185,6 +193,43 @@ def spec_path(key: str) -> Path:
     return Path(key).expanduser() if is_path(key) else HERE / f"{key}.toml"
 
 
+class _Literal(float):
+    """A TOML float that remembers its literal (``60.00``): tomllib's ``parse_float`` hook makes one, so a published
+    number keeps the decimals the paper printed."""
+    text: str
+
+    def __new__(cls, text: str):
+        obj = super().__new__(cls, text)
+        obj.text = text
+        return obj
+
+
+def printed_text(v) -> str:
+    """A published value as its spec writes it, the printed decimals kept: a TOML float's literal (``60.00``,
+    ``1.10``; underscores and a plus sign dropped, an exponent written out), an integer as is (``1862``)."""
+    text = getattr(v, "text", None)
+    if text is None:
+        return str(v) if isinstance(v, int) else repr(float(v))
+    text = text.replace("_", "").lstrip("+")
+    return format(Decimal(text), "f") if "e" in text.lower() else text
+
+
+def _plain(v):
+    """``v`` with every :class:`_Literal` a plain float (options, budgets and run settings reach run configs)."""
+    if isinstance(v, _Literal):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def decimals(text: str) -> int:
+    """The decimals a printed number shows: ``"60.00"`` -> 2, ``"1862"`` -> 0."""
+    return len(text.split(".", 1)[1]) if "." in text else 0
+
+
 def list_papers() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.toml"))
 
@@ -199,7 +244,7 @@ def load(key: str, check: bool = True) -> Paper:
         raise SpecError(f"no paper spec {key!r} ({path}); known: {', '.join(list_papers())}")
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            raw = tomllib.load(f, parse_float=_Literal)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     return _parse(raw, path, check)
@@ -307,8 +352,14 @@ def _table(t: dict, where: str) -> Table:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
             raise SpecError(f"{w}: budget must be an integer (our method's convention), got {budget!r}")
         rel = r.get("rel_avg")
+        printed = {k: printed_text(v) for k, v in pub.items()}
+        pb = r.get("paper_budget")
+        pb_text = printed_text(pb) if isinstance(pb, (int, float)) and not isinstance(pb, bool) else ""
+        pub = {k: v if isinstance(v, int) else float(v) for k, v in pub.items()}
         rows.append(Row(method=method, label=str(r.get("label", method)), budget=budget,
-                        paper_budget=r.get("paper_budget"), options=dict(r.get("options", {})), published=pub,
+                        paper_budget=_plain(r.get("paper_budget")), options=_plain(dict(r.get("options", {}))),
+                        published=pub, printed=printed,
+                        rel_avg_printed="" if rel is None else printed_text(rel), paper_budget_printed=pb_text,
                         missing=miss, rel_avg=None if rel is None else float(_number(rel, w + " rel_avg")),
                         source=str(r.get("source", "")), unverified=str(r.get("unverified", "")),
                         not_run=str(r.get("not_run", "")), group_label=str(r.get("group", "")),
@@ -320,7 +371,7 @@ def _table(t: dict, where: str) -> Table:
         _need(t, "source", where)
     return Table(id=tid, caption=str(t.get("caption", "")), model=_need(t, "model", where),
                  source=str(t.get("source", "")), budget_convention=str(t.get("budget_convention", "")),
-                 columns=tuple(cols), rows=tuple(rows), settings={k: t[k] for k in RUN_SETTINGS if k in t},
+                 columns=tuple(cols), rows=tuple(rows), settings={k: _plain(t[k]) for k in RUN_SETTINGS if k in t},
                  notes=str(t.get("notes", "")), budget_unit=str(t.get("budget_unit", "tokens")),
                  reference_only=str(t.get("reference_only", "")))
 
