@@ -1,8 +1,10 @@
-"""Issue 56's paper specs against the sources they were read from: every published number of hiprune.toml and
-divprune.toml equals the transcription below (typed from the source independently of the spec file), and each
-transcription is checked on its own terms - HiPrune's printed averages recomputed from its cells, DivPrune's TFLOP
-ratios from the paper's eq. (5) with the official tflops.py inputs and the differences the paper's prose quotes;
-DUET-VLM's printed averages, ApET's and VisionTrim's claims."""
+"""The paper specs of issues 56 and 85 against the sources they were read from: every published number of
+hiprune.toml, divprune.toml and pdrop.toml equals the transcription below (typed from the source independently of
+the spec file), and each transcription is checked on its own terms - HiPrune's printed averages recomputed from its
+cells, DivPrune's TFLOP ratios from the paper's eq. (5) with the official tflops.py inputs and the differences the
+paper's prose quotes, PyramidDrop v2's Avg column, prose and copied baselines; the cells where a spec keeps a
+printed number its source contradicts (SparseVLM's FastV SQA, HiPrune's PyramidDrop SQA); DUET-VLM's printed
+averages, ApET's and VisionTrim's claims."""
 
 import math
 
@@ -323,3 +325,125 @@ def test_docs_papers_table_matches_the_specs():
                          str(len({r.label for r in t.rows if not r.runnable})), bool(t.reference_only)])
     got = [[r[0].strip("`"), r[1], r[2], r[3], r[7], "reference only" in r[4]] for r in rows]
     assert got == want
+
+
+# --------------------------------------------------------------------------------------------- PyramidDrop
+# arXiv 2410.17247v2, text conversion of the PDF (GitHub source index, read_file id 60915094325), as printed:
+# Table 1 (TFLOPS MME SQAI MMBCN GQA POPE TextVQA SEEDI Avg) and Table 2 (MME MMB SQA GQA TextVQA Average Ratio%)
+PDROP_T1 = {
+    "Table 1: LLaVA-NeXT-7B": "vanilla 20.8 1534.1 70.4 60.5 64.2 86.1 67.2 71.1 70.9 "
+                              "FastV 10.6 1504.0 69.3 60.0 63.5 86.3 66.5 69.3 70.1 "
+                              "PDrop 9.5 1533.0 69.4 59.9 63.9 86.4 67.0 70.0 70.5",
+    "Table 1: LLaVA-1.5-7B": "vanilla 3.82 1510.7 66.8 58.3 62 85.9 58.2 66.1 67.5 "
+                             "FastV 2.01 1473.7 68.5 57.3 59.4 84.0 57.2 64.0 66.4 "
+                             "PDrop 1.78 1500.8 69.2 58.5 60.1 84.8 57.6 64.3 67.1",
+}
+PDROP_T2 = """
+LLaVA-1.5-7B 576 1862 64.7 69.5 61.9 58.2 69.4 100%
+ToMe 192 1563 60.5 65.2 54.3 52.1 62.0 89.9%
+FastV 192 1612 61.2 67.3 52.7 52.5 62.9 90.6%
+SparseVLM 192 1721 62.5 69.1 57.6 56.1 66.3 95.5%
+PDrop 192 1797 63.3 69.2 57.3 56.5 67.2 96.8%
+ToMe 128 1343 53.3 59.6 52.4 49.1 56.3 81.1%
+FastV 128 1490 56.1 60.2 49.6 50.6 58.2 83.9%
+SparseVLM 128 1696 60.0 67.1 56.0 54.9 64.6 93.0%
+PDrop 128 1761 61.6 68.4 57.1 56.6 66.4 95.6%
+ToMe 64 1138 43.7 50.0 48.6 45.3 48.9 70.5%
+FastV 64 1256 48.0 51.1 46.1 47.8 51.2 73.7%
+SparseVLM 64 1505 56.2 62.2 52.7 51.8 59.6 85.9%
+PDrop 64 1561 58.8 69.0 47.5 50.6 60.8 87.6%
+"""
+
+
+def _chunks(text, width):
+    words = text.split()
+    return [words[i:i + width] for i in range(0, len(words), width)]
+
+
+def test_pdrop_tables_are_v2_as_printed():
+    """Every published cell of pdrop.toml is v2's text as printed, decimals included ('62', '1504.0', '60.0')."""
+    paper = load("pdrop")
+    for tid, line in PDROP_T1.items():
+        t = paper.table(tid)
+        got = [[r.label] + [r.printed[c.key] for c in t.columns] for r in t.rows]
+        assert got == _chunks(line, 10), tid
+    t = paper.table("Table 2")
+    want = [ln.split() for ln in PDROP_T2.strip().splitlines()]
+    got = [[r.label, str(r.paper_budget or 576)] + [r.printed[c.key] for c in t.columns] + [r.rel_avg_printed + "%"]
+           for r in t.rows]
+    assert got == want
+
+
+def test_pdrop_v2_checks_itself():
+    """v2's Table 1 against its own text and Avg column; Table 2's baselines against SparseVLM's table."""
+    paper = load("pdrop")
+    for tid in PDROP_T1:
+        t = paper.table(tid)
+        for r in t.rows:
+            p = r.published
+            avg = (p["mme"] / 20 + sum(p[k] for k in ("sqa", "mmbcn", "gqa", "pope", "textvqa", "seed"))) / 7
+            # vanilla and PDrop to the printed decimal; FastV 0.1 below its printed Avg on both models
+            assert round(avg, 1) == pytest.approx(p["avg"] - (0.1 if r.method == "fastv" else 0.0)), (tid, r.label)
+    # Section 4.2 on LLaVA-NeXT: PDrop over FastV by 1.5% on MME (MME / 20), 0.4 GQA, 0.5 TextVQA, 0.7 SEED-I
+    fastv, pdrop = (r.published for r in paper.table("Table 1: LLaVA-NeXT-7B").rows[1:])
+    assert round((pdrop["mme"] - fastv["mme"]) / 20 + 1e-9, 1) == 1.5  # 29.0 / 20 = 1.45, rounded half up
+    assert [round(pdrop[k] - fastv[k], 1) for k in ("gqa", "textvqa", "seed")] == [0.4, 0.5, 0.7]
+    # Table 2's ToMe / FastV / SparseVLM rows are SparseVLM's Table 1 but for FastV's 64-token SQA (51.1 vs 55.1)
+    sv = {(r.label.split(" (")[0], r.paper_budget): r.published for r in load("sparsevlm").table("Table 1").rows}
+    diff = []
+    for r in paper.table("Table 2").rows:
+        if r.vanilla or r.method == "pdrop":
+            continue
+        other = sv[(r.label, r.paper_budget)]
+        diff += [(r.label, r.paper_budget, k, v, other[k]) for k, v in r.published.items()
+                 if k != "average" and other[k] != v]
+    assert diff == [("FastV", 64, "sqa", 51.1, 55.1)]
+
+
+# v1's LLaVA-1.5-7B inference-only rows as a third-party transcription gives them (the AI-written review
+# deep-diver/ai-paper-reviewer content/paper-reviews/2410.17247/index.md @ 0fd39f4): MME SQAI MMBCN GQA POPE TextVQA,
+# and v1's delta row (PDrop - FastV, MME / 20)
+PDROP_V1 = {"fastv": [1475.6, 68.5, 56.8, 59.6, 84.8, 57.1], "pdrop": [1500.8, 69.2, 58.5, 60.1, 84.8, 57.5]}
+PDROP_V1_DELTA = [1.3, 0.7, 1.7, 0.5, 0.0, 0.4]
+
+
+def test_pdrop_v1_cells_are_v1_not_typos():
+    """The six cells v1's transcription gives differently are v1's own: its delta row is computed from them (and not
+    from v2's cells)."""
+    keys = ("mme", "sqa", "mmbcn", "gqa", "pope", "textvqa")
+    v2 = {r.method: [r.published[k] for k in keys] for r in load("pdrop").table("Table 1: LLaVA-1.5-7B").rows}
+
+    def delta(rows):
+        return [round((p - f) / (20 if k == "mme" else 1) + 1e-9, 1) for k, f, p in zip(keys, rows["fastv"],
+                                                                                        rows["pdrop"])]
+    assert delta(PDROP_V1) == PDROP_V1_DELTA
+    assert delta(v2) != PDROP_V1_DELTA  # e.g. MMB-CN 58.5 - 57.3 = 1.2
+    changed = [(m, k) for m in PDROP_V1 for k, a, b in zip(keys, PDROP_V1[m], v2[m]) if a != b]
+    assert changed == [("fastv", "mme"), ("fastv", "mmbcn"), ("fastv", "gqa"), ("fastv", "pope"), ("fastv", "textvqa"),
+                       ("pdrop", "textvqa")]
+
+
+def test_sparsevlm_fastv_64_sqa_is_printed_55_1_but_the_page_computes_51_1():
+    """The page prints FastV's 64-token SQA as 55.1 (kept); its ratio under the cell (73.5%) and the row's Avg.
+    (72.1%, the mean of the eight ratios) only work with 51.1."""
+    t = load("sparsevlm").table("Table 1")
+    van, fastv = t.rows[0].published, next(r for r in t.rows if r.method == "fastv" and r.budget == 64)
+    assert fastv.published["sqa"] == 55.1 and fastv.printed["sqa"] == "55.1" and fastv.rel_avg == 72.1
+    assert round(100 * 51.1 / van["sqa"], 1) == 73.5 and round(100 * 55.1 / van["sqa"], 1) == 79.3
+
+    def avg(sqa):
+        cells = {**fastv.published, "sqa": sqa}
+        return round(100 * sum(cells[k] / van[k] for k in van) / len(van), 1)
+    assert (avg(51.1), avg(55.1)) == (72.1, 72.8)
+
+
+def test_hiprune_pdrop_rows_name_their_sources():
+    """HiPrune's PyramidDrop rows: GQA / MMB / MME / TextVQA equal PyramidDrop v2's Table 2, SQA only at 128; at 192
+    and 64 HiPrune's SQA is PyramidDrop's of the other budget (69.0 / 69.2 against 69.2 / 69.0)."""
+    hp = {r.budget: r.published for r in load("hiprune").tables[0].rows if r.method == "pdrop"}
+    pd = {r.budget: r.published for r in load("pdrop").table("Table 2").rows if r.method == "pdrop"}
+    for b in (192, 128, 64):
+        assert [hp[b][k] for k in ("gqa", "mmb", "mme", "textvqa")] == [pd[b][k] for k in ("gqa", "mmb", "mme",
+                                                                                           "textvqa")]
+    assert [hp[b]["sqa"] for b in (192, 128, 64)] == [69.0, 68.4, 69.2]
+    assert [pd[b]["sqa"] for b in (192, 128, 64)] == [69.2, 68.4, 69.0]
