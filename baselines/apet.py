@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llava.families import registry
 from llava.method import BudgetError, Method, Selection, register
 from llava.ops import check_numerics, scale_layers
 
@@ -66,7 +67,7 @@ SPACES = ("vision", "projected")
 CLS_TOKEN_MODES = ("keep", "candidate")
 #: families whose official code scores and merges the projected tokens (Video-LLaVA ``encode_videos``, the Qwen
 #: code's merger output); the others follow the LLaVA image code (select-layer features)
-PROJECTED_FAMILIES = ("video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+PROJECTED_FAMILIES = registry.FamilySet(lambda f: f.video_model or f.qwen_grid, "a video model or a Qwen-VL one")
 COSINE_CHUNK = 64  # rows of the official cosine evaluated at a time (same values, bounded memory)
 
 

@@ -41,8 +41,7 @@ import torch
 from llava.method import BudgetError, Method, Selection, register
 from llava.ops import masked_take, unit_layout
 
-SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl",
-                      "qwen3_5")
+SUPPORTED_FAMILIES = None  # every family
 SPACES = ("vision", "projected")
 NEWLINE_MODES = ("keep", "drop")
 

@@ -52,6 +52,7 @@ import math
 
 import torch
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, masked_take, topk_desc
 
@@ -176,7 +177,7 @@ class FlowCut(Method):
     capturable = "full"
     vision_stage = True
     tower_stage = True
-    families = ("llava", "llava_next", "video_llava")
+    families = registry.where(tower="clip")
     llm_reads = ("prev",)  # the LLaVA-NeXT stage (next_llm_stage): decoder layer 1's q / k / v
     unsupported_reason = ("FlowCut drops tokens between the layers of a CLIP tower with a [CLS] token; the "
                           "in-tower stage exists for the CLIP families only")

@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import torch
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
 BUDGET_MODES = ("per_unit", "per_image_total")
-SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
+#: the CLIP-tower families (a [CLS] token and its attention: llava.families.registry's ``tower``), asked at each use
+SUPPORTED_FAMILIES = registry.where(tower="clip")
 #: dtype of the official global attention (fp32 tower under device_map='auto', attentions returned uncast)
 OFFICIAL_DTYPE = torch.float32
 

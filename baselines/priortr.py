@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
 
@@ -51,7 +52,7 @@ INF_CLAMP = 1e6
 QUERIES = ("question", "question_excl_last", "last")
 #: the families whose official code reads "question_excl_last", keeps at least one token of a keep_ratio and
 #: computes the score layer's attention beside the SDPA layer (transformers' eager product ``q k^T * scaling``)
-QWEN_RULE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN_RULE_FAMILIES = registry.where(qwen_grid=True)
 HEADS = ("mean", "max")
 
 

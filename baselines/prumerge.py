@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 
@@ -53,7 +54,8 @@ BUDGET_MODES = ("adaptive", "fixed")
 CLS_TOKEN_MODES = ("drop", "keep")
 #: a unit whose every patch is kept: no global token ("drop", ours) or an all-zero one ("zero", the official code)
 EMPTY_GLOBAL_MODES = ("drop", "zero")
-SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
+#: the CLIP-tower families (a [CLS] token and its attention: llava.families.registry's ``tower``), asked at each use
+SUPPORTED_FAMILIES = registry.where(tower="clip")
 #: dtype of every official signal (the PruMerge builder casts the tower to fp16 unconditionally)
 OFFICIAL_DTYPE = torch.float16
 REFUSAL = ("PruMerge reads the [CLS] query's full-width attention and the full-width keys of the last CLIP "
@@ -309,7 +311,7 @@ def prumerge_padded(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor,
                     grid: tuple[int, int], layout, *, variant: str = "plus", k: int = 32,
                     cls_token: str = "drop") -> Selection:
     """The adaptive PruMerge(+) of :func:`prumerge` with static shapes and no host read, for the fast
-    path's piecewise prefill (:mod:`llava.fastpath`): the same outputs in the same order, padded to every
+    path's piecewise prefill (:mod:`llava.fast.path`): the same outputs in the same order, padded to every
     candidate of every unit, with the real count as ``Selection.count`` (read once by the engine, after
     the graph). ``layout``: the planned :func:`llava.ops.unit_layout` of (unit, patch).
 

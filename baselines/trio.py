@@ -61,6 +61,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
                        scale_layers, scaled_count, split_budget, vscan_stage1)
@@ -83,14 +84,14 @@ OFFICIAL_PROXY_ROWS = 4
 QWEN_LAYERS, QWEN_RATIOS = (14,), (0.333,)
 COUNT_MODES = ("scaled", "absolute")
 #: families whose decoder layers the proxy loss re-runs as the stock model does (tests/test_trio.py)
-FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "qwen3_5")
+FAMILIES = registry.FamilySet(lambda f: not f.deepstack, "no DeepStack rows")
 #: the "w/ VE" option: the encoder stage before the LLM (None = "w/o VE")
 ENCODERS = (None, "vscan")
 #: w/ VE, the README's default command (README.md:524-544): ``--visual_token_num 96``, ``--layer_list '[16]'``,
 #: ``--image_token_list '[32]'`` (per image; per unit here)
 VE_VISUAL_TOKEN_NUM, VE_LAYERS, VE_COUNTS = 96, (16,), (32,)
 #: VScan's stage 1 reads the [CLS] query rows of two CLIP layers
-VE_FAMILIES = ("llava", "llava_next", "video_llava")
+VE_FAMILIES = registry.where(tower="clip")
 VE_REASON = ("trio encoder='vscan' runs VScan's stage 1, which reads the [CLS] query rows of two CLIP layers (local / "
              "global scans): CLIP towers with a [CLS] token only (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)")
 

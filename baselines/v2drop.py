@@ -36,6 +36,7 @@ import logging
 
 import torch
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, scale_layers, stage_layer_counts, topk_desc
 
@@ -46,8 +47,8 @@ RULES = {
     "llava": ((3, 17, 22), (0.5, 0.5, 0.0), 32),  # V2Drop.py 129, 139-144 (LLaVA-1.5-7B: 32 layers)
     "qwen2vl": ((3, 16, 22), (0.25, 0.05, 0.0), 28),  # modeling_qwen2_vl_self.py 345, 357-362 (Qwen2-VL-7B: 28)
 }
-#: families whose default rule is the official Qwen2-VL one
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: families whose default rule is the official Qwen2-VL one: the Qwen-VL models (their record's ``qwen_grid``)
+QWEN_FAMILIES = registry.where(qwen_grid=True)
 #: keep ratios (1 - the prune ratios 50/70/100 %, 72/75/100 %, 95/95/100 %) per budget, as an official-repository
 #: issue quotes the paper; read as fractions of the remaining tokens (the reading whose averages match the budgets)
 REPORTED = {192: (0.5, 0.3, 0.0), 128: (0.28, 0.25, 0.0), 64: (0.05, 0.05, 0.0)}
@@ -127,7 +128,7 @@ class V2Drop(Method):
     llm_reads = ()  # hidden states only: LLMSignals.hidden and .prev_hidden
     capturable = "full"
     position_mode = "keep"
-    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    families = registry.FamilySet(lambda f: not f.hybrid, "attention in every decoder layer")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: its stage layers "
                           "would fall among Gated DeltaNet layers and no official rule exists for it; use a pre-LLM "
                           "method there")

@@ -55,10 +55,12 @@ import torch
 import torch.nn.functional as F
 
 from llava.clip_route import ClipTextRoute
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, device_ints, unit_layout
 
-SUPPORTED_FAMILIES = ("llava", "llava_next", "video_llava")
+#: the CLIP-tower families (a [CLS] token and its attention: llava.families.registry's ``tower``), asked at each use
+SUPPORTED_FAMILIES = registry.where(tower="clip")
 TEXT_MODES = ("llm", "clip")
 DVTS_SCORES = ("code", "global_local")
 RECEIVED_QUERIES = ("patches", "all")

@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
 
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 SPATIAL_WEIGHT = 0.5
 CHANNELS = 256
 OWN, ABSORBED = 0.3, 0.7
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: families whose counts round down (the official Qwen2-VL code): the Qwen-VL models (their record's ``qwen_grid``)
+QWEN_FAMILIES = registry.where(qwen_grid=True)
 
 
 def _cdist(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
@@ -214,7 +216,7 @@ class VLMPruner(Method):
                       "similarity matrix per sample) and its recovery rewrites kept hidden states (Selection.values), "
                       "which a captured llm stage refuses: the prefill runs on the eager engine")
     position_mode = "keep"
-    families = ("llava", "llava_next", "video_llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    families = registry.FamilySet(lambda f: not f.hybrid, "attention in every decoder layer")
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 would be a "
                           "Gated DeltaNet layer without keys; use a pre-LLM method there")
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import torch
 
+from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, last_row_topk, scale_layers
 # stage 1 is shared with TRIO's "w/ VE" option: it lives in llava/ops/ (re-imported under its names here)
@@ -77,12 +78,12 @@ class VScan(Method):
 
     name = "vscan"
     llm_reads = ("next",)  # layer K's attention row of the last prompt token
-    #: stage 1 with the planned layout and local counts (no host read), stage 2 per segment (llava.fast_llm);
+    #: stage 1 with the planned layout and local counts (no host read), stage 2 per segment (llava.fast.llm);
     #: the reference mode (its overlapping official picks need a nonzero) runs eagerly
     capturable = "full"
     vision_stage = True
     position_mode = "reindex"
-    families = ("llava", "llava_next", "video_llava")
+    families = registry.where(tower="clip")
     unsupported_reason = ("vscan reads the [CLS] query rows of two CLIP layers (local / global scans): "
                           "CLIP towers with a [CLS] token only (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)")
 

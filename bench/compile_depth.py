@@ -88,6 +88,7 @@ def _one(layers: int, regional: bool, backend: str, cache: str) -> dict:
     import torch
 
     stamps["import_torch"] = time.time()
+    from llava.families.registry import DEFAULT_MODEL
     from llava.models import load
 
     stamps["import_llava"] = time.time()
@@ -95,7 +96,7 @@ def _one(layers: int, regional: bool, backend: str, cache: str) -> dict:
     _timed_vec_isa(meta)
     stamps["bench"] = time.time()  # the measurement's hook (its import, when llava.models has not made it), apart
     t0 = time.perf_counter()
-    rt = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=8, fast_backend=backend, fast_regional=regional,
+    rt = load(DEFAULT_MODEL, seed=1, fast=True, fast_max_new_tokens=8, fast_backend=backend, fast_regional=regional,
               fast_cache=cache)
     lm = rt.model.model.language_model
     base = list(lm.layers)

@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llava.check.tp import agreement, rank_env
+from llava.families import registry
 from llava.tp import _free_port
 
-FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5")
+#: the families checked by default: those whose record says ``tp`` (tiny spelling)
+FAMILIES = tuple(f.tiny for f in registry.families() if f.tp)
 LOGIT_TOL = 1e-5
 
 

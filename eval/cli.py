@@ -43,9 +43,11 @@ def _budget(s: str):
 
 
 def _add_run(sub):
+    from .run_config import RunConfig
+
     a = sub.add_parser("run", help="sharded inference + merge + score (one process per GPU under torchrun / deepspeed)")
     a.add_argument("benchmark")
-    a.add_argument("--model", default="tiny:llava", help="hub id, local directory, shape:<name> or tiny:<family>")
+    a.add_argument("--model", default=RunConfig.model, help="hub id, local directory, shape:<name> or tiny:<family>")
     a.add_argument("--revision", default=None, help="the hub id's branch, tag or commit (default: main); every file, "
                    "weights, config, tokenizer and processor, is read at it (both backends)")
     a.add_argument("--method", default="none", help="pruning method (none: the unpruned model; `python -m llava.cli "

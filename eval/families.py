@@ -7,6 +7,13 @@ from __future__ import annotations
 from llava.families import registry
 
 
+def anyres(family: str | None) -> bool:
+    """Whether a results.json family lays an image out as LLaVA-NeXT's anyres crops (its ``next_layout`` is a
+    choice); False for a family this install does not know."""
+    f = registry.find(family) if family else None
+    return f is not None and f.layout == "anyres"
+
+
 def family_check(cfg, rt, questions: list) -> str | None:
     """Options and benchmarks the loaded model's family cannot take (known only once it is loaded: a hub
     id or a local folder names no family), as one error line; None when the run can go."""

@@ -135,11 +135,13 @@ def _opts(method_cfg: dict) -> dict:
 def build(results: list[dict], metric_override: dict[str, str] | None = None,
           paper_vanilla: dict[str, float] | None = None) -> dict[str, dict]:
     """Per model: columns, rows and the metric used for each benchmark column."""
+    from .families import anyres
+
     metric_override = metric_override or {}
     models: dict[str, dict] = {}
     for r in results:
         mid = r["model"].get("id") or r["model"].get("name")
-        layout = r["model"].get("next_layout") if r["model"].get("family") == "llava_next" else None
+        layout = r["model"].get("next_layout") if anyres(r["model"].get("family")) else None
         key = mid + (f" [{layout}]" if layout else "") + (f" [{r['model'].get('preprocess')}]" if r["model"].get("preprocess") == "crop" else "")
         m = models.setdefault(key, {"rows": {}, "benches": {}, "labels": {}})
         bench = r["benchmark"]

@@ -16,8 +16,14 @@ import time
 
 log = logging.getLogger("eval")
 
-#: the families the plugin serves (integrations.vllm.ARCHITECTURES)
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+
+
+def served_families() -> tuple[str, ...]:
+    """The families the plugin serves: those of its model classes (integrations.vllm.ARCHITECTURES)."""
+    from integrations.vllm import ARCHITECTURES
+    from llava.families import registry
+
+    return tuple(f.id for f in registry.families() if f.model_class in ARCHITECTURES)
 
 
 def _video_benchmark(cfg) -> bool:
@@ -55,8 +61,12 @@ class VllmBackend:
         from integrations.vllm.spec import PruneSpec, planned_for_config
         from integrations.vllm.twin import VIDEO_FAMILIES  # the others' videos: the HF backend
 
-        if rt.family not in FAMILIES:
-            raise ValueError(f"--backend vllm serves {', '.join(FAMILIES)} models so far, not {rt.family}")
+        from llava.families import registry
+
+        served = served_families()
+        if rt.family not in served:
+            raise ValueError(f"--backend vllm serves {', '.join(served)} models so far, not {rt.family}")
+        rec = registry.get(rt.family)
         self.video = _video_benchmark(cfg)
         if self.video and rt.family not in VIDEO_FAMILIES:
             raise ValueError(f"--backend vllm answers video questions with {', '.join(VIDEO_FAMILIES)} models so far "
@@ -64,10 +74,11 @@ class VllmBackend:
         ov = overrides(cfg.model, cfg.method, cfg.budget, template=cfg.template, revision=cfg.revision, **cfg.options)
         self.spec = spec = PruneSpec.from_dict(ov["vtprune"])
         self.structure = self.planned = None
-        if rt.family == "llava":  # one structure for every image
+        if rec.layout == "single":  # one structure for every image
             self.structure, self.planned = planned_for_config(spec, rt.family, rt.model.config)
         self.layers = int(rt.model.config.text_config.num_hidden_layers)
         self.rt = rt
+        self.record = rec
         self.cfg = cfg
         # one image, or on a video benchmark one video, per prompt (vLLM reserves memory for what is allowed)
         self.llm = LLM(model=cfg.model, revision=cfg.revision, dtype=dtype, hf_overrides=ov, seed=cfg.seed,
@@ -81,9 +92,9 @@ class VllmBackend:
                      "tokens_per_image": self.structure.tokens if self.structure is not None else "per image size"}
         if self.video:
             self.info["planned_tokens_per_video"] = (
-                "per frame count" if rt.family == "llava_onevision" else
+                "per frame count" if rec.video == "per_frame" else
                 "per video grid (temporal slices x resized frame size)" + (
-                    ", laid out per temporal slice after its timestamp" if rt.family == "qwen3_vl" else ""))
+                    ", laid out per temporal slice after its timestamp" if rec.video == "qwen3" else ""))
 
     def counts(self, image) -> tuple[int, int]:
         """(the image's tokens unpruned, after the method) as vLLM lays it out."""
@@ -106,7 +117,8 @@ class VllmBackend:
         if video is not None:
             enc = proc([q.text], videos=[video])
             cfg = self.rt.model.config  # Qwen3-VL: a timestamp and a marked run per temporal slice, all collapsed
-            markers = (cfg.vision_start_token_id, cfg.vision_end_token_id) if self.rt.family == "qwen3_vl" else None
+            markers = ((cfg.vision_start_token_id, cfg.vision_end_token_id) if self.record.video == "qwen3"
+                       else None)
             ids = collapse(enc["input_ids"][0].tolist(), int(cfg.video_token_id), markers)
             counts = self.video_counts(enc)
             return {"prompt_token_ids": ids, "multi_modal_data": {"video": video_data(video, proc.num_frames)},
@@ -116,7 +128,7 @@ class VllmBackend:
         if image is None:
             return {"prompt_token_ids": ids}, None
         ids = collapse(ids, int(self.rt.model.config.image_token_id))
-        if self.rt.family == "llava" and proc.pad_to_square:
+        if self.record.layout == "single" and proc.pad_to_square:
             bg = tuple(int(x * 255) for x in getattr(proc.image_processor, "image_mean", CLIP_MEAN))
             image = expand2square(image, bg)
         # the HF backend keys seeded draws by the question id (engine.sample_keys): so does the plugin

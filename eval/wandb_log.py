@@ -243,11 +243,13 @@ def run_config(cfg: dict, resolved: dict, benchmark: str, n: int, run_name: str,
     model (id, name, family, dtype, vision_dtype, layout, template, preprocessing), method (name, budget,
     options as given, the variant label, every resolved option), benchmark (+ options), n, commit, run name;
     ``args`` holds the harness's whole RunConfig."""
+    from .families import anyres
+
     model = dict(resolved.get("model") or {"id": cfg.get("model")})
     model.setdefault("id", cfg.get("model"))
     model["vision_dtype"] = cfg.get("vision_dtype") or model.get("dtype")
     # LLaVA-NeXT's feature layout (spatial_unpad / spatial); None where the family has no such choice
-    model["layout"] = model.get("next_layout", cfg.get("next_layout")) if model.get("family") == "llava_next" else None
+    model["layout"] = model.get("next_layout", cfg.get("next_layout")) if anyres(model.get("family")) else None
     model["pad_to_square"] = cfg.get("pad_to_square", True)
     opts = dict(cfg.get("options") or {})
     method = {"name": cfg.get("method"), "budget": cfg.get("budget"), "budget_label": budget_label(cfg.get("budget")),

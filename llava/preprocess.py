@@ -494,6 +494,5 @@ class InternVLProcessor(InternVLVideoMixin, ChatMLProcessor):
         return [start] + [img_id] * count + [end]
 
 
-#: the prompt processors by kind (a family record's ``processor``)
-PROCESSORS = {"llava": PromptProcessor, "qwen": QwenVLProcessor, "onevision": OnevisionProcessor,
-              "internvl": InternVLProcessor}
+#: the prompt processors by name (a family record's ``processor``)
+PROCESSORS = {c.__name__: c for c in (PromptProcessor, QwenVLProcessor, OnevisionProcessor, InternVLProcessor)}

@@ -43,7 +43,21 @@ import torch
 from .preprocess_qwen_video import BICUBIC, CLIP_MEAN_STD, frames_array, frames_to_float
 from .video_config import checkpoint_video_config
 
-FAMILIES = ("llava_onevision", "internvl")
+
+def _per_frame(family: str) -> bool:
+    """Whether ``family``'s processor reads a video frame by frame (its record's ``video`` is "per_frame")."""
+    from .families import registry
+
+    f = registry.find(family)
+    return f is not None and f.video == "per_frame"
+
+
+def _per_frame_families() -> str:
+    from .families import registry
+
+    return ", ".join(f.id for f in registry.families() if f.video == "per_frame")
+
+
 #: transformers' class defaults (LlavaOnevisionVideoProcessor and InternVLVideoProcessor agree): a checkpoint's
 #: config overrides them key by key
 CLASS_DEFAULTS = dict(height=384, width=384, image_mean=CLIP_MEAN_STD[0], image_std=CLIP_MEAN_STD[1])
@@ -67,8 +81,8 @@ class FrameVideoSettings:
     source: str = ""
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"per-frame video settings are for {', '.join(FAMILIES)}, not {self.family!r}")
+        if not _per_frame(self.family):
+            raise ValueError(f"per-frame video settings are for {_per_frame_families()}, not {self.family!r}")
         if self.resample != BICUBIC:
             raise ValueError(f"video resample {self.resample}: only bicubic (3, the OneVision / InternVL video "
                              "processors') is implemented without torchvision")
@@ -114,8 +128,8 @@ def resolve_settings(family: str, model_config, image_processor=None) -> FrameVi
     """The video settings of a loaded model: its checkpoint's video processor config (hub id or local folder, at
     the commit the model was loaded from), or, for a model built here, the tower's square and the image processor's
     mean / std."""
-    if family not in FAMILIES:
-        raise ValueError(f"{family}: no per-frame video processing (families: {', '.join(FAMILIES)})")
+    if not _per_frame(family):
+        raise ValueError(f"{family}: no per-frame video processing (families: {_per_frame_families()})")
     square = tower_square(family, model_config)
     found = checkpoint_video_config(model_config)
     if found:

@@ -65,10 +65,21 @@ CLASS_DEFAULTS = {
 #: video_preprocessor_config.json (size over the whole clip)
 RELEASED = {"qwen2_vl": dict(min_pixels=3136, max_pixels=12845056),
             "qwen3_vl": dict(min_pixels=4096, max_pixels=25165824)}
-RULES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_5": "qwen3_vl", "qwen2_vl": "qwen2_vl"}
-#: families whose M-RoPE time axis reads ``second_per_grid_ts`` (Qwen2-VL's ``get_rope_index`` has none: its
-#: processor does not emit it)
-SECONDS_FAMILIES = ("qwen2_5_vl",)
+#: a family record's ``video`` -> its rule (llava.families.registry): Qwen2-VL / Qwen2.5-VL read videos as Qwen2-VL's
+#: processor, Qwen3-VL / Qwen3.5 as Qwen3-VL's
+VIDEO_RULES = {"qwen2": "qwen2_vl", "qwen3": "qwen3_vl"}
+#: a family's M-RoPE time axis reads ``second_per_grid_ts`` where its record says ``video_seconds`` (Qwen2-VL's
+#: ``get_rope_index`` has none: its processor does not emit it)
+
+
+def _rule(family: str) -> str:
+    from .families import registry
+
+    f = registry.find(family)
+    if f is None or f.video not in VIDEO_RULES:
+        qwen = ", ".join(f.id for f in registry.families() if f.video in VIDEO_RULES)
+        raise ValueError(f"{family}: no Qwen video processing (families: {qwen})")
+    return VIDEO_RULES[f.video]
 
 
 class Frames(list):
@@ -156,9 +167,7 @@ def settings_from_config(rule: str, config: dict, source: str = "") -> VideoSett
 def resolve_settings(family: str, model_config) -> VideoSettings:
     """The video settings of a loaded model: its checkpoint's video processor config (hub id or local folder, at
     the commit the model was loaded from), or the released checkpoints' values for a model built here."""
-    if family not in RULES:
-        raise ValueError(f"{family}: no Qwen video processing (families: {', '.join(RULES)})")
-    rule = RULES[family]
+    rule = _rule(family)
     vc = model_config.vision_config
     found = checkpoint_video_config(model_config)
     if found:
@@ -352,6 +361,6 @@ class QwenVideoMixin:
                 run += [cfg.vision_start_token_id] + [cfg.video_token_id] * per_slice + [cfg.vision_end_token_id]
             runs.append(run)
         out = {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
-        if s.rule == "qwen2_vl" and self.family in SECONDS_FAMILIES:
+        if s.rule == "qwen2_vl" and self.record.video_seconds:
             out["second_per_grid_ts"] = torch.tensor(secs, dtype=torch.float32)
         return out, runs

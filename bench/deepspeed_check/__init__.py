@@ -7,7 +7,7 @@ Three parts, each optional (``--no-equivalence``, ``--no-ttft``, ``--no-launcher
 
 * **A. Equivalence**: every tiny family (``--families``) in every dtype (``--dtypes``; fp16 and bf16 on
   CUDA, fp32 on CPU) is loaded twice with the same seed; the second copy goes through
-  ``llava.models.deepspeed_inference`` (``deepspeed.init_inference``, tp_size 1, kernel injection off).
+  ``llava.tp.deepspeed_inference`` (``deepspeed.init_inference``, tp_size 1, kernel injection off).
   Every registered method (and ``none``) is attached to both after it (``rt.prune``; ``random`` with
   seed 3), and greedy generation of ``--new-tokens`` tokens on bench.gpu_check's ``mixed`` batch of 3
   must give identical tokens (the wrapped model runs the same kernels, so equality is exact even in
@@ -57,14 +57,14 @@ from bench import gpu_check as G
 #   launcher: part C (scripts/eval/pope.sh with LAUNCHER=python and deepspeed)
 #   report: the verdicts and the markdown
 # This module: run (the parts in order under the time limit, the files) and the command line.
-from bench.deepspeed_check.config import (BUDGET_FAMILY, DIST_VARS, FAMILIES, ROOT, TTFT_METHODS, Budget,
+from bench.deepspeed_check.config import (DIST_VARS, FAMILIES, ROOT, TTFT_METHODS, Budget,
                                           DSCheckConfig, budget_for)
 from bench.deepspeed_check.equivalence import equivalence_pair, part_equivalence
 from bench.deepspeed_check.launcher import find_deepspeed_exe, launcher_run, part_launcher
 from bench.deepspeed_check.report import _overall, markdown, summarize
 from bench.deepspeed_check.ttft import part_ttft, small_model, ttft_base, ttft_rows
 
-__all__ = ["ROOT", "FAMILIES", "TTFT_METHODS", "BUDGET_FAMILY", "DIST_VARS", "DSCheckConfig", "Budget", "budget_for",
+__all__ = ["ROOT", "FAMILIES", "TTFT_METHODS", "DIST_VARS", "DSCheckConfig", "Budget", "budget_for",
            "equivalence_pair", "part_equivalence", "small_model", "ttft_base", "part_ttft", "ttft_rows",
            "find_deepspeed_exe", "launcher_run", "part_launcher", "summarize", "markdown", "run", "mark_not_run",
            "parse_args", "config_from_args", "main"]

@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import gpu_check as G
+from llava.families import registry
+from llava.families.registry import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
-FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision")
+#: one family per tiny token geometry (the first registered of each, tiny spelling): the check is plain vs DeepSpeed,
+#: so one model of each geometry covers what the wrapping could change
+_first: dict = {}
+for _f in registry.families():
+    _first.setdefault(_f.tiny_geometry, _f.tiny)
+FAMILIES = tuple(_first.values())
 TTFT_METHODS = ("none", "consensusdrop", "visiondrop", "attnmix", "fastv", "visionzip")
-#: families without an entry in bench.gpu_check.TINY_BUDGETS borrow the budgets of a similar tiny model
-#: (the check is plain vs DeepSpeed, so the exact amount of pruning does not matter)
-BUDGET_FAMILY = {"qwen2_5_vl": "llava", "llava_onevision": "llava_next"}
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "GROUP_RANK", "ROLE_RANK", "CROSS_RANK", "CROSS_SIZE")
 
@@ -37,7 +41,7 @@ class DSCheckConfig:
     ttft_warmup: int = 3
     ttft_text_words: int = 12
     launcher_check: bool = True
-    launcher_model: str = "tiny:llava"
+    launcher_model: str = DEFAULT_MODEL
     launcher_new_tokens: int = 8
     launcher_timeout: int = 600
     out: str = "docs/results"
@@ -62,15 +66,11 @@ class Budget:
 
 
 def _fam(family: str) -> str:
-    return family.replace("-", "_").replace(".", "_")
+    return registry.key(family)
 
 
 def budget_for(method: str, family: str):
-    fam = _fam(family)
-    try:
-        return G.tiny_budget(method, fam)
-    except KeyError:
-        return G.tiny_budget(method, BUDGET_FAMILY.get(fam, "llava"))
+    return G.tiny_budget(method, _fam(family))
 
 
 def _supports(method: str, fam: str) -> bool:

@@ -55,7 +55,7 @@ def markdown(report: dict) -> str:
            f"torch {env['torch']}, transformers {env['transformers']}, deepspeed {report.get('deepspeed_version')}, "
            f"python {env['python']}" + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "")
            + (f", commit {env.get('git_commit')}" if env.get("git_commit") else "") + ".", "",
-           "`llava.models.deepspeed_inference`: `deepspeed.init_inference` with tensor-parallel size 1 and kernel "
+           "`llava.tp.deepspeed_inference`: `deepspeed.init_inference` with tensor-parallel size 1 and kernel "
            "injection off; methods attached after it.", "", "## Summary", "", "| Check | Result |", "|---|---|"]
     for k, v in summ["checks"].items():
         out.append(f"| {k} | {'**FAIL**' if v == 'FAIL' else v} |")

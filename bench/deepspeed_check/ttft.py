@@ -7,6 +7,7 @@ import torch
 
 from bench import gpu_check as G
 from bench.deepspeed_check.config import Budget, DSCheckConfig
+from llava.families.registry import DEFAULT_MODEL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def part_ttft(cfg: DSCheckConfig, log=print, res: dict | None = None, budget: Bu
     budget = budget or Budget()
     res = ttft_base(cfg) if res is None else res
     if device.type != "cuda" and not small_model(cfg.ttft_model):
-        res["skipped"] = f"{cfg.ttft_model} is too large for a CPU run (use --ttft-model tiny:llava)"
+        res["skipped"] = f"{cfg.ttft_model} is too large for a CPU run (use --ttft-model {DEFAULT_MODEL})"
         return res
     t0 = budget.check()
     gcfg = G.CheckConfig(device=str(device), ttft_model=cfg.ttft_model, ttft_dtype=cfg.ttft_dtype,

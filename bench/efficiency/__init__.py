@@ -24,7 +24,7 @@ greedy pick). ``extra_ops`` = total minus the unpruned model's total on the same
 eager 7B prefill on an H100 is launch-bound (docs/results/efficiency-h100.md), so ``extra_ops`` x ~10-15 us
 estimates a method's selection overhead there from a CPU run.
 
-``--fast``: every (method, budget, batch) cell also runs with ``load(..., fast=True)`` (llava/fastpath.py),
+``--fast``: every (method, budget, batch) cell also runs with ``load(..., fast=True)`` (llava/fast/path.py),
 right after its eager run, and ``efficiency.md`` gets a "Fast path vs eager engine" section with the two
 rows side by side and the fast / eager TTFT (and TPOT) ratio (``efficiency.json``: ``fast.results`` and
 ``fast.comparison``). The fast rows exclude compile / capture: warm-up prefills first, and a timed prefill
@@ -65,7 +65,7 @@ from bench.efficiency.floor import FLOOR_RULE, add_floors, row_floor, vision_flo
 from bench.efficiency.hardware import copy_bandwidth, matmul_peak
 from bench.efficiency.hardware import describe as describe_hardware
 from bench.efficiency.hardware import measure as measure_hardware
-from bench.efficiency.inputs import (FAMILY_IMAGE_HW, BenchConfig, build_batch, default_image_hw, describe_inputs,
+from bench.efficiency.inputs import (LAYOUT_IMAGE_HW, BenchConfig, build_batch, default_image_hw, describe_inputs,
                                      make_inputs, parse_method)
 from bench.efficiency.report import (check_bars, cpu_model, environment, fast_comparison, fast_markdown, label,
                                      log_wandb, markdown, plot)
@@ -77,7 +77,7 @@ __all__ = [
     "layer_macs", "HybridSpec", "hybrid_spec", "linear_layer_macs", "prefill_macs", "llm_dims", "kv_bytes_per_token",
     "attention_layers", "cache_bytes", "Roofline", "fit_roofline",
     # inputs
-    "BenchConfig", "FAMILY_IMAGE_HW", "default_image_hw", "describe_inputs", "make_inputs", "build_batch",
+    "BenchConfig", "LAYOUT_IMAGE_HW", "default_image_hw", "describe_inputs", "make_inputs", "build_batch",
     "parse_method",
     # timing
     "summary", "prefill_once", "prefill_ops", "generate_time", "decode_step_time", "llm_sweep", "attach",
@@ -388,8 +388,8 @@ def _progress(path: Path, res: dict, key: str, fingerprint: dict) -> None:
 
 def main(argv=None) -> int:
     from llava.cli import HelpFormatter, InputError
-    from llava.fast_attention import MODES as FAST_ATTENTION
-    from llava.fastpath import BACKENDS as FAST_BACKENDS
+    from llava.fast.attention import MODES as FAST_ATTENTION
+    from llava.fast.path import BACKENDS as FAST_BACKENDS
 
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__, formatter_class=HelpFormatter)
     d = BenchConfig()
@@ -405,8 +405,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-samples", type=int, default=d.decode_samples, help="samples whose decode is timed")
     ap.add_argument("--text-words", type=int, default=d.text_words, help="words of the synthetic question")
     ap.add_argument("--image-hw", nargs=2, type=int, default=None,
-                    help="synthetic image height width (default per family: " + ", ".join(
-                        f"{k} {h}x{w}" for k, (h, w) in FAMILY_IMAGE_HW.items()) + ")")
+                    help="synthetic image height width (default per family's layout: " + ", ".join(
+                        f"{k} {h}x{w}" for k, (h, w) in LAYOUT_IMAGE_HW.items()) + "; the Qwen grid 24 merged tokens "
+                    "a side, InternVL two tiles a side)")
     ap.add_argument("--next-layout", default=d.next_layout, choices=["spatial", "spatial_unpad"])
     ap.add_argument("--sweep", nargs="*", type=int, default=[], help="sequence lengths of the text-only runs the roofline is fitted to (default: from the inputs)")
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights and inputs")
@@ -420,7 +421,7 @@ def main(argv=None) -> int:
                     help="with --fast: auto = inductor + CUDA graphs on a GPU; cudagraphs = CUDA graphs of the "
                          "uncompiled functions (capture in seconds, no code generation; docs/fast-path.md)")
     ap.add_argument("--fast-attention", default=d.fast_attention, choices=FAST_ATTENTION,
-                    help="with --fast: the prompt's attention over its padded bucket (llava.fast_attention): SDPA's "
+                    help="with --fast: the prompt's attention over its padded bucket (llava.fast.attention): SDPA's "
                          "causal kernel, the 4-D mask, or auto (causal on a GPU from 1024 rows)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of cells.jsonl measured by an earlier run of "
                     "the same configuration (a killed run) and measure only the others")

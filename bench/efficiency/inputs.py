@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llava.families import registry
+from llava.families.registry import DEFAULT_MODEL
+
 
 @dataclass
 class BenchConfig:
-    model: str = "tiny:llava"
+    model: str = DEFAULT_MODEL
     dtype: str | None = None
     device: str | None = None
     methods: list = field(default_factory=lambda: ["none"])
@@ -23,7 +26,7 @@ class BenchConfig:
     decode_tokens: int = 16
     decode_samples: int = 3
     text_words: int = 12
-    image_hw: tuple | None = None  # None: the family's default (FAMILY_IMAGE_HW)
+    image_hw: tuple | None = None  # None: the family's default (default_image_hw)
     next_layout: str = "spatial"
     sweep: list = field(default_factory=list)  # sequence lengths for the cost model; default from inputs
     seed: int = 0
@@ -32,7 +35,7 @@ class BenchConfig:
     threads: int | None = None
     fast: bool = False  # also run every cell with load(fast=True): fast and eager rows side by side
     fast_backend: str = "auto"
-    fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast_attention)
+    fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast.attention)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: decode_tokens
     fast_first: bool = False  # each cell's fast row before its eager row
     resume: bool = False  # keep the rows of an earlier run of the same configuration (cells.jsonl)
@@ -40,7 +43,8 @@ class BenchConfig:
     retime_none: bool = False  # the unpruned row timed again after the last method
 
 
-# Synthetic image size per family when --image-hw is not given, and what it gives on the real geometry:
+# Synthetic image size per family (by its record's layout) when --image-hw is not given, and what it gives on the real
+# geometry:
 #   llava / video_llava: 336x336 -> CLIP-L/336: 24x24 = 576 tokens (Video-LLaVA: 8 frames x 256)
 #   llava_next: 672x672 -> 2x2 grid + base crop, 2880 tokens in the spatial layout (the papers' setting)
 #   qwen2_5_vl, qwen2_vl: 672x672 -> smart_resize keeps 672 (a multiple of 28, within min/max_pixels) -> 48x48
@@ -55,19 +59,20 @@ class BenchConfig:
 #   internvl: two tiles a side: 896x896 on the real 448-px tiles -> aspect 1: the 2x2 tile grid (its area
 #       802,816 > half of 4 tiles' 401,408; 3x3 would need 903,168) + the thumbnail = 5 tiles x 256 = 1280 tokens
 #       (NeXT's base + 4 crops, at InternVL's 256 per tile); 224x224 on the tiny model's 112-px tiles (5 x 16 = 80)
-FAMILY_IMAGE_HW = {"llava": (336, 336), "video_llava": (336, 336), "llava_next": (672, 672),
-                   "qwen2_5_vl": (672, 672), "qwen2_vl": (672, 672), "llava_onevision": (384, 384)}
+#   (the Qwen grid: 24 merged tokens a side, 24 x merge x patch, is 672 on Qwen2-VL's / Qwen2.5-VL's patch 14 too)
+LAYOUT_IMAGE_HW = {"single": (336, 336), "anyres": (672, 672), "anyres_max": (384, 384)}
 
 
 def default_image_hw(rt) -> tuple[int, int]:
-    if rt.family in ("qwen3_vl", "qwen3_5"):
+    layout = registry.get(rt.family).layout
+    if layout == "grid":
         vc = rt.model.config.vision_config
         side = 24 * vc.spatial_merge_size * vc.patch_size
         return (side, side)
-    if rt.family == "internvl":
+    if layout == "tiles":
         side = 2 * rt.model.config.vision_config.image_size[0]
         return (side, side)
-    return FAMILY_IMAGE_HW.get(rt.family, (336, 336))
+    return LAYOUT_IMAGE_HW.get(layout, (336, 336))
 
 
 def describe_inputs(rt, image_hw: tuple[int, int]) -> dict:
@@ -76,9 +81,9 @@ def describe_inputs(rt, image_hw: tuple[int, int]) -> dict:
 
     h, w = image_hw
     item = ("what is this?", [Image.new("RGB", (w, h))] * rt.processor.num_frames
-            if rt.family == "video_llava" else Image.new("RGB", (w, h)))
+            if registry.get(rt.family).video_model else Image.new("RGB", (w, h)))
     b = build_batch(rt, [item], torch.device("cpu"))
-    tok_id = getattr(rt.model.config, "video_token_id" if rt.family == "video_llava" else "image_token_id")
+    tok_id = getattr(rt.model.config, "video_token_id" if registry.get(rt.family).video_model else "image_token_id")
     info = {"family": rt.family, "image_hw": [h, w], "visual_tokens": int((b["input_ids"] == tok_id).sum()),
             "batch_keys": {k: list(v.shape) for k, v in b.items() if isinstance(v, torch.Tensor)}}
     if "image_grid_thw" in b:
@@ -103,7 +108,7 @@ def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int
         q = " ".join(rng.choice(words, size=text_words)) + "?"
         h, w = image_hw
         img = Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
-        if rt.family == "video_llava":
+        if registry.get(rt.family).video_model:
             items.append((q, [img] * rt.processor.num_frames))
         else:
             items.append((q, img))
@@ -112,7 +117,7 @@ def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int
 
 def build_batch(rt, items, device):
     qs = [q for q, _ in items]
-    if rt.family == "video_llava":
+    if registry.get(rt.family).video_model:
         return rt.processor(qs, videos=[v for _, v in items], device=device)
     return rt.processor(qs, [im for _, im in items], device=device)
 

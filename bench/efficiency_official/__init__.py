@@ -1,5 +1,5 @@
-"""Our signal computation vs the official implementations' way, timed where the two differ (issue 18
-item 2), on the same device and the same shapes.
+"""Our signal computation vs the official implementations' way, timed where the two differ, on the same device and
+the same shapes.
 
     python -m bench.efficiency_official --model shape:llava-1.5-7b shape:llava-next-7b --dtype float16 \
         --device cuda --batch 1 16 --n 20 --warmup 5 --out DIR [--ttft-json EFFICIENCY.json ...]
@@ -58,6 +58,8 @@ from bench.efficiency_official.compare import fastv_inputs, run_fastv, run_tower
 from bench.efficiency_official.parts import Parts, _dtype, build_parts, units_per_image
 from bench.efficiency_official.report import markdown, write
 from bench.efficiency_official.timing import _sync, bench, eager_llm_attention, eager_tower, guarded
+from llava.families import registry
+from llava.families.registry import DEFAULT_MODEL
 
 __all__ = ["Parts", "build_parts", "units_per_image", "bench", "guarded", "eager_llm_attention", "eager_tower",
            "fastv_inputs", "run_fastv", "run_tower", "markdown", "write", "Config", "MEASUREMENTS", "environment",
@@ -91,7 +93,7 @@ class Config:
         if self.image_hw:
             return tuple(self.image_hw)
         s = parts.config.vision_config.image_size
-        return (2 * s, 2 * s) if parts.family == "llava_next" else (s, s)
+        return (2 * s, 2 * s) if registry.get(parts.family).layout == "anyres" else (s, s)
 
 
 MEASUREMENTS = {
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency_official", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config(models=[])
-    ap.add_argument("--model", nargs="+", default=["tiny:llava"], dest="models",
+    ap.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], dest="models",
                     help="shape:<cfg> (only the measured parts are built), tiny:<family>, or a checkpoint")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)

@@ -31,6 +31,15 @@ def _dtype(s):
     return conv(s)
 
 
+def measured(family: str) -> bool:
+    """The families measured here: the CLIP-tower image models, LLaVA-1.5 and LLaVA-NeXT (the official code's own
+    models), whose tower and decoder layers are built apart."""
+    from llava.families import registry
+
+    f = registry.get(family)
+    return f.tower == "clip" and not f.video_model
+
+
 def build_parts(name: str, dtype, device, next_layout: str, fastv_layer: int) -> Parts:
     """``shape:<cfg>``: vision tower + decoder layers 0..K-1 only (random weights, the shipped
     config). Anything else (``tiny:<family>``, a checkpoint): the whole model via llava.models.load."""
@@ -44,10 +53,10 @@ def build_parts(name: str, dtype, device, next_layout: str, fastv_layer: int) ->
         if key not in M.SHAPES:
             raise ValueError(f"unknown shape config {key!r}; shipped: {', '.join(sorted(M.SHAPES))}")
         raw = json.loads(M.SHAPES[key].read_text())
-        fam = raw["model_type"]
-        if fam not in ("llava", "llava_next"):
-            raise ValueError(f"{name}: only LLaVA-1.5 / LLaVA-NeXT shapes are measured here, not {fam}")
         cfg = tf.AutoConfig.for_model(**{k: v for k, v in raw.items() if not k.startswith("_") and k != "hub_id"})
+        fam = M.family_of(cfg)
+        if not measured(fam):
+            raise ValueError(f"{name}: only LLaVA-1.5 / LLaVA-NeXT shapes are measured here, not {fam}")
         from llava.tiny_tokenizer import build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()
@@ -71,7 +80,7 @@ def build_parts(name: str, dtype, device, next_layout: str, fastv_layer: int) ->
                      f"vision tower + decoder layers 0..{k - 1} of llava/configs/{key}.json (random weights, "
                      "the rest of the model not built)")
     rt = M.load(name, dtype=dtype, device=device, next_layout=next_layout)
-    if rt.family not in ("llava", "llava_next"):
+    if not measured(rt.family):
         raise ValueError(f"{name}: only LLaVA-1.5 / LLaVA-NeXT models are measured here, not {rt.family}")
     core = rt.model.model
     lm = core.language_model
@@ -92,4 +101,6 @@ def _fastv_k(fastv_layer, n_layers, n_vision, family) -> int:
 
 
 def units_per_image(parts: Parts) -> int:
-    return 5 if parts.family == "llava_next" else 1
+    from llava.families import registry
+
+    return 5 if registry.get(parts.family).layout == "anyres" else 1

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5",
-            "qwen2-vl")
+from llava.families import registry
+
+#: every registered family, in its tiny spelling
+FAMILIES = registry.tiny_names()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: methods that take no budget
@@ -22,23 +24,25 @@ NO_BUDGET = {"none", "novisual"}
 #: (tests/test_gpu_ready.py's BUDGETS for the two newer families and the methods registered later).
 #: Tiny LLaVA / NeXT / Video-LLaVA: 16 patches per image / crop, 17 per video frame, 4 LLM layers;
 #: tiny Qwen2.5-VL: 4-12 merged tokens per image (dynamic grid); tiny OneVision: 16 per crop + newlines.
-#: Keys: the runtime's family (``rt.family``, see :func:`family_key`).
-_PER_UNIT = {"llava": 2, "llava_next": 2, "video_llava": 2, "qwen2_5_vl": 2, "llava_onevision": 4}
+#: Keys: the tiny model's token geometry (its family record's ``tiny_geometry``: "image" LLaVA-1.5, "crops" NeXT and
+#: InternVL (16 tokens per tile, 1-5 tiles per image), "frames" Video-LLaVA, "grid" the Qwen models, "anyres_max"
+#: OneVision).
+_PER_UNIT = {"image": 2, "crops": 2, "frames": 2, "grid": 2, "anyres_max": 4}
 #: test_gpu_ready.py's per-unit budgets (the methods registered after the first tiny budgets were set)
-_PER_UNIT_NEW = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 2, "llava_onevision": 4}
+_PER_UNIT_NEW = {"image": 4, "crops": 4, "frames": 4, "grid": 2, "anyres_max": 4}
 TINY_BUDGETS = {
     "consensusdrop": _PER_UNIT,  # per image / crop / frame
-    "visiondrop": {"llava": 2, "llava_next": 2, "video_llava": 4, "qwen2_5_vl": 2,
-                   "llava_onevision": 4},  # layer average per unit
-    "attnmix": {"llava": 2, "llava_next": 10, "video_llava": 16, "qwen2_5_vl": 2,
-                "llava_onevision": 16},  # total per sample
-    "fastv": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
-              "llava_onevision": 16},  # layer average
+    "visiondrop": {"image": 2, "crops": 2, "frames": 4, "grid": 2,
+                   "anyres_max": 4},  # layer average per unit
+    "attnmix": {"image": 2, "crops": 10, "frames": 16, "grid": 2,
+                "anyres_max": 16},  # total per sample
+    "fastv": {"image": 8, "crops": 20, "frames": 64, "grid": 4,
+              "anyres_max": 16},  # layer average
     "pdrop": 192,  # 32-layer schedule scaled: 16 -> 16/2/1/1
-    "sparsevlm": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 64,
-                  "llava_onevision": 64},  # 16 -> 16/4/3/2
-    "dart": {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4,
-             "llava_onevision": 16},  # kept after layer K: 16 -> 16/12/12/12
+    "sparsevlm": {"image": 192, "crops": 192, "frames": 192, "grid": 64,
+                  "anyres_max": 64},  # 16 -> 16/4/3/2
+    "dart": {"image": 8, "crops": 16, "frames": 64, "grid": 4,
+             "anyres_max": 16},  # kept after layer K: 16 -> 16/12/12/12
     "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
     "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW,  # per unit
     "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
@@ -48,25 +52,19 @@ TINY_BUDGETS = {
     "visiontrim": _PER_UNIT_NEW,  # per unit B = D + C
     # layer average of 576 on 32 layers refitted to the 4 tiny layers: 16 -> 16/2/1/0; the tiny Qwen images (4-35
     # merged tokens) need 320 to keep tokens at every stage: 6 -> 6/3/2/1, 35 -> 35/21/13/5
-    "trio": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 320, "llava_onevision": 192,
-             "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320},
+    "trio": {"image": 192, "crops": 192, "frames": 192, "grid": 320, "anyres_max": 192},
     "mmtok": _PER_UNIT_NEW,  # per image / crop
     "apet": _PER_UNIT_NEW,  # layer average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
-    "priortr": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
-                "llava_onevision": 16},  # layer average, as FastV's
+    "priortr": {"image": 8, "crops": 20, "frames": 64, "grid": 4,
+                "anyres_max": 16},  # layer average, as FastV's
     "clse": 192,  # the official RETAIN_TOKEN: 16 -> 16/9/5/1 (LLaVA-1.5 only)
     "transprune": 192,  # PyramidDrop's table scaled: 16 -> 16/2/1/1 (not on Qwen3.5)
     "v2drop": None,  # the official schedule: 16 -> 16/8/4/1 (LLaVA rule; Qwen rule .25 / .05 / 0)
-    "ivcprune": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
-                 "llava_onevision": 16},  # layer average, as FastV's (K = 16 of 32 -> 2 of 4; eager only)
-    "vlmpruner": {"llava": 8, "llava_next": 20, "video_llava": 64, "qwen2_5_vl": 4,
-                  "llava_onevision": 16},  # layer average, as FastV's (K = 2 of 32 -> 1 of 4; eager only)
+    "ivcprune": {"image": 8, "crops": 20, "frames": 64, "grid": 4,
+                 "anyres_max": 16},  # layer average, as FastV's (K = 16 of 32 -> 2 of 4; eager only)
+    "vlmpruner": {"image": 8, "crops": 20, "frames": 64, "grid": 4,
+                  "anyres_max": 16},  # layer average, as FastV's (K = 2 of 32 -> 1 of 4; eager only)
 }
-for _b in [_PER_UNIT, _PER_UNIT_NEW] + [v for v in TINY_BUDGETS.values() if isinstance(v, dict)]:
-    _b.setdefault("qwen3_vl", _b["qwen2_5_vl"])  # the tiny Qwen3-VL tower has Qwen2.5-VL's token geometry
-    _b.setdefault("internvl", _b["llava_next"])  # tiny InternVL: 16 tokens per tile, 1-5 tiles per image (NeXT-like)
-    _b.setdefault("qwen3_5", _b["qwen2_5_vl"])  # tiny Qwen3.5: Qwen3-VL's tower geometry without DeepStack
-    _b.setdefault("qwen2_vl", _b["qwen2_5_vl"])  # tiny Qwen2-VL: Qwen2.5-VL's token geometry (patch 14, merge 2)
 #: a method registered later and not listed above (tests/test_gpu_check.py asserts there is none)
 FALLBACK_BUDGET = 4
 FP32_LOGIT_TOL = 1e-3
@@ -87,7 +85,7 @@ class CheckConfig:
     device: str | None = None
     dtypes: list = field(default_factory=list)  # default: float16 bfloat16 float32 on cuda, float32 on cpu
     methods: list = field(default_factory=list)  # default: every registered method
-    families: list = field(default_factory=lambda: list(FAMILIES))
+    families: list = field(default_factory=lambda: list(registry.tiny_names()))
     new_tokens: int = 8
     seed: int = 1
     max_syncs_per_sample: float | None = None
@@ -106,7 +104,7 @@ class CheckConfig:
     tiny: bool = True  # the tiny-model checks above (--fast-only: off)
     fast: bool = True  # the fast-path section (bench/gpu_check/fast.py)
     fast_backend: str = "auto"  # the fast path's compile backend (auto: Inductor + CUDA graphs on CUDA)
-    fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast_attention; the tiny buckets
+    fast_attention: str = "auto"  # the prompt's attention over its bucket (llava.fast.attention; the tiny buckets
     #                               are under auto's 1024 rows: "causal" checks the causal kernel on them)
     fast_dtypes: list = field(default_factory=list)  # default: the dtypes above
     fast_prompts: int = 5  # per family x dtype x method: 14 captured methods x 3 families x 5 >= 200 per dtype
@@ -139,8 +137,8 @@ def registered_methods() -> list[str]:
 
 def family_key(family: str) -> str:
     """The runtime's family name (``rt.family``) of a ``--families`` / ``tiny:`` name:
-    'llava-next' -> 'llava_next', 'qwen2.5-vl' -> 'qwen2_5_vl' (as llava.models.build_tiny spells it)."""
-    return family.replace("-", "_").replace(".", "_")
+    'llava-next' -> 'llava_next', 'qwen2.5-vl' -> 'qwen2_5_vl' (the registry's id)."""
+    return registry.key(family)
 
 
 def tiny_budget(method: str, family: str):
@@ -148,7 +146,7 @@ def tiny_budget(method: str, family: str):
     if method in NO_BUDGET:
         return None
     b = TINY_BUDGETS.get(method, FALLBACK_BUDGET)
-    return b[family] if isinstance(b, dict) else b
+    return b[registry.get(family).tiny_geometry] if isinstance(b, dict) else b
 
 
 def supported(method: str, family: str) -> bool:

@@ -1,4 +1,4 @@
-"""The GPU check's fast-path section (issue 34): ``load(..., fast=True)`` (llava/fastpath.py) on the device.
+"""The GPU check's fast-path section: ``load(..., fast=True)`` (llava/fast/path.py) on the device.
 
 Two task kinds, run by the GPU check's task machinery (bench/gpu_check/__init__.py, bench/gpu_check/worker.py: worker
 isolation, ``--time-limit``, the ``.partial.jsonl`` and ``--resume``); skip both with ``--no-fast``, the timing
@@ -43,9 +43,6 @@ from bench.gpu_check.fast_timing import (FAST_TTFT_METHODS, NEXT_CROPS, PER_SAMP
                                          timing_task, ttft_budget)
 from bench.gpu_check.tiny import _sample_verdict, build, compare, generate, noise_tolerance, rand_image
 
-#: the tiny families the fast path plans (llava.fastpath.FAST_FAMILIES), in gpu_check's spelling
-FAST_FAMILIES = ("llava", "llava-next", "video-llava", "qwen2.5-vl", "qwen3-vl", "llava-onevision", "internvl", "qwen3.5",
-                 "qwen2-vl")
 #: batch-1 prompts of unequal lengths (the tiny tokenizer splits unknown words into pieces)
 FAST_QUESTIONS = QUESTIONS + ["describe the picture", "is there a red square in the top left corner of the image, "
                               "and if so what is next to it?", "why?"]
@@ -53,7 +50,10 @@ CHECKS = ("path", "uncompiled", "eager")  # an equality record's verdicts
 
 
 def families(cfg) -> list[str]:
-    return [f for f in cfg.families if f in FAST_FAMILIES]
+    """The families of the run the fast path plans (their record's ``fast``)."""
+    from llava.families import registry
+
+    return [f for f in cfg.families if registry.get(f).fast]
 
 
 def fast_dtypes(cfg) -> list[str]:
@@ -99,14 +99,16 @@ def prompts(family: str, n: int, seed: int = 0) -> list[tuple]:
     """``n`` batch-1 samples (question, image or None, video frames or None) of unequal lengths and
     images: one NeXT crop grid (each grid / layout is its own graph: a compile per structure), and
     Video-LLaVA alternating 8-frame videos and images (two towers)."""
-    fam = family_key(family)
+    from llava.families import registry
+
+    rec = registry.get(family)
     out = []
     for i in range(n):
         q = FAST_QUESTIONS[i % len(FAST_QUESTIONS)]
-        if fam == "video_llava" and i % 2 == 0:
+        if rec.video_model and i % 2 == 0:
             out.append((q, None, [rand_image(1000 + 10 * i + j, 50, 50) for j in range(8)]))
             continue
-        h, w = (56, 56) if fam == "llava_next" else IMAGE_SIZES[i % len(IMAGE_SIZES)]
+        h, w = (56, 56) if rec.layout == "anyres" else IMAGE_SIZES[i % len(IMAGE_SIZES)]
         out.append((q, rand_image(100 + seed + i, h, w), None))
     return out
 

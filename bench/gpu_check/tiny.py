@@ -14,6 +14,7 @@ import torch
 from bench.gpu_check.config import (DTYPES, FP32_LOGIT_TOL, IMAGE_SIZES, QUESTIONS, SAME_LENGTH_NEXT, CheckConfig,
                                     family_key)
 from bench.gpu_check.device import _tail, _unprune
+from llava.families import registry
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,9 +33,10 @@ def scenarios(family: str) -> dict[str, list[tuple]]:
     """Named batches of 3 samples, each a (question, image or None, video frames or None)."""
     imgs = [rand_image(i, *IMAGE_SIZES[i]) for i in range(3)]
     same = imgs
-    if family == "llava_next":
+    rec = registry.get(family)
+    if rec.layout == "anyres":
         same = [rand_image(3 + i, *SAME_LENGTH_NEXT[i]) for i in range(3)]
-    if family == "video_llava":
+    if rec.video_model:
         vids = [[rand_image(10 * i + j, 50, 50) for j in range(8)] for i in range(3)]
         return {"mixed": [(QUESTIONS[i], None, vids[i]) for i in range(3)],
                 "same-question": [(QUESTIONS[1], None, vids[i]) for i in range(3)],

@@ -8,14 +8,14 @@ from __future__ import annotations
 from ..families import registry
 from .inputs import key
 
-#: budgets that really prune on the tiny models (16 tokens per image / crop, 17 per frame), each in its method's own
-#: convention (docs/methods/README.md's table); tiny Qwen2.5-VL: 4-12 merged tokens per image (dynamic grid); tiny
-#: OneVision: 16 per crop + newlines
-_PER_UNIT = {"llava": 4, "llava_next": 4, "video_llava": 4, "qwen2_5_vl": 2, "llava_onevision": 4}
-_TOTAL = {"llava": 4, "llava_next": 12, "video_llava": 32, "qwen2_5_vl": 2, "llava_onevision": 16}
-_IN_LLM = {"llava": 8, "llava_next": 16, "video_llava": 64, "qwen2_5_vl": 4, "llava_onevision": 16}
-# the other families' tiny models share one of these token geometries (their record's ``tiny_like``: Qwen3-VL,
-# Qwen3.5 and Qwen2-VL Qwen2.5-VL's (patch 14, merge 2); InternVL NeXT's (16 tokens per 112-px tile, 1-5 tiles))
+#: budgets that really prune on the tiny models, each in its method's own convention (docs/methods/README.md's table),
+#: keyed by the tiny model's token geometry (its record's ``tiny_geometry``, llava.families.registry): "image" 16
+#: tokens per image (LLaVA-1.5), "crops" 16 per crop / tile (NeXT, InternVL: 1-5 tiles of 112 px), "frames" 17 per
+#: frame (Video-LLaVA), "grid" 4-12 merged tokens per image (the Qwen models: patch 14, merge 2), "anyres_max" 16 per
+#: crop + newlines (OneVision)
+_PER_UNIT = {"image": 4, "crops": 4, "frames": 4, "grid": 2, "anyres_max": 4}
+_TOTAL = {"image": 4, "crops": 12, "frames": 32, "grid": 2, "anyres_max": 16}
+_IN_LLM = {"image": 8, "crops": 16, "frames": 64, "grid": 4, "anyres_max": 16}
 BUDGETS = {
     "none": None, "novisual": None, "pdrop": 192, "sparsevlm": 64,
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
@@ -29,8 +29,7 @@ BUDGETS = {
     "visiontrim": _PER_UNIT,  # per unit B = D + C (4 = 3 + 1 on the tiny models)
     # layer average of 576 on 32 layers refitted to the 4 tiny layers: 16 -> 16/2/1/0; the tiny Qwen images (4-35
     # merged tokens) need 320 to keep tokens at every stage: 6 -> 6/3/2/1, 35 -> 35/21/13/5
-    "trio": {"llava": 192, "llava_next": 192, "video_llava": 192, "qwen2_5_vl": 320, "llava_onevision": 192,
-             "internvl": 192, "qwen3_vl": 320, "qwen3_5": 320, "qwen2_vl": 320},
+    "trio": {"image": 192, "crops": 192, "frames": 192, "grid": 320, "anyres_max": 192},
     "mmtok": _PER_UNIT,  # per image / crop
     "apet": _PER_UNIT,  # layer-average per unit: 6 per unit after the tower, 2 from layer 2 (Qwen: 3 / 1)
     "priortr": _IN_LLM,  # layer average, as FastV's (K = 3 of 32 -> 1 of 4 layers)
@@ -60,7 +59,7 @@ KEEP_ALL = {
     "fastv": [(100000, {}), (None, {"ratio": 0.0})],  # n_K clipped to N; R = 0
     # NeXT: FlowCut feeds tower tokens only (no newline tokens), so no budget is the stock NeXT model; at the grid
     # exactly (16): test_flowcut.test_budget_at_or_above_the_grid_is_the_stock_model
-    "flowcut": [(576, {}, ["llava", "video-llava"])],
+    "flowcut": [(576, {}, registry.where(layout="single"))],
     "hiprune": [(576, {})],
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
@@ -89,20 +88,17 @@ NO_KEEP_ALL = {
 #: (docs/architecture.md): 1.3-6.7 per sample; PyramidDrop / VisionDrop / SparseVLM 6.7 / 9.7 / 16.7 (tiny NeXT)
 DEFAULT_SYNC_BOUND = 8
 SYNC_BOUND = {"pdrop": 10, "visiondrop": 13, "sparsevlm": 20}
-#: the small and large image of the host-sync check per family (h, w): 2-5x the visual tokens (NeXT: 1-crop-equivalent
-#: vs 5 crops; Qwen: 6 vs 35 merged tokens; OneVision: 36 vs 104); a family not here has a fixed count per image
-SYNC_SIZES = {"llava_next": ((30, 30), (90, 120)), "llava_onevision": ((30, 30), (90, 120)),
-              "internvl": ((30, 30), (40, 200)),  # 1 tile vs 4 + the thumbnail: 16 vs 80 tokens
-              "qwen2_5_vl": ((60, 90), (150, 200))}  # and the families of its geometry (their ``tiny_like``)
+#: the small and large image of the host-sync check per layout (h, w; a family's record's ``layout``): 2-5x the visual
+#: tokens (NeXT: 1-crop-equivalent vs 5 crops; Qwen: 6 vs 35 merged tokens; OneVision: 36 vs 104); a layout not here
+#: has a fixed count per image
+SYNC_SIZES = {"anyres": ((30, 30), (90, 120)), "anyres_max": ((30, 30), (90, 120)),
+              "tiles": ((30, 30), (40, 200)),  # 1 tile vs 4 + the thumbnail: 16 vs 80 tokens
+              "grid": ((60, 90), (150, 200))}
 
 
 def sync_sizes(family: str):
-    """:data:`SYNC_SIZES`' entry of ``family``'s tiny model (its own, else its ``tiny_like`` family's); None: a fixed
-    count per image."""
-    try:
-        return SYNC_SIZES[registry.get(key(family)).tiny_key(SYNC_SIZES)]
-    except KeyError:
-        return None
+    """:data:`SYNC_SIZES`' entry of ``family``'s layout; None: a fixed count per image."""
+    return SYNC_SIZES.get(registry.get(key(family)).layout)
 #: built-in methods whose selection reads the prompt's ids without being query-aware: the no-cache recompute replays
 #: their prefill's selections, as it does a query-aware method's
 PROMPT_KEYED = {"random": "its draws are seeded by a hash of the prompt ids (VisionSignals.key)"}
@@ -114,7 +110,7 @@ def _declared(cls, attr: str):
 
 def tiny_budget(name: str, family: str, cls=None):
     """The budget of method ``name`` on ``family``'s tiny model: the class's ``check_budget`` (a value or a table
-    per family), else this module's table, else None."""
+    per family), else this module's table (per tiny geometry), else None."""
     b = _declared(cls, "check_budget")
     if isinstance(b, dict):
         return b.get(key(family))
@@ -123,10 +119,8 @@ def tiny_budget(name: str, family: str, cls=None):
     b = BUDGETS.get(name)
     if not isinstance(b, dict):
         return b
-    try:  # this module's tables: the family's own entry, else its tiny_like family's
-        return b[registry.get(key(family)).tiny_key(b)]
-    except (KeyError, ValueError):
-        return None
+    f = registry.find(key(family))
+    return b.get(f.tiny_geometry) if f is not None else None
 
 
 def keep_all_spelling(name: str, family: str, cls=None) -> tuple | str:

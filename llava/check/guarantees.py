@@ -290,10 +290,11 @@ def layout(rt, inputs):
     return spy.seen
 
 
-#: the tiny families' layouts of make_batch's samples (unit sizes, newlines); NeXT: 3 crops each (unpadded to 16 / 8
-#: patches), 4 / 4 / 8 newline tokens
-_LAYOUTS = {"llava": [([16], 0)] * 3, "video_llava": [([17] * 8, 0)] * 3,
-            "llava_next": [([16, 16, 16], 4), ([16, 8, 8], 4), ([16, 8, 8], 8)]}
+#: the tiny models' layouts of make_batch's samples (unit sizes, newlines) per tiny geometry (a family record's
+#: ``tiny_geometry``) and layout: an image of 16 patches, a video of 8 frames of 17; NeXT: 3 crops each (unpadded to
+#: 16 / 8 patches), 4 / 4 / 8 newline tokens
+_LAYOUTS = {("image", "single"): [([16], 0)] * 3, ("frames", "single"): [([17] * 8, 0)] * 3,
+            ("crops", "anyres"): [([16, 16, 16], 4), ([16, 8, 8], 4), ([16, 8, 8], 8)]}
 
 
 def check_per_unit_tokens(rt, method, budget, **options):
@@ -303,10 +304,8 @@ def check_per_unit_tokens(rt, method, budget, **options):
     caller's own checks (e.g. ``vision_noop``)."""
     inputs = make_batch(rt)
     lay = layout(rt, inputs)
-    try:
-        want = _LAYOUTS[registry.get(rt.family).tiny_key(_LAYOUTS)]
-    except KeyError:
-        want = lay
+    f = registry.get(rt.family)
+    want = _LAYOUTS.get((f.tiny_geometry, f.layout), lay)
     expect(lay == want, f"tiny {rt.family}'s layout is {lay}")
     eng = rt.prune(method, budget, **options)
     with torch.no_grad():

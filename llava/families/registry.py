@@ -17,7 +17,7 @@ its traits as typed fields.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from . import images, tiny
@@ -37,7 +37,10 @@ TOWERS = ("clip", "siglip", "qwen", "internvit")
 #: how one image is laid out in visual tokens (``Family.layout``)
 LAYOUTS = ("single", "anyres", "anyres_max", "tiles", "grid")
 #: how a family's processor reads a video (``Family.video``); "" = images only
-VIDEOS = ("", "frames", "qwen2_vl", "qwen3_vl", "per_frame")
+VIDEOS = ("", "frames", "qwen2", "qwen3", "per_frame")
+#: the token geometries of the tiny models (``Family.tiny_geometry``): tables of tiny-model budgets and sizes are keyed
+#: by them
+TINY_GEOMETRIES = ("image", "crops", "frames", "grid", "anyres_max")
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class Family:
       ``tiny:<name>``; ``name``: its name in prose and tables; ``model_class``: the transformers class it serves
       (found by class name; ``model_type``: the class itself where transformers has no attribute of that name,
       e.g. a user's subclass); ``adapter``: its :class:`~llava.families.base.FamilyAdapter`; ``template``: the
-      default conversation template; ``processor``: the prompt processor, a kind of ``llava.preprocess.PROCESSORS``
-      or a class; ``image_processors``: :class:`~llava.families.images.ImageProcessors`; ``tiny_config``:
+      default conversation template; ``processor``: the prompt processor, a class name of ``llava.preprocess.PROCESSORS``
+      or the class itself; ``image_processors``: :class:`~llava.families.images.ImageProcessors`; ``tiny_config``:
       (tiny tokenizer) -> the tiny model's config; ``tiny_tokenizer``: the flags of
       :func:`llava.tiny_tokenizer.build_tiny_tokenizer` (``chatml``, ``internvl``, ``think``); ``token_ids``: the
       config's placeholder ids, (config attribute, tiny-tokenizer token) pairs, set on a ``shape:`` model.
@@ -60,11 +63,18 @@ class Family:
       ChatML processor: no pad-to-square, no NeXT layouts); ``qwen_grid``: Qwen-VL's pixels and prompts (smart
       resize within min / max pixels, ``grid_thw``, merged 2x2 tokens, M-RoPE); ``tower`` (:data:`TOWERS`) and
       ``has_cls`` (the tower emits a [CLS] row); ``layout`` (:data:`LAYOUTS`): how one image becomes visual tokens;
-      ``video`` (:data:`VIDEOS`): how its processor reads videos; ``video_model``: a video model (its synthetic inputs
+      ``video`` (:data:`VIDEOS`): how its processor reads videos ("qwen2" / "qwen3": the Qwen video rules of
+      llava.preprocess_qwen_video; "per_frame": a tile / crop per frame; "frames": Video-LLaVA's video tower);
+      ``video_model``: a video model (its synthetic inputs
       are videos: Video-LLaVA); ``video_seconds``: its M-RoPE time axis reads ``second_per_grid_ts``;
+      ``deepstack``: the LLM adds per-token rows of the tower after its first layers (Qwen3-VL); ``hybrid``: some
+      decoder layers have no attention (Qwen3.5's Gated DeltaNet);
       ``budget_unit``: what a visual-token budget counts (results.json); ``fast`` / ``fast_reason``: the fast path
       plans it (or why not); ``tp`` / ``tp_reason``: ``bench.tp_check`` checks it by default (or why not);
-      ``vllm`` / ``vllm_video``: the vLLM plugin serves its images / videos.
+      ``tiny_geometry`` (:data:`TINY_GEOMETRIES`): the token geometry of its tiny model (16 tokens per image, per
+      crop / tile, 17 per frame, a Qwen grid of 4-35 merged tokens, OneVision's crops and newlines), the key of the
+      tables of tiny-model budgets (llava.check.budgets, bench.gpu_check). What the
+      vLLM plugin serves is the plugin's own list of model classes (integrations.vllm.ARCHITECTURES).
     """
 
     id: str
@@ -76,7 +86,7 @@ class Family:
     tiny_config: Callable
     image_processors: images.ImageProcessors
     budget_unit: str
-    processor: object = "llava"
+    processor: object = "PromptProcessor"
     tiny_tokenizer: tuple[str, ...] = ()
     token_ids: tuple[tuple[str, str], ...] = (("image_token_id", "<image>"),)
     model_type: type | None = None
@@ -88,18 +98,17 @@ class Family:
     video: str = ""
     video_model: bool = False
     video_seconds: bool = False
+    deepstack: bool = False
+    hybrid: bool = False
     fast: bool = True
     fast_reason: str = ""
     tp: bool = True
     tp_reason: str = ""
-    vllm: bool = False
-    vllm_video: bool = False
-    #: families this one's tiny model shares its token geometry with (tokens per unit, units per image), for tables
-    #: of tiny-model budgets keyed by family: the first of them that a table has
-    tiny_like: tuple[str, ...] = field(default=())
+    tiny_geometry: str = "image"
 
     def __post_init__(self):
-        for name, allowed in (("tower", TOWERS), ("layout", LAYOUTS), ("video", VIDEOS), ("chat", ("llava", "chatml"))):
+        for name, allowed in (("tower", TOWERS), ("layout", LAYOUTS), ("video", VIDEOS), ("chat", ("llava", "chatml")),
+                              ("tiny_geometry", TINY_GEOMETRIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"family {self.id!r}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.fast and not self.fast_reason:
@@ -123,14 +132,6 @@ class Family:
         import transformers
 
         return getattr(transformers, self.model_class)
-
-    def tiny_key(self, table: dict):
-        """The key of ``table`` (keyed by family id) this family's tiny model reads: its own id, else the first of
-        :attr:`tiny_like` the table has; KeyError when none."""
-        for k in (self.id, *self.tiny_like):
-            if k in table:
-                return k
-        raise KeyError(self.id)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -236,56 +237,58 @@ def where(**traits) -> FamilySet:
                      ", ".join(f"{k}={v!r}" for k, v in traits.items()))
 
 
-_QWEN = dict(template="qwen2_vl", image_processors=images.QWEN, processor="qwen", tiny_tokenizer=("chatml",),
+_QWEN = dict(template="qwen2_vl", image_processors=images.QWEN, processor="QwenVLProcessor", tiny_tokenizer=("chatml",),
              token_ids=(("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")),
              chat="chatml", qwen_grid=True, tower="qwen", has_cls=False, layout="grid")
 
 for _f in (
     Family("llava", "llava", "LLaVA-1.5", "LlavaForConditionalGeneration", LlavaAdapter, "vicuna_v1", tiny.llava,
-           images.CLIP, "visual tokens per image (576 for LLaVA-1.5 at 336 px)", vllm=True),
+           images.CLIP, "visual tokens per image (576 for LLaVA-1.5 at 336 px)"),
     Family("llava_next", "llava-next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", LlavaNextAdapter,
            "vicuna_v1", tiny.llava_next, images.NEXT,
-           "visual tokens per crop (anyres: base crop + grid crops, per-unit methods)", layout="anyres", vllm=True),
+           "visual tokens per crop (anyres: base crop + grid crops, per-unit methods)", layout="anyres",
+           tiny_geometry="crops"),
     Family("video_llava", "video-llava", "Video-LLaVA", "VideoLlavaForConditionalGeneration", VideoLlavaAdapter,
            "llava_v1", tiny.video_llava, images.CLIP, "visual tokens per image / video frame",
-           token_ids=(("image_token_id", "<image>"), ("video_token_id", "<video>")), video="frames", video_model=True),
+           token_ids=(("image_token_id", "<image>"), ("video_token_id", "<video>")), video="frames", video_model=True,
+           tiny_geometry="frames"),
     Family("qwen2_5_vl", "qwen2.5-vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", Qwen2_5_VLAdapter,
            tiny_config=tiny.qwen2_5_vl,
            budget_unit="merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
                        "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
-           video="qwen2_vl", video_seconds=True, vllm=True, vllm_video=True, **_QWEN),
+           video="qwen2", video_seconds=True, tiny_geometry="grid", **_QWEN),
     Family("llava_onevision", "llava-onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration",
            LlavaOnevisionAdapter, "llava_onevision_hf", tiny.llava_onevision, images.ONEVISION,
            "visual tokens per crop (anyres_max_9: base crop + grid crops, per-unit methods; a video: per "
            "frame, 196 pooled tokens each at 384 px, + one newline per video)",
-           processor="onevision", tiny_tokenizer=("chatml",),
+           processor="OnevisionProcessor", tiny_tokenizer=("chatml",),
            token_ids=(("image_token_id", "<image>"), ("video_token_id", "<video>")), chat="chatml", tower="siglip",
-           has_cls=False, layout="anyres_max", video="per_frame", vllm=True, vllm_video=True),
+           has_cls=False, layout="anyres_max", video="per_frame", tiny_geometry="anyres_max"),
     Family("qwen3_vl", "qwen3-vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", Qwen3VLAdapter,
            tiny_config=tiny.qwen3_vl,
            budget_unit="merged visual tokens per image after the merger (dynamic grid: (H/(2p))*(W/(2p)) after smart "
                        "resize, p the patch size; each token's DeepStack rows follow it; a video: per temporal slice "
                        "of 2 frames)",
-           video="qwen3_vl", vllm=True, vllm_video=True, tiny_like=("qwen2_5_vl",), **_QWEN),
+           video="qwen3", deepstack=True, tiny_geometry="grid", **_QWEN),
     Family("internvl", "internvl", "InternVL", "InternVLForConditionalGeneration", InternVLAdapter, "internvl_hf",
            tiny.internvl, images.INTERNVL,
            "visual tokens per tile (dynamic tiling: up to 12 tiles of 448 px + a thumbnail, 256 tokens each "
            "after the 2x2 pixel shuffle; per-unit methods; a video: per frame, one tile each)",
-           processor="internvl", tiny_tokenizer=("chatml", "internvl"),
+           processor="InternVLProcessor", tiny_tokenizer=("chatml", "internvl"),
            token_ids=(("image_token_id", "<IMG_CONTEXT>"),), chat="chatml", tower="internvit", layout="tiles",
-           video="per_frame", tiny_like=("llava_next",)),
+           video="per_frame", tiny_geometry="crops"),
     Family("qwen3_5", "qwen3.5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", Qwen3_5Adapter,
            tiny_config=tiny.qwen3_5,
            budget_unit="merged visual tokens per image after the merger (dynamic grid as Qwen3-VL; a video: per "
                        "temporal slice of 2 frames; hybrid LLM: in-LLM stages only where they read a full-attention "
                        "layer)",
-           video="qwen3_vl", tiny_like=("qwen2_5_vl",), **{**_QWEN, "template": "qwen3_5",
+           video="qwen3", hybrid=True, tiny_geometry="grid", **{**_QWEN, "template": "qwen3_5",
                                                          "tiny_tokenizer": ("chatml", "think")}),
     Family("qwen2_vl", "qwen2-vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", Qwen2VLAdapter,
            tiny_config=tiny.qwen2_vl,
            budget_unit="merged visual tokens per image after the PatchMerger (dynamic grid: (H/28)*(W/28) after "
                        "smart resize within [min_pixels, max_pixels]; a video: per temporal slice of 2 frames)",
-           video="qwen2_vl", tp=False, tp_reason="not yet run by bench.tp_check", tiny_like=("qwen2_5_vl",), **_QWEN),
+           video="qwen2", tp=False, tp_reason="not yet run by bench.tp_check", tiny_geometry="grid", **_QWEN),
 ):
     register_family(_f)
