@@ -26,7 +26,8 @@ from .dtypes import parse_dtype as _dtype
 from .engine import PromptSpec, PruningEngine, attach
 from .families import registry
 from .families.registry import Family
-from .fast.precompile import active as fast_precompile_active, wanted as fast_precompile_wanted
+from .fast.precompile import active as fast_precompile_active, requested as fast_precompile_requested
+from .fast.precompile import wanted as fast_precompile_wanted
 from .preprocess import PROCESSORS, PromptProcessor, llava_tokenize
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -232,9 +233,11 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     if fast:
         rt.fast = {"backend": fast_backend, "max_new_tokens": int(fast_max_new_tokens),
                    "regional": bool(fast_regional), "cache": fast_cache, "attention": fast_attention,
-                   "precompile": fast_precompile_wanted(fast_precompile)}  # on unless turned off (argument / variable)
-        # requested vs resolved: a torch without the ahead-of-time capture compiles the regular way (one warning)
-        rt.info["fast"] = {**rt.fast, "precompile_active": fast_precompile_active(fast_precompile)}
+                   # the request as load saw it (argument, else the variable): True, False or None (the default)
+                   "precompile": fast_precompile_requested(fast_precompile)}
+        # wanted (on unless turned off) vs resolved: where it cannot apply, the regular compile
+        rt.info["fast"] = {**rt.fast, "precompile": fast_precompile_wanted(fast_precompile),
+                           "precompile_active": fast_precompile_active(fast_precompile)}
         rt.engine_required = "fast=True: the captured prefill and decode"
     if rt.engine_required and decoder_layers is None:  # a vision-stage-only model (vLLM's plugin) runs no prefill
         rt.prune("none")  # the unpruned model runs through the engine too (the baseline of every speed-up)

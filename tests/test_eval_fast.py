@@ -64,8 +64,8 @@ def test_eval_run_fast_gives_the_eager_answers_and_counts_the_paths(fixture_data
     assert meta["config"]["fast"] and meta["config"]["fast_backend"] == "eager"
     assert meta["config"]["fast_max_new_tokens"] == 3  # follows --max-new-tokens
     assert meta["fingerprint"]["fast"] == {"backend": "eager", "cuda_graphs": False, "max_new_tokens": 3}
-    # no precompiled functions asked for (VTPRUNE_FAST_PRECOMPILE unset), so none active
-    assert (meta["resolved"]["fast"]["precompile"], meta["resolved"]["fast"]["precompile_active"]) == (False, False)
+    # precompiled functions on by default (VTPRUNE_FAST_PRECOMPILE unset); the eager backend has none, so none active
+    assert (meta["resolved"]["fast"]["precompile"], meta["resolved"]["fast"]["precompile_active"]) == (True, False)
     assert meta["resolved"]["fast"]["refusal"] is None and "fast" not in json.loads(
         (eager / "run_config.json").read_text())["fingerprint"]
     # `eval score` rewrites results.json with the paths again

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from llava.fast import precompile as fast_precompile
 from llava.demo_image import demo_image
-from llava.fast.precompile import Precompiled, describe, precompile_folder, static_key
+from llava.fast.precompile import MAGIC, Precompiled, describe, mismatch, precompile_folder, requested, static_key
 from llava.models import load
 
 BACKEND = "inductor" if os.environ.get("FAST_BACKEND") == "inductor" else "aot_eager"
@@ -192,6 +192,15 @@ def test_precompile_refusals(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="fast_regional=False"):
         precompile_folder(True, "aot_eager", str(tmp_path), regional=True)
     assert precompile_folder(False, "eager", None) is None
+    monkeypatch.delenv("VTPRUNE_FAST_PRECOMPILE", raising=False)
+    # by default: on where it can be (a precompiling backend, a folder, a torch with the capture), else quietly off
+    on = os.path.join(str(tmp_path), "precompiled") if LACKS is None else None
+    assert precompile_folder(None, "inductor", str(tmp_path)) == on
+    assert precompile_folder(None, "aot_eager", str(tmp_path)) == on
+    assert precompile_folder(None, "aot_eager", str(tmp_path), regional=True) is None
+    assert precompile_folder(None, "eager", str(tmp_path)) is None
+    assert precompile_folder(None, "cudagraphs", str(tmp_path)) is None
+    assert precompile_folder(None, "inductor", None) is None
     monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "1")
     folder = os.path.join(str(tmp_path), "precompiled") if LACKS is None else None  # None: the regular compile
     assert precompile_folder(None, "inductor", str(tmp_path)) == folder
@@ -244,3 +253,85 @@ def test_a_torch_without_the_capture_warns_once_and_compiles_the_regular_way(tor
         assert e.stats.path == "fast"
     assert not os.path.exists(os.path.join(cache, "precompiled"))
     assert tokens == _eager()
+
+
+def test_on_by_default_and_turned_off_by_the_argument_or_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("VTPRUNE_FAST_PRECOMPILE", raising=False)
+    assert (requested(None), requested(True), requested(False)) == (None, True, False)
+    for value, want in (("1", True), ("0", False), ("yes", True)):
+        monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", value)
+        assert requested(None) is want and requested(True) is True and requested(False) is False
+    monkeypatch.delenv("VTPRUNE_FAST_PRECOMPILE")
+    kw = dict(fast=True, fast_backend="aot_eager", fast_regional=False, fast_cache=str(tmp_path))
+    rt = load("tiny:llava", **kw)  # nothing said: precompiled where this torch can
+    assert rt.info["fast"]["precompile"] is True and rt.info["fast"]["precompile_active"] is (LACKS is None)
+    assert (rt.engine.fast.precompile is not None) is (LACKS is None)
+    rt = load("tiny:llava", fast=True, fast_backend="aot_eager", fast_cache=str(tmp_path))  # regions: quietly off
+    assert rt.info["fast"]["precompile_active"] is False and rt.engine.fast.precompile is None
+    monkeypatch.setenv("VTPRUNE_FAST_PRECOMPILE", "0")
+    rt = load("tiny:llava", **kw)
+    assert rt.info["fast"]["precompile"] is False and rt.engine.fast.precompile is None
+
+
+def test_a_file_header_names_what_differs():
+    static = {"build": ["torch2.13"], "code": "abc", "device": ["cpu", "x86_64"]}
+    want = fast_precompile.file_header("prefill_fn", static, "call-1")
+    assert mismatch(want, want) == []
+    assert mismatch(None, want) == ["format"]
+    other = fast_precompile.file_header("prefill_fn", {**static, "code": "abd", "device": ["cuda", "H100", [9, 0]]},
+                                        "call-2")
+    assert mismatch(other, want) == ["code", "device", "call (argument shapes, dtypes, strides, values)"]
+    assert mismatch(fast_precompile.file_header("decode_fn", static, "call-1"), want) == ["function"]
+
+
+@needs_capture
+@pytest.mark.parametrize("change", ["code", "torch", "device"])
+def test_a_stale_saved_function_is_compiled_afresh_never_run(change, tmp_path, monkeypatch, caplog):
+    """After the code, torch or the device change, the saved functions are not loaded: the new key names new files,
+    and a file found under the new name that was saved for the old ones (copied over it) is read, found to differ in
+    its header and compiled afresh (never run); the tokens stay the eager engine's."""
+    cache = str(tmp_path)
+    rt, eng = _fast(cache)
+    tokens = _generate(rt)
+    folder = eng.fast.precompile
+    old = {n.split("-")[0]: os.path.join(folder, n) for n in os.listdir(folder)}
+    with open(old["prefill_fn"], "rb") as fh:
+        assert fh.readline() == MAGIC
+    if change == "code":  # an edited .py file of the repository
+        digest = fast_precompile.source_digest
+        monkeypatch.setattr(fast_precompile, "source_digest", lambda extra=(): "0" * 64 + digest(extra))
+    elif change == "torch":  # another build of torch
+        monkeypatch.setattr(torch, "__version__", "2.99.0+test")
+    else:  # another GPU or CPU under the same folder
+        monkeypatch.setattr(fast_precompile, "_device", lambda model: ["cuda", "another device", [0, 0]])
+    rt, eng = _fast(cache)
+    assert _generate(rt) == tokens == _eager()
+    assert _counts(eng) == [(1, 0)] * 3  # new keys: new files, the old ones not read
+    now = eng.fast.precompile  # another torch: another cache subfolder too (llava.fast.compile.cache_key)
+    assert (now != folder) is (change == "torch")
+    new = {n.split("-")[0]: os.path.join(now, n) for n in os.listdir(now) if os.path.join(now, n) not in
+           old.values()}
+    assert sorted(new) == ["decode_fn", "prefill_fn", "tower_fn"]
+    for name in new:  # the old files copied over the new names: found, read, refused
+        with open(old[name], "rb") as src, open(new[name], "wb") as dst:
+            dst.write(src.read())
+    rt, eng = _fast(cache)
+    with caplog.at_level("WARNING", logger="llava.fast.precompile"):
+        assert _generate(rt) == tokens
+    assert _counts(eng) == [(1, 0)] * 3 and sum(f.stale for f in (eng.fast._tower, eng.fast._prefill,
+                                                                      eng.fast._decode)) == 3
+    part = {"code": "code", "torch": "build", "device": "device"}[change]
+    said = [r.getMessage() for r in caplog.records if "it is not run" in r.getMessage()]
+    assert len(said) == 3 and all(f"saved for another {part}" in m for m in said), said
+    rt, eng = _fast(cache)  # rewritten: the next fast path loads them
+    assert _generate(rt) == tokens and _counts(eng) == [(0, 1)] * 3
+
+
+@needs_capture
+def test_another_call_shape_is_compiled_not_served_a_saved_one(saved):
+    """A batch of two: the prefill's and decode's call structures differ from the saved batch-1 files."""
+    cache, tokens, _, _, folder = saved
+    rt, eng = _fast(cache)
+    assert _generate(rt, n=2) == _eager(n=2)
+    compiled = [c for c, _ in _counts(eng)]
+    assert compiled[1:] == [1, 1]

@@ -34,15 +34,15 @@ def process_age() -> float:
 
 
 def precompile_record(fast) -> dict | None:
-    """The fast path's precompiled functions (``llava.fast_precompile``) of an engine: how many this process compiled
-    and saved, and loaded; None when its functions are not precompiled (off, another backend, or a build that falls
+    """The fast path's precompiled functions (``llava.fast.precompile``) of an engine: how many this process compiled
+    and saved, and loaded, and how many files it found saved for something else (stale: compiled afresh); None when its functions are not precompiled (off, another backend, or a build that falls
     back to the regular compile)."""
     fns = [getattr(fast, n, None) for n in ("_tower", "_prefill", "_decode")]
     fns = [f for f in fns if hasattr(f, "loaded") and hasattr(f, "compiled")]
     if not fns:
         return None
     return {"folder": getattr(fast, "precompile", None), "compiled": sum(f.compiled for f in fns),
-            "loaded": sum(f.loaded for f in fns),
+            "loaded": sum(f.loaded for f in fns), "stale": sum(getattr(f, "stale", 0) for f in fns),
             "refused": [f.refused for f in fns if getattr(f, "refused", None)]}
 
 

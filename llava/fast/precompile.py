@@ -28,18 +28,28 @@ correctly. A value whose text names an object's address (``<... at 0x...>``) wou
 match: that function is compiled in memory as before and not saved (a warning says which). A file that fails to
 load (another build wrote it, a truncated write) is compiled again and rewritten.
 
-Used by :class:`llava.fast.path.FastPath` when ``load(..., fast_precompile=True)`` (or the variable
-``VTPRUNE_FAST_PRECOMPILE=1``) with the ``inductor`` or ``aot_eager`` backend and a compile cache folder
-(``fast_cache=`` / ``VTPRUNE_COMPILE_CACHE``): the files go to its ``precompiled/`` subfolder. Off by default: on a
-GPU the reload of Inductor's CUDA graphs is not yet checked (``gpu_session.sh fast-precompile``). On a CPU a loading
-process still needs Inductor's choice of vector instructions (each kernel's library is found in the cache by its
-compile command, which holds the chosen set's flags); the fast path keeps the verdicts of the check behind that
-choice in the cache folder (:func:`llava.fast.compile.vec_isa`), so a later process reads them instead of loading a
-test program per instruction set in a child Python (about 1 s a process on our 2-core CPU).
+Every file begins with :data:`MAGIC` and one line of JSON naming what it was saved for, part by part (build,
+device, code, model, layout, method, adapter, engine, the fast path's options, the call structure; by digest). A load
+compares them with the caller's before anything of the file runs: a file that differs (copied or renamed over
+another's name, written by an earlier format) is never run; the warning names the parts that differ, and the
+function is compiled afresh and the file rewritten. The device part is a GPU's name and compute capability, or a
+CPU's architecture, model and instruction-set flags: a cache folder shared by nodes of other devices keys their
+files apart.
+
+Used by :class:`llava.fast.path.FastPath` **by default** (:func:`precompile_folder`) where it can be: the
+``inductor`` backend (or ``aot_eager`` without regions) with a compile cache folder (``fast_cache=`` /
+``VTPRUNE_COMPILE_CACHE``; the files go to its ``precompiled/`` subfolder) on a torch that has the capture;
+elsewhere the regular compile, as without it. ``load(..., fast_precompile=False)`` or ``VTPRUNE_FAST_PRECOMPILE=0``
+turn it off; ``True`` / ``=1`` make a backend or folder that cannot hold it an error. On a GPU the reload of
+Inductor's CUDA graphs is checked by ``gpu_session.sh one-call`` (its step 3). On a CPU a loading process still needs
+Inductor's choice of vector instructions (each kernel's library is found in the cache by its compile command, which
+holds the chosen set's flags); the fast path keeps the verdicts of the check behind that choice in the cache folder
+(:func:`llava.fast.compile.vec_isa`), so a later process reads them instead of loading a test program per
+instruction set in a child Python (about 1 s a process on our 2-core CPU).
 
 A torch without the ahead-of-time capture (:func:`missing`: feature detection, not versions; torch 2.11 has
 ``aot_compile`` only behind dynamo's experimental ``enable_aot_compile`` flag, off, which is left alone) compiles the
-regular way instead: one warning per process (:func:`active`), then ``torch.compile`` with the same backend and
+regular way instead: one warning per process where they were asked for explicitly (:func:`active`), then ``torch.compile`` with the same backend and
 options as without precompile; ``load`` records the request and what was resolved (``rt.info["fast"]``:
 ``precompile`` and ``precompile_active``; the fast path's ``precompile_requested`` and ``precompile``).
 """
@@ -59,8 +69,9 @@ import time
 
 import torch
 
-__all__ = ["Precompiled", "PRECOMPILE_BACKENDS", "active", "compile_function", "describe", "missing",
-           "precompile_folder", "static_key", "source_digest", "wanted"]
+__all__ = ["MAGIC", "Precompiled", "PRECOMPILE_BACKENDS", "active", "compile_function", "describe", "file_header",
+           "mismatch", "missing", "precompile_folder", "requested", "static_description", "static_key",
+           "source_digest", "wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +135,24 @@ def _attrs(obj) -> dict:
     return out
 
 
-def static_key(fast) -> str:
-    """What every file of this fast path shares (see the module docstring): build, code, model, method, options."""
+def _device(model) -> list:
+    """The device the generated code was made for: a GPU by its name and compute capability (Triton's kernels are
+    built for one), a CPU by its architecture, model and instruction-set flags (Inductor's C++ kernels by the vector
+    instructions it picked): a cache folder shared by nodes of other devices keys their files apart."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return ["cuda", props.name, [props.major, props.minor]]
+    if dev.type == "cpu":
+        from .compile import _machine
+
+        return ["cpu", *_machine()]
+    return [dev.type]
+
+
+def static_description(fast) -> dict:
+    """What every file of this fast path shares (see the module docstring), part by part: build, device, code,
+    model, layout, method, adapter, engine and the fast path's options."""
     e = fast.engine
     model = e.model
     par = next(model.parameters())
@@ -150,8 +177,9 @@ def static_key(fast) -> str:
         method_file = inspect.getsourcefile(type(e.method))
     except TypeError:  # a class without a file (defined in an interactive session): its attributes only
         method_file = None
-    desc = {
+    return {
         "build": [cache_key(), torch.__version__, tf, platform.python_version()],
+        "device": _device(model),
         "layout": layout.hexdigest(),
         "code": source_digest((os.path.abspath(method_file),) if method_file else ()),
         "model": [model.config.to_json_string(use_diff=False), str(par.dtype), par.device.type, impls],
@@ -161,7 +189,40 @@ def static_key(fast) -> str:
         "engine": [e.family, _plain(getattr(e, "_reindex", None))],
         "fast": [fast.backend, fast.cuda_graphs, fast.regional, fast.attention, list(fast.buckets)],
     }
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digest(x) -> str:
+    return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def static_key(fast) -> str:
+    """The SHA-256 of :func:`static_description`: what every file of this fast path shares."""
+    return _digest(static_description(fast))
+
+
+#: the first line of every saved function: the format, then one line of JSON (what the function was saved for, part
+#: by part), then PyTorch's serialised function
+MAGIC = b"vtprune-precompiled 1\n"
+
+
+def file_header(name: str, static: dict, call: str) -> dict:
+    """What a saved function was saved for: its name, each part of the static description and the call structure,
+    by digest. A load compares them with the caller's and names the parts that differ."""
+    return {"function": name, "static": {k: _digest(v)[:16] for k, v in sorted(static.items())},
+            "call": _digest(call)[:16]}
+
+
+def mismatch(saved: dict | None, wanted_header: dict) -> list[str]:
+    """The parts of ``wanted_header`` that ``saved`` (a file's header; None: no header of this format) differs in."""
+    if not isinstance(saved, dict):
+        return ["format"]
+    out = [] if saved.get("function") == wanted_header["function"] else ["function"]
+    got = saved.get("static") if isinstance(saved.get("static"), dict) else {}
+    out += [k for k, v in wanted_header["static"].items() if got.get(k) != v]
+    out += [k for k in got if k not in wanted_header["static"]]
+    if saved.get("call") != wanted_header["call"]:
+        out.append("call (argument shapes, dtypes, strides, values)")
+    return out
 
 
 def describe(x):
@@ -214,6 +275,7 @@ class Precompiled:
         self._mem: dict = {}  # call structure -> AOTCompiledFunction
         self.last_new = False
         self.loaded = self.compiled = 0
+        self.stale = 0  # files found under this function's name saved for something else (never run)
         self.load_s = self.compile_s = 0.0
         self.refused: str | None = None  # why this function's files are not written (one warning)
 
@@ -226,32 +288,26 @@ class Precompiled:
         return f(self.owner, *args)
 
     def _get(self, k, args):
-        static = getattr(self.fast, "_precompile_key", None)
+        fast = self.fast
+        static = getattr(fast, "_precompile_key", None)
         if static is None:  # one per fast path, made at its first call (its functions share it)
-            static = self.fast._precompile_key = static_key(self.fast)
+            desc = static_description(fast)
+            static = fast._precompile_key = _digest(desc)
+            fast._precompile_desc = desc
+        desc = getattr(fast, "_precompile_desc", None)
         text = repr(k)
         digest = hashlib.sha256((static + "\0" + self.name + "\0" + text).encode()).hexdigest()[:32]
         path = os.path.join(self.folder, f"{self.name}-{digest}.bin")
+        header = file_header(self.name, desc if desc is not None else {"key": static}, text)
         if " at 0x" in text:
             path = None
             if self.refused is None:
                 self.refused = f"an argument of {self.name} has no stable text (an object's address)"
                 log.warning("fast_precompile: %s; compiled in memory, not saved", self.refused)
         if path and os.path.exists(path):
-            from torch.compiler import load_compiled_function
-
-            t0 = time.perf_counter()
-            try:
-                with open(path, "rb") as fh, torch._inductor.config.patch(self.options):  # as it was compiled
-                    f = load_compiled_function(fh, f_globals=self.fn.__globals__)
-                f.disable_guard_check()
-                self.loaded += 1
+            f = self._load(path, header)
+            if f is not None:
                 return f
-            except Exception as err:  # written by another build, truncated: compile again, rewrite
-                log.warning("fast_precompile: %s did not load (%s: %s); compiling it again", path,
-                            type(err).__name__, err)
-            finally:
-                self.load_s += time.perf_counter() - t0
         opts = {**self.options, "guard_filter_fn": _drop_guards}
         c = torch.compile(self.fn, fullgraph=True, dynamic=False, backend=self.backend, options=opts)
         t0 = time.perf_counter()
@@ -262,19 +318,73 @@ class Precompiled:
         log.info("fast_precompile: %s compiled in %.1f s", self.name, time.perf_counter() - t0)
         if path:
             try:
-                os.makedirs(self.folder, exist_ok=True)
-                f.save_compiled_function(path)  # written to a temporary file, then renamed: never half a file
+                self._save(f, path, header)
             except Exception as err:
                 self.refused = f"{self.name} could not be saved ({type(err).__name__}: {err})"
                 log.warning("fast_precompile: %s; compiled in memory", self.refused)
         return f
 
+    def _load(self, path: str, header: dict):
+        """The function saved at ``path`` when its header matches ``header`` (else None, after a warning naming what
+        differs: it is never run); a file that does not load (truncated, another build's format) is None too."""
+        from torch.compiler import load_compiled_function
+
+        t0 = time.perf_counter()
+        try:
+            with open(path, "rb") as fh:
+                saved = None  # a file without the first line: another version's format
+                if fh.readline() == MAGIC:
+                    line = fh.readline()
+                    if not line.endswith(b"\n"):
+                        raise ValueError("its header is cut short")
+                    saved = json.loads(line)  # an unreadable header: damaged, as a truncated function
+                differ = mismatch(saved, header)
+                if differ:
+                    log.warning("fast_precompile: %s was saved for another %s; it is not run: compiling it afresh",
+                                path, ", ".join(differ))
+                    self.stale += 1
+                    return None
+                with torch._inductor.config.patch(self.options):  # as it was compiled
+                    f = load_compiled_function(fh, f_globals=self.fn.__globals__)
+            f.disable_guard_check()
+            self.loaded += 1
+            return f
+        except Exception as err:  # truncated, unreadable: compile again, rewrite
+            log.warning("fast_precompile: %s did not load (%s: %s); compiling it again", path, type(err).__name__, err)
+            return None
+        finally:
+            self.load_s += time.perf_counter() - t0
+
+    def _save(self, f, path: str, header: dict) -> None:
+        """``f`` at ``path``: :data:`MAGIC`, ``header`` as one line of JSON, then PyTorch's serialised function;
+        written to a temporary file, then renamed (never half a file under the name)."""
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            f.save_compiled_function(tmp)
+            with open(tmp, "rb") as fh:
+                payload = fh.read()
+            with open(tmp, "wb") as fh:
+                fh.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def requested(precompile: bool | None) -> bool | None:
+    """What the user asked for: ``precompile`` when given, else the variable ``VTPRUNE_FAST_PRECOMPILE`` ("0": False,
+    any other value: True); None when neither says (the default: on where it can be, :func:`precompile_folder`)."""
+    if precompile is not None:
+        return bool(precompile)
+    value = os.environ.get("VTPRUNE_FAST_PRECOMPILE", "")
+    return None if value == "" else value != "0"
+
 
 def wanted(precompile: bool | None) -> bool:
-    """``precompile``, or when None the variable ``VTPRUNE_FAST_PRECOMPILE`` (set and not "0")."""
-    if precompile is None:
-        return os.environ.get("VTPRUNE_FAST_PRECOMPILE", "") not in ("", "0")
-    return bool(precompile)
+    """Whether precompiled functions are wanted: on unless turned off (``fast_precompile=False`` or
+    ``VTPRUNE_FAST_PRECOMPILE=0``)."""
+    return requested(precompile) is not False
 
 
 def _probe(x):  # a function to wrap when asking what torch.compile's wrapper offers (never called)
@@ -307,15 +417,17 @@ _warned = False  # the missing-feature warning: once per process
 
 
 def active(precompile: bool | None) -> bool:
-    """Whether precompiled functions are used: :func:`wanted`, and this torch has what they need (:func:`missing`).
-    Wanted on a torch that lacks it: False, after one warning per process (the regular compile runs instead)."""
+    """Whether this torch gives the precompiled functions :func:`wanted` (:func:`missing`: nothing lacking). Asked
+    for explicitly on a torch that lacks the capture: False, after one warning per process (the regular compile runs
+    instead); by default: False without a word (the regular compile, as where the default cannot apply)."""
     global _warned
-    if not wanted(precompile):
+    req = requested(precompile)
+    if req is False:
         return False
     lacks = missing()
     if lacks is None:
         return True
-    if not _warned:
+    if req and not _warned:
         _warned = True
         log.warning("fast_precompile: precompiled functions need a newer torch (torch %s lacks %s); the regular "
                     "compile (torch.compile with the same backend, e.g. Inductor, traced in every process) is used "
@@ -324,11 +436,20 @@ def active(precompile: bool | None) -> bool:
 
 
 def precompile_folder(precompile, backend: str, cache_dir: str | None, regional: bool = False) -> str | None:
-    """Where a fast path's precompiled functions go (None: not precompiled). ``precompile`` True, or None with the
-    variable ``VTPRUNE_FAST_PRECOMPILE=1``; it needs a precompiling backend and a compile cache folder (refused the
-    same on every torch), and a torch that has the capture (:func:`active`; else None: the regular compile)."""
-    if not wanted(precompile):
+    """Where a fast path's precompiled functions go (None: not precompiled, the regular compile).
+
+    On by default (:func:`requested` None) wherever they can be: a precompiling backend (``inductor``, or
+    ``aot_eager`` without regions), a compile cache folder and a torch that has the capture (:func:`missing`);
+    elsewhere the default quietly compiles the regular way. Asked for explicitly (``fast_precompile=True`` or
+    ``VTPRUNE_FAST_PRECOMPILE=1``), a backend or folder that cannot hold them is an error (the same on every torch),
+    and a torch without the capture compiles the regular way after one warning (:func:`active`). Turned off
+    (``False`` / ``0``): None."""
+    req = requested(precompile)
+    if req is False:
         return None
+    can = backend in PRECOMPILE_BACKENDS and bool(cache_dir) and not (backend == "aot_eager" and regional)
+    if req is None:  # the default: where it can be, on a torch that has it
+        return os.path.join(cache_dir, "precompiled") if can and missing() is None else None
     if backend not in PRECOMPILE_BACKENDS:
         raise ValueError(f"fast_precompile needs the {' or '.join(PRECOMPILE_BACKENDS)} backend, not {backend!r}")
     if backend == "aot_eager" and regional:  # torch 2.13: a saved aot_eager graph with regions fails when it runs
