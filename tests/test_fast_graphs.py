@@ -179,3 +179,34 @@ def test_a_graph_inductor_does_not_capture_is_reported_once_with_its_reason(capl
     (rec,) = [r for r in caplog.records if r.name == "llava.fast.path"]
     assert "prefill_fn" in rec.getMessage() and "mutated inputs" in rec.getMessage()
     assert len(calls) == 2
+
+
+def _pipeline(x):
+    y = x * 2
+    z = y.sum()  # the op after which the (simulated) capture is gone
+    return z + 1
+
+
+def test_the_capture_watch_names_the_op_that_ended_the_capture_and_the_line_that_called_it():
+    """On a GPU an op the device cannot record (a pageable upload, a sync in a kernel's host code) can end a capture
+    silently; the next op fails with "operation failed due to a previous error during capture". The watch checks
+    after every op that the stream still captures: here the check is simulated (capturing until the third op)."""
+    from llava.fast.graphs import CaptureInvalidated, CaptureWatch
+
+    calls = []
+
+    def capturing():
+        calls.append(1)
+        return len(calls) < 2  # true after the first op (mul), false after the second (sum)
+
+    watch, x = CaptureWatch(capturing=capturing), torch.arange(4.0)
+    with pytest.raises(CaptureInvalidated) as err, watch:
+        _pipeline(x)
+    line = _pipeline.__code__.co_firstlineno + 2  # z = y.sum()
+    assert watch.culprit.startswith("aten.sum.default at tests/test_fast_graphs.py:" + str(line) + " in _pipeline")
+    assert str(err.value) == f"the capture was invalidated by {watch.culprit}"
+    assert len(calls) == 2  # nothing ran after the culprit
+    ok = CaptureWatch(capturing=lambda: True)  # a capture that holds: every op passes, nothing named
+    with ok:
+        assert _pipeline(x).item() == 13.0
+    assert ok.culprit is None

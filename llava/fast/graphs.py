@@ -21,7 +21,8 @@ first call of a key (warm-up)
 second call (capture)
     the inputs copied in, the function recorded into a graph (recording runs nothing), then replayed once: a
     real call again; a recording that fails (a host sync the uncompiled function still makes) is a
-    ``RuntimeError`` naming the function;
+    ``RuntimeError`` naming the function and, where the device gave up without an error of its own, the op after
+    which it did and the frames of this repository that called it (:class:`CaptureWatch`);
 later calls (replay)
     one device copy per input tensor into the key's buffers, one replay, the outputs cloned out of the graph's
     memory (the next replay rewrites them; a piecewise prefill's graph 2 reads graph 1's outputs).
@@ -41,12 +42,15 @@ Also here, for the Inductor backend on a GPU (CUDA graphs through ``mode="reduce
 from __future__ import annotations
 
 import logging
+import os
+import traceback
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["CapturedFunction", "DeviceScalars", "WatchedCompile"]
+__all__ = ["CaptureInvalidated", "CaptureWatch", "CapturedFunction", "DeviceScalars", "WatchedCompile"]
 
 
 class DeviceScalars(TorchFunctionMode):
@@ -62,6 +66,52 @@ class DeviceScalars(TorchFunctionMode):
             x = args[0]
             args = (x, args[1], torch.full((), args[2], dtype=x.dtype, device=x.device))
         return func(*args, **kwargs)
+
+
+class CaptureInvalidated(RuntimeError):
+    """A recording the device gave up on, with the op after which it did and the frames of this repository that
+    called it (:class:`CaptureWatch`)."""
+
+
+#: the repository's root: frames from its files name a culprit (not torch's or transformers' own)
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _our_frames(limit: int = 4, stack=None) -> list[str]:
+    """The innermost ``limit`` frames of ``stack`` (default: the current one) in this repository's files (not this
+    module), as ``path:line in function``."""
+    out = []
+    for f in reversed(traceback.extract_stack()[:-2] if stack is None else stack):
+        path = os.path.abspath(f.filename)
+        rel = os.path.relpath(path, _ROOT)
+        if path.startswith(_ROOT + os.sep) and path != os.path.abspath(__file__) and not rel.startswith(".") \
+                and "site-packages" not in rel:  # not a virtual environment inside the checkout
+            out.append(f"{rel}:{f.lineno} in {f.name}")
+            if len(out) == limit:
+                break
+    return out
+
+
+class CaptureWatch(TorchDispatchMode):
+    """While a graph is recorded: after every op, whether the stream is still capturing. An op the device cannot
+    record (a copy from pageable host memory, a synchronisation inside a kernel's host code, work on another stream)
+    ends the capture as invalidated, often without an error of its own; the next op then fails with "operation
+    failed due to a previous error during capture", which names neither. The watch names the first op after which
+    the capture is gone and the frames of this repository that called it (:class:`CaptureInvalidated`).
+    ``capturing``: the check (``torch.cuda.is_current_stream_capturing``; the tests pass their own)."""
+
+    def __init__(self, capturing=None):
+        super().__init__()
+        self.capturing = capturing or torch.cuda.is_current_stream_capturing
+        self.culprit: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.culprit is None and not self.capturing():
+            frames = _our_frames()
+            self.culprit = f"{func} at " + (" <- ".join(frames) if frames else "(no frame of this repository)")
+            raise CaptureInvalidated(f"the capture was invalidated by {self.culprit}")
+        return out
 
 
 def _leaf_key(x):
@@ -122,12 +172,16 @@ class CapturedFunction:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
+            watch = CaptureWatch()
             try:
-                with torch.cuda.graph(graph, pool=self._pool), DeviceScalars():
+                with torch.cuda.graph(graph, pool=self._pool), DeviceScalars(), watch:
                     outputs = self._run(entry)
-            except RuntimeError as e:
+            except RuntimeError as e:  # the watch's finding first: the device's own error names no op
+                where = "" if isinstance(e, CaptureInvalidated) else (
+                    f"{watch.culprit}; " if watch.culprit else  # else the op that raised: its frames of ours
+                    "at " + " <- ".join(_our_frames(stack=traceback.extract_tb(e.__traceback__))) + ": ")
                 raise RuntimeError(f"the fast path's {self.name} could not be captured as a CUDA graph "
-                                   f"(fast_backend='cudagraphs'): {e}") from e
+                                   f"(fast_backend='cudagraphs'): {where}{e}") from e
             entry.graph, entry.outputs = graph, outputs
         entry.graph.replay()
         return self._clone(entry.outputs)
