@@ -82,7 +82,7 @@ class FastV(Method):
 
     name = "fastv"
     llm_reads = ("prev",)  # layer K-1's attention row of the last prompt token
-    capturable = "full"  # its stage is captured per segment (llava.fast_llm)
+    capturable = "full"  # its stage is captured per segment (llava.fast.llm)
     position_mode = "keep"
 
     @classmethod

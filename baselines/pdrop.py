@@ -121,7 +121,7 @@ class PyramidDrop(Method):
 
     name = "pdrop"
     llm_reads = ("next",)  # each stage layer's own q / k
-    capturable = "full"  # its stages are captured per segment (llava.fast_llm)
+    capturable = "full"  # its stages are captured per segment (llava.fast.llm)
     position_mode = "reindex"
 
     @classmethod

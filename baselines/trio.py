@@ -65,7 +65,7 @@ from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
                        scale_layers, scaled_count, split_budget, vscan_stage1)
-from llava.signals import PROXY_ROWS
+from llava.proxy_grad import PROXY_ROWS
 
 #: ``--layer_list '[1,10,15]'`` of every LLaVA-1.5 w/o VE script (e.g. ``llava/model/scripts/v1_5/eval/mme.sh:13``)
 OFFICIAL_LAYERS = (1, 10, 15)

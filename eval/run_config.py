@@ -49,7 +49,7 @@ class RunConfig:
     min_pixels: int | None = None  # Qwen2.5-VL only: image area bounds (None: the checkpoint's values)
     vision_dtype: str | None = None  # CLIP families: the tower's dtype under a half-precision LLM (LLaVA's loader: fp32)
     max_pixels: int | None = None
-    fast: bool = False  # llava.load(fast=True): planned + captured prefills where the method allows (llava/fastpath.py)
+    fast: bool = False  # llava.load(fast=True): planned + captured prefills where the method allows (llava/fast/path.py)
     fast_backend: str = "auto"  # torch.compile backend of the fast path (auto: inductor + CUDA graphs on a GPU)
     fast_max_new_tokens: int | None = None  # static-cache decode slots; None: the run's max_new_tokens
     fast_attention: str = "auto"  # the prompt's attention over its bucket: causal kernel / 4-D mask (llava.fast.attention)

@@ -56,14 +56,6 @@ from .shards import InputError, answered_uids, check_inputs, chunk
 from .summary import add_path_summary, print_summary
 from .wandb_log import WandbLogger, log_results, run_config, run_identity
 
-# names other code and the tests import from eval.runner; they live in the modules above
-from .families import BUDGET_UNITS, CHATML_FAMILIES, QWEN_FAMILIES, VIDEO_FAMILIES  # noqa: F401
-from .hf_backend import TEXT_ONLY_REASON  # noqa: F401
-from .run_config import (BACKENDS, RESUME_DEFAULTS, RESUME_KEYS, default_run_name,  # noqa: F401
-                         fast_check as _fast_check, resume_mismatch as _resume_mismatch, tp_check as _tp_check)
-from .shards import EVAL_KEY, SHARD_RE, read_input, shard_files  # noqa: F401
-from .summary import path_summary  # noqa: F401
-
 log = logging.getLogger("eval")
 
 

@@ -20,9 +20,7 @@ from .attention_rows import causal_attention_rows, llm_qk
 from .families.base import to_device as _to_device
 from .method import Selection
 from .prefill import _Prefill
-from .selection_rows import (  # noqa: F401  (re-exported: they lived here)
-    _add_deepstack, _deepstack, carry_rows, llm_outputs, materialize,
-)
+from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
 from .signals import VisionSignals
 
 

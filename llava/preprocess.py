@@ -26,9 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .preprocess_ov_internvl_video import InternVLVideoMixin, OnevisionVideoMixin
 from .preprocess_qwen_video import Frames, QwenVideoMixin
-from .preprocess_video_files import (  # noqa: F401  (re-exported: they lived here)
-    VIDEO_FILE_FORMATS, _pyav_sample, decode_video, sample_frames,
-)
+from .preprocess_video_files import sample_frames
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 MAX_IMAGE_PIXELS = 300_000_000  # larger images are refused with a clear error, not a PIL bomb warning

@@ -27,7 +27,7 @@ are not re-sampled here):
   vision_start / vision_end (as transformers expands it).
 
 Timing comes from :class:`Frames` (a list of frames with the source's fps, frame count and the sampled indices;
-``llava.preprocess.decode_video`` returns one); for bare frames it is transformers' default: indices 0..n-1 at
+``llava.preprocess_video_files.decode_video`` returns one); for bare frames it is transformers' default: indices 0..n-1 at
 24 fps.
 
 Settings (:class:`VideoSettings`, ``rt.processor.video_settings``, replaceable): a checkpoint's own video

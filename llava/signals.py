@@ -17,10 +17,8 @@ from typing import Callable, Literal
 
 import torch
 
-from .attention_rows import (  # noqa: F401  (re-exported: they lived here)
-    ATTENTION_LOGITS, LayerQK, _head_norm, causal_attention_rows, llm_attention_fns, llm_qk, rope_fn_for,
-)
-from .proxy_grad import PROXY_ROWS, proxy_loss_grad, proxy_rows  # noqa: F401  (re-exported: they lived here)
+from .attention_rows import ATTENTION_LOGITS
+from .proxy_grad import proxy_rows
 
 
 @dataclass
@@ -281,13 +279,13 @@ class LLMSignals:
         ``queries``: indices into the S tokens, or "last" (last prompt token), "question",
         "text_after", "visual". ``layer``: "next" uses decoder layer ``layer``'s norm + q/k on the
         current hidden states (PyramidDrop / VisionDrop); "prev" recomputes layer ``layer``-1's own
-        attention from its input (FastV). ``logits`` (:func:`causal_attention_rows`): "fp32" (ours: q k^T in
+        attention from its input (FastV). ``logits`` (:func:`llava.attention_rows.causal_attention_rows`): "fp32" (ours: q k^T in
         fp32, fp32 probabilities) or "model" (the eager attention of LLaVA's LlamaAttention, which the official
         code of the in-LLM methods reads: q k^T and / sqrt(d) in the model's dtype, the softmax in fp32 cast back
         to that dtype; reference modes), "model_scaling" (the same with ``q k^T * scaling``, transformers' later eager
         product: PriorTR's official Qwen code) or "python_sdpa" (PyTorch's Python reference SDPA, the softmax in the model's
         dtype: SparseVLM's fork). ``causal=False``: every row over all the tokens (a reference mode's reproduction of
-        an official look-ahead that adds no mask; :func:`causal_attention_rows`). Cached per (queries, layer, logits,
+        an official look-ahead that adds no mask; :func:`llava.attention_rows.causal_attention_rows`). Cached per (queries, layer, logits,
         causal).
         """
         q = self._resolve(queries)
@@ -355,7 +353,7 @@ class LLMSignals:
     def grad_saliency(self, rows: str = "shifted", num_rows: int = 4, layer: Literal["next", "prev"] = "next",
                       reduce: str | None = "l2", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Gradient saliency of the current tokens for a layer-local proxy loss (TRIO / PIO-FVLM,
-        :func:`proxy_loss_grad`): decoder layer ``layer`` ("next": layer K, whose input these hidden states are;
+        :func:`llava.proxy_grad.proxy_loss_grad`): decoder layer ``layer`` ("next": layer K, whose input these hidden states are;
         "prev": layer K-1 re-run on them, the official Qwen2.5-VL quirk), the final norm and ``lm_head`` on the
         proxy rows, cross-entropy against each row's own argmax, differentiated w.r.t. the hidden states only.
 

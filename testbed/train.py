@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         """-log of head 0's attention mass (layer --attn-layer) from each mention onto the patches of
         the object it names (of all the counted objects, for a counting question's plural word); the
         mean over mentions. Queries and keys are computed once per row for all its mentions."""
-        from llava.signals import causal_attention_rows, llm_qk
+        from llava.attention_rows import causal_attention_rows, llm_qk
 
         x, layer = captured["attn_in"], lm_layers[args.attn_layer - 1]
         losses = []

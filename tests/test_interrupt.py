@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.runner import EVAL_KEY, shard_files
+from eval.shards import EVAL_KEY, shard_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

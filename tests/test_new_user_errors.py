@@ -4,7 +4,8 @@ each silent no-op says so."""
 import pytest
 
 from llava.cli import main as cli_main
-from llava.models import load, local_path_error
+from llava.model_source import local_path_error
+from llava.models import load
 
 
 # ---- item 6: a model path that does not exist ------------------------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from eval.cli import main as eval_main
-from eval.runner import EVAL_KEY, shard_files
+from eval.shards import EVAL_KEY, shard_files
 from eval.table import find_results
 
 pytestmark = pytest.mark.usefixtures("run_env")  # fixture_data / data: conftest

@@ -10,7 +10,7 @@ from conftest import QUESTIONS, greedy_no_cache, rand_image
 from test_gpu_ready import METHODS, budget
 
 from llava import load
-from llava.layout import carry_rows
+from llava.selection_rows import carry_rows
 from llava.method import Selection, method_supports
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)

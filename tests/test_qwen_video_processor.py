@@ -28,7 +28,7 @@ import torch
 from conftest import greedy_no_cache, rand_image
 from PIL import Image
 
-from llava.preprocess import decode_video
+from llava.preprocess_video_files import decode_video
 from llava.preprocess_qwen_video import Frames, VideoSettings, slice_times
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "qwen_video"

@@ -218,7 +218,7 @@ def test_reference_mode_equals_layer_prune(seed):
         assert outputs[j] == (want["seeds"][seat] if seat >= 0 else place)
     assert torch.equal(sel.assign, want["assign"])
     assert (want["assign"][want["seeds"]] >= 0).all()  # every seed joins a target: the rows below test the merge
-    from llava.layout import llm_outputs
+    from llava.selection_rows import llm_outputs
 
     rows, src = llm_outputs(h.float(), sel)
     assert torch.equal(src, outputs)

@@ -21,7 +21,7 @@ from conftest import make_batch
 
 from baselines.pdrop import pdrop_select
 from llava.models import load
-from llava.signals import causal_attention_rows
+from llava.attention_rows import causal_attention_rows
 
 SYS, NT, HEADS, HD = 35, 40, 32, 128
 

@@ -34,7 +34,7 @@ from conftest import FAMILIES
 import baselines.duet  # noqa: F401  (registers "duet")
 from baselines.duet import DUET, duet_rank, duet_vision
 from llava.ops import merge_tokens
-from llava.signals import causal_attention_rows
+from llava.attention_rows import causal_attention_rows
 
 N, H, W, HD = 577, 16, 1024, 64
 CONFIGS = [(300, 7), (170, 35), (85, 17)]  # budgets 192 / 128 (official) and 64 (our design)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import baselines.trio  # noqa: F401
 from baselines.trio import trio_nms
-from llava.signals import proxy_rows
+from llava.proxy_grad import proxy_rows
 
 IGNORE = -100
 

@@ -13,7 +13,7 @@ import pytest
 
 from eval.cli import main as eval_main
 from eval.results import MergeError, merge
-from eval.runner import EVAL_KEY, shard_files
+from eval.shards import EVAL_KEY, shard_files
 
 
 pytestmark = pytest.mark.usefixtures("run_env")  # fixture_data / data: conftest

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from eval.cli import main as eval_main
-from eval.runner import EVAL_KEY, shard_files
+from eval.shards import EVAL_KEY, shard_files
 from varied_answers import assert_answers_vary, save_varied_llava
 
 pytestmark = pytest.mark.usefixtures("run_env")  # fixture_data / data: conftest

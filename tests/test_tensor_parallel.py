@@ -131,7 +131,7 @@ def test_a_sharded_projection_that_is_not_gathered_is_refused_not_read():
     """The engine's LLM signal code reads all heads: a q_proj giving one rank's half is an error, never a signal."""
     from conftest import load
 
-    from llava.signals import LayerQK
+    from llava.attention_rows import LayerQK
 
     rt = load("tiny:llava", seed=1)
     lm = rt.model.model.language_model
@@ -158,7 +158,7 @@ def test_dist_info_cuts_the_world_into_groups_of_consecutive_ranks(monkeypatch):
 
 
 def test_a_resume_with_another_tp_is_refused():
-    from eval.runner import RunConfig, _resume_mismatch, default_run_name
+    from eval.run_config import RunConfig, default_run_name, resume_mismatch as _resume_mismatch
 
     old = {k: v for k, v in RunConfig(benchmark="pope").resume_view().items() if k != "tp"}  # written before --tp
     assert _resume_mismatch(old, RunConfig(benchmark="pope")) == {}
@@ -183,7 +183,7 @@ def test_the_scripts_refuse_tp_with_the_python_launcher(tmp_path):
 
 
 def test_tp_with_the_fast_path_or_vllm_is_refused_before_anything_runs():
-    from eval.runner import RunConfig, _tp_check
+    from eval.run_config import RunConfig, tp_check as _tp_check
 
     assert "drop --fast" in _tp_check(RunConfig(benchmark="pope", tp=2, fast=True))
     assert "tensor_parallel_size" in _tp_check(RunConfig(benchmark="pope", tp=2, backend="vllm"))

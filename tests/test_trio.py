@@ -15,7 +15,7 @@ import baselines.trio  # noqa: F401  (registers "trio")
 import baselines.vscan  # noqa: F401  (registers "vscan": the w/ VE stage-1 comparison)
 from baselines.trio import SCHEDULES, TRIO, budget_counts, layer_average, trio_nms
 from llava.method import Method, Selection, get_method
-from llava.signals import proxy_rows
+from llava.proxy_grad import proxy_rows
 
 TINY = dict(image_token_list=(12, 8, 4), counts="absolute")  # the tiny 16-token images: counts 7 / 4 / 2
 
@@ -258,7 +258,7 @@ def test_tensor_parallel_refused_at_attach(runtimes):
 
 def test_tensor_parallel_refused():
     """A layer whose linear is an AutoTP shard (it carries ``mp_group`` and its partition sizes) is refused."""
-    from llava.signals import proxy_loss_grad
+    from llava.proxy_grad import proxy_loss_grad
 
     layer = torch.nn.Module()
     layer.self_attn = torch.nn.Linear(4, 4)

@@ -7,7 +7,7 @@ import torch
 
 av = pytest.importorskip("av")
 
-from llava.preprocess import decode_video, sample_frames  # noqa: E402
+from llava.preprocess_video_files import decode_video, sample_frames  # noqa: E402
 
 # frame i is a flat grey of level 8 * i (luma only: it survives YUV 4:2:0 and lossy coding within +-2)
 N_FRAMES = 30

@@ -13,7 +13,7 @@ from baselines.vscan import VScan, local_counts, local_layer_for, split_budget, 
 from llava.ops import unit_layout
 from llava.method import method_supports
 from llava.ops import merge_tokens
-from llava.signals import rope_fn_for
+from llava.attention_rows import rope_fn_for
 
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
 

@@ -43,7 +43,8 @@ def fastv_inputs(parts: Parts, batch: int, device, dtype, text_words: int, image
 def run_fastv(parts: Parts, batch: int, cfg, device, dtype) -> dict:
     from transformers.masking_utils import create_causal_mask
 
-    from llava.signals import LLMSignals, causal_attention_rows, llm_qk
+    from llava.attention_rows import causal_attention_rows, llm_qk
+    from llava.signals import LLMSignals
 
     method = _fastv_method(cfg.fastv_layer, parts.num_layers, len(parts.tower.encoder.layers), parts.family,
                            cfg.fastv_budget)

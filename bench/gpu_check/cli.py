@@ -10,8 +10,8 @@ import torch
 
 from bench.gpu_check.config import ALIASES, DTYPES, FAMILIES, CheckConfig, _env_float, registered_methods
 from bench.gpu_check.report import _overall
-from llava.fast_attention import MODES as FAST_ATTENTION
-from llava.fastpath import BACKENDS as FAST_BACKENDS
+from llava.fast.attention import MODES as FAST_ATTENTION
+from llava.fast.path import BACKENDS as FAST_BACKENDS
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    "Inductor + CUDA graphs on CUDA, dynamo 'eager' on a CPU; cudagraphs: CUDA graphs of the "
                    "uncompiled functions, no code generation)")
     f.add_argument("--fast-attention", default=d.fast_attention, choices=FAST_ATTENTION,
-                   help="the prompt's attention over its padded bucket on both fast sides (llava.fast_attention): "
+                   help="the prompt's attention over its padded bucket on both fast sides (llava.fast.attention): "
                    "causal checks SDPA's causal kernel on the tiny models, whose buckets are under auto's 1024 rows")
     f.add_argument("--fast-dtypes", nargs="+", default=None, help="default: the --dtypes")
     f.add_argument("--fast-prompts", type=int, default=d.fast_prompts,

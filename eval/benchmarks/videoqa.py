@@ -44,7 +44,7 @@ def load_video(path: str | os.PathLike, num_frames: int) -> list:
                              f"next to it ({'/'.join(VIDEO_FORMATS + EXTRA_FORMATS)})")
         idx = np.linspace(0, len(frames) - 1, num_frames, dtype=int)
         return [Image.open(frames[i]).convert("RGB") for i in idx]
-    from llava.preprocess import decode_video
+    from llava.preprocess_video_files import decode_video
 
     return decode_video(path, num_frames)  # GIF with PIL; else decord, or PyAV (only the sampled frames)
 

@@ -1,7 +1,6 @@
 """The fast path (batch-1 latency): ``load(..., fast=True)``'s planned, static-shape, captured prefill and decode.
 
-The package by role (docs/fast-path.md; the old flat modules ``llava.fastpath`` / ``llava.fast_*`` are aliases of
-these):
+The package by role (docs/fast-path.md):
 
 - :mod:`llava.fast.path`: :class:`~llava.fast.path.FastPath` (``engine.fast``), the captured functions, the refusals;
 - :mod:`llava.fast.plan`: the host plan of a prefill (buckets, the rows' gather and positions, dry-run counts);

@@ -54,7 +54,7 @@
 #   bash scripts/bench/gpu_session.sh fast-inductor2 OUT # the other methods of fast-7b on Inductor: none, VisionZip, PyramidDrop,
 #                                                       #   SparseVLM, DART, CDPruner, VisionDrop at 64 (same cache folder)
 #   bash scripts/bench/gpu_session.sh fast-attn  OUT   # the prompt's attention over its bucket, masked vs causal
-#                                                       #   (--fast-attention; llava/fast_attention.py): the causal kernel's
+#                                                       #   (--fast-attention; llava/fast/attention.py): the causal kernel's
 #                                                       #   tokens on tiny LLaVA / NeXT / Video-LLaVA fp16 (gpu_check), then
 #                                                       #   shape:llava-next-7b none + FastV 320 and shape:llava-1.5-7b
 #                                                       #   none + ConsensusDrop 64, each masked then causal
