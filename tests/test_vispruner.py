@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import baselines.vispruner  # noqa: F401  (registers "vispruner")
-from baselines.vispruner import VisPruner, removal_schedule, remove_duplicates, vispruner, vispruner_units
+from baselines.vispruner import (VisPruner, removal_schedule, remove_duplicates, remove_duplicates_gram, vispruner,
+                                 vispruner_units)
 from llava.method import BudgetError
 
 
@@ -213,3 +214,31 @@ def test_options():
         VisPruner(64, important_ratio=1.5)
     with pytest.raises(ValueError):
         VisPruner(64, cls_token="rank")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gram_form_equals_the_per_round_products(seed):
+    """The default fp32 path reads every round's similarities from one Gram matrix
+    (:func:`remove_duplicates_gram`): the same survivors, in the same order, as the loop that multiplies A and B
+    afresh each round, on the official shapes (T = 64 / 128 / 192), on planted exact duplicates (tied maxima),
+    on odd sizes (our capped rounds) and on a batch of five equal-size units (a NeXT image's crops). The round-1
+    products are also compared entry by entry: the Gram matrix's entries are the per-round products bit for bit."""
+    attn, feats = official_inputs(seed)
+    feats[1::37] = feats[2::37][: feats[1::37].shape[0]]  # exact duplicates: tied maxima in the sort
+    normed = feats / feats.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    order = torch.sort(attn.mean(0), descending=True, stable=True).indices
+    for t_imp, t_div in ((48, 16), (64, 64), (96, 96), (0, 7)):
+        residual = order[t_imp:][None]
+        assert torch.equal(remove_duplicates_gram(residual, normed[None], t_div),
+                           remove_duplicates(residual, normed[None], t_div))
+    a, b = normed[order[48:][0::2]], normed[order[48:][1::2]]
+    gram = normed @ normed.T
+    assert torch.equal(a @ b.T, gram[order[48:][0::2]][:, order[48:][1::2]])
+    g = torch.Generator().manual_seed(100 + seed)
+    crops = torch.randn(5, 300, 64, generator=g)
+    crops = crops / crops.norm(dim=-1, keepdim=True)
+    residual = torch.stack([torch.randperm(300, generator=g)[:251] for _ in range(5)])
+    batched = remove_duplicates_gram(residual, crops, 11)
+    assert torch.equal(batched, remove_duplicates(residual, crops, 11))
+    for u in range(5):  # each unit alone
+        assert torch.equal(remove_duplicates_gram(residual[u:u + 1], crops[u:u + 1], 11)[0], batched[u])
