@@ -21,7 +21,12 @@ package ``module`` before any model class is read, as the official ``setup.py de
 transformers, and refuses to run if the model class then comes from anywhere else. ``"model_class"``: the family's
 class (``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``). ``"positions_from_generate"``:
 the release computes Qwen's M-RoPE positions only in ``prepare_inputs_for_generation`` (transformers 4.45's Qwen2-VL),
-so the worker's forward gets the positions ``generate`` would compute (``get_rope_index``).
+so the worker's forward gets the positions ``generate`` would compute (``get_rope_index``). ``"tower_per_image"``: the
+release's Qwen2-VL tower attends every image of a batch in one SDPA call over all their patches with a block-diagonal
+mask (transformers 4.45's ``VisionSdpaAttention``; 4.57 and 5 attend one image at a time), so each unpruned batch of
+several images runs a second time with that call split by image (:func:`tower_per_image`, nothing else changed) and
+its logits, tokens and top-2 go under the run's ``"tower_per_image"``: what the row would be with the other release's
+split, the one difference between the two (docs/parity.md, Qwen2-VL).
 
     python parity/official_worker_qwen.py JOB.json OUT.pt
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 
 def _adapter(name: str):
@@ -55,6 +61,65 @@ def _install_vendored(module: str, path: str) -> None:
     spec.loader.exec_module(mod)
 
 
+@contextmanager
+def tower_per_image(tower):
+    """While ``tower`` (a Qwen2-VL vision tower, called with ``grid_thw``) runs, an SDPA call over all its images'
+    patches with their block-diagonal boolean mask becomes one unmasked call per image (the mask's blocks, one per
+    temporal slice of each image), the outputs concatenated back; every other call (the language model's, a single
+    image's) runs unchanged. A mask that is not exactly those blocks is refused."""
+    import torch
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+    lengths: list[int] = []
+    calls = [0]
+
+    def per_image(query, key, value, attn_mask=None, *args, **kwargs):
+        n = query.shape[-2]
+        if not lengths or len(lengths) < 2 or attn_mask is None or attn_mask.dtype != torch.bool:
+            return real(query, key, value, attn_mask, *args, **kwargs)
+        blocks = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool) for k in lengths]).to(attn_mask.device)
+        if sum(lengths) != n or attn_mask.shape[-2:] != (n, n) or not bool((attn_mask == blocks).all()):
+            raise RuntimeError("tower_per_image: the tower's mask is not the images' block-diagonal mask")
+        calls[0] += 1
+        return torch.cat([real(q, k, v, None, *args, **kwargs) for q, k, v in
+                          zip(query.split(lengths, -2), key.split(lengths, -2), value.split(lengths, -2))], dim=-2)
+
+    def enter(module, args, kwargs):
+        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        lengths[:] = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).tolist()
+
+    def leave(module, args, output):
+        lengths.clear()
+
+    handles = [tower.register_forward_pre_hook(enter, with_kwargs=True), tower.register_forward_hook(leave)]
+    F.scaled_dot_product_attention = per_image
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = real
+        for h in handles:
+            h.remove()
+        lengths.clear()
+
+
+def _prefill_and_generate(model, inputs, extra: dict, store: list, max_new_tokens: int) -> dict:
+    """The prefill's logits (``extra``: what the official ``generate`` adds to it), what the method recorded there,
+    then ``generate``'s greedy tokens and each step's top two."""
+    import torch
+    from step_logits import record_top2, stacked  # this script's folder, first on the path
+
+    with torch.inference_mode():
+        logits = model(**inputs, **extra).logits.float()
+        kept = list(store)
+        steps: list = []
+        top = record_top2(model, steps)
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        top.remove()
+    return {"logits": logits, "tokens": gen[:, inputs["input_ids"].shape[1]:].tolist(), "top2": stacked(steps),
+            "kept": kept}
+
+
 def run(job: dict) -> dict:
     if job.get("fork"):  # the clone's own transformers replaces this environment's
         sys.path.insert(0, job["fork"])
@@ -66,7 +131,6 @@ def run(job: dict) -> dict:
         if where != os.path.join(os.path.realpath(job["fork"]), "transformers"):
             raise RuntimeError(f"official qwen worker: transformers resolves to {where}, not the fork in {job['fork']}")
     from PIL import Image
-    from step_logits import record_top2, stacked  # this script's folder, first on the path
 
     cls_name = job.get("model_class", "Qwen2_5_VLForConditionalGeneration")
     vend = job.get("vendored")
@@ -121,19 +185,17 @@ def run(job: dict) -> dict:
             if job.get("positions_from_generate"):  # a release whose M-RoPE positions only generate() computes
                 extra["position_ids"] = model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], None,
                                                              inputs["attention_mask"])[0]
-            with torch.inference_mode():
-                logits = model(**inputs, **extra).logits.float()
-                kept = list(store)
-                steps: list = []
-                top = record_top2(model, steps)
-                gen = model.generate(**inputs, max_new_tokens=job["max_new_tokens"], do_sample=False)
-                top.remove()
-            width = inputs["input_ids"].shape[1]
-            res["runs"].append({"method": method, "batch": batch, "prompts": texts,
-                                "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                                "pixel_values": inputs["pixel_values"].float(),
-                                "image_grid_thw": inputs["image_grid_thw"], "logits": logits,
-                                "tokens": gen[:, width:].tolist(), "top2": stacked(steps), "kept": kept})
+            out = _prefill_and_generate(model, inputs, extra, store, job["max_new_tokens"])
+            entry = {"method": method, "batch": batch, "prompts": texts, "input_ids": inputs["input_ids"],
+                     "attention_mask": inputs["attention_mask"], "pixel_values": inputs["pixel_values"].float(),
+                     "image_grid_thw": inputs["image_grid_thw"], **out}
+            if job.get("tower_per_image") and mod is None and len(batch) > 1:
+                with tower_per_image(model.visual) as calls:
+                    split = _prefill_and_generate(model, inputs, extra, store, job["max_new_tokens"])
+                if not calls[0]:
+                    raise RuntimeError("tower_per_image: the tower made no masked call over several images")
+                entry["tower_per_image"] = {k: split[k] for k in ("logits", "tokens", "top2")}
+            res["runs"].append(entry)
         for h in handles:
             h.remove()
     return res

@@ -309,7 +309,11 @@ def official_job(info: dict, python: str, dtype: str, methods: list[dict], max_n
            # an official copy whose M-RoPE positions only generate() computes (transformers 4.45.0.dev0's Qwen2-VL,
            # ``QWEN_POSITIONS_FROM_GENERATE``): the worker hands its forward the positions generate() would
            "positions_from_generate": any(getattr(adapters.get(m["name"]), "QWEN_POSITIONS_FROM_GENERATE", False)
-                                          for m in methods if m["name"] != "none")}
+                                          for m in methods if m["name"] != "none"),
+           # an official copy whose Qwen2-VL tower attends a batch's images in one masked SDPA call
+           # (``QWEN_BATCHED_TOWER``, 4.45): each unpruned batch again with that call split by image
+           "tower_per_image": any(getattr(adapters.get(m["name"]), "QWEN_BATCHED_TOWER", False)
+                                  for m in methods if m["name"] != "none")}
     name = (f"qwen-{dtype}-" + ("" if family == "qwen2.5-vl" else f"{family}-") + ("fork-" if fork else "")
             + "-".join(m["name"] + str(m.get("budget", "")) for m in methods))
     return Job(name, python, job, Path(work), worker=WORKER)
@@ -457,16 +461,34 @@ def compare(off: dict, mine: list[dict], dtype: str, logits_atol: float | None, 
                             f"{'identical' if grid_ok else 'DIFFER'}, pixels max abs diff {pix:.3g}",
                             {"official_ids": o["input_ids"].tolist(), "our_ids": m["input_ids"].tolist()}))
         mask = m["attention_mask"].bool()
-        if o["logits"].shape == m["logits"].shape:
-            worst = max((o["logits"][i][mask[i]] - m["logits"][i][mask[i]]).abs().max().item()
-                        for i in range(mask.shape[0]))
-        else:
-            worst = float("inf")
+        worst = _real_rows_diff(o["logits"], m["logits"], mask)
         tok_ok, tok_detail, data = tokens(o, m, eos, dtype)
         ok = tok_ok and (logits_atol is None or worst <= logits_atol)
         detail = f"logits max abs diff {worst:.2e}" + (f" (bound {logits_atol:g})" if logits_atol is not None else "")
+        if "tower_per_image" in o:
+            clause, data["tower_per_image"] = tower_per_image_detail(o, m, eos, dtype)
+            tok_detail += f"; {clause}"
         checks.append(Check("unpruned", case, ok, f"{detail}, {tok_detail}", data))
     return checks
+
+
+def _real_rows_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max abs difference of two batches' logits at the real (unpadded) positions (inf: other shapes)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return max((a[i][mask[i]] - b[i][mask[i]]).abs().max().item() for i in range(mask.shape[0]))
+
+
+def tower_per_image_detail(o: dict, m: dict, eos: int | None, dtype: str) -> tuple[str, dict]:
+    """The official batch run again with its Qwen2-VL tower attending one image at a time (``o["tower_per_image"]``:
+    the worker's :func:`tower_per_image`, as transformers 4.57 and 5 attend) against ours: the clause and the data.
+    Informational: the row's verdict stays the official code's own; this says whether the batched tower's masked
+    attention call is the whole difference (logits identical) or not."""
+    split = dict(o, **o["tower_per_image"])
+    worst = _real_rows_diff(split["logits"], m["logits"], m["attention_mask"].bool())
+    same, words, data = tokens(split, m, eos, dtype)
+    data = {"logits_max_abs_diff": worst, "tokens_identical": same, **data}
+    return f"official with its tower one image at a time: logits max abs diff {worst:.2e}, {words}", data
 
 
 def env_of(name: str, family: str) -> str:

@@ -140,6 +140,10 @@ QWEN_FORK = True
 #: its copy of transformers 4.45.0.dev0 computes the M-RoPE positions in prepare_inputs_for_generation only: the
 #: worker hands its forward the positions generate() computes
 QWEN_POSITIONS_FROM_GENERATE = True
+#: its copy's Qwen2-VL tower attends every image of a batch in one SDPA call over all their patches with a
+#: block-diagonal mask (transformers 4.57 and 5 attend one image at a time): the worker runs each unpruned batch
+#: a second time with that call split by image, and the row reports it (docs/parity.md, Qwen2-VL)
+QWEN_BATCHED_TOWER = True
 #: the repository's copy of transformers (the fork first on the path); its Qwen2-VL package two folders up
 QWEN_ROOT = "Qwen2-VL/transformers/src"
 #: no budget: the official schedule (one row per image)
