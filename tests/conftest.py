@@ -33,14 +33,17 @@ from llava.check.guarantees import (check_generate_batch_equals_alone, check_per
 from llava.check.inputs import (QUESTIONS, greedy_no_cache, llm_visual_rows, make_batch, rand_image,  # noqa: E402,F401
                                 slice_batch)
 from llava.engine import HybridRefusal  # noqa: E402
+from llava.families import registry  # noqa: E402
 from llava.models import load  # noqa: E402
 
-FAMILIES = ["llava", "llava-next", "video-llava"]
-#: the families of the adapter split (Qwen2.5-VL: M-RoPE, dynamic grids; OneVision: SigLIP, anyres_max_9;
-#: Qwen3-VL: Qwen2.5-VL's geometry plus DeepStack; InternVL: [CLS] tower, pixel shuffle, dynamic tiles, Qwen3 LLM;
-#: Qwen3.5: Qwen3-VL's geometry without DeepStack, a hybrid LLM with Gated DeltaNet layers 0 and 2)
-NEW_FAMILIES = ["qwen2.5-vl", "llava-onevision", "qwen3-vl", "internvl", "qwen3.5"]
-ALL_FAMILIES = FAMILIES + NEW_FAMILIES
+#: every registered family (its tiny spelling): the family-wide tests run on each, so a family added is tested
+#: everywhere
+ALL_FAMILIES = list(registry.tiny_names())
+#: the CLIP-tower families (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA: [CLS] attention, LLaVA's templates)
+FAMILIES = [f.tiny for f in registry.families() if f.tower == "clip"]
+#: the others (Qwen-VL: M-RoPE, dynamic grids; OneVision: SigLIP, anyres_max_9; InternVL: [CLS] tower, pixel
+#: shuffle, dynamic tiles, Qwen3 LLM; Qwen3.5: a hybrid LLM with Gated DeltaNet layers 0 and 2)
+NEW_FAMILIES = [f for f in ALL_FAMILIES if f not in FAMILIES]
 
 
 def skip_hybrid_refusals(rt):

@@ -140,12 +140,12 @@ def test_a_lost_device_restarts_the_worker_and_charges_the_task_it_died_on(tmp_p
 def test_default_families_are_the_nine_tiny_families_and_every_method_has_a_tiny_budget():
     """The default run covers every tiny family the runtime has, and every registered method has a
     budget that prunes on each (or takes none), in the runtime's family spelling."""
+    from llava.families import registry
     from llava.method import method_supports
-    from llava.models import TINY
 
     assert gpu_check.FAMILIES == ("llava", "llava-next", "video-llava", "qwen2.5-vl", "llava-onevision", "qwen3-vl",
                                   "internvl", "qwen3.5", "qwen2-vl")
-    assert set(gpu_check.FAMILIES) == set(TINY)
+    assert gpu_check.FAMILIES == registry.tiny_names()
     assert gpu_check.CheckConfig().families == list(gpu_check.FAMILIES)
     assert gpu_check.parse_args([]).families == list(gpu_check.FAMILIES)
     keys = [gpu_check.family_key(f) for f in gpu_check.FAMILIES]
@@ -158,7 +158,8 @@ def test_default_families_are_the_nine_tiny_families_and_every_method_has_a_tiny
             continue
         assert m in gpu_check.TINY_BUDGETS, f"{m}: no tiny budget (it would run at the silent fallback)"
         b = gpu_check.TINY_BUDGETS[m]
-        assert b is None or isinstance(b, int) or set(b) == set(keys), m
+        # a table: one budget per tiny token geometry (a family record's tiny_geometry)
+        assert b is None or isinstance(b, int) or set(b) == set(registry.TINY_GEOMETRIES), m
         for f in keys:
             v = gpu_check.tiny_budget(m, f)
             assert (v is None) == (m in budgetless) and (v is None or v > 0), (m, f)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ALL_FAMILIES
 
-from llava.check.budgets import BUDGETS, SYNC_SIZES, sync_bound
+from llava.check.budgets import BUDGETS, sync_bound, sync_sizes, tiny_budget
 from llava.check.guarantees import (check_batch_equals_alone, check_host_syncs, check_no_mask_forward,  # noqa: F401
                                     count_syncs, stock_syncs)
 from llava.check.inputs import equal_length_batch, sized_batch, unequal_batch
@@ -24,8 +24,7 @@ def budget(method, family):
     (``Method.families``; the refusal itself is tested in the method's own test file)."""
     if not method_supports(method, family):
         pytest.skip(f"{method} does not support {family}")
-    b = BUDGETS[method]
-    return b[family] if isinstance(b, dict) else b
+    return tiny_budget(method, family)
 
 
 def test_every_registered_method_has_a_budget_here():
@@ -58,7 +57,7 @@ def test_host_syncs_per_sample_are_bounded_and_flat_in_visual_tokens(runtimes, m
     per sample (within the stated bound)."""
     rt = runtimes[fam]
     if fam not in _SYNC_INPUTS:  # the batches and the unpruned model's own reads, once per family
-        small_in, large_in = (next_batch(rt, size) for size in SYNC_SIZES[rt.family])
+        small_in, large_in = (next_batch(rt, size) for size in sync_sizes(rt.family))
         _SYNC_INPUTS[fam] = (small_in, large_in, stock_syncs(rt, small_in, large_in))
     small_in, large_in, stock = _SYNC_INPUTS[fam]
     check_host_syncs(rt, method, budget(method, rt.family), bound=SYNC_BOUND[method], small=small_in, large=large_in,

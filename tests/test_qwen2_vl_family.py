@@ -5,9 +5,8 @@ every block, LayerNorm, a GELU MLP, the PatchMerger). This file checks what is t
 the unpruned engine against the stock transformers model, the vision signals against a brute-force recomputation
 from the stock tower's own q / k, the fast path's static tower and tokens, which methods run and which rule they
 resolve to, and the engine's invariants (batch == each sample alone, cached generation == no-cache recompute, device
-placement) for a representative set of methods. The family is not in tests/conftest.ALL_FAMILIES (the suite-wide
-lists): adding it there costs several minutes of the 2-core suite; the invariants of the representative set are
-checked here instead.
+placement) for a representative set of methods; the suite-wide lists (tests/conftest.ALL_FAMILIES, the registry's
+families) check it with every method as well.
 
 fp32 on the CPU; comparisons of outputs are exact (``torch.equal``) unless a tolerance is named.
 """
@@ -27,7 +26,8 @@ from test_gpu_ready import budget as gpu_ready_budget
 
 from llava.families import Qwen2VLAdapter, adapter_for, qwen_vision
 from llava.method import get_method, method_supports
-from llava.models import DEFAULT_TEMPLATE, MODEL_CLASSES, TINY, build_tiny, load
+from llava.families import registry
+from llava.models import build_tiny, load
 
 FAM = "qwen2_vl"
 
@@ -50,8 +50,8 @@ def test_tiny_model_tables_and_adapter():
     """``tiny:qwen2-vl`` is a Qwen2VLForConditionalGeneration at the tiny Qwen2.5-VL's sizes (the tower's width is
     ``embed_dim``; its ``hidden_size`` is the merger's output, the LLM's width), on the qwen2_vl template; the
     adapter is Qwen2VLAdapter with the tower's dimensions."""
-    assert "qwen2-vl" in TINY and MODEL_CLASSES[FAM] == "Qwen2VLForConditionalGeneration"
-    assert DEFAULT_TEMPLATE[FAM] == "qwen2_vl"
+    rec = registry.get("qwen2-vl")
+    assert rec.id == FAM and rec.model_class == "Qwen2VLForConditionalGeneration" and rec.template == "qwen2_vl"
     r = build_tiny("qwen2-vl")
     assert type(r.model).__name__ == "Qwen2VLForConditionalGeneration" and r.family == FAM
     assert r.template.name == "qwen2_vl" and type(r.processor).__name__ == "QwenVLProcessor"

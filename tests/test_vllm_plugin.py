@@ -1118,9 +1118,9 @@ def test_harness_video_benchmarks_on_vllm_cover_every_served_video_family(ckpts,
     Qwen2.5-VL, Qwen3-VL: eval.vllm_backend reads VIDEO_FAMILIES); an image-only family is refused before vLLM
     starts, with the reason, as on the HF backend."""
     from eval.cli import main
-    from eval.vllm_backend import FAMILIES
+    from eval.vllm_backend import served_families
 
-    assert set(harness_video_families()) == {"qwen2_5_vl", "qwen3_vl", "llava_onevision"} <= set(FAMILIES)
+    assert set(harness_video_families()) == {"qwen2_5_vl", "qwen3_vl", "llava_onevision"} <= set(served_families())
     assert main(["run", "msvd", "--model", ckpts["llava_next"], "--method", "visionzip", "--budget", "16",
                  "--data-root", str(msvd), "--out", str(tmp_path), "--no-wandb", "--backend", "vllm"]) == 2
     assert "llava_next processor does not take" in capsys.readouterr().err

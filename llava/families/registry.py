@@ -237,6 +237,23 @@ def where(**traits) -> FamilySet:
                      ", ".join(f"{k}={v!r}" for k, v in traits.items()))
 
 
+def markdown_table() -> str:
+    """The families as a markdown table (docs/models.md holds it between ``<!-- families -->`` markers; a test
+    compares): ``python -c "from llava.families import registry; print(registry.markdown_table())"``."""
+    rows = ["| Family | id / `tiny:` | transformers class | tower ([CLS]) | prompts | one image | videos | fast path | "
+            "`bench.tp_check` | a budget unit counts |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in _FAMILIES.values():
+        tower = f"{f.tower} ({'yes' if f.has_cls else 'no'})"
+        prompts = "ChatML" + (", Qwen grid" if f.qwen_grid else "") if f.chatml else "LLaVA templates"
+        extra = ", ".join(x for x, on in (("DeepStack", f.deepstack), ("hybrid decoder", f.hybrid)) if on)
+        video = (f.video or "no") + (" (a video model)" if f.video_model else "")
+        rows.append(f"| {f.name} | `{f.id}` / `{f.tiny}` | `{f.model_class}` | {tower} | {prompts} | {f.layout}"
+                    f"{'; ' + extra if extra else ''} | {video} | {'yes' if f.fast else 'no: ' + f.fast_reason} | "
+                    f"{'yes' if f.tp else 'no: ' + f.tp_reason} | {f.budget_unit} |")
+    return "\n".join(rows)
+
+
 _QWEN = dict(template="qwen2_vl", image_processors=images.QWEN, processor="QwenVLProcessor", tiny_tokenizer=("chatml",),
              token_ids=(("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")),
