@@ -1,5 +1,5 @@
 """What a run's answers were produced under, so a resume or a merge never mixes answers of other
-data, another prompt, another model or another method (issue 16, item 1).
+data, another prompt, another model or another method.
 
 ``run_config.json`` holds ``fingerprint``:
 
@@ -25,7 +25,7 @@ of each input it read (``{relative path: [stat, sha256]}``: an image or video fi
 folder's files; an image embedded in the question file as ``<inline>``), taken when it was answered.
 The prompt after templating is the question's text under the run's template, which is run-wide.
 
-A resume (issue 33) keeps every answer whose question and inputs are unchanged and recomputes the
+A resume keeps every answer whose question and inputs are unchanged and recomputes the
 others; only run-wide changes (model, method and options, budget, dtype, template, fast path) refuse
 it. :class:`InputHasher` caches content hashes by (path, size + mtime), seeded from the answers
 themselves, so re-checking the answers of a 100k-image benchmark costs a ``stat`` per file.

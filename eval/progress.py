@@ -15,7 +15,7 @@ import time
 
 log = logging.getLogger("eval")
 
-#: seconds between two progress lines off a terminal (the issue-63 promise: at least every 10 s)
+#: seconds between two progress lines off a terminal (at least every 10 s)
 EVERY_S = 10.0
 
 

@@ -1,4 +1,4 @@
-"""Resume per question (issue 33): a changed data file costs only the answers it touches.
+"""Resume per question: a changed data file costs only the answers it touches.
 
 A run folder's answers each carry the hash of their question (``_eval.qhash``) and of every input file
 they read (``_eval.inputs``, :class:`eval.fingerprint.InputHasher`). When the same command runs again:

@@ -112,7 +112,7 @@ def run(cfg: RunConfig) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
-    try:  # everything is validated before anything is written (issue 16, item 4)
+    try:  # everything is validated before anything is written
         r = _resolve(cfg, info, t_start)
     except _Stop as stop:
         return stop.report(info)

@@ -78,7 +78,7 @@ class _State:
     dec_masks: torch.Tensor | None = None
     # No per-step counter lives here: a decode step may run inside transformers' compiled decode
     # (generate(cache_implementation="static")), where every Python int the traced code reads becomes a guard,
-    # so a counter that changes per step would recompile the step every time (issue 34). The tokens decoded so
+    # so a counter that changes per step would recompile the step every time. The tokens decoded so
     # far are read from the cache (a tensor in a static cache) and the masks have the cache's fixed width.
     fast: Any = None  # the fast path's decode state (llava.fast.path.FastState) after a fast prefill
 
@@ -388,7 +388,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         LLM-space prompt mask of that segment's cache, generate's generated columns, zeros up to the cache's
         width; all ones after the prompt when generate passed no mask (then the same every step: built once).
         One shape for the whole decode and no prompt length on the traced path, so a compiled decode step
-        compiles once (issue 34: generate's 2-D mask grows one column per step). Slots after the query's are
+        compiles once (generate's 2-D mask grows one column per step). Slots after the query's are
         hidden by the causal mask. Any other call (prefill, dynamic cache, fast path, a cache too short):
         the mask unchanged."""
         st = self._state

@@ -183,7 +183,7 @@ BUDGETS_OVERRIDE = {"downsample": (1, 4, 9, 16), "v2drop": (12, 16, 24, 32), "iv
 #: methods whose official mode chooses its own count (PruMerge's IQR outliers): run once without a budget,
 #: and at the budgets with these options
 ADAPTIVE = {"prumerge": {"budget_mode": "fixed"}}
-#: the default, its single-signal ablations, the pre-issue-15 default (preset=probe: a 2-layer LLM probe) and
+#: the default, its single-signal ablations, the earlier default (preset=probe: a 2-layer LLM probe) and
 #: s_x from the LLM's own attention at layer 0 / 1 instead of the embedding similarity
 CONSENSUS_VARIANTS = (("consensusdrop", {}), ("consensusdrop", {"fusion": "encoder_only"}),
                       ("consensusdrop", {"fusion": "cross_only"}), ("consensusdrop", {"preset": "probe"}),

@@ -1,4 +1,4 @@
-"""GPU check (issue 19): prove on a real CUDA device that the pruning engine gives correct answers.
+"""GPU check: prove on a real CUDA device that the pruning engine gives correct answers.
 
     bash scripts/bench/gpu_check.sh                      # = python -m bench.gpu_check (CUDA, all checks)
     python -m bench.gpu_check --device cpu --no-ttft      # CPU run (fp32): what CI can check

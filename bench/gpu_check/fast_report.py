@@ -102,7 +102,7 @@ def markdown(report: dict) -> list[str]:
             out.append(f"{head} {taken} | {_fmt(_ms(r['ttft']), '.2f')} / {_fmt(r['ttft']['p90'] * 1e3, '.2f')} | "
                        f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt(_ms(r.get('tpot')), '.2f')} | "
                        f"{_fmt(_ms((e or {}).get('ttft')), '.2f')} |")
-        out += ["", "Targets (issue 34; reported, they do not fail the check):", ""]
+        out += ["", "Targets (reported, they do not fail the check):", ""]
         if t.get("targets"):
             out += [f"- {x['target']}: {x['shown']} - **{x['verdict']}**" for x in t["targets"]]
         if t.get("targets_note"):
