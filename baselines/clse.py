@@ -60,23 +60,33 @@ TOKENS_TO_RATIO = {192: 0.334, 128: 0.223, 64: 0.112}
 RULES = ("llava", "qwen2_vl")
 
 
-def spectral_score(x: torch.Tensor, h: int, w: int, cutoff_ratio: float = 0.1) -> torch.Tensor:
+def highpass_mask(h: int, w: int, cutoff_ratio: float = 0.1, device=None) -> torch.Tensor:
+    """The Gaussian high-pass H (h, w) fp32 of :func:`spectral_score`, laid out as the *unshifted* spectrum
+    (``ifftshift`` of the mask around the centre of the shifted one): ``ifftshift(fftshift(F) * H_c) = F *
+    ifftshift(H_c)`` element for element (the same products, permuted), so the two spectrum shifts are left out."""
+    ch, cw = h // 2, w // 2
+    yy = torch.arange(h, device=device).view(h, 1).float()
+    xx = torch.arange(w, device=device).view(1, w).float()
+    dist2 = (yy - ch) ** 2 + (xx - cw) ** 2
+    if cutoff_ratio == 0.0:
+        return torch.ones_like(dist2)
+    mask = 1 - torch.exp(-dist2 / (2 * (min(ch, cw) * cutoff_ratio) ** 2))
+    return torch.fft.ifftshift(mask, dim=(-2, -1))
+
+
+def spectral_score(x: torch.Tensor, h: int, w: int, cutoff_ratio: float = 0.1,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token high-frequency energy (N,) of ``x`` (N, C) laid out row-major on an h x w grid: the channel mean of
-    |IFFT2(H * FFT2(x))| with the Gaussian high-pass H around the centre of the shifted spectrum, in fp32."""
+    |IFFT2(H * FFT2(x))| with the Gaussian high-pass H around the centre of the shifted spectrum, in fp32.
+    ``mask``: H as :func:`highpass_mask` gives it (computed here when None; a caller scoring several inputs on one
+    grid builds it once)."""
     n, c = x.shape
     if n != h * w:
         raise ValueError(f"clse: {n} tokens do not fill a {h} x {w} grid")
+    if mask is None:
+        mask = highpass_mask(h, w, cutoff_ratio, x.device)
     feat = x.float().t().reshape(c, h, w)
-    spec = torch.fft.fftshift(torch.fft.fft2(feat), dim=(-2, -1))
-    ch, cw = h // 2, w // 2
-    yy = torch.arange(h, device=x.device).view(h, 1).float()
-    xx = torch.arange(w, device=x.device).view(1, w).float()
-    dist2 = (yy - ch) ** 2 + (xx - cw) ** 2
-    if cutoff_ratio == 0.0:
-        mask = torch.ones_like(dist2)
-    else:
-        mask = 1 - torch.exp(-dist2 / (2 * (min(ch, cw) * cutoff_ratio) ** 2))
-    high = torch.fft.ifft2(torch.fft.ifftshift(spec * mask, dim=(-2, -1))).abs()
+    high = torch.fft.ifft2(torch.fft.fft2(feat) * mask).abs()
     return high.mean(dim=0).reshape(n)
 
 
@@ -104,7 +114,8 @@ def clse_scores(last_row_attn: torch.Tensor, visual: torch.Tensor, z_l: torch.Te
         attn = last_row_attn.float().mean(dim=0)[visual]
     if z_l is None or score == "attn":
         return attn
-    e = evolution_factor(spectral_score(z_l, *grid, cutoff_ratio), spectral_score(z_k, *grid, cutoff_ratio), temp)
+    mask = highpass_mask(*grid, cutoff_ratio, z_l.device)  # one mask for both depths
+    e = evolution_factor(spectral_score(z_l, *grid, mask=mask), spectral_score(z_k, *grid, mask=mask), temp)
     return e if score == "clse" else e * attn
 
 

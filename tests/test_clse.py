@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_batch, slice_batch
 
-from baselines.clse import CLSE, clse_scores, evolution_factor, spectral_score, stage_counts
+from baselines.clse import CLSE, clse_scores, evolution_factor, highpass_mask, spectral_score, stage_counts
 from llava.method import get_method
 from llava.models import load
 
@@ -24,6 +24,32 @@ def test_high_pass_removes_the_mean_and_keeps_the_checkerboard():
     assert torch.allclose(spectral_score(x, 4, 4), torch.full((16,), 1.5), atol=1e-5)
     with pytest.raises(ValueError, match="grid"):
         spectral_score(torch.zeros(15, 2), 4, 4)
+
+
+def test_spectral_score_is_the_shifted_formula_bit_for_bit():
+    # spectral_score multiplies the unshifted spectrum by ifftshift(H) instead of shifting the spectrum there and
+    # back: the same products, permuted, so the bits equal the formula as written (fftshift, H around the centre,
+    # ifftshift), on even and odd grids, in every input dtype; one mask serves several inputs on a grid.
+    def shifted(x, h, w, cutoff=0.1):
+        feat = x.float().t().reshape(x.shape[1], h, w)
+        spec = torch.fft.fftshift(torch.fft.fft2(feat), dim=(-2, -1))
+        yy = torch.arange(h).view(h, 1).float()
+        xx = torch.arange(w).view(1, w).float()
+        d2 = (yy - h // 2) ** 2 + (xx - w // 2) ** 2
+        H = 1 - torch.exp(-d2 / (2 * (min(h // 2, w // 2) * cutoff) ** 2)) if cutoff else torch.ones_like(d2)
+        return torch.fft.ifft2(torch.fft.ifftshift(spec * H, dim=(-2, -1))).abs().mean(dim=0).reshape(-1)
+
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((24, 24), (7, 5), (4, 6)):
+        mask = highpass_mask(h, w, 0.1)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = (3 * torch.randn(h * w, 40, generator=g)).to(dt)
+            assert torch.equal(spectral_score(x, h, w), shifted(x, h, w))
+            assert torch.equal(spectral_score(x, h, w, mask=mask), shifted(x, h, w))
+        x = torch.randn(h * w, 8, generator=g)
+        assert torch.equal(spectral_score(x, h, w, cutoff_ratio=0.0), shifted(x, h, w, 0.0))
+    # the mask is H with its centre (distance 0) moved to the spectrum's [0, 0]
+    assert highpass_mask(4, 4, 0.1)[0, 0] == 0 and highpass_mask(4, 4, 0.1)[2, 2] == 1 - math.exp(-8 / 0.08)
 
 
 def test_evolution_factor_worked_example():
