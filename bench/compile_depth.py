@@ -7,11 +7,13 @@ pays). ``--regional``: with the fast path's regional compilation (every repeated
 :mod:`llava.fast.compile`; the default of ``load``), without it (the whole prefill traced layer by layer), or both.
 
     python -m bench.compile_depth --layers 4 32 --backend inductor --regional both
-    python -m bench.compile_depth --layers 4 32 --backend inductor --regional yes --precompile
+    python -m bench.compile_depth --layers 4 32 --backend inductor --regional yes --precompile on
 
-``--precompile``: the functions saved ahead of time in the cache folder and loaded by the second process without
-tracing (``load(..., fast_precompile=True)``, :mod:`llava.fast.precompile`); each row then says how many functions
-its process compiled and loaded.
+``--precompile``: ``default`` (the variable ``VTPRUNE_FAST_PRECOMPILE`` unset in the processes: what a user gets, the
+functions saved ahead of time in the cache folder and loaded by the second process without tracing where the
+backend and torch allow, :mod:`llava.fast.precompile`), ``on`` (``=1``: an error where they cannot be) or ``off``
+(``=0``: the regular compile, traced in every process); each row says how many functions its process compiled and
+loaded.
 
 Every process is timed from outside: the parent takes the wall clock just before it spawns the process, and the
 process stamps the wall clock at each phase's end, so ``first_tokens_s`` is from the spawn (the interpreter's start,
@@ -145,9 +147,12 @@ def _load() -> float | None:
         return None
 
 
-def _process(layers: int, regional: bool, backend: str, cache: str, precompile: bool = False) -> dict:
-    """One row's process, timed from its spawn (see the module docstring)."""
-    env = {**os.environ, "VTPRUNE_FAST_PRECOMPILE": "1" if precompile else "0"}
+def _process(layers: int, regional: bool, backend: str, cache: str, precompile: str = "default") -> dict:
+    """One row's process, timed from its spawn (see the module docstring); ``precompile``: default (the variable
+    unset), on or off."""
+    env = {k: v for k, v in os.environ.items() if k != "VTPRUNE_FAST_PRECOMPILE"}
+    if precompile != "default":
+        env["VTPRUNE_FAST_PRECOMPILE"] = "1" if precompile == "on" else "0"
     load_avg = _load()
     t0 = time.perf_counter()
     t_spawn = time.time()  # the wall clock the process's stamps are compared with
@@ -184,8 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="+", type=int, default=[4, 32])
     ap.add_argument("--backend", default="inductor", help="the fast path's backend (inductor, eager, aot_eager, ...)")
     ap.add_argument("--regional", choices=["yes", "no", "both"], default="both")
-    ap.add_argument("--precompile", action="store_true", help="save the functions ahead of time; the second "
-                    "process loads them (fast_precompile)")
+    ap.add_argument("--precompile", nargs="?", const="on", default="default", choices=["default", "on", "off"],
+                    help="the precompiled functions: default (VTPRUNE_FAST_PRECOMPILE unset: on where they can be), "
+                    "on (=1; the bare flag) or off (=0, the regular compile)")
     ap.add_argument("--no-second-process", action="store_true", help="skip the second process on the warm cache")
     ap.add_argument("--warm-processes", type=int, default=1, metavar="N",
                     help="second processes on the warm folder, one after another (default 1)")

@@ -17,7 +17,7 @@
 #                                                       #     fast rows first: warm-up (load) and first token from the process start
 #                                                       #  4. bench.run_throughput ConsensusDrop 64 then none, fast then eager,
 #                                                       #     4 loader workers, 200 questions, its --time-limit the time left, its default fast
-#                                                       #     backend without VTPRUNE_FAST_PRECOMPILE (skipped, with a line,
+#                                                       #     backend with VTPRUNE_FAST_PRECOMPILE unset (skipped, with a line,
 #                                                       #     where the checkout lacks the module)
 #                                                       # Steps 1-3 run with VTPRUNE_FAST_PRECOMPILE=1 (PRECOMPILE=0: off), so
 #                                                       # that step 3 finds what steps 1-2 saved.
@@ -185,7 +185,8 @@ one_call() {  # the whole device question in one call (header); DRYRUN=1: the sa
   st+=($?); keep one-call-load
   if python -c "import bench.run_throughput" 2>/dev/null; then
     local secs; secs=$(left 100)
-    # its fast path's default backend (cudagraphs on a GPU) has no precompiled functions: the variable would refuse it;
+    # its fast path's default backend (cudagraphs on a GPU) has no precompiled functions: =1 would refuse it, while the
+    # default (the variable unset) quietly compiles the regular way;
     # ConsensusDrop's fast run first (the main job the issue sizes), then its eager run, then the unpruned model's
     step throughput "$secs" env -u VTPRUNE_FAST_PRECOMPILE python -m bench.run_throughput --model "$model" \
       --dtype "$dtype" --device "$device" --methods consensusdrop,none --budget "$budget" --fast on,off --loader-workers "$workers" --questions "$questions" \
