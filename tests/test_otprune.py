@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import FAMILIES, layout, llm_visual_rows, make_batch
 
-from baselines.otprune import GAMMA, OTPrune, dpp_map, num_picks, otprune, otprune_kernel, otprune_select
+from baselines.otprune import (GAMMA, OTPrune, _dpp_map_loop, dpp_map, num_picks, otprune, otprune_kernel,
+                              otprune_select)
 from llava.method import get_method
 from llava.ops import reference_set_order, set_order
 from llava.ops.pyset import probe_table
@@ -97,6 +98,24 @@ def test_picks_equal_the_float64_reference_loop(seed):
     assert otprune_select(x, k, gamma=0.5).tolist() == ref
     assert dpp_map(torch.tensor(ref_kernel(x.tolist(), gamma=0.5)), k).tolist() == ref
     assert sorted(set(otprune_select(x.half(), k, gamma=0.5, numerics="official").tolist())) == sorted(ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_buffer_loop_equals_the_plain_loop_bit_for_bit(seed):
+    """The default loop (d2 and the Cholesky rows in one buffer, e written into its row, d2 updated in place, no
+    contraction at step 0) against the plain loop it replaces: the same picks, in the same order, on the method's
+    shapes (576 tokens of 1024 channels in bf16, T = 64 / 192) and on sizes whose rows are not a multiple of 64
+    bytes (C's block then starts after padding rows); and the kernel's + I on its diagonal = eye + product."""
+    g = torch.Generator().manual_seed(seed)
+    n, d, k = [(576, 1024, 64), (576, 1024, 192), (577, 64, 100), (33, 7, 33), (100, 16, 1), (300, 48, 299)][seed]
+    x = (torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g)).bfloat16()
+    L = otprune_kernel(x)
+    picks = dpp_map(L, k)
+    assert torch.equal(picks, _dpp_map_loop(L, k, torch.float32))
+    assert sorted(picks.tolist()) == sorted(set(picks.tolist())) and picks.numel() == k
+    v = x.float() / x.float().norm(dim=-2, keepdim=True).clamp(min=1e-12)
+    gram = v @ v.T
+    assert torch.equal(L, torch.eye(n) + (GAMMA * gram) @ gram.T)
 
 
 def test_kernel_is_at_least_the_identity_so_picks_are_distinct_to_the_last_token():
