@@ -74,10 +74,12 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def relevance_llm(features: torch.Tensor, text_embeds: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+def relevance_llm(features: torch.Tensor, text_embeds: torch.Tensor, question_mask: torch.Tensor,
+                  normed: torch.Tensor | None = None) -> torch.Tensor:
     """Our ``llm`` relevance: c_j = mean over question tokens q of cos(features_j, text_embeds_q) (fp32).
-    features (T, D), text_embeds (Tt, D), question_mask (Tt,) bool. No host sync (masked mean)."""
-    cos = _normalize(features.float()) @ _normalize(text_embeds.float()).T  # (T, Tt)
+    features (T, D), text_embeds (Tt, D), question_mask (Tt,) bool. No host sync (masked mean). ``normed``: the
+    features already normalised as here (``_normalize(features.float())``, shared with the kernel)."""
+    cos = (_normalize(features.float()) if normed is None else normed) @ _normalize(text_embeds.float()).T  # (T, Tt)
     w = question_mask.to(device=cos.device, dtype=cos.dtype)
     return (cos * w).sum(-1) / w.sum().clamp(min=1)
 
@@ -121,6 +123,11 @@ def cdpruner_kernel(features: torch.Tensor, relevance: torch.Tensor, reference: 
         xn = (features / features.norm(dim=-1, keepdim=True)).float()
     else:
         xn = _normalize(features.float())
+    return kernel_of_normed(xn, relevance)
+
+
+def kernel_of_normed(xn: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """:func:`cdpruner_kernel` from features already L2-normalised in fp32, ``xn`` (..., N, D)."""
     s = xn @ xn.transpose(-1, -2)
     r = relevance.float()
     return r.unsqueeze(-1) * s * r.unsqueeze(-2)
@@ -139,27 +146,31 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     L = kernel[None] if squeeze else kernel
     B, N, _ = L.shape
     k = max(0, min(int(k), N))
-    # tensors made from L (new_*): on L's device, and host tensors when L is a host copy
-    picks = L.new_empty((B, k), dtype=torch.long)
-    if k:
-        fi = torch.finfo(L.dtype)
-        C = L.new_zeros((B, k, N))
-        d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
-        taken = L.new_zeros((B, N), dtype=torch.bool)
-        ar = torch.arange(B, device=L.device)
-        yes, ninf = L.new_ones((), dtype=torch.bool), L.new_full((), float("-inf"))  # written as tensors: a Python
-        for t in range(k):  # scalar would be copied from a host tensor at every write (no CUDA-graph capture)
-            score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
-            j = score.argmax(-1)  # (B,), first maximum
-            picks[:, t] = j
-            row = L[ar, j]  # (B, N)
-            if t:
-                row = row - torch.einsum("bt,btn->bn", C[ar, :t, j], C[:, :t])
-            e = row / torch.sqrt(d2[ar, j].clamp(min=fi.tiny)).unsqueeze(-1)
-            C[:, t] = e
-            d2 = d2 - e * e
-            taken[ar, j] = yes
-            d2[ar, j] = ninf
+    if not k:
+        # tensors made from L (new_*): on L's device, and host tensors when L is a host copy
+        picks = L.new_empty((B, 0), dtype=torch.long)
+        return picks[0] if squeeze else picks
+    fi = torch.finfo(L.dtype)
+    C = L.new_zeros((B, k, N))
+    d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
+    taken = L.new_zeros((B, N), dtype=torch.bool)
+    ar = torch.arange(B, device=L.device)
+    yes = L.new_ones((), dtype=torch.bool)  # a tensor: a Python scalar would be copied from the host at every write
+    picks = []
+    # 14 ops a step: the picks stacked once at the end; e divided straight into its row of C; d2 updated in place;
+    # no -inf written into a picked item's d2 (the taken mask alone keeps it out of every later argmax, and a picked
+    # item's d2 is never read again), so the same values and picks as writing it
+    for t in range(k):
+        score = torch.nan_to_num(d2, nan=fi.min, neginf=fi.min).masked_fill(taken, float("-inf"))
+        j = score.argmax(-1)  # (B,), first maximum
+        picks.append(j)
+        row = L[ar, j]  # (B, N)
+        if t:
+            row = row - torch.einsum("bt,btn->bn", C[ar, :t, j], C[:, :t])
+        e = torch.div(row, torch.sqrt(d2[ar, j].clamp(min=fi.tiny)).unsqueeze(-1), out=C[:, t])
+        d2.sub_(e * e)
+        taken[ar, j] = yes
+    picks = torch.stack(picks, 1)
     return picks[0] if squeeze else picks
 
 
@@ -255,7 +266,8 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
              relevance_sign: str = "neg", theta: float | None = None, minmax_scope: str = "image",
              cls_token: str = "candidate", keep_newlines: bool = True, reference: bool = False,
              numerics: str = "ours", layout=None, device_loop: bool = False,
-             official_dtype: torch.dtype | None = OFFICIAL_DTYPE) -> torch.Tensor:
+             official_dtype: torch.dtype | None = OFFICIAL_DTYPE,
+             normed: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Indices (ascending) of the tokens CDPruner keeps for one sample: per unit the greedy DPP MAP of
     ``budget`` candidates (the whole unit if it has at most ``budget``).
     ``numerics="official"`` (reference mode): features cast to float16 and normalised there, min-max
@@ -269,6 +281,10 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
     ``layout``: the :func:`unit_layout` of (unit, patch, unit_pos) when the caller has it (a planned one:
     no host read). ``device_loop``: the greedy steps run on the device (:func:`dpp_greedy_device`, a prefill
     captured whole: no host read at all) instead of on one host copy of the kernels; the same picks.
+    ``normed``: ``_normalize(features.float())`` (T, D), or a callable giving it, when the caller has it (the ``llm``
+    relevance normalises the same rows): the kernels read its rows instead of normalising the candidates again
+    (the same values: each row's norm is the same reduction over the same D entries). Not used with ``reference``
+    or the reference mode (they normalise in the features' own dtype).
     """
     check_numerics("cdpruner", numerics)
     official = numerics == "official"
@@ -317,8 +333,11 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor | Callable[[], torc
         if official:  # the official fp16 projector output, normalised in fp16
             f = features[cand]
             L = cdpruner_kernel(f if official_dtype is None else f.to(official_dtype), r[cand], reference=True)
-        else:
+        elif normed is None or reference:
             L = cdpruner_kernel(features[cand], r[cand], reference=reference)
+        else:
+            normed = normed() if callable(normed) else normed
+            L = kernel_of_normed(normed[cand], r[cand])
         groups.append((cand, L, k))
     if official:  # the official loop, on the device
         kept += [cand.gather(1, dpp_greedy_official(L, k)).reshape(-1) for cand, L, k in groups]
@@ -463,8 +482,9 @@ class CDPruner(Method):
         return relevance_clip(image, text, self.numerics)
 
     # -- stage --------------------------------------------------------------------------------
-    def relevance_of(self, sig) -> torch.Tensor:
-        """The raw relevance c (T,) of every visual token of the sample (before sign and min-max)."""
+    def relevance_of(self, sig, normed: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """The raw relevance c (T,) of every visual token of the sample (before sign and min-max). ``normed``: a
+        callable giving the normalised features (shared with the kernels; the ``llm`` relevance, default numerics)."""
         if self.relevance == "clip":
             return self._clip_relevance(sig)
         # the question rows (masked: the fast path pads the text block, and a boolean index would sync)
@@ -472,7 +492,7 @@ class CDPruner(Method):
         if self.numerics == "official":  # the fp16 signals of the official model (our relevance route)
             dt = self._official_dtype() or sig.features.dtype
             return relevance_llm(sig.features.to(dt), text.to(dt), question)
-        return relevance_llm(sig.features, text, question)
+        return relevance_llm(sig.features, text, question, normed=normed() if normed is not None else None)
 
     def capture_refusal(self):
         if self.relevance == "clip":
@@ -482,12 +502,20 @@ class CDPruner(Method):
         return super().capture_refusal()
 
     def select_vision(self, sig):
-        keep = cdpruner(sig.features, lambda: self.relevance_of(sig), sig.unit, self.budget, patch=sig.patch,
+        normed = None
+        if self.relevance == "llm" and self.numerics == "ours" and not self.reference:
+            memo = []  # the normalised features, computed once (only when some unit is pruned) for both readers
+
+            def normed():
+                if not memo:
+                    memo.append(_normalize(sig.features.float()))
+                return memo[0]
+        keep = cdpruner(sig.features, lambda: self.relevance_of(sig, normed), sig.unit, self.budget, patch=sig.patch,
                         unit_pos=sig.unit_pos, relevance_sign=self.relevance_sign, theta=self.theta,
                         minmax_scope=self.minmax_scope, cls_token=self.cls_token,
                         keep_newlines=self.keep_newlines, reference=self.reference, numerics=self.numerics,
                         layout=sig.unit_layout(patch=True, pos=True), device_loop=sig.captured,
-                        official_dtype=self._official_dtype())
+                        official_dtype=self._official_dtype(), normed=normed)
         return Selection(keep=keep)
 
     def _official_dtype(self):

@@ -10,8 +10,9 @@ import torch
 from conftest import QUESTIONS, make_batch
 
 import baselines.cdpruner  # noqa: F401  (registers "cdpruner")
-from baselines.cdpruner import (CDPruner, _groups, cdpruner, cdpruner_kernel, clip_image_embeds, clip_text_embeds,
-                                dpp_greedy, normalize_relevance, relevance_clip, relevance_llm)
+from baselines.cdpruner import (CDPruner, _groups, _normalize, cdpruner, cdpruner_kernel, clip_image_embeds,
+                                clip_text_embeds, dpp_greedy, kernel_of_normed, normalize_relevance, relevance_clip,
+                                relevance_llm)
 
 
 # ------------------------------------------------------------------ (a) relevance and kernel
@@ -493,3 +494,26 @@ def test_one_host_sync_per_sample_none_per_greedy_step():
         # unit_layout's read (with unit_pos) and one copy of all the sample's kernels to the host, where the
         # greedy steps run; nothing per step or per unit
         assert c.total == 2 and c.counts["to_host"] == 1, c.counts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shared_normalised_features_give_the_same_kernels_and_picks(seed):
+    """The method normalises the features once for the relevance and the kernels (``normed``): the kernels of
+    the candidates' rows of it equal the kernels that normalise the candidates again, bit for bit (bf16
+    features at LLaVA's width, a NeXT-like sample of five units with newlines, candidates in another order),
+    and so do the kept tokens."""
+    g = torch.Generator().manual_seed(seed)
+    unit = torch.tensor([0] * 40 + [1] * 37 + [-1] * 3 + [2] * 40 + [3] * 37 + [4] * 37)
+    pos = torch.tensor([[-1, -1], [0, 0], [0, 1], [1, 0], [1, 1]])
+    x = torch.randn(unit.numel(), 1024, generator=g).bfloat16()
+    t = torch.randn(7, 1024, generator=g).bfloat16()
+    qm = torch.tensor([True, True, False, True, True, False, True])
+    xn = _normalize(x.float())
+    cand = torch.randperm(unit.numel(), generator=g)[:150].view(3, 50)
+    r = torch.rand(unit.numel(), generator=g)
+    assert torch.equal(kernel_of_normed(xn[cand], r[cand]), cdpruner_kernel(x[cand], r[cand]))
+    assert torch.equal(relevance_llm(x, t, qm, normed=xn), relevance_llm(x, t, qm))
+    for budget in (8, 30):
+        want = cdpruner(x, lambda: relevance_llm(x, t, qm), unit, budget, unit_pos=pos)
+        got = cdpruner(x, lambda: relevance_llm(x, t, qm, normed=xn), unit, budget, unit_pos=pos, normed=lambda: xn)
+        assert torch.equal(got, want) and got.numel() == 3 + 5 * budget
