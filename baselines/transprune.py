@@ -68,6 +68,8 @@ OFFICIAL_RATIOS = (0.875, 0.625, 0.125)
 OFFICIAL_ACCUMULATE = (6, 7, 8, 9, 10, 11)
 #: the official normalisation's epsilon (``/ (x.sum() + 1e-8)``)
 EPS = 1e-8
+#: ``F.cosine_similarity``'s default eps (the floor of each row's norm)
+COS_EPS = 1e-8
 #: where the sub-block hooks run: every family whose decoder layers have attention everywhere
 FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 
@@ -81,11 +83,24 @@ def transition_weight(before: torch.Tensor, after: torch.Tensor, numerics: str =
     """Token transition weight of one sub-block over the S rows of one sequence: (S, D) before / after -> (S,)
     ``|after| / |before| * exp(1 - cos(before, after)) / sum_S exp(1 - cos)``. ``"ours"``: in fp32; ``"official"``:
     in the inputs' dtype, the official expression order (``compute_transf_weight``)."""
-    if numerics != "official":
-        before, after = before.float(), after.float()
-    ratio = torch.norm(after, dim=-1) / torch.norm(before, dim=-1)
-    e = torch.exp(1 - F.cosine_similarity(before, after, dim=-1))
-    return ratio * (e / e.sum())
+    if numerics == "official":
+        ratio = torch.norm(after, dim=-1) / torch.norm(before, dim=-1)
+        e = torch.exp(1 - F.cosine_similarity(before, after, dim=-1))
+        return ratio * (e / e.sum())
+    b, a = before.float(), after.float()
+    nb, na = torch.norm(b, dim=-1), torch.norm(a, dim=-1)
+    e = torch.exp(1 - _cosine(b, a, nb, na, own=b is not before and a is not after))
+    return (na / nb) * (e / e.sum())
+
+
+def _cosine(x1: torch.Tensor, x2: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor, own: bool) -> torch.Tensor:
+    """``F.cosine_similarity(x1, x2, dim=-1)`` (eps 1e-8) from the rows' norms ``n1`` / ``n2`` already computed: the
+    same arithmetic as torch's (each row divided by max(norm, eps), the product summed over the row), without
+    computing the two norms again. ``own``: x1 and x2 are scratch copies, divided and multiplied in place."""
+    d1, d2 = n1.clamp_min(COS_EPS)[..., None], n2.clamp_min(COS_EPS)[..., None]
+    if own:
+        return x1.div_(d1).mul_(x2.div_(d2)).sum(-1)
+    return ((x1 / d1) * (x2 / d2)).sum(-1)
 
 
 def layer_transition(st, numerics: str = "ours") -> torch.Tensor:

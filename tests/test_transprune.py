@@ -46,6 +46,27 @@ def test_transition_weight_on_hand_built_vectors(numerics):
     assert transition_weight(BEFORE.half(), AFTER.half(), "ours").dtype == torch.float32
 
 
+def test_transition_weight_is_the_cosine_similarity_formula_bit_for_bit():
+    # "ours" reuses the two row norms inside the cosine (torch's F.cosine_similarity arithmetic: each row over
+    # max(norm, 1e-8), the product summed) and divides its fp32 copies in place: the bits of the formula as
+    # written, and the caller's states untouched, in every input dtype (an fp32 input is not copied, so it is
+    # never written) and with a zero row (the eps floor)
+    def formula(b, a):
+        b, a = b.float(), a.float()
+        e = torch.exp(1 - torch.nn.functional.cosine_similarity(b, a, dim=-1))
+        return (torch.norm(a, dim=-1) / torch.norm(b, dim=-1)) * (e / e.sum())
+
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        b, a = (torch.randn(2, 300, 96, generator=g) * torch.tensor([1.0, 30.0])[:, None, None]).to(dt)
+        a[7] = 0  # |after| = 0: cos over the eps floor, weight 0
+        b0, a0 = b.clone(), a.clone()
+        w = transition_weight(b, a)
+        assert torch.equal(w, formula(b, a)) and w[7] == 0
+        assert torch.equal(b, b0) and torch.equal(a, a0)
+        assert torch.equal(transition_weight(b, a.float()), formula(b, a))  # one copy only: out of place
+
+
 def test_layer_weight_is_attention_plus_ffn():
     # attention sub-block: the three tokens above; FFN: after = before (ratio 1, cos 1 -> 1 each, /3)
     st = SubBlockStates(attn_in=BEFORE, attn_out=AFTER, mlp_in=BEFORE, mlp_out=BEFORE)
