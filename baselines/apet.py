@@ -67,7 +67,9 @@ SPACES = ("vision", "projected")
 CLS_TOKEN_MODES = ("keep", "candidate")
 #: families whose official code scores and merges the projected tokens (Video-LLaVA ``encode_videos``, the Qwen
 #: code's merger output); the others follow the LLaVA image code (select-layer features)
-PROJECTED_FAMILIES = registry.FamilySet(lambda f: f.video_model or f.qwen_grid, "a video model or a Qwen-VL one")
+PROJECTED_FAMILIES = registry.where(video_model=True) | registry.where(qwen_grid=True)
+#: the video models (Video-LLaVA: its official ``encode_videos`` appends the seeds' slots)
+VIDEO_MODELS = registry.where(video_model=True)
 COSINE_CHUNK = 64  # rows of the official cosine evaluated at a time (same values, bounded memory)
 
 
@@ -385,7 +387,7 @@ class ApET(Method):
         if self.llm_stage:
             self._layers = (scale_layers((int(self.layer),), num_layers) if self.scale_layers
                             else (int(self.layer),))
-        self._slots = self.seed_slots or ("append" if family == "video_llava" else "replace")
+        self._slots = self.seed_slots or ("append" if family in VIDEO_MODELS else "replace")
         self._space = self.space or ("projected" if family in PROJECTED_FAMILIES else "vision")
         self._merge_seeds = (self.numerics == "official") if self.merge_seeds is None else bool(self.merge_seeds)
 

@@ -56,6 +56,9 @@ from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, masked_take, topk_desc
 
+#: the anyres families (LLaVA-NeXT: FlowCut's NeXT code), by the registry's layout
+ANYRES = registry.where(layout="anyres")
+
 #: dtype of the official FlowCut quantities (computed inside the fp32 tower, device_map='auto')
 OFFICIAL_DTYPE = torch.float32
 
@@ -207,7 +210,7 @@ class FlowCut(Method):
 
     @property
     def llm_layers(self):
-        if self.next_llm_stage and getattr(self, "family", None) == "llava_next":
+        if self.next_llm_stage and getattr(self, "family", None) in ANYRES:
             return (self.NEXT_LLM_LAYER,)
         return ()
 
@@ -236,7 +239,7 @@ class FlowCut(Method):
 
     def _target(self, cls_in_llm: bool) -> int:
         t = self.budget
-        if self.next_half and getattr(self, "family", None) == "llava_next":
+        if self.next_half and getattr(self, "family", None) in ANYRES:
             t = max(1, int(t / 2))
         if cls_in_llm and self.frame_cls == "count":
             t -= 1  # the unit's [CLS] enters the LLM too: T tokens in all

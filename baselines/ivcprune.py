@@ -202,7 +202,7 @@ class IVCPrune(Method):
     llm_reads = ("prev",)
     llm_text_rows = True
     llm_text_cap = 3
-    families = registry.FamilySet(lambda f: not f.hybrid, "attention in every decoder layer")
+    families = registry.where(hybrid=False)  # attention in every decoder layer
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 may be a "
                           "Gated DeltaNet layer without values to compare, and its caches cannot be pruned")
     #: captured with a count (keep_tokens or a budget: a fixed output count); the official rule is refused

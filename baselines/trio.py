@@ -84,7 +84,7 @@ OFFICIAL_PROXY_ROWS = 4
 QWEN_LAYERS, QWEN_RATIOS = (14,), (0.333,)
 COUNT_MODES = ("scaled", "absolute")
 #: families whose decoder layers the proxy loss re-runs as the stock model does (tests/test_trio.py)
-FAMILIES = registry.FamilySet(lambda f: not f.deepstack, "no DeepStack rows")
+FAMILIES = registry.where(deepstack=False)
 #: the "w/ VE" option: the encoder stage before the LLM (None = "w/o VE")
 ENCODERS = (None, "vscan")
 #: w/ VE, the README's default command (README.md:524-544): ``--visual_token_num 96``, ``--layer_list '[16]'``,

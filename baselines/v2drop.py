@@ -128,7 +128,7 @@ class V2Drop(Method):
     llm_reads = ()  # hidden states only: LLMSignals.hidden and .prev_hidden
     capturable = "full"
     position_mode = "keep"
-    families = registry.FamilySet(lambda f: not f.hybrid, "attention in every decoder layer")
+    families = registry.where(hybrid=False)  # attention in every decoder layer
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: its stage layers "
                           "would fall among Gated DeltaNet layers and no official rule exists for it; use a pre-LLM "
                           "method there")

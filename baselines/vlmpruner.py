@@ -216,7 +216,7 @@ class VLMPruner(Method):
                       "similarity matrix per sample) and its recovery rewrites kept hidden states (Selection.values), "
                       "which a captured llm stage refuses: the prefill runs on the eager engine")
     position_mode = "keep"
-    families = registry.FamilySet(lambda f: not f.hybrid, "attention in every decoder layer")
+    families = registry.where(hybrid=False)  # attention in every decoder layer
     unsupported_reason = ("refused on the hybrid Qwen3.5 decoder like the other in-LLM methods: layer K-1 would be a "
                           "Gated DeltaNet layer without keys; use a pre-LLM method there")
 

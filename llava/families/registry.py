@@ -201,40 +201,50 @@ def by_model_class(name: str) -> Family | None:
 
 
 class FamilySet:
-    """The families whose record satisfies ``test``, asked at each use (a family registered later is in it): for
-    ``family in s``, iteration (ids), ``len`` and printing, where a tuple of ids was used (``Method.families``)."""
+    """The families whose record has the given traits (any one of ``alternatives``, each a dict of field -> value),
+    asked at each use, so a family registered later is in it: for ``family in s``, iteration (ids), ``len`` and
+    printing, where a tuple of ids was used (``Method.families``). ``where(a=1) | where(b=2)``: either. Plain data:
+    it pickles."""
 
-    def __init__(self, test: Callable[[Family], bool], text: str):
-        self.test, self.text = test, text
+    def __init__(self, *alternatives: dict):
+        self.alternatives = tuple(dict(a) for a in alternatives)
+
+    def _has(self, f: Family) -> bool:
+        return any(all(getattr(f, k) == v for k, v in a.items()) for a in self.alternatives)
 
     def __contains__(self, family) -> bool:
         f = find(family) if isinstance(family, str) else family
-        return f is not None and bool(self.test(f))
+        return isinstance(f, Family) and self._has(f)
 
     def __iter__(self):
-        return iter([f.id for f in _FAMILIES.values() if self.test(f)])
+        return iter([f.id for f in _FAMILIES.values() if self._has(f)])
 
     def __len__(self) -> int:
         return len(list(iter(self)))
 
+    def __or__(self, other: FamilySet) -> FamilySet:
+        return FamilySet(*self.alternatives, *other.alternatives)
+
     def __eq__(self, other) -> bool:
-        return tuple(self) == tuple(other) if isinstance(other, (tuple, list, FamilySet)) else NotImplemented
+        if isinstance(other, FamilySet):
+            return self.alternatives == other.alternatives
+        return tuple(self) == tuple(other) if isinstance(other, (tuple, list)) else NotImplemented
 
     def __hash__(self):
-        return hash(self.text)
+        return hash(repr(self.alternatives))
 
     def __repr__(self) -> str:
-        return f"<families {self.text}: {', '.join(self)}>"
+        text = " or ".join(", ".join(f"{k}={v!r}" for k, v in a.items()) for a in self.alternatives)
+        return f"<families {text}: {', '.join(self)}>"
 
 
 def where(**traits) -> FamilySet:
-    """The families whose fields equal ``traits`` (``where(tower="clip")``, ``where(qwen_grid=True)``)."""
+    """The families whose fields equal ``traits`` (``where(tower="clip")``, ``where(hybrid=False)``)."""
     names = {f.name for f in fields(Family)} | {"chatml", "mrope"}
     bad = sorted(set(traits) - names)
     if bad:
         raise TypeError(f"where(): no family field {bad}")
-    return FamilySet(lambda f: all(getattr(f, k) == v for k, v in traits.items()),
-                     ", ".join(f"{k}={v!r}" for k, v in traits.items()))
+    return FamilySet(traits)
 
 
 def markdown_table() -> str:
