@@ -116,22 +116,24 @@ def coverage_matrix(text: torch.Tensor, features: torch.Tensor, vision: torch.Te
 def coverage_greedy(C: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy maximum coverage on C (B, R, n) (or (R, n)): ``k`` picks in pick order, (B, k) / (k,), on C's
     device, no host read. Each step gain_j = sum_r max(C[r, j] - best_r, 0) with picked columns at -inf, the
-    first maximal j (``argmax``), best = max(best, C[:, j]); best starts at 0 (semantic_selector.py 44-63)."""
+    first maximal j (``argmax``), best = max(best, C[:, j]); best starts at 0 (semantic_selector.py 44-63).
+
+    Eight ops a step: the difference is written into one (B, R, n) scratch buffer and clamped there (no fresh
+    R x n tensors per step), the -inf of a picked column is one ``scatter_``."""
     squeeze = C.dim() == 2
     C3 = C[None] if squeeze else C
     B, R, n = C3.shape
     k = max(0, min(int(k), n))
-    items = torch.arange(n, device=C3.device)
-    best = C3.new_zeros((B, R))
+    best = C3.new_zeros((B, R, 1))
     mask = C3.new_zeros((B, n))
+    scratch = torch.empty_like(C3) if k else None
     picks = []
     for _ in range(k):
-        gain = (C3 - best.unsqueeze(-1)).clamp_min(0).sum(dim=-2) + mask
+        gain = torch.sub(C3, best, out=scratch).clamp_min_(0).sum(dim=-2).add_(mask)
         j = gain.argmax(dim=-1)  # (B,), first maximum
         picks.append(j)
-        col = C3.gather(2, j[:, None, None].expand(B, R, 1))[..., 0]
-        best = torch.maximum(best, col)
-        mask = mask.masked_fill(items[None] == j[:, None], float("-inf"))
+        best = torch.maximum(best, C3.gather(2, j[:, None, None].expand(B, R, 1)))
+        mask.scatter_(1, j[:, None], float("-inf"))
     out = torch.stack(picks, 1) if picks else torch.zeros((B, 0), dtype=torch.long, device=C3.device)
     return out[0] if squeeze else out
 
