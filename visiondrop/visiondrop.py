@@ -242,7 +242,7 @@ class VisionDrop(Method):
 
     name = "visiondrop"
     llm_reads = ("next",)  # the stage layer's attention and keys
-    capturable = "full"  # its llm stages are captured per segment (llava.fast_llm)
+    capturable = "full"  # its llm stages are captured per segment (llava.fast.llm)
     vision_stage = True
     needs_vision_attention = True
     position_mode = "reindex"
