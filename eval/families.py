@@ -23,7 +23,8 @@ def family_check(cfg, rt, questions: list) -> str | None:
         return (f"{cfg.benchmark} asks about videos, which the {fam} processor does not take "
                 f"(video QA runs with: {', '.join(f.id for f in registry.families() if f.video)})")
     if (cfg.min_pixels is not None or cfg.max_pixels is not None) and not rec.qwen_grid:
-        return f"--min-pixels / --max-pixels apply to Qwen2.5-VL / Qwen3-VL only, not to {cfg.model} ({fam})"
+        return (f"--min-pixels / --max-pixels apply to the Qwen-VL grid families only "
+                f"({', '.join(f.id for f in registry.families() if f.qwen_grid)}), not to {cfg.model} ({fam})")
     if rec.chatml:
         if not cfg.pad_to_square:
             return f"--no-pad does not apply to {cfg.model} ({fam}: the checkpoint's own image processor, no pad-to-square)"

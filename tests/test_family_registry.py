@@ -229,3 +229,14 @@ def test_the_docs_family_table_is_the_registry():
     table = text.split("<!-- families:begin -->\n", 1)[1].split("\n<!-- families:end -->", 1)[0]
     assert table == registry.markdown_table()
     assert "nine families" in (ROOT / "docs/architecture.md").read_text() and len(registry.families()) == 9
+
+
+def test_the_pixel_limits_refusal_names_the_qwen_grid_families_from_the_registry():
+    from types import SimpleNamespace
+
+    from eval.families import family_check
+
+    cfg = SimpleNamespace(benchmark="pope", model="tiny:llava", min_pixels=3136, max_pixels=None)
+    msg = family_check(cfg, SimpleNamespace(family="llava"), [])
+    assert msg == ("--min-pixels / --max-pixels apply to the Qwen-VL grid families only (qwen2_5_vl, qwen3_vl, "
+                   "qwen3_5, qwen2_vl), not to tiny:llava (llava)")
