@@ -95,18 +95,28 @@ def dart_select(feats: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, k
     f = feats.float()
     f = f / f.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # cosine similarity (torch's eps: 1e-8)
     n = visual.numel()
-    every = torch.arange(n, device=visual.device)
-    cand = torch.ones(n, dtype=torch.bool, device=visual.device)
-    cand.index_fill_(0, img_p.reshape(-1), False)  # not cand[img_p] = False: a host scalar's copy (no capture)
+    # seven launches a pivot: the visual rows gathered once (a pivot gathers its candidates' rows from them: the same
+    # fresh (|cand|, D) matrix as gathering them from f), the pivots' rows once (each 64-byte aligned, as its own
+    # gather would be), and the candidates kept as a uint8 "taken" mask whose stable sort lists them in ascending
+    # order (masked_take's sort, without its mask inversion and its gather from an arange)
+    fv = f[visual]
+    d = f.shape[1]
+    if d % 16:  # a pivot's row must start 64-byte aligned (the matrix-vector product's vector): padded rows
+        fp = f.new_zeros(rows.numel(), d + 16 - d % 16)
+        fp[:, :d] = f[rows]
+    else:
+        fp = f[rows]
+    taken = torch.zeros(n, dtype=torch.uint8, device=visual.device)
+    taken.index_fill_(0, img_p.reshape(-1), 1)  # not taken[img_p] = 1: a host scalar's copy (no capture)
     n_cand = n - ni
     picked = [img_p]
     for j in range(rows.numel()):
         if n_cand == 0 or per_pivot <= 0:
             break
-        idx = masked_take(every, cand, n_cand)
-        sim = f[visual[idx]] @ f[rows[j:j + 1]][0]  # (|cand|,); a 0-d tensor index would read the device
+        idx = torch.sort(taken, stable=True).indices[:n_cand]  # the candidates, ascending
+        sim = fv[idx] @ fp[j, :d]  # (|cand|,)
         take = idx[topk_desc(-sim, per_pivot)]  # least similar first, ties: lower index
-        cand.index_fill_(0, take, False)  # not cand[take] = False: a host scalar's copy (no capture)
+        taken.index_fill_(0, take, 1)  # not taken[take] = 1: a host scalar's copy (no capture)
         n_cand -= take.numel()
         picked.append(take)
     return torch.cat(picked).sort().values
