@@ -42,8 +42,17 @@ RELEVANCES = ("rank_mean", "score_mean", "calibrated", "calibrated_encoder", "ca
 CROSS_SCORES = ("softmax", "prominence", "weighted")
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` (M, D) in fp32 divided by their norm clamped at 1e-12: the operands
+    :func:`llava.ops.cosine_matrix` normalises, computed once (one fp32 copy) so that several similarities of the
+    same tokens share them; row by row the same values as there."""
+    xf = x.float()
+    return xf / xf.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
 def cross_modal_score(text: torch.Tensor, visual: torch.Tensor, how: str = "softmax",
-                      temperature: float = 100.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                      temperature: float = 100.0, mask: torch.Tensor | None = None,
+                      visual_rows: torch.Tensor | None = None) -> torch.Tensor:
     """s_x before the LLM: the question's input embeddings ``text`` (Q, D) against the projected visual
     tokens ``visual`` (N, D) -> (N,), fp32. With c = cos(e_q, f_j):
 
@@ -60,12 +69,23 @@ def cross_modal_score(text: torch.Tensor, visual: torch.Tensor, how: str = "soft
     never win (every real row's are >= 0); prominence / weighted set to -inf. The masked rows change nothing,
     and the values are those of ``text[mask]`` without a mask (up to the last bits of the cosine product,
     whose rounding may depend on its row count); a mask with no row gives zeros (as
-    :func:`llava.ops.text_to_image_score`)."""
-    if how == "softmax":
-        return text_to_image_score(text, visual, temperature, mask=mask)
-    if how not in ("prominence", "weighted"):
+    :func:`llava.ops.text_to_image_score`).
+
+    ``visual_rows``: :func:`unit_rows` of ``visual`` when the caller has them (shared with the max-min cover's
+    similarities): the same cosines as normalising ``visual`` here."""
+    if how not in CROSS_SCORES:
         raise ValueError(f"cross_score must be one of {CROSS_SCORES}, got {how!r}")
-    cos = cosine_matrix(text, visual)
+    if visual_rows is None:
+        if how == "softmax":
+            return text_to_image_score(text, visual, temperature, mask=mask)
+        cos = cosine_matrix(text, visual)
+    else:  # text_to_image_score's and cosine_matrix's arithmetic on the given rows
+        cos = unit_rows(text) @ visual_rows.T
+        if how == "softmax":
+            p = torch.softmax(temperature * cos, dim=1)
+            if mask is not None:
+                p = p.masked_fill(~mask.to(p.device)[:, None], 0.0)
+            return p.max(dim=0).values if p.shape[0] else p.new_zeros(p.shape[1])
     above = cos - cos.mean(dim=1, keepdim=True)
     per_row = above if how == "prominence" else above.amax(dim=1, keepdim=True) * torch.softmax(temperature * cos, dim=1)
     if mask is None:
@@ -218,23 +238,27 @@ def fused_relevance(s_v: torch.Tensor, s_x: torch.Tensor, fusion: str = "borda",
     return (w_v * u_v + w_x * u_x) / (w_v + w_x)
 
 
-def _cover_setup(x: torch.Tensor, seed: torch.Tensor | None, d: int):
+def _cover_setup(x: torch.Tensor, seed: torch.Tensor | None, d: int, rows: torch.Tensor | None = None):
     """What every diverse pick starts from: the fp32 cosine similarities of the rows of ``x`` (n, D), an
-    empty picked mask, the number of forced picks and ``d`` clipped to n."""
+    empty picked mask, the number of forced picks and ``d`` clipped to n. ``rows``: :func:`unit_rows` of ``x``
+    when the caller has them (the same similarities)."""
     n = x.shape[0]
     d = min(d, n)
     picked = torch.zeros(n, dtype=torch.bool, device=x.device)
-    return cosine_matrix(x), picked, 0 if seed is None else min(int(seed.numel()), d), d
+    sim = cosine_matrix(x) if rows is None else rows @ rows.T
+    return sim, picked, 0 if seed is None else min(int(seed.numel()), d), d
 
 
 def maxmin_problem(x: torch.Tensor, rel: torch.Tensor, d: int, seed: torch.Tensor | None = None,
-                   alpha: float = 1.0, radius: float = 0.0) -> tuple[MaxMinProblem | None, torch.Tensor, int]:
+                   alpha: float = 1.0, radius: float = 0.0,
+                   rows: torch.Tensor | None = None) -> tuple[MaxMinProblem | None, torch.Tensor, int]:
     """The relevance-weighted max-min pick of :func:`diverse_pick` set up for
     :func:`llava.ops.greedy_max_min` (which runs the sequential loop on the host, one copy each way for
     all the problems of a sample): (the problem or None, the picked mask so far, d). ``radius`` > 0
     (option ``cover_radius``) clips the distances at it, ``min(1, dist / radius)``: a token farther than
-    the radius from every pick counts as uncovered, and among those only the relevance decides."""
-    sim, picked, n_seed, d = _cover_setup(x, seed, d)
+    the radius from every pick counts as uncovered, and among those only the relevance decides. ``rows``:
+    :func:`unit_rows` of ``x`` when the caller has them."""
+    sim, picked, n_seed, d = _cover_setup(x, seed, d, rows)
     w = rel.float().clamp(min=0) ** alpha
     mind = torch.ones(x.shape[0], device=x.device)
     if n_seed:
@@ -467,9 +491,10 @@ class ConsensusDrop(Method):
         return self.fusion != "encoder_only"
 
     # -- the per-sample algorithm ---------------------------------------------------------------
-    def _dominant(self, s_v, s_x, x, d, defer: bool = False):
+    def _dominant(self, s_v, s_x, x, d, defer: bool = False, rows=None):
         """The ``d`` dominant tokens of one unit (local indices, ascending); with ``defer``, a max-min
-        pick comes back unsolved (:func:`maxmin_problem`'s tuple) for :func:`greedy_max_min`."""
+        pick comes back unsolved (:func:`maxmin_problem`'s tuple) for :func:`greedy_max_min`. ``rows``:
+        :func:`unit_rows` of ``x`` when the caller has them."""
         if self.select == "rank" or self.fusion == "adaptive":  # adaptive: AdaV's list split is its own rule
             return select_dominant(s_v, s_x, d, self.fusion, self.rrf_k, self.w_v, self.w_x, self.adaptive_min_frac)
         fusion = self.fusion
@@ -483,15 +508,16 @@ class ConsensusDrop(Method):
             elif self.fill == "coverage":
                 rel = torch.ones_like(rel)
         if self.select == "maxmin" and defer:  # solved with the sample's other units (one host round trip)
-            return maxmin_problem(x, rel, d, seed, self.alpha, self.cover_radius)
+            return maxmin_problem(x, rel, d, seed, self.alpha, self.cover_radius, rows)
         return diverse_pick(x, rel, d, seed, self.select, self.alpha, self.dpp_theta)
 
     def _select(self, s_v, s_x, metric, unit, patch, unit_pos, is_newline, n_stock, budget_mode, space,
-                div_x=None, layout=None, device_loop: bool = False):
+                div_x=None, layout=None, device_loop: bool = False, div_rows=None):
         """Shared by both prune points. All tensors over the sample's candidates (n,). One host sync
         (the unit layout; none when ``layout``, ``unit_layout(unit, patch, n_stock, unit_pos)`` planned on
         the host, is given); ``is_newline`` is ``unit < 0``. ``device_loop``: the greedy max-min loops run
-        on the device (a captured prefill: no host read at all; the same picks, bit for bit)."""
+        on the device (a captured prefill: no host read at all; the same picks, bit for bit). ``div_rows``:
+        :func:`unit_rows` of ``div_x`` when the caller has them (the max-min similarities read its rows)."""
         n = s_v.numel()
         dev = s_v.device
         lay = layout if layout is not None else unit_layout(unit, patch, n_stock, unit_pos)
@@ -512,7 +538,9 @@ class ConsensusDrop(Method):
             d, c = split_budget(b, self.contextual_ratio, self.merge == "visionzip", self.dominant, self.contextual,
                                 self.contextual_rounding)
             d_free = max(0, d - cls_idx.numel())
-            plans.append((idx, cls_idx, cand, c, self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free, defer=True)))
+            rows = div_rows[cand] if div_rows is not None else None
+            plans.append((idx, cls_idx, cand, c, self._dominant(s_v[cand], s_x[cand], div_x[cand], d_free, defer=True,
+                                                                rows=rows)))
         # every unit's greedy max-min loop in one host round trip (not one per unit, nor a kernel per pick);
         # captured: on the device, each problem's seed count (d - k, a host int) given as num_taken
         deferred = [p[4] for p in plans if p is not None and isinstance(p[4], tuple)]
@@ -553,6 +581,10 @@ class ConsensusDrop(Method):
         n = sig.num_tokens
         s_v = self._encoder_saliency(sig.cls_attn)
         s_x = torch.zeros(n, device=s_v.device)
+        # the projected tokens normalised once when both the cross score and the max-min cover read them
+        cover = self.div_space == "features" and self.select == "maxmin" and self.fusion != "adaptive"
+        cross = self._needs_probe() and self.probe_mode != "attn"
+        rows = unit_rows(sig.features) if cover and cross else None
         if self._needs_probe():
             if self.probe_mode == "attn":  # captured: the rows of the whole padded text block, read by its masks
                 rows = self._query_rows(sig)[1] if sig.captured else None
@@ -561,13 +593,15 @@ class ConsensusDrop(Method):
             else:
                 text, mask = self._query_rows(sig)
                 s_x[: sig.num_stock] = cross_modal_score(text, sig.features[: sig.num_stock], self.cross_score,
-                                                         mask=mask)
+                                                         mask=mask,
+                                                         visual_rows=None if rows is None else rows[: sig.num_stock])
         metric = sig.keys if self.merge_metric == "clip_keys" else sig.vision_features
         space = "vision" if self.merge_space == "clip" else "projected"
         div_x = {"features": sig.features, "vision_features": sig.vision_features, "keys": sig.keys}[self.div_space]
         return self._select(s_v, s_x, metric, sig.unit, sig.patch, sig.unit_pos, sig.is_newline, sig.num_stock,
                             self._budget_mode(), space, div_x,
-                            layout=sig.unit_layout(patch=True, stock=True, pos=True), device_loop=sig.captured)
+                            layout=sig.unit_layout(patch=True, stock=True, pos=True), device_loop=sig.captured,
+                            div_rows=rows)
 
     def _query_rows(self, sig):
         """The text rows s_x reads (``probe_queries``) as (embeds, mask or None). Eager: the rows themselves
@@ -588,7 +622,7 @@ class ConsensusDrop(Method):
     def capture_refusal(self):
         """The fast path captures the pre-LLM selection with s_x from the input embeddings (``probe_mode``
         embed_cos, the default / "cover" preset), from the LLM probe (``probe_mode="attn"``, the "probe" preset:
-        layers 0..K-1 on the unpruned prompt inside the captured prefill, :mod:`llava.fast_probe`) or without s_x
+        layers 0..K-1 on the unpruned prompt inside the captured prefill, :mod:`llava.fast.probe`) or without s_x
         (``fusion="encoder_only"``). Refused: ``prune_point="after_probe"`` (an in-LLM stage). ``order="spatial"`` and NeXT's
         ``next_order="grid_raster"`` are captured (:func:`llava.ops.block_order` skips its identity read)."""
         why = super().capture_refusal()
