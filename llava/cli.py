@@ -57,7 +57,8 @@ class InputError(ValueError):
 def load_error() -> str | None:
     """The registry loaded (built-in and user methods), or the one line a command prints when a user's module
     failed (``python -m llava.cli``, ``python -m eval``: exit 2)."""
-    from .method import MethodPluginError, available_methods
+    from .method import available_methods
+    from .plugins import MethodPluginError
 
     try:
         available_methods()

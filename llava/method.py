@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from .plugins import MethodPluginError, load_methods, name_taken  # noqa: F401 (MethodPluginError: re-exported)
+from .plugins import load_methods, name_taken
 
 MergeRule = Literal["target_plus_mean", "mean", "weighted_mean"]
 MergeArithmetic = Literal["fp32", "sequential"]
@@ -267,10 +267,11 @@ class Method:
     #: ``docs/architecture.md`` "In-tower stage"). The vision stage then sees every stock token, the
     #: dropped ones with zero features, and ``sig.in_tower_kept`` (T,) bool flags the survivors.
     tower_stage: ClassVar[bool] = False
-    #: Whether the fast path (``llava.load(..., fast=True)``, :mod:`llava.fast.path`) captures this
-    #: method's prefill whole: ``"full"`` (fixed output counts, no device read: one graph per length
-    #: bucket), or None with ``capture_reason`` (such a prefill runs on the eager engine, and
-    #: ``engine.stats.path`` says so). Options can refuse too: :meth:`capture_refusal`.
+    #: How the fast path (``llava.load(..., fast=True)``, :mod:`llava.fast.path`) captures this method's prefill:
+    #: ``"full"`` (fixed output counts, no device read: one graph per length bucket), ``"piecewise"`` (two graphs,
+    #: the vision stage's and the LLM's, with a host read of the selection's counts between them), or None with
+    #: ``capture_reason`` (such a prefill runs on the eager engine, and ``engine.stats.path`` says so). Options can
+    #: refuse too (:meth:`capture_refusal`) or change the kind (:meth:`capture_kind`).
     capturable: ClassVar[str | None] = None
     capture_reason: ClassVar[str] = ""
     #: Which decoder layers' attention (or keys) an llm stage before layer K reads: "prev" (layer K-1),
