@@ -587,9 +587,9 @@ class ConsensusDrop(Method):
         rows = unit_rows(sig.features) if cover and cross else None
         if self._needs_probe():
             if self.probe_mode == "attn":  # captured: the rows of the whole padded text block, read by its masks
-                rows = self._query_rows(sig)[1] if sig.captured else None
+                query_mask = self._query_rows(sig)[1] if sig.captured else None
                 s_x[: sig.num_stock] = self._cross_saliency(sig.probe_attention(self.probe_layer, self.probe_queries),
-                                                            rows)
+                                                            query_mask)
             else:
                 text, mask = self._query_rows(sig)
                 s_x[: sig.num_stock] = cross_modal_score(text, sig.features[: sig.num_stock], self.cross_score,
