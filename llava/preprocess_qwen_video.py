@@ -72,7 +72,7 @@ VIDEO_RULES = {"qwen2": "qwen2_vl", "qwen3": "qwen3_vl"}
 #: ``get_rope_index`` has none: its processor does not emit it)
 
 
-def _rule(family: str) -> str:
+def video_rule(family: str) -> str:
     from .families import registry
 
     f = registry.find(family)
@@ -167,7 +167,7 @@ def settings_from_config(rule: str, config: dict, source: str = "") -> VideoSett
 def resolve_settings(family: str, model_config) -> VideoSettings:
     """The video settings of a loaded model: its checkpoint's video processor config (hub id or local folder, at
     the commit the model was loaded from), or the released checkpoints' values for a model built here."""
-    rule = _rule(family)
+    rule = video_rule(family)
     vc = model_config.vision_config
     found = checkpoint_video_config(model_config)
     if found:

@@ -15,7 +15,11 @@ import pytest
 from eval.cli import main
 from eval.fingerprint import compare
 from eval.io import complete_jsonl_records, read_jsonl
-from eval.runner import TEXT_ONLY_REASON, RunConfig, _resume_mismatch, path_summary, run, shard_files
+from eval.hf_backend import TEXT_ONLY_REASON
+from eval.run_config import RunConfig, resume_mismatch
+from eval.runner import run
+from eval.shards import shard_files
+from eval.summary import path_summary
 from varied_answers import assert_answers_vary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,17 +113,17 @@ def test_the_prompt_attention_names_its_run_folder_and_is_a_resume_key():
     assert names == ["tiny-llava_fastv_b64_fast", "tiny-llava_fastv_b64_fast_attn-causal",
                      "tiny-llava_fastv_b64_fast_attn-masked"]
     old = {k: v for k, v in RunConfig(benchmark="pope", fast=True).resume_view().items() if k != "fast_attention"}
-    assert _resume_mismatch(old, RunConfig(benchmark="pope", fast=True)) == {}  # a folder from before the option
-    assert set(_resume_mismatch(old, RunConfig(benchmark="pope", fast=True, fast_attention="masked"))) == {
+    assert resume_mismatch(old, RunConfig(benchmark="pope", fast=True)) == {}  # a folder from before the option
+    assert set(resume_mismatch(old, RunConfig(benchmark="pope", fast=True, fast_attention="masked"))) == {
         "fast_attention"}
 
 
 def test_fast_is_a_resume_key_and_part_of_the_fingerprint():
     old = {k: v for k, v in RunConfig(benchmark="pope").resume_view().items()
            if not k.startswith("fast")}  # a run folder written before --fast existed
-    assert _resume_mismatch(old, RunConfig(benchmark="pope")) == {}
+    assert resume_mismatch(old, RunConfig(benchmark="pope")) == {}
     fast = RunConfig(benchmark="pope", fast=True, fast_max_new_tokens=128)
-    assert set(_resume_mismatch(old, fast)) == {"fast", "fast_max_new_tokens"}
+    assert set(resume_mismatch(old, fast)) == {"fast", "fast_max_new_tokens"}
     fp = {"backend": "inductor", "cuda_graphs": True, "max_new_tokens": 128}
     changes, _ = compare({}, {"fast": fp})
     assert changes == [f"fast path (off -> {json.dumps(fp, sort_keys=True)})"]

@@ -160,9 +160,9 @@ class Twin:
             h, w = tower_square(self.family, self.rt.model.config)
             return FrameVideoSettings(family=self.family, height=h, width=w,
                                       source="the vtprune geometry twin: frames of the tower's square")
-        from llava.preprocess_qwen_video import RULES, VideoSettings
+        from llava.preprocess_qwen_video import VideoSettings, video_rule
 
-        return VideoSettings(rule=RULES[self.family], min_pixels=1, max_pixels=1 << 62, patch_size=vc.patch_size,
+        return VideoSettings(rule=video_rule(self.family), min_pixels=1, max_pixels=1 << 62, patch_size=vc.patch_size,
                              temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
                              do_resize=False, source="the vtprune geometry twin: frames of the grid's size")
 
