@@ -94,6 +94,7 @@ def test_a_cpu_run_s_fast_table_has_the_floor_columns(tmp_path, monkeypatch, cap
             "copy": {"bytes": 1 << 30, "repeats": 5}, "matmul": {"n": 8192, "dtype": "float32", "repeats": 5},
             "seconds": 0.0}
     monkeypatch.setattr(be, "measure_hardware", lambda device, dtype: fake)
+    monkeypatch.delenv("VTPRUNE_FAST_PRECOMPILE", raising=False)
     assert be.main(["--model", "tiny:llava", "--methods", "none", "random", "--budgets", "4", "--n", "2", "--warmup", "1",
                     "--decode-tokens", "3", "--decode-samples", "1", "--image-hw", "56", "56", "--sweep", "8", "16",
                     "--out", str(tmp_path), "--fast", "--fast-backend", "none", "--fast-first"]) == 0
@@ -102,6 +103,7 @@ def test_a_cpu_run_s_fast_table_has_the_floor_columns(tmp_path, monkeypatch, cap
     assert [(c["method"], c["path"]) for c in cells] == [("none", "fast"), ("none", "eager"), ("random", "fast"),
                                                        ("random", "eager")]
     assert rep["hardware"] == fake and rep["fast"]["floor"]["hardware"] == fake
+    assert rep["fast"]["precompile_requested"] is True  # on by default, with no variable set
     model = rep["fast"]["floor"]["model"]
     from llava.models import load
 
@@ -128,16 +130,19 @@ def test_a_cpu_run_s_fast_table_has_the_floor_columns(tmp_path, monkeypatch, cap
     assert 0 < first["first_token_process_s"] and first["first_prefill_s"] > 0
     assert rep["process"]["loaded_s"] < first["first_token_process_s"]
     assert "Process: model loaded" in section and "first fast-path token" in section
-    assert "Precompiled functions" not in section  # not requested, none used
+    assert "Precompiled functions" not in section  # on by default, but backend none has none: nothing to say
 
 
 def test_the_precompile_lines_say_whether_the_functions_loaded():
     from bench.efficiency.report import _process_lines
 
     row = lambda m, pre: {"method": m, "budget": None, "options": {}, "fast": {"precompile": pre}}  # noqa: E731
-    off = _process_lines({"precompile_requested": True, "results": [row("none", None)]})
+    off = _process_lines({"backend": "inductor", "precompile_requested": True, "results": [row("none", None)]})
     assert any("**not used**" in line for line in off)
-    used = _process_lines({"precompile_requested": True,
+    used = _process_lines({"backend": "inductor", "precompile_requested": True,
                            "results": [row("none", {"loaded": 3, "compiled": 0, "refused": []})]})
     assert any("none: loaded 3, compiled and saved 0" in line for line in used)
-    assert _process_lines({"precompile_requested": False, "results": [row("none", None)]}) == []
+    assert _process_lines({"backend": "inductor", "precompile_requested": False,
+                           "results": [row("none", None)]}) == []
+    # a backend without precompiled functions compiles the regular way: nothing to report unless some row loaded
+    assert _process_lines({"backend": "cudagraphs", "precompile_requested": True, "results": [row("none", None)]}) == []

@@ -71,6 +71,7 @@ from bench.efficiency.report import (check_bars, cpu_model, environment, fast_co
                                      log_wandb, markdown, plot)
 from bench.efficiency.timing import (attach, decode_step_time, generate_time, llm_sweep, measure, prefill_once,
                                      prefill_ops, process_age, summary, timed_prefill)
+from llava.fast.precompile import wanted as precompile_wanted
 
 __all__ = [
     # cost
@@ -346,7 +347,8 @@ def _report(rt, cfg, device, image_hw, inputs, results, fast_results, errors, fa
                           "note": "each cell ran on the eager engine and with load(fast=True) in this run; fast rows: "
                                   "warm-up prefills first, a timed prefill that still compiled a graph is timed again "
                                   "(compiled_in_timed); path_taken = engine.stats.path of the timed prefills",
-                          "precompile_requested": os.environ.get("VTPRUNE_FAST_PRECOMPILE", "") not in ("", "0"),
+                          "precompile_requested": (rt.info.get("fast") or {}).get("precompile",
+                                                                                  precompile_wanted(None)),
                           "process": process,
                           "floor": None if floor is None else {**floor, "decode_tokens": cfg.decode_tokens,
                                                                "rule": FLOOR_RULE},

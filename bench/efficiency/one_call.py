@@ -128,8 +128,8 @@ def _load(dest: Path) -> list[str]:
     loaded = sum(p["loaded"] for _, p in pre if p)
     compiled = sum(p["compiled"] for _, p in pre if p)
     if not fast.get("precompile_requested"):
-        verdict = ("VTPRUNE_FAST_PRECOMPILE was off (this backend has no precompiled functions): this process compiled "
-                   "on the compile cache the earlier steps filled")
+        verdict = ("precompiled functions were turned off (fast_precompile=False or VTPRUNE_FAST_PRECOMPILE=0): this "
+                   "process compiled on the compile cache the earlier steps filled")
     elif not any(p for _, p in pre):
         verdict = ("**the precompiled functions were not used**: this torch fell back to the regular Inductor compile, "
                    "so the warm-up column is Inductor's warm cache (a new process: dynamo traces again, Inductor's "

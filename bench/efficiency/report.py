@@ -17,6 +17,7 @@ from bench.efficiency.cost import Roofline
 from bench.efficiency.hardware import cpu_model  # noqa: F401 - re-exported (bench.efficiency.cpu_model)
 from bench.efficiency.hardware import describe as describe_hardware
 from bench.efficiency.hardware import si
+from llava.fast.precompile import PRECOMPILE_BACKENDS
 
 
 def environment(rt, device, dtype) -> dict:
@@ -321,14 +322,15 @@ def _process_lines(fast: dict) -> list[str]:
                 f"start ({label(r)}{at}: its first prefill {r['first_prefill_s']:.1f} s, compile / capture / load "
                 "included)."]
     pre = [(label(r), r.get("budget"), (r.get("fast") or {}).get("precompile")) for r in fast.get("results") or []]
-    if fast.get("precompile_requested") or any(p for _, _, p in pre):
+    can = fast.get("backend") in PRECOMPILE_BACKENDS  # other backends compile the regular way, quietly
+    if (fast.get("precompile_requested") and can) or any(p for _, _, p in pre):
         used = [(n, b, p) for n, b, p in pre if p]
         if not used:
-            out += ["", "Precompiled functions (VTPRUNE_FAST_PRECOMPILE=1): **not used** - no fast row's functions were "
-                    "precompiled (this torch falls back to the regular Inductor compile, or the backend has none): the "
-                    "warm-up column is the regular compile, on Inductor's cache where it is warm."]
+            out += ["", "Precompiled functions (on): **not used** - no fast row's functions were precompiled (this "
+                    "torch falls back to the regular Inductor compile): the warm-up column is the regular compile, on "
+                    "Inductor's cache where it is warm."]
         else:
-            out += ["", "Precompiled functions (VTPRUNE_FAST_PRECOMPILE=1): " + "; ".join(
+            out += ["", "Precompiled functions (on): " + "; ".join(
                 f"{n}{f' {b}' if b is not None else ''}: loaded {p['loaded']}, compiled and saved {p['compiled']}"
                 + (f" (not saved: {'; '.join(p['refused'])})" if p.get("refused") else "") for n, b, p in used)
                 + ("" if len(used) == len(pre) else f"; {len(pre) - len(used)} row(s) not precompiled") + "."]
