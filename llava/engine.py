@@ -105,7 +105,6 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         self.adapter: FamilyAdapter = adapter_for(model, next_layout=next_layout, **(family_options or {}))
         self.family = self.adapter.family
         self.method = method
-        self.adapter.tower_method = method if getattr(method, "tower_stage", False) else None  # in-tower stage (CLIP)
         if prompt_spec is None and method.query_aware:
             raise ValueError(
                 f"{method.name} reads the question, and without a prompt spec the engine would count the "
@@ -127,11 +126,14 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         self.lm = self.adapter.lm
         n_layers = len(self.lm.layers)
         method.setup(num_layers=n_layers, num_vision_layers=self.adapter.num_vision_layers, family=self.family)
-        ks = tuple(method.llm_layers)
+        #: what the method asks of the engine, read once here (llava.needs.Needs)
+        self.needs = needs = method.needs()
+        self.adapter.tower_method = method if needs.tower_stage else None  # in-tower stage (CLIP)
+        ks = needs.llm_layers
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")
         self.llm_layers = ks
-        sub = tuple(method.llm_subblock_layers)
+        sub = needs.llm_subblock_layers
         if sub and (not ks or any(not (0 <= i < ks[-1]) for i in sub)):
             raise ValueError(f"{method.name}: sub-block states of decoder layers {sub} are read by llm stages before "
                              f"layers {ks}: each must run before the last stage (0..{ks[-1] - 1 if ks else -1})")
@@ -139,7 +141,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         self._check_grad(method)
         # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to
         # renumber (an image spans max(h, w) / 2 positions), so those families keep them (documented)
-        self._reindex = method.position_mode == "reindex" and not self.adapter.keeps_positions
+        self._reindex = needs.position_mode == "reindex" and not self.adapter.keeps_positions
         self.stats: PrefillStats | None = None
         self.prefills = 0  # number of visual prefills handled (a check that the engine really ran)
         #: selections of the last prefill, keyed (stage, sample); stage "vision" or the llm stage index
@@ -168,14 +170,14 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         if not linear:
             return
         full = [i for i in range(len(self.lm.layers)) if i not in linear]
-        for layer in method.probe_layers:
+        for layer in self.needs.probe_layers:
             if layer in linear:
                 raise HybridRefusal(
                     f"{method.name}: its vision stage reads the attention of decoder layer {layer} (probe), a "
                     f"linear-attention (Gated DeltaNet) layer of this hybrid {self.family} model, which has no attention "
                     f"map; its full-attention layers are {full}")
         for k in self.llm_layers:
-            for which in method.llm_reads:
+            for which in self.needs.llm_reads:
                 layer = k - 1 if which == "prev" else k
                 if layer in linear:
                     raise HybridRefusal(
@@ -187,7 +189,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
     def _check_grad(self, method) -> None:
         """Refuse, with the reason, a method that takes a gradient inside the prefill (``Method.llm_grad``) on a
         tensor-parallel model: DeepSpeed AutoTP's all-reduce linears are inference-only (no backward)."""
-        if not method.llm_grad or not self.llm_layers:
+        if not self.needs.llm_grad or not self.llm_layers:
             return
         where = sharded_module([self.lm])
         if where is not None:

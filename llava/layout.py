@@ -19,6 +19,7 @@ from transformers.masking_utils import create_causal_mask
 from .attention_rows import causal_attention_rows, llm_qk
 from .families.base import to_device as _to_device
 from .method import Selection
+from .needs import TOWER_PREFIXES, tower_fields
 from .prefill import _Prefill
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
 from .signals import VisionSignals
@@ -99,19 +100,13 @@ class VisionStageMixin:
         ctx.clock.mark("vision_start")
         method = self.method
         position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
-        extra_layers = tuple(getattr(method, "vision_attention_layers", ()) or ()) + tuple(
-            ("fw", v) for v in (getattr(method, "vision_fullwidth_layers", ()) or ())) + tuple(
-            ("cls", v) for v in (getattr(method, "vision_cls_layers", ()) or ())) + tuple(
-            ("rpat", v) for v in (getattr(method, "vision_received_patch_layers", ()) or ())) + tuple(
-            ("glob", v) for v in (getattr(method, "vision_global_attention_layers", ()) or ())) + tuple(
-            ("gmean", b) for b in (getattr(method, "vision_group_mean_blocks", ()) or ()))
-        logits = getattr(method, "vision_attention_logits", "fp32")
+        needs = self.needs
+        logits = needs.attention_logits
         if logits != "fp32" and not self.adapter.tower_logits:
             raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
                              f"{logits!r}) is computed for the CLIP towers only, not {self.adapter.family}")
         self.adapter.attention_logits = logits
-        blocks = self.adapter.encode(visual, method.needs_vision_attention, getattr(method, "vision_layer", None),
-                                     extra_layers)
+        blocks = self.adapter.encode(visual, needs.tower_attention, needs.vision_layer, needs.tower_reads)
         if not blocks:
             raise ValueError("no visual input")
         embeds = self.lm.embed_tokens(input_ids)
@@ -174,8 +169,8 @@ class VisionStageMixin:
             stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
         unit_all_h = torch.cat(units_h)
         cls_row_h = torch.cat(cls_rows)
-        extras = bool(method.include_cls_candidates) and "vision_features" in utable
-        need_signals = method.vision_stage or method.needs_vision_attention or getattr(method, "llm_vision_signals", False)
+        extras = needs.include_cls_candidates and "vision_features" in utable
+        need_signals = needs.vision_signals
         layouts = []
         for b in range(B):
             real = valid_h[b].nonzero().flatten()
@@ -203,7 +198,7 @@ class VisionStageMixin:
                     "unit": unit, "patch": table["patch"][src],
                     "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
                     "keys": table["keys"][src] if "keys" in table else None,
-                    "extra": {k: table[k][src] for k in table if k.startswith(("recv:", "fwa:", "fwk:", "clsl:", "rpat:", "glob:", "gmean:"))},
+                    "extra": {k: table[k][src] for k in table if k.startswith(TOWER_PREFIXES)},
                 }
                 n_cls = 0
                 if extras:  # append each unit's [CLS] as candidate T + i
@@ -225,13 +220,7 @@ class VisionStageMixin:
                     question_ids=lay.ids[host[b][6]],
                     cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
                     keys=fields["keys"], key=self._sample_key(b, lay.ids),
-                    received_attn={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "recv:"},
-                    fullwidth_cls_attn={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwa:"},
-                    fullwidth_keys={int(k[4:]): r for k, r in fields["extra"].items() if k[:4] == "fwk:"},
-                    cls_attn_layers={int(k[5:]): r.T.contiguous() for k, r in fields["extra"].items() if k[:5] == "clsl:"},
-                    received_patches={int(k[5:]): r for k, r in fields["extra"].items() if k[:5] == "rpat:"},
-                    received_global={int(k[5:]): r for k, r in fields["extra"].items() if k[:5] == "glob:"},
-                    group_mean={int(k[6:]): r for k, r in fields["extra"].items() if k[:6] == "gmean:"},
+                    **tower_fields(fields["extra"]),
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
                     unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
@@ -247,10 +236,10 @@ class VisionStageMixin:
         ctx.vision_sigs = per_sample
         selections, noop = [], []
         for b, sig in enumerate(per_sample):
-            sel = self._select(("vision", b), lambda: method.select_vision(sig)) if method.vision_stage else None
+            sel = self._select(("vision", b), lambda: method.select_vision(sig)) if needs.vision_stage else None
             noop.append(sel is None or sel.check(sig.num_tokens, sig.num_stock))
             selections.append(sel)
-        if method.vision_stage and any(noop) and method.budget is not None:
+        if needs.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
         self.sample_keys = None

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from .needs import Needs
 from .plugins import load_methods, name_taken
 
 MergeRule = Literal["target_plus_mean", "mean", "weighted_mean"]
@@ -198,17 +199,10 @@ class BudgetError(ValueError):
     checks it can make in ``__init__`` / ``setup`` raise ``ValueError`` there, before anything runs."""
 
 
-def keep_all(n: int) -> Selection:
-    return Selection(keep=torch.arange(n))
-
-
 class Method:
-    """Base class. Subclasses set ``name``, the stages they act at, and their options.
-
-    Options are dataclass-like keyword arguments validated in ``__init__``; ``config()`` returns
-    them for results files. ``budget`` is the method's nominal token budget (its paper's meaning);
-    ``None`` means the method needs none (e.g. the unpruned model).
-    """
+    """Base class. Subclasses set ``name``, the stages they act at (the attributes below, read by the engine as
+    :meth:`needs`), and their options (keyword arguments validated in ``__init__``; ``config()`` returns them for
+    results files). ``budget``: the method's nominal token budget (its paper's meaning); None: it needs none."""
 
     name: ClassVar[str] = "none"
     #: True if :meth:`select_vision` is implemented.
@@ -254,6 +248,9 @@ class Method:
     #: included) the vision stage reads as ``sig.received_global[v]`` (T,) (HiPrune's official order of the two
     #: means); CLIP towers only.
     vision_global_attention_layers: tuple[int, ...] = ()
+    #: Qwen vision blocks (-1: the last) whose output averaged over each merged token's 4 patches the vision stage
+    #: reads as ``sig.group_mean[b]`` (T, C) (MMTok's official vision space); Qwen2.5-VL / Qwen3-VL towers only.
+    vision_group_mean_blocks: tuple[int, ...] = ()
     #: The arithmetic of every tower attention signal above: "fp32" (ours) or "model" (as the official code
     #: computes them, in the tower's dtype: :func:`llava.families.clip.clip_probs`; reference modes; CLIP
     #: towers only; eager engine only)
@@ -267,6 +264,9 @@ class Method:
     #: ``docs/architecture.md`` "In-tower stage"). The vision stage then sees every stock token, the
     #: dropped ones with zero features, and ``sig.in_tower_kept`` (T,) bool flags the survivors.
     tower_stage: ClassVar[bool] = False
+    #: The in-tower stage's masked form, ``select_tower_masked(layer_idx, sig) -> (n, S) bool`` (a method of the
+    #: subclass; None: none): the fast path runs the tower masked with it (:func:`llava.families.clip.run_tower_masked`).
+    select_tower_masked: ClassVar[Any] = None
     #: How the fast path (``llava.load(..., fast=True)``, :mod:`llava.fast.path`) captures this method's prefill:
     #: ``"full"`` (fixed output counts, no device read: one graph per length bucket), ``"piecewise"`` (two graphs,
     #: the vision stage's and the LLM's, with a host read of the selection's counts between them), or None with
@@ -353,6 +353,11 @@ class Method:
         self.family = family
 
     # -- declaration --------------------------------------------------------------------------
+    def needs(self) -> Needs:
+        """The attributes above as one checked record (:class:`llava.needs.Needs`), what the engine reads once
+        attached (after :meth:`setup`); a wrong type or choice raises here, naming the attribute."""
+        return Needs.of(self, tower_masked=callable(self.select_tower_masked))
+
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         """Named options with their defaults. Subclasses extend this."""
@@ -371,7 +376,7 @@ class Method:
         """Why the fast path cannot capture this method with its current options (None: it can)."""
         if self.capturable not in ("full", "piecewise"):
             return self.capture_reason or f"{self.name} is not capturable"
-        if getattr(self, "numerics", "ours") == "official":
+        if self.config().get("numerics") == "official":  # a reference mode's option
             return f"{self.name}: the reference mode (numerics='official') runs on the eager engine"
         if self.prune_past_cache:
             return f"{self.name}: pruning the earlier layers' caches runs on the eager engine"
@@ -428,9 +433,7 @@ class NoPruning(Method):
     capturable = "full"
 
 
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
+# -- the registry ------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[Method]] = {"none": NoPruning}
 #: Modules whose import registers more methods; imported lazily on first lookup.

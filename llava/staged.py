@@ -69,16 +69,16 @@ class StagedDecoderMixin:
         ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
         bounds = [0, *self.llm_layers, n_layers]
         # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
-        eager = set(getattr(self.method, "eager_layers", ()) or ())
-        past = bool(getattr(self.method, "prune_past_cache", False)) and cache is not None
-        ctx.past_from = int(getattr(self.method, "past_cache_from", 0) or 0)  # the first layer whose cache is pruned
+        eager = set(self.needs.eager_layers)
+        past = self.needs.prune_past_cache and cache is not None
+        ctx.past_from = self.needs.past_cache_from  # the first layer whose cache is pruned
         h = embeds
         prev_in = None
         segments: list[_Segment] = []
         seq_lens: list[int] = []
         per_layer = [[] for _ in range(B)]
         shift = torch.zeros(B, dtype=torch.long, device=dev)
-        sub = tuple(getattr(self.method, "llm_subblock_layers", ()) or ())
+        sub = self.needs.llm_subblock_layers
         ctx.subblocks = {}
         rec = SubBlockRecorder(lm.layers, sub) if sub else None
         try:
@@ -316,7 +316,7 @@ class StagedDecoderMixin:
         # the first segment's prompt: add back the rows it dropped from the prompt that entered layer 0. Read only
         # then: a compiled decode step (static cache) must not read the prompt's length
         drop = 0
-        if segs and getattr(self.method, "prune_past_cache", False):
+        if segs and self.needs.prune_past_cache:
             drop = self._state.llm_len - segs[0].mask.shape[1]
         return cache.get_seq_length(full) + drop
 

@@ -146,10 +146,10 @@ def _signals(method, s: Structure, dims: dict, seed: int):
         patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=torch.randn(tt, D, generator=g),
         question_mask=torch.ones(tt, dtype=torch.bool), question_ids=torch.arange(tt),
         cls_attn=soft(H, n) if needs else None, keys=torch.randn(n, Dv // H, generator=g) if needs else None,
-        received_attn={v: soft(H, n) for v in getattr(method, "vision_attention_layers", ()) or ()},
-        fullwidth_cls_attn={v: soft(n) for v in getattr(method, "vision_fullwidth_layers", ()) or ()},
-        fullwidth_keys={v: torch.randn(n, Dv, generator=g) for v in getattr(method, "vision_fullwidth_layers", ()) or ()},
-        cls_attn_layers={v: soft(H, n) for v in getattr(method, "vision_cls_layers", ()) or ()},
+        received_attn={v: soft(H, n) for v in method.vision_attention_layers},
+        fullwidth_cls_attn={v: soft(n) for v in method.vision_fullwidth_layers},
+        fullwidth_keys={v: torch.randn(n, Dv, generator=g) for v in method.vision_fullwidth_layers},
+        cls_attn_layers={v: soft(H, n) for v in method.vision_cls_layers},
         key=seed, num_stock=s.tokens, unit_pos=torch.full((s.units, 2), -1, dtype=torch.long),
         unit_grid=list(s.unit_grid or [tuple(s.grid)] * s.units),
         _probe_fn=lambda layer, queries="question": soft(dims.get("heads", 4), tt, s.tokens),
@@ -161,7 +161,7 @@ def planned_count(method, s: Structure, dims: dict) -> int:
     Raises :class:`PluginError` when the dry run fails or the count depends on the values."""
     if not method.vision_stage:
         return s.tokens
-    if getattr(method, "tower_stage", False):
+    if method.tower_stage:
         raise PluginError(f"{method.name} prunes inside the vision tower, where the count it keeps is decided layer by "
                           "layer; the plugin does not plan in-tower stages yet (run it with the HF engine)")
     counts = []

@@ -85,7 +85,7 @@ class VisionStage:
         from llava.models import load
 
         method = spec.build()
-        probe = tuple(getattr(method, "probe_layers", ()) or ())
+        probe = tuple(method.probe_layers)
         layers = max(probe) + 1 if probe else 0
         self.spec = spec
         self.rt = load(model, dtype=dtype, device=device, template=spec.template, decoder_layers=layers, revision=revision)

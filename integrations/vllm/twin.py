@@ -90,7 +90,7 @@ class Twin:
         config = copy.deepcopy(config)
         shrink(config)
         method = spec.build()
-        probe = tuple(getattr(method, "probe_layers", ()) or ())
+        probe = tuple(method.probe_layers)
         n = max(probe) + 1 if probe else 0
         kept = truncate_decoder(config, n)
         torch.manual_seed(0)

@@ -104,14 +104,10 @@ def sync_sizes(family: str):
 PROMPT_KEYED = {"random": "its draws are seeded by a hash of the prompt ids (VisionSignals.key)"}
 
 
-def _declared(cls, attr: str):
-    return getattr(cls, attr, None) if cls is not None else None
-
-
 def tiny_budget(name: str, family: str, cls=None):
     """The budget of method ``name`` on ``family``'s tiny model: the class's ``check_budget`` (a value or a table
     per family), else this module's table (per tiny geometry), else None."""
-    b = _declared(cls, "check_budget")
+    b = cls.check_budget if cls is not None else None
     if isinstance(b, dict):
         return b.get(key(family))
     if b is not None:
@@ -126,7 +122,7 @@ def tiny_budget(name: str, family: str, cls=None):
 def keep_all_spelling(name: str, family: str, cls=None) -> tuple | str:
     """(budget, options) with which ``name`` keeps every visual token on ``family``, or why none is known: the
     class's ``check_keep_all``, else the first entry of :data:`KEEP_ALL` for that family."""
-    declared = _declared(cls, "check_keep_all")
+    declared = cls.check_keep_all if cls is not None else None
     if declared is not None:
         return declared[0], dict(declared[1])
     if name in NO_KEEP_ALL:

@@ -22,9 +22,12 @@ in the core.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from ..needs import TowerRead
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -125,6 +128,8 @@ class FamilyAdapter:
     tower_logits: bool = False
     #: the arithmetic the engine asks of the tower's attention signals for the current method ("fp32" / "model")
     attention_logits: str = "fp32"
+    #: the attached method when it has an in-tower stage (``Needs.tower_stage``), set by the engine; None: none
+    tower_method = None
 
     def __init__(self, model: torch.nn.Module, next_layout: str | None = None, **options):
         # next_layout is LLaVA-NeXT's packing option; other families have one packing and ignore it
@@ -145,9 +150,9 @@ class FamilyAdapter:
         return len(self.tower.encoder.layers)
 
     def encode(self, visual: dict, want_attn: bool, vision_layer: int | None,
-               extra_layers: tuple[int, ...] = ()) -> list[VisualBlock]:
-        """``extra_layers``: hidden-state indices whose received attention the method asks for
-        (``Method.vision_attention_layers``), as ``recv:<v>`` per-token entries."""
+               tower_reads: tuple[TowerRead, ...] = ()) -> list[VisualBlock]:
+        """``tower_reads``: the tower signals the method asks for (:class:`llava.needs.TowerRead`), as per-token
+        entries under their :attr:`~llava.needs.TowerRead.names`."""
         raise NotImplementedError
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..needs import HEAD_PREFIXES
 from .base import param_dtype
 
 #: the arithmetic of the tower's attention signals (``Method.vision_attention_logits``): "fp32" (ours: q / k cast
@@ -208,7 +209,7 @@ def run_tower_masked(tower, pixels: torch.Tensor, feature_layer: int, method, ki
 
     if not isinstance(feature_layer, int):
         raise ValueError("an in-tower stage needs a single vision_feature_layer")
-    hook = getattr(method, "select_tower_masked", None)
+    hook = method.select_tower_masked
     if not callable(hook):
         raise TypeError(f"{method.name}: the masked tower needs select_tower_masked(layer, sig) -> (n, S) bool")
     impl = getattr(tower.config, "_attn_implementation", None) or "eager"
@@ -268,24 +269,24 @@ def cls_row(layer, h: torch.Tensor, logits: str = "fp32") -> torch.Tensor:
 
 
 def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
-              extra_layers=(), stage=None, kind: str = "image", cls_in_llm: bool = False, logits: str = "fp32"):
+              tower_reads=(), stage=None, kind: str = "image", cls_in_llm: bool = False, logits: str = "fp32"):
     """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
-    keys (n, S, d) or None, extra signals). ``extra_layers``: hidden-state indices v whose received
-    attention is wanted (``recv:v`` (n, H, S)), or ``("fw", v)`` for the full-width [CLS] attention and
-    keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), or ``("cls", v)`` for that layer's [CLS] row per head
-    (``clsl:v`` (n, H, S)), or ``("rpat", v)`` for the attention received from the other patches
-    (``rpat:v`` (n, S), :func:`received_from_other_patches`), or ``("glob", v)`` for the global attention
+    keys (n, S, d) or None, extra signals). ``tower_reads``: the :class:`llava.needs.TowerRead` signals wanted,
+    at hidden-state index v: ``received`` the attention each token receives (``recv:v`` (n, H, S)), ``fullwidth``
+    the full-width [CLS] attention and keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), ``cls_row`` that layer's
+    [CLS] row per head (``clsl:v`` (n, H, S)), ``received_patches`` the attention received from the other patches
+    (``rpat:v`` (n, S), :func:`received_from_other_patches`), ``received_global`` the global attention
     (``glob:v`` (n, S): head mean per entry, then the mean over all queries). All fp32, from pre-hooks (the tower stays on SDPA);
     ``logits="model"`` (``Method.vision_attention_logits``, reference modes): every attention signal in the
     arithmetic of the official code, in the tower's dtype (:func:`clip_probs`, :func:`fullwidth_signals`).
 
     ``stage``: a method with ``tower_stage`` (the engine sets ``adapter.tower_method``): the tower then
     runs layer by layer (:func:`run_tower_staged`) and the extra signals carry ``in_tower_kept`` (n, S)."""
-    if stage is not None and getattr(stage, "tower_stage", False):
-        if not getattr(stage, "vision_stage", False):
+    if stage is not None:  # the engine hands a method with an in-tower stage only
+        if not stage.vision_stage:
             raise TypeError(f"{stage.name}: a tower-stage method needs a vision stage (select_vision keeps the "
                             "survivors, sig.in_tower_kept; the dropped tokens carry zero features)")
-        if want_attn or extra_layers:
+        if want_attn or tower_reads:
             raise NotImplementedError(f"{stage.name}: an in-tower stage cannot be combined with vision "
                                       "attention signals (needs_vision_attention / vision_*_layers)")
         hs, kept = run_tower_staged(tower, pixels, feature_layer, stage, kind, cls_in_llm)
@@ -299,10 +300,10 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
             captured[key] = args[0] if args else kwargs["hidden_states"]
         return pre_hook
 
-    if any(isinstance(v, tuple) and v[0] == "gmean" for v in extra_layers):
+    if any(r.kind == "group_mean" for r in tower_reads):
         raise ValueError("vision_group_mean_blocks (a block's output averaged over each merged token's 4 "
                          "patches) is computed for the Qwen towers only")
-    extra = {v: attention_layer(tower, feature_layer, v[1] if isinstance(v, tuple) else v) for v in extra_layers}
+    extra = {r: attention_layer(tower, feature_layer, r.layer) for r in tower_reads}
     try:
         if want_attn:
             layer = tower.encoder.layers[attention_layer(tower, feature_layer, vision_layer)]
@@ -314,18 +315,18 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
         for handle in handles:
             handle.remove()
     received = {}
-    for v, idx in extra.items():
-        layer_v, h = tower.encoder.layers[idx], captured[("x", v)]
-        if isinstance(v, tuple) and v[0] == "fw":
-            received[f"fwa:{v[1]}"], received[f"fwk:{v[1]}"] = fullwidth_signals(layer_v, h, logits)
-        elif isinstance(v, tuple) and v[0] == "rpat":  # received from the other patches (VisionTrim's term)
-            received[f"rpat:{v[1]}"] = received_attention(layer_v, h, logits=logits, form="other_patches")
-        elif isinstance(v, tuple) and v[0] == "glob":  # global: heads first, then all queries (HiPrune's)
-            received[f"glob:{v[1]}"] = received_attention(layer_v, h, logits=logits, form="global")
-        elif isinstance(v, tuple):  # ("cls", v): that layer's [CLS] query row per head
-            received[f"clsl:{v[1]}"] = cls_row(layer_v, h, logits)
+    for r, idx in extra.items():
+        layer_v, h = tower.encoder.layers[idx], captured[("x", r)]
+        if r.kind == "fullwidth":
+            received[r.names[0]], received[r.names[1]] = fullwidth_signals(layer_v, h, logits)
+        elif r.kind == "received_patches":  # received from the other patches (VisionTrim's term)
+            received[r.names[0]] = received_attention(layer_v, h, logits=logits, form="other_patches")
+        elif r.kind == "received_global":  # global: heads first, then all queries (HiPrune's)
+            received[r.names[0]] = received_attention(layer_v, h, logits=logits, form="global")
+        elif r.kind == "cls_row":  # that layer's [CLS] query row per head
+            received[r.names[0]] = cls_row(layer_v, h, logits)
         else:
-            received[f"recv:{v}"] = received_attention(layer_v, h, logits=logits)
+            received[r.names[0]] = received_attention(layer_v, h, logits=logits)
     hs = out.hidden_states[feature_layer]
     cls_attn = keys = None
     if want_attn:
@@ -384,7 +385,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
         flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
         flat["keys"] = ks[:, off:].reshape(n * m, -1)
     for name, r in (received or {}).items():  # recv (n, H, S) / fwa (n, S) / fwk (n, S, D) -> per token
-        r = r.permute(0, 2, 1) if name.startswith(("recv:", "clsl:")) else r
+        r = r.permute(0, 2, 1) if name.startswith(HEAD_PREFIXES) else r
         flat[name] = r[:, off:].reshape(n * m, *r.shape[2:])
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
         cls = {"features": proj(hs[:, :1].to(pdt))[:, 0], "vision_features": hs[:, 0]}
@@ -392,7 +393,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
             cls["cls_attn"] = ca[:, :, 0]
             cls["keys"] = ks[:, 0]
         for name, r in (received or {}).items():
-            cls[name] = r[:, :, 0] if name.startswith(("recv:", "clsl:")) else r[:, 0]
+            cls[name] = r[:, :, 0] if name.startswith(HEAD_PREFIXES) else r[:, 0]
         flat["cls"] = cls
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
     side = int(round((m - (0 if drop_cls else 1)) ** 0.5))  # patches per grid side ([CLS] not counted)

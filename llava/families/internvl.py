@@ -98,8 +98,8 @@ class InternVLAdapter(FamilyAdapter):
         ca, ks = cls_signals(layer, h)  # (n, H, 1 + P), (n, 1 + P, d)
         return self.pool(ca[:, :, 1:].transpose(1, 2), "sum"), self.pool(ks[:, 1:], "mean")
 
-    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
-        if extra_layers:
+    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+        if tower_reads:
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         if visual.get("pixel_values_videos") is not None:

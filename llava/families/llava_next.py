@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import FamilyAdapter, FastVisual, VisualBlock, to_device
+from ..needs import CLS_QUERY_PREFIXES
 from .clip import flatten_units, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
@@ -77,7 +78,7 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
 
-    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
+    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 
@@ -95,8 +96,8 @@ class LlavaNextAdapter(FamilyAdapter):
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
         drop = cfg.vision_feature_select_strategy == "default"
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, extra_layers,
-                                   stage=getattr(self, "tower_method", None), logits=self.attention_logits, kind="crop", cls_in_llm=not drop)
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, tower_reads,
+                                   stage=self.tower_method, logits=self.attention_logits, kind="crop", cls_in_llm=not drop)
         flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop", received=rc)
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
@@ -129,7 +130,7 @@ class LlavaNextAdapter(FamilyAdapter):
             out["keys"] = out["keys"].masked_fill(nl, 0)
         if "in_tower_kept" in out:  # in-tower stage: newline tokens are no tower tokens
             out["in_tower_kept"] = out["in_tower_kept"] & ~newline
-        for k in [k for k in out if k.startswith(("recv:", "fwa:", "fwk:", "clsl:"))]:
+        for k in [k for k in out if k.startswith(CLS_QUERY_PREFIXES)]:
             out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]
 

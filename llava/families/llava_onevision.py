@@ -23,8 +23,8 @@ from .base import FamilyAdapter, FastVisual, VisualBlock
 class LlavaOnevisionAdapter(FamilyAdapter):
     visual_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
 
-    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
-        if extra_layers:
+    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+        if tower_reads:
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         # the saliency layer is the model's select layer (``vision_layer`` is a CLIP option)

@@ -56,11 +56,11 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def num_vision_layers(self) -> int:
         return len(self.core.visual.blocks)
 
-    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
-        # ("gmean", b): block b's output averaged over each merged token's 4 patches (``gmean:<b>``, the
-        # method's ``vision_group_mean_blocks``: MMTok's official vision -> vision space)
-        means = tuple(v[1] for v in extra_layers if isinstance(v, tuple) and v[0] == "gmean")
-        if len(means) != len(extra_layers):
+    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+        # group_mean at block b: its output averaged over each merged token's 4 patches (the method's
+        # ``vision_group_mean_blocks``: MMTok's official vision -> vision space)
+        means = {r.layer: r.names[0] for r in tower_reads if r.kind == "group_mean"}
+        if len(means) != len(tower_reads):
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         # ``vision_layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
@@ -76,7 +76,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             if grid is None:
                 raise ValueError(f"{self.family} needs {'video' if video else 'image'}_grid_thw with its pixels")
             v = qwen_vision.encode(self.model, pix, grid, want_attn=want_attn, layer=self.saliency_layer,
-                                   saliency=self.saliency, video=video, group_mean=means)
+                                   saliency=self.saliency, video=video, group_mean=tuple(means))
             flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
                     "unit_h": v.unit, "kind": "frame" if video else "image",
                     "unit_pos": torch.full((len(v.grids), 2), -1, dtype=torch.long, device=v.features.device),
@@ -85,7 +85,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 flat["cls_attn"] = v.saliency.T
                 flat["keys"] = v.keys
             for b, rows in (v.group_mean or {}).items():
-                flat[f"gmean:{b}"] = rows
+                flat[means[b]] = rows
             if v.deepstack is not None:  # Qwen3-VL
                 flat["deepstack"] = v.deepstack
             blocks.append(VisualBlock(token_id, flat, v.sizes))

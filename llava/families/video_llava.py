@@ -16,23 +16,23 @@ class VideoLlavaAdapter(FamilyAdapter):
     def tower(self):
         return self.core.video_tower
 
-    def encode(self, visual, want_attn, vision_layer, extra_layers=()):
+    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
         cfg = self.config
         proj = self.core.multi_modal_projector
         blocks = []
-        stage = getattr(self, "tower_method", None)  # a method with an in-tower stage (set by the engine)
+        stage = self.tower_method  # a method with an in-tower stage (set by the engine)
         pixel_values, videos = visual.get("pixel_values"), visual.get("pixel_values_videos")
         if pixel_values is not None:
             drop = cfg.vision_feature_select_strategy == "default"
             hs, ca, ks, rc = run_tower(self.core.image_tower, pixel_values, cfg.vision_feature_layer, want_attn,
-                                       vision_layer, extra_layers, stage=stage, kind="image", cls_in_llm=not drop,
+                                       vision_layer, tower_reads, stage=stage, kind="image", cls_in_llm=not drop,
                                        logits=self.attention_logits)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=drop, kind="image", received=rc)
             blocks.append(VisualBlock(cfg.image_token_id, flat, sizes))
         if videos is not None:
             b, t = videos.shape[:2]
             hs, ca, ks, rc = run_tower(self.core.video_tower, videos.flatten(0, 1), cfg.vision_feature_layer,
-                                       want_attn, vision_layer, extra_layers, stage=stage, kind="frame", cls_in_llm=True,
+                                       want_attn, vision_layer, tower_reads, stage=stage, kind="frame", cls_in_llm=True,
                                        logits=self.attention_logits)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame", received=rc)
             sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video

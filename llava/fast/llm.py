@@ -46,10 +46,10 @@ class StageSpec:
     num_text: tuple = ()  # per sample: its real rows
 
 
-def text_count(method, n_text: int) -> int:
-    """The text-after count an llm stage is shown on the fast path: clipped to ``method.llm_text_cap``, so
-    that a count the method does not tell apart stays out of the graph key."""
-    cap = method.llm_text_cap
+def text_count(needs, n_text: int) -> int:
+    """The text-after count an llm stage is shown on the fast path: clipped to ``needs.llm_text_cap`` (the method's
+    :class:`llava.needs.Needs`), so that a count the method does not tell apart stays out of the graph key."""
+    cap = needs.llm_text_cap
     return n_text if cap is None else min(n_text, int(cap))
 
 
@@ -58,7 +58,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     ``n_text`` tokens follow the image (padded to ``Q`` text rows), from dry runs of ``select_llm`` on
     ``meta`` tensors (``vision_sig``: the sample's meta vision signals, or None), padded rows of ``S``.
     Raises what the method raises when it reads a device value."""
-    m, lm = engine.method, engine.lm
+    m, needs, lm = engine.method, engine.needs, engine.lm
     cfg = lm.config
     D = cfg.hidden_size
     H = cfg.num_attention_heads
@@ -67,19 +67,19 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     meta = torch.device("meta")
     state: dict = {}
     out, nv = [], nv0
-    for stage in range(len(m.llm_layers)):
+    for stage in range(len(needs.llm_layers)):
         if not nv:
             out.append(0)
             continue
         vis = torch.empty(nv, dtype=torch.long, device=meta)
         text = text_mask = None
-        if m.llm_text_rows:
+        if needs.llm_text_rows:
             text = torch.empty(Q, dtype=torch.long, device=meta)
             text_mask = torch.empty(Q, dtype=torch.bool, device=meta)
-        sig = LLMSignals(layer=m.llm_layers[stage], hidden=torch.empty(S, D, device=meta),
+        sig = LLMSignals(layer=needs.llm_layers[stage], hidden=torch.empty(S, D, device=meta),
                          position_ids=torch.empty(S, dtype=torch.long, device=meta), visual=vis, origin=vis,
                          text_after=text, question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=torch.empty(nv, D, device=meta),
-                         text_embeds=torch.empty(Q, D, device=meta) if m.llm_text_rows else None,
+                         text_embeds=torch.empty(Q, D, device=meta) if needs.llm_text_rows else None,
                          num_visual_entry=nv0, entry_visual_embeds=torch.empty(nv0, D, device=meta),
                          state=state, prev_hidden=torch.empty(S, D, device=meta), vision=vision_sig, captured=True,
                          key_mask=torch.empty(S, dtype=torch.bool, device=meta),
@@ -98,20 +98,20 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     return tuple(out)
 
 
-def plan_stages(method, rows, lens, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
+def plan_stages(needs, rows, lens, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
     """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``lens``: the
     rows' lengths entering layer 0 and ``counts``: per sample, its visual tokens entering layer 0 then
     after each stage. Returns the :class:`StageSpec` per stage, their host tensors (per stage: the visual
     rows entering it, the next rows' gather, positions, first-position gather, pad rows per sample ("pad": the
     4-D mask is built from it on the device, :func:`prompt_mask`)), each segment's row lengths per sample and
-    buckets. With ``method.llm_text_rows`` also each stage's text-after rows,
-    padded to ``text_buckets`` ("text", "text_mask"); for a stage before decoder layer ``deepstack`` (DeepStack
+    buckets (``needs``: the method's :class:`llava.needs.Needs`). With ``needs.llm_text_rows`` also each stage's
+    text-after rows, padded to ``text_buckets`` ("text", "text_mask"); for a stage before decoder layer ``deepstack`` (DeepStack
     levels still to add) the next segment's visual rows, flattened ("ds_at")."""
     B = len(rows)
     specs, tensors = [], []
     seg_lens = [list(lens)]
     seg_buckets = [bucket_for(max(lens), buckets)]
-    for stage, layer in enumerate(method.llm_layers):
+    for stage, layer in enumerate(needs.llm_layers):
         Lp = seg_buckets[-1]
         nv_in = [c[stage] for c in counts]
         m_out = [c[stage + 1] for c in counts]
@@ -126,14 +126,14 @@ def plan_stages(method, rows, lens, counts, buckets, bucket_for, text_buckets=()
             pad_old, pad = Lp - n_old, Lb - n
             old = b * Lp + pad_old  # the sample's first real row, flattened
             vis.append(pad_old + p0 + torch.arange(nv))
-            if method.llm_text_rows:  # the rows after the image in the row entering the stage, padded
+            if needs.llm_text_rows:  # the rows after the image in the row entering the stage, padded
                 n_after = n_old - p0 - nv
                 Q = bucket_for(n_after, text_buckets)
                 real = torch.arange(Q) < n_after
                 text.append(torch.where(real, pad_old + p0 + nv + torch.arange(Q), 0))
                 text_mask.append(real)
                 text_q.append(Q)
-                n_text.append(text_count(method, n_after))
+                n_text.append(text_count(needs, n_after))
             j = torch.arange(n)
             src[b, pad:] = torch.where(j < p0, old + j, torch.where(j < p0 + m, out_at + j - p0, old + j - m + nv))
             out_at += m

@@ -71,6 +71,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import attention as fast_attention
 from ..families import registry
@@ -136,11 +137,14 @@ def _tower_in(moved: dict) -> dict | None:
 
 
 def _upload(host: dict, dev) -> dict:
-    """Host tensors on ``dev``: the index (long) tensors in one copy, the others (float, bool) each."""
-    names = [k for k in host if host[k].dtype == torch.long]
-    moved = dict(zip(names, to_device([host[k] for k in names], dev)))
-    moved.update({k: v.to(dev, non_blocking=True) for k, v in host.items() if v.dtype != torch.long})
-    return moved
+    """Host tensors on ``dev``, in the same structure (a dict of tensors, lists of dicts of tensors, ...): the
+    index (long) tensors in one copy, the others (float, bool) each."""
+    leaves, tree = tree_flatten(host)
+    at = [i for i, t in enumerate(leaves) if t.dtype == torch.long]
+    moved = [t if t.dtype == torch.long else t.to(dev, non_blocking=True) for t in leaves]
+    for i, t in zip(at, to_device([leaves[i] for i in at], dev)):
+        moved[i] = t
+    return tree_unflatten(moved, tree)
 
 
 class FastPath(FastPlanMixin, FastVisionMixin):
@@ -209,11 +213,11 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             return (f"the fast path's masks are SDPA's (boolean); this decoder runs {impl!r} attention: load with "
                     "attn_implementation='sdpa'")
         m = e.method
-        if getattr(m, "tower_stage", False):  # captured through the masked tower (clip.run_tower_masked)
-            if not callable(getattr(m, "select_tower_masked", None)):
+        if e.needs.tower_stage:  # captured through the masked tower (clip.run_tower_masked)
+            if not e.needs.tower_masked:
                 return (f"{m.name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "
                         "are captured through the masked tower only")
-            if m.needs_vision_attention or self._extra_names():
+            if e.needs.tower_attention or self._extra_names():
                 return f"{m.name}: an in-tower stage with vision attention signals is not captured"
             for k in e.adapter.pixel_keys:
                 impl = getattr(e.adapter.fast_tower(k).config, "_attn_implementation", None) or "eager"
@@ -271,8 +275,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                 for s in spec.samples:
                     vis0.append(stage_in["vis0"][at:at + s.outputs])
                     at += s.outputs
-                stages = [{k[len(f"s{i}:"):]: v for k, v in stage_in.items() if k.startswith(f"s{i}:")}
-                          for i in range(len(spec.stages))]
+                stages = stage_in["stages"]
             ds = {"rows": torch.cat(deeps), "at": ds_at} if spec.deepstack else None  # Qwen3-VL's DeepStack rows
             h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad, ds,
                                   attn=self._attn)
@@ -437,9 +440,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             new = new or key not in self._seen
             self._seen.add(key)
             timings["plan"] += time.perf_counter() - t0
-            stage_in = ({k: v for k, v in moved.items() if k == "vis0" or (k[0] == "s" and ":" in k)}
-                        if spec.stages else None)
-            probe_in = {k[6:]: v for k, v in moved.items() if k.startswith("probe:")} or None
+            stage_in = {"vis0": moved["vis0"], "stages": moved["stages"]} if spec.stages else None
+            probe_in = moved.get("probe") or None
             logits, bad = self._prefill(tower_out, moved["tok"], moved["src"], moved["pos"], moved["pad"],
                                         moved["index"], cache, spec, stage_in, moved.get("vpos"), moved.get("ds_at"),
                                         probe_in)

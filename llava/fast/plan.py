@@ -16,6 +16,7 @@ import torch
 
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
+from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
@@ -24,6 +25,9 @@ BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072
 TEXT_BUCKETS = (16, 32, 64, 128, 256, 512)
 #: decode slots of the static cache are allocated in steps of this many tokens
 DECODE_STEP = 64
+#: the tower signals the fast path computes (:class:`llava.needs.TowerRead` kinds); a method asking for the
+#: others runs on the eager engine
+FAST_TOWER_KINDS = ("received", "fullwidth", "cls_row")
 
 
 class NotPlanned(Exception):
@@ -141,22 +145,17 @@ class FastPlanMixin:
                           num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
                           grid=grid)
 
-    def _extra_names(self) -> list[tuple[str, int | tuple]]:
-        """The method's extra tower-layer signals as (flat name, layer spec): ``recv:v`` (received
-        attention), ``fwa:v`` / ``fwk:v`` (full-width [CLS] attention / keys), ``clsl:v`` ([CLS] row)."""
-        m = self.engine.method
-        out = [(f"recv:{v}", v) for v in getattr(m, "vision_attention_layers", ()) or ()]
-        for v in getattr(m, "vision_fullwidth_layers", ()) or ():
-            out += [(f"fwa:{v}", ("fw", v)), (f"fwk:{v}", ("fw", v))]
-        return out + [(f"clsl:{v}", ("cls", v)) for v in getattr(m, "vision_cls_layers", ()) or ()]
+    def _extra_names(self) -> list[tuple[str, TowerRead]]:
+        """The method's tower signals the fast path computes (:data:`FAST_TOWER_KINDS`) as (flat name, its
+        :class:`llava.needs.TowerRead`): ``recv:v`` (received attention), ``fwa:v`` / ``fwk:v`` (full-width [CLS]
+        attention / keys), ``clsl:v`` ([CLS] row); the others' arithmetic runs on the eager engine
+        (:meth:`llava.method.Method.capture_refusal`)."""
+        return [(name, r) for r in self.engine.needs.tower_reads if r.kind in FAST_TOWER_KINDS for name in r.names]
 
     @staticmethod
     def _extra_fields(extras: dict) -> dict:
         """VisionSignals fields from per-token extra signals (name -> (T, ...)), as the eager engine's."""
-        return {"received_attn": {int(k[5:]): r.T.contiguous() for k, r in extras.items() if k[:5] == "recv:"},
-                "fullwidth_cls_attn": {int(k[4:]): r for k, r in extras.items() if k[:4] == "fwa:"},
-                "fullwidth_keys": {int(k[4:]): r for k, r in extras.items() if k[:4] == "fwk:"},
-                "cls_attn_layers": {int(k[5:]): r.T.contiguous() for k, r in extras.items() if k[:5] == "clsl:"}}
+        return tower_fields(extras)
 
     def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
                         extras=None, probe=None):
@@ -189,7 +188,7 @@ class FastPlanMixin:
         ``meta`` tensors (shapes only: a method that reads a device value fails here, and the prefill runs
         eagerly)."""
         m = self.engine.method
-        if not m.vision_stage:
+        if not self.engine.needs.vision_stage:
             return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64, n_text,
                                             bucket_for(n_text, TEXT_BUCKETS)))
         cfg = self.engine.model.config
@@ -198,9 +197,9 @@ class FastPlanMixin:
         heads, kd, vd = self.engine.adapter.fast_dims()
         meta = torch.device("meta")
         n = s.tokens + s.extra
-        needs = m.needs_vision_attention
-        ca = torch.empty(heads, n, device=meta) if needs else None
-        ks = torch.empty(n, kd, device=meta) if needs else None
+        attn = self.engine.needs.tower_attention
+        ca = torch.empty(heads, n, device=meta) if attn else None
+        ks = torch.empty(n, kd, device=meta) if attn else None
         shape = {"recv": (n, vc.num_attention_heads), "clsl": (n, vc.num_attention_heads), "fwa": (n,),
                  "fwk": (n, vc.hidden_size)}
         extras = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
@@ -291,7 +290,7 @@ class FastPlanMixin:
         tp = tp or self.plan_tower(input_ids, attention_mask, visual)
         ids_h, valid_h, fv = tp.ids, tp.valid, tp.fv
         B = ids_h.shape[0]
-        extras = bool(fv.drop_cls and e.method.include_cls_candidates)
+        extras = bool(fv.drop_cls and e.needs.include_cls_candidates)
         others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
                   if t is not None and t != fv.token_id]
         rows, samples, chunks, at = [], [], [], 0
@@ -305,7 +304,7 @@ class FastPlanMixin:
             p0 = int(vis[0]) if T else 0
             rows.append((ids, p0, T))
             text = None
-            if e.method.query_aware:  # the text after the visual run, padded: (real rows, question rows)
+            if e.needs.query_aware:  # the text after the visual run, padded: (real rows, question rows)
                 after, question = e._text_spans(ids, vis)
                 Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
                 text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
@@ -330,8 +329,8 @@ class FastPlanMixin:
                        tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
             ids, p0, T = rows[b]
             n_text = int(ids.numel()) - p0 - T  # the text after the image (an llm stage's text rows)
-            if e.method.llm_text_rows:  # its counts may depend on it, up to the method's cap
-                n_text = text_count(e.method, n_text)
+            if e.needs.llm_text_rows:  # its counts may depend on it, up to the method's cap
+                n_text = text_count(e.needs, n_text)
                 sig_key += (n_text,)
             keys.append(sig_key)
             if sig_key not in self._counts:
@@ -372,10 +371,10 @@ class FastPlanMixin:
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
         stages, stage_host, seg_lens, seg_buckets = (), [], [lens], [Lb]
-        if e.method.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
+        if e.needs.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
                 raise NotPlanned(f"{e.method.name}: llm stages after a piecewise vision stage are not planned")
-            stages, stage_host, seg_lens, seg_buckets = plan_stages(e.method, rows, lens, vp.dry, self.buckets,
+            stages, stage_host, seg_lens, seg_buckets = plan_stages(e.needs, rows, lens, vp.dry, self.buckets,
                                                                     bucket_for, TEXT_BUCKETS,
                                                                     deepstack=vp.spec.deepstack)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
@@ -410,13 +409,13 @@ class FastPlanMixin:
         probe = None
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index,
                 "pad": torch.tensor([Lb - n for n in lens])}  # the 4-D mask: built on the device (fast_llm.prompt_mask)
-        if e.method.vision_stage and e.method.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast.probe)
+        if e.needs.vision_stage and e.needs.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast.probe)
             if vp.spec.deepstack:
                 raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not "
                                  "planned")
-            probe, probe_host = plan_probe(e.method.probe_layers, rows, [s.text for s in samples], bucket_for,
+            probe, probe_host = plan_probe(e.needs.probe_layers, rows, [s.text for s in samples], bucket_for,
                                            self.buckets, full)
-            host.update({f"probe:{k}": v for k, v in probe_host.items()})
+            host["probe"] = dict(probe_host)
         spec = _replace(vp.spec, bucket=Lb, cache_len=C, stages=stages, probe=probe)
         if full is not None:
             host["vpos"] = torch.cat(vpos, 1)
@@ -424,8 +423,7 @@ class FastPlanMixin:
             host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
         if stages:
             host["vis0"] = torch.cat(vis0)
-            for s, t in enumerate(stage_host):
-                host.update({f"s{s}:{k}": v for k, v in t.items()})
+            host["stages"] = [dict(t) for t in stage_host]  # per llm stage, its host tensors by name
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
         return spec, host, (seg_lens, seg_buckets), [T for _, _, T in rows], nxt
 

@@ -29,7 +29,7 @@ class FastVisionMixin:
         e = self.engine
         if spec.tower is not None:
             with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
-                enc = e.adapter.fast_encode(px, spec.tower, tower_in, e.method.needs_vision_attention)
+                enc = e.adapter.fast_encode(px, spec.tower, tower_in, e.needs.tower_attention)
             return {k: v for k, v in enc.items() if v is not None}
         return self._clip_tower(px, crops, spec)
 
@@ -71,13 +71,13 @@ class FastVisionMixin:
                 ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
             cands.append((f.to(dtype), v, a, k, ex, enc["deepstack"][safe] if deeps is not None else None))
         probes = [None] * len(spec.samples)
-        if spec.probe is not None and method.vision_stage:  # the LLM probe on the unpruned rows (llava.fast.probe)
+        if spec.probe is not None and e.needs.vision_stage:  # the LLM probe on the unpruned rows (llava.fast.probe)
             probes = run_probe(e.lm, spec.probe, probe_in, [c[0] for c in cands], [s.tokens for s in spec.samples],
                                [s.text for s in spec.samples])
         outs, sigs, origins, counts = [], [], [], []
         for s, (f, v, a, k, ex, dsf), probe in zip(spec.samples, cands, probes):
             at = {name: (o, n) for name, o, n in s.parts}
-            if not method.vision_stage:
+            if not e.needs.vision_stage:
                 if deeps is not None:
                     deeps.append(dsf)
                 outs.append(f)
@@ -136,15 +136,15 @@ class FastVisionMixin:
         if spec.crops:
             x = x[crops]
         out = {}
-        if getattr(method, "tower_stage", False):  # the in-tower stage, masked: every unit at its S tokens, the
+        if self.engine.needs.tower_stage:  # the in-tower stage, masked: every unit at its S tokens, the
             with _no_output_capture():  # survivors as a mask (zero states elsewhere); layers called one by one
                 hs, kept = run_tower_masked(tower, x, fl, method, spec.kind, cls_in_llm=not spec.drop_cls)
             out["x:in_tower_kept"] = kept
         else:
             res = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
             hs = res.hidden_states[fl]
-            if method.needs_vision_attention:
-                li = attention_layer(tower, fl, method.vision_layer)
+            if self.engine.needs.tower_attention:
+                li = attention_layer(tower, fl, self.engine.needs.vision_layer)
                 out["ca"], out["ks"] = cls_signals(tower.encoder.layers[li], res.hidden_states[li])
             out.update({f"x:{k}": v for k, v in self._tower_extras(tower, res.hidden_states, fl).items()})
         proj = adapter.core.multi_modal_projector
@@ -178,14 +178,14 @@ class FastVisionMixin:
         (a layer's input is ``hidden_states[i]``, what the eager engine's pre-hook sees), per unit and
         tower token: ``recv`` / ``clsl`` (N, S, H), ``fwa`` (N, S), ``fwk`` (N, S, Dv); fp32."""
         out, fw = {}, {}
-        for name, v in self._extra_names():
-            li = attention_layer(tower, fl, v[1] if isinstance(v, tuple) else v)
+        for name, r in self._extra_names():
+            li = attention_layer(tower, fl, r.layer)
             layer, h = tower.encoder.layers[li], hidden_states[li]
-            if isinstance(v, tuple) and v[0] == "fw":
-                if v not in fw:
-                    fw[v] = fullwidth_signals(layer, h)
-                out[name] = fw[v][0] if name.startswith("fwa:") else fw[v][1]
-            elif isinstance(v, tuple):
+            if r.kind == "fullwidth":
+                if r not in fw:
+                    fw[r] = fullwidth_signals(layer, h)
+                out[name] = fw[r][r.names.index(name)]
+            elif r.kind == "cls_row":
                 out[name] = cls_row(layer, h).permute(0, 2, 1)
             else:
                 out[name] = received_attention(layer, h).permute(0, 2, 1)
