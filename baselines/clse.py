@@ -208,7 +208,7 @@ class CLSE(Method):
         """The rule as run (``rule`` resolved on the attached family)."""
         if self.rule != "auto":
             return self.rule
-        return "qwen2_vl" if getattr(self, "family", None) in ("qwen2_vl", "qwen2_5_vl") else "llava"
+        return "qwen2_vl" if self.family in ("qwen2_vl", "qwen2_5_vl") else "llava"
 
     @property
     def llm_vision_signals(self) -> bool:
@@ -244,7 +244,7 @@ class CLSE(Method):
     def llm_layers(self):
         qwen = self.run_rule == "qwen2_vl"
         layers = self.layer_list if self.layer_list is not None else (QWEN_LAYERS if qwen else LAYERS)
-        n = getattr(self, "num_layers", 32)
+        n = self.num_layers
         return scale_layers(list(layers), n, reference=28 if qwen else 32) if self.scale_layers else tuple(layers)
 
     def stage_counts(self, n_visual: int) -> tuple[int, ...]:
@@ -257,7 +257,7 @@ class CLSE(Method):
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Visual tokens entering every decoder layer."""
-        L = getattr(self, "num_layers", 32)
+        L = self.num_layers
         out, cur, stages = [], int(n_visual), dict(zip(self.llm_layers, self.stage_counts(n_visual)))
         for i in range(L):
             cur = min(cur, stages.get(i, cur))

@@ -219,7 +219,7 @@ class DART(Method):
 
     @property
     def k_layer(self) -> int:
-        n = getattr(self, "num_layers", 32)
+        n = self.num_layers
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
 
     @property
@@ -231,7 +231,7 @@ class DART(Method):
         if self.budget is None:
             return n_visual * (1.0 - float(self.reduction_ratio))
         if self.budget_mode == "equivalent":
-            return equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+            return equivalent_kept_count(self.budget, n_visual, self.k_layer, self.num_layers)
         return self.budget
 
     def per_pivot(self, n_visual: int) -> int:
@@ -246,7 +246,7 @@ class DART(Method):
 
     def layer_counts(self, n_visual: int, n_text: int) -> list[int]:
         """Predicted visual tokens per decoder layer (n_text = tokens after the image)."""
-        L, K = getattr(self, "num_layers", 32), self.k_layer
+        L, K = self.num_layers, self.k_layer
         return [n_visual] * K + [self.kept_count(n_visual, n_text)] * (L - K)
 
     def select_llm(self, stage, sig):

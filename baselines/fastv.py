@@ -115,7 +115,7 @@ class FastV(Method):
     @property
     def k_layer(self) -> int:
         """K on the attached model (after scaling)."""
-        n = getattr(self, "num_layers", 32)
+        n = self.num_layers
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
 
     @property
@@ -125,7 +125,7 @@ class FastV(Method):
     def kept_count(self, n_visual: int) -> int:
         if self.budget is None:
             return ratio_kept_count(n_visual, self.ratio)
-        n = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        n = equivalent_kept_count(self.budget, n_visual, self.k_layer, self.num_layers)
         if n == 0 and n_visual and not getattr(self, "_warned", False):
             self._warned = True
             log.warning("fastv: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
@@ -134,7 +134,7 @@ class FastV(Method):
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Predicted visual tokens per decoder layer for a sample with ``n_visual`` visual tokens."""
-        return layer_schedule(n_visual, self.k_layer, self.kept_count(n_visual), getattr(self, "num_layers", 32))
+        return layer_schedule(n_visual, self.k_layer, self.kept_count(n_visual), self.num_layers)
 
     def select_llm(self, stage, sig):
         k = self.kept_count(sig.num_visual)

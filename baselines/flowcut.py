@@ -210,7 +210,7 @@ class FlowCut(Method):
 
     @property
     def llm_layers(self):
-        if self.next_llm_stage and getattr(self, "family", None) in ANYRES:
+        if self.next_llm_stage and self.family in ANYRES:
             return (self.NEXT_LLM_LAYER,)
         return ()
 
@@ -239,7 +239,7 @@ class FlowCut(Method):
 
     def _target(self, cls_in_llm: bool) -> int:
         t = self.budget
-        if self.next_half and getattr(self, "family", None) in ANYRES:
+        if self.next_half and self.family in ANYRES:
             t = max(1, int(t / 2))
         if cls_in_llm and self.frame_cls == "count":
             t -= 1  # the unit's [CLS] enters the LLM too: T tokens in all

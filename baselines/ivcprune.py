@@ -274,15 +274,15 @@ class IVCPrune(Method):
         "qwen")."""
         if self.rule != "auto":
             return self.rule
-        family = str(getattr(self, "family", "") or "")
+        family = str(self.family or "")
         return "qwen2_vl" if family == "qwen2_vl" else "qwen" if family.startswith("qwen") else "llava"
 
     @property
     def k_layer(self) -> int:
-        n = getattr(self, "num_layers", 32)
-        if self.layer is None and getattr(self, "family", None) == "qwen2_5_vl" and n in QWEN_K:
+        n = self.num_layers
+        if self.layer is None and self.family == "qwen2_5_vl" and n in QWEN_K:
             return QWEN_K[n]
-        if self.layer is None and getattr(self, "family", None) == "qwen2_vl":  # 16 of 28 (identity at 28)
+        if self.layer is None and self.family == "qwen2_vl":  # 16 of 28 (identity at 28)
             return scale_layers([QWEN2_VL_K], n, reference=QWEN2_VL_DEPTH)[0] if self.scale_layers else QWEN2_VL_K
         k = 16 if self.layer is None else int(self.layer)
         return scale_layers([k], n)[0] if self.scale_layers else k
@@ -317,7 +317,7 @@ class IVCPrune(Method):
             return min(int(self.keep_tokens), int(n_visual))
         if self.budget is None:
             return None
-        k = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        k = equivalent_kept_count(self.budget, n_visual, self.k_layer, self.num_layers)
         if k == 0 and n_visual and not getattr(self, "_warned", False):
             self._warned = True
             log.warning("ivcprune: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
@@ -341,7 +341,7 @@ class IVCPrune(Method):
         k = self.kept_count(n_visual)
         if k is None:
             return None
-        L, K = getattr(self, "num_layers", 32), self.k_layer
+        L, K = self.num_layers, self.k_layer
         return [int(n_visual)] * K + [k] * (L - K)
 
     # -- the stage ---------------------------------------------------------------------------------------------------

@@ -431,7 +431,7 @@ class MMTok(Method):
     def tau_t(self) -> float:
         if self.tv_temperature is not None:
             return float(self.tv_temperature)
-        return TV_TEMPERATURE.get(getattr(self, "family", None), TV_TEMPERATURE_DEFAULT)
+        return TV_TEMPERATURE.get(self.family, TV_TEMPERATURE_DEFAULT)
 
     def _tokenizer(self):
         if self._tok is None:

@@ -193,13 +193,13 @@ class PriorTR(Method):
 
     @property
     def k_layer(self) -> int:
-        n = getattr(self, "num_layers", 32)
+        n = self.num_layers
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
 
     @property
     def qwen_rule(self) -> bool:
         """The attached family's official code is the Qwen2-VL / Qwen3-VL one (:data:`QWEN_RULE_FAMILIES`)."""
-        return getattr(self, "family", None) in QWEN_RULE_FAMILIES
+        return self.family in QWEN_RULE_FAMILIES
 
     @property
     def eager_layers(self) -> tuple[int, ...]:
@@ -224,14 +224,14 @@ class PriorTR(Method):
             return self.queries
         if self.qwen_rule:
             return "question_excl_last"
-        return "last" if getattr(self, "family", None) == "llava_next" else "question"
+        return "last" if self.family == "llava_next" else "question"
 
     @property
     def prior_offset(self) -> int:
         """Q's row after the image, as run (``prior_row`` resolved on the attached family)."""
         if self.prior_row != "auto":
             return int(self.prior_row)
-        return 1 if getattr(self, "family", None) == "internvl" else 0
+        return 1 if self.family == "internvl" else 0
 
     @property
     def causal_scores(self) -> bool:
@@ -251,7 +251,7 @@ class PriorTR(Method):
         if self.budget is None:
             k = max(self.keep_floor, math.floor(int(n_visual) * float(self.keep_ratio) + 1e-9))
             return max(0, min(int(n_visual), k))
-        n = equivalent_kept_count(self.budget, n_visual, self.k_layer, getattr(self, "num_layers", 32))
+        n = equivalent_kept_count(self.budget, n_visual, self.k_layer, self.num_layers)
         if n == 0 and n_visual and not getattr(self, "_warned", False):
             self._warned = True
             log.warning("priortr: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
@@ -260,7 +260,7 @@ class PriorTR(Method):
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Visual tokens entering every decoder layer: N before layer K, k from K on."""
-        L, K = getattr(self, "num_layers", 32), self.k_layer
+        L, K = self.num_layers, self.k_layer
         return [int(n_visual)] * K + [self.kept_count(n_visual)] * (L - K)
 
     def select_llm(self, stage, sig):

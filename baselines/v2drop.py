@@ -187,7 +187,7 @@ class V2Drop(Method):
     def rule_name(self) -> str:
         if self.rule != "auto":
             return self.rule
-        return "qwen2vl" if getattr(self, "family", None) in QWEN_FAMILIES else "llava"
+        return "qwen2vl" if self.family in QWEN_FAMILIES else "llava"
 
     @property
     def schedule_name(self) -> str:
@@ -211,7 +211,7 @@ class V2Drop(Method):
     @property
     def llm_layers(self):
         layers, _, depth = self._rule()
-        n = getattr(self, "num_layers", depth)
+        n = (self.num_layers if self.family is not None else depth)
         return scale_layers(list(layers), n, reference=depth) if self.scale_layers else layers
 
     def ratios(self, n_visual: int) -> tuple[float, ...]:
@@ -219,13 +219,13 @@ class V2Drop(Method):
         _, ratios, depth = self._rule()
         if self.schedule_name != "fit":
             return tuple(ratios)
-        L = getattr(self, "num_layers", depth)
+        L = (self.num_layers if self.family is not None else depth)
         return fit_ratios(int(self.budget), int(n_visual), tuple(self.llm_layers), tuple(ratios), L)
 
     def stage_counts(self, n_visual: int) -> tuple[int, ...]:
         counts = stage_counts(n_visual, self.ratios(n_visual))
         if self.budget is not None and self.schedule_name == "fit" and n_visual and not getattr(self, "_warned", 0):
-            L = getattr(self, "num_layers", self._rule()[2])
+            L = (self.num_layers if self.family is not None else self._rule()[2])
             if equivalent_tokens(n_visual, self.llm_layers, counts, L) > self.budget:
                 self._warned = True
                 log.warning("v2drop: budget %d is below the least average of the schedule for N=%d visual tokens "
@@ -235,7 +235,7 @@ class V2Drop(Method):
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Visual tokens entering every decoder layer."""
-        L = getattr(self, "num_layers", self._rule()[2])
+        L = (self.num_layers if self.family is not None else self._rule()[2])
         return stage_layer_counts(n_visual, self.llm_layers, self.stage_counts(n_visual), L)
 
     def select_llm(self, stage, sig):

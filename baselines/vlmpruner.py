@@ -264,7 +264,7 @@ class VLMPruner(Method):
 
     @property
     def k_layer(self) -> int:
-        n = getattr(self, "num_layers", 32)
+        n = self.num_layers
         return scale_layers([int(self.layer)], n)[0] if self.scale_layers else int(self.layer)
 
     @property
@@ -275,7 +275,7 @@ class VLMPruner(Method):
     def rounding_rule(self) -> str:
         if self.rounding != "auto":
             return self.rounding
-        return "floor" if getattr(self, "family", None) in QWEN_FAMILIES else "round"
+        return "floor" if self.family in QWEN_FAMILIES else "round"
 
     def kept_count(self, n_visual: int) -> int:
         """The most tokens kept after layer K (the greedy walk may stop below it, as the official code)."""
@@ -283,7 +283,7 @@ class VLMPruner(Method):
         if self.keep_tokens is not None:
             return min(int(self.keep_tokens), n)
         if self.budget is not None:
-            k = equivalent_kept_count(self.budget, n, self.k_layer, getattr(self, "num_layers", 32))
+            k = equivalent_kept_count(self.budget, n, self.k_layer, self.num_layers)
             if k == 0 and n and not getattr(self, "_warned", False):
                 self._warned = True
                 log.warning("vlmpruner: budget %d is below K*N/L for N=%d visual tokens; keeping none after layer %d",
@@ -297,7 +297,7 @@ class VLMPruner(Method):
 
     def layer_counts(self, n_visual: int) -> list[int]:
         """Visual tokens entering every decoder layer (at most: the greedy walk may keep fewer)."""
-        L, K = getattr(self, "num_layers", 32), self.k_layer
+        L, K = self.num_layers, self.k_layer
         return [int(n_visual)] * K + [self.kept_count(n_visual)] * (L - K)
 
     def select_llm(self, stage, sig):

@@ -5,14 +5,10 @@ engine hands it (plain tensors, one sample at a time) to a :class:`Selection`: w
 to keep, in which order, and how the others are merged. It never touches the model, positions,
 masks or the KV cache; :mod:`llava.engine` does all of that.
 
-Stages
-------
-* ``vision`` stage: after the tower and projector, before decoder layer 0: :meth:`Method.select_vision`.
-* ``llm`` stages: before decoder layer ``K`` (that is, after ``K`` decoder layers have run on the
-  longer sequence), for each ``K`` in :attr:`Method.llm_layers`. Implement
-  :meth:`Method.select_llm` (receives :class:`llava.signals.LLMSignals`).
-
-A method with no stage at all is the unpruned model.
+Stages: the ``vision`` stage after the tower and projector, before decoder layer 0 (:meth:`Method.select_vision`);
+``llm`` stages before decoder layer ``K`` (after ``K`` layers ran on the longer sequence) for each ``K`` in
+:attr:`Method.llm_layers` (:meth:`Method.select_llm`, from :class:`llava.signals.LLMSignals`). A method with no
+stage at all is the unpruned model.
 """
 
 from __future__ import annotations
@@ -296,6 +292,11 @@ class Method:
     #: which this method keeps every visual token (None: the checker's table, else keep-all is n.a.)
     check_budget: ClassVar[int | dict | None] = None
     check_keep_all: ClassVar[tuple[int | None, dict] | None] = None
+    #: The attached model's decoder and tower layer counts and family, set by :meth:`setup`; before it (a method built
+    #: but not attached) the 32 decoder layers of LLaVA-1.5-7B, which the papers state their layer schedules for.
+    num_layers: int = 32
+    num_vision_layers: int | None = None
+    family: str | None = None
 
     @property
     def llm_subblock_layers(self) -> tuple[int, ...]:
@@ -345,9 +346,8 @@ class Method:
         return self.families is None or family in self.families
 
     def setup(self, *, num_layers: int, num_vision_layers: int, family: str) -> None:
-        """Called by the engine when attached, before :attr:`llm_layers` is read: the LLM's decoder
-        layer count, the vision tower's layer count and the model family ('llava', 'llava_next',
-        'video_llava'). Methods whose schedules are stated for 32-layer LLMs scale them here."""
+        """Called by the engine when attached, before :attr:`llm_layers` is read (the model's family id and layer
+        counts); methods whose schedules are stated for 32-layer LLMs scale them here."""
         self.num_layers = num_layers
         self.num_vision_layers = num_vision_layers
         self.family = family
