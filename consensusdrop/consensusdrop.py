@@ -25,6 +25,7 @@ from dataclasses import replace as _replace
 import torch
 
 from llava.method import BudgetError, Method, Selection, register
+from llava.options import Option
 from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, contextual_merge, cosine_matrix,
                        greedy_max_min, masked_take, per_unit_selection, text_to_image_score, unit_layout)
 
@@ -381,39 +382,48 @@ class ConsensusDrop(Method):
             "dominant": None,
             "contextual": None,
             "vision_layer": None,  # hidden-states index of the CLIP layer for s_v and keys (None: the model's, -2)
-            "encoder_head_agg": "mean",  # mean | sum (same ranking)
+            "encoder_head_agg": Option("mean", ("mean", "sum"), doc="the [CLS] row over heads (same ranking)"),
             # None: no decoder layer (probe_mode auto -> embed_cos); 0: layer-0 q/k; K: run layers 0..K-1
             "probe_layer": None,
-            "probe_queries": "question",  # question | all_post_image | last
-            "probe_head_agg": "mean",  # mean | max
-            "probe_query_agg": "mean",  # mean | max
-            "probe_softmax_keys": "all",  # all | visual_only (renormalised over visual columns)
-            "probe_mode": "auto",  # auto (embed_cos without a probe_layer, else attn) | attn | embed_cos (AdaV's s_j)
-            "cross_score": "softmax",  # embed_cos: softmax (AdaV's s_j) | prominence | weighted (cross_modal_score)
-            "fusion": "borda",  # borda | rrf | product | max | adaptive | encoder_only | cross_only
+            "probe_queries": Option("question", ("question", "all_post_image", "last")),
+            "probe_head_agg": Option("mean", ("mean", "max")),
+            "probe_query_agg": Option("mean", ("mean", "max")),
+            "probe_softmax_keys": Option("all", ("all", "visual_only"),
+                                         doc="visual_only: renormalised over the visual columns"),
+            "probe_mode": Option("auto", ("auto", "attn", "embed_cos"),
+                                 doc="auto: embed_cos without a probe_layer, else attn; embed_cos: AdaV's s_j"),
+            "cross_score": Option("softmax", CROSS_SCORES, doc="embed_cos's score (cross_modal_score)"),
+            "fusion": Option("borda", FUSIONS),
             "rrf_k": 60.0,
             "w_v": 1.0,
             "w_x": 1.0,
             "adaptive_min_frac": 0.25,
-            "select": "maxmin",  # maxmin (relevance-weighted max-min) | rank (top-D by consensus) | dpp | nms
-            # what maxmin weighs by: rank_mean | score_mean | calibrated[_encoder|_both] (peaks above the median)
-            "relevance": "rank_mean",
-            "fill": "fused",  # maxmin / dpp relevance after the peaks: fused | encoder (s_v only) | coverage (none)
-            "peaks_source": "cross",  # the forced peaks: cross (top of s_x) | fused (top of the consensus)
-            "contextual_rounding": "floor",  # C = floor | round (ratio x budget); floor: no merged token below 7
+            "select": Option("maxmin", SELECTS, doc="maxmin: relevance-weighted max-min; rank: top-D by consensus"),
+            "relevance": Option("rank_mean", RELEVANCES, doc="what maxmin weighs by (calibrated: peaks above the "
+                                                             "median)"),
+            "fill": Option("fused", ("fused", "encoder", "coverage"),
+                           doc="maxmin / dpp relevance after the peaks: encoder = s_v only, coverage = none"),
+            "peaks_source": Option("cross", ("cross", "fused"),
+                                   doc="the forced peaks: the top of s_x, or of the consensus"),
+            "contextual_rounding": Option("floor", ("round", "floor"),
+                                          doc="C = floor | round (ratio x budget); floor: no merged token below 7"),
             "peaks": 0.0,  # maxmin / dpp: fraction of D forced first from the cross signal's top (asymmetry)
             "alpha": 1.0,  # maxmin: relevance exponent
             "cover_radius": 0.0,  # maxmin: cosine distance beyond which a token counts as uncovered (0: plain max-min)
             "dpp_theta": 0.5,  # dpp: q = exp(theta * rel)
-            "div_space": "features",  # maxmin / dpp distances: features (projected) | vision_features | keys
-            "merge": "visionzip",  # visionzip | none
-            "merge_metric": "clip_keys",  # clip_keys | clip_features
-            "merge_rule": "target_plus_mean",  # target_plus_mean | mean
-            "merge_space": "clip",  # clip (before the projector) | projected
+            "div_space": Option("features", ("features", "vision_features", "keys"),
+                                doc="maxmin / dpp distances: features = projected"),
+            "merge": Option("visionzip", ("visionzip", "none")),
+            "merge_metric": Option("clip_keys", ("clip_keys", "clip_features")),
+            "merge_rule": Option("target_plus_mean", ("target_plus_mean", "mean")),
+            "merge_space": Option("clip", ("clip", "projected"), doc="clip: before the projector"),
             "include_cls": None,  # None: auto (video frames: True; images: False)
-            "order": "dominant_then_contextual",  # ... per unit | spatial (merged token at its target's place)
-            "next_order": "crop_major",  # crop_major | grid_raster (LLaVA-NeXT grid crops re-assembled)
-            "prune_point": "pre_llm",  # pre_llm | after_probe (ablation: continue from layer K, FastV-like)
+            "order": Option("dominant_then_contextual", ("dominant_then_contextual", "spatial"),
+                            doc="per unit, or spatial: each merged token at its target's place"),
+            "next_order": Option("crop_major", ("crop_major", "grid_raster"),
+                                 doc="grid_raster: LLaVA-NeXT's grid crops re-assembled"),
+            "prune_point": Option("pre_llm", ("pre_llm", "after_probe"),
+                                  doc="after_probe: the ablation that continues from layer K, FastV-like"),
             "next_budget_mode": "per_crop",  # per_crop | total
             "video_budget_mode": "per_frame",  # per_frame | total
             "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newline tokens: kept, outside the budget
@@ -427,19 +437,6 @@ class ConsensusDrop(Method):
                 raise ValueError(f"consensusdrop: preset must be None or one of {tuple(PRESETS)}, got {options['preset']!r}")
             options = {**PRESETS[options["preset"]], **options}
         super().__init__(budget, **options)
-        checks = {"fusion": FUSIONS, "merge": ("visionzip", "none"), "merge_metric": ("clip_keys", "clip_features"),
-                  "merge_rule": ("target_plus_mean", "mean"), "merge_space": ("clip", "projected"),
-                  "probe_queries": ("question", "all_post_image", "last"), "probe_head_agg": ("mean", "max"),
-                  "probe_query_agg": ("mean", "max"), "probe_softmax_keys": ("all", "visual_only"),
-                  "probe_mode": ("auto", "attn", "embed_cos"), "encoder_head_agg": ("mean", "sum"),
-                  "order": ("dominant_then_contextual", "spatial"), "next_order": ("crop_major", "grid_raster"),
-                  "prune_point": ("pre_llm", "after_probe"), "select": SELECTS, "relevance": RELEVANCES,
-                  "div_space": ("features", "vision_features", "keys"),
-                  "fill": ("fused", "encoder", "coverage"), "peaks_source": ("cross", "fused"),
-                  "contextual_rounding": ("round", "floor"), "cross_score": CROSS_SCORES}
-        for k, allowed in checks.items():
-            if getattr(self, k) not in allowed:
-                raise ValueError(f"consensusdrop: {k} must be one of {allowed}, got {getattr(self, k)!r}")
         if self.prune_point == "after_probe" and self.probe_layer is None:
             self.probe_layer = 2  # the LLM-stage ablation needs a layer: the previous default's
         if self.probe_mode == "auto":

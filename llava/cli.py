@@ -190,7 +190,9 @@ def main(argv=None) -> int:
     a.add_argument("--next-layout", default="spatial_unpad", choices=["spatial_unpad", "spatial"],
                    help="LLaVA-NeXT: how the crops' tokens are laid out")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    sub.add_parser("methods", help="list the registered methods", formatter_class=HelpFormatter)
+    ml = sub.add_parser("methods", help="list the registered methods, or one method's options",
+                        formatter_class=HelpFormatter)
+    ml.add_argument("name", nargs="?", default=None, help="a method: list its options (default, what each takes)")
     sub.add_parser("demo", help="tiny-model demo over the three families", formatter_class=HelpFormatter)
     args = ap.parse_args(argv)
     if err := load_error():  # the user's methods (VTPRUNE_METHODS, entry points) load before anything runs
@@ -198,7 +200,15 @@ def main(argv=None) -> int:
         return 2
     if args.cmd == "methods":
         from .method import _REGISTRY, available_methods
+        from .options import describe, did_you_mean
 
+        if args.name is not None:
+            if args.name.lower() not in _REGISTRY:
+                print(f"error: unknown method {args.name!r}{did_you_mean(args.name.lower(), available_methods())}",
+                      file=sys.stderr)
+                return 2
+            print("\n".join(describe(_REGISTRY[args.name.lower()].option_defaults())))
+            return 0
         for name in available_methods():  # with the fast path's verdict (llava.load(..., fast=True))
             cls = _REGISTRY[name]
             print(f"{name:<16} " + ({"full": "fast path: captured", "piecewise": "fast path: captured piecewise"}

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .needs import Needs
+from .options import apply as apply_options
+from .options import did_you_mean
 from .plugins import load_methods, name_taken
 
 MergeRule = Literal["target_plus_mean", "mean", "weighted_mean"]
@@ -323,14 +325,7 @@ class Method:
                     "(Use method 'novisual' for the no-visual-tokens control.)"
                 )
         self.budget = budget
-        unknown = set(options) - set(self.option_defaults())
-        if unknown:
-            raise TypeError(
-                f"{self.name}: unknown option(s) {sorted(unknown)}{did_you_mean(sorted(unknown), self.option_defaults())}; "
-                f"known: {sorted(self.option_defaults())}"
-            )
-        for k, v in {**self.option_defaults(), **options}.items():
-            setattr(self, k, v)
+        apply_options(self, options)  # the declared defaults, the given values, each declared choice checked
         if self.position_mode not in ("keep", "reindex"):
             raise ValueError(f"{self.name}: position_mode must be 'keep' or 'reindex'")
 
@@ -360,7 +355,8 @@ class Method:
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        """Named options with their defaults. Subclasses extend this."""
+        """Named options: each a default, or a :class:`llava.options.Option` (its default and the values it takes,
+        checked once in ``__init__``). Subclasses extend this."""
         return {"position_mode": cls.position_mode}
 
     @property
@@ -474,16 +470,6 @@ def method_label(name: str, options: dict | None = None) -> str:
     """A method variant's display name in result tables and plots: the name and its options in the
     order given (``consensusdrop preset=probe``)."""
     return name + "".join(f" {k}={v}" for k, v in (options or {}).items())
-
-
-def did_you_mean(words, known) -> str:
-    """`` (did you mean 'fastv'?)`` for the closest known name to each of ``words`` (a name or several), or "" when
-    none is close (difflib's ratio >= 0.6): a misspelling gets the fix beside the list of names."""
-    import difflib
-
-    words = [words] if isinstance(words, str) else list(words)
-    near = [m[0] for w in words for m in [difflib.get_close_matches(str(w).lower(), list(known), n=1)] if m]
-    return f" (did you mean {' / '.join(repr(n) for n in near)}?)" if near else ""
 
 
 def get_method(name: str | Method, budget: int | None = None, **options: Any) -> Method:

@@ -115,7 +115,7 @@ def build_tiny(family: str, seed: int = 0, dtype=None, attn_implementation: str 
 
     fam = registry.find(family)
     if fam is None:
-        from .method import did_you_mean
+        from .options import did_you_mean
 
         names = registry.tiny_names()
         raise ValueError(f"unknown tiny family {family!r}{did_you_mean(family, names)}; choose from {', '.join(names)}")
@@ -317,7 +317,7 @@ def _load(name: str, dtype=None, device: str | torch.device | None = None, attn_
     if name.startswith("shape:"):
         key = name.split(":", 1)[1]
         if key not in SHAPES:
-            from .method import did_you_mean
+            from .options import did_you_mean
 
             raise ValueError(f"unknown shape config {key!r}{did_you_mean(key, sorted(SHAPES))}; shipped: "
                              f"{', '.join(sorted(SHAPES))}")

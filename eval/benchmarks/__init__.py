@@ -25,7 +25,7 @@ BENCHMARKS: dict[str, type[Benchmark]] = {b.name: b for b in (
 def get_benchmark(name: str, data_root, **options) -> Benchmark:
     key = name.lower().replace("-", "_")
     if key not in BENCHMARKS:
-        from llava.method import did_you_mean
+        from llava.options import did_you_mean
 
         raise KeyError(f"unknown benchmark {name!r}{did_you_mean(key, BENCHMARKS)}; known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[key](data_root, **options)

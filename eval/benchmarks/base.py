@@ -72,7 +72,7 @@ class Benchmark:
         self.options = options
         unknown = set(options) - set(self.option_defaults())
         if unknown:
-            from llava.method import did_you_mean
+            from llava.options import did_you_mean
 
             raise TypeError(f"{self.name}: unknown benchmark option(s) {sorted(unknown)}"
                             f"{did_you_mean(sorted(unknown), self.option_defaults())}; known: "

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import HybridRefusal
-from ..method import BudgetError, did_you_mean, method_class
+from ..method import BudgetError, method_class
+from ..options import did_you_mean
 from ..families import registry
 from ..models import load
 from .budgets import keep_all_spelling, sync_bound, sync_sizes, tiny_budget
