@@ -39,6 +39,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, scale_layers, scaled_count, topk_desc
 
 #: the official keep counts of 576 after each stage, per RETAIN_TOKEN (clse_model.py 109-115)
@@ -169,8 +170,8 @@ class CLSE(Method):
             # the Qwen rule's RETAIN_RATIO; None: from the budget (192 / 128 / 64 -> 0.334 / 0.223 / 0.112, any
             # other B -> B / 576: ours)
             "retain_ratio": None,
-            # "clse_attn" (official), "attn" (attention only), "clse" (the evolution factor only)
-            "score": "clse_attn",
+            "score": Option("clse_attn", SCORES,
+                            doc="clse_attn: official; attn: attention only; clse: the evolution factor only"),
             # the Gaussian high-pass cutoff ratio and the evolution temperature (official 0.1, 0.1)
             "cutoff_ratio": 0.1,
             "temperature": 0.1,
@@ -191,8 +192,6 @@ class CLSE(Method):
         check_numerics("clse", self.numerics)
         if self.caches not in ("kept", "pruned"):
             raise ValueError(f"clse: caches must be 'kept' or 'pruned', got {self.caches!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"clse: score must be one of {SCORES}, got {self.score!r}")
         if self.rule not in ("auto", *RULES):
             raise ValueError(f"clse: rule must be 'auto' or one of {RULES}, got {self.rule!r}")
         if self.retain_ratio is not None and not 0.0 < float(self.retain_ratio) <= 1.0:

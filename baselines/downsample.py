@@ -39,6 +39,7 @@ import math
 import torch
 
 from llava.method import BudgetError, Method, Selection, register
+from llava.options import Option
 from llava.ops import masked_take, unit_layout
 
 SUPPORTED_FAMILIES = None  # every family
@@ -165,10 +166,10 @@ class Downsample(Method):
             **super().option_defaults(),
             # window (sh, sw) or s; None = from the budget
             "stride": None,
-            # merge "vision" features (then project; default) or "projected" LLM-input embeddings
-            "space": "vision",
-            # LLaVA-NeXT / OneVision newline tokens: "keep" (layout, not counted) or "drop"
-            "newlines": "keep",
+            "space": Option("vision", SPACES, doc="what is merged: vision features (then projected) or the "
+                                                  "projected LLM-input embeddings"),
+            "newlines": Option("keep", NEWLINE_MODES,
+                               doc="LLaVA-NeXT / OneVision newline tokens: keep (layout, not counted) or drop"),
         }
 
     def __init__(self, budget=None, **options):
@@ -177,10 +178,6 @@ class Downsample(Method):
             raise ValueError("downsample: give a budget (pooled tokens per image / crop / frame) or a stride, "
                              "not both and not neither")
         _as_stride(self.stride)
-        if self.space not in SPACES:
-            raise ValueError(f"downsample: space must be one of {SPACES}, got {self.space!r}")
-        if self.newlines not in NEWLINE_MODES:
-            raise ValueError(f"downsample: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
 
     def strides(self, sizes: list[int], grids: list[tuple[int, int]],
                 dynamic: bool = False) -> list[tuple[int, int] | None]:

@@ -57,6 +57,7 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,8 @@ class IVCPrune(Method):
             "rule": "auto",
             # a count kept after layer K (our design, the official code has none); None: from the budget or the rule
             "keep_tokens": None,
-            # the query rows: "official" (from the second token after the image to the end) or "question" (ours)
-            "rows": "official",
+            "rows": Option("official", ROWS, doc="the query rows: official (from the second token after the image "
+                                                 "to the end) or question (ours)"),
             # the official fractions of the image tokens: seeds, foreground (the union rules; None: the rule's, 0.2
             # for LLaVA, 0.4 for Qwen2-VL), IVC per table (None: the rule's 0.05 / 0.1), the Qwen rule's fill target
             "seed_ratio": SEED_RATIO,
@@ -244,8 +245,6 @@ class IVCPrune(Method):
         check_numerics("ivcprune", self.numerics)
         if self.rule not in ("auto", *RULES):
             raise ValueError(f"ivcprune: rule must be 'auto', 'llava', 'qwen' or 'qwen2_vl', got {self.rule!r}")
-        if self.rows not in ROWS:
-            raise ValueError(f"ivcprune: rows must be one of {ROWS}, got {self.rows!r}")
         if self.caches not in ("kept", "pruned"):
             raise ValueError(f"ivcprune: caches must be 'kept' or 'pruned', got {self.caches!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or int(self.layer) < 1):

@@ -38,6 +38,7 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ class PriorTR(Method):
             # the fewest tokens a keep_ratio keeps: "auto" (the official rule: 1 on the Qwen families,
             # ``max(1, int(n * r))``; 0 elsewhere, ``max(0, int(n * r))``), or a whole number
             "min_keep": "auto",
-            # the reduction over heads (official head_aggregation): "mean" or "max"
-            "heads": "mean",
+            "heads": Option("mean", HEADS, doc="the reduction over heads (official head_aggregation)"),
             # map `layer` from a 32-layer LLM onto the model's depth (llava.ops.scale_layers)
             "scale_layers": True,
             # the KV caches of the layers before a stage: "kept" (ours: each layer's as it saw the prompt) or
@@ -188,8 +188,6 @@ class PriorTR(Method):
         if self.min_keep != "auto" and (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int)
                                         or self.min_keep < 0):
             raise ValueError(f"priortr: min_keep must be 'auto' or a whole number >= 0, got {self.min_keep!r}")
-        if self.heads not in HEADS:
-            raise ValueError(f"priortr: heads must be one of {HEADS}, got {self.heads!r}")
 
     @property
     def k_layer(self) -> int:

@@ -38,6 +38,7 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, scale_layers, stage_layer_counts, topk_desc
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,9 @@ class V2Drop(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # "auto": "official" without a budget, "fit" with one; "official" | "fit" | "reported" (budgets 192 /
-            # 128 / 64: the prune ratios quoted from the paper in an official-repository issue, second-hand)
-            "schedule": "auto",
+            "schedule": Option("auto", SCHEDULES, doc="auto: official without a budget, fit with one; reported: "
+                                                      "budgets 192 / 128 / 64 (the prune ratios quoted from the paper "
+                                                      "in an official-repository issue, second-hand)"),
             # the official rule: "auto" (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: "qwen2vl", every other family: "llava"),
             # "llava" (3 / 17 / 22 of 32 layers, keep 0.5 / 0.5 / 0) or "qwen2vl" (3 / 16 / 22 of 28, 0.25 / 0.05 / 0)
             "rule": "auto",
@@ -155,8 +156,6 @@ class V2Drop(Method):
     def __init__(self, budget=None, **options):
         super().__init__(budget, **options)
         check_numerics("v2drop", self.numerics)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"v2drop: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.rule not in ("auto", *RULES):
             raise ValueError(f"v2drop: rule must be 'auto' or one of {tuple(RULES)}, got {self.rule!r}")
         if self.keep_ratios is not None:
