@@ -52,6 +52,7 @@ import torch
 
 from llava.clip_route import ClipTextRoute
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, unit_layout
 
 RELEVANCE_MODES = ("llm", "clip")
@@ -404,22 +405,22 @@ class CDPruner(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # "llm" (ours: question LLM embeddings) or "clip" (official: CLIP text tower + visual_projection)
-            "relevance": "llm",
-            # "neg" (official: r = -cosine) or "pos"
-            "relevance_sign": "neg",
+            "relevance": Option("llm", RELEVANCE_MODES,
+                                doc="llm (ours: question LLM embeddings), clip (official: CLIP text tower + "
+                                    "visual_projection)"),
+            "relevance_sign": Option("neg", SIGNS, doc="neg (official: r = -cosine)"),
             # None (official released path) or the commented exp(theta / (2 (1 - theta)) r) weighting
             "theta": None,
-            # relevance min-max over the "image" (official: all crops of a NeXT image), "unit" or "sample"
-            "minmax_scope": "image",
+            "minmax_scope": Option("image", MINMAX_SCOPES,
+                                   doc="the relevance min-max's scope (official: image, all crops of a NeXT image)"),
             # clip route: CLIP checkpoint (hub id / local path, or a loaded CLIPModel) with the text tower
             "clip_model": None,
             # clip route: the CLIP tokenizer (path / object); None = from clip_model
             "clip_tokenizer": None,
             # clip route: the LLM tokenizer (hub id / path / object with .decode / callable ids -> str)
             "llm_tokenizer": None,
-            # Video-LLaVA frame [CLS]: "candidate" (ours, default), "keep" ([CLS] + T-1), "drop" (T patches)
-            "cls_token": "candidate",
+            "cls_token": Option("candidate", CLS_TOKEN_MODES,
+                                doc="Video-LLaVA frame [CLS]: candidate (ours), keep ([CLS] + T-1), drop (T patches)"),
             # NeXT / OneVision newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
             # normalise the projected tokens in their own dtype before the fp32 cast (official order)
@@ -427,28 +428,19 @@ class CDPruner(Method):
             # "ours" (fp32, guards) or "official" (reference mode: fp16 projected tokens, the official
             # greedy loop without guards; docs/methods/cdpruner.md)
             "numerics": "ours",
-            # reference mode: the projected tokens' dtype of the official numerics: "model" (our features' own
-            # dtype: the official model loaded in our LLM's dtype, fp16 under its builder) or "float16" (always)
-            "reference_dtype": "model",
+            "reference_dtype": Option("model", REFERENCE_DTYPES,
+                                      doc="reference mode: the projected tokens' dtype of the official numerics: "
+                                          "model (our features' own dtype: the official model loaded in our LLM's "
+                                          "dtype, fp16 under its builder) or float16 (always)"),
         }
 
     def __init__(self, budget=None, **options):
         if budget is None:
             raise ValueError("cdpruner: a budget T (tokens per image / crop / frame) is required")
         super().__init__(budget, **options)
-        if self.relevance not in RELEVANCE_MODES:
-            raise ValueError(f"cdpruner: relevance must be one of {RELEVANCE_MODES}, got {self.relevance!r}")
-        if self.relevance_sign not in SIGNS:
-            raise ValueError(f"cdpruner: relevance_sign must be one of {SIGNS}, got {self.relevance_sign!r}")
         if self.theta is not None and not (0 <= float(self.theta) < 1):
             raise ValueError(f"cdpruner: theta must be in [0, 1), got {self.theta!r}")
-        if self.minmax_scope not in MINMAX_SCOPES:
-            raise ValueError(f"cdpruner: minmax_scope must be one of {MINMAX_SCOPES}, got {self.minmax_scope!r}")
-        if self.cls_token not in CLS_TOKEN_MODES:
-            raise ValueError(f"cdpruner: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         check_numerics("cdpruner", self.numerics)
-        if self.reference_dtype not in REFERENCE_DTYPES:
-            raise ValueError(f"cdpruner: reference_dtype must be one of {REFERENCE_DTYPES}, got {self.reference_dtype!r}")
         if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
                              "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")

@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import (SUBSET_RATIO, MaxMinProblem, check_numerics, greedy_max_min, masked_take, subset_picks,
                        unit_layout)
 
@@ -201,17 +202,16 @@ class DivPrune(Method):
             **super().option_defaults(),
             # fraction of the candidates kept (official SUBSET_RATIO); None = budget, or 0.098
             "ratio": None,
-            # "auto" (per frame for video, per sample otherwise), "sample", "unit"
-            "scope": "auto",
-            # LLaVA-NeXT newline tokens: "auto", "candidate", "keep", "drop"
-            "newlines": "auto",
+            "scope": Option("auto", SCOPES, doc="auto: per frame for video, per sample otherwise"),
+            "newlines": Option("auto", NEWLINE_MODES, doc="LLaVA-NeXT newline tokens"),
             # "ours" (fp32 distances, distinct picks) or "official" (reference mode: distances in the
             # model's dtype, the official first pick, no distinct-pick guard)
             "numerics": "ours",
-            # reference mode's distance dtype: "model" (the features' own, our LLM's: the official code
-            # computes in its model's dtype, fp16 under its builder, fp32 in an fp32 run) or "float16"
-            # (always fp16, the official eval runs' load whatever ours runs in)
-            "reference_dtype": "model",
+            "reference_dtype": Option("model", REFERENCE_DTYPES,
+                                      doc="reference mode's distance dtype: model (the features' own, our LLM's: the "
+                                          "official code computes in its model's dtype, fp16 under its builder, fp32 "
+                                          "in an fp32 run) or float16 (always fp16, the official eval runs' load "
+                                          "whatever ours runs in)"),
         }
 
     def __init__(self, budget=None, **options):
@@ -220,14 +220,7 @@ class DivPrune(Method):
             raise ValueError("divprune: give a budget or a ratio, not both")
         if self.ratio is not None and not (0 < float(self.ratio) <= 1):
             raise ValueError(f"divprune: ratio must be in (0, 1], got {self.ratio!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"divprune: scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.newlines not in NEWLINE_MODES:
-            raise ValueError(f"divprune: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
         check_numerics("divprune", self.numerics)
-        if self.reference_dtype not in REFERENCE_DTYPES:
-            raise ValueError(f"divprune: reference_dtype must be one of {REFERENCE_DTYPES}, "
-                             f"got {self.reference_dtype!r}")
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("divprune: newline tokens can be candidates only in sample scope")
 

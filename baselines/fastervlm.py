@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, topk_desc, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
@@ -107,8 +108,7 @@ class FasterVLM(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # Video-LLaVA frame [CLS]: "drop" (official video branch), "rank", "keep"
-            "cls_token": "drop",
+            "cls_token": Option("drop", CLS_TOKEN_MODES, doc="Video-LLaVA frame [CLS]: drop (official video branch)"),
             # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
             # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
@@ -120,8 +120,6 @@ class FasterVLM(Method):
         if budget is None:
             raise ValueError("fastervlm: a budget T (tokens per image / crop / frame) is required")
         super().__init__(budget, **options)
-        if self.cls_token not in CLS_TOKEN_MODES:
-            raise ValueError(f"fastervlm: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         check_numerics("fastervlm", self.numerics)
         if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
             self.vision_attention_logits = "model"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import SUBSET_RATIO, subset_picks, check_numerics, masked_take, set_order, unit_layout
 
 GAMMA = 0.01  # official, hard-coded in OTPrune()
@@ -196,14 +197,13 @@ class OTPrune(Method):
             **super().option_defaults(),
             # fraction of the candidates kept (official SUBSET_RATIO); None = budget, or 0.098
             "ratio": None,
-            # "auto" (per frame for video, per sample otherwise), "sample", "unit"
-            "scope": "auto",
-            # LLaVA-NeXT newline tokens: "auto", "candidate", "keep", "drop"
-            "newlines": "auto",
+            "scope": Option("auto", SCOPES, doc="auto: per frame for video, per sample otherwise"),
+            "newlines": Option("auto", NEWLINE_MODES, doc="LLaVA-NeXT newline tokens"),
             # "ours" (fp32) or "official" (reference mode: norms and Cholesky rows in the features' dtype)
             "numerics": "ours",
-            # kept tokens' order into the LLM: "sorted" (ascending) or "official" (CPython list(set()) order)
-            "order": "sorted",
+            "order": Option("sorted", ORDERS,
+                            doc="kept tokens' order into the LLM: sorted (ascending) or official (CPython "
+                                "list(set()) order)"),
             # the kernel's weight of G G^T (official: 0.01, hard-coded)
             "gamma": GAMMA,
         }
@@ -214,12 +214,6 @@ class OTPrune(Method):
             raise ValueError("otprune: give a budget or a ratio, not both")
         if self.ratio is not None and not (0 < float(self.ratio) <= 1):
             raise ValueError(f"otprune: ratio must be in (0, 1], got {self.ratio!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"otprune: scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.newlines not in NEWLINE_MODES:
-            raise ValueError(f"otprune: newlines must be one of {NEWLINE_MODES}, got {self.newlines!r}")
-        if self.order not in ORDERS:
-            raise ValueError(f"otprune: order must be one of {ORDERS}, got {self.order!r}")
         check_numerics("otprune", self.numerics)
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("otprune: newline tokens can be candidates only in sample scope")

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 
 VARIANTS = ("plus", "base")
@@ -412,16 +413,17 @@ class PruMerge(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # "plus" = PruMerge+ (token_prune_merge_advanced_plus, what the official forward calls);
-            # "base" = PruMerge (token_prune_merge_advanced)
-            "variant": "plus",
-            # "adaptive" (official: the count depends on the image, no budget) or "fixed" (our design: budget =
-            # outputs per unit, g included)
-            "budget_mode": "adaptive",
+            "variant": Option("plus", VARIANTS,
+                              doc="plus = PruMerge+ (token_prune_merge_advanced_plus, what the official forward "
+                                  "calls); base = PruMerge (token_prune_merge_advanced)"),
+            "budget_mode": Option("adaptive", BUDGET_MODES,
+                                  doc="adaptive (official: the count depends on the image, no budget) or fixed (our "
+                                      "design: budget = outputs per unit, g included)"),
             # merge neighbours per kept token (official 32); min(k, n - 1) on small grids
             "k": 32,
-            # Video-LLaVA frame [CLS] (a stock LLM token there): "drop" or "keep" (unchanged, first in its frame)
-            "cls_token": "drop",
+            "cls_token": Option("drop", CLS_TOKEN_MODES,
+                                doc="Video-LLaVA frame [CLS] (a stock LLM token there): keep = unchanged, first in "
+                                    "its frame"),
             # hidden-state index of the layer whose full-width q / k are read (official: the last, -1)
             "qk_layer": -1,
             # "ours" (fp32, stable ties) or "official" (reference mode: the official fp16 numerics, topk)
@@ -433,12 +435,6 @@ class PruMerge(Method):
 
     def __init__(self, budget=None, **options):
         super().__init__(budget, **options)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"prumerge: variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"prumerge: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
-        if self.cls_token not in CLS_TOKEN_MODES:
-            raise ValueError(f"prumerge: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         if self.budget_mode == "adaptive" and self.budget is not None:
             raise ValueError("prumerge: the adaptive mode (official) chooses the count per image and takes no "
                              "budget; pass budget_mode='fixed' for a fixed budget per unit")

@@ -65,6 +65,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.options import Option
 from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
                        topk_desc, unit_layout)
 
@@ -174,11 +175,11 @@ class VisionZip(Method):
             # video 14+3); give one (the other = budget - it) or both (then budget may be omitted)
             "dominant": None,
             "contextual": None,
-            # what fills the first dominant slot: "cls" (official), "patch", "empty" (see module doc)
-            "cls_slot": "cls",
-            # multi-unit output order: "grid_raster" (official NeXT re-assembly; = "unit" without
-            # grid crops), "unit" (per unit [dominant, contextual]), "spatial" (by source index)
-            "next_order": "grid_raster",
+            "cls_slot": Option("cls", CLS_SLOTS,
+                               doc="what fills the first dominant slot: cls (official), patch, empty (see module doc)"),
+            "next_order": Option("grid_raster", ORDERS,
+                                 doc="multi-unit output order: grid_raster (official NeXT re-assembly; = unit without "
+                                     "grid crops), unit (per unit [dominant, contextual]), spatial (by source index)"),
             # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
             # "ours" (ties to the lower index) or "official" (reference mode: torch.topk, the official
@@ -204,13 +205,9 @@ class VisionZip(Method):
                 raise ValueError(f"visionzip: dominant {d} + contextual {c} != budget {self.budget}")
         if isinstance(d, bool) or isinstance(c, bool) or int(d) != d or int(c) != c or d < 1 or c < 0:
             raise ValueError(f"visionzip: need dominant >= 1 and contextual >= 0 (whole numbers), got {d}, {c}")
-        if self.cls_slot not in CLS_SLOTS:
-            raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
         check_numerics("visionzip", self.numerics)
         if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
             self.vision_attention_logits = "model"
-        if self.next_order not in ORDERS:
-            raise ValueError(f"visionzip: next_order must be one of {ORDERS}, got {self.next_order!r}")
         self.dominant, self.contextual = int(d), int(c)
         self.budget = self.dominant + self.contextual
 
