@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from llava.families import registry
 from llava.method import BudgetError, Method, Selection, register
 from llava.ops import check_numerics, scale_layers
+from llava.options import Option
 
 OFFICIAL_BASIS = 10  # --basis_token_num (README, every script)
 OFFICIAL_RIDGE = 1e-5  # G.diagonal().add_(1e-5) (LLaVA, Video-LLaVA; the Qwen LLM stage uses 1e-1)
@@ -331,9 +332,10 @@ class ApET(Method):
             # basis tokens also merged into their nearest target (official: they are non-retained tokens too);
             # None = False ("ours") / True (numerics="official"); stage 1 only (an llm stage merges with assign)
             "merge_seeds": None,
-            # Video-LLaVA frame [CLS] at stage 1: "keep" (official encode_videos: kept aside, T - 1 patches) or
-            # "candidate" (ours: a token like the patches); stage 2 treats every token of a unit alike
-            "cls_token": "keep",
+            "cls_token": Option("keep", CLS_TOKEN_MODES,
+                                doc="Video-LLaVA frame [CLS] at stage 1: keep (official encode_videos: kept aside, "
+                                    "T - 1 patches) or candidate (ours: a token like the patches); stage 2 treats "
+                                    "every token of a unit alike"),
             # LLaVA-NeXT / OneVision newline tokens kept as layout, not counted (ours)
             "keep_newlines": True,
             # seeds the FPS start draw per sample (official: unseeded torch.randint)
@@ -375,8 +377,6 @@ class ApET(Method):
             raise ValueError(f"apet: seed_slots must be one of {SEED_SLOTS} or None, got {self.seed_slots!r}")
         if self.space is not None and self.space not in SPACES:
             raise ValueError(f"apet: space must be one of {SPACES} or None, got {self.space!r}")
-        if self.cls_token not in CLS_TOKEN_MODES:
-            raise ValueError(f"apet: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         if self.merge_seeds not in (None, True, False):
             raise ValueError(f"apet: merge_seeds must be None, True or False, got {self.merge_seeds!r}")
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")

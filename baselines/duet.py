@@ -61,6 +61,7 @@ import torch
 from llava.method import Method, Selection, register
 from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
                        scale_layers, topk_desc, unit_layout)
+from llava.options import Option
 
 #: (dominant incl. [CLS], contextual) per unit for the budgets with a setting; 64 is our design
 SPLITS = {192: (300, 7), 128: (170, 35), 64: (85, 17)}
@@ -246,9 +247,10 @@ class DUET(Method):
             # stage-2 query rows: "text_after" (official with the public checkpoints: every text row after the
             # image), "last" (PyramidDrop's last prompt token; our ablation); "salient" is not built
             "queries": "text_after",
-            # multi-unit output order (llava.ops.block_order): "unit" (per unit [dominant, contextual]; our
-            # design, no official NeXT / video path), "spatial", "grid_raster" (VisionZip's NeXT re-assembly)
-            "order": "unit",
+            "order": Option("unit", ORDERS,
+                            doc="multi-unit output order (llava.ops.block_order): unit (per unit [dominant, "
+                                "contextual]; our design, no official NeXT / video path), spatial, grid_raster "
+                                "(VisionZip's NeXT re-assembly)"),
             # LLaVA-NeXT 'spatial_unpad' newline tokens: kept as layout in stage 1 (ranked in stage 2) or dropped
             "keep_newlines": True,
             # "ours" (fp32, ties to the lower index) or "official" (reference mode, module doc)
@@ -275,8 +277,6 @@ class DUET(Method):
                              "after the image ('text_after')")
         if self.queries not in QUERIES:
             raise ValueError(f"duet: queries must be one of {QUERIES}, got {self.queries!r}")
-        if self.order not in ORDERS:
-            raise ValueError(f"duet: order must be one of {ORDERS}, got {self.order!r}")
         check_numerics("duet", self.numerics)
         if self.numerics == "official":  # stage 1's [CLS] rows as the official eager tower computes them
             self.vision_attention_logits = "model"

@@ -49,6 +49,7 @@ import torch
 from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, device_ints, masked_take, unit_layout
+from llava.options import Option
 
 CLS_TOKEN_MODES = ("drop", "keep")
 BUDGET_MODES = ("per_unit", "per_image_total")
@@ -234,10 +235,11 @@ class HiPrune(Method):
             "object_layer_reference": 24,
             # deep layer (hidden-state index): the select layer -2 (official attentions[-2])
             "deep_layer": -2,
-            # "per_unit" (T per image / crop / frame) or "per_image_total" (official NeXT int(T / crops))
-            "budget_mode": "per_unit",
-            # Video-LLaVA frame [CLS]: "drop" (T patches) or "keep" ([CLS] + T-1 patches)
-            "cls_token": "drop",
+            "budget_mode": Option("per_unit", BUDGET_MODES,
+                                  doc="per_unit: T per image / crop / frame; per_image_total: official NeXT "
+                                      "int(T / crops)"),
+            "cls_token": Option("drop", CLS_TOKEN_MODES,
+                                doc="Video-LLaVA frame [CLS]: drop (T patches) or keep ([CLS] + T-1 patches)"),
             # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout (not counted) or drop
             "keep_newlines": True,
             # "ours" (fp32, ties to the lower index) or "official" (reference mode: the official torch.topk /
@@ -249,10 +251,6 @@ class HiPrune(Method):
         if budget is None:
             raise ValueError("hiprune: a budget T (tokens per image / crop / frame) is required")
         super().__init__(budget, **options)
-        if self.cls_token not in CLS_TOKEN_MODES:
-            raise ValueError(f"hiprune: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
-        if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"hiprune: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"hiprune: alpha must be a number >= 0, got {self.alpha!r}")
         for name in ("object_layer", "deep_layer"):

@@ -46,6 +46,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics
+from llava.options import Option
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 TEXT_MODES = ("question", "keywords", "keywords_retokenized", "question_retokenized")
@@ -353,9 +354,9 @@ class MMTok(Method):
     def option_defaults(cls):
         return {
             **super().option_defaults(),
-            # "question" (ours: every question token's LLM embedding) or "keywords" (official LLaVA route:
-            # stop words and the answer-format sentences removed; needs llm_tokenizer)
-            "text": "question",
+            "text": Option("question", TEXT_MODES,
+                           doc="question (ours: every question token's LLM embedding) or keywords (official LLaVA "
+                               "route: stop words and the answer-format sentences removed; needs llm_tokenizer)"),
             # text="keywords" / "keywords_retokenized": the LLM tokenizer (hub id / path / tokenizer object)
             "llm_tokenizer": None,
             # text="keywords_retokenized": the LLM's input embedding that embeds the re-tokenised keyword string: a
@@ -368,13 +369,14 @@ class MMTok(Method):
             "vv_temperature": 0.2,
             # weight of the vision -> vision coverage (official 0.5)
             "alpha": 0.5,
-            # vision -> vision space: "vision" (official on LLaVA: the tower's select-layer features; on
-            # Qwen2.5-VL the merger's normed input), "projected" (the LLM-input tokens) or "merge_mean" (official on
-            # Qwen2.5-VL: the last ViT block's output averaged over each merged token's 4 patches; Qwen only)
-            "vv_space": "vision",
-            # "unit": one selection per image / crop; "sample": one over all the sample's visual tokens (official
-            # Qwen2.5-VL: T = int(retain_ratio * all of the prompt's image tokens))
-            "scope": "unit",
+            "vv_space": Option("vision", VV_SPACES,
+                               doc="vision -> vision space: vision (official on LLaVA: the tower's select-layer "
+                                   "features; on Qwen2.5-VL the merger's normed input), projected (the LLM-input "
+                                   "tokens) or merge_mean (official on Qwen2.5-VL: the last ViT block's output "
+                                   "averaged over each merged token's 4 patches; Qwen only)"),
+            "scope": Option("unit", SCOPES,
+                            doc="unit: one selection per image / crop; sample: one over all the sample's visual tokens "
+                                "(official Qwen2.5-VL: T = int(retain_ratio * all of the prompt's image tokens))"),
             # None: a selection is skipped only when n <= T (ours); an int: also when n <= it (official Qwen2.5-VL:
             # 64, the core's default target_vision_tokens that select_vision_tokens compares n with)
             "whole_at_most": None,
@@ -392,18 +394,12 @@ class MMTok(Method):
             raise ValueError("mmtok: a budget T (tokens per image / crop) or retain_ratio is required")
         if self.retain_ratio is not None and not (0 < float(self.retain_ratio) <= 1):
             raise ValueError(f"mmtok: retain_ratio must be in (0, 1], got {self.retain_ratio!r}")
-        if self.text not in TEXT_MODES:
-            raise ValueError(f"mmtok: text must be one of {TEXT_MODES}, got {self.text!r}")
         if self.text != "question" and self.llm_tokenizer is None:
             raise ValueError(f"mmtok: text={self.text!r} needs llm_tokenizer (the LLM's tokenizer, to read the "
                              "question's words)")
         if self.text.endswith("_retokenized") and self.embed_tokens is None:
             raise ValueError(f"mmtok: text={self.text!r} needs embed_tokens (the LLM's input embedding, e.g. "
                              "model.get_input_embeddings())")
-        if self.vv_space not in VV_SPACES:
-            raise ValueError(f"mmtok: vv_space must be one of {VV_SPACES}, got {self.vv_space!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"mmtok: scope must be one of {SCOPES}, got {self.scope!r}")
         if self.whole_at_most is not None and (isinstance(self.whole_at_most, bool) or int(self.whole_at_most) < 0):
             raise ValueError(f"mmtok: whole_at_most must be None or a count >= 0, got {self.whole_at_most!r}")
         if self.vv_space == "merge_mean":  # the Qwen tower's last block, averaged per merged token (a Qwen signal)

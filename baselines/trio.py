@@ -65,6 +65,7 @@ from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
                        scale_layers, scaled_count, split_budget, vscan_stage1)
+from llava.options import Option
 from llava.proxy_grad import PROXY_ROWS
 
 #: ``--layer_list '[1,10,15]'`` of every LLaVA-1.5 w/o VE script (e.g. ``llava/model/scripts/v1_5/eval/mme.sh:13``)
@@ -203,14 +204,14 @@ class TRIO(Method):
             "image_token_list": None,
             # Qwen2.5-VL's ratio schedule: after stage s keep int(r_s * current) (official [0.333] at layer 14)
             "ratios": None,
-            # "scaled": floor(N c / 576) for a sample with N visual tokens (ours, PyramidDrop's convention);
-            # "absolute": min(c, N) (official image_token_list)
-            "counts": "scaled",
+            "counts": Option("scaled", COUNT_MODES,
+                             doc="scaled: floor(N c / 576) for a sample with N visual tokens (ours, PyramidDrop's "
+                                 "convention); absolute: min(c, N) (official image_token_list)"),
             "scale_layers": True,
             # NMS threshold on the cosine of the current hidden states (official 0.8); None = plain top-k
             "tau": OFFICIAL_TAU,
-            # proxy rows: "shifted" (official: the K_pos rows before the last prompt row) or "last"
-            "proxy_rows": "shifted",
+            "proxy_rows": Option("shifted", PROXY_ROWS,
+                                 doc="shifted (official: the K_pos rows before the last prompt row) or last"),
             "num_proxy_rows": OFFICIAL_PROXY_ROWS,
             # the decoder layer the proxy loss runs on the hidden states entering layer K: "next" (layer K,
             # official LLaVA) or "prev" (layer K-1 again on its own output, the official Qwen2.5-VL code)
@@ -218,9 +219,10 @@ class TRIO(Method):
             # "ours" (fp32 saliency norm, ties to the lower index) or "official" (model-dtype norm, torch.argsort;
             # with encoder="vscan" also VScan's stage-1 reference mode)
             "numerics": "ours",
-            # "w/ VE": None (w/o VE, default) or "vscan" (VScan's stage 1 before the LLM, README.md:524-544);
-            # then layer_list defaults to (16,), image_token_list to (32,) per unit, counts "scaled" = per unit
-            "encoder": None,
+            "encoder": Option(None, ENCODERS,
+                              doc="w/ VE: None (w/o VE, default) or vscan (VScan's stage 1 before the LLM, "
+                                  "README.md:524-544); then layer_list defaults to (16,), image_token_list to (32,) "
+                                  "per unit, counts scaled = per unit"),
             # w/ VE: tokens per unit after the encoder stage (official --visual_token_num 96); None = from the
             # budget (2B - B // 2) or 96
             "visual_token_num": None,
@@ -233,8 +235,6 @@ class TRIO(Method):
         super().__init__(budget, **options)
         if self.image_token_list is not None and self.ratios is not None:
             raise ValueError("trio: give image_token_list= or ratios=, not both")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"trio: encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder is None and self.visual_token_num is not None:
             raise ValueError("trio: visual_token_num (tokens per unit after the encoder stage) needs encoder='vscan'")
         if self.encoder is not None and "layer_list" not in options:
@@ -261,12 +261,8 @@ class TRIO(Method):
                 raise ValueError("trio: image_token_list needs one whole count >= 0 per stage layer, got "
                                  f"{list(counts)}")
             self._counts = tuple(int(c) for c in counts)
-        if self.counts not in COUNT_MODES:
-            raise ValueError(f"trio: counts must be one of {COUNT_MODES}, got {self.counts!r}")
         if self.tau is not None and not isinstance(self.tau, (int, float)):
             raise ValueError(f"trio: tau must be a number or None, got {self.tau!r}")
-        if self.proxy_rows not in PROXY_ROWS:
-            raise ValueError(f"trio: proxy_rows must be one of {PROXY_ROWS}, got {self.proxy_rows!r}")
         if isinstance(self.num_proxy_rows, bool) or int(self.num_proxy_rows) != self.num_proxy_rows \
                 or self.num_proxy_rows < 1:
             raise ValueError(f"trio: num_proxy_rows must be a whole number >= 1, got {self.num_proxy_rows!r}")

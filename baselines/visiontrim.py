@@ -58,6 +58,7 @@ from llava.clip_route import ClipTextRoute
 from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.ops import check_numerics, device_ints, unit_layout
+from llava.options import Option
 
 #: the CLIP-tower families (a [CLS] token and its attention: llava.families.registry's ``tower``), asked at each use
 SUPPORTED_FAMILIES = registry.where(tower="clip")
@@ -405,25 +406,26 @@ class VisionTrim(Method):
             **super().option_defaults(),
             # C, the complement (TGVC) tokens per unit; None = budget // 4 (64 -> 48 + 16, the official default)
             "tgvc_tokens": None,
-            # "code" (released code: [CLS] + received attention) or "global_local" (the abstract's global-local
-            # view: the code's unused LTAM + variance-adaptive weighting)
-            "dvts_score": "code",
+            "dvts_score": Option("code", DVTS_SCORES,
+                                 doc="code: released code ([CLS] + received attention); global_local: the abstract's "
+                                     "global-local view (the code's unused LTAM + variance-adaptive weighting)"),
             # weight of the [CLS] term in the "code" score (official 0.5)
             "alpha": 0.5,
-            # received attention from the "patches" (official: [CLS] query removed) or from "all" queries
-            "received_queries": "patches",
+            "received_queries": Option("patches", RECEIVED_QUERIES,
+                                       doc="received attention from the patches (official: [CLS] query removed) "
+                                           "or from all queries"),
             # LTAM window (global_local only; official 3)
             "ltam_window": 3,
             # TGVC merge rounds (official 3, hard-coded over its vtc_times=1 argument)
             "vtc_times": 3,
-            # TGVC text: "llm" (ours: question LLM embeddings vs projected tokens) or "clip" (official: CLIP text
-            # tower + visual_projection; needs clip_model and llm_tokenizer)
-            "text": "llm",
+            "text": Option("llm", TEXT_MODES,
+                           doc="TGVC text: llm (ours: question LLM embeddings vs projected tokens) or clip (official: "
+                               "CLIP text tower + visual_projection; needs clip_model and llm_tokenizer)"),
             "clip_model": None,
             "clip_tokenizer": None,
             "llm_tokenizer": None,
-            # Video-LLaVA frame [CLS]: "drop" (B patches-derived tokens) or "keep" ([CLS] + B - 1)
-            "cls_token": "drop",
+            "cls_token": Option("drop", CLS_TOKEN_MODES,
+                                doc="Video-LLaVA frame [CLS]: drop (B patches-derived tokens) or keep ([CLS] + B - 1)"),
             # "ours" (fp32, stable ties) or "official" (reference mode: the official fp16 arithmetic, topk)
             "numerics": "ours",
         }
@@ -435,21 +437,12 @@ class VisionTrim(Method):
         t = self.tgvc_tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= self.budget):
             raise ValueError(f"visiontrim: tgvc_tokens must be an int in 0..budget ({self.budget}), got {t!r}")
-        if self.dvts_score not in DVTS_SCORES:
-            raise ValueError(f"visiontrim: dvts_score must be one of {DVTS_SCORES}, got {self.dvts_score!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ValueError(f"visiontrim: alpha must be in [0, 1], got {self.alpha!r}")
-        if self.received_queries not in RECEIVED_QUERIES:
-            raise ValueError(f"visiontrim: received_queries must be one of {RECEIVED_QUERIES}, "
-                             f"got {self.received_queries!r}")
         for k in ("ltam_window", "vtc_times"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "ltam_window" else 0):
                 raise ValueError(f"visiontrim: {k} must be an int >= {1 if k == 'ltam_window' else 0}, got {v!r}")
-        if self.text not in TEXT_MODES:
-            raise ValueError(f"visiontrim: text must be one of {TEXT_MODES}, got {self.text!r}")
-        if self.cls_token not in CLS_TOKEN_MODES:
-            raise ValueError(f"visiontrim: cls_token must be one of {CLS_TOKEN_MODES}, got {self.cls_token!r}")
         check_numerics("visiontrim", self.numerics)
         if self.text == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("visiontrim: text='clip' needs clip_model (a CLIP checkpoint with its text tower, e.g. "

@@ -59,6 +59,7 @@ from llava.ops import VSCAN_REMAINDERS as REMAINDERS
 from llava.ops import VSCAN_WINDOWS_PER_SIDE as OFFICIAL_WINDOWS_PER_SIDE  # noqa: F401
 from llava.ops import _vscan_official_assign as _official_assign  # noqa: F401
 from llava.ops import _vscan_official_scans as _official_scans  # noqa: F401
+from llava.options import Option
 
 OFFICIAL_STAGE1 = 96  # visual_token_num (README, all scripts)
 OFFICIAL_STAGE2 = 32  # image_token_list [32]
@@ -107,8 +108,8 @@ class VScan(Method):
             "window": None,
             # share of stage 1 from the local scan (official hard-coded 0.5)
             "local_ratio": 0.5,
-            # local quota not divisible by the window count: "drop" (official) or "global"
-            "remainder": "drop",
+            "remainder": Option("drop", REMAINDERS,
+                                doc="local quota not divisible by the window count: drop (official) or global"),
             # "ours" (fp32, ties to the lower index) or "official" (reference mode: fp16 scans and cosine,
             # the official torch.topk calls; stage 2 as PyramidDrop's reference mode)
             "numerics": "ours",
@@ -132,8 +133,6 @@ class VScan(Method):
             setattr(self, k, int(v))
         if not 0.0 <= float(self.local_ratio) <= 1.0:
             raise ValueError("vscan: local_ratio must be in [0, 1]")
-        if self.remainder not in REMAINDERS:
-            raise ValueError(f"vscan: remainder must be one of {REMAINDERS}, got {self.remainder!r}")
         if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
             raise ValueError("vscan: window must be >= 1 patch")
         check_numerics("vscan", self.numerics)
