@@ -197,13 +197,13 @@ class _Oracle(ConsensusDrop):
         self.cur, self.i = self.forced[self.i], self.i + 1
         return super().select_vision(sig)
 
-    def _dominant(self, s_v, s_x, x, d, defer=False):
+    def _dominant(self, s_v, s_x, x, d, defer=False, rows=None):
         seed = torch.tensor(self.cur[:d], dtype=torch.long, device=x.device) if self.cur else None
         rel = fused_relevance(s_v, s_x, self.fusion, self.w_v, self.w_x, self.relevance, self.rrf_k)
         if self.fill == "coverage":
             rel = torch.ones_like(rel)
         if defer:
-            return maxmin_problem(x, rel, d, seed, self.alpha)
+            return maxmin_problem(x, rel, d, seed, self.alpha, rows=rows)
         return diverse_pick(x, rel, d, seed, "maxmin", self.alpha)
 
 
