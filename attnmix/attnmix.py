@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import BudgetError, Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import best_product_split_k1, check_numerics, masked_take, text_to_image_score, topk_desc
 
 #: dtype of the official signals under the official builder: the fp16 LLM inputs and the [CLS] attentions cast to
@@ -226,7 +227,7 @@ class AttnMix(Method):
             "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newline tokens: keep as layout
             # "ours" (fp32 scores, ties to the lower index) or "official" (reference mode: the scores in the
             # run's dtype as the released code in its model's, fp16 under its builder; torch.topk / torch.sort)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -235,7 +236,6 @@ class AttnMix(Method):
         super().__init__(budget, **options)
         if self.text_queries not in ("all", "question"):
             raise ValueError("attnmix: text_queries must be 'all' or 'question'")
-        check_numerics("attnmix", self.numerics)
 
     def select_vision(self, sig):
         # each unit's tokens in its own patch order (the NeXT 'spatial' layout interleaves grid crops)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from llava.families import registry
 from llava.method import BudgetError, Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, scale_layers
 from llava.options import Option
 
@@ -341,14 +342,13 @@ class ApET(Method):
             # seeds the FPS start draw per sample (official: unseeded torch.randint)
             "seed": 0,
             # "ours" (fp32, basis ranked last, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
         if budget is not None and (options.get("stage1") is not None or options.get("stage2") is not None):
             raise ValueError("apet: give either a budget or stage1= / stage2=, not both")
         super().__init__(budget, **options)
-        check_numerics("apet", self.numerics)
         if self.budget is not None:
             if self.llm_stage:
                 if self.budget < 2:

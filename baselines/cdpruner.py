@@ -53,6 +53,7 @@ import torch
 from llava.clip_route import ClipTextRoute
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, unit_layout
 
 RELEVANCE_MODES = ("llm", "clip")
@@ -427,7 +428,7 @@ class CDPruner(Method):
             "reference": False,
             # "ours" (fp32, guards) or "official" (reference mode: fp16 projected tokens, the official
             # greedy loop without guards; docs/methods/cdpruner.md)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             "reference_dtype": Option("model", REFERENCE_DTYPES,
                                       doc="reference mode: the projected tokens' dtype of the official numerics: "
                                           "model (our features' own dtype: the official model loaded in our LLM's "
@@ -440,7 +441,6 @@ class CDPruner(Method):
         super().__init__(budget, **options)
         if self.theta is not None and not (0 <= float(self.theta) < 1):
             raise ValueError(f"cdpruner: theta must be in [0, 1), got {self.theta!r}")
-        check_numerics("cdpruner", self.numerics)
         if self.relevance == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("cdpruner: relevance='clip' needs clip_model (a CLIP checkpoint with its text tower, "
                              "e.g. openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")

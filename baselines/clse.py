@@ -40,6 +40,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, scale_layers, scaled_count, topk_desc
 
 #: the official keep counts of 576 after each stage, per RETAIN_TOKEN (clse_model.py 109-115)
@@ -181,7 +182,7 @@ class CLSE(Method):
             # "pruned" (official: the dropped rows removed too, so decoding sees the kept tokens alone; eager only)
             "caches": "kept",
             # "ours" (fp32 attention, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -189,7 +190,6 @@ class CLSE(Method):
         if self.budget is None and self.retain_ratio is None:
             raise ValueError("clse: a budget is required (the official RETAIN_TOKEN: 192, 128 or 64; or the Qwen "
                              "rule's retain_ratio)")
-        check_numerics("clse", self.numerics)
         if self.caches not in ("kept", "pruned"):
             raise ValueError(f"clse: caches must be 'kept' or 'pruned', got {self.caches!r}")
         if self.rule not in ("auto", *RULES):

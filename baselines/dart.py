@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, equivalent_kept_count, masked_take, scale_layers, topk_desc
 
 #: the dtype of the official runs' LLM (keys, hidden states): LLaVA loads the LLM in float16
@@ -197,7 +198,7 @@ class DART(Method):
             "scale_layers": True,
             # "ours" (fp32, ties to the lower index, pivot_order) or "official" (reference mode:
             # fp16 signals, torch.topk, the official set-iteration pivot order)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             # reference mode's arithmetic dtype: "float16" (the official runs' fp16 LLM) or "model" (the dtype our
             # LLM runs in: the official code computes in its LLM's dtype, so an official fp32 run computes in fp32)
             "reference_dtype": "model",
@@ -209,7 +210,6 @@ class DART(Method):
             raise ValueError(f"dart: budget_mode must be 'kept' or 'equivalent', got {self.budget_mode!r}")
         if self.pivot_order not in ("index", "score"):
             raise ValueError(f"dart: pivot_order must be 'index' or 'score', got {self.pivot_order!r}")
-        check_numerics("dart", self.numerics)
         if self.reference_dtype not in ("float16", "model"):
             raise ValueError(f"dart: reference_dtype must be 'float16' or 'model', got {self.reference_dtype!r}")
         if int(self.pivot_image) < 0 or int(self.pivot_text) < 0 or int(self.pivot_image) + int(self.pivot_text) == 0:

@@ -48,6 +48,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import (SUBSET_RATIO, MaxMinProblem, check_numerics, greedy_max_min, masked_take, subset_picks,
                        unit_layout)
 
@@ -206,7 +207,7 @@ class DivPrune(Method):
             "newlines": Option("auto", NEWLINE_MODES, doc="LLaVA-NeXT newline tokens"),
             # "ours" (fp32 distances, distinct picks) or "official" (reference mode: distances in the
             # model's dtype, the official first pick, no distinct-pick guard)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             "reference_dtype": Option("model", REFERENCE_DTYPES,
                                       doc="reference mode's distance dtype: model (the features' own, our LLM's: the "
                                           "official code computes in its model's dtype, fp16 under its builder, fp32 "
@@ -220,7 +221,6 @@ class DivPrune(Method):
             raise ValueError("divprune: give a budget or a ratio, not both")
         if self.ratio is not None and not (0 < float(self.ratio) <= 1):
             raise ValueError(f"divprune: ratio must be in (0, 1], got {self.ratio!r}")
-        check_numerics("divprune", self.numerics)
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("divprune: newline tokens can be candidates only in sample scope")
 

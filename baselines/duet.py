@@ -59,6 +59,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
                        scale_layers, topk_desc, unit_layout)
 from llava.options import Option
@@ -254,7 +255,7 @@ class DUET(Method):
             # LLaVA-NeXT 'spatial_unpad' newline tokens: kept as layout in stage 1 (ranked in stage 2) or dropped
             "keep_newlines": True,
             # "ours" (fp32, ties to the lower index) or "official" (reference mode, module doc)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -277,7 +278,6 @@ class DUET(Method):
                              "after the image ('text_after')")
         if self.queries not in QUERIES:
             raise ValueError(f"duet: queries must be one of {QUERIES}, got {self.queries!r}")
-        check_numerics("duet", self.numerics)
         if self.numerics == "official":  # stage 1's [CLS] rows as the official eager tower computes them
             self.vision_attention_logits = "model"
         w = self.cluster_width

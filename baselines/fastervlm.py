@@ -41,6 +41,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, topk_desc, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
@@ -113,14 +114,13 @@ class FasterVLM(Method):
             "keep_newlines": True,
             # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
             # head mean of the fp16-cast attentions, torch.topk)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
         if budget is None:
             raise ValueError("fastervlm: a budget T (tokens per image / crop / frame) is required")
         super().__init__(budget, **options)
-        check_numerics("fastervlm", self.numerics)
         if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
             self.vision_attention_logits = "model"
 

@@ -34,6 +34,7 @@ import math
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, equivalent_kept_count, round_half_up, scale_layers, topk_desc  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class FastV(Method):
             "scale_layers": True,
             # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
             # probabilities and head mean, torch.topk)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -108,7 +109,6 @@ class FastV(Method):
         super().__init__(budget, **options)
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise ValueError(f"fastv: ratio must be in [0, 1], got {self.ratio}")
-        check_numerics("fastv", self.numerics)
         if int(self.layer) < 1:
             raise ValueError(f"fastv: layer must be >= 1, got {self.layer}")
 

@@ -54,6 +54,7 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, masked_take, topk_desc
 
 #: the anyres families (LLaVA-NeXT: FlowCut's NeXT code), by the registry's layout
@@ -192,7 +193,7 @@ class FlowCut(Method):
         # next_llm_stage: LLaVA-NeXT only, the official stage after decoder layer 1 (the image cut to T by the
         # last prompt token's score; positions renumbered). The official NeXT recipe = next_half + next_llm_stage.
         return {**super().option_defaults(), "ema": 0.5, "batch_max": False, "next_half": False,
-                "next_llm_stage": False, "frame_cls": "count", "numerics": "ours"}
+                "next_llm_stage": False, "frame_cls": "count", "numerics": NUMERICS_OPTION}
 
     def __init__(self, budget: int | None = None, **options):
         super().__init__(128 if budget is None else budget, **options)  # official API default: 128
@@ -200,7 +201,6 @@ class FlowCut(Method):
             raise ValueError(f"flowcut: frame_cls must be 'count' or 'extra', got {self.frame_cls!r}")
         if not 0.0 <= float(self.ema) <= 1.0:
             raise ValueError(f"flowcut: ema must be in [0, 1], got {self.ema!r}")
-        check_numerics("flowcut", self.numerics)
         if self.next_llm_stage and "position_mode" not in options:
             self.position_mode = "reindex"  # official: position_ids = arange over the shortened row
 

@@ -48,6 +48,7 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 from llava.options import Option
 
@@ -244,7 +245,7 @@ class HiPrune(Method):
             "keep_newlines": True,
             # "ours" (fp32, ties to the lower index) or "official" (reference mode: the official torch.topk /
             # torch.unique calls per unit, fp32 as the official fp32 tower)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -262,7 +263,6 @@ class HiPrune(Method):
         ref = self.object_layer_reference
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
             raise ValueError(f"hiprune: object_layer_reference must be a positive int or None, got {ref!r}")
-        check_numerics("hiprune", self.numerics)
         self._use_layers(self.object_layer, self.deep_layer)
 
     def _use_layers(self, obj: int, deep: int) -> None:

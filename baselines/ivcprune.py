@@ -58,7 +58,8 @@ import torch
 from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.options import Option
-from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
+from llava.ops import NUMERICS_OPTION
+from llava.ops import equivalent_kept_count, scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +236,13 @@ class IVCPrune(Method):
             # official: layers 1..K-1 for the LLaVA rule, 0..K-1 for the Qwen rule hold the kept rows only)
             "caches": "kept",
             # "ours" (fp32 similarity, means and tables, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
         if budget is not None and options.get("keep_tokens") is not None:
             raise ValueError("ivcprune: give either a budget (equivalent tokens) or keep_tokens, not both")
         super().__init__(budget, **options)
-        check_numerics("ivcprune", self.numerics)
         if self.rule not in ("auto", *RULES):
             raise ValueError(f"ivcprune: rule must be 'auto', 'llava', 'qwen' or 'qwen2_vl', got {self.rule!r}")
         if self.caches not in ("kept", "pruned"):

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics
 from llava.options import Option
 
@@ -385,7 +386,7 @@ class MMTok(Method):
             # LLaVA-NeXT newline tokens: kept as layout outside the budget (ours) or dropped
             "keep_newlines": True,
             # "ours" (fp32 normalisation, units batched) or "official" (reference mode: the official arithmetic)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -411,7 +412,6 @@ class MMTok(Method):
         for k in ("vv_temperature",) + (("tv_temperature",) if self.tv_temperature is not None else ()):
             if not float(getattr(self, k)) > 0:
                 raise ValueError(f"mmtok: {k} must be > 0, got {getattr(self, k)!r}")
-        check_numerics("mmtok", self.numerics)
         self._tok = self._embed = None
 
     def capture_refusal(self):

@@ -36,6 +36,7 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import SUBSET_RATIO, subset_picks, check_numerics, masked_take, set_order, unit_layout
 
 GAMMA = 0.01  # official, hard-coded in OTPrune()
@@ -200,7 +201,7 @@ class OTPrune(Method):
             "scope": Option("auto", SCOPES, doc="auto: per frame for video, per sample otherwise"),
             "newlines": Option("auto", NEWLINE_MODES, doc="LLaVA-NeXT newline tokens"),
             # "ours" (fp32) or "official" (reference mode: norms and Cholesky rows in the features' dtype)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             "order": Option("sorted", ORDERS,
                             doc="kept tokens' order into the LLM: sorted (ascending) or official (CPython "
                                 "list(set()) order)"),
@@ -214,7 +215,6 @@ class OTPrune(Method):
             raise ValueError("otprune: give a budget or a ratio, not both")
         if self.ratio is not None and not (0 < float(self.ratio) <= 1):
             raise ValueError(f"otprune: ratio must be in (0, 1], got {self.ratio!r}")
-        check_numerics("otprune", self.numerics)
         if self.scope == "unit" and self.newlines == "candidate":
             raise ValueError("otprune: newline tokens can be candidates only in sample scope")
         if not float(self.gamma) > 0:

@@ -49,7 +49,8 @@ from typing import Sequence
 import torch
 
 from llava.method import Method, Selection, register
-from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts,  # noqa: F401
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, fit_stage_counts,  # noqa: F401
                        last_row_topk,
                        scale_layers, scaled_count, stage_layer_counts)
 
@@ -140,7 +141,7 @@ class PyramidDrop(Method):
             "scale_layers": True,
             # "ours" (fp32 head mean, ties to the lower index) or "official" (reference mode: fp16
             # probabilities and means, torch.topk)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -156,7 +157,6 @@ class PyramidDrop(Method):
                 raise ValueError("pdrop: ratios must be in [0, 1]")
         if not 0.0 <= float(self.lam) <= 1.0:
             raise ValueError("pdrop: lam must be in [0, 1]")
-        check_numerics("pdrop", self.numerics)
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):

@@ -39,6 +39,7 @@ import torch
 from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
@@ -161,14 +162,13 @@ class PriorTR(Method):
             # "pruned" (official: the dropped rows removed too, so decoding sees the kept tokens alone; eager only)
             "caches": "kept",
             # "ours" (fp32 attention and score, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
         if budget is not None and options.get("keep_tokens") is not None:
             raise ValueError("priortr: give either a budget (equivalent tokens) or keep_tokens, not both")
         super().__init__(budget, **options)
-        check_numerics("priortr", self.numerics)
         if self.caches not in ("kept", "pruned"):
             raise ValueError(f"priortr: caches must be 'kept' or 'pruned', got {self.caches!r}")
         if int(self.layer) < 1:

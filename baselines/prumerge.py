@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 
 VARIANTS = ("plus", "base")
@@ -427,7 +428,7 @@ class PruMerge(Method):
             # hidden-state index of the layer whose full-width q / k are read (official: the last, -1)
             "qk_layer": -1,
             # "ours" (fp32, stable ties) or "official" (reference mode: the official fp16 numerics, topk)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             # a unit whose every patch is kept: "drop" (no global token, ours), "zero" (an all-zero global
             # token, as the official code appends), None = "zero" under numerics="official", else "drop"
             "empty_global": None,
@@ -446,7 +447,6 @@ class PruMerge(Method):
         if isinstance(self.qk_layer, bool) or not isinstance(self.qk_layer, int):
             raise ValueError(f"prumerge: qk_layer must be an int (hidden-state index), got {self.qk_layer!r}")
         self.vision_fullwidth_layers = (self.qk_layer,)
-        check_numerics("prumerge", self.numerics)
         if self.numerics == "official":  # the [CLS] row as the official code computes it from the fp16 tower's q / k
             self.vision_attention_logits = "model"
         if self.empty_global is None:

@@ -53,6 +53,7 @@ import math
 import torch
 
 from llava.method import BudgetError, Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import REFERENCE_DEPTH, check_numerics, fit_stage_counts, masked_take, scale_layers, scaled_count, topk_desc
 
 #: ``sparse_token_dict`` of score.py: retained visual tokens (of 576) after layers 2 / 6 / 15.
@@ -314,7 +315,7 @@ class SparseVLM(Method):
             "scale_layers": True,
             # "ours" (fp32 raters / scores, fp64 clustering, ties to the lower index) or "official"
             # (reference mode: fp16 raters, scores, gravity, head sums and clustering, torch.topk)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -331,7 +332,6 @@ class SparseVLM(Method):
             raise ValueError(f"sparsevlm: no official {version} schedule for budget {budget}; "
                              f"use one of {sorted(SCHEDULES[version])} or an explicit `schedule`")
         super().__init__(budget, **options)
-        check_numerics("sparsevlm", self.numerics)
         v2 = self.version == "v2"
         self.recycle = (not v2) if self.recycle is None else bool(self.recycle)
         self.gravity = v2 if self.gravity is None else bool(self.gravity)

@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, Selection, register
-from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts,
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, fit_stage_counts,
                        scale_layers, scaled_count, stage_layer_counts, topk_desc)
 
 #: the official eval scripts' switches (scripts/transprune/v1_5_test/*.sh), 1-based "after layer l" = our stage
@@ -210,7 +211,7 @@ class TransPrune(Method):
             # map stage layers from 32 layers onto the model's depth (llava.ops.scale_layers)
             "scale_layers": True,
             # "ours" (fp32 weights and attention, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -224,7 +225,6 @@ class TransPrune(Method):
                 raise ValueError("transprune: ratios and layer_list must have the same length")
             if any(not 0.0 <= float(r) <= 1.0 for r in self.ratios):
                 raise ValueError("transprune: ratios must be in [0, 1]")
-        check_numerics("transprune", self.numerics)
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=24, family="llava")
 
     def setup(self, *, num_layers, num_vision_layers, family):

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
                        scale_layers, scaled_count, split_budget, vscan_stage1)
 from llava.options import Option
@@ -218,7 +219,7 @@ class TRIO(Method):
             "probe_layer": "next",
             # "ours" (fp32 saliency norm, ties to the lower index) or "official" (model-dtype norm, torch.argsort;
             # with encoder="vscan" also VScan's stage-1 reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             "encoder": Option(None, ENCODERS,
                               doc="w/ VE: None (w/o VE, default) or vscan (VScan's stage 1 before the LLM, "
                                   "README.md:524-544); then layer_list defaults to (16,), image_token_list to (32,) "
@@ -269,7 +270,6 @@ class TRIO(Method):
         if self.probe_layer not in ("next", "prev"):
             raise ValueError(f"trio: probe_layer must be 'next' or 'prev', got {self.probe_layer!r}")
         self.llm_reads = (self.probe_layer,)  # the hybrid check reads the instance's
-        check_numerics("trio", self.numerics)
         if self.encoder is not None:
             t = self.visual_token_num
             if t is None:

@@ -39,6 +39,7 @@ import torch
 from llava.families import registry
 from llava.method import Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, scale_layers, stage_layer_counts, topk_desc
 
 log = logging.getLogger(__name__)
@@ -150,12 +151,11 @@ class V2Drop(Method):
             # map the stage layers from the rule's depth onto the model's (llava.ops.scale_layers)
             "scale_layers": True,
             # "ours" (fp32 difference and norm, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
         super().__init__(budget, **options)
-        check_numerics("v2drop", self.numerics)
         if self.rule not in ("auto", *RULES):
             raise ValueError(f"v2drop: rule must be 'auto' or one of {tuple(RULES)}, got {self.rule!r}")
         if self.keep_ratios is not None:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from llava.clip_route import ClipTextRoute
 from llava.families import registry
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, device_ints, unit_layout
 from llava.options import Option
 
@@ -427,7 +428,7 @@ class VisionTrim(Method):
             "cls_token": Option("drop", CLS_TOKEN_MODES,
                                 doc="Video-LLaVA frame [CLS]: drop (B patches-derived tokens) or keep ([CLS] + B - 1)"),
             # "ours" (fp32, stable ties) or "official" (reference mode: the official fp16 arithmetic, topk)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -443,7 +444,6 @@ class VisionTrim(Method):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "ltam_window" else 0):
                 raise ValueError(f"visiontrim: {k} must be an int >= {1 if k == 'ltam_window' else 0}, got {v!r}")
-        check_numerics("visiontrim", self.numerics)
         if self.text == "clip" and (self.clip_model is None or self.llm_tokenizer is None):
             raise ValueError("visiontrim: text='clip' needs clip_model (a CLIP checkpoint with its text tower, e.g. "
                              "openai/clip-vit-large-patch14-336) and llm_tokenizer (to decode the question)")

@@ -66,7 +66,8 @@ import torch
 
 from llava.method import Method, Selection, register
 from llava.options import Option
-from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
                        topk_desc, unit_layout)
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)
@@ -184,7 +185,7 @@ class VisionZip(Method):
             "keep_newlines": True,
             # "ours" (ties to the lower index) or "official" (reference mode: torch.topk, the official
             # unclamped bmm similarity; scores / metric / merge fp32 as the official fp32 tower)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -205,7 +206,6 @@ class VisionZip(Method):
                 raise ValueError(f"visionzip: dominant {d} + contextual {c} != budget {self.budget}")
         if isinstance(d, bool) or isinstance(c, bool) or int(d) != d or int(c) != c or d < 1 or c < 0:
             raise ValueError(f"visionzip: need dominant >= 1 and contextual >= 0 (whole numbers), got {d}, {c}")
-        check_numerics("visionzip", self.numerics)
         if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
             self.vision_attention_logits = "model"
         self.dominant, self.contextual = int(d), int(c)

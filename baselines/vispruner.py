@@ -54,6 +54,7 @@ import torch
 
 from llava.method import BudgetError, Method, Selection, register
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
@@ -275,7 +276,7 @@ class VisPruner(Method):
             # True: official numerics (fp16 similarity) and errors where the official code fails
             "reference": False,
             # "ours" or "official" (reference mode: the official dtypes, unstable argsort, official round sizes)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
             "cls_token": Option("drop", CLS_TOKEN_MODES,
                                 doc="Video-LLaVA frame [CLS]: drop (T patches) or keep ([CLS] + T-1 patches)"),
             # LLaVA-NeXT / OneVision newline tokens: kept as layout (True) or dropped
@@ -288,7 +289,6 @@ class VisPruner(Method):
         super().__init__(budget, **options)
         if self.important_ratio is not None and not (0.0 <= float(self.important_ratio) <= 1.0):
             raise ValueError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio!r}")
-        check_numerics("vispruner", self.numerics)
         if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
             self.vision_attention_logits = "model"
 

@@ -44,7 +44,8 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, equivalent_kept_count, scale_layers, topk_desc
+from llava.ops import NUMERICS_OPTION
+from llava.ops import equivalent_kept_count, scale_layers, topk_desc
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +243,13 @@ class VLMPruner(Method):
             # the variance channels of the similarity (official 256; all channels when the model has fewer)
             "channels": CHANNELS,
             # "ours" (fp32 keys / similarity / recovery, ties to the lower index) or "official" (reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
         if budget is not None and options.get("keep_tokens") is not None:
             raise ValueError("vlmpruner: give either a budget (equivalent tokens) or keep_tokens, not both")
         super().__init__(budget, **options)
-        check_numerics("vlmpruner", self.numerics)
         if int(self.layer) < 1:
             raise ValueError(f"vlmpruner: layer must be >= 1, got {self.layer}")
         if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 0

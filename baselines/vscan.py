@@ -48,7 +48,8 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, Selection, register
-from llava.ops import check_numerics, last_row_topk, scale_layers
+from llava.ops import NUMERICS_OPTION
+from llava.ops import last_row_topk, scale_layers
 # stage 1 is shared with TRIO's "w/ VE" option: it lives in llava/ops/ (re-imported under its names here)
 from llava.ops import (REFERENCE_TOWER, local_counts, local_layer_for, split_budget, vscan_stage1,  # noqa: F401
                        window_side)
@@ -112,7 +113,7 @@ class VScan(Method):
                                 doc="local quota not divisible by the window count: drop (official) or global"),
             # "ours" (fp32, ties to the lower index) or "official" (reference mode: fp16 scans and cosine,
             # the official torch.topk calls; stage 2 as PyramidDrop's reference mode)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -135,7 +136,6 @@ class VScan(Method):
             raise ValueError("vscan: local_ratio must be in [0, 1]")
         if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
             raise ValueError("vscan: window must be >= 1 patch")
-        check_numerics("vscan", self.numerics)
         if self.numerics == "official":  # the [CLS] rows as the official eager tower computes them, in its dtype
             self.vision_attention_logits = "model"
         self.setup(num_layers=REFERENCE_DEPTH, num_vision_layers=REFERENCE_TOWER, family="llava")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, Selection, register
+from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, per_unit_selection, scale_layers
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
@@ -261,7 +262,7 @@ class VisionDrop(Method):
             "keep_newlines": True,  # LLaVA-NeXT 'spatial_unpad' newlines at stage 0 (official runs 'spatial')
             # "ours" (fp32 scores / metrics, ties to the lower index) or "official" (reference mode: fp32
             # tower stage, fp16 LLM stages, torch.topk, unclamped bmm / matmul similarity; see module doc)
-            "numerics": "ours",
+            "numerics": NUMERICS_OPTION,
         }
 
     def __init__(self, budget=None, **options):
@@ -270,7 +271,6 @@ class VisionDrop(Method):
         super().__init__(budget, **options)
         if self.schedule is not None and len(self.schedule) != len(self.layer_list) + 1:
             raise ValueError("visiondrop: schedule needs one (D, C) pair per stage (encoder + each LLM layer)")
-        check_numerics("visiondrop", self.numerics)
 
     def setup(self, *, num_layers, num_vision_layers, family):
         super().setup(num_layers=num_layers, num_vision_layers=num_vision_layers, family=family)

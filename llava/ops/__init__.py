@@ -14,7 +14,7 @@ prefill captured in a CUDA graph / ``torch.compile(fullgraph=True)``.
 
 from .select import (  # noqa: F401
     _num_picks, check_numerics, device_ints, greedy_max_min, isin_small, masked_take, MaxMinProblem, NUMERICS,
-    rank_desc, subset_picks, SUBSET_RATIO, topk_desc, unit_layout, UnitLayout,
+    NUMERICS_OPTION,    rank_desc, subset_picks, SUBSET_RATIO, topk_desc, unit_layout, UnitLayout,
 )
 from .merge import (  # noqa: F401
     _arange_runs, best_product_split, best_product_split_k1, block_order, cat_parts, contextual_merge,

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import Option
 
 #: the ``numerics`` option of every method with official code: our documented numerics, or the reference
 #: mode that reproduces the official implementation's dtypes and orderings (docs/evaluation.md)
 NUMERICS = ("ours", "official")
+#: that option's declaration (``option_defaults``), checked when the method is built
+NUMERICS_OPTION = Option("ours", NUMERICS, doc="official: the reference mode (the official code's arithmetic; eager "
+                                                "engine)")
 
 
 def check_numerics(method: str, numerics: str) -> None:
