@@ -136,3 +136,18 @@ def test_a_built_in_s_needs_follow_its_options():
         m.setup(num_layers=4, num_vision_layers=4, family="llava")
     assert {r.kind for r in ours.needs().tower_reads} == {"received"}
     assert {r.kind for r in official.needs().tower_reads} == {"received_global"}
+
+
+def test_the_contract_check_names_a_wrong_declaration(monkeypatch):
+    """``python -m llava.check`` on a method with a wrong declaration: the first row fails at attach with the
+    attribute named, the rest are not run."""
+    import llava.method as method
+    from llava.check import run_checks
+
+    cls = type("BadLayers", (_Declared,), {"name": "test_needs_bad_layers", "vision_cls_layers": 3})
+    monkeypatch.setitem(method._REGISTRY, cls.name, cls)
+    rows = run_checks(cls.name, families=["llava"], budget=5, only=["selections", "batch"])
+    assert [(r.guarantee, r.verdict) for r in rows] == [("selections", "FAIL"), ("batch", "n.a.")]
+    assert rows[0].detail == ("attach: TypeError: test_needs_bad_layers: vision_cls_layers must be a tuple of layer "
+                              "indices, got the int 3 (write (3,))")
+    assert rows[1].detail == "not run: the method does not attach"
