@@ -151,25 +151,13 @@ class Needs:
         stage that reads the tokens' units)."""
         return self.vision_stage or self.tower_attention or self.llm_vision_signals
 
-    def reads(self, kind: str) -> tuple[int, ...]:
-        """The tower layers of the ``kind`` signals asked for, in declaration order."""
-        return tuple(r.layer for r in self.tower_reads if r.kind == kind)
-
     @classmethod
     def of(cls, method, tower_masked: bool = False) -> "Needs":
         """The record of ``method``'s attributes (class or instance), each checked once. ``tower_masked``: the method
         overrides ``select_tower_masked``."""
         m, name = method, method.name
-        reads = tuple(TowerRead(kind, v) for kind, v in
-                      [("received", v) for v in _layers(name, "vision_attention_layers", m.vision_attention_layers)]
-                      + [("fullwidth", v) for v in _layers(name, "vision_fullwidth_layers", m.vision_fullwidth_layers)]
-                      + [("cls_row", v) for v in _layers(name, "vision_cls_layers", m.vision_cls_layers)]
-                      + [("received_patches", v) for v in _layers(name, "vision_received_patch_layers",
-                                                                   m.vision_received_patch_layers)]
-                      + [("received_global", v) for v in _layers(name, "vision_global_attention_layers",
-                                                                  m.vision_global_attention_layers)]
-                      + [("group_mean", v) for v in _layers(name, "vision_group_mean_blocks",
-                                                            m.vision_group_mean_blocks)])
+        reads = tuple(TowerRead(kind, v) for kind, (attr, _) in TOWER_KINDS.items()  # each kind's declared layers
+                      for v in _layers(name, attr, getattr(m, attr)))
         return cls(
             method=name,
             vision_stage=_flag(name, "vision_stage", m.vision_stage),
