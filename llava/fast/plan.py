@@ -152,11 +152,6 @@ class FastPlanMixin:
         (:meth:`llava.method.Method.capture_refusal`)."""
         return [(name, r) for r in self.engine.needs.tower_reads if r.kind in FAST_TOWER_KINDS for name in r.names]
 
-    @staticmethod
-    def _extra_fields(extras: dict) -> dict:
-        """VisionSignals fields from per-token extra signals (name -> (T, ...)), as the eager engine's."""
-        return tower_fields(extras)
-
     def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
                         extras=None, probe=None):
         """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
@@ -181,7 +176,7 @@ class FastPlanMixin:
             grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
             cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
             unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, static=s.static, _probe_fn=probe,
-            **self._extra_fields(extras or {}))
+            **tower_fields(extras or {}))
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
