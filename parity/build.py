@@ -10,7 +10,7 @@
   ``openai/clip-vit-large-patch14-336`` is: CDPruner's official ``load_text_tower`` loads
   ``CLIPVisionModelWithProjection``, ``CLIPTokenizerFast`` and ``CLIPTextModelWithProjection`` from the same folder
   (our ``relevance="clip"``: ``CLIPModel.from_pretrained``). The vision tensors are the ones a vision-only build
-  draws (the same generator, first); the text side comes from a generator of its own.
+  draws (:class:`Draws` keyed by the tensor's name); the text side comes from draws of its own.
 - ``llava-v1.5-tiny/``: the official LLaVA-1.5 checkpoint layout (``LlavaLlamaForCausalLM``, ``model_type
   llava_llama``; ``model.mm_projector.{0,2}`` mlp2x_gelu, select layer -2, ``image_aspect_ratio pad``,
   ``mm_use_im_patch_token False``) with its slow SentencePiece tokenizer (trained by the official worker).
@@ -18,17 +18,25 @@
   (transformers 5), the tokenizer's ``tokenizer.json`` and the same image processor config.
 - ``images/``: PNGs of several sizes and aspect ratios (pad-to-square and resizing exercised).
 
-Every weight is fp16-representable (drawn in fp32, rounded through fp16), so the official fp16 load holds the same
+Every weight is fp16-representable (drawn in float64, rounded to fp16), so the official fp16 load holds the same
 values as the fp32 one. The attention projections are drawn with a larger gain than the other layers so that the
 [CLS] rows are peaked (FlowCut's entropy-based amounts then differ from layer to layer and from image to image).
+
+Every number here comes from :class:`Draws`: integer draws (SplitMix64 on numpy ``uint64``, keyed by the seed and the
+tensor's name) and elementwise IEEE arithmetic (``+ - * /``, ``sqrt``, casts: one correctly rounded result per
+element), nothing whose result depends on torch's thread count or on the CPU's SIMD path (``torch.randn``'s vectorised
+fill, ``interpolate``, reductions). The images and weights of a seed are therefore the same bytes under any thread
+count and on any x86-64 CPU (tests/test_parity_inputs.py pins their digests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .jobs import Job, Runner, run_job
@@ -54,6 +62,10 @@ CLIP_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 CLIP_MERGES = ["t h", "i n", "th e</w>", "a n", "r e", "i s</w>", "o n", "e r"]
 #: the ``built.json`` field that says the ``clip/`` folder holds the text tower (older builds lack it: rebuilt)
 CLIP_TEXT_MARK = dict(CLIP_TEXT, merges=len(CLIP_MERGES), version=1)
+#: the markers' (``built*.json``) field naming how the weights and images were drawn: a build without it, or with
+#: another, is drawn again (:class:`Draws`)
+DRAWS_MARK = "splitmix64-irwin-hall-1"
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 OFFICIAL_NAME = "llava-v1.5-tiny"  # the official builder loads a LLaVA model only when the name says 'llava'
@@ -121,28 +133,78 @@ def official_to_hf(sd: dict, tower_sd: dict) -> dict:
     return out
 
 
-def _draw(shape, gain: float, gen: torch.Generator) -> torch.Tensor:
+def splitmix64(state: int, n: int) -> np.ndarray:
+    """The first ``n`` outputs of SplitMix64 from ``state`` (numpy ``uint64``, arithmetic modulo 2**64)."""
+    z = np.uint64(state) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Draws:
+    """Seeded random numbers computed exactly: the same values under any torch thread count, on any CPU and any numpy
+    release (no numpy generator, whose streams may change between releases). Each draw is keyed by ``(key, name)``:
+    its values are SplitMix64 (Steele, Lea and Flood 2014) of the counters 0, 1, ... of a 64-bit start that the
+    SHA-256 of ``"<key>/<name>"`` gives, so a tensor's values depend on its name, not on what was drawn before it.
+
+    ``uniform``: 32-bit integers / 2**32 (exact in float64). ``normal``: the Irwin-Hall sum of twelve such uniforms
+    minus 6 (mean 0, variance 1, within (-6, 6)), summed as integers, so exact too."""
+
+    def __init__(self, *key):
+        self.key = "/".join(str(k) for k in key)
+
+    def words(self, name: str, n: int) -> np.ndarray:
+        """``n`` 64-bit words of the draw ``name``."""
+        return splitmix64(int.from_bytes(hashlib.sha256(f"{self.key}/{name}".encode()).digest()[:8], "little"), n)
+
+    def _u32(self, name: str, n: int) -> np.ndarray:
+        w = self.words(name, (n + 1) // 2)
+        return np.stack([w >> np.uint64(32), w & np.uint64(0xFFFFFFFF)], axis=-1).reshape(-1)[:n]
+
+    def uniform(self, name: str, shape) -> np.ndarray:
+        """float64 in [0, 1), multiples of 2**-32."""
+        n = math.prod(shape)
+        return (self._u32(name, n).astype(np.float64) / 2.0 ** 32).reshape(shape)
+
+    def normal(self, name: str, shape) -> np.ndarray:
+        """float64, approximately standard normal (module doc of the class)."""
+        n = math.prod(shape)
+        u = self._u32(name, 12 * n).reshape(n, 12).astype(np.int64)
+        total = u[:, 0]
+        for j in range(1, 12):  # integer sums: exact in any order
+            total = total + u[:, j]
+        return ((total - 6 * 2 ** 32).astype(np.float64) / 2.0 ** 32).reshape(shape)
+
+
+def fp16_values(x: np.ndarray) -> torch.Tensor:
+    """float64 values rounded to fp16 (round to nearest even), as an fp32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).astype(np.float16).astype(np.float32))
+
+
+def _draw(shape, gain: float, draws: Draws, name: str) -> torch.Tensor:
     fan_in = shape[-1] if len(shape) > 1 else 1
-    x = torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in) if len(shape) > 1 else gain)
-    return x.half().float()  # fp16-representable
+    scale = gain / math.sqrt(fan_in) if len(shape) > 1 else gain
+    return fp16_values(draws.normal(name, shape) * scale)
 
 
-def random_state(keys_shapes: dict, gen: torch.Generator, kind: str) -> dict:
-    """Seeded random values for every (key, shape): norms near 1, biases small, attention projections with gain 2
-    (peaked rows), other matrices gain 1, embeddings unit scale."""
+def random_state(keys_shapes: dict, draws: Draws, kind: str) -> dict:
+    """Seeded random values (:class:`Draws`, one draw per key) for every (key, shape), fp16-representable: norms near
+    1, biases small, attention projections with gain 2 in the tower and 1.5 in the LLM (peaked rows), other matrices
+    gain 1, embeddings unit scale."""
     out = {}
     for k, shape in sorted(keys_shapes.items()):
+        shape = tuple(shape)
         if "norm" in k or "layrnorm" in k or "layernorm" in k:
-            base = torch.ones(shape) if k.endswith("weight") else torch.zeros(shape)
-            out[k] = (base + 0.1 * torch.randn(shape, generator=gen)).half().float()
+            base = 1.0 if k.endswith("weight") else 0.0
+            out[k] = fp16_values(base + 0.1 * draws.normal(k, shape))
         elif k.endswith("bias"):
-            out[k] = (0.05 * torch.randn(shape, generator=gen)).half().float()
+            out[k] = fp16_values(0.05 * draws.normal(k, shape))
         elif "embed" in k or "embedding" in k:
-            out[k] = _draw(shape, 1.0, gen) if len(shape) == 1 else (torch.randn(shape, generator=gen)).half().float()
+            out[k] = _draw(shape, 1.0, draws, k) if len(shape) == 1 else fp16_values(draws.normal(k, shape))
         elif any(p in k for p in ("q_proj", "k_proj")):
-            out[k] = _draw(shape, 2.0 if kind == "tower" else 1.5, gen)
+            out[k] = _draw(shape, 2.0 if kind == "tower" else 1.5, draws, k)
         else:
-            out[k] = _draw(shape, 1.0, gen)
+            out[k] = _draw(shape, 1.0, draws, k)
     return out
 
 
@@ -152,21 +214,41 @@ def _save_safetensors(sd: dict, path: Path, dtype=torch.float16) -> None:
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
 
 
+def bilinear(coarse: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``coarse`` (C, h0, w0) resized to (C, h, w) bilinearly with half-pixel centres (as ``interpolate(...,
+    mode="bilinear", align_corners=False)``), in float64 elementwise operations only."""
+    def axis(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        hi = src - i0
+        return i0, i1, 1.0 - hi, hi
+
+    y0, y1, ly0, ly1 = axis(coarse.shape[1], h)
+    x0, x1, lx0, lx1 = axis(coarse.shape[2], w)
+    top = coarse[:, y0][:, :, x0] * lx0 + coarse[:, y0][:, :, x1] * lx1
+    bottom = coarse[:, y1][:, :, x0] * lx0 + coarse[:, y1][:, :, x1] * lx1
+    return top * ly0[:, None] + bottom * ly1[:, None]
+
+
+def image_array(seed: int, i: int, w: int, h: int) -> np.ndarray:
+    """Image ``i`` of ``seed`` (h, w, 3 uint8): a 6 x 6 grid of random colours resized bilinearly, plus noise
+    (:class:`Draws`, exact: the same bytes everywhere)."""
+    draws = Draws("image", seed, i, f"{w}x{h}")
+    img = bilinear(draws.uniform("coarse", (3, 6, 6)), h, w) + 0.08 * draws.normal("noise", (3, h, w))
+    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0).copy()
+
+
 def write_images(folder: Path, seed: int = 0, sizes=None) -> list[Path]:
-    """Smooth random images (blocks of colour plus noise), one per (width, height) of ``sizes`` (default
-    :data:`IMAGE_SIZES`)."""
+    """Smooth random images (:func:`image_array`), one per (width, height) of ``sizes`` (default
+    :data:`IMAGE_SIZES`), as PNGs."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
     paths = []
     for i, (w, h) in enumerate(IMAGE_SIZES if sizes is None else sizes):
-        coarse = torch.rand(3, 6, 6, generator=gen)
-        img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        img = (img + 0.08 * torch.randn(3, h, w, generator=gen)).clamp(0, 1)
-        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         p = folder / f"image{i}_{w}x{h}.png"
-        Image.fromarray(arr).save(p)
+        Image.fromarray(image_array(seed, i, w, h)).save(p)
         paths.append(p)
     return paths
 
@@ -251,18 +333,18 @@ def clip_text_shapes(tower: dict) -> dict:
             if not k.startswith("vision_model.") and not k.endswith("position_ids") and k != "logit_scale"}
 
 
-def _write_tower(clip_dir: Path, tower: dict, tower_shapes: dict, gen: torch.Generator,
-                 text_gen: torch.Generator | None = None) -> dict:
+def _write_tower(clip_dir: Path, tower: dict, tower_shapes: dict, draws: Draws,
+                 text_draws: Draws | None = None) -> dict:
     """The CLIP tower folder the official builder loads (fp32 weights, config, image processor config); returns
-    its random vision state dict (``vision_model.*``). With ``text_gen``: a whole ``CLIPModel`` checkpoint (the same
-    vision tensors, drawn first from ``gen``; the text tower, ``text_projection``, ``visual_projection`` from
-    ``text_gen``; ``logit_scale`` = log(1 / 0.07)) and its CLIP tokenizer."""
-    tower_sd = random_state(tower_shapes, gen, "tower")
-    if text_gen is None:
+    its random vision state dict (``vision_model.*``, from ``draws``). With ``text_draws``: a whole ``CLIPModel``
+    checkpoint (the same vision tensors; the text tower, ``text_projection``, ``visual_projection`` from
+    ``text_draws``; ``logit_scale`` = log(1 / 0.07)) and its CLIP tokenizer."""
+    tower_sd = random_state(tower_shapes, draws, "tower")
+    if text_draws is None:
         _save_safetensors(tower_sd, clip_dir / "model.safetensors", torch.float32)
         cfg = dict(tower, architectures=["CLIPVisionModel"], model_type="clip_vision_model", torch_dtype="float32")
     else:
-        text_sd = random_state(clip_text_shapes(tower), text_gen, "tower")
+        text_sd = random_state(clip_text_shapes(tower), text_draws, "tower")
         text_sd["logit_scale"] = torch.tensor(math.log(1 / 0.07)).half().float()
         _save_safetensors({**tower_sd, **text_sd}, clip_dir / "model.safetensors", torch.float32)
         cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": CLIP_TEXT["projection_dim"],
@@ -288,7 +370,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = None,
           runner: Runner | None = None) -> dict:
     """Build the three folders and the images (idempotent: a finished build, marked by ``built.json`` with the same
-    seed and tower, is reused). Returns the paths. ``tower``: the CLIP tower's config (default :data:`TOWER`, 8 x 8
+    seed, tower and :data:`DRAWS_MARK`, is reused). Returns the paths. ``tower``: the CLIP tower's config (default :data:`TOWER`, 8 x 8
     patches; :func:`build_for` gives an adapter the 24 x 24 one its official code hard-codes). ``runner``: the
     official tokenizer job's (:mod:`parity.jobs`; always run: its product is the tokenizer folders)."""
     import transformers as tf
@@ -298,7 +380,8 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     marker = work / "built.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("seed") == seed and info.get("tower", TOWER) == tower and info.get("clip_text") == CLIP_TEXT_MARK:
+        if (info.get("seed") == seed and info.get("tower", TOWER) == tower and info.get("clip_text") == CLIP_TEXT_MARK
+                and info.get("draws") == DRAWS_MARK):
             return info
     clip_dir, off_dir, hf_dir = work / "clip", work / OFFICIAL_NAME, work / HF_NAME
     for d in (clip_dir, off_dir, hf_dir):
@@ -307,13 +390,12 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
                                                      "fast_dir": str(hf_dir), "corpus": CORPUS, "vocab_size": VOCAB},
                       work, outputs=("official_dir", "fast_dir"), resumable=False), runner)
     vocab = tok["vocab_size"]
-    gen = torch.Generator().manual_seed(seed)
     llm_shapes, tower_shapes = official_shapes(tower, vocab)
-    # the vision tensors first from gen (the LLM's follow them), the CLIP text side from a generator of its own
-    tower_sd = _write_tower(clip_dir, tower, tower_shapes, gen, text_gen=torch.Generator().manual_seed(seed + 2000))
+    tower_sd = _write_tower(clip_dir, tower, tower_shapes, Draws("llava-1.5", seed, "tower"),
+                            text_draws=Draws("llava-1.5", seed, "clip-text"))
     # the LLM + projector in the official LlavaLlamaForCausalLM keys
     d_v = tower["hidden_size"]
-    llm_sd = random_state(llm_shapes, gen, "llm")
+    llm_sd = random_state(llm_shapes, Draws("llava-1.5", seed, "llm"), "llm")
     _save_safetensors(llm_sd, off_dir / "model.safetensors")
     official_cfg = dict(LLM, architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", vocab_size=vocab,
                         bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=0, torch_dtype="float16",
@@ -340,7 +422,7 @@ def build(work: Path, official_python: str, seed: int = 0, tower: dict | None = 
     images = write_images(work / "images", seed)
     info = {"seed": seed, "tower": tower, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
             "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": tok["image_piece_id"],
-            "clip_text": CLIP_TEXT_MARK}
+            "clip_text": CLIP_TEXT_MARK, "draws": DRAWS_MARK}
     marker.write_text(json.dumps(info, indent=1))
     return info
 
@@ -419,9 +501,9 @@ def write_hf_next(folder: Path, llm_sd: dict, tower_sd: dict, vocab: int, tok: d
 
 def build_next(work: Path, official_python: str, seed: int = 0, runner: Runner | None = None) -> dict:
     """The LLaVA-NeXT folders (idempotent, marker ``built-next.json``; older markers without its ``clip_text``
-    field are rebuilt): ``clip-next/`` (the 96 px / patch 4 tower, a whole ``CLIPModel`` with the tiny text tower and
-    tokenizer as the 1.5 build's ``clip/``: the vision tensors drawn first from the NeXT generator, as a vision-only
-    build draws them, the text side from a generator of its own; CDPruner's official ``load_text_tower``),
+    field or :data:`DRAWS_MARK` are rebuilt): ``clip-next/`` (the 96 px / patch 4 tower, a whole ``CLIPModel`` with the tiny text tower and
+    tokenizer as the 1.5 build's ``clip/``: the vision tensors a vision-only build draws, the text side from draws of
+    its own; CDPruner's official ``load_text_tower``),
     ``llava-v1.6-tiny/`` (official layout: ``image_aspect_ratio anyres``, ``mm_patch_merge_type spatial_unpad``,
     :data:`NEXT_PINPOINTS`, ``model.image_newline``; the LLaMA, projector and tokenizer of the 1.5 build's sizes,
     the tokenizer the 1.5 build trained), ``llava-next-tiny-hf/`` (by :func:`official_next_to_hf`) and
@@ -431,7 +513,7 @@ def build_next(work: Path, official_python: str, seed: int = 0, runner: Runner |
     marker = work / "built-next.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("seed") == seed and info.get("clip_text") == CLIP_TEXT_MARK:
+        if info.get("seed") == seed and info.get("clip_text") == CLIP_TEXT_MARK and info.get("draws") == DRAWS_MARK:
             return info
     clip_dir, off_dir, hf_dir = work / "clip-next", work / NEXT_OFFICIAL_NAME, work / NEXT_HF_NAME
     for d in (clip_dir, off_dir):
@@ -439,12 +521,10 @@ def build_next(work: Path, official_python: str, seed: int = 0, runner: Runner |
     cfg15 = json.loads((Path(base["official"]) / "config.json").read_text())
     tok = {"bos": cfg15["bos_token_id"], "eos": cfg15["eos_token_id"], "image_piece_id": base["image_token_id"]}
     vocab = base["vocab_size"]
-    gen = torch.Generator().manual_seed(seed + 1000)
     llm_shapes, tower_shapes = official_shapes(NEXT_TOWER, vocab, newline=True)
-    # the vision tensors first from gen (the LLM's follow them), the CLIP text side from a generator of its own
-    tower_sd = _write_tower(clip_dir, NEXT_TOWER, tower_shapes, gen,
-                            text_gen=torch.Generator().manual_seed(seed + 3000))
-    llm_sd = random_state(llm_shapes, gen, "llm")
+    tower_sd = _write_tower(clip_dir, NEXT_TOWER, tower_shapes, Draws("llava-next", seed, "tower"),
+                            text_draws=Draws("llava-next", seed, "clip-text"))
+    llm_sd = random_state(llm_shapes, Draws("llava-next", seed, "llm"), "llm")
     _save_safetensors(llm_sd, off_dir / "model.safetensors")
     official_cfg = dict(cfg15, mm_vision_tower=str(clip_dir), mm_hidden_size=NEXT_TOWER["hidden_size"],
                         image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
@@ -455,6 +535,6 @@ def build_next(work: Path, official_python: str, seed: int = 0, runner: Runner |
     images = write_images(work / "images-next", seed, NEXT_IMAGE_SIZES)
     info = {"seed": seed, "clip": str(clip_dir), "official": str(off_dir), "hf": str(hf_dir),
             "images": [str(p) for p in images], "vocab_size": vocab, "image_token_id": base["image_token_id"],
-            "eos": tok["eos"], "bos": tok["bos"], "clip_text": CLIP_TEXT_MARK}
+            "eos": tok["eos"], "bos": tok["bos"], "clip_text": CLIP_TEXT_MARK, "draws": DRAWS_MARK}
     marker.write_text(json.dumps(info, indent=1))
     return info

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .build import QUESTIONS, write_images
+from .build import DRAWS_MARK, QUESTIONS, Draws, write_images
 from .differ import replay_detail, token_differences, top2
 from .jobs import Job, JobFailed, Runner, failed_check, run_job
 from .report import Check
@@ -121,9 +121,23 @@ def legacy_config(cfg: dict) -> dict:
     return cfg
 
 
+def exact_weights(model, draws: Draws) -> None:
+    """Every weight of ``model`` that its initialisation drew at random (one not constant) drawn again exactly:
+    :class:`parity.build.Draws` normal values times the config's ``initializer_range`` (the standard deviation
+    transformers draws them with), rounded once to fp32; the constant ones (norms' ones, biases' zeros) kept. The
+    initialisation's own draws (``torch.nn.init.normal_``) take a vectorised path on some CPUs and another on others."""
+    std = model.config.get_text_config().initializer_range
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if not p.is_floating_point() or (p.numel() > 1 and bool((p == p.reshape(-1)[0]).all())):
+                continue
+            p.copy_(torch.from_numpy((draws.normal(name, tuple(p.shape)) * std).astype("float32")))
+
+
 def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
     """The tiny folder of ``family`` (:data:`FAMILIES`) and the images in ``work`` (idempotent: its marker with the
-    same seed is reused)."""
+    same seed and :data:`parity.build.DRAWS_MARK` is reused). The structure, config and tokenizer are
+    ``llava.models.build_tiny``'s, the weights :func:`exact_weights` (the same values on every machine)."""
     from llava.models import build_tiny
 
     fam = FAMILIES[family]
@@ -131,7 +145,7 @@ def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
     marker = work / fam["marker"]
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("seed") == seed:
+        if info.get("seed") == seed and info.get("draws") == DRAWS_MARK:
             if "method_images" not in info:  # a folder built before the method rows
                 info["method_images"] = [str(p) for p in write_images(work / "images-methods", seed,
                                                                       METHOD_IMAGE_SIZES)]
@@ -151,9 +165,9 @@ def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
         cfg.text_config.num_hidden_layers = QWEN2VL_LAYERS
         if getattr(cfg.text_config, "layer_types", None) is not None:
             cfg.text_config.layer_types = ["full_attention"] * QWEN2VL_LAYERS
-        torch.manual_seed(seed)
         model = tf.Qwen2VLForConditionalGeneration(cfg).eval()
         model.generation_config = rt.model.generation_config
+    exact_weights(model, Draws(family, seed))
     model.save_pretrained(out)
     rt.processor.tokenizer.save_pretrained(out)
     if family in ("qwen2.5-vl", "qwen2-vl"):
@@ -178,7 +192,7 @@ def build(work: Path, seed: int = 0, family: str = "qwen2.5-vl") -> dict:
     large = write_images(work / "images-methods", seed, METHOD_IMAGE_SIZES)
     info = {"seed": seed, "family": family, "model": str(out), "images": [str(p) for p in images],
             "method_images": [str(p) for p in large],
-            "eos": rt.processor.tokenizer.eos_token_id}
+            "eos": rt.processor.tokenizer.eos_token_id, "draws": DRAWS_MARK}
     marker.write_text(json.dumps(info, indent=1))
     return info
 

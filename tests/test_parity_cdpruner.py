@@ -46,11 +46,11 @@ def test_the_clip_folder_is_a_clip_model_whose_vision_tensors_a_vision_only_buil
     import transformers as tf
     from safetensors.torch import load_file
 
-    from parity.build import TOWER, _write_tower, official_shapes, random_state
+    from parity.build import TOWER, Draws, _write_tower, official_shapes, random_state
 
     _, shapes = official_shapes(TOWER, 400)
-    sd = _write_tower(tmp_path, TOWER, shapes, torch.Generator().manual_seed(0), torch.Generator().manual_seed(7))
-    alone = random_state(shapes, torch.Generator().manual_seed(0), "tower")
+    sd = _write_tower(tmp_path, TOWER, shapes, Draws("t", 0), Draws("t", 7))
+    alone = random_state(shapes, Draws("t", 0), "tower")
     assert sd.keys() == alone.keys() and all(torch.equal(sd[k], alone[k]) for k in sd)
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(saved[k], sd[k]) for k in sd)
