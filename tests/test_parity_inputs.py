@@ -1,7 +1,8 @@
 """Parity's generated inputs (docs/parity.md, "The weights"): the images and tiny weights of a seed are the same bytes
-under any torch thread count and on any CPU, so one seed is one check everywhere. Built in two subprocesses, one
-torch thread and two, and compared by SHA-256, both against digests pinned here (computed once; a CPU, a numpy or a
-torch release that drew other values fails them)."""
+under any torch thread count and on any CPU, so one seed is one check everywhere. Built in three subprocesses (one
+torch thread, two, and one thread on torch's kernels without vector instructions, ``ATEN_CPU_CAPABILITY=default``,
+which a CPU without AVX2 runs) and compared by SHA-256, all against digests pinned here (computed once; a CPU, a numpy
+or a torch release that drew other values fails them)."""
 
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ PINNED = {
 }
 
 
-def _digests(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _digests(threads: int, **env_extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **env_extra)
     res = subprocess.run([sys.executable, "-c", DIGESTS, str(threads)], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -92,12 +93,17 @@ def _digests(threads: int) -> dict:
 
 @pytest.fixture(scope="module")
 def digests():
-    return {t: _digests(t) for t in (1, 2)}
+    return {1: _digests(1), 2: _digests(2), "default": _digests(1, ATEN_CPU_CAPABILITY="default")}
 
 
 def test_the_inputs_are_the_same_bytes_under_one_and_two_threads(digests):
     one, two = digests[1], digests[2]
     assert len(one) == 10 + 6 + 3 and one == two  # ten images, six LLaVA state dicts, three Qwen
+
+
+def test_the_inputs_are_the_same_bytes_on_torchs_kernels_without_vector_instructions(digests):
+    # torch.randn itself is not: its DEFAULT kernel draws other values than its AVX2 / AVX512 ones
+    assert digests["default"] == digests[1]
 
 
 def test_the_inputs_are_the_bytes_pinned_here(digests):
