@@ -1,7 +1,12 @@
 """Attention rows recomputed from a decoder layer's own norm + q / k projections + RoPE (:class:`LayerQK`), as the
 layer computes them, and their causal softmax (:func:`causal_attention_rows`, fp32 or the official eager arithmetic):
 what the LLM signals, the vision stage's probe and the fast path read. Apart from :mod:`llava.signals` so that
-the signals' dataclasses stay one file; import them from either."""
+the signals' dataclasses stay one file; import them from either.
+
+A stage that reads the layer that has just run ("prev") takes that layer's keys and values from its KV cache
+(:func:`cached_kv`), where the layer wrote exactly what a recompute would give, and recomputes only the queries of
+the rows it asks for: a whole-sequence k (and v) projection less per stage and sample. A layer that has not run on
+those rows ("next"), a missing or unusual cache and tensor parallelism recompute."""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from typing import Callable
 
 import torch
 
-from .tp import full_width
+from transformers.cache_utils import (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
+                                     StaticSlidingWindowLayer)
+
+from .tp import full_width, sharded_module
 
 
 def rope_fn_for(attn_module: torch.nn.Module) -> Callable:
@@ -36,9 +44,12 @@ class LayerQK:
     (input_layernorm, q / k projection, the per-head q / k norm where the layer has one, RoPE at ``pos``),
     each piece once: the normed input, the keys
     (with and without RoPE) and the rotary tables are kept, so the several signals of one llm stage
-    (attention rows for two row sets, the keys a merge compares) share one k projection."""
+    (attention rows for two row sets, the keys a merge compares) share one k projection. ``cached``: the layer's
+    own keys (after RoPE) and values of x, read from its KV cache after it ran on x (:class:`CachedRows`): then
+    ``keys()`` and ``values()`` are those and only the queries are projected."""
 
-    def __init__(self, layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor):
+    def __init__(self, layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor,
+                 cached: "CachedRows | None" = None):
         self.layer, self.x, self.rotary, self.pos = layer, x, rotary, pos
         if not hasattr(layer, "self_attn"):
             raise ValueError(f"decoder layer {getattr(layer, 'layer_idx', '?')} ({type(layer).__name__}, "
@@ -46,6 +57,7 @@ class LayerQK:
                              "model's linear-attention layer; read a full-attention layer")
         self.attn = layer.self_attn
         self._xn = self._k = self._k_rope = self._cs = self._v = None
+        self.cached = cached
 
     def _normed(self) -> torch.Tensor:
         if self._xn is None:
@@ -88,19 +100,24 @@ class LayerQK:
 
     def keys(self, rope: bool = True) -> torch.Tensor:
         """(H_kv, S, d)."""
+        if rope and self._k_rope is None and self.cached is not None:
+            self._k_rope = self.cached.read("keys")[None]
+        if rope and self._k_rope is not None:
+            return self._k_rope[0]
         if self._k is None:
             k = self._project("k_proj", self._normed()).view(1, self.x.shape[0], -1, self.attn.head_dim)
             self._k = _head_norm(self.attn, "k_norm", k).transpose(1, 2)
         if not rope:
             return self._k[0]
-        if self._k_rope is None:
-            cos, sin = self._cos_sin()
-            _, self._k_rope = rope_fn_for(self.attn)(self._k, self._k, cos, sin)
+        cos, sin = self._cos_sin()
+        _, self._k_rope = rope_fn_for(self.attn)(self._k, self._k, cos, sin)
         return self._k_rope[0]
 
     def values(self) -> torch.Tensor:
         """(H_kv, S, d): the layer's value projection of its normed input (no RoPE, no norm), as the layer's
         attention computes its values."""
+        if self._v is None and self.cached is not None:
+            self._v = self.cached.read("values")[None]
         if self._v is None:
             v = self._project("v_proj", self._normed())
             self._v = v.view(1, self.x.shape[0], -1, self.attn.head_dim).transpose(1, 2)
@@ -122,12 +139,57 @@ class LayerQK:
         return q[0]
 
 
+def _whole(layer) -> bool:
+    """Whether a cache layer's ``keys`` / ``values`` hold every row its attention ran on, as it computed them: a
+    dynamic or static layer (a hybrid model's full-attention layer too); not a sliding window (it drops rows) nor a
+    quantized layer (other numbers)."""
+    kind = type(layer)
+    if isinstance(layer, (DynamicSlidingWindowLayer, StaticSlidingWindowLayer)):
+        return False
+    return kind in (DynamicLayer, StaticLayer) or (isinstance(layer, (DynamicLayer, StaticLayer))
+                                                   and "FullAttention" in kind.__name__)
+
+
+class CachedRows:
+    """One sample's rows of a decoder layer's KV cache (:func:`cached_kv`), read when first asked: ``read("keys")``
+    (after RoPE) or ``read("values")``, (H_kv, S, d) each, a contiguous copy. ``rows``: the sample's rows among the
+    layer's slots (an index tensor, or a slice of a padded bucket)."""
+
+    def __init__(self, layer, b: int, rows):
+        self.layer, self.b, self.rows = layer, b, rows
+
+    def read(self, which: str) -> torch.Tensor:
+        return getattr(self.layer, which)[self.b, :, self.rows].contiguous()
+
+
+def cached_kv(cache, lm: torch.nn.Module, layer: int, width: int):
+    """The KV-cache layer of decoder ``layer`` of ``lm`` when its first ``width`` slots hold the keys (after RoPE)
+    and values of the ``width`` rows the layer has just run on, usable in place of a recompute (:class:`LayerQK`'s
+    ``cached``); else None: no cache, an offloaded cache, a layer without attention (a hybrid model's linear
+    layer), a sliding-window or quantized layer, a dynamic layer longer than this prefill's rows (a cache that held
+    tokens before the prompt), or a tensor-parallel attention (each rank's cache holds its own heads)."""
+    if cache is None or getattr(cache, "offloading", False) or not 0 <= layer < len(getattr(cache, "layers", ())):
+        return None
+    attn = getattr(lm.layers[layer], "self_attn", None)
+    c = cache.layers[layer]
+    if attn is None or not _whole(c):
+        return None
+    k = getattr(c, "keys", None)
+    if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] < width or \
+            (not isinstance(c, StaticLayer) and k.shape[2] != width):
+        return None
+    return None if sharded_module([attn]) is not None else c
+
+
 def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: torch.Tensor | None,
-                      pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[Callable, Callable, Callable]:
+                      pos: torch.Tensor, key_mask: torch.Tensor | None = None,
+                      prev_kv: CachedRows | None = None) -> tuple[Callable, Callable, Callable]:
     """The ``_attn_fn`` / ``_keys_fn`` / ``_qv_fn`` of :class:`LLMSignals` for one sample entering decoder ``layer`` of
     the language model ``lm``: x (S, D) its hidden states ("next": this layer's q / k), ``x_prev`` its input
     to layer - 1 ("prev"), ``pos`` their positions; each layer's q / k pieces computed once
-    (:class:`LayerQK`). ``key_mask`` (S,): the real rows of a padded row (the fast path), never attended."""
+    (:class:`LayerQK`). ``key_mask`` (S,): the real rows of a padded row (the fast path), never attended.
+    ``prev_kv``: layer - 1's cache rows of these S rows (:class:`CachedRows`): the "prev" reads take its keys and
+    values from there and project only their queries."""
     qks: dict[str, LayerQK] = {}
 
     def pick(which) -> LayerQK:
@@ -135,7 +197,8 @@ def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: 
             raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
         if which not in qks:
             qks[which] = LayerQK(lm.layers[layer] if which == "next" else lm.layers[layer - 1],
-                                 x if which == "next" else x_prev, lm.rotary_emb, pos)
+                                 x if which == "next" else x_prev, lm.rotary_emb, pos,
+                                 cached=prev_kv if which == "prev" else None)
         return qks[which]
 
     def attn_fn(rows, which, logits="fp32", causal=True):

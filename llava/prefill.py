@@ -25,3 +25,4 @@ class _Prefill:
     stage_rows: Any = None  # (B, L') the last llm stage's source row per output row (earlier-cache pruning)
     past_from: int = 0  # the first decoder layer whose cache an llm stage prunes (Method.past_cache_from)
     subblocks: dict = field(default_factory=dict)  # layer -> SubBlockStates (B, L, D) recorded since the last stage
+    cache: Any = None  # the prompt's KV cache, whose layers an llm stage reads (llava.attention_rows.cached_kv)

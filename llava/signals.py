@@ -278,8 +278,9 @@ class LLMSignals:
 
         ``queries``: indices into the S tokens, or "last" (last prompt token), "question",
         "text_after", "visual". ``layer``: "next" uses decoder layer ``layer``'s norm + q/k on the
-        current hidden states (PyramidDrop / VisionDrop); "prev" recomputes layer ``layer``-1's own
-        attention from its input (FastV). ``logits`` (:func:`llava.attention_rows.causal_attention_rows`): "fp32" (ours: q k^T in
+        current hidden states (PyramidDrop / VisionDrop); "prev" is layer ``layer``-1's own
+        attention (FastV): the queries projected from its input, the keys it wrote into its KV cache (recomputed
+        where there is no usable cache, :func:`llava.attention_rows.cached_kv`). ``logits`` (:func:`llava.attention_rows.causal_attention_rows`): "fp32" (ours: q k^T in
         fp32, fp32 probabilities) or "model" (the eager attention of LLaVA's LlamaAttention, which the official
         code of the in-LLM methods reads: q k^T and / sqrt(d) in the model's dtype, the softmax in fp32 cast back
         to that dtype; reference modes), "model_scaling" (the same with ``q k^T * scaling``, transformers' later eager

@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
-from .attention_rows import llm_attention_fns
+from .attention_rows import CachedRows, cached_kv, llm_attention_fns
 from .families.base import to_device as _to_device
 from .layout import _Layout, _runs, decoder_masks, first_full_layer
 from .method import Selection
@@ -72,6 +72,7 @@ class StagedDecoderMixin:
         eager = set(self.needs.eager_layers)
         past = self.needs.prune_past_cache and cache is not None
         ctx.past_from = self.needs.past_cache_from  # the first layer whose cache is pruned
+        ctx.cache = cache
         h = embeds
         prev_in = None
         segments: list[_Segment] = []
@@ -161,12 +162,14 @@ class StagedDecoderMixin:
         outs, olds = [], []
         deep_in = ds["rows"].split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
         deep_out = []
+        kv = cached_kv(ctx.cache, self.lm, layer_idx - 1, L)  # layer K-1 ran on these rows: its keys / values
         for b, lay in enumerate(layouts):
             real, vis, after, question = moved[4 * b:4 * b + 4]
             nv = int(lay.visual.numel())
             x, p = h[b, real], pos[..., b, real]
+            prev_kv = CachedRows(kv, b, real) if kv is not None else None
             sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
-                                    vis, origin[b], entry[b], after, question, real=real)
+                                    vis, origin[b], entry[b], after, question, real=real, prev_kv=prev_kv)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
@@ -225,9 +228,9 @@ class StagedDecoderMixin:
         return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1], ds
 
     def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question,
-                     real=None) -> LLMSignals:
+                     real=None, prev_kv=None) -> LLMSignals:
         lm = self.lm
-        attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p)
+        attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p, prev_kv=prev_kv)
         vis_in, text_in = ctx.entry[b]
 
         def grad_fn(rows, which):  # TRIO's proxy-loss gradient (LLMSignals.grad_saliency), eager only

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import output_capturing
 
-from ..attention_rows import llm_attention_fns
+from ..attention_rows import CachedRows, cached_kv, llm_attention_fns
 from ..method import Selection
 from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
 from ..signals import LLMSignals
@@ -226,6 +226,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
         outs, vps, deep = [], [], []
         ds_in = ds["rows"].split(list(st.visual_in)) if ds is not None else None
         at = at_t = 0
+        kv = cached_kv(cache, lm, st.layer - 1, h.shape[1])  # layer K-1 wrote these rows at slots 0..bucket-1
         for b in range(B):
             nv, m = st.visual_in[b], st.outputs[b]
             vis = t["vis"][at:at + nv]
@@ -239,7 +240,8 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
                 continue
             x, p, x_prev = h[b], pos[..., b, :], prev[b]  # p: (S,), or (3, S) M-RoPE
             sig = _signals(lm, st.layer, x, p, x_prev, mask[b, 0, -1, :x.shape[0]], vis, origin[b], entry[b],
-                           entry_in[b], state[b], vision_sigs[b], text, entry_text[b])
+                           entry_in[b], state[b], vision_sigs[b], text, entry_text[b],
+                           CachedRows(kv, b, slice(0, x.shape[0])) if kv is not None else None)
             sel = method.select_llm(s, sig)
             if sel.values is not None:
                 raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
@@ -269,11 +271,12 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
 
 
 def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision, text=None,
-             text_embeds=None) -> LLMSignals:
+             text_embeds=None, prev_kv=None) -> LLMSignals:
     """One sample's captured :class:`LLMSignals` over its padded row; ``text``: (padded text-after rows,
-    their mask, the real count) or None; ``text_embeds``: those rows' inputs to decoder layer 0 (padded alike)."""
+    their mask, the real count) or None; ``text_embeds``: those rows' inputs to decoder layer 0 (padded alike);
+    ``prev_kv``: layer - 1's cache rows of this row (:class:`llava.attention_rows.CachedRows`)."""
     text_rows, text_mask, n_text = text if text is not None else (None, None, None)
-    attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask)
+    attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask, prev_kv=prev_kv)
     return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
                       question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry],
                       text_embeds=text_embeds, num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in,
