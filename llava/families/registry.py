@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable
 
+from .. import plugins
 from . import images, tiny
 from .base import FamilyAdapter
 from .internvl import InternVLAdapter
@@ -139,18 +140,62 @@ _FAMILIES: dict[str, Family] = {}
 DEFAULT_MODEL = "tiny:llava"
 
 
+def clash(family: Family) -> tuple[str, Family] | None:
+    """(what is taken: "id", "tiny name" or "model class", the registered family that has it) where ``family``
+    cannot be registered beside the registered families; None where it can."""
+    for f in _FAMILIES.values():
+        taken = {"id": f.id == family.id, "tiny name": family.tiny in (f.id, f.tiny),
+                 "model class": f.model_class == family.model_class}
+        for what, hit in taken.items():
+            if hit:
+                return what, f
+    return None
+
+
 def register_family(family: Family, replace: bool = False) -> Family:
     """Add ``family`` (its id, tiny spelling and model class all unused, unless ``replace``); it is then loaded by
-    ``load("tiny:<tiny>")`` / a checkpoint of its model class, and known to every check that asks the registry."""
-    if not replace:
-        for f in _FAMILIES.values():
-            taken = {"id": f.id == family.id, "tiny name": family.tiny in (f.id, f.tiny),
-                     "model class": f.model_class == family.model_class}
-            for what, hit in taken.items():
-                if hit:
-                    raise ValueError(f"family {family.id!r}: its {what} is taken by {f.id!r} (replace=True to replace)")
+    ``load("tiny:<tiny>")`` / a checkpoint of its model class, and known to every check that asks the registry. An
+    installed package registers its family through an entry point of ``vtprune.families`` (llava/plugins.py)."""
+    hit = None if replace else clash(family)
+    if hit is not None:
+        raise ValueError(f"family {family.id!r}: its {hit[0]} is taken by {hit[1].id!r} (replace=True to replace)")
     _FAMILIES[family.id] = family
     return family
+
+
+#: the id of each family an entry point registered -> that entry point (llava/plugins.py)
+_SOURCES: dict[str, str] = {}
+
+
+def _register_entry_point(record, where: str) -> None:
+    """Register the record an entry point of ``vtprune.families`` names (``where``: that entry point), called by
+    :func:`llava.plugins.load_user_families`: a :class:`Family` whose id, tiny name and model class no family has
+    (a shipped family's: refused with what to change; another entry point's: refused naming it)."""
+    if not isinstance(record, Family):
+        raise TypeError(plugins.not_a_family(record))
+    if _FAMILIES.get(record.id) is record:  # registered at an earlier load in this process
+        return
+    hit = clash(record)
+    if hit is not None:
+        what, old = hit
+        if old.id in BUILT_IN:
+            fix = ("serve a class of its own (a subclass under another name)" if what == "model class" else
+                   f"give the family another {what}")
+            by = f"the built-in family {old.id!r} ({old.name}): {fix}"
+        else:
+            by = f"the family {old.id!r} of {_SOURCES[old.id]}" if old.id in _SOURCES else repr(old.id)
+        raise ValueError(f"family {record.id!r}: its {what} is taken by {by}")
+    register_family(record)
+    _SOURCES[record.id] = where
+
+
+def _load_user_families() -> None:
+    """The user's families, loaded with the methods (llava/plugins.py: the entry points of ``vtprune.families``,
+    the modules of ``VTPRUNE_METHODS`` and ``vtprune.methods``), once per process: a lookup that finds no family
+    asks for them before it answers None."""
+    from ..method import available_methods
+
+    available_methods()
 
 
 def unregister_family(family_id: str) -> None:
@@ -172,11 +217,20 @@ def tiny_names() -> tuple[str, ...]:
     return tuple(f.tiny for f in _FAMILIES.values())
 
 
-def find(name: str) -> Family | None:
-    """The family of an id or a tiny spelling ('qwen2_5_vl' / 'qwen2.5-vl'); None when there is none."""
+def _find(name: str) -> Family | None:
     if name in _FAMILIES:
         return _FAMILIES[name]
     return next((f for f in _FAMILIES.values() if f.tiny == name), None)
+
+
+def find(name: str) -> Family | None:
+    """The family of an id or a tiny spelling ('qwen2_5_vl' / 'qwen2.5-vl'), the user's families included; None
+    when there is none."""
+    f = _find(name)
+    if f is None:
+        _load_user_families()
+        f = _find(name)
+    return f
 
 
 def get(name: str) -> Family:
@@ -196,8 +250,12 @@ def key(name: str) -> str:
 
 def by_model_class(name: str) -> Family | None:
     """The family serving the transformers class ``name`` (a model's ``type(model).__name__``, a config's
-    ``architectures[0]``)."""
-    return next((f for f in _FAMILIES.values() if f.model_class == name), None)
+    ``architectures[0]``), the user's families included."""
+    f = next((f for f in _FAMILIES.values() if f.model_class == name), None)
+    if f is None:
+        _load_user_families()
+        f = next((f for f in _FAMILIES.values() if f.model_class == name), None)
+    return f
 
 
 class FamilySet:
@@ -319,3 +377,7 @@ for _f in (
            video="qwen2", tp=False, tp_reason="not yet run by bench.tp_check", tiny_geometry="grid", **_QWEN),
 ):
     register_family(_f)
+
+#: the ids of the families this project ships (a user's family takes none of their ids, tiny names or classes)
+BUILT_IN = ids()
+plugins.family_registrar(_register_entry_point)
