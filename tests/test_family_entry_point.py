@@ -9,7 +9,8 @@ LLaVA-1.5's on the same weights, token for token, with LLaVA-1.5's worked-out to
 image, ConsensusDrop at 4 keeps 4). Without the package the checkpoint does not load at all (transformers knows no
 ``my_llava`` config). The commands run in fresh interpreters (``python -m llava.cli ask``, ``python -m eval run``),
 the package in a folder on their path, where ``importlib.metadata`` finds its entry point; nothing is installed into
-the environment.
+the environment. ``llava.load``, the route without a package (a file of ``VTPRUNE_METHODS``) and the errors run in
+this process on a fresh loader state.
 """
 
 from __future__ import annotations
@@ -177,6 +178,38 @@ def test_llava_load_finds_the_family_of_the_checkpoint_s_class(checkpoints, tmp_
     rt = load(str(checkpoints[0]))
     assert (rt.family, type(rt.model).__name__, type(rt.model).__module__) == ("my_llava", "MyLlava", "myllava")
     assert registry.get("my-llava") is registry.get("my_llava") and registry.ids()[-1] == "my_llava"
+
+
+FILE_FAMILY = '''
+import dataclasses
+
+import transformers
+
+from llava.families import registry
+
+
+class FileLlava(transformers.LlavaForConditionalGeneration):
+    """LLaVA-1.5 under a class name of its own, its config the shipped one."""
+
+
+registry.register_family(dataclasses.replace(registry.get("llava"), id="file_llava", tiny="file-llava",
+                                             model_class="FileLlava", model_type=FileLlava))
+'''
+
+
+def test_a_module_of_vtprune_methods_registers_a_family_found_by_a_lookup(tmp_path, fresh_families, monkeypatch):
+    """Without a package: a file named by ``VTPRUNE_METHODS`` calls ``register_family`` itself; a lookup of its model
+    class, before any method was asked for, imports it with the methods."""
+    from llava.families import registry
+
+    f = tmp_path / "my_family.py"
+    f.write_text(FILE_FAMILY)
+    fresh_families()
+    monkeypatch.setenv("VTPRUNE_METHODS", str(f))
+    assert "file_llava" not in registry.ids()
+    fam = registry.by_model_class("FileLlava")
+    assert (fam.id, fam.tiny, fam.model_type.__name__, fam.adapter, fam.template) == (
+        "file_llava", "file-llava", "FileLlava", registry.get("llava").adapter, "vicuna_v1")
 
 
 BUILT_IN_ID = '''
