@@ -32,6 +32,11 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 workers="${PYTEST_WORKERS:-auto}"
+# --quick: the inner loop's tier (the tests marked quick in tests/conftest.py: QUICK); any other arguments go to pytest
+if [[ "${1:-}" == --quick ]]; then
+    shift
+    set -- -m quick "$@"
+fi
 # a test that hangs fails after PYTEST_TIMEOUT seconds with its stack (pytest-timeout) instead of stalling the run
 timeout=()
 if python -c "import pytest_timeout" 2>/dev/null; then

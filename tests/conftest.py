@@ -6,6 +6,23 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# ------------------------------------------------------------------ the fast path's default compile cache folder
+# ($XDG_CACHE_HOME/vtprune/compile, else ~/.cache/vtprune/compile: llava.fast.compile.default_cache_dir) in a folder of
+# this session, removed at its end, never the user's: XDG_CACHE_HOME is set for the session, its xdist workers and the
+# child processes its tests start (the marker keeps the controller's folder in its workers); Hugging Face's and
+# torch's caches are first pinned to where they were, so the hub's offline files are still found
+if os.environ.get("XDG_CACHE_HOME") != os.environ.get("VTPRUNE_TESTS_CACHE_HOME", "-"):
+    import atexit
+    import shutil
+    import tempfile
+
+    _user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ.setdefault("HF_HOME", os.path.join(_user_cache, "huggingface"))
+    os.environ.setdefault("TORCH_HOME", os.path.join(_user_cache, "torch"))
+    os.environ["XDG_CACHE_HOME"] = os.environ["VTPRUNE_TESTS_CACHE_HOME"] = tempfile.mkdtemp(prefix="vtprune-tests-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+
 # 2 threads (this project's CI machine has 2 cores); under pytest-xdist (scripts/test.sh: one worker per core) the
 # cores are shared among the workers
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -140,7 +157,60 @@ SLOW_FILES_FIRST = ("test_slurm.py", "test_slurm_scripts.py", "test_tensor_paral
                     "test_gpu_ready.py", "test_fastpath_qwen.py", "test_gpu_check.py", "test_fastpath_baselines.py")
 
 
+# ------------------------------------------------------------------ the quick tier (`bash scripts/test.sh --quick`)
+#: the inner loop's selection, marked ``quick`` (``pytest -m quick``; scripts/test.sh's header has its time): every
+#: registered method on one family and one method on every family (batch == alone, the unequal-length batch), the
+#: generic guarantees' classification and keep-all on that family, the CLI and the documented commands (each page's
+#: names checked, the runnable blocks run). Per file: None (every test) or {test function: which of its cases}.
+QUICK_FAMILY = "llava"
+QUICK_METHOD = "consensusdrop"
+
+
+def _one_family_or_one_method(params: dict) -> bool:
+    """A (method, family) case: QUICK_FAMILY with any method, or QUICK_METHOD on any family."""
+    family, method = params.get("rt", params.get("fam")), params.get("method", params.get("name"))
+    return family == QUICK_FAMILY or method == QUICK_METHOD
+
+
+QUICK = {
+    "test_cli.py": None,
+    "test_doc_commands.py": None,
+    "test_gpu_ready.py": {
+        "test_every_registered_method_has_a_budget_here": None,
+        "test_batch_equals_each_sample_alone": lambda p: p["batch"] == "unequal" and _one_family_or_one_method(p),
+    },
+    "test_method_guarantees.py": {
+        "test_every_registered_method_is_classified_here": None,
+        "test_keep_all_is_bit_identical_to_the_unpruned_model": lambda p: p["rt"] == QUICK_FAMILY,
+    },
+}
+
+
+def is_quick(item) -> bool:
+    """Whether ``item`` is one of :data:`QUICK`'s tests."""
+    if item.path.name not in QUICK:
+        return False
+    tests = QUICK[item.path.name]
+    if tests is None:
+        return True
+    if item.originalname not in tests:
+        return False
+    which = tests[item.originalname]
+    return which is None or which(item.callspec.params if hasattr(item, "callspec") else {})
+
+
+def pytest_ignore_collect(collection_path, config):
+    """``-m quick`` collects only :data:`QUICK`'s files (importing the other test modules took each worker seconds)."""
+    if config.getoption("markexpr", "") == "quick" and collection_path.suffix == ".py":
+        return collection_path.name.startswith("test_") and collection_path.name not in QUICK or None
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m quick` deselects by the marks
 def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if is_quick(item):
+            item.add_marker(pytest.mark.quick)
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
 
