@@ -175,9 +175,10 @@ def load(name: str, dtype=None, device: str | torch.device | None = None, attn_i
     uncompiled), decode
     with one graph into a static cache of ``fast_max_new_tokens`` generated tokens. The compiling backends trace
     each repeated layer class once (``fast_regional``, :mod:`llava.fast.compile`): cold compile time nearly flat
-    in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): a folder for Inductor's compile
-    cache that later processes reuse (:func:`llava.fast.compile.use_cache_dir`); ``fast_precompile`` (default: on
-    wherever it can be, i.e. "inductor", or "aot_eager" with ``fast_regional=False``, with that folder, on a torch
+    in the model's depth. ``fast_cache`` (or the variable ``VTPRUNE_COMPILE_CACHE``): the folder of Inductor's compile
+    cache that later processes reuse; neither given, ``~/.cache/vtprune/compile`` (``$XDG_CACHE_HOME/vtprune/compile``
+    where that variable is set; :func:`llava.fast.compile.use_cache_dir`); ``fast_precompile`` (default: on
+    wherever it can be, i.e. "inductor", or "aot_eager" with ``fast_regional=False``, on a torch
     that has the ahead-of-time capture; ``False`` or the variable ``VTPRUNE_FAST_PRECOMPILE=0`` turn it off, ``True``
     or ``=1`` make a backend or folder that cannot hold it an error): each function saved in the folder ahead of time
     and loaded by later processes without tracing, a saved function that no longer matches compiled afresh

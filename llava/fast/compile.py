@@ -16,10 +16,17 @@ Used by :class:`llava.fast.path.FastPath` for the compiling backends (``inductor
 unless ``load(..., fast_regional=False)``; :func:`region_count` says how many layers a model has marked.
 
 The compile cache: Inductor keeps the code it generates (and AOTAutograd its graphs) in ``TORCHINDUCTOR_CACHE_DIR``,
-by default a folder under the machine's temporary directory, which a cluster's node often wipes between jobs.
-``load(..., fast_cache=DIR)`` or the variable ``VTPRUNE_COMPILE_CACHE=DIR`` points it at ``DIR/<key>``
-(:func:`use_cache_dir`), where the key names the torch version, its CUDA and Triton builds: a second process, or a
-Slurm task on another node, compiles from that cache instead of from scratch. Within a key, each entry is keyed by
+by default a folder under the machine's temporary directory, which a cluster's node often wipes between jobs. The
+fast path points it at a folder that lasts (:func:`use_cache_dir`): ``load(..., fast_cache=DIR)`` or the variable
+``VTPRUNE_COMPILE_CACHE=DIR`` names ``DIR``; where neither does, the user's cache folder
+(:func:`default_cache_dir`: ``$XDG_CACHE_HOME/vtprune/compile``, else ``~/.cache/vtprune/compile``, beside Hugging
+Face's and torch's caches). Inside it, the subfolder ``<key>`` names the torch version, its CUDA and Triton builds: a
+second process, or a Slurm task on another node, compiles from that cache instead of from scratch, and loads the
+functions saved there ahead of time (:mod:`llava.fast.precompile`, its ``precompiled/`` subfolder). Where
+``TORCHINDUCTOR_CACHE_DIR`` already names a folder other than Inductor's temporary one and no folder is named, that
+folder is kept as it is and used. Every file
+is written under a temporary name in its folder and then renamed (Inductor's, the saved functions, the checks below),
+so processes that fill one folder at once each read whole files. Within a key, each entry is keyed by
 Inductor on the traced graph itself (the ops, shapes, dtypes and devices: the model's architecture, the method,
 the bucket) and its configuration, never on the weights' values, which are inputs: a changed model, dtype or
 method traces another graph and misses; the same architecture with other weights reuses the code, correctly.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -43,7 +51,9 @@ import types
 import torch
 
 __all__ = ["REGIONAL_BACKENDS", "CacheSlot", "add_cache_slots", "mark_regions", "region_count", "layer_lists",
-           "cache_key", "use_cache_dir", "vec_isa", "vec_isa_key"]
+           "cache_key", "default_cache_dir", "use_cache_dir", "vec_isa", "vec_isa_key"]
+
+log = logging.getLogger(__name__)
 
 #: the fast path's backends that trace with dynamo (the others: "cudagraphs" records the uncompiled function,
 #: "none" runs it as it is)
@@ -164,16 +174,60 @@ def cache_key() -> str:
     return f"torch{torch.__version__.split('+')[0]}-{cuda}{tri}"
 
 
-def use_cache_dir(folder: str | os.PathLike | None = None) -> str | None:
-    """Point Inductor's cache at ``folder/<cache_key()>`` (``folder``: the argument, else the variable
-    ``VTPRUNE_COMPILE_CACHE``; neither: Inductor's own default, returns None). Process-wide, as Inductor's cache
-    is; its in-memory caches are cleared when the folder changes. Returns the folder used."""
-    folder = folder or os.environ.get("VTPRUNE_COMPILE_CACHE")
-    if not folder:
+def default_cache_dir() -> str:
+    """The compile cache folder where none is named: ``$XDG_CACHE_HOME/vtprune/compile``, else
+    ``~/.cache/vtprune/compile`` (where Hugging Face and torch keep theirs; a relative ``XDG_CACHE_HOME`` is ignored,
+    as the XDG base directory specification asks)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vtprune", "compile")
+
+
+def _inductor_default() -> str | None:
+    """Inductor's own folder where ``TORCHINDUCTOR_CACHE_DIR`` is unset (under the temporary directory; Inductor writes
+    it into the variable at its first use, and child processes inherit it: that value names no folder)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+        return os.path.abspath(inductor_default())
+    except Exception:  # noqa: BLE001 - an Inductor without it: every value set counts as named
         return None
-    path = os.path.join(os.path.abspath(os.path.expanduser(str(folder))), cache_key())
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != path:
+
+
+_default_refused: str | None = None  # why the default folder could not be used (warned once per process)
+
+
+def use_cache_dir(folder: str | os.PathLike | None = None) -> str | None:
+    """Point Inductor's cache at the compile cache folder and return it. The folder: ``folder/<cache_key()>``
+    (``folder``: the argument, else the variable ``VTPRUNE_COMPILE_CACHE``); neither named, the folder Inductor
+    already uses where ``TORCHINDUCTOR_CACHE_DIR`` names one other than Inductor's own default (set by the user, or
+    by an earlier fast path of this process or of its parent), kept as it is; else
+    ``default_cache_dir()/<cache_key()>``. A default folder that cannot be made or
+    written leaves Inductor's own (one warning a process; returns None: no precompiled functions). Process-wide, as
+    Inductor's cache is; its in-memory caches are cleared when the folder changes."""
+    global _default_refused
+    folder = folder or os.environ.get("VTPRUNE_COMPILE_CACHE")
+    if folder:
+        path = os.path.join(os.path.abspath(os.path.expanduser(str(folder))), cache_key())
         os.makedirs(path, exist_ok=True)
+    else:
+        current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if current and os.path.abspath(os.path.expanduser(current)) != _inductor_default():
+            return os.path.abspath(os.path.expanduser(current))
+        path = os.path.join(default_cache_dir(), cache_key())
+        try:
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(f"{path} is not writable")
+        except OSError as err:
+            if _default_refused is None:
+                _default_refused = str(err)
+                log.warning("compile cache: the default folder cannot be used (%s); Inductor's own temporary folder "
+                            "is used and no function is precompiled: name one with load(..., fast_cache=DIR) or "
+                            "VTPRUNE_COMPILE_CACHE=DIR", err)
+            return None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != path:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
         from torch._inductor.utils import clear_caches
 
@@ -297,8 +351,8 @@ def vec_isa(folder: str | None = None):
     process on our 2-core CPU, also in a process that only loads precompiled functions (the loader recomputes each
     kernel's compile command, the chosen set's flags in it, to find its library in the cache). It already keeps the
     compiled program (keyed by the compiler, the flags and torch's version) but loads it again every process. Here
-    each verdict is read from ``folder`` (default: ``vec_isa/`` in Inductor's cache folder, which ``fast_cache`` /
-    ``VTPRUNE_COMPILE_CACHE`` sets) under a key of everything the check depends on (:func:`vec_isa_key`: a new
+    each verdict is read from ``folder`` (default: ``vec_isa/`` in Inductor's cache folder, which the fast path sets:
+    :func:`use_cache_dir`) under a key of everything the check depends on (:func:`vec_isa_key`: a new
     compiler, torch, Python, Inductor option or CPU checks again); a missing one is checked as Inductor does and
     written. The check itself is Inductor's (its ``check_build``, swapped in for this one call): nothing is skipped,
     every verdict read was made by that check under the same key. No-op when this process already chose (a

@@ -37,9 +37,13 @@ CPU's architecture, model and instruction-set flags: a cache folder shared by no
 files apart.
 
 Used by :class:`llava.fast.path.FastPath` **by default** (:func:`precompile_folder`) where it can be: the
-``inductor`` backend (or ``aot_eager`` without regions) with a compile cache folder (``fast_cache=`` /
-``VTPRUNE_COMPILE_CACHE``; the files go to its ``precompiled/`` subfolder) on a torch that has the capture;
-elsewhere the regular compile, as without it. ``load(..., fast_precompile=False)`` or ``VTPRUNE_FAST_PRECOMPILE=0``
+``inductor`` backend (or ``aot_eager`` without regions) on a torch that has the capture, the files in the
+``precompiled/`` subfolder of the compile cache folder (:func:`llava.fast.compile.use_cache_dir`: ``fast_cache=`` /
+``VTPRUNE_COMPILE_CACHE`` where one is named, else the user's ``~/.cache/vtprune/compile``, or
+``$XDG_CACHE_HOME/vtprune/compile``); elsewhere the regular compile, as without it. Processes may fill one folder at
+once: each file is written under a temporary name beside its final one and then renamed, so a reader finds a whole
+file or none (two processes that compile the same function each write it whole; the last rename wins), and a
+file that does not load is compiled again. ``load(..., fast_precompile=False)`` or ``VTPRUNE_FAST_PRECOMPILE=0``
 turn it off; ``True`` / ``=1`` make a backend or folder that cannot hold it an error. On a GPU the reload of
 Inductor's CUDA graphs is checked by ``gpu_session.sh one-call`` (its step 3). On a CPU a loading process still needs
 Inductor's choice of vector instructions (each kernel's library is found in the cache by its compile command, which
@@ -65,6 +69,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 
 import torch
@@ -357,9 +362,10 @@ class Precompiled:
 
     def _save(self, f, path: str, header: dict) -> None:
         """``f`` at ``path``: :data:`MAGIC`, ``header`` as one line of JSON, then PyTorch's serialised function;
-        written to a temporary file, then renamed (never half a file under the name)."""
+        written to a temporary file of this process and thread in the same folder, then renamed (never half a file
+        under the name, also while other processes write the same one)."""
         os.makedirs(self.folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
         try:
             f.save_compiled_function(tmp)
             with open(tmp, "rb") as fh:
@@ -439,7 +445,8 @@ def precompile_folder(precompile, backend: str, cache_dir: str | None, regional:
     """Where a fast path's precompiled functions go (None: not precompiled, the regular compile).
 
     On by default (:func:`requested` None) wherever they can be: a precompiling backend (``inductor``, or
-    ``aot_eager`` without regions), a compile cache folder and a torch that has the capture (:func:`missing`);
+    ``aot_eager`` without regions), a compile cache folder (``cache_dir``: the fast path's, named or the default one,
+    None only where the default could not be made) and a torch that has the capture (:func:`missing`);
     elsewhere the default quietly compiles the regular way. Asked for explicitly (``fast_precompile=True`` or
     ``VTPRUNE_FAST_PRECOMPILE=1``), a backend or folder that cannot hold them is an error (the same on every torch),
     and a torch without the capture compiles the regular way after one warning (:func:`active`). Turned off
@@ -456,8 +463,8 @@ def precompile_folder(precompile, backend: str, cache_dir: str | None, regional:
         raise ValueError("fast_precompile with the aot_eager backend needs fast_regional=False (its saved regions do "
                          "not run after loading: auto_functionalized inside invoke_subgraph); inductor keeps them")
     if not cache_dir:
-        raise ValueError("fast_precompile needs a compile cache folder: load(..., fast_cache=DIR) or the variable "
-                         "VTPRUNE_COMPILE_CACHE")
+        raise ValueError("fast_precompile needs a compile cache folder (the default one could not be used): "
+                         "load(..., fast_cache=DIR) or the variable VTPRUNE_COMPILE_CACHE=DIR")
     if not active(True):  # this torch lacks the capture: one warning, the regular compile
         return None
     return os.path.join(cache_dir, "precompiled")
