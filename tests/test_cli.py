@@ -1,8 +1,6 @@
 """The CLI answers on the three tiny families at keep-all, 50% and a small budget."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from conftest import FAMILIES, rand_image
@@ -28,17 +26,19 @@ def test_ask_keep_all_half_and_small(rt):
         assert set(res["time_s"]) >= {"vision", "selection", "llm", "generate_total"}
 
 
-def test_cli_process_prints_answer_tokens_and_time(tmp_path):
+def test_cli_prints_answer_tokens_and_time(tmp_path, capsys):
+    """`python -m llava.cli ask ...` in this process (the command as a process of its own, on tiny LLaVA-NeXT: the
+    README's runnable block, tests/test_doc_commands.py)."""
     img = tmp_path / "x.png"
     rand_image(3, 60, 90).save(img)
-    out = subprocess.run([sys.executable, "-m", "llava.cli", "ask", "--model", "tiny:llava-next", "--image", str(img),
-                          "--question", "what is this?", "--method", "random", "--budget", "4", "--opt", "seed=3",
-                          "--next-layout", "spatial"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "answer:" in out.stdout and "entering the LLM" in out.stdout and "time:" in out.stdout
+    code = main(["ask", "--model", "tiny:llava-next", "--image", str(img), "--question", "what is this?", "--method",
+                 "random", "--budget", "4", "--opt", "seed=3", "--next-layout", "spatial"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "answer:" in out.out and "entering the LLM" in out.out and "time:" in out.out
     # 60x90 (h x w): pinpoint 112x112 keeps 90x60 = 5400 effective pixels vs 84x56 = 4704 for 56x112,
     # so 2x2 grid + base = 5 crops; 'spatial' layout: 5 x 16 candidates, 4 kept per crop
-    assert "80 candidates -> 20 entering the LLM" in out.stdout
+    assert "80 candidates -> 20 entering the LLM" in out.out
 
 
 def test_cli_errors_are_clear(capsys):
