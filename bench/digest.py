@@ -9,8 +9,9 @@ batch (``llava.check.inputs``: three left-padded prompts of different lengths; d
 Video-LLaVA a video beside two images): sha256 of the greedy tokens, of the first step's scores (their bytes) and of
 every recorded selection (``keep`` / ``targets`` / ``order`` / ``assign`` bytes per stage), and the per-sample
 visual-token counts (candidates, entering the LLM, per layer) and sequence lengths per layer. A method that does not
-attach records its one-line reason instead. ``--fast`` adds the fast path (the captured prefill and one-graph decode
-on this machine's backend) on the first batch for every method it captures; ``--only`` / ``--families`` limit the
+attach records its one-line reason instead; ``fast_refusal``: why the fast path would not capture the method on that
+family (None: it would). ``--fast`` adds the fast path (the captured prefill and one-graph decode on this
+machine's backend) on the first batch for every method it captures; ``--only`` / ``--families`` limit the
 grid. Cells are independent: a digest file made on one tree compares with one made on another, on the same machine
 and torch build.
 """
@@ -72,7 +73,7 @@ def _answer(rt, batch) -> dict:
     }
 
 
-def _cell(rt, name, family, fast_rt=None) -> dict:
+def _cell(rt, name, family, fast_rt=None, refusal_rt=None) -> dict:
     cls = method_class(name)
     if not cls.supports(key(family)):
         return {"na": f"{name} does not support {key(family)}"}
@@ -82,6 +83,10 @@ def _cell(rt, name, family, fast_rt=None) -> dict:
     except Exception as e:  # noqa: BLE001 - the refusal is the answer
         return {"refused": f"{type(e).__name__}: {e}".splitlines()[0]}
     out = {"budget": budget}
+    if refusal_rt is not None:
+        eng = refusal_rt.prune(name, budget)
+        out["fast_refusal"] = eng.fast.refusal if eng.fast is not None else "no fast path"
+        refusal_rt.unprune()
     for bname, make in BATCHES.items():
         try:
             out[bname] = _answer(rt, make(rt))
@@ -109,11 +114,11 @@ def build(methods, families, dtypes, fast: bool, log=sys.stderr) -> dict:
         for family in families:
             t0 = time.perf_counter()
             rt = load(f"tiny:{family}", seed=1, dtype=DTYPES[dname])
-            fast_rt = load(f"tiny:{family}", seed=1, dtype=DTYPES[dname], fast=True, fast_precompile=False) \
-                if fast and registry.get(family).fast else None
+            refusal_rt = load(f"tiny:{family}", seed=1, dtype=DTYPES[dname], fast=True, fast_precompile=False)
+            fast_rt = refusal_rt if fast and registry.get(family).fast else None
             for name in methods:
                 torch.manual_seed(0)
-                cells[f"{name}|{family}|{dname}"] = _cell(rt, name, family, fast_rt)
+                cells[f"{name}|{family}|{dname}"] = _cell(rt, name, family, fast_rt, refusal_rt)
             print(f"[digest] {family} {dname}: {time.perf_counter() - t0:.1f} s", file=log, flush=True)
     return cells
 

@@ -357,7 +357,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
 
     def _fast_prefill(self, input_ids, attention_mask, visual):
         """The prefill on the fast path: (output, "") or (None, why it runs eagerly)."""
-        from .fast.path import NotPlanned
+        from .fast.refusals import NotPlanned
 
         reason = self.fast.refusal_for(input_ids, visual)
         if reason:

@@ -144,6 +144,11 @@ class Needs:
     prune_past_cache: bool = False
     past_cache_from: int = 0
     eager_layers: tuple[int, ...] = ()
+    # -- the captured prefill (llava.fast.refusals)
+    #: why the method, with its options, runs on the eager engine only (``Method.capture_refusal``); None: captured
+    capture: str | None = None
+    #: ``Method.capture_kind``: "full", "piecewise" (a data-dependent count: two graphs) or None
+    capture_kind: str | None = None
 
     @property
     def vision_signals(self) -> bool:
@@ -153,8 +158,8 @@ class Needs:
 
     @classmethod
     def of(cls, method, tower_masked: bool = False) -> "Needs":
-        """The record of ``method``'s attributes (class or instance), each checked once. ``tower_masked``: the method
-        overrides ``select_tower_masked``."""
+        """The record of ``method``'s attributes (an instance, after its setup), each checked once. ``tower_masked``:
+        the method overrides ``select_tower_masked``."""
         m, name = method, method.name
         reads = tuple(TowerRead(kind, v) for kind, (attr, _) in TOWER_KINDS.items()  # each kind's declared layers
                       for v in _layers(name, attr, getattr(m, attr)))
@@ -181,4 +186,6 @@ class Needs:
             prune_past_cache=_flag(name, "prune_past_cache", m.prune_past_cache),
             past_cache_from=_opt_int(name, "past_cache_from", m.past_cache_from) or 0,
             eager_layers=_layers(name, "eager_layers", m.eager_layers),
+            capture=m.capture_refusal(),
+            capture_kind=_choice(name, "capture_kind()", m.capture_kind(), ("full", "piecewise", None)),
         )

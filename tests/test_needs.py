@@ -61,7 +61,7 @@ def test_the_record_of_built_in_methods(rt):
     assert eng.needs.llm_layers == (1,) and eng.needs.llm_reads == ("prev",) and not eng.needs.vision_stage
     assert eng.llm_layers == eng.needs.llm_layers
     eng = rt.prune("none")
-    assert eng.needs == Needs(method="none")
+    assert eng.needs == Needs(method="none", capture_kind="full")
     assert not eng.needs.vision_signals
 
 

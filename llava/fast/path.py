@@ -76,14 +76,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import attention as fast_attention
 from ..families import registry
 from ..families.base import to_device
-from ..families.clip import MASKED_TOWER_ATTN
 from .llm import decode_segments, prompt_mask, run_segments
 from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
-from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, NotPlanned, _Spec, bucket_for
+from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, _Spec, bucket_for
+from .refusals import REPLAY, captured_refusal
 from .vision import FastVisionMixin
 
-__all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "BACKENDS", "NotPlanned", "bucket_for",
+__all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "BACKENDS", "bucket_for",
            "FastPath", "FastState", "FastInfo"]
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         self._layouts: dict = {}  # sample structure -> its host unit layouts
         self._caches: dict = {}  # (B, C, dtype) -> StaticCache
         self._seen: set = set()  # graph keys run so far
-        self.piecewise = engine.method.capture_kind() == "piecewise"
-        self.refusal = self._static_refusal()
+        self.piecewise = engine.needs.capture_kind == "piecewise"
+        self.refusal = captured_refusal(engine.needs, registry.get(engine.family), engine.adapter,
+                                        self._decoder_attention())
         if not self.refusal:  # transformers installs its output-capturing hooks under a lock on first use:
             from transformers.utils.output_capturing import maybe_install_capturing_hooks  # not traceable
 
@@ -203,46 +204,12 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         return compile_function(self, fn, log)
 
     # ------------------------------------------------------------------ refusals
-    def _static_refusal(self) -> str | None:
-        e = self.engine
-        fam = registry.get(e.family)
-        if not fam.fast:
-            return f"the fast path does not plan {e.family} models: {fam.fast_reason}"
-        impl = self._decoder_attention()
-        if impl != "sdpa":  # eager attention adds a mask (its bool prompt / decode masks would mask nothing)
-            return (f"the fast path's masks are SDPA's (boolean); this decoder runs {impl!r} attention: load with "
-                    "attn_implementation='sdpa'")
-        m = e.method
-        if e.needs.tower_stage:  # captured through the masked tower (clip.run_tower_masked)
-            if not e.needs.tower_masked:
-                return (f"{m.name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "
-                        "are captured through the masked tower only")
-            if e.needs.tower_attention or self._extra_names():
-                return f"{m.name}: an in-tower stage with vision attention signals is not captured"
-            for k in e.adapter.pixel_keys:
-                impl = getattr(e.adapter.fast_tower(k).config, "_attn_implementation", None) or "eager"
-                if impl not in MASKED_TOWER_ATTN:
-                    return (f"{m.name}: the masked tower needs {' / '.join(MASKED_TOWER_ATTN)} attention in the "
-                            f"vision tower, not {impl!r}")
-        if e.adapter.linear_layers and (m.llm_layers or m.probe_layers):
-            return (f"{m.name}: llm stages or an LLM probe on a hybrid decoder (Gated DeltaNet layers) are not "
-                    "captured (the fast path runs Qwen3.5 with pre-LLM methods)")
-        why = m.capture_refusal()  # every reason names its method (the eval's per-reason counts read it)
-        if not why and self.piecewise:
-            if m.llm_layers:
-                why = f"{m.name}: llm stages after a piecewise (data-dependent) vision stage are not captured yet"
-            elif m.query_aware:
-                why = f"{m.name}: a query-aware piecewise vision stage is not captured yet"
-        return why if not why or why.startswith(f"{m.name}:") else f"{m.name}: {why}"
-
     def refusal_for(self, input_ids, visual: dict) -> str | None:
         """Why this prefill must run eagerly (None: it may take the fast path; the plan may still find
-        that the prompt does not fit, :class:`NotPlanned`)."""
+        that the prompt does not fit, :class:`llava.fast.refusals.NotPlanned`)."""
         if self.refusal:
             return self.refusal
-        if self.engine.replay:
-            return "replay of recorded selections runs on the eager engine"
-        return None
+        return REPLAY if self.engine.replay else None
 
     # ------------------------------------------------------------------ the captured functions
     def _tower_fn(self, px, crops, spec, tower_in=None) -> dict:
@@ -379,7 +346,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, visual: dict):
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo, outputs per
-        sample). Raises :class:`NotPlanned` when the prompt does not fit (nothing ran yet, or only the tower,
+        sample). Raises :class:`llava.fast.refusals.NotPlanned` when the prompt does not fit (nothing ran yet, or only the tower,
         whose outputs are then dropped: the eager engine runs the prefill from the start)."""
         t0 = time.perf_counter()
         dev = input_ids.device

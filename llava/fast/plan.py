@@ -14,8 +14,10 @@ from dataclasses import replace as _replace
 
 import torch
 
+from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
+from .refusals import TOWER_KINDS, NotPlanned
 from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
 
@@ -27,11 +29,6 @@ TEXT_BUCKETS = (16, 32, 64, 128, 256, 512)
 DECODE_STEP = 64
 #: the tower signals the fast path computes (:class:`llava.needs.TowerRead` kinds); a method asking for the
 #: others runs on the eager engine
-FAST_TOWER_KINDS = ("received", "fullwidth", "cls_row")
-
-
-class NotPlanned(Exception):
-    """The prompt does not fit the fast path (the message says why): it runs on the eager engine."""
 
 
 def bucket_for(n: int, buckets=BUCKETS) -> int:
@@ -146,11 +143,11 @@ class FastPlanMixin:
                           grid=grid)
 
     def _extra_names(self) -> list[tuple[str, TowerRead]]:
-        """The method's tower signals the fast path computes (:data:`FAST_TOWER_KINDS`) as (flat name, its
+        """The method's tower signals the fast path computes (:data:`llava.fast.refusals.TOWER_KINDS`) as (flat name, its
         :class:`llava.needs.TowerRead`): ``recv:v`` (received attention), ``fwa:v`` / ``fwk:v`` (full-width [CLS]
         attention / keys), ``clsl:v`` ([CLS] row); the others' arithmetic runs on the eager engine
         (:meth:`llava.method.Method.capture_refusal`)."""
-        return [(name, r) for r in self.engine.needs.tower_reads if r.kind in FAST_TOWER_KINDS for name in r.names]
+        return [(name, r) for r in self.engine.needs.tower_reads if r.kind in TOWER_KINDS for name in r.names]
 
     def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
                         extras=None, probe=None):
@@ -294,8 +291,7 @@ class FastPlanMixin:
             T = int(fv.samples[b]["src"].numel())
             vis = (ids == fv.token_id).nonzero().flatten()
             if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
-                raise NotPlanned(f"row {b} does not hold exactly one {fv.kind} run of {T} contiguous placeholder "
-                                 "tokens (several images / videos per prompt run on the eager engine)")
+                raise refusals.several_runs(b, fv.kind, T)
             p0 = int(vis[0]) if T else 0
             rows.append((ids, p0, T))
             text = None
@@ -311,12 +307,11 @@ class FastPlanMixin:
         try:  # M-RoPE: the eager engine's positions of the unpruned prompt (the family's own rule), per row
             positions = e.adapter.fast_positions(ids_h, valid_h, fv)
         except Exception as exc:  # a prompt the family's rule does not take: the eager engine says why
-            raise NotPlanned(f"the prompt's positions could not be planned ({type(exc).__name__}: {exc})") from None
+            raise refusals.positions(exc) from None
         if positions is not None:
             positions = [positions[:, b, valid_h[b]] for b in range(B)]
             if extras or self.piecewise:
-                raise NotPlanned(f"{e.method.name}: kept positions (M-RoPE) are planned for the one-graph prefill of "
-                                 "the visual tokens themselves (no extra [CLS] candidates, no piecewise count)")
+                raise refusals.kept_positions(e.method.name)
         done, keys = [], []
         for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
             sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind, smp.static,
@@ -335,8 +330,7 @@ class FastPlanMixin:
                 try:
                     self._counts[sig_key] = self._dry_run(local, index[base:end], fv.kind, n_text)
                 except Exception as exc:  # a method that reads a device value, or an op meta tensors lack
-                    self._counts[sig_key] = NotPlanned(f"{e.method.name}: its selection could not be planned on "
-                                                       f"the host ({type(exc).__name__}: {exc})")
+                    self._counts[sig_key] = refusals.selection(e.method.name, exc)
             if isinstance(self._counts[sig_key], NotPlanned):
                 raise self._counts[sig_key]
             done.append(_replace(smp, outputs=self._counts[sig_key][0]))
@@ -368,7 +362,7 @@ class FastPlanMixin:
         stages, stage_host, seg_lens, seg_buckets = (), [], [lens], [Lb]
         if e.needs.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
-                raise NotPlanned(f"{e.method.name}: llm stages after a piecewise vision stage are not planned")
+                raise refusals.piecewise_stages(e.method.name)
             stages, stage_host, seg_lens, seg_buckets = plan_stages(e.needs, rows, lens, vp.dry, self.buckets,
                                                                     bucket_for, TEXT_BUCKETS,
                                                                     deepstack=vp.spec.deepstack)
@@ -406,8 +400,7 @@ class FastPlanMixin:
                 "pad": torch.tensor([Lb - n for n in lens])}  # the 4-D mask: built on the device (fast_llm.prompt_mask)
         if e.needs.vision_stage and e.needs.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast.probe)
             if vp.spec.deepstack:
-                raise NotPlanned(f"{e.method.name}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not "
-                                 "planned")
+                raise refusals.probe_deepstack(e.method.name)
             probe, probe_host = plan_probe(e.needs.probe_layers, rows, [s.text for s in samples], bucket_for,
                                            self.buckets, full)
             host["probe"] = dict(probe_host)

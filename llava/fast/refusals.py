@@ -1,0 +1,93 @@
+"""Why the captured prefill does not run a method, a family or a prompt: every reason in one place.
+
+A refusal is not an error: the prefill runs on the eager engine, and ``engine.stats.path_reason`` (and the
+evaluation's per-reason counts, ``eval run``'s results) carry the string, so the strings are an interface. Two
+kinds:
+
+* **static** (:func:`captured_refusal`, once at attach, from the family's record, the decoder's attention, the
+  method's :class:`llava.needs.Needs` and the method's own reason, ``Needs.capture``: what
+  :meth:`llava.method.Method.capture_refusal` answers for its options): the family is not planned, the decoder
+  does not run SDPA, an in-tower stage without its masked form, llm stages or a probe on a hybrid decoder,
+  llm stages or a query-aware stage after a piecewise vision stage;
+* **per prompt** (the functions below, raised as :class:`NotPlanned` by the host plan, :mod:`llava.fast.plan`):
+  replayed selections, several images or videos in a row, positions the family's rule does not take, kept
+  M-RoPE positions with extra candidates or a piecewise count, a selection that cannot be planned on the host,
+  llm stages after a piecewise stage, a probe beside DeepStack rows.
+
+Every method-specific reason begins with the method's name and a colon.
+"""
+
+from __future__ import annotations
+
+from ..families.clip import MASKED_TOWER_ATTN
+
+
+class NotPlanned(Exception):
+    """The prompt does not fit the fast path (the message says why): it runs on the eager engine."""
+
+
+def captured_refusal(needs, family, adapter, decoder_attention: str | None) -> str | None:
+    """Why the captured prefill does not run this method on this model (None: it does, prompt permitting).
+    ``needs``: the attached method's record; ``family``: its family's record (:mod:`llava.families.registry`);
+    ``adapter``: the family adapter (its towers and hybrid layers); ``decoder_attention``: the decoder's
+    ``_attn_implementation``."""
+    if not family.fast:
+        return f"the fast path does not plan {family.id} models: {family.fast_reason}"
+    if decoder_attention != "sdpa":  # eager attention adds a mask (its bool prompt / decode masks would mask nothing)
+        return (f"the fast path's masks are SDPA's (boolean); this decoder runs {decoder_attention!r} attention: "
+                "load with attn_implementation='sdpa'")
+    name = needs.method
+    if needs.tower_stage:  # captured through the masked tower (clip.run_tower_masked)
+        if not needs.tower_masked:
+            return (f"{name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "
+                    "are captured through the masked tower only")
+        if needs.tower_attention or any(r.kind in TOWER_KINDS for r in needs.tower_reads):
+            return f"{name}: an in-tower stage with vision attention signals is not captured"
+        for k in adapter.pixel_keys:
+            impl = getattr(adapter.fast_tower(k).config, "_attn_implementation", None) or "eager"
+            if impl not in MASKED_TOWER_ATTN:
+                return (f"{name}: the masked tower needs {' / '.join(MASKED_TOWER_ATTN)} attention in the "
+                        f"vision tower, not {impl!r}")
+    if adapter.linear_layers and (needs.llm_layers or needs.probe_layers):
+        return (f"{name}: llm stages or an LLM probe on a hybrid decoder (Gated DeltaNet layers) are not "
+                "captured (the fast path runs Qwen3.5 with pre-LLM methods)")
+    why = needs.capture  # the method's own, for its options
+    if not why and needs.capture_kind == "piecewise":
+        if needs.llm_layers:
+            why = f"{name}: llm stages after a piecewise (data-dependent) vision stage are not captured yet"
+        elif needs.query_aware:
+            why = f"{name}: a query-aware piecewise vision stage is not captured yet"
+    return why if not why or why.startswith(f"{name}:") else f"{name}: {why}"
+
+
+#: the tower signals the captured prefill computes (the others' arithmetic runs on the eager engine, which the
+#: methods that read them say through :meth:`llava.method.Method.capture_refusal`)
+TOWER_KINDS = ("received", "fullwidth", "cls_row")
+
+REPLAY = "replay of recorded selections runs on the eager engine"
+
+
+def several_runs(row: int, kind: str, tokens: int) -> NotPlanned:
+    return NotPlanned(f"row {row} does not hold exactly one {kind} run of {tokens} contiguous placeholder tokens "
+                      "(several images / videos per prompt run on the eager engine)")
+
+
+def positions(exc: Exception) -> NotPlanned:
+    return NotPlanned(f"the prompt's positions could not be planned ({type(exc).__name__}: {exc})")
+
+
+def kept_positions(method: str) -> NotPlanned:
+    return NotPlanned(f"{method}: kept positions (M-RoPE) are planned for the one-graph prefill of the visual tokens "
+                      "themselves (no extra [CLS] candidates, no piecewise count)")
+
+
+def selection(method: str, exc: Exception) -> NotPlanned:
+    return NotPlanned(f"{method}: its selection could not be planned on the host ({type(exc).__name__}: {exc})")
+
+
+def piecewise_stages(method: str) -> NotPlanned:
+    return NotPlanned(f"{method}: llm stages after a piecewise vision stage are not planned")
+
+
+def probe_deepstack(method: str) -> NotPlanned:
+    return NotPlanned(f"{method}: an LLM probe on a model with DeepStack rows (Qwen3-VL) is not planned")
