@@ -87,8 +87,9 @@ CORPUS = [
     "Which object is closest to the camera? Where is the small blue square? Why is it here?",
 ]
 #: the builds the opt-in parity tests run (``tests/test_parity*.py``, their ``built`` fixtures): seed 0, the one
-#: every published figure first came from, and seed 4, on which PruMerge+ keeps every patch of two images (the zero
-#: global token) and VisPruner's NeXT [CLS] order parted at T = 128 (docs/parity.md). Two builds are a sample too:
+#: every published figure first came from, and seed 4, on which (with the inputs drawn by torch before
+#: :class:`Draws`) PruMerge+ kept every patch of two images (the zero global token) and VisPruner's NeXT [CLS] order
+#: parted at T = 128 (docs/parity.md); the exact draws give both seeds other values. Two builds are a sample too:
 #: ``python -m parity --seeds`` runs more
 PARITY_SEEDS = (0, 4)
 PARITY_SEED_IDS = tuple(f"seed{s}" for s in PARITY_SEEDS)
