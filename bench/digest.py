@@ -9,7 +9,8 @@ batch (``llava.check.inputs``: three left-padded prompts of different lengths; d
 Video-LLaVA a video beside two images): sha256 of the greedy tokens, of the first step's scores (their bytes) and of
 every recorded selection (``keep`` / ``targets`` / ``order`` / ``assign`` bytes per stage), and the per-sample
 visual-token counts (candidates, entering the LLM, per layer) and sequence lengths per layer. A method that does not
-attach records its one-line reason instead; ``fast_refusal``: why the fast path would not capture the method on that
+attach records its one-line reason instead; :data:`VARIANTS` adds the reference modes (option variants) the defaults
+do not reach; ``fast_refusal``: why the fast path would not capture the method on that
 family (None: it would). ``--fast`` adds the fast path (the captured prefill and one-graph decode on this
 machine's backend) on the first batch for every method it captures; ``--only`` / ``--families`` limit the
 grid. Cells are independent: a digest file made on one tree compares with one made on another, on the same machine
@@ -33,6 +34,16 @@ from llava.method import available_methods, method_class
 from llava.models import load
 
 TOKENS = 3
+#: option variants beside each method's defaults: the engine's reference modes (pruned earlier caches, eager score
+#: layers, sub-block states, an LLaVA-NeXT llm stage, the official numerics)
+VARIANTS = [
+    ("priortr", {"caches": "pruned"}), ("priortr", {"numerics": "official"}),
+    ("clse", {"caches": "pruned"}), ("clse", {"numerics": "official"}),
+    ("ivcprune", {"caches": "pruned"}), ("flowcut", {"next_half": True, "next_llm_stage": True}),
+    ("sparsevlm", {"numerics": "official"}), ("fastv", {"numerics": "official"}),
+    ("pdrop", {"numerics": "official"}), ("visiondrop", {"numerics": "official"}),
+    ("consensusdrop", {"preset": "probe"}), ("dart", {"numerics": "official"}),
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BATCHES = {"make": make_batch, "unequal": unequal_batch}
 
@@ -73,18 +84,19 @@ def _answer(rt, batch) -> dict:
     }
 
 
-def _cell(rt, name, family, fast_rt=None, refusal_rt=None) -> dict:
+def _cell(rt, name, family, fast_rt=None, refusal_rt=None, options=None) -> dict:
     cls = method_class(name)
+    options = options or {}
     if not cls.supports(key(family)):
         return {"na": f"{name} does not support {key(family)}"}
     budget = tiny_budget(name, family, cls)
     try:
-        rt.prune(name, budget)
+        rt.prune(name, budget, **options)
     except Exception as e:  # noqa: BLE001 - the refusal is the answer
         return {"refused": f"{type(e).__name__}: {e}".splitlines()[0]}
     out = {"budget": budget}
     if refusal_rt is not None:
-        eng = refusal_rt.prune(name, budget)
+        eng = refusal_rt.prune(name, budget, **options)
         out["fast_refusal"] = eng.fast.refusal if eng.fast is not None else "no fast path"
         refusal_rt.unprune()
     for bname, make in BATCHES.items():
@@ -94,7 +106,7 @@ def _cell(rt, name, family, fast_rt=None, refusal_rt=None) -> dict:
             out[bname] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
     rt.unprune()
     if fast_rt is not None:
-        eng = fast_rt.prune(name, budget)
+        eng = fast_rt.prune(name, budget, **options)
         refusal = eng.fast.refusal if eng.fast is not None else "no fast path"
         if refusal:
             out["fast"] = {"refused": refusal}
@@ -108,7 +120,7 @@ def _cell(rt, name, family, fast_rt=None, refusal_rt=None) -> dict:
     return out
 
 
-def build(methods, families, dtypes, fast: bool, log=sys.stderr) -> dict:
+def build(methods, families, dtypes, fast: bool, variants: bool = True, log=sys.stderr) -> dict:
     cells = {}
     for dname in dtypes:
         for family in families:
@@ -119,6 +131,11 @@ def build(methods, families, dtypes, fast: bool, log=sys.stderr) -> dict:
             for name in methods:
                 torch.manual_seed(0)
                 cells[f"{name}|{family}|{dname}"] = _cell(rt, name, family, fast_rt, refusal_rt)
+            for name, options in VARIANTS if variants else ():
+                if name in methods:
+                    torch.manual_seed(0)
+                    label = ",".join(f"{k}={v}" for k, v in options.items())
+                    cells[f"{name}[{label}]|{family}|{dname}"] = _cell(rt, name, family, fast_rt, refusal_rt, options)
             print(f"[digest] {family} {dname}: {time.perf_counter() - t0:.1f} s", file=log, flush=True)
     return cells
 
@@ -142,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--families", nargs="*", help="tiny family names (default: every registered family)")
     p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--fast", action="store_true", help="add the fast path's answers on the first batch")
+    p.add_argument("--no-variants", action="store_true", help="each method's defaults only (no VARIANTS)")
     args = p.parse_args(argv)
     if args.compare:
         a, b = (json.load(open(f))["cells"] for f in args.compare)
@@ -155,7 +173,7 @@ def main(argv=None) -> int:
     methods = args.only or sorted(available_methods())
     families = args.families or list(registry.tiny_names())
     torch.set_num_threads(1)
-    cells = build(methods, families, args.dtypes, args.fast)
+    cells = build(methods, families, args.dtypes, args.fast, variants=not args.no_variants)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "cells": cells}, f, indent=1, sort_keys=True)
     print(f"{len(cells)} cells -> {args.out}")

@@ -299,7 +299,7 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                                                             info, **kwargs)
             ctx.clock.mark("end")
             self.prefills += 1
-            ctx.probe_inputs = ctx.entry = ctx.llm_state = ctx.probe_deepstack = ctx.stage_rows = None  # nothing outlives it
+            ctx.probe_inputs = ctx.entry = ctx.llm_state = ctx.probe_deepstack = ctx.cache = None  # nothing outlives it
             ctx.probe_cache.clear()
             ctx.vision_sigs = []
             self.stats = PrefillStats(

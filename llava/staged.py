@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -26,6 +27,43 @@ from .proxy_grad import proxy_loss_grad
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
 from .signals import LLMSignals
 from .subblocks import SubBlockRecorder
+
+
+@dataclass
+class _Rows:
+    """The decoder's rows through a staged prefill, replaced by each llm stage: the hidden states ``h`` (B, L, D)
+    entering the next layer, their 2-D ``mask`` and positions ``pos``; per sample its host layout (``layouts``),
+    each visual token's source candidate (``origin``) and its index among the visual tokens entering layer 0
+    (``entry``); ``ds`` the DeepStack rows still to add (Qwen3-VL; None once added); ``prev`` the input of the
+    last layer that ran; ``shift`` (B,) the rows each sample dropped so far (reindex mode's positions)."""
+
+    h: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    layouts: list
+    origin: list
+    entry: list
+    ds: dict | None
+    shift: torch.Tensor
+    prev: torch.Tensor | None = None
+
+
+class _StageSample(NamedTuple):
+    """One sample's unpadded rows at an llm stage: ``x`` / ``p`` the hidden states and positions, ``prev`` their input
+    to the layer before, ``vis`` the visual rows among them, ``origin`` / ``entry`` per visual token its source
+    candidate and layer-0 index, ``after`` / ``question`` the text rows, ``real`` the rows in the padded batch,
+    ``kv`` the layer before's cache rows (None: recompute)."""
+
+    x: torch.Tensor
+    p: torch.Tensor
+    prev: torch.Tensor | None
+    vis: torch.Tensor
+    origin: torch.Tensor
+    entry: torch.Tensor
+    after: torch.Tensor
+    question: torch.Tensor
+    real: torch.Tensor
+    kv: CachedRows | None
 
 
 @dataclass
@@ -67,60 +105,58 @@ class StagedDecoderMixin:
         # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
         ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
         ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
-        bounds = [0, *self.llm_layers, n_layers]
-        # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
-        eager = set(self.needs.eager_layers)
-        past = self.needs.prune_past_cache and cache is not None
         ctx.past_from = self.needs.past_cache_from  # the first layer whose cache is pruned
         ctx.cache = cache
-        h = embeds
-        prev_in = None
-        segments: list[_Segment] = []
-        seq_lens: list[int] = []
-        per_layer = [[] for _ in range(B)]
-        shift = torch.zeros(B, dtype=torch.long, device=dev)
+        rows = _Rows(h=embeds, mask=mask, pos=pos, layouts=layouts, origin=origin, entry=entry, ds=ds,
+                     shift=torch.zeros(B, dtype=torch.long, device=dev))
         sub = self.needs.llm_subblock_layers
         ctx.subblocks = {}
         rec = SubBlockRecorder(lm.layers, sub) if sub else None
         try:
-            h, seq_lens, per_layer = self._staged_loop(ctx, bounds, rec, eager, past, h, prev_in, mask, pos, layouts,
-                                                       origin, entry, ds, segments, seq_lens, per_layer, shift, cache,
-                                                       use_cache, **kwargs)
+            segments, seq_lens, per_layer = self._staged_loop(ctx, rows, rec, cache, use_cache, **kwargs)
         finally:
             if rec is not None:
                 rec.remove()
             ctx.subblocks = {}
         self._state.segments = segments
-        return lm.norm(h), seq_lens, per_layer
+        return lm.norm(rows.h), seq_lens, per_layer
 
-    def _staged_loop(self, ctx, bounds, rec, eager, past, h, prev_in, mask, pos, layouts, origin, entry, ds, segments,
-                     seq_lens, per_layer, shift, cache, use_cache, **kwargs):
-        """The segments of decoder layers with an llm stage between each two (``_prefill_llm``); ``rec``: the
-        sub-block recorder of the method's ``llm_subblock_layers`` (None when it names none), whose states of the
-        layers since the previous stage are handed to each stage (``ctx.subblocks``)."""
+    def _staged_loop(self, ctx, rows: "_Rows", rec, cache, use_cache, **kwargs):
+        """The segments of decoder layers with an llm stage between each two (``_prefill_llm``), ``rows`` advanced
+        through them in place; ``rec``: the sub-block recorder of the method's ``llm_subblock_layers`` (None when it
+        names none), whose states of the layers since the previous stage are handed to each stage
+        (``ctx.subblocks``). Returns the decode segments, each layer's padded length and per sample each layer's
+        visual tokens."""
         lm = self.lm
-        B = h.shape[0]
+        B = rows.h.shape[0]
+        bounds = [0, *self.llm_layers, len(lm.layers)]
+        # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
+        eager = set(self.needs.eager_layers)
+        past = self.needs.prune_past_cache and cache is not None
+        segments: list[_Segment] = []
+        seq_lens: list[int] = []
+        per_layer = [[] for _ in range(B)]
         for s in range(len(bounds) - 1):
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
                 ctx.clock.mark("stage_start")
                 ctx.subblocks = rec.take() if rec is not None else {}
-                if ds is not None and a >= ds["rows"].shape[1]:
-                    ds = None  # every DeepStack level was added before this stage
-                h, mask, pos, layouts, origin, entry, dropped, ds = self._llm_stage(
-                    ctx, s - 1, a, h, prev_in, mask, pos, layouts, origin, entry, ds, rows=past)
+                if rows.ds is not None and a >= rows.ds["rows"].shape[1]:
+                    rows.ds = None  # every DeepStack level was added before this stage
+                dropped, src_rows = self._llm_stage(ctx, rows, s - 1, a, keep_rows=past)
                 if self._reindex:
-                    shift = shift + dropped
+                    rows.shift = rows.shift + dropped
                 if past:  # the layers before the stage keep the kept rows only: those segments now have this layout
-                    segments[:] = _past_segments(segments, ctx.past_from, a, mask, shift)
-                    _gather_past(cache, a, ctx.stage_rows, ctx.past_from)
+                    segments[:] = _past_segments(segments, ctx.past_from, a, rows.mask, rows.shift)
+                    _gather_past(cache, a, src_rows, ctx.past_from)
                 ctx.clock.mark("stage_end")
-            segments.append(_Segment(start=a, mask=mask, shift=shift.clone()))
+            h, mask, pos, ds = rows.h, rows.mask, rows.pos, rows.ds
+            segments.append(_Segment(start=a, mask=mask, shift=rows.shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
             pe = lm.rotary_emb(h, position_ids=pos)
-            counts = [int(lay.visual.numel()) for lay in layouts]
+            counts = [int(lay.visual.numel()) for lay in rows.layouts]
             for i in range(a, z):
-                prev_in = h
+                rows.prev = h
                 # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
                 # (FastV keeps original positions) as packed sequences
                 if i in eager:
@@ -133,7 +169,8 @@ class StagedDecoderMixin:
                 seq_lens.append(h.shape[1])
                 for b in range(B):
                     per_layer[b].append(counts[b])
-        return h, seq_lens, per_layer
+            rows.h = h
+        return segments, seq_lens, per_layer
 
     def _eager_layer(self, i, h, mask, cache, pos, pe, use_cache, **kwargs):
         """Decoder layer ``i`` on transformers' eager attention (q k^T scaled in the model's dtype, the softmax in
@@ -151,10 +188,11 @@ class StagedDecoderMixin:
         finally:
             attn.config = old
 
-    def _llm_stage(self, ctx: _Prefill, stage, layer_idx, h, prev_in, mask, pos, layouts, origin, entry, ds=None,
-                   rows=False):
-        """One llm stage on the padded batch. ``rows``: also leave on ``ctx.stage_rows`` (B, L') the row of ``h``
-        each output row came from (a merged token: its target's; padding: row 0), for ``_gather_past``."""
+    def _llm_stage(self, ctx: _Prefill, rows: "_Rows", stage: int, layer_idx: int, keep_rows: bool = False):
+        """One llm stage on the padded batch: ``rows`` replaced by the stage's outputs. Returns (B,) the rows each
+        sample dropped and, with ``keep_rows``, (B, L') the row of the old ``h`` each new row came from (a merged
+        token: its target's; padding: row 0) for ``_gather_past``, else None."""
+        h, mask, pos, layouts, ds = rows.h, rows.mask, rows.pos, rows.layouts, rows.ds
         B, L, D = h.shape
         dev = h.device
         spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
@@ -167,9 +205,10 @@ class StagedDecoderMixin:
             real, vis, after, question = moved[4 * b:4 * b + 4]
             nv = int(lay.visual.numel())
             x, p = h[b, real], pos[..., b, real]
-            prev_kv = CachedRows(kv, b, real) if kv is not None else None
-            sig = self._llm_signals(ctx, layer_idx, b, x, p, prev_in[b, real] if prev_in is not None else None,
-                                    vis, origin[b], entry[b], after, question, real=real, prev_kv=prev_kv)
+            one = _StageSample(x=x, p=p, prev=rows.prev[b, real] if rows.prev is not None else None, vis=vis,
+                               origin=rows.origin[b], entry=rows.entry[b], after=after, question=question, real=real,
+                               kv=CachedRows(kv, b, real) if kv is not None else None)
+            sig = self._llm_signals(ctx, layer_idx, b, one)
             sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
@@ -204,7 +243,7 @@ class StagedDecoderMixin:
         moved = _to_device([t for r, *_ in outs for t in (r["text_src"], r["text_dst"])]
                            + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
         new_org, new_ent = [], []
-        src_rows = torch.zeros(B, new_L, dtype=torch.long, device=dev) if rows else None
+        src_rows = torch.zeros(B, new_L, dtype=torch.long, device=dev) if keep_rows else None
         for b, (r, x, p, vx, vp, src) in enumerate(outs):
             pad = new_L - r["n"]
             ts, td = moved[2 * b], moved[2 * b + 1]
@@ -213,24 +252,26 @@ class StagedDecoderMixin:
             h2[b, pad + vd] = vx
             p2[..., b, pad + td] = p[..., ts]
             p2[..., b, pad + vd] = vp
-            if rows:
+            if keep_rows:
                 real, vis = olds[b]
                 src_rows[b, pad + td] = real[ts]
                 src_rows[b, pad + vd] = real[vis[src]]
             if self._reindex:
                 p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
-            new_org.append(origin[b][src])
-            new_ent.append(entry[b][src])
-        ctx.stage_rows = src_rows
+            new_org.append(rows.origin[b][src])
+            new_ent.append(rows.entry[b][src])
         if deep_in is not None:
             at = torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, (r, *_) in enumerate(outs)])
             ds = _deepstack(torch.cat(deep_out), _to_device([at], dev)[0], B, new_L)
-        return h2, moved[-2], p2, new_layouts, new_org, new_ent, moved[-1], ds
+        rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
+            h2, moved[-2], p2, new_layouts, new_org, new_ent, ds
+        return moved[-1], src_rows
 
-    def _llm_signals(self, ctx: _Prefill, layer_idx, b, x, p, x_prev, vis, origin, entry, after, question,
-                     real=None, prev_kv=None) -> LLMSignals:
+    def _llm_signals(self, ctx: _Prefill, layer_idx: int, b: int, one: "_StageSample") -> LLMSignals:
+        """Sample ``b``'s :class:`LLMSignals` entering decoder layer ``layer_idx`` (its unpadded rows ``one``)."""
         lm = self.lm
-        attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, x_prev, p, prev_kv=prev_kv)
+        x, p = one.x, one.p
+        attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, one.prev, p, prev_kv=one.kv)
         vis_in, text_in = ctx.entry[b]
 
         def grad_fn(rows, which):  # TRIO's proxy-loss gradient (LLMSignals.grad_saliency), eager only
@@ -247,13 +288,13 @@ class StagedDecoderMixin:
 
             return proxy_loss_grad(lm.layers[i], lm.norm, head, lm.rotary_emb, x, p, rows, mask_fn)
 
-        subblocks = {i: st.rows((b, real)) for i, st in ctx.subblocks.items()}
-        return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=vis, origin=origin, subblocks=subblocks,
-                          text_after=after, question=question, visual_embeds=vis_in[entry],
-                          text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]), entry_visual_embeds=vis_in,
-                          state=ctx.llm_state[b], prev_hidden=x_prev, vision=ctx.vision_sigs[b], _attn_fn=attn_fn,
-                          _keys_fn=keys_fn,
-                          _qv_fn=qv_fn, _norm=lm.norm, _grad_fn=grad_fn)
+        subblocks = {i: st.rows((b, one.real)) for i, st in ctx.subblocks.items()}
+        return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=one.vis, origin=one.origin,
+                          subblocks=subblocks, text_after=one.after, question=one.question,
+                          visual_embeds=vis_in[one.entry], text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]),
+                          entry_visual_embeds=vis_in, state=ctx.llm_state[b], prev_hidden=one.prev,
+                          vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn, _qv_fn=qv_fn, _norm=lm.norm,
+                          _grad_fn=grad_fn)
 
     def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache.

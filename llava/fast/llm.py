@@ -197,27 +197,42 @@ def _layers(lm, h, mask, pos, cache, a: int, z: int, ds: dict | None = None, att
     return h, prev
 
 
-def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple, visual0, vision_sigs, origins,
-                 bad, ds: dict | None = None, attn=None):
-    """The decoder over a captured prefill's rows with its llm stages (device, static shapes). ``visual0``
-    (per sample) the visual rows entering layer 0, ``vision_sigs`` / ``origins`` per sample the vision
-    stage's signals (or None) and each visual token's source candidate; ``ds`` the DeepStack rows at the
-    visual rows entering layer 0 (Qwen3-VL; a stage before the last level carries them through its selection,
-    as the eager engine). Returns the last rows' hidden states (B, 1, D) after the final norm, and ``bad``
-    ORed with every stage's malformed flags; ``attn``: the prompt attention keyword, as :func:`_layers`."""
+@dataclass
+class Entry:
+    """What enters the decoder of a captured prefill with llm stages: ``rows`` (B, L, D) and their ``pos`` / 4-D
+    ``mask``; per sample ``visual0`` its visual rows among them, ``vision`` its vision stage's signals (or None)
+    and ``origins`` each visual token's source candidate; ``ds`` the DeepStack rows at the visual rows (Qwen3-VL;
+    None elsewhere)."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    visual0: list
+    vision: list
+    origins: list
+    ds: dict | None = None
+
+
+def run_segments(engine, entry: Entry, cache, stages: tuple, stage_in: tuple, bad, attn=None):
+    """The decoder over a captured prefill's rows with its llm stages (device, static shapes): ``stages`` the
+    planned stages (:class:`StageSpec`) and ``stage_in`` their uploaded tensors; a stage before the last DeepStack
+    level carries the rows through its selection, as the eager engine. Returns the last rows' hidden states
+    (B, 1, D) after the final norm, and ``bad`` ORed with every stage's malformed flags; ``attn``: the prompt
+    attention keyword, as :func:`_layers`."""
     lm, method = engine.lm, engine.method
+    rows, pos, mask, ds = entry.rows, entry.pos, entry.mask, entry.ds
     B = rows.shape[0]
     bounds = [0] + [st.layer for st in stages] + [len(lm.layers)]
     entry_text = [None] * B
     if stages:
-        entry_in = [rows[b][v] for b, v in enumerate(visual0)]  # each visual token's input to layer 0
-        entry = [torch.arange(v.numel(), device=rows.device) for v in visual0]
+        entry_in = [rows[b][v] for b, v in enumerate(entry.visual0)]  # each visual token's input to layer 0
+        at_entry = [torch.arange(v.numel(), device=rows.device) for v in entry.visual0]
         if stages[0].text:  # the text-after tokens' inputs to layer 0 (padded; segment 0's rows)
             at_t = 0
             for b, q in enumerate(stages[0].text):
                 entry_text[b] = rows[b][stage_in[0]["text"][at_t:at_t + q]]
                 at_t += q
-    origin = list(origins)
+    origin = list(entry.origins)
     state = [{} for _ in range(B)]
     h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1], ds, attn)
     for s, (st, t) in enumerate(zip(stages, stage_in)):
@@ -231,17 +246,23 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
             nv, m = st.visual_in[b], st.outputs[b]
             vis = t["vis"][at:at + nv]
             at += nv
-            text = None
+            text_rows = text_mask = n_text = None
             if st.text:
                 q = st.text[b]
-                text = (t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q], st.num_text[b])
+                text_rows, text_mask, n_text = t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q], st.num_text[b]
                 at_t += q
             if not nv:
                 continue
             x, p, x_prev = h[b], pos[..., b, :], prev[b]  # p: (S,), or (3, S) M-RoPE
-            sig = _signals(lm, st.layer, x, p, x_prev, mask[b, 0, -1, :x.shape[0]], vis, origin[b], entry[b],
-                           entry_in[b], state[b], vision_sigs[b], text, entry_text[b],
-                           CachedRows(kv, b, slice(0, x.shape[0])) if kv is not None else None)
+            key_mask = mask[b, 0, -1, :x.shape[0]]
+            attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, st.layer, x, x_prev, p, key_mask, prev_kv=CachedRows(
+                kv, b, slice(0, x.shape[0])) if kv is not None else None)
+            sig = LLMSignals(layer=st.layer, hidden=x, position_ids=p, visual=vis, origin=origin[b],
+                             text_after=text_rows, question=None, text_mask=text_mask, _num_text=n_text,
+                             visual_embeds=entry_in[b][at_entry[b]], text_embeds=entry_text[b],
+                             num_visual_entry=int(entry_in[b].shape[0]), entry_visual_embeds=entry_in[b],
+                             state=state[b], prev_hidden=x_prev, vision=entry.vision[b], captured=True,
+                             key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn, _qv_fn=qv_fn, _norm=lm.norm)
             sel = method.select_llm(s, sig)
             if sel.values is not None:
                 raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
@@ -256,7 +277,7 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
             if ds_in is not None:  # the DeepStack rows still to add follow the selection
                 deep.append(carry_rows(ds_in[b], sel))
             vps.append(p[..., vis[src]])  # a merged token takes its target's position
-            origin[b], entry[b] = origin[b][src], entry[b][src]
+            origin[b], at_entry[b] = origin[b][src], at_entry[b][src]
         Lb = st.bucket
         h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE: kept positions, never renumbered)
@@ -268,21 +289,6 @@ def run_segments(engine, rows, pos, mask, cache, stages: tuple, stage_in: tuple,
             ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
         h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2], ds, attn)
     return lm.norm(h[:, -1:]), bad
-
-
-def _signals(lm, layer, x, p, x_prev, key_mask, vis, origin, entry, entry_in, state, vision, text=None,
-             text_embeds=None, prev_kv=None) -> LLMSignals:
-    """One sample's captured :class:`LLMSignals` over its padded row; ``text``: (padded text-after rows,
-    their mask, the real count) or None; ``text_embeds``: those rows' inputs to decoder layer 0 (padded alike);
-    ``prev_kv``: layer - 1's cache rows of this row (:class:`llava.attention_rows.CachedRows`)."""
-    text_rows, text_mask, n_text = text if text is not None else (None, None, None)
-    attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask, prev_kv=prev_kv)
-    return LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin, text_after=text_rows,
-                      question=None, text_mask=text_mask, _num_text=n_text, visual_embeds=entry_in[entry],
-                      text_embeds=text_embeds, num_visual_entry=int(entry_in.shape[0]), entry_visual_embeds=entry_in,
-                      state=state, prev_hidden=x_prev,
-                      vision=vision, captured=True, key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn,
-                      _qv_fn=qv_fn, _norm=lm.norm)
 
 
 def decode_segments(lm, h, pos, masks, cache, layers: tuple):

@@ -76,7 +76,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import attention as fast_attention
 from ..families import registry
 from ..families.base import to_device
-from .llm import decode_segments, prompt_mask, run_segments
+from .llm import Entry, decode_segments, prompt_mask, run_segments
 from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
 from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, _Spec, bucket_for
@@ -217,22 +217,25 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         host plans the rest of the prefill, whose function takes its outputs."""
         return self._run_tower(px, crops, spec, tower_in)
 
-    def _prefill_fn(self, tower_out: dict, tok, src, pos, pad, index, cache, spec: _Spec, stage_in=None, vpos=None,
-                    ds_at=None, probe_in=None):
+    def _prefill_fn(self, tower_out: dict, plan_in: dict, cache, spec: _Spec):
         """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
-        the new rows, the language model into the static cache; the last rows' logits and the validity flag."""
+        the new rows, the language model into the static cache; the last rows' logits and the validity flag.
+        ``plan_in``: the plan's tensors on the device (:meth:`plan_rows`' ``host``: ``tok`` the rows' token ids,
+        ``src`` their gather, ``pos``, ``pad``, the signals' ``index``; with llm stages ``vis0`` / ``stages``, on
+        M-RoPE ``vpos``, with DeepStack ``ds_at``, with an LLM probe ``probe``)."""
         e = self.engine
-        mask = prompt_mask(pad, spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads, in the graph
+        tok, src, pos = plan_in["tok"], plan_in["src"], plan_in["pos"]
+        mask = prompt_mask(plan_in["pad"], spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
-        outs, sigs, origins, _, bad = self._visual_outputs(None, None, index, spec, emb.dtype,
-                                                           emb.reshape(-1, emb.shape[-1]), None, deeps, probe_in,
-                                                           tower_out)
+        outs, sigs, origins, _, bad = self._visual_outputs(None, None, plan_in["index"], spec, emb.dtype,
+                                                           emb.reshape(-1, emb.shape[-1]), None, deeps,
+                                                           plan_in.get("probe"), tower_out)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
             R, at, vp = pos.shape[0], 0, []
             for s, o in zip(spec.samples, origins):
-                vp.append(vpos[:, at:at + s.tokens][:, o])
+                vp.append(plan_in["vpos"][:, at:at + s.tokens][:, o])
                 at += s.tokens
             pos = torch.cat([pos.reshape(R, -1)] + vp, 1)[:, src].view(pos.shape)
         if spec.stages or spec.deepstack:  # the decoder segment by segment, the llm stages between (llava.fast.llm)
@@ -240,12 +243,12 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             if spec.stages:
                 at = 0
                 for s in spec.samples:
-                    vis0.append(stage_in["vis0"][at:at + s.outputs])
+                    vis0.append(plan_in["vis0"][at:at + s.outputs])
                     at += s.outputs
-                stages = stage_in["stages"]
-            ds = {"rows": torch.cat(deeps), "at": ds_at} if spec.deepstack else None  # Qwen3-VL's DeepStack rows
-            h, bad = run_segments(e, rows, pos, mask, cache, spec.stages, stages, vis0, sigs, origins, bad, ds,
-                                  attn=self._attn)
+                stages = plan_in["stages"]
+            ds = {"rows": torch.cat(deeps), "at": plan_in["ds_at"]} if spec.deepstack else None  # Qwen3-VL's
+            entry = Entry(rows=rows, pos=pos, mask=mask, visual0=vis0, vision=sigs, origins=origins, ds=ds)
+            h, bad = run_segments(e, entry, cache, spec.stages, stages, bad, attn=self._attn)
             return e.model.lm_head(h), bad
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
                  use_cache=True, **self._attn(rows)).last_hidden_state
@@ -407,11 +410,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             new = new or key not in self._seen
             self._seen.add(key)
             timings["plan"] += time.perf_counter() - t0
-            stage_in = {"vis0": moved["vis0"], "stages": moved["stages"]} if spec.stages else None
-            probe_in = moved.get("probe") or None
-            logits, bad = self._prefill(tower_out, moved["tok"], moved["src"], moved["pos"], moved["pad"],
-                                        moved["index"], cache, spec, stage_in, moved.get("vpos"), moved.get("ds_at"),
-                                        probe_in)
+            logits, bad = self._prefill(tower_out, moved, cache, spec)
             new = new or getattr(self._prefill, "last_new", False)
             outputs = [s.outputs for s in spec.samples]
         S = len(seg_buckets)
