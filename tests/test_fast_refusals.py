@@ -19,7 +19,7 @@ from llava.needs import Needs, TowerRead
 
 def _adapter(linear=frozenset(), tower_attn="sdpa"):
     tower = SimpleNamespace(config=SimpleNamespace(_attn_implementation=tower_attn))
-    return SimpleNamespace(pixel_keys=("pixel_values",), linear_layers=linear, fast_tower=lambda key: tower)
+    return SimpleNamespace(pixel_keys=("pixel_values",), linear_layers=linear, tower_for=lambda key: tower)
 
 
 LLAVA = registry.get("llava")

@@ -65,7 +65,7 @@ def test_tiny_model_tables_and_adapter():
     assert not hasattr(visual, "fullatt_block_indexes") and getattr(visual, "pos_embed", None) is None
     ad = adapter_for(r.model)
     assert isinstance(ad, Qwen2VLAdapter) and ad.family == FAM and ad.keeps_positions
-    assert ad.fast_dims() == (2, 16, 128)  # heads, embed_dim / heads, embed_dim * merge^2
+    assert ad.signal_widths() == (2, 16, 128)  # heads, embed_dim / heads, embed_dim * merge^2
 
 
 def test_a_saved_folder_loads_as_the_family(tmp_path, q2):

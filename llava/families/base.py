@@ -165,6 +165,16 @@ class FamilyAdapter:
         g = vc.image_size // vc.patch_size
         return (g, g)
 
+    def tower_for(self, key: str) -> torch.nn.Module:
+        """The tower that encodes the inputs of the visual keyword ``key`` (``pixel_values`` /
+        ``pixel_values_videos``)."""
+        return self.tower
+
+    def newline(self) -> torch.Tensor | None:
+        """The embedding fed for a newline token (LLaVA-NeXT's unpadded rows, OneVision's), None where the family's
+        layout has none."""
+        return None
+
     def placeholder_name(self, token_id: int) -> str:
         return "video" if token_id == getattr(self.config, "video_token_id", None) else "image"
 
@@ -176,13 +186,6 @@ class FamilyAdapter:
         ValueError with the reason when the fast path cannot take them."""
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
-    def fast_tower(self, key: str) -> torch.nn.Module:
-        """The tower that encodes ``key``'s inputs."""
-        return self.tower
-
-    def fast_newline(self) -> torch.Tensor | None:
-        """The embedding fed for a newline token (``src`` -1), if the family has them."""
-        return None
 
     def fast_encode(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool) -> dict:
         """Inside the captured prefill, for a :class:`FastVisual` with a ``tower`` plan: run the tower with
@@ -198,9 +201,9 @@ class FamilyAdapter:
         3 rows; the eager engine's :meth:`prefill_positions`), None for the contiguous 1-D renumbering."""
         return None
 
-    def fast_dims(self) -> tuple[int, int, int]:
-        """The signals' widths for the fast path's dry run on ``meta`` tensors: (heads of ``cls_attn``,
-        width of ``keys``, width of ``vision_features``)."""
+    def signal_widths(self) -> tuple[int, int, int]:
+        """The tower signals' widths, for dry runs of a selection on ``meta`` tensors (the fast path's counts):
+        (heads of ``cls_attn``, width of ``keys``, width of ``vision_features``)."""
         vc = self.config.vision_config
         return vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads, vc.hidden_size
 

@@ -198,6 +198,6 @@ class InternVLAdapter(FamilyAdapter):
             res["cls_attn"], res["keys"] = self.pooled_signals(self.tower.encoder.layer[idx], out.hidden_states[idx])
         return res
 
-    def fast_dims(self):
+    def signal_widths(self):
         vc = self.config.vision_config
         return vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads, vc.hidden_size * self.shuffle ** 2

@@ -122,7 +122,7 @@ class LlavaNextAdapter(FamilyAdapter):
         out["unit_h"] = torch.where(idx_h >= 0, unit_h[idx_h.clamp(min=0)], -1)
         out["unit_pos"] = torch.tensor(unit_pos, dtype=torch.long, device=hs.device)
         nl = newline[:, None]
-        out["features"] = torch.where(nl, self.core.image_newline.to(out["features"].dtype), out["features"])
+        out["features"] = torch.where(nl, self.newline().to(out["features"].dtype), out["features"])
         out["vision_features"] = out["vision_features"].masked_fill(nl, 0)
         out["patch"] = out["patch"].masked_fill(newline, -1)
         if "cls_attn" in out:
@@ -171,5 +171,5 @@ class LlavaNextAdapter(FamilyAdapter):
             start += c
         return FastVisual("pixel_values", cfg.image_token_id, "crop", drop, torch.cat(rows), samples)
 
-    def fast_newline(self):
-        return self.core.image_newline if self.next_layout == "spatial_unpad" else None
+    def newline(self):
+        return self.core.image_newline  # fed where the layout has a newline token (spatial_unpad's rows)

@@ -85,10 +85,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         return FastVisual("pixel_values", cfg.image_token_id, "crop", False, None, samples, tower=plan,
                           tower_tensors=tensors)
 
-    def fast_tower(self, key):
-        return self.core.vision_tower
-
-    def fast_newline(self):
+    def newline(self):
         return self.core.image_newline
 
     def fast_encode(self, pixels, tower, tensors, want_attn):

@@ -138,9 +138,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return FastVisual(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
                           tower_tensors=tensors, meta=meta)
 
-    def fast_tower(self, key):
-        return self.core.visual  # images and videos
-
     def fast_encode(self, pixels, tower, tensors, want_attn):
         out = qwen_vision.run_static(self.model, pixels, tower, tensors, want_attn)
         if want_attn:
@@ -155,7 +152,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         pos, _ = self.core.get_rope_index(input_ids, types, attention_mask=attention_mask.long(), **fv.meta)
         return pos
 
-    def fast_dims(self):
+    def signal_widths(self):
         vc = self.config.vision_config
         merge = vc.spatial_merge_size
         return vc.num_heads, vc.hidden_size // vc.num_heads, vc.hidden_size * merge * merge

@@ -31,7 +31,7 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
                    "second_per_grid_ts")
 
-    def fast_dims(self):
+    def signal_widths(self):
         """(heads, head width, merger input width) of the tower: Qwen2-VL's tower width is ``embed_dim``."""
         vc = self.config.vision_config
         merge = vc.spatial_merge_size

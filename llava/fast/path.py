@@ -194,7 +194,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         if not self.refusal:  # transformers installs its output-capturing hooks under a lock on first use:
             from transformers.utils.output_capturing import maybe_install_capturing_hooks  # not traceable
 
-            towers = {id(t): t for t in (engine.adapter.fast_tower(k) for k in engine.adapter.pixel_keys)}
+            towers = {id(t): t for t in (engine.adapter.tower_for(k) for k in engine.adapter.pixel_keys)}
             for mod in (*towers.values(), engine.lm):
                 maybe_install_capturing_hooks(mod)
             if self.regional:  # a hybrid decoder (Qwen3.5): its towers only (linear layers keep other cache states)

@@ -186,7 +186,7 @@ class FastPlanMixin:
         cfg = self.engine.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
-        heads, kd, vd = self.engine.adapter.fast_dims()
+        heads, kd, vd = self.engine.adapter.signal_widths()
         meta = torch.device("meta")
         n = s.tokens + s.extra
         attn = self.engine.needs.tower_attention

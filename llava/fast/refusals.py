@@ -44,7 +44,7 @@ def captured_refusal(needs, family, adapter, decoder_attention: str | None) -> s
         if needs.tower_attention or any(r.kind in TOWER_KINDS for r in needs.tower_reads):
             return f"{name}: an in-tower stage with vision attention signals is not captured"
         for k in adapter.pixel_keys:
-            impl = getattr(adapter.fast_tower(k).config, "_attn_implementation", None) or "eager"
+            impl = getattr(adapter.tower_for(k).config, "_attn_implementation", None) or "eager"
             if impl not in MASKED_TOWER_ATTN:
                 return (f"{name}: the masked tower needs {' / '.join(MASKED_TOWER_ATTN)} attention in the "
                         f"vision tower, not {impl!r}")

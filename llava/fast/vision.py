@@ -51,7 +51,7 @@ class FastVisionMixin:
             caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
         else:
             flat, vflat, caf, ksf, exf, clip = self._clip_flat(enc, spec)
-        newline = adapter.fast_newline() if spec.newlines else None
+        newline = adapter.newline() if spec.newlines else None
         bad = torch.zeros((), dtype=torch.bool, device=flat.device)
         cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
         for s in spec.samples:
@@ -130,7 +130,7 @@ class FastVisionMixin:
         tower token) or the in-tower stage's survivors (``in_tower_kept``)."""
         e = self.engine
         adapter, method = e.adapter, e.method
-        tower = adapter.fast_tower(spec.key)
+        tower = adapter.tower_for(spec.key)
         fl = e.model.config.vision_feature_layer
         x = px.flatten(0, px.dim() - 4)  # (N, 3, H, W): images / crops / frames
         if spec.crops:
