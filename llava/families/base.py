@@ -14,7 +14,7 @@ The engine core (``llava/engine.py``) knows no family: it asks the adapter to
   language model;
 * for the fast path (:mod:`llava.fast.path`): lay out a prefill's visual input from host metadata
   (``fast_visual``), and where the family runs its own tower there, encode it with static shapes
-  (``fast_encode``) and plan the prompt's positions on the host (``fast_positions``).
+  (``fast_encode``); the prompt's positions (``rope_positions``) serve both executors.
 
 Splicing, selection, merging, re-padding, the staged decoder, decode masks, stats and timing stay
 in the core.
@@ -92,7 +92,7 @@ class FastVisual(NamedTuple):
     #: None: the CLIP tower run by :mod:`llava.fast.path` (``hidden_states`` + the projector)
     tower: object = None
     tower_tensors: dict | None = None
-    #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.fast_positions`)
+    #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.rope_positions`)
     meta: dict | None = None
 
 
@@ -195,12 +195,6 @@ class FamilyAdapter:
         signals :meth:`encode` gives)."""
         raise NotImplementedError(f"the fast path encodes no {self.family} tower itself")
 
-    def fast_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fv: FastVisual):
-        """The positions of the unpruned prompt, planned on the host from the host ids / mask (B, L) and the
-        host metadata of ``fv``: (rows, B, L) for a family whose kept tokens keep their positions (M-RoPE:
-        3 rows; the eager engine's :meth:`prefill_positions`), None for the contiguous 1-D renumbering."""
-        return None
-
     def signal_widths(self) -> tuple[int, int, int]:
         """The tower signals' widths, for dry runs of a selection on ``meta`` tensors (the fast path's counts):
         (heads of ``cls_attn``, width of ``keys``, width of ``vision_features``)."""
@@ -208,6 +202,12 @@ class FamilyAdapter:
         return vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads, vc.hidden_size
 
     # ---------------------------------------------------------------- positions
+    def rope_positions(self, input_ids, attention_mask, visual: dict):
+        """For a family whose kept tokens keep their positions (``keeps_positions``: M-RoPE), the unpruned prompt's
+        positions (rows, B, L) and the model's position deltas, from the ids, the 2-D mask and the visual inputs'
+        metadata (grids); both executors ask it. The others renumber contiguously and have none."""
+        raise NotImplementedError(f"{self.family} positions are contiguous 1-D ids")
+
     def prefill_positions(self, input_ids, attention_mask, position_ids, visual: dict):
         """Position ids of the unpruned prompt as the stock language model would use them (None:
         the stock default, arange over the row)."""

@@ -23,7 +23,7 @@
 * Fast path (:mod:`llava.fast.path`): one image or video per prompt; the tower's segments, windows and
   rotary tables planned from the grids (:func:`qwen_vision.tower_plan`) and run with static shapes inside
   the captured prefill (:func:`qwen_vision.run_static`, bit-identical to the stock tower); the positions of
-  the unpruned prompt from ``get_rope_index`` on the host ids (:meth:`fast_positions`).
+  the unpruned prompt from ``get_rope_index`` on the host ids (:meth:`rope_positions`, as the eager engine).
 """
 
 from __future__ import annotations
@@ -144,14 +144,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             out["cls_attn"] = out.pop("saliency").T
         return out
 
-    def fast_positions(self, input_ids, attention_mask, fv):
-        """The model's own ``get_rope_index`` on the host ids (``mm_token_type_ids`` from the ids, as
-        :meth:`prefill_positions` rebuilds it): the eager engine's positions, before pruning."""
-        cfg = self.config
-        types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
-        pos, _ = self.core.get_rope_index(input_ids, types, attention_mask=attention_mask.long(), **fv.meta)
-        return pos
-
     def signal_widths(self):
         vc = self.config.vision_config
         merge = vc.spatial_merge_size
@@ -166,15 +158,22 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 return position_ids
             raise ValueError(f"{self.family} takes 3-D position ids (3 or 4, batch, length); leave position_ids "
                              "unset to have them computed from the prompt")
-        types = visual.get("mm_token_type_ids")
-        if types is None:  # transformers would silently fall back to 1-D positions without it
-            cfg = self.config
-            types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
-        pos, deltas = self.core.get_rope_index(
-            input_ids, types, image_grid_thw=visual.get("image_grid_thw"), video_grid_thw=visual.get("video_grid_thw"),
-            second_per_grid_ts=visual.get("second_per_grid_ts"), attention_mask=attention_mask)
+        pos, deltas = self.rope_positions(input_ids, attention_mask, visual)
         self.core.rope_deltas = deltas
         return pos
+
+    def rope_positions(self, input_ids, attention_mask, visual: dict):
+        """The unpruned prompt's M-RoPE positions (3, B, L) and their deltas, by the model's own ``get_rope_index``
+        from the ids and the grids in ``visual`` (``mm_token_type_ids`` rebuilt from the ids where it is missing:
+        transformers would silently fall back to 1-D positions without it); the eager engine calls it on the
+        device tensors, the fast path's host plan on their host copies."""
+        types = visual.get("mm_token_type_ids")
+        if types is None:
+            cfg = self.config
+            types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+        return self.core.get_rope_index(
+            input_ids, types, image_grid_thw=visual.get("image_grid_thw"), video_grid_thw=visual.get("video_grid_thw"),
+            second_per_grid_ts=visual.get("second_per_grid_ts"), attention_mask=attention_mask)
 
     def decode_positions(self, position_ids):
         if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:

@@ -55,7 +55,7 @@ on M-RoPE families); no replay.
 The Qwen towers run inside the captured function with every grid-dependent index planned on the host
 (:meth:`~llava.families.base.FamilyAdapter.fast_encode`, :func:`llava.families.qwen_vision.run_static`);
 their 3-D M-RoPE positions are the eager engine's (the model's own ``get_rope_index`` on the host ids,
-:meth:`~llava.families.base.FamilyAdapter.fast_positions`): the text rows keep theirs, each visual output
+:meth:`~llava.families.base.FamilyAdapter.rope_positions` on the host copies): the text rows keep theirs, each visual output
 takes its source candidate's inside the graph, decoding continues at the last prompt position + 1 on all
 three axes.
 Greedy tokens equal the eager engine's; logits may differ in the last bits (the bucket's padding

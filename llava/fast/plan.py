@@ -305,7 +305,8 @@ class FastPlanMixin:
             chunks += ch
         index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
         try:  # M-RoPE: the eager engine's positions of the unpruned prompt (the family's own rule), per row
-            positions = e.adapter.fast_positions(ids_h, valid_h, fv)
+            positions = e.adapter.rope_positions(ids_h, valid_h.long(), fv.meta)[0] if e.adapter.keeps_positions \
+                else None
         except Exception as exc:  # a prompt the family's rule does not take: the eager engine says why
             raise refusals.positions(exc) from None
         if positions is not None:
