@@ -55,8 +55,8 @@ on M-RoPE families); no replay.
 The Qwen towers run inside the captured function with every grid-dependent index planned on the host
 (:meth:`~llava.families.base.FamilyAdapter.fast_encode`, :func:`llava.families.qwen_vision.run_static`);
 their 3-D M-RoPE positions are the eager engine's (the model's own ``get_rope_index`` on the host ids,
-:meth:`~llava.families.base.FamilyAdapter.rope_positions` on the host copies): the text rows keep theirs, each visual output
-takes its source candidate's inside the graph, decoding continues at the last prompt position + 1 on all
+:meth:`~llava.families.base.FamilyAdapter.rope_positions` on the host copies): the text rows keep theirs, each visual
+output takes its source candidate's inside the graph, decoding continues at the last prompt position + 1 on all
 three axes.
 Greedy tokens equal the eager engine's; logits may differ in the last bits (the bucket's padding
 changes GEMM shapes). A graph is keyed by the bucket, the batch and every sample's visual structure:
@@ -169,7 +169,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         self.cuda_graphs = dev.type == "cuda" and backend in ("inductor", "cudagraphs")
         # each repeated layer class traced and compiled once (llava.fast.compile): compile time flat in depth
         self.regional = bool(regional) and backend in REGIONAL_BACKENDS
-        # Inductor's compile cache in the user's folder (fast_cache= / VTPRUNE_COMPILE_CACHE), reused across processes
+        # Inductor's compile cache in a folder reused across processes (fast_cache= / VTPRUNE_COMPILE_CACHE, else
+        # ~/.cache/vtprune/compile)
         self.cache_dir = use_cache_dir(cache) if backend in ("inductor", "aot_eager") else None
         if backend == "inductor" and dev.type == "cpu":  # Inductor's CPU vector-ISA check (~1 s a process), its
             vec_isa()  # verdicts kept in its cache folder under what they depend on (llava.fast.compile.vec_isa)
@@ -349,8 +350,8 @@ class FastPath(FastPlanMixin, FastVisionMixin):
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, visual: dict):
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo, outputs per
-        sample). Raises :class:`llava.fast.refusals.NotPlanned` when the prompt does not fit (nothing ran yet, or only the tower,
-        whose outputs are then dropped: the eager engine runs the prefill from the start)."""
+        sample). Raises :class:`llava.fast.refusals.NotPlanned` when the prompt does not fit (nothing ran yet, or
+        only the tower, whose outputs are then dropped: the eager engine runs the prefill from the start)."""
         t0 = time.perf_counter()
         dev = input_ids.device
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
