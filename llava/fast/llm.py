@@ -249,7 +249,8 @@ def run_segments(engine, entry: Entry, cache, stages: tuple, stage_in: tuple, ba
             text_rows = text_mask = n_text = None
             if st.text:
                 q = st.text[b]
-                text_rows, text_mask, n_text = t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q], st.num_text[b]
+                text_rows, text_mask = t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q]
+                n_text = st.num_text[b]
                 at_t += q
             if not nv:
                 continue
