@@ -188,6 +188,18 @@ def test_deepspeed_multinode_outside_slurm_keeps_its_launcher(tmp_path):
 # scripts/papers/_paper.sh: the report from shards (items 1 and 3)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _no_grid_python(tmp_path) -> Path:
+    """A `python` that answers the grid's `-m eval paper-grid ... --commands` with no configs, as the real one does
+    for ONLY=no-such-column, and runs everything else (the report) for real: the script's decision about the
+    report without the grid's interpreter start."""
+    py = tmp_path / "bin" / "python"
+    py.parent.mkdir(exist_ok=True)
+    py.write_text("#!/bin/sh\ncase \"$*\" in '-m eval paper-grid '*' --commands') exit 0 ;; esac\n"
+                  f"exec {shlex.quote(sys.executable)} \"$@\"\n")
+    py.chmod(0o755)
+    return py
+
+
 def _paper(tmp_path, *args, **env):
     """The visionzip script on a grid of no configs (ONLY names no column): what it decides about the report,
     in seconds."""
@@ -201,13 +213,15 @@ REPORT_MD = "runs/papers/visionzip-Table-1.md"
 
 def test_array_task_shard0_writes_no_report(tmp_path):
     """Item 1: the task that runs SHARD=0/n of a Slurm array wrote the report while the others still ran."""
-    r = _paper(tmp_path, SHARD="0/3", SLURM_ARRAY_TASK_ID=0, SLURM_ARRAY_JOB_ID=17)
+    py = _no_grid_python(tmp_path)  # a report these two wrote would be the real one's
+    r = _paper(tmp_path, SHARD="0/3", SLURM_ARRAY_TASK_ID=0, SLURM_ARRAY_JOB_ID=17, PYTHON=py)
     assert r.returncode == 0, r.stderr
+    assert "visionzip: 0 configs to run (shard 0/3)" in r.stdout
     assert not (tmp_path / REPORT_MD).exists()
     assert "Slurm array task: the report is left to the job that runs when every task is done" in r.stdout
-    r = _paper(tmp_path, SHARD="0/3", REPORT="0")  # the switch, outside an array too
+    r = _paper(tmp_path, SHARD="0/3", REPORT="0", PYTHON=py)  # the switch, outside an array too
     assert r.returncode == 0 and not (tmp_path / REPORT_MD).exists()
-    r = _paper(tmp_path, SHARD="0/3")  # a manual shard 0 outside an array: as documented, it writes it
+    r = _paper(tmp_path, SHARD="0/3")  # a manual shard 0 outside an array (the real grid): as documented, it writes it
     assert r.returncode == 0, r.stderr
     assert (tmp_path / REPORT_MD).exists()
 
@@ -335,20 +349,21 @@ def test_slurm_env_takes_a_venv_or_an_interpreter_prefix(tmp_path):
     assert r.stderr.strip() == f"error: VENV={tmp_path / 'empty'} has neither bin/activate nor bin/python"
 
 
-def test_paper_status_is_the_done_line_alone(tmp_path):
+def test_paper_status_is_the_done_line_alone(tmp_path, capsys):
     """`bash scripts/papers/<paper>.sh --status`: one line, `done N of M`, where the dry run ends on `not run:`
-    notes; a complete config counts."""
+    notes; a complete config counts. (The script's --dry-run is `python -m eval paper-grid <paper> --out OUT
+    --data-root DATA_ROOT --dry-run`: here in this process; the script's own, the README's runnable block.)"""
+    from eval.cli import main
     from eval.paper_grid import build_grid
     from eval.papers import load
 
     out = tmp_path / "runs"
     e = _env(OUT=out, DATA_ROOT=tmp_path)
-    dry = subprocess.run(["bash", str(REPO / "scripts/papers/pdrop.sh"), "--dry-run"], env=e, capture_output=True,
-                         text=True, timeout=300)
-    assert dry.returncode == 0, dry.stderr
+    assert main(["paper-grid", "pdrop", "--out", str(out), "--data-root", str(tmp_path), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
     n = len(build_grid(load("pdrop")))
-    assert dry.stdout.splitlines()[-1].startswith("not run: ")  # why tail -n 1 was wrong
-    assert f"\ndone 0 of {n}\n" in dry.stdout
+    assert dry.splitlines()[-1].startswith("not run: ")  # why tail -n 1 was wrong
+    assert f"\ndone 0 of {n}\n" in dry
     r = subprocess.run(["bash", str(REPO / "scripts/papers/pdrop.sh"), "--status"], env=e, capture_output=True,
                        text=True, timeout=300)
     assert (r.returncode, r.stdout) == (0, f"done 0 of {n}\n"), r.stderr
