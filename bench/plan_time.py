@@ -26,9 +26,9 @@ def measure(rt, batch, method: str, budget: int | None, n: int, warmup: int) -> 
     """One method's plan times (seconds): ``first`` (the first plan, its dry run included), ``tower`` and
     ``rest`` medians; or ``refused`` (why the fast path runs it eagerly)."""
     eng = rt.prune(method, budget if method != "none" else None)
-    fp = eng.fast
-    if fp.refusal:
-        return {"method": method, "refused": fp.refusal}
+    if eng.fast.refusal:
+        return {"method": method, "refused": eng.fast.refusal}
+    fp = eng.fast.planner
     ids, am = batch["input_ids"], batch["attention_mask"]
     visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     tower, rest, first = [], [], None

@@ -101,14 +101,14 @@ def test_host_positions_worked_example(rts):
     p0, L = int(vis[0]), ids.numel()
     n = L - p0 - 6
     assert vis.tolist() == list(range(p0, p0 + 6)) and (p0, n) == (15, 10)
-    vp = eng.fast.plan_visual(batch["input_ids"], batch["attention_mask"], _visual(batch))
+    vp = eng.fast.planner.plan_visual(batch["input_ids"], batch["attention_mask"], _visual(batch))
     text = torch.arange(p0)
     after = p0 + 3 + torch.arange(n)
     want = torch.stack([torch.cat([text, p0 + torch.tensor([0, 0, 0, 0, 0, 0]), after]),
                         torch.cat([text, p0 + torch.tensor([0, 0, 0, 1, 1, 1]), after]),
                         torch.cat([text, p0 + torch.tensor([0, 1, 2, 0, 1, 2]), after])])
     assert torch.equal(vp.positions[0], want)
-    spec, host, _, _, nxt = eng.fast.plan_rows(vp)
+    spec, host, _, _, nxt = eng.fast.planner.plan_rows(vp)
     pad = spec.bucket - (L - 6 + 3)
     assert spec.mrope == 3 and spec.samples[0].outputs == 3 and pad >= 0
     pos = host["pos"][:, 0]

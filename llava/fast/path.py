@@ -79,9 +79,9 @@ from ..families.base import to_device
 from .llm import Entry, decode_segments, prompt_mask, run_segments
 from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
-from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, FastPlanMixin, _Spec, bucket_for
+from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, HostPlanner, _Spec, bucket_for
 from .refusals import REPLAY, captured_refusal
-from .vision import FastVisionMixin
+from .vision import CapturedVision
 
 __all__ = ["BUCKETS", "TEXT_BUCKETS", "DECODE_STEP", "BACKENDS", "bucket_for",
            "FastPath", "FastState", "FastInfo"]
@@ -147,8 +147,10 @@ def _upload(host: dict, dev) -> dict:
     return tree_unflatten(moved, tree)
 
 
-class FastPath(FastPlanMixin, FastVisionMixin):
-    """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``)."""
+class FastPath:
+    """The fast path of one :class:`llava.engine.PruningEngine` (``engine.fast``): its host planner
+    (:class:`llava.fast.plan.HostPlanner`), the captured vision stage (:class:`llava.fast.vision.CapturedVision`) and
+    the compiled functions of a prefill and a decode step."""
 
     def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
                  regional: bool = True, cache: str | None = None, attention: str = "auto",
@@ -185,11 +187,11 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         self._vision = self._compile(self._vision_fn)  # a piecewise prefill: graph 1
         self._llm = self._compile(self._llm_fn)  # and graph 2
         self._decode = self._compile(self._decode_fn)
-        self._counts: dict = {}  # unit signature -> outputs per sample (meta dry run)
-        self._layouts: dict = {}  # sample structure -> its host unit layouts
         self._caches: dict = {}  # (B, C, dtype) -> StaticCache
         self._seen: set = set()  # graph keys run so far
         self.piecewise = engine.needs.capture_kind == "piecewise"
+        self.planner = HostPlanner(engine, self.buckets, self.max_new_tokens, self.piecewise)
+        self.visual = CapturedVision(self.planner)
         self.refusal = captured_refusal(engine.needs, registry.get(engine.family), engine.adapter,
                                         self._decoder_attention())
         if not self.refusal:  # transformers installs its output-capturing hooks under a lock on first use:
@@ -214,9 +216,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
 
     # ------------------------------------------------------------------ the captured functions
     def _tower_fn(self, px, crops, spec, tower_in=None) -> dict:
-        """The tower of a prefill (:meth:`FastVisionMixin._run_tower`), a function of its own: it runs while the
+        """The tower of a prefill (:meth:`CapturedVision.run_tower`), a function of its own: it runs while the
         host plans the rest of the prefill, whose function takes its outputs."""
-        return self._run_tower(px, crops, spec, tower_in)
+        return self.visual.run_tower(px, crops, spec, tower_in)
 
     def _prefill_fn(self, tower_out: dict, plan_in: dict, cache, spec: _Spec):
         """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
@@ -229,9 +231,9 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         mask = prompt_mask(plan_in["pad"], spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
-        outs, sigs, origins, _, bad = self._visual_outputs(None, None, plan_in["index"], spec, emb.dtype,
-                                                           emb.reshape(-1, emb.shape[-1]), None, deeps,
-                                                           plan_in.get("probe"), tower_out)
+        outs, sigs, origins, _, bad = self.visual.visual_outputs(None, None, plan_in["index"], spec, emb.dtype,
+                                                                 emb.reshape(-1, emb.shape[-1]), None, deeps,
+                                                                 plan_in.get("probe"), tower_out)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
             R, at, vp = pos.shape[0], 0, []
@@ -281,7 +283,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
         their real counts (B,) and the validity flag, on the device."""
         dtype = self.engine.lm.embed_tokens.weight.dtype
-        outs, _, _, counts, bad = self._visual_outputs(px, crops, index, spec, dtype, None, tower_in)
+        outs, _, _, counts, bad = self.visual.visual_outputs(px, crops, index, spec, dtype, None, tower_in)
         return torch.cat(outs), torch.stack(counts), bad
 
     def _llm_fn(self, tok, buf, src, pos, pad, cache, cache_len: int):
@@ -355,7 +357,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
         t0 = time.perf_counter()
         dev = input_ids.device
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        tp = self.plan_tower(input_ids, attention_mask, visual)
+        tp = self.planner.plan_tower(input_ids, attention_mask, visual)
         px = visual[tp.spec.key]
         timings, tower_out = {}, None
         if not self.piecewise:  # the tower first, from what it needs of the plan: the host plans the rest while
@@ -372,7 +374,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
                 tower_out = {k: v.clone() for k, v in tower_out.items()}  # overwrite it (as a piecewise graph 1's)
             timings["plan"] = timings["plan_exposed"] = t_launch - t0  # exposed: before the device has work
             t0 = time.perf_counter()
-        vp = self.plan_visual(input_ids, attention_mask, visual, tp)
+        vp = self.planner.plan_visual(input_ids, attention_mask, visual, tp)
         if self.piecewise:  # graph 1 -> one read of the counts -> the host plans the rows -> graph 2
             moved = _upload({"index": vp.index, **_tower_host(tp.fv)}, dev)  # the tower's inputs, as the one graph's
             vkey = ("vision", vp.spec, px.shape, px.dtype)
@@ -390,7 +392,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             timings["decide"] = t1 - t0 - timings["plan"]
             if bad:
                 self._malformed()
-            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp, counts)
+            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.planner.plan_rows(vp, counts)
             moved = dict(zip(("tok", "src", "pos", "pad"), to_device([host[k] for k in ("tok", "src", "pos", "pad")],
                                                                      dev)))
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
@@ -404,7 +406,7 @@ class FastPath(FastPlanMixin, FastVisionMixin):
             new = new or getattr(self._llm, "last_new", False)
             outputs = counts
         else:
-            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.plan_rows(vp)
+            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.planner.plan_rows(vp)
             moved = _upload(host, dev)
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             key = (spec, px.shape, px.dtype)

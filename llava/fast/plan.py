@@ -1,6 +1,6 @@
 """The fast path's host plan (a mixin of :class:`llava.fast.path.FastPath`): everything about one prefill
 that depends on the prompt, decided on the host from the host copy of the ids - first what the tower's run needs
-(:meth:`FastPlanMixin.plan_tower`: the family's visual layout; the fast path starts the tower on the device with
+(:meth:`HostPlanner.plan_tower`: the family's visual layout; the fast path starts the tower on the device with
 it), then, while the device runs the tower, each row's placeholder run, the unit layouts, the method's host draws,
 the selection's output counts (dry runs on ``meta`` tensors), the length bucket, the new rows' gather, positions
 and pad rows (the 4-D mask is built from them on the device) - handed to the captured function as one index
@@ -96,7 +96,7 @@ class _TowerSpec:
 
 @dataclass
 class _TowerPlan:
-    """What the tower's run needs, planned first (:meth:`FastPlanMixin.plan_tower`): the host ids and mask,
+    """What the tower's run needs, planned first (:meth:`HostPlanner.plan_tower`): the host ids and mask,
     the family's visual layout and the tower function's key."""
 
     ids: torch.Tensor  # (B, L) host ids
@@ -107,7 +107,7 @@ class _TowerPlan:
 
 @dataclass
 class _VisualPlan:
-    """The first half of a host plan (:meth:`FastPlanMixin.plan_visual`)."""
+    """The first half of a host plan (:meth:`HostPlanner.plan_visual`)."""
 
     spec: _Spec  # bucket 0: the vision graph's key
     rows: list  # per sample (valid ids, first visual position, visual tokens)
@@ -116,9 +116,18 @@ class _VisualPlan:
     positions: list | None = None  # per row (rows, n) host positions of its real tokens, unpruned (M-RoPE)
 
 
-class FastPlanMixin:
-    """The host plan of :class:`llava.fast.path.FastPath` (reads its ``engine``, ``buckets``,
-    ``max_new_tokens`` and the caches ``_counts`` / ``_layouts``)."""
+class HostPlanner:
+    """The host plan of a captured prefill (:class:`llava.fast.path.FastPath` keeps one): the attached ``engine``'s
+    method and adapter, the length ``buckets``, the generated tokens the cache holds (``max_new_tokens``), whether the
+    vision stage is ``piecewise``; it keeps the dry runs' counts per sample structure and the host unit layouts."""
+
+    def __init__(self, engine, buckets: tuple, max_new_tokens: int, piecewise: bool):
+        self.engine = engine
+        self.buckets = tuple(buckets)
+        self.max_new_tokens = int(max_new_tokens)
+        self.piecewise = piecewise
+        self._counts: dict = {}  # unit signature -> outputs per sample (meta dry run)
+        self._layouts: dict = {}  # sample structure -> its host unit layouts
 
     @staticmethod
     def _layout_tensors(lay: UnitLayout) -> list[tuple[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""The fast path's vision stage inside the captured functions (a mixin of :class:`llava.fast.path.FastPath`): the
+"""The fast path's vision stage inside the captured functions (:class:`CapturedVision`, which
+:class:`llava.fast.path.FastPath` keeps beside its host planner): the
 tower (the CLIP tower, masked for an in-tower stage, or the family's own static-shape encoder), each sample's
 candidates with their signals, the LLM probe and the method's selection, materialised into its outputs. Apart from
 :mod:`llava.fast.path`, which runs it inside the prefill graphs; see there for the whole path."""
@@ -11,17 +12,21 @@ from ..families.base import param_dtype
 from ..families.clip import (attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention,
                             run_tower_masked)
 from .llm import _no_output_capture
-from .plan import _Spec
+from .plan import HostPlanner, _Spec
 from .probe import run_probe
 from ..method import Selection
 from ..selection_rows import carry_rows, materialize
 
 
-class FastVisionMixin:
-    """The vision stage of :class:`llava.fast.path.FastPath`'s captured prefills (reads its ``engine``; the host
-    plan's ``_sample_signals`` and ``_extra_names``, :class:`llava.fast.plan.FastPlanMixin`)."""
+class CapturedVision:
+    """The vision stage of the captured prefills of ``planner``'s engine: the tower, each sample's signals (laid out
+    as ``planner`` planned them) and the method's selection."""
 
-    def _run_tower(self, px, crops, spec, tower_in=None) -> dict:
+    def __init__(self, planner: HostPlanner):
+        self.planner = planner
+        self.engine = planner.engine
+
+    def run_tower(self, px, crops, spec, tower_in=None) -> dict:
         """The tower of a captured prefill, its outputs by name (the tower function of a prefill, run before the
         rest of the host plan; ``spec``: a :class:`llava.fast.plan._TowerSpec` or the prefill's ``_Spec``): the
         family's own static-shape encoder's (``spec.tower``, :meth:`FamilyAdapter.fast_encode`) or the CLIP
@@ -33,7 +38,7 @@ class FastVisionMixin:
             return {k: v for k, v in enc.items() if v is not None}
         return self._clip_tower(px, crops, spec)
 
-    def _visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None,
+    def visual_outputs(self, px, crops, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None,
                         probe_in=None, tower_out: dict | None = None):
         """The vision stage of a captured prefill, per sample: the outputs (m, D) in ``dtype``, the
         signals, each output's source candidate, the real count (0-d; ``Selection.count`` of a padded
@@ -41,11 +46,11 @@ class FastVisionMixin:
         (query-aware methods read their text block from them); ``tower_in``: the tower's planned index
         tensors (a family that encodes its tower itself, ``spec.tower``); ``deeps``: a list that receives each
         sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL); ``probe_in``: the LLM
-        probe's planned tensors (``spec.probe``, :mod:`llava.fast.probe`); ``tower_out``: :meth:`_run_tower`'s
+        probe's planned tensors (``spec.probe``, :mod:`llava.fast.probe`); ``tower_out``: :meth:`run_tower`'s
         outputs when the tower ran already (a function of its own), else it runs here."""
         e = self.engine
         adapter, method = e.adapter, e.method
-        enc = tower_out if tower_out is not None else self._run_tower(px, crops, spec, tower_in)
+        enc = tower_out if tower_out is not None else self.run_tower(px, crops, spec, tower_in)
         if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.fast_encode)
             flat, vflat = enc["features"], enc["vision_features"]
             caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
@@ -99,7 +104,7 @@ class FastVisionMixin:
             if s.text:
                 o, n = at["text_rows"]
                 text = text_flat[index[o:o + n]]
-            sig = self._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
+            sig = self.planner._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
                                        text, ex, probe)
             if "in_tower_kept" in ex:  # the in-tower stage's survivors, as the eager engine hands them over
                 sig.in_tower_kept = ex["in_tower_kept"]
@@ -178,7 +183,7 @@ class FastVisionMixin:
         (a layer's input is ``hidden_states[i]``, what the eager engine's pre-hook sees), per unit and
         tower token: ``recv`` / ``clsl`` (N, S, H), ``fwa`` (N, S), ``fwk`` (N, S, Dv); fp32."""
         out, fw = {}, {}
-        for name, r in self._extra_names():
+        for name, r in self.planner._extra_names():
             li = attention_layer(tower, fl, r.layer)
             layer, h = tower.encoder.layers[li], hidden_states[li]
             if r.kind == "fullwidth":
