@@ -37,16 +37,20 @@ def test_the_plan_reads_each_prompts_tiles_from_its_ids(rts):
         adapter.fast_visual({"pixel_values": batch["pixel_values"][:10]}, 3, ids)
 
 
-def test_static_encoder_equals_the_eager_encoder(rts):
-    """``fast_encode`` == ``encode`` (the stock features and the pooled signals), bit for bit."""
+@pytest.mark.parametrize("vision_layer", [None, 2])
+def test_static_encoder_equals_the_eager_encoder(rts, vision_layer):
+    """``fast_encode`` == ``encode`` (the stock features and the pooled signals of the method's vision layer: the
+    select layer's input, or the one producing hidden_states[2]), bit for bit."""
     _, eager = rts
     adapter = eager.prune("none", None).adapter
     px = images(eager)["pixel_values"]
     with torch.no_grad():
-        (ref,) = adapter.encode({"pixel_values": px}, True, None)
-        got = adapter.fast_encode(px, ("internvl", int(px.shape[0])), {}, True)
+        (ref,) = adapter.encode({"pixel_values": px}, True, vision_layer)
+        got = adapter.fast_encode(px, ("internvl", int(px.shape[0])), {}, True, vision_layer)
+        (other,) = adapter.encode({"pixel_values": px}, True, 2 if vision_layer is None else None)
     for k in ("features", "vision_features", "cls_attn", "keys"):
         assert torch.equal(got[k], ref.flat[k]), k
+    assert not torch.equal(got["cls_attn"], other.flat["cls_attn"])  # the layer is read
 
 
 CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("otprune", 6), ("consensusdrop", 6),

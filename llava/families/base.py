@@ -187,12 +187,13 @@ class FamilyAdapter:
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
 
-    def fast_encode(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool) -> dict:
+    def fast_encode(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool,
+                    vision_layer: int | None = None) -> dict:
         """Inside the captured prefill, for a :class:`FastVisual` with a ``tower`` plan: run the tower with
         static shapes (no host read; ``tensors`` = its ``tower_tensors`` on the device) and return per visual
         token, in the order ``src`` indexes: ``features`` (N, D) as the stock model splices them,
         ``vision_features`` (N, Dv) and with ``want_attn`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the
-        signals :meth:`encode` gives)."""
+        signals :meth:`encode` gives for the same ``vision_layer``)."""
         raise NotImplementedError(f"the fast path encodes no {self.family} tower itself")
 
     def signal_widths(self) -> tuple[int, int, int]:

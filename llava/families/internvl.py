@@ -179,7 +179,7 @@ class InternVLAdapter(FamilyAdapter):
         return FastVisual("pixel_values", cfg.image_token_id, "crop", False, None, samples,
                           tower=("internvl", int(px.shape[0])), tower_tensors={})
 
-    def fast_encode(self, pixels, tower, tensors, want_attn):
+    def fast_encode(self, pixels, tower, tensors, want_attn, vision_layer=None):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with
         the select layer's input read from ``hidden_states`` (what the eager pre-hook captures) for the signals."""
         cfg, core = self.config, self.core
@@ -194,7 +194,7 @@ class InternVLAdapter(FamilyAdapter):
         res = {"features": core.multi_modal_projector(rows).reshape(-1, cfg.text_config.hidden_size),
                "vision_features": rows.reshape(-1, rows.shape[-1])}
         if want_attn:
-            idx = self.attention_layer(None)
+            idx = self.attention_layer(vision_layer)  # the method's layer, as encode reads it
             res["cls_attn"], res["keys"] = self.pooled_signals(self.tower.encoder.layer[idx], out.hidden_states[idx])
         return res
 

@@ -88,5 +88,5 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def newline(self):
         return self.core.image_newline
 
-    def fast_encode(self, pixels, tower, tensors, want_attn):
+    def fast_encode(self, pixels, tower, tensors, want_attn, vision_layer=None):
         return ov.run_static(self.core, pixels, tower, tensors, want_attn)

@@ -138,7 +138,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return FastVisual(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
                           tower_tensors=tensors, meta=meta)
 
-    def fast_encode(self, pixels, tower, tensors, want_attn):
+    def fast_encode(self, pixels, tower, tensors, want_attn, vision_layer=None):
         out = qwen_vision.run_static(self.model, pixels, tower, tensors, want_attn)
         if want_attn:
             out["cls_attn"] = out.pop("saliency").T
