@@ -5,7 +5,10 @@
 # (tests/test_fastpath*.py, which scripts/bench/fast_path_check.sh runs on their own with every case traced) and the
 # harness's end-to-end scripts (subprocesses), and tests/test_slurm.py (a real local Slurm: a few minutes of one
 # worker). tests/conftest.py hands the slowest files out first and gives the tests' child processes their worker's
-# share of the threads. Measured on this project's 2-core CPU machine, alone, without .venv-official (as CI):
+# share of the threads. `bash scripts/test.sh --quick` is the inner loop's tier (`pytest -m quick`: the tests
+# tests/conftest.py's QUICK marks, only their files collected): every registered method on LLaVA-1.5 and ConsensusDrop on
+# every family (batch == alone, keep-all), the CLI and the documented commands; CI runs the whole suite (no flag).
+# Measured on this project's 2-core CPU machine, alone, without .venv-official (as CI):
 # 2026-11-26, 5867 tests, 568 skipped: 22:26 before that day's cuts, 21:07 with the first of them, 23:01 with all of
 # them on a busier machine (the same unchanged files 10-70 % slower than in the run before); a third worker: 22:03.
 # 2026-11-26 later, with `import llava` no longer importing transformers (the paper scripts' planning and report
@@ -24,6 +27,13 @@
 # precompile tests: 19:02 (5919 passed, 605 skipped; 2093 worker-seconds, was 2110): about the same.
 # 2026-11-27, the next session (loader workers in every eval run, the fast path a package, the floor columns, the
 # one-call part; a faster AMD EPYC machine, alone): 13:18 (5976 passed, 609 skipped; pytest alone, without the install).
+# 2026-11-28 (a fresh clone's whole suite: 28:39, 37:21 on a loaded machine, 6961 tests collected), on a 2-core
+# machine shared with other work (load 4-15), each file before / after back to back: --quick, 95 tests in 1:37
+# (1:44 with the start; 3:23 at load 15), its longest part the docs' runnable blocks (~70 s of one worker);
+# tests/test_slurm_scripts.py 137 -> 104 s (84 -> 72 CPU-s: two of the report decision's runs without the grid's
+# interpreter, the dry run in process), tests/test_cli.py 30 -> 19 s (the process is the README's runnable block),
+# tests/test_run_many.py's done-grid rerun 7.6 -> 3.8 s (no report). Not measured here: tests/test_slurm.py (no
+# slurmctld on this machine: skipped); tests/test_fast_precompile.py's stale-file cases are another change's.
 # A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
 # every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
