@@ -32,7 +32,8 @@
 # (1:44 with the start; 3:23 at load 15), its longest part the docs' runnable blocks (~70 s of one worker);
 # tests/test_slurm_scripts.py 137 -> 104 s (84 -> 72 CPU-s: two of the report decision's runs without the grid's
 # interpreter, the dry run in process), tests/test_cli.py 30 -> 19 s (the process is the README's runnable block),
-# tests/test_run_many.py's done-grid rerun 7.6 -> 3.8 s (no report). Not measured here: tests/test_slurm.py (no
+# tests/test_run_many.py's done-grid rerun 7.6 -> 3.8 s (no report), tests/test_papers.py 31 -> 26 CPU-s (one paper
+# script's dry run in a shell, not two; the unknown paper's error in process). Not measured here: tests/test_slurm.py (no
 # slurmctld on this machine: skipped); tests/test_fast_precompile.py's stale-file cases are another change's.
 # A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
