@@ -41,6 +41,13 @@ Options (docs/methods/vispruner.md):
   fp32 on an fp32 model) and normalised / multiplied there, and the official round sizes, including the one case
   where the official gather keeps fewer than ours (odd |R| with r = |R| // 2: no A token survives); where
   the official indexing would fail, our rule applies instead of an error).
+* ``similarity`` (ours, fp32): ``"rounds"`` (default) = every round's similarities multiplied afresh, A B^T, as the
+  official loop does (the same GEMM shapes: the official survivors wherever the device computes a product of
+  a shape the same way each time); ``"gram"`` = every round reads them from one Gram matrix of the unit's
+  features (:func:`remove_duplicates_gram`: ~4.6x fewer FLOPs at T = 64 and one launch a round fewer). A Gram
+  entry is the same dot product as the round's, but a GEMM's summation order may depend on the matrices' shapes
+  (and, with MKL on some AVX-512 CPUs, on their alignment): where it does, a near-tie can order differently and
+  the survivors can differ from the official loop's. Exact where the products are exact (tested).
 * ``cls_token`` (Video-LLaVA frames, whose [CLS] is a visual token; video is not in the official
   repository): ``drop`` (default, as FasterVLM's video branch: T patches per frame) or ``keep`` ([CLS]
   + T - 1 patches).
@@ -58,6 +65,8 @@ from llava.ops import NUMERICS_OPTION
 from llava.ops import check_numerics, unit_layout
 
 CLS_TOKEN_MODES = ("drop", "keep")
+#: ours' duplicate removal: each round's products (the official loop's) or one Gram matrix (fewer FLOPs)
+SIMILARITY_MODES = ("rounds", "gram")
 MAX_STEP = 8  # official: at most 8 tokens removed per round
 #: dtype of the official select-layer features (``.to(images.dtype)``: the eval scripts pass fp16 images, the
 #: model's dtype; the method passes the LLM's dtype, ``sig.features.dtype``, which the official images must have
@@ -148,13 +157,14 @@ def remove_duplicates(residual: torch.Tensor, normed: torch.Tensor, t_div: int, 
 
 def remove_duplicates_gram(residual: torch.Tensor, normed: torch.Tensor, t_div: int) -> torch.Tensor:
     """:func:`remove_duplicates` (ours, fp32) with every round's similarities read from one Gram matrix and
-    five launches a round instead of six.
+    five launches a round instead of six (``similarity="gram"``).
 
     The loop above multiplies A and B afresh each round (64 rounds at T = 64 on 576 tokens: the same pairs
     again and again, ~4.6x the FLOPs of one Gram matrix, and a gather of the features per round). Here
     S = normed normed^T is computed once per batch of units and a round reads S's rows of A (a contiguous row
-    copy) and, among them, the columns of B: the same values (each entry the dot product of the same two
-    vectors over the same C terms; checked bit for bit against the per-round products, tests/test_vispruner.py).
+    copy) and, among them, the columns of B: each entry the dot product of the same two vectors over the same C
+    terms, summed in the order the GEMM picks for S's shape (the same values as the per-round products where the
+    GEMM sums them alike; exactly where the products are exact, tests/test_vispruner.py).
     The round's s goes to the even positions of a buffer over the whole list whose odd positions hold -inf
     (written once: a later round writes even positions only), so one stable descending sort of the list gives
     [A by descending s, ties to the lower position] ++ [B in list order] and dropping its first r entries is the
@@ -180,9 +190,10 @@ def remove_duplicates_gram(residual: torch.Tensor, normed: torch.Tensor, t_div: 
 
 def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div: int,
                     reference: bool = False, numerics: str = "ours",
-                    feature_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    feature_dtype: torch.dtype | None = None, similarity: str = "rounds") -> torch.Tensor:
     """VisPruner on a batch of units: scores (B, N) head-mean [CLS] attention, feats (B, N, C)
-    pre-projector features. Returns (B, min(N, T)) local indices, ascending.
+    pre-projector features. Returns (B, min(N, T)) local indices, ascending. ``similarity``: ours' similarities
+    per round (``"rounds"``) or from one Gram matrix (``"gram"``; module docstring).
     ``numerics="official"``: scores as given (the official dtype), unstable ``argsort``, features cast to
     ``feature_dtype`` (the official ``.to(images.dtype)``; None: :data:`OFFICIAL_FEATURE_DTYPE`, fp16)."""
     check_numerics("vispruner", numerics)
@@ -199,8 +210,8 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
     if t_div > 0:
         f = feats.half() if reference else feats.float()
         normed = f / f.norm(dim=-1, keepdim=True) if reference else f / f.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        residual = (remove_duplicates(residual, normed, t_div, reference) if reference
-                    else remove_duplicates_gram(residual, normed, t_div))
+        residual = (remove_duplicates_gram(residual, normed, t_div) if similarity == "gram" and not reference
+                    else remove_duplicates(residual, normed, t_div, reference))
         selected = torch.cat([important, residual], dim=1)
     else:
         selected = important
@@ -210,7 +221,7 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
 def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               budget: int, *, important_ratio: float | None = None, reference: bool = False,
               cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours",
-              layout=None, feature_dtype: torch.dtype | None = None) -> torch.Tensor:
+              layout=None, feature_dtype: torch.dtype | None = None, similarity: str = "rounds") -> torch.Tensor:
     """Indices (ascending) of the tokens VisPruner keeps for one sample: per unit T = ``budget``.
     ``numerics="official"``: the official numerics (module docstring); ``reference`` is then ignored;
     ``feature_dtype``: the dtype the official code casts the features to, its images' dtype = the LLM's
@@ -223,6 +234,8 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
     if cls_token not in CLS_TOKEN_MODES:
         raise ValueError(f"vispruner: cls_token must be one of {CLS_TOKEN_MODES}, got {cls_token!r}")
     check_numerics("vispruner", numerics)
+    if similarity not in SIMILARITY_MODES:
+        raise ValueError(f"vispruner: similarity must be one of {SIMILARITY_MODES}, got {similarity!r}")
     ratio = default_ratio(budget) if important_ratio is None else float(important_ratio)
     if numerics == "official":  # the official fp32 tower attentions, head mean in that dtype
         scores = cls_attn.to(OFFICIAL_ATTENTION_DTYPE).mean(0)
@@ -250,7 +263,7 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
         cand = torch.stack(rows)  # (B, n) units of equal size, one batch
         t_imp, t_div = split_budget(k, ratio)
         local = vispruner_units(scores[cand], vision_features[cand], t_imp, t_div, reference, numerics,
-                                feature_dtype)
+                                feature_dtype, similarity)
         kept.append(torch.gather(cand, 1, local).reshape(-1))
     return torch.cat(kept).sort().values if kept else unit.new_zeros(0)
 
@@ -277,6 +290,8 @@ class VisPruner(Method):
             "reference": False,
             # "ours" or "official" (reference mode: the official dtypes, unstable argsort, official round sizes)
             "numerics": NUMERICS_OPTION,
+            "similarity": Option("rounds", SIMILARITY_MODES,
+                                 doc="ours' duplicate removal: each round's products (official) or one Gram matrix"),
             "cls_token": Option("drop", CLS_TOKEN_MODES,
                                 doc="Video-LLaVA frame [CLS]: drop (T patches) or keep ([CLS] + T-1 patches)"),
             # LLaVA-NeXT / OneVision newline tokens: kept as layout (True) or dropped
@@ -297,5 +312,6 @@ class VisPruner(Method):
                                         important_ratio=self.important_ratio, reference=self.reference,
                                         cls_token=self.cls_token, keep_newlines=self.keep_newlines,
                                         numerics=self.numerics, layout=sig.unit_layout(patch=True),
+                                        similarity=self.similarity,
                                         # the official .to(images.dtype): its images are in the model's dtype
                                         feature_dtype=sig.features.dtype))

@@ -233,9 +233,12 @@ def test_next_stock_differs_exactly_where_traced_and_our_official_geometry_is_bi
     assert not fc["fp32 stock flowcut T=64 batch [0]"].ok and not fc["fp32 stock flowcut T=64 batch [1]"].ok
     assert fc["fp32 stock flowcut T=64 batch [1]"].data["official_kept"] == \
         fc["fp32 stock flowcut T=64 batch [1]"].data["our_kept"]  # the tower's cuts agree; the packing does not
-    assert fc["fp32 stock flowcut T=64 batch [1]"].data["official_visual_per_layer"] == [[143, 143, 64, 64]]
+    # the tower's adaptive cut of the 176 x 99 image on each seed's exact inputs (parity.build): the official packing
+    # (1850 tokens) and ours (1948) reach different counts before the LLM stage cuts both to 64
+    cut_at = {0: 152, 4: 141}[info["seed"]]
+    assert fc["fp32 stock flowcut T=64 batch [1]"].data["official_visual_per_layer"] == [[cut_at, cut_at, 64, 64]]
     assert fc["fp32 stock flowcut T=64 batch [1]"].data["our_visual_per_layer"] == [[160, 160, 64, 64]]
-    assert fc["fp32 official flowcut T=64 batch [1]"].data["our_visual_per_layer"] == [[143, 143, 64, 64]]
+    assert fc["fp32 official flowcut T=64 batch [1]"].data["our_visual_per_layer"] == [[cut_at, cut_at, 64, 64]]
     # every stock check here holds one of the two images: all 8 differ (the unpruned logits too: 3.75 and 0.92 apart)
     assert not any(c.ok for c in checks if c.case.startswith("fp32 stock"))
 

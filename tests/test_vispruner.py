@@ -206,7 +206,8 @@ def test_video_cls_and_newlines():
 def test_options():
     m = VisPruner(64)
     assert m.config() == {"method": "vispruner", "budget": 64, "position_mode": "keep", "important_ratio": None,
-                          "reference": False, "cls_token": "drop", "keep_newlines": True, "numerics": "ours"}
+                          "reference": False, "similarity": "rounds", "cls_token": "drop", "keep_newlines": True,
+                          "numerics": "ours"}
     assert m.needs_vision_attention and m.vision_stage
     with pytest.raises(ValueError):
         VisPruner()
@@ -218,14 +219,16 @@ def test_options():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_gram_form_equals_the_per_round_products(seed):
-    """The default fp32 path reads every round's similarities from one Gram matrix
-    (:func:`remove_duplicates_gram`): the same survivors, in the same order, as the loop that multiplies A and B
-    afresh each round, on the official shapes (T = 64 / 128 / 192), on planted exact duplicates (tied maxima),
-    on odd sizes (our capped rounds) and on a batch of five equal-size units (a NeXT image's crops). The round-1
-    products are also compared entry by entry: the Gram matrix's entries are the per-round products bit for bit."""
-    attn, feats = official_inputs(seed)
-    feats[1::37] = feats[2::37][: feats[1::37].shape[0]]  # exact duplicates: tied maxima in the sort
-    normed = feats / feats.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    """``similarity="gram"`` reads every round's similarities from one Gram matrix (:func:`remove_duplicates_gram`).
+    On features whose dot products are exact in fp32 (integers from -3 to 3 over 64 channels: no rounding in any
+    summation order, so on any CPU) it gives the same survivors, in the same order, as the loop that multiplies A and
+    B afresh each round: on the official shapes (T = 64 / 128 / 192), on planted exact duplicates and the many tied
+    products of small integers (tied maxima), on odd sizes (our capped rounds) and on a batch of five equal-size
+    units (a NeXT image's crops); the round-1 products equal the Gram matrix's entries."""
+    attn, _ = official_inputs(seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    normed = torch.randint(-3, 4, (576, 64), generator=g).float()
+    normed[1::37] = normed[2::37][: normed[1::37].shape[0]]  # exact duplicates: tied maxima in the sort
     order = torch.sort(attn.mean(0), descending=True, stable=True).indices
     for t_imp, t_div in ((48, 16), (64, 64), (96, 96), (0, 7)):
         residual = order[t_imp:][None]
@@ -234,11 +237,27 @@ def test_gram_form_equals_the_per_round_products(seed):
     a, b = normed[order[48:][0::2]], normed[order[48:][1::2]]
     gram = normed @ normed.T
     assert torch.equal(a @ b.T, gram[order[48:][0::2]][:, order[48:][1::2]])
-    g = torch.Generator().manual_seed(100 + seed)
-    crops = torch.randn(5, 300, 64, generator=g)
-    crops = crops / crops.norm(dim=-1, keepdim=True)
+    crops = torch.randint(-3, 4, (5, 300, 64), generator=g).float()
     residual = torch.stack([torch.randperm(300, generator=g)[:251] for _ in range(5)])
     batched = remove_duplicates_gram(residual, crops, 11)
     assert torch.equal(batched, remove_duplicates(residual, crops, 11))
     for u in range(5):  # each unit alone
         assert torch.equal(remove_duplicates_gram(residual[u:u + 1], crops[u:u + 1], 11)[0], batched[u])
+
+
+def test_the_similarity_option():
+    """Ours multiplies each round's A and B by default (the official loop's shapes); ``similarity="gram"`` takes the
+    Gram matrix, the same kept set where the products are exact; another value is refused."""
+    attn, feats = official_inputs(0)
+    unit, patch = torch.zeros(576, dtype=torch.long), torch.arange(576)
+    assert VisPruner(64).similarity == "rounds" and VisPruner(64, similarity="gram").similarity == "gram"
+    residual = torch.sort(attn.mean(0), descending=True, stable=True).indices[48:][None]
+    normed = feats / feats.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    important = torch.sort(attn.mean(0), descending=True, stable=True).indices[:48]
+    rounds = torch.cat([important, remove_duplicates(residual, normed[None], 16)[0]]).sort().values
+    assert torch.equal(vispruner(attn, feats, unit, patch, 64), rounds)  # the default: each round's products
+    exact = torch.randint(-3, 4, (576, 64), generator=torch.Generator().manual_seed(5)).float()
+    assert torch.equal(vispruner(attn, exact, unit, patch, 64, similarity="gram"),
+                       vispruner(attn, exact, unit, patch, 64, similarity="rounds"))
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        vispruner(attn, feats, unit, patch, 64, similarity="cosine")
