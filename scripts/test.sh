@@ -35,6 +35,9 @@
 # tests/test_run_many.py's done-grid rerun 7.6 -> 3.8 s (no report), tests/test_papers.py 31 -> 26 CPU-s (one paper
 # script's dry run in a shell, not two; the unknown paper's error in process). Not measured here: tests/test_slurm.py (no
 # slurmctld on this machine: skipped); tests/test_fast_precompile.py's stale-file cases are another change's.
+# The same day's whole suite on its final trees, this 2-core machine otherwise idle (no slurmctld: tests/test_slurm.py
+# skipped; CI installs Slurm and runs it), the install included: 13:57 (6394 passed, 615 skipped, 6 failed on this
+# Xeon's MKL, then fixed), 13:22 (6401 passed, 615 skipped; pytest 13:12) beside one nice'd job.
 # A run that once took 1:29 was not slow but hung: a test left a
 # launcher's RANK / WORLD_SIZE in its worker's environment and a later child waited for a rank 0 (now restored after
 # every test by tests/conftest.py; a hang fails after PYTEST_TIMEOUT seconds).
