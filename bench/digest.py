@@ -28,6 +28,7 @@ import time
 import torch
 
 from llava.check.budgets import tiny_budget
+from llava.check.fast import generate
 from llava.check.inputs import key, make_batch, unequal_batch
 from llava.families import registry
 from llava.method import available_methods, method_class
@@ -68,14 +69,12 @@ def _selections(eng) -> dict:
 
 
 def _answer(rt, batch) -> dict:
-    with torch.no_grad():
-        out = rt.model.generate(**batch, max_new_tokens=TOKENS, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
+    tokens, scores = generate(rt, batch, TOKENS)
     eng = rt.engine
     stats = eng.stats
     return {
-        "tokens": out.sequences[:, batch["input_ids"].shape[1]:].tolist(),
-        "scores": _sha(out.scores[0].float()),
+        "tokens": tokens.tolist(),
+        "scores": _sha(scores.float()),
         "samples": [{"candidates": s.visual_candidates, "entering": s.visual_entering_llm,
                      "per_layer": list(s.visual_per_layer)} for s in stats.samples],
         "seq_len_per_layer": list(stats.seq_len_per_layer),
@@ -84,7 +83,9 @@ def _answer(rt, batch) -> dict:
     }
 
 
-def _cell(rt, name, family, fast_rt=None, refusal_rt=None, options=None) -> dict:
+def _cell(rt, name, family, fast_rt, fast: bool, options=None) -> dict:
+    """One method's answers on ``rt`` and, on ``fast_rt`` (the same model loaded with ``fast=True``), why the fast
+    path would refuse it and, with ``fast``, its answers there."""
     cls = method_class(name)
     options = options or {}
     if not cls.supports(key(family)):
@@ -95,28 +96,24 @@ def _cell(rt, name, family, fast_rt=None, refusal_rt=None, options=None) -> dict
     except Exception as e:  # noqa: BLE001 - the refusal is the answer
         return {"refused": f"{type(e).__name__}: {e}".splitlines()[0]}
     out = {"budget": budget}
-    if refusal_rt is not None:
-        eng = refusal_rt.prune(name, budget, **options)
-        out["fast_refusal"] = eng.fast.refusal if eng.fast is not None else "no fast path"
-        refusal_rt.unprune()
+    eng = fast_rt.prune(name, budget, **options)
+    refusal = eng.fast.refusal if eng.fast is not None else "no fast path"
+    out["fast_refusal"] = refusal
     for bname, make in BATCHES.items():
         try:
             out[bname] = _answer(rt, make(rt))
         except Exception as e:  # noqa: BLE001
             out[bname] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
     rt.unprune()
-    if fast_rt is not None:
-        eng = fast_rt.prune(name, budget, **options)
-        refusal = eng.fast.refusal if eng.fast is not None else "no fast path"
-        if refusal:
-            out["fast"] = {"refused": refusal}
-        else:
-            try:
-                out["fast"] = _answer(fast_rt, make_batch(fast_rt))
-                out["fast"]["reason"] = eng.stats.path_reason
-            except Exception as e:  # noqa: BLE001
-                out["fast"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        fast_rt.unprune()
+    if fast and refusal:
+        out["fast"] = {"refused": refusal}
+    elif fast:
+        try:
+            out["fast"] = _answer(fast_rt, make_batch(fast_rt))
+            out["fast"]["reason"] = eng.stats.path_reason
+        except Exception as e:  # noqa: BLE001
+            out["fast"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    fast_rt.unprune()
     return out
 
 
@@ -126,16 +123,16 @@ def build(methods, families, dtypes, fast: bool, variants: bool = True, log=sys.
         for family in families:
             t0 = time.perf_counter()
             rt = load(f"tiny:{family}", seed=1, dtype=DTYPES[dname])
-            refusal_rt = load(f"tiny:{family}", seed=1, dtype=DTYPES[dname], fast=True, fast_precompile=False)
-            fast_rt = refusal_rt if fast and registry.get(family).fast else None
+            fast_rt = load(f"tiny:{family}", seed=1, dtype=DTYPES[dname], fast=True, fast_precompile=False)
+            answer_fast = fast and registry.get(family).fast
             for name in methods:
                 torch.manual_seed(0)
-                cells[f"{name}|{family}|{dname}"] = _cell(rt, name, family, fast_rt, refusal_rt)
+                cells[f"{name}|{family}|{dname}"] = _cell(rt, name, family, fast_rt, answer_fast)
             for name, options in VARIANTS if variants else ():
                 if name in methods:
                     torch.manual_seed(0)
                     label = ",".join(f"{k}={v}" for k, v in options.items())
-                    cells[f"{name}[{label}]|{family}|{dname}"] = _cell(rt, name, family, fast_rt, refusal_rt, options)
+                    cells[f"{name}[{label}]|{family}|{dname}"] = _cell(rt, name, family, fast_rt, answer_fast, options)
             print(f"[digest] {family} {dname}: {time.perf_counter() - t0:.1f} s", file=log, flush=True)
     return cells
 

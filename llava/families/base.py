@@ -186,7 +186,6 @@ class FamilyAdapter:
         ValueError with the reason when the fast path cannot take them."""
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
-
     def fast_encode(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool,
                     vision_layer: int | None = None) -> dict:
         """Inside the captured prefill, for a :class:`FastVisual` with a ``tower`` plan: run the tower with
@@ -206,8 +205,8 @@ class FamilyAdapter:
     def rope_positions(self, input_ids, attention_mask, visual: dict):
         """For a family whose kept tokens keep their positions (``keeps_positions``: M-RoPE), the unpruned prompt's
         positions (rows, B, L) and the model's position deltas, from the ids, the 2-D mask and the visual inputs'
-        metadata (grids); both executors ask it. The others renumber contiguously and have none."""
-        raise NotImplementedError(f"{self.family} positions are contiguous 1-D ids")
+        metadata (grids); both executors ask it. None for the others: they renumber contiguously (1-D ids)."""
+        return None
 
     def prefill_positions(self, input_ids, attention_mask, position_ids, visual: dict):
         """Position ids of the unpruned prompt as the stock language model would use them (None:

@@ -1,5 +1,5 @@
-"""The fast path's host plan (a mixin of :class:`llava.fast.path.FastPath`): everything about one prefill
-that depends on the prompt, decided on the host from the host copy of the ids - first what the tower's run needs
+"""The fast path's host plan (:class:`HostPlanner`, one per :class:`llava.fast.path.FastPath`): everything about one
+prefill that depends on the prompt, decided on the host from the host copy of the ids - first what the tower's run needs
 (:meth:`HostPlanner.plan_tower`: the family's visual layout; the fast path starts the tower on the device with
 it), then, while the device runs the tower, each row's placeholder run, the unit layouts, the method's host draws,
 the selection's output counts (dry runs on ``meta`` tensors), the length bucket, the new rows' gather, positions
@@ -17,7 +17,7 @@ import torch
 from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
-from .refusals import TOWER_KINDS, NotPlanned
+from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
 from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
 
@@ -27,8 +27,6 @@ BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072
 TEXT_BUCKETS = (16, 32, 64, 128, 256, 512)
 #: decode slots of the static cache are allocated in steps of this many tokens
 DECODE_STEP = 64
-#: the tower signals the fast path computes (:class:`llava.needs.TowerRead` kinds); a method asking for the
-#: others runs on the eager engine
 
 
 def bucket_for(n: int, buckets=BUCKETS) -> int:
@@ -152,11 +150,11 @@ class HostPlanner:
                           grid=grid)
 
     def _extra_names(self) -> list[tuple[str, TowerRead]]:
-        """The method's tower signals the fast path computes (:data:`llava.fast.refusals.TOWER_KINDS`) as (flat name, its
-        :class:`llava.needs.TowerRead`): ``recv:v`` (received attention), ``fwa:v`` / ``fwk:v`` (full-width [CLS]
-        attention / keys), ``clsl:v`` ([CLS] row); the others' arithmetic runs on the eager engine
+        """The method's tower signals the fast path computes (:data:`llava.fast.refusals.CAPTURED_TOWER_KINDS`) as
+        (flat name, its :class:`llava.needs.TowerRead`): ``recv:v`` (received attention), ``fwa:v`` / ``fwk:v``
+        (full-width [CLS] attention / keys), ``clsl:v`` ([CLS] row); the others' arithmetic runs on the eager engine
         (:meth:`llava.method.Method.capture_refusal`)."""
-        return [(name, r) for r in self.engine.needs.tower_reads if r.kind in TOWER_KINDS for name in r.names]
+        return [(name, r) for r in self.engine.needs.tower_reads if r.kind in CAPTURED_TOWER_KINDS for name in r.names]
 
     def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
                         extras=None, probe=None):
@@ -314,8 +312,8 @@ class HostPlanner:
             chunks += ch
         index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
         try:  # M-RoPE: the eager engine's positions of the unpruned prompt (the family's own rule), per row
-            positions = e.adapter.rope_positions(ids_h, valid_h.long(), fv.meta)[0] if e.adapter.keeps_positions \
-                else None
+            rope = e.adapter.rope_positions(ids_h, valid_h.long(), fv.meta)
+            positions = None if rope is None else rope[0]
         except Exception as exc:  # a prompt the family's rule does not take: the eager engine says why
             raise refusals.positions(exc) from None
         if positions is not None:

@@ -22,6 +22,13 @@ from __future__ import annotations
 from ..families.clip import MASKED_TOWER_ATTN
 
 
+#: the tower signals the captured prefill computes (the others' arithmetic runs on the eager engine, which the
+#: methods that read them say through :meth:`llava.method.Method.capture_refusal`)
+CAPTURED_TOWER_KINDS = ("received", "fullwidth", "cls_row")
+
+REPLAY = "replay of recorded selections runs on the eager engine"
+
+
 class NotPlanned(Exception):
     """The prompt does not fit the fast path (the message says why): it runs on the eager engine."""
 
@@ -41,7 +48,7 @@ def captured_refusal(needs, family, adapter, decoder_attention: str | None) -> s
         if not needs.tower_masked:
             return (f"{name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "
                     "are captured through the masked tower only")
-        if needs.tower_attention or any(r.kind in TOWER_KINDS for r in needs.tower_reads):
+        if needs.tower_attention or any(r.kind in CAPTURED_TOWER_KINDS for r in needs.tower_reads):
             return f"{name}: an in-tower stage with vision attention signals is not captured"
         for k in adapter.pixel_keys:
             impl = getattr(adapter.tower_for(k).config, "_attn_implementation", None) or "eager"
@@ -58,13 +65,6 @@ def captured_refusal(needs, family, adapter, decoder_attention: str | None) -> s
         elif needs.query_aware:
             why = f"{name}: a query-aware piecewise vision stage is not captured yet"
     return why if not why or why.startswith(f"{name}:") else f"{name}: {why}"
-
-
-#: the tower signals the captured prefill computes (the others' arithmetic runs on the eager engine, which the
-#: methods that read them say through :meth:`llava.method.Method.capture_refusal`)
-TOWER_KINDS = ("received", "fullwidth", "cls_row")
-
-REPLAY = "replay of recorded selections runs on the eager engine"
 
 
 def several_runs(row: int, kind: str, tokens: int) -> NotPlanned:

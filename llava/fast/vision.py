@@ -104,8 +104,8 @@ class CapturedVision:
             if s.text:
                 o, n = at["text_rows"]
                 text = text_flat[index[o:o + n]]
-            sig = self.planner._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k, spec.kind,
-                                       text, ex, probe)
+            sig = self.planner._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k,
+                                               spec.kind, text, ex, probe)
             if "in_tower_kept" in ex:  # the in-tower stage's survivors, as the eager engine hands them over
                 sig.in_tower_kept = ex["in_tower_kept"]
             sel = method.select_vision(sig)
