@@ -23,8 +23,10 @@ A call without visual input and without engine state (text-only prompts) goes st
 original forward: untouched.
 
 This file is the core (install / remove, ``forward``, the decode state; the stats and the phase clock of
-``PrefillStats.timings`` are in :mod:`llava.stats`); steps 1-3 are planned on the host in :mod:`llava.layout`,
-step 4 and decode run in :mod:`llava.staged` (both mixins of :class:`PruningEngine`).
+``PrefillStats.timings`` are in :mod:`llava.stats`). The eager executor has two parts, each built here from what the
+engine fixes at attach (:class:`llava.prefill.EagerEnv`): steps 1-3 are planned on the host by
+:class:`llava.layout.VisionStage` (``engine.vision``), step 4 and decode run in :class:`llava.staged.StagedDecoder`
+(``engine.decoder``).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
-from .layout import VisionStageMixin
+from .layout import VisionStage
 from .method import Method, Selection, get_method
-from .prefill import _Prefill
-from .staged import StagedDecoderMixin, _Segment
+from .prefill import EagerEnv, _Prefill
+from .staged import StagedDecoder, _Segment
 from .stats import PrefillStats, SampleStats, _PhaseClock
 from .tp import sharded_module
 
@@ -88,11 +90,12 @@ class HybridRefusal(ValueError):
     names the layer and the model's full-attention layers)."""
 
 
-class PruningEngine(VisionStageMixin, StagedDecoderMixin):
+class PruningEngine:
     """Applies one :class:`Method` to one loaded LLaVA-family model. Use :func:`attach`.
 
     The core: install / remove, ``forward`` (prefill or decode), the decode state, replayed selections.
-    The vision stage lives in :mod:`llava.layout`, the decoder (staged or stock) in :mod:`llava.staged`."""
+    The vision stage (``vision``, :mod:`llava.layout`) and the decoder (``decoder``, staged or stock,
+    :mod:`llava.staged`) are parts it holds."""
 
     def __init__(self, model: torch.nn.Module, method: Method, next_layout: str = "spatial_unpad",
                  prompt_spec: PromptSpec | None = None, family_options: dict | None = None,
@@ -141,7 +144,12 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         self._check_grad(method)
         # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to
         # renumber (an image spans max(h, w) / 2 positions), so those families keep them (documented)
-        self._reindex = needs.position_mode == "reindex" and not self.adapter.keeps_positions
+        reindex = needs.position_mode == "reindex" and not self.adapter.keeps_positions
+        #: what the eager executor reads of this engine, and its two parts
+        self.env = EagerEnv(model=model, adapter=self.adapter, method=method, needs=needs,
+                            prompt_spec=self.prompt_spec, reindex=reindex, select=self._select)
+        self.vision = VisionStage(self.env)
+        self.decoder = StagedDecoder(self.env)
         self.stats: PrefillStats | None = None
         self.prefills = 0  # number of visual prefills handled (a check that the engine really ran)
         #: selections of the last prefill, keyed (stage, sample); stage "vision" or the llm stage index
@@ -284,9 +292,10 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                         self._pruned_caches.add(past_key_values)
                     self._pruned_caches.add(out.past_key_values)
                     return out
-            ctx = _Prefill(clock=_PhaseClock(input_ids.device, self.clock))
+            ctx = _Prefill(clock=_PhaseClock(input_ids.device, self.clock), sample_keys=self.sample_keys)
             ctx.clock.mark("start")
-            embeds, mask, pos, info = self._prefill_inputs(ctx, input_ids, visual, attention_mask, position_ids)
+            embeds, mask, pos, info = self.vision.run(ctx, input_ids, visual, attention_mask, position_ids)
+            self.sample_keys = None  # consumed by this prefill
             # the decode state: generate's original-space mask / positions are mapped onto these rows
             self._state = _State(orig_len=input_ids.shape[1], llm_mask=mask, pos_shift=info.pop("pos_shift"),
                                  segments=None, llm_len=embeds.shape[1], pos_base=self._decode_pos_base(pos))
@@ -295,8 +304,8 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
                 past_key_values = DynamicCache(config=self.lm.config)
             if past_key_values is not None:
                 self._pruned_caches.add(past_key_values)
-            hidden, seq_lens, per_layer = self._prefill_llm(ctx, embeds, mask, pos, past_key_values, use_cache,
-                                                            info, **kwargs)
+            hidden, seq_lens, per_layer, self._state.segments = self.decoder.prefill(
+                ctx, embeds, mask, pos, past_key_values, use_cache, info, **kwargs)
             ctx.clock.mark("end")
             self.prefills += 1
             ctx.probe_inputs = ctx.entry = ctx.llm_state = ctx.probe_deepstack = ctx.cache = None  # nothing outlives it
@@ -317,7 +326,8 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             if input_ids is not None and inputs_embeds is None:
                 inputs_embeds = self.lm.embed_tokens(input_ids)
             position_ids = self.adapter.decode_positions(position_ids)
-            hidden = self._decode_llm(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs)
+            hidden = self.decoder.decode(self._state, inputs_embeds, attention_mask, position_ids, past_key_values,
+                                         use_cache, **kwargs)
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         else:
@@ -336,10 +346,11 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         visual = {k: v for k, v in visual.items() if k in self.adapter.visual_keys}
         if not any(visual.get(k) is not None for k in self.adapter.pixel_keys):
             raise ValueError("vision_inputs needs the visual inputs (pixel_values / pixel_values_videos)")
-        ctx = _Prefill(clock=_PhaseClock(input_ids.device, self.clock))
+        ctx = _Prefill(clock=_PhaseClock(input_ids.device, self.clock), sample_keys=self.sample_keys)
         ctx.clock.mark("start")
         try:
-            embeds, mask, pos, info = self._prefill_inputs(ctx, input_ids, visual, attention_mask, None)
+            embeds, mask, pos, info = self.vision.run(ctx, input_ids, visual, attention_mask, None)
+            self.sample_keys = None  # consumed by this call
         finally:  # nothing outlives the call
             ctx.probe_inputs = ctx.probe_deepstack = None
             ctx.probe_cache.clear()
@@ -429,11 +440,6 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
             return None
         return pos[..., -1] + 1 - pos.shape[-1]
 
-    def _sample_key(self, b: int, ids: torch.Tensor) -> int:
-        if self.sample_keys is not None:
-            return stable_hash(str(self.sample_keys[b]).encode())
-        return stable_hash(ids.cpu().numpy().astype("int64").tobytes())
-
     def _select(self, key, ask):
         if self.replay:
             if key not in self.selections:
@@ -442,12 +448,6 @@ class PruningEngine(VisionStageMixin, StagedDecoderMixin):
         sel = ask()
         self.selections[key] = sel
         return sel
-
-
-def stable_hash(data: bytes) -> int:
-    import zlib
-
-    return zlib.crc32(data)
 
 
 def attach(model: torch.nn.Module, method: str | Method = "none", budget: int | None = None, *,

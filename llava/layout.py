@@ -1,11 +1,11 @@
 """The vision stage, planned on the host: from the spliced prompt to each sample's ``VisionSignals``, and
 from the method's selections back to re-spliced, re-padded rows.
 
-A mixin of :class:`llava.engine.PruningEngine` (its methods read the engine's ``adapter``, ``lm``,
-``method``, ``prompt_spec`` and call its ``_select`` / ``_sample_key``). The layout of every row is
-worked out on the host from ONE copy of ``input_ids`` and the mask per prefill (:class:`_Layout`: real
-positions, visual indices, ids); the device only gathers and scatters with those indices. The staged
-decoder (:mod:`llava.staged`) re-uses ``_runs``, ``_place_outputs`` and ``_text_spans`` at its llm stages.
+:class:`VisionStage`, the first part of the eager executor, built by :class:`llava.engine.PruningEngine` from what
+it fixed at attach (:class:`llava.prefill.EagerEnv`). The layout of every row is worked out on the host from ONE
+copy of ``input_ids`` and the mask per prefill (:class:`_Layout`: real positions, visual indices, ids); the device
+only gathers and scatters with those indices. The staged decoder (:mod:`llava.staged`) re-uses ``_runs``,
+``place_outputs`` and ``text_spans`` at its llm stages.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .attention_rows import causal_attention_rows, llm_qk
 from .families.base import to_device as _to_device
 from .method import Selection
 from .needs import TOWER_PREFIXES, tower_fields
-from .prefill import _Prefill
+from .prefill import EagerEnv, _Prefill, sample_key
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
 from .signals import VisionSignals
 
@@ -88,12 +88,16 @@ def decoder_masks(adapter, lm, h, mask, cache, pos, start: int, stop: int) -> li
     return [rec if i in linear else causal for i in range(start, stop)]
 
 
-class VisionStageMixin:
-    """The vision stage of :class:`llava.engine.PruningEngine`: signals per sample, the method's
-    selection, re-splicing / re-padding; the probe that lets a vision stage look into the LLM."""
+class VisionStage:
+    """The vision stage of the eager executor: signals per sample, the method's selection, re-splicing /
+    re-padding; the probe that lets a vision stage look into the LLM."""
+
+    def __init__(self, env: EagerEnv):
+        self.env = env
+        self.adapter, self.lm, self.method, self.needs = env.adapter, env.lm, env.method, env.needs
 
     # ------------------------------------------------------------------ prefill inputs (vision stage)
-    def _prefill_inputs(self, ctx: _Prefill, input_ids, visual: dict, attention_mask, position_ids):
+    def run(self, ctx: _Prefill, input_ids, visual: dict, attention_mask, position_ids):
         """The LLM's prefill inputs (embeds, mask, positions) after the vision stage, and ``info``: per sample
         the candidates, whether the stage was a no-op, the rows' host layouts (+ ``origin`` of each visual
         token when re-spliced) and ``pos_shift`` (original - LLM-space position, for decode)."""
@@ -182,7 +186,7 @@ class VisionStageMixin:
             for b, lay in enumerate(layouts):
                 src = src_h[b, lay.real[lay.visual]]
                 unit, gu = _renumber_units(unit_all_h[src])
-                after, question = self._text_spans(lay.ids, lay.visual)
+                after, question = text_spans(lay.ids, lay.visual, self.env.prompt_spec)
                 row = [lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long()]
                 if extras:  # the units of this sample that have a [CLS] row (not video frames)
                     has = cls_row_h[gu] >= 0
@@ -219,7 +223,7 @@ class VisionStageMixin:
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
                     question_ids=lay.ids[host[b][6]],
                     cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
-                    keys=fields["keys"], key=self._sample_key(b, lay.ids),
+                    keys=fields["keys"], key=sample_key(ctx.sample_keys, b, lay.ids),
                     **tower_fields(fields["extra"]),
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
                     unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
@@ -236,13 +240,12 @@ class VisionStageMixin:
         ctx.vision_sigs = per_sample
         selections, noop = [], []
         for b, sig in enumerate(per_sample):
-            sel = self._select(("vision", b), lambda: method.select_vision(sig)) if needs.vision_stage else None
+            sel = self.env.select(("vision", b), lambda: method.select_vision(sig)) if needs.vision_stage else None
             noop.append(sel is None or sel.check(sig.num_tokens, sig.num_stock))
             selections.append(sel)
         if needs.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
-        self.sample_keys = None
         info = {"candidates": [int(lay.visual.numel()) for lay in layouts], "noop": noop}
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
             info.update(layouts=layouts, pos_shift=torch.zeros(B, dtype=torch.long, device=dev))
@@ -273,7 +276,7 @@ class VisionStageMixin:
                 first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
                 first.scatter_reduce_(0, u.clamp(min=0), torch.where(u >= 0, torch.arange(big), big), "amin")
                 run_h = torch.cat([run_h, run_h[first[sig._unit_host[sig.num_stock:]]]])
-            rows.append(self._place_outputs(lay, run_h, out_src, dev))
+            rows.append(place_outputs(lay, run_h, out_src, dev))
             rows[-1]["x"] = out_feats
             rows[-1]["deep"] = out_deep
         new_L = max(r["n"] for r in rows)
@@ -322,47 +325,6 @@ class VisionStageMixin:
             deep = torch.cat([r["deep"][r["perm"]] if r["perm"] is not None else r["deep"] for r in rows])
             info["deepstack"] = _deepstack(deep, _to_device([at], dev)[0], B, new_L)
         return new_embeds, new_mask, new_pos, info
-
-    @staticmethod
-    def _place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
-        """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
-
-        run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
-        candidates'); out_src: (m,) each output's source candidate
-        (device). Returns the new row length, the text tokens' old / new indices (among the row's real
-        tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
-        the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
-        m = int(out_src.numel())
-        nv = int(lay.visual.numel())
-        old_run = run_h[:nv]
-        n_runs = int(old_run[-1]) + 1 if nv else 0
-        if n_runs <= 1:
-            counts = [m] if n_runs else []
-            perm = None
-        else:  # one host read: how many outputs land in each run
-            out_run = run_h.to(dev, non_blocking=True)[out_src]
-            counts = torch.bincount(out_run, minlength=n_runs).tolist()
-            perm = torch.sort(out_run, stable=True).indices
-        n_real = int(lay.ids.numel())
-        is_vis = torch.zeros(n_real, dtype=torch.bool)
-        is_vis[lay.visual] = True
-        text_src = (~is_vis).nonzero().flatten()
-        vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
-        run_start = torch.zeros(n_runs, dtype=torch.long)
-        run_len = torch.zeros(n_runs, dtype=torch.long)
-        if n_runs:
-            run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
-            run_len = torch.bincount(old_run, minlength=n_runs)
-        cnt = torch.tensor(counts, dtype=torch.long)
-        old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
-        new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
-        runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
-        text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
-        new_start = run_start - old_cum[:-1] + new_cum[:-1]
-        vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
-                   + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
-        return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
-                "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
         def probe(layer: int, queries: str = "question") -> torch.Tensor:
@@ -425,19 +387,61 @@ class VisionStageMixin:
                 raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
         return materialize(sig, sel, self.adapter.project)
 
-    def _text_spans(self, ids: torch.Tensor, vis: torch.Tensor):
-        """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
-        the last visual token (``vis``: indices of the visual tokens, ascending), and of the question."""
-        n = int(ids.numel())
-        last_vis = int(vis[-1]) if vis.numel() else -1
-        after = torch.arange(last_vis + 1, n)
-        spec = self.prompt_spec
-        toks = ids[last_vis + 1:].tolist()
-        i = 0
-        while i < len(toks) and toks[i] in spec.sep_ids:
-            i += 1
-        j = len(toks)
-        tail = list(spec.tail_ids)
-        if tail and toks[-len(tail):] == tail:
-            j = len(toks) - len(tail)
-        return after, (after[i:j] if j > i else after)
+
+def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
+        """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
+
+        run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
+        candidates'); out_src: (m,) each output's source candidate
+        (device). Returns the new row length, the text tokens' old / new indices (among the row's real
+        tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
+        the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
+        m = int(out_src.numel())
+        nv = int(lay.visual.numel())
+        old_run = run_h[:nv]
+        n_runs = int(old_run[-1]) + 1 if nv else 0
+        if n_runs <= 1:
+            counts = [m] if n_runs else []
+            perm = None
+        else:  # one host read: how many outputs land in each run
+            out_run = run_h.to(dev, non_blocking=True)[out_src]
+            counts = torch.bincount(out_run, minlength=n_runs).tolist()
+            perm = torch.sort(out_run, stable=True).indices
+        n_real = int(lay.ids.numel())
+        is_vis = torch.zeros(n_real, dtype=torch.bool)
+        is_vis[lay.visual] = True
+        text_src = (~is_vis).nonzero().flatten()
+        vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
+        run_start = torch.zeros(n_runs, dtype=torch.long)
+        run_len = torch.zeros(n_runs, dtype=torch.long)
+        if n_runs:
+            run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
+            run_len = torch.bincount(old_run, minlength=n_runs)
+        cnt = torch.tensor(counts, dtype=torch.long)
+        old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
+        new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
+        runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
+        text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
+        new_start = run_start - old_cum[:-1] + new_cum[:-1]
+        vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
+                   + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
+        return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
+                "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
+
+
+def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
+    the last visual token (``vis``: indices of the visual tokens, ascending), and of the question (the text after,
+    less the prompt spec's (:class:`llava.engine.PromptSpec`) leading separators and trailing role tag)."""
+    n = int(ids.numel())
+    last_vis = int(vis[-1]) if vis.numel() else -1
+    after = torch.arange(last_vis + 1, n)
+    toks = ids[last_vis + 1:].tolist()
+    i = 0
+    while i < len(toks) and toks[i] in spec.sep_ids:
+        i += 1
+    j = len(toks)
+    tail = list(spec.tail_ids)
+    if tail and toks[-len(tail):] == tail:
+        j = len(toks) - len(tail)
+    return after, (after[i:j] if j > i else after)

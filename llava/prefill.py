@@ -1,13 +1,43 @@
-"""One prefill's scratch (`_Prefill`), handed through the engine's stages and dropped with the prefill. Apart from
-llava/engine.py so that the stages (llava/layout.py, llava/staged.py) name the scratch they receive without
-importing the engine that imports them."""
+"""What the eager executor's two parts (the vision stage, :class:`llava.layout.VisionStage`, and the decoder,
+:class:`llava.staged.StagedDecoder`) are given: the attached engine's fixed resources (`EagerEnv`) and one prefill's
+scratch (`_Prefill`), dropped with the prefill. Apart from llava/engine.py so that both parts name what they receive
+without importing the engine that builds them."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .stats import _PhaseClock
+
+if TYPE_CHECKING:
+    import torch
+
+    from .engine import PromptSpec
+    from .families.base import FamilyAdapter
+    from .method import Method
+    from .needs import Needs
+
+
+@dataclass(frozen=True)
+class EagerEnv:
+    """What the eager executor reads of the attached engine, fixed at attach: the model, the family's adapter,
+    the method and what it needs, the prompt spec (where the question lies), whether llm stages renumber positions
+    (``reindex``), and the engine's ``select(key, ask)``: the method's selection, or with ``engine.replay`` the
+    recorded one."""
+
+    model: torch.nn.Module
+    adapter: FamilyAdapter
+    method: Method
+    needs: Needs
+    prompt_spec: PromptSpec
+    reindex: bool
+    select: Callable
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        return self.adapter.lm
 
 
 @dataclass
@@ -25,3 +55,12 @@ class _Prefill:
     past_from: int = 0  # the first decoder layer whose cache an llm stage prunes (Method.past_cache_from)
     subblocks: dict = field(default_factory=dict)  # layer -> SubBlockStates (B, L, D) recorded since the last stage
     cache: Any = None  # the prompt's KV cache, whose layers an llm stage reads (llava.attention_rows.cached_kv)
+    sample_keys: list | None = None  # per row: the caller's key of the sample (engine.sample_keys), None: a hash
+
+
+def sample_key(keys: list | None, b: int, ids: torch.Tensor) -> int:
+    """Row ``b``'s stable key (``VisionSignals.key``, what seeded methods draw from): the crc32 of the caller's key
+    (``keys[b]``, e.g. a question id) where given, else of the row's real token ids ``ids``."""
+    if keys is not None:
+        return zlib.crc32(str(keys[b]).encode())
+    return zlib.crc32(ids.cpu().numpy().astype("int64").tobytes())

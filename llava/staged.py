@@ -2,10 +2,11 @@
 them, the ``LLMSignals`` of a stage, and the decode-time mapping of generate's mask / positions onto
 each segment of layers.
 
-A mixin of :class:`llava.engine.PruningEngine` (its methods read the engine's ``adapter``, ``lm``,
-``method``, ``llm_layers``, ``_reindex`` and ``_state``, and call its ``_select``; the rows of an llm
-stage are re-laid out on the host with :mod:`llava.layout`'s ``_runs`` / ``_place_outputs`` /
-``_text_spans``). Without llm stages the stock language model runs, at prefill and at decode.
+:class:`StagedDecoder`, the second part of the eager executor, built by :class:`llava.engine.PruningEngine` from
+what it fixed at attach (:class:`llava.prefill.EagerEnv`); the rows of an llm stage are re-laid out on the host
+with :mod:`llava.layout`'s ``_runs`` / ``place_outputs`` / ``text_spans``. It keeps no state of its own: a prefill
+returns its decode segments, and a decode step is handed the engine's decode state. Without llm stages the stock
+language model runs, at prefill and at decode.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import CachedRows, cached_kv, llm_attention_fns
 from .families.base import to_device as _to_device
-from .layout import _Layout, _runs, decoder_masks, first_full_layer
+from .layout import _Layout, _runs, decoder_masks, first_full_layer, place_outputs, text_spans
 from .method import Selection
-from .prefill import _Prefill
+from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
 from .signals import LLMSignals
@@ -73,13 +74,19 @@ class _Segment:
     shift: torch.Tensor  # (B,) subtract from LLM-space decode positions (reindex mode)
 
 
-class StagedDecoderMixin:
-    """The decoder part of :class:`llava.engine.PruningEngine`: prefill (stock or staged) and decode."""
+class StagedDecoder:
+    """The decoder of the eager executor: prefill (stock or staged) and decode."""
+
+    def __init__(self, env: EagerEnv):
+        self.env = env
+        self.model, self.adapter, self.lm, self.method, self.needs = env.model, env.adapter, env.lm, env.method, env.needs
+        self.llm_layers = env.needs.llm_layers
 
     # ------------------------------------------------------------------ decoder
-    def _prefill_llm(self, ctx: _Prefill, embeds, mask, pos, cache, use_cache, info, **kwargs):
+    def prefill(self, ctx: _Prefill, embeds, mask, pos, cache, use_cache, info, **kwargs):
         """Run the decoder on the prompt. Returns hidden, per-layer padded lengths, per-sample per-layer visual
-        counts. Each llm stage is marked on ``ctx.clock`` (its time counts as selection)."""
+        counts, and the decode segments (None: the stock language model ran). Each llm stage is marked on
+        ``ctx.clock`` (its time counts as selection)."""
         n_layers = len(self.lm.layers)
         B, L = embeds.shape[:2]
         layouts = info["layouts"]
@@ -91,7 +98,7 @@ class StagedDecoderMixin:
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                           use_cache=use_cache, **kwargs)
             per_layer = [[int(lay.visual.numel())] * n_layers for lay in layouts]
-            return out.last_hidden_state, [L] * n_layers, per_layer
+            return out.last_hidden_state, [L] * n_layers, per_layer, None
         lm = self.lm
         dev = embeds.device
         if pos is None:  # what the stock model does without position ids
@@ -101,7 +108,8 @@ class StagedDecoderMixin:
         origin = info.get("origin") or [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]
         entry = [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]  # index at layer-0 entry
         moved = _to_device([t for lay in layouts for t in
-                            (lay.real[lay.visual], lay.real[self._text_spans(lay.ids, lay.visual)[0]])], dev)
+                            (lay.real[lay.visual], lay.real[text_spans(lay.ids, lay.visual, self.env.prompt_spec)[0]])],
+                           dev)
         # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
         ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
         ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
@@ -118,11 +126,10 @@ class StagedDecoderMixin:
             if rec is not None:
                 rec.remove()
             ctx.subblocks = {}
-        self._state.segments = segments
-        return lm.norm(rows.h), seq_lens, per_layer
+        return lm.norm(rows.h), seq_lens, per_layer, segments
 
     def _staged_loop(self, ctx, rows: "_Rows", rec, cache, use_cache, **kwargs):
-        """The segments of decoder layers with an llm stage between each two (``_prefill_llm``), ``rows`` advanced
+        """The segments of decoder layers with an llm stage between each two (``prefill``), ``rows`` advanced
         through them in place; ``rec``: the sub-block recorder of the method's ``llm_subblock_layers`` (None when it
         names none), whose states of the layers since the previous stage are handed to each stage
         (``ctx.subblocks``). Returns the decode segments, each layer's padded length and per sample each layer's
@@ -144,7 +151,7 @@ class StagedDecoderMixin:
                 if rows.ds is not None and a >= rows.ds["rows"].shape[1]:
                     rows.ds = None  # every DeepStack level was added before this stage
                 dropped, src_rows = self._llm_stage(ctx, rows, s - 1, a, keep_rows=past)
-                if self._reindex:
+                if self.env.reindex:
                     rows.shift = rows.shift + dropped
                 if past:  # the layers before the stage keep the kept rows only: those segments now have this layout
                     segments[:] = _past_segments(segments, ctx.past_from, a, rows.mask, rows.shift)
@@ -195,7 +202,7 @@ class StagedDecoderMixin:
         h, mask, pos, layouts, ds = rows.h, rows.mask, rows.pos, rows.layouts, rows.ds
         B, L, D = h.shape
         dev = h.device
-        spans = [self._text_spans(lay.ids, lay.visual) for lay in layouts]
+        spans = [text_spans(lay.ids, lay.visual, self.env.prompt_spec) for lay in layouts]
         moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
         outs, olds = [], []
         deep_in = ds["rows"].split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
@@ -209,11 +216,11 @@ class StagedDecoderMixin:
                                origin=rows.origin[b], entry=rows.entry[b], after=after, question=question, real=real,
                                kv=CachedRows(kv, b, real) if kv is not None else None)
             sig = self._llm_signals(ctx, layer_idx, b, one)
-            sel = self._select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
+            sel = self.env.select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             vx, src = llm_outputs(x[vis], sel)
-            r = self._place_outputs(lay, _runs(lay.visual), src, dev)
+            r = place_outputs(lay, _runs(lay.visual), src, dev)
             perm = r["perm"]
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
                 csel = sel
@@ -256,7 +263,7 @@ class StagedDecoderMixin:
                 real, vis = olds[b]
                 src_rows[b, pad + td] = real[ts]
                 src_rows[b, pad + vd] = real[vis[src]]
-            if self._reindex:
+            if self.env.reindex:
                 p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
@@ -296,7 +303,7 @@ class StagedDecoderMixin:
                           vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn, _qv_fn=qv_fn, _norm=lm.norm,
                           _grad_fn=grad_fn)
 
-    def _decode_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
+    def decode(self, st, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache.
 
         ``attention_mask`` is generate's 2-D mask in the original space (the prompt as generate sees it,
@@ -304,15 +311,14 @@ class StagedDecoderMixin:
         masks in LLM space (``PruningEngine._generate_mask``, built outside the step). With those the call
         is traceable as ONE graph by transformers' compiled decode step: no Python integer that changes per
         step (or per prompt) is read or written here; the tokens decoded so far come from the cache (a
-        tensor in a static cache)."""
-        st = self._state
+        tensor in a static cache). ``st``: the engine's decode state (``llava.engine._State``)."""
         B, q = embeds.shape[:2]
         own = attention_mask is not None and attention_mask.ndim == 3  # the engine's per-segment masks
         gen_mask = attention_mask[:, st.orig_len:] if attention_mask is not None and not own else None
         if position_ids is not None:
             position_ids = position_ids - st.pos_shift[:, None]  # original -> LLM space
         if position_ids is None and st.pos_base is not None:  # M-RoPE: continue after the last prompt position
-            position_ids = st.pos_base[..., None] + self._first_len(cache) + torch.arange(q, device=embeds.device)
+            position_ids = st.pos_base[..., None] + self._first_len(st, cache) + torch.arange(q, device=embeds.device)
         if st.segments is None:  # no llm stage: the stock decoder on the (possibly shortened) cache
             if own:
                 mask = attention_mask[0]
@@ -326,13 +332,13 @@ class StagedDecoderMixin:
                            past_key_values=cache, use_cache=use_cache, **kwargs).last_hidden_state
         lm = self.lm
         if position_ids is None:  # the stock rule: continue after layer 0's cache
-            position_ids = (self._first_len(cache) + torch.arange(q, device=embeds.device))[None].expand(B, q)
+            position_ids = (self._first_len(st, cache) + torch.arange(q, device=embeds.device))[None].expand(B, q)
         h = embeds
         bounds = [s.start for s in st.segments] + [len(lm.layers)]
         for s, seg in enumerate(st.segments):
             if own:
                 mask = attention_mask[s]
-            else:  # always explicit (see _prefill_llm)
+            else:  # always explicit (see prefill)
                 gm = gen_mask
                 if gm is None:  # as wide as the segment's first attention layer's cache (hybrid: not a linear one)
                     full = first_full_layer(self.adapter, seg.start, bounds[s + 1])
@@ -347,10 +353,10 @@ class StagedDecoderMixin:
                                  past_key_values=cache, use_cache=use_cache, **kwargs)
         return lm.norm(h)
 
-    def _first_len(self, cache) -> int:
+    def _first_len(self, st, cache) -> int:
         """Tokens in the cache of the first segment (layer 0's, or on a hybrid model its first attention layer's:
         linear-attention layers keep a state, not a length)."""
-        segs = self._state.segments
+        segs = st.segments
         stop = segs[1].start if segs is not None and len(segs) > 1 else len(self.lm.layers)
         full = first_full_layer(self.adapter, 0, stop)
         if full is None:
@@ -361,7 +367,7 @@ class StagedDecoderMixin:
         # then: a compiled decode step (static cache) must not read the prompt's length
         drop = 0
         if segs and self.needs.prune_past_cache:
-            drop = self._state.llm_len - segs[0].mask.shape[1]
+            drop = st.llm_len - segs[0].mask.shape[1]
         return cache.get_seq_length(full) + drop
 
     @staticmethod

@@ -73,22 +73,22 @@ def test_static_cache_decode_masks_have_the_cache_width(rt):
     eng = rt.prune("fastv", 8)
     inputs = _inputs(rt, 3)
     seen = {"static": [], "dynamic": []}
-    orig = eng._decode_llm
+    orig = eng.decoder.decode
     kind = []
 
-    def spy(embeds, attention_mask, position_ids, cache, *a, **k):
+    def spy(st, embeds, attention_mask, position_ids, cache, *a, **k):
         slots = max(layer.get_max_length() for layer in cache.layers)
         seen[kind[-1]].append((attention_mask.clone(), slots))
-        return orig(embeds, attention_mask, position_ids, cache, *a, **k)
+        return orig(st, embeds, attention_mask, position_ids, cache, *a, **k)
 
-    eng._decode_llm = spy
+    eng.decoder.decode = spy
     try:
         with torch.no_grad():
             for k, extra in (("static", {"cache_implementation": "static", "disable_compile": True}), ("dynamic", {})):
                 kind.append(k)
                 rt.model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, **extra)
     finally:
-        del eng._decode_llm
+        del eng.decoder.decode
     L = inputs["input_ids"].shape[1]
     assert [tuple(m.shape) for m, _ in seen["dynamic"]] == [(3, L + 1 + i) for i in range(5)]
     assert len(seen["static"]) == 5

@@ -283,7 +283,7 @@ def run_segments(engine, entry: Entry, cache, stages: tuple, stage_in: tuple, ba
         h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE: kept positions, never renumbered)
         p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t["src"]].view(*R, B, Lb)
-        if engine._reindex:  # renumbered from the row's first position, as the eager engine
+        if engine.env.reindex:  # renumbered from the row's first position, as the eager engine
             p2 = t["ar"] + p2.reshape(-1)[t["first"]][:, None]
         pos, mask = p2, prompt_mask(t["pad"], Lb, mask.shape[-1])
         if ds is not None:  # a sample without visual tokens left carries no rows

@@ -424,7 +424,7 @@ class FastPath:
         # decode positions: "keep" continues after the prompt's last position (M-RoPE: the unpruned prompt's,
         # on every row, as generate() does), "reindex" after each segment's own length (the eager engine's
         # per-segment shift)
-        if self.engine._reindex:
+        if self.engine.env.reindex:
             nxt = torch.tensor(seg_lens, dtype=torch.long)
         else:
             nxt = nxt[None].expand(S, *nxt.shape)

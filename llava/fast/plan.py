@@ -18,8 +18,10 @@ from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
+from ..layout import text_spans
 from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
+from ..prefill import sample_key
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -303,10 +305,10 @@ class HostPlanner:
             rows.append((ids, p0, T))
             text = None
             if e.needs.query_aware:  # the text after the visual run, padded: (real rows, question rows)
-                after, question = e._text_spans(ids, vis)
+                after, question = text_spans(ids, vis, e.prompt_spec)
                 Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
                 text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
-            smp, ch = self._plan_sample(fv.samples[b], e._sample_key(b, ids), extras, fv.kind, at, text)
+            smp, ch = self._plan_sample(fv.samples[b], sample_key(e.sample_keys, b, ids), extras, fv.kind, at, text)
             at += sum(int(c.numel()) for c in ch)
             samples.append(smp)
             chunks += ch

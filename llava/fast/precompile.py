@@ -191,7 +191,7 @@ def static_description(fast) -> dict:
         "method": [f"{type(e.method).__module__}.{type(e.method).__qualname__}", _plain(e.method.config()),
                    _attrs(e.method)],
         "adapter": [f"{type(e.adapter).__module__}.{type(e.adapter).__qualname__}", _attrs(e.adapter)],
-        "engine": [e.family, _plain(getattr(e, "_reindex", None))],
+        "engine": [e.family, _plain(e.env.reindex)],
         "fast": [fast.backend, fast.cuda_graphs, fast.regional, fast.attention, list(fast.buckets)],
     }
 

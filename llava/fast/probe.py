@@ -4,7 +4,7 @@ prefill.
 
 The eager engine splices the unpruned batch, runs decoder layers 0..K-1 on it (no cache) and recomputes layer
 K's causal softmax rows for the chosen text queries at the original positions
-(:meth:`llava.layout.LayoutMixin._probe_rows`). Here the host plans that unpruned batch the way it plans the
+(:meth:`llava.layout.VisionStage._probe_rows`). Here the host plans that unpruned batch the way it plans the
 pruned rows: every row left-padded to a length bucket (the unpruned prompt's), its placeholder rows gathered
 from each sample's stock visual features, contiguous positions (M-RoPE: the prompt's own), a 4-D causal mask;
 the rows of the text after the image (the vision stage's padded text block, ``VisionSignals.text_rows``) and of
