@@ -1,7 +1,7 @@
 """InternVL3 / 3.5 on the fast path (issue 34): one image per prompt, a unit per tile, the tiles' owner read from the
 host ids (``pixel_values`` stacks every prompt's tiles and says nothing else); the stock feature path (InternViT,
 [CLS] dropped, ``pixel_shuffle``, projector) and the pooled [CLS] signals inside the captured prefill
-(``InternVLAdapter.fast_encode``), bit-identical to the eager encoder. Greedy tokens, first-step scores and visual
+(``InternVLAdapter.encode_static``), bit-identical to the eager encoder. Greedy tokens, first-step scores and visual
 counts == the eager engine; 0 host syncs; one prefill graph per bucket; video frames (a run per frame) eager."""
 
 import pytest
@@ -29,24 +29,24 @@ def test_the_plan_reads_each_prompts_tiles_from_its_ids(rts):
     batch = images(fast)
     adapter = fast.engine.adapter if fast.engine is not None else fast.prune("none", None).adapter
     ids = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -1)
-    fv = adapter.fast_visual({"pixel_values": batch["pixel_values"]}, 3, ids)
+    fv = adapter.visual_layout({"pixel_values": batch["pixel_values"]}, 3, ids)
     tiles = [s["units"].tolist() for s in fv.samples]
     assert tiles == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]] and batch["pixel_values"].shape[0] == 11
     assert fv.samples[1]["src"].tolist() == list(range(16, 96)) and fv.samples[1]["grid"] == ((4, 4),) * 5
     with pytest.raises(ValueError, match="tiles in pixel_values"):
-        adapter.fast_visual({"pixel_values": batch["pixel_values"][:10]}, 3, ids)
+        adapter.visual_layout({"pixel_values": batch["pixel_values"][:10]}, 3, ids)
 
 
 @pytest.mark.parametrize("vision_layer", [None, 2])
 def test_static_encoder_equals_the_eager_encoder(rts, vision_layer):
-    """``fast_encode`` == ``encode`` (the stock features and the pooled signals of the method's vision layer: the
+    """``encode_static`` == ``encode`` (the stock features and the pooled signals of the method's vision layer: the
     select layer's input, or the one producing hidden_states[2]), bit for bit."""
     _, eager = rts
     adapter = eager.prune("none", None).adapter
     px = images(eager)["pixel_values"]
     with torch.no_grad():
         (ref,) = adapter.encode({"pixel_values": px}, True, vision_layer)
-        got = adapter.fast_encode(px, ("internvl", int(px.shape[0])), {}, True, vision_layer)
+        got = adapter.encode_static(px, ("internvl", int(px.shape[0])), {}, True, vision_layer)
         (other,) = adapter.encode({"pixel_values": px}, True, 2 if vision_layer is None else None)
     for k in ("features", "vision_features", "cls_attn", "keys"):
         assert torch.equal(got[k], ref.flat[k]), k

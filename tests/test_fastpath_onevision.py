@@ -1,6 +1,6 @@
 """LLaVA-OneVision on the fast path (issue 34): one image (anyres_max_9: the base crop, the grid crops unpadded, a
 bilinear shrink past 9 crops' worth, a newline per row) or one video (frames pooled 2x, one newline) per prompt, the
-packing planned on the host from ``image_sizes`` (``onevision_vision.fast_plan_images`` / ``fast_plan_videos``) and
+packing planned on the host from ``image_sizes`` (``onevision_vision.plan_images`` / ``plan_videos``) and
 run inside the captured prefill (``run_static``). The static encoder == the eager encoder bit for bit; greedy tokens,
 first-step scores and visual counts == the eager engine; 0 host syncs; one prefill graph per bucket."""
 
@@ -36,7 +36,7 @@ def test_the_plan_of_a_shrunk_image():
     """(260, 260) on the tiny model: 1 base crop + 4 x 4 grid crops; the 16 x 16 grid map is not unpadded (square)
     and shrunk to int(16 / (16 / 12)) = 12 rows of 12 + a newline: 16 + 12 * 13 = 172 tokens."""
     rt = load("tiny:llava_onevision", seed=1)
-    plan, t, (s,) = ov.fast_plan_images(rt.model.config, [[260, 260]], 17)
+    plan, t, (s,) = ov.plan_images(rt.model.config, [[260, 260]], 17)
     assert plan == ("images", ((1, 4, 4, (260, 260), (12, 12)),), 4, 4)
     assert torch.equal(t["crops"], torch.arange(17)) and s["src"].numel() == 172
     nl = (s["src"] < 0).nonzero().flatten()
@@ -55,11 +55,11 @@ def test_static_encoder_equals_the_eager_encoder(rts, kind):
     with torch.no_grad():
         if kind == "images":
             ref = ov.encode_images(eager.model, batch["pixel_values"], batch["image_sizes"], want_attn=True)
-            plan, t, samples = ov.fast_plan_images(cfg, batch["image_sizes"].tolist(), batch["pixel_values"].shape[1])
+            plan, t, samples = ov.plan_images(cfg, batch["image_sizes"].tolist(), batch["pixel_values"].shape[1])
             got = ov.run_static(core, batch["pixel_values"], plan, t, True)
         else:
             ref = ov.encode_videos(eager.model, batch["pixel_values_videos"], want_attn=True)
-            plan, t, samples = ov.fast_plan_videos(cfg, *batch["pixel_values_videos"].shape[:2])
+            plan, t, samples = ov.plan_videos(cfg, *batch["pixel_values_videos"].shape[:2])
             got = ov.run_static(core, batch["pixel_values_videos"], plan, t, True)
     src = torch.cat([s["src"] for s in samples])
     real = src >= 0

@@ -1,20 +1,21 @@
 """What the engine asks a model family. One subclass per family, one file each; the family's record
 (:mod:`llava.families.registry`) names it.
 
-The engine core (``llava/engine.py``) knows no family: it asks the adapter to
+The engine core (``llava/engine.py``) knows no family. Its two executors ask the adapter's one visual interface:
 
-* **encode** the visual inputs of a prefill: run the vision tower once and return, per placeholder
-  token id, the visual tokens exactly as the stock model splices them plus the per-token signals
-  methods read (see :class:`VisualBlock`);
+* **encode** (the eager executor, dynamic shapes, every input it takes: several images per prompt, images and
+  videos in one batch): run the vision tower once and return, per placeholder token id, the visual tokens exactly
+  as the stock model splices them plus the per-token signals methods read (see :class:`VisualBlock`);
+* **visual_layout** (the captured executor, host only): the same layout planned from host metadata before any
+  device work, for one image or one video per prompt (:class:`VisualLayout`), and **encode_static**, the tower
+  run with the static shapes that plan fixes, where the family runs its own tower there (the CLIP towers are run
+  by :mod:`llava.fast.vision`); ``tower_for`` / ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
 * give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say
   whether kept tokens keep them (``keeps_positions``) or are renumbered contiguously (LLaVA's
   pre-LLM convention), and map ``generate``'s decode positions into the LLM's space;
 * name the keyword arguments that carry visual inputs (``visual_keys``), which never reach the
   language model;
-* for the fast path (:mod:`llava.fast.path`): lay out a prefill's visual input from host metadata
-  (``fast_visual``), and where the family runs its own tower there, encode it with static shapes
-  (``fast_encode``); the prompt's positions (``rope_positions``) serve both executors.
 
 Splicing, selection, merging, re-padding, the staged decoder, decode masks, stats and timing stay
 in the core.
@@ -68,9 +69,10 @@ class VisualBlock(NamedTuple):
     sizes: list[int]
 
 
-class FastVisual(NamedTuple):
-    """The host plan of a prefill's visual input for the fast path (:mod:`llava.fast.path`): exactly one
-    image or one video per prompt, laid out as the stock model splices it.
+class VisualLayout(NamedTuple):
+    """The host layout of a prefill's visual input (:meth:`FamilyAdapter.visual_layout`), read by the captured
+    executor (:mod:`llava.fast.path`): exactly one image or one video per prompt, laid out as the stock model splices
+    it.
 
     key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
     placeholder id; kind: the unit kind ("image" / "crop" / "frame"); drop_cls: the tower's [CLS] row is
@@ -87,7 +89,7 @@ class FastVisual(NamedTuple):
     drop_cls: bool
     crops: torch.Tensor | None
     samples: list
-    #: a family that encodes its tower itself on the fast path (:meth:`FamilyAdapter.fast_encode`): the static
+    #: a family that encodes its tower itself on the fast path (:meth:`FamilyAdapter.encode_static`): the static
     #: plan of the tower run (hashable: part of the graph key) and its host tensors (name -> tensor: indices, weights);
     #: None: the CLIP tower run by :mod:`llava.fast.path` (``hidden_states`` + the projector)
     tower: object = None
@@ -98,7 +100,7 @@ class FastVisual(NamedTuple):
 
 def clip_units(n_units: int, tokens: int, drop_cls: bool, first: int = 0) -> dict:
     """Host layout of ``n_units`` CLIP units in a row, ``tokens`` LLM tokens each (the [CLS] kept or
-    not), starting at tower input ``first``: one visual input of :class:`FastVisual`."""
+    not), starting at tower input ``first``: one visual input of :class:`VisualLayout`."""
     off = 1 if drop_cls else 0
     side = int(round((tokens - (0 if drop_cls else 1)) ** 0.5))
     return {"src": torch.arange(first * tokens, (first + n_units) * tokens),
@@ -178,17 +180,17 @@ class FamilyAdapter:
     def placeholder_name(self, token_id: int) -> str:
         return "video" if token_id == getattr(self.config, "video_token_id", None) else "image"
 
-    # ---------------------------------------------------------------- fast path (llava.fast.path)
-    def fast_visual(self, visual: dict, batch: int, input_ids: torch.Tensor | None = None) -> FastVisual:
+    # ---------------------------------------------------------------- the captured executor's half (llava.fast)
+    def visual_layout(self, visual: dict, batch: int, input_ids: torch.Tensor | None = None) -> VisualLayout:
         """The host plan of this prefill's visual inputs (no device work; reads only host metadata
         such as image sizes). ``input_ids``: the host ids (B, L) of the prompt, padding included, for a family
         whose visual metadata does not say which inputs belong to which prompt (InternVL's tiles). Raises
         ValueError with the reason when the fast path cannot take them."""
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
-    def fast_encode(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool,
-                    vision_layer: int | None = None) -> dict:
-        """Inside the captured prefill, for a :class:`FastVisual` with a ``tower`` plan: run the tower with
+    def encode_static(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool,
+                      vision_layer: int | None = None) -> dict:
+        """Inside the captured prefill, for a :class:`VisualLayout` with a ``tower`` plan: run the tower with
         static shapes (no host read; ``tensors`` = its ``tower_tensors`` on the device) and return per visual
         token, in the order ``src`` indexes: ``features`` (N, D) as the stock model splices them,
         ``vision_features`` (N, Dv) and with ``want_attn`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the

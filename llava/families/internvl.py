@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, FastVisual, VisualBlock
+from .base import FamilyAdapter, VisualLayout, VisualBlock
 
 
 def cls_signals(layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +148,8 @@ class InternVLAdapter(FamilyAdapter):
             flat["cls_attn"], flat["keys"] = self.pooled_signals(layer, captured["h"])
         return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
 
-    # ---------------------------------------------------------------- fast path (llava.fast.path)
-    def fast_visual(self, visual, batch, input_ids=None):
+    # ---------------------------------------------------------------- the captured executor's half (llava.fast)
+    def visual_layout(self, visual, batch, input_ids=None):
         """One image per prompt: its tiles are one run of ``<IMG_CONTEXT>`` tokens (m per tile), so a prompt's
         tile count is its placeholder count / m, read from the host ids (``pixel_values`` holds every prompt's
         tiles in order and nothing says which are whose). A unit per tile. Video frames (a ``Frame{i}: <img>``
@@ -176,10 +176,10 @@ class InternVLAdapter(FamilyAdapter):
                             "patch": torch.arange(m).repeat(n), "units": torch.arange(t0, t0 + n),
                             "unit_pos": torch.full((n, 2), -1, dtype=torch.long), "grid": (g,) * n})
             t0 += n
-        return FastVisual("pixel_values", cfg.image_token_id, "crop", False, None, samples,
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, samples,
                           tower=("internvl", int(px.shape[0])), tower_tensors={})
 
-    def fast_encode(self, pixels, tower, tensors, want_attn, vision_layer=None):
+    def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with
         the select layer's input read from ``hidden_states`` (what the eager pre-hook captures) for the signals."""
         cfg, core = self.config, self.core

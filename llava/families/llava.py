@@ -4,7 +4,7 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, FastVisual, VisualBlock, clip_units
+from .base import FamilyAdapter, VisualLayout, VisualBlock, clip_units
 from .clip import flatten_units, run_tower
 
 
@@ -23,7 +23,7 @@ class LlavaAdapter(FamilyAdapter):
                                     drop_cls=drop, kind="image", received=rc)
         return [VisualBlock(cfg.image_token_id, flat, sizes)]
 
-    def fast_visual(self, visual, batch, input_ids=None):
+    def visual_layout(self, visual, batch, input_ids=None):
         px = visual.get("pixel_values")
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
@@ -32,5 +32,5 @@ class LlavaAdapter(FamilyAdapter):
         vc = self.config.vision_config
         drop = self.config.vision_feature_select_strategy == "default"
         m = (vc.image_size // vc.patch_size) ** 2 + (0 if drop else 1)
-        return FastVisual("pixel_values", self.config.image_token_id, "image", drop, None,
+        return VisualLayout("pixel_values", self.config.image_token_id, "image", drop, None,
                           [clip_units(1, m, drop, first=b) for b in range(batch)])

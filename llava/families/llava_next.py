@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, FastVisual, VisualBlock, to_device
+from .base import FamilyAdapter, VisualLayout, VisualBlock, to_device
 from ..needs import CLS_QUERY_PREFIXES
 from .clip import flatten_units, run_tower
 
@@ -134,7 +134,7 @@ class LlavaNextAdapter(FamilyAdapter):
             out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
         return [VisualBlock(cfg.image_token_id, out, sizes)]
 
-    def fast_visual(self, visual, batch, input_ids=None):
+    def visual_layout(self, visual, batch, input_ids=None):
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 
@@ -169,7 +169,7 @@ class LlavaNextAdapter(FamilyAdapter):
                             "units": torch.arange(start, start + c),
                             "unit_pos": torch.tensor(pos, dtype=torch.long), "grid": ((side, side),) * c})
             start += c
-        return FastVisual("pixel_values", cfg.image_token_id, "crop", drop, torch.cat(rows), samples)
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", drop, torch.cat(rows), samples)
 
     def newline(self):
         return self.core.image_newline  # fed where the layout has a newline token (spatial_unpad's rows)

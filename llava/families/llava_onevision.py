@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import onevision_vision as ov
-from .base import FamilyAdapter, FastVisual, VisualBlock
+from .base import FamilyAdapter, VisualLayout, VisualBlock
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -55,12 +55,12 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def project(self, vision_features):
         return ov.project(self.model, vision_features)
 
-    # ---------------------------------------------------------------- fast path (llava.fast.path)
-    def fast_visual(self, visual, batch, input_ids=None):
+    # ---------------------------------------------------------------- the captured executor's half (llava.fast)
+    def visual_layout(self, visual, batch, input_ids=None):
         """One image (anyres_max_9: base crop, grid crops unpadded, bilinearly shrunk past 9 crops' worth, a newline
         per row) or one video (frames pooled 2x, one newline at the end) per prompt, laid out on the host from
-        ``image_sizes`` / the frame count (:func:`onevision_vision.fast_plan_images` / ``fast_plan_videos``); the tower, the projector and the
-        packing run inside the captured prefill (:meth:`fast_encode`). A unit is a crop / a frame."""
+        ``image_sizes`` / the frame count (:func:`onevision_vision.plan_images` / ``plan_videos``); the tower, the projector and the
+        packing run inside the captured prefill (:meth:`encode_static`). A unit is a crop / a frame."""
         cfg = self.config
         video = visual.get("pixel_values_videos") is not None
         if video and visual.get("pixel_values") is not None:
@@ -69,8 +69,8 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             px = visual["pixel_values_videos"]
             if px.dim() != 5 or px.shape[0] != batch:
                 raise ValueError("the fast path takes exactly one video per prompt")
-            plan, tensors, samples = ov.fast_plan_videos(cfg, px.shape[0], px.shape[1])
-            return FastVisual("pixel_values_videos", cfg.video_token_id, "frame", False, None, samples, tower=plan,
+            plan, tensors, samples = ov.plan_videos(cfg, px.shape[0], px.shape[1])
+            return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None, samples, tower=plan,
                               tower_tensors=tensors)
         px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
         if px is None or sizes is None:
@@ -81,12 +81,12 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         sizes_h = sizes.tolist() if torch.is_tensor(sizes) else [list(x) for x in sizes]
         if len(sizes_h) != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
-        plan, tensors, samples = ov.fast_plan_images(cfg, sizes_h, px.shape[1] if px.dim() == 5 else None)
-        return FastVisual("pixel_values", cfg.image_token_id, "crop", False, None, samples, tower=plan,
+        plan, tensors, samples = ov.plan_images(cfg, sizes_h, px.shape[1] if px.dim() == 5 else None)
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, samples, tower=plan,
                           tower_tensors=tensors)
 
     def newline(self):
         return self.core.image_newline
 
-    def fast_encode(self, pixels, tower, tensors, want_attn, vision_layer=None):
+    def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
         return ov.run_static(self.core, pixels, tower, tensors, want_attn)

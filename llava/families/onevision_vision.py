@@ -366,7 +366,7 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
 # The fast path (llava.fast.path): the same packing with every size planned on the host
 
 
-def _fast_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tensor, unit_grid: list, sizes: list,
+def _layout_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tensor, unit_grid: list, sizes: list,
                   crops: list) -> list:
     """Per sample (one image / video each): ``src`` its packed rows (-1 at newlines), ``unit`` numbered from 0
     within the sample, ``patch``, ``units`` (its units' rows among the tower inputs), ``unit_pos``, ``grid``."""
@@ -381,11 +381,11 @@ def _fast_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tenso
     return samples
 
 
-def fast_plan_images(cfg, image_sizes: list, max_crops: int | None):
+def plan_images(cfg, image_sizes: list, max_crops: int | None):
     """The host plan of one image per prompt (``image_sizes`` (H, W) each; ``max_crops``: the padded crop count
     of ``pixel_values`` (n, max_crops, 3, S, S), None for stacked crops). Returns (the static tower plan: hashable,
     part of the graph key; its host tensors: ``crops`` the real crops' rows of the flattened input, ``index`` the
-    packing gather of :func:`_pack_images`; the samples of :class:`llava.families.base.FastVisual`)."""
+    packing gather of :func:`_pack_images`; the samples of :class:`llava.families.base.VisualLayout`)."""
     num_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                  for s in image_sizes]
     index, interps, unit, patch, unit_pos, unit_grid, sizes = _image_plan(cfg, image_sizes, num_crops)
@@ -397,11 +397,11 @@ def fast_plan_images(cfg, image_sizes: list, max_crops: int | None):
     h, w = unit_grid[0]
     plan = ("images", tuple((it.first_crop, it.rows, it.cols, tuple(it.image_size), tuple(it.out_size))
                             for it in interps), h, w)
-    return plan, {"crops": torch.cat(rows), "index": index}, _fast_samples(unit, patch, unit_pos, unit_grid, sizes,
+    return plan, {"crops": torch.cat(rows), "index": index}, _layout_samples(unit, patch, unit_pos, unit_grid, sizes,
                                                                             num_crops)
 
 
-def fast_plan_videos(cfg, n_videos: int, n_frames: int):
+def plan_videos(cfg, n_videos: int, n_frames: int):
     """The host plan of one video of ``n_frames`` frames per prompt: per video its pooled frames' rows, then one
     newline (src -1); a unit per frame."""
     h = w = cfg.vision_config.image_size // cfg.vision_config.patch_size
@@ -411,7 +411,7 @@ def fast_plan_videos(cfg, n_videos: int, n_frames: int):
     unit = torch.cat([torch.cat([frame + v * n_frames, torch.full((1,), -1)]) for v in range(n_videos)])
     patch = torch.cat([torch.cat([torch.arange(pp).repeat(n_frames), torch.full((1,), -1)])] * n_videos)
     sizes = [n_frames * pp + 1] * n_videos
-    samples = _fast_samples(unit, patch, torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
+    samples = _layout_samples(unit, patch, torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
                             [(ph, pw)] * (n_videos * n_frames), sizes, [n_frames] * n_videos)
     index = torch.cat([torch.cat([torch.arange(n_frames * pp) + v * n_frames * pp,
                                   torch.full((1,), n_videos * n_frames * pp)]) for v in range(n_videos)])

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, FastVisual, VisualBlock
+from .base import FamilyAdapter, VisualLayout, VisualBlock
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -97,8 +97,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def grid(self) -> tuple[int, int]:
         return (0, 0)  # dynamic resolution: every image has its own grid (``patch`` is its merged raster index)
 
-    # ---------------------------------------------------------------- fast path (llava.fast.path)
-    def fast_visual(self, visual, batch, input_ids=None):
+    # ---------------------------------------------------------------- the captured executor's half (llava.fast)
+    def visual_layout(self, visual, batch, input_ids=None):
         """One image or one video per prompt (``image_grid_thw`` / ``video_grid_thw``, and a video's
         ``second_per_grid_ts``, read once on the host: the processor's metadata, before any device work). The
         tower runs inside the captured prefill with every segment / window / rotary index planned from the grids
@@ -135,10 +135,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
             ts = visual["second_per_grid_ts"]
             meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
-        return FastVisual(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
+        return VisualLayout(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
                           tower_tensors=tensors, meta=meta)
 
-    def fast_encode(self, pixels, tower, tensors, want_attn, vision_layer=None):
+    def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
         out = qwen_vision.run_static(self.model, pixels, tower, tensors, want_attn)
         if want_attn:
             out["cls_attn"] = out.pop("saliency").T

@@ -33,13 +33,13 @@ from .qwen2_5_vl import Qwen2_5_VLAdapter
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 
-    def fast_visual(self, visual, batch, input_ids=None):
+    def visual_layout(self, visual, batch, input_ids=None):
         """Images as Qwen2.5-VL's (the tower without windows, its DeepStack rows carried with the tokens);
         videos are refused: every temporal slice is its own vision run after its timestamp text."""
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} videos (a timestamp and its own vision run before every temporal slice) "
                              "run on the eager engine (the fast path plans one vision run per prompt)")
-        return super().fast_visual(visual, batch)
+        return super().visual_layout(visual, batch)
 
     @property
     def deepstack_levels(self) -> int:

@@ -49,11 +49,11 @@ follow the kept tokens), LLaVA-OneVision (images: anyres_max_9 packed inside the
 of ``image_sizes``; videos), InternVL (images: a unit per tile, each prompt's tiles counted from its host ids) and
 Qwen3.5 (its hybrid decoder's Gated DeltaNet states in the static cache, a mask per layer type: pre-LLM methods),
 with exactly one image or one video per prompt, laid out by the family adapter's
-:meth:`~llava.families.base.FamilyAdapter.fast_visual`; methods that declare ``capturable = "full"`` or
+:meth:`~llava.families.base.FamilyAdapter.visual_layout`; methods that declare ``capturable = "full"`` or
 ``"piecewise"`` (:attr:`llava.method.Method.capturable`; piecewise: a vision stage only, not query-aware, not
 on M-RoPE families); no replay.
 The Qwen towers run inside the captured function with every grid-dependent index planned on the host
-(:meth:`~llava.families.base.FamilyAdapter.fast_encode`, :func:`llava.families.qwen_vision.run_static`);
+(:meth:`~llava.families.base.FamilyAdapter.encode_static`, :func:`llava.families.qwen_vision.run_static`);
 their 3-D M-RoPE positions are the eager engine's (the model's own ``get_rope_index`` on the host ids,
 :meth:`~llava.families.base.FamilyAdapter.rope_positions` on the host copies): the text rows keep theirs, each visual
 output takes its source candidate's inside the graph, decoding continues at the last prompt position + 1 on all
@@ -123,7 +123,7 @@ class FastInfo:
 
 
 def _tower_host(fv) -> dict:
-    """The tower's host inputs of a visual layout (``FastVisual``): its index tensors (``tower:<name>``) and the
+    """The tower's host inputs of a visual layout (``VisualLayout``): its index tensors (``tower:<name>``) and the
     crops it runs (``crops``)."""
     host = {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
     if fv.crops is not None:

@@ -69,7 +69,7 @@ class _Spec:
     cache_len: int
     index_len: int
     stages: tuple = ()  # llava.fast.llm.StageSpec per llm stage
-    tower: object = None  # the family's static tower plan (FastVisual.tower); None: the CLIP tower
+    tower: object = None  # the family's static tower plan (VisualLayout.tower); None: the CLIP tower
     mrope: int = 0  # rows of the positions when kept tokens keep theirs (M-RoPE: 3); 0: contiguous 1-D
     deepstack: int = 0  # DeepStack levels (Qwen3-VL): rows added at the visual rows after decoder layers 0..n-1
     probe: object = None  # llava.fast.probe.ProbeSpec: the vision stage reads the LLM's attention (unpruned prompt)
@@ -101,7 +101,7 @@ class _TowerPlan:
 
     ids: torch.Tensor  # (B, L) host ids
     valid: torch.Tensor  # (B, L) host bool: real rows
-    fv: object  # llava.families.base.FastVisual
+    fv: object  # llava.families.base.VisualLayout
     spec: _TowerSpec
 
 
@@ -270,13 +270,13 @@ class HostPlanner:
 
     def plan_tower(self, input_ids, attention_mask, visual: dict) -> _TowerPlan:
         """The part of the plan the tower's run needs: the one device read (the ids and mask, before any device
-        work of this prefill) and the family's visual layout (:meth:`FamilyAdapter.fast_visual`). The fast path
+        work of this prefill) and the family's visual layout (:meth:`FamilyAdapter.visual_layout`). The fast path
         starts the tower with it and plans the rest while the device runs the tower."""
         B, L = input_ids.shape
         ids_h = input_ids.cpu()
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
         try:
-            fv = self.engine.adapter.fast_visual(visual, B, torch.where(valid_h, ids_h, -1))
+            fv = self.engine.adapter.visual_layout(visual, B, torch.where(valid_h, ids_h, -1))
         except ValueError as exc:
             raise NotPlanned(str(exc)) from None
         return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls,

@@ -29,12 +29,12 @@ class CapturedVision:
     def run_tower(self, px, crops, spec, tower_in=None) -> dict:
         """The tower of a captured prefill, its outputs by name (the tower function of a prefill, run before the
         rest of the host plan; ``spec``: a :class:`llava.fast.plan._TowerSpec` or the prefill's ``_Spec``): the
-        family's own static-shape encoder's (``spec.tower``, :meth:`FamilyAdapter.fast_encode`) or the CLIP
+        family's own static-shape encoder's (``spec.tower``, :meth:`FamilyAdapter.encode_static`) or the CLIP
         tower's (:meth:`_clip_tower`)."""
         e = self.engine
         if spec.tower is not None:
             with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
-                enc = e.adapter.fast_encode(px, spec.tower, tower_in, e.needs.tower_attention, e.needs.vision_layer)
+                enc = e.adapter.encode_static(px, spec.tower, tower_in, e.needs.tower_attention, e.needs.vision_layer)
             return {k: v for k, v in enc.items() if v is not None}
         return self._clip_tower(px, crops, spec)
 
@@ -51,7 +51,7 @@ class CapturedVision:
         e = self.engine
         adapter, method = e.adapter, e.method
         enc = tower_out if tower_out is not None else self.run_tower(px, crops, spec, tower_in)
-        if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.fast_encode)
+        if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.encode_static)
             flat, vflat = enc["features"], enc["vision_features"]
             caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
         else:
