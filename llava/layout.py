@@ -279,16 +279,8 @@ class VisionStage:
             rows.append(place_outputs(lay, run_h, out_src, dev))
             rows[-1]["x"] = out_feats
             rows[-1]["deep"] = out_deep
-        new_L = max(r["n"] for r in rows)
+        new_L, new_mask_h, new_layouts = repadded(layouts, rows)
         new_embeds = embeds.new_zeros(B, new_L, D)
-        new_mask_h = torch.zeros(B, new_L, dtype=torch.long)
-        new_layouts = []
-        for b, (lay, r) in enumerate(zip(layouts, rows)):
-            pad = new_L - r["n"]
-            new_mask_h[b, pad:] = 1
-            ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
-            ids[r["text_dst"]] = lay.ids[r["text_src"]]
-            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
         moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r["text_src"]], r["text_dst"])]
                            + [new_mask_h], dev)
         new_mask = moved[-1]
@@ -321,9 +313,8 @@ class VisionStage:
             new_pos = None
         info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
         if rows and rows[0]["deep"] is not None:  # the kept / merged tokens' rows at their new places
-            at = torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, r in enumerate(rows)])  # ascending
             deep = torch.cat([r["deep"][r["perm"]] if r["perm"] is not None else r["deep"] for r in rows])
-            info["deepstack"] = _deepstack(deep, _to_device([at], dev)[0], B, new_L)
+            info["deepstack"] = _deepstack(deep, _to_device([deepstack_rows(rows, new_L)], dev)[0], B, new_L)
         return new_embeds, new_mask, new_pos, info
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
@@ -427,6 +418,27 @@ def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, de
                    + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
         return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
                 "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
+
+
+def repadded(layouts: list, rows: list) -> tuple[int, torch.Tensor, list]:
+    """The rebuilt rows (``rows``: :func:`place_outputs` per sample, of ``layouts``) left-padded to the longest: its
+    length, the host (B, L') 2-D mask and each sample's new :class:`_Layout` (text ids carried, visual rows -1)."""
+    new_L = max(r["n"] for r in rows)
+    mask_h = torch.zeros(len(rows), new_L, dtype=torch.long)
+    new_layouts = []
+    for b, (lay, r) in enumerate(zip(layouts, rows)):
+        pad = new_L - r["n"]
+        mask_h[b, pad:] = 1
+        ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
+        ids[r["text_dst"]] = lay.ids[r["text_src"]]
+        new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
+    return new_L, mask_h, new_layouts
+
+
+def deepstack_rows(rows: list, new_L: int) -> torch.Tensor:
+    """Host: the flat row (b * L' + position) of every visual output in the rebuilt, left-padded rows, sample by
+    sample in output order (ascending): where the DeepStack rows they carry go."""
+    return torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, r in enumerate(rows)])
 
 
 def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:

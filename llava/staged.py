@@ -21,7 +21,7 @@ from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import CachedRows, cached_kv, llm_attention_fns
 from .families.base import to_device as _to_device
-from .layout import _Layout, _runs, decoder_masks, first_full_layer, place_outputs, text_spans
+from .layout import _runs, decoder_masks, deepstack_rows, first_full_layer, place_outputs, repadded, text_spans
 from .method import Selection
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
@@ -235,18 +235,10 @@ class StagedDecoder:
             vp = p[..., vis[src]]  # a merged token takes its target's position
             outs.append((r, x, p, vx, vp, src))
             olds.append((real, vis))
-        new_L = max(r["n"] for r, *_ in outs)
+        new_L, m2_h, new_layouts = repadded(layouts, [r for r, *_ in outs])
         h2 = h.new_zeros(B, new_L, D)
         p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
-        m2_h = torch.zeros(B, new_L, dtype=torch.long)
-        new_layouts, dropped = [], []
-        for b, (lay, (r, *_)) in enumerate(zip(layouts, outs)):
-            pad = new_L - r["n"]
-            m2_h[b, pad:] = 1
-            ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
-            ids[r["text_dst"]] = lay.ids[r["text_src"]]
-            new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
-            dropped.append(int(lay.real.numel()) - r["n"])
+        dropped = [int(lay.real.numel()) - r["n"] for lay, (r, *_) in zip(layouts, outs)]
         moved = _to_device([t for r, *_ in outs for t in (r["text_src"], r["text_dst"])]
                            + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
         new_org, new_ent = [], []
@@ -268,8 +260,8 @@ class StagedDecoder:
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
         if deep_in is not None:
-            at = torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, (r, *_) in enumerate(outs)])
-            ds = _deepstack(torch.cat(deep_out), _to_device([at], dev)[0], B, new_L)
+            ds = _deepstack(torch.cat(deep_out), _to_device([deepstack_rows([r for r, *_ in outs], new_L)], dev)[0],
+                            B, new_L)
         rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
             h2, moved[-2], p2, new_layouts, new_org, new_ent, ds
         return moved[-1], src_rows
