@@ -52,7 +52,6 @@ class _Prefill:
     entry: list | None = None  # per sample: (visual tokens', text-after tokens') inputs to layer 0
     llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
     clock: _PhaseClock | None = None  # the phase clock of this prefill's timings
-    past_from: int = 0  # the first decoder layer whose cache an llm stage prunes (Method.past_cache_from)
     subblocks: dict = field(default_factory=dict)  # layer -> SubBlockStates (B, L, D) recorded since the last stage
     cache: Any = None  # the prompt's KV cache, whose layers an llm stage reads (llava.attention_rows.cached_kv)
     sample_keys: list | None = None  # per row: the caller's key of the sample (engine.sample_keys), None: a hash

@@ -113,7 +113,6 @@ class StagedDecoder:
         # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
         ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
         ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
-        ctx.past_from = self.needs.past_cache_from  # the first layer whose cache is pruned
         ctx.cache = cache
         rows = _Rows(h=embeds, mask=mask, pos=pos, layouts=layouts, origin=origin, entry=entry, ds=ds,
                      shift=torch.zeros(B, dtype=torch.long, device=dev))
@@ -121,25 +120,26 @@ class StagedDecoder:
         ctx.subblocks = {}
         rec = SubBlockRecorder(lm.layers, sub) if sub else None
         try:
-            segments, seq_lens, per_layer = self._staged_loop(ctx, rows, rec, cache, use_cache, **kwargs)
+            segments, seq_lens, per_layer = self._staged_loop(ctx, rows, rec, use_cache, **kwargs)
         finally:
             if rec is not None:
                 rec.remove()
             ctx.subblocks = {}
         return lm.norm(rows.h), seq_lens, per_layer, segments
 
-    def _staged_loop(self, ctx, rows: "_Rows", rec, cache, use_cache, **kwargs):
+    def _staged_loop(self, ctx: _Prefill, rows: "_Rows", rec, use_cache, **kwargs):
         """The segments of decoder layers with an llm stage between each two (``prefill``), ``rows`` advanced
         through them in place; ``rec``: the sub-block recorder of the method's ``llm_subblock_layers`` (None when it
         names none), whose states of the layers since the previous stage are handed to each stage
-        (``ctx.subblocks``). Returns the decode segments, each layer's padded length and per sample each layer's
-        visual tokens."""
-        lm = self.lm
+        (``ctx.subblocks``); the layers write the prompt's cache, ``ctx.cache``. Returns the decode segments, each layer's
+        padded length and per sample each layer's visual tokens."""
+        lm, cache = self.lm, ctx.cache
         B = rows.h.shape[0]
         bounds = [0, *self.llm_layers, len(lm.layers)]
         # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
         eager = set(self.needs.eager_layers)
         past = self.needs.prune_past_cache and cache is not None
+        past_from = self.needs.past_cache_from  # the first layer whose cache an llm stage prunes
         segments: list[_Segment] = []
         seq_lens: list[int] = []
         per_layer = [[] for _ in range(B)]
@@ -154,8 +154,8 @@ class StagedDecoder:
                 if self.env.reindex:
                     rows.shift = rows.shift + dropped
                 if past:  # the layers before the stage keep the kept rows only: those segments now have this layout
-                    segments[:] = _past_segments(segments, ctx.past_from, a, rows.mask, rows.shift)
-                    _gather_past(cache, a, src_rows, ctx.past_from)
+                    segments[:] = _past_segments(segments, past_from, a, rows.mask, rows.shift)
+                    _gather_past(cache, a, src_rows, past_from)
                 ctx.clock.mark("stage_end")
             h, mask, pos, ds = rows.h, rows.mask, rows.pos, rows.ds
             segments.append(_Segment(start=a, mask=mask, shift=rows.shift.clone()))

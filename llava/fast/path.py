@@ -162,8 +162,9 @@ class FastPath:
         if attention != "masked":
             fast_attention.install()
         self.engine = engine
-        self.buckets = tuple(buckets)
-        self.max_new_tokens = int(max_new_tokens)
+        # the host plan of every prefill: the length buckets, the decode slots, whether the vision stage is piecewise
+        self.planner = HostPlanner(engine, tuple(buckets), int(max_new_tokens),
+                                   engine.needs.capture_kind == "piecewise")
         dev = next(engine.model.parameters()).device
         if backend == "auto":
             backend = "inductor" if dev.type == "cuda" else "eager"
@@ -189,8 +190,6 @@ class FastPath:
         self._decode = self._compile(self._decode_fn)
         self._caches: dict = {}  # (B, C, dtype) -> StaticCache
         self._seen: set = set()  # graph keys run so far
-        self.piecewise = engine.needs.capture_kind == "piecewise"
-        self.planner = HostPlanner(engine, self.buckets, self.max_new_tokens, self.piecewise)
         self.visual = CapturedVision(self.planner)
         self.refusal = captured_refusal(engine.needs, registry.get(engine.family), engine.adapter,
                                         self._decoder_attention())
@@ -264,6 +263,21 @@ class FastPath:
         sdpa = self._decoder_attention() == "sdpa"
         return {fast_attention.KW: True} if sdpa and fast_attention.wants(self.attention, rows.shape[1],
                                                                           rows.device) else {}
+
+    @property
+    def buckets(self) -> tuple:
+        """The prefill lengths the captured functions are compiled for (the planner's)."""
+        return self.planner.buckets
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The generated tokens the static cache holds (the planner's)."""
+        return self.planner.max_new_tokens
+
+    @property
+    def piecewise(self) -> bool:
+        """The method's vision stage gives a count that depends on the image: graph 1, a read, graph 2."""
+        return self.planner.piecewise
 
     def _decoder_attention(self) -> str | None:
         """The decoder's attention implementation (transformers' ``_attn_implementation``)."""
