@@ -178,7 +178,10 @@ def cached_kv(cache, lm: torch.nn.Module, layer: int, width: int):
     if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] < width or \
             (not isinstance(c, StaticLayer) and k.shape[2] != width):
         return None
-    return None if sharded_module([attn]) is not None else c
+    # tensor parallelism (DeepSpeed AutoTP) needs the process group: without one, no attention is sharded
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and sharded_module([attn]) is not None:
+        return None
+    return c
 
 
 def llm_attention_fns(lm: torch.nn.Module, layer: int, x: torch.Tensor, x_prev: torch.Tensor | None,

@@ -138,3 +138,20 @@ def test_which_caches_stand_in_for_a_recompute():
     assert cached_kv(static, lm, 0, 5) is static.layers[0]  # a static cache: the first 5 of its 16 slots
     whole.offloading = True
     assert cached_kv(whole, lm, 0, 5) is None
+
+
+def test_a_tensor_parallel_attention_recomputes(monkeypatch):
+    """A rank's cache holds its own KV heads only: an attention sharded by AutoTP (a submodule with the ``mp_group``
+    of more than one partition) is never read from the cache; the check runs only where a process group exists
+    (without one nothing can be sharded), so a single-process prefill pays no module walk per stage."""
+    lm = _LM()
+    whole = _filled(DynamicLayer, 5)
+    proj = torch.nn.Linear(4, 4)
+    proj.mp_group, proj._partition_sizes = object(), [2, 2]
+    lm.layers[0].self_attn.q_proj = proj
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    assert cached_kv(whole, lm, 0, 5) is whole.layers[0]  # no process group: the walk is skipped
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert cached_kv(whole, lm, 0, 5) is None
+    proj._partition_sizes = [4]  # one partition: replicated, the cache holds every head
+    assert cached_kv(whole, lm, 0, 5) is whole.layers[0]
