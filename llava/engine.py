@@ -308,9 +308,7 @@ class PruningEngine:
                 ctx, embeds, mask, pos, past_key_values, use_cache, info, **kwargs)
             ctx.clock.mark("end")
             self.prefills += 1
-            ctx.probe_inputs = ctx.entry = ctx.llm_state = ctx.probe_deepstack = ctx.cache = None  # nothing outlives it
-            ctx.probe_cache.clear()
-            ctx.vision_sigs = []
+            ctx.release()  # nothing outlives it
             self.stats = PrefillStats(
                 samples=[SampleStats(info["candidates"][b], per_layer[b], info["noop"][b]) for b in range(len(per_layer))],
                 seq_len_per_layer=seq_lens,
@@ -352,9 +350,7 @@ class PruningEngine:
             embeds, mask, pos, info = self.vision.run(ctx, input_ids, visual, attention_mask, None)
             self.sample_keys = None  # consumed by this call
         finally:  # nothing outlives the call
-            ctx.probe_inputs = ctx.probe_deepstack = None
-            ctx.probe_cache.clear()
-            ctx.vision_sigs = []
+            ctx.release()
         info.pop("pos_shift", None)
         return embeds, mask, pos, info
 

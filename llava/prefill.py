@@ -56,6 +56,14 @@ class _Prefill:
     cache: Any = None  # the prompt's KV cache, whose layers an llm stage reads (llava.attention_rows.cached_kv)
     sample_keys: list | None = None  # per row: the caller's key of the sample (engine.sample_keys), None: a hash
 
+    def release(self) -> None:
+        """Drop every tensor of the finished prefill: the engine keeps none, and a signal's probe kept by a method
+        then says the prefill is over."""
+        self.probe_inputs = self.probe_deepstack = self.entry = self.llm_state = self.cache = None
+        self.probe_cache.clear()
+        self.vision_sigs = []
+        self.subblocks = {}
+
 
 def sample_key(keys: list | None, b: int, ids: torch.Tensor) -> int:
     """Row ``b``'s stable key (``VisionSignals.key``, what seeded methods draw from): the crc32 of the caller's key
