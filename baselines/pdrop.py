@@ -206,6 +206,8 @@ class PyramidDrop(Method):
         k = self.stage_counts(sig.num_visual_entry)[stage]  # N_orig * ratio of this stage
         if k >= sig.num_visual:
             return Selection(keep=torch.arange(sig.num_visual, device=sig.visual.device))
+        if k == 0:  # the official topk(0): nothing kept, no signal needed
+            return Selection(keep=torch.zeros(0, dtype=torch.long, device=sig.visual.device))
         # (H, S): this layer's q/k, last prompt token; reference mode: the official eager attention's fp16 logits
         row = sig.attention("last", layer="next", logits="model" if self.numerics == "official" else "fp32")[:, 0]
         return Selection(keep=pdrop_select(row, sig.visual, k, self.numerics, dtype=sig.hidden.dtype))

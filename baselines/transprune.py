@@ -288,6 +288,8 @@ class TransPrune(Method):
         k = self.stage_counts(sig.num_visual_entry)[stage]
         if k >= sig.num_visual:
             keep = torch.arange(sig.num_visual, device=sig.visual.device)
+        elif k == 0:  # the official top-0: nothing kept, no instruction attention needed
+            keep = torch.zeros(0, dtype=torch.long, device=sig.visual.device)
         else:
             attn = sig.attention("text_after", layer="next", logits="model" if official else "fp32")
             iga = instruction_attention(attn, sig.visual, mode, dtype=sig.hidden.dtype)
