@@ -380,44 +380,44 @@ class VisionStage:
 
 
 def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
-        """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
+    """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
 
-        run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
-        candidates'); out_src: (m,) each output's source candidate
-        (device). Returns the new row length, the text tokens' old / new indices (among the row's real
-        tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
-        the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
-        m = int(out_src.numel())
-        nv = int(lay.visual.numel())
-        old_run = run_h[:nv]
-        n_runs = int(old_run[-1]) + 1 if nv else 0
-        if n_runs <= 1:
-            counts = [m] if n_runs else []
-            perm = None
-        else:  # one host read: how many outputs land in each run
-            out_run = run_h.to(dev, non_blocking=True)[out_src]
-            counts = torch.bincount(out_run, minlength=n_runs).tolist()
-            perm = torch.sort(out_run, stable=True).indices
-        n_real = int(lay.ids.numel())
-        is_vis = torch.zeros(n_real, dtype=torch.bool)
-        is_vis[lay.visual] = True
-        text_src = (~is_vis).nonzero().flatten()
-        vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
-        run_start = torch.zeros(n_runs, dtype=torch.long)
-        run_len = torch.zeros(n_runs, dtype=torch.long)
-        if n_runs:
-            run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
-            run_len = torch.bincount(old_run, minlength=n_runs)
-        cnt = torch.tensor(counts, dtype=torch.long)
-        old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
-        new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
-        runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
-        text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
-        new_start = run_start - old_cum[:-1] + new_cum[:-1]
-        vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
-                   + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
-        return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
-                "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
+    run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
+    candidates'); out_src: (m,) each output's source candidate
+    (device). Returns the new row length, the text tokens' old / new indices (among the row's real
+    tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
+    the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
+    m = int(out_src.numel())
+    nv = int(lay.visual.numel())
+    old_run = run_h[:nv]
+    n_runs = int(old_run[-1]) + 1 if nv else 0
+    if n_runs <= 1:
+        counts = [m] if n_runs else []
+        perm = None
+    else:  # one host read: how many outputs land in each run
+        out_run = run_h.to(dev, non_blocking=True)[out_src]
+        counts = torch.bincount(out_run, minlength=n_runs).tolist()
+        perm = torch.sort(out_run, stable=True).indices
+    n_real = int(lay.ids.numel())
+    is_vis = torch.zeros(n_real, dtype=torch.bool)
+    is_vis[lay.visual] = True
+    text_src = (~is_vis).nonzero().flatten()
+    vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
+    run_start = torch.zeros(n_runs, dtype=torch.long)
+    run_len = torch.zeros(n_runs, dtype=torch.long)
+    if n_runs:
+        run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
+        run_len = torch.bincount(old_run, minlength=n_runs)
+    cnt = torch.tensor(counts, dtype=torch.long)
+    old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
+    new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
+    runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
+    text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
+    new_start = run_start - old_cum[:-1] + new_cum[:-1]
+    vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
+               + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
+    return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
+            "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
 
 
 def repadded(layouts: list, rows: list) -> tuple[int, torch.Tensor, list]:

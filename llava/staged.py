@@ -79,7 +79,8 @@ class StagedDecoder:
 
     def __init__(self, env: EagerEnv):
         self.env = env
-        self.model, self.adapter, self.lm, self.method, self.needs = env.model, env.adapter, env.lm, env.method, env.needs
+        self.model, self.adapter, self.lm = env.model, env.adapter, env.lm
+        self.method, self.needs = env.method, env.needs
         self.llm_layers = env.needs.llm_layers
 
     # ------------------------------------------------------------------ decoder
@@ -131,8 +132,8 @@ class StagedDecoder:
         """The segments of decoder layers with an llm stage between each two (``prefill``), ``rows`` advanced
         through them in place; ``rec``: the sub-block recorder of the method's ``llm_subblock_layers`` (None when it
         names none), whose states of the layers since the previous stage are handed to each stage
-        (``ctx.subblocks``); the layers write the prompt's cache, ``ctx.cache``. Returns the decode segments, each layer's
-        padded length and per sample each layer's visual tokens."""
+        (``ctx.subblocks``); the layers write the prompt's cache, ``ctx.cache``. Returns the decode segments, each
+        layer's padded length and per sample each layer's visual tokens."""
         lm, cache = self.lm, ctx.cache
         B = rows.h.shape[0]
         bounds = [0, *self.llm_layers, len(lm.layers)]
@@ -235,7 +236,8 @@ class StagedDecoder:
             vp = p[..., vis[src]]  # a merged token takes its target's position
             outs.append((r, x, p, vx, vp, src))
             olds.append((real, vis))
-        new_L, m2_h, new_layouts = repadded(layouts, [r for r, *_ in outs])
+        placed = [r for r, *_ in outs]
+        new_L, m2_h, new_layouts = repadded(layouts, placed)
         h2 = h.new_zeros(B, new_L, D)
         p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
         dropped = [int(lay.real.numel()) - r["n"] for lay, (r, *_) in zip(layouts, outs)]
@@ -260,8 +262,7 @@ class StagedDecoder:
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
         if deep_in is not None:
-            ds = _deepstack(torch.cat(deep_out), _to_device([deepstack_rows([r for r, *_ in outs], new_L)], dev)[0],
-                            B, new_L)
+            ds = _deepstack(torch.cat(deep_out), _to_device([deepstack_rows(placed, new_L)], dev)[0], B, new_L)
         rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
             h2, moved[-2], p2, new_layouts, new_org, new_ent, ds
         return moved[-1], src_rows

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualLayout, VisualBlock
+from .base import FamilyAdapter, VisualBlock, VisualLayout
 
 
 def cls_signals(layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +177,7 @@ class InternVLAdapter(FamilyAdapter):
                             "unit_pos": torch.full((n, 2), -1, dtype=torch.long), "grid": (g,) * n})
             t0 += n
         return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, samples,
-                          tower=("internvl", int(px.shape[0])), tower_tensors={})
+                            tower=("internvl", int(px.shape[0])), tower_tensors={})
 
     def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with

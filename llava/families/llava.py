@@ -4,7 +4,7 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualLayout, VisualBlock, clip_units
+from .base import FamilyAdapter, VisualBlock, VisualLayout, clip_units
 from .clip import flatten_units, run_tower
 
 
@@ -33,4 +33,4 @@ class LlavaAdapter(FamilyAdapter):
         drop = self.config.vision_feature_select_strategy == "default"
         m = (vc.image_size // vc.patch_size) ** 2 + (0 if drop else 1)
         return VisualLayout("pixel_values", self.config.image_token_id, "image", drop, None,
-                          [clip_units(1, m, drop, first=b) for b in range(batch)])
+                            [clip_units(1, m, drop, first=b) for b in range(batch)])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualLayout, VisualBlock, to_device
+from .base import FamilyAdapter, VisualBlock, VisualLayout, to_device
 from ..needs import CLS_QUERY_PREFIXES
 from .clip import flatten_units, run_tower
 

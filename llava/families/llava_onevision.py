@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import onevision_vision as ov
-from .base import FamilyAdapter, VisualLayout, VisualBlock
+from .base import FamilyAdapter, VisualBlock, VisualLayout
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -59,8 +59,9 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def visual_layout(self, visual, batch, input_ids=None):
         """One image (anyres_max_9: base crop, grid crops unpadded, bilinearly shrunk past 9 crops' worth, a newline
         per row) or one video (frames pooled 2x, one newline at the end) per prompt, laid out on the host from
-        ``image_sizes`` / the frame count (:func:`onevision_vision.plan_images` / ``plan_videos``); the tower, the projector and the
-        packing run inside the captured prefill (:meth:`encode_static`). A unit is a crop / a frame."""
+        ``image_sizes`` / the frame count (:func:`onevision_vision.plan_images` / ``plan_videos``); the tower, the
+        projector and the packing run inside the captured prefill (:meth:`encode_static`). A unit is a crop / a
+        frame."""
         cfg = self.config
         video = visual.get("pixel_values_videos") is not None
         if video and visual.get("pixel_values") is not None:
@@ -71,7 +72,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
                 raise ValueError("the fast path takes exactly one video per prompt")
             plan, tensors, samples = ov.plan_videos(cfg, px.shape[0], px.shape[1])
             return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None, samples, tower=plan,
-                              tower_tensors=tensors)
+                                tower_tensors=tensors)
         px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
         if px is None or sizes is None:
             raise ValueError("LLaVA-OneVision needs pixel_values and image_sizes")
@@ -83,7 +84,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             raise ValueError("the fast path takes exactly one image per prompt")
         plan, tensors, samples = ov.plan_images(cfg, sizes_h, px.shape[1] if px.dim() == 5 else None)
         return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, samples, tower=plan,
-                          tower_tensors=tensors)
+                            tower_tensors=tensors)
 
     def newline(self):
         return self.core.image_newline

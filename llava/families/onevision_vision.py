@@ -367,7 +367,7 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
 
 
 def _layout_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tensor, unit_grid: list, sizes: list,
-                  crops: list) -> list:
+                    crops: list) -> list:
     """Per sample (one image / video each): ``src`` its packed rows (-1 at newlines), ``unit`` numbered from 0
     within the sample, ``patch``, ``units`` (its units' rows among the tower inputs), ``unit_pos``, ``grid``."""
     samples, start, u0 = [], 0, 0
@@ -397,8 +397,8 @@ def plan_images(cfg, image_sizes: list, max_crops: int | None):
     h, w = unit_grid[0]
     plan = ("images", tuple((it.first_crop, it.rows, it.cols, tuple(it.image_size), tuple(it.out_size))
                             for it in interps), h, w)
-    return plan, {"crops": torch.cat(rows), "index": index}, _layout_samples(unit, patch, unit_pos, unit_grid, sizes,
-                                                                            num_crops)
+    samples = _layout_samples(unit, patch, unit_pos, unit_grid, sizes, num_crops)
+    return plan, {"crops": torch.cat(rows), "index": index}, samples
 
 
 def plan_videos(cfg, n_videos: int, n_frames: int):
@@ -412,7 +412,7 @@ def plan_videos(cfg, n_videos: int, n_frames: int):
     patch = torch.cat([torch.cat([torch.arange(pp).repeat(n_frames), torch.full((1,), -1)])] * n_videos)
     sizes = [n_frames * pp + 1] * n_videos
     samples = _layout_samples(unit, patch, torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
-                            [(ph, pw)] * (n_videos * n_frames), sizes, [n_frames] * n_videos)
+                              [(ph, pw)] * (n_videos * n_frames), sizes, [n_frames] * n_videos)
     index = torch.cat([torch.cat([torch.arange(n_frames * pp) + v * n_frames * pp,
                                   torch.full((1,), n_videos * n_frames * pp)]) for v in range(n_videos)])
     return ("videos", (), h, w), {"index": index}, samples

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, VisualLayout, VisualBlock
+from .base import FamilyAdapter, VisualBlock, VisualLayout
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -136,7 +136,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             ts = visual["second_per_grid_ts"]
             meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
         return VisualLayout(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
-                          tower_tensors=tensors, meta=meta)
+                            tower_tensors=tensors, meta=meta)
 
     def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
         out = qwen_vision.run_static(self.model, pixels, tower, tensors, want_attn)

@@ -5,7 +5,7 @@ video."""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualLayout, VisualBlock, clip_units
+from .base import FamilyAdapter, VisualBlock, VisualLayout, clip_units
 from .clip import flatten_units, run_tower
 
 
@@ -51,12 +51,12 @@ class VideoLlavaAdapter(FamilyAdapter):
                 raise ValueError("the fast path takes exactly one video per prompt")
             f = videos.shape[1]  # every frame a unit of n + 1 tokens ([CLS] kept, as the stock model)
             return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None,
-                              [clip_units(f, n + 1, False, first=b * f) for b in range(batch)])
+                                [clip_units(f, n + 1, False, first=b * f) for b in range(batch)])
         if images is None or images.dim() != 4 or images.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = cfg.vision_feature_select_strategy == "default"
         return VisualLayout("pixel_values", cfg.image_token_id, "image", drop, None,
-                          [clip_units(1, n + (0 if drop else 1), drop, first=b) for b in range(batch)])
+                            [clip_units(1, n + (0 if drop else 1), drop, first=b) for b in range(batch)])
 
     def tower_for(self, key):
         return self.core.video_tower if key == "pixel_values_videos" else self.core.image_tower
