@@ -263,7 +263,7 @@ class VisionStage:
         per run, when a sample has several runs (images)."""
         B, L, D = embeds.shape
         dev = embeds.device
-        rows = []
+        rows, outs = [], []  # per sample: its RowMap; its outputs (features, sources, DeepStack rows) in run order
         for b, (lay, sig, sel) in enumerate(zip(layouts, sigs, selections)):
             if sel is None or info["noop"][b]:
                 sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
@@ -276,12 +276,15 @@ class VisionStage:
                 first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
                 first.scatter_reduce_(0, u.clamp(min=0), torch.where(u >= 0, torch.arange(big), big), "amin")
                 run_h = torch.cat([run_h, run_h[first[sig._unit_host[sig.num_stock:]]]])
-            rows.append(place_outputs(lay, run_h, out_src, dev))
-            rows[-1]["x"] = out_feats
-            rows[-1]["deep"] = out_deep
+            row, perm = place_outputs(lay, run_h, out_src, dev)
+            if perm is not None:  # the outputs in run order
+                out_feats, out_src = out_feats[perm], out_src[perm]
+                out_deep = out_deep[perm] if out_deep is not None else None
+            rows.append(row)
+            outs.append((out_feats, out_src, out_deep))
         new_L, new_mask_h, new_layouts = repadded(layouts, rows)
         new_embeds = embeds.new_zeros(B, new_L, D)
-        moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r["text_src"]], r["text_dst"])]
+        moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r.text_src], r.text_dst, r.vis_dst)]
                            + [new_mask_h], dev)
         new_mask = moved[-1]
         keep_pos = self.adapter.keeps_positions and position_ids is not None
@@ -289,14 +292,11 @@ class VisionStage:
             new_pos = position_ids.new_zeros(*position_ids.shape[:-2], B, new_L)
             vis_rows = _to_device([lay.real[lay.visual] for lay in layouts], dev)
         origin = []
-        for b, r in enumerate(rows):
-            pad = new_L - r["n"]
-            text_src, text_dst = moved[2 * b], moved[2 * b + 1]
+        for b, (r, (x, src, _)) in enumerate(zip(rows, outs)):
+            pad = new_L - r.n
+            text_src, text_dst, vd = moved[3 * b:3 * b + 3]
             new_embeds[b, pad + text_dst] = embeds[b, text_src]
-            x, src = r["x"], r["src"]
-            vd = r["vis_dst_d"]
-            src = src[r["perm"]] if r["perm"] is not None else src
-            new_embeds[b, pad + vd] = x[r["perm"]] if r["perm"] is not None else x
+            new_embeds[b, pad + vd] = x
             origin.append(src)
             if keep_pos:
                 new_pos[..., b, pad + text_dst] = position_ids[..., b, text_src]
@@ -312,8 +312,8 @@ class VisionStage:
         else:
             new_pos = None
         info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
-        if rows and rows[0]["deep"] is not None:  # the kept / merged tokens' rows at their new places
-            deep = torch.cat([r["deep"][r["perm"]] if r["perm"] is not None else r["deep"] for r in rows])
+        if outs and outs[0][2] is not None:  # the kept / merged tokens' rows at their new places
+            deep = torch.cat([d for _, _, d in outs])
             info["deepstack"] = _deepstack(deep, _to_device([deepstack_rows(rows, new_L)], dev)[0], B, new_L)
         return new_embeds, new_mask, new_pos, info
 
@@ -379,66 +379,87 @@ class VisionStage:
         return materialize(sig, sel, self.adapter.project)
 
 
-def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> dict:
-    """Host layout of a rebuilt row: text tokens in order, each run's outputs at the run's place.
+@dataclass(frozen=True)
+class RowMap:
+    """Host: where a sample's real rows go when its placeholder runs are replaced by a selection's outputs, the one
+    row arithmetic of both executors (:func:`rebuilt_row`). Indices count the sample's real tokens (no padding):
+    ``text_src`` the text tokens of the old row, in order, ``text_dst`` their indices in the new row, ``vis_dst``
+    each output's index in the new row, run by run; ``n`` the new row's real tokens."""
 
-    run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra
-    candidates'); out_src: (m,) each output's source candidate
-    (device). Returns the new row length, the text tokens' old / new indices (among the row's real
-    tokens), the outputs' new indices (host and device, run by run) and the permutation that sorts
-    the outputs by run (None when the outputs are already in run order, e.g. a single run)."""
+    n: int
+    text_src: torch.Tensor
+    text_dst: torch.Tensor
+    vis_dst: torch.Tensor
+
+
+def run_spans(visual: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each placeholder run of a row (``visual``: host indices of its visual tokens, ascending;
+    consecutive indices form one run)."""
+    n = int(visual.numel())
+    if not n:
+        return []
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = visual[1:] != visual[:-1] + 1
+    first = starts.nonzero().flatten()
+    return list(zip(visual[first].tolist(), torch.diff(first, append=torch.tensor([n])).tolist()))
+
+
+def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> RowMap:
+    """The :class:`RowMap` of a row of ``n_real`` real tokens whose placeholder ``runs`` ((start, length), in order)
+    are each replaced by ``counts`` outputs: text tokens keep their order, each run's outputs take its place."""
+    text_src, text_dst, vis_dst = [], [], []
+    old = new = 0  # the next text token's index in the old and in the new row
+    for (start, length), c in zip(runs, counts):
+        text_src.append(torch.arange(old, start))
+        text_dst.append(torch.arange(new, new + start - old))
+        new += start - old
+        vis_dst.append(torch.arange(new, new + c))
+        new += c
+        old = start + length
+    text_src.append(torch.arange(old, n_real))
+    text_dst.append(torch.arange(new, new + n_real - old))
+    return RowMap(n=new + n_real - old, text_src=torch.cat(text_src), text_dst=torch.cat(text_dst),
+                  vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
+
+
+def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> tuple[RowMap, torch.Tensor | None]:
+    """The :class:`RowMap` of a row rebuilt from a selection's outputs, and the permutation that sorts the outputs
+    by run (None when they are in run order already, e.g. a single run).
+
+    run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra candidates');
+    out_src: (m,) each output's source candidate (device). One host read when the row has several runs: how many
+    outputs land in each."""
     m = int(out_src.numel())
-    nv = int(lay.visual.numel())
-    old_run = run_h[:nv]
-    n_runs = int(old_run[-1]) + 1 if nv else 0
-    if n_runs <= 1:
-        counts = [m] if n_runs else []
-        perm = None
-    else:  # one host read: how many outputs land in each run
+    runs = run_spans(lay.visual)
+    if len(runs) <= 1:
+        counts, perm = [m] * len(runs), None
+    else:
         out_run = run_h.to(dev, non_blocking=True)[out_src]
-        counts = torch.bincount(out_run, minlength=n_runs).tolist()
+        counts = torch.bincount(out_run, minlength=len(runs)).tolist()
         perm = torch.sort(out_run, stable=True).indices
-    n_real = int(lay.ids.numel())
-    is_vis = torch.zeros(n_real, dtype=torch.bool)
-    is_vis[lay.visual] = True
-    text_src = (~is_vis).nonzero().flatten()
-    vis_before = torch.cumsum(is_vis.long(), 0)  # visual tokens at or before each index
-    run_start = torch.zeros(n_runs, dtype=torch.long)
-    run_len = torch.zeros(n_runs, dtype=torch.long)
-    if n_runs:
-        run_start.scatter_reduce_(0, old_run, lay.visual, "amin", include_self=False)
-        run_len = torch.bincount(old_run, minlength=n_runs)
-    cnt = torch.tensor(counts, dtype=torch.long)
-    old_cum = torch.cat([torch.zeros(1, dtype=torch.long), run_len.cumsum(0)])
-    new_cum = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
-    runs_before = torch.searchsorted(run_start, text_src, right=True)  # runs that start before the token
-    text_dst = text_src - vis_before[text_src] + new_cum[runs_before]
-    new_start = run_start - old_cum[:-1] + new_cum[:-1]
-    vis_dst = (torch.repeat_interleave(new_start, cnt, output_size=m)
-               + (torch.arange(m) - torch.repeat_interleave(new_cum[:-1], cnt, output_size=m)))
-    return {"n": n_real - nv + m, "text_src": text_src, "text_dst": text_dst,
-            "vis_dst": vis_dst, "vis_dst_d": _to_device([vis_dst], dev)[0], "perm": perm, "src": out_src}
+    return rebuilt_row(int(lay.ids.numel()), runs, counts), perm
 
 
 def repadded(layouts: list, rows: list) -> tuple[int, torch.Tensor, list]:
-    """The rebuilt rows (``rows``: :func:`place_outputs` per sample, of ``layouts``) left-padded to the longest: its
+    """The rebuilt rows (``rows``: a :class:`RowMap` per sample, of ``layouts``) left-padded to the longest: its
     length, the host (B, L') 2-D mask and each sample's new :class:`_Layout` (text ids carried, visual rows -1)."""
-    new_L = max(r["n"] for r in rows)
+    new_L = max(r.n for r in rows)
     mask_h = torch.zeros(len(rows), new_L, dtype=torch.long)
     new_layouts = []
     for b, (lay, r) in enumerate(zip(layouts, rows)):
-        pad = new_L - r["n"]
+        pad = new_L - r.n
         mask_h[b, pad:] = 1
-        ids = torch.full((r["n"],), -1, dtype=lay.ids.dtype)
-        ids[r["text_dst"]] = lay.ids[r["text_src"]]
-        new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r["vis_dst"], ids=ids))
+        ids = torch.full((r.n,), -1, dtype=lay.ids.dtype)
+        ids[r.text_dst] = lay.ids[r.text_src]
+        new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r.vis_dst, ids=ids))
     return new_L, mask_h, new_layouts
 
 
 def deepstack_rows(rows: list, new_L: int) -> torch.Tensor:
-    """Host: the flat row (b * L' + position) of every visual output in the rebuilt, left-padded rows, sample by
-    sample in output order (ascending): where the DeepStack rows they carry go."""
-    return torch.cat([b * new_L + new_L - r["n"] + r["vis_dst"] for b, r in enumerate(rows)])
+    """Host: the flat row (b * L' + position) of every visual output in the rebuilt, left-padded rows (a
+    :class:`RowMap` per sample), sample by sample in output order (ascending): where the DeepStack rows they carry
+    go."""
+    return torch.cat([b * new_L + new_L - r.n + r.vis_dst for b, r in enumerate(rows)])
 
 
 def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:

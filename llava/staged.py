@@ -221,8 +221,7 @@ class StagedDecoder:
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             vx, src = llm_outputs(x[vis], sel)
-            r = place_outputs(lay, _runs(lay.visual), src, dev)
-            perm = r["perm"]
+            r, perm = place_outputs(lay, _runs(lay.visual), src, dev)
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
                 csel = sel
                 if sel.values is not None:  # kept rows rewritten by the method (no merge targets): their rows follow
@@ -240,15 +239,14 @@ class StagedDecoder:
         new_L, m2_h, new_layouts = repadded(layouts, placed)
         h2 = h.new_zeros(B, new_L, D)
         p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
-        dropped = [int(lay.real.numel()) - r["n"] for lay, (r, *_) in zip(layouts, outs)]
-        moved = _to_device([t for r, *_ in outs for t in (r["text_src"], r["text_dst"])]
+        dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]
+        moved = _to_device([t for r in placed for t in (r.text_src, r.text_dst, r.vis_dst)]
                            + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
         new_org, new_ent = [], []
         src_rows = torch.zeros(B, new_L, dtype=torch.long, device=dev) if keep_rows else None
         for b, (r, x, p, vx, vp, src) in enumerate(outs):
-            pad = new_L - r["n"]
-            ts, td = moved[2 * b], moved[2 * b + 1]
-            vd = r["vis_dst_d"]
+            pad = new_L - r.n
+            ts, td, vd = moved[3 * b:3 * b + 3]
             h2[b, pad + td] = x[ts]
             h2[b, pad + vd] = vx
             p2[..., b, pad + td] = p[..., ts]
@@ -258,7 +256,7 @@ class StagedDecoder:
                 src_rows[b, pad + td] = real[ts]
                 src_rows[b, pad + vd] = real[vis[src]]
             if self.env.reindex:
-                p2[b, pad:] = torch.arange(r["n"], device=dev) + p2[b, pad]
+                p2[b, pad:] = torch.arange(r.n, device=dev) + p2[b, pad]
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
         if deep_in is not None:

@@ -29,6 +29,7 @@ import torch
 from transformers.utils import output_capturing
 
 from ..attention_rows import CachedRows, cached_kv, llm_attention_fns
+from ..layout import rebuilt_row
 from ..method import Selection
 from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
 from ..signals import LLMSignals
@@ -134,12 +135,13 @@ def plan_stages(needs, rows, lens, counts, buckets, bucket_for, text_buckets=(),
                 text_mask.append(real)
                 text_q.append(Q)
                 n_text.append(text_count(needs, n_after))
-            j = torch.arange(n)
-            src[b, pad:] = torch.where(j < p0, old + j, torch.where(j < p0 + m, out_at + j - p0, old + j - m + nv))
+            r = rebuilt_row(n_old, [(p0, nv)], [m])
+            src[b, pad + r.text_dst] = old + r.text_src
+            src[b, pad + r.vis_dst] = out_at + torch.arange(m)
             out_at += m
-            ar[b, pad:] = j
+            ar[b, pad:] = torch.arange(n)
             first[b] = b * Lb + pad
-            ds_at.append(b * Lb + pad + p0 + torch.arange(m))
+            ds_at.append(b * Lb + pad + r.vis_dst)
         specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out),
                                text=tuple(text_q), num_text=tuple(n_text)))
         tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first,

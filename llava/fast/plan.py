@@ -18,7 +18,7 @@ from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
-from ..layout import text_spans
+from ..layout import rebuilt_row, text_spans
 from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
 from ..prefill import sample_key
@@ -387,24 +387,22 @@ class HostPlanner:
         out_at = B * Lb
         for b, ((ids, p0, T), n, smp, m) in enumerate(zip(rows, lens, samples, real)):
             pad = Lb - n
-            text = torch.cat([ids[:p0], ids[p0 + T:]])
-            slots = torch.cat([torch.arange(pad, pad + p0), torch.arange(pad + p0 + m, Lb)])
-            tok[b, slots] = text
-            src[b, pad + p0:pad + p0 + m] = out_at + torch.arange(m)
+            r = rebuilt_row(int(ids.numel()), [(p0, T)], [m])
+            tok[b, pad + r.text_dst] = ids[r.text_src]
+            src[b, pad + r.vis_dst] = out_at + torch.arange(m)
             out_at += smp.outputs  # a padded sample's slice of the buffer is longer
             if full is None:
                 pos[b, pad:] = torch.arange(n)
                 nxt.append(n)
             else:  # the real rows' own positions (pads: 0, masked)
                 own = full[b]
-                pos[:, b, slots] = torch.cat([own[:, :p0], own[:, p0 + T:]], 1)
+                pos[:, b, pad + r.text_dst] = own[:, r.text_src]
                 vpos.append(own[:, p0:p0 + T])
                 nxt.append(own[:, -1] + 1)
             if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
                 o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
-                real_text = int(ids.numel()) - p0 - T
-                index[o:o + real_text] = b * Lb + pad + p0 + m + torch.arange(real_text)
-            vis0.append(pad + p0 + torch.arange(m))
+                index[o:o + int(ids.numel()) - p0 - T] = b * Lb + pad + r.text_dst[p0:]
+            vis0.append(pad + r.vis_dst)
         probe = None
         host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index,
                 "pad": torch.tensor([Lb - n for n in lens])}  # the 4-D mask: built on the device (fast_llm.prompt_mask)
