@@ -47,8 +47,8 @@ from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
 from .layout import VisionStage
 from .method import Method, Selection, get_method
 from .prefill import EagerEnv, _Prefill
-from .staged import StagedDecoder, _Segment
-from .stats import PrefillStats, SampleStats, _PhaseClock
+from .staged import StagedDecoder, _DecodeSegment
+from .stats import PrefillStats, _PhaseClock
 from .tp import sharded_module
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class _State:
     orig_len: int  # padded prompt length as generate sees it
     llm_mask: torch.Tensor | None  # (B, L') prompt mask in LLM space
     pos_shift: torch.Tensor  # (B,) original position - LLM-space position, for decode
-    segments: list[_Segment] | None  # None when the stock language model runs
+    segments: list[_DecodeSegment] | None  # None when the stock language model runs
     llm_len: int = 0  # padded prompt length in LLM space entering layer 0 (= layer 0's prompt part of the cache)
     #: (rows..., B) when generate passes no decode positions (M-RoPE): the first generated token's position
     #: minus ``llm_len``, so that a step's position is this + layer 0's cache length (no Python int involved)
@@ -304,17 +304,13 @@ class PruningEngine:
                 past_key_values = DynamicCache(config=self.lm.config)
             if past_key_values is not None:
                 self._pruned_caches.add(past_key_values)
-            hidden, seq_lens, per_layer, self._state.segments = self.decoder.prefill(
+            hidden, plan, self._state.segments = self.decoder.prefill(
                 ctx, embeds, mask, pos, past_key_values, use_cache, info, **kwargs)
             ctx.clock.mark("end")
             self.prefills += 1
             ctx.release()  # nothing outlives it
-            self.stats = PrefillStats(
-                samples=[SampleStats(info["candidates"][b], per_layer[b], info["noop"][b]) for b in range(len(per_layer))],
-                seq_len_per_layer=seq_lens,
-                timings=ctx.clock.timings(),  # resolved once, here (on CUDA: the clock's one synchronisation)
-                path_reason=reason,
-            )
+            self.stats = PrefillStats.of(plan, noop=info["noop"], path_reason=reason,
+                                         timings=ctx.clock.timings())  # resolved once, here (on CUDA: one sync)
         elif self._state.fast is not None:  # a decode step after a fast prefill: one graph
             if input_ids is None:
                 raise ValueError("the fast path decodes from input_ids")
@@ -374,19 +370,12 @@ class PruningEngine:
             logits, cache, fstate, info, _ = self.fast.prefill(input_ids, attention_mask, visual)
         except NotPlanned as e:
             return None, str(e)
-        n_layers = len(self.lm.layers)
         B, L = input_ids.shape
         self._state = _State(orig_len=L, llm_mask=None, pos_shift=torch.zeros(B, dtype=torch.long, device=input_ids.device),
                              segments=None, fast=fstate)
         self.prefills += 1
-        bounds = [0, *info.layers, n_layers]  # visual tokens / rows per decoder layer, segment by segment
-        spans = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-        self.stats = PrefillStats(
-            samples=[SampleStats(t, [c for c, k in zip(per, spans) for _ in range(k)])
-                     for t, per in zip(info.candidates, info.outputs)],
-            seq_len_per_layer=[L for L, k in zip(info.seg_lens, spans) for _ in range(k)],
-            timings={**info.timings, "prefill_total": time.perf_counter() - t0},  # to the validity read
-            path="fast", bucket=info.bucket, new_graph=info.new_graph, graphs=info.graphs)
+        self.stats = PrefillStats.of(info.plan, timings={**info.timings, "prefill_total": time.perf_counter() - t0},
+                                     path="fast", bucket=info.bucket, new_graph=info.new_graph, graphs=info.graphs)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache), ""
 
     # ------------------------------------------------------------------ decode state, sample keys, replay

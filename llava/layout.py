@@ -4,8 +4,9 @@ from the method's selections back to re-spliced, re-padded rows.
 :class:`VisionStage`, the first part of the eager executor, built by :class:`llava.engine.PruningEngine` from what
 it fixed at attach (:class:`llava.prefill.EagerEnv`). The layout of every row is worked out on the host from ONE
 copy of ``input_ids`` and the mask per prefill (:class:`_Layout`: real positions, visual indices, ids); the device
-only gathers and scatters with those indices. The staged decoder (:mod:`llava.staged`) re-uses ``_runs``,
-``place_outputs`` and ``text_spans`` at its llm stages.
+only gathers and scatters with those indices, and a rebuilt row is laid out by :mod:`llava.plan`'s row arithmetic
+(:func:`place_outputs`). The staged decoder (:mod:`llava.staged`) re-uses ``_runs``, ``place_outputs`` and
+``repadded`` at its llm stages.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .attention_rows import causal_attention_rows, llm_qk
 from .families.base import to_device as _to_device
 from .method import Selection
 from .needs import TOWER_PREFIXES, tower_fields
-from .prefill import EagerEnv, _Prefill, sample_key
+from .plan import RowMap, rebuilt_row, run_spans, sample_key, text_spans
+from .prefill import EagerEnv, _Prefill
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
 from .signals import VisionSignals
 
@@ -379,50 +381,8 @@ class VisionStage:
         return materialize(sig, sel, self.adapter.project)
 
 
-@dataclass(frozen=True)
-class RowMap:
-    """Host: where a sample's real rows go when its placeholder runs are replaced by a selection's outputs, the one
-    row arithmetic of both executors (:func:`rebuilt_row`). Indices count the sample's real tokens (no padding):
-    ``text_src`` the text tokens of the old row, in order, ``text_dst`` their indices in the new row, ``vis_dst``
-    each output's index in the new row, run by run; ``n`` the new row's real tokens."""
-
-    n: int
-    text_src: torch.Tensor
-    text_dst: torch.Tensor
-    vis_dst: torch.Tensor
-
-
-def run_spans(visual: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, length) of each placeholder run of a row (``visual``: host indices of its visual tokens, ascending;
-    consecutive indices form one run)."""
-    n = int(visual.numel())
-    if not n:
-        return []
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = visual[1:] != visual[:-1] + 1
-    first = starts.nonzero().flatten()
-    return list(zip(visual[first].tolist(), torch.diff(first, append=torch.tensor([n])).tolist()))
-
-
-def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> RowMap:
-    """The :class:`RowMap` of a row of ``n_real`` real tokens whose placeholder ``runs`` ((start, length), in order)
-    are each replaced by ``counts`` outputs: text tokens keep their order, each run's outputs take its place."""
-    text_src, text_dst, vis_dst = [], [], []
-    old = new = 0  # the next text token's index in the old and in the new row
-    for (start, length), c in zip(runs, counts):
-        text_src.append(torch.arange(old, start))
-        text_dst.append(torch.arange(new, new + start - old))
-        new += start - old
-        vis_dst.append(torch.arange(new, new + c))
-        new += c
-        old = start + length
-    text_src.append(torch.arange(old, n_real))
-    text_dst.append(torch.arange(new, new + n_real - old))
-    return RowMap(n=new + n_real - old, text_src=torch.cat(text_src), text_dst=torch.cat(text_dst),
-                  vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
-
-
-def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor, dev) -> tuple[RowMap, torch.Tensor | None]:
+def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor,
+                  dev) -> tuple[RowMap, torch.Tensor | None]:
     """The :class:`RowMap` of a row rebuilt from a selection's outputs, and the permutation that sorts the outputs
     by run (None when they are in run order already, e.g. a single run).
 
@@ -460,21 +420,3 @@ def deepstack_rows(rows: list, new_L: int) -> torch.Tensor:
     :class:`RowMap` per sample), sample by sample in output order (ascending): where the DeepStack rows they carry
     go."""
     return torch.cat([b * new_L + new_L - r.n + r.vis_dst for b, r in enumerate(rows)])
-
-
-def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
-    the last visual token (``vis``: indices of the visual tokens, ascending), and of the question (the text after,
-    less the prompt spec's (:class:`llava.engine.PromptSpec`) leading separators and trailing role tag)."""
-    n = int(ids.numel())
-    last_vis = int(vis[-1]) if vis.numel() else -1
-    after = torch.arange(last_vis + 1, n)
-    toks = ids[last_vis + 1:].tolist()
-    i = 0
-    while i < len(toks) and toks[i] in spec.sep_ids:
-        i += 1
-    j = len(toks)
-    tail = list(spec.tail_ids)
-    if tail and toks[-len(tail):] == tail:
-        j = len(toks) - len(tail)
-    return after, (after[i:j] if j > i else after)

@@ -5,7 +5,6 @@ without importing the engine that builds them."""
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -63,11 +62,3 @@ class _Prefill:
         self.probe_cache.clear()
         self.vision_sigs = []
         self.subblocks = {}
-
-
-def sample_key(keys: list | None, b: int, ids: torch.Tensor) -> int:
-    """Row ``b``'s stable key (``VisionSignals.key``, what seeded methods draw from): the crc32 of the caller's key
-    (``keys[b]``, e.g. a question id) where given, else of the row's real token ids ``ids``."""
-    if keys is not None:
-        return zlib.crc32(str(keys[b]).encode())
-    return zlib.crc32(ids.cpu().numpy().astype("int64").tobytes())

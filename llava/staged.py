@@ -4,9 +4,10 @@ each segment of layers.
 
 :class:`StagedDecoder`, the second part of the eager executor, built by :class:`llava.engine.PruningEngine` from
 what it fixed at attach (:class:`llava.prefill.EagerEnv`); the rows of an llm stage are re-laid out on the host
-with :mod:`llava.layout`'s ``_runs`` / ``place_outputs`` / ``text_spans``. It keeps no state of its own: a prefill
-returns its decode segments, and a decode step is handed the engine's decode state. Without llm stages the stock
-language model runs, at prefill and at decode.
+with :mod:`llava.layout`'s ``_runs`` / ``place_outputs`` / ``repadded`` (:mod:`llava.plan`'s row arithmetic). It
+keeps no state of its own: a prefill returns the :class:`llava.plan.PrefillPlan` it ran and its decode segments, and a
+decode step is handed the engine's decode state. Without llm stages the stock language model runs, at prefill and at
+decode.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import CachedRows, cached_kv, llm_attention_fns
 from .families.base import to_device as _to_device
-from .layout import _runs, decoder_masks, deepstack_rows, first_full_layer, place_outputs, repadded, text_spans
+from .layout import _runs, decoder_masks, deepstack_rows, first_full_layer, place_outputs, repadded
 from .method import Selection
+from .plan import PrefillPlan, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
@@ -68,7 +70,7 @@ class _StageSample(NamedTuple):
 
 
 @dataclass
-class _Segment:
+class _DecodeSegment:
     start: int  # first decoder layer of the segment
     mask: torch.Tensor  # (B, L_s) 2-D mask of the prompt part of this segment's cache
     shift: torch.Tensor  # (B,) subtract from LLM-space decode positions (reindex mode)
@@ -85,12 +87,14 @@ class StagedDecoder:
 
     # ------------------------------------------------------------------ decoder
     def prefill(self, ctx: _Prefill, embeds, mask, pos, cache, use_cache, info, **kwargs):
-        """Run the decoder on the prompt. Returns hidden, per-layer padded lengths, per-sample per-layer visual
-        counts, and the decode segments (None: the stock language model ran). Each llm stage is marked on
+        """Run the decoder on the prompt. Returns hidden, the :class:`llava.plan.PrefillPlan` it ran (extended after
+        each llm stage) and the decode segments (None: the stock language model ran). Each llm stage is marked on
         ``ctx.clock`` (its time counts as selection)."""
-        n_layers = len(self.lm.layers)
         B, L = embeds.shape[:2]
         layouts = info["layouts"]
+        plan = PrefillPlan.start("eager", len(self.lm.layers), info["candidates"],
+                                 [int(lay.real.numel()) for lay in layouts],
+                                 [int(lay.visual.numel()) for lay in layouts], L)
         ds = info.get("deepstack")  # Qwen3-VL: rows added at the visual positions after the first layers
         if not self.llm_layers:
             if ds is not None:  # the stock text model adds them (row-major order of the mask)
@@ -98,8 +102,7 @@ class StagedDecoder:
                               deepstack_visual_embeds=list(ds["rows"].unbind(1)))
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                           use_cache=use_cache, **kwargs)
-            per_layer = [[int(lay.visual.numel())] * n_layers for lay in layouts]
-            return out.last_hidden_state, [L] * n_layers, per_layer, None
+            return out.last_hidden_state, plan, None
         lm = self.lm
         dev = embeds.device
         if pos is None:  # what the stock model does without position ids
@@ -121,29 +124,26 @@ class StagedDecoder:
         ctx.subblocks = {}
         rec = SubBlockRecorder(lm.layers, sub) if sub else None
         try:
-            segments, seq_lens, per_layer = self._staged_loop(ctx, rows, rec, use_cache, **kwargs)
+            plan, segments = self._staged_loop(ctx, plan, rows, rec, use_cache, **kwargs)
         finally:
             if rec is not None:
                 rec.remove()
             ctx.subblocks = {}
-        return lm.norm(rows.h), seq_lens, per_layer, segments
+        return lm.norm(rows.h), plan, segments
 
-    def _staged_loop(self, ctx: _Prefill, rows: "_Rows", rec, use_cache, **kwargs):
+    def _staged_loop(self, ctx: _Prefill, plan: PrefillPlan, rows: "_Rows", rec, use_cache, **kwargs):
         """The segments of decoder layers with an llm stage between each two (``prefill``), ``rows`` advanced
         through them in place; ``rec``: the sub-block recorder of the method's ``llm_subblock_layers`` (None when it
         names none), whose states of the layers since the previous stage are handed to each stage
-        (``ctx.subblocks``); the layers write the prompt's cache, ``ctx.cache``. Returns the decode segments, each
-        layer's padded length and per sample each layer's visual tokens."""
+        (``ctx.subblocks``); the layers write the prompt's cache, ``ctx.cache``. Returns ``plan`` advanced by each
+        stage and the decode segments."""
         lm, cache = self.lm, ctx.cache
-        B = rows.h.shape[0]
         bounds = [0, *self.llm_layers, len(lm.layers)]
         # reference modes: layers whose prefill runs on eager attention, as the official code's score layers do
         eager = set(self.needs.eager_layers)
         past = self.needs.prune_past_cache and cache is not None
         past_from = self.needs.past_cache_from  # the first layer whose cache an llm stage prunes
-        segments: list[_Segment] = []
-        seq_lens: list[int] = []
-        per_layer = [[] for _ in range(B)]
+        segments: list[_DecodeSegment] = []
         for s in range(len(bounds) - 1):
             a, z = bounds[s], bounds[s + 1]
             if s > 0:
@@ -157,12 +157,13 @@ class StagedDecoder:
                 if past:  # the layers before the stage keep the kept rows only: those segments now have this layout
                     segments[:] = _past_segments(segments, past_from, a, rows.mask, rows.shift)
                     _gather_past(cache, a, src_rows, past_from)
+                plan = plan.advanced(a, [int(lay.real.numel()) for lay in rows.layouts],
+                                     [int(lay.visual.numel()) for lay in rows.layouts], rows.h.shape[1])
                 ctx.clock.mark("stage_end")
             h, mask, pos, ds = rows.h, rows.mask, rows.pos, rows.ds
-            segments.append(_Segment(start=a, mask=mask, shift=rows.shift.clone()))
+            segments.append(_DecodeSegment(start=a, mask=mask, shift=rows.shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
             pe = lm.rotary_emb(h, position_ids=pos)
-            counts = [int(lay.visual.numel()) for lay in rows.layouts]
             for i in range(a, z):
                 rows.prev = h
                 # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
@@ -174,11 +175,8 @@ class StagedDecoder:
                                      past_key_values=cache, use_cache=use_cache, **kwargs)
                 if ds is not None and i < ds["rows"].shape[1]:
                     h = _add_deepstack(h, ds, i)
-                seq_lens.append(h.shape[1])
-                for b in range(B):
-                    per_layer[b].append(counts[b])
             rows.h = h
-        return segments, seq_lens, per_layer
+        return plan, segments
 
     def _eager_layer(self, i, h, mask, cache, pos, pe, use_cache, **kwargs):
         """Decoder layer ``i`` on transformers' eager attention (q k^T scaled in the model's dtype, the softmax in
@@ -376,8 +374,9 @@ def _past_segments(segments: list, start: int, upto: int, mask, shift) -> list:
     (IVC-Prune's official LLaVA code leaves layer 0's cache whole and prunes layers 1..K-1)."""
     out = [sg for sg in segments if sg.start < start]
     if start < upto:
-        out.append(_Segment(start=start, mask=mask, shift=shift.clone()))
-    out += [_Segment(start=sg.start, mask=mask, shift=shift.clone()) for sg in segments if start < sg.start < upto]
+        out.append(_DecodeSegment(start=start, mask=mask, shift=shift.clone()))
+    out += [_DecodeSegment(start=sg.start, mask=mask, shift=shift.clone())
+            for sg in segments if start < sg.start < upto]
     return out
 
 

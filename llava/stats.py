@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .plan import PrefillPlan
+
 
 @dataclass
 class SampleStats:
@@ -49,6 +51,15 @@ class PrefillStats:
     new_graph: bool = False  # fast path: the first prefill of its bucket / signature (compiled or captured)
     graphs: int = 0  # fast path: captured functions run (2: the tower, then the rest; piecewise: graph -> one read
     # of the counts -> graph)
+    plan: PrefillPlan | None = None  # what the prefill ran, segment by segment of decoder layers (str: readable)
+
+    @classmethod
+    def of(cls, plan: PrefillPlan, noop: list | None = None, **fields) -> "PrefillStats":
+        """The stats of a prefill that ran ``plan`` (per sample ``noop``: its vision stage kept everything), its
+        per-layer counts read from the plan; ``fields``: the other fields."""
+        noop = noop or [False] * len(plan.candidates)
+        return cls(samples=[SampleStats(c, plan.visual_per_layer(b), noop[b]) for b, c in enumerate(plan.candidates)],
+                   seq_len_per_layer=plan.width_per_layer(), plan=plan, **fields)
 
     @property
     def visual_entering_llm(self) -> float:

@@ -153,11 +153,11 @@ def test_the_reference_mode_runs_the_score_layers_on_eager_attention(rts, monkey
 def test_past_segments_split_where_the_pruned_layers_begin():
     """``Method.past_cache_from``: the segments that begin before it keep their layout, the one that holds it is split
     there, the later ones before the stage take the stage's layout."""
-    from llava.staged import _Segment, _past_segments
+    from llava.staged import _DecodeSegment, _past_segments
 
     old, new = torch.ones(1, 5), torch.ones(1, 3)
     z = torch.zeros(1, dtype=torch.long)
-    segs = [_Segment(0, old, z), _Segment(4, old, z)]
+    segs = [_DecodeSegment(0, old, z), _DecodeSegment(4, old, z)]
     out = _past_segments(segs, 1, 8, new, z)  # a stage before layer 8 that prunes layers 1..7
     assert [(s.start, s.mask.shape[1]) for s in out] == [(0, 5), (1, 3), (4, 3)]
     out = _past_segments(segs, 0, 8, new, z)  # from layer 0: every earlier segment (PriorTR, CLSE)

@@ -1,6 +1,7 @@
 """Fast path == eager engine (``load(..., fast=True)``, :mod:`llava.fast.path`) for a method that declares itself
 capturable: on :func:`make_batch` (3 prompts of different lengths, left-padded) the captured prefill and one-graph
-decode give the eager engine's greedy tokens, first-step scores (within 1e-5) and visual token counts."""
+decode give the eager engine's greedy tokens, first-step scores (within 1e-5), visual token counts and plan (the
+same decoder layers on the same rows, :class:`llava.plan.PrefillPlan`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def assert_same_as_eager(fast, eager, eng, batch, tokens: int = TOKENS) -> None:
     for what in ("visual_entering_llm", "visual_candidates"):
         got, want = [getattr(s, what) for s in eng.stats.samples], [getattr(s, what) for s in ref]
         expect(got == want, f"{what} {got} on the fast path vs {want} eager")
+    plans = eng.stats.plan, eager.engine.stats.plan  # the same layers on the same rows (the widths: bucket vs longest)
+    expect(len({tuple((s.layers, s.rows, s.visual) for s in p.segments) for p in plans}) == 1,
+           f"the captured prefill ran another plan than the eager one:\n{plans[0]}\n{plans[1]}")
 
 
 def check_fast_equals_eager(fast_rt, eager_rt, method, budget=None, **options) -> str:

@@ -29,8 +29,8 @@ import torch
 from transformers.utils import output_capturing
 
 from ..attention_rows import CachedRows, cached_kv, llm_attention_fns
-from ..layout import rebuilt_row
 from ..method import Selection
+from ..plan import rebuilt_row
 from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
 from ..signals import LLMSignals
 

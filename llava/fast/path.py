@@ -76,6 +76,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import attention as fast_attention
 from ..families import registry
 from ..families.base import to_device
+from ..plan import PrefillPlan
 from .llm import Entry, decode_segments, prompt_mask, run_segments
 from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
@@ -114,10 +115,7 @@ class FastInfo:
     cache_len: int | None = None
     new_graph: bool = False  # this prefill's bucket / signature had not run before (compile / capture)
     timings: dict = field(default_factory=dict)
-    candidates: list = field(default_factory=list)  # stock visual tokens per sample
-    seg_lens: list = field(default_factory=list)  # per segment of decoder layers: its bucket
-    outputs: list = field(default_factory=list)  # per sample: visual tokens entering each segment
-    layers: tuple = ()  # the llm stages' layers
+    plan: PrefillPlan | None = None  # what the prefill ran, segment by segment of decoder layers
     graphs: int = 2  # captured functions the prefill ran: the tower, then the rest (piecewise: graph 1, a host
     # read of the counts, graph 2)
 
@@ -445,11 +443,11 @@ class FastPath:
         d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None], torch.tensor(seg_buckets)], dev)
         state = FastState(cache=cache, mask=d_mask, next_pos=d_pos, buckets=d_buckets,
                           layers=tuple(st.layer for st in spec.stages), room=spec.cache_len - spec.bucket)
+        plan = PrefillPlan.start("fast", len(self.engine.lm.layers), candidates, seg_lens[0], outputs, seg_buckets[0])
+        for s, st in enumerate(spec.stages):
+            plan = plan.advanced(st.layer, seg_lens[s + 1], st.outputs, seg_buckets[s + 1])
         info = FastInfo(path="fast", bucket=spec.bucket, cache_len=spec.cache_len, new_graph=new,
-                        timings=timings, candidates=candidates, seg_lens=seg_buckets,
-                        outputs=[[c[b] for c in [outputs] + [list(st.outputs) for st in spec.stages]]
-                                 for b in range(spec.batch)],
-                        layers=state.layers, graphs=2)
+                        timings=timings, plan=plan, graphs=2)
         if not self.piecewise and bool(bad):  # the one read after the prefill (generate reads the first token
             self._malformed()  # anyway), after the decode state's host work: that ran while the device computed
         return logits, cache, state, info, outputs

@@ -18,10 +18,9 @@ from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
-from ..layout import rebuilt_row, text_spans
 from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
-from ..prefill import sample_key
+from ..plan import rebuilt_row, sample_key, text_spans
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)

@@ -1,0 +1,144 @@
+"""The plan of a prefill that both executors share (the eager one: :mod:`llava.layout`, :mod:`llava.staged`; the
+captured one: :mod:`llava.fast`): host work only, no tensor on a device.
+
+* :func:`text_spans` and :func:`sample_key`: where a row's question lies, and the row's stable key;
+* :func:`run_spans` and :func:`rebuilt_row`: the one row arithmetic of a selection: where each text token and each
+  output of a row go when its placeholder runs are replaced by a selection's outputs (:class:`RowMap`);
+* :class:`PrefillPlan`: what a prefill runs, segment by segment of decoder layers (:class:`Segment`): per sample
+  the real rows and visual tokens, and the padded width. The captured executor plans it whole before the device
+  runs (every count from dry runs); the eager one extends it after each selection (:meth:`PrefillPlan.advanced`).
+  ``engine.stats.plan`` holds the last prefill's, and its per-layer counts are derived from it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+
+import torch
+
+
+def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
+    the last visual token (``vis``: indices of the visual tokens, ascending), and of the question (the text after,
+    less the prompt spec's (:class:`llava.engine.PromptSpec`) leading separators and trailing role tag)."""
+    n = int(ids.numel())
+    last_vis = int(vis[-1]) if vis.numel() else -1
+    after = torch.arange(last_vis + 1, n)
+    toks = ids[last_vis + 1:].tolist()
+    i = 0
+    while i < len(toks) and toks[i] in spec.sep_ids:
+        i += 1
+    j = len(toks)
+    tail = list(spec.tail_ids)
+    if tail and toks[-len(tail):] == tail:
+        j = len(toks) - len(tail)
+    return after, (after[i:j] if j > i else after)
+
+
+def sample_key(keys: list | None, b: int, ids: torch.Tensor) -> int:
+    """Row ``b``'s stable key (``VisionSignals.key``, what seeded methods draw from): the crc32 of the caller's key
+    (``keys[b]``, e.g. a question id) where given, else of the row's real token ids ``ids``."""
+    if keys is not None:
+        return zlib.crc32(str(keys[b]).encode())
+    return zlib.crc32(ids.cpu().numpy().astype("int64").tobytes())
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Host: where a sample's real rows go when its placeholder runs are replaced by a selection's outputs
+    (:func:`rebuilt_row`). Indices count the sample's real tokens (no padding): ``text_src`` the text tokens of the
+    old row, in order, ``text_dst`` their indices in the new row, ``vis_dst`` each output's index in the new row,
+    run by run; ``n`` the new row's real tokens."""
+
+    n: int
+    text_src: torch.Tensor
+    text_dst: torch.Tensor
+    vis_dst: torch.Tensor
+
+
+def run_spans(visual: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each placeholder run of a row (``visual``: host indices of its visual tokens, ascending;
+    consecutive indices form one run)."""
+    n = int(visual.numel())
+    if not n:
+        return []
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = visual[1:] != visual[:-1] + 1
+    first = starts.nonzero().flatten()
+    return list(zip(visual[first].tolist(), torch.diff(first, append=torch.tensor([n])).tolist()))
+
+
+def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> RowMap:
+    """The :class:`RowMap` of a row of ``n_real`` real tokens whose placeholder ``runs`` ((start, length), in order)
+    are each replaced by ``counts`` outputs: text tokens keep their order, each run's outputs take its place."""
+    text_src, text_dst, vis_dst = [], [], []
+    old = new = 0  # the next text token's index in the old and in the new row
+    for (start, length), c in zip(runs, counts):
+        text_src.append(torch.arange(old, start))
+        text_dst.append(torch.arange(new, new + start - old))
+        new += start - old
+        vis_dst.append(torch.arange(new, new + c))
+        new += c
+        old = start + length
+    text_src.append(torch.arange(old, n_real))
+    text_dst.append(torch.arange(new, new + n_real - old))
+    return RowMap(n=new + n_real - old, text_src=torch.cat(text_src), text_dst=torch.cat(text_dst),
+                  vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Decoder layers ``layers`` run on one layout of the rows: per sample its real ``rows`` and the ``visual``
+    tokens among them, left-padded to ``width`` (the eager executor: the longest row, or the caller's padded
+    length; the captured one: its length bucket)."""
+
+    layers: range
+    rows: tuple[int, ...]
+    visual: tuple[int, ...]
+    width: int
+
+    def __str__(self) -> str:
+        a, z = self.layers.start, self.layers.stop - 1
+        span = f"layer {a}" if a == z else f"layers {a}-{z}"
+        return f"{span}: rows {self.rows} -> {self.width}, visual {self.visual}"
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """What one prefill runs: its ``path`` ("eager" or "fast", the captured executor), per sample the stock visual
+    tokens (``candidates``) and the decoder's :class:`Segment` s, one per layout of the rows (an llm stage starts a
+    new one). ``str`` prints a line per segment."""
+
+    path: str
+    candidates: tuple[int, ...]
+    segments: tuple[Segment, ...]
+
+    @classmethod
+    def start(cls, path: str, n_layers: int, candidates, rows, visual, width: int) -> "PrefillPlan":
+        """The plan of rows entering decoder layer 0 (per sample ``rows`` real, ``visual`` of them visual, padded to
+        ``width``), one segment over all ``n_layers`` layers until :meth:`advanced`."""
+        seg = Segment(layers=range(0, n_layers), rows=tuple(rows), visual=tuple(visual), width=int(width))
+        return cls(path=path, candidates=tuple(candidates), segments=(seg,))
+
+    def advanced(self, layer: int, rows, visual, width: int) -> "PrefillPlan":
+        """The plan after an llm stage before decoder ``layer``: the last segment ends there and the stage's rows
+        (per sample ``rows`` real, ``visual`` of them visual, padded to ``width``) run the layers after it."""
+        last = self.segments[-1]
+        if not last.layers.start < layer < last.layers.stop:
+            raise ValueError(f"an llm stage before layer {layer} does not split the segment {last}")
+        head = replace(last, layers=range(last.layers.start, layer))
+        tail = Segment(layers=range(layer, last.layers.stop), rows=tuple(rows), visual=tuple(visual), width=int(width))
+        return replace(self, segments=(*self.segments[:-1], head, tail))
+
+    def visual_per_layer(self, b: int) -> list[int]:
+        """Sample ``b``'s visual tokens entering each decoder layer."""
+        return [s.visual[b] for s in self.segments for _ in s.layers]
+
+    def width_per_layer(self) -> list[int]:
+        """The padded length each decoder layer runs on (= its KV length)."""
+        return [s.width for s in self.segments for _ in s.layers]
+
+    def __str__(self) -> str:
+        head = f"PrefillPlan({self.path}, B={len(self.candidates)}): candidates {self.candidates}"
+        return "\n".join([head] + [f"  {s}" for s in self.segments])

@@ -1,0 +1,91 @@
+"""The plan both executors share (llava/plan.py): the row arithmetic of a selection (``run_spans``, ``rebuilt_row``)
+on worked rows, and the ``PrefillPlan`` record (``engine.stats.plan``) that the per-layer counts of
+``engine.stats`` are read from, on the eager engine with an llm stage. The captured executor's plan is compared with
+the eager one's for every captured method and family by ``llava.check.fast.assert_same_as_eager``."""
+
+import pytest
+import torch
+
+from llava.check.inputs import make_batch
+from llava.models import load
+from llava.plan import PrefillPlan, Segment, rebuilt_row, run_spans
+
+
+def test_run_spans_are_the_consecutive_runs():
+    assert run_spans(torch.tensor([2, 3, 4, 7, 8, 11])) == [(2, 3), (7, 2), (11, 1)]
+    assert run_spans(torch.tensor([5])) == [(5, 1)]
+    assert run_spans(torch.zeros(0, dtype=torch.long)) == []
+
+
+def test_rebuilt_row_puts_each_runs_outputs_in_its_place():
+    # t0 t1 V V V t5 t6 V V t9 -> t0 t1 a t5 t6 b c t9 (1 output for the first run, 2 for the second)
+    r = rebuilt_row(10, [(2, 3), (7, 2)], [1, 2])
+    assert r.n == 8
+    assert r.text_src.tolist() == [0, 1, 5, 6, 9]
+    assert r.text_dst.tolist() == [0, 1, 3, 4, 7]
+    assert r.vis_dst.tolist() == [2, 5, 6]
+    # a run the selection emptied leaves only its text: t0 t1 t5 t6 b c t9
+    r = rebuilt_row(10, [(2, 3), (7, 2)], [0, 2])
+    assert (r.n, r.text_dst.tolist(), r.vis_dst.tolist()) == (7, [0, 1, 2, 3, 6], [4, 5])
+    # more outputs than tokens (e.g. [CLS] candidates), and a row without a run
+    r = rebuilt_row(5, [(1, 2)], [4])
+    assert (r.n, r.text_src.tolist(), r.text_dst.tolist()) == (7, [0, 3, 4], [0, 5, 6])
+    assert r.vis_dst.tolist() == [1, 2, 3, 4]
+    r = rebuilt_row(4, [], [])
+    assert (r.n, r.text_dst.tolist(), r.vis_dst.tolist(), r.vis_dst.dtype) == (4, [0, 1, 2, 3], [], torch.long)
+
+
+def test_a_plan_splits_its_last_segment_at_each_stage():
+    plan = PrefillPlan.start("fast", 6, (16, 20), (30, 40), (16, 20), 64)
+    plan = plan.advanced(2, (20, 26), (6, 6), 32).advanced(4, (16, 22), (2, 2), 32)
+    assert [s.layers for s in plan.segments] == [range(0, 2), range(2, 4), range(4, 6)]
+    assert plan.visual_per_layer(1) == [20, 20, 6, 6, 2, 2]
+    assert plan.width_per_layer() == [64, 64, 32, 32, 32, 32]
+    assert str(plan).splitlines() == ["PrefillPlan(fast, B=2): candidates (16, 20)",
+                                      "  layers 0-1: rows (30, 40) -> 64, visual (16, 20)",
+                                      "  layers 2-3: rows (20, 26) -> 32, visual (6, 6)",
+                                      "  layers 4-5: rows (16, 22) -> 32, visual (2, 2)"]
+    assert str(Segment(range(3, 4), (5,), (1,), 8)) == "layer 3: rows (5,) -> 8, visual (1,)"
+    for layer in (0, 4, 6):  # a stage must fall strictly inside the last segment
+        with pytest.raises(ValueError, match="does not split"):
+            plan.advanced(layer, (1, 1), (0, 0), 1)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return load("tiny:llava", seed=1)
+
+
+def test_the_eager_engine_reports_the_plan_it_ran(llava):
+    """FastV dropping half the visual tokens before its layer: the rows after the stage are the prompt's real rows
+    less the dropped tokens, padded to the longest; the stats' per-layer counts are the plan's."""
+    eng = llava.prune("fastv", None, ratio=0.5)
+    batch = make_batch(llava)
+    with torch.no_grad():
+        llava.model.generate(**batch, max_new_tokens=2, do_sample=False)
+    (k,), n_layers = eng.needs.llm_layers, len(llava.model.model.language_model.layers)
+    rows = batch["attention_mask"].sum(1).tolist()
+    visual = (batch["input_ids"] == llava.model.config.image_token_id).sum(1).tolist()
+    kept = [v // 2 for v in visual]
+    after = [r - v + m for r, v, m in zip(rows, visual, kept)]
+    plan = eng.stats.plan
+    assert plan.path == "eager" and plan.candidates == tuple(visual)
+    assert [(s.layers, s.rows, s.visual, s.width) for s in plan.segments] == [
+        (range(0, k), tuple(rows), tuple(visual), batch["input_ids"].shape[1]),
+        (range(k, n_layers), tuple(after), tuple(kept), max(after))]
+    assert [s.visual_per_layer for s in eng.stats.samples] == [[v] * k + [m] * (n_layers - k)
+                                                                for v, m in zip(visual, kept)]
+    assert eng.stats.seq_len_per_layer == [batch["input_ids"].shape[1]] * k + [max(after)] * (n_layers - k)
+
+
+def test_without_llm_stages_the_plan_is_one_segment(llava):
+    eng = llava.prune("random", 4)
+    batch = make_batch(llava)
+    with torch.no_grad():
+        llava.model.generate(**batch, max_new_tokens=2, do_sample=False)
+    rows = batch["attention_mask"].sum(1).tolist()
+    visual = (batch["input_ids"] == llava.model.config.image_token_id).sum(1).tolist()
+    after = [r - v + 4 for r, v in zip(rows, visual)]
+    (seg,) = eng.stats.plan.segments
+    assert (seg.layers, seg.rows, seg.visual, seg.width) == (
+        range(0, len(llava.model.model.language_model.layers)), tuple(after), (4, 4, 4), max(after))
