@@ -131,7 +131,13 @@ class PruningEngine:
         method.setup(num_layers=n_layers, num_vision_layers=self.adapter.num_vision_layers, family=self.family)
         #: what the method asks of the engine, read once here (llava.needs.Needs)
         self.needs = needs = method.needs()
-        self.adapter.tower_method = method if needs.tower_stage else None  # in-tower stage (CLIP)
+        if needs.attention_logits != "fp32" and not self.adapter.tower_logits:
+            raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
+                             f"{needs.attention_logits!r}) is computed for the CLIP towers only, not {self.family}")
+        # what the adapter's encode reads of the method, set once here: its in-tower stage (CLIP) and the arithmetic
+        # of the tower's attention signals
+        self.adapter.tower_method = method if needs.tower_stage else None
+        self.adapter.attention_logits = needs.attention_logits
         ks = needs.llm_layers
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")

@@ -107,11 +107,6 @@ class VisionStage:
         method = self.method
         position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
         needs = self.needs
-        logits = needs.attention_logits
-        if logits != "fp32" and not self.adapter.tower_logits:
-            raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
-                             f"{logits!r}) is computed for the CLIP towers only, not {self.adapter.family}")
-        self.adapter.attention_logits = logits
         blocks = self.adapter.encode(visual, needs.tower_attention, needs.vision_layer, needs.tower_reads)
         if not blocks:
             raise ValueError("no visual input")

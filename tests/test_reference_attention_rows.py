@@ -249,15 +249,14 @@ def test_tower_signals_in_the_official_arithmetic_reach_visiontrim():
 
 
 def test_official_tower_arithmetic_is_refused_where_it_is_not_computed():
-    """Only the CLIP adapters compute the tower signals in the official arithmetic: another family says so
-    (never a silent fp32 row); the fast path leaves such a method to the eager engine."""
+    """Only the CLIP adapters compute the tower signals in the official arithmetic: another family refuses such a
+    method when it is attached (never a silent fp32 row); the fast path leaves such a method to the eager engine."""
     from llava.method import get_method
 
     m = get_method("random", 4)
     m.vision_attention_logits = "model"
     assert "eager engine" in m.capture_refusal()
     rt = load("tiny:qwen2.5-vl", seed=1)
-    rt.prune(m)
-    with pytest.raises(ValueError, match="CLIP towers only, not qwen2_5_vl"):
-        with torch.no_grad():
-            rt.model(**make_batch(rt, n=1))
+    with pytest.raises(ValueError, match="CLIP towers only, not qwen2_5_vl"):  # at attach, before any input
+        rt.prune(m)
+    assert rt.model.__dict__.get("_pruning_engine") is None  # nothing attached
