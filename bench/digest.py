@@ -108,6 +108,8 @@ def _cell(rt, name, family, fast_rt, fast: bool, options=None) -> dict:
     if fast and refusal:
         out["fast"] = {"refused": refusal}
     elif fast:
+        torch._dynamo.reset()  # each cell compiles afresh, as a new process would: one process compiling every method
+        # for the same functions hits dynamo's recompile limit (under fullgraph=True, an error, not an answer)
         try:
             out["fast"] = _answer(fast_rt, make_batch(fast_rt))
             out["fast"]["reason"] = eng.stats.path_reason
@@ -164,6 +166,12 @@ def main(argv=None) -> int:
         for d in diffs:
             print(d)
         print(f"{len(set(a) | set(b)) - len(diffs)} cells equal, {len(diffs)} differ")
+        for name, cells in zip(args.compare, (a, b)):  # a pin whose fast cells did not run pins nothing there
+            ran = [c["fast"] for c in cells.values() if "fast" in c]
+            errors = sum("error" in f for f in ran)
+            if ran:
+                print(f"{name}: {len(ran)} fast cells, {sum('tokens' in f for f in ran)} answered, "
+                      f"{sum('refused' in f for f in ran)} refused, {errors} errors")
         return 1 if diffs else 0
     if not args.out:
         p.error("--out or --compare")

@@ -373,7 +373,7 @@ class PruningEngine:
             return None, reason
         t0 = time.perf_counter()
         try:
-            logits, cache, fstate, info, _ = self.fast.prefill(input_ids, attention_mask, visual)
+            logits, cache, fstate, info = self.fast.prefill(input_ids, attention_mask, visual)
         except NotPlanned as e:
             return None, str(e)
         B, L = input_ids.shape

@@ -108,7 +108,7 @@ def test_host_positions_worked_example(rts):
                         torch.cat([text, p0 + torch.tensor([0, 0, 0, 1, 1, 1]), after]),
                         torch.cat([text, p0 + torch.tensor([0, 1, 2, 0, 1, 2]), after])])
     assert torch.equal(vp.positions[0], want)
-    spec, host, _, _, nxt = eng.fast.planner.plan_rows(vp)
+    spec, host, _, nxt = eng.fast.planner.plan_rows(vp)
     pad = spec.bucket - (L - 6 + 3)
     assert spec.mrope == 3 and spec.samples[0].outputs == 3 and pad >= 0
     pos = host["pos"][:, 0]

@@ -89,3 +89,23 @@ def test_without_llm_stages_the_plan_is_one_segment(llava):
     (seg,) = eng.stats.plan.segments
     assert (seg.layers, seg.rows, seg.visual, seg.width) == (
         range(0, len(llava.model.model.language_model.layers)), tuple(after), (4, 4, 4), max(after))
+
+
+def test_the_captured_executor_plans_the_eager_rows_in_buckets():
+    """The fast path's plan, made on the host before the device runs: the eager engine's layers, rows and visual
+    tokens per segment, each segment padded to its length bucket (the static cache's decode masks are read from it)."""
+    from llava.fast.plan import BUCKETS, bucket_for
+
+    fast = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=4, fast_backend="none")
+    eager = load("tiny:llava", seed=1)
+    batch = make_batch(fast)
+    plans = []
+    for rt in (fast, eager):
+        eng = rt.prune("fastv", None, ratio=0.5)
+        with torch.no_grad():
+            rt.model.generate(**batch, max_new_tokens=2, do_sample=False)
+        plans.append(eng.stats.plan)
+    got, want = plans
+    assert (got.path, want.path) == ("fast", "eager") and got.candidates == want.candidates
+    assert [(s.layers, s.rows, s.visual) for s in got.segments] == [(s.layers, s.rows, s.visual) for s in want.segments]
+    assert [s.width for s in got.segments] == [bucket_for(max(s.rows), BUCKETS) for s in want.segments]

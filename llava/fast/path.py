@@ -363,9 +363,10 @@ class FastPath:
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, visual: dict):
-        """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo, outputs per
-        sample). Raises :class:`llava.fast.refusals.NotPlanned` when the prompt does not fit (nothing ran yet, or
-        only the tower, whose outputs are then dropped: the eager engine runs the prefill from the start)."""
+        """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo (its ``plan``: the
+        host plan's :class:`llava.plan.PrefillPlan`)). Raises :class:`llava.fast.refusals.NotPlanned` when the
+        prompt does not fit (nothing ran yet, or only the tower, whose outputs are then dropped: the eager engine
+        runs the prefill from the start)."""
         t0 = time.perf_counter()
         dev = input_ids.device
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
@@ -404,7 +405,7 @@ class FastPath:
             timings["decide"] = t1 - t0 - timings["plan"]
             if bad:
                 self._malformed()
-            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.planner.plan_rows(vp, counts)
+            spec, host, plan, nxt = self.planner.plan_rows(vp, counts)
             moved = dict(zip(("tok", "src", "pos", "pad"), to_device([host[k] for k in ("tok", "src", "pos", "pad")],
                                                                      dev)))
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
@@ -416,9 +417,8 @@ class FastPath:
             logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], moved["pad"], cache,
                                spec.cache_len)
             new = new or getattr(self._llm, "last_new", False)
-            outputs = counts
         else:
-            spec, host, (seg_lens, seg_buckets), candidates, nxt = self.planner.plan_rows(vp)
+            spec, host, plan, nxt = self.planner.plan_rows(vp)
             moved = _upload(host, dev)
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             key = (spec, px.shape, px.dtype)
@@ -427,30 +427,27 @@ class FastPath:
             timings["plan"] += time.perf_counter() - t0
             logits, bad = self._prefill(tower_out, moved, cache, spec)
             new = new or getattr(self._prefill, "last_new", False)
-            outputs = [s.outputs for s in spec.samples]
-        S = len(seg_buckets)
+        S = len(plan.segments)
         dec_mask = torch.zeros(S, spec.batch, 1, 1, spec.cache_len, dtype=torch.bool)
-        for s, (lens, Lb) in enumerate(zip(seg_lens, seg_buckets)):
-            for b, n in enumerate(lens):
-                dec_mask[s, b, 0, 0, Lb - n:Lb] = True
+        for s, seg in enumerate(plan.segments):  # each segment's cache: its rows, left-padded to its bucket
+            for b, n in enumerate(seg.rows):
+                dec_mask[s, b, 0, 0, seg.width - n:seg.width] = True
         # decode positions: "keep" continues after the prompt's last position (M-RoPE: the unpruned prompt's,
         # on every row, as generate() does), "reindex" after each segment's own length (the eager engine's
         # per-segment shift)
         if self.engine.env.reindex:
-            nxt = torch.tensor(seg_lens, dtype=torch.long)
+            nxt = torch.tensor([seg.rows for seg in plan.segments], dtype=torch.long)
         else:
             nxt = nxt[None].expand(S, *nxt.shape)
-        d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None], torch.tensor(seg_buckets)], dev)
+        d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None],
+                                              torch.tensor([seg.width for seg in plan.segments])], dev)
         state = FastState(cache=cache, mask=d_mask, next_pos=d_pos, buckets=d_buckets,
                           layers=tuple(st.layer for st in spec.stages), room=spec.cache_len - spec.bucket)
-        plan = PrefillPlan.start("fast", len(self.engine.lm.layers), candidates, seg_lens[0], outputs, seg_buckets[0])
-        for s, st in enumerate(spec.stages):
-            plan = plan.advanced(st.layer, seg_lens[s + 1], st.outputs, seg_buckets[s + 1])
         info = FastInfo(path="fast", bucket=spec.bucket, cache_len=spec.cache_len, new_graph=new,
                         timings=timings, plan=plan, graphs=2)
         if not self.piecewise and bool(bad):  # the one read after the prefill (generate reads the first token
             self._malformed()  # anyway), after the decode state's host work: that ran while the device computed
-        return logits, cache, state, info, outputs
+        return logits, cache, state, info
 
     def _malformed(self):
         raise ValueError(f"{self.engine.method.name} returned a malformed selection (indices out of range, a token "

@@ -20,7 +20,7 @@ from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
 from ..needs import TowerRead, tower_fields
 from ..ops import UnitLayout, unit_layout
-from ..plan import rebuilt_row, sample_key, text_spans
+from ..plan import PrefillPlan, rebuilt_row, sample_key, text_spans
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -262,7 +262,7 @@ class HostPlanner:
         return s, chunks
 
     def plan(self, input_ids, attention_mask, visual: dict):
-        """The host plan of one prefill: (spec, host tensors, row lengths, candidates per sample, first decode
+        """The host plan of one prefill: (spec, host tensors, the :class:`llava.plan.PrefillPlan`, first decode
         positions).
         Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
         return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual))
@@ -359,8 +359,9 @@ class HostPlanner:
         Positions: contiguous from 0 per row (1-D families), or, for a family whose kept tokens keep their
         positions (``vp.positions``, M-RoPE), every text row's own position and, in ``vpos`` (rows, sum T),
         each sample's visual tokens' positions in candidate order: the captured prefill gathers an output's
-        from its source candidate (a merged token takes its target's), as the eager engine does. Also
-        returns the first generated token's position per row ((rows, B); 1-D: the row's length)."""
+        from its source candidate (a merged token takes its target's), as the eager engine does. Returns the
+        spec, the host tensors, the :class:`llava.plan.PrefillPlan` (each segment's rows per sample and bucket) and
+        the first generated token's position per row ((rows, B); 1-D: the row's length)."""
         e = self.engine
         rows, index, samples = vp.rows, vp.index, vp.spec.samples
         B = len(rows)
@@ -420,5 +421,8 @@ class HostPlanner:
             host["vis0"] = torch.cat(vis0)
             host["stages"] = [dict(t) for t in stage_host]  # per llm stage, its host tensors by name
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
-        return spec, host, (seg_lens, seg_buckets), [T for _, _, T in rows], nxt
+        plan = PrefillPlan.start("fast", len(e.lm.layers), [T for _, _, T in rows], seg_lens[0], real, seg_buckets[0])
+        for s, st in enumerate(stages):
+            plan = plan.advanced(st.layer, seg_lens[s + 1], st.outputs, seg_buckets[s + 1])
+        return spec, host, plan, nxt
 
