@@ -28,7 +28,9 @@ on an H100 is bound by launches + Python, not FLOPs, so a method's selection ove
 proportional to this count (about 10-15 us per op). The rule:
 
 * counted: every dispatched aten op (after autograd and composite decomposition, so ``reshape`` is
-  seen as ``view`` or ``clone``) with a device tensor among its inputs, or with
+  seen as ``view`` or ``clone``; under ``inference_mode`` composite ops such as ``to``, ``reshape``, ``contiguous``
+  and ``flatten`` reach the counter whole, and count as ``_to_copy`` / ``clone`` when they copied rather than
+  returned an alias) with a device tensor among its inputs, or with
   no tensor input at all outside a host call (``arange(n, device=d)``); also in-place ops
   (``add_``, ``index_put_``, ``copy_``), the copy to the host of ``.cpu()`` / ``.tolist()`` / ``.numpy()``
   (key ``_to_copy``), and ``.item()`` (``_local_scalar_dense``: a device-to-host memcpy, also a sync);
@@ -100,6 +102,13 @@ def _bool_index(indices) -> bool:
     return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
+def _copied(out, x: torch.Tensor) -> bool:
+    """Whether an op that may return an alias of ``x`` made a new tensor instead (a copy kernel)."""
+    if not isinstance(out, torch.Tensor) or not out.numel() or x.device.type == "meta":
+        return False
+    return out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
 def launches(func) -> bool:
     """Whether an aten op overload would launch work on a GPU (not a view, metadata or allocation)."""
     return not func.is_view and func._overloadpacket.__name__ not in _NO_LAUNCH
@@ -134,16 +143,21 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c = self.c
-        if not c.host_depth:
-            ins = _tensors(args, kwargs)
-            device = not ins or not all(c.is_host(t) for t in ins)
-            if c.count_syncs and ins and device:
-                key = _sync_key(func, args, kwargs)
-                if key is not None:
-                    c.syncs[key] += 1
-            if c.count_ops and device and launches(func):
+        if c.host_depth:
+            return func(*args, **kwargs)
+        ins = _tensors(args, kwargs)
+        device = not ins or not all(c.is_host(t) for t in ins)
+        if c.count_syncs and ins and device:
+            key = _sync_key(func, args, kwargs)
+            if key is not None:
+                c.syncs[key] += 1
+        out = func(*args, **kwargs)
+        if c.count_ops and device:
+            if launches(func):
                 c.ops[func._overloadpacket.__name__] += 1
-        return func(*args, **kwargs)
+            elif func.is_view and ins and _copied(out, ins[0]):  # e.g. to / reshape / contiguous under inference_mode
+                c.ops["_to_copy" if func._overloadpacket is aten.to else "clone"] += 1
+        return out
 
 
 class _Function(TorchFunctionMode):

@@ -95,3 +95,18 @@ def test_a_pruning_method_adds_launches_over_the_unpruned_prefill():
         assert r["vision"] + r["selection"] + r["llm"] == r["prefill_total"] <= r["total"]
         assert r["other"] == r["total"] - r["prefill_total"] > 0 and sum(r["by_op"].values()) == r["total"]
     assert prefill_ops(rt, batch)["total"] < none["total"]  # no engine: the stock forward, no split
+
+
+def test_inference_mode_counts_the_copies_of_composite_ops():
+    """Under inference_mode ``to`` / ``reshape`` / ``contiguous`` / ``flatten`` reach the counter undecomposed (their
+    schemas may alias): a copy counts as under no_grad (``_to_copy`` / ``clone``), an alias stays free."""
+    x = torch.randn(4, 6)
+    counts = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            xt = x.t()
+            with OpCounter() as c:
+                x.to(torch.bfloat16), x.float(), x.to(torch.float32)  # one cast, two no-ops
+                xt.reshape(24), x.reshape(24), xt.contiguous(), x.contiguous(), xt.flatten(), x.flatten()
+        counts.append(dict(c.counts))
+    assert counts[0] == counts[1] == {"_to_copy": 1, "clone": 3}
