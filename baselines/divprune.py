@@ -111,8 +111,7 @@ def max_min_problem(x: torch.Tensor, k: int) -> tuple[torch.Tensor, MaxMinProble
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=x.device), None
     d = cosine_distance(x)
-    eye = torch.eye(n, dtype=torch.bool, device=x.device)
-    nearest = d.masked_fill(eye, float("inf")).min(dim=0).values  # nearest-neighbour distance
+    nearest = d.clone().fill_diagonal_(float("inf")).amin(dim=0)  # nearest-neighbour distance (not to itself)
     # the first pick stays on the device: index with a 1-element tensor (a 0-d index reads the host)
     j = torch.argmax(nearest).reshape(1)
     if k == 1:
