@@ -113,7 +113,7 @@ def plan_buckets(eng, batch) -> list:
     """The bucket of every segment the fast path's host plan picks for ``batch`` (no device work): the graph tests
     pick prompts of other lengths that stay in the first prompt's buckets."""
     visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return eng.fast.planner.plan(batch["input_ids"], batch["attention_mask"], visual)[2][1]
+    return [seg.width for seg in eng.fast.planner.plan(batch["input_ids"], batch["attention_mask"], visual)[2].segments]
 
 
 def assert_one_graph_per_bucket(fast, eager, eng, first, candidates, tokens=16):

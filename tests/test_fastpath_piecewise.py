@@ -184,6 +184,7 @@ def test_no_host_sync_inside_either_graph(rts):
     fp, syncs = counting_fast_path(eng, ("_vision", "_llm"))
     batch = family_batch(fast, "llava_next")
     with torch.no_grad():
-        _, _, _, info, outputs = fp.prefill(batch["input_ids"], batch["attention_mask"],
-                                            {k: v for k, v in batch.items() if k in ("pixel_values", "image_sizes")})
+        _, _, _, info = fp.prefill(batch["input_ids"], batch["attention_mask"],
+                                   {k: v for k, v in batch.items() if k in ("pixel_values", "image_sizes")})
+    outputs = info.plan.segments[0].visual  # per sample: the visual tokens entering the decoder
     assert syncs == [0, 0] and info.graphs == 2 and len(outputs) == 3

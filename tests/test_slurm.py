@@ -251,7 +251,10 @@ def test_array_cancel_requeue_resubmit_and_report_equal_one_process(grid):
     assert jobs[f"{array}_0"]["JobState"] == "COMPLETED"
     t0 = (out / "slurm-logs" / f"vtprune-{PAPER}-{array}_0.out").read_text()
     assert "shard 0/3" in t0 and "wrote" not in t0  # shard 0 ran its configs and left the report to the report job
-    python = f"{VENV}/bin/python" if VENV is not None else str(Path(sys.executable).parent / "python")
+    # the environment the jobs activate (scripts/slurm/_env.sh): the one active at submission, else the checkout's .venv
+    fallback = REPO / ".venv" if (REPO / ".venv" / "bin" / "python").exists() else None
+    active = VENV if VENV is not None else fallback
+    python = f"{active}/bin/python" if active is not None else str(Path(sys.executable).parent / "python")
     assert f"attempt 1 python {python} OMP_NUM_THREADS=1 ===" in t0  # activated, threads = the task's -c
     assert jobs[f"{array}_1"]["JobState"] == "CANCELLED"
     assert jobs[report]["JobState"] == "CANCELLED"  # --kill-on-invalid-dep: not left pending forever
