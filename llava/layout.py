@@ -5,8 +5,8 @@ from the method's selections back to re-spliced, re-padded rows.
 it fixed at attach (:class:`llava.prefill.EagerEnv`). The layout of every row is worked out on the host from ONE
 copy of ``input_ids`` and the mask per prefill (:class:`_Layout`: real positions, visual indices, ids); the device
 only gathers and scatters with those indices, and a rebuilt row is laid out by :mod:`llava.plan`'s row arithmetic
-(:func:`place_outputs`). The staged decoder (:mod:`llava.staged`) re-uses ``_runs``, ``place_outputs`` and
-``repadded`` at its llm stages.
+(:func:`place_outputs`). The staged decoder (:mod:`llava.staged`) re-uses ``place_outputs`` and ``repadded`` at
+its llm stages.
 """
 
 from __future__ import annotations
@@ -266,8 +266,9 @@ class VisionStage:
                 sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
             out_feats, out_src = self._materialize_vision(sig, sel)
             out_deep = carry_rows(sig.deepstack, sel) if sig.deepstack is not None else None
-            run_h = _runs(lay.visual)  # run index of each visual token (host)
+            run_h = None  # the run of each candidate (host): the visual tokens' own (place_outputs), unless
             if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
+                run_h = _runs(lay.visual)
                 u = sig._unit_host[:sig.num_stock]
                 big = sig.num_stock
                 first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
@@ -376,19 +377,20 @@ class VisionStage:
         return materialize(sig, sel, self.adapter.project)
 
 
-def place_outputs(lay: "_Layout", run_h: torch.Tensor, out_src: torch.Tensor,
+def place_outputs(lay: "_Layout", run_h: torch.Tensor | None, out_src: torch.Tensor,
                   dev) -> tuple[RowMap, torch.Tensor | None]:
     """The :class:`RowMap` of a row rebuilt from a selection's outputs, and the permutation that sorts the outputs
     by run (None when they are in run order already, e.g. a single run).
 
-    run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra candidates');
-    out_src: (m,) each output's source candidate (device). One host read when the row has several runs: how many
-    outputs land in each."""
+    run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra candidates'),
+    read only when the row has several runs; None: the visual tokens' own. out_src: (m,) each output's source
+    candidate (device). One host read when the row has several runs: how many outputs land in each."""
     m = int(out_src.numel())
     runs = run_spans(lay.visual)
     if len(runs) <= 1:
         counts, perm = [m] * len(runs), None
     else:
+        run_h = _runs(lay.visual) if run_h is None else run_h
         out_run = run_h.to(dev, non_blocking=True)[out_src]
         counts = torch.bincount(out_run, minlength=len(runs)).tolist()
         perm = torch.sort(out_run, stable=True).indices

@@ -4,7 +4,7 @@ each segment of layers.
 
 :class:`StagedDecoder`, the second part of the eager executor, built by :class:`llava.engine.PruningEngine` from
 what it fixed at attach (:class:`llava.prefill.EagerEnv`); the rows of an llm stage are re-laid out on the host
-with :mod:`llava.layout`'s ``_runs`` / ``place_outputs`` / ``repadded`` (:mod:`llava.plan`'s row arithmetic). It
+with :mod:`llava.layout`'s ``place_outputs`` / ``repadded`` (:mod:`llava.plan`'s row arithmetic). It
 keeps no state of its own: a prefill returns the :class:`llava.plan.PrefillPlan` it ran and its decode segments, and a
 decode step is handed the engine's decode state. Without llm stages the stock language model runs, at prefill and at
 decode.
@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import CachedRows, cached_kv, llm_attention_fns
 from .families.base import to_device as _to_device
-from .layout import _runs, decoder_masks, deepstack_rows, first_full_layer, place_outputs, repadded
+from .layout import decoder_masks, deepstack_rows, first_full_layer, place_outputs, repadded
 from .method import Selection
 from .plan import PrefillPlan, text_spans
 from .prefill import EagerEnv, _Prefill
@@ -219,7 +219,7 @@ class StagedDecoder:
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
             vx, src = llm_outputs(x[vis], sel)
-            r, perm = place_outputs(lay, _runs(lay.visual), src, dev)
+            r, perm = place_outputs(lay, None, src, dev)  # the visual tokens are the candidates
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
                 csel = sel
                 if sel.values is not None:  # kept rows rewritten by the method (no merge targets): their rows follow
