@@ -46,6 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
 from .layout import VisionStage
 from .method import Method, Selection, get_method
+from .needs import TowerCall
 from .prefill import EagerEnv, _Prefill
 from .staged import StagedDecoder, _DecodeSegment
 from .stats import PrefillStats, _PhaseClock
@@ -134,10 +135,6 @@ class PruningEngine:
         if needs.attention_logits != "fp32" and not self.adapter.tower_logits:
             raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
                              f"{needs.attention_logits!r}) is computed for the CLIP towers only, not {self.family}")
-        # what the adapter's encode reads of the method, set once here: its in-tower stage (CLIP) and the arithmetic
-        # of the tower's attention signals
-        self.adapter.tower_method = method if needs.tower_stage else None
-        self.adapter.attention_logits = needs.attention_logits
         ks = needs.llm_layers
         if any(not (1 <= k < n_layers) for k in ks) or list(ks) != sorted(set(ks)):
             raise ValueError(f"{method.name}: llm stage layers {ks} must be ascending, in 1..{n_layers - 1}")
@@ -153,7 +150,8 @@ class PruningEngine:
         reindex = needs.position_mode == "reindex" and not self.adapter.keeps_positions
         #: what the eager executor reads of this engine, and its two parts
         self.env = EagerEnv(model=model, adapter=self.adapter, method=method, needs=needs,
-                            prompt_spec=self.prompt_spec, reindex=reindex, select=self._select)
+                            tower=TowerCall.of(needs, method), prompt_spec=self.prompt_spec, reindex=reindex,
+                            select=self._select)
         self.vision = VisionStage(self.env)
         self.decoder = StagedDecoder(self.env)
         self.stats: PrefillStats | None = None

@@ -107,7 +107,7 @@ class VisionStage:
         method = self.method
         position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
         needs = self.needs
-        blocks = self.adapter.encode(visual, needs.tower_attention, needs.vision_layer, needs.tower_reads)
+        blocks = self.adapter.encode(visual, self.env.tower)
         if not blocks:
             raise ValueError("no visual input")
         embeds = self.lm.embed_tokens(input_ids)

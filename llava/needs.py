@@ -7,8 +7,8 @@ every value checked for its type and its choices once, with the attribute named 
 fast path and the family adapters then read that record, never the method's attributes.
 
 The tower signals a vision stage reads beyond the features are :class:`TowerRead` values (a kind and a tower
-layer), which each family adapter's ``encode`` computes and the engine hands to the method as
-:class:`llava.signals.VisionSignals` fields (:func:`tower_fields`).
+layer), which each family adapter's ``encode`` computes (asked for in one :class:`TowerCall`, fixed at attach) and
+the engine hands to the method as :class:`llava.signals.VisionSignals` fields (:func:`tower_fields`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,28 @@ class TowerRead:
     def names(self) -> tuple[str, ...]:
         """The flat names its per-token tensors carry in the engine's tables (``recv:<layer>``...)."""
         return tuple(f"{_PREFIX[f]}:{self.layer}" for f in TOWER_KINDS[self.kind][1])
+
+
+@dataclass(frozen=True)
+class TowerCall:
+    """What one run of the vision tower computes for the attached method, fixed at attach
+    (:meth:`TowerCall.of`) and handed to the family adapter's ``encode`` / ``encode_static``: the [CLS] attention
+    and keys (``attention``) at tower ``layer`` (a hidden-state index; None: the model's select layer), the further
+    signals ``reads`` (:class:`TowerRead`), the arithmetic of the attention signals (``logits``: "fp32", or "model",
+    the official code's, for the CLIP towers) and the method itself when it has an in-tower stage (``stage``, which
+    the CLIP towers run layer by layer; None: none)."""
+
+    attention: bool = False
+    layer: int | None = None
+    reads: tuple[TowerRead, ...] = ()
+    logits: AttentionLogits = "fp32"
+    stage: object = None
+
+    @classmethod
+    def of(cls, needs: "Needs", method) -> "TowerCall":
+        """The tower call of ``method``, whose :class:`Needs` is ``needs``."""
+        return cls(attention=needs.tower_attention, layer=needs.vision_layer, reads=needs.tower_reads,
+                   logits=needs.attention_logits, stage=method if needs.tower_stage else None)
 
 
 def tower_fields(extra: dict[str, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:

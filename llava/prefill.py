@@ -16,13 +16,14 @@ if TYPE_CHECKING:
     from .engine import PromptSpec
     from .families.base import FamilyAdapter
     from .method import Method
-    from .needs import Needs
+    from .needs import Needs, TowerCall
 
 
 @dataclass(frozen=True)
 class EagerEnv:
     """What the eager executor reads of the attached engine, fixed at attach: the model, the family's adapter,
-    the method and what it needs, the prompt spec (where the question lies), whether llm stages renumber positions
+    the method and what it needs, what the vision tower computes for it (``tower``, the adapter's ``encode``
+argument), the prompt spec (where the question lies), whether llm stages renumber positions
     (``reindex``), and the engine's ``select(key, ask)``: the method's selection, or with ``engine.replay`` the
     recorded one."""
 
@@ -30,6 +31,7 @@ class EagerEnv:
     adapter: FamilyAdapter
     method: Method
     needs: Needs
+    tower: TowerCall
     prompt_spec: PromptSpec
     reindex: bool
     select: Callable

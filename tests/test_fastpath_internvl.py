@@ -9,6 +9,7 @@ import torch
 from conftest import rand_image
 from fastpath_util import (MORE_PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
                            fast_and_eager, generate, sized_inputs)
+from llava.needs import TowerCall
 
 #: tiny InternVL: 112-px tiles of 8 x 8 patches, 16 tokens per tile after the 2 x 2 pixel shuffle; (40, 56) takes one
 #: tile, the other two sizes 4 tiles + a thumbnail
@@ -45,9 +46,9 @@ def test_static_encoder_equals_the_eager_encoder(rts, vision_layer):
     adapter = eager.prune("none", None).adapter
     px = images(eager)["pixel_values"]
     with torch.no_grad():
-        (ref,) = adapter.encode({"pixel_values": px}, True, vision_layer)
-        got = adapter.encode_static(px, ("internvl", int(px.shape[0])), {}, True, vision_layer)
-        (other,) = adapter.encode({"pixel_values": px}, True, 2 if vision_layer is None else None)
+        (ref,) = adapter.encode({"pixel_values": px}, TowerCall(attention=True, layer=vision_layer))
+        got = adapter.encode_static(px, ("internvl", int(px.shape[0])), {}, TowerCall(attention=True, layer=vision_layer))
+        (other,) = adapter.encode({"pixel_values": px}, TowerCall(attention=True, layer=2 if vision_layer is None else None))
     for k in ("features", "vision_features", "cls_attn", "keys"):
         assert torch.equal(got[k], ref.flat[k]), k
     assert not torch.equal(got["cls_attn"], other.flat["cls_attn"])  # the layer is read

@@ -15,6 +15,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 import baselines.flowcut  # noqa: F401  (registers "flowcut")
 from baselines.flowcut import FlowCut, adaptive_prune_count, flowcut_score
 from llava.families.clip import run_tower, run_tower_staged
+from llava.needs import TowerCall
 from llava.method import Method, Selection
 from llava.signals import TowerSignals
 
@@ -232,7 +233,7 @@ def test_manual_loop_without_pruning_equals_stock_tower(rt, explicit):
         stock = tower(px, output_hidden_states=True, return_dict=True).hidden_states
         m = KeepAllTower(explicit)
         hs, kept = run_tower_staged(tower, px, fl, m)
-        hs2, _, _, rc = run_tower(tower, px, fl, False, None, stage=m)
+        hs2, _, _, rc = run_tower(tower, px, fl, TowerCall(stage=m))
     assert torch.equal(hs, stock[fl]) and torch.equal(hs2, stock[fl]) and bool(kept.all())
     assert torch.equal(rc["in_tower_kept"], kept)
     n_layers = len(tower.encoder.layers)

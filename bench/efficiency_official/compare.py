@@ -145,6 +145,7 @@ def run_tower(parts: Parts, batch: int, cfg, device, dtype) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     px = torch.randn(units, 3, vc.image_size, vc.image_size, generator=g).to(device=device, dtype=dtype)
     from llava.families.clip import attention_layer, run_tower as engine_run_tower
+    from llava.needs import TowerCall
 
     v = parts.config.vision_feature_layer
     idx = attention_layer(tower, v, None)
@@ -155,7 +156,7 @@ def run_tower(parts: Parts, batch: int, cfg, device, dtype) -> dict:
         return tower(px, output_hidden_states=True, return_dict=True).hidden_states[v]
 
     def ours():
-        return engine_run_tower(tower, px, v, True, None)[:3]  # (hidden states, cls_attn (n, H, S), keys (n, S, d))
+        return engine_run_tower(tower, px, v, TowerCall(attention=True))[:3]  # (hidden states, cls_attn (n, H, S), keys (n, S, d))
 
     def official():
         out = tower(px, output_hidden_states=True, output_attentions=True, return_dict=True)

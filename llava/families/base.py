@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from ..needs import TowerRead
+    from ..needs import TowerCall
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -128,10 +128,6 @@ class FamilyAdapter:
     #: the tower's attention signals can be computed in the official code's arithmetic
     #: (``Method.vision_attention_logits="model"``: the CLIP towers, :func:`llava.families.clip.clip_probs`)
     tower_logits: bool = False
-    #: the arithmetic the engine asks of the tower's attention signals for the current method ("fp32" / "model")
-    attention_logits: str = "fp32"
-    #: the attached method when it has an in-tower stage (``Needs.tower_stage``), set by the engine; None: none
-    tower_method = None
 
     def __init__(self, model: torch.nn.Module, next_layout: str | None = None, **options):
         # next_layout is LLaVA-NeXT's packing option; other families have one packing and ignore it
@@ -151,10 +147,10 @@ class FamilyAdapter:
     def num_vision_layers(self) -> int:
         return len(self.tower.encoder.layers)
 
-    def encode(self, visual: dict, want_attn: bool, vision_layer: int | None,
-               tower_reads: tuple[TowerRead, ...] = ()) -> list[VisualBlock]:
-        """``tower_reads``: the tower signals the method asks for (:class:`llava.needs.TowerRead`), as per-token
-        entries under their :attr:`~llava.needs.TowerRead.names`."""
+    def encode(self, visual: dict, call: TowerCall) -> list[VisualBlock]:
+        """The eager executor's tower run over every visual input of a prefill, one block per placeholder kind,
+        computing what the method asks (``call``, :class:`llava.needs.TowerCall`; its ``reads`` as per-token entries
+        under their :attr:`~llava.needs.TowerRead.names`)."""
         raise NotImplementedError
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
@@ -188,13 +184,12 @@ class FamilyAdapter:
         ValueError with the reason when the fast path cannot take them."""
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
-    def encode_static(self, pixels: torch.Tensor, tower, tensors: dict, want_attn: bool,
-                      vision_layer: int | None = None) -> dict:
+    def encode_static(self, pixels: torch.Tensor, tower, tensors: dict, call: TowerCall) -> dict:
         """Inside the captured prefill, for a :class:`VisualLayout` with a ``tower`` plan: run the tower with
         static shapes (no host read; ``tensors`` = its ``tower_tensors`` on the device) and return per visual
         token, in the order ``src`` indexes: ``features`` (N, D) as the stock model splices them,
-        ``vision_features`` (N, Dv) and with ``want_attn`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the
-        signals :meth:`encode` gives for the same ``vision_layer``)."""
+        ``vision_features`` (N, Dv) and with ``call.attention`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the
+        signals :meth:`encode` gives for the same ``call.layer``)."""
         raise NotImplementedError(f"the fast path encodes no {self.family} tower itself")
 
     def signal_widths(self) -> tuple[int, int, int]:

@@ -268,21 +268,22 @@ def cls_row(layer, h: torch.Tensor, logits: str = "fp32") -> torch.Tensor:
     return (torch.einsum("nqhd,nshd->nhqs", q, k) * attn.scale).softmax(-1)[:, :, 0]
 
 
-def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, vision_layer: int | None,
-              tower_reads=(), stage=None, kind: str = "image", cls_in_llm: bool = False, logits: str = "fp32"):
-    """Run the tower once; return (select-layer hidden states (n, S, Dv), cls_attn (n, H, S) or None,
-    keys (n, S, d) or None, extra signals). ``tower_reads``: the :class:`llava.needs.TowerRead` signals wanted,
+def run_tower(tower, pixels: torch.Tensor, feature_layer: int, call, kind: str = "image", cls_in_llm: bool = False):
+    """Run the tower once for ``call`` (:class:`llava.needs.TowerCall`); return (select-layer hidden states
+    (n, S, Dv), cls_attn (n, H, S) or None (without ``call.attention``), keys (n, S, d) or None (both at
+    ``call.layer``), extra signals). ``call.reads``: the :class:`llava.needs.TowerRead` signals wanted,
     at hidden-state index v: ``received`` the attention each token receives (``recv:v`` (n, H, S)), ``fullwidth``
     the full-width [CLS] attention and keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), ``cls_row`` that layer's
     [CLS] row per head (``clsl:v`` (n, H, S)), ``received_patches`` the attention received from the other patches
     (``rpat:v`` (n, S), :func:`received_from_other_patches`), ``received_global`` the global attention
     (``glob:v`` (n, S): head mean per entry, then the mean over all queries). All fp32, from pre-hooks (the tower stays on SDPA);
-    ``logits="model"`` (``Method.vision_attention_logits``, reference modes): every attention signal in the
+    ``call.logits="model"`` (``Method.vision_attention_logits``, reference modes): every attention signal in the
     arithmetic of the official code, in the tower's dtype (:func:`clip_probs`, :func:`fullwidth_signals`).
 
-    ``stage``: a method with ``tower_stage`` (the engine sets ``adapter.tower_method``): the tower then
-    runs layer by layer (:func:`run_tower_staged`) and the extra signals carry ``in_tower_kept`` (n, S)."""
-    if stage is not None:  # the engine hands a method with an in-tower stage only
+    ``call.stage``: a method with ``tower_stage``: the tower then runs layer by layer (:func:`run_tower_staged`)
+    and the extra signals carry ``in_tower_kept`` (n, S)."""
+    stage, tower_reads, logits, want_attn = call.stage, call.reads, call.logits, call.attention
+    if stage is not None:  # a method with an in-tower stage
         if not stage.vision_stage:
             raise TypeError(f"{stage.name}: a tower-stage method needs a vision stage (select_vision keeps the "
                             "survivors, sig.in_tower_kept; the dropped tokens carry zero features)")
@@ -306,7 +307,7 @@ def run_tower(tower, pixels: torch.Tensor, feature_layer: int, want_attn: bool, 
     extra = {r: attention_layer(tower, feature_layer, r.layer) for r in tower_reads}
     try:
         if want_attn:
-            layer = tower.encoder.layers[attention_layer(tower, feature_layer, vision_layer)]
+            layer = tower.encoder.layers[attention_layer(tower, feature_layer, call.layer)]
             handles.append(layer.register_forward_pre_hook(grab("h"), with_kwargs=True))
         for v, idx in extra.items():
             handles.append(tower.encoder.layers[idx].register_forward_pre_hook(grab(("x", v)), with_kwargs=True))

@@ -98,8 +98,8 @@ class InternVLAdapter(FamilyAdapter):
         ca, ks = cls_signals(layer, h)  # (n, H, 1 + P), (n, 1 + P, d)
         return self.pool(ca[:, :, 1:].transpose(1, 2), "sum"), self.pool(ks[:, 1:], "mean")
 
-    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
-        if tower_reads:
+    def encode(self, visual, call):
+        if call.reads:
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         if visual.get("pixel_values_videos") is not None:
@@ -121,8 +121,8 @@ class InternVLAdapter(FamilyAdapter):
 
         layer = None
         try:
-            if want_attn:
-                layer = self.tower.encoder.layer[self.attention_layer(vision_layer)]
+            if call.attention:
+                layer = self.tower.encoder.layer[self.attention_layer(call.layer)]
                 handles.append(layer.register_forward_pre_hook(grab("h"), with_kwargs=True))
             handles.append(self.core.multi_modal_projector.register_forward_pre_hook(grab("proj"), with_kwargs=True))
             # the stock feature path, so the features are bit-identical to what the stock forward splices
@@ -144,7 +144,7 @@ class InternVLAdapter(FamilyAdapter):
             "unit_pos": torch.full((n, 2), -1, dtype=torch.long, device=dev),
             "unit_grid": torch.tensor([list(g)] * n, dtype=torch.long),  # host
         }
-        if want_attn:
+        if call.attention:
             flat["cls_attn"], flat["keys"] = self.pooled_signals(layer, captured["h"])
         return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
 
@@ -179,13 +179,13 @@ class InternVLAdapter(FamilyAdapter):
         return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, samples,
                             tower=("internvl", int(px.shape[0])), tower_tensors={})
 
-    def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
+    def encode_static(self, pixels, tower, tensors, call):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with
         the select layer's input read from ``hidden_states`` (what the eager pre-hook captures) for the signals."""
         cfg, core = self.config, self.core
         v = cfg.vision_feature_layer
         out = self.tower(pixel_values=pixels.to(dtype=core.dtype), return_dict=True,
-                         output_hidden_states=want_attn or v != -1)
+                         output_hidden_states=call.attention or v != -1)
         states = (out.last_hidden_state if v == -1 else out.hidden_states[v])[:, 1:, :]
         n, p, c = states.shape
         side = int(p ** 0.5)
@@ -193,8 +193,8 @@ class InternVLAdapter(FamilyAdapter):
         rows = shuffled.reshape(n, -1, shuffled.shape[-1])
         res = {"features": core.multi_modal_projector(rows).reshape(-1, cfg.text_config.hidden_size),
                "vision_features": rows.reshape(-1, rows.shape[-1])}
-        if want_attn:
-            idx = self.attention_layer(vision_layer)  # the method's layer, as encode reads it
+        if call.attention:
+            idx = self.attention_layer(call.layer)  # the method's layer, as encode reads it
             res["cls_attn"], res["keys"] = self.pooled_signals(self.tower.encoder.layer[idx], out.hidden_states[idx])
         return res
 

@@ -11,14 +11,14 @@ from .clip import flatten_units, run_tower
 class LlavaAdapter(FamilyAdapter):
     tower_logits = True  # CLIP: the attention signals in the official arithmetic too
 
-    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+    def encode(self, visual, call):
         pixel_values = visual.get("pixel_values")
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
         cfg = self.config
         drop = cfg.vision_feature_select_strategy == "default"
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, tower_reads,
-                                   stage=self.tower_method, logits=self.attention_logits, kind="image", cls_in_llm=not drop)
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, call, kind="image",
+                                   cls_in_llm=not drop)
         flat, sizes = flatten_units(hs, ca, ks, self.core.multi_modal_projector,
                                     drop_cls=drop, kind="image", received=rc)
         return [VisualBlock(cfg.image_token_id, flat, sizes)]

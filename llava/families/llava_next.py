@@ -78,7 +78,7 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
 
-    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+    def encode(self, visual, call):
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 
@@ -96,8 +96,8 @@ class LlavaNextAdapter(FamilyAdapter):
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
         drop = cfg.vision_feature_select_strategy == "default"
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, want_attn, vision_layer, tower_reads,
-                                   stage=self.tower_method, logits=self.attention_logits, kind="crop", cls_in_llm=not drop)
+        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, call, kind="crop",
+                                   cls_in_llm=not drop)
         flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop", received=rc)
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map

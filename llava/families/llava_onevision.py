@@ -23,21 +23,21 @@ from .base import FamilyAdapter, VisualBlock, VisualLayout
 class LlavaOnevisionAdapter(FamilyAdapter):
     visual_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
 
-    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
-        if tower_reads:
+    def encode(self, visual, call):
+        if call.reads:
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
-        # the saliency layer is the model's select layer (``vision_layer`` is a CLIP option)
+        # the saliency layer is the model's select layer (``call.layer`` is a CLIP option)
         cfg = self.config
         blocks = []
         if visual.get("pixel_values") is not None:
             if visual.get("image_sizes") is None:
                 raise ValueError("LLaVA-OneVision needs image_sizes with pixel_values")
             v = ov.encode_images(self.model, visual["pixel_values"], visual["image_sizes"],
-                                 batch_num_images=visual.get("batch_num_images"), want_attn=want_attn)
+                                 batch_num_images=visual.get("batch_num_images"), want_attn=call.attention)
             blocks.append(VisualBlock(cfg.image_token_id, self._flat(v, "crop"), v.sizes))
         if visual.get("pixel_values_videos") is not None:
-            v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=want_attn)
+            v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=call.attention)
             blocks.append(VisualBlock(cfg.video_token_id, self._flat(v, "frame"), v.sizes))
         return blocks
 
@@ -89,5 +89,5 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def newline(self):
         return self.core.image_newline
 
-    def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
-        return ov.run_static(self.core, pixels, tower, tensors, want_attn)
+    def encode_static(self, pixels, tower, tensors, call):
+        return ov.run_static(self.core, pixels, tower, tensors, call.attention)

@@ -56,14 +56,14 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def num_vision_layers(self) -> int:
         return len(self.core.visual.blocks)
 
-    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+    def encode(self, visual, call):
         # group_mean at block b: its output averaged over each merged token's 4 patches (the method's
         # ``vision_group_mean_blocks``: MMTok's official vision -> vision space)
-        means = {r.layer: r.names[0] for r in tower_reads if r.kind == "group_mean"}
-        if len(means) != len(tower_reads):
+        means = {r.layer: r.names[0] for r in call.reads if r.kind == "group_mean"}
+        if len(means) != len(call.reads):
             raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
-        # ``vision_layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
+        # ``call.layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
         # ``qwen_saliency_layer`` (default: the last full-attention block)
         cfg = self.config
         blocks = []
@@ -75,7 +75,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 continue
             if grid is None:
                 raise ValueError(f"{self.family} needs {'video' if video else 'image'}_grid_thw with its pixels")
-            v = qwen_vision.encode(self.model, pix, grid, want_attn=want_attn, layer=self.saliency_layer,
+            v = qwen_vision.encode(self.model, pix, grid, want_attn=call.attention, layer=self.saliency_layer,
                                    saliency=self.saliency, video=video, group_mean=tuple(means))
             flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
                     "unit_h": v.unit, "kind": "frame" if video else "image",
@@ -138,9 +138,9 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return VisualLayout(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
                             tower_tensors=tensors, meta=meta)
 
-    def encode_static(self, pixels, tower, tensors, want_attn, vision_layer=None):
-        out = qwen_vision.run_static(self.model, pixels, tower, tensors, want_attn)
-        if want_attn:
+    def encode_static(self, pixels, tower, tensors, call):
+        out = qwen_vision.run_static(self.model, pixels, tower, tensors, call.attention)
+        if call.attention:
             out["cls_attn"] = out.pop("saliency").T
         return out
 

@@ -16,24 +16,21 @@ class VideoLlavaAdapter(FamilyAdapter):
     def tower(self):
         return self.core.video_tower
 
-    def encode(self, visual, want_attn, vision_layer, tower_reads=()):
+    def encode(self, visual, call):
         cfg = self.config
         proj = self.core.multi_modal_projector
         blocks = []
-        stage = self.tower_method  # a method with an in-tower stage (set by the engine)
         pixel_values, videos = visual.get("pixel_values"), visual.get("pixel_values_videos")
         if pixel_values is not None:
             drop = cfg.vision_feature_select_strategy == "default"
-            hs, ca, ks, rc = run_tower(self.tower_for("pixel_values"), pixel_values, cfg.vision_feature_layer,
-                                       want_attn, vision_layer, tower_reads, stage=stage, kind="image",
-                                       cls_in_llm=not drop, logits=self.attention_logits)
+            hs, ca, ks, rc = run_tower(self.tower_for("pixel_values"), pixel_values, cfg.vision_feature_layer, call,
+                                       kind="image", cls_in_llm=not drop)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=drop, kind="image", received=rc)
             blocks.append(VisualBlock(cfg.image_token_id, flat, sizes))
         if videos is not None:
             b, t = videos.shape[:2]
             hs, ca, ks, rc = run_tower(self.tower_for("pixel_values_videos"), videos.flatten(0, 1),
-                                       cfg.vision_feature_layer, want_attn, vision_layer, tower_reads, stage=stage,
-                                       kind="frame", cls_in_llm=True, logits=self.attention_logits)
+                                       cfg.vision_feature_layer, call, kind="frame", cls_in_llm=True)
             flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame", received=rc)
             sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video
             blocks.append(VisualBlock(cfg.video_token_id, flat, sizes))

@@ -34,7 +34,7 @@ class CapturedVision:
         e = self.engine
         if spec.tower is not None:
             with _no_output_capture():  # its blocks run outside the tower's forward (see fast_llm)
-                enc = e.adapter.encode_static(px, spec.tower, tower_in, e.needs.tower_attention, e.needs.vision_layer)
+                enc = e.adapter.encode_static(px, spec.tower, tower_in, e.env.tower)
             return {k: v for k, v in enc.items() if v is not None}
         return self._clip_tower(px, crops, spec)
 
