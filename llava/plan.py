@@ -131,6 +131,12 @@ class PrefillPlan:
         tail = Segment(layers=range(layer, last.layers.stop), rows=tuple(rows), visual=tuple(visual), width=int(width))
         return replace(self, segments=(*self.segments[:-1], head, tail))
 
+    def key(self) -> tuple[Segment, ...]:
+        """The segments without their rows (``rows=()``): what is static about the plan, the part of the captured
+        functions' key that is the plan (layers, visual tokens, padded widths). The rows depend on the prompt's
+        length; the captured executor hands them to its functions as tensors."""
+        return tuple(replace(s, rows=()) for s in self.segments)
+
     def visual_per_layer(self, b: int) -> list[int]:
         """Sample ``b``'s visual tokens entering each decoder layer."""
         return [s.visual[b] for s in self.segments for _ in s.layers]

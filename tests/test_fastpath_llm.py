@@ -11,6 +11,14 @@ from fastpath_util import (BACKEND, SINGLES, assert_same_as_eager, counting_fast
 from llava.fast.llm import plan_stages, prompt_mask
 from llava.fast.path import FastPath, bucket_for
 from llava.models import load
+from llava.plan import PrefillPlan
+
+
+def _stages(needs, rows, lens, counts, buckets, text_buckets=()):
+    """plan_stages from the plan of rows ``lens`` entering layer 0 of a 4-layer decoder (the worked examples)."""
+    plan = PrefillPlan.start("fast", 4, [c[0] for c in counts], lens, [c[0] for c in counts],
+                             bucket_for(max(lens), buckets))
+    return plan_stages(needs, rows, plan, counts, buckets, bucket_for, text_buckets)
 
 #: budgets / options that prune at every stage of the tiny 4-layer LLM (16 tokens per image): FastV keeps 5
 #: after layer 1 for an equivalent budget of 8 (K=2 scaled to 4 layers: (4 * 8 - 16) / 3 rounded half up);
@@ -41,11 +49,10 @@ def test_plan_stages_lays_out_each_segment():
         llm_layers = (1,)
         llm_text_rows = False
 
-    specs, tensors, seg_lens, seg_buckets = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16),
-                                                        bucket_for)
-    assert seg_lens == [[10, 7], [8, 4]] and seg_buckets == [16, 8]
-    (st,) = specs
-    assert (st.layer, st.bucket, st.visual_in, st.outputs) == (1, 8, (4, 4), (2, 1))
+    plan, tensors, texts = _stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16))
+    assert [s.rows for s in plan.segments] == [(10, 7), (8, 4)] and [s.width for s in plan.segments] == [16, 8]
+    assert [s.layers for s in plan.segments] == [range(0, 1), range(1, 4)] and texts == ()
+    assert [s.visual for s in plan.segments] == [(4, 4), (2, 1)]  # the stage before layer 1 keeps 2 / 1 of 4 / 4
     t = tensors[0]
     # sample 0: pad 6 in segment 0, image at 6 + 2; sample 1: pad 9, image at 9 + 1
     assert t["vis"].tolist() == [8, 9, 10, 11, 10, 11, 12, 13]
@@ -87,22 +94,22 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
         llm_text_rows = True
         llm_text_cap = None
 
-    (st,), (t,), _, _ = plan_stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, (4, 8))
-    assert st.text == (4, 4) and st.num_text == (4, 2)
+    _, (t,), (text,) = _stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), (4, 8))
+    assert text == ((4, 4), (4, 2))  # per sample the padded rows, then the real ones
     assert t["text"].tolist() == [12, 13, 14, 15, 14, 15, 0, 0]
     assert t["text_mask"].tolist() == [True] * 4 + [True, True, False, False]
 
     class Capped(M):  # a method that tells text lengths apart up to 3 (DART: its text pivots)
         llm_text_cap = 3
 
-    (st,), (t2,), _, _ = plan_stages(Capped, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, (4, 8))
-    assert st.num_text == (3, 2) and torch.equal(t2["text"], t["text"])
+    _, (t2,), (text,) = _stages(Capped, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), (4, 8))
+    assert text == ((4, 4), (3, 2)) and torch.equal(t2["text"], t["text"])
 
     class N(M):
         llm_text_rows = False
 
-    (st,), (t,), _, _ = plan_stages(N, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), bucket_for, (4, 8))
-    assert st.text == () and "text" not in t
+    _, (t,), texts = _stages(N, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), (4, 8))
+    assert texts == () and "text" not in t
 
 
 @pytest.mark.parametrize("method,budget", LLAVA_CASES)

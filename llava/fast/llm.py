@@ -15,9 +15,10 @@ slots 0..L_s-1 and their generated tokens from slot L_s on; each segment has its
 positions (``keep``: the original positions continue; ``reindex``: after the segment's own length, as
 the eager engine's per-segment shift does).
 
-What is static about a stage (its layer, bucket, per-sample counts) is part of the graph key
-(:class:`StageSpec`); what depends on the prompt's length (pads, the gather, positions, masks) travels
-as tensors (:class:`StageTensors`).
+What is static about the segments (their layers, per-sample visual counts, buckets: the
+:class:`llava.plan.PrefillPlan` without its rows, :meth:`~llava.plan.PrefillPlan.key`) and each stage's padded text
+block is part of the graph key; what depends on the prompt's length (pads, the gather, positions, masks) travels as
+tensors.
 """
 
 from __future__ import annotations
@@ -30,21 +31,9 @@ from transformers.utils import output_capturing
 
 from ..attention_rows import CachedRows, cached_kv, llm_attention_fns
 from ..method import Selection
-from ..plan import rebuilt_row
+from ..plan import PrefillPlan, rebuilt_row
 from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
 from ..signals import LLMSignals
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What is static about one llm stage of a captured prefill."""
-
-    layer: int  # the stage acts before this decoder layer
-    bucket: int  # rows of the next segment
-    visual_in: tuple  # per sample: visual tokens entering the stage
-    outputs: tuple  # per sample: the stage's outputs
-    text: tuple = ()  # per sample: rows of the padded text-after block (methods with llm_text_rows)
-    num_text: tuple = ()  # per sample: its real rows
 
 
 def text_count(needs, n_text: int) -> int:
@@ -99,31 +88,32 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     return tuple(out)
 
 
-def plan_stages(needs, rows, lens, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
-    """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``lens``: the
-    rows' lengths entering layer 0 and ``counts``: per sample, its visual tokens entering layer 0 then
-    after each stage. Returns the :class:`StageSpec` per stage, their host tensors (per stage: the visual
-    rows entering it, the next rows' gather, positions, first-position gather, pad rows per sample ("pad": the
-    4-D mask is built from it on the device, :func:`prompt_mask`)), each segment's row lengths per sample and
-    buckets (``needs``: the method's :class:`llava.needs.Needs`). With ``needs.llm_text_rows`` also each stage's
-    text-after rows, padded to ``text_buckets`` ("text", "text_mask"); for a stage before decoder layer ``deepstack`` (DeepStack
-    levels still to add) the next segment's visual rows, flattened ("ds_at")."""
+def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
+    """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``plan``: the
+    :class:`llava.plan.PrefillPlan` of the rows entering decoder layer 0 (one segment); ``counts``: per sample, its
+    visual tokens entering layer 0 then after each stage. Returns the plan advanced at every stage (each segment's
+    rows per sample and bucket), the stages' host tensors (per stage: the visual rows entering it, the next rows'
+    gather, positions, first-position gather, pad rows per sample ("pad": the 4-D mask is built from it on the
+    device, :func:`prompt_mask`)) and what each stage shows the method of the text after the image (``needs``: the
+    method's :class:`llava.needs.Needs`): with ``needs.llm_text_rows`` per stage (the padded rows per sample, the
+    real rows per sample up to the method's cap), the rows themselves padded to ``text_buckets`` ("text",
+    "text_mask"); else ``()``. For a stage before decoder layer ``deepstack`` (DeepStack levels still to add) also
+    the next segment's visual rows, flattened ("ds_at")."""
     B = len(rows)
-    specs, tensors = [], []
-    seg_lens = [list(lens)]
-    seg_buckets = [bucket_for(max(lens), buckets)]
+    tensors, texts = [], []
     for stage, layer in enumerate(needs.llm_layers):
-        Lp = seg_buckets[-1]
-        nv_in = [c[stage] for c in counts]
+        seg = plan.segments[-1]
+        Lp = seg.width
+        nv_in = seg.visual
         m_out = [c[stage + 1] for c in counts]
-        n_new = [n - a + b for n, a, b in zip(seg_lens[-1], nv_in, m_out)]
+        n_new = [n - a + b for n, a, b in zip(seg.rows, nv_in, m_out)]
         Lb = bucket_for(max(n_new), buckets)
         vis, text, text_mask, text_q, n_text, ds_at = [], [], [], [], [], []
         src = torch.zeros(B, Lb, dtype=torch.long)
         ar = torch.zeros(B, Lb, dtype=torch.long)
         first = torch.zeros(B, dtype=torch.long)
         out_at = B * Lp
-        for b, ((_, p0, _), n_old, nv, m, n) in enumerate(zip(rows, seg_lens[-1], nv_in, m_out, n_new)):
+        for b, ((_, p0, _), n_old, nv, m, n) in enumerate(zip(rows, seg.rows, nv_in, m_out, n_new)):
             pad_old, pad = Lp - n_old, Lb - n
             old = b * Lp + pad_old  # the sample's first real row, flattened
             vis.append(pad_old + p0 + torch.arange(nv))
@@ -142,17 +132,15 @@ def plan_stages(needs, rows, lens, counts, buckets, bucket_for, text_buckets=(),
             ar[b, pad:] = torch.arange(n)
             first[b] = b * Lb + pad
             ds_at.append(b * Lb + pad + r.vis_dst)
-        specs.append(StageSpec(layer=int(layer), bucket=Lb, visual_in=tuple(nv_in), outputs=tuple(m_out),
-                               text=tuple(text_q), num_text=tuple(n_text)))
         tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first,
                         "pad": torch.tensor([Lb - n for n in n_new])})  # its mask: prompt_mask on the device
         if text:
             tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
+            texts.append((tuple(text_q), tuple(n_text)))
         if layer < deepstack:
             tensors[-1]["ds_at"] = torch.cat(ds_at)
-        seg_lens.append(n_new)
-        seg_buckets.append(Lb)
-    return tuple(specs), tensors, seg_lens, seg_buckets
+        plan = plan.advanced(int(layer), n_new, m_out, Lb)
+    return plan, tensors, tuple(texts)
 
 
 def prompt_mask(pad: torch.Tensor, Lb: int, C: int) -> torch.Tensor:
@@ -215,52 +203,53 @@ class Entry:
     ds: dict | None = None
 
 
-def run_segments(engine, entry: Entry, cache, stages: tuple, stage_in: tuple, bad, attn=None):
-    """The decoder over a captured prefill's rows with its llm stages (device, static shapes): ``stages`` the
-    planned stages (:class:`StageSpec`) and ``stage_in`` their uploaded tensors; a stage before the last DeepStack
-    level carries the rows through its selection, as the eager engine. Returns the last rows' hidden states
-    (B, 1, D) after the final norm, and ``bad`` ORed with every stage's malformed flags; ``attn``: the prompt
-    attention keyword, as :func:`_layers`."""
+def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, stage_in: tuple, bad, attn=None):
+    """The decoder over a captured prefill's rows with its llm stages (device, static shapes): ``segments`` the
+    planned segments of decoder layers (:meth:`llava.plan.PrefillPlan.key`: an llm stage acts before each segment
+    after the first), ``texts`` each stage's text-after block (:func:`plan_stages`) and ``stage_in`` the stages'
+    uploaded tensors; a stage before the last DeepStack level carries the rows through its selection, as the eager
+    engine. Returns the last rows' hidden states (B, 1, D) after the final norm, and ``bad`` ORed with every stage's
+    malformed flags; ``attn``: the prompt attention keyword, as :func:`_layers`."""
     lm, method = engine.lm, engine.method
     rows, pos, mask, ds = entry.rows, entry.pos, entry.mask, entry.ds
     B = rows.shape[0]
-    bounds = [0] + [st.layer for st in stages] + [len(lm.layers)]
     entry_text = [None] * B
-    if stages:
+    if len(segments) > 1:
         entry_in = [rows[b][v] for b, v in enumerate(entry.visual0)]  # each visual token's input to layer 0
         at_entry = [torch.arange(v.numel(), device=rows.device) for v in entry.visual0]
-        if stages[0].text:  # the text-after tokens' inputs to layer 0 (padded; segment 0's rows)
+        if texts:  # the text-after tokens' inputs to layer 0 (padded; segment 0's rows)
             at_t = 0
-            for b, q in enumerate(stages[0].text):
+            for b, q in enumerate(texts[0][0]):
                 entry_text[b] = rows[b][stage_in[0]["text"][at_t:at_t + q]]
                 at_t += q
     origin = list(entry.origins)
     state = [{} for _ in range(B)]
-    h, prev = _layers(lm, rows, mask, pos, cache, 0, bounds[1], ds, attn)
-    for s, (st, t) in enumerate(zip(stages, stage_in)):
-        if ds is not None and st.layer >= ds["rows"].shape[1]:
+    h, prev = _layers(lm, rows, mask, pos, cache, 0, segments[0].layers.stop, ds, attn)
+    for s, (seg_in, seg, t) in enumerate(zip(segments, segments[1:], stage_in)):
+        layer = seg.layers.start  # the stage acts before this decoder layer
+        if ds is not None and layer >= ds["rows"].shape[1]:
             ds = None  # every level was added before this stage
         outs, vps, deep = [], [], []
-        ds_in = ds["rows"].split(list(st.visual_in)) if ds is not None else None
+        ds_in = ds["rows"].split(list(seg_in.visual)) if ds is not None else None
         at = at_t = 0
-        kv = cached_kv(cache, lm, st.layer - 1, h.shape[1])  # layer K-1 wrote these rows at slots 0..bucket-1
+        kv = cached_kv(cache, lm, layer - 1, h.shape[1])  # layer K-1 wrote these rows at slots 0..bucket-1
         for b in range(B):
-            nv, m = st.visual_in[b], st.outputs[b]
+            nv, m = seg_in.visual[b], seg.visual[b]
             vis = t["vis"][at:at + nv]
             at += nv
             text_rows = text_mask = n_text = None
-            if st.text:
-                q = st.text[b]
+            if texts:
+                q = texts[s][0][b]
                 text_rows, text_mask = t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q]
-                n_text = st.num_text[b]
+                n_text = texts[s][1][b]
                 at_t += q
             if not nv:
                 continue
             x, p, x_prev = h[b], pos[..., b, :], prev[b]  # p: (S,), or (3, S) M-RoPE
             key_mask = mask[b, 0, -1, :x.shape[0]]
-            attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, st.layer, x, x_prev, p, key_mask, prev_kv=CachedRows(
+            attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask, prev_kv=CachedRows(
                 kv, b, slice(0, x.shape[0])) if kv is not None else None)
-            sig = LLMSignals(layer=st.layer, hidden=x, position_ids=p, visual=vis, origin=origin[b],
+            sig = LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin[b],
                              text_after=text_rows, question=None, text_mask=text_mask, _num_text=n_text,
                              visual_embeds=entry_in[b][at_entry[b]], text_embeds=entry_text[b],
                              num_visual_entry=int(entry_in[b].shape[0]), entry_visual_embeds=entry_in[b],
@@ -281,7 +270,7 @@ def run_segments(engine, entry: Entry, cache, stages: tuple, stage_in: tuple, ba
                 deep.append(carry_rows(ds_in[b], sel))
             vps.append(p[..., vis[src]])  # a merged token takes its target's position
             origin[b], at_entry[b] = origin[b][src], at_entry[b][src]
-        Lb = st.bucket
+        Lb = seg.width
         h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE: kept positions, never renumbered)
         p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t["src"]].view(*R, B, Lb)
@@ -290,7 +279,7 @@ def run_segments(engine, entry: Entry, cache, stages: tuple, stage_in: tuple, ba
         pos, mask = p2, prompt_mask(t["pad"], Lb, mask.shape[-1])
         if ds is not None:  # a sample without visual tokens left carries no rows
             ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
-        h, prev = _layers(lm, h, mask, pos, cache, st.layer, bounds[s + 2], ds, attn)
+        h, prev = _layers(lm, h, mask, pos, cache, layer, seg.layers.stop, ds, attn)
     return lm.norm(h[:, -1:]), bad
 
 

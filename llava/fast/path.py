@@ -238,9 +238,9 @@ class FastPath:
                 vp.append(plan_in["vpos"][:, at:at + s.tokens][:, o])
                 at += s.tokens
             pos = torch.cat([pos.reshape(R, -1)] + vp, 1)[:, src].view(pos.shape)
-        if spec.stages or spec.deepstack:  # the decoder segment by segment, the llm stages between (llava.fast.llm)
-            vis0, stages = [], []
-            if spec.stages:
+        if len(spec.segments) > 1 or spec.deepstack:  # the decoder segment by segment, the llm stages between
+            vis0, stages = [], []  # (llava.fast.llm)
+            if len(spec.segments) > 1:
                 at = 0
                 for s in spec.samples:
                     vis0.append(plan_in["vis0"][at:at + s.outputs])
@@ -248,7 +248,7 @@ class FastPath:
                 stages = plan_in["stages"]
             ds = {"rows": torch.cat(deeps), "at": plan_in["ds_at"]} if spec.deepstack else None  # Qwen3-VL's
             entry = Entry(rows=rows, pos=pos, mask=mask, visual0=vis0, vision=sigs, origins=origins, ds=ds)
-            h, bad = run_segments(e, entry, cache, spec.stages, stages, bad, attn=self._attn)
+            h, bad = run_segments(e, entry, cache, spec.segments, spec.texts, stages, bad, attn=self._attn)
             return e.model.lm_head(h), bad
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
                  use_cache=True, **self._attn(rows)).last_hidden_state
@@ -442,7 +442,8 @@ class FastPath:
         d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None],
                                               torch.tensor([seg.width for seg in plan.segments])], dev)
         state = FastState(cache=cache, mask=d_mask, next_pos=d_pos, buckets=d_buckets,
-                          layers=tuple(st.layer for st in spec.stages), room=spec.cache_len - spec.bucket)
+                          layers=tuple(seg.layers.start for seg in plan.segments[1:]),
+                          room=spec.cache_len - spec.bucket)
         info = FastInfo(path="fast", bucket=spec.bucket, cache_len=spec.cache_len, new_graph=new,
                         timings=timings, plan=plan, graphs=2)
         if not self.piecewise and bool(bad):  # the one read after the prefill (generate reads the first token

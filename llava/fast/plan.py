@@ -4,7 +4,8 @@ prefill that depends on the prompt, decided on the host from the host copy of th
 it), then, while the device runs the tower, each row's placeholder run, the unit layouts, the method's host draws,
 the selection's output counts (dry runs on ``meta`` tensors), the length bucket, the new rows' gather, positions
 and pad rows (the 4-D mask is built from them on the device) - handed to the captured function as one index
-buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static: they are the graph key. See
+buffer plus a few tensors. ``_Spec`` / ``_Sample`` hold what is static (with the plan's segments,
+:meth:`llava.plan.PrefillPlan.key`): they are the graph key. See
 :mod:`llava.fast.path` for the whole path."""
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class _Spec:
     bucket: int
     cache_len: int
     index_len: int
-    stages: tuple = ()  # llava.fast.llm.StageSpec per llm stage
+    segments: tuple = ()  # the PrefillPlan's segments without their rows (PrefillPlan.key): layers, visual, bucket
+    texts: tuple = ()  # per llm stage: the text-after block it reads (llava.fast.llm.plan_stages; llm_text_rows)
     tower: object = None  # the family's static tower plan (VisualLayout.tower); None: the CLIP tower
     mrope: int = 0  # rows of the positions when kept tokens keep theirs (M-RoPE: 3); 0: contiguous 1-D
     deepstack: int = 0  # DeepStack levels (Qwen3-VL): rows added at the visual rows after decoder layers 0..n-1
@@ -369,13 +371,13 @@ class HostPlanner:
         lens = [int(ids.numel()) - T + m for (ids, _, T), m in zip(rows, real)]
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
-        stages, stage_host, seg_lens, seg_buckets = (), [], [lens], [Lb]
+        plan = PrefillPlan.start("fast", len(e.lm.layers), [T for _, _, T in rows], lens, real, Lb)
+        stage_host, texts = [], ()
         if e.needs.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
                 raise refusals.piecewise_stages(e.method.name)
-            stages, stage_host, seg_lens, seg_buckets = plan_stages(e.needs, rows, lens, vp.dry, self.buckets,
-                                                                    bucket_for, TEXT_BUCKETS,
-                                                                    deepstack=vp.spec.deepstack)
+            plan, stage_host, texts = plan_stages(e.needs, rows, plan, vp.dry, self.buckets, bucket_for, TEXT_BUCKETS,
+                                                  deepstack=vp.spec.deepstack)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
         tok = torch.zeros(B, Lb, dtype=torch.long)
         src = torch.arange(B * Lb).view(B, Lb).clone()
@@ -412,17 +414,14 @@ class HostPlanner:
             probe, probe_host = plan_probe(e.needs.probe_layers, rows, [s.text for s in samples], bucket_for,
                                            self.buckets, full)
             host["probe"] = dict(probe_host)
-        spec = _replace(vp.spec, bucket=Lb, cache_len=C, stages=stages, probe=probe)
+        spec = _replace(vp.spec, bucket=Lb, cache_len=C, segments=plan.key(), texts=texts, probe=probe)
         if full is not None:
             host["vpos"] = torch.cat(vpos, 1)
         if vp.spec.deepstack:  # the visual rows entering layer 0, flattened: where the DeepStack rows go
             host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
-        if stages:
+        if stage_host:
             host["vis0"] = torch.cat(vis0)
             host["stages"] = [dict(t) for t in stage_host]  # per llm stage, its host tensors by name
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
-        plan = PrefillPlan.start("fast", len(e.lm.layers), [T for _, _, T in rows], seg_lens[0], real, seg_buckets[0])
-        for s, st in enumerate(stages):
-            plan = plan.advanced(st.layer, seg_lens[s + 1], st.outputs, seg_buckets[s + 1])
         return spec, host, plan, nxt
 

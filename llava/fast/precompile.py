@@ -21,7 +21,7 @@ them. A function's file is named by the SHA-256 of
   plain attribute; the family adapter's plain attributes; the fast path's backend and options;
 - the model's layout: every module's class, every parameter's and buffer's name, shape, dtype and device type;
 - the call: every argument's structure, each tensor's shape, dtype, stride and device type, and every other value
-  itself (the plan ``_Spec``: bucket, batch, samples, stages); grad mode, autocast and the default dtype.
+  itself (the plan ``_Spec``: bucket, batch, samples, the plan's segments); grad mode, autocast and the default dtype.
 
 Weights are inputs of the generated code, never part of it: the same architecture with other weights reuses a file,
 correctly. A value whose text names an object's address (``<... at 0x...>``) would make a key no later process can
