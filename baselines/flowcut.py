@@ -347,7 +347,7 @@ class FlowCut(Method):
         return total
 
     def select_vision(self, sig):
-        kept = getattr(sig, "in_tower_kept", None)
+        kept = sig.in_tower_kept
         if sig.captured:  # the fast path: a static count (planned), the survivors taken without a host read
             count = self.captured_count(sig)
             if kept is None and sig.unit.device.type == "meta":  # the plan's dry run (shapes only)

@@ -226,11 +226,10 @@ class VisionStage:
                     unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
+                    deepstack=table["deepstack"][src] if "deepstack" in table else None,  # Qwen3-VL: not a signal
+                    in_tower_kept=torch.cat([table["in_tower_kept"][src], torch.ones(n_cls, dtype=torch.bool, device=dev)])
+                    if "in_tower_kept" in table else None,
                 )
-                if "deepstack" in table:  # Qwen3-VL: carried with the selection (not a signal)
-                    sig.deepstack = table["deepstack"][src]
-                if "in_tower_kept" in table:  # in-tower stage: the stock tokens that survived the tower
-                    sig.in_tower_kept = torch.cat([table["in_tower_kept"][src], torch.ones(n_cls, dtype=torch.bool, device=dev)])
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B

@@ -121,6 +121,9 @@ class VisionSignals:
     #: (T, L, D) Qwen3-VL's DeepStack rows of every candidate (carried with the selection by the engine;
     #: not a signal: methods do not read it); None for the other families
     deepstack: torch.Tensor | None = field(default=None, repr=False)
+    #: (T,) bool: the stock tokens that survived the method's in-tower stage (``Method.tower_stage``; extra [CLS]
+    #: candidates count as survivors; the others carry zero features); None without an in-tower stage
+    in_tower_kept: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_stock < 0:

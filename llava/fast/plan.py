@@ -183,7 +183,7 @@ class HostPlanner:
             grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
             cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
             unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, static=s.static, _probe_fn=probe,
-            **tower_fields(extras or {}))
+            in_tower_kept=(extras or {}).get("in_tower_kept"), **tower_fields(extras or {}))
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on

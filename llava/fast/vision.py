@@ -106,8 +106,6 @@ class CapturedVision:
                 text = text_flat[index[o:o + n]]
             sig = self.planner._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k,
                                                spec.kind, text, ex, probe)
-            if "in_tower_kept" in ex:  # the in-tower stage's survivors, as the eager engine hands them over
-                sig.in_tower_kept = ex["in_tower_kept"]
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
