@@ -1,7 +1,7 @@
 """CLIP-style vision towers with a [CLS] token (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA): run the tower
 once, and hand out the select layer's states with the [CLS] row and keys recomputed from that
-layer's own ``layer_norm1`` + q/k projections (captured by a forward pre-hook, so the tower stays on
-SDPA / FlashAttention)."""
+layer's own ``layer_norm1`` + q/k projections on its input, one of the run's hidden states (so the tower stays on
+SDPA / FlashAttention); :func:`tower_signals` computes them for both executors."""
 
 from __future__ import annotations
 
@@ -270,75 +270,66 @@ def cls_row(layer, h: torch.Tensor, logits: str = "fp32") -> torch.Tensor:
 
 def run_tower(tower, pixels: torch.Tensor, feature_layer: int, call, kind: str = "image", cls_in_llm: bool = False):
     """Run the tower once for ``call`` (:class:`llava.needs.TowerCall`); return (select-layer hidden states
-    (n, S, Dv), cls_attn (n, H, S) or None (without ``call.attention``), keys (n, S, d) or None (both at
-    ``call.layer``), extra signals). ``call.reads``: the :class:`llava.needs.TowerRead` signals wanted,
-    at hidden-state index v: ``received`` the attention each token receives (``recv:v`` (n, H, S)), ``fullwidth``
-    the full-width [CLS] attention and keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), ``cls_row`` that layer's
-    [CLS] row per head (``clsl:v`` (n, H, S)), ``received_patches`` the attention received from the other patches
-    (``rpat:v`` (n, S), :func:`received_from_other_patches`), ``received_global`` the global attention
-    (``glob:v`` (n, S): head mean per entry, then the mean over all queries). All fp32, from pre-hooks (the tower stays on SDPA);
-    ``call.logits="model"`` (``Method.vision_attention_logits``, reference modes): every attention signal in the
-    arithmetic of the official code, in the tower's dtype (:func:`clip_probs`, :func:`fullwidth_signals`).
+    (n, S, Dv), then :func:`tower_signals`' [CLS] row, keys and extra signals).
 
-    ``call.stage``: a method with ``tower_stage``: the tower then runs layer by layer (:func:`run_tower_staged`)
-    and the extra signals carry ``in_tower_kept`` (n, S)."""
-    stage, tower_reads, logits, want_attn = call.stage, call.reads, call.logits, call.attention
+    ``call.stage``: a method with ``tower_stage``: the tower then runs layer by layer (:func:`run_tower_staged`),
+    without attention signals, and the extra signals carry ``in_tower_kept`` (n, S)."""
+    stage = call.stage
     if stage is not None:  # a method with an in-tower stage
         if not stage.vision_stage:
             raise TypeError(f"{stage.name}: a tower-stage method needs a vision stage (select_vision keeps the "
                             "survivors, sig.in_tower_kept; the dropped tokens carry zero features)")
-        if want_attn or tower_reads:
+        if call.attention or call.reads:
             raise NotImplementedError(f"{stage.name}: an in-tower stage cannot be combined with vision "
                                       "attention signals (needs_vision_attention / vision_*_layers)")
         hs, kept = run_tower_staged(tower, pixels, feature_layer, stage, kind, cls_in_llm)
         return hs, None, None, {"in_tower_kept": kept}
-    captured = {}
-    handles = []
-    layer = None
+    out = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True)
+    return (out.hidden_states[feature_layer], *tower_signals(tower, out.hidden_states, feature_layer, call))
 
-    def grab(key):
-        def pre_hook(module, args, kwargs):
-            captured[key] = args[0] if args else kwargs["hidden_states"]
-        return pre_hook
 
-    if any(r.kind == "group_mean" for r in tower_reads):
+def tower_signals(tower, hidden_states: tuple, feature_layer: int, call) -> tuple:
+    """The attention signals ``call`` (:class:`llava.needs.TowerCall`) asks of one run of a CLIP tower, recomputed
+    from its ``hidden_states`` (encoder layer i's input is ``hidden_states[i]``) with each layer's own ``layer_norm1``
+    + q / k projections: both executors' tower runs call it. Returns (the [CLS] row (n, H, S) and head-mean keys
+    (n, S, d) of the layer producing hidden state ``call.layer`` (the select layer when None), each None without
+    ``call.attention``; the ``call.reads`` signals by flat name (:attr:`llava.needs.TowerRead.names`), at hidden-state
+    index v: ``received`` the attention each token receives (``recv:v`` (n, H, S)), ``fullwidth`` the full-width
+    [CLS] attention and keys (``fwa:v`` (n, S), ``fwk:v`` (n, S, D)), ``cls_row`` that layer's [CLS] row per head
+    (``clsl:v`` (n, H, S)), ``received_patches`` the attention received from the other patches (``rpat:v`` (n, S),
+    :func:`received_from_other_patches`), ``received_global`` the global attention (``glob:v`` (n, S): head mean per
+    entry, then the mean over all queries)). All fp32; ``call.logits="model"`` (``Method.vision_attention_logits``,
+    reference modes): every attention signal in the arithmetic of the official code, in the tower's dtype
+    (:func:`clip_probs`, :func:`fullwidth_signals`)."""
+    if any(r.kind == "group_mean" for r in call.reads):
         raise ValueError("vision_group_mean_blocks (a block's output averaged over each merged token's 4 "
                          "patches) is computed for the Qwen towers only")
-    extra = {r: attention_layer(tower, feature_layer, r.layer) for r in tower_reads}
-    try:
-        if want_attn:
-            layer = tower.encoder.layers[attention_layer(tower, feature_layer, call.layer)]
-            handles.append(layer.register_forward_pre_hook(grab("h"), with_kwargs=True))
-        for v, idx in extra.items():
-            handles.append(tower.encoder.layers[idx].register_forward_pre_hook(grab(("x", v)), with_kwargs=True))
-        out = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    logits = call.logits
     received = {}
-    for r, idx in extra.items():
-        layer_v, h = tower.encoder.layers[idx], captured[("x", r)]
+    for r in dict.fromkeys(call.reads):
+        idx = attention_layer(tower, feature_layer, r.layer)
+        layer, h = tower.encoder.layers[idx], hidden_states[idx]
         if r.kind == "fullwidth":
-            received[r.names[0]], received[r.names[1]] = fullwidth_signals(layer_v, h, logits)
+            received[r.names[0]], received[r.names[1]] = fullwidth_signals(layer, h, logits)
         elif r.kind == "received_patches":  # received from the other patches (VisionTrim's term)
-            received[r.names[0]] = received_attention(layer_v, h, logits=logits, form="other_patches")
+            received[r.names[0]] = received_attention(layer, h, logits=logits, form="other_patches")
         elif r.kind == "received_global":  # global: heads first, then all queries (HiPrune's)
-            received[r.names[0]] = received_attention(layer_v, h, logits=logits, form="global")
+            received[r.names[0]] = received_attention(layer, h, logits=logits, form="global")
         elif r.kind == "cls_row":  # that layer's [CLS] query row per head
-            received[r.names[0]] = cls_row(layer_v, h, logits)
+            received[r.names[0]] = cls_row(layer, h, logits)
         else:
-            received[r.names[0]] = received_attention(layer_v, h, logits=logits)
-    hs = out.hidden_states[feature_layer]
+            received[r.names[0]] = received_attention(layer, h, logits=logits)
     cls_attn = keys = None
-    if want_attn:
-        cls_attn, keys = cls_signals(layer, captured["h"], logits)
-    return hs, cls_attn, keys, received
+    if call.attention:
+        idx = attention_layer(tower, feature_layer, call.layer)
+        cls_attn, keys = cls_signals(tower.encoder.layers[idx], hidden_states[idx], logits)
+    return cls_attn, keys, received
 
 
 def cls_signals(layer, h: torch.Tensor, logits: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """The [CLS] query row per head (n, H, S) and the head-mean keys (n, S, d) of ``layer``, fp32,
-    recomputed from its input ``h`` (n, S, D) = ``hidden_states[i]`` for encoder layer i (what the
-    pre-hook sees) with its own ``layer_norm1`` + q/k projections. ``logits="model"``: the row in the tower's
+    recomputed from its input ``h`` (n, S, D) = ``hidden_states[i]`` for encoder layer i with its own
+    ``layer_norm1`` + q/k projections. ``logits="model"``: the row in the tower's
     dtype (:func:`clip_probs`); the keys stay fp32."""
     attn = layer.self_attn
     xn = layer.layer_norm1(h)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from ..families.base import param_dtype
-from ..families.clip import (attention_layer, cls_row, cls_signals, fullwidth_signals, received_attention,
-                            run_tower_masked)
+from ..families.clip import run_tower_masked, tower_signals
 from .llm import _no_output_capture
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
 from ..method import Selection
+from ..needs import HEAD_PREFIXES
 from ..selection_rows import carry_rows, materialize
 
 
@@ -146,10 +146,11 @@ class CapturedVision:
         else:
             res = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
             hs = res.hidden_states[fl]
-            if self.engine.needs.tower_attention:
-                li = attention_layer(tower, fl, self.engine.needs.vision_layer)
-                out["ca"], out["ks"] = cls_signals(tower.encoder.layers[li], res.hidden_states[li])
-            out.update({f"x:{k}": v for k, v in self._tower_extras(tower, res.hidden_states, fl).items()})
+            ca, ks, extra = tower_signals(tower, res.hidden_states, fl, e.env.tower)  # the eager engine's
+            if ca is not None:
+                out["ca"], out["ks"] = ca, ks
+            # per tower token: the per-head signals heads-last (N, S, H), as the flat tables hold them
+            out.update({f"x:{k}": v.permute(0, 2, 1) if k.startswith(HEAD_PREFIXES) else v for k, v in extra.items()})
         proj = adapter.core.multi_modal_projector
         off = 1 if spec.drop_cls else 0
         feats = proj(hs[:, off:].to(param_dtype(proj)))  # one projector call, as the stock model
@@ -175,21 +176,3 @@ class CapturedVision:
         ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
         exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
         return flat, vflat, caf, ksf, exf, (hs, ca, ks, extra, proj, param_dtype(proj))
-
-    def _tower_extras(self, tower, hidden_states, fl) -> dict:
-        """The method's extra tower-layer signals (:meth:`_extra_names`) from the tower's hidden states
-        (a layer's input is ``hidden_states[i]``, what the eager engine's pre-hook sees), per unit and
-        tower token: ``recv`` / ``clsl`` (N, S, H), ``fwa`` (N, S), ``fwk`` (N, S, Dv); fp32."""
-        out, fw = {}, {}
-        for name, r in self.planner._extra_names():
-            li = attention_layer(tower, fl, r.layer)
-            layer, h = tower.encoder.layers[li], hidden_states[li]
-            if r.kind == "fullwidth":
-                if r not in fw:
-                    fw[r] = fullwidth_signals(layer, h)
-                out[name] = fw[r][r.names.index(name)]
-            elif r.kind == "cls_row":
-                out[name] = cls_row(layer, h).permute(0, 2, 1)
-            else:
-                out[name] = received_attention(layer, h).permute(0, 2, 1)
-        return out
