@@ -344,47 +344,57 @@ def cls_signals(layer, h: torch.Tensor, logits: str = "fp32") -> tuple[torch.Ten
     return scores.softmax(-1)[:, :, 0], k.mean(2)
 
 
-def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | None = None) -> tuple[dict, list[int]]:
-    """Per-token tensors of n units (images / crops / frames) of S tower tokens each, in unit order.
-
-    Returns the engine's flat block dict and the token count per unit:
-    ``features`` (n*m, D) projected as the stock model does (one projector call), ``vision_features``,
-    ``patch`` (-1 = [CLS]), ``unit_h`` (host unit index), ``kind``, optionally ``cls_attn`` (n*m, H) and
-    ``keys``; ``recv:<v>`` (n*m, H) the attention received in the layer producing hidden state v,
-    ``fwa:<v>`` (n*m,) / ``fwk:<v>`` (n*m, D) its full-width [CLS] attention and keys, ``rpat:<v>`` (n*m,)
-    the attention received from the other patches, ``glob:<v>`` (n*m,) the global attention;
-    ``in_tower_kept`` (n*m,) bool the in-tower stage's survivors (``received["in_tower_kept"]`` (n, S));
-    ``cls`` (each unit's [CLS], projected, when the model drops it from the LLM input) and
-    ``unit_pos`` (n, 2) = -1."""
-    n, s, dv = hs.shape
-    sel = hs[:, 1:] if drop_cls else hs
-    pdt = param_dtype(proj)  # a tower kept in fp32 under a half-precision LLM (load(vision_dtype=)):
-    feats = proj(sel.to(pdt))  # features cast to the projector's dtype, as LLaVA's tower does; one call
-    m = sel.shape[1]
+def clip_features(hs: torch.Tensor, proj, drop_cls: bool, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """The LLM inputs of n units' select-layer states ``hs`` (n, S, Dv), as the stock model projects them: the
+    [CLS] row left out when ``drop_cls``, cast to the projector's dtype (a tower kept in fp32 under a half-precision
+    LLM, ``load(vision_dtype=)``), one projector call; zero where an in-tower stage dropped the token (``kept``
+    (n, S) bool). (n, S - drop_cls, D)."""
     off = 1 if drop_cls else 0
-    kept = (received or {}).get("in_tower_kept")
-    if kept is not None:  # in-tower stage: tokens dropped inside the tower get zero features
-        feats = feats.masked_fill(~kept[:, off:, None], 0)
-    patch = torch.arange(off, off + m, device=hs.device) - 1  # [CLS] -> -1
-    flat = {
-        "features": feats.reshape(n * m, -1),
-        "vision_features": sel.reshape(n * m, dv),
-        "unit_h": torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
-        "patch": patch.repeat(n),
-        "kind": kind,
-    }
+    feats = proj(hs[:, off:].to(param_dtype(proj)))
+    return feats if kept is None else feats.masked_fill(~kept[:, off:, None], 0)
+
+
+def clip_tokens(hs, feats, ca, ks, received: dict, drop_cls: bool) -> dict:
+    """Per visual token of n units, in unit order (the [CLS] row left out when ``drop_cls``): ``features`` (from
+    :func:`clip_features`), ``vision_features`` (the select layer's states), with ``ca`` / ``ks`` ``cls_attn``
+    (n*m, H) / ``keys``, and each of :func:`tower_signals`' ``received`` signals (the per-head ones heads-last,
+    (n*m, H)) or the in-tower stage's survivors ``in_tower_kept`` (n*m,). Both executors' CLIP towers lay out their
+    tokens with it."""
+    off = 1 if drop_cls else 0
+    sel = hs[:, off:]
+    n, m, dv = sel.shape
+    flat = {"features": feats.reshape(n * m, -1), "vision_features": sel.reshape(n * m, dv)}
     if ca is not None:
         flat["cls_attn"] = ca[:, :, off:].permute(0, 2, 1).reshape(n * m, -1)
         flat["keys"] = ks[:, off:].reshape(n * m, -1)
-    for name, r in (received or {}).items():  # recv (n, H, S) / fwa (n, S) / fwk (n, S, D) -> per token
+    for name, r in received.items():  # recv (n, H, S) / fwa (n, S) / fwk (n, S, D) -> per token
         r = r.permute(0, 2, 1) if name.startswith(HEAD_PREFIXES) else r
         flat[name] = r[:, off:].reshape(n * m, *r.shape[2:])
+    return flat
+
+
+def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | None = None) -> tuple[dict, list[int]]:
+    """Per-token tensors of n units (images / crops / frames) of S tower tokens each, in unit order.
+
+    Returns the engine's flat block dict and the token count per unit: :func:`clip_tokens`' (``features``,
+    ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals, ``in_tower_kept``), ``patch`` (-1 =
+    [CLS]), ``unit_h`` (host unit index), ``kind``, ``cls`` (each unit's [CLS], projected, when the model drops it
+    from the LLM input) and ``unit_pos`` (n, 2) = -1."""
+    received = received or {}
+    n = hs.shape[0]
+    flat = clip_tokens(hs, clip_features(hs, proj, drop_cls, received.get("in_tower_kept")), ca, ks, received,
+                       drop_cls)
+    off = 1 if drop_cls else 0
+    m = hs.shape[1] - off
+    patch = torch.arange(off, off + m, device=hs.device) - 1  # [CLS] -> -1
+    flat.update(unit_h=torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
+                patch=patch.repeat(n), kind=kind)
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
-        cls = {"features": proj(hs[:, :1].to(pdt))[:, 0], "vision_features": hs[:, 0]}
+        cls = {"features": proj(hs[:, :1].to(param_dtype(proj)))[:, 0], "vision_features": hs[:, 0]}
         if ca is not None:
             cls["cls_attn"] = ca[:, :, 0]
             cls["keys"] = ks[:, 0]
-        for name, r in (received or {}).items():
+        for name, r in received.items():
             cls[name] = r[:, :, 0] if name.startswith(HEAD_PREFIXES) else r[:, 0]
         flat["cls"] = cls
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..families.base import param_dtype
-from ..families.clip import run_tower_masked, tower_signals
+from ..families.clip import clip_features, clip_tokens, run_tower_masked, tower_signals
 from .llm import _no_output_capture
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
@@ -99,7 +99,8 @@ class CapturedVision:
                 if a is not None:
                     a = torch.cat([a, ca[units, :, 0]])
                     k = torch.cat([k, ks[units, 0]])
-                ex = {name: torch.cat([r, extra[name][units, 0]]) for name, r in ex.items()}
+                ex = {name: torch.cat([r, extra[name][units, :, 0] if name.startswith(HEAD_PREFIXES)
+                                       else extra[name][units, 0]]) for name, r in ex.items()}
             text = None
             if s.text:
                 o, n = at["text_rows"]
@@ -149,30 +150,21 @@ class CapturedVision:
             ca, ks, extra = tower_signals(tower, res.hidden_states, fl, e.env.tower)  # the eager engine's
             if ca is not None:
                 out["ca"], out["ks"] = ca, ks
-            # per tower token: the per-head signals heads-last (N, S, H), as the flat tables hold them
-            out.update({f"x:{k}": v.permute(0, 2, 1) if k.startswith(HEAD_PREFIXES) else v for k, v in extra.items()})
-        proj = adapter.core.multi_modal_projector
-        off = 1 if spec.drop_cls else 0
-        feats = proj(hs[:, off:].to(param_dtype(proj)))  # one projector call, as the stock model
-        if "x:in_tower_kept" in out:  # tokens dropped inside the tower get zero features (clip.flatten_units)
-            feats = feats.masked_fill(~out["x:in_tower_kept"][:, off:, None], 0)
-        out.update(hs=hs, feats=feats)
+            out.update({f"x:{k}": v for k, v in extra.items()})
+        # one projector call, as the stock model (tokens dropped inside the tower: zero features)
+        out.update(hs=hs, feats=clip_features(hs, adapter.core.multi_modal_projector, spec.drop_cls,
+                                              out.get("x:in_tower_kept")))
         return out
 
     def _clip_flat(self, t: dict, spec):
-        """:meth:`_clip_tower`'s outputs ``t`` per tower token of every unit (flattened): the projected
-        features, the select layer's states, the [CLS] attention / keys and the extra tower-layer signals; and
-        what the [CLS] candidates are built from (hidden states, [CLS] attention, keys, extras, projector, its
-        dtype)."""
-        hs, feats, ca, ks = t["hs"], t["feats"], t.get("ca"), t.get("ks")
-        extra = {k[2:]: v for k, v in t.items() if k.startswith("x:")}  # name -> (N, S, ...) per tower token
+        """:meth:`_clip_tower`'s outputs ``t`` per tower token of every unit (flattened, as the eager engine's
+        :func:`llava.families.clip.clip_tokens`): the projected features, the select layer's states, the [CLS]
+        attention / keys and the extra tower-layer signals; and what the [CLS] candidates are built from (hidden
+        states, [CLS] attention, keys, extras, projector, its dtype)."""
+        hs, ca, ks = t["hs"], t.get("ca"), t.get("ks")
+        extra = {k[2:]: v for k, v in t.items() if k.startswith("x:")}  # name -> (N, H, S) / (N, S, ...)
+        flat = clip_tokens(hs, t["feats"], ca, ks, extra, spec.drop_cls)
         proj = self.engine.adapter.core.multi_modal_projector
-        off = 1 if spec.drop_cls else 0
-        vis = hs[:, off:]
-        N, per = vis.shape[:2]
-        flat = feats.reshape(N * per, -1)
-        vflat = vis.reshape(N * per, -1)
-        caf = ca[:, :, off:].permute(0, 2, 1).reshape(N * per, -1) if ca is not None else None
-        ksf = ks[:, off:].reshape(N * per, -1) if ks is not None else None
-        exf = {name: r[:, off:].reshape(N * per, *r.shape[2:]) for name, r in extra.items()}
-        return flat, vflat, caf, ksf, exf, (hs, ca, ks, extra, proj, param_dtype(proj))
+        exf = {k: v for k, v in flat.items() if k in extra}
+        return (flat["features"], flat["vision_features"], flat.get("cls_attn"), flat.get("keys"), exf,
+                (hs, ca, ks, extra, proj, param_dtype(proj)))
