@@ -78,10 +78,29 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
 
-    def encode(self, visual, call):
+    def _tokens_per_crop(self) -> int:
+        """LLM tokens of a crop before packing: its patches, and its [CLS] when the model keeps it."""
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2 + (0 if self.config.vision_feature_select_strategy == "default"
+                                                        else 1)
+
+    def _image_layout(self, size) -> tuple[int, torch.Tensor, list]:
+        """Host layout of one image of ``size`` (H, W), for both executors: its crop count, each LLM token's index
+        into its crop-major tower tokens (-1: a newline, :func:`next_token_layout`) and the crops' grid positions
+        ((-1, -1) for the base crop)."""
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 
+        cfg = self.config
+        c = image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
+                                      patch_size=cfg.vision_config.image_size)
+        pos = [[-1, -1]]
+        if c > 1:
+            gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            pos += [[i // gw, i % gw] for i in range(c - 1)]
+        return c, next_token_layout(size, cfg, c, self._tokens_per_crop(), self.next_layout), pos
+
+    def encode(self, visual, call):
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
         pixel_values, image_sizes = visual.get("pixel_values"), visual.get("image_sizes")
@@ -90,9 +109,8 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError("LLaVA-NeXT needs image_sizes")
         if torch.is_tensor(image_sizes):
             image_sizes = image_sizes.tolist()  # one host read; the crop arithmetic is host work
-        image_sizes = [tuple(int(v) for v in sz) for sz in image_sizes]
-        crops = [image_size_to_num_patches(image_size=sz, grid_pinpoints=cfg.image_grid_pinpoints,
-                                           patch_size=cfg.vision_config.image_size) for sz in image_sizes]
+        layouts = [self._image_layout(tuple(int(v) for v in sz)) for sz in image_sizes]
+        crops = [c for c, _, _ in layouts]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
         drop = cfg.vision_feature_select_strategy == "default"
@@ -102,12 +120,8 @@ class LlavaNextAdapter(FamilyAdapter):
         m = per_crop[0]
         # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
         idx_all, sizes, start, unit_pos = [], [], 0, []
-        for sz, c in zip(image_sizes, crops):
-            unit_pos.append([-1, -1])
-            if c > 1:
-                gh, gw = get_anyres_image_grid_shape(sz, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                unit_pos.extend([i // gw, i % gw] for i in range(c - 1))
-            idx = next_token_layout(sz, cfg, c, m, self.next_layout)
+        for c, idx, pos in layouts:
+            unit_pos.extend(pos)
             idx_all.append(torch.where(idx >= 0, idx + start, idx))
             sizes.append(int(idx.numel()))
             start += c * m
@@ -135,9 +149,6 @@ class LlavaNextAdapter(FamilyAdapter):
         return [VisualBlock(cfg.image_token_id, out, sizes)]
 
     def visual_layout(self, visual, batch, input_ids=None):
-        from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
-                                                                         image_size_to_num_patches)
-
         cfg = self.config
         px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
         if visual.get("pixel_values_videos") is not None:
@@ -146,22 +157,14 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError("the fast path takes exactly one image per prompt (pixel_values (B, crops, 3, H, W) "
                              "and image_sizes)")
         sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # host metadata (the processor's)
-        vc = cfg.vision_config
         drop = cfg.vision_feature_select_strategy == "default"
-        m = (vc.image_size // vc.patch_size) ** 2 + (0 if drop else 1)
+        m = self._tokens_per_crop()
         off = 1 if drop else 0
         rows, samples, start = [], [], 0
         for b, sz in enumerate(sizes):
-            sz = tuple(int(v) for v in sz)
-            c = image_size_to_num_patches(image_size=sz, grid_pinpoints=cfg.image_grid_pinpoints,
-                                          patch_size=vc.image_size)
+            c, idx, pos = self._image_layout(tuple(int(v) for v in sz))  # idx: into the image's crop-major tokens
             rows.append(b * px.shape[1] + torch.arange(c))
-            idx = next_token_layout(sz, cfg, c, m, self.next_layout)  # into the image's crop-major tokens
             ok = idx >= 0
-            pos = [[-1, -1]]
-            if c > 1:
-                gh, gw = get_anyres_image_grid_shape(sz, cfg.image_grid_pinpoints, vc.image_size)
-                pos += [[i // gw, i % gw] for i in range(c - 1)]
             side = int(round((m - (0 if drop else 1)) ** 0.5))
             samples.append({"src": torch.where(ok, idx + start * m, -1),
                             "unit": torch.where(ok, idx // m, -1),
