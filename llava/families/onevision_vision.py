@@ -337,15 +337,9 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
     features = out.pooler_output.flatten(0, 1)
 
     n_videos, n_frames = pixel_values_videos.shape[:2]
-    h = w = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    h, w, unit, patch = _video_layout(cfg, n_videos, n_frames)
     ph, pw = math.ceil(h / 2), math.ceil(w / 2)
-    pp = ph * pw
-    per_video = n_frames * pp
-    frame_ids = torch.arange(n_videos * n_frames).view(n_videos, n_frames, 1).expand(-1, -1, pp).reshape(n_videos, -1)
-    patch_ids = torch.arange(pp).repeat(n_frames).expand(n_videos, -1)
-    newline = torch.full((n_videos, 1), -1, dtype=torch.long)
-    unit = torch.cat([frame_ids, newline], dim=1).flatten()
-    patch = torch.cat([patch_ids, newline], dim=1).flatten()
+    per_video = n_frames * ph * pw
 
     def pack(per_frame):
         pooled = _pool_frames(per_frame, h, w).reshape(n_videos, per_video, -1)
@@ -401,15 +395,24 @@ def plan_images(cfg, image_sizes: list, max_crops: int | None):
     return plan, {"crops": torch.cat(rows), "index": index}, samples
 
 
-def plan_videos(cfg, n_videos: int, n_frames: int):
-    """The host plan of one video of ``n_frames`` frames per prompt: per video its pooled frames' rows, then one
-    newline (src -1); a unit per frame."""
+def _video_layout(cfg, n_videos: int, n_frames: int) -> tuple:
+    """Host layout of ``n_videos`` videos of ``n_frames`` frames, for both executors: the tower's patch grid (h, w)
+    and per packed token its frame (a unit; -1 for each video's closing newline) and its patch in the pooled frame
+    grid (-1 at the newline)."""
     h = w = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    ph, pw = math.ceil(h / 2), math.ceil(w / 2)
-    pp = ph * pw
+    pp = math.ceil(h / 2) * math.ceil(w / 2)
     frame = torch.arange(n_frames).repeat_interleave(pp)
     unit = torch.cat([torch.cat([frame + v * n_frames, torch.full((1,), -1)]) for v in range(n_videos)])
     patch = torch.cat([torch.cat([torch.arange(pp).repeat(n_frames), torch.full((1,), -1)])] * n_videos)
+    return h, w, unit, patch
+
+
+def plan_videos(cfg, n_videos: int, n_frames: int):
+    """The host plan of one video of ``n_frames`` frames per prompt: per video its pooled frames' rows, then one
+    newline (src -1); a unit per frame."""
+    h, w, unit, patch = _video_layout(cfg, n_videos, n_frames)
+    ph, pw = math.ceil(h / 2), math.ceil(w / 2)
+    pp = ph * pw
     sizes = [n_frames * pp + 1] * n_videos
     samples = _layout_samples(unit, patch, torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
                               [(ph, pw)] * (n_videos * n_frames), sizes, [n_frames] * n_videos)
