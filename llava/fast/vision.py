@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..families.base import param_dtype
-from ..families.clip import clip_features, clip_tokens, run_tower_masked, tower_signals
+from ..families.clip import clip_features, clip_tokens, run_tower, run_tower_masked
 from .llm import _no_output_capture
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
@@ -145,9 +145,7 @@ class CapturedVision:
                 hs, kept = run_tower_masked(tower, x, fl, method, spec.kind, cls_in_llm=not spec.drop_cls)
             out["x:in_tower_kept"] = kept
         else:
-            res = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
-            hs = res.hidden_states[fl]
-            ca, ks, extra = tower_signals(tower, res.hidden_states, fl, e.env.tower)  # the eager engine's
+            hs, ca, ks, extra = run_tower(tower, x, fl, e.env.tower)  # the eager engine's run and signals
             if ca is not None:
                 out["ca"], out["ks"] = ca, ks
             out.update({f"x:{k}": v for k, v in extra.items()})
