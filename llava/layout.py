@@ -18,9 +18,10 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import causal_attention_rows, llm_qk
+from .families.base import gather_tokens, with_cls
 from .families.base import to_device as _to_device
 from .method import Selection
-from .needs import TOWER_PREFIXES, tower_fields
+from .needs import tower_fields
 from .plan import RowMap, rebuilt_row, run_spans, sample_key, text_spans
 from .prefill import EagerEnv, _Prefill
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
@@ -193,43 +194,28 @@ class VisionStage:
             moved = _to_device([t for h in host for t in h], dev)
             for b, lay in enumerate(layouts):
                 real, vis, src, unit, gu, after, question, qmask = moved[width * b:width * b + 8]
-                n_units = int(host[b][4].numel())
-                fields = {
-                    "features": embeds[b, real[vis]], "vision_features": table["vision_features"][src],
-                    "unit": unit, "patch": table["patch"][src],
-                    "cls_attn": table["cls_attn"][src] if "cls_attn" in table else None,
-                    "keys": table["keys"][src] if "keys" in table else None,
-                    "extra": {k: table[k][src] for k in table if k.startswith(TOWER_PREFIXES)},
-                }
-                n_cls = 0
+                c = gather_tokens(table, src)  # features: as spliced into embeds (the same cast)
+                c["features"] = c["features"].to(embeds.dtype)
+                patch, n_cls = c.pop("patch"), 0
                 if extras:  # append each unit's [CLS] as candidate T + i
                     crow, cunit = moved[width * b + 8:width * b + 10]
                     n_cls = int(host[b][8].numel())
-                    fields["features"] = torch.cat([fields["features"], utable["features"][crow].to(embeds.dtype)])
-                    fields["vision_features"] = torch.cat([fields["vision_features"], utable["vision_features"][crow]])
-                    fields["unit"] = torch.cat([unit, cunit])
-                    fields["patch"] = torch.cat([fields["patch"], torch.full((n_cls,), -1, device=dev, dtype=torch.long)])
-                    if fields["cls_attn"] is not None:
-                        fields["cls_attn"] = torch.cat([fields["cls_attn"], utable["cls_attn"][crow]])
-                        fields["keys"] = torch.cat([fields["keys"], utable["keys"][crow]])
-                    for k in fields["extra"]:
-                        fields["extra"][k] = torch.cat([fields["extra"][k], utable[k][crow]])
+                    cls = {k: v[crow] for k, v in utable.items() if k not in ("unit_pos", "unit_grid")}
+                    cls["features"] = cls["features"].to(embeds.dtype)
+                    c = with_cls(c, cls)
+                    unit = torch.cat([unit, cunit])
+                    patch = torch.cat([patch, torch.full((n_cls,), -1, device=dev, dtype=torch.long)])
                 sig = VisionSignals(
-                    features=fields["features"], vision_features=fields["vision_features"], unit=fields["unit"],
-                    patch=fields["patch"], unit_kind=kind, grid=self.adapter.grid(),
-                    text_embeds=embeds[b, real[after]], question_mask=qmask.bool(),
-                    question_ids=lay.ids[host[b][6]],
-                    cls_attn=fields["cls_attn"].T.contiguous() if fields["cls_attn"] is not None else None,
-                    keys=fields["keys"], key=sample_key(ctx.sample_keys, b, lay.ids),
-                    **tower_fields(fields["extra"]),
+                    features=c["features"], vision_features=c["vision_features"], unit=unit, patch=patch,
+                    unit_kind=kind, grid=self.adapter.grid(), text_embeds=embeds[b, real[after]],
+                    question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
+                    cls_attn=c["cls_attn"].T.contiguous() if "cls_attn" in c else None,
+                    keys=c.get("keys"), key=sample_key(ctx.sample_keys, b, lay.ids), **tower_fields(c),
                     num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
                     unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
-                    deepstack=table["deepstack"][src] if "deepstack" in table else None,  # Qwen3-VL: not a signal
-                    in_tower_kept=torch.cat([table["in_tower_kept"][src], torch.ones(n_cls, dtype=torch.bool, device=dev)])
-                    if "in_tower_kept" in table else None,
-                )
+                    deepstack=c.get("deepstack"), in_tower_kept=c.get("in_tower_kept"))  # deepstack: Qwen3-VL, not a signal
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ..needs import CLS_QUERY_PREFIXES
+
 if TYPE_CHECKING:
     from ..needs import TowerCall
 
@@ -48,6 +50,34 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of ``module``'s weights (a tower kept in fp32 under a half-precision LLM casts its
     features to the projector's dtype)."""
     return next(module.parameters()).dtype
+
+
+def gather_tokens(tokens: dict, src: torch.Tensor, newline: torch.Tensor | None = None) -> dict:
+    """Rows ``src`` (device; -1: a newline token) of a per-tower-token table (name -> (N, ...)) in the order the LLM
+    input lays them out: both executors' one gather. With the family's ``newline`` embedding, a newline row is
+    what the stock model feeds there: ``features`` the embedding (in the features' dtype), ``patch`` -1,
+    ``in_tower_kept`` False (no tower token), zero ``vision_features``, [CLS] attention, keys and [CLS]-query
+    tower signals (:data:`llava.needs.CLS_QUERY_PREFIXES`); any other entry keeps the row it was gathered from."""
+    out = {k: v[src.clamp(min=0)] for k, v in tokens.items()}
+    if newline is None:
+        return out
+    nl = src < 0
+    for k, v in out.items():
+        at = nl.view(-1, *(1,) * (v.dim() - 1))
+        if k == "features":
+            out[k] = torch.where(at, newline.to(v.dtype), v)
+        elif k == "patch":
+            out[k] = v.masked_fill(at, -1)
+        elif k in ("vision_features", "cls_attn", "keys", "in_tower_kept") or k.startswith(CLS_QUERY_PREFIXES):
+            out[k] = v.masked_fill(at, 0)
+    return out
+
+
+def with_cls(candidates: dict, cls: dict) -> dict:
+    """A sample's candidates (name -> (T, ...)) followed by its units' [CLS] rows (``cls``, name -> (U, ...), each
+    unit's [CLS] as candidate T + u; :func:`llava.families.clip.clip_cls`) for every entry both hold; the others as
+    they are."""
+    return {k: torch.cat([v, cls[k]]) if k in cls else v for k, v in candidates.items()}
 
 
 class VisualBlock(NamedTuple):

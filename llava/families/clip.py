@@ -373,6 +373,21 @@ def clip_tokens(hs, feats, ca, ks, received: dict, drop_cls: bool) -> dict:
     return flat
 
 
+def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None) -> dict:
+    """The [CLS] rows of the units ``units`` (device index; None: every unit) of a tower run that drops the [CLS]
+    from the LLM input, as extra candidates (VisionZip / VisionDrop; :func:`llava.families.base.with_cls`), one
+    entry per :func:`clip_tokens` entry: ``features`` its own projector call, ``vision_features``, the [CLS] attention
+    / keys and tower signals at the [CLS] token. Both executors' CLIP towers take them from here."""
+    at = slice(None) if units is None else units
+    cls = {"features": proj(hs[at, :1].to(param_dtype(proj)))[:, 0], "vision_features": hs[at, 0]}
+    if ca is not None:
+        cls["cls_attn"] = ca[at, :, 0]
+        cls["keys"] = ks[at, 0]
+    for name, r in received.items():
+        cls[name] = r[at, :, 0] if name.startswith(HEAD_PREFIXES) else r[at, 0]
+    return cls
+
+
 def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | None = None) -> tuple[dict, list[int]]:
     """Per-token tensors of n units (images / crops / frames) of S tower tokens each, in unit order.
 
@@ -390,13 +405,7 @@ def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | 
     flat.update(unit_h=torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
                 patch=patch.repeat(n), kind=kind)
     if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
-        cls = {"features": proj(hs[:, :1].to(param_dtype(proj)))[:, 0], "vision_features": hs[:, 0]}
-        if ca is not None:
-            cls["cls_attn"] = ca[:, :, 0]
-            cls["keys"] = ks[:, 0]
-        for name, r in received.items():
-            cls[name] = r[:, :, 0] if name.startswith(HEAD_PREFIXES) else r[:, 0]
-        flat["cls"] = cls
+        flat["cls"] = clip_cls(hs, ca, ks, received, proj)
     flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
     side = int(round((m - (0 if drop_cls else 1)) ** 0.5))  # patches per grid side ([CLS] not counted)
     flat["unit_grid"] = torch.tensor([[side, side]] * n, dtype=torch.long)  # host

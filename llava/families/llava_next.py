@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, to_device
-from ..needs import CLS_QUERY_PREFIXES
+from .base import FamilyAdapter, VisualBlock, VisualLayout, gather_tokens, to_device
 from .clip import flatten_units, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
@@ -126,26 +125,11 @@ class LlavaNextAdapter(FamilyAdapter):
             sizes.append(int(idx.numel()))
             start += c * m
         idx_h = torch.cat(idx_all)
-        idx = to_device([idx_h], hs.device)[0]
-        newline = idx < 0
-        safe = idx.clamp(min=0)
-        per_unit = {k: flat.pop(k) for k in ("cls", "unit_pos", "unit_grid") if k in flat}
-        unit_h = flat.pop("unit_h")
-        out = {k: (v[safe] if torch.is_tensor(v) else v) for k, v in flat.items()}
-        out.update(per_unit)
-        out["unit_h"] = torch.where(idx_h >= 0, unit_h[idx_h.clamp(min=0)], -1)
-        out["unit_pos"] = torch.tensor(unit_pos, dtype=torch.long, device=hs.device)
-        nl = newline[:, None]
-        out["features"] = torch.where(nl, self.newline().to(out["features"].dtype), out["features"])
-        out["vision_features"] = out["vision_features"].masked_fill(nl, 0)
-        out["patch"] = out["patch"].masked_fill(newline, -1)
-        if "cls_attn" in out:
-            out["cls_attn"] = out["cls_attn"].masked_fill(nl, 0)
-            out["keys"] = out["keys"].masked_fill(nl, 0)
-        if "in_tower_kept" in out:  # in-tower stage: newline tokens are no tower tokens
-            out["in_tower_kept"] = out["in_tower_kept"] & ~newline
-        for k in [k for k in out if k.startswith(CLS_QUERY_PREFIXES)]:
-            out[k] = out[k].masked_fill(nl if out[k].dim() == 2 else newline, 0)
+        host = {k: flat.pop(k) for k in ("cls", "unit_grid", "unit_h", "kind") if k in flat}
+        flat.pop("unit_pos")
+        out = gather_tokens(flat, to_device([idx_h], hs.device)[0], self.newline())
+        out.update(host, unit_h=torch.where(idx_h >= 0, host["unit_h"][idx_h.clamp(min=0)], -1),
+                   unit_pos=torch.tensor(unit_pos, dtype=torch.long, device=hs.device))
         return [VisualBlock(cfg.image_token_id, out, sizes)]
 
     def visual_layout(self, visual, batch, input_ids=None):

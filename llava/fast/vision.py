@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..families.base import param_dtype
-from ..families.clip import clip_features, clip_tokens, run_tower, run_tower_masked
+from ..families.base import gather_tokens, with_cls
+from ..families.clip import clip_cls, clip_features, clip_tokens, run_tower, run_tower_masked
 from .llm import _no_output_capture
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
 from ..method import Selection
-from ..needs import HEAD_PREFIXES
 from ..selection_rows import carry_rows, materialize
 
 
@@ -52,61 +51,50 @@ class CapturedVision:
         adapter, method = e.adapter, e.method
         enc = tower_out if tower_out is not None else self.run_tower(px, crops, spec, tower_in)
         if spec.tower is not None:  # the family's tower with static shapes (FamilyAdapter.encode_static)
-            flat, vflat = enc["features"], enc["vision_features"]
-            caf, ksf, exf, clip = enc.get("cls_attn"), enc.get("keys"), {}, None
+            tokens = {k: enc[k] for k in ("features", "vision_features", "cls_attn", "keys") if k in enc}
+            clip = None
         else:
-            flat, vflat, caf, ksf, exf, clip = self._clip_flat(enc, spec)
+            tokens, clip = self._clip_flat(enc, spec)
+        if deeps is not None:
+            tokens["deepstack"] = enc["deepstack"]
         newline = adapter.newline() if spec.newlines else None
-        bad = torch.zeros((), dtype=torch.bool, device=flat.device)
+        bad = torch.zeros((), dtype=torch.bool, device=tokens["features"].device)
         cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
         for s in spec.samples:
             o, n = dict((name, (o, n)) for name, o, n in s.parts)["src"]
-            sidx = index[o:o + n]
-            safe = sidx.clamp(min=0)
-            f, v = flat[safe], vflat[safe]
-            a = caf[safe] if caf is not None else None
-            k = ksf[safe] if ksf is not None else None
-            ex = {name: r[safe] for name, r in exf.items()}
-            if newline is not None:  # LLaVA-NeXT's image_newline rows, as the adapter builds them
-                nl = (sidx < 0)[:, None]
-                f = torch.where(nl, newline.to(f.dtype), f)
-                v = v.masked_fill(nl, 0)
-                if a is not None:
-                    a, k = a.masked_fill(nl, 0), k.masked_fill(nl, 0)
-                ex = {name: r.masked_fill(nl if r.dim() == 2 else nl[:, 0], 0) for name, r in ex.items()}
-            cands.append((f.to(dtype), v, a, k, ex, enc["deepstack"][safe] if deeps is not None else None))
+            c = gather_tokens(tokens, index[o:o + n], newline)  # LLaVA-NeXT's image_newline rows, as the adapter's
+            c["features"] = c["features"].to(dtype)
+            cands.append(c)
         probes = [None] * len(spec.samples)
         if spec.probe is not None and e.needs.vision_stage:  # the LLM probe on the unpruned rows (llava.fast.probe)
-            probes = run_probe(e.lm, spec.probe, probe_in, [c[0] for c in cands], [s.tokens for s in spec.samples],
-                               [s.text for s in spec.samples])
+            probes = run_probe(e.lm, spec.probe, probe_in, [c["features"] for c in cands],
+                               [s.tokens for s in spec.samples], [s.text for s in spec.samples])
         outs, sigs, origins, counts = [], [], [], []
-        for s, (f, v, a, k, ex, dsf), probe in zip(spec.samples, cands, probes):
+        for s, c, probe in zip(spec.samples, cands, probes):
             at = {name: (o, n) for name, o, n in s.parts}
+            dsf = c.pop("deepstack", None)
             if not e.needs.vision_stage:
                 if deeps is not None:
                     deeps.append(dsf)
+                f = c["features"]
                 outs.append(f)
                 sigs.append(None)
                 origins.append(torch.arange(f.shape[0], device=f.device))
                 counts.append(torch.full((), f.shape[0], dtype=torch.long, device=f.device))
                 continue
             if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
-                hs, ca, ks, extra, proj, pdt = clip
                 o, n = at["units"]
-                units = index[o:o + n]
-                f = torch.cat([f, proj(hs[units, :1].to(pdt))[:, 0].to(dtype)])
-                v = torch.cat([v, hs[units, 0]])
-                if a is not None:
-                    a = torch.cat([a, ca[units, :, 0]])
-                    k = torch.cat([k, ks[units, 0]])
-                ex = {name: torch.cat([r, extra[name][units, :, 0] if name.startswith(HEAD_PREFIXES)
-                                       else extra[name][units, 0]]) for name, r in ex.items()}
+                cls = clip_cls(*clip, units=index[o:o + n])
+                cls["features"] = cls["features"].to(dtype)
+                c = with_cls(c, cls)
             text = None
             if s.text:
                 o, n = at["text_rows"]
                 text = text_flat[index[o:o + n]]
+            a = c.pop("cls_attn", None)
+            f, v, k = c.pop("features"), c.pop("vision_features"), c.pop("keys", None)
             sig = self.planner._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k,
-                                               spec.kind, text, ex, probe)
+                                               spec.kind, text, c, probe)
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
@@ -157,12 +145,9 @@ class CapturedVision:
     def _clip_flat(self, t: dict, spec):
         """:meth:`_clip_tower`'s outputs ``t`` per tower token of every unit (flattened, as the eager engine's
         :func:`llava.families.clip.clip_tokens`): the projected features, the select layer's states, the [CLS]
-        attention / keys and the extra tower-layer signals; and what the [CLS] candidates are built from (hidden
-        states, [CLS] attention, keys, extras, projector, its dtype)."""
+        attention / keys and the extra tower-layer signals; and what :func:`llava.families.clip.clip_cls` builds the
+        [CLS] candidates from (hidden states, [CLS] attention, keys, extras, projector)."""
         hs, ca, ks = t["hs"], t.get("ca"), t.get("ks")
         extra = {k[2:]: v for k, v in t.items() if k.startswith("x:")}  # name -> (N, H, S) / (N, S, ...)
-        flat = clip_tokens(hs, t["feats"], ca, ks, extra, spec.drop_cls)
-        proj = self.engine.adapter.core.multi_modal_projector
-        exf = {k: v for k, v in flat.items() if k in extra}
-        return (flat["features"], flat["vision_features"], flat.get("cls_attn"), flat.get("keys"), exf,
-                (hs, ca, ks, extra, proj, param_dtype(proj)))
+        return (clip_tokens(hs, t["feats"], ca, ks, extra, spec.drop_cls),
+                (hs, ca, ks, extra, self.engine.adapter.core.multi_modal_projector))
