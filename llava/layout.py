@@ -120,46 +120,48 @@ class VisionStage:
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
         src_h = torch.full((B, L), -1, dtype=torch.long)  # per position: global id of the visual token feeding it
         tables: dict[str, list] = {}
-        unit_tables: dict[str, list] = {}
-        units_h, cls_rows = [], []  # per block: global unit of each token; row of each unit in the [CLS] table
+        unit_tables: dict[str, list] = {}  # each unit's [CLS] rows (extra candidates)
+        units_h, patch_h, unit_pos_h, grids, cls_rows = [], [], [], [], []  # per block, host
         offset = unit_offset = n_cls_rows = 0
         kind = None
-        for token_id, flat, sizes in blocks:
+        for token_id, kind, tab, units in blocks:
             where_h = ids_h == token_id
-            n_slots, n_feat = int(where_h.sum()), int(flat["unit_h"].numel())
+            n_slots, n_feat = int(where_h.sum()), int(units.src.numel())
             if n_slots != n_feat:
                 kname = self.adapter.placeholder_name(token_id)
                 raise ValueError(
-                    f"the prompt has {n_slots} {kname} placeholder tokens but the {len(sizes)} {kname}(s) give "
+                    f"the prompt has {n_slots} {kname} placeholder tokens but the {len(units.sizes)} {kname}(s) give "
                     f"{n_feat} visual tokens: each {kname} needs exactly one <{kname}> in the prompt, expanded "
                     f"by the processor for this model (use llava.preprocess / the model's processor)")
             rows = where_h.nonzero()[:, 0]
             start = 0
-            for i, size in enumerate(sizes):  # every block must land inside one sample
+            for i, size in enumerate(units.sizes):  # every block must land inside one sample
                 r = rows[start:start + size]
                 start += size
                 if r.numel() and r.min() != r.max():
-                    raise ValueError(f"{flat['kind']} {i} is split across batch rows: placeholder counts per prompt do not match the images")
-            embeds = embeds.masked_scatter((input_ids == token_id)[..., None], flat["features"].to(embeds.dtype))
+                    raise ValueError(f"{kind} {i} is split across batch rows: placeholder counts per prompt do not match the images")
+            tab = dict(tab)
+            cls = tab.pop("cls", None)
+            if units.rows == n_feat and torch.equal(units.src, torch.arange(n_feat)):  # host: in the LLM's order
+                tokens = tab
+            else:  # one gather into the LLM's order (LLaVA-NeXT's crops, newline rows)
+                newline = self.adapter.newline() if bool((units.src < 0).any()) else None
+                tokens = gather_tokens(tab, _to_device([units.src], dev)[0], newline)
+            embeds = embeds.masked_scatter((input_ids == token_id)[..., None], tokens["features"].to(embeds.dtype))
             src_h[where_h] = torch.arange(n_feat) + offset
             offset += n_feat
-            u = flat["unit_h"]
-            units_h.append(torch.where(u >= 0, u + unit_offset, u))
-            n_u = int(flat["unit_pos"].shape[0])
-            cls_rows.append(torch.arange(n_u) + n_cls_rows if "cls" in flat else torch.full((n_u,), -1))
-            n_cls_rows += n_u if "cls" in flat else 0
+            units_h.append(torch.where(units.unit >= 0, units.unit + unit_offset, units.unit))
+            patch_h.append(units.patch)
+            unit_pos_h.append(units.unit_pos)
+            grids += units.grid
+            n_u = len(units.grid)
+            cls_rows.append(torch.arange(n_u) + n_cls_rows if cls is not None else torch.full((n_u,), -1))
+            n_cls_rows += n_u if cls is not None else 0
             unit_offset += n_u
-            for k, v in flat.items():
-                if k in ("kind", "unit", "unit_h"):
-                    continue
-                if k == "cls":
-                    for ck, cv in v.items():
-                        unit_tables.setdefault(ck, []).append(cv)
-                elif k in ("unit_pos", "unit_grid"):
-                    unit_tables.setdefault(k, []).append(v)
-                else:
-                    tables.setdefault(k, []).append(v)
-            kind = flat["kind"]
+            for k, v in tokens.items():
+                tables.setdefault(k, []).append(v)
+            for k, v in (cls or {}).items():
+                unit_tables.setdefault(k, []).append(v)
         ctx.clock.mark("vision_end")
         ctx.probe_inputs = (embeds, attention_mask, position_ids)
         table = {k: torch.cat(v) for k, v in tables.items()}
@@ -169,7 +171,7 @@ class VisionStage:
             at = (src_h.reshape(-1) >= 0).nonzero().flatten()  # host
             idx, gid = _to_device([at, src_h.reshape(-1)[at]], dev)
             stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
-        unit_all_h = torch.cat(units_h)
+        unit_all_h, patch_all_h, unit_pos_all_h = torch.cat(units_h), torch.cat(patch_h), torch.cat(unit_pos_h)
         cls_row_h = torch.cat(cls_rows)
         extras = needs.include_cls_candidates and "vision_features" in utable
         need_signals = needs.vision_signals
@@ -185,7 +187,8 @@ class VisionStage:
                 src = src_h[b, lay.real[lay.visual]]
                 unit, gu = _renumber_units(unit_all_h[src])
                 after, question = text_spans(lay.ids, lay.visual, self.env.prompt_spec)
-                row = [lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long()]
+                row = [lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long(),
+                       patch_all_h[src], unit_pos_all_h[gu]]
                 if extras:  # the units of this sample that have a [CLS] row (not video frames)
                     has = cls_row_h[gu] >= 0
                     row += [cls_row_h[gu][has], torch.arange(gu.numel())[has]]
@@ -193,14 +196,14 @@ class VisionStage:
             width = len(host[0]) if host else 0
             moved = _to_device([t for h in host for t in h], dev)
             for b, lay in enumerate(layouts):
-                real, vis, src, unit, gu, after, question, qmask = moved[width * b:width * b + 8]
+                real, vis, src, unit, gu, after, question, qmask, patch, unit_pos = moved[width * b:width * b + 10]
                 c = gather_tokens(table, src)  # features: as spliced into embeds (the same cast)
                 c["features"] = c["features"].to(embeds.dtype)
-                patch, n_cls = c.pop("patch"), 0
+                n_cls = 0
                 if extras:  # append each unit's [CLS] as candidate T + i
-                    crow, cunit = moved[width * b + 8:width * b + 10]
-                    n_cls = int(host[b][8].numel())
-                    cls = {k: v[crow] for k, v in utable.items() if k not in ("unit_pos", "unit_grid")}
+                    crow, cunit = moved[width * b + 10:width * b + 12]
+                    n_cls = int(host[b][10].numel())
+                    cls = {k: v[crow] for k, v in utable.items()}
                     cls["features"] = cls["features"].to(embeds.dtype)
                     c = with_cls(c, cls)
                     unit = torch.cat([unit, cunit])
@@ -211,10 +214,9 @@ class VisionStage:
                     question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
                     cls_attn=c["cls_attn"].T.contiguous() if "cls_attn" in c else None,
                     keys=c.get("keys"), key=sample_key(ctx.sample_keys, b, lay.ids), **tower_fields(c),
-                    num_stock=int(lay.visual.numel()), unit_pos=utable["unit_pos"][gu],
-                    unit_grid=[tuple(g) for g in utable["unit_grid"][host[b][4]].tolist()] if "unit_grid" in utable else None,
+                    num_stock=int(lay.visual.numel()), unit_pos=unit_pos, unit_grid=[grids[g] for g in host[b][4].tolist()],
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
-                    _unit_host=torch.cat([host[b][3], host[b][9]]) if n_cls else host[b][3],
+                    _unit_host=torch.cat([host[b][3], host[b][11]]) if n_cls else host[b][3],
                     deepstack=c.get("deepstack"), in_tower_kept=c.get("in_tower_kept"))  # deepstack: Qwen3-VL, not a signal
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices

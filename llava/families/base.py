@@ -4,12 +4,15 @@
 The engine core (``llava/engine.py``) knows no family. Its two executors ask the adapter's one visual interface:
 
 * **encode** (the eager executor, dynamic shapes, every input it takes: several images per prompt, images and
-  videos in one batch): run the vision tower once and return, per placeholder token id, the visual tokens exactly
-  as the stock model splices them plus the per-token signals methods read (see :class:`VisualBlock`);
-* **visual_layout** (the captured executor, host only): the same layout planned from host metadata before any
-  device work, for one image or one video per prompt (:class:`VisualLayout`), and **encode_static**, the tower
-  run with the static shapes that plan fixes, where the family runs its own tower there (the CLIP towers are run
-  by :mod:`llava.fast.vision`); ``tower_for`` / ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
+  videos in one batch): run the vision tower once and return, per placeholder token id, the tower's per-token
+  table (the features as the stock model computes them, the signals methods read) and the host layout of its
+  tokens in the LLM input (:class:`VisualBlock`, :class:`VisualUnits`); the core gathers the table into the LLM's
+  order (:func:`gather_tokens`, newline rows included);
+* **visual_layout** (the captured executor, host only): the same host layout, from the same function of host
+  metadata, split per prompt (one image or one video each; :class:`VisualLayout`, :func:`layout_samples`), and
+  **encode_static**, the tower run with the static shapes that plan fixes, where the family runs its own tower there
+  (the CLIP towers are run by :mod:`llava.fast.vision`, with :func:`gather_tokens` too); ``tower_for`` /
+  ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
 * give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say
   whether kept tokens keep them (``keeps_positions``) or are renumbered contiguously (LLaVA's
@@ -80,23 +83,93 @@ def with_cls(candidates: dict, cls: dict) -> dict:
     return {k: torch.cat([v, cls[k]]) if k in cls else v for k, v in candidates.items()}
 
 
-class VisualBlock(NamedTuple):
-    """The visual tokens of one placeholder kind (image or video token id) for the whole batch.
+class VisualUnits(NamedTuple):
+    """The host layout of one placeholder kind's visual tokens, as the LLM input lays them out (every image / video
+    of the call, in prompt order), for both executors: the eager vision stage reads it whole (:class:`VisualBlock`),
+    the captured plan per prompt (:func:`layout_samples`).
 
-    flat: per-token tensors in masked-scatter order (all images / videos of the batch, prompt order):
-      ``features`` (T, D) exactly what the stock model splices; ``vision_features`` (T, Dv), the
-      space ``project`` maps to ``features`` (vision-space merges); ``patch`` (T,) index in its unit's
-      grid (-1 = [CLS] / newline); ``unit_h`` (T,) host unit index (-1 = newline); ``kind``
-      ("image" / "crop" / "frame"); optionally ``cls_attn`` (T, H) saliency per head and ``keys``
-      (T, d); per unit: ``unit_pos`` (U, 2), ``unit_grid`` (U, 2) host (rows, cols) of the unit's patch
-      grid, and ``cls`` (a dict of per-unit [CLS] rows offered as extra candidates); ``deepstack``
-      (T, L, D) rows the text model adds at the token's position after decoder layers 0..L-1 (Qwen3-VL).
-    sizes: tokens per image / video (one placeholder run each).
+    src (T,): each token's row in the tower's per-token table (-1: a newline token, :func:`gather_tokens`); unit
+    (T,): its unit over the call (-1: newline); patch (T,): its index in its unit's patch grid (-1: [CLS] /
+    newline); unit_pos (U, 2): each unit's place in its image's crop grid ((-1, -1): none); grid: per unit the
+    (rows, cols) of its patch grid; sizes: tokens per image / video (one placeholder run each); counts: units per
+    image / video; rows: the table rows the call's tower gives."""
+
+    src: torch.Tensor
+    unit: torch.Tensor
+    patch: torch.Tensor
+    unit_pos: torch.Tensor
+    grid: tuple
+    sizes: tuple
+    counts: tuple
+    rows: int
+
+
+def join_units(items: list[VisualUnits]) -> VisualUnits:
+    """One :class:`VisualUnits` of several, in order: each one's table rows and units after the ones before."""
+    src, unit, r0, u0 = [], [], 0, 0
+    for it in items:
+        src.append(torch.where(it.src >= 0, it.src + r0, -1))
+        unit.append(torch.where(it.unit >= 0, it.unit + u0, -1))
+        r0 += it.rows
+        u0 += len(it.grid)
+    return VisualUnits(torch.cat(src), torch.cat(unit), torch.cat([it.patch for it in items]),
+                       torch.cat([it.unit_pos for it in items]), sum((it.grid for it in items), ()),
+                       sum((it.sizes for it in items), ()), sum((it.counts for it in items), ()), r0)
+
+
+def uniform_units(items: int, per_item: int, tokens: int, patch: torch.Tensor, grid: tuple) -> VisualUnits:
+    """``items`` images / videos of ``per_item`` units each, every unit ``tokens`` table rows in order (its
+    ``patch`` indices, its ``grid``), no newline: LLaVA-1.5's images, Video-LLaVA's images and videos, InternVL's
+    tiles."""
+    n = items * per_item
+    return VisualUnits(torch.arange(n * tokens), torch.arange(n).repeat_interleave(tokens), patch.repeat(n),
+                       torch.full((n, 2), -1, dtype=torch.long), (tuple(grid),) * n, (per_item * tokens,) * items,
+                       (per_item,) * items, n * tokens)
+
+
+def packed_units(unit: torch.Tensor, patch: torch.Tensor, grid, sizes, counts,
+                 unit_pos: torch.Tensor | None = None) -> VisualUnits:
+    """The layout of a call whose tower gives its table in the LLM's order already (row i: token i; a newline's row
+    is replaced by the family's newline embedding): Qwen's merged tokens, OneVision's packed images and videos.
+    ``unit_pos``: None for units outside any crop grid."""
+    if unit_pos is None:
+        unit_pos = torch.full((len(grid), 2), -1, dtype=torch.long)
+    return VisualUnits(torch.where(unit >= 0, torch.arange(unit.numel()), -1), unit, patch, unit_pos,
+                       tuple(tuple(int(v) for v in g) for g in grid), tuple(int(n) for n in sizes),
+                       tuple(int(k) for k in counts), int(unit.numel()))
+
+
+def layout_samples(u: VisualUnits) -> list[dict]:
+    """The captured plan's samples of ``u`` (one image / video per prompt; :class:`VisualLayout`): per image / video
+    its ``src``, ``unit`` numbered from 0 within it, ``patch``, ``units`` (its units' rows among the tower inputs),
+    ``unit_pos`` and ``grid``."""
+    samples, t0, u0 = [], 0, 0
+    for n, k in zip(u.sizes, u.counts):
+        unit = u.unit[t0:t0 + n]
+        samples.append({"src": u.src[t0:t0 + n], "unit": torch.where(unit >= 0, unit - u0, -1),
+                        "patch": u.patch[t0:t0 + n], "units": torch.arange(u0, u0 + k),
+                        "unit_pos": u.unit_pos[u0:u0 + k], "grid": u.grid[u0:u0 + k]})
+        t0 += n
+        u0 += k
+    return samples
+
+
+class VisualBlock(NamedTuple):
+    """The visual tokens of one placeholder kind (image or video token id) for the whole batch, from one tower run.
+
+    kind: the unit kind ("image" / "crop" / "frame"); table: per tower token, in the order ``units.src`` indexes
+    (:func:`gather_tokens`): ``features`` (N, D) exactly what the stock model splices; ``vision_features`` (N, Dv),
+    the space ``project`` maps to ``features`` (vision-space merges); optionally ``cls_attn`` (N, H) saliency per
+    head and ``keys`` (N, d), the tower signals by flat name, ``in_tower_kept``, and ``deepstack`` (N, L, D) rows
+    the text model adds at the token's position after decoder layers 0..L-1 (Qwen3-VL); and ``cls``, a dict of
+    per-unit [CLS] rows offered as extra candidates (:func:`llava.families.clip.clip_cls`). units: the host layout
+    (:class:`VisualUnits`).
     """
 
     token_id: int
-    flat: dict
-    sizes: list[int]
+    kind: str
+    table: dict
+    units: VisualUnits
 
 
 class VisualLayout(NamedTuple):
@@ -126,18 +199,6 @@ class VisualLayout(NamedTuple):
     tower_tensors: dict | None = None
     #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.rope_positions`)
     meta: dict | None = None
-
-
-def clip_units(n_units: int, tokens: int, drop_cls: bool, first: int = 0) -> dict:
-    """Host layout of ``n_units`` CLIP units in a row, ``tokens`` LLM tokens each (the [CLS] kept or
-    not), starting at tower input ``first``: one visual input of :class:`VisualLayout`."""
-    off = 1 if drop_cls else 0
-    side = int(round((tokens - (0 if drop_cls else 1)) ** 0.5))
-    return {"src": torch.arange(first * tokens, (first + n_units) * tokens),
-            "unit": torch.arange(n_units).repeat_interleave(tokens),
-            "patch": (torch.arange(off, off + tokens) - 1).repeat(n_units),
-            "units": torch.arange(first, first + n_units),
-            "unit_pos": torch.full((n_units, 2), -1, dtype=torch.long), "grid": ((side, side),) * n_units}
 
 
 class FamilyAdapter:

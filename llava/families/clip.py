@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..needs import HEAD_PREFIXES
-from .base import param_dtype
+from .base import VisualUnits, param_dtype, uniform_units
 
 #: the arithmetic of the tower's attention signals (``Method.vision_attention_logits``): "fp32" (ours: q / k cast
 #: to fp32, fp32 softmax) or "model" (the official code's: in the tower's dtype, see :func:`clip_probs`)
@@ -388,25 +388,23 @@ def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None
     return cls
 
 
-def flatten_units(hs, ca, ks, proj, drop_cls: bool, kind: str, received: dict | None = None) -> tuple[dict, list[int]]:
-    """Per-token tensors of n units (images / crops / frames) of S tower tokens each, in unit order.
-
-    Returns the engine's flat block dict and the token count per unit: :func:`clip_tokens`' (``features``,
-    ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals, ``in_tower_kept``), ``patch`` (-1 =
-    [CLS]), ``unit_h`` (host unit index), ``kind``, ``cls`` (each unit's [CLS], projected, when the model drops it
-    from the LLM input) and ``unit_pos`` (n, 2) = -1."""
+def clip_table(hs, ca, ks, proj, drop_cls: bool, received: dict | None = None) -> dict:
+    """The eager engine's per-token table of n CLIP units (:class:`llava.families.base.VisualBlock`): :func:`clip_tokens`
+    (``features``, ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals, ``in_tower_kept``) and,
+    when the model drops the [CLS] from the LLM input, ``cls`` (:func:`clip_cls`: each unit's [CLS] as an extra
+    candidate, VisionZip / VisionDrop)."""
     received = received or {}
-    n = hs.shape[0]
-    flat = clip_tokens(hs, clip_features(hs, proj, drop_cls, received.get("in_tower_kept")), ca, ks, received,
-                       drop_cls)
+    table = clip_tokens(hs, clip_features(hs, proj, drop_cls, received.get("in_tower_kept")), ca, ks, received,
+                        drop_cls)
+    if drop_cls:
+        table["cls"] = clip_cls(hs, ca, ks, received, proj)
+    return table
+
+
+def clip_units(vision_config, items: int, per_item: int, drop_cls: bool) -> VisualUnits:
+    """The host layout of ``items`` images / videos of ``per_item`` CLIP units each (:func:`uniform_units`): every
+    unit's tokens in order, its [CLS] (patch -1) left out when ``drop_cls``."""
+    g = vision_config.image_size // vision_config.patch_size
     off = 1 if drop_cls else 0
-    m = hs.shape[1] - off
-    patch = torch.arange(off, off + m, device=hs.device) - 1  # [CLS] -> -1
-    flat.update(unit_h=torch.arange(n).repeat_interleave(m),  # host: the layout is planned on the host
-                patch=patch.repeat(n), kind=kind)
-    if drop_cls:  # each unit's [CLS], offered to methods as an extra candidate (VisionZip / VisionDrop)
-        flat["cls"] = clip_cls(hs, ca, ks, received, proj)
-    flat["unit_pos"] = torch.full((n, 2), -1, dtype=torch.long, device=hs.device)
-    side = int(round((m - (0 if drop_cls else 1)) ** 0.5))  # patches per grid side ([CLS] not counted)
-    flat["unit_grid"] = torch.tensor([[side, side]] * n, dtype=torch.long)  # host
-    return flat, [m] * n
+    m = g * g + 1 - off
+    return uniform_units(items, per_item, m, torch.arange(off, off + m) - 1, (g, g))

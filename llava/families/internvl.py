@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout
+from .base import (FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units, layout_samples,
+                   uniform_units)
 
 
 def cls_signals(layer: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,20 +134,17 @@ class InternVLAdapter(FamilyAdapter):
             for handle in handles:
                 handle.remove()
         n, m, _ = feats.shape
-        dev = feats.device
-        g = self.grid()
-        flat = {
-            "features": feats.reshape(n * m, -1),
-            "vision_features": captured["proj"].reshape(n * m, -1),
-            "unit_h": torch.arange(n).repeat_interleave(m),  # host
-            "patch": torch.arange(m, device=dev).repeat(n),
-            "kind": "crop",
-            "unit_pos": torch.full((n, 2), -1, dtype=torch.long, device=dev),
-            "unit_grid": torch.tensor([list(g)] * n, dtype=torch.long),  # host
-        }
+        table = {"features": feats.reshape(n * m, -1), "vision_features": captured["proj"].reshape(n * m, -1)}
         if call.attention:
-            flat["cls_attn"], flat["keys"] = self.pooled_signals(layer, captured["h"])
-        return [VisualBlock(cfg.image_token_id, flat, [m] * n)]
+            table["cls_attn"], table["keys"] = self.pooled_signals(layer, captured["h"])
+        # a unit per tile; pixel_values does not say which tiles are whose: each tile is a run of its own
+        return [VisualBlock(cfg.image_token_id, "crop", table, self._units([1] * n))]
+
+    def _units(self, tiles: list[int]) -> VisualUnits:
+        """The host layout of images of ``tiles`` tiles each: a unit per tile, its tokens in the pixel shuffle's
+        raster order."""
+        g = self.grid()
+        return join_units([uniform_units(1, n, g[0] * g[1], torch.arange(g[0] * g[1]), g) for n in tiles])
 
     # ---------------------------------------------------------------- the captured executor's half (llava.fast)
     def visual_layout(self, visual, batch, input_ids=None):
@@ -170,14 +168,8 @@ class InternVLAdapter(FamilyAdapter):
         tiles = [c // m for c in counts]
         if sum(tiles) != px.shape[0]:
             raise ValueError(f"InternVL: {px.shape[0]} tiles in pixel_values, the prompts hold {sum(tiles)}")
-        samples, t0 = [], 0
-        for n in tiles:
-            samples.append({"src": torch.arange(t0 * m, (t0 + n) * m), "unit": torch.arange(n).repeat_interleave(m),
-                            "patch": torch.arange(m).repeat(n), "units": torch.arange(t0, t0 + n),
-                            "unit_pos": torch.full((n, 2), -1, dtype=torch.long), "grid": (g,) * n})
-            t0 += n
-        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, samples,
-                            tower=("internvl", int(px.shape[0])), tower_tensors={})
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None,
+                            layout_samples(self._units(tiles)), tower=("internvl", int(px.shape[0])), tower_tensors={})
 
     def encode_static(self, pixels, tower, tensors, call):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with

@@ -4,8 +4,8 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, clip_units
-from .clip import flatten_units, run_tower
+from .base import FamilyAdapter, VisualBlock, VisualLayout, layout_samples
+from .clip import clip_table, clip_units, run_tower
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -19,9 +19,8 @@ class LlavaAdapter(FamilyAdapter):
         drop = cfg.vision_feature_select_strategy == "default"
         hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, call, kind="image",
                                    cls_in_llm=not drop)
-        flat, sizes = flatten_units(hs, ca, ks, self.core.multi_modal_projector,
-                                    drop_cls=drop, kind="image", received=rc)
-        return [VisualBlock(cfg.image_token_id, flat, sizes)]
+        return [VisualBlock(cfg.image_token_id, "image", clip_table(hs, ca, ks, self.core.multi_modal_projector, drop, rc),
+                            clip_units(cfg.vision_config, hs.shape[0], 1, drop))]
 
     def visual_layout(self, visual, batch, input_ids=None):
         px = visual.get("pixel_values")
@@ -29,8 +28,6 @@ class LlavaAdapter(FamilyAdapter):
             raise ValueError(f"{self.family} does not take pixel_values_videos")
         if px is None or px.dim() != 4 or px.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
-        vc = self.config.vision_config
         drop = self.config.vision_feature_select_strategy == "default"
-        m = (vc.image_size // vc.patch_size) ** 2 + (0 if drop else 1)
         return VisualLayout("pixel_values", self.config.image_token_id, "image", drop, None,
-                            [clip_units(1, m, drop, first=b) for b in range(batch)])
+                            layout_samples(clip_units(self.config.vision_config, batch, 1, drop)))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, gather_tokens, to_device
-from .clip import flatten_units, run_tower
+from .base import FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units, layout_samples
+from .clip import clip_table, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
 
@@ -77,27 +77,33 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {next_layout!r}")
         self.next_layout = next_layout
 
-    def _tokens_per_crop(self) -> int:
-        """LLM tokens of a crop before packing: its patches, and its [CLS] when the model keeps it."""
-        vc = self.config.vision_config
-        return (vc.image_size // vc.patch_size) ** 2 + (0 if self.config.vision_feature_select_strategy == "default"
-                                                        else 1)
-
-    def _image_layout(self, size) -> tuple[int, torch.Tensor, list]:
-        """Host layout of one image of ``size`` (H, W), for both executors: its crop count, each LLM token's index
-        into its crop-major tower tokens (-1: a newline, :func:`next_token_layout`) and the crops' grid positions
-        ((-1, -1) for the base crop)."""
+    def _units(self, sizes) -> VisualUnits:
+        """The host layout of images of ``sizes`` (H, W) each, for both executors: the base crop then the grid crops
+        packed by :func:`next_token_layout` (each token's row among the crop-major tower tokens, -1 for a newline),
+        the grid crops' positions in their crop grid ((-1, -1) for the base crop)."""
         from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                          image_size_to_num_patches)
 
         cfg = self.config
-        c = image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
-                                      patch_size=cfg.vision_config.image_size)
-        pos = [[-1, -1]]
-        if c > 1:
-            gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-            pos += [[i // gw, i % gw] for i in range(c - 1)]
-        return c, next_token_layout(size, cfg, c, self._tokens_per_crop(), self.next_layout), pos
+        vc = cfg.vision_config
+        drop = cfg.vision_feature_select_strategy == "default"
+        g = vc.image_size // vc.patch_size
+        m = g * g + (0 if drop else 1)  # LLM tokens of a crop before packing: its patches, its [CLS] when kept
+        items = []
+        for size in sizes:
+            size = tuple(int(v) for v in size)
+            c = image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=vc.image_size)
+            pos = [[-1, -1]]
+            if c > 1:
+                gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, vc.image_size)
+                pos += [[i // gw, i % gw] for i in range(c - 1)]
+            idx = next_token_layout(size, cfg, c, m, self.next_layout)
+            ok = idx >= 0
+            items.append(VisualUnits(idx, torch.where(ok, idx // m, -1), torch.where(ok, idx % m - int(not drop), -1),
+                                     torch.tensor(pos, dtype=torch.long), ((g, g),) * c, (int(idx.numel()),), (c,),
+                                     c * m))
+        return join_units(items)
 
     def encode(self, visual, call):
         if visual.get("pixel_values_videos") is not None:
@@ -108,29 +114,14 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError("LLaVA-NeXT needs image_sizes")
         if torch.is_tensor(image_sizes):
             image_sizes = image_sizes.tolist()  # one host read; the crop arithmetic is host work
-        layouts = [self._image_layout(tuple(int(v) for v in sz)) for sz in image_sizes]
-        crops = [c for c, _, _ in layouts]
+        units = self._units(image_sizes)
         if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], 0)
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, units.counts)], 0)
         drop = cfg.vision_feature_select_strategy == "default"
         hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, call, kind="crop",
                                    cls_in_llm=not drop)
-        flat, per_crop = flatten_units(hs, ca, ks, self.core.multi_modal_projector, drop_cls=drop, kind="crop", received=rc)
-        m = per_crop[0]
-        # per image: index of each LLM-input token into `flat` (-1 = image_newline), via our layout map
-        idx_all, sizes, start, unit_pos = [], [], 0, []
-        for c, idx, pos in layouts:
-            unit_pos.extend(pos)
-            idx_all.append(torch.where(idx >= 0, idx + start, idx))
-            sizes.append(int(idx.numel()))
-            start += c * m
-        idx_h = torch.cat(idx_all)
-        host = {k: flat.pop(k) for k in ("cls", "unit_grid", "unit_h", "kind") if k in flat}
-        flat.pop("unit_pos")
-        out = gather_tokens(flat, to_device([idx_h], hs.device)[0], self.newline())
-        out.update(host, unit_h=torch.where(idx_h >= 0, host["unit_h"][idx_h.clamp(min=0)], -1),
-                   unit_pos=torch.tensor(unit_pos, dtype=torch.long, device=hs.device))
-        return [VisualBlock(cfg.image_token_id, out, sizes)]
+        return [VisualBlock(cfg.image_token_id, "crop", clip_table(hs, ca, ks, self.core.multi_modal_projector,
+                                                                   drop, rc), units)]
 
     def visual_layout(self, visual, batch, input_ids=None):
         cfg = self.config
@@ -140,23 +131,10 @@ class LlavaNextAdapter(FamilyAdapter):
         if px is None or sizes is None or len(sizes) != batch or px.dim() != 5 or px.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt (pixel_values (B, crops, 3, H, W) "
                              "and image_sizes)")
-        sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # host metadata (the processor's)
-        drop = cfg.vision_feature_select_strategy == "default"
-        m = self._tokens_per_crop()
-        off = 1 if drop else 0
-        rows, samples, start = [], [], 0
-        for b, sz in enumerate(sizes):
-            c, idx, pos = self._image_layout(tuple(int(v) for v in sz))  # idx: into the image's crop-major tokens
-            rows.append(b * px.shape[1] + torch.arange(c))
-            ok = idx >= 0
-            side = int(round((m - (0 if drop else 1)) ** 0.5))
-            samples.append({"src": torch.where(ok, idx + start * m, -1),
-                            "unit": torch.where(ok, idx // m, -1),
-                            "patch": torch.where(ok, idx % m + off - 1, -1),
-                            "units": torch.arange(start, start + c),
-                            "unit_pos": torch.tensor(pos, dtype=torch.long), "grid": ((side, side),) * c})
-            start += c
-        return VisualLayout("pixel_values", cfg.image_token_id, "crop", drop, torch.cat(rows), samples)
+        units = self._units(sizes.tolist() if torch.is_tensor(sizes) else sizes)  # host metadata (the processor's)
+        rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)])
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", cfg.vision_feature_select_strategy == "default",
+                            rows, layout_samples(units))
 
     def newline(self):
         return self.core.image_newline  # fed where the layout has a newline token (spatial_unpad's rows)

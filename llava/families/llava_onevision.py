@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import onevision_vision as ov
-from .base import FamilyAdapter, VisualBlock, VisualLayout
+from .base import FamilyAdapter, VisualBlock, VisualLayout, packed_units
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -35,22 +35,21 @@ class LlavaOnevisionAdapter(FamilyAdapter):
                 raise ValueError("LLaVA-OneVision needs image_sizes with pixel_values")
             v = ov.encode_images(self.model, visual["pixel_values"], visual["image_sizes"],
                                  batch_num_images=visual.get("batch_num_images"), want_attn=call.attention)
-            blocks.append(VisualBlock(cfg.image_token_id, self._flat(v, "crop"), v.sizes))
+            blocks.append(VisualBlock(cfg.image_token_id, "crop", *self._table(v)))
         if visual.get("pixel_values_videos") is not None:
             v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=call.attention)
-            blocks.append(VisualBlock(cfg.video_token_id, self._flat(v, "frame"), v.sizes))
+            blocks.append(VisualBlock(cfg.video_token_id, "frame", *self._table(v)))
         return blocks
 
     @staticmethod
-    def _flat(v: "ov.OneVisionVisual", kind: str) -> dict:
-        dev = v.features.device
-        flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(dev),
-                "unit_h": v.unit, "kind": kind, "unit_pos": v.unit_pos.to(dev),
-                "unit_grid": torch.tensor(v.unit_grid, dtype=torch.long).reshape(-1, 2)}
+    def _table(v: "ov.OneVisionVisual") -> tuple:
+        """The table and host layout of one encode call (packed: row i is token i, newlines' rows replaced by
+        ``image_newline``)."""
+        table = {"features": v.features, "vision_features": v.vision_features}
         if v.saliency is not None:
-            flat["cls_attn"] = v.saliency.T
-            flat["keys"] = v.keys
-        return flat
+            table["cls_attn"] = v.saliency.T
+            table["keys"] = v.keys
+        return table, packed_units(v.unit, v.patch, v.unit_grid, v.sizes, v.counts, v.unit_pos)
 
     def project(self, vision_features):
         return ov.project(self.model, vision_features)

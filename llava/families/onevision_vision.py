@@ -52,6 +52,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
+from .base import layout_samples, packed_units
+
 #: rounding slack for the interpolated coordinates: the CPU bilinear kernel returns an exact tie
 #: (13.5) as 13.4999999999999982 in some rows, so ties are resolved upward up to this tolerance
 _TIE_EPS = 1e-6
@@ -84,6 +86,7 @@ class OneVisionVisual:
                      (-1, -1) for base crops, single-crop images and video frames.
     unit_grid:       per unit, (rows, cols) of its patch grid (27x27 real crops, 14x14 pooled frames).
     sizes:           tokens per image (or per video) = its placeholder run length in the prompt.
+    counts:          units per image (its crops) or per video (its frames).
     """
 
     features: torch.Tensor
@@ -95,6 +98,7 @@ class OneVisionVisual:
     unit_pos: torch.Tensor
     unit_grid: list[tuple[int, int]]
     sizes: list[int]
+    counts: list[int]
 
 
 def _core(model) -> torch.nn.Module:
@@ -311,7 +315,7 @@ def encode_images(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor, 
         vision_features=pack(states),
         saliency=pack(received.transpose(1, 2)).transpose(0, 1).contiguous() if want_attn else None,
         keys=pack(keys) if want_attn else None,
-        unit=unit, patch=patch, unit_pos=unit_pos, unit_grid=unit_grid, sizes=sizes)
+        unit=unit, patch=patch, unit_pos=unit_pos, unit_grid=unit_grid, sizes=sizes, counts=num_crops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,26 +357,11 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
         unit=unit, patch=patch,
         unit_pos=torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
         unit_grid=[(ph, pw)] * (n_videos * n_frames),
-        sizes=[per_video + 1] * n_videos)
+        sizes=[per_video + 1] * n_videos, counts=[n_frames] * n_videos)
 
 
 # ---------------------------------------------------------------------------------------------
 # The fast path (llava.fast.path): the same packing with every size planned on the host
-
-
-def _layout_samples(unit: torch.Tensor, patch: torch.Tensor, unit_pos: torch.Tensor, unit_grid: list, sizes: list,
-                    crops: list) -> list:
-    """Per sample (one image / video each): ``src`` its packed rows (-1 at newlines), ``unit`` numbered from 0
-    within the sample, ``patch``, ``units`` (its units' rows among the tower inputs), ``unit_pos``, ``grid``."""
-    samples, start, u0 = [], 0, 0
-    for n, k in zip(sizes, crops):
-        u, p = unit[start:start + n], patch[start:start + n]
-        samples.append({"src": torch.where(u >= 0, torch.arange(start, start + n), -1),
-                        "unit": torch.where(u >= 0, u - u0, -1), "patch": p, "units": torch.arange(u0, u0 + k),
-                        "unit_pos": unit_pos[u0:u0 + k], "grid": tuple(unit_grid[u0:u0 + k])})
-        start += n
-        u0 += k
-    return samples
 
 
 def plan_images(cfg, image_sizes: list, max_crops: int | None):
@@ -391,7 +380,7 @@ def plan_images(cfg, image_sizes: list, max_crops: int | None):
     h, w = unit_grid[0]
     plan = ("images", tuple((it.first_crop, it.rows, it.cols, tuple(it.image_size), tuple(it.out_size))
                             for it in interps), h, w)
-    samples = _layout_samples(unit, patch, unit_pos, unit_grid, sizes, num_crops)
+    samples = layout_samples(packed_units(unit, patch, unit_grid, sizes, num_crops, unit_pos))
     return plan, {"crops": torch.cat(rows), "index": index}, samples
 
 
@@ -413,9 +402,8 @@ def plan_videos(cfg, n_videos: int, n_frames: int):
     h, w, unit, patch = _video_layout(cfg, n_videos, n_frames)
     ph, pw = math.ceil(h / 2), math.ceil(w / 2)
     pp = ph * pw
-    sizes = [n_frames * pp + 1] * n_videos
-    samples = _layout_samples(unit, patch, torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
-                              [(ph, pw)] * (n_videos * n_frames), sizes, [n_frames] * n_videos)
+    samples = layout_samples(packed_units(unit, patch, [(ph, pw)] * (n_videos * n_frames),
+                                          [n_frames * pp + 1] * n_videos, [n_frames] * n_videos))
     index = torch.cat([torch.cat([torch.arange(n_frames * pp) + v * n_frames * pp,
                                   torch.full((1,), n_videos * n_frames * pp)]) for v in range(n_videos)])
     return ("videos", (), h, w), {"index": index}, samples

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, VisualBlock, VisualLayout
+from .base import FamilyAdapter, VisualBlock, VisualLayout, layout_samples, packed_units
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -77,18 +77,16 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 raise ValueError(f"{self.family} needs {'video' if video else 'image'}_grid_thw with its pixels")
             v = qwen_vision.encode(self.model, pix, grid, want_attn=call.attention, layer=self.saliency_layer,
                                    saliency=self.saliency, video=video, group_mean=tuple(means))
-            flat = {"features": v.features, "vision_features": v.vision_features, "patch": v.patch.to(v.features.device),
-                    "unit_h": v.unit, "kind": "frame" if video else "image",
-                    "unit_pos": torch.full((len(v.grids), 2), -1, dtype=torch.long, device=v.features.device),
-                    "unit_grid": torch.tensor(v.grids, dtype=torch.long).reshape(-1, 2)}
+            table = {"features": v.features, "vision_features": v.vision_features}
             if v.saliency is not None:
-                flat["cls_attn"] = v.saliency.T
-                flat["keys"] = v.keys
+                table["cls_attn"] = v.saliency.T
+                table["keys"] = v.keys
             for b, rows in (v.group_mean or {}).items():
-                flat[means[b]] = rows
+                table[means[b]] = rows
             if v.deepstack is not None:  # Qwen3-VL
-                flat["deepstack"] = v.deepstack
-            blocks.append(VisualBlock(token_id, flat, v.sizes))
+                table["deepstack"] = v.deepstack
+            blocks.append(VisualBlock(token_id, "frame" if video else "image", table,
+                                      packed_units(v.unit, v.patch, v.grids, v.sizes, v.counts)))
         return blocks
 
     def project(self, vision_features):
@@ -120,17 +118,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if px.dim() != 2 or px.shape[0] != sum(t * h * w for t, h, w in rows):
             raise ValueError(f"{self.family} {key} do not match {grid_key}")
         plan, tensors = qwen_vision.tower_plan(self.core.visual, rows, self.saliency_layer, self.saliency)
-        merge = plan.merge
-        samples, start = [], 0
-        for t, h, w in rows:
-            if t != 1 and not video:
-                raise ValueError(f"{self.family}: an image of {t} temporal patches")
-            gr, gc = h // merge, w // merge
-            n = gr * gc
-            samples.append({"src": torch.arange(start, start + t * n), "unit": torch.arange(t).repeat_interleave(n),
-                            "patch": torch.arange(n).repeat(t), "units": torch.arange(t),
-                            "unit_pos": torch.full((t, 2), -1, dtype=torch.long), "grid": ((gr, gc),) * t})
-            start += t * n
+        if not video and any(t != 1 for t, _, _ in rows):
+            raise ValueError(f"{self.family}: an image of {next(t for t, _, _ in rows if t != 1)} temporal patches")
+        unit, patch, grids, sizes, _, counts = qwen_vision._layout(rows, plan.merge)
+        samples = layout_samples(packed_units(unit, patch, grids, sizes, counts))
         meta = {grid_key: grid_h}
         if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
             ts = visual["second_per_grid_ts"]

@@ -80,6 +80,7 @@ class QwenVisual:
     patch:           (T,) CPU long: merged-raster index within its unit, ``r * (w/2) + c``.
     grids:           per unit: (rows, cols) of merged tokens = (h/2, w/2).
     sizes:           merged tokens per image / per video (t*h*w/4): the LLM placeholder run lengths.
+    counts:          units per image / per video (its t).
     """
 
     features: torch.Tensor
@@ -90,6 +91,7 @@ class QwenVisual:
     patch: torch.Tensor
     grids: list[tuple[int, int]]
     sizes: list[int]
+    counts: list[int]
     deepstack: torch.Tensor | None = None
     group_mean: dict | None = None
 
@@ -131,7 +133,8 @@ def _resolve_layer(visual, layer: int | None) -> int:
 
 
 def _layout(grid: list[list[int]], merge: int):
-    """Host-side provenance from the (t, h, w) list: unit, patch, grids, sizes, segment bounds (patches)."""
+    """Host-side provenance from the (t, h, w) list: unit, patch, grids, sizes, segment bounds (patches), units per
+    image / video."""
     units, patches, grids, sizes, bounds = [], [], [], [], [0]
     n_units = 0
     for t, h, w in grid:
@@ -144,7 +147,7 @@ def _layout(grid: list[list[int]], merge: int):
         for _ in range(t):
             bounds.append(bounds[-1] + h * w)
         n_units += t
-    return torch.cat(units), torch.cat(patches), grids, sizes, bounds
+    return torch.cat(units), torch.cat(patches), grids, sizes, bounds, [t for t, _, _ in grid]
 
 
 def _received(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: float, chunk: int) -> torch.Tensor:
@@ -222,7 +225,7 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     for t, h, w in grid:
         if h % merge or w % merge:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
-    unit, patch, grids, sizes, bounds = _layout(grid, merge)
+    unit, patch, grids, sizes, bounds, counts = _layout(grid, merge)
     qwen3 = is_qwen3(visual)
     if not is_windowed(visual):  # Qwen3-VL / Qwen3.5: merged raster order throughout
         window_index = torch.arange(int(unit.numel()))
@@ -284,7 +287,8 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     means = {int(b): (h := captured[("block", int(b))]).reshape(-1, unit_sq, h.shape[-1]).mean(1)[reverse]
              for b in group_mean}
     return QwenVisual(features=features, vision_features=vision_features, saliency=sal, keys=keys,
-                      unit=unit, patch=patch, grids=grids, sizes=sizes, deepstack=deepstack, group_mean=means)
+                      unit=unit, patch=patch, grids=grids, sizes=sizes, counts=counts, deepstack=deepstack,
+                      group_mean=means)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ def tower_plan(visual, grid: list, layer: int | None, saliency: str) -> tuple[To
         if h % merge or w % merge:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
     g = torch.tensor(grid, dtype=torch.long).reshape(-1, 3)
-    _, _, _, _, bounds = _layout(grid, merge)
+    bounds = _layout(grid, merge)[4]
     pos = get_vision_position_ids(g, merge)  # (N, 2) in merge-block order
     n_merged = pos.shape[0] // (merge * merge)
     window = None

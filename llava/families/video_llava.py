@@ -5,8 +5,8 @@ video."""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, clip_units
-from .clip import flatten_units, run_tower
+from .base import FamilyAdapter, VisualBlock, VisualLayout, layout_samples
+from .clip import clip_table, clip_units, run_tower
 
 
 class VideoLlavaAdapter(FamilyAdapter):
@@ -25,15 +25,14 @@ class VideoLlavaAdapter(FamilyAdapter):
             drop = cfg.vision_feature_select_strategy == "default"
             hs, ca, ks, rc = run_tower(self.tower_for("pixel_values"), pixel_values, cfg.vision_feature_layer, call,
                                        kind="image", cls_in_llm=not drop)
-            flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=drop, kind="image", received=rc)
-            blocks.append(VisualBlock(cfg.image_token_id, flat, sizes))
-        if videos is not None:
+            blocks.append(VisualBlock(cfg.image_token_id, "image", clip_table(hs, ca, ks, proj, drop, rc),
+                                      clip_units(cfg.vision_config, hs.shape[0], 1, drop)))
+        if videos is not None:  # every frame a unit ([CLS] kept, as the stock model), one placeholder run per video
             b, t = videos.shape[:2]
             hs, ca, ks, rc = run_tower(self.tower_for("pixel_values_videos"), videos.flatten(0, 1),
                                        cfg.vision_feature_layer, call, kind="frame", cls_in_llm=True)
-            flat, sizes = flatten_units(hs, ca, ks, proj, drop_cls=False, kind="frame", received=rc)
-            sizes = [sum(sizes[i * t:(i + 1) * t]) for i in range(b)]  # one block per video
-            blocks.append(VisualBlock(cfg.video_token_id, flat, sizes))
+            blocks.append(VisualBlock(cfg.video_token_id, "frame", clip_table(hs, ca, ks, proj, False, rc),
+                                      clip_units(cfg.vision_config, b, t, False)))
         return blocks
 
     def visual_layout(self, visual, batch, input_ids=None):
@@ -41,19 +40,16 @@ class VideoLlavaAdapter(FamilyAdapter):
         images, videos = visual.get("pixel_values"), visual.get("pixel_values_videos")
         if images is not None and videos is not None:
             raise ValueError("the fast path takes images or videos in one batch, not both")
-        vc = cfg.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
         if videos is not None:
             if videos.dim() != 5 or videos.shape[0] != batch:
                 raise ValueError("the fast path takes exactly one video per prompt")
-            f = videos.shape[1]  # every frame a unit of n + 1 tokens ([CLS] kept, as the stock model)
             return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None,
-                                [clip_units(f, n + 1, False, first=b * f) for b in range(batch)])
+                                layout_samples(clip_units(cfg.vision_config, batch, videos.shape[1], False)))
         if images is None or images.dim() != 4 or images.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = cfg.vision_feature_select_strategy == "default"
         return VisualLayout("pixel_values", cfg.image_token_id, "image", drop, None,
-                            [clip_units(1, n + (0 if drop else 1), drop, first=b) for b in range(batch)])
+                            layout_samples(clip_units(cfg.vision_config, batch, 1, drop)))
 
     def tower_for(self, key):
         return self.core.video_tower if key == "pixel_values_videos" else self.core.image_tower
