@@ -1,0 +1,121 @@
+"""The host layout of the visual tokens both executors read (``llava.families.base.VisualUnits``) and the one gather
+of a tower's per-token table into the LLM's order (``gather_tokens``, ``with_cls``), on worked examples."""
+
+from types import SimpleNamespace
+
+import torch
+
+from llava.families.base import (VisualUnits, gather_tokens, join_units, layout_samples, packed_units, uniform_units,
+                                 with_cls)
+from llava.families.clip import clip_units
+from llava.models import load
+
+
+def _table():
+    return {"features": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+            "vision_features": torch.tensor([[10.0], [20.0], [30.0]]),
+            "patch": torch.tensor([0, 1, 2]),
+            "in_tower_kept": torch.tensor([True, True, False]),
+            "recv:2": torch.tensor([[0.5, 0.25], [0.75, 1.5], [2.5, 3.5]]),  # a [CLS]-query signal, heads last
+            "fwa:2": torch.tensor([0.125, 4.0, 8.0]),
+            "rpat:1": torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])}  # not a [CLS]-query signal
+
+
+def test_gather_tokens_fills_a_newline_row_as_the_stock_model_feeds_it():
+    got = gather_tokens(_table(), torch.tensor([2, -1, 0]), torch.tensor([9.0, 9.0]))
+    assert got["features"].tolist() == [[5.0, 6.0], [9.0, 9.0], [1.0, 2.0]]
+    assert got["vision_features"].tolist() == [[30.0], [0.0], [10.0]]
+    assert got["patch"].tolist() == [2, -1, 0]
+    assert got["in_tower_kept"].tolist() == [False, False, True]
+    assert got["recv:2"].tolist() == [[2.5, 3.5], [0.0, 0.0], [0.5, 0.25]]
+    assert got["fwa:2"].tolist() == [8.0, 0.0, 0.125]
+    assert got["rpat:1"].tolist() == [[3.0, 3.0], [1.0, 1.0], [1.0, 1.0]]  # the row it was gathered from (row 0)
+
+
+def test_gather_tokens_without_a_newline_is_a_plain_gather():
+    t = _table()
+    got = gather_tokens(t, torch.tensor([1, 1, 0]))
+    for k, v in t.items():
+        assert torch.equal(got[k], v[torch.tensor([1, 1, 0])]), k
+
+
+def test_with_cls_appends_the_entries_both_hold():
+    cands = {"features": torch.zeros(2, 2), "vision_features": torch.zeros(2, 1), "deepstack": torch.zeros(2, 3)}
+    cls = {"features": torch.ones(1, 2), "vision_features": torch.ones(1, 1), "keys": torch.ones(1, 4)}
+    got = with_cls(cands, cls)
+    assert got["features"].tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    assert got["vision_features"].tolist() == [[0.0], [0.0], [1.0]]
+    assert got["deepstack"].shape == (2, 3) and "keys" not in got
+
+
+def test_uniform_units_and_their_samples():
+    """Two videos of three frames, four tokens a frame (patches 0..3 of a 2 x 2 grid)."""
+    u = uniform_units(2, 3, 4, torch.arange(4), (2, 2))
+    assert u.src.tolist() == list(range(24)) and u.rows == 24
+    assert u.unit.tolist() == [f for f in range(6) for _ in range(4)]
+    assert u.patch.tolist() == [0, 1, 2, 3] * 6
+    assert u.unit_pos.tolist() == [[-1, -1]] * 6 and u.grid == ((2, 2),) * 6
+    assert (u.sizes, u.counts) == ((12, 12), (3, 3))
+    s = layout_samples(u)
+    assert len(s) == 2
+    assert s[1]["src"].tolist() == list(range(12, 24))
+    assert s[1]["unit"].tolist() == [f for f in range(3) for _ in range(4)]  # numbered within the video
+    assert s[1]["units"].tolist() == [3, 4, 5]  # its units' rows among the tower inputs
+    assert s[1]["grid"] == ((2, 2),) * 3 and s[1]["unit_pos"].shape == (3, 2)
+
+
+def test_join_units_moves_rows_and_units_and_keeps_newlines():
+    """A two-crop image packed with a newline (crop-major table of 2 x 2 rows, tokens out of table order), then a
+    one-crop image: the second's table rows and units follow the first's."""
+    a = VisualUnits(src=torch.tensor([0, 1, 3, -1]), unit=torch.tensor([0, 0, 1, -1]), patch=torch.tensor([0, 1, 1, -1]),
+                    unit_pos=torch.tensor([[-1, -1], [0, 0]]), grid=((1, 2), (1, 2)), sizes=(4,), counts=(2,), rows=4)
+    b = VisualUnits(src=torch.tensor([1, 0]), unit=torch.tensor([0, 0]), patch=torch.tensor([1, 0]),
+                    unit_pos=torch.tensor([[-1, -1]]), grid=((1, 2),), sizes=(2,), counts=(1,), rows=2)
+    u = join_units([a, b])
+    assert u.src.tolist() == [0, 1, 3, -1, 5, 4]
+    assert u.unit.tolist() == [0, 0, 1, -1, 2, 2]
+    assert u.patch.tolist() == [0, 1, 1, -1, 1, 0]
+    assert u.unit_pos.tolist() == [[-1, -1], [0, 0], [-1, -1]]
+    assert (u.grid, u.sizes, u.counts, u.rows) == (((1, 2),) * 3, (4, 2), (2, 1), 6)
+    s = layout_samples(u)
+    assert s[0]["unit"].tolist() == [0, 0, 1, -1] and s[0]["units"].tolist() == [0, 1]
+    assert s[1]["src"].tolist() == [5, 4] and s[1]["unit"].tolist() == [0, 0] and s[1]["units"].tolist() == [2]
+    assert s[1]["unit_pos"].tolist() == [[-1, -1]]
+
+
+def test_packed_units_address_their_own_rows_but_newlines():
+    u = packed_units(torch.tensor([0, 0, -1, 1, 1, -1]), torch.tensor([0, 1, -1, 0, 1, -1]), [(1, 2), (1, 2)],
+                     [3, 3], [1, 1])
+    assert u.src.tolist() == [0, 1, -1, 3, 4, -1] and u.rows == 6
+    assert u.unit_pos.tolist() == [[-1, -1]] * 2 and u.grid == ((1, 2), (1, 2))
+
+
+def test_clip_units_leave_out_the_cls_the_model_drops():
+    vc = SimpleNamespace(image_size=28, patch_size=14)  # a 2 x 2 patch grid, 5 tower tokens with the [CLS]
+    drop = clip_units(vc, 2, 1, drop_cls=True)
+    assert drop.patch.tolist() == [0, 1, 2, 3] * 2 and drop.sizes == (4, 4) and drop.grid == ((2, 2),) * 2
+    keep = clip_units(vc, 1, 2, drop_cls=False)  # a video of two frames, the [CLS] fed (patch -1)
+    assert keep.patch.tolist() == [-1, 0, 1, 2, 3] * 2 and keep.sizes == (10,) and keep.counts == (2,)
+
+
+def test_next_units_are_the_eager_and_the_captured_layout():
+    """LLaVA-NeXT's one layout function: per image its crops' tokens in next_token_layout's order, the base crop
+    first; each token's unit is its crop and its table row crop * tokens + index; a newline has -1."""
+    rt = load("tiny:llava-next", seed=0)
+    adapter = rt.prune("none", None).adapter
+    vc = rt.model.config.vision_config
+    g = vc.image_size // vc.patch_size
+    sizes = [[30, 60], [60, 30]]
+    u = adapter._units(sizes)
+    m = g * g  # tokens per crop: the [CLS] dropped ("default")
+    assert sum(u.counts) == len(u.grid) == u.unit_pos.shape[0] and u.rows == sum(u.counts) * m
+    assert u.src[:m].tolist() == list(range(m)) and u.unit[:m].tolist() == [0] * m  # the base crop
+    ok = u.src >= 0
+    assert torch.equal(u.unit[ok], u.src[ok] // m) and torch.equal(u.patch[ok], u.src[ok] % m)
+    assert torch.equal(u.unit < 0, ~ok) and torch.equal(u.patch < 0, ~ok)
+    # 56-px crops of 4 x 4 patches; 30 x 60 picks the 56 x 112 pinpoint (a 1 x 2 crop grid: a 4 x 8 map, no
+    # padding to cut, a newline per row): 16 + 32 + 4 tokens; 60 x 30 the 112 x 56 one (2 x 1): 16 + 32 + 8
+    assert (g, u.counts, u.sizes, int((~ok).sum())) == (4, (3, 3), (52, 56), 12)
+    assert u.unit_pos.tolist() == [[-1, -1], [0, 0], [0, 1], [-1, -1], [0, 0], [1, 0]]
+    s = layout_samples(u)
+    assert [int(x["src"].numel()) for x in s] == list(u.sizes)
