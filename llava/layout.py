@@ -18,7 +18,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import causal_attention_rows, llm_qk
-from .families.base import gather_tokens, with_cls
+from .families.base import gather_tokens, join_units, sample_units, with_cls
 from .families.base import to_device as _to_device
 from .method import Selection
 from .needs import tower_fields
@@ -49,24 +49,6 @@ def _runs(visual: torch.Tensor) -> torch.Tensor:
     new[1:] = (visual[1:] != visual[:-1] + 1).long()
     new[0] = 0
     return new.cumsum(0)
-
-
-def _renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global unit ids (host, -1 = newline) -> per-sample ids 0..U-1 in order of first appearance, and
-    the global id of each local unit."""
-    ok = gunit >= 0
-    present = gunit[ok]
-    if not present.numel():
-        return torch.full_like(gunit, -1), present
-    uniq, inv = torch.unique(present, return_inverse=True)
-    first = torch.full((uniq.numel(),), present.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inv, torch.arange(present.numel()), "amin")
-    order = first.argsort()
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
-    local = torch.full_like(gunit, -1)
-    local[ok] = rank[inv]
-    return local, uniq[order]
 
 
 def first_full_layer(adapter, start: int, stop: int) -> int | None:
@@ -121,8 +103,8 @@ class VisionStage:
         src_h = torch.full((B, L), -1, dtype=torch.long)  # per position: global id of the visual token feeding it
         tables: dict[str, list] = {}
         unit_tables: dict[str, list] = {}  # each unit's [CLS] rows (extra candidates)
-        units_h, patch_h, unit_pos_h, grids, cls_rows = [], [], [], [], []  # per block, host
-        offset = unit_offset = n_cls_rows = 0
+        cls_rows = []  # per block: each unit's row in the [CLS] table (-1: none)
+        offset = n_cls_rows = 0
         kind = None
         for token_id, kind, tab, units in blocks:
             where_h = ids_h == token_id
@@ -150,14 +132,9 @@ class VisionStage:
             embeds = embeds.masked_scatter((input_ids == token_id)[..., None], tokens["features"].to(embeds.dtype))
             src_h[where_h] = torch.arange(n_feat) + offset
             offset += n_feat
-            units_h.append(torch.where(units.unit >= 0, units.unit + unit_offset, units.unit))
-            patch_h.append(units.patch)
-            unit_pos_h.append(units.unit_pos)
-            grids += units.grid
             n_u = len(units.grid)
             cls_rows.append(torch.arange(n_u) + n_cls_rows if cls is not None else torch.full((n_u,), -1))
             n_cls_rows += n_u if cls is not None else 0
-            unit_offset += n_u
             for k, v in tokens.items():
                 tables.setdefault(k, []).append(v)
             for k, v in (cls or {}).items():
@@ -171,7 +148,7 @@ class VisionStage:
             at = (src_h.reshape(-1) >= 0).nonzero().flatten()  # host
             idx, gid = _to_device([at, src_h.reshape(-1)[at]], dev)
             stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
-        unit_all_h, patch_all_h, unit_pos_all_h = torch.cat(units_h), torch.cat(patch_h), torch.cat(unit_pos_h)
+        units_all = join_units([blk.units for blk in blocks])  # every token in the order of src_h's ids
         cls_row_h = torch.cat(cls_rows)
         extras = needs.include_cls_candidates and "vision_features" in utable
         need_signals = needs.vision_signals
@@ -182,13 +159,15 @@ class VisionStage:
             layouts.append(lay)
         per_sample: list[VisionSignals | None] = []
         if need_signals:
-            host = []
+            host, grids = [], []
             for b, lay in enumerate(layouts):
                 src = src_h[b, lay.real[lay.visual]]
-                unit, gu = _renumber_units(unit_all_h[src])
+                su = sample_units(units_all, src)
+                gu = su["units"]
                 after, question = text_spans(lay.ids, lay.visual, self.env.prompt_spec)
-                row = [lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long(),
-                       patch_all_h[src], unit_pos_all_h[gu]]
+                row = [lay.real, lay.visual, src, su["unit"], gu, after, question, torch.isin(after, question).long(),
+                       su["patch"], su["unit_pos"]]
+                grids.append(list(su["grid"]))
                 if extras:  # the units of this sample that have a [CLS] row (not video frames)
                     has = cls_row_h[gu] >= 0
                     row += [cls_row_h[gu][has], torch.arange(gu.numel())[has]]
@@ -214,7 +193,7 @@ class VisionStage:
                     question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
                     cls_attn=c["cls_attn"].T.contiguous() if "cls_attn" in c else None,
                     keys=c.get("keys"), key=sample_key(ctx.sample_keys, b, lay.ids), **tower_fields(c),
-                    num_stock=int(lay.visual.numel()), unit_pos=unit_pos, unit_grid=[grids[g] for g in host[b][4].tolist()],
+                    num_stock=int(lay.visual.numel()), unit_pos=unit_pos, unit_grid=grids[b],
                     _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
                     _unit_host=torch.cat([host[b][3], host[b][11]]) if n_cls else host[b][3],
                     deepstack=c.get("deepstack"), in_tower_kept=c.get("in_tower_kept"))  # deepstack: Qwen3-VL, not a signal

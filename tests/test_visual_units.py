@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from llava.families.base import (VisualUnits, gather_tokens, join_units, layout_samples, packed_units, uniform_units,
-                                 with_cls)
+from llava.families.base import (VisualUnits, gather_tokens, join_units, layout_samples, packed_units, sample_units,
+                                 uniform_units, with_cls)
 from llava.families.clip import clip_units
 from llava.models import load
 
@@ -119,3 +119,17 @@ def test_next_units_are_the_eager_and_the_captured_layout():
     assert u.unit_pos.tolist() == [[-1, -1], [0, 0], [0, 1], [-1, -1], [0, 0], [1, 0]]
     s = layout_samples(u)
     assert [int(x["src"].numel()) for x in s] == list(u.sizes)
+
+
+def test_sample_units_number_a_prompts_units_in_order_of_first_appearance():
+    """One rule for both executors: a prompt's units are numbered 0..U-1 in the order its tokens first show them (a
+    unit none of its tokens shows is not one of them); ``units`` are their rows among the call's units."""
+    u = VisualUnits(src=torch.arange(7), unit=torch.tensor([0, 0, 5, 5, 3, -1, 3]), patch=torch.tensor([0, 1, 0, 1,
+                    0, -1, 1]), unit_pos=torch.arange(12).view(6, 2), grid=tuple((1, k) for k in range(1, 7)),
+                    sizes=(2, 5), counts=(1, 5), rows=7)
+    s = sample_units(u, torch.arange(2, 7))
+    assert s["unit"].tolist() == [0, 0, 1, -1, 1] and s["units"].tolist() == [5, 3]
+    assert s["unit_pos"].tolist() == [[10, 11], [6, 7]] and s["grid"] == ((1, 6), (1, 4))
+    assert s["src"].tolist() == [2, 3, 4, 5, 6] and s["patch"].tolist() == [0, 1, 0, -1, 1]
+    asc = sample_units(u, torch.arange(0, 2))  # ascending units (most layouts) take a shorter path, same rule
+    assert asc["unit"].tolist() == [0, 0] and asc["units"].tolist() == [0]

@@ -139,18 +139,46 @@ def packed_units(unit: torch.Tensor, patch: torch.Tensor, grid, sizes, counts,
                        tuple(int(k) for k in counts), int(unit.numel()))
 
 
+def renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global unit ids (host, -1 = newline) -> per-sample ids 0..U-1 in order of first appearance, and
+    the global id of each local unit."""
+    ok = gunit >= 0
+    present = gunit[ok]
+    if not present.numel():
+        return torch.full_like(gunit, -1), present
+    if bool((present[1:] >= present[:-1]).all()):  # ascending (most layouts): first appearance is sorted order
+        uniq, inv = torch.unique_consecutive(present, return_inverse=True)
+        local = torch.full_like(gunit, -1)
+        local[ok] = inv
+        return local, uniq
+    uniq, inv = torch.unique(present, return_inverse=True)
+    first = torch.full((uniq.numel(),), present.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inv, torch.arange(present.numel()), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    local = torch.full_like(gunit, -1)
+    local[ok] = rank[inv]
+    return local, uniq[order]
+
+
+def sample_units(u: VisualUnits, at: torch.Tensor) -> dict:
+    """The layout of one prompt's visual tokens, ``at`` (host) their indices in ``u``'s token order, for both
+    executors: each token's ``src`` (its table row), ``unit`` (numbered 0..U-1 within the prompt in order of first
+    appearance, -1 newline) and ``patch``; per unit its row among the call's units (``units``), ``unit_pos`` and
+    ``grid``."""
+    unit, units = renumber_units(u.unit[at])
+    return {"src": u.src[at], "unit": unit, "patch": u.patch[at], "units": units, "unit_pos": u.unit_pos[units],
+            "grid": tuple(u.grid[g] for g in units.tolist())}
+
+
 def layout_samples(u: VisualUnits) -> list[dict]:
-    """The captured plan's samples of ``u`` (one image / video per prompt; :class:`VisualLayout`): per image / video
-    its ``src``, ``unit`` numbered from 0 within it, ``patch``, ``units`` (its units' rows among the tower inputs),
-    ``unit_pos`` and ``grid``."""
-    samples, t0, u0 = [], 0, 0
-    for n, k in zip(u.sizes, u.counts):
-        unit = u.unit[t0:t0 + n]
-        samples.append({"src": u.src[t0:t0 + n], "unit": torch.where(unit >= 0, unit - u0, -1),
-                        "patch": u.patch[t0:t0 + n], "units": torch.arange(u0, u0 + k),
-                        "unit_pos": u.unit_pos[u0:u0 + k], "grid": u.grid[u0:u0 + k]})
+    """The captured plan's samples of ``u`` (one image / video per prompt; :class:`VisualLayout`): each image /
+    video's :func:`sample_units`."""
+    samples, t0 = [], 0
+    for n in u.sizes:
+        samples.append(sample_units(u, torch.arange(t0, t0 + n)))
         t0 += n
-        u0 += k
     return samples
 
 
@@ -180,18 +208,20 @@ class VisualLayout(NamedTuple):
     key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
     placeholder id; kind: the unit kind ("image" / "crop" / "frame"); drop_cls: the tower's [CLS] row is
     not fed to the LLM (offered as an extra candidate); crops: host (N,) rows of the input flattened to
-    (N', 3, H, W) that the tower runs, in order (None: all of them); samples: per prompt, host tensors
-    ``src`` (T,) each visual token's row in the tower's flat (N * tokens-per-unit) output, -1 for a
-    newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its patch (-1 [CLS] / newline);
-    ``units`` (U,) the units' rows among the N tower inputs; ``unit_pos`` (U, 2); and ``grid`` the units'
-    (rows, cols) patch grids (Python pairs). ``tower`` / ``tower_tensors`` / ``meta``: see the fields."""
+    (N', 3, H, W) that the tower runs, in order (None: all of them); units: the tokens' host layout
+    (:class:`VisualUnits`, the eager engine's, from the same function), an image / video per prompt; per prompt
+    (:attr:`samples`, :func:`sample_units`) host tensors ``src`` (T,) each visual token's row in the tower's flat
+    (N * tokens-per-unit) output, -1 for a newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its
+    patch (-1 [CLS] / newline); ``units`` (U,) the units' rows among the N tower inputs; ``unit_pos`` (U, 2); and
+    ``grid`` the units' (rows, cols) patch grids (Python pairs). ``tower`` / ``tower_tensors`` / ``meta``: see the
+    fields."""
 
     key: str
     token_id: int
     kind: str
     drop_cls: bool
     crops: torch.Tensor | None
-    samples: list
+    units: VisualUnits
     #: a family that encodes its tower itself on the fast path (:meth:`FamilyAdapter.encode_static`): the static
     #: plan of the tower run (hashable: part of the graph key) and its host tensors (name -> tensor: indices, weights);
     #: None: the CLIP tower run by :mod:`llava.fast.path` (``hidden_states`` + the projector)
@@ -199,6 +229,12 @@ class VisualLayout(NamedTuple):
     tower_tensors: dict | None = None
     #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.rope_positions`)
     meta: dict | None = None
+
+    @property
+    def samples(self) -> list[dict]:
+        """Per prompt, its image / video's layout (:func:`layout_samples`): host work, done when asked (the plan asks
+        while the device runs the tower)."""
+        return layout_samples(self.units)
 
 
 class FamilyAdapter:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import (FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units, layout_samples,
+from .base import (FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units,
                    uniform_units)
 
 
@@ -169,7 +169,7 @@ class InternVLAdapter(FamilyAdapter):
         if sum(tiles) != px.shape[0]:
             raise ValueError(f"InternVL: {px.shape[0]} tiles in pixel_values, the prompts hold {sum(tiles)}")
         return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None,
-                            layout_samples(self._units(tiles)), tower=("internvl", int(px.shape[0])), tower_tensors={})
+                            self._units(tiles), tower=("internvl", int(px.shape[0])), tower_tensors={})
 
     def encode_static(self, pixels, tower, tensors, call):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with

@@ -4,7 +4,7 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, layout_samples
+from .base import FamilyAdapter, VisualBlock, VisualLayout
 from .clip import clip_table, clip_units, run_tower
 
 
@@ -30,4 +30,4 @@ class LlavaAdapter(FamilyAdapter):
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = self.config.vision_feature_select_strategy == "default"
         return VisualLayout("pixel_values", self.config.image_token_id, "image", drop, None,
-                            layout_samples(clip_units(self.config.vision_config, batch, 1, drop)))
+                            clip_units(self.config.vision_config, batch, 1, drop))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units, layout_samples
+from .base import FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units
 from .clip import clip_table, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
@@ -134,7 +134,7 @@ class LlavaNextAdapter(FamilyAdapter):
         units = self._units(sizes.tolist() if torch.is_tensor(sizes) else sizes)  # host metadata (the processor's)
         rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)])
         return VisualLayout("pixel_values", cfg.image_token_id, "crop", cfg.vision_feature_select_strategy == "default",
-                            rows, layout_samples(units))
+                            rows, units)
 
     def newline(self):
         return self.core.image_newline  # fed where the layout has a newline token (spatial_unpad's rows)

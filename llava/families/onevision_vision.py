@@ -52,7 +52,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
-from .base import layout_samples, packed_units
+from .base import packed_units
 
 #: rounding slack for the interpolated coordinates: the CPU bilinear kernel returns an exact tie
 #: (13.5) as 13.4999999999999982 in some rows, so ties are resolved upward up to this tolerance
@@ -368,7 +368,7 @@ def plan_images(cfg, image_sizes: list, max_crops: int | None):
     """The host plan of one image per prompt (``image_sizes`` (H, W) each; ``max_crops``: the padded crop count
     of ``pixel_values`` (n, max_crops, 3, S, S), None for stacked crops). Returns (the static tower plan: hashable,
     part of the graph key; its host tensors: ``crops`` the real crops' rows of the flattened input, ``index`` the
-    packing gather of :func:`_pack_images`; the samples of :class:`llava.families.base.VisualLayout`)."""
+    packing gather of :func:`_pack_images`; the units of :class:`llava.families.base.VisualLayout`)."""
     num_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                  for s in image_sizes]
     index, interps, unit, patch, unit_pos, unit_grid, sizes = _image_plan(cfg, image_sizes, num_crops)
@@ -380,8 +380,8 @@ def plan_images(cfg, image_sizes: list, max_crops: int | None):
     h, w = unit_grid[0]
     plan = ("images", tuple((it.first_crop, it.rows, it.cols, tuple(it.image_size), tuple(it.out_size))
                             for it in interps), h, w)
-    samples = layout_samples(packed_units(unit, patch, unit_grid, sizes, num_crops, unit_pos))
-    return plan, {"crops": torch.cat(rows), "index": index}, samples
+    return plan, {"crops": torch.cat(rows), "index": index}, packed_units(unit, patch, unit_grid, sizes, num_crops,
+                                                                           unit_pos)
 
 
 def _video_layout(cfg, n_videos: int, n_frames: int) -> tuple:
@@ -402,11 +402,11 @@ def plan_videos(cfg, n_videos: int, n_frames: int):
     h, w, unit, patch = _video_layout(cfg, n_videos, n_frames)
     ph, pw = math.ceil(h / 2), math.ceil(w / 2)
     pp = ph * pw
-    samples = layout_samples(packed_units(unit, patch, [(ph, pw)] * (n_videos * n_frames),
-                                          [n_frames * pp + 1] * n_videos, [n_frames] * n_videos))
+    units = packed_units(unit, patch, [(ph, pw)] * (n_videos * n_frames), [n_frames * pp + 1] * n_videos,
+                         [n_frames] * n_videos)
     index = torch.cat([torch.cat([torch.arange(n_frames * pp) + v * n_frames * pp,
                                   torch.full((1,), n_videos * n_frames * pp)]) for v in range(n_videos)])
-    return ("videos", (), h, w), {"index": index}, samples
+    return ("videos", (), h, w), {"index": index}, units
 
 
 def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn: bool) -> dict:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, VisualBlock, VisualLayout, layout_samples, packed_units
+from .base import FamilyAdapter, VisualBlock, VisualLayout, packed_units
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -121,12 +121,12 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if not video and any(t != 1 for t, _, _ in rows):
             raise ValueError(f"{self.family}: an image of {next(t for t, _, _ in rows if t != 1)} temporal patches")
         unit, patch, grids, sizes, _, counts = qwen_vision._layout(rows, plan.merge)
-        samples = layout_samples(packed_units(unit, patch, grids, sizes, counts))
+        units = packed_units(unit, patch, grids, sizes, counts)
         meta = {grid_key: grid_h}
         if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
             ts = visual["second_per_grid_ts"]
             meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
-        return VisualLayout(key, token_id, "frame" if video else "image", False, None, samples, tower=plan,
+        return VisualLayout(key, token_id, "frame" if video else "image", False, None, units, tower=plan,
                             tower_tensors=tensors, meta=meta)
 
     def encode_static(self, pixels, tower, tensors, call):

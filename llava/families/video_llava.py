@@ -5,7 +5,7 @@ video."""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, layout_samples
+from .base import FamilyAdapter, VisualBlock, VisualLayout
 from .clip import clip_table, clip_units, run_tower
 
 
@@ -44,12 +44,12 @@ class VideoLlavaAdapter(FamilyAdapter):
             if videos.dim() != 5 or videos.shape[0] != batch:
                 raise ValueError("the fast path takes exactly one video per prompt")
             return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None,
-                                layout_samples(clip_units(cfg.vision_config, batch, videos.shape[1], False)))
+                                clip_units(cfg.vision_config, batch, videos.shape[1], False))
         if images is None or images.dim() != 4 or images.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = cfg.vision_feature_select_strategy == "default"
         return VisualLayout("pixel_values", cfg.image_token_id, "image", drop, None,
-                            layout_samples(clip_units(cfg.vision_config, batch, 1, drop)))
+                            clip_units(cfg.vision_config, batch, 1, drop))
 
     def tower_for(self, key):
         return self.core.video_tower if key == "pixel_values_videos" else self.core.image_tower

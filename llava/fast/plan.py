@@ -296,9 +296,10 @@ class HostPlanner:
         others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
                   if t is not None and t != fv.token_id]
         rows, samples, chunks, at = [], [], [], 0
+        layouts = fv.samples  # per prompt (host work while the device runs the tower)
         for b in range(B):
             ids = ids_h[b, valid_h[b]]
-            T = int(fv.samples[b]["src"].numel())
+            T = int(layouts[b]["src"].numel())
             vis = (ids == fv.token_id).nonzero().flatten()
             if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
                 raise refusals.several_runs(b, fv.kind, T)
@@ -309,7 +310,7 @@ class HostPlanner:
                 after, question = text_spans(ids, vis, e.prompt_spec)
                 Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
                 text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
-            smp, ch = self._plan_sample(fv.samples[b], sample_key(e.sample_keys, b, ids), extras, fv.kind, at, text)
+            smp, ch = self._plan_sample(layouts[b], sample_key(e.sample_keys, b, ids), extras, fv.kind, at, text)
             at += sum(int(c.numel()) for c in ch)
             samples.append(smp)
             chunks += ch
@@ -345,7 +346,7 @@ class HostPlanner:
             if isinstance(self._counts[sig_key], NotPlanned):
                 raise self._counts[sig_key]
             done.append(_replace(smp, outputs=self._counts[sig_key][0]))
-        newlines = any(bool((vp["src"] < 0).any()) for vp in fv.samples)
+        newlines = bool((fv.units.src < 0).any())
         spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
                      crops=fv.crops is not None, samples=tuple(done), bucket=0, cache_len=0,
                      index_len=int(index.numel()), tower=fv.tower,
