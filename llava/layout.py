@@ -21,7 +21,6 @@ from .attention_rows import causal_attention_rows, llm_qk
 from .families.base import gather_tokens, join_units, sample_units, with_cls
 from .families.base import to_device as _to_device
 from .method import Selection
-from .needs import tower_fields
 from .plan import RowMap, rebuilt_row, run_spans, sample_key, text_spans
 from .prefill import EagerEnv, _Prefill
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
@@ -187,16 +186,12 @@ class VisionStage:
                     c = with_cls(c, cls)
                     unit = torch.cat([unit, cunit])
                     patch = torch.cat([patch, torch.full((n_cls,), -1, device=dev, dtype=torch.long)])
-                sig = VisionSignals(
-                    features=c["features"], vision_features=c["vision_features"], unit=unit, patch=patch,
-                    unit_kind=kind, grid=self.adapter.grid(), text_embeds=embeds[b, real[after]],
-                    question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
-                    cls_attn=c["cls_attn"].T.contiguous() if "cls_attn" in c else None,
-                    keys=c.get("keys"), key=sample_key(ctx.sample_keys, b, lay.ids), **tower_fields(c),
-                    num_stock=int(lay.visual.numel()), unit_pos=unit_pos, unit_grid=grids[b],
-                    _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
-                    _unit_host=torch.cat([host[b][3], host[b][11]]) if n_cls else host[b][3],
-                    deepstack=c.get("deepstack"), in_tower_kept=c.get("in_tower_kept"))  # deepstack: Qwen3-VL, not a signal
+                sig = VisionSignals.of(
+                    c, unit=unit, patch=patch, unit_kind=kind, grid=self.adapter.grid(),
+                    text_embeds=embeds[b, real[after]], question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
+                    key=sample_key(ctx.sample_keys, b, lay.ids), num_stock=int(lay.visual.numel()), unit_pos=unit_pos,
+                    unit_grid=grids[b], _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
+                    _unit_host=torch.cat([host[b][3], host[b][11]]) if n_cls else host[b][3])
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B

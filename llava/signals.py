@@ -18,6 +18,7 @@ from typing import Callable, Literal
 import torch
 
 from .attention_rows import ATTENTION_LOGITS
+from .needs import tower_fields
 from .proxy_grad import proxy_rows
 
 
@@ -121,13 +122,25 @@ class VisionSignals:
     #: (T, L, D) Qwen3-VL's DeepStack rows of every candidate (carried with the selection by the engine;
     #: not a signal: methods do not read it); None for the other families
     deepstack: torch.Tensor | None = field(default=None, repr=False)
-    #: (T,) bool: the stock tokens that survived the method's in-tower stage (``Method.tower_stage``; extra [CLS]
-    #: candidates count as survivors; the others carry zero features); None without an in-tower stage
+    #: (T,) bool: the candidates that survived the method's in-tower stage (``Method.tower_stage``; an extra [CLS]
+    #: candidate: its unit's [CLS]; the others carry zero features); None without an in-tower stage
     in_tower_kept: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_stock < 0:
             self.num_stock = self.num_tokens
+
+    @classmethod
+    def of(cls, candidates: dict, **fields) -> "VisionSignals":
+        """A sample's signals from its candidates' per-token tensors by name, as both executors assemble them
+        (:func:`llava.families.base.gather_tokens`, the [CLS] candidates appended): ``features``,
+        ``vision_features``, ``cls_attn`` (T, H: heads last; transposed here), ``keys``, the tower signals by flat
+        name (:func:`llava.needs.tower_fields`), ``in_tower_kept``, ``deepstack``; ``fields``: every other field."""
+        c = candidates
+        ca = c.get("cls_attn")
+        return cls(features=c["features"], vision_features=c["vision_features"],
+                   cls_attn=ca.T.contiguous() if ca is not None else None, keys=c.get("keys"),
+                   in_tower_kept=c.get("in_tower_kept"), deepstack=c.get("deepstack"), **tower_fields(c), **fields)
 
     def probe_attention(self, layer: int, queries: str = "question") -> torch.Tensor:
         """Query-aware cross-modal attention before pruning (ConsensusDrop's probe): run decoder

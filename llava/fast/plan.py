@@ -19,7 +19,7 @@ from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
-from ..needs import TowerRead, tower_fields
+from ..needs import TowerRead
 from ..ops import UnitLayout, unit_layout
 from ..plan import PrefillPlan, rebuilt_row, sample_key, text_spans
 
@@ -159,12 +159,11 @@ class HostPlanner:
         (:meth:`llava.method.Method.capture_refusal`)."""
         return [(name, r) for r in self.engine.needs.tower_reads if r.kind in CAPTURED_TOWER_KINDS for name in r.names]
 
-    def _sample_signals(self, s: _Sample, index, feats, vfeats, ca=None, ks=None, kind="image", text=None,
-                        extras=None, probe=None):
-        """A sample's VisionSignals over its candidates, its planned tensors read from ``index``;
-        ``text`` (Q, D) the padded text block (query-aware methods), its masks from ``index``; ``extras``
-        the per-token extra tower-layer signals (:meth:`_extra_names`); ``probe`` its ``probe_attention``
-        (:func:`llava.fast.probe.run_probe`: the rows of the padded text block)."""
+    def _sample_signals(self, s: _Sample, index, candidates: dict, kind: str, text=None, probe=None):
+        """A sample's VisionSignals over its ``candidates`` (per-token tensors by name, :meth:`VisionSignals.of`), its
+        planned tensors read from ``index``; ``text`` (Q, D) the padded text block (query-aware methods), its masks
+        from ``index``; ``probe`` its ``probe_attention`` (:func:`llava.fast.probe.run_probe`: the rows of the padded
+        text block)."""
         from ..signals import VisionSignals
 
         parts = {name: index[o:o + n] for name, o, n in s.parts}
@@ -177,13 +176,12 @@ class HostPlanner:
         if s.text:
             text_mask, question_mask = parts["text_mask"].bool(), parts["question_mask"].bool()
         else:
-            text, text_mask, question_mask = feats[:0], None, unit[:0].bool()
-        return VisionSignals(
-            features=feats, vision_features=vfeats, unit=unit, patch=parts["patch"], unit_kind=kind,
-            grid=self.engine.adapter.grid(), text_embeds=text, question_mask=question_mask, text_mask=text_mask,
-            cls_attn=ca, keys=ks, key=0, num_stock=s.tokens, unit_pos=parts["unit_pos"].view(s.units, 2),
-            unit_grid=list(s.grid), captured=True, layouts=layouts, plan=plan, static=s.static, _probe_fn=probe,
-            in_tower_kept=(extras or {}).get("in_tower_kept"), **tower_fields(extras or {}))
+            text, text_mask, question_mask = candidates["features"][:0], None, unit[:0].bool()
+        return VisionSignals.of(
+            candidates, unit=unit, patch=parts["patch"], unit_kind=kind, grid=self.engine.adapter.grid(),
+            text_embeds=text, question_mask=question_mask, text_mask=text_mask, key=0, num_stock=s.tokens,
+            unit_pos=parts["unit_pos"].view(s.units, 2), unit_grid=list(s.grid), captured=True, layouts=layouts,
+            plan=plan, static=s.static, _probe_fn=probe)
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
@@ -199,16 +197,14 @@ class HostPlanner:
         heads, kd, vd = self.engine.adapter.signal_widths()
         meta = torch.device("meta")
         n = s.tokens + s.extra
-        attn = self.engine.needs.tower_attention
-        ca = torch.empty(heads, n, device=meta) if attn else None
-        ks = torch.empty(n, kd, device=meta) if attn else None
         shape = {"recv": (n, vc.num_attention_heads), "clsl": (n, vc.num_attention_heads), "fwa": (n,),
                  "fwk": (n, vc.hidden_size)}
-        extras = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
+        c = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
+        c.update(features=torch.empty(n, D, device=meta), vision_features=torch.empty(n, vd, device=meta))
+        if self.engine.needs.tower_attention:
+            c.update(cls_attn=torch.empty(n, heads, device=meta), keys=torch.empty(n, kd, device=meta))
         H = self.engine.lm.config.num_attention_heads
-        sig = self._sample_signals(s, index_h.to(meta), torch.empty(n, D, device=meta),
-                                   torch.empty(n, vd, device=meta), ca, ks, kind,
-                                   torch.empty(s.text, D, device=meta), extras,
+        sig = self._sample_signals(s, index_h.to(meta), c, kind, torch.empty(s.text, D, device=meta),
                                    lambda layer, queries="question": torch.empty(H, s.text, s.tokens, device=meta))
         m0 = m.select_vision(sig).num_out
         return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))

@@ -91,10 +91,7 @@ class CapturedVision:
             if s.text:
                 o, n = at["text_rows"]
                 text = text_flat[index[o:o + n]]
-            a = c.pop("cls_attn", None)
-            f, v, k = c.pop("features"), c.pop("vision_features"), c.pop("keys", None)
-            sig = self.planner._sample_signals(s, index, f, v, a.T.contiguous() if a is not None else None, k,
-                                               spec.kind, text, c, probe)
+            sig = self.planner._sample_signals(s, index, c, spec.kind, text, probe)
             sel = method.select_vision(sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
