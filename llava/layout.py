@@ -18,7 +18,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import causal_attention_rows, llm_qk
-from .families.base import gather_tokens, join_units, sample_units, with_cls
+from .families.base import gather_tokens, join_units, sample_units, with_cls, with_cls_units
 from .families.base import to_device as _to_device
 from .method import Selection
 from .plan import RowMap, rebuilt_row, run_spans, sample_key, text_spans
@@ -164,34 +164,30 @@ class VisionStage:
                 su = sample_units(units_all, src)
                 gu = su["units"]
                 after, question = text_spans(lay.ids, lay.visual, self.env.prompt_spec)
-                row = [lay.real, lay.visual, src, su["unit"], gu, after, question, torch.isin(after, question).long(),
-                       su["patch"], su["unit_pos"]]
-                grids.append(list(su["grid"]))
-                if extras:  # the units of this sample that have a [CLS] row (not video frames)
+                unit, patch, crow = su["unit"], su["patch"], []
+                if extras:  # each of the sample's units that has a [CLS] row (not video frames): candidate T + i
                     has = cls_row_h[gu] >= 0
-                    row += [cls_row_h[gu][has], torch.arange(gu.numel())[has]]
-                host.append(row)
+                    crow = [cls_row_h[gu][has]]
+                    unit, patch = with_cls_units(unit, patch, torch.arange(gu.numel())[has])
+                host.append([lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long(),
+                             patch, su["unit_pos"]] + crow)
+                grids.append(list(su["grid"]))
             width = len(host[0]) if host else 0
             moved = _to_device([t for h in host for t in h], dev)
             for b, lay in enumerate(layouts):
                 real, vis, src, unit, gu, after, question, qmask, patch, unit_pos = moved[width * b:width * b + 10]
                 c = gather_tokens(table, src)  # features: as spliced into embeds (the same cast)
                 c["features"] = c["features"].to(embeds.dtype)
-                n_cls = 0
-                if extras:  # append each unit's [CLS] as candidate T + i
-                    crow, cunit = moved[width * b + 10:width * b + 12]
-                    n_cls = int(host[b][10].numel())
-                    cls = {k: v[crow] for k, v in utable.items()}
+                if extras:  # append each unit's [CLS] rows
+                    cls = {k: v[moved[width * b + 10]] for k, v in utable.items()}
                     cls["features"] = cls["features"].to(embeds.dtype)
                     c = with_cls(c, cls)
-                    unit = torch.cat([unit, cunit])
-                    patch = torch.cat([patch, torch.full((n_cls,), -1, device=dev, dtype=torch.long)])
                 sig = VisionSignals.of(
                     c, unit=unit, patch=patch, unit_kind=kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
                     key=sample_key(ctx.sample_keys, b, lay.ids), num_stock=int(lay.visual.numel()), unit_pos=unit_pos,
                     unit_grid=grids[b], _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
-                    _unit_host=torch.cat([host[b][3], host[b][11]]) if n_cls else host[b][3])
+                    _unit_host=host[b][3])
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B

@@ -182,6 +182,12 @@ def layout_samples(u: VisualUnits) -> list[dict]:
     return samples
 
 
+def with_cls_units(unit: torch.Tensor, patch: torch.Tensor, cls_units: torch.Tensor) -> tuple:
+    """Each candidate's unit and patch (host): the tokens', then each [CLS] candidate's (its unit ``cls_units``,
+    patch -1), in the order :func:`with_cls` appends their rows."""
+    return torch.cat([unit, cls_units]), torch.cat([patch, torch.full((cls_units.numel(),), -1, dtype=torch.long)])
+
+
 class VisualBlock(NamedTuple):
     """The visual tokens of one placeholder kind (image or video token id) for the whole batch, from one tower run.
 

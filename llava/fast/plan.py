@@ -20,6 +20,7 @@ from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
 from ..needs import TowerRead
+from ..families.base import with_cls_units
 from ..ops import UnitLayout, unit_layout
 from ..plan import PrefillPlan, rebuilt_row, sample_key, text_spans
 
@@ -223,8 +224,7 @@ class HostPlanner:
         T, U = int(vp["src"].numel()), int(vp["units"].numel())
         unit, patch = vp["unit"], vp["patch"]
         if extras:  # each unit's [CLS] as candidate T + u (the eager engine's order)
-            unit = torch.cat([unit, torch.arange(U)])
-            patch = torch.cat([patch, torch.full((U,), -1, dtype=torch.long)])
+            unit, patch = with_cls_units(unit, patch, torch.arange(U))
         pos = vp["unit_pos"]
         structure = (T, extras, unit.numpy().tobytes(), patch.numpy().tobytes(), pos.numpy().tobytes())
         lays = self._layouts.get(structure)
