@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rand_image
 from fastpath_util import (BACKEND, PROMPTS, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate,
-                           inputs, prune_family)
+                           inputs, prune_family, sized_inputs)
 
 from llava.fast.path import BUCKETS, FastPath, bucket_for
 from llava.method import available_methods, get_method
@@ -246,3 +246,19 @@ def test_fast_load_captures_the_unpruned_model_without_prune():
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
     eng = fast.prune("random", 4)  # a method attached later replaces it, on the fast path as before
     assert not fast.engine_by_load and eng.fast is not None
+
+
+@pytest.mark.parametrize("method,budget", [("visionzip", 2), ("divprune", 6)])
+def test_next_crops_that_unpadding_removes_whole_count_as_no_unit_on_both_paths(family_rts, method, budget):
+    """An 8 x 96 image on the tiny LLaVA-NeXT: the 56 x 168 pinpoint (three crops: the base and a 1 x 3 grid), whose
+    4 x 12 patch map unpads to 0 rows, so the prompt shows only its base crop's 16 tokens and one newline-free
+    layout. Both executors number a prompt's units by the tokens they show (``sample_units``): one unit, beside a
+    40 x 56 image's three; tokens, scores and counts == the eager engine."""
+    rt_fast, rt_eager = family_rts["llava_next"]
+    batch = sized_inputs(rt_fast, [(8, 96), (40, 56)])
+    u = rt_fast.prune("none", None).adapter._units(batch["image_sizes"].tolist())
+    assert u.counts[0] == 3 and u.sizes[0] == 16 and set(u.unit[:16].tolist()) == {0}
+    eng = prune_family(rt_fast, method, budget, traced=False)
+    rt_eager.prune(method, budget)
+    assert_same_as_eager(rt_fast, rt_eager, eng, batch)
+    assert [s.visual_candidates for s in eng.stats.samples][0] == 16
