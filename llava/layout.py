@@ -18,7 +18,8 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import causal_attention_rows, llm_qk
-from .families.base import gather_tokens, join_units, sample_units, with_cls, with_cls_units
+from .candidates import gather_tokens, vision_signals, with_cls, with_cls_units
+from .families.base import join_units, sample_units
 from .families.base import to_device as _to_device
 from .method import Selection
 from .plan import RowMap, rebuilt_row, run_spans, sample_key, text_spans
@@ -182,7 +183,7 @@ class VisionStage:
                     cls = {k: v[moved[width * b + 10]] for k, v in utable.items()}
                     cls["features"] = cls["features"].to(embeds.dtype)
                     c = with_cls(c, cls)
-                sig = VisionSignals.of(
+                sig = vision_signals(
                     c, unit=unit, patch=patch, unit_kind=kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
                     key=sample_key(ctx.sample_keys, b, lay.ids), num_stock=int(lay.visual.numel()), unit_pos=unit_pos,

@@ -18,7 +18,6 @@ from typing import Callable, Literal
 import torch
 
 from .attention_rows import ATTENTION_LOGITS
-from .needs import tower_fields
 from .proxy_grad import proxy_rows
 
 
@@ -30,7 +29,8 @@ class VisionSignals:
     vision_features: (T, Dv) vision-tower features of the select layer (before the projector);
                      zero rows for LLaVA-NeXT newline tokens.
     unit:            (T,) index of the image / crop / frame each token comes from (0..U-1), -1 for
-                     newline tokens. Units are numbered in prompt order (NeXT: base crop first).
+                     newline tokens. Units are numbered in the order the sample's tokens first show them
+                     (prompt order; NeXT: base crop first); a crop no token shows is none of them.
     patch:           (T,) patch index within its unit's grid (row-major), -1 for [CLS] / newline.
     unit_kind:       "image" (LLaVA-1.5), "crop" (LLaVA-NeXT), or "frame" (Video-LLaVA).
     grid:            (rows, cols) of patches per unit.
@@ -129,18 +129,6 @@ class VisionSignals:
     def __post_init__(self) -> None:
         if self.num_stock < 0:
             self.num_stock = self.num_tokens
-
-    @classmethod
-    def of(cls, candidates: dict, **fields) -> "VisionSignals":
-        """A sample's signals from its candidates' per-token tensors by name, as both executors assemble them
-        (:func:`llava.families.base.gather_tokens`, the [CLS] candidates appended): ``features``,
-        ``vision_features``, ``cls_attn`` (T, H: heads last; transposed here), ``keys``, the tower signals by flat
-        name (:func:`llava.needs.tower_fields`), ``in_tower_kept``, ``deepstack``; ``fields``: every other field."""
-        c = candidates
-        ca = c.get("cls_attn")
-        return cls(features=c["features"], vision_features=c["vision_features"],
-                   cls_attn=ca.T.contiguous() if ca is not None else None, keys=c.get("keys"),
-                   in_tower_kept=c.get("in_tower_kept"), deepstack=c.get("deepstack"), **tower_fields(c), **fields)
 
     def probe_attention(self, layer: int, queries: str = "question") -> torch.Tensor:
         """Query-aware cross-modal attention before pruning (ConsensusDrop's probe): run decoder

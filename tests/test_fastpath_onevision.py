@@ -11,6 +11,7 @@ from fastpath_util import (MORE_PROMPTS, PROMPTS, assert_one_graph_per_bucket, a
                            fast_and_eager, generate, sized_inputs)
 
 from llava.families import onevision_vision as ov
+from llava.families.base import layout_samples
 from llava.models import load
 
 #: the tiny model: 56-px crops of 4 x 4 patches, pinpoints up to 224 px; (260, 260) takes 16 grid crops and is
@@ -36,7 +37,8 @@ def test_the_plan_of_a_shrunk_image():
     """(260, 260) on the tiny model: 1 base crop + 4 x 4 grid crops; the 16 x 16 grid map is not unpadded (square)
     and shrunk to int(16 / (16 / 12)) = 12 rows of 12 + a newline: 16 + 12 * 13 = 172 tokens."""
     rt = load("tiny:llava_onevision", seed=1)
-    plan, t, (s,) = ov.plan_images(rt.model.config, [[260, 260]], 17)
+    plan, t, units = ov.plan_images(rt.model.config, [[260, 260]], 17)
+    (s,) = layout_samples(units)
     assert plan == ("images", ((1, 4, 4, (260, 260), (12, 12)),), 4, 4)
     assert torch.equal(t["crops"], torch.arange(17)) and s["src"].numel() == 172
     nl = (s["src"] < 0).nonzero().flatten()
@@ -55,12 +57,13 @@ def test_static_encoder_equals_the_eager_encoder(rts, kind):
     with torch.no_grad():
         if kind == "images":
             ref = ov.encode_images(eager.model, batch["pixel_values"], batch["image_sizes"], want_attn=True)
-            plan, t, samples = ov.plan_images(cfg, batch["image_sizes"].tolist(), batch["pixel_values"].shape[1])
+            plan, t, units = ov.plan_images(cfg, batch["image_sizes"].tolist(), batch["pixel_values"].shape[1])
             got = ov.run_static(core, batch["pixel_values"], plan, t, True)
         else:
             ref = ov.encode_videos(eager.model, batch["pixel_values_videos"], want_attn=True)
-            plan, t, samples = ov.plan_videos(cfg, *batch["pixel_values_videos"].shape[:2])
+            plan, t, units = ov.plan_videos(cfg, *batch["pixel_values_videos"].shape[:2])
             got = ov.run_static(core, batch["pixel_values_videos"], plan, t, True)
+    samples = layout_samples(units)
     src = torch.cat([s["src"] for s in samples])
     real = src >= 0
     assert torch.equal(real, ref.unit >= 0) and torch.equal(torch.cat([s["patch"] for s in samples]), ref.patch)

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from llava.families.base import (VisualUnits, gather_tokens, join_units, layout_samples, packed_units, sample_units,
-                                 uniform_units, with_cls)
+from llava.candidates import gather_tokens, with_cls
+from llava.families.base import VisualUnits, join_units, layout_samples, packed_units, sample_units, uniform_units
 from llava.families.clip import clip_units
 from llava.models import load
 

@@ -7,11 +7,11 @@ The engine core (``llava/engine.py``) knows no family. Its two executors ask the
   videos in one batch): run the vision tower once and return, per placeholder token id, the tower's per-token
   table (the features as the stock model computes them, the signals methods read) and the host layout of its
   tokens in the LLM input (:class:`VisualBlock`, :class:`VisualUnits`); the core gathers the table into the LLM's
-  order (:func:`gather_tokens`, newline rows included);
+  order (:func:`llava.candidates.gather_tokens`, newline rows included);
 * **visual_layout** (the captured executor, host only): the same host layout, from the same function of host
   metadata, split per prompt (one image or one video each; :class:`VisualLayout`, :func:`layout_samples`), and
   **encode_static**, the tower run with the static shapes that plan fixes, where the family runs its own tower there
-  (the CLIP towers are run by :mod:`llava.fast.vision`, with :func:`gather_tokens` too); ``tower_for`` /
+  (the CLIP towers are run by :mod:`llava.fast.vision`); ``tower_for`` /
   ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
 * give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say
@@ -29,8 +29,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-
-from ..needs import CLS_QUERY_PREFIXES
 
 if TYPE_CHECKING:
     from ..needs import TowerCall
@@ -55,40 +53,12 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def gather_tokens(tokens: dict, src: torch.Tensor, newline: torch.Tensor | None = None) -> dict:
-    """Rows ``src`` (device; -1: a newline token) of a per-tower-token table (name -> (N, ...)) in the order the LLM
-    input lays them out: both executors' one gather. With the family's ``newline`` embedding, a newline row is
-    what the stock model feeds there: ``features`` the embedding (in the features' dtype), ``patch`` -1,
-    ``in_tower_kept`` False (no tower token), zero ``vision_features``, [CLS] attention, keys and [CLS]-query
-    tower signals (:data:`llava.needs.CLS_QUERY_PREFIXES`); any other entry keeps the row it was gathered from."""
-    out = {k: v[src.clamp(min=0)] for k, v in tokens.items()}
-    if newline is None:
-        return out
-    nl = src < 0
-    for k, v in out.items():
-        at = nl.view(-1, *(1,) * (v.dim() - 1))
-        if k == "features":
-            out[k] = torch.where(at, newline.to(v.dtype), v)
-        elif k == "patch":
-            out[k] = v.masked_fill(at, -1)
-        elif k in ("vision_features", "cls_attn", "keys", "in_tower_kept") or k.startswith(CLS_QUERY_PREFIXES):
-            out[k] = v.masked_fill(at, 0)
-    return out
-
-
-def with_cls(candidates: dict, cls: dict) -> dict:
-    """A sample's candidates (name -> (T, ...)) followed by its units' [CLS] rows (``cls``, name -> (U, ...), each
-    unit's [CLS] as candidate T + u; :func:`llava.families.clip.clip_cls`) for every entry both hold; the others as
-    they are."""
-    return {k: torch.cat([v, cls[k]]) if k in cls else v for k, v in candidates.items()}
-
-
 class VisualUnits(NamedTuple):
     """The host layout of one placeholder kind's visual tokens, as the LLM input lays them out (every image / video
     of the call, in prompt order), for both executors: the eager vision stage reads it whole (:class:`VisualBlock`),
     the captured plan per prompt (:func:`layout_samples`).
 
-    src (T,): each token's row in the tower's per-token table (-1: a newline token, :func:`gather_tokens`); unit
+    src (T,): each token's row in the tower's per-token table (-1: a newline token, :func:`llava.candidates.gather_tokens`); unit
     (T,): its unit over the call (-1: newline); patch (T,): its index in its unit's patch grid (-1: [CLS] /
     newline); unit_pos (U, 2): each unit's place in its image's crop grid ((-1, -1): none); grid: per unit the
     (rows, cols) of its patch grid; sizes: tokens per image / video (one placeholder run each); counts: units per
@@ -182,17 +152,11 @@ def layout_samples(u: VisualUnits) -> list[dict]:
     return samples
 
 
-def with_cls_units(unit: torch.Tensor, patch: torch.Tensor, cls_units: torch.Tensor) -> tuple:
-    """Each candidate's unit and patch (host): the tokens', then each [CLS] candidate's (its unit ``cls_units``,
-    patch -1), in the order :func:`with_cls` appends their rows."""
-    return torch.cat([unit, cls_units]), torch.cat([patch, torch.full((cls_units.numel(),), -1, dtype=torch.long)])
-
-
 class VisualBlock(NamedTuple):
     """The visual tokens of one placeholder kind (image or video token id) for the whole batch, from one tower run.
 
     kind: the unit kind ("image" / "crop" / "frame"); table: per tower token, in the order ``units.src`` indexes
-    (:func:`gather_tokens`): ``features`` (N, D) exactly what the stock model splices; ``vision_features`` (N, Dv),
+    (:func:`llava.candidates.gather_tokens`): ``features`` (N, D) exactly what the stock model splices; ``vision_features`` (N, Dv),
     the space ``project`` maps to ``features`` (vision-space merges); optionally ``cls_attn`` (N, H) saliency per
     head and ``keys`` (N, d), the tower signals by flat name, ``in_tower_kept``, and ``deepstack`` (N, L, D) rows
     the text model adds at the token's position after decoder layers 0..L-1 (Qwen3-VL); and ``cls``, a dict of

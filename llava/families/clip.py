@@ -375,7 +375,7 @@ def clip_tokens(hs, feats, ca, ks, received: dict, drop_cls: bool) -> dict:
 
 def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None) -> dict:
     """The [CLS] rows of the units ``units`` (device index; None: every unit) of a tower run that drops the [CLS]
-    from the LLM input, as extra candidates (VisionZip / VisionDrop; :func:`llava.families.base.with_cls`), one
+    from the LLM input, as extra candidates (VisionZip / VisionDrop; :func:`llava.candidates.with_cls`), one
     entry per :func:`clip_tokens` entry: ``features`` its own projector call, ``vision_features``, the [CLS] attention
     / keys and tower signals at the [CLS] token. Both executors' CLIP towers take them from here."""
     at = slice(None) if units is None else units

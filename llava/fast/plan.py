@@ -20,7 +20,7 @@ from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
 from ..needs import TowerRead
-from ..families.base import with_cls_units
+from ..candidates import vision_signals, with_cls_units
 from ..ops import UnitLayout, unit_layout
 from ..plan import PrefillPlan, rebuilt_row, sample_key, text_spans
 
@@ -161,12 +161,10 @@ class HostPlanner:
         return [(name, r) for r in self.engine.needs.tower_reads if r.kind in CAPTURED_TOWER_KINDS for name in r.names]
 
     def _sample_signals(self, s: _Sample, index, candidates: dict, kind: str, text=None, probe=None):
-        """A sample's VisionSignals over its ``candidates`` (per-token tensors by name, :meth:`VisionSignals.of`), its
-        planned tensors read from ``index``; ``text`` (Q, D) the padded text block (query-aware methods), its masks
-        from ``index``; ``probe`` its ``probe_attention`` (:func:`llava.fast.probe.run_probe`: the rows of the padded
-        text block)."""
-        from ..signals import VisionSignals
-
+        """A sample's VisionSignals over its ``candidates`` (per-token tensors by name,
+        :func:`llava.candidates.vision_signals`), its planned tensors read from ``index``; ``text`` (Q, D) the padded
+        text block (query-aware methods), its masks from ``index``; ``probe`` its ``probe_attention``
+        (:func:`llava.fast.probe.run_probe`: the rows of the padded text block)."""
         parts = {name: index[o:o + n] for name, o, n in s.parts}
         layouts = {}
         for key, names, static in s.layouts:
@@ -178,7 +176,7 @@ class HostPlanner:
             text_mask, question_mask = parts["text_mask"].bool(), parts["question_mask"].bool()
         else:
             text, text_mask, question_mask = candidates["features"][:0], None, unit[:0].bool()
-        return VisionSignals.of(
+        return vision_signals(
             candidates, unit=unit, patch=parts["patch"], unit_kind=kind, grid=self.engine.adapter.grid(),
             text_embeds=text, question_mask=question_mask, text_mask=text_mask, key=0, num_stock=s.tokens,
             unit_pos=parts["unit_pos"].view(s.units, 2), unit_grid=list(s.grid), captured=True, layouts=layouts,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..families.base import gather_tokens, with_cls
+from ..candidates import gather_tokens, with_cls
 from ..families.clip import clip_cls, clip_features, clip_tokens, run_tower, run_tower_masked
 from .llm import _no_output_capture
 from .plan import HostPlanner, _Spec

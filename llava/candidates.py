@@ -1,0 +1,58 @@
+"""A sample's candidates at the vision stage, assembled the same way by both executors (the eager
+:class:`llava.layout.VisionStage` and the captured :class:`llava.fast.vision.CapturedVision`): the rows of a tower's
+per-token table in the LLM's order (:func:`gather_tokens`, a family's newline rows filled), each unit's [CLS] as an
+extra candidate (:func:`with_cls`, :func:`with_cls_units`), and the sample's :class:`~llava.signals.VisionSignals`
+from them (:func:`vision_signals`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .needs import CLS_QUERY_PREFIXES, tower_fields
+from .signals import VisionSignals
+
+
+def gather_tokens(tokens: dict, src: torch.Tensor, newline: torch.Tensor | None = None) -> dict:
+    """Rows ``src`` (device; -1: a newline token) of a per-tower-token table (name -> (N, ...)) in the order the LLM
+    input lays them out: both executors' one gather. With the family's ``newline`` embedding, a newline row is
+    what the stock model feeds there: ``features`` the embedding (in the features' dtype), ``patch`` -1,
+    ``in_tower_kept`` False (no tower token), zero ``vision_features``, [CLS] attention, keys and [CLS]-query
+    tower signals (:data:`llava.needs.CLS_QUERY_PREFIXES`); any other entry keeps the row it was gathered from."""
+    out = {k: v[src.clamp(min=0)] for k, v in tokens.items()}
+    if newline is None:
+        return out
+    nl = src < 0
+    for k, v in out.items():
+        at = nl.view(-1, *(1,) * (v.dim() - 1))
+        if k == "features":
+            out[k] = torch.where(at, newline.to(v.dtype), v)
+        elif k == "patch":
+            out[k] = v.masked_fill(at, -1)
+        elif k in ("vision_features", "cls_attn", "keys", "in_tower_kept") or k.startswith(CLS_QUERY_PREFIXES):
+            out[k] = v.masked_fill(at, 0)
+    return out
+
+
+def with_cls(candidates: dict, cls: dict) -> dict:
+    """A sample's candidates (name -> (T, ...)) followed by its units' [CLS] rows (``cls``, name -> (U, ...), each
+    unit's [CLS] as candidate T + u; :func:`llava.families.clip.clip_cls`) for every entry both hold; the others as
+    they are."""
+    return {k: torch.cat([v, cls[k]]) if k in cls else v for k, v in candidates.items()}
+
+
+def with_cls_units(unit: torch.Tensor, patch: torch.Tensor, cls_units: torch.Tensor) -> tuple:
+    """Each candidate's unit and patch (host): the tokens', then each [CLS] candidate's (its unit ``cls_units``,
+    patch -1), in the order :func:`with_cls` appends their rows."""
+    return torch.cat([unit, cls_units]), torch.cat([patch, torch.full((cls_units.numel(),), -1, dtype=torch.long)])
+
+
+def vision_signals(candidates: dict, **fields) -> VisionSignals:
+    """A sample's signals from its candidates' per-token tensors by name: ``features``, ``vision_features``,
+    ``cls_attn`` (T, H: heads last; transposed here), ``keys``, the tower signals by flat name
+    (:func:`llava.needs.tower_fields`), ``in_tower_kept``, ``deepstack``; ``fields``: every other field."""
+    c = candidates
+    ca = c.get("cls_attn")
+    return VisionSignals(features=c["features"], vision_features=c["vision_features"],
+                         cls_attn=ca.T.contiguous() if ca is not None else None, keys=c.get("keys"),
+                         in_tower_kept=c.get("in_tower_kept"), deepstack=c.get("deepstack"), **tower_fields(c),
+                         **fields)
