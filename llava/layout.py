@@ -148,9 +148,6 @@ class VisionStage:
             at = (src_h.reshape(-1) >= 0).nonzero().flatten()  # host
             idx, gid = _to_device([at, src_h.reshape(-1)[at]], dev)
             stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
-        units_all = join_units([blk.units for blk in blocks])  # every token in the order of src_h's ids
-        cls_row_h = torch.cat(cls_rows)
-        extras = needs.include_cls_candidates and "vision_features" in utable
         need_signals = needs.vision_signals
         layouts = []
         for b in range(B):
@@ -159,6 +156,9 @@ class VisionStage:
             layouts.append(lay)
         per_sample: list[VisionSignals | None] = []
         if need_signals:
+            units_all = join_units([blk.units for blk in blocks])  # every token in the order of src_h's ids
+            cls_row_h = torch.cat(cls_rows)
+            extras = needs.include_cls_candidates and "vision_features" in utable
             host, grids = [], []
             for b, lay in enumerate(layouts):
                 src = src_h[b, lay.real[lay.visual]]

@@ -62,7 +62,7 @@ class CapturedVision:
         cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
         for s in spec.samples:
             o, n = dict((name, (o, n)) for name, o, n in s.parts)["src"]
-            c = gather_tokens(tokens, index[o:o + n], newline)  # LLaVA-NeXT's image_newline rows, as the adapter's
+            c = gather_tokens(tokens, index[o:o + n], newline)  # newline rows as the eager engine fills them
             c["features"] = c["features"].to(dtype)
             cands.append(c)
         probes = [None] * len(spec.samples)
