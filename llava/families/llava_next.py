@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units
-from .clip import clip_table, run_tower
+from .clip import clip_table, clip_units, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
 
@@ -87,8 +87,6 @@ class LlavaNextAdapter(FamilyAdapter):
         cfg = self.config
         vc = cfg.vision_config
         drop = cfg.vision_feature_select_strategy == "default"
-        g = vc.image_size // vc.patch_size
-        m = g * g + (0 if drop else 1)  # LLM tokens of a crop before packing: its patches, its [CLS] when kept
         items = []
         for size in sizes:
             size = tuple(int(v) for v in size)
@@ -98,11 +96,12 @@ class LlavaNextAdapter(FamilyAdapter):
             if c > 1:
                 gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, vc.image_size)
                 pos += [[i // gw, i % gw] for i in range(c - 1)]
-            idx = next_token_layout(size, cfg, c, m, self.next_layout)
-            ok = idx >= 0
-            items.append(VisualUnits(idx, torch.where(ok, idx // m, -1), torch.where(ok, idx % m - int(not drop), -1),
-                                     torch.tensor(pos, dtype=torch.long), ((g, g),) * c, (int(idx.numel()),), (c,),
-                                     c * m))
+            crops = clip_units(vc, 1, c, drop)  # the crop-major tower tokens, crop by crop
+            idx = next_token_layout(size, cfg, c, crops.sizes[0] // c, self.next_layout)
+            at, ok = idx.clamp(min=0), idx >= 0
+            items.append(VisualUnits(idx, torch.where(ok, crops.unit[at], -1), torch.where(ok, crops.patch[at], -1),
+                                     torch.tensor(pos, dtype=torch.long), crops.grid, (int(idx.numel()),), (c,),
+                                     crops.rows))
         return join_units(items)
 
     def encode(self, visual, call):
