@@ -10,9 +10,9 @@ The engine core (``llava/engine.py``) knows no family. Its two executors ask the
   order (:func:`llava.candidates.gather_tokens`, newline rows included);
 * **visual_layout** (the captured executor, host only): the same host layout, from the same function of host
   metadata, split per prompt (one image or one video each; :class:`VisualLayout`, :func:`layout_samples`), and
-  **encode_static**, the tower run with the static shapes that plan fixes, where the family runs its own tower there
-  (the CLIP towers are run by :mod:`llava.fast.vision`); ``tower_for`` /
-  ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
+  **encode_static**, the tower run with the static shapes that plan fixes, and its per-token table
+  (``static_table``; ``static_cls`` a unit's [CLS] rows); ``tower_for`` / ``newline`` / ``signal_widths`` /
+  ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
 * give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say
   whether kept tokens keep them (``keeps_positions``) or are renumbered contiguously (LLaVA's
@@ -177,8 +177,7 @@ class VisualLayout(NamedTuple):
 
     key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
     placeholder id; kind: the unit kind ("image" / "crop" / "frame"); drop_cls: the tower's [CLS] row is
-    not fed to the LLM (offered as an extra candidate); crops: host (N,) rows of the input flattened to
-    (N', 3, H, W) that the tower runs, in order (None: all of them); units: the tokens' host layout
+    not fed to the LLM (offered as an extra candidate); units: the tokens' host layout
     (:class:`VisualUnits`, the eager engine's, from the same function), an image / video per prompt; per prompt
     (:attr:`samples`, :func:`sample_units`) host tensors ``src`` (T,) each visual token's row in the tower's flat
     (N * tokens-per-unit) output, -1 for a newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its
@@ -190,11 +189,9 @@ class VisualLayout(NamedTuple):
     token_id: int
     kind: str
     drop_cls: bool
-    crops: torch.Tensor | None
     units: VisualUnits
-    #: a family that encodes its tower itself on the fast path (:meth:`FamilyAdapter.encode_static`): the static
-    #: plan of the tower run (hashable: part of the graph key) and its host tensors (name -> tensor: indices, weights);
-    #: None: the CLIP tower run by :mod:`llava.fast.path` (``hidden_states`` + the projector)
+    #: the static plan of the tower's run in the captured prefill (:meth:`FamilyAdapter.encode_static`; hashable: part
+    #: of the graph key) and its host tensors (name -> tensor: indices, weights, the crops the tower runs)
     tower: object = None
     tower_tensors: dict | None = None
     #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.rope_positions`)
@@ -282,12 +279,23 @@ class FamilyAdapter:
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
     def encode_static(self, pixels: torch.Tensor, tower, tensors: dict, call: TowerCall) -> dict:
-        """Inside the captured prefill, for a :class:`VisualLayout` with a ``tower`` plan: run the tower with
-        static shapes (no host read; ``tensors`` = its ``tower_tensors`` on the device) and return per visual
-        token, in the order ``src`` indexes: ``features`` (N, D) as the stock model splices them,
-        ``vision_features`` (N, Dv) and with ``call.attention`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the
-        signals :meth:`encode` gives for the same ``call.layer``)."""
-        raise NotImplementedError(f"the fast path encodes no {self.family} tower itself")
+        """Inside the captured prefill (the tower's function of its own), for a :class:`VisualLayout`'s ``tower``
+        plan: run the tower with static shapes (no host read; ``tensors`` = its ``tower_tensors`` on the device) and
+        return its outputs by name, tensors only (:meth:`static_table` lays them out per token). The default
+        layout: per visual token, in the order ``src`` indexes, ``features`` (N, D) as the stock model splices them,
+        ``vision_features`` (N, Dv), with ``call.attention`` ``cls_attn`` (N, H) / ``keys`` (N, d) (the signals
+        :meth:`encode` gives for the same ``call.layer``), and ``deepstack`` where the family has DeepStack rows."""
+        raise NotImplementedError(f"the fast path encodes no {self.family} tower")
+
+    def static_table(self, out: dict, tower) -> dict:
+        """The per-token table (:class:`VisualBlock`'s, without ``cls`` and ``deepstack``) of :meth:`encode_static`'s
+        outputs ``out``, inside the prefill's function: by default the entries it gave per token."""
+        return {k: out[k] for k in ("features", "vision_features", "cls_attn", "keys") if k in out}
+
+    def static_cls(self, out: dict, tower, units: torch.Tensor) -> dict:
+        """The [CLS] rows of the units ``units`` (device index) as extra candidates, one entry per
+        :meth:`static_table` entry, where the plan drops the [CLS] from the LLM input (``VisualLayout.drop_cls``)."""
+        raise NotImplementedError(f"{self.family} offers no [CLS] candidates")
 
     def signal_widths(self) -> tuple[int, int, int]:
         """The tower signals' widths, for dry runs of a selection on ``meta`` tensors (the fast path's counts):

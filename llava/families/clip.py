@@ -5,10 +5,12 @@ SDPA / FlashAttention); :func:`tower_signals` computes them for both executors."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..needs import HEAD_PREFIXES
-from .base import VisualUnits, param_dtype, uniform_units
+from .base import FamilyAdapter, VisualUnits, param_dtype, uniform_units
 
 #: the arithmetic of the tower's attention signals (``Method.vision_attention_logits``): "fp32" (ours: q / k cast
 #: to fp32, fp32 softmax) or "model" (the official code's: in the tower's dtype, see :func:`clip_probs`)
@@ -408,3 +410,61 @@ def clip_units(vision_config, items: int, per_item: int, drop_cls: bool) -> Visu
     off = 1 if drop_cls else 0
     m = g * g + 1 - off
     return uniform_units(items, per_item, m, torch.arange(off, off + m) - 1, (g, g))
+
+
+@dataclass(frozen=True)
+class ClipRun:
+    """The static plan of a CLIP tower's run in a captured prefill (the CLIP families' ``VisualLayout.tower``, part
+    of the graph key): the visual keyword whose tower runs (``key``), the unit kind, whether the model drops the [CLS]
+    row from the LLM input, and whether the tower runs a planned subset of the flattened input (``crops``: its rows
+    are the tower tensor ``crops``, LLaVA-NeXT's real crops)."""
+
+    key: str
+    kind: str
+    drop_cls: bool
+    crops: bool = False
+
+
+class ClipAdapter(FamilyAdapter):
+    """The captured executor's half of the CLIP families (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA): the tower run of a
+    captured prefill (:meth:`encode_static`) and its per-token table and [CLS] rows (:meth:`static_table`,
+    :meth:`static_cls`), from the functions the eager ``encode`` uses."""
+
+    tower_logits = True  # the attention signals in the official arithmetic too (clip_probs)
+
+    def encode_static(self, pixels, tower: ClipRun, tensors, call):
+        """The tower once over every unit (images / crops / frames, flattened; ``tower.crops``: the planned rows
+        ``tensors["crops"]``): the select layer's states ``hs`` (N, S, Dv), the projected features ``feats``
+        (:func:`clip_features`), the [CLS] row / keys ``ca`` / ``ks`` with ``call.attention`` and the further tower
+        signals (``x:<name>``) as :func:`run_tower` computes them; for an in-tower stage (``call.stage``) the masked
+        tower (:func:`run_tower_masked`), its survivors ``x:in_tower_kept``."""
+        x = pixels.flatten(0, pixels.dim() - 4)
+        if tower.crops:
+            x = x[tensors["crops"]]
+        mod, fl = self.tower_for(tower.key), self.config.vision_feature_layer
+        out = {}
+        if call.stage is not None:  # every unit at its S tokens, the survivors as a mask (zero states elsewhere)
+            hs, kept = run_tower_masked(mod, x, fl, call.stage, tower.kind, cls_in_llm=not tower.drop_cls)
+            out["x:in_tower_kept"] = kept
+        else:
+            hs, ca, ks, extra = run_tower(mod, x, fl, call)  # the eager engine's run and signals
+            if ca is not None:
+                out["ca"], out["ks"] = ca, ks
+            out.update({f"x:{k}": v for k, v in extra.items()})
+        # one projector call, as the stock model (tokens dropped inside the tower: zero features)
+        out.update(hs=hs, feats=clip_features(hs, self.core.multi_modal_projector, tower.drop_cls,
+                                              out.get("x:in_tower_kept")))
+        return out
+
+    def static_table(self, out: dict, tower: ClipRun) -> dict:
+        """:meth:`encode_static`'s outputs per tower token of every unit, as the eager table (:func:`clip_tokens`)."""
+        return clip_tokens(out["hs"], out["feats"], out.get("ca"), out.get("ks"), _signals(out), tower.drop_cls)
+
+    def static_cls(self, out: dict, tower: ClipRun, units: torch.Tensor) -> dict:
+        """The [CLS] rows of the units ``units`` (:func:`clip_cls`, its own projector call)."""
+        return clip_cls(out["hs"], out.get("ca"), out.get("ks"), _signals(out), self.core.multi_modal_projector, units)
+
+
+def _signals(out: dict) -> dict:
+    """The tower signals among :meth:`ClipAdapter.encode_static`'s outputs, by their flat names."""
+    return {k[2:]: v for k, v in out.items() if k.startswith("x:")}

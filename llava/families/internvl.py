@@ -168,8 +168,8 @@ class InternVLAdapter(FamilyAdapter):
         tiles = [c // m for c in counts]
         if sum(tiles) != px.shape[0]:
             raise ValueError(f"InternVL: {px.shape[0]} tiles in pixel_values, the prompts hold {sum(tiles)}")
-        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None,
-                            self._units(tiles), tower=("internvl", int(px.shape[0])), tower_tensors={})
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, self._units(tiles),
+                            tower=("internvl", int(px.shape[0])), tower_tensors={})
 
     def encode_static(self, pixels, tower, tensors, call):
         """The stock ``get_image_features`` (tower, select layer, [CLS] dropped, ``pixel_shuffle``, projector) with

@@ -4,13 +4,11 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout
-from .clip import clip_table, clip_units, run_tower
+from .base import VisualBlock, VisualLayout
+from .clip import ClipAdapter, ClipRun, clip_table, clip_units, run_tower
 
 
-class LlavaAdapter(FamilyAdapter):
-    tower_logits = True  # CLIP: the attention signals in the official arithmetic too
-
+class LlavaAdapter(ClipAdapter):
     def encode(self, visual, call):
         pixel_values = visual.get("pixel_values")
         if visual.get("pixel_values_videos") is not None:
@@ -29,5 +27,6 @@ class LlavaAdapter(FamilyAdapter):
         if px is None or px.dim() != 4 or px.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = self.config.vision_feature_select_strategy == "default"
-        return VisualLayout("pixel_values", self.config.image_token_id, "image", drop, None,
-                            clip_units(self.config.vision_config, batch, 1, drop))
+        return VisualLayout("pixel_values", self.config.image_token_id, "image", drop,
+                            clip_units(self.config.vision_config, batch, 1, drop),
+                            tower=ClipRun("pixel_values", "image", drop))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units
-from .clip import clip_table, clip_units, run_tower
+from .base import VisualBlock, VisualLayout, VisualUnits, join_units
+from .clip import ClipAdapter, ClipRun, clip_table, clip_units, run_tower
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
 
@@ -68,9 +68,7 @@ def unpad_official(tensor: torch.Tensor, original_size) -> torch.Tensor:
     return tensor[:, :, pad:cur_w - pad]
 
 
-class LlavaNextAdapter(FamilyAdapter):
-    tower_logits = True  # CLIP: the attention signals in the official arithmetic too
-
+class LlavaNextAdapter(ClipAdapter):
     def __init__(self, model, next_layout: str = "spatial_unpad", **options):
         super().__init__(model, **options)
         if next_layout not in NEXT_LAYOUTS:
@@ -131,9 +129,10 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError("the fast path takes exactly one image per prompt (pixel_values (B, crops, 3, H, W) "
                              "and image_sizes)")
         units = self._units(sizes.tolist() if torch.is_tensor(sizes) else sizes)  # host metadata (the processor's)
-        rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)])
-        return VisualLayout("pixel_values", cfg.image_token_id, "crop", cfg.vision_feature_select_strategy == "default",
-                            rows, units)
+        rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)])  # the real crops
+        drop = cfg.vision_feature_select_strategy == "default"
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", drop, units,
+                            tower=ClipRun("pixel_values", "crop", drop, crops=True), tower_tensors={"crops": rows})
 
     def newline(self):
         return self.core.image_newline  # fed where the layout has a newline token (spatial_unpad's rows)

@@ -70,7 +70,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             if px.dim() != 5 or px.shape[0] != batch:
                 raise ValueError("the fast path takes exactly one video per prompt")
             plan, tensors, units = ov.plan_videos(cfg, px.shape[0], px.shape[1])
-            return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None, units, tower=plan,
+            return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, units, tower=plan,
                                 tower_tensors=tensors)
         px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
         if px is None or sizes is None:
@@ -82,7 +82,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         if len(sizes_h) != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         plan, tensors, units = ov.plan_images(cfg, sizes_h, px.shape[1] if px.dim() == 5 else None)
-        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, None, units, tower=plan,
+        return VisualLayout("pixel_values", cfg.image_token_id, "crop", False, units, tower=plan,
                             tower_tensors=tensors)
 
     def newline(self):

@@ -126,7 +126,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
             ts = visual["second_per_grid_ts"]
             meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
-        return VisualLayout(key, token_id, "frame" if video else "image", False, None, units, tower=plan,
+        return VisualLayout(key, token_id, "frame" if video else "image", False, units, tower=plan,
                             tower_tensors=tensors, meta=meta)
 
     def encode_static(self, pixels, tower, tensors, call):

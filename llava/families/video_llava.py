@@ -5,13 +5,11 @@ video."""
 
 from __future__ import annotations
 
-from .base import FamilyAdapter, VisualBlock, VisualLayout
-from .clip import clip_table, clip_units, run_tower
+from .base import VisualBlock, VisualLayout
+from .clip import ClipAdapter, ClipRun, clip_table, clip_units, run_tower
 
 
-class VideoLlavaAdapter(FamilyAdapter):
-    tower_logits = True  # CLIP: the attention signals in the official arithmetic too
-
+class VideoLlavaAdapter(ClipAdapter):
     @property
     def tower(self):
         return self.core.video_tower
@@ -43,13 +41,14 @@ class VideoLlavaAdapter(FamilyAdapter):
         if videos is not None:
             if videos.dim() != 5 or videos.shape[0] != batch:
                 raise ValueError("the fast path takes exactly one video per prompt")
-            return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False, None,
-                                clip_units(cfg.vision_config, batch, videos.shape[1], False))
+            return VisualLayout("pixel_values_videos", cfg.video_token_id, "frame", False,
+                                clip_units(cfg.vision_config, batch, videos.shape[1], False),
+                                tower=ClipRun("pixel_values_videos", "frame", False))
         if images is None or images.dim() != 4 or images.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = cfg.vision_feature_select_strategy == "default"
-        return VisualLayout("pixel_values", cfg.image_token_id, "image", drop, None,
-                            clip_units(cfg.vision_config, batch, 1, drop))
+        return VisualLayout("pixel_values", cfg.image_token_id, "image", drop, clip_units(cfg.vision_config, batch, 1, drop),
+                            tower=ClipRun("pixel_values", "image", drop))
 
     def tower_for(self, key):
         return self.core.video_tower if key == "pixel_values_videos" else self.core.image_tower

@@ -9,8 +9,8 @@ and handed to the captured function as index tensors:
 
 ``tower`` (device, started before most of the plan)
     the host ids read once, the family's visual layout planned (:meth:`plan_tower`), the tower run as a captured
-    function of its own (the CLIP tower with the projector and the [CLS] signals the method reads, or the
-    family's static-shape encoder): the device runs it while the host plans the rest (1-3 ms of host work a
+    function of its own (the family adapter's static-shape run of its plan, ``encode_static``: e.g. the CLIP tower
+    with the projector and the [CLS] signals the method reads): the device runs it while the host plans the rest (1-3 ms of host work a
     prefill on the GPUs measured, which the device otherwise waited for); a piecewise prefill runs its tower
     inside graph 1;
 ``plan`` (host, no device op)
@@ -121,16 +121,12 @@ class FastInfo:
 
 
 def _tower_host(fv) -> dict:
-    """The tower's host inputs of a visual layout (``VisualLayout``): its index tensors (``tower:<name>``) and the
-    crops it runs (``crops``)."""
-    host = {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
-    if fv.crops is not None:
-        host["crops"] = fv.crops
-    return host
+    """The tower's host inputs of a visual layout (``VisualLayout``): its plan's tensors (``tower:<name>``)."""
+    return {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
 
 
 def _tower_in(moved: dict) -> dict | None:
-    """The tower's index tensors among uploaded :func:`_tower_host` tensors (None: the CLIP tower's, none)."""
+    """The tower plan's tensors among uploaded :func:`_tower_host` tensors (None: its plan has none)."""
     return {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
 
 
@@ -212,10 +208,10 @@ class FastPath:
         return REPLAY if self.engine.replay else None
 
     # ------------------------------------------------------------------ the captured functions
-    def _tower_fn(self, px, crops, spec, tower_in=None) -> dict:
+    def _tower_fn(self, px, spec, tower_in=None) -> dict:
         """The tower of a prefill (:meth:`CapturedVision.run_tower`), a function of its own: it runs while the
         host plans the rest of the prefill, whose function takes its outputs."""
-        return self.visual.run_tower(px, crops, spec, tower_in)
+        return self.visual.run_tower(px, spec, tower_in)
 
     def _prefill_fn(self, tower_out: dict, plan_in: dict, cache, spec: _Spec):
         """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
@@ -228,7 +224,7 @@ class FastPath:
         mask = prompt_mask(plan_in["pad"], spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
-        outs, sigs, origins, _, bad = self.visual.visual_outputs(None, None, plan_in["index"], spec, emb.dtype,
+        outs, sigs, origins, _, bad = self.visual.visual_outputs(None, plan_in["index"], spec, emb.dtype,
                                                                  emb.reshape(-1, emb.shape[-1]), None, deeps,
                                                                  plan_in.get("probe"), tower_out)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
@@ -291,11 +287,11 @@ class FastPath:
         return {"full_attention": mask,
                 "linear_attention": None if decode else mask[:, 0, -1, :mask.shape[2]]}
 
-    def _vision_fn(self, px, crops, index, spec: _Spec, tower_in=None):
+    def _vision_fn(self, px, index, spec: _Spec, tower_in=None):
         """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
         their real counts (B,) and the validity flag, on the device."""
         dtype = self.engine.lm.embed_tokens.weight.dtype
-        outs, _, _, counts, bad = self.visual.visual_outputs(px, crops, index, spec, dtype, None, tower_in)
+        outs, _, _, counts, bad = self.visual.visual_outputs(px, index, spec, dtype, None, tower_in)
         return torch.cat(outs), torch.stack(counts), bad
 
     def _llm_fn(self, tok, buf, src, pos, pad, cache, cache_len: int):
@@ -381,7 +377,7 @@ class FastPath:
             new = tkey not in self._seen
             self._seen.add(tkey)
             t_launch = time.perf_counter()
-            tower_out = self._tower(px, moved.get("crops"), tp.spec, _tower_in(moved))
+            tower_out = self._tower(px, tp.spec, _tower_in(moved))
             new = new or getattr(self._tower, "last_new", False)
             if self.cuda_graphs and self.backend == "inductor":  # in the CUDA-graph pool: the prefill's graph may
                 tower_out = {k: v.clone() for k, v in tower_out.items()}  # overwrite it (as a piecewise graph 1's)
@@ -394,7 +390,7 @@ class FastPath:
             new = vkey not in self._seen
             self._seen.add(vkey)
             timings["plan"] = time.perf_counter() - t0
-            buf, counts_d, bad = self._vision(px, moved.get("crops"), moved["index"], vp.spec, _tower_in(moved))
+            buf, counts_d, bad = self._vision(px, moved["index"], vp.spec, _tower_in(moved))
             new = new or getattr(self._vision, "last_new", False)  # cudagraphs: a warm-up or a capture
             if self.cuda_graphs and self.backend == "inductor":  # graph 1's outputs live in the CUDA-graph pool,
                 buf = buf.clone()  # which graph 2 (a new run of the tree) may overwrite before it reads them (seen on

@@ -62,16 +62,14 @@ class _Spec:
     batch: int
     key: str  # the visual input the tower reads
     kind: str  # unit kind
-    drop_cls: bool
     newlines: bool  # some token is a newline (LLaVA-NeXT spatial_unpad)
-    crops: bool  # the tower runs a host-chosen subset of the flattened input
     samples: tuple  # _Sample per prompt
     bucket: int
     cache_len: int
     index_len: int
     segments: tuple = ()  # the PrefillPlan's segments without their rows (PrefillPlan.key): layers, visual, bucket
     texts: tuple = ()  # per llm stage: the text-after block it reads (llava.fast.llm.plan_stages; llm_text_rows)
-    tower: object = None  # the family's static tower plan (VisualLayout.tower); None: the CLIP tower
+    tower: object = None  # the family's static plan of the tower's run (VisualLayout.tower)
     mrope: int = 0  # rows of the positions when kept tokens keep theirs (M-RoPE: 3); 0: contiguous 1-D
     deepstack: int = 0  # DeepStack levels (Qwen3-VL): rows added at the visual rows after decoder layers 0..n-1
     probe: object = None  # llava.fast.probe.ProbeSpec: the vision stage reads the LLM's attention (unpruned prompt)
@@ -90,9 +88,6 @@ class _TowerSpec:
     :class:`_Spec` has of the same names)."""
 
     key: str
-    kind: str
-    drop_cls: bool
-    crops: bool
     tower: object = None
 
 
@@ -274,8 +269,7 @@ class HostPlanner:
             fv = self.engine.adapter.visual_layout(visual, B, torch.where(valid_h, ids_h, -1))
         except ValueError as exc:
             raise NotPlanned(str(exc)) from None
-        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls,
-                                                         crops=fv.crops is not None, tower=fv.tower))
+        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, tower=fv.tower))
 
     def plan_visual(self, input_ids, attention_mask, visual: dict, tp: _TowerPlan | None = None) -> "_VisualPlan":
         """The first half of :meth:`plan`: every row's visual run, the samples' structure and index
@@ -341,8 +335,7 @@ class HostPlanner:
                 raise self._counts[sig_key]
             done.append(_replace(smp, outputs=self._counts[sig_key][0]))
         newlines = bool((fv.units.src < 0).any())
-        spec = _Spec(batch=B, key=fv.key, kind=fv.kind, drop_cls=fv.drop_cls, newlines=newlines,
-                     crops=fv.crops is not None, samples=tuple(done), bucket=0, cache_len=0,
+        spec = _Spec(batch=B, key=fv.key, kind=fv.kind, newlines=newlines, samples=tuple(done), bucket=0, cache_len=0,
                      index_len=int(index.numel()), tower=fv.tower,
                      mrope=int(positions[0].shape[0]) if positions is not None else 0,
                      deepstack=int(e.adapter.deepstack_levels))
