@@ -22,7 +22,7 @@ from .candidates import gather_tokens, vision_signals, with_cls, with_cls_units
 from .families.base import join_units, sample_units
 from .families.base import to_device as _to_device
 from .method import Selection
-from .plan import RowMap, rebuilt_row, run_spans, sample_key, text_spans
+from .plan import RowMap, rebuilt_row, regather_plan, run_spans, sample_key, text_spans
 from .prefill import EagerEnv, _Prefill
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
 from .signals import VisionSignals
@@ -239,24 +239,22 @@ class VisionStage:
             rows.append(row)
             outs.append((out_feats, out_src, out_deep))
         new_L, new_mask_h, new_layouts = repadded(layouts, rows)
-        new_embeds = embeds.new_zeros(B, new_L, D)
-        moved = _to_device([t for lay, r in zip(layouts, rows) for t in (lay.real[r.text_src], r.text_dst, r.vis_dst)]
-                           + [new_mask_h], dev)
-        new_mask = moved[-1]
+        n_out = sum(int(x.shape[0]) for x, _, _ in outs)
+        g = regather_plan(rows, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, B * L + n_out,
+                          compact=True)
         keep_pos = self.adapter.keeps_positions and position_ids is not None
-        if keep_pos:  # kept tokens keep their positions (M-RoPE): gather them, padding gets 0
-            new_pos = position_ids.new_zeros(*position_ids.shape[:-2], B, new_L)
-            vis_rows = _to_device([lay.real[lay.visual] for lay in layouts], dev)
-        origin = []
-        for b, (r, (x, src, _)) in enumerate(zip(rows, outs)):
-            pad = new_L - r.n
-            text_src, text_dst, vd = moved[3 * b:3 * b + 3]
-            new_embeds[b, pad + text_dst] = embeds[b, text_src]
-            new_embeds[b, pad + vd] = x
-            origin.append(src)
-            if keep_pos:
-                new_pos[..., b, pad + text_dst] = position_ids[..., b, text_src]
-                new_pos[..., b, pad + vd] = position_ids[..., b, vis_rows[b][src]]
+        moved = _to_device([g.src, g.take, g.vis_at, new_mask_h]
+                           + ([lay.real[lay.visual] for lay in layouts] if keep_pos else []), dev)
+        src_d, take, vis_at, new_mask = moved[:4]
+        # one gather from [the text rows kept, every sample's outputs, a zero row for the pads]
+        new_embeds = torch.cat([embeds.reshape(-1, D)[take]] + [x.to(embeds.dtype) for x, _, _ in outs]
+                               + [embeds.new_zeros(1, D)])[src_d].view(B, new_L, D)
+        origin = [src for _, src, _ in outs]
+        if keep_pos:  # kept tokens keep their positions (M-RoPE): gathered the same way, padding gets 0
+            R = position_ids.shape[:-2]
+            vps = [position_ids[..., b, moved[4 + b][src]] for b, (_, src, _) in enumerate(outs)]
+            new_pos = torch.cat([position_ids.reshape(*R, -1)[..., take]] + vps + [position_ids.new_zeros(*R, 1)],
+                                -1)[..., src_d].view(*R, B, new_L)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         orig_valid = valid.long().sum(1)
         shift = orig_valid - new_mask.sum(1)
@@ -270,7 +268,7 @@ class VisionStage:
         info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
         if outs and outs[0][2] is not None:  # the kept / merged tokens' rows at their new places
             deep = torch.cat([d for _, _, d in outs])
-            info["deepstack"] = _deepstack(deep, _to_device([deepstack_rows(rows, new_L)], dev)[0], B, new_L)
+            info["deepstack"] = _deepstack(deep, vis_at, B, new_L)
         return new_embeds, new_mask, new_pos, info
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
@@ -368,10 +366,3 @@ def repadded(layouts: list, rows: list) -> tuple[int, torch.Tensor, list]:
         ids[r.text_dst] = lay.ids[r.text_src]
         new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r.vis_dst, ids=ids))
     return new_L, mask_h, new_layouts
-
-
-def deepstack_rows(rows: list, new_L: int) -> torch.Tensor:
-    """Host: the flat row (b * L' + position) of every visual output in the rebuilt, left-padded rows (a
-    :class:`RowMap` per sample), sample by sample in output order (ascending): where the DeepStack rows they carry
-    go."""
-    return torch.cat([b * new_L + new_L - r.n + r.vis_dst for b, r in enumerate(rows)])

@@ -3,7 +3,8 @@ captured one: :mod:`llava.fast`): host work only, no tensor on a device.
 
 * :func:`text_spans` and :func:`sample_key`: where a row's question lies, and the row's stable key;
 * :func:`run_spans` and :func:`rebuilt_row`: the one row arithmetic of a selection: where each text token and each
-  output of a row go when its placeholder runs are replaced by a selection's outputs (:class:`RowMap`);
+  output of a row go when its placeholder runs are replaced by a selection's outputs (:class:`RowMap`), and
+  :func:`regather_plan`, the one gather that lays out a batch's rebuilt rows;
 * :class:`PrefillPlan`: what a prefill runs, segment by segment of decoder layers (:class:`Segment`): per sample
   the real rows and visual tokens, and the padded width. The captured executor plans it whole before the device
   runs (every count from dry runs); the eager one extends it after each selection (:meth:`PrefillPlan.advanced`).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -85,6 +87,51 @@ def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> 
     text_dst.append(torch.arange(new, new + n_real - old))
     return RowMap(n=new + n_real - old, text_src=torch.cat(text_src), text_dst=torch.cat(text_dst),
                   vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
+
+
+class Regather(NamedTuple):
+    """Host: the one gather that lays out every sample's rows after a stage (:func:`regather_plan`): ``src``
+    (B * width,) each new row's source, ``pad`` (B,) each sample's pad rows, ``ar`` (B, width) each real row's index
+    from the sample's first (pads 0), ``first`` (B,) the flat new row of each sample's first real row, ``vis_at`` the
+    flat new rows of the outputs, sample by sample in output order; ``take`` the old rows read, in the order the
+    source holds them (a compact source; None: the source holds every old row)."""
+
+    src: torch.Tensor
+    pad: torch.Tensor
+    ar: torch.Tensor
+    first: torch.Tensor
+    vis_at: torch.Tensor
+    take: torch.Tensor | None = None
+
+
+def regather_plan(maps: list[RowMap], old: list[torch.Tensor], base: int, width: int, pad_src: int = 0,
+                  compact: bool = False) -> Regather:
+    """The gather of the rows after a stage, each sample's rebuilt row (``maps``: its :class:`RowMap`) left-padded to
+    ``width``, from one source: the old rows flattened (``old``: per sample the flat row of each of its real rows,
+    in order), then from ``base`` on every sample's outputs, one sample after the other in output order; a pad
+    row reads ``pad_src``. ``compact``: the source holds only the old rows read (``take``, then the outputs from
+    ``len(take)`` on; ``pad_src`` >= ``base`` moves with them), not every old row (the eager executor: the dropped
+    rows are never copied). Both executors lay out their rows with it, after the vision stage and each llm stage."""
+    B = len(maps)
+    src = torch.full((B, width), pad_src, dtype=torch.long)
+    ar = torch.zeros(B, width, dtype=torch.long)
+    first = torch.zeros(B, dtype=torch.long)
+    vis_at, at = [], base
+    for b, (r, o) in enumerate(zip(maps, old)):
+        pad, m = width - r.n, int(r.vis_dst.numel())
+        src[b, pad + r.text_dst] = o[r.text_src]
+        src[b, pad + r.vis_dst] = at + torch.arange(m)
+        at += m
+        ar[b, pad:] = torch.arange(r.n)
+        first[b] = b * width + pad
+        vis_at.append(b * width + pad + r.vis_dst)
+    src, take = src.reshape(-1), None
+    if compact:  # each old row is read once at most (a text row)
+        read = src < base
+        take = src[read]
+        src = torch.where(read, read.long().cumsum(0) - 1, src - base + take.numel())
+    return Regather(src, torch.tensor([width - r.n for r in maps], dtype=torch.long), ar, first,
+                    torch.cat(vis_at) if vis_at else torch.zeros(0, dtype=torch.long), take)
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,7 @@ class _Prefill:
     probe_deepstack: dict | None = None  # Qwen3-VL: the unpruned batch's DeepStack state (the probe adds it)
     probe_cache: dict = field(default_factory=dict)  # decoder layer k -> hidden states entering it (probe)
     vision_sigs: list = field(default_factory=list)  # per sample: VisionSignals (or None)
-    entry: list | None = None  # per sample: (visual tokens', text-after tokens') inputs to layer 0
-    llm_state: list | None = None  # per sample: the method's scratch shared by its llm stages
+    entry: list | None = None  # per sample: what its llm stages read of the prefill (llava.llm_stage.StageEntry)
     clock: _PhaseClock | None = None  # the phase clock of this prefill's timings
     subblocks: dict = field(default_factory=dict)  # layer -> SubBlockStates (B, L, D) recorded since the last stage
     cache: Any = None  # the prompt's KV cache, whose layers an llm stage reads (llava.attention_rows.cached_kv)
@@ -60,7 +59,7 @@ class _Prefill:
     def release(self) -> None:
         """Drop every tensor of the finished prefill: the engine keeps none, and a signal's probe kept by a method
         then says the prefill is over."""
-        self.probe_inputs = self.probe_deepstack = self.entry = self.llm_state = self.cache = None
+        self.probe_inputs = self.probe_deepstack = self.entry = self.cache = None
         self.probe_cache.clear()
         self.vision_sigs = []
         self.subblocks = {}

@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
-from .attention_rows import CachedRows, cached_kv, llm_attention_fns
+from .attention_rows import CachedRows, cached_kv
 from .families.base import to_device as _to_device
-from .layout import decoder_masks, deepstack_rows, first_full_layer, place_outputs, repadded
+from .layout import decoder_masks, first_full_layer, place_outputs, repadded
+from .llm_stage import StageEntry, StageRows, stage_signals
 from .method import Selection
-from .plan import PrefillPlan, text_spans
+from .plan import PrefillPlan, regather_plan, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
-from .signals import LLMSignals
 from .subblocks import SubBlockRecorder
 
 
@@ -49,24 +48,6 @@ class _Rows:
     ds: dict | None
     shift: torch.Tensor
     prev: torch.Tensor | None = None
-
-
-class _StageSample(NamedTuple):
-    """One sample's unpadded rows at an llm stage: ``x`` / ``p`` the hidden states and positions, ``prev`` their input
-    to the layer before, ``vis`` the visual rows among them, ``origin`` / ``entry`` per visual token its source
-    candidate and layer-0 index, ``after`` / ``question`` the text rows, ``real`` the rows in the padded batch,
-    ``kv`` the layer before's cache rows (None: recompute)."""
-
-    x: torch.Tensor
-    p: torch.Tensor
-    prev: torch.Tensor | None
-    vis: torch.Tensor
-    origin: torch.Tensor
-    entry: torch.Tensor
-    after: torch.Tensor
-    question: torch.Tensor
-    real: torch.Tensor
-    kv: CachedRows | None
 
 
 @dataclass
@@ -114,9 +95,9 @@ class StagedDecoder:
         moved = _to_device([t for lay in layouts for t in
                             (lay.real[lay.visual], lay.real[text_spans(lay.ids, lay.visual, self.env.prompt_spec)[0]])],
                            dev)
-        # per sample: (visual tokens' layer-0 inputs, text-after tokens' layer-0 inputs)
-        ctx.entry = [(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]]) for b in range(B)]
-        ctx.llm_state = [{} for _ in range(B)]  # per-sample scratch of the method's stages, this prefill
+        # per sample: its visual and text-after tokens' layer-0 inputs, its stages' scratch for this prefill
+        ctx.entry = [StageEntry(embeds[b, moved[2 * b]], embeds[b, moved[2 * b + 1]], {}, ctx.vision_sigs[b])
+                     for b in range(B)]
         ctx.cache = cache
         rows = _Rows(h=embeds, mask=mask, pos=pos, layouts=layouts, origin=origin, entry=entry, ds=ds,
                      shift=torch.zeros(B, dtype=torch.long, device=dev))
@@ -195,30 +176,32 @@ class StagedDecoder:
             attn.config = old
 
     def _llm_stage(self, ctx: _Prefill, rows: "_Rows", stage: int, layer_idx: int, keep_rows: bool = False):
-        """One llm stage on the padded batch: ``rows`` replaced by the stage's outputs. Returns (B,) the rows each
-        sample dropped and, with ``keep_rows``, (B, L') the row of the old ``h`` each new row came from (a merged
-        token: its target's; padding: row 0) for ``_gather_past``, else None."""
+        """One llm stage on the padded batch: ``rows`` replaced by the stage's outputs, laid out by one gather
+        (:func:`llava.plan.regather_plan`; pad rows read a zero row). Returns (B,) the rows each sample dropped and,
+        with ``keep_rows``, (B, L') the row of the old ``h`` each new row came from (a merged token: its target's;
+        padding: row 0) for ``_gather_past``, else None."""
         h, mask, pos, layouts, ds = rows.h, rows.mask, rows.pos, rows.layouts, rows.ds
         B, L, D = h.shape
         dev = h.device
         spans = [text_spans(lay.ids, lay.visual, self.env.prompt_spec) for lay in layouts]
         moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
-        outs, olds = [], []
+        placed, outs, new_org, new_ent = [], [], [], []
         deep_in = ds["rows"].split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
         deep_out = []
         kv = cached_kv(ctx.cache, self.lm, layer_idx - 1, L)  # layer K-1 ran on these rows: its keys / values
         for b, lay in enumerate(layouts):
             real, vis, after, question = moved[4 * b:4 * b + 4]
             nv = int(lay.visual.numel())
-            x, p = h[b, real], pos[..., b, real]
-            one = _StageSample(x=x, p=p, prev=rows.prev[b, real] if rows.prev is not None else None, vis=vis,
-                               origin=rows.origin[b], entry=rows.entry[b], after=after, question=question, real=real,
-                               kv=CachedRows(kv, b, real) if kv is not None else None)
-            sig = self._llm_signals(ctx, layer_idx, b, one)
+            one = StageRows(x=h[b, real], p=pos[..., b, real], prev=rows.prev[b, real] if rows.prev is not None else None,
+                            vis=vis, origin=rows.origin[b], entry=rows.entry[b],
+                            kv=CachedRows(kv, b, real) if kv is not None else None)
+            sig = stage_signals(self.lm, layer_idx, one, ctx.entry[b], text_after=after, question=question,
+                                subblocks={i: st.rows((b, real)) for i, st in ctx.subblocks.items()},
+                                _grad_fn=self._grad_fn(layer_idx, one))
             sel = self.env.select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
-            vx, src = llm_outputs(x[vis], sel)
+            vx, src = llm_outputs(one.x[vis], sel)
             r, perm = place_outputs(lay, None, src, dev)  # the visual tokens are the candidates
             if deep_in is not None:  # DeepStack rows still to add: they follow the selection
                 csel = sel
@@ -230,47 +213,42 @@ class StagedDecoder:
                 deep_out.append(dx[perm] if perm is not None else dx)
             if perm is not None:
                 vx, src = vx[perm], src[perm]
-            vp = p[..., vis[src]]  # a merged token takes its target's position
-            outs.append((r, x, p, vx, vp, src))
-            olds.append((real, vis))
-        placed = [r for r, *_ in outs]
-        new_L, m2_h, new_layouts = repadded(layouts, placed)
-        h2 = h.new_zeros(B, new_L, D)
-        p2 = torch.zeros(*pos.shape[:-2], B, new_L, dtype=pos.dtype, device=dev)
-        dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]
-        moved = _to_device([t for r in placed for t in (r.text_src, r.text_dst, r.vis_dst)]
-                           + [m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
-        new_org, new_ent = [], []
-        src_rows = torch.zeros(B, new_L, dtype=torch.long, device=dev) if keep_rows else None
-        for b, (r, x, p, vx, vp, src) in enumerate(outs):
-            pad = new_L - r.n
-            ts, td, vd = moved[3 * b:3 * b + 3]
-            h2[b, pad + td] = x[ts]
-            h2[b, pad + vd] = vx
-            p2[..., b, pad + td] = p[..., ts]
-            p2[..., b, pad + vd] = vp
-            if keep_rows:
-                real, vis = olds[b]
-                src_rows[b, pad + td] = real[ts]
-                src_rows[b, pad + vd] = real[vis[src]]
-            if self.env.reindex:
-                p2[b, pad:] = torch.arange(r.n, device=dev) + p2[b, pad]
+            # a merged token takes its target's position (and, for _gather_past, its row)
+            outs.append((vx, one.p[..., vis[src]], real[vis[src]]))
+            placed.append(r)
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
+        new_L, m2_h, new_layouts = repadded(layouts, placed)
+        n_out = sum(int(vx.shape[0]) for vx, _, _ in outs)
+        g = regather_plan(placed, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, B * L + n_out,
+                          compact=True)
+        dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]
+        src, take, vis_at, ar, first, m2, dropped = _to_device(
+            [g.src, g.take, g.vis_at, g.ar, g.first, m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
+        h2 = torch.cat([h.reshape(-1, D)[take]] + [vx for vx, _, _ in outs] + [h.new_zeros(1, D)])[src]
+        h2 = h2.view(B, new_L, D)
+        R = pos.shape[:-2]  # () or (3,) (M-RoPE)
+        p2 = torch.cat([pos.reshape(*R, -1)[..., take]] + [vp for _, vp, _ in outs] + [pos.new_zeros(*R, 1)],
+                       -1)[..., src].view(*R, B, new_L)
+        if self.env.reindex:  # renumbered from each row's first position (1-D positions); pads 0
+            p2 = torch.where(m2.bool(), ar + p2.reshape(-1)[first][:, None], 0)
+        src_rows = None
+        if keep_rows:
+            old = take % L  # each old row's position in its sample's row
+            src_rows = torch.cat([old] + [o for _, _, o in outs] + [torch.zeros(1, dtype=torch.long, device=dev)])
+            src_rows = src_rows[src].view(B, new_L)
         if deep_in is not None:
-            ds = _deepstack(torch.cat(deep_out), _to_device([deepstack_rows(placed, new_L)], dev)[0], B, new_L)
+            ds = _deepstack(torch.cat(deep_out), vis_at, B, new_L)
         rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
-            h2, moved[-2], p2, new_layouts, new_org, new_ent, ds
-        return moved[-1], src_rows
+            h2, m2, p2, new_layouts, new_org, new_ent, ds
+        return dropped, src_rows
 
-    def _llm_signals(self, ctx: _Prefill, layer_idx: int, b: int, one: "_StageSample") -> LLMSignals:
-        """Sample ``b``'s :class:`LLMSignals` entering decoder layer ``layer_idx`` (its unpadded rows ``one``)."""
+    def _grad_fn(self, layer_idx: int, one: StageRows):
+        """TRIO's proxy-loss gradient of a sample's rows ``one`` entering decoder ``layer_idx``
+        (``LLMSignals.grad_saliency``), eager only."""
         lm = self.lm
-        x, p = one.x, one.p
-        attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer_idx, x, one.prev, p, prev_kv=one.kv)
-        vis_in, text_in = ctx.entry[b]
 
-        def grad_fn(rows, which):  # TRIO's proxy-loss gradient (LLMSignals.grad_saliency), eager only
+        def grad_fn(rows, which):
             i = layer_idx if which == "next" else layer_idx - 1
             if which not in ("next", "prev"):
                 raise ValueError(f"layer must be 'next' or 'prev', got {which!r}")
@@ -282,15 +260,9 @@ class StagedDecoder:
                 return create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
                                           position_ids=None)
 
-            return proxy_loss_grad(lm.layers[i], lm.norm, head, lm.rotary_emb, x, p, rows, mask_fn)
+            return proxy_loss_grad(lm.layers[i], lm.norm, head, lm.rotary_emb, one.x, one.p, rows, mask_fn)
 
-        subblocks = {i: st.rows((b, one.real)) for i, st in ctx.subblocks.items()}
-        return LLMSignals(layer=layer_idx, hidden=x, position_ids=p, visual=one.vis, origin=one.origin,
-                          subblocks=subblocks, text_after=one.after, question=one.question,
-                          visual_embeds=vis_in[one.entry], text_embeds=text_in, num_visual_entry=int(vis_in.shape[0]),
-                          entry_visual_embeds=vis_in, state=ctx.llm_state[b], prev_hidden=one.prev,
-                          vision=ctx.vision_sigs[b], _attn_fn=attn_fn, _keys_fn=keys_fn, _qv_fn=qv_fn, _norm=lm.norm,
-                          _grad_fn=grad_fn)
+        return grad_fn
 
     def decode(self, st, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         """One decode call: map generate's original-space mask / positions onto each segment's cache.

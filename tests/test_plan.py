@@ -8,7 +8,7 @@ import torch
 
 from llava.check.inputs import make_batch
 from llava.models import load
-from llava.plan import PrefillPlan, Segment, rebuilt_row, run_spans
+from llava.plan import PrefillPlan, Segment, rebuilt_row, regather_plan, run_spans
 
 
 def test_run_spans_are_the_consecutive_runs():
@@ -33,6 +33,32 @@ def test_rebuilt_row_puts_each_runs_outputs_in_its_place():
     assert r.vis_dst.tolist() == [1, 2, 3, 4]
     r = rebuilt_row(4, [], [])
     assert (r.n, r.text_dst.tolist(), r.vis_dst.tolist(), r.vis_dst.dtype) == (4, [0, 1, 2, 3], [], torch.long)
+
+
+def test_regather_plan_lays_out_both_rows_from_one_source():
+    """Two rows of an old batch of width 6: sample 0 has 5 real rows (one pad) whose run (2, 2) keeps 1 output,
+    sample 1 has 6 whose run (1, 3) keeps 2. Source: the old rows flattened (0..11), then the 3 outputs (12..14),
+    then the zero row (15) the pads read."""
+    maps = [rebuilt_row(5, [(2, 2)], [1]), rebuilt_row(6, [(1, 3)], [2])]
+    assert (maps[0].n, maps[1].n) == (4, 5)
+    old = [0 * 6 + torch.arange(1, 6), 1 * 6 + torch.arange(6)]
+    g = regather_plan(maps, old, 12, 5, pad_src=15)
+    # row 0: [pad, text 0, text 1, output 0, text 4]; row 1: [text 0, outputs 1 and 2, text 4, text 5]
+    assert g.src.tolist() == [15, 1, 2, 12, 5, 6, 13, 14, 10, 11]
+    assert g.pad.tolist() == [1, 0]
+    assert g.ar.tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]]
+    assert g.first.tolist() == [1, 5]
+    assert g.vis_at.tolist() == [3, 6, 7]
+    rows = torch.cat([torch.arange(12.0), torch.tensor([100.0, 101.0, 102.0, 0.0])])[g.src].view(2, 5)
+    assert rows.tolist() == [[0, 1, 2, 100, 5], [6, 101, 102, 10, 11]]
+    # compact: the source holds only the 6 old rows read (then the outputs at 6..8, the zero row at 9)
+    c = regather_plan(maps, old, 12, 5, pad_src=15, compact=True)
+    assert c.take.tolist() == [1, 2, 5, 6, 10, 11]
+    assert c.src.tolist() == [9, 0, 1, 6, 2, 3, 7, 8, 4, 5]
+    assert (c.pad.tolist(), c.ar.tolist(), c.first.tolist(), c.vis_at.tolist()) == \
+        (g.pad.tolist(), g.ar.tolist(), g.first.tolist(), g.vis_at.tolist())
+    source = torch.cat([torch.arange(12.0)[c.take], torch.tensor([100.0, 101.0, 102.0, 0.0])])
+    assert torch.equal(source[c.src].view(2, 5), rows)
 
 
 def test_a_plan_splits_its_last_segment_at_each_stage():

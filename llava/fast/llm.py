@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import output_capturing
 
-from ..attention_rows import CachedRows, cached_kv, llm_attention_fns
+from ..attention_rows import CachedRows, cached_kv
+from ..llm_stage import StageEntry, StageRows, stage_signals
 from ..method import Selection
-from ..plan import PrefillPlan, rebuilt_row
+from ..plan import PrefillPlan, rebuilt_row, regather_plan
 from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
 from ..signals import LLMSignals
 
@@ -108,14 +109,9 @@ def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, tex
         m_out = [c[stage + 1] for c in counts]
         n_new = [n - a + b for n, a, b in zip(seg.rows, nv_in, m_out)]
         Lb = bucket_for(max(n_new), buckets)
-        vis, text, text_mask, text_q, n_text, ds_at = [], [], [], [], [], []
-        src = torch.zeros(B, Lb, dtype=torch.long)
-        ar = torch.zeros(B, Lb, dtype=torch.long)
-        first = torch.zeros(B, dtype=torch.long)
-        out_at = B * Lp
-        for b, ((_, p0, _), n_old, nv, m, n) in enumerate(zip(rows, seg.rows, nv_in, m_out, n_new)):
-            pad_old, pad = Lp - n_old, Lb - n
-            old = b * Lp + pad_old  # the sample's first real row, flattened
+        vis, text, text_mask, text_q, n_text, maps, old = [], [], [], [], [], [], []
+        for b, ((_, p0, _), n_old, nv, m) in enumerate(zip(rows, seg.rows, nv_in, m_out)):
+            pad_old = Lp - n_old
             vis.append(pad_old + p0 + torch.arange(nv))
             if needs.llm_text_rows:  # the rows after the image in the row entering the stage, padded
                 n_after = n_old - p0 - nv
@@ -125,20 +121,16 @@ def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, tex
                 text_mask.append(real)
                 text_q.append(Q)
                 n_text.append(text_count(needs, n_after))
-            r = rebuilt_row(n_old, [(p0, nv)], [m])
-            src[b, pad + r.text_dst] = old + r.text_src
-            src[b, pad + r.vis_dst] = out_at + torch.arange(m)
-            out_at += m
-            ar[b, pad:] = torch.arange(n)
-            first[b] = b * Lb + pad
-            ds_at.append(b * Lb + pad + r.vis_dst)
-        tensors.append({"vis": torch.cat(vis), "src": src.reshape(-1), "ar": ar, "first": first,
-                        "pad": torch.tensor([Lb - n for n in n_new])})  # its mask: prompt_mask on the device
+            maps.append(rebuilt_row(n_old, [(p0, nv)], [m]))
+            old.append(b * Lp + pad_old + torch.arange(n_old))  # the sample's real rows, flattened
+        g = regather_plan(maps, old, B * Lp, Lb)  # pad rows read row 0
+        tensors.append({"vis": torch.cat(vis), "src": g.src, "ar": g.ar, "first": g.first,
+                        "pad": g.pad})  # its mask: prompt_mask on the device
         if text:
             tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
             texts.append((tuple(text_q), tuple(n_text)))
         if layer < deepstack:
-            tensors[-1]["ds_at"] = torch.cat(ds_at)
+            tensors[-1]["ds_at"] = g.vis_at
         plan = plan.advanced(int(layer), n_new, m_out, Lb)
     return plan, tensors, tuple(texts)
 
@@ -245,16 +237,11 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
                 at_t += q
             if not nv:
                 continue
-            x, p, x_prev = h[b], pos[..., b, :], prev[b]  # p: (S,), or (3, S) M-RoPE
-            key_mask = mask[b, 0, -1, :x.shape[0]]
-            attn_fn, keys_fn, qv_fn = llm_attention_fns(lm, layer, x, x_prev, p, key_mask, prev_kv=CachedRows(
-                kv, b, slice(0, x.shape[0])) if kv is not None else None)
-            sig = LLMSignals(layer=layer, hidden=x, position_ids=p, visual=vis, origin=origin[b],
-                             text_after=text_rows, question=None, text_mask=text_mask, _num_text=n_text,
-                             visual_embeds=entry_in[b][at_entry[b]], text_embeds=entry_text[b],
-                             num_visual_entry=int(entry_in[b].shape[0]), entry_visual_embeds=entry_in[b],
-                             state=state[b], prev_hidden=x_prev, vision=entry.vision[b], captured=True,
-                             key_mask=key_mask, _attn_fn=attn_fn, _keys_fn=keys_fn, _qv_fn=qv_fn, _norm=lm.norm)
+            S = h.shape[1]
+            one = StageRows(x=h[b], p=pos[..., b, :], prev=prev[b], vis=vis, origin=origin[b], entry=at_entry[b],
+                            kv=CachedRows(kv, b, slice(0, S)) if kv is not None else None, key_mask=mask[b, 0, -1, :S])
+            sig = stage_signals(lm, layer, one, StageEntry(entry_in[b], entry_text[b], state[b], entry.vision[b]),
+                                text_after=text_rows, question=None, text_mask=text_mask, _num_text=n_text)
             sel = method.select_llm(s, sig)
             if sel.values is not None:
                 raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
@@ -264,11 +251,11 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
             for name in Selection.MALFORMED:
                 if name in flags:
                     bad = bad | flags[name]
-            vx, src = llm_outputs(x[vis], sel)
+            vx, src = llm_outputs(one.x[vis], sel)
             outs.append(vx)
             if ds_in is not None:  # the DeepStack rows still to add follow the selection
                 deep.append(carry_rows(ds_in[b], sel))
-            vps.append(p[..., vis[src]])  # a merged token takes its target's position
+            vps.append(one.p[..., vis[src]])  # a merged token takes its target's position
             origin[b], at_entry[b] = origin[b][src], at_entry[b][src]
         Lb = seg.width
         h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
