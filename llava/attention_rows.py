@@ -231,6 +231,15 @@ def llm_qk(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos
     return (None if rows is None else qk.queries(rows, rope)), k
 
 
+def probe_rows(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module, pos: torch.Tensor, rows: torch.Tensor,
+               vis: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, Q, T) fp32: decoder ``layer``'s causal softmax rows of the queries ``rows`` of one sequence x (S, D) at
+    ``pos``, on its visual rows ``vis``: a vision stage's ``probe_attention``, in both executors. ``key_mask`` (S,):
+    the real rows of a padded row, never attended."""
+    qk = LayerQK(layer, x, rotary, pos)
+    return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask)[:, :, vis]
+
+
 #: the arithmetic of :func:`causal_attention_rows`: "fp32" (ours), "model" (the official eager attention of
 #: transformers 4.31-4.37), "model_scaling" (transformers' later eager product, ``q k^T * scaling``) or
 #: "python_sdpa" (PyTorch's Python reference of SDPA, in the model's dtype: :mod:`llava.python_sdpa`)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .attention_rows import causal_attention_rows, llm_qk
+from .attention_rows import probe_rows
 from .candidates import gather_tokens, vision_signals, with_cls, with_cls_units
 from .families.base import join_units, sample_units
 from .families.base import to_device as _to_device
@@ -319,9 +319,7 @@ class VisionStage:
                 "last": after[-1:]}.get(queries)
         if rows is None:
             raise ValueError(f"probe queries must be question / all_post_image / last, got {queries!r}")
-        q, kk = llm_qk(lm.layers[k], h[b, real], lm.rotary_emb, p, rows)
-        attn = causal_attention_rows(q, kk, rows, lm.layers[k].self_attn.scaling)
-        return attn[:, :, vis]
+        return probe_rows(lm.layers[k], h[b, real], lm.rotary_emb, p, rows, vis)
 
     def _materialize_vision(self, sig: VisionSignals, sel: Selection):
         """Output features (m, D) and each output's source token index (m,)."""

@@ -9,8 +9,8 @@ pruned rows: every row left-padded to a length bucket (the unpruned prompt's), i
 from each sample's stock visual features, contiguous positions (M-RoPE: the prompt's own), a 4-D causal mask;
 the rows of the text after the image (the vision stage's padded text block, ``VisionSignals.text_rows``) and of
 the visual tokens in it. On the device: the gather, layers 0..K-1 under the mask, then per sample layer K's
-q / k (:class:`llava.attention_rows.LayerQK`) and the causal softmax rows of the padded text block, the pads never
-attended (``key_mask``). ``probe_attention`` then returns (H, Q, T) over the whole padded text block; the
+causal softmax rows of the padded text block (:func:`llava.attention_rows.probe_rows`, the eager engine's
+function), the pads never attended (``key_mask``). ``probe_attention`` then returns (H, Q, T) over the whole padded text block; the
 method reads its query rows through the block's masks (``text_rows``), as it reads the embeddings for its
 ``embed_cos`` probe. Nothing is read back. What is static (the bucket, the probe layers) is part of the graph
 key (:class:`ProbeSpec`).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention_rows import LayerQK, causal_attention_rows
+from ..attention_rows import probe_rows
 from .llm import _no_output_capture, prompt_mask
 
 
@@ -99,9 +99,8 @@ def run_probe(lm, spec: ProbeSpec, t: dict, feats: list, tokens: list, text_q: l
         def probe(layer, queries="question", _b=b, _pos=pos_b):
             if layer not in spec.layers:
                 raise ValueError(f"probe layer {layer} was not planned (planned: {spec.layers})")
-            qk = LayerQK(lm.layers[layer], entering[layer][_b], lm.rotary_emb, _pos)
-            attn = causal_attention_rows(qk.queries(text[_b]), qk.keys(), text[_b], qk.attn.scaling, t["real"][_b])
-            return attn[:, :, vis[_b]]
+            return probe_rows(lm.layers[layer], entering[layer][_b], lm.rotary_emb, _pos, text[_b], vis[_b],
+                              t["real"][_b])
 
         out.append(probe)
     return out
