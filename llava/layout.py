@@ -239,22 +239,23 @@ class VisionStage:
             rows.append(row)
             outs.append((out_feats, out_src, out_deep))
         new_L, new_mask_h, new_layouts = repadded(layouts, rows)
-        n_out = sum(int(x.shape[0]) for x, _, _ in outs)
-        g = regather_plan(rows, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, B * L + n_out,
-                          compact=True)
+        g = regather_plan(rows, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, compact=True)
         keep_pos = self.adapter.keeps_positions and position_ids is not None
-        moved = _to_device([g.src, g.take, g.vis_at, new_mask_h]
+        deep = bool(outs) and outs[0][2] is not None  # DeepStack rows: the outputs' new places
+        moved = _to_device([g.src, g.take, new_mask_h] + ([g.vis_at] if deep else [])
                            + ([lay.real[lay.visual] for lay in layouts] if keep_pos else []), dev)
-        src_d, take, vis_at, new_mask = moved[:4]
+        src_d, take, new_mask = moved[:3]
         # one gather from [the text rows kept, every sample's outputs, a zero row for the pads]
-        new_embeds = torch.cat([embeds.reshape(-1, D)[take]] + [x.to(embeds.dtype) for x, _, _ in outs]
-                               + [embeds.new_zeros(1, D)])[src_d].view(B, new_L, D)
+        # (index_select: the same copy as indexing, without its overhead on a CPU)
+        new_embeds = torch.cat([embeds.reshape(-1, D).index_select(0, take)]
+                               + [x.to(embeds.dtype) for x, _, _ in outs]
+                               + [embeds.new_zeros(1, D)]).index_select(0, src_d).view(B, new_L, D)
         origin = [src for _, src, _ in outs]
         if keep_pos:  # kept tokens keep their positions (M-RoPE): gathered the same way, padding gets 0
             R = position_ids.shape[:-2]
-            vps = [position_ids[..., b, moved[4 + b][src]] for b, (_, src, _) in enumerate(outs)]
-            new_pos = torch.cat([position_ids.reshape(*R, -1)[..., take]] + vps + [position_ids.new_zeros(*R, 1)],
-                                -1)[..., src_d].view(*R, B, new_L)
+            vps = [position_ids[..., b, moved[3 + deep + b][src]] for b, (_, src, _) in enumerate(outs)]
+            new_pos = torch.cat([position_ids.reshape(*R, -1).index_select(-1, take)] + vps
+                                + [position_ids.new_zeros(*R, 1)], -1).index_select(-1, src_d).view(*R, B, new_L)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         orig_valid = valid.long().sum(1)
         shift = orig_valid - new_mask.sum(1)
@@ -266,9 +267,8 @@ class VisionStage:
         else:
             new_pos = None
         info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
-        if outs and outs[0][2] is not None:  # the kept / merged tokens' rows at their new places
-            deep = torch.cat([d for _, _, d in outs])
-            info["deepstack"] = _deepstack(deep, vis_at, B, new_L)
+        if deep:  # the kept / merged tokens' rows at their new places
+            info["deepstack"] = _deepstack(torch.cat([d for _, _, d in outs]), moved[3], B, new_L)
         return new_embeds, new_mask, new_pos, info
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import torch
 
@@ -89,49 +88,61 @@ def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> 
                   vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
 
 
-class Regather(NamedTuple):
+@dataclass(frozen=True)
+class Regather:
     """Host: the one gather that lays out every sample's rows after a stage (:func:`regather_plan`): ``src``
-    (B * width,) each new row's source, ``pad`` (B,) each sample's pad rows, ``ar`` (B, width) each real row's index
-    from the sample's first (pads 0), ``first`` (B,) the flat new row of each sample's first real row, ``vis_at`` the
-    flat new rows of the outputs, sample by sample in output order; ``take`` the old rows read, in the order the
-    source holds them (a compact source; None: the source holds every old row)."""
+    (B * width,) each new row's source; ``take`` the old rows the source holds, in order (a compact source; None:
+    every old row); and, from the rebuilt rows (``maps``) and ``width``, ``pad`` (B,) each sample's pad rows, ``ar``
+    (B, width) each real row's index from the sample's first (pads 0), ``first`` (B,) the flat new row of each
+    sample's first real row and ``vis_at`` the flat new rows of the outputs, sample by sample in output order
+    (computed when read)."""
 
     src: torch.Tensor
-    pad: torch.Tensor
-    ar: torch.Tensor
-    first: torch.Tensor
-    vis_at: torch.Tensor
-    take: torch.Tensor | None = None
+    take: torch.Tensor | None
+    maps: tuple
+    width: int
+
+    @property
+    def pad(self) -> torch.Tensor:
+        return torch.tensor([self.width - r.n for r in self.maps], dtype=torch.long)
+
+    @property
+    def ar(self) -> torch.Tensor:
+        ar = torch.zeros(len(self.maps), self.width, dtype=torch.long)
+        for b, r in enumerate(self.maps):
+            ar[b, self.width - r.n:] = torch.arange(r.n)
+        return ar
+
+    @property
+    def first(self) -> torch.Tensor:
+        return torch.tensor([b * self.width + self.width - r.n for b, r in enumerate(self.maps)], dtype=torch.long)
+
+    @property
+    def vis_at(self) -> torch.Tensor:
+        at = [b * self.width + self.width - r.n + r.vis_dst for b, r in enumerate(self.maps)]
+        return torch.cat(at) if at else torch.zeros(0, dtype=torch.long)
 
 
-def regather_plan(maps: list[RowMap], old: list[torch.Tensor], base: int, width: int, pad_src: int = 0,
+def regather_plan(maps: list[RowMap], old: list[torch.Tensor], base: int, width: int, pad_src: int | None = None,
                   compact: bool = False) -> Regather:
     """The gather of the rows after a stage, each sample's rebuilt row (``maps``: its :class:`RowMap`) left-padded to
     ``width``, from one source: the old rows flattened (``old``: per sample the flat row of each of its real rows,
     in order), then from ``base`` on every sample's outputs, one sample after the other in output order; a pad
-    row reads ``pad_src``. ``compact``: the source holds only the old rows read (``take``, then the outputs from
-    ``len(take)`` on; ``pad_src`` >= ``base`` moves with them), not every old row (the eager executor: the dropped
-    rows are never copied). Both executors lay out their rows with it, after the vision stage and each llm stage."""
-    B = len(maps)
-    src = torch.full((B, width), pad_src, dtype=torch.long)
-    ar = torch.zeros(B, width, dtype=torch.long)
-    first = torch.zeros(B, dtype=torch.long)
-    vis_at, at = [], base
-    for b, (r, o) in enumerate(zip(maps, old)):
-        pad, m = width - r.n, int(r.vis_dst.numel())
-        src[b, pad + r.text_dst] = o[r.text_src]
-        src[b, pad + r.vis_dst] = at + torch.arange(m)
-        at += m
-        ar[b, pad:] = torch.arange(r.n)
-        first[b] = b * width + pad
-        vis_at.append(b * width + pad + r.vis_dst)
-    src, take = src.reshape(-1), None
-    if compact:  # each old row is read once at most (a text row)
-        read = src < base
-        take = src[read]
-        src = torch.where(read, read.long().cumsum(0) - 1, src - base + take.numel())
-    return Regather(src, torch.tensor([width - r.n for r in maps], dtype=torch.long), ar, first,
-                    torch.cat(vis_at) if vis_at else torch.zeros(0, dtype=torch.long), take)
+    row reads ``pad_src`` (None: the row after the outputs, e.g. a zero row). ``compact``: the source holds only the
+    old rows read (``take``, in the order of the new rows), then the outputs, not every old row (the eager executor:
+    the dropped rows are never copied). Both executors lay out their rows with it, after the vision stage and each
+    llm stage."""
+    take = [o[r.text_src] for r, o in zip(maps, old)]
+    n_take = sum(int(t.numel()) for t in take)
+    at_take, at = 0, (n_take if compact else base)
+    end = at + sum(int(r.vis_dst.numel()) for r in maps)
+    src = torch.full((len(maps), width), end if pad_src is None else pad_src, dtype=torch.long)
+    for b, (r, t) in enumerate(zip(maps, take)):
+        pad, m, k = width - r.n, int(r.vis_dst.numel()), int(t.numel())
+        src[b, pad + r.text_dst] = torch.arange(at_take, at_take + k) if compact else t
+        src[b, pad + r.vis_dst] = torch.arange(at, at + m)
+        at_take, at = at_take + k, at + m
+    return Regather(src.reshape(-1), torch.cat(take) if compact and take else None, tuple(maps), width)
 
 
 @dataclass(frozen=True)

@@ -192,8 +192,9 @@ class StagedDecoder:
         for b, lay in enumerate(layouts):
             real, vis, after, question = moved[4 * b:4 * b + 4]
             nv = int(lay.visual.numel())
-            one = StageRows(x=h[b, real], p=pos[..., b, real], prev=rows.prev[b, real] if rows.prev is not None else None,
-                            vis=vis, origin=rows.origin[b], entry=rows.entry[b],
+            one = StageRows(x=h[b, real], p=pos[..., b, real],
+                            prev=rows.prev[b, real] if rows.prev is not None else None, vis=vis, origin=rows.origin[b],
+                            entry=rows.entry[b],
                             kv=CachedRows(kv, b, real) if kv is not None else None)
             sig = stage_signals(self.lm, layer_idx, one, ctx.entry[b], text_after=after, question=question,
                                 subblocks={i: st.rows((b, real)) for i, st in ctx.subblocks.items()},
@@ -219,26 +220,28 @@ class StagedDecoder:
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
         new_L, m2_h, new_layouts = repadded(layouts, placed)
-        n_out = sum(int(vx.shape[0]) for vx, _, _ in outs)
-        g = regather_plan(placed, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, B * L + n_out,
-                          compact=True)
+        g = regather_plan(placed, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, compact=True)
         dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]
-        src, take, vis_at, ar, first, m2, dropped = _to_device(
-            [g.src, g.take, g.vis_at, g.ar, g.first, m2_h.to(mask.dtype), torch.tensor(dropped)], dev)
-        h2 = torch.cat([h.reshape(-1, D)[take]] + [vx for vx, _, _ in outs] + [h.new_zeros(1, D)])[src]
-        h2 = h2.view(B, new_L, D)
+        ds_at = [g.vis_at] if deep_in is not None else []  # what only DeepStack / reindex read
+        renum = [g.ar, g.first] if self.env.reindex else []
+        moved = _to_device([g.src, g.take, m2_h.to(mask.dtype), torch.tensor(dropped)] + ds_at + renum, dev)
+        src, take, m2, dropped = moved[:4]
+        # index_select: the same copy as indexing, without its overhead on a CPU
+        h2 = torch.cat([h.reshape(-1, D).index_select(0, take)] + [vx for vx, _, _ in outs] + [h.new_zeros(1, D)])
+        h2 = h2.index_select(0, src).view(B, new_L, D)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE)
-        p2 = torch.cat([pos.reshape(*R, -1)[..., take]] + [vp for _, vp, _ in outs] + [pos.new_zeros(*R, 1)],
-                       -1)[..., src].view(*R, B, new_L)
+        p2 = torch.cat([pos.reshape(*R, -1).index_select(-1, take)] + [vp for _, vp, _ in outs]
+                       + [pos.new_zeros(*R, 1)], -1).index_select(-1, src).view(*R, B, new_L)
         if self.env.reindex:  # renumbered from each row's first position (1-D positions); pads 0
+            ar, first = moved[-2:]
             p2 = torch.where(m2.bool(), ar + p2.reshape(-1)[first][:, None], 0)
         src_rows = None
         if keep_rows:
             old = take % L  # each old row's position in its sample's row
             src_rows = torch.cat([old] + [o for _, _, o in outs] + [torch.zeros(1, dtype=torch.long, device=dev)])
-            src_rows = src_rows[src].view(B, new_L)
+            src_rows = src_rows.index_select(0, src).view(B, new_L)
         if deep_in is not None:
-            ds = _deepstack(torch.cat(deep_out), vis_at, B, new_L)
+            ds = _deepstack(torch.cat(deep_out), moved[4], B, new_L)
         rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
             h2, m2, p2, new_layouts, new_org, new_ent, ds
         return dropped, src_rows

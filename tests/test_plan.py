@@ -43,6 +43,7 @@ def test_regather_plan_lays_out_both_rows_from_one_source():
     assert (maps[0].n, maps[1].n) == (4, 5)
     old = [0 * 6 + torch.arange(1, 6), 1 * 6 + torch.arange(6)]
     g = regather_plan(maps, old, 12, 5, pad_src=15)
+    assert torch.equal(regather_plan(maps, old, 12, 5).src, g.src)  # by default the row after the outputs
     # row 0: [pad, text 0, text 1, output 0, text 4]; row 1: [text 0, outputs 1 and 2, text 4, text 5]
     assert g.src.tolist() == [15, 1, 2, 12, 5, 6, 13, 14, 10, 11]
     assert g.pad.tolist() == [1, 0]
@@ -52,7 +53,7 @@ def test_regather_plan_lays_out_both_rows_from_one_source():
     rows = torch.cat([torch.arange(12.0), torch.tensor([100.0, 101.0, 102.0, 0.0])])[g.src].view(2, 5)
     assert rows.tolist() == [[0, 1, 2, 100, 5], [6, 101, 102, 10, 11]]
     # compact: the source holds only the 6 old rows read (then the outputs at 6..8, the zero row at 9)
-    c = regather_plan(maps, old, 12, 5, pad_src=15, compact=True)
+    c = regather_plan(maps, old, 12, 5, compact=True)  # the pads read the row after the outputs
     assert c.take.tolist() == [1, 2, 5, 6, 10, 11]
     assert c.src.tolist() == [9, 0, 1, 6, 2, 3, 7, 8, 4, 5]
     assert (c.pad.tolist(), c.ar.tolist(), c.first.tolist(), c.vis_at.tolist()) == \

@@ -47,8 +47,8 @@ class VideoLlavaAdapter(ClipAdapter):
         if images is None or images.dim() != 4 or images.shape[0] != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
         drop = cfg.vision_feature_select_strategy == "default"
-        return VisualLayout("pixel_values", cfg.image_token_id, "image", drop, clip_units(cfg.vision_config, batch, 1, drop),
-                            tower=ClipRun("pixel_values", "image", drop))
+        return VisualLayout("pixel_values", cfg.image_token_id, "image", drop,
+                            clip_units(cfg.vision_config, batch, 1, drop), tower=ClipRun("pixel_values", "image", drop))
 
     def tower_for(self, key):
         return self.core.video_tower if key == "pixel_values_videos" else self.core.image_tower

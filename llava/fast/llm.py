@@ -123,7 +123,7 @@ def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, tex
                 n_text.append(text_count(needs, n_after))
             maps.append(rebuilt_row(n_old, [(p0, nv)], [m]))
             old.append(b * Lp + pad_old + torch.arange(n_old))  # the sample's real rows, flattened
-        g = regather_plan(maps, old, B * Lp, Lb)  # pad rows read row 0
+        g = regather_plan(maps, old, B * Lp, Lb, pad_src=0)  # pad rows read row 0
         tensors.append({"vis": torch.cat(vis), "src": g.src, "ar": g.ar, "first": g.first,
                         "pad": g.pad})  # its mask: prompt_mask on the device
         if text:

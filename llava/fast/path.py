@@ -10,9 +10,9 @@ and handed to the captured function as index tensors:
 ``tower`` (device, started before most of the plan)
     the host ids read once, the family's visual layout planned (:meth:`plan_tower`), the tower run as a captured
     function of its own (the family adapter's static-shape run of its plan, ``encode_static``: e.g. the CLIP tower
-    with the projector and the [CLS] signals the method reads): the device runs it while the host plans the rest (1-3 ms of host work a
-    prefill on the GPUs measured, which the device otherwise waited for); a piecewise prefill runs its tower
-    inside graph 1;
+    with the projector and the [CLS] signals the method reads): the device runs it while the host plans the rest
+    (1-3 ms of host work a prefill on the GPUs measured, which the device otherwise waited for); a piecewise prefill
+    runs its tower inside graph 1;
 ``plan`` (host, no device op)
     the placeholder run of every row, the unit layouts (:class:`llava.ops.UnitLayout`) and the
     method's host draws (:meth:`Method.plan_vision`, e.g. random's picks), the number of outputs of the
