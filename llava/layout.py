@@ -24,7 +24,7 @@ from .families.base import to_device as _to_device
 from .method import Selection
 from .plan import RowMap, rebuilt_row, regather_plan, run_spans, sample_key, text_spans
 from .prefill import EagerEnv, _Prefill
-from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize
+from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize, regathered
 from .signals import VisionSignals
 
 
@@ -246,16 +246,14 @@ class VisionStage:
                            + ([lay.real[lay.visual] for lay in layouts] if keep_pos else []), dev)
         src_d, take, new_mask = moved[:3]
         # one gather from [the text rows kept, every sample's outputs, a zero row for the pads]
-        # (index_select: the same copy as indexing, without its overhead on a CPU)
-        new_embeds = torch.cat([embeds.reshape(-1, D).index_select(0, take)]
-                               + [x.to(embeds.dtype) for x, _, _ in outs]
-                               + [embeds.new_zeros(1, D)]).index_select(0, src_d).view(B, new_L, D)
+        kept = embeds.reshape(-1, D).index_select(0, take)
+        new_embeds = regathered([kept] + [x.to(embeds.dtype) for x, _, _ in outs], src_d).view(B, new_L, D)
         origin = [src for _, src, _ in outs]
         if keep_pos:  # kept tokens keep their positions (M-RoPE): gathered the same way, padding gets 0
             R = position_ids.shape[:-2]
             vps = [position_ids[..., b, moved[3 + deep + b][src]] for b, (_, src, _) in enumerate(outs)]
-            new_pos = torch.cat([position_ids.reshape(*R, -1).index_select(-1, take)] + vps
-                                + [position_ids.new_zeros(*R, 1)], -1).index_select(-1, src_d).view(*R, B, new_L)
+            new_pos = regathered([position_ids.reshape(*R, -1).index_select(-1, take)] + vps, src_d, -1)
+            new_pos = new_pos.view(*R, B, new_L)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         orig_valid = valid.long().sum(1)
         shift = orig_valid - new_mask.sum(1)

@@ -27,7 +27,7 @@ from .method import Selection
 from .plan import PrefillPlan, regather_plan, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
-from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs
+from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs, regathered
 from .subblocks import SubBlockRecorder
 
 
@@ -226,20 +226,17 @@ class StagedDecoder:
         renum = [g.ar, g.first] if self.env.reindex else []
         moved = _to_device([g.src, g.take, m2_h.to(mask.dtype), torch.tensor(dropped)] + ds_at + renum, dev)
         src, take, m2, dropped = moved[:4]
-        # index_select: the same copy as indexing, without its overhead on a CPU
-        h2 = torch.cat([h.reshape(-1, D).index_select(0, take)] + [vx for vx, _, _ in outs] + [h.new_zeros(1, D)])
-        h2 = h2.index_select(0, src).view(B, new_L, D)
+        h2 = regathered([h.reshape(-1, D).index_select(0, take)] + [vx for vx, _, _ in outs], src).view(B, new_L, D)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE)
-        p2 = torch.cat([pos.reshape(*R, -1).index_select(-1, take)] + [vp for _, vp, _ in outs]
-                       + [pos.new_zeros(*R, 1)], -1).index_select(-1, src).view(*R, B, new_L)
+        p2 = regathered([pos.reshape(*R, -1).index_select(-1, take)] + [vp for _, vp, _ in outs], src, -1)
+        p2 = p2.view(*R, B, new_L)
         if self.env.reindex:  # renumbered from each row's first position (1-D positions); pads 0
             ar, first = moved[-2:]
             p2 = torch.where(m2.bool(), ar + p2.reshape(-1)[first][:, None], 0)
         src_rows = None
         if keep_rows:
-            old = take % L  # each old row's position in its sample's row
-            src_rows = torch.cat([old] + [o for _, _, o in outs] + [torch.zeros(1, dtype=torch.long, device=dev)])
-            src_rows = src_rows.index_select(0, src).view(B, new_L)
+            # each old row's position in its sample's row
+            src_rows = regathered([take % L] + [o for _, _, o in outs], src).view(B, new_L)
         if deep_in is not None:
             ds = _deepstack(torch.cat(deep_out), moved[4], B, new_L)
         rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
