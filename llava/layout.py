@@ -15,16 +15,16 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import probe_rows
 from .candidates import gather_tokens, vision_signals, with_cls, with_cls_units
 from .families.base import join_units, sample_units
 from .families.base import to_device as _to_device
+from .layers import decoder_masks, entering
 from .method import Selection
 from .plan import RowMap, rebuilt_row, regather_plan, run_spans, sample_key, text_spans
 from .prefill import EagerEnv, _Prefill
-from .selection_rows import _add_deepstack, _deepstack, carry_rows, materialize, regathered
+from .selection_rows import _deepstack, carry_rows, materialize, regathered
 from .signals import VisionSignals
 
 
@@ -49,28 +49,6 @@ def _runs(visual: torch.Tensor) -> torch.Tensor:
     new[1:] = (visual[1:] != visual[:-1] + 1).long()
     new[0] = 0
     return new.cumsum(0)
-
-
-def first_full_layer(adapter, start: int, stop: int) -> int | None:
-    """The first decoder layer in ``start..stop-1`` with attention (and a KV cache), None if all are linear."""
-    return next((i for i in range(start, stop) if i not in adapter.linear_layers), None)
-
-
-def decoder_masks(adapter, lm, h, mask, cache, pos, start: int, stop: int) -> list:
-    """The attention mask of each decoder layer ``start..stop-1`` of one segment, by the layer's type: the causal
-    mask built against the segment's first full-attention layer's cache for attention layers; for a hybrid
-    model's linear-attention (Gated DeltaNet) layers the 2-D padding mask of this call's tokens, which the
-    stock layer multiplies into its input (None for a one-token decode step, as transformers gives them)."""
-    full = first_full_layer(adapter, start, stop)
-    causal = None
-    if full is not None:
-        causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask, past_key_values=cache,
-                                    position_ids=adapter.mask_positions(pos), layer_idx=full)
-    linear = adapter.linear_layers
-    if not linear:
-        return [causal] * (stop - start)
-    rec = mask[:, -h.shape[1]:] if mask is not None and mask.dim() == 2 and h.shape[1] > 1 else None
-    return [rec if i in linear else causal for i in range(start, stop)]
 
 
 class VisionStage:
@@ -290,11 +268,7 @@ class VisionStage:
                     mask = torch.ones(B, L, dtype=torch.long, device=h.device)
                 masks = decoder_masks(self.adapter, lm, h, mask, None, pos, 0, k)
                 pe = lm.rotary_emb(h, position_ids=pos)
-                ds = ctx.probe_deepstack
-                for i in range(k):
-                    h = lm.layers[i](h, attention_mask=masks[i], position_embeddings=pe)
-                    if ds is not None and i < ds["rows"].shape[1]:  # Qwen3-VL, as the stock text model
-                        h = _add_deepstack(h, ds, i)
+                h = entering(lm, h, masks, pe, (k,), ctx.probe_deepstack)[k]  # Qwen3-VL: its DeepStack rows
             ctx.probe_cache[k] = h
         return ctx.probe_cache[k]
 

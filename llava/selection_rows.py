@@ -88,13 +88,3 @@ def _deepstack(rows: torch.Tensor, at: torch.Tensor, B: int, L: int) -> dict:
     ``visual_pos_masks``."""
     mask = torch.zeros(B * L, dtype=torch.bool, device=rows.device).index_fill_(0, at, True).view(B, L)
     return {"rows": rows, "at": at, "mask": mask}
-
-
-def _add_deepstack(h: torch.Tensor, ds: dict, level: int) -> torch.Tensor:
-    """Qwen3-VL's DeepStack after decoder layer ``level``: the level's rows added at the visual positions,
-    the same arithmetic as the stock text model's ``_deepstack_process`` (rows cast to the hidden dtype)."""
-    B, L, D = h.shape
-    flat = h.reshape(B * L, D).clone()
-    at = ds["at"]
-    flat[at] = flat[at] + ds["rows"][:, level].to(h.dtype)
-    return flat.view(B, L, D)

@@ -21,13 +21,14 @@ from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import CachedRows, cached_kv
 from .families.base import to_device as _to_device
-from .layout import decoder_masks, first_full_layer, place_outputs, repadded
+from .layers import decoder_masks, first_full_layer, run_layers
+from .layout import place_outputs, repadded
 from .llm_stage import StageEntry, StageRows, stage_signals
 from .method import Selection
 from .plan import PrefillPlan, regather_plan, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
-from .selection_rows import _add_deepstack, _deepstack, carry_rows, llm_outputs, regathered
+from .selection_rows import _deepstack, carry_rows, llm_outputs, regathered
 from .subblocks import SubBlockRecorder
 
 
@@ -145,18 +146,12 @@ class StagedDecoder:
             segments.append(_DecodeSegment(start=a, mask=mask, shift=rows.shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
             pe = lm.rotary_emb(h, position_ids=pos)
-            for i in range(a, z):
-                rows.prev = h
-                # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
-                # (FastV keeps original positions) as packed sequences
-                if i in eager:
-                    h = self._eager_layer(i, h, mask, cache, pos, pe, use_cache, **kwargs)
-                else:
-                    h = lm.layers[i](h, attention_mask=masks[i - a], position_embeddings=pe,
-                                     past_key_values=cache, use_cache=use_cache, **kwargs)
-                if ds is not None and i < ds["rows"].shape[1]:
-                    h = _add_deepstack(h, ds, i)
-            rows.h = h
+            swap = {i: (lambda x, i=i, m=mask, p=pos: self._eager_layer(i, x, m, cache, p, pe, use_cache, **kwargs))
+                    for i in eager if a <= i < z}
+            # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
+            # (FastV keeps original positions) as packed sequences
+            rows.h, rows.prev = run_layers(lm, h, masks, pe, range(a, z), ds, swap, past_key_values=cache,
+                                           use_cache=use_cache, **kwargs)
         return plan, segments
 
     def _eager_layer(self, i, h, mask, cache, pos, pe, use_cache, **kwargs):
@@ -309,9 +304,8 @@ class StagedDecoder:
             pos = position_ids - seg.shift[:, None]
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, seg.start, bounds[s + 1])
             pe = lm.rotary_emb(h, position_ids=pos)
-            for i in range(seg.start, bounds[s + 1]):
-                h = lm.layers[i](h, attention_mask=masks[i - seg.start], position_embeddings=pe,
-                                 past_key_values=cache, use_cache=use_cache, **kwargs)
+            h, _ = run_layers(lm, h, masks, pe, range(seg.start, bounds[s + 1]), past_key_values=cache,
+                              use_cache=use_cache, **kwargs)
         return lm.norm(h)
 
     def _first_len(self, st, cache) -> int:

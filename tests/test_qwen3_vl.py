@@ -99,17 +99,15 @@ def test_carry_rows_follows_keeps_merges_and_order():
 
 def _captured_deepstack(rt, inputs, monkeypatch):
     """Every DeepStack addition by the engine (the staged decoder's and the probe's): (level, positions, rows)."""
-    import llava.layout as layout
-    import llava.staged as staged
+    import llava.layers as layers
 
-    seen, inner = [], layout._add_deepstack
+    seen, inner = [], layers.add_deepstack
 
     def spy(h, ds, level):
         seen.append((level, ds["at"].clone(), ds["rows"][:, level].clone()))
         return inner(h, ds, level)
 
-    monkeypatch.setattr(staged, "_add_deepstack", spy)
-    monkeypatch.setattr(layout, "_add_deepstack", spy)
+    monkeypatch.setattr(layers, "add_deepstack", spy)
     out = run(rt, inputs)
     return seen, out
 

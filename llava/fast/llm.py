@@ -23,17 +23,16 @@ tensors.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.utils import output_capturing
 
 from ..attention_rows import CachedRows, cached_kv
 from ..llm_stage import StageEntry, StageRows, stage_signals
 from ..method import Selection
 from ..plan import PrefillPlan, rebuilt_row, regather_plan
-from ..selection_rows import _add_deepstack, carry_rows, llm_outputs
+from ..layers import run_layers
+from ..selection_rows import carry_rows, llm_outputs
 from ..signals import LLMSignals
 
 
@@ -147,38 +146,6 @@ def prompt_mask(pad: torch.Tensor, Lb: int, C: int) -> torch.Tensor:
     return ((j <= i) & (j >= lo))[:, None]
 
 
-@contextmanager
-def _no_output_capture():
-    """Decoder layers called one by one, outside the language model's ``forward``: no output collector is
-    active, as none is when that ``forward`` is asked for no hidden states / attentions. Set explicitly,
-    because transformers' capturing hooks read a ``ContextVar`` that dynamo cannot trace unless the
-    collector was set inside the traced region (what the model's own ``forward`` does)."""
-    token = output_capturing._active_collector.set(None)
-    try:
-        yield
-    finally:
-        output_capturing._active_collector.reset(token)
-
-
-def _layers(lm, h, mask, pos, cache, a: int, z: int, ds: dict | None = None, attn=None):
-    """Decoder layers a..z-1 on rows ``h`` with the 4-D ``mask`` at ``pos`` (a 4-D mask is what
-    ``create_causal_mask`` hands the layers unchanged); ``ds``: DeepStack rows (Qwen3-VL; ``rows`` (n, levels,
-    D) at the flattened visual rows ``at``), level i added after layer i as the stock text model does; ``attn``:
-    the fast path's attention keyword for a prompt bucket (rows -> dict; :mod:`llava.fast.attention`).
-    Returns (h, the last layer's input)."""
-    pe = lm.rotary_emb(h, position_ids=pos)
-    prev = h
-    kw = attn(h) if attn is not None else {}
-    with _no_output_capture():
-        for i in range(a, z):
-            prev = h
-            h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True,
-                             **kw)
-            if ds is not None and i < ds["rows"].shape[1]:
-                h = _add_deepstack(h, ds, i)
-    return h, prev
-
-
 @dataclass
 class Entry:
     """What enters the decoder of a captured prefill with llm stages: ``rows`` (B, L, D) and their ``pos`` / 4-D
@@ -195,13 +162,13 @@ class Entry:
     ds: dict | None = None
 
 
-def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, stage_in: tuple, bad, attn=None):
+def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, stage_in: tuple, bad, attn):
     """The decoder over a captured prefill's rows with its llm stages (device, static shapes): ``segments`` the
     planned segments of decoder layers (:meth:`llava.plan.PrefillPlan.key`: an llm stage acts before each segment
     after the first), ``texts`` each stage's text-after block (:func:`plan_stages`) and ``stage_in`` the stages'
     uploaded tensors; a stage before the last DeepStack level carries the rows through its selection, as the eager
     engine. Returns the last rows' hidden states (B, 1, D) after the final norm, and ``bad`` ORed with every stage's
-    malformed flags; ``attn``: the prompt attention keyword, as :func:`_layers`."""
+    malformed flags; ``attn``: rows -> the decoder's attention keyword for a prompt bucket (:mod:`llava.fast.attention`)."""
     lm, method = engine.lm, engine.method
     rows, pos, mask, ds = entry.rows, entry.pos, entry.mask, entry.ds
     B = rows.shape[0]
@@ -216,7 +183,9 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
                 at_t += q
     origin = list(entry.origins)
     state = [{} for _ in range(B)]
-    h, prev = _layers(lm, rows, mask, pos, cache, 0, segments[0].layers.stop, ds, attn)
+    kw = dict(past_key_values=cache, use_cache=True)
+    h, prev = run_layers(lm, rows, mask, lm.rotary_emb(rows, position_ids=pos), segments[0].layers, ds,
+                         **kw, **attn(rows))
     for s, (seg_in, seg, t) in enumerate(zip(segments, segments[1:], stage_in)):
         layer = seg.layers.start  # the stage acts before this decoder layer
         if ds is not None and layer >= ds["rows"].shape[1]:
@@ -266,7 +235,7 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
         pos, mask = p2, prompt_mask(t["pad"], Lb, mask.shape[-1])
         if ds is not None:  # a sample without visual tokens left carries no rows
             ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
-        h, prev = _layers(lm, h, mask, pos, cache, layer, seg.layers.stop, ds, attn)
+        h, prev = run_layers(lm, h, mask, lm.rotary_emb(h, position_ids=pos), seg.layers, ds, **kw, **attn(h))
     return lm.norm(h[:, -1:]), bad
 
 
@@ -275,5 +244,6 @@ def decode_segments(lm, h, pos, masks, cache, layers: tuple):
     of layers, ``layers`` the stages' layers. Returns the final-norm hidden states."""
     bounds = [0, *layers, len(lm.layers)]
     for s in range(len(bounds) - 1):
-        h, _ = _layers(lm, h, masks[s], pos[s], cache, bounds[s], bounds[s + 1])
+        h, _ = run_layers(lm, h, masks[s], lm.rotary_emb(h, position_ids=pos[s]), range(bounds[s], bounds[s + 1]),
+                          past_key_values=cache, use_cache=True)
     return lm.norm(h)

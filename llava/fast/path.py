@@ -244,7 +244,7 @@ class FastPath:
                 stages = plan_in["stages"]
             ds = {"rows": torch.cat(deeps), "at": plan_in["ds_at"]} if spec.deepstack else None  # Qwen3-VL's
             entry = Entry(rows=rows, pos=pos, mask=mask, visual0=vis0, vision=sigs, origins=origins, ds=ds)
-            h, bad = run_segments(e, entry, cache, spec.segments, spec.texts, stages, bad, attn=self._attn)
+            h, bad = run_segments(e, entry, cache, spec.segments, spec.texts, stages, bad, self._attn)
             return e.model.lm_head(h), bad
         h = e.lm(inputs_embeds=rows, attention_mask=self._lm_mask(mask), position_ids=pos, past_key_values=cache,
                  use_cache=True, **self._attn(rows)).last_hidden_state

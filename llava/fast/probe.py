@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..attention_rows import probe_rows
-from .llm import _no_output_capture, prompt_mask
+from ..layers import entering
+from .llm import prompt_mask
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,9 @@ def run_probe(lm, spec: ProbeSpec, t: dict, feats: list, tokens: list, text_q: l
     emb = lm.embed_tokens(t["tok"])
     B, L, D = emb.shape
     h = torch.cat([emb.reshape(-1, D)] + [f.to(emb.dtype) for f in feats])[t["src"]].view(B, L, D)
-    entering = {0: h}
-    top = max(spec.layers)
-    if top > 0:
-        pe = lm.rotary_emb(h, position_ids=t["pos"])
-        mask = prompt_mask(t["pad"], L, L)
-        with _no_output_capture():
-            for i in range(top):
-                h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe)
-                entering[i + 1] = h
+    states = {0: h}
+    if max(spec.layers) > 0:
+        states = entering(lm, h, prompt_mask(t["pad"], L, L), lm.rotary_emb(h, position_ids=t["pos"]), spec.layers)
     vis = t["vis"].split(list(tokens))
     text = t["text"].split(list(text_q))
     out = []
@@ -99,7 +94,7 @@ def run_probe(lm, spec: ProbeSpec, t: dict, feats: list, tokens: list, text_q: l
         def probe(layer, queries="question", _b=b, _pos=pos_b):
             if layer not in spec.layers:
                 raise ValueError(f"probe layer {layer} was not planned (planned: {spec.layers})")
-            return probe_rows(lm.layers[layer], entering[layer][_b], lm.rotary_emb, _pos, text[_b], vis[_b],
+            return probe_rows(lm.layers[layer], states[layer][_b], lm.rotary_emb, _pos, text[_b], vis[_b],
                               t["real"][_b])
 
         out.append(probe)

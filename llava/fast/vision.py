@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..candidates import gather_tokens, with_cls
-from .llm import _no_output_capture
+from ..layers import no_output_capture
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
 from ..method import Selection
@@ -30,7 +30,7 @@ class CapturedVision:
         family's static-shape run of its plan ``spec.tower`` (:meth:`FamilyAdapter.encode_static`; ``tower_in`` the
         plan's tensors on the device)."""
         e = self.engine
-        with _no_output_capture():  # blocks may run outside the tower's forward (see fast_llm)
+        with no_output_capture():  # blocks may run outside the tower's forward
             enc = e.adapter.encode_static(px, spec.tower, tower_in, e.env.tower)
         return {k: v for k, v in enc.items() if v is not None}
 
