@@ -56,3 +56,20 @@ def vision_signals(candidates: dict, **fields) -> VisionSignals:
                          cls_attn=ca.T.contiguous() if ca is not None else None, keys=c.get("keys"),
                          in_tower_kept=c.get("in_tower_kept"), deepstack=c.get("deepstack"), **tower_fields(c),
                          **fields)
+
+
+def candidate_shapes(needs, n: int, hidden: int, widths: tuple, tower: tuple) -> dict:
+    """Each per-candidate tensor a vision stage of ``needs`` (:class:`llava.needs.Needs`) is handed, by name, for
+    ``n`` candidates: its shape, for a dry run of the selection before the device runs (the captured prefill's
+    ``meta`` tensors, the vLLM plugin's random values). The tower signals the captured prefill computes by flat name
+    (``recv`` / ``clsl`` (n, heads), ``fwa`` (n,), ``fwk`` (n, width); ``tower``: the vision tower's (heads,
+    width)), ``features`` (n, ``hidden``), ``vision_features`` and, when the method reads them, the [CLS] attention
+    ``cls_attn`` and ``keys`` (``widths``: :meth:`llava.families.base.FamilyAdapter.signal_widths`)."""
+    heads, kd, vd = widths
+    per = {"recv": (tower[0],), "clsl": (tower[0],), "fwa": (), "fwk": (tower[1],)}
+    out = {name: (n, *per[name.split(":")[0]]) for r in needs.tower_reads for name in r.names
+           if name.split(":")[0] in per}
+    out.update(features=(n, hidden), vision_features=(n, vd))
+    if needs.tower_attention:
+        out.update(cls_attn=(n, heads), keys=(n, kd))
+    return out

@@ -123,8 +123,10 @@ class Structure:
 
 
 def _signals(method, s: Structure, dims: dict, seed: int):
-    """Random signals of structure ``s`` for a dry run (every field a vision stage may read)."""
-    from llava.signals import VisionSignals
+    """Random signals of structure ``s`` for a dry run: every per-candidate tensor the method's vision stage is
+    handed (:func:`llava.candidates.candidate_shapes`, the captured prefill's dry run), attention rows normalised
+    over the candidates."""
+    from llava.candidates import candidate_shapes, vision_signals
 
     g = torch.Generator().manual_seed(seed)
     per = s.tokens // s.units
@@ -135,24 +137,23 @@ def _signals(method, s: Structure, dims: dict, seed: int):
         patch = torch.cat([patch, torch.full((s.units,), -1, dtype=torch.long)])
     n = int(unit.numel())
     D, Dv, H = dims["hidden"], dims["vision_hidden"], dims["vision_heads"]
-
-    def soft(*shape):
-        return torch.randn(*shape, generator=g).softmax(-1)
-
+    shapes = candidate_shapes(method.needs(), n, D, (H, Dv // H, Dv), (H, Dv))
     tt = 8
-    needs = method.needs_vision_attention
-    return VisionSignals(
-        features=torch.randn(n, D, generator=g), vision_features=torch.randn(n, Dv, generator=g), unit=unit,
-        patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=torch.randn(tt, D, generator=g),
-        question_mask=torch.ones(tt, dtype=torch.bool), question_ids=torch.arange(tt),
-        cls_attn=soft(H, n) if needs else None, keys=torch.randn(n, Dv // H, generator=g) if needs else None,
-        received_attn={v: soft(H, n) for v in method.vision_attention_layers},
-        fullwidth_cls_attn={v: soft(n) for v in method.vision_fullwidth_layers},
-        fullwidth_keys={v: torch.randn(n, Dv, generator=g) for v in method.vision_fullwidth_layers},
-        cls_attn_layers={v: soft(H, n) for v in method.vision_cls_layers},
-        key=seed, num_stock=s.tokens, unit_pos=torch.full((s.units, 2), -1, dtype=torch.long),
+    c = {"features": torch.randn(n, D, generator=g), "vision_features": torch.randn(n, Dv, generator=g)}
+    text = torch.randn(tt, D, generator=g)
+    for prefix in ("cls_attn", "keys", "recv:", "fwa:", "fwk:", "clsl:"):  # the draws' order
+        for name in [k for k in shapes if k.startswith(prefix)]:
+            if prefix in ("keys", "fwk:"):
+                c[name] = torch.randn(*shapes[name], generator=g)
+            else:  # attention rows over the candidates: (H, n) drawn, held heads-last as the tables hold them
+                c[name] = torch.randn(*reversed(shapes[name]), generator=g).softmax(-1).T
+    return vision_signals(
+        c, unit=unit, patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=text,
+        question_mask=torch.ones(tt, dtype=torch.bool), question_ids=torch.arange(tt), key=seed, num_stock=s.tokens,
+        unit_pos=torch.full((s.units, 2), -1, dtype=torch.long),
         unit_grid=list(s.unit_grid or [tuple(s.grid)] * s.units),
-        _probe_fn=lambda layer, queries="question": soft(dims.get("heads", 4), tt, s.tokens),
+        _probe_fn=lambda layer, queries="question": torch.randn(dims.get("heads", 4), tt, s.tokens,
+                                                                generator=g).softmax(-1),
         _unit_host=unit)
 
 

@@ -18,9 +18,8 @@ import torch
 from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
-from .refusals import CAPTURED_TOWER_KINDS, NotPlanned
-from ..needs import TowerRead
-from ..candidates import vision_signals, with_cls_units
+from .refusals import NotPlanned
+from ..candidates import candidate_shapes, vision_signals, with_cls_units
 from ..ops import UnitLayout, unit_layout
 from ..plan import PrefillPlan, rebuilt_row, sample_key, text_spans
 
@@ -148,13 +147,6 @@ class HostPlanner:
                           num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
                           grid=grid)
 
-    def _extra_names(self) -> list[tuple[str, TowerRead]]:
-        """The method's tower signals the fast path computes (:data:`llava.fast.refusals.CAPTURED_TOWER_KINDS`) as
-        (flat name, its :class:`llava.needs.TowerRead`): ``recv:v`` (received attention), ``fwa:v`` / ``fwk:v``
-        (full-width [CLS] attention / keys), ``clsl:v`` ([CLS] row); the others' arithmetic runs on the eager engine
-        (:meth:`llava.method.Method.capture_refusal`)."""
-        return [(name, r) for r in self.engine.needs.tower_reads if r.kind in CAPTURED_TOWER_KINDS for name in r.names]
-
     def _sample_signals(self, s: _Sample, index, candidates: dict, kind: str, text=None, probe=None):
         """A sample's VisionSignals over its ``candidates`` (per-token tensors by name,
         :func:`llava.candidates.vision_signals`), its planned tensors read from ``index``; ``text`` (Q, D) the padded
@@ -188,15 +180,10 @@ class HostPlanner:
         cfg = self.engine.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
-        heads, kd, vd = self.engine.adapter.signal_widths()
         meta = torch.device("meta")
-        n = s.tokens + s.extra
-        shape = {"recv": (n, vc.num_attention_heads), "clsl": (n, vc.num_attention_heads), "fwa": (n,),
-                 "fwk": (n, vc.hidden_size)}
-        c = {name: torch.empty(shape[name.split(":")[0]], device=meta) for name, _ in self._extra_names()}
-        c.update(features=torch.empty(n, D, device=meta), vision_features=torch.empty(n, vd, device=meta))
-        if self.engine.needs.tower_attention:
-            c.update(cls_attn=torch.empty(n, heads, device=meta), keys=torch.empty(n, kd, device=meta))
+        shapes = candidate_shapes(self.engine.needs, s.tokens + s.extra, D, self.engine.adapter.signal_widths(),
+                                  (vc.num_attention_heads, vc.hidden_size))
+        c = {name: torch.empty(shape, device=meta) for name, shape in shapes.items()}
         H = self.engine.lm.config.num_attention_heads
         sig = self._sample_signals(s, index_h.to(meta), c, kind, torch.empty(s.text, D, device=meta),
                                    lambda layer, queries="question": torch.empty(H, s.text, s.tokens, device=meta))
