@@ -132,10 +132,18 @@ def _resolve_layer(visual, layer: int | None) -> int:
     return layer
 
 
+def _frame_bounds(grid: list[list[int]]) -> list[int]:
+    """Each temporal slice's first patch in the tower's input, then the patch count, from the (t, h, w) list."""
+    bounds = [0]
+    for t, h, w in grid:
+        bounds += [bounds[-1] + (i + 1) * h * w for i in range(t)]
+    return bounds
+
+
 def _layout(grid: list[list[int]], merge: int):
     """Host-side provenance from the (t, h, w) list: unit, patch, grids, sizes, segment bounds (patches), units per
     image / video."""
-    units, patches, grids, sizes, bounds = [], [], [], [], [0]
+    units, patches, grids, sizes = [], [], [], []
     n_units = 0
     for t, h, w in grid:
         rows, cols = h // merge, w // merge
@@ -144,10 +152,8 @@ def _layout(grid: list[list[int]], merge: int):
         patches.append(torch.arange(n).repeat(t))
         grids += [(rows, cols)] * t
         sizes.append(t * n)
-        for _ in range(t):
-            bounds.append(bounds[-1] + h * w)
         n_units += t
-    return torch.cat(units), torch.cat(patches), grids, sizes, bounds, [t for t, _, _ in grid]
+    return torch.cat(units), torch.cat(patches), grids, sizes, _frame_bounds(grid), [t for t, _, _ in grid]
 
 
 def _received(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: float, chunk: int) -> torch.Tensor:
@@ -342,7 +348,7 @@ def tower_plan(visual, grid: list, layer: int | None, saliency: str) -> tuple[To
         if h % merge or w % merge:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
     g = torch.tensor(grid, dtype=torch.long).reshape(-1, 3)
-    bounds = _layout(grid, merge)[4]
+    bounds = _frame_bounds(grid)
     pos = get_vision_position_ids(g, merge)  # (N, 2) in merge-block order
     n_merged = pos.shape[0] // (merge * merge)
     window = None
