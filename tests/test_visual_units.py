@@ -5,10 +5,11 @@ from types import SimpleNamespace
 
 import torch
 
-from llava.candidates import gather_tokens, with_cls
+from llava.candidates import candidate_shapes, gather_tokens, with_cls
 from llava.families.base import VisualUnits, join_units, layout_samples, packed_units, sample_units, uniform_units
 from llava.families.clip import clip_units
 from llava.models import load
+from llava.needs import Needs, TowerRead
 
 
 def _table():
@@ -133,3 +134,19 @@ def test_sample_units_number_a_prompts_units_in_order_of_first_appearance():
     assert s["src"].tolist() == [2, 3, 4, 5, 6] and s["patch"].tolist() == [0, 1, 0, -1, 1]
     asc = sample_units(u, torch.arange(0, 2))  # ascending units (most layouts) take a shorter path, same rule
     assert asc["unit"].tolist() == [0, 0] and asc["units"].tolist() == [0]
+
+
+def test_candidate_shapes_list_what_a_dry_run_is_handed():
+    """The shapes both dry runs fill (the captured prefill's meta tensors, the vLLM plugin's random values): the tower
+    signals the captured prefill computes by flat name, in the method's order (a kind it does not compute, here the
+    received patches, is left out: such a method runs on the eager engine), then the features, and the [CLS] attention
+    and keys only for a method that reads them."""
+    reads = (TowerRead("received", 3), TowerRead("fullwidth", -2), TowerRead("received_patches", 4),
+             TowerRead("cls_row", 5))
+    widths, tower = (4, 8, 32), (6, 48)  # (heads of cls_attn, keys, vision_features); the tower's (heads, width)
+    got = candidate_shapes(Needs(method="m", tower_reads=reads), 10, 64, widths, tower)
+    assert got == {"recv:3": (10, 6), "fwa:-2": (10,), "fwk:-2": (10, 48), "clsl:5": (10, 6), "features": (10, 64),
+                   "vision_features": (10, 32)}
+    assert list(got)[:4] == ["recv:3", "fwa:-2", "fwk:-2", "clsl:5"]
+    got = candidate_shapes(Needs(method="m", tower_attention=True), 3, 64, widths, tower)
+    assert got == {"features": (3, 64), "vision_features": (3, 32), "cls_attn": (3, 4), "keys": (3, 8)}
