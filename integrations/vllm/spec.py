@@ -146,7 +146,8 @@ def _signals(method, s: Structure, dims: dict, seed: int):
             if prefix in ("keys", "fwk:"):
                 c[name] = torch.randn(*shapes[name], generator=g)
             else:  # attention rows over the candidates: (H, n) drawn, held heads-last as the tables hold them
-                c[name] = torch.randn(*reversed(shapes[name]), generator=g).softmax(-1).T
+                t = torch.randn(*reversed(shapes[name]), generator=g).softmax(-1)
+                c[name] = t.T if t.dim() == 2 else t
     return vision_signals(
         c, unit=unit, patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=text,
         question_mask=torch.ones(tt, dtype=torch.bool), question_ids=torch.arange(tt), key=seed, num_stock=s.tokens,
