@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -146,8 +147,8 @@ class StagedDecoder:
             segments.append(_DecodeSegment(start=a, mask=mask, shift=rows.shift.clone()))
             masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, a, z)
             pe = lm.rotary_emb(h, position_ids=pos)
-            swap = {i: (lambda x, i=i, m=mask, p=pos: self._eager_layer(i, x, m, cache, p, pe, use_cache, **kwargs))
-                    for i in eager if a <= i < z}
+            swap = {i: partial(self._eager_layer, i, mask=mask, cache=cache, pos=pos, pe=pe, use_cache=use_cache,
+                               **kwargs) for i in eager if a <= i < z}
             # positions travel in `pe`; no position_ids, so no attention backend reads their gaps
             # (FastV keeps original positions) as packed sequences
             rows.h, rows.prev = run_layers(lm, h, masks, pe, range(a, z), ds, swap, past_key_values=cache,
