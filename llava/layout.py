@@ -3,17 +3,15 @@ from the method's selections back to re-spliced, re-padded rows.
 
 :class:`VisionStage`, the first part of the eager executor, built by :class:`llava.engine.PruningEngine` from what
 it fixed at attach (:class:`llava.prefill.EagerEnv`). The layout of every row is worked out on the host from ONE
-copy of ``input_ids`` and the mask per prefill (:class:`_Layout`: real positions, visual indices, ids); the device
-only gathers and scatters with those indices, and a rebuilt row is laid out by :mod:`llava.plan`'s row arithmetic
-(:func:`place_outputs`). The staged decoder (:mod:`llava.staged`) re-uses ``place_outputs`` and ``repadded`` at
-its llm stages.
+copy of ``input_ids`` and the mask per prefill (:class:`llava.plan.RowLayout`: real positions, visual indices, ids,
+the captured plan's record too); the device only gathers and scatters with those indices, and a rebuilt row is laid
+out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.plan.repadded`). The staged decoder
+(:mod:`llava.staged`) re-uses them at its llm stages.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 
 from .attention_rows import probe_rows
@@ -22,7 +20,8 @@ from .families.base import join_units, sample_units
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
-from .plan import RowMap, rebuilt_row, regather_plan, run_spans, sample_key, text_spans
+from .plan import (RowLayout, RowMap, rebuilt_row, regather_plan, repadded, row_layouts, run_ids, run_spans, sample_key,
+                   text_spans)
 from .prefill import EagerEnv, _Prefill
 from .selection_rows import _deepstack, carry_rows, materialize, regathered
 from .signals import VisionSignals
@@ -30,25 +29,6 @@ from .signals import VisionSignals
 
 #: the engine's one logger: users (and tests) configure "llava.engine"
 log = logging.getLogger("llava.engine")
-
-
-@dataclass
-class _Layout:
-    """Host-side layout of one sample's row (decided on the host, so the device never waits)."""
-
-    real: torch.Tensor  # (n,) row positions of the sample's real (non-padding) tokens
-    visual: torch.Tensor  # (nv,) indices among them of the visual tokens, ascending
-    ids: torch.Tensor  # (n,) their token ids (-1 for a visual token after re-splicing)
-
-
-def _runs(visual: torch.Tensor) -> torch.Tensor:
-    """Run index (0-based) of each visual token: consecutive indices form one run (host)."""
-    if not visual.numel():
-        return visual.clone()
-    new = torch.ones_like(visual, dtype=torch.long)
-    new[1:] = (visual[1:] != visual[:-1] + 1).long()
-    new[0] = 0
-    return new.cumsum(0)
 
 
 class VisionStage:
@@ -127,11 +107,7 @@ class VisionStage:
             idx, gid = _to_device([at, src_h.reshape(-1)[at]], dev)
             stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
         need_signals = needs.vision_signals
-        layouts = []
-        for b in range(B):
-            real = valid_h[b].nonzero().flatten()
-            lay = _Layout(real=real, visual=(src_h[b, real] >= 0).nonzero().flatten(), ids=ids_h[b, real])
-            layouts.append(lay)
+        layouts = row_layouts(ids_h, valid_h, src_h >= 0)
         per_sample: list[VisionSignals | None] = []
         if need_signals:
             units_all = join_units([blk.units for blk in blocks])  # every token in the order of src_h's ids
@@ -204,7 +180,7 @@ class VisionStage:
             out_deep = carry_rows(sig.deepstack, sel) if sig.deepstack is not None else None
             run_h = None  # the run of each candidate (host): the visual tokens' own (place_outputs), unless
             if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
-                run_h = _runs(lay.visual)
+                run_h = run_ids(lay.visual)
                 u = sig._unit_host[:sig.num_stock]
                 big = sig.num_stock
                 first = torch.full((int(u.max()) + 1,), big, dtype=torch.long)
@@ -303,12 +279,12 @@ class VisionStage:
         return materialize(sig, sel, self.adapter.project)
 
 
-def place_outputs(lay: "_Layout", run_h: torch.Tensor | None, out_src: torch.Tensor,
+def place_outputs(lay: RowLayout, run_h: torch.Tensor | None, out_src: torch.Tensor,
                   dev) -> tuple[RowMap, torch.Tensor | None]:
     """The :class:`RowMap` of a row rebuilt from a selection's outputs, and the permutation that sorts the outputs
     by run (None when they are in run order already, e.g. a single run).
 
-    run_h: run index (host) of every candidate token (the visual tokens' ``_runs``, then any extra candidates'),
+    run_h: run index (host) of every candidate token (the visual tokens' ``run_ids``, then any extra candidates'),
     read only when the row has several runs; None: the visual tokens' own. out_src: (m,) each output's source
     candidate (device). One host read when the row has several runs: how many outputs land in each."""
     m = int(out_src.numel())
@@ -316,23 +292,8 @@ def place_outputs(lay: "_Layout", run_h: torch.Tensor | None, out_src: torch.Ten
     if len(runs) <= 1:
         counts, perm = [m] * len(runs), None
     else:
-        run_h = _runs(lay.visual) if run_h is None else run_h
+        run_h = run_ids(lay.visual) if run_h is None else run_h
         out_run = run_h.to(dev, non_blocking=True)[out_src]
         counts = torch.bincount(out_run, minlength=len(runs)).tolist()
         perm = torch.sort(out_run, stable=True).indices
     return rebuilt_row(int(lay.ids.numel()), runs, counts), perm
-
-
-def repadded(layouts: list, rows: list) -> tuple[int, torch.Tensor, list]:
-    """The rebuilt rows (``rows``: a :class:`RowMap` per sample, of ``layouts``) left-padded to the longest: its
-    length, the host (B, L') 2-D mask and each sample's new :class:`_Layout` (text ids carried, visual rows -1)."""
-    new_L = max(r.n for r in rows)
-    mask_h = torch.zeros(len(rows), new_L, dtype=torch.long)
-    new_layouts = []
-    for b, (lay, r) in enumerate(zip(layouts, rows)):
-        pad = new_L - r.n
-        mask_h[b, pad:] = 1
-        ids = torch.full((r.n,), -1, dtype=lay.ids.dtype)
-        ids[r.text_dst] = lay.ids[r.text_src]
-        new_layouts.append(_Layout(real=torch.arange(pad, new_L), visual=r.vis_dst, ids=ids))
-    return new_L, mask_h, new_layouts

@@ -1,7 +1,9 @@
 """The plan of a prefill that both executors share (the eager one: :mod:`llava.layout`, :mod:`llava.staged`; the
 captured one: :mod:`llava.fast`): host work only, no tensor on a device.
 
-* :func:`text_spans` and :func:`sample_key`: where a row's question lies, and the row's stable key;
+* :class:`RowLayout` (:func:`row_layouts`): one sample's row, its real tokens, visual tokens and ids, as both executors
+  plan it from the host copy of the ids; :func:`text_spans` and :func:`sample_key`: where its question lies, and its
+  stable key;
 * :func:`run_spans` and :func:`rebuilt_row`: the one row arithmetic of a selection: where each text token and each
   output of a row go when its placeholder runs are replaced by a selection's outputs (:class:`RowMap`), and
   :func:`regather_plan`, the one gather that lays out a batch's rebuilt rows;
@@ -17,6 +19,38 @@ import zlib
 from dataclasses import dataclass, replace
 
 import torch
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Host: one sample's row as it enters a stage. ``real`` (n,) the positions of its real (non-padding) tokens in
+    the padded row, ``visual`` (nv,) the indices among them of its visual tokens, ascending, ``ids`` (n,) their token
+    ids (-1 for a visual token after a stage). The eager executor keeps one per sample through every stage
+    (:func:`repadded`); the captured one plans its rows, stages and probe from the prompt's."""
+
+    real: torch.Tensor
+    visual: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def first(self) -> int:
+        """The index among the real tokens of the first visual token (0 when there is none)."""
+        return int(self.visual[0]) if self.visual.numel() else 0
+
+    @property
+    def tokens(self) -> int:
+        """The visual tokens."""
+        return int(self.visual.numel())
+
+
+def row_layouts(ids: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> list[RowLayout]:
+    """Each sample's :class:`RowLayout` of a padded batch, from host (B, L) tensors: the token ``ids``, ``valid`` its
+    real tokens and ``visual`` its placeholder tokens."""
+    out = []
+    for b in range(ids.shape[0]):
+        real = valid[b].nonzero().flatten()
+        out.append(RowLayout(real=real, visual=visual[b, real].nonzero().flatten(), ids=ids[b, real]))
+    return out
 
 
 def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +92,17 @@ class RowMap:
     vis_dst: torch.Tensor
 
 
+def run_ids(visual: torch.Tensor) -> torch.Tensor:
+    """Run index (0-based) of each visual token (``visual``: host indices, ascending; consecutive indices form one
+    run)."""
+    if not visual.numel():
+        return visual.clone()
+    new = torch.ones_like(visual, dtype=torch.long)
+    new[1:] = (visual[1:] != visual[:-1] + 1).long()
+    new[0] = 0
+    return new.cumsum(0)
+
+
 def run_spans(visual: torch.Tensor) -> list[tuple[int, int]]:
     """(start, length) of each placeholder run of a row (``visual``: host indices of its visual tokens, ascending;
     consecutive indices form one run)."""
@@ -86,6 +131,21 @@ def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> 
     text_dst.append(torch.arange(new, new + n_real - old))
     return RowMap(n=new + n_real - old, text_src=torch.cat(text_src), text_dst=torch.cat(text_dst),
                   vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
+
+
+def repadded(layouts: list[RowLayout], rows: list[RowMap]) -> tuple[int, torch.Tensor, list[RowLayout]]:
+    """The rebuilt rows (``rows``: a :class:`RowMap` per sample, of ``layouts``) left-padded to the longest: its
+    length, the host (B, L') 2-D mask and each sample's new :class:`RowLayout` (text ids carried, visual rows -1)."""
+    new_L = max(r.n for r in rows)
+    mask_h = torch.zeros(len(rows), new_L, dtype=torch.long)
+    new_layouts = []
+    for b, (lay, r) in enumerate(zip(layouts, rows)):
+        pad = new_L - r.n
+        mask_h[b, pad:] = 1
+        ids = torch.full((r.n,), -1, dtype=lay.ids.dtype)
+        ids[r.text_dst] = lay.ids[r.text_src]
+        new_layouts.append(RowLayout(real=torch.arange(pad, new_L), visual=r.vis_dst, ids=ids))
+    return new_L, mask_h, new_layouts
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ each segment of layers.
 
 :class:`StagedDecoder`, the second part of the eager executor, built by :class:`llava.engine.PruningEngine` from
 what it fixed at attach (:class:`llava.prefill.EagerEnv`); the rows of an llm stage are re-laid out on the host
-with :mod:`llava.layout`'s ``place_outputs`` / ``repadded`` (:mod:`llava.plan`'s row arithmetic). It
+with :mod:`llava.layout`'s ``place_outputs`` and :mod:`llava.plan`'s ``repadded`` (its row arithmetic). It
 keeps no state of its own: a prefill returns the :class:`llava.plan.PrefillPlan` it ran and its decode segments, and a
 decode step is handed the engine's decode state. Without llm stages the stock language model runs, at prefill and at
 decode.
@@ -23,10 +23,10 @@ from transformers.masking_utils import create_causal_mask
 from .attention_rows import CachedRows, cached_kv
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, first_full_layer, run_layers
-from .layout import place_outputs, repadded
+from .layout import place_outputs
 from .llm_stage import StageEntry, StageRows, stage_signals
 from .method import Selection
-from .plan import PrefillPlan, regather_plan, text_spans
+from .plan import PrefillPlan, regather_plan, repadded, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import _deepstack, carry_rows, llm_outputs, regathered

@@ -11,7 +11,7 @@ from fastpath_util import (BACKEND, SINGLES, assert_same_as_eager, counting_fast
 from llava.fast.llm import plan_stages, prompt_mask
 from llava.fast.path import FastPath, bucket_for
 from llava.models import load
-from llava.plan import PrefillPlan
+from llava.plan import PrefillPlan, RowLayout
 
 
 def _stages(needs, rows, lens, counts, buckets, text_buckets=()):
@@ -19,6 +19,11 @@ def _stages(needs, rows, lens, counts, buckets, text_buckets=()):
     plan = PrefillPlan.start("fast", 4, [c[0] for c in counts], lens, [c[0] for c in counts],
                              bucket_for(max(lens), buckets))
     return plan_stages(needs, rows, plan, counts, buckets, bucket_for, text_buckets)
+
+
+def _row(n, p0, T):
+    """The layout of a prompt of ``n`` tokens whose ``T`` visual tokens start at ``p0``."""
+    return RowLayout(real=torch.arange(n), visual=p0 + torch.arange(T), ids=torch.zeros(n, dtype=torch.long))
 
 #: budgets / options that prune at every stage of the tiny 4-layer LLM (16 tokens per image): FastV keeps 5
 #: after layer 1 for an equivalent budget of 8 (K=2 scaled to 4 layers: (4 * 8 - 16) / 3 rounded half up);
@@ -43,7 +48,7 @@ def test_plan_stages_lays_out_each_segment():
     """Worked example: two samples of 10 and 7 rows with their image (4 / 4 tokens) at 2 / 1, one stage
     keeping 2 / 1 of them. Segment 1 has rows of 8 and 4 (bucket 8 from buckets (4, 8, 16)); its gather
     takes text from the old flattened rows and outputs from after them (B * 16 = 32 on)."""
-    rows = [(None, 2, 4), (None, 1, 4)]
+    rows = [_row(10, 2, 4), _row(7, 1, 4)]
 
     class M:
         llm_layers = (1,)
@@ -87,7 +92,7 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
     """``llm_text_rows`` (DART): per stage the rows after the image in the row entering it, padded to a text
     bucket (pads index row 0, masked). Sample 0 above: 10 rows, image 4 at 2 -> 4 text rows at 6 + 6..9;
     sample 1: 7 rows, image at 1 -> 2 text rows at 9 + 5..6; text buckets (4, 8)."""
-    rows = [(None, 2, 4), (None, 1, 4)]
+    rows = [_row(10, 2, 4), _row(7, 1, 4)]
 
     class M:
         llm_layers = (1,)

@@ -13,6 +13,7 @@ from consensusdrop.consensusdrop import ConsensusDrop
 from llava.fast.probe import plan_probe
 from llava.fast.path import FastPath, bucket_for
 from llava.models import load
+from llava.plan import row_layouts
 
 #: the "probe" preset (layer 2 of the 4-layer tiny LLM, the question rows, rank fusion) and the other query kinds /
 #: aggregations (all rows after the image with a max over them and a visual-only softmax; the last row at layer 1)
@@ -32,7 +33,9 @@ def test_plan_probe_lays_out_the_unpruned_rows():
     bucket 8. Row 0 (1 pad): ids at 1..7, visual rows 2..4 gathered from 16 + 0..2 (after the B * 8 text rows);
     row 1 (3 pads): visual rows 5, 6 from 16 + 3, 4. Text rows: row 0's 3 after the image at 5..7 and a pad
     pointing at its last row 7; row 1's one at 7, pads at 7."""
-    rows = [(torch.tensor([5, 9, 9, 9, 6, 7, 8]), 1, 3), (torch.tensor([5, 4, 9, 9, 6]), 2, 2)]
+    ids = torch.tensor([[5, 9, 9, 9, 6, 7, 8], [0, 0, 5, 4, 9, 9, 6]])  # row 1 left-padded by 2 (id 0)
+    rows = row_layouts(ids, ids.ne(0), ids.eq(9))
+    assert [(r.first, r.tokens) for r in rows] == [(1, 3), (2, 2)] and rows[1].real.tolist() == [2, 3, 4, 5, 6]
     spec, t = plan_probe((2,), rows, [4, 4], bucket_for, (4, 8, 16))
     assert spec.bucket == 8 and spec.layers == (2,)
     assert t["tok"].tolist() == [[0, 5, 0, 0, 0, 6, 7, 8], [0, 0, 0, 5, 4, 0, 0, 6]]

@@ -8,13 +8,36 @@ import torch
 
 from llava.check.inputs import make_batch
 from llava.models import load
-from llava.plan import PrefillPlan, Segment, rebuilt_row, regather_plan, run_spans
+from llava.plan import PrefillPlan, Segment, rebuilt_row, regather_plan, repadded, row_layouts, run_ids, run_spans
 
 
 def test_run_spans_are_the_consecutive_runs():
     assert run_spans(torch.tensor([2, 3, 4, 7, 8, 11])) == [(2, 3), (7, 2), (11, 1)]
     assert run_spans(torch.tensor([5])) == [(5, 1)]
     assert run_spans(torch.zeros(0, dtype=torch.long)) == []
+
+
+def test_run_ids_number_the_runs():
+    assert run_ids(torch.tensor([2, 3, 4, 7, 8, 11])).tolist() == [0, 0, 0, 1, 1, 2]
+    assert run_ids(torch.zeros(0, dtype=torch.long)).tolist() == []
+
+
+def test_row_layouts_and_repadded_rows():
+    """Two left-padded prompts (pad id 0, placeholder 9): row 0 [5 9 9 6 9 7] holds two runs, row 1 [0 0 5 9 6 7]
+    one run after two pads. Their layouts: real positions, visual indices among them, ids. Rebuilt with 1 + 0 and 2
+    outputs: row 0 -> [5 v 6 7] (4 rows), row 1 -> [5 v v 6 7] (5 rows), both left-padded to 5."""
+    ids = torch.tensor([[5, 9, 9, 6, 9, 7], [0, 0, 5, 9, 6, 7]])
+    lays = row_layouts(ids, ids.ne(0), ids.eq(9))
+    assert [lay.real.tolist() for lay in lays] == [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5]]
+    assert [lay.visual.tolist() for lay in lays] == [[1, 2, 4], [1]]
+    assert lays[1].ids.tolist() == [5, 9, 6, 7]
+    assert [(lay.first, lay.tokens) for lay in lays] == [(1, 3), (1, 1)]
+    maps = [rebuilt_row(6, run_spans(lays[0].visual), [1, 0]), rebuilt_row(4, run_spans(lays[1].visual), [2])]
+    width, mask, new = repadded(lays, maps)
+    assert width == 5 and mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert new[0].real.tolist() == [1, 2, 3, 4] and new[0].visual.tolist() == [1] and new[0].ids.tolist() == [5, -1, 6, 7]
+    assert new[1].visual.tolist() == [1, 2] and new[1].ids.tolist() == [5, -1, -1, 6, 7]
+    assert (new[0].first, new[1].tokens) == (1, 2)
 
 
 def test_rebuilt_row_puts_each_runs_outputs_in_its_place():

@@ -89,7 +89,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
 
 
 def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
-    """The host plan of the llm segments. ``rows``: per sample (ids, p0, T) of the prompt; ``plan``: the
+    """The host plan of the llm segments. ``rows``: per sample the prompt's :class:`llava.plan.RowLayout`; ``plan``: the
     :class:`llava.plan.PrefillPlan` of the rows entering decoder layer 0 (one segment); ``counts``: per sample, its
     visual tokens entering layer 0 then after each stage. Returns the plan advanced at every stage (each segment's
     rows per sample and bucket), the stages' host tensors (per stage: the visual rows entering it, the next rows'
@@ -109,7 +109,8 @@ def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, tex
         n_new = [n - a + b for n, a, b in zip(seg.rows, nv_in, m_out)]
         Lb = bucket_for(max(n_new), buckets)
         vis, text, text_mask, text_q, n_text, maps, old = [], [], [], [], [], [], []
-        for b, ((_, p0, _), n_old, nv, m) in enumerate(zip(rows, seg.rows, nv_in, m_out)):
+        for b, (lay, n_old, nv, m) in enumerate(zip(rows, seg.rows, nv_in, m_out)):
+            p0 = lay.first
             pad_old = Lp - n_old
             vis.append(pad_old + p0 + torch.arange(nv))
             if needs.llm_text_rows:  # the rows after the image in the row entering the stage, padded

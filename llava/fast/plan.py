@@ -21,7 +21,7 @@ from .probe import plan_probe
 from .refusals import NotPlanned
 from ..candidates import candidate_shapes, vision_signals, with_cls_units
 from ..ops import UnitLayout, unit_layout
-from ..plan import PrefillPlan, rebuilt_row, sample_key, text_spans
+from ..plan import PrefillPlan, rebuilt_row, row_layouts, sample_key, text_spans
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -106,7 +106,7 @@ class _VisualPlan:
     """The first half of a host plan (:meth:`HostPlanner.plan_visual`)."""
 
     spec: _Spec  # bucket 0: the vision graph's key
-    rows: list  # per sample (valid ids, first visual position, visual tokens)
+    rows: list  # per sample its llava.plan.RowLayout (one contiguous visual run)
     index: torch.Tensor  # the index buffer (text rows filled in by plan_rows)
     dry: list  # per sample: the dry run's outputs of the vision stage, then of each llm stage
     positions: list | None = None  # per row (rows, n) host positions of its real tokens, unpruned (M-RoPE)
@@ -270,16 +270,15 @@ class HostPlanner:
         extras = bool(fv.drop_cls and e.needs.include_cls_candidates)
         others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
                   if t is not None and t != fv.token_id]
-        rows, samples, chunks, at = [], [], [], 0
+        samples, chunks, at = [], [], 0
         layouts = fv.samples  # per prompt (host work while the device runs the tower)
-        for b in range(B):
-            ids = ids_h[b, valid_h[b]]
+        rows = row_layouts(ids_h, valid_h, ids_h == fv.token_id)
+        for b, lay in enumerate(rows):
+            ids, vis = lay.ids, lay.visual
             T = int(layouts[b]["src"].numel())
-            vis = (ids == fv.token_id).nonzero().flatten()
             if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
                 raise refusals.several_runs(b, fv.kind, T)
-            p0 = int(vis[0]) if T else 0
-            rows.append((ids, p0, T))
+            p0 = lay.first
             text = None
             if e.needs.query_aware:  # the text after the visual run, padded: (real rows, question rows)
                 after, question = text_spans(ids, vis, e.prompt_spec)
@@ -304,8 +303,8 @@ class HostPlanner:
             sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind, smp.static,
                        tuple((k, static) for k, _, static in smp.layouts),
                        tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
-            ids, p0, T = rows[b]
-            n_text = int(ids.numel()) - p0 - T  # the text after the image (an llm stage's text rows)
+            lay = rows[b]
+            n_text = int(lay.ids.numel()) - lay.first - lay.tokens  # the text after the image (an llm stage's text rows)
             if e.needs.llm_text_rows:  # its counts may depend on it, up to the method's cap
                 n_text = text_count(e.needs, n_text)
                 sig_key += (n_text,)
@@ -343,10 +342,10 @@ class HostPlanner:
         rows, index, samples = vp.rows, vp.index, vp.spec.samples
         B = len(rows)
         real = counts if counts is not None else [s.outputs for s in samples]
-        lens = [int(ids.numel()) - T + m for (ids, _, T), m in zip(rows, real)]
+        lens = [int(lay.ids.numel()) - lay.tokens + m for lay, m in zip(rows, real)]
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
-        plan = PrefillPlan.start("fast", len(e.lm.layers), [T for _, _, T in rows], lens, real, Lb)
+        plan = PrefillPlan.start("fast", len(e.lm.layers), [lay.tokens for lay in rows], lens, real, Lb)
         stage_host, texts = [], ()
         if e.needs.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
@@ -362,7 +361,8 @@ class HostPlanner:
         vpos, nxt = [], []
         vis0 = []  # the visual rows entering layer 0 (llm stages)
         out_at = B * Lb
-        for b, ((ids, p0, T), n, smp, m) in enumerate(zip(rows, lens, samples, real)):
+        for b, (lay, n, smp, m) in enumerate(zip(rows, lens, samples, real)):
+            ids, p0, T = lay.ids, lay.first, lay.tokens
             pad = Lb - n
             r = rebuilt_row(int(ids.numel()), [(p0, T)], [m])
             tok[b, pad + r.text_dst] = ids[r.text_src]

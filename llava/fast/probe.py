@@ -36,8 +36,8 @@ class ProbeSpec:
 
 
 def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None):
-    """The host plan of the probe. ``rows``: per sample (valid ids, first visual position p0, visual tokens T)
-    of the unpruned prompt; ``text_q``: per sample the padded text block's size Q (the vision stage's, rows
+    """The host plan of the probe. ``rows``: per sample the unpruned prompt's :class:`llava.plan.RowLayout` (its
+    ids, first visual position p0, visual tokens T); ``text_q``: per sample the padded text block's size Q (the vision stage's, rows
     p0 + T + i of the prompt for i < its real count); ``positions``: per sample (rows, n) the prompt's own
     positions (M-RoPE) or None (contiguous from 0). Returns (:class:`ProbeSpec`, host tensors: ``tok`` (B, L)
     the ids with the placeholders zeroed, ``src`` (B * L) the gather from [their embeddings, every sample's T
@@ -45,7 +45,7 @@ def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None):
     device), ``real`` (B, L) bool, ``vis`` (sum T) and ``text`` (sum Q) rows within each sample's padded row; a
     text pad points at the sample's last row)."""
     B = len(rows)
-    lens = [int(ids.numel()) for ids, _, _ in rows]
+    lens = [int(lay.ids.numel()) for lay in rows]
     L = bucket_for(max(lens), buckets)
     tok = torch.zeros(B, L, dtype=torch.long)
     src = torch.arange(B * L).view(B, L).clone()
@@ -53,7 +53,8 @@ def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None):
         positions[0].shape[0], B, L, dtype=torch.long)
     real = torch.zeros(B, L, dtype=torch.bool)
     vis, text, at = [], [], B * L
-    for b, ((ids, p0, T), n, Q) in enumerate(zip(rows, lens, text_q)):
+    for b, (lay, n, Q) in enumerate(zip(rows, lens, text_q)):
+        ids, p0, T = lay.ids, lay.first, lay.tokens
         pad = L - n
         t = ids.clone()
         t[p0:p0 + T] = 0
