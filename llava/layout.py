@@ -5,7 +5,7 @@ from the method's selections back to re-spliced, re-padded rows.
 it fixed at attach (:class:`llava.prefill.EagerEnv`). The layout of every row is worked out on the host from ONE
 copy of ``input_ids`` and the mask per prefill (:class:`llava.plan.RowLayout`: real positions, visual indices, ids,
 the captured plan's record too); the device only gathers and scatters with those indices, and a rebuilt row is laid
-out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.plan.repadded`). The staged decoder
+out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.plan.next_rows`). The staged decoder
 (:mod:`llava.staged`) re-uses them at its llm stages.
 """
 
@@ -20,8 +20,7 @@ from .families.base import join_units, sample_units
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
-from .plan import (RowLayout, RowMap, rebuilt_row, regather_plan, repadded, row_layouts, run_ids, run_spans, sample_key,
-                   text_spans)
+from .plan import RowLayout, RowMap, next_rows, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans
 from .prefill import EagerEnv, _Prefill
 from .selection_rows import _deepstack, carry_rows, materialize, regathered
 from .signals import VisionSignals
@@ -192,8 +191,8 @@ class VisionStage:
                 out_deep = out_deep[perm] if out_deep is not None else None
             rows.append(row)
             outs.append((out_feats, out_src, out_deep))
-        new_L, new_mask_h, new_layouts = repadded(layouts, rows)
-        g = regather_plan(rows, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, compact=True)
+        new_layouts, g = next_rows(layouts, rows, L, compact=True)
+        new_L, new_mask_h = g.width, g.mask
         keep_pos = self.adapter.keeps_positions and position_ids is not None
         deep = bool(outs) and outs[0][2] is not None  # DeepStack rows: the outputs' new places
         moved = _to_device([g.src, g.take, new_mask_h] + ([g.vis_at] if deep else [])

@@ -6,7 +6,8 @@ captured one: :mod:`llava.fast`): host work only, no tensor on a device.
   stable key;
 * :func:`run_spans` and :func:`rebuilt_row`: the one row arithmetic of a selection: where each text token and each
   output of a row go when its placeholder runs are replaced by a selection's outputs (:class:`RowMap`), and
-  :func:`regather_plan`, the one gather that lays out a batch's rebuilt rows;
+  :func:`regather_plan`, the one gather that lays out a batch's rebuilt rows, and :func:`next_rows`, the rows after a
+  stage (their layouts and that gather);
 * :class:`PrefillPlan`: what a prefill runs, segment by segment of decoder layers (:class:`Segment`): per sample
   the real rows and visual tokens, and the padded width. The captured executor plans it whole before the device
   runs (every count from dry runs); the eager one extends it after each selection (:meth:`PrefillPlan.advanced`).
@@ -25,8 +26,8 @@ import torch
 class RowLayout:
     """Host: one sample's row as it enters a stage. ``real`` (n,) the positions of its real (non-padding) tokens in
     the padded row, ``visual`` (nv,) the indices among them of its visual tokens, ascending, ``ids`` (n,) their token
-    ids (-1 for a visual token after a stage). The eager executor keeps one per sample through every stage
-    (:func:`repadded`); the captured one plans its rows, stages and probe from the prompt's."""
+    ids (-1 for a visual token after a stage). Both executors lay out the rows after a stage from them
+    (:func:`next_rows`); the captured one plans its vision stage's rows and its probe from the prompt's."""
 
     real: torch.Tensor
     visual: torch.Tensor
@@ -133,21 +134,6 @@ def rebuilt_row(n_real: int, runs: list[tuple[int, int]], counts: list[int]) -> 
                   vis_dst=torch.cat(vis_dst) if vis_dst else torch.zeros(0, dtype=torch.long))
 
 
-def repadded(layouts: list[RowLayout], rows: list[RowMap]) -> tuple[int, torch.Tensor, list[RowLayout]]:
-    """The rebuilt rows (``rows``: a :class:`RowMap` per sample, of ``layouts``) left-padded to the longest: its
-    length, the host (B, L') 2-D mask and each sample's new :class:`RowLayout` (text ids carried, visual rows -1)."""
-    new_L = max(r.n for r in rows)
-    mask_h = torch.zeros(len(rows), new_L, dtype=torch.long)
-    new_layouts = []
-    for b, (lay, r) in enumerate(zip(layouts, rows)):
-        pad = new_L - r.n
-        mask_h[b, pad:] = 1
-        ids = torch.full((r.n,), -1, dtype=lay.ids.dtype)
-        ids[r.text_dst] = lay.ids[r.text_src]
-        new_layouts.append(RowLayout(real=torch.arange(pad, new_L), visual=r.vis_dst, ids=ids))
-    return new_L, mask_h, new_layouts
-
-
 @dataclass(frozen=True)
 class Regather:
     """Host: the one gather that lays out every sample's rows after a stage (:func:`regather_plan`): ``src``
@@ -165,6 +151,14 @@ class Regather:
     @property
     def pad(self) -> torch.Tensor:
         return torch.tensor([self.width - r.n for r in self.maps], dtype=torch.long)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, width) the 2-D mask of the new rows: 1 at each sample's real rows (long)."""
+        mask = torch.zeros(len(self.maps), self.width, dtype=torch.long)
+        for b, r in enumerate(self.maps):
+            mask[b, self.width - r.n:] = 1
+        return mask
 
     @property
     def ar(self) -> torch.Tensor:
@@ -203,6 +197,27 @@ def regather_plan(maps: list[RowMap], old: list[torch.Tensor], base: int, width:
         src[b, pad + r.vis_dst] = torch.arange(at, at + m)
         at_take, at = at_take + k, at + m
     return Regather(src.reshape(-1), torch.cat(take) if compact and take else None, tuple(maps), width)
+
+
+def next_rows(layouts: list[RowLayout], maps: list[RowMap], old_width: int, width: int | None = None,
+              pad_src: int | None = None, compact: bool = False) -> tuple[list[RowLayout], Regather]:
+    """The rows after a stage, for both executors: each sample's row entering it (``layouts``, left-padded to
+    ``old_width``) rebuilt by its :class:`RowMap` (``maps``) and left-padded to ``width`` (None: the longest, the
+    eager executor; the captured one: its bucket). Returns each sample's new :class:`RowLayout` (text ids carried,
+    visual rows -1) and the one gather that lays the rows out (:func:`regather_plan` from the old rows flattened,
+    ``pad_src`` and ``compact`` as there)."""
+    width = max(r.n for r in maps) if width is None else width
+    old = [b * old_width + lay.real for b, lay in enumerate(layouts)]
+    return ([rebuilt_layout(lay, r, width) for lay, r in zip(layouts, maps)],
+            regather_plan(maps, old, len(maps) * old_width, width, pad_src, compact))
+
+
+def rebuilt_layout(lay: RowLayout, r: RowMap, width: int) -> RowLayout:
+    """The :class:`RowLayout` of the row ``lay`` rebuilt by ``r`` and left-padded to ``width`` (text ids carried,
+    visual rows -1)."""
+    ids = torch.full((r.n,), -1, dtype=lay.ids.dtype)
+    ids[r.text_dst] = lay.ids[r.text_src]
+    return RowLayout(real=torch.arange(width - r.n, width), visual=r.vis_dst, ids=ids)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ each segment of layers.
 
 :class:`StagedDecoder`, the second part of the eager executor, built by :class:`llava.engine.PruningEngine` from
 what it fixed at attach (:class:`llava.prefill.EagerEnv`); the rows of an llm stage are re-laid out on the host
-with :mod:`llava.layout`'s ``place_outputs`` and :mod:`llava.plan`'s ``repadded`` (its row arithmetic). It
+with :mod:`llava.layout`'s ``place_outputs`` and :mod:`llava.plan`'s ``next_rows`` (its row arithmetic). It
 keeps no state of its own: a prefill returns the :class:`llava.plan.PrefillPlan` it ran and its decode segments, and a
 decode step is handed the engine's decode state. Without llm stages the stock language model runs, at prefill and at
 decode.
@@ -26,7 +26,7 @@ from .layers import decoder_masks, first_full_layer, run_layers
 from .layout import place_outputs
 from .llm_stage import StageEntry, StageRows, stage_signals
 from .method import Selection
-from .plan import PrefillPlan, regather_plan, repadded, text_spans
+from .plan import PrefillPlan, next_rows, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import _deepstack, carry_rows, llm_outputs, regathered
@@ -173,7 +173,7 @@ class StagedDecoder:
 
     def _llm_stage(self, ctx: _Prefill, rows: "_Rows", stage: int, layer_idx: int, keep_rows: bool = False):
         """One llm stage on the padded batch: ``rows`` replaced by the stage's outputs, laid out by one gather
-        (:func:`llava.plan.regather_plan`; pad rows read a zero row). Returns (B,) the rows each sample dropped and,
+        (:func:`llava.plan.next_rows`; pad rows read a zero row). Returns (B,) the rows each sample dropped and,
         with ``keep_rows``, (B, L') the row of the old ``h`` each new row came from (a merged token: its target's;
         padding: row 0) for ``_gather_past``, else None."""
         h, mask, pos, layouts, ds = rows.h, rows.mask, rows.pos, rows.layouts, rows.ds
@@ -215,8 +215,8 @@ class StagedDecoder:
             placed.append(r)
             new_org.append(rows.origin[b][src])
             new_ent.append(rows.entry[b][src])
-        new_L, m2_h, new_layouts = repadded(layouts, placed)
-        g = regather_plan(placed, [b * L + lay.real for b, lay in enumerate(layouts)], B * L, new_L, compact=True)
+        new_layouts, g = next_rows(layouts, placed, L, compact=True)
+        new_L, m2_h = g.width, g.mask
         dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]
         ds_at = [g.vis_at] if deep_in is not None else []  # what only DeepStack / reindex read
         renum = [g.ar, g.first] if self.env.reindex else []

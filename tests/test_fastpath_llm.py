@@ -16,9 +16,10 @@ from llava.plan import PrefillPlan, RowLayout
 
 def _stages(needs, rows, lens, counts, buckets, text_buckets=()):
     """plan_stages from the plan of rows ``lens`` entering layer 0 of a 4-layer decoder (the worked examples)."""
-    plan = PrefillPlan.start("fast", 4, [c[0] for c in counts], lens, [c[0] for c in counts],
-                             bucket_for(max(lens), buckets))
-    return plan_stages(needs, rows, plan, counts, buckets, bucket_for, text_buckets)
+    W = bucket_for(max(lens), buckets)
+    plan = PrefillPlan.start("fast", 4, [c[0] for c in counts], lens, [c[0] for c in counts], W)
+    entering = [RowLayout(real=torch.arange(W - n, W), visual=lay.visual, ids=lay.ids) for lay, n in zip(rows, lens)]
+    return plan_stages(needs, rows, entering, plan, counts, buckets, bucket_for, text_buckets)
 
 
 def _row(n, p0, T):

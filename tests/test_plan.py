@@ -8,7 +8,7 @@ import torch
 
 from llava.check.inputs import make_batch
 from llava.models import load
-from llava.plan import PrefillPlan, Segment, rebuilt_row, regather_plan, repadded, row_layouts, run_ids, run_spans
+from llava.plan import PrefillPlan, Segment, next_rows, rebuilt_row, regather_plan, row_layouts, run_ids, run_spans
 
 
 def test_run_spans_are_the_consecutive_runs():
@@ -22,10 +22,12 @@ def test_run_ids_number_the_runs():
     assert run_ids(torch.zeros(0, dtype=torch.long)).tolist() == []
 
 
-def test_row_layouts_and_repadded_rows():
+def test_row_layouts_and_the_rows_after_a_stage():
     """Two left-padded prompts (pad id 0, placeholder 9): row 0 [5 9 9 6 9 7] holds two runs, row 1 [0 0 5 9 6 7]
     one run after two pads. Their layouts: real positions, visual indices among them, ids. Rebuilt with 1 + 0 and 2
-    outputs: row 0 -> [5 v 6 7] (4 rows), row 1 -> [5 v v 6 7] (5 rows), both left-padded to 5."""
+    outputs: row 0 -> [5 v 6 7] (4 rows), row 1 -> [5 v v 6 7] (5 rows), both left-padded to 5 (the longest), laid
+    out from the old rows flattened (row 0: 0..5, row 1's real rows: 8..11), then the outputs (12; 13, 14), a pad
+    reading the row after them (15)."""
     ids = torch.tensor([[5, 9, 9, 6, 9, 7], [0, 0, 5, 9, 6, 7]])
     lays = row_layouts(ids, ids.ne(0), ids.eq(9))
     assert [lay.real.tolist() for lay in lays] == [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5]]
@@ -33,8 +35,10 @@ def test_row_layouts_and_repadded_rows():
     assert lays[1].ids.tolist() == [5, 9, 6, 7]
     assert [(lay.first, lay.tokens) for lay in lays] == [(1, 3), (1, 1)]
     maps = [rebuilt_row(6, run_spans(lays[0].visual), [1, 0]), rebuilt_row(4, run_spans(lays[1].visual), [2])]
-    width, mask, new = repadded(lays, maps)
-    assert width == 5 and mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    new, g = next_rows(lays, maps, 6)
+    assert g.width == 5 and g.mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert g.src.view(2, 5).tolist() == [[15, 0, 12, 3, 5], [8, 13, 14, 10, 11]] and g.take is None
+    assert next_rows(lays, maps, 6, width=8)[1].mask[0].tolist() == [0] * 4 + [1] * 4  # a captured bucket
     assert new[0].real.tolist() == [1, 2, 3, 4] and new[0].visual.tolist() == [1] and new[0].ids.tolist() == [5, -1, 6, 7]
     assert new[1].visual.tolist() == [1, 2] and new[1].ids.tolist() == [5, -1, -1, 6, 7]
     assert (new[0].first, new[1].tokens) == (1, 2)

@@ -30,7 +30,7 @@ import torch
 from ..attention_rows import CachedRows, cached_kv
 from ..llm_stage import StageEntry, StageRows, stage_signals
 from ..method import Selection
-from ..plan import PrefillPlan, rebuilt_row, regather_plan
+from ..plan import PrefillPlan, next_rows, rebuilt_row
 from ..layers import run_layers
 from ..selection_rows import carry_rows, llm_outputs
 from ..signals import LLMSignals
@@ -88,32 +88,30 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
     return tuple(out)
 
 
-def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, text_buckets=(), deepstack: int = 0):
-    """The host plan of the llm segments. ``rows``: per sample the prompt's :class:`llava.plan.RowLayout`; ``plan``: the
-    :class:`llava.plan.PrefillPlan` of the rows entering decoder layer 0 (one segment); ``counts``: per sample, its
-    visual tokens entering layer 0 then after each stage. Returns the plan advanced at every stage (each segment's
-    rows per sample and bucket), the stages' host tensors (per stage: the visual rows entering it, the next rows'
-    gather, positions, first-position gather, pad rows per sample ("pad": the 4-D mask is built from it on the
-    device, :func:`prompt_mask`)) and what each stage shows the method of the text after the image (``needs``: the
-    method's :class:`llava.needs.Needs`): with ``needs.llm_text_rows`` per stage (the padded rows per sample, the
-    real rows per sample up to the method's cap), the rows themselves padded to ``text_buckets`` ("text",
-    "text_mask"); else ``()``. For a stage before decoder layer ``deepstack`` (DeepStack levels still to add) also
-    the next segment's visual rows, flattened ("ds_at")."""
-    B = len(rows)
+def plan_stages(needs, rows, layouts, plan: PrefillPlan, counts, buckets, bucket_for, text_buckets=(),
+                deepstack: int = 0):
+    """The host plan of the llm segments. ``rows``: per sample the prompt's :class:`llava.plan.RowLayout`;
+    ``layouts``: per sample the layout of its row entering decoder layer 0 (in its bucket); ``plan``: the
+    :class:`llava.plan.PrefillPlan` of those rows (one segment); ``counts``: per sample, its visual tokens entering
+    layer 0 then after each stage. Returns the plan advanced at every stage (each segment's rows per sample and
+    bucket), the stages' host tensors (per stage: the visual rows entering it, the next rows' gather, positions,
+    first-position gather, pad rows per sample ("pad": the 4-D mask is built from it on the device,
+    :func:`prompt_mask`)) and what each stage shows the method of the text after the image (``needs``: the method's
+    :class:`llava.needs.Needs`): with ``needs.llm_text_rows`` per stage (the padded rows per sample, the real rows per
+    sample up to the method's cap), the rows themselves padded to ``text_buckets`` ("text", "text_mask"); else ``()``.
+    For a stage before decoder layer ``deepstack`` (DeepStack levels still to add) also the next segment's visual rows,
+    flattened ("ds_at")."""
     tensors, texts = [], []
     for stage, layer in enumerate(needs.llm_layers):
         seg = plan.segments[-1]
         Lp = seg.width
-        nv_in = seg.visual
         m_out = [c[stage + 1] for c in counts]
-        n_new = [n - a + b for n, a, b in zip(seg.rows, nv_in, m_out)]
-        Lb = bucket_for(max(n_new), buckets)
-        vis, text, text_mask, text_q, n_text, maps, old = [], [], [], [], [], [], []
-        for b, (lay, n_old, nv, m) in enumerate(zip(rows, seg.rows, nv_in, m_out)):
-            p0 = lay.first
-            pad_old = Lp - n_old
-            vis.append(pad_old + p0 + torch.arange(nv))
-            if needs.llm_text_rows:  # the rows after the image in the row entering the stage, padded
+        maps = [rebuilt_row(n, [(lay.first, nv)], [m]) for lay, n, nv, m in zip(rows, seg.rows, seg.visual, m_out)]
+        Lb = bucket_for(max(r.n for r in maps), buckets)
+        text, text_mask, text_q, n_text = [], [], [], []
+        if needs.llm_text_rows:  # the rows after the image in the row entering the stage, padded
+            for lay, n_old, nv in zip(rows, seg.rows, seg.visual):
+                p0, pad_old = lay.first, Lp - n_old
                 n_after = n_old - p0 - nv
                 Q = bucket_for(n_after, text_buckets)
                 real = torch.arange(Q) < n_after
@@ -121,17 +119,16 @@ def plan_stages(needs, rows, plan: PrefillPlan, counts, buckets, bucket_for, tex
                 text_mask.append(real)
                 text_q.append(Q)
                 n_text.append(text_count(needs, n_after))
-            maps.append(rebuilt_row(n_old, [(p0, nv)], [m]))
-            old.append(b * Lp + pad_old + torch.arange(n_old))  # the sample's real rows, flattened
-        g = regather_plan(maps, old, B * Lp, Lb, pad_src=0)  # pad rows read row 0
-        tensors.append({"vis": torch.cat(vis), "src": g.src, "ar": g.ar, "first": g.first,
+        vis = torch.cat([lay.real[lay.visual] for lay in layouts])
+        layouts, g = next_rows(layouts, maps, Lp, Lb, pad_src=0)  # pad rows read row 0
+        tensors.append({"vis": vis, "src": g.src, "ar": g.ar, "first": g.first,
                         "pad": g.pad})  # its mask: prompt_mask on the device
         if text:
             tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
             texts.append((tuple(text_q), tuple(n_text)))
         if layer < deepstack:
             tensors[-1]["ds_at"] = g.vis_at
-        plan = plan.advanced(int(layer), n_new, m_out, Lb)
+        plan = plan.advanced(int(layer), [r.n for r in maps], m_out, Lb)
     return plan, tensors, tuple(texts)
 
 

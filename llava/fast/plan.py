@@ -21,7 +21,7 @@ from .probe import plan_probe
 from .refusals import NotPlanned
 from ..candidates import candidate_shapes, vision_signals, with_cls_units
 from ..ops import UnitLayout, unit_layout
-from ..plan import PrefillPlan, rebuilt_row, row_layouts, sample_key, text_spans
+from ..plan import PrefillPlan, rebuilt_layout, rebuilt_row, row_layouts, sample_key, text_spans
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -342,7 +342,8 @@ class HostPlanner:
         rows, index, samples = vp.rows, vp.index, vp.spec.samples
         B = len(rows)
         real = counts if counts is not None else [s.outputs for s in samples]
-        lens = [int(lay.ids.numel()) - lay.tokens + m for lay, m in zip(rows, real)]
+        maps = [rebuilt_row(int(lay.ids.numel()), [(lay.first, lay.tokens)], [m]) for lay, m in zip(rows, real)]
+        lens = [r.n for r in maps]
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
         plan = PrefillPlan.start("fast", len(e.lm.layers), [lay.tokens for lay in rows], lens, real, Lb)
@@ -350,8 +351,9 @@ class HostPlanner:
         if e.needs.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
                 raise refusals.piecewise_stages(e.method.name)
-            plan, stage_host, texts = plan_stages(e.needs, rows, plan, vp.dry, self.buckets, bucket_for, TEXT_BUCKETS,
-                                                  deepstack=vp.spec.deepstack)
+            plan, stage_host, texts = plan_stages(e.needs, rows, [rebuilt_layout(lay, r, Lb) for lay, r in
+                                                                  zip(rows, maps)], plan, vp.dry, self.buckets,
+                                                  bucket_for, TEXT_BUCKETS, deepstack=vp.spec.deepstack)
         # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
         tok = torch.zeros(B, Lb, dtype=torch.long)
         src = torch.arange(B * Lb).view(B, Lb).clone()
@@ -361,10 +363,9 @@ class HostPlanner:
         vpos, nxt = [], []
         vis0 = []  # the visual rows entering layer 0 (llm stages)
         out_at = B * Lb
-        for b, (lay, n, smp, m) in enumerate(zip(rows, lens, samples, real)):
+        for b, (lay, r, n, smp, m) in enumerate(zip(rows, maps, lens, samples, real)):
             ids, p0, T = lay.ids, lay.first, lay.tokens
             pad = Lb - n
-            r = rebuilt_row(int(ids.numel()), [(p0, T)], [m])
             tok[b, pad + r.text_dst] = ids[r.text_src]
             src[b, pad + r.vis_dst] = out_at + torch.arange(m)
             out_at += smp.outputs  # a padded sample's slice of the buffer is longer
