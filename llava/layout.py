@@ -12,6 +12,7 @@ out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.p
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from .attention_rows import probe_rows

@@ -304,7 +304,7 @@ class HostPlanner:
                        tuple((k, static) for k, _, static in smp.layouts),
                        tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
             lay = rows[b]
-            n_text = int(lay.ids.numel()) - lay.first - lay.tokens  # the text after the image (an llm stage's text rows)
+            n_text = int(lay.ids.numel()) - lay.first - lay.tokens  # the text after the image (llm stages' text rows)
             if e.needs.llm_text_rows:  # its counts may depend on it, up to the method's cap
                 n_text = text_count(e.needs, n_text)
                 sig_key += (n_text,)
