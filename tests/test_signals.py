@@ -238,9 +238,10 @@ def test_fullwidth_signals_equal_the_layer_recomputed_from_hidden_states(runtime
         hs = rt.model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
     rt.unprune()
     layer = rt.model.model.vision_tower.encoder.layers[-1]  # produces hidden_states[-1]
-    x = layer.layer_norm1(hs[-2])  # its input
-    q, k = layer.self_attn.q_proj(x).double(), layer.self_attn.k_proj(x).double()
-    p = torch.softmax(q[:, :1] @ k.transpose(1, 2) / k.shape[-1] ** 0.5, -1)[:, 0]  # (n, 17)
+    with torch.no_grad():
+        x = layer.layer_norm1(hs[-2])  # its input
+        q, k = layer.self_attn.q_proj(x).double(), layer.self_attn.k_proj(x).double()
+        p = torch.softmax(q[:, :1] @ k.transpose(1, 2) / k.shape[-1] ** 0.5, -1)[:, 0]  # (n, 17)
     for b, sig in enumerate(spy.seen):
         torch.testing.assert_close(sig.fullwidth_cls_attn[-1].double(), p[b, 1:], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(sig.fullwidth_keys[-1].double(), k[b, 1:], atol=1e-5, rtol=1e-5)
