@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -33,12 +34,12 @@ class RowLayout:
     visual: torch.Tensor
     ids: torch.Tensor
 
-    @property
+    @cached_property
     def first(self) -> int:
         """The index among the real tokens of the first visual token (0 when there is none)."""
         return int(self.visual[0]) if self.visual.numel() else 0
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         """The visual tokens."""
         return int(self.visual.numel())
