@@ -94,26 +94,25 @@ class RowMap:
     vis_dst: torch.Tensor
 
 
-def run_ids(visual: torch.Tensor) -> torch.Tensor:
-    """Run index (0-based) of each visual token (``visual``: host indices, ascending; consecutive indices form one
+def _run_starts(visual: torch.Tensor) -> torch.Tensor:
+    """(nv,) bool: which visual tokens start a run (``visual``: host indices, ascending; consecutive indices form one
     run)."""
-    if not visual.numel():
-        return visual.clone()
-    new = torch.ones_like(visual, dtype=torch.long)
-    new[1:] = (visual[1:] != visual[:-1] + 1).long()
-    new[0] = 0
-    return new.cumsum(0)
+    starts = torch.ones(visual.numel(), dtype=torch.bool)
+    starts[1:] = visual[1:] != visual[:-1] + 1
+    return starts
+
+
+def run_ids(visual: torch.Tensor) -> torch.Tensor:
+    """Run index (0-based) of each visual token (``visual``: host indices, ascending)."""
+    return _run_starts(visual).long().cumsum(0) - 1
 
 
 def run_spans(visual: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, length) of each placeholder run of a row (``visual``: host indices of its visual tokens, ascending;
-    consecutive indices form one run)."""
+    """(start, length) of each placeholder run of a row (``visual``: host indices of its visual tokens, ascending)."""
     n = int(visual.numel())
     if not n:
         return []
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = visual[1:] != visual[:-1] + 1
-    first = starts.nonzero().flatten()
+    first = _run_starts(visual).nonzero().flatten()
     return list(zip(visual[first].tolist(), torch.diff(first, append=torch.tensor([n])).tolist()))
 
 
