@@ -48,9 +48,10 @@ class VisionStage:
         method = self.method
         position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
         needs = self.needs
-        blocks = self.adapter.encode(visual, self.env.tower)
-        if not blocks:
+        kinds = self.adapter.layout(visual)  # host metadata only
+        if not kinds:
             raise ValueError("no visual input")
+        tabs = self.adapter.encode(visual, kinds, self.env.tower)
         embeds = self.lm.embed_tokens(input_ids)
         B, L = input_ids.shape
         dev = input_ids.device
@@ -64,7 +65,8 @@ class VisionStage:
         cls_rows = []  # per block: each unit's row in the [CLS] table (-1: none)
         offset = n_cls_rows = 0
         kind = None
-        for token_id, kind, tab, units in blocks:
+        for vl, tab in zip(kinds, tabs):
+            token_id, kind, units = vl.token_id, vl.kind, vl.units
             where_h = ids_h == token_id
             n_slots, n_feat = int(where_h.sum()), int(units.src.numel())
             if n_slots != n_feat:
@@ -110,7 +112,7 @@ class VisionStage:
         layouts = row_layouts(ids_h, valid_h, src_h >= 0)
         per_sample: list[VisionSignals | None] = []
         if need_signals:
-            units_all = join_units([blk.units for blk in blocks])  # every token in the order of src_h's ids
+            units_all = join_units([vl.units for vl in kinds])  # every token in the order of src_h's ids
             cls_row_h = torch.cat(cls_rows)
             extras = needs.include_cls_candidates and "vision_features" in utable
             host, grids = [], []

@@ -45,13 +45,15 @@ def test_static_encoder_equals_the_eager_encoder(rts, vision_layer):
     _, eager = rts
     adapter = eager.prune("none", None).adapter
     px = images(eager)["pixel_values"]
+    visual = {"pixel_values": px}
     with torch.no_grad():
-        (ref,) = adapter.encode({"pixel_values": px}, TowerCall(attention=True, layer=vision_layer))
+        (ref,) = adapter.encode(visual, adapter.layout(visual), TowerCall(attention=True, layer=vision_layer))
         got = adapter.encode_static(px, ("internvl", int(px.shape[0])), {}, TowerCall(attention=True, layer=vision_layer))
-        (other,) = adapter.encode({"pixel_values": px}, TowerCall(attention=True, layer=2 if vision_layer is None else None))
+        (other,) = adapter.encode(visual, adapter.layout(visual),
+                                  TowerCall(attention=True, layer=2 if vision_layer is None else None))
     for k in ("features", "vision_features", "cls_attn", "keys"):
-        assert torch.equal(got[k], ref.table[k]), k
-    assert not torch.equal(got["cls_attn"], other.table["cls_attn"])  # the layer is read
+        assert torch.equal(got[k], ref[k]), k
+    assert not torch.equal(got["cls_attn"], other["cls_attn"])  # the layer is read
 
 
 CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("otprune", 6), ("consensusdrop", 6),

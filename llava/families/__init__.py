@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import registry
-from .base import FamilyAdapter, VisualBlock, to_device  # noqa: F401
+from .base import FamilyAdapter, to_device  # noqa: F401
 from .internvl import InternVLAdapter  # noqa: F401
 from .llava import LlavaAdapter  # noqa: F401
 from .llava_next import NEXT_LAYOUTS, LlavaNextAdapter, next_token_layout  # noqa: F401

@@ -1,18 +1,18 @@
 """What the engine asks a model family. One subclass per family, one file each; the family's record
 (:mod:`llava.families.registry`) names it.
 
-The engine core (``llava/engine.py``) knows no family. Its two executors ask the adapter's one visual interface:
+The engine core (``llava/engine.py``) knows no family. Both executors ask the adapter's one visual interface:
 
-* **encode** (the eager executor, dynamic shapes, every input it takes: several images per prompt, images and
-  videos in one batch): run the vision tower once and return, per placeholder token id, the tower's per-token
-  table (the features as the stock model computes them, the signals methods read) and the host layout of its
-  tokens in the LLM input (:class:`VisualBlock`, :class:`VisualUnits`); the core gathers the table into the LLM's
-  order (:func:`llava.candidates.gather_tokens`, newline rows included);
-* **visual_layout** (the captured executor, host only): the same host layout, from the same function of host
-  metadata, split per prompt (one image or one video each; :class:`VisualLayout`, :func:`layout_samples`), and
-  **encode_static**, the tower run with the static shapes that plan fixes, and its per-token table
-  (``static_table``; ``static_cls`` a unit's [CLS] rows); ``tower_for`` / ``newline`` / ``signal_widths`` /
-  ``rope_positions`` serve both;
+* **layout** (host only, from the processor's metadata: pixel shapes, image sizes, grids): per placeholder token id,
+  the host layout of its tokens in the LLM input (:class:`VisualLayout`, :class:`VisualUnits`), for every input the
+  eager executor takes (several images per prompt, images and videos in one batch);
+* **encode** (the eager executor, dynamic shapes): run the vision tower once per layout and return its per-token
+  table (the features as the stock model computes them, the signals methods read); the core gathers the table into
+  the LLM's order (:func:`llava.candidates.gather_tokens`, newline rows included);
+* **visual_layout** (the captured executor): the same layout where it has one image or one video per prompt
+  (:func:`layout_samples`), with the static plan of the tower's run, and **encode_static**, the tower run with the
+  static shapes that plan fixes, and its per-token table (``static_table``; ``static_cls`` a unit's [CLS] rows);
+  ``tower_for`` / ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
 * give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say
   whether kept tokens keep them (``keeps_positions``) or are renumbered contiguously (LLaVA's
@@ -55,7 +55,7 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
 
 class VisualUnits(NamedTuple):
     """The host layout of one placeholder kind's visual tokens, as the LLM input lays them out (every image / video
-    of the call, in prompt order), for both executors: the eager vision stage reads it whole (:class:`VisualBlock`),
+    of the call, in prompt order), for both executors: the eager vision stage reads it whole,
     the captured plan per prompt (:func:`layout_samples`).
 
     src (T,): each token's row in the tower's per-token table (-1: a newline token, :func:`llava.candidates.gather_tokens`); unit
@@ -152,33 +152,15 @@ def layout_samples(u: VisualUnits) -> list[dict]:
     return samples
 
 
-class VisualBlock(NamedTuple):
-    """The visual tokens of one placeholder kind (image or video token id) for the whole batch, from one tower run.
-
-    kind: the unit kind ("image" / "crop" / "frame"); table: per tower token, in the order ``units.src`` indexes
-    (:func:`llava.candidates.gather_tokens`): ``features`` (N, D) exactly what the stock model splices; ``vision_features`` (N, Dv),
-    the space ``project`` maps to ``features`` (vision-space merges); optionally ``cls_attn`` (N, H) saliency per
-    head and ``keys`` (N, d), the tower signals by flat name, ``in_tower_kept``, and ``deepstack`` (N, L, D) rows
-    the text model adds at the token's position after decoder layers 0..L-1 (Qwen3-VL); and ``cls``, a dict of
-    per-unit [CLS] rows offered as extra candidates (:func:`llava.families.clip.clip_cls`). units: the host layout
-    (:class:`VisualUnits`).
-    """
-
-    token_id: int
-    kind: str
-    table: dict
-    units: VisualUnits
-
-
 class VisualLayout(NamedTuple):
-    """The host layout of a prefill's visual input (:meth:`FamilyAdapter.visual_layout`), read by the captured
-    executor (:mod:`llava.fast.path`): exactly one image or one video per prompt, laid out as the stock model splices
-    it.
+    """The host layout of the visual tokens of one placeholder kind (image or video token id) for the whole batch
+    (:meth:`FamilyAdapter.layout`), for both executors: laid out as the stock model splices them, every image / video
+    of the call in prompt order.
 
     key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
     placeholder id; kind: the unit kind ("image" / "crop" / "frame"); drop_cls: the tower's [CLS] row is
-    not fed to the LLM (offered as an extra candidate); units: the tokens' host layout
-    (:class:`VisualUnits`, the eager engine's, from the same function), an image / video per prompt; per prompt
+    not fed to the LLM (offered as an extra candidate); units: the tokens' host layout (:class:`VisualUnits`). The
+    captured executor's layout (:meth:`FamilyAdapter.visual_layout`) has one image / video per prompt; per prompt
     (:attr:`samples`, :func:`sample_units`) host tensors ``src`` (T,) each visual token's row in the tower's flat
     (N * tokens-per-unit) output, -1 for a newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its
     patch (-1 [CLS] / newline); ``units`` (U,) the units' rows among the N tower inputs; ``unit_pos`` (U, 2); and
@@ -241,10 +223,22 @@ class FamilyAdapter:
     def num_vision_layers(self) -> int:
         return len(self.tower.encoder.layers)
 
-    def encode(self, visual: dict, call: TowerCall) -> list[VisualBlock]:
-        """The eager executor's tower run over every visual input of a prefill, one block per placeholder kind,
-        computing what the method asks (``call``, :class:`llava.needs.TowerCall`; its ``reads`` as per-token entries
-        under their :attr:`~llava.needs.TowerRead.names`)."""
+    def layout(self, visual: dict) -> list[VisualLayout]:
+        """The host layout of a prefill's visual inputs, one :class:`VisualLayout` per placeholder kind present (in
+        the order :meth:`encode` runs them), from host metadata only (pixel shapes, image sizes, grids): every input
+        the eager executor takes. Raises ValueError for inputs the family does not take."""
+        raise NotImplementedError
+
+    def encode(self, visual: dict, layouts: list[VisualLayout], call: TowerCall) -> list[dict]:
+        """The eager executor's tower runs over the visual inputs of a prefill laid out by :meth:`layout`, computing
+        what the method asks (``call``, :class:`llava.needs.TowerCall`; its ``reads`` as per-token entries under their
+        :attr:`~llava.needs.TowerRead.names`). Per layout its table, per tower token in the order ``units.src``
+        indexes (:func:`llava.candidates.gather_tokens`): ``features`` (N, D) exactly what the stock model splices;
+        ``vision_features`` (N, Dv), the space ``project`` maps to ``features`` (vision-space merges); optionally
+        ``cls_attn`` (N, H) saliency per head and ``keys`` (N, d), the tower signals by flat name,
+        ``in_tower_kept``, and ``deepstack`` (N, L, D) rows the text model adds at the token's position after decoder
+        layers 0..L-1 (Qwen3-VL); and ``cls``, a dict of per-unit [CLS] rows offered as extra candidates
+        (:func:`llava.families.clip.clip_cls`)."""
         raise NotImplementedError
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
@@ -272,10 +266,11 @@ class FamilyAdapter:
 
     # ---------------------------------------------------------------- the captured executor's half (llava.fast)
     def visual_layout(self, visual: dict, batch: int, input_ids: torch.Tensor | None = None) -> VisualLayout:
-        """The host plan of this prefill's visual inputs (no device work; reads only host metadata
-        such as image sizes). ``input_ids``: the host ids (B, L) of the prompt, padding included, for a family
-        whose visual metadata does not say which inputs belong to which prompt (InternVL's tiles). Raises
-        ValueError with the reason when the fast path cannot take them."""
+        """The captured executor's host plan of this prefill's visual inputs (no device work; reads only host
+        metadata such as image sizes): :meth:`layout` where it is one image or one video per prompt, with the static
+        plan of the tower's run (``tower``, ``tower_tensors``). ``input_ids``: the host ids (B, L) of the prompt,
+        padding -1, for a family whose visual metadata does not say which inputs belong to which prompt (InternVL's
+        tiles). Raises ValueError with the reason when the fast path cannot take them."""
         raise ValueError(f"the fast path plans no {self.family} inputs")
 
     def encode_static(self, pixels: torch.Tensor, tower, tensors: dict, call: TowerCall) -> dict:
@@ -288,7 +283,7 @@ class FamilyAdapter:
         raise NotImplementedError(f"the fast path encodes no {self.family} tower")
 
     def static_table(self, out: dict, tower) -> dict:
-        """The per-token table (:class:`VisualBlock`'s, without ``cls`` and ``deepstack``) of :meth:`encode_static`'s
+        """The per-token table (:meth:`encode`'s, without ``cls`` and ``deepstack``) of :meth:`encode_static`'s
         outputs ``out``, inside the prefill's function: by default the entries it gave per token."""
         return {k: out[k] for k in ("features", "vision_features", "cls_attn", "keys") if k in out}
 

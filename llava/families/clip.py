@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..needs import HEAD_PREFIXES
-from .base import FamilyAdapter, VisualUnits, param_dtype, uniform_units
+from .base import FamilyAdapter, VisualLayout, VisualUnits, param_dtype, uniform_units
 
 #: the arithmetic of the tower's attention signals (``Method.vision_attention_logits``): "fp32" (ours: q / k cast
 #: to fp32, fp32 softmax) or "model" (the official code's: in the tower's dtype, see :func:`clip_probs`)
@@ -391,7 +391,7 @@ def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None
 
 
 def clip_table(hs, ca, ks, proj, drop_cls: bool, received: dict | None = None) -> dict:
-    """The eager engine's per-token table of n CLIP units (:class:`llava.families.base.VisualBlock`): :func:`clip_tokens`
+    """The eager engine's per-token table of n CLIP units (:meth:`llava.families.base.FamilyAdapter.encode`): :func:`clip_tokens`
     (``features``, ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals, ``in_tower_kept``) and,
     when the model drops the [CLS] from the LLM input, ``cls`` (:func:`clip_cls`: each unit's [CLS] as an extra
     candidate, VisionZip / VisionDrop)."""
@@ -431,6 +431,29 @@ class ClipAdapter(FamilyAdapter):
     :meth:`static_cls`), from the functions the eager ``encode`` uses."""
 
     tower_logits = True  # the attention signals in the official arithmetic too (clip_probs)
+
+    def encode(self, visual, layouts, call):
+        """The eager executor's tower run per layout (:func:`run_tower`): a video's frames flattened into units, an
+        image's real crops (``tower.crops``: LLaVA-NeXT's padded crops left out); its :func:`clip_table`."""
+        tables = []
+        for lay in layouts:
+            px = visual[lay.key]
+            if lay.kind == "frame":
+                px = px.flatten(0, 1)
+            elif lay.tower.crops:
+                px = torch.cat([pv[:c] for pv, c in zip(px, lay.units.counts)], 0)
+            hs, ca, ks, rc = run_tower(self.tower_for(lay.key), px, self.config.vision_feature_layer, call,
+                                       kind=lay.kind, cls_in_llm=not lay.drop_cls)
+            tables.append(clip_table(hs, ca, ks, self.core.multi_modal_projector, lay.drop_cls, rc))
+        return tables
+
+    def clip_layout(self, key: str, kind: str, items: int, per_item: int, drop_cls: bool) -> VisualLayout:
+        """The :class:`VisualLayout` of ``items`` images / videos of ``per_item`` CLIP units each (:func:`clip_units`)
+        under the keyword ``key``."""
+        cfg = self.config
+        token_id = cfg.video_token_id if key == "pixel_values_videos" else cfg.image_token_id
+        return VisualLayout(key, token_id, kind, drop_cls, clip_units(cfg.vision_config, items, per_item, drop_cls),
+                            tower=ClipRun(key, kind, drop_cls))
 
     def encode_static(self, pixels, tower: ClipRun, tensors, call):
         """The tower once over every unit (images / crops / frames, flattened; ``tower.crops``: the planned rows

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import (FamilyAdapter, VisualBlock, VisualLayout, VisualUnits, join_units,
+from .base import (FamilyAdapter, VisualLayout, VisualUnits, join_units,
                    uniform_units)
 
 
@@ -99,20 +99,26 @@ class InternVLAdapter(FamilyAdapter):
         ca, ks = cls_signals(layer, h)  # (n, H, 1 + P), (n, 1 + P, d)
         return self.pool(ca[:, :, 1:].transpose(1, 2), "sum"), self.pool(ks[:, 1:], "mean")
 
-    def encode(self, visual, call):
-        if call.reads:
-            raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
-                             "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
+    def layout(self, visual):
         if visual.get("pixel_values_videos") is not None:
             raise ValueError("InternVL takes video frames as pixel_values (its processor merges them with the "
                              "images), not pixel_values_videos")
+        px = visual.get("pixel_values")
+        # a unit per tile; pixel_values does not say which tiles are whose: each tile is a run of its own
+        return [] if px is None else [VisualLayout("pixel_values", self.config.image_token_id, "crop", False,
+                                                   self._units([1] * px.shape[0]))]
+
+    def encode(self, visual, layouts, call):
+        if call.reads:
+            raise ValueError(f"{self.family}: attention of extra vision layers (Method.vision_attention_layers) "
+                             "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         cfg = self.config
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(f"InternVL: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} "
                              "is not supported (the pixel shuffle needs the [CLS] removed: 'default')")
-        px = visual.get("pixel_values")
-        if px is None:
+        if not layouts:
             return []
+        px = visual["pixel_values"]
         captured, handles = {}, []
 
         def grab(key):
@@ -137,8 +143,7 @@ class InternVLAdapter(FamilyAdapter):
         table = {"features": feats.reshape(n * m, -1), "vision_features": captured["proj"].reshape(n * m, -1)}
         if call.attention:
             table["cls_attn"], table["keys"] = self.pooled_signals(layer, captured["h"])
-        # a unit per tile; pixel_values does not say which tiles are whose: each tile is a run of its own
-        return [VisualBlock(cfg.image_token_id, "crop", table, self._units([1] * n))]
+        return [table]
 
     def _units(self, tiles: list[int]) -> VisualUnits:
         """The host layout of images of ``tiles`` tiles each: a unit per tile, its tokens in the pixel shuffle's

@@ -4,29 +4,19 @@ candidate, MLP projector, 1-D RoPE. One unit per image (576 tokens at 336 px).""
 
 from __future__ import annotations
 
-from .base import VisualBlock, VisualLayout
-from .clip import ClipAdapter, ClipRun, clip_table, clip_units, run_tower
+from .clip import ClipAdapter
 
 
 class LlavaAdapter(ClipAdapter):
-    def encode(self, visual, call):
-        pixel_values = visual.get("pixel_values")
+    def layout(self, visual):
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
-        cfg = self.config
-        drop = cfg.vision_feature_select_strategy == "default"
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, call, kind="image",
-                                   cls_in_llm=not drop)
-        return [VisualBlock(cfg.image_token_id, "image", clip_table(hs, ca, ks, self.core.multi_modal_projector, drop, rc),
-                            clip_units(cfg.vision_config, hs.shape[0], 1, drop))]
+        px = visual.get("pixel_values")
+        drop = self.config.vision_feature_select_strategy == "default"
+        return [] if px is None else [self.clip_layout("pixel_values", "image", px.shape[0], 1, drop)]
 
     def visual_layout(self, visual, batch, input_ids=None):
         px = visual.get("pixel_values")
-        if visual.get("pixel_values_videos") is not None:
-            raise ValueError(f"{self.family} does not take pixel_values_videos")
-        if px is None or px.dim() != 4 or px.shape[0] != batch:
+        if visual.get("pixel_values_videos") is None and (px is None or px.dim() != 4 or px.shape[0] != batch):
             raise ValueError("the fast path takes exactly one image per prompt")
-        drop = self.config.vision_feature_select_strategy == "default"
-        return VisualLayout("pixel_values", self.config.image_token_id, "image", drop,
-                            clip_units(self.config.vision_config, batch, 1, drop),
-                            tower=ClipRun("pixel_values", "image", drop))
+        return self.layout(visual)[0]

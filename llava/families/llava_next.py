@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import VisualBlock, VisualLayout, VisualUnits, join_units
-from .clip import ClipAdapter, ClipRun, clip_table, clip_units, run_tower
+from .base import VisualLayout, VisualUnits, join_units
+from .clip import ClipAdapter, ClipRun, clip_units
 
 NEXT_LAYOUTS = ("spatial_unpad", "spatial")
 
@@ -102,37 +102,28 @@ class LlavaNextAdapter(ClipAdapter):
                                      crops.rows))
         return join_units(items)
 
-    def encode(self, visual, call):
+    def layout(self, visual):
         if visual.get("pixel_values_videos") is not None:
             raise ValueError(f"{self.family} does not take pixel_values_videos")
-        pixel_values, image_sizes = visual.get("pixel_values"), visual.get("image_sizes")
-        cfg = self.config
-        if image_sizes is None:
+        px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
+        if px is None:
+            return []
+        if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes")
-        if torch.is_tensor(image_sizes):
-            image_sizes = image_sizes.tolist()  # one host read; the crop arithmetic is host work
-        units = self._units(image_sizes)
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, units.counts)], 0)
-        drop = cfg.vision_feature_select_strategy == "default"
-        hs, ca, ks, rc = run_tower(self.tower, pixel_values, cfg.vision_feature_layer, call, kind="crop",
-                                   cls_in_llm=not drop)
-        return [VisualBlock(cfg.image_token_id, "crop", clip_table(hs, ca, ks, self.core.multi_modal_projector,
-                                                                   drop, rc), units)]
+        units = self._units(sizes.tolist() if torch.is_tensor(sizes) else sizes)  # host metadata (the processor's)
+        crops = px.dim() == 5  # (B, crops, 3, H, W): each image's real crops are its first ones
+        rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)]) if crops else None
+        drop = self.config.vision_feature_select_strategy == "default"
+        return [VisualLayout("pixel_values", self.config.image_token_id, "crop", drop, units,
+                             tower=ClipRun("pixel_values", "crop", drop, crops=crops), tower_tensors={"crops": rows})]
 
     def visual_layout(self, visual, batch, input_ids=None):
-        cfg = self.config
         px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
-        if visual.get("pixel_values_videos") is not None:
-            raise ValueError(f"{self.family} does not take pixel_values_videos")
-        if px is None or sizes is None or len(sizes) != batch or px.dim() != 5 or px.shape[0] != batch:
+        if visual.get("pixel_values_videos") is None and (px is None or sizes is None or len(sizes) != batch
+                                                          or px.dim() != 5 or px.shape[0] != batch):
             raise ValueError("the fast path takes exactly one image per prompt (pixel_values (B, crops, 3, H, W) "
                              "and image_sizes)")
-        units = self._units(sizes.tolist() if torch.is_tensor(sizes) else sizes)  # host metadata (the processor's)
-        rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)])  # the real crops
-        drop = cfg.vision_feature_select_strategy == "default"
-        return VisualLayout("pixel_values", cfg.image_token_id, "crop", drop, units,
-                            tower=ClipRun("pixel_values", "crop", drop, crops=True), tower_tensors={"crops": rows})
+        return self.layout(visual)[0]
 
     def newline(self):
         return self.core.image_newline  # fed where the layout has a newline token (spatial_unpad's rows)

@@ -284,38 +284,34 @@ def _pack_images(per_crop: torch.Tensor, index: torch.Tensor, interps: list[_Int
 
 
 def encode_images(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor, *,
-                  batch_num_images: torch.Tensor | list[int] | None = None, want_attn: bool) -> OneVisionVisual:
+                  batch_num_images: torch.Tensor | list[int] | None = None, want_attn: bool,
+                  plan: tuple | None = None) -> OneVisionVisual:
     """Images of one call (``pixel_values`` (n, max_crops, 3, S, S) or stacked crops, ``image_sizes``
     (n, 2) as (H, W), ``batch_num_images`` as given to the stock forward) -> ``OneVisionVisual``.
-    One tower pass over all crops (the stock ``get_image_features``); signals from that pass."""
+    One tower pass over all crops (the stock ``get_image_features``); signals from that pass, packed as
+    :func:`plan_images` lays them out (``plan``: its result when the caller made it already)."""
     core = _core(model)
     cfg = core.config
+    if plan is None:
+        sizes_host = image_sizes.tolist() if torch.is_tensor(image_sizes) else [list(s) for s in image_sizes]
+        plan = plan_images(cfg, sizes_host, None, batch_num_images)
     out, states, received, keys = _run(core, want_attn, lambda v, s: core.get_image_features(
         pixel_values, image_sizes, vision_feature_layer=v, vision_feature_select_strategy=s,
         batch_num_images=batch_num_images, return_dict=True))
     features = torch.cat(out.pooler_output, dim=0)
-
-    sizes_host = image_sizes.tolist() if torch.is_tensor(image_sizes) else [list(s) for s in image_sizes]
-    if batch_num_images is None:
-        need_patching = [True] * len(sizes_host)
-    else:
-        counts = batch_num_images.tolist() if torch.is_tensor(batch_num_images) else list(batch_num_images)
-        need_patching = [n == 1 for n in counts for _ in range(n)]
-    num_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if need else 1
-                 for s, need in zip(sizes_host, need_patching)]
-    index, interps, unit, patch, unit_pos, unit_grid, sizes = _image_plan(cfg, sizes_host, num_crops)
-    h, w = unit_grid[0]
-    index = index.to(states.device)
+    (_, interps, h, w), tensors, units = plan
+    index, its = tensors["index"].to(states.device), _interps(interps)
 
     def pack(per_crop):
-        return _pack_images(per_crop, index, interps, h, w)
+        return _pack_images(per_crop, index, its, h, w)
 
     return OneVisionVisual(
         features=features,
         vision_features=pack(states),
         saliency=pack(received.transpose(1, 2)).transpose(0, 1).contiguous() if want_attn else None,
         keys=pack(keys) if want_attn else None,
-        unit=unit, patch=patch, unit_pos=unit_pos, unit_grid=unit_grid, sizes=sizes, counts=num_crops)
+        unit=units.unit, patch=units.patch, unit_pos=units.unit_pos, unit_grid=list(units.grid),
+        sizes=list(units.sizes), counts=list(units.counts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,13 +360,19 @@ def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) 
 # The fast path (llava.fast.path): the same packing with every size planned on the host
 
 
-def plan_images(cfg, image_sizes: list, max_crops: int | None):
-    """The host plan of one image per prompt (``image_sizes`` (H, W) each; ``max_crops``: the padded crop count
-    of ``pixel_values`` (n, max_crops, 3, S, S), None for stacked crops). Returns (the static tower plan: hashable,
+def plan_images(cfg, image_sizes: list, max_crops: int | None, batch_num_images=None):
+    """The host plan of images of ``image_sizes`` (H, W) each (``max_crops``: the padded crop count of
+    ``pixel_values`` (n, max_crops, 3, S, S), None for stacked crops; ``batch_num_images`` as given to the stock
+    forward: an image in a prompt of several gets its base crop only). Returns (the static tower plan: hashable,
     part of the graph key; its host tensors: ``crops`` the real crops' rows of the flattened input, ``index`` the
     packing gather of :func:`_pack_images`; the units of :class:`llava.families.base.VisualLayout`)."""
-    num_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                 for s in image_sizes]
+    if batch_num_images is None:
+        patched = [True] * len(image_sizes)
+    else:
+        counts = batch_num_images.tolist() if torch.is_tensor(batch_num_images) else list(batch_num_images)
+        patched = [n == 1 for n in counts for _ in range(n)]
+    num_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if p else 1
+                 for s, p in zip(image_sizes, patched)]
     index, interps, unit, patch, unit_pos, unit_grid, sizes = _image_plan(cfg, image_sizes, num_crops)
     step = max_crops if max_crops is not None else 0
     rows, at = [], 0
@@ -382,6 +384,11 @@ def plan_images(cfg, image_sizes: list, max_crops: int | None):
                             for it in interps), h, w)
     return plan, {"crops": torch.cat(rows), "index": index}, packed_units(unit, patch, unit_grid, sizes, num_crops,
                                                                            unit_pos)
+
+
+def _interps(plan: tuple) -> list[_Interp]:
+    """The images a plan interpolates (:func:`plan_images`' plan), as :func:`_pack_images` takes them."""
+    return [_Interp(a, r, c, list(size), list(o)) for a, r, c, size, o in plan]
 
 
 def _video_layout(cfg, n_videos: int, n_frames: int) -> tuple:
@@ -431,7 +438,7 @@ def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn
     proj = core.multi_modal_projector(states)
     index = tensors["index"]
     if kind == "images":
-        its = [_Interp(a, r, c, list(size), list(o)) for a, r, c, size, o in interps]
+        its = _interps(interps)
 
         def pack(per_crop):
             return _pack_images(per_crop, index, its, h, w)

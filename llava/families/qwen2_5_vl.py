@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, VisualBlock, VisualLayout, packed_units
+from .base import FamilyAdapter, VisualLayout, packed_units
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -56,7 +56,32 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def num_vision_layers(self) -> int:
         return len(self.core.visual.blocks)
 
-    def encode(self, visual, call):
+    def layout(self, visual):
+        """Per kind present (images, then videos) its merged tokens in the LLM's order, from the grids
+        (``image_grid_thw`` / ``video_grid_thw``, read once on the host; :func:`qwen_vision._layout`): an image's in
+        raster order (one unit), a video's temporal slices one after the other (a unit each)."""
+        cfg = self.config
+        out = []
+        for key, grid_key, token_id in (("pixel_values", "image_grid_thw", cfg.image_token_id),
+                                        ("pixel_values_videos", "video_grid_thw", cfg.video_token_id)):
+            if visual.get(key) is None:
+                continue
+            video = key == "pixel_values_videos"
+            grid = visual.get(grid_key)
+            if grid is None:
+                raise ValueError(f"{self.family} needs {grid_key} with its pixels")
+            grid_h = (grid.cpu() if torch.is_tensor(grid) else torch.tensor(grid)).long().reshape(-1, 3)
+            unit, patch, grids, sizes, _, counts = qwen_vision._layout(grid_h.tolist(),
+                                                                       int(self.core.visual.spatial_merge_size))
+            meta = {grid_key: grid_h}
+            if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
+                ts = visual["second_per_grid_ts"]
+                meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
+            out.append(VisualLayout(key, token_id, "frame" if video else "image", False,
+                                    packed_units(unit, patch, grids, sizes, counts), meta=meta))
+        return out
+
+    def encode(self, visual, layouts, call):
         # group_mean at block b: its output averaged over each merged token's 4 patches (the method's
         # ``vision_group_mean_blocks``: MMTok's official vision -> vision space)
         means = {r.layer: r.names[0] for r in call.reads if r.kind == "group_mean"}
@@ -65,18 +90,12 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                              "is available for the CLIP towers (LLaVA-1.5, NeXT, Video-LLaVA) only")
         # ``call.layer`` (a CLIP hidden-state index) has no meaning for this tower: the block is
         # ``qwen_saliency_layer`` (default: the last full-attention block)
-        cfg = self.config
-        blocks = []
-        for pix, grid, token_id, video in ((visual.get("pixel_values"), visual.get("image_grid_thw"),
-                                            cfg.image_token_id, False),
-                                           (visual.get("pixel_values_videos"), visual.get("video_grid_thw"),
-                                            cfg.video_token_id, True)):
-            if pix is None:
-                continue
-            if grid is None:
-                raise ValueError(f"{self.family} needs {'video' if video else 'image'}_grid_thw with its pixels")
-            v = qwen_vision.encode(self.model, pix, grid, want_attn=call.attention, layer=self.saliency_layer,
-                                   saliency=self.saliency, video=video, group_mean=tuple(means))
+        tables = []
+        for lay in layouts:
+            video = lay.kind == "frame"
+            v = qwen_vision.encode(self.model, visual[lay.key], visual["video_grid_thw" if video else "image_grid_thw"],
+                                   want_attn=call.attention, layer=self.saliency_layer, saliency=self.saliency,
+                                   video=video, group_mean=tuple(means))
             table = {"features": v.features, "vision_features": v.vision_features}
             if v.saliency is not None:
                 table["cls_attn"] = v.saliency.T
@@ -85,9 +104,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 table[means[b]] = rows
             if v.deepstack is not None:  # Qwen3-VL
                 table["deepstack"] = v.deepstack
-            blocks.append(VisualBlock(token_id, "frame" if video else "image", table,
-                                      packed_units(v.unit, v.patch, v.grids, v.sizes, v.counts)))
-        return blocks
+            tables.append(table)
+        return tables
 
     def project(self, vision_features):
         return qwen_vision.project(self.model, vision_features)
@@ -97,37 +115,25 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
     # ---------------------------------------------------------------- the captured executor's half (llava.fast)
     def visual_layout(self, visual, batch, input_ids=None):
-        """One image or one video per prompt (``image_grid_thw`` / ``video_grid_thw``, and a video's
-        ``second_per_grid_ts``, read once on the host: the processor's metadata, before any device work). The
-        tower runs inside the captured prefill with every segment / window / rotary index planned from the grids
-        (:func:`qwen_vision.tower_plan`); a sample's tokens are its image's merged tokens in raster order (one
-        unit), or its video's temporal slices one after the other (a unit each)."""
-        cfg = self.config
+        """One image or one video per prompt (:meth:`layout`). The tower runs inside the captured prefill with every
+        segment / window / rotary index planned from the grids (:func:`qwen_vision.tower_plan`)."""
         video = visual.get("pixel_values_videos") is not None
         if video and visual.get("pixel_values") is not None:
             raise ValueError("a batch of images and videos runs on the eager engine (the fast path plans one kind)")
-        key, token_id = ("pixel_values_videos", cfg.video_token_id) if video else ("pixel_values", cfg.image_token_id)
-        grid_key = "video_grid_thw" if video else "image_grid_thw"
-        px, grid = visual.get(key), visual.get(grid_key)
-        if px is None or grid is None:
+        key, grid_key = ("pixel_values_videos", "video_grid_thw") if video else ("pixel_values", "image_grid_thw")
+        px = visual.get(key)
+        if px is None or visual.get(grid_key) is None:
             raise ValueError(f"{self.family} needs {key} and {grid_key}")
-        grid_h = (grid.cpu() if torch.is_tensor(grid) else torch.tensor(grid)).long().reshape(-1, 3)
-        if grid_h.shape[0] != batch:
+        (lay,) = self.layout(visual)
+        rows = lay.meta[grid_key].tolist()
+        if len(rows) != batch:
             raise ValueError(f"the fast path takes exactly one {'video' if video else 'image'} per prompt")
-        rows = [[int(v) for v in r] for r in grid_h.tolist()]
         if px.dim() != 2 or px.shape[0] != sum(t * h * w for t, h, w in rows):
             raise ValueError(f"{self.family} {key} do not match {grid_key}")
         plan, tensors = qwen_vision.tower_plan(self.core.visual, rows, self.saliency_layer, self.saliency)
         if not video and any(t != 1 for t, _, _ in rows):
             raise ValueError(f"{self.family}: an image of {next(t for t, _, _ in rows if t != 1)} temporal patches")
-        unit, patch, grids, sizes, _, counts = qwen_vision._layout(rows, plan.merge)
-        units = packed_units(unit, patch, grids, sizes, counts)
-        meta = {grid_key: grid_h}
-        if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
-            ts = visual["second_per_grid_ts"]
-            meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
-        return VisualLayout(key, token_id, "frame" if video else "image", False, units, tower=plan,
-                            tower_tensors=tensors, meta=meta)
+        return lay._replace(tower=plan, tower_tensors=tensors)
 
     def encode_static(self, pixels, tower, tensors, call):
         out = qwen_vision.run_static(self.model, pixels, tower, tensors, call.attention)

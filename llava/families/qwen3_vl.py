@@ -8,7 +8,7 @@
 * **DeepStack**: the tower also emits, for every merged token, one row per level of
   ``deepstack_visual_indexes`` (each block's hidden states through its own merger); the text model adds
   level i to the hidden states at the visual positions after decoder layer i. The engine carries these
-  rows with the tokens (``VisualBlock`` field ``deepstack``, (T, L, D)): a kept token keeps its rows, a
+  rows with the tokens (the table entry ``deepstack``, (T, L, D)): a kept token keeps its rows, a
   merged token gets its rows merged by the selection's own rule (the same weights its features get, in the
   rows' own space: for a vision-space merge this is the linear part of the merge, the rows having no
   pre-merger form here), and the text model receives them at the kept tokens' new positions
