@@ -1,8 +1,8 @@
 """A sample's candidates at the vision stage, assembled the same way by both executors (the eager
 :class:`llava.layout.VisionStage` and the captured :class:`llava.fast.vision.CapturedVision`): the rows of a tower's
 per-token table in the LLM's order (:func:`gather_tokens`, a family's newline rows filled), each unit's [CLS] as an
-extra candidate (:func:`with_cls`, :func:`with_cls_units`), and the sample's :class:`~llava.signals.VisionSignals`
-from them (:func:`vision_signals`)."""
+extra candidate (:func:`with_cls`; their units: :func:`llava.families.base.sample_units`), and the sample's
+:class:`~llava.signals.VisionSignals` from them (:func:`vision_signals`)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,6 @@ def with_cls(candidates: dict, cls: dict) -> dict:
     unit's [CLS] as candidate T + u; :func:`llava.families.clip.clip_cls`) for every entry both hold; the others as
     they are."""
     return {k: torch.cat([v, cls[k]]) if k in cls else v for k, v in candidates.items()}
-
-
-def with_cls_units(unit: torch.Tensor, patch: torch.Tensor, cls_units: torch.Tensor) -> tuple:
-    """Each candidate's unit and patch (host): the tokens', then each [CLS] candidate's (its unit ``cls_units``,
-    patch -1), in the order :func:`with_cls` appends their rows."""
-    return torch.cat([unit, cls_units]), torch.cat([patch, torch.full((cls_units.numel(),), -1, dtype=torch.long)])
 
 
 def vision_signals(candidates: dict, **fields) -> VisionSignals:

@@ -16,8 +16,8 @@ import logging
 import torch
 
 from .attention_rows import probe_rows
-from .candidates import gather_tokens, vision_signals, with_cls, with_cls_units
-from .families.base import join_units, sample_units
+from .candidates import gather_tokens, vision_signals, with_cls
+from .families.base import cls_rows, join_units, sample_units, visual_ids
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
@@ -59,29 +59,11 @@ class VisionStage:
         # of the ids and the mask; the device only sees gathers / scatters with ready-made indices.
         ids_h = input_ids.cpu()
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
-        src_h = torch.full((B, L), -1, dtype=torch.long)  # per position: global id of the visual token feeding it
+        src_h = visual_ids(ids_h, kinds, self.adapter.placeholder_name)  # per position: the visual token feeding it
         tables: dict[str, list] = {}
         unit_tables: dict[str, list] = {}  # each unit's [CLS] rows (extra candidates)
-        cls_rows = []  # per block: each unit's row in the [CLS] table (-1: none)
-        offset = n_cls_rows = 0
-        kind = None
         for vl, tab in zip(kinds, tabs):
-            token_id, kind, units = vl.token_id, vl.kind, vl.units
-            where_h = ids_h == token_id
-            n_slots, n_feat = int(where_h.sum()), int(units.src.numel())
-            if n_slots != n_feat:
-                kname = self.adapter.placeholder_name(token_id)
-                raise ValueError(
-                    f"the prompt has {n_slots} {kname} placeholder tokens but the {len(units.sizes)} {kname}(s) give "
-                    f"{n_feat} visual tokens: each {kname} needs exactly one <{kname}> in the prompt, expanded "
-                    f"by the processor for this model (use llava.preprocess / the model's processor)")
-            rows = where_h.nonzero()[:, 0]
-            start = 0
-            for i, size in enumerate(units.sizes):  # every block must land inside one sample
-                r = rows[start:start + size]
-                start += size
-                if r.numel() and r.min() != r.max():
-                    raise ValueError(f"{kind} {i} is split across batch rows: placeholder counts per prompt do not match the images")
+            units, n_feat = vl.units, int(vl.units.src.numel())
             tab = dict(tab)
             cls = tab.pop("cls", None)
             if units.rows == n_feat and torch.equal(units.src, torch.arange(n_feat)):  # host: in the LLM's order
@@ -89,12 +71,7 @@ class VisionStage:
             else:  # one gather into the LLM's order (LLaVA-NeXT's crops, newline rows)
                 newline = self.adapter.newline() if bool((units.src < 0).any()) else None
                 tokens = gather_tokens(tab, _to_device([units.src], dev)[0], newline)
-            embeds = embeds.masked_scatter((input_ids == token_id)[..., None], tokens["features"].to(embeds.dtype))
-            src_h[where_h] = torch.arange(n_feat) + offset
-            offset += n_feat
-            n_u = len(units.grid)
-            cls_rows.append(torch.arange(n_u) + n_cls_rows if cls is not None else torch.full((n_u,), -1))
-            n_cls_rows += n_u if cls is not None else 0
+            embeds = embeds.masked_scatter((input_ids == vl.token_id)[..., None], tokens["features"].to(embeds.dtype))
             for k, v in tokens.items():
                 tables.setdefault(k, []).append(v)
             for k, v in (cls or {}).items():
@@ -113,22 +90,16 @@ class VisionStage:
         per_sample: list[VisionSignals | None] = []
         if need_signals:
             units_all = join_units([vl.units for vl in kinds])  # every token in the order of src_h's ids
-            cls_row_h = torch.cat(cls_rows)
             extras = needs.include_cls_candidates and "vision_features" in utable
+            crows = cls_rows(kinds) if extras else None  # each unit's [CLS] row (not video frames): candidate T + i
             host, grids = [], []
             for b, lay in enumerate(layouts):
                 src = src_h[b, lay.real[lay.visual]]
-                su = sample_units(units_all, src)
-                gu = su["units"]
+                su = sample_units(units_all, src, crows)
                 after, question = text_spans(lay.ids, lay.visual, self.env.prompt_spec)
-                unit, patch, crow = su["unit"], su["patch"], []
-                if extras:  # each of the sample's units that has a [CLS] row (not video frames): candidate T + i
-                    has = cls_row_h[gu] >= 0
-                    crow = [cls_row_h[gu][has]]
-                    unit, patch = with_cls_units(unit, patch, torch.arange(gu.numel())[has])
-                host.append([lay.real, lay.visual, src, unit, gu, after, question, torch.isin(after, question).long(),
-                             patch, su["unit_pos"]] + crow)
-                grids.append(list(su["grid"]))
+                host.append([lay.real, lay.visual, src, su.unit, su.units, after, question,
+                             torch.isin(after, question).long(), su.patch, su.unit_pos] + ([su.cls] if extras else []))
+                grids.append(list(su.grid))
             width = len(host[0]) if host else 0
             moved = _to_device([t for h in host for t in h], dev)
             for b, lay in enumerate(layouts):
@@ -140,7 +111,7 @@ class VisionStage:
                     cls["features"] = cls["features"].to(embeds.dtype)
                     c = with_cls(c, cls)
                 sig = vision_signals(
-                    c, unit=unit, patch=patch, unit_kind=kind, grid=self.adapter.grid(),
+                    c, unit=unit, patch=patch, unit_kind=kinds[-1].kind, grid=self.adapter.grid(),
                     text_embeds=embeds[b, real[after]], question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
                     key=sample_key(ctx.sample_keys, b, lay.ids), num_stock=int(lay.visual.numel()), unit_pos=unit_pos,
                     unit_grid=grids[b], _probe_fn=self._make_probe(ctx, b, real, vis, after, question),

@@ -8,8 +8,20 @@ import torch
 from conftest import QUESTIONS, rand_image
 
 from llava.check.fast import assert_same_as_eager, generate  # noqa: F401 (fast == eager: shared with llava.check)
+from llava.families.base import sample_units
 from llava.fast.path import FastPath
 from llava.syncs import SyncCounter
+
+
+
+def per_prompt(units):
+    """Each image / video's :func:`sample_units` when prompt b holds image / video b (the captured plan's samples)."""
+    out, t0 = [], 0
+    for n in units.sizes:
+        out.append(sample_units(units, torch.arange(t0, t0 + n)))
+        t0 += n
+    return out
+
 
 PROMPTS = QUESTIONS + ["describe the picture in every detail you can see, please"]
 #: more questions of other lengths (the graph tests pick those the host plan puts in one bucket)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import rand_image
 from fastpath_util import (MORE_PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
-                           fast_and_eager, generate, sized_inputs)
+                           fast_and_eager, generate, per_prompt, sized_inputs)
 from llava.needs import TowerCall
 
 #: tiny InternVL: 112-px tiles of 8 x 8 patches, 16 tokens per tile after the 2 x 2 pixel shuffle; (40, 56) takes one
@@ -31,9 +31,10 @@ def test_the_plan_reads_each_prompts_tiles_from_its_ids(rts):
     adapter = fast.engine.adapter if fast.engine is not None else fast.prune("none", None).adapter
     ids = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -1)
     fv = adapter.visual_layout({"pixel_values": batch["pixel_values"]}, 3, ids)
-    tiles = [s["units"].tolist() for s in fv.samples]
+    samples = per_prompt(fv.units)
+    tiles = [s.units.tolist() for s in samples]
     assert tiles == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]] and batch["pixel_values"].shape[0] == 11
-    assert fv.samples[1]["src"].tolist() == list(range(16, 96)) and fv.samples[1]["grid"] == ((4, 4),) * 5
+    assert samples[1].src.tolist() == list(range(16, 96)) and samples[1].grid == ((4, 4),) * 5
     with pytest.raises(ValueError, match="tiles in pixel_values"):
         adapter.visual_layout({"pixel_values": batch["pixel_values"][:10]}, 3, ids)
 

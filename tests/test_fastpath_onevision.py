@@ -8,10 +8,9 @@ import pytest
 import torch
 from conftest import rand_image
 from fastpath_util import (MORE_PROMPTS, PROMPTS, assert_one_graph_per_bucket, assert_same_as_eager, counting_fast_path,
-                           fast_and_eager, generate, sized_inputs)
+                           fast_and_eager, generate, per_prompt, sized_inputs)
 
 from llava.families import onevision_vision as ov
-from llava.families.base import layout_samples
 from llava.models import load
 
 #: the tiny model: 56-px crops of 4 x 4 patches, pinpoints up to 224 px; (260, 260) takes 16 grid crops and is
@@ -38,12 +37,12 @@ def test_the_plan_of_a_shrunk_image():
     and shrunk to int(16 / (16 / 12)) = 12 rows of 12 + a newline: 16 + 12 * 13 = 172 tokens."""
     rt = load("tiny:llava_onevision", seed=1)
     plan, t, units = ov.plan_images(rt.model.config, [[260, 260]], 17)
-    (s,) = layout_samples(units)
+    (s,) = per_prompt(units)
     assert plan == ("images", ((1, 4, 4, (260, 260), (12, 12)),), 4, 4)
-    assert torch.equal(t["crops"], torch.arange(17)) and s["src"].numel() == 172
-    nl = (s["src"] < 0).nonzero().flatten()
+    assert torch.equal(t["crops"], torch.arange(17)) and s.src.numel() == 172
+    nl = (s.src < 0).nonzero().flatten()
     assert torch.equal(nl, 16 + 12 + 13 * torch.arange(12))  # the last column of every shrunk row
-    assert s["unit"][:16].tolist() == [0] * 16 and s["grid"] == ((4, 4),) * 17
+    assert s.unit[:16].tolist() == [0] * 16 and s.grid == ((4, 4),) * 17
 
 
 @pytest.mark.parametrize("kind", ["images", "videos"])
@@ -63,10 +62,10 @@ def test_static_encoder_equals_the_eager_encoder(rts, kind):
             ref = ov.encode_videos(eager.model, batch["pixel_values_videos"], want_attn=True)
             plan, t, units = ov.plan_videos(cfg, *batch["pixel_values_videos"].shape[:2])
             got = ov.run_static(core, batch["pixel_values_videos"], plan, t, True)
-    samples = layout_samples(units)
-    src = torch.cat([s["src"] for s in samples])
+    samples = per_prompt(units)
+    src = torch.cat([s.src for s in samples])
     real = src >= 0
-    assert torch.equal(real, ref.unit >= 0) and torch.equal(torch.cat([s["patch"] for s in samples]), ref.patch)
+    assert torch.equal(real, ref.unit >= 0) and torch.equal(torch.cat([s.patch for s in samples]), ref.patch)
     assert torch.equal(got["features"][src[real]], ref.features[real])
     assert torch.equal(got["vision_features"][src[real]], ref.vision_features[real])
     assert torch.equal(got["cls_attn"][src[real]], ref.saliency.T[real])

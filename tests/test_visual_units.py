@@ -3,10 +3,13 @@ of a tower's per-token table into the LLM's order (``gather_tokens``, ``with_cls
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+from fastpath_util import per_prompt
 
 from llava.candidates import candidate_shapes, gather_tokens, with_cls
-from llava.families.base import VisualUnits, join_units, layout_samples, packed_units, sample_units, uniform_units
+from llava.families.base import (VisualLayout, VisualUnits, cls_rows, join_units, packed_units, sample_units,
+                                 uniform_units, visual_ids)
 from llava.families.clip import clip_units
 from llava.models import load
 from llava.needs import Needs, TowerRead
@@ -57,12 +60,12 @@ def test_uniform_units_and_their_samples():
     assert u.patch.tolist() == [0, 1, 2, 3] * 6
     assert u.unit_pos.tolist() == [[-1, -1]] * 6 and u.grid == ((2, 2),) * 6
     assert (u.sizes, u.counts) == ((12, 12), (3, 3))
-    s = layout_samples(u)
+    s = per_prompt(u)
     assert len(s) == 2
-    assert s[1]["src"].tolist() == list(range(12, 24))
-    assert s[1]["unit"].tolist() == [f for f in range(3) for _ in range(4)]  # numbered within the video
-    assert s[1]["units"].tolist() == [3, 4, 5]  # its units' rows among the tower inputs
-    assert s[1]["grid"] == ((2, 2),) * 3 and s[1]["unit_pos"].shape == (3, 2)
+    assert s[1].src.tolist() == list(range(12, 24))
+    assert s[1].unit.tolist() == [f for f in range(3) for _ in range(4)]  # numbered within the video
+    assert s[1].units.tolist() == [3, 4, 5]  # its units' rows among the tower inputs
+    assert s[1].grid == ((2, 2),) * 3 and s[1].unit_pos.shape == (3, 2)
 
 
 def test_join_units_moves_rows_and_units_and_keeps_newlines():
@@ -78,10 +81,10 @@ def test_join_units_moves_rows_and_units_and_keeps_newlines():
     assert u.patch.tolist() == [0, 1, 1, -1, 1, 0]
     assert u.unit_pos.tolist() == [[-1, -1], [0, 0], [-1, -1]]
     assert (u.grid, u.sizes, u.counts, u.rows) == (((1, 2),) * 3, (4, 2), (2, 1), 6)
-    s = layout_samples(u)
-    assert s[0]["unit"].tolist() == [0, 0, 1, -1] and s[0]["units"].tolist() == [0, 1]
-    assert s[1]["src"].tolist() == [5, 4] and s[1]["unit"].tolist() == [0, 0] and s[1]["units"].tolist() == [2]
-    assert s[1]["unit_pos"].tolist() == [[-1, -1]]
+    s = per_prompt(u)
+    assert s[0].unit.tolist() == [0, 0, 1, -1] and s[0].units.tolist() == [0, 1]
+    assert s[1].src.tolist() == [5, 4] and s[1].unit.tolist() == [0, 0] and s[1].units.tolist() == [2]
+    assert s[1].unit_pos.tolist() == [[-1, -1]]
 
 
 def test_packed_units_address_their_own_rows_but_newlines():
@@ -118,8 +121,8 @@ def test_next_units_are_the_eager_and_the_captured_layout():
     # padding to cut, a newline per row): 16 + 32 + 4 tokens; 60 x 30 the 112 x 56 one (2 x 1): 16 + 32 + 8
     assert (g, u.counts, u.sizes, int((~ok).sum())) == (4, (3, 3), (52, 56), 12)
     assert u.unit_pos.tolist() == [[-1, -1], [0, 0], [0, 1], [-1, -1], [0, 0], [1, 0]]
-    s = layout_samples(u)
-    assert [int(x["src"].numel()) for x in s] == list(u.sizes)
+    s = per_prompt(u)
+    assert [int(x.src.numel()) for x in s] == list(u.sizes)
 
 
 def test_sample_units_number_a_prompts_units_in_order_of_first_appearance():
@@ -129,11 +132,60 @@ def test_sample_units_number_a_prompts_units_in_order_of_first_appearance():
                     0, -1, 1]), unit_pos=torch.arange(12).view(6, 2), grid=tuple((1, k) for k in range(1, 7)),
                     sizes=(2, 5), counts=(1, 5), rows=7)
     s = sample_units(u, torch.arange(2, 7))
-    assert s["unit"].tolist() == [0, 0, 1, -1, 1] and s["units"].tolist() == [5, 3]
-    assert s["unit_pos"].tolist() == [[10, 11], [6, 7]] and s["grid"] == ((1, 6), (1, 4))
-    assert s["src"].tolist() == [2, 3, 4, 5, 6] and s["patch"].tolist() == [0, 1, 0, -1, 1]
+    assert s.unit.tolist() == [0, 0, 1, -1, 1] and s.units.tolist() == [5, 3]
+    assert s.unit_pos.tolist() == [[10, 11], [6, 7]] and s.grid == ((1, 6), (1, 4))
+    assert s.src.tolist() == [2, 3, 4, 5, 6] and s.patch.tolist() == [0, 1, 0, -1, 1]
     asc = sample_units(u, torch.arange(0, 2))  # ascending units (most layouts) take a shorter path, same rule
-    assert asc["unit"].tolist() == [0, 0] and asc["units"].tolist() == [0]
+    assert asc.unit.tolist() == [0, 0] and asc.units.tolist() == [0]
+
+
+def _two_kinds():
+    """Two images (2 tokens of one unit, 1 token of one unit; their [CLS] dropped) and a video of two one-token
+    frames, image token 9, video token 8."""
+    img = packed_units(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]), [(1, 2), (1, 1)], [2, 1], [1, 1])
+    vid = packed_units(torch.tensor([0, 1]), torch.tensor([0, 0]), [(1, 1), (1, 1)], [2], [2])
+    return [VisualLayout("pixel_values", 9, "image", True, img), VisualLayout("pixel_values_videos", 8, "frame", False,
+                                                                               vid)]
+
+
+def _name(token_id):
+    return "video" if token_id == 8 else "image"
+
+
+def test_visual_ids_number_each_kinds_tokens_in_turn_in_row_major_order():
+    """Both images' tokens first (row 0's two, then row 1's one), then the video's (row 0): call-wide ids 0..4."""
+    ids = torch.tensor([[1, 9, 9, 8, 8, 2], [-1, 1, 9, 3, 4, 2]])
+    got = visual_ids(ids, _two_kinds(), _name)
+    assert got.tolist() == [[-1, 0, 1, 3, 4, -1], [-1, -1, 2, -1, -1, -1]]
+
+
+def test_visual_ids_refuse_placeholders_that_are_not_the_tokens():
+    img, vid = _two_kinds()
+    ids = torch.tensor([[1, 9, 9, 8, 8, 2], [-1, 1, 9, 3, 4, 2]])
+    two_each = img._replace(units=img.units._replace(src=torch.arange(4), sizes=(2, 2)))
+    with pytest.raises(ValueError, match="the prompt has 3 image placeholder tokens but the 2 image[(]s[)] give 4"):
+        visual_ids(ids, [two_each, vid], _name)
+    one_then_two = img._replace(units=img.units._replace(sizes=(1, 2)))  # image 1: row 0's last, row 1's one
+    with pytest.raises(ValueError, match="image 1 is split across batch rows"):
+        visual_ids(ids, [one_then_two, vid], _name)
+
+
+def test_cls_rows_number_the_units_whose_cls_the_model_drops():
+    img, vid = _two_kinds()
+    assert cls_rows([img, vid]).tolist() == [0, 1, -1, -1]
+    assert cls_rows([vid, img]).tolist() == [-1, -1, 0, 1]
+
+
+def test_sample_units_append_the_cls_candidates_of_units_that_have_one():
+    """Row 0 holds image 0 (unit 0) and the video (units 2, 3): one extra candidate, image 0's [CLS] (row 0 of the
+    [CLS] table), after its four tokens: unit 0, patch -1."""
+    kinds = _two_kinds()
+    u = join_units([k.units for k in kinds])
+    s = sample_units(u, torch.tensor([0, 1, 3, 4]), cls_rows(kinds))
+    assert s.src.tolist() == [0, 1, 3, 4] and s.units.tolist() == [0, 2, 3]
+    assert s.unit.tolist() == [0, 0, 1, 2, 0] and s.patch.tolist() == [0, 1, 0, 0, -1] and s.cls.tolist() == [0]
+    plain = sample_units(u, torch.tensor([0, 1, 3, 4]))
+    assert plain.unit.tolist() == [0, 0, 1, 2] and plain.cls.numel() == 0
 
 
 def test_candidate_shapes_list_what_a_dry_run_is_handed():

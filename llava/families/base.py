@@ -9,8 +9,7 @@ The engine core (``llava/engine.py``) knows no family. Both executors ask the ad
 * **encode** (the eager executor, dynamic shapes): run the vision tower once per layout and return its per-token
   table (the features as the stock model computes them, the signals methods read); the core gathers the table into
   the LLM's order (:func:`llava.candidates.gather_tokens`, newline rows included);
-* **visual_layout** (the captured executor): the same layout where it has one image or one video per prompt
-  (:func:`layout_samples`), with the static plan of the tower's run, and **encode_static**, the tower run with the
+* **visual_layout** (the captured executor): the same layout where it has one image or one video per prompt, with the static plan of the tower's run, and **encode_static**, the tower run with the
   static shapes that plan fixes, and its per-token table (``static_table``; ``static_cls`` a unit's [CLS] rows);
   ``tower_for`` / ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
@@ -55,8 +54,8 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
 
 class VisualUnits(NamedTuple):
     """The host layout of one placeholder kind's visual tokens, as the LLM input lays them out (every image / video
-    of the call, in prompt order), for both executors: the eager vision stage reads it whole,
-    the captured plan per prompt (:func:`layout_samples`).
+    of the call, in prompt order), for both executors: each prompt's part read by
+    :func:`sample_units`.
 
     src (T,): each token's row in the tower's per-token table (-1: a newline token, :func:`llava.candidates.gather_tokens`); unit
     (T,): its unit over the call (-1: newline); patch (T,): its index in its unit's patch grid (-1: [CLS] /
@@ -132,24 +131,35 @@ def renumber_units(gunit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return local, uniq[order]
 
 
-def sample_units(u: VisualUnits, at: torch.Tensor) -> dict:
-    """The layout of one prompt's visual tokens, ``at`` (host) their indices in ``u``'s token order, for both
-    executors: each token's ``src`` (its table row), ``unit`` (numbered 0..U-1 within the prompt in order of first
-    appearance, -1 newline) and ``patch``; per unit its row among the call's units (``units``), ``unit_pos`` and
-    ``grid``."""
+class VisualSample(NamedTuple):
+    """One prompt's visual candidates on the host (:func:`sample_units`), for both executors: each visual token's
+    ``src`` (its row in the tower's table, -1 a newline); per candidate (the tokens, then each extra [CLS] candidate)
+    its ``unit`` (numbered 0..U-1 within the prompt in order of first appearance, -1 newline) and ``patch`` (-1 a
+    [CLS] / newline); per unit its row among the call's units (``units``), ``unit_pos`` and ``grid``; ``cls`` (E,)
+    the [CLS] table rows of the extra candidates."""
+
+    src: torch.Tensor
+    unit: torch.Tensor
+    patch: torch.Tensor
+    units: torch.Tensor
+    unit_pos: torch.Tensor
+    grid: tuple
+    cls: torch.Tensor
+
+
+def sample_units(u: VisualUnits, at: torch.Tensor, cls_rows: torch.Tensor | None = None) -> VisualSample:
+    """The layout of one prompt's visual tokens, ``at`` (host) their indices in ``u``'s token order
+    (:func:`visual_ids`), for both executors. ``cls_rows``: per unit of ``u`` its [CLS] row (-1: none,
+    :func:`cls_rows`) when each unit's [CLS] is an extra candidate: the prompt's units that have one, in order."""
     unit, units = renumber_units(u.unit[at])
-    return {"src": u.src[at], "unit": unit, "patch": u.patch[at], "units": units, "unit_pos": u.unit_pos[units],
-            "grid": tuple(u.grid[g] for g in units.tolist())}
-
-
-def layout_samples(u: VisualUnits) -> list[dict]:
-    """The captured plan's samples of ``u`` (one image / video per prompt; :class:`VisualLayout`): each image /
-    video's :func:`sample_units`."""
-    samples, t0 = [], 0
-    for n in u.sizes:
-        samples.append(sample_units(u, torch.arange(t0, t0 + n)))
-        t0 += n
-    return samples
+    patch, cls = u.patch[at], torch.zeros(0, dtype=torch.long)
+    if cls_rows is not None:  # each unit's [CLS] as candidate T + i (unit i, patch -1)
+        rows = cls_rows[units]
+        has = rows >= 0
+        cls, extra = rows[has], torch.arange(units.numel())[has]
+        unit, patch = torch.cat([unit, extra]), torch.cat([patch, torch.full((extra.numel(),), -1, dtype=torch.long)])
+    return VisualSample(u.src[at], unit, patch, units, u.unit_pos[units], tuple(u.grid[g] for g in units.tolist()),
+                        cls)
 
 
 class VisualLayout(NamedTuple):
@@ -160,11 +170,8 @@ class VisualLayout(NamedTuple):
     key: the visual keyword the tower reads (``pixel_values`` / ``pixel_values_videos``); token_id: its
     placeholder id; kind: the unit kind ("image" / "crop" / "frame"); drop_cls: the tower's [CLS] row is
     not fed to the LLM (offered as an extra candidate); units: the tokens' host layout (:class:`VisualUnits`). The
-    captured executor's layout (:meth:`FamilyAdapter.visual_layout`) has one image / video per prompt; per prompt
-    (:attr:`samples`, :func:`sample_units`) host tensors ``src`` (T,) each visual token's row in the tower's flat
-    (N * tokens-per-unit) output, -1 for a newline token; ``unit`` (T,) its unit (-1 newline); ``patch`` (T,) its
-    patch (-1 [CLS] / newline); ``units`` (U,) the units' rows among the N tower inputs; ``unit_pos`` (U, 2); and
-    ``grid`` the units' (rows, cols) patch grids (Python pairs). ``tower`` / ``tower_tensors`` / ``meta``: see the
+    captured executor's layout (:meth:`FamilyAdapter.visual_layout`) has one image / video per prompt. Each
+    prompt's tokens: :func:`visual_ids`, :func:`sample_units`. ``tower`` / ``tower_tensors`` / ``meta``: see the
     fields."""
 
     key: str
@@ -179,11 +186,46 @@ class VisualLayout(NamedTuple):
     #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.rope_positions`)
     meta: dict | None = None
 
-    @property
-    def samples(self) -> list[dict]:
-        """Per prompt, its image / video's layout (:func:`layout_samples`): host work, done when asked (the plan asks
-        while the device runs the tower)."""
-        return layout_samples(self.units)
+
+
+def visual_ids(ids: torch.Tensor, kinds: list[VisualLayout], name) -> torch.Tensor:
+    """(B, L) host: per position of the host ids ``ids`` the call-wide index of the visual token there (-1 elsewhere):
+    the tokens of each of ``kinds`` in turn (:meth:`FamilyAdapter.layout`), each kind's in the order of its
+    placeholders in the rows. Raises ValueError where a kind's placeholders are not its tokens (``name``: the
+    placeholder's name per token id) or an image / video's tokens fall in several rows."""
+    out = torch.full(ids.shape, -1, dtype=torch.long)
+    offset = 0
+    for k in kinds:
+        where = ids == k.token_id
+        n_slots, n_feat = int(where.sum()), int(k.units.src.numel())
+        if n_slots != n_feat:
+            kname = name(k.token_id)
+            raise ValueError(
+                f"the prompt has {n_slots} {kname} placeholder tokens but the {len(k.units.sizes)} {kname}(s) give "
+                f"{n_feat} visual tokens: each {kname} needs exactly one <{kname}> in the prompt, expanded "
+                f"by the processor for this model (use llava.preprocess / the model's processor)")
+        rows = where.nonzero()[:, 0]
+        start = 0
+        for i, size in enumerate(k.units.sizes):  # every image / video must land inside one sample
+            r = rows[start:start + size]
+            start += size
+            if r.numel() and r.min() != r.max():
+                raise ValueError(f"{k.kind} {i} is split across batch rows: placeholder counts per prompt do not "
+                                 "match the images")
+        out[where] = torch.arange(n_feat) + offset
+        offset += n_feat
+    return out
+
+
+def cls_rows(kinds: list[VisualLayout]) -> torch.Tensor:
+    """Per unit of ``kinds`` (in order) its row among the [CLS] rows :meth:`FamilyAdapter.encode` gives (``cls``: the
+    units of the kinds whose [CLS] is not fed to the LLM, ``drop_cls``), -1 for a unit without."""
+    rows, n = [], 0
+    for k in kinds:
+        u = len(k.units.grid)
+        rows.append(torch.arange(n, n + u) if k.drop_cls else torch.full((u,), -1, dtype=torch.long))
+        n += u if k.drop_cls else 0
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
 class FamilyAdapter:

@@ -19,7 +19,8 @@ from . import refusals
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import NotPlanned
-from ..candidates import candidate_shapes, vision_signals, with_cls_units
+from ..candidates import candidate_shapes, vision_signals
+from ..families.base import VisualSample, cls_rows, sample_units
 from ..ops import UnitLayout, unit_layout
 from ..plan import PrefillPlan, rebuilt_layout, rebuilt_row, row_layouts, sample_key, text_spans
 
@@ -198,15 +199,12 @@ class HostPlanner:
                              question_mask=torch.zeros(0, dtype=torch.bool), key=key, num_stock=T,
                              unit_pos=unit_pos, unit_grid=list(grid), layouts=layouts, _unit_host=unit)
 
-    def _plan_sample(self, vp: dict, key: int, extras: bool, kind: str, offset: int, text=None):
-        """One sample's static structure (without outputs) and its index-buffer tensors (host).
-        ``text``: (text mask, question mask) of the padded text block, or None."""
-        T, U = int(vp["src"].numel()), int(vp["units"].numel())
-        unit, patch = vp["unit"], vp["patch"]
-        if extras:  # each unit's [CLS] as candidate T + u (the eager engine's order)
-            unit, patch = with_cls_units(unit, patch, torch.arange(U))
-        pos = vp["unit_pos"]
-        structure = (T, extras, unit.numpy().tobytes(), patch.numpy().tobytes(), pos.numpy().tobytes())
+    def _plan_sample(self, su: VisualSample, key: int, kind: str, offset: int, text=None):
+        """One sample's static structure (without outputs) and its index-buffer tensors (host), from its visual
+        candidates ``su``. ``text``: (text mask, question mask) of the padded text block, or None."""
+        T, U, E = int(su.src.numel()), int(su.units.numel()), int(su.cls.numel())
+        unit, patch, pos = su.unit, su.patch, su.unit_pos
+        structure = (T, E > 0, unit.numpy().tobytes(), patch.numpy().tobytes(), pos.numpy().tobytes())
         lays = self._layouts.get(structure)
         if lays is None:  # the 8 (patch, stock, pos) layouts of a structure, built once (host work per prefill)
             lays = {(p, st, q): unit_layout(unit, patch if p else None, T if st else None, pos if q else None)
@@ -214,11 +212,11 @@ class HostPlanner:
             if len(self._layouts) >= 256:
                 self._layouts.clear()
             self._layouts[structure] = lays
-        host = self._host_signals(unit, patch, pos, vp["grid"], lays, key, T, kind)
+        host = self._host_signals(unit, patch, pos, su.grid, lays, key, T, kind)
         plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
         static = tuple(self.engine.method.plan_static(host))
-        tensors = [("src", vp["src"]), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
-                   ("units", vp["units"])] + list(plan.items())
+        tensors = [("src", su.src), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
+                   ("units", su.units)] + list(plan.items())
         if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
             tensors += [("text_rows", torch.zeros(text[0].numel(), dtype=torch.long)), ("text_mask", text[0]),
                         ("question_mask", text[1])]
@@ -234,7 +232,7 @@ class HostPlanner:
                 chunks.append(t)
                 at += t.numel()
             lay_desc.append((k, tuple(names), self._layout_static(lay)))
-        s = _Sample(tokens=T, units=U, extra=U if extras else 0, outputs=-1, grid=tuple(vp["grid"]),
+        s = _Sample(tokens=T, units=U, extra=E, outputs=-1, grid=tuple(su.grid),
                     text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=tuple(parts),
                     static=static)
         return s, chunks
@@ -271,20 +269,23 @@ class HostPlanner:
         others = [t for t in (e.model.config.image_token_id, getattr(e.model.config, "video_token_id", None))
                   if t is not None and t != fv.token_id]
         samples, chunks, at = [], [], 0
-        layouts = fv.samples  # per prompt (host work while the device runs the tower)
         rows = row_layouts(ids_h, valid_h, ids_h == fv.token_id)
+        crows, t0 = cls_rows([fv]) if extras else None, 0
         for b, lay in enumerate(rows):
             ids, vis = lay.ids, lay.visual
-            T = int(layouts[b]["src"].numel())
+            T = fv.units.sizes[b]
             if vis.numel() != T or (T and int(vis[-1] - vis[0]) != T - 1) or any((ids == o).any() for o in others):
                 raise refusals.several_runs(b, fv.kind, T)
+            # row b holds image / video b, so its tokens are the layout's next T (llava.families.base.visual_ids)
+            su = sample_units(fv.units, torch.arange(t0, t0 + T), crows)  # host work while the device runs the tower
+            t0 += T
             p0 = lay.first
             text = None
             if e.needs.query_aware:  # the text after the visual run, padded: (real rows, question rows)
                 after, question = text_spans(ids, vis, e.prompt_spec)
                 Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
                 text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
-            smp, ch = self._plan_sample(layouts[b], sample_key(e.sample_keys, b, ids), extras, fv.kind, at, text)
+            smp, ch = self._plan_sample(su, sample_key(e.sample_keys, b, ids), fv.kind, at, text)
             at += sum(int(c.numel()) for c in ch)
             samples.append(smp)
             chunks += ch
