@@ -9,8 +9,9 @@ The engine core (``llava/engine.py``) knows no family. Both executors ask the ad
 * **encode** (the eager executor, dynamic shapes): run the vision tower once per layout and return its per-token
   table (the features as the stock model computes them, the signals methods read); the core gathers the table into
   the LLM's order (:func:`llava.candidates.gather_tokens`, newline rows included);
-* **visual_layout** (the captured executor): the same layout where it has one image or one video per prompt, with the static plan of the tower's run, and **encode_static**, the tower run with the
-  static shapes that plan fixes, and its per-token table (``static_table``; ``static_cls`` a unit's [CLS] rows);
+* **visual_layout** (the captured executor): the same layout where it has one image or one video per prompt, with
+  the static plan of the tower's run, and **encode_static**, the tower run with the static shapes that plan fixes,
+  and its per-token table (``static_table``; ``static_cls`` a unit's [CLS] rows);
   ``tower_for`` / ``newline`` / ``signal_widths`` / ``rope_positions`` serve both;
 * **project** vision-space merges (the same projector the stock model uses);
 * give the **positions** of the prompt (1-D RoPE ids, or 3 rows of M-RoPE ids) before pruning, say

@@ -391,10 +391,10 @@ def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None
 
 
 def clip_table(hs, ca, ks, proj, drop_cls: bool, received: dict | None = None) -> dict:
-    """The eager engine's per-token table of n CLIP units (:meth:`llava.families.base.FamilyAdapter.encode`): :func:`clip_tokens`
-    (``features``, ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals, ``in_tower_kept``) and,
-    when the model drops the [CLS] from the LLM input, ``cls`` (:func:`clip_cls`: each unit's [CLS] as an extra
-    candidate, VisionZip / VisionDrop)."""
+    """The eager engine's per-token table of n CLIP units (:meth:`llava.families.base.FamilyAdapter.encode`):
+    :func:`clip_tokens` (``features``, ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals,
+    ``in_tower_kept``) and, when the model drops the [CLS] from the LLM input, ``cls`` (:func:`clip_cls`: each unit's
+    [CLS] as an extra candidate, VisionZip / VisionDrop)."""
     received = received or {}
     table = clip_tokens(hs, clip_features(hs, proj, drop_cls, received.get("in_tower_kept")), ca, ks, received,
                         drop_cls)
