@@ -92,30 +92,32 @@ class VisionStage:
             units_all = join_units([vl.units for vl in kinds])  # every token in the order of src_h's ids
             extras = needs.include_cls_candidates and "vision_features" in utable
             crows = cls_rows(kinds) if extras else None  # each unit's [CLS] row (not video frames): candidate T + i
-            host, grids = [], []
+            # per sample its candidates' host record (VisualSample) and question; uploaded: the names' tensors
+            names = ("real", "vis", "at", "unit", "after", "question", "qmask", "patch", "unit_pos", "cls")
+            samples, up = [], []
             for b, lay in enumerate(layouts):
-                src = src_h[b, lay.real[lay.visual]]
-                su = sample_units(units_all, src, crows)
+                at = src_h[b, lay.real[lay.visual]]
+                su = sample_units(units_all, at, crows)
                 after, question = text_spans(lay.ids, lay.visual, self.env.prompt_spec)
-                host.append([lay.real, lay.visual, src, su.unit, su.units, after, question,
-                             torch.isin(after, question).long(), su.patch, su.unit_pos] + ([su.cls] if extras else []))
-                grids.append(list(su.grid))
-            width = len(host[0]) if host else 0
-            moved = _to_device([t for h in host for t in h], dev)
-            for b, lay in enumerate(layouts):
-                real, vis, src, unit, gu, after, question, qmask, patch, unit_pos = moved[width * b:width * b + 10]
-                c = gather_tokens(table, src)  # features: as spliced into embeds (the same cast)
+                samples.append((su, question))
+                up += [lay.real, lay.visual, at, su.unit, after, question, torch.isin(after, question).long(), su.patch,
+                       su.unit_pos, su.cls]
+            moved = _to_device(up, dev)
+            for b, (lay, (su, question_h)) in enumerate(zip(layouts, samples)):
+                d = dict(zip(names, moved[len(names) * b:len(names) * (b + 1)]))
+                c = gather_tokens(table, d["at"])  # features: as spliced into embeds (the same cast)
                 c["features"] = c["features"].to(embeds.dtype)
                 if extras:  # append each unit's [CLS] rows
-                    cls = {k: v[moved[width * b + 10]] for k, v in utable.items()}
+                    cls = {k: v[d["cls"]] for k, v in utable.items()}
                     cls["features"] = cls["features"].to(embeds.dtype)
                     c = with_cls(c, cls)
                 sig = vision_signals(
-                    c, unit=unit, patch=patch, unit_kind=kinds[-1].kind, grid=self.adapter.grid(),
-                    text_embeds=embeds[b, real[after]], question_mask=qmask.bool(), question_ids=lay.ids[host[b][6]],
-                    key=sample_key(ctx.sample_keys, b, lay.ids), num_stock=int(lay.visual.numel()), unit_pos=unit_pos,
-                    unit_grid=grids[b], _probe_fn=self._make_probe(ctx, b, real, vis, after, question),
-                    _unit_host=host[b][3])
+                    c, unit=d["unit"], patch=d["patch"], unit_kind=kinds[-1].kind, grid=self.adapter.grid(),
+                    text_embeds=embeds[b, d["real"][d["after"]]], question_mask=d["qmask"].bool(),
+                    question_ids=lay.ids[question_h], key=sample_key(ctx.sample_keys, b, lay.ids),
+                    num_stock=int(lay.visual.numel()), unit_pos=d["unit_pos"], unit_grid=list(su.grid),
+                    _probe_fn=self._make_probe(ctx, b, d["real"], d["vis"], d["after"], d["question"]),
+                    _unit_host=su.unit)
                 per_sample.append(sig)
         else:  # e.g. the unpruned model or an llm-stage-only method: the layout suffices
             per_sample = [None] * B
