@@ -188,7 +188,6 @@ class VisualLayout(NamedTuple):
     meta: dict | None = None
 
 
-
 def visual_ids(ids: torch.Tensor, kinds: list[VisualLayout], name) -> torch.Tensor:
     """(B, L) host: per position of the host ids ``ids`` the call-wide index of the visual token there (-1 elsewhere):
     the tokens of each of ``kinds`` in turn (:meth:`FamilyAdapter.layout`), each kind's in the order of its
@@ -280,8 +279,8 @@ class FamilyAdapter:
         ``vision_features`` (N, Dv), the space ``project`` maps to ``features`` (vision-space merges); optionally
         ``cls_attn`` (N, H) saliency per head and ``keys`` (N, d), the tower signals by flat name,
         ``in_tower_kept``, and ``deepstack`` (N, L, D) rows the text model adds at the token's position after decoder
-        layers 0..L-1 (Qwen3-VL); and ``cls``, a dict of per-unit [CLS] rows offered as extra candidates
-        (:func:`llava.families.clip.clip_cls`)."""
+        layers 0..L-1 (Qwen3-VL); and, exactly where the layout's ``drop_cls``, ``cls``: a dict of per-unit [CLS] rows
+        offered as extra candidates (:func:`llava.families.clip.clip_cls`, :func:`cls_rows`)."""
         raise NotImplementedError
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
