@@ -232,9 +232,10 @@ def test_features_vision_features_and_projection(q2):
         stock = model.model.get_image_features(px, torch.tensor(GRID))
         ref_vf = model.model.visual.merger.ln_q(stock.last_hidden_state).reshape(30, 128)
     assert torch.equal(vis.features, torch.cat(stock.pooler_output)) and vis.features.shape == (30, 64)
-    assert vis.sizes == [24, 6] and vis.grids == [(6, 4), (2, 3)]
-    assert torch.equal(vis.unit, torch.tensor([0] * 24 + [1] * 6))
-    assert torch.equal(vis.patch, torch.cat([torch.arange(24), torch.arange(6)]))
+    unit, patch, grids, sizes, _, _ = qwen_vision.token_layout(GRID, 2)  # the tokens' layout, in this order
+    assert sizes == [24, 6] and grids == [(6, 4), (2, 3)]
+    assert torch.equal(unit, torch.tensor([0] * 24 + [1] * 6))
+    assert torch.equal(patch, torch.cat([torch.arange(24), torch.arange(6)]))
     assert torch.equal(vis.vision_features, ref_vf)
     with torch.no_grad():
         torch.testing.assert_close(qwen_vision.project(model, vis.vision_features), vis.features, atol=1e-6, rtol=0)
@@ -255,7 +256,7 @@ def test_received_attention_and_keys_match_a_brute_force_recomputation(peaked, l
     assert (first.max(1).values > 2 * first.min(1).values).all()  # far from uniform (1 / 24): rows told apart
     torch.testing.assert_close(vis.saliency, recv, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(vis.keys, keys, atol=1e-6, rtol=1e-5)
-    sums = torch.zeros(2, 2).index_add_(1, vis.unit, vis.saliency)
+    sums = torch.zeros(2, 2).index_add_(1, qwen_vision.token_layout(GRID, 2)[0], vis.saliency)
     torch.testing.assert_close(sums, torch.ones(2, 2), atol=1e-6, rtol=0)
     pq = qwen_vision.encode(model, px, torch.tensor(GRID), want_attn=True, layer=layer, saliency="pooled_query")
     torch.testing.assert_close(pq.saliency, pooled, atol=1e-6, rtol=1e-5)
@@ -269,9 +270,10 @@ def test_video_slices_are_units_and_segments(peaked):
     px = _pixels(model, grid, 2)
     vis = qwen_vision.encode(model, px, torch.tensor(grid), want_attn=True, video=True)
     recv, _, _ = _brute_force(model, px, grid, 3, video=True)
-    assert vis.sizes == [8, 12] and vis.grids == [(2, 2), (2, 2), (2, 3), (2, 3)]
+    unit, _, grids, sizes, _, _ = qwen_vision.token_layout(grid, 2)
+    assert sizes == [8, 12] and grids == [(2, 2), (2, 2), (2, 3), (2, 3)]
     torch.testing.assert_close(vis.saliency, recv, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(torch.zeros(2, 4).index_add_(1, vis.unit, vis.saliency), torch.ones(2, 4))
+    torch.testing.assert_close(torch.zeros(2, 4).index_add_(1, unit, vis.saliency), torch.ones(2, 4))
 
 
 def test_the_engine_hands_the_signals_to_a_method(rt):

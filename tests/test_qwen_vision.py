@@ -16,7 +16,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from llava.families.qwen_vision import QwenVisual, encode, project
+from llava.families.qwen_vision import QwenVisual, encode, project, token_layout
 
 IMAGES = [[1, 12, 8], [1, 4, 6]]          # merged 6x4 = 24 and 2x3 = 6 tokens
 VIDEOS = [[2, 8, 8], [2, 4, 4]]           # 2 slices of 4x4 = 16, 2 slices of 2x2 = 4
@@ -124,10 +124,11 @@ def test_features_layout_and_projection(model, images):
         stock = model.model.get_image_features(pv, grid)
     assert torch.equal(vis.features, torch.cat(stock.pooler_output))
     assert vis.features.dtype == torch.float32 and vis.features.shape == (30, 64)
-    assert vis.sizes == [24, 6]
-    assert vis.grids == [(6, 4), (2, 3)]
-    assert torch.equal(vis.unit, torch.tensor([0] * 24 + [1] * 6))
-    assert torch.equal(vis.patch, torch.cat([torch.arange(24), torch.arange(6)]))
+    unit, patch, grids, sizes, _, _ = token_layout(grid.tolist(), 2)  # the tokens' layout, in this order
+    assert sizes == [24, 6]
+    assert grids == [(6, 4), (2, 3)]
+    assert torch.equal(unit, torch.tensor([0] * 24 + [1] * 6))
+    assert torch.equal(patch, torch.cat([torch.arange(24), torch.arange(6)]))
     assert vis.saliency is None and vis.keys is None
     # vision_features = ln_q of the patch states, 4 per merged token, un-permuted from window order
     # (last_hidden_state is still in window order: the trap this module handles).
@@ -141,6 +142,11 @@ def test_features_layout_and_projection(model, images):
     assert torch.allclose(proj, vis.features, atol=1e-6, rtol=0)
 
 
+def _unit(grid):
+    """Each merged token's attention segment (an image / a video's temporal slice), :func:`token_layout`'s."""
+    return token_layout(grid.tolist(), 2)[0]
+
+
 @pytest.mark.parametrize("layer", [None, 1, -1])
 def test_received_saliency_matches_brute_force(model, images, layer):
     pv, grid = images
@@ -148,7 +154,7 @@ def test_received_saliency_matches_brute_force(model, images, layer):
     ref_recv, _, ref_keys = _reference(model, pv, IMAGES, 3 if layer in (None, -1) else layer)
     assert vis.saliency.dtype == torch.float32 and vis.saliency.shape == (2, 30)
     assert (vis.saliency >= 0).all()
-    assert torch.allclose(_segment_sums(vis.saliency, vis.unit), torch.ones(2, 2), atol=1e-6)
+    assert torch.allclose(_segment_sums(vis.saliency, _unit(grid)), torch.ones(2, 2), atol=1e-6)
     assert torch.allclose(vis.saliency, ref_recv, atol=1e-6, rtol=0)
     assert vis.keys.dtype == torch.float32 and vis.keys.shape == (30, 16)
     assert torch.allclose(vis.keys, ref_keys, atol=1e-6, rtol=0)
@@ -162,7 +168,7 @@ def test_pooled_query(model, images):
     vis = encode(model, pv, grid, want_attn=True, saliency="pooled_query")
     _, ref_pooled, _ = _reference(model, pv, IMAGES, 3)
     assert vis.saliency.shape == (2, 30) and vis.saliency.dtype == torch.float32
-    assert torch.allclose(_segment_sums(vis.saliency, vis.unit), torch.ones(2, 2), atol=1e-6)
+    assert torch.allclose(_segment_sums(vis.saliency, _unit(grid)), torch.ones(2, 2), atol=1e-6)
     assert torch.allclose(vis.saliency, ref_pooled, atol=1e-6, rtol=0)
 
 
@@ -176,9 +182,12 @@ def test_images_are_independent(model, images):
         assert torch.allclose(part.vision_features, both.vision_features[rows], atol=1e-5)
         assert torch.allclose(part.saliency, both.saliency[:, rows], atol=1e-6)
         assert torch.allclose(part.keys, both.keys[rows], atol=1e-5)
-        assert torch.equal(part.patch, both.patch[rows])
-        assert torch.equal(part.unit, torch.zeros(rows.stop - rows.start, dtype=torch.long))
-    assert first.grids == [(6, 4)] and second.grids == [(2, 3)]
+    both_unit, both_patch, _, _, _, _ = token_layout(grid.tolist(), 2)
+    for part, rows in ((grid[:1], slice(0, 24)), (grid[1:], slice(24, 30))):  # each image's layout on its own
+        unit, patch, grids, _, _, _ = token_layout(part.tolist(), 2)
+        assert torch.equal(patch, both_patch[rows])
+        assert torch.equal(unit, torch.zeros(rows.stop - rows.start, dtype=torch.long))
+        assert grids == ([(6, 4)] if rows.start == 0 else [(2, 3)])
 
 
 def test_video(model, videos):
@@ -187,11 +196,12 @@ def test_video(model, videos):
     with torch.no_grad():
         stock = model.model.get_video_features(pv, grid)
     assert torch.equal(vis.features, torch.cat(stock.pooler_output))
-    assert vis.sizes == [32, 8]
-    assert vis.grids == [(4, 4), (4, 4), (2, 2), (2, 2)]
-    assert torch.equal(vis.unit, torch.tensor([0] * 16 + [1] * 16 + [2] * 4 + [3] * 4))
-    assert torch.equal(vis.patch, torch.cat([torch.arange(16)] * 2 + [torch.arange(4)] * 2))
-    assert torch.allclose(_segment_sums(vis.saliency, vis.unit), torch.ones(2, 4), atol=1e-6)
+    unit, patch, grids, sizes, _, _ = token_layout(grid.tolist(), 2)  # the tokens' layout, in this order
+    assert sizes == [32, 8]
+    assert grids == [(4, 4), (4, 4), (2, 2), (2, 2)]
+    assert torch.equal(unit, torch.tensor([0] * 16 + [1] * 16 + [2] * 4 + [3] * 4))
+    assert torch.equal(patch, torch.cat([torch.arange(16)] * 2 + [torch.arange(4)] * 2))
+    assert torch.allclose(_segment_sums(vis.saliency, _unit(grid)), torch.ones(2, 4), atol=1e-6)
     ref_recv, ref_pooled, ref_keys = _reference(model, pv, VIDEOS, 3, video=True)
     assert torch.allclose(vis.saliency, ref_recv, atol=1e-6, rtol=0)
     assert torch.allclose(vis.keys, ref_keys, atol=1e-6, rtol=0)
@@ -221,8 +231,8 @@ def test_devices_dtypes_and_hooks_removed(model, images):
     vis = encode(model, pv, grid, want_attn=True)
     for name in ("features", "vision_features", "saliency", "keys"):
         assert getattr(vis, name).device == pv.device, name
-    for name in ("unit", "patch"):
-        assert getattr(vis, name).device.type == "cpu" and getattr(vis, name).dtype == torch.long, name
+    for t in token_layout(grid.tolist(), 2)[:2]:  # the layout (unit, patch): host
+        assert t.device.type == "cpu" and t.dtype == torch.long
     visual = model.model.visual
     assert not visual.merger.ln_q._forward_hooks
     assert all(not b.attn._forward_pre_hooks for b in visual.blocks)
@@ -238,5 +248,5 @@ def test_bfloat16_model(model, images):
     assert vis.features.dtype == torch.bfloat16 and torch.equal(vis.features, stock)
     assert vis.vision_features.dtype == torch.bfloat16
     assert vis.saliency.dtype == torch.float32 and vis.keys.dtype == torch.float32
-    assert torch.allclose(_segment_sums(vis.saliency, vis.unit), torch.ones(2, 2), atol=1e-5)
+    assert torch.allclose(_segment_sums(vis.saliency, _unit(grid)), torch.ones(2, 2), atol=1e-5)
     assert torch.allclose(project(half, vis.vision_features).float(), vis.features.float(), atol=2e-2)

@@ -58,8 +58,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
     def layout(self, visual):
         """Per kind present (images, then videos) its merged tokens in the LLM's order, from the grids
-        (``image_grid_thw`` / ``video_grid_thw``, read once on the host; :func:`qwen_vision._layout`): an image's in
-        raster order (one unit), a video's temporal slices one after the other (a unit each)."""
+        (``image_grid_thw`` / ``video_grid_thw``, read once on the host; :func:`qwen_vision.token_layout`): an
+        image's in raster order (one unit), a video's temporal slices one after the other (a unit each)."""
         cfg = self.config
         out = []
         for key, grid_key, token_id in (("pixel_values", "image_grid_thw", cfg.image_token_id),
@@ -71,7 +71,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             if grid is None:
                 raise ValueError(f"{self.family} needs {grid_key} with its pixels")
             grid_h = (grid.cpu() if torch.is_tensor(grid) else torch.tensor(grid)).long().reshape(-1, 3)
-            unit, patch, grids, sizes, _, counts = qwen_vision._layout(grid_h.tolist(),
+            unit, patch, grids, sizes, _, counts = qwen_vision.token_layout(grid_h.tolist(),
                                                                        int(self.core.visual.spatial_merge_size))
             meta = {grid_key: grid_h}
             if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)

@@ -75,23 +75,14 @@ class QwenVisual:
     group_mean:      {b: (T, C)} for each block index b asked for (``group_mean``): block b's output
                      averaged over the 4 patches of each merged token (the last block's: the merger's input
                      before its norm; MMTok's official vision -> vision space), the tower's dtype.
-    unit:            (T,) CPU long: attention segment of each token = image index for images
-                     (t = 1), temporal-slice index numbered over all videos in order for videos.
-    patch:           (T,) CPU long: merged-raster index within its unit, ``r * (w/2) + c``.
-    grids:           per unit: (rows, cols) of merged tokens = (h/2, w/2).
-    sizes:           merged tokens per image / per video (t*h*w/4): the LLM placeholder run lengths.
-    counts:          units per image / per video (its t).
+
+    The tokens' host layout (unit, patch, grids, sizes): :func:`token_layout`.
     """
 
     features: torch.Tensor
     vision_features: torch.Tensor
     saliency: torch.Tensor | None
     keys: torch.Tensor | None
-    unit: torch.Tensor
-    patch: torch.Tensor
-    grids: list[tuple[int, int]]
-    sizes: list[int]
-    counts: list[int]
     deepstack: torch.Tensor | None = None
     group_mean: dict | None = None
 
@@ -140,9 +131,12 @@ def _frame_bounds(grid: list[list[int]]) -> list[int]:
     return bounds
 
 
-def _layout(grid: list[list[int]], merge: int):
-    """Host-side provenance from the (t, h, w) list: unit, patch, grids, sizes, segment bounds (patches), units per
-    image / video."""
+def token_layout(grid: list[list[int]], merge: int):
+    """The host layout of the merged tokens of the images / videos of the (t, h, w) list, in :func:`encode`'s order:
+    ``unit`` (T,) each token's attention segment (an image, or a video's temporal slice, numbered over the call),
+    ``patch`` (T,) its merged-raster index in its unit (``r * (w/2) + c``), ``grids`` per unit (rows, cols) of merged
+    tokens, ``sizes`` per image / video its tokens (t*h*w/4: its placeholder run), the segments' bounds (patches) and
+    ``counts`` per image / video its units (its t)."""
     units, patches, grids, sizes = [], [], [], []
     n_units = 0
     for t, h, w in grid:
@@ -231,10 +225,10 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     for t, h, w in grid:
         if h % merge or w % merge:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
-    unit, patch, grids, sizes, bounds, counts = _layout(grid, merge)
+    bounds = _frame_bounds(grid)
     qwen3 = is_qwen3(visual)
     if not is_windowed(visual):  # Qwen3-VL / Qwen3.5: merged raster order throughout
-        window_index = torch.arange(int(unit.numel()))
+        window_index = torch.arange(sum(t * h * w for t, h, w in grid) // unit_sq)
     else:
         window_index, _ = get_vision_window_index(torch.tensor(grid, dtype=torch.long), spatial_merge_size=merge,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
@@ -293,8 +287,7 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     means = {int(b): (h := captured[("block", int(b))]).reshape(-1, unit_sq, h.shape[-1]).mean(1)[reverse]
              for b in group_mean}
     return QwenVisual(features=features, vision_features=vision_features, saliency=sal, keys=keys,
-                      unit=unit, patch=patch, grids=grids, sizes=sizes, counts=counts, deepstack=deepstack,
-                      group_mean=means)
+                      deepstack=deepstack, group_mean=means)
 
 
 # ------------------------------------------------------------------------------------------------
