@@ -115,7 +115,8 @@ class LlavaNextAdapter(ClipAdapter):
         rows = torch.cat([b * px.shape[1] + torch.arange(c) for b, c in enumerate(units.counts)]) if crops else None
         drop = self.config.vision_feature_select_strategy == "default"
         return [VisualLayout("pixel_values", self.config.image_token_id, "crop", drop, units,
-                             tower=ClipRun("pixel_values", "crop", drop, crops=crops), tower_tensors={"crops": rows})]
+                             tower=ClipRun("pixel_values", "crop", drop, crops=crops),
+                             tower_tensors={"crops": rows} if crops else None)]
 
     def visual_layout(self, visual, batch, input_ids=None):
         px, sizes = visual.get("pixel_values"), visual.get("image_sizes")
