@@ -73,12 +73,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             grid_h = (grid.cpu() if torch.is_tensor(grid) else torch.tensor(grid)).long().reshape(-1, 3)
             unit, patch, grids, sizes, _, counts = qwen_vision.token_layout(grid_h.tolist(),
                                                                        int(self.core.visual.spatial_merge_size))
-            meta = {grid_key: grid_h}
-            if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
-                ts = visual["second_per_grid_ts"]
-                meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
             out.append(VisualLayout(key, token_id, "frame" if video else "image", False,
-                                    packed_units(unit, patch, grids, sizes, counts), meta=meta))
+                                    packed_units(unit, patch, grids, sizes, counts), meta={grid_key: grid_h}))
         return out
 
     def encode(self, visual, layouts, call):
@@ -116,7 +112,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     # ---------------------------------------------------------------- the captured executor's half (llava.fast)
     def visual_layout(self, visual, batch, input_ids=None):
         """One image or one video per prompt (:meth:`layout`). The tower runs inside the captured prefill with every
-        segment / window / rotary index planned from the grids (:func:`qwen_vision.tower_plan`)."""
+        segment / window / rotary index planned from the grids (:func:`qwen_vision.tower_plan`); the host plan of the
+        positions reads the grids and a video's ``second_per_grid_ts`` (``meta``)."""
         video = visual.get("pixel_values_videos") is not None
         if video and visual.get("pixel_values") is not None:
             raise ValueError("a batch of images and videos runs on the eager engine (the fast path plans one kind)")
@@ -133,7 +130,11 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         plan, tensors = qwen_vision.tower_plan(self.core.visual, rows, self.saliency_layer, self.saliency)
         if not video and any(t != 1 for t, _, _ in rows):
             raise ValueError(f"{self.family}: an image of {next(t for t, _, _ in rows if t != 1)} temporal patches")
-        return lay._replace(tower=plan, tower_tensors=tensors)
+        meta = dict(lay.meta)
+        if video and visual.get("second_per_grid_ts") is not None:  # the M-RoPE time axis (Qwen2.5-VL)
+            ts = visual["second_per_grid_ts"]
+            meta["second_per_grid_ts"] = ts.cpu() if torch.is_tensor(ts) else torch.tensor(ts)
+        return lay._replace(tower=plan, tower_tensors=tensors, meta=meta)
 
     def encode_static(self, pixels, tower, tensors, call):
         out = qwen_vision.run_static(self.model, pixels, tower, tensors, call.attention)
