@@ -89,9 +89,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         tables = []
         for lay in layouts:
             video = lay.kind == "frame"
-            v = qwen_vision.encode(self.model, visual[lay.key], visual["video_grid_thw" if video else "image_grid_thw"],
-                                   want_attn=call.attention, layer=self.saliency_layer, saliency=self.saliency,
-                                   video=video, group_mean=tuple(means))
+            grid_key = "video_grid_thw" if video else "image_grid_thw"
+            v = qwen_vision.encode(self.model, visual[lay.key], visual[grid_key], want_attn=call.attention,
+                                   layer=self.saliency_layer, saliency=self.saliency, video=video,
+                                   group_mean=tuple(means), grid=lay.meta[grid_key].tolist())  # read by layout
             table = {"features": v.features, "vision_features": v.vision_features}
             if v.saliency is not None:
                 table["cls_attn"] = v.saliency.T

@@ -196,7 +196,7 @@ def attention_signals(attn, x: torch.Tensor, pos: tuple, bounds, reverse: torch.
 @torch.no_grad()
 def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_attn: bool,
            layer: int | None = None, saliency: str = "received", video: bool = False,
-           chunk: int = 1024, group_mean: tuple[int, ...] = ()) -> QwenVisual:
+           chunk: int = 1024, group_mean: tuple[int, ...] = (), grid: list | None = None) -> QwenVisual:
     """Run the Qwen2.5-VL / Qwen3-VL vision tower once and return its merged tokens with per-token signals.
 
     model:        a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``.
@@ -211,6 +211,8 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     video:        use ``get_video_features``; units are then temporal slices, ``sizes`` per video.
     group_mean:   block indices b (negative from the end) whose output, averaged over each merged token's 4
                   patches, :class:`QwenVisual` returns as ``group_mean[b]`` (a forward hook on the block).
+    grid:         ``grid_thw`` as a host list of (t, h, w) where the caller read it already (the adapter's
+                  layout); None: read here.
     """
     if saliency not in SALIENCY_KINDS:
         raise ValueError(f"unknown saliency {saliency!r}; expected one of {SALIENCY_KINDS}")
@@ -221,7 +223,9 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     merge = int(visual.spatial_merge_size)
     unit_sq = merge * merge
 
-    grid = [[int(v) for v in row] for row in grid_thw.tolist()]                # the one host read
+    if grid is None:
+        grid = grid_thw.tolist()  # the one host read
+    grid = [[int(v) for v in row] for row in grid]
     for t, h, w in grid:
         if h % merge or w % merge:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
