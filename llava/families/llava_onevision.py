@@ -90,7 +90,8 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             raise ValueError("several images per prompt run on the eager engine (the fast path plans one image)")
         if len(sizes) != batch:
             raise ValueError("the fast path takes exactly one image per prompt")
-        return self.layout(visual)[0]
+        # one image per prompt: every image patched, as without batch_num_images (read once, above)
+        return self.layout({k: v for k, v in visual.items() if k != "batch_num_images"})[0]
 
     def newline(self):
         return self.core.image_newline
