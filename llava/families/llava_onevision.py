@@ -54,12 +54,13 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         # the saliency layer is the model's select layer (``call.layer`` is a CLIP option)
         tables = []
         for lay in layouts:
+            plan = (lay.tower, lay.tower_tensors, lay.units)
             if lay.kind == "crop":
                 v = ov.encode_images(self.model, visual["pixel_values"], visual["image_sizes"],
                                      batch_num_images=visual.get("batch_num_images"), want_attn=call.attention,
-                                     plan=(lay.tower, lay.tower_tensors, lay.units))
+                                     plan=plan)
             else:
-                v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=call.attention)
+                v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=call.attention, plan=plan)
             table = {"features": v.features, "vision_features": v.vision_features}
             if v.saliency is not None:
                 table["cls_attn"] = v.saliency.T

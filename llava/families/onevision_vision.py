@@ -298,18 +298,20 @@ def encode_images(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor, 
     out, states, received, keys = _run(core, want_attn, lambda v, s: core.get_image_features(
         pixel_values, image_sizes, vision_feature_layer=v, vision_feature_select_strategy=s,
         batch_num_images=batch_num_images, return_dict=True))
-    features = torch.cat(out.pooler_output, dim=0)
-    (_, interps, h, w), tensors, units = plan
-    index, its = tensors["index"].to(states.device), _interps(interps)
+    tower, tensors, units = plan
+    pack = _packer(tower, {"index": tensors["index"].to(states.device)})
+    return _visual(torch.cat(out.pooler_output, dim=0), pack, states, received, keys, units)
 
-    def pack(per_crop):
-        return _pack_images(per_crop, index, its, h, w)
 
+def _visual(features, pack, states, received, keys, units) -> OneVisionVisual:
+    """The :class:`OneVisionVisual` of one tower pass: the stock ``features``, the per-crop / per-frame signals packed
+    by ``pack`` (:func:`_packer`; ``received`` / ``keys`` None without attention) and the host ``units``
+    (:func:`llava.families.base.packed_units`)."""
     return OneVisionVisual(
         features=features,
         vision_features=pack(states),
-        saliency=pack(received.transpose(1, 2)).transpose(0, 1).contiguous() if want_attn else None,
-        keys=pack(keys) if want_attn else None,
+        saliency=pack(received.transpose(1, 2)).transpose(0, 1).contiguous() if received is not None else None,
+        keys=pack(keys) if keys is not None else None,
         unit=units.unit, patch=units.patch, unit_pos=units.unit_pos, unit_grid=list(units.grid),
         sizes=list(units.sizes), counts=list(units.counts))
 
@@ -326,34 +328,20 @@ def _pool_frames(per_frame: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(bf, -1, c)
 
 
-def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool) -> OneVisionVisual:
+def encode_videos(model, pixel_values_videos: torch.Tensor, *, want_attn: bool,
+                  plan: tuple | None = None) -> OneVisionVisual:
     """Videos of one call (``pixel_values_videos`` (B, F, 3, S, S)) -> ``OneVisionVisual``: per video
     F * ceil(h/2) * ceil(w/2) pooled tokens then one newline. One tower pass over all frames (the
-    stock ``get_video_features``)."""
+    stock ``get_video_features``); signals from that pass, pooled and packed as :func:`plan_videos` lays them out
+    (``plan``: its result when the caller made it already)."""
     core = _core(model)
-    cfg = core.config
+    if plan is None:
+        plan = plan_videos(core.config, *pixel_values_videos.shape[:2])
     out, states, received, keys = _run(core, want_attn, lambda v, s: core.get_video_features(
         pixel_values_videos, vision_feature_layer=v, vision_feature_select_strategy=s, return_dict=True))
-    features = out.pooler_output.flatten(0, 1)
-
-    n_videos, n_frames = pixel_values_videos.shape[:2]
-    h, w, unit, patch = _video_layout(cfg, n_videos, n_frames)
-    ph, pw = math.ceil(h / 2), math.ceil(w / 2)
-    per_video = n_frames * ph * pw
-
-    def pack(per_frame):
-        pooled = _pool_frames(per_frame, h, w).reshape(n_videos, per_video, -1)
-        return torch.cat([pooled, pooled.new_zeros(n_videos, 1, pooled.shape[-1])], dim=1).flatten(0, 1)
-
-    return OneVisionVisual(
-        features=features,
-        vision_features=pack(states),
-        saliency=pack(received.transpose(1, 2)).transpose(0, 1).contiguous() if want_attn else None,
-        keys=pack(keys) if want_attn else None,
-        unit=unit, patch=patch,
-        unit_pos=torch.full((n_videos * n_frames, 2), -1, dtype=torch.long),
-        unit_grid=[(ph, pw)] * (n_videos * n_frames),
-        sizes=[per_video + 1] * n_videos, counts=[n_frames] * n_videos)
+    tower, tensors, units = plan
+    pack = _packer(tower, {"index": tensors["index"].to(states.device)})
+    return _visual(out.pooler_output.flatten(0, 1), pack, states, received, keys, units)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,29 +379,38 @@ def _interps(plan: tuple) -> list[_Interp]:
     return [_Interp(a, r, c, list(size), list(o)) for a, r, c, size, o in plan]
 
 
-def _video_layout(cfg, n_videos: int, n_frames: int) -> tuple:
-    """Host layout of ``n_videos`` videos of ``n_frames`` frames, for both executors: the tower's patch grid (h, w)
-    and per packed token its frame (a unit; -1 for each video's closing newline) and its patch in the pooled frame
-    grid (-1 at the newline)."""
+def plan_videos(cfg, n_videos: int, n_frames: int):
+    """The host plan of ``n_videos`` videos of ``n_frames`` frames, for both executors: per video its pooled frames'
+    rows, then one newline (src -1); a unit per frame (its patches in the pooled frame grid)."""
     h = w = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    pp = math.ceil(h / 2) * math.ceil(w / 2)
+    ph, pw = math.ceil(h / 2), math.ceil(w / 2)
+    pp = ph * pw
     frame = torch.arange(n_frames).repeat_interleave(pp)
     unit = torch.cat([torch.cat([frame + v * n_frames, torch.full((1,), -1)]) for v in range(n_videos)])
     patch = torch.cat([torch.cat([torch.arange(pp).repeat(n_frames), torch.full((1,), -1)])] * n_videos)
-    return h, w, unit, patch
-
-
-def plan_videos(cfg, n_videos: int, n_frames: int):
-    """The host plan of one video of ``n_frames`` frames per prompt: per video its pooled frames' rows, then one
-    newline (src -1); a unit per frame."""
-    h, w, unit, patch = _video_layout(cfg, n_videos, n_frames)
-    ph, pw = math.ceil(h / 2), math.ceil(w / 2)
-    pp = ph * pw
     units = packed_units(unit, patch, [(ph, pw)] * (n_videos * n_frames), [n_frames * pp + 1] * n_videos,
                          [n_frames] * n_videos)
     index = torch.cat([torch.cat([torch.arange(n_frames * pp) + v * n_frames * pp,
                                   torch.full((1,), n_videos * n_frames * pp)]) for v in range(n_videos)])
     return ("videos", (), h, w), {"index": index}, units
+
+
+def _packer(plan: tuple, tensors: dict):
+    """The packing of a tower run's per-crop / per-frame rows (N, P, C) into the LLM's tokens (T, C) (zero rows at
+    newlines), as the stock model packs its features: images by :func:`_pack_images`, videos pooled
+    (:func:`_pool_frames`); ``plan`` / ``tensors`` from :func:`plan_images` / :func:`plan_videos` (``index`` on the
+    rows' device). Both executors pack with it."""
+    kind, interps, h, w = plan
+    index = tensors["index"]
+    if kind == "images":
+        its = _interps(interps)
+        return lambda per_crop: _pack_images(per_crop, index, its, h, w)
+
+    def pack(per_frame):
+        pooled = _pool_frames(per_frame, h, w)
+        return torch.cat([pooled.reshape(-1, pooled.shape[-1]), pooled.new_zeros(1, pooled.shape[-1])]).index_select(
+            0, index)
+    return pack
 
 
 def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn: bool) -> dict:
@@ -423,9 +420,8 @@ def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn
     ``features`` as the stock model splices them, ``vision_features``, with ``want_attn`` ``cls_attn`` (T, H) (the
     attention each patch receives, as :func:`encode_images`) and ``keys``."""
     cfg = core.config
-    kind, interps, h, w = plan
     x = pixels.flatten(0, pixels.dim() - 4)
-    if kind == "images":
+    if plan[0] == "images":
         x = x[tensors["crops"]]
     tower = core.vision_tower
     out = tower(x.to(tower.dtype), output_hidden_states=True, return_dict=True)
@@ -436,17 +432,7 @@ def run_static(core, pixels: torch.Tensor, plan: tuple, tensors: dict, want_attn
         signals = _received_attention_and_keys(tower.encoder.layers[idx], out.hidden_states[idx])
     states, received, keys = _select(out.hidden_states, v, cfg.vision_feature_select_strategy, signals)
     proj = core.multi_modal_projector(states)
-    index = tensors["index"]
-    if kind == "images":
-        its = _interps(interps)
-
-        def pack(per_crop):
-            return _pack_images(per_crop, index, its, h, w)
-    else:
-        def pack(per_frame):
-            pooled = _pool_frames(per_frame, h, w)
-            table = torch.cat([pooled.reshape(-1, pooled.shape[-1]), pooled.new_zeros(1, pooled.shape[-1])])
-            return table.index_select(0, index)
+    pack = _packer(plan, tensors)
     res = {"features": pack(proj), "vision_features": pack(states)}
     if want_attn:
         res["cls_attn"] = pack(received.transpose(1, 2))
