@@ -217,7 +217,7 @@ class FastPath:
         """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
         the new rows, the language model into the static cache; the last rows' logits and the validity flag.
         ``plan_in``: the plan's tensors on the device (:meth:`plan_rows`' ``host``: ``tok`` the rows' token ids,
-        ``src`` their gather, ``pos``, ``pad``, the signals' ``index``; with llm stages ``vis0`` / ``stages``, on
+        ``src`` their gather, ``pos``, ``pad``, the signals' ``index``; with llm stages ``stages``, on
         M-RoPE ``vpos``, with DeepStack ``ds_at``, with an LLM probe ``probe``)."""
         e = self.engine
         tok, src, pos = plan_in["tok"], plan_in["src"], plan_in["pos"]
@@ -237,11 +237,8 @@ class FastPath:
         if len(spec.segments) > 1 or spec.deepstack:  # the decoder segment by segment, the llm stages between
             vis0, stages = [], []  # (llava.fast.llm)
             if len(spec.segments) > 1:
-                at = 0
-                for s in spec.samples:
-                    vis0.append(plan_in["vis0"][at:at + s.outputs])
-                    at += s.outputs
-                stages = plan_in["stages"]
+                stages = plan_in["stages"]  # the first stage reads the visual rows entering layer 0
+                vis0 = list(stages[0]["vis"].split([s.outputs for s in spec.samples]))
             ds = {"rows": torch.cat(deeps), "at": plan_in["ds_at"]} if spec.deepstack else None  # Qwen3-VL's
             entry = Entry(rows=rows, pos=pos, mask=mask, visual0=vis0, vision=sigs, origins=origins, ds=ds)
             h, bad = run_segments(e, entry, cache, spec.segments, spec.texts, stages, bad, self._attn)

@@ -362,7 +362,7 @@ class HostPlanner:
         pos = torch.zeros(B, Lb, dtype=torch.long) if full is None else torch.zeros(vp.spec.mrope, B, Lb,
                                                                                      dtype=torch.long)
         vpos, nxt = [], []
-        vis0 = []  # the visual rows entering layer 0 (llm stages)
+        vis0 = []  # the visual rows entering layer 0 (DeepStack)
         out_at = B * Lb
         for b, (lay, r, n, smp, m) in enumerate(zip(rows, maps, lens, samples, real)):
             ids, p0, T = lay.ids, lay.first, lay.tokens
@@ -396,8 +396,7 @@ class HostPlanner:
             host["vpos"] = torch.cat(vpos, 1)
         if vp.spec.deepstack:  # the visual rows entering layer 0, flattened: where the DeepStack rows go
             host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
-        if stage_host:
-            host["vis0"] = torch.cat(vis0)
+        if stage_host:  # the first stage's "vis": the visual rows entering layer 0
             host["stages"] = [dict(t) for t in stage_host]  # per llm stage, its host tensors by name
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
         return spec, host, plan, nxt
