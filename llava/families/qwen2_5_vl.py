@@ -72,7 +72,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 raise ValueError(f"{self.family} needs {grid_key} with its pixels")
             grid_h = (grid.cpu() if torch.is_tensor(grid) else torch.tensor(grid)).long().reshape(-1, 3)
             unit, patch, grids, sizes, _, counts = qwen_vision.token_layout(grid_h.tolist(),
-                                                                       int(self.core.visual.spatial_merge_size))
+                                                                            int(self.core.visual.spatial_merge_size))
             out.append(VisualLayout(key, token_id, "frame" if video else "image", False,
                                     packed_units(unit, patch, grids, sizes, counts), meta={grid_key: grid_h}))
         return out

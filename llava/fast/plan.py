@@ -396,8 +396,8 @@ class HostPlanner:
             host["vpos"] = torch.cat(vpos, 1)
         if vp.spec.deepstack:  # the visual rows entering layer 0, flattened: where the DeepStack rows go
             host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
-        if stage_host:  # the first stage's "vis": the visual rows entering layer 0
-            host["stages"] = [dict(t) for t in stage_host]  # per llm stage, its host tensors by name
+        if stage_host:  # per llm stage, its host tensors by name (the first's "vis": the rows entering layer 0)
+            host["stages"] = [dict(t) for t in stage_host]
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
         return spec, host, plan, nxt
 
