@@ -11,6 +11,7 @@
     python -m eval judge RUN_DIR --base-url URL --model NAME    # MM-Vet / video QA with an LLM judge
     python -m eval record RUN_DIR VQAv2-testdev=78.5 --source "EvalAI test-dev"
     python -m eval table runs/ --format md|latex|both [--out FILE]
+    python -m eval compare RUN_A RUN_B ... [--reference RUN] [--control RUN|auto]   # paired tests, groups A / B
     python -m eval log-sweep docs/results      # a testbed sweep (testbed.json + testbed.png) -> one W&B run
     python -m eval paper --list | --check       # the paper specs (eval/papers/*.toml)
     python -m eval paper visiondrop runs/ [--table T] [--format md|latex|both] [--out FILE]
@@ -177,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
     t.add_argument("--throughput", action="store_true", help="add the runs' questions/s and host-wait share (their "
                    "answering loops' time, results.json 'throughput')")
+    from .compare import add_parser as _compare_parser
     from .lmms_import import add_parser as _lmms_parser
     from .paper_cli import add_parsers as _paper_parsers
     from .run_many import add_parser as _run_many_parser
 
+    _compare_parser(sub)
     _paper_parsers(sub)
     _run_many_parser(sub)
     _lmms_parser(sub)
@@ -408,7 +411,14 @@ def _log_sweep(args, local_rank) -> int:
 COMMANDS = {"list": _list, "check-data": _check_data, "run": _run, "merge": _merge, "score": _score, "judge": _score,
             "record": _record, "fixtures": _fixtures, "table": _table, "log-sweep": _log_sweep,
             "paper": lambda a, r: _paper_cmd("paper", a), "paper-grid": lambda a, r: _paper_cmd("paper_grid", a),
-            "lmms-import": lambda a, r: _lmms_import(a), "run-many": lambda a, r: _run_many(a)}
+            "lmms-import": lambda a, r: _lmms_import(a), "run-many": lambda a, r: _run_many(a),
+            "compare": lambda a, r: _compare(a)}
+
+
+def _compare(args) -> int:
+    from .compare import main
+
+    return main(args)
 
 
 def _run_many(args) -> int:

@@ -165,11 +165,14 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
     prev = read_json(prev_path) if prev_path.exists() else {}
     sc = _scores(bench, official, run_dir, strict, judge_cfg, prev)
     deviations = _deviations(cfg, resolved, bench, partial)
+    unc = _uncertainty(bench, sc, run_dir, prev)
     res = {
         "schema": SCHEMA,
         "benchmark": bench.name,
         "title": bench.title,
         "metrics": sc["metrics"],
+        "stderr": unc["stderr"],
+        "stderr_method": unc["stderr_method"],
         "metric_labels": {k: sc["labels"].get(k, k) for k in sc["metrics"]}
         | {k: v for k, v in sc["labels"].items() if k not in sc["metrics"]},
         "primary_metric": bench.primary_metric(),
@@ -178,6 +181,8 @@ def score_run(run_dir, data_root: str | None = None, wall_s: float | None = None
         "pending": sc["pending"],
         "counts": {"questions": len(questions), "answered": len(official),
                    **({"left_out": merge_report["left_out"]} if "left_out" in merge_report else {})},
+        "questions": (meta.get("fingerprint") or {}).get("data", {}).get("questions"),
+        "units": unc["units"],
         "resumes": meta.get("resumes", []),
         "model": resolved.get("model", {"id": cfg["model"]}),
         "method": resolved.get("method_config", {"method": cfg["method"], "budget": cfg.get("budget"), **cfg.get("options", {})}),
@@ -214,6 +219,7 @@ def _scores(bench, official: list[dict], run_dir: Path, strict: bool, judge_cfg,
     kept from the previous results.json), server scores recorded earlier with ``eval record``; with their labels,
     details, files and what is still pending."""
     fin = bench.finalize(official, run_dir, ckpt=run_dir.name, strict=strict)
+    units = fin.get("units")
     metrics = dict(fin.get("metrics", {}))
     details = {"finalize": fin.get("details", {})}
     pending = list(fin.get("pending", []))
@@ -225,12 +231,14 @@ def _scores(bench, official: list[dict], run_dir: Path, strict: bool, judge_cfg,
 
             jr = run_judge(bench, official, run_dir, judge_cfg, strict=strict)
             judge_info = jr["judge"]
+            units = jr.get("units")
             metrics.update(jr["metrics"])
             details["judge"] = jr.get("details", {})
         elif prev.get("judge"):
             judge_info = prev["judge"]
             metrics.update({k: v for k, v in prev.get("metrics", {}).items() if k in labels})
             details["judge"] = prev.get("details", {}).get("judge", {})
+            units = _judged_units(bench, official, run_dir, judge_info, strict)
         if judge_info is not None:
             pending = [p for p in pending if "judge" not in p]
             tag = f"judge={judge_info['model']}, {judge_info['date']}"
@@ -243,7 +251,46 @@ def _scores(bench, official: list[dict], run_dir: Path, strict: bool, judge_cfg,
             metrics[k] = prev["metrics"][k]
             pending = [p for p in pending if not p.startswith(f"{k}:")]
     return {"metrics": metrics, "details": details, "pending": pending, "labels": labels, "judge": judge_info,
-            "files": fin.get("files", {})}
+            "files": fin.get("files", {}), "units": units}
+
+
+def _judged_units(bench, official: list[dict], run_dir: Path, judge_info: dict, strict: bool):
+    """The per-unit grades of a judge that ran before, from its cache in the run folder (eval.judge keeps every
+    item's reply); None where the cache is gone."""
+    from .judge import _safe_name
+
+    cache = run_dir / "judge" / _safe_name(str(judge_info.get("model", "")))
+    if not cache.is_dir():
+        return None
+    results = {}
+    for k in bench.judge_items(official):
+        p = cache / f"{_safe_name(k)}.json"
+        if p.exists():
+            results[k] = read_json(p)["result"]
+    grades = {k: v["score"] for k, v in results.items()} if bench.name == "mmvet" else results
+    return bench.judged_metrics(grades, strict=strict and len(results) == len(bench.judge_items(official))).get("units")
+
+
+def _uncertainty(bench, sc: dict, run_dir: Path, prev: dict) -> dict:
+    """Write the per-unit scores (``units.jsonl``) and return results.json's ``stderr`` (metric -> its standard
+    error, or "server" for a number recorded from an evaluation server), ``stderr_method`` (how, in words) and
+    ``units`` (the file, what a unit is, how many, their ids' fingerprint). A benchmark scored by a server or
+    not yet judged has no units: the file is removed so that no stale one stands beside the results."""
+    from . import stats as st
+
+    path = run_dir / st.UNITS_FILE
+    server = [k for k in prev.get("metric_sources", {}) if k in sc["metrics"]]
+    rows = sc.get("units")
+    if rows is None:
+        if path.exists():
+            path.unlink()
+        out = st.summarize(None, {}, sc["metrics"], server=server)
+        return {**out, "units": None}
+    units = st.Units.from_rows(bench.unit, rows, bench.difficulty)
+    st.write_units(run_dir, units, bench.name)
+    out = st.summarize(units, bench.stats, sc["metrics"], server=server)
+    return {**out, "units": {"file": st.UNITS_FILE, "unit": bench.unit, "count": len(units),
+                             "fingerprint": units.fingerprint(), "difficulty": list(units.difficulty)}}
 
 
 def _deviations(cfg: dict, resolved: dict, bench, partial: bool) -> list[str]:
@@ -273,6 +320,7 @@ def log_to_wandb(wb, res: dict, run_dir: Path, metas: list[dict], official: list
     n_rows = n_rows if n_rows is not None else int(cfg.get("table_samples", 32))
     wb.config_update({"results": {k: res[k] for k in ("benchmark", "model", "method", "generation", "git") if k in res}})
     summary = {f"metrics/{k}": v for k, v in res["metrics"].items()}
+    summary.update({f"stderr/{k}": v for k, v in (res.get("stderr") or {}).items() if isinstance(v, (int, float))})
     t = res["tokens"]
     for k in ("tok_in", "tok_eq", "visual_candidates_mean"):
         if t.get(k) is not None:

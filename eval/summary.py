@@ -52,8 +52,11 @@ def print_summary(results: dict) -> None:
     budget = results["method"].get("budget")
     print(f"\n== {results['benchmark']} | {results['model']['id']}{f' ({fam})' if fam else ''} | {results['method'].get('method')}"
           f"{', no budget' if budget is None else f', budget {budget}'} ==")
+    se = results.get("stderr") or {}
     for k, v in results["metrics"].items():
-        print(f"  {k:<24} {v:10.2f}   {results['metric_labels'].get(k, '')}")
+        e = se.get(k)
+        e_txt = f"± {e:6.2f}" if isinstance(e, (int, float)) else ("(server)" if e == "server" else "")
+        print(f"  {k:<24} {v:10.2f} {e_txt:<8}  {results['metric_labels'].get(k, '')}")
     t = results.get("tokens", {})
     if t.get("samples"):
         print(f"  visual tokens: {t['visual_candidates_mean']:.1f} candidates -> {t['tok_in']:.1f} entering the LLM "

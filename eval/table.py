@@ -77,8 +77,15 @@ def answered_count(result: dict) -> int | None:
 
 
 def stderr(result: dict, metric: str) -> float | None:
-    """The standard error of ``metric`` in ``result`` (same unit: x 100 for percentages), for the metrics of
-    :data:`BINARY_N`; None for the others, and where the count is missing or below 2."""
+    """The standard error of ``metric`` in ``result`` (same unit: x 100 for percentages): results.json's
+    ``stderr`` (eval.stats: the binomial formula for accuracies, a bootstrap over the benchmark's unit for the
+    other metrics); for a results file written before it, the metrics of :data:`BINARY_N` by the binomial formula.
+    None where there is none: a server's score, a count missing or below 2."""
+    recorded = (result.get("stderr") or {}).get(metric)
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+        return None if math.isnan(recorded) else float(recorded)
+    if recorded == "server":
+        return None
     path = BINARY_N.get(metric)
     v = (result.get("metrics") or {}).get(metric)
     if path is None or v is None:
@@ -183,6 +190,11 @@ def _stderr(row: Row, bench: str, metric: str):
     return None if r is None else stderr(r, metric)
 
 
+def server_scored(result: dict | None, metric: str) -> bool:
+    """Whether ``metric`` of ``result`` was scored by the benchmark's server (no per-question truth here)."""
+    return result is not None and (result.get("stderr") or {}).get(metric) == "server"
+
+
 def _tokens(row: Row, key: str):
     vals = [r["tokens"].get(key) for r in row.cells.values() if r.get("tokens", {}).get(key) is not None]
     return sum(vals) / len(vals) if vals else None
@@ -255,6 +267,8 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                     se = _stderr(r, b, met)
                     if se is not None:
                         c += f" ± {se:.{decimals}f}" if fmt == "md" else f" $\\pm$ {se:.{decimals}f}"
+                    elif v is not None and server_scored(r.cells.get(b), met):
+                        c += " (server)"
                     if relative and v is not None and bv and (r.method != VANILLA or paper):
                         c += f" ({100.0 * v / bv:.1f}%)" if fmt == "md" else f" {{\\scriptsize({100.0 * v / bv:.1f}\\%)}}"
                     cells.append(c)
@@ -279,7 +293,13 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
         notes.append(f"{avg_head}: mean over the row's benchmarks of method / vanilla x 100%; * = some benchmark missing in the row.")
         if any(_stderr(r, b, met) is not None for r in rows for b, met in zip(cols, metrics)):
             notes.append("± = standard error of a mean of per-question 0/1 scores, sqrt(p (1 - p) / (n - 1)), as "
-                         "lmms-eval prints it; none for F1, MME and the soft VQA accuracies.")
+                         "lmms-eval prints it; of the other metrics (F1, MME, soft VQA accuracy, judged scores) the "
+                         "standard deviation of a bootstrap over the benchmark's unit (results.json stderr_method "
+                         "names the unit, the resamples and the seed); results written before per-unit scores were "
+                         "kept have it for the accuracies only.")
+        if any(server_scored(r.cells.get(b), met) for r in rows for b, met in zip(cols, metrics)):
+            notes.append("(server) = scored by the benchmark's evaluation server: no per-question truth here, so no "
+                         "standard error.")
         if fmt == "md":
             out.append(f"### {short_model(model)}\n")
             out.append("| " + " | ".join(header) + " |")

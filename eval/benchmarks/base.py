@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from ..stats import Stat
+
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 LETTER_ANSWER_CN = "请直接回答选项字母。"
@@ -66,6 +68,13 @@ class Benchmark:
     #: True when no local score exists (test-server benchmarks) or it needs an LLM judge
     needs_server: ClassVar[bool] = False
     needs_judge: ClassVar[bool] = False
+    #: how each locally scored metric is computed from the units ``finalize`` returns (eval.stats): the standard
+    #: errors, ``eval compare`` and the difficult subset read them; a metric without one has no standard error
+    stats: ClassVar[dict[str, Stat]] = {}
+    #: what one unit is (a resample draws units): "question", "image", "circular group"
+    unit: ClassVar[str] = "question"
+    #: (value, full marks): a unit the control run holds below full marks on it is "difficult" (group A)
+    difficulty: ClassVar[tuple[str, float]] = ("correct", 1.0)
 
     def __init__(self, data_root: str | os.PathLike, **options: Any):
         self.root = Path(data_root)
@@ -113,7 +122,8 @@ class Benchmark:
     def finalize(self, records: list[dict], out_dir: Path, ckpt: str, strict: bool = True) -> dict:
         """Write the official answer/upload files under ``out_dir`` and score locally where an
         official local score exists. Returns {"metrics": {name: value}, "details": ..., "files":
-        {...}, "pending": [...]} (``pending``: steps that need a server or a judge)."""
+        {...}, "pending": [...], "units": [...]} (``pending``: steps that need a server or a judge; ``units``: one
+        row ``{"id", "tags", "v"}`` per scored unit, from which :attr:`stats` recompute every metric)."""
         raise NotImplementedError
 
     def metric_labels(self) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from ..io import read_json, write_json
 from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions, read_jsonl_questions
 
@@ -16,6 +17,8 @@ class GQA(Benchmark):
     metrics = [Metric("GQA", "GQA testdev-balanced accuracy (exact match, official eval.py)", primary=True),
                Metric("GQA-binary", "GQA testdev-balanced, binary questions"),
                Metric("GQA-open", "GQA testdev-balanced, open (query) questions")]
+    stats = {"GQA": Stat(binomial=True), "GQA-binary": Stat(where=(("type", "binary"),), binomial=True),
+             "GQA-open": Stat(where=(("type", "open"),), binomial=True)}
     QUESTIONS = "gqa/llava_gqa_testdev_balanced.jsonl"
     IMAGES = "gqa/data/images"
     TIER = "gqa/data/testdev_balanced_questions.json"
@@ -48,4 +51,4 @@ class GQA(Benchmark):
                                   "predictions' on such a tier file (LLaVA's file asks all 12,578 testdev-balanced "
                                   "questions, where both agree)")
         return {"metrics": {"GQA": res["accuracy"], "GQA-binary": res["binary"], "GQA-open": res["open"]},
-                "details": details, "files": files}
+                "details": details, "files": files, "units": res["units"]}

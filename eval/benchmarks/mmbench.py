@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from .base import LETTER_ANSWER, LETTER_ANSWER_CN, Benchmark, DataFile, Metric, Question, b64_image_loader, short_uuid
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
@@ -73,6 +74,13 @@ class MMBench(Benchmark):
                Metric("MMB-dev-local-circular", "MMBench EN dev, --all-rounds: a question is right only if every LLaVA "
                       "option rotation of every circular copy is right (ours, not an official number)"),
                Metric("MMB-server", "MMBench EN from the official server (CircularEval); record it with `eval record`")]
+    # the unit is a circular group (a question and its circular copies, index % 1e6): CircularEval scores it as
+    # one; the single-row rate is right rows over rows, its standard error the binomial one over the rows
+    unit = "circular group"
+    difficulty = ("circular", 1.0)
+    stats = {"MMB-dev": Stat(key="circular", where=(("question", "yes"),), binomial=True),
+             "MMB-dev-local": Stat(kind="ratio", key="right", denom="rows", binomial=True),
+             "MMB-dev-local-circular": Stat(key="rounds", where=(("question", "yes"),), binomial=True)}
     DIR = "mmbench"
     SPLIT = "mmbench_dev_20230712"
     URL = "https://download.openmmlab.com/mmclassification/datasets/mmbench/mmbench_dev_20230712.tsv"
@@ -150,7 +158,7 @@ class MMBench(Benchmark):
         if res["copies_max"] <= 1:
             details["warning"] = ("the TSV holds no circular copies (index >= 1e6) of the answered questions: "
                                   "CircularEval reduces to the single-row rate")
-        return {"metrics": metrics, "details": details, "files": files, "pending": pending}
+        return {"metrics": metrics, "details": details, "files": files, "pending": pending, "units": res["units"]}
 
     @staticmethod
     def score_row(row: dict) -> dict:
@@ -235,6 +243,8 @@ class MMBenchCN(MMBench):
                Metric("MMB-CN-dev-local-circular", "MMBench-CN dev, --all-rounds: every LLaVA option rotation of every "
                       "circular copy right (ours, not an official number)"),
                Metric("MMB-CN-server", "MMBench-CN from the official server; record it with `eval record`")]
+    stats = {"MMB-CN-dev": MMBench.stats["MMB-dev"], "MMB-CN-dev-local": MMBench.stats["MMB-dev-local"],
+             "MMB-CN-dev-local-circular": MMBench.stats["MMB-dev-local-circular"]}
     DIR = "mmbench_cn"
     SPLIT = "mmbench_dev_cn_20231003"
     URL = "https://download.openmmlab.com/mmclassification/datasets/mmbench/mmbench_dev_cn_20231003.tsv"

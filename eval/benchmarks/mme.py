@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions
 
 
@@ -36,6 +37,14 @@ class MME(Benchmark):
     metrics = [Metric("MME-P", "MME perception score (10 subtasks, max 2000)", primary=True),
                Metric("MME-C", "MME cognition score (4 subtasks, max 800)"),
                Metric("MME-P+C", "MME perception + cognition (max 2800)")]
+    # the unit is an image with its two questions: 50 x (questions right) + 100 x (both right) is its share of
+    # the subtask's acc + acc+ (x 100), so a subtask's score is the mean over its images and MME-P / MME-C the sum
+    unit = "image"
+    difficulty = ("both", 1.0)
+    stats = {"MME-P": Stat(key="score", by="task", combine="sum", groups=tuple(scorers.MME_PERCEPTION), scale=1.0),
+             "MME-C": Stat(key="score", by="task", combine="sum", groups=tuple(scorers.MME_COGNITION), scale=1.0),
+             "MME-P+C": Stat(key="score", by="task", combine="sum",
+                             groups=tuple(scorers.MME_PERCEPTION + scorers.MME_COGNITION), scale=1.0)}
     QUESTIONS = "MME/llava_mme.jsonl"
     RELEASE = "MME/MME_Benchmark_release_version"
 
@@ -60,6 +69,16 @@ class MME(Benchmark):
                     unsafe += any(("\t" in x or "\n" in x) for x in tup)
                     fp.write("\t".join(tup) + "\n")
         res = scorers.score_mme(per_cat)
+        units, seen = [], set()
+        for category, task in res["tasks"].items():
+            for u in task.pop("units"):
+                uid = f"{category}/{u['image']}"
+                k = 1
+                while uid in seen:  # the same image file in two pairs of a subtask: one unit each
+                    uid, k = f"{category}/{u['image']}#{k}", k + 1
+                seen.add(uid)
+                units.append({"id": uid, "tags": {"task": category},
+                              "v": {"right": u["right"], "both": u["both"], "score": 50 * u["right"] + 100 * u["both"]}})
         if strict and (res["missing_perception"] or res["missing_cognition"]):
             raise ValueError(f"MME: subtasks without answers: {res['missing_perception'] + res['missing_cognition']}")
         metrics = {"MME-P": res["perception"], "MME-C": res["cognition"], "MME-P+C": res["total"]}
@@ -67,4 +86,4 @@ class MME(Benchmark):
         if unsafe:
             details["warning"] = (f"{unsafe} answer line(s) contain a tab or newline: the official calculation.py would "
                                   "mis-read those files; the scores here come from the answers themselves")
-        return {"metrics": metrics, "details": details, "files": {"eval_tool_answers": str(ans_dir)}}
+        return {"metrics": metrics, "details": details, "files": {"eval_tool_answers": str(ans_dir)}, "units": units}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from ..io import read_json, write_json
 from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions
 
@@ -17,6 +18,8 @@ class MMVet(Benchmark):
     max_new_tokens = 1024
     needs_judge = True
     metrics = [Metric("MM-Vet", "MM-Vet total score from an LLM grader (judge model and date in the results)", primary=True)]
+    stats = {"MM-Vet": Stat(key="grade")}  # the judge's 0-1 grade per question, mean x 100: a bootstrap
+    difficulty = ("grade", 1.0)
     QUESTIONS = "mm-vet/llava-mm-vet.jsonl"
     IMAGES = "mm-vet/images"
     METADATA = "mm-vet/mm-vet.json"
@@ -46,4 +49,5 @@ class MMVet(Benchmark):
         if not strict:
             meta = {k: v for k, v in meta.items() if k in grades}
         res = scorers.score_mmvet(grades, meta)
-        return {"metrics": {"MM-Vet": res["total"]}, "details": res}
+        units = res.pop("units")
+        return {"metrics": {"MM-Vet": res["total"]}, "details": res, "units": units}

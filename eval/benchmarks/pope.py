@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions, read_jsonl_questions
 
 CATEGORIES = ("adversarial", "popular", "random")
@@ -21,6 +22,9 @@ class POPE(Benchmark):
                Metric("POPE-acc", "POPE accuracy averaged over the three splits"),
                Metric("POPE-acc-pooled", "POPE accuracy pooled over all questions")] + [
         Metric(f"POPE-F1-{c}", f"POPE F1, {c} split") for c in CATEGORIES]
+    stats = {"POPE-F1avg3": Stat(kind="f1", by="split"), "POPE-F1pooled": Stat(kind="f1"),
+             "POPE-acc": Stat(by="split"), "POPE-acc-pooled": Stat(binomial=True),
+             **{f"POPE-F1-{c}": Stat(kind="f1", where=(("split", c),)) for c in CATEGORIES}}
     QUESTIONS = "pope/llava_pope_test.jsonl"
     IMAGES = "pope/val2014"
     LABELS = "pope/coco"
@@ -49,4 +53,4 @@ class POPE(Benchmark):
         details = {"categories": res["categories"], "pooled": res["pooled"]}
         if any(m["samples"] != m["labels"] for m in res["categories"].values()):
             details["warning"] = "answer and label counts differ in some split: the official pairing by order truncates"
-        return {"metrics": metrics, "details": details, "files": {}}
+        return {"metrics": metrics, "details": details, "files": {}, "units": res["units"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from ..io import read_json, write_json
 from .base import EVAL_ZIP, LETTER_ANSWER, Benchmark, DataFile, Metric, Question, unique_uids
 
@@ -17,6 +18,8 @@ class ScienceQA(Benchmark):
     max_new_tokens = 1024
     metrics = [Metric("SQA-IMG", "ScienceQA test, image subset accuracy (IMG-Accuracy)", primary=True),
                Metric("SQA-all", "ScienceQA test, all problems accuracy")]
+    # IMG: the problems whose recorded prompt holds the image (a missing answer is not among them, upstream quirk)
+    stats = {"SQA-IMG": Stat(where=(("img", "yes"),), binomial=True), "SQA-all": Stat(binomial=True)}
     QUESTIONS = "scienceqa/llava_test_CQM-A.json"
     IMAGES = "scienceqa/images/test"
     PROBLEMS = "scienceqa/problems.json"
@@ -59,4 +62,6 @@ class ScienceQA(Benchmark):
         out = write_json(out_dir / f"{ckpt}_result.json",
                          {"acc": res["accuracy"], "correct": res["correct"], "count": res["total"], "outputs": res["outputs"]})
         return {"metrics": {"SQA-IMG": res["img_accuracy"], "SQA-all": res["accuracy"]},
-                "details": {k: res[k] for k in ("correct", "total", "img_total", "missing")}, "files": {"result": str(out)}}
+                "details": {k: res[k] for k in ("correct", "total", "img_total", "missing")}, "files": {"result": str(out)},
+                "units": [{"id": str(pid), "tags": {"img": "yes" if o["is_multimodal"] else "no"},
+                           "v": {"correct": int(o["correct"])}} for pid, o in res["outputs"].items()]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from ..io import read_json, write_jsonl
 from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions
 
@@ -16,6 +17,8 @@ class SEED(Benchmark):
     metrics = [Metric("SEED-all", "SEED-Bench accuracy, all questions (image + video frame)", primary=True),
                Metric("SEED-IMG", "SEED-Bench accuracy, image questions only"),
                Metric("SEED-video", "SEED-Bench accuracy, video questions only (middle frame)")]
+    stats = {"SEED-all": Stat(binomial=True), "SEED-IMG": Stat(where=(("data_type", "image"),), binomial=True),
+             "SEED-video": Stat(where=(("data_type", "video"),), binomial=True)}
     QUESTIONS = "seed_bench/llava-seed-bench.jsonl"
     IMAGES = "seed_bench"
     ANNOTATION = "seed_bench/SEED-Bench.json"
@@ -42,4 +45,5 @@ class SEED(Benchmark):
         res = scorers.score_seed(records, ann)
         upload = write_jsonl(out_dir / "answers_upload" / f"{ckpt}.jsonl", scorers.convert_seed_upload(records, ann))
         return {"metrics": {"SEED-all": res["all"], "SEED-IMG": res["image"], "SEED-video": res["video"]},
-                "details": {"per_type": res["per_type"], "questions": res["questions"]}, "files": {"upload": str(upload)}}
+                "details": {"per_type": res["per_type"], "questions": res["questions"]}, "files": {"upload": str(upload)},
+                "units": res["units"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..stats import Stat
 from .base import Benchmark, Metric, Question
 
 
@@ -29,6 +30,11 @@ class Shapes(Benchmark):
                  for t in ("attribute", "existence", "counting", "spatial")),
                *(Metric(f"Shapes-{s}", f"testbed accuracy, questions about {s} objects")
                  for s in ("small", "large", "absent"))]
+
+    stats = {"Shapes": Stat(binomial=True),
+             **{f"Shapes-{t}": Stat(where=(("qtype", t),), binomial=True)
+                for t in ("attribute", "existence", "counting", "spatial")},
+             **{f"Shapes-{s}": Stat(where=(("salience", s),), binomial=True) for s in ("small", "large", "absent")}}
 
     @classmethod
     def option_defaults(cls):
@@ -58,4 +64,8 @@ class Shapes(Benchmark):
         metrics.update({f"Shapes-{t}": acc[t] for t in ("attribute", "existence", "counting", "spatial") if t in acc})
         metrics.update({f"Shapes-{s}": acc[f"salience:{s}"] for s in ("small", "large", "absent")
                         if f"salience:{s}" in acc})
-        return {"metrics": metrics, "details": {"accuracy": acc, "n": res["n"], "missing": len(missing)}, "files": {}}
+        ev = _testbed()[1]
+        units = [{"id": str(i), "tags": {"qtype": qs[i].qtype, "salience": qs[i].salience},
+                  "v": {"correct": int(ev.is_correct(by_id[i], qs[i].answer))}} for i in kept]
+        return {"metrics": metrics, "details": {"accuracy": acc, "n": res["n"], "missing": len(missing)}, "files": {},
+                "units": units}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..stats import Stat
 from .base import Benchmark, Metric, Question
 
 QTYPES = ("attribute", "existence", "counting", "scene_count", "relation", "superlative", "glyph")
@@ -32,6 +33,10 @@ class Shapes2(Benchmark):
     metrics = [Metric("Shapes2", "testbed v2 accuracy, exact match, all question types", primary=True),
                *(Metric(f"Shapes2-{t}", f"testbed v2 accuracy, {t} questions") for t in QTYPES),
                *(Metric(f"Shapes2-{s}", f"testbed v2 accuracy, answers read from {s} objects") for s in SALIENCE)]
+
+    stats = {"Shapes2": Stat(binomial=True),
+             **{f"Shapes2-{t}": Stat(where=(("qtype", t),), binomial=True) for t in QTYPES},
+             **{f"Shapes2-{s}": Stat(where=(("salience", s),), binomial=True) for s in SALIENCE}}
 
     @classmethod
     def option_defaults(cls):
@@ -74,4 +79,7 @@ class Shapes2(Benchmark):
         metrics = {"Shapes2": acc["overall"]}
         metrics.update({f"Shapes2-{t}": acc[t] for t in QTYPES if t in acc})
         metrics.update({f"Shapes2-{s}": acc[f"salience:{s}"] for s in SALIENCE if f"salience:{s}" in acc})
-        return {"metrics": metrics, "details": {"accuracy": acc, "n": res["n"], "missing": len(missing)}, "files": {}}
+        units = [{"id": k, "tags": {"qtype": q.qtype, "salience": q.salience},
+                  "v": {"correct": int(evaluate.is_correct(by_id[k], q.answer))}} for k, q in kept]
+        return {"metrics": metrics, "details": {"accuracy": acc, "n": res["n"], "missing": len(missing)}, "files": {},
+                "units": units}

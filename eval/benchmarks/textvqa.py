@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from ..io import read_json
 from .base import EVAL_ZIP, Benchmark, DataFile, Metric, loader_questions
 
@@ -14,6 +15,8 @@ class TextVQA(Benchmark):
     name = "textvqa"
     title = "TextVQA val (OCR tokens in the prompt)"
     metrics = [Metric("TextVQA-OCR", "TextVQA val accuracy, OCR-token prompt (LLaVA eval_textvqa.py)", primary=True)]
+    difficulty = ("acc", 1.0)  # soft accuracy: full marks = at least three annotators agree
+    stats = {"TextVQA-OCR": Stat(key="acc")}
     QUESTIONS = "textvqa/llava_textvqa_val_v051_ocr.jsonl"
     IMAGES = "textvqa/train_images"
     ANNOTATIONS = "textvqa/TextVQA_0.5.1_val.json"
@@ -38,11 +41,13 @@ class TextVQA(Benchmark):
             return {"metrics": {}, "files": {}, "pending": [f"score: {self.ANNOTATIONS} is missing; add it, then `python -m eval score`"]}
         res = scorers.score_textvqa(records, read_json(ann)["data"])
         name = self.metrics[0].name
-        return {"metrics": {name: res["accuracy"]}, "details": {"samples": res["samples"]}, "files": {}}
+        units = [{"id": str(r["question_id"]), "v": {"acc": s}} for r, s in zip(records, res["per_sample"])]
+        return {"metrics": {name: res["accuracy"]}, "details": {"samples": res["samples"]}, "files": {}, "units": units}
 
 
 class TextVQANoOCR(TextVQA):
     name = "textvqa_noocr"
     title = "TextVQA val (no OCR tokens)"
     metrics = [Metric("TextVQA-noOCR", "TextVQA val accuracy, prompt without the OCR-token line", primary=True)]
+    stats = {"TextVQA-noOCR": Stat(key="acc")}
     ocr = False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import scorers
 from ..io import read_json
+from ..stats import Stat
 from .base import Benchmark, DataFile, Metric, Question, unique_uids
 
 VIDEO_FORMATS = [".mp4", ".avi", ".mov", ".mkv"]  # run_inference_video_qa.py
@@ -114,14 +115,19 @@ class VideoQA(Benchmark):
 
     def judged_metrics(self, judgements: dict[str, dict], strict: bool = True) -> dict:
         res = scorers.score_videoqa(judgements)
-        return {"metrics": {f"{self.SHORT}-acc": res["accuracy"], f"{self.SHORT}-score": res["score"]}, "details": res}
+        units = res.pop("units")
+        return {"metrics": {f"{self.SHORT}-acc": res["accuracy"], f"{self.SHORT}-score": res["score"]}, "details": res,
+                "units": units}
 
 
 def _make(name, title, dirname, videos, short, prefix=""):
     metrics = [Metric(f"{short}-acc", f"{title} accuracy (#yes / judged) from an LLM judge (judge model and date in the results)", primary=True),
                Metric(f"{short}-score", f"{title} mean 0-5 score from an LLM judge")]
+    # accuracy: judged yes over judged yes-or-no (a ratio of sums); score: the mean 0-5 grade; both bootstrapped
+    stats = {f"{short}-acc": Stat(kind="ratio", key="yes", denom="judged_yn"), f"{short}-score": Stat(key="score", scale=1.0)}
     return type(name, (VideoQA,), {"name": name.lower(), "title": title, "DIR": dirname, "VIDEOS": videos,
-                                   "SHORT": short, "PREFIX": prefix, "metrics": metrics})
+                                   "SHORT": short, "PREFIX": prefix, "metrics": metrics, "stats": stats,
+                                   "difficulty": ("yes", 1.0)})
 
 
 MSVD = _make("MSVD", "MSVD-QA", "MSVD_Zero_Shot_QA", "videos", "MSVD-QA")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import scorers
+from ..stats import Stat
 from ..io import read_json, write_json
 from .base import EVAL_ZIP, SHORT_ANSWER, Benchmark, DataFile, Metric, Question, loader_questions, read_jsonl_questions
 
@@ -47,6 +48,8 @@ class VQAv2Val(Benchmark):
     name = "vqav2_val"
     title = "VQAv2 val (local)"
     metrics = [Metric("VQAv2-val", "VQAv2 val accuracy, local (VQA soft accuracy, lmms-eval vqav2_val rule)", primary=True)]
+    stats = {"VQAv2-val": Stat(key="acc")}
+    difficulty = ("acc", 1.0)
     QUESTIONS = "vqav2/v2_OpenEnded_mscoco_val2014_questions.json"
     ANNOTATIONS = "vqav2/v2_mscoco_val2014_annotations.json"
     IMAGES = "vqav2/val2014"
@@ -73,4 +76,6 @@ class VQAv2Val(Benchmark):
             return {"metrics": {}, "files": {}, "pending": [f"score: {self.ANNOTATIONS} is missing; add it, then `python -m eval score`"]}
         ann = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in read_json(ann_path)["annotations"]}
         res = scorers.score_vqav2_val(records, ann)
-        return {"metrics": {"VQAv2-val": res["accuracy"]}, "details": {"samples": res["samples"]}, "files": {}}
+        units = [{"id": str(r["question_id"]), "v": {"acc": a}} for r, a in zip(records, res["per_sample"])]
+        return {"metrics": {"VQAv2-val": res["accuracy"]}, "details": {"samples": res["samples"]}, "files": {},
+                "units": units}

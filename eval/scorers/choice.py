@@ -94,11 +94,20 @@ def score_seed(records: Iterable[dict], annotation: dict) -> dict:
         per_type = {names.get(t, str(t)): correct[t] / counts[t] * 100 for t in sorted(counts)}
         return (tc / tt * 100 if tt else 0.0), per_type, tt
 
+    units = []  # one per question of the annotation (unanswered: wrong), as one(None) counts them
+    for q in annotation["questions"]:
+        try:
+            qid = int(q["question_id"])
+        except (TypeError, ValueError):
+            qid = q["question_id"]
+        row = results.get(qid, results.get(q["question_id"]))
+        units.append({"id": str(q["question_id"]), "tags": {"data_type": str(q["data_type"])},
+                      "v": {"correct": int(row is not None and row["text"] == q["answer"])}})
     total, per_type, n = one(None)
     img, _, n_img = one("image")
     vid, _, n_vid = one("video")
     return {"all": total, "image": img, "video": vid, "per_type": per_type, "questions": n,
-            "image_questions": n_img, "video_questions": n_vid}
+            "image_questions": n_img, "video_questions": n_vid, "units": units}
 
 
 def convert_seed_upload(records: Iterable[dict], annotation: dict) -> list[dict]:

@@ -41,17 +41,19 @@ def score_gqa(predictions: list[dict], questions: dict, strict: bool = True, ask
     if missing and strict:
         raise ValueError(f"GQA: no prediction for {len(missing)} balanced question(s), e.g. {missing[:3]} "
                          "(the official evaluator requires all)")
-    acc, binary, open_ = [], [], []
+    acc, binary, open_, units = [], [], [], []
     for qid, q in scored_q.items():
         if not q.get("isBalanced", True) or qid not in preds:
             continue
         score = float(1 if preds[qid] == q["answer"] else 0)  # toScore(predicted == gold)
         acc.append(score)
-        (open_ if q.get("types", {}).get("structural") == "query" else binary).append(score)
+        is_open = q.get("types", {}).get("structural") == "query"
+        (open_ if is_open else binary).append(score)
+        units.append({"id": qid, "tags": {"type": "open" if is_open else "binary"}, "v": {"correct": int(score)}})
 
     def avg(xs):  # eval.py avg(): 0 for an empty list, then * 100 at the report
         return float(sum(xs)) / len(xs) if xs else 0
 
     return {"accuracy": avg(acc) * 100, "binary": avg(binary) * 100, "open": avg(open_) * 100, "samples": len(acc),
-            "missing": len(missing), "not_asked": not_asked,
+            "missing": len(missing), "not_asked": not_asked, "units": units,
             "unknown_predictions": sum(1 for qid in preds if qid not in questions)}

@@ -58,7 +58,8 @@ def score_mmvet(grades: dict[str, float], metadata: dict) -> dict:
             caps[c].append(grades.get(key, 0.0))
     total = sum(grades.get(k, 0.0) for k in metadata) / len(metadata) * 100 if metadata else 0.0
     return {"total": total, "capabilities": {c: 100.0 * sum(v) / len(v) for c, v in caps.items()},
-            "graded": sum(1 for k in metadata if k in grades), "questions": len(metadata)}
+            "graded": sum(1 for k in metadata if k in grades), "questions": len(metadata),
+            "units": [{"id": str(k), "v": {"grade": float(grades.get(k, 0.0))}} for k in metadata]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,16 +93,23 @@ def score_videoqa(judgements: dict[str, dict]) -> dict:
     counts yes, else one containing 'no' counts no); Score = sum of int(score) / #judged
     (an entry whose fields do not parse still counts in the denominator, upstream quirk)."""
     score_sum = count = yes = no = 0
-    for result in judgements.values():
+    units = []  # per judged item: its share of each sum (yes, yes-or-no, score)
+    for key, result in judgements.items():
         count += 1
+        u = {"yes": 0, "judged_yn": 0, "score": 0}
+        units.append({"id": str(key), "v": u})
         try:
-            score_sum += int(result["score"])
+            s = int(result["score"])
+            score_sum += s
+            u["score"] = s
             pred = result["pred"]
             if "yes" in pred.lower():
                 yes += 1
+                u["yes"] = u["judged_yn"] = 1
             elif "no" in pred.lower():
                 no += 1
+                u["judged_yn"] = 1
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return {"accuracy": 100.0 * yes / (yes + no) if yes + no else 0.0, "score": score_sum / count if count else 0.0,
-            "yes": yes, "no": no, "judged": count}
+            "yes": yes, "no": no, "judged": count, "units": units}

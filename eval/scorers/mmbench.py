@@ -178,6 +178,18 @@ def score_mmbench_local(records: Sequence[dict], rows: Sequence[dict]) -> dict:
                       "l2-category": row.get("l2-category"), "split": row.get("split") or "none"})
         units_rounds.append(int(all(all(answered[m].values()) for m in groups[idx])))
     single = [int(answered[i][0]) for i in sorted(answered) if 0 in answered[i]]
+    # the resampling units: one per circular group (index % 1e6) of answered rows; "question": whether CircularEval
+    # scores it (its row below 1e6 answered)
+    scored = {u["index"]: (u, r) for u, r in zip(units, units_rounds)}
+    group_units = []
+    for g in sorted(groups):
+        rows_g = [m for m in groups[g] if 0 in answered[m]]
+        if not rows_g:
+            continue
+        u, r = scored.get(g, (None, 0))
+        group_units.append({"id": str(g), "tags": {"question": "yes" if u else "no"},
+                            "v": {"circular": u["hit"] if u else 0, "rounds": r, "right": sum(int(answered[m][0]) for m in rows_g),
+                                  "rows": len(rows_g)}})
     report = _report_acc(units) if units else {"split": [], "Overall": []}
     return {"accuracy": _mean([u["hit"] for u in units]) * 100 if units else 0.0,
             "single_row_accuracy": _mean(single) * 100 if single else 0.0,
@@ -185,4 +197,5 @@ def score_mmbench_local(records: Sequence[dict], rows: Sequence[dict]) -> dict:
             "report": report,
             "categories": {k: v[0] * 100 for k, v in report.items() if k not in ("split", "Overall") and len(v) == 1},
             "questions": len(units), "rows": len(single), "copies_max": max((u["copies"] for u in units), default=0),
-            "rounds": max((len(v) for v in answered.values()), default=0), "unmatched": unmatched}
+            "rounds": max((len(v) for v in answered.values()), default=0), "unmatched": unmatched,
+            "units": group_units}

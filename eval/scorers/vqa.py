@@ -203,7 +203,7 @@ def score_vqav2_val(records: Iterable[dict], annotations: dict) -> dict:
         raise ValueError("VQAv2 val: no answers to score")
     # vqaEval.py setAccuracy: round(100*float(sum(accQA))/len(accQA), n); unrounded here (``accuracy_rounded``: n = 2)
     acc = 100 * float(sum(accs)) / len(accs)
-    return {"accuracy": acc, "accuracy_rounded": round(acc, 2), "samples": len(accs)}
+    return {"accuracy": acc, "accuracy_rounded": round(acc, 2), "samples": len(accs), "per_sample": accs}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,10 +70,17 @@ def score_pope(records: Sequence[dict], question_category: dict, labels: dict[st
     question_category: question_id -> category; labels: category -> labels in file order."""
     per_cat = {}
     pooled = {"TP": 0, "FP": 0, "TN": 0, "FN": 0, "yes": 0, "n": 0}
+    units = []  # one per scored question: the pairs pope_confusion counts (zip: the shorter list wins)
     for cat in sorted(labels):
-        answers = [pope_parse(r["text"]) for r in records if question_category[r["question_id"]] == cat]
+        mine = [r for r in records if question_category[r["question_id"]] == cat]
+        answers = [pope_parse(r["text"]) for r in mine]
         if not answers:
             continue
+        for r, a, lab in zip(mine, answers, labels[cat]):
+            pred, pos = a != "no", lab != "no"
+            units.append({"id": str(r["question_id"]), "tags": {"split": cat},
+                          "v": {"correct": int(pred == pos), "tp": int(pred and pos), "fp": int(pred and not pos),
+                                "fn": int(pos and not pred)}})
         c = pope_confusion(answers, labels[cat])
         per_cat[cat] = pope_metrics(c)
         per_cat[cat]["samples"] = len(answers)
@@ -93,6 +100,7 @@ def score_pope(records: Sequence[dict], question_category: dict, labels: dict[st
         "acc_pooled": pm["accuracy"] * 100,
         "categories": per_cat,
         "pooled": pm,
+        "units": units,
     }
 
 
@@ -155,7 +163,7 @@ def mme_task_score(rows: Sequence[tuple]) -> dict:
     in the first four characters), so the answer is parsed as is."""
     if len(rows) % 2:
         raise ValueError(f"MME: a subtask has an odd number of answers ({len(rows)}); each image needs its two questions")
-    gts, preds, plus = [], [], 0
+    gts, preds, plus, units = [], [], 0, []
     for i in range(0, len(rows), 2):
         correct = 0
         for _file, _q, gt_ans, pred_ans in rows[i:i + 2]:
@@ -167,13 +175,14 @@ def mme_task_score(rows: Sequence[tuple]) -> dict:
             preds.append(p)
             correct += int(gt_ans == p)
         plus += int(correct == 2)
+        units.append({"image": rows[i][0], "right": correct, "both": int(correct == 2)})
     acc = sum(g == p for g, p in zip(gts, preds)) / len(gts)  # sklearn accuracy_score: mean of the 0/1 hits
     acc_plus = plus / (len(rows) // 2)  # acc_plus_correct_num / img_num
     task_score = 0  # calculation.py: task_score += v * 100 for k in ("acc", "acc_plus"), in that order
     task_score += acc * 100
     task_score += acc_plus * 100
     return {"acc": acc * 100, "acc_plus": acc_plus * 100, "score": task_score,
-            "other": preds.count("other"), "questions": len(rows)}
+            "other": preds.count("other"), "questions": len(rows), "units": units}
 
 
 def score_mme(per_category: dict[str, list[tuple]]) -> dict:
