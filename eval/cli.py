@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
     t.add_argument("--throughput", action="store_true", help="add the runs' questions/s and host-wait share (their "
                    "answering loops' time, results.json 'throughput')")
+    t.add_argument("--control", default=None, help="add each row's score on VTC-Bench's groups A (the questions this "
+                   "control run gets wrong) and B (the rest): a run folder, or 'auto' (the downsample run at the row's "
+                   "budget among the results)")
     from .compare import add_parser as _compare_parser
     from .lmms_import import add_parser as _lmms_parser
     from .paper_cli import add_parsers as _paper_parsers
@@ -381,15 +384,20 @@ def _fixtures(args, local_rank) -> int:
 
 
 def _table(args, local_rank) -> int:
+    from .compare import CompareError
     from .table import make_table
 
     override = {k.lower(): v for k, v in _kv(args.metric, "--metric").items()}
     paper = {k: float(v) for k, v in _kv(args.paper_vanilla, "--paper-vanilla").items()}
     fmts = ["md", "latex"] if args.format == "both" else [args.format]
     for f in fmts:
-        text = make_table(args.paths, fmt=f, metric_override=override, paper_vanilla=paper or None,
-                          relative=args.relative, decimals=args.decimals, include_partial=args.include_partial,
-                          throughput=args.throughput)
+        try:
+            text = make_table(args.paths, fmt=f, metric_override=override, paper_vanilla=paper or None,
+                              relative=args.relative, decimals=args.decimals, include_partial=args.include_partial,
+                              throughput=args.throughput, control=args.control)
+        except CompareError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.out:
             out = Path(args.out)
             if args.format == "both":

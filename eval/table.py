@@ -223,6 +223,7 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
     for model, m in models.items():
         cols = m["columns"]
         metrics = [m["benches"][b] for b in cols]
+        groups_of = m.get("groups") or {}  # (row key, bench) -> {"A": Estimate, "B": Estimate}, with --control
         rows = list(m["rows"].values())
         vanilla_rows = [r for r in rows if r.method == VANILLA]
         vanilla = vanilla_rows[0] if vanilla_rows else None
@@ -255,7 +256,9 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                 groups.append((title, []))
             groups[-1][1].append(r)
         avg_head = f"Avg(rel, vanilla={source})"
-        header = ["Method", "Budget"] + metrics + ["tok-in", "tok-eq"] + (["q/s", "host wait"] if throughput else []) + [avg_head]
+        grouped = [b for b in cols if any(k[1] == b for k in groups_of)]
+        gheads = [f"{m['benches'][b]} {g}" for b in grouped for g in ("A", "B")]
+        header = ["Method", "Budget"] + metrics + gheads + ["tok-in", "tok-eq"] + (["q/s", "host wait"] if throughput else []) + [avg_head]
         body: list[tuple[str | None, list[list[str]]]] = []
         for title, grp in groups:
             lines = []
@@ -272,6 +275,16 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                     if relative and v is not None and bv and (r.method != VANILLA or paper):
                         c += f" ({100.0 * v / bv:.1f}%)" if fmt == "md" else f" {{\\scriptsize({100.0 * v / bv:.1f}\\%)}}"
                     cells.append(c)
+                for b in grouped:
+                    g = groups_of.get((id(r), b))
+                    for k in ("A", "B"):
+                        e = None if g is None else g[k]
+                        if e is None or e.value is None or math.isnan(e.value):
+                            cells.append("–")
+                            continue
+                        pm = " ± " if fmt == "md" else " $\\pm$ "
+                        cells.append(f"{e.value:.{decimals}f}" + ("" if e.se is None else f"{pm}{e.se:.{decimals}f}")
+                                     + f" (n={e.n})")
                 cells += [_fmt(_tokens(r, "tok_in"), 1), _fmt(_tokens(r, "tok_eq"), 1)]
                 if throughput:
                     qps, wait = _throughput(r)
@@ -297,6 +310,8 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
                          "standard deviation of a bootstrap over the benchmark's unit (results.json stderr_method "
                          "names the unit, the resamples and the seed); results written before per-unit scores were "
                          "kept have it for the accuracies only.")
+        for note in m.get("group_notes", []):
+            notes.append(note)
         if any(server_scored(r.cells.get(b), met) for r in rows for b, met in zip(cols, metrics)):
             notes.append("(server) = scored by the benchmark's evaluation server: no per-question truth here, so no "
                          "standard error.")
@@ -332,10 +347,67 @@ def render(models: dict[str, dict], fmt: str = "md", relative: bool = True, deci
     return "\n".join(out)
 
 
+def add_groups(models: dict[str, dict], control: str) -> None:
+    """VTC-Bench's groups (eval.stats): per row and benchmark column, the row's score on the questions the control
+    run gets wrong (A) and on the rest (B). ``control``: a run folder or results.json (the control of every row
+    of its benchmark), or ``auto``: per model, benchmark and budget, the ``downsample`` run at that budget among the
+    results (a budget without one: no groups there, said in a note). Raises :class:`eval.compare.CompareError`
+    where a control cannot be used (none at all, another question set, no per-unit scores)."""
+    from . import stats as st
+    from .benchmarks import get_benchmark
+    from .compare import CompareError, check_same_questions, load_run
+
+    named = None if control == "auto" else load_run(control)
+    for model, m in models.items():
+        m["groups"], notes, used = {}, [], []
+        for bench, metric in m["benches"].items():
+            rows = list(m["rows"].values())
+            if named is not None:
+                if named.results.get("benchmark") != bench:
+                    continue
+                ctrl_for = {id(r): named for r in rows}
+            else:
+                ds = {r.budget: r.cells[bench] for r in rows if r.method == "downsample" and bench in r.cells}
+                if not ds:
+                    raise CompareError(f"--control auto: no downsample run of {short_model(model)} on {bench} among the "
+                                       "results; add one at each budget, or name the control run with --control RUN")
+                ctrl_for = {}
+                for r in rows:
+                    if r.method in (VANILLA, "downsample") or bench not in r.cells:
+                        continue
+                    if r.budget in ds:
+                        ctrl_for[id(r)] = load_run(ds[r.budget]["_path"])
+                    else:
+                        notes.append(f"{r.label} at budget {r.budget} on {bench}: no downsample run at that budget, "
+                                     "so no groups A / B")
+            for r in rows:
+                ctrl = ctrl_for.get(id(r))
+                if ctrl is None or bench not in r.cells:
+                    continue
+                run = load_run(r.cells[bench]["_path"])
+                check_same_questions([ctrl, run])
+                stat = get_benchmark(bench, ".", **((run.results.get("config") or {}).get("bench_options") or {})).stats.get(metric)
+                if stat is None:
+                    continue
+                m["groups"][(id(r), bench)] = st.on_groups(run.units, ctrl.units, stat)
+                if ctrl.path not in used:
+                    used.append(ctrl.path)
+                    a, b = st.difficult_groups(ctrl.units)
+                    key, full = ctrl.units.difficulty
+                    notes.append(f"{metric} A / B (VTC-Bench's groups): the row's score on the {len(a)} {ctrl.units.unit}s "
+                                 f"where the control run {short_model(str(ctrl.path))} (budget "
+                                 f"{ctrl.method.get('budget')}) has {key} below {full:g} (A, difficult) and on the other "
+                                 f"{len(b)} (B), ± the standard error, n the units")
+        m["group_notes"] = notes
+
+
 def make_table(paths, fmt: str = "md", metric_override=None, paper_vanilla=None, relative: bool = True,
-               decimals: int = 1, include_partial: bool = False, throughput: bool = False) -> str:
+               decimals: int = 1, include_partial: bool = False, throughput: bool = False,
+               control: str | None = None) -> str:
     results = load_results(paths, include_partial=include_partial)
     if not results:
         raise ValueError("no results.json found" + ("" if include_partial else " (partial runs are skipped; --include-partial)"))
-    return render(build(results, metric_override, paper_vanilla), fmt=fmt, relative=relative, decimals=decimals,
-                  throughput=throughput)
+    models = build(results, metric_override, paper_vanilla)
+    if control is not None:
+        add_groups(models, control)
+    return render(models, fmt=fmt, relative=relative, decimals=decimals, throughput=throughput)
