@@ -360,5 +360,7 @@ def record_metric(results_path, name: str, value: float, source: str | None = No
                                                    "date": datetime.date.today().isoformat()}
     res["pending"] = [p for p in res.get("pending", []) if not p.startswith(f"{name}:")]
     res.setdefault("metric_labels", {}).setdefault(name, name)
+    res.setdefault("stderr", {})[name] = "server"  # no per-question truth here (eval.stats)
+    res.setdefault("stderr_method", {})[name] = "scored by the benchmark's server: no per-question truth here"
     write_json(path, res)
     return res

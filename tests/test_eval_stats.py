@@ -271,3 +271,15 @@ def test_results_json_of_a_scored_run_holds_the_units_and_stderr(tmp_path):
     assert np.isclose(st.compute(u, BENCHMARKS["shapes"].stats["Shapes"]), res["metrics"]["Shapes"])
     assert eval_main(["score", str(rd)]) == 0
     assert json.loads((rd / "results.json").read_text())["stderr"] == res["stderr"]
+
+
+def test_a_recorded_server_score_says_server_in_the_table(tmp_path):
+    """`eval record` marks the number as the server's: the table prints '(server)' and a note instead of a ±."""
+    from eval.results import record_metric
+
+    rd = fake_run(tmp_path / "runs" / "vq", "none", None, [1, 0])
+    res = record_metric(rd, "VQAv2-testdev", 78.5, source="EvalAI test-dev")
+    assert res["stderr"]["VQAv2-testdev"] == "server"
+    t = make_table([tmp_path / "runs"], metric_override={"shapes": "VQAv2-testdev"})
+    assert "| Vanilla (unpruned) | – | 78.5 (server) |" in t
+    assert "(server) = scored by the benchmark's evaluation server" in t
