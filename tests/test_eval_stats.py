@@ -283,3 +283,11 @@ def test_a_recorded_server_score_says_server_in_the_table(tmp_path):
     t = make_table([tmp_path / "runs"], metric_override={"shapes": "VQAv2-testdev"})
     assert "| Vanilla (unpruned) | – | 78.5 (server) |" in t
     assert "(server) = scored by the benchmark's evaluation server" in t
+
+
+def test_the_wandb_summary_carries_the_standard_errors():
+    from eval.wandb_log import results_summary
+
+    s = results_summary({"metrics": {"MME-P": 1500.0, "VizWiz": 50.0}, "primary_metric": "MME-P",
+                         "stderr": {"MME-P": 21.5, "VizWiz": "server"}})
+    assert s["stderr/MME-P"] == 21.5 and s["score_stderr"] == 21.5 and "stderr/VizWiz" not in s
