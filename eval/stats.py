@@ -210,19 +210,42 @@ def count(units: Units, stat: Stat) -> int:
 # -- resampling --------------------------------------------------------------------------------------------------
 
 
-def resample(units: Units, strata: str | None, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """(resamples, n) unit positions drawn with replacement, within each stratum of tag ``strata`` (its groups
-    keep their sizes), reproducible from ``seed``."""
+#: unit positions drawn per chunk of resamples (memory: 8 bytes each, a few arrays of it at once)
+CHUNK_POSITIONS = 2_000_000
+
+
+def resample_chunks(units: Units, strata: str | None, resamples: int = RESAMPLES, seed: int = SEED):
+    """Yield (k, n) unit positions drawn with replacement, k resamples at a time (``resamples`` in all), within each
+    stratum of tag ``strata`` (its groups keep their sizes); reproducible from ``seed`` (the chunking is a function
+    of n alone, so the same units and seed draw the same resamples)."""
     n = len(units)
     rng = np.random.default_rng(seed)
-    if strata is None:
-        return rng.integers(0, n, size=(resamples, n), dtype=np.int64)
-    tag = units.tag(strata)
-    cols = []
-    for g in sorted(set(tag.tolist())):
-        pos = np.flatnonzero(tag == g)
-        cols.append(pos[rng.integers(0, len(pos), size=(resamples, len(pos)), dtype=np.int64)])
-    return np.concatenate(cols, axis=1) if cols else np.zeros((resamples, 0), dtype=np.int64)
+    step = max(1, min(resamples, CHUNK_POSITIONS // max(n, 1)))
+    strata_pos = None
+    if strata is not None:
+        tag = units.tag(strata)
+        strata_pos = [np.flatnonzero(tag == g) for g in sorted(set(tag.tolist()))]
+    done = 0
+    while done < resamples:
+        k = min(step, resamples - done)
+        if strata_pos is None:
+            yield rng.integers(0, n, size=(k, n), dtype=np.int64)
+        elif not strata_pos:
+            yield np.zeros((k, 0), dtype=np.int64)
+        else:
+            yield np.concatenate([pos[rng.integers(0, len(pos), size=(k, len(pos)), dtype=np.int64)]
+                                  for pos in strata_pos], axis=1)
+        done += k
+
+
+def resample(units: Units, strata: str | None, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """All of :func:`resample_chunks`' draws as one (resamples, n) array."""
+    return np.concatenate(list(resample_chunks(units, strata, resamples, seed)), axis=0)
+
+
+def draws(units: Units, stat: Stat, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """``stat`` on each resample (NaN where a resample leaves it undefined)."""
+    return np.concatenate([compute(units, stat, idx) for idx in resample_chunks(units, stat.by, resamples, seed)])
 
 
 def binomial_se(p_scaled: float, n: int, scale: float = 100.0) -> float | None:
@@ -251,9 +274,9 @@ def estimate(units: Units, stat: Stat, resamples: int = RESAMPLES, seed: int = S
         return Estimate(value, binomial_se(value, n, stat.scale), n, "binomial")
     if n < 2 or math.isnan(value):
         return Estimate(value, None, n, "bootstrap")
-    draws = compute(units, stat, resample(units, stat.by, resamples, seed))
-    draws = draws[~np.isnan(draws)]
-    se = float(np.std(draws, ddof=1)) if len(draws) > 1 else None
+    d = draws(units, stat, resamples, seed)
+    d = d[~np.isnan(d)]
+    se = float(np.std(d, ddof=1)) if len(d) > 1 else None
     return Estimate(value, se, n, "bootstrap")
 
 
@@ -308,8 +331,8 @@ def paired(a: Units, b: Units, stat: Stat, resamples: int = RESAMPLES, seed: int
         raise ValueError("paired: the runs hold different units")
     b = b.align(a.ids)
     va, vb = compute(a, stat), compute(b, stat)
-    idx = resample(a, stat.by, resamples, seed)
-    d = compute(b, stat, idx) - compute(a, stat, idx)
+    d = np.concatenate([compute(b, stat, idx) - compute(a, stat, idx)
+                        for idx in resample_chunks(a, stat.by, resamples, seed)])
     d = d[~np.isnan(d)]
     alpha = (1.0 - LEVEL) / 2
     low, high = (float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))) if len(d) else (None, None)
