@@ -384,7 +384,7 @@ def _fixtures(args, local_rank) -> int:
 
 
 def _table(args, local_rank) -> int:
-    from .compare import CompareError
+    from .pairing import CompareError
     from .table import make_table
 
     override = {k.lower(): v for k, v in _kv(args.metric, "--metric").items()}

@@ -80,6 +80,19 @@ class Stat:
         return what
 
 
+def _unique(ids: list[str]) -> list[str]:
+    """``ids`` with ``#k`` appended to the k-th repeat of an id (k >= 1), as question uids are made unique."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in ids:
+        k = seen.get(s, 0)
+        seen[s] = k + 1
+        out.append(s if k == 0 else f"{s}#{k}")
+    if len(set(out)) != len(out):  # "a#1" present literally as well: positions make them unique
+        return [f"{i}:{s}" for i, s in enumerate(ids)]
+    return out
+
+
 @dataclass
 class Units:
     """One row per unit: ``ids`` (str), ``tags`` (name -> array of str), ``values`` (name -> float64 array)."""
@@ -98,10 +111,8 @@ class Units:
         """Rows ``{"id", "tags": {...}, "v": {...}}``; a tag or value a row lacks is "" / 0. An id that repeats (a
         question file that repeats a question id) gets ``#k`` on its k-th repeat, in row order (the merge keeps
         question-file order, so two runs over the same questions name their units alike)."""
-        from .benchmarks.base import unique_uids
-
         rows = list(rows)
-        ids = unique_uids([str(r["id"]) for r in rows])
+        ids = _unique([str(r["id"]) for r in rows])
         tag_names = sorted({k for r in rows for k in r.get("tags", {})})
         value_names = sorted({k for r in rows for k in r.get("v", {})})
         tags = {k: np.array([str(r.get("tags", {}).get(k, "")) for r in rows], dtype=object) for k in tag_names}

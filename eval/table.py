@@ -351,11 +351,11 @@ def add_groups(models: dict[str, dict], control: str) -> None:
     """VTC-Bench's groups (eval.stats): per row and benchmark column, the row's score on the questions the control
     run gets wrong (A) and on the rest (B). ``control``: a run folder or results.json (the control of every row
     of its benchmark), or ``auto``: per model, benchmark and budget, the ``downsample`` run at that budget among the
-    results (a budget without one: no groups there, said in a note). Raises :class:`eval.compare.CompareError`
+    results (a budget without one: no groups there, said in a note). Raises :class:`eval.pairing.CompareError`
     where a control cannot be used (none at all, another question set, no per-unit scores)."""
     from . import stats as st
     from .benchmarks import get_benchmark
-    from .compare import CompareError, check_same_questions, load_run
+    from .pairing import CompareError, check_same_questions, load_run
 
     named = None if control == "auto" else load_run(control)
     for model, m in models.items():

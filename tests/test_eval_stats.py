@@ -16,7 +16,8 @@ import pytest
 from eval import stats as st
 from eval.benchmarks import BENCHMARKS, get_benchmark
 from eval.cli import main as eval_main
-from eval.compare import CompareError, compare
+from eval.compare import compare
+from eval.pairing import CompareError
 from eval.io import write_json
 from eval.table import make_table, stderr
 
