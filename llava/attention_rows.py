@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
                                      StaticSlidingWindowLayer)
 
-from .tp import full_width, sharded_module
+from .tp_shards import full_width, sharded_module
 
 
 def rope_fn_for(attn_module: torch.nn.Module) -> Callable:
@@ -66,7 +66,7 @@ class LayerQK:
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The layer's q / k projection of x with all heads: under tensor parallelism the ranks' column
-        shards are gathered (:func:`llava.tp.full_width`); a width other than the config's heads is refused
+        shards are gathered (:func:`llava.tp_shards.full_width`); a width other than the config's heads is refused
         (a signal is never read from one rank's heads)."""
         y = full_width(getattr(self.attn, name), x)
         cfg = getattr(self.attn, "config", None)

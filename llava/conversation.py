@@ -80,7 +80,7 @@ TEMPLATES = {
     # against a public copy of that file): a default system turn, then per image
     # "<|vision_start|><|image_pad|><|vision_end|>" directly followed by the question, "<|im_end|>\n" after each turn
     "qwen2_vl": Template("qwen2_vl", "You are a helpful assistant.", "user", "assistant", "qwen_vl"),
-    # Qwen3.5's chat_template.jinja (a public copy of the Qwen3.5 / 3.6 file, read 2026-11-24; not the checkpoint
+    # Qwen3.5's chat_template.jinja (a public copy of the Qwen3.5 / 3.6 file; not the checkpoint
     # itself, which cannot be downloaded here): no default system turn, the same vision markers and turns as Qwen2.5-VL,
     # and a generation prompt that depends on `enable_thinking`: "<think>\n" (the default: the model reasons first)
     # or "<think>\n\n</think>\n\n" (enable_thinking=False: an empty think block, a direct answer). Short-answer

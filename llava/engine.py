@@ -47,24 +47,13 @@ from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
 from .layout import VisionStage
 from .method import Method, Selection, get_method
 from .needs import TowerCall
+from .plan import PromptSpec
 from .prefill import EagerEnv, _Prefill
 from .staged import StagedDecoder, _DecodeSegment
 from .stats import PrefillStats, _PhaseClock
-from .tp import sharded_module
+from .tp_shards import sharded_module
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class PromptSpec:
-    """How to find the question among the text tokens after the image (for query-aware signals).
-
-    sep_ids:  token ids that may open the text after the image (the newline separator); stripped.
-    tail_ids: the token ids that end the prompt (the role tag, e.g. `` ASSISTANT:``); stripped.
-    """
-
-    sep_ids: tuple[int, ...] = ()
-    tail_ids: tuple[int, ...] = ()
-
 
 @dataclass
 class _State:

@@ -210,7 +210,7 @@ class Method:
     #: Position convention for llm stages: ``keep`` original RoPE positions or ``reindex``.
     position_mode: str = "keep"
     #: Reads the question (``question_mask`` / ``text_embeds`` / question rows): the engine then needs
-    #: the prompt's separator and role-tag ids (a ``PromptSpec``) to find it.
+    #: the prompt's separator and role-tag ids (a :class:`llava.plan.PromptSpec`) to find it.
     query_aware: ClassVar[bool] = False
     #: An llm stage reads the text after the image (``LLMSignals.text_after``): on the fast path those rows
     #: are then planned, padded to a text bucket with ``LLMSignals.text_mask`` (DART's text pivots).

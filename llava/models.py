@@ -23,11 +23,12 @@ import torch
 from .model_source import local_path_error, offline_if_hub_unreachable
 from .conversation import Template, get_template
 from .dtypes import parse_dtype as _dtype
-from .engine import PromptSpec, PruningEngine, attach
+from .engine import PruningEngine, attach
 from .families import registry
 from .families.registry import Family
 from .fast.precompile import active as fast_precompile_active, requested as fast_precompile_requested
 from .fast.precompile import wanted as fast_precompile_wanted
+from .plan import PromptSpec
 from .preprocess import PROCESSORS, PromptProcessor, llava_tokenize
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -1,7 +1,7 @@
 """A method's options, declared once: name, default, and what a value may be.
 
 A method lists its options in :meth:`llava.method.Method.option_defaults`, each as a plain default (any value
-accepted, as before) or as an :class:`Option` that also says which values it takes (a fixed set of choices, or
+accepted) or as an :class:`Option` that also says which values it takes (a fixed set of choices, or
 types, optionally None, optionally a lower bound). :func:`apply` sets them on a new instance and checks every
 declared one there, once, with one message shape (``"<method>: <option> must be one of (...), got 'x'"``); the
 method's own ``__init__`` keeps only the checks that relate several options. ``python -m llava.cli methods NAME``

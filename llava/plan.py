@@ -2,8 +2,8 @@
 captured one: :mod:`llava.fast`): host work only, no tensor on a device.
 
 * :class:`RowLayout` (:func:`row_layouts`): one sample's row, its real tokens, visual tokens and ids, as both executors
-  plan it from the host copy of the ids; :func:`text_spans` and :func:`sample_key`: where its question lies, and its
-  stable key;
+  plan it from the host copy of the ids; :func:`text_spans` and :func:`sample_key`: where its question lies (by the
+  prompt's :class:`PromptSpec`: its separator and role-tag ids), and its stable key;
 * :func:`run_spans` and :func:`rebuilt_row`: the one row arithmetic of a selection: where each text token and each
   output of a row go when its placeholder runs are replaced by a selection's outputs (:class:`RowMap`), and
   :func:`regather_plan`, the one gather that lays out a batch's rebuilt rows, and :func:`next_rows`, the rows after a
@@ -55,10 +55,22 @@ def row_layouts(ids: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) ->
     return out
 
 
-def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class PromptSpec:
+    """How to find the question among the text tokens after the image (for query-aware signals).
+
+    sep_ids:  token ids that may open the text after the image (the newline separator); stripped.
+    tail_ids: the token ids that end the prompt (the role tag, e.g. `` ASSISTANT:``); stripped.
+    """
+
+    sep_ids: tuple[int, ...] = ()
+    tail_ids: tuple[int, ...] = ()
+
+
+def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec: PromptSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
     the last visual token (``vis``: indices of the visual tokens, ascending), and of the question (the text after,
-    less the prompt spec's (:class:`llava.engine.PromptSpec`) leading separators and trailing role tag)."""
+    less the prompt spec's (:class:`PromptSpec`) leading separators and trailing role tag)."""
     n = int(ids.numel())
     last_vis = int(vis[-1]) if vis.numel() else -1
     after = torch.arange(last_vis + 1, n)

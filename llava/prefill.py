@@ -13,10 +13,10 @@ from .stats import _PhaseClock
 if TYPE_CHECKING:
     import torch
 
-    from .engine import PromptSpec
     from .families.base import FamilyAdapter
     from .method import Method
     from .needs import Needs, TowerCall
+    from .plan import PromptSpec
 
 
 @dataclass(frozen=True)

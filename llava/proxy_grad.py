@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .tp import sharded_module
+from .tp_shards import sharded_module
 
 
 PROXY_ROWS = ("shifted", "last")

@@ -13,14 +13,17 @@ DeepSpeed's AutoTP shards the **language model only**:
   be split by name); its full-attention layers and every MLP are sharded.
 * the engine's LLM signals (:class:`llava.attention_rows.LayerQK`: the attention rows FastV, PyramidDrop,
   SparseVLM, DART, VScan, VisionDrop and ConsensusDrop read) gather the q / k projections' shards across
-  the group (:func:`full_width`), so every rank computes the unsharded model's signal and selects the same
-  tokens; a projection whose width is not the config's heads is refused, never read from a rank's heads.
+  the group (:func:`llava.tp_shards.full_width`), so every rank computes the unsharded model's signal and selects
+  the same tokens; a projection whose width is not the config's heads is refused, never read from a rank's heads.
 * ranks form ``world / tp`` groups of consecutive ranks (:class:`TPGroups`, the ``mpu`` DeepSpeed takes):
   data parallelism across groups, tensor parallelism inside one.
 
 On a CPU (the tests) DeepSpeed's shared-memory all-reduce op is switched off: it reduces across every local
 rank whatever the group (wrong with two groups) and compiles for minutes on first use; gloo's all-reduce is
 used instead.
+
+What the engine itself reads of a sharded model (:func:`llava.tp_shards.full_width`, ``sharded_module``) lives in
+:mod:`llava.tp_shards`: this file names ``llava.models``' ``Runtime``, which imports the engine.
 """
 
 from __future__ import annotations
@@ -144,27 +147,6 @@ def grain_size(text_config, tp: int) -> int:
     return 64 if all(d >= 64 * tp for d in dims) else 8
 
 
-def full_width(proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``proj(x)`` with all its output features: a column-parallel shard of AutoTP (``LinearLayer``: this
-    rank's slice of the output features, ``_partition_sizes`` per rank of ``mp_group``) gathers the other
-    ranks' slices in rank order (the unsharded layer's output, exactly); any other module is just called.
-    Every rank of the group must call it (a collective)."""
-    y = proj(x)
-    sizes = getattr(proj, "_partition_sizes", None)
-    group = getattr(proj, "mp_group", None)
-    if group is None or not sizes or len(sizes) < 2 or y.shape[-1] == sum(sizes):
-        return y
-    import torch.distributed as dist
-
-    width = max(sizes)
-    y = y.contiguous()
-    if y.shape[-1] < width:
-        y = torch.nn.functional.pad(y, (0, width - y.shape[-1]))
-    parts = [torch.empty_like(y) for _ in sizes]
-    dist.all_gather(parts, y, group=group)
-    return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1)
-
-
 def _cpu_collectives(deepspeed) -> None:
     """DeepSpeed's communication on a CPU: plain gloo all-reduce (the shared-memory op off; see the module
     docstring). Must run before DeepSpeed builds its backend."""
@@ -242,14 +224,3 @@ def deepspeed_inference(rt: Runtime, tp_size: int = 1, dtype=None, groups: TPGro
         rt.prune("none")
         rt.engine_by_load = True
     return rt
-
-
-def sharded_module(modules) -> str | None:
-    """The name of a tensor-parallel (AutoTP-sharded) linear among ``modules``' submodules, or None: DeepSpeed's
-    replaced linears hold their ``mp_group``."""
-    for m in modules:
-        for name, sub in m.named_modules():
-            sizes = getattr(sub, "_partition_sizes", None)
-            if getattr(sub, "mp_group", None) is not None and (sizes is None or len(sizes) > 1):
-                return f"{type(m).__name__}.{name}" if name else type(m).__name__
-    return None

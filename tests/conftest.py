@@ -158,10 +158,11 @@ SLOW_FILES_FIRST = ("test_slurm.py", "test_slurm_scripts.py", "test_tensor_paral
 
 
 # ------------------------------------------------------------------ the quick tier (`bash scripts/test.sh --quick`)
-#: the inner loop's selection, marked ``quick`` (``pytest -m quick``; scripts/test.sh's header has its time): every
-#: registered method on one family and one method on every family (batch == alone, the unequal-length batch), the
-#: generic guarantees' classification and keep-all on that family, the CLI and the documented commands (each page's
-#: names checked, the runnable blocks run). Per file: None (every test) or {test function: which of its cases}.
+#: the inner loop's selection, marked ``quick`` (``pytest -m quick``; its time:
+#: docs/results/test-suite-timings-cpu.md): every registered method on one family and one method on every family
+#: (batch == alone, the unequal-length batch), the generic guarantees' classification and keep-all on that family,
+#: the CLI and the documented commands (each page's names checked, the runnable blocks run). Per file: None (every
+#: test) or {test function: which of its cases}.
 QUICK_FAMILY = "llava"
 QUICK_METHOD = "consensusdrop"
 

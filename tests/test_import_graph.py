@@ -1,11 +1,20 @@
-"""The project's import graph (issue 35): no import circles anywhere, counting the imports inside functions, and
-the rooms depend on each other one way only.
+"""The project's import graph (issue 35): no import circles anywhere, type-only imports and the imports inside
+functions counted, and the rooms depend on each other one way only.
 
-Every module of the project's packages is parsed with ``ast``; every ``import`` / ``from ... import`` in it, at
-module level or inside a function or method, is an edge (an import inside a function runs later than one at the
-top, but a reader following the code still walks the circle). Imports under ``if TYPE_CHECKING:`` never run and
-serve annotations only: they are not edges (llava/tp.py names ``Runtime`` that way). An import of a name from a
-package (``from eval import scorers``) is an edge to the submodule when there is one, else to the package."""
+Every module of the project's packages is parsed with ``ast``; every ``import`` / ``from ... import`` in it is an
+edge, wherever it stands:
+
+* at module level (they run at import);
+* inside a function or method: it runs later than one at the top, but a reader following the code still walks the
+  circle, and it is how a circle hides from the import system;
+* under ``if TYPE_CHECKING:``: it never runs, but the module's annotations name the other module's types, so the
+  module means nothing without it, and a type checker walks it. A circle closed only by a type-only import says that
+  a type lives in the wrong module: it goes beside the code that reads it (``PromptSpec`` in ``llava/plan.py``; the
+  sharded-linear helpers the engine calls in ``llava/tp_shards.py``, apart from ``llava/tp.py``, which takes a
+  ``Runtime``).
+
+An import of a name from a package (``from eval import scorers``) is an edge to the submodule when there is one,
+else to the package."""
 
 import ast
 import functools
@@ -42,17 +51,9 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for sub in node.body:
-                skip.update(id(x) for x in ast.walk(sub))
-    return skip
-
-
 def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
-    """module -> the project modules it imports (anywhere in its body, functions included)."""
+    """module -> the project modules it imports (anywhere in its body: functions and ``if TYPE_CHECKING:`` blocks
+    included)."""
     mods = {module_name(f, root): f for p in packages if (root / p).is_dir() for f in (root / p).rglob("*.py")}
 
     def resolve(name: str) -> str | None:  # the longest prefix that is a project module
@@ -66,11 +67,8 @@ def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
     for name, f in mods.items():
         pkg = name if f.name == "__init__.py" else name.rpartition(".")[0]
         tree = ast.parse(f.read_text(), str(f))
-        skip = _type_checking_nodes(tree)
         deps = set()
         for node in ast.walk(tree):
-            if id(node) in skip:
-                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
@@ -118,20 +116,22 @@ def test_the_checker_finds_a_planted_circle():
 
 
 def test_the_checker_finds_a_circle_planted_in_files(tmp_path):
-    """A real package on disk: the circle closes through an import inside a method and a relative import;
-    an import under TYPE_CHECKING alone does not close one."""
+    """A real package on disk: the circle closes through an import inside a method and a relative import, or
+    through an import under TYPE_CHECKING alone."""
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from .sub import b\n")
     (pkg / "sub" / "b.py").write_text("import os\n\n\nclass B:\n    def f(self):\n        from pkg.c import g\n")
-    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    (pkg / "c.py").write_text("import os\n")
     graph = import_graph(tmp_path, ("pkg",))
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.c"] == set()
     assert find_cycle(graph) is None
-    (pkg / "c.py").write_text("def g():\n    from . import a\n")  # the circle now closes at run time
-    assert find_cycle(import_graph(tmp_path, ("pkg",))) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+    for c in ("def g():\n    from . import a\n",  # closes at run time
+              "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"):  # for the types only
+        (pkg / "c.py").write_text(c)
+        assert find_cycle(import_graph(tmp_path, ("pkg",))) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"], c
 
 
 def test_the_project_has_no_import_circles():
@@ -140,7 +140,21 @@ def test_the_project_has_no_import_circles():
     assert {"llava.engine", "eval.runner", "eval.scorers", "bench.gpu_check", "testbed.evaluate",
             "integrations.vllm.spec", "baselines.fastv", "consensusdrop.consensusdrop"} <= set(graph)
     assert "bench.efficiency" in set().union(*(graph[m] for m in graph if m.startswith("bench.gpu_check")))
+    # and so are type-only ones (under TYPE_CHECKING, llava/tp.py names models.Runtime, llava/prefill.py PromptSpec)
+    assert "llava.models" in graph["llava.tp"] and "llava.plan" in graph["llava.prefill"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_circle_inside_a_package(package):
+    """The same, package by package, so that a circle in one package does not hide another's (a circle across
+    packages is an import against the rooms' arrows: :func:`test_rooms_import_one_way`)."""
+    graph = project_graph()
+    inside = {m for m in graph if m.split(".")[0] == package}
+    sub = {m: graph[m] & inside for m in inside}
+    assert sub, package
+    cycle = find_cycle(sub)
+    assert cycle is None, " -> ".join(cycle)
 
 
 @pytest.mark.parametrize("name", sorted(ALLOWED))

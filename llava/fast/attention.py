@@ -2,16 +2,16 @@
 
 A captured prefill runs every prompt left-padded to a length bucket (static shapes), so its decoder attention
 gets a 4-D boolean mask (:func:`llava.fast.llm.prompt_mask`: causal over the real rows, the pads seen by no real
-row). SDPA's flash and cuDNN kernels take no mask, so that prefill ran the masked kernel: on an H100 / H200 twice
-the time of the eager engine's causal kernel at 576 rows, and at LLaVA-NeXT's 2.9k rows enough to make the fast
-unpruned prefill slower than the eager one (docs/results/gpu-session-2026-11-27.md).
+row). SDPA's flash and cuDNN kernels take no mask, so under that mask a prefill runs the masked kernel: on an H100 /
+H200 twice the time of the eager engine's causal kernel at 576 rows, and at LLaVA-NeXT's 2.9k rows enough to make
+the fast unpruned prefill slower than the eager one (the GPU sessions' measurements under docs/results/).
 
 Here the same attention runs as ``is_causal`` without a mask. Each sample's rows are rolled so that its real
 rows come first (the pads last), which is right padding: a causal kernel over the rolled rows gives each real
-row exactly the rows it sees under the mask; the outputs are rolled back. A pad row now sees the real rows
-before it instead of itself alone: its output was never read (no real row attends to a pad, the decode masks
-the pads' cache slots, the logits are the last row's), and it stays finite. The keys are the prefill's own rows,
-the first ``L`` slots of the static cache (every prompt starts at slot 0). The roll is planned from the mask on
+row exactly the rows it sees under the mask; the outputs are rolled back. A pad row sees the real rows before
+it (under the mask: itself alone): its output is never read (no real row attends to a pad, the decode masks the
+pads' cache slots, the logits are the last row's), and it stays finite. The keys are the prefill's own rows, the
+first ``L`` slots of the static cache (every prompt starts at slot 0). The roll is planned from the mask on
 the device (``n`` real keys in the last row: left padding puts them last), two small kernels and four gathers a
 layer, no host read.
 
@@ -30,7 +30,7 @@ KW = "vtprune_bucket_causal"
 #: ``fast_attention`` choices: ``auto`` = the causal kernel on a GPU for buckets of at least
 #: :data:`AUTO_MIN_ROWS` rows (measured on an H200, 7B shapes: no gain at 640 rows, 4 % of the prefill at 3072;
 #: below that the roll's kernels cost about what the masked kernel loses); ``causal`` every prompt bucket, any
-#: device; ``masked`` the 4-D mask as before
+#: device; ``masked`` the 4-D mask (SDPA's masked kernel)
 MODES = ("auto", "causal", "masked")
 AUTO_MIN_ROWS = 1024
 
@@ -80,7 +80,7 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 
 def install() -> None:
     """Wrap transformers' ``"sdpa"`` attention function with :func:`_sdpa` (once per process; every call without
-    :data:`KW` goes to the stock function as before)."""
+    :data:`KW` goes to the stock function unchanged)."""
     global _stock
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 

@@ -2,15 +2,15 @@
 stamped out) and a compile cache in a folder of the user's (reused by later processes, other nodes, Slurm tasks).
 
 A whole-prefill ``torch.compile`` traces and generates code for every decoder layer again, so the cold compile
-grows with the model's depth (docs/results/2026-11-26-compile-depth-cpu.md: 4 -> 32 layers, 1.73x on the tiny
-LLaVA). :func:`mark_regions` runs every layer of the language model's decoder and of each vision tower's encoder
-through ``torch.compiler.nested_compile_region``, one region per layer class: dynamo traces a layer once and
+grows with the model's depth (the compile-depth measurements under docs/results/: 4 -> 32 layers, 1.73x on the
+tiny LLaVA). :func:`mark_regions` runs every layer of the language model's decoder and of each vision tower's
+encoder through ``torch.compiler.nested_compile_region``, one region per layer class: dynamo traces a layer once and
 stamps its subgraph out for the other layers of that class whose inputs match (shapes, dtypes, guards; a layer
 that differs gets its own entry). A region is reused only when its inputs are tensors, constants or modules, and
 a decoder layer's ``past_key_values`` is a cache object: the fast path's static cache gets one :class:`CacheSlot`
 module per layer (:func:`add_cache_slots`), and a marked decoder layer hands its region its own slot. Outside a
 compile the region is a plain call, and a marked layer given any other cache (the eager engine's) runs its
-class's forward: the eager engine and the uncompiled backends run exactly as before.
+class's forward: the eager engine and the uncompiled backends run the layers as unmarked ones.
 
 Used by :class:`llava.fast.path.FastPath` for the compiling backends (``inductor``, ``eager``, ``aot_eager``)
 unless ``load(..., fast_regional=False)``; :func:`region_count` says how many layers a model has marked.

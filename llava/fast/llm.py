@@ -136,8 +136,8 @@ def prompt_mask(pad: torch.Tensor, Lb: int, C: int) -> torch.Tensor:
     """(B, 1, Lb, C) bool from ``pad`` (B,) pad rows per sample (``Lb`` minus its real rows): rows left-padded to
     ``Lb``, causal over the real rows (row i sees [pad, i]), a pad row sees itself (no all-masked row: no NaN),
     the decode slots [Lb, C) unseen. Built where ``pad`` is, in a few element-wise kernels inside the captured
-    prefill: the host plans only ``pad`` (a prompt mask planned on the host was Lb x C bools per sample, at
-    LLaVA-NeXT's 3072-row bucket 10 M built by the host and copied over at every prefill, several ms)."""
+    prefill: the host plans only ``pad`` (a mask built on the host would be Lb x C bools per sample: at
+    LLaVA-NeXT's 3072-row bucket 10 M, built and copied over at every prefill, several ms)."""
     i = torch.arange(Lb, device=pad.device)[:, None]
     j = torch.arange(C, device=pad.device)
     lo = torch.minimum(pad[:, None, None], i)  # (B, Lb, 1): a real row's first real row; a pad row: itself

@@ -390,8 +390,8 @@ class FastPath:
             buf, counts_d, bad = self._vision(px, moved["index"], vp.spec, _tower_in(moved))
             new = new or getattr(self._vision, "last_new", False)  # cudagraphs: a warm-up or a capture
             if self.cuda_graphs and self.backend == "inductor":  # graph 1's outputs live in the CUDA-graph pool,
-                buf = buf.clone()  # which graph 2 (a new run of the tree) may overwrite before it reads them (seen on
-                # an H100: PruMerge, 2026-11-24); the cudagraphs backend returns clones already
+                buf = buf.clone()  # which graph 2 (a new run of the tree) may overwrite before it reads them; the
+                # cudagraphs backend returns clones already
             got = torch.cat([counts_d, bad.long()[None]]).tolist()  # the one host decision
             counts, bad = got[:-1], bool(got[-1])
             t1 = time.perf_counter()

@@ -2,9 +2,9 @@
 
 Why: with Inductor's cache warm, a new process still runs dynamo over every fast-path function it calls (the
 tower, the prefill, the decode step): 8-9 s of Python tracing at 32 decoder layers on a CPU, most of a second
-process's time to its first tokens (docs/results/2026-11-26-compile-depth-cpu.md). PyTorch's ahead-of-time capture
-(``torch.compile(fn).aot_compile``, ``torch.compiler.load_compiled_function``) saves the traced function: the
-generated code, the bytecode that feeds it and dynamo's guards. Loading it traces nothing.
+process's time to its first tokens (the compile-depth measurements under docs/results/). PyTorch's ahead-of-time
+capture (``torch.compile(fn).aot_compile``, ``torch.compiler.load_compiled_function``) saves the traced function:
+the generated code, the bytecode that feeds it and dynamo's guards. Loading it traces nothing.
 
 What dynamo's guards would check is checked here instead, by the file's key. The guards of a fast-path function
 reach through the fast path's object to the engine, the method and the model; PyTorch cannot serialise most of them
@@ -25,8 +25,8 @@ them. A function's file is named by the SHA-256 of
 
 Weights are inputs of the generated code, never part of it: the same architecture with other weights reuses a file,
 correctly. A value whose text names an object's address (``<... at 0x...>``) would make a key no later process can
-match: that function is compiled in memory as before and not saved (a warning says which). A file that fails to
-load (another build wrote it, a truncated write) is compiled again and rewritten.
+match: that function is compiled in memory the regular way and not saved (a warning says which). A file that fails
+to load (another build wrote it, a truncated write) is compiled again and rewritten.
 
 Every file begins with :data:`MAGIC` and one line of JSON naming what it was saved for, part by part (build,
 device, code, model, layout, method, adapter, engine, the fast path's options, the call structure; by digest). A load
