@@ -1,22 +1,30 @@
 """A paper table's cells, from our results files: what ran (model, revision, questions answered, protocol
 deviations), the results matched to the spec's rows and columns, each cell's difference to the published number
-and tolerance verdict, the relative averages and the summary (:class:`TableReport`). Rendered by
-:mod:`eval.paper_render`, drawn by :mod:`eval.paper_figure`, the claims checked by :mod:`eval.paper_claims`; the
-entry point is :mod:`eval.paper_report`."""
+and tolerance verdict, the relative averages and the summary (:class:`TableReport`); the rows of the control runs
+found at each budget (:func:`with_controls`) and, for a paper that names its own method, each other row's paired
+test against our run of that method (:func:`mark_significance`). Rendered by :mod:`eval.paper_render`, drawn by
+:mod:`eval.paper_figure`, the claims checked by :mod:`eval.paper_claims`; the entry point is
+:mod:`eval.paper_report`."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import stats as st
 from .lmms_import import load_imported
 from .paper_grid import _frozen, _opt_value
-from .papers import RUN_SETTINGS, Paper, Table
+from .papers import RUN_SETTINGS, Paper, Row, Table
 from .run_config import RunConfig
-from .table import answered_count, full_count, load_results, stderr
+from .table import answered_count, display_name, full_count, load_results, stderr
+
+#: the level of the significance mark: McNemar's exact p below it, or the 95 % paired bootstrap interval excluding 0
+ALPHA = 0.05
+#: the mark of a cell whose row differs from the paper's own method significantly on our runs
+SIGNIFICANT = "⋆"
 
 
 @dataclass
@@ -32,6 +40,9 @@ class Cell:
     stderr: float | None = None  # the standard error of ours (eval.table.stderr), where the metric has one
     run: dict = field(default_factory=dict)  # what ran: run_facts() of the results file behind ``ours``
     unpruned: float | None = None  # ours of the table's unpruned row in this column (set by analyse)
+    #: this row's run against our run of the paper's own method in its budget group (eval.stats.Paired: b = this
+    #: row, a = the paper's method), set by mark_significance where both have per-unit scores on the same questions
+    paired: st.Paired | None = None
 
     @property
     def delta(self) -> float | None:
@@ -65,6 +76,19 @@ class Cell:
     @property
     def marks(self) -> str:
         return ("§" if self.other_model else "") + ("¶" if self.partial else "")
+
+    @property
+    def significant(self) -> bool | None:
+        """Whether this row's run differs from the paper's method's at 5 % (:data:`ALPHA`): McNemar's exact p for
+        a mean of 0/1 scores per unit, else the 95 % paired bootstrap interval excluding 0; None when not tested."""
+        p = self.paired
+        if p is None:
+            return None
+        if p.p is not None:
+            return p.p < ALPHA
+        if p.low is None or p.high is None:
+            return None
+        return p.low > 0 or p.high < 0
 
 
 MARKS_NOTE = ("§ = ran on another model than the spec's; ¶ = answered fewer questions than the benchmark's full "
@@ -191,6 +215,161 @@ def rel_avg(values: dict[str, float | None], base: dict[str, float | None]) -> t
     return (100.0 * sum(ratios) / len(ratios), len(ratios)) if ratios else (None, 0)
 
 
+# ----------------------------------------------------------------------------------------------- controls
+def control_label(method: str) -> str:
+    """A control row's label: the method as its paper prints it, and that it is a control (``Random (control)``)."""
+    return f"{display_name(method)} (control)"
+
+
+def with_controls(table: Table, index: dict, controls, model: str | None = None) -> Table:
+    """``table`` with a row for each control run found in ``index`` (any runnable column; default options, the
+    table's model and run settings) at each budget of its method rows, after the last row of each budget group
+    (a group holding rows of several budgets gets one per budget); ``table`` itself when none is found. No row is
+    added for a run the table already has as a row (the same method and budget, no options). A control row prints
+    no published number; its ``paper_budget`` is the group rows' own where they share one (the figure's x)."""
+    if not controls:
+        return table
+    skey = _settings_key(table.settings)
+    have = {(r.method, r.budget) for r in table.rows if r.runnable and not r.options}
+    groups: dict[tuple[str, int], list[int]] = {}  # (group heading, budget) -> its method rows
+    for i, r in enumerate(table.rows):
+        if r.runnable and not r.vanilla and r.budget is not None:
+            groups.setdefault((r.group, r.budget), []).append(i)
+    after: dict[int, list[Row]] = {}
+    for (group, budget), rows in groups.items():
+        last = max(i for i, r in enumerate(table.rows) if r.group == group)
+        pbs = {(table.rows[i].paper_budget, table.rows[i].paper_budget_printed) for i in rows}
+        pb, pb_text = next(iter(pbs)) if len(pbs) == 1 else (None, "")
+        if isinstance(pb, bool) or not isinstance(pb, (int, float)):
+            pb, pb_text = None, ""
+        for m in controls:
+            found = any(index.get((c.bench, model or table.model, m, budget, _opts_key({}), skey)) is not None
+                        for c in table.columns if c.runnable)
+            if found and (m, budget) not in have:
+                after.setdefault(last, []).append(Row(
+                    method=m, label=control_label(m), budget=budget, paper_budget=pb, paper_budget_printed=pb_text,
+                    group_label=group, unit=table.budget_unit, control=True))
+    if not after:
+        return table
+    rows = [x for i, r in enumerate(table.rows) for x in [r, *after.get(i, [])]]
+    return replace(table, rows=tuple(rows))
+
+
+# ----------------------------------------------------------------------------------------------- significance
+@dataclass
+class Significance:
+    """The paired tests of one table against the paper's own method (:func:`mark_significance`): per budget group
+    the row of the paper's method tested against, the pairs tested, and those not tested with why."""
+    method: str = ""  # the paper's method (registry name); "" = the paper names none
+    against: dict = field(default_factory=dict)  # group heading -> the label of the paper's method's row there
+    tested: int = 0
+    marked: int = 0
+    kinds: set = field(default_factory=set)  # "mcnemar" / "bootstrap": the tests used
+    untested: dict = field(default_factory=dict)  # why -> ["row name column label", ...]
+    units_seen: bool = False  # some run of a pair keeps per-unit scores (else the report says nothing of this)
+
+    @property
+    def said(self) -> bool:
+        """The report explains the marks (or their absence): some pair was tested, or some run has per-unit
+        scores; a report of runs that predate them prints what it printed before."""
+        return bool(self.method) and (self.tested > 0 or self.units_seen)
+
+
+def _load(path: str, cache: dict):
+    """Our run at ``path`` (eval.compare.Run), or the one-line reason it cannot be compared; each read once."""
+    from .pairing import CompareError, load_run
+
+    if path not in cache:
+        try:
+            cache[path] = load_run(path)
+        except (CompareError, OSError, ValueError, KeyError) as e:
+            cache[path] = f"its results could not be read ({e})"
+    return cache[path]
+
+
+def _stat(run, metric: str):
+    """The per-unit statistic of ``metric`` on ``run``'s benchmark, or why there is none."""
+    from .benchmarks import get_benchmark
+
+    if (run.results.get("stderr") or {}).get(metric) == "server":
+        return f"{metric} is scored by the benchmark's server (no per-question truth here)"
+    try:
+        bench = get_benchmark(run.results.get("benchmark"), ".",
+                              **((run.results.get("config") or {}).get("bench_options") or {}))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"benchmark not known here ({e})"
+    return bench.stats.get(metric) or f"{metric} has no per-unit statistic"
+
+
+def paired_test(a_path: str, b_path: str, metric: str, cache: dict):
+    """(eval.stats.Paired of b - a, "") over the same units, or (None, why not): a run without per-unit scores
+    (units.jsonl), on other questions or other scored units, partial, or a metric without a per-unit statistic.
+    An accuracy's test is McNemar's exact p, which needs no resampling: its bootstrap interval (not read) is drawn
+    once; any other metric's is the 95 % paired bootstrap (eval.stats.RESAMPLES, SEED)."""
+    from .pairing import CompareError, check_same_questions
+
+    a, b = _load(a_path, cache), _load(b_path, cache)
+    for run in (a, b):
+        if isinstance(run, str):
+            return None, run
+    missing = [who for who, r in (("the paper's method's run", a), ("this row's run", b)) if r.units is None]
+    if missing:
+        return None, (f"no per-unit scores in {' and '.join(missing)} ({st.UNITS_FILE}; `python -m eval score RUN` "
+                      "writes them from the answers)")
+    try:
+        check_same_questions([a, b])
+    except CompareError as e:
+        return None, str(e).replace(str(a.path), "the paper's method's run").replace(str(b.path), "this row's run")
+    stat = _stat(a, metric)
+    if isinstance(stat, str):
+        return None, stat
+    return st.paired(a.units, b.units, stat, 1 if stat.paired_exact else st.RESAMPLES, st.SEED), ""
+
+
+def mark_significance(paper: Paper, rep: "TableReport") -> Significance:
+    """For a paper that names its own method (``[paper] method``): in each budget group, each other row's cells
+    against that method's row (the first in the group) in the same column, a paired test on our runs
+    (:func:`paired_test`); the result on the row's :attr:`Cell.paired`, the table's tally on ``rep.significance``.
+    A pair where either cell has no result of ours is not a pair; one that cannot be tested is counted with why."""
+    sig = Significance(method=paper.method)
+    rep.significance = sig
+    if not paper.method:
+        return sig
+    t, cache = rep.table, {}
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(t.rows):
+        if r.runnable and not r.vanilla:
+            groups.setdefault(r.group, []).append(i)
+    for g, rows in groups.items():
+        mine = next((i for i in rows if t.rows[i].method == paper.method), None)
+        if mine is None:
+            continue
+        sig.against[g] = t.rows[mine].label
+        for i in rows:
+            if t.rows[i].method == paper.method:
+                continue
+            for c in t.columns:
+                a, b = rep.cells[(mine, c.key)], rep.cells[(i, c.key)]
+                if a.ours is None or b.ours is None:
+                    continue
+                if c.lmms_task:
+                    pr, why = None, "a column run through lmms-eval keeps no per-unit scores here"
+                else:
+                    pr, why = paired_test(a.path, b.path, c.metric, cache)
+                    for run in (cache.get(a.path), cache.get(b.path)):
+                        sig.units_seen |= getattr(run, "units", None) is not None
+                b.paired = pr
+                if pr is None or b.significant is None:
+                    why = why or "the metric is undefined on every bootstrap resample"
+                    sig.untested.setdefault(why, []).append(f"{t.rows[i].name} {c.label}")
+                    b.paired = None
+                    continue
+                sig.tested += 1
+                sig.marked += bool(b.significant)
+                sig.kinds.add("mcnemar" if pr.p is not None else "bootstrap")
+    return sig
+
+
 # ----------------------------------------------------------------------------------------------- the report
 @dataclass
 class TableReport:
@@ -199,11 +378,13 @@ class TableReport:
     avgs: list[dict]  # per row: ours_vs_ours, ours_vs_paper, paper_recomputed (value, n)
     vanilla_line: str
     summary: dict
+    #: the paired tests against the paper's own method (mark_significance; empty until it runs)
+    significance: Significance = field(default_factory=Significance)
 
     def summary_line(self) -> str:
         s = self.summary
-        if self.table.own:  # nothing published: how much of the table ran
-            runnable = [c for c in self.cells.values() if not c.not_run]
+        if self.table.own:  # nothing published: how much of the table ran (its own rows, not the controls)
+            runnable = [c for (i, _), c in self.cells.items() if not c.not_run and not self.table.rows[i].control]
             return f"{sum(c.ours is not None for c in runnable)} of {len(runnable)} cells run"
         line = (f"{s['within']} of {s['published']} published cells reproduced within tolerance, "
                 f"{s['not_run']} not run ({s['cannot_run']} cannot be run here)")

@@ -1,5 +1,6 @@
 """``python -m eval paper`` (the report, ``--list``, ``--check``) and ``python -m eval paper-grid`` (the grid of
-runs behind ``scripts/papers/<paper>.sh``: ``--dry-run``, ``--status``, ``--commands``)."""
+runs behind ``scripts/papers/<paper>.sh``: ``--dry-run``, ``--status``, ``--commands``); ``--controls`` on either
+adds the control methods random and downsample to a table whose spec names no ``controls``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default=None, help="the model the runs used, when not the spec's (a local directory)")
     p.add_argument("--efficiency", action="append", default=[], help="bench.efficiency JSON for Pareto claims")
     p.add_argument("--include-partial", action="store_true", help="include --limit smoke runs")
+    p.add_argument("--controls", action="store_true", help="rows for the control runs (random, downsample) found at "
+                   "each budget, for a table whose spec names no `controls` (a spec's controls always get them)")
     p.add_argument("--wandb", action="store_true", help="also log the report to W&B (group paper/<paper>)")
     g = sub.add_parser("paper-grid", help="the runs of a paper's tables (scripts/papers/<paper>.sh uses it)")
     g.add_argument("paper", help="a spec name or a path to a .toml")
@@ -32,6 +35,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--data-root", default="playground/data/eval")
     g.add_argument("--out", default="runs")
     g.add_argument("--shard", default=None, help="i/n: every n-th config from the i-th (0-based; SHARD=)")
+    g.add_argument("--controls", action="store_true", help="add the control runs random and downsample at every "
+                   "budget of a table's method rows, for a table whose spec names no `controls`")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the grid: each config, its question count, "
                       "what is done under --out and what is missing")
@@ -107,7 +112,8 @@ def paper(args, local_rank=None) -> int:
         out = Path(args.out) if args.out else None
         figs = out.parent if out else None
         text, info = report(spec, args.runs or ["runs"], table=args.table, fmt=args.format, model=args.model,
-                            efficiency_files=args.efficiency, figures_dir=figs, include_partial=args.include_partial)
+                            efficiency_files=args.efficiency, figures_dir=figs, include_partial=args.include_partial,
+                            controls=args.controls)
     except (SpecError, KeyError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,7 +142,8 @@ def paper_grid(args, local_rank=None) -> int:
 
     try:
         spec = load(args.paper)
-        grid = build_grid(spec, args.table, _names(args.only), _ints(args.budgets), args.model)
+        budgets = _ints(args.budgets)
+        grid = build_grid(spec, args.table, _names(args.only), budgets, args.model, controls=args.controls)
         grid = shard(grid, args.shard)
     except (SpecError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -148,5 +155,6 @@ def paper_grid(args, local_rank=None) -> int:
     if args.status:
         print(status_text(grid, args.out))
         return 0
-    print(dry_run_text(spec, grid, args.out, args.data_root, not_runnable(spec, args.table)))
+    print(dry_run_text(spec, grid, args.out, args.data_root,
+                       not_runnable(spec, args.table, args.controls, budgets, args.model)))
     return 0

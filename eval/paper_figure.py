@@ -1,6 +1,7 @@
-"""A paper table's figure: accuracy vs budget per benchmark (ours as lines with filled markers, the paper's as
-open markers, one colour and marker per row label, the unpruned rows as horizontal lines; a column with no number
-gets no panel), and the accuracy-vs-TTFT panel of a Pareto claim."""
+"""A paper table's figure: accuracy vs budget per benchmark (ours as lines with filled markers and error bars of
+± 1 standard error where the cell has one, the paper's as open markers, one colour and marker per row label, the
+unpruned rows as horizontal lines, ours with a ± 1 standard error band; a column with no number gets no panel), and
+the accuracy-vs-TTFT panel of a Pareto claim."""
 
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def draw(paper: Paper, rep: TableReport, claim_points: list[dict] | None = None)
         axes.flat[0].text(0.5, 0.5, "nothing to plot yet: no results and no published number at a budget",
                           ha="center", va="center", fontsize=9)
     drawn: set[str] = set()
+    barred = False  # some error bar (or the unpruned row's band) drawn: the legend says what it spans
     for ax, c in zip(axes.flat, cols):
         for s in ser:
             xs = [(_x(t.rows[i]), i) for i in s["rows"]]
@@ -120,6 +122,11 @@ def draw(paper: Paper, rep: TableReport, claim_points: list[dict] | None = None)
             if ours:  # a marker at every budget: one budget alone is still drawn
                 ax.plot(*zip(*ours), "-", marker=s["marker"], ms=5, color=s["colour"], lw=lw, label=s["label"])
                 drawn.add(s["label"])
+            bars = error_bars(rep, xs, c.key)
+            if bars:
+                ax.errorbar(*zip(*bars), fmt="none", ecolor=s["colour"], elinewidth=lw * 0.8, capsize=0,
+                            label=f"_{s['label']} ± 1 standard error")
+                barred = True
             pub = sorted((x, rep.cells[(i, c.key)].published) for x, i in xs
                          if x is not None and rep.cells[(i, c.key)].published is not None)
             if pub:
@@ -131,6 +138,9 @@ def draw(paper: Paper, rep: TableReport, claim_points: list[dict] | None = None)
                 cell = rep.cells[(i, c.key)]
                 if cell.ours is not None:
                     ax.axhline(cell.ours, color="k", ls="--", lw=0.8)
+                    if cell.stderr is not None:
+                        ax.axhspan(cell.ours - cell.stderr, cell.ours + cell.stderr, color="k", alpha=0.08, lw=0)
+                        barred = True
                 if cell.published is not None:
                     ax.axhline(cell.published, color="k", ls=":", lw=0.8)
         ax.set_title(c.label + ("" if c.runnable else " (not run here)"), fontsize=10)
@@ -157,11 +167,29 @@ def draw(paper: Paper, rep: TableReport, claim_points: list[dict] | None = None)
                     Line2D([], [], color="0.3", marker="o", mfc="none", ms=7, ls="none", label="paper's"),
                     Line2D([], [], color="k", ls="--", lw=0.8, label="unpruned, ours"),
                     Line2D([], [], color="k", ls=":", lw=0.8, label="unpruned, paper's")]
+        if barred:
+            handles.append(Line2D([], [], color="0.3", marker="|", ms=10, mew=1.2, ls="none",
+                                  label=ERROR_BAR_LABEL))
         fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(_figure_title(paper, rep), fontsize=11)
     rows_legend = math.ceil(len(handles) / 5) if handles else 0
     fig.tight_layout(rect=(0, min(0.4, 0.035 * rows_legend + 0.02), 1, 0.93))
     return fig
+
+
+#: what the figure's error bars (and the unpruned row's band) span, as its legend says
+ERROR_BAR_LABEL = "ours ± 1 standard error"
+
+
+def error_bars(rep: TableReport, xs: list[tuple], key: str) -> list[tuple[float, float, float]]:
+    """(x, ours, standard error) of a series' points in column ``key`` whose cell has a standard error
+    (eval.table.stderr: results.json's, or an lmms-eval column's own): ``xs`` is the series' (x, row index)."""
+    out = []
+    for x, i in xs:
+        cell = rep.cells[(i, key)]
+        if x is not None and cell.ours is not None and cell.stderr is not None:
+            out.append((x, cell.ours, cell.stderr))
+    return sorted(out)
 
 
 def _x(r: Row):

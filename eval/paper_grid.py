@@ -4,7 +4,10 @@ run settings), the unpruned rows first, shared between the paper's tables where 
 missing (data, benchmark); ``--commands`` prints the runs still to do, one ``scripts/eval/_launch.sh`` call per
 line, for ``scripts/papers/<paper>.sh``. A column run through lmms-eval (``bench = "lmms:<task>"``) is a config
 like the others, run by ``scripts/eval/lmms.sh`` in the lmms-eval environment, its scores imported into
-``OUT/lmms/<task>/<run-name>/lmms_results.json`` (:mod:`eval.lmms_import`)."""
+``OUT/lmms/<task>/<run-name>/lmms_results.json`` (:mod:`eval.lmms_import`). A table's control methods (the spec's
+``controls``, or ``random`` and ``downsample`` with ``--controls``) add one config per runnable column at every
+budget of its method rows; a control its model cannot run at a budget (a ``downsample`` budget no window stride
+reaches on the model's patch grid) is listed as not run, with the reason (:func:`control_reason`)."""
 
 from __future__ import annotations
 
@@ -77,26 +80,105 @@ def row_matches(row: Row, budgets: list[int] | None) -> bool:
 
 
 def build_grid(paper: Paper, table: str | None = None, only: list[str] | None = None,
-               budgets: list[int] | None = None, model: str | None = None) -> list[Config]:
+               budgets: list[int] | None = None, model: str | None = None, controls: bool = False) -> list[Config]:
     """The configs of ``paper`` (or one ``table``), unpruned first, each once. ``only``: benchmark names or
-    column keys to keep; ``budgets``: see :func:`row_matches`; ``model``: replaces every table's model."""
+    column keys to keep; ``budgets``: see :func:`row_matches`; ``model``: replaces every table's model;
+    ``controls`` (``--controls``): random and downsample for a table whose spec names no ``controls`` (a spec's
+    ``controls`` are always added: :func:`control_runs`)."""
     tables = [paper.table(table)] if table else list(paper.tables)
     seen: dict[Config, list[str]] = {}
     for t in tables:
+        runs = [(r.method, r.budget, r.options) for r in t.rows if r.runnable and row_matches(r, budgets)]
+        runs += [(m, b, {}) for m, b, why in control_runs(t, controls, budgets, model) if not why]
         for c in t.columns:
             if not c.runnable or (only and c.bench not in only and c.key not in only):
                 continue
             if c.lmms_task and t.settings:
                 continue  # the lmms-eval plugin takes no run settings: listed by not_runnable
-            for r in t.rows:
-                if not r.runnable or not row_matches(r, budgets):
-                    continue
-                cfg = Config(c.bench, r.method, r.budget, model or t.model, _frozen(r.options), _frozen(t.settings))
+            for method, budget, options in runs:
+                cfg = Config(c.bench, method, budget, model or t.model, _frozen(options), _frozen(t.settings))
                 seen.setdefault(cfg, [])
                 if t.id not in seen[cfg]:
                     seen[cfg].append(t.id)
     out = [Config(c.bench, c.method, c.budget, c.model, c.options, c.settings, tuple(ids)) for c, ids in seen.items()]
     return sorted(out, key=lambda c: (c.method != "none", c.model, c.bench))  # stable: the spec's order otherwise
+
+
+# ----------------------------------------------------------------------------------------------- controls
+def control_runs(t: Table, flag: bool = False, budgets: list[int] | None = None,
+                 model: str | None = None) -> list[tuple[str, int, str]]:
+    """(method, budget, why not) of every control of ``t`` (:meth:`Table.controls_run`) at every budget of its
+    method rows that ``budgets`` keeps (:func:`row_matches`); ``why`` is "" where the control runs on the table's
+    model (or ``model``), else the reason (:func:`control_reason`)."""
+    kept = [b for b in t.method_budgets
+            if any(r.budget == b and not r.vanilla and row_matches(r, budgets) for r in t.rows)]
+    return [(m, b, control_reason(m, b, model or t.model)) for m in t.controls_run(flag) for b in kept]
+
+
+def control_reason(method: str, budget: int, model: str) -> str:
+    """Why control ``method`` cannot run at ``budget`` on ``model`` ("" when it can): it does not build at that
+    budget, or (``downsample``) no non-overlapping window stride reaches the budget on the model's patch grid
+    (:func:`patch_grid`; a grid this machine cannot read is left to the run, which refuses such a budget)."""
+    from llava.method import BudgetError, get_method
+
+    try:
+        m = get_method(method, budget)
+    except (TypeError, ValueError, KeyError) as e:
+        return f"{method}(budget={budget}) does not build: {e}"
+    if method != "downsample":
+        return ""
+    grid = patch_grid(model)
+    if grid is None or grid == (0, 0):  # unknown here (the run will say); dynamic grids take any budget
+        return ""
+    try:
+        m.strides([grid[0] * grid[1]], [grid])  # the method's own stride rule on one whole unit of the grid
+    except BudgetError as e:
+        return f"on {model}: {str(e).removeprefix('downsample: ')}"
+    return ""
+
+
+def patch_grid(model: str) -> tuple[int, int] | None:
+    """(rows, cols) of one image's / crop's / frame's patch grid on ``model``, as the engine's family adapter
+    reads it from the model's config ((0, 0): dynamic grids, Qwen-VL), without loading weights: a ``tiny:`` or
+    ``shape:`` model, a hub id whose shape config ships in llava/configs, a local folder or a hub id in the local
+    Hugging Face cache; None when none of these has its config."""
+    try:
+        fam, cfg = _family_config(model)
+    except Exception:  # noqa: BLE001 - an unreadable config: the grid is unknown here, the run will say
+        return None
+    if cfg is None:
+        return None
+    adapter = fam.adapter.__new__(fam.adapter)  # grid() reads the config only: no model needed
+    adapter.config = cfg
+    return tuple(adapter.grid())
+
+
+def _family_config(model: str):
+    """(family record, transformers config) of ``model``; (None, None) when its config is not on this machine."""
+    import json
+
+    from llava.families import registry
+    from llava.models import SHAPES, family_of
+
+    if model.startswith("tiny:"):
+        from llava.tiny_tokenizer import build_tiny_tokenizer
+
+        fam = registry.get(model.split(":", 1)[1])
+        return fam, fam.tiny_config(build_tiny_tokenizer(**dict.fromkeys(fam.tiny_tokenizer, True)))
+    import transformers as tf
+
+    key = model.split(":", 1)[1] if model.startswith("shape:") else next(
+        (k for k, p in sorted(SHAPES.items()) if json.loads(p.read_text()).get("hub_id") == model), None)
+    if key is not None:
+        raw = json.loads(SHAPES[key].read_text())
+        cfg = tf.AutoConfig.for_model(**{k: v for k, v in raw.items() if not k.startswith("_") and k != "hub_id"})
+    else:
+        try:
+            cfg = tf.AutoConfig.from_pretrained(str(Path(model).expanduser()) if model.startswith("~") else model,
+                                                local_files_only=True)
+        except OSError:
+            return None, None
+    return registry.get(family_of(cfg)), cfg
 
 
 def shard(configs: list, spec: str | None) -> list:
@@ -185,8 +267,11 @@ def dry_run_text(paper: Paper, configs: list[Config], out, data_root, skipped: l
     return "\n".join(lines)
 
 
-def not_runnable(paper: Paper, table: str | None = None) -> list[str]:
-    """Every column and row of the selected tables that the harness cannot run, with the spec's reason."""
+def not_runnable(paper: Paper, table: str | None = None, controls: bool = False, budgets: list[int] | None = None,
+                 model: str | None = None) -> list[str]:
+    """Every column and row of the selected tables that the harness cannot run, with the spec's reason, and every
+    control (:func:`control_runs`, the same arguments as :func:`build_grid`) that cannot run at a budget, with
+    why."""
     out = []
     tables: list[Table] = [paper.table(table)] if table else list(paper.tables)
     for t in tables:
@@ -194,6 +279,8 @@ def not_runnable(paper: Paper, table: str | None = None) -> list[str]:
         out += [f"{t.id} column {c.label}: lmms-eval task {c.lmms_task}: the lmms-eval plugin takes no run settings "
                 f"({', '.join(sorted(t.settings))})" for c in t.columns if c.runnable and c.lmms_task and t.settings]
         out += [f"{t.id} row {r.name}: {r.not_run}" for r in t.rows if not r.runnable]
+        out += [f"{t.id} control {m} at budget {b}: {why}" for m, b, why in control_runs(t, controls, budgets, model)
+                if why]
     return out
 
 

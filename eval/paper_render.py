@@ -1,13 +1,15 @@
 """A paper table as Markdown or LaTeX: each cell ``ours ± stderr [§¶] / paper's (difference) [✗]``, the relative
 averages, and the notes under the table (what ran, the vanilla check, the summary, the unverified rows, the cells
-the paper left empty). A table of one's own (no published number) prints ``ours ± stderr (ours - unpruned)`` and
-each row's visual tokens instead."""
+the paper left empty, the control rows, the significance mark ⋆ against the paper's own method and the pairs it
+could not test). A table of one's own (no published number) prints ``ours ± stderr (ours - unpruned)`` and each
+row's visual tokens instead."""
 
 from __future__ import annotations
 
-from .paper_cells import MARKS_NOTE, Cell, TableReport, row_tokens
+from . import stats as st
+from .paper_cells import ALPHA, MARKS_NOTE, SIGNIFICANT, Cell, TableReport, row_tokens
 from .papers import Paper, Table, decimals
-from .table import short_model
+from .table import display_name, short_model
 
 
 def _fmt(v, d=1):
@@ -54,12 +56,15 @@ def own_cell_text(c: Cell, fmt: str = "md", vanilla: bool = False) -> str:
 
 
 def _ours(c: Cell, d: int, fmt: str) -> str:
-    """Ours with its standard error and marks (§ another model than the spec's, ¶ a partial question set)."""
+    """Ours with its standard error and marks (§ another model than the spec's, ¶ a partial question set, ⋆ differs
+    from the paper's own method at 5 % on our runs)."""
     txt = _fmt(c.ours, d)
     if c.ours is not None and c.stderr is not None:
         txt += f" ± {c.stderr:.{d}f}" if fmt == "md" else f" $\\pm$ {c.stderr:.{d}f}"
     if c.ours is not None and c.marks:
         txt += " " + c.marks if fmt == "md" else " " + c.marks.replace("§", r"$\S$").replace("¶", r"$\P$")
+    if c.ours is not None and c.significant:
+        txt += " " + SIGNIFICANT if fmt == "md" else r" $^{\star}$"
     return txt
 
 
@@ -135,6 +140,8 @@ def render_table(paper: Paper, rep: TableReport, fmt: str = "md") -> str:
             whys.setdefault(r.not_run, []).append(r.name)
     notes += [f"Not run: row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: {why}" for why, rows in whys.items()]
     notes += not_printed_lines(t)
+    notes += control_lines(t)
+    notes += significance_lines(rep)
     if t.notes:
         notes.append(t.notes)
     title = (f"{paper.title} - {t.id}" + (f": {t.caption}" if t.caption else "")
@@ -252,3 +259,42 @@ def not_printed_lines(t: Table) -> list[str]:
 
 def _pct(v, n, total):
     return "–" if v is None else f"{v:.1f}%" + ("*" if n < total else "")
+
+
+def control_lines(t: Table) -> list[str]:
+    """What the control rows are, when the table has some: our runs of the control methods at the budget of their
+    group, not rows of the spec."""
+    rows = [r for r in t.rows if r.control]
+    if not rows:
+        return []
+    labels = list(dict.fromkeys(r.label for r in rows))
+    return [f"Controls, not rows of the spec: {', '.join(labels)}: our runs of "
+            f"{', '.join(dict.fromkeys(r.method for r in rows))} (default options) at the budget their group's rows "
+            "run at, in the control's own convention (visual tokens per image / crop / frame); nothing published."]
+
+
+def significance_lines(rep: TableReport) -> list[str]:
+    """What the significance mark says and which pairs have none: said once some run of the pairs keeps per-unit
+    scores or some pair was tested (a report of runs that predate them prints no such line)."""
+    sig = rep.significance
+    if not sig.said:
+        return []
+    against = list(dict.fromkeys(sig.against.values()))
+    who = (f"{against[0]}" if len(against) == 1 else
+           f"{display_name(sig.method)} (its row in each budget group: {', '.join(against)})")
+    tests = []
+    if "mcnemar" in sig.kinds:
+        tests.append(f"McNemar's exact test, p < {ALPHA:g}, where the metric is one 0/1 score per unit")
+    if "bootstrap" in sig.kinds:
+        tests.append(f"the 95 % paired bootstrap interval of the difference excludes 0 ({st.RESAMPLES} resamples, "
+                     f"seed {st.SEED}) for the other metrics")
+    out = []
+    if sig.tested:
+        out.append(f"{SIGNIFICANT} = on our runs, {who} and this row differ significantly at 5 %: a paired test over "
+                   f"the same questions ({'; '.join(tests)}); {sig.marked} of {sig.tested} tested cells marked. No "
+                   f"{SIGNIFICANT}: no significant difference, or not tested" + (" (below)" if sig.untested else "")
+                   + ".")
+    else:
+        out.append(f"{SIGNIFICANT} (differs significantly from {who} on our runs): no cell could be tested (below).")
+    out += [f"No {SIGNIFICANT} test for {', '.join(pairs)}: {why}." for why, pairs in sig.untested.items()]
+    return out

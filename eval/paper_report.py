@@ -10,7 +10,10 @@ printed cells (a transcription check); a summary line "N of M published cells re
 K not run"; one figure per table (accuracy vs budget per benchmark: ours as lines with filled markers, the paper's
 as open markers, one colour and marker per row label; a column with no number gets no panel). The cells a paper
 left empty are one line per column and reason, the unverified rows one line per reason. A table marked
-``reference_only`` shows its published numbers without pass/fail.
+``reference_only`` shows its published numbers without pass/fail. The control runs of a table (its spec's
+``controls``, or random and downsample with ``--controls``) found at a budget stand as rows beside the method's;
+for a paper that names its own method, each other row's cell is marked ⋆ where it differs from that method's at
+5 % on our runs (a paired test over the same questions; eval.paper_cells.mark_significance).
 Claims without a table (ConsensusDrop's abstract, a README's headline) are checked from our results alone:
 "beats" per benchmark and budget, "pareto" against the efficiency benchmark's TTFT / KV cache, "retains" (a
 method keeps at least X % of the unpruned model at a budget)."""
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .paper_cells import TableReport, analyse, collect, index_results, run_facts
+from .paper_cells import TableReport, analyse, collect, index_results, mark_significance, run_facts, with_controls
 from .paper_claims import check_claims
 from .paper_figure import draw, figure, panels, series
 from .paper_render import not_printed_lines, render_table
@@ -30,16 +33,23 @@ from .table import short_model
 #: the report's parts, by the modules that hold them (eval.paper_cells, _render, _figure, _claims), in one place
 __all__ = ["report", "log_wandb", "wandb_rows", "WANDB_COLUMNS", "TableReport", "analyse", "collect",
            "index_results", "run_facts", "check_claims", "draw", "figure", "panels", "series", "not_printed_lines",
-           "render_table"]
+           "render_table", "WANDB_PAIRED_COLUMNS", "with_controls", "mark_significance"]
 
 
 def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model: str | None = None,
-           efficiency_files=(), figures_dir=None, include_partial: bool = False) -> tuple[str, dict]:
+           efficiency_files=(), figures_dir=None, include_partial: bool = False,
+           controls: bool = False) -> tuple[str, dict]:
     """The report text (``fmt`` md / latex / both: the two one after the other) and a dict with every table's
-    analysis, the claims, the figure paths and the text per format (``texts``)."""
+    analysis, the claims, the figure paths and the text per format (``texts``). Each table gets the rows of the
+    control runs found at its budgets (its spec's ``controls``; with ``controls`` (``--controls``) random and
+    downsample where the spec names none) and, for a paper that names its own method, the significance marks."""
     index = index_results(runs, include_partial) if runs else {}
     tables = [paper.table(table)] if table else list(paper.tables)
-    reps = {t.id: analyse(t, collect(paper, index, t, model)) for t in tables}
+    reps = {}
+    for t in tables:
+        t = with_controls(t, index, t.controls_run(controls), model)
+        reps[t.id] = analyse(t, collect(paper, index, t, model))
+        mark_significance(paper, reps[t.id])
     eff = []
     for f in efficiency_files:
         eff += json.loads(Path(f).read_text()).get("results", [])
@@ -70,23 +80,34 @@ def report(paper: Paper, runs, table: str | None = None, fmt: str = "md", model:
 
 WANDB_COLUMNS = ["row", "method", "budget", "column", "ours", "paper", "difference", "within_tolerance", "stderr",
                  "marks", "model", "revision", "answered", "full_count", "deviations"]
+#: the columns a cells table adds where its table has control rows or a tested pair (wandb_rows)
+WANDB_PAIRED_COLUMNS = ["control", "vs_method_diff", "vs_method_p", "vs_method_low", "vs_method_high",
+                        "vs_method_significant"]
 
 
 def wandb_rows(rep: TableReport) -> tuple[list[str], list[list]]:
     """The W&B cells table of one paper table: per cell ours, the paper's, the difference and the verdict (None
     for a reference-only number or a cell of ours that is not comparable), and what ran: the standard error, the
     table's marks (§ another model, ¶ a partial question set), the model and revision, the questions answered of
-    the benchmark's full count and the protocol deviations."""
+    the benchmark's full count and the protocol deviations. Where the table has control rows or a tested pair
+    (:data:`WANDB_PAIRED_COLUMNS`): whether the row is a control run, and the paired test against our run of the
+    paper's own method (this row minus it, McNemar's p, the 95 % bootstrap interval's ends where that is the
+    test, significant at 5 %; None where not tested)."""
+    paired = any(r.control for r in rep.table.rows) or rep.significance.tested > 0
     rows = []
     for (i, k), c in rep.cells.items():
         r = rep.table.rows[i]
         verdict = c.within if c.target and (c.ours is None or c.comparable) else None
         ran = c.run if c.ours is not None else {}
+        pr = c.paired
+        ci = (None, None) if pr is None or pr.p is not None else (pr.low, pr.high)
         rows.append([r.label, r.method, r.budget, rep.table.column(k).label, c.ours, c.published, c.delta, verdict,
                      c.stderr, c.marks if c.ours is not None else "", short_model(ran.get("model")) or None,
                      ran.get("revision"), ran.get("answered"), ran.get("full"),
-                     "; ".join(ran.get("deviations") or []) or None])
-    return list(WANDB_COLUMNS), rows
+                     "; ".join(ran.get("deviations") or []) or None]
+                    + ([r.control, None if pr is None else pr.diff, None if pr is None else pr.p, *ci, c.significant]
+                       if paired else []))
+    return list(WANDB_COLUMNS) + (list(WANDB_PAIRED_COLUMNS) if paired else []), rows
 
 
 def log_wandb(paper: Paper, info: dict, text: str, project=None, entity=None) -> dict:

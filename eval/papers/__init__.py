@@ -28,6 +28,9 @@ TOLERANCE_POINTS = 1.0
 #: run settings a table may set (the harness's ``eval run`` flags of the same names)
 RUN_SETTINGS = ("next_layout", "next_geometry", "num_frames", "vision_dtype", "dtype", "pad_to_square", "max_pixels",
                 "min_pixels")
+#: the control methods ``--controls`` adds to a table whose spec names none (the spec's ``controls``): random
+#: selection and VTC-Bench's downsampling, each at the budgets of the table's method rows
+DEFAULT_CONTROLS = ("random", "downsample")
 
 
 class SpecError(ValueError):
@@ -87,6 +90,8 @@ class Row:
     rel_avg_printed: str = ""
     #: a numeric ``paper_budget`` as its literal ("11.30"), "" otherwise
     paper_budget_printed: str = ""
+    #: a row the report adds for a control run (the table's ``controls``), not a row of the paper
+    control: bool = False
 
     @property
     def vanilla(self) -> bool:
@@ -130,9 +135,27 @@ class Table:
     budget_unit: str = "tokens"
     #: why the published numbers are shown for reference only, never as pass/fail targets ("" = they are targets)
     reference_only: str = ""
+    #: control methods run at every budget of the table's method rows (the spec's ``controls``: the grid adds their
+    #: configs, the report their rows under each budget)
+    controls: tuple[str, ...] = ()
 
     def column(self, key: str) -> Column:
         return next(c for c in self.columns if c.key == key)
+
+    @property
+    def method_budgets(self) -> tuple[int, ...]:
+        """The budgets (our convention) of the table's runnable method rows, each once, in row order: where the
+        controls run."""
+        out: list[int] = []
+        for r in self.rows:
+            if r.runnable and not r.vanilla and not r.control and r.budget is not None and r.budget not in out:
+                out.append(r.budget)
+        return tuple(out)
+
+    def controls_run(self, flag: bool = False) -> tuple[str, ...]:
+        """The control methods of this table: the spec's ``controls``, else with ``flag`` (``--controls``) the
+        :data:`DEFAULT_CONTROLS`, else none."""
+        return self.controls or (DEFAULT_CONTROLS if flag else ())
 
     @property
     def own(self) -> bool:
@@ -303,7 +326,7 @@ def _parse(raw: dict, path: Path, check: bool) -> Paper:
 
 def _table(t: dict, where: str) -> Table:
     _unknown(t, {"id", "caption", "model", "source", "budget_convention", "budget_unit", "reference_only", "columns",
-                 "rows", "notes", *RUN_SETTINGS}, where)
+                 "rows", "notes", "controls", *RUN_SETTINGS}, where)
     tid = _need(t, "id", where)
     where = f"{where} ({tid})"
     cols = []
@@ -373,7 +396,19 @@ def _table(t: dict, where: str) -> Table:
                  source=str(t.get("source", "")), budget_convention=str(t.get("budget_convention", "")),
                  columns=tuple(cols), rows=tuple(rows), settings={k: _plain(t[k]) for k in RUN_SETTINGS if k in t},
                  notes=str(t.get("notes", "")), budget_unit=str(t.get("budget_unit", "tokens")),
-                 reference_only=str(t.get("reference_only", "")))
+                 reference_only=str(t.get("reference_only", "")), controls=_controls(t, where))
+
+
+def _controls(t: dict, where: str) -> tuple[str, ...]:
+    """The table's ``controls``: a list of method names, each once (whether each is registered and builds at the
+    table's budgets is :func:`check_paper`'s)."""
+    c = t.get("controls", [])
+    if not isinstance(c, list) or not all(isinstance(m, str) and m for m in c):
+        raise SpecError(f"{where}: `controls` must be a list of method names, e.g. [\"random\", \"downsample\"], "
+                        f"got {c!r}")
+    if len(set(c)) != len(c):
+        raise SpecError(f"{where}: `controls` names a method twice: {c}")
+    return tuple(c)
 
 
 def _claim(c: dict, where: str, table_ids: list[str]) -> Claim:
@@ -398,6 +433,30 @@ def _claim(c: dict, where: str, table_ids: list[str]) -> Claim:
 
 
 # ----------------------------------------------------------------------------------------------- checks
+def check_controls(t: Table, where: str, methods=None) -> None:
+    """Each of ``t.controls`` is a registered method that builds at every budget of the table's method rows (a
+    budget its model's grid cannot reach is the grid's to list, eval.paper_grid.control_reason); the table has
+    such a budget."""
+    from llava.method import available_methods, get_method
+
+    if not t.controls:
+        return
+    methods = set(available_methods()) if methods is None else methods
+    w = f"{where} controls"
+    for m in t.controls:
+        if m not in methods:
+            raise SpecError(f"{w}: unknown method {m!r}; known: {', '.join(sorted(methods))}")
+    if not t.method_budgets:
+        raise SpecError(f"{w}: the table has no runnable method row with a `budget`, and the controls run at those "
+                        "budgets")
+    for m in t.controls:
+        for b in t.method_budgets:
+            try:
+                get_method(m, b)
+            except (TypeError, ValueError, KeyError) as e:
+                raise SpecError(f"{w}: {m}(budget={b}) does not build: {e}") from None
+
+
 def check_paper(paper: Paper) -> None:
     """Every benchmark, metric, method, option and budget of ``paper`` against the harness and the registry."""
     from llava.method import available_methods, get_method
@@ -429,6 +488,7 @@ def check_paper(paper: Paper) -> None:
                 get_method(r.method, r.budget, **r.options)
             except (TypeError, ValueError, KeyError) as e:
                 raise SpecError(f"{wr}: {r.method}(budget={r.budget}, options={r.options}) does not build: {e}") from None
+        check_controls(t, w, methods)
     for c in paper.claims:
         for m in (c.method, *c.against):
             if m not in methods:
@@ -441,4 +501,5 @@ def check_paper(paper: Paper) -> None:
 
 
 __all__ = ["Paper", "Table", "Column", "Row", "Claim", "CLAIM_KINDS", "SpecError", "load", "load_all", "list_papers",
-           "spec_path", "is_path", "check_paper", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS"]
+           "spec_path", "is_path", "check_paper", "check_controls", "DEFAULT_TOLERANCE", "TOLERANCE_POINTS",
+           "DEFAULT_CONTROLS"]

@@ -10,6 +10,8 @@
 #   ONLY       benchmarks or column keys, comma-separated (ONLY=gqa,pope)
 #   BUDGETS    budgets, comma-separated, as printed or in our convention (BUDGETS=64); the unpruned row always runs
 #   MODEL      replaces the tables' model (a local directory of the same checkpoint)
+#   CONTROLS=1 also run the controls random and downsample at every budget of a table whose spec names none
+#              (--controls of paper-grid and paper; a spec's `controls` entry runs its own): their rows in the report
 #   SHARD      i/n: this job runs every n-th config from the i-th (0-based), for several nodes or a job array;
 #              the job that runs SHARD=0/n writes the report unless it is a Slurm array task or REPORT=0 (write it
 #              with REPORT_ONLY=1 when every shard is done: scripts/slurm/submit_paper.sh does, docs/cluster.md)
@@ -68,6 +70,7 @@ GRID=(paper-grid "$PAPER" --out "$OUT" --data-root "$DATA_ROOT")
 [[ -n "${ONLY:-}" ]] && GRID+=(--only "$ONLY")
 [[ -n "${BUDGETS:-}" ]] && GRID+=(--budgets "$BUDGETS")
 [[ -n "${MODEL:-}" ]] && GRID+=(--model "$MODEL")
+[[ "${CONTROLS:-0}" == 1 ]] && GRID+=(--controls)
 [[ -n "${SHARD:-}" ]] && GRID+=(--shard "$SHARD")
 cd "$REPO"
 if [[ -n "$DRY" ]]; then exec "$PYTHON" -m eval "${GRID[@]}" "$DRY"; fi
@@ -130,6 +133,7 @@ if [[ $WRITE == 1 ]]; then
     REP=(paper "$PAPER" "$OUT" --format both --out "$OUT/papers/$NAME${TABLE:+-${TABLE//[^A-Za-z0-9._]/-}}")
     [[ -n "$TABLE" ]] && REP+=(--table "$TABLE")
     [[ -n "${MODEL:-}" ]] && REP+=(--model "$MODEL")
+    [[ "${CONTROLS:-0}" == 1 ]] && REP+=(--controls)
     [[ -n "${EFFICIENCY:-}" ]] && REP+=(--efficiency "$EFFICIENCY")
     [[ $WANDB_OFF == 0 ]] && REP+=(--wandb)
     WANDB_DIR="$REPORT_WANDB_DIR" "$PYTHON" -m eval "${REP[@]}"
