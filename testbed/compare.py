@@ -75,14 +75,9 @@ def run_dir_name(method: str, budget, options: dict, nominal: int | None) -> str
 def lines(out: str, n: int, budgets=(16, 8)) -> list[str]:
     """``eval run-many``'s input: one config a line (label, then the arguments of ``python -m eval``)."""
     rows = []
-    nominal_of = {}
-    for b in budgets:
-        for c in configs((b,))[1:]:
-            nominal_of[(c[0], c[1], repr(sorted(c[2].items())))] = b
     seen = set()
-    for m, budget, opts in configs(budgets):
-        key = (m, budget, repr(sorted(opts.items())))
-        nominal = nominal_of.get(key)
+    grid = [(c, None) for c in configs(budgets)[:1]] + [(c, b) for b in budgets for c in configs((b,))[1:]]
+    for (m, budget, opts), nominal in grid:
         name = run_dir_name(m, budget, opts, nominal)
         if name in seen:
             continue
