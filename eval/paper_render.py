@@ -223,8 +223,9 @@ def run_lines(rep: TableReport) -> list[str]:
         out.append(MARKS_NOTE + ".")
     if any(c.stderr is not None for _, c in ran):
         out.append("± = standard error of ours: of a mean of per-question 0/1 scores, sqrt(p (1 - p) / (n - 1)), as "
-                   "lmms-eval prints it (an lmms-eval column: the one it printed); none for F1, MME and the soft VQA "
-                   "accuracies.")
+                   "lmms-eval prints it (an lmms-eval column: the one it printed); of F1, MME, soft VQA accuracy and "
+                   "judged scores a bootstrap over the benchmark's unit (the run's results.json stderr_method: unit, "
+                   "resamples, seed; runs scored before per-unit scores were kept have none there).")
     return out
 
 
