@@ -43,6 +43,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .decode import DecodeShape, MaskLayout
 from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
 from .layout import VisionStage
 from .method import Method, Selection, get_method
@@ -61,6 +62,9 @@ class _State:
     llm_mask: torch.Tensor | None  # (B, L') prompt mask in LLM space
     pos_shift: torch.Tensor  # (B,) original position - LLM-space position, for decode
     segments: list[_DecodeSegment] | None  # None when the stock language model runs
+    #: the decode step's shape (llava.decode.decode_step): the segments' first layers (none: the stock language
+    #: model), 2-D padding masks; set with ``segments`` after an eager prefill
+    shape: DecodeShape | None = None
     llm_len: int = 0  # padded prompt length in LLM space entering layer 0 (= layer 0's prompt part of the cache)
     #: (rows..., B) when generate passes no decode positions (M-RoPE): the first generated token's position
     #: minus ``llm_len``, so that a step's position is this + layer 0's cache length (no Python int involved)
@@ -297,8 +301,10 @@ class PruningEngine:
                 past_key_values = DynamicCache(config=self.lm.config)
             if past_key_values is not None:
                 self._pruned_caches.add(past_key_values)
-            hidden, plan, self._state.segments = self.decoder.prefill(
-                ctx, embeds, mask, pos, past_key_values, use_cache, info, **kwargs)
+            hidden, plan, segments = self.decoder.prefill(ctx, embeds, mask, pos, past_key_values, use_cache, info,
+                                                          **kwargs)
+            self._state.segments = segments
+            self._state.shape = DecodeShape(tuple(seg.start for seg in segments or ()), MaskLayout.PADDING)
             ctx.clock.mark("end")
             self.prefills += 1
             ctx.release()  # nothing outlives it

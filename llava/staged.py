@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from .attention_rows import CachedRows, cached_kv
+from .decode import decode_step
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, first_full_layer, run_layers
 from .layout import place_outputs
@@ -261,14 +262,22 @@ class StagedDecoder:
         return grad_fn
 
     def decode(self, st, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
-        """One decode call: map generate's original-space mask / positions onto each segment's cache.
+        """One decode call: the one decode step (:func:`llava.decode.decode_step`) on the decode shape the prefill
+        left (``st.shape``: its segments, 2-D padding masks) with generate's mask / positions mapped onto each
+        segment's cache (:meth:`step_inputs`). ``st``: the engine's decode state (``llava.engine._State``)."""
+        masks, positions = self.step_inputs(st, embeds, attention_mask, position_ids, cache)
+        return decode_step(self.lm, self.adapter, st.shape, embeds, masks, positions, cache, use_cache, **kwargs)
+
+    def step_inputs(self, st, embeds, attention_mask, position_ids, cache) -> tuple[list, list]:
+        """Each segment's 2-D mask and positions of one decode call (lists, one entry per segment of ``st.shape``;
+        one without llm stages), mapped from generate's original-space mask / positions onto each segment's cache.
 
         ``attention_mask`` is generate's 2-D mask in the original space (the prompt as generate sees it,
         then the generated part), or, with a static cache, the engine's own (segments, B, max_cache_len)
         masks in LLM space (``PruningEngine._generate_mask``, built outside the step). With those the call
         is traceable as ONE graph by transformers' compiled decode step: no Python integer that changes per
         step (or per prompt) is read or written here; the tokens decoded so far come from the cache (a
-        tensor in a static cache). ``st``: the engine's decode state (``llava.engine._State``)."""
+        tensor in a static cache)."""
         B, q = embeds.shape[:2]
         own = attention_mask is not None and attention_mask.ndim == 3  # the engine's per-segment masks
         gen_mask = attention_mask[:, st.orig_len:] if attention_mask is not None and not own else None
@@ -285,13 +294,11 @@ class StagedDecoder:
                     if gen_mask is None:  # generate() drops an all-ones mask; the pruned prompt may still have padding
                         gen_mask = self._gen_ones(cache, 0, B, q, st.llm_len, embeds.device)
                     mask = torch.cat([st.llm_mask, gen_mask.to(st.llm_mask.dtype)], 1)
-            return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=use_cache, **kwargs).last_hidden_state
-        lm = self.lm
+            return [mask], [position_ids]
         if position_ids is None:  # the stock rule: continue after layer 0's cache
             position_ids = (self._first_len(st, cache) + torch.arange(q, device=embeds.device))[None].expand(B, q)
-        h = embeds
-        bounds = [s.start for s in st.segments] + [len(lm.layers)]
+        bounds = [s.start for s in st.segments] + [len(self.lm.layers)]
+        masks, positions = [], []
         for s, seg in enumerate(st.segments):
             if own:
                 mask = attention_mask[s]
@@ -302,12 +309,9 @@ class StagedDecoder:
                     gm = (torch.ones(B, q, dtype=torch.long, device=embeds.device) if full is None  # linear layers
                           else self._gen_ones(cache, full, B, q, seg.mask.shape[1], embeds.device))  # read q columns
                 mask = torch.cat([seg.mask, gm.to(seg.mask.dtype)], 1)
-            pos = position_ids - seg.shift[:, None]
-            masks = decoder_masks(self.adapter, lm, h, mask, cache, pos, seg.start, bounds[s + 1])
-            pe = lm.rotary_emb(h, position_ids=pos)
-            h, _ = run_layers(lm, h, masks, pe, range(seg.start, bounds[s + 1]), past_key_values=cache,
-                              use_cache=use_cache, **kwargs)
-        return lm.norm(h)
+            masks.append(mask)
+            positions.append(position_ids - seg.shift[:, None])
+        return masks, positions
 
     def _first_len(self, st, cache) -> int:
         """Tokens in the cache of the first segment (layer 0's, or on a hybrid model its first attention layer's:

@@ -13,7 +13,7 @@ mask. On the device the stage is: the sample's padded row -> :class:`~llava.sign
 The static cache holds each layer's own length: the layers of segment s write their bucket's rows at
 slots 0..L_s-1 and their generated tokens from slot L_s on; each segment has its decode mask and its
 positions (``keep``: the original positions continue; ``reindex``: after the segment's own length, as
-the eager engine's per-segment shift does).
+the eager engine's per-segment shift does), which the one decode step (:func:`llava.decode.decode_step`) reads.
 
 What is static about the segments (their layers, per-sample visual counts, buckets: the
 :class:`llava.plan.PrefillPlan` without its rows, :meth:`~llava.plan.PrefillPlan.key`) and each stage's padded text
@@ -236,12 +236,3 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
         h, prev = run_layers(lm, h, mask, lm.rotary_emb(h, position_ids=pos), seg.layers, ds, **kw, **attn(h))
     return lm.norm(h[:, -1:]), bad
 
-
-def decode_segments(lm, h, pos, masks, cache, layers: tuple):
-    """One decode step through the segments: ``pos`` (S, B, 1) and ``masks`` (S, B, 1, 1, C) per segment
-    of layers, ``layers`` the stages' layers. Returns the final-norm hidden states."""
-    bounds = [0, *layers, len(lm.layers)]
-    for s in range(len(bounds) - 1):
-        h, _ = run_layers(lm, h, masks[s], lm.rotary_emb(h, position_ids=pos[s]), range(bounds[s], bounds[s + 1]),
-                          past_key_values=cache, use_cache=True)
-    return lm.norm(h)

@@ -39,7 +39,8 @@ and handed to the captured function as index tensors:
     is keyed by the sample structure, graph 2 by the bucket: a new count compiles nothing;
 ``decode`` (device, one graph for every step)
     one token against a mask of fixed width ``max_cache_len`` per segment of layers, updated in place,
-    positions continuing after each row's last prompt position (per segment).
+    positions continuing after each row's last prompt position (per segment): the eager engine's decode step
+    (:func:`llava.decode.decode_step`) on slot masks (``MaskLayout.SLOTS``).
 
 Scope (everything else runs on the eager engine, and ``engine.stats.path`` / ``.path_reason`` say
 why): the families whose record says ``fast`` (:mod:`llava.families.registry`; every built-in family): LLaVA-1.5,
@@ -74,10 +75,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import attention as fast_attention
+from ..decode import DecodeShape, MaskLayout, decode_step
 from ..families import registry
 from ..families.base import to_device
 from ..plan import PrefillPlan
-from .llm import Entry, decode_segments, prompt_mask, run_segments
+from .llm import Entry, prompt_mask, run_segments
 from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
 from .plan import BUCKETS, DECODE_STEP, TEXT_BUCKETS, HostPlanner, _Spec, bucket_for
@@ -100,7 +102,7 @@ class FastState:
     mask: torch.Tensor  # (S, B, 1, 1, C) bool per segment of layers, slots the next token may see (in place)
     next_pos: torch.Tensor  # (S, B, 1) per segment, position of the first generated token ((S, 3, B, 1) M-RoPE)
     buckets: torch.Tensor  # (S,) per segment, the slot of the first generated token
-    layers: tuple  # the llm stages' layers (S - 1 of them)
+    shape: DecodeShape  # the decode step's (llava.decode): the segments' first layers (S > 1), slot masks
     room: int  # generated tokens the cache holds
     step: int = 0
 
@@ -274,15 +276,14 @@ class FastPath:
         """The decoder's attention implementation (transformers' ``_attn_implementation``)."""
         return getattr(self.engine.lm.config, "_attn_implementation", None)
 
-    def _lm_mask(self, mask, decode: bool = False):
-        """The language model's mask for a 4-D prompt / decode mask: itself, or for a hybrid decoder (Qwen3.5) one
-        per layer type - the 4-D mask for the full-attention layers and, for the Gated DeltaNet layers, the 2-D
-        padding mask of a prompt (the real rows: what the last row may see; pads zeroed before their recurrence, as
-        the stock model does) or none at a decode step (a generated token is never padding)."""
+    def _lm_mask(self, mask):
+        """The language model's mask for a 4-D prompt mask: itself, or for a hybrid decoder (Qwen3.5) one per layer
+        type - the 4-D mask for the full-attention layers and, for the Gated DeltaNet layers, the 2-D padding mask of
+        the prompt (the real rows: what the last row may see; pads zeroed before their recurrence, as the stock model
+        does). A decode step's: :func:`llava.decode.decode_step` (``MaskLayout.SLOTS``)."""
         if not self.engine.adapter.linear_layers:
             return mask
-        return {"full_attention": mask,
-                "linear_attention": None if decode else mask[:, 0, -1, :mask.shape[2]]}
+        return {"full_attention": mask, "linear_attention": mask[:, 0, -1, :mask.shape[2]]}
 
     def _vision_fn(self, px, index, spec: _Spec, tower_in=None):
         """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
@@ -302,13 +303,11 @@ class FastPath:
                  use_cache=True, **self._attn(rows)).last_hidden_state
         return e.model.lm_head(h[:, -1:])
 
-    def _decode_fn(self, tok, pos, mask, cache, layers: tuple):
+    def _decode_fn(self, tok, pos, mask, cache, shape: DecodeShape):
+        """The captured decode step: the one decode step (:func:`llava.decode.decode_step`) on the token ids ``tok``
+        (B, 1), with ``pos`` (S, B, 1) / ``mask`` (S, B, 1, 1, C) a row per segment of ``shape``; the logits."""
         e = self.engine
-        if layers:  # llm stages: each segment of layers with its own mask and positions
-            return e.model.lm_head(decode_segments(e.lm, e.lm.embed_tokens(tok), pos, mask, cache, layers))
-        h = e.lm(inputs_embeds=e.lm.embed_tokens(tok), attention_mask=self._lm_mask(mask[0], decode=True),
-                 position_ids=pos[0], past_key_values=cache, use_cache=True).last_hidden_state
-        return e.model.lm_head(h)
+        return e.model.lm_head(decode_step(e.lm, e.adapter, shape, e.lm.embed_tokens(tok), mask, pos, cache))
 
     # ------------------------------------------------------------------ entry points
     def _cache(self, B: int, C: int, dtype, dev):
@@ -434,9 +433,9 @@ class FastPath:
             nxt = nxt[None].expand(S, *nxt.shape)
         d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None],
                                               torch.tensor([seg.width for seg in plan.segments])], dev)
+        starts = tuple(seg.layers.start for seg in plan.segments) if S > 1 else ()  # one segment: the stock model
         state = FastState(cache=cache, mask=d_mask, next_pos=d_pos, buckets=d_buckets,
-                          layers=tuple(seg.layers.start for seg in plan.segments[1:]),
-                          room=spec.cache_len - spec.bucket)
+                          shape=DecodeShape(starts, MaskLayout.SLOTS), room=spec.cache_len - spec.bucket)
         info = FastInfo(path="fast", bucket=spec.bucket, cache_len=spec.cache_len, new_graph=new,
                         timings=timings, plan=plan, graphs=2)
         if not self.piecewise and bool(bad):  # the one read after the prefill (generate reads the first token
@@ -449,7 +448,9 @@ class FastPath:
 
     @torch.no_grad()
     def decode(self, st: FastState, input_ids):
-        """One decode step of a fast prefill: logits (B, 1, V)."""
+        """One decode step of a fast prefill: logits (B, 1, V). This step's slot marked in each segment's mask (in
+        place, one write) and its positions (each segment's first generated position + the step) are what it hands
+        the captured step; the step counter stays on the host, outside the graph."""
         if st.step >= st.room:
             raise ValueError(f"the fast path's static cache holds {st.room} generated tokens "
                              f"(load(..., fast_max_new_tokens=)); asked for more")
@@ -457,4 +458,4 @@ class FastPath:
         st.mask[torch.arange(S, device=st.mask.device), :, :, :, st.buckets + st.step] = True  # one write
         pos = st.next_pos + st.step
         st.step += 1
-        return self._decode(input_ids[:, -1:], pos, st.mask, st.cache, st.layers)
+        return self._decode(input_ids[:, -1:], pos, st.mask, st.cache, st.shape)
