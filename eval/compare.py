@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from . import stats as st
-from .pairing import CompareError, Run, results_path, check_same_questions, find_runs, load_run
+from .pairing import CompareError, Run, benchmark_of, check_same_questions, find_runs, load_run, results_path, stat_for
 from .table import display_name, short_model
 
 
@@ -38,17 +38,6 @@ def set_labels(runs: list[Run]) -> None:
             if keys:
                 name += " (" + ", ".join(f"{k}={r.options.get(k)}" for k in keys) + ")"
             r.label = name + ("" if r.method.get("budget") is None else f" @{r.method.get('budget')}")
-
-
-def _stat_for(bench, metric: str, run: Run) -> st.Stat:
-    if metric in (run.results.get("stderr") or {}) and run.results["stderr"][metric] == "server":
-        raise CompareError(f"{metric} of {run.path} is scored by the benchmark's server: there is no per-question "
-                           "truth here to compare on")
-    stat = bench.stats.get(metric)
-    if stat is None:
-        raise CompareError(f"{metric}: no per-unit statistic for benchmark {bench.name} (metrics with one: "
-                           f"{', '.join(bench.stats) or 'none'})")
-    return stat
 
 
 def pick_control(runs: list[Run], control: str | None, reference: Run) -> Run | None:
@@ -74,8 +63,6 @@ def pick_control(runs: list[Run], control: str | None, reference: Run) -> Run | 
 def compare(paths, reference: str | None = None, control: str | None = None, metrics: list[str] | None = None,
             resamples: int = st.RESAMPLES, seed: int = st.SEED) -> dict:
     """The comparison as a JSON-able dict (runs, pairs, groups)."""
-    from .benchmarks import get_benchmark
-
     runs = find_runs(paths)
     if reference is not None:
         ref_path = results_path(Path(reference)).parent.resolve()
@@ -91,12 +78,12 @@ def compare(paths, reference: str | None = None, control: str | None = None, met
     set_labels(runs + ([ctrl] if ctrl is not None and ctrl not in runs else []))
     check_same_questions(runs + ([ctrl] if ctrl is not None and ctrl not in runs else []))
     bench_name = ref.results["benchmark"]
-    bench = get_benchmark(bench_name, ".", **((ref.results.get("config") or {}).get("bench_options") or {}))
+    bench = benchmark_of(ref)
     if not metrics:
         metrics = [ref.results.get("primary_metric")]
     elif metrics == ["all"]:
         metrics = [m for m in ref.results.get("metrics", {}) if m in bench.stats]
-    stats = {m: _stat_for(bench, m, ref) for m in metrics}
+    stats = {m: stat_for(ref, m, bench) for m in metrics}
     out = {"benchmark": bench_name, "unit": ref.units.unit, "units": len(ref.units), "reference": ref.label,
            "reference_path": str(ref.path), "bootstrap": {"resamples": resamples, "seed": seed, "level": st.LEVEL},
            "metrics": metrics, "runs": [], "pairs": []}

@@ -110,3 +110,24 @@ def check_same_questions(runs: list[Run]) -> None:
             raise CompareError(f"different scored units: {first.path} and {r.path} share "
                                f"{len(set(u0.ids) & set(r.units.ids))} {u0.unit}s; {only_a} only in the first, "
                                f"{only_b} only in the second")
+
+
+def benchmark_of(run: Run):
+    """The benchmark object of ``run`` (its name and options; no data is read), which holds its per-unit statistics."""
+    from .benchmarks import get_benchmark
+
+    return get_benchmark(run.results.get("benchmark"), ".", **((run.results.get("config") or {}).get("bench_options") or {}))
+
+
+def stat_for(run: Run, metric: str, bench=None) -> st.Stat:
+    """How ``metric`` of ``run`` is computed from its units (``bench``: :func:`benchmark_of`, when the caller has it);
+    :class:`CompareError` for a server's number or a metric without a per-unit statistic."""
+    if (run.results.get("stderr") or {}).get(metric) == "server":
+        raise CompareError(f"{metric} of {run.path} is scored by the benchmark's server: there is no per-question "
+                           "truth here to compare on")
+    bench = bench or benchmark_of(run)
+    stat = bench.stats.get(metric)
+    if stat is None:
+        raise CompareError(f"{metric}: no per-unit statistic for benchmark {bench.name} (metrics with one: "
+                           f"{', '.join(bench.stats) or 'none'})")
+    return stat

@@ -288,17 +288,17 @@ def _load(path: str, cache: dict):
 
 
 def _stat(run, metric: str):
-    """The per-unit statistic of ``metric`` on ``run``'s benchmark, or why there is none."""
-    from .benchmarks import get_benchmark
+    """The per-unit statistic of ``metric`` on ``run``'s benchmark (eval.pairing.stat_for), or why there is none."""
+    from .pairing import CompareError, benchmark_of, stat_for
 
-    if (run.results.get("stderr") or {}).get(metric) == "server":
-        return f"{metric} is scored by the benchmark's server (no per-question truth here)"
     try:
-        bench = get_benchmark(run.results.get("benchmark"), ".",
-                              **((run.results.get("config") or {}).get("bench_options") or {}))
+        bench = benchmark_of(run)
     except (KeyError, TypeError, ValueError) as e:
         return f"benchmark not known here ({e})"
-    return bench.stats.get(metric) or f"{metric} has no per-unit statistic"
+    try:
+        return stat_for(run, metric, bench)
+    except CompareError as e:  # a server's number, or a metric without per-unit scores
+        return str(e).replace(str(run.path), "the paper's method's run")
 
 
 def paired_test(a_path: str, b_path: str, metric: str, cache: dict):

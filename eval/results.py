@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from . import stats as st
 from .benchmarks import get_benchmark
 from .io import complete_jsonl_records, read_json, write_json, write_jsonl
 from .shards import EVAL_KEY, shard_files
@@ -262,13 +263,14 @@ def _judged_units(bench, official: list[dict], run_dir: Path, judge_info: dict, 
     cache = run_dir / "judge" / _safe_name(str(judge_info.get("model", "")))
     if not cache.is_dir():
         return None
+    items = bench.judge_items(official)
     results = {}
-    for k in bench.judge_items(official):
+    for k in items:
         p = cache / f"{_safe_name(k)}.json"
         if p.exists():
             results[k] = read_json(p)["result"]
     grades = {k: v["score"] for k, v in results.items()} if bench.name == "mmvet" else results
-    return bench.judged_metrics(grades, strict=strict and len(results) == len(bench.judge_items(official))).get("units")
+    return bench.judged_metrics(grades, strict=strict and len(results) == len(items)).get("units")
 
 
 def _uncertainty(bench, sc: dict, run_dir: Path, prev: dict) -> dict:
@@ -276,8 +278,6 @@ def _uncertainty(bench, sc: dict, run_dir: Path, prev: dict) -> dict:
     error, or "server" for a number recorded from an evaluation server), ``stderr_method`` (how, in words) and
     ``units`` (the file, what a unit is, how many, their ids' fingerprint). A benchmark scored by a server or
     not yet judged has no units: the file is removed so that no stale one stands beside the results."""
-    from . import stats as st
-
     path = run_dir / st.UNITS_FILE
     server = [k for k in prev.get("metric_sources", {}) if k in sc["metrics"]]
     rows = sc.get("units")
@@ -320,7 +320,7 @@ def log_to_wandb(wb, res: dict, run_dir: Path, metas: list[dict], official: list
     n_rows = n_rows if n_rows is not None else int(cfg.get("table_samples", 32))
     wb.config_update({"results": {k: res[k] for k in ("benchmark", "model", "method", "generation", "git") if k in res}})
     summary = {f"metrics/{k}": v for k, v in res["metrics"].items()}
-    summary.update({f"stderr/{k}": v for k, v in (res.get("stderr") or {}).items() if isinstance(v, (int, float))})
+    summary.update({f"stderr/{k}": se for k, v in (res.get("stderr") or {}).items() if (se := st.se_number(v)) is not None})
     t = res["tokens"]
     for k in ("tok_in", "tok_eq", "visual_candidates_mean"):
         if t.get(k) is not None:

@@ -407,6 +407,14 @@ def read_units(run_dir: Path) -> Units:
     return Units.from_rows(head["unit"], rows, tuple(head.get("difficulty") or ("correct", 1.0)))
 
 
+def se_number(recorded) -> float | None:
+    """A standard error as results.json records it (``stderr``), as a number: None for ``"server"``, a missing one
+    or NaN."""
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and not math.isnan(recorded):
+        return float(recorded)
+    return None
+
+
 def summarize(units: Units, stats: dict[str, Stat], metrics: dict[str, Any], server: Iterable[str] = (),
               resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """results.json's ``stderr`` (metric -> number, or "server" for a server-scored metric) and

@@ -52,10 +52,12 @@ def print_summary(results: dict) -> None:
     budget = results["method"].get("budget")
     print(f"\n== {results['benchmark']} | {results['model']['id']}{f' ({fam})' if fam else ''} | {results['method'].get('method')}"
           f"{', no budget' if budget is None else f', budget {budget}'} ==")
+    from .stats import se_number
+
     se = results.get("stderr") or {}
     for k, v in results["metrics"].items():
-        e = se.get(k)
-        e_txt = f"± {e:6.2f}" if isinstance(e, (int, float)) else ("(server)" if e == "server" else "")
+        e = se_number(se.get(k))
+        e_txt = f"± {e:6.2f}" if e is not None else ("(server)" if se.get(k) == "server" else "")
         print(f"  {k:<24} {v:10.2f} {e_txt:<8}  {results['metric_labels'].get(k, '')}")
     t = results.get("tokens", {})
     if t.get("samples"):

@@ -81,11 +81,11 @@ def stderr(result: dict, metric: str) -> float | None:
     ``stderr`` (eval.stats: the binomial formula for accuracies, a bootstrap over the benchmark's unit for the
     other metrics); for a results file written before it, the metrics of :data:`BINARY_N` by the binomial formula.
     None where there is none: a server's score, a count missing or below 2."""
+    from .stats import se_number
+
     recorded = (result.get("stderr") or {}).get(metric)
-    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
-        return None if math.isnan(recorded) else float(recorded)
-    if recorded == "server":
-        return None
+    if recorded is not None and (recorded == "server" or not isinstance(recorded, str)):
+        return se_number(recorded)
     path = BINARY_N.get(metric)
     v = (result.get("metrics") or {}).get(metric)
     if path is None or v is None:
@@ -354,8 +354,14 @@ def add_groups(models: dict[str, dict], control: str) -> None:
     results (a budget without one: no groups there, said in a note). Raises :class:`eval.pairing.CompareError`
     where a control cannot be used (none at all, another question set, no per-unit scores)."""
     from . import stats as st
-    from .benchmarks import get_benchmark
-    from .pairing import CompareError, check_same_questions, load_run
+    from .pairing import CompareError, check_same_questions, load_run, stat_for
+
+    loaded: dict = {}
+
+    def load(path):  # each run (and its units) read once, however many rows it controls
+        if path not in loaded:
+            loaded[path] = load_run(path)
+        return loaded[path]
 
     named = None if control == "auto" else load_run(control)
     for model, m in models.items():
@@ -376,7 +382,7 @@ def add_groups(models: dict[str, dict], control: str) -> None:
                     if r.method in (VANILLA, "downsample") or bench not in r.cells:
                         continue
                     if r.budget in ds:
-                        ctrl_for[id(r)] = load_run(ds[r.budget]["_path"])
+                        ctrl_for[id(r)] = load(ds[r.budget]["_path"])
                     else:
                         notes.append(f"{r.label} at budget {r.budget} on {bench}: no downsample run at that budget, "
                                      "so no groups A / B")
@@ -384,10 +390,11 @@ def add_groups(models: dict[str, dict], control: str) -> None:
                 ctrl = ctrl_for.get(id(r))
                 if ctrl is None or bench not in r.cells:
                     continue
-                run = load_run(r.cells[bench]["_path"])
+                run = load(r.cells[bench]["_path"])
                 check_same_questions([ctrl, run])
-                stat = get_benchmark(bench, ".", **((run.results.get("config") or {}).get("bench_options") or {})).stats.get(metric)
-                if stat is None:
+                try:
+                    stat = stat_for(run, metric)
+                except CompareError:  # a server's number, or a metric without per-unit scores: no groups
                     continue
                 m["groups"][(id(r), bench)] = st.on_groups(run.units, ctrl.units, stat)
                 if ctrl.path not in used:

@@ -273,16 +273,16 @@ def results_summary(res: dict) -> dict:
     out: dict[str, Any] = {}
     for k, v in (res.get("metrics") or {}).items():  # the names eval.results logs too (no second copy)
         out[f"metrics/{k}"] = v
-    for k, v in (res.get("stderr") or {}).items():  # its standard error (eval.stats); a server's score has none
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"stderr/{k}"] = v
+    from .stats import se_number
+
+    ses = {k: se_number(v) for k, v in (res.get("stderr") or {}).items()}  # a server's score has none
+    out.update({f"stderr/{k}": v for k, v in ses.items() if v is not None})
     prim = res.get("primary_metric")
     if prim and prim in (res.get("metrics") or {}):
         out["score"] = res["metrics"][prim]
         out["score_name"] = prim
-        se = (res.get("stderr") or {}).get(prim)
-        if isinstance(se, (int, float)) and not isinstance(se, bool):
-            out["score_stderr"] = se
+        if ses.get(prim) is not None:
+            out["score_stderr"] = ses[prim]
     t = res.get("tokens") or {}
     for src, dst in (("tok_in", "tokens/entering_llm"), ("tok_eq", "tokens/layer_avg"),
                      ("visual_candidates_mean", "tokens/candidates")):
