@@ -33,11 +33,11 @@ class MaskLayout(enum.Enum):
 
     #: (B, kv) 2-D padding mask (1: a real token's slot): each layer type's mask is built from it against the cache
     #: (:func:`llava.layers.decoder_masks`, or the stock ``forward``'s own), as wide as the cache after the step
-    #: (dynamic) or as the cache (static). The eager executor
+    #: (dynamic) or as the cache (static): the eager executor's
     PADDING = "padding"
     #: (B, 1, q, C) bool over a static cache's C slots: the slots the query may see, handed to the attention layers as
-    #: it is (a hybrid decoder's linear-attention layers get none: a generated token is never padding). The captured
-    #: executor
+    #: it is (a hybrid decoder's linear-attention layers get none: a generated token is never padding): the captured
+    #: executor's
     SLOTS = "slots"
 
 

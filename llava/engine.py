@@ -62,9 +62,6 @@ class _State:
     llm_mask: torch.Tensor | None  # (B, L') prompt mask in LLM space
     pos_shift: torch.Tensor  # (B,) original position - LLM-space position, for decode
     segments: list[_DecodeSegment] | None  # None when the stock language model runs
-    #: the decode step's shape (llava.decode.decode_step): the segments' first layers (none: the stock language
-    #: model), 2-D padding masks; set with ``segments`` after an eager prefill
-    shape: DecodeShape | None = None
     llm_len: int = 0  # padded prompt length in LLM space entering layer 0 (= layer 0's prompt part of the cache)
     #: (rows..., B) when generate passes no decode positions (M-RoPE): the first generated token's position
     #: minus ``llm_len``, so that a step's position is this + layer 0's cache length (no Python int involved)
@@ -77,6 +74,12 @@ class _State:
     # so a counter that changes per step would recompile the step every time. The tokens decoded so
     # far are read from the cache (a tensor in a static cache) and the masks have the cache's fixed width.
     fast: Any = None  # the fast path's decode state (llava.fast.path.FastState) after a fast prefill
+
+    @property
+    def shape(self) -> DecodeShape:
+        """The decode step's shape (llava.decode.decode_step): the segments' first layers (none: the stock language
+        model), 2-D padding masks."""
+        return DecodeShape(tuple(seg.start for seg in self.segments or ()), MaskLayout.PADDING)
 
 
 class HybridRefusal(ValueError):
@@ -304,7 +307,6 @@ class PruningEngine:
             hidden, plan, segments = self.decoder.prefill(ctx, embeds, mask, pos, past_key_values, use_cache, info,
                                                           **kwargs)
             self._state.segments = segments
-            self._state.shape = DecodeShape(tuple(seg.start for seg in segments or ()), MaskLayout.PADDING)
             ctx.clock.mark("end")
             self.prefills += 1
             ctx.release()  # nothing outlives it

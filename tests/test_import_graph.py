@@ -1,4 +1,4 @@
-"""The project's import graph (issue 35): no import circles anywhere, type-only imports and the imports inside
+"""The project's import graph: no import circles anywhere, type-only imports and the imports inside
 functions counted, and the rooms depend on each other one way only.
 
 Every module of the project's packages is parsed with ``ast``; every ``import`` / ``from ... import`` in it is an

@@ -1,4 +1,4 @@
-"""The testbed comparison (testbed/compare.py, docs/results/2026-11-29-testbed-compare-cpu.md) runs as documented,
+"""The testbed comparison (testbed/compare.py; its results page under docs/results/) runs as documented,
 on fewer questions: every registered method, the unpruned model, ConsensusDrop's two ablations and both controls
 answer the same questions through `eval run-many`, and the report compares each with ConsensusDrop (paired
 interval, McNemar, groups A / B of the downsample control at that budget)."""
