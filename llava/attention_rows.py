@@ -240,6 +240,17 @@ def probe_rows(layer: torch.nn.Module, x: torch.Tensor, rotary: torch.nn.Module,
     return causal_attention_rows(qk.queries(rows), qk.keys(), rows, qk.attn.scaling, key_mask)[:, :, vis]
 
 
+def sample_probe(lm, rows_at, query_rows, vis: torch.Tensor, key_mask: torch.Tensor | None = None):
+    """One sample's ``VisionSignals.probe_attention`` in both executors: ``probe(layer, queries)`` -> :func:`probe_rows`
+    of decoder ``layer`` of ``lm`` over the sample's rows entering it and their positions (``rows_at(layer)``, which
+    raises for a layer it cannot give), the query rows ``query_rows(queries)``, on its visual rows ``vis``;
+    ``key_mask``: a padded row's real rows."""
+    def probe(layer: int, queries: str = "question") -> torch.Tensor:
+        x, pos = rows_at(layer)
+        return probe_rows(lm.layers[layer], x, lm.rotary_emb, pos, query_rows(queries), vis, key_mask)
+    return probe
+
+
 #: the arithmetic of :func:`causal_attention_rows`: "fp32" (ours), "model" (the official eager attention of
 #: transformers 4.31-4.37), "model_scaling" (transformers' later eager product, ``q k^T * scaling``) or
 #: "python_sdpa" (PyTorch's Python reference of SDPA, in the model's dtype: :mod:`llava.python_sdpa`)

@@ -286,7 +286,7 @@ class PruningEngine:
                 raise ValueError("the pruning engine needs input_ids to locate the image placeholders")
             reason = ""
             if self.fast is not None:
-                out, reason = self._fast_prefill(input_ids, attention_mask, visual)
+                out, reason = self._fast_prefill(input_ids, attention_mask, visual, position_ids)
                 if out is not None:
                     if past_key_values is not None:  # generate() continues on the fast path's static cache
                         self._pruned_caches.add(past_key_values)
@@ -297,7 +297,7 @@ class PruningEngine:
             embeds, mask, pos, info = self.vision.run(ctx, input_ids, visual, attention_mask, position_ids)
             self.sample_keys = None  # consumed by this prefill
             # the decode state: generate's original-space mask / positions are mapped onto these rows
-            self._state = _State(orig_len=input_ids.shape[1], llm_mask=mask, pos_shift=info.pop("pos_shift"),
+            self._state = _State(orig_len=input_ids.shape[1], llm_mask=mask, pos_shift=info.pos_shift,
                                  segments=None, llm_len=embeds.shape[1], pos_base=self._decode_pos_base(pos))
             ctx.clock.mark("inputs_end")
             if use_cache and past_key_values is None:
@@ -310,7 +310,7 @@ class PruningEngine:
             ctx.clock.mark("end")
             self.prefills += 1
             ctx.release()  # nothing outlives it
-            self.stats = PrefillStats.of(plan, noop=info["noop"], path_reason=reason,
+            self.stats = PrefillStats.of(plan, noop=info.noop, path_reason=reason,
                                          timings=ctx.clock.timings())  # resolved once, here (on CUDA: one sync)
         elif self._state.fast is not None:  # a decode step after a fast prefill: one graph
             if input_ids is None:
@@ -334,7 +334,7 @@ class PruningEngine:
         """The vision stage alone, for a host that runs its own decoder (the vLLM plugin,
         ``integrations/vllm``): the LLM's prefill inputs after the method's vision stage, exactly as a prefill
         hands them to the decoder (embeds (B, L', D), mask, positions; the kept / merged visual rows in the
-        placeholders' place), and ``info`` (per sample: candidates, no-op). The method's selections are in
+        placeholders' place), and ``info`` (:class:`llava.prefill.VisionOut`). The method's selections are in
         :attr:`selections` as after a prefill. Nothing is cached and no decode state is kept; the eager
         engine runs (the fast path's captured prefill includes the decoder). Methods with llm stages are the
         caller's to refuse: their stages run inside the decoder."""
@@ -348,7 +348,6 @@ class PruningEngine:
             self.sample_keys = None  # consumed by this call
         finally:  # nothing outlives the call
             ctx.release()
-        info.pop("pos_shift", None)
         return embeds, mask, pos, info
 
     def visual_runs(self, input_ids: torch.Tensor, info: dict,
@@ -359,8 +358,9 @@ class PruningEngine:
 
         return visual_runs(self.adapter.config, input_ids, info, attention_mask)
 
-    def _fast_prefill(self, input_ids, attention_mask, visual):
-        """The prefill on the fast path: (output, "") or (None, why it runs eagerly)."""
+    def _fast_prefill(self, input_ids, attention_mask, visual, position_ids):
+        """The prefill on the fast path: (output, "") or (None, why it runs eagerly); the caller's ``position_ids``
+        are honoured (none: the stock default, as the eager executor)."""
         from .fast.refusals import NotPlanned
 
         reason = self.fast.refusal_for(input_ids, visual)
@@ -368,7 +368,8 @@ class PruningEngine:
             return None, reason
         t0 = time.perf_counter()
         try:
-            logits, cache, fstate, info = self.fast.prefill(input_ids, attention_mask, visual)
+            logits, cache, fstate, info = self.fast.prefill(input_ids, attention_mask, visual, position_ids,
+                                                            stock_default=True)
         except NotPlanned as e:
             return None, str(e)
         B, L = input_ids.shape

@@ -11,10 +11,14 @@ layers (:func:`add_deepstack`) and no output collector active (:func:`no_output_
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import output_capturing
+
+if TYPE_CHECKING:
+    from .selection_rows import DeepStack
 
 
 @contextmanager
@@ -52,20 +56,21 @@ def decoder_masks(adapter, lm, h, mask, cache, pos, start: int, stop: int) -> li
     return [rec if i in linear else causal for i in range(start, stop)]
 
 
-def add_deepstack(h: torch.Tensor, ds: dict, level: int) -> torch.Tensor:
+def add_deepstack(h: torch.Tensor, ds: DeepStack, level: int) -> torch.Tensor:
     """Qwen3-VL's DeepStack after decoder layer ``level``: the level's rows added at the visual positions,
     the same arithmetic as the stock text model's ``_deepstack_process`` (rows cast to the hidden dtype)."""
     B, L, D = h.shape
     flat = h.reshape(B * L, D).clone()
-    at = ds["at"]
-    flat[at] = flat[at] + ds["rows"][:, level].to(h.dtype)
+    at = ds.at
+    flat[at] = flat[at] + ds.rows[:, level].to(h.dtype)
     return flat.view(B, L, D)
 
 
-def run_layers(lm, h, masks, pe, layers: range, ds: dict | None = None, swap: dict | None = None, **kw):
+def run_layers(lm, h, masks, pe, layers: range, ds: DeepStack | None = None, swap: dict | None = None, **kw):
     """Decoder layers ``layers`` of ``lm`` on rows ``h`` (B, L, D) at position embeddings ``pe``. ``masks``: each
-    layer's attention mask (a list, from ``layers.start``) or one for all; ``ds``: DeepStack rows (``rows`` (n,
-    levels, D) at the flattened visual rows ``at``), level i added after layer i as the stock text model does;
+    layer's attention mask (a list, from ``layers.start``) or one for all; ``ds``: DeepStack rows
+    (:class:`llava.selection_rows.DeepStack`: ``rows`` (n, levels, D) at the flattened visual rows ``at``), level i
+    added after layer i as the stock text model does;
     ``swap``: {layer: fn(h) -> h} layers run another way (the eager executor's reference-mode eager attention);
     ``kw``: every layer's keywords (cache, ``use_cache``, attention backend). Returns (h, the last layer's input)."""
     prev = h
@@ -78,12 +83,12 @@ def run_layers(lm, h, masks, pe, layers: range, ds: dict | None = None, swap: di
             else:
                 h = lm.layers[i](h, attention_mask=masks if one else masks[i - layers.start], position_embeddings=pe,
                                  **kw)
-            if ds is not None and i < ds["rows"].shape[1]:
+            if ds is not None and i < ds.rows.shape[1]:
                 h = add_deepstack(h, ds, i)
     return h, prev
 
 
-def entering(lm, h, masks, pe, ks, ds: dict | None = None) -> dict:
+def entering(lm, h, masks, pe, ks, ds: DeepStack | None = None) -> dict:
     """The hidden states entering each decoder layer of ``ks`` in a forward of rows ``h`` without a cache (an LLM
     probe's unpruned prompt), the layers run once up to the last of them; ``masks`` / ``ds`` as :func:`run_layers`
     (a list of masks: from layer 0)."""

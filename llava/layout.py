@@ -15,15 +15,17 @@ import logging
 
 import torch
 
-from .attention_rows import probe_rows
+from .attention_rows import sample_probe
 from .candidates import gather_tokens, vision_signals, with_cls
 from .families.base import cls_rows, join_units, sample_units, visual_ids
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
+from .positions import first_positions, prompt_positions, renumbered
 from .plan import RowLayout, RowMap, next_rows, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans
-from .prefill import EagerEnv, _Prefill
-from .selection_rows import _deepstack, carry_rows, materialize, regathered
+from .prefill import EagerEnv, VisionOut, _Prefill
+from .selection_rows import _deepstack, regathered
+from .stage_step import ask_vision, vision_outputs
 from .signals import VisionSignals
 
 
@@ -41,12 +43,13 @@ class VisionStage:
 
     # ------------------------------------------------------------------ prefill inputs (vision stage)
     def run(self, ctx: _Prefill, input_ids, visual: dict, attention_mask, position_ids):
-        """The LLM's prefill inputs (embeds, mask, positions) after the vision stage, and ``info``: per sample
-        the candidates, whether the stage was a no-op, the rows' host layouts (+ ``origin`` of each visual
-        token when re-spliced) and ``pos_shift`` (original - LLM-space position, for decode)."""
+        """The LLM's prefill inputs (embeds, mask, positions) after the vision stage, and what it tells the rest of
+        the prefill (:class:`llava.prefill.VisionOut`)."""
         ctx.clock.mark("vision_start")
         method = self.method
-        position_ids = self.adapter.prefill_positions(input_ids, attention_mask, position_ids, visual)
+        position_ids, deltas = prompt_positions(self.adapter, input_ids, attention_mask, position_ids, visual)
+        if deltas is not None:
+            self.adapter.keep_rope_deltas(deltas)
         needs = self.needs
         kinds = self.adapter.layout(visual)  # host metadata only
         if not kinds:
@@ -124,21 +127,19 @@ class VisionStage:
         ctx.vision_sigs = per_sample
         selections, noop = [], []
         for b, sig in enumerate(per_sample):
-            sel = self.env.select(("vision", b), lambda: method.select_vision(sig)) if needs.vision_stage else None
+            sel = self.env.select(("vision", b), lambda: ask_vision(method, sig)) if needs.vision_stage else None
             noop.append(sel is None or sel.check(sig.num_tokens, sig.num_stock))
             selections.append(sel)
         if needs.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
-        info = {"candidates": [int(lay.visual.numel()) for lay in layouts], "noop": noop}
+        candidates = [int(lay.visual.numel()) for lay in layouts]
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
-            info.update(layouts=layouts, pos_shift=torch.zeros(B, dtype=torch.long, device=dev))
-            if stock_ds is not None:
-                info["deepstack"] = stock_ds
-            return embeds, attention_mask, position_ids, info
-        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, info)
+            return embeds, attention_mask, position_ids, VisionOut(
+                candidates, noop, layouts, torch.zeros(B, dtype=torch.long, device=dev), deepstack=stock_ds)
+        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, candidates, noop)
 
-    def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, info):
+    def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, candidates, noop):
         """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left.
 
         The new layout of every row is computed on the host (text tokens keep their order; each
@@ -149,10 +150,10 @@ class VisionStage:
         dev = embeds.device
         rows, outs = [], []  # per sample: its RowMap; its outputs (features, sources, DeepStack rows) in run order
         for b, (lay, sig, sel) in enumerate(zip(layouts, sigs, selections)):
-            if sel is None or info["noop"][b]:
+            if sel is None or noop[b]:
                 sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
-            out_feats, out_src = self._materialize_vision(sig, sel)
-            out_deep = carry_rows(sig.deepstack, sel) if sig.deepstack is not None else None
+            self._check_newlines(sig, sel)
+            out_feats, out_src, out_deep = vision_outputs(sig, sel, self.adapter.project, sig.deepstack)
             run_h = None  # the run of each candidate (host): the visual tokens' own (place_outputs), unless
             if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
                 run_h = run_ids(lay.visual)
@@ -188,28 +189,46 @@ class VisionStage:
         shift = orig_valid - new_mask.sum(1)
         if keep_pos:
             shift = torch.zeros_like(shift)  # decode positions need no mapping
-        elif position_ids is not None:
-            base = (position_ids * valid).amax(1) - (orig_valid - 1)  # first real position per row
-            new_pos = (new_mask.cumsum(1) - 1).clamp(min=0) + base[:, None] * new_mask
+        elif position_ids is not None:  # numbered on from each row's first real position
+            new_pos = renumbered(new_mask, first_positions(position_ids, valid))
         else:
             new_pos = None
-        info.update(layouts=new_layouts, origin=origin, pos_shift=shift)
+        ds = None
         if deep:  # the kept / merged tokens' rows at their new places
-            info["deepstack"] = _deepstack(torch.cat([d for _, _, d in outs]), moved[3], B, new_L)
-        return new_embeds, new_mask, new_pos, info
+            ds = _deepstack(torch.cat([d for _, _, d in outs]), moved[3], B, new_L)
+        return new_embeds, new_mask, new_pos, VisionOut(candidates, noop, new_layouts, shift, origin, ds)
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
-        def probe(layer: int, queries: str = "question") -> torch.Tensor:
+        """Sample ``b``'s probe (:func:`llava.attention_rows.sample_probe`) over the unpruned prompt: ``real`` the row
+        positions of its real tokens; ``vis`` / ``after`` / ``question`` indices among them."""
+        rows = {"question": question, "all_post_image": after, "text_after": after, "last": after[-1:]}
+
+        def rows_at(k):
             if ctx.probe_inputs is None:
                 raise RuntimeError("probe_attention is only available while the engine selects (during the prefill)")
-            return self._probe_rows(ctx, b, real, vis, after, question, layer, queries)
-        return probe
+            h = self._probe_hidden(ctx, k)
+            pos = ctx.probe_inputs[2]
+            return h[b, real], (pos[..., b, real] if pos is not None else real.clone())  # no ids: arange over the row
+
+        def query_rows(queries):
+            if queries not in rows:
+                raise ValueError(f"probe queries must be question / all_post_image / last, got {queries!r}")
+            return rows[queries]
+
+        return sample_probe(self.lm, rows_at, query_rows, vis)
 
     def _probe_hidden(self, ctx: _Prefill, k: int) -> torch.Tensor:
         """Hidden states entering decoder layer k for the full (unpruned) spliced batch; no cache."""
+        lm = self.lm
+        if not (0 <= k < len(lm.layers)):
+            raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
+        if k in self.adapter.linear_layers:
+            full = [i for i in range(len(lm.layers)) if i not in self.adapter.linear_layers]
+            raise ValueError(f"probe layer {k} is a linear-attention (Gated DeltaNet) layer of this hybrid "
+                             f"{self.adapter.family} model: it has no attention to read; its full-attention layers "
+                             f"are {full}")
         if k not in ctx.probe_cache:
             embeds, mask, pos = ctx.probe_inputs
-            lm = self.lm
             h = embeds
             if k > 0:
                 B, L = h.shape[:2]
@@ -223,35 +242,14 @@ class VisionStage:
             ctx.probe_cache[k] = h
         return ctx.probe_cache[k]
 
-    def _probe_rows(self, ctx: _Prefill, b, real, vis, after, question, k, queries):
-        """Layer k's causal attention (H, Q, T) from the chosen text queries to the sample's visual tokens.
-
-        real: row positions of the sample's real tokens; vis / after / question: indices among them."""
-        lm = self.lm
-        if not (0 <= k < len(lm.layers)):
-            raise ValueError(f"probe layer {k} outside 0..{len(lm.layers) - 1}")
-        if k in self.adapter.linear_layers:
-            full = [i for i in range(len(lm.layers)) if i not in self.adapter.linear_layers]
-            raise ValueError(f"probe layer {k} is a linear-attention (Gated DeltaNet) layer of this hybrid "
-                             f"{self.adapter.family} model: it has no attention to read; its full-attention layers "
-                             f"are {full}")
-        h = self._probe_hidden(ctx, k)
-        embeds, mask, pos = ctx.probe_inputs
-        p = pos[..., b, real] if pos is not None else real.clone()  # without ids: arange over the row, as above
-        rows = {"question": question, "all_post_image": after, "text_after": after,
-                "last": after[-1:]}.get(queries)
-        if rows is None:
-            raise ValueError(f"probe queries must be question / all_post_image / last, got {queries!r}")
-        return probe_rows(lm.layers[k], h[b, real], lm.rotary_emb, p, rows, vis)
-
-    def _materialize_vision(self, sig: VisionSignals, sel: Selection):
-        """Output features (m, D) and each output's source token index (m,)."""
+    @staticmethod
+    def _check_newlines(sig: VisionSignals, sel: Selection) -> None:
+        """Refuse a vision-space merge of LLaVA-NeXT's newline tokens (one host read where a sample has them)."""
         if (sel.values is None and sel.targets is not None and sel.targets.numel() and sel.space == "vision"
                 and sig.num_stock and bool(sig._unit_host.lt(0).any())):  # NeXT newline tokens (host check)
             tg, asg = sel.targets.to(sig.unit.device), sel.assign.to(sig.unit.device)
             if bool(sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()):
                 raise ValueError("cannot merge LLaVA-NeXT newline tokens in vision-feature space")
-        return materialize(sig, sel, self.adapter.project)
 
 
 def place_outputs(lay: RowLayout, run_h: torch.Tensor | None, out_src: torch.Tensor,

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .method import Method
     from .needs import Needs, TowerCall
     from .plan import PromptSpec
+    from .selection_rows import DeepStack
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,28 @@ argument), the prompt spec (where the question lies), whether llm stages renumbe
 
 
 @dataclass
+class VisionOut:
+    """What the vision stage tells the rest of a prefill (and :meth:`llava.engine.PruningEngine.vision_inputs`'s
+    caller), per sample: ``candidates`` its stock visual tokens, ``noop`` whether the stage left it as the stock
+    model has it, ``layouts`` its rows' host layout (:class:`llava.plan.RowLayout`) after the stage, ``origin`` each
+    visual token's source candidate when the rows were rebuilt (None: they were not), ``pos_shift`` (B,) the original
+    less the LLM-space position (for decode), ``deepstack`` the DeepStack rows at the visual rows (Qwen3-VL)."""
+
+    candidates: list
+    noop: list
+    layouts: list
+    pos_shift: torch.Tensor
+    origin: list | None = None
+    deepstack: DeepStack | None = None
+
+
+@dataclass
 class _Prefill:
     """Per-prefill scratch, passed through the stages and dropped with the prefill (the engine keeps
     no tensor of a finished prefill)."""
 
     probe_inputs: tuple | None = None  # (embeds, mask, positions) of the unpruned spliced batch
-    probe_deepstack: dict | None = None  # Qwen3-VL: the unpruned batch's DeepStack state (the probe adds it)
+    probe_deepstack: DeepStack | None = None  # Qwen3-VL: the unpruned batch's DeepStack state (the probe adds it)
     probe_cache: dict = field(default_factory=dict)  # decoder layer k -> hidden states entering it (probe)
     vision_sigs: list = field(default_factory=list)  # per sample: VisionSignals (or None)
     entry: list | None = None  # per sample: what its llm stages read of the prefill (llava.llm_stage.StageEntry)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 
-def visual_runs(cfg, input_ids: torch.Tensor, info: dict,
+def visual_runs(cfg, input_ids: torch.Tensor, info,
                 attention_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[int]]]:
     """Per sample of a :meth:`llava.engine.PruningEngine.vision_inputs` call on ``input_ids`` (``info``: its fourth
     result; ``cfg``: the model config, its image / video token ids): (the indices in the pruned row (``embeds[b]``)
@@ -23,7 +23,7 @@ def visual_runs(cfg, input_ids: torch.Tensor, info: dict,
     B, L = ids_h.shape
     valid = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
     out = []
-    for b, lay in enumerate(info["layouts"]):
+    for b, lay in enumerate(info.layouts):
         ids = ids_h[b][valid[b]]
         vis = torch.isin(ids, torch.tensor(marks, dtype=ids.dtype)).nonzero().flatten()
         text_before = vis - torch.arange(vis.numel())  # constant within a run, distinct across runs

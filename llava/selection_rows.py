@@ -5,6 +5,8 @@ host; apart from :mod:`llava.layout`, which plans the vision stage on the host."
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .method import Selection
@@ -82,9 +84,17 @@ def carry_rows(rows: torch.Tensor, sel: Selection) -> torch.Tensor:
     return out.view(-1, *rows.shape[1:])
 
 
-def _deepstack(rows: torch.Tensor, at: torch.Tensor, B: int, L: int) -> dict:
-    """The DeepStack state of a prefill: ``rows`` (n, levels, D) of the visual positions ``at`` (flat
-    b * L + position, ascending: the stock model's row-major order) and the (B, L) mask it is handed as
-    ``visual_pos_masks``."""
+class DeepStack(NamedTuple):
+    """The DeepStack rows still to add in a prefill (Qwen3-VL): ``rows`` (n, levels, D) at the visual positions
+    ``at`` (flat b * L + position, ascending: the stock model's row-major order); ``mask`` the (B, L) bool the stock
+    text model is handed as ``visual_pos_masks`` (the eager executor's; None in a captured prefill)."""
+
+    rows: torch.Tensor
+    at: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def _deepstack(rows: torch.Tensor, at: torch.Tensor, B: int, L: int) -> DeepStack:
+    """The :class:`DeepStack` state of a prefill's (B, L) rows, its mask built from ``at``."""
     mask = torch.zeros(B * L, dtype=torch.bool, device=rows.device).index_fill_(0, at, True).view(B, L)
-    return {"rows": rows, "at": at, "mask": mask}
+    return DeepStack(rows, at, mask)

@@ -30,7 +30,8 @@ from .method import Selection
 from .plan import PrefillPlan, next_rows, text_spans
 from .prefill import EagerEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
-from .selection_rows import _deepstack, carry_rows, llm_outputs, regathered
+from .selection_rows import DeepStack, _deepstack, regathered
+from .stage_step import ask_llm, llm_step
 from .subblocks import SubBlockRecorder
 
 
@@ -48,7 +49,7 @@ class _Rows:
     layouts: list
     origin: list
     entry: list
-    ds: dict | None
+    ds: DeepStack | None
     shift: torch.Tensor
     prev: torch.Tensor | None = None
 
@@ -75,15 +76,14 @@ class StagedDecoder:
         each llm stage) and the decode segments (None: the stock language model ran). Each llm stage is marked on
         ``ctx.clock`` (its time counts as selection)."""
         B, L = embeds.shape[:2]
-        layouts = info["layouts"]
-        plan = PrefillPlan.start("eager", len(self.lm.layers), info["candidates"],
+        layouts = info.layouts
+        plan = PrefillPlan.start("eager", len(self.lm.layers), info.candidates,
                                  [int(lay.real.numel()) for lay in layouts],
                                  [int(lay.visual.numel()) for lay in layouts], L)
-        ds = info.get("deepstack")  # Qwen3-VL: rows added at the visual positions after the first layers
+        ds = info.deepstack  # Qwen3-VL: rows added at the visual positions after the first layers
         if not self.llm_layers:
             if ds is not None:  # the stock text model adds them (row-major order of the mask)
-                kwargs = dict(kwargs, visual_pos_masks=ds["mask"],
-                              deepstack_visual_embeds=list(ds["rows"].unbind(1)))
+                kwargs = dict(kwargs, visual_pos_masks=ds.mask, deepstack_visual_embeds=list(ds.rows.unbind(1)))
             out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                           use_cache=use_cache, **kwargs)
             return out.last_hidden_state, plan, None
@@ -93,7 +93,7 @@ class StagedDecoder:
             pos = torch.arange(L, device=dev)[None].expand(B, L)
         if mask is None:  # always an explicit mask: transformers must never read position gaps as packing
             mask = torch.ones(B, L, dtype=torch.long, device=dev)
-        origin = info.get("origin") or [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]
+        origin = info.origin or [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]
         entry = [torch.arange(lay.visual.numel(), device=dev) for lay in layouts]  # index at layer-0 entry
         moved = _to_device([t for lay in layouts for t in
                             (lay.real[lay.visual], lay.real[text_spans(lay.ids, lay.visual, self.env.prompt_spec)[0]])],
@@ -133,7 +133,7 @@ class StagedDecoder:
             if s > 0:
                 ctx.clock.mark("stage_start")
                 ctx.subblocks = rec.take() if rec is not None else {}
-                if rows.ds is not None and a >= rows.ds["rows"].shape[1]:
+                if rows.ds is not None and a >= rows.ds.rows.shape[1]:
                     rows.ds = None  # every DeepStack level was added before this stage
                 dropped, src_rows = self._llm_stage(ctx, rows, s - 1, a, keep_rows=past)
                 if self.env.reindex:
@@ -183,7 +183,7 @@ class StagedDecoder:
         spans = [text_spans(lay.ids, lay.visual, self.env.prompt_spec) for lay in layouts]
         moved = _to_device([t for lay, (after, q) in zip(layouts, spans) for t in (lay.real, lay.visual, after, q)], dev)
         placed, outs, new_org, new_ent = [], [], [], []
-        deep_in = ds["rows"].split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
+        deep_in = ds.rows.split([int(lay.visual.numel()) for lay in layouts]) if ds is not None else None
         deep_out = []
         kv = cached_kv(ctx.cache, self.lm, layer_idx - 1, L)  # layer K-1 ran on these rows: its keys / values
         for b, lay in enumerate(layouts):
@@ -196,26 +196,20 @@ class StagedDecoder:
             sig = stage_signals(self.lm, layer_idx, one, ctx.entry[b], text_after=after, question=question,
                                 subblocks={i: st.rows((b, real)) for i, st in ctx.subblocks.items()},
                                 _grad_fn=self._grad_fn(layer_idx, one))
-            sel = self.env.select((stage, b), lambda: self.method.select_llm(stage, sig)) if nv else None
+            sel = self.env.select((stage, b), lambda: ask_llm(self.method, stage, sig)) if nv else None
             if sel is None or sel.check(nv):
                 sel = Selection(keep=torch.arange(nv, device=dev))
-            vx, src = llm_outputs(one.x[vis], sel)
-            r, perm = place_outputs(lay, None, src, dev)  # the visual tokens are the candidates
-            if deep_in is not None:  # DeepStack rows still to add: they follow the selection
-                csel = sel
-                if sel.values is not None:  # kept rows rewritten by the method (no merge targets): their rows follow
-                    if sel.targets is not None and sel.targets.numel():
-                        raise ValueError("an llm stage's Selection.values with merge targets cannot carry DeepStack rows")
-                    csel = Selection(keep=sel.keep, order=sel.order)
-                dx = carry_rows(deep_in[b], csel)
-                deep_out.append(dx[perm] if perm is not None else dx)
+            out = llm_step(sel, one, deep_in[b] if deep_in is not None else None)  # DeepStack rows follow it
+            r, perm = place_outputs(lay, None, out.src, dev)  # the visual tokens are the candidates
             if perm is not None:
-                vx, src = vx[perm], src[perm]
+                out = out.permuted(perm)
+            if deep_in is not None:
+                deep_out.append(out.deep)
             # a merged token takes its target's position (and, for _gather_past, its row)
-            outs.append((vx, one.p[..., vis[src]], real[vis[src]]))
+            outs.append((out.rows, out.pos, real[vis[out.src]]))
             placed.append(r)
-            new_org.append(rows.origin[b][src])
-            new_ent.append(rows.entry[b][src])
+            new_org.append(out.origin)
+            new_ent.append(out.entry)
         new_layouts, g = next_rows(layouts, placed, L, compact=True)
         new_L, m2_h = g.width, g.mask
         dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]

@@ -61,15 +61,15 @@ def test_plan_stages_lays_out_each_segment():
     assert [s.visual for s in plan.segments] == [(4, 4), (2, 1)]  # the stage before layer 1 keeps 2 / 1 of 4 / 4
     t = tensors[0]
     # sample 0: pad 6 in segment 0, image at 6 + 2; sample 1: pad 9, image at 9 + 1
-    assert t["vis"].tolist() == [8, 9, 10, 11, 10, 11, 12, 13]
-    src = t["src"].view(2, 8)
+    assert t.vis.tolist() == [8, 9, 10, 11, 10, 11, 12, 13]
+    src = t.src.view(2, 8)
     # sample 0 (no pad): text 6, 7 | outputs 32, 33 | text 12..15 (its old rows 6 + 6..9)
     assert src[0].tolist() == [6, 7, 32, 33, 12, 13, 14, 15]
     # sample 1 (4 pads): text 16 + 9 | output 34 | text 16 + 14, 16 + 15
     assert src[1, 4:].tolist() == [25, 34, 30, 31]
-    assert t["ar"][1].tolist() == [0, 0, 0, 0, 0, 1, 2, 3] and t["first"].tolist() == [0, 12]
-    assert t["pad"].tolist() == [0, 4]  # the mask is built from the pads on the device
-    m = prompt_mask(t["pad"], 8, 24)[1, 0]
+    assert t.ar[1].tolist() == [0, 0, 0, 0, 0, 1, 2, 3] and t.first.tolist() == [0, 12]
+    assert t.pad.tolist() == [0, 4]  # the mask is built from the pads on the device
+    m = prompt_mask(t.pad, 8, 24)[1, 0]
     assert m[7, 4:8].all() and not m[7, :4].any() and not m[5, 6:].any() and m[2, 2] and not m[2, :2].any()
 
 
@@ -102,20 +102,20 @@ def test_plan_stages_pads_the_text_rows_for_methods_that_read_them():
 
     _, (t,), (text,) = _stages(M, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), (4, 8))
     assert text == ((4, 4), (4, 2))  # per sample the padded rows, then the real ones
-    assert t["text"].tolist() == [12, 13, 14, 15, 14, 15, 0, 0]
-    assert t["text_mask"].tolist() == [True] * 4 + [True, True, False, False]
+    assert t.text.tolist() == [12, 13, 14, 15, 14, 15, 0, 0]
+    assert t.text_mask.tolist() == [True] * 4 + [True, True, False, False]
 
     class Capped(M):  # a method that tells text lengths apart up to 3 (DART: its text pivots)
         llm_text_cap = 3
 
     _, (t2,), (text,) = _stages(Capped, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), (4, 8))
-    assert text == ((4, 4), (3, 2)) and torch.equal(t2["text"], t["text"])
+    assert text == ((4, 4), (3, 2)) and torch.equal(t2.text, t.text)
 
     class N(M):
         llm_text_rows = False
 
     _, (t,), texts = _stages(N, rows, [10, 7], [(4, 2), (4, 1)], (4, 8, 16), (4, 8))
-    assert texts == () and "text" not in t
+    assert texts == () and t.text is None and t.text_mask is None
 
 
 @pytest.mark.parametrize("method,budget", LLAVA_CASES)

@@ -38,13 +38,13 @@ def test_plan_probe_lays_out_the_unpruned_rows():
     assert [(r.first, r.tokens) for r in rows] == [(1, 3), (2, 2)] and rows[1].real.tolist() == [2, 3, 4, 5, 6]
     spec, t = plan_probe((2,), rows, [4, 4], bucket_for, (4, 8, 16))
     assert spec.bucket == 8 and spec.layers == (2,)
-    assert t["tok"].tolist() == [[0, 5, 0, 0, 0, 6, 7, 8], [0, 0, 0, 5, 4, 0, 0, 6]]
-    src = t["src"].view(2, 8)
+    assert t.tok.tolist() == [[0, 5, 0, 0, 0, 6, 7, 8], [0, 0, 0, 5, 4, 0, 0, 6]]
+    src = t.src.view(2, 8)
     assert src[0].tolist() == [0, 1, 16, 17, 18, 5, 6, 7] and src[1].tolist() == [8, 9, 10, 11, 12, 19, 20, 15]
-    assert t["pos"].tolist() == [[0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4]]
-    assert t["real"].tolist() == [[False] + [True] * 7, [False] * 3 + [True] * 5]
-    assert t["vis"].tolist() == [2, 3, 4, 5, 6] and t["text"].tolist() == [5, 6, 7, 7, 7, 7, 7, 7]
-    assert t["pad"].tolist() == [1, 3]  # its mask: prompt_mask on the device
+    assert t.pos.tolist() == [[0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4]]
+    assert t.real.tolist() == [[False] + [True] * 7, [False] * 3 + [True] * 5]
+    assert t.vis.tolist() == [2, 3, 4, 5, 6] and t.text.tolist() == [5, 6, 7, 7, 7, 7, 7, 7]
+    assert t.pad.tolist() == [1, 3]  # its mask: prompt_mask on the device
 
 
 @pytest.fixture

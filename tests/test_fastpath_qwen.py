@@ -111,11 +111,11 @@ def test_host_positions_worked_example(rts):
     spec, host, _, nxt = eng.fast.planner.plan_rows(vp)
     pad = spec.bucket - (L - 6 + 3)
     assert spec.mrope == 3 and spec.samples[0].outputs == 3 and pad >= 0
-    pos = host["pos"][:, 0]
+    pos = host.pos[:, 0]
     assert torch.equal(pos[:, :pad], torch.zeros(3, pad, dtype=torch.long))  # pads
     assert torch.equal(pos[:, pad:pad + p0], want[:, :p0])  # the text before the image
     assert torch.equal(pos[:, pad + p0 + 3:], want[:, p0 + 6:])  # and after it
-    assert torch.equal(host["vpos"], want[:, p0:p0 + 6])  # the candidates' positions, gathered in the graph
+    assert torch.equal(host.vpos, want[:, p0:p0 + 6])  # the candidates' positions, gathered in the graph
     assert nxt[:, 0].tolist() == [p0 + 3 + n] * 3 == [28] * 3
 
 

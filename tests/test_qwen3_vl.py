@@ -104,7 +104,7 @@ def _captured_deepstack(rt, inputs, monkeypatch):
     seen, inner = [], layers.add_deepstack
 
     def spy(h, ds, level):
-        seen.append((level, ds["at"].clone(), ds["rows"][:, level].clone()))
+        seen.append((level, ds.at.clone(), ds.rows[:, level].clone()))
         return inner(h, ds, level)
 
     monkeypatch.setattr(layers, "add_deepstack", spy)

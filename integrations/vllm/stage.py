@@ -154,8 +154,8 @@ class VisionStage:
         rows, per_run = self.engine.visual_runs(input_ids, info)[0]
         m = int(rows.numel())
         out = embeds[0, rows.to(embeds.device)]
-        if "deepstack" in info:  # Qwen3-VL: each kept token's DeepStack rows after it, as vLLM's multiscale layout
-            deep = info["deepstack"]["rows"]
+        if info.deepstack is not None:  # Qwen3-VL: each kept token's DeepStack rows after it, as vLLM's multiscale layout
+            deep = info.deepstack.rows
             if deep.shape[0] != m:
                 raise RuntimeError(f"{deep.shape[0]} DeepStack rows for {m} visual tokens")
             out = torch.cat([out, deep.reshape(m, -1).to(out.dtype)], dim=-1)

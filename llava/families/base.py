@@ -347,9 +347,13 @@ class FamilyAdapter:
         metadata (grids); both executors ask it. None for the others: they renumber contiguously (1-D ids)."""
         return None
 
-    def prefill_positions(self, input_ids, attention_mask, position_ids, visual: dict):
-        """Position ids of the unpruned prompt as the stock language model would use them (None:
-        the stock default, arange over the row)."""
+    def keep_rope_deltas(self, deltas) -> None:
+        """Where the eager executor computed the prompt's M-RoPE positions itself (the caller gave none): hand their
+        deltas to the model, as its own forward would (transformers reads them at later calls). Nothing elsewhere."""
+
+    def caller_positions(self, position_ids):
+        """A caller's position ids of the unpruned prompt in the language model's format (raises on a format the
+        family does not take); :func:`llava.positions.prompt_positions` asks it for both executors."""
         return position_ids
 
     def decode_positions(self, position_ids):

@@ -149,17 +149,16 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return vc.num_heads, vc.hidden_size // vc.num_heads, vc.hidden_size * merge * merge
 
     # ---------------------------------------------------------------- positions
-    def prefill_positions(self, input_ids, attention_mask, position_ids, visual):
-        if position_ids is not None:
-            if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # generate(): text row + 3 M-RoPE rows
-                return position_ids[1:]
-            if position_ids.dim() == 3 and position_ids.shape[0] == 3:
-                return position_ids
-            raise ValueError(f"{self.family} takes 3-D position ids (3 or 4, batch, length); leave position_ids "
-                             "unset to have them computed from the prompt")
-        pos, deltas = self.rope_positions(input_ids, attention_mask, visual)
+    def caller_positions(self, position_ids):
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # generate(): text row + 3 M-RoPE rows
+            return position_ids[1:]
+        if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+            return position_ids
+        raise ValueError(f"{self.family} takes 3-D position ids (3 or 4, batch, length); leave position_ids "
+                         "unset to have them computed from the prompt")
+
+    def keep_rope_deltas(self, deltas) -> None:
         self.core.rope_deltas = deltas
-        return pos
 
     def rope_positions(self, input_ids, attention_mask, visual: dict):
         """The unpruned prompt's M-RoPE positions (3, B, L) and their deltas, by the model's own ``get_rope_index``

@@ -32,8 +32,10 @@ from ..llm_stage import StageEntry, StageRows, stage_signals
 from ..method import Selection
 from ..plan import PrefillPlan, next_rows, rebuilt_row
 from ..layers import run_layers
-from ..selection_rows import carry_rows, llm_outputs
+from ..selection_rows import DeepStack
+from .inputs import StageInputs
 from ..signals import LLMSignals
+from ..stage_step import ask_llm, llm_step
 
 
 def text_count(needs, n_text: int) -> int:
@@ -80,7 +82,7 @@ def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> t
                              else (torch.empty(S, hd, device=meta),) * 2 if kind == "rotary"
                              else torch.empty(S, hkv, hd, device=meta)),
                          _norm=lambda x: torch.empty_like(x))
-        sel = m.select_llm(stage, sig)
+        sel = ask_llm(m, stage, sig)
         if sel.values is not None:
             raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
         nv = sel.num_out
@@ -121,13 +123,13 @@ def plan_stages(needs, rows, layouts, plan: PrefillPlan, counts, buckets, bucket
                 n_text.append(text_count(needs, n_after))
         vis = torch.cat([lay.real[lay.visual] for lay in layouts])
         layouts, g = next_rows(layouts, maps, Lp, Lb, pad_src=0)  # pad rows read row 0
-        tensors.append({"vis": vis, "src": g.src, "ar": g.ar, "first": g.first,
-                        "pad": g.pad})  # its mask: prompt_mask on the device
+        # its mask: prompt_mask on the device, from the pads
+        tensors.append(StageInputs(vis=vis, src=g.src, ar=g.ar, first=g.first, pad=g.pad,
+                                   text=torch.cat(text) if text else None,
+                                   text_mask=torch.cat(text_mask) if text else None,
+                                   ds_at=g.vis_at if layer < deepstack else None))
         if text:
-            tensors[-1].update(text=torch.cat(text), text_mask=torch.cat(text_mask))
             texts.append((tuple(text_q), tuple(n_text)))
-        if layer < deepstack:
-            tensors[-1]["ds_at"] = g.vis_at
         plan = plan.advanced(int(layer), [r.n for r in maps], m_out, Lb)
     return plan, tensors, tuple(texts)
 
@@ -157,7 +159,7 @@ class Entry:
     visual0: list
     vision: list
     origins: list
-    ds: dict | None = None
+    ds: DeepStack | None = None
 
 
 def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, stage_in: tuple, bad, attn):
@@ -177,7 +179,7 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
         if texts:  # the text-after tokens' inputs to layer 0 (padded; segment 0's rows)
             at_t = 0
             for b, q in enumerate(texts[0][0]):
-                entry_text[b] = rows[b][stage_in[0]["text"][at_t:at_t + q]]
+                entry_text[b] = rows[b][stage_in[0].text[at_t:at_t + q]]
                 at_t += q
     origin = list(entry.origins)
     state = [{} for _ in range(B)]
@@ -186,20 +188,20 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
                          **kw, **attn(rows))
     for s, (seg_in, seg, t) in enumerate(zip(segments, segments[1:], stage_in)):
         layer = seg.layers.start  # the stage acts before this decoder layer
-        if ds is not None and layer >= ds["rows"].shape[1]:
+        if ds is not None and layer >= ds.rows.shape[1]:
             ds = None  # every level was added before this stage
         outs, vps, deep = [], [], []
-        ds_in = ds["rows"].split(list(seg_in.visual)) if ds is not None else None
+        ds_in = ds.rows.split(list(seg_in.visual)) if ds is not None else None
         at = at_t = 0
         kv = cached_kv(cache, lm, layer - 1, h.shape[1])  # layer K-1 wrote these rows at slots 0..bucket-1
         for b in range(B):
             nv, m = seg_in.visual[b], seg.visual[b]
-            vis = t["vis"][at:at + nv]
+            vis = t.vis[at:at + nv]
             at += nv
             text_rows = text_mask = n_text = None
             if texts:
                 q = texts[s][0][b]
-                text_rows, text_mask = t["text"][at_t:at_t + q], t["text_mask"][at_t:at_t + q]
+                text_rows, text_mask = t.text[at_t:at_t + q], t.text_mask[at_t:at_t + q]
                 n_text = texts[s][1][b]
                 at_t += q
             if not nv:
@@ -209,7 +211,7 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
                             kv=CachedRows(kv, b, slice(0, S)) if kv is not None else None, key_mask=mask[b, 0, -1, :S])
             sig = stage_signals(lm, layer, one, StageEntry(entry_in[b], entry_text[b], state[b], entry.vision[b]),
                                 text_after=text_rows, question=None, text_mask=text_mask, _num_text=n_text)
-            sel = method.select_llm(s, sig)
+            sel = ask_llm(method, s, sig)
             if sel.values is not None:
                 raise ValueError("Selection.values in an llm stage (rewritten hidden states) runs on the eager engine only")
             if sel.num_out != m:
@@ -218,21 +220,21 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
             for name in Selection.MALFORMED:
                 if name in flags:
                     bad = bad | flags[name]
-            vx, src = llm_outputs(one.x[vis], sel)
-            outs.append(vx)
-            if ds_in is not None:  # the DeepStack rows still to add follow the selection
-                deep.append(carry_rows(ds_in[b], sel))
-            vps.append(one.p[..., vis[src]])  # a merged token takes its target's position
-            origin[b], at_entry[b] = origin[b][src], at_entry[b][src]
+            out = llm_step(sel, one, ds_in[b] if ds_in is not None else None)  # DeepStack rows follow the selection
+            outs.append(out.rows)
+            if ds_in is not None:
+                deep.append(out.deep)
+            vps.append(out.pos)  # a merged token takes its target's position
+            origin[b], at_entry[b] = out.origin, out.entry
         Lb = seg.width
-        h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t["src"]].view(B, Lb, -1)
+        h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t.src].view(B, Lb, -1)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE: kept positions, never renumbered)
-        p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t["src"]].view(*R, B, Lb)
+        p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t.src].view(*R, B, Lb)
         if engine.env.reindex:  # renumbered from the row's first position, as the eager engine
-            p2 = t["ar"] + p2.reshape(-1)[t["first"]][:, None]
-        pos, mask = p2, prompt_mask(t["pad"], Lb, mask.shape[-1])
+            p2 = t.ar + p2.reshape(-1)[t.first][:, None]
+        pos, mask = p2, prompt_mask(t.pad, Lb, mask.shape[-1])
         if ds is not None:  # a sample without visual tokens left carries no rows
-            ds = {"rows": torch.cat(deep) if deep else ds["rows"][:0], "at": t["ds_at"]}
+            ds = DeepStack(torch.cat(deep) if deep else ds.rows[:0], t.ds_at)
         h, prev = run_layers(lm, h, mask, lm.rotary_emb(h, position_ids=pos), seg.layers, ds, **kw, **attn(h))
     return lm.norm(h[:, -1:]), bad
 

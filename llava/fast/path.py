@@ -79,6 +79,8 @@ from ..decode import DecodeShape, MaskLayout, decode_step
 from ..families import registry
 from ..families.base import to_device
 from ..plan import PrefillPlan
+from ..selection_rows import DeepStack
+from .inputs import PrefillInputs
 from .llm import Entry, prompt_mask, run_segments
 from .compile import REGIONAL_BACKENDS, add_cache_slots, layer_lists, mark_regions, use_cache_dir, vec_isa
 from .precompile import compile_function, precompile_folder, wanted as precompile_wanted
@@ -122,22 +124,12 @@ class FastInfo:
     # read of the counts, graph 2)
 
 
-def _tower_host(fv) -> dict:
-    """The tower's host inputs of a visual layout (``VisualLayout``): its plan's tensors (``tower:<name>``)."""
-    return {f"tower:{k}": v for k, v in (fv.tower_tensors or {}).items()}
-
-
-def _tower_in(moved: dict) -> dict | None:
-    """The tower plan's tensors among uploaded :func:`_tower_host` tensors (None: its plan has none)."""
-    return {k[6:]: v for k, v in moved.items() if k.startswith("tower:")} or None
-
-
-def _upload(host: dict, dev) -> dict:
-    """Host tensors on ``dev``, in the same structure (a dict of tensors, lists of dicts of tensors, ...): the
+def _upload(host, dev):
+    """Host tensors on ``dev``, in the same structure (a pytree: a record of tensors, dicts, tuples, ...): the
     index (long) tensors in one copy, the others (float, bool) each."""
     leaves, tree = tree_flatten(host)
-    at = [i for i, t in enumerate(leaves) if t.dtype == torch.long]
-    moved = [t if t.dtype == torch.long else t.to(dev, non_blocking=True) for t in leaves]
+    at = [i for i, t in enumerate(leaves) if t is not None and t.dtype == torch.long]
+    moved = [t if t is None or t.dtype == torch.long else t.to(dev, non_blocking=True) for t in leaves]
     for i, t in zip(at, to_device([leaves[i] for i in at], dev)):
         moved[i] = t
     return tree_unflatten(moved, tree)
@@ -215,33 +207,31 @@ class FastPath:
         host plans the rest of the prefill, whose function takes its outputs."""
         return self.visual.run_tower(px, spec, tower_in)
 
-    def _prefill_fn(self, tower_out: dict, plan_in: dict, cache, spec: _Spec):
+    def _prefill_fn(self, tower_out: dict, plan_in: PrefillInputs, cache, spec: _Spec):
         """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
         the new rows, the language model into the static cache; the last rows' logits and the validity flag.
-        ``plan_in``: the plan's tensors on the device (:meth:`plan_rows`' ``host``: ``tok`` the rows' token ids,
-        ``src`` their gather, ``pos``, ``pad``, the signals' ``index``; with llm stages ``stages``, on
-        M-RoPE ``vpos``, with DeepStack ``ds_at``, with an LLM probe ``probe``)."""
+        ``plan_in``: the plan's tensors on the device (:class:`llava.fast.inputs.PrefillInputs`)."""
         e = self.engine
-        tok, src, pos = plan_in["tok"], plan_in["src"], plan_in["pos"]
-        mask = prompt_mask(plan_in["pad"], spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads
+        tok, src, pos = plan_in.tok, plan_in.src, plan_in.pos
+        mask = prompt_mask(plan_in.pad, spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads
         emb = e.lm.embed_tokens(tok)
         deeps = [] if spec.deepstack else None
-        outs, sigs, origins, _, bad = self.visual.visual_outputs(None, plan_in["index"], spec, emb.dtype,
+        outs, sigs, origins, _, bad = self.visual.visual_outputs(None, plan_in.index, spec, emb.dtype,
                                                                  emb.reshape(-1, emb.shape[-1]), None, deeps,
-                                                                 plan_in.get("probe"), tower_out)
+                                                                 plan_in.probe, tower_out)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1])] + outs)[src].view(emb.shape)
         if spec.mrope:  # kept tokens keep their positions: each output's from its source candidate (M-RoPE)
             R, at, vp = pos.shape[0], 0, []
             for s, o in zip(spec.samples, origins):
-                vp.append(plan_in["vpos"][:, at:at + s.tokens][:, o])
+                vp.append(plan_in.vpos[:, at:at + s.tokens][:, o])
                 at += s.tokens
             pos = torch.cat([pos.reshape(R, -1)] + vp, 1)[:, src].view(pos.shape)
         if len(spec.segments) > 1 or spec.deepstack:  # the decoder segment by segment, the llm stages between
             vis0, stages = [], []  # (llava.fast.llm)
             if len(spec.segments) > 1:
-                stages = plan_in["stages"]  # the first stage reads the visual rows entering layer 0
-                vis0 = list(stages[0]["vis"].split([s.outputs for s in spec.samples]))
-            ds = {"rows": torch.cat(deeps), "at": plan_in["ds_at"]} if spec.deepstack else None  # Qwen3-VL's
+                stages = plan_in.stages
+                vis0 = list(plan_in.visual0.split([s.outputs for s in spec.samples]))
+            ds = DeepStack(torch.cat(deeps), plan_in.ds_at) if spec.deepstack else None  # Qwen3-VL's
             entry = Entry(rows=rows, pos=pos, mask=mask, visual0=vis0, vision=sigs, origins=origins, ds=ds)
             h, bad = run_segments(e, entry, cache, spec.segments, spec.texts, stages, bad, self._attn)
             return e.model.lm_head(h), bad
@@ -354,26 +344,27 @@ class FastPath:
                                              device=dev))
 
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask, visual: dict):
+    def prefill(self, input_ids, attention_mask, visual: dict, position_ids=None, stock_default: bool = False):
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo (its ``plan``: the
-        host plan's :class:`llava.plan.PrefillPlan`)). Raises :class:`llava.fast.refusals.NotPlanned` when the
+        host plan's :class:`llava.plan.PrefillPlan`)); ``position_ids``: the caller's (None: each row numbered from
+        0, or with ``stock_default`` the stock default, :meth:`HostPlanner.plan_tower`). Raises :class:`llava.fast.refusals.NotPlanned` when the
         prompt does not fit (nothing ran yet, or only the tower, whose outputs are then dropped: the eager engine
         runs the prefill from the start)."""
         t0 = time.perf_counter()
         dev = input_ids.device
         emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        tp = self.planner.plan_tower(input_ids, attention_mask, visual)
+        tp = self.planner.plan_tower(input_ids, attention_mask, visual, position_ids, stock_default)
         px = visual[tp.spec.key]
         timings, tower_out = {}, None
         if not self.piecewise:  # the tower first, from what it needs of the plan: the host plans the rest while
             fv = tp.fv  # the device runs it (a GPU waited for the whole plan, 1-3 ms a prefill, before it)
-            host = _tower_host(fv)
-            moved = _upload(host, dev)
-            tkey = ("tower", tp.spec, px.shape, px.dtype, tuple((k, tuple(v.shape)) for k, v in sorted(host.items())))
+            tower = dict(fv.tower_tensors or {})  # the tower plan's tensors by name
+            moved = _upload(tower, dev)
+            tkey = ("tower", tp.spec, px.shape, px.dtype, tuple((k, tuple(v.shape)) for k, v in sorted(tower.items())))
             new = tkey not in self._seen
             self._seen.add(tkey)
             t_launch = time.perf_counter()
-            tower_out = self._tower(px, tp.spec, _tower_in(moved))
+            tower_out = self._tower(px, tp.spec, moved or None)
             new = new or getattr(self._tower, "last_new", False)
             if self.cuda_graphs and self.backend == "inductor":  # in the CUDA-graph pool: the prefill's graph may
                 tower_out = {k: v.clone() for k, v in tower_out.items()}  # overwrite it (as a piecewise graph 1's)
@@ -381,12 +372,12 @@ class FastPath:
             t0 = time.perf_counter()
         vp = self.planner.plan_visual(input_ids, attention_mask, visual, tp)
         if self.piecewise:  # graph 1 -> one read of the counts -> the host plans the rows -> graph 2
-            moved = _upload({"index": vp.index, **_tower_host(tp.fv)}, dev)  # the tower's inputs, as the one graph's
+            index, tower = _upload((vp.index, dict(tp.fv.tower_tensors or {})), dev)  # the tower's, as the one graph's
             vkey = ("vision", vp.spec, px.shape, px.dtype)
             new = vkey not in self._seen
             self._seen.add(vkey)
             timings["plan"] = time.perf_counter() - t0
-            buf, counts_d, bad = self._vision(px, moved["index"], vp.spec, _tower_in(moved))
+            buf, counts_d, bad = self._vision(px, index, vp.spec, tower or None)
             new = new or getattr(self._vision, "last_new", False)  # cudagraphs: a warm-up or a capture
             if self.cuda_graphs and self.backend == "inductor":  # graph 1's outputs live in the CUDA-graph pool,
                 buf = buf.clone()  # which graph 2 (a new run of the tree) may overwrite before it reads them; the
@@ -398,16 +389,14 @@ class FastPath:
             if bad:
                 self._malformed()
             spec, host, plan, nxt = self.planner.plan_rows(vp, counts)
-            moved = dict(zip(("tok", "src", "pos", "pad"), to_device([host[k] for k in ("tok", "src", "pos", "pad")],
-                                                                     dev)))
+            tok, src, pos, pad = to_device([host.tok, host.src, host.pos, host.pad], dev)
             cache = self._cache(spec.batch, spec.cache_len, emb_dtype, dev)
             lkey = ("llm", spec.batch, spec.bucket, spec.cache_len, tuple(buf.shape))
             new = new or lkey not in self._seen
             self._seen.add(lkey)
             timings["plan"] += time.perf_counter() - t1
             timings["plan_exposed"] = timings["plan"]  # both halves: the device waits for each
-            logits = self._llm(moved["tok"], buf, moved["src"], moved["pos"], moved["pad"], cache,
-                               spec.cache_len)
+            logits = self._llm(tok, buf, src, pos, pad, cache, spec.cache_len)
             new = new or getattr(self._llm, "last_new", False)
         else:
             spec, host, plan, nxt = self.planner.plan_rows(vp)
@@ -428,7 +417,7 @@ class FastPath:
         # on every row, as generate() does), "reindex" after each segment's own length (the eager engine's
         # per-segment shift)
         if self.engine.env.reindex:
-            nxt = torch.tensor([seg.rows for seg in plan.segments], dtype=torch.long)
+            nxt = torch.tensor([seg.rows for seg in plan.segments], dtype=torch.long) + vp.first
         else:
             nxt = nxt[None].expand(S, *nxt.shape)
         d_mask, d_pos, d_buckets = to_device([dec_mask, nxt[..., None],

@@ -16,13 +16,16 @@ from dataclasses import replace as _replace
 import torch
 
 from . import refusals
+from .inputs import PrefillInputs
 from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import NotPlanned
 from ..candidates import candidate_shapes, vision_signals
 from ..families.base import VisualSample, cls_rows, sample_units
 from ..ops import UnitLayout, unit_layout
+from ..stage_step import ask_vision
 from ..plan import PrefillPlan, rebuilt_layout, rebuilt_row, row_layouts, sample_key, text_spans
+from ..positions import contiguous, first_positions, prompt_positions, renumbered
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -100,6 +103,8 @@ class _TowerPlan:
     valid: torch.Tensor  # (B, L) host bool: real rows
     fv: object  # llava.families.base.VisualLayout
     spec: _TowerSpec
+    position_ids: torch.Tensor | None = None  # host copy of the caller's position ids (None: not given)
+    stock_default: bool = False  # the caller gave none and the stock default (an arange over the padded row) is theirs
 
 
 @dataclass
@@ -111,6 +116,7 @@ class _VisualPlan:
     index: torch.Tensor  # the index buffer (text rows filled in by plan_rows)
     dry: list  # per sample: the dry run's outputs of the vision stage, then of each llm stage
     positions: list | None = None  # per row (rows, n) host positions of its real tokens, unpruned (M-RoPE)
+    first: torch.Tensor | None = None  # (B,) 1-D families: each row's first position (the caller's; else 0)
 
 
 class HostPlanner:
@@ -188,7 +194,7 @@ class HostPlanner:
         H = self.engine.lm.config.num_attention_heads
         sig = self._sample_signals(s, index_h.to(meta), c, kind, torch.empty(s.text, D, device=meta),
                                    lambda layer, queries="question": torch.empty(H, s.text, s.tokens, device=meta))
-        m0 = m.select_vision(sig).num_out
+        m0 = ask_vision(m, sig).num_out
         return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
 
     def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
@@ -237,24 +243,38 @@ class HostPlanner:
                     static=static)
         return s, chunks
 
-    def plan(self, input_ids, attention_mask, visual: dict):
+    def plan(self, input_ids, attention_mask, visual: dict, position_ids=None, stock_default: bool = False):
         """The host plan of one prefill: (spec, host tensors, the :class:`llava.plan.PrefillPlan`, first decode
-        positions).
+        positions); ``position_ids`` and ``stock_default`` as for :meth:`plan_tower`.
         Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
-        return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual))
+        return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual,
+                                               self.plan_tower(input_ids, attention_mask, visual, position_ids,
+                                                               stock_default)))
 
-    def plan_tower(self, input_ids, attention_mask, visual: dict) -> _TowerPlan:
-        """The part of the plan the tower's run needs: the one device read (the ids and mask, before any device
-        work of this prefill) and the family's visual layout (:meth:`FamilyAdapter.visual_layout`). The fast path
-        starts the tower with it and plans the rest while the device runs the tower."""
+    def plan_tower(self, input_ids, attention_mask, visual: dict, position_ids=None,
+                   stock_default: bool = False) -> _TowerPlan:
+        """The part of the plan the tower's run needs: the one device read (the ids, mask and the caller's
+        ``position_ids`` where given, before any device work of this prefill) and the family's visual layout
+        (:meth:`FamilyAdapter.visual_layout`). The fast path starts the tower with it and plans the rest while the
+        device runs the tower. Without ``position_ids`` each row is numbered from 0 over its real tokens (generate()'s
+        numbering), unless ``stock_default``: the caller gave none, so a 1-D family's stock default (an arange over
+        the padded row) is theirs, which a padded batch's bucket would change (refused)."""
         B, L = input_ids.shape
-        ids_h = input_ids.cpu()
-        valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        if input_ids.device.type == "cpu":
+            ids_h, mask_h, pos_h = input_ids, attention_mask, position_ids
+        else:  # one copy to the host
+            parts = [input_ids] + [t for t in (attention_mask, position_ids) if t is not None]
+            flat = torch.cat([t.reshape(-1).long() for t in parts]).cpu()
+            got = iter(flat.split([t.numel() for t in parts]))
+            ids_h = next(got).view(input_ids.shape)
+            mask_h = next(got).view(attention_mask.shape) if attention_mask is not None else None
+            pos_h = next(got).view(position_ids.shape) if position_ids is not None else None
+        valid_h = mask_h.bool() if mask_h is not None else torch.ones(B, L, dtype=torch.bool)
         try:
             fv = self.engine.adapter.visual_layout(visual, B, torch.where(valid_h, ids_h, -1))
         except ValueError as exc:
             raise NotPlanned(str(exc)) from None
-        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, tower=fv.tower))
+        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, tower=fv.tower), pos_h, stock_default)
 
     def plan_visual(self, input_ids, attention_mask, visual: dict, tp: _TowerPlan | None = None) -> "_VisualPlan":
         """The first half of :meth:`plan`: every row's visual run, the samples' structure and index
@@ -290,11 +310,19 @@ class HostPlanner:
             samples.append(smp)
             chunks += ch
         index = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
-        try:  # M-RoPE: the eager engine's positions of the unpruned prompt (the family's own rule), per row
-            rope = e.adapter.rope_positions(ids_h, valid_h.long(), fv.meta)
-            positions = None if rope is None else rope[0]
+        try:  # the unpruned prompt's positions as the eager engine finds them (the caller's, or the family's rule)
+            positions, _ = prompt_positions(e.adapter, ids_h, valid_h.long(), tp.position_ids, fv.meta)
         except Exception as exc:  # a prompt the family's rule does not take: the eager engine says why
             raise refusals.positions(exc) from None
+        first = torch.zeros(B, dtype=torch.long)
+        if not e.adapter.keeps_positions:  # 1-D: contiguous from each row's first position
+            if positions is not None:
+                if not contiguous(positions, valid_h):
+                    raise refusals.gapped_positions()
+                first = first_positions(positions, valid_h)
+                positions = None
+            elif tp.stock_default and not bool(valid_h.all()):
+                raise refusals.stock_positions()
         if positions is not None:
             positions = [positions[:, b, valid_h[b]] for b in range(B)]
             if extras or self.piecewise:
@@ -326,7 +354,7 @@ class HostPlanner:
                      index_len=int(index.numel()), tower=fv.tower,
                      mrope=int(positions[0].shape[0]) if positions is not None else 0,
                      deepstack=int(e.adapter.deepstack_levels))
-        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], positions)
+        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], positions, first)
 
     def plan_rows(self, vp: "_VisualPlan", counts: list[int] | None = None):
         """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and pads (and
@@ -370,9 +398,8 @@ class HostPlanner:
             tok[b, pad + r.text_dst] = ids[r.text_src]
             src[b, pad + r.vis_dst] = out_at + torch.arange(m)
             out_at += smp.outputs  # a padded sample's slice of the buffer is longer
-            if full is None:
-                pos[b, pad:] = torch.arange(n)
-                nxt.append(n)
+            if full is None:  # numbered below, from the row's first position
+                nxt.append(n + int(vp.first[b]))
             else:  # the real rows' own positions (pads: 0, masked)
                 own = full[b]
                 pos[:, b, pad + r.text_dst] = own[:, r.text_src]
@@ -382,22 +409,21 @@ class HostPlanner:
                 o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
                 index[o:o + int(ids.numel()) - p0 - T] = b * Lb + pad + r.text_dst[p0:]
             vis0.append(pad + r.vis_dst)
-        probe = None
-        host = {"tok": tok, "src": src.reshape(-1), "pos": pos, "index": index,
-                "pad": torch.tensor([Lb - n for n in lens])}  # the 4-D mask: built on the device (fast_llm.prompt_mask)
+        if full is None:
+            pos = renumbered((torch.arange(Lb) >= torch.tensor([Lb - n for n in lens])[:, None]).long(), vp.first)
+        probe = probe_host = None
         if e.needs.vision_stage and e.needs.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast.probe)
             if vp.spec.deepstack:
                 raise refusals.probe_deepstack(e.method.name)
             probe, probe_host = plan_probe(e.needs.probe_layers, rows, [s.text for s in samples], bucket_for,
-                                           self.buckets, full)
-            host["probe"] = dict(probe_host)
+                                           self.buckets, full, vp.first)
         spec = _replace(vp.spec, bucket=Lb, cache_len=C, segments=plan.key(), texts=texts, probe=probe)
-        if full is not None:
-            host["vpos"] = torch.cat(vpos, 1)
-        if vp.spec.deepstack:  # the visual rows entering layer 0, flattened: where the DeepStack rows go
-            host["ds_at"] = torch.cat([b * Lb + v for b, v in enumerate(vis0)])
-        if stage_host:  # per llm stage, its host tensors by name (the first's "vis": the rows entering layer 0)
-            host["stages"] = [dict(t) for t in stage_host]
+        # the 4-D mask is built on the device from the pads (llava.fast.llm.prompt_mask); with DeepStack, the visual
+        # rows entering layer 0, flattened: where its rows go
+        host = PrefillInputs(tok=tok, src=src.reshape(-1), pos=pos, pad=torch.tensor([Lb - n for n in lens]),
+                             index=index, vpos=torch.cat(vpos, 1) if full is not None else None,
+                             ds_at=torch.cat([b * Lb + v for b, v in enumerate(vis0)]) if vp.spec.deepstack else None,
+                             stages=tuple(stage_host), probe=probe_host)
         nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
         return spec, host, plan, nxt
 

@@ -10,7 +10,8 @@ kinds:
   does not run SDPA, an in-tower stage without its masked form, llm stages or a probe on a hybrid decoder,
   llm stages or a query-aware stage after a piecewise vision stage;
 * **per prompt** (the functions below, raised as :class:`NotPlanned` by the host plan, :mod:`llava.fast.plan`):
-  replayed selections, several images or videos in a row, positions the family's rule does not take, kept
+  replayed selections, several images or videos in a row, positions the family's rule does not take, a caller's
+  1-D positions with gaps, no positions for a padded 1-D batch (the stock default counts the pads), kept
   M-RoPE positions with extra candidates or a piecewise count, a selection that cannot be planned on the host,
   llm stages after a piecewise stage, a probe beside DeepStack rows.
 
@@ -74,6 +75,16 @@ def several_runs(row: int, kind: str, tokens: int) -> NotPlanned:
 
 def positions(exc: Exception) -> NotPlanned:
     return NotPlanned(f"the prompt's positions could not be planned ({type(exc).__name__}: {exc})")
+
+
+def gapped_positions() -> NotPlanned:
+    return NotPlanned("the caller's position ids do not number each row's real tokens one after another (the "
+                      "captured plan continues them contiguously)")
+
+
+def stock_positions() -> NotPlanned:
+    return NotPlanned("no position ids for a left-padded batch: the stock default numbers each padded row from its "
+                      "first pad, which a bucket's padding would change (pass position_ids, as generate() does)")
 
 
 def kept_positions(method: str) -> NotPlanned:

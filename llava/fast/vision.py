@@ -13,7 +13,7 @@ from ..layers import no_output_capture
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
 from ..method import Selection
-from ..selection_rows import carry_rows, materialize
+from ..stage_step import ask_vision, vision_outputs
 
 
 class CapturedVision:
@@ -85,7 +85,7 @@ class CapturedVision:
                 o, n = at["text_rows"]
                 text = text_flat[index[o:o + n]]
             sig = self.planner._sample_signals(s, index, c, spec.kind, text, probe)
-            sel = method.select_vision(sig)
+            sel = ask_vision(method, sig)
             if sel.num_out != s.outputs:
                 raise RuntimeError(f"{method.name} gave {sel.num_out} outputs where the plan has {s.outputs}")
             flags = sel.flags(sig.num_tokens, s.tokens, malformed_only=True)
@@ -95,9 +95,10 @@ class CapturedVision:
             if spec.newlines and sel.space == "vision" and sel.targets is not None and sel.targets.numel():
                 tg, asg = sel.targets, sel.assign  # the eager engine refuses merging newlines in vision space
                 bad = bad | sig.is_newline[tg].any() | (sig.is_newline & (asg >= 0)).any()
-            feats, origin = materialize(sig, sel, adapter.project)
-            if deeps is not None:  # kept with a kept token, merged by the selection's rule (the eager engine's)
-                deeps.append(carry_rows(dsf, sel))
+            # DeepStack rows: kept with a kept token, merged by the selection's rule (the eager engine's)
+            feats, origin, deep = vision_outputs(sig, sel, adapter.project, dsf if deeps is not None else None)
+            if deeps is not None:
+                deeps.append(deep)
             outs.append(feats.to(dtype))
             sigs.append(sig)
             origins.append(origin)
