@@ -24,7 +24,7 @@ original forward: untouched.
 
 This file is the core (install / remove, ``forward``, the decode state; the stats and the phase clock of
 ``PrefillStats.timings`` are in :mod:`llava.stats`). The eager executor has two parts, each built here from what the
-engine fixes at attach (:class:`llava.prefill.EagerEnv`): steps 1-3 are planned on the host by
+engine fixes at attach (:class:`llava.prefill.EngineEnv`, which the fast path reads too): steps 1-3 are planned on the host by
 :class:`llava.layout.VisionStage` (``engine.vision``), step 4 and decode run in :class:`llava.staged.StagedDecoder`
 (``engine.decoder``).
 """
@@ -49,7 +49,7 @@ from .layout import VisionStage
 from .method import Method, Selection, get_method
 from .needs import TowerCall
 from .plan import PromptSpec
-from .prefill import EagerEnv, _Prefill
+from .prefill import EngineEnv, _Prefill
 from .staged import StagedDecoder, _DecodeSegment
 from .stats import PrefillStats, _PhaseClock
 from .tp_shards import sharded_module
@@ -144,8 +144,8 @@ class PruningEngine:
         # "reindex" renumbers positions after an llm stage; M-RoPE positions have no contiguous count to
         # renumber (an image spans max(h, w) / 2 positions), so those families keep them (documented)
         reindex = needs.position_mode == "reindex" and not self.adapter.keeps_positions
-        #: what the eager executor reads of this engine, and its two parts
-        self.env = EagerEnv(model=model, adapter=self.adapter, method=method, needs=needs,
+        #: what both executors read of this engine (the captured one: self.fast, below), and the eager one's two parts
+        self.env = EngineEnv(model=model, family=self.family, adapter=self.adapter, method=method, needs=needs,
                             tower=TowerCall.of(needs, method), prompt_spec=self.prompt_spec, reindex=reindex,
                             select=self._select)
         self.vision = VisionStage(self.env)
@@ -169,7 +169,7 @@ class PruningEngine:
         if fast:
             from .fast.path import FastPath
 
-            self.fast = FastPath(self, **fast)
+            self.fast = FastPath(self.env, **fast)
 
     def _check_hybrid(self, method) -> None:
         """Refuse, with the reason, a method whose llm stage reads the attention of a decoder layer that has none
@@ -363,15 +363,16 @@ class PruningEngine:
         are honoured (none: the stock default, as the eager executor)."""
         from .fast.refusals import NotPlanned
 
-        reason = self.fast.refusal_for(input_ids, visual)
+        reason = self.fast.refusal_for(input_ids, visual, self.replay)
         if reason:
             return None, reason
         t0 = time.perf_counter()
         try:
             logits, cache, fstate, info = self.fast.prefill(input_ids, attention_mask, visual, position_ids,
-                                                            stock_default=True)
+                                                            stock_default=True, sample_keys=self.sample_keys)
         except NotPlanned as e:
             return None, str(e)
+        self.sample_keys = None  # consumed by this prefill
         B, L = input_ids.shape
         self._state = _State(orig_len=L, llm_mask=None, pos_shift=torch.zeros(B, dtype=torch.long, device=input_ids.device),
                              segments=None, fast=fstate)

@@ -2,7 +2,7 @@
 from the method's selections back to re-spliced, re-padded rows.
 
 :class:`VisionStage`, the first part of the eager executor, built by :class:`llava.engine.PruningEngine` from what
-it fixed at attach (:class:`llava.prefill.EagerEnv`). The layout of every row is worked out on the host from ONE
+it fixed at attach (:class:`llava.prefill.EngineEnv`). The layout of every row is worked out on the host from ONE
 copy of ``input_ids`` and the mask per prefill (:class:`llava.plan.RowLayout`: real positions, visual indices, ids,
 the captured plan's record too); the device only gathers and scatters with those indices, and a rebuilt row is laid
 out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.plan.next_rows`). The staged decoder
@@ -23,7 +23,7 @@ from .layers import decoder_masks, entering
 from .method import Selection
 from .positions import first_positions, prompt_positions, renumbered
 from .plan import RowLayout, RowMap, next_rows, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans
-from .prefill import EagerEnv, VisionOut, _Prefill
+from .prefill import EngineEnv, VisionOut, _Prefill
 from .selection_rows import _deepstack, regathered
 from .stage_step import ask_vision, vision_outputs
 from .signals import VisionSignals
@@ -37,7 +37,7 @@ class VisionStage:
     """The vision stage of the eager executor: signals per sample, the method's selection, re-splicing /
     re-padding; the probe that lets a vision stage look into the LLM."""
 
-    def __init__(self, env: EagerEnv):
+    def __init__(self, env: EngineEnv):
         self.env = env
         self.adapter, self.lm, self.method, self.needs = env.adapter, env.lm, env.method, env.needs
 

@@ -1,7 +1,8 @@
-"""What the eager executor's two parts (the vision stage, :class:`llava.layout.VisionStage`, and the decoder,
-:class:`llava.staged.StagedDecoder`) are given: the attached engine's fixed resources (`EagerEnv`) and one prefill's
-scratch (`_Prefill`), dropped with the prefill. Apart from llava/engine.py so that both parts name what they receive
-without importing the engine that builds them."""
+"""What the executors are given: the attached engine's fixed resources (`EngineEnv`, read by the eager executor's two
+parts, the vision stage :class:`llava.layout.VisionStage` and the decoder :class:`llava.staged.StagedDecoder`, and by
+the captured one, :mod:`llava.fast`), what the eager vision stage tells the rest of a prefill (`VisionOut`) and one
+eager prefill's scratch (`_Prefill`), dropped with the prefill. Apart from llava/engine.py so that the executors name
+what they receive without importing the engine that builds them."""
 
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class EagerEnv:
-    """What the eager executor reads of the attached engine, fixed at attach: the model, the family's adapter,
-    the method and what it needs, what the vision tower computes for it (``tower``, the adapter's ``encode``
-argument), the prompt spec (where the question lies), whether llm stages renumber positions
-    (``reindex``), and the engine's ``select(key, ask)``: the method's selection, or with ``engine.replay`` the
-    recorded one."""
+class EngineEnv:
+    """What both executors read of the attached engine, fixed at attach: the model and its ``family`` (the
+    registry's id), the family's adapter, the method and what it needs, what the vision tower computes for it
+    (``tower``, the adapter's ``encode`` argument), the prompt spec (where the question lies), whether llm stages
+    renumber positions (``reindex``), and the engine's ``select(key, ask)`` (eager: the method's selection, or with
+    ``engine.replay`` the recorded one)."""
 
     model: torch.nn.Module
+    family: str
     adapter: FamilyAdapter
     method: Method
     needs: Needs

@@ -3,7 +3,7 @@ them, the ``LLMSignals`` of a stage, and the decode-time mapping of generate's m
 each segment of layers.
 
 :class:`StagedDecoder`, the second part of the eager executor, built by :class:`llava.engine.PruningEngine` from
-what it fixed at attach (:class:`llava.prefill.EagerEnv`); the rows of an llm stage are re-laid out on the host
+what it fixed at attach (:class:`llava.prefill.EngineEnv`); the rows of an llm stage are re-laid out on the host
 with :mod:`llava.layout`'s ``place_outputs`` and :mod:`llava.plan`'s ``next_rows`` (its row arithmetic). It
 keeps no state of its own: a prefill returns the :class:`llava.plan.PrefillPlan` it ran and its decode segments, and a
 decode step is handed the engine's decode state. Without llm stages the stock language model runs, at prefill and at
@@ -28,7 +28,7 @@ from .layout import place_outputs
 from .llm_stage import StageEntry, StageRows, stage_signals
 from .method import Selection
 from .plan import PrefillPlan, next_rows, text_spans
-from .prefill import EagerEnv, _Prefill
+from .prefill import EngineEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import DeepStack, _deepstack, regathered
 from .stage_step import ask_llm, llm_step
@@ -64,7 +64,7 @@ class _DecodeSegment:
 class StagedDecoder:
     """The decoder of the eager executor: prefill (stock or staged) and decode."""
 
-    def __init__(self, env: EagerEnv):
+    def __init__(self, env: EngineEnv):
         self.env = env
         self.model, self.adapter, self.lm = env.model, env.adapter, env.lm
         self.method, self.needs = env.method, env.needs

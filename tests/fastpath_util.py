@@ -91,7 +91,7 @@ def counting_fast_path(eng, names=("_prefill",)):
     function, ``fast_backend="cudagraphs"``, cannot record one either). A one-graph prefill's tower function
     (``_tower``, run before the rest of the plan) is counted with the ``_prefill`` call that follows it: one entry
     per prefill."""
-    fp = FastPath(eng, backend="none", max_new_tokens=16)
+    fp = FastPath(eng.env, backend="none", max_new_tokens=16)
     syncs, pending = [], []
 
     def count(fn, *a, **k):

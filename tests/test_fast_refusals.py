@@ -76,7 +76,7 @@ def test_an_engine_takes_its_refusal_from_the_needs():
     eng = rt.prune("random", 4)
     assert eng.fast.refusal is None and eng.fast.refusal_for(None, {}) is None
     eng.replay = True
-    assert eng.fast.refusal_for(None, {}) == refusals.REPLAY
+    assert eng.fast.refusal_for(None, {}, eng.replay) == refusals.REPLAY
 
 
 @pytest.mark.parametrize("reason, text", [

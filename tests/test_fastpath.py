@@ -217,7 +217,7 @@ def test_the_padded_text_block_holds_the_eager_question_rows(rt_fast, rt_eager):
     rt_eager.prune(Recording(5))
     batch = inputs(rt_fast, 0, n=3)
     generate(rt_eager, batch, tokens=1)
-    fp = FastPath(eng, backend="none", max_new_tokens=16)
+    fp = FastPath(eng.env, backend="none", max_new_tokens=16)
     with torch.no_grad():
         fp.prefill(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})
     assert len(seen[True]) == len(seen[False]) == 3

@@ -157,7 +157,7 @@ def test_segments_in_shorter_buckets(rts, method, budget):
     fast, eager = rts["llava"]
     eng = fast.prune(method, budget)
     eager.prune(method, budget)
-    eng.fast = FastPath(eng, backend="none", max_new_tokens=16, buckets=tuple(range(4, 129, 4)))
+    eng.fast = FastPath(eng.env, backend="none", max_new_tokens=16, buckets=tuple(range(4, 129, 4)))
     for batch in (inputs(fast, 1), inputs(fast, 0, n=3)):
         assert_same_as_eager(fast, eager, eng, batch, tokens=12)
         lens = eng.stats.seq_len_per_layer

@@ -67,7 +67,7 @@ def test_probe_rows_equal_the_eager_engine(rts, recorded, name, budget, opts):
     a left-padded batch of three prompts of different lengths), to fp32 rounding."""
     fast, eager = rts["llava"]
     eng = fast.prune("consensusdrop", budget, **opts)
-    eng.fast = FastPath(eng, backend="none", max_new_tokens=16)  # uncompiled: the same captured code, recorded
+    eng.fast = FastPath(eng.env, backend="none", max_new_tokens=16)  # uncompiled: the same captured code, recorded
     eager.prune("consensusdrop", budget, **opts)
     batch = inputs(fast, 0, n=3)
     generate(fast, batch, tokens=1)

@@ -135,7 +135,7 @@ def test_positions_equal_the_eager_engines(rts, family, method, budget):
     orig = rotary.forward
     rotary.forward = lambda x, position_ids: (seen.append(position_ids), orig(x, position_ids))[1]
     try:
-        fp = FastPath(eng, backend="none", max_new_tokens=16)
+        fp = FastPath(eng.env, backend="none", max_new_tokens=16)
         with torch.no_grad():
             fp.prefill(batch["input_ids"], batch["attention_mask"], _visual(batch))
     finally:

@@ -45,12 +45,12 @@ def text_count(needs, n_text: int) -> int:
     return n_text if cap is None else min(n_text, int(cap))
 
 
-def count_stages(engine, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> tuple:
+def count_stages(env, vision_sig, nv0: int, S: int, n_text: int, Q: int) -> tuple:
     """Each llm stage's output count for a sample whose ``nv0`` visual tokens enter decoder layer 0 and
     ``n_text`` tokens follow the image (padded to ``Q`` text rows), from dry runs of ``select_llm`` on
     ``meta`` tensors (``vision_sig``: the sample's meta vision signals, or None), padded rows of ``S``.
     Raises what the method raises when it reads a device value."""
-    m, needs, lm = engine.method, engine.needs, engine.lm
+    m, needs, lm = env.method, env.needs, env.lm
     cfg = lm.config
     D = cfg.hidden_size
     H = cfg.num_attention_heads
@@ -162,14 +162,14 @@ class Entry:
     ds: DeepStack | None = None
 
 
-def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, stage_in: tuple, bad, attn):
+def run_segments(env, entry: Entry, cache, segments: tuple, texts: tuple, stage_in: tuple, bad, attn):
     """The decoder over a captured prefill's rows with its llm stages (device, static shapes): ``segments`` the
     planned segments of decoder layers (:meth:`llava.plan.PrefillPlan.key`: an llm stage acts before each segment
     after the first), ``texts`` each stage's text-after block (:func:`plan_stages`) and ``stage_in`` the stages'
     uploaded tensors; a stage before the last DeepStack level carries the rows through its selection, as the eager
     engine. Returns the last rows' hidden states (B, 1, D) after the final norm, and ``bad`` ORed with every stage's
     malformed flags; ``attn``: rows -> the decoder's attention keyword for a prompt bucket (:mod:`llava.fast.attention`)."""
-    lm, method = engine.lm, engine.method
+    lm, method = env.lm, env.method
     rows, pos, mask, ds = entry.rows, entry.pos, entry.mask, entry.ds
     B = rows.shape[0]
     entry_text = [None] * B
@@ -230,7 +230,7 @@ def run_segments(engine, entry: Entry, cache, segments: tuple, texts: tuple, sta
         h = torch.cat([h.reshape(-1, h.shape[-1])] + outs)[t.src].view(B, Lb, -1)
         R = pos.shape[:-2]  # () or (3,) (M-RoPE: kept positions, never renumbered)
         p2 = torch.cat([pos.reshape(*R, -1)] + vps, -1)[..., t.src].view(*R, B, Lb)
-        if engine.env.reindex:  # renumbered from the row's first position, as the eager engine
+        if env.reindex:  # renumbered from the row's first position, as the eager engine
             p2 = t.ar + p2.reshape(-1)[t.first][:, None]
         pos, mask = p2, prompt_mask(t.pad, Lb, mask.shape[-1])
         if ds is not None:  # a sample without visual tokens left carries no rows

@@ -79,6 +79,7 @@ from ..decode import DecodeShape, MaskLayout, decode_step
 from ..families import registry
 from ..families.base import to_device
 from ..plan import PrefillPlan
+from ..prefill import EngineEnv
 from ..selection_rows import DeepStack
 from .inputs import PrefillInputs
 from .llm import Entry, prompt_mask, run_segments
@@ -140,7 +141,7 @@ class FastPath:
     (:class:`llava.fast.plan.HostPlanner`), the captured vision stage (:class:`llava.fast.vision.CapturedVision`) and
     the compiled functions of a prefill and a decode step."""
 
-    def __init__(self, engine, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
+    def __init__(self, env: EngineEnv, backend: str = "auto", max_new_tokens: int = 256, buckets=BUCKETS,
                  regional: bool = True, cache: str | None = None, attention: str = "auto",
                  precompile: bool | None = None):
         if backend not in BACKENDS:
@@ -149,11 +150,10 @@ class FastPath:
         self.attention = attention  # the prompt's attention: the causal kernel over the bucket or the 4-D mask
         if attention != "masked":
             fast_attention.install()
-        self.engine = engine
+        self.env = env  # what it reads of the attached engine (llava.prefill.EngineEnv)
         # the host plan of every prefill: the length buckets, the decode slots, whether the vision stage is piecewise
-        self.planner = HostPlanner(engine, tuple(buckets), int(max_new_tokens),
-                                   engine.needs.capture_kind == "piecewise")
-        dev = next(engine.model.parameters()).device
+        self.planner = HostPlanner(env, tuple(buckets), int(max_new_tokens), env.needs.capture_kind == "piecewise")
+        dev = next(env.model.parameters()).device
         if backend == "auto":
             backend = "inductor" if dev.type == "cuda" else "eager"
         self.backend = backend
@@ -179,27 +179,27 @@ class FastPath:
         self._caches: dict = {}  # (B, C, dtype) -> StaticCache
         self._seen: set = set()  # graph keys run so far
         self.visual = CapturedVision(self.planner)
-        self.refusal = captured_refusal(engine.needs, registry.get(engine.family), engine.adapter,
+        self.refusal = captured_refusal(env.needs, registry.get(env.family), env.adapter,
                                         self._decoder_attention())
         if not self.refusal:  # transformers installs its output-capturing hooks under a lock on first use:
             from transformers.utils.output_capturing import maybe_install_capturing_hooks  # not traceable
 
-            towers = {id(t): t for t in (engine.adapter.tower_for(k) for k in engine.adapter.pixel_keys)}
-            for mod in (*towers.values(), engine.lm):
+            towers = {id(t): t for t in (env.adapter.tower_for(k) for k in env.adapter.pixel_keys)}
+            for mod in (*towers.values(), env.lm):
                 maybe_install_capturing_hooks(mod)
             if self.regional:  # a hybrid decoder (Qwen3.5): its towers only (linear layers keep other cache states)
-                mark_regions(layer_lists(engine.lm, towers.values()), decoder=not engine.adapter.linear_layers)
+                mark_regions(layer_lists(env.lm, towers.values()), decoder=not env.adapter.linear_layers)
 
     def _compile(self, fn):  # the backend's wrapper of fn (llava.fast.precompile.compile_function)
         return compile_function(self, fn, log)
 
     # ------------------------------------------------------------------ refusals
-    def refusal_for(self, input_ids, visual: dict) -> str | None:
+    def refusal_for(self, input_ids, visual: dict, replay: bool = False) -> str | None:
         """Why this prefill must run eagerly (None: it may take the fast path; the plan may still find
         that the prompt does not fit, :class:`llava.fast.refusals.NotPlanned`)."""
         if self.refusal:
             return self.refusal
-        return REPLAY if self.engine.replay else None
+        return REPLAY if replay else None
 
     # ------------------------------------------------------------------ the captured functions
     def _tower_fn(self, px, spec, tower_in=None) -> dict:
@@ -211,7 +211,7 @@ class FastPath:
         """The rest of a one-graph prefill from the tower function's outputs (:meth:`_tower_fn`): the selection,
         the new rows, the language model into the static cache; the last rows' logits and the validity flag.
         ``plan_in``: the plan's tensors on the device (:class:`llava.fast.inputs.PrefillInputs`)."""
-        e = self.engine
+        e = self.env
         tok, src, pos = plan_in.tok, plan_in.src, plan_in.pos
         mask = prompt_mask(plan_in.pad, spec.bucket, spec.cache_len)  # (B, 1, bucket, cache) from the pads
         emb = e.lm.embed_tokens(tok)
@@ -264,28 +264,28 @@ class FastPath:
 
     def _decoder_attention(self) -> str | None:
         """The decoder's attention implementation (transformers' ``_attn_implementation``)."""
-        return getattr(self.engine.lm.config, "_attn_implementation", None)
+        return getattr(self.env.lm.config, "_attn_implementation", None)
 
     def _lm_mask(self, mask):
         """The language model's mask for a 4-D prompt mask: itself, or for a hybrid decoder (Qwen3.5) one per layer
         type - the 4-D mask for the full-attention layers and, for the Gated DeltaNet layers, the 2-D padding mask of
         the prompt (the real rows: what the last row may see; pads zeroed before their recurrence, as the stock model
         does). A decode step's: :func:`llava.decode.decode_step` (``MaskLayout.SLOTS``)."""
-        if not self.engine.adapter.linear_layers:
+        if not self.env.adapter.linear_layers:
             return mask
         return {"full_attention": mask, "linear_attention": mask[:, 0, -1, :mask.shape[2]]}
 
     def _vision_fn(self, px, index, spec: _Spec, tower_in=None):
         """Graph 1 of a piecewise prefill: every sample's padded outputs (one buffer, sample after sample),
         their real counts (B,) and the validity flag, on the device."""
-        dtype = self.engine.lm.embed_tokens.weight.dtype
+        dtype = self.env.lm.embed_tokens.weight.dtype
         outs, _, _, counts, bad = self.visual.visual_outputs(px, index, spec, dtype, None, tower_in)
         return torch.cat(outs), torch.stack(counts), bad
 
     def _llm_fn(self, tok, buf, src, pos, pad, cache, cache_len: int):
         """Graph 2 of a piecewise prefill: the new rows gathered from the text and the padded outputs
         (``src`` planned on the host from the counts), the language model into the static cache."""
-        e = self.engine
+        e = self.env
         mask = prompt_mask(pad, tok.shape[1], cache_len)
         emb = e.lm.embed_tokens(tok)
         rows = torch.cat([emb.reshape(-1, emb.shape[-1]), buf])[src].view(emb.shape)
@@ -296,7 +296,7 @@ class FastPath:
     def _decode_fn(self, tok, pos, mask, cache, shape: DecodeShape):
         """The captured decode step: the one decode step (:func:`llava.decode.decode_step`) on the token ids ``tok``
         (B, 1), with ``pos`` (S, B, 1) / ``mask`` (S, B, 1, 1, C) a row per segment of ``shape``; the logits."""
-        e = self.engine
+        e = self.env
         return e.model.lm_head(decode_step(e.lm, e.adapter, shape, e.lm.embed_tokens(tok), mask, pos, cache))
 
     # ------------------------------------------------------------------ entry points
@@ -306,13 +306,13 @@ class FastPath:
         key = (B, C, dtype, str(dev))
         cache = self._caches.get(key)
         if cache is None:
-            lm_cfg = self.engine.lm.config
+            lm_cfg = self.env.lm.config
             cache = StaticCache(config=lm_cfg, max_cache_len=C)
             heads = lm_cfg.num_key_value_heads
             hd = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
             cache.early_initialization(B, heads, hd, dtype, dev)
             self._init_linear_states(cache, B, dtype, dev)
-            if self.regional and not self.engine.adapter.linear_layers:  # each decoder layer's region gets its
+            if self.regional and not self.env.adapter.linear_layers:  # each decoder layer's region gets its
                 add_cache_slots(cache)  # cache layer as a module (llava.fast.compile); a hybrid decoder is unmarked
             if self.backend == "cudagraphs":  # a recorded graph writes into its cache's tensors: keep each shape's
                 self._caches[key] = cache  # (a new object would be a new graph at every change of shape)
@@ -336,7 +336,7 @@ class FastPath:
         for i, layer in enumerate(cache.layers):
             if not hasattr(layer, "recurrent_states"):
                 continue
-            mod = self.engine.lm.layers[i].linear_attn
+            mod = self.env.lm.layers[i].linear_attn
             conv = mod.conv1d.weight
             layer.lazy_initialization(
                 conv_states=torch.zeros(B, conv.shape[0], mod.conv_kernel_size, dtype=dtype, device=dev),
@@ -344,16 +344,17 @@ class FastPath:
                                              device=dev))
 
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask, visual: dict, position_ids=None, stock_default: bool = False):
+    def prefill(self, input_ids, attention_mask, visual: dict, position_ids=None, stock_default: bool = False,
+                sample_keys: list | None = None):
         """Run one prefill on the fast path: (logits (B, 1, V), cache, FastState, FastInfo (its ``plan``: the
-        host plan's :class:`llava.plan.PrefillPlan`)); ``position_ids``: the caller's (None: each row numbered from
-        0, or with ``stock_default`` the stock default, :meth:`HostPlanner.plan_tower`). Raises :class:`llava.fast.refusals.NotPlanned` when the
+        host plan's :class:`llava.plan.PrefillPlan`)); ``position_ids`` (the caller's), ``stock_default`` and
+        ``sample_keys`` as for :meth:`HostPlanner.plan_tower`. Raises :class:`llava.fast.refusals.NotPlanned` when the
         prompt does not fit (nothing ran yet, or only the tower, whose outputs are then dropped: the eager engine
         runs the prefill from the start)."""
         t0 = time.perf_counter()
         dev = input_ids.device
-        emb_dtype = self.engine.lm.embed_tokens.weight.dtype
-        tp = self.planner.plan_tower(input_ids, attention_mask, visual, position_ids, stock_default)
+        emb_dtype = self.env.lm.embed_tokens.weight.dtype
+        tp = self.planner.plan_tower(input_ids, attention_mask, visual, position_ids, stock_default, sample_keys)
         px = visual[tp.spec.key]
         timings, tower_out = {}, None
         if not self.piecewise:  # the tower first, from what it needs of the plan: the host plans the rest while
@@ -416,7 +417,7 @@ class FastPath:
         # decode positions: "keep" continues after the prompt's last position (M-RoPE: the unpruned prompt's,
         # on every row, as generate() does), "reindex" after each segment's own length (the eager engine's
         # per-segment shift)
-        if self.engine.env.reindex:
+        if self.env.reindex:
             nxt = torch.tensor([seg.rows for seg in plan.segments], dtype=torch.long) + vp.first
         else:
             nxt = nxt[None].expand(S, *nxt.shape)
@@ -432,7 +433,7 @@ class FastPath:
         return logits, cache, state, info
 
     def _malformed(self):
-        raise ValueError(f"{self.engine.method.name} returned a malformed selection (indices out of range, a token "
+        raise ValueError(f"{self.env.method.name} returned a malformed selection (indices out of range, a token "
                          "kept twice, a bad order / assign / count, or a newline merged in vision space)")
 
     @torch.no_grad()

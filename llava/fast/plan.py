@@ -24,6 +24,7 @@ from ..candidates import candidate_shapes, vision_signals
 from ..families.base import VisualSample, cls_rows, sample_units
 from ..ops import UnitLayout, unit_layout
 from ..stage_step import ask_vision
+from ..prefill import EngineEnv
 from ..plan import PrefillPlan, rebuilt_layout, rebuilt_row, row_layouts, sample_key, text_spans
 from ..positions import contiguous, first_positions, prompt_positions, renumbered
 
@@ -105,6 +106,7 @@ class _TowerPlan:
     spec: _TowerSpec
     position_ids: torch.Tensor | None = None  # host copy of the caller's position ids (None: not given)
     stock_default: bool = False  # the caller gave none and the stock default (an arange over the padded row) is theirs
+    sample_keys: list | None = None  # per row the caller's key of its sample (engine.sample_keys), None: a hash
 
 
 @dataclass
@@ -120,12 +122,12 @@ class _VisualPlan:
 
 
 class HostPlanner:
-    """The host plan of a captured prefill (:class:`llava.fast.path.FastPath` keeps one): the attached ``engine``'s
-    method and adapter, the length ``buckets``, the generated tokens the cache holds (``max_new_tokens``), whether the
+    """The host plan of a captured prefill (:class:`llava.fast.path.FastPath` keeps one): what it reads of the
+    attached engine (``env``, :class:`llava.prefill.EngineEnv`: the method, its needs and the adapter), the length ``buckets``, the generated tokens the cache holds (``max_new_tokens``), whether the
     vision stage is ``piecewise``; it keeps the dry runs' counts per sample structure and the host unit layouts."""
 
-    def __init__(self, engine, buckets: tuple, max_new_tokens: int, piecewise: bool):
-        self.engine = engine
+    def __init__(self, env: EngineEnv, buckets: tuple, max_new_tokens: int, piecewise: bool):
+        self.env = env
         self.buckets = tuple(buckets)
         self.max_new_tokens = int(max_new_tokens)
         self.piecewise = piecewise
@@ -171,7 +173,7 @@ class HostPlanner:
         else:
             text, text_mask, question_mask = candidates["features"][:0], None, unit[:0].bool()
         return vision_signals(
-            candidates, unit=unit, patch=parts["patch"], unit_kind=kind, grid=self.engine.adapter.grid(),
+            candidates, unit=unit, patch=parts["patch"], unit_kind=kind, grid=self.env.adapter.grid(),
             text_embeds=text, question_mask=question_mask, text_mask=text_mask, key=0, num_stock=s.tokens,
             unit_pos=parts["unit_pos"].view(s.units, 2), unit_grid=list(s.grid), captured=True, layouts=layouts,
             plan=plan, static=s.static, _probe_fn=probe)
@@ -180,28 +182,28 @@ class HostPlanner:
         """Outputs of the method's vision stage, then of each llm stage, for one sample, from a run on
         ``meta`` tensors (shapes only: a method that reads a device value fails here, and the prefill runs
         eagerly)."""
-        m = self.engine.method
-        if not self.engine.needs.vision_stage:
-            return (s.tokens, *count_stages(self.engine, None, s.tokens, s.tokens + 64, n_text,
+        m = self.env.method
+        if not self.env.needs.vision_stage:
+            return (s.tokens, *count_stages(self.env, None, s.tokens, s.tokens + 64, n_text,
                                             bucket_for(n_text, TEXT_BUCKETS)))
-        cfg = self.engine.model.config
+        cfg = self.env.model.config
         D = cfg.text_config.hidden_size
         vc = cfg.vision_config
         meta = torch.device("meta")
-        shapes = candidate_shapes(self.engine.needs, s.tokens + s.extra, D, self.engine.adapter.signal_widths(),
+        shapes = candidate_shapes(self.env.needs, s.tokens + s.extra, D, self.env.adapter.signal_widths(),
                                   (vc.num_attention_heads, vc.hidden_size))
         c = {name: torch.empty(shape, device=meta) for name, shape in shapes.items()}
-        H = self.engine.lm.config.num_attention_heads
+        H = self.env.lm.config.num_attention_heads
         sig = self._sample_signals(s, index_h.to(meta), c, kind, torch.empty(s.text, D, device=meta),
                                    lambda layer, queries="question": torch.empty(H, s.text, s.tokens, device=meta))
         m0 = ask_vision(m, sig).num_out
-        return (m0, *count_stages(self.engine, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
+        return (m0, *count_stages(self.env, sig, m0, m0 + 64, n_text, bucket_for(n_text, TEXT_BUCKETS)))
 
     def _host_signals(self, unit, patch, unit_pos, grid, layouts, key, T, kind):
         from ..signals import VisionSignals
 
         return VisionSignals(features=torch.zeros(0), vision_features=torch.zeros(0), unit=unit, patch=patch,
-                             unit_kind=kind, grid=self.engine.adapter.grid(), text_embeds=torch.zeros(0),
+                             unit_kind=kind, grid=self.env.adapter.grid(), text_embeds=torch.zeros(0),
                              question_mask=torch.zeros(0, dtype=torch.bool), key=key, num_stock=T,
                              unit_pos=unit_pos, unit_grid=list(grid), layouts=layouts, _unit_host=unit)
 
@@ -219,8 +221,8 @@ class HostPlanner:
                 self._layouts.clear()
             self._layouts[structure] = lays
         host = self._host_signals(unit, patch, pos, su.grid, lays, key, T, kind)
-        plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.engine.method.plan_vision(host).items()}
-        static = tuple(self.engine.method.plan_static(host))
+        plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.env.method.plan_vision(host).items()}
+        static = tuple(self.env.method.plan_static(host))
         tensors = [("src", su.src), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
                    ("units", su.units)] + list(plan.items())
         if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
@@ -243,22 +245,24 @@ class HostPlanner:
                     static=static)
         return s, chunks
 
-    def plan(self, input_ids, attention_mask, visual: dict, position_ids=None, stock_default: bool = False):
+    def plan(self, input_ids, attention_mask, visual: dict, position_ids=None, stock_default: bool = False,
+             sample_keys: list | None = None):
         """The host plan of one prefill: (spec, host tensors, the :class:`llava.plan.PrefillPlan`, first decode
-        positions); ``position_ids`` and ``stock_default`` as for :meth:`plan_tower`.
+        positions); ``position_ids``, ``stock_default`` and ``sample_keys`` as for :meth:`plan_tower`.
         Raises :class:`NotPlanned` when the prompt does not fit the fast path."""
         return self.plan_rows(self.plan_visual(input_ids, attention_mask, visual,
                                                self.plan_tower(input_ids, attention_mask, visual, position_ids,
-                                                               stock_default)))
+                                                               stock_default, sample_keys)))
 
     def plan_tower(self, input_ids, attention_mask, visual: dict, position_ids=None,
-                   stock_default: bool = False) -> _TowerPlan:
+                   stock_default: bool = False, sample_keys: list | None = None) -> _TowerPlan:
         """The part of the plan the tower's run needs: the one device read (the ids, mask and the caller's
         ``position_ids`` where given, before any device work of this prefill) and the family's visual layout
         (:meth:`FamilyAdapter.visual_layout`). The fast path starts the tower with it and plans the rest while the
         device runs the tower. Without ``position_ids`` each row is numbered from 0 over its real tokens (generate()'s
         numbering), unless ``stock_default``: the caller gave none, so a 1-D family's stock default (an arange over
-        the padded row) is theirs, which a padded batch's bucket would change (refused)."""
+        the padded row) is theirs, which a padded batch's bucket would change (refused). ``sample_keys``: per row the
+        caller's key of its sample (what seeded methods draw from; None: a hash of the row)."""
         B, L = input_ids.shape
         if input_ids.device.type == "cpu":
             ids_h, mask_h, pos_h = input_ids, attention_mask, position_ids
@@ -271,17 +275,18 @@ class HostPlanner:
             pos_h = next(got).view(position_ids.shape) if position_ids is not None else None
         valid_h = mask_h.bool() if mask_h is not None else torch.ones(B, L, dtype=torch.bool)
         try:
-            fv = self.engine.adapter.visual_layout(visual, B, torch.where(valid_h, ids_h, -1))
+            fv = self.env.adapter.visual_layout(visual, B, torch.where(valid_h, ids_h, -1))
         except ValueError as exc:
             raise NotPlanned(str(exc)) from None
-        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, tower=fv.tower), pos_h, stock_default)
+        return _TowerPlan(ids_h, valid_h, fv, _TowerSpec(key=fv.key, tower=fv.tower), pos_h, stock_default,
+                          sample_keys)
 
     def plan_visual(self, input_ids, attention_mask, visual: dict, tp: _TowerPlan | None = None) -> "_VisualPlan":
         """The first half of :meth:`plan`: every row's visual run, the samples' structure and index
         buffer, their outputs from the dry run (a piecewise method's: the padded size) and the spec of the
         vision graph (``bucket`` 0: a piecewise prefill's first graph does not depend on the counts).
         ``tp``: :meth:`plan_tower`'s plan when it was made already."""
-        e = self.engine
+        e = self.env
         tp = tp or self.plan_tower(input_ids, attention_mask, visual)
         ids_h, valid_h, fv = tp.ids, tp.valid, tp.fv
         B = ids_h.shape[0]
@@ -305,7 +310,7 @@ class HostPlanner:
                 after, question = text_spans(ids, vis, e.prompt_spec)
                 Q = bucket_for(int(after.numel()), TEXT_BUCKETS)
                 text = (torch.arange(Q) < after.numel(), torch.isin(torch.arange(Q) + p0 + T, question))
-            smp, ch = self._plan_sample(su, sample_key(e.sample_keys, b, ids), fv.kind, at, text)
+            smp, ch = self._plan_sample(su, sample_key(tp.sample_keys, b, ids), fv.kind, at, text)
             at += sum(int(c.numel()) for c in ch)
             samples.append(smp)
             chunks += ch
@@ -367,7 +372,7 @@ class HostPlanner:
         from its source candidate (a merged token takes its target's), as the eager engine does. Returns the
         spec, the host tensors, the :class:`llava.plan.PrefillPlan` (each segment's rows per sample and bucket) and
         the first generated token's position per row ((rows, B); 1-D: the row's length)."""
-        e = self.engine
+        e = self.env
         rows, index, samples = vp.rows, vp.index, vp.spec.samples
         B = len(rows)
         real = counts if counts is not None else [s.outputs for s in samples]

@@ -158,7 +158,7 @@ def _device(model) -> list:
 def static_description(fast) -> dict:
     """What every file of this fast path shares (see the module docstring), part by part: build, device, code,
     model, layout, method, adapter, engine and the fast path's options."""
-    e = fast.engine
+    e = fast.env
     model = e.model
     par = next(model.parameters())
     impls = {}
@@ -191,7 +191,7 @@ def static_description(fast) -> dict:
         "method": [f"{type(e.method).__module__}.{type(e.method).__qualname__}", _plain(e.method.config()),
                    _attrs(e.method)],
         "adapter": [f"{type(e.adapter).__module__}.{type(e.adapter).__qualname__}", _attrs(e.adapter)],
-        "engine": [e.family, _plain(e.env.reindex)],
+        "engine": [e.family, _plain(e.reindex)],
         "fast": [fast.backend, fast.cuda_graphs, fast.regional, fast.attention, list(fast.buckets)],
     }
 

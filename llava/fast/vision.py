@@ -22,16 +22,16 @@ class CapturedVision:
 
     def __init__(self, planner: HostPlanner):
         self.planner = planner
-        self.engine = planner.engine
+        self.env = planner.env
 
     def run_tower(self, px, spec, tower_in=None) -> dict:
         """The tower of a captured prefill, its outputs by name (the tower function of a prefill, run before the
         rest of the host plan; ``spec``: a :class:`llava.fast.plan._TowerSpec` or the prefill's ``_Spec``): the
         family's static-shape run of its plan ``spec.tower`` (:meth:`FamilyAdapter.encode_static`; ``tower_in`` the
         plan's tensors on the device)."""
-        e = self.engine
+        e = self.env
         with no_output_capture():  # blocks may run outside the tower's forward
-            enc = e.adapter.encode_static(px, spec.tower, tower_in, e.env.tower)
+            enc = e.adapter.encode_static(px, spec.tower, tower_in, e.tower)
         return {k: v for k, v in enc.items() if v is not None}
 
     def visual_outputs(self, px, index, spec: _Spec, dtype, text_flat, tower_in=None, deeps=None,
@@ -44,7 +44,7 @@ class CapturedVision:
         sample's DeepStack rows (m, levels, D) carried through its selection (Qwen3-VL); ``probe_in``: the LLM
         probe's planned tensors (``spec.probe``, :mod:`llava.fast.probe`); ``tower_out``: :meth:`run_tower`'s
         outputs when the tower ran already (a function of its own), else it runs here."""
-        e = self.engine
+        e = self.env
         adapter, method = e.adapter, e.method
         enc = tower_out if tower_out is not None else self.run_tower(px, spec, tower_in)
         tokens = adapter.static_table(enc, spec.tower)  # per tower token, as the eager engine's table
