@@ -45,6 +45,46 @@ def bucket_for(n: int, buckets=BUCKETS) -> int:
 
 
 @dataclass(frozen=True)
+class Span:
+    """Where one of a sample's tensors lies in the index buffer."""
+
+    offset: int
+    length: int
+
+    def of(self, index: torch.Tensor) -> torch.Tensor:
+        return index[self.offset:self.offset + self.length]
+
+    def moved(self, delta: int) -> "Span":
+        return Span(self.offset + delta, self.length)
+
+
+@dataclass(frozen=True)
+class SampleParts:
+    """A sample's tensors in the index buffer, in the buffer's order: ``src`` its candidates' rows in the tower's
+    table, ``unit`` / ``patch`` / ``unit_pos`` / ``units`` its units (:class:`llava.families.base.VisualSample`),
+    ``plan`` the method's host draws by the method's own names (:meth:`Method.plan_vision`), and for a query-aware
+    method its padded text block (``text_rows``: their places in the new rows, ``text_mask``, ``question_mask``)."""
+
+    src: Span
+    unit: Span
+    patch: Span
+    unit_pos: Span
+    units: Span
+    plan: tuple = ()  # ((name, Span), ...)
+    text_rows: Span | None = None
+    text_mask: Span | None = None
+    question_mask: Span | None = None
+
+    def moved(self, delta: int) -> "SampleParts":
+        """Every offset moved by ``delta``."""
+        def mv(sp):
+            return sp.moved(delta) if sp is not None else None
+        return SampleParts(*(mv(getattr(self, f)) for f in ("src", "unit", "patch", "unit_pos", "units")),
+                           plan=tuple((n, sp.moved(delta)) for n, sp in self.plan), text_rows=mv(self.text_rows),
+                           text_mask=mv(self.text_mask), question_mask=mv(self.question_mask))
+
+
+@dataclass(frozen=True)
 class _Sample:
     """Everything static about one sample of a captured prefill."""
 
@@ -55,7 +95,7 @@ class _Sample:
     grid: tuple  # per unit (rows, cols)
     text: int  # rows of the padded text block (query-aware methods; 0: none)
     layouts: tuple  # per layout key: (key, ((name, offset, length) ...), static fields of the UnitLayout)
-    parts: tuple  # ((name, offset, length) ...) of the sample's other tensors in the index buffer
+    parts: SampleParts  # where the sample's other tensors lie in the index buffer
     static: tuple = ()  # the method's plan_static values (Python, hashable)
 
 
@@ -81,7 +121,7 @@ class _Spec:
 
 def _shift(s: _Sample, delta: int) -> _Sample:
     """``s`` with its index-buffer offsets moved by ``delta`` (a sample's slice on its own)."""
-    return _replace(s, parts=tuple((n, o + delta, k) for n, o, k in s.parts),
+    return _replace(s, parts=s.parts.moved(delta),
                     layouts=tuple((key, tuple((n, o + delta, k) for n, o, k in names), st)
                                   for key, names, st in s.layouts))
 
@@ -161,21 +201,21 @@ class HostPlanner:
         :func:`llava.candidates.vision_signals`), its planned tensors read from ``index``; ``text`` (Q, D) the padded
         text block (query-aware methods), its masks from ``index``; ``probe`` its ``probe_attention``
         (:func:`llava.fast.probe.run_probe`: the rows of the padded text block)."""
-        parts = {name: index[o:o + n] for name, o, n in s.parts}
+        parts = s.parts
         layouts = {}
         for key, names, static in s.layouts:
             got = {name: index[o:o + n] for name, o, n in names}
             layouts[key] = self._layout_from(static, s.units, got.__getitem__)
-        plan = {name[5:]: t for name, t in parts.items() if name.startswith("plan:")}
-        unit = parts["unit"]
+        plan = {name: sp.of(index) for name, sp in parts.plan}
+        unit = parts.unit.of(index)
         if s.text:
-            text_mask, question_mask = parts["text_mask"].bool(), parts["question_mask"].bool()
+            text_mask, question_mask = parts.text_mask.of(index).bool(), parts.question_mask.of(index).bool()
         else:
             text, text_mask, question_mask = candidates["features"][:0], None, unit[:0].bool()
         return vision_signals(
-            candidates, unit=unit, patch=parts["patch"], unit_kind=kind, grid=self.env.adapter.grid(),
+            candidates, unit=unit, patch=parts.patch.of(index), unit_kind=kind, grid=self.env.adapter.grid(),
             text_embeds=text, question_mask=question_mask, text_mask=text_mask, key=0, num_stock=s.tokens,
-            unit_pos=parts["unit_pos"].view(s.units, 2), unit_grid=list(s.grid), captured=True, layouts=layouts,
+            unit_pos=parts.unit_pos.of(index).view(s.units, 2), unit_grid=list(s.grid), captured=True, layouts=layouts,
             plan=plan, static=s.static, _probe_fn=probe)
 
     def _dry_run(self, s: _Sample, index_h: torch.Tensor, kind: str, n_text: int = 0) -> tuple:
@@ -221,18 +261,23 @@ class HostPlanner:
                 self._layouts.clear()
             self._layouts[structure] = lays
         host = self._host_signals(unit, patch, pos, su.grid, lays, key, T, kind)
-        plan = {f"plan:{k}": v.long().reshape(-1) for k, v in self.env.method.plan_vision(host).items()}
+        plan = {k: v.long().reshape(-1) for k, v in self.env.method.plan_vision(host).items()}
         static = tuple(self.env.method.plan_static(host))
-        tensors = [("src", su.src), ("unit", unit), ("patch", patch), ("unit_pos", pos.reshape(-1)),
-                   ("units", su.units)] + list(plan.items())
-        if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
-            tensors += [("text_rows", torch.zeros(text[0].numel(), dtype=torch.long)), ("text_mask", text[0]),
-                        ("question_mask", text[1])]
-        parts, lay_desc, chunks, at = [], [], [], offset
-        for name, t in tensors:
-            parts.append((name, at, int(t.numel())))
+        lay_desc, chunks, at = [], [], offset
+
+        def put(t: torch.Tensor) -> Span:  # the next tensor of the buffer
+            nonlocal at
             chunks.append(t.long())
             at += t.numel()
+            return Span(at - int(t.numel()), int(t.numel()))
+
+        fixed = [put(t) for t in (su.src, unit, patch, pos.reshape(-1), su.units)]
+        drawn = tuple((k, put(v)) for k, v in plan.items())
+        texts = {}
+        if text is not None:  # the text rows' places in the new rows are filled in once the rows are laid out
+            texts = dict(text_rows=put(torch.zeros(text[0].numel(), dtype=torch.long)), text_mask=put(text[0]),
+                         question_mask=put(text[1]))
+        parts = SampleParts(*fixed, plan=drawn, **texts)
         for k, lay in lays.items():
             names = []
             for name, t in self._layout_tensors(lay):
@@ -241,7 +286,7 @@ class HostPlanner:
                 at += t.numel()
             lay_desc.append((k, tuple(names), self._layout_static(lay)))
         s = _Sample(tokens=T, units=U, extra=E, outputs=-1, grid=tuple(su.grid),
-                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=tuple(parts),
+                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=parts,
                     static=static)
         return s, chunks
 
@@ -336,7 +381,7 @@ class HostPlanner:
         for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
             sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind, smp.static,
                        tuple((k, static) for k, _, static in smp.layouts),
-                       tuple(n for name, _, n in smp.parts if name.startswith("plan:")))
+                       tuple(sp.length for _, sp in smp.parts.plan))
             lay = rows[b]
             n_text = int(lay.ids.numel()) - lay.first - lay.tokens  # the text after the image (llm stages' text rows)
             if e.needs.llm_text_rows:  # its counts may depend on it, up to the method's cap
@@ -344,7 +389,7 @@ class HostPlanner:
                 sig_key += (n_text,)
             keys.append(sig_key)
             if sig_key not in self._counts:
-                base = smp.parts[0][1]
+                base = smp.parts.src.offset
                 end = max(o + n for _, names, _ in smp.layouts for _, o, n in names)
                 local = _shift(smp, -base)
                 try:
@@ -411,7 +456,7 @@ class HostPlanner:
                 vpos.append(own[:, p0:p0 + T])
                 nxt.append(own[:, -1] + 1)
             if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
-                o, k = {name: (o, k) for name, o, k in smp.parts}["text_rows"]
+                o = smp.parts.text_rows.offset
                 index[o:o + int(ids.numel()) - p0 - T] = b * Lb + pad + r.text_dst[p0:]
             vis0.append(pad + r.vis_dst)
         if full is None:

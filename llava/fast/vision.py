@@ -54,8 +54,7 @@ class CapturedVision:
         bad = torch.zeros((), dtype=torch.bool, device=tokens["features"].device)
         cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
         for s in spec.samples:
-            o, n = dict((name, (o, n)) for name, o, n in s.parts)["src"]
-            c = gather_tokens(tokens, index[o:o + n], newline)  # newline rows as the eager engine fills them
+            c = gather_tokens(tokens, s.parts.src.of(index), newline)  # newline rows as the eager engine fills them
             c["features"] = c["features"].to(dtype)
             cands.append(c)
         probes = [None] * len(spec.samples)
@@ -64,7 +63,6 @@ class CapturedVision:
                                [s.tokens for s in spec.samples], [s.text for s in spec.samples])
         outs, sigs, origins, counts = [], [], [], []
         for s, c, probe in zip(spec.samples, cands, probes):
-            at = {name: (o, n) for name, o, n in s.parts}
             dsf = c.pop("deepstack", None)
             if not e.needs.vision_stage:
                 if deeps is not None:
@@ -76,14 +74,12 @@ class CapturedVision:
                 counts.append(torch.full((), f.shape[0], dtype=torch.long, device=f.device))
                 continue
             if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
-                o, n = at["units"]
-                cls = adapter.static_cls(enc, spec.tower, index[o:o + n])
+                cls = adapter.static_cls(enc, spec.tower, s.parts.units.of(index))
                 cls["features"] = cls["features"].to(dtype)
                 c = with_cls(c, cls)
             text = None
             if s.text:
-                o, n = at["text_rows"]
-                text = text_flat[index[o:o + n]]
+                text = text_flat[s.parts.text_rows.of(index)]
             sig = self.planner._sample_signals(s, index, c, spec.kind, text, probe)
             sel = ask_vision(method, sig)
             if sel.num_out != s.outputs:
