@@ -6,6 +6,7 @@ import torch
 
 from llava.layers import add_deepstack, entering, run_layers
 from llava.models import load
+from llava.selection_rows import DeepStack
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_swapped_layers_and_deepstack_rows(lm):
     B, L, D = h.shape
     at = torch.tensor([2, 3, L + 4])  # sample 0 rows 2 and 3, sample 1 row 4 (flattened, row-major)
     rows = torch.randn(3, 2, D, generator=torch.Generator().manual_seed(1))  # two levels
-    ds = {"rows": rows, "at": at}
+    ds = DeepStack(rows, at)
     out, prev = run_layers(lm, h, mask, pe, range(0, 3), ds, swap={1: lambda x: 2 * x})
     # layer 0, its level's rows added at the three positions; layer 1 swapped; its level's rows; layer 2 (no level 2)
     x = _by_hand(lm, h, mask, pe, [0]).reshape(B * L, D).clone()

@@ -60,7 +60,7 @@ def test_vision_inputs_on_a_partial_load_equal_a_full_prefill(ckpt, method, budg
                                                inputs["attention_mask"])
     torch.testing.assert_close(embeds, ref, rtol=0, atol=0)
     sel = pe.selections[("vision", 0)]
-    assert torch.equal(sel.keep, ref_sel.keep) and info["candidates"] == [16]
+    assert torch.equal(sel.keep, ref_sel.keep) and info.candidates == [16]
     assert embeds.shape[1] == inputs["input_ids"].shape[1] - 16 + budget
 
 
