@@ -126,9 +126,11 @@ def value_scores(values: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor,
     w = torch.softmax(logits, dim=-1).mean(dim=0)  # (A, C)
     if row_mask is None:
         w = w.mean(dim=0)
-    else:  # the real anchor rows' mean (the seeds are real), no host read
-        real = row_mask if seeds is None else torch.cat(
-            [torch.ones(seeds.numel(), dtype=torch.bool, device=row_mask.device), row_mask])
+    else:  # the real anchor rows' mean (the seeds are real), no host read; in the anchors' order
+        real = row_mask
+        if seeds is not None:
+            ones = torch.ones(seeds.numel(), dtype=torch.bool, device=row_mask.device)
+            real = torch.cat([ones, row_mask] if rule in ALL_COLUMNS else [row_mask, ones])
         w = torch.where(real[:, None], w, torch.zeros((), device=w.device)).sum(0) / real.sum().clamp(min=1)
     return w[visual] if rule in ALL_COLUMNS else w
 

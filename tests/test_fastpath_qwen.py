@@ -28,7 +28,7 @@ CAPTURED = [("none", None), ("fastervlm", 4), ("random", 4), ("divprune", 4), ("
 #: the other captured methods (pre-LLM, then with llm stages at the tiny 4-layer LLM's scaled layers)
 OTHERS = [("novisual", None), ("downsample", 4), ("vispruner", 4), ("cdpruner", 4), ("attnmix", 12),
           ("consensusdrop", 4), ("fastv", 8), ("pdrop", None), ("visiondrop", 8), ("dart", 12), ("duet", 6),
-          ("apet", 8)]
+          ("apet", 8), ("ivcprune", 4)]
 FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 
@@ -287,3 +287,16 @@ def test_what_the_plan_cannot_do_runs_eagerly_and_says_why(rts):
     assert "hybrid" in eng.fast.refusal
     generate(q35, batch_of(q35, 1), tokens=2)
     assert eng.stats.path == "eager" and eng.stats.path_reason == eng.fast.refusal
+
+
+def test_ivcprune_qwen_rule_with_seeds_over_padded_rows_equals_the_eager_engine(rts):
+    """IVC-Prune's Qwen rule puts the query rows before the seeds among its anchors; the captured prefill's padded rows
+    are masked in that order. On llava.check's batch its stage scores one sample (6 visual tokens to 2), whose kept
+    tokens (and so tokens and first-step scores) equal the eager engine's."""
+    from llava.check.inputs import make_batch
+
+    fast, eager = rts["qwen2.5-vl"]
+    eng = fast.prune("ivcprune", 4)
+    eager.prune("ivcprune", 4)
+    _uncompiled(eng)
+    assert_same_as_eager(fast, eager, eng, make_batch(fast), tokens=3)

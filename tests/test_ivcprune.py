@@ -54,6 +54,23 @@ def test_value_scores_qwen2_vl_rule_is_the_llava_softmax_with_one_mean():
         assert torch.allclose(got, want, atol=1e-7), (num, heads)
 
 
+@pytest.mark.parametrize("rule", ["qwen", "llava", "qwen2_vl"])
+def test_value_scores_of_padded_rows_with_seeds_equal_the_real_rows(rule):
+    """A captured prefill's padded query rows (``row_mask``) with seeds: the real anchors' mean, whatever order the rule
+    puts seeds and rows in. Query row 3 padded by two rows pointing at token 0 (masked out), seed token 2: equal to
+    the unpadded rows. Worked value for the Qwen rule (softmax over the visual columns 1, 2): row 3 gives
+    [1, e^-2] / (1 + e^-2); seed 2 (v = 2): logits [0, 4] -> [1, e^4] / (1 + e^4); the score is their mean."""
+    seeds = torch.tensor([2])
+    want = value_scores(V, torch.tensor([3]), VIS, rule, seeds=seeds)
+    got = value_scores(V, torch.tensor([3, 0, 0]), VIS, rule, seeds=seeds, row_mask=torch.tensor([True, False, False]),
+                       key_mask=torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    if rule == "qwen":
+        e2, e4 = math.exp(-2), math.exp(4)
+        expect = torch.tensor([(1 / (1 + e2) + 1 / (1 + e4)) / 2, (e2 / (1 + e2) + e4 / (1 + e4)) / 2])
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+
+
 def test_coordinate_scores_average_the_tables():
     t = torch.tensor([[1.0, 3.0], [0.0, 1.0], [-1.0, -3.0]])  # (S, d)
     assert torch.equal(coordinate_scores(t, torch.tensor([0, 2])), torch.tensor([2.0, -2.0]))
