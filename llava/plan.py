@@ -224,6 +224,16 @@ def next_rows(layouts: list[RowLayout], maps: list[RowMap], old_width: int, widt
             regather_plan(maps, old, len(maps) * old_width, width, pad_src, compact))
 
 
+def stage_rows(plan: "PrefillPlan", layer: int, layouts: list[RowLayout], maps: list[RowMap], old_width: int,
+               width: int | None = None, pad_src: int | None = None,
+               compact: bool = False) -> tuple["PrefillPlan", list[RowLayout], Regather]:
+    """The rows after an llm stage before decoder ``layer``, for both executors: :func:`next_rows` (each sample's new
+    :class:`RowLayout` and the one gather; ``width``, ``pad_src`` and ``compact`` as there) and ``plan`` advanced by
+    them (:meth:`PrefillPlan.advanced`: per sample its real rows and visual tokens, the new width)."""
+    new, g = next_rows(layouts, maps, old_width, width, pad_src, compact)
+    return plan.advanced(int(layer), [r.n for r in maps], [int(r.vis_dst.numel()) for r in maps], g.width), new, g
+
+
 def rebuilt_layout(lay: RowLayout, r: RowMap, width: int) -> RowLayout:
     """The :class:`RowLayout` of the row ``lay`` rebuilt by ``r`` and left-padded to ``width`` (text ids carried,
     visual rows -1)."""

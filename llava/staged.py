@@ -27,7 +27,7 @@ from .layers import decoder_masks, first_full_layer, run_layers
 from .layout import place_outputs
 from .llm_stage import StageEntry, StageRows, stage_signals
 from .method import Selection
-from .plan import PrefillPlan, next_rows, text_spans
+from .plan import PrefillPlan, stage_rows, text_spans
 from .prefill import EngineEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
 from .selection_rows import DeepStack, _deepstack, regathered
@@ -135,14 +135,12 @@ class StagedDecoder:
                 ctx.subblocks = rec.take() if rec is not None else {}
                 if rows.ds is not None and a >= rows.ds.rows.shape[1]:
                     rows.ds = None  # every DeepStack level was added before this stage
-                dropped, src_rows = self._llm_stage(ctx, rows, s - 1, a, keep_rows=past)
+                plan, dropped, src_rows = self._llm_stage(ctx, plan, rows, s - 1, a, keep_rows=past)
                 if self.env.reindex:
                     rows.shift = rows.shift + dropped
                 if past:  # the layers before the stage keep the kept rows only: those segments now have this layout
                     segments[:] = _past_segments(segments, past_from, a, rows.mask, rows.shift)
                     _gather_past(cache, a, src_rows, past_from)
-                plan = plan.advanced(a, [int(lay.real.numel()) for lay in rows.layouts],
-                                     [int(lay.visual.numel()) for lay in rows.layouts], rows.h.shape[1])
                 ctx.clock.mark("stage_end")
             h, mask, pos, ds = rows.h, rows.mask, rows.pos, rows.ds
             segments.append(_DecodeSegment(start=a, mask=mask, shift=rows.shift.clone()))
@@ -172,11 +170,12 @@ class StagedDecoder:
         finally:
             attn.config = old
 
-    def _llm_stage(self, ctx: _Prefill, rows: "_Rows", stage: int, layer_idx: int, keep_rows: bool = False):
+    def _llm_stage(self, ctx: _Prefill, plan: PrefillPlan, rows: "_Rows", stage: int, layer_idx: int,
+                   keep_rows: bool = False):
         """One llm stage on the padded batch: ``rows`` replaced by the stage's outputs, laid out by one gather
-        (:func:`llava.plan.next_rows`; pad rows read a zero row). Returns (B,) the rows each sample dropped and,
-        with ``keep_rows``, (B, L') the row of the old ``h`` each new row came from (a merged token: its target's;
-        padding: row 0) for ``_gather_past``, else None."""
+        (:func:`llava.plan.stage_rows`, as the captured executor's; pad rows read a zero row). Returns ``plan``
+        advanced by the stage, (B,) the rows each sample dropped and, with ``keep_rows``, (B, L') the row of the old
+        ``h`` each new row came from (a merged token: its target's; padding: row 0) for ``_gather_past``, else None."""
         h, mask, pos, layouts, ds = rows.h, rows.mask, rows.pos, rows.layouts, rows.ds
         B, L, D = h.shape
         dev = h.device
@@ -210,7 +209,7 @@ class StagedDecoder:
             placed.append(r)
             new_org.append(out.origin)
             new_ent.append(out.entry)
-        new_layouts, g = next_rows(layouts, placed, L, compact=True)
+        plan, new_layouts, g = stage_rows(plan, layer_idx, layouts, placed, L, compact=True)
         new_L, m2_h = g.width, g.mask
         dropped = [int(lay.real.numel()) - r.n for lay, r in zip(layouts, placed)]
         ds_at = [g.vis_at] if deep_in is not None else []  # what only DeepStack / reindex read
@@ -232,7 +231,7 @@ class StagedDecoder:
             ds = _deepstack(torch.cat(deep_out), moved[4], B, new_L)
         rows.h, rows.mask, rows.pos, rows.layouts, rows.origin, rows.entry, rows.ds = \
             h2, m2, p2, new_layouts, new_org, new_ent, ds
-        return dropped, src_rows
+        return plan, dropped, src_rows
 
     def _grad_fn(self, layer_idx: int, one: StageRows):
         """TRIO's proxy-loss gradient of a sample's rows ``one`` entering decoder ``layer_idx``

@@ -30,7 +30,7 @@ import torch
 from ..attention_rows import CachedRows, cached_kv
 from ..llm_stage import StageEntry, StageRows, stage_signals
 from ..method import Selection
-from ..plan import PrefillPlan, next_rows, rebuilt_row
+from ..plan import PrefillPlan, rebuilt_row, stage_rows
 from ..layers import run_layers
 from ..selection_rows import DeepStack
 from .inputs import StageInputs
@@ -122,7 +122,7 @@ def plan_stages(needs, rows, layouts, plan: PrefillPlan, counts, buckets, bucket
                 text_q.append(Q)
                 n_text.append(text_count(needs, n_after))
         vis = torch.cat([lay.real[lay.visual] for lay in layouts])
-        layouts, g = next_rows(layouts, maps, Lp, Lb, pad_src=0)  # pad rows read row 0
+        plan, layouts, g = stage_rows(plan, layer, layouts, maps, Lp, Lb, pad_src=0)  # pad rows read row 0
         # its mask: prompt_mask on the device, from the pads
         tensors.append(StageInputs(vis=vis, src=g.src, ar=g.ar, first=g.first, pad=g.pad,
                                    text=torch.cat(text) if text else None,
@@ -130,7 +130,6 @@ def plan_stages(needs, rows, layouts, plan: PrefillPlan, counts, buckets, bucket
                                    ds_at=g.vis_at if layer < deepstack else None))
         if text:
             texts.append((tuple(text_q), tuple(n_text)))
-        plan = plan.advanced(int(layer), [r.n for r in maps], m_out, Lb)
     return plan, tensors, tuple(texts)
 
 
