@@ -24,9 +24,9 @@ original forward: untouched.
 
 This file is the core (install / remove, ``forward``, the decode state; the stats and the phase clock of
 ``PrefillStats.timings`` are in :mod:`llava.stats`). The eager executor has two parts, each built here from what the
-engine fixes at attach (:class:`llava.prefill.EngineEnv`, which the fast path reads too): steps 1-3 are planned on the host by
-:class:`llava.layout.VisionStage` (``engine.vision``), step 4 and decode run in :class:`llava.staged.StagedDecoder`
-(``engine.decoder``).
+engine fixes at attach (:class:`llava.prefill.EngineEnv`, which the fast path reads too): steps 1-3 are planned on
+the host by :class:`llava.layout.VisionStage` (``engine.vision``), step 4 and decode run in
+:class:`llava.staged.StagedDecoder` (``engine.decoder``).
 """
 
 from __future__ import annotations

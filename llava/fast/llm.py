@@ -96,13 +96,13 @@ def plan_stages(needs, rows, layouts, plan: PrefillPlan, counts, buckets, bucket
     ``layouts``: per sample the layout of its row entering decoder layer 0 (in its bucket); ``plan``: the
     :class:`llava.plan.PrefillPlan` of those rows (one segment); ``counts``: per sample, its visual tokens entering
     layer 0 then after each stage. Returns the plan advanced at every stage (each segment's rows per sample and
-    bucket), the stages' host tensors (per stage: the visual rows entering it, the next rows' gather, positions,
-    first-position gather, pad rows per sample ("pad": the 4-D mask is built from it on the device,
-    :func:`prompt_mask`)) and what each stage shows the method of the text after the image (``needs``: the method's
-    :class:`llava.needs.Needs`): with ``needs.llm_text_rows`` per stage (the padded rows per sample, the real rows per
-    sample up to the method's cap), the rows themselves padded to ``text_buckets`` ("text", "text_mask"); else ``()``.
-    For a stage before decoder layer ``deepstack`` (DeepStack levels still to add) also the next segment's visual rows,
-    flattened ("ds_at")."""
+    bucket), the stages' host tensors (one :class:`llava.fast.inputs.StageInputs` per stage: the visual rows entering
+    it, the next rows' gather, positions, first-position gather, pad rows per sample, from which the 4-D mask is built
+    on the device, :func:`prompt_mask`) and what each stage shows the method of the text after the image (``needs``:
+    the method's :class:`llava.needs.Needs`): with ``needs.llm_text_rows`` per stage (the padded rows per sample, the
+    real rows per sample up to the method's cap), the rows themselves padded to ``text_buckets`` (``text``,
+    ``text_mask``); else ``()``. For a stage before decoder layer ``deepstack`` (DeepStack levels still to add) also
+    the next segment's visual rows, flattened (``ds_at``)."""
     tensors, texts = [], []
     for stage, layer in enumerate(needs.llm_layers):
         seg = plan.segments[-1]

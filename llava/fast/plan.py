@@ -163,7 +163,8 @@ class _VisualPlan:
 
 class HostPlanner:
     """The host plan of a captured prefill (:class:`llava.fast.path.FastPath` keeps one): what it reads of the
-    attached engine (``env``, :class:`llava.prefill.EngineEnv`: the method, its needs and the adapter), the length ``buckets``, the generated tokens the cache holds (``max_new_tokens``), whether the
+    attached engine (``env``, :class:`llava.prefill.EngineEnv`: the method, its needs and the adapter), the length
+    ``buckets``, the generated tokens the cache holds (``max_new_tokens``), whether the
     vision stage is ``piecewise``; it keeps the dry runs' counts per sample structure and the host unit layouts."""
 
     def __init__(self, env: EngineEnv, buckets: tuple, max_new_tokens: int, piecewise: bool):

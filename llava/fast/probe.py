@@ -42,11 +42,12 @@ def plan_probe(layers, rows, text_q: list, bucket_for, buckets, positions=None, 
     """The host plan of the probe. ``rows``: per sample the unpruned prompt's :class:`llava.plan.RowLayout` (its
     ids, first visual position p0, visual tokens T); ``text_q``: per sample the padded text block's size Q (the
     vision stage's, rows p0 + T + i of the prompt for i < its real count); ``positions``: per sample (rows, n) the
-    prompt's own positions (M-RoPE) or None (contiguous from each row's ``first`` position (B,), 0 without it). Returns (:class:`ProbeSpec`, host tensors: ``tok``
-    (B, L) the ids with the placeholders zeroed, ``src`` (B * L) the gather from [their embeddings, every sample's T
-    stock visual rows], ``pos``, ``pad`` (B,) pad rows (the mask: :func:`llava.fast.llm.prompt_mask`, on the
-    device), ``real`` (B, L) bool, ``vis`` (sum T) and ``text`` (sum Q) rows within each sample's padded row; a
-    text pad points at the sample's last row)."""
+    prompt's own positions (M-RoPE) or None (contiguous from each row's ``first`` position (B,), 0 without it).
+    Returns (:class:`ProbeSpec`, :class:`llava.fast.inputs.ProbeInputs`: ``tok`` (B, L) the ids with the
+    placeholders zeroed, ``src`` (B * L) the gather from [their embeddings, every sample's T stock visual rows],
+    ``pos``, ``pad`` (B,) pad rows (the mask: :func:`llava.fast.llm.prompt_mask`, on the device), ``real`` (B, L)
+    bool, ``vis`` (sum T) and ``text`` (sum Q) rows within each sample's padded row; a text pad points at the
+    sample's last row)."""
     B = len(rows)
     lens = [int(lay.ids.numel()) for lay in rows]
     L = bucket_for(max(lens), buckets)
