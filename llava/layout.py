@@ -5,7 +5,8 @@ from the method's selections back to re-spliced, re-padded rows.
 it fixed at attach (:class:`llava.prefill.EngineEnv`). The layout of every row is worked out on the host from ONE
 copy of ``input_ids`` and the mask per prefill (:class:`llava.plan.RowLayout`: real positions, visual indices, ids,
 the captured plan's record too); the device only gathers and scatters with those indices, and a rebuilt row is laid
-out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.plan.next_rows`). The staged decoder
+out by :mod:`llava.plan`'s row arithmetic (:func:`place_outputs`, :func:`llava.plan.vision_rows`, as the captured
+executor's, which also starts the prefill's :class:`llava.plan.PrefillPlan`). The staged decoder
 (:mod:`llava.staged`) re-uses them at its llm stages.
 """
 
@@ -22,7 +23,8 @@ from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
 from .positions import first_positions, prompt_positions, renumbered
-from .plan import RowLayout, RowMap, next_rows, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans
+from .plan import (PrefillPlan, RowLayout, RowMap, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans,
+                   vision_rows)
 from .prefill import EngineEnv, VisionOut, _Prefill
 from .selection_rows import _deepstack, regathered
 from .stage_step import ask_vision, vision_outputs
@@ -133,13 +135,14 @@ class VisionStage:
         if needs.vision_stage and any(noop) and method.budget is not None:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
-        candidates = [int(lay.visual.numel()) for lay in layouts]
-        if all(noop):  # identical to the stock model: same tensors, nothing re-laid out
+        if all(noop):  # identical to the stock model: same tensors, nothing re-laid out, at the caller's width
+            plan = PrefillPlan.start("eager", len(self.lm.layers), [lay.tokens for lay in layouts],
+                                     [int(lay.real.numel()) for lay in layouts], [lay.tokens for lay in layouts], L)
             return embeds, attention_mask, position_ids, VisionOut(
-                candidates, noop, layouts, torch.zeros(B, dtype=torch.long, device=dev), deepstack=stock_ds)
-        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, candidates, noop)
+                plan, noop, layouts, torch.zeros(B, dtype=torch.long, device=dev), deepstack=stock_ds)
+        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, noop)
 
-    def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, candidates, noop):
+    def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, noop):
         """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left.
 
         The new layout of every row is computed on the host (text tokens keep their order; each
@@ -168,7 +171,7 @@ class VisionStage:
                 out_deep = out_deep[perm] if out_deep is not None else None
             rows.append(row)
             outs.append((out_feats, out_src, out_deep))
-        new_layouts, g = next_rows(layouts, rows, L, compact=True)
+        plan, new_layouts, g = vision_rows("eager", len(self.lm.layers), layouts, rows, L, compact=True)
         new_L, new_mask_h = g.width, g.mask
         keep_pos = self.adapter.keeps_positions and position_ids is not None
         deep = bool(outs) and outs[0][2] is not None  # DeepStack rows: the outputs' new places
@@ -196,7 +199,7 @@ class VisionStage:
         ds = None
         if deep:  # the kept / merged tokens' rows at their new places
             ds = _deepstack(torch.cat([d for _, _, d in outs]), moved[3], B, new_L)
-        return new_embeds, new_mask, new_pos, VisionOut(candidates, noop, new_layouts, shift, origin, ds)
+        return new_embeds, new_mask, new_pos, VisionOut(plan, noop, new_layouts, shift, origin, ds)
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
         """Sample ``b``'s probe (:func:`llava.attention_rows.sample_probe`) over the unpruned prompt: ``real`` the row

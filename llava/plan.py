@@ -190,38 +190,54 @@ class Regather:
 
 
 def regather_plan(maps: list[RowMap], old: list[torch.Tensor], base: int, width: int, pad_src: int | None = None,
-                  compact: bool = False) -> Regather:
+                  compact: bool = False, slots: list[int] | None = None) -> Regather:
     """The gather of the rows after a stage, each sample's rebuilt row (``maps``: its :class:`RowMap`) left-padded to
     ``width``, from one source: the old rows flattened (``old``: per sample the flat row of each of its real rows,
     in order), then from ``base`` on every sample's outputs, one sample after the other in output order; a pad
     row reads ``pad_src`` (None: the row after the outputs, e.g. a zero row). ``compact``: the source holds only the
     old rows read (``take``, in the order of the new rows), then the outputs, not every old row (the eager executor:
-    the dropped rows are never copied). Both executors lay out their rows with it, after the vision stage and each
-    llm stage."""
+    the dropped rows are never copied). ``slots``: per sample the length of its outputs' slice of the source (None:
+    its outputs; the captured executor's piecewise prefill: its padded count, its real outputs first). Both executors
+    lay out their rows with it, after the vision stage and each llm stage."""
     take = [o[r.text_src] for r, o in zip(maps, old)]
     n_take = sum(int(t.numel()) for t in take)
     at_take, at = 0, (n_take if compact else base)
-    end = at + sum(int(r.vis_dst.numel()) for r in maps)
+    slots = [int(r.vis_dst.numel()) for r in maps] if slots is None else slots
+    end = at + sum(slots)
     src = torch.full((len(maps), width), end if pad_src is None else pad_src, dtype=torch.long)
-    for b, (r, t) in enumerate(zip(maps, take)):
+    for b, (r, t, n_slot) in enumerate(zip(maps, take, slots)):
         pad, m, k = width - r.n, int(r.vis_dst.numel()), int(t.numel())
         src[b, pad + r.text_dst] = torch.arange(at_take, at_take + k) if compact else t
         src[b, pad + r.vis_dst] = torch.arange(at, at + m)
-        at_take, at = at_take + k, at + m
+        at_take, at = at_take + k, at + n_slot
     return Regather(src.reshape(-1), torch.cat(take) if compact and take else None, tuple(maps), width)
 
 
 def next_rows(layouts: list[RowLayout], maps: list[RowMap], old_width: int, width: int | None = None,
-              pad_src: int | None = None, compact: bool = False) -> tuple[list[RowLayout], Regather]:
+              pad_src: int | None = None, compact: bool = False,
+              slots: list[int] | None = None) -> tuple[list[RowLayout], Regather]:
     """The rows after a stage, for both executors: each sample's row entering it (``layouts``, left-padded to
     ``old_width``) rebuilt by its :class:`RowMap` (``maps``) and left-padded to ``width`` (None: the longest, the
     eager executor; the captured one: its bucket). Returns each sample's new :class:`RowLayout` (text ids carried,
     visual rows -1) and the one gather that lays the rows out (:func:`regather_plan` from the old rows flattened,
-    ``pad_src`` and ``compact`` as there)."""
+    ``pad_src``, ``compact`` and ``slots`` as there)."""
     width = max(r.n for r in maps) if width is None else width
     old = [b * old_width + lay.real for b, lay in enumerate(layouts)]
     return ([rebuilt_layout(lay, r, width) for lay, r in zip(layouts, maps)],
-            regather_plan(maps, old, len(maps) * old_width, width, pad_src, compact))
+            regather_plan(maps, old, len(maps) * old_width, width, pad_src, compact, slots))
+
+
+def vision_rows(path: str, n_layers: int, layouts: list[RowLayout], maps: list[RowMap], old_width: int,
+                width: int | None = None, pad_src: int | None = None, compact: bool = False,
+                slots: list[int] | None = None) -> tuple["PrefillPlan", list[RowLayout], Regather]:
+    """The rows after the vision stage, for both executors: :func:`next_rows` (each sample's new :class:`RowLayout`
+    and the one gather; ``width``, ``pad_src``, ``compact`` and ``slots`` as there) and the :class:`PrefillPlan` that
+    starts on them (``path``: "eager" or "fast"; per sample its stock visual tokens as candidates, one segment over
+    the ``n_layers`` decoder layers until an llm stage advances it, :func:`stage_rows`)."""
+    new, g = next_rows(layouts, maps, old_width, width, pad_src, compact, slots)
+    plan = PrefillPlan.start(path, n_layers, [lay.tokens for lay in layouts], [r.n for r in maps],
+                             [int(r.vis_dst.numel()) for r in maps], g.width)
+    return plan, new, g
 
 
 def stage_rows(plan: "PrefillPlan", layer: int, layouts: list[RowLayout], maps: list[RowMap], old_width: int,

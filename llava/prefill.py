@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .families.base import FamilyAdapter
     from .method import Method
     from .needs import Needs, TowerCall
-    from .plan import PromptSpec
+    from .plan import PrefillPlan, PromptSpec
     from .selection_rows import DeepStack
 
 
@@ -47,17 +47,23 @@ class EngineEnv:
 @dataclass
 class VisionOut:
     """What the vision stage tells the rest of a prefill (and :meth:`llava.engine.PruningEngine.vision_inputs`'s
-    caller), per sample: ``candidates`` its stock visual tokens, ``noop`` whether the stage left it as the stock
-    model has it, ``layouts`` its rows' host layout (:class:`llava.plan.RowLayout`) after the stage, ``origin`` each
+    caller): ``plan`` the :class:`llava.plan.PrefillPlan` that starts on its rows (per sample its stock visual tokens,
+    its rows and visual tokens entering decoder layer 0, their width), per sample ``noop`` whether the stage left it
+    as the stock model has it, ``layouts`` its rows' host layout (:class:`llava.plan.RowLayout`) after the stage, ``origin`` each
     visual token's source candidate when the rows were rebuilt (None: they were not), ``pos_shift`` (B,) the original
     less the LLM-space position (for decode), ``deepstack`` the DeepStack rows at the visual rows (Qwen3-VL)."""
 
-    candidates: list
+    plan: PrefillPlan
     noop: list
     layouts: list
     pos_shift: torch.Tensor
     origin: list | None = None
     deepstack: DeepStack | None = None
+
+    @property
+    def candidates(self) -> list:
+        """Per sample its stock visual tokens (the plan's candidates)."""
+        return list(self.plan.candidates)
 
 
 @dataclass

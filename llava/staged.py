@@ -76,10 +76,7 @@ class StagedDecoder:
         each llm stage) and the decode segments (None: the stock language model ran). Each llm stage is marked on
         ``ctx.clock`` (its time counts as selection)."""
         B, L = embeds.shape[:2]
-        layouts = info.layouts
-        plan = PrefillPlan.start("eager", len(self.lm.layers), info.candidates,
-                                 [int(lay.real.numel()) for lay in layouts],
-                                 [int(lay.visual.numel()) for lay in layouts], L)
+        layouts, plan = info.layouts, info.plan  # the plan starts on the vision stage's rows (llava.plan.vision_rows)
         ds = info.deepstack  # Qwen3-VL: rows added at the visual positions after the first layers
         if not self.llm_layers:
             if ds is not None:  # the stock text model adds them (row-major order of the mask)

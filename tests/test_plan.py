@@ -8,7 +8,8 @@ import torch
 
 from llava.check.inputs import make_batch
 from llava.models import load
-from llava.plan import PrefillPlan, Segment, next_rows, rebuilt_row, regather_plan, row_layouts, run_ids, run_spans
+from llava.plan import (PrefillPlan, Segment, next_rows, rebuilt_row, regather_plan, row_layouts, run_ids, run_spans,
+                        vision_rows)
 
 
 def test_run_spans_are_the_consecutive_runs():
@@ -88,6 +89,30 @@ def test_regather_plan_lays_out_both_rows_from_one_source():
         (g.pad.tolist(), g.ar.tolist(), g.first.tolist(), g.vis_at.tolist())
     source = torch.cat([torch.arange(12.0)[c.take], torch.tensor([100.0, 101.0, 102.0, 0.0])])
     assert torch.equal(source[c.src].view(2, 5), rows)
+
+
+def test_vision_rows_start_the_plan_and_give_padded_slots_their_place():
+    """The rows after the vision stage for both executors, on the two rows of the test above (maps: 1 output for
+    row 0's run (2, 2), 2 for row 1's run (1, 3)). The eager executor: the exact width 5, a compact source. The
+    captured one: a bucket of 8 and each sample's outputs in a slice of 3 (a piecewise prefill's padded count): the
+    compact source is the 6 text rows, then row 0's slice (6..8, its output at 6), row 1's (9..11, its outputs at 9
+    and 10), then the pad row (12). Both start the same segment: per sample its stock visual tokens, its rows and
+    outputs entering layer 0."""
+    ids = torch.tensor([[0, 5, 6, 9, 9, 7], [5, 9, 9, 9, 6, 7]])
+    lays = row_layouts(ids, ids.ne(0), ids.eq(9))
+    maps = [rebuilt_row(5, run_spans(lays[0].visual), [1]), rebuilt_row(6, run_spans(lays[1].visual), [2])]
+    plan, new, g = vision_rows("eager", 4, lays, maps, 6, compact=True)
+    assert g.width == 5 and g.src.tolist() == [9, 0, 1, 6, 2, 3, 7, 8, 4, 5] and g.take.tolist() == [1, 2, 5, 6, 10, 11]
+    assert plan == PrefillPlan.start("eager", 4, (2, 3), (4, 5), (1, 2), 5)
+    assert [lay.ids.tolist() for lay in new] == [[5, 6, -1, 7], [5, -1, -1, 6, 7]]
+    fast, new8, b = vision_rows("fast", 4, lays, maps, 6, width=8, compact=True, slots=[3, 3])
+    assert b.src.view(2, 8).tolist() == [[12, 12, 12, 12, 0, 1, 6, 2], [12, 12, 12, 3, 9, 10, 4, 5]]
+    assert b.vis_at.tolist() == [6, 12, 13] and b.pad.tolist() == [4, 3]
+    assert fast.segments == (Segment(range(0, 4), (4, 5), (1, 2), 8),) and fast.candidates == (2, 3)
+    assert [lay.real.tolist() for lay in new8] == [[4, 5, 6, 7], [3, 4, 5, 6, 7]]
+    # the default slot is the outputs: the same gather as without slots
+    assert torch.equal(vision_rows("fast", 4, lays, maps, 6, 8, compact=True, slots=[1, 2])[2].src,
+                       vision_rows("fast", 4, lays, maps, 6, 8, compact=True)[2].src)
 
 
 def test_a_plan_splits_its_last_segment_at_each_stage():

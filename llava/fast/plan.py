@@ -25,7 +25,7 @@ from ..families.base import VisualSample, cls_rows, sample_units
 from ..ops import UnitLayout, unit_layout
 from ..stage_step import ask_vision
 from ..prefill import EngineEnv
-from ..plan import PrefillPlan, rebuilt_layout, rebuilt_row, row_layouts, sample_key, text_spans
+from ..plan import rebuilt_row, row_layouts, sample_key, text_spans, vision_rows
 from ..positions import contiguous, first_positions, prompt_positions, renumbered
 
 #: prefill lengths the captured functions are compiled for (a longer prompt rounds up to 256)
@@ -159,6 +159,7 @@ class _VisualPlan:
     dry: list  # per sample: the dry run's outputs of the vision stage, then of each llm stage
     positions: list | None = None  # per row (rows, n) host positions of its real tokens, unpruned (M-RoPE)
     first: torch.Tensor | None = None  # (B,) 1-D families: each row's first position (the caller's; else 0)
+    width: int = 0  # the prompt's padded length (the rows' old width)
 
 
 class HostPlanner:
@@ -405,7 +406,7 @@ class HostPlanner:
                      index_len=int(index.numel()), tower=fv.tower,
                      mrope=int(positions[0].shape[0]) if positions is not None else 0,
                      deepstack=int(e.adapter.deepstack_levels))
-        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], positions, first)
+        return _VisualPlan(spec, rows, index, [self._counts[k] for k in keys], positions, first, int(ids_h.shape[1]))
 
     def plan_rows(self, vp: "_VisualPlan", counts: list[int] | None = None):
         """The second half of :meth:`plan`: the length bucket, the new rows' gather, positions and pads (and
@@ -426,42 +427,37 @@ class HostPlanner:
         lens = [r.n for r in maps]
         Lb = bucket_for(max(lens), self.buckets)
         C = Lb + -(-self.max_new_tokens // DECODE_STEP) * DECODE_STEP
-        plan = PrefillPlan.start("fast", len(e.lm.layers), [lay.tokens for lay in rows], lens, real, Lb)
+        # the new rows, [pad, text before, m outputs, text after] left-padded to the bucket, as the eager executor lays
+        # out its own (at its exact width): one gather from [the text rows kept, every sample's slice of outputs, a pad]
+        slots = [s.outputs for s in samples]  # a padded sample's slice of the outputs is longer
+        plan, new, g = vision_rows("fast", len(e.lm.layers), rows, maps, vp.width, Lb, compact=True, slots=slots)
         stage_host, texts = [], ()
         if e.needs.llm_layers:  # the llm segments (llava.fast.llm): later buckets are never longer
             if counts is not None:
                 raise refusals.piecewise_stages(e.method.name)
-            plan, stage_host, texts = plan_stages(e.needs, rows, [rebuilt_layout(lay, r, Lb) for lay, r in
-                                                                  zip(rows, maps)], plan, vp.dry, self.buckets,
-                                                  bucket_for, TEXT_BUCKETS, deepstack=vp.spec.deepstack)
-        # the new rows: [pad, text before, m outputs, text after], left-padded to the bucket
-        tok = torch.zeros(B, Lb, dtype=torch.long)
-        src = torch.arange(B * Lb).view(B, Lb).clone()
+            plan, stage_host, texts = plan_stages(e.needs, rows, new, plan, vp.dry, self.buckets, bucket_for,
+                                                  TEXT_BUCKETS, deepstack=vp.spec.deepstack)
+        n_text, n_out = int(g.take.numel()), sum(slots)
+        outputs = (g.src >= n_text) & (g.src < n_text + n_out)
+        # the captured function embeds the new rows' ids (outputs and pads: token 0), then gathers: a text or pad row
+        # reads its own embedding, an output its row of [embedded ids, outputs]
+        tok = torch.cat([torch.cat([lay.ids[r.text_src] for lay, r in zip(rows, maps)]),
+                         torch.zeros(n_out + 1, dtype=torch.long)])[g.src].view(B, Lb)
+        src = torch.where(outputs, B * Lb + g.src - n_text, torch.arange(B * Lb))
         full = vp.positions
-        pos = torch.zeros(B, Lb, dtype=torch.long) if full is None else torch.zeros(vp.spec.mrope, B, Lb,
-                                                                                     dtype=torch.long)
-        vpos, nxt = [], []
-        vis0 = []  # the visual rows entering layer 0 (DeepStack)
-        out_at = B * Lb
-        for b, (lay, r, n, smp, m) in enumerate(zip(rows, maps, lens, samples, real)):
-            ids, p0, T = lay.ids, lay.first, lay.tokens
-            pad = Lb - n
-            tok[b, pad + r.text_dst] = ids[r.text_src]
-            src[b, pad + r.vis_dst] = out_at + torch.arange(m)
-            out_at += smp.outputs  # a padded sample's slice of the buffer is longer
-            if full is None:  # numbered below, from the row's first position
-                nxt.append(n + int(vp.first[b]))
-            else:  # the real rows' own positions (pads: 0, masked)
-                own = full[b]
-                pos[:, b, pad + r.text_dst] = own[:, r.text_src]
-                vpos.append(own[:, p0:p0 + T])
-                nxt.append(own[:, -1] + 1)
+        if full is None:  # contiguous from the row's first position
+            pos = renumbered(g.mask, vp.first)
+            nxt = torch.tensor([n + int(f) for n, f in zip(lens, vp.first)], dtype=torch.long)
+        else:  # the text rows' own positions (outputs and pads: 0; the captured function gathers the outputs')
+            R = vp.spec.mrope
+            pos = torch.cat([own[:, r.text_src] for own, r in zip(full, maps)] + [torch.zeros(R, n_out + 1,
+                                                                                              dtype=torch.long)], 1)
+            pos = pos[:, g.src].view(R, B, Lb)
+            nxt = torch.stack([own[:, -1] + 1 for own in full], 1)
+        for b, (lay, r, smp) in enumerate(zip(rows, maps, samples)):
             if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
-                o = smp.parts.text_rows.offset
-                index[o:o + int(ids.numel()) - p0 - T] = b * Lb + pad + r.text_dst[p0:]
-            vis0.append(pad + r.vis_dst)
-        if full is None:
-            pos = renumbered((torch.arange(Lb) >= torch.tensor([Lb - n for n in lens])[:, None]).long(), vp.first)
+                o, p0 = smp.parts.text_rows.offset, lay.first
+                index[o:o + int(lay.ids.numel()) - p0 - lay.tokens] = b * Lb + Lb - r.n + r.text_dst[p0:]
         probe = probe_host = None
         if e.needs.vision_stage and e.needs.probe_layers:  # the LLM probe on the unpruned prompt (llava.fast.probe)
             if vp.spec.deepstack:
@@ -471,10 +467,9 @@ class HostPlanner:
         spec = _replace(vp.spec, bucket=Lb, cache_len=C, segments=plan.key(), texts=texts, probe=probe)
         # the 4-D mask is built on the device from the pads (llava.fast.llm.prompt_mask); with DeepStack, the visual
         # rows entering layer 0, flattened: where its rows go
-        host = PrefillInputs(tok=tok, src=src.reshape(-1), pos=pos, pad=torch.tensor([Lb - n for n in lens]),
-                             index=index, vpos=torch.cat(vpos, 1) if full is not None else None,
-                             ds_at=torch.cat([b * Lb + v for b, v in enumerate(vis0)]) if vp.spec.deepstack else None,
+        host = PrefillInputs(tok=tok, src=src, pos=pos, pad=g.pad, index=index,
+                             vpos=torch.cat([own[:, lay.first:lay.first + lay.tokens] for own, lay in zip(full, rows)], 1)
+                             if full is not None else None, ds_at=g.vis_at if vp.spec.deepstack else None,
                              stages=tuple(stage_host), probe=probe_host)
-        nxt = torch.tensor(nxt, dtype=torch.long) if full is None else torch.stack(nxt, 1)
         return spec, host, plan, nxt
 
