@@ -85,6 +85,51 @@ class SampleParts:
 
 
 @dataclass(frozen=True)
+class LayoutParts:
+    """One of a sample's host :class:`llava.ops.UnitLayout` s in the index buffer: its ``key`` ((patch, stock, pos),
+    as :meth:`llava.signals.VisionSignals.layout` asks for it), where each of its index tensors lies (``newlines``,
+    then per unit its ``tokens``, ``cls`` and ``patches``, in the buffer's order) and its ``static`` fields (the
+    per-unit counts, ``unit_pos``, ``grid``)."""
+
+    key: tuple
+    newlines: Span
+    tokens: tuple
+    cls: tuple
+    patches: tuple
+    static: tuple
+
+    @classmethod
+    def put(cls, key: tuple, lay: UnitLayout, put) -> "LayoutParts":
+        """``lay``'s parts, each index tensor handed to ``put`` (which appends it to the buffer and returns its
+        :class:`Span`) in the buffer's order."""
+        newlines = put(lay.newlines)
+        per = [(put(lay.tokens[u]), put(lay.cls[u]), put(lay.patches[u])) for u in range(lay.num_units)]
+        static = (tuple(lay.num_stock), tuple(lay.num_cls_stock), tuple(lay.num_patch_stock), lay.num_newline_stock,
+                  tuple(map(tuple, lay.unit_pos)) if lay.unit_pos is not None else None, lay.grid)
+        return cls(key, newlines, *(tuple(p[i] for p in per) for i in range(3)), static)
+
+    def of(self, index: torch.Tensor) -> UnitLayout:
+        """The layout with its index tensors read from ``index``."""
+        num_stock, num_cls, num_patch, num_nl, unit_pos, grid = self.static
+        return UnitLayout(tokens=[sp.of(index) for sp in self.tokens], cls=[sp.of(index) for sp in self.cls],
+                          patches=[sp.of(index) for sp in self.patches], newlines=self.newlines.of(index),
+                          num_stock=list(num_stock), num_cls_stock=list(num_cls), num_patch_stock=list(num_patch),
+                          num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
+                          grid=grid)
+
+    def moved(self, delta: int) -> "LayoutParts":
+        return LayoutParts(self.key, self.newlines.moved(delta), *(tuple(sp.moved(delta) for sp in sps)
+                                                                   for sps in (self.tokens, self.cls, self.patches)),
+                           self.static)
+
+    @property
+    def end(self) -> int:
+        """The offset after its last tensor."""
+        last = self.patches[-1] if self.patches else self.newlines
+        return last.offset + last.length
+
+
+@dataclass(frozen=True)
 class _Sample:
     """Everything static about one sample of a captured prefill."""
 
@@ -94,7 +139,7 @@ class _Sample:
     outputs: int  # selection outputs (m)
     grid: tuple  # per unit (rows, cols)
     text: int  # rows of the padded text block (query-aware methods; 0: none)
-    layouts: tuple  # per layout key: (key, ((name, offset, length) ...), static fields of the UnitLayout)
+    layouts: tuple  # LayoutParts per layout key
     parts: SampleParts  # where the sample's other tensors lie in the index buffer
     static: tuple = ()  # the method's plan_static values (Python, hashable)
 
@@ -121,9 +166,7 @@ class _Spec:
 
 def _shift(s: _Sample, delta: int) -> _Sample:
     """``s`` with its index-buffer offsets moved by ``delta`` (a sample's slice on its own)."""
-    return _replace(s, parts=s.parts.moved(delta),
-                    layouts=tuple((key, tuple((n, o + delta, k) for n, o, k in names), st)
-                                  for key, names, st in s.layouts))
+    return _replace(s, parts=s.parts.moved(delta), layouts=tuple(lp.moved(delta) for lp in s.layouts))
 
 
 @dataclass(frozen=True)
@@ -176,38 +219,13 @@ class HostPlanner:
         self._counts: dict = {}  # unit signature -> outputs per sample (meta dry run)
         self._layouts: dict = {}  # sample structure -> its host unit layouts
 
-    @staticmethod
-    def _layout_tensors(lay: UnitLayout) -> list[tuple[str, torch.Tensor]]:
-        out = [("newlines", lay.newlines)]
-        for u in range(lay.num_units):
-            out += [(f"tokens{u}", lay.tokens[u]), (f"cls{u}", lay.cls[u]), (f"patches{u}", lay.patches[u])]
-        return out
-
-    @staticmethod
-    def _layout_static(lay: UnitLayout) -> tuple:
-        return (tuple(lay.num_stock), tuple(lay.num_cls_stock), tuple(lay.num_patch_stock), lay.num_newline_stock,
-                tuple(map(tuple, lay.unit_pos)) if lay.unit_pos is not None else None, lay.grid)
-
-    @staticmethod
-    def _layout_from(static: tuple, n: int, get) -> UnitLayout:
-        """A UnitLayout of ``n`` units from its static fields and ``get(name)`` for its index tensors."""
-        num_stock, num_cls, num_patch, num_nl, unit_pos, grid = static
-        return UnitLayout(tokens=[get(f"tokens{u}") for u in range(n)], cls=[get(f"cls{u}") for u in range(n)],
-                          patches=[get(f"patches{u}") for u in range(n)], newlines=get("newlines"),
-                          num_stock=list(num_stock), num_cls_stock=list(num_cls), num_patch_stock=list(num_patch),
-                          num_newline_stock=num_nl, unit_pos=list(unit_pos) if unit_pos is not None else None,
-                          grid=grid)
-
     def _sample_signals(self, s: _Sample, index, candidates: dict, kind: str, text=None, probe=None):
         """A sample's VisionSignals over its ``candidates`` (per-token tensors by name,
         :func:`llava.candidates.vision_signals`), its planned tensors read from ``index``; ``text`` (Q, D) the padded
         text block (query-aware methods), its masks from ``index``; ``probe`` its ``probe_attention``
         (:func:`llava.fast.probe.run_probe`: the rows of the padded text block)."""
         parts = s.parts
-        layouts = {}
-        for key, names, static in s.layouts:
-            got = {name: index[o:o + n] for name, o, n in names}
-            layouts[key] = self._layout_from(static, s.units, got.__getitem__)
+        layouts = {lp.key: lp.of(index) for lp in s.layouts}
         plan = {name: sp.of(index) for name, sp in parts.plan}
         unit = parts.unit.of(index)
         if s.text:
@@ -265,7 +283,7 @@ class HostPlanner:
         host = self._host_signals(unit, patch, pos, su.grid, lays, key, T, kind)
         plan = {k: v.long().reshape(-1) for k, v in self.env.method.plan_vision(host).items()}
         static = tuple(self.env.method.plan_static(host))
-        lay_desc, chunks, at = [], [], offset
+        chunks, at = [], offset
 
         def put(t: torch.Tensor) -> Span:  # the next tensor of the buffer
             nonlocal at
@@ -280,15 +298,9 @@ class HostPlanner:
             texts = dict(text_rows=put(torch.zeros(text[0].numel(), dtype=torch.long)), text_mask=put(text[0]),
                          question_mask=put(text[1]))
         parts = SampleParts(*fixed, plan=drawn, **texts)
-        for k, lay in lays.items():
-            names = []
-            for name, t in self._layout_tensors(lay):
-                names.append((name, at, int(t.numel())))
-                chunks.append(t)
-                at += t.numel()
-            lay_desc.append((k, tuple(names), self._layout_static(lay)))
+        lay_parts = tuple(LayoutParts.put(k, lay, put) for k, lay in lays.items())
         s = _Sample(tokens=T, units=U, extra=E, outputs=-1, grid=tuple(su.grid),
-                    text=int(text[0].numel()) if text is not None else 0, layouts=tuple(lay_desc), parts=parts,
+                    text=int(text[0].numel()) if text is not None else 0, layouts=lay_parts, parts=parts,
                     static=static)
         return s, chunks
 
@@ -382,7 +394,7 @@ class HostPlanner:
         done, keys = [], []
         for b, smp in enumerate(samples):  # the selection's output count: a dry run per sample structure
             sig_key = (smp.tokens, smp.units, smp.extra, smp.grid, smp.text, fv.kind, smp.static,
-                       tuple((k, static) for k, _, static in smp.layouts),
+                       tuple((lp.key, lp.static) for lp in smp.layouts),
                        tuple(sp.length for _, sp in smp.parts.plan))
             lay = rows[b]
             n_text = int(lay.ids.numel()) - lay.first - lay.tokens  # the text after the image (llm stages' text rows)
@@ -392,7 +404,7 @@ class HostPlanner:
             keys.append(sig_key)
             if sig_key not in self._counts:
                 base = smp.parts.src.offset
-                end = max(o + n for _, names, _ in smp.layouts for _, o, n in names)
+                end = max(lp.end for lp in smp.layouts)
                 local = _shift(smp, -base)
                 try:
                     self._counts[sig_key] = self._dry_run(local, index[base:end], fv.kind, n_text)
