@@ -8,48 +8,47 @@ from __future__ import annotations
 
 import torch
 
+from .families.base import TokenTable
 from .needs import CLS_QUERY_PREFIXES, tower_fields
 from .signals import VisionSignals
 
 
-def gather_tokens(tokens: dict, src: torch.Tensor, newline: torch.Tensor | None = None) -> dict:
-    """Rows ``src`` (device; -1: a newline token) of a per-tower-token table (name -> (N, ...)) in the order the LLM
-    input lays them out: both executors' one gather. With the family's ``newline`` embedding, a newline row is
-    what the stock model feeds there: ``features`` the embedding (in the features' dtype), ``patch`` -1,
-    ``in_tower_kept`` False (no tower token), zero ``vision_features``, [CLS] attention, keys and [CLS]-query
-    tower signals (:data:`llava.needs.CLS_QUERY_PREFIXES`); any other entry keeps the row it was gathered from."""
-    out = {k: v[src.clamp(min=0)] for k, v in tokens.items()}
+def gather_tokens(tokens: TokenTable, src: torch.Tensor, newline: torch.Tensor | None = None) -> TokenTable:
+    """Rows ``src`` (device; -1: a newline token) of a tower's per-token table (:class:`TokenTable`) in the order the
+    LLM input lays them out: both executors' one gather. With the family's ``newline`` embedding, a newline row is
+    what the stock model feeds there: ``features`` the embedding (in the features' dtype), ``in_tower_kept`` False
+    (no tower token), zero ``vision_features``, [CLS] attention, keys and [CLS]-query tower signals
+    (:data:`llava.needs.CLS_QUERY_PREFIXES`); any other entry keeps the row it was gathered from."""
+    out = tokens.rows(src.clamp(min=0))
     if newline is None:
         return out
     nl = src < 0
-    for k, v in out.items():
+
+    def fill(k, v):
         at = nl.view(-1, *(1,) * (v.dim() - 1))
         if k == "features":
-            out[k] = torch.where(at, newline.to(v.dtype), v)
-        elif k == "patch":
-            out[k] = v.masked_fill(at, -1)
-        elif k in ("vision_features", "cls_attn", "keys", "in_tower_kept") or k.startswith(CLS_QUERY_PREFIXES):
-            out[k] = v.masked_fill(at, 0)
-    return out
+            return torch.where(at, newline.to(v.dtype), v)
+        if k in ("vision_features", "cls_attn", "keys", "in_tower_kept") or k.startswith(CLS_QUERY_PREFIXES):
+            return v.masked_fill(at, 0)
+        return v
+
+    return out.map(fill)
 
 
-def with_cls(candidates: dict, cls: dict) -> dict:
-    """A sample's candidates (name -> (T, ...)) followed by its units' [CLS] rows (``cls``, name -> (U, ...), each
-    unit's [CLS] as candidate T + u; :func:`llava.families.clip.clip_cls`) for every entry both hold; the others as
-    they are."""
-    return {k: torch.cat([v, cls[k]]) if k in cls else v for k, v in candidates.items()}
+def with_cls(candidates: TokenTable, cls: TokenTable) -> TokenTable:
+    """A sample's candidates (T rows) followed by its units' [CLS] rows (``cls``, U rows, each unit's [CLS] as
+    candidate T + u; :func:`llava.families.clip.clip_cls`) for every entry both hold; the others as they are."""
+    return candidates.map(lambda k, v: torch.cat([v, cls.get(k)]) if cls.get(k) is not None else v)
 
 
-def vision_signals(candidates: dict, **fields) -> VisionSignals:
-    """A sample's signals from its candidates' per-token tensors by name: ``features``, ``vision_features``,
-    ``cls_attn`` (T, H: heads last; transposed here), ``keys``, the tower signals by flat name
-    (:func:`llava.needs.tower_fields`), ``in_tower_kept``, ``deepstack``; ``fields``: every other field."""
+def vision_signals(candidates: TokenTable, **fields) -> VisionSignals:
+    """A sample's signals from its candidates (:class:`TokenTable`: ``cls_attn`` (T, H) heads last, transposed here;
+    the tower signals by flat name, :func:`llava.needs.tower_fields`); ``fields``: every other field."""
     c = candidates
-    ca = c.get("cls_attn")
-    return VisionSignals(features=c["features"], vision_features=c["vision_features"],
-                         cls_attn=ca.T.contiguous() if ca is not None else None, keys=c.get("keys"),
-                         in_tower_kept=c.get("in_tower_kept"), deepstack=c.get("deepstack"), **tower_fields(c),
-                         **fields)
+    ca = c.cls_attn
+    return VisionSignals(features=c.features, vision_features=c.vision_features,
+                         cls_attn=ca.T.contiguous() if ca is not None else None, keys=c.keys,
+                         in_tower_kept=c.in_tower_kept, deepstack=c.deepstack, **tower_fields(c.tower), **fields)
 
 
 def candidate_shapes(needs, n: int, hidden: int, widths: tuple, tower: tuple) -> dict:

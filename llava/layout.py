@@ -18,7 +18,7 @@ import torch
 
 from .attention_rows import sample_probe
 from .candidates import gather_tokens, vision_signals, with_cls
-from .families.base import cls_rows, join_units, sample_units, visual_ids
+from .families.base import TokenTable, cls_rows, join_units, sample_units, visual_ids
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
@@ -65,37 +65,34 @@ class VisionStage:
         ids_h = input_ids.cpu()
         valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
         src_h = visual_ids(ids_h, kinds, self.adapter.placeholder_name)  # per position: the visual token feeding it
-        tables: dict[str, list] = {}
-        unit_tables: dict[str, list] = {}  # each unit's [CLS] rows (extra candidates)
+        tables: list[TokenTable] = []
+        unit_tables: list[TokenTable] = []  # each unit's [CLS] rows (extra candidates)
         for vl, tab in zip(kinds, tabs):
             units, n_feat = vl.units, int(vl.units.src.numel())
-            tab = dict(tab)
-            cls = tab.pop("cls", None)
+            if tab.cls is not None:
+                unit_tables.append(tab.cls)
             if units.rows == n_feat and torch.equal(units.src, torch.arange(n_feat)):  # host: in the LLM's order
-                tokens = tab
+                tokens = tab.without_cls()
             else:  # one gather into the LLM's order (LLaVA-NeXT's crops, newline rows)
                 newline = self.adapter.newline() if bool((units.src < 0).any()) else None
                 tokens = gather_tokens(tab, _to_device([units.src], dev)[0], newline)
-            embeds = embeds.masked_scatter((input_ids == vl.token_id)[..., None], tokens["features"].to(embeds.dtype))
-            for k, v in tokens.items():
-                tables.setdefault(k, []).append(v)
-            for k, v in (cls or {}).items():
-                unit_tables.setdefault(k, []).append(v)
+            embeds = embeds.masked_scatter((input_ids == vl.token_id)[..., None], tokens.features.to(embeds.dtype))
+            tables.append(tokens)
         ctx.clock.mark("vision_end")
         ctx.probe_inputs = (embeds, attention_mask, position_ids)
-        table = {k: torch.cat(v) for k, v in tables.items()}
-        utable = {k: torch.cat(v) for k, v in unit_tables.items()}
+        table = TokenTable.cat(tables)
+        utable = TokenTable.cat(unit_tables) if unit_tables else None
         stock_ds = None
-        if "deepstack" in table:  # each visual position's rows, row-major (the stock model's order)
+        if table.deepstack is not None:  # each visual position's rows, row-major (the stock model's order)
             at = (src_h.reshape(-1) >= 0).nonzero().flatten()  # host
             idx, gid = _to_device([at, src_h.reshape(-1)[at]], dev)
-            stock_ds = ctx.probe_deepstack = _deepstack(table["deepstack"][gid], idx, B, L)
+            stock_ds = ctx.probe_deepstack = _deepstack(table.deepstack[gid], idx, B, L)
         need_signals = needs.vision_signals
         layouts = row_layouts(ids_h, valid_h, src_h >= 0)
         per_sample: list[VisionSignals | None] = []
         if need_signals:
             units_all = join_units([vl.units for vl in kinds])  # every token in the order of src_h's ids
-            extras = needs.include_cls_candidates and "vision_features" in utable
+            extras = needs.include_cls_candidates and utable is not None
             crows = cls_rows(kinds) if extras else None  # each unit's [CLS] row (not video frames): candidate T + i
             # per sample its candidates' host record (VisualSample) and question; uploaded: the names' tensors
             names = ("real", "vis", "at", "unit", "after", "question", "qmask", "patch", "unit_pos", "cls")
@@ -111,10 +108,10 @@ class VisionStage:
             for b, (lay, (su, question_h)) in enumerate(zip(layouts, samples)):
                 d = dict(zip(names, moved[len(names) * b:len(names) * (b + 1)]))
                 c = gather_tokens(table, d["at"])  # features: as spliced into embeds (the same cast)
-                c["features"] = c["features"].to(embeds.dtype)
+                c.features = c.features.to(embeds.dtype)
                 if extras:  # append each unit's [CLS] rows
-                    cls = {k: v[d["cls"]] for k, v in utable.items()}
-                    cls["features"] = cls["features"].to(embeds.dtype)
+                    cls = utable.rows(d["cls"])
+                    cls.features = cls.features.to(embeds.dtype)
                     c = with_cls(c, cls)
                 sig = vision_signals(
                     c, unit=d["unit"], patch=d["patch"], unit_kind=kinds[-1].kind, grid=self.adapter.grid(),

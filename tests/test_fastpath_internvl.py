@@ -53,8 +53,8 @@ def test_static_encoder_equals_the_eager_encoder(rts, vision_layer):
         (other,) = adapter.encode(visual, adapter.layout(visual),
                                   TowerCall(attention=True, layer=2 if vision_layer is None else None))
     for k in ("features", "vision_features", "cls_attn", "keys"):
-        assert torch.equal(got[k], ref[k]), k
-    assert not torch.equal(got["cls_attn"], other["cls_attn"])  # the layer is read
+        assert torch.equal(got[k], ref.get(k)), k
+    assert not torch.equal(got["cls_attn"], other.cls_attn)  # the layer is read
 
 
 CASES = [("none", None), ("fastervlm", 6), ("visionzip", 6), ("divprune", 6), ("otprune", 6), ("consensusdrop", 6),

@@ -34,16 +34,13 @@ def _tables(rt, call):
         (eager,) = adapter.encode(visual, layouts, call)
         fv = adapter.visual_layout(visual, ids.shape[0], torch.where(valid, ids, -1))
         out = adapter.encode_static(visual[fv.key], fv.tower, fv.tower_tensors or {}, call)
-        static = adapter.static_table({k: v for k, v in out.items() if v is not None}, fv.tower)
-        if out.get("deepstack") is not None:  # the DeepStack rows travel beside the table (Qwen3-VL)
-            static["deepstack"] = out["deepstack"]
+        static = adapter.static_table({k: v for k, v in out.items() if v is not None}, fv.tower)  # with DeepStack
         # each table in the LLM's order (its own rows may be ordered otherwise), newline rows filled
         src_e, src_s = layouts[0].units.src, fv.units.src
         newline = adapter.newline() if bool((src_e < 0).any()) else None
-        eager = {k: v for k, v in eager.items() if k != "cls" and torch.is_tensor(v)}
-        eager = gather_tokens(eager, src_e.to(eager["features"].device), newline)
-        static = gather_tokens(static, src_s.to(static["features"].device), newline)
-    return eager, static
+        eager = gather_tokens(eager, src_e.to(eager.features.device), newline)
+        static = gather_tokens(static, src_s.to(static.features.device), newline)
+    return eager.entries(), static.entries()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

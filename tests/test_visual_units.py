@@ -8,7 +8,7 @@ import torch
 from fastpath_util import per_prompt
 
 from llava.candidates import candidate_shapes, gather_tokens, with_cls
-from llava.families.base import (VisualLayout, VisualUnits, cls_rows, join_units, packed_units, sample_units,
+from llava.families.base import (TokenTable, VisualLayout, VisualUnits, cls_rows, join_units, packed_units, sample_units,
                                  uniform_units, visual_ids)
 from llava.families.clip import clip_units
 from llava.models import load
@@ -16,40 +16,40 @@ from llava.needs import Needs, TowerRead
 
 
 def _table():
-    return {"features": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
-            "vision_features": torch.tensor([[10.0], [20.0], [30.0]]),
-            "patch": torch.tensor([0, 1, 2]),
-            "in_tower_kept": torch.tensor([True, True, False]),
-            "recv:2": torch.tensor([[0.5, 0.25], [0.75, 1.5], [2.5, 3.5]]),  # a [CLS]-query signal, heads last
-            "fwa:2": torch.tensor([0.125, 4.0, 8.0]),
-            "rpat:1": torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])}  # not a [CLS]-query signal
+    return TokenTable.of({"features": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+                          "vision_features": torch.tensor([[10.0], [20.0], [30.0]]),
+                          "in_tower_kept": torch.tensor([True, True, False]),
+                          "recv:2": torch.tensor([[0.5, 0.25], [0.75, 1.5], [2.5, 3.5]]),  # [CLS]-query, heads last
+                          "fwa:2": torch.tensor([0.125, 4.0, 8.0]),
+                          "rpat:1": torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])})  # not a [CLS]-query signal
 
 
 def test_gather_tokens_fills_a_newline_row_as_the_stock_model_feeds_it():
     got = gather_tokens(_table(), torch.tensor([2, -1, 0]), torch.tensor([9.0, 9.0]))
-    assert got["features"].tolist() == [[5.0, 6.0], [9.0, 9.0], [1.0, 2.0]]
-    assert got["vision_features"].tolist() == [[30.0], [0.0], [10.0]]
-    assert got["patch"].tolist() == [2, -1, 0]
-    assert got["in_tower_kept"].tolist() == [False, False, True]
-    assert got["recv:2"].tolist() == [[2.5, 3.5], [0.0, 0.0], [0.5, 0.25]]
-    assert got["fwa:2"].tolist() == [8.0, 0.0, 0.125]
-    assert got["rpat:1"].tolist() == [[3.0, 3.0], [1.0, 1.0], [1.0, 1.0]]  # the row it was gathered from (row 0)
+    assert got.get("features").tolist() == [[5.0, 6.0], [9.0, 9.0], [1.0, 2.0]]
+    assert got.get("vision_features").tolist() == [[30.0], [0.0], [10.0]]
+    assert got.get("in_tower_kept").tolist() == [False, False, True]
+    assert got.get("recv:2").tolist() == [[2.5, 3.5], [0.0, 0.0], [0.5, 0.25]]
+    assert got.get("fwa:2").tolist() == [8.0, 0.0, 0.125]
+    assert got.get("rpat:1").tolist() == [[3.0, 3.0], [1.0, 1.0], [1.0, 1.0]]  # the row it was gathered from (row 0)
 
 
 def test_gather_tokens_without_a_newline_is_a_plain_gather():
     t = _table()
     got = gather_tokens(t, torch.tensor([1, 1, 0]))
-    for k, v in t.items():
-        assert torch.equal(got[k], v[torch.tensor([1, 1, 0])]), k
+    assert set(got.entries()) == set(t.entries()) == {"features", "vision_features", "in_tower_kept", "recv:2", "fwa:2",
+                                                      "rpat:1"}
+    for k, v in t.entries().items():
+        assert torch.equal(got.get(k), v[torch.tensor([1, 1, 0])]), k
 
 
 def test_with_cls_appends_the_entries_both_hold():
-    cands = {"features": torch.zeros(2, 2), "vision_features": torch.zeros(2, 1), "deepstack": torch.zeros(2, 3)}
-    cls = {"features": torch.ones(1, 2), "vision_features": torch.ones(1, 1), "keys": torch.ones(1, 4)}
+    cands = TokenTable(torch.zeros(2, 2), torch.zeros(2, 1), deepstack=torch.zeros(2, 3))
+    cls = TokenTable(torch.ones(1, 2), torch.ones(1, 1), keys=torch.ones(1, 4))
     got = with_cls(cands, cls)
-    assert got["features"].tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
-    assert got["vision_features"].tolist() == [[0.0], [0.0], [1.0]]
-    assert got["deepstack"].shape == (2, 3) and "keys" not in got
+    assert got.get("features").tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    assert got.get("vision_features").tolist() == [[0.0], [0.0], [1.0]]
+    assert got.deepstack.shape == (2, 3) and got.keys is None
 
 
 def test_uniform_units_and_their_samples():

@@ -127,6 +127,7 @@ def _signals(method, s: Structure, dims: dict, seed: int):
     handed (:func:`llava.candidates.candidate_shapes`, the captured prefill's dry run), attention rows normalised
     over the candidates."""
     from llava.candidates import candidate_shapes, vision_signals
+    from llava.families.base import TokenTable
 
     g = torch.Generator().manual_seed(seed)
     per = s.tokens // s.units
@@ -149,7 +150,7 @@ def _signals(method, s: Structure, dims: dict, seed: int):
                 t = torch.randn(*reversed(shapes[name]), generator=g).softmax(-1)
                 c[name] = t.T if t.dim() == 2 else t
     return vision_signals(
-        c, unit=unit, patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=text,
+        TokenTable.of(c), unit=unit, patch=patch, unit_kind=s.kind, grid=tuple(s.grid), text_embeds=text,
         question_mask=torch.ones(tt, dtype=torch.bool), question_ids=torch.arange(tt), key=seed, num_stock=s.tokens,
         unit_pos=torch.full((s.units, 2), -1, dtype=torch.long),
         unit_grid=list(s.unit_grid or [tuple(s.grid)] * s.units),

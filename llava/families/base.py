@@ -26,6 +26,7 @@ in the core.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -51,6 +52,72 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of ``module``'s weights (a tower kept in fp32 under a half-precision LLM casts its
     features to the projector's dtype)."""
     return next(module.parameters()).dtype
+
+
+@dataclass
+class TokenTable:
+    """A tower's per-token table (:meth:`FamilyAdapter.encode`, :meth:`FamilyAdapter.static_table`), and a sample's
+    candidates gathered from it (:func:`llava.candidates.gather_tokens`): rows in the order ``VisualUnits.src``
+    indexes. ``features`` (N, D) exactly what the stock model splices; ``vision_features`` (N, Dv), the space
+    ``project`` maps to ``features`` (vision-space merges); optionally ``cls_attn`` (N, H) saliency per head (heads
+    last) and ``keys`` (N, d); ``in_tower_kept`` (N,) an in-tower stage's survivors; ``deepstack`` (N, L, D) the rows
+    the text model adds at the token's position after decoder layers 0..L-1 (Qwen3-VL); ``tower`` the tower signals
+    a method declares, by their flat names (:attr:`llava.needs.TowerRead.names`; the per-head ones heads last); and,
+    on a tower's table where its layout drops the [CLS] from the LLM input (``VisualLayout.drop_cls``), ``cls``: each
+    unit's [CLS] rows as a table of their own, offered as extra candidates (:func:`llava.candidates.with_cls`)."""
+
+    features: torch.Tensor
+    vision_features: torch.Tensor
+    cls_attn: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    in_tower_kept: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
+    tower: dict = field(default_factory=dict)
+    cls: TokenTable | None = None
+
+    #: the per-row tensors besides ``tower`` (``cls`` is a table of other rows)
+    ROWS = ("features", "vision_features", "cls_attn", "keys", "in_tower_kept", "deepstack")
+
+    @classmethod
+    def of(cls, entries: dict) -> TokenTable:
+        """A table from per-row tensors by name (``features``, ``vision_features``, ``cls_attn``, ``keys``,
+        ``in_tower_kept``, ``deepstack``; any other name is a tower signal's flat name)."""
+        return cls(**{k: v for k, v in entries.items() if k in cls.ROWS},
+                   tower={k: v for k, v in entries.items() if k not in cls.ROWS})
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The per-row tensor ``name`` (a field, or a tower signal's flat name), None where absent."""
+        return getattr(self, name) if name in self.ROWS else self.tower.get(name)
+
+    def map(self, fn) -> TokenTable:
+        """``fn(name, tensor)`` of every per-row tensor present (the tower signals by their flat names); ``cls``
+        dropped."""
+        return TokenTable(**{k: fn(k, getattr(self, k)) for k in self.ROWS if getattr(self, k) is not None},
+                          tower={k: fn(k, v) for k, v in self.tower.items()})
+
+    def rows(self, index: torch.Tensor) -> TokenTable:
+        """The rows ``index`` of every per-row tensor (``cls`` dropped)."""
+        return self.map(lambda _, v: v[index])
+
+    def without_cls(self) -> TokenTable:
+        return replace(self, cls=None)
+
+    @staticmethod
+    def cat(tables: list[TokenTable]) -> TokenTable:
+        """The rows of ``tables`` one after the other (``cls`` dropped); every table must hold the same entries."""
+        first = tables[0]
+        keys = [k for k in first.ROWS if getattr(first, k) is not None]
+        for t in tables[1:]:
+            if [k for k in t.ROWS if getattr(t, k) is not None] != keys or list(t.tower) != list(first.tower):
+                raise ValueError("the tower tables of one prefill hold different entries")
+        return TokenTable(**{k: torch.cat([getattr(t, k) for t in tables]) for k in keys},
+                          tower={k: torch.cat([t.tower[k] for t in tables]) for k in first.tower})
+
+    def entries(self) -> dict:
+        """Every per-row tensor present by name, the tower signals by their flat names (a read-only view, e.g. for
+        tests and reports)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name in self.ROWS
+                   and getattr(self, f.name) is not None}, **self.tower}
 
 
 class VisualUnits(NamedTuple):
@@ -271,16 +338,13 @@ class FamilyAdapter:
         the eager executor takes. Raises ValueError for inputs the family does not take."""
         raise NotImplementedError
 
-    def encode(self, visual: dict, layouts: list[VisualLayout], call: TowerCall) -> list[dict]:
+    def encode(self, visual: dict, layouts: list[VisualLayout], call: TowerCall) -> list[TokenTable]:
         """The eager executor's tower runs over the visual inputs of a prefill laid out by :meth:`layout`, computing
-        what the method asks (``call``, :class:`llava.needs.TowerCall`; its ``reads`` as per-token entries under their
-        :attr:`~llava.needs.TowerRead.names`). Per layout its table, per tower token in the order ``units.src``
-        indexes (:func:`llava.candidates.gather_tokens`): ``features`` (N, D) exactly what the stock model splices;
-        ``vision_features`` (N, Dv), the space ``project`` maps to ``features`` (vision-space merges); optionally
-        ``cls_attn`` (N, H) saliency per head and ``keys`` (N, d), the tower signals by flat name,
-        ``in_tower_kept``, and ``deepstack`` (N, L, D) rows the text model adds at the token's position after decoder
-        layers 0..L-1 (Qwen3-VL); and, exactly where the layout's ``drop_cls``, ``cls``: a dict of per-unit [CLS] rows
-        offered as extra candidates (:func:`llava.families.clip.clip_cls`, :func:`cls_rows`)."""
+        what the method asks (``call``, :class:`llava.needs.TowerCall`; its ``reads`` as tower signals under their
+        :attr:`~llava.needs.TowerRead.names`). Per layout its :class:`TokenTable`, per tower token in the order
+        ``units.src`` indexes (:func:`llava.candidates.gather_tokens`), with ``cls`` (each unit's [CLS] rows offered
+        as extra candidates, :func:`llava.families.clip.clip_cls`, :func:`cls_rows`) exactly where the layout's
+        ``drop_cls``."""
         raise NotImplementedError
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
@@ -324,12 +388,14 @@ class FamilyAdapter:
         :meth:`encode` gives for the same ``call.layer``), and ``deepstack`` where the family has DeepStack rows."""
         raise NotImplementedError(f"the fast path encodes no {self.family} tower")
 
-    def static_table(self, out: dict, tower) -> dict:
-        """The per-token table (:meth:`encode`'s, without ``cls`` and ``deepstack``) of :meth:`encode_static`'s
-        outputs ``out``, inside the prefill's function: by default the entries it gave per token."""
-        return {k: out[k] for k in ("features", "vision_features", "cls_attn", "keys") if k in out}
+    def static_table(self, out: dict, tower) -> TokenTable:
+        """The per-token table (:meth:`encode`'s, without ``cls``) of :meth:`encode_static`'s outputs ``out`` (the
+        tower function's outputs by name, read by this adapter only), inside the prefill's function: by default the
+        entries it gave per token."""
+        return TokenTable.of({k: out[k] for k in ("features", "vision_features", "cls_attn", "keys", "deepstack")
+                              if k in out})
 
-    def static_cls(self, out: dict, tower, units: torch.Tensor) -> dict:
+    def static_cls(self, out: dict, tower, units: torch.Tensor) -> TokenTable:
         """The [CLS] rows of the units ``units`` (device index) as extra candidates, one entry per
         :meth:`static_table` entry, where the plan drops the [CLS] from the LLM input (``VisualLayout.drop_cls``)."""
         raise NotImplementedError(f"{self.family} offers no [CLS] candidates")

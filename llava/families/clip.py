@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..needs import HEAD_PREFIXES
-from .base import FamilyAdapter, VisualLayout, VisualUnits, param_dtype, uniform_units
+from .base import FamilyAdapter, TokenTable, VisualLayout, VisualUnits, param_dtype, uniform_units
 
 #: the arithmetic of the tower's attention signals (``Method.vision_attention_logits``): "fp32" (ours: q / k cast
 #: to fp32, fp32 softmax) or "model" (the official code's: in the tower's dtype, see :func:`clip_probs`)
@@ -356,7 +356,7 @@ def clip_features(hs: torch.Tensor, proj, drop_cls: bool, kept: torch.Tensor | N
     return feats if kept is None else feats.masked_fill(~kept[:, off:, None], 0)
 
 
-def clip_tokens(hs, feats, ca, ks, received: dict, drop_cls: bool) -> dict:
+def clip_tokens(hs, feats, ca, ks, received: dict, drop_cls: bool) -> TokenTable:
     """Per visual token of n units, in unit order (the [CLS] row left out when ``drop_cls``): ``features`` (from
     :func:`clip_features`), ``vision_features`` (the select layer's states), with ``ca`` / ``ks`` ``cls_attn``
     (n*m, H) / ``keys``, and each of :func:`tower_signals`' ``received`` signals (the per-head ones heads-last,
@@ -372,10 +372,10 @@ def clip_tokens(hs, feats, ca, ks, received: dict, drop_cls: bool) -> dict:
     for name, r in received.items():  # recv (n, H, S) / fwa (n, S) / fwk (n, S, D) -> per token
         r = r.permute(0, 2, 1) if name.startswith(HEAD_PREFIXES) else r
         flat[name] = r[:, off:].reshape(n * m, *r.shape[2:])
-    return flat
+    return TokenTable.of(flat)
 
 
-def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None) -> dict:
+def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None) -> TokenTable:
     """The [CLS] rows of the units ``units`` (device index; None: every unit) of a tower run that drops the [CLS]
     from the LLM input, as extra candidates (VisionZip / VisionDrop; :func:`llava.candidates.with_cls`), one
     entry per :func:`clip_tokens` entry: ``features`` its own projector call, ``vision_features``, the [CLS] attention
@@ -387,10 +387,10 @@ def clip_cls(hs, ca, ks, received: dict, proj, units: torch.Tensor | None = None
         cls["keys"] = ks[at, 0]
     for name, r in received.items():
         cls[name] = r[at, :, 0] if name.startswith(HEAD_PREFIXES) else r[at, 0]
-    return cls
+    return TokenTable.of(cls)
 
 
-def clip_table(hs, ca, ks, proj, drop_cls: bool, received: dict | None = None) -> dict:
+def clip_table(hs, ca, ks, proj, drop_cls: bool, received: dict | None = None) -> TokenTable:
     """The eager engine's per-token table of n CLIP units (:meth:`llava.families.base.FamilyAdapter.encode`):
     :func:`clip_tokens` (``features``, ``vision_features``, ``cls_attn``, ``keys``, the ``received`` signals,
     ``in_tower_kept``) and, when the model drops the [CLS] from the LLM input, ``cls`` (:func:`clip_cls`: each unit's
@@ -399,7 +399,7 @@ def clip_table(hs, ca, ks, proj, drop_cls: bool, received: dict | None = None) -
     table = clip_tokens(hs, clip_features(hs, proj, drop_cls, received.get("in_tower_kept")), ca, ks, received,
                         drop_cls)
     if drop_cls:
-        table["cls"] = clip_cls(hs, ca, ks, received, proj)
+        table.cls = clip_cls(hs, ca, ks, received, proj)
     return table
 
 
@@ -479,11 +479,11 @@ class ClipAdapter(FamilyAdapter):
                                               out.get("x:in_tower_kept")))
         return out
 
-    def static_table(self, out: dict, tower: ClipRun) -> dict:
+    def static_table(self, out: dict, tower: ClipRun) -> TokenTable:
         """:meth:`encode_static`'s outputs per tower token of every unit, as the eager table (:func:`clip_tokens`)."""
         return clip_tokens(out["hs"], out["feats"], out.get("ca"), out.get("ks"), _signals(out), tower.drop_cls)
 
-    def static_cls(self, out: dict, tower: ClipRun, units: torch.Tensor) -> dict:
+    def static_cls(self, out: dict, tower: ClipRun, units: torch.Tensor) -> TokenTable:
         """The [CLS] rows of the units ``units`` (:func:`clip_cls`, its own projector call)."""
         return clip_cls(out["hs"], out.get("ca"), out.get("ks"), _signals(out), self.core.multi_modal_projector, units)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import (FamilyAdapter, VisualLayout, VisualUnits, join_units,
+from .base import (FamilyAdapter, TokenTable, VisualLayout, VisualUnits, join_units,
                    uniform_units)
 
 
@@ -140,9 +140,9 @@ class InternVLAdapter(FamilyAdapter):
             for handle in handles:
                 handle.remove()
         n, m, _ = feats.shape
-        table = {"features": feats.reshape(n * m, -1), "vision_features": captured["proj"].reshape(n * m, -1)}
+        table = TokenTable(feats.reshape(n * m, -1), captured["proj"].reshape(n * m, -1))
         if call.attention:
-            table["cls_attn"], table["keys"] = self.pooled_signals(layer, captured["h"])
+            table.cls_attn, table.keys = self.pooled_signals(layer, captured["h"])
         return [table]
 
     def _units(self, tiles: list[int]) -> VisualUnits:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import onevision_vision as ov
-from .base import FamilyAdapter, VisualLayout
+from .base import FamilyAdapter, TokenTable, VisualLayout
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -61,10 +61,9 @@ class LlavaOnevisionAdapter(FamilyAdapter):
                                      plan=plan)
             else:
                 v = ov.encode_videos(self.model, visual["pixel_values_videos"], want_attn=call.attention, plan=plan)
-            table = {"features": v.features, "vision_features": v.vision_features}
+            table = TokenTable(v.features, v.vision_features)
             if v.saliency is not None:
-                table["cls_attn"] = v.saliency.T
-                table["keys"] = v.keys
+                table.cls_attn, table.keys = v.saliency.T, v.keys
             tables.append(table)
         return tables
 

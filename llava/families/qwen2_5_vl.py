@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import qwen_vision
-from .base import FamilyAdapter, VisualLayout, packed_units
+from .base import FamilyAdapter, TokenTable, VisualLayout, packed_units
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -93,14 +93,11 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             v = qwen_vision.encode(self.model, visual[lay.key], visual[grid_key], want_attn=call.attention,
                                    layer=self.saliency_layer, saliency=self.saliency, video=video,
                                    group_mean=tuple(means), grid=lay.meta[grid_key].tolist())  # read by layout
-            table = {"features": v.features, "vision_features": v.vision_features}
+            table = TokenTable(v.features, v.vision_features, deepstack=v.deepstack)  # DeepStack: Qwen3-VL
             if v.saliency is not None:
-                table["cls_attn"] = v.saliency.T
-                table["keys"] = v.keys
+                table.cls_attn, table.keys = v.saliency.T, v.keys
             for b, rows in (v.group_mean or {}).items():
-                table[means[b]] = rows
-            if v.deepstack is not None:  # Qwen3-VL
-                table["deepstack"] = v.deepstack
+                table.tower[means[b]] = rows
             tables.append(table)
         return tables
 

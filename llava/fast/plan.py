@@ -21,7 +21,7 @@ from .llm import count_stages, plan_stages, text_count
 from .probe import plan_probe
 from .refusals import NotPlanned
 from ..candidates import candidate_shapes, vision_signals
-from ..families.base import VisualSample, cls_rows, sample_units
+from ..families.base import TokenTable, VisualSample, cls_rows, sample_units
 from ..ops import UnitLayout, unit_layout
 from ..stage_step import ask_vision
 from ..prefill import EngineEnv
@@ -219,8 +219,8 @@ class HostPlanner:
         self._counts: dict = {}  # unit signature -> outputs per sample (meta dry run)
         self._layouts: dict = {}  # sample structure -> its host unit layouts
 
-    def _sample_signals(self, s: _Sample, index, candidates: dict, kind: str, text=None, probe=None):
-        """A sample's VisionSignals over its ``candidates`` (per-token tensors by name,
+    def _sample_signals(self, s: _Sample, index, candidates: TokenTable, kind: str, text=None, probe=None):
+        """A sample's VisionSignals over its ``candidates`` (:class:`llava.families.base.TokenTable`,
         :func:`llava.candidates.vision_signals`), its planned tensors read from ``index``; ``text`` (Q, D) the padded
         text block (query-aware methods), its masks from ``index``; ``probe`` its ``probe_attention``
         (:func:`llava.fast.probe.run_probe`: the rows of the padded text block)."""
@@ -231,7 +231,7 @@ class HostPlanner:
         if s.text:
             text_mask, question_mask = parts.text_mask.of(index).bool(), parts.question_mask.of(index).bool()
         else:
-            text, text_mask, question_mask = candidates["features"][:0], None, unit[:0].bool()
+            text, text_mask, question_mask = candidates.features[:0], None, unit[:0].bool()
         return vision_signals(
             candidates, unit=unit, patch=parts.patch.of(index), unit_kind=kind, grid=self.env.adapter.grid(),
             text_embeds=text, question_mask=question_mask, text_mask=text_mask, key=0, num_stock=s.tokens,
@@ -252,7 +252,7 @@ class HostPlanner:
         meta = torch.device("meta")
         shapes = candidate_shapes(self.env.needs, s.tokens + s.extra, D, self.env.adapter.signal_widths(),
                                   (vc.num_attention_heads, vc.hidden_size))
-        c = {name: torch.empty(shape, device=meta) for name, shape in shapes.items()}
+        c = TokenTable.of({name: torch.empty(shape, device=meta) for name, shape in shapes.items()})
         H = self.env.lm.config.num_attention_heads
         sig = self._sample_signals(s, index_h.to(meta), c, kind, torch.empty(s.text, D, device=meta),
                                    lambda layer, queries="question": torch.empty(H, s.text, s.tokens, device=meta))

@@ -48,26 +48,26 @@ class CapturedVision:
         adapter, method = e.adapter, e.method
         enc = tower_out if tower_out is not None else self.run_tower(px, spec, tower_in)
         tokens = adapter.static_table(enc, spec.tower)  # per tower token, as the eager engine's table
-        if deeps is not None:
-            tokens["deepstack"] = enc["deepstack"]
+        if deeps is None:
+            tokens.deepstack = None
         newline = adapter.newline() if spec.newlines else None
-        bad = torch.zeros((), dtype=torch.bool, device=tokens["features"].device)
+        bad = torch.zeros((), dtype=torch.bool, device=tokens.features.device)
         cands = []  # per sample: its stock candidates (features, tower features, [CLS] attention, keys, extras)
         for s in spec.samples:
             c = gather_tokens(tokens, s.parts.src.of(index), newline)  # newline rows as the eager engine fills them
-            c["features"] = c["features"].to(dtype)
+            c.features = c.features.to(dtype)
             cands.append(c)
         probes = [None] * len(spec.samples)
         if spec.probe is not None and e.needs.vision_stage:  # the LLM probe on the unpruned rows (llava.fast.probe)
-            probes = run_probe(e.lm, spec.probe, probe_in, [c["features"] for c in cands],
+            probes = run_probe(e.lm, spec.probe, probe_in, [c.features for c in cands],
                                [s.tokens for s in spec.samples], [s.text for s in spec.samples])
         outs, sigs, origins, counts = [], [], [], []
         for s, c, probe in zip(spec.samples, cands, probes):
-            dsf = c.pop("deepstack", None)
+            dsf, c.deepstack = c.deepstack, None
             if not e.needs.vision_stage:
                 if deeps is not None:
                     deeps.append(dsf)
-                f = c["features"]
+                f = c.features
                 outs.append(f)
                 sigs.append(None)
                 origins.append(torch.arange(f.shape[0], device=f.device))
@@ -75,7 +75,7 @@ class CapturedVision:
                 continue
             if s.extra:  # each unit's [CLS] as an extra candidate (projected like a patch)
                 cls = adapter.static_cls(enc, spec.tower, s.parts.units.of(index))
-                cls["features"] = cls["features"].to(dtype)
+                cls.features = cls.features.to(dtype)
                 c = with_cls(c, cls)
             text = None
             if s.text:
