@@ -49,7 +49,7 @@ from .layout import VisionStage
 from .method import Method, Selection, get_method
 from .needs import TowerCall
 from .plan import PromptSpec
-from .prefill import EngineEnv, _Prefill
+from .prefill import EngineEnv, VisionOut, _Prefill
 from .staged import StagedDecoder, _DecodeSegment
 from .stats import PrefillStats, _PhaseClock
 from .tp_shards import sharded_module
@@ -350,7 +350,7 @@ class PruningEngine:
             ctx.release()
         return embeds, mask, pos, info
 
-    def visual_runs(self, input_ids: torch.Tensor, info: dict,
+    def visual_runs(self, input_ids: torch.Tensor, info: VisionOut,
                     attention_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[int]]]:
         """Per sample of a :meth:`vision_inputs` call: its kept visual rows in the pruned row and the kept count of
         each placeholder run of ``input_ids`` (:func:`llava.runs.visual_runs`)."""

@@ -3,10 +3,15 @@ that lays the pruned prompt out itself, e.g. the vLLM plugin's Qwen3-VL videos: 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from .prefill import VisionOut
 
-def visual_runs(cfg, input_ids: torch.Tensor, info,
+
+def visual_runs(cfg, input_ids: torch.Tensor, info: VisionOut,
                 attention_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[int]]]:
     """Per sample of a :meth:`llava.engine.PruningEngine.vision_inputs` call on ``input_ids`` (``info``: its fourth
     result; ``cfg``: the model config, its image / video token ids): (the indices in the pruned row (``embeds[b]``)
