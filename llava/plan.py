@@ -160,28 +160,22 @@ class Regather:
     maps: tuple
     width: int
 
-    @property
+    @cached_property
     def pad(self) -> torch.Tensor:
         return torch.tensor([self.width - r.n for r in self.maps], dtype=torch.long)
 
     @property
     def mask(self) -> torch.Tensor:
         """(B, width) the 2-D mask of the new rows: 1 at each sample's real rows (long)."""
-        mask = torch.zeros(len(self.maps), self.width, dtype=torch.long)
-        for b, r in enumerate(self.maps):
-            mask[b, self.width - r.n:] = 1
-        return mask
+        return (torch.arange(self.width) >= self.pad[:, None]).long()
 
     @property
     def ar(self) -> torch.Tensor:
-        ar = torch.zeros(len(self.maps), self.width, dtype=torch.long)
-        for b, r in enumerate(self.maps):
-            ar[b, self.width - r.n:] = torch.arange(r.n)
-        return ar
+        return (torch.arange(self.width) - self.pad[:, None]).clamp(min=0)
 
     @property
     def first(self) -> torch.Tensor:
-        return torch.tensor([b * self.width + self.width - r.n for b, r in enumerate(self.maps)], dtype=torch.long)
+        return torch.arange(len(self.maps)) * self.width + self.pad
 
     @property
     def vis_at(self) -> torch.Tensor:
