@@ -172,30 +172,30 @@ class VisionStage:
         new_L, new_mask_h = g.width, g.mask
         keep_pos = self.adapter.keeps_positions and position_ids is not None
         deep = bool(outs) and outs[0][2] is not None  # DeepStack rows: the outputs' new places
-        moved = _to_device([g.src, g.take, new_mask_h] + ([g.vis_at] if deep else [])
+        dropped = torch.tensor([int(lay.real.numel()) - r.n for lay, r in zip(layouts, rows)])  # per sample (host)
+        moved = _to_device([g.src, g.take, new_mask_h, dropped] + ([g.vis_at] if deep else [])
                            + ([lay.real[lay.visual] for lay in layouts] if keep_pos else []), dev)
-        src_d, take, new_mask = moved[:3]
+        src_d, take, new_mask, shift = moved[:4]
         # one gather from [the text rows kept, every sample's outputs, a zero row for the pads]
         kept = embeds.reshape(-1, D).index_select(0, take)
         new_embeds = regathered([kept] + [x.to(embeds.dtype) for x, _, _ in outs], src_d).view(B, new_L, D)
         origin = [src for _, src, _ in outs]
         if keep_pos:  # kept tokens keep their positions (M-RoPE): gathered the same way, padding gets 0
             R = position_ids.shape[:-2]
-            vps = [position_ids[..., b, moved[3 + deep + b][src]] for b, (_, src, _) in enumerate(outs)]
+            vps = [position_ids[..., b, moved[4 + deep + b][src]] for b, (_, src, _) in enumerate(outs)]
             new_pos = regathered([position_ids.reshape(*R, -1).index_select(-1, take)] + vps, src_d, -1)
             new_pos = new_pos.view(*R, B, new_L)
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
-        orig_valid = valid.long().sum(1)
-        shift = orig_valid - new_mask.sum(1)
         if keep_pos:
             shift = torch.zeros_like(shift)  # decode positions need no mapping
         elif position_ids is not None:  # numbered on from each row's first real position
+            valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool,
+                                                                                        device=dev)
             new_pos = renumbered(new_mask, first_positions(position_ids, valid))
         else:
             new_pos = None
         ds = None
         if deep:  # the kept / merged tokens' rows at their new places
-            ds = _deepstack(torch.cat([d for _, _, d in outs]), moved[3], B, new_L)
+            ds = _deepstack(torch.cat([d for _, _, d in outs]), moved[4], B, new_L)
         return new_embeds, new_mask, new_pos, VisionOut(plan, noop, new_layouts, shift, origin, ds)
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
