@@ -26,7 +26,7 @@ in the core.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -116,8 +116,7 @@ class TokenTable:
     def entries(self) -> dict:
         """Every per-row tensor present by name, the tower signals by their flat names (a read-only view, e.g. for
         tests and reports)."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name in self.ROWS
-                   and getattr(self, f.name) is not None}, **self.tower}
+        return {**{k: getattr(self, k) for k in self.ROWS if getattr(self, k) is not None}, **self.tower}
 
 
 class VisualUnits(NamedTuple):
