@@ -49,9 +49,10 @@ class VisionOut:
     """What the vision stage tells the rest of a prefill (and :meth:`llava.engine.PruningEngine.vision_inputs`'s
     caller): ``plan`` the :class:`llava.plan.PrefillPlan` that starts on its rows (per sample its stock visual tokens,
     its rows and visual tokens entering decoder layer 0, their width), per sample ``noop`` whether the stage left it
-    as the stock model has it, ``layouts`` its rows' host layout (:class:`llava.plan.RowLayout`) after the stage, ``origin`` each
-    visual token's source candidate when the rows were rebuilt (None: they were not), ``pos_shift`` (B,) the original
-    less the LLM-space position (for decode), ``deepstack`` the DeepStack rows at the visual rows (Qwen3-VL)."""
+    as the stock model has it, ``layouts`` its rows' host layout (:class:`llava.plan.RowLayout`) after the stage,
+    ``origin`` each visual token's source candidate when the rows were rebuilt (None: they were not), ``pos_shift``
+    (B,) the original less the LLM-space position (for decode), ``deepstack`` the DeepStack rows at the visual rows
+    (Qwen3-VL)."""
 
     plan: PrefillPlan
     noop: list

@@ -8,8 +8,8 @@ import torch
 from fastpath_util import per_prompt
 
 from llava.candidates import candidate_shapes, gather_tokens, with_cls
-from llava.families.base import (TokenTable, VisualLayout, VisualUnits, cls_rows, join_units, packed_units, sample_units,
-                                 uniform_units, visual_ids)
+from llava.families.base import (TokenTable, VisualLayout, VisualUnits, cls_rows, join_units, packed_units,
+                                 sample_units, uniform_units, visual_ids)
 from llava.families.clip import clip_units
 from llava.models import load
 from llava.needs import Needs, TowerRead

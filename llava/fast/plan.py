@@ -459,13 +459,14 @@ class HostPlanner:
         full = vp.positions
         if full is None:  # contiguous from the row's first position
             pos = renumbered(g.mask, vp.first)
-            nxt = torch.tensor([n + int(f) for n, f in zip(lens, vp.first)], dtype=torch.long)
+            nxt, vpos = torch.tensor(lens) + vp.first, None
         else:  # the text rows' own positions (outputs and pads: 0; the captured function gathers the outputs')
             R = vp.spec.mrope
             pos = torch.cat([own[:, r.text_src] for own, r in zip(full, maps)] + [torch.zeros(R, n_out + 1,
                                                                                               dtype=torch.long)], 1)
             pos = pos[:, g.src].view(R, B, Lb)
             nxt = torch.stack([own[:, -1] + 1 for own in full], 1)
+            vpos = torch.cat([own[:, lay.first:lay.first + lay.tokens] for own, lay in zip(full, rows)], 1)
         for b, (lay, r, smp) in enumerate(zip(rows, maps, samples)):
             if smp.text:  # where the text block's rows sit in the flattened new rows (pads: row 0, masked)
                 o, p0 = smp.parts.text_rows.offset, lay.first
@@ -479,9 +480,7 @@ class HostPlanner:
         spec = _replace(vp.spec, bucket=Lb, cache_len=C, segments=plan.key(), texts=texts, probe=probe)
         # the 4-D mask is built on the device from the pads (llava.fast.llm.prompt_mask); with DeepStack, the visual
         # rows entering layer 0, flattened: where its rows go
-        host = PrefillInputs(tok=tok, src=src, pos=pos, pad=g.pad, index=index,
-                             vpos=torch.cat([own[:, lay.first:lay.first + lay.tokens] for own, lay in zip(full, rows)], 1)
-                             if full is not None else None, ds_at=g.vis_at if vp.spec.deepstack else None,
-                             stages=tuple(stage_host), probe=probe_host)
+        host = PrefillInputs(tok=tok, src=src, pos=pos, pad=g.pad, index=index, vpos=vpos,
+                             ds_at=g.vis_at if vp.spec.deepstack else None, stages=tuple(stage_host), probe=probe_host)
         return spec, host, plan, nxt
 
