@@ -64,6 +64,8 @@ VARIANTS = {
     "attnmix": [{"allow_duplicates": True, "text_queries": "question"}],
     "divprune": [{"scope": "unit"}],
     "otprune": [{"scope": "unit"}, {"numerics": "official", "order": "official"}],
+    "holov": [{"overflow": "redistribute", "order": "ascending", "scope": "sample", "cls_token": "keep"},
+              {"numerics": "official"}],
     "fastervlm": [{"cls_token": "keep"}],
     "prumerge": [{"variant": "base"}, {"numerics": "official"}],
     "vscan": [{"remainder": "global"}],

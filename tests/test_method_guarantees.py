@@ -116,6 +116,8 @@ PER_UNIT = {
     # image / frame ([CLS] dropped) / crop
     "visionzip": [(b, {}, CLIP) for b in (2, 4, 6)],
     "fastervlm": [(b, {}, CLIP) for b in (2, 4, 6)],
+    # HoloV: T rows per unit, the official zero rows included (15 of 16: pad rows on the tiny models) or not
+    "holov": [(b, o, CLIP) for b in (4, 15) for o in ({}, {"overflow": "redistribute"})],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
     "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"keep_newlines": False}, ["llava"])],
     "consensusdrop": [(_CONSENSUS, o, CLIP) for o in (
@@ -187,6 +189,7 @@ CACHED = {
     "downsample": [(4, {}, POOLED)],
     "fastv": [(None, {})],
     "otprune": [(4, {}, CLIP), (4, {"numerics": "official", "order": "official"}, CLIP)],
+    "holov": [(4, {}, CLIP), (15, {}, CLIP), (4, {"numerics": "official"}, CLIP)],  # 15: the zero rows
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official", "queries": "last"})],
     "clse": [(192, {}), (192, {"numerics": "official"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],

@@ -44,7 +44,7 @@ TINY_BUDGETS = {
     "dart": {"image": 8, "crops": 16, "frames": 64, "grid": 4,
              "anyres_max": 16},  # kept after layer K: 16 -> 16/12/12/12
     "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
-    "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW,  # per unit
+    "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW, "holov": _PER_UNIT_NEW,  # per unit
     "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "vscan": 6,  # layer average per unit: 9 per unit after the tower, 3 from layer 2

@@ -21,7 +21,7 @@ BUDGETS = {
     "consensusdrop": _PER_UNIT, "visiondrop": _PER_UNIT, "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT,
     "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT, "attnmix": _TOTAL,
     "fastv": _IN_LLM, "dart": _IN_LLM,
-    "hiprune": _PER_UNIT, "vispruner": _PER_UNIT, "downsample": _PER_UNIT,
+    "hiprune": _PER_UNIT, "vispruner": _PER_UNIT, "downsample": _PER_UNIT, "holov": _PER_UNIT,
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
     "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
@@ -61,6 +61,7 @@ KEEP_ALL = {
     # exactly (16): test_flowcut.test_budget_at_or_above_the_grid_is_the_stock_model
     "flowcut": [(576, {}, registry.where(layout="single"))],
     "hiprune": [(576, {})],
+    "holov": [(576, {})],
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
     "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage
