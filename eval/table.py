@@ -22,7 +22,7 @@ from .io import read_json
 DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet": "ApET", "attnmix": "AttnMix",
            "cdpruner": "CDPruner", "clse": "CLSE", "consensusdrop": "ConsensusDrop", "dart": "DART",
            "divprune": "DivPrune", "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM",
-           "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "holov": "HoloV", "mmtok": "MMTok", "otprune": "OTPrune",
+           "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "holov": "HoloV", "pixelprune": "PixelPrune", "mmtok": "MMTok", "otprune": "OTPrune",
            "ivcprune": "IVC-Prune", "pdrop": "PyramidDrop", "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random",
            "sparsevlm": "SparseVLM", "transprune": "TransPrune", "trio": "TRIO",
            "v2drop": "V2Drop", "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip",

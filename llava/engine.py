@@ -44,7 +44,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .decode import DecodeShape, MaskLayout
-from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for
+from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, registry
 from .layout import VisionStage
 from .method import Method, Selection, get_method
 from .needs import TowerCall
@@ -128,6 +128,11 @@ class PruningEngine:
         method.setup(num_layers=n_layers, num_vision_layers=self.adapter.num_vision_layers, family=self.family)
         #: what the method asks of the engine, read once here (llava.needs.Needs)
         self.needs = needs = method.needs()
+        if needs.pixel_stage:
+            fam = registry.get(self.family)
+            if not fam.pre_tower or self.adapter.pixel_norm is None:
+                raise ValueError(f"{method.name}: its pre-tower stage (select_pixels) does not run on {fam.name} models: "
+                                 f"{fam.pre_tower_reason}")
         if needs.attention_logits != "fp32" and not self.adapter.tower_logits:
             raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
                              f"{needs.attention_logits!r}) is computed for the CLIP towers only, not {self.family}")

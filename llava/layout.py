@@ -13,6 +13,7 @@ executor's, which also starts the prefill's :class:`llava.plan.PrefillPlan`). Th
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -23,6 +24,7 @@ from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
 from .method import Selection
 from .positions import first_positions, prompt_positions, renumbered
+from .pre_tower import pixel_stage
 from .plan import (PrefillPlan, RowLayout, RowMap, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans,
                    vision_rows)
 from .prefill import EngineEnv, VisionOut, _Prefill
@@ -56,6 +58,10 @@ class VisionStage:
         kinds = self.adapter.layout(visual)  # host metadata only
         if not kinds:
             raise ValueError("no visual input")
+        stock = None
+        if needs.pixel_stage:  # the tokens the tower runs, from the pixels; the prompt without the others
+            pre = pixel_stage(self.env, input_ids, attention_mask, position_ids, visual, kinds)
+            input_ids, attention_mask, position_ids, kinds, stock = pre
         tabs = self.adapter.encode(visual, kinds, self.env.tower)
         embeds = self.lm.embed_tokens(input_ids)
         B, L = input_ids.shape
@@ -133,11 +139,14 @@ class VisionStage:
             log.info("%s: budget %s >= visual tokens in %d/%d sample(s): nothing pruned there",
                      method.name, method.budget, sum(noop), B)
         if all(noop):  # identical to the stock model: same tensors, nothing re-laid out, at the caller's width
-            plan = PrefillPlan.start("eager", len(self.lm.layers), [lay.tokens for lay in layouts],
+            plan = PrefillPlan.start("eager", len(self.lm.layers), stock or [lay.tokens for lay in layouts],
                                      [int(lay.real.numel()) for lay in layouts], [lay.tokens for lay in layouts], L)
             return embeds, attention_mask, position_ids, VisionOut(
                 plan, noop, layouts, torch.zeros(B, dtype=torch.long, device=dev), deepstack=stock_ds)
-        return self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, noop)
+        out = self._respliced(embeds, attention_mask, position_ids, layouts, per_sample, selections, noop)
+        if stock is not None:  # the plan counts each sample's stock tokens, before the pre-tower stage
+            out[3].plan = replace(out[3].plan, candidates=tuple(stock))
+        return out
 
     def _respliced(self, embeds, attention_mask, position_ids, layouts, sigs, selections, noop):
         """Rebuild each row as [text before, kept/merged visual tokens per run, text after], re-pad left.

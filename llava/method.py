@@ -58,7 +58,7 @@ class Selection:
     merge_kept: ``assign`` is read for the kept tokens too: a kept token with a slot is output unchanged
              *and* averaged into that target (ApET's official basis tokens, which its code merges as well as
              emits); the targets are never read.
-    count:   captured (piecewise) selections only: a 0-d device count; only the first ``count`` outputs
+    count:   captured (piecewise) selections and pre-tower stages only: a 0-d device count; only the first ``count`` outputs
              (in output order) are the selection, the rest are padding that fixes the shape (never read).
              The fast path reads every count once, after its first graph (:mod:`llava.fast.path`).
     """
@@ -262,6 +262,11 @@ class Method:
     #: ``docs/architecture.md`` "In-tower stage"). The vision stage then sees every stock token, the
     #: dropped ones with zero features, and ``sig.in_tower_kept`` (T,) bool flags the survivors.
     tower_stage: ClassVar[bool] = False
+    #: True if :meth:`select_pixels` is implemented: a pre-tower stage that keeps some of an image's visual tokens
+    #: *before* the vision tower runs, from its pixels (``docs/architecture.md`` "Pre-tower stage"; families whose
+    #: record has ``pre_tower``: Qwen). The tower then runs the kept tokens' patches only, and the rest of the
+    #: prefill (a vision stage, llm stages) sees those tokens alone, as if the prompt had held no others.
+    pixel_stage: ClassVar[bool] = False
     #: The in-tower stage's masked form, ``select_tower_masked(layer_idx, sig) -> (n, S) bool`` (a method of the
     #: subclass; None: none): the fast path runs the tower masked with it (:func:`llava.families.clip.run_tower_masked`).
     select_tower_masked: ClassVar[Any] = None
@@ -293,6 +298,9 @@ class Method:
     #: {family: budget}; None: the checker's table of built-ins, else no budget), and the (budget, options) with
     #: which this method keeps every visual token (None: the checker's table, else keep-all is n.a.)
     check_budget: ClassVar[int | dict | None] = None
+    #: False: the method takes no budget (its count adapts to the input: PixelPrune's tolerance); harnesses that sweep
+    #: budgets run it once, without one
+    budgeted: ClassVar[bool] = True
     check_keep_all: ClassVar[tuple[int | None, dict] | None] = None
     #: The attached model's decoder and tower layer counts and family, set by :meth:`setup`; before it (a method built
     #: but not attached) the 32 decoder layers of LLaVA-1.5-7B, which the papers state their layer schedules for.
@@ -408,9 +416,15 @@ class Method:
     def select_llm(self, stage: int, signals: "Any") -> Selection:  # pragma: no cover - interface
         raise TypeError(f"{self.name} declares no llm stage")
 
+    def select_pixels(self, sig: "Any") -> Selection:  # pragma: no cover - interface
+        """Pre-tower stage, called once per image with :class:`llava.tower_signals.PixelSignals`, before the tower runs.
+        Return a :class:`Selection` of ``keep`` only: the image's tokens to run through the tower, ascending (at least
+        one). A video's frames are not asked (they run whole)."""
+        raise TypeError(f"{self.name} declares no pre-tower stage")
+
     def select_tower(self, layer_idx: int, sig: "Any") -> torch.Tensor | None:  # pragma: no cover - interface
         """In-tower stage, called after vision encoder layer ``layer_idx`` (0-based) for one batched call
-        of units (images / crops / frames) with :class:`llava.signals.TowerSignals`. Return an
+        of units (images / crops / frames) with :class:`llava.tower_signals.TowerSignals`. Return an
         (n_units, k) LongTensor of the positions among the current tokens to keep (ascending keeps the
         original order; [CLS] at position 0 must be kept), a list of n_units 1-D LongTensors when the
         units keep different counts (the engine then runs them on in groups of equal length), or None

@@ -71,6 +71,10 @@ class Runtime:
         self.engine_by_load = False
         self.engine = attach(self.model, method, budget, next_layout=self.processor.next_layout,
                              prompt_spec=self.prompt_spec(), fast=self.fast, **options)
+        ip = getattr(self.processor, "image_processor", None)
+        if self.engine.adapter.pixel_norm is not None and getattr(ip, "image_mean", None) is not None:
+            # a pre-tower stage's pixels in [0, 1]: undo the normalisation this processor applies
+            self.engine.adapter.pixel_norm = (tuple(ip.image_mean), tuple(ip.image_std))
         return self.engine
 
     def unprune(self, detach: bool = False) -> None:

@@ -142,6 +142,8 @@ class Needs:
 
     method: str
     # -- stages
+    #: a pre-tower stage (``Method.select_pixels``): the tower runs the kept tokens' patches only
+    pixel_stage: bool = False
     vision_stage: bool = False
     tower_stage: bool = False
     #: the tower stage also has a masked form the fast path captures (``select_tower_masked``)
@@ -187,6 +189,7 @@ class Needs:
                       for v in _layers(name, attr, getattr(m, attr)))
         return cls(
             method=name,
+            pixel_stage=_flag(name, "pixel_stage", m.pixel_stage),
             vision_stage=_flag(name, "vision_stage", m.vision_stage),
             tower_stage=_flag(name, "tower_stage", m.tower_stage),
             tower_masked=tower_masked,

@@ -67,6 +67,19 @@ class PromptSpec:
     tail_ids: tuple[int, ...] = ()
 
 
+def without_tokens(valid: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """The rows of a left-padded batch without the tokens ``drop`` (host (B, L) bools, e.g. a pre-tower stage's
+    dropped placeholders; ``valid`` the real tokens), left-padded again to the longest row: (B, L') each new column's
+    source column, -1 for a pad."""
+    keep = valid & ~drop
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    src = torch.full((keep.shape[0], width), -1, dtype=torch.long)
+    for b in range(keep.shape[0]):
+        cols = keep[b].nonzero().flatten()
+        src[b, width - cols.numel():] = cols
+    return src
+
+
 def text_spans(ids: torch.Tensor, vis: torch.Tensor, spec: PromptSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Host indices (among the sample's real tokens, ``ids`` their host token ids) of the text after
     the last visual token (``vis``: indices of the visual tokens, ascending), and of the question (the text after,

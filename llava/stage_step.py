@@ -1,5 +1,5 @@
 """One stage step for both executors: the method asked at each stage by one function per hook (:func:`ask_vision`,
-:func:`ask_llm`; the tower's hooks are asked by the tower, :mod:`llava.families.clip`; the probe a stage reads is
+:func:`ask_llm`, :func:`ask_pixels`; the tower's hooks are asked by the tower, :mod:`llava.families.clip`; the probe a stage reads is
 built by :func:`llava.attention_rows.sample_probe`), and a selection turned into its outputs (:func:`vision_outputs`,
 :func:`llm_step`). The eager executor (:mod:`llava.layout`, :mod:`llava.staged`), the captured one
 (:mod:`llava.fast.vision`, :mod:`llava.fast.llm`) and the captured plan's dry runs (:mod:`llava.fast.plan`) call them;
@@ -15,11 +15,24 @@ import torch
 from .method import Method, Selection
 from .selection_rows import carry_rows, llm_outputs, materialize
 from .signals import LLMSignals, VisionSignals
+from .tower_signals import PixelSignals
 
 
 def _checked(method: Method, sel, where: str) -> Selection:
     if not isinstance(sel, Selection):
         raise TypeError(f"{method.name}: {where} must return a Selection, got {type(sel).__name__}")
+    return sel
+
+
+def ask_pixels(method: Method, sig: PixelSignals) -> Selection:
+    """The method's pre-tower stage on one image's pixels (:meth:`Method.select_pixels`): a selection of ``keep``
+    (and optionally its device ``count``: the first ``count`` of ``keep``) only; nothing else means anything before
+    the tower has run."""
+    sel = _checked(method, method.select_pixels(sig), "select_pixels")
+    extra = [f for f in ("targets", "order", "values") if getattr(sel, f) is not None]
+    if extra:
+        raise ValueError(f"{method.name}: select_pixels keeps tokens before the tower runs; its Selection may give "
+                         f"`keep` only, not {', '.join(extra)}")
     return sel
 
 

@@ -11,7 +11,7 @@ from .jobs import Runner
 from .report import seeds_table, table, write, write_seeds
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("all", "build", "llava15", "next", "scorers", "qwen")
+PARTS = ("all", "build", "llava15", "next", "scorers", "qwen", "pixels")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,7 +23,9 @@ def parser() -> argparse.ArgumentParser:
                         "under transformers 4.52.4 (--qwen-venv) beside ours: prompts, pixels, grids, logits, tokens "
                         "and, with --method, the methods' official Qwen code (adapters with QWEN = True: mmtok, "
                         "ivcprune; priortr on Qwen3-VL under transformers 5.1.0, --qwen3-venv) beside ours "
-                        "(not part of all: its environments are others)")
+                        "(not part of all: its environments are others); pixels: a pre-tower stage's keep rule "
+                        "(PixelPrune's official selector from its clone, .official/pixelprune or --official-path) "
+                        "beside ours through the engine, at Qwen3-VL's and Qwen3.5's patch geometry (not part of all)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "parity",
                    help="where the weights, images, jobs and results go (default: runs/parity)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv-official",
@@ -121,8 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs must be at least 1, not {args.jobs}", file=sys.stderr)
         return 2
+    if args.part == "pixels":
+        return main_pixels(args)
     with Runner(jobs=args.jobs, fresh=args.fresh) as runner:
         return main_qwen(args, runner) if args.part == "qwen" else main_llava(args, runner)
+
+
+def main_pixels(args) -> int:
+    """``python -m parity pixels``: PixelPrune's official keep rule beside ours (parity/pixels.py), in this
+    repository's environment (the official selector imports torch only)."""
+    from . import pixels
+
+    try:
+        checks = pixels.run(args.seeds or [args.seed], args.dtypes, args.official_path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(checks))
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    write(checks, work / "pixels.json")
+    print(f"written: {work / 'pixels.json'}")
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def main_llava(args, runner: Runner) -> int:

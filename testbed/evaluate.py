@@ -198,8 +198,12 @@ def sweep_configs(budgets: Sequence[int] = DEFAULT_BUDGETS, budgets_576: dict | 
     budgets_576 = BUDGETS_576 if budgets_576 is None else budgets_576
     overrides = BUDGETS_OVERRIDE if overrides is None else overrides
     from llava import available_methods
+    from llava.method import method_supports
 
-    names = [m for m in available_methods() if not m.startswith("test_") and m not in ("none", "novisual")]
+    # the testbed's model is transformers' LLaVA: a method that does not run on it (PixelPrune: a pre-tower stage of the
+    # Qwen towers) has no row
+    names = [m for m in available_methods() if not m.startswith("test_") and m not in ("none", "novisual")
+             and method_supports(m, "llava")]
     cfgs: list[tuple[str, int | None, dict]] = [("none", None, {}), ("novisual", None, {})]
     methods: list[tuple[str, dict]] = []
     for m in SEED_METHODS:

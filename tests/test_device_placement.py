@@ -32,6 +32,7 @@ BUDGETS = {
     "transprune": None,  # the official lists: 16 -> 14 / 10 / 2
     "sparsevlm": 192,
     "prumerge": None,  # adaptive: the count depends on the image
+    "pixelprune": None,  # adaptive: the count depends on the pixels (a pre-tower stage)
     "vscan": 6,  # 4 would leave its local scan empty on the tiny 2x2 windows
     "trio": 192,  # a layer average of 576 on 32 layers, refitted to the tiny 4 layers: 16 -> 16/2/1/0
     "none": None,

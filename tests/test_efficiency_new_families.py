@@ -239,3 +239,26 @@ def test_decode_step_time_excludes_the_prefill():
     assert 0 < base < 0.05 and 0 < slowed < 0.05 and abs(slowed - base) < 0.03
     with pytest.raises(ValueError, match="2 new tokens"):
         decode_step_time(rt, batch, torch.device("cpu"), 1)
+
+
+def test_pixelprune_on_pages_one_row_without_a_budget(tmp_path):
+    """A budgetless method (PixelPrune: its count is the image's) gets one row, whatever --budgets says; on document
+    pages (``images="pages"``: flat margins, text bars) it drops tokens before the tower, and the row's tokens are the
+    engine's own count for the same input."""
+    hw = (224, 224)  # 8 x 8 merged tokens of 28 px
+    cfg = BenchConfig(model="tiny:qwen2-vl", methods=["none", "pixelprune"], budgets=[8, 4], n=2, warmup=0,
+                      decode_tokens=1, image_hw=hw, images="pages", out=str(tmp_path), sweep=[8, 16])
+    report = run(cfg)
+    rows = [r for r in report["results"] if r["method"] == "pixelprune"]
+    assert len(rows) == 1 and rows[0]["budget"] is None
+    rt = load("tiny:qwen2-vl")
+    eng = rt.prune("pixelprune")
+    kept = []
+    for item in make_inputs(rt, 2, cfg.text_words, cfg.seed, hw, "pages"):  # each page alone
+        with torch.no_grad():
+            rt.model(**build_batch(rt, [item], "cpu"))
+        kept.append(eng.stats.plan.segments[0].visual[0])
+    mean = sum(kept) / 2
+    assert max(kept) < 64 and rows[0]["visual_entering_llm"] == mean
+    assert f"| pixelprune | - | {round(mean)} / {mean:.1f} |" in (tmp_path / "efficiency.md").read_text()
+    assert "synthetic document page" in (tmp_path / "efficiency.md").read_text()

@@ -19,7 +19,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from baselines.flowcut import FlowCut, adaptive_prune_count, adaptive_prune_count_masked
 from llava.families.clip import run_tower_masked, run_tower_staged
 from llava.models import load
-from llava.signals import TowerSignals
+from llava.tower_signals import TowerSignals
 
 FAMILIES = ("llava", "llava_next", "video_llava")
 #: patches per unit on the tiny towers (16) - budget 3: the adaptive cuts and the final one all prune

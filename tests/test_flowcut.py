@@ -17,7 +17,7 @@ from baselines.flowcut import FlowCut, adaptive_prune_count, flowcut_score
 from llava.families.clip import run_tower, run_tower_staged
 from llava.needs import TowerCall
 from llava.method import Method, Selection
-from llava.signals import TowerSignals
+from llava.tower_signals import TowerSignals
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)

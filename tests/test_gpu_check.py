@@ -151,8 +151,9 @@ def test_default_families_are_the_nine_tiny_families_and_every_method_has_a_tiny
     keys = [gpu_check.family_key(f) for f in gpu_check.FAMILIES]
     assert keys == ["llava", "llava_next", "video_llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl",
                     "qwen3_5", "qwen2_vl"]
-    # prumerge: adaptive (IQR outliers); v2drop: the official schedule takes no budget (16 -> 8 -> 4 -> 1 here: it prunes)
-    budgetless = gpu_check.NO_BUDGET | {"prumerge", "v2drop"}
+    # prumerge: adaptive (IQR outliers); v2drop: the official schedule takes no budget (16 -> 8 -> 4 -> 1 here: it prunes);
+    # pixelprune: adaptive (the pixels)
+    budgetless = gpu_check.NO_BUDGET | {"prumerge", "v2drop", "pixelprune"}
     for m in gpu_check.registered_methods():
         if m in gpu_check.NO_BUDGET:
             continue

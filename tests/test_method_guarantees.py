@@ -136,6 +136,7 @@ COUNTED_ELSEWHERE = {
     "downsample": "pooled windows: test_downsample.test_tokens_entering_llm",
     "flowcut": "in-tower, [CLS] counted: test_flowcut.test_tokens_entering_llm",
     "prumerge": "adaptive (IQR): test_prumerge.test_tokens_entering_llm_adaptive / _fixed",
+    "pixelprune": "adaptive (the pixels): test_pixelprune.test_through_the_engine, test_pre_tower",
     "fastv": "in the LLM: test_fastv.test_per_layer_counts_follow_the_equivalent_budget",
     "priortr": "in the LLM: test_priortr.test_options_counts_and_refusals, test_selection_uses_layer_k_minus_1_rows_of_"
                "the_null_token_and_the_question",
@@ -180,6 +181,7 @@ CACHED = {
     "flowcut": [(3, {})],
     "prumerge": [(None, {}), (None, {"variant": "base"}), (5, {"budget_mode": "fixed"})],
     "duet": [(6, {})],  # a vision stage, then two stages, the second keeping no visual token
+    "pixelprune": [(None, {"metric": "mae", "threshold": 0.4}, ["qwen3-vl", "qwen2.5-vl"])],  # random images: a tolerance
     "apet": [(6, {}, ALL_FAMILIES)],
     "vscan": [(6, {})],
     "trio": [(None, TRIO_TINY, CLIP), (None, TRIO_QWEN, ["qwen2.5-vl"]),
@@ -227,6 +229,7 @@ BATCH = {
     "duet": [({f: 4 if f in QWEN else 6 for f in map(key, ALL_FAMILIES)}, {})],  # Qwen3.5: refused (linear read)
     "apet": [(6, {})],
     "vscan": [(6, {})],
+    "pixelprune": [(None, {"metric": "mae", "threshold": 0.4}, ["qwen3-vl", "qwen2.5-vl", "qwen3.5"])],
     "trio": [(None, TRIO_TINY, ["llava"]), (None, TRIO_QWEN, ["qwen2.5-vl"])],
     "divprune": [(4, {}, CLIP)],
     "otprune": [(4, {}, CLIP), (4, {"numerics": "official", "order": "official"}, CLIP)],

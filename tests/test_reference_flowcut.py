@@ -30,7 +30,7 @@ from conftest import FAMILIES
 
 from baselines.flowcut import FlowCut, adaptive_prune_count, flowcut_score, flowcut_score_official
 from llava.families.clip import _apply_keep
-from llava.signals import TowerSignals
+from llava.tower_signals import TowerSignals
 
 LAYERS, SELECT, H, N, HD = 24, 22, 16, 577, 64
 P = N - 1

@@ -72,6 +72,7 @@ from bench.efficiency.report import (check_bars, cpu_model, environment, fast_co
 from bench.efficiency.timing import (attach, decode_step_time, generate_time, llm_sweep, measure, prefill_once,
                                      prefill_ops, process_age, summary, timed_prefill)
 from llava.fast.precompile import wanted as precompile_wanted
+from llava.method import method_class
 
 __all__ = [
     # cost
@@ -96,7 +97,7 @@ __all__ = [
 
 #: the config fields a finished cell's numbers depend on: a resumed run reuses only rows with the same values
 RESUME_FIELDS = ("model", "dtype", "device", "n", "warmup", "batch_sizes", "decode_tokens", "decode_samples",
-                 "text_words", "image_hw", "next_layout", "seed", "threads", "fast", "fast_backend",
+                 "text_words", "image_hw", "images", "next_layout", "seed", "threads", "fast", "fast_backend",
                  "fast_max_new_tokens", "fast_attention")
 
 
@@ -180,7 +181,7 @@ def run(cfg: BenchConfig) -> dict:
     device = next(rt.model.parameters()).device
     image_hw = tuple(cfg.image_hw) if cfg.image_hw else default_image_hw(rt)
     inputs = describe_inputs(rt, image_hw)
-    items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw)
+    items = make_inputs(rt, cfg.n, cfg.text_words, cfg.seed, image_hw, cfg.images)
     floor = None
     if cfg.fast:  # the fast table's floors: the device's limits, the weights' bytes, the tower's FLOPs
         floor = _floor_inputs(rt, items, device)
@@ -190,7 +191,8 @@ def run(cfg: BenchConfig) -> dict:
         name, opts = parse_method(spec)
         if name == "none":
             continue
-        cells += [(name, b, opts, False) for b in cfg.budgets]
+        budgets = cfg.budgets if method_class(name).budgeted else [None]  # an adaptive count: one row, no budget
+        cells += [(name, b, opts, False) for b in budgets]
     if cfg.retime_none:  # the unpruned row again at the end: the drift of the device over the run
         cells.append(("none", None, {}, True))
     out = Path(cfg.out)
@@ -406,6 +408,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="forced answer length for TPOT")
     ap.add_argument("--decode-samples", type=int, default=d.decode_samples, help="samples whose decode is timed")
     ap.add_argument("--text-words", type=int, default=d.text_words, help="words of the synthetic question")
+    ap.add_argument("--images", choices=("noise", "pages"), default=d.images,
+                    help="the synthetic pictures: random pixels (default), or document pages (flat margins, text bars: "
+                         "what a pre-tower stage such as PixelPrune drops)")
     ap.add_argument("--image-hw", nargs=2, type=int, default=None,
                     help="synthetic image height width (default per family's layout: " + ", ".join(
                         f"{k} {h}x{w}" for k, (h, w) in LAYOUT_IMAGE_HW.items()) + "; the Qwen grid 24 merged tokens "

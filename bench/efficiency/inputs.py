@@ -27,6 +27,7 @@ class BenchConfig:
     decode_samples: int = 3
     text_words: int = 12
     image_hw: tuple | None = None  # None: the family's default (default_image_hw)
+    images: str = "noise"  # "noise": random pixels; "pages": synthetic document pages (llava.check.inputs.page_image)
     next_layout: str = "spatial"
     sweep: list = field(default_factory=list)  # sequence lengths for the cost model; default from inputs
     seed: int = 0
@@ -91,7 +92,7 @@ def describe_inputs(rt, image_hw: tuple[int, int]) -> dict:
     return info
 
 
-def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int]):
+def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int], images: str = "noise"):
     """A fixed list of (question, image or video frames): seeded random pictures and questions of
     ``text_words`` words (the same list for every method and budget). The pictures are PIL images fed
     through ``rt.processor`` as users do (Qwen2.5-VL: patch rows (t*h*w, 3*2*14*14) + image_grid_thw +
@@ -99,6 +100,7 @@ def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int
     import numpy as np
     from PIL import Image
 
+    from llava.check.inputs import page_image
     from llava.tiny_tokenizer import BASE_WORDS
 
     rng = np.random.RandomState(seed)
@@ -107,7 +109,10 @@ def make_inputs(rt, n: int, text_words: int, seed: int, image_hw: tuple[int, int
     for i in range(n):
         q = " ".join(rng.choice(words, size=text_words)) + "?"
         h, w = image_hw
-        img = Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
+        if images == "pages":  # flat regions: what a pre-tower stage (PixelPrune) drops
+            img = page_image(seed, i, h, w)
+        else:
+            img = Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
         if registry.get(rt.family).video_model:
             items.append((q, [img] * rt.processor.num_frames))
         else:

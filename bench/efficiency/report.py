@@ -144,7 +144,8 @@ def _inputs_lines(report: dict) -> list[str]:
     h, w = inp["image_hw"]
     grid = f", image_grid_thw {inp['image_grid_thw']}" if "image_grid_thw" in inp else ""
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in inp["batch_keys"].items())
-    return [f"Input: one {h}x{w} synthetic image per prompt through the runtime's processor ({inp['family']}): "
+    kind = "document page" if report.get("config", {}).get("images") == "pages" else "image"
+    return [f"Input: one {h}x{w} synthetic {kind} per prompt through the runtime's processor ({inp['family']}): "
             f"{inp['visual_tokens']} visual tokens{grid}; batch tensors {shapes}.", ""]
 
 

@@ -47,6 +47,7 @@ TINY_BUDGETS = {
     "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW, "holov": _PER_UNIT_NEW,  # per unit
     "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
+    "pixelprune": None,  # adaptive: the count depends on the pixels (a pre-tower stage; Qwen families)
     "vscan": 6,  # layer average per unit: 9 per unit after the tower, 3 from layer 2
     "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
     "visiontrim": _PER_UNIT_NEW,  # per unit B = D + C

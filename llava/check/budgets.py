@@ -23,6 +23,7 @@ BUDGETS = {
     "fastv": _IN_LLM, "dart": _IN_LLM,
     "hiprune": _PER_UNIT, "vispruner": _PER_UNIT, "downsample": _PER_UNIT, "holov": _PER_UNIT,
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
+    "pixelprune": None,  # adaptive: the count depends on the pixels (a pre-tower stage; Qwen families)
     "cdpruner": _PER_UNIT, "flowcut": _PER_UNIT,
     "vscan": 6,  # layer-average per unit: 9 per unit after the tower, 3 from layer 2 on the tiny models
     "duet": 6,  # layer average per unit: 10 per unit after the tower, 5 from layer 2, 0 from layer 3
@@ -61,6 +62,7 @@ KEEP_ALL = {
     # exactly (16): test_flowcut.test_budget_at_or_above_the_grid_is_the_stock_model
     "flowcut": [(576, {}, registry.where(layout="single"))],
     "hiprune": [(576, {})],
+    "pixelprune": [(None, {"threshold": -1.0})],  # nothing is similar: every token's patches run
     "holov": [(576, {})],
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],

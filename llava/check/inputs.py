@@ -21,6 +21,26 @@ def rand_image(seed: int, h: int = 40, w: int = 70) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
 
 
+def page_image(seed: int, i: int = 0, h: int = 320, w: int = 448) -> Image.Image:
+    """A synthetic document page (what a pre-tower stage such as PixelPrune drops tokens of): flat regions on the
+    32-pixel token grid, white margins, black text bars, a coloured header and a panel whose grey steps by 1 level
+    every 32 pixels (neighbours similar under a tolerance, never equal)."""
+    rng = np.random.default_rng([seed, i, 7])
+    page = np.full((h, w, 3), 255, dtype=np.uint8)
+    page[:32] = rng.integers(0, 256, 3, dtype=np.uint8)  # header
+    for y in range(64, h - 32, 32):  # text lines: bars of random lengths, aligned to tokens or not
+        x = 32
+        while x < w - 64:
+            n = int(rng.integers(2, 6)) * 16
+            page[y + 8:y + 20, x:min(x + n, w - 32)] = 0
+            x += n + int(rng.integers(1, 3)) * 16
+    ph, pw = h // 4, w // 3
+    y0, x0 = h - ph - 16, w - pw - 16
+    steps = (200 + np.arange(pw) // 32).astype(np.uint8)
+    page[y0:y0 + ph, x0:x0 + pw] = steps[None, :, None]
+    return Image.fromarray(page)
+
+
 def make_batch(rt, n=3, sizes=((40, 70), (56, 56), (90, 30))):
     """n samples with different prompts and images (or videos); left-padded."""
     qs = QUESTIONS[:n]

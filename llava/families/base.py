@@ -252,6 +252,25 @@ class VisualLayout(NamedTuple):
     tower_tensors: dict | None = None
     #: host metadata the family's positions are planned from (:meth:`FamilyAdapter.rope_positions`)
     meta: dict | None = None
+    #: after a pre-tower stage (:func:`kept_layout`): the kept tokens among the stock layout's (host, ascending), whose
+    #: patches alone the tower runs; ``units`` then lays out these tokens only. None: every token
+    kept: torch.Tensor | None = None
+
+
+def kept_layout(lay: VisualLayout, kept: torch.Tensor) -> VisualLayout:
+    """The layout of the tokens ``kept`` (host, ascending indices among ``lay``'s tokens) of a packed layout (the
+    tower's table in the LLM's order: Qwen's), after a pre-tower stage: their table rows renumbered 0..K-1 (the tower
+    gives those rows only), each keeping its unit, patch and grid; per image its kept count."""
+    u = lay.units
+    if not torch.equal(u.src, torch.arange(u.src.numel())):
+        raise ValueError(f"a pre-tower stage needs a packed layout (the tower's rows in the LLM's order), not {lay.kind}")
+    image = torch.repeat_interleave(torch.arange(len(u.sizes)), torch.tensor(u.sizes, dtype=torch.long))
+    sizes = torch.bincount(image[kept], minlength=len(u.sizes))
+    if lay.kept is not None:
+        raise ValueError("this layout was pruned before its tower ran already")
+    units = VisualUnits(torch.arange(kept.numel()), u.unit[kept], u.patch[kept], u.unit_pos, u.grid,
+                        tuple(int(v) for v in sizes), u.counts, int(kept.numel()))
+    return lay._replace(units=units, kept=kept)
 
 
 def visual_ids(ids: torch.Tensor, kinds: list[VisualLayout], name) -> torch.Tensor:
@@ -309,6 +328,9 @@ class FamilyAdapter:
     deepstack_levels: int = 0
     #: decoder layers with no attention to read (hybrid models: Qwen3.5's Gated DeltaNet layers); empty: none
     linear_layers: frozenset = frozenset()
+    #: the per-channel (mean, std) the processor normalised the pixels with, undone for a pre-tower stage's
+    #: :class:`llava.tower_signals.PixelSignals` (in [0, 1]); None: the family takes no pre-tower stage
+    pixel_norm: tuple | None = None
     #: the tower's attention signals can be computed in the official code's arithmetic
     #: (``Method.vision_attention_logits="model"``: the CLIP towers, :func:`llava.families.clip.clip_probs`)
     tower_logits: bool = False
@@ -345,6 +367,13 @@ class FamilyAdapter:
         as extra candidates, :func:`llava.families.clip.clip_cls`, :func:`cls_rows`) exactly where the layout's
         ``drop_cls``."""
         raise NotImplementedError
+
+    def pixel_units(self, visual: dict, lay: VisualLayout) -> list | None:
+        """A pre-tower stage's view of the layout ``lay``'s inputs (families whose record has ``pre_tower``): per image
+        its :class:`llava.tower_signals.PixelSignals` (its tokens' pixels in [0, 1], the grid), in the order of ``lay``'s
+        units; None for a kind the stage does not prune (videos). :meth:`encode` then takes the layout of the kept
+        tokens (:func:`kept_layout`) and runs their patches only."""
+        raise NotImplementedError(f"{self.family} takes no pre-tower stage")
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """(n, Dv) vision-space rows -> (n, D) LLM inputs, with the stock projector."""

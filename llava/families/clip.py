@@ -156,7 +156,7 @@ def run_tower_staged(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     run on as separate groups. Returns the select-layer states scattered back to the stock token
     positions (n, S, Dv), zero rows for dropped tokens, and the survivors (n, S) bool ([CLS] = column 0).
     Layers after the select layer are not run (their output is unused)."""
-    from llava.signals import TowerSignals
+    from llava.tower_signals import TowerSignals
 
     if not isinstance(feature_layer, int):
         raise ValueError("an in-tower stage needs a single vision_feature_layer")
@@ -207,7 +207,7 @@ def run_tower_masked(tower, pixels: torch.Tensor, feature_layer: int, method, ki
     dropped tokens, and the survivors (n, S) bool. Not bit-identical to the gathered run (the attention sums
     over S keys, some with zero weight, instead of the survivors alone); the kept tokens are the same on the
     tested inputs (tests/test_fastpath_flowcut.py)."""
-    from llava.signals import TowerSignals
+    from llava.tower_signals import TowerSignals
 
     if not isinstance(feature_layer, int):
         raise ValueError("an in-tower stage needs a single vision_feature_layer")

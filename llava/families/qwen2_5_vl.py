@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from . import qwen_vision
+from . import qwen_kept, qwen_vision
 from .base import FamilyAdapter, TokenTable, VisualLayout, packed_units
+from .images import CLIP_MEAN_STD
 
 SALIENCY = qwen_vision.SALIENCY_KINDS
 
@@ -40,6 +41,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
                    "second_per_grid_ts")
     keeps_positions = True
+    #: Qwen2-VL's and Qwen2.5-VL's checkpoints normalise with CLIP's mean / std (Qwen3-VL's and Qwen3.5's: 0.5 / 0.5)
+    pixel_norm = CLIP_MEAN_STD
 
     def __init__(self, model, qwen_saliency: str = "received", qwen_saliency_layer: int | None = None, **options):
         super().__init__(model, **options)
@@ -77,6 +80,15 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                                     packed_units(unit, patch, grids, sizes, counts), meta={grid_key: grid_h}))
         return out
 
+    def pixel_units(self, visual, lay):
+        """Per image of ``lay`` its merged tokens' pixels (:func:`qwen_vision.token_pixels`); videos: None."""
+        if lay.kind != "image":
+            return None
+        vc = self.config.vision_config
+        return qwen_kept.token_pixels(visual[lay.key], lay.meta["image_grid_thw"].tolist(), vc.patch_size,
+                                        vc.temporal_patch_size, int(self.core.visual.spatial_merge_size),
+                                        self.pixel_norm)
+
     def encode(self, visual, layouts, call):
         # group_mean at block b: its output averaged over each merged token's 4 patches (the method's
         # ``vision_group_mean_blocks``: MMTok's official vision -> vision space)
@@ -90,9 +102,14 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         for lay in layouts:
             video = lay.kind == "frame"
             grid_key = "video_grid_thw" if video else "image_grid_thw"
+            kept = None  # after a pre-tower stage: its kept tokens' patches only
+            if lay.kept is not None:
+                kept = qwen_kept.kept_tower_inputs(self.core.visual, lay.meta[grid_key].tolist(), lay.kept,
+                                                   visual[lay.key].device)
             v = qwen_vision.encode(self.model, visual[lay.key], visual[grid_key], want_attn=call.attention,
                                    layer=self.saliency_layer, saliency=self.saliency, video=video,
-                                   group_mean=tuple(means), grid=lay.meta[grid_key].tolist())  # read by layout
+                                   group_mean=tuple(means), grid=lay.meta[grid_key].tolist(),  # read by layout
+                                   kept=kept)
             table = TokenTable(v.features, v.vision_features, deepstack=v.deepstack)  # DeepStack: Qwen3-VL
             if v.saliency is not None:
                 table.cls_attn, table.keys = v.saliency.T, v.keys

@@ -32,6 +32,7 @@ from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     visual_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
+    pixel_norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Qwen3-VL's and Qwen3.5's checkpoints
 
     def visual_layout(self, visual, batch, input_ids=None):
         """Images as Qwen2.5-VL's (the tower without windows, its DeepStack rows carried with the tokens);

@@ -196,7 +196,8 @@ def attention_signals(attn, x: torch.Tensor, pos: tuple, bounds, reverse: torch.
 @torch.no_grad()
 def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_attn: bool,
            layer: int | None = None, saliency: str = "received", video: bool = False,
-           chunk: int = 1024, group_mean: tuple[int, ...] = (), grid: list | None = None) -> QwenVisual:
+           chunk: int = 1024, group_mean: tuple[int, ...] = (), grid: list | None = None,
+           kept: tuple | None = None) -> QwenVisual:
     """Run the Qwen2.5-VL / Qwen3-VL vision tower once and return its merged tokens with per-token signals.
 
     model:        a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``.
@@ -213,6 +214,9 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
                   patches, :class:`QwenVisual` returns as ``group_mean[b]`` (a forward hook on the block).
     grid:         ``grid_thw`` as a host list of (t, h, w) where the caller read it already (the adapter's
                   layout); None: read here.
+    kept:         after a pre-tower stage, the run over its kept tokens only
+                  (:func:`llava.families.qwen_kept.kept_tower_inputs`): every row returned is a kept token's, in order.
+                  None: every token.
     """
     if saliency not in SALIENCY_KINDS:
         raise ValueError(f"unknown saliency {saliency!r}; expected one of {SALIENCY_KINDS}")
@@ -231,11 +235,16 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
             raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by spatial_merge_size={merge}")
     bounds = _frame_bounds(grid)
     qwen3 = is_qwen3(visual)
-    if not is_windowed(visual):  # Qwen3-VL / Qwen3.5: merged raster order throughout
-        window_index = torch.arange(sum(t * h * w for t, h, w in grid) // unit_sq)
+    kwargs = None
+    if kept is not None:  # the kept tokens' patches, each with its stock position
+        rows, kwargs, bounds, reverse = kept
+        pixel_values = pixel_values[rows.to(pixel_values.device)]
+    elif not is_windowed(visual):  # Qwen3-VL / Qwen3.5: merged raster order throughout
+        reverse = torch.arange(sum(t * h * w for t, h, w in grid) // unit_sq)
     else:
         window_index, _ = get_vision_window_index(torch.tensor(grid, dtype=torch.long), spatial_merge_size=merge,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
+        reverse = torch.argsort(window_index)
 
     captured: dict = {}
 
@@ -262,7 +271,9 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
     if want_attn:
         handles.append(visual.blocks[layer].attn.register_forward_pre_hook(grab_attn, with_kwargs=True))
     try:
-        if video:
+        if kwargs is not None:  # the stock tower, its grid-derived inputs given (its outputs: the kept tokens')
+            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, **kwargs)
+        elif video:
             out = model.model.get_video_features(pixel_values, grid_thw)
         else:
             out = model.model.get_image_features(pixel_values, grid_thw)
@@ -270,9 +281,10 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
         for handle in handles:
             handle.remove()
 
-    features = torch.cat(out.pooler_output)
+    pooled = out.pooler_output
+    features = pooled if torch.is_tensor(pooled) else torch.cat(pooled)
     device = features.device
-    reverse = torch.argsort(window_index).to(device)
+    reverse = reverse.to(device)
     ln_q = captured["ln_q"]
     vision_features = ln_q.reshape(-1, unit_sq * ln_q.shape[-1])[reverse]
 
@@ -286,7 +298,8 @@ def encode(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, want_at
 
     deepstack = None
     if qwen3:  # (T, L, D): every level's rows, images concatenated as the features are
-        deepstack = torch.stack([torch.cat(level) for level in out.deepstack_features], dim=1)
+        deepstack = torch.stack([level if torch.is_tensor(level) else torch.cat(level)
+                                 for level in out.deepstack_features], dim=1)
     # the 4 rows of a merged token are adjacent in the tower's order: mean over them, then merged raster order
     means = {int(b): (h := captured[("block", int(b))]).reshape(-1, unit_sq, h.shape[-1]).mean(1)[reverse]
              for b in group_mean}

@@ -76,6 +76,8 @@ class Family:
       crop / tile, 17 per frame, a Qwen grid of 4-35 merged tokens, OneVision's crops and newlines), the key of the
       tables of tiny-model budgets (llava.check.budgets, bench.gpu_check). What the
       vLLM plugin serves is the plugin's own list of model classes (integrations.vllm.ARCHITECTURES).
+      ``pre_tower`` / ``pre_tower_reason``: a pre-tower stage (``Method.select_pixels``) runs on its images, the tower
+      on the kept tokens' patches only, each with its own position (or why not).
     """
 
     id: str
@@ -106,6 +108,9 @@ class Family:
     tp: bool = True
     tp_reason: str = ""
     tiny_geometry: str = "image"
+    pre_tower: bool = False
+    pre_tower_reason: str = ("its tower runs whole fixed-size inputs: a learned position table over every patch of "
+                             "its square grid, attention over all of them")
 
     def __post_init__(self):
         for name, allowed in (("tower", TOWERS), ("layout", LAYOUTS), ("video", VIDEOS), ("chat", ("llava", "chatml")),
@@ -309,8 +314,8 @@ def markdown_table() -> str:
     """The families as a markdown table (docs/models.md holds it between ``<!-- families -->`` markers; a test
     compares): ``python -c "from llava.families import registry; print(registry.markdown_table())"``."""
     rows = ["| Family | id / `tiny:` | transformers class | tower ([CLS]) | prompts | one image | videos | fast path | "
-            "`bench.tp_check` | a budget unit counts |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "`bench.tp_check` | pre-tower stage | a budget unit counts |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in _FAMILIES.values():
         tower = f"{f.tower} ({'yes' if f.has_cls else 'no'})"
         prompts = "ChatML" + (", Qwen grid" if f.qwen_grid else "") if f.chatml else "LLaVA templates"
@@ -318,14 +323,15 @@ def markdown_table() -> str:
         video = (f.video or "no") + (" (a video model)" if f.video_model else "")
         rows.append(f"| {f.name} | `{f.id}` / `{f.tiny}` | `{f.model_class}` | {tower} | {prompts} | {f.layout}"
                     f"{'; ' + extra if extra else ''} | {video} | {'yes' if f.fast else 'no: ' + f.fast_reason} | "
-                    f"{'yes' if f.tp else 'no: ' + f.tp_reason} | {f.budget_unit} |")
+                    f"{'yes' if f.tp else 'no: ' + f.tp_reason} | "
+                    f"{'images' if f.pre_tower else 'no: ' + f.pre_tower_reason} | {f.budget_unit} |")
     return "\n".join(rows)
 
 
 _QWEN = dict(template="qwen2_vl", image_processors=images.QWEN, processor="QwenVLProcessor", tiny_tokenizer=("chatml",),
              token_ids=(("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")),
-             chat="chatml", qwen_grid=True, tower="qwen", has_cls=False, layout="grid")
+             chat="chatml", qwen_grid=True, tower="qwen", has_cls=False, layout="grid", pre_tower=True)
 
 for _f in (
     Family("llava", "llava", "LLaVA-1.5", "LlavaForConditionalGeneration", LlavaAdapter, "vicuna_v1", tiny.llava,

@@ -45,6 +45,9 @@ def captured_refusal(needs, family, adapter, decoder_attention: str | None) -> s
         return (f"the fast path's masks are SDPA's (boolean); this decoder runs {decoder_attention!r} attention: "
                 "load with attn_implementation='sdpa'")
     name = needs.method
+    if needs.pixel_stage:
+        return (f"{name}: a pre-tower stage's kept tokens depend on the pixels, and the captured prefill fixes the "
+                "tower's shapes before the device runs (each count would be its own graph)")
     if needs.tower_stage:  # captured through the masked tower (clip.run_tower_masked)
         if not needs.tower_masked:
             return (f"{name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "

@@ -67,6 +67,10 @@ code has a Qwen2.5-VL path (run by ``parity/official_worker_qwen.py`` in ``.venv
   same entries from our signals), optional ``qwen_replay(entry) -> kept`` (our selection on the official side's
   recorded rows: the method's arithmetic separated from the tower's).
 
+A pre-tower stage's keep rule (``python -m parity pixels``, parity/pixels.py) is an adapter of its own kind, with
+``PART = "pixels"``: its official function (``official_keep``) and the option sets it compares (``CONFIGS``); the
+model-level registry (:func:`names`) leaves it out, and scripts/official_clones.sh clones it like the others.
+
 Module constants: ``REPOSITORY`` (owner/name on GitHub), ``COMMIT`` (the commit the adapter was written and run
 against), ``PACKAGES`` (the top-level folders a clone must hold; the official side puts the clone first on its path,
 so its ``llava/`` replaces the installed llava-torch), ``INSTALLED`` (True when ``.venv-official`` already holds the
@@ -76,6 +80,7 @@ inside the clone that holds ``llava/``, for a repository that keeps its LLaVA tr
 
 from __future__ import annotations
 
+import ast
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -83,9 +88,19 @@ from types import ModuleType
 HERE = Path(__file__).resolve().parent
 
 
-def names() -> list[str]:
-    """Every adapter, by name (the file names here, ``_``-prefixed helpers left out)."""
-    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_"))
+def part_of(p: Path) -> str:
+    """The part of ``python -m parity`` an adapter file serves: its module constant ``PART`` (read without importing
+    it), "llava15" where it has none (the model-level adapters of llava15 / next / qwen)."""
+    for node in ast.parse(p.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PART" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return "llava15"
+
+
+def names(part: str = "llava15") -> list[str]:
+    """Every adapter of ``part``, by name (the file names here, ``_``-prefixed helpers left out): "llava15", the
+    model-level adapters (both halves, above); "pixels", a pre-tower stage's keep rule (parity/pixels.py)."""
+    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_") and part_of(p) == part)
 
 
 def path(name: str) -> Path:
