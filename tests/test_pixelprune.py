@@ -134,3 +134,22 @@ def test_through_the_engine():
     # below are predicted from above
     assert cols == 6 and sel.keep[:int(sel.count)].tolist() == [0, 3]
     assert eng.stats.plan.candidates == (rows * cols,) and eng.stats.plan.segments[0].visual == (2,)
+
+
+def test_parity_part_needs_the_clone(tmp_path, capsys):
+    """``python -m parity pixels`` (its official half is the clone's selector): without a clone it refuses with the
+    command that makes one; the pixels adapter is not a model-level one."""
+    from parity import adapters
+    from parity.__main__ import main
+
+    assert main(["pixels", "--official-path", str(tmp_path), "--work", str(tmp_path)]) == 2
+    assert "scripts/official_clones.sh pixelprune" in capsys.readouterr().err
+    assert adapters.names("pixels") == ["pixelprune"] and "pixelprune" not in adapters.names()
+
+
+def test_page_image_is_seeded_and_flat():
+    from llava.check.inputs import page_image
+
+    a, b = np.asarray(page_image(4, 1)), np.asarray(page_image(4, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, np.asarray(page_image(5, 1)))
+    assert a.shape == (320, 448, 3) and (a == 255).all(-1).mean() > 0.5  # mostly white margins

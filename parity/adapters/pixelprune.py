@@ -16,6 +16,11 @@ INSTALLED = False  # scripts/official_clones.sh clones it to .official/pixelprun
 CONFIGS = (
     ("pred_2d max tau=0", {"method": "pred_2d", "metric": "max", "threshold": 0.0}, {}),
     ("pred_2d max tau=0.05 anchored", {"method": "pred_2d", "metric": "max", "threshold": 0.05}, {"threshold": 0.05}),
+    # the pages' grey panel steps by 1/255 a token: within 0.01 of its neighbour, drifting past it in 3 tokens, so
+    # the anchored and the sliding comparisons keep different sets there
+    ("pred_2d max tau=0.01 anchored", {"method": "pred_2d", "metric": "max", "threshold": 0.01}, {"threshold": 0.01}),
+    ("pred_2d max tau=0.01 sliding", {"method": "pred_2d", "metric": "max", "threshold": 0.01, "anchored": False},
+     {"threshold": 0.01, "anchored": False}),
     ("pred_2d mae tau=0.02 anchored", {"method": "pred_2d", "metric": "mae", "threshold": 0.02},
      {"metric": "mae", "threshold": 0.02}),
     ("pred_2d rmse tau=0.03 sliding", {"method": "pred_2d", "metric": "rmse", "threshold": 0.03, "anchored": False},
