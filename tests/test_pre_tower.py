@@ -263,3 +263,19 @@ def test_the_documented_outside_method(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "visual tokens:" in out.stdout
+
+
+def test_the_device_check_reads_pre_tower_selections():
+    """llava.check's device placement wraps select_pixels too: a keep made on the host is found."""
+    from llava.check.guarantees import GuaranteeError, check_device_placement
+
+    class HostBorn(EveryOther):
+        name = "test_every_other_host_born"
+
+        def select_pixels(self, sig):
+            return Selection(keep=torch.arange(0, sig.num_tokens, 2))  # no device: the host's
+
+    rt = load("tiny:qwen2-vl", seed=1)
+    assert " pre-tower selections" in check_device_placement(rt, EveryOther())  # 3 images, twice
+    with pytest.raises(GuaranteeError, match="select_pixels"):
+        check_device_placement(rt, HostBorn())

@@ -231,7 +231,8 @@ def whole_prefill_violations(rt, method, inputs=None) -> list[str]:
 
 def check_device_placement(rt, method, budget=None, **options) -> str:
     """Every tensor stays on the signals' device (a fake second device on the CPU, :mod:`llava.check.placement`):
-    each ``select_vision`` / ``select_llm`` call, the Selection it returns, and the whole prefill and decode."""
+    each ``select_vision`` / ``select_llm`` / ``select_pixels`` call, the Selection it returns, and the whole prefill
+    and decode."""
     build = (lambda: method) if isinstance(method, Method) else (lambda: get_method(method, budget, **options))
     m = build()
     chk = check_method(m, collect=True)
@@ -243,7 +244,8 @@ def check_device_placement(rt, method, budget=None, **options) -> str:
         rt.unprune()
     found = chk.violations + [v for v in whole_prefill_violations(rt, build()) if v not in chk.violations]
     expect(not found, "; ".join(found[:2]) + (f" (+{len(found) - 2} more)" if len(found) > 2 else ""))
-    return f"{chk.calls['vision']} vision / {chk.calls['llm']} llm selections and the whole generate()"
+    pixels = f" / {chk.calls['pixels']} pre-tower" if chk.calls["pixels"] else ""
+    return f"{chk.calls['vision']} vision / {chk.calls['llm']} llm{pixels} selections and the whole generate()"
 
 
 def check_reference_mode_in_engine(rt, method, budget, stage):

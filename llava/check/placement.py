@@ -347,11 +347,11 @@ def _unchecked(chk, fn):
 
 
 def check_method(method, collect: bool = False) -> DevicePlacementCheck:
-    """Wrap ``method``'s ``select_vision`` / ``select_llm`` (on the instance) so that every call runs
+    """Wrap ``method``'s ``select_vision`` / ``select_llm`` / ``select_pixels`` (on the instance) so that every call runs
     under one :class:`DevicePlacementCheck` and its Selection holds no host-born tensor. Returns the
     check (its ``violations`` with ``collect=True``; ``calls`` counts the checked calls)."""
     chk = DevicePlacementCheck(collect=collect)
-    chk.calls = {"vision": 0, "llm": 0}
+    chk.calls = {"vision": 0, "llm": 0, "pixels": 0}
 
     def run(stage, fn, sig, *a):
         _prepare_signals(chk, sig)
@@ -366,7 +366,8 @@ def check_method(method, collect: bool = False) -> DevicePlacementCheck:
                                    "create it on the signals' device", site=tg[1].rsplit(" at ", 1)[-1])
         return sel
 
-    sv, sl = method.select_vision, method.select_llm
+    sv, sl, sp = method.select_vision, method.select_llm, method.select_pixels
     method.select_vision = lambda sig: run("vision", sv, sig)
     method.select_llm = lambda stage, sig: run("llm", sl, sig, stage)
+    method.select_pixels = lambda sig: run("pixels", sp, sig)
     return chk
