@@ -44,9 +44,12 @@ OPTIONS = {"prumerge": {"budget_mode": "fixed"}}
 
 
 def methods() -> list[str]:
+    """Every registered method that runs on the testbed's model (LLaVA's architecture; PixelPrune does not)."""
     from llava import available_methods
+    from llava.method import method_supports
 
-    return [m for m in available_methods() if not m.startswith("test_") and m not in ("none", "novisual")]
+    return [m for m in available_methods() if not m.startswith("test_") and m not in ("none", "novisual")
+            and method_supports(m, "llava")]
 
 
 def configs(budgets=(16, 8)) -> list[tuple[str, int | None, dict]]:

@@ -8,6 +8,7 @@ import torch
 from conftest import NEW_FAMILIES, QUESTIONS, greedy_no_cache, rand_image
 from test_gpu_ready import METHODS, budget
 
+from llava.check.budgets import PRUNES_RANDOM_IMAGES
 from llava.engine import attach
 from llava.method import Method, Selection
 
@@ -24,7 +25,8 @@ def batch(rt):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_cached_generation_equals_no_cache_recompute(rt, method):
     inputs = batch(rt)
-    eng = rt.prune(method, budget(method, rt.family), **({"seed": 5} if method == "random" else {}))
+    eng = rt.prune(method, budget(method, rt.family), **({"seed": 5} if method == "random" else {}),
+                   **PRUNES_RANDOM_IMAGES.get(method, {}))
     with torch.no_grad():
         cached = rt.model.generate(**inputs, **GEN)
     if method != "none":

@@ -11,7 +11,7 @@ import torch
 from conftest import greedy_no_cache, make_batch, slice_batch
 
 from llava.engine import HybridRefusal, attach
-from llava.method import Method, Selection, available_methods, get_method
+from llava.method import Method, Selection, available_methods, get_method, method_class
 from llava.models import load
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -99,7 +99,8 @@ def test_reading_a_linear_layer_is_refused_at_attach_with_the_reason(rt):
     for name in available_methods():
         if name.startswith("test_") or name in ("layout_spy",):
             continue
-        b = None if name in ("none", "novisual", "prumerge") else 192 if name in B576 else 4
+        b = (None if name in ("none", "novisual", "prumerge") or not method_class(name).budgeted
+             else 192 if name in B576 else 4)
         cls = type(get_method(name, b))
         if not cls.supports("qwen3_5"):
             assert cls.unsupported_reason, name

@@ -10,6 +10,7 @@ from conftest import QUESTIONS, greedy_no_cache, rand_image
 from test_gpu_ready import METHODS, budget
 
 from llava import load
+from llava.check.budgets import PRUNES_RANDOM_IMAGES
 from llava.selection_rows import carry_rows
 from llava.method import Selection, method_supports
 
@@ -138,7 +139,8 @@ def test_llm_stage_before_the_last_deepstack_layer_carries_the_rows(rt, monkeypa
 @pytest.mark.parametrize("method", [m for m in METHODS if method_supports(m, "qwen3_vl")])
 def test_every_method_cached_generation_equals_no_cache_recompute(rt, method):
     inputs = batch(rt)
-    eng = rt.prune(method, budget(method, "qwen2_5_vl"), **({"seed": 5} if method == "random" else {}))
+    eng = rt.prune(method, budget(method, "qwen2_5_vl"), **({"seed": 5} if method == "random" else {}),
+                   **PRUNES_RANDOM_IMAGES.get(method, {}))
     with torch.no_grad():
         cached = rt.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     if method != "none":

@@ -41,6 +41,10 @@ BUDGETS = {
     "vlmpruner": _IN_LLM,  # layer average, as FastV's (K = 2 of 32 -> 1 of 4 layers; not on Qwen3.5)
 }
 
+#: options under which a method whose count follows its input prunes the checks' random images (PixelPrune: a
+#: tolerance; at tau 0 random pixels repeat no token), for the family-wide tests that ask every method to prune
+PRUNES_RANDOM_IMAGES = {"pixelprune": {"metric": "mae", "threshold": 0.4}}
+
 #: per method, the budgets / options that keep every visual token (the tiny units hold at most 17 tokens: a
 #: Video-LLaVA frame with its [CLS]; 576 is LLaVA-1.5's whole grid), each (budget, options[, families]): each must
 #: give the stock model bit for bit
