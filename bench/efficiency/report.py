@@ -180,7 +180,8 @@ def markdown(report: dict) -> str:
            f"{env['llm_attention']}, vision tower {env['vision_attention']}; torch {env['torch']}, transformers "
            f"{env['transformers']}; {env['date']}"
            + (f"; device limits {describe_hardware(report['hardware'])}" if report.get("hardware") else "")
-           + f". N = {report['config']['n']} inputs (seeded random images, "
+           + f". N = {report['config']['n']} inputs (seeded random "
+           + ("document pages" if report["config"].get("images") == "pages" else "images") + ", "
            f"{report['config']['text_words']}-word questions), warm-up {report['config']['warmup']}, "
            f"TPOT: the decode steps of one generate call of {report['config']['decode_tokens']} forced tokens "
            "(prefill excluded). FLOPs in T MAC (x2 for FLOPs), LLM "
