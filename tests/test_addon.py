@@ -30,9 +30,19 @@ def _register():
         assert "mergerest" in str(e)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _example_registered():
+    """The example is registered for this file's tests only: the family-wide tests of the same process enumerate
+    every registered method."""
+    from llava import method
+
+    _register()
+    yield
+    method._REGISTRY.pop("mergerest", None)
+
+
 @pytest.fixture(scope="module")
 def rt():
-    _register()
     return load("tiny:llava", seed=1)
 
 
@@ -82,7 +92,6 @@ def test_needs_labels_and_the_command_line(rt, tmp_path):
 
 
 def test_fast_path_runs_it_as_its_base():
-    _register()
     fast = load("tiny:llava", seed=1, fast=True, fast_max_new_tokens=4, fast_backend="none")
     inputs = make_batch(fast)
     eng = fast.prune("mergerest", 5, base="divprune")

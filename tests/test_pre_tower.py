@@ -231,9 +231,6 @@ def test_the_documented_outside_method(tmp_path):
     """docs/your-method.md's pre-tower example, printed whole, loaded from its file as a user's method (by path,
     ``VTPRUNE_METHODS``), runs through the engine and keeps exactly the tokens whose pixels vary."""
     import importlib.util
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -242,7 +239,20 @@ def test_the_documented_outside_method(tmp_path):
     assert path.read_text() in page.replace("\\\\\n", "\\\n")
     spec = importlib.util.spec_from_file_location("flatskip_doc", path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # registers "flatskip"
+    spec.loader.exec_module(mod)  # registers "flatskip" (for this test only: later tests enumerate every method)
+    try:
+        _run_flatskip(path, tmp_path)
+    finally:
+        from llava import method
+
+        method._REGISTRY.pop("flatskip", None)
+
+
+def _run_flatskip(path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
     rt = load("tiny:qwen2-vl", seed=1)
     inputs = rt.processor(QUESTIONS[:1], [flat_image()])
     eng = rt.prune("flatskip")
