@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .method import Method, Selection, get_method, method_class
+from .method import Method, Selection, available_methods, get_method, method_class
 from .needs import TOWER_KINDS
 from .options import Option, did_you_mean
 from .stage_step import ask_vision
@@ -45,8 +45,6 @@ class Addon(Method):
 
     def __init__(self, budget: int | None = None, **options: Any) -> None:
         super().__init__(budget, **options)
-        from .method import available_methods
-
         if self.base not in available_methods():
             raise ValueError(f"{self.name}: unknown base {self.base!r}{did_you_mean(self.base, available_methods())}")
 

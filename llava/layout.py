@@ -58,18 +58,22 @@ class VisionStage:
         kinds = self.adapter.layout(visual)  # host metadata only
         if not kinds:
             raise ValueError("no visual input")
-        stock = None
+        stock = host = None
         if needs.pixel_stage:  # the tokens the tower runs, from the pixels; the prompt without the others
             pre = pixel_stage(self.env, input_ids, attention_mask, position_ids, visual, kinds)
-            input_ids, attention_mask, position_ids, kinds, stock = pre
+            input_ids, attention_mask, position_ids, kinds, stock = pre[:5]
+            host = pre.ids_h, pre.valid_h  # the host copies it made: no second read
         tabs = self.adapter.encode(visual, kinds, self.env.tower)
         embeds = self.lm.embed_tokens(input_ids)
         B, L = input_ids.shape
         dev = input_ids.device
         # The prompt's layout (placeholders, question, padding) is worked out on the host from ONE copy
         # of the ids and the mask; the device only sees gathers / scatters with ready-made indices.
-        ids_h = input_ids.cpu()
-        valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        if host is None:
+            ids_h = input_ids.cpu()
+            valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        else:
+            ids_h, valid_h = host
         src_h = visual_ids(ids_h, kinds, self.adapter.placeholder_name)  # per position: the visual token feeding it
         tables: list[TokenTable] = []
         unit_tables: list[TokenTable] = []  # each unit's [CLS] rows (extra candidates)

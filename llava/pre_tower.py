@@ -23,13 +23,17 @@ from .stage_step import ask_pixels
 class PreTower(NamedTuple):
     """A prefill's inputs after the pre-tower stage: the prompt's ``input_ids``, ``attention_mask`` and
     ``position_ids`` without the dropped tokens' placeholders (re-padded on the left; positions gathered), the
-    ``layouts`` of the kept tokens, and per sample its stock visual tokens (``stock``, for the stats)."""
+    ``layouts`` of the kept tokens, per sample its stock visual tokens (``stock``, for the stats), and the host copies
+    of the new ids and real tokens (``ids_h``, ``valid_h``: the vision stage lays out its rows from them, no second
+    read)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     layouts: list[VisualLayout]
     stock: list[int]
+    ids_h: torch.Tensor
+    valid_h: torch.Tensor
 
 
 def pixel_stage(env, input_ids, attention_mask, position_ids, visual: dict, kinds: list[VisualLayout],
@@ -41,7 +45,8 @@ def pixel_stage(env, input_ids, attention_mask, position_ids, visual: dict, kind
     ids_h = input_ids.cpu()
     B, L = ids_h.shape
     valid_h = attention_mask.cpu().bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
-    stock = (visual_ids(ids_h, kinds, adapter.placeholder_name) >= 0).sum(1).tolist()
+    at_h = visual_ids(ids_h, kinds, adapter.placeholder_name)  # per position its call-wide visual token (-1: text)
+    stock = (at_h >= 0).sum(1).tolist()
     asked = []  # per kind: None (not pruned) or per unit its selection
     for k, lay in enumerate(kinds):
         units = adapter.pixel_units(visual, lay)
@@ -51,7 +56,7 @@ def pixel_stage(env, input_ids, attention_mask, position_ids, visual: dict, kind
                       if units is not None else None))
     sels = [sel for units, _ in asked if units is not None for sel in units]
     if not sels:
-        return PreTower(input_ids, attention_mask, position_ids, kinds, stock)
+        return PreTower(input_ids, attention_mask, position_ids, kinds, stock, ids_h, valid_h)
     dev = input_ids.device
     counts = [sel.count.reshape(1).to(dev) if sel.count is not None else
               torch.full((1,), sel.keep.numel(), device=dev) for sel in sels]
@@ -80,18 +85,17 @@ def pixel_stage(env, input_ids, attention_mask, position_ids, visual: dict, kind
         dropped.append(gone)
         new.append(kept_layout(lay, kept))
     if not any(bool(d.any()) for d in dropped):  # every token kept: the stock prompt, untouched
-        return PreTower(input_ids, attention_mask, position_ids, new, stock)
+        return PreTower(input_ids, attention_mask, position_ids, new, stock, ids_h, valid_h)
     if any(pad_id == lay.token_id for lay in kinds):
         raise ValueError(f"the pad id {pad_id} is a placeholder's")
-    at_h = visual_ids(ids_h, kinds, adapter.placeholder_name)  # per position its call-wide visual token (-1: text)
     gone = torch.cat(dropped)
     src = without_tokens(valid_h, (at_h >= 0) & gone[at_h.clamp(min=0)])
     real = src >= 0
-    new_ids = torch.where(real, ids_h.gather(1, src.clamp(min=0)), torch.full_like(src, pad_id))
-    src_d, new_ids, real_d = _to_device([src, new_ids, real.long()], dev)
+    new_ids_h = torch.where(real, ids_h.gather(1, src.clamp(min=0)), torch.full_like(src, pad_id))
+    src_d, new_ids, real_d = _to_device([src, new_ids_h, real.long()], dev)
     mask = real_d.to(attention_mask.dtype if attention_mask is not None else torch.long)
     pos = None
     if position_ids is not None:  # (rows..., B, L): each kept token's and text token's own, pads 0
         idx = src_d.clamp(min=0).expand(*position_ids.shape[:-2], -1, -1)
         pos = position_ids.gather(-1, idx) * real_d
-    return PreTower(new_ids.to(input_ids.dtype), mask, pos, new, stock)
+    return PreTower(new_ids.to(input_ids.dtype), mask, pos, new, stock, new_ids_h, real)

@@ -61,12 +61,12 @@ def run(seeds: list[int], dtypes: list[str], official_path: str | None = None) -
                 imgs = images(seed)
                 for name, official, ours in adapter.CONFIGS:
                     same, tokens, kept_o, kept_u, first = True, 0, 0, 0, ""
+                    eng = rt.prune("pixelprune", **ours)
                     for j, img in enumerate(imgs):  # one image per prompt: the official reference is batch 1
                         inputs = rt.processor([QUESTION], [img])
                         if dtype == "fp16":
                             inputs["pixel_values"] = inputs["pixel_values"].half()
                         ref = adapter.official_keep(inputs["pixel_values"], inputs["image_grid_thw"], official)[0]
-                        eng = rt.prune("pixelprune", **ours)
                         with torch.no_grad():
                             rt.model(**inputs)
                         sel = eng.selections[("pixels", 0, 0)]
