@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from llava.families import registry
-from llava.method import BudgetError, Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, scale_layers
+from llava.method import BudgetError, Method, register
+from llava.ops import NUMERICS_OPTION, check_numerics, scale_layers
 from llava.options import Option
+from llava.selection import Selection
 
 OFFICIAL_BASIS = 10  # --basis_token_num (README, every script)
 OFFICIAL_RIDGE = 1e-5  # G.diagonal().add_(1e-5) (LLaVA, Video-LLaVA; the Qwen LLM stage uses 1e-1)

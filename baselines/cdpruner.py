@@ -51,10 +51,10 @@ from typing import Any, Callable
 import torch
 
 from llava.clip_route import ClipTextRoute
-from llava.method import Method, Selection, register
+from llava.method import Method, register
+from llava.ops import NUMERICS_OPTION, check_numerics, unit_layout
 from llava.options import Option
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, unit_layout
+from llava.selection import Selection
 
 RELEVANCE_MODES = ("llm", "clip")
 SIGNS = ("neg", "pos")

@@ -35,9 +35,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, equivalent_kept_count, masked_take, scale_layers, topk_desc
+from llava.method import Method, register
+from llava.ops import (
+    NUMERICS_OPTION,
+    check_numerics,
+    equivalent_kept_count,
+    masked_take,
+    scale_layers,
+    topk_desc,
+)
+from llava.selection import Selection
 
 #: the dtype of the official runs' LLM (keys, hidden states): LLaVA loads the LLM in float16
 OFFICIAL_DTYPE = torch.float16

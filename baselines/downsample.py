@@ -38,9 +38,10 @@ import math
 
 import torch
 
-from llava.method import BudgetError, Method, Selection, register
-from llava.options import Option
+from llava.method import BudgetError, Method, register
 from llava.ops import masked_take, unit_layout
+from llava.options import Option
+from llava.selection import Selection
 
 SUPPORTED_FAMILIES = None  # every family
 SPACES = ("vision", "projected")

@@ -58,11 +58,21 @@ import math
 
 import torch
 
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
-                       scale_layers, topk_desc, unit_layout)
+from llava.method import Method, register
+from llava.ops import (
+    NUMERICS_OPTION,
+    check_numerics,
+    contextual_merge,
+    isin_small,
+    masked_take,
+    official_contextual_merge,
+    per_unit_selection,
+    scale_layers,
+    topk_desc,
+    unit_layout,
+)
 from llava.options import Option
+from llava.selection import Selection
 
 #: (dominant incl. [CLS], contextual) per unit for the budgets with a setting; 64 is our design
 SPLITS = {192: (300, 7), 128: (170, 35), 64: (85, 17)}

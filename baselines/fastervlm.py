@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import Method, register
+from llava.ops import NUMERICS_OPTION, check_numerics, topk_desc, unit_layout
 from llava.options import Option
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, topk_desc, unit_layout
+from llava.selection import Selection
 
 CLS_TOKEN_MODES = ("drop", "rank", "keep")
 #: dtype of the official [CLS] attentions after the tower under the official builder (cast to the fp16 image

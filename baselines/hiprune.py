@@ -47,10 +47,16 @@ from __future__ import annotations
 import torch
 
 from llava.families import registry
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, device_ints, masked_take, unit_layout
+from llava.method import Method, register
+from llava.ops import (
+    NUMERICS_OPTION,
+    check_numerics,
+    device_ints,
+    masked_take,
+    unit_layout,
+)
 from llava.options import Option
+from llava.selection import Selection
 
 CLS_TOKEN_MODES = ("drop", "keep")
 BUDGET_MODES = ("per_unit", "per_image_total")

@@ -46,9 +46,10 @@ from __future__ import annotations
 import torch
 
 from llava.families import registry
-from llava.method import Method, Selection, register
+from llava.method import Method, register
 from llava.ops import NUMERICS_OPTION, check_numerics, unit_layout
 from llava.options import Option
+from llava.selection import Selection
 
 #: the official constants (``llava/model/utils.py`` ``HoloV``: ``alpha = 0.09``, ``patch_attn * 1e3``, ``esp=1e-6``;
 #: ``llava_arch.py``: ``num_patches=16``)

@@ -44,10 +44,10 @@ from typing import Any, Callable
 
 import torch
 
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics
+from llava.method import Method, register
+from llava.ops import NUMERICS_OPTION, check_numerics
 from llava.options import Option
+from llava.selection import Selection
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 TEXT_MODES = ("question", "keywords", "keywords_retokenized", "question_retokenized")

@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 
 from llava.families import registry
-from llava.method import Method, Selection, register
+from llava.method import Method, register
 from llava.options import Option
+from llava.selection import Selection
 
 METRICS = ("max", "mae", "rmse", "exact")
 RULES = ("pred_2d", "raster", "serpentine")

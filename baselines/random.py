@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import Method, register
 from llava.ops import UnitLayout, unit_layout
+from llava.selection import Selection
 
 
 def random_per_unit(unit: torch.Tensor, budget: int, generator: torch.Generator,

@@ -62,12 +62,22 @@ import torch
 import torch.nn.functional as F
 
 from llava.families import registry
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
-                       scale_layers, scaled_count, split_budget, vscan_stage1)
+from llava.method import Method, register
+from llava.ops import (
+    NUMERICS_OPTION,
+    REFERENCE_DEPTH,
+    REFERENCE_TOKENS,
+    check_numerics,
+    fit_stage_counts,
+    local_layer_for,
+    scale_layers,
+    scaled_count,
+    split_budget,
+    vscan_stage1,
+)
 from llava.options import Option
 from llava.proxy_grad import PROXY_ROWS
+from llava.selection import Selection
 
 #: ``--layer_list '[1,10,15]'`` of every LLaVA-1.5 w/o VE script (e.g. ``llava/model/scripts/v1_5/eval/mme.sh:13``)
 OFFICIAL_LAYERS = (1, 10, 15)

@@ -56,10 +56,10 @@ import torch.nn.functional as F
 
 from llava.clip_route import ClipTextRoute
 from llava.families import registry
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, device_ints, unit_layout
+from llava.method import Method, register
+from llava.ops import NUMERICS_OPTION, check_numerics, device_ints, unit_layout
 from llava.options import Option
+from llava.selection import Selection
 
 #: the CLIP-tower families (a [CLS] token and its attention: llava.families.registry's ``tower``), asked at each use
 SUPPORTED_FAMILIES = registry.where(tower="clip")

@@ -47,12 +47,20 @@ from __future__ import annotations
 import torch
 
 from llava.families import registry
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import last_row_topk, scale_layers
+from llava.method import Method, register
+
 # stage 1 is shared with TRIO's "w/ VE" option: it lives in llava/ops/ (re-imported under its names here)
-from llava.ops import (REFERENCE_TOWER, local_counts, local_layer_for, split_budget, vscan_stage1,  # noqa: F401
-                       window_side)
+from llava.ops import (  # noqa: F401
+    NUMERICS_OPTION,
+    REFERENCE_TOWER,
+    last_row_topk,
+    local_counts,
+    local_layer_for,
+    scale_layers,
+    split_budget,
+    vscan_stage1,
+    window_side,
+)
 from llava.ops import VSCAN_COSINE_CHUNK as COSINE_CHUNK  # noqa: F401
 from llava.ops import VSCAN_LOCAL_LAYER as OFFICIAL_LOCAL_LAYER  # noqa: F401
 from llava.ops import VSCAN_OFFICIAL_DTYPE as OFFICIAL_DTYPE  # noqa: F401
@@ -61,6 +69,7 @@ from llava.ops import VSCAN_WINDOWS_PER_SIDE as OFFICIAL_WINDOWS_PER_SIDE  # noq
 from llava.ops import _vscan_official_assign as _official_assign  # noqa: F401
 from llava.ops import _vscan_official_scans as _official_scans  # noqa: F401
 from llava.options import Option
+from llava.selection import Selection
 
 OFFICIAL_STAGE1 = 96  # visual_token_num (README, all scripts)
 OFFICIAL_STAGE2 = 32  # image_token_list [32]

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING
 #: the package's names and the module each comes from: imported on first use (PEP 562), so that a command that only
 #: plans or reports (``python -m eval paper-grid``, ``eval paper``, ``eval table``) does not pay transformers' import
 _LAZY = {"PromptSpec": "plan", "PruningEngine": "engine", "attach": "engine", "Method": "method",
-         "Selection": "method", "available_methods": "method", "get_method": "method", "register": "method",
+         "Selection": "selection", "available_methods": "method", "get_method": "method", "register": "method",
          "Runtime": "models", "load": "models"}
 
 if TYPE_CHECKING:
     from .engine import PruningEngine, attach
-    from .method import Method, Selection, available_methods, get_method, register
+    from .method import Method, available_methods, get_method, register
     from .models import Runtime, load
     from .plan import PromptSpec
+    from .selection import Selection
 
 
 def __getattr__(name: str):

@@ -6,7 +6,7 @@ row options, W&B and table labels: ``restore base=divprune``) and ``base_options
 the base is built from the registry by name (no method imports another) with the add-on's :meth:`Addon.base_budget`,
 set up on the same model, and its signal needs become the add-on's (what the tower computes, the question, an LLM
 probe); each sample's vision stage asks the base first (:func:`llava.stage_step.ask_vision`, with the base's own
-host plans), then the add-on's :meth:`Addon.select_addon` with the base's :class:`~llava.method.Selection`. A base
+host plans), then the add-on's :meth:`Addon.select_addon` with the base's :class:`~llava.selection.Selection`. A base
 must be a pre-LLM method (a vision stage, no llm, in-tower or pre-tower stage).
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .method import Method, Selection, available_methods, get_method, method_class
+from .method import Method, available_methods, get_method, method_class
 from .needs import TOWER_KINDS
 from .options import Option, did_you_mean
+from .selection import Selection
 from .stage_step import ask_vision
 
 #: the base's attributes that say which signals its vision stage reads: the add-on reads them too

@@ -46,10 +46,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .decode import DecodeShape, MaskLayout
 from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, registry
 from .layout import VisionStage
-from .method import Method, Selection, get_method
+from .method import Method, get_method
 from .needs import TowerCall
 from .plan import PromptSpec
 from .prefill import EngineEnv, VisionOut, _Prefill
+from .selection import Selection
 from .staged import StagedDecoder, _DecodeSegment
 from .stats import PrefillStats, _PhaseClock
 from .tp_shards import sharded_module

@@ -22,16 +22,25 @@ from .candidates import gather_tokens, vision_signals, with_cls
 from .families.base import TokenTable, cls_rows, join_units, sample_units, visual_ids
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
-from .method import Selection
+from .plan import (
+    PrefillPlan,
+    RowLayout,
+    RowMap,
+    rebuilt_row,
+    row_layouts,
+    run_ids,
+    run_spans,
+    sample_key,
+    text_spans,
+    vision_rows,
+)
 from .positions import first_positions, prompt_positions, renumbered
 from .pre_tower import pixel_stage
-from .plan import (PrefillPlan, RowLayout, RowMap, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans,
-                   vision_rows)
 from .prefill import EngineEnv, VisionOut, _Prefill
+from .selection import Selection
 from .selection_rows import _deepstack, regathered
-from .stage_step import ask_vision, vision_outputs
 from .signals import VisionSignals
-
+from .stage_step import ask_vision, vision_outputs
 
 #: the engine's one logger: users (and tests) configure "llava.engine"
 log = logging.getLogger("llava.engine")

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from .method import Selection
 from .ops import merge_tokens
+from .selection import Selection
 from .signals import VisionSignals
 
 

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from .method import Method, Selection
+from .method import Method
+from .selection import Selection
 from .selection_rows import carry_rows, llm_outputs, materialize
 from .signals import LLMSignals, VisionSignals
 from .tower_signals import PixelSignals

@@ -26,10 +26,10 @@ from .families.base import to_device as _to_device
 from .layers import decoder_masks, first_full_layer, run_layers
 from .layout import place_outputs
 from .llm_stage import StageEntry, StageRows, stage_signals
-from .method import Selection
 from .plan import PrefillPlan, stage_rows, text_spans
 from .prefill import EngineEnv, _Prefill
 from .proxy_grad import proxy_loss_grad
+from .selection import Selection
 from .selection_rows import DeepStack, _deepstack, regathered
 from .stage_step import ask_llm, llm_step
 from .subblocks import SubBlockRecorder

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
-
 from conftest import ALL_FAMILIES, make_batch
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticLayer,
+)
+
 from llava import attention_rows
 from llava.attention_rows import CachedRows, LayerQK, cached_kv
-from llava.method import Method, Selection
+from llava.method import Method
 from llava.models import load
+from llava.selection import Selection
 
 
 class _Reader(Method):

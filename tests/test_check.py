@@ -14,7 +14,8 @@ import torch
 
 from llava.check import run_checks
 from llava.check.__main__ import main
-from llava.method import Method, Selection, register
+from llava.method import Method, register
+from llava.selection import Selection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +178,7 @@ def test_the_command_prints_the_table_and_exits_0_when_everything_passes(capsys)
 def test_a_users_method_from_a_file_fails_with_exit_1_naming_the_guarantee(tmp_path):
     """The one command-line run: VTPRUNE_METHODS loads the file, as in every command (llava.cli.load_error)."""
     f = tmp_path / "my_method.py"
-    f.write_text("import torch\nfrom llava.method import Method, Selection, register\n\n\n@register\n"
+    f.write_text("import torch\nfrom llava.method import Method, register\nfrom llava.selection import Selection\n\n\n@register\n"
                  "class Twice(Method):\n    name = 'my_twice'\n    vision_stage = True\n\n"
                  "    def select_vision(self, sig):\n"
                  "        keep = torch.arange(self.budget, device=sig.features.device)\n"

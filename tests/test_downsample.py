@@ -14,9 +14,15 @@ from conftest import (
 )
 
 import baselines.downsample  # noqa: F401  (registers "downsample")
-from baselines.downsample import Downsample, downsample, stride_for_budget, window_counts
-from llava.method import Method, Selection
+from baselines.downsample import (
+    Downsample,
+    downsample,
+    stride_for_budget,
+    window_counts,
+)
+from llava.method import Method
 from llava.ops import merge_tokens
+from llava.selection import Selection
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 #: Qwen: own test below (dynamic grids)

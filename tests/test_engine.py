@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, FAMILIES, make_batch, slice_batch, greedy_no_cache
+from conftest import ALL_FAMILIES, FAMILIES, greedy_no_cache, make_batch, slice_batch
 
 from llava.engine import attach
 
@@ -162,7 +162,8 @@ def test_question_tokens_exclude_separator_and_role_tag(runtimes):
     rt = runtimes["llava"]
     seen = {}
 
-    from llava.method import Method, Selection
+    from llava.method import Method
+    from llava.selection import Selection
 
     class Spy(Method):
         name = "spy"
@@ -189,7 +190,8 @@ def test_question_tokens_exclude_separator_and_role_tag(runtimes):
 def test_llm_signals_entry_embeddings_follow_the_tokens(runtimes):
     """visual_embeds / text_embeds at a later stage are the layer-0 inputs of the surviving tokens."""
     rt = runtimes["llava"]
-    from llava.method import Method, Selection
+    from llava.method import Method
+    from llava.selection import Selection
 
     seen = []
 

@@ -5,8 +5,18 @@ the function is capturable), and a one-graph decode. Checked against the eager e
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import (BACKEND, PROMPTS, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate,
-                           inputs, prune_family, sized_inputs)
+from fastpath_util import (
+    BACKEND,
+    PROMPTS,
+    SINGLES,
+    assert_same_as_eager,
+    counting_fast_path,
+    family_batch,
+    generate,
+    inputs,
+    prune_family,
+    sized_inputs,
+)
 
 from llava.fast.path import BUCKETS, FastPath, bucket_for
 from llava.method import available_methods, get_method
@@ -147,7 +157,8 @@ def test_decode_beyond_the_static_cache_is_refused(rt_fast):
 def test_malformed_selection_is_an_error_not_a_wrong_answer(rt_fast):
     """A method declared capturable whose selection is malformed: the one flag read after the
     prefill raises (the eager engine's Selection.check would have)."""
-    from llava.method import Method, Selection
+    from llava.method import Method
+    from llava.selection import Selection
 
     class Dup(Method):
         name = "dup-test"
@@ -165,8 +176,9 @@ def test_malformed_selection_is_an_error_not_a_wrong_answer(rt_fast):
 def _text_topk_method():
     """A query-aware test method: the tokens most similar to the question (AdaV's s_j over the masked
     text rows), top-k; capturable."""
-    from llava.method import Method, Selection
+    from llava.method import Method
     from llava.ops import text_to_image_score, topk_desc
+    from llava.selection import Selection
 
     class TextTopK(Method):
         name = "text-topk-test"

@@ -5,8 +5,16 @@ engine's ``generate()`` (dynamo without code generation on a CPU, as tests/test_
 
 import pytest
 import torch
-from fastpath_util import (BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs,
-                           prune_family)
+from fastpath_util import (
+    BACKEND,
+    SINGLES,
+    assert_same_as_eager,
+    counting_fast_path,
+    family_batch,
+    generate,
+    inputs,
+    prune_family,
+)
 
 from llava.fast.llm import plan_stages, prompt_mask
 from llava.fast.path import FastPath, bucket_for
@@ -202,7 +210,8 @@ def test_no_host_sync_inside_the_captured_prefill(rts, method, budget):
 def test_the_reference_mode_and_question_rows_run_eagerly(rts, monkeypatch):
     """FastV's reference numerics run on the eager engine; an llm stage that asks for the question rows
     (not planned on the fast path) is refused at the plan, with the reason, and still answers eagerly."""
-    from llava.method import _REGISTRY, Method, Selection
+    from llava.method import _REGISTRY, Method
+    from llava.selection import Selection
 
     fast, eager = rts["llava"]
     eng = fast.prune("fastv", None, numerics="official")

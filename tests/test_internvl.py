@@ -8,8 +8,9 @@ import torch
 from conftest import greedy_no_cache, rand_image
 from test_engine import GEN
 
-from llava.method import Method, Selection
+from llava.method import Method
 from llava.models import load
+from llava.selection import Selection
 
 
 @pytest.fixture(scope="module")

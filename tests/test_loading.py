@@ -57,7 +57,8 @@ def test_vision_dtype_keeps_the_tower_in_fp32_under_a_half_precision_llm(fam):
     scores then equal those of an all-fp32 model exactly, and generation runs through the engine."""
     from conftest import rand_image
 
-    from llava.method import Method, Selection
+    from llava.method import Method
+    from llava.selection import Selection
 
     class Spy(Method):
         name = "dtype_spy"

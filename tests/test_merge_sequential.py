@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from llava.method import Selection
 from llava.ops import merge_tokens, merge_tokens_sequential
+from llava.selection import Selection
 
 F16 = torch.float16
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from llava.check.inputs import make_batch
-from llava.method import Method, Selection, get_method
+from llava.method import Method, get_method
 from llava.models import load
 from llava.needs import Needs, TowerRead, tower_fields
+from llava.selection import Selection
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from test_gpu_ready import METHODS, budget
 
 from llava.check.budgets import PRUNES_RANDOM_IMAGES
 from llava.engine import attach
-from llava.method import Method, Selection
+from llava.method import Method
+from llava.selection import Selection
 
 NEW = pytest.mark.parametrize("rt", NEW_FAMILIES, indirect=True)
 GEN = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4)

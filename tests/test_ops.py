@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from llava.ops import merge_tokens
-from llava.ops import contextual_merge, dominant_contextual, rank_desc, topk_desc, uniform_targets
+from llava.ops import (
+    contextual_merge,
+    dominant_contextual,
+    merge_tokens,
+    rank_desc,
+    topk_desc,
+    uniform_targets,
+)
 
 
 def test_topk_and_rank_break_ties_by_lower_index():
@@ -323,7 +329,7 @@ def test_greedy_max_min_reads_the_host_once_and_launches_no_kernel_per_pick():
 
 def test_merge_tokens_reads_nothing_from_the_device():
     """A boolean-mask assignment (assign[taken] = -1) would read the mask's count on a GPU."""
-    from llava.method import Selection
+    from llava.selection import Selection
     from llava.syncs import SyncCounter
 
     x = torch.arange(20.0).reshape(10, 2)

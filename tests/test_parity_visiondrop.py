@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import OFFICIAL_PY, needs_official
 
-from llava.method import Selection
+from llava.selection import Selection
 from parity import llava15
 from parity.adapters import visiondrop as adapter
 from parity.build import PARITY_SEED_IDS, PARITY_SEEDS

@@ -13,8 +13,9 @@ from PIL import Image
 from llava import load
 from llava.families.qwen_kept import kept_tower_inputs
 from llava.families.qwen_vision import encode
-from llava.method import Method, Selection, register
+from llava.method import Method, register
 from llava.plan import without_tokens
+from llava.selection import Selection
 
 GEN = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
 

@@ -11,8 +11,9 @@ import torch
 from conftest import greedy_no_cache, make_batch, slice_batch
 
 from llava.engine import HybridRefusal, attach
-from llava.method import Method, Selection, available_methods, get_method, method_class
+from llava.method import Method, available_methods, get_method, method_class
 from llava.models import load
+from llava.selection import Selection
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 

@@ -31,10 +31,17 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from llava.method import Selection
 from llava.ops import merge_tokens
-from visiondrop.visiondrop import (VisionDrop, image_schedule, llm_stage_metric, llm_stage_score, llm_stage_select,
-                                   stage0_scores, stage0_unit)
+from llava.selection import Selection
+from visiondrop.visiondrop import (
+    VisionDrop,
+    image_schedule,
+    llm_stage_metric,
+    llm_stage_score,
+    llm_stage_select,
+    stage0_scores,
+    stage0_unit,
+)
 
 
 def plant_tie(cols, score_fn, k, causal=False):

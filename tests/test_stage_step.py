@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from llava.llm_stage import StageRows
-from llava.method import Method, Selection
+from llava.method import Method
 from llava.models import load
+from llava.selection import Selection
 from llava.stage_step import llm_step
 
 ROOT = Path(__file__).resolve().parents[1] / "llava"

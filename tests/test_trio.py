@@ -7,15 +7,21 @@ official selection step transcribed: tests/test_reference_trio.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_generate_batch_equals_alone, greedy_no_cache, make_batch, slice_batch
+from conftest import (
+    check_generate_batch_equals_alone,
+    greedy_no_cache,
+    make_batch,
+    slice_batch,
+)
 from test_engine import GEN
 from test_gpu_ready import SYNC_BOUND, count_syncs, next_batch
 
 import baselines.trio  # noqa: F401  (registers "trio")
 import baselines.vscan  # noqa: F401  (registers "vscan": the w/ VE stage-1 comparison)
 from baselines.trio import SCHEDULES, TRIO, budget_counts, layer_average, trio_nms
-from llava.method import Method, Selection, get_method
+from llava.method import Method, get_method
 from llava.proxy_grad import proxy_rows
+from llava.selection import Selection
 
 TINY = dict(image_token_list=(12, 8, 4), counts="absolute")  # the tiny 16-token images: counts 7 / 4 / 2
 

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 NORMPRUNE = '''
 import torch
-from llava.method import Method, Selection, register
+from llava.method import Method, register
+from llava.selection import Selection
 
 
 @register

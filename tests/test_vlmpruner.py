@@ -8,8 +8,15 @@ import pytest
 import torch
 from conftest import make_batch, slice_batch
 
-from baselines.vlmpruner import (VLMPruner, buffered_similarity, feature_similarity, greedy_select, grid_coords,
-                                 pivot_tokens, recover)
+from baselines.vlmpruner import (
+    VLMPruner,
+    buffered_similarity,
+    feature_similarity,
+    greedy_select,
+    grid_coords,
+    pivot_tokens,
+    recover,
+)
 from llava.method import get_method
 from llava.models import load
 
@@ -239,7 +246,7 @@ class _Rewrite(VLMPruner):
     name = "vlmpruner"
 
     def select_llm(self, stage, sig):
-        from llava.method import Selection
+        from llava.selection import Selection
         keep = torch.arange(3, device=sig.visual.device)
         return Selection(keep=keep, values=sig.hidden[sig.visual[keep]] * 2 + 1)
 

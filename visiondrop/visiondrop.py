@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from llava.method import Method, Selection, register
-from llava.ops import NUMERICS_OPTION
-from llava.ops import check_numerics, per_unit_selection, scale_layers
+from llava.method import Method, register
+from llava.ops import NUMERICS_OPTION, check_numerics, per_unit_selection, scale_layers
+from llava.selection import Selection
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then
 #: kept after layers 8, 16, 24 (README and all nine eval scripts of the official code).

@@ -41,7 +41,7 @@ Use::
 
 :func:`check_method` wraps a method instance's ``select_vision`` / ``select_llm`` so that each call
 runs under the check (callables carried by the signals, the engine's lazy probes, run outside it)
-and its returned :class:`~llava.method.Selection` holds no host-born tensor.
+and its returned :class:`~llava.selection.Selection` holds no host-born tensor.
 """
 
 from __future__ import annotations

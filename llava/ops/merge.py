@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..method import Selection
+from ..selection import Selection
 from .select import isin_small, masked_take, topk_desc
+
 
 def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
     """VisionZip's merge targets: positions 0, s, 2s, ... (s = max(1, R // C)) of the remaining

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..method import Selection
+from ..selection import Selection
 from .select import check_numerics, masked_take
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 import torch
 
 from llava.addon import Addon
-from llava.method import Selection, register
+from llava.method import register
+from llava.selection import Selection
 
 
 @register

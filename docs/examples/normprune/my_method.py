@@ -2,7 +2,8 @@
 
 import torch
 
-from llava.method import Method, Selection, register
+from llava.method import Method, register
+from llava.selection import Selection
 
 
 @register

@@ -4,7 +4,8 @@
 import torch
 
 from llava.families import registry
-from llava.method import Method, Selection, register
+from llava.method import Method, register
+from llava.selection import Selection
 
 
 @register
