@@ -43,6 +43,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .attention_bias import check_attach, prompt_keys
+from .attention_bias import install as install_bias
+from .attention_bias import uninstall as uninstall_bias
 from .decode import DecodeShape, MaskLayout
 from .families import NEXT_LAYOUTS, FamilyAdapter, adapter_for, registry
 from .layout import VisionStage
@@ -134,6 +137,7 @@ class PruningEngine:
             if not fam.pre_tower or self.adapter.pixel_norm is None:
                 raise ValueError(f"{method.name}: its pre-tower stage (select_pixels) does not run on {fam.name} models: "
                                  f"{fam.pre_tower_reason}")
+        check_attach(method.name, needs, self.adapter.lm, method.include_cls_candidates)
         if needs.attention_logits != "fp32" and not self.adapter.tower_logits:
             raise ValueError(f"{method.name}: the official tower attention arithmetic (vision_attention_logits="
                              f"{needs.attention_logits!r}) is computed for the CLIP towers only, not {self.family}")
@@ -168,6 +172,7 @@ class PruningEngine:
         #: optional per-row keys (e.g. question ids) for the next prefill; consumed by it
         self.sample_keys: list | None = None
         self._state: _State | None = None
+        self._bias = None  # the slot of the prompt's attention bias (llava.attention_bias), while installed
         self._orig_forward = None
         self._pruned_caches = weakref.WeakSet()  # caches a pruned prefill wrote (a 2nd turn on them is refused)
         #: the fast path (llava.fast.path.FastPath) when attached with ``fast=``; None = eager only
@@ -227,6 +232,8 @@ class PruningEngine:
         forward.__signature__ = sig.replace(
             parameters=[p for n, p in sig.parameters.items() if n != "mm_encoder_outputs"])
         self.model.forward = types.MethodType(forward, self.model)
+        if self.needs.attention_bias:  # every decoder attention layer reads the prompt's bias while attached
+            self._bias, self._bias_saved = install_bias(self.lm)
         orig_generate = self.model.generate
 
         def generate(model_self, *args, **kwargs):
@@ -253,6 +260,9 @@ class PruningEngine:
     def remove(self) -> None:
         for attr in ("forward", "generate", "create_masks_for_generate", "_pruning_engine"):
             self.model.__dict__.pop(attr, None)
+        if self._bias is not None:
+            uninstall_bias(self._bias_saved)
+            self._bias = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -277,6 +287,8 @@ class PruningEngine:
                     "them. Re-run the whole conversation (image + all turns) as one new prompt.")
         if not has_visual and (self._state is None or cache_len == 0):
             self._state = None  # a text-only prompt: the stock forward, untouched
+            if self._bias is not None:
+                self._bias.set(None)
             return self._orig_forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -305,6 +317,9 @@ class PruningEngine:
             # the decode state: generate's original-space mask / positions are mapped onto these rows
             self._state = _State(orig_len=input_ids.shape[1], llm_mask=mask, pos_shift=info.pos_shift,
                                  segments=None, llm_len=embeds.shape[1], pos_base=self._decode_pos_base(pos))
+            if self._bias is not None:  # the method's bias on these rows, read by every attention layer (none when
+                self._bias.set(None if all(info.noop) else self.method.attention_bias(prompt_keys(  # nothing pruned)
+                    embeds, mask, pos, info.layouts, info.sizes, info.noop, self.lm, input_ids.shape[1])))
             ctx.clock.mark("inputs_end")
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=self.lm.config)
@@ -313,6 +328,8 @@ class PruningEngine:
             hidden, plan, segments = self.decoder.prefill(ctx, embeds, mask, pos, past_key_values, use_cache, info,
                                                           **kwargs)
             self._state.segments = segments
+            if self._bias is not None:
+                self._bias.decoding()
             ctx.clock.mark("end")
             self.prefills += 1
             ctx.release()  # nothing outlives it
@@ -430,7 +447,7 @@ class PruningEngine:
         rows are left-padded, so the last column is real) minus the LLM-space prompt length, so that a
         step's position is this + layer 0's cache length. None for 1-D families (they continue after the
         cache)."""
-        if pos is None or not self.adapter.keeps_positions:
+        if pos is None or not (self.adapter.keeps_positions or self.needs.vision_positions == "keep"):
             return None
         return pos[..., -1] + 1 - pos.shape[-1]
 

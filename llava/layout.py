@@ -171,11 +171,13 @@ class VisionStage:
         B, L, D = embeds.shape
         dev = embeds.device
         rows, outs = [], []  # per sample: its RowMap; its outputs (features, sources, DeepStack rows) in run order
+        sizes = [] if self.env.needs.attention_bias else None  # per sample: the stock tokens each output stands for
         for b, (lay, sig, sel) in enumerate(zip(layouts, sigs, selections)):
             if sel is None or noop[b]:
                 sel = Selection(keep=torch.arange(sig.num_stock, device=dev))
             self._check_newlines(sig, sel)
             out_feats, out_src, out_deep = vision_outputs(sig, sel, self.adapter.project, sig.deepstack)
+            out_size = sel.sizes(sig.num_tokens) if sizes is not None else None
             run_h = None  # the run of each candidate (host): the visual tokens' own (place_outputs), unless
             if sig.num_tokens > sig.num_stock:  # extra [CLS] candidates go to their unit's first run
                 run_h = run_ids(lay.visual)
@@ -188,11 +190,17 @@ class VisionStage:
             if perm is not None:  # the outputs in run order
                 out_feats, out_src = out_feats[perm], out_src[perm]
                 out_deep = out_deep[perm] if out_deep is not None else None
+                out_size = out_size[perm] if out_size is not None else None
+            if sizes is not None:
+                sizes.append(out_size)
             rows.append(row)
             outs.append((out_feats, out_src, out_deep))
         plan, new_layouts, g = vision_rows("eager", len(self.lm.layers), layouts, rows, L, compact=True)
         new_L, new_mask_h = g.width, g.mask
-        keep_pos = self.adapter.keeps_positions and position_ids is not None
+        keep_pos = (self.env.needs.vision_positions == "keep"
+                    or (self.adapter.keeps_positions and position_ids is not None))
+        if keep_pos and position_ids is None:  # the stock default: an arange over the padded row
+            position_ids = torch.arange(L, device=dev)[None].expand(B, L)
         deep = bool(outs) and outs[0][2] is not None  # DeepStack rows: the outputs' new places
         dropped = torch.tensor([int(lay.real.numel()) - r.n for lay, r in zip(layouts, rows)])  # per sample (host)
         moved = _to_device([g.src, g.take, new_mask_h, dropped] + ([g.vis_at] if deep else [])
@@ -218,7 +226,7 @@ class VisionStage:
         ds = None
         if deep:  # the kept / merged tokens' rows at their new places
             ds = _deepstack(torch.cat([d for _, _, d in outs]), moved[4], B, new_L)
-        return new_embeds, new_mask, new_pos, VisionOut(plan, noop, new_layouts, shift, origin, ds)
+        return new_embeds, new_mask, new_pos, VisionOut(plan, noop, new_layouts, shift, origin, ds, sizes)
 
     def _make_probe(self, ctx: _Prefill, b, real, vis, after, question):
         """Sample ``b``'s probe (:func:`llava.attention_rows.sample_probe`) over the unpruned prompt: ``real`` the row

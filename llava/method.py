@@ -44,6 +44,15 @@ class Method:
     needs_vision_attention: ClassVar[bool] = False
     #: Position convention for llm stages: ``keep`` original RoPE positions or ``reindex``.
     position_mode: str = "keep"
+    #: Where the vision stage's outputs sit: ``renumber`` (the family's convention: LLaVA's rows numbered on
+    #: contiguously; M-RoPE families keep their positions anyway) or ``keep``: every output keeps the position its
+    #: source token has in the unpruned prompt (a kept token its own, a merged token its target's) and the text keeps
+    #: its own (RESTORE). Eager engine only.
+    vision_positions: str = "renumber"
+    #: True if :meth:`attention_bias` is implemented: an additive bias on the decoder's attention logits, built
+    #: once per prefill from the rows the decoder runs (``docs/architecture.md`` "Attention bias"). A vision stage
+    #: only; eager engine only; the decoder on SDPA or eager attention.
+    biases_attention: ClassVar[bool] = False
     #: Reads the question (``question_mask`` / ``text_embeds`` / question rows): the engine then needs
     #: the prompt's separator and role-tag ids (a :class:`llava.plan.PromptSpec`) to find it.
     query_aware: ClassVar[bool] = False
@@ -256,6 +265,12 @@ class Method:
         Return a :class:`Selection` of ``keep`` only: the image's tokens to run through the tower, ascending (at least
         one). A video's frames are not asked (they run whole)."""
         raise TypeError(f"{self.name} declares no pre-tower stage")
+
+    def attention_bias(self, keys: "Any") -> "Any":  # pragma: no cover - interface
+        """Called once per prefill after the vision stage with :class:`llava.attention_bias.PromptKeys` (the rows'
+        positions, what each row stands for); return a :class:`llava.attention_bias.AttentionBias`, the logits'
+        additive terms the engine adds in every decoder attention layer (``biases_attention``)."""
+        raise TypeError(f"{self.name} declares no attention bias")
 
     def select_tower(self, layer_idx: int, sig: "Any") -> torch.Tensor | None:  # pragma: no cover - interface
         """In-tower stage, called after vision encoder layer ``layer_idx`` (0-based) for one batched call

@@ -165,6 +165,10 @@ class Needs:
     llm_vision_signals: bool = False
     llm_subblock_layers: tuple[int, ...] = ()
     position_mode: PositionMode = "keep"
+    #: the vision stage's outputs keep their source tokens' positions (``Method.vision_positions``)
+    vision_positions: Literal["renumber", "keep"] = "renumber"
+    #: an additive bias on the decoder's attention logits (``Method.attention_bias``, :mod:`llava.attention_bias`)
+    attention_bias: bool = False
     prune_past_cache: bool = False
     past_cache_from: int = 0
     eager_layers: tuple[int, ...] = ()
@@ -208,6 +212,8 @@ class Needs:
             llm_vision_signals=_flag(name, "llm_vision_signals", m.llm_vision_signals),
             llm_subblock_layers=_layers(name, "llm_subblock_layers", m.llm_subblock_layers),
             position_mode=_choice(name, "position_mode", m.position_mode, ("keep", "reindex")),
+            vision_positions=_choice(name, "vision_positions", m.vision_positions, ("renumber", "keep")),
+            attention_bias=_flag(name, "biases_attention", m.biases_attention),
             prune_past_cache=_flag(name, "prune_past_cache", m.prune_past_cache),
             past_cache_from=_opt_int(name, "past_cache_from", m.past_cache_from) or 0,
             eager_layers=_layers(name, "eager_layers", m.eager_layers),

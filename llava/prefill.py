@@ -52,7 +52,8 @@ class VisionOut:
     as the stock model has it, ``layouts`` its rows' host layout (:class:`llava.plan.RowLayout`) after the stage,
     ``origin`` each visual token's source candidate when the rows were rebuilt (None: they were not), ``pos_shift``
     (B,) the original less the LLM-space position (for decode), ``deepstack`` the DeepStack rows at the visual rows
-    (Qwen3-VL)."""
+    (Qwen3-VL), ``sizes`` per sample how many stock tokens each visual row stands for, in row order (a method with an
+    attention bias; None: not counted, or every row 1)."""
 
     plan: PrefillPlan
     noop: list
@@ -60,6 +61,7 @@ class VisionOut:
     pos_shift: torch.Tensor
     origin: list | None = None
     deepstack: DeepStack | None = None
+    sizes: list | None = None
 
     @property
     def candidates(self) -> list:

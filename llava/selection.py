@@ -159,6 +159,27 @@ class Selection:
         return (not merges and self.keep.numel() == stock and not got.get("not_identity", True)
                 and not got.get("order_moves", False))
 
+    def sizes(self, n: int) -> torch.Tensor:
+        """(num_out,) long: how many of the ``n`` candidate tokens each output stands for, in output order: a kept
+        token 1, a merged token its target plus the tokens ``assign`` gives it (``merge_kept``: kept ones too) - what
+        a method that biases the attention by token size reads (:class:`llava.attention_bias.PromptKeys`). No host
+        read. A selection whose ``values`` come without ``targets`` / ``assign`` counts each output once."""
+        dev = self.keep.device
+        k = int(self.keep.numel())
+        sizes = torch.ones(self.num_out, dtype=torch.long, device=dev)
+        if self.targets is not None and self.targets.numel():
+            tg = self.targets.to(dev)
+            taken = torch.zeros(n, dtype=torch.bool, device=dev)
+            if not self.merge_kept:
+                taken.index_fill_(0, self.keep, True)
+            taken.index_fill_(0, tg, True)
+            a = self.assign.to(dev).masked_fill(taken, -1)
+            counts = torch.zeros(tg.numel(), dtype=torch.long, device=dev).index_add_(0, a.clamp(min=0), (a >= 0).long())
+            sizes[k:] += counts
+        if self.order is not None:
+            sizes = sizes[self.order.to(dev)]
+        return sizes
+
     def validate(self, n: int) -> None:
         """Raise if the selection is not well-formed for ``n`` candidate tokens."""
         self.check(n)

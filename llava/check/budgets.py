@@ -39,6 +39,7 @@ BUDGETS = {
     "v2drop": None,  # the official schedule: 16 -> 16/8/4/1 (LLaVA rule; Qwen rule .25 / .05 / 0)
     "ivcprune": _IN_LLM,  # layer average, as FastV's (K = 16 of 32 -> 2 of 4 layers)
     "vlmpruner": _IN_LLM,  # layer average, as FastV's (K = 2 of 32 -> 1 of 4 layers; not on Qwen3.5)
+    "restore": {k: 2 * v for k, v in _PER_UNIT.items()},  # per unit: half the base's, half merged anchors
 }
 
 #: options under which a method whose count follows its input prunes the checks' random images (PixelPrune: a
@@ -68,6 +69,7 @@ KEEP_ALL = {
     "hiprune": [(576, {})],
     "pixelprune": [(None, {"threshold": -1.0})],  # nothing is similar: every token's patches run
     "holov": [(576, {})],
+    "restore": [(2000, {})],  # the base keeps int(2000 * 0.5) >= every token: nothing to merge, no bias
     "mmtok": [(576, {}), (None, {"retain_ratio": 1.0})],
     "priortr": [(None, {"keep_ratio": 1.0}), (None, {"keep_tokens": 10**4})],
     "clse": [(10**4, {})],  # floor(N * 17200 / 576) >= N at every stage

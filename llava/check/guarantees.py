@@ -153,6 +153,12 @@ def check_cached_equals_recompute(rt, method, budget=None, *, replay: bool | Non
     (``replay`` None: decided so); the others recompute theirs from scratch. ``must_prune``: every sample pruned."""
     inputs = make_batch(rt)
     eng = _prune(rt, method, budget, options)
+    if eng.needs.attention_bias:
+        from .fast import NotApplicable
+
+        raise NotApplicable("its attention bias has a prefill term (AttentionBias.pair) that decode steps do not add "
+                            "(RESTORE's official distance term): a recompute prefills the generated tokens too and "
+                            "differs by design; check it with the bias off (RESTORE: calibrate=False)")
     with torch.no_grad():
         cached = rt.model.generate(**inputs, **GEN)
     expect(cached.shape == (3, inputs["input_ids"].shape[1] + GEN["max_new_tokens"]), f"shape {tuple(cached.shape)}")

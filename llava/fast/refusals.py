@@ -48,6 +48,12 @@ def captured_refusal(needs, family, adapter, decoder_attention: str | None) -> s
     if needs.pixel_stage:
         return (f"{name}: a pre-tower stage's kept tokens depend on the pixels, and the captured prefill fixes the "
                 "tower's shapes before the device runs (each count would be its own graph)")
+    if needs.attention_bias:
+        return (f"{name}: its attention bias is built from each prompt's rows after the vision stage and added in "
+                "every decoder layer (llava/attention_bias.py): the captured prefill and decode do not add it")
+    if needs.vision_positions == "keep" and not adapter.keeps_positions:
+        return (f"{name}: its vision stage keeps the kept tokens' prompt positions (vision_positions='keep'); the "
+                "captured prefill numbers the rows on contiguously")
     if needs.tower_stage:  # captured through the masked tower (clip.run_tower_masked)
         if not needs.tower_masked:
             return (f"{name}: its in-tower stage has no masked variant (select_tower_masked): in-tower stages "
