@@ -47,9 +47,8 @@ def anchor_clusters(x: torch.Tensor, k: int, contrast: str = "sparser") -> tuple
     ``rho = S.sum(-1)`` (the self term included); ``delta_i`` the largest ``S_ij`` over the ``j`` of lower density
     (``contrast="sparser"``) or higher (``"denser"``), 0 where there is none; anchors: the top ``k`` of ``rho (1 -
     delta)`` (``torch.topk``); each other row to the anchor of largest similarity (the first on ties)."""
-    n = x.shape[0]
-    xn = x / x.norm(dim=-1, keepdim=True)
-    s = xn @ xn.transpose(0, 1)
+    xn = (x / x.norm(dim=-1, keepdim=True))[None]  # batched, as the official code multiplies (one bmm)
+    s = (xn @ xn.transpose(-1, -2))[0]
     rho = s.sum(-1)
     other = rho[None, :] < rho[:, None] if contrast == "sparser" else rho[None, :] > rho[:, None]  # [i, j]
     best = s.masked_fill(~other, -1.0).amax(-1)

@@ -24,6 +24,7 @@ DISPLAY = {"none": "Vanilla (unpruned)", "novisual": "No visual tokens", "apet":
            "divprune": "DivPrune", "downsample": "Downsample", "duet": "DUET-VLM", "fastervlm": "FasterVLM",
            "fastv": "FastV", "flowcut": "FlowCut", "hiprune": "HiPrune", "holov": "HoloV", "pixelprune": "PixelPrune", "mmtok": "MMTok", "otprune": "OTPrune",
            "ivcprune": "IVC-Prune", "pdrop": "PyramidDrop", "priortr": "PriorTR", "prumerge": "PruMerge", "random": "Random",
+           "restore": "RESTORE",
            "sparsevlm": "SparseVLM", "transprune": "TransPrune", "trio": "TRIO",
            "v2drop": "V2Drop", "visiondrop": "VisionDrop", "visiontrim": "VisionTrim", "visionzip": "VisionZip",
            "vispruner": "VisPruner", "vlmpruner": "VLM-Pruner", "vscan": "VScan"}

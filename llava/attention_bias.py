@@ -105,8 +105,9 @@ class BiasSlot:
         if Lk > L:  # keys generated after the prompt: no term
             kb = torch.nn.functional.pad(kb, (0, Lk - L))
         add = kb[:, None, None, :Lk]
-        if self.prefill and b.pair is not None:
-            add = add + b.pair[:, None, :, :Lk]
+        if self.prefill and b.pair is not None:  # a static cache's keys run past the prompt: no term there
+            pair = b.pair if Lk <= L else torch.nn.functional.pad(b.pair, (0, Lk - L))
+            add = add + pair[:, None, :, :Lk]
         out = torch.where(allowed, add, torch.finfo(query.dtype).min).to(query.dtype)
         self._memo = (self._memo + [(keys, attention_mask, Lq, Lk, out)])[-2:]
         return out

@@ -192,6 +192,9 @@ CACHED = {
     "fastv": [(None, {})],
     "otprune": [(4, {}, CLIP), (4, {"numerics": "official", "order": "official"}, CLIP)],
     "holov": [(4, {}, CLIP), (15, {}, CLIP), (4, {"numerics": "official"}, CLIP)],  # 15: the zero rows
+    # its attention bias has a prefill-only term (the guarantee is n.a. with it): kept positions and merging here
+    "restore": [(8, {"calibrate": False}, CLIP), (8, {"calibrate": False, "base": "divprune"}, CLIP),
+                (8, {"calibrate": False, "base": "vispruner", "numerics": "official"}, CLIP)],
     "priortr": [(None, {"keep_tokens": 6}), (None, {"keep_tokens": 6, "numerics": "official", "queries": "last"})],
     "clse": [(192, {}), (192, {"numerics": "official"})],
     "v2drop": [(None, {}), (None, {"numerics": "official"}), (8, {}, ["llava"])],

@@ -228,7 +228,8 @@ def test_a_mixed_batch_equals_each_request_alone(ckpts, hfs, family):
                                                ("dart", BUDGET, "prunes inside the LLM"),
                                                ("flowcut", BUDGET, "inside the vision tower"),
                                                ("novisual", BUDGET, "keeps no visual token"),
-                                               ("prumerge", None, "depends on the image")])
+                                               ("prumerge", None, "depends on the image"),
+                                               ("restore", 8, "biases the decoder's attention")])
 def test_methods_the_plugin_cannot_run_are_refused_with_the_reason(ckpt, method, budget, why):
     from integrations.vllm import overrides
     from integrations.vllm.spec import PluginError

@@ -26,7 +26,8 @@ def pre_llm_methods():
             m.setup(num_layers=4, num_vision_layers=3, family="llava")
         except (TypeError, ValueError):
             continue
-        if not m.llm_layers and m.supports("llava") and not m.tower_stage and name != "novisual":
+        if (not m.llm_layers and m.supports("llava") and not m.tower_stage and name != "novisual"
+                and not m.biases_attention and m.vision_positions != "keep"):  # the plugin refuses those (RESTORE)
             out.append(name)
     return out
 
@@ -147,7 +148,8 @@ def pre_llm_methods_for(family: str) -> list[str]:
             m.setup(num_layers=4, num_vision_layers=3, family=family)
         except (TypeError, ValueError):
             continue
-        if not m.llm_layers and m.supports(family) and not m.tower_stage and name != "novisual":
+        if (not m.llm_layers and m.supports(family) and not m.tower_stage and name != "novisual"
+                and not m.biases_attention and m.vision_positions != "keep"):
             out.append(name)
     return out
 

@@ -108,6 +108,11 @@ def check_method(method, family: str) -> None:
             "Run it with the HF engine (llava.load(...).prune(...), eval run), or pick a pre-LLM method "
             "(consensusdrop, attnmix, visionzip, fastervlm, divprune, cdpruner, vispruner, hiprune, downsample, "
             "random, ...)")
+    if getattr(method, "biases_attention", False) or getattr(method, "vision_positions", "renumber") == "keep":
+        raise PluginError(
+            f"{method.name} keeps the kept tokens' prompt positions or biases the decoder's attention (RESTORE), "
+            "and inside vLLM the decoder is vLLM's own: run it with the HF engine (llava.load(...).prune(...), eval "
+            "run)")
 
 
 @dataclass(frozen=True)
