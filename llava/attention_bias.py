@@ -41,7 +41,7 @@ class PromptKeys:
     visual:    (B, L) bool, the visual rows; real: (B, L) bool, the rows that are not padding;
     pruned:    (B,) bool, the samples the vision stage changed (the others are the stock model's rows: a method
                that leaves them as the stock model has them gives them no bias);
-    inv_freq:  (d / 2,) float32, the decoder's rotary frequencies (``rotary_emb.inv_freq``);
+    inv_freq:  (d / 2,) float32, the decoder's rotary frequencies (:func:`rotary_frequencies`);
     dtype:     the decoder's dtype;
     max_positions: a bound on every position and distance (the decoder's ``max_position_embeddings``, or the
                unpruned prompt's length if longer)."""
@@ -76,6 +76,8 @@ class BiasSlot:
         self.bias: AttentionBias | None = None
         self.prefill = False
         self._memo: list = []
+        #: the decoder's rotary frequencies in fp32 (:func:`rotary_frequencies`), set at install
+        self.inv_freq: torch.Tensor | None = None
 
     def set(self, bias: AttentionBias | None, prefill: bool = True) -> None:
         self.bias, self.prefill, self._memo = bias, prefill, []
@@ -144,11 +146,24 @@ def refusal(lm) -> str | None:
     return None
 
 
+def rotary_frequencies(lm) -> torch.Tensor:
+    """(d / 2,) float32: the decoder's rotary frequencies computed afresh from its config, as its rotary module does at
+    init (its ``inv_freq`` buffer is cast with the model: fp16 in an fp16 model)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rot = lm.rotary_emb
+    kind = getattr(rot, "rope_type", "default")
+    fn = rot.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+    inv_freq, _ = fn(rot.config)
+    return inv_freq.float().to(rot.inv_freq.device)
+
+
 def install(lm) -> tuple[BiasSlot, list]:
     """Route every attention layer of ``lm`` through :data:`NAME`; returns the slot they read and what
     :func:`uninstall` restores."""
     register()
     slot = BiasSlot(getattr(lm.config, "_attn_implementation", None) or "eager")
+    slot.inv_freq = rotary_frequencies(lm)
     saved = []
     for layer in lm.layers:
         attn = getattr(layer, "self_attn", None)
@@ -168,11 +183,12 @@ def uninstall(saved: list) -> None:
 
 
 def prompt_keys(embeds: torch.Tensor, mask, pos, layouts: list, sizes: list | None, noop: list, lm,
-                prompt_len: int) -> PromptKeys:
+                inv_freq: torch.Tensor, prompt_len: int) -> PromptKeys:
     """The :class:`PromptKeys` of the rows a prefill's decoder runs: ``embeds`` (B, L, D), the 2-D ``mask`` and 1-D
-    ``pos`` (None: the stock default, an arange over the row), the rows' host ``layouts`` (:class:`llava.plan.RowLayout`)
-    and per sample its visual rows' sizes in row order (None: every row 1) and whether the stage left it unchanged
-    (``noop``); ``lm`` the decoder, ``prompt_len`` the unpruned prompt's width. One upload of the visual rows."""
+    ``pos`` (None: the stock default, an arange over the row), the rows' host ``layouts``
+    (:class:`llava.plan.RowLayout`) and per sample its visual rows' sizes in row order (None: every row 1) and whether the stage left it unchanged
+    (``noop``); ``lm`` the decoder, ``inv_freq`` its rotary frequencies in fp32, ``prompt_len`` the unpruned prompt's
+    width. One upload of the visual rows."""
     B, L = embeds.shape[:2]
     dev = embeds.device
     *at, pruned = to_device([lay.real[lay.visual] for lay in layouts] + [~torch.tensor(noop, dtype=torch.bool)], dev)
@@ -186,7 +202,7 @@ def prompt_keys(embeds: torch.Tensor, mask, pos, layouts: list, sizes: list | No
     if pos is None:
         pos = torch.arange(L, device=dev)[None].expand(B, L)
     span = max(int(getattr(lm.config, "max_position_embeddings", 0) or 0), int(prompt_len), L)
-    return PromptKeys(positions=pos, sizes=size, visual=visual, real=real, pruned=pruned, inv_freq=lm.rotary_emb.inv_freq.float(),
+    return PromptKeys(positions=pos, sizes=size, visual=visual, real=real, pruned=pruned, inv_freq=inv_freq,
                       dtype=embeds.dtype, max_positions=span)
 
 

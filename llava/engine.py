@@ -319,7 +319,8 @@ class PruningEngine:
                                  segments=None, llm_len=embeds.shape[1], pos_base=self._decode_pos_base(pos))
             if self._bias is not None:  # the method's bias on these rows, read by every attention layer (none when
                 self._bias.set(None if all(info.noop) else self.method.attention_bias(prompt_keys(  # nothing pruned)
-                    embeds, mask, pos, info.layouts, info.sizes, info.noop, self.lm, input_ids.shape[1])))
+                    embeds, mask, pos, info.layouts, info.sizes, info.noop, self.lm, self._bias.inv_freq,
+                    input_ids.shape[1])))
             ctx.clock.mark("inputs_end")
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=self.lm.config)

@@ -127,7 +127,10 @@ def test_the_bias_terms_by_hand(rt):
     with torch.no_grad():
         rt.model(**inputs)
     keys, bias = seen["bias"]
-    theta = eng.lm.rotary_emb.inv_freq.double()
+    cfg = eng.lm.config
+    theta = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    assert torch.equal(keys.inv_freq, theta)  # LLaMA's default rotary in fp32 (the official formula)
+    theta = theta.double()
     for b in range(3):
         vis = keys.visual[b]
         assert int(vis.sum()) == 8 and float(keys.sizes[b][vis].sum()) == 16.0  # 8 rows stand for the 16 tokens
