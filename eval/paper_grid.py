@@ -11,6 +11,8 @@ reaches on the model's patch grid) is listed as not run, with the reason (:func:
 
 from __future__ import annotations
 
+import json
+
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,11 @@ class Config:
 
     def run_config(self, out: str = "runs", data_root: str = "playground/data/eval") -> RunConfig:
         return RunConfig(benchmark=self.bench, model=self.model, method=self.method, budget=self.budget,
-                         options=dict(self.options), out=str(out), data_root=str(data_root), **dict(self.settings))
+                         options=self.option_dict(), out=str(out), data_root=str(data_root), **dict(self.settings))
+
+    def option_dict(self) -> dict:
+        """The options as the method takes them (a dict option thawed)."""
+        return {k: _thawed(v) for k, v in self.options}
 
     @property
     def lmms_task(self) -> str:
@@ -42,7 +48,7 @@ class Config:
 
     def run_dir(self, out) -> Path:
         if self.lmms_task:  # the folder scripts/eval/lmms.sh runs it in (no run settings: build_grid)
-            return lmms_run_dir(self.lmms_task, self.model, self.method, self.budget, dict(self.options), out)
+            return lmms_run_dir(self.lmms_task, self.model, self.method, self.budget, self.option_dict(), out)
         return Path(out) / self.bench / default_run_name(self.run_config(out))
 
     def launch_args(self) -> list[str]:
@@ -62,7 +68,17 @@ class Config:
         return f"{self.bench} {self.method}{'' if self.budget is None else f' b{self.budget}'}{opts}"
 
 
+class FrozenOptions(tuple):
+    """A dict option (an add-on's ``base_options``) as sorted (key, value) pairs: hashable, in a :class:`Config`."""
+
+
+def _thawed(v):
+    return {k: _thawed(x) for k, x in v} if isinstance(v, FrozenOptions) else v
+
+
 def _opt_value(v) -> str:
+    if isinstance(v, FrozenOptions):  # JSON, as --opt parses it
+        return json.dumps(_thawed(v), separators=(",", ":"), sort_keys=True)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
@@ -71,7 +87,8 @@ def _opt_value(v) -> str:
 
 
 def _frozen(d: dict) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else FrozenOptions(_frozen(v)) if isinstance(v, dict)
+                         else v) for k, v in d.items()))
 
 
 def row_matches(row: Row, budgets: list[int] | None) -> bool:

@@ -86,13 +86,20 @@ def resume_mismatch(prev: dict, cfg: RunConfig) -> dict:
             if prev.get(k, RESUME_DEFAULTS.get(k)) != v}
 
 
+def _option_parts(k: str, v) -> str:
+    """``k=v`` in a run folder's name; a dict option (an add-on's ``base_options``) one ``k.key=value`` per entry."""
+    if isinstance(v, dict):
+        return "-".join(_option_parts(f"{k}.{a}", b) for a, b in sorted(v.items())) if v else f"{k}=none"
+    return f"{k}={v}"
+
+
 def default_run_name(cfg: RunConfig) -> str:
     model = cfg.model.rstrip("/").split("/")[-1].replace(":", "-")
     parts = [model] + ([f"rev-{cfg.revision[:12]}"] if cfg.revision is not None else []) + [cfg.method]
     if cfg.budget is not None:
         parts.append(f"b{cfg.budget}")
     if cfg.options:
-        parts.append("-".join(f"{k}={v}" for k, v in sorted(cfg.options.items())))
+        parts.append("-".join(_option_parts(k, v) for k, v in sorted(cfg.options.items())))
     if cfg.next_layout != "spatial_unpad":
         parts.append(cfg.next_layout)
     if cfg.next_geometry != "transformers":

@@ -222,3 +222,33 @@ def test_the_fast_path_refuses_it_with_the_reason():
     with torch.no_grad():
         fast.model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert eng.stats.path == "eager" and "prompt positions" in eng.stats.path_reason
+
+
+# ------------------------------------------------------------------------------------------------ the paper spec
+def test_paper_script_runs_end_to_end_on_the_tiny_model(tmp_path):
+    """`bash scripts/papers/restore.sh` on POPE fixtures at 64 with the tiny LLaVA: every config of the grid runs in
+    one process (the RESTORE rows with their base's options, a dict, through --opt as JSON and in the run folders'
+    names), and the report puts the project page's numbers beside ours."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import child_env
+
+    from eval.fixtures import write_fixtures
+
+    repo = Path(__file__).resolve().parents[1]
+    data = write_fixtures(tmp_path / "data", ["pope"])
+    env = child_env(MODEL="tiny:llava", ONLY="pope", BUDGETS="64", DATA_ROOT=data, OUT=tmp_path / "runs",
+                    PYTHON=sys.executable, LAUNCHER="inprocess", EXTRA_ARGS="--max-new-tokens 4 --no-wandb")
+    r = subprocess.run(["bash", str(repo / "scripts/papers/restore.sh")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "restore: 8 configs in one process, 1 model load" in r.stdout, r.stdout[-2000:]
+    runs = sorted(p.parent.name for p in (tmp_path / "runs" / "pope").glob("*/results.json"))
+    assert len(runs) == 8, runs  # the unpruned model, DivPrune, VisPruner, HoloV, VisionZip, RESTORE over three
+    assert "tiny-llava_restore_b64_base=divprune-base_options.numerics=official-numerics=official" in runs, runs
+    (md,) = (tmp_path / "runs" / "papers").glob("restore*.md")
+    text = md.read_text()
+    row = next(ln for ln in text.splitlines() if "restore base=holov" in ln and "| 64 |" in ln)
+    assert "96.5%" in row  # the page's relative average of HoloV + RESTORE at 64 tokens, beside ours
