@@ -34,7 +34,8 @@ from llava.selection import Selection
 
 #: the bases of the official code, and the options it runs each with (RESTORE's own recipe for the base)
 BASES = ("divprune", "vispruner", "holov")
-BASE_RECIPE = {"vispruner": {"important_ratio": 0.5}, "holov": {"overflow": "redistribute"}}
+BASE_RECIPE = {"vispruner": {"important_ratio": 0.5, "official_attention": "images"},
+               "holov": {"overflow": "redistribute"}}
 POSITIONS = ("median", "first", "last")
 CONTRASTS = ("sparser", "denser")
 PRUNED_ORDERS = ("auto", "index", "attention")

@@ -74,6 +74,9 @@ MAX_STEP = 8  # official: at most 8 tokens removed per round
 #: ``device_map='auto'``)
 OFFICIAL_FEATURE_DTYPE = torch.float16
 OFFICIAL_ATTENTION_DTYPE = torch.float32
+#: where the reference mode's [CLS] attentions come from: "tower" (the official fork's: the tower's dtype) or "images"
+#: (RESTORE's copy of VisPruner, whose tower returns them cast to the images' dtype: the LLM's, fp16 in an fp16 run)
+OFFICIAL_ATTENTIONS = ("tower", "images")
 
 
 def default_ratio(budget: int) -> float:
@@ -221,11 +224,13 @@ def vispruner_units(scores: torch.Tensor, feats: torch.Tensor, t_imp: int, t_div
 def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch.Tensor, patch: torch.Tensor,
               budget: int, *, important_ratio: float | None = None, reference: bool = False,
               cls_token: str = "drop", keep_newlines: bool = True, numerics: str = "ours",
-              layout=None, feature_dtype: torch.dtype | None = None, similarity: str = "rounds") -> torch.Tensor:
+              layout=None, feature_dtype: torch.dtype | None = None, similarity: str = "rounds",
+              official_attention: str = "tower") -> torch.Tensor:
     """Indices (ascending) of the tokens VisPruner keeps for one sample: per unit T = ``budget``.
     ``numerics="official"``: the official numerics (module docstring); ``reference`` is then ignored;
     ``feature_dtype``: the dtype the official code casts the features to, its images' dtype = the LLM's
-    (None: fp16, the fp16 model its eval scripts run).
+    (None: fp16, the fp16 model its eval scripts run); ``official_attention`` (:data:`OFFICIAL_ATTENTIONS`): the
+    reference mode's attention dtype, the tower's or (RESTORE's copy) ``feature_dtype``.
     ``layout``: the :func:`unit_layout` of (unit, patch) when the caller has it (a planned one: no host
     read at all; every size below is then a host int, so the whole selection is capturable).
 
@@ -237,8 +242,12 @@ def vispruner(cls_attn: torch.Tensor, vision_features: torch.Tensor, unit: torch
     if similarity not in SIMILARITY_MODES:
         raise ValueError(f"vispruner: similarity must be one of {SIMILARITY_MODES}, got {similarity!r}")
     ratio = default_ratio(budget) if important_ratio is None else float(important_ratio)
-    if numerics == "official":  # the official fp32 tower attentions, head mean in that dtype
-        scores = cls_attn.to(OFFICIAL_ATTENTION_DTYPE).mean(0)
+    if official_attention not in OFFICIAL_ATTENTIONS:
+        raise ValueError(f"vispruner: official_attention must be one of {OFFICIAL_ATTENTIONS}, got "
+                         f"{official_attention!r}")
+    if numerics == "official":  # the official fp32 tower attentions (RESTORE's: the images'), head mean there
+        dt = OFFICIAL_ATTENTION_DTYPE if official_attention == "tower" else (feature_dtype or OFFICIAL_FEATURE_DTYPE)
+        scores = cls_attn.to(dt).mean(0)
     else:
         scores = cls_attn.float().mean(0)  # (T,) head mean (official)
     lay = layout if layout is not None else unit_layout(unit, patch)  # the one host sync (none when planned)
@@ -296,6 +305,9 @@ class VisPruner(Method):
                                 doc="Video-LLaVA frame [CLS]: drop (T patches) or keep ([CLS] + T-1 patches)"),
             # LLaVA-NeXT / OneVision newline tokens: kept as layout (True) or dropped
             "keep_newlines": True,
+            "official_attention": Option("tower", OFFICIAL_ATTENTIONS,
+                                         doc="numerics='official' only: the [CLS] attentions in the tower's dtype (the "
+                                             "official fork) or the images' (RESTORE's copy)"),
         }
 
     def __init__(self, budget=None, **options):
@@ -314,4 +326,4 @@ class VisPruner(Method):
                                         numerics=self.numerics, layout=sig.unit_layout(patch=True),
                                         similarity=self.similarity,
                                         # the official .to(images.dtype): its images are in the model's dtype
-                                        feature_dtype=sig.features.dtype))
+                                        feature_dtype=sig.features.dtype, official_attention=self.official_attention))

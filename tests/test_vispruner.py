@@ -207,7 +207,9 @@ def test_options():
     m = VisPruner(64)
     assert m.config() == {"method": "vispruner", "budget": 64, "position_mode": "keep", "important_ratio": None,
                           "reference": False, "similarity": "rounds", "cls_token": "drop", "keep_newlines": True,
-                          "numerics": "ours"}
+                          "numerics": "ours", "official_attention": "tower"}
+    with pytest.raises(ValueError, match="official_attention must be one of"):
+        VisPruner(64, official_attention="fp16")
     assert m.needs_vision_attention and m.vision_stage
     with pytest.raises(ValueError):
         VisPruner()
