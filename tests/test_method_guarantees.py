@@ -118,6 +118,9 @@ PER_UNIT = {
     "fastervlm": [(b, {}, CLIP) for b in (2, 4, 6)],
     # HoloV: T rows per unit, the official zero rows included (15 of 16: pad rows on the tiny models) or not
     "holov": [(b, o, CLIP) for b in (4, 15) for o in ({}, {"overflow": "redistribute"})],
+    # RESTORE: int(n / 2) kept by the base + the rest as merged anchors = n per unit (DivPrune spreads its share over a
+    # NeXT image's crops: one selection per image)
+    "restore": [(b, {}, CLIP) for b in (4, 8)] + [(b, {"base": "divprune"}, ["llava", "video-llava"]) for b in (4, 8)],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
     "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"keep_newlines": False}, ["llava"])],
     "consensusdrop": [(_CONSENSUS, o, CLIP) for o in (
@@ -175,6 +178,9 @@ _VISPRUNER = {f: 2 if f in QWEN else 4 for f in map(key, ALL_FAMILIES)}
 CACHED = {
     "visiontrim": [(4, {})],
     "hiprune": [(6, {"alpha": 1.0})],
+    # RESTORE: int(n / 2) kept by the base + the rest as merged anchors = n per unit (DivPrune spreads its share over a
+    # NeXT image's crops: one selection per image)
+    "restore": [(b, {}, CLIP) for b in (4, 8)] + [(b, {"base": "divprune"}, ["llava", "video-llava"]) for b in (4, 8)],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
     "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official"}, MMTOK), (None, _MMTOK_QWEN, ["qwen2.5-vl"])],
     "vispruner": [(_VISPRUNER, {}, ALL_FAMILIES)],
@@ -223,6 +229,9 @@ BATCH = {
     "transprune": [(None, {}), (None, {"numerics": "official"}), (192, {})],
     "visiontrim": [(4, {}), (4, {"numerics": "official"}), (4, {"tgvc_tokens": 2, "dvts_score": "global_local"})],
     "hiprune": [(6, {"alpha": 1.0})],
+    # RESTORE: int(n / 2) kept by the base + the rest as merged anchors = n per unit (DivPrune spreads its share over a
+    # NeXT image's crops: one selection per image)
+    "restore": [(b, {}, CLIP) for b in (4, 8)] + [(b, {"base": "divprune"}, ["llava", "video-llava"]) for b in (4, 8)],
     "cdpruner": [(_CDPRUNER, {}, FIVE)],
     "mmtok": [(_MMTOK, {}, MMTOK), (_MMTOK, {"numerics": "official", "vv_space": "projected"}, MMTOK),
               (None, {"retain_ratio": 0.5}, ["qwen2.5-vl"]), (None, _MMTOK_QWEN, ["qwen2.5-vl"])],

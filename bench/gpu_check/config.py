@@ -45,6 +45,7 @@ TINY_BUDGETS = {
              "anyres_max": 16},  # kept after layer K: 16 -> 16/12/12/12
     "visionzip": _PER_UNIT, "fastervlm": _PER_UNIT, "divprune": _PER_UNIT, "otprune": _PER_UNIT, "random": _PER_UNIT,  # per unit
     "hiprune": _PER_UNIT_NEW, "vispruner": _PER_UNIT_NEW, "downsample": _PER_UNIT_NEW, "holov": _PER_UNIT_NEW,  # per unit
+    "restore": {k: 2 * v for k, v in _PER_UNIT_NEW.items()},  # per unit: half the base's, half merged anchors
     "cdpruner": _PER_UNIT_NEW, "flowcut": _PER_UNIT_NEW,  # per unit
     "prumerge": None,  # adaptive (IQR outliers): the count depends on the image
     "pixelprune": None,  # adaptive: the count depends on the pixels (a pre-tower stage; Qwen families)

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .guarantees import expect
+from .guarantees import NotApplicable, expect
 from .inputs import make_batch
 
 #: new tokens compared (the fast runtime is loaded for 16)
 TOKENS = 8
-
-
-class NotApplicable(Exception):
-    """A guarantee that does not apply to this method, family or input; the message says why."""
 
 
 def generate(rt, batch, tokens: int = TOKENS):

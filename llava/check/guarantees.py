@@ -33,6 +33,10 @@ class GuaranteeError(AssertionError):
     """A guarantee that does not hold; the message says where (sample, token, tensor)."""
 
 
+class NotApplicable(Exception):
+    """A guarantee that does not apply to this method, family or input; the message says why."""
+
+
 def expect(ok, message: str) -> None:
     if not ok:
         raise GuaranteeError(message)
@@ -154,8 +158,6 @@ def check_cached_equals_recompute(rt, method, budget=None, *, replay: bool | Non
     inputs = make_batch(rt)
     eng = _prune(rt, method, budget, options)
     if eng.needs.attention_bias:
-        from .fast import NotApplicable
-
         raise NotApplicable("its attention bias has a prefill term (AttentionBias.pair) that decode steps do not add "
                             "(RESTORE's official distance term): a recompute prefills the generated tokens too and "
                             "differs by design; check it with the bias off (RESTORE: calibrate=False)")

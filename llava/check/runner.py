@@ -13,8 +13,8 @@ from ..options import did_you_mean
 from ..families import registry
 from ..models import load
 from .budgets import keep_all_spelling, sync_bound, sync_sizes, tiny_budget
-from .fast import NotApplicable, check_fast_equals_eager
-from .guarantees import (check_batch_equals_alone, check_cached_equals_recompute, check_device_placement,
+from .fast import check_fast_equals_eager
+from .guarantees import (NotApplicable, check_batch_equals_alone, check_cached_equals_recompute, check_device_placement,
                          check_host_syncs, check_keep_all, check_no_mask_forward, check_selections)
 from .inputs import key, sized_batch
 from .tp import check_tp, deepspeed_missing
