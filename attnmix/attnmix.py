@@ -34,14 +34,8 @@ from __future__ import annotations
 import torch
 
 from llava.method import BudgetError, Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    best_product_split_k1,
-    check_numerics,
-    masked_take,
-    text_to_image_score,
-    topk_desc,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import best_product_split_k1, check_numerics, masked_take, text_to_image_score, topk_desc
 from llava.selection import Selection
 
 #: dtype of the official signals under the official builder: the fp16 LLM inputs and the [CLS] attentions cast to

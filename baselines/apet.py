@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 from llava.families import registry
 from llava.method import BudgetError, Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics, scale_layers
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, scale_layers
 from llava.options import Option
 from llava.selection import Selection
 

@@ -52,8 +52,9 @@ import torch
 
 from llava.clip_route import ClipTextRoute
 from llava.method import Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics, unit_layout
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, unit_layout
 from llava.selection import Selection
 
 RELEVANCE_MODES = ("llm", "clip")

@@ -39,14 +39,9 @@ import math
 import torch
 
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    check_numerics,
-    scale_layers,
-    scaled_count,
-    topk_desc,
-)
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, scale_layers, scaled_count, topk_desc
 from llava.selection import Selection
 
 #: the official keep counts of 576 after each stage, per RETAIN_TOKEN (clse_model.py 109-115)

@@ -36,14 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    check_numerics,
-    equivalent_kept_count,
-    masked_take,
-    scale_layers,
-    topk_desc,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, equivalent_kept_count, masked_take, scale_layers, topk_desc
 from llava.selection import Selection
 
 #: the dtype of the official runs' LLM (keys, hidden states): LLaVA loads the LLM in float16

@@ -47,17 +47,10 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    SUBSET_RATIO,
-    MaxMinProblem,
-    check_numerics,
-    greedy_max_min,
-    masked_take,
-    subset_picks,
-    unit_layout,
-)
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (SUBSET_RATIO, MaxMinProblem, check_numerics, greedy_max_min, masked_take, subset_picks,
+                       unit_layout)
 from llava.selection import Selection
 
 DEFAULT_RATIO = SUBSET_RATIO  # the official SUBSET_RATIO default (0.098)

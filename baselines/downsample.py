@@ -39,8 +39,8 @@ import math
 import torch
 
 from llava.method import BudgetError, Method, register
-from llava.ops import masked_take, unit_layout
 from llava.options import Option
+from llava.ops import masked_take, unit_layout
 from llava.selection import Selection
 
 SUPPORTED_FAMILIES = None  # every family

@@ -59,18 +59,9 @@ import math
 import torch
 
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    check_numerics,
-    contextual_merge,
-    isin_small,
-    masked_take,
-    official_contextual_merge,
-    per_unit_selection,
-    scale_layers,
-    topk_desc,
-    unit_layout,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (check_numerics, contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
+                       scale_layers, topk_desc, unit_layout)
 from llava.options import Option
 from llava.selection import Selection
 

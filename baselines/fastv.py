@@ -34,14 +34,8 @@ import math
 import torch
 
 from llava.method import Method, register
-from llava.ops import (  # noqa: F401
-    NUMERICS_OPTION,
-    check_numerics,
-    equivalent_kept_count,
-    round_half_up,
-    scale_layers,
-    topk_desc,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, equivalent_kept_count, round_half_up, scale_layers, topk_desc  # noqa: F401
 from llava.selection import Selection
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics, masked_take, topk_desc
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, masked_take, topk_desc
 from llava.selection import Selection
 
 #: the anyres families (LLaVA-NeXT: FlowCut's NeXT code), by the registry's layout

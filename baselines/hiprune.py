@@ -48,13 +48,8 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    check_numerics,
-    device_ints,
-    masked_take,
-    unit_layout,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 from llava.options import Option
 from llava.selection import Selection
 

@@ -45,7 +45,8 @@ from typing import Any, Callable
 import torch
 
 from llava.method import Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics
 from llava.options import Option
 from llava.selection import Selection
 

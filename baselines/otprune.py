@@ -35,16 +35,9 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    SUBSET_RATIO,
-    check_numerics,
-    masked_take,
-    set_order,
-    subset_picks,
-    unit_layout,
-)
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import SUBSET_RATIO, subset_picks, check_numerics, masked_take, set_order, unit_layout
 from llava.selection import Selection
 
 GAMMA = 0.01  # official, hard-coded in OTPrune()

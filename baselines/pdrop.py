@@ -49,17 +49,10 @@ from typing import Sequence
 import torch
 
 from llava.method import Method, register
-from llava.ops import (  # noqa: F401
-    IN_LLM_BUDGET_TABLE,
-    NUMERICS_OPTION,
-    REFERENCE_DEPTH,
-    REFERENCE_TOKENS,
-    fit_stage_counts,
-    last_row_topk,
-    scale_layers,
-    scaled_count,
-    stage_layer_counts,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, fit_stage_counts,  # noqa: F401
+                       last_row_topk,
+                       scale_layers, scaled_count, stage_layer_counts)
 from llava.selection import Selection
 
 #: Budgets of the spec's table (docs/methods/pdrop.md): stage layers and kept counts of 576 (``llava.ops``, shared

@@ -47,14 +47,9 @@ import torch.nn.functional as F
 
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    check_numerics,
-    device_ints,
-    masked_take,
-    unit_layout,
-)
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, device_ints, masked_take, unit_layout
 from llava.selection import Selection
 
 VARIANTS = ("plus", "base")

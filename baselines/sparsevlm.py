@@ -53,16 +53,8 @@ import math
 import torch
 
 from llava.method import BudgetError, Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    REFERENCE_DEPTH,
-    check_numerics,
-    fit_stage_counts,
-    masked_take,
-    scale_layers,
-    scaled_count,
-    topk_desc,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import REFERENCE_DEPTH, check_numerics, fit_stage_counts, masked_take, scale_layers, scaled_count, topk_desc
 from llava.selection import Selection
 
 #: ``sparse_token_dict`` of score.py: retained visual tokens (of 576) after layers 2 / 6 / 15.

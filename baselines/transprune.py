@@ -57,17 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from llava.method import Method, register
-from llava.ops import (
-    IN_LLM_BUDGET_TABLE,
-    NUMERICS_OPTION,
-    REFERENCE_DEPTH,
-    REFERENCE_TOKENS,
-    fit_stage_counts,
-    scale_layers,
-    scaled_count,
-    stage_layer_counts,
-    topk_desc,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (IN_LLM_BUDGET_TABLE, REFERENCE_DEPTH, REFERENCE_TOKENS, fit_stage_counts,
+                       scale_layers, scaled_count, stage_layer_counts, topk_desc)
 from llava.selection import Selection
 
 #: the official eval scripts' switches (scripts/transprune/v1_5_test/*.sh), 1-based "after layer l" = our stage

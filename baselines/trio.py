@@ -63,18 +63,9 @@ import torch.nn.functional as F
 
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    REFERENCE_DEPTH,
-    REFERENCE_TOKENS,
-    check_numerics,
-    fit_stage_counts,
-    local_layer_for,
-    scale_layers,
-    scaled_count,
-    split_budget,
-    vscan_stage1,
-)
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (REFERENCE_DEPTH, REFERENCE_TOKENS, check_numerics, fit_stage_counts, local_layer_for,
+                       scale_layers, scaled_count, split_budget, vscan_stage1)
 from llava.options import Option
 from llava.proxy_grad import PROXY_ROWS
 from llava.selection import Selection

@@ -38,14 +38,9 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    check_numerics,
-    scale_layers,
-    stage_layer_counts,
-    topk_desc,
-)
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, scale_layers, stage_layer_counts, topk_desc
 from llava.selection import Selection
 
 log = logging.getLogger(__name__)

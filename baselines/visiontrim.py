@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from llava.clip_route import ClipTextRoute
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics, device_ints, unit_layout
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, device_ints, unit_layout
 from llava.options import Option
 from llava.selection import Selection
 

@@ -65,17 +65,10 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, register
-from llava.ops import (
-    NUMERICS_OPTION,
-    contextual_merge,
-    isin_small,
-    masked_take,
-    official_contextual_merge,
-    per_unit_selection,
-    topk_desc,
-    unit_layout,
-)
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import (contextual_merge, isin_small, masked_take, official_contextual_merge, per_unit_selection,
+                       topk_desc, unit_layout)
 from llava.selection import Selection
 
 #: official dominant + contextual splits per budget (tokens per image / crop / frame)

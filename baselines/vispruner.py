@@ -60,8 +60,9 @@ from __future__ import annotations
 import torch
 
 from llava.method import BudgetError, Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics, unit_layout
 from llava.options import Option
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, unit_layout
 from llava.selection import Selection
 
 CLS_TOKEN_MODES = ("drop", "keep")

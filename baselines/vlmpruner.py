@@ -44,7 +44,8 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, register
-from llava.ops import NUMERICS_OPTION, equivalent_kept_count, scale_layers, topk_desc
+from llava.ops import NUMERICS_OPTION
+from llava.ops import equivalent_kept_count, scale_layers, topk_desc
 from llava.selection import Selection
 
 log = logging.getLogger(__name__)

@@ -48,19 +48,11 @@ import torch
 
 from llava.families import registry
 from llava.method import Method, register
-
+from llava.ops import NUMERICS_OPTION
+from llava.ops import last_row_topk, scale_layers
 # stage 1 is shared with TRIO's "w/ VE" option: it lives in llava/ops/ (re-imported under its names here)
-from llava.ops import (  # noqa: F401
-    NUMERICS_OPTION,
-    REFERENCE_TOWER,
-    last_row_topk,
-    local_counts,
-    local_layer_for,
-    scale_layers,
-    split_budget,
-    vscan_stage1,
-    window_side,
-)
+from llava.ops import (REFERENCE_TOWER, local_counts, local_layer_for, split_budget, vscan_stage1,  # noqa: F401
+                       window_side)
 from llava.ops import VSCAN_COSINE_CHUNK as COSINE_CHUNK  # noqa: F401
 from llava.ops import VSCAN_LOCAL_LAYER as OFFICIAL_LOCAL_LAYER  # noqa: F401
 from llava.ops import VSCAN_OFFICIAL_DTYPE as OFFICIAL_DTYPE  # noqa: F401

@@ -25,19 +25,9 @@ from dataclasses import replace as _replace
 import torch
 
 from llava.method import BudgetError, Method, register
-from llava.ops import (
-    MaxMinProblem,
-    best_product_split,
-    best_product_split_k1,
-    contextual_merge,
-    cosine_matrix,
-    greedy_max_min,
-    masked_take,
-    per_unit_selection,
-    text_to_image_score,
-    unit_layout,
-)
 from llava.options import Option
+from llava.ops import (MaxMinProblem, best_product_split, best_product_split_k1, contextual_merge, cosine_matrix,
+                       greedy_max_min, masked_take, per_unit_selection, text_to_image_score, unit_layout)
 from llava.selection import Selection
 
 FUSIONS = ("rrf", "borda", "product", "max", "adaptive", "encoder_only", "cross_only")

@@ -22,18 +22,8 @@ from .candidates import gather_tokens, vision_signals, with_cls
 from .families.base import TokenTable, cls_rows, join_units, sample_units, visual_ids
 from .families.base import to_device as _to_device
 from .layers import decoder_masks, entering
-from .plan import (
-    PrefillPlan,
-    RowLayout,
-    RowMap,
-    rebuilt_row,
-    row_layouts,
-    run_ids,
-    run_spans,
-    sample_key,
-    text_spans,
-    vision_rows,
-)
+from .plan import (PrefillPlan, RowLayout, RowMap, rebuilt_row, row_layouts, run_ids, run_spans, sample_key, text_spans,
+                   vision_rows)
 from .positions import first_positions, prompt_positions, renumbered
 from .pre_tower import pixel_stage
 from .prefill import EngineEnv, VisionOut, _Prefill

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, make_batch
-from transformers.cache_utils import (
-    DynamicCache,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    StaticLayer,
-)
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
+from conftest import ALL_FAMILIES, make_batch
 from llava import attention_rows
 from llava.attention_rows import CachedRows, LayerQK, cached_kv
 from llava.method import Method

@@ -11,19 +11,8 @@ import torch
 from conftest import ALL_FAMILIES, make_batch
 
 from llava.check.guarantees import whole_prefill_violations
-from llava.check.placement import (
-    DeviceMixError,
-    DevicePlacementCheck,
-    check_method,
-    host_tag,
-)
-from llava.method import (
-    BudgetError,
-    Method,
-    available_methods,
-    get_method,
-    method_supports,
-)
+from llava.check.placement import DeviceMixError, DevicePlacementCheck, check_method, host_tag
+from llava.method import BudgetError, Method, available_methods, get_method, method_supports
 from llava.selection import Selection
 
 #: budget per family (tiny models: 16 tokens per image / crop, 17 per frame) that prunes

@@ -14,12 +14,7 @@ from conftest import (
 )
 
 import baselines.downsample  # noqa: F401  (registers "downsample")
-from baselines.downsample import (
-    Downsample,
-    downsample,
-    stride_for_budget,
-    window_counts,
-)
+from baselines.downsample import Downsample, downsample, stride_for_budget, window_counts
 from llava.method import Method
 from llava.ops import merge_tokens
 from llava.selection import Selection

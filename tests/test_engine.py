@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, FAMILIES, greedy_no_cache, make_batch, slice_batch
+from conftest import ALL_FAMILIES, FAMILIES, make_batch, slice_batch, greedy_no_cache
 
 from llava.engine import attach
 

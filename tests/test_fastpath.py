@@ -5,18 +5,8 @@ the function is capturable), and a one-graph decode. Checked against the eager e
 import pytest
 import torch
 from conftest import rand_image
-from fastpath_util import (
-    BACKEND,
-    PROMPTS,
-    SINGLES,
-    assert_same_as_eager,
-    counting_fast_path,
-    family_batch,
-    generate,
-    inputs,
-    prune_family,
-    sized_inputs,
-)
+from fastpath_util import (BACKEND, PROMPTS, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate,
+                           inputs, prune_family, sized_inputs)
 
 from llava.fast.path import BUCKETS, FastPath, bucket_for
 from llava.method import available_methods, get_method

@@ -5,16 +5,8 @@ engine's ``generate()`` (dynamo without code generation on a CPU, as tests/test_
 
 import pytest
 import torch
-from fastpath_util import (
-    BACKEND,
-    SINGLES,
-    assert_same_as_eager,
-    counting_fast_path,
-    family_batch,
-    generate,
-    inputs,
-    prune_family,
-)
+from fastpath_util import (BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs,
+                           prune_family)
 
 from llava.fast.llm import plan_stages, prompt_mask
 from llava.fast.path import FastPath, bucket_for

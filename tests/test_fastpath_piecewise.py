@@ -7,15 +7,7 @@ the bucket; neither reads the device; Selection.count's validity flags."""
 
 import pytest
 import torch
-from fastpath_util import (
-    BACKEND,
-    SINGLES,
-    assert_same_as_eager,
-    counting_fast_path,
-    family_batch,
-    generate,
-    inputs,
-)
+from fastpath_util import BACKEND, SINGLES, assert_same_as_eager, counting_fast_path, family_batch, generate, inputs
 
 from baselines.prumerge import prumerge, prumerge_padded
 from llava import get_method, load

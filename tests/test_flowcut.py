@@ -15,8 +15,8 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 import baselines.flowcut  # noqa: F401  (registers "flowcut")
 from baselines.flowcut import FlowCut, adaptive_prune_count, flowcut_score
 from llava.families.clip import run_tower, run_tower_staged
-from llava.method import Method
 from llava.needs import TowerCall
+from llava.method import Method
 from llava.selection import Selection
 from llava.tower_signals import TowerSignals
 
@@ -471,7 +471,6 @@ def test_next_llm_score_worked_example():
     """H = 1, d = 4: q . k / 2 = (0, ln 2, 2 ln 2) -> relation (1, 2, 4) / 7; v_last = 0 -> semantic 1/3 each;
     ||v||_1 = (3, 1, 2): scores 10/7, 13/21, 38/21 -> top-1 {2}, top-2 {0, 2}, in both modes."""
     import math
-
     from baselines.flowcut import flowcut_llm_select
     q = torch.tensor([[2 * math.log(2), 0.0, 0.0, 0.0]])
     k = torch.tensor([[[0.0, 0, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0]]])

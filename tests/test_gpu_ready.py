@@ -7,13 +7,8 @@ import torch
 from conftest import ALL_FAMILIES
 
 from llava.check.budgets import BUDGETS, sync_bound, sync_sizes, tiny_budget
-from llava.check.guarantees import (  # noqa: F401
-    check_batch_equals_alone,
-    check_host_syncs,
-    check_no_mask_forward,
-    count_syncs,
-    stock_syncs,
-)
+from llava.check.guarantees import (check_batch_equals_alone, check_host_syncs, check_no_mask_forward,  # noqa: F401
+                                    count_syncs, stock_syncs)
 from llava.check.inputs import equal_length_batch, sized_batch, unequal_batch
 from llava.method import available_methods, method_supports
 from llava.selection import Selection

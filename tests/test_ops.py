@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from llava.ops import (
-    contextual_merge,
-    dominant_contextual,
-    merge_tokens,
-    rank_desc,
-    topk_desc,
-    uniform_targets,
-)
+from llava.ops import merge_tokens
+from llava.ops import contextual_merge, dominant_contextual, rank_desc, topk_desc, uniform_targets
 
 
 def test_topk_and_rank_break_ties_by_lower_index():

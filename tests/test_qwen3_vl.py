@@ -11,9 +11,9 @@ from test_gpu_ready import METHODS, budget
 
 from llava import load
 from llava.check.budgets import PRUNES_RANDOM_IMAGES
+from llava.selection_rows import carry_rows
 from llava.method import method_supports
 from llava.selection import Selection
-from llava.selection_rows import carry_rows
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
 

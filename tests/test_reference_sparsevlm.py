@@ -34,14 +34,8 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from baselines.sparsevlm import (
-    SparseVLM,
-    density_peak_clusters,
-    official_density_peak_clusters,
-    official_rope_gravity,
-    rater_scores,
-    select_raters,
-)
+from baselines.sparsevlm import (SparseVLM, density_peak_clusters, official_density_peak_clusters,
+                                 official_rope_gravity, rater_scores, select_raters)
 from llava.ops import merge_tokens
 from llava.selection import Selection
 from llava.signals import LLMSignals

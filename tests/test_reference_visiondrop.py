@@ -33,15 +33,8 @@ from conftest import FAMILIES
 
 from llava.ops import merge_tokens
 from llava.selection import Selection
-from visiondrop.visiondrop import (
-    VisionDrop,
-    image_schedule,
-    llm_stage_metric,
-    llm_stage_score,
-    llm_stage_select,
-    stage0_scores,
-    stage0_unit,
-)
+from visiondrop.visiondrop import (VisionDrop, image_schedule, llm_stage_metric, llm_stage_score, llm_stage_select,
+                                   stage0_scores, stage0_unit)
 
 
 def plant_tie(cols, score_fn, k, causal=False):

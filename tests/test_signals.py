@@ -165,9 +165,7 @@ def test_received_attention_of_extra_layers_equals_the_eager_column_mean(runtime
         px = inputs["pixel_values_videos"].flatten(0, 1)
     elif fam == "llava-next":
         sizes = [tuple(s) for s in inputs["image_sizes"].tolist()]
-        from transformers.models.llava_next.modeling_llava_next import (
-            image_size_to_num_patches,
-        )
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
         crops = [image_size_to_num_patches(s, rt.model.config.image_grid_pinpoints, rt.model.config.vision_config.image_size)
                  for s in sizes]
         px = torch.cat([p[:c] for p, c in zip(inputs["pixel_values"], crops)])
@@ -327,9 +325,7 @@ def test_cls_rows_of_extra_layers_equal_the_eager_maps(runtimes, fam):
     rt.unprune()
     tower = rt.model.model.vision_tower
     if fam == "llava-next":
-        from transformers.models.llava_next.modeling_llava_next import (
-            image_size_to_num_patches,
-        )
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
         crops = [image_size_to_num_patches(tuple(s), rt.model.config.image_grid_pinpoints,
                                            rt.model.config.vision_config.image_size) for s in inputs["image_sizes"].tolist()]
         px = torch.cat([p[:c] for p, c in zip(inputs["pixel_values"], crops)])

@@ -9,19 +9,10 @@ import torch
 from conftest import FAMILIES, make_batch, slice_batch
 
 from baselines.pdrop import equivalent_tokens
-from baselines.sparsevlm import (
-    SparseVLM,
-    density_peak_clusters,
-    rater_scores,
-    recycle_pruned,
-    recycled_count,
-    rope_gravity,
-    select_heads,
-    select_raters,
-    sparsevlm_layer_counts,
-)
-from llava.models import load
+from baselines.sparsevlm import (SparseVLM, density_peak_clusters, rater_scores, recycle_pruned, recycled_count,
+                                 rope_gravity, select_heads, select_raters, sparsevlm_layer_counts)
 from llava.ops import merge_tokens
+from llava.models import load
 from llava.selection import Selection
 
 ALL = pytest.mark.parametrize("rt", FAMILIES, indirect=True)
@@ -63,10 +54,7 @@ def test_rater_scores_and_head_selection():
 
 def test_rope_gravity_equals_rotated_all_ones_query_and_key():
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import (
-        LlamaRotaryEmbedding,
-        apply_rotary_pos_emb,
-    )
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16, theta 1e4
     pos = torch.tensor([[0, 3, 7, 20, 21]])

@@ -7,12 +7,7 @@ official selection step transcribed: tests/test_reference_trio.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    check_generate_batch_equals_alone,
-    greedy_no_cache,
-    make_batch,
-    slice_batch,
-)
+from conftest import check_generate_batch_equals_alone, greedy_no_cache, make_batch, slice_batch
 from test_engine import GEN
 from test_gpu_ready import SYNC_BOUND, count_syncs, next_batch
 

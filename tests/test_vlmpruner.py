@@ -8,15 +8,8 @@ import pytest
 import torch
 from conftest import make_batch, slice_batch
 
-from baselines.vlmpruner import (
-    VLMPruner,
-    buffered_similarity,
-    feature_similarity,
-    greedy_select,
-    grid_coords,
-    pivot_tokens,
-    recover,
-)
+from baselines.vlmpruner import (VLMPruner, buffered_similarity, feature_similarity, greedy_select, grid_coords,
+                                 pivot_tokens, recover)
 from llava.method import get_method
 from llava.models import load
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from llava.method import Method, register
-from llava.ops import NUMERICS_OPTION, check_numerics, per_unit_selection, scale_layers
+from llava.ops import NUMERICS_OPTION
+from llava.ops import check_numerics, per_unit_selection, scale_layers
 from llava.selection import Selection
 
 #: The official schedule for an average budget of 32: (dominant, contextual) entering the LLM, then

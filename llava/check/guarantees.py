@@ -13,14 +13,7 @@ from ..method import Method, get_method
 from ..selection import Selection
 from ..syncs import SyncCounter
 from .budgets import PROMPT_KEYED
-from .inputs import (
-    equal_length_batch,
-    greedy_no_cache,
-    make_batch,
-    one_sample,
-    slice_batch,
-    unequal_batch,
-)
+from .inputs import equal_length_batch, greedy_no_cache, make_batch, one_sample, slice_batch, unequal_batch
 from .placement import DevicePlacementCheck, check_method
 
 #: the engine tests' greedy settings (6 new tokens, no early end)

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import torch
 
 from ..attention_rows import CachedRows, cached_kv
-from ..layers import run_layers
 from ..llm_stage import StageEntry, StageRows, stage_signals
 from ..plan import PrefillPlan, rebuilt_row, stage_rows
+from ..layers import run_layers
 from ..selection import Selection
 from ..selection_rows import DeepStack
+from .inputs import StageInputs
 from ..signals import LLMSignals
 from ..stage_step import ask_llm, llm_step
-from .inputs import StageInputs
 
 
 def text_count(needs, n_text: int) -> int:

@@ -10,10 +10,10 @@ import torch
 
 from ..candidates import gather_tokens, with_cls
 from ..layers import no_output_capture
-from ..selection import Selection
-from ..stage_step import ask_vision, vision_outputs
 from .plan import HostPlanner, _Spec
 from .probe import run_probe
+from ..selection import Selection
+from ..stage_step import ask_vision, vision_outputs
 
 
 class CapturedVision:

@@ -9,7 +9,6 @@ import torch
 from ..selection import Selection
 from .select import isin_small, masked_take, topk_desc
 
-
 def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
     """VisionZip's merge targets: positions 0, s, 2s, ... (s = max(1, R // C)) of the remaining
     list, the first C of them."""

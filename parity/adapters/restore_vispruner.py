@@ -8,10 +8,10 @@
   recipe sets ``important_ratio=0.5``).
 - fp16 (measured 2026-11-29, docs/results/2026-11-29-restore-parity.md): the fork's own ``clip_encoder.py`` casts the
   [CLS] attentions to the images' dtype (``image_attentions.to(images.dtype)``: fp16 in the fp16 run) before
-  ``encode_images`` takes their head mean; Theia's VisPruner fork leaves them in the tower's fp32, which our
-  VisPruner's reference mode follows (``baselines/vispruner.py`` ``OFFICIAL_ATTENTION_DTYPE``). Where the fp16 head
-  mean orders two tokens otherwise, the base keeps other tokens (seed 0, image 3, n = 24 and 32); with the head mean
-  in fp16 on our side every fp16 row is identical (a probe, not an option of ours yet).
+  ``encode_images`` takes their head mean; Theia's VisPruner fork leaves them in the tower's fp32, our VisPruner's
+  reference default (``baselines/vispruner.py`` ``OFFICIAL_ATTENTION_DTYPE``). RESTORE's recipe for its VisPruner base
+  sets ``official_attention="images"`` (the head mean in the images' dtype): without it two fp16 rows differed (seed
+  0, image 3, n = 24 and 32), with it every row is identical.
 """
 
 from __future__ import annotations
