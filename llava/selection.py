@@ -159,6 +159,17 @@ class Selection:
         return (not merges and self.keep.numel() == stock and not got.get("not_identity", True)
                 and not got.get("order_moves", False))
 
+    def members(self, n: int, device) -> torch.Tensor:
+        """(n,) on ``device``: the slot in ``targets`` each of the ``n`` tokens is merged into, -1 for the tokens that
+        merge nowhere: the targets themselves, the kept tokens (unless ``merge_kept``) and the unassigned. The merge
+        (:func:`llava.ops.merge_tokens`) and :meth:`sizes` read it. No host read (``index_fill_``, not a boolean
+        index)."""
+        taken = torch.zeros(n, dtype=torch.bool, device=device)
+        if not self.merge_kept:
+            taken.index_fill_(0, self.keep.to(device).reshape(-1), True)
+        taken.index_fill_(0, self.targets.to(device).reshape(-1), True)
+        return self.assign.to(device).masked_fill(taken, -1)  # not assign[taken] = -1: a boolean index syncs
+
     def sizes(self, n: int) -> torch.Tensor:
         """(num_out,) long: how many of the ``n`` candidate tokens each output stands for, in output order: a kept
         token 1, a merged token its target plus the tokens ``assign`` gives it (``merge_kept``: kept ones too) - what
@@ -168,14 +179,9 @@ class Selection:
         k = int(self.keep.numel())
         sizes = torch.ones(self.num_out, dtype=torch.long, device=dev)
         if self.targets is not None and self.targets.numel():
-            tg = self.targets.to(dev)
-            taken = torch.zeros(n, dtype=torch.bool, device=dev)
-            if not self.merge_kept:
-                taken.index_fill_(0, self.keep, True)
-            taken.index_fill_(0, tg, True)
-            a = self.assign.to(dev).masked_fill(taken, -1)
-            counts = torch.zeros(tg.numel(), dtype=torch.long, device=dev).index_add_(0, a.clamp(min=0), (a >= 0).long())
-            sizes[k:] += counts
+            a = self.members(n, dev)
+            counts = torch.zeros(self.targets.numel(), dtype=torch.long, device=dev)
+            sizes[k:] += counts.index_add_(0, a.clamp(min=0), (a >= 0).long())
         if self.order is not None:
             sizes = sizes[self.order.to(dev)]
         return sizes

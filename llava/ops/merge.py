@@ -285,11 +285,7 @@ def merge_tokens(x: torch.Tensor, sel: Selection) -> torch.Tensor:
     if sel.arithmetic == "sequential":
         return merge_tokens_sequential(x, sel)
     tg = sel.targets.to(x.device)
-    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    if not sel.merge_kept:  # index_fill_, not taken[i] = True (a host scalar's copy: not capturable)
-        taken.index_fill_(0, sel.keep.to(x.device).reshape(-1), True)
-    taken.index_fill_(0, tg.reshape(-1), True)
-    assign = sel.assign.to(x.device).masked_fill(taken, -1)  # not assign[taken] = -1: a boolean index syncs
+    assign = sel.members(x.shape[0], x.device)  # the tokens merged somewhere: their slots; the others -1
     c = tg.numel()
     xf = x.float()
     m = assign >= 0  # tokens merged somewhere; the others add zero (no data-dependent shapes)
